@@ -1,0 +1,550 @@
+//! The error taxonomy of the ForgeSyte plugin host.
+//!
+//! Every layer of the host reports what went wrong with a plugin through the
+//! types in this crate. The hierarchy follows the Python original (seed §1):
+//!
+//! ```text
+//! PluginError
+//! ├── Load(LoadError)
+//! │   ├── Import(ImportError)          kind "ImportError"
+//! │   ├── Init(InitError)              kind "InitError"
+//! │   └── Dependency(DependencyError)  kind "DependencyError"
+//! ├── Manifest(ManifestError)          kind "ManifestError"
+//! ├── Tool(ToolError)                  kind "ToolError" / "ToolPanic" / ...
+//! ├── Timeout(TimeoutError)            kind "TimeoutError"
+//! └── Crash(CrashError)                kind "CrashError"
+//! ```
+//!
+//! Each type has a stable [`kind()`](PluginError::kind) string and a
+//! [`reason()`](PluginError::reason) that is what the registry stores and the
+//! HTTP API shows: `"<kind>: <display>"`, e.g.
+//! `ImportError: entry symbol 'forgesyte_plugin_entry' not found in /p/libx.so`.
+//! Dependency errors are the exception: their reason is the seed's
+//! `Missing dependencies: a, b` line, which operators already grep for.
+//!
+//! `Display` is always a single readable line; the underlying cause, where
+//! there is one, is kept as the [`std::error::Error::source`] chain.
+//!
+//! This crate knows nothing about the registry, the loader, HTTP or plugin
+//! code: it is plain data, usable by every other crate (the plugin SDK
+//! included).
+
+mod tool;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use tool::ToolError;
+
+/// Any error the host reports about a plugin.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// The plugin could not be loaded (import, init or dependencies).
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The plugin's `manifest.json` is missing or invalid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// A tool call failed.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// An operation on the plugin ran past its time limit.
+    #[error(transparent)]
+    Timeout(#[from] TimeoutError),
+    /// The plugin's process died.
+    #[error(transparent)]
+    Crash(#[from] CrashError),
+}
+
+impl PluginError {
+    /// Stable machine-readable name of the error class (`"ImportError"`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Load(e) => e.kind(),
+            PluginError::Manifest(e) => e.kind(),
+            PluginError::Tool(e) => e.kind(),
+            PluginError::Timeout(e) => e.kind(),
+            PluginError::Crash(e) => e.kind(),
+        }
+    }
+
+    /// The human reason stored in the registry (`"<kind>: <message>"`).
+    pub fn reason(&self) -> String {
+        match self {
+            PluginError::Load(e) => e.reason(),
+            other => format!("{}: {}", other.kind(), other),
+        }
+    }
+}
+
+impl From<ImportError> for PluginError {
+    fn from(e: ImportError) -> Self {
+        PluginError::Load(LoadError::Import(e))
+    }
+}
+
+impl From<InitError> for PluginError {
+    fn from(e: InitError) -> Self {
+        PluginError::Load(LoadError::Init(e))
+    }
+}
+
+impl From<DependencyError> for PluginError {
+    fn from(e: DependencyError) -> Self {
+        PluginError::Load(LoadError::Dependency(e))
+    }
+}
+
+/// The plugin could not be brought to `INITIALIZED`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The plugin library could not be opened or is not a valid plugin.
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    /// The plugin's constructor failed or panicked.
+    #[error(transparent)]
+    Init(#[from] InitError),
+    /// Something the plugin needs is missing.
+    #[error(transparent)]
+    Dependency(#[from] DependencyError),
+}
+
+impl LoadError {
+    /// Stable machine-readable name of the error class.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LoadError::Import(_) => "ImportError",
+            LoadError::Init(_) => "InitError",
+            LoadError::Dependency(_) => "DependencyError",
+        }
+    }
+
+    /// The human reason stored in the registry.
+    pub fn reason(&self) -> String {
+        match self {
+            LoadError::Dependency(e) => e.to_string(),
+            other => format!("{}: {}", other.kind(), other),
+        }
+    }
+}
+
+/// Opening the plugin library failed (seed: `PluginImportError`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImportError {
+    /// The library file does not exist.
+    #[error("library not found: {path}")]
+    LibraryNotFound {
+        /// Where the library was looked for.
+        path: PathBuf,
+    },
+    /// The file exists but is not a loadable shared object.
+    #[error("not a shared library: {path}: {detail}")]
+    NotALibrary {
+        /// The file.
+        path: PathBuf,
+        /// What the dynamic loader said.
+        detail: String,
+    },
+    /// The library needs symbols that nothing provides.
+    #[error("unresolved symbol in {path}: {detail}")]
+    UnresolvedSymbol {
+        /// The library.
+        path: PathBuf,
+        /// What the dynamic loader said.
+        detail: String,
+    },
+    /// The library needs another shared library that cannot be found.
+    #[error("{path} needs a shared library that cannot be loaded: {detail}")]
+    MissingSharedLibrary {
+        /// The library.
+        path: PathBuf,
+        /// What the dynamic loader said.
+        detail: String,
+    },
+    /// The dynamic loader refused the library for another reason.
+    #[error("cannot open {path}: {detail}")]
+    Open {
+        /// The library.
+        path: PathBuf,
+        /// What the dynamic loader said.
+        detail: String,
+    },
+    /// The versioned entry symbol is missing: not a ForgeSyte plugin.
+    #[error("entry symbol '{symbol}' not found in {path} (not built with forgesyte-plugin-sdk?)")]
+    MissingEntrySymbol {
+        /// The library.
+        path: PathBuf,
+        /// The symbol looked up.
+        symbol: String,
+    },
+    /// The plugin was built against another ABI version.
+    #[error("ABI version mismatch: host speaks {host}, plugin {path} speaks {plugin}")]
+    AbiMismatch {
+        /// The library.
+        path: PathBuf,
+        /// ABI version the host implements.
+        host: u32,
+        /// ABI version the plugin declares.
+        plugin: u32,
+    },
+    /// The plugin's build fingerprint is incompatible with the host.
+    #[error("incompatible build of {path}: {detail}")]
+    Incompatible {
+        /// The library.
+        path: PathBuf,
+        /// What differs.
+        detail: String,
+    },
+    /// The plugin's vtable or metadata is malformed.
+    #[error("invalid plugin interface in {path}: {detail}")]
+    InvalidInterface {
+        /// The library.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// The plugin's constructor failed (seed: `PluginInitError`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitError {
+    /// The constructor returned an error.
+    #[error("{message}")]
+    Failed {
+        /// The plugin's own message.
+        message: String,
+    },
+    /// The constructor panicked.
+    #[error("plugin panicked during construction: {message}")]
+    Panicked {
+        /// The panic message.
+        message: String,
+    },
+    /// The plugin answered with something the host cannot understand.
+    #[error("invalid answer from plugin constructor: {detail}")]
+    Protocol {
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// One or more dependencies are missing (seed: `PluginDependencyError`).
+///
+/// Its `Display` is the seed's `Missing dependencies: a, b` line (or the GPU
+/// sentence when only the GPU is missing), so it doubles as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DependencyError {
+    /// Every missing item, in a stable order.
+    pub missing: Vec<String>,
+    /// The human reason, naming every missing item.
+    pub reason: String,
+}
+
+impl DependencyError {
+    /// Build the error and its reason from the list of missing items.
+    ///
+    /// The reason is `Missing dependencies: a, b`; when a GPU requirement is
+    /// among them, its detail follows after `; ` (and always contains both
+    /// `GPU` and `CUDA`).
+    pub fn new(missing: Vec<String>, gpu_detail: Option<String>) -> Self {
+        let mut reason = format!("Missing dependencies: {}", missing.join(", "));
+        if let Some(detail) = gpu_detail {
+            reason.push_str("; ");
+            reason.push_str(&detail);
+        }
+        DependencyError { missing, reason }
+    }
+}
+
+/// `manifest.json` is missing, unreadable or invalid.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// No manifest file.
+    #[error("manifest not found: {path}")]
+    NotFound {
+        /// Where it was expected.
+        path: PathBuf,
+    },
+    /// The manifest could not be read.
+    #[error("cannot read manifest {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest is larger than the host accepts.
+    #[error("manifest {path} is {size} bytes, larger than the {limit}-byte limit")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The cap.
+        limit: u64,
+    },
+    /// The manifest is empty.
+    #[error("manifest {path} is empty")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The manifest is not valid JSON (or not an object).
+    #[error("invalid JSON in {path} at line {line}, column {column}: {message}")]
+    InvalidJson {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// A field has the wrong type or an invalid value.
+    #[error("invalid field '{field}': {message}")]
+    InvalidField {
+        /// The field's name (dotted for nested fields).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The plugin name does not match the allowed pattern.
+    #[error("invalid plugin name {name:?}: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+    },
+    /// A path in the manifest leaves the plugin directory.
+    #[error("field '{field}' points outside the plugin directory: {path}")]
+    PathEscape {
+        /// The field holding the path.
+        field: String,
+        /// The offending path.
+        path: String,
+    },
+    /// Another plugin already claimed this name.
+    #[error("duplicate plugin name '{name}': already registered from {existing}")]
+    DuplicateName {
+        /// The contested name.
+        name: String,
+        /// Where the first plugin of that name lives.
+        existing: PathBuf,
+    },
+}
+
+impl ManifestError {
+    /// Stable machine-readable name of the error class.
+    pub fn kind(&self) -> &'static str {
+        "ManifestError"
+    }
+}
+
+/// An operation on a plugin exceeded its time limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("timed out after {} during {operation}", fmt_duration(*after))]
+pub struct TimeoutError {
+    /// What was running (`"init"`, `"tool 'ocr'"`, ...).
+    pub operation: String,
+    /// The limit that was exceeded.
+    pub after: Duration,
+}
+
+impl TimeoutError {
+    /// Stable machine-readable name of the error class.
+    pub fn kind(&self) -> &'static str {
+        "TimeoutError"
+    }
+}
+
+/// The plugin's process died or broke its protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{cause}{}", stderr_suffix(.stderr_tail))]
+pub struct CrashError {
+    /// How it died.
+    pub cause: CrashCause,
+    /// The last lines the plugin wrote to stderr, if any.
+    pub stderr_tail: Vec<String>,
+}
+
+impl CrashError {
+    /// Stable machine-readable name of the error class.
+    pub fn kind(&self) -> &'static str {
+        "CrashError"
+    }
+}
+
+/// How a plugin process died.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CrashCause {
+    /// Killed by a signal.
+    #[error("killed by signal {name} ({number})")]
+    Signal {
+        /// Signal name, e.g. `SIGSEGV`.
+        name: String,
+        /// Signal number.
+        number: i32,
+    },
+    /// Exited on its own.
+    #[error("exited with code {code}")]
+    Exit {
+        /// Exit code.
+        code: i32,
+    },
+    /// Went over its memory limit.
+    #[error("exceeded memory limit {limit_mib} MiB")]
+    MemoryLimit {
+        /// The limit, in MiB.
+        limit_mib: u64,
+    },
+    /// Broke the framed protocol (closed the pipe, sent garbage, ...).
+    #[error("protocol violation: {detail}")]
+    Protocol {
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+fn stderr_suffix(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; stderr: {}", tail.join(" | "))
+    }
+}
+
+/// Formats a duration as people write it: `5 s`, `250 ms`, `1.5 s`.
+pub fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    fn check(err: PluginError, kind: &str, reason: &str) {
+        assert_eq!(err.kind(), kind);
+        assert_eq!(err.reason(), reason);
+        assert!(!err.to_string().contains('\n'), "Display must be one line");
+    }
+
+    #[test]
+    fn import_reason_has_prefix() {
+        check(
+            ImportError::AbiMismatch {
+                path: "/p/libx.so".into(),
+                host: 1,
+                plugin: 7,
+            }
+            .into(),
+            "ImportError",
+            "ImportError: ABI version mismatch: host speaks 1, plugin /p/libx.so speaks 7",
+        );
+    }
+
+    #[test]
+    fn init_reason_keeps_plugin_message() {
+        check(
+            InitError::Failed {
+                message: "model weights corrupt".into(),
+            }
+            .into(),
+            "InitError",
+            "InitError: model weights corrupt",
+        );
+        check(
+            InitError::Panicked {
+                message: "boom".into(),
+            }
+            .into(),
+            "InitError",
+            "InitError: plugin panicked during construction: boom",
+        );
+    }
+
+    #[test]
+    fn dependency_reason_is_the_seed_line() {
+        let err = DependencyError::new(
+            vec!["lib:foo".into(), "gpu".into()],
+            Some("Plugin requires GPU/CUDA but no CUDA device is available".into()),
+        );
+        let err: PluginError = err.into();
+        assert_eq!(err.kind(), "DependencyError");
+        assert_eq!(
+            err.reason(),
+            "Missing dependencies: lib:foo, gpu; Plugin requires GPU/CUDA but no CUDA device is available"
+        );
+    }
+
+    #[test]
+    fn manifest_error_names_position() {
+        check(
+            ManifestError::InvalidJson {
+                path: "/p/manifest.json".into(),
+                line: 3,
+                column: 7,
+                message: "expected value".into(),
+            }
+            .into(),
+            "ManifestError",
+            "ManifestError: invalid JSON in /p/manifest.json at line 3, column 7: expected value",
+        );
+    }
+
+    #[test]
+    fn io_source_chain_is_kept() {
+        let err = ManifestError::Io {
+            path: "/p/manifest.json".into(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
+        };
+        assert!(err.source().is_some());
+    }
+
+    #[test]
+    fn timeout_and_crash_read_well() {
+        check(
+            TimeoutError {
+                operation: "init".into(),
+                after: Duration::from_secs(5),
+            }
+            .into(),
+            "TimeoutError",
+            "TimeoutError: timed out after 5 s during init",
+        );
+        check(
+            CrashError {
+                cause: CrashCause::Signal {
+                    name: "SIGSEGV".into(),
+                    number: 11,
+                },
+                stderr_tail: vec!["a".into(), "b".into()],
+            }
+            .into(),
+            "CrashError",
+            "CrashError: killed by signal SIGSEGV (11); stderr: a | b",
+        );
+    }
+
+    #[test]
+    fn durations_format() {
+        assert_eq!(fmt_duration(Duration::from_millis(250)), "250 ms");
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(fmt_duration(Duration::from_secs(60)), "60 s");
+    }
+}
