@@ -1,0 +1,803 @@
+//! The plugin C ABI, version 1: the contract between a plugin library and
+//! any host that loads it.
+//!
+//! Plugin authors never touch this module: [`crate::export_plugin!`]
+//! generates all of it. It is public so that hosts (and their authors) have
+//! one authoritative description; a host may mirror these definitions rather
+//! than depend on this crate.
+//!
+//! # Entry
+//!
+//! A plugin library exports one C symbol, [`ENTRY_SYMBOL`]
+//! (`forgesyte_plugin_entry`):
+//!
+//! ```text
+//! extern "C" fn forgesyte_plugin_entry() -> *const PluginVTable
+//! ```
+//!
+//! It returns a pointer to a `static` [`PluginVTable`], valid for as long
+//! as the library stays loaded. The host reads
+//! [`PluginVTable::abi_version`] — the first field, at offset 0, in every
+//! ABI version — **before anything else**, and must not touch any other
+//! field unless it equals the [`ABI_VERSION`] it was built for.
+//!
+//! # Calls
+//!
+//! | function | input | `out` on [`STATUS_OK`] |
+//! |---|---|---|
+//! | `create` | config JSON `{"manifest": {…}, "plugin_dir": "/abs", "models": {"name": "/abs/path"}}` | nothing (empty buffer); the instance is in `*out_instance` |
+//! | `tools` | an instance | JSON array of `{"id", "title", "description", "input_schema", "output_schema"}` |
+//! | `call` | an instance, the tool id (UTF-8), the arguments (JSON) | the result JSON |
+//! | `destroy` | an instance | — |
+//! | `free_buffer` | a buffer this library filled | — |
+//!
+//! Every other status comes with `out` holding
+//! `{"error_type": "...", "message": "..."}`:
+//!
+//! | status | meaning | `error_type` |
+//! |---|---|---|
+//! | [`STATUS_ERROR`] | the constructor or the tool returned an error | `"InitError"` from `create`; the tool's own (e.g. `"InvalidInput"`) from `call` |
+//! | [`STATUS_PANIC`] | the plugin panicked; caught, never unwound into the host | `"Panic"`, message = the panic message |
+//! | [`STATUS_UNKNOWN_TOOL`] | `call` named a tool not in the plugin's list | `"UnknownTool"` |
+//! | [`STATUS_BAD_REQUEST`] | the host broke the contract where it can be checked: a null pointer, bytes that are not UTF-8 or not the expected JSON | `"BadRequest"` |
+//!
+//! When `out` itself is null the status is [`STATUS_BAD_REQUEST`] and nothing
+//! is written.
+//!
+//! # Rules
+//!
+//! - **Memory is freed by the side that allocated it.** Input buffers belong
+//!   to the host and are only borrowed for the duration of the call. Every
+//!   [`FsBuffer`] written to `out` was allocated by the plugin and must be
+//!   handed back, exactly once, to the same library's `free_buffer` (an
+//!   empty buffer may be passed too; it is a no-op). Instances are released
+//!   only by `destroy`.
+//! - **No panic crosses the boundary.** Every function catches unwinding and
+//!   turns it into [`STATUS_PANIC`]. (A plugin built with `panic = "abort"`
+//!   cannot be protected: it aborts the process, which is what process
+//!   isolation is for.)
+//! - **Concurrency.** `call` and `tools` may run concurrently from several
+//!   threads on the same instance. `create` may run concurrently for
+//!   different instances. `destroy` must not overlap any other call on that
+//!   instance.
+//! - **Lifetime.** The host never unloads (`dlclose`) a plugin library while
+//!   anything from it may still run, and in practice never unloads it at
+//!   all: thread-local destructors and detached threads make unloading
+//!   unsound. The pointers in the vtable, including the version strings,
+//!   live as long as the library.
+//! - **Versions.** A change of layout or meaning of anything here bumps
+//!   [`ABI_VERSION`]. `sdk_version` and `rustc_version` are informational
+//!   only; since nothing of Rust's own ABI crosses, host and plugin need not
+//!   share a compiler.
+#![allow(unsafe_code)]
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::ffi::{c_char, c_void};
+use std::mem::ManuallyDrop;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use serde_json::Value;
+
+use crate::plugin::{Plugin, PluginConfig, ToolSpec};
+
+/// The version of this ABI. A host refuses a library whose
+/// [`PluginVTable::abi_version`] differs.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the symbol every plugin library exports.
+pub const ENTRY_SYMBOL: &str = "forgesyte_plugin_entry";
+
+/// [`ENTRY_SYMBOL`], NUL-terminated, for `dlsym`-style lookups.
+pub const ENTRY_SYMBOL_C: &[u8] = b"forgesyte_plugin_entry\0";
+
+/// The signature of [`ENTRY_SYMBOL`].
+pub type EntryFn = extern "C" fn() -> *const PluginVTable;
+
+/// Outcome of a call across the boundary; one of the `STATUS_*` constants.
+pub type FsStatus = i32;
+
+/// Success. `out` holds the result (empty for `create`).
+pub const STATUS_OK: FsStatus = 0;
+/// The constructor or the tool returned an error; `out` holds it.
+pub const STATUS_ERROR: FsStatus = 1;
+/// The plugin panicked; `out` holds `{"error_type": "Panic", "message": …}`.
+pub const STATUS_PANIC: FsStatus = 2;
+/// No tool of that id; `out` holds `{"error_type": "UnknownTool", …}`.
+pub const STATUS_UNKNOWN_TOOL: FsStatus = 3;
+/// The host passed a null pointer or bytes that are not the expected
+/// UTF-8 / JSON; `out` (if not null) holds `{"error_type": "BadRequest", …}`.
+pub const STATUS_BAD_REQUEST: FsStatus = 4;
+
+/// Bytes allocated by the plugin (a `Vec<u8>` of JSON taken apart), owned
+/// by the host until it hands them back to the plugin's `free_buffer`.
+///
+/// The host may read `len` bytes from `ptr`; `cap` is the plugin's business.
+/// A null `ptr` means empty.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FsBuffer {
+    /// Start of the bytes (null when empty).
+    pub ptr: *mut u8,
+    /// Number of initialized bytes.
+    pub len: usize,
+    /// Allocated capacity, needed to free the allocation.
+    pub cap: usize,
+}
+
+impl FsBuffer {
+    /// The empty buffer (null pointer); freeing it is a no-op.
+    pub const fn empty() -> Self {
+        FsBuffer {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            cap: 0,
+        }
+    }
+
+    /// Takes `bytes` apart; only [`PluginVTable::free_buffer`] of the
+    /// library that called this may put it back together.
+    fn from_vec(bytes: Vec<u8>) -> Self {
+        let mut bytes = ManuallyDrop::new(bytes);
+        FsBuffer {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len(),
+            cap: bytes.capacity(),
+        }
+    }
+
+    /// A copy of the bytes, leaving the buffer as it is.
+    ///
+    /// # Safety
+    /// The buffer must be empty or come from a plugin's `out` and not have
+    /// been freed yet.
+    pub unsafe fn to_vec(&self) -> Vec<u8> {
+        if self.ptr.is_null() || self.len == 0 {
+            return Vec::new();
+        }
+        // SAFETY: the caller guarantees `ptr` points to `len` initialized
+        // bytes still owned by the plugin.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+    }
+}
+
+/// The table of functions a plugin library hands the host. See the
+/// [module documentation](self) for the contract.
+#[repr(C)]
+#[derive(Debug)]
+pub struct PluginVTable {
+    /// Must be read first and must equal [`ABI_VERSION`] before any other
+    /// field is used. Never moves from offset 0.
+    pub abi_version: u32,
+    /// Version of the SDK that built the library, static and NUL-terminated.
+    pub sdk_version: *const c_char,
+    /// The compiler that built the SDK (`rustc --version`), or `unknown`;
+    /// static and NUL-terminated. Informational.
+    pub rustc_version: *const c_char,
+    /// Creates an instance from the config JSON `config[..config_len]`.
+    /// On [`STATUS_OK`], `*out_instance` is the new instance; otherwise it
+    /// is null and `out` holds the error.
+    pub create: unsafe extern "C" fn(
+        config: *const u8,
+        config_len: usize,
+        out_instance: *mut *mut c_void,
+        out: *mut FsBuffer,
+    ) -> FsStatus,
+    /// Writes the instance's tools, a JSON array of tool specs, to `out`.
+    pub tools: unsafe extern "C" fn(instance: *const c_void, out: *mut FsBuffer) -> FsStatus,
+    /// Runs tool `tool[..tool_len]` (UTF-8 id) with `args[..args_len]`
+    /// (JSON) and writes the result or the error to `out`.
+    pub call: unsafe extern "C" fn(
+        instance: *const c_void,
+        tool: *const u8,
+        tool_len: usize,
+        args: *const u8,
+        args_len: usize,
+        out: *mut FsBuffer,
+    ) -> FsStatus,
+    /// Drops an instance made by `create`. Null is a no-op.
+    pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+    /// Frees a buffer this library wrote to an `out`. Empty is a no-op.
+    pub free_buffer: unsafe extern "C" fn(buf: FsBuffer),
+}
+
+// SAFETY: the only non-`Sync` fields are the two `*const c_char`, which point
+// to immutable `'static` string literals; the function pointers are plain
+// code addresses. Sharing the table between threads therefore shares only
+// immutable data.
+unsafe impl Sync for PluginVTable {}
+
+// SAFETY: as for `Sync`: nothing the table points to is owned or mutable.
+unsafe impl Send for PluginVTable {}
+
+const SDK_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+const RUSTC_VERSION: &str = concat!(env!("FORGESYTE_SDK_RUSTC_VERSION"), "\0");
+
+impl PluginVTable {
+    /// The vtable of plugin type `P`, as [`crate::export_plugin!`] puts it
+    /// in a `static`. Also handy to drive a plugin through the ABI in tests.
+    pub const fn for_plugin<P: Plugin>() -> Self {
+        PluginVTable {
+            abi_version: ABI_VERSION,
+            sdk_version: SDK_VERSION.as_ptr().cast(),
+            rustc_version: RUSTC_VERSION.as_ptr().cast(),
+            create: __create::<P>,
+            tools: __tools::<P>,
+            call: __call::<P>,
+            destroy: __destroy::<P>,
+            free_buffer: __free_buffer,
+        }
+    }
+}
+
+/// What an instance pointer points to.
+struct Instance<P> {
+    plugin: P,
+    specs: Vec<ToolSpec>,
+    tool_ids: HashSet<String>,
+}
+
+/// A failed call: its status and the `{"error_type", "message"}` body.
+struct Failure {
+    status: FsStatus,
+    error_type: String,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: FsStatus, error_type: impl Into<String>, message: impl Into<String>) -> Self {
+        Failure {
+            status,
+            error_type: error_type.into(),
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Failure::new(STATUS_BAD_REQUEST, "BadRequest", message)
+    }
+
+    fn body(&self) -> Vec<u8> {
+        let body = serde_json::json!({
+            "error_type": self.error_type,
+            "message": self.message,
+        });
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+/// `Ok(bytes)` for the `out` buffer of a successful call.
+type Outcome = Result<Vec<u8>, Failure>;
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}
+
+/// Runs `body` with unwinding caught and writes its outcome to `out`.
+fn guarded(out: *mut FsBuffer, body: impl FnOnce() -> Outcome) -> FsStatus {
+    // The outer guard catches the improbable: a panic while reporting one
+    // (e.g. a panic payload whose destructor panics).
+    catch_unwind(AssertUnwindSafe(|| {
+        if out.is_null() {
+            return STATUS_BAD_REQUEST;
+        }
+        let outcome = match catch_unwind(AssertUnwindSafe(body)) {
+            Ok(outcome) => outcome,
+            Err(payload) => Err(Failure::new(
+                STATUS_PANIC,
+                "Panic",
+                panic_message(payload.as_ref()),
+            )),
+        };
+        let (status, bytes) = match outcome {
+            Ok(bytes) => (STATUS_OK, bytes),
+            Err(failure) => (failure.status, failure.body()),
+        };
+        let buf = if bytes.is_empty() {
+            FsBuffer::empty()
+        } else {
+            FsBuffer::from_vec(bytes)
+        };
+        // SAFETY: `out` is not null and the host promises it points to
+        // writable memory for one `FsBuffer`; `write` does not read the old
+        // (possibly uninitialized) value.
+        unsafe { out.write(buf) };
+        status
+    }))
+    .unwrap_or(STATUS_PANIC)
+}
+
+/// Borrows `len` bytes at `ptr`; null with a zero length is the empty slice.
+///
+/// # Safety
+/// A non-null `ptr` must point to `len` readable bytes that stay valid and
+/// unchanged for `'a`.
+unsafe fn borrow_bytes<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a [u8], Failure> {
+    if ptr.is_null() {
+        return if len == 0 {
+            Ok(&[])
+        } else {
+            Err(Failure::bad_request(format!(
+                "{what} is a null pointer with length {len}"
+            )))
+        };
+    }
+    if len > isize::MAX as usize {
+        return Err(Failure::bad_request(format!(
+            "{what} length {len} is too large"
+        )));
+    }
+    // SAFETY: non-null, length within `isize::MAX`; the caller guarantees
+    // the bytes are readable and unchanged for `'a`.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// The instance behind `instance`, or a bad request if it is null.
+///
+/// # Safety
+/// A non-null `instance` must come from `__create::<P>` and not be destroyed.
+unsafe fn instance_ref<'a, P>(instance: *const c_void) -> Result<&'a Instance<P>, Failure> {
+    if instance.is_null() {
+        return Err(Failure::bad_request("instance is a null pointer"));
+    }
+    // SAFETY: the caller guarantees `instance` is a live `Box<Instance<P>>`
+    // from `__create::<P>`; only shared references are made until `destroy`.
+    Ok(unsafe { &*instance.cast::<Instance<P>>() })
+}
+
+/// Error message of a constructor error, with its chain of sources.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !message.ends_with(&cause_text) {
+            message.push_str(": ");
+            message.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// `create` of [`PluginVTable::for_plugin`]; use the vtable, not this.
+///
+/// # Safety
+/// See the [module documentation](self): `config` must point to
+/// `config_len` readable bytes (or be null with length 0), `out_instance`
+/// and `out` to writable slots (or be null, which is reported).
+#[doc(hidden)]
+pub unsafe extern "C" fn __create<P: Plugin>(
+    config: *const u8,
+    config_len: usize,
+    out_instance: *mut *mut c_void,
+    out: *mut FsBuffer,
+) -> FsStatus {
+    guarded(out, || {
+        if out_instance.is_null() {
+            return Err(Failure::bad_request("out_instance is a null pointer"));
+        }
+        // SAFETY: not null; the host promises a writable slot.
+        unsafe { out_instance.write(std::ptr::null_mut()) };
+        // SAFETY: the host promises `config_len` readable bytes for the call.
+        let bytes = unsafe { borrow_bytes(config, config_len, "config") }?;
+        let config: PluginConfig = serde_json::from_slice(bytes)
+            .map_err(|e| Failure::bad_request(format!("invalid config JSON: {e}")))?;
+        let plugin = P::new(config)
+            .map_err(|e| Failure::new(STATUS_ERROR, "InitError", error_chain(e.as_ref())))?;
+        let specs = plugin.tools();
+        let tool_ids = specs.iter().map(|spec| spec.id.clone()).collect();
+        let instance = Box::new(Instance {
+            plugin,
+            specs,
+            tool_ids,
+        });
+        // SAFETY: checked non-null above; ownership of the box passes to the
+        // host until `destroy`.
+        unsafe { out_instance.write(Box::into_raw(instance).cast()) };
+        Ok(Vec::new())
+    })
+}
+
+/// `tools` of [`PluginVTable::for_plugin`]; use the vtable, not this.
+///
+/// # Safety
+/// `instance` must be null or a live instance from the same vtable's
+/// `create`; `out` a writable slot or null.
+#[doc(hidden)]
+pub unsafe extern "C" fn __tools<P: Plugin>(
+    instance: *const c_void,
+    out: *mut FsBuffer,
+) -> FsStatus {
+    guarded(out, || {
+        // SAFETY: the host passes an instance of this vtable or null.
+        let instance = unsafe { instance_ref::<P>(instance) }?;
+        serde_json::to_vec(&instance.specs)
+            .map_err(|e| Failure::new(STATUS_ERROR, "InvalidOutput", e.to_string()))
+    })
+}
+
+/// `call` of [`PluginVTable::for_plugin`]; use the vtable, not this.
+///
+/// # Safety
+/// `instance` must be null or a live instance from the same vtable's
+/// `create`; `tool` and `args` must point to the given number of readable
+/// bytes (or be null with length 0); `out` a writable slot or null.
+#[doc(hidden)]
+pub unsafe extern "C" fn __call<P: Plugin>(
+    instance: *const c_void,
+    tool: *const u8,
+    tool_len: usize,
+    args: *const u8,
+    args_len: usize,
+    out: *mut FsBuffer,
+) -> FsStatus {
+    guarded(out, || {
+        // SAFETY: the host passes an instance of this vtable or null.
+        let instance = unsafe { instance_ref::<P>(instance) }?;
+        // SAFETY: the host promises `tool_len` readable bytes for the call.
+        let tool = unsafe { borrow_bytes(tool, tool_len, "tool") }?;
+        let tool = std::str::from_utf8(tool)
+            .map_err(|e| Failure::bad_request(format!("tool id is not UTF-8: {e}")))?;
+        // SAFETY: the host promises `args_len` readable bytes for the call.
+        let args = unsafe { borrow_bytes(args, args_len, "args") }?;
+        let args: Value = serde_json::from_slice(args)
+            .map_err(|e| Failure::bad_request(format!("invalid args JSON: {e}")))?;
+        if !instance.tool_ids.contains(tool) {
+            return Err(Failure::new(
+                STATUS_UNKNOWN_TOOL,
+                "UnknownTool",
+                format!("no tool '{tool}'"),
+            ));
+        }
+        match instance.plugin.run(tool, args) {
+            Ok(result) => serde_json::to_vec(&result)
+                .map_err(|e| Failure::new(STATUS_ERROR, "InvalidOutput", e.to_string())),
+            Err(err) => Err(Failure::new(STATUS_ERROR, err.error_type, err.message)),
+        }
+    })
+}
+
+/// `destroy` of [`PluginVTable::for_plugin`]; use the vtable, not this.
+///
+/// # Safety
+/// `instance` must be null or a live instance from the same vtable's
+/// `create`, with no other call on it running or to come.
+#[doc(hidden)]
+pub unsafe extern "C" fn __destroy<P: Plugin>(instance: *mut c_void) {
+    if instance.is_null() {
+        return;
+    }
+    // A panicking `Drop` cannot be reported here; it is contained.
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the caller hands back sole ownership of the box made by
+        // `__create::<P>`.
+        drop(unsafe { Box::from_raw(instance.cast::<Instance<P>>()) });
+    }));
+}
+
+/// `free_buffer` of every vtable; use the vtable, not this.
+///
+/// # Safety
+/// `buf` must be empty or a buffer this library wrote to an `out`, not yet
+/// freed.
+#[doc(hidden)]
+pub unsafe extern "C" fn __free_buffer(buf: FsBuffer) {
+    if buf.ptr.is_null() || buf.len > buf.cap {
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the caller returns parts made by `FsBuffer::from_vec` in
+        // this library, with this allocator, exactly once.
+        drop(unsafe { Vec::from_raw_parts(buf.ptr, buf.len, buf.cap) });
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::{BoxError, ToolError};
+    use serde_json::json;
+    use std::ffi::CStr;
+
+    /// A plugin whose behaviour the manifest picks.
+    struct Probe {
+        dir: String,
+    }
+
+    impl Plugin for Probe {
+        fn new(config: PluginConfig) -> Result<Self, BoxError> {
+            match config.manifest["init"].as_str() {
+                Some("panic") => panic!("constructor panic {}", 42),
+                Some("error") => Err(std::io::Error::other("missing weights").into()),
+                _ => Ok(Probe {
+                    dir: config.plugin_dir.display().to_string(),
+                }),
+            }
+        }
+
+        fn tools(&self) -> Vec<ToolSpec> {
+            ["echo", "fail", "panic", "dir"]
+                .into_iter()
+                .map(ToolSpec::new)
+                .collect()
+        }
+
+        fn run(&self, tool: &str, args: Value) -> Result<Value, ToolError> {
+            match tool {
+                "echo" => Ok(args),
+                "fail" => Err(ToolError::new("Nope", "asked to fail")),
+                "panic" => panic!("tool panic"),
+                "dir" => Ok(json!(self.dir)),
+                other => panic!("the SDK let unknown tool {other} through"),
+            }
+        }
+    }
+
+    /// The macro's expansion, as a plugin crate gets it (a plugin exports it
+    /// at its root, where it is reachable).
+    #[allow(unreachable_pub)]
+    mod exported {
+        crate::export_plugin!(super::Probe);
+    }
+
+    fn vtable() -> &'static PluginVTable {
+        // SAFETY: the entry returns a pointer to a static.
+        unsafe { &*exported::forgesyte_plugin_entry() }
+    }
+
+    /// Status and body of a call, the body freed through the vtable.
+    fn take(vt: &PluginVTable, status: FsStatus, out: FsBuffer) -> (FsStatus, Value) {
+        // SAFETY: `out` was just written by the plugin.
+        let bytes = unsafe { out.to_vec() };
+        // SAFETY: handed back once.
+        unsafe { (vt.free_buffer)(out) };
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (status, body)
+    }
+
+    fn create(vt: &PluginVTable, config: &[u8]) -> (FsStatus, Value, *mut c_void) {
+        let mut instance = std::ptr::dangling_mut::<c_void>();
+        let mut out = FsBuffer::empty();
+        // SAFETY: valid pointers for the duration of the call.
+        let status = unsafe { (vt.create)(config.as_ptr(), config.len(), &mut instance, &mut out) };
+        let (status, body) = take(vt, status, out);
+        (status, body, instance)
+    }
+
+    fn config(manifest: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({"manifest": manifest, "plugin_dir": "/plugins/probe"})).unwrap()
+    }
+
+    fn call(
+        vt: &PluginVTable,
+        instance: *mut c_void,
+        tool: &[u8],
+        args: &[u8],
+    ) -> (FsStatus, Value) {
+        let mut out = FsBuffer::empty();
+        // SAFETY: valid pointers for the duration of the call.
+        let status = unsafe {
+            (vt.call)(
+                instance,
+                tool.as_ptr(),
+                tool.len(),
+                args.as_ptr(),
+                args.len(),
+                &mut out,
+            )
+        };
+        take(vt, status, out)
+    }
+
+    fn c_str(ptr: *const c_char) -> &'static str {
+        // SAFETY: the vtable's strings are static and NUL-terminated.
+        unsafe { CStr::from_ptr(ptr) }.to_str().unwrap()
+    }
+
+    #[test]
+    fn header_fields() {
+        let vt = vtable();
+        assert_eq!(vt.abi_version, ABI_VERSION);
+        assert_eq!(std::mem::offset_of!(PluginVTable, abi_version), 0);
+        assert_eq!(c_str(vt.sdk_version), env!("CARGO_PKG_VERSION"));
+        assert!(!c_str(vt.rustc_version).is_empty());
+        assert_eq!(
+            &ENTRY_SYMBOL_C[..ENTRY_SYMBOL.len()],
+            ENTRY_SYMBOL.as_bytes()
+        );
+        assert_eq!(ENTRY_SYMBOL_C.last(), Some(&0));
+        let _: EntryFn = exported::forgesyte_plugin_entry;
+    }
+
+    #[test]
+    fn lifecycle_through_the_vtable() {
+        let vt = vtable();
+        let (status, body, instance) = create(vt, &config(json!({"name": "probe"})));
+        assert_eq!((status, body), (STATUS_OK, Value::Null));
+        assert!(!instance.is_null());
+
+        let mut out = FsBuffer::empty();
+        // SAFETY: live instance, valid out slot.
+        let status = unsafe { (vt.tools)(instance, &mut out) };
+        let (status, tools) = take(vt, status, out);
+        assert_eq!(status, STATUS_OK);
+        let ids: Vec<&str> = tools
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["echo", "fail", "panic", "dir"]);
+        assert_eq!(tools[0]["input_schema"], json!({"type": "object"}));
+
+        assert_eq!(
+            call(vt, instance, b"echo", br#"{"a": [1, 2]}"#),
+            (STATUS_OK, json!({"a": [1, 2]}))
+        );
+        assert_eq!(
+            call(vt, instance, b"dir", b"{}"),
+            (STATUS_OK, json!("/plugins/probe"))
+        );
+        assert_eq!(
+            call(vt, instance, b"fail", b"{}"),
+            (
+                STATUS_ERROR,
+                json!({"error_type": "Nope", "message": "asked to fail"})
+            )
+        );
+        assert_eq!(
+            call(vt, instance, b"panic", b"{}"),
+            (
+                STATUS_PANIC,
+                json!({"error_type": "Panic", "message": "tool panic"})
+            )
+        );
+        // The instance survives a panic.
+        assert_eq!(call(vt, instance, b"echo", b"7"), (STATUS_OK, json!(7)));
+        let (status, body) = call(vt, instance, b"nope", b"{}");
+        assert_eq!(status, STATUS_UNKNOWN_TOOL);
+        assert_eq!(body["error_type"], "UnknownTool");
+        assert!(body["message"].as_str().unwrap().contains("nope"));
+
+        // SAFETY: created above, no call running.
+        unsafe { (vt.destroy)(instance) };
+    }
+
+    #[test]
+    fn concurrent_calls_share_one_instance() {
+        let vt = vtable();
+        let (status, _, instance) = create(vt, &config(Value::Null));
+        assert_eq!(status, STATUS_OK);
+        let addr = instance as usize;
+        std::thread::scope(|s| {
+            for i in 0..4 {
+                s.spawn(move || {
+                    for j in 0..50 {
+                        let args = json!({"i": i, "j": j}).to_string();
+                        let (status, body) =
+                            call(vt, addr as *mut c_void, b"echo", args.as_bytes());
+                        assert_eq!((status, body), (STATUS_OK, json!({"i": i, "j": j})));
+                    }
+                });
+            }
+        });
+        // SAFETY: all calls have returned.
+        unsafe { (vt.destroy)(instance) };
+    }
+
+    #[test]
+    fn constructor_panic_and_error_are_reported() {
+        let vt = vtable();
+        let (status, body, instance) = create(vt, &config(json!({"init": "panic"})));
+        assert_eq!(status, STATUS_PANIC);
+        assert_eq!(
+            body,
+            json!({"error_type": "Panic", "message": "constructor panic 42"})
+        );
+        assert!(instance.is_null());
+
+        let (status, body, instance) = create(vt, &config(json!({"init": "error"})));
+        assert_eq!(status, STATUS_ERROR);
+        assert_eq!(
+            body,
+            json!({"error_type": "InitError", "message": "missing weights"})
+        );
+        assert!(instance.is_null());
+    }
+
+    #[test]
+    fn bad_requests_are_refused_without_running_anything() {
+        let vt = vtable();
+        for bad_config in [&b"\xff\xfe"[..], b"", b"{", br#"{"manifest": {}}"#] {
+            let (status, body, instance) = create(vt, bad_config);
+            assert_eq!(status, STATUS_BAD_REQUEST, "{bad_config:?}");
+            assert_eq!(body["error_type"], "BadRequest");
+            assert!(instance.is_null());
+        }
+
+        let (_, _, instance) = create(vt, &config(Value::Null));
+        let (status, body) = call(vt, instance, b"ec\xffho", b"{}");
+        assert_eq!(status, STATUS_BAD_REQUEST);
+        assert!(
+            body["message"].as_str().unwrap().contains("UTF-8"),
+            "{body}"
+        );
+        for bad_args in [&b"\xff"[..], b"", b"{\"a\":"] {
+            assert_eq!(call(vt, instance, b"echo", bad_args).0, STATUS_BAD_REQUEST);
+        }
+
+        let mut out = FsBuffer::empty();
+        // SAFETY: null instance and null tool pointers are checked by the SDK.
+        let status = unsafe {
+            (vt.call)(
+                std::ptr::null(),
+                b"echo".as_ptr(),
+                4,
+                b"{}".as_ptr(),
+                2,
+                &mut out,
+            )
+        };
+        assert_eq!(take(vt, status, out).0, STATUS_BAD_REQUEST);
+        let mut out = FsBuffer::empty();
+        // SAFETY: as above.
+        let status =
+            unsafe { (vt.call)(instance, std::ptr::null(), 4, b"{}".as_ptr(), 2, &mut out) };
+        assert_eq!(take(vt, status, out).0, STATUS_BAD_REQUEST);
+        // SAFETY: a null `out` is checked and nothing is written.
+        let status = unsafe {
+            (vt.call)(
+                instance,
+                b"echo".as_ptr(),
+                4,
+                b"{}".as_ptr(),
+                2,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(status, STATUS_BAD_REQUEST);
+        let mut out = FsBuffer::empty();
+        let cfg = config(Value::Null);
+        // SAFETY: a null `out_instance` is checked.
+        let status =
+            unsafe { (vt.create)(cfg.as_ptr(), cfg.len(), std::ptr::null_mut(), &mut out) };
+        assert_eq!(take(vt, status, out).0, STATUS_BAD_REQUEST);
+
+        // SAFETY: created above; null and empty are no-ops.
+        unsafe {
+            (vt.destroy)(instance);
+            (vt.destroy)(std::ptr::null_mut());
+            (vt.free_buffer)(FsBuffer::empty());
+        }
+    }
+
+    #[test]
+    fn error_chain_includes_sources() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("cannot load weights")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let err = Outer(std::io::Error::other("file not found"));
+        assert_eq!(error_chain(&err), "cannot load weights: file not found");
+    }
+}
