@@ -1,1 +1,104 @@
-//! placeholder
+//! Plugin lifecycle states, per-plugin status and metrics, and the
+//! thread-safe [`Registry`] handle of the ForgeSyte plugin host.
+//!
+//! This crate is for the code that *hosts* plugins: the loader writes states
+//! into the registry as it loads, the server reads it to answer the health
+//! endpoints and wraps tool calls in [`Registry::begin_call`] (or
+//! [`Registry::mark_running`] / [`Registry::finish`]). Plugin authors do not
+//! need it.
+//!
+//! # What this crate must not know
+//!
+//! **The registry never calls plugin code and never touches the filesystem.**
+//! It does not load, probe, resolve or serve; it knows nothing of manifests,
+//! libraries, processes or HTTP. It is plain bookkeeping that the loader and
+//! the server drive, so no lock is ever held while plugin code runs.
+//!
+//! # The state machine (SPEC §4)
+//!
+//! ```text
+//!  register ──► LOADED ──mark_initialized──► INITIALIZED ──mark_running──► RUNNING
+//!                 ▲                            │     ▲                         │
+//!                 │                            │     └──finish (last call)─────┘
+//!                 │                            │
+//!                 │   mark_failed      from LOADED, INITIALIZED, RUNNING ──► FAILED ──────┐
+//!                 │   mark_unavailable from LOADED, INITIALIZED ──────► UNAVAILABLE ──────┤
+//!                 │                                                                       │
+//!                 └──── mark_loaded (explicit reload / restart; also from INITIALIZED) ◄──┘
+//! ```
+//!
+//! | from          | legal next states                                 |
+//! |---------------|---------------------------------------------------|
+//! | `LOADED`      | `INITIALIZED`, `FAILED`, `UNAVAILABLE`            |
+//! | `INITIALIZED` | `RUNNING`, `FAILED`, `UNAVAILABLE`, `LOADED`      |
+//! | `RUNNING`     | `INITIALIZED`, `FAILED`                           |
+//! | `FAILED`      | `LOADED`                                          |
+//! | `UNAVAILABLE` | `LOADED`                                          |
+//!
+//! [`PluginLifecycleState::transition`] is the one function that decides
+//! this; every registry write goes through it or through a stricter check.
+//! A same-state move is not a transition: a second call while `RUNNING` only
+//! raises the in-flight count, and `mark_failed` on a `FAILED` plugin only
+//! replaces the reason. `FAILED` and `UNAVAILABLE` are terminal until an
+//! explicit [`Registry::mark_loaded`]. A tool that *returns* an error is
+//! counted by [`Registry::record_error`] and changes no state; deciding that
+//! a panic, crash or timeout is a fault (and calling
+//! [`Registry::mark_failed`]) is the caller's job.
+//!
+//! # Snapshots: readers never wait on writers
+//!
+//! The registry publishes an immutable [`Snapshot`] (a sorted map of
+//! `Arc`-shared entries plus a generation counter) through an
+//! [`arc_swap::ArcSwap`]. A reader loads the current snapshot without taking
+//! any lock and reads it at leisure; a [`Snapshot`] is a consistent
+//! point-in-time view of every plugin and costs one `Arc` clone.
+//!
+//! Writers serialise on exactly one mutex (one lock, so no lock order to
+//! get wrong). A write clones the affected entry (cheap: its big parts sit
+//! behind `Arc`), clones the map of `Arc`s (pointer copies, no deep copy),
+//! and publishes the new snapshot with the generation bumped. A refused
+//! write publishes nothing. [`Registry::generation`] lets the server cache
+//! serialised bodies; only `uptime_seconds` changes without a new
+//! generation, because it is measured from an [`std::time::Instant`] when a
+//! status is read.
+//!
+//! # No fakes needed
+//!
+//! Unlike `forgesyte-deps`, this crate has no seam to the outside world: no
+//! filesystem, no probe, no plugin code. Its only outside inputs are the
+//! monotonic clock (uptime) and the wall clock (`last_used` and history
+//! timestamps), and tests check their *shape* (RFC 3339, non-negative,
+//! non-decreasing), never exact values or durations. So tests drive the real
+//! [`Registry`] directly, from several threads, with no test double and no
+//! timing assertions.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use forgesyte_registry::{PluginInfo, PluginLifecycleState, Registry};
+//!
+//! let registry = Registry::new();
+//! registry.register("ocr", PluginInfo::default())?;
+//! registry.mark_initialized("ocr")?;
+//!
+//! let call = registry.begin_call("ocr")?; // RUNNING, in_flight 1
+//! assert_eq!(registry.get_state("ocr"), Some(PluginLifecycleState::Running));
+//! call.succeeded(Duration::from_millis(12)); // counted, then finished
+//!
+//! let status = registry.get_status("ocr").ok_or("missing")?;
+//! assert_eq!(status.state, PluginLifecycleState::Initialized);
+//! assert_eq!(status.success_count, 1);
+//! assert_eq!(registry.list_available(), ["ocr"]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod error;
+mod registry;
+mod state;
+mod status;
+
+pub use error::RegistryError;
+pub use registry::{CallGuard, Registry, Snapshot};
+pub use state::{ParseStateError, PluginLifecycleState};
+pub use status::{AVERAGE_WINDOW, HISTORY_LEN, PluginInfo, PluginStatus, Transition};

@@ -1,0 +1,1066 @@
+//! The [`Registry`] handle and its point-in-time [`Snapshot`]s.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
+use forgesyte_errors::{LoadError, PluginError};
+use parking_lot::Mutex;
+
+use crate::status::Entry;
+use crate::{PluginInfo, PluginLifecycleState, PluginStatus, RegistryError, Transition};
+
+/// The published, immutable state of every plugin at one generation.
+#[derive(Debug, Default)]
+struct Inner {
+    generation: u64,
+    plugins: BTreeMap<Arc<str>, Arc<Entry>>,
+}
+
+/// What every clone of a [`Registry`] shares.
+#[derive(Debug)]
+struct Shared {
+    /// The one write lock. Held only while an entry is cloned, changed and
+    /// published; never while anything slow runs.
+    write: Mutex<()>,
+    /// The current snapshot; readers load it without taking `write`.
+    current: ArcSwap<Inner>,
+}
+
+/// Thread-safe handle to the plugin lifecycle registry.
+///
+/// Cloning is cheap and every clone sees the same plugins. There is no
+/// global instance: whoever builds the host creates one and hands it down.
+///
+/// Reads ([`get_status`](Registry::get_status), [`list_all`](Registry::list_all),
+/// [`snapshot`](Registry::snapshot), ...) never take the write lock. Writes
+/// serialise on one mutex, clone the affected entry, and publish a new
+/// snapshot. A refused write changes nothing and publishes nothing.
+#[derive(Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let current = self.shared.current.load();
+        f.debug_struct("Registry")
+            .field("generation", &current.generation)
+            .field("plugins", &current.plugins.len())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry {
+            shared: Arc::new(Shared {
+                write: Mutex::new(()),
+                current: ArcSwap::from_pointee(Inner::default()),
+            }),
+        }
+    }
+
+    /// Registers a plugin in state `LOADED`.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::AlreadyRegistered`] when the name is taken; the
+    /// registered plugin is left exactly as it was.
+    pub fn register(&self, name: &str, info: PluginInfo) -> Result<(), RegistryError> {
+        let _write = self.shared.write.lock();
+        let current = self.shared.current.load_full();
+        if current.plugins.contains_key(name) {
+            return Err(RegistryError::AlreadyRegistered {
+                name: name.to_owned(),
+            });
+        }
+        let mut plugins = current.plugins.clone();
+        plugins.insert(Arc::from(name), Arc::new(Entry::new(info, Utc::now())));
+        self.shared.current.store(Arc::new(Inner {
+            generation: current.generation + 1,
+            plugins,
+        }));
+        Ok(())
+    }
+
+    /// `LOADED -> INITIALIZED`: the plugin's instance was created.
+    ///
+    /// Only legal from `LOADED`. (`RUNNING -> INITIALIZED` is legal in the
+    /// state machine but happens only through [`finish`](Registry::finish).)
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
+    /// from any state but `LOADED`.
+    pub fn mark_initialized(&self, name: &str) -> Result<(), RegistryError> {
+        self.update(name, |entry, now| {
+            if entry.state != PluginLifecycleState::Loaded {
+                return Err(RegistryError::IllegalTransition {
+                    from: entry.state,
+                    to: PluginLifecycleState::Initialized,
+                });
+            }
+            entry.move_to(PluginLifecycleState::Initialized, None, now);
+            Ok(())
+        })
+    }
+
+    /// A tool call starts: `in_flight += 1`, state `RUNNING`, `last_used`
+    /// set. Pair every successful call with one [`finish`](Registry::finish),
+    /// or use [`begin_call`](Registry::begin_call) which does it on drop.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::NotAvailable`] when
+    /// the plugin is neither `INITIALIZED` nor `RUNNING`.
+    pub fn mark_running(&self, name: &str) -> Result<(), RegistryError> {
+        self.update(name, |entry, now| {
+            if !entry.state.is_available() {
+                return Err(RegistryError::NotAvailable {
+                    name: name.to_owned(),
+                    state: entry.state,
+                });
+            }
+            entry.in_flight = entry.in_flight.saturating_add(1);
+            entry.last_used = Some(now);
+            if entry.state == PluginLifecycleState::Initialized {
+                entry.move_to(PluginLifecycleState::Running, None, now);
+            }
+            Ok(())
+        })
+    }
+
+    /// A tool call ended: `in_flight -= 1`; the last one out moves `RUNNING`
+    /// back to `INITIALIZED`. A plugin that went `FAILED` (or anything else)
+    /// meanwhile keeps its state.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::NothingInFlight`]
+    /// when no call is in flight.
+    pub fn finish(&self, name: &str) -> Result<(), RegistryError> {
+        self.update(name, |entry, now| {
+            if entry.in_flight == 0 {
+                return Err(RegistryError::NothingInFlight {
+                    name: name.to_owned(),
+                });
+            }
+            entry.in_flight -= 1;
+            if entry.in_flight == 0 && entry.state == PluginLifecycleState::Running {
+                entry.move_to(PluginLifecycleState::Initialized, None, now);
+            }
+            Ok(())
+        })
+    }
+
+    /// Moves to `FAILED` with `reason` (kept verbatim). Legal from `LOADED`,
+    /// `INITIALIZED` and `RUNNING`; on a plugin already `FAILED` it replaces
+    /// the reason. Calls still in flight stay counted until they finish.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
+    /// from `UNAVAILABLE`.
+    pub fn mark_failed(&self, name: &str, reason: impl Into<String>) -> Result<(), RegistryError> {
+        self.mark_terminal(name, PluginLifecycleState::Failed, reason.into())
+    }
+
+    /// Moves to `UNAVAILABLE` with `reason` (kept verbatim). Legal from
+    /// `LOADED` and `INITIALIZED`; on a plugin already `UNAVAILABLE` it
+    /// replaces the reason.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
+    /// from `RUNNING` or `FAILED`.
+    pub fn mark_unavailable(
+        &self,
+        name: &str,
+        reason: impl Into<String>,
+    ) -> Result<(), RegistryError> {
+        self.mark_terminal(name, PluginLifecycleState::Unavailable, reason.into())
+    }
+
+    /// Records a load or run-time error: a dependency error makes the plugin
+    /// `UNAVAILABLE`, anything else `FAILED`; the reason is
+    /// [`PluginError::reason`] (`ImportError: ...`, `Missing dependencies: ...`).
+    ///
+    /// # Errors
+    ///
+    /// As [`mark_failed`](Registry::mark_failed) and
+    /// [`mark_unavailable`](Registry::mark_unavailable).
+    pub fn mark_error(&self, name: &str, error: &PluginError) -> Result<(), RegistryError> {
+        match error {
+            PluginError::Load(LoadError::Dependency(_)) => {
+                self.mark_unavailable(name, error.reason())
+            }
+            _ => self.mark_failed(name, error.reason()),
+        }
+    }
+
+    /// Explicit reload or restart: back to `LOADED`, reason cleared, metrics
+    /// and history kept; `info`, when given, replaces the registered info.
+    /// Legal from `INITIALIZED`, `FAILED` and `UNAVAILABLE`; on a plugin
+    /// already `LOADED` it only replaces the info.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
+    /// from `RUNNING`.
+    pub fn mark_loaded(&self, name: &str, info: Option<PluginInfo>) -> Result<(), RegistryError> {
+        self.update(name, |entry, now| {
+            if entry.state != PluginLifecycleState::Loaded {
+                let next = entry.state.transition(PluginLifecycleState::Loaded)?;
+                entry.move_to(next, None, now);
+            }
+            if let Some(info) = info {
+                entry.info = Arc::new(info);
+            }
+            Ok(())
+        })
+    }
+
+    /// Counts a successful tool call of the given duration. Does not change
+    /// the state; allowed in any state (a call may end after a fault).
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`].
+    pub fn record_success(&self, name: &str, elapsed: Duration) -> Result<(), RegistryError> {
+        self.update(name, |entry, now| {
+            entry.success_count = entry.success_count.saturating_add(1);
+            entry.record_time(elapsed, now);
+            Ok(())
+        })
+    }
+
+    /// Counts a tool call that returned an error (or faulted) after the given
+    /// duration. Does not change the state: marking a fault `FAILED` is the
+    /// caller's separate decision.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`].
+    pub fn record_error(&self, name: &str, elapsed: Duration) -> Result<(), RegistryError> {
+        self.update(name, |entry, now| {
+            entry.error_count = entry.error_count.saturating_add(1);
+            entry.record_time(elapsed, now);
+            Ok(())
+        })
+    }
+
+    /// Starts a tool call ([`mark_running`](Registry::mark_running)) and
+    /// returns a guard that calls [`finish`](Registry::finish) when dropped,
+    /// so an early return or a caught panic cannot leak an in-flight count.
+    ///
+    /// # Errors
+    ///
+    /// As [`mark_running`](Registry::mark_running).
+    pub fn begin_call(&self, name: &str) -> Result<CallGuard, RegistryError> {
+        self.mark_running(name)?;
+        Ok(CallGuard {
+            registry: self.clone(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The status of one plugin, `None` when it is not registered.
+    pub fn get_status(&self, name: &str) -> Option<PluginStatus> {
+        self.snapshot().get(name)
+    }
+
+    /// The state of one plugin, `None` when it is not registered.
+    pub fn get_state(&self, name: &str) -> Option<PluginLifecycleState> {
+        self.shared
+            .current
+            .load()
+            .plugins
+            .get(name)
+            .map(|entry| entry.state)
+    }
+
+    /// The info a plugin was registered (or last reloaded) with.
+    pub fn info(&self, name: &str) -> Option<PluginInfo> {
+        self.snapshot().info(name)
+    }
+
+    /// Whether the plugin is registered and can take tool calls.
+    pub fn is_available(&self, name: &str) -> bool {
+        self.get_state(name)
+            .is_some_and(PluginLifecycleState::is_available)
+    }
+
+    /// Whether a plugin of that name is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.shared.current.load().plugins.contains_key(name)
+    }
+
+    /// Every plugin's status, sorted by name, failed and unavailable ones
+    /// included.
+    pub fn list_all(&self) -> Vec<PluginStatus> {
+        self.snapshot().statuses()
+    }
+
+    /// Names of the plugins that can take tool calls, sorted.
+    pub fn list_available(&self) -> Vec<String> {
+        self.snapshot().available()
+    }
+
+    /// The plugin's last transitions (at most [`HISTORY_LEN`](crate::HISTORY_LEN)),
+    /// oldest first; the first one ever is its registration (`from: None`).
+    pub fn history(&self, name: &str) -> Option<Vec<Transition>> {
+        self.snapshot().history(name)
+    }
+
+    /// Number of registered plugins.
+    pub fn len(&self) -> usize {
+        self.shared.current.load().plugins.len()
+    }
+
+    /// Whether no plugin is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A consistent point-in-time view of every plugin. Cheap (one `Arc`
+    /// clone); later writes do not change it.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            inner: self.shared.current.load_full(),
+        }
+    }
+
+    /// Counter bumped by every successful write. Equal generations mean equal
+    /// data, except `uptime_seconds`, which is measured when read.
+    pub fn generation(&self) -> u64 {
+        self.shared.current.load().generation
+    }
+
+    fn mark_terminal(
+        &self,
+        name: &str,
+        target: PluginLifecycleState,
+        reason: String,
+    ) -> Result<(), RegistryError> {
+        let reason: Arc<str> = Arc::from(reason);
+        self.update(name, |entry, now| {
+            if entry.state == target {
+                entry.reason = Some(reason);
+            } else {
+                let next = entry.state.transition(target)?;
+                entry.move_to(next, Some(reason), now);
+            }
+            Ok(())
+        })
+    }
+
+    /// The one write path for an existing plugin: under the write lock,
+    /// clone its entry, let `change` edit the clone, and publish a new
+    /// snapshot when `change` succeeds.
+    fn update(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Entry, DateTime<Utc>) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let _write = self.shared.write.lock();
+        let current = self.shared.current.load_full();
+        let Some((key, entry)) = current.plugins.get_key_value(name) else {
+            return Err(RegistryError::NotFound {
+                name: name.to_owned(),
+            });
+        };
+        let mut changed = Entry::clone(entry);
+        change(&mut changed, Utc::now())?;
+        let mut plugins = current.plugins.clone();
+        plugins.insert(Arc::clone(key), Arc::new(changed));
+        self.shared.current.store(Arc::new(Inner {
+            generation: current.generation + 1,
+            plugins,
+        }));
+        Ok(())
+    }
+}
+
+/// Finishes a tool call when dropped; see [`Registry::begin_call`].
+#[must_use = "dropping the guard finishes the call at once"]
+#[derive(Debug)]
+pub struct CallGuard {
+    registry: Registry,
+    name: String,
+}
+
+impl CallGuard {
+    /// The plugin this call runs on.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counts the call as a success, then finishes it.
+    pub fn succeeded(self, elapsed: Duration) {
+        // The plugin cannot have been removed (the registry never removes),
+        // so recording cannot fail.
+        let _ = self.registry.record_success(&self.name, elapsed);
+    }
+
+    /// Counts the call as an error, then finishes it.
+    pub fn failed(self, elapsed: Duration) {
+        let _ = self.registry.record_error(&self.name, elapsed);
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        // Fails only if someone else already called `finish` for this call;
+        // nothing useful to do about that in a destructor.
+        let _ = self.registry.finish(&self.name);
+    }
+}
+
+/// A consistent, immutable view of every plugin at one generation.
+/// Cloning is one `Arc` clone.
+#[derive(Clone)]
+pub struct Snapshot {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("generation", &self.inner.generation)
+            .field("plugins", &self.inner.plugins.len())
+            .finish()
+    }
+}
+
+impl Snapshot {
+    /// The generation this snapshot was published at.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// One plugin's status (uptime measured now).
+    pub fn get(&self, name: &str) -> Option<PluginStatus> {
+        let now = Instant::now();
+        self.inner
+            .plugins
+            .get_key_value(name)
+            .map(|(key, entry)| entry.status(key, now))
+    }
+
+    /// One plugin's state.
+    pub fn state(&self, name: &str) -> Option<PluginLifecycleState> {
+        self.inner.plugins.get(name).map(|entry| entry.state)
+    }
+
+    /// One plugin's registered info.
+    pub fn info(&self, name: &str) -> Option<PluginInfo> {
+        self.inner
+            .plugins
+            .get(name)
+            .map(|entry| PluginInfo::clone(&entry.info))
+    }
+
+    /// One plugin's transition history, oldest first.
+    pub fn history(&self, name: &str) -> Option<Vec<Transition>> {
+        self.inner
+            .plugins
+            .get(name)
+            .map(|entry| entry.history.iter().cloned().collect())
+    }
+
+    /// Every plugin's status, sorted by name (uptimes measured at one instant).
+    pub fn statuses(&self) -> Vec<PluginStatus> {
+        let now = Instant::now();
+        self.inner
+            .plugins
+            .iter()
+            .map(|(key, entry)| entry.status(key, now))
+            .collect()
+    }
+
+    /// Every registered name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.inner
+            .plugins
+            .keys()
+            .map(|key| key.to_string())
+            .collect()
+    }
+
+    /// Names of the plugins that can take tool calls, sorted.
+    pub fn available(&self) -> Vec<String> {
+        self.inner
+            .plugins
+            .iter()
+            .filter(|(_, entry)| entry.state.is_available())
+            .map(|(key, _)| key.to_string())
+            .collect()
+    }
+
+    /// Whether a plugin of that name is in this snapshot.
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.plugins.contains_key(name)
+    }
+
+    /// Number of plugins.
+    pub fn len(&self) -> usize {
+        self.inner.plugins.len()
+    }
+
+    /// Whether there are no plugins.
+    pub fn is_empty(&self) -> bool {
+        self.inner.plugins.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use chrono::DateTime;
+    use forgesyte_errors::{DependencyError, InitError, LoadError, PluginError};
+
+    use super::Registry;
+    use crate::PluginLifecycleState::{Failed, Initialized, Loaded, Running, Unavailable};
+    use crate::{HISTORY_LEN, PluginInfo, PluginLifecycleState, RegistryError};
+
+    fn info(description: &str, version: &str) -> PluginInfo {
+        PluginInfo {
+            description: Some(description.to_owned()),
+            version: Some(version.to_owned()),
+            source: Some(PathBuf::from("/plugins/x")),
+        }
+    }
+
+    /// A registry holding `name`, brought to `state` through legal moves.
+    fn registry_with(name: &str, state: PluginLifecycleState) -> Registry {
+        let registry = Registry::new();
+        registry.register(name, PluginInfo::default()).unwrap();
+        match state {
+            Loaded => {}
+            Initialized => registry.mark_initialized(name).unwrap(),
+            Running => {
+                registry.mark_initialized(name).unwrap();
+                registry.mark_running(name).unwrap();
+            }
+            Failed => registry.mark_failed(name, "InitError: boom").unwrap(),
+            Unavailable => registry
+                .mark_unavailable(name, "Missing dependencies: libfoo")
+                .unwrap(),
+        }
+        assert_eq!(registry.get_state(name), Some(state));
+        registry
+    }
+
+    fn is_rfc3339_utc(text: &str) -> bool {
+        DateTime::parse_from_rfc3339(text).is_ok() && text.ends_with('Z')
+    }
+
+    #[test]
+    fn register_starts_loaded_with_info_and_zero_metrics() {
+        let registry = Registry::new();
+        assert!(registry.is_empty());
+        registry
+            .register("ocr", info("reads text", "1.2.0"))
+            .unwrap();
+        let status = registry.get_status("ocr").unwrap();
+        assert_eq!(status.name, "ocr");
+        assert_eq!(status.state, Loaded);
+        assert_eq!(status.description.as_deref(), Some("reads text"));
+        assert_eq!(status.version.as_deref(), Some("1.2.0"));
+        assert_eq!(status.reason, None);
+        assert_eq!(status.last_used, None);
+        assert_eq!((status.success_count, status.error_count), (0, 0));
+        assert_eq!(status.last_execution_time_ms, None);
+        assert_eq!(status.avg_execution_time_ms, None);
+        assert_eq!(status.in_flight, 0);
+        assert!(status.uptime_seconds.is_some_and(|s| s >= 0.0));
+        assert_eq!(registry.len(), 1);
+        assert!(registry.contains("ocr"));
+        assert_eq!(
+            registry.info("ocr").unwrap().source,
+            Some(PathBuf::from("/plugins/x"))
+        );
+        assert!(!registry.is_available("ocr"));
+    }
+
+    #[test]
+    fn duplicate_register_is_an_error_and_keeps_the_first() {
+        let registry = Registry::new();
+        registry.register("ocr", info("first", "1")).unwrap();
+        registry.mark_failed("ocr", "ImportError: x").unwrap();
+        let generation = registry.generation();
+        let error = registry.register("ocr", info("second", "2")).unwrap_err();
+        assert_eq!(
+            error,
+            RegistryError::AlreadyRegistered { name: "ocr".into() }
+        );
+        let status = registry.get_status("ocr").unwrap();
+        assert_eq!(status.description.as_deref(), Some("first"));
+        assert_eq!(status.state, Failed);
+        assert_eq!(status.reason.as_deref(), Some("ImportError: x"));
+        assert_eq!(registry.len(), 1);
+        assert_eq!(registry.generation(), generation, "refused write published");
+    }
+
+    #[test]
+    fn unknown_names_are_not_found_everywhere() {
+        let registry = Registry::new();
+        let not_found = || RegistryError::NotFound {
+            name: "nope".into(),
+        };
+        assert_eq!(registry.mark_initialized("nope"), Err(not_found()));
+        assert_eq!(registry.mark_running("nope"), Err(not_found()));
+        assert_eq!(registry.finish("nope"), Err(not_found()));
+        assert_eq!(registry.mark_failed("nope", "r"), Err(not_found()));
+        assert_eq!(registry.mark_unavailable("nope", "r"), Err(not_found()));
+        assert_eq!(registry.mark_loaded("nope", None), Err(not_found()));
+        assert_eq!(
+            registry.record_success("nope", Duration::ZERO),
+            Err(not_found())
+        );
+        assert_eq!(
+            registry.record_error("nope", Duration::ZERO),
+            Err(not_found())
+        );
+        assert!(registry.begin_call("nope").is_err());
+        assert_eq!(registry.get_status("nope"), None);
+        assert_eq!(registry.get_state("nope"), None);
+        assert_eq!(registry.history("nope"), None);
+        assert!(!registry.is_available("nope"));
+        assert_eq!(registry.generation(), 0);
+    }
+
+    #[test]
+    fn mark_initialized_only_from_loaded() {
+        let registry = registry_with("p", Loaded);
+        registry.mark_initialized("p").unwrap();
+        assert_eq!(registry.get_state("p"), Some(Initialized));
+        assert!(registry.is_available("p"));
+        for state in [Initialized, Running, Failed, Unavailable] {
+            let registry = registry_with("p", state);
+            assert_eq!(
+                registry.mark_initialized("p"),
+                Err(RegistryError::IllegalTransition {
+                    from: state,
+                    to: Initialized
+                })
+            );
+            assert_eq!(registry.get_state("p"), Some(state));
+        }
+    }
+
+    #[test]
+    fn running_counts_calls_in_flight_and_last_one_out_goes_back() {
+        let registry = registry_with("p", Initialized);
+        registry.mark_running("p").unwrap();
+        registry.mark_running("p").unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!((status.state, status.in_flight), (Running, 2));
+        assert!(status.last_used.as_deref().is_some_and(is_rfc3339_utc));
+        registry.finish("p").unwrap();
+        assert_eq!(registry.get_state("p"), Some(Running));
+        registry.finish("p").unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!((status.state, status.in_flight), (Initialized, 0));
+        assert_eq!(
+            registry.finish("p"),
+            Err(RegistryError::NothingInFlight { name: "p".into() })
+        );
+    }
+
+    #[test]
+    fn mark_running_refuses_unavailable_states() {
+        for state in [Loaded, Failed, Unavailable] {
+            let registry = registry_with("p", state);
+            assert_eq!(
+                registry.mark_running("p"),
+                Err(RegistryError::NotAvailable {
+                    name: "p".into(),
+                    state
+                })
+            );
+            assert_eq!(registry.get_status("p").unwrap().in_flight, 0);
+        }
+    }
+
+    #[test]
+    fn failure_while_running_sticks_through_finish() {
+        let registry = registry_with("p", Running);
+        registry
+            .mark_failed("p", "CrashError: killed by signal SIGSEGV (11)")
+            .unwrap();
+        assert!(!registry.is_available("p"));
+        registry.finish("p").unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!((status.state, status.in_flight), (Failed, 0));
+        assert_eq!(
+            status.reason.as_deref(),
+            Some("CrashError: killed by signal SIGSEGV (11)")
+        );
+    }
+
+    #[test]
+    fn mark_failed_is_legal_from_every_state_but_unavailable() {
+        for state in [Loaded, Initialized, Running] {
+            let registry = registry_with("p", state);
+            registry.mark_failed("p", "ImportError: gone").unwrap();
+            let status = registry.get_status("p").unwrap();
+            assert_eq!(status.state, Failed);
+            assert_eq!(status.reason.as_deref(), Some("ImportError: gone"));
+        }
+        let registry = registry_with("p", Unavailable);
+        assert_eq!(
+            registry.mark_failed("p", "x"),
+            Err(RegistryError::IllegalTransition {
+                from: Unavailable,
+                to: Failed
+            })
+        );
+        assert_eq!(
+            registry.get_status("p").unwrap().reason.as_deref(),
+            Some("Missing dependencies: libfoo")
+        );
+    }
+
+    #[test]
+    fn mark_failed_again_replaces_the_reason_without_a_transition() {
+        let registry = registry_with("p", Failed);
+        let transitions = registry.history("p").unwrap().len();
+        registry.mark_failed("p", "InitError: second").unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!(status.state, Failed);
+        assert_eq!(status.reason.as_deref(), Some("InitError: second"));
+        assert_eq!(registry.history("p").unwrap().len(), transitions);
+    }
+
+    #[test]
+    fn mark_unavailable_from_loaded_and_initialized_only() {
+        for state in [Loaded, Initialized, Unavailable] {
+            let registry = registry_with("p", state);
+            registry
+                .mark_unavailable("p", "Missing dependencies: GPU (CUDA driver not found)")
+                .unwrap();
+            let status = registry.get_status("p").unwrap();
+            assert_eq!(status.state, Unavailable);
+            assert!(status.reason.as_deref().is_some_and(|r| r.contains("GPU")));
+        }
+        for state in [Running, Failed] {
+            let registry = registry_with("p", state);
+            assert_eq!(
+                registry.mark_unavailable("p", "x"),
+                Err(RegistryError::IllegalTransition {
+                    from: state,
+                    to: Unavailable
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn mark_error_routes_dependency_errors_to_unavailable() {
+        let registry = registry_with("dep", Loaded);
+        let missing = PluginError::from(LoadError::from(DependencyError::new(
+            vec!["lib:foo".into(), "bin:bar".into()],
+            None,
+        )));
+        registry.mark_error("dep", &missing).unwrap();
+        let status = registry.get_status("dep").unwrap();
+        assert_eq!(status.state, Unavailable);
+        assert_eq!(
+            status.reason.as_deref(),
+            Some("Missing dependencies: lib:foo, bin:bar")
+        );
+
+        let registry = registry_with("init", Loaded);
+        let init = PluginError::from(LoadError::from(InitError::Failed {
+            message: "no model".into(),
+        }));
+        registry.mark_error("init", &init).unwrap();
+        let status = registry.get_status("init").unwrap();
+        assert_eq!(status.state, Failed);
+        assert_eq!(status.reason.as_deref(), Some("InitError: no model"));
+    }
+
+    #[test]
+    fn mark_loaded_reloads_clears_reason_keeps_metrics() {
+        let registry = registry_with("p", Initialized);
+        registry.mark_running("p").unwrap();
+        registry
+            .record_success("p", Duration::from_millis(5))
+            .unwrap();
+        registry
+            .record_error("p", Duration::from_millis(7))
+            .unwrap();
+        registry.finish("p").unwrap();
+        registry
+            .mark_failed("p", "CrashError: exited with code 3")
+            .unwrap();
+
+        registry
+            .mark_loaded("p", Some(info("reloaded", "2.0.0")))
+            .unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!(status.state, Loaded);
+        assert_eq!(status.reason, None);
+        assert_eq!((status.success_count, status.error_count), (1, 1));
+        assert_eq!(status.avg_execution_time_ms, Some(6.0));
+        assert_eq!(status.version.as_deref(), Some("2.0.0"));
+
+        // LOADED again: only the info changes; keeping info when None.
+        registry.mark_loaded("p", None).unwrap();
+        assert_eq!(
+            registry.get_status("p").unwrap().version.as_deref(),
+            Some("2.0.0")
+        );
+
+        for state in [Initialized, Unavailable] {
+            let registry = registry_with("q", state);
+            registry.mark_loaded("q", None).unwrap();
+            assert_eq!(registry.get_state("q"), Some(Loaded));
+        }
+        let registry = registry_with("r", Running);
+        assert_eq!(
+            registry.mark_loaded("r", None),
+            Err(RegistryError::IllegalTransition {
+                from: Running,
+                to: Loaded
+            })
+        );
+    }
+
+    #[test]
+    fn record_success_and_error_count_and_time_without_changing_state() {
+        let registry = registry_with("p", Initialized);
+        registry
+            .record_success("p", Duration::from_millis(10))
+            .unwrap();
+        registry
+            .record_error("p", Duration::from_micros(2500))
+            .unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!(status.state, Initialized);
+        assert_eq!((status.success_count, status.error_count), (1, 1));
+        assert_eq!(status.last_execution_time_ms, Some(2.5));
+        assert_eq!(status.avg_execution_time_ms, Some(6.25));
+        assert!(status.last_used.as_deref().is_some_and(is_rfc3339_utc));
+
+        // Counting is allowed whatever the state: a call can end after a fault.
+        registry.mark_failed("p", "TimeoutError: x").unwrap();
+        registry
+            .record_error("p", Duration::from_millis(1))
+            .unwrap();
+        assert_eq!(registry.get_status("p").unwrap().error_count, 2);
+    }
+
+    #[test]
+    fn average_is_the_mean_of_the_last_ten_calls() {
+        let registry = registry_with("p", Initialized);
+        for ms in 1..=15u64 {
+            let elapsed = Duration::from_millis(ms * 10);
+            if ms % 3 == 0 {
+                registry.record_error("p", elapsed).unwrap();
+            } else {
+                registry.record_success("p", elapsed).unwrap();
+            }
+        }
+        let status = registry.get_status("p").unwrap();
+        // Last ten: 60..=150 ms, mean 105 ms.
+        assert_eq!(status.avg_execution_time_ms, Some(105.0));
+        assert_eq!(status.last_execution_time_ms, Some(150.0));
+        assert_eq!((status.success_count, status.error_count), (10, 5));
+    }
+
+    #[test]
+    fn last_used_is_rfc3339_utc_and_does_not_go_back() {
+        let registry = registry_with("p", Initialized);
+        registry.record_success("p", Duration::ZERO).unwrap();
+        let first = registry.get_status("p").unwrap().last_used.unwrap();
+        registry.mark_running("p").unwrap();
+        let second = registry.get_status("p").unwrap().last_used.unwrap();
+        assert!(is_rfc3339_utc(&first), "{first}");
+        let parse = |s: &str| DateTime::parse_from_rfc3339(s).unwrap();
+        assert!(parse(&second) >= parse(&first));
+    }
+
+    #[test]
+    fn status_json_has_every_spec_key_with_null_where_unknown() {
+        let registry = registry_with("p", Loaded);
+        let json = serde_json::to_value(registry.get_status("p").unwrap()).unwrap();
+        let object = json.as_object().unwrap();
+        let spec_keys = [
+            "name",
+            "state",
+            "description",
+            "reason",
+            "version",
+            "uptime_seconds",
+            "last_used",
+            "success_count",
+            "error_count",
+            "last_execution_time_ms",
+            "avg_execution_time_ms",
+        ];
+        for key in spec_keys {
+            assert!(object.contains_key(key), "missing key {key}");
+        }
+        let keys: BTreeSet<&str> = object.keys().map(String::as_str).collect();
+        let extra: Vec<_> = keys.difference(&spec_keys.into()).copied().collect();
+        assert_eq!(extra, ["in_flight"]);
+        for key in [
+            "description",
+            "reason",
+            "version",
+            "last_used",
+            "last_execution_time_ms",
+            "avg_execution_time_ms",
+        ] {
+            assert!(object[key].is_null(), "{key} should be null: {json}");
+        }
+        assert_eq!(object["state"], "LOADED");
+        assert_eq!(object["success_count"], 0);
+        assert!(object["uptime_seconds"].is_f64());
+
+        let round_trip: crate::PluginStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(round_trip.name, "p");
+    }
+
+    #[test]
+    fn status_json_reason_is_kept_verbatim() {
+        let registry = registry_with("p", Loaded);
+        let reason = "ImportError: cannot open /p/libx.so: \"bad\" ✗ ELF";
+        registry.mark_failed("p", reason).unwrap();
+        let json = serde_json::to_value(registry.get_status("p").unwrap()).unwrap();
+        assert_eq!(json["state"], "FAILED");
+        assert_eq!(json["reason"], reason);
+    }
+
+    #[test]
+    fn lists_are_sorted_and_availability_follows_state() {
+        let registry = Registry::new();
+        for name in ["zeta", "alpha", "Mid", "beta", "gamma"] {
+            registry.register(name, PluginInfo::default()).unwrap();
+        }
+        registry.mark_initialized("zeta").unwrap();
+        registry.mark_initialized("beta").unwrap();
+        registry.mark_running("beta").unwrap();
+        registry.mark_failed("alpha", "ImportError: x").unwrap();
+        registry
+            .mark_unavailable("gamma", "Missing dependencies: y")
+            .unwrap();
+
+        let names: Vec<_> = registry.list_all().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["Mid", "alpha", "beta", "gamma", "zeta"]);
+        assert_eq!(registry.list_available(), ["beta", "zeta"]);
+        for status in registry.list_all() {
+            assert_eq!(
+                registry.is_available(&status.name),
+                status.state.is_available()
+            );
+        }
+    }
+
+    #[test]
+    fn history_records_transitions_oldest_first_and_keeps_the_last_sixteen() {
+        let registry = registry_with("p", Loaded);
+        registry.mark_initialized("p").unwrap();
+        registry.mark_running("p").unwrap();
+        registry.mark_running("p").unwrap(); // not a transition
+        registry.mark_failed("p", "CrashError: x").unwrap();
+        let history = registry.history("p").unwrap();
+        let moves: Vec<_> = history.iter().map(|t| (t.from, t.to)).collect();
+        assert_eq!(
+            moves,
+            [
+                (None, Loaded),
+                (Some(Loaded), Initialized),
+                (Some(Initialized), Running),
+                (Some(Running), Failed),
+            ]
+        );
+        assert_eq!(history[3].reason.as_deref(), Some("CrashError: x"));
+        assert!(history.iter().all(|t| is_rfc3339_utc(&t.at)));
+
+        for _ in 0..20 {
+            registry.mark_loaded("p", None).unwrap();
+            registry.mark_failed("p", "again").unwrap();
+        }
+        let history = registry.history("p").unwrap();
+        assert_eq!(history.len(), HISTORY_LEN);
+        assert_eq!(history.last().map(|t| t.to), Some(Failed));
+        assert_eq!(history.first().map(|t| t.from), Some(Some(Failed)));
+    }
+
+    #[test]
+    fn snapshots_are_frozen_and_generation_counts_writes() {
+        let registry = registry_with("p", Loaded);
+        let before = registry.snapshot();
+        assert_eq!(before.generation(), 1);
+        registry.mark_initialized("p").unwrap();
+        registry.register("q", PluginInfo::default()).unwrap();
+        assert_eq!(registry.generation(), 3);
+        assert_eq!(before.state("p"), Some(Loaded));
+        assert_eq!(before.len(), 1);
+        assert!(!before.contains("q"));
+        let after = registry.snapshot();
+        assert_eq!(after.names(), ["p", "q"]);
+        assert_eq!(after.available(), ["p"]);
+        assert_eq!(after.statuses().len(), 2);
+        assert_eq!(after.get("p").map(|s| s.state), Some(Initialized));
+        assert!(after.info("q").is_some());
+        assert!(after.history("q").is_some());
+        // A refused write publishes nothing.
+        assert!(registry.mark_running("q").is_err());
+        assert_eq!(registry.generation(), 3);
+    }
+
+    #[test]
+    fn clones_share_one_registry() {
+        let registry = Registry::new();
+        let clone = registry.clone();
+        clone.register("p", PluginInfo::default()).unwrap();
+        assert!(registry.contains("p"));
+        assert!(format!("{registry:?}").contains("plugins: 1"));
+    }
+
+    #[test]
+    fn call_guard_finishes_on_drop_and_records_outcomes() {
+        let registry = registry_with("p", Initialized);
+        {
+            let call = registry.begin_call("p").unwrap();
+            assert_eq!(call.name(), "p");
+            assert_eq!(registry.get_state("p"), Some(Running));
+            call.succeeded(Duration::from_millis(4));
+        }
+        let guard = registry.begin_call("p").unwrap();
+        guard.failed(Duration::from_millis(6));
+        {
+            let _dropped = registry.begin_call("p").unwrap();
+        }
+        let status = registry.get_status("p").unwrap();
+        assert_eq!((status.state, status.in_flight), (Initialized, 0));
+        assert_eq!((status.success_count, status.error_count), (1, 1));
+        assert_eq!(status.avg_execution_time_ms, Some(5.0));
+    }
+
+    #[test]
+    fn uptime_does_not_go_backwards() {
+        let registry = registry_with("p", Loaded);
+        let first = registry.get_status("p").unwrap().uptime_seconds.unwrap();
+        let second = registry.get_status("p").unwrap().uptime_seconds.unwrap();
+        assert!(second >= first && first >= 0.0);
+    }
+}

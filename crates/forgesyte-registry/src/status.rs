@@ -1,0 +1,234 @@
+//! Per-plugin data: what callers hand in ([`PluginInfo`]), what they read back
+//! ([`PluginStatus`], [`Transition`]) and the immutable entry the registry
+//! publishes (`Entry`, crate-private).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::PluginLifecycleState;
+
+/// How many transitions each plugin's history keeps.
+pub const HISTORY_LEN: usize = 16;
+
+/// How many recent execution times the average is taken over.
+pub const AVERAGE_WINDOW: usize = 10;
+
+/// Descriptive data a plugin is registered with, stored as given.
+///
+/// `version` stays `None` when the manifest has none; showing `"unknown"` is
+/// the loader's decision, not the registry's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// One-line description from the manifest.
+    pub description: Option<String>,
+    /// Version string from the manifest.
+    pub version: Option<String>,
+    /// Where the plugin came from (its directory or manifest), for operators.
+    pub source: Option<PathBuf>,
+}
+
+/// The status object of SPEC §5. Every field is always serialised, `null`
+/// where unknown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginStatus {
+    /// Registry key.
+    pub name: String,
+    /// Current lifecycle state.
+    pub state: PluginLifecycleState,
+    /// Description from the manifest.
+    pub description: Option<String>,
+    /// Why the plugin is `FAILED` or `UNAVAILABLE`; `None` otherwise.
+    pub reason: Option<String>,
+    /// Version from the manifest.
+    pub version: Option<String>,
+    /// Seconds since registration, computed when the status is read.
+    pub uptime_seconds: Option<f64>,
+    /// When a tool call last started or was recorded (RFC 3339, UTC).
+    pub last_used: Option<String>,
+    /// Tool calls that succeeded.
+    pub success_count: u64,
+    /// Tool calls that returned an error or faulted.
+    pub error_count: u64,
+    /// Duration of the most recent recorded call, in milliseconds.
+    pub last_execution_time_ms: Option<f64>,
+    /// Mean duration of the last 10 recorded calls, in milliseconds.
+    pub avg_execution_time_ms: Option<f64>,
+    /// Tool calls in flight right now (an addition to SPEC §5).
+    pub in_flight: u32,
+}
+
+/// One entry of a plugin's transition history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// The state left; `None` for the registration itself.
+    pub from: Option<PluginLifecycleState>,
+    /// The state entered.
+    pub to: PluginLifecycleState,
+    /// When it happened (RFC 3339, UTC, milliseconds).
+    pub at: String,
+    /// The reason given with the move (for `FAILED` and `UNAVAILABLE`).
+    pub reason: Option<String>,
+}
+
+/// Formats a wall-clock time the way every timestamp of the registry is shown.
+pub(crate) fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The last [`AVERAGE_WINDOW`] execution times, in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RecentTimes {
+    times: [f64; AVERAGE_WINDOW],
+    len: usize,
+    next: usize,
+}
+
+impl RecentTimes {
+    pub(crate) fn push(&mut self, ms: f64) {
+        self.times[self.next] = ms;
+        self.next = (self.next + 1) % AVERAGE_WINDOW;
+        self.len = (self.len + 1).min(AVERAGE_WINDOW);
+    }
+
+    pub(crate) fn mean(&self) -> Option<f64> {
+        if self.len == 0 {
+            return None;
+        }
+        // Slots past `len` are still zero and never read: until the ring is
+        // full, `next == len` and the filled slots are `0..len`.
+        let sum: f64 = self.times[..self.len].iter().sum();
+        Some(sum / self.len as f64)
+    }
+}
+
+/// One plugin as published in a snapshot. Immutable once published: writers
+/// clone it (cheap: the big parts are behind `Arc`), change the clone and
+/// publish a new snapshot.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) info: Arc<PluginInfo>,
+    pub(crate) state: PluginLifecycleState,
+    pub(crate) reason: Option<Arc<str>>,
+    pub(crate) registered_at: Instant,
+    pub(crate) last_used: Option<DateTime<Utc>>,
+    pub(crate) success_count: u64,
+    pub(crate) error_count: u64,
+    pub(crate) last_execution_ms: Option<f64>,
+    pub(crate) recent: RecentTimes,
+    pub(crate) in_flight: u32,
+    pub(crate) history: Arc<VecDeque<Transition>>,
+}
+
+impl Entry {
+    /// A freshly registered plugin: `LOADED`, with its registration as the
+    /// first history entry.
+    pub(crate) fn new(info: PluginInfo, now: DateTime<Utc>) -> Self {
+        let mut history = VecDeque::with_capacity(HISTORY_LEN);
+        history.push_back(Transition {
+            from: None,
+            to: PluginLifecycleState::Loaded,
+            at: rfc3339(now),
+            reason: None,
+        });
+        Entry {
+            info: Arc::new(info),
+            state: PluginLifecycleState::Loaded,
+            reason: None,
+            registered_at: Instant::now(),
+            last_used: None,
+            success_count: 0,
+            error_count: 0,
+            last_execution_ms: None,
+            recent: RecentTimes::default(),
+            in_flight: 0,
+            history: Arc::new(history),
+        }
+    }
+
+    /// Moves to `next` (the caller has checked legality), sets the reason and
+    /// appends to the history.
+    pub(crate) fn move_to(
+        &mut self,
+        next: PluginLifecycleState,
+        reason: Option<Arc<str>>,
+        now: DateTime<Utc>,
+    ) {
+        let history = Arc::make_mut(&mut self.history);
+        if history.len() == HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back(Transition {
+            from: Some(self.state),
+            to: next,
+            at: rfc3339(now),
+            reason: reason.as_deref().map(str::to_owned),
+        });
+        self.state = next;
+        self.reason = reason;
+    }
+
+    /// Records one finished call's duration.
+    pub(crate) fn record_time(&mut self, elapsed: Duration, now: DateTime<Utc>) {
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        self.last_execution_ms = Some(ms);
+        self.recent.push(ms);
+        self.last_used = Some(now);
+    }
+
+    /// The SPEC §5 status object, with uptime measured at `now`.
+    pub(crate) fn status(&self, name: &str, now: Instant) -> PluginStatus {
+        PluginStatus {
+            name: name.to_owned(),
+            state: self.state,
+            description: self.info.description.clone(),
+            reason: self.reason.as_deref().map(str::to_owned),
+            version: self.info.version.clone(),
+            uptime_seconds: Some(
+                now.saturating_duration_since(self.registered_at)
+                    .as_secs_f64(),
+            ),
+            last_used: self.last_used.map(rfc3339),
+            success_count: self.success_count,
+            error_count: self.error_count,
+            last_execution_time_ms: self.last_execution_ms,
+            avg_execution_time_ms: self.recent.mean(),
+            in_flight: self.in_flight,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AVERAGE_WINDOW, RecentTimes, rfc3339};
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn mean_is_none_until_a_time_is_recorded() {
+        assert_eq!(RecentTimes::default().mean(), None);
+    }
+
+    #[test]
+    fn mean_covers_only_the_last_ten() {
+        let mut recent = RecentTimes::default();
+        recent.push(4.0);
+        recent.push(8.0);
+        assert_eq!(recent.mean(), Some(6.0));
+        for ms in 1..=25 {
+            recent.push(f64::from(ms));
+        }
+        // The last ten are 16..=25, mean 20.5.
+        assert_eq!(recent.mean(), Some(20.5));
+        assert_eq!(AVERAGE_WINDOW, 10);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_millis() {
+        let at = Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).single().unwrap();
+        assert_eq!(rfc3339(at), "2024-05-06T07:08:09.000Z");
+    }
+}
