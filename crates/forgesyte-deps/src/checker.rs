@@ -1,0 +1,553 @@
+//! The dependency checker: requirements in, a report naming every missing
+//! item out.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use forgesyte_errors::DependencyError;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::cuda::CudaProbe;
+use crate::env::{EnvProbe, ProcessEnv};
+use crate::exec::{ExecutableProbe, SystemPath};
+use crate::fs::{FileSystem, RealFs};
+use crate::gpu::{self, GpuProbe, GpuReport};
+use crate::libs::{LibraryProbe, SystemLibraries};
+use crate::requirements::{Dependency, GpuRequirement, Requirements};
+
+/// The answer to "may this plugin load?" (the seed's dict).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DependencyReport {
+    /// True exactly when `missing` is empty.
+    pub available: bool,
+    /// `Missing dependencies: a, b` (plus the GPU sentence when the GPU is
+    /// missing); `None` when available.
+    pub reason: Option<String>,
+    /// Every missing item: dependencies in manifest order, then `gpu`, then
+    /// models (`NAME (path: /resolved/path)`) in manifest order.
+    pub missing: Vec<String>,
+}
+
+impl DependencyReport {
+    /// A report of nothing missing.
+    pub fn ok() -> Self {
+        DependencyReport {
+            available: true,
+            reason: None,
+            missing: Vec::new(),
+        }
+    }
+
+    /// The error to record when something is missing, `None` when available.
+    pub fn into_error(self) -> Option<DependencyError> {
+        if self.available && self.missing.is_empty() {
+            return None;
+        }
+        Some(match self.reason {
+            Some(reason) => DependencyError {
+                missing: self.missing,
+                reason,
+            },
+            None => DependencyError::new(self.missing, None),
+        })
+    }
+}
+
+/// Checks a plugin's [`Requirements`] against the world, through the seams.
+///
+/// Results are cached per item (library, executable, variable, model path,
+/// the GPU report) until [`clear_cache`](Self::clear_cache), which the
+/// loader calls at the start of each load pass. The checker is `Send +
+/// Sync`; no lock is held while a probe runs.
+#[derive(Debug)]
+pub struct DependencyChecker {
+    fs: Arc<dyn FileSystem>,
+    gpu: Arc<dyn GpuProbe>,
+    libraries: Arc<dyn LibraryProbe>,
+    executables: Arc<dyn ExecutableProbe>,
+    env: Arc<dyn EnvProbe>,
+    cache: Mutex<PassCache>,
+}
+
+#[derive(Debug, Default)]
+struct PassCache {
+    found: HashMap<Probe, bool>,
+    gpu: Option<GpuReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Probe {
+    Lib(String),
+    Bin(String),
+    Env(String),
+    Path(PathBuf),
+}
+
+impl DependencyChecker {
+    /// A checker on the real world: `std::fs`, CUDA, the library search
+    /// (looking in `extra_library_paths` first), `PATH` and the process
+    /// environment.
+    pub fn system(extra_library_paths: Vec<PathBuf>) -> Self {
+        DependencyChecker::builder()
+            .library_paths(extra_library_paths)
+            .build()
+    }
+
+    /// A builder; every seam left unset gets its real implementation.
+    pub fn builder() -> DependencyCheckerBuilder {
+        DependencyCheckerBuilder::default()
+    }
+
+    /// A checker on an empty fake world: no files, no GPU, no libraries, no
+    /// executables, no variables (see [`crate::fake::FakeWorld`] to fill one).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn fake() -> Self {
+        crate::fake::FakeWorld::new().checker()
+    }
+
+    /// Checks every requirement and names every missing item.
+    ///
+    /// Relative model paths are resolved against `plugin_dir` (never the
+    /// working directory); `plugin:` dependencies are checked against
+    /// `known_plugins` (name → version).
+    pub fn check(
+        &self,
+        req: &Requirements,
+        plugin_dir: &Path,
+        known_plugins: &BTreeMap<String, semver::Version>,
+    ) -> DependencyReport {
+        let mut missing = Vec::new();
+        for dep in &req.dependencies {
+            if let Some(item) = self.check_dependency(dep, known_plugins) {
+                missing.push(item);
+            }
+        }
+        // Probe the GPU only when asked: initialising CUDA is not free.
+        let gpu_detail = match req.gpu {
+            GpuRequirement::None => None,
+            _ => gpu::unmet(&req.gpu, &self.gpu_report()),
+        };
+        if gpu_detail.is_some() {
+            missing.push("gpu".to_string());
+        }
+        for (name, path) in &req.models {
+            let resolved = Self::resolve_model_path(plugin_dir, path);
+            let fs = &self.fs;
+            if !self.cached(Probe::Path(resolved.clone()), || fs.exists(&resolved)) {
+                missing.push(format!("{name} (path: {})", resolved.display()));
+            }
+        }
+        let mut seen = HashSet::new();
+        missing.retain(|item| seen.insert(item.clone()));
+        if missing.is_empty() {
+            return DependencyReport::ok();
+        }
+        tracing::debug!(?missing, "dependencies missing");
+        let err = DependencyError::new(missing, gpu_detail);
+        DependencyReport {
+            available: false,
+            reason: Some(err.reason),
+            missing: err.missing,
+        }
+    }
+
+    /// The GPU probe's report (cached for the pass), for the server to show.
+    pub fn gpu_report(&self) -> GpuReport {
+        if let Some(report) = &self.cache.lock().gpu {
+            return report.clone();
+        }
+        let report = self.gpu.probe();
+        self.cache.lock().gpu = Some(report.clone());
+        report
+    }
+
+    /// Forgets every cached answer: the start of a new load pass.
+    pub fn clear_cache(&self) {
+        *self.cache.lock() = PassCache::default();
+        self.libraries.refresh();
+    }
+
+    /// Where a model path points: absolute paths as they are, relative ones
+    /// joined to `plugin_dir` (with `.` components dropped).
+    pub fn resolve_model_path(plugin_dir: &Path, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_path_buf();
+        }
+        let rest: PathBuf = path
+            .components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .collect();
+        if rest.as_os_str().is_empty() {
+            plugin_dir.to_path_buf()
+        } else {
+            plugin_dir.join(rest)
+        }
+    }
+
+    /// The filesystem seam this checker uses (the loader shares it).
+    pub fn filesystem(&self) -> &Arc<dyn FileSystem> {
+        &self.fs
+    }
+
+    /// The library seam this checker uses (the loader shares it).
+    pub fn library_probe(&self) -> &Arc<dyn LibraryProbe> {
+        &self.libraries
+    }
+
+    fn check_dependency(
+        &self,
+        dep: &Dependency,
+        known_plugins: &BTreeMap<String, semver::Version>,
+    ) -> Option<String> {
+        let present = match dep {
+            Dependency::Lib(name) => self.cached(Probe::Lib(name.clone()), || {
+                self.libraries.find(name).is_some()
+            }),
+            Dependency::Bin(name) => self.cached(Probe::Bin(name.clone()), || {
+                self.executables.find(name).is_some()
+            }),
+            Dependency::Env(name) => {
+                self.cached(Probe::Env(name.clone()), || self.env.var(name).is_some())
+            }
+            Dependency::Plugin { name, req } => {
+                return match (known_plugins.get(name), req) {
+                    (None, _) => Some(dep.to_string()),
+                    (Some(version), Some(req)) if !req.matches(version) => {
+                        Some(format!("{dep} (found {version})"))
+                    }
+                    (Some(_), _) => None,
+                };
+            }
+        };
+        (!present).then(|| dep.to_string())
+    }
+
+    /// Answers from the pass cache, or probes (without holding the lock)
+    /// and remembers.
+    fn cached(&self, key: Probe, probe: impl FnOnce() -> bool) -> bool {
+        if let Some(found) = self.cache.lock().found.get(&key) {
+            return *found;
+        }
+        let found = probe();
+        self.cache.lock().found.insert(key, found);
+        found
+    }
+}
+
+/// Builds a [`DependencyChecker`]; seams left unset are the real ones.
+#[derive(Debug, Default)]
+pub struct DependencyCheckerBuilder {
+    fs: Option<Arc<dyn FileSystem>>,
+    gpu: Option<Arc<dyn GpuProbe>>,
+    libraries: Option<Arc<dyn LibraryProbe>>,
+    executables: Option<Arc<dyn ExecutableProbe>>,
+    env: Option<Arc<dyn EnvProbe>>,
+    library_paths: Vec<PathBuf>,
+}
+
+impl DependencyCheckerBuilder {
+    /// The filesystem (default [`RealFs`]).
+    pub fn fs(mut self, fs: Arc<dyn FileSystem>) -> Self {
+        self.fs = Some(fs);
+        self
+    }
+
+    /// The GPU probe (default [`CudaProbe`]).
+    pub fn gpu(mut self, gpu: Arc<dyn GpuProbe>) -> Self {
+        self.gpu = Some(gpu);
+        self
+    }
+
+    /// The library probe (default [`SystemLibraries`] over
+    /// [`library_paths`](Self::library_paths)).
+    pub fn libraries(mut self, libraries: Arc<dyn LibraryProbe>) -> Self {
+        self.libraries = Some(libraries);
+        self
+    }
+
+    /// The executable probe (default [`SystemPath`]).
+    pub fn executables(mut self, executables: Arc<dyn ExecutableProbe>) -> Self {
+        self.executables = Some(executables);
+        self
+    }
+
+    /// The environment probe (default [`ProcessEnv`]).
+    pub fn env(mut self, env: Arc<dyn EnvProbe>) -> Self {
+        self.env = Some(env);
+        self
+    }
+
+    /// Extra directories for the default library probe, searched first
+    /// (ignored when [`libraries`](Self::libraries) is set).
+    pub fn library_paths(mut self, paths: Vec<PathBuf>) -> Self {
+        self.library_paths = paths;
+        self
+    }
+
+    /// The checker.
+    pub fn build(self) -> DependencyChecker {
+        let library_paths = self.library_paths;
+        DependencyChecker {
+            fs: self.fs.unwrap_or_else(|| Arc::new(RealFs)),
+            gpu: self.gpu.unwrap_or_else(|| Arc::new(CudaProbe::new())),
+            libraries: self
+                .libraries
+                .unwrap_or_else(|| Arc::new(SystemLibraries::new(library_paths))),
+            executables: self.executables.unwrap_or_else(|| Arc::new(SystemPath)),
+            env: self.env.unwrap_or_else(|| Arc::new(ProcessEnv)),
+            cache: Mutex::new(PassCache::default()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeEnv, FakeExecutables, FakeFs, FakeGpu, FakeLibraries, FakeWorld};
+    use crate::gpu::GpuDevice;
+    use serde_json::json;
+
+    const DIR: &str = "/plugins/ocr";
+
+    fn req(manifest: serde_json::Value) -> Requirements {
+        Requirements::from_manifest(&manifest).unwrap()
+    }
+
+    /// Checks `manifest` in `world` and compares the missing list.
+    fn check(world: &FakeWorld, manifest: serde_json::Value, missing: &[&str]) -> DependencyReport {
+        let report = world
+            .checker()
+            .check(&req(manifest), Path::new(DIR), &BTreeMap::new());
+        assert_eq!(report.missing, missing);
+        assert_eq!(report.available, missing.is_empty());
+        assert_eq!(report.reason.is_none(), missing.is_empty());
+        if let Some(reason) = &report.reason {
+            assert!(reason.starts_with("Missing dependencies: "), "{reason}");
+            for item in missing {
+                assert!(reason.contains(item), "{reason:?} lacks {item:?}");
+            }
+        }
+        report
+    }
+
+    #[test]
+    fn nothing_required_is_available_and_probes_no_gpu() {
+        let world = FakeWorld::new();
+        check(&world, json!({"requires_gpu": false}), &[]);
+        assert_eq!(world.gpu.probes(), 0);
+    }
+
+    #[test]
+    fn checker_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<DependencyChecker>();
+        assert_send_sync::<DependencyReport>();
+    }
+
+    #[test]
+    fn every_missing_item_in_order() {
+        let world = FakeWorld::new();
+        world.libraries.add("z");
+        world.env.set("HOME", "/root");
+        world.fs.add_file("/plugins/ocr/models/ok.bin", b"w");
+        let report = check(
+            &world,
+            json!({
+                "dependencies": ["lib:z", "lib:foo", "bin:ffmpeg", "env:HOME", "env:API_KEY"],
+                "requires_gpu": true,
+                "models": {"ok": "models/ok.bin", "det": "models/det.onnx", "abs": "/srv/m.bin"}
+            }),
+            &[
+                "lib:foo",
+                "bin:ffmpeg",
+                "env:API_KEY",
+                "gpu",
+                "det (path: /plugins/ocr/models/det.onnx)",
+                "abs (path: /srv/m.bin)",
+            ],
+        );
+        let reason = report.reason.unwrap();
+        assert!(
+            reason.contains("GPU") && reason.contains("CUDA"),
+            "{reason}"
+        );
+        assert!(reason.starts_with(
+            "Missing dependencies: lib:foo, bin:ffmpeg, env:API_KEY, gpu, det (path: /plugins/ocr/models/det.onnx), abs (path: /srv/m.bin); "
+        ));
+    }
+
+    #[test]
+    fn plugin_dependencies_use_semver() {
+        let checker = DependencyChecker::fake();
+        let known = BTreeMap::from([("base".to_string(), semver::Version::new(1, 4, 0))]);
+        let r = req(
+            json!({"dependencies": ["plugin:base", "plugin:base@^1.2", "plugin:base@^2", "plugin:other@1"]}),
+        );
+        let report = checker.check(&r, Path::new(DIR), &known);
+        assert_eq!(
+            report.missing,
+            ["plugin:base@^2 (found 1.4.0)", "plugin:other@^1"]
+        );
+    }
+
+    #[test]
+    fn duplicates_are_named_once() {
+        check(
+            &FakeWorld::new(),
+            json!({"dependencies": ["lib:foo", "foo", "lib:foo"]}),
+            &["lib:foo"],
+        );
+    }
+
+    #[test]
+    fn gpu_specs_use_the_report() {
+        let world = FakeWorld::new();
+        world.gpu.set_devices(vec![GpuDevice {
+            ordinal: 0,
+            name: "T4".into(),
+            total_memory_mb: 15 * 1024,
+            compute_capability: (7, 5),
+        }]);
+        check(&world, json!({"requires_gpu": true}), &[]);
+        let report = check(
+            &world,
+            json!({"requires_gpu": {"min_memory_mb": 16384, "min_compute_capability": "8.0"}}),
+            &["gpu"],
+        );
+        let reason = report.reason.unwrap();
+        assert!(
+            reason.contains("15 GiB < 16 GiB") && reason.contains("compute 7.5 < 8.0"),
+            "{reason}"
+        );
+        check(
+            &world,
+            json!({"requires_gpu": {"min_devices": 2}}),
+            &["gpu"],
+        );
+    }
+
+    #[test]
+    fn answers_are_cached_until_cleared() {
+        let world = FakeWorld::new();
+        let checker = world.checker();
+        let r = req(
+            json!({"dependencies": ["lib:foo", "bin:ffmpeg", "env:KEY"], "requires_gpu": true, "models": {"m": "m.bin"}}),
+        );
+        let first = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(first.missing.len(), 5);
+        world.libraries.add("foo");
+        world.executables.add("ffmpeg");
+        world.env.set("KEY", "v");
+        world.gpu.set_devices(vec![GpuDevice {
+            ordinal: 0,
+            name: "A100".into(),
+            total_memory_mb: 40 * 1024,
+            compute_capability: (8, 0),
+        }]);
+        world.fs.add_file("/plugins/ocr/m.bin", b"");
+        let again = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(again, first, "same pass: answered from the cache");
+        assert_eq!(world.libraries.lookups(), 1);
+        assert_eq!(world.gpu.probes(), 1);
+        checker.clear_cache();
+        let next = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(next, DependencyReport::ok());
+        assert_eq!(world.libraries.lookups(), 2);
+        assert_eq!(world.libraries.refreshes(), 1);
+    }
+
+    #[test]
+    fn model_errors_count_as_missing() {
+        let world = FakeWorld::new();
+        world.fs.add_file("/plugins/ocr/m.bin", b"");
+        world
+            .fs
+            .fail("/plugins/ocr/m.bin", std::io::ErrorKind::PermissionDenied);
+        check(
+            &world,
+            json!({"models": {"m": "./m.bin"}}),
+            &["m (path: /plugins/ocr/m.bin)"],
+        );
+    }
+
+    #[test]
+    fn resolve_model_path_never_uses_cwd() {
+        let dir = Path::new("/p/x");
+        assert_eq!(
+            DependencyChecker::resolve_model_path(dir, Path::new("a/b.bin")),
+            PathBuf::from("/p/x/a/b.bin")
+        );
+        assert_eq!(
+            DependencyChecker::resolve_model_path(dir, Path::new("./a/./b.bin")),
+            PathBuf::from("/p/x/a/b.bin")
+        );
+        assert_eq!(
+            DependencyChecker::resolve_model_path(dir, Path::new("/abs/m")),
+            PathBuf::from("/abs/m")
+        );
+        assert_eq!(
+            DependencyChecker::resolve_model_path(dir, Path::new(".")),
+            PathBuf::from("/p/x")
+        );
+        assert_eq!(
+            DependencyChecker::resolve_model_path(dir, Path::new("../shared/m")),
+            PathBuf::from("/p/x/../shared/m")
+        );
+    }
+
+    #[test]
+    fn into_error_carries_the_reason() {
+        assert!(DependencyReport::ok().into_error().is_none());
+        let world = FakeWorld::new();
+        let report = check(
+            &world,
+            json!({"dependencies": ["lib:a", "bin:b"]}),
+            &["lib:a", "bin:b"],
+        );
+        let err = report.clone().into_error().unwrap();
+        assert_eq!(err.missing, report.missing);
+        assert_eq!(err.to_string(), "Missing dependencies: lib:a, bin:b");
+        let bare = DependencyReport {
+            available: false,
+            reason: None,
+            missing: vec!["x".into()],
+        };
+        assert_eq!(bare.into_error().unwrap().reason, "Missing dependencies: x");
+    }
+
+    #[test]
+    fn builder_takes_each_seam() {
+        let checker = DependencyChecker::builder()
+            .fs(Arc::new(FakeFs::new().add_file("/m", b"")))
+            .gpu(Arc::new(FakeGpu::none("no GPU here (CUDA absent)")))
+            .libraries(Arc::new(FakeLibraries::with(&["c"])))
+            .executables(Arc::new(FakeExecutables::with(&["sh"])))
+            .env(Arc::new(FakeEnv::with(&[("PATH", "/bin")])))
+            .build();
+        let r = Requirements {
+            dependencies: vec![
+                Dependency::Lib("c".into()),
+                Dependency::Bin("sh".into()),
+                Dependency::Env("PATH".into()),
+            ],
+            gpu: GpuRequirement::None,
+            models: vec![("m".into(), "/m".into())],
+        };
+        assert_eq!(
+            checker.check(&r, Path::new("/"), &BTreeMap::new()),
+            DependencyReport::ok()
+        );
+        assert_eq!(
+            checker.gpu_report().reason.as_deref(),
+            Some("no GPU here (CUDA absent)")
+        );
+    }
+
+    #[test]
+    fn report_serialises_like_the_seed_dict() {
+        let v = serde_json::to_value(DependencyReport::ok()).unwrap();
+        assert_eq!(v, json!({"available": true, "reason": null, "missing": []}));
+    }
+}

@@ -1,0 +1,193 @@
+//! The filesystem seam and its real implementation on `std::fs`.
+
+use std::ffi::OsString;
+use std::fmt::Debug;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// What the host needs to know about a path.
+///
+/// `is_symlink` describes the path itself (`symlink_metadata`); `len`,
+/// `is_dir` and `is_file` follow symbolic links. A dangling symlink has
+/// `is_symlink: true` and every other field false or zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FsMetadata {
+    /// Size in bytes of the file (after following links).
+    pub len: u64,
+    /// The path (after following links) is a directory.
+    pub is_dir: bool,
+    /// The path (after following links) is a regular file.
+    pub is_file: bool,
+    /// The path itself is a symbolic link.
+    pub is_symlink: bool,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// The entry's file name.
+    pub name: OsString,
+    /// The listed directory's path joined with `name` (links not resolved).
+    pub path: PathBuf,
+    /// The entry is a directory, following symbolic links.
+    pub is_dir: bool,
+}
+
+/// Read access to a filesystem: enough for the dependency checker and the
+/// plugin loader.
+pub trait FileSystem: Send + Sync + Debug {
+    /// Whether the path exists, following symbolic links (false on any error).
+    fn exists(&self, path: &Path) -> bool;
+
+    /// Metadata of the path (see [`FsMetadata`] for link semantics).
+    fn metadata(&self, path: &Path) -> io::Result<FsMetadata>;
+
+    /// The file's bytes, at most `limit + 1` of them, so that a caller can
+    /// tell "larger than `limit`" without reading a huge file.
+    fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>>;
+
+    /// The directory's entries, sorted by name.
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+
+    /// The absolute path with every symbolic link and `..` resolved (for
+    /// "does this path escape the plugin directory" checks).
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf>;
+}
+
+/// The real filesystem, through `std::fs`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealFs;
+
+impl FileSystem for RealFs {
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn metadata(&self, path: &Path) -> io::Result<FsMetadata> {
+        let link = std::fs::symlink_metadata(path)?;
+        let is_symlink = link.file_type().is_symlink();
+        match std::fs::metadata(path) {
+            Ok(meta) => Ok(FsMetadata {
+                len: meta.len(),
+                is_dir: meta.is_dir(),
+                is_file: meta.is_file(),
+                is_symlink,
+            }),
+            Err(e) if is_symlink && e.kind() == io::ErrorKind::NotFound => Ok(FsMetadata {
+                is_symlink,
+                ..FsMetadata::default()
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+        let file = std::fs::File::open(path)?;
+        let mut bytes = Vec::new();
+        file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            let path = entry.path();
+            let is_dir = std::fs::metadata(&path).is_ok_and(|m| m.is_dir());
+            entries.push(DirEntry {
+                name: entry.file_name(),
+                path,
+                is_dir,
+            });
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::canonicalize(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("b.txt"), b"hello world").unwrap();
+        std::fs::write(dir.path().join("a.txt"), b"").unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink("b.txt", dir.path().join("link")).unwrap();
+            std::os::unix::fs::symlink("nowhere", dir.path().join("dangling")).unwrap();
+            std::os::unix::fs::symlink("sub", dir.path().join("sublink")).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn read_is_bounded() {
+        let dir = tree();
+        let p = dir.path().join("b.txt");
+        assert_eq!(RealFs.read(&p, 100).unwrap(), b"hello world");
+        assert_eq!(RealFs.read(&p, 4).unwrap(), b"hello");
+        assert_eq!(RealFs.read(&p, u64::MAX).unwrap(), b"hello world");
+        let err = RealFs.read(&dir.path().join("missing"), 4).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn read_dir_is_sorted_and_follows_links() {
+        let dir = tree();
+        let entries = RealFs.read_dir(dir.path()).unwrap();
+        let names: Vec<_> = entries
+            .iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        let sub = entries.iter().find(|e| e.name == "sub").unwrap();
+        assert!(sub.is_dir);
+        assert_eq!(sub.path, dir.path().join("sub"));
+        #[cfg(unix)]
+        assert!(entries.iter().find(|e| e.name == "sublink").unwrap().is_dir);
+        assert!(!entries.iter().find(|e| e.name == "a.txt").unwrap().is_dir);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn metadata_link_semantics() {
+        let dir = tree();
+        let link = RealFs.metadata(&dir.path().join("link")).unwrap();
+        assert_eq!(
+            link,
+            FsMetadata {
+                len: 11,
+                is_dir: false,
+                is_file: true,
+                is_symlink: true
+            }
+        );
+        let dangling = RealFs.metadata(&dir.path().join("dangling")).unwrap();
+        assert!(dangling.is_symlink && !dangling.is_file && !dangling.is_dir);
+        assert!(!RealFs.exists(&dir.path().join("dangling")));
+        let sub = RealFs.metadata(&dir.path().join("sub")).unwrap();
+        assert!(sub.is_dir && !sub.is_symlink);
+        assert!(RealFs.metadata(&dir.path().join("missing")).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn canonicalize_resolves_links() {
+        let dir = tree();
+        let real = RealFs.canonicalize(dir.path()).unwrap();
+        assert_eq!(
+            RealFs.canonicalize(&dir.path().join("link")).unwrap(),
+            real.join("b.txt")
+        );
+        assert!(RealFs.canonicalize(&dir.path().join("dangling")).is_err());
+    }
+}

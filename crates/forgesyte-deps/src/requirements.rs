@@ -1,0 +1,564 @@
+//! What a plugin requires, parsed from its manifest (SPEC §3).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use forgesyte_errors::ManifestError;
+use serde_json::Value;
+
+/// One entry of the manifest's `dependencies` list.
+///
+/// `Display` gives the canonical spelling (`lib:NAME`, `bin:NAME`,
+/// `env:NAME`, `plugin:NAME`, `plugin:NAME@REQ`), which is also how a missing
+/// dependency is named in a report.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dependency {
+    /// A shared library the dynamic loader can find (soname, file name or
+    /// short name). A bare name in the manifest means this.
+    Lib(String),
+    /// An executable on `PATH`.
+    Bin(String),
+    /// An environment variable that must be set.
+    Env(String),
+    /// Another plugin, optionally of a version matching `req`.
+    Plugin {
+        /// The other plugin's registry name.
+        name: String,
+        /// The semver requirement on its version.
+        req: Option<semver::VersionReq>,
+    },
+}
+
+impl Dependency {
+    /// Parses one `dependencies` entry (`lib:z`, `bin:ffmpeg`, `env:KEY`,
+    /// `plugin:base@^2`, or a bare library name). The error message says
+    /// what is wrong; the caller names the field.
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (prefix, name) = match s.split_once(':') {
+            Some((prefix, name)) => (prefix, name),
+            None => ("lib", s),
+        };
+        let check_name = |name: &str, what: &str| -> Result<String, String> {
+            if name.is_empty() {
+                Err(format!("{prefix}: needs a {what} name"))
+            } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Err(format!(
+                    "{what} name {name:?} contains whitespace or control characters"
+                ))
+            } else {
+                Ok(name.to_string())
+            }
+        };
+        match prefix {
+            "lib" => Ok(Dependency::Lib(check_name(name, "library")?)),
+            "bin" => Ok(Dependency::Bin(check_name(name, "executable")?)),
+            "env" => {
+                let name = check_name(name, "variable")?;
+                if name.contains('=') {
+                    return Err(format!("variable name {name:?} contains '='"));
+                }
+                Ok(Dependency::Env(name))
+            }
+            "plugin" => {
+                let (name, req) = match name.split_once('@') {
+                    Some((name, req)) => {
+                        let req = semver::VersionReq::parse(req.trim()).map_err(|e| {
+                            format!("invalid version requirement {req:?} for plugin {name:?}: {e}")
+                        })?;
+                        (name, Some(req))
+                    }
+                    None => (name, None),
+                };
+                if !valid_plugin_name(name) {
+                    return Err(format!(
+                        "invalid plugin name {name:?}: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"
+                    ));
+                }
+                Ok(Dependency::Plugin {
+                    name: name.to_string(),
+                    req,
+                })
+            }
+            other => Err(format!(
+                "unknown dependency kind {other:?} in {s:?}: expected lib:, bin:, env: or plugin:"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Dependency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dependency::Lib(name) => write!(f, "lib:{name}"),
+            Dependency::Bin(name) => write!(f, "bin:{name}"),
+            Dependency::Env(name) => write!(f, "env:{name}"),
+            Dependency::Plugin { name, req: None } => write!(f, "plugin:{name}"),
+            Dependency::Plugin {
+                name,
+                req: Some(req),
+            } => write!(f, "plugin:{name}@{req}"),
+        }
+    }
+}
+
+/// The SPEC §3 plugin-name rule: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
+fn valid_plugin_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The manifest's `requires_gpu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuRequirement {
+    /// No GPU needed (`false` or absent).
+    #[default]
+    None,
+    /// At least one CUDA device (`true`).
+    Any,
+    /// Devices meeting limits (an object). Unset limits are not checked;
+    /// `min_devices` defaults to 1.
+    Spec {
+        /// How many qualifying devices are needed.
+        min_devices: Option<u32>,
+        /// Memory each qualifying device must have, in MiB.
+        min_memory_mb: Option<u64>,
+        /// Compute capability each qualifying device must have.
+        min_compute_capability: Option<(u32, u32)>,
+    },
+}
+
+/// Everything a manifest requires before the plugin may load.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Requirements {
+    /// The `dependencies` list, in manifest order.
+    pub dependencies: Vec<Dependency>,
+    /// The `requires_gpu` field.
+    pub gpu: GpuRequirement,
+    /// The `models` object as `(name, path)` pairs in manifest order; paths
+    /// as written (relative ones are resolved at check time).
+    pub models: Vec<(String, PathBuf)>,
+}
+
+impl Requirements {
+    /// Parses `dependencies`, `requires_gpu` and `models` from a whole
+    /// manifest. Absent (or `null`) fields mean no requirement; other fields
+    /// are ignored. Wrong types, unknown dependency kinds and bad semver
+    /// requirements are [`ManifestError::InvalidField`] naming the field
+    /// (`dependencies[2]`, `requires_gpu.min_memory_mb`, `models.yolo`).
+    pub fn from_manifest(manifest: &Value) -> Result<Self, ManifestError> {
+        let obj = manifest.as_object().ok_or_else(|| {
+            invalid(
+                "manifest",
+                format!("expected a JSON object, found {}", type_name(manifest)),
+            )
+        })?;
+        let present = |key: &str| obj.get(key).filter(|v| !v.is_null());
+        Ok(Requirements {
+            dependencies: present("dependencies")
+                .map(parse_dependencies)
+                .transpose()?
+                .unwrap_or_default(),
+            gpu: present("requires_gpu")
+                .map(parse_gpu)
+                .transpose()?
+                .unwrap_or_default(),
+            models: present("models")
+                .map(parse_models)
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Whether nothing at all is required.
+    pub fn is_empty(&self) -> bool {
+        self.dependencies.is_empty() && self.gpu == GpuRequirement::None && self.models.is_empty()
+    }
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ManifestError {
+    ManifestError::InvalidField {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_dependencies(v: &Value) -> Result<Vec<Dependency>, ManifestError> {
+    let list = v.as_array().ok_or_else(|| {
+        invalid(
+            "dependencies",
+            format!(
+                "expected a list of strings like \"lib:NAME\", found {}",
+                type_name(v)
+            ),
+        )
+    })?;
+    list.iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = format!("dependencies[{i}]");
+            let s = item.as_str().ok_or_else(|| {
+                invalid(
+                    &field,
+                    format!(
+                        "expected a string like \"lib:NAME\", found {}",
+                        type_name(item)
+                    ),
+                )
+            })?;
+            Dependency::parse(s).map_err(|message| invalid(&field, message))
+        })
+        .collect()
+}
+
+const GPU_KEYS: &str = "min_devices, min_memory_mb, min_compute_capability";
+
+fn parse_gpu(v: &Value) -> Result<GpuRequirement, ManifestError> {
+    match v {
+        Value::Bool(false) => Ok(GpuRequirement::None),
+        Value::Bool(true) => Ok(GpuRequirement::Any),
+        Value::Object(map) => {
+            let mut min_devices = None;
+            let mut min_memory_mb = None;
+            let mut min_compute_capability = None;
+            for (key, value) in map {
+                let field = format!("requires_gpu.{key}");
+                if value.is_null() {
+                    continue;
+                }
+                match key.as_str() {
+                    "min_devices" => {
+                        let n = value
+                            .as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .filter(|n| *n >= 1)
+                            .ok_or_else(|| {
+                                invalid(
+                                    &field,
+                                    format!("expected a whole number >= 1, found {value}"),
+                                )
+                            })?;
+                        min_devices = Some(n);
+                    }
+                    "min_memory_mb" => {
+                        let n = value.as_u64().ok_or_else(|| {
+                            invalid(
+                                &field,
+                                format!("expected a whole number of MiB, found {value}"),
+                            )
+                        })?;
+                        min_memory_mb = Some(n);
+                    }
+                    "min_compute_capability" => {
+                        let text = match value {
+                            Value::String(s) => s.clone(),
+                            Value::Number(n) => n.to_string(),
+                            other => {
+                                return Err(invalid(
+                                    &field,
+                                    format!(
+                                        "expected a version like \"8.0\", found {}",
+                                        type_name(other)
+                                    ),
+                                ));
+                            }
+                        };
+                        min_compute_capability =
+                            Some(parse_compute_capability(&text).ok_or_else(|| {
+                                invalid(
+                                    &field,
+                                    format!("expected a version like \"8.0\", found {text:?}"),
+                                )
+                            })?);
+                    }
+                    _ => {
+                        return Err(invalid(
+                            &field,
+                            format!("unknown key; expected one of {GPU_KEYS}"),
+                        ));
+                    }
+                }
+            }
+            Ok(GpuRequirement::Spec {
+                min_devices,
+                min_memory_mb,
+                min_compute_capability,
+            })
+        }
+        other => Err(invalid(
+            "requires_gpu",
+            format!(
+                "expected true, false or an object with {GPU_KEYS}, found {}",
+                type_name(other)
+            ),
+        )),
+    }
+}
+
+/// `"8"`, `"8.0"`, `"8.6"` → `(major, minor)`.
+fn parse_compute_capability(s: &str) -> Option<(u32, u32)> {
+    let s = s.trim();
+    let (major, minor) = s.split_once('.').unwrap_or((s, "0"));
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if !digits(major) || !digits(minor) {
+        return None;
+    }
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+fn parse_models(v: &Value) -> Result<Vec<(String, PathBuf)>, ManifestError> {
+    let map = v.as_object().ok_or_else(|| {
+        invalid(
+            "models",
+            format!("expected an object of name: path, found {}", type_name(v)),
+        )
+    })?;
+    map.iter()
+        .map(|(name, path)| {
+            let field = format!("models.{name}");
+            if name.is_empty() {
+                return Err(invalid(&field, "model name is empty"));
+            }
+            match path.as_str() {
+                Some(p) if !p.trim().is_empty() && !p.contains('\0') => {
+                    Ok((name.clone(), PathBuf::from(p)))
+                }
+                Some(_) => Err(invalid(&field, "expected a non-empty path")),
+                None => Err(invalid(
+                    &field,
+                    format!("expected a path string, found {}", type_name(path)),
+                )),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Requirements {
+        Requirements::from_manifest(&v).unwrap()
+    }
+
+    /// Asserts the manifest is rejected on `field` with a message holding `needle`.
+    fn check_invalid(v: Value, field: &str, needle: &str) {
+        match Requirements::from_manifest(&v) {
+            Err(ManifestError::InvalidField { field: f, message }) => {
+                assert_eq!(f, field, "{message}");
+                assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+            }
+            other => panic!("expected InvalidField on {field}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn absent_fields_mean_nothing_required() {
+        let r = parse(json!({"name": "ocr", "unknown": [1, 2]}));
+        assert!(r.is_empty());
+        let r = parse(json!({"dependencies": null, "requires_gpu": null, "models": null}));
+        assert_eq!(r, Requirements::default());
+    }
+
+    #[test]
+    fn dependency_kinds_by_prefix() {
+        let r = parse(json!({"dependencies": [
+            "lib:z", "libc.so.6", "bin:ffmpeg", "env:API_KEY", "plugin:base", "plugin:base@^2", "plugin:x@>=1.2, <2"
+        ]}));
+        let shown: Vec<String> = r.dependencies.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "lib:z",
+                "lib:libc.so.6",
+                "bin:ffmpeg",
+                "env:API_KEY",
+                "plugin:base",
+                "plugin:base@^2",
+                "plugin:x@>=1.2, <2"
+            ]
+        );
+        assert_eq!(
+            r.dependencies[5],
+            Dependency::Plugin {
+                name: "base".into(),
+                req: Some(semver::VersionReq::parse("^2").unwrap())
+            }
+        );
+    }
+
+    #[test]
+    fn bad_dependencies_name_the_entry() {
+        check_invalid(
+            json!({"dependencies": ["lib:z", "bin:sh", "foo:x"]}),
+            "dependencies[2]",
+            "unknown dependency kind \"foo\"",
+        );
+        check_invalid(
+            json!({"dependencies": ["plugin:base@not-semver"]}),
+            "dependencies[0]",
+            "invalid version requirement",
+        );
+        check_invalid(
+            json!({"dependencies": ["lib:z", 3]}),
+            "dependencies[1]",
+            "found a number",
+        );
+        check_invalid(
+            json!({"dependencies": "lib:z"}),
+            "dependencies",
+            "expected a list",
+        );
+        check_invalid(
+            json!({"dependencies": ["lib:"]}),
+            "dependencies[0]",
+            "needs a library name",
+        );
+        check_invalid(
+            json!({"dependencies": ["env:A=B"]}),
+            "dependencies[0]",
+            "'='",
+        );
+        check_invalid(
+            json!({"dependencies": ["bin:a b"]}),
+            "dependencies[0]",
+            "whitespace",
+        );
+        check_invalid(
+            json!({"dependencies": ["plugin:../x"]}),
+            "dependencies[0]",
+            "invalid plugin name",
+        );
+        check_invalid(json!([1]), "manifest", "expected a JSON object");
+    }
+
+    #[test]
+    fn requires_gpu_forms() {
+        assert_eq!(
+            parse(json!({"requires_gpu": false})).gpu,
+            GpuRequirement::None
+        );
+        assert_eq!(
+            parse(json!({"requires_gpu": true})).gpu,
+            GpuRequirement::Any
+        );
+        assert_eq!(
+            parse(json!({"requires_gpu": {"min_devices": 2, "min_memory_mb": 16384, "min_compute_capability": "8.0"}})).gpu,
+            GpuRequirement::Spec {
+                min_devices: Some(2),
+                min_memory_mb: Some(16384),
+                min_compute_capability: Some((8, 0))
+            }
+        );
+        assert_eq!(
+            parse(json!({"requires_gpu": {"min_compute_capability": 8.6}})).gpu,
+            GpuRequirement::Spec {
+                min_devices: None,
+                min_memory_mb: None,
+                min_compute_capability: Some((8, 6))
+            }
+        );
+        assert_eq!(
+            parse(json!({"requires_gpu": {}})).gpu,
+            GpuRequirement::Spec {
+                min_devices: None,
+                min_memory_mb: None,
+                min_compute_capability: None
+            }
+        );
+    }
+
+    #[test]
+    fn bad_gpu_requirements() {
+        check_invalid(
+            json!({"requires_gpu": "yes"}),
+            "requires_gpu",
+            "found a string",
+        );
+        check_invalid(
+            json!({"requires_gpu": {"min_devices": 0}}),
+            "requires_gpu.min_devices",
+            ">= 1",
+        );
+        check_invalid(
+            json!({"requires_gpu": {"min_devices": -1}}),
+            "requires_gpu.min_devices",
+            ">= 1",
+        );
+        check_invalid(
+            json!({"requires_gpu": {"min_memory_mb": 1.5}}),
+            "requires_gpu.min_memory_mb",
+            "whole number",
+        );
+        check_invalid(
+            json!({"requires_gpu": {"min_compute_capability": "eight"}}),
+            "requires_gpu.min_compute_capability",
+            "\"eight\"",
+        );
+        check_invalid(
+            json!({"requires_gpu": {"min_compute_capability": [8, 0]}}),
+            "requires_gpu.min_compute_capability",
+            "found a list",
+        );
+        check_invalid(
+            json!({"requires_gpu": {"min_memory": 1}}),
+            "requires_gpu.min_memory",
+            "unknown key",
+        );
+    }
+
+    #[test]
+    fn compute_capability_strings() {
+        assert_eq!(parse_compute_capability("8.0"), Some((8, 0)));
+        assert_eq!(parse_compute_capability("9"), Some((9, 0)));
+        assert_eq!(parse_compute_capability(" 7.5 "), Some((7, 5)));
+        assert_eq!(parse_compute_capability("8."), None);
+        assert_eq!(parse_compute_capability("-1.0"), None);
+        assert_eq!(parse_compute_capability("8.0.1"), None);
+    }
+
+    #[test]
+    fn models_keep_manifest_order() {
+        let text =
+            r#"{"models": {"zeta": "models/z.bin", "alpha": "/abs/a.bin", "mid": "m.onnx"}}"#;
+        let r = parse(serde_json::from_str(text).unwrap());
+        let names: Vec<&str> = r.models.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["zeta", "alpha", "mid"]);
+        assert_eq!(r.models[1].1, PathBuf::from("/abs/a.bin"));
+    }
+
+    #[test]
+    fn bad_models() {
+        check_invalid(json!({"models": ["a"]}), "models", "expected an object");
+        check_invalid(
+            json!({"models": {"yolo": 3}}),
+            "models.yolo",
+            "found a number",
+        );
+        check_invalid(json!({"models": {"yolo": ""}}), "models.yolo", "non-empty");
+    }
+
+    #[test]
+    fn plugin_names_follow_the_spec_rule() {
+        assert!(valid_plugin_name("ocr"));
+        assert!(valid_plugin_name("a.b_c-9"));
+        assert!(!valid_plugin_name(""));
+        assert!(!valid_plugin_name("-x"));
+        assert!(!valid_plugin_name(&"a".repeat(65)));
+        assert!(valid_plugin_name(&"a".repeat(64)));
+    }
+}
