@@ -1,1 +1,55 @@
-//! placeholder
+//! The ForgeSyte plugin loader (seed §3): turns plugin directories into
+//! registry entries and live plugin instances.
+//!
+//! For each directory under the plugins directory that holds a
+//! `manifest.json`, a load pass:
+//!
+//! 1. reads and validates the manifest ([`Manifest`]; size-capped, unknown
+//!    fields kept) — a bad one is FAILED with `ManifestError: …`;
+//! 2. registers the plugin (LOADED) — a second plugin claiming a taken name
+//!    is registered under a key derived from its directory and FAILED, so
+//!    neither overwrites the other;
+//! 3. checks its dependencies, `plugin:` ones in dependency order (waves of a
+//!    topological sort; a cycle is named) — UNAVAILABLE with
+//!    `Missing dependencies: …`;
+//! 4. opens its library through an [`Importer`] — FAILED with `ImportError: …`;
+//! 5. constructs the instance — FAILED with `InitError: …`;
+//! 6. marks it INITIALIZED and keeps a [`PluginHandle`] for tool calls.
+//!
+//! Manifests are read, and plugins of one dependency wave constructed, on
+//! all cores; registration, state changes and log lines happen in sorted
+//! order, so results are deterministic.
+//!
+//! This crate is the only one that calls plugin code (through [`native`] or
+//! an injected [`Importer`]). It knows nothing about HTTP. It never unloads a
+//! library.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use forgesyte_deps::DependencyChecker;
+//! use forgesyte_loader::{Loader, LoaderConfig};
+//! use forgesyte_registry::Registry;
+//!
+//! let registry = Registry::new();
+//! let checker = Arc::new(DependencyChecker::system(Vec::new()));
+//! let loader = Loader::new(registry.clone(), checker, LoaderConfig::default());
+//! let report = loader.load_all("plugins".as_ref());
+//! println!("{} loaded, {} failed", report.loaded(), report.failed());
+//! if let Some(ocr) = loader.handle("ocr") {
+//!     let result = ocr.call("analyze", &serde_json::json!({}));
+//!     println!("{result:?}");
+//! }
+//! ```
+
+mod handle;
+mod host;
+pub mod manifest;
+pub mod native;
+mod pipeline;
+
+pub mod fake;
+
+pub use handle::{CallError, PluginHandle};
+pub use host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
+pub use manifest::{Isolation, Limits, Manifest};
+pub use pipeline::{LoadReport, Loader, LoaderConfig, PluginLoadOutcome};

@@ -1,0 +1,131 @@
+//! An in-memory [`Importer`] for tests: plugins whose behaviour is data.
+//!
+//! Pair it with `forgesyte_deps::fake::FakeFs`: the fake filesystem holds the
+//! manifests (and a file at each library path), the fake importer decides
+//! what opening each library path does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use forgesyte_errors::{ImportError, InitError, ToolError};
+use parking_lot::Mutex;
+
+use crate::host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
+
+/// What opening a fake library does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeBehavior {
+    /// Opens, constructs, and offers the tools `echo` (returns its args),
+    /// `fail` (returns an error) and `panic` (a caught panic).
+    Good,
+    /// Opening fails: the ABI version is wrong.
+    WrongAbi,
+    /// Opening fails: the entry symbol is missing.
+    NoEntry,
+    /// The constructor returns an error with this message.
+    InitError(String),
+    /// The constructor panics with this message.
+    InitPanic(String),
+}
+
+/// An importer whose libraries are entries of a table.
+#[derive(Debug, Default)]
+pub struct FakeImporter {
+    libraries: Mutex<BTreeMap<PathBuf, FakeBehavior>>,
+}
+
+impl FakeImporter {
+    /// An importer that knows no library (every open is "not found").
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Declares what opening `path` does.
+    pub fn with(self, path: impl Into<PathBuf>, behavior: FakeBehavior) -> Self {
+        self.libraries.lock().insert(path.into(), behavior);
+        self
+    }
+
+    /// Declares what opening `path` does (by reference).
+    pub fn set(&self, path: impl Into<PathBuf>, behavior: FakeBehavior) {
+        self.libraries.lock().insert(path.into(), behavior);
+    }
+}
+
+impl Importer for FakeImporter {
+    fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        let behavior = self.libraries.lock().get(path).cloned();
+        match behavior {
+            None => Err(ImportError::LibraryNotFound {
+                path: path.to_path_buf(),
+            }),
+            Some(FakeBehavior::WrongAbi) => Err(ImportError::AbiMismatch {
+                path: path.to_path_buf(),
+                host: 1,
+                plugin: 999,
+            }),
+            Some(FakeBehavior::NoEntry) => Err(ImportError::MissingEntrySymbol {
+                path: path.to_path_buf(),
+                symbol: "forgesyte_plugin_entry".into(),
+            }),
+            Some(b) => Ok(Arc::new(FakeLibrary(b))),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FakeLibrary(FakeBehavior);
+
+impl PluginLibrary for FakeLibrary {
+    fn instantiate(&self, _config: &[u8]) -> Result<Box<dyn PluginInstance>, InitError> {
+        match &self.0 {
+            FakeBehavior::InitError(message) => Err(InitError::Failed {
+                message: message.clone(),
+            }),
+            FakeBehavior::InitPanic(message) => Err(InitError::Panicked {
+                message: message.clone(),
+            }),
+            _ => Ok(Box::new(FakeInstance {
+                tools: ["echo", "fail", "panic"]
+                    .into_iter()
+                    .map(|id| ToolInfo {
+                        id: id.into(),
+                        title: id.into(),
+                        description: format!("fake {id}"),
+                        input_schema: serde_json::json!({"type": "object"}),
+                        output_schema: serde_json::json!({}),
+                    })
+                    .collect(),
+            })),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FakeInstance {
+    tools: Vec<ToolInfo>,
+}
+
+impl PluginInstance for FakeInstance {
+    fn tools(&self) -> &[ToolInfo] {
+        &self.tools
+    }
+
+    fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
+        match tool {
+            "echo" => Ok(args.to_vec()),
+            "fail" => Err(ToolError::Failed {
+                error_type: Some("InvalidInput".into()),
+                message: "fake failure".into(),
+            }),
+            "panic" => Err(ToolError::Panicked {
+                message: "fake panic".into(),
+            }),
+            other => Err(ToolError::UnknownTool {
+                plugin: String::new(),
+                tool: other.into(),
+            }),
+        }
+    }
+}

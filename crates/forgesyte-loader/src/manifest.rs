@@ -1,0 +1,378 @@
+//! `manifest.json`: reading, validation, and the typed view the loader uses.
+//!
+//! The manifest is kept twice: as the JSON object that was read (unknown
+//! fields included, served by the manifest endpoint) and as the few typed
+//! fields the loader acts on.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use forgesyte_deps::Requirements;
+use forgesyte_errors::ManifestError;
+use serde_json::Value;
+
+/// The file name the loader looks for in each plugin directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Default cap on the size of `manifest.json` (1 MiB).
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+
+/// How a plugin is hosted (SPEC §3 `isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Isolation {
+    /// Loaded into the server process (fastest).
+    #[default]
+    InProcess,
+    /// Loaded into a child process.
+    Process,
+}
+
+/// Per-plugin limits from the manifest's `limits` object.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Limits {
+    /// `limits.call_timeout_s`: time limit of one tool call.
+    pub call_timeout: Option<Duration>,
+    /// `limits.init_timeout_s`: time limit of construction.
+    pub init_timeout: Option<Duration>,
+}
+
+/// A validated manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// The registry key: `id`, else `name`, else the directory name.
+    pub name: String,
+    /// `version`, `"unknown"` when absent.
+    pub version: String,
+    /// `description`, if any.
+    pub description: Option<String>,
+    /// `entrypoint` (or `library`), if given.
+    pub entrypoint: Option<String>,
+    /// `isolation`.
+    pub isolation: Isolation,
+    /// What the plugin needs.
+    pub requirements: Requirements,
+    /// Limits.
+    pub limits: Limits,
+    /// `optional`: never blocks readiness.
+    pub optional: bool,
+    /// The object as read, unknown fields kept.
+    pub raw: Arc<Value>,
+}
+
+/// Whether `name` is a valid registry key (`[A-Za-z0-9][A-Za-z0-9._-]{0,63}`).
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A registry key derived from a directory name that may not be a valid name:
+/// invalid characters become `_`, and the result is cut to 64 bytes.
+pub fn key_from_dir_name(dir_name: &str) -> String {
+    let mut key: String = dir_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if !key.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        key.insert(0, 'p');
+        key.truncate(64);
+    }
+    key
+}
+
+/// The name a manifest asks for, if it can be read at all (used to register a
+/// plugin whose manifest is otherwise invalid under its own name).
+pub fn claimed_name(raw: &Value) -> Option<&str> {
+    raw.get("id")
+        .and_then(Value::as_str)
+        .or_else(|| raw.get("name").and_then(Value::as_str))
+}
+
+/// Parses manifest bytes read from `path` for the plugin directory named `dir_name`.
+pub fn parse(bytes: &[u8], path: &Path, dir_name: &str) -> Result<Manifest, ManifestError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ManifestError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    let raw: Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::InvalidJson {
+        path: path.to_path_buf(),
+        line: e.line(),
+        column: e.column(),
+        message: strip_position(&e.to_string()),
+    })?;
+    from_value(raw, dir_name)
+}
+
+/// Validates an already-parsed manifest object.
+pub fn from_value(raw: Value, dir_name: &str) -> Result<Manifest, ManifestError> {
+    let Some(obj) = raw.as_object() else {
+        return Err(ManifestError::InvalidField {
+            field: "(root)".into(),
+            message: format!("expected a JSON object, found {}", type_name(&raw)),
+        });
+    };
+    let name = match (opt_str(obj, "id")?, opt_str(obj, "name")?) {
+        (Some(id), _) => id.to_owned(),
+        (None, Some(name)) => name.to_owned(),
+        (None, None) => dir_name.to_owned(),
+    };
+    if !is_valid_name(&name) {
+        return Err(ManifestError::InvalidName { name });
+    }
+    let version = match obj.get("version") {
+        None | Some(Value::Null) => "unknown".to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        // Published manifests sometimes write numbers: keep them readable.
+        Some(Value::Number(n)) => n.to_string(),
+        Some(other) => return Err(wrong_type("version", "a string", other)),
+    };
+    let description = opt_str(obj, "description")?.map(str::to_owned);
+    let entrypoint = match (opt_str(obj, "entrypoint")?, opt_str(obj, "library")?) {
+        (Some(e), _) | (None, Some(e)) => Some(e.to_owned()),
+        (None, None) => None,
+    };
+    if let Some(entry) = &entrypoint {
+        check_relative("entrypoint", entry)?;
+    }
+    let isolation = match opt_str(obj, "isolation")? {
+        None | Some("in-process") => Isolation::InProcess,
+        Some("process") => Isolation::Process,
+        Some(other) => {
+            return Err(ManifestError::InvalidField {
+                field: "isolation".into(),
+                message: format!("expected \"in-process\" or \"process\", found {other:?}"),
+            });
+        }
+    };
+    let optional = match obj.get("optional") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(wrong_type("optional", "a boolean", other)),
+    };
+    if let Some(tools) = obj.get("tools")
+        && !tools.is_array()
+        && !tools.is_null()
+    {
+        return Err(wrong_type("tools", "an array", tools));
+    }
+    let limits = parse_limits(obj.get("limits"))?;
+    let requirements = Requirements::from_manifest(&raw)?;
+    Ok(Manifest {
+        name,
+        version,
+        description,
+        entrypoint,
+        isolation,
+        requirements,
+        limits,
+        optional,
+        raw: Arc::new(raw),
+    })
+}
+
+fn parse_limits(value: Option<&Value>) -> Result<Limits, ManifestError> {
+    let Some(value) = value else {
+        return Ok(Limits::default());
+    };
+    if value.is_null() {
+        return Ok(Limits::default());
+    }
+    let Some(obj) = value.as_object() else {
+        return Err(wrong_type("limits", "an object", value));
+    };
+    let seconds = |key: &str| -> Result<Option<Duration>, ManifestError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
+                _ => Err(ManifestError::InvalidField {
+                    field: format!("limits.{key}"),
+                    message: format!("expected seconds in (0, 86400], found {v}"),
+                }),
+            },
+        }
+    };
+    Ok(Limits {
+        call_timeout: seconds("call_timeout_s")?,
+        init_timeout: seconds("init_timeout_s")?,
+    })
+}
+
+/// Rejects absolute paths and `..` components: a manifest path must stay
+/// inside the plugin directory. (Symlinks are checked when the path is
+/// resolved on disk.)
+pub fn check_relative(field: &str, path: &str) -> Result<(), ManifestError> {
+    let escape = || ManifestError::PathEscape {
+        field: field.to_owned(),
+        path: path.to_owned(),
+    };
+    if path.is_empty() {
+        return Err(ManifestError::InvalidField {
+            field: field.to_owned(),
+            message: "must not be empty".into(),
+        });
+    }
+    if path.contains('\0') {
+        return Err(ManifestError::InvalidField {
+            field: field.to_owned(),
+            message: "must not contain NUL bytes".into(),
+        });
+    }
+    for component in Path::new(path).components() {
+        match component {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(escape());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Joins `rel` to `dir`, for a path already checked with [`check_relative`].
+pub fn join_inside(dir: &Path, rel: &str) -> PathBuf {
+    dir.join(rel)
+}
+
+fn opt_str<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, ManifestError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(wrong_type(key, "a string", other)),
+    }
+}
+
+fn wrong_type(field: &str, expected: &str, found: &Value) -> ManifestError {
+    ManifestError::InvalidField {
+        field: field.to_owned(),
+        message: format!("expected {expected}, found {}", type_name(found)),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// serde_json appends " at line L column C"; the error carries them as fields.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(json: &str, expect: Result<&str, &str>) {
+        let got = parse(json.as_bytes(), Path::new("/p/x/manifest.json"), "x");
+        match (got, expect) {
+            (Ok(m), Ok(name)) => assert_eq!(m.name, name),
+            (Err(e), Err(msg)) => assert_eq!(e.to_string(), msg),
+            (got, expect) => panic!("got {got:?}, expected {expect:?}"),
+        }
+    }
+
+    #[test]
+    fn name_comes_from_id_then_name_then_dir() {
+        check(r#"{"id": "ocr", "name": "OCR"}"#, Ok("ocr"));
+        check(r#"{"name": "ocr2"}"#, Ok("ocr2"));
+        check(r#"{}"#, Ok("x"));
+    }
+
+    #[test]
+    fn bad_json_names_the_position() {
+        check(
+            "{\n  \"name\": ,\n}",
+            Err("invalid JSON in /p/x/manifest.json at line 2, column 11: expected value"),
+        );
+        check("   \n", Err("manifest /p/x/manifest.json is empty"));
+        check(
+            "[1]",
+            Err("invalid field '(root)': expected a JSON object, found an array"),
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        check(
+            r#"{"name": 5}"#,
+            Err("invalid field 'name': expected a string, found a number"),
+        );
+        check(
+            r#"{"name": "a", "isolation": "vm"}"#,
+            Err(r#"invalid field 'isolation': expected "in-process" or "process", found "vm""#),
+        );
+        check(
+            r#"{"name": "a", "limits": {"call_timeout_s": -1}}"#,
+            Err("invalid field 'limits.call_timeout_s': expected seconds in (0, 86400], found -1"),
+        );
+    }
+
+    #[test]
+    fn invalid_names_are_rejected() {
+        check(
+            r#"{"name": "../etc"}"#,
+            Err(r#"invalid plugin name "../etc": must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}"#),
+        );
+        assert!(!is_valid_name(&"a".repeat(65)));
+        assert!(is_valid_name(&"a".repeat(64)));
+        assert!(!is_valid_name("é"));
+        assert!(!is_valid_name("-a"));
+    }
+
+    #[test]
+    fn entrypoint_must_stay_inside() {
+        check(
+            r#"{"name": "a", "entrypoint": "../b/liba.so"}"#,
+            Err("field 'entrypoint' points outside the plugin directory: ../b/liba.so"),
+        );
+        check(
+            r#"{"name": "a", "entrypoint": "/usr/lib/liba.so"}"#,
+            Err("field 'entrypoint' points outside the plugin directory: /usr/lib/liba.so"),
+        );
+        check(r#"{"name": "a", "entrypoint": "lib/liba.so"}"#, Ok("a"));
+    }
+
+    #[test]
+    fn unknown_fields_are_kept_and_version_defaults() {
+        let m = from_value(json!({"name": "a", "colour": "blue"}), "a").unwrap();
+        assert_eq!(m.raw["colour"], "blue");
+        assert_eq!(m.version, "unknown");
+        assert_eq!(m.isolation, Isolation::InProcess);
+    }
+
+    #[test]
+    fn dir_names_become_valid_keys() {
+        assert_eq!(key_from_dir_name("my plugin"), "my_plugin");
+        assert_eq!(key_from_dir_name(".hidden"), "p.hidden");
+        assert!(is_valid_name(&key_from_dir_name(&"é".repeat(100))));
+    }
+}

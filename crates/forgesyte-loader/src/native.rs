@@ -1,0 +1,378 @@
+//! The host side of the plugin C ABI (SPEC §6): dlopen an SDK-built library,
+//! check its ABI version, create instances and call tools.
+//!
+//! This is the only module of the loader that contains `unsafe` code. The ABI
+//! itself (the vtable layout, status codes, who frees what) is defined once,
+//! in `forgesyte_plugin_sdk::abi`, so the two sides cannot drift apart.
+//!
+//! Libraries are opened with `RTLD_NOW` (an unresolved symbol is an import
+//! error now, not a crash at the first call) and `RTLD_NODELETE` (they are
+//! never unmapped: code or thread-local destructors of a plugin may still run
+//! after its last instance is dropped).
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, c_void};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use forgesyte_errors::{ImportError, InitError, ToolError};
+use forgesyte_plugin_sdk::abi::{
+    ABI_VERSION, ENTRY_SYMBOL, ENTRY_SYMBOL_C, FsBuffer, PluginVTable, STATUS_BAD_REQUEST,
+    STATUS_ERROR, STATUS_OK, STATUS_PANIC, STATUS_UNKNOWN_TOOL,
+};
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+
+use crate::host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
+
+/// `RTLD_NODELETE` (glibc and musl): keep the library mapped after `dlclose`.
+const RTLD_NODELETE: i32 = 0x1000;
+
+/// Opens real shared libraries built with `forgesyte-plugin-sdk`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NativeImporter;
+
+impl Importer for NativeImporter {
+    fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        NativeLibrary::open(path).map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
+    }
+}
+
+/// An opened plugin library and its vtable.
+pub struct NativeLibrary {
+    path: PathBuf,
+    vtable: &'static PluginVTable,
+    // Kept so the handle lives as long as any instance; RTLD_NODELETE keeps
+    // the code mapped even after it is dropped.
+    _library: Arc<Library>,
+}
+
+impl fmt::Debug for NativeLibrary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NativeLibrary")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NativeLibrary {
+    /// Opens `path`, resolves the entry symbol and checks the ABI version
+    /// before anything else of the plugin is called.
+    pub fn open(path: &Path) -> Result<Self, ImportError> {
+        if !path.is_file() {
+            return Err(ImportError::LibraryNotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        // SAFETY: opening a library runs its initialisers. That is the point
+        // of an in-process plugin; the file was named by the operator's
+        // plugin directory, and the dependency checker never reaches here
+        // for libraries it only needs to find.
+        let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) }
+            .map_err(|e| classify_open_error(path, &error_chain(&e)))?;
+        type Entry = unsafe extern "C" fn() -> *const PluginVTable;
+        // SAFETY: the symbol, when present, is the SDK's entry function with
+        // exactly this signature (SPEC §6); a foreign symbol of the same name
+        // is caught by the ABI version check below at worst.
+        let entry: Entry = unsafe { library.get::<Entry>(ENTRY_SYMBOL_C) }
+            .map(|sym| *sym)
+            .map_err(|_| ImportError::MissingEntrySymbol {
+                path: path.to_path_buf(),
+                symbol: ENTRY_SYMBOL.to_owned(),
+            })?;
+        // SAFETY: the entry function takes no arguments and returns a pointer
+        // to a static; the SDK wraps it so it cannot unwind.
+        let ptr = unsafe { entry() };
+        if ptr.is_null() {
+            return Err(ImportError::InvalidInterface {
+                path: path.to_path_buf(),
+                detail: "entry symbol returned a null vtable".into(),
+            });
+        }
+        // SAFETY: `abi_version` is the first field of every ABI version's
+        // vtable, so reading it is valid whatever version the plugin speaks.
+        let plugin_abi = unsafe { (*ptr).abi_version };
+        if plugin_abi != ABI_VERSION {
+            return Err(ImportError::AbiMismatch {
+                path: path.to_path_buf(),
+                host: ABI_VERSION,
+                plugin: plugin_abi,
+            });
+        }
+        // SAFETY: same ABI version, so the pointee is a `PluginVTable` in a
+        // static of a library that is never unmapped (RTLD_NODELETE).
+        let vtable: &'static PluginVTable = unsafe { &*ptr };
+        Ok(NativeLibrary {
+            path: path.to_path_buf(),
+            vtable,
+            _library: Arc::new(library),
+        })
+    }
+
+    /// The SDK version the plugin was built with, as it reports it.
+    pub fn sdk_version(&self) -> String {
+        c_str(self.vtable.sdk_version)
+    }
+}
+
+impl PluginLibrary for NativeLibrary {
+    fn instantiate(&self, config: &[u8]) -> Result<Box<dyn PluginInstance>, InitError> {
+        let mut handle: *mut c_void = std::ptr::null_mut();
+        let mut out = FsBuffer::empty();
+        // SAFETY: pointers are valid for the call: `config` for `config.len()`
+        // bytes, `handle` and `out` are live locals the plugin writes to.
+        let status =
+            unsafe { (self.vtable.create)(config.as_ptr(), config.len(), &mut handle, &mut out) };
+        let body = take_buffer(self.vtable, out);
+        match status {
+            STATUS_OK if !handle.is_null() => {}
+            STATUS_OK => {
+                return Err(InitError::Protocol {
+                    detail: "constructor reported success but returned no instance".into(),
+                });
+            }
+            STATUS_PANIC => {
+                return Err(InitError::Panicked {
+                    message: error_message(&body),
+                });
+            }
+            STATUS_ERROR => {
+                return Err(InitError::Failed {
+                    message: error_message(&body),
+                });
+            }
+            other => {
+                return Err(InitError::Protocol {
+                    detail: format!(
+                        "constructor returned status {other}: {}",
+                        error_message(&body)
+                    ),
+                });
+            }
+        }
+        let mut instance = NativeInstance {
+            vtable: self.vtable,
+            handle,
+            tools: Vec::new(),
+        };
+        let mut out = FsBuffer::empty();
+        // SAFETY: `handle` is the live instance just created; `out` is a local.
+        let status = unsafe { (self.vtable.tools)(instance.handle, &mut out) };
+        let body = take_buffer(self.vtable, out);
+        if status != STATUS_OK {
+            return Err(InitError::Protocol {
+                detail: format!("listing tools failed: {}", error_message(&body)),
+            });
+        }
+        instance.tools = serde_json::from_slice(&body).map_err(|e| InitError::Protocol {
+            detail: format!("tool list is not valid JSON: {e}"),
+        })?;
+        Ok(Box::new(instance))
+    }
+}
+
+/// A live instance in a native library.
+struct NativeInstance {
+    vtable: &'static PluginVTable,
+    handle: *mut c_void,
+    tools: Vec<ToolInfo>,
+}
+
+// SAFETY: the SDK only exports types that implement `Plugin: Send + Sync`,
+// and the ABI requires `call` to be callable from several threads at once.
+unsafe impl Send for NativeInstance {}
+// SAFETY: as above.
+unsafe impl Sync for NativeInstance {}
+
+impl fmt::Debug for NativeInstance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NativeInstance")
+            .field("tools", &self.tools)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginInstance for NativeInstance {
+    fn tools(&self) -> &[ToolInfo] {
+        &self.tools
+    }
+
+    fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
+        let mut out = FsBuffer::empty();
+        // SAFETY: `handle` is live until `drop`; the byte slices are valid for
+        // their lengths during the call; `out` is a local.
+        let status = unsafe {
+            (self.vtable.call)(
+                self.handle,
+                tool.as_ptr(),
+                tool.len(),
+                args.as_ptr(),
+                args.len(),
+                &mut out,
+            )
+        };
+        let body = take_buffer(self.vtable, out);
+        match status {
+            STATUS_OK => Ok(body),
+            STATUS_ERROR => {
+                let (error_type, message) = error_parts(&body);
+                Err(ToolError::Failed {
+                    error_type,
+                    message,
+                })
+            }
+            STATUS_PANIC => Err(ToolError::Panicked {
+                message: error_message(&body),
+            }),
+            STATUS_UNKNOWN_TOOL => Err(ToolError::UnknownTool {
+                plugin: String::new(),
+                tool: tool.to_owned(),
+            }),
+            STATUS_BAD_REQUEST => Err(ToolError::InvalidArgs {
+                message: error_message(&body),
+            }),
+            other => Err(ToolError::Protocol {
+                detail: format!("unknown status {other}"),
+            }),
+        }
+    }
+}
+
+impl Drop for NativeInstance {
+    fn drop(&mut self) {
+        // SAFETY: `handle` came from `create` and is destroyed exactly once;
+        // no call can be in flight because calls borrow `self`.
+        unsafe { (self.vtable.destroy)(self.handle) };
+    }
+}
+
+/// Copies a plugin-allocated buffer and hands it back to the plugin to free.
+fn take_buffer(vtable: &PluginVTable, buf: FsBuffer) -> Vec<u8> {
+    if buf.ptr.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: a non-null buffer from the plugin points to `len` initialised
+    // bytes that stay valid until we pass it to `free_buffer`.
+    let bytes = unsafe { std::slice::from_raw_parts(buf.ptr, buf.len) }.to_vec();
+    // SAFETY: the buffer came from this plugin and is freed exactly once, by
+    // the side that allocated it.
+    unsafe { (vtable.free_buffer)(buf) };
+    bytes
+}
+
+fn error_parts(body: &[u8]) -> (Option<String>, String) {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => (
+            v.get("error_type")
+                .and_then(|t| t.as_str())
+                .map(str::to_owned),
+            v.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+                .unwrap_or_else(|| v.to_string()),
+        ),
+        Err(_) => (None, String::from_utf8_lossy(body).into_owned()),
+    }
+}
+
+fn error_message(body: &[u8]) -> String {
+    error_parts(body).1
+}
+
+fn c_str(ptr: *const std::ffi::c_char) -> String {
+    if ptr.is_null() {
+        return "unknown".into();
+    }
+    // SAFETY: the SDK stores pointers to static NUL-terminated strings.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The error and its sources on one line (libloading keeps dlerror's text in
+/// the source).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
+}
+
+/// Turns the dynamic loader's message into a precise import error.
+fn classify_open_error(path: &Path, message: &str) -> ImportError {
+    let path = path.to_path_buf();
+    let detail = message.to_owned();
+    if message.contains("undefined symbol") {
+        ImportError::UnresolvedSymbol { path, detail }
+    } else if message.contains("cannot open shared object file") {
+        ImportError::MissingSharedLibrary { path, detail }
+    } else if [
+        "invalid ELF header",
+        "file too short",
+        "ELF",
+        "not a dynamic",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+    {
+        ImportError::NotALibrary { path, detail }
+    } else {
+        ImportError::Open { path, detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_errors_are_classified() {
+        let p = Path::new("/p/libx.so");
+        assert!(matches!(
+            classify_open_error(p, "/p/libx.so: undefined symbol: foo"),
+            ImportError::UnresolvedSymbol { .. }
+        ));
+        assert!(matches!(
+            classify_open_error(
+                p,
+                "libbar.so: cannot open shared object file: No such file or directory"
+            ),
+            ImportError::MissingSharedLibrary { .. }
+        ));
+        assert!(matches!(
+            classify_open_error(p, "/p/libx.so: invalid ELF header"),
+            ImportError::NotALibrary { .. }
+        ));
+        assert!(matches!(
+            classify_open_error(p, "/p/libx.so: file too short"),
+            ImportError::NotALibrary { .. }
+        ));
+    }
+
+    #[test]
+    fn missing_file_is_not_found() {
+        let err = NativeLibrary::open(Path::new("/definitely/not/here/libx.so")).unwrap_err();
+        assert!(matches!(err, ImportError::LibraryNotFound { .. }));
+    }
+
+    #[test]
+    fn text_file_is_not_a_library() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libx.so");
+        std::fs::write(&path, "hello, I am not ELF").unwrap();
+        let err = NativeLibrary::open(&path).unwrap_err();
+        assert!(matches!(err, ImportError::NotALibrary { .. }), "{err}");
+    }
+
+    #[test]
+    fn error_bodies_are_read_leniently() {
+        assert_eq!(
+            error_parts(br#"{"error_type":"InvalidInput","message":"bad"}"#),
+            (Some("InvalidInput".into()), "bad".into())
+        );
+        assert_eq!(error_parts(b"plain"), (None, "plain".into()));
+    }
+}

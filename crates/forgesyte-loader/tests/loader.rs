@@ -1,0 +1,575 @@
+//! The load pipeline over the fake filesystem and the fake importer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use forgesyte_deps::fake::FakeWorld;
+use forgesyte_loader::fake::{FakeBehavior, FakeImporter};
+use forgesyte_loader::{CallError, Loader, LoaderConfig};
+use forgesyte_registry::{PluginLifecycleState as S, Registry};
+use proptest::prelude::*;
+use serde_json::json;
+
+/// A fake world with a plugins directory, and the loader over it.
+struct Setup {
+    world: FakeWorld,
+    importer: Arc<FakeImporter>,
+    registry: Registry,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let world = FakeWorld::new();
+        world.fs.add_dir("/plugins");
+        Setup {
+            world,
+            importer: Arc::new(FakeImporter::new()),
+            registry: Registry::new(),
+        }
+    }
+
+    /// A plugin directory with `manifest` and a library file `libNAME.so`
+    /// whose import does `behavior`.
+    fn plugin(&self, dir: &str, manifest: &str, behavior: FakeBehavior) -> &Self {
+        let lib = format!("/plugins/{dir}/lib.so");
+        self.world
+            .fs
+            .add_file(format!("/plugins/{dir}/manifest.json"), manifest)
+            .add_file(&lib, "ELF");
+        self.importer.set(lib, behavior);
+        self
+    }
+
+    fn loader(&self) -> Loader {
+        self.loader_with(LoaderConfig::default())
+    }
+
+    fn loader_with(&self, config: LoaderConfig) -> Loader {
+        Loader::with_seams(
+            self.registry.clone(),
+            Arc::new(self.world.checker()),
+            Arc::new(self.world.fs.clone()),
+            self.importer.clone(),
+            config,
+        )
+    }
+
+    fn load(&self) -> Loader {
+        let loader = self.loader();
+        loader.load_all("/plugins".as_ref());
+        loader
+    }
+
+    /// Asserts the final state of `name` and that its reason contains every
+    /// one of `reason_parts`.
+    fn check(&self, name: &str, state: S, reason_parts: &[&str]) {
+        let status = self
+            .registry
+            .get_status(name)
+            .unwrap_or_else(|| panic!("{name} not registered: {:?}", self.registry.list_all()));
+        assert_eq!(status.state, state, "{name}: {status:?}");
+        let reason = status.reason.unwrap_or_default();
+        for part in reason_parts {
+            assert!(
+                reason.contains(part),
+                "{name}: reason {reason:?} lacks {part:?}"
+            );
+        }
+        if state.is_available() {
+            assert!(self.registry.is_available(name));
+        }
+    }
+}
+
+fn manifest(name: &str, extra: serde_json::Value) -> String {
+    let mut m = json!({"name": name, "version": "1.2.3", "entrypoint": "lib.so"});
+    if let (Some(m), Some(extra)) = (m.as_object_mut(), extra.as_object()) {
+        m.extend(extra.clone());
+    }
+    m.to_string()
+}
+
+#[test]
+fn good_plugin_is_initialized_and_callable() {
+    let s = Setup::new();
+    s.plugin("ocr", &manifest("ocr", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    s.check("ocr", S::Initialized, &[]);
+    let status = s.registry.get_status("ocr").unwrap();
+    assert_eq!(status.version.as_deref(), Some("1.2.3"));
+
+    let handle = loader.handle("ocr").unwrap();
+    assert_eq!(
+        handle.call("echo", &json!({"x": 1})).unwrap(),
+        json!({"x": 1})
+    );
+    let status = s.registry.get_status("ocr").unwrap();
+    assert_eq!((status.success_count, status.error_count), (1, 0));
+    assert!(status.last_used.is_some());
+}
+
+#[test]
+fn tool_error_counts_and_panic_fails_the_plugin() {
+    let s = Setup::new();
+    s.plugin("ocr", &manifest("ocr", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    let handle = loader.handle("ocr").unwrap();
+
+    let err = handle.call("fail", &json!({})).unwrap_err();
+    assert!(
+        matches!(err, CallError::Tool(ref e) if !e.is_fault()),
+        "{err}"
+    );
+    s.check("ocr", S::Initialized, &[]);
+
+    let err = handle.call("nope", &json!({})).unwrap_err();
+    assert_eq!(err.to_string(), "plugin 'ocr' has no tool 'nope'");
+
+    let err = handle.call("panic", &json!({})).unwrap_err();
+    assert!(
+        matches!(err, CallError::Tool(ref e) if e.is_fault()),
+        "{err}"
+    );
+    s.check("ocr", S::Failed, &["ToolPanic", "fake panic"]);
+
+    let err = handle.call("echo", &json!({})).unwrap_err();
+    assert!(matches!(err, CallError::NotRunnable { .. }), "{err}");
+    let status = s.registry.get_status("ocr").unwrap();
+    assert_eq!((status.success_count, status.error_count), (0, 2));
+}
+
+#[test]
+fn import_and_init_failures_keep_their_reasons() {
+    let s = Setup::new();
+    s.plugin("abi", &manifest("abi", json!({})), FakeBehavior::WrongAbi)
+        .plugin(
+            "noentry",
+            &manifest("noentry", json!({})),
+            FakeBehavior::NoEntry,
+        )
+        .plugin(
+            "initerr",
+            &manifest("initerr", json!({})),
+            FakeBehavior::InitError("weights corrupt".into()),
+        )
+        .plugin(
+            "initpanic",
+            &manifest("initpanic", json!({})),
+            FakeBehavior::InitPanic("boom".into()),
+        );
+    s.world
+        .fs
+        .add_file("/plugins/nolib/manifest.json", manifest("nolib", json!({})));
+    let loader = s.load();
+    s.check(
+        "abi",
+        S::Failed,
+        &["ImportError: ", "ABI version mismatch", "999"],
+    );
+    s.check(
+        "noentry",
+        S::Failed,
+        &["ImportError: ", "forgesyte_plugin_entry"],
+    );
+    s.check("initerr", S::Failed, &["InitError: weights corrupt"]);
+    s.check("initpanic", S::Failed, &["InitError: ", "panicked", "boom"]);
+    s.check(
+        "nolib",
+        S::Failed,
+        &["ImportError: library not found", "/plugins/nolib/lib.so"],
+    );
+    assert!(loader.handle("abi").is_none());
+}
+
+#[test]
+fn bad_manifests_fail_with_the_problem_named() {
+    let s = Setup::new();
+    let fs = &s.world.fs;
+    fs.add_file(
+        "/plugins/badjson/manifest.json",
+        "{\"name\": \"x\",\n  oops}",
+    )
+    .add_file("/plugins/empty/manifest.json", "")
+    .add_file(
+        "/plugins/types/manifest.json",
+        r#"{"name": "types", "version": []}"#,
+    )
+    .add_file("/plugins/badname/manifest.json", r#"{"name": "../../etc"}"#)
+    .add_file(
+        "/plugins/dotdot/manifest.json",
+        r#"{"name": "dotdot", "entrypoint": "../other/lib.so"}"#,
+    )
+    .add_file("/plugins/huge/manifest.json", vec![b' '; 4096])
+    .add_file(
+        "/plugins/deps/manifest.json",
+        r#"{"name": "deps", "dependencies": ["foo:bar"]}"#,
+    );
+    let config = LoaderConfig {
+        max_manifest_bytes: 1024,
+        ..LoaderConfig::default()
+    };
+    let loader = s.loader_with(config);
+    let report = loader.load_all("/plugins".as_ref());
+    assert_eq!(report.plugins.len(), 7);
+    assert_eq!(report.failed(), 7);
+    s.check(
+        "badjson",
+        S::Failed,
+        &["ManifestError: invalid JSON", "line 2, column 3"],
+    );
+    s.check("empty", S::Failed, &["ManifestError: ", "is empty"]);
+    s.check(
+        "types",
+        S::Failed,
+        &["field 'version'", "expected a string"],
+    );
+    s.check("badname", S::Failed, &["invalid plugin name", "../../etc"]);
+    s.check(
+        "dotdot",
+        S::Failed,
+        &["'entrypoint' points outside", "../other/lib.so"],
+    );
+    s.check("huge", S::Failed, &["4096 bytes", "1024-byte limit"]);
+    s.check("deps", S::Failed, &["dependencies[0]"]);
+}
+
+#[test]
+fn symlinked_library_outside_the_plugin_dir_is_rejected() {
+    let s = Setup::new();
+    s.world
+        .fs
+        .add_file(
+            "/plugins/sneaky/manifest.json",
+            manifest("sneaky", json!({})),
+        )
+        .add_file("/elsewhere/lib.so", "ELF")
+        .add_symlink("/plugins/sneaky/lib.so", "/elsewhere/lib.so");
+    s.importer.set("/plugins/sneaky/lib.so", FakeBehavior::Good);
+    s.load();
+    s.check(
+        "sneaky",
+        S::Failed,
+        &["points outside", "/elsewhere/lib.so"],
+    );
+}
+
+#[test]
+fn bare_library_names_are_found_on_the_lib_path() {
+    let s = Setup::new();
+    s.world
+        .fs
+        .add_file(
+            "/plugins/ocr/manifest.json",
+            r#"{"name": "ocr", "entrypoint": "libocr.so"}"#,
+        )
+        .add_file("/build/libocr.so", "ELF");
+    s.importer.set("/build/libocr.so", FakeBehavior::Good);
+    let loader = s.loader_with(LoaderConfig {
+        lib_paths: vec!["/build".into()],
+        ..LoaderConfig::default()
+    });
+    loader.load_all("/plugins".as_ref());
+    s.check("ocr", S::Initialized, &[]);
+}
+
+#[test]
+fn discovery_is_sorted_and_skips_dirs_without_manifest() {
+    let s = Setup::new();
+    s.plugin("b", &manifest("b", json!({})), FakeBehavior::Good)
+        .plugin("a", &manifest("a", json!({})), FakeBehavior::Good);
+    s.world
+        .fs
+        .add_dir("/plugins/not-a-plugin")
+        .add_file("/plugins/stray.txt", "x");
+    let loader = s.loader();
+    let dirs = loader.discover("/plugins".as_ref());
+    assert_eq!(
+        dirs,
+        vec![std::path::PathBuf::from("/plugins/a"), "/plugins/b".into()]
+    );
+    let report = loader.load_all("/plugins".as_ref());
+    let names: Vec<_> = report.plugins.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+}
+
+#[test]
+fn missing_plugins_dir_is_an_empty_report() {
+    let s = Setup::new();
+    let report = s.loader().load_all("/does/not/exist".as_ref());
+    assert!(report.plugins.is_empty());
+    assert!(s.registry.is_empty());
+}
+
+#[test]
+fn duplicate_names_never_overwrite() {
+    let s = Setup::new();
+    s.plugin(
+        "dup_a",
+        &manifest("duplicate", json!({})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "dup_b",
+        &manifest("duplicate", json!({"version": "9.9.9"})),
+        FakeBehavior::Good,
+    );
+    let loader = s.load();
+    s.check("duplicate", S::Initialized, &[]);
+    assert_eq!(
+        s.registry
+            .get_status("duplicate")
+            .unwrap()
+            .version
+            .as_deref(),
+        Some("1.2.3")
+    );
+    s.check(
+        "dup_b",
+        S::Failed,
+        &["duplicate plugin name 'duplicate'", "/plugins/dup_a"],
+    );
+    assert_eq!(
+        loader.plugin_dir("duplicate").unwrap(),
+        std::path::PathBuf::from("/plugins/dup_a")
+    );
+}
+
+#[test]
+fn missing_dependencies_are_all_named() {
+    let s = Setup::new();
+    s.plugin(
+        "needy",
+        &manifest(
+            "needy",
+            json!({
+                "dependencies": ["lib:definitely_missing_xyz", "bin:sh", "env:API_KEY"],
+                "requires_gpu": true,
+                "models": {"weights": "weights/model.bin"}
+            }),
+        ),
+        FakeBehavior::Good,
+    );
+    s.world.executables.add("sh");
+    s.load();
+    s.check(
+        "needy",
+        S::Unavailable,
+        &[
+            "Missing dependencies: lib:definitely_missing_xyz, env:API_KEY, gpu",
+            "weights (path: /plugins/needy/weights/model.bin)",
+            "GPU",
+            "CUDA",
+        ],
+    );
+}
+
+#[test]
+fn plugin_dependencies_load_in_order_and_name_the_chain() {
+    let s = Setup::new();
+    // Directory order is the reverse of dependency order.
+    s.plugin(
+        "a_top",
+        &manifest("top", json!({"dependencies": ["plugin:mid@^1"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "b_mid",
+        &manifest("mid", json!({"dependencies": ["plugin:base"]})),
+        FakeBehavior::Good,
+    )
+    .plugin("c_base", &manifest("base", json!({})), FakeBehavior::Good)
+    .plugin(
+        "d_old",
+        &manifest("old", json!({"dependencies": ["plugin:base@^2"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "e_broken",
+        &manifest("broken", json!({})),
+        FakeBehavior::WrongAbi,
+    )
+    .plugin(
+        "f_user",
+        &manifest("user", json!({"dependencies": ["plugin:broken"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "g_x",
+        &manifest("x", json!({"dependencies": ["plugin:y"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "h_y",
+        &manifest("y", json!({"dependencies": ["plugin:x"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "i_behind",
+        &manifest("behind", json!({"dependencies": ["plugin:x"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "j_ghost",
+        &manifest("ghostly", json!({"dependencies": ["plugin:ghost"]})),
+        FakeBehavior::Good,
+    );
+    s.load();
+    s.check("base", S::Initialized, &[]);
+    s.check("mid", S::Initialized, &[]);
+    s.check("top", S::Initialized, &[]);
+    s.check("old", S::Unavailable, &["plugin:base@^2", "1.2.3"]);
+    s.check(
+        "user",
+        S::Unavailable,
+        &["plugin:broken (broken is FAILED: ImportError"],
+    );
+    s.check("x", S::Unavailable, &["dependency cycle", "x -> y -> x"]);
+    s.check("y", S::Unavailable, &["dependency cycle", "y -> x -> y"]);
+    s.check("behind", S::Unavailable, &["behind -> [x -> y -> x]"]);
+    s.check(
+        "ghostly",
+        S::Unavailable,
+        &["Missing dependencies: plugin:ghost"],
+    );
+}
+
+#[test]
+fn load_from_path_loads_one_directory() {
+    let s = Setup::new();
+    s.plugin("one", &manifest("one", json!({})), FakeBehavior::Good);
+    let outcome = s.loader().load_from_path("/plugins/one".as_ref());
+    assert_eq!(outcome.name, "one");
+    assert_eq!(outcome.state, S::Initialized);
+    let missing = s.loader().load_from_path("/plugins/none".as_ref());
+    assert_eq!(missing.state, S::Failed);
+}
+
+#[test]
+fn manifest_is_kept_with_unknown_fields() {
+    let s = Setup::new();
+    s.plugin(
+        "m",
+        &manifest("m", json!({"colour": "blue"})),
+        FakeBehavior::Good,
+    );
+    s.world.fs.add_file(
+        "/plugins/bad/manifest.json",
+        r#"{"name": "bad", "version": 5, "isolation": 3}"#,
+    );
+    let loader = s.load();
+    assert_eq!(loader.manifest("m").unwrap()["colour"], "blue");
+    // A manifest that parses as JSON but fails validation is still served.
+    assert_eq!(loader.manifest("bad").unwrap()["isolation"], 3);
+    s.check("bad", S::Failed, &["isolation"]);
+}
+
+// ---------------------------------------------------------------- properties
+
+#[derive(Debug, Clone)]
+enum Spec {
+    Good(String),
+    Broken(FakeBehavior, String),
+    Garbage(Vec<u8>),
+    NoManifest,
+    DependsOn(String, String),
+}
+
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-d]{1,2}".prop_map(String::from),
+        "[A-Za-z0-9][A-Za-z0-9._-]{0,8}",
+        Just("../x".to_owned()),
+        Just("é".to_owned()),
+    ]
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    prop_oneof![
+        name().prop_map(Spec::Good),
+        (
+            prop_oneof![
+                Just(FakeBehavior::WrongAbi),
+                Just(FakeBehavior::NoEntry),
+                Just(FakeBehavior::InitError("e".into())),
+                Just(FakeBehavior::InitPanic("p".into())),
+            ],
+            name()
+        )
+            .prop_map(|(b, n)| Spec::Broken(b, n)),
+        proptest::collection::vec(any::<u8>(), 0..40).prop_map(Spec::Garbage),
+        Just(Spec::NoManifest),
+        (name(), name()).prop_map(|(a, b)| Spec::DependsOn(a, b)),
+    ]
+}
+
+fn build(specs: &[Spec]) -> (Setup, usize) {
+    let s = Setup::new();
+    let mut with_manifest = 0;
+    for (i, spec) in specs.iter().enumerate() {
+        let dir = format!("p{i:02}");
+        match spec {
+            Spec::Good(n) => {
+                s.plugin(&dir, &manifest(n, json!({})), FakeBehavior::Good);
+            }
+            Spec::Broken(b, n) => {
+                s.plugin(&dir, &manifest(n, json!({})), b.clone());
+            }
+            Spec::Garbage(bytes) => {
+                s.world
+                    .fs
+                    .add_file(format!("/plugins/{dir}/manifest.json"), bytes.clone());
+            }
+            Spec::NoManifest => {
+                s.world.fs.add_dir(format!("/plugins/{dir}"));
+                continue;
+            }
+            Spec::DependsOn(n, d) => {
+                s.plugin(
+                    &dir,
+                    &manifest(n, json!({"dependencies": [format!("plugin:{d}")]})),
+                    FakeBehavior::Good,
+                );
+            }
+        }
+        with_manifest += 1;
+    }
+    (s, with_manifest)
+}
+
+type Outcome = BTreeMap<String, (S, Option<String>)>;
+
+fn outcome(registry: &Registry) -> Outcome {
+    registry
+        .list_all()
+        .into_iter()
+        .map(|s| (s.name, (s.state, s.reason)))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn every_manifest_gets_exactly_one_entry(specs in proptest::collection::vec(spec(), 0..12)) {
+        let (s, with_manifest) = build(&specs);
+        let loader = s.loader();
+        let report = loader.load_all("/plugins".as_ref());
+        prop_assert_eq!(report.plugins.len(), with_manifest);
+        prop_assert_eq!(s.registry.len(), with_manifest);
+        let registry = outcome(&s.registry);
+        for p in &report.plugins {
+            let (state, reason) = &registry[&p.name];
+            prop_assert_eq!(*state, p.state);
+            prop_assert_eq!(reason, &p.reason);
+            // Nothing stays LOADED after a pass, and only available plugins lack a reason.
+            prop_assert_ne!(p.state, S::Loaded);
+            prop_assert_eq!(p.state.is_available(), p.reason.is_none());
+            prop_assert_eq!(loader.handle(&p.name).is_some(), p.state.is_available());
+        }
+
+        // Loading the same tree into a fresh registry gives identical results.
+        let again = Setup { registry: Registry::new(), ..s };
+        again.loader().load_all("/plugins".as_ref());
+        prop_assert_eq!(outcome(&again.registry), registry);
+    }
+}
