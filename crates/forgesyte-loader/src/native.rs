@@ -64,6 +64,7 @@ impl NativeLibrary {
                 path: path.to_path_buf(),
             });
         }
+        check_elf(path)?;
         // SAFETY: opening a library runs its initialisers. That is the point
         // of an in-process plugin; the file was named by the operator's
         // plugin directory, and the dependency checker never reaches here
@@ -287,6 +288,52 @@ fn c_str(ptr: *const std::ffi::c_char) -> String {
     unsafe { CStr::from_ptr(ptr) }
         .to_string_lossy()
         .into_owned()
+}
+
+/// Reads the ELF headers without running anything, so that files `dlopen`
+/// would crash on (a truncated library makes glibc's loader touch mapped
+/// pages past the end of the file: SIGBUS) are rejected with a reason.
+fn check_elf(path: &Path) -> Result<(), ImportError> {
+    use object::elf::{ET_DYN, FileHeader64, PT_LOAD};
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+
+    let not_a_library = |detail: String| ImportError::NotALibrary {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let file = std::fs::File::open(path).map_err(|e| ImportError::Open {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let data = object::ReadCache::new(file);
+    let header = FileHeader64::<object::Endianness>::parse(&data)
+        .map_err(|e| not_a_library(format!("not a 64-bit ELF file ({e})")))?;
+    let endian = header
+        .endian()
+        .map_err(|e| not_a_library(format!("bad ELF header ({e})")))?;
+    if header.e_type(endian) != ET_DYN {
+        return Err(not_a_library("ELF file is not a shared object".into()));
+    }
+    let segments = header.program_headers(endian, &data).map_err(|e| {
+        not_a_library(format!(
+            "truncated or corrupt: program headers unreadable ({e})"
+        ))
+    })?;
+    for segment in segments {
+        if segment.p_type(endian) != PT_LOAD {
+            continue;
+        }
+        let end = segment
+            .p_offset(endian)
+            .checked_add(segment.p_filesz(endian));
+        if end.is_none_or(|end| end > file_len) {
+            return Err(not_a_library(format!(
+                "truncated or corrupt: a loadable segment ends past the end of the {file_len}-byte file"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The error and its sources on one line (libloading keeps dlerror's text in
