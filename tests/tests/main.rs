@@ -1,0 +1,6 @@
+//! The workspace's one integration-test binary: cross-crate and black-box
+//! tests, one module per concern.
+
+mod green;
+mod zoo;
+mod zoo_load;
