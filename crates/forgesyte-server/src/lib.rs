@@ -1,1 +1,75 @@
-//! placeholder
+//! The ForgeSyte server: the HTTP API (SPEC §5), the tool runner, the
+//! `forgesyte` command line (`serve`, `check`; SPEC §7) and the startup
+//! wiring (seed §4) of the ForgeSyte plugin host.
+//!
+//! # Who this is for
+//!
+//! Operators run the `forgesyte` binary built from this crate. Rust code
+//! that wants to embed the host (or test it) uses the library: [`app`] builds
+//! the [`axum::Router`] over an [`AppState`], [`Server`] binds, loads and
+//! serves, [`check`] loads a directory without serving.
+//!
+//! ```no_run
+//! use forgesyte_server::{Server, ServerConfig, shutdown_signal};
+//!
+//! # async fn run() -> Result<(), forgesyte_server::ServeError> {
+//! let mut config = ServerConfig::default();
+//! config.bind = "127.0.0.1:0".into();
+//! config.plugins_dir = "plugins".into();
+//! let server = Server::bind(config).await?;
+//! println!("listening on http://{}", server.local_addr());
+//! server.run(shutdown_signal()).await
+//! # }
+//! ```
+//!
+//! # Startup (seed §4)
+//!
+//! [`Server::bind`] binds the listener first; [`Server::run`] then starts the
+//! load pass on a blocking thread and serves at once, so the health
+//! endpoints answer while slow plugins are still loading (they show
+//! `LOADED`). Load errors of any kind never stop the server. On the shutdown
+//! signal the server stops accepting, waits for in-flight requests up to
+//! [`ServerConfig::shutdown_grace`], drops the plugin instances and returns.
+//!
+//! # Tool calls
+//!
+//! A tool call runs on the blocking pool (`spawn_blocking`), never on the
+//! async runtime, under a per-call time limit: the manifest's
+//! `limits.call_timeout_s`, else [`ServerConfig::call_timeout`]. A call that
+//! runs past it answers 504 and its plugin becomes FAILED: an in-process
+//! plugin's thread cannot be stopped, so the host stops trusting the plugin
+//! (the thread finishes, or not, in the background).
+//!
+//! # What this crate must not know
+//!
+//! **Only this crate knows HTTP, and it never calls plugin code directly**:
+//! every call goes through [`forgesyte_loader::PluginHandle`], which records
+//! the outcome in the registry. The server does not parse manifests, probe
+//! dependencies or decide lifecycle transitions; it reads the
+//! [`forgesyte_registry::Registry`] (lock-free snapshots) and maps outcomes
+//! to status codes in exactly one place ([`ApiError`]).
+
+mod api;
+mod check;
+mod config;
+mod docs;
+mod error;
+mod openapi;
+mod server;
+mod state;
+mod tools;
+
+pub use api::{HealthResponse, app};
+pub use check::{CheckError, CheckReport, check};
+pub use config::{
+    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_PLUGINS_DIR,
+    DEFAULT_SHUTDOWN_GRACE, ServerConfig,
+};
+pub use error::{ApiError, RunError};
+pub use openapi::openapi;
+pub use server::{ServeError, Server, build_loader, serve, shutdown_signal};
+pub use state::AppState;
+pub use tools::{RunFailure, RunRequest, RunSuccess};
+
+/// The server's version, as reported by `GET /v1/health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

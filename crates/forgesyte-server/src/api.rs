@@ -1,0 +1,343 @@
+//! The router and the handlers of SPEC §5.
+//!
+//! Plugin names are taken from the request path by hand (percent-decoded,
+//! invalid UTF-8 replaced) rather than with axum's `Path` extractor, whose
+//! rejections answer `text/plain` 400s: any name that is not a registry key
+//! is simply "not found", whatever bytes it holds.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use forgesyte_registry::PluginStatus;
+use serde::{Deserialize, Serialize};
+use tower_http::trace::TraceLayer;
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::tools::{self, RunFailure, RunRequest, RunSuccess};
+use crate::{VERSION, docs, openapi};
+
+/// Answer of `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    /// `loading` while the startup load pass runs; then `ok` when every
+    /// plugin not marked `optional` is available, else `degraded`. The
+    /// server itself is up in all three cases.
+    pub status: String,
+    /// Plugins that can take tool calls (INITIALIZED or RUNNING).
+    pub plugins_loaded: usize,
+    /// Plugins registered, in any state.
+    pub plugins_total: usize,
+    /// The server's version.
+    pub version: String,
+}
+
+/// The HTTP app over `state`: every route of SPEC §5 plus `/openapi.json`
+/// and `/docs`, JSON 404 and 405 answers, the request body limit and
+/// request tracing.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.body_limit();
+    Router::new()
+        .route("/v1/health", get(server_health))
+        .route("/v1/plugins", get(list_plugins))
+        .route("/v1/plugins/", get(list_plugins))
+        .route("/v1/plugins/{name}/health", get(plugin_health))
+        .route("/v1/plugins/{name}/manifest", get(plugin_manifest))
+        .route("/v1/plugins/{name}/tools", get(plugin_tools))
+        .route("/v1/plugins/{name}/tools/{tool}/run", post(run_tool))
+        .route("/openapi.json", get(openapi_json))
+        .route("/docs", get(docs_page))
+        // After the routes: it applies to the routes registered so far.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Segment `index` of the request path (0 is the empty text before the
+/// first `/`), percent-decoded, invalid UTF-8 replaced by U+FFFD.
+pub(crate) fn path_segment(uri: &Uri, index: usize) -> String {
+    let raw = uri.path().split('/').nth(index).unwrap_or_default();
+    percent_decode_lossy(raw)
+}
+
+fn percent_decode_lossy(raw: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let decoded = match (b, bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| h * 16 + l),
+            _ => None,
+        };
+        match decoded {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A JSON response from a borrowed value.
+fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut response = (status, body).into_response();
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(e) => ApiError::Internal {
+            context: format!("serialising a response: {e}"),
+        }
+        .into_response(),
+    }
+}
+
+/// Server health and the number of plugins available.
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    tag = "server",
+    responses((status = 200, description = "The server is up", body = HealthResponse))
+)]
+pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
+    let snapshot = state.registry().snapshot();
+    let names = snapshot.names();
+    let plugins_loaded = snapshot.available().len();
+    let status = if state.is_loading() {
+        "loading"
+    } else if names.iter().all(|name| {
+        snapshot.state(name).is_some_and(|s| s.is_available()) || state.loader().is_optional(name)
+    }) {
+        "ok"
+    } else {
+        "degraded"
+    };
+    json(
+        StatusCode::OK,
+        &HealthResponse {
+            status: status.to_owned(),
+            plugins_loaded,
+            plugins_total: names.len(),
+            version: VERSION.to_owned(),
+        },
+    )
+}
+
+/// Every plugin's status, sorted by name, failed and unavailable ones included.
+///
+/// Also served at `/v1/plugins/` (same answer, no redirect).
+#[utoipa::path(
+    get,
+    path = "/v1/plugins",
+    tag = "plugins",
+    responses((status = 200, description = "Every plugin, sorted by name", body = [openapi::PluginStatusSchema]))
+)]
+pub(crate) async fn list_plugins(State(state): State<AppState>) -> Response {
+    json(StatusCode::OK, &state.registry().snapshot().statuses())
+}
+
+/// One plugin's status: state, reason, version and metrics.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/{name}/health",
+    tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name (registry key)")),
+    responses(
+        (status = 200, description = "The plugin's status, whatever its state", body = openapi::PluginStatusSchema),
+        (status = 404, description = "No plugin of that name", body = openapi::ErrorDetail),
+    )
+)]
+pub(crate) async fn plugin_health(
+    State(state): State<AppState>,
+    uri: Uri,
+) -> Result<Json<PluginStatus>, ApiError> {
+    let name = path_segment(&uri, 3);
+    match state.registry().get_status(&name) {
+        Some(status) => Ok(Json(status)),
+        None => Err(ApiError::PluginNotFound { name }),
+    }
+}
+
+/// The plugin's `manifest.json` as read, unknown fields kept.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/{name}/manifest",
+    tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name (registry key)")),
+    responses(
+        (status = 200, description = "The manifest object as read", body = Object),
+        (status = 404, description = "No plugin of that name, or its manifest is not valid JSON", body = openapi::ErrorDetail),
+    )
+)]
+pub(crate) async fn plugin_manifest(
+    State(state): State<AppState>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let name = path_segment(&uri, 3);
+    if let Some(raw) = state.loader().manifest(&name) {
+        return Ok(json(StatusCode::OK, &*raw));
+    }
+    if state.registry().contains(&name) {
+        Err(ApiError::ManifestUnavailable { name })
+    } else {
+        Err(ApiError::PluginNotFound { name })
+    }
+}
+
+/// The tools the loaded plugin offers (authoritative over the manifest).
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/{name}/tools",
+    tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name (registry key)")),
+    responses(
+        (status = 200, description = "The plugin's tools", body = [openapi::ToolInfoSchema]),
+        (status = 404, description = "No plugin of that name", body = openapi::ErrorDetail),
+        (status = 503, description = "The plugin has no live instance", body = openapi::ErrorDetail),
+    )
+)]
+pub(crate) async fn plugin_tools(
+    State(state): State<AppState>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let name = path_segment(&uri, 3);
+    if let Some(handle) = state.loader().handle(&name) {
+        return Ok(json(StatusCode::OK, handle.tools()));
+    }
+    match state.registry().get_status(&name) {
+        Some(status) => Err(ApiError::PluginNotRunnable {
+            name,
+            state: Some(status.state),
+            reason: status.reason,
+        }),
+        None => Err(ApiError::PluginNotFound { name }),
+    }
+}
+
+/// Runs a tool. The call runs off the async runtime under a time limit
+/// (the manifest's `limits.call_timeout_s`, else the server's
+/// `--call-timeout`); a panic, protocol fault or timeout marks the plugin
+/// FAILED (in-process, a timed-out call's thread cannot be stopped).
+#[utoipa::path(
+    post,
+    path = "/v1/plugins/{name}/tools/{tool}/run",
+    tag = "tools",
+    params(
+        ("name" = String, Path, description = "Plugin name (registry key)"),
+        ("tool" = String, Path, description = "Tool id"),
+    ),
+    request_body(content = RunRequest, description = "`{\"args\": {...}}`; an empty body means no arguments", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The tool's result", body = RunSuccess),
+        (status = 400, description = "The body is not JSON", body = RunFailure),
+        (status = 404, description = "Unknown plugin or tool", body = RunFailure),
+        (status = 413, description = "The body is larger than the limit", body = RunFailure),
+        (status = 422, description = "The body has the wrong shape, or the tool returned an error", body = RunFailure),
+        (status = 502, description = "The tool panicked or broke the protocol; the plugin is now FAILED", body = RunFailure),
+        (status = 503, description = "The plugin cannot run tools (state and reason in the body)", body = RunFailure),
+        (status = 504, description = "The tool ran past its time limit; the plugin is now FAILED", body = RunFailure),
+    )
+)]
+pub(crate) async fn run_tool(
+    State(state): State<AppState>,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let plugin = path_segment(&uri, 3);
+    let tool = path_segment(&uri, 5);
+    let outcome = match tools::parse_body(body, state.body_limit()) {
+        Ok(request) => tools::run(&state, &plugin, &tool, request).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(success) => Ok(json(StatusCode::OK, &success)),
+        Err(error) => Err(ApiError::Run {
+            plugin,
+            tool,
+            error,
+        }),
+    }
+}
+
+/// The OpenAPI 3.1 document of this API, generated from the code.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "server",
+    responses((status = 200, description = "The OpenAPI document", body = Object))
+)]
+pub(crate) async fn openapi_json() -> Response {
+    let mut response = openapi::document_json().clone().into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A human-readable page of the OpenAPI document (no external assets).
+#[utoipa::path(
+    get,
+    path = "/docs",
+    tag = "server",
+    responses((status = 200, description = "HTML documentation", content_type = "text/html"))
+)]
+pub(crate) async fn docs_page() -> Html<Bytes> {
+    Html(docs::page().clone())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::RouteNotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_decoded_lossily() {
+        let uri: Uri = "/v1/plugins/oc%72/health".parse().unwrap();
+        assert_eq!(path_segment(&uri, 3), "ocr");
+        let uri: Uri = "/v1/plugins/%FF%fe/health".parse().unwrap();
+        assert_eq!(path_segment(&uri, 3), "\u{FFFD}\u{FFFD}");
+        let uri: Uri = "/v1/plugins/a%2Fb/tools/t%20x/run".parse().unwrap();
+        assert_eq!(path_segment(&uri, 3), "a/b");
+        assert_eq!(path_segment(&uri, 5), "t x");
+        let uri: Uri = "/v1/plugins/%/health".parse().unwrap();
+        assert_eq!(path_segment(&uri, 3), "%");
+        assert_eq!(path_segment(&uri, 30), "");
+    }
+
+    #[test]
+    fn bad_escapes_are_kept_as_text() {
+        assert_eq!(percent_decode_lossy("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode_lossy("%e2%9c%93"), "✓");
+    }
+}

@@ -1,0 +1,209 @@
+//! `forgesyte check`: load a plugins directory as `serve` would, without
+//! serving, and report every plugin's state.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use forgesyte_loader::Loader;
+use forgesyte_registry::{PluginLifecycleState, PluginStatus};
+
+use crate::server::build_loader;
+
+/// Why `check` could not run at all (a usage error: exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// The plugins directory is missing or not a directory.
+    #[error("plugins directory '{}' does not exist or is not a directory", path.display())]
+    NotADirectory {
+        /// The directory given.
+        path: PathBuf,
+    },
+}
+
+/// What a check found: every plugin's status after one load pass, sorted by
+/// name (the array `GET /v1/plugins` would answer).
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    /// Every plugin found, sorted by name.
+    pub plugins: Vec<PluginStatus>,
+    /// Wall time of the load pass, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl CheckReport {
+    /// Loads `dir` with `loader` (the seam for tests) and reads the result.
+    pub fn from_loader(loader: &Loader, dir: &Path) -> CheckReport {
+        let report = loader.load_all(dir);
+        CheckReport {
+            plugins: loader.registry().list_all(),
+            elapsed_ms: report.elapsed_ms,
+        }
+    }
+
+    /// Whether every plugin can take tool calls.
+    pub fn all_available(&self) -> bool {
+        self.plugins.iter().all(|p| p.state.is_available())
+    }
+
+    /// The process exit code: 0 when every plugin is available, else 1.
+    pub fn exit_code(&self) -> u8 {
+        if self.all_available() { 0 } else { 1 }
+    }
+
+    fn count(&self, state: PluginLifecycleState) -> usize {
+        self.plugins.iter().filter(|p| p.state == state).count()
+    }
+
+    /// One line per plugin (`name  STATE  version  reason`, aligned), then
+    /// a summary line.
+    pub fn to_text(&self) -> String {
+        let version = |p: &PluginStatus| p.version.clone().unwrap_or_else(|| "-".into());
+        let name_w = self
+            .plugins
+            .iter()
+            .map(|p| p.name.chars().count())
+            .max()
+            .unwrap_or(0);
+        let version_w = self
+            .plugins
+            .iter()
+            .map(|p| version(p).chars().count())
+            .max()
+            .unwrap_or(0);
+        let state_w = "INITIALIZED".len().max("UNAVAILABLE".len());
+        let mut out = String::new();
+        for p in &self.plugins {
+            let line = format!(
+                "{:name_w$}  {:state_w$}  {:version_w$}  {}",
+                p.name,
+                p.state.as_str(),
+                version(p),
+                p.reason.as_deref().unwrap_or_default()
+            );
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+        let loaded = self
+            .plugins
+            .iter()
+            .filter(|p| p.state.is_available())
+            .count();
+        let _ = writeln!(
+            out,
+            "{} plugin{}: {} loaded, {} failed, {} unavailable ({:.1} ms)",
+            self.plugins.len(),
+            if self.plugins.len() == 1 { "" } else { "s" },
+            loaded,
+            self.count(PluginLifecycleState::Failed),
+            self.count(PluginLifecycleState::Unavailable),
+            self.elapsed_ms
+        );
+        out
+    }
+
+    /// The JSON array of status objects, as `GET /v1/plugins` answers it.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&self.plugins).unwrap_or_else(|_| "[]".into())
+    }
+}
+
+/// Loads `dir` over the real filesystem and libraries, searching
+/// `lib_paths`, exactly as `forgesyte serve` would.
+///
+/// # Errors
+///
+/// [`CheckError::NotADirectory`] when `dir` is not a directory.
+pub fn check(dir: &Path, lib_paths: &[PathBuf]) -> Result<CheckReport, CheckError> {
+    if !dir.is_dir() {
+        return Err(CheckError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    let loader = build_loader(lib_paths);
+    Ok(CheckReport::from_loader(&loader, dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forgesyte_registry::{PluginInfo, Registry};
+
+    fn report() -> CheckReport {
+        let registry = Registry::new();
+        for name in ["good", "broken", "nogpu"] {
+            registry
+                .register(
+                    name,
+                    PluginInfo {
+                        version: Some("1.2.0".into()),
+                        ..PluginInfo::default()
+                    },
+                )
+                .unwrap();
+        }
+        registry.mark_initialized("good").unwrap();
+        registry
+            .mark_failed("broken", "ImportError: no such file")
+            .unwrap();
+        registry
+            .mark_unavailable("nogpu", "Missing dependencies: gpu")
+            .unwrap();
+        CheckReport {
+            plugins: registry.list_all(),
+            elapsed_ms: 1.0,
+        }
+    }
+
+    #[test]
+    fn text_has_one_line_per_plugin_and_a_summary() {
+        let text = report().to_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[0],
+            "broken  FAILED       1.2.0  ImportError: no such file"
+        );
+        assert_eq!(lines[1], "good    INITIALIZED  1.2.0");
+        assert_eq!(
+            lines[2],
+            "nogpu   UNAVAILABLE  1.2.0  Missing dependencies: gpu"
+        );
+        assert_eq!(
+            lines[3],
+            "3 plugins: 1 loaded, 1 failed, 1 unavailable (1.0 ms)"
+        );
+    }
+
+    #[test]
+    fn exit_code_is_zero_only_when_all_are_available() {
+        let mut report = report();
+        assert_eq!(report.exit_code(), 1);
+        report.plugins.retain(|p| p.name == "good");
+        assert_eq!(report.exit_code(), 0);
+        report.plugins.clear();
+        assert_eq!(
+            report.exit_code(),
+            0,
+            "nothing to fix in an empty directory"
+        );
+    }
+
+    #[test]
+    fn json_is_the_status_array() {
+        let json: serde_json::Value = serde_json::from_str(&report().to_json()).unwrap();
+        let names: Vec<&str> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["broken", "good", "nogpu"]);
+        assert_eq!(json[0]["state"], "FAILED");
+    }
+
+    #[test]
+    fn a_missing_directory_is_a_usage_error() {
+        let err = check(Path::new("/nonexistent/forgesyte/plugins"), &[]).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}

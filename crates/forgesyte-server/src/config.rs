@@ -1,0 +1,69 @@
+//! Server settings and their defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default listen address (`--bind`, `FORGESYTE_BIND`).
+pub const DEFAULT_BIND: &str = "127.0.0.1:8000";
+
+/// Default plugins directory (`--plugins`, `FORGESYTE_PLUGINS_DIR`).
+pub const DEFAULT_PLUGINS_DIR: &str = "./plugins";
+
+/// Default time limit of one tool call (`--call-timeout`,
+/// `FORGESYTE_CALL_TIMEOUT`); a manifest's `limits.call_timeout_s` wins.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default request body limit in bytes (`--body-limit`, `FORGESYTE_BODY_LIMIT`): 32 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// Default bound on waiting for in-flight requests at shutdown
+/// (`--shutdown-grace`, `FORGESYTE_SHUTDOWN_GRACE`).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything `forgesyte serve` can be told.
+///
+/// Build one from [`ServerConfig::default`] and change the fields you need.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Directory whose subdirectories hold one plugin each.
+    pub plugins_dir: PathBuf,
+    /// Address to listen on (`host:port`; port 0 picks a free one).
+    pub bind: String,
+    /// Extra directories searched for plugin libraries and `lib:` dependencies.
+    pub lib_paths: Vec<PathBuf>,
+    /// Time limit of one tool call when the manifest sets none.
+    pub call_timeout: Duration,
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
+            bind: DEFAULT_BIND.to_owned(),
+            lib_paths: Vec::new(),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            body_limit: DEFAULT_BODY_LIMIT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = ServerConfig::default();
+        assert_eq!(config.bind, "127.0.0.1:8000");
+        assert_eq!(config.plugins_dir, PathBuf::from("./plugins"));
+        assert_eq!(config.call_timeout, Duration::from_secs(60));
+        assert_eq!(config.body_limit, 33_554_432);
+        assert!(config.lib_paths.is_empty());
+    }
+}

@@ -1,0 +1,480 @@
+//! The one mapping from failures to HTTP answers.
+//!
+//! [`ApiError`] is every way a request can fail and has the crate's only
+//! `IntoResponse` for errors. Most variants answer FastAPI's `{"detail": …}`;
+//! [`ApiError::Run`] answers the tool-run failure shape of SPEC §5
+//! (`{"ok": false, "error", "error_type", "detail", …}`), whose status and
+//! fields [`RunError`] decides. Internal details are logged, never sent.
+
+use std::fmt;
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use forgesyte_errors::ToolError;
+use forgesyte_loader::CallError;
+use forgesyte_registry::PluginLifecycleState;
+use serde_json::{Map, Value, json};
+
+/// Longest piece of a client-supplied name echoed back in a message.
+const SHOWN_CHARS: usize = 128;
+
+/// A client-supplied name as shown in messages: cut to [`SHOWN_CHARS`]
+/// characters so a 10 KB path does not come back as a 10 KB message.
+pub(crate) struct Shown<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.char_indices().nth(SHOWN_CHARS) {
+            Some((cut, _)) => write!(f, "{}…", &self.0[..cut]),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+fn state_name(state: Option<PluginLifecycleState>) -> &'static str {
+    state.map_or("not loaded", PluginLifecycleState::as_str)
+}
+
+fn reason_suffix(reason: Option<&str>) -> String {
+    reason.map(|r| format!(": {r}")).unwrap_or_default()
+}
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// No plugin of that name is registered (404).
+    #[error("Plugin '{}' not found", Shown(name))]
+    PluginNotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// The plugin is registered but its manifest was not valid JSON (404).
+    #[error(
+        "Plugin '{}' has no readable manifest (see its health for the reason)",
+        Shown(name)
+    )]
+    ManifestUnavailable {
+        /// The plugin.
+        name: String,
+    },
+    /// The plugin has no live instance, so it has no tools to list (503).
+    #[error("Plugin '{}' is {} and has no live instance{}", Shown(name), state_name(*state), reason_suffix(reason.as_deref()))]
+    PluginNotRunnable {
+        /// The plugin.
+        name: String,
+        /// Its state, if registered.
+        state: Option<PluginLifecycleState>,
+        /// Its reason, if any.
+        reason: Option<String>,
+    },
+    /// No route matches the path (404).
+    #[error("Not Found")]
+    RouteNotFound,
+    /// The route exists, but not for this method (405).
+    #[error("Method Not Allowed")]
+    MethodNotAllowed,
+    /// A tool run failed; answered in the tool-run failure shape.
+    #[error(
+        "tool run of '{}' on plugin '{}' failed: {error}",
+        Shown(tool),
+        Shown(plugin)
+    )]
+    Run {
+        /// The plugin named in the path.
+        plugin: String,
+        /// The tool named in the path.
+        tool: String,
+        /// What went wrong.
+        #[source]
+        error: RunError,
+    },
+    /// A bug or unexpected condition in the host (500). The context is
+    /// logged; the client only sees `Internal Server Error`.
+    #[error("Internal Server Error")]
+    Internal {
+        /// What happened, for the log.
+        context: String,
+    },
+}
+
+impl ApiError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::PluginNotFound { .. }
+            | ApiError::ManifestUnavailable { .. }
+            | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
+            ApiError::PluginNotRunnable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Run { error, .. } => error.status(),
+            ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON body this error answers with.
+    pub fn body(&self) -> Value {
+        match self {
+            ApiError::Run {
+                plugin,
+                tool,
+                error,
+            } => error.body(plugin, tool),
+            other => json!({ "detail": other.to_string() }),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            ApiError::Internal { context } => {
+                tracing::error!(%context, "internal error answering a request");
+            }
+            ApiError::Run {
+                plugin,
+                tool,
+                error: RunError::Internal { message },
+            } => {
+                tracing::error!(plugin = %Shown(plugin), tool = %Shown(tool), %message, "internal error running a tool");
+            }
+            other if status.is_server_error() => {
+                tracing::warn!(status = status.as_u16(), "{other}");
+            }
+            other => tracing::debug!(status = status.as_u16(), "{other}"),
+        }
+        (status, Json(self.body())).into_response()
+    }
+}
+
+/// Why a tool run (`POST /v1/plugins/{name}/tools/{tool}/run`) failed.
+///
+/// Each variant fixes the status code and the `error_type` of the failure
+/// body; `error` is [`RunError`]'s `Display`, `detail` a full sentence.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// No plugin of that name (404, `PluginNotFound`).
+    #[error("plugin not found")]
+    PluginNotFound,
+    /// The plugin has no tool of that name (404, `UnknownTool`).
+    #[error("unknown tool")]
+    UnknownTool,
+    /// The plugin cannot run tools now (503, `PluginNotRunnable`).
+    #[error("plugin is {} and cannot run tools", state_name(*state))]
+    NotRunnable {
+        /// Its state.
+        state: Option<PluginLifecycleState>,
+        /// Its reason, if any.
+        reason: Option<String>,
+    },
+    /// The body is not JSON (400, `MalformedBody`).
+    #[error("{message}")]
+    MalformedBody {
+        /// The parser's message.
+        message: String,
+    },
+    /// The body is JSON of the wrong shape (422, `InvalidBody`).
+    #[error("{message}")]
+    InvalidBody {
+        /// What is wrong.
+        message: String,
+    },
+    /// The body is larger than the limit (413, `PayloadTooLarge`).
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The tool rejected its arguments (422, `InvalidArgs`).
+    #[error("{message}")]
+    InvalidArgs {
+        /// The tool's message.
+        message: String,
+    },
+    /// The tool ran and returned an error (422; `error_type` is the
+    /// plugin's own class, else `ToolError`).
+    #[error("{message}")]
+    ToolFailed {
+        /// The plugin's own error class.
+        error_type: Option<String>,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The tool panicked or broke the protocol; the plugin is now FAILED
+    /// (502, `ToolPanic` / `ProtocolError`).
+    #[error("{message}")]
+    Fault {
+        /// Stable error class.
+        kind: String,
+        /// What happened.
+        message: String,
+    },
+    /// The tool ran past its time limit; the plugin is now FAILED (504, `Timeout`).
+    #[error("{reason}")]
+    Timeout {
+        /// The limit it ran past.
+        after: Duration,
+        /// The reason recorded for the plugin.
+        reason: String,
+    },
+    /// A bug in the host (500, `InternalError`); the message is only logged.
+    #[error("Internal Server Error")]
+    Internal {
+        /// What happened, for the log.
+        message: String,
+    },
+}
+
+impl RunError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RunError::PluginNotFound | RunError::UnknownTool => StatusCode::NOT_FOUND,
+            RunError::NotRunnable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RunError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
+            RunError::InvalidBody { .. }
+            | RunError::InvalidArgs { .. }
+            | RunError::ToolFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            RunError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RunError::Fault { .. } => StatusCode::BAD_GATEWAY,
+            RunError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            RunError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `error_type` field.
+    pub fn error_type(&self) -> &str {
+        match self {
+            RunError::PluginNotFound => "PluginNotFound",
+            RunError::UnknownTool => "UnknownTool",
+            RunError::NotRunnable { .. } => "PluginNotRunnable",
+            RunError::MalformedBody { .. } => "MalformedBody",
+            RunError::InvalidBody { .. } => "InvalidBody",
+            RunError::PayloadTooLarge { .. } => "PayloadTooLarge",
+            RunError::InvalidArgs { .. } => "InvalidArgs",
+            RunError::ToolFailed { error_type, .. } => error_type.as_deref().unwrap_or("ToolError"),
+            RunError::Fault { kind, .. } => kind,
+            RunError::Timeout { .. } => "Timeout",
+            RunError::Internal { .. } => "InternalError",
+        }
+    }
+
+    /// The `detail` field: a sentence naming the plugin and tool.
+    pub fn detail(&self, plugin: &str, tool: &str) -> String {
+        let (p, t) = (Shown(plugin), Shown(tool));
+        match self {
+            RunError::PluginNotFound => format!("Plugin '{p}' not found"),
+            RunError::UnknownTool => format!("Tool '{t}' not found in plugin '{p}'"),
+            RunError::NotRunnable { state, reason } => format!(
+                "Plugin '{p}' is {} and cannot run tools{}",
+                state_name(*state),
+                reason_suffix(reason.as_deref())
+            ),
+            RunError::MalformedBody { message } => {
+                format!("Request body is not valid JSON: {message}")
+            }
+            RunError::InvalidBody { message } => {
+                format!("Request body must be an object {{\"args\": {{...}}}}: {message}")
+            }
+            RunError::PayloadTooLarge { limit } => {
+                format!("Request body is larger than the limit of {limit} bytes")
+            }
+            RunError::InvalidArgs { message } => {
+                format!("Tool '{t}' of plugin '{p}' rejected its arguments: {message}")
+            }
+            RunError::ToolFailed { message, .. } => {
+                format!("Tool '{t}' of plugin '{p}' returned an error: {message}")
+            }
+            RunError::Fault { message, .. } => {
+                format!(
+                    "Tool '{t}' of plugin '{p}' faulted and the plugin is now FAILED: {message}"
+                )
+            }
+            RunError::Timeout { after, .. } => format!(
+                "Tool '{t}' of plugin '{p}' ran past its time limit of {}s; the plugin is now FAILED",
+                after.as_secs_f64()
+            ),
+            RunError::Internal { .. } => "Internal Server Error".to_owned(),
+        }
+    }
+
+    /// The failure body of SPEC §5, plus `plugin_id`, `tool_name`, and for
+    /// [`RunError::NotRunnable`] the plugin's `state` and `reason`.
+    pub fn body(&self, plugin: &str, tool: &str) -> Value {
+        let mut body = Map::new();
+        body.insert("ok".into(), Value::Bool(false));
+        body.insert("plugin_id".into(), Value::from(plugin));
+        body.insert("tool_name".into(), Value::from(tool));
+        body.insert("error".into(), Value::from(self.to_string()));
+        body.insert("error_type".into(), Value::from(self.error_type()));
+        body.insert("detail".into(), Value::from(self.detail(plugin, tool)));
+        if let RunError::NotRunnable { state, reason } = self {
+            body.insert("state".into(), json!(state));
+            body.insert("reason".into(), json!(reason));
+        }
+        Value::Object(body)
+    }
+}
+
+impl From<ToolError> for RunError {
+    fn from(e: ToolError) -> Self {
+        match e {
+            ToolError::UnknownTool { .. } => RunError::UnknownTool,
+            ToolError::InvalidArgs { message } => RunError::InvalidArgs { message },
+            ToolError::Failed {
+                error_type,
+                message,
+            } => RunError::ToolFailed {
+                error_type,
+                message,
+            },
+            ToolError::Panicked { message } => RunError::Fault {
+                kind: "ToolPanic".into(),
+                message: format!("tool panicked: {message}"),
+            },
+            other if other.is_fault() => RunError::Fault {
+                kind: other.kind().into(),
+                message: other.to_string(),
+            },
+            other => RunError::ToolFailed {
+                error_type: Some(other.kind().into()),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<CallError> for RunError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::NotRunnable { state, reason, .. } => RunError::NotRunnable { state, reason },
+            CallError::Tool(tool) => tool.into(),
+            other => RunError::Internal {
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_cuts_long_names_on_a_char_boundary() {
+        assert_eq!(Shown("ocr").to_string(), "ocr");
+        let long = "é".repeat(1000);
+        let shown = Shown(&long).to_string();
+        assert_eq!(shown.chars().count(), SHOWN_CHARS + 1);
+        assert!(shown.ends_with('…'));
+    }
+
+    #[test]
+    fn plain_errors_answer_detail_only() {
+        let e = ApiError::PluginNotFound { name: "x".into() };
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        assert_eq!(e.body(), json!({"detail": "Plugin 'x' not found"}));
+        assert_eq!(
+            ApiError::MethodNotAllowed.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        let internal = ApiError::Internal {
+            context: "secret path /etc/shadow".into(),
+        };
+        assert_eq!(internal.body(), json!({"detail": "Internal Server Error"}));
+    }
+
+    #[test]
+    fn tool_errors_map_to_the_spec_statuses() {
+        let cases: [(ToolError, u16, &str); 5] = [
+            (
+                ToolError::UnknownTool {
+                    plugin: "p".into(),
+                    tool: "t".into(),
+                },
+                404,
+                "UnknownTool",
+            ),
+            (
+                ToolError::InvalidArgs {
+                    message: "m".into(),
+                },
+                422,
+                "InvalidArgs",
+            ),
+            (
+                ToolError::Failed {
+                    error_type: Some("ValueError".into()),
+                    message: "m".into(),
+                },
+                422,
+                "ValueError",
+            ),
+            (
+                ToolError::Panicked {
+                    message: "boom".into(),
+                },
+                502,
+                "ToolPanic",
+            ),
+            (
+                ToolError::Protocol { detail: "d".into() },
+                502,
+                "ProtocolError",
+            ),
+        ];
+        for (tool_error, status, error_type) in cases {
+            let run = RunError::from(CallError::Tool(tool_error));
+            assert_eq!(run.status().as_u16(), status, "{run:?}");
+            assert_eq!(run.error_type(), error_type, "{run:?}");
+        }
+    }
+
+    #[test]
+    fn not_runnable_body_carries_state_and_reason() {
+        let run = RunError::from(CallError::NotRunnable {
+            name: "p".into(),
+            state: Some(PluginLifecycleState::Failed),
+            reason: Some("ImportError: gone".into()),
+        });
+        let body = ApiError::Run {
+            plugin: "p".into(),
+            tool: "t".into(),
+            error: run,
+        }
+        .body();
+        assert_eq!(body["ok"], false);
+        assert_eq!(body["error_type"], "PluginNotRunnable");
+        assert_eq!(body["state"], "FAILED");
+        assert_eq!(body["reason"], "ImportError: gone");
+        assert_eq!(
+            body["detail"],
+            "Plugin 'p' is FAILED and cannot run tools: ImportError: gone"
+        );
+    }
+
+    #[test]
+    fn failure_body_has_every_spec_field() {
+        let body = RunError::ToolFailed {
+            error_type: None,
+            message: "bad input".into(),
+        }
+        .body("p", "t");
+        for field in [
+            "ok",
+            "error",
+            "error_type",
+            "detail",
+            "plugin_id",
+            "tool_name",
+        ] {
+            assert!(body.get(field).is_some(), "missing {field}: {body}");
+        }
+        assert_eq!(body["error"], "bad input");
+        assert_eq!(body["error_type"], "ToolError");
+    }
+}

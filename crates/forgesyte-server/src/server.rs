@@ -1,0 +1,249 @@
+//! Startup (seed §4) and shutdown: bind, load in the background while
+//! serving, stop gracefully.
+
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use forgesyte_deps::DependencyChecker;
+use forgesyte_loader::{Loader, LoaderConfig};
+use forgesyte_registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::{AppState, ServerConfig, app};
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting or serving connections failed.
+    #[error("server error: {source}")]
+    Serve {
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A loader over the real filesystem and real plugin libraries, with its
+/// own registry, searching `lib_paths` for libraries and `lib:` dependencies.
+pub fn build_loader(lib_paths: &[PathBuf]) -> Loader {
+    let checker = Arc::new(DependencyChecker::system(lib_paths.to_vec()));
+    let config = LoaderConfig {
+        lib_paths: lib_paths.to_vec(),
+        ..LoaderConfig::default()
+    };
+    Loader::new(Registry::new(), checker, config)
+}
+
+/// A bound server, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AppState,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Binds `config.bind` with a loader over the real filesystem and libraries.
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::Bind`] when the address cannot be bound.
+    pub async fn bind(config: ServerConfig) -> Result<Server, ServeError> {
+        let loader = Arc::new(build_loader(&config.lib_paths));
+        Server::bind_with(config, loader).await
+    }
+
+    /// Binds `config.bind` with the given loader (fakes in tests).
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::Bind`] when the address cannot be bound.
+    pub async fn bind_with(
+        config: ServerConfig,
+        loader: Arc<Loader>,
+    ) -> Result<Server, ServeError> {
+        let bind_error = |source| ServeError::Bind {
+            addr: config.bind.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(config.bind.as_str())
+            .await
+            .map_err(bind_error)?;
+        let local_addr = listener.local_addr().map_err(bind_error)?;
+        let state = AppState::new(loader, &config);
+        Ok(Server {
+            listener,
+            local_addr,
+            state,
+            config,
+        })
+    }
+
+    /// The address actually bound (the real port when `bind` asked for 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The app state (registry, loader, settings).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Loads every plugin of `config.plugins_dir` on a blocking thread while
+    /// serving, until `shutdown` completes; then stops accepting, waits for
+    /// in-flight requests up to `config.shutdown_grace`, and drops the plugin
+    /// instances. Load errors never stop the server.
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::Serve`] when serving fails.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Server {
+            listener,
+            local_addr,
+            state,
+            config,
+        } = self;
+        tracing::info!(addr = %local_addr, plugins_dir = %config.plugins_dir.display(), "forgesyte listening on http://{local_addr}");
+        start_loading(&state, config.plugins_dir.clone());
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = axum::serve(listener, app(state.clone()))
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .into_future();
+        let mut server = tokio::spawn(serving);
+        let result = tokio::select! {
+            ended = &mut server => flatten(ended),
+            () = shutdown => {
+                tracing::info!(grace_s = config.shutdown_grace.as_secs_f64(), "Shutting down: no new connections, waiting for in-flight requests");
+                let _ = stop_tx.send(());
+                match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+                    Ok(ended) => flatten(ended),
+                    Err(_) => {
+                        tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), "In-flight requests did not finish in time; stopping anyway");
+                        server.abort();
+                        Ok(())
+                    }
+                }
+            }
+        };
+        state.loader().drop_instances();
+        tracing::info!("Plugin instances dropped; bye");
+        result
+    }
+}
+
+fn flatten(ended: Result<io::Result<()>, tokio::task::JoinError>) -> Result<(), ServeError> {
+    match ended {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(ServeError::Serve { source }),
+        Err(join) => Err(ServeError::Serve {
+            source: io::Error::other(join.to_string()),
+        }),
+    }
+}
+
+/// Runs the load pass on the blocking pool and logs its summary; the
+/// state says `loading` until it ends, whatever happens to it.
+fn start_loading(state: &AppState, plugins_dir: PathBuf) {
+    state.set_loading(true);
+    let loader = Arc::clone(state.loader());
+    let state = state.clone();
+    tokio::spawn(async move {
+        let dir = plugins_dir.clone();
+        let pass = tokio::task::spawn_blocking(move || loader.load_all(&dir)).await;
+        state.set_loading(false);
+        match pass {
+            Ok(report) => tracing::info!(
+                loaded = report.loaded(),
+                failed = report.failed(),
+                unavailable = report.unavailable(),
+                elapsed_ms = report.elapsed_ms,
+                "Plugins ready: {} loaded, {} failed, {} unavailable ({:.1} ms)",
+                report.loaded(),
+                report.failed(),
+                report.unavailable(),
+                report.elapsed_ms
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, dir = %plugins_dir.display(), "The plugin load pass failed; serving the plugins registered so far")
+            }
+        }
+    });
+}
+
+/// A future that completes on SIGINT (Ctrl-C) or SIGTERM.
+///
+/// The signal handlers are installed when this function is called (it
+/// must be called inside a tokio runtime), not when the future is first
+/// polled, so a signal that arrives in between is not lost.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for {name}");
+                None
+            }
+        };
+        let mut interrupt = listen(SignalKind::interrupt(), "SIGINT");
+        let mut terminate = listen(SignalKind::terminate(), "SIGTERM");
+        async move {
+            let interrupted = async {
+                match interrupt.as_mut() {
+                    Some(stream) => stream.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let terminated = async {
+                match terminate.as_mut() {
+                    Some(stream) => stream.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = interrupted => tracing::info!("SIGINT received"),
+                _ = terminated => tracing::info!("SIGTERM received"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tracing::info!("Ctrl-C received");
+    }
+}
+
+/// Binds, prints nothing, and serves until SIGINT or SIGTERM: the whole of
+/// `forgesyte serve` but the logging setup and the listening line.
+///
+/// # Errors
+///
+/// [`ServeError`] when the address cannot be bound or serving fails.
+pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
+    let shutdown = shutdown_signal();
+    Server::bind(config).await?.run(shutdown).await
+}

@@ -1,0 +1,221 @@
+//! The tool runner: `POST /v1/plugins/{name}/tools/{tool}/run`.
+//!
+//! Plugin code runs on tokio's blocking pool, never on the async runtime,
+//! under a time limit. Every outcome is recorded in the registry by
+//! [`forgesyte_loader::PluginHandle::call`]; this module only decides what
+//! the client sees.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use crate::error::RunError;
+use crate::state::AppState;
+
+/// Body of a tool run. An empty body means `{"args": {}}`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// The tool's arguments, a JSON object (default `{}`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub args: Map<String, Value>,
+}
+
+/// A tool run that produced a result (200).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
+pub struct RunSuccess {
+    /// Always `true`.
+    pub ok: bool,
+    /// The plugin that ran the tool.
+    pub plugin_id: String,
+    /// The tool that ran.
+    pub tool_name: String,
+    /// What the tool returned.
+    #[schema(value_type = Object)]
+    pub result: Value,
+    /// Wall time of the call as the server measured it, in milliseconds.
+    pub processing_time_ms: f64,
+}
+
+/// A tool run that failed (404, 400, 413, 422, 502, 503, 504).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
+pub struct RunFailure {
+    /// Always `false`.
+    pub ok: bool,
+    /// The plugin named in the path.
+    pub plugin_id: String,
+    /// The tool named in the path.
+    pub tool_name: String,
+    /// What went wrong, briefly (for a tool error: the tool's own message).
+    pub error: String,
+    /// Error class: `PluginNotFound`, `UnknownTool`, `PluginNotRunnable`,
+    /// `MalformedBody`, `InvalidBody`, `PayloadTooLarge`, `InvalidArgs`,
+    /// `ToolError` (or the plugin's own class), `ToolPanic`, `ProtocolError`,
+    /// `Timeout`.
+    pub error_type: String,
+    /// A full sentence naming the plugin and the tool.
+    pub detail: String,
+    /// The plugin's state (only for `PluginNotRunnable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Why the plugin is not runnable (only for `PluginNotRunnable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Reads the body: empty means no arguments; otherwise it must be
+/// `{"args": {...}}` (400 when not JSON, 422 when JSON of another shape,
+/// 413 when larger than the limit).
+pub(crate) fn parse_body(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<RunRequest, RunError> {
+    let bytes = match body {
+        Ok(bytes) => bytes,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(RunError::PayloadTooLarge { limit });
+        }
+        Err(rejection) => {
+            return Err(RunError::MalformedBody {
+                message: rejection.body_text(),
+            });
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RunRequest::default());
+    }
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| RunError::MalformedBody {
+        message: e.to_string(),
+    })?;
+    if !value.is_object() {
+        return Err(RunError::InvalidBody {
+            message: format!("expected a JSON object, found {}", kind(&value)),
+        });
+    }
+    serde_json::from_value(value).map_err(|e| RunError::InvalidBody {
+        message: e.to_string(),
+    })
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Runs `tool` of `plugin` with `request`'s arguments.
+pub(crate) async fn run(
+    state: &AppState,
+    plugin: &str,
+    tool: &str,
+    request: RunRequest,
+) -> Result<RunSuccess, RunError> {
+    let Some(status) = state.registry().get_status(plugin) else {
+        return Err(RunError::PluginNotFound);
+    };
+    if !status.state.is_available() {
+        return Err(RunError::NotRunnable {
+            state: Some(status.state),
+            reason: status.reason,
+        });
+    }
+    let Some(handle) = state.loader().handle(plugin) else {
+        return Err(RunError::NotRunnable {
+            state: Some(status.state),
+            reason: Some("the plugin has no live instance".into()),
+        });
+    };
+    if !handle.has_tool(tool) {
+        return Err(RunError::UnknownTool);
+    }
+    let limit = handle
+        .call_timeout()
+        .unwrap_or_else(|| state.call_timeout());
+    let args = Value::Object(request.args);
+    let started = Instant::now();
+    let call = {
+        let handle = handle.clone();
+        let tool = tool.to_owned();
+        tokio::task::spawn_blocking(move || handle.call(&tool, &args))
+    };
+    let outcome = tokio::time::timeout(limit, call).await;
+    let elapsed = started.elapsed();
+    match outcome {
+        Ok(Ok(Ok(result))) => Ok(RunSuccess {
+            ok: true,
+            plugin_id: plugin.to_owned(),
+            tool_name: tool.to_owned(),
+            result,
+            processing_time_ms: ms(elapsed),
+        }),
+        Ok(Ok(Err(call_error))) => Err(call_error.into()),
+        Ok(Err(join_error)) => Err(RunError::Internal {
+            message: format!("the tool call's thread failed: {join_error}"),
+        }),
+        Err(_elapsed) => {
+            // In-process the call's thread cannot be stopped: the plugin is
+            // no longer trusted. The thread finishes (or not) in the background.
+            let reason = handle.fail_timeout(tool, limit);
+            Err(RunError::Timeout {
+                after: limit,
+                reason,
+            })
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_body(text: &'static str) -> Result<Bytes, BytesRejection> {
+        Ok(Bytes::from_static(text.as_bytes()))
+    }
+
+    #[test]
+    fn empty_and_args_only_bodies_parse() {
+        assert_eq!(parse_body(ok_body(""), 10), Ok(RunRequest::default()));
+        assert_eq!(parse_body(ok_body("  \n"), 10), Ok(RunRequest::default()));
+        assert_eq!(parse_body(ok_body("{}"), 10), Ok(RunRequest::default()));
+        let parsed = parse_body(ok_body(r#"{"args": {"x": 1}}"#), 10).unwrap();
+        assert_eq!(parsed.args.get("x"), Some(&Value::from(1)));
+    }
+
+    #[test]
+    fn malformed_json_is_400_and_wrong_shape_is_422() {
+        for text in ["{", "not json", r#"{"args": }"#, "{\"args\": {}} trailing"] {
+            let err = parse_body(ok_body(text), 10).unwrap_err();
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{text}: {err:?}");
+        }
+        for text in [
+            "[]",
+            "42",
+            r#"{"args": [1, 2]}"#,
+            r#"{"args": "x"}"#,
+            r#"{"args": null}"#,
+            r#"{"arg": {}}"#,
+        ] {
+            let err = parse_body(ok_body(text), 10).unwrap_err();
+            assert_eq!(
+                err.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{text}: {err:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Integration tests of the `forgesyte` server, in one binary:
+//!
+//! - `router`: the real [`forgesyte_server::app`] driven with
+//!   `tower::ServiceExt::oneshot`, over the loader with fake plugins and a
+//!   fake filesystem (the seed's health API GREEN suite, tool outcomes,
+//!   malformed bodies, JSON 404/405, hostile names);
+//! - `binary`: the real `forgesyte` binary on an ephemeral loopback port,
+//!   over real plugin libraries of the fixture zoo, driven over HTTP
+//!   (`serve`, `check`, timeouts, shutdown);
+//! - `concurrency`: readers and tool calls at once against the binary;
+//! - `startup`: [`forgesyte_server::Server`] in-process over a loader whose
+//!   plugin construction is held back (health while loading, timeouts, shutdown).
+
+// Helpers outside #[test] functions may fail loudly too: this is test code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "api/support.rs"]
+mod support;
+
+#[path = "api/binary.rs"]
+mod binary;
+#[path = "api/concurrency.rs"]
+mod concurrency;
+#[path = "api/router.rs"]
+mod router;
+#[path = "api/startup.rs"]
+mod startup;

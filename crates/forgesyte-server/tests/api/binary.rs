@@ -1,0 +1,514 @@
+//! Black-box tests: the real `forgesyte` binary over real plugin libraries
+//! (the fixture zoo), on an ephemeral loopback port.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use forgesyte_tests::zoo;
+use serde_json::{Value, json};
+
+use crate::support::{
+    Forgesyte, PluginsDir, assert_health_answer, forgesyte_command, hostile_segments, http,
+};
+
+/// `alpha` and `beta` (good), `slow` (good, 0.3 s manifest time limit),
+/// and the zoo's constructor failures and missing dependencies.
+fn mixed_dir() -> PluginsDir {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({"x-vendor": {"kept": true}}))
+        .good("beta", json!({}))
+        .good("slow", json!({"limits": {"call_timeout_s": 0.3}}))
+        .zoo(zoo::ERR_INIT)
+        .zoo(zoo::PANIC_INIT)
+        .zoo(zoo::WRONG_ABI)
+        .zoo(zoo::MISSING_LIB)
+        .zoo(zoo::NEEDS_GPU);
+    dir
+}
+
+fn states(list: &Value) -> BTreeMap<String, String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn expected_states() -> BTreeMap<String, String> {
+    [
+        ("alpha", "INITIALIZED"),
+        ("beta", "INITIALIZED"),
+        (zoo::ERR_INIT_NAME, "FAILED"),
+        (zoo::MISSING_LIB_NAME, "UNAVAILABLE"),
+        (zoo::NEEDS_GPU_NAME, "UNAVAILABLE"),
+        (zoo::PANIC_INIT_NAME, "FAILED"),
+        ("slow", "INITIALIZED"),
+        (zoo::WRONG_ABI_NAME, "FAILED"),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_owned(), s.to_owned()))
+    .collect()
+}
+
+#[test]
+fn serve_lists_checks_health_and_runs_tools_over_http() {
+    let dir = mixed_dir();
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    let health = server.wait_loaded();
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["plugins_loaded"], 3);
+
+    // List: every plugin, sorted, failed and unavailable ones included.
+    let list = server.get("/v1/plugins");
+    assert_eq!(list.status, 200);
+    let list = list.json();
+    assert_eq!(states(&list), expected_states());
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(names, sorted);
+    assert_eq!(
+        states(&server.get("/v1/plugins/").json()),
+        expected_states()
+    );
+
+    // Health of each kind.
+    let alpha = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(alpha["state"], "INITIALIZED");
+    assert_eq!(alpha["version"], "1.0.0");
+    let err_init = server
+        .get(&format!("/v1/plugins/{}/health", zoo::ERR_INIT_NAME))
+        .json();
+    assert!(
+        err_init["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("InitError:"),
+        "{err_init}"
+    );
+    let panic_init = server
+        .get(&format!("/v1/plugins/{}/health", zoo::PANIC_INIT_NAME))
+        .json();
+    assert!(
+        panic_init["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fixture constructor panic"),
+        "{panic_init}"
+    );
+    let abi = server
+        .get(&format!("/v1/plugins/{}/health", zoo::WRONG_ABI_NAME))
+        .json();
+    assert!(
+        abi["reason"].as_str().unwrap().starts_with("ImportError:"),
+        "{abi}"
+    );
+    let gpu = server
+        .get(&format!("/v1/plugins/{}/health", zoo::NEEDS_GPU_NAME))
+        .json();
+    let reason = gpu["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("GPU") && reason.contains("CUDA"),
+        "{reason}"
+    );
+    let unknown = server.get("/v1/plugins/nope/health");
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json(), json!({"detail": "Plugin 'nope' not found"}));
+
+    // Manifest, unknown fields kept.
+    let manifest = server.get("/v1/plugins/alpha/manifest");
+    assert_eq!(manifest.status, 200);
+    assert_eq!(manifest.json()["x-vendor"], json!({"kept": true}));
+
+    // Tool success, then metrics.
+    let ok = server.run("alpha", "echo", r#"{"args": {"hello": "world"}}"#);
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let body = ok.json();
+    assert_eq!(body["ok"], true);
+    assert_eq!(body["result"], json!({"hello": "world"}));
+    assert_eq!(body["plugin_id"], "alpha");
+    assert_eq!(body["tool_name"], "echo");
+    let alpha = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(alpha["success_count"], 1);
+    assert!(alpha["last_used"].is_string());
+
+    // Tool error: 422, counted, state unchanged.
+    let fail = server.run("alpha", "fail", "{}");
+    assert_eq!(fail.status, 422, "{}", fail.text());
+    let body = fail.json();
+    assert_eq!(body["ok"], false);
+    assert_eq!(body["error_type"], "FixtureError");
+    assert_eq!(body["error"], "fixture tool failed");
+    let alpha = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(
+        (alpha["state"].as_str(), alpha["error_count"].as_u64()),
+        (Some("INITIALIZED"), Some(1))
+    );
+
+    // Tool panic: 502, then 503 with state and reason.
+    let panic = server.run("beta", "panic", "{}");
+    assert_eq!(panic.status, 502, "{}", panic.text());
+    assert_eq!(panic.json()["error_type"], "ToolPanic");
+    let again = server.run("beta", "echo", "{}");
+    assert_eq!(again.status, 503, "{}", again.text());
+    let body = again.json();
+    assert_eq!(body["state"], "FAILED");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fixture tool panic"),
+        "{body}"
+    );
+
+    // Not loaded: 503; unknown plugin or tool: 404.
+    let failed = server.run(zoo::ERR_INIT_NAME, "echo", "{}");
+    assert_eq!(failed.status, 503);
+    assert_eq!(failed.json()["state"], "FAILED");
+    assert_eq!(server.run("nope", "echo", "{}").status, 404);
+    let tool = server.run("alpha", "nope", "{}");
+    assert_eq!(tool.status, 404);
+    assert_eq!(tool.json()["error_type"], "UnknownTool");
+
+    // Malformed bodies.
+    let syntax = server.run("alpha", "echo", "{\"args\": ");
+    assert_eq!(syntax.status, 400, "{}", syntax.text());
+    assert_eq!(syntax.json()["error_type"], "MalformedBody");
+    let shape = server.run("alpha", "echo", r#"{"args": [1, 2]}"#);
+    assert_eq!(shape.status, 422, "{}", shape.text());
+    assert_eq!(shape.json()["error_type"], "InvalidBody");
+    // A tool that rejects its arguments: 422.
+    let args = server.run("alpha", "sleep", r#"{"args": {"ms": "soon"}}"#);
+    assert_eq!(args.status, 422, "{}", args.text());
+
+    // Unknown route and wrong method: JSON.
+    let route = server.get("/v1/nothing/here");
+    assert_eq!(route.status, 404);
+    assert_eq!(route.json(), json!({"detail": "Not Found"}));
+    let method = http(server.addr, "DELETE", "/v1/plugins", b"");
+    assert_eq!(method.status, 405);
+    assert_eq!(method.json(), json!({"detail": "Method Not Allowed"}));
+
+    // OpenAPI and docs.
+    assert_eq!(
+        server.get("/openapi.json").json()["info"]["title"],
+        "ForgeSyte plugin host"
+    );
+    assert!(server.get("/docs").text().contains("<h1>"));
+
+    // The log carries the seed's markers and the one-line summary.
+    let log = server.log();
+    assert!(log.contains("✓ Loaded plugin: alpha (1.0.0)"), "{log}");
+    assert!(
+        log.contains(&format!("✗ Plugin FAILED: {}", zoo::ERR_INIT_NAME)),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("⊘ Plugin UNAVAILABLE: {}", zoo::NEEDS_GPU_NAME)),
+        "{log}"
+    );
+    assert!(
+        log.contains("Plugins ready: 3 loaded, 3 failed, 2 unavailable"),
+        "{log}"
+    );
+}
+
+#[test]
+fn timeouts_answer_504_and_fail_the_plugin() {
+    let dir = PluginsDir::new();
+    dir.good("slow", json!({"limits": {"call_timeout_s": 0.3}}))
+        .good("sleepy", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--call-timeout", "0.5"]);
+    server.wait_loaded();
+
+    // Fast enough: fine.
+    let quick = server.run("slow", "sleep", r#"{"args": {"ms": 1}}"#);
+    assert_eq!(quick.status, 200, "{}", quick.text());
+    assert_eq!(quick.json()["result"], json!({"slept_ms": 1}));
+
+    // The manifest's 0.3 s limit.
+    let started = Instant::now();
+    let reply = server.run("slow", "sleep", r#"{"args": {"ms": 3000}}"#);
+    let took = started.elapsed();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert!(
+        took < Duration::from_millis(2500),
+        "answered after {took:?}"
+    );
+    let body = reply.json();
+    assert_eq!(body["ok"], false);
+    assert_eq!(body["error_type"], "Timeout");
+    assert!(body["detail"].as_str().unwrap().contains("0.3s"), "{body}");
+    let health = server.get("/v1/plugins/slow/health").json();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert!(health["reason"].is_string());
+    assert_eq!(server.run("slow", "echo", "{}").status, 503);
+
+    // The server's --call-timeout (0.5 s) when the manifest sets none.
+    let reply = server.run("sleepy", "sleep", r#"{"args": {"ms": 3000}}"#);
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert!(reply.json()["detail"].as_str().unwrap().contains("0.5s"));
+
+    // Health still answers while the abandoned calls sleep on.
+    assert_eq!(server.get("/v1/health").status, 200);
+}
+
+#[test]
+fn oversized_body_is_413_with_a_small_body_limit() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "1024"]);
+    server.wait_loaded();
+    let big = format!(r#"{{"args": {{"blob": "{}"}}}}"#, "x".repeat(4000));
+    let reply = server.run("alpha", "echo", &big);
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert_eq!(reply.json()["error_type"], "PayloadTooLarge");
+    let small = format!(r#"{{"args": {{"blob": "{}"}}}}"#, "x".repeat(500));
+    assert_eq!(server.run("alpha", "echo", &small).status, 200);
+}
+
+#[test]
+fn a_thousand_hostile_paths_never_get_500_over_the_wire() {
+    let dir = PluginsDir::new();
+    dir.good("good", json!({})).zoo(zoo::ERR_INIT);
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let segments = hostile_segments(0xF0E5_5EED, 1000);
+    for segment in &segments {
+        let target = format!("/v1/plugins/{segment}/health");
+        let reply = http(server.addr, "GET", &target, b"");
+        assert_health_answer(&reply, &target);
+    }
+    // Raw `..` segments reach the router unnormalised.
+    for target in [
+        "/v1/plugins/../health",
+        "/v1/plugins/./health",
+        "/v1/plugins/%2e%2e/health",
+    ] {
+        let reply = http(server.addr, "GET", target, b"");
+        assert_eq!(reply.status, 404, "{target}");
+        assert!(reply.json()["detail"].is_string());
+    }
+    assert_eq!(server.get("/v1/plugins/good/health").status, 200);
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully_with_exit_0() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    assert_eq!(server.run("alpha", "echo", "{}").status, 200);
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    let log = server.log();
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("Plugin instances dropped"), "{log}");
+}
+
+#[test]
+fn sigterm_waits_for_an_in_flight_call() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let addr = server.addr;
+    let call = std::thread::spawn(move || {
+        http(
+            addr,
+            "POST",
+            "/v1/plugins/alpha/tools/sleep/run",
+            br#"{"args": {"ms": 700}}"#,
+        )
+    });
+    // Wait until the call is in flight, then ask the server to stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.get("/v1/plugins/alpha/health").json()["in_flight"] != 1 {
+        assert!(Instant::now() < deadline, "the call never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    let reply = call.join().unwrap();
+    assert_eq!(
+        reply.status,
+        200,
+        "the in-flight call finished: {}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["result"], json!({"slept_ms": 700}));
+}
+
+#[test]
+fn a_missing_plugins_directory_still_serves() {
+    // (Health while plugins are still loading: `startup` tests, in-process.)
+    let server = Forgesyte::start(&["--plugins", "/nonexistent/forgesyte-plugins"]);
+    let health = server.wait_loaded();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["plugins_total"], 0);
+    assert_eq!(server.get("/v1/plugins").json(), json!([]));
+}
+
+#[test]
+fn environment_variables_configure_serve() {
+    let dir = PluginsDir::new();
+    dir.good("envplugin", json!({}));
+    let logdir = tempfile::tempdir().unwrap();
+    let mut child = forgesyte_command()
+        .arg("serve")
+        .env("FORGESYTE_PLUGINS_DIR", dir.path())
+        .env("FORGESYTE_BIND", "127.0.0.1:0")
+        .env("FORGESYTE_BODY_LIMIT", "100")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(logdir.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let guard = KillOnDrop(&mut child);
+    let stdout = guard.0.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("forgesyte listening on http://")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http(addr, "GET", "/v1/health", b"").json()["status"] == "loading" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let list = http(addr, "GET", "/v1/plugins", b"").json();
+    assert_eq!(list[0]["name"], "envplugin");
+    let big = format!(r#"{{"args": {{"blob": "{}"}}}}"#, "x".repeat(200));
+    let reply = http(
+        addr,
+        "POST",
+        "/v1/plugins/envplugin/tools/echo/run",
+        big.as_bytes(),
+    );
+    assert_eq!(reply.status, 413);
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// ------------------------------------------------------------------ check
+
+fn check(args: &[&str]) -> (i32, String, String) {
+    let output = forgesyte_command()
+        .arg("check")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_exits_0_when_every_plugin_is_available() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}))
+        .good("beta", json!({"version": "2.1.0"}));
+    let (code, out, err) = check(&[dir.path_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "alpha  INITIALIZED  1.0.0");
+    assert_eq!(lines[1], "beta   INITIALIZED  2.1.0");
+    assert!(
+        lines[2].starts_with("2 plugins: 2 loaded, 0 failed, 0 unavailable"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_exits_1_when_a_plugin_is_not_available() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}))
+        .zoo(zoo::ERR_INIT)
+        .zoo(zoo::NEEDS_GPU);
+    let (code, out, err) = check(&[dir.path_str()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let err_init = out
+        .lines()
+        .find(|l| l.starts_with(zoo::ERR_INIT_NAME))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        err_init.contains("FAILED") && err_init.contains("InitError:"),
+        "{err_init}"
+    );
+    let gpu = out
+        .lines()
+        .find(|l| l.starts_with(zoo::NEEDS_GPU_NAME))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(gpu.contains("UNAVAILABLE") && gpu.contains("GPU"), "{gpu}");
+    assert!(
+        out.contains("3 plugins: 1 loaded, 1 failed, 1 unavailable"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_usage_errors_exit_2() {
+    let (code, _, err) = check(&["--no-such-flag"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = check(&["/nonexistent/forgesyte-plugins"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    let output = forgesyte_command().output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "no subcommand is a usage error"
+    );
+}
+
+#[test]
+fn check_json_is_the_array_the_api_lists() {
+    let dir = mixed_dir();
+    let (code, out, err) = check(&["--json", dir.path_str()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let from_check: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(states(&from_check), expected_states());
+
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let from_api = server.get("/v1/plugins").json();
+    assert_eq!(states(&from_check), states(&from_api));
+    let reasons = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["reason"].clone())
+            .collect()
+    };
+    assert_eq!(reasons(&from_check), reasons(&from_api));
+    let keys = |v: &Value| -> Vec<Vec<String>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_object().unwrap().keys().cloned().collect())
+            .collect()
+    };
+    assert_eq!(keys(&from_check), keys(&from_api));
+}

@@ -1,0 +1,248 @@
+//! Startup and shutdown in-process: [`Server::bind_with`] over a loader
+//! whose importer is written here, so a plugin's construction can be held
+//! back (a slow plugin) and its instance's drop observed.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use forgesyte_deps::fake::FakeWorld;
+use forgesyte_errors::{ImportError, InitError, ToolError};
+use forgesyte_loader::{Importer, Loader, LoaderConfig, PluginInstance, PluginLibrary, ToolInfo};
+use forgesyte_registry::Registry;
+use forgesyte_server::{Server, ServerConfig};
+use parking_lot::{Condvar, Mutex};
+use serde_json::json;
+
+use crate::support::{Reply, http};
+
+/// Opens every library; constructing one waits until the gate opens.
+#[derive(Debug, Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+    dropped: AtomicBool,
+}
+
+impl Gate {
+    fn open(&self) {
+        *self.open.lock() = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !*open {
+            if self.opened.wait_until(&mut open, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GatedImporter(Arc<Gate>);
+
+impl Importer for GatedImporter {
+    fn open(&self, _path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        Ok(Arc::new(GatedLibrary(Arc::clone(&self.0))))
+    }
+}
+
+#[derive(Debug)]
+struct GatedLibrary(Arc<Gate>);
+
+impl PluginLibrary for GatedLibrary {
+    fn instantiate(&self, _config: &[u8]) -> Result<Box<dyn PluginInstance>, InitError> {
+        self.0.wait();
+        Ok(Box::new(SleepyInstance {
+            gate: Arc::clone(&self.0),
+            tools: vec![ToolInfo {
+                id: "sleep".into(),
+                title: "Sleep".into(),
+                description: "sleeps `ms`".into(),
+                input_schema: json!({}),
+                output_schema: json!({}),
+            }],
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct SleepyInstance {
+    gate: Arc<Gate>,
+    tools: Vec<ToolInfo>,
+}
+
+impl PluginInstance for SleepyInstance {
+    fn tools(&self) -> &[ToolInfo] {
+        &self.tools
+    }
+
+    fn call(&self, _tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
+        let args: serde_json::Value = serde_json::from_slice(args).unwrap_or_default();
+        let ms = args["ms"].as_u64().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(ms));
+        Ok(serde_json::to_vec(&json!({ "slept_ms": ms })).unwrap_or_default())
+    }
+}
+
+impl Drop for SleepyInstance {
+    fn drop(&mut self) {
+        self.gate.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+fn gated_loader(gate: &Arc<Gate>) -> Arc<Loader> {
+    let world = FakeWorld::new();
+    world.fs.add_file(
+        "/plugins/slowpoke/manifest.json",
+        br#"{"name": "slowpoke", "version": "0.3.0", "entrypoint": "libslow.so"}"#.to_vec(),
+    );
+    world
+        .fs
+        .add_file("/plugins/slowpoke/libslow.so", b"fake".to_vec());
+    Arc::new(Loader::with_seams(
+        Registry::new(),
+        Arc::new(world.checker()),
+        Arc::new(world.fs.clone()),
+        Arc::new(GatedImporter(Arc::clone(gate))),
+        LoaderConfig {
+            threads: 1,
+            ..LoaderConfig::default()
+        },
+    ))
+}
+
+fn config(call_timeout: Duration) -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.bind = "127.0.0.1:0".into();
+    config.plugins_dir = "/plugins".into();
+    config.call_timeout = call_timeout;
+    config.shutdown_grace = Duration::from_secs(5);
+    config
+}
+
+async fn get(addr: std::net::SocketAddr, target: &'static str) -> Reply {
+    tokio::task::spawn_blocking(move || http(addr, "GET", target, b""))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_while_a_slow_plugin_loads_and_shows_it_loaded() {
+    let gate = Arc::new(Gate::default());
+    let server = Server::bind_with(config(Duration::from_secs(5)), gated_loader(&gate))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    // Registered but not constructed: LOADED, and the server says loading.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = get(addr, "/v1/plugins/slowpoke/health").await;
+        if reply.status == 200 {
+            assert_eq!(reply.json()["state"], "LOADED");
+            break;
+        }
+        assert_eq!(reply.status, 404);
+        assert!(Instant::now() < deadline, "never registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let health = get(addr, "/v1/health").await.json();
+    assert_eq!(health["status"], "loading");
+    assert_eq!(health["plugins_loaded"], 0);
+    let run = tokio::task::spawn_blocking(move || {
+        http(addr, "POST", "/v1/plugins/slowpoke/tools/sleep/run", b"{}")
+    })
+    .await
+    .unwrap();
+    assert_eq!(run.status, 503, "{}", run.text());
+    assert_eq!(run.json()["state"], "LOADED");
+
+    // Released: INITIALIZED, and the server is ok.
+    gate.open();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = get(addr, "/v1/health").await.json();
+        if health["status"] == "ok" {
+            assert_eq!(health["plugins_loaded"], 1);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never finished loading: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = get(addr, "/v1/plugins/slowpoke/health").await.json();
+    assert_eq!(status["state"], "INITIALIZED");
+
+    // Shutdown drops the instance.
+    assert!(!gate.dropped.load(Ordering::SeqCst));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("shutdown is bounded")
+        .unwrap()
+        .unwrap();
+    assert!(
+        gate.dropped.load(Ordering::SeqCst),
+        "instances dropped at shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_the_server_timeout_is_504_and_fails_the_plugin() {
+    let gate = Arc::new(Gate::default());
+    gate.open();
+    let server = Server::bind_with(config(Duration::from_millis(200)), gated_loader(&gate))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(addr, "/v1/health").await.json()["status"] != "ok" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let post = |body: &'static [u8]| {
+        tokio::task::spawn_blocking(move || {
+            http(addr, "POST", "/v1/plugins/slowpoke/tools/sleep/run", body)
+        })
+    };
+    let quick = post(br#"{"args": {"ms": 1}}"#).await.unwrap();
+    assert_eq!(quick.status, 200, "{}", quick.text());
+
+    let started = Instant::now();
+    let slow = post(br#"{"args": {"ms": 1500}}"#).await.unwrap();
+    assert_eq!(slow.status, 504, "{}", slow.text());
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow.json()["error_type"], "Timeout");
+    let status = get(addr, "/v1/plugins/slowpoke/health").await.json();
+    assert_eq!(status["state"], "FAILED");
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("sleep"), "{reason}");
+    let after = post(b"{}").await.unwrap();
+    assert_eq!(after.status, 503);
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("shutdown is bounded")
+        .unwrap()
+        .unwrap();
+}

@@ -1,0 +1,626 @@
+//! Shared helpers: the fake host, a response type, a tiny blocking HTTP
+//! client, the server process guard, plugin directories of real libraries,
+//! and the hostile-name generator.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use forgesyte_deps::fake::FakeWorld;
+use forgesyte_loader::fake::{FakeBehavior, FakeImporter};
+use forgesyte_loader::{Loader, LoaderConfig};
+use forgesyte_registry::Registry;
+use forgesyte_server::{AppState, ServerConfig, app};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+// ------------------------------------------------------------------ replies
+
+/// An HTTP response, from the router or from the wire.
+#[derive(Debug, Clone)]
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    /// Lower-case names.
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Reply {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON; fails the test (with the body) when it is not JSON
+    /// or not labelled `application/json`.
+    pub(crate) fn json(&self) -> Value {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "status {} body {}",
+            self.status,
+            self.text()
+        );
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The `detail` of an error body.
+    pub(crate) fn detail(&self) -> String {
+        self.json()["detail"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no detail in {}", self.text()))
+            .to_owned()
+    }
+}
+
+// ------------------------------------------------------------- fake host
+
+/// Every fake plugin of [`fake_host`], sorted by name, with its state after
+/// the load pass.
+pub(crate) const FAKE_PLUGINS: &[(&str, &str)] = &[
+    ("bad-init", "FAILED"),
+    ("broken-json", "FAILED"),
+    ("good", "INITIALIZED"),
+    ("init-panic", "FAILED"),
+    ("needs-gpu", "UNAVAILABLE"),
+    ("needs-lib", "UNAVAILABLE"),
+    ("other", "INITIALIZED"),
+    ("wrong-abi", "FAILED"),
+];
+
+/// A host over fake plugins (the loader's `FakeImporter`) on a fake
+/// filesystem with no GPU, loaded, and the router over it.
+pub(crate) struct FakeHost {
+    pub(crate) app: Router,
+    pub(crate) state: AppState,
+}
+
+pub(crate) fn fake_host(config: ServerConfig) -> FakeHost {
+    let world = FakeWorld::new();
+    let importer = FakeImporter::new();
+    let add = |dir: &str, manifest: Value, behavior: Option<FakeBehavior>| {
+        let lib = format!("/plugins/{dir}/lib{dir}.so");
+        let mut manifest = manifest;
+        if let Some(obj) = manifest.as_object_mut() {
+            obj.entry("entrypoint")
+                .or_insert_with(|| json!(format!("lib{dir}.so")));
+        }
+        world.fs.add_file(
+            format!("/plugins/{dir}/manifest.json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        );
+        world.fs.add_file(&lib, b"fake library".to_vec());
+        if let Some(behavior) = behavior {
+            importer.set(lib, behavior);
+        }
+    };
+    add(
+        "good",
+        json!({"name": "good", "version": "1.0.0", "description": "A good fake",
+               "x-extra": {"kept": [1, 2, 3]}}),
+        Some(FakeBehavior::Good),
+    );
+    add(
+        "other",
+        json!({"name": "other", "version": "2.0.0"}),
+        Some(FakeBehavior::Good),
+    );
+    add(
+        "bad-init",
+        json!({"name": "bad-init", "version": "0.1.0"}),
+        Some(FakeBehavior::InitError("model weights missing".into())),
+    );
+    add(
+        "init-panic",
+        json!({"name": "init-panic"}),
+        Some(FakeBehavior::InitPanic("constructor exploded".into())),
+    );
+    add(
+        "wrong-abi",
+        json!({"name": "wrong-abi"}),
+        Some(FakeBehavior::WrongAbi),
+    );
+    add(
+        "needs-gpu",
+        json!({"name": "needs-gpu", "requires_gpu": true}),
+        Some(FakeBehavior::Good),
+    );
+    add(
+        "needs-lib",
+        json!({"name": "needs-lib", "dependencies": ["lib:nosuchlib"]}),
+        Some(FakeBehavior::Good),
+    );
+    world
+        .fs
+        .add_file("/plugins/broken-json/manifest.json", b"{ not json".to_vec());
+    let loader = Loader::with_seams(
+        Registry::new(),
+        Arc::new(world.checker()),
+        Arc::new(world.fs.clone()),
+        Arc::new(importer),
+        LoaderConfig {
+            threads: 1,
+            ..LoaderConfig::default()
+        },
+    );
+    let report = loader.load_all(Path::new("/plugins"));
+    assert_eq!(report.plugins.len(), FAKE_PLUGINS.len(), "{report:#?}");
+    let state = AppState::new(Arc::new(loader), &config);
+    FakeHost {
+        app: app(state.clone()),
+        state,
+    }
+}
+
+/// A request through the router (`oneshot`). A non-empty body is sent as
+/// `application/json`.
+pub(crate) async fn send(app: &Router, method: &str, uri: &str, body: impl Into<Vec<u8>>) -> Reply {
+    let body = body.into();
+    let mut request = Request::builder().method(method).uri(uri);
+    if !body.is_empty() {
+        request = request.header("content-type", "application/json");
+    }
+    let request = request.body(Body::from(body)).unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                v.to_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub(crate) async fn get(app: &Router, uri: &str) -> Reply {
+    send(app, "GET", uri, Vec::new()).await
+}
+
+pub(crate) async fn run(app: &Router, plugin: &str, tool: &str, body: &str) -> Reply {
+    send(
+        app,
+        "POST",
+        &format!("/v1/plugins/{plugin}/tools/{tool}/run"),
+        body.as_bytes().to_vec(),
+    )
+    .await
+}
+
+// ------------------------------------------------------------- HTTP client
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`); the
+/// target is sent exactly as given.
+pub(crate) fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> Reply {
+    try_http(addr, method, target, body).unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+}
+
+pub(crate) fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> std::io::Result<Reply> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes)?;
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // The server may reset after answering (e.g. 413 with body unread).
+        Err(e) if !raw.is_empty() => eprintln!("read after answer: {e}"),
+        Err(e) => return Err(e),
+    }
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> std::io::Result<Reply> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("head not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("no status line"))?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let rest = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
+    } else {
+        match headers.iter().find(|(n, _)| n == "content-length") {
+            Some((_, len)) => {
+                let len: usize = len.parse().map_err(|_| bad("bad content-length"))?;
+                rest.get(..len).ok_or_else(|| bad("short body"))?.to_vec()
+            }
+            None => rest.to_vec(),
+        }
+    };
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
+// ------------------------------------------------------------ the binary
+
+/// A running `forgesyte serve`; killed when dropped (also when a test fails).
+pub(crate) struct Forgesyte {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+    log: PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl Forgesyte {
+    /// Starts `forgesyte serve --bind 127.0.0.1:0 ARGS…` and waits for its
+    /// listening line.
+    pub(crate) fn start(args: &[&str]) -> Forgesyte {
+        let logdir = tempfile::tempdir().unwrap();
+        let log = logdir.path().join("stderr.log");
+        let mut child = forgesyte_command()
+            .arg("serve")
+            .args(["--bind", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut server = Forgesyte {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+            _logdir: logdir,
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no listening line ({e}); log:\n{}", server.log()));
+        let addr = line
+            .strip_prefix("forgesyte listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        server.addr = addr.parse().unwrap();
+        server
+    }
+
+    /// Waits until the startup load pass has finished (bounded).
+    pub(crate) fn wait_loaded(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = self.get("/v1/health").json();
+            if health["status"] != "loading" {
+                return health;
+            }
+            assert!(Instant::now() < deadline, "still loading: {health}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn get(&self, target: &str) -> Reply {
+        http(self.addr, "GET", target, b"")
+    }
+
+    pub(crate) fn run(&self, plugin: &str, tool: &str, body: &str) -> Reply {
+        http(
+            self.addr,
+            "POST",
+            &format!("/v1/plugins/{plugin}/tools/{tool}/run"),
+            body.as_bytes(),
+        )
+    }
+
+    /// What the server wrote to stderr so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit.
+    pub(crate) fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        self.wait_exit(Duration::from_secs(20))
+    }
+
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Forgesyte {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The `forgesyte` binary with no `FORGESYTE_*` variable inherited.
+pub(crate) fn forgesyte_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_forgesyte"));
+    for var in [
+        "FORGESYTE_PLUGINS_DIR",
+        "FORGESYTE_BIND",
+        "FORGESYTE_LIB_PATH",
+        "FORGESYTE_CALL_TIMEOUT",
+        "FORGESYTE_BODY_LIMIT",
+        "FORGESYTE_SHUTDOWN_GRACE",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
+// ------------------------------------------------- real plugin directories
+
+/// A temporary plugins directory of real plugin libraries.
+pub(crate) struct PluginsDir {
+    dir: tempfile::TempDir,
+}
+
+impl PluginsDir {
+    pub(crate) fn new() -> PluginsDir {
+        PluginsDir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub(crate) fn path_str(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+
+    /// A plugin `name` on a copy of the zoo's good library (tools `echo`,
+    /// `fail`, `panic`, `sleep`, `config`), with `extra` manifest fields.
+    pub(crate) fn good(&self, name: &str, extra: Value) -> &PluginsDir {
+        let library = Path::new(forgesyte_tests::zoo::GOOD_LIBRARY);
+        let file = library.file_name().unwrap();
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(library, dir.join(file)).unwrap();
+        let mut manifest = json!({
+            "name": name,
+            "version": "1.0.0",
+            "description": format!("good library as {name}"),
+            "entrypoint": file.to_str().unwrap(),
+        });
+        if let (Some(base), Some(extra)) = (manifest.as_object_mut(), extra.as_object()) {
+            base.extend(extra.clone());
+        }
+        std::fs::write(
+            dir.join("manifest.json"),
+            serde_json::to_vec_pretty(&manifest).unwrap(),
+        )
+        .unwrap();
+        self
+    }
+
+    /// A zoo fixture directory, linked in under its own directory name.
+    pub(crate) fn zoo(&self, fixture_dir: &str) -> &PluginsDir {
+        let source = Path::new(fixture_dir);
+        let link = self.dir.path().join(source.file_name().unwrap());
+        std::os::unix::fs::symlink(source, link).unwrap();
+        self
+    }
+}
+
+// ------------------------------------------------------- hostile names
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Percent-encodes every byte but the unreserved ones (RFC 3986), as an
+/// HTTP client does for a path segment.
+pub(crate) fn encode(segment: &str) -> String {
+    let mut out = String::new();
+    for &b in segment.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `n` path segments (already as they go on the wire): hand-written hostile
+/// ones first, then random text of every kind, percent-encoded.
+pub(crate) fn hostile_segments(seed: u64, n: usize) -> Vec<String> {
+    let mut out: Vec<String> = [
+        "..",
+        ".",
+        "...",
+        "%2e%2e",
+        "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+        "..%2F..%2F..%2Fetc%2Fpasswd",
+        "%FF",
+        "%FF%FE%FD",
+        "%C0%AF",
+        "%ED%A0%80",
+        "%",
+        "%%",
+        "%zz",
+        "%4",
+        "%00",
+        "good%00",
+        "good%2F..",
+        "GOOD",
+        "good%20",
+        "%20good",
+        "good.",
+        "a%2Fb",
+        "~",
+        "$",
+        "!",
+        "'",
+        "(x)",
+        "*",
+        "+",
+        ",",
+        ";",
+        "=",
+        ":",
+        "@",
+        "&",
+        "%E2%9C%93",
+        "%F0%9F%98%80",
+        "%E2%80%AE",
+        "%EF%BB%BF",
+        "%1B%5B31m",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    out.push("a".repeat(10 * 1024));
+    out.push("%E2%9C%93".repeat(10 * 1024 / 9));
+    out.push(encode(&"中".repeat(3000)));
+    out.push("%FF".repeat(3000));
+    const POOL: &[char] = &[
+        'a', 'Z', '0', '9', '-', '_', '.', '~', ' ', '/', '\\', '?', '#', '%', '&', '=', '+', ':',
+        ';', '@', '"', '\'', '<', '>', '{', '}', '|', '^', '`', '[', ']', '\0', '\n', '\r', '\t',
+        '\u{1b}', '\u{7f}', 'é', 'ß', '✓', '中', '😀', '\u{202e}', '\u{200b}', '\u{feff}',
+        '\u{fffd}',
+    ];
+    let mut rng = Rng::new(seed);
+    while out.len() < n {
+        let len = match rng.below(10) {
+            0 => 0,
+            1 => 64 + rng.below(8),
+            _ => 1 + rng.below(24),
+        };
+        let text: String = (0..len).map(|_| POOL[rng.below(POOL.len())]).collect();
+        let segment = match rng.below(8) {
+            // Mostly encoded as a client would; sometimes a near miss of a
+            // real name.
+            0 => format!("good{}", encode(&text)),
+            _ => encode(&text),
+        };
+        out.push(segment);
+    }
+    out.truncate(n);
+    out
+}
+
+/// Checks an answer of a health route for a hostile name: 200 or 404,
+/// never 500, always JSON; a 404 carries a `detail`.
+pub(crate) fn assert_health_answer(reply: &Reply, what: &str) {
+    assert!(
+        reply.status == 200 || reply.status == 404,
+        "{what}: status {} body {}",
+        reply.status,
+        reply.text()
+    );
+    let body = reply.json();
+    if reply.status == 404 {
+        assert!(body["detail"].is_string(), "{what}: {body}");
+    } else {
+        assert!(
+            body["name"].is_string() || body.is_object(),
+            "{what}: {body}"
+        );
+    }
+}
