@@ -121,18 +121,19 @@ pub(crate) async fn run(
     tool: &str,
     request: RunRequest,
 ) -> Result<RunSuccess, RunError> {
-    let Some(status) = state.registry().get_status(plugin) else {
+    let snapshot = state.registry().snapshot();
+    let Some(plugin_state) = snapshot.state(plugin) else {
         return Err(RunError::PluginNotFound);
     };
-    if !status.state.is_available() {
+    if !plugin_state.is_available() {
         return Err(RunError::NotRunnable {
-            state: Some(status.state),
-            reason: status.reason,
+            state: Some(plugin_state),
+            reason: snapshot.get(plugin).and_then(|s| s.reason),
         });
     }
     let Some(handle) = state.loader().handle(plugin) else {
         return Err(RunError::NotRunnable {
-            state: Some(status.state),
+            state: Some(plugin_state),
             reason: Some("the plugin has no live instance".into()),
         });
     };
