@@ -206,6 +206,13 @@ pub enum ImportError {
         /// What is wrong.
         detail: String,
     },
+    /// The isolated plugin's process died while it loaded the library.
+    #[error("plugin process died while loading the library: {0}")]
+    Crashed(CrashError),
+    /// The isolated plugin's process did not finish loading the library
+    /// (and answer the handshake) in time.
+    #[error(transparent)]
+    TimedOut(TimeoutError),
 }
 
 /// The plugin's constructor failed (seed: `PluginInitError`).
@@ -230,6 +237,12 @@ pub enum InitError {
         /// What is wrong.
         detail: String,
     },
+    /// The isolated plugin's process died during construction.
+    #[error("plugin process died during construction: {0}")]
+    Crashed(CrashError),
+    /// Construction ran past its time limit (the process was killed).
+    #[error(transparent)]
+    TimedOut(TimeoutError),
 }
 
 /// One or more dependencies are missing (seed: `PluginDependencyError`).
@@ -411,6 +424,12 @@ pub enum CrashCause {
         /// What went wrong.
         detail: String,
     },
+    /// The host killed it on purpose (a timeout or a fault elsewhere).
+    #[error("killed by the host: {reason}")]
+    Killed {
+        /// Why.
+        reason: String,
+    },
 }
 
 fn stderr_suffix(tail: &[String]) -> String {
@@ -538,6 +557,58 @@ mod tests {
             .into(),
             "CrashError",
             "CrashError: killed by signal SIGSEGV (11); stderr: a | b",
+        );
+    }
+
+    #[test]
+    fn process_faults_read_well() {
+        let crash = CrashError {
+            cause: CrashCause::MemoryLimit { limit_mib: 512 },
+            stderr_tail: vec!["memory allocation of 1048576 bytes failed".into()],
+        };
+        check(
+            InitError::Crashed(crash.clone()).into(),
+            "InitError",
+            "InitError: plugin process died during construction: exceeded memory limit 512 MiB; \
+             stderr: memory allocation of 1048576 bytes failed",
+        );
+        check(
+            InitError::TimedOut(TimeoutError {
+                operation: "init".into(),
+                after: Duration::from_secs(5),
+            })
+            .into(),
+            "InitError",
+            "InitError: timed out after 5 s during init",
+        );
+        check(
+            ImportError::Crashed(CrashError {
+                cause: CrashCause::Exit { code: 3 },
+                stderr_tail: Vec::new(),
+            })
+            .into(),
+            "ImportError",
+            "ImportError: plugin process died while loading the library: exited with code 3",
+        );
+        check(
+            ToolError::Crashed(crash).into(),
+            "CrashError",
+            "CrashError: exceeded memory limit 512 MiB; stderr: memory allocation of 1048576 bytes failed",
+        );
+        check(
+            ToolError::TimedOut {
+                after: Duration::from_millis(300),
+            }
+            .into(),
+            "TimeoutError",
+            "TimeoutError: timed out after 300 ms (the plugin process was killed)",
+        );
+        assert_eq!(
+            CrashCause::Killed {
+                reason: "timed out".into()
+            }
+            .to_string(),
+            "killed by the host: timed out"
         );
     }
 

@@ -1,11 +1,17 @@
 //! Errors of a single tool call, as the host sees them.
 
+use std::time::Duration;
+
+use crate::{CrashError, fmt_duration};
+
 /// A tool call did not produce a result.
 ///
 /// The variants split into the two classes of SPEC §4: an error the tool
 /// *returned* (bad input: [`ToolError::Failed`], [`ToolError::InvalidArgs`])
 /// leaves the plugin's state alone, while a *fault*
-/// ([`ToolError::Panicked`], [`ToolError::Protocol`]) marks it FAILED. Use
+/// ([`ToolError::Panicked`], [`ToolError::Protocol`], and for a plugin in
+/// its own process [`ToolError::Crashed`] and [`ToolError::TimedOut`])
+/// marks it FAILED. Use
 /// [`ToolError::is_fault`] rather than matching.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -44,6 +50,16 @@ pub enum ToolError {
         /// What is wrong.
         detail: String,
     },
+    /// The plugin's process died (or was killed) while the call was in
+    /// flight.
+    #[error("{0}")]
+    Crashed(CrashError),
+    /// The call ran past its time limit and the plugin's process was killed.
+    #[error("timed out after {} (the plugin process was killed)", fmt_duration(*after))]
+    TimedOut {
+        /// The limit that was exceeded.
+        after: Duration,
+    },
 }
 
 impl ToolError {
@@ -55,6 +71,8 @@ impl ToolError {
             ToolError::Failed { .. } => "ToolError",
             ToolError::Panicked { .. } => "ToolPanic",
             ToolError::Protocol { .. } => "ProtocolError",
+            ToolError::Crashed(_) => "CrashError",
+            ToolError::TimedOut { .. } => "TimeoutError",
         }
     }
 
@@ -63,7 +81,10 @@ impl ToolError {
     pub fn is_fault(&self) -> bool {
         matches!(
             self,
-            ToolError::Panicked { .. } | ToolError::Protocol { .. }
+            ToolError::Panicked { .. }
+                | ToolError::Protocol { .. }
+                | ToolError::Crashed(_)
+                | ToolError::TimedOut { .. }
         )
     }
 }
