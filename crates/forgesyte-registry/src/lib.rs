@@ -45,6 +45,17 @@
 //! a panic, crash or timeout is a fault (and calling
 //! [`Registry::mark_failed`]) is the caller's job.
 //!
+//! # Supervision bookkeeping
+//!
+//! For plugins that run in their own process, the loader's supervisor
+//! records how the process ended ([`Registry::mark_crashed`]: `FAILED`, a
+//! journal entry with the signal or exit code and the stderr tail, and
+//! `last_exit_reason`), when it will retry ([`Registry::set_next_retry`])
+//! and each restart ([`Registry::mark_restarting`]: `FAILED -> LOADED`,
+//! `restart_count + 1`). Every move into `FAILED` or `UNAVAILABLE` (or a new
+//! reason while there) also lands in the per-plugin failure journal
+//! ([`Registry::journal`], the last [`JOURNAL_LEN`] entries).
+//!
 //! # Snapshots: readers never wait on writers
 //!
 //! The registry publishes an immutable [`Snapshot`] (a sorted map of
@@ -101,4 +112,7 @@ mod status;
 pub use error::RegistryError;
 pub use registry::{CallGuard, Registry, Snapshot};
 pub use state::{ParseStateError, PluginLifecycleState};
-pub use status::{AVERAGE_WINDOW, HISTORY_LEN, PluginInfo, PluginStatus, Transition};
+pub use status::{
+    AVERAGE_WINDOW, ExitInfo, HISTORY_LEN, JOURNAL_LEN, JournalEntry, PluginInfo, PluginStatus,
+    Transition,
+};

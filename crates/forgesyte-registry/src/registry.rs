@@ -10,8 +10,11 @@ use chrono::{DateTime, Utc};
 use forgesyte_errors::{LoadError, PluginError};
 use parking_lot::Mutex;
 
-use crate::status::Entry;
-use crate::{PluginInfo, PluginLifecycleState, PluginStatus, RegistryError, Transition};
+use crate::status::{Entry, rfc3339};
+use crate::{
+    ExitInfo, JournalEntry, PluginInfo, PluginLifecycleState, PluginStatus, RegistryError,
+    Transition,
+};
 
 /// The published, immutable state of every plugin at one generation.
 #[derive(Debug, Default)]
@@ -275,6 +278,102 @@ impl Registry {
         })
     }
 
+    /// The plugin's process ended (crashed, was killed, or broke its
+    /// protocol): moves to `FAILED` with `reason` (kept verbatim), records
+    /// `exit.description` as `last_exit_reason`, clears `next_retry_at` and
+    /// appends a journal entry with the signal or exit code and the stderr
+    /// tail. Legal from `LOADED`, `INITIALIZED`, `RUNNING` and `FAILED`
+    /// (where it replaces the reason).
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
+    /// from `UNAVAILABLE`.
+    pub fn mark_crashed(
+        &self,
+        name: &str,
+        reason: impl Into<String>,
+        exit: ExitInfo,
+    ) -> Result<(), RegistryError> {
+        let reason: Arc<str> = Arc::from(reason.into());
+        self.update(name, |entry, now| {
+            let target = PluginLifecycleState::Failed;
+            if entry.state != target {
+                let next = entry.state.transition(target)?;
+                entry.move_to(next, Some(Arc::clone(&reason)), now);
+            } else {
+                entry.reason = Some(Arc::clone(&reason));
+            }
+            entry.last_exit_reason = exit.description.map(Arc::from);
+            entry.next_retry_at = None;
+            entry.journal_push(JournalEntry {
+                at: rfc3339(now),
+                state: target,
+                reason: Some(reason.to_string()),
+                exit_signal: exit.signal,
+                exit_code: exit.code,
+                stderr_tail: exit.stderr_tail,
+            });
+            Ok(())
+        })
+    }
+
+    /// Sets (or, with `None`, clears) when the supervisor will next try to
+    /// restart the plugin. Changes no state.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`].
+    pub fn set_next_retry(
+        &self,
+        name: &str,
+        at: Option<std::time::SystemTime>,
+    ) -> Result<(), RegistryError> {
+        self.update(name, |entry, _now| {
+            entry.next_retry_at = at.map(DateTime::<Utc>::from);
+            Ok(())
+        })
+    }
+
+    /// A supervisor restart begins: `FAILED -> LOADED`, reason cleared,
+    /// `restart_count + 1`, `next_retry_at` cleared, and a journal entry.
+    /// Only legal from `FAILED` (a plugin reloaded or retired meanwhile is
+    /// left alone).
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
+    /// from any state but `FAILED`.
+    pub fn mark_restarting(&self, name: &str) -> Result<(), RegistryError> {
+        self.update(name, |entry, now| {
+            if entry.state != PluginLifecycleState::Failed {
+                return Err(RegistryError::IllegalTransition {
+                    from: entry.state,
+                    to: PluginLifecycleState::Loaded,
+                });
+            }
+            entry.move_to(PluginLifecycleState::Loaded, None, now);
+            entry.restart_count = entry.restart_count.saturating_add(1);
+            entry.next_retry_at = None;
+            let count = entry.restart_count;
+            entry.journal_push(JournalEntry {
+                at: rfc3339(now),
+                state: PluginLifecycleState::Loaded,
+                reason: Some(format!("restart {count}")),
+                exit_signal: None,
+                exit_code: None,
+                stderr_tail: Vec::new(),
+            });
+            Ok(())
+        })
+    }
+
+    /// The plugin's failure journal (at most [`JOURNAL_LEN`](crate::JOURNAL_LEN)
+    /// entries), oldest first.
+    pub fn journal(&self, name: &str) -> Option<Vec<JournalEntry>> {
+        self.snapshot().journal(name)
+    }
+
     /// The status of one plugin, `None` when it is not registered.
     pub fn get_status(&self, name: &str) -> Option<PluginStatus> {
         self.snapshot().get(name)
@@ -355,11 +454,22 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let reason: Arc<str> = Arc::from(reason);
         self.update(name, |entry, now| {
+            let changed = entry.state != target || entry.reason.as_deref() != Some(&*reason);
             if entry.state == target {
-                entry.reason = Some(reason);
+                entry.reason = Some(Arc::clone(&reason));
             } else {
                 let next = entry.state.transition(target)?;
-                entry.move_to(next, Some(reason), now);
+                entry.move_to(next, Some(Arc::clone(&reason)), now);
+            }
+            if changed {
+                entry.journal_push(JournalEntry {
+                    at: rfc3339(now),
+                    state: target,
+                    reason: Some(reason.to_string()),
+                    exit_signal: None,
+                    exit_code: None,
+                    stderr_tail: Vec::new(),
+                });
             }
             Ok(())
         })
@@ -477,6 +587,14 @@ impl Snapshot {
             .plugins
             .get(name)
             .map(|entry| entry.history.iter().cloned().collect())
+    }
+
+    /// One plugin's failure journal, oldest first.
+    pub fn journal(&self, name: &str) -> Option<Vec<JournalEntry>> {
+        self.inner
+            .plugins
+            .get(name)
+            .map(|entry| entry.journal.iter().cloned().collect())
     }
 
     /// Every plugin's status, sorted by name (uptimes measured at one instant).
@@ -919,11 +1037,21 @@ mod tests {
         }
         let keys: BTreeSet<&str> = object.keys().map(String::as_str).collect();
         let extra: Vec<_> = keys.difference(&spec_keys.into()).copied().collect();
-        assert_eq!(extra, ["in_flight"]);
+        assert_eq!(
+            extra,
+            [
+                "in_flight",
+                "last_exit_reason",
+                "next_retry_at",
+                "restart_count"
+            ]
+        );
         for key in [
             "description",
             "reason",
             "version",
+            "last_exit_reason",
+            "next_retry_at",
             "last_used",
             "last_execution_time_ms",
             "avg_execution_time_ms",
@@ -1054,6 +1182,91 @@ mod tests {
         assert_eq!((status.state, status.in_flight), (Initialized, 0));
         assert_eq!((status.success_count, status.error_count), (1, 1));
         assert_eq!(status.avg_execution_time_ms, Some(5.0));
+    }
+
+    #[test]
+    fn crash_restart_and_journal() {
+        let registry = registry_with("p", Initialized);
+        registry.mark_running("p").unwrap();
+        let exit = crate::ExitInfo {
+            description: Some("killed by signal SIGSEGV (11)".into()),
+            signal: Some("SIGSEGV".into()),
+            code: None,
+            stderr_tail: vec!["last words".into()],
+        };
+        registry
+            .mark_crashed("p", "CrashError: killed by signal SIGSEGV (11)", exit)
+            .unwrap();
+        let at = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(86_400);
+        registry.set_next_retry("p", Some(at)).unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!(status.state, Failed);
+        assert_eq!(
+            status.last_exit_reason.as_deref(),
+            Some("killed by signal SIGSEGV (11)")
+        );
+        assert_eq!(
+            status.next_retry_at.as_deref(),
+            Some("1970-01-02T00:00:00.000Z")
+        );
+        assert_eq!(status.restart_count, 0);
+
+        registry.mark_restarting("p").unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!((status.state, status.restart_count), (Loaded, 1));
+        assert_eq!(status.next_retry_at, None);
+        assert_eq!(status.reason, None);
+        // The exit reason outlives the restart.
+        assert!(status.last_exit_reason.is_some());
+        // Only from FAILED.
+        assert_eq!(
+            registry.mark_restarting("p"),
+            Err(RegistryError::IllegalTransition {
+                from: Loaded,
+                to: Loaded
+            })
+        );
+
+        registry.mark_failed("p", "InitError: boom").unwrap();
+        // Same reason again: no new journal entry.
+        registry.mark_failed("p", "InitError: boom").unwrap();
+        let journal = registry.journal("p").unwrap();
+        let summary: Vec<_> = journal
+            .iter()
+            .map(|j| (j.state, j.reason.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    Failed,
+                    "CrashError: killed by signal SIGSEGV (11)".to_owned()
+                ),
+                (Loaded, "restart 1".to_owned()),
+                (Failed, "InitError: boom".to_owned()),
+            ]
+        );
+        assert_eq!(journal[0].exit_signal.as_deref(), Some("SIGSEGV"));
+        assert_eq!(journal[0].stderr_tail, ["last words"]);
+        assert!(journal.iter().all(|j| is_rfc3339_utc(&j.at)));
+
+        for i in 0..30 {
+            registry
+                .mark_crashed("p", format!("x{i}"), crate::ExitInfo::default())
+                .unwrap();
+        }
+        let journal = registry.journal("p").unwrap();
+        assert_eq!(journal.len(), crate::JOURNAL_LEN);
+        assert_eq!(journal.last().unwrap().reason.as_deref(), Some("x29"));
+        assert_eq!(registry.journal("nope"), None);
+
+        let registry = registry_with("u", Unavailable);
+        assert!(
+            registry
+                .mark_crashed("u", "x", crate::ExitInfo::default())
+                .is_err()
+        );
+        assert_eq!(registry.journal("u").unwrap().len(), 1);
     }
 
     #[test]

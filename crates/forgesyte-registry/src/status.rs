@@ -18,6 +18,9 @@ pub const HISTORY_LEN: usize = 16;
 /// How many recent execution times the average is taken over.
 pub const AVERAGE_WINDOW: usize = 10;
 
+/// How many entries each plugin's failure journal keeps.
+pub const JOURNAL_LEN: usize = 20;
+
 /// Descriptive data a plugin is registered with, stored as given.
 ///
 /// `version` stays `None` when the manifest has none; showing `"unknown"` is
@@ -60,6 +63,47 @@ pub struct PluginStatus {
     pub avg_execution_time_ms: Option<f64>,
     /// Tool calls in flight right now (an addition to SPEC §5).
     pub in_flight: u32,
+    /// How many times the plugin's process was restarted by its supervisor
+    /// (0 for in-process plugins).
+    pub restart_count: u64,
+    /// How the plugin's process last ended (`killed by signal SIGSEGV (11)`,
+    /// `exited with code 3`, ...); kept after a restart.
+    pub last_exit_reason: Option<String>,
+    /// When the supervisor will try to restart the plugin (RFC 3339, UTC);
+    /// `null` when no restart is scheduled.
+    pub next_retry_at: Option<String>,
+}
+
+/// One entry of a plugin's failure journal: a move into `FAILED` or
+/// `UNAVAILABLE` (or a new reason while there), or a supervisor restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// When it happened (RFC 3339, UTC, milliseconds).
+    pub at: String,
+    /// The state entered (`FAILED`, `UNAVAILABLE`, or `LOADED` for a restart).
+    pub state: PluginLifecycleState,
+    /// The reason given with the move.
+    pub reason: Option<String>,
+    /// The signal that ended the plugin's process, by name (`SIGSEGV`).
+    pub exit_signal: Option<String>,
+    /// The exit code of the plugin's process, when it exited on its own.
+    pub exit_code: Option<i32>,
+    /// The last lines the plugin's process wrote to stderr.
+    pub stderr_tail: Vec<String>,
+}
+
+/// How a plugin's process ended, as the host saw it (for
+/// [`Registry::mark_crashed`](crate::Registry::mark_crashed)).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// How it ended, in words (becomes `last_exit_reason`).
+    pub description: Option<String>,
+    /// The signal that ended it, by name (`SIGSEGV`).
+    pub signal: Option<String>,
+    /// Its exit code, when it exited on its own.
+    pub code: Option<i32>,
+    /// The last lines it wrote to stderr.
+    pub stderr_tail: Vec<String>,
 }
 
 /// One entry of a plugin's transition history.
@@ -122,6 +166,10 @@ pub(crate) struct Entry {
     pub(crate) recent: RecentTimes,
     pub(crate) in_flight: u32,
     pub(crate) history: Arc<VecDeque<Transition>>,
+    pub(crate) restart_count: u64,
+    pub(crate) last_exit_reason: Option<Arc<str>>,
+    pub(crate) next_retry_at: Option<DateTime<Utc>>,
+    pub(crate) journal: Arc<VecDeque<JournalEntry>>,
 }
 
 impl Entry {
@@ -147,7 +195,20 @@ impl Entry {
             recent: RecentTimes::default(),
             in_flight: 0,
             history: Arc::new(history),
+            restart_count: 0,
+            last_exit_reason: None,
+            next_retry_at: None,
+            journal: Arc::new(VecDeque::new()),
         }
+    }
+
+    /// Appends to the failure journal, dropping the oldest entry when full.
+    pub(crate) fn journal_push(&mut self, entry: JournalEntry) {
+        let journal = Arc::make_mut(&mut self.journal);
+        if journal.len() == JOURNAL_LEN {
+            journal.pop_front();
+        }
+        journal.push_back(entry);
     }
 
     /// Moves to `next` (the caller has checked legality), sets the reason and
@@ -198,6 +259,9 @@ impl Entry {
             last_execution_time_ms: self.last_execution_ms,
             avg_execution_time_ms: self.recent.mean(),
             in_flight: self.in_flight,
+            restart_count: self.restart_count,
+            last_exit_reason: self.last_exit_reason.as_deref().map(str::to_owned),
+            next_retry_at: self.next_retry_at.map(rfc3339),
         }
     }
 }
