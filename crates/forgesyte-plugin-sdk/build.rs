@@ -1,5 +1,6 @@
-//! Records the compiler that builds the SDK, so every plugin library carries
-//! a build fingerprint (`PluginVTable::rustc_version`) the host can log.
+//! Records the compiler that builds the SDK and the target it builds for, so
+//! every plugin library carries a build fingerprint (`PluginVTable::rustc_version`
+//! and the `.forgesyte_abi` record of `fingerprint`) the host can check.
 
 use std::process::Command;
 
@@ -17,4 +18,10 @@ fn main() {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=FORGESYTE_SDK_RUSTC_VERSION={version}");
+    // Cargo always sets TARGET for build scripts.
+    let target = std::env::var("TARGET")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=FORGESYTE_SDK_TARGET={target}");
 }

@@ -9,6 +9,28 @@
 //! error now, not a crash at the first call) and `RTLD_NODELETE` (they are
 //! never unmapped: code or thread-local destructors of a plugin may still run
 //! after its last instance is dropped).
+//!
+//! # Before `dlopen`
+//!
+//! Opening a library runs its initialisers, so [`inspect`] first reads the
+//! file as data (with the `object` crate) and refuses what must not be
+//! opened:
+//!
+//! - a file that is not a 64-bit ELF shared object, or is truncated
+//!   (`ImportError::NotALibrary`);
+//! - a build fingerprint (the `.forgesyte_abi` section that
+//!   `export_plugin!` emits, see `forgesyte_plugin_sdk::fingerprint`) with
+//!   another ABI version (`ImportError::AbiMismatch`) or another target
+//!   triple than the host's (`ImportError::Incompatible`); a section that is
+//!   there but damaged is `ImportError::InvalidInterface`.
+//!
+//! A different SDK or compiler version is only logged (`warn`): nothing of
+//! Rust's own ABI crosses the boundary, only C structures and JSON. A
+//! library **without** the section (built by hand, by another tool, or an
+//! SDK older than the fingerprint), or with a record format newer than this
+//! host reads, is opened as before: the entry symbol lookup and the vtable's
+//! ABI version, checked right after `dlopen` and before any plugin call,
+//! still refuse it with a precise reason.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, c_void};
@@ -21,6 +43,7 @@ use forgesyte_plugin_sdk::abi::{
     ABI_VERSION, ENTRY_SYMBOL, ENTRY_SYMBOL_C, FsBuffer, PluginVTable, STATUS_BAD_REQUEST,
     STATUS_ERROR, STATUS_OK, STATUS_PANIC, STATUS_UNKNOWN_TOOL,
 };
+use forgesyte_plugin_sdk::fingerprint::{self, Fingerprint, FingerprintError};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 
 use crate::host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
@@ -42,6 +65,7 @@ impl Importer for NativeImporter {
 pub struct NativeLibrary {
     path: PathBuf,
     vtable: &'static PluginVTable,
+    fingerprint: Option<Fingerprint>,
     // Kept so the handle lives as long as any instance; RTLD_NODELETE keeps
     // the code mapped even after it is dropped.
     _library: Arc<Library>,
@@ -56,15 +80,11 @@ impl fmt::Debug for NativeLibrary {
 }
 
 impl NativeLibrary {
-    /// Opens `path`, resolves the entry symbol and checks the ABI version
-    /// before anything else of the plugin is called.
+    /// Checks the file with [`inspect`], opens it, resolves the entry symbol
+    /// and checks the ABI version before anything else of the plugin is
+    /// called.
     pub fn open(path: &Path) -> Result<Self, ImportError> {
-        if !path.is_file() {
-            return Err(ImportError::LibraryNotFound {
-                path: path.to_path_buf(),
-            });
-        }
-        check_elf(path)?;
+        let fingerprint = inspect(path)?;
         // SAFETY: opening a library runs its initialisers. That is the point
         // of an in-process plugin; the file was named by the operator's
         // plugin directory, and the dependency checker never reaches here
@@ -106,6 +126,7 @@ impl NativeLibrary {
         Ok(NativeLibrary {
             path: path.to_path_buf(),
             vtable,
+            fingerprint,
             _library: Arc::new(library),
         })
     }
@@ -114,6 +135,86 @@ impl NativeLibrary {
     pub fn sdk_version(&self) -> String {
         c_str(self.vtable.sdk_version)
     }
+
+    /// The build fingerprint read from the file before it was opened, if it
+    /// has one.
+    pub fn fingerprint(&self) -> Option<&Fingerprint> {
+        self.fingerprint.as_ref()
+    }
+}
+
+/// Checks a plugin library **without opening it**: the file exists, is a
+/// complete 64-bit ELF shared object, and its build fingerprint (if it has
+/// one) matches this host's ABI version and target. Returns the fingerprint,
+/// or `None` for a library without one (see the [module
+/// documentation](self) for what is an error and what is only logged).
+pub fn inspect(path: &Path) -> Result<Option<Fingerprint>, ImportError> {
+    if !path.is_file() {
+        return Err(ImportError::LibraryNotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let found = check_elf(path)?;
+    vet_fingerprint(path, found, &Fingerprint::current())
+}
+
+/// Decides what a library's fingerprint record (`found`: `None` when the
+/// file has no fingerprint section) means for a host whose own is `host`.
+fn vet_fingerprint(
+    path: &Path,
+    found: Option<Result<Fingerprint, FingerprintError>>,
+    host: &Fingerprint,
+) -> Result<Option<Fingerprint>, ImportError> {
+    let plugin = match found {
+        None => {
+            tracing::debug!(
+                path = %path.display(),
+                "no {} section: the ABI version is checked after opening",
+                fingerprint::SECTION
+            );
+            return Ok(None);
+        }
+        Some(Err(err @ FingerprintError::UnknownFormat { .. })) => {
+            tracing::warn!(
+                path = %path.display(),
+                "{err}: the ABI version is checked after opening"
+            );
+            return Ok(None);
+        }
+        Some(Err(err)) => {
+            return Err(ImportError::InvalidInterface {
+                path: path.to_path_buf(),
+                detail: format!("damaged {} section: {err}", fingerprint::SECTION),
+            });
+        }
+        Some(Ok(plugin)) => plugin,
+    };
+    if plugin.abi_version != host.abi_version {
+        return Err(ImportError::AbiMismatch {
+            path: path.to_path_buf(),
+            host: host.abi_version,
+            plugin: plugin.abi_version,
+        });
+    }
+    if plugin.target != host.target {
+        return Err(ImportError::Incompatible {
+            path: path.to_path_buf(),
+            detail: format!(
+                "built for target '{}', this host is '{}'",
+                plugin.target, host.target
+            ),
+        });
+    }
+    if plugin.sdk_version != host.sdk_version || plugin.rustc_version != host.rustc_version {
+        tracing::warn!(
+            path = %path.display(),
+            plugin = %plugin,
+            host = %host,
+            "plugin built with another SDK or compiler version; compatible (same ABI {})",
+            host.abi_version
+        );
+    }
+    Ok(Some(plugin))
 }
 
 impl PluginLibrary for NativeLibrary {
@@ -292,10 +393,12 @@ fn c_str(ptr: *const std::ffi::c_char) -> String {
 
 /// Reads the ELF headers without running anything, so that files `dlopen`
 /// would crash on (a truncated library makes glibc's loader touch mapped
-/// pages past the end of the file: SIGBUS) are rejected with a reason.
-fn check_elf(path: &Path) -> Result<(), ImportError> {
+/// pages past the end of the file: SIGBUS) are rejected with a reason; then
+/// reads the fingerprint section, `None` when there is none.
+fn check_elf(path: &Path) -> Result<Option<Result<Fingerprint, FingerprintError>>, ImportError> {
+    use object::ReadRef as _;
     use object::elf::{ET_DYN, FileHeader64, PT_LOAD};
-    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+    use object::read::elf::{FileHeader as _, ProgramHeader as _, SectionHeader as _};
 
     let not_a_library = |detail: String| ImportError::NotALibrary {
         path: path.to_path_buf(),
@@ -333,7 +436,34 @@ fn check_elf(path: &Path) -> Result<(), ImportError> {
             )));
         }
     }
-    Ok(())
+    // `dlopen` never reads section headers; a library whose table is
+    // unreadable loads fine, so that alone is no reason to refuse it.
+    let sections = match header.sections(endian, &data) {
+        Ok(sections) => sections,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), "section headers unreadable: {e}");
+            return Ok(None);
+        }
+    };
+    let Some((_, section)) = sections.section_by_name(endian, fingerprint::SECTION.as_bytes())
+    else {
+        return Ok(None);
+    };
+    // Only the first record is read: a corrupt size cannot make us read
+    // (or allocate) more than that.
+    let Some((offset, size)) = section.file_range(endian) else {
+        // SHT_NOBITS: no bytes in the file.
+        return Ok(Some(Err(FingerprintError::TooShort { len: 0 })));
+    };
+    let len = size.min(fingerprint::RECORD_LEN as u64);
+    Ok(Some(match data.read_bytes_at(offset, len) {
+        Ok(bytes) => Fingerprint::parse(bytes),
+        Err(()) => Err(FingerprintError::Malformed {
+            detail: format!(
+                "section of {size} bytes at offset {offset} lies past the end of the file"
+            ),
+        }),
+    }))
 }
 
 /// The error and its sources on one line (libloading keeps dlerror's text in
@@ -412,6 +542,74 @@ mod tests {
         std::fs::write(&path, "hello, I am not ELF").unwrap();
         let err = NativeLibrary::open(&path).unwrap_err();
         assert!(matches!(err, ImportError::NotALibrary { .. }), "{err}");
+    }
+
+    fn fp(abi: u32, sdk: &str, rustc: &str, target: &str) -> Fingerprint {
+        let record = fingerprint::build_record(abi, sdk, rustc, target);
+        Fingerprint::parse(&record).unwrap()
+    }
+
+    #[test]
+    fn fingerprints_are_vetted_against_the_host() {
+        let p = Path::new("/p/libx.so");
+        let host = fp(1, "0.1.0", "rustc 1.95.0", "x86_64-unknown-linux-gnu");
+        // No section, or a record from a newer SDK: opened, the ABI version
+        // is checked after dlopen.
+        assert_eq!(vet_fingerprint(p, None, &host).unwrap(), None);
+        let future = Err(FingerprintError::UnknownFormat { format: 2 });
+        assert_eq!(vet_fingerprint(p, Some(future), &host).unwrap(), None);
+        // Same build, or only another SDK / compiler: accepted.
+        let same = vet_fingerprint(p, Some(Ok(host.clone())), &host).unwrap();
+        assert_eq!(same.as_ref(), Some(&host));
+        let other = fp(1, "0.3.0", "rustc 1.99.0", "x86_64-unknown-linux-gnu");
+        let got = vet_fingerprint(p, Some(Ok(other.clone())), &host).unwrap();
+        assert_eq!(got, Some(other));
+        // Another ABI: refused, both versions named.
+        let err =
+            vet_fingerprint(p, Some(Ok(fp(7, "0.1.0", "r", &host.target))), &host).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImportError::AbiMismatch {
+                    host: 1,
+                    plugin: 7,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Another target: refused, both named.
+        let err = vet_fingerprint(
+            p,
+            Some(Ok(fp(
+                1,
+                "0.1.0",
+                "rustc 1.95.0",
+                "aarch64-unknown-linux-musl",
+            ))),
+            &host,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ImportError::Incompatible { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("'aarch64-unknown-linux-musl'"), "{text}");
+        assert!(text.contains("'x86_64-unknown-linux-gnu'"), "{text}");
+        // A damaged record: refused.
+        let err = vet_fingerprint(p, Some(Err(FingerprintError::BadMagic)), &host).unwrap_err();
+        assert!(matches!(err, ImportError::InvalidInterface { .. }), "{err}");
+        assert!(err.to_string().contains(".forgesyte_abi"), "{err}");
+    }
+
+    #[test]
+    fn a_file_without_the_section_passes_inspection() {
+        // This test binary: a position-independent executable is ET_DYN
+        // like a library (a fixed-address one is refused as not a library);
+        // it has no fingerprint section, so nothing is vetted.
+        let exe = std::env::current_exe().unwrap();
+        match inspect(&exe) {
+            Ok(found) => assert_eq!(found, None),
+            Err(err) => assert!(matches!(err, ImportError::NotALibrary { .. }), "{err}"),
+        }
     }
 
     #[test]

@@ -69,6 +69,11 @@
 //!   [`ABI_VERSION`]. `sdk_version` and `rustc_version` are informational
 //!   only; since nothing of Rust's own ABI crosses, host and plugin need not
 //!   share a compiler.
+//! - **Fingerprint.** The same versions, the ABI version and the target
+//!   triple are also in the library's `.forgesyte_abi` section
+//!   ([`crate::fingerprint`]), so a host can refuse a mismatch before it
+//!   opens the library. The section is optional for a host: one without it
+//!   falls back to the entry's `abi_version`.
 #![allow(unsafe_code)]
 
 use std::any::Any;

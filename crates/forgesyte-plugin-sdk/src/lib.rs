@@ -111,11 +111,14 @@
 mod plugin;
 
 pub mod abi;
+pub mod fingerprint;
 
 pub use plugin::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec};
 
 /// Exports a [`Plugin`] type as this library's plugin: emits the
-/// `forgesyte_plugin_entry` symbol and its static [`abi::PluginVTable`].
+/// `forgesyte_plugin_entry` symbol, its static [`abi::PluginVTable`], and the
+/// build [`fingerprint`] record in the ELF section `.forgesyte_abi` (which
+/// hosts read before they open the library).
 ///
 /// Use it exactly once per library, at the crate root. The expansion carries
 /// its own `#[allow(unsafe_code)]`, so crates that `deny(unsafe_code)`
@@ -128,6 +131,12 @@ macro_rules! export_plugin {
         #[allow(unsafe_code)]
         #[unsafe(no_mangle)]
         pub extern "C" fn forgesyte_plugin_entry() -> *const $crate::abi::PluginVTable {
+            // Must match `fingerprint::SECTION`. Read below, so that the
+            // linker keeps it with `--gc-sections`.
+            #[used]
+            #[unsafe(link_section = ".forgesyte_abi")]
+            static FINGERPRINT: $crate::fingerprint::Record = $crate::fingerprint::RECORD;
+            $crate::fingerprint::__retain(&FINGERPRINT);
             static VTABLE: $crate::abi::PluginVTable =
                 $crate::abi::PluginVTable::for_plugin::<$plugin>();
             &VTABLE
