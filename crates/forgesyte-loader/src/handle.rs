@@ -1,19 +1,24 @@
 //! [`PluginHandle`]: what the server holds to call a loaded plugin's tools.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use forgesyte_errors::{PluginError, TimeoutError, ToolError};
 use forgesyte_registry::{PluginLifecycleState, Registry};
+use parking_lot::RwLock;
 use serde_json::Value;
 
 use crate::host::{PluginInstance, ToolInfo};
+use crate::manifest::Isolation;
+use crate::supervise::Supervisor;
 
 /// Why a tool call produced no result.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
-    /// The plugin is not in a state that runs tools (FAILED after a fault, ...).
+    /// The plugin is not in a state that runs tools (FAILED after a fault,
+    /// waiting for a restart, ...).
     #[error("plugin '{name}' is {state:?} and cannot run tools{}", reason_suffix(.reason))]
     NotRunnable {
         /// The plugin.
@@ -39,22 +44,38 @@ fn reason_suffix(reason: &Option<String>) -> String {
 ///
 /// Every call goes through the registry: the state moves to RUNNING while the
 /// call is in flight, success and error counts and timings are recorded, and a
-/// fault (panic, broken answer) marks the plugin FAILED. The instance (and so
-/// its library) lives as long as any handle does.
+/// fault (panic, broken answer, crash, timeout) marks the plugin FAILED. The
+/// instance (and so its library) lives as long as any handle does.
+///
+/// For a plugin in its own process ([`Isolation::Process`]) the handle is
+/// also its supervisor: when the process ends (a crash, a kill, a fault that
+/// made the host kill it) the plugin goes FAILED with the reason, and is
+/// restarted with exponential backoff; the handle then routes calls to the
+/// new instance. See `ISOLATION.md`.
 #[derive(Debug, Clone)]
 pub struct PluginHandle {
     inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    name: String,
-    registry: Registry,
-    instance: Box<dyn PluginInstance>,
+pub(crate) struct Inner {
+    pub(crate) name: String,
+    pub(crate) registry: Registry,
+    /// The live instance; swapped by a restart.
+    pub(crate) instance: RwLock<Arc<dyn PluginInstance>>,
+    /// The tools of the first instance (a restart runs the same library with
+    /// the same configuration).
+    tools: Vec<ToolInfo>,
     call_timeout: Option<Duration>,
+    isolation: Isolation,
+    /// Set when the loader lets this handle go (reload, shutdown): no more
+    /// restarts, no more registry changes from faults.
+    pub(crate) retired: AtomicBool,
+    pub(crate) supervisor: Option<Supervisor>,
 }
 
 impl PluginHandle {
+    /// A handle on an in-process instance.
     pub(crate) fn new(
         name: String,
         registry: Registry,
@@ -65,10 +86,37 @@ impl PluginHandle {
             inner: Arc::new(Inner {
                 name,
                 registry,
-                instance,
+                tools: instance.tools().to_vec(),
+                instance: RwLock::new(Arc::from(instance)),
                 call_timeout,
+                isolation: Isolation::InProcess,
+                retired: AtomicBool::new(false),
+                supervisor: None,
             }),
         }
+    }
+
+    /// A handle on an instance in its own process, supervised by `supervisor`.
+    pub(crate) fn isolated(
+        name: String,
+        registry: Registry,
+        instance: Box<dyn PluginInstance>,
+        call_timeout: Duration,
+        supervisor: Supervisor,
+    ) -> Self {
+        let instance: Arc<dyn PluginInstance> = Arc::from(instance);
+        let inner = Arc::new(Inner {
+            name,
+            registry,
+            tools: instance.tools().to_vec(),
+            instance: RwLock::new(Arc::clone(&instance)),
+            call_timeout: Some(call_timeout),
+            isolation: Isolation::Process,
+            retired: AtomicBool::new(false),
+            supervisor: Some(supervisor),
+        });
+        crate::supervise::watch(&inner, &instance);
+        PluginHandle { inner }
     }
 
     /// The plugin's registry name.
@@ -78,7 +126,7 @@ impl PluginHandle {
 
     /// The tools the loaded plugin offers.
     pub fn tools(&self) -> &[ToolInfo] {
-        self.inner.instance.tools()
+        &self.inner.tools
     }
 
     /// Whether the plugin offers `tool`.
@@ -86,9 +134,24 @@ impl PluginHandle {
         self.tools().iter().any(|t| t.id == tool)
     }
 
-    /// The manifest's per-call time limit, if it sets one.
+    /// The per-call time limit: the manifest's `limits.call_timeout_s` if it
+    /// sets one; for an isolated plugin always the limit its process is
+    /// killed at (the manifest's, else the loader's default).
     pub fn call_timeout(&self) -> Option<Duration> {
         self.inner.call_timeout
+    }
+
+    /// Where the plugin runs. For [`Isolation::Process`] the handle enforces
+    /// the call timeout itself (the process is killed and the call returns
+    /// [`ToolError::TimedOut`]); a caller need not time the call out.
+    pub fn isolation(&self) -> Isolation {
+        self.inner.isolation
+    }
+
+    /// The id of the process the current instance runs in (isolated plugins
+    /// only).
+    pub fn pid(&self) -> Option<u32> {
+        self.inner.instance.read().pid()
     }
 
     /// Runs `tool` with `args`, blocking the calling thread, and records the
@@ -116,10 +179,9 @@ impl PluginHandle {
                 .into());
             }
         };
+        let instance = Arc::clone(&*self.inner.instance.read());
         let started = Instant::now();
-        let outcome = self
-            .inner
-            .instance
+        let outcome = instance
             .call(tool, &args)
             .and_then(|bytes| {
                 serde_json::from_slice::<Value>(&bytes).map_err(|e| ToolError::Protocol {
@@ -143,9 +205,7 @@ impl PluginHandle {
             Err(e) => {
                 let _ = registry.record_error(name, elapsed);
                 if e.is_fault() {
-                    let reason = PluginError::Tool(e.clone()).reason();
-                    tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
-                    let _ = registry.mark_failed(name, reason);
+                    self.fault(&instance, e);
                 }
             }
         }
@@ -153,8 +213,33 @@ impl PluginHandle {
         outcome.map_err(CallError::from)
     }
 
-    /// Records that a call of `tool` ran past `after`. In-process the call's
-    /// thread cannot be stopped, so the plugin is marked FAILED.
+    /// A call faulted. In-process the plugin is marked FAILED. An isolated
+    /// plugin whose process died was marked FAILED by its supervisor before
+    /// the call returned; one whose process is alive (a caught panic, a
+    /// broken answer) is killed, so that it restarts clean.
+    fn fault(&self, instance: &Arc<dyn PluginInstance>, error: &ToolError) {
+        let name = &self.inner.name;
+        if self.inner.retired.load(Ordering::SeqCst) {
+            return;
+        }
+        let reason = PluginError::Tool(error.clone()).reason();
+        match self.inner.isolation {
+            Isolation::Process => {
+                if !matches!(error, ToolError::Crashed(_) | ToolError::TimedOut { .. }) {
+                    instance.kill(&reason);
+                }
+            }
+            _ => {
+                tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+                let _ = self.inner.registry.mark_failed(name, reason);
+            }
+        }
+    }
+
+    /// Records that a call of `tool` ran past `after` (the caller timed it
+    /// out). In-process the call's thread cannot be stopped, so the plugin
+    /// is marked FAILED; an isolated plugin's process is killed (and
+    /// restarted by its supervisor). Returns the reason.
     pub fn fail_timeout(&self, tool: &str, after: Duration) -> String {
         let reason = PluginError::Timeout(TimeoutError {
             operation: format!("tool '{tool}'"),
@@ -162,9 +247,24 @@ impl PluginHandle {
         })
         .reason();
         let name = &self.inner.name;
+        if self.inner.isolation == Isolation::Process {
+            let instance = Arc::clone(&*self.inner.instance.read());
+            instance.kill(&reason);
+            return reason;
+        }
         tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
         let _ = self.inner.registry.mark_failed(name, reason.clone());
         reason
+    }
+
+    /// Lets the handle go: no more restarts or fault handling, and an
+    /// isolated plugin's process is killed (calls in flight fail).
+    pub(crate) fn retire(&self) {
+        self.inner.retired.store(true, Ordering::SeqCst);
+        if self.inner.isolation == Isolation::Process {
+            let instance = Arc::clone(&*self.inner.instance.read());
+            instance.kill("retired by the host");
+        }
     }
 
     fn not_runnable(&self) -> CallError {

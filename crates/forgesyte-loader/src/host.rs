@@ -4,12 +4,14 @@
 //! library, a [`PluginLibrary`] creates instances, a [`PluginInstance`] lists
 //! and runs tools. The real implementation is [`crate::native`] (dlopen of an
 //! SDK-built library); tests use the in-memory fake in [`crate::fake`];
-//! process isolation plugs in here too.
+//! process isolation ([`crate::process`]) is another implementation, whose
+//! instances also have a process id, report when that process ends, and can
+//! be killed.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use forgesyte_errors::{ImportError, InitError, ToolError};
+use forgesyte_errors::{CrashCause, CrashError, ImportError, InitError, ToolError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -51,4 +53,64 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     fn tools(&self) -> &[ToolInfo];
     /// Runs `tool` with JSON-encoded `args`; returns the JSON-encoded result.
     fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError>;
+
+    /// The id of the process the instance lives in, when that is not the
+    /// host's own (process isolation).
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    /// Asks to be told, once, when the instance's process ends (at once if
+    /// it already has). Returns `false` (and drops `callback`) for an
+    /// instance in the host's own process.
+    fn on_exit(&self, callback: ExitCallback) -> bool {
+        drop(callback);
+        false
+    }
+
+    /// Kills the instance's process because of `reason` (a registry reason,
+    /// e.g. `ToolPanic: ...`) and returns once its end is processed (exit
+    /// callbacks run). Returns `false` for an instance in the host's own
+    /// process, which cannot be stopped.
+    fn kill(&self, reason: &str) -> bool {
+        let _ = reason;
+        false
+    }
+}
+
+/// Called once when an isolated instance's process ends.
+pub type ExitCallback = Box<dyn FnOnce(&ExitReport) + Send>;
+
+/// How an isolated instance's process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitReport {
+    /// The reason to record for the plugin (`CrashError: killed by signal
+    /// SIGSEGV (11); stderr: ...`, `TimeoutError: timed out after 5 s during
+    /// tool 'x'`).
+    pub reason: String,
+    /// The crash, when a process ended (`None` when a restart failed in
+    /// another way, e.g. the constructor returned an error).
+    pub crash: Option<CrashError>,
+    /// The signal that ended the process, by name.
+    pub signal: Option<String>,
+    /// The process's exit code, when it exited on its own.
+    pub code: Option<i32>,
+}
+
+impl ExitReport {
+    /// A report for a broken protocol with no process status to show.
+    pub(crate) fn protocol(detail: &str) -> Self {
+        let crash = CrashError {
+            cause: CrashCause::Protocol {
+                detail: detail.to_owned(),
+            },
+            stderr_tail: Vec::new(),
+        };
+        ExitReport {
+            reason: forgesyte_errors::PluginError::Crash(crash.clone()).reason(),
+            crash: Some(crash),
+            signal: None,
+            code: None,
+        }
+    }
 }

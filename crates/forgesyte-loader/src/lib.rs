@@ -46,10 +46,14 @@ mod host;
 pub mod manifest;
 pub mod native;
 mod pipeline;
+pub mod process;
+mod supervise;
 
 pub mod fake;
 
 pub use handle::{CallError, PluginHandle};
-pub use host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
+pub use host::{ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo};
 pub use manifest::{Isolation, Limits, Manifest};
 pub use pipeline::{LoadReport, Loader, LoaderConfig, PluginLoadOutcome};
+pub use process::{ProcessImporter, ProcessLimits};
+pub use supervise::SupervisionPolicy;

@@ -30,13 +30,20 @@ pub enum Isolation {
     Process,
 }
 
-/// Per-plugin limits from the manifest's `limits` object.
+/// Per-plugin limits from the manifest's `limits` object. `None` means
+/// "the host's default" (`LoaderConfig::process`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Limits {
     /// `limits.call_timeout_s`: time limit of one tool call.
     pub call_timeout: Option<Duration>,
     /// `limits.init_timeout_s`: time limit of construction.
     pub init_timeout: Option<Duration>,
+    /// `limits.memory_mb`: address-space limit of an isolated plugin's
+    /// process, in MiB (`0`: none).
+    pub memory_mb: Option<u64>,
+    /// `limits.max_response_mb`: the largest answer frame an isolated
+    /// plugin's process may send, in MiB.
+    pub max_response_mb: Option<u64>,
 }
 
 /// A validated manifest.
@@ -50,8 +57,14 @@ pub struct Manifest {
     pub description: Option<String>,
     /// `entrypoint` (or `library`), if given.
     pub entrypoint: Option<String>,
-    /// `isolation`.
+    /// `isolation`, [`Isolation::InProcess`] when absent.
     pub isolation: Isolation,
+    /// `isolation` as written, `None` when absent (so that a host-wide
+    /// default can apply).
+    pub declared_isolation: Option<Isolation>,
+    /// `preflight`: construct the plugin once in a throw-away child process
+    /// before loading it in-process.
+    pub preflight: bool,
     /// What the plugin needs.
     pub requirements: Requirements,
     /// Limits.
@@ -149,9 +162,10 @@ pub fn from_value(raw: Value, dir_name: &str) -> Result<Manifest, ManifestError>
     if let Some(entry) = &entrypoint {
         check_relative("entrypoint", entry)?;
     }
-    let isolation = match opt_str(obj, "isolation")? {
-        None | Some("in-process") => Isolation::InProcess,
-        Some("process") => Isolation::Process,
+    let declared_isolation = match opt_str(obj, "isolation")? {
+        None => None,
+        Some("in-process") => Some(Isolation::InProcess),
+        Some("process") => Some(Isolation::Process),
         Some(other) => {
             return Err(ManifestError::InvalidField {
                 field: "isolation".into(),
@@ -159,11 +173,9 @@ pub fn from_value(raw: Value, dir_name: &str) -> Result<Manifest, ManifestError>
             });
         }
     };
-    let optional = match obj.get("optional") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(wrong_type("optional", "a boolean", other)),
-    };
+    let isolation = declared_isolation.unwrap_or_default();
+    let optional = opt_bool(obj, "optional")?;
+    let preflight = opt_bool(obj, "preflight")?;
     if let Some(tools) = obj.get("tools")
         && !tools.is_array()
         && !tools.is_null()
@@ -178,6 +190,8 @@ pub fn from_value(raw: Value, dir_name: &str) -> Result<Manifest, ManifestError>
         description,
         entrypoint,
         isolation,
+        declared_isolation,
+        preflight,
         requirements,
         limits,
         optional,
@@ -207,10 +221,37 @@ fn parse_limits(value: Option<&Value>) -> Result<Limits, ManifestError> {
             },
         }
     };
+    let mebibytes = |key: &str, min: u64| -> Result<Option<u64>, ManifestError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if (min..=MAX_MIB).contains(&n) => Ok(Some(n)),
+                _ => Err(ManifestError::InvalidField {
+                    field: format!("limits.{key}"),
+                    message: format!(
+                        "expected an integer number of MiB in [{min}, {MAX_MIB}], found {v}"
+                    ),
+                }),
+            },
+        }
+    };
     Ok(Limits {
         call_timeout: seconds("call_timeout_s")?,
         init_timeout: seconds("init_timeout_s")?,
+        memory_mb: mebibytes("memory_mb", 0)?,
+        max_response_mb: mebibytes("max_response_mb", 1)?,
     })
+}
+
+/// The largest memory or response limit a manifest may ask for (1 TiB).
+const MAX_MIB: u64 = 1024 * 1024;
+
+fn opt_bool(obj: &serde_json::Map<String, Value>, key: &str) -> Result<bool, ManifestError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(wrong_type(key, "a boolean", other)),
+    }
 }
 
 /// Rejects absolute paths and `..` components: a manifest path must stay
@@ -367,6 +408,42 @@ mod tests {
         assert_eq!(m.raw["colour"], "blue");
         assert_eq!(m.version, "unknown");
         assert_eq!(m.isolation, Isolation::InProcess);
+    }
+
+    #[test]
+    fn isolation_limits_and_preflight() {
+        let m = from_value(
+            json!({"name": "a", "isolation": "process", "preflight": true,
+                   "limits": {"memory_mb": 0, "max_response_mb": 2, "init_timeout_s": 0.5}}),
+            "a",
+        )
+        .unwrap();
+        assert_eq!(m.isolation, Isolation::Process);
+        assert_eq!(m.declared_isolation, Some(Isolation::Process));
+        assert!(m.preflight);
+        assert_eq!(m.limits.memory_mb, Some(0));
+        assert_eq!(m.limits.max_response_mb, Some(2));
+        assert_eq!(m.limits.init_timeout, Some(Duration::from_millis(500)));
+        let m = from_value(json!({"name": "a"}), "a").unwrap();
+        assert_eq!(m.declared_isolation, None);
+        assert!(!m.preflight);
+        assert_eq!(m.limits, Limits::default());
+        check(
+            r#"{"name": "a", "limits": {"max_response_mb": 0}}"#,
+            Err(
+                "invalid field 'limits.max_response_mb': expected an integer number of MiB in [1, 1048576], found 0",
+            ),
+        );
+        check(
+            r#"{"name": "a", "limits": {"memory_mb": 1.5}}"#,
+            Err(
+                "invalid field 'limits.memory_mb': expected an integer number of MiB in [0, 1048576], found 1.5",
+            ),
+        );
+        check(
+            r#"{"name": "a", "preflight": "yes"}"#,
+            Err("invalid field 'preflight': expected a boolean, found a string"),
+        );
     }
 
     #[test]

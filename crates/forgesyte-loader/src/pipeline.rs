@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use forgesyte_deps::{Dependency, DependencyChecker, FileSystem, RealFs};
 use forgesyte_errors::{DependencyError, ImportError, ManifestError, PluginError};
+use forgesyte_registry::PluginLifecycleState as State;
 use forgesyte_registry::{PluginInfo, PluginLifecycleState, Registry};
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -16,8 +17,13 @@ use serde_json::Value;
 
 use crate::handle::PluginHandle;
 use crate::host::Importer;
-use crate::manifest::{self, MANIFEST_FILE, Manifest};
+use crate::manifest::{self, Isolation, MANIFEST_FILE, Manifest};
 use crate::native::NativeImporter;
+use crate::process::{self, ProcessImporter, ProcessLimits};
+use crate::supervise::{Restart, SupervisionPolicy, Supervisor};
+
+/// How long a reload waits for calls in flight on a plugin to end.
+const RELOAD_IDLE_WAIT: Duration = Duration::from_secs(5);
 
 /// Loader settings.
 #[derive(Debug, Clone)]
@@ -29,6 +35,23 @@ pub struct LoaderConfig {
     pub max_manifest_bytes: u64,
     /// Worker threads for a load pass (at least 1).
     pub threads: usize,
+    /// Where a plugin runs when its manifest has no `isolation`
+    /// (default in-process).
+    pub default_isolation: Isolation,
+    /// The runner binary for isolated plugins and preflight; `None`:
+    /// [`process::find_runner`] (`forgesyte-runner` next to the executable,
+    /// else on `PATH`). A host binary that serves [`process::runner_main`]
+    /// itself can name its own path.
+    pub runner: Option<PathBuf>,
+    /// Limits of isolated plugins; a manifest's `limits` override them.
+    pub process: ProcessLimits,
+    /// When and how often crashed isolated plugins are restarted.
+    pub supervision: SupervisionPolicy,
+    /// Construct every in-process plugin once in a throw-away runner before
+    /// loading it (a manifest's `"preflight": true` asks the same for one
+    /// plugin): a constructor that crashes leaves the plugin FAILED instead
+    /// of taking the host down.
+    pub preflight: bool,
 }
 
 impl Default for LoaderConfig {
@@ -37,6 +60,11 @@ impl Default for LoaderConfig {
             lib_paths: Vec::new(),
             max_manifest_bytes: manifest::DEFAULT_MAX_MANIFEST_BYTES,
             threads: std::thread::available_parallelism().map_or(1, usize::from),
+            default_isolation: Isolation::InProcess,
+            runner: None,
+            process: ProcessLimits::default(),
+            supervision: SupervisionPolicy::default(),
+            preflight: false,
         }
     }
 }
@@ -104,6 +132,9 @@ pub struct Loader {
     importer: Arc<dyn Importer>,
     config: LoaderConfig,
     entries: RwLock<BTreeMap<String, Entry>>,
+    /// The directory of the last `load_all`, where `reload_all` looks for
+    /// new plugins.
+    plugins_dir: RwLock<Option<PathBuf>>,
 }
 
 /// A manifest that could not be validated, and the JSON it held, if any.
@@ -147,6 +178,7 @@ impl Loader {
             importer,
             config,
             entries: RwLock::new(BTreeMap::new()),
+            plugins_dir: RwLock::new(None),
         }
     }
 
@@ -180,10 +212,179 @@ impl Loader {
         self.entries.read().get(name).is_some_and(|e| e.optional)
     }
 
-    /// Drops every instance handle the loader holds (libraries stay mapped).
+    /// Drops every instance handle the loader holds (libraries stay mapped;
+    /// isolated plugins' processes are stopped).
     pub fn drop_instances(&self) {
         for entry in self.entries.write().values_mut() {
-            entry.handle = None;
+            if let Some(handle) = entry.handle.take() {
+                retire_isolated(&handle);
+            }
+        }
+    }
+
+    /// Reloads one plugin (the server's `POST /v1/plugins/{name}/reload`):
+    /// re-reads its manifest, re-checks its dependencies, and
+    ///
+    /// - an isolated plugin: stops its process (calls in flight fail, and
+    ///   are waited for) and starts it afresh, whatever its state;
+    /// - an in-process plugin that is INITIALIZED or RUNNING: keeps its
+    ///   instance as it is (libraries are never unloaded: thread-local
+    ///   destructors and code of the plugin may still run after its last
+    ///   instance is gone, so `dlclose` is unsound; a new library version
+    ///   needs a restart of the host);
+    /// - an in-process plugin that is FAILED or UNAVAILABLE: is retried.
+    ///
+    /// `None` when no plugin of that name is registered.
+    pub fn reload(&self, name: &str) -> Option<PluginLoadOutcome> {
+        if !self.entries.read().contains_key(name) {
+            return None;
+        }
+        self.reload_names(&[name.to_owned()])
+            .plugins
+            .into_iter()
+            .find(|o| o.name == name)
+    }
+
+    /// Reloads every registered plugin as [`reload`](Self::reload) does, in
+    /// dependency order, and loads plugin directories that appeared under
+    /// the directory of the last [`load_all`](Self::load_all).
+    pub fn reload_all(&self) -> LoadReport {
+        let started = Instant::now();
+        let names: Vec<String> = self.entries.read().keys().cloned().collect();
+        let mut report = self.reload_names(&names);
+        let plugins_dir = self.plugins_dir.read().clone();
+        if let Some(plugins_dir) = plugins_dir {
+            let known: BTreeSet<PathBuf> = self
+                .entries
+                .read()
+                .values()
+                .map(|e| e.dir.clone())
+                .collect();
+            let new: Vec<PathBuf> = self
+                .discover(&plugins_dir)
+                .into_iter()
+                .filter(|dir| !known.contains(dir))
+                .collect();
+            if !new.is_empty() {
+                report.plugins.extend(self.load_dirs(&new).plugins);
+                report.plugins.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
+        report.elapsed_ms = ms(started.elapsed());
+        tracing::info!(
+            loaded = report.loaded(),
+            failed = report.failed(),
+            unavailable = report.unavailable(),
+            elapsed_ms = report.elapsed_ms,
+            "Reloaded {} plugins ({} failed, {} unavailable)",
+            report.loaded(),
+            report.failed(),
+            report.unavailable()
+        );
+        report
+    }
+
+    /// One reload pass over registered plugins.
+    fn reload_names(&self, names: &[String]) -> LoadReport {
+        self.checker.clear_cache();
+        let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
+        let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
+        for name in names {
+            let started = Instant::now();
+            let Some(entry) = self.entries.read().get(name).cloned() else {
+                continue;
+            };
+            if let Some(handle) = &entry.handle {
+                if handle.isolation() == Isolation::InProcess && self.registry.is_available(name) {
+                    tracing::info!(plugin = %name, "Plugin {name} kept as it is: in-process libraries are never unloaded");
+                    self.finish_outcome(name, &entry.dir, started, &mut outcomes);
+                    continue;
+                }
+                handle.retire();
+            }
+            if let Some(e) = self.entries.write().get_mut(name) {
+                e.handle = None;
+            }
+            self.wait_idle(name);
+            let manifest = self
+                .read_manifest(&entry.dir)
+                .and_then(|m| self.check_reload_name(name, m));
+            match manifest {
+                Ok(m) => {
+                    let info = PluginInfo {
+                        description: m.description.clone(),
+                        version: Some(m.version.clone()),
+                        source: Some(entry.dir.clone()),
+                    };
+                    if let Err(e) = self.registry.mark_loaded(name, Some(info)) {
+                        tracing::warn!(plugin = %name, error = %e, "Plugin {name} not reloaded: {e}");
+                        self.finish_outcome(name, &entry.dir, started, &mut outcomes);
+                        continue;
+                    }
+                    if let Some(e) = self.entries.write().get_mut(name) {
+                        e.raw = Some(Arc::clone(&m.raw));
+                        e.optional = m.optional;
+                    }
+                    pending.insert(
+                        name.clone(),
+                        Pending {
+                            name: name.clone(),
+                            dir: entry.dir.clone(),
+                            manifest: m,
+                            started,
+                        },
+                    );
+                }
+                Err(bad) => {
+                    let BadManifest { raw, error } = *bad;
+                    let _ = self.registry.mark_loaded(name, None);
+                    if let Some(e) = self.entries.write().get_mut(name) {
+                        e.raw = raw.map(Arc::new);
+                        e.optional = false;
+                    }
+                    self.record_failure(name, &PluginError::from(error));
+                    self.finish_outcome(name, &entry.dir, started, &mut outcomes);
+                }
+            }
+        }
+        self.run_waves(&pending, &mut outcomes);
+        LoadReport {
+            plugins: outcomes.into_values().collect(),
+            elapsed_ms: 0.0,
+        }
+    }
+
+    /// A reloaded manifest must still name the plugin it was registered as.
+    fn check_reload_name(&self, key: &str, m: Manifest) -> Result<Manifest, Box<BadManifest>> {
+        if m.name == key {
+            return Ok(m);
+        }
+        let raw = Some(Value::clone(&m.raw));
+        let error = if self.registry.contains(&m.name) {
+            ManifestError::DuplicateName {
+                existing: self
+                    .plugin_dir(&m.name)
+                    .unwrap_or_else(|| PathBuf::from("(registered earlier)")),
+                name: m.name,
+            }
+        } else {
+            ManifestError::InvalidField {
+                field: "name".into(),
+                message: format!(
+                    "changed from '{key}' to '{}' since the plugin was registered; a renamed \
+                     plugin needs a restart of the host",
+                    m.name
+                ),
+            }
+        };
+        Err(bad(raw, error))
+    }
+
+    /// Waits (bounded) until no call is in flight on `name`.
+    fn wait_idle(&self, name: &str) {
+        let deadline = Instant::now() + RELOAD_IDLE_WAIT;
+        while self.registry.get_state(name) == Some(State::Running) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -208,6 +409,7 @@ impl Loader {
     /// Loads every plugin directory under `plugins_dir` (seed `load_all_from_directory`).
     pub fn load_all(&self, plugins_dir: &Path) -> LoadReport {
         let started = Instant::now();
+        *self.plugins_dir.write() = Some(plugins_dir.to_path_buf());
         let dirs = self.discover(plugins_dir);
         let mut report = self.load_dirs(&dirs);
         report.elapsed_ms = ms(started.elapsed());
@@ -264,8 +466,21 @@ impl Loader {
                 self.finish_outcome(&name, dir, started, &mut outcomes);
             }
         }
-        // Phase 3: dependency order, one wave at a time; each wave in parallel.
-        let (waves, cyclic) = dependency_waves(&pending);
+        self.run_waves(&pending, &mut outcomes);
+        LoadReport {
+            plugins: outcomes.into_values().collect(),
+            elapsed_ms: 0.0,
+        }
+    }
+
+    /// Phase 3 of a pass: dependency order, one wave at a time; each wave in
+    /// parallel.
+    fn run_waves(
+        &self,
+        pending: &BTreeMap<String, Pending>,
+        outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
+    ) {
+        let (waves, cyclic) = dependency_waves(pending);
         for wave in waves {
             let results = par_map(self.config.threads, &wave, |name| {
                 pending.get(name).map(|p| self.instantiate(p))
@@ -277,7 +492,7 @@ impl Loader {
                     Some(Err(err)) => self.record_failure(name, &err),
                     None => {}
                 }
-                self.finish_outcome(name, &p.dir, p.started, &mut outcomes);
+                self.finish_outcome(name, &p.dir, p.started, outcomes);
             }
         }
         for (name, cycle) in cyclic {
@@ -290,12 +505,8 @@ impl Loader {
                     None,
                 );
                 self.record_failure(&name, &err.into());
-                self.finish_outcome(&name, &p.dir, p.started, &mut outcomes);
+                self.finish_outcome(&name, &p.dir, p.started, outcomes);
             }
-        }
-        LoadReport {
-            plugins: outcomes.into_values().collect(),
-            elapsed_ms: 0.0,
         }
     }
 
@@ -452,8 +663,18 @@ impl Loader {
             return Err(err.into());
         }
         let library_path = self.resolve_library(p)?;
-        let library = self.importer.open(&library_path)?;
         let config = self.instance_config(p);
+        let isolation = p
+            .manifest
+            .declared_isolation
+            .unwrap_or(self.config.default_isolation);
+        if isolation == Isolation::Process {
+            return self.instantiate_isolated(p, library_path, config);
+        }
+        if self.config.preflight || p.manifest.preflight {
+            self.preflight(p, &library_path, &config)?;
+        }
+        let library = self.importer.open(&library_path)?;
         let instance = library.instantiate(&config)?;
         Ok(PluginHandle::new(
             p.name.clone(),
@@ -461,6 +682,70 @@ impl Loader {
             instance,
             p.manifest.limits.call_timeout,
         ))
+    }
+
+    /// The runner binary, or an import error saying none was found.
+    fn runner(&self, library: &Path) -> Result<PathBuf, ImportError> {
+        self.config
+            .runner
+            .clone()
+            .or_else(process::find_runner)
+            .ok_or_else(|| ImportError::Open {
+                path: library.to_path_buf(),
+                detail: format!(
+                    "no plugin runner: {} was not found next to the executable or on PATH",
+                    process::RUNNER_NAME
+                ),
+            })
+    }
+
+    /// Starts an isolated plugin in its runner, under supervision.
+    fn instantiate_isolated(
+        &self,
+        p: &Pending,
+        library_path: PathBuf,
+        config: Vec<u8>,
+    ) -> Result<PluginHandle, PluginError> {
+        let limits = self.config.process.with_manifest(&p.manifest.limits);
+        let importer = Arc::new(ProcessImporter::new(
+            self.runner(&library_path)?,
+            p.name.clone(),
+            limits,
+        ));
+        let library = importer.open(&library_path)?;
+        let instance = library.instantiate(&config)?;
+        let supervisor = Supervisor::new(
+            Restart {
+                importer,
+                library: library_path,
+                config,
+            },
+            self.config.supervision,
+        );
+        Ok(PluginHandle::isolated(
+            p.name.clone(),
+            self.registry.clone(),
+            instance,
+            limits.call_timeout,
+            supervisor,
+        ))
+    }
+
+    /// Constructs an in-process plugin once in a throw-away runner (no
+    /// memory limit unless the manifest sets one: the host has none either).
+    fn preflight(
+        &self,
+        p: &Pending,
+        library_path: &Path,
+        config: &[u8],
+    ) -> Result<(), PluginError> {
+        let mut limits = self.config.process.with_manifest(&p.manifest.limits);
+        limits.memory_limit_mib = p.manifest.limits.memory_mb.unwrap_or(0);
+        let importer = ProcessImporter::new(self.runner(library_path)?, p.name.clone(), limits);
+        let instance = importer.open(library_path)?.instantiate(config)?;
+        drop(instance);
+        tracing::info!(plugin = %p.name, "Preflight passed: {}", p.name);
+        Ok(())
     }
 
     /// Versions of the plugins available now, for `plugin:` requirements.
@@ -626,6 +911,23 @@ impl Loader {
                 elapsed_ms: ms(started.elapsed()),
             },
         );
+    }
+}
+
+impl Drop for Loader {
+    /// Stops the processes of isolated plugins (their handles stop working).
+    fn drop(&mut self) {
+        for entry in self.entries.get_mut().values() {
+            if let Some(handle) = &entry.handle {
+                retire_isolated(handle);
+            }
+        }
+    }
+}
+
+fn retire_isolated(handle: &PluginHandle) {
+    if handle.isolation() == Isolation::Process {
+        handle.retire();
     }
 }
 

@@ -1,0 +1,141 @@
+//! How a runner process ended, in words: signal names, exit codes, and the
+//! memory-limit heuristic.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+
+use forgesyte_errors::CrashCause;
+
+/// Lines of a dying process's stderr that say an allocation failed: Rust's
+/// default allocation-error hook (`memory allocation of N bytes failed`),
+/// C++'s `std::bad_alloc`, and the usual C wording.
+const ALLOCATION_FAILURE_MARKERS: &[&str] = &[
+    "memory allocation of",
+    "std::bad_alloc",
+    "out of memory",
+    "Cannot allocate memory",
+];
+
+/// The conventional name of signal `number` on Linux (`SIGSEGV`), or
+/// `SIG<number>` for one without a name.
+pub(crate) fn signal_name(number: i32) -> String {
+    let name = match number {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        16 => "SIGSTKFLT",
+        17 => "SIGCHLD",
+        18 => "SIGCONT",
+        19 => "SIGSTOP",
+        20 => "SIGTSTP",
+        21 => "SIGTTIN",
+        22 => "SIGTTOU",
+        23 => "SIGURG",
+        24 => "SIGXCPU",
+        25 => "SIGXFSZ",
+        26 => "SIGVTALRM",
+        27 => "SIGPROF",
+        28 => "SIGWINCH",
+        29 => "SIGIO",
+        30 => "SIGPWR",
+        31 => "SIGSYS",
+        _ => return format!("SIG{number}"),
+    };
+    name.to_owned()
+}
+
+/// Why a process that the host did not kill on purpose ended.
+///
+/// With a memory limit set, an abnormal end whose stderr tail carries an
+/// allocation-failure message is reported as
+/// [`CrashCause::MemoryLimit`]: under `RLIMIT_AS` an allocation fails
+/// (instead of the kernel's OOM killer stepping in) and Rust's default
+/// handler prints that message and aborts. This is a heuristic: a plugin
+/// that catches the failure and dies some other way is reported by its
+/// signal or exit code.
+pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[String]) -> CrashCause {
+    let abnormal = !status.success();
+    if abnormal
+        && memory_limit_mib > 0
+        && stderr
+            .iter()
+            .any(|line| ALLOCATION_FAILURE_MARKERS.iter().any(|m| line.contains(m)))
+    {
+        return CrashCause::MemoryLimit {
+            limit_mib: memory_limit_mib,
+        };
+    }
+    match (status.signal(), status.code()) {
+        (Some(number), _) => CrashCause::Signal {
+            name: signal_name(number),
+            number,
+        },
+        (None, Some(code)) => CrashCause::Exit { code },
+        (None, None) => CrashCause::Protocol {
+            detail: format!("ended without an exit code or signal ({status})"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signalled(n: i32) -> ExitStatus {
+        ExitStatus::from_raw(n)
+    }
+
+    fn exited(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn signals_have_their_names() {
+        assert_eq!(signal_name(11), "SIGSEGV");
+        assert_eq!(signal_name(6), "SIGABRT");
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(40), "SIG40");
+        assert_eq!(
+            classify(signalled(11), 0, &[]),
+            CrashCause::Signal {
+                name: "SIGSEGV".into(),
+                number: 11
+            }
+        );
+        assert_eq!(classify(exited(3), 512, &[]), CrashCause::Exit { code: 3 });
+    }
+
+    #[test]
+    fn allocation_failure_under_a_limit_is_the_memory_limit() {
+        let tail = vec!["memory allocation of 1048576 bytes failed".to_owned()];
+        assert_eq!(
+            classify(signalled(6), 128, &tail),
+            CrashCause::MemoryLimit { limit_mib: 128 }
+        );
+        // Without a limit it is only what it is.
+        assert_eq!(
+            classify(signalled(6), 0, &tail),
+            CrashCause::Signal {
+                name: "SIGABRT".into(),
+                number: 6
+            }
+        );
+        // A clean exit is never a memory fault.
+        assert_eq!(
+            classify(exited(0), 128, &tail),
+            CrashCause::Exit { code: 0 }
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! Process isolation: a plugin in its own runner process, with the same
+//! library and the same ABI as in-process.
+//!
+//! [`ProcessImporter`] is an [`Importer`] like [`crate::native::NativeImporter`]:
+//!
+//! - `open` checks the file without running it ([`crate::native::inspect`]:
+//!   a complete ELF shared object with an acceptable fingerprint) and
+//!   starts a runner (`forgesyte-runner`, or any binary that calls
+//!   [`runner_main`]) that loads the library through the same native host
+//!   and answers with a hello frame, or with the precise `ImportError`
+//!   (ABI mismatch, missing entry symbol, unresolved symbol). The runner is
+//!   kept for the first `instantiate`.
+//! - `instantiate` sends the construction request and waits at most the
+//!   init timeout; a later `instantiate` (a restart) starts a fresh runner.
+//! - Each tool call is a request frame; several can be in flight on one
+//!   runner (each runs on its own thread there: plugins are `Send + Sync`
+//!   by contract, and one process per plugin keeps one copy of its models
+//!   in memory). A call past its timeout kills the runner.
+//!
+//! The protocol is in `protocol` (u32 little-endian length + JSON, with
+//! request ids); the runner's side in [`runner_main`]; the host's in
+//! `child`. Faults come back as typed errors with a precise reason
+//! (`killed by signal SIGSEGV (11)`, `exited with code 3`, `exceeded memory
+//! limit 512 MiB`, `timed out after 5 s during init`, a protocol violation)
+//! and the last lines the plugin wrote to stderr. Every stderr line is also
+//! logged (target `forgesyte_loader::plugin_stderr`), tagged with the plugin.
+//!
+//! Supervision (restart with backoff) is the [`crate::PluginHandle`]'s job;
+//! see `ISOLATION.md`.
+
+mod child;
+mod exit;
+mod protocol;
+mod runner;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use forgesyte_errors::{CrashCause, ImportError, InitError, PluginError, TimeoutError, ToolError};
+use parking_lot::Mutex;
+
+use self::child::{Child, KillReason, Reply, SpawnError, SpawnOptions};
+use self::protocol::{Request, Response};
+use crate::host::{ExitCallback, Importer, PluginInstance, PluginLibrary, ToolInfo};
+use crate::manifest::Limits;
+
+pub use self::runner::runner_main;
+
+/// File name of the runner binary this crate builds.
+pub const RUNNER_NAME: &str = "forgesyte-runner";
+
+const MIB: u64 = 1024 * 1024;
+
+/// Limits of an isolated plugin (the host's defaults, or a manifest's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessLimits {
+    /// Time for the runner to load the library and answer, and again for
+    /// construction (`limits.init_timeout_s`; default 5 s).
+    pub init_timeout: Duration,
+    /// Time for one tool call before the runner is killed
+    /// (`limits.call_timeout_s`; default 60 s).
+    pub call_timeout: Duration,
+    /// The runner's address-space limit in MiB, `RLIMIT_AS`
+    /// (`limits.memory_mb`; default 512; 0: none).
+    pub memory_limit_mib: u64,
+    /// The largest answer frame accepted, in bytes
+    /// (`limits.max_response_mb`; default 64 MiB).
+    pub max_response_bytes: u64,
+}
+
+impl Default for ProcessLimits {
+    fn default() -> Self {
+        ProcessLimits {
+            init_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(60),
+            memory_limit_mib: 512,
+            max_response_bytes: 64 * MIB,
+        }
+    }
+}
+
+impl ProcessLimits {
+    /// These defaults, overridden by what the manifest sets.
+    pub fn with_manifest(&self, limits: &Limits) -> Self {
+        ProcessLimits {
+            init_timeout: limits.init_timeout.unwrap_or(self.init_timeout),
+            call_timeout: limits.call_timeout.unwrap_or(self.call_timeout),
+            memory_limit_mib: limits.memory_mb.unwrap_or(self.memory_limit_mib),
+            max_response_bytes: limits
+                .max_response_mb
+                .map_or(self.max_response_bytes, |mb| mb.saturating_mul(MIB)),
+        }
+    }
+}
+
+/// Where the runner is when the host names none: `forgesyte-runner` next to
+/// the current executable (or one directory up, Cargo's layout for test
+/// binaries), else on `PATH`.
+pub fn find_runner() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    let beside = exe
+        .as_deref()
+        .and_then(Path::parent)
+        .into_iter()
+        .flat_map(|dir| [Some(dir), dir.parent()])
+        .flatten()
+        .map(|dir| dir.join(RUNNER_NAME));
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|dir| dir.join(RUNNER_NAME));
+    beside.chain(on_path).find(|p| p.is_file())
+}
+
+/// Opens plugin libraries in runner processes.
+#[derive(Debug, Clone)]
+pub struct ProcessImporter {
+    runner: PathBuf,
+    plugin: String,
+    limits: ProcessLimits,
+}
+
+impl ProcessImporter {
+    /// An importer that starts `runner` for plugin `plugin` (the name tags
+    /// its log lines) under `limits`.
+    pub fn new(
+        runner: impl Into<PathBuf>,
+        plugin: impl Into<String>,
+        limits: ProcessLimits,
+    ) -> Self {
+        ProcessImporter {
+            runner: runner.into(),
+            plugin: plugin.into(),
+            limits,
+        }
+    }
+
+    /// The limits its runners get.
+    pub fn limits(&self) -> &ProcessLimits {
+        &self.limits
+    }
+
+    fn spawn(&self, library: &Path) -> Result<Child, SpawnError> {
+        Child::spawn(
+            &SpawnOptions {
+                runner: &self.runner,
+                library,
+                plugin: &self.plugin,
+                memory_limit_mib: self.limits.memory_limit_mib,
+                max_response_bytes: self.limits.max_response_bytes,
+            },
+            self.limits.init_timeout,
+        )
+    }
+
+    fn start_error(&self, e: &std::io::Error) -> String {
+        format!(
+            "cannot start the plugin runner {}: {e}",
+            self.runner.display()
+        )
+    }
+
+    fn handshake_timeout(&self) -> TimeoutError {
+        TimeoutError {
+            operation: "handshake".into(),
+            after: self.limits.init_timeout,
+        }
+    }
+}
+
+impl Importer for ProcessImporter {
+    fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        if !path.is_file() {
+            return Err(ImportError::LibraryNotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        // The same checks as in-process, before anything runs: a complete
+        // ELF shared object with an acceptable build fingerprint.
+        crate::native::inspect(path)?;
+        let child = self.spawn(path).map_err(|e| match e {
+            SpawnError::Start(e) => ImportError::Open {
+                path: path.to_path_buf(),
+                detail: self.start_error(&e),
+            },
+            SpawnError::Import(wire) => (*wire).into_import(path),
+            SpawnError::Died(report) => match &report.crash {
+                Some(crash) => ImportError::Crashed(crash.clone()),
+                None => ImportError::Open {
+                    path: path.to_path_buf(),
+                    detail: report.reason.clone(),
+                },
+            },
+            SpawnError::TimedOut => ImportError::TimedOut(self.handshake_timeout()),
+        })?;
+        Ok(Arc::new(ProcessLibrary {
+            importer: self.clone(),
+            path: path.to_path_buf(),
+            spare: Mutex::new(Some(child)),
+        }))
+    }
+}
+
+/// A library that loaded in a runner; each instance gets its own runner.
+#[derive(Debug)]
+pub struct ProcessLibrary {
+    importer: ProcessImporter,
+    path: PathBuf,
+    spare: Mutex<Option<Child>>,
+}
+
+impl PluginLibrary for ProcessLibrary {
+    fn instantiate(&self, config: &[u8]) -> Result<Box<dyn PluginInstance>, InitError> {
+        let spare = self.spare.lock().take();
+        let child = match spare {
+            Some(child) => child,
+            None => self.importer.spawn(&self.path).map_err(|e| match e {
+                SpawnError::Start(e) => InitError::Failed {
+                    message: self.importer.start_error(&e),
+                },
+                SpawnError::Import(wire) => InitError::Failed {
+                    message: format!(
+                        "the library no longer loads: {}",
+                        (*wire).into_import(&self.path)
+                    ),
+                },
+                SpawnError::Died(report) => match &report.crash {
+                    Some(crash) => InitError::Crashed(crash.clone()),
+                    None => InitError::Failed {
+                        message: report.reason.clone(),
+                    },
+                },
+                SpawnError::TimedOut => InitError::TimedOut(self.importer.handshake_timeout()),
+            })?,
+        };
+        let limits = self.importer.limits;
+        let config = String::from_utf8_lossy(config).into_owned();
+        let reply = child.request(|id| Request::Create { id, config }, limits.init_timeout);
+        let tools = match reply {
+            Ok(Reply::Answer(Response::Created { tools, .. })) => tools,
+            Ok(Reply::Answer(Response::InitFailed { error, .. })) => return Err(error.into_init()),
+            Ok(Reply::Answer(other)) => {
+                return Err(InitError::Protocol {
+                    detail: format!("unexpected answer to construction: {other:?}"),
+                });
+            }
+            Ok(Reply::Died(report)) | Err(Some(report)) => return Err(init_crash(&report)),
+            Err(None) => {
+                let timeout = TimeoutError {
+                    operation: "init".into(),
+                    after: limits.init_timeout,
+                };
+                child.kill(KillReason::host(
+                    PluginError::from(InitError::TimedOut(timeout.clone())).reason(),
+                ));
+                let _ = child.wait_dead(child::DEATH_SYNC);
+                return Err(InitError::TimedOut(timeout));
+            }
+        };
+        Ok(Box::new(ProcessInstance {
+            child,
+            tools,
+            call_timeout: limits.call_timeout,
+        }))
+    }
+}
+
+fn init_crash(report: &crate::host::ExitReport) -> InitError {
+    match &report.crash {
+        Some(crash) => InitError::Crashed(crash.clone()),
+        None => InitError::Failed {
+            message: report.reason.clone(),
+        },
+    }
+}
+
+/// A plugin instance in a runner process. Dropping it kills the process.
+#[derive(Debug)]
+pub struct ProcessInstance {
+    child: Child,
+    tools: Vec<ToolInfo>,
+    call_timeout: Duration,
+}
+
+impl PluginInstance for ProcessInstance {
+    fn tools(&self) -> &[ToolInfo] {
+        &self.tools
+    }
+
+    fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
+        let args = String::from_utf8_lossy(args).into_owned();
+        let reply = self.child.request(
+            |id| Request::Call {
+                id,
+                tool: tool.to_owned(),
+                args,
+            },
+            self.call_timeout,
+        );
+        match reply {
+            Ok(Reply::Answer(Response::Result { result, .. })) => Ok(result.into_bytes()),
+            Ok(Reply::Answer(Response::ToolFailed { error, .. })) => Err(error.into_tool()),
+            Ok(Reply::Answer(other)) => Err(ToolError::Protocol {
+                detail: format!("unexpected answer to a tool call: {other:?}"),
+            }),
+            Ok(Reply::Died(report)) | Err(Some(report)) => Err(tool_crash(&report)),
+            Err(None) => {
+                let after = self.call_timeout;
+                let reason = PluginError::Timeout(TimeoutError {
+                    operation: format!("tool '{tool}'"),
+                    after,
+                })
+                .reason();
+                self.child.kill(KillReason::host(reason));
+                let _ = self.child.wait_dead(child::DEATH_SYNC);
+                Err(ToolError::TimedOut { after })
+            }
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.child.pid())
+    }
+
+    fn on_exit(&self, callback: ExitCallback) -> bool {
+        self.child.on_exit(callback);
+        true
+    }
+
+    fn kill(&self, reason: &str) -> bool {
+        self.child.kill(KillReason::host(reason));
+        let _ = self.child.wait_dead(child::DEATH_SYNC);
+        true
+    }
+}
+
+fn tool_crash(report: &crate::host::ExitReport) -> ToolError {
+    match &report.crash {
+        Some(crash) => ToolError::Crashed(crash.clone()),
+        None => ToolError::Crashed(forgesyte_errors::CrashError {
+            cause: CrashCause::Protocol {
+                detail: report.reason.clone(),
+            },
+            stderr_tail: Vec::new(),
+        }),
+    }
+}

@@ -1,0 +1,323 @@
+//! The child side: what `forgesyte-runner` (or a host's hidden runner
+//! subcommand) does.
+//!
+//! 1. Moves the protocol off fd 1: the original stdout is duplicated to a
+//!    private close-on-exec descriptor for frames, and fd 1 is pointed at
+//!    stderr, so whatever the plugin prints lands in the log instead of
+//!    corrupting the protocol.
+//! 2. Sets its own address-space limit (`RLIMIT_AS`) when asked to.
+//! 3. Loads the library through [`NativeLibrary`] (the same checks as
+//!    in-process) and sends the hello frame, or the import error.
+//! 4. Reads requests on stdin; each runs on its own thread, so several calls
+//!    can be in flight (the SDK requires `Send + Sync` plugins). Answers are
+//!    written whole under one lock.
+//! 5. Exits as soon as stdin ends: the host has gone or let it go. It never
+//!    unloads the library or destroys the instance; the process ending is
+//!    the cleanup.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use forgesyte_errors::{InitError, ToolError};
+use forgesyte_plugin_sdk::abi::ABI_VERSION;
+
+use super::protocol::{FrameError, Request, Response, WireError, read_frame, write_frame};
+use crate::host::{PluginInstance, PluginLibrary};
+use crate::native::NativeLibrary;
+
+/// Exit code for a bad command line.
+const EXIT_USAGE: u8 = 64;
+/// Exit code for a broken protocol (the host sent garbage).
+const EXIT_PROTOCOL: u8 = 65;
+/// Exit code when the protocol could not be set up.
+const EXIT_SETUP: u8 = 71;
+
+/// Stack size of the threads that run plugin code (like a main thread's).
+const CALL_STACK_BYTES: usize = 8 * 1024 * 1024;
+
+/// The largest request frame the runner accepts (the host caps its bodies
+/// far below this).
+const MAX_REQUEST_BYTES: u64 = 1 << 31;
+
+/// The runner's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Args {
+    library: PathBuf,
+    memory_limit_mib: u64,
+    plugin: String,
+}
+
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
+    let mut library = None;
+    let mut memory_limit_mib = 0;
+    let mut plugin = String::from("plugin");
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match arg.to_str() {
+            Some("--library") => library = Some(PathBuf::from(value("--library")?)),
+            Some("--memory-limit-mb") => {
+                let v = value("--memory-limit-mb")?;
+                memory_limit_mib = v
+                    .to_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("--memory-limit-mb: not a number: {v:?}"))?;
+            }
+            Some("--plugin") => plugin = value("--plugin")?.to_string_lossy().into_owned(),
+            _ => return Err(format!("unexpected argument {arg:?}")),
+        }
+    }
+    let library = library.ok_or("--library is required")?;
+    Ok(Args {
+        library,
+        memory_limit_mib,
+        plugin,
+    })
+}
+
+/// Runs a plugin runner: call this from a binary's `main` with the
+/// arguments after the program name (or after a hidden subcommand), and
+/// return its exit code.
+///
+/// Arguments: `--library PATH` (required), `--memory-limit-mb N` (0 or
+/// absent: no limit), `--plugin NAME` (for messages). The process speaks the
+/// protocol of [`crate::process`] on its stdin and stdout; it is started by
+/// [`crate::process::ProcessImporter`], not by people.
+pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    // First of all, before anything can print: the protocol gets its own fd.
+    let out = match take_stdout() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("forgesyte-runner: cannot set up the protocol pipe: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    let args = match parse_args(args) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!(
+                "forgesyte-runner: {e}\nusage: forgesyte-runner --library PATH \
+                 [--memory-limit-mb N] [--plugin NAME]"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let out = Arc::new(Mutex::new(out));
+    if args.memory_limit_mib > 0
+        && let Err(e) = limit_memory(args.memory_limit_mib)
+    {
+        eprintln!(
+            "forgesyte-runner[{}]: cannot set the memory limit of {} MiB: {e}",
+            args.plugin, args.memory_limit_mib
+        );
+        return ExitCode::from(EXIT_SETUP);
+    }
+    let library = match NativeLibrary::open(&args.library) {
+        Ok(library) => Arc::new(library),
+        Err(e) => {
+            send(
+                &out,
+                &Response::ImportFailed {
+                    error: WireError::import(&e),
+                },
+            );
+            return ExitCode::SUCCESS;
+        }
+    };
+    send(
+        &out,
+        &Response::Hello {
+            abi_version: ABI_VERSION,
+            sdk_version: library.sdk_version(),
+            pid: std::process::id(),
+        },
+    );
+    serve(&args, &library, &out)
+}
+
+/// Reads requests until stdin ends.
+fn serve(args: &Args, library: &Arc<NativeLibrary>, out: &Arc<Mutex<File>>) -> ExitCode {
+    let instance: Arc<OnceLock<Box<dyn PluginInstance>>> = Arc::new(OnceLock::new());
+    let mut stdin = io::stdin().lock();
+    loop {
+        let body = match read_frame(&mut stdin, MAX_REQUEST_BYTES) {
+            Ok(body) => body,
+            // The host closed our stdin: it is done with us. Calls still
+            // running die with the process.
+            Err(FrameError::Eof) => std::process::exit(0),
+            Err(FrameError::TooLarge { len }) => {
+                eprintln!(
+                    "forgesyte-runner[{}]: request frame of {len} bytes",
+                    args.plugin
+                );
+                return ExitCode::from(EXIT_PROTOCOL);
+            }
+            Err(FrameError::Io(e)) => {
+                eprintln!("forgesyte-runner[{}]: reading stdin: {e}", args.plugin);
+                return ExitCode::from(EXIT_PROTOCOL);
+            }
+        };
+        let request: Request = match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(e) => {
+                eprintln!("forgesyte-runner[{}]: malformed request: {e}", args.plugin);
+                return ExitCode::from(EXIT_PROTOCOL);
+            }
+        };
+        let (library, instance, answers) =
+            (Arc::clone(library), Arc::clone(&instance), Arc::clone(out));
+        let (id, name) = match &request {
+            Request::Create { id, .. } => (*id, "forgesyte-create"),
+            Request::Call { id, .. } => (*id, "forgesyte-call"),
+        };
+        let spawned = std::thread::Builder::new()
+            .name(name.to_owned())
+            .stack_size(CALL_STACK_BYTES)
+            .spawn(move || {
+                let response = handle(request, &library, &instance);
+                send(&answers, &response);
+            });
+        if let Err(e) = spawned {
+            let detail = format!("the runner cannot start a thread: {e}");
+            let response = match name {
+                "forgesyte-create" => Response::InitFailed {
+                    id,
+                    error: WireError::init(&InitError::Protocol { detail }),
+                },
+                _ => Response::ToolFailed {
+                    id,
+                    error: WireError::tool(&ToolError::Protocol { detail }),
+                },
+            };
+            send(out, &response);
+        }
+    }
+}
+
+/// Runs one request against the library or its instance.
+fn handle(
+    request: Request,
+    library: &NativeLibrary,
+    instance: &OnceLock<Box<dyn PluginInstance>>,
+) -> Response {
+    match request {
+        Request::Create { id, config } => {
+            if instance.get().is_some() {
+                let e = InitError::Protocol {
+                    detail: "this runner already holds an instance".into(),
+                };
+                return Response::InitFailed {
+                    id,
+                    error: WireError::init(&e),
+                };
+            }
+            match library.instantiate(config.as_bytes()) {
+                Ok(created) => {
+                    let tools = created.tools().to_vec();
+                    // Only one create is ever sent; a lost race keeps the first.
+                    let _ = instance.set(created);
+                    Response::Created { id, tools }
+                }
+                Err(e) => Response::InitFailed {
+                    id,
+                    error: WireError::init(&e),
+                },
+            }
+        }
+        Request::Call { id, tool, args } => {
+            let Some(instance) = instance.get() else {
+                let e = ToolError::Protocol {
+                    detail: "no instance: the plugin was never constructed".into(),
+                };
+                return Response::ToolFailed {
+                    id,
+                    error: WireError::tool(&e),
+                };
+            };
+            match instance.call(&tool, args.as_bytes()) {
+                Ok(result) => Response::Result {
+                    id,
+                    result: String::from_utf8(result)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                },
+                Err(e) => Response::ToolFailed {
+                    id,
+                    error: WireError::tool(&e),
+                },
+            }
+        }
+    }
+}
+
+/// Writes one answer; if the host is gone there is nobody to serve.
+fn send(out: &Mutex<File>, response: &Response) {
+    let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
+    if write_frame(&mut *out, response).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// Duplicates fd 1 to a private close-on-exec descriptor for the protocol
+/// and points fd 1 at stderr.
+fn take_stdout() -> io::Result<File> {
+    let protocol = rustix::io::dup(io::stdout())?;
+    rustix::io::fcntl_setfd(&protocol, rustix::io::FdFlags::CLOEXEC)?;
+    rustix::stdio::dup2_stdout(io::stderr())?;
+    let mut file = File::from(protocol);
+    file.flush()?;
+    Ok(file)
+}
+
+/// Caps this process's address space (soft and hard) at `mib` MiB.
+fn limit_memory(mib: u64) -> io::Result<()> {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    let bytes = mib.saturating_mul(1024 * 1024);
+    setrlimit(
+        Resource::As,
+        Rlimit {
+            current: Some(bytes),
+            maximum: Some(bytes),
+        },
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Args, String> {
+        parse_args(list.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn command_line() {
+        assert_eq!(
+            args(&[
+                "--library",
+                "/p/l.so",
+                "--memory-limit-mb",
+                "64",
+                "--plugin",
+                "ocr"
+            ]),
+            Ok(Args {
+                library: "/p/l.so".into(),
+                memory_limit_mib: 64,
+                plugin: "ocr".into()
+            })
+        );
+        assert_eq!(
+            args(&["--library", "/p/l.so"]).map(|a| a.memory_limit_mib),
+            Ok(0)
+        );
+        assert!(args(&[]).is_err());
+        assert!(args(&["--library"]).is_err());
+        assert!(args(&["--library", "x", "--memory-limit-mb", "lots"]).is_err());
+        assert!(args(&["--frobnicate"]).is_err());
+    }
+}
