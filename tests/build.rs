@@ -7,7 +7,9 @@
 //! 2. One plugin directory per fixture under `$OUT_DIR/zoo/<fixture>/`: a
 //!    `manifest.json` written here and the library copied in (the
 //!    manifest-only variants reuse the `good` library).
-//! 3. `$OUT_DIR/zoo.rs`: path constants that `src/lib.rs` includes as
+//! 3. The fault fixtures for process isolation, laid out the same way under
+//!    `$OUT_DIR/faults/` (not in the zoo: loading the zoo stays in-process).
+//! 4. `$OUT_DIR/zoo.rs`: path constants that `src/lib.rs` includes as
 //!    `forgesyte_tests::zoo`, and the `FORGESYTE_ZOO_DIR` env of the crate.
 
 use std::env;
@@ -29,6 +31,7 @@ const CRATES: &[&str] = &[
     "wrong_abi",
     "no_entry",
     "undefined_symbol",
+    "faulty",
 ];
 
 /// How many bytes of the good library the `truncated` fixture keeps.
@@ -215,6 +218,92 @@ fn fixtures() -> Vec<Fixture> {
     ]
 }
 
+/// The fault fixtures: the `faulty` library under manifests that run it in
+/// its own process (`isolation: process`), one with every fault as a tool,
+/// one per fault at construction, and one in-process plugin whose
+/// constructor crashes, with `preflight: true`.
+fn fault_fixtures() -> Vec<Fixture> {
+    let faulty = |dir, name, extra, doc| Fixture {
+        dir,
+        name,
+        library: LibrarySource::Crate("faulty"),
+        extra,
+        doc,
+    };
+    let at_init = |fault: &str, init_timeout_s: f64| {
+        json!({
+            "isolation": "process",
+            "config": {"fault_at_init": fault},
+            "limits": {"init_timeout_s": init_timeout_s, "memory_mb": 256},
+        })
+    };
+    vec![
+        faulty(
+            "faulty",
+            "faulty",
+            json!({
+                "isolation": "process",
+                "limits": {"call_timeout_s": 2, "init_timeout_s": 5, "memory_mb": 256,
+                           "max_response_mb": 1},
+            }),
+            "The `faulty` library in its own process (call timeout 2 s, memory 256 MiB, \
+             answers up to 1 MiB). Tools: `ok`, `echo`, `sleep`, `pid`, and the faults \
+             `segv`, `abort`, `panic_abort`, `overflow`, `exit3`, `hang`, `oom`, \
+             `stdout_spam`, `huge`, `corrupt`, `panic`.",
+        ),
+        faulty(
+            "init_segv",
+            "init-segv",
+            at_init("segv", 5.0),
+            "Isolated; the constructor writes to page zero (SIGSEGV).",
+        ),
+        faulty(
+            "init_abort",
+            "init-abort",
+            at_init("abort", 5.0),
+            "Isolated; the constructor calls `std::process::abort` (SIGABRT).",
+        ),
+        faulty(
+            "init_overflow",
+            "init-overflow",
+            at_init("overflow", 5.0),
+            "Isolated; the constructor overflows its stack (SIGABRT).",
+        ),
+        faulty(
+            "init_exit3",
+            "init-exit3",
+            at_init("exit3", 5.0),
+            "Isolated; the constructor calls `std::process::exit(3)`.",
+        ),
+        faulty(
+            "init_hang",
+            "init-hang",
+            at_init("hang", 1.0),
+            "Isolated; the constructor never returns (init timeout 1 s).",
+        ),
+        faulty(
+            "init_oom",
+            "init-oom",
+            at_init("oom", 5.0),
+            "Isolated; the constructor allocates past its 256 MiB limit.",
+        ),
+        faulty(
+            "init_panic",
+            "init-panic",
+            at_init("panic", 5.0),
+            "Isolated; the constructor panics (caught by the SDK).",
+        ),
+        faulty(
+            "preflight_segv",
+            "preflight-segv",
+            json!({"isolation": "in-process", "preflight": true,
+                   "config": {"fault_at_init": "segv"}}),
+            "In-process with `preflight: true`; the constructor writes to page zero, so \
+             preflight must stop it before the library is ever opened in the host.",
+        ),
+    ]
+}
+
 fn main() -> BuildResult<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
@@ -242,10 +331,12 @@ fn main() -> BuildResult<()> {
     let zoo_dir = out_dir.join("zoo");
     let fixtures = fixtures();
     lay_out_zoo(&fixtures, &lib_dir, &zoo_dir)?;
-    fs::write(
-        out_dir.join("zoo.rs"),
-        zoo_rs(&fixtures, &lib_dir, &zoo_dir),
-    )?;
+    let faults_dir = out_dir.join("faults");
+    let faults = fault_fixtures();
+    lay_out_zoo(&faults, &lib_dir, &faults_dir)?;
+    let mut rs = zoo_rs(&fixtures, &lib_dir, &zoo_dir);
+    rs.push_str(&faults_rs(&faults, &lib_dir, &faults_dir));
+    fs::write(out_dir.join("zoo.rs"), rs)?;
     println!("cargo:rustc-env=FORGESYTE_ZOO_DIR={}", zoo_dir.display());
     Ok(())
 }
@@ -344,6 +435,53 @@ fn manifest(fixture: &Fixture, library: &str) -> Value {
         }
     }
     manifest
+}
+
+/// The fault fixtures' part of the generated module.
+fn faults_rs(fixtures: &[Fixture], lib_dir: &Path, faults_dir: &Path) -> String {
+    let mut rs = String::new();
+    let mut line = |text: String| {
+        rs.push_str(&text);
+        rs.push('\n');
+    };
+    line(String::new());
+    line("/// The directory holding the fault fixtures (process isolation).".into());
+    line(format!(
+        "pub const FAULTS_DIR: &str = {:?};",
+        faults_dir.display().to_string()
+    ));
+    line("/// The `faulty` fixture library as built.".into());
+    line(format!(
+        "pub const FAULTY_LIBRARY: &str = {:?};",
+        lib_dir.join(library_file("faulty")).display().to_string()
+    ));
+    for fixture in fixtures {
+        let constant = fixture.dir.to_uppercase();
+        let dir = faults_dir.join(fixture.dir).display().to_string();
+        line(String::new());
+        line(format!("/// `{}`: {}", fixture.dir, fixture.doc));
+        line(format!("pub const {constant}: &str = {dir:?};"));
+        line(format!("/// Registry name of [`{constant}`]."));
+        line(format!(
+            "pub const {constant}_NAME: &str = {:?};",
+            fixture.name
+        ));
+    }
+    line(String::new());
+    line("/// Every fault fixture, in directory order.".into());
+    line("pub const FAULTS: &[Fixture] = &[".into());
+    let mut sorted: Vec<&Fixture> = fixtures.iter().collect();
+    sorted.sort_by_key(|f| f.dir);
+    for fixture in sorted {
+        let constant = fixture.dir.to_uppercase();
+        line(format!(
+            "    Fixture {{ constant: {constant:?}, dir: {constant}, name: {constant}_NAME, \
+             library: {:?} }},",
+            fixture_library_file(fixture)
+        ));
+    }
+    line("];".into());
+    rs
 }
 
 /// The generated `zoo` module body.
