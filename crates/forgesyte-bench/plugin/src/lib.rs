@@ -1,0 +1,37 @@
+//! The benchmark plugin of `forgesyte-bench`: tools that do as little as a
+//! tool can, so a benchmark of them measures the host.
+//!
+//! Tools: `noop` (answers `{}`), `fail` (returns a `BenchError`: the
+//! *tool returns an error* path, HTTP 422), `panic` (panics: the *fault*
+//! path, HTTP 502, after which the host marks the plugin FAILED).
+
+use forgesyte_plugin_sdk::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec};
+use serde_json::Value;
+
+/// The benchmark plugin. Stateless.
+pub struct Bench;
+
+impl Plugin for Bench {
+    fn new(_config: PluginConfig) -> Result<Self, BoxError> {
+        Ok(Bench)
+    }
+
+    fn tools(&self) -> Vec<ToolSpec> {
+        vec![
+            ToolSpec::new("noop").description("Does nothing; answers {}"),
+            ToolSpec::new("fail").description("Returns a BenchError"),
+            ToolSpec::new("panic").description("Panics (the plugin becomes FAILED)"),
+        ]
+    }
+
+    fn run(&self, tool: &str, _args: Value) -> Result<Value, ToolError> {
+        match tool {
+            "noop" => Ok(Value::Object(serde_json::Map::new())),
+            "fail" => Err(ToolError::new("BenchError", "benchmark tool failed")),
+            "panic" => panic!("benchmark tool panic"),
+            other => Err(ToolError::new("UnknownTool", other)),
+        }
+    }
+}
+
+forgesyte_plugin_sdk::export_plugin!(Bench);

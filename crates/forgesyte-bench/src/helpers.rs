@@ -1,0 +1,146 @@
+//! The helper processes the benchmark starts from its own executable
+//! (hidden subcommands `__serve`, `__baseline`, `__load`, `__dlopen`,
+//! `__rss`). Each measurement that must start from a fresh process (the
+//! dynamic loader never forgets a library) runs in one; each prints one JSON
+//! line on stdout.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::HeaderValue;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::{dl, proc, tree};
+
+/// `__serve --plugins DIR --bind ADDR`: the server library in a process of
+/// its own (`forgesyte serve` without its logging), for smoke runs.
+///
+/// # Errors
+///
+/// When the address cannot be bound or serving fails.
+pub fn serve(plugins: &Path, bind: &str) -> anyhow::Result<()> {
+    let mut config = forgesyte_server::ServerConfig::default();
+    config.plugins_dir = plugins.to_path_buf();
+    config.bind = bind.to_owned();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = forgesyte_server::shutdown_signal();
+        let server = forgesyte_server::Server::bind(config).await?;
+        println!("forgesyte listening on http://{}", server.local_addr());
+        server.run(shutdown).await?;
+        Ok(())
+    })
+}
+
+/// The baseline app: the same routes as the server's list and health
+/// endpoints, answering fixed bytes.
+pub fn baseline_app(list_body: Bytes, health_body: Bytes) -> Router {
+    let json = |body: Bytes| -> Response {
+        let mut response = body.into_response();
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    };
+    Router::new()
+        .route(
+            "/v1/plugins",
+            get(move || {
+                let body = list_body.clone();
+                async move { json(body) }
+            }),
+        )
+        .route(
+            "/v1/plugins/{name}/health",
+            get(move || {
+                let body = health_body.clone();
+                async move { json(body) }
+            }),
+        )
+}
+
+/// `__baseline --list FILE --health FILE --bind ADDR`: axum answering the
+/// same bytes as the server, from memory.
+///
+/// # Errors
+///
+/// When a body file cannot be read or the address cannot be bound.
+pub fn baseline(list: &Path, health: &Path, bind: &str) -> anyhow::Result<()> {
+    let list_body = Bytes::from(std::fs::read(list).context("reading the list body")?);
+    let health_body = Bytes::from(std::fs::read(health).context("reading the health body")?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(bind).await?;
+        println!("baseline listening on http://{}", listener.local_addr()?);
+        axum::serve(listener, baseline_app(list_body, health_body)).await?;
+        Ok(())
+    })
+}
+
+/// `__load DIR`: one load pass over DIR with the server's loader, timed.
+///
+/// # Errors
+///
+/// Never, in practice; the report says what loaded.
+pub fn load(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let loader = Arc::new(forgesyte_server::build_loader(&[]));
+    let started = Instant::now();
+    let report = loader.load_all(dir);
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(json!({
+        "ms": ms,
+        "plugins": report.plugins.len(),
+        "loaded": report.loaded(),
+        "failed": report.failed(),
+        "unavailable": report.unavailable(),
+    }))
+}
+
+/// `__dlopen DIR`: `dlopen` + `dlsym` of every library of the tree, timed
+/// (listing the tree is not).
+///
+/// # Errors
+///
+/// When a library cannot be opened or lacks the entry symbol.
+pub fn dlopen(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let paths: Vec<PathBuf> = tree::libraries(dir)?;
+    let started = Instant::now();
+    let libraries = dl::open_all(&paths)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(json!({ "ms": ms, "libraries": libraries.len() }))
+}
+
+/// `__rss DIR`: resident memory before and after opening every library
+/// of the tree (`dlopen` + `dlsym`), in KiB.
+///
+/// # Errors
+///
+/// When a library cannot be opened or `/proc/self/status` cannot be read.
+pub fn rss(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let paths: Vec<PathBuf> = tree::libraries(dir)?;
+    let before = proc::rss_kib("/proc/self/status")?;
+    let libraries = dl::open_all(&paths)?;
+    let after = proc::rss_kib("/proc/self/status")?;
+    let per_library = if libraries.is_empty() {
+        0.0
+    } else {
+        after.saturating_sub(before) as f64 / libraries.len() as f64
+    };
+    Ok(json!({
+        "before_kib": before,
+        "after_kib": after,
+        "libraries": libraries.len(),
+        "per_library_kib": per_library,
+    }))
+}

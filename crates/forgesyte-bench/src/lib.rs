@@ -1,0 +1,49 @@
+//! The ForgeSyte benchmark: speed as a measured property of the plugin host,
+//! each figure side by side with a baseline measured in the same run.
+//!
+//! # Who this is for
+//!
+//! People who change the host and want to know what it costs, and CI, which
+//! runs the [`Mode::Smoke`] path to check that the benchmark still works
+//! (never as a timed test). Run it from the workspace root:
+//!
+//! ```text
+//! cargo run --release -p forgesyte-bench            # full run, about 4 minutes
+//! cargo run --release -p forgesyte-bench -- --quick # about a minute
+//! ```
+//!
+//! It builds the release `forgesyte` binary and the bench plugin
+//! (`plugin/`, tools `noop`, `fail`, `panic`), lays out plugin trees, starts
+//! the real server and a baseline axum server answering the same bytes (on
+//! loopback, separate processes), drives them with its own load generator
+//! (tokio + hyper, keep-alive connections, latency histograms), prints a
+//! table of figure, measured, baseline, ratio, target and pass, and writes
+//! the raw runs as JSON (`target/bench/results.json`). See `BENCHMARKS.md`
+//! at the workspace root for the figures and what limits each one.
+//!
+//! Measurements that must start from a fresh process (the dynamic loader
+//! never forgets a library) run in helper processes: the benchmark's own
+//! executable with a hidden subcommand ([`helpers`]).
+//!
+//! # What this crate must not know
+//!
+//! Nothing of the host's internals beyond its public API: it drives the
+//! server over HTTP, the loader through [`forgesyte_loader::PluginHandle`],
+//! and plugins through their C ABI symbol only. No other crate depends on
+//! it.
+
+mod artifacts;
+mod config;
+mod dl;
+pub mod helpers;
+mod http;
+mod proc;
+mod report;
+mod run;
+mod tree;
+
+pub use artifacts::{build_plugin, build_server, plugin_manifest, target_dir, workspace_root};
+pub use config::{Mode, Options, Program};
+pub use report::{Check, Figure, Machine, Report, Target};
+pub use run::run;
+pub use tree::{generate as lay_out_plugins, plugin_name};

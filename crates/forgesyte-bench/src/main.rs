@@ -1,0 +1,176 @@
+//! `forgesyte-bench`: the ForgeSyte benchmark (see the library's docs and
+//! `BENCHMARKS.md`).
+//!
+//! ```text
+//! cargo run --release -p forgesyte-bench [-- --quick | --smoke] [--out FILE]
+//! ```
+//!
+//! Exit status: 0 when every correctness check held (missed speed targets
+//! are reported in the table, not as failures), 1 otherwise, 2 on usage
+//! errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use forgesyte_bench::{Mode, Options, Program, helpers};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "forgesyte-bench",
+    about = "Benchmark the ForgeSyte plugin host against baselines measured in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    helper: Option<Helper>,
+    /// Shorter runs (about a minute) with the same figures.
+    #[arg(long, conflicts_with = "smoke")]
+    quick: bool,
+    /// A few plugins and about a second of load: checks that the benchmark
+    /// works; its numbers mean nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Where to write the JSON report [default: WORK_DIR/results.json].
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Where plugin trees and logs go [default: target/bench, or
+    /// target/bench-smoke with --smoke].
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Use this `forgesyte` binary instead of building the release one.
+    #[arg(long, value_name = "PATH")]
+    server_bin: Option<PathBuf>,
+    /// Use this plugin library (tools noop, fail, panic) instead of
+    /// building the bench plugin.
+    #[arg(long, value_name = "PATH")]
+    plugin_lib: Option<PathBuf>,
+    /// Keep the generated plugin trees.
+    #[arg(long)]
+    keep_trees: bool,
+}
+
+/// The helper processes (not for people).
+#[derive(Debug, Subcommand)]
+enum Helper {
+    #[command(name = "__serve", hide = true)]
+    Serve {
+        #[arg(long)]
+        plugins: PathBuf,
+        #[arg(long)]
+        bind: String,
+    },
+    #[command(name = "__baseline", hide = true)]
+    Baseline {
+        #[arg(long)]
+        list: PathBuf,
+        #[arg(long)]
+        health: PathBuf,
+        #[arg(long)]
+        bind: String,
+    },
+    #[command(name = "__load", hide = true)]
+    Load { dir: PathBuf },
+    #[command(name = "__dlopen", hide = true)]
+    Dlopen { dir: PathBuf },
+    #[command(name = "__rss", hide = true)]
+    Rss { dir: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.helper {
+        Some(helper) => run_helper(helper).map(|()| ExitCode::SUCCESS),
+        None => bench(&cli),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forgesyte-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_helper(helper: Helper) -> anyhow::Result<()> {
+    let print = |value: serde_json::Value| println!("{value}");
+    match helper {
+        Helper::Serve { plugins, bind } => helpers::serve(&plugins, &bind),
+        Helper::Baseline { list, health, bind } => helpers::baseline(&list, &health, &bind),
+        Helper::Load { dir } => helpers::load(&dir).map(print),
+        Helper::Dlopen { dir } => helpers::dlopen(&dir).map(print),
+        Helper::Rss { dir } => helpers::rss(&dir).map(print),
+    }
+}
+
+fn bench(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let mode = if cli.smoke {
+        Mode::Smoke
+    } else if cli.quick {
+        Mode::Quick
+    } else {
+        Mode::Full
+    };
+    if cfg!(debug_assertions) && mode != Mode::Smoke {
+        eprintln!(
+            "forgesyte-bench: warning: this is a debug build; the load generator and the \
+             baseline are slow. Use `cargo run --release -p forgesyte-bench`."
+        );
+    }
+    let release = mode != Mode::Smoke;
+    let work_dir = cli.work_dir.clone().unwrap_or_else(|| {
+        forgesyte_bench::target_dir().join(if release { "bench" } else { "bench-smoke" })
+    });
+    let results = cli
+        .out
+        .clone()
+        .unwrap_or_else(|| work_dir.join("results.json"));
+    let helper = std::env::current_exe().context("cannot find this executable")?;
+    let plugin_library = match &cli.plugin_lib {
+        Some(path) => path.clone(),
+        None => {
+            eprintln!("[forgesyte-bench] building the bench plugin");
+            forgesyte_bench::build_plugin(release)?
+        }
+    };
+    let server = match &cli.server_bin {
+        Some(path) => Program::forgesyte(path),
+        None if release => {
+            eprintln!("[forgesyte-bench] building the release forgesyte binary");
+            Program::forgesyte(forgesyte_bench::build_server()?)
+        }
+        None => Program::self_serve(&helper),
+    };
+    let options = Options {
+        mode,
+        work_dir,
+        results: results.clone(),
+        server,
+        helper,
+        plugin_library,
+        keep_trees: cli.keep_trees,
+        progress: true,
+    };
+    let report = forgesyte_bench::run(&options)?;
+    println!();
+    print!("{}", report.table());
+    println!();
+    println!("{}", report.summary());
+    println!("raw runs: {}", results.display());
+    let failed = report.failed_checks();
+    for check in &failed {
+        println!("FAILED CHECK: {}: {}", check.name, check.detail);
+    }
+    // Correctness only (requests answered, counts reconciled); missed speed
+    // targets are in the table. The plain closing line CI logs read.
+    println!(
+        "checks: {} passed, {} failed",
+        report.checks.len() - failed.len(),
+        failed.len()
+    );
+    Ok(if report.failed_checks().is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
