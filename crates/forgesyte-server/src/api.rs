@@ -13,7 +13,7 @@ use axum::http::{HeaderValue, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use forgesyte_registry::PluginStatus;
+use forgesyte_registry::{JournalEntry, PluginStatus};
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
 use utoipa::ToSchema;
@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::tools::{self, RunFailure, RunRequest, RunSuccess};
-use crate::{VERSION, docs, openapi};
+use crate::{VERSION, docs, openapi, probes, reload};
 
 /// Answer of `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -38,9 +38,22 @@ pub struct HealthResponse {
     pub version: String,
 }
 
-/// The HTTP app over `state`: every route of SPEC §5 plus `/openapi.json`
-/// and `/docs`, JSON 404 and 405 answers, the request body limit and
-/// request tracing.
+/// Answer of `GET /v1/plugins/{name}/health`: the status object of SPEC §5
+/// plus the plugin's failure journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginHealth {
+    /// The status object, its fields at the top level.
+    #[serde(flatten)]
+    pub status: PluginStatus,
+    /// The last moves into FAILED or UNAVAILABLE and the supervisor's
+    /// restarts, oldest first (an addition to SPEC §5).
+    pub journal: Vec<JournalEntry>,
+}
+
+/// The HTTP app over `state`: every route of SPEC §5, the probes
+/// (`/livez`, `/readyz`), the admin reload routes, `/openapi.json` and
+/// `/docs`, JSON 404 and 405 answers, the request body limit and request
+/// tracing.
 pub fn app(state: AppState) -> Router {
     let body_limit = state.body_limit();
     Router::new()
@@ -51,6 +64,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/plugins/{name}/manifest", get(plugin_manifest))
         .route("/v1/plugins/{name}/tools", get(plugin_tools))
         .route("/v1/plugins/{name}/tools/{tool}/run", post(run_tool))
+        .route("/v1/plugins/{name}/reload", post(reload::reload_plugin))
+        .route("/v1/plugins/reload", post(reload::reload_all))
+        .route("/livez", get(probes::livez))
+        .route("/readyz", get(probes::readyz))
         .route("/openapi.json", get(openapi_json))
         .route("/docs", get(docs_page))
         // After the routes: it applies to the routes registered so far.
@@ -100,7 +117,7 @@ fn percent_decode_lossy(raw: &str) -> String {
 }
 
 /// A JSON response from a borrowed value.
-fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
+pub(crate) fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => {
             let mut response = (status, body).into_response();
@@ -160,24 +177,30 @@ pub(crate) async fn list_plugins(State(state): State<AppState>) -> Response {
     json(StatusCode::OK, &state.registry().snapshot().statuses())
 }
 
-/// One plugin's status: state, reason, version and metrics.
+/// One plugin's status (state, reason, version, metrics, supervision)
+/// and its failure journal.
 #[utoipa::path(
     get,
     path = "/v1/plugins/{name}/health",
     tag = "plugins",
     params(("name" = String, Path, description = "Plugin name (registry key)")),
     responses(
-        (status = 200, description = "The plugin's status, whatever its state", body = openapi::PluginStatusSchema),
+        (status = 200, description = "The plugin's status, whatever its state, with its failure journal", body = openapi::PluginHealthSchema),
         (status = 404, description = "No plugin of that name", body = openapi::ErrorDetail),
     )
 )]
 pub(crate) async fn plugin_health(
     State(state): State<AppState>,
     uri: Uri,
-) -> Result<Json<PluginStatus>, ApiError> {
+) -> Result<Json<PluginHealth>, ApiError> {
     let name = path_segment(&uri, 3);
-    match state.registry().get_status(&name) {
-        Some(status) => Ok(Json(status)),
+    // One snapshot: the status and the journal agree.
+    let snapshot = state.registry().snapshot();
+    match snapshot.get(&name) {
+        Some(status) => Ok(Json(PluginHealth {
+            status,
+            journal: snapshot.journal(&name).unwrap_or_default(),
+        })),
         None => Err(ApiError::PluginNotFound { name }),
     }
 }

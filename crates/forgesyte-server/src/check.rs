@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use forgesyte_loader::Loader;
 use forgesyte_registry::{PluginLifecycleState, PluginStatus};
 
-use crate::server::build_loader;
+use crate::ServerConfig;
+use crate::server::build_loader_from;
 
 /// Why `check` could not run at all (a usage error: exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -107,19 +108,20 @@ impl CheckReport {
     }
 }
 
-/// Loads `dir` over the real filesystem and libraries, searching
-/// `lib_paths`, exactly as `forgesyte serve` would.
+/// Loads `dir` over the real filesystem and libraries with the loader
+/// settings of `config` (library search path, preflight, isolation, runner;
+/// see [`ServerConfig::loader_config`]), exactly as `forgesyte serve` would.
 ///
 /// # Errors
 ///
 /// [`CheckError::NotADirectory`] when `dir` is not a directory.
-pub fn check(dir: &Path, lib_paths: &[PathBuf]) -> Result<CheckReport, CheckError> {
+pub fn check(dir: &Path, config: &ServerConfig) -> Result<CheckReport, CheckError> {
     if !dir.is_dir() {
         return Err(CheckError::NotADirectory {
             path: dir.to_path_buf(),
         });
     }
-    let loader = build_loader(lib_paths);
+    let loader = build_loader_from(config);
     Ok(CheckReport::from_loader(&loader, dir))
 }
 
@@ -203,7 +205,11 @@ mod tests {
 
     #[test]
     fn a_missing_directory_is_a_usage_error() {
-        let err = check(Path::new("/nonexistent/forgesyte/plugins"), &[]).unwrap_err();
+        let err = check(
+            Path::new("/nonexistent/forgesyte/plugins"),
+            &ServerConfig::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
     }
 }

@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use forgesyte_loader::{Isolation, LoaderConfig};
+
+use crate::admin::AdminToken;
+
 /// Default listen address (`--bind`, `FORGESYTE_BIND`).
 pub const DEFAULT_BIND: &str = "127.0.0.1:8000";
 
@@ -38,6 +42,32 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// The bearer token of the admin routes (`POST .../reload`); `None`
+    /// disables them (`FORGESYTE_ADMIN_TOKEN`, `--admin-token-file`).
+    pub admin_token: Option<AdminToken>,
+    /// Construct every in-process plugin once in a throw-away runner
+    /// process before loading it into the server (`--preflight`), so a
+    /// plugin that would crash the server on load is FAILED instead.
+    pub preflight: bool,
+    /// How plugins whose manifest names no `isolation` are hosted
+    /// (`--isolation`).
+    pub default_isolation: Isolation,
+    /// The runner executable of isolated plugins (`--runner`); `None`: the
+    /// loader's own default.
+    pub runner: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// The loader settings these server settings imply.
+    pub fn loader_config(&self) -> LoaderConfig {
+        LoaderConfig {
+            lib_paths: self.lib_paths.clone(),
+            preflight: self.preflight,
+            default_isolation: self.default_isolation,
+            runner: self.runner.clone(),
+            ..LoaderConfig::default()
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -49,6 +79,10 @@ impl Default for ServerConfig {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            admin_token: None,
+            preflight: false,
+            default_isolation: Isolation::InProcess,
+            runner: None,
         }
     }
 }
@@ -65,5 +99,28 @@ mod tests {
         assert_eq!(config.call_timeout, Duration::from_secs(60));
         assert_eq!(config.body_limit, 33_554_432);
         assert!(config.lib_paths.is_empty());
+        assert_eq!(config.admin_token, None);
+        assert!(!config.preflight);
+        assert_eq!(config.default_isolation, Isolation::InProcess);
+        assert_eq!(config.runner, None);
+    }
+
+    #[test]
+    fn loader_settings_are_passed_on() {
+        let config = ServerConfig {
+            lib_paths: vec!["/opt/lib".into()],
+            preflight: true,
+            default_isolation: Isolation::Process,
+            runner: Some("/usr/libexec/forgesyte-runner".into()),
+            ..ServerConfig::default()
+        };
+        let loader = config.loader_config();
+        assert_eq!(loader.lib_paths, [PathBuf::from("/opt/lib")]);
+        assert!(loader.preflight);
+        assert_eq!(loader.default_isolation, Isolation::Process);
+        assert_eq!(
+            loader.runner,
+            Some(PathBuf::from("/usr/libexec/forgesyte-runner"))
+        );
     }
 }

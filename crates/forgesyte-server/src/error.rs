@@ -10,7 +10,8 @@ use std::fmt;
 use std::time::Duration;
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::header::WWW_AUTHENTICATE;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use forgesyte_errors::ToolError;
 use forgesyte_loader::CallError;
@@ -91,6 +92,28 @@ pub enum ApiError {
         #[source]
         error: RunError,
     },
+    /// The admin routes are disabled because no admin token is configured
+    /// (403).
+    #[error(
+        "Reload is disabled: set FORGESYTE_ADMIN_TOKEN (or --admin-token-file) to enable the admin routes"
+    )]
+    AdminDisabled,
+    /// The request carries no usable `Authorization: Bearer` header (401,
+    /// with `WWW-Authenticate: Bearer`).
+    #[error("{detail}")]
+    Unauthorized {
+        /// What is missing or malformed.
+        detail: String,
+    },
+    /// The bearer token is not the admin token (403).
+    #[error("Invalid admin token")]
+    Forbidden,
+    /// Another load pass or reload is running (409).
+    #[error("{what} is running; try again when it has finished")]
+    Busy {
+        /// What is running.
+        what: &'static str,
+    },
     /// A bug or unexpected condition in the host (500). The context is
     /// logged; the client only sees `Internal Server Error`.
     #[error("Internal Server Error")]
@@ -109,6 +132,9 @@ impl ApiError {
             | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::PluginNotRunnable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::AdminDisabled | ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Busy { .. } => StatusCode::CONFLICT,
             ApiError::Run { error, .. } => error.status(),
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -144,9 +170,20 @@ impl IntoResponse for ApiError {
             other if status.is_server_error() => {
                 tracing::warn!(status = status.as_u16(), "{other}");
             }
+            ApiError::Unauthorized { .. } | ApiError::Forbidden => {
+                tracing::warn!(status = status.as_u16(), "admin route refused: {self}");
+            }
             other => tracing::debug!(status = status.as_u16(), "{other}"),
         }
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if matches!(self, ApiError::Unauthorized { .. }) {
+            // RFC 6750 §3: a 401 names the scheme the client should use.
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"forgesyte-admin\""),
+            );
+        }
+        response
     }
 }
 
@@ -386,6 +423,41 @@ mod tests {
             context: "secret path /etc/shadow".into(),
         };
         assert_eq!(internal.body(), json!({"detail": "Internal Server Error"}));
+    }
+
+    #[test]
+    fn admin_errors_answer_401_403_409_with_a_detail() {
+        let cases = [
+            (ApiError::AdminDisabled, 403, "Reload is disabled"),
+            (
+                ApiError::Unauthorized {
+                    detail: "Missing header".into(),
+                },
+                401,
+                "Missing header",
+            ),
+            (ApiError::Forbidden, 403, "Invalid admin token"),
+            (
+                ApiError::Busy {
+                    what: "The startup load pass",
+                },
+                409,
+                "The startup load pass is running",
+            ),
+        ];
+        for (error, status, detail) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            let body = error.body();
+            assert!(
+                body["detail"].as_str().unwrap().starts_with(detail),
+                "{body}"
+            );
+            let response = error.into_response();
+            assert_eq!(
+                response.headers().contains_key(WWW_AUTHENTICATE),
+                status == 401
+            );
+        }
     }
 
     #[test]

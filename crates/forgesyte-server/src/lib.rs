@@ -49,17 +49,21 @@
 //! [`forgesyte_registry::Registry`] (lock-free snapshots) and maps outcomes
 //! to status codes in exactly one place ([`ApiError`]).
 
+mod admin;
 mod api;
 mod check;
 mod config;
 mod docs;
 mod error;
 mod openapi;
+mod probes;
+mod reload;
 mod server;
 mod state;
 mod tools;
 
-pub use api::{HealthResponse, app};
+pub use admin::AdminToken;
+pub use api::{HealthResponse, PluginHealth, app};
 pub use check::{CheckError, CheckReport, check};
 pub use config::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_PLUGINS_DIR,
@@ -67,7 +71,9 @@ pub use config::{
 };
 pub use error::{ApiError, RunError};
 pub use openapi::openapi;
-pub use server::{ServeError, Server, build_loader, serve, shutdown_signal};
+pub use probes::{LiveResponse, ReadyCheck, ReadyResponse};
+pub use reload::{ReloadOutcome, ReloadReport};
+pub use server::{ServeError, Server, build_loader, build_loader_from, serve, shutdown_signal};
 pub use state::AppState;
 pub use tools::{RunFailure, RunRequest, RunSuccess};
 

@@ -1,24 +1,30 @@
 //! `forgesyte`: serve plugins over HTTP, or check a plugins directory.
 //!
 //! ```text
-//! forgesyte serve [--plugins DIR] [--bind ADDR] [--lib-path DIRS] [--call-timeout SECS] [--body-limit BYTES]
-//! forgesyte check [DIR] [--json] [--lib-path DIRS]
+//! forgesyte serve [--plugins DIR] [--bind ADDR] [--call-timeout SECS] [--body-limit BYTES]
+//!                 [--shutdown-grace SECS] [--admin-token-file PATH] [LOADER OPTIONS]
+//! forgesyte check [DIR] [--json] [LOADER OPTIONS]
+//!
+//! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
 //! ```
 //!
-//! Every option also reads an environment variable (`FORGESYTE_*`); logs go
-//! to stderr, filtered by `RUST_LOG` (default `info` for `serve`, `off` for
+//! Every option also reads an environment variable (`FORGESYTE_*`); the
+//! admin token itself is read from `FORGESYTE_ADMIN_TOKEN` only (never a
+//! command-line argument, which other users can see in `ps`). Logs go to
+//! stderr, filtered by `RUST_LOG` (default `info` for `serve`, `off` for
 //! `check`). Exit codes: 0 success, 1 failure (for `check`: a plugin is not
 //! available), 2 usage error.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use forgesyte_loader::Isolation;
 use forgesyte_server::{
-    DEFAULT_BIND, DEFAULT_PLUGINS_DIR, Server, ServerConfig, check, shutdown_signal,
+    AdminToken, DEFAULT_BIND, DEFAULT_PLUGINS_DIR, Server, ServerConfig, check, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -52,7 +58,7 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR", env = "FORGESYTE_BIND", default_value = DEFAULT_BIND)]
     bind: String,
     #[command(flatten)]
-    lib: LibPathArgs,
+    loader: LoaderArgs,
     /// Time limit of one tool call, in seconds, when the plugin's manifest sets none.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_CALL_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     call_timeout: Duration,
@@ -62,6 +68,11 @@ struct ServeArgs {
     /// How long shutdown waits for in-flight requests, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds)]
     shutdown_grace: Duration,
+    /// File holding the bearer token of the admin routes (`POST
+    /// /v1/plugins/reload`, ...). Without it (or `FORGESYTE_ADMIN_TOKEN`)
+    /// those routes are disabled.
+    #[arg(long, value_name = "PATH", env = "FORGESYTE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -73,11 +84,12 @@ struct CheckArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    lib: LibPathArgs,
+    loader: LoaderArgs,
 }
 
+/// How plugins are loaded: the same for `serve` and `check`.
 #[derive(Debug, Args)]
-struct LibPathArgs {
+struct LoaderArgs {
     /// Extra directories searched for plugin libraries and `lib:`
     /// dependencies (colon-separated, or repeat the option).
     #[arg(
@@ -87,15 +99,75 @@ struct LibPathArgs {
         value_delimiter = ':'
     )]
     lib_paths: Vec<PathBuf>,
+    /// Construct every in-process plugin once in a throw-away runner
+    /// process before loading it, so a plugin that would crash the server
+    /// on load is FAILED instead.
+    #[arg(long, env = "FORGESYTE_PREFLIGHT", value_parser = clap::builder::BoolishValueParser::new())]
+    preflight: bool,
+    /// Where plugins whose manifest names no `isolation` run: in the server
+    /// process (fastest) or each in a child process (survives crashes).
+    #[arg(long, value_name = "MODE", env = "FORGESYTE_ISOLATION", default_value = "in-process", value_parser = parse_isolation)]
+    isolation: Isolation,
+    /// The runner executable of isolated plugins (default:
+    /// `forgesyte-runner` next to this executable, else on PATH).
+    #[arg(long, value_name = "PATH", env = "FORGESYTE_RUNNER")]
+    runner: Option<PathBuf>,
 }
 
-impl LibPathArgs {
-    fn dirs(self) -> Vec<PathBuf> {
-        self.lib_paths
+impl LoaderArgs {
+    /// Puts the loader settings into `config`.
+    fn apply(self, config: &mut ServerConfig) {
+        config.lib_paths = self
+            .lib_paths
             .into_iter()
             .filter(|p| !p.as_os_str().is_empty())
-            .collect()
+            .collect();
+        config.preflight = self.preflight;
+        config.default_isolation = self.isolation;
+        config.runner = self.runner.filter(|p| !p.as_os_str().is_empty());
     }
+}
+
+fn parse_isolation(text: &str) -> Result<Isolation, String> {
+    match text.trim() {
+        "in-process" => Ok(Isolation::InProcess),
+        "process" => Ok(Isolation::Process),
+        other => Err(format!(
+            "'{other}' is not an isolation mode (in-process, process)"
+        )),
+    }
+}
+
+/// The admin token: `FORGESYTE_ADMIN_TOKEN`, else the content of
+/// `token_file`; `None` (routes disabled) when neither is set. A variable
+/// or file that is set but empty is an error: it would silently disable
+/// the routes the operator meant to enable.
+fn admin_token(
+    env_value: Option<std::ffi::OsString>,
+    token_file: Option<&Path>,
+) -> anyhow::Result<Option<AdminToken>> {
+    let (text, source) = match (env_value, token_file) {
+        (Some(value), _) => {
+            let text = value
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("FORGESYTE_ADMIN_TOKEN is not valid UTF-8"))?;
+            (text, "FORGESYTE_ADMIN_TOKEN".to_owned())
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+            (text, path.display().to_string())
+        }
+        (None, None) => return Ok(None),
+    };
+    let token = AdminToken::new(&text)
+        .with_context(|| format!("the admin token from {source} is empty"))?;
+    if token.is_short() {
+        tracing::warn!(
+            "The admin token from {source} is shorter than 16 characters; use a long random one"
+        );
+    }
+    Ok(Some(token))
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -151,10 +223,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::default();
     config.plugins_dir = args.plugins;
     config.bind = args.bind;
-    config.lib_paths = args.lib.dirs();
+    args.loader.apply(&mut config);
     config.call_timeout = args.call_timeout;
     config.body_limit = args.body_limit;
     config.shutdown_grace = args.shutdown_grace;
+    config.admin_token = admin_token(
+        std::env::var_os("FORGESYTE_ADMIN_TOKEN"),
+        args.admin_token_file.as_deref(),
+    )?;
+    match &config.admin_token {
+        Some(_) => tracing::info!("Admin routes enabled (bearer token)"),
+        None => tracing::info!(
+            "Admin routes disabled: set FORGESYTE_ADMIN_TOKEN or --admin-token-file to enable reload"
+        ),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -180,7 +262,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn run_check(args: CheckArgs) -> ExitCode {
     let json = args.json;
-    match check(&args.dir, &args.lib.dirs()) {
+    let mut config = ServerConfig::default();
+    args.loader.apply(&mut config);
+    match check(&args.dir, &config) {
         Ok(report) => {
             let text = if json {
                 report.to_json() + "\n"
@@ -237,14 +321,72 @@ mod tests {
         let Command::Check(args) = cli.command else {
             panic!("expected check");
         };
+        let mut config = ServerConfig::default();
+        args.loader.apply(&mut config);
         assert_eq!(
-            args.lib.dirs(),
+            config.lib_paths,
             [
                 PathBuf::from("/a"),
                 PathBuf::from("/b"),
                 PathBuf::from("/c")
             ]
         );
+    }
+
+    #[test]
+    fn loader_options_reach_the_config() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("expected serve");
+            };
+            let mut config = ServerConfig::default();
+            args.loader.apply(&mut config);
+            config
+        };
+        let config = parse(&["forgesyte", "serve"]);
+        assert!(!config.preflight);
+        assert_eq!(config.default_isolation, Isolation::InProcess);
+        assert_eq!(config.runner, None);
+        let config = parse(&[
+            "forgesyte",
+            "serve",
+            "--preflight",
+            "--isolation",
+            "process",
+            "--runner",
+            "/opt/forgesyte-runner",
+        ]);
+        assert!(config.preflight);
+        assert_eq!(config.default_isolation, Isolation::Process);
+        assert_eq!(config.runner, Some(PathBuf::from("/opt/forgesyte-runner")));
+        let err = Cli::try_parse_from(["forgesyte", "check", "--isolation", "thread"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("in-process, process"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_the_env_or_a_file() {
+        assert_eq!(admin_token(None, None).unwrap(), None);
+        let from_env = admin_token(Some("from-the-environment".into()), None).unwrap();
+        assert!(from_env.unwrap().matches(b"from-the-environment"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-a-file-0123456789\n").unwrap();
+        let from_file = admin_token(None, Some(&file)).unwrap().unwrap();
+        assert!(from_file.matches(b"from-a-file-0123456789"));
+        // The variable wins over the file.
+        let both = admin_token(Some("env-wins".into()), Some(&file))
+            .unwrap()
+            .unwrap();
+        assert!(both.matches(b"env-wins"));
+        // Set but empty, or unreadable: an error, not silently disabled.
+        assert!(admin_token(Some("  ".into()), None).is_err());
+        std::fs::write(&file, "\n").unwrap();
+        assert!(admin_token(None, Some(&file)).is_err());
+        let missing = dir.path().join("missing");
+        let err = admin_token(None, Some(&missing)).unwrap_err();
+        assert!(format!("{err:#}").contains("admin token file"), "{err:#}");
     }
 
     #[test]

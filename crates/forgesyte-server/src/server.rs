@@ -37,7 +37,8 @@ pub enum ServeError {
 }
 
 /// A loader over the real filesystem and real plugin libraries, with its
-/// own registry, searching `lib_paths` for libraries and `lib:` dependencies.
+/// own registry, searching `lib_paths` for libraries and `lib:` dependencies;
+/// every other loader setting at its default.
 pub fn build_loader(lib_paths: &[PathBuf]) -> Loader {
     let checker = Arc::new(DependencyChecker::system(lib_paths.to_vec()));
     let config = LoaderConfig {
@@ -45,6 +46,14 @@ pub fn build_loader(lib_paths: &[PathBuf]) -> Loader {
         ..LoaderConfig::default()
     };
     Loader::new(Registry::new(), checker, config)
+}
+
+/// A loader over the real filesystem and real plugin libraries, with its
+/// own registry, set up from `config` ([`ServerConfig::loader_config`]:
+/// library search path, preflight, default isolation, runner).
+pub fn build_loader_from(config: &ServerConfig) -> Loader {
+    let checker = Arc::new(DependencyChecker::system(config.lib_paths.clone()));
+    Loader::new(Registry::new(), checker, config.loader_config())
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -63,7 +72,7 @@ impl Server {
     ///
     /// [`ServeError::Bind`] when the address cannot be bound.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServeError> {
-        let loader = Arc::new(build_loader(&config.lib_paths));
+        let loader = Arc::new(build_loader_from(&config));
         Server::bind_with(config, loader).await
     }
 

@@ -9,7 +9,13 @@
 //!   (`serve`, `check`, timeouts, shutdown);
 //! - `concurrency`: readers and tool calls at once against the binary;
 //! - `startup`: [`forgesyte_server::Server`] in-process over a loader whose
-//!   plugin construction is held back (health while loading, timeouts, shutdown).
+//!   plugin construction is held back (health, liveness and readiness while
+//!   loading, timeouts, shutdown);
+//! - `admin`: the reload routes (token matrix, plugins fixed between
+//!   passes) and the failure journal, through the router over fakes;
+//! - `probes`: `/livez` and `/readyz` (optional plugins, `?verbose`);
+//! - `preflight`: real libraries whose build fingerprint was patched are
+//!   refused without being opened.
 
 // Helpers outside #[test] functions may fail loudly too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -17,10 +23,16 @@
 #[path = "api/support.rs"]
 mod support;
 
+#[path = "api/admin.rs"]
+mod admin;
 #[path = "api/binary.rs"]
 mod binary;
 #[path = "api/concurrency.rs"]
 mod concurrency;
+#[path = "api/preflight.rs"]
+mod preflight;
+#[path = "api/probes.rs"]
+mod probes;
 #[path = "api/router.rs"]
 mod router;
 #[path = "api/startup.rs"]

@@ -11,11 +11,11 @@ use forgesyte_deps::fake::FakeWorld;
 use forgesyte_errors::{ImportError, InitError, ToolError};
 use forgesyte_loader::{Importer, Loader, LoaderConfig, PluginInstance, PluginLibrary, ToolInfo};
 use forgesyte_registry::Registry;
-use forgesyte_server::{Server, ServerConfig};
+use forgesyte_server::{AdminToken, Server, ServerConfig};
 use parking_lot::{Condvar, Mutex};
 use serde_json::json;
 
-use crate::support::{Reply, http};
+use crate::support::{Reply, TOKEN, http, http_with};
 
 /// Opens every library; constructing one waits until the gate opens.
 #[derive(Debug, Default)]
@@ -122,6 +122,7 @@ fn config(call_timeout: Duration) -> ServerConfig {
     config.plugins_dir = "/plugins".into();
     config.call_timeout = call_timeout;
     config.shutdown_grace = Duration::from_secs(5);
+    config.admin_token = AdminToken::new(TOKEN);
     config
 }
 
@@ -166,7 +167,44 @@ async fn health_answers_while_a_slow_plugin_loads_and_shows_it_loaded() {
     assert_eq!(run.status, 503, "{}", run.text());
     assert_eq!(run.json()["state"], "LOADED");
 
-    // Released: INITIALIZED, and the server is ok.
+    // Live, but not ready: the load pass runs and the plugin is LOADED.
+    let live = get(addr, "/livez").await;
+    assert_eq!(live.status, 200, "{}", live.text());
+    let ready = get(addr, "/readyz?verbose").await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    let ready = ready.json();
+    assert_eq!(ready["status"], "not ready");
+    assert_eq!(ready["detail"], "Not ready: load-pass, plugin:slowpoke");
+    assert_eq!(
+        ready["checks"],
+        json!([
+            {"name": "load-pass", "ok": false, "detail": "the startup load pass is running"},
+            {"name": "plugin:slowpoke", "ok": false, "detail": "LOADED"},
+        ])
+    );
+    // No reload while the startup pass runs.
+    let auth = format!("Bearer {TOKEN}");
+    let reload = tokio::task::spawn_blocking(move || {
+        http_with(
+            addr,
+            "POST",
+            "/v1/plugins/reload",
+            &[("Authorization", auth.as_str())],
+            b"",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(reload.status, 409, "{}", reload.text());
+    assert!(
+        reload
+            .detail()
+            .starts_with("The startup load pass is running"),
+        "{}",
+        reload.text()
+    );
+
+    // Released: INITIALIZED, and the server is ok and ready.
     gate.open();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -183,6 +221,9 @@ async fn health_answers_while_a_slow_plugin_loads_and_shows_it_loaded() {
     }
     let status = get(addr, "/v1/plugins/slowpoke/health").await.json();
     assert_eq!(status["state"], "INITIALIZED");
+    let ready = get(addr, "/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json(), json!({"status": "ok"}));
 
     // Shutdown drops the instance.
     assert!(!gate.dropped.load(Ordering::SeqCst));

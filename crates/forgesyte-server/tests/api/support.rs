@@ -16,7 +16,7 @@ use forgesyte_deps::fake::FakeWorld;
 use forgesyte_loader::fake::{FakeBehavior, FakeImporter};
 use forgesyte_loader::{Loader, LoaderConfig};
 use forgesyte_registry::Registry;
-use forgesyte_server::{AppState, ServerConfig, app};
+use forgesyte_server::{AdminToken, AppState, ServerConfig, app};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -168,8 +168,22 @@ pub(crate) fn fake_host(config: ServerConfig) -> FakeHost {
 /// A request through the router (`oneshot`). A non-empty body is sent as
 /// `application/json`.
 pub(crate) async fn send(app: &Router, method: &str, uri: &str, body: impl Into<Vec<u8>>) -> Reply {
+    send_with(app, method, uri, &[], body).await
+}
+
+/// [`send`] with extra request headers.
+pub(crate) async fn send_with(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Vec<u8>>,
+) -> Reply {
     let body = body.into();
     let mut request = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
     if !body.is_empty() {
         request = request.header("content-type", "application/json");
     }
@@ -211,6 +225,92 @@ pub(crate) async fn run(app: &Router, plugin: &str, tool: &str, body: &str) -> R
     .await
 }
 
+// ------------------------------------------------- a world that changes
+
+/// The admin token of [`world`].
+pub(crate) const TOKEN: &str = "0123456789abcdef-admin";
+
+/// A fake world the test can change between passes, and the app over it.
+pub(crate) struct World {
+    pub(crate) fake: FakeWorld,
+    importer: Arc<FakeImporter>,
+    pub(crate) app: Router,
+}
+
+impl World {
+    /// Adds (or replaces) plugin directory `dir` with its manifest and a
+    /// library whose opening does `behavior`.
+    pub(crate) fn put(&self, dir: &str, manifest: Value, behavior: FakeBehavior) {
+        let lib = format!("/plugins/{dir}/lib{dir}.so");
+        let mut manifest = manifest;
+        manifest["entrypoint"] = json!(format!("lib{dir}.so"));
+        self.fake.fs.add_file(
+            format!("/plugins/{dir}/manifest.json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        );
+        self.fake.fs.add_file(&lib, b"fake library".to_vec());
+        self.importer.set(lib, behavior);
+    }
+
+    pub(crate) async fn post(&self, uri: &str, auth: Option<&str>) -> Reply {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        send_with(&self.app, "POST", uri, &headers, Vec::new()).await
+    }
+
+    pub(crate) async fn admin(&self, uri: &str) -> Reply {
+        self.post(uri, Some(&format!("Bearer {TOKEN}"))).await
+    }
+
+    pub(crate) async fn health(&self, name: &str) -> Value {
+        let reply = get(&self.app, &format!("/v1/plugins/{name}/health")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.json()
+    }
+}
+
+/// Plugins `good` (fine), `fixme` (its constructor fails) and `needs-lib`
+/// (a missing library), loaded; the admin routes enabled when `token`.
+pub(crate) fn world(token: Option<&str>) -> World {
+    let fake = FakeWorld::new();
+    let importer = Arc::new(FakeImporter::new());
+    let loader = Loader::with_seams(
+        Registry::new(),
+        Arc::new(fake.checker()),
+        Arc::new(fake.fs.clone()),
+        importer.clone(),
+        LoaderConfig {
+            threads: 1,
+            ..LoaderConfig::default()
+        },
+    );
+    let mut config = ServerConfig::default();
+    config.admin_token = token.and_then(AdminToken::new);
+    let loader = Arc::new(loader);
+    let world = World {
+        fake,
+        importer,
+        app: app(AppState::new(Arc::clone(&loader), &config)),
+    };
+    world.put(
+        "good",
+        json!({"name": "good", "version": "1.0.0"}),
+        FakeBehavior::Good,
+    );
+    world.put(
+        "fixme",
+        json!({"name": "fixme", "version": "1.0.0"}),
+        FakeBehavior::InitError("model weights missing".into()),
+    );
+    world.put(
+        "needs-lib",
+        json!({"name": "needs-lib", "dependencies": ["lib:libfixed.so.1"]}),
+        FakeBehavior::Good,
+    );
+    let report = loader.load_all(Path::new("/plugins"));
+    assert_eq!(report.plugins.len(), 3, "{report:#?}");
+    world
+}
+
 // ------------------------------------------------------------- HTTP client
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`); the
@@ -225,6 +325,28 @@ pub(crate) fn try_http(
     target: &str,
     body: &[u8],
 ) -> std::io::Result<Reply> {
+    try_http_with(addr, method, target, &[], body)
+}
+
+/// [`http`] with extra request headers.
+pub(crate) fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    try_http_with(addr, method, target, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+}
+
+pub(crate) fn try_http_with(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Reply> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
@@ -232,6 +354,9 @@ pub(crate) fn try_http(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
     if !body.is_empty() {
         request.push_str("Content-Type: application/json\r\n");
     }

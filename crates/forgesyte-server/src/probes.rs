@@ -1,0 +1,185 @@
+//! Kubernetes-style probes: `GET /livez` and `GET /readyz`.
+//!
+//! - **Live** while the process serves HTTP: `/livez` has no check that a
+//!   plugin could fail, so a broken plugin never gets the server restarted.
+//! - **Ready** when the startup load pass has finished **and** every plugin
+//!   not marked `"optional": true` in its manifest is INITIALIZED or
+//!   RUNNING. A plugin that is FAILED, UNAVAILABLE, or LOADED (still being
+//!   constructed, restarted or reloaded) keeps the server out of rotation
+//!   unless it is optional: "optional" is how an operator says the server is
+//!   useful without it. This is the rule `GET /v1/health` uses for `ok`
+//!   versus `degraded`.
+//!
+//! `?verbose` adds `checks`, one entry per check (`load-pass`, then
+//! `plugin:NAME` for each plugin, sorted), each with `ok` and a `detail`.
+
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::api::json;
+use crate::state::AppState;
+
+/// Answer of `GET /livez`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LiveResponse {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// Answer of `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReadyResponse {
+    /// `ok` (200) or `not ready` (503).
+    pub status: String,
+    /// When not ready: which checks fail, in one sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// With `?verbose`: every check and its result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Vec<ReadyCheck>>,
+}
+
+/// One readiness check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReadyCheck {
+    /// `load-pass`, or `plugin:NAME`.
+    pub name: String,
+    /// Whether it passes.
+    pub ok: bool,
+    /// What was found (`finished`, `INITIALIZED`, `FAILED: reason`, ...).
+    pub detail: String,
+}
+
+/// The readiness checks over the current state, in a fixed order.
+pub(crate) fn ready_checks(state: &AppState) -> Vec<ReadyCheck> {
+    let loading = state.is_loading();
+    let mut checks = vec![ReadyCheck {
+        name: "load-pass".into(),
+        ok: !loading,
+        detail: if loading {
+            "the startup load pass is running".into()
+        } else {
+            "finished".into()
+        },
+    }];
+    let snapshot = state.registry().snapshot();
+    for status in snapshot.statuses() {
+        let optional = state.loader().is_optional(&status.name);
+        let available = status.state.is_available();
+        let mut detail = status.state.as_str().to_owned();
+        if let Some(reason) = &status.reason {
+            detail.push_str(": ");
+            detail.push_str(reason);
+        }
+        if optional && !available {
+            detail.push_str(" (optional: does not block readiness)");
+        }
+        checks.push(ReadyCheck {
+            name: format!("plugin:{}", status.name),
+            ok: available || optional,
+            detail,
+        });
+    }
+    checks
+}
+
+/// Whether `?verbose` is asked for (`?verbose`, `?verbose=1`,
+/// `?verbose=true`; `?verbose=0` and `?verbose=false` are not).
+fn wants_verbose(uri: &Uri) -> bool {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key == "verbose").then_some(value)
+        })
+        .any(|value| !matches!(value, "0" | "false"))
+}
+
+/// Liveness: 200 while the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "server",
+    responses((status = 200, description = "The process serves HTTP", body = LiveResponse))
+)]
+pub(crate) async fn livez() -> Response {
+    json(
+        StatusCode::OK,
+        &LiveResponse {
+            status: "ok".into(),
+        },
+    )
+}
+
+/// Readiness: 200 once the startup load pass has finished and every plugin
+/// not marked `optional` is available; 503 otherwise. `?verbose` lists the
+/// checks.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "server",
+    params(("verbose" = Option<bool>, Query, description = "List every check (`?verbose` alone is enough)")),
+    responses(
+        (status = 200, description = "Ready to take traffic", body = ReadyResponse),
+        (status = 503, description = "Not ready: the load pass runs, or a plugin not marked optional is not available", body = ReadyResponse),
+    )
+)]
+pub(crate) async fn readyz(State(state): State<AppState>, uri: Uri) -> Response {
+    let checks = ready_checks(&state);
+    let failing: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.as_str())
+        .collect();
+    let (status, body) = if failing.is_empty() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    };
+    let detail = (!failing.is_empty()).then(|| {
+        let shown = failing
+            .iter()
+            .take(10)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = failing.len().saturating_sub(10);
+        if more > 0 {
+            format!("Not ready: {shown} and {more} more")
+        } else {
+            format!("Not ready: {shown}")
+        }
+    });
+    let verbose = wants_verbose(&uri);
+    json(
+        status,
+        &ReadyResponse {
+            status: body.into(),
+            detail,
+            checks: verbose.then_some(checks),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verbose_is_a_flag_or_a_truthy_value() {
+        let verbose = |q: &str| wants_verbose(&q.parse::<Uri>().unwrap());
+        assert!(verbose("/readyz?verbose"));
+        assert!(verbose("/readyz?verbose="));
+        assert!(verbose("/readyz?verbose=1"));
+        assert!(verbose("/readyz?verbose=true"));
+        assert!(verbose("/readyz?x=1&verbose"));
+        assert!(!verbose("/readyz"));
+        assert!(!verbose("/readyz?verbose=0"));
+        assert!(!verbose("/readyz?verbose=false"));
+        assert!(!verbose("/readyz?verbosely"));
+    }
+}

@@ -1,0 +1,170 @@
+//! The admin reload routes through the real router over fake plugins: the
+//! token matrix, unknown plugins, and plugins fixed between passes (the
+//! fake world changes, then a reload picks the change up). Also the
+//! failure journal on the health route.
+
+use forgesyte_loader::fake::FakeBehavior;
+use serde_json::{Value, json};
+
+use crate::support::{TOKEN, get, run, world};
+
+#[tokio::test]
+async fn reload_is_disabled_without_an_admin_token() {
+    let w = world(None);
+    for uri in ["/v1/plugins/good/reload", "/v1/plugins/reload"] {
+        for auth in [None, Some("Bearer anything")] {
+            let reply = w.post(uri, auth).await;
+            assert_eq!(reply.status, 403, "{uri}: {}", reply.text());
+            assert!(
+                reply
+                    .detail()
+                    .starts_with("Reload is disabled: set FORGESYTE_ADMIN_TOKEN"),
+                "{}",
+                reply.text()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_reload_auth_matrix() {
+    let w = world(Some(TOKEN));
+    for uri in ["/v1/plugins/good/reload", "/v1/plugins/reload"] {
+        // Missing or malformed: 401 with the scheme to use.
+        for auth in [
+            None,
+            Some("Basic dXNlcjpwYXNz"),
+            Some("Bearer"),
+            Some(TOKEN),
+        ] {
+            let reply = w.post(uri, auth).await;
+            assert_eq!(reply.status, 401, "{uri} {auth:?}: {}", reply.text());
+            assert!(
+                reply
+                    .header("www-authenticate")
+                    .is_some_and(|v| v.starts_with("Bearer")),
+                "{:?}",
+                reply.headers
+            );
+            assert!(!reply.detail().is_empty());
+        }
+        // Wrong token: 403.
+        for wrong in [
+            "Bearer nope",
+            &format!("Bearer {TOKEN}x"),
+            &format!("Bearer {}", &TOKEN[1..]),
+        ] {
+            let reply = w.post(uri, Some(wrong)).await;
+            assert_eq!(reply.status, 403, "{uri} {wrong}: {}", reply.text());
+            assert_eq!(reply.detail(), "Invalid admin token");
+        }
+        // Right token: 200 (scheme case-insensitive).
+        let reply = w.post(uri, Some(&format!("bearer {TOKEN}"))).await;
+        assert_eq!(reply.status, 200, "{uri}: {}", reply.text());
+    }
+    // GET is not how to reload.
+    let reply = get(&w.app, "/v1/plugins/reload").await;
+    assert_eq!(reply.status, 405, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn reloading_an_unknown_plugin_is_404_but_only_once_authorized() {
+    let w = world(Some(TOKEN));
+    let reply = w.admin("/v1/plugins/nope/reload").await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert_eq!(reply.detail(), "Plugin 'nope' not found");
+    // Without credentials, nothing is told about which plugins exist.
+    let reply = w.post("/v1/plugins/nope/reload", None).await;
+    assert_eq!(reply.status, 401);
+}
+
+#[tokio::test]
+async fn a_failed_plugin_fixed_meanwhile_is_initialized_by_its_reload() {
+    let w = world(Some(TOKEN));
+    let before = w.health("fixme").await;
+    assert_eq!(before["state"], "FAILED");
+    assert!(
+        before["reason"]
+            .as_str()
+            .unwrap()
+            .contains("model weights missing")
+    );
+    // The failure is in the journal served with the health.
+    let journal = before["journal"].as_array().unwrap();
+    assert_eq!(journal.len(), 1, "{before}");
+    assert_eq!(journal[0]["state"], "FAILED");
+    assert!(
+        journal[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("model weights missing")
+    );
+
+    // A reload before the fix fails the same way, and says so.
+    let reply = w.admin("/v1/plugins/fixme/reload").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["state"], "FAILED");
+
+    // Fixed on disk: the weights arrive, and the manifest gets a new version.
+    w.put(
+        "fixme",
+        json!({"name": "fixme", "version": "1.0.1"}),
+        FakeBehavior::Good,
+    );
+    let reply = w.admin("/v1/plugins/fixme/reload").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let outcome = reply.json();
+    assert_eq!(outcome["name"], "fixme");
+    assert_eq!(outcome["state"], "INITIALIZED", "{outcome}");
+    assert_eq!(outcome["reason"], Value::Null);
+    assert_eq!(outcome["dir"], "/plugins/fixme");
+    assert!(outcome["elapsed_ms"].as_f64().unwrap() >= 0.0);
+
+    let after = w.health("fixme").await;
+    assert_eq!(after["state"], "INITIALIZED");
+    assert_eq!(after["version"], "1.0.1", "the manifest was read again");
+    assert_eq!(after["reason"], Value::Null);
+    let reply = run(&w.app, "fixme", "echo", r#"{"args": {"x": 1}}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["result"], json!({"x": 1}));
+    // The other plugins were left alone.
+    assert_eq!(w.health("good").await["state"], "INITIALIZED");
+    assert_eq!(w.health("needs-lib").await["state"], "UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn reload_all_retries_unavailable_plugins_and_finds_new_ones() {
+    let w = world(Some(TOKEN));
+    assert_eq!(w.health("needs-lib").await["state"], "UNAVAILABLE");
+    w.fake.libraries.add("libfixed.so.1");
+    w.put(
+        "newcomer",
+        json!({"name": "newcomer", "version": "0.1.0"}),
+        FakeBehavior::Good,
+    );
+    let reply = w.admin("/v1/plugins/reload").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    let states: Vec<(&str, &str)> = report["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("fixme", "FAILED"),
+            ("good", "INITIALIZED"),
+            ("needs-lib", "INITIALIZED"),
+            ("newcomer", "INITIALIZED"),
+        ],
+        "{report}"
+    );
+    assert_eq!(report["loaded"], 3);
+    assert_eq!(report["failed"], 1);
+    assert_eq!(report["unavailable"], 0);
+    assert_eq!(w.health("newcomer").await["state"], "INITIALIZED");
+    let list = get(&w.app, "/v1/plugins").await.json();
+    assert_eq!(list.as_array().unwrap().len(), 4);
+}
