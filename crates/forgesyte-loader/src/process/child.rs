@@ -155,6 +155,12 @@ impl Child {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if opts.memory_limit_mib > 0 {
+            // glibc reserves 64 MiB of address space per malloc arena (one
+            // per thread, up to 8 per core): under RLIMIT_AS that, not the
+            // plugin, would exhaust the limit.
+            command.env("MALLOC_ARENA_MAX", "2");
+        }
         let mut process = command.spawn().map_err(SpawnError::Start)?;
         let (Some(stdin), Some(stdout), Some(stderr)) = (
             process.stdin.take(),
@@ -504,17 +510,26 @@ fn process_death(shared: &Shared, status: Option<ExitStatus>) {
             crash
         );
     }
-    let callbacks = {
-        let mut exit = shared.exit.lock();
-        exit.report = Some(Arc::clone(&report));
-        std::mem::take(&mut exit.callbacks)
-    };
-    shared.exited.notify_all();
-    if !retired {
-        for callback in callbacks {
-            callback(&report);
+    // Callbacks first (the supervisor marks the plugin FAILED there), then
+    // the report is published: whoever waits for the death (a caller that
+    // killed the process) sees its consequences. A callback registered
+    // meanwhile is run in the next round.
+    loop {
+        let callbacks = {
+            let mut exit = shared.exit.lock();
+            if exit.callbacks.is_empty() {
+                exit.report = Some(Arc::clone(&report));
+                break;
+            }
+            std::mem::take(&mut exit.callbacks)
+        };
+        if !retired {
+            for callback in callbacks {
+                callback(&report);
+            }
         }
     }
+    shared.exited.notify_all();
     let waiters = {
         let mut waiters = shared.waiters.lock();
         waiters.closed = true;

@@ -248,6 +248,7 @@ impl WireError {
                 w
             }
             ToolError::Panicked { message } => WireError::new("Panicked", message),
+            ToolError::Protocol { detail } => WireError::new("Protocol", detail),
             other => WireError::new("Protocol", other.to_string()),
         }
     }
@@ -432,6 +433,9 @@ mod tests {
             },
             ToolError::InvalidArgs {
                 message: "not JSON".into(),
+            },
+            ToolError::Protocol {
+                detail: "odd".into(),
             },
         ] {
             assert_eq!(WireError::tool(&e).into_tool(), e);

@@ -36,8 +36,10 @@ const EXIT_PROTOCOL: u8 = 65;
 /// Exit code when the protocol could not be set up.
 const EXIT_SETUP: u8 = 71;
 
-/// Stack size of the threads that run plugin code (like a main thread's).
-const CALL_STACK_BYTES: usize = 8 * 1024 * 1024;
+/// Stack size of the threads that run plugin code: 4 MiB, twice what an
+/// in-process plugin gets on the server's blocking pool, and small enough
+/// that many calls in flight fit under a memory limit.
+const CALL_STACK_BYTES: usize = 4 * 1024 * 1024;
 
 /// The largest request frame the runner accepts (the host caps its bodies
 /// far below this).
@@ -188,9 +190,13 @@ fn serve(args: &Args, library: &Arc<NativeLibrary>, out: &Arc<Mutex<File>>) -> E
                     id,
                     error: WireError::init(&InitError::Protocol { detail }),
                 },
+                // Not the plugin's fault: the call fails, the process stays.
                 _ => Response::ToolFailed {
                     id,
-                    error: WireError::tool(&ToolError::Protocol { detail }),
+                    error: WireError::tool(&ToolError::Failed {
+                        error_type: Some("RunnerOverloaded".into()),
+                        message: detail,
+                    }),
                 },
             };
             send(out, &response);

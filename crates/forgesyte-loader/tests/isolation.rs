@@ -1,0 +1,855 @@
+//! Process isolation with real runner processes and the `faulty` fixture.
+//!
+//! Every test builds its own plugins directory (manifests only; the library
+//! is found through `lib_paths`), uses small timeouts and backoffs, and
+//! waits with deadlines, so the suite stays bounded on two cores.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use forgesyte_deps::DependencyChecker;
+use forgesyte_errors::ToolError;
+use forgesyte_loader::{
+    CallError, Isolation, Loader, LoaderConfig, ProcessLimits, SupervisionPolicy,
+};
+use forgesyte_registry::{PluginLifecycleState as S, Registry};
+use forgesyte_tests::zoo;
+use serde_json::{Value, json};
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_forgesyte-runner");
+const LIBRARY: &str = "libfixture_faulty.so";
+
+/// A plugins directory of `faulty` manifests and a loader over it.
+struct Setup {
+    dir: tempfile::TempDir,
+    registry: Registry,
+    config: LoaderConfig,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let lib_dir = Path::new(zoo::FAULTY_LIBRARY)
+            .parent()
+            .expect("library dir")
+            .to_path_buf();
+        Setup {
+            dir: tempfile::tempdir().unwrap(),
+            registry: Registry::new(),
+            config: LoaderConfig {
+                lib_paths: vec![lib_dir],
+                runner: Some(RUNNER.into()),
+                process: ProcessLimits {
+                    init_timeout: Duration::from_secs(5),
+                    call_timeout: Duration::from_secs(2),
+                    memory_limit_mib: 256,
+                    max_response_bytes: 1024 * 1024,
+                },
+                supervision: SupervisionPolicy {
+                    max_restarts: 0,
+                    ..SupervisionPolicy::default()
+                },
+                ..LoaderConfig::default()
+            },
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds plugin `name`: the faulty library, isolated unless `extra` says
+    /// otherwise, with `extra` merged into the manifest.
+    fn plugin(&self, name: &str, extra: Value) -> &Self {
+        let mut manifest = json!({
+            "name": name,
+            "version": "1.0.0",
+            "entrypoint": LIBRARY,
+            "isolation": "process",
+        });
+        if let (Some(m), Some(extra)) = (manifest.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        let dir = self.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        self
+    }
+
+    fn loader(&self) -> Loader {
+        let checker = Arc::new(DependencyChecker::system(Vec::new()));
+        let loader = Loader::new(self.registry.clone(), checker, self.config.clone());
+        loader.load_all(self.path());
+        loader
+    }
+}
+
+/// Asserts `name`'s state and that its reason contains each of `parts`.
+fn check(registry: &Registry, name: &str, state: S, parts: &[&str]) -> String {
+    let status = registry
+        .get_status(name)
+        .unwrap_or_else(|| panic!("{name} missing from {:#?}", registry.list_all()));
+    let reason = status.reason.clone().unwrap_or_default();
+    assert_eq!(status.state, state, "{name}: {status:#?}");
+    for part in parts {
+        assert!(reason.contains(part), "{name}: {reason:?} lacks {part:?}");
+    }
+    reason
+}
+
+/// Waits until `name` is in `state` (panics after `within`).
+fn wait_for(registry: &Registry, name: &str, state: S, within: Duration) -> Duration {
+    let started = Instant::now();
+    while registry.get_state(name) != Some(state) {
+        assert!(
+            started.elapsed() < within,
+            "{name} not {state} after {within:?}: {:#?}",
+            registry.get_status(name)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    started.elapsed()
+}
+
+fn call(loader: &Loader, name: &str, tool: &str, args: Value) -> Result<Value, CallError> {
+    loader
+        .handle(name)
+        .unwrap_or_else(|| panic!("{name} has no handle"))
+        .call(tool, &args)
+}
+
+#[test]
+fn every_fault_at_construction_fails_only_that_plugin() {
+    let s = Setup::new();
+    for fault in ["segv", "abort", "overflow", "exit3", "panic", "error"] {
+        s.plugin(
+            &format!("init-{fault}"),
+            json!({"config": {"fault_at_init": fault}}),
+        );
+    }
+    s.plugin(
+        "init-hang",
+        json!({"config": {"fault_at_init": "hang"}, "limits": {"init_timeout_s": 0.5}}),
+    );
+    s.plugin(
+        "init-oom",
+        json!({"config": {"fault_at_init": "oom"}, "limits": {"memory_mb": 128}}),
+    );
+    s.plugin("healthy", json!({}));
+    s.plugin("in-host", json!({"isolation": "in-process"}));
+    let loader = s.loader();
+    let r = &s.registry;
+    let died = "InitError: plugin process died during construction: ";
+    check(
+        r,
+        "init-segv",
+        S::Failed,
+        &[
+            died,
+            "killed by signal SIGSEGV (11)",
+            "faulty: constructor about to segv",
+        ],
+    );
+    check(
+        r,
+        "init-abort",
+        S::Failed,
+        &[died, "killed by signal SIGABRT (6)"],
+    );
+    check(
+        r,
+        "init-overflow",
+        S::Failed,
+        &[died, "SIGABRT", "overflowed its stack"],
+    );
+    check(r, "init-exit3", S::Failed, &[died, "exited with code 3"]);
+    check(
+        r,
+        "init-oom",
+        S::Failed,
+        &[
+            died,
+            "exceeded memory limit 128 MiB",
+            "memory allocation of",
+        ],
+    );
+    check(
+        r,
+        "init-hang",
+        S::Failed,
+        &["InitError: timed out after 500 ms during init"],
+    );
+    check(
+        r,
+        "init-panic",
+        S::Failed,
+        &["InitError: plugin panicked during construction: fixture tool panic"],
+    );
+    check(
+        r,
+        "init-error",
+        S::Failed,
+        &["InitError: fixture init failed on request"],
+    );
+    check(r, "healthy", S::Initialized, &[]);
+    check(r, "in-host", S::Initialized, &[]);
+
+    let healthy = loader.handle("healthy").unwrap();
+    assert_eq!(healthy.isolation(), Isolation::Process);
+    let pid = healthy.pid().expect("an isolated plugin has a pid");
+    assert_ne!(pid, std::process::id());
+    assert_eq!(healthy.call("pid", &json!({})).unwrap(), json!(pid));
+    let in_host = loader.handle("in-host").unwrap();
+    assert_eq!(
+        (in_host.isolation(), in_host.pid()),
+        (Isolation::InProcess, None)
+    );
+    assert_eq!(
+        in_host.call("pid", &json!({})).unwrap(),
+        json!(std::process::id())
+    );
+}
+
+#[test]
+fn every_fault_at_tool_time_gives_its_reason() {
+    let s = Setup::new();
+    let faults = [
+        "segv",
+        "abort",
+        "panic_abort",
+        "overflow",
+        "exit3",
+        "corrupt",
+        "panic",
+        "stdout_spam",
+    ];
+    for fault in faults {
+        s.plugin(&format!("t-{fault}"), json!({}));
+    }
+    s.plugin("t-hang", json!({"limits": {"call_timeout_s": 0.3}}));
+    s.plugin("t-oom", json!({"limits": {"memory_mb": 128}}));
+    s.plugin("t-huge", json!({"limits": {"max_response_mb": 1}}));
+    s.plugin("bystander", json!({}));
+    s.plugin("in-host", json!({"isolation": "in-process"}));
+    let loader = s.loader();
+    let r = &s.registry;
+    for name in ["bystander", "in-host"] {
+        call(&loader, name, "ok", json!({})).unwrap();
+    }
+
+    let crash = |name: &str, tool: &str| match call(&loader, name, tool, json!({})) {
+        Err(CallError::Tool(e)) => {
+            assert!(e.is_fault(), "{name}: {e:?}");
+            e
+        }
+        other => panic!("{name}: expected a fault, got {other:?}"),
+    };
+    for (fault, parts) in [
+        (
+            "segv",
+            &[
+                "CrashError: killed by signal SIGSEGV (11)",
+                "faulty: tool about to segv",
+            ][..],
+        ),
+        ("abort", &["CrashError: killed by signal SIGABRT (6)"]),
+        (
+            "panic_abort",
+            &[
+                "CrashError: killed by signal SIGABRT (6)",
+                "fixture panic under panic=abort",
+            ],
+        ),
+        (
+            "overflow",
+            &[
+                "CrashError: killed by signal SIGABRT (6)",
+                "overflowed its stack",
+            ],
+        ),
+        ("exit3", &["CrashError: exited with code 3"]),
+        (
+            "oom",
+            &[
+                "CrashError: exceeded memory limit 128 MiB",
+                "memory allocation of",
+            ],
+        ),
+        (
+            "corrupt",
+            &[
+                "CrashError: protocol violation: answer frame of 1651663207 bytes exceeds the limit of 1 MiB",
+            ],
+        ),
+        (
+            "huge",
+            &[
+                "CrashError: protocol violation: answer frame of",
+                "exceeds the limit of 1 MiB",
+            ],
+        ),
+    ] {
+        let name = format!("t-{fault}");
+        let error = crash(&name, fault);
+        assert!(matches!(error, ToolError::Crashed(_)), "{name}: {error:?}");
+        assert_eq!(error.kind(), "CrashError");
+        let reason = check(r, &name, S::Failed, parts);
+        let status = r.get_status(&name).unwrap();
+        assert_eq!((status.success_count, status.error_count), (0, 1), "{name}");
+        assert!(status.last_exit_reason.is_some(), "{name}: {status:?}");
+        assert_eq!(status.next_retry_at, None, "{name}: restarts are off");
+        let journal = r.journal(&name).unwrap();
+        let last = journal.last().unwrap();
+        assert_eq!(last.reason.as_deref(), Some(reason.as_str()));
+        assert!(!last.stderr_tail.is_empty(), "{name}: {last:?}");
+        // Not runnable now, with the reason.
+        match call(&loader, &name, "ok", json!({})) {
+            Err(CallError::NotRunnable {
+                state,
+                reason: Some(why),
+                ..
+            }) => {
+                assert_eq!(state, Some(S::Failed));
+                assert_eq!(why, reason);
+            }
+            other => panic!("{name}: expected NotRunnable, got {other:?}"),
+        }
+    }
+    let journal = r.journal("t-segv").unwrap();
+    assert_eq!(
+        journal.last().unwrap().exit_signal.as_deref(),
+        Some("SIGSEGV")
+    );
+    assert_eq!(
+        r.journal("t-exit3").unwrap().last().unwrap().exit_code,
+        Some(3)
+    );
+
+    // A call past its timeout: the process is killed, the call says so.
+    let started = Instant::now();
+    let error = crash("t-hang", "hang");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        error,
+        ToolError::TimedOut {
+            after: Duration::from_millis(300)
+        }
+    );
+    assert_eq!(error.kind(), "TimeoutError");
+    check(
+        r,
+        "t-hang",
+        S::Failed,
+        &["TimeoutError: timed out after 300 ms during tool 'hang'"],
+    );
+    assert_eq!(
+        r.journal("t-hang")
+            .unwrap()
+            .last()
+            .unwrap()
+            .exit_signal
+            .as_deref(),
+        Some("SIGKILL")
+    );
+
+    // A caught panic in a live process: the process is killed anyway, so
+    // the plugin restarts clean.
+    let error = crash("t-panic", "panic");
+    assert!(matches!(error, ToolError::Panicked { .. }), "{error:?}");
+    check(
+        r,
+        "t-panic",
+        S::Failed,
+        &["ToolPanic: tool panicked: fixture tool panic"],
+    );
+
+    // Printing to stdout cannot corrupt the protocol.
+    let spam = call(&loader, "t-stdout_spam", "stdout_spam", json!({})).unwrap();
+    assert_eq!(spam, json!({"spammed": 2000}));
+    assert_eq!(
+        call(&loader, "t-stdout_spam", "echo", json!([1])).unwrap(),
+        json!([1])
+    );
+    check(r, "t-stdout_spam", S::Initialized, &[]);
+
+    // Bystanders were never touched.
+    for name in ["bystander", "in-host"] {
+        call(&loader, name, "ok", json!({})).unwrap();
+        let status = r.get_status(name).unwrap();
+        assert_eq!(
+            (status.state, status.success_count, status.error_count),
+            (S::Initialized, 2, 0)
+        );
+    }
+}
+
+#[test]
+fn restarts_follow_the_backoff_and_stop_after_max() {
+    let mut s = Setup::new();
+    s.config.supervision = SupervisionPolicy {
+        backoff_base: Duration::from_millis(100),
+        backoff_cap: Duration::from_millis(300),
+        healthy_reset: Duration::from_secs(60),
+        max_restarts: 3,
+        window: Duration::from_secs(60),
+    };
+    s.plugin("flaky", json!({}));
+    let loader = s.loader();
+    let r = &s.registry;
+    let handle = loader.handle("flaky").unwrap();
+    let mut pid = handle.pid().unwrap();
+
+    // Crash 1 by a tool, crash 2 by a kill between calls, crash 3 by a tool.
+    for (round, expected_ms) in [(1u64, 100u64), (2, 200), (3, 300)] {
+        if round == 2 {
+            kill(pid);
+            wait_for(r, "flaky", S::Failed, Duration::from_secs(2));
+            check(
+                r,
+                "flaky",
+                S::Failed,
+                &["CrashError: killed by signal SIGKILL (9)"],
+            );
+        } else {
+            assert!(matches!(
+                handle.call("segv", &json!({})),
+                Err(CallError::Tool(ToolError::Crashed(_)))
+            ));
+        }
+        let failed_at = Instant::now();
+        let status = r.get_status("flaky").unwrap();
+        assert_eq!(status.state, S::Failed, "round {round}: {status:?}");
+        assert!(status.next_retry_at.is_some(), "round {round}: {status:?}");
+        assert!(matches!(
+            handle.call("ok", &json!({})),
+            Err(CallError::NotRunnable { .. })
+        ));
+        wait_for(r, "flaky", S::Initialized, Duration::from_secs(3));
+        let waited = failed_at.elapsed();
+        assert!(
+            waited >= Duration::from_millis(expected_ms - 10),
+            "round {round}: restarted after {waited:?}, expected at least {expected_ms} ms"
+        );
+        let status = r.get_status("flaky").unwrap();
+        assert_eq!(status.restart_count, round);
+        assert_eq!(status.next_retry_at, None);
+        assert_eq!(status.reason, None);
+        assert!(status.last_exit_reason.is_some());
+        let new_pid = handle.pid().unwrap();
+        assert_ne!(new_pid, pid, "round {round}: same process");
+        pid = new_pid;
+        // The same handle routes to the new instance.
+        assert_eq!(handle.call("pid", &json!({})).unwrap(), json!(pid));
+    }
+
+    // A fourth crash is past the budget: FAILED for good.
+    assert!(handle.call("abort", &json!({})).is_err());
+    check(
+        r,
+        "flaky",
+        S::Failed,
+        &["SIGABRT", "not restarted: 3 restarts within 60 s"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let status = r.get_status("flaky").unwrap();
+    assert_eq!(
+        (status.state, status.restart_count, status.next_retry_at),
+        (S::Failed, 3, None)
+    );
+    let journal: Vec<_> = r
+        .journal("flaky")
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.state, j.exit_signal))
+        .collect();
+    assert_eq!(
+        journal,
+        [
+            (S::Failed, Some("SIGSEGV".into())),
+            (S::Loaded, None),
+            (S::Failed, Some("SIGKILL".into())),
+            (S::Loaded, None),
+            (S::Failed, Some("SIGSEGV".into())),
+            (S::Loaded, None),
+            (S::Failed, Some("SIGABRT".into())),
+        ]
+    );
+
+    // An explicit reload starts it again.
+    let outcome = loader.reload("flaky").unwrap();
+    assert_eq!(outcome.state, S::Initialized, "{outcome:?}");
+    call(&loader, "flaky", "ok", json!({})).unwrap();
+}
+
+#[test]
+fn several_calls_in_flight_share_one_process() {
+    let s = Setup::new();
+    s.plugin("busy", json!({}));
+    let loader = s.loader();
+    let handle = loader.handle("busy").unwrap();
+    let pid = handle.pid().unwrap();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            let handle = handle.clone();
+            scope.spawn(move || {
+                let slept = handle.call("sleep", &json!({"ms": 300})).unwrap();
+                assert_eq!(slept, json!({"slept_ms": 300}));
+                assert_eq!(handle.call("pid", &json!({})).unwrap(), json!(pid));
+            });
+        }
+    });
+    // Eight 300 ms calls one after the other would take 2.4 s.
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "calls ran one at a time: {took:?}"
+    );
+    let status = s.registry.get_status("busy").unwrap();
+    assert_eq!(
+        (status.success_count, status.in_flight, status.state),
+        (16, 0, S::Initialized)
+    );
+}
+
+#[test]
+fn chaos_kills_under_traffic_reconcile() {
+    let mut s = Setup::new();
+    s.config.supervision = SupervisionPolicy {
+        backoff_base: Duration::from_millis(20),
+        backoff_cap: Duration::from_millis(80),
+        healthy_reset: Duration::from_secs(60),
+        max_restarts: 1000,
+        window: Duration::from_secs(60),
+    };
+    let names = ["chaos-a", "chaos-b", "chaos-c"];
+    for name in names {
+        s.plugin(name, json!({"limits": {"call_timeout_s": 1}}));
+    }
+    let loader = s.loader();
+    let r = &s.registry;
+    let handles: Vec<_> = names.iter().map(|n| loader.handle(n).unwrap()).collect();
+
+    #[derive(Default)]
+    struct Counts {
+        ok: AtomicU64,
+        tool_errors: AtomicU64,
+        not_runnable: AtomicU64,
+        calls: AtomicU64,
+    }
+    let counts: Vec<Counts> = names.iter().map(|_| Counts::default()).collect();
+    let stop = AtomicBool::new(false);
+    let kills = AtomicU64::new(0);
+    let limit = Duration::from_secs(1) + Duration::from_millis(800);
+    std::thread::scope(|scope| {
+        for worker in 0..4u64 {
+            let (handles, counts, stop) = (&handles, &counts, &stop);
+            scope.spawn(move || {
+                let mut i = worker;
+                while !stop.load(Ordering::SeqCst) {
+                    i = i
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let which = (i >> 33) as usize % handles.len();
+                    let (tool, args) = if i % 3 == 0 {
+                        ("sleep", json!({"ms": 5}))
+                    } else {
+                        ("ok", json!({}))
+                    };
+                    let started = Instant::now();
+                    let result = handles[which].call(tool, &args);
+                    let took = started.elapsed();
+                    assert!(took < limit, "a call took {took:?}: {result:?}");
+                    let c = &counts[which];
+                    c.calls.fetch_add(1, Ordering::SeqCst);
+                    match result {
+                        Ok(_) => c.ok.fetch_add(1, Ordering::SeqCst),
+                        Err(CallError::Tool(e)) => {
+                            assert!(
+                                matches!(e, ToolError::Crashed(_)),
+                                "only crashes expected: {e:?}"
+                            );
+                            c.tool_errors.fetch_add(1, Ordering::SeqCst)
+                        }
+                        Err(CallError::NotRunnable { .. }) => {
+                            c.not_runnable.fetch_add(1, Ordering::SeqCst)
+                        }
+                        Err(other) => panic!("unexpected {other:?}"),
+                    };
+                }
+            });
+        }
+        let (handles, stop, kills) = (&handles, &stop, &kills);
+        scope.spawn(move || {
+            let mut i = 7u64;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(1500) {
+                std::thread::sleep(Duration::from_millis(60));
+                i = i
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let handle = &handles[(i >> 33) as usize % handles.len()];
+                if let Some(pid) = handle.pid() {
+                    kill(pid);
+                    kills.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+    });
+    assert!(kills.load(Ordering::SeqCst) >= 10);
+    let mut restarts = 0;
+    for (name, c) in names.iter().zip(&counts) {
+        wait_for(r, name, S::Initialized, Duration::from_secs(3));
+        let status = r.get_status(name).unwrap();
+        let (ok, errors, not_runnable, calls) = (
+            c.ok.load(Ordering::SeqCst),
+            c.tool_errors.load(Ordering::SeqCst),
+            c.not_runnable.load(Ordering::SeqCst),
+            c.calls.load(Ordering::SeqCst),
+        );
+        assert_eq!(ok + errors + not_runnable, calls, "{name}");
+        assert!(ok > 0, "{name}: no call succeeded");
+        assert_eq!(status.success_count, ok, "{name}: {status:?}");
+        assert_eq!(status.error_count, errors, "{name}: {status:?}");
+        assert_eq!(status.in_flight, 0, "{name}");
+        restarts += status.restart_count;
+        call(&loader, name, "ok", json!({})).unwrap();
+    }
+    assert!(restarts >= 10, "only {restarts} restarts");
+}
+
+#[test]
+fn reload_restarts_isolated_and_retries_failed_in_process() {
+    let s = Setup::new();
+    s.plugin("iso", json!({}));
+    s.plugin("kept", json!({"isolation": "in-process"}));
+    s.plugin(
+        "retry",
+        json!({"isolation": "in-process", "config": {"fault_at_init": "error"}}),
+    );
+    let loader = s.loader();
+    let r = &s.registry;
+    check(
+        r,
+        "retry",
+        S::Failed,
+        &["InitError: fixture init failed on request"],
+    );
+    call(&loader, "kept", "ok", json!({})).unwrap();
+    let old_pid = loader.handle("iso").unwrap().pid().unwrap();
+
+    let outcome = loader.reload("iso").unwrap();
+    assert_eq!(outcome.state, S::Initialized, "{outcome:?}");
+    let new_pid = loader.handle("iso").unwrap().pid().unwrap();
+    assert_ne!(old_pid, new_pid);
+    wait_gone(old_pid);
+
+    // An available in-process plugin is kept as it is.
+    let outcome = loader.reload("kept").unwrap();
+    assert_eq!(outcome.state, S::Initialized);
+    assert_eq!(r.get_status("kept").unwrap().success_count, 1);
+
+    // A failed one is retried with its new manifest.
+    s.plugin("retry", json!({"isolation": "in-process"}));
+    assert!(loader.reload("nope").is_none());
+    assert_eq!(loader.reload("retry").unwrap().state, S::Initialized);
+    call(&loader, "retry", "ok", json!({})).unwrap();
+
+    // reload_all sees every plugin, and plugins that appeared since.
+    s.plugin("newcomer", json!({}));
+    let report = loader.reload_all();
+    let names: Vec<_> = report.plugins.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["iso", "kept", "newcomer", "retry"]);
+    assert_eq!(report.loaded(), 4, "{report:#?}");
+    call(&loader, "newcomer", "ok", json!({})).unwrap();
+
+    // Dropping the loader stops its plugins' processes.
+    let pids: Vec<u32> = ["iso", "newcomer"]
+        .iter()
+        .map(|n| loader.handle(n).unwrap().pid().unwrap())
+        .collect();
+    drop(loader);
+    for pid in pids {
+        wait_gone(pid);
+    }
+}
+
+#[test]
+fn preflight_stops_a_crashing_constructor_before_the_host_opens_it() {
+    let registry = Registry::new();
+    let config = LoaderConfig {
+        runner: Some(RUNNER.into()),
+        ..LoaderConfig::default()
+    };
+    let checker = Arc::new(DependencyChecker::system(Vec::new()));
+    let loader = Loader::new(registry.clone(), checker, config);
+    let outcome = loader.load_from_path(zoo::PREFLIGHT_SEGV.as_ref());
+    assert_eq!(outcome.state, S::Failed);
+    check(
+        &registry,
+        zoo::PREFLIGHT_SEGV_NAME,
+        S::Failed,
+        &["InitError: plugin process died during construction: killed by signal SIGSEGV (11)"],
+    );
+
+    // The loader-wide flag preflights a healthy plugin, then loads it here.
+    let s = Setup::new();
+    s.plugin("fine", json!({"isolation": "in-process"}));
+    let mut config = s.config.clone();
+    config.preflight = true;
+    let checker = Arc::new(DependencyChecker::system(Vec::new()));
+    let loader = Loader::new(s.registry.clone(), checker, config);
+    loader.load_all(s.path());
+    check(&s.registry, "fine", S::Initialized, &[]);
+    assert_eq!(loader.handle("fine").unwrap().pid(), None);
+}
+
+#[test]
+fn the_zoo_fault_fixtures_fail_as_documented() {
+    let registry = Registry::new();
+    let config = LoaderConfig {
+        runner: Some(RUNNER.into()),
+        ..LoaderConfig::default()
+    };
+    let checker = Arc::new(DependencyChecker::system(Vec::new()));
+    let loader = Loader::new(registry.clone(), checker, config);
+    let report = loader.load_all(zoo::FAULTS_DIR.as_ref());
+    assert_eq!(report.plugins.len(), zoo::FAULTS.len());
+    check(&registry, zoo::FAULTY_NAME, S::Initialized, &[]);
+    check(&registry, zoo::INIT_SEGV_NAME, S::Failed, &["SIGSEGV"]);
+    check(&registry, zoo::INIT_ABORT_NAME, S::Failed, &["SIGABRT"]);
+    check(
+        &registry,
+        zoo::INIT_OVERFLOW_NAME,
+        S::Failed,
+        &["overflowed its stack"],
+    );
+    check(
+        &registry,
+        zoo::INIT_EXIT3_NAME,
+        S::Failed,
+        &["exited with code 3"],
+    );
+    check(
+        &registry,
+        zoo::INIT_HANG_NAME,
+        S::Failed,
+        &["timed out after 1 s during init"],
+    );
+    check(
+        &registry,
+        zoo::INIT_OOM_NAME,
+        S::Failed,
+        &["exceeded memory limit 256 MiB"],
+    );
+    check(
+        &registry,
+        zoo::INIT_PANIC_NAME,
+        S::Failed,
+        &["panicked during construction"],
+    );
+    check(&registry, zoo::PREFLIGHT_SEGV_NAME, S::Failed, &["SIGSEGV"]);
+    let faulty = loader.handle(zoo::FAULTY_NAME).unwrap();
+    assert_eq!(faulty.call_timeout(), Some(Duration::from_secs(2)));
+}
+
+#[test]
+fn misbehaving_runners_are_reported_precisely() {
+    let s = Setup::new();
+    s.plugin("p", json!({}));
+    let scripts = tempfile::tempdir().unwrap();
+    // The silent runner gets 300 ms; the others 2 s, so that what they do
+    // is seen before the handshake times out.
+    let cases: [(&str, &str, &[&str]); 4] = [
+        (
+            "silent",
+            "exec sleep 10",
+            &["ImportError: timed out after 300 ms during handshake"],
+        ),
+        (
+            "closer",
+            "exec 1>&-\nexec sleep 10",
+            &[
+                "ImportError: plugin process died while loading the library: protocol violation: closed its end of the protocol but kept running",
+            ],
+        ),
+        (
+            "garbage",
+            "printf 'garbage!'\nexec sleep 10",
+            &[
+                "ImportError: plugin process died while loading the library: protocol violation: answer frame of 1651663207 bytes exceeds the limit of 1 MiB",
+            ],
+        ),
+        (
+            "quitter",
+            "echo 'runner giving up' >&2\nexit 7",
+            &[
+                "ImportError: plugin process died while loading the library: exited with code 7; stderr: runner giving up",
+            ],
+        ),
+    ];
+    for (name, body, parts) in cases {
+        let script = scripts.path().join(name);
+        write_script(&script, body);
+        let registry = Registry::new();
+        let mut config = s.config.clone();
+        config.runner = Some(script);
+        config.process.init_timeout = if name == "silent" {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(2)
+        };
+        let checker = Arc::new(DependencyChecker::system(Vec::new()));
+        let loader = Loader::new(registry.clone(), checker, config);
+        let started = Instant::now();
+        loader.load_all(s.path());
+        assert!(started.elapsed() < Duration::from_secs(3), "{name}");
+        check(&registry, "p", S::Failed, parts);
+    }
+    let registry = Registry::new();
+    let mut config = s.config.clone();
+    config.runner = Some(PathBuf::from("/definitely/not/a/runner"));
+    let checker = Arc::new(DependencyChecker::system(Vec::new()));
+    Loader::new(registry.clone(), checker, config).load_all(s.path());
+    check(
+        &registry,
+        "p",
+        S::Failed,
+        &[
+            "ImportError: cannot open",
+            "cannot start the plugin runner /definitely/not/a/runner",
+        ],
+    );
+}
+
+fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// SIGKILL to a runner this test's loader started.
+fn kill(pid: u32) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a valid pid");
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+}
+
+/// Waits until process `pid` is gone (reaped).
+fn wait_gone(pid: u32) {
+    let started = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "process {pid} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

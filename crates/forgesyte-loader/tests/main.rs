@@ -1,0 +1,13 @@
+//! The loader's one integration-test binary.
+//!
+//! - `pipeline`: the load pipeline over the fake filesystem and importer.
+//! - `isolation`: real plugins in real runner processes (this crate's
+//!   `forgesyte-runner` binary and the fixture zoo's `faulty` library): every
+//!   fault at construction and at tool time, supervision, concurrency,
+//!   chaos, reload and preflight.
+
+// Test helpers outside `#[test]` functions may unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod isolation;
+mod pipeline;
