@@ -20,9 +20,24 @@
 //! all cores; registration, state changes and log lines happen in sorted
 //! order, so results are deterministic.
 //!
-//! This crate is the only one that calls plugin code (through [`native`] or
-//! an injected [`Importer`]). It knows nothing about HTTP. It never unloads a
-//! library.
+//! This crate is the only one that calls plugin code (through [`native`],
+//! [`process`] or an injected [`Importer`]). It knows nothing about HTTP. It
+//! never unloads a library.
+//!
+//! # Process isolation
+//!
+//! A plugin whose manifest says `"isolation": "process"` (or every plugin,
+//! with [`LoaderConfig::default_isolation`]) runs the same library in its own
+//! `forgesyte-runner` child ([`process`]): a segfault, abort, stack overflow,
+//! `exit`, hang, memory blow-up or broken protocol becomes a precise reason
+//! (`CrashError: killed by signal SIGSEGV (11); stderr: ...`) on that plugin
+//! only. Its [`PluginHandle`] supervises it: FAILED with the reason, then
+//! restarted with exponential backoff ([`SupervisionPolicy`]), within limits
+//! ([`ProcessLimits`]). [`LoaderConfig::preflight`] constructs in-process
+//! plugins once in a runner first; [`Loader::reload`] and
+//! [`Loader::reload_all`] restart isolated plugins and retry failed ones.
+//! The whole story, with the limits table and the reasons, is in the
+//! crate's `ISOLATION.md`.
 //!
 //! ```no_run
 //! use std::sync::Arc;
