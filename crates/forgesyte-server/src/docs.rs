@@ -202,6 +202,23 @@ fn render_schema(html: &mut String, name: &str, schema: &Value) {
             .collect();
         let _ = write!(html, "<p>One of: {}</p>", values.join(", "));
     }
+    // A flattened struct: every field of the referenced schemas, and the
+    // fields of the inline parts.
+    if let Some(parts) = schema.get("allOf").and_then(Value::as_array) {
+        for part in parts {
+            if part.get("$ref").is_some() {
+                let _ = write!(html, "<p>Every field of {}, and:</p>", type_name(part));
+            } else {
+                render_properties(html, part);
+            }
+        }
+    }
+    render_properties(html, schema);
+    html.push_str("</div>");
+}
+
+/// The table of `schema`'s properties, if it has any.
+fn render_properties(html: &mut String, schema: &Value) {
     if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
         let required: Vec<&str> = schema
             .get("required")
@@ -227,7 +244,6 @@ fn render_schema(html: &mut String, name: &str, schema: &Value) {
         }
         html.push_str("</table>");
     }
-    html.push_str("</div>");
 }
 
 #[cfg(test)]
@@ -246,6 +262,12 @@ mod tests {
             "id=\"schema-RunFailure\"",
             "avg_execution_time_ms",
             ">POST<",
+            "/readyz",
+            "/v1/plugins/{name}/reload",
+            "id=\"schema-PluginHealth\"",
+            "Every field of <a href=\"#schema-PluginStatus\">PluginStatus</a>, and:",
+            "<code>journal</code>",
+            "stderr_tail",
         ] {
             assert!(html.contains(needle), "page lacks {needle}");
         }

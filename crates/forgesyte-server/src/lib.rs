@@ -40,6 +40,16 @@
 //! plugin's thread cannot be stopped, so the host stops trusting the plugin
 //! (the thread finishes, or not, in the background).
 //!
+//! # Probes and admin routes
+//!
+//! `GET /livez` answers while the process serves; `GET /readyz` once the
+//! startup load pass has finished and every plugin not marked `optional` is
+//! available (`?verbose` lists the checks). `POST /v1/plugins/{name}/reload`
+//! and `POST /v1/plugins/reload` need `Authorization: Bearer` with the
+//! [`AdminToken`] of [`ServerConfig::admin_token`] (compared in constant
+//! time) and are disabled without one; they run the loader's reload on the
+//! blocking pool, one at a time.
+//!
 //! # What this crate must not know
 //!
 //! **Only this crate knows HTTP, and it never calls plugin code directly**:

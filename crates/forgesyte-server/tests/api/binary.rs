@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     Forgesyte, PluginsDir, assert_health_answer, forgesyte_command, hostile_segments, http,
+    http_with,
 };
 
 /// `alpha` and `beta` (good), `slow` (good, 0.3 s manifest time limit),
@@ -407,6 +408,127 @@ impl Drop for KillOnDrop<'_> {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+// ------------------------------------------------------ admin and probes
+
+#[test]
+fn serve_with_an_admin_token_reloads_and_probes_over_http() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).zoo(zoo::ERR_INIT).good(
+        "extra",
+        json!({"optional": true, "dependencies": ["env:FORGESYTE_TEST_NEVER_SET"]}),
+    );
+    let token = "a-long-admin-token-for-the-test";
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    assert!(
+        server.log().contains("Admin routes enabled"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(server.get("/livez").json(), json!({"status": "ok"}));
+    // The zoo's constructor failure is required: not ready; the optional
+    // plugin missing its variable does not count.
+    let ready = server.get("/readyz?verbose");
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    let ready = ready.json();
+    assert_eq!(
+        ready["detail"],
+        format!("Not ready: plugin:{}", zoo::ERR_INIT_NAME)
+    );
+    assert_eq!(
+        server.get("/v1/plugins/extra/health").json()["state"],
+        "UNAVAILABLE"
+    );
+
+    let post = |target: &str, auth: Option<&str>| {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        http_with(server.addr, "POST", target, &headers, b"")
+    };
+    assert_eq!(post("/v1/plugins/alpha/reload", None).status, 401);
+    assert_eq!(
+        post("/v1/plugins/alpha/reload", Some("Bearer wrong")).status,
+        403
+    );
+    let bearer = format!("Bearer {token}");
+    let reply = post("/v1/plugins/alpha/reload", Some(&bearer));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["state"], "INITIALIZED");
+    let reply = post("/v1/plugins/reload", Some(&bearer));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    assert_eq!(report["plugins"].as_array().unwrap().len(), 3, "{report}");
+    assert_eq!(report["failed"], 1);
+    // Still callable after the reloads.
+    assert_eq!(
+        server.run("alpha", "echo", r#"{"args": {"k": 1}}"#).status,
+        200
+    );
+    let health = server
+        .get(&format!("/v1/plugins/{}/health", zoo::ERR_INIT_NAME))
+        .json();
+    assert!(
+        !health["journal"].as_array().unwrap().is_empty(),
+        "{health}"
+    );
+}
+
+#[test]
+fn serve_without_a_token_has_reload_disabled() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let reply = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/reload",
+        &[("Authorization", "Bearer anything")],
+        b"",
+    );
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert!(
+        reply.detail().starts_with("Reload is disabled"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(server.get("/readyz").status, 200);
+}
+
+#[test]
+fn an_empty_admin_token_file_stops_the_server_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "\n").unwrap();
+    let mut child = forgesyte_command()
+        .args(["serve", "--bind", "127.0.0.1:0", "--plugins"])
+        .arg(dir.path())
+        .arg("--admin-token-file")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started with an empty admin token");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("is empty"), "{err}");
 }
 
 // ------------------------------------------------------------------ check

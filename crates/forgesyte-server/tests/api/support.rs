@@ -443,12 +443,18 @@ impl Forgesyte {
     /// Starts `forgesyte serve --bind 127.0.0.1:0 ARGS…` and waits for its
     /// listening line.
     pub(crate) fn start(args: &[&str]) -> Forgesyte {
+        Forgesyte::start_with_env(args, &[])
+    }
+
+    /// [`Forgesyte::start`] with extra environment variables.
+    pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Forgesyte {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("stderr.log");
         let mut child = forgesyte_command()
             .arg("serve")
             .args(["--bind", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -554,6 +560,11 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_CALL_TIMEOUT",
         "FORGESYTE_BODY_LIMIT",
         "FORGESYTE_SHUTDOWN_GRACE",
+        "FORGESYTE_ADMIN_TOKEN",
+        "FORGESYTE_ADMIN_TOKEN_FILE",
+        "FORGESYTE_PREFLIGHT",
+        "FORGESYTE_ISOLATION",
+        "FORGESYTE_RUNNER",
     ] {
         command.env_remove(var);
     }
