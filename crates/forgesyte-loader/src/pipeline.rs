@@ -886,7 +886,15 @@ impl Loader {
             let _ = self.registry.mark_unavailable(name, reason.clone());
             tracing::warn!(plugin = %name, %reason, "⊘ Plugin UNAVAILABLE: {name}");
         } else {
-            let _ = self.registry.mark_failed(name, reason.clone());
+            let report = crate::supervise::report_of(err);
+            if report.crash.is_some() {
+                // A runner died: the journal keeps its signal or exit code
+                // and stderr tail.
+                let exit = crate::supervise::exit_info(&report);
+                let _ = self.registry.mark_crashed(name, reason.clone(), exit);
+            } else {
+                let _ = self.registry.mark_failed(name, reason.clone());
+            }
             tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
         }
     }

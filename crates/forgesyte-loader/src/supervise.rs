@@ -267,7 +267,7 @@ fn attempt(inner: &Arc<Inner>, generation: u64) {
 }
 
 /// An exit report for a restart that failed before the plugin was up.
-fn report_of(error: &PluginError) -> ExitReport {
+pub(crate) fn report_of(error: &PluginError) -> ExitReport {
     let crash: Option<&CrashError> = match error {
         PluginError::Load(LoadError::Import(ImportError::Crashed(c)))
         | PluginError::Load(LoadError::Init(InitError::Crashed(c)))
@@ -287,7 +287,7 @@ fn report_of(error: &PluginError) -> ExitReport {
     }
 }
 
-fn exit_info(report: &ExitReport) -> ExitInfo {
+pub(crate) fn exit_info(report: &ExitReport) -> ExitInfo {
     ExitInfo {
         description: report.crash.as_ref().map(|c| c.cause.to_string()),
         signal: report.signal.clone(),

@@ -196,6 +196,27 @@ fn every_fault_at_construction_fails_only_that_plugin() {
     );
     check(r, "healthy", S::Initialized, &[]);
     check(r, "in-host", S::Initialized, &[]);
+    // The journal keeps how the runner died.
+    let entry = r.journal("init-segv").unwrap().pop().unwrap();
+    assert_eq!(entry.exit_signal.as_deref(), Some("SIGSEGV"));
+    assert!(
+        entry
+            .stderr_tail
+            .iter()
+            .any(|l| l.contains("about to segv")),
+        "{entry:?}"
+    );
+    assert_eq!(
+        r.journal("init-exit3").unwrap().pop().unwrap().exit_code,
+        Some(3)
+    );
+    assert_eq!(
+        r.get_status("init-abort")
+            .unwrap()
+            .last_exit_reason
+            .as_deref(),
+        Some("killed by signal SIGABRT (6)")
+    );
 
     let healthy = loader.handle("healthy").unwrap();
     assert_eq!(healthy.isolation(), Isolation::Process);
