@@ -43,6 +43,10 @@ pub struct LoaderConfig {
     /// else on `PATH`). A host binary that serves [`process::runner_main`]
     /// itself can name its own path.
     pub runner: Option<PathBuf>,
+    /// Arguments put before the runner's own, e.g. `["__runner"]` when
+    /// [`runner`](Self::runner) is the host binary itself serving
+    /// [`process::runner_main`] behind a hidden subcommand.
+    pub runner_args: Vec<std::ffi::OsString>,
     /// Limits of isolated plugins; a manifest's `limits` override them.
     pub process: ProcessLimits,
     /// When and how often crashed isolated plugins are restarted.
@@ -62,6 +66,7 @@ impl Default for LoaderConfig {
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             default_isolation: Isolation::InProcess,
             runner: None,
+            runner_args: Vec::new(),
             process: ProcessLimits::default(),
             supervision: SupervisionPolicy::default(),
             preflight: false,
@@ -707,11 +712,10 @@ impl Loader {
         config: Vec<u8>,
     ) -> Result<PluginHandle, PluginError> {
         let limits = self.config.process.with_manifest(&p.manifest.limits);
-        let importer = Arc::new(ProcessImporter::new(
-            self.runner(&library_path)?,
-            p.name.clone(),
-            limits,
-        ));
+        let importer = Arc::new(
+            ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
+                .with_runner_args(self.config.runner_args.clone()),
+        );
         let library = importer.open(&library_path)?;
         let instance = library.instantiate(&config)?;
         let supervisor = Supervisor::new(
@@ -741,7 +745,8 @@ impl Loader {
     ) -> Result<(), PluginError> {
         let mut limits = self.config.process.with_manifest(&p.manifest.limits);
         limits.memory_limit_mib = p.manifest.limits.memory_mb.unwrap_or(0);
-        let importer = ProcessImporter::new(self.runner(library_path)?, p.name.clone(), limits);
+        let importer = ProcessImporter::new(self.runner(library_path)?, p.name.clone(), limits)
+            .with_runner_args(self.config.runner_args.clone());
         let instance = importer.open(library_path)?.instantiate(config)?;
         drop(instance);
         tracing::info!(plugin = %p.name, "Preflight passed: {}", p.name);

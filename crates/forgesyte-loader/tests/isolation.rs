@@ -851,6 +851,24 @@ fn misbehaving_runners_are_reported_precisely() {
     );
 }
 
+#[test]
+fn a_host_binary_can_be_its_own_runner_behind_a_subcommand() {
+    let mut s = Setup::new();
+    s.plugin("sub", json!({}));
+    let scripts = tempfile::tempdir().unwrap();
+    let host = scripts.path().join("host");
+    // A stand-in for `forgesyte __runner --library ...`.
+    write_script(
+        &host,
+        &format!("[ \"$1\" = __runner ] || exit 99\nshift\nexec {RUNNER} \"$@\""),
+    );
+    s.config.runner = Some(host);
+    s.config.runner_args = vec!["__runner".into()];
+    let loader = s.loader();
+    check(&s.registry, "sub", S::Initialized, &[]);
+    call(&loader, "sub", "ok", json!({})).unwrap();
+}
+
 fn write_script(path: &Path, body: &str) {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();

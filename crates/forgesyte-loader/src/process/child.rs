@@ -76,6 +76,7 @@ impl KillReason {
 #[derive(Debug, Clone)]
 pub(crate) struct SpawnOptions<'a> {
     pub(crate) runner: &'a Path,
+    pub(crate) runner_args: &'a [std::ffi::OsString],
     pub(crate) library: &'a Path,
     pub(crate) plugin: &'a str,
     pub(crate) memory_limit_mib: u64,
@@ -146,6 +147,7 @@ impl Child {
     pub(crate) fn spawn(opts: &SpawnOptions<'_>, timeout: Duration) -> Result<Child, SpawnError> {
         let mut command = Command::new(opts.runner);
         command
+            .args(opts.runner_args)
             .arg("--library")
             .arg(opts.library)
             .arg("--memory-limit-mb")

@@ -118,6 +118,7 @@ pub fn find_runner() -> Option<PathBuf> {
 #[derive(Debug, Clone)]
 pub struct ProcessImporter {
     runner: PathBuf,
+    runner_args: Vec<std::ffi::OsString>,
     plugin: String,
     limits: ProcessLimits,
 }
@@ -132,9 +133,17 @@ impl ProcessImporter {
     ) -> Self {
         ProcessImporter {
             runner: runner.into(),
+            runner_args: Vec::new(),
             plugin: plugin.into(),
             limits,
         }
+    }
+
+    /// Arguments put before the runner's own (`--library ...`): for a host
+    /// binary that is its own runner behind a hidden subcommand.
+    pub fn with_runner_args(mut self, args: Vec<std::ffi::OsString>) -> Self {
+        self.runner_args = args;
+        self
     }
 
     /// The limits its runners get.
@@ -146,6 +155,7 @@ impl ProcessImporter {
         Child::spawn(
             &SpawnOptions {
                 runner: &self.runner,
+                runner_args: &self.runner_args,
                 library,
                 plugin: &self.plugin,
                 memory_limit_mib: self.limits.memory_limit_mib,
