@@ -8,6 +8,9 @@
 //! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
 //! ```
 //!
+//! `forgesyte --library PATH [--memory-limit-mb N] [--plugin NAME]` is the
+//! plugin runner of process isolation (started by the loader, not by people).
+//!
 //! Every option also reads an environment variable (`FORGESYTE_*`); the
 //! admin token itself is read from `FORGESYTE_ADMIN_TOKEN` only (never a
 //! command-line argument, which other users can see in `ps`). Logs go to
@@ -108,8 +111,8 @@ struct LoaderArgs {
     /// process (fastest) or each in a child process (survives crashes).
     #[arg(long, value_name = "MODE", env = "FORGESYTE_ISOLATION", default_value = "in-process", value_parser = parse_isolation)]
     isolation: Isolation,
-    /// The runner executable of isolated plugins (default:
-    /// `forgesyte-runner` next to this executable, else on PATH).
+    /// The runner executable of isolated plugins and preflight (default:
+    /// this `forgesyte` executable, which doubles as the runner).
     #[arg(long, value_name = "PATH", env = "FORGESYTE_RUNNER")]
     runner: Option<PathBuf>,
 }
@@ -124,7 +127,12 @@ impl LoaderArgs {
             .collect();
         config.preflight = self.preflight;
         config.default_isolation = self.isolation;
-        config.runner = self.runner.filter(|p| !p.as_os_str().is_empty());
+        // By default the runner is this very executable: always present,
+        // and always speaking the host's protocol version.
+        config.runner = self
+            .runner
+            .filter(|p| !p.as_os_str().is_empty())
+            .or_else(|| std::env::current_exe().ok());
     }
 }
 
@@ -198,7 +206,19 @@ fn init_logging(default: &str) {
         .init();
 }
 
+/// The first argument the loader starts a plugin runner with.
+const RUNNER_FIRST_ARG: &str = "--library";
+
 fn main() -> ExitCode {
+    // `forgesyte` doubles as the plugin runner of process isolation and
+    // preflight: the loader starts it as `forgesyte --library PATH …`
+    // (never a valid command line for people, which begins with a
+    // subcommand). This comes first: the runner must own stdout before
+    // anything can print.
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == RUNNER_FIRST_ARG) {
+        return forgesyte_loader::process::runner_main(args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
@@ -347,7 +367,7 @@ mod tests {
         let config = parse(&["forgesyte", "serve"]);
         assert!(!config.preflight);
         assert_eq!(config.default_isolation, Isolation::InProcess);
-        assert_eq!(config.runner, None);
+        assert_eq!(config.runner, std::env::current_exe().ok());
         let config = parse(&[
             "forgesyte",
             "serve",

@@ -531,6 +531,127 @@ fn an_empty_admin_token_file_stops_the_server_at_startup() {
     assert!(err.contains("is empty"), "{err}");
 }
 
+// ------------------------------------------- preflight and isolation flags
+
+/// A plugins directory with `crashy`: the `faulty` fixture library whose
+/// constructor writes to page zero, its manifest naming no isolation and no
+/// preflight; and the good `alpha`.
+fn crashy_dir() -> PluginsDir {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let crashy = dir.path().join("crashy");
+    std::fs::create_dir_all(&crashy).unwrap();
+    let library = std::path::Path::new(zoo::FAULTY_LIBRARY);
+    let file = library.file_name().unwrap().to_str().unwrap();
+    std::fs::copy(library, crashy.join(file)).unwrap();
+    let manifest = json!({"name": "crashy", "entrypoint": file,
+                          "config": {"fault_at_init": "segv"}});
+    std::fs::write(crashy.join("manifest.json"), manifest.to_string()).unwrap();
+    dir
+}
+
+/// `forgesyte check --json ARGS…` with extra environment, without core
+/// dumps: exit code (None when killed by a signal), the parsed array (if
+/// any) and stderr.
+fn check_json(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Option<Value>, String) {
+    let output = std::process::Command::new("sh")
+        .args(["-c", "ulimit -c 0; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_forgesyte"))
+        .args(["check", "--json"])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    (
+        output.status.code(),
+        serde_json::from_str(&stdout).ok(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn assert_crashy_failed_with_sigsegv(list: &Value) {
+    let states = states(list);
+    assert_eq!(states["alpha"], "INITIALIZED");
+    assert_eq!(states["crashy"], "FAILED");
+    let crashy = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "crashy")
+        .unwrap();
+    let reason = crashy["reason"].as_str().unwrap();
+    assert!(reason.starts_with("InitError: "), "{reason}");
+    assert!(reason.contains("SIGSEGV"), "{reason}");
+    assert!(
+        reason.contains("faulty: constructor about to segv"),
+        "the plugin's stderr is in the reason: {reason}"
+    );
+}
+
+#[test]
+fn preflight_flag_and_env_turn_a_crashing_constructor_into_failed() {
+    let dir = crashy_dir();
+    // The control: in-process and without preflight, the constructor takes
+    // the whole process down.
+    let (code, _, err) = check_json(&[dir.path_str()], &[]);
+    assert_eq!(code, None, "killed by a signal: {err}");
+
+    let (code, list, err) = check_json(&[dir.path_str(), "--preflight"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_crashy_failed_with_sigsegv(&list.unwrap());
+    let (code, list, err) = check_json(&[dir.path_str()], &[("FORGESYTE_PREFLIGHT", "1")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_crashy_failed_with_sigsegv(&list.unwrap());
+    let (code, _, err) = check_json(&[dir.path_str()], &[("FORGESYTE_PREFLIGHT", "perhaps")]);
+    assert_eq!(code, Some(2), "a usage error: {err}");
+}
+
+#[test]
+fn isolation_flag_hosts_plugins_without_a_manifest_choice_in_a_child() {
+    let dir = crashy_dir();
+    let (code, list, err) = check_json(&[dir.path_str(), "--isolation", "process"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_crashy_failed_with_sigsegv(&list.unwrap());
+    let (code, list, err) = check_json(&[dir.path_str()], &[("FORGESYTE_ISOLATION", "process")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_crashy_failed_with_sigsegv(&list.unwrap());
+
+    // The server too: it survives, and the good plugin (isolated as well)
+    // answers tool calls from its own process.
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--isolation", "process"]);
+    server.wait_loaded();
+    let crashy = server.get("/v1/plugins/crashy/health").json();
+    assert_eq!(crashy["state"], "FAILED", "{crashy}");
+    let run = server.run("alpha", "echo", r#"{"args": {"k": 1}}"#);
+    assert_eq!(run.status, 200, "{}", run.text());
+    assert_eq!(server.get("/livez").status, 200);
+}
+
+#[test]
+fn a_runner_that_does_not_exist_fails_isolated_plugins_with_a_reason() {
+    let dir = crashy_dir();
+    let (code, list, err) = check_json(
+        &[
+            dir.path_str(),
+            "--isolation",
+            "process",
+            "--runner",
+            "/nonexistent/forgesyte-runner",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let list = list.unwrap();
+    for plugin in list.as_array().unwrap() {
+        assert_eq!(plugin["state"], "FAILED", "{plugin}");
+        let reason = plugin["reason"].as_str().unwrap();
+        assert!(reason.contains("/nonexistent/forgesyte-runner"), "{reason}");
+    }
+}
+
 // ------------------------------------------------------------------ check
 
 fn check(args: &[&str]) -> (i32, String, String) {
