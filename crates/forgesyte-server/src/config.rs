@@ -1,5 +1,6 @@
 //! Server settings and their defaults.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -53,8 +54,12 @@ pub struct ServerConfig {
     /// (`--isolation`).
     pub default_isolation: Isolation,
     /// The runner executable of isolated plugins (`--runner`); `None`: the
-    /// loader's own default.
+    /// loader's own default (`forgesyte-runner`).
     pub runner: Option<PathBuf>,
+    /// Arguments put before the runner's own: the hidden subcommand when
+    /// the runner is a host binary (the `forgesyte` binary sets
+    /// `["__runner"]` when it is its own runner).
+    pub runner_args: Vec<OsString>,
 }
 
 impl ServerConfig {
@@ -65,6 +70,7 @@ impl ServerConfig {
             preflight: self.preflight,
             default_isolation: self.default_isolation,
             runner: self.runner.clone(),
+            runner_args: self.runner_args.clone(),
             ..LoaderConfig::default()
         }
     }
@@ -83,6 +89,7 @@ impl Default for ServerConfig {
             preflight: false,
             default_isolation: Isolation::InProcess,
             runner: None,
+            runner_args: Vec::new(),
         }
     }
 }
@@ -111,16 +118,15 @@ mod tests {
             lib_paths: vec!["/opt/lib".into()],
             preflight: true,
             default_isolation: Isolation::Process,
-            runner: Some("/usr/libexec/forgesyte-runner".into()),
+            runner: Some("/usr/libexec/forgesyte".into()),
+            runner_args: vec!["__runner".into()],
             ..ServerConfig::default()
         };
         let loader = config.loader_config();
         assert_eq!(loader.lib_paths, [PathBuf::from("/opt/lib")]);
         assert!(loader.preflight);
         assert_eq!(loader.default_isolation, Isolation::Process);
-        assert_eq!(
-            loader.runner,
-            Some(PathBuf::from("/usr/libexec/forgesyte-runner"))
-        );
+        assert_eq!(loader.runner, Some(PathBuf::from("/usr/libexec/forgesyte")));
+        assert_eq!(loader.runner_args, ["__runner"]);
     }
 }

@@ -8,8 +8,9 @@
 //! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
 //! ```
 //!
-//! `forgesyte --library PATH [--memory-limit-mb N] [--plugin NAME]` is the
-//! plugin runner of process isolation (started by the loader, not by people).
+//! `forgesyte __runner --library PATH [--memory-limit-mb N] [--plugin NAME]`
+//! is the plugin runner of process isolation (a hidden subcommand, started by
+//! the loader, not by people).
 //!
 //! Every option also reads an environment variable (`FORGESYTE_*`); the
 //! admin token itself is read from `FORGESYTE_ADMIN_TOKEN` only (never a
@@ -111,8 +112,9 @@ struct LoaderArgs {
     /// process (fastest) or each in a child process (survives crashes).
     #[arg(long, value_name = "MODE", env = "FORGESYTE_ISOLATION", default_value = "in-process", value_parser = parse_isolation)]
     isolation: Isolation,
-    /// The runner executable of isolated plugins and preflight (default:
-    /// this `forgesyte` executable, which doubles as the runner).
+    /// A dedicated runner executable for isolated plugins and preflight,
+    /// such as `forgesyte-runner` (default: this `forgesyte` executable,
+    /// which doubles as the runner).
     #[arg(long, value_name = "PATH", env = "FORGESYTE_RUNNER")]
     runner: Option<PathBuf>,
 }
@@ -127,12 +129,19 @@ impl LoaderArgs {
             .collect();
         config.preflight = self.preflight;
         config.default_isolation = self.isolation;
-        // By default the runner is this very executable: always present,
-        // and always speaking the host's protocol version.
-        config.runner = self
-            .runner
-            .filter(|p| !p.as_os_str().is_empty())
-            .or_else(|| std::env::current_exe().ok());
+        match self.runner.filter(|p| !p.as_os_str().is_empty()) {
+            Some(runner) => {
+                config.runner = Some(runner);
+                config.runner_args = Vec::new();
+            }
+            // By default the runner is this very executable, behind its
+            // hidden subcommand: always present, and always speaking the
+            // host's protocol version.
+            None => {
+                config.runner = std::env::current_exe().ok();
+                config.runner_args = vec![RUNNER_SUBCOMMAND.into()];
+            }
+        }
     }
 }
 
@@ -206,17 +215,16 @@ fn init_logging(default: &str) {
         .init();
 }
 
-/// The first argument the loader starts a plugin runner with.
-const RUNNER_FIRST_ARG: &str = "--library";
+/// The hidden subcommand under which `forgesyte` is the plugin runner.
+const RUNNER_SUBCOMMAND: &str = "__runner";
 
 fn main() -> ExitCode {
     // `forgesyte` doubles as the plugin runner of process isolation and
-    // preflight: the loader starts it as `forgesyte --library PATH …`
-    // (never a valid command line for people, which begins with a
-    // subcommand). This comes first: the runner must own stdout before
-    // anything can print.
+    // preflight: the loader starts it as `forgesyte __runner --library PATH
+    // …`. This comes first: the runner must own stdout before anything can
+    // print.
     let mut args = std::env::args_os().skip(1).peekable();
-    if args.peek().is_some_and(|a| a == RUNNER_FIRST_ARG) {
+    if args.next_if(|a| a == RUNNER_SUBCOMMAND).is_some() {
         return forgesyte_loader::process::runner_main(args);
     }
     let cli = Cli::parse();
@@ -368,6 +376,7 @@ mod tests {
         assert!(!config.preflight);
         assert_eq!(config.default_isolation, Isolation::InProcess);
         assert_eq!(config.runner, std::env::current_exe().ok());
+        assert_eq!(config.runner_args, ["__runner"]);
         let config = parse(&[
             "forgesyte",
             "serve",
@@ -380,6 +389,7 @@ mod tests {
         assert!(config.preflight);
         assert_eq!(config.default_isolation, Isolation::Process);
         assert_eq!(config.runner, Some(PathBuf::from("/opt/forgesyte-runner")));
+        assert!(config.runner_args.is_empty());
         let err = Cli::try_parse_from(["forgesyte", "check", "--isolation", "thread"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("in-process, process"), "{err}");

@@ -631,6 +631,19 @@ fn isolation_flag_hosts_plugins_without_a_manifest_choice_in_a_child() {
 }
 
 #[test]
+fn the_hidden_runner_subcommand_is_the_plugin_runner() {
+    let output = forgesyte_command().arg("__runner").output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("--library is required"),
+        "the runner's own usage: {err}"
+    );
+    let help = forgesyte_command().arg("--help").output().unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("__runner"));
+}
+
+#[test]
 fn a_runner_that_does_not_exist_fails_isolated_plugins_with_a_reason() {
     let dir = crashy_dir();
     let (code, list, err) = check_json(
