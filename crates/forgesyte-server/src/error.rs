@@ -369,6 +369,10 @@ impl From<ToolError> for RunError {
                 error_type,
                 message,
             },
+            ToolError::TimedOut { after } => RunError::Timeout {
+                after,
+                reason: forgesyte_errors::PluginError::Tool(ToolError::TimedOut { after }).reason(),
+            },
             ToolError::Panicked { message } => RunError::Fault {
                 kind: "ToolPanic".into(),
                 message: format!("tool panicked: {message}"),
@@ -400,6 +404,24 @@ impl From<CallError> for RunError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_timeouts_answer_504_and_crashes_502() {
+        let timeout = RunError::from(ToolError::TimedOut {
+            after: Duration::from_secs(2),
+        });
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(timeout.error_type(), "Timeout");
+        let crash = RunError::from(ToolError::Crashed(forgesyte_errors::CrashError {
+            cause: forgesyte_errors::CrashCause::Signal {
+                name: "SIGSEGV".into(),
+                number: 11,
+            },
+            stderr_tail: Vec::new(),
+        }));
+        assert_eq!(crash.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(crash.error_type(), "CrashError");
+    }
 
     #[test]
     fn shown_cuts_long_names_on_a_char_boundary() {
