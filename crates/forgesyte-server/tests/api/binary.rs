@@ -768,3 +768,85 @@ fn check_json_is_the_array_the_api_lists() {
     };
     assert_eq!(keys(&from_check), keys(&from_api));
 }
+
+// ------------------------------------------------- isolated faults over HTTP
+
+/// Polls `name`'s health until `done` holds (at most `secs`), returning it.
+fn wait_health(server: &Forgesyte, name: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let reply = server.get(&format!("/v1/plugins/{name}/health"));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let health = reply.json();
+        if done(&health) {
+            return health;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting: {health}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn isolated_plugin_crash_is_502_then_503_then_restarted_while_others_serve() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    std::os::unix::fs::symlink(zoo::FAULTY, dir.path().join("faulty")).unwrap();
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    assert_eq!(server.run("faulty", "ok", "{}").status, 200);
+
+    // A segfault in a tool: the server survives and says which signal.
+    let crash = server.run("faulty", "segv", "{}");
+    assert_eq!(crash.status, 502, "{}", crash.text());
+    let body = crash.json();
+    assert_eq!(body["error_type"], "CrashError", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("SIGSEGV"),
+        "{body}"
+    );
+
+    // Until it is restarted it is not callable, and health says why.
+    let health = server.get("/v1/plugins/faulty/health").json();
+    if health["state"] == "FAILED" {
+        assert!(
+            health["reason"].as_str().unwrap().contains("SIGSEGV"),
+            "{health}"
+        );
+        let refused = server.run("faulty", "ok", "{}");
+        assert_eq!(refused.status, 503, "{}", refused.text());
+    }
+    // Another plugin is untouched and keeps serving.
+    assert_eq!(server.run("alpha", "echo", r#"{"args": {}}"#).status, 200);
+    let alpha = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(
+        (
+            alpha["success_count"].as_u64(),
+            alpha["error_count"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+
+    // The supervisor restarts it (first backoff: 1 s).
+    let health = wait_health(&server, "faulty", 15, |h| h["state"] == "INITIALIZED");
+    assert_eq!(health["restart_count"], 1, "{health}");
+    assert!(
+        health["last_exit_reason"]
+            .as_str()
+            .unwrap()
+            .contains("SIGSEGV"),
+        "{health}"
+    );
+    let journal = health["journal"].as_array().unwrap();
+    assert!(
+        journal.iter().any(|e| e["exit_signal"] == "SIGSEGV"),
+        "{health}"
+    );
+    assert_eq!(server.run("faulty", "ok", "{}").status, 200);
+
+    // A hang is cut off by the manifest's 2 s call limit: 504, child killed.
+    let started = Instant::now();
+    let hung = server.run("faulty", "hang", "{}");
+    assert_eq!(hung.status, 504, "{}", hung.text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(server.get("/livez").status, 200);
+}
