@@ -487,8 +487,12 @@ impl Loader {
     ) {
         let (waves, cyclic) = dependency_waves(pending);
         for wave in waves {
+            // A wave depends only on earlier waves, so the plugins available
+            // to it are the same for all its members: list them once per wave
+            // (listing them per plugin made a pass quadratic in plugins).
+            let known = self.known_plugins();
             let results = par_map(self.config.threads, &wave, |name| {
-                pending.get(name).map(|p| self.instantiate(p))
+                pending.get(name).map(|p| self.instantiate(p, &known))
             });
             for (name, result) in wave.iter().zip(results) {
                 let Some(p) = pending.get(name) else { continue };
@@ -660,9 +664,12 @@ impl Loader {
     }
 
     /// Dependencies, import and construction of one pending plugin.
-    fn instantiate(&self, p: &Pending) -> Result<PluginHandle, PluginError> {
-        let known = self.known_plugins();
-        let report = self.checker.check(&p.manifest.requirements, &p.dir, &known);
+    fn instantiate(
+        &self,
+        p: &Pending,
+        known: &BTreeMap<String, semver::Version>,
+    ) -> Result<PluginHandle, PluginError> {
+        let report = self.checker.check(&p.manifest.requirements, &p.dir, known);
         if let Some(mut err) = report.into_error() {
             self.explain_plugin_deps(&p.manifest, &mut err);
             return Err(err.into());
