@@ -144,3 +144,34 @@ pub fn rss(dir: &Path) -> anyhow::Result<serde_json::Value> {
         "per_library_kib": per_library,
     }))
 }
+
+/// `__drive ADDR PATH [--post BODY] [--connections N] [--seconds S]`: load
+/// on one route of a running server, for profiling it (`perf record -p`).
+///
+/// # Errors
+///
+/// When the path is not a valid URI or the async runtime cannot start.
+pub fn drive(
+    addr: std::net::SocketAddr,
+    path: &str,
+    post: Option<&str>,
+    connections: usize,
+    seconds: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let req = match post {
+        Some(body) => crate::http::Req::post_json("drive", path, body)?,
+        None => crate::http::Req::get("drive", path)?,
+    };
+    let workload: Arc<dyn crate::http::Workload> =
+        Arc::new(move |_: usize, _: u64| Some(req.clone()));
+    let spec = crate::http::Spec {
+        connections,
+        warmup: std::time::Duration::ZERO,
+        duration: std::time::Duration::from_secs_f64(seconds),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(crate::http::run(addr, spec, workload))?;
+    Ok(serde_json::to_value(result)?)
+}

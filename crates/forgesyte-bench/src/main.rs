@@ -75,6 +75,18 @@ enum Helper {
     Dlopen { dir: PathBuf },
     #[command(name = "__rss", hide = true)]
     Rss { dir: PathBuf },
+    /// Load on one route of a running server (for profiling it).
+    #[command(name = "__drive", hide = true)]
+    Drive {
+        addr: std::net::SocketAddr,
+        path: String,
+        #[arg(long)]
+        post: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +112,13 @@ fn run_helper(helper: Helper) -> anyhow::Result<()> {
         Helper::Load { dir } => helpers::load(&dir).map(print),
         Helper::Dlopen { dir } => helpers::dlopen(&dir).map(print),
         Helper::Rss { dir } => helpers::rss(&dir).map(print),
+        Helper::Drive {
+            addr,
+            path,
+            post,
+            connections,
+            seconds,
+        } => helpers::drive(addr, &path, post.as_deref(), connections, seconds).map(print),
     }
 }
 
