@@ -35,6 +35,10 @@ impl Server {
         command
             .args(&program.args)
             .args(args)
+            // Servers run as deployed: default logging (info), and no
+            // symbolised backtrace per panic (tens of milliseconds each).
+            .env_remove("RUST_LOG")
+            .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);

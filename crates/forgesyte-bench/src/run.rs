@@ -575,7 +575,8 @@ impl Bench<'_> {
         let fails = (0..half)
             .map(|i| tool("fail", i, "fail"))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let pace = duration / u32::try_from(panic_plugins + 1).unwrap_or(u32::MAX);
+        // Spread over the run, with room for the last one to be answered.
+        let pace = duration / u32::try_from(panic_plugins + 2).unwrap_or(u32::MAX);
         let panics = (half..n)
             .map(|i| tool("panic", i, "panic").map(|r| r.after(pace)))
             .collect::<anyhow::Result<Vec<_>>>()?;
