@@ -234,6 +234,33 @@ fn bad_manifests_fail_with_the_problem_named() {
 }
 
 #[test]
+fn a_50_mb_manifest_on_disk_is_refused_without_reading_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("huge");
+    std::fs::create_dir(&plugin).unwrap();
+    // A sparse 50 MB file: cheap to make, expensive to parse if the cap failed.
+    let file = std::fs::File::create(plugin.join("manifest.json")).unwrap();
+    file.set_len(50 * 1024 * 1024).unwrap();
+    std::fs::write(dir.path().join("small.json"), "{}").unwrap();
+    let registry = Registry::new();
+    let loader = Loader::new(
+        registry.clone(),
+        Arc::new(forgesyte_deps::DependencyChecker::system(Vec::new())),
+        LoaderConfig::default(),
+    );
+    let report = loader.load_all(dir.path());
+    assert_eq!(report.plugins.len(), 1);
+    let status = registry.get_status("huge").unwrap();
+    assert_eq!(status.state, S::Failed);
+    let reason = status.reason.unwrap();
+    assert!(
+        reason.starts_with("ManifestError: manifest ")
+            && reason.contains("is 52428800 bytes, larger than the 1048576-byte limit"),
+        "{reason}"
+    );
+}
+
+#[test]
 fn symlinked_library_outside_the_plugin_dir_is_rejected() {
     let s = Setup::new();
     s.world
