@@ -198,18 +198,12 @@ impl PluginHandle {
         let elapsed = started.elapsed();
         // Bookkeeping errors (the plugin was reloaded meanwhile) are not the
         // caller's problem: the outcome of the call stands.
-        match &outcome {
-            Ok(_) => {
-                let _ = registry.record_success(name, elapsed);
-            }
-            Err(e) => {
-                let _ = registry.record_error(name, elapsed);
-                if e.is_fault() {
-                    self.fault(&instance, e);
-                }
-            }
+        if let Err(e) = &outcome
+            && e.is_fault()
+        {
+            self.fault(&instance, e);
         }
-        let _ = registry.finish(name);
+        let _ = registry.end_call(name, elapsed, outcome.is_ok());
         outcome.map_err(CallError::from)
     }
 

@@ -58,20 +58,23 @@
 //!
 //! # Snapshots: readers never wait on writers
 //!
-//! The registry publishes an immutable [`Snapshot`] (a sorted map of
-//! `Arc`-shared entries plus a generation counter) through an
-//! [`arc_swap::ArcSwap`]. A reader loads the current snapshot without taking
-//! any lock and reads it at leisure; a [`Snapshot`] is a consistent
-//! point-in-time view of every plugin and costs one `Arc` clone.
+//! Each plugin's entry is immutable and published in its own
+//! [`arc_swap::ArcSwap`] slot; the sorted map from names to slots is itself
+//! behind an `ArcSwap` and replaced only when a plugin is registered. A
+//! reader loads what it needs without taking any lock. [`Registry::snapshot`]
+//! collects every plugin's current entry (one `Arc` clone each) into an
+//! immutable [`Snapshot`]: later writes do not change it, and each plugin in
+//! it is whole (all its fields come from one write).
 //!
 //! Writers serialise on exactly one mutex (one lock, so no lock order to
 //! get wrong). A write clones the affected entry (cheap: its big parts sit
-//! behind `Arc`), clones the map of `Arc`s (pointer copies, no deep copy),
-//! and publishes the new snapshot with the generation bumped. A refused
-//! write publishes nothing. [`Registry::generation`] lets the server cache
-//! serialised bodies; only `uptime_seconds` changes without a new
-//! generation, because it is measured from an [`std::time::Instant`] when a
-//! status is read.
+//! behind `Arc`), edits the clone and stores it in that plugin's slot, so
+//! its cost does not grow with the number of plugins (a tool call's
+//! bookkeeping on a host with 1,000 plugins costs what it costs with one);
+//! then the generation is bumped. A refused write publishes nothing.
+//! [`Registry::generation`] lets the server cache serialised bodies; only
+//! `uptime_seconds` changes without a new generation, because it is measured
+//! from an [`std::time::Instant`] when a status is read.
 //!
 //! # No fakes needed
 //!

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -16,11 +17,15 @@ use crate::{
     Transition,
 };
 
-/// The published, immutable state of every plugin at one generation.
+/// One plugin's published, immutable entry; a write replaces it whole.
+type Slot = ArcSwap<Entry>;
+
+/// The set of registered plugins. Replaced only when a plugin is
+/// registered; a write to one plugin replaces that plugin's [`Slot`] only,
+/// so its cost does not grow with the number of plugins.
 #[derive(Debug, Default)]
 struct Inner {
-    generation: u64,
-    plugins: BTreeMap<Arc<str>, Arc<Entry>>,
+    plugins: BTreeMap<Arc<str>, Arc<Slot>>,
 }
 
 /// What every clone of a [`Registry`] shares.
@@ -29,8 +34,10 @@ struct Shared {
     /// The one write lock. Held only while an entry is cloned, changed and
     /// published; never while anything slow runs.
     write: Mutex<()>,
-    /// The current snapshot; readers load it without taking `write`.
+    /// The registered plugins; readers load it without taking `write`.
     current: ArcSwap<Inner>,
+    /// Bumped after every successful write.
+    generation: AtomicU64,
 }
 
 /// Thread-safe handle to the plugin lifecycle registry.
@@ -55,10 +62,9 @@ impl Default for Registry {
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let current = self.shared.current.load();
         f.debug_struct("Registry")
-            .field("generation", &current.generation)
-            .field("plugins", &current.plugins.len())
+            .field("generation", &self.generation())
+            .field("plugins", &self.len())
             .finish()
     }
 }
@@ -70,6 +76,7 @@ impl Registry {
             shared: Arc::new(Shared {
                 write: Mutex::new(()),
                 current: ArcSwap::from_pointee(Inner::default()),
+                generation: AtomicU64::new(0),
             }),
         }
     }
@@ -89,11 +96,10 @@ impl Registry {
             });
         }
         let mut plugins = current.plugins.clone();
-        plugins.insert(Arc::from(name), Arc::new(Entry::new(info, Utc::now())));
-        self.shared.current.store(Arc::new(Inner {
-            generation: current.generation + 1,
-            plugins,
-        }));
+        let entry = Entry::new(info, Utc::now());
+        plugins.insert(Arc::from(name), Arc::new(ArcSwap::from_pointee(entry)));
+        self.shared.current.store(Arc::new(Inner { plugins }));
+        self.shared.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -159,6 +165,41 @@ impl Registry {
                     name: name.to_owned(),
                 });
             }
+            entry.in_flight -= 1;
+            if entry.in_flight == 0 && entry.state == PluginLifecycleState::Running {
+                entry.move_to(PluginLifecycleState::Initialized, None, now);
+            }
+            Ok(())
+        })
+    }
+
+    /// A tool call ended: counts it as a success or an error with its
+    /// duration and then [`finish`](Registry::finish)es it, in one write (a
+    /// tool call's bookkeeping is two writes: this and
+    /// [`mark_running`](Registry::mark_running)).
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or [`RegistryError::NothingInFlight`]
+    /// (then nothing is recorded).
+    pub fn end_call(
+        &self,
+        name: &str,
+        elapsed: Duration,
+        succeeded: bool,
+    ) -> Result<(), RegistryError> {
+        self.update(name, |entry, now| {
+            if entry.in_flight == 0 {
+                return Err(RegistryError::NothingInFlight {
+                    name: name.to_owned(),
+                });
+            }
+            if succeeded {
+                entry.success_count = entry.success_count.saturating_add(1);
+            } else {
+                entry.error_count = entry.error_count.saturating_add(1);
+            }
+            entry.record_time(elapsed, now);
             entry.in_flight -= 1;
             if entry.in_flight == 0 && entry.state == PluginLifecycleState::Running {
                 entry.move_to(PluginLifecycleState::Initialized, None, now);
@@ -275,6 +316,7 @@ impl Registry {
         Ok(CallGuard {
             registry: self.clone(),
             name: name.to_owned(),
+            ended: false,
         })
     }
 
@@ -371,27 +413,35 @@ impl Registry {
     /// The plugin's failure journal (at most [`JOURNAL_LEN`](crate::JOURNAL_LEN)
     /// entries), oldest first.
     pub fn journal(&self, name: &str) -> Option<Vec<JournalEntry>> {
-        self.snapshot().journal(name)
+        self.with_entry(name, |_, entry| entry.journal.iter().cloned().collect())
     }
 
     /// The status of one plugin, `None` when it is not registered.
     pub fn get_status(&self, name: &str) -> Option<PluginStatus> {
-        self.snapshot().get(name)
+        let now = Instant::now();
+        self.with_entry(name, |key, entry| entry.status(key, now))
+    }
+
+    /// One plugin's status and failure journal, read from one entry (they
+    /// agree), `None` when it is not registered.
+    pub fn status_with_journal(&self, name: &str) -> Option<(PluginStatus, Vec<JournalEntry>)> {
+        let now = Instant::now();
+        self.with_entry(name, |key, entry| {
+            (
+                entry.status(key, now),
+                entry.journal.iter().cloned().collect(),
+            )
+        })
     }
 
     /// The state of one plugin, `None` when it is not registered.
     pub fn get_state(&self, name: &str) -> Option<PluginLifecycleState> {
-        self.shared
-            .current
-            .load()
-            .plugins
-            .get(name)
-            .map(|entry| entry.state)
+        self.with_entry(name, |_, entry| entry.state)
     }
 
     /// The info a plugin was registered (or last reloaded) with.
     pub fn info(&self, name: &str) -> Option<PluginInfo> {
-        self.snapshot().info(name)
+        self.with_entry(name, |_, entry| PluginInfo::clone(&entry.info))
     }
 
     /// Whether the plugin is registered and can take tool calls.
@@ -419,7 +469,7 @@ impl Registry {
     /// The plugin's last transitions (at most [`HISTORY_LEN`](crate::HISTORY_LEN)),
     /// oldest first; the first one ever is its registration (`from: None`).
     pub fn history(&self, name: &str) -> Option<Vec<Transition>> {
-        self.snapshot().history(name)
+        self.with_entry(name, |_, entry| entry.history.iter().cloned().collect())
     }
 
     /// Number of registered plugins.
@@ -432,18 +482,35 @@ impl Registry {
         self.len() == 0
     }
 
-    /// A consistent point-in-time view of every plugin. Cheap (one `Arc`
-    /// clone); later writes do not change it.
+    /// A point-in-time view of every plugin; later writes do not change it.
+    /// Each plugin's entry is read whole (its fields all come from one
+    /// write); taking it costs one `Arc` clone per plugin and no lock.
     pub fn snapshot(&self) -> Snapshot {
+        let generation = self.generation();
+        let current = self.shared.current.load();
+        let plugins = current
+            .plugins
+            .iter()
+            .map(|(key, slot)| (Arc::clone(key), slot.load_full()))
+            .collect();
         Snapshot {
-            inner: self.shared.current.load_full(),
+            generation,
+            plugins: Arc::new(plugins),
         }
     }
 
     /// Counter bumped by every successful write. Equal generations mean equal
     /// data, except `uptime_seconds`, which is measured when read.
     pub fn generation(&self) -> u64 {
-        self.shared.current.load().generation
+        self.shared.generation.load(Ordering::Acquire)
+    }
+
+    /// Reads one plugin's current entry without taking any lock.
+    fn with_entry<T>(&self, name: &str, read: impl FnOnce(&str, &Entry) -> T) -> Option<T> {
+        let current = self.shared.current.load();
+        let (key, slot) = current.plugins.get_key_value(name)?;
+        let entry = slot.load();
+        Some(read(key, &entry))
     }
 
     fn mark_terminal(
@@ -476,28 +543,24 @@ impl Registry {
     }
 
     /// The one write path for an existing plugin: under the write lock,
-    /// clone its entry, let `change` edit the clone, and publish a new
-    /// snapshot when `change` succeeds.
+    /// clone its entry, let `change` edit the clone, and publish it in the
+    /// plugin's slot when `change` succeeds. No other plugin is touched.
     fn update(
         &self,
         name: &str,
         change: impl FnOnce(&mut Entry, DateTime<Utc>) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
         let _write = self.shared.write.lock();
-        let current = self.shared.current.load_full();
-        let Some((key, entry)) = current.plugins.get_key_value(name) else {
+        let current = self.shared.current.load();
+        let Some(slot) = current.plugins.get(name) else {
             return Err(RegistryError::NotFound {
                 name: name.to_owned(),
             });
         };
-        let mut changed = Entry::clone(entry);
+        let mut changed = Entry::clone(&slot.load());
         change(&mut changed, Utc::now())?;
-        let mut plugins = current.plugins.clone();
-        plugins.insert(Arc::clone(key), Arc::new(changed));
-        self.shared.current.store(Arc::new(Inner {
-            generation: current.generation + 1,
-            plugins,
-        }));
+        slot.store(Arc::new(changed));
+        self.shared.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 }
@@ -508,6 +571,7 @@ impl Registry {
 pub struct CallGuard {
     registry: Registry,
     name: String,
+    ended: bool,
 }
 
 impl CallGuard {
@@ -516,92 +580,90 @@ impl CallGuard {
         &self.name
     }
 
-    /// Counts the call as a success, then finishes it.
-    pub fn succeeded(self, elapsed: Duration) {
-        // The plugin cannot have been removed (the registry never removes),
-        // so recording cannot fail.
-        let _ = self.registry.record_success(&self.name, elapsed);
+    /// Counts the call as a success and finishes it (one write).
+    pub fn succeeded(mut self, elapsed: Duration) {
+        self.ended = self.registry.end_call(&self.name, elapsed, true).is_ok();
     }
 
-    /// Counts the call as an error, then finishes it.
-    pub fn failed(self, elapsed: Duration) {
-        let _ = self.registry.record_error(&self.name, elapsed);
+    /// Counts the call as an error and finishes it (one write).
+    pub fn failed(mut self, elapsed: Duration) {
+        self.ended = self.registry.end_call(&self.name, elapsed, false).is_ok();
     }
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        // Fails only if someone else already called `finish` for this call;
-        // nothing useful to do about that in a destructor.
-        let _ = self.registry.finish(&self.name);
+        if !self.ended {
+            // Fails only if someone else already called `finish` for this
+            // call; nothing useful to do about that in a destructor.
+            let _ = self.registry.finish(&self.name);
+        }
     }
 }
 
-/// A consistent, immutable view of every plugin at one generation.
-/// Cloning is one `Arc` clone.
+/// An immutable view of every plugin, sorted by name. Cloning is one `Arc`
+/// clone.
 #[derive(Clone)]
 pub struct Snapshot {
-    inner: Arc<Inner>,
+    generation: u64,
+    plugins: Arc<Vec<(Arc<str>, Arc<Entry>)>>,
 }
 
 impl fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Snapshot")
-            .field("generation", &self.inner.generation)
-            .field("plugins", &self.inner.plugins.len())
+            .field("generation", &self.generation)
+            .field("plugins", &self.plugins.len())
             .finish()
     }
 }
 
 impl Snapshot {
-    /// The generation this snapshot was published at.
+    /// The registry's generation when this snapshot was taken.
     pub fn generation(&self) -> u64 {
-        self.inner.generation
+        self.generation
+    }
+
+    fn entry(&self, name: &str) -> Option<&(Arc<str>, Arc<Entry>)> {
+        self.plugins
+            .binary_search_by(|(key, _)| (**key).cmp(name))
+            .ok()
+            .and_then(|i| self.plugins.get(i))
     }
 
     /// One plugin's status (uptime measured now).
     pub fn get(&self, name: &str) -> Option<PluginStatus> {
         let now = Instant::now();
-        self.inner
-            .plugins
-            .get_key_value(name)
-            .map(|(key, entry)| entry.status(key, now))
+        self.entry(name).map(|(key, entry)| entry.status(key, now))
     }
 
     /// One plugin's state.
     pub fn state(&self, name: &str) -> Option<PluginLifecycleState> {
-        self.inner.plugins.get(name).map(|entry| entry.state)
+        self.entry(name).map(|(_, entry)| entry.state)
     }
 
     /// One plugin's registered info.
     pub fn info(&self, name: &str) -> Option<PluginInfo> {
-        self.inner
-            .plugins
-            .get(name)
-            .map(|entry| PluginInfo::clone(&entry.info))
+        self.entry(name)
+            .map(|(_, entry)| PluginInfo::clone(&entry.info))
     }
 
     /// One plugin's transition history, oldest first.
     pub fn history(&self, name: &str) -> Option<Vec<Transition>> {
-        self.inner
-            .plugins
-            .get(name)
-            .map(|entry| entry.history.iter().cloned().collect())
+        self.entry(name)
+            .map(|(_, entry)| entry.history.iter().cloned().collect())
     }
 
     /// One plugin's failure journal, oldest first.
     pub fn journal(&self, name: &str) -> Option<Vec<JournalEntry>> {
-        self.inner
-            .plugins
-            .get(name)
-            .map(|entry| entry.journal.iter().cloned().collect())
+        self.entry(name)
+            .map(|(_, entry)| entry.journal.iter().cloned().collect())
     }
 
     /// Every plugin's status, sorted by name (uptimes measured at one instant).
     pub fn statuses(&self) -> Vec<PluginStatus> {
         let now = Instant::now();
-        self.inner
-            .plugins
+        self.plugins
             .iter()
             .map(|(key, entry)| entry.status(key, now))
             .collect()
@@ -609,17 +671,15 @@ impl Snapshot {
 
     /// Every registered name, sorted.
     pub fn names(&self) -> Vec<String> {
-        self.inner
-            .plugins
-            .keys()
-            .map(|key| key.to_string())
+        self.plugins
+            .iter()
+            .map(|(key, _)| key.to_string())
             .collect()
     }
 
     /// Names of the plugins that can take tool calls, sorted.
     pub fn available(&self) -> Vec<String> {
-        self.inner
-            .plugins
+        self.plugins
             .iter()
             .filter(|(_, entry)| entry.state.is_available())
             .map(|(key, _)| key.to_string())
@@ -628,17 +688,17 @@ impl Snapshot {
 
     /// Whether a plugin of that name is in this snapshot.
     pub fn contains(&self, name: &str) -> bool {
-        self.inner.plugins.contains_key(name)
+        self.entry(name).is_some()
     }
 
     /// Number of plugins.
     pub fn len(&self) -> usize {
-        self.inner.plugins.len()
+        self.plugins.len()
     }
 
     /// Whether there are no plugins.
     pub fn is_empty(&self) -> bool {
-        self.inner.plugins.is_empty()
+        self.plugins.is_empty()
     }
 }
 
@@ -1130,6 +1190,33 @@ mod tests {
         assert_eq!(history.len(), HISTORY_LEN);
         assert_eq!(history.last().map(|t| t.to), Some(Failed));
         assert_eq!(history.first().map(|t| t.from), Some(Some(Failed)));
+    }
+
+    #[test]
+    fn end_call_counts_and_finishes_in_one_write() {
+        let registry = registry_with("p", Initialized);
+        registry.mark_running("p").unwrap();
+        registry.mark_running("p").unwrap();
+        let generation = registry.generation();
+        registry
+            .end_call("p", Duration::from_millis(4), true)
+            .unwrap();
+        assert_eq!(registry.generation(), generation + 1);
+        let status = registry.get_status("p").unwrap();
+        assert_eq!((status.state, status.in_flight), (Running, 1));
+        registry
+            .end_call("p", Duration::from_millis(2), false)
+            .unwrap();
+        let status = registry.get_status("p").unwrap();
+        assert_eq!((status.state, status.in_flight), (Initialized, 0));
+        assert_eq!((status.success_count, status.error_count), (1, 1));
+        assert_eq!(status.avg_execution_time_ms, Some(3.0));
+        // Nothing in flight: refused, nothing counted.
+        assert!(matches!(
+            registry.end_call("p", Duration::from_millis(1), true),
+            Err(RegistryError::NothingInFlight { .. })
+        ));
+        assert_eq!(registry.get_status("p").unwrap().success_count, 1);
     }
 
     #[test]

@@ -174,7 +174,19 @@ pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
     responses((status = 200, description = "Every plugin, sorted by name", body = [openapi::PluginStatusSchema]))
 )]
 pub(crate) async fn list_plugins(State(state): State<AppState>) -> Response {
-    json(StatusCode::OK, &state.registry().snapshot().statuses())
+    match state.list_body() {
+        Ok(body) => {
+            let mut response = (StatusCode::OK, body).into_response();
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(e) => ApiError::Internal {
+            context: format!("serialising the plugin list: {e}"),
+        }
+        .into_response(),
+    }
 }
 
 /// One plugin's status (state, reason, version, metrics, supervision)
@@ -194,13 +206,9 @@ pub(crate) async fn plugin_health(
     uri: Uri,
 ) -> Result<Json<PluginHealth>, ApiError> {
     let name = path_segment(&uri, 3);
-    // One snapshot: the status and the journal agree.
-    let snapshot = state.registry().snapshot();
-    match snapshot.get(&name) {
-        Some(status) => Ok(Json(PluginHealth {
-            status,
-            journal: snapshot.journal(&name).unwrap_or_default(),
-        })),
+    // One entry read: the status and the journal agree.
+    match state.registry().status_with_journal(&name) {
+        Some((status, journal)) => Ok(Json(PluginHealth { status, journal })),
         None => Err(ApiError::PluginNotFound { name }),
     }
 }

@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use axum::body::Bytes;
 
 use forgesyte_loader::Loader;
 use forgesyte_registry::Registry;
@@ -33,6 +36,22 @@ struct Inner {
     admin_token: Option<AdminToken>,
     /// An admin operation (reload) is running.
     admin_busy: AtomicBool,
+    /// The last serialised `GET /v1/plugins` body; see [`AppState::list_body`].
+    list_cache: ArcSwapOption<ListBody>,
+    /// Origin of the list cache's clock ticks.
+    started: Instant,
+}
+
+/// How long a serialised plugin list may be served again while the registry
+/// does not change: `uptime_seconds` in it is at most this old.
+pub(crate) const LIST_CACHE_TICK: Duration = Duration::from_millis(100);
+
+/// A serialised plugin list and what it was built from.
+#[derive(Debug)]
+struct ListBody {
+    generation: u64,
+    tick: u128,
+    body: Bytes,
 }
 
 impl AppState {
@@ -48,6 +67,8 @@ impl AppState {
                 loading: AtomicBool::new(false),
                 admin_token: config.admin_token.clone(),
                 admin_busy: AtomicBool::new(false),
+                list_cache: ArcSwapOption::empty(),
+                started: Instant::now(),
             }),
         }
     }
@@ -80,6 +101,36 @@ impl AppState {
     /// Marks the start or the end of a load pass.
     pub fn set_loading(&self, loading: bool) {
         self.inner.loading.store(loading, Ordering::Release);
+    }
+
+    /// The `GET /v1/plugins` body: every status, sorted by name.
+    ///
+    /// Serialising 100 statuses costs far more than sending them, so the
+    /// body is cached and rebuilt when the registry's generation changes (any
+    /// state, reason or metric) or when the [`LIST_CACHE_TICK`] it was built
+    /// in has passed (so `uptime_seconds` lags by less than 0.1 s). Readers
+    /// never lock: the cache is an atomic pointer, and two readers that miss
+    /// at once both build a body, the later store wins.
+    pub(crate) fn list_body(&self) -> Result<Bytes, serde_json::Error> {
+        let registry = &self.inner.registry;
+        let generation = registry.generation();
+        let tick = self.inner.started.elapsed().as_millis() / LIST_CACHE_TICK.as_millis();
+        if let Some(cached) = &*self.inner.list_cache.load()
+            && cached.generation == generation
+            && cached.tick == tick
+        {
+            return Ok(cached.body.clone());
+        }
+        // The generation is read before the snapshot: a write landing in
+        // between makes this body newer than its key, never older, and the
+        // next reader rebuilds it.
+        let body = Bytes::from(serde_json::to_vec(&registry.snapshot().statuses())?);
+        self.inner.list_cache.store(Some(Arc::new(ListBody {
+            generation,
+            tick,
+            body: body.clone(),
+        })));
+        Ok(body)
     }
 
     /// The token of the admin routes; `None`: they are disabled.

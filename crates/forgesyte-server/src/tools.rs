@@ -121,14 +121,14 @@ pub(crate) async fn run(
     tool: &str,
     request: RunRequest,
 ) -> Result<RunSuccess, RunError> {
-    let snapshot = state.registry().snapshot();
-    let Some(plugin_state) = snapshot.state(plugin) else {
+    let Some(status) = state.registry().get_status(plugin) else {
         return Err(RunError::PluginNotFound);
     };
+    let plugin_state = status.state;
     if !plugin_state.is_available() {
         return Err(RunError::NotRunnable {
             state: Some(plugin_state),
-            reason: snapshot.get(plugin).and_then(|s| s.reason),
+            reason: status.reason,
         });
     }
     let Some(handle) = state.loader().handle(plugin) else {

@@ -58,6 +58,49 @@ async fn list_returns_a_sorted_array_of_every_plugin_with_state_and_metrics() {
 }
 
 #[tokio::test]
+async fn list_reflects_every_change_at_once_and_uptime_moves_on() {
+    let host = host();
+    let first = get(&host.app, "/v1/plugins").await.json();
+    // A tool call is a registry change: the next list shows it, cache or not.
+    assert_eq!(
+        run(&host.app, "good", "echo", r#"{"args": {}}"#)
+            .await
+            .status,
+        200
+    );
+    let second = get(&host.app, "/v1/plugins").await.json();
+    let good = |list: &Value| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "good")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(good(&first)["success_count"], 0);
+    assert_eq!(good(&second)["success_count"], 1);
+    host.state
+        .registry()
+        .mark_failed("other", "changed by hand")
+        .unwrap();
+    let third = get(&host.app, "/v1/plugins").await.json();
+    let other = third
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "other")
+        .unwrap();
+    assert_eq!(other["state"], "FAILED");
+    assert_eq!(other["reason"], "changed by hand");
+    // Without changes the uptime still advances (the cache lives < 0.1 s).
+    let before = good(&third)["uptime_seconds"].as_f64().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let later = get(&host.app, "/v1/plugins").await.json();
+    let after = good(&later)["uptime_seconds"].as_f64().unwrap();
+    assert!(after >= before + 0.1, "{before} -> {after}");
+}
+
+#[tokio::test]
 async fn list_with_a_trailing_slash_is_the_same_answer_without_redirect() {
     let host = host();
     let plain = get(&host.app, "/v1/plugins").await.json();
