@@ -212,13 +212,25 @@ impl Entry {
     }
 
     /// Moves to `next` (the caller has checked legality), sets the reason and
-    /// appends to the history.
+    /// appends to the history, except for the `INITIALIZED` ⇄ `RUNNING` moves
+    /// around tool calls: those would push every lifecycle event out of the
+    /// last [`HISTORY_LEN`] within a few calls (and cost a history copy per
+    /// call); calls show as `in_flight`, `last_used` and the counts instead.
     pub(crate) fn move_to(
         &mut self,
         next: PluginLifecycleState,
         reason: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) {
+        use PluginLifecycleState::{Initialized, Running};
+        if matches!(
+            (self.state, next),
+            (Initialized, Running) | (Running, Initialized)
+        ) {
+            self.state = next;
+            self.reason = reason;
+            return;
+        }
         let history = Arc::make_mut(&mut self.history);
         if history.len() == HISTORY_LEN {
             history.pop_front();

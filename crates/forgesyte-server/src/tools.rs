@@ -90,16 +90,37 @@ pub(crate) fn parse_body(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(RunRequest::default());
     }
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| RunError::MalformedBody {
-        message: e.to_string(),
-    })?;
-    if !value.is_object() {
-        return Err(RunError::InvalidBody {
-            message: format!("expected a JSON object, found {}", kind(&value)),
+    // serde would take `[]` for a struct: only an object may be a request.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(match serde_json::from_slice::<Value>(&bytes) {
+            Ok(value) => RunError::InvalidBody {
+                message: format!("expected a JSON object, found {}", kind(&value)),
+            },
+            Err(e) => RunError::MalformedBody {
+                message: e.to_string(),
+            },
         });
     }
-    serde_json::from_value(value).map_err(|e| RunError::InvalidBody {
-        message: e.to_string(),
+    // One pass in the common case; a body that is not a `RunRequest` is
+    // parsed again only to tell malformed JSON (400) from the wrong shape (422).
+    serde_json::from_slice::<RunRequest>(&bytes).map_err(|e| {
+        if e.is_data() {
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(value) if !value.is_object() => RunError::InvalidBody {
+                    message: format!("expected a JSON object, found {}", kind(&value)),
+                },
+                Ok(_) => RunError::InvalidBody {
+                    message: e.to_string(),
+                },
+                Err(e) => RunError::MalformedBody {
+                    message: e.to_string(),
+                },
+            }
+        } else {
+            RunError::MalformedBody {
+                message: e.to_string(),
+            }
+        }
     })
 }
 
@@ -121,14 +142,15 @@ pub(crate) async fn run(
     tool: &str,
     request: RunRequest,
 ) -> Result<RunSuccess, RunError> {
-    let Some(status) = state.registry().get_status(plugin) else {
+    let registry = state.registry();
+    let Some(plugin_state) = registry.get_state(plugin) else {
         return Err(RunError::PluginNotFound);
     };
-    let plugin_state = status.state;
     if !plugin_state.is_available() {
+        let status = registry.get_status(plugin);
         return Err(RunError::NotRunnable {
-            state: Some(plugin_state),
-            reason: status.reason,
+            state: Some(status.as_ref().map_or(plugin_state, |s| s.state)),
+            reason: status.and_then(|s| s.reason),
         });
     }
     let Some(handle) = state.loader().handle(plugin) else {
