@@ -438,15 +438,36 @@ fn check_elf(path: &Path) -> Result<Option<Result<Fingerprint, FingerprintError>
     }
     // `dlopen` never reads section headers; a library whose table is
     // unreadable loads fine, so that alone is no reason to refuse it.
-    let sections = match header.sections(endian, &data) {
-        Ok(sections) => sections,
+    // The section table and its name table are read in one piece each
+    // (looking names up one by one costs a read per section).
+    let table = (|| -> Result<_, String> {
+        let sections = header
+            .section_headers(endian, &data)
+            .map_err(|e| e.to_string())?;
+        let index = header.shstrndx(endian, &data).map_err(|e| e.to_string())?;
+        let (offset, size) = sections
+            .get(index as usize)
+            .and_then(|names| names.file_range(endian))
+            .ok_or("no section name table")?;
+        let names = data
+            .read_bytes_at(offset, size)
+            .map_err(|()| "section name table past the end of the file")?;
+        Ok((sections, names))
+    })();
+    let (sections, names) = match table {
+        Ok(table) => table,
         Err(e) => {
             tracing::debug!(path = %path.display(), "section headers unreadable: {e}");
             return Ok(None);
         }
     };
-    let Some((_, section)) = sections.section_by_name(endian, fingerprint::SECTION.as_bytes())
-    else {
+    let wanted = fingerprint::SECTION.as_bytes();
+    let Some(section) = sections.iter().find(|section| {
+        names
+            .get(section.sh_name(endian) as usize..)
+            .and_then(|rest| rest.split(|&b| b == 0).next())
+            == Some(wanted)
+    }) else {
         return Ok(None);
     };
     // Only the first record is read: a corrupt size cannot make us read
