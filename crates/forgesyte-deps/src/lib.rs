@@ -79,4 +79,4 @@ pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport};
 pub use libs::{LibraryProbe, SystemLibraries};
-pub use requirements::{Dependency, GpuRequirement, Requirements};
+pub use requirements::{Dependency, GpuRequirement, Requirements, json_type_name};

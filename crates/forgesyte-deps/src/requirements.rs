@@ -152,7 +152,7 @@ impl Requirements {
         let obj = manifest.as_object().ok_or_else(|| {
             invalid(
                 "manifest",
-                format!("expected a JSON object, found {}", type_name(manifest)),
+                format!("expected a JSON object, found {}", json_type_name(manifest)),
             )
         })?;
         let present = |key: &str| obj.get(key).filter(|v| !v.is_null());
@@ -185,13 +185,15 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ManifestErro
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How a JSON value's type reads in an error message: `a string`,
+/// `an array`, ... (shared by every layer that validates JSON input).
+pub fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
         Value::Number(_) => "a number",
         Value::String(_) => "a string",
-        Value::Array(_) => "a list",
+        Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
 }
@@ -202,7 +204,7 @@ fn parse_dependencies(v: &Value) -> Result<Vec<Dependency>, ManifestError> {
             "dependencies",
             format!(
                 "expected a list of strings like \"lib:NAME\", found {}",
-                type_name(v)
+                json_type_name(v)
             ),
         )
     })?;
@@ -215,7 +217,7 @@ fn parse_dependencies(v: &Value) -> Result<Vec<Dependency>, ManifestError> {
                     &field,
                     format!(
                         "expected a string like \"lib:NAME\", found {}",
-                        type_name(item)
+                        json_type_name(item)
                     ),
                 )
             })?;
@@ -271,7 +273,7 @@ fn parse_gpu(v: &Value) -> Result<GpuRequirement, ManifestError> {
                                     &field,
                                     format!(
                                         "expected a version like \"8.0\", found {}",
-                                        type_name(other)
+                                        json_type_name(other)
                                     ),
                                 ));
                             }
@@ -302,7 +304,7 @@ fn parse_gpu(v: &Value) -> Result<GpuRequirement, ManifestError> {
             "requires_gpu",
             format!(
                 "expected true, false or an object with {GPU_KEYS}, found {}",
-                type_name(other)
+                json_type_name(other)
             ),
         )),
     }
@@ -323,7 +325,10 @@ fn parse_models(v: &Value) -> Result<Vec<(String, PathBuf)>, ManifestError> {
     let map = v.as_object().ok_or_else(|| {
         invalid(
             "models",
-            format!("expected an object of name: path, found {}", type_name(v)),
+            format!(
+                "expected an object of name: path, found {}",
+                json_type_name(v)
+            ),
         )
     })?;
     map.iter()
@@ -339,7 +344,7 @@ fn parse_models(v: &Value) -> Result<Vec<(String, PathBuf)>, ManifestError> {
                 Some(_) => Err(invalid(&field, "expected a non-empty path")),
                 None => Err(invalid(
                     &field,
-                    format!("expected a path string, found {}", type_name(path)),
+                    format!("expected a path string, found {}", json_type_name(path)),
                 )),
             }
         })
@@ -512,7 +517,7 @@ mod tests {
         check_invalid(
             json!({"requires_gpu": {"min_compute_capability": [8, 0]}}),
             "requires_gpu.min_compute_capability",
-            "found a list",
+            "found an array",
         );
         check_invalid(
             json!({"requires_gpu": {"min_memory": 1}}),

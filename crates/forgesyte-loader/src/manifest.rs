@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forgesyte_deps::Requirements;
+use forgesyte_deps::{Requirements, json_type_name};
 use forgesyte_errors::ManifestError;
 use serde_json::Value;
 
@@ -136,7 +136,7 @@ pub fn from_value(raw: Value, dir_name: &str) -> Result<Manifest, ManifestError>
     let Some(obj) = raw.as_object() else {
         return Err(ManifestError::InvalidField {
             field: "(root)".into(),
-            message: format!("expected a JSON object, found {}", type_name(&raw)),
+            message: format!("expected a JSON object, found {}", json_type_name(&raw)),
         });
     };
     let name = match (opt_str(obj, "id")?, opt_str(obj, "name")?) {
@@ -304,18 +304,7 @@ fn opt_str<'a>(
 fn wrong_type(field: &str, expected: &str, found: &Value) -> ManifestError {
     ManifestError::InvalidField {
         field: field.to_owned(),
-        message: format!("expected {expected}, found {}", type_name(found)),
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        message: format!("expected {expected}, found {}", json_type_name(found)),
     }
 }
 

@@ -117,6 +117,23 @@ impl LoadReport {
     pub fn unavailable(&self) -> usize {
         self.count(PluginLifecycleState::Unavailable)
     }
+
+    /// The pass's one-line summary in the log (`verb`: "Loaded", "Reloaded").
+    fn log_summary(&self, verb: &str, from: Option<&Path>) {
+        let from = from
+            .map(|dir| format!(" from {}", dir.display()))
+            .unwrap_or_default();
+        tracing::info!(
+            loaded = self.loaded(),
+            failed = self.failed(),
+            unavailable = self.unavailable(),
+            elapsed_ms = self.elapsed_ms,
+            "{verb} {} plugins{from} ({} failed, {} unavailable)",
+            self.loaded(),
+            self.failed(),
+            self.unavailable()
+        );
+    }
 }
 
 /// What the loader keeps per registered plugin.
@@ -276,16 +293,7 @@ impl Loader {
             }
         }
         report.elapsed_ms = ms(started.elapsed());
-        tracing::info!(
-            loaded = report.loaded(),
-            failed = report.failed(),
-            unavailable = report.unavailable(),
-            elapsed_ms = report.elapsed_ms,
-            "Reloaded {} plugins ({} failed, {} unavailable)",
-            report.loaded(),
-            report.failed(),
-            report.unavailable()
-        );
+        report.log_summary("Reloaded", None);
         report
     }
 
@@ -418,17 +426,7 @@ impl Loader {
         let dirs = self.discover(plugins_dir);
         let mut report = self.load_dirs(&dirs);
         report.elapsed_ms = ms(started.elapsed());
-        tracing::info!(
-            loaded = report.loaded(),
-            failed = report.failed(),
-            unavailable = report.unavailable(),
-            elapsed_ms = report.elapsed_ms,
-            "Loaded {} plugins from {} ({} failed, {} unavailable)",
-            report.loaded(),
-            plugins_dir.display(),
-            report.failed(),
-            report.unavailable()
-        );
+        report.log_summary("Loaded", Some(plugins_dir));
         report
     }
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use forgesyte_deps::json_type_name;
+
 use crate::error::RunError;
 use crate::state::AppState;
 
@@ -94,7 +96,7 @@ pub(crate) fn parse_body(
     if bytes.trim_ascii_start().first() != Some(&b'{') {
         return Err(match serde_json::from_slice::<Value>(&bytes) {
             Ok(value) => RunError::InvalidBody {
-                message: format!("expected a JSON object, found {}", kind(&value)),
+                message: format!("expected a JSON object, found {}", json_type_name(&value)),
             },
             Err(e) => RunError::MalformedBody {
                 message: e.to_string(),
@@ -107,7 +109,7 @@ pub(crate) fn parse_body(
         if e.is_data() {
             match serde_json::from_slice::<Value>(&bytes) {
                 Ok(value) if !value.is_object() => RunError::InvalidBody {
-                    message: format!("expected a JSON object, found {}", kind(&value)),
+                    message: format!("expected a JSON object, found {}", json_type_name(&value)),
                 },
                 Ok(_) => RunError::InvalidBody {
                     message: e.to_string(),
@@ -122,17 +124,6 @@ pub(crate) fn parse_body(
             }
         }
     })
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Runs `tool` of `plugin` with `request`'s arguments.
