@@ -850,3 +850,140 @@ fn isolated_plugin_crash_is_502_then_503_then_restarted_while_others_serve() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(server.get("/livez").status, 200);
 }
+
+/// The pid of the runner process the server `server_pid` started for
+/// `plugin` (its command line names `--plugin PLUGIN`), if one is running.
+fn runner_pid(server_pid: u32, plugin: &str) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{server_pid}/task")).ok()?;
+    let children: Vec<u32> = tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    children.into_iter().find(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        args.windows(2)
+            .any(|w| w[0] == b"--plugin" && w[1] == plugin.as_bytes())
+    })
+}
+
+#[test]
+fn chaos_sigkilled_runners_under_traffic_never_hang_or_500_and_counts_reconcile() {
+    const PLUGINS: [&str; 3] = ["iso-a", "iso-b", "iso-c"];
+    let dir = PluginsDir::new();
+    for name in PLUGINS {
+        dir.good(
+            name,
+            json!({"isolation": "process", "limits": {"call_timeout_s": 5}}),
+        );
+    }
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let kills = std::sync::atomic::AtomicUsize::new(0);
+    // Per plugin: (200s, 502s, 503s) as the clients saw them.
+    let seen: BTreeMap<&str, (u64, u64, u64)> = std::thread::scope(|s| {
+        let callers: Vec<_> = PLUGINS
+            .iter()
+            .map(|&name| {
+                let (server, stop) = (&server, &stop);
+                s.spawn(move || {
+                    let mut counts = (0, 0, 0);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let started = Instant::now();
+                        let reply = server.run(name, "echo", r#"{"args": {"n": 1}}"#);
+                        assert!(
+                            started.elapsed() < Duration::from_secs(10),
+                            "a call hung past its timeout"
+                        );
+                        match reply.status {
+                            200 => counts.0 += 1,
+                            502 => counts.1 += 1,
+                            503 => counts.2 += 1,
+                            other => panic!("{name}: unexpected {other}: {}", reply.text()),
+                        }
+                    }
+                    (name, counts)
+                })
+            })
+            .collect();
+        let readers: Vec<_> = (0..4)
+            .map(|i| {
+                let (server, stop) = (&server, &stop);
+                s.spawn(move || {
+                    let mut reads = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let target = match i % 2 {
+                            0 => "/v1/plugins".to_owned(),
+                            _ => format!("/v1/plugins/{}/health", PLUGINS[reads as usize % 3]),
+                        };
+                        let reply = server.get(&target);
+                        assert_eq!(reply.status, 200, "{target}: {}", reply.text());
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        // The killer: four SIGKILLs, spread over the plugins.
+        for round in 0..4 {
+            std::thread::sleep(Duration::from_millis(400));
+            let name = PLUGINS[round % PLUGINS.len()];
+            if let Some(pid) = runner_pid(server.pid(), name) {
+                let status = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                if status.success() {
+                    kills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for reader in readers {
+            assert!(reader.join().unwrap() > 0);
+        }
+        callers.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert!(
+        kills.load(std::sync::atomic::Ordering::Relaxed) >= 3,
+        "runners not found"
+    );
+
+    // Every plugin comes back (supervised restarts) and its counts are
+    // exactly what the clients saw: 200s succeeded, 502s (the calls in
+    // flight when their process died) are errors, 503s were never run.
+    for name in PLUGINS {
+        let health = wait_health(&server, name, 20, |h| h["state"] == "INITIALIZED");
+        let (ok, crashed, _refused) = seen[name];
+        assert_eq!(
+            health["success_count"].as_u64(),
+            Some(ok),
+            "{name}: {health}"
+        );
+        assert_eq!(
+            health["error_count"].as_u64(),
+            Some(crashed),
+            "{name}: {health}"
+        );
+        assert_eq!(health["in_flight"], 0, "{name}: {health}");
+    }
+    let restarts: u64 = PLUGINS
+        .iter()
+        .map(|name| {
+            server.get(&format!("/v1/plugins/{name}/health")).json()["restart_count"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(
+        restarts,
+        kills.load(std::sync::atomic::Ordering::Relaxed) as u64
+    );
+}
