@@ -33,7 +33,8 @@
 //!
 //! # Tool calls
 //!
-//! A tool call runs on the blocking pool (`spawn_blocking`), never on the
+//! A tool call runs on the call pool (one hot thread per core, tokio's
+//! blocking pool for calls that would wait behind a slow one), never on the
 //! async runtime, under a per-call time limit: the manifest's
 //! `limits.call_timeout_s`, else [`ServerConfig::call_timeout`]. A call that
 //! runs past it answers 504 and its plugin becomes FAILED: an in-process
@@ -66,6 +67,7 @@ mod config;
 mod docs;
 mod error;
 mod openapi;
+mod pool;
 mod probes;
 mod reload;
 mod server;

@@ -13,6 +13,7 @@ use forgesyte_registry::Registry;
 use crate::ServerConfig;
 use crate::admin::AdminToken;
 use crate::error::ApiError;
+use crate::pool::CallPool;
 
 /// Shared state of the HTTP app: the loader (and through it the registry and
 /// the plugin handles) plus the settings the handlers need. Cloning is one
@@ -40,6 +41,8 @@ struct Inner {
     list_cache: ArcSwapOption<ListBody>,
     /// Origin of the list cache's clock ticks.
     started: Instant,
+    /// Where tool calls run.
+    calls: CallPool,
 }
 
 /// How long a serialised plugin list may be served again while the registry
@@ -69,6 +72,7 @@ impl AppState {
                 admin_busy: AtomicBool::new(false),
                 list_cache: ArcSwapOption::empty(),
                 started: Instant::now(),
+                calls: CallPool::new(),
             }),
         }
     }
@@ -131,6 +135,11 @@ impl AppState {
             body: body.clone(),
         })));
         Ok(body)
+    }
+
+    /// Where tool calls run (off the async runtime).
+    pub(crate) fn calls(&self) -> &CallPool {
+        &self.inner.calls
     }
 
     /// The token of the admin routes; `None`: they are disabled.

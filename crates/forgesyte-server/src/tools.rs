@@ -1,7 +1,8 @@
 //! The tool runner: `POST /v1/plugins/{name}/tools/{tool}/run`.
 //!
-//! Plugin code runs on tokio's blocking pool, never on the async runtime,
-//! under a time limit. Every outcome is recorded in the registry by
+//! Plugin code runs on the call pool ([`crate::pool`]: hot lane threads,
+//! tokio's blocking pool for slow calls), never on the async runtime, under
+//! a time limit. Every outcome is recorded in the registry by
 //! [`forgesyte_loader::PluginHandle::call`]; this module only decides what
 //! the client sees.
 
@@ -161,21 +162,21 @@ pub(crate) async fn run(
     let call = {
         let handle = handle.clone();
         let tool = tool.to_owned();
-        tokio::task::spawn_blocking(move || handle.call(&tool, &args))
+        state.calls().run(move || handle.call(&tool, &args))
     };
     let outcome = tokio::time::timeout(limit, call).await;
     let elapsed = started.elapsed();
     match outcome {
-        Ok(Ok(Ok(result))) => Ok(RunSuccess {
+        Ok(Some(Ok(result))) => Ok(RunSuccess {
             ok: true,
             plugin_id: plugin.to_owned(),
             tool_name: tool.to_owned(),
             result,
             processing_time_ms: ms(elapsed),
         }),
-        Ok(Ok(Err(call_error))) => Err(call_error.into()),
-        Ok(Err(join_error)) => Err(RunError::Internal {
-            message: format!("the tool call's thread failed: {join_error}"),
+        Ok(Some(Err(call_error))) => Err(call_error.into()),
+        Ok(None) => Err(RunError::Internal {
+            message: "the tool call's thread panicked in host code".into(),
         }),
         Err(_elapsed) => {
             // In-process the call's thread cannot be stopped: the plugin is

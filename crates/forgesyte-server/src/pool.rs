@@ -1,0 +1,258 @@
+//! Where tool calls run: a few hot threads for fast calls, tokio's blocking
+//! pool for the rest.
+//!
+//! Plugin code never runs on the async runtime. Handing every call to
+//! `spawn_blocking` costs a thread wake-up per call: under load the blocking
+//! pool grows to one thread per concurrent call, and nearly every call wakes
+//! a parked one (measured: about half the server's CPU in the scheduler for
+//! no-op tools, `BENCHMARKS.md`). So calls go first to a queue served by
+//! one *lane* thread per core, which stay busy without parking while work
+//! keeps coming. A lane stuck in a slow call must not hold up the calls
+//! queued behind it: a call that no lane has started within [`ESCALATE_AFTER`]
+//! is taken from the queue and run on tokio's blocking pool instead, and
+//! when every lane is busy with a call older than that, new calls skip the
+//! queue. Each call runs exactly once, whoever takes it first.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long a queued call may wait for a lane before it moves to the
+/// blocking pool; also how long a lane's current call may run before the
+/// lane counts as stuck.
+pub(crate) const ESCALATE_AFTER: Duration = Duration::from_millis(2);
+
+/// Calls queued per lane at most; beyond that new calls skip the queue.
+const QUEUE_PER_LANE: usize = 8;
+
+type Task = Box<dyn FnOnce() + Send>;
+
+/// One call: taken (and run) exactly once.
+struct Job {
+    task: Mutex<Option<Task>>,
+}
+
+impl Job {
+    fn take(&self) -> Option<Task> {
+        self.task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// The pool; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct CallPool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CallPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallPool")
+            .field("lanes", &self.inner.busy_since.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    queue: Mutex<VecDeque<Arc<Job>>>,
+    ready: Condvar,
+    /// Per lane: when its current call started (µs since `epoch`), 0 = idle.
+    busy_since: Vec<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Inner {
+    fn now_us(&self) -> u64 {
+        // +1: 0 means idle.
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX) + 1
+    }
+
+    /// Whether some lane is idle or busy with a call younger than
+    /// [`ESCALATE_AFTER`].
+    fn has_live_lane(&self) -> bool {
+        let now = self.now_us();
+        let limit = u64::try_from(ESCALATE_AFTER.as_micros()).unwrap_or(u64::MAX);
+        self.busy_since.iter().any(|since| {
+            let since = since.load(Ordering::Acquire);
+            since == 0 || now.saturating_sub(since) < limit
+        })
+    }
+
+    fn lane(self: Arc<Self>, index: usize) {
+        loop {
+            let job = {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    if let Some(job) = queue.pop_front() {
+                        break job;
+                    }
+                    // The pool is gone when only the lanes hold it.
+                    if Arc::strong_count(&self) <= self.busy_since.len() {
+                        return;
+                    }
+                    queue = self
+                        .ready
+                        .wait_timeout(queue, Duration::from_secs(1))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            };
+            if let Some(task) = job.take() {
+                self.busy_since[index].store(self.now_us(), Ordering::Release);
+                task();
+                self.busy_since[index].store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl CallPool {
+    /// A pool with one lane thread per core (at least 1).
+    pub(crate) fn new() -> Self {
+        let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            busy_since: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
+        });
+        for index in 0..lanes {
+            let inner = Arc::clone(&inner);
+            let spawned = std::thread::Builder::new()
+                .name(format!("forgesyte-call-{index}"))
+                .spawn(move || inner.lane(index));
+            if let Err(e) = spawned {
+                // Without lanes every call escalates: slower, still correct.
+                tracing::warn!(error = %e, "cannot start a tool-call lane");
+            }
+        }
+        CallPool { inner }
+    }
+
+    /// Runs `f` off the async runtime and returns its result; `None` if it
+    /// panicked (plugin panics are caught by the SDK; this is the host's own
+    /// code failing).
+    pub(crate) async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task: Task = Box::new(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(result.ok());
+        });
+        let job = Arc::new(Job {
+            task: Mutex::new(Some(task)),
+        });
+        let queued = {
+            let mut queue = self
+                .inner
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let room = queue.len() < QUEUE_PER_LANE * self.inner.busy_since.len();
+            if room && self.inner.has_live_lane() {
+                queue.push_back(Arc::clone(&job));
+                true
+            } else {
+                false
+            }
+        };
+        if queued {
+            self.inner.ready.notify_one();
+            let mut rx = rx;
+            tokio::select! {
+                result = &mut rx => return result.ok().flatten(),
+                () = tokio::time::sleep(ESCALATE_AFTER) => {}
+            }
+            // No lane got to it in time: run it on the blocking pool, unless a
+            // lane took it meanwhile.
+            if let Some(task) = job.take() {
+                tokio::task::spawn_blocking(task);
+            }
+            return rx.await.ok().flatten();
+        }
+        if let Some(task) = job.take() {
+            tokio::task::spawn_blocking(task);
+        }
+        rx.await.ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_call_runs_exactly_once() {
+        let pool = CallPool::new();
+        let count = Arc::new(AtomicU64::new(0));
+        let calls: Vec<_> = (0..500)
+            .map(|i| {
+                let (pool, count) = (pool.clone(), Arc::clone(&count));
+                tokio::spawn(async move {
+                    pool.run(move || {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        i * 2
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap(), Some(i * 2));
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 500);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_calls_on_every_lane_do_not_hold_up_fast_ones() {
+        let pool = CallPool::new();
+        let lanes = pool.inner.busy_since.len();
+        // Occupy every lane (and more) with calls that block for a second.
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let slow: Vec<_> = (0..lanes + 2)
+            .map(|_| {
+                let (pool, gate) = (pool.clone(), Arc::clone(&gate));
+                tokio::spawn(async move {
+                    pool.run(move || {
+                        let (lock, cvar) = &*gate;
+                        let open = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                        let _unused = cvar
+                            .wait_timeout_while(open, Duration::from_secs(10), |open| !*open)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    })
+                    .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Fast calls still finish promptly, on the blocking pool.
+        let started = Instant::now();
+        for i in 0..20 {
+            assert_eq!(pool.run(move || i + 1).await, Some(i + 1));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "fast calls waited for the slow ones: {:?}",
+            started.elapsed()
+        );
+        let (lock, cvar) = &*gate;
+        *lock.lock().unwrap() = true;
+        cvar.notify_all();
+        for call in slow {
+            assert_eq!(call.await.unwrap(), Some(()));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_is_none_not_a_crash() {
+        let pool = CallPool::new();
+        let result: Option<()> = pool.run(|| panic!("host bug")).await;
+        assert_eq!(result, None);
+        assert_eq!(pool.run(|| 7).await, Some(7));
+    }
+}
