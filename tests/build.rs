@@ -455,32 +455,12 @@ fn faults_rs(fixtures: &[Fixture], lib_dir: &Path, faults_dir: &Path) -> String 
         "pub const FAULTY_LIBRARY: &str = {:?};",
         lib_dir.join(library_file("faulty")).display().to_string()
     ));
-    for fixture in fixtures {
-        let constant = fixture.dir.to_uppercase();
-        let dir = faults_dir.join(fixture.dir).display().to_string();
-        line(String::new());
-        line(format!("/// `{}`: {}", fixture.dir, fixture.doc));
-        line(format!("pub const {constant}: &str = {dir:?};"));
-        line(format!("/// Registry name of [`{constant}`]."));
-        line(format!(
-            "pub const {constant}_NAME: &str = {:?};",
-            fixture.name
-        ));
-    }
-    line(String::new());
-    line("/// Every fault fixture, in directory order.".into());
-    line("pub const FAULTS: &[Fixture] = &[".into());
-    let mut sorted: Vec<&Fixture> = fixtures.iter().collect();
-    sorted.sort_by_key(|f| f.dir);
-    for fixture in sorted {
-        let constant = fixture.dir.to_uppercase();
-        line(format!(
-            "    Fixture {{ constant: {constant:?}, dir: {constant}, name: {constant}_NAME, \
-             library: {:?} }},",
-            fixture_library_file(fixture)
-        ));
-    }
-    line("];".into());
+    rs.push_str(&fixture_consts(
+        fixtures,
+        faults_dir,
+        "FAULTS",
+        "Every fault fixture, in directory order.",
+    ));
     rs
 }
 
@@ -517,34 +497,42 @@ fn zoo_rs(fixtures: &[Fixture], lib_dir: &Path, zoo_dir: &Path) -> String {
     line("    /// The library's file name, as the manifest's `entrypoint` gives it.".into());
     line("    pub library: &'static str,".into());
     line("}".into());
+    rs.push_str(&fixture_consts(
+        fixtures,
+        zoo_dir,
+        "ALL",
+        "Every fixture, in directory order.",
+    ));
+    rs
+}
+
+/// Per fixture a directory constant (`X`, under `root`) and a name constant
+/// (`X_NAME`), then the list `list` of them all, sorted by directory.
+fn fixture_consts(fixtures: &[Fixture], root: &Path, list: &str, list_doc: &str) -> String {
+    let mut rs = String::new();
     for fixture in fixtures {
         let constant = fixture.dir.to_uppercase();
-        let dir = zoo_dir.join(fixture.dir).display().to_string();
-        line(String::new());
-        line(format!("/// `{}`: {}", fixture.dir, fixture.doc));
-        line(format!("pub const {constant}: &str = {dir:?};"));
-        line(format!("/// Registry name of [`{constant}`]."));
-        line(format!(
-            "pub const {constant}_NAME: &str = {:?};",
-            fixture.name
-        ));
+        let dir = root.join(fixture.dir).display().to_string();
+        let _ = writeln!(rs);
+        let _ = writeln!(rs, "/// `{}`: {}", fixture.dir, fixture.doc);
+        let _ = writeln!(rs, "pub const {constant}: &str = {dir:?};");
+        let _ = writeln!(rs, "/// Registry name of [`{constant}`].");
+        let _ = writeln!(rs, "pub const {constant}_NAME: &str = {:?};", fixture.name);
     }
-    line(String::new());
-    line("/// Every fixture, in directory order.".into());
-    line("pub const ALL: &[Fixture] = &[".into());
+    let _ = writeln!(rs);
+    let _ = writeln!(rs, "/// {list_doc}");
+    let _ = writeln!(rs, "pub const {list}: &[Fixture] = &[");
     let mut sorted: Vec<&Fixture> = fixtures.iter().collect();
     sorted.sort_by_key(|f| f.dir);
     for fixture in sorted {
         let constant = fixture.dir.to_uppercase();
-        let mut entry = String::new();
-        let _ = write!(
-            entry,
+        let _ = writeln!(
+            rs,
             "    Fixture {{ constant: {constant:?}, dir: {constant}, name: {constant}_NAME, \
              library: {:?} }},",
             fixture_library_file(fixture)
         );
-        line(entry);
     }
-    line("];".into());
+    let _ = writeln!(rs, "];");
     rs
 }
