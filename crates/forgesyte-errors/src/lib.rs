@@ -213,6 +213,19 @@ pub enum ImportError {
     /// (and answer the handshake) in time.
     #[error(transparent)]
     TimedOut(TimeoutError),
+    /// The plugin's runner process speaks another version of the wire
+    /// protocol than the host.
+    #[error(
+        "the plugin runner {runner} speaks protocol version {runner_version}, this host speaks version {host}"
+    )]
+    ProtocolMismatch {
+        /// The runner (its program, and the runtime it announced if any).
+        runner: String,
+        /// The protocol version the host speaks.
+        host: u32,
+        /// The protocol version the runner announced.
+        runner_version: u32,
+    },
 }
 
 /// The plugin's constructor failed (seed: `PluginInitError`).

@@ -12,27 +12,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use forgesyte_errors::{CrashCause, CrashError, ImportError, InitError, ToolError};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-/// A tool as the loaded plugin describes it (authoritative over the manifest).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ToolInfo {
-    /// Tool id, as used in the run route.
-    pub id: String,
-    /// Short human title.
-    #[serde(default)]
-    pub title: String,
-    /// What the tool does.
-    #[serde(default)]
-    pub description: String,
-    /// JSON schema of the arguments.
-    #[serde(default)]
-    pub input_schema: Value,
-    /// JSON schema of the result.
-    #[serde(default)]
-    pub output_schema: Value,
-}
+/// A tool as the loaded plugin describes it (authoritative over the
+/// manifest): the boundary's own tool spec.
+pub use forgesyte_protocol::ToolSpec as ToolInfo;
 
 /// Opens plugin libraries.
 pub trait Importer: Send + Sync + std::fmt::Debug {
@@ -76,6 +59,11 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
         let _ = reason;
         false
     }
+
+    /// Asks the instance's process to exit, and kills it after a short
+    /// grace if it has not; returns at once (the grace runs elsewhere). A
+    /// no-op in the host's own process.
+    fn stop(&self) {}
 }
 
 /// Called once when an isolated instance's process ends.

@@ -3,7 +3,7 @@
 //!
 //! This is the only module of the loader that contains `unsafe` code. The ABI
 //! itself (the vtable layout, status codes, who frees what) is defined once,
-//! in `forgesyte_plugin_sdk::abi`, so the two sides cannot drift apart.
+//! in `forgesyte_protocol::abi`, so the two sides cannot drift apart.
 //!
 //! Libraries are opened with `RTLD_NOW` (an unresolved symbol is an import
 //! error now, not a crash at the first call) and `RTLD_NODELETE` (they are
@@ -19,7 +19,7 @@
 //! - a file that is not a 64-bit ELF shared object, or is truncated
 //!   (`ImportError::NotALibrary`);
 //! - a build fingerprint (the `.forgesyte_abi` section that
-//!   `export_plugin!` emits, see `forgesyte_plugin_sdk::fingerprint`) with
+//!   `export_plugin!` emits, see `forgesyte_protocol::fingerprint`) with
 //!   another ABI version (`ImportError::AbiMismatch`) or another target
 //!   triple than the host's (`ImportError::Incompatible`); a section that is
 //!   there but damaged is `ImportError::InvalidInterface`.
@@ -39,11 +39,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use forgesyte_errors::{ImportError, InitError, ToolError};
-use forgesyte_plugin_sdk::abi::{
-    ABI_VERSION, ENTRY_SYMBOL, ENTRY_SYMBOL_C, FsBuffer, PluginVTable, STATUS_BAD_REQUEST,
-    STATUS_ERROR, STATUS_OK, STATUS_PANIC, STATUS_UNKNOWN_TOOL,
+use forgesyte_protocol::abi::{
+    ABI_VERSION, ENTRY_SYMBOL, ENTRY_SYMBOL_C, FsBuffer, PluginBuffer, PluginVTable,
+    STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_OK, STATUS_PANIC, STATUS_UNKNOWN_TOOL,
 };
-use forgesyte_plugin_sdk::fingerprint::{self, Fingerprint, FingerprintError};
+use forgesyte_protocol::fingerprint::{self, Fingerprint, FingerprintError};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 
 use crate::host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
@@ -315,7 +315,7 @@ impl PluginInstance for NativeInstance {
         };
         let body = take_buffer(self.vtable, out);
         match status {
-            STATUS_OK => Ok(body),
+            STATUS_OK => Ok(body.to_vec()),
             STATUS_ERROR => {
                 let (error_type, message) = error_parts(&body);
                 Err(ToolError::Failed {
@@ -348,18 +348,12 @@ impl Drop for NativeInstance {
     }
 }
 
-/// Copies a plugin-allocated buffer and hands it back to the plugin to free.
-fn take_buffer(vtable: &PluginVTable, buf: FsBuffer) -> Vec<u8> {
-    if buf.ptr.is_null() {
-        return Vec::new();
-    }
-    // SAFETY: a non-null buffer from the plugin points to `len` initialised
-    // bytes that stay valid until we pass it to `free_buffer`.
-    let bytes = unsafe { std::slice::from_raw_parts(buf.ptr, buf.len) }.to_vec();
-    // SAFETY: the buffer came from this plugin and is freed exactly once, by
-    // the side that allocated it.
-    unsafe { (vtable.free_buffer)(buf) };
-    bytes
+/// Takes ownership of a buffer the plugin wrote: freed by the plugin's
+/// `free_buffer` when dropped.
+fn take_buffer(vtable: &'static PluginVTable, buf: FsBuffer) -> PluginBuffer {
+    // SAFETY: `buf` was just written to an `out` by a function of `vtable`
+    // and not freed; the library is never unloaded.
+    unsafe { PluginBuffer::new(buf, vtable) }
 }
 
 fn error_parts(body: &[u8]) -> (Option<String>, String) {

@@ -137,8 +137,7 @@ macro_rules! export_plugin {
             #[unsafe(link_section = ".forgesyte_abi")]
             static FINGERPRINT: $crate::fingerprint::Record = $crate::fingerprint::RECORD;
             $crate::fingerprint::__retain(&FINGERPRINT);
-            static VTABLE: $crate::abi::PluginVTable =
-                $crate::abi::PluginVTable::for_plugin::<$plugin>();
+            static VTABLE: $crate::abi::PluginVTable = $crate::abi::vtable_for::<$plugin>();
             &VTABLE
         }
     };

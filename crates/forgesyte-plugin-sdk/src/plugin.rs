@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use forgesyte_protocol::ToolSpec;
+
 /// The error a constructor returns; its `Display` (and that of its sources)
 /// becomes the host's `InitError: …` reason.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -78,72 +80,6 @@ impl PluginConfig {
     /// The resolved path of model `name`, if the manifest declares it.
     pub fn model(&self, name: &str) -> Option<&Path> {
         self.models.get(name).map(PathBuf::as_path)
-    }
-}
-
-/// One tool as the plugin describes it.
-///
-/// On the wire: `{"id", "title", "description", "input_schema",
-/// "output_schema"}`; schemas are JSON Schema objects (free-form JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct ToolSpec {
-    /// The id clients call it by (`/v1/plugins/{name}/tools/{id}/run`).
-    pub id: String,
-    /// Short human-readable name.
-    #[serde(default)]
-    pub title: String,
-    /// What it does.
-    #[serde(default)]
-    pub description: String,
-    /// JSON Schema of `args`.
-    #[serde(default = "any_object", alias = "inputs")]
-    pub input_schema: Value,
-    /// JSON Schema of the result.
-    #[serde(default = "any_object", alias = "outputs")]
-    pub output_schema: Value,
-}
-
-fn any_object() -> Value {
-    serde_json::json!({ "type": "object" })
-}
-
-impl ToolSpec {
-    /// A tool `id`, titled `id`, without description, taking and returning
-    /// any JSON object.
-    pub fn new(id: impl Into<String>) -> Self {
-        let id = id.into();
-        ToolSpec {
-            title: id.clone(),
-            id,
-            description: String::new(),
-            input_schema: any_object(),
-            output_schema: any_object(),
-        }
-    }
-
-    /// Sets the title.
-    pub fn title(mut self, title: impl Into<String>) -> Self {
-        self.title = title.into();
-        self
-    }
-
-    /// Sets the description.
-    pub fn description(mut self, description: impl Into<String>) -> Self {
-        self.description = description.into();
-        self
-    }
-
-    /// Sets the JSON Schema of the arguments.
-    pub fn inputs(mut self, schema: Value) -> Self {
-        self.input_schema = schema;
-        self
-    }
-
-    /// Sets the JSON Schema of the result.
-    pub fn outputs(mut self, schema: Value) -> Self {
-        self.output_schema = schema;
-        self
     }
 }
 

@@ -1,29 +1,37 @@
-//! The host side of one runner process: spawning it, the reader thread that
-//! routes answers to waiting calls, the stderr thread, and what happens
-//! when the process dies.
+//! One runner process: spawning it (one small function, [`spawn_runner`]),
+//! the reader thread that feeds its answers to the [`Transport`], the stderr
+//! thread, stopping it, and what happens when it dies.
 //!
-//! Several requests can be in flight at once: each registers a one-shot
-//! channel under a fresh id, the frame is written under the writer lock, and
-//! the one reader thread hands each answer to the channel of its id. When
-//! the process dies (or is killed), the reader reaps it, works out why, runs
-//! the exit callbacks (the supervisor marks the plugin FAILED there), and
-//! only then fails every call still waiting — so a caller that gets a crash
-//! error already sees the plugin FAILED.
+//! When the process dies (or is killed), the reader reaps it, works out why,
+//! runs the exit callbacks (the supervisor marks the plugin FAILED there),
+//! and only then fails every call still waiting — so a caller that gets a
+//! crash error already sees the plugin FAILED.
+//!
+//! Hygiene: each runner leads its own process group (a terminal's Ctrl-C
+//! reaches the server only, and a kill takes the plugin's own children
+//! too); it gets `SIGKILL` when the server dies (parent-death signal, set
+//! from one long-lived spawner thread because the signal follows the
+//! *thread* that forked), and the runner itself also watches its parent as
+//! a fallback. Stopping asks first (the runner's stdin is closed) and kills
+//! after [`STOP_GRACE`], on a thread of its own, never the caller's.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use forgesyte_errors::{CrashCause, CrashError, PluginError, fmt_duration};
+use forgesyte_protocol::wire::{
+    Greeting, HandshakeError, Hello, PROTOCOL_ENV, PROTOCOL_VERSION, WireError,
+};
 use parking_lot::{Condvar, Mutex};
 
 use super::exit::{classify, signal_name};
-use super::protocol::{FrameError, HELLO_ID, Request, Response, read_frame, write_frame};
+use super::transport::{Reply, RequestError, Transport};
 use crate::host::{ExitCallback, ExitReport};
 
 /// Lines of stderr kept for crash reports.
@@ -39,14 +47,9 @@ const STDERR_GRACE: Duration = Duration::from_millis(500);
 /// processed.
 pub(crate) const DEATH_SYNC: Duration = Duration::from_secs(5);
 
-/// What a waiting request receives.
-#[derive(Debug)]
-pub(crate) enum Reply {
-    /// The runner's answer.
-    Answer(Response),
-    /// The process died before answering.
-    Died(Arc<ExitReport>),
-}
+/// How long a runner asked to stop (its stdin closed) may take to exit
+/// before it is killed.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the host is killing the process, recorded before the signal so the
 /// death is reported for what it is rather than as a `SIGKILL`.
@@ -88,19 +91,17 @@ pub(crate) struct SpawnOptions<'a> {
 pub(crate) enum SpawnError {
     /// The runner could not be started at all.
     Start(std::io::Error),
-    /// The runner loaded nothing: the library failed its checks.
-    Import(Box<super::protocol::WireError>),
+    /// The runner loaded nothing: the plugin's code failed its checks.
+    Import(Box<WireError>),
+    /// The runner speaks another protocol version.
+    Version {
+        /// The runner's.
+        runner: u32,
+    },
     /// The runner died first.
     Died(Arc<ExitReport>),
     /// No hello in time (the process was killed).
     TimedOut,
-}
-
-#[derive(Debug, Default)]
-struct Waiters {
-    closed: bool,
-    next_id: u64,
-    map: HashMap<u64, SyncSender<Reply>>,
 }
 
 #[derive(Default)]
@@ -114,9 +115,7 @@ struct Shared {
     plugin: String,
     pid: u32,
     memory_limit_mib: u64,
-    max_response_bytes: u64,
-    writer: Mutex<Option<ChildStdin>>,
-    waiters: Mutex<Waiters>,
+    transport: Transport,
     process: Mutex<std::process::Child>,
     kill_reason: Mutex<Option<KillReason>>,
     exit: Mutex<ExitState>,
@@ -131,6 +130,7 @@ struct Shared {
 /// exit callbacks).
 pub(crate) struct Child {
     shared: Arc<Shared>,
+    hello: Hello,
 }
 
 impl std::fmt::Debug for Child {
@@ -154,16 +154,14 @@ impl Child {
             .arg(opts.memory_limit_mib.to_string())
             .arg("--plugin")
             .arg(opts.plugin)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string());
         if opts.memory_limit_mib > 0 {
             // glibc reserves 64 MiB of address space per malloc arena (one
             // per thread, up to 8 per core): under RLIMIT_AS that, not the
             // plugin, would exhaust the limit.
             command.env("MALLOC_ARENA_MAX", "2");
         }
-        let mut process = command.spawn().map_err(SpawnError::Start)?;
+        let mut process = spawn_runner(command).map_err(SpawnError::Start)?;
         let (Some(stdin), Some(stdout), Some(stderr)) = (
             process.stdin.take(),
             process.stdout.take(),
@@ -176,16 +174,12 @@ impl Child {
             )));
         };
         let pid = process.id();
+        let (transport, greeting) = Transport::new(stdin, opts.max_response_bytes);
         let shared = Arc::new(Shared {
             plugin: opts.plugin.to_owned(),
             pid,
             memory_limit_mib: opts.memory_limit_mib,
-            max_response_bytes: opts.max_response_bytes,
-            writer: Mutex::new(Some(stdin)),
-            waiters: Mutex::new(Waiters {
-                next_id: HELLO_ID + 1,
-                ..Waiters::default()
-            }),
+            transport,
             process: Mutex::new(process),
             kill_reason: Mutex::new(None),
             exit: Mutex::new(ExitState::default()),
@@ -195,58 +189,62 @@ impl Child {
             stderr_closed: Condvar::new(),
             retired: AtomicBool::new(false),
         });
-        let (hello_tx, hello_rx) = sync_channel(1);
-        shared.waiters.lock().map.insert(HELLO_ID, hello_tx);
-        let child = Child { shared };
-        child.start_threads(stdout, stderr)?;
-        match hello_rx.recv_timeout(timeout) {
-            Ok(Reply::Answer(Response::Hello { .. })) => Ok(child),
-            Ok(Reply::Answer(Response::ImportFailed { error })) => {
+        start_threads(&shared, stdout, stderr)?;
+        let failed = |shared: &Arc<Shared>, reason: KillReason| {
+            kill(shared, reason);
+            match wait_dead(shared, DEATH_SYNC) {
+                Some(report) => SpawnError::Died(report),
+                None => SpawnError::TimedOut,
+            }
+        };
+        match greeting.recv_timeout(timeout) {
+            Ok(Reply::Greeting(Ok(Greeting::Hello(hello)))) => Ok(Child { shared, hello }),
+            Ok(Reply::Greeting(Ok(Greeting::ImportFailed(error)))) => {
                 Err(SpawnError::Import(Box::new(error)))
             }
-            Ok(Reply::Answer(other)) => {
-                let detail = format!("expected a hello frame, got {other:?}");
-                child.kill(KillReason {
-                    cause: CrashCause::Protocol { detail },
-                    registry_reason: None,
-                });
-                match child.wait_dead(DEATH_SYNC) {
-                    Some(report) => Err(SpawnError::Died(report)),
-                    None => Err(SpawnError::TimedOut),
-                }
+            Ok(Reply::Greeting(Err(HandshakeError::Version { runner, .. }))) => {
+                retire(&shared);
+                Err(SpawnError::Version { runner })
             }
+            Ok(Reply::Greeting(Err(e))) => Err(failed(
+                &shared,
+                KillReason {
+                    cause: CrashCause::Protocol {
+                        detail: e.to_string(),
+                    },
+                    registry_reason: None,
+                },
+            )),
+            Ok(Reply::Answer(..)) => Err(failed(
+                &shared,
+                KillReason {
+                    cause: CrashCause::Protocol {
+                        detail: "answered before its greeting".into(),
+                    },
+                    registry_reason: None,
+                },
+            )),
             Ok(Reply::Died(report)) => Err(SpawnError::Died(report)),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                child.kill(KillReason::host(format!(
-                    "no hello within {}",
-                    fmt_duration(timeout)
-                )));
-                let _ = child.wait_dead(DEATH_SYNC);
+                kill(
+                    &shared,
+                    KillReason::host(format!("no hello within {}", fmt_duration(timeout))),
+                );
+                let _ = wait_dead(&shared, DEATH_SYNC);
                 Err(SpawnError::TimedOut)
             }
         }
     }
 
-    fn start_threads(
-        &self,
-        stdout: ChildStdout,
-        stderr: std::process::ChildStderr,
-    ) -> Result<(), SpawnError> {
-        let shared = Arc::clone(&self.shared);
-        let stderr_thread = std::thread::Builder::new()
-            .name(format!("forgesyte-stderr-{}", self.shared.pid))
-            .spawn(move || read_stderr(&shared, stderr));
-        let shared = Arc::clone(&self.shared);
-        let reader_thread = std::thread::Builder::new()
-            .name(format!("forgesyte-reader-{}", self.shared.pid))
-            .spawn(move || read_answers(&shared, stdout));
-        match (stderr_thread, reader_thread) {
-            (Ok(_), Ok(_)) => Ok(()),
-            (Err(e), _) | (_, Err(e)) => {
-                // Dropping `self` (the caller's) kills the process.
-                Err(SpawnError::Start(e))
-            }
-        }
+    /// Asks the runner to exit and kills it after [`STOP_GRACE`]; returns
+    /// at once. No exit callbacks run: the host let it go.
+    pub(crate) fn stop(&self) {
+        retire(&self.shared);
+    }
+
+    /// What the runner said about itself.
+    pub(crate) fn hello(&self) -> &Hello {
+        &self.hello
     }
 
     /// The runner's process id.
@@ -254,44 +252,31 @@ impl Child {
         self.shared.pid
     }
 
-    /// Sends `request(id)` and waits up to `timeout` for its answer.
-    /// `Err(None)` is a timeout (nothing killed yet).
+    /// Sends a request (see [`Transport::request`]) and waits up to
+    /// `timeout` for its answer. `Err(None)` is a timeout (nothing killed
+    /// yet); `Err(Some(report))` the end of the process.
     pub(crate) fn request(
         &self,
-        request: impl FnOnce(u64) -> Request,
+        head: impl FnOnce(u64) -> Vec<u8>,
+        tail: &[&[u8]],
+        attachments: &[&[u8]],
         timeout: Duration,
     ) -> Result<Reply, Option<Arc<ExitReport>>> {
-        let (id, rx) = self.register().map_err(Some)?;
-        let written = {
-            let mut writer = self.shared.writer.lock();
-            match writer.as_mut() {
-                Some(stdin) => write_frame(stdin, &request(id)).is_ok(),
-                None => false,
+        match self
+            .shared
+            .transport
+            .request(head, tail, attachments, timeout)
+        {
+            Ok(reply) => Ok(reply),
+            Err(RequestError::TimedOut) => Err(None),
+            Err(RequestError::Closed(Some(report))) => Err(Some(report)),
+            // The process is dying: its death report follows.
+            Err(RequestError::Closed(None)) => {
+                Err(Some(self.wait_dead(DEATH_SYNC).unwrap_or_else(|| {
+                    Arc::new(ExitReport::protocol("the plugin process is gone"))
+                })))
             }
-        };
-        if !written {
-            // The process is dying (or retired): its death report follows.
-            return match rx.recv_timeout(DEATH_SYNC) {
-                Ok(reply) => Ok(reply),
-                Err(_) => Err(self.dead()),
-            };
         }
-        wait_reply(&rx, timeout)
-    }
-
-    fn register(&self) -> Result<(u64, Receiver<Reply>), Arc<ExitReport>> {
-        let mut waiters = self.shared.waiters.lock();
-        if waiters.closed {
-            drop(waiters);
-            return Err(self
-                .dead()
-                .unwrap_or_else(|| Arc::new(ExitReport::protocol("the plugin process is gone"))));
-        }
-        let id = waiters.next_id;
-        waiters.next_id += 1;
-        let (tx, rx) = sync_channel(1);
-        waiters.map.insert(id, tx);
-        Ok((id, rx))
     }
 
     /// Kills the process, recording why first (the first reason wins).
@@ -299,26 +284,9 @@ impl Child {
         kill(&self.shared, reason);
     }
 
-    /// The death report, once the process is dead.
-    pub(crate) fn dead(&self) -> Option<Arc<ExitReport>> {
-        self.shared.exit.lock().report.clone()
-    }
-
     /// Waits up to `timeout` for the death to be processed.
     pub(crate) fn wait_dead(&self, timeout: Duration) -> Option<Arc<ExitReport>> {
-        let deadline = Instant::now() + timeout;
-        let mut exit = self.shared.exit.lock();
-        while exit.report.is_none() {
-            if self
-                .shared
-                .exited
-                .wait_until(&mut exit, deadline)
-                .timed_out()
-            {
-                break;
-            }
-        }
-        exit.report.clone()
+        wait_dead(&self.shared, timeout)
     }
 
     /// Runs `callback` once when the process has died (at once if it has);
@@ -339,17 +307,141 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
-        self.shared.retired.store(true, Ordering::SeqCst);
-        self.shared.writer.lock().take();
-        kill(
-            &self.shared,
-            KillReason {
-                cause: CrashCause::Killed {
-                    reason: "retired by the host".into(),
-                },
-                registry_reason: None,
-            },
-        );
+        retire(&self.shared);
+    }
+}
+
+/// Lets the process go: no exit callbacks, its stdin closed (the runner
+/// exits on its own), killed after [`STOP_GRACE`] if it has not. Never
+/// waits: the grace runs on a thread of its own.
+fn retire(shared: &Arc<Shared>) {
+    shared.retired.store(true, Ordering::SeqCst);
+    shared.transport.close_writer();
+    if shared.exit.lock().report.is_some() {
+        return;
+    }
+    let shared = Arc::clone(shared);
+    let stopper = std::thread::Builder::new()
+        .name(format!("forgesyte-stop-{}", shared.pid))
+        .spawn({
+            let shared = Arc::clone(&shared);
+            move || {
+                if wait_dead(&shared, STOP_GRACE).is_none() {
+                    kill(&shared, retired_reason());
+                }
+            }
+        });
+    if stopper.is_err() {
+        kill(&shared, retired_reason());
+    }
+}
+
+fn retired_reason() -> KillReason {
+    KillReason {
+        cause: CrashCause::Killed {
+            reason: "retired by the host".into(),
+        },
+        registry_reason: None,
+    }
+}
+
+fn wait_dead(shared: &Shared, timeout: Duration) -> Option<Arc<ExitReport>> {
+    let deadline = Instant::now() + timeout;
+    let mut exit = shared.exit.lock();
+    while exit.report.is_none() {
+        if shared.exited.wait_until(&mut exit, deadline).timed_out() {
+            break;
+        }
+    }
+    exit.report.clone()
+}
+
+fn start_threads(
+    shared: &Arc<Shared>,
+    stdout: ChildStdout,
+    stderr: std::process::ChildStderr,
+) -> Result<(), SpawnError> {
+    let for_stderr = Arc::clone(shared);
+    let stderr_thread = std::thread::Builder::new()
+        .name(format!("forgesyte-stderr-{}", shared.pid))
+        .spawn(move || read_stderr(&for_stderr, stderr));
+    let for_reader = Arc::clone(shared);
+    let reader_thread = std::thread::Builder::new()
+        .name(format!("forgesyte-reader-{}", shared.pid))
+        .spawn(move || read_answers(&for_reader, stdout));
+    match (stderr_thread, reader_thread) {
+        (Ok(_), Ok(_)) => Ok(()),
+        (Err(e), _) | (_, Err(e)) => {
+            kill(shared, retired_reason());
+            Err(SpawnError::Start(e))
+        }
+    }
+}
+
+/// Starts a runner command: its stdio piped, in a process group of its
+/// own, with `SIGKILL` as its parent-death signal. The fork happens on one
+/// long-lived thread, because the parent-death signal fires when the
+/// *thread* that forked ends, and callers may be short-lived pool threads.
+pub(crate) fn spawn_runner(mut command: Command) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc::{Sender, channel};
+    use std::sync::{Mutex as StdMutex, OnceLock};
+
+    type Job = (Command, Sender<std::io::Result<std::process::Child>>);
+    static SPAWNER: OnceLock<StdMutex<Sender<Job>>> = OnceLock::new();
+
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    set_parent_death_signal(&mut command);
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = channel::<Job>();
+        let started = std::thread::Builder::new()
+            .name("forgesyte-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!("cannot start the runner spawner thread: {e}");
+        }
+        StdMutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = channel();
+    let sent = spawner
+        .lock()
+        .map_err(|_| std::io::Error::other("the runner spawner is broken"))?
+        .send((command, reply_tx));
+    match sent {
+        Ok(()) => reply_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the runner spawner is gone"))?,
+        // No spawner thread: fork here (the fallback check in the runner
+        // still ends it when the server goes).
+        Err(std::sync::mpsc::SendError((mut command, _))) => command.spawn(),
+    }
+}
+
+/// Makes the child get `SIGKILL` when its parent ends; a child whose parent
+/// is already gone by then exits at once.
+#[allow(unsafe_code)]
+fn set_parent_death_signal(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs between fork and exec in the child, where
+    // only async-signal-safe work is allowed: `prctl` and `getppid` are
+    // plain system calls, and the error is built without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(3 /* ESRCH */));
+            }
+            Ok(())
+        });
     }
 }
 
@@ -360,46 +452,22 @@ fn kill(shared: &Shared, reason: KillReason) {
             *slot = Some(reason);
         }
     }
-    // `Child::kill` does nothing once the process has been reaped, so the
-    // signal never reaches a recycled pid.
-    let _ = shared.process.lock().kill();
-}
-
-fn wait_reply(rx: &Receiver<Reply>, timeout: Duration) -> Result<Reply, Option<Arc<ExitReport>>> {
-    match rx.recv_timeout(timeout) {
-        Ok(reply) => Ok(reply),
-        Err(RecvTimeoutError::Timeout) => Err(None),
-        Err(RecvTimeoutError::Disconnected) => Err(Some(Arc::new(ExitReport::protocol(
-            "the plugin process is gone",
-        )))),
+    let mut process = shared.process.lock();
+    // Only a process not yet reaped is signalled, so the signal never
+    // reaches a recycled pid or group; the whole group goes, so a plugin's
+    // own children do not outlive it.
+    if let Ok(None) = process.try_wait() {
+        if let Some(pgid) = rustix::process::Pid::from_raw(shared.pid as i32) {
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+        }
+        let _ = process.kill();
     }
 }
 
 /// The reader thread: routes answers until the stream ends or breaks, then
 /// processes the death.
 fn read_answers(shared: &Arc<Shared>, stdout: ChildStdout) {
-    let mut stdout = std::io::BufReader::with_capacity(64 * 1024, stdout);
-    let violation = loop {
-        match read_frame(&mut stdout, shared.max_response_bytes) {
-            Ok(body) => match serde_json::from_slice::<Response>(&body) {
-                Ok(response) => {
-                    if let Err(detail) = route(shared, response) {
-                        break Some(detail);
-                    }
-                }
-                Err(e) => break Some(format!("malformed answer frame: {e}")),
-            },
-            Err(FrameError::Eof) => break None,
-            Err(FrameError::TooLarge { len }) => {
-                break Some(format!(
-                    "answer frame of {len} bytes exceeds the limit of {}",
-                    fmt_bytes(shared.max_response_bytes)
-                ));
-            }
-            Err(FrameError::Io(e)) => break Some(format!("broken answer stream: {e}")),
-        }
-    };
-    if let Some(detail) = violation {
+    if let Some(detail) = shared.transport.read_answers(stdout) {
         kill(
             shared,
             KillReason {
@@ -410,20 +478,6 @@ fn read_answers(shared: &Arc<Shared>, stdout: ChildStdout) {
     }
     let status = reap(shared);
     process_death(shared, status);
-}
-
-/// Hands an answer to its waiter.
-fn route(shared: &Shared, response: Response) -> Result<(), String> {
-    let id = response.id();
-    let waiter = shared.waiters.lock().map.remove(&id);
-    match waiter {
-        Some(tx) => {
-            // The caller may have given up (timed out): nobody to tell.
-            let _ = tx.try_send(Reply::Answer(response));
-            Ok(())
-        }
-        None => Err(format!("answer to unknown request id {id}")),
-    }
 }
 
 /// Waits for the process to end; one that closed its protocol pipe but
@@ -532,14 +586,7 @@ fn process_death(shared: &Shared, status: Option<ExitStatus>) {
         }
     }
     shared.exited.notify_all();
-    let waiters = {
-        let mut waiters = shared.waiters.lock();
-        waiters.closed = true;
-        std::mem::take(&mut waiters.map)
-    };
-    for (_, tx) in waiters {
-        let _ = tx.try_send(Reply::Died(Arc::clone(&report)));
-    }
+    shared.transport.fail_all(&report);
 }
 
 /// The stderr thread: every line to the log, tagged with the plugin, and

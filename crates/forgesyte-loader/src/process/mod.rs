@@ -17,9 +17,10 @@
 //!   by contract, and one process per plugin keeps one copy of its models
 //!   in memory). A call past its timeout kills the runner.
 //!
-//! The protocol is in `protocol` (u32 little-endian length + JSON, with
-//! request ids); the runner's side in [`runner_main`]; the host's in
-//! `child`. Faults come back as typed errors with a precise reason
+//! The wire protocol is `forgesyte_protocol::wire` (specified in its
+//! `PROTOCOL.md`); the runner's side is [`runner_main`]; the host's side is
+//! `transport` (routing over any pair of streams) and `child` (the
+//! process: spawning, stopping, reaping). Faults come back as typed errors with a precise reason
 //! (`killed by signal SIGSEGV (11)`, `exited with code 3`, `exceeded memory
 //! limit 512 MiB`, `timed out after 5 s during init`, a protocol violation)
 //! and the last lines the plugin wrote to stderr. Every stderr line is also
@@ -30,8 +31,9 @@
 
 mod child;
 mod exit;
-mod protocol;
 mod runner;
+mod transport;
+mod wire_error;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,8 +42,11 @@ use std::time::Duration;
 use forgesyte_errors::{CrashCause, ImportError, InitError, PluginError, TimeoutError, ToolError};
 use parking_lot::Mutex;
 
-use self::child::{Child, KillReason, Reply, SpawnError, SpawnOptions};
-use self::protocol::{Request, Response};
+use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response};
+
+use self::child::{Child, KillReason, SpawnError, SpawnOptions};
+use self::transport::Reply;
+use self::wire_error::WireErrorExt;
 use crate::host::{ExitCallback, Importer, PluginInstance, PluginLibrary, ToolInfo};
 use crate::manifest::Limits;
 
@@ -96,22 +101,19 @@ impl ProcessLimits {
 
 /// Where the runner is when the host names none: `forgesyte-runner` next to
 /// the current executable (or one directory up, Cargo's layout for test
-/// binaries), else on `PATH`.
+/// binaries). Never a program found on `PATH`: the runner is code the host
+/// trusts with its plugins, so it is the configured one, the host itself,
+/// or the one installed beside it; and whichever it is, it must pass the
+/// handshake.
 pub fn find_runner() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok();
-    let beside = exe
-        .as_deref()
+    exe.as_deref()
         .and_then(Path::parent)
         .into_iter()
         .flat_map(|dir| [Some(dir), dir.parent()])
         .flatten()
-        .map(|dir| dir.join(RUNNER_NAME));
-    let on_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|dir| dir.join(RUNNER_NAME));
-    beside.chain(on_path).find(|p| p.is_file())
+        .map(|dir| dir.join(RUNNER_NAME))
+        .find(|p| p.is_file())
 }
 
 /// Opens plugin libraries in runner processes.
@@ -172,6 +174,14 @@ impl ProcessImporter {
         )
     }
 
+    fn version_mismatch(&self, runner: u32) -> ImportError {
+        ImportError::ProtocolMismatch {
+            runner: self.runner.display().to_string(),
+            host: PROTOCOL_VERSION,
+            runner_version: runner,
+        }
+    }
+
     fn handshake_timeout(&self) -> TimeoutError {
         TimeoutError {
             operation: "handshake".into(),
@@ -196,6 +206,7 @@ impl Importer for ProcessImporter {
                 detail: self.start_error(&e),
             },
             SpawnError::Import(wire) => (*wire).into_import(path),
+            SpawnError::Version { runner } => self.version_mismatch(runner),
             SpawnError::Died(report) => match &report.crash {
                 Some(crash) => ImportError::Crashed(crash.clone()),
                 None => ImportError::Open {
@@ -236,6 +247,9 @@ impl PluginLibrary for ProcessLibrary {
                         (*wire).into_import(&self.path)
                     ),
                 },
+                SpawnError::Version { runner } => InitError::Failed {
+                    message: self.importer.version_mismatch(runner).to_string(),
+                },
                 SpawnError::Died(report) => match &report.crash {
                     Some(crash) => InitError::Crashed(crash.clone()),
                     None => InitError::Failed {
@@ -246,14 +260,33 @@ impl PluginLibrary for ProcessLibrary {
             })?,
         };
         let limits = self.importer.limits;
-        let config = String::from_utf8_lossy(config).into_owned();
-        let reply = child.request(|id| Request::Create { id, config }, limits.init_timeout);
+        if serde_json::from_slice::<serde::de::IgnoredAny>(config).is_err() {
+            return Err(InitError::Protocol {
+                detail: "the construction config is not JSON".into(),
+            });
+        }
+        let reply = child.request(
+            |id| format!(r#"{{"op":"create","id":{id},"config":"#).into_bytes(),
+            &[config, b"}"],
+            &[],
+            limits.init_timeout,
+        );
         let tools = match reply {
-            Ok(Reply::Answer(Response::Created { tools, .. })) => tools,
-            Ok(Reply::Answer(Response::InitFailed { error, .. })) => return Err(error.into_init()),
-            Ok(Reply::Answer(other)) => {
+            Ok(Reply::Answer(Response::Created { tools, .. }, _)) => tools,
+            Ok(Reply::Answer(Response::InitFailed { error, .. }, _)) => {
+                return Err(error.into_init());
+            }
+            Ok(Reply::Answer(other, _)) => {
                 return Err(InitError::Protocol {
-                    detail: format!("unexpected answer to construction: {other:?}"),
+                    detail: format!(
+                        "unexpected '{}' answer to construction",
+                        forgesyte_protocol::wire::response_kind(&other)
+                    ),
+                });
+            }
+            Ok(Reply::Greeting(_)) => {
+                return Err(InitError::Protocol {
+                    detail: "a second greeting".into(),
                 });
             }
             Ok(Reply::Died(report)) | Err(Some(report)) => return Err(init_crash(&report)),
@@ -286,7 +319,8 @@ fn init_crash(report: &crate::host::ExitReport) -> InitError {
     }
 }
 
-/// A plugin instance in a runner process. Dropping it kills the process.
+/// A plugin instance in a runner process. Dropping it stops the process
+/// (asked first, killed after a grace).
 #[derive(Debug)]
 pub struct ProcessInstance {
     child: Child,
@@ -294,26 +328,63 @@ pub struct ProcessInstance {
     call_timeout: Duration,
 }
 
-impl PluginInstance for ProcessInstance {
-    fn tools(&self) -> &[ToolInfo] {
-        &self.tools
+impl ProcessInstance {
+    /// The runtime the runner announced (`native`, `python`, …) and its
+    /// version.
+    pub fn runtime(&self) -> (&str, &str) {
+        let hello = self.child.hello();
+        (&hello.runtime, &hello.runtime_version)
     }
 
-    fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
-        let args = String::from_utf8_lossy(args).into_owned();
-        let reply = self.child.request(
-            |id| Request::Call {
-                id,
-                tool: tool.to_owned(),
-                args,
-            },
-            self.call_timeout,
-        );
+    /// Runs `tool` with the JSON `args` and binary `attachments`, placed at
+    /// the JSON Pointers of `pointers` (see `PROTOCOL.md`). The result's own
+    /// attachments come back as base64 strings at their places, the
+    /// representation of bytes in JSON answers.
+    pub fn call_with(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+    ) -> Result<Vec<u8>, ToolError> {
+        let head = |id: u64| {
+            let mut head = format!(r#"{{"op":"call","id":{id},"tool":"#).into_bytes();
+            // A string always serialises.
+            let _ = serde_json::to_writer(&mut head, tool);
+            if !attachments.is_empty() {
+                head.extend_from_slice(br#","attachments":"#);
+                let pointers: Vec<&str> = attachments.iter().map(|(p, _)| *p).collect();
+                let _ = serde_json::to_writer(&mut head, &pointers);
+            }
+            head.extend_from_slice(br#","args":"#);
+            head
+        };
+        if serde_json::from_slice::<serde::de::IgnoredAny>(args).is_err() {
+            return Err(ToolError::InvalidArgs {
+                message: "the arguments are not JSON".into(),
+            });
+        }
+        let bytes: Vec<&[u8]> = attachments.iter().map(|(_, b)| *b).collect();
+        let reply = self
+            .child
+            .request(head, &[args, b"}"], &bytes, self.call_timeout);
         match reply {
-            Ok(Reply::Answer(Response::Result { result, .. })) => Ok(result.into_bytes()),
-            Ok(Reply::Answer(Response::ToolFailed { error, .. })) => Err(error.into_tool()),
-            Ok(Reply::Answer(other)) => Err(ToolError::Protocol {
-                detail: format!("unexpected answer to a tool call: {other:?}"),
+            Ok(Reply::Answer(
+                Response::Result {
+                    result,
+                    attachments,
+                    ..
+                },
+                frame,
+            )) => with_attachments(result.get(), &attachments, &frame),
+            Ok(Reply::Answer(Response::ToolFailed { error, .. }, _)) => Err(error.into_tool()),
+            Ok(Reply::Answer(other, _)) => Err(ToolError::Protocol {
+                detail: format!(
+                    "unexpected '{}' answer to a tool call",
+                    forgesyte_protocol::wire::response_kind(&other)
+                ),
+            }),
+            Ok(Reply::Greeting(_)) => Err(ToolError::Protocol {
+                detail: "a second greeting".into(),
             }),
             Ok(Reply::Died(report)) | Err(Some(report)) => Err(tool_crash(&report)),
             Err(None) => {
@@ -329,7 +400,50 @@ impl PluginInstance for ProcessInstance {
             }
         }
     }
+}
 
+/// A result's JSON with its attachments put in as base64 strings.
+fn with_attachments(
+    result: &str,
+    pointers: &[String],
+    frame: &forgesyte_protocol::wire::Frame,
+) -> Result<Vec<u8>, ToolError> {
+    use base64::Engine as _;
+    if pointers.is_empty() {
+        return Ok(result.as_bytes().to_vec());
+    }
+    let protocol = |detail: String| ToolError::Protocol { detail };
+    if pointers.len() != frame.attachment_count() {
+        return Err(protocol(format!(
+            "{} attachment places for {} attachments",
+            pointers.len(),
+            frame.attachment_count()
+        )));
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_str(result).map_err(|e| protocol(e.to_string()))?;
+    for (pointer, bytes) in pointers.iter().zip(frame.attachments()) {
+        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+        forgesyte_protocol::wire::attach::place(&mut value, pointer, text.into())
+            .map_err(|e| protocol(e.to_string()))?;
+    }
+    serde_json::to_vec(&value).map_err(|e| protocol(e.to_string()))
+}
+
+impl PluginInstance for ProcessInstance {
+    fn tools(&self) -> &[ToolInfo] {
+        &self.tools
+    }
+
+    fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
+        self.call_with(tool, args, &[])
+    }
+
+    fn stop(&self) {
+        // Dropping the last owner of the child stops it; before that, ask
+        // it to exit (it reads the end of its input) with the same grace.
+        self.child.stop();
+    }
     fn pid(&self) -> Option<u32> {
         Some(self.child.pid())
     }

@@ -6,14 +6,20 @@
 //!    stderr, so whatever the plugin prints lands in the log instead of
 //!    corrupting the protocol.
 //! 2. Sets its own address-space limit (`RLIMIT_AS`) when asked to.
-//! 3. Loads the library through [`NativeLibrary`] (the same checks as
-//!    in-process) and sends the hello frame, or the import error.
-//! 4. Reads requests on stdin; each runs on its own thread, so several calls
+//! 3. Watches its parent: if the host goes (and its parent-death signal
+//!    did not end this process), the runner exits within
+//!    [`PARENT_POLL`].
+//! 4. Loads the library through [`NativeLibrary`] (the same checks as
+//!    in-process) and sends the hello (protocol version, runtime `native`,
+//!    capabilities), or the import error.
+//! 5. Reads requests on stdin; each runs on its own thread, so several calls
 //!    can be in flight (the SDK requires `Send + Sync` plugins). Answers are
-//!    written whole under one lock.
-//! 5. Exits as soon as stdin ends: the host has gone or let it go. It never
+//!    written whole under one lock. Attachments of a call are put into the
+//!    arguments as base64 strings (ABI 1 plugins take JSON only).
+//! 6. Exits as soon as stdin ends: the host has gone or let it go. It never
 //!    unloads the library or destroys the instance; the process ending is
-//!    the cleanup.
+//!    the cleanup. A frame over [`MAX_REQUEST_BYTES`] or one that is not
+//!    the protocol ends it with [`EXIT_PROTOCOL`].
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -22,17 +28,26 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use forgesyte_errors::{InitError, ToolError};
-use forgesyte_plugin_sdk::abi::ABI_VERSION;
+use std::time::Duration;
 
-use super::protocol::{FrameError, Request, Response, WireError, read_frame, write_frame};
+use forgesyte_errors::{InitError, ToolError};
+use forgesyte_protocol::abi::ABI_VERSION;
+use forgesyte_protocol::wire::{
+    Frame, FrameError, Hello, PROTOCOL_VERSION, Request, Response, WireError, capability,
+    read_frame, write_frame,
+};
+use serde_json::value::RawValue;
+
+use super::wire_error::WireErrorExt;
 use crate::host::{PluginInstance, PluginLibrary};
 use crate::native::NativeLibrary;
 
 /// Exit code for a bad command line.
 const EXIT_USAGE: u8 = 64;
 /// Exit code for a broken protocol (the host sent garbage).
-const EXIT_PROTOCOL: u8 = 65;
+pub(crate) const EXIT_PROTOCOL: u8 = 65;
+/// How often the runner checks that its parent is still the host.
+const PARENT_POLL: Duration = Duration::from_millis(100);
 /// Exit code when the protocol could not be set up.
 const EXIT_SETUP: u8 = 71;
 
@@ -43,7 +58,7 @@ const CALL_STACK_BYTES: usize = 4 * 1024 * 1024;
 
 /// The largest request frame the runner accepts (the host caps its bodies
 /// far below this).
-const MAX_REQUEST_BYTES: u64 = 1 << 31;
+pub(crate) const MAX_REQUEST_BYTES: u64 = 1 << 31;
 
 /// The runner's command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +133,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         );
         return ExitCode::from(EXIT_SETUP);
     }
+    watch_parent();
     let library = match NativeLibrary::open(&args.library) {
         Ok(library) => Arc::new(library),
         Err(e) => {
@@ -126,17 +142,24 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 &Response::ImportFailed {
                     error: WireError::import(&e),
                 },
+                &[],
             );
             return ExitCode::SUCCESS;
         }
     };
     send(
         &out,
-        &Response::Hello {
-            abi_version: ABI_VERSION,
-            sdk_version: library.sdk_version(),
+        &Response::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            runtime: "native".into(),
+            runtime_version: format!("ABI {ABI_VERSION}, SDK {}", library.sdk_version()),
             pid: std::process::id(),
-        },
+            capabilities: vec![
+                capability::ATTACHMENTS.into(),
+                capability::CONCURRENT_CALLS.into(),
+            ],
+        }),
+        &[],
     );
     serve(&args, &library, &out)
 }
@@ -146,24 +169,17 @@ fn serve(args: &Args, library: &Arc<NativeLibrary>, out: &Arc<Mutex<File>>) -> E
     let instance: Arc<OnceLock<Box<dyn PluginInstance>>> = Arc::new(OnceLock::new());
     let mut stdin = io::stdin().lock();
     loop {
-        let body = match read_frame(&mut stdin, MAX_REQUEST_BYTES) {
-            Ok(body) => body,
+        let frame = match read_frame(&mut stdin, MAX_REQUEST_BYTES) {
+            Ok(frame) => frame,
             // The host closed our stdin: it is done with us. Calls still
             // running die with the process.
             Err(FrameError::Eof) => std::process::exit(0),
-            Err(FrameError::TooLarge { len }) => {
-                eprintln!(
-                    "forgesyte-runner[{}]: request frame of {len} bytes",
-                    args.plugin
-                );
-                return ExitCode::from(EXIT_PROTOCOL);
-            }
-            Err(FrameError::Io(e)) => {
+            Err(e) => {
                 eprintln!("forgesyte-runner[{}]: reading stdin: {e}", args.plugin);
                 return ExitCode::from(EXIT_PROTOCOL);
             }
         };
-        let request: Request = match serde_json::from_slice(&body) {
+        let request: Request = match serde_json::from_slice(frame.header()) {
             Ok(request) => request,
             Err(e) => {
                 eprintln!("forgesyte-runner[{}]: malformed request: {e}", args.plugin);
@@ -180,8 +196,8 @@ fn serve(args: &Args, library: &Arc<NativeLibrary>, out: &Arc<Mutex<File>>) -> E
             .name(name.to_owned())
             .stack_size(CALL_STACK_BYTES)
             .spawn(move || {
-                let response = handle(request, &library, &instance);
-                send(&answers, &response);
+                let response = handle(request, &frame, &library, &instance);
+                send(&answers, &response, &[]);
             });
         if let Err(e) = spawned {
             let detail = format!("the runner cannot start a thread: {e}");
@@ -199,7 +215,7 @@ fn serve(args: &Args, library: &Arc<NativeLibrary>, out: &Arc<Mutex<File>>) -> E
                     }),
                 },
             };
-            send(out, &response);
+            send(out, &response, &[]);
         }
     }
 }
@@ -207,6 +223,7 @@ fn serve(args: &Args, library: &Arc<NativeLibrary>, out: &Arc<Mutex<File>>) -> E
 /// Runs one request against the library or its instance.
 fn handle(
     request: Request,
+    frame: &Frame,
     library: &NativeLibrary,
     instance: &OnceLock<Box<dyn PluginInstance>>,
 ) -> Response {
@@ -221,7 +238,7 @@ fn handle(
                     error: WireError::init(&e),
                 };
             }
-            match library.instantiate(config.as_bytes()) {
+            match library.instantiate(config.get().as_bytes()) {
                 Ok(created) => {
                     let tools = created.tools().to_vec();
                     // Only one create is ever sent; a lost race keeps the first.
@@ -234,7 +251,12 @@ fn handle(
                 },
             }
         }
-        Request::Call { id, tool, args } => {
+        Request::Call {
+            id,
+            tool,
+            args,
+            attachments,
+        } => {
             let Some(instance) = instance.get() else {
                 let e = ToolError::Protocol {
                     detail: "no instance: the plugin was never constructed".into(),
@@ -244,11 +266,30 @@ fn handle(
                     error: WireError::tool(&e),
                 };
             };
-            match instance.call(&tool, args.as_bytes()) {
+            let args = match with_base64_attachments(args, &attachments, frame) {
+                Ok(args) => args,
+                Err(e) => {
+                    return Response::ToolFailed {
+                        id,
+                        error: WireError::tool(&e),
+                    };
+                }
+            };
+            let outcome = instance
+                .call(&tool, args.get().as_bytes())
+                .and_then(|result| {
+                    String::from_utf8(result)
+                        .map_err(|e| e.to_string())
+                        .and_then(|text| RawValue::from_string(text).map_err(|e| e.to_string()))
+                        .map_err(|detail| ToolError::Protocol {
+                            detail: format!("the result is not JSON: {detail}"),
+                        })
+                });
+            match outcome {
                 Ok(result) => Response::Result {
                     id,
-                    result: String::from_utf8(result)
-                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                    result,
+                    attachments: Vec::new(),
                 },
                 Err(e) => Response::ToolFailed {
                     id,
@@ -259,12 +300,66 @@ fn handle(
     }
 }
 
+/// The arguments with each attachment put at its place as a base64
+/// string: a native plugin of ABI 1 takes JSON only.
+fn with_base64_attachments(
+    args: Box<RawValue>,
+    pointers: &[String],
+    frame: &Frame,
+) -> Result<Box<RawValue>, ToolError> {
+    use base64::Engine as _;
+    if pointers.is_empty() && frame.attachment_count() == 0 {
+        return Ok(args);
+    }
+    let invalid = |message: String| ToolError::InvalidArgs { message };
+    if pointers.len() != frame.attachment_count() {
+        return Err(invalid(format!(
+            "{} attachment places for {} attachments",
+            pointers.len(),
+            frame.attachment_count()
+        )));
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_str(args.get()).map_err(|e| invalid(e.to_string()))?;
+    for (pointer, bytes) in pointers.iter().zip(frame.attachments()) {
+        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+        forgesyte_protocol::wire::attach::place(&mut value, pointer, text.into())
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    serde_json::value::to_raw_value(&value).map_err(|e| invalid(e.to_string()))
+}
+
 /// Writes one answer; if the host is gone there is nobody to serve.
-fn send(out: &Mutex<File>, response: &Response) {
+fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
+    let header = match serde_json::to_vec(response) {
+        Ok(header) => header,
+        Err(e) => {
+            eprintln!("forgesyte-runner: cannot encode an answer: {e}");
+            std::process::exit(i32::from(EXIT_PROTOCOL));
+        }
+    };
     let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
-    if write_frame(&mut *out, response).is_err() {
+    if write_frame(&mut *out, &header, attachments).is_err() {
         std::process::exit(0);
     }
+}
+
+/// The fallback to the parent-death signal: a thread that ends the process
+/// when its parent is no longer the one it started with (the host died and
+/// the process was re-parented).
+fn watch_parent() {
+    let parent = rustix::process::getppid();
+    let _ = std::thread::Builder::new()
+        .name("forgesyte-parent-watch".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            loop {
+                std::thread::sleep(PARENT_POLL);
+                if rustix::process::getppid() != parent {
+                    std::process::exit(0);
+                }
+            }
+        });
 }
 
 /// Duplicates fd 1 to a private close-on-exec descriptor for the protocol

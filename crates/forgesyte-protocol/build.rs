@@ -1,6 +1,6 @@
-//! Records the compiler that builds the SDK and the target it builds for, so
-//! every plugin library carries a build fingerprint (`PluginVTable::rustc_version`
-//! and the `.forgesyte_abi` record of `fingerprint`) the host can check.
+//! Records the compiler that builds this crate and the target it builds for:
+//! the build fingerprint of every plugin library (through the SDK) and the
+//! host's own target (to compare a library's against) both come from here.
 
 use std::process::Command;
 
@@ -17,11 +17,11 @@ fn main() {
         .map(|s| s.trim().replace('\0', ""))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
-    println!("cargo:rustc-env=FORGESYTE_SDK_RUSTC_VERSION={version}");
+    println!("cargo:rustc-env=FORGESYTE_BUILD_RUSTC_VERSION={version}");
     // Cargo always sets TARGET for build scripts.
     let target = std::env::var("TARGET")
         .ok()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
-    println!("cargo:rustc-env=FORGESYTE_SDK_TARGET={target}");
+    println!("cargo:rustc-env=FORGESYTE_BUILD_TARGET={target}");
 }

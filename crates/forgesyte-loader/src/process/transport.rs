@@ -1,0 +1,414 @@
+//! The host's side of one runner connection, apart from any process: it
+//! writes requests to a stream, reads answers from another, and routes each
+//! answer to the caller waiting for its id. It takes its streams as
+//! arguments, so it is tested over in-memory pipes; spawning and reaping the
+//! process is [`super::child`]'s business.
+//!
+//! Several requests can be in flight at once: each registers a one-shot
+//! channel under a fresh id, its frame is written under the writer lock, and
+//! the one reader hands each answer to the channel of its id. The first
+//! frame is the runner's greeting, checked by
+//! [`forgesyte_protocol::wire::greeting`] (version included) and handed to
+//! whoever waits for [`HELLO_ID`].
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::time::Duration;
+
+use forgesyte_protocol::wire::{
+    Frame, FrameError, Greeting, HELLO_ID, HandshakeError, Response, read_body, read_frame,
+    write_frame_parts,
+};
+use parking_lot::Mutex;
+
+use crate::host::ExitReport;
+
+/// What a waiting request receives.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// The runner's greeting (to [`HELLO_ID`]).
+    Greeting(Result<Greeting, HandshakeError>),
+    /// The runner's answer, and the frame that carried it (its
+    /// attachments).
+    Answer(Response, Frame),
+    /// The connection ended before an answer came.
+    Died(Arc<ExitReport>),
+}
+
+/// Why a request got no reply.
+#[derive(Debug)]
+pub(crate) enum RequestError {
+    /// None within the timeout (nothing was done about it).
+    TimedOut,
+    /// The connection is closed: this is how it ended, if known.
+    Closed(Option<Arc<ExitReport>>),
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    closed: Option<Arc<ExitReport>>,
+    next_id: u64,
+    map: HashMap<u64, SyncSender<Reply>>,
+}
+
+/// One connection to a runner.
+pub(crate) struct Transport {
+    writer: Mutex<Option<Box<dyn Write + Send>>>,
+    waiters: Mutex<Waiters>,
+    max_answer_bytes: u64,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("max_answer_bytes", &self.max_answer_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// A connection writing requests to `writer`, accepting answer frames
+    /// of at most `max_answer_bytes`; the returned receiver gets the
+    /// greeting.
+    pub(crate) fn new(
+        writer: impl Write + Send + 'static,
+        max_answer_bytes: u64,
+    ) -> (Transport, Receiver<Reply>) {
+        let (tx, rx) = sync_channel(1);
+        let mut map = HashMap::new();
+        map.insert(HELLO_ID, tx);
+        let transport = Transport {
+            writer: Mutex::new(Some(Box::new(writer))),
+            waiters: Mutex::new(Waiters {
+                closed: None,
+                next_id: HELLO_ID + 1,
+                map,
+            }),
+            max_answer_bytes,
+        };
+        (transport, rx)
+    }
+
+    /// Sends a request and waits up to `timeout` for its answer. The
+    /// header is `head(id)` followed by `tail` (written as is, not copied);
+    /// `attachments` follow.
+    pub(crate) fn request(
+        &self,
+        head: impl FnOnce(u64) -> Vec<u8>,
+        tail: &[&[u8]],
+        attachments: &[&[u8]],
+        timeout: Duration,
+    ) -> Result<Reply, RequestError> {
+        let (id, rx) = {
+            let mut waiters = self.waiters.lock();
+            if let Some(report) = &waiters.closed {
+                return Err(RequestError::Closed(Some(Arc::clone(report))));
+            }
+            let id = waiters.next_id;
+            waiters.next_id += 1;
+            let (tx, rx) = sync_channel(1);
+            waiters.map.insert(id, tx);
+            (id, rx)
+        };
+        let head = head(id);
+        let mut header = Vec::with_capacity(1 + tail.len());
+        header.push(head.as_slice());
+        header.extend_from_slice(tail);
+        let written = match self.writer.lock().as_mut() {
+            Some(w) => write_frame_parts(w, &header, attachments).is_ok(),
+            None => false,
+        };
+        if !written {
+            // The peer is gone (or we let it go): the end of the connection
+            // is being processed and its report follows.
+            self.waiters.lock().map.remove(&id);
+            return Err(RequestError::Closed(self.closed()));
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(reply) => Ok(reply),
+            Err(RecvTimeoutError::Timeout) => {
+                self.waiters.lock().map.remove(&id);
+                Err(RequestError::TimedOut)
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(RequestError::Closed(self.closed())),
+        }
+    }
+
+    /// How the connection ended, once it has.
+    pub(crate) fn closed(&self) -> Option<Arc<ExitReport>> {
+        self.waiters.lock().closed.clone()
+    }
+
+    /// Closes the request stream: the runner reads the end of its input,
+    /// which asks it to exit.
+    pub(crate) fn close_writer(&self) {
+        self.writer.lock().take();
+    }
+
+    /// Reads answers from `reader` and routes them until the stream ends
+    /// (`None`) or the runner breaks the protocol (`Some(what it did)`).
+    pub(crate) fn read_answers(&self, reader: impl Read) -> Option<String> {
+        let mut reader = io::BufReader::with_capacity(64 * 1024, reader);
+        match read_body(&mut reader, self.max_answer_bytes) {
+            Ok(body) => {
+                let greeting = forgesyte_protocol::wire::greeting(body);
+                let failed = greeting.as_ref().err().map(ToString::to_string);
+                self.deliver(HELLO_ID, Reply::Greeting(greeting));
+                if let Some(detail) = failed {
+                    return Some(detail);
+                }
+            }
+            Err(e) => return frame_violation(e, self.max_answer_bytes),
+        }
+        loop {
+            let frame = match read_frame(&mut reader, self.max_answer_bytes) {
+                Ok(frame) => frame,
+                Err(e) => return frame_violation(e, self.max_answer_bytes),
+            };
+            let response = match serde_json::from_slice::<Response>(frame.header()) {
+                Ok(response) => response,
+                Err(e) => return Some(format!("malformed answer: {e}")),
+            };
+            let id = response.id();
+            if id == HELLO_ID {
+                return Some("a second greeting".into());
+            }
+            if !self.deliver(id, Reply::Answer(response, frame)) {
+                return Some(format!("answer to unknown request id {id}"));
+            }
+        }
+    }
+
+    /// Hands `reply` to the waiter of `id`; `false` if there is none (and
+    /// none was ever registered: a caller that gave up is not an error).
+    fn deliver(&self, id: u64, reply: Reply) -> bool {
+        let (waiter, known) = {
+            let mut waiters = self.waiters.lock();
+            (waiters.map.remove(&id), id < waiters.next_id)
+        };
+        if let Some(tx) = waiter {
+            // The caller may have given up meanwhile: nobody to tell.
+            let _ = tx.try_send(reply);
+        }
+        known
+    }
+
+    /// Ends the connection: every request still waiting, and every later
+    /// one, gets `report`.
+    pub(crate) fn fail_all(&self, report: &Arc<ExitReport>) {
+        let waiters = {
+            let mut waiters = self.waiters.lock();
+            waiters.closed = Some(Arc::clone(report));
+            std::mem::take(&mut waiters.map)
+        };
+        for (_, tx) in waiters {
+            let _ = tx.try_send(Reply::Died(Arc::clone(report)));
+        }
+    }
+}
+
+/// What a frame error means for the connection: `None` for a clean end.
+fn frame_violation(e: FrameError, limit: u64) -> Option<String> {
+    match e {
+        FrameError::Eof => None,
+        FrameError::TooLarge { len, .. } => Some(format!(
+            "answer frame of {len} bytes exceeds the limit of {}",
+            super::child::fmt_bytes(limit)
+        )),
+        other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forgesyte_protocol::wire::{Hello, PROTOCOL_VERSION, Request, write_frame};
+    use serde_json::value::RawValue;
+    use std::io::{PipeReader, PipeWriter, pipe};
+    use std::thread;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    fn hello() -> Vec<u8> {
+        serde_json::to_vec(&Response::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            runtime: "test".into(),
+            runtime_version: "1".into(),
+            pid: 1,
+            capabilities: vec![],
+        }))
+        .unwrap()
+    }
+
+    /// A transport whose runner is `runner(requests, answers)` on a thread,
+    /// and whose reader runs on another; returns the transport and what the
+    /// reader ended with.
+    fn connect(
+        runner: impl FnOnce(PipeReader, PipeWriter) + Send + 'static,
+    ) -> (
+        Arc<Transport>,
+        Receiver<Reply>,
+        thread::JoinHandle<Option<String>>,
+    ) {
+        let (req_r, req_w) = pipe().unwrap();
+        let (ans_r, ans_w) = pipe().unwrap();
+        thread::spawn(move || runner(req_r, ans_w));
+        let (transport, greeting) = Transport::new(req_w, 1 << 20);
+        let transport = Arc::new(transport);
+        let t = Arc::clone(&transport);
+        let reader = thread::spawn(move || {
+            let end = t.read_answers(ans_r);
+            t.fail_all(&Arc::new(ExitReport::protocol("ended")));
+            end
+        });
+        (transport, greeting, reader)
+    }
+
+    /// A runner that greets, then answers each call with its args, in
+    /// reverse order of every two requests (to check routing by id).
+    fn echo_runner(mut requests: PipeReader, mut answers: PipeWriter) {
+        write_frame(&mut answers, &hello(), &[]).unwrap();
+        let mut pending = Vec::new();
+        while let Ok(frame) = read_frame(&mut requests, 1 << 20) {
+            let request: Request = serde_json::from_slice(frame.header()).unwrap();
+            let Request::Call { id, args, .. } = request else {
+                panic!("not a call")
+            };
+            let atts: Vec<Vec<u8>> = frame.attachments().map(<[u8]>::to_vec).collect();
+            pending.push((id, args, atts));
+            if pending.len() == 2 {
+                for (id, args, atts) in pending.drain(..).rev() {
+                    let header = serde_json::to_vec(&Response::Result {
+                        id,
+                        result: args,
+                        attachments: (0..atts.len()).map(|i| format!("/{i}")).collect(),
+                    })
+                    .unwrap();
+                    let refs: Vec<&[u8]> = atts.iter().map(Vec::as_slice).collect();
+                    write_frame(&mut answers, &header, &refs).unwrap();
+                }
+            }
+        }
+    }
+
+    fn call(t: &Transport, args: &str, atts: &[&[u8]]) -> Result<Reply, RequestError> {
+        t.request(
+            |id| format!(r#"{{"op":"call","id":{id},"tool":"echo","args":"#).into_bytes(),
+            &[args.as_bytes(), b"}"],
+            atts,
+            LONG,
+        )
+    }
+
+    #[test]
+    fn answers_reach_their_callers_whatever_their_order() {
+        let (t, greeting, reader) = connect(echo_runner);
+        assert!(matches!(
+            greeting.recv_timeout(LONG),
+            Ok(Reply::Greeting(Ok(Greeting::Hello(_))))
+        ));
+        let callers: Vec<_> = (0..4)
+            .map(|i| {
+                let t = Arc::clone(&t);
+                thread::spawn(move || {
+                    let payload = vec![i as u8; 1000 * i];
+                    match call(&t, &format!("[{i}]"), &[&payload]) {
+                        Ok(Reply::Answer(Response::Result { result, .. }, frame)) => (
+                            result.get().to_owned(),
+                            frame.attachment(0).map(<[u8]>::to_vec),
+                        ),
+                        other => panic!("{other:?}"),
+                    }
+                })
+            })
+            .collect();
+        for (i, caller) in callers.into_iter().enumerate() {
+            let (result, att) = caller.join().unwrap();
+            assert_eq!(result, format!("[{i}]"));
+            assert_eq!(att, Some(vec![i as u8; 1000 * i]));
+        }
+        t.close_writer();
+        assert_eq!(reader.join().unwrap(), None, "a clean end");
+        assert!(matches!(
+            call(&t, "{}", &[]),
+            Err(RequestError::Closed(Some(_)))
+        ));
+    }
+
+    #[test]
+    fn a_runner_of_another_version_is_named_not_garbage() {
+        let (_t, greeting, reader) = connect(|_, mut answers| {
+            // A version-1 hello: a length and bare JSON.
+            let body = br#"{"type":"hello","abi_version":1,"pid":3}"#;
+            answers
+                .write_all(&(body.len() as u32).to_le_bytes())
+                .unwrap();
+            answers.write_all(body).unwrap();
+        });
+        assert!(matches!(
+            greeting.recv_timeout(LONG),
+            Ok(Reply::Greeting(Err(HandshakeError::Version {
+                host: 2,
+                runner: 1
+            })))
+        ));
+        assert!(reader.join().unwrap().unwrap().contains("version 1"));
+    }
+
+    #[test]
+    fn violations_end_the_connection_and_fail_waiters() {
+        // An answer to an id never asked for.
+        let (t, _greeting, reader) = connect(|mut requests, mut answers| {
+            write_frame(&mut answers, &hello(), &[]).unwrap();
+            let _ = read_frame(&mut requests, 1 << 20);
+            let bogus = serde_json::to_vec(&Response::Result {
+                id: 999,
+                result: RawValue::from_string("1".into()).unwrap(),
+                attachments: vec![],
+            })
+            .unwrap();
+            write_frame(&mut answers, &bogus, &[]).unwrap();
+            thread::sleep(LONG);
+        });
+        assert!(matches!(call(&t, "{}", &[]), Ok(Reply::Died(_))));
+        assert!(
+            reader
+                .join()
+                .unwrap()
+                .unwrap()
+                .contains("unknown request id 999")
+        );
+        // Garbage after the greeting; an oversized frame.
+        for (bytes, expected) in [
+            (b"\x05\x00\x00\x00hello".to_vec(), "malformed"),
+            ((u32::MAX).to_le_bytes().to_vec(), "exceeds the limit"),
+        ] {
+            let (_t, _g, reader) = connect(move |_, mut answers| {
+                write_frame(&mut answers, &hello(), &[]).unwrap();
+                answers.write_all(&bytes).unwrap();
+            });
+            let end = reader.join().unwrap().unwrap();
+            assert!(end.contains(expected), "{end}");
+        }
+    }
+
+    #[test]
+    fn a_silent_runner_times_out_and_the_waiter_is_forgotten() {
+        let (t, greeting, _reader) = connect(|requests, mut answers| {
+            write_frame(&mut answers, &hello(), &[]).unwrap();
+            let _keep = requests;
+            thread::sleep(LONG);
+        });
+        assert!(greeting.recv_timeout(LONG).is_ok());
+        let r = t.request(
+            |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
+            &[],
+            &[],
+            Duration::from_millis(50),
+        );
+        assert!(matches!(r, Err(RequestError::TimedOut)));
+        assert!(t.waiters.lock().map.is_empty());
+    }
+}

@@ -1,0 +1,209 @@
+//! The host's typed errors, flattened to the protocol's [`WireError`] (a
+//! `kind` and the facts it needs, see `PROTOCOL.md` "Errors") and back.
+//! Only the loader knows both sides, so the conversions live here.
+
+use std::path::{Path, PathBuf};
+
+use forgesyte_errors::{ImportError, InitError, ToolError};
+use forgesyte_protocol::wire::WireError;
+
+/// Conversions between [`WireError`] and the host's errors.
+pub(crate) trait WireErrorExt: Sized {
+    /// Flattens an import error.
+    fn import(e: &ImportError) -> Self;
+    /// Turns a flattened import error back into the typed one; `library`
+    /// stands in for a missing path.
+    fn into_import(self, library: &Path) -> ImportError;
+    /// Flattens a construction error.
+    fn init(e: &InitError) -> Self;
+    /// Turns a flattened construction error back into the typed one.
+    fn into_init(self) -> InitError;
+    /// Flattens a tool error.
+    fn tool(e: &ToolError) -> Self;
+    /// Turns a flattened tool error back into the typed one.
+    fn into_tool(self) -> ToolError;
+}
+
+fn with_path(mut w: WireError, path: &Path) -> WireError {
+    w.path = Some(path.display().to_string());
+    w
+}
+
+impl WireErrorExt for WireError {
+    fn import(e: &ImportError) -> Self {
+        let at =
+            |kind: &str, detail: &str, path: &Path| with_path(WireError::new(kind, detail), path);
+        match e {
+            ImportError::LibraryNotFound { path } => at("LibraryNotFound", "", path),
+            ImportError::NotALibrary { path, detail } => at("NotALibrary", detail, path),
+            ImportError::UnresolvedSymbol { path, detail } => at("UnresolvedSymbol", detail, path),
+            ImportError::MissingSharedLibrary { path, detail } => {
+                at("MissingSharedLibrary", detail, path)
+            }
+            ImportError::Open { path, detail } => at("Open", detail, path),
+            ImportError::MissingEntrySymbol { path, symbol } => {
+                let mut w = at("MissingEntrySymbol", "", path);
+                w.name = Some(symbol.clone());
+                w
+            }
+            ImportError::AbiMismatch { path, host, plugin } => {
+                let mut w = at("AbiMismatch", "", path);
+                w.versions = Some((*host, *plugin));
+                w
+            }
+            ImportError::Incompatible { path, detail } => at("Incompatible", detail, path),
+            ImportError::InvalidInterface { path, detail } => at("InvalidInterface", detail, path),
+            other => WireError::new("Other", other.to_string()),
+        }
+    }
+
+    fn into_import(self, library: &Path) -> ImportError {
+        let path = self
+            .path
+            .map_or_else(|| library.to_path_buf(), PathBuf::from);
+        let detail = self.message;
+        match self.kind.as_str() {
+            "LibraryNotFound" => ImportError::LibraryNotFound { path },
+            "NotALibrary" => ImportError::NotALibrary { path, detail },
+            "UnresolvedSymbol" => ImportError::UnresolvedSymbol { path, detail },
+            "MissingSharedLibrary" => ImportError::MissingSharedLibrary { path, detail },
+            "MissingEntrySymbol" => ImportError::MissingEntrySymbol {
+                path,
+                symbol: self.name.unwrap_or_default(),
+            },
+            "AbiMismatch" => {
+                let (host, plugin) = self.versions.unwrap_or_default();
+                ImportError::AbiMismatch { path, host, plugin }
+            }
+            "Incompatible" => ImportError::Incompatible { path, detail },
+            "InvalidInterface" => ImportError::InvalidInterface { path, detail },
+            _ => ImportError::Open { path, detail },
+        }
+    }
+
+    fn init(e: &InitError) -> Self {
+        match e {
+            InitError::Failed { message } => WireError::new("Failed", message),
+            InitError::Panicked { message } => WireError::new("Panicked", message),
+            InitError::Protocol { detail } => WireError::new("Protocol", detail),
+            other => WireError::new("Failed", other.to_string()),
+        }
+    }
+
+    fn into_init(self) -> InitError {
+        match self.kind.as_str() {
+            "Panicked" => InitError::Panicked {
+                message: self.message,
+            },
+            "Protocol" => InitError::Protocol {
+                detail: self.message,
+            },
+            _ => InitError::Failed {
+                message: self.message,
+            },
+        }
+    }
+
+    fn tool(e: &ToolError) -> Self {
+        match e {
+            ToolError::UnknownTool { tool, .. } => {
+                let mut w = WireError::new("UnknownTool", "");
+                w.name = Some(tool.clone());
+                w
+            }
+            ToolError::InvalidArgs { message } => WireError::new("InvalidArgs", message),
+            ToolError::Failed {
+                error_type,
+                message,
+            } => {
+                let mut w = WireError::new("Failed", message);
+                w.error_type = error_type.clone();
+                w
+            }
+            ToolError::Panicked { message } => WireError::new("Panicked", message),
+            ToolError::Protocol { detail } => WireError::new("Protocol", detail),
+            other => WireError::new("Protocol", other.to_string()),
+        }
+    }
+
+    fn into_tool(self) -> ToolError {
+        match self.kind.as_str() {
+            "UnknownTool" => ToolError::UnknownTool {
+                plugin: String::new(),
+                tool: self.name.unwrap_or_default(),
+            },
+            "InvalidArgs" => ToolError::InvalidArgs {
+                message: self.message,
+            },
+            "Failed" => ToolError::Failed {
+                error_type: self.error_type,
+                message: self.message,
+            },
+            "Panicked" => ToolError::Panicked {
+                message: self.message,
+            },
+            _ => ToolError::Protocol {
+                detail: self.message,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_survive_the_wire() {
+        let imports = [
+            ImportError::AbiMismatch {
+                path: "/p/l.so".into(),
+                host: 1,
+                plugin: 999,
+            },
+            ImportError::MissingEntrySymbol {
+                path: "/p/l.so".into(),
+                symbol: "forgesyte_plugin_entry".into(),
+            },
+            ImportError::UnresolvedSymbol {
+                path: "/p/l.so".into(),
+                detail: "undefined symbol: x".into(),
+            },
+            ImportError::LibraryNotFound {
+                path: "/p/l.so".into(),
+            },
+        ];
+        for e in imports {
+            let back = WireError::import(&e).into_import("/other".as_ref());
+            assert_eq!(back.to_string(), e.to_string());
+        }
+        for e in [
+            InitError::Failed {
+                message: "no weights".into(),
+            },
+            InitError::Panicked {
+                message: "boom".into(),
+            },
+        ] {
+            assert_eq!(WireError::init(&e).into_init().to_string(), e.to_string());
+        }
+        for e in [
+            ToolError::Failed {
+                error_type: Some("InvalidInput".into()),
+                message: "bad".into(),
+            },
+            ToolError::UnknownTool {
+                plugin: String::new(),
+                tool: "x".into(),
+            },
+            ToolError::InvalidArgs {
+                message: "not JSON".into(),
+            },
+            ToolError::Protocol {
+                detail: "odd".into(),
+            },
+        ] {
+            assert_eq!(WireError::tool(&e).into_tool(), e);
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The plugin C ABI, version 1: the contract between a plugin library and
+//! any host that loads it in its own process.
+//!
+//! Plugin authors never touch this module: the SDK's `export_plugin!`
+//! generates the plugin side. Hosts use these definitions (and
+//! [`PluginBuffer`], which hands a plugin's buffer back to it when dropped);
+//! a host in another language mirrors them.
+//!
+//! # Entry
+//!
+//! A plugin library exports one C symbol, [`ENTRY_SYMBOL`]
+//! (`forgesyte_plugin_entry`):
+//!
+//! ```text
+//! extern "C" fn forgesyte_plugin_entry() -> *const PluginVTable
+//! ```
+//!
+//! It returns a pointer to a `static` [`PluginVTable`], valid for as long
+//! as the library stays loaded. The host reads
+//! [`PluginVTable::abi_version`] — the first field, at offset 0, in every
+//! ABI version — **before anything else**, and must not touch any other
+//! field unless it equals the [`ABI_VERSION`] it was built for.
+//!
+//! # Calls
+//!
+//! | function | input | `out` on [`STATUS_OK`] |
+//! |---|---|---|
+//! | `create` | config JSON `{"manifest": {…}, "plugin_dir": "/abs", "models": {"name": "/abs/path"}}` | nothing (empty buffer); the instance is in `*out_instance` |
+//! | `tools` | an instance | JSON array of `{"id", "title", "description", "input_schema", "output_schema"}` |
+//! | `call` | an instance, the tool id (UTF-8), the arguments (JSON) | the result JSON |
+//! | `destroy` | an instance | — |
+//! | `free_buffer` | a buffer this library filled | — |
+//!
+//! Every other status comes with `out` holding
+//! `{"error_type": "...", "message": "..."}`:
+//!
+//! | status | meaning | `error_type` |
+//! |---|---|---|
+//! | [`STATUS_ERROR`] | the constructor or the tool returned an error | `"InitError"` from `create`; the tool's own (e.g. `"InvalidInput"`) from `call` |
+//! | [`STATUS_PANIC`] | the plugin panicked; caught, never unwound into the host | `"Panic"`, message = the panic message |
+//! | [`STATUS_UNKNOWN_TOOL`] | `call` named a tool not in the plugin's list | `"UnknownTool"` |
+//! | [`STATUS_BAD_REQUEST`] | the host broke the contract where it can be checked: a null pointer, bytes that are not UTF-8 or not the expected JSON | `"BadRequest"` |
+//!
+//! When `out` itself is null the status is [`STATUS_BAD_REQUEST`] and nothing
+//! is written.
+//!
+//! # Rules
+//!
+//! - **Memory is freed by the side that allocated it.** Input buffers belong
+//!   to the host and are only borrowed for the duration of the call. Every
+//!   [`FsBuffer`] written to `out` was allocated by the plugin and must be
+//!   handed back, exactly once, to the same library's `free_buffer` (an
+//!   empty buffer may be passed too; it is a no-op). Instances are released
+//!   only by `destroy`.
+//! - **No panic crosses the boundary.** Every function catches unwinding and
+//!   turns it into [`STATUS_PANIC`]. (A plugin built with `panic = "abort"`
+//!   cannot be protected: it aborts the process, which is what process
+//!   isolation is for.)
+//! - **Concurrency.** `call` and `tools` may run concurrently from several
+//!   threads on the same instance. `create` may run concurrently for
+//!   different instances. `destroy` must not overlap any other call on that
+//!   instance.
+//! - **Lifetime.** The host never unloads (`dlclose`) a plugin library while
+//!   anything from it may still run, and in practice never unloads it at
+//!   all: thread-local destructors and detached threads make unloading
+//!   unsound. The pointers in the vtable, including the version strings,
+//!   live as long as the library.
+//! - **Versions.** A change of layout or meaning of anything here bumps
+//!   [`ABI_VERSION`]. `sdk_version` and `rustc_version` are informational
+//!   only; since nothing of Rust's own ABI crosses, host and plugin need not
+//!   share a compiler.
+//! - **Fingerprint.** The same versions, the ABI version and the target
+//!   triple are also in the library's `.forgesyte_abi` section
+//!   ([`crate::fingerprint`]), so a host can refuse a mismatch before it
+//!   opens the library. The section is optional for a host: one without it
+//!   falls back to the entry's `abi_version`.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_void};
+use std::fmt;
+use std::mem::ManuallyDrop;
+
+/// The version of this ABI. A host refuses a library whose
+/// [`PluginVTable::abi_version`] differs.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the symbol every plugin library exports.
+pub const ENTRY_SYMBOL: &str = "forgesyte_plugin_entry";
+
+/// [`ENTRY_SYMBOL`], NUL-terminated, for `dlsym`-style lookups.
+pub const ENTRY_SYMBOL_C: &[u8] = b"forgesyte_plugin_entry\0";
+
+/// The signature of [`ENTRY_SYMBOL`].
+pub type EntryFn = extern "C" fn() -> *const PluginVTable;
+
+/// Outcome of a call across the boundary; one of the `STATUS_*` constants.
+pub type FsStatus = i32;
+
+/// Success. `out` holds the result (empty for `create`).
+pub const STATUS_OK: FsStatus = 0;
+/// The constructor or the tool returned an error; `out` holds it.
+pub const STATUS_ERROR: FsStatus = 1;
+/// The plugin panicked; `out` holds `{"error_type": "Panic", "message": …}`.
+pub const STATUS_PANIC: FsStatus = 2;
+/// No tool of that id; `out` holds `{"error_type": "UnknownTool", …}`.
+pub const STATUS_UNKNOWN_TOOL: FsStatus = 3;
+/// The host passed a null pointer or bytes that are not the expected
+/// UTF-8 / JSON; `out` (if not null) holds `{"error_type": "BadRequest", …}`.
+pub const STATUS_BAD_REQUEST: FsStatus = 4;
+
+/// Bytes allocated by the plugin (a `Vec<u8>` of JSON taken apart), owned
+/// by the host until it hands them back to the plugin's `free_buffer`.
+///
+/// The host may read `len` bytes from `ptr`; `cap` is the plugin's business.
+/// A null `ptr` means empty.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FsBuffer {
+    /// Start of the bytes (null when empty).
+    pub ptr: *mut u8,
+    /// Number of initialized bytes.
+    pub len: usize,
+    /// Allocated capacity, needed to free the allocation.
+    pub cap: usize,
+}
+
+impl FsBuffer {
+    /// The empty buffer (null pointer); freeing it is a no-op.
+    pub const fn empty() -> Self {
+        FsBuffer {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            cap: 0,
+        }
+    }
+
+    /// Takes `bytes` apart; only [`PluginVTable::free_buffer`] of the
+    /// library that called this may put it back together.
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        let mut bytes = ManuallyDrop::new(bytes);
+        FsBuffer {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len(),
+            cap: bytes.capacity(),
+        }
+    }
+
+    /// A copy of the bytes, leaving the buffer as it is.
+    ///
+    /// # Safety
+    /// The buffer must be empty or come from a plugin's `out` and not have
+    /// been freed yet.
+    pub unsafe fn to_vec(&self) -> Vec<u8> {
+        if self.ptr.is_null() || self.len == 0 {
+            return Vec::new();
+        }
+        // SAFETY: the caller guarantees `ptr` points to `len` initialized
+        // bytes still owned by the plugin.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+    }
+}
+
+/// The table of functions a plugin library hands the host. See the
+/// [module documentation](self) for the contract.
+#[repr(C)]
+#[derive(Debug)]
+pub struct PluginVTable {
+    /// Must be read first and must equal [`ABI_VERSION`] before any other
+    /// field is used. Never moves from offset 0.
+    pub abi_version: u32,
+    /// Version of the SDK that built the library, static and NUL-terminated.
+    pub sdk_version: *const c_char,
+    /// The compiler that built the SDK (`rustc --version`), or `unknown`;
+    /// static and NUL-terminated. Informational.
+    pub rustc_version: *const c_char,
+    /// Creates an instance from the config JSON `config[..config_len]`.
+    /// On [`STATUS_OK`], `*out_instance` is the new instance; otherwise it
+    /// is null and `out` holds the error.
+    pub create: unsafe extern "C" fn(
+        config: *const u8,
+        config_len: usize,
+        out_instance: *mut *mut c_void,
+        out: *mut FsBuffer,
+    ) -> FsStatus,
+    /// Writes the instance's tools, a JSON array of tool specs, to `out`.
+    pub tools: unsafe extern "C" fn(instance: *const c_void, out: *mut FsBuffer) -> FsStatus,
+    /// Runs tool `tool[..tool_len]` (UTF-8 id) with `args[..args_len]`
+    /// (JSON) and writes the result or the error to `out`.
+    pub call: unsafe extern "C" fn(
+        instance: *const c_void,
+        tool: *const u8,
+        tool_len: usize,
+        args: *const u8,
+        args_len: usize,
+        out: *mut FsBuffer,
+    ) -> FsStatus,
+    /// Drops an instance made by `create`. Null is a no-op.
+    pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+    /// Frees a buffer this library wrote to an `out`. Empty is a no-op.
+    pub free_buffer: unsafe extern "C" fn(buf: FsBuffer),
+}
+
+// SAFETY: the only non-`Sync` fields are the two `*const c_char`, which point
+// to immutable `'static` string literals; the function pointers are plain
+// code addresses. Sharing the table between threads therefore shares only
+// immutable data.
+unsafe impl Sync for PluginVTable {}
+
+// SAFETY: as for `Sync`: nothing the table points to is owned or mutable.
+unsafe impl Send for PluginVTable {}
+
+/// A buffer a plugin wrote to an `out`, owned by the host: it derefs to the
+/// bytes and, when dropped, hands them back to the `free_buffer` of the
+/// library that allocated them, exactly once.
+pub struct PluginBuffer {
+    buf: FsBuffer,
+    free: unsafe extern "C" fn(FsBuffer),
+}
+
+impl PluginBuffer {
+    /// Takes ownership of `buf`, to be freed by `vtable.free_buffer`.
+    ///
+    /// # Safety
+    /// `buf` must be empty, or have been written to an `out` by a function
+    /// of `vtable` and not freed yet; `len` bytes at `ptr` must stay valid
+    /// until it is freed; `vtable`'s library must stay loaded as long as the
+    /// returned value lives (hosts never unload plugin libraries).
+    pub unsafe fn new(buf: FsBuffer, vtable: &PluginVTable) -> Self {
+        PluginBuffer {
+            buf,
+            free: vtable.free_buffer,
+        }
+    }
+
+    /// The bytes (empty for an empty buffer).
+    pub fn as_bytes(&self) -> &[u8] {
+        if self.buf.ptr.is_null() || self.buf.len == 0 {
+            return &[];
+        }
+        // SAFETY: `new`'s contract: `len` initialised bytes at `ptr`, valid
+        // until `drop` frees them; the borrow cannot outlive `self`.
+        unsafe { std::slice::from_raw_parts(self.buf.ptr, self.buf.len) }
+    }
+}
+
+impl std::ops::Deref for PluginBuffer {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl fmt::Debug for PluginBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginBuffer")
+            .field("len", &self.buf.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PluginBuffer {
+    fn drop(&mut self) {
+        if self.buf.ptr.is_null() {
+            return;
+        }
+        let buf = std::mem::replace(&mut self.buf, FsBuffer::empty());
+        // SAFETY: `new`'s contract: the buffer came from the library whose
+        // `free_buffer` this is, and it is freed here, once.
+        unsafe { (self.free)(buf) };
+    }
+}
+
+// SAFETY: the buffer is plain bytes owned by this value alone (the plugin
+// no longer touches it), and `free_buffer` may be called from any thread.
+unsafe impl Send for PluginBuffer {}
+// SAFETY: shared access only reads the bytes.
+unsafe impl Sync for PluginBuffer {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static FREED: AtomicUsize = AtomicUsize::new(0);
+
+    unsafe extern "C" fn free_counting(buf: FsBuffer) {
+        FREED.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: the test made `buf` with `FsBuffer::from_vec`.
+        drop(unsafe { Vec::from_raw_parts(buf.ptr, buf.len, buf.cap) });
+    }
+
+    unsafe extern "C" fn create(
+        _: *const u8,
+        _: usize,
+        _: *mut *mut c_void,
+        _: *mut FsBuffer,
+    ) -> FsStatus {
+        STATUS_BAD_REQUEST
+    }
+    unsafe extern "C" fn tools(_: *const c_void, _: *mut FsBuffer) -> FsStatus {
+        STATUS_BAD_REQUEST
+    }
+    unsafe extern "C" fn call(
+        _: *const c_void,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *mut FsBuffer,
+    ) -> FsStatus {
+        STATUS_BAD_REQUEST
+    }
+    unsafe extern "C" fn destroy(_: *mut c_void) {}
+
+    #[test]
+    fn plugin_buffers_free_themselves_exactly_once() {
+        let vtable = PluginVTable {
+            abi_version: ABI_VERSION,
+            sdk_version: c"test".as_ptr(),
+            rustc_version: c"test".as_ptr(),
+            create,
+            tools,
+            call,
+            destroy,
+            free_buffer: free_counting,
+        };
+        let before = FREED.load(Ordering::SeqCst);
+        {
+            // SAFETY: made here, freed by `free_counting` with the same allocator.
+            let owned = unsafe { PluginBuffer::new(FsBuffer::from_vec(b"{}".to_vec()), &vtable) };
+            assert_eq!(&*owned, b"{}");
+            // SAFETY: the empty buffer is never freed.
+            let empty = unsafe { PluginBuffer::new(FsBuffer::empty(), &vtable) };
+            assert!(empty.is_empty());
+        }
+        assert_eq!(FREED.load(Ordering::SeqCst), before + 1);
+    }
+}

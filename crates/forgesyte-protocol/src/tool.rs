@@ -1,0 +1,90 @@
+//! Tool specs: what a plugin says about each of its tools, the same on
+//! every boundary (the C ABI's `tools`, the wire protocol's `created`).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One tool as the plugin describes it.
+///
+/// On the wire: `{"id", "title", "description", "input_schema",
+/// "output_schema"}`; schemas are JSON Schema objects (free-form JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    /// The id clients call it by (`/v1/plugins/{name}/tools/{id}/run`).
+    pub id: String,
+    /// Short human-readable name.
+    #[serde(default)]
+    pub title: String,
+    /// What it does.
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema of `args`.
+    #[serde(default = "any_object", alias = "inputs")]
+    pub input_schema: Value,
+    /// JSON Schema of the result.
+    #[serde(default = "any_object", alias = "outputs")]
+    pub output_schema: Value,
+}
+
+fn any_object() -> Value {
+    serde_json::json!({ "type": "object" })
+}
+
+impl ToolSpec {
+    /// A tool `id`, titled `id`, without description, taking and returning
+    /// any JSON object.
+    pub fn new(id: impl Into<String>) -> Self {
+        let id = id.into();
+        ToolSpec {
+            title: id.clone(),
+            id,
+            description: String::new(),
+            input_schema: any_object(),
+            output_schema: any_object(),
+        }
+    }
+
+    /// Sets the title.
+    pub fn title(mut self, title: impl Into<String>) -> Self {
+        self.title = title.into();
+        self
+    }
+
+    /// Sets the description.
+    pub fn description(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
+    }
+
+    /// Sets the JSON Schema of the arguments.
+    pub fn inputs(mut self, schema: Value) -> Self {
+        self.input_schema = schema;
+        self
+    }
+
+    /// Sets the JSON Schema of the result.
+    pub fn outputs(mut self, schema: Value) -> Self {
+        self.output_schema = schema;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn specs_default_their_schemas_and_accept_the_manifest_spelling() {
+        let spec: ToolSpec = serde_json::from_value(json!({"id": "ocr"})).unwrap();
+        assert_eq!(spec.input_schema, json!({"type": "object"}));
+        assert_eq!(spec.title, "");
+        let spec: ToolSpec =
+            serde_json::from_value(json!({"id": "ocr", "inputs": {"type": "string"}})).unwrap();
+        assert_eq!(spec.input_schema, json!({"type": "string"}));
+        let built = ToolSpec::new("ocr").title("OCR").description("d");
+        let back: ToolSpec = serde_json::from_value(serde_json::to_value(&built).unwrap()).unwrap();
+        assert_eq!(back, built);
+        assert_eq!(back.title, "OCR");
+    }
+}

@@ -1,0 +1,342 @@
+//! Framing: how one message (a JSON header and its binary attachments)
+//! lies on a byte stream. `PROTOCOL.md` ("Frames") is the normative text.
+//!
+//! ```text
+//! frame := len:u32le body[len]
+//! body  := header_len:u32le count:u32le size:u32le[count] header[header_len] attachment[size_0] … attachment[size_count-1]
+//! ```
+//!
+//! `8 + 4·count + header_len + Σ size_i` must equal `len`; anything else is
+//! a malformed frame. A reader checks `len` against its limit before it
+//! reads (or allocates) the body.
+
+use std::io::{self, Read, Write};
+use std::ops::Range;
+
+/// Bytes of the fixed part of a body (`header_len` and `count`).
+const FIXED: usize = 8;
+
+/// One frame read from a stream: the JSON header and the attachments, as
+/// ranges into one buffer (the body is read with a single allocation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    body: Vec<u8>,
+    header: Range<usize>,
+    attachments: Vec<Range<usize>>,
+}
+
+impl Frame {
+    /// Splits a frame body. Never panics, whatever the bytes.
+    pub fn parse(body: Vec<u8>) -> Result<Frame, FrameError> {
+        let word = |at: usize| -> Option<usize> {
+            let bytes: [u8; 4] = body.get(at..at + 4)?.try_into().ok()?;
+            usize::try_from(u32::from_le_bytes(bytes)).ok()
+        };
+        let (Some(header_len), Some(count)) = (word(0), word(4)) else {
+            return Err(FrameError::Malformed {
+                detail: format!("a frame body of {} bytes has no header", body.len()),
+            });
+        };
+        let table_end = count
+            .checked_mul(4)
+            .and_then(|t| t.checked_add(FIXED))
+            .filter(|&end| end <= body.len())
+            .ok_or_else(|| FrameError::Malformed {
+                detail: format!(
+                    "{count} attachments announced in a frame body of {} bytes",
+                    body.len()
+                ),
+            })?;
+        let header = table_end..table_end.saturating_add(header_len);
+        let mut at = header.end;
+        let mut attachments = Vec::with_capacity(count);
+        for i in 0..count {
+            let size = word(FIXED + 4 * i).unwrap_or(usize::MAX);
+            let end = at.saturating_add(size);
+            attachments.push(at..end);
+            at = end;
+        }
+        if at != body.len() {
+            return Err(FrameError::Malformed {
+                detail: format!(
+                    "the frame's parts add up to {at} bytes, its body holds {}",
+                    body.len()
+                ),
+            });
+        }
+        Ok(Frame {
+            body,
+            header,
+            attachments,
+        })
+    }
+
+    /// The JSON header.
+    pub fn header(&self) -> &[u8] {
+        &self.body[self.header.clone()]
+    }
+
+    /// How many attachments the frame carries.
+    pub fn attachment_count(&self) -> usize {
+        self.attachments.len()
+    }
+
+    /// Attachment `i`, if there is one.
+    pub fn attachment(&self, i: usize) -> Option<&[u8]> {
+        self.attachments.get(i).map(|r| &self.body[r.clone()])
+    }
+
+    /// Every attachment, in order.
+    pub fn attachments(&self) -> impl ExactSizeIterator<Item = &[u8]> {
+        self.attachments.iter().map(|r| &self.body[r.clone()])
+    }
+}
+
+/// Why no frame could be read.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The stream ended cleanly, between frames.
+    Eof,
+    /// The announced length is over the reader's limit (the body was not
+    /// read).
+    TooLarge {
+        /// Announced length.
+        len: u64,
+        /// The reader's limit.
+        limit: u64,
+    },
+    /// The body's parts do not add up.
+    Malformed {
+        /// What is wrong.
+        detail: String,
+    },
+    /// The stream broke, or ended inside a frame.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Eof => f.write_str("the stream ended"),
+            FrameError::TooLarge { len, limit } => {
+                write!(
+                    f,
+                    "a frame of {len} bytes exceeds the limit of {limit} bytes"
+                )
+            }
+            FrameError::Malformed { detail } => write!(f, "malformed frame: {detail}"),
+            FrameError::Io(e) => write!(f, "broken stream: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FrameError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The largest body a frame can announce (`len` is a `u32`).
+pub const MAX_FRAME_BYTES: u64 = u32::MAX as u64;
+
+/// Writes one frame: `header` (JSON bytes) and `attachments`. The prefix
+/// and header go out in one write, each attachment in its own (never
+/// copied). Callers serialise writers: frames must not interleave.
+pub fn write_frame(w: &mut impl Write, header: &[u8], attachments: &[&[u8]]) -> io::Result<()> {
+    write_frame_parts(w, &[header], attachments)
+}
+
+/// [`write_frame`] with a header given in pieces that are written one
+/// after the other (e.g. a message's fields around a large JSON payload
+/// that is not copied into one buffer first). Only small pieces (under
+/// 64 KiB) are gathered into the first write.
+pub fn write_frame_parts(
+    w: &mut impl Write,
+    header: &[&[u8]],
+    attachments: &[&[u8]],
+) -> io::Result<()> {
+    const GATHER: usize = 64 * 1024;
+    let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB");
+    let sizes = attachments
+        .iter()
+        .map(|a| u32::try_from(a.len()).map_err(|_| too_big()))
+        .collect::<io::Result<Vec<u32>>>()?;
+    let header_total: u64 = header.iter().map(|p| p.len() as u64).sum();
+    let total = FIXED as u64
+        + 4 * attachments.len() as u64
+        + header_total
+        + sizes.iter().map(|&s| u64::from(s)).sum::<u64>();
+    let len = u32::try_from(total).map_err(|_| too_big())?;
+    let header_len = u32::try_from(header_total).map_err(|_| too_big())?;
+    let count = u32::try_from(attachments.len()).map_err(|_| too_big())?;
+    let mut first =
+        Vec::with_capacity(12 + 4 * sizes.len() + header_total.min(GATHER as u64) as usize);
+    first.extend_from_slice(&len.to_le_bytes());
+    first.extend_from_slice(&header_len.to_le_bytes());
+    first.extend_from_slice(&count.to_le_bytes());
+    for size in &sizes {
+        first.extend_from_slice(&size.to_le_bytes());
+    }
+    let mut rest = header.iter();
+    for part in rest.by_ref() {
+        if first.len() + part.len() > GATHER {
+            w.write_all(&first)?;
+            first.clear();
+            w.write_all(part)?;
+            break;
+        }
+        first.extend_from_slice(part);
+    }
+    w.write_all(&first)?;
+    for part in rest {
+        w.write_all(part)?;
+    }
+    for attachment in attachments {
+        w.write_all(attachment)?;
+    }
+    w.flush()
+}
+
+/// Reads one frame whose body is at most `limit` bytes; a larger one is
+/// refused before its body is read.
+pub fn read_frame(r: &mut impl Read, limit: u64) -> Result<Frame, FrameError> {
+    read_body(r, limit).and_then(Frame::parse)
+}
+
+/// Reads one frame's body (at most `limit` bytes) without splitting it.
+pub fn read_body(r: &mut impl Read, limit: u64) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    let mut filled = 0;
+    while filled < len.len() {
+        match r.read(&mut len[filled..]) {
+            Ok(0) if filled == 0 => return Err(FrameError::Eof),
+            Ok(0) => {
+                return Err(FrameError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the stream ended inside a frame's length",
+                )));
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    let len = u64::from(u32::from_le_bytes(len));
+    if len > limit {
+        return Err(FrameError::TooLarge { len, limit });
+    }
+    let size = usize::try_from(len).map_err(|_| FrameError::TooLarge { len, limit })?;
+    let mut body = vec![0u8; size];
+    r.read_exact(&mut body).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            FrameError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the stream ended inside a {len}-byte frame"),
+            ))
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encode(header: &[u8], attachments: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, header, attachments).unwrap();
+        out
+    }
+
+    #[test]
+    fn the_byte_layout_is_the_documented_one() {
+        let bytes = encode(br#"{"a":1}"#, &[b"xy", b""]);
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&(8u32 + 8 + 7 + 2).to_le_bytes());
+        expected.extend_from_slice(&7u32.to_le_bytes());
+        expected.extend_from_slice(&2u32.to_le_bytes());
+        expected.extend_from_slice(&2u32.to_le_bytes());
+        expected.extend_from_slice(&0u32.to_le_bytes());
+        expected.extend_from_slice(br#"{"a":1}"#);
+        expected.extend_from_slice(b"xy");
+        assert_eq!(bytes, expected);
+        let frame = read_frame(&mut bytes.as_slice(), 1 << 20).unwrap();
+        assert_eq!(frame.header(), br#"{"a":1}"#);
+        assert_eq!(frame.attachments().collect::<Vec<_>>(), [&b"xy"[..], b""]);
+        assert_eq!(frame.attachment(2), None);
+    }
+
+    #[test]
+    fn limits_truncation_and_inconsistency_are_errors() {
+        let bytes = encode(&[b'x'; 100], &[]);
+        assert!(matches!(
+            read_frame(&mut bytes.as_slice(), 10),
+            Err(FrameError::TooLarge {
+                len: 108,
+                limit: 10
+            })
+        ));
+        assert!(matches!(
+            read_frame(&mut &bytes[..50], 1000),
+            Err(FrameError::Io(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &bytes[..2], 1000),
+            Err(FrameError::Io(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[][..], 1000),
+            Err(FrameError::Eof)
+        ));
+        // A legacy (version 1) frame: length + bare JSON.
+        let mut legacy = 13u32.to_le_bytes().to_vec();
+        legacy.extend_from_slice(br#"{"type":"x"} "#);
+        assert!(matches!(
+            read_frame(&mut legacy.as_slice(), 1000),
+            Err(FrameError::Malformed { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn frames_round_trip(header in proptest::collection::vec(any::<u8>(), 0..64),
+                             atts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..5)) {
+            let refs: Vec<&[u8]> = atts.iter().map(Vec::as_slice).collect();
+            let bytes = encode(&header, &refs);
+            let frame = read_frame(&mut bytes.as_slice(), 1 << 20).unwrap();
+            prop_assert_eq!(frame.header(), &header[..]);
+            prop_assert_eq!(frame.attachments().collect::<Vec<_>>(), refs);
+        }
+
+        #[test]
+        fn header_pieces_are_one_header(parts in proptest::collection::vec(
+            proptest::collection::vec(any::<u8>(), 0..70_000), 0..4)) {
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            let mut out = Vec::new();
+            write_frame_parts(&mut out, &refs, &[b"att"]).unwrap();
+            let frame = read_frame(&mut out.as_slice(), 1 << 20).unwrap();
+            prop_assert_eq!(frame.header(), &parts.concat()[..]);
+            prop_assert_eq!(frame.attachment(0), Some(&b"att"[..]));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Frame::parse(body);
+        }
+
+        #[test]
+        fn arbitrary_streams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut r = bytes.as_slice();
+            while let Ok(_frame) = read_frame(&mut r, 1 << 16) {}
+        }
+    }
+}

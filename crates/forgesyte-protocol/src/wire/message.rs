@@ -1,0 +1,354 @@
+//! The messages: what the host sends ([`Request`], field `op`) and what a
+//! runner answers ([`Response`], field `type`). `PROTOCOL.md` ("Messages")
+//! is the normative text, with a JSON example of each.
+//!
+//! Payloads that are JSON already (construction config, tool arguments and
+//! results) are embedded as JSON ([`RawValue`]): neither side escapes,
+//! re-parses or re-encodes what the other produced.
+//!
+//! Decoding goes through one flat envelope per direction (serde cannot
+//! decode a [`RawValue`] inside an internally tagged enum), so a message is
+//! parsed in one pass and unknown fields are ignored.
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::tool::ToolSpec;
+
+/// Id of the hello frame (requests start at 1).
+pub const HELLO_ID: u64 = 0;
+
+/// From the host to the runner.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Construct the runner's (one) plugin instance.
+    Create {
+        /// Request id.
+        id: u64,
+        /// `{"manifest", "plugin_dir", "models"}`.
+        config: Box<RawValue>,
+    },
+    /// Run a tool.
+    Call {
+        /// Request id.
+        id: u64,
+        /// Tool id.
+        tool: String,
+        /// The arguments (a JSON object).
+        args: Box<RawValue>,
+        /// Where attachment `i` goes in `args`: a JSON Pointer (RFC 6901);
+        /// absent when the frame has no attachments.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        attachments: Vec<String>,
+    },
+}
+
+impl Request {
+    /// The request id.
+    pub fn id(&self) -> u64 {
+        match self {
+            Request::Create { id, .. } | Request::Call { id, .. } => *id,
+        }
+    }
+}
+
+/// The runner's first frame when it is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the runner speaks ([`crate::wire::PROTOCOL_VERSION`]).
+    pub protocol: u32,
+    /// The runtime: `native`, `python`, …
+    pub runtime: String,
+    /// Its version, e.g. `ABI 1, SDK 0.1.0` or `3.11.7`.
+    pub runtime_version: String,
+    /// The runner's process id.
+    pub pid: u32,
+    /// What it can do beyond the required core (see [`crate::wire::capability`]).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+impl Hello {
+    /// Whether the runner announced `capability`.
+    pub fn can(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
+    }
+}
+
+/// From the runner to the host.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// The plugin's code is loaded; the runner waits for `create`.
+    Hello(Hello),
+    /// The plugin's code could not be loaded; the runner exits next.
+    ImportFailed {
+        /// Why.
+        error: WireError,
+    },
+    /// The instance exists.
+    Created {
+        /// Request id.
+        id: u64,
+        /// Its tools.
+        tools: Vec<ToolSpec>,
+    },
+    /// The constructor failed.
+    InitFailed {
+        /// Request id.
+        id: u64,
+        /// Why.
+        error: WireError,
+    },
+    /// A tool call's result.
+    Result {
+        /// Request id.
+        id: u64,
+        /// The result (any JSON value).
+        result: Box<RawValue>,
+        /// Where attachment `i` goes in `result`: a JSON Pointer.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        attachments: Vec<String>,
+    },
+    /// A tool call's error.
+    ToolFailed {
+        /// Request id.
+        id: u64,
+        /// Why.
+        error: WireError,
+    },
+}
+
+impl Response {
+    /// The request id this answers ([`HELLO_ID`] for the first frame).
+    pub fn id(&self) -> u64 {
+        match self {
+            Response::Hello(_) | Response::ImportFailed { .. } => HELLO_ID,
+            Response::Created { id, .. }
+            | Response::InitFailed { id, .. }
+            | Response::Result { id, .. }
+            | Response::ToolFailed { id, .. } => *id,
+        }
+    }
+}
+
+/// An error, flat: a `kind` from the lists in `PROTOCOL.md` ("Errors") and
+/// the facts that kind needs. The host turns it back into its typed errors.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WireError {
+    /// The kind (`AbiMismatch`, `Panicked`, `Failed`, …).
+    pub kind: String,
+    /// Its message or detail.
+    #[serde(default)]
+    pub message: String,
+    /// A tool error's own class (for Python: the exception's class name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+    /// The file concerned (import errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A missing symbol, module or tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The two versions of a mismatch: (host's, plugin's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<(u32, u32)>,
+    /// The last lines of a traceback, for people.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traceback: Vec<String>,
+}
+
+impl WireError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        WireError {
+            kind: kind.into(),
+            message: message.into(),
+            ..WireError::default()
+        }
+    }
+}
+
+/// Serialises a message to the JSON bytes of a frame header.
+pub fn to_header(message: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(message)
+}
+
+/// Every field any request may have.
+#[derive(Deserialize)]
+struct RequestEnvelope {
+    op: String,
+    id: u64,
+    config: Option<Box<RawValue>>,
+    tool: Option<String>,
+    args: Option<Box<RawValue>>,
+    #[serde(default)]
+    attachments: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let e = RequestEnvelope::deserialize(d)?;
+        let missing = |field: &str| D::Error::custom(format!("'{}' needs '{field}'", e.op));
+        match e.op.as_str() {
+            "create" => Ok(Request::Create {
+                id: e.id,
+                config: e.config.clone().ok_or_else(|| missing("config"))?,
+            }),
+            "call" => Ok(Request::Call {
+                id: e.id,
+                tool: e.tool.clone().ok_or_else(|| missing("tool"))?,
+                args: e.args.clone().ok_or_else(|| missing("args"))?,
+                attachments: e.attachments,
+            }),
+            other => Err(D::Error::custom(format!("unknown op '{other}'"))),
+        }
+    }
+}
+
+/// Every field any response may have.
+#[derive(Deserialize)]
+struct ResponseEnvelope {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<u64>,
+    protocol: Option<u32>,
+    runtime: Option<String>,
+    runtime_version: Option<String>,
+    pid: Option<u32>,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    error: Option<WireError>,
+    tools: Option<Vec<ToolSpec>>,
+    result: Option<Box<RawValue>>,
+    #[serde(default)]
+    attachments: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for Response {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let e = ResponseEnvelope::deserialize(d)?;
+        let kind = e.kind.clone();
+        let missing = |field: &str| D::Error::custom(format!("'{kind}' needs '{field}'"));
+        Ok(match e.kind.as_str() {
+            "hello" => Response::Hello(Hello {
+                protocol: e.protocol.ok_or_else(|| missing("protocol"))?,
+                runtime: e.runtime.ok_or_else(|| missing("runtime"))?,
+                runtime_version: e.runtime_version.unwrap_or_default(),
+                pid: e.pid.ok_or_else(|| missing("pid"))?,
+                capabilities: e.capabilities,
+            }),
+            "import_failed" => Response::ImportFailed {
+                error: e.error.ok_or_else(|| missing("error"))?,
+            },
+            "created" => Response::Created {
+                id: e.id.ok_or_else(|| missing("id"))?,
+                tools: e.tools.ok_or_else(|| missing("tools"))?,
+            },
+            "init_failed" => Response::InitFailed {
+                id: e.id.ok_or_else(|| missing("id"))?,
+                error: e.error.ok_or_else(|| missing("error"))?,
+            },
+            "result" => Response::Result {
+                id: e.id.ok_or_else(|| missing("id"))?,
+                result: e.result.ok_or_else(|| missing("result"))?,
+                attachments: e.attachments,
+            },
+            "tool_failed" => Response::ToolFailed {
+                id: e.id.ok_or_else(|| missing("id"))?,
+                error: e.error.ok_or_else(|| missing("error"))?,
+            },
+            other => return Err(D::Error::custom(format!("unknown message type '{other}'"))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn requests_round_trip_with_their_json_untouched() {
+        let call = Request::Call {
+            id: 2,
+            tool: "echo".into(),
+            args: raw(r#"{"text": "a \"b\"", "image": null}"#),
+            attachments: vec!["/image".into()],
+        };
+        let text = serde_json::to_string(&call).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"call","id":2,"tool":"echo","args":{"text": "a \"b\"", "image": null},"attachments":["/image"]}"#
+        );
+        let Request::Call {
+            args, attachments, ..
+        } = serde_json::from_str(&text).unwrap()
+        else {
+            panic!("not a call")
+        };
+        assert_eq!(args.get(), r#"{"text": "a \"b\"", "image": null}"#);
+        assert_eq!(attachments, ["/image"]);
+        let create = Request::Create {
+            id: 1,
+            config: raw(r#"{"manifest":{}}"#),
+        };
+        let text = serde_json::to_string(&create).unwrap();
+        assert_eq!(text, r#"{"op":"create","id":1,"config":{"manifest":{}}}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap().id(), 1);
+        for bad in [
+            r#"{"op":"call","id":1,"args":{}}"#,
+            r#"{"op":"frobnicate","id":1}"#,
+            r#"{"id":1}"#,
+            r#"{"op":"create"}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let messages = [
+            Response::Hello(Hello {
+                protocol: 2,
+                runtime: "native".into(),
+                runtime_version: "ABI 1".into(),
+                pid: 9,
+                capabilities: vec!["attachments".into()],
+            }),
+            Response::ImportFailed {
+                error: WireError::new("Open", "no"),
+            },
+            Response::Created {
+                id: 1,
+                tools: vec![ToolSpec::new("echo")],
+            },
+            Response::InitFailed {
+                id: 1,
+                error: WireError::new("Failed", "x"),
+            },
+            Response::Result {
+                id: 3,
+                result: raw("[1,2]"),
+                attachments: vec!["/1".into()],
+            },
+            Response::ToolFailed {
+                id: 4,
+                error: WireError::new("Panicked", "boom"),
+            },
+        ];
+        for m in messages {
+            let text = serde_json::to_string(&m).unwrap();
+            let back: Response = serde_json::from_str(&text).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), text);
+            assert_eq!(back.id(), m.id());
+        }
+        assert!(serde_json::from_str::<Response>(r#"{"type":"result","id":1}"#).is_err());
+        assert!(serde_json::from_str::<Response>(r#"{"type":"bye"}"#).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! The child-process wire protocol, version [`PROTOCOL_VERSION`]: how a
+//! host and a runner process (native, Python, any language) talk over the
+//! runner's stdin and stdout. `PROTOCOL.md` beside this crate is the
+//! normative, language-neutral text; this module is its Rust rendering:
+//! framing ([`frame`]), messages ([`message`]), attachment placement
+//! ([`attach`]) and the version handshake ([`greeting`]).
+//!
+//! No I/O policy lives here: no processes, threads, timeouts or limits
+//! beyond what a reader is told. The host's transport is in the loader.
+
+pub mod attach;
+pub mod frame;
+pub mod message;
+
+pub use self::frame::{
+    Frame, FrameError, MAX_FRAME_BYTES, read_body, read_frame, write_frame, write_frame_parts,
+};
+pub use self::message::{HELLO_ID, Hello, Request, Response, WireError, to_header};
+
+use serde::Deserialize;
+
+/// The protocol version this crate speaks. Host and runner must speak the
+/// same one.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The environment variable through which the host tells a runner the
+/// protocol version it speaks (informational: the runner's hello decides).
+pub const PROTOCOL_ENV: &str = "FORGESYTE_PROTOCOL";
+
+/// Capabilities a runner may announce in its hello.
+pub mod capability {
+    /// It accepts attachments in `call` and may send them in `result`.
+    pub const ATTACHMENTS: &str = "attachments";
+    /// It runs several calls at once (answers may come out of order).
+    pub const CONCURRENT_CALLS: &str = "concurrent_calls";
+}
+
+/// The runner's first frame, checked.
+#[derive(Debug, Clone)]
+pub enum Greeting {
+    /// Ready, speaking this protocol version.
+    Hello(Hello),
+    /// The plugin's code did not load.
+    ImportFailed(WireError),
+}
+
+/// Why a first frame is not an acceptable greeting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// The runner speaks another protocol version.
+    Version {
+        /// The host's ([`PROTOCOL_VERSION`]).
+        host: u32,
+        /// The runner's (1 for a runner that predates version numbers).
+        runner: u32,
+    },
+    /// Not a hello or an import failure.
+    Malformed {
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Version { host, runner } => write!(
+                f,
+                "the runner speaks protocol version {runner}, this host speaks version {host}"
+            ),
+            HandshakeError::Malformed { detail } => write!(f, "bad greeting: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for HandshakeError {}
+
+/// Checks that two protocol versions can talk: the one place that decides.
+pub fn check_version(host: u32, runner: u32) -> Result<(), HandshakeError> {
+    if host == runner {
+        Ok(())
+    } else {
+        Err(HandshakeError::Version { host, runner })
+    }
+}
+
+/// What every version's first frame has in common.
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    protocol: Option<u32>,
+}
+
+/// Decodes and checks a runner's first frame body (as read by
+/// [`frame::read_body`]). A version-1 runner's frame (a length and bare
+/// JSON) is recognised, so that the mismatch names both versions instead of
+/// failing as garbage.
+pub fn greeting(body: Vec<u8>) -> Result<Greeting, HandshakeError> {
+    let malformed = |detail: String| HandshakeError::Malformed { detail };
+    let legacy = body.first() == Some(&b'{');
+    let header = match Frame::parse(body) {
+        Ok(frame) => frame.header().to_vec(),
+        Err(e) => {
+            return Err(match e {
+                FrameError::Malformed { .. } if legacy => HandshakeError::Version {
+                    host: PROTOCOL_VERSION,
+                    runner: 1,
+                },
+                other => malformed(other.to_string()),
+            });
+        }
+    };
+    let probe: Probe = serde_json::from_slice(&header)
+        .map_err(|e| malformed(format!("the first frame is not a JSON object: {e}")))?;
+    if probe.kind.as_deref() == Some("hello") {
+        check_version(PROTOCOL_VERSION, probe.protocol.unwrap_or(1))?;
+    }
+    match serde_json::from_slice::<Response>(&header) {
+        Ok(Response::Hello(hello)) => Ok(Greeting::Hello(hello)),
+        Ok(Response::ImportFailed { error }) => Ok(Greeting::ImportFailed(error)),
+        Ok(other) => Err(malformed(format!(
+            "expected a hello, got a '{}' message",
+            response_kind(&other)
+        ))),
+        Err(e) => Err(malformed(e.to_string())),
+    }
+}
+
+/// The `type` of a response, for messages.
+pub fn response_kind(response: &Response) -> &'static str {
+    match response {
+        Response::Hello(_) => "hello",
+        Response::ImportFailed { .. } => "import_failed",
+        Response::Created { .. } => "created",
+        Response::InitFailed { .. } => "init_failed",
+        Response::Result { .. } => "result",
+        Response::ToolFailed { .. } => "tool_failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(header: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, header.as_bytes(), &[]).unwrap();
+        out.split_off(4)
+    }
+
+    #[test]
+    fn a_hello_of_this_version_is_accepted() {
+        let g = greeting(framed(
+            r#"{"type":"hello","protocol":2,"runtime":"python","runtime_version":"3.11.7","pid":7,"capabilities":["attachments"]}"#,
+        ))
+        .unwrap();
+        let Greeting::Hello(hello) = g else {
+            panic!("{g:?}")
+        };
+        assert_eq!(hello.runtime, "python");
+        assert!(hello.can(capability::ATTACHMENTS));
+        assert!(!hello.can(capability::CONCURRENT_CALLS));
+    }
+
+    #[test]
+    fn other_versions_are_named_never_garbage() {
+        assert_eq!(
+            greeting(framed(r#"{"type":"hello","protocol":3,"runtime":"x"}"#)).unwrap_err(),
+            HandshakeError::Version { host: 2, runner: 3 }
+        );
+        // A version-1 runner: length + bare JSON, no protocol field.
+        let v1 = br#"{"type":"hello","abi_version":1,"sdk_version":"0.1.0","pid":1}"#.to_vec();
+        let err = greeting(v1).unwrap_err();
+        assert_eq!(err, HandshakeError::Version { host: 2, runner: 1 });
+        assert_eq!(
+            err.to_string(),
+            "the runner speaks protocol version 1, this host speaks version 2"
+        );
+    }
+
+    #[test]
+    fn import_failures_and_garbage() {
+        let g = greeting(framed(
+            r#"{"type":"import_failed","error":{"kind":"ModuleNotFound","message":"No module named 'x'","name":"x"}}"#,
+        ))
+        .unwrap();
+        assert!(matches!(g, Greeting::ImportFailed(e) if e.name.as_deref() == Some("x")));
+        for body in [
+            b"\x00\x01garbage".to_vec(),
+            framed("not json"),
+            framed(r#"{"type":"result","id":1,"result":1}"#),
+        ] {
+            assert!(
+                matches!(greeting(body), Err(HandshakeError::Malformed { .. })),
+                "garbage accepted"
+            );
+        }
+    }
+}
