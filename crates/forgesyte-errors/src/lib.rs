@@ -22,8 +22,57 @@
 //! Dependency errors are the exception: their reason is the seed's
 //! `Missing dependencies: a, b` line, which operators already grep for.
 //!
-//! `Display` is always a single readable line; the underlying cause, where
-//! there is one, is kept as the [`std::error::Error::source`] chain.
+//! `Display` is always a single readable line, and it already contains the
+//! text of the cause, so that [`reason()`](PluginError::reason) is complete
+//! on its own. Print `Display` *or* walk the chain, not both.
+//!
+//! # Causes: typed `source()` chains, or text
+//!
+//! A cause that exists as a Rust value where the error is built is kept as
+//! that value, reachable through [`std::error::Error::source`] and
+//! `downcast_ref`:
+//!
+//! | error | `source()` | |
+//! |---|---|---|
+//! | [`ManifestError::Io`] | [`std::io::Error`] | reading `manifest.json` |
+//! | [`ManifestError::Json`] | [`serde_json::Error`] | parsing it |
+//! | [`ImportError::Io`] | [`std::io::Error`] | reading the library file |
+//! | [`InitError::InvalidJson`] | [`serde_json::Error`] | a constructor's answer (tool list) |
+//! | [`ToolError::InvalidJson`] | [`JsonError`] → [`serde_json::Error`] | a tool's result |
+//! | [`ImportError::Crashed`], [`InitError::Crashed`], [`ToolError::Crashed`] | [`CrashError`] | the runner died |
+//! | [`ImportError::TimedOut`], [`InitError::TimedOut`] | [`TimeoutError`] | the runner was too slow |
+//!
+//! [`PluginError`] and [`LoadError`] are transparent wrappers: their
+//! `source()` is that of the error they wrap.
+//!
+//! Every other payload is text, because that is all there ever is:
+//!
+//! - **the dynamic loader's words** (`dlerror()`): [`ImportError::NotALibrary`],
+//!   [`ImportError::UnresolvedSymbol`], [`ImportError::MissingSharedLibrary`],
+//!   [`ImportError::Open`];
+//! - **the plugin's words**, which crossed the C ABI or the runner's pipe as
+//!   bytes: [`InitError::Failed`], [`InitError::Panicked`],
+//!   [`ToolError::Failed`], [`ToolError::Panicked`], [`ToolError::InvalidArgs`]
+//!   (when the plugin rejects its arguments), and the last lines of its
+//!   stderr in [`CrashError::stderr_tail`];
+//! - **the host's own findings**, which have no underlying error:
+//!   [`ImportError::Incompatible`], [`ImportError::InvalidInterface`],
+//!   [`InitError::Protocol`], [`ToolError::Protocol`],
+//!   [`CrashCause::Protocol`], [`CrashCause::Killed`] and the manifest
+//!   checks ([`ManifestError::InvalidField`], ...).
+//!
+//! **Typed causes end at a process boundary.** An error built in a plugin's
+//! runner process reaches the host as its kind and text (the wire protocol
+//! carries no Rust values), so an isolated plugin's import, init or tool
+//! error arrives as one of the text variants even where the in-process one
+//! has a typed cause.
+//!
+//! The typed variants read exactly as their text twins
+//! ([`ManifestError::Json`] as [`ManifestError::InvalidJson`],
+//! [`ImportError::Io`] as [`ImportError::Open`], the `InvalidJson` variants
+//! as the `Protocol` ones, with the same [`kind()`](PluginError::kind)), so
+//! building one instead of the other never changes a reason. The text twins
+//! stay for callers that have only text.
 //!
 //! This crate knows nothing about the registry, the loader, HTTP or plugin
 //! code: it is plain data, usable by every other crate (the plugin SDK
@@ -34,7 +83,7 @@ mod tool;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use tool::ToolError;
+pub use tool::{JsonError, ToolError};
 
 /// Any error the host reports about a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +190,8 @@ pub enum ImportError {
         path: PathBuf,
     },
     /// The file exists but is not a loadable shared object.
+    ///
+    /// The detail is text: `dlerror()`'s message or the ELF check's.
     #[error("not a shared library: {path}: {detail}")]
     NotALibrary {
         /// The file.
@@ -149,6 +200,8 @@ pub enum ImportError {
         detail: String,
     },
     /// The library needs symbols that nothing provides.
+    ///
+    /// The detail is `dlerror()`'s text; there is no typed cause.
     #[error("unresolved symbol in {path}: {detail}")]
     UnresolvedSymbol {
         /// The library.
@@ -157,6 +210,8 @@ pub enum ImportError {
         detail: String,
     },
     /// The library needs another shared library that cannot be found.
+    ///
+    /// The detail is `dlerror()`'s text; there is no typed cause.
     #[error("{path} needs a shared library that cannot be loaded: {detail}")]
     MissingSharedLibrary {
         /// The library.
@@ -165,6 +220,10 @@ pub enum ImportError {
         detail: String,
     },
     /// The dynamic loader refused the library for another reason.
+    ///
+    /// The detail is text (`dlerror()`'s, or what came over the runner's
+    /// pipe). Where the cause is an [`std::io::Error`] in this process,
+    /// [`ImportError::Io`] keeps it typed and reads the same.
     #[error("cannot open {path}: {detail}")]
     Open {
         /// The library.
@@ -207,12 +266,26 @@ pub enum ImportError {
         detail: String,
     },
     /// The isolated plugin's process died while it loaded the library.
+    /// The [`CrashError`] is the [`source`](std::error::Error::source).
     #[error("plugin process died while loading the library: {0}")]
-    Crashed(CrashError),
+    Crashed(#[source] CrashError),
     /// The isolated plugin's process did not finish loading the library
-    /// (and answer the handshake) in time.
-    #[error(transparent)]
-    TimedOut(TimeoutError),
+    /// (and answer the handshake) in time. The [`TimeoutError`] is the
+    /// [`source`](std::error::Error::source).
+    #[error("{0}")]
+    TimedOut(#[source] TimeoutError),
+    /// Reading the library file failed. Same text as [`ImportError::Open`]
+    /// with the I/O error as its detail, but the [`std::io::Error`] is kept
+    /// as the [`source`](std::error::Error::source), so its
+    /// [`kind()`](std::io::Error::kind) can be matched.
+    #[error("cannot open {path}: {source}")]
+    Io {
+        /// The library.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The plugin's runner process speaks another version of the wire
     /// protocol than the host.
     #[error(
@@ -233,29 +306,51 @@ pub enum ImportError {
 #[non_exhaustive]
 pub enum InitError {
     /// The constructor returned an error.
+    ///
+    /// Text: the plugin's message crossed the C ABI or the runner's pipe.
     #[error("{message}")]
     Failed {
         /// The plugin's own message.
         message: String,
     },
     /// The constructor panicked.
+    ///
+    /// Text: the panic payload as the plugin's side rendered it.
     #[error("plugin panicked during construction: {message}")]
     Panicked {
         /// The panic message.
         message: String,
     },
     /// The plugin answered with something the host cannot understand.
+    ///
+    /// The host's own finding, as text. When the cause is a JSON parse
+    /// error in this process, [`InitError::InvalidJson`] keeps it typed and
+    /// reads the same.
     #[error("invalid answer from plugin constructor: {detail}")]
     Protocol {
         /// What is wrong.
         detail: String,
     },
-    /// The isolated plugin's process died during construction.
+    /// The plugin answered the host with bytes that are not the JSON it
+    /// expects (e.g. its tool list). Same text as [`InitError::Protocol`]
+    /// with `"{what} is not valid JSON: {source}"` as its detail; the
+    /// [`serde_json::Error`] is the [`source`](std::error::Error::source).
+    #[error("invalid answer from plugin constructor: {what} is not valid JSON: {source}")]
+    InvalidJson {
+        /// What was being read (`"tool list"`).
+        what: String,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The isolated plugin's process died during construction. The
+    /// [`CrashError`] is the [`source`](std::error::Error::source).
     #[error("plugin process died during construction: {0}")]
-    Crashed(CrashError),
-    /// Construction ran past its time limit (the process was killed).
-    #[error(transparent)]
-    TimedOut(TimeoutError),
+    Crashed(#[source] CrashError),
+    /// Construction ran past its time limit (the process was killed). The
+    /// [`TimeoutError`] is the [`source`](std::error::Error::source).
+    #[error("{0}")]
+    TimedOut(#[source] TimeoutError),
 }
 
 /// One or more dependencies are missing (seed: `PluginDependencyError`).
@@ -322,7 +417,8 @@ pub enum ManifestError {
         /// The file.
         path: PathBuf,
     },
-    /// The manifest is not valid JSON (or not an object).
+    /// The manifest is not valid JSON (or not an object), told as text.
+    /// [`ManifestError::Json`] says the same and keeps the parser's error.
     #[error("invalid JSON in {path} at line {line}, column {column}: {message}")]
     InvalidJson {
         /// The file.
@@ -333,6 +429,23 @@ pub enum ManifestError {
         column: usize,
         /// The parser's message.
         message: String,
+    },
+    /// The manifest is not valid JSON. Reads exactly as
+    /// [`ManifestError::InvalidJson`] (line, column and the parser's
+    /// message without its position), but the [`serde_json::Error`] is kept
+    /// as the [`source`](std::error::Error::source).
+    #[error(
+        "invalid JSON in {path} at line {}, column {}: {}",
+        .source.line(),
+        .source.column(),
+        json_message(.source)
+    )]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
     },
     /// A field has the wrong type or an invalid value.
     #[error("invalid field '{field}': {message}")]
@@ -443,6 +556,15 @@ pub enum CrashCause {
         /// Why.
         reason: String,
     },
+}
+
+/// The parser's message without the ` at line L column C` it ends with.
+fn json_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
 }
 
 fn stderr_suffix(tail: &[String]) -> String {
@@ -623,6 +745,184 @@ mod tests {
             .to_string(),
             "killed by the host: timed out"
         );
+    }
+
+    /// Every error below `err` in its `source()` chain, nearest first.
+    fn chain<'a>(
+        err: &'a (dyn std::error::Error + 'static),
+    ) -> Vec<&'a (dyn std::error::Error + 'static)> {
+        std::iter::successors(err.source(), |&e| e.source()).collect()
+    }
+
+    /// The first error of type `T` in `err`'s chain.
+    fn cause<'a, T: std::error::Error + 'static>(
+        err: &'a (dyn std::error::Error + 'static),
+    ) -> Option<&'a T> {
+        chain(err).into_iter().find_map(|e| e.downcast_ref::<T>())
+    }
+
+    fn bad_json() -> serde_json::Error {
+        match serde_json::from_str::<serde_json::Value>("{\n  \"name\": ,\n}") {
+            Err(e) => e,
+            Ok(v) => panic!("parsed {v}"),
+        }
+    }
+
+    #[test]
+    fn manifest_json_keeps_the_parser_error_and_reads_as_invalid_json() {
+        let e = bad_json();
+        let text = ManifestError::InvalidJson {
+            path: "/p/manifest.json".into(),
+            line: e.line(),
+            column: e.column(),
+            message: "expected value".into(),
+        };
+        let typed = PluginError::from(ManifestError::Json {
+            path: "/p/manifest.json".into(),
+            source: e,
+        });
+        assert_eq!(typed.reason(), PluginError::from(text).reason());
+        assert_eq!(
+            typed.reason(),
+            "ManifestError: invalid JSON in /p/manifest.json at line 2, column 11: expected value"
+        );
+        let parse = cause::<serde_json::Error>(&typed).map(|e| (e.line(), e.classify()));
+        assert_eq!(parse, Some((2, serde_json::error::Category::Syntax)));
+    }
+
+    #[test]
+    fn import_io_keeps_the_io_error_and_reads_as_open() {
+        let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied");
+        let text = PluginError::from(ImportError::Open {
+            path: "/p/libx.so".into(),
+            detail: io().to_string(),
+        });
+        let typed = PluginError::from(ImportError::Io {
+            path: "/p/libx.so".into(),
+            source: io(),
+        });
+        assert_eq!(typed.reason(), text.reason());
+        assert_eq!(
+            typed.reason(),
+            "ImportError: cannot open /p/libx.so: denied"
+        );
+        assert_eq!(typed.kind(), "ImportError");
+        let kind = cause::<std::io::Error>(&typed).map(std::io::Error::kind);
+        assert_eq!(kind, Some(std::io::ErrorKind::PermissionDenied));
+        assert!(chain(&text).is_empty(), "text has no chain");
+    }
+
+    #[test]
+    fn invalid_json_answers_keep_the_parser_error_and_read_as_protocol() {
+        let init = PluginError::from(InitError::InvalidJson {
+            what: "tool list".into(),
+            source: bad_json(),
+        });
+        let init_text = PluginError::from(InitError::Protocol {
+            detail: format!("tool list is not valid JSON: {}", bad_json()),
+        });
+        assert_eq!(init.reason(), init_text.reason());
+        assert!(init.reason().starts_with("InitError: invalid answer from plugin constructor: tool list is not valid JSON: expected value"));
+        assert!(cause::<serde_json::Error>(&init).is_some());
+
+        let tool = ToolError::InvalidJson {
+            what: "result".into(),
+            source: bad_json().into(),
+        };
+        let tool_text = ToolError::Protocol {
+            detail: format!("result is not valid JSON: {}", bad_json()),
+        };
+        assert_eq!(
+            (tool.kind(), tool.is_fault()),
+            (tool_text.kind(), tool_text.is_fault())
+        );
+        assert_eq!(tool.to_string(), tool_text.to_string());
+        // Clone and Eq survive; clones share one parser error.
+        assert_eq!(tool.clone(), tool);
+        let tool = PluginError::from(tool);
+        assert_eq!(tool.reason(), PluginError::from(tool_text).reason());
+        let links = chain(&tool);
+        assert_eq!(links.len(), 2, "JsonError, then serde_json::Error");
+        assert!(links[0].downcast_ref::<JsonError>().is_some());
+        assert_eq!(
+            links[1]
+                .downcast_ref::<serde_json::Error>()
+                .map(serde_json::Error::line),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn process_faults_have_their_crash_or_timeout_as_source() {
+        let crash = CrashError {
+            cause: CrashCause::Signal {
+                name: "SIGKILL".into(),
+                number: 9,
+            },
+            stderr_tail: vec!["bye".into()],
+        };
+        let timeout = TimeoutError {
+            operation: "init".into(),
+            after: Duration::from_secs(5),
+        };
+        let crashes: [PluginError; 3] = [
+            ImportError::Crashed(crash.clone()).into(),
+            InitError::Crashed(crash.clone()).into(),
+            ToolError::Crashed(crash.clone()).into(),
+        ];
+        for err in &crashes {
+            assert_eq!(cause::<CrashError>(err), Some(&crash), "{err:?}");
+            assert_eq!(chain(err).len(), 1, "{err:?}");
+        }
+        let timeouts: [PluginError; 2] = [
+            ImportError::TimedOut(timeout.clone()).into(),
+            InitError::TimedOut(timeout.clone()).into(),
+        ];
+        for err in &timeouts {
+            assert_eq!(cause::<TimeoutError>(err), Some(&timeout), "{err:?}");
+            // Reads as the timeout itself, behind the class prefix.
+            assert_eq!(err.reason(), format!("{}: {timeout}", err.kind()));
+        }
+    }
+
+    #[test]
+    fn text_causes_have_no_source() {
+        let text: [PluginError; 8] = [
+            ImportError::NotALibrary {
+                path: "/p".into(),
+                detail: "invalid ELF header".into(),
+            }
+            .into(),
+            ImportError::UnresolvedSymbol {
+                path: "/p".into(),
+                detail: "undefined symbol: f".into(),
+            }
+            .into(),
+            ImportError::Open {
+                path: "/p".into(),
+                detail: "x".into(),
+            }
+            .into(),
+            InitError::Failed {
+                message: "x".into(),
+            }
+            .into(),
+            InitError::Protocol { detail: "x".into() }.into(),
+            ToolError::Failed {
+                error_type: Some("ValueError".into()),
+                message: "x".into(),
+            }
+            .into(),
+            ToolError::Protocol { detail: "x".into() }.into(),
+            CrashError {
+                cause: CrashCause::Killed { reason: "x".into() },
+                stderr_tail: Vec::new(),
+            }
+            .into(),
+        ];
+        for err in &text {
+            assert!(chain(err).is_empty(), "{err:?} has a source");
+        }
     }
 
     #[test]

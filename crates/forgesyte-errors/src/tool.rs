@@ -1,15 +1,67 @@
 //! Errors of a single tool call, as the host sees them.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{CrashError, fmt_duration};
+
+/// A [`serde_json::Error`] that can be cloned and compared, so that
+/// [`ToolError`] stays `Clone + Eq` while keeping the parser's error as a
+/// typed [`source`](std::error::Error::source).
+///
+/// Clones share one error. Two `JsonError`s are equal when they say the
+/// same thing: same [`category`](serde_json::Error::classify), line, column
+/// and message.
+#[derive(Debug, Clone)]
+pub struct JsonError(Arc<serde_json::Error>);
+
+impl JsonError {
+    /// The parser's error.
+    pub fn get(&self) -> &serde_json::Error {
+        &self.0
+    }
+}
+
+impl From<serde_json::Error> for JsonError {
+    fn from(e: serde_json::Error) -> Self {
+        JsonError(Arc::new(e))
+    }
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for JsonError {
+    /// The wrapped [`serde_json::Error`] (downcast it to read line, column
+    /// and category).
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl PartialEq for JsonError {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.get(), other.get());
+        a.classify() == b.classify()
+            && a.line() == b.line()
+            && a.column() == b.column()
+            && a.to_string() == b.to_string()
+    }
+}
+
+impl Eq for JsonError {}
 
 /// A tool call did not produce a result.
 ///
 /// The variants split into the two classes of SPEC §4: an error the tool
 /// *returned* (bad input: [`ToolError::Failed`], [`ToolError::InvalidArgs`])
 /// leaves the plugin's state alone, while a *fault*
-/// ([`ToolError::Panicked`], [`ToolError::Protocol`], and for a plugin in
+/// ([`ToolError::Panicked`], [`ToolError::Protocol`],
+/// [`ToolError::InvalidJson`], and for a plugin in
 /// its own process [`ToolError::Crashed`] and [`ToolError::TimedOut`])
 /// marks it FAILED. Use
 /// [`ToolError::is_fault`] rather than matching.
@@ -25,12 +77,16 @@ pub enum ToolError {
         tool: String,
     },
     /// The arguments were rejected before or by the tool as malformed.
+    ///
+    /// Text: the tool's own words, or the host's argument check.
     #[error("invalid arguments: {message}")]
     InvalidArgs {
         /// What is wrong with them.
         message: String,
     },
     /// The tool ran and returned an error.
+    ///
+    /// Text: the plugin's message crossed the C ABI or the runner's pipe.
     #[error("{message}")]
     Failed {
         /// The plugin's own error class, if it gave one.
@@ -39,21 +95,43 @@ pub enum ToolError {
         message: String,
     },
     /// The tool panicked (caught at the ABI boundary).
+    ///
+    /// Text: the panic payload as the plugin's side rendered it.
     #[error("tool panicked: {message}")]
     Panicked {
         /// The panic message.
         message: String,
     },
     /// The plugin answered with something the host cannot understand.
+    ///
+    /// The host's own finding, as text (it is also what an isolated
+    /// plugin's protocol errors arrive as). When the cause is a JSON parse
+    /// error in this process, [`ToolError::InvalidJson`] keeps it typed and
+    /// reads the same.
     #[error("invalid answer from plugin: {detail}")]
     Protocol {
         /// What is wrong.
         detail: String,
     },
+    /// The plugin answered with bytes that are not the JSON the host
+    /// expects (e.g. a tool's result). A fault, of kind `ProtocolError`, that
+    /// reads exactly as [`ToolError::Protocol`] with
+    /// `"{what} is not valid JSON: {source}"` as its detail; the
+    /// [`JsonError`] (and through it the [`serde_json::Error`]) is the
+    /// [`source`](std::error::Error::source).
+    #[error("invalid answer from plugin: {what} is not valid JSON: {source}")]
+    InvalidJson {
+        /// What was being read (`"result"`).
+        what: String,
+        /// The parser's error.
+        #[source]
+        source: JsonError,
+    },
     /// The plugin's process died (or was killed) while the call was in
-    /// flight.
+    /// flight. The [`CrashError`] is the
+    /// [`source`](std::error::Error::source).
     #[error("{0}")]
-    Crashed(CrashError),
+    Crashed(#[source] CrashError),
     /// The call ran past its time limit and the plugin's process was killed.
     #[error("timed out after {} (the plugin process was killed)", fmt_duration(*after))]
     TimedOut {
@@ -70,7 +148,7 @@ impl ToolError {
             ToolError::InvalidArgs { .. } => "InvalidArgs",
             ToolError::Failed { .. } => "ToolError",
             ToolError::Panicked { .. } => "ToolPanic",
-            ToolError::Protocol { .. } => "ProtocolError",
+            ToolError::Protocol { .. } | ToolError::InvalidJson { .. } => "ProtocolError",
             ToolError::Crashed(_) => "CrashError",
             ToolError::TimedOut { .. } => "TimeoutError",
         }
@@ -83,6 +161,7 @@ impl ToolError {
             self,
             ToolError::Panicked { .. }
                 | ToolError::Protocol { .. }
+                | ToolError::InvalidJson { .. }
                 | ToolError::Crashed(_)
                 | ToolError::TimedOut { .. }
         )

@@ -122,11 +122,9 @@ pub fn parse(bytes: &[u8], path: &Path, dir_name: &str) -> Result<Manifest, Mani
             path: path.to_path_buf(),
         });
     }
-    let raw: Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::InvalidJson {
+    let raw: Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json {
         path: path.to_path_buf(),
-        line: e.line(),
-        column: e.column(),
-        message: strip_position(&e.to_string()),
+        source: e,
     })?;
     from_value(raw, dir_name)
 }
@@ -305,14 +303,6 @@ fn wrong_type(field: &str, expected: &str, found: &Value) -> ManifestError {
     ManifestError::InvalidField {
         field: field.to_owned(),
         message: format!("expected {expected}, found {}", json_type_name(found)),
-    }
-}
-
-/// serde_json appends " at line L column C"; the error carries them as fields.
-fn strip_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
     }
 }
 

@@ -266,8 +266,9 @@ impl PluginLibrary for NativeLibrary {
                 detail: format!("listing tools failed: {}", error_message(&body)),
             });
         }
-        instance.tools = serde_json::from_slice(&body).map_err(|e| InitError::Protocol {
-            detail: format!("tool list is not valid JSON: {e}"),
+        instance.tools = serde_json::from_slice(&body).map_err(|e| InitError::InvalidJson {
+            what: "tool list".into(),
+            source: e,
         })?;
         Ok(Box::new(instance))
     }

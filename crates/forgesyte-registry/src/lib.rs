@@ -2,10 +2,11 @@
 //! thread-safe [`Registry`] handle of the ForgeSyte plugin host.
 //!
 //! This crate is for the code that *hosts* plugins: the loader writes states
-//! into the registry as it loads, the server reads it to answer the health
-//! endpoints and wraps tool calls in [`Registry::begin_call`] (or
-//! [`Registry::mark_running`] / [`Registry::finish`]). Plugin authors do not
-//! need it.
+//! into the registry as it loads, its plugin handle brackets every tool call
+//! with [`Registry::mark_running`] and [`Registry::end_call`] (or
+//! [`Registry::finish`] when the call never reached the plugin), its
+//! supervisor records crashes and restarts, and the server reads snapshots
+//! to answer the health endpoints. Plugin authors do not need it.
 //!
 //! # What this crate must not know
 //!
@@ -19,12 +20,13 @@
 //! ```text
 //!  register ──► LOADED ──mark_initialized──► INITIALIZED ──mark_running──► RUNNING
 //!                 ▲                            │     ▲                         │
-//!                 │                            │     └──finish (last call)─────┘
+//!                 │                            │     └──end_call/finish (last)─┘
 //!                 │                            │
-//!                 │   mark_failed      from LOADED, INITIALIZED, RUNNING ──► FAILED ──────┐
-//!                 │   mark_unavailable from LOADED, INITIALIZED ──────► UNAVAILABLE ──────┤
+//!                 │   mark_failed/crashed from LOADED, INITIALIZED, RUNNING ──► FAILED ───┐
+//!                 │   mark_unavailable    from LOADED, INITIALIZED ───► UNAVAILABLE ──────┤
 //!                 │                                                                       │
-//!                 └──── mark_loaded (explicit reload / restart; also from INITIALIZED) ◄──┘
+//!                 ├──── mark_loaded (explicit reload; also from INITIALIZED) ◄────────────┤
+//!                 └──── mark_restarting (supervisor restart; only from FAILED) ◄──────────┘
 //! ```
 //!
 //! | from          | legal next states                                 |
@@ -40,10 +42,25 @@
 //! A same-state move is not a transition: a second call while `RUNNING` only
 //! raises the in-flight count, and `mark_failed` on a `FAILED` plugin only
 //! replaces the reason. `FAILED` and `UNAVAILABLE` are terminal until an
-//! explicit [`Registry::mark_loaded`]. A tool that *returns* an error is
-//! counted by [`Registry::record_error`] and changes no state; deciding that
-//! a panic, crash or timeout is a fault (and calling
+//! explicit [`Registry::mark_loaded`] (or, for `FAILED`, a supervisor's
+//! [`Registry::mark_restarting`]). A tool that *returns* an error is counted
+//! by `end_call(.., succeeded: false)` and changes no state; deciding that a
+//! panic, crash or timeout is a fault (and calling
 //! [`Registry::mark_failed`]) is the caller's job.
+//!
+//! # What the host calls
+//!
+//! | who | writes |
+//! |---|---|
+//! | loader, load pass and reload | [`register`](Registry::register), [`mark_initialized`](Registry::mark_initialized), [`mark_failed`](Registry::mark_failed), [`mark_unavailable`](Registry::mark_unavailable), [`mark_crashed`](Registry::mark_crashed), [`mark_loaded`](Registry::mark_loaded) |
+//! | loader, each tool call | [`mark_running`](Registry::mark_running), then [`end_call`](Registry::end_call) (one write that counts and finishes), or [`finish`](Registry::finish) if the call never ran; [`mark_failed`](Registry::mark_failed) on a fault |
+//! | loader, supervisor | [`mark_crashed`](Registry::mark_crashed), [`set_next_retry`](Registry::set_next_retry), [`mark_restarting`](Registry::mark_restarting), [`mark_initialized`](Registry::mark_initialized) |
+//!
+//! [`Registry::begin_call`] (a drop guard over `mark_running` / `end_call`),
+//! [`Registry::record_success`], [`Registry::record_error`] and
+//! [`Registry::mark_error`] are conveniences for embedders and tests; the
+//! host itself does not use them. The property tests drive every write in
+//! the table above against a reference model.
 //!
 //! # Supervision bookkeeping
 //!
@@ -96,9 +113,9 @@
 //! registry.register("ocr", PluginInfo::default())?;
 //! registry.mark_initialized("ocr")?;
 //!
-//! let call = registry.begin_call("ocr")?; // RUNNING, in_flight 1
+//! registry.mark_running("ocr")?; // RUNNING, in_flight 1
 //! assert_eq!(registry.get_state("ocr"), Some(PluginLifecycleState::Running));
-//! call.succeeded(Duration::from_millis(12)); // counted, then finished
+//! registry.end_call("ocr", Duration::from_millis(12), true)?; // counted and finished
 //!
 //! let status = registry.get_status("ocr").ok_or("missing")?;
 //! assert_eq!(status.state, PluginLifecycleState::Initialized);

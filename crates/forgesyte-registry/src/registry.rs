@@ -106,7 +106,9 @@ impl Registry {
     /// `LOADED -> INITIALIZED`: the plugin's instance was created.
     ///
     /// Only legal from `LOADED`. (`RUNNING -> INITIALIZED` is legal in the
-    /// state machine but happens only through [`finish`](Registry::finish).)
+    /// state machine but happens only when the last call in flight ends,
+    /// through [`end_call`](Registry::end_call) or
+    /// [`finish`](Registry::finish).)
     ///
     /// # Errors
     ///
@@ -126,8 +128,10 @@ impl Registry {
     }
 
     /// A tool call starts: `in_flight += 1`, state `RUNNING`, `last_used`
-    /// set. Pair every successful call with one [`finish`](Registry::finish),
-    /// or use [`begin_call`](Registry::begin_call) which does it on drop.
+    /// set. Pair every successful call with one
+    /// [`end_call`](Registry::end_call) (or, when the call never reached the
+    /// plugin, one [`finish`](Registry::finish)); this is what the host's
+    /// call path does.
     ///
     /// # Errors
     ///
@@ -150,9 +154,11 @@ impl Registry {
         })
     }
 
-    /// A tool call ended: `in_flight -= 1`; the last one out moves `RUNNING`
-    /// back to `INITIALIZED`. A plugin that went `FAILED` (or anything else)
-    /// meanwhile keeps its state.
+    /// A tool call ended without being counted: `in_flight -= 1`; the last
+    /// one out moves `RUNNING` back to `INITIALIZED`. A plugin that went
+    /// `FAILED` (or anything else) meanwhile keeps its state. The host uses
+    /// it for a call that never reached the plugin; a call that ran ends
+    /// with [`end_call`](Registry::end_call).
     ///
     /// # Errors
     ///
@@ -240,6 +246,11 @@ impl Registry {
     /// `UNAVAILABLE`, anything else `FAILED`; the reason is
     /// [`PluginError::reason`] (`ImportError: ...`, `Missing dependencies: ...`).
     ///
+    /// A convenience for embedders and tests: the host's loader makes the
+    /// same decision itself and calls [`mark_unavailable`](Registry::mark_unavailable),
+    /// [`mark_failed`](Registry::mark_failed) or
+    /// [`mark_crashed`](Registry::mark_crashed).
+    ///
     /// # Errors
     ///
     /// As [`mark_failed`](Registry::mark_failed) and
@@ -278,6 +289,9 @@ impl Registry {
     /// Counts a successful tool call of the given duration. Does not change
     /// the state; allowed in any state (a call may end after a fault).
     ///
+    /// Not used by the host, which counts with
+    /// [`end_call`](Registry::end_call); kept for embedders and tests.
+    ///
     /// # Errors
     ///
     /// [`RegistryError::NotFound`].
@@ -293,6 +307,9 @@ impl Registry {
     /// duration. Does not change the state: marking a fault `FAILED` is the
     /// caller's separate decision.
     ///
+    /// Not used by the host, which counts with
+    /// [`end_call`](Registry::end_call); kept for embedders and tests.
+    ///
     /// # Errors
     ///
     /// [`RegistryError::NotFound`].
@@ -305,8 +322,13 @@ impl Registry {
     }
 
     /// Starts a tool call ([`mark_running`](Registry::mark_running)) and
-    /// returns a guard that calls [`finish`](Registry::finish) when dropped,
-    /// so an early return or a caught panic cannot leak an in-flight count.
+    /// returns a guard that ends it with [`end_call`](Registry::end_call)
+    /// ([`CallGuard::succeeded`] / [`CallGuard::failed`]) or, when dropped
+    /// unused, with [`finish`](Registry::finish), so an early return or a
+    /// caught panic cannot leak an in-flight count.
+    ///
+    /// A convenience for embedders and tests: the host's own call path
+    /// calls `mark_running` and `end_call` directly.
     ///
     /// # Errors
     ///

@@ -3,7 +3,14 @@
 //! (a) The transition function against an independently written reference
 //!     table: all 25 pairs, and random sequences.
 //! (b) Random operation sequences against a sequential reference model of the
-//!     whole registry, compared after every step.
+//!     whole registry, compared after every step: state, reason, counts,
+//!     in-flight calls, restart count, exit reason, next retry, info, history
+//!     and failure journal. One generator makes only the writes production
+//!     code makes (`register`, `mark_initialized`, `mark_running`, `finish`,
+//!     `end_call`, `mark_failed`, `mark_unavailable`, `mark_crashed`,
+//!     `set_next_retry`, `mark_restarting`, `mark_loaded` with and without
+//!     new info); the other mixes in the test-only `record_success` /
+//!     `record_error`.
 //! (c) Random operation sequences from several threads at once, with an
 //!     observer taking snapshots during the run: afterwards every plugin has
 //!     exactly one state, no update was lost, counts never went down,
@@ -11,10 +18,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use forgesyte_registry::{
-    PluginInfo, PluginLifecycleState, PluginStatus, Registry, RegistryError, Snapshot,
+    AVERAGE_WINDOW, ExitInfo, HISTORY_LEN, JOURNAL_LEN, PluginInfo, PluginLifecycleState,
+    PluginStatus, Registry, RegistryError, Snapshot,
 };
 use proptest::prelude::*;
 
@@ -55,16 +63,64 @@ const REASONS: [&str; 3] = [
     "CrashError: killed by signal SIGSEGV (11)",
 ];
 
-/// One registry operation, on `NAMES[plugin]`.
+const VERSIONS: [&str; 2] = ["1.0.0", "2.0.0"];
+
+/// `set_next_retry` instants (seconds after the Unix epoch) and how the
+/// status must show them, written out by hand.
+const RETRIES: [(u64, &str); 2] = [
+    (86_400, "1970-01-02T00:00:00.000Z"),
+    (1_700_000_000, "2023-11-14T22:13:20.000Z"),
+];
+
+/// How a plugin process ended, as the supervisor reports it to
+/// `mark_crashed`: (description, signal, exit code, stderr tail).
+type Exit = (
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<i32>,
+    &'static [&'static str],
+);
+const EXITS: [Exit; 3] = [
+    (
+        Some("killed by signal SIGSEGV (11)"),
+        Some("SIGSEGV"),
+        None,
+        &["segfault at 0", "last words"],
+    ),
+    (Some("exited with code 3"), None, Some(3), &[]),
+    (None, None, None, &[]),
+];
+
+fn exit_info(exit: usize) -> ExitInfo {
+    let (description, signal, code, tail) = EXITS[exit];
+    ExitInfo {
+        description: description.map(str::to_owned),
+        signal: signal.map(str::to_owned),
+        code,
+        stderr_tail: tail.iter().map(|line| (*line).to_owned()).collect(),
+    }
+}
+
+/// One registry operation, on `NAMES[plugin]`. The first group is every
+/// write production code makes (the loader's pipeline, call handle and
+/// supervisor); the last two are helpers only tests and embedders use.
 #[derive(Debug, Clone)]
 enum Op {
     Register(usize),
     MarkInitialized(usize),
     MarkRunning(usize),
     Finish(usize),
+    /// `end_call(elapsed_ms, succeeded)`.
+    EndCall(usize, u16, bool),
     MarkFailed(usize, usize),
     MarkUnavailable(usize, usize),
-    MarkLoaded(usize),
+    /// `mark_crashed(REASONS[r], EXITS[e])`.
+    MarkCrashed(usize, usize, usize),
+    /// `set_next_retry(RETRIES[i])`, `None` to clear.
+    SetNextRetry(usize, Option<usize>),
+    MarkRestarting(usize),
+    /// `mark_loaded`, replacing the info with `VERSIONS[v]` when given.
+    MarkLoaded(usize, Option<usize>),
     RecordSuccess(usize, u16),
     RecordError(usize, u16),
 }
@@ -76,44 +132,83 @@ impl Op {
             | Op::MarkInitialized(p)
             | Op::MarkRunning(p)
             | Op::Finish(p)
+            | Op::EndCall(p, ..)
             | Op::MarkFailed(p, _)
             | Op::MarkUnavailable(p, _)
-            | Op::MarkLoaded(p)
+            | Op::MarkCrashed(p, ..)
+            | Op::SetNextRetry(p, _)
+            | Op::MarkRestarting(p)
+            | Op::MarkLoaded(p, _)
             | Op::RecordSuccess(p, _)
             | Op::RecordError(p, _) => p,
         }
     }
 }
 
-fn any_op() -> impl Strategy<Value = Op> {
+/// Only the writes production code makes, weighted roughly as a running
+/// host makes them (many calls, some faults, a crash-restart cycle now and
+/// then).
+fn production_op() -> BoxedStrategy<Op> {
     let plugin = 0..NAMES.len();
     let reason = 0..REASONS.len();
     prop_oneof![
         2 => plugin.clone().prop_map(Op::Register),
         3 => plugin.clone().prop_map(Op::MarkInitialized),
-        4 => plugin.clone().prop_map(Op::MarkRunning),
-        4 => plugin.clone().prop_map(Op::Finish),
+        5 => plugin.clone().prop_map(Op::MarkRunning),
+        1 => plugin.clone().prop_map(Op::Finish),
+        5 => (plugin.clone(), 0..500u16, any::<bool>())
+            .prop_map(|(p, ms, ok)| Op::EndCall(p, ms, ok)),
         1 => (plugin.clone(), reason.clone()).prop_map(|(p, r)| Op::MarkFailed(p, r)),
-        1 => (plugin.clone(), reason).prop_map(|(p, r)| Op::MarkUnavailable(p, r)),
-        1 => plugin.clone().prop_map(Op::MarkLoaded),
-        3 => (plugin.clone(), 0..500u16).prop_map(|(p, ms)| Op::RecordSuccess(p, ms)),
-        2 => (plugin, 0..500u16).prop_map(|(p, ms)| Op::RecordError(p, ms)),
+        1 => (plugin.clone(), reason.clone()).prop_map(|(p, r)| Op::MarkUnavailable(p, r)),
+        2 => (plugin.clone(), reason, 0..EXITS.len())
+            .prop_map(|(p, r, e)| Op::MarkCrashed(p, r, e)),
+        1 => (plugin.clone(), prop::option::of(0..RETRIES.len()))
+            .prop_map(|(p, at)| Op::SetNextRetry(p, at)),
+        2 => plugin.clone().prop_map(Op::MarkRestarting),
+        1 => (plugin, prop::option::of(0..VERSIONS.len()))
+            .prop_map(|(p, v)| Op::MarkLoaded(p, v)),
     ]
+    .boxed()
+}
+
+/// Every write: production's and the test-only counting helpers.
+fn any_op() -> BoxedStrategy<Op> {
+    let plugin = 0..NAMES.len();
+    prop_oneof![
+        12 => production_op(),
+        1 => (plugin.clone(), 0..500u16).prop_map(|(p, ms)| Op::RecordSuccess(p, ms)),
+        1 => (plugin, 0..500u16).prop_map(|(p, ms)| Op::RecordError(p, ms)),
+    ]
+    .boxed()
 }
 
 /// Applies `op` to the real registry.
 fn apply(registry: &Registry, op: &Op) -> Result<(), RegistryError> {
     let name = NAMES[op.plugin()];
+    let ms = |ms: u16| Duration::from_millis(ms.into());
     match *op {
         Op::Register(_) => registry.register(name, PluginInfo::default()),
         Op::MarkInitialized(_) => registry.mark_initialized(name),
         Op::MarkRunning(_) => registry.mark_running(name),
         Op::Finish(_) => registry.finish(name),
+        Op::EndCall(_, elapsed, ok) => registry.end_call(name, ms(elapsed), ok),
         Op::MarkFailed(_, r) => registry.mark_failed(name, REASONS[r]),
         Op::MarkUnavailable(_, r) => registry.mark_unavailable(name, REASONS[r]),
-        Op::MarkLoaded(_) => registry.mark_loaded(name, None),
-        Op::RecordSuccess(_, ms) => registry.record_success(name, Duration::from_millis(ms.into())),
-        Op::RecordError(_, ms) => registry.record_error(name, Duration::from_millis(ms.into())),
+        Op::MarkCrashed(_, r, e) => registry.mark_crashed(name, REASONS[r], exit_info(e)),
+        Op::SetNextRetry(_, at) => registry.set_next_retry(
+            name,
+            at.map(|i| SystemTime::UNIX_EPOCH + Duration::from_secs(RETRIES[i].0)),
+        ),
+        Op::MarkRestarting(_) => registry.mark_restarting(name),
+        Op::MarkLoaded(_, version) => registry.mark_loaded(
+            name,
+            version.map(|v| PluginInfo {
+                version: Some(VERSIONS[v].to_owned()),
+                ..PluginInfo::default()
+            }),
+        ),
+        Op::RecordSuccess(_, elapsed) => registry.record_success(name, ms(elapsed)),
+        Op::RecordError(_, elapsed) => registry.record_error(name, ms(elapsed)),
     }
 }
 
@@ -138,14 +233,142 @@ fn refusal_of(error: &RegistryError) -> Option<Refusal> {
     })
 }
 
+/// One failure-journal entry as the model expects it (the timestamp is
+/// checked for its shape only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ModelJournal {
+    state: PluginLifecycleState,
+    reason: Option<String>,
+    exit_signal: Option<String>,
+    exit_code: Option<i32>,
+    stderr_tail: Vec<String>,
+}
+
+/// One history entry as the model expects it: (from, to, reason).
+type ModelTransition = (
+    Option<PluginLifecycleState>,
+    PluginLifecycleState,
+    Option<String>,
+);
+
 #[derive(Debug, Clone)]
 struct ModelPlugin {
     state: PluginLifecycleState,
     in_flight: u32,
     reason: Option<&'static str>,
+    version: Option<&'static str>,
     success: u64,
     error: u64,
+    /// Calls counted, by `end_call` or a `record_*` helper.
+    counted: u64,
+    /// Calls started (`mark_running`) and ended (`finish`, `end_call`).
+    started: u64,
+    ended: u64,
     times_ms: Vec<f64>,
+    restart_count: u64,
+    last_exit_reason: Option<&'static str>,
+    next_retry_at: Option<&'static str>,
+    history: Vec<ModelTransition>,
+    journal: Vec<ModelJournal>,
+}
+
+impl ModelPlugin {
+    fn new() -> Self {
+        ModelPlugin {
+            state: Loaded,
+            in_flight: 0,
+            reason: None,
+            version: None,
+            success: 0,
+            error: 0,
+            counted: 0,
+            started: 0,
+            ended: 0,
+            times_ms: Vec::new(),
+            restart_count: 0,
+            last_exit_reason: None,
+            next_retry_at: None,
+            history: vec![(None, Loaded, None)],
+            journal: Vec::new(),
+        }
+    }
+
+    /// A state change. The INITIALIZED <-> RUNNING moves of tool calls are
+    /// not history; every other one is, the last `HISTORY_LEN` kept.
+    fn move_to(&mut self, next: PluginLifecycleState, reason: Option<&'static str>) {
+        let call_move = matches!(
+            (self.state, next),
+            (Initialized, Running) | (Running, Initialized)
+        );
+        if !call_move {
+            self.history
+                .push((Some(self.state), next, reason.map(str::to_owned)));
+            if self.history.len() > HISTORY_LEN {
+                self.history.remove(0);
+            }
+        }
+        self.state = next;
+        self.reason = reason;
+    }
+
+    fn journal_push(&mut self, state: PluginLifecycleState, reason: String, exit: Option<usize>) {
+        let (_, signal, code, tail) = exit.map_or((None, None, None, &[][..]), |e| EXITS[e]);
+        self.journal.push(ModelJournal {
+            state,
+            reason: Some(reason),
+            exit_signal: signal.map(str::to_owned),
+            exit_code: code,
+            stderr_tail: tail.iter().map(|line| (*line).to_owned()).collect(),
+        });
+        if self.journal.len() > JOURNAL_LEN {
+            self.journal.remove(0);
+        }
+    }
+
+    /// Counts a call that ended with `ms` of work.
+    fn count(&mut self, ms: u16, succeeded: bool) {
+        if succeeded {
+            self.success += 1;
+        } else {
+            self.error += 1;
+        }
+        self.counted += 1;
+        self.times_ms.push(f64::from(ms));
+    }
+
+    /// A call leaves; the last one out of RUNNING goes back to INITIALIZED.
+    fn leave(&mut self) -> Result<(), Refusal> {
+        if self.in_flight == 0 {
+            return Err(Refusal::NothingInFlight);
+        }
+        self.in_flight -= 1;
+        self.ended += 1;
+        if self.in_flight == 0 && self.state == Running {
+            self.move_to(Initialized, None);
+        }
+        Ok(())
+    }
+
+    /// `mark_failed` / `mark_unavailable`: a same-state move only replaces
+    /// the reason; the journal gets an entry when state or reason changed.
+    fn enter_terminal(
+        &mut self,
+        target: PluginLifecycleState,
+        reason: &'static str,
+    ) -> Result<(), Refusal> {
+        let changed = self.state != target || self.reason != Some(reason);
+        if self.state == target {
+            self.reason = Some(reason);
+        } else if model_legal(self.state, target) {
+            self.move_to(target, Some(reason));
+        } else {
+            return Err(Refusal::Illegal(self.state, target));
+        }
+        if changed {
+            self.journal_push(target, reason.to_owned(), None);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -154,79 +377,81 @@ struct Model {
 }
 
 impl Model {
+    /// Applies `op` to the model; a refused op changes nothing.
     fn apply(&mut self, op: &Op) -> Result<(), Refusal> {
         let name = NAMES[op.plugin()];
         if let Op::Register(_) = op {
             if self.plugins.contains_key(name) {
                 return Err(Refusal::AlreadyRegistered);
             }
-            self.plugins.insert(
-                name,
-                ModelPlugin {
-                    state: Loaded,
-                    in_flight: 0,
-                    reason: None,
-                    success: 0,
-                    error: 0,
-                    times_ms: Vec::new(),
-                },
-            );
+            self.plugins.insert(name, ModelPlugin::new());
             return Ok(());
         }
         let plugin = self.plugins.get_mut(name).ok_or(Refusal::NotFound)?;
-        let to_terminal = |plugin: &mut ModelPlugin, target, reason| {
-            if plugin.state == target {
-            } else if model_legal(plugin.state, target) {
-                plugin.state = target;
-            } else {
-                return Err(Refusal::Illegal(plugin.state, target));
-            }
-            plugin.reason = Some(reason);
-            Ok(())
-        };
         match *op {
             Op::Register(_) => unreachable!("handled above"),
             Op::MarkInitialized(_) => {
                 if plugin.state != Loaded {
                     return Err(Refusal::Illegal(plugin.state, Initialized));
                 }
-                plugin.state = Initialized;
+                plugin.move_to(Initialized, None);
             }
             Op::MarkRunning(_) => {
                 if !matches!(plugin.state, Initialized | Running) {
                     return Err(Refusal::NotAvailable(plugin.state));
                 }
                 plugin.in_flight += 1;
-                plugin.state = Running;
-            }
-            Op::Finish(_) => {
-                if plugin.in_flight == 0 {
-                    return Err(Refusal::NothingInFlight);
-                }
-                plugin.in_flight -= 1;
-                if plugin.in_flight == 0 && plugin.state == Running {
-                    plugin.state = Initialized;
+                plugin.started += 1;
+                if plugin.state == Initialized {
+                    plugin.move_to(Running, None);
                 }
             }
-            Op::MarkFailed(_, r) => to_terminal(plugin, Failed, REASONS[r])?,
-            Op::MarkUnavailable(_, r) => to_terminal(plugin, Unavailable, REASONS[r])?,
-            Op::MarkLoaded(_) => {
+            Op::Finish(_) => plugin.leave()?,
+            Op::EndCall(_, ms, ok) => {
+                plugin.leave()?;
+                plugin.count(ms, ok);
+            }
+            Op::MarkFailed(_, r) => plugin.enter_terminal(Failed, REASONS[r])?,
+            Op::MarkUnavailable(_, r) => plugin.enter_terminal(Unavailable, REASONS[r])?,
+            Op::MarkCrashed(_, r, e) => {
+                let reason = REASONS[r];
+                if plugin.state == Failed {
+                    plugin.reason = Some(reason);
+                } else if model_legal(plugin.state, Failed) {
+                    plugin.move_to(Failed, Some(reason));
+                } else {
+                    return Err(Refusal::Illegal(plugin.state, Failed));
+                }
+                // Every crash is journalled, even with an unchanged reason,
+                // and the exit description replaces the last one (None too).
+                plugin.last_exit_reason = EXITS[e].0;
+                plugin.next_retry_at = None;
+                plugin.journal_push(Failed, reason.to_owned(), Some(e));
+            }
+            Op::SetNextRetry(_, at) => plugin.next_retry_at = at.map(|i| RETRIES[i].1),
+            Op::MarkRestarting(_) => {
+                if plugin.state != Failed {
+                    return Err(Refusal::Illegal(plugin.state, Loaded));
+                }
+                plugin.move_to(Loaded, None);
+                plugin.restart_count += 1;
+                plugin.next_retry_at = None;
+                let restart = format!("restart {}", plugin.restart_count);
+                plugin.journal_push(Loaded, restart, None);
+            }
+            Op::MarkLoaded(_, version) => {
                 if plugin.state != Loaded {
                     if !model_legal(plugin.state, Loaded) {
                         return Err(Refusal::Illegal(plugin.state, Loaded));
                     }
-                    plugin.state = Loaded;
-                    plugin.reason = None;
+                    plugin.move_to(Loaded, None);
+                }
+                if let Some(v) = version {
+                    plugin.version = Some(VERSIONS[v]);
                 }
             }
-            Op::RecordSuccess(_, ms) => {
-                plugin.success += 1;
-                plugin.times_ms.push(f64::from(ms));
-            }
-            Op::RecordError(_, ms) => {
-                plugin.error += 1;
-                plugin.times_ms.push(f64::from(ms));
-            }
+            Op::RecordSuccess(_, ms) => plugin.count(ms, true),
+            Op::RecordError(_, ms) => plugin.count(ms, false),
         }
         Ok(())
     }
@@ -240,14 +465,33 @@ fn close(a: Option<f64>, b: Option<f64>) -> bool {
     }
 }
 
-/// Compares one real status with the model's plugin.
-fn check_against_model(status: &PluginStatus, model: &ModelPlugin) -> Result<(), TestCaseError> {
+/// Compares one real plugin (its status, history and journal, read from
+/// one snapshot) with the model's plugin.
+fn check_against_model(
+    snapshot: &Snapshot,
+    status: &PluginStatus,
+    model: &ModelPlugin,
+) -> Result<(), TestCaseError> {
     prop_assert_eq!(status.state, model.state);
     prop_assert_eq!(status.in_flight, model.in_flight);
     prop_assert_eq!(status.reason.as_deref(), model.reason);
+    prop_assert_eq!(status.version.as_deref(), model.version);
     prop_assert_eq!(status.success_count, model.success);
     prop_assert_eq!(status.error_count, model.error);
-    let last_ten = &model.times_ms[model.times_ms.len().saturating_sub(10)..];
+    prop_assert_eq!(
+        status.success_count + status.error_count,
+        model.counted,
+        "every counted call is a success or an error"
+    );
+    prop_assert_eq!(
+        u64::from(status.in_flight),
+        model.started - model.ended,
+        "in flight = started - ended"
+    );
+    prop_assert_eq!(status.restart_count, model.restart_count);
+    prop_assert_eq!(status.last_exit_reason.as_deref(), model.last_exit_reason);
+    prop_assert_eq!(status.next_retry_at.as_deref(), model.next_retry_at);
+    let last_ten = &model.times_ms[model.times_ms.len().saturating_sub(AVERAGE_WINDOW)..];
     let mean = (!last_ten.is_empty()).then(|| last_ten.iter().sum::<f64>() / last_ten.len() as f64);
     prop_assert!(
         close(status.avg_execution_time_ms, mean),
@@ -259,7 +503,54 @@ fn check_against_model(status: &PluginStatus, model: &ModelPlugin) -> Result<(),
         status.last_execution_time_ms,
         model.times_ms.last().copied()
     ));
+
+    let history: Vec<ModelTransition> = snapshot
+        .history(&status.name)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| (t.from, t.to, t.reason))
+        .collect();
+    prop_assert_eq!(&history, &model.history, "history of {}", status.name);
+
+    let journal = snapshot.journal(&status.name).unwrap_or_default();
+    prop_assert!(
+        journal.iter().all(|j| is_rfc3339_utc(&j.at)),
+        "journal timestamps: {:?}",
+        journal
+    );
+    let journal: Vec<ModelJournal> = journal
+        .into_iter()
+        .map(|j| ModelJournal {
+            state: j.state,
+            reason: j.reason,
+            exit_signal: j.exit_signal,
+            exit_code: j.exit_code,
+            stderr_tail: j.stderr_tail,
+        })
+        .collect();
+    prop_assert_eq!(&journal, &model.journal, "journal of {}", status.name);
     Ok(())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the one timestamp shape the registry writes.
+fn is_rfc3339_utc(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let digits = [0..4, 5..7, 8..10, 11..13, 14..16, 17..19, 20..23];
+    bytes.len() == 24
+        && digits
+            .into_iter()
+            .all(|range| bytes[range].iter().all(u8::is_ascii_digit))
+        && [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+            (23, b'Z'),
+        ]
+        .into_iter()
+        .all(|(i, c)| bytes[i] == c)
 }
 
 // ---------------------------------------------------------------------------
@@ -323,6 +614,23 @@ fn check_snapshot(snapshot: &Snapshot) -> Result<BTreeMap<String, PluginStatus>,
                 );
             }
         }
+        // A FAILED or UNAVAILABLE plugin's newest journal entry says so,
+        // with the reason the status shows.
+        let journal = snapshot.journal(&status.name).unwrap_or_default();
+        prop_assert!(journal.len() <= JOURNAL_LEN);
+        if status.state.is_terminal() {
+            let newest = journal.last();
+            prop_assert_eq!(
+                newest.map(|j| j.state),
+                Some(status.state),
+                "journal of {:?}",
+                status
+            );
+            prop_assert_eq!(
+                newest.and_then(|j| j.reason.as_deref()),
+                status.reason.as_deref()
+            );
+        }
     }
     Ok(statuses.into_iter().map(|s| (s.name.clone(), s)).collect())
 }
@@ -345,6 +653,11 @@ fn check_monotonic(
             prop_assert!(
                 new.error_count >= old.error_count,
                 "{}: error count went down",
+                name
+            );
+            prop_assert!(
+                new.restart_count >= old.restart_count,
+                "{}: restart count went down",
                 name
             );
         }
@@ -413,33 +726,88 @@ proptest! {
 // (b) the registry against the sequential model
 // ---------------------------------------------------------------------------
 
+/// Drives a fresh registry and the model with `ops`, checking after every
+/// step: the same answer (accepted, or refused for the same reason), a new
+/// generation exactly when something was accepted, every plugin equal to the
+/// model (status, history, journal), the snapshot invariants, every read
+/// path agreeing with the snapshot, and nothing gone backwards.
+fn check_ops(ops: &[Op]) -> Result<(), TestCaseError> {
+    let registry = Registry::new();
+    let mut model = Model::default();
+    let mut previous = (0, BTreeMap::new());
+    for op in ops {
+        let generation = registry.generation();
+        let real = apply(&registry, op);
+        let expected = model.apply(op);
+        prop_assert_eq!(
+            real.as_ref().copied().map_err(refusal_of),
+            expected.map_err(Some),
+            "op {:?}",
+            op
+        );
+        prop_assert_eq!(
+            registry.generation() > generation,
+            expected.is_ok(),
+            "generation after {:?}",
+            op
+        );
+
+        let snapshot = registry.snapshot();
+        let statuses = check_snapshot(&snapshot)?;
+        let model_names: Vec<&str> = model.plugins.keys().copied().collect();
+        let real_names: Vec<&str> = statuses.keys().map(String::as_str).collect();
+        prop_assert_eq!(real_names, model_names);
+        for (name, plugin) in &model.plugins {
+            let status = &statuses[*name];
+            check_against_model(&snapshot, status, plugin)?;
+            // The registry's own read paths agree with the snapshot (no
+            // write happened since it was taken).
+            prop_assert_eq!(
+                registry.is_available(name),
+                matches!(plugin.state, Initialized | Running)
+            );
+            prop_assert_eq!(registry.get_state(name), Some(status.state));
+            prop_assert_eq!(registry.history(name), snapshot.history(name));
+            prop_assert_eq!(registry.journal(name), snapshot.journal(name));
+            let with_journal = registry.status_with_journal(name);
+            prop_assert_eq!(
+                with_journal.as_ref().map(|(s, j)| (
+                    s.state,
+                    s.reason.clone(),
+                    s.restart_count,
+                    j.clone()
+                )),
+                Some((
+                    status.state,
+                    status.reason.clone(),
+                    status.restart_count,
+                    snapshot.journal(name).unwrap_or_default()
+                ))
+            );
+        }
+        check_monotonic(
+            (previous.0, &previous.1),
+            (snapshot.generation(), &statuses),
+        )?;
+        previous = (snapshot.generation(), statuses);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
+    /// Only the writes production code makes: the host's real call and
+    /// crash-restart paths against the model.
+    #[test]
+    fn production_operations_follow_the_model(ops in prop::collection::vec(production_op(), 0..80)) {
+        check_ops(&ops)?;
+    }
+
+    /// Production's writes mixed with the test-only counting helpers.
     #[test]
     fn registry_follows_the_model(ops in prop::collection::vec(any_op(), 0..60)) {
-        let registry = Registry::new();
-        let mut model = Model::default();
-        let mut previous = (0, BTreeMap::new());
-        for op in &ops {
-            let generation = registry.generation();
-            let real = apply(&registry, op);
-            let expected = model.apply(op);
-            prop_assert_eq!(real.as_ref().err().and_then(refusal_of), expected.err(), "op {:?}", op);
-            prop_assert_eq!(registry.generation() > generation, expected.is_ok(), "generation after {:?}", op);
-
-            let snapshot = registry.snapshot();
-            let statuses = check_snapshot(&snapshot)?;
-            let model_names: Vec<&str> = model.plugins.keys().copied().collect();
-            let real_names: Vec<&str> = statuses.keys().map(String::as_str).collect();
-            prop_assert_eq!(real_names, model_names);
-            for (name, plugin) in &model.plugins {
-                check_against_model(&statuses[*name], plugin)?;
-                prop_assert_eq!(registry.is_available(name), matches!(plugin.state, Initialized | Running));
-            }
-            check_monotonic((previous.0, &previous.1), (snapshot.generation(), &statuses))?;
-            previous = (snapshot.generation(), statuses);
-        }
+        check_ops(&ops)?;
     }
 }
 
@@ -455,6 +823,7 @@ struct Accepted {
     finish: i64,
     success: u64,
     error: u64,
+    restarts: u64,
 }
 
 fn run_thread(registry: &Registry, ops: &[Op]) -> Vec<Accepted> {
@@ -468,6 +837,15 @@ fn run_thread(registry: &Registry, ops: &[Op]) -> Vec<Accepted> {
             Op::Register(_) => counts.register += 1,
             Op::MarkRunning(_) => counts.running += 1,
             Op::Finish(_) => counts.finish += 1,
+            Op::EndCall(_, _, true) => {
+                counts.finish += 1;
+                counts.success += 1;
+            }
+            Op::EndCall(_, _, false) => {
+                counts.finish += 1;
+                counts.error += 1;
+            }
+            Op::MarkRestarting(_) => counts.restarts += 1,
             Op::RecordSuccess(..) => counts.success += 1,
             Op::RecordError(..) => counts.error += 1,
             _ => {}
@@ -539,6 +917,7 @@ proptest! {
                 sum.finish += one.finish;
                 sum.success += one.success;
                 sum.error += one.error;
+                sum.restarts += one.restarts;
             }
         }
 
@@ -575,6 +954,7 @@ proptest! {
             // No update was lost.
             prop_assert_eq!(status.success_count, counts.success, "{} successes", name);
             prop_assert_eq!(status.error_count, counts.error, "{} errors", name);
+            prop_assert_eq!(status.restart_count, counts.restarts, "{} restarts", name);
             prop_assert_eq!(i64::from(status.in_flight), counts.running - counts.finish, "{} in flight", name);
         }
         prop_assert_eq!(registry.list_available(), available.into_iter().collect::<Vec<_>>());

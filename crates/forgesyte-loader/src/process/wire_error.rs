@@ -41,6 +41,8 @@ impl WireErrorExt for WireError {
                 at("MissingSharedLibrary", detail, path)
             }
             ImportError::Open { path, detail } => at("Open", detail, path),
+            // Typed causes end at the process boundary: the text crosses.
+            ImportError::Io { path, source } => at("Open", &source.to_string(), path),
             ImportError::MissingEntrySymbol { path, symbol } => {
                 let mut w = at("MissingEntrySymbol", "", path);
                 w.name = Some(symbol.clone());
@@ -86,6 +88,9 @@ impl WireErrorExt for WireError {
             InitError::Failed { message } => WireError::new("Failed", message),
             InitError::Panicked { message } => WireError::new("Panicked", message),
             InitError::Protocol { detail } => WireError::new("Protocol", detail),
+            InitError::InvalidJson { what, source } => {
+                WireError::new("Protocol", format!("{what} is not valid JSON: {source}"))
+            }
             other => WireError::new("Failed", other.to_string()),
         }
     }
@@ -122,6 +127,9 @@ impl WireErrorExt for WireError {
             }
             ToolError::Panicked { message } => WireError::new("Panicked", message),
             ToolError::Protocol { detail } => WireError::new("Protocol", detail),
+            ToolError::InvalidJson { what, source } => {
+                WireError::new("Protocol", format!("{what} is not valid JSON: {source}"))
+            }
             other => WireError::new("Protocol", other.to_string()),
         }
     }
