@@ -78,7 +78,7 @@ pub use admin::AdminToken;
 pub use api::{HealthResponse, PluginHealth, app};
 pub use check::{CheckError, CheckReport, check};
 pub use config::{
-    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_PLUGINS_DIR,
+    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_PLUGINS_DIR,
     DEFAULT_SHUTDOWN_GRACE, ServerConfig,
 };
 pub use error::{ApiError, RunError};
