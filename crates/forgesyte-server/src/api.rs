@@ -1,15 +1,15 @@
 //! The router and the handlers of SPEC §5.
 //!
-//! Plugin names are taken from the request path by hand (percent-decoded,
-//! invalid UTF-8 replaced) rather than with axum's `Path` extractor, whose
-//! rejections answer `text/plain` 400s: any name that is not a registry key
-//! is simply "not found", whatever bytes it holds.
+//! Plugin and tool names come from the path through [`ApiPath`]
+//! (percent-decoded by axum; a name that is not UTF-8 is decoded lossily):
+//! any name that is not a registry key is simply "not found", whatever
+//! bytes it holds.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, StatusCode, Uri};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,6 +19,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
+use crate::extract::{ApiPath, PluginPath, ToolPath};
 use crate::state::AppState;
 use crate::tools::{self, RunFailure, RunRequest, RunSuccess};
 use crate::{VERSION, docs, openapi, probes, reload};
@@ -76,44 +77,6 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
-}
-
-/// Segment `index` of the request path (0 is the empty text before the
-/// first `/`), percent-decoded, invalid UTF-8 replaced by U+FFFD.
-pub(crate) fn path_segment(uri: &Uri, index: usize) -> String {
-    let raw = uri.path().split('/').nth(index).unwrap_or_default();
-    percent_decode_lossy(raw)
-}
-
-fn percent_decode_lossy(raw: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        match b {
-            b'0'..=b'9' => Some(b - b'0'),
-            b'a'..=b'f' => Some(b - b'a' + 10),
-            b'A'..=b'F' => Some(b - b'A' + 10),
-            _ => None,
-        }
-    }
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let decoded = match (b, bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| h * 16 + l),
-            _ => None,
-        };
-        match decoded {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A JSON response from a borrowed value.
@@ -203,9 +166,8 @@ pub(crate) async fn list_plugins(State(state): State<AppState>) -> Response {
 )]
 pub(crate) async fn plugin_health(
     State(state): State<AppState>,
-    uri: Uri,
+    ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Json<PluginHealth>, ApiError> {
-    let name = path_segment(&uri, 3);
     // One entry read: the status and the journal agree.
     match state.registry().status_with_journal(&name) {
         Some((status, journal)) => Ok(Json(PluginHealth { status, journal })),
@@ -226,9 +188,8 @@ pub(crate) async fn plugin_health(
 )]
 pub(crate) async fn plugin_manifest(
     State(state): State<AppState>,
-    uri: Uri,
+    ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Response, ApiError> {
-    let name = path_segment(&uri, 3);
     if let Some(raw) = state.loader().manifest(&name) {
         return Ok(json(StatusCode::OK, &*raw));
     }
@@ -253,9 +214,8 @@ pub(crate) async fn plugin_manifest(
 )]
 pub(crate) async fn plugin_tools(
     State(state): State<AppState>,
-    uri: Uri,
+    ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Response, ApiError> {
-    let name = path_segment(&uri, 3);
     if let Some(handle) = state.loader().handle(&name) {
         return Ok(json(StatusCode::OK, handle.tools()));
     }
@@ -295,11 +255,9 @@ pub(crate) async fn plugin_tools(
 )]
 pub(crate) async fn run_tool(
     State(state): State<AppState>,
-    uri: Uri,
+    ApiPath(ToolPath { name: plugin, tool }): ApiPath<ToolPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let plugin = path_segment(&uri, 3);
-    let tool = path_segment(&uri, 5);
     let outcome = match tools::parse_body(body, state.body_limit()) {
         Ok(request) => tools::run(&state, &plugin, &tool, request).await,
         Err(e) => Err(e),
@@ -346,29 +304,4 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segments_are_decoded_lossily() {
-        let uri: Uri = "/v1/plugins/oc%72/health".parse().unwrap();
-        assert_eq!(path_segment(&uri, 3), "ocr");
-        let uri: Uri = "/v1/plugins/%FF%fe/health".parse().unwrap();
-        assert_eq!(path_segment(&uri, 3), "\u{FFFD}\u{FFFD}");
-        let uri: Uri = "/v1/plugins/a%2Fb/tools/t%20x/run".parse().unwrap();
-        assert_eq!(path_segment(&uri, 3), "a/b");
-        assert_eq!(path_segment(&uri, 5), "t x");
-        let uri: Uri = "/v1/plugins/%/health".parse().unwrap();
-        assert_eq!(path_segment(&uri, 3), "%");
-        assert_eq!(path_segment(&uri, 30), "");
-    }
-
-    #[test]
-    fn bad_escapes_are_kept_as_text() {
-        assert_eq!(percent_decode_lossy("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode_lossy("%e2%9c%93"), "✓");
-    }
 }

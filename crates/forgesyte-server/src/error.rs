@@ -71,6 +71,13 @@ pub enum ApiError {
         /// Its reason, if any.
         reason: Option<String>,
     },
+    /// A path parameter could not be read (400), such as a value of the
+    /// wrong type; the message is axum's (`Invalid URL: ...`).
+    #[error("{detail}")]
+    BadPath {
+        /// What is wrong with the path.
+        detail: String,
+    },
     /// No route matches the path (404).
     #[error("Not Found")]
     RouteNotFound,
@@ -134,6 +141,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::AdminDisabled | ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::BadPath { .. } => StatusCode::BAD_REQUEST,
             ApiError::Busy { .. } => StatusCode::CONFLICT,
             ApiError::Run { error, .. } => error.status(),
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,

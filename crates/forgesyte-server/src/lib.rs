@@ -66,6 +66,7 @@ mod check;
 mod config;
 mod docs;
 mod error;
+mod extract;
 mod openapi;
 mod pool;
 mod probes;

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use forgesyte_loader::{LoadReport, PluginLoadOutcome};
 use forgesyte_registry::PluginLifecycleState;
@@ -26,8 +26,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::admin;
-use crate::api::{json, path_segment};
+use crate::api::json;
 use crate::error::{ApiError, Shown};
+use crate::extract::{ApiPath, PluginPath};
 use crate::openapi;
 use crate::state::AppState;
 
@@ -113,10 +114,9 @@ impl From<LoadReport> for ReloadReport {
 pub(crate) async fn reload_plugin(
     State(state): State<AppState>,
     headers: HeaderMap,
-    uri: Uri,
+    ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Response, ApiError> {
     admin::authorize(state.admin_token(), &headers)?;
-    let name = path_segment(&uri, 3);
     let guard = state.begin_admin()?;
     tracing::info!(plugin = %Shown(&name), "Reload requested");
     let loader = Arc::clone(state.loader());
