@@ -1,28 +1,27 @@
-//! The router and the handlers of SPEC §5.
+//! The handlers of SPEC §5 (`/v1/health` and the plugin routes) and the
+//! types they answer with. The router is [`crate::router`].
 //!
 //! Plugin and tool names come from the path through [`ApiPath`]
 //! (percent-decoded by axum; a name that is not UTF-8 is decoded lossily):
 //! any name that is not a registry key is simply "not found", whatever
 //! bytes it holds.
 
+use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use forgesyte_registry::{JournalEntry, PluginStatus};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tower_http::trace::TraceLayer;
 use utoipa::ToSchema;
 
-use crate::error::ApiError;
+use crate::VERSION;
+use crate::error::{ApiError, ErrorDetail};
 use crate::extract::{ApiPath, PluginPath, ToolPath};
+use crate::respond::{json, json_bytes};
 use crate::state::AppState;
 use crate::tools::{self, RunFailure, RunRequest, RunSuccess};
-use crate::{VERSION, docs, openapi, probes, reload};
+use crate::wire::{JournalEntryJson, PluginStatusJson, ToolInfoJson};
 
 /// Answer of `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -41,59 +40,14 @@ pub struct HealthResponse {
 
 /// Answer of `GET /v1/plugins/{name}/health`: the status object of SPEC §5
 /// plus the plugin's failure journal.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PluginHealth {
     /// The status object, its fields at the top level.
     #[serde(flatten)]
-    pub status: PluginStatus,
+    pub status: PluginStatusJson,
     /// The last moves into FAILED or UNAVAILABLE and the supervisor's
     /// restarts, oldest first (an addition to SPEC §5).
-    pub journal: Vec<JournalEntry>,
-}
-
-/// The HTTP app over `state`: every route of SPEC §5, the probes
-/// (`/livez`, `/readyz`), the admin reload routes, `/openapi.json` and
-/// `/docs`, JSON 404 and 405 answers, the request body limit and request
-/// tracing.
-pub fn app(state: AppState) -> Router {
-    let body_limit = state.body_limit();
-    Router::new()
-        .route("/v1/health", get(server_health))
-        .route("/v1/plugins", get(list_plugins))
-        .route("/v1/plugins/", get(list_plugins))
-        .route("/v1/plugins/{name}/health", get(plugin_health))
-        .route("/v1/plugins/{name}/manifest", get(plugin_manifest))
-        .route("/v1/plugins/{name}/tools", get(plugin_tools))
-        .route("/v1/plugins/{name}/tools/{tool}/run", post(run_tool))
-        .route("/v1/plugins/{name}/reload", post(reload::reload_plugin))
-        .route("/v1/plugins/reload", post(reload::reload_all))
-        .route("/livez", get(probes::livez))
-        .route("/readyz", get(probes::readyz))
-        .route("/openapi.json", get(openapi_json))
-        .route("/docs", get(docs_page))
-        // After the routes: it applies to the routes registered so far.
-        .method_not_allowed_fallback(method_not_allowed)
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
-}
-
-/// A JSON response from a borrowed value.
-pub(crate) fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => {
-            let mut response = (status, body).into_response();
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
-        Err(e) => ApiError::Internal {
-            context: format!("serialising a response: {e}"),
-        }
-        .into_response(),
-    }
+    pub journal: Vec<JournalEntryJson>,
 }
 
 /// Server health and the number of plugins available.
@@ -134,22 +88,27 @@ pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
     get,
     path = "/v1/plugins",
     tag = "plugins",
-    responses((status = 200, description = "Every plugin, sorted by name", body = [openapi::PluginStatusSchema]))
+    responses((status = 200, description = "Every plugin, sorted by name", body = [PluginStatusJson]))
 )]
 pub(crate) async fn list_plugins(State(state): State<AppState>) -> Response {
     match state.list_body() {
-        Ok(body) => {
-            let mut response = (StatusCode::OK, body).into_response();
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
+        Ok(body) => json_bytes(StatusCode::OK, body),
         Err(e) => ApiError::Internal {
             context: format!("serialising the plugin list: {e}"),
         }
         .into_response(),
     }
+}
+
+/// The same answer as `GET /v1/plugins` (no redirect).
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/",
+    tag = "plugins",
+    responses((status = 200, description = "Every plugin, sorted by name", body = [PluginStatusJson]))
+)]
+pub(crate) async fn list_plugins_slash(state: State<AppState>) -> Response {
+    list_plugins(state).await
 }
 
 /// One plugin's status (state, reason, version, metrics, supervision)
@@ -160,8 +119,8 @@ pub(crate) async fn list_plugins(State(state): State<AppState>) -> Response {
     tag = "plugins",
     params(("name" = String, Path, description = "Plugin name (registry key)")),
     responses(
-        (status = 200, description = "The plugin's status, whatever its state, with its failure journal", body = openapi::PluginHealthSchema),
-        (status = 404, description = "No plugin of that name", body = openapi::ErrorDetail),
+        (status = 200, description = "The plugin's status, whatever its state, with its failure journal", body = PluginHealth),
+        (status = 404, description = "No plugin of that name", body = ErrorDetail),
     )
 )]
 pub(crate) async fn plugin_health(
@@ -170,7 +129,10 @@ pub(crate) async fn plugin_health(
 ) -> Result<Json<PluginHealth>, ApiError> {
     // One entry read: the status and the journal agree.
     match state.registry().status_with_journal(&name) {
-        Some((status, journal)) => Ok(Json(PluginHealth { status, journal })),
+        Some((status, journal)) => Ok(Json(PluginHealth {
+            status: status.into(),
+            journal: journal.into_iter().map(JournalEntryJson::from).collect(),
+        })),
         None => Err(ApiError::PluginNotFound { name }),
     }
 }
@@ -183,7 +145,7 @@ pub(crate) async fn plugin_health(
     params(("name" = String, Path, description = "Plugin name (registry key)")),
     responses(
         (status = 200, description = "The manifest object as read", body = Object),
-        (status = 404, description = "No plugin of that name, or its manifest is not valid JSON", body = openapi::ErrorDetail),
+        (status = 404, description = "No plugin of that name, or its manifest is not valid JSON", body = ErrorDetail),
     )
 )]
 pub(crate) async fn plugin_manifest(
@@ -207,9 +169,9 @@ pub(crate) async fn plugin_manifest(
     tag = "plugins",
     params(("name" = String, Path, description = "Plugin name (registry key)")),
     responses(
-        (status = 200, description = "The plugin's tools", body = [openapi::ToolInfoSchema]),
-        (status = 404, description = "No plugin of that name", body = openapi::ErrorDetail),
-        (status = 503, description = "The plugin has no live instance", body = openapi::ErrorDetail),
+        (status = 200, description = "The plugin's tools", body = [ToolInfoJson]),
+        (status = 404, description = "No plugin of that name", body = ErrorDetail),
+        (status = 503, description = "The plugin has no live instance", body = ErrorDetail),
     )
 )]
 pub(crate) async fn plugin_tools(
@@ -217,7 +179,8 @@ pub(crate) async fn plugin_tools(
     ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Response, ApiError> {
     if let Some(handle) = state.loader().handle(&name) {
-        return Ok(json(StatusCode::OK, handle.tools()));
+        let tools: Vec<ToolInfoJson> = handle.tools().iter().map(ToolInfoJson::from).collect();
+        return Ok(json(StatusCode::OK, &tools));
     }
     match state.registry().get_status(&name) {
         Some(status) => Err(ApiError::PluginNotRunnable {
@@ -270,38 +233,4 @@ pub(crate) async fn run_tool(
             error,
         }),
     }
-}
-
-/// The OpenAPI 3.1 document of this API, generated from the code.
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    tag = "server",
-    responses((status = 200, description = "The OpenAPI document", body = Object))
-)]
-pub(crate) async fn openapi_json() -> Response {
-    let mut response = openapi::document_json().clone().into_response();
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-/// A human-readable page of the OpenAPI document (no external assets).
-#[utoipa::path(
-    get,
-    path = "/docs",
-    tag = "server",
-    responses((status = 200, description = "HTML documentation", content_type = "text/html"))
-)]
-pub(crate) async fn docs_page() -> Html<Bytes> {
-    Html(docs::page().clone())
-}
-
-async fn not_found() -> ApiError {
-    ApiError::RouteNotFound
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
 }

@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use forgesyte_errors::ToolError;
 use forgesyte_loader::CallError;
 use forgesyte_registry::PluginLifecycleState;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
 
 /// Longest piece of a client-supplied name echoed back in a message.
 const SHOWN_CHARS: usize = 128;
@@ -40,6 +42,15 @@ fn state_name(state: Option<PluginLifecycleState>) -> &'static str {
 
 fn reason_suffix(reason: Option<&str>) -> String {
     reason.map(|r| format!(": {r}")).unwrap_or_default()
+}
+
+/// The error body of every route but the tool run: FastAPI's shape
+/// (SPEC §5), what [`ApiError`] answers for all its variants but
+/// [`ApiError::Run`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong.
+    pub detail: String,
 }
 
 /// Every way a request can fail.
@@ -156,7 +167,9 @@ impl ApiError {
                 tool,
                 error,
             } => error.body(plugin, tool),
-            other => json!({ "detail": other.to_string() }),
+            other => json!(ErrorDetail {
+                detail: other.to_string()
+            }),
         }
     }
 }

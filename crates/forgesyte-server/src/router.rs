@@ -1,159 +1,32 @@
-//! The OpenAPI document, generated from the handlers' annotations
-//! (`utoipa`), so it cannot drift from the routes.
+//! The router and the OpenAPI document, built from the same
+//! registrations.
 //!
-//! Types of lower crates (the registry's status object, the loader's tool
-//! description) are described by mirror structs here; unit tests compare
-//! each mirror's properties with what the real type serialises to.
+//! Every route is registered once, in [`routes`], with `utoipa-axum`'s
+//! `routes!`: the handler's `#[utoipa::path]` gives both the axum route and
+//! its operation in the document, and the schemas come from the types the
+//! handlers answer with. [`app`] takes the axum half, [`openapi`] the
+//! document half; the document also gets the title, the tags and the
+//! `admin_token` security scheme from [`ApiDoc`].
+//!
+//! This module is the top of the HTTP side: it knows every handler module,
+//! and none of them knows it.
 
 use std::sync::OnceLock;
 
-use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
+use axum::{Extension, Router};
+use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::api::{self, HealthResponse};
-use crate::probes::{self, LiveResponse, ReadyCheck, ReadyResponse};
-use crate::reload::{self, ReloadOutcome, ReloadReport};
-use crate::tools::{RunFailure, RunRequest, RunSuccess};
+use crate::docs::{self, Published};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::{api, probes, reload};
 
-/// A plugin's lifecycle state (SPEC §4).
-#[derive(ToSchema)]
-#[schema(as = PluginState)]
-#[allow(dead_code)] // Only its schema is used.
-pub(crate) enum PluginStateSchema {
-    /// Manifest read and registered; no instance yet.
-    #[schema(rename = "LOADED")]
-    Loaded,
-    /// Instance created; ready for tool calls.
-    #[schema(rename = "INITIALIZED")]
-    Initialized,
-    /// At least one tool call in flight.
-    #[schema(rename = "RUNNING")]
-    Running,
-    /// Import, init or a run-time fault (see `reason`).
-    #[schema(rename = "FAILED")]
-    Failed,
-    /// A dependency is missing (see `reason`).
-    #[schema(rename = "UNAVAILABLE")]
-    Unavailable,
-}
-
-/// The status object of SPEC §5. Every field is always present, `null`
-/// where unknown.
-#[derive(ToSchema)]
-#[schema(as = PluginStatus)]
-#[allow(dead_code)] // Only its schema is used.
-pub(crate) struct PluginStatusSchema {
-    /// Registry key.
-    name: String,
-    /// Lifecycle state.
-    state: PluginStateSchema,
-    /// Description from the manifest.
-    #[schema(required = true)]
-    description: Option<String>,
-    /// Why the plugin is FAILED or UNAVAILABLE (`ImportError: …`,
-    /// `InitError: …`, `Missing dependencies: …`); null otherwise.
-    #[schema(required = true)]
-    reason: Option<String>,
-    /// Version from the manifest (`unknown` when it has none).
-    #[schema(required = true)]
-    version: Option<String>,
-    /// Seconds since the plugin was registered.
-    #[schema(required = true)]
-    uptime_seconds: Option<f64>,
-    /// When a tool call last ran (RFC 3339, UTC).
-    #[schema(required = true, format = DateTime)]
-    last_used: Option<String>,
-    /// Tool calls that succeeded.
-    success_count: u64,
-    /// Tool calls that returned an error or faulted.
-    error_count: u64,
-    /// Duration of the most recent call, in milliseconds.
-    #[schema(required = true)]
-    last_execution_time_ms: Option<f64>,
-    /// Mean duration of the last 10 calls, in milliseconds.
-    #[schema(required = true)]
-    avg_execution_time_ms: Option<f64>,
-    /// Tool calls in flight right now.
-    in_flight: u32,
-    /// How many times the supervisor restarted the plugin's process (0 for
-    /// in-process plugins).
-    restart_count: u64,
-    /// How the plugin's process last ended (`killed by signal SIGSEGV
-    /// (11)`, `exited with code 3`, ...); kept after a restart.
-    #[schema(required = true)]
-    last_exit_reason: Option<String>,
-    /// When the supervisor will restart the plugin (RFC 3339, UTC); null
-    /// when no restart is scheduled.
-    #[schema(required = true, format = DateTime)]
-    next_retry_at: Option<String>,
-}
-
-/// One entry of a plugin's failure journal.
-#[derive(ToSchema)]
-#[schema(as = JournalEntry)]
-#[allow(dead_code)] // Only its schema is used.
-pub(crate) struct JournalEntrySchema {
-    /// When it happened (RFC 3339, UTC).
-    #[schema(format = DateTime)]
-    at: String,
-    /// The state entered (`FAILED`, `UNAVAILABLE`, or `LOADED` for a
-    /// supervisor restart).
-    state: PluginStateSchema,
-    /// The reason given with the move.
-    #[schema(required = true)]
-    reason: Option<String>,
-    /// The signal that ended the plugin's process, by name (`SIGSEGV`).
-    #[schema(required = true)]
-    exit_signal: Option<String>,
-    /// The exit code of the plugin's process, when it exited on its own.
-    #[schema(required = true)]
-    exit_code: Option<i32>,
-    /// The last lines the plugin's process wrote to stderr.
-    stderr_tail: Vec<String>,
-}
-
-/// Answer of the plugin health route: the status object's fields plus the
-/// failure journal.
-#[derive(ToSchema)]
-#[schema(as = PluginHealth)]
-#[allow(dead_code)] // Only its schema is used.
-pub(crate) struct PluginHealthSchema {
-    /// The status object's fields, at the top level.
-    #[serde(flatten)]
-    status: PluginStatusSchema,
-    /// The last moves into FAILED or UNAVAILABLE and the supervisor's
-    /// restarts, oldest first.
-    journal: Vec<JournalEntrySchema>,
-}
-
-/// A tool as the loaded plugin describes it.
-#[derive(ToSchema)]
-#[schema(as = ToolInfo)]
-#[allow(dead_code)] // Only its schema is used.
-pub(crate) struct ToolInfoSchema {
-    /// Tool id, as used in the run route.
-    id: String,
-    /// Short human title.
-    title: String,
-    /// What the tool does.
-    description: String,
-    /// JSON schema of the arguments.
-    #[schema(value_type = Object)]
-    input_schema: (),
-    /// JSON schema of the result.
-    #[schema(value_type = Object)]
-    output_schema: (),
-}
-
-/// The error body of every route but the tool run (FastAPI's shape).
-#[derive(ToSchema)]
-#[allow(dead_code)] // Only its schema is used.
-pub(crate) struct ErrorDetail {
-    /// What went wrong.
-    detail: String,
-}
-
+/// The parts of the document that are not routes: title, tags, security.
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -163,37 +36,6 @@ pub(crate) struct ErrorDetail {
                        `{\"ok\": false, \"error\", \"error_type\", \"detail\"}`. \
                        The health endpoints answer 200 or 404, never 500."
     ),
-    paths(
-        api::server_health,
-        api::list_plugins,
-        api::plugin_health,
-        api::plugin_manifest,
-        api::plugin_tools,
-        api::run_tool,
-        reload::reload_plugin,
-        reload::reload_all,
-        probes::livez,
-        probes::readyz,
-        api::openapi_json,
-        api::docs_page,
-    ),
-    components(schemas(
-        HealthResponse,
-        LiveResponse,
-        ReadyResponse,
-        ReadyCheck,
-        ReloadOutcome,
-        ReloadReport,
-        PluginHealthSchema,
-        JournalEntrySchema,
-        PluginStatusSchema,
-        PluginStateSchema,
-        ToolInfoSchema,
-        ErrorDetail,
-        RunRequest,
-        RunSuccess,
-        RunFailure,
-    )),
     modifiers(&AdminTokenScheme),
     tags(
         (name = "plugins", description = "Plugin status and manifests"),
@@ -224,34 +66,81 @@ impl Modify for AdminTokenScheme {
     }
 }
 
-/// The OpenAPI document of the HTTP API.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+/// Every route of the API, each with its documentation.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(api::server_health))
+        .routes(routes!(api::list_plugins))
+        .routes(routes!(api::list_plugins_slash))
+        .routes(routes!(api::plugin_health))
+        .routes(routes!(api::plugin_manifest))
+        .routes(routes!(api::plugin_tools))
+        .routes(routes!(api::run_tool))
+        .routes(routes!(reload::reload_plugin))
+        .routes(routes!(reload::reload_all))
+        .routes(routes!(probes::livez))
+        .routes(routes!(probes::readyz))
+        .routes(routes!(docs::openapi_json))
+        .routes(routes!(docs::docs_page))
 }
 
-/// The document serialised once.
-pub(crate) fn document_json() -> &'static Bytes {
-    static DOC: OnceLock<Bytes> = OnceLock::new();
-    DOC.get_or_init(|| match openapi().to_pretty_json() {
-        Ok(text) => Bytes::from(text),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot serialise the OpenAPI document");
-            Bytes::from_static(b"{}")
-        }
-    })
+/// The HTTP app over `state`: every route of SPEC §5, the probes
+/// (`/livez`, `/readyz`), the admin reload routes, `/openapi.json` and
+/// `/docs`, JSON 404 and 405 answers, the request body limit and request
+/// tracing.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.body_limit();
+    let (router, _) = routes().split_for_parts();
+    router
+        // After the routes: it applies to the routes registered so far.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(Extension(published()))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The OpenAPI document of the HTTP API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+/// The document and its page, built once.
+fn published() -> &'static Published {
+    static PUBLISHED: OnceLock<Published> = OnceLock::new();
+    PUBLISHED.get_or_init(|| Published::new(&openapi()))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::RouteNotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
+    use std::sync::Arc;
+
+    use axum::body::{Body, to_bytes};
+    use axum::http::{Method, Request, StatusCode};
     use forgesyte_registry::{PluginInfo, PluginLifecycleState, Registry};
     use serde_json::Value;
+    use tower::ServiceExt;
 
     use super::*;
+    use crate::config::ServerConfig;
+    use crate::probes::{ReadyCheck, ReadyResponse};
+    use crate::reload::{ReloadOutcome, ReloadReport};
+    use crate::server::build_loader;
+    use crate::wire::{JournalEntryJson, PluginStateJson};
 
     fn doc() -> Value {
-        serde_json::from_slice(document_json()).unwrap()
+        serde_json::from_slice(published().json()).unwrap()
     }
 
     fn property_names(doc: &Value, schema: &str) -> BTreeSet<String> {
@@ -263,30 +152,114 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn every_route_is_documented() {
+    /// The paths the real router holds. axum has no API that lists them;
+    /// its `Debug` form names every registered path (of the routes, before
+    /// the fallbacks), and this reads them from there. Should a new axum
+    /// print them differently, the assertions below fail, never pass.
+    fn router_paths(router: &Router) -> BTreeSet<String> {
+        let debug = format!("{router:?}");
+        let routes = debug
+            .split_once("path_router:")
+            .and_then(|(_, rest)| rest.split_once("fallback_router:"))
+            .map(|(routes, _)| routes)
+            .unwrap_or_else(|| panic!("unexpected Debug form of axum::Router: {debug}"));
+        routes
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|text| text.starts_with('/'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn app_over_no_plugins() -> Router {
+        let config = ServerConfig::default();
+        let loader = Arc::new(build_loader(&config.lib_paths));
+        app(AppState::new(loader, &config))
+    }
+
+    /// `path` with every `{param}` replaced by `x`.
+    fn concrete(path: &str) -> String {
+        path.split('/')
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    "x"
+                } else {
+                    segment
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    async fn answer(app: &Router, method: &Method, uri: &str) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    /// The router's paths are the document's paths, every documented
+    /// operation reaches a handler (not the 404 or 405 fallback), and every
+    /// other method on a documented path is a 405.
+    #[tokio::test]
+    async fn every_route_is_documented_and_answers() {
+        let app = app_over_no_plugins();
         let doc = doc();
-        let paths: BTreeSet<&str> = doc["paths"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        let expected = BTreeSet::from([
+        let documented: BTreeSet<String> =
+            doc["paths"].as_object().unwrap().keys().cloned().collect();
+        let routed = router_paths(&app);
+        assert!(routed.contains("/v1/health"), "{routed:?}");
+        assert_eq!(routed, documented);
+        // SPEC §5's routes are among them.
+        for path in [
             "/v1/health",
             "/v1/plugins",
+            "/v1/plugins/",
             "/v1/plugins/{name}/health",
             "/v1/plugins/{name}/manifest",
-            "/v1/plugins/{name}/tools",
             "/v1/plugins/{name}/tools/{tool}/run",
-            "/v1/plugins/{name}/reload",
-            "/v1/plugins/reload",
-            "/livez",
-            "/readyz",
-            "/openapi.json",
-            "/docs",
-        ]);
-        assert_eq!(paths, expected);
+        ] {
+            assert!(documented.contains(path), "{path}");
+        }
+        let fallback_404 = serde_json::json!({"detail": "Not Found"});
+        let fallback_405 = serde_json::json!({"detail": "Method Not Allowed"});
+        let mut operations = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            let uri = concrete(path);
+            for method in [
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::PATCH,
+            ] {
+                let key = method.as_str().to_ascii_lowercase();
+                let (status, body) = answer(&app, &method, &uri).await;
+                if item.get(&key).is_some() {
+                    operations += 1;
+                    assert_ne!(body, fallback_404, "{method} {path}: {status}");
+                    assert_ne!(body, fallback_405, "{method} {path}: {status}");
+                    assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "{method} {path}");
+                } else {
+                    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                    assert_eq!(body, fallback_405, "{method} {path}");
+                }
+            }
+        }
+        assert_eq!(operations, documented.len(), "one operation per path");
+        let (status, body) = answer(&app, &Method::GET, "/v1/nothing").await;
+        assert_eq!((status, body), (StatusCode::NOT_FOUND, fallback_404));
+    }
+
+    #[test]
+    fn admin_and_probe_routes_document_their_answers() {
+        let doc = doc();
         for path in ["/v1/plugins/{name}/reload", "/v1/plugins/reload"] {
             let post = &doc["paths"][path]["post"];
             assert_eq!(
@@ -365,8 +338,13 @@ mod tests {
             .unwrap();
         let snapshot = registry.snapshot();
         let health = crate::api::PluginHealth {
-            status: snapshot.get("p").unwrap(),
-            journal: snapshot.journal("p").unwrap(),
+            status: snapshot.get("p").unwrap().into(),
+            journal: snapshot
+                .journal("p")
+                .unwrap()
+                .into_iter()
+                .map(JournalEntryJson::from)
+                .collect(),
         };
         let value = serde_json::to_value(&health).unwrap();
         let real: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
@@ -396,7 +374,7 @@ mod tests {
         let outcome = ReloadOutcome {
             name: "p".into(),
             dir: "/plugins/p".into(),
-            state: PluginLifecycleState::Initialized,
+            state: PluginStateJson::Initialized,
             reason: None,
             elapsed_ms: 1.0,
         };
@@ -471,5 +449,30 @@ mod tests {
         for field in ["status", "plugins_loaded", "version"] {
             assert!(health.contains(field), "HealthResponse lacks {field}");
         }
+    }
+
+    #[test]
+    fn page_lists_every_route_and_schema_without_external_assets() {
+        let html = std::str::from_utf8(published().page()).unwrap();
+        assert!(html.starts_with("<!DOCTYPE html>"));
+        for needle in [
+            "/v1/plugins/{name}/health",
+            "/v1/plugins/{name}/tools/{tool}/run",
+            "/v1/health",
+            "id=\"schema-PluginStatus\"",
+            "id=\"schema-RunFailure\"",
+            "avg_execution_time_ms",
+            ">POST<",
+            "/readyz",
+            "/v1/plugins/{name}/reload",
+            "id=\"schema-PluginHealth\"",
+            "Every field of <a href=\"#schema-PluginStatus\">PluginStatus</a>, and:",
+            "<code>journal</code>",
+            "stderr_tail",
+        ] {
+            assert!(html.contains(needle), "page lacks {needle}");
+        }
+        assert!(!html.contains("<script"));
+        assert!(!html.contains("http://") && !html.contains("https://"));
     }
 }
