@@ -16,11 +16,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::VERSION;
-use crate::error::{ApiError, ErrorDetail};
+use crate::error::{ApiError, ErrorDetail, RunFailure};
 use crate::extract::{ApiPath, PluginPath, ToolPath};
 use crate::respond::{json, json_bytes};
 use crate::state::AppState;
-use crate::tools::{self, RunFailure, RunRequest, RunSuccess};
+use crate::tools::{self, RunRequest, RunSuccess};
 use crate::wire::{JournalEntryJson, PluginStatusJson, ToolInfoJson};
 
 /// Answer of `GET /v1/health`.

@@ -441,7 +441,22 @@ mod tests {
         ] {
             assert!(success.contains(field), "RunSuccess lacks {field}");
         }
-        let failure = property_names(&doc, "RunFailure");
+        // RunFailure = allOf [NotRunnable (state, reason: only for
+        // PluginNotRunnable), {the fields of every failure}].
+        let parts = doc["components"]["schemas"]["RunFailure"]["allOf"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}", doc["components"]["schemas"]["RunFailure"]));
+        let mut failure = BTreeSet::new();
+        for part in parts {
+            match part["$ref"].as_str() {
+                Some(reference) => {
+                    assert_eq!(reference, "#/components/schemas/NotRunnable");
+                    failure.extend(property_names(&doc, "NotRunnable"));
+                }
+                None => failure.extend(part["properties"].as_object().unwrap().keys().cloned()),
+            }
+        }
+        assert!(failure.contains("state") && failure.contains("reason"));
         for field in ["ok", "error", "error_type", "detail"] {
             assert!(failure.contains(field), "RunFailure lacks {field}");
         }
