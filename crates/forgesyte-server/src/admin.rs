@@ -3,14 +3,15 @@
 //!
 //! The routes are disabled unless a token is configured
 //! (`FORGESYTE_ADMIN_TOKEN`, or `--admin-token-file`). A request then needs
-//! `Authorization: Bearer <token>`; the comparison takes the same time
-//! wherever the first differing byte is, so response times do not leak the
-//! token byte by byte.
+//! `Authorization: Bearer <token>`; the comparison is `subtle`'s
+//! constant-time equality, which takes the same time wherever the first
+//! differing byte is, so response times do not leak the token byte by byte.
 
 use std::fmt;
 
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
+use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 
@@ -35,10 +36,12 @@ impl AdminToken {
         self.0.chars().count() < RECOMMENDED_TOKEN_LEN
     }
 
-    /// Whether `presented` is this token, in time that depends only on the
-    /// token's length, never on where a difference is.
+    /// Whether `presented` is this token ([`subtle::ConstantTimeEq`]): the
+    /// time depends on the lengths only, never on where a difference is.
+    /// (A length mismatch answers at once; the length of a token is not
+    /// what protects it.)
     pub fn matches(&self, presented: &[u8]) -> bool {
-        constant_time_eq(self.0.as_bytes(), presented)
+        bool::from(self.0.as_bytes().ct_eq(presented))
     }
 }
 
@@ -46,21 +49,6 @@ impl fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AdminToken(<redacted>)")
     }
-}
-
-/// `expected == presented`, looking at every byte of `expected` whatever
-/// `presented` holds: the time depends on `expected.len()` (fixed for a
-/// server) only. A length difference is folded into the result, not
-/// returned early.
-pub(crate) fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
-    let mut diff = u8::from(expected.len() != presented.len());
-    for (i, &e) in expected.iter().enumerate() {
-        // A missing byte compares as its complement: always different.
-        let p = presented.get(i).copied().unwrap_or(!e);
-        diff |= e ^ p;
-    }
-    // Keeps the compiler from turning the loop into an early exit.
-    std::hint::black_box(diff) == 0
 }
 
 /// Checks the request's credentials for an admin route.
@@ -111,19 +99,25 @@ mod tests {
 
     #[test]
     fn equal_means_same_bytes_and_same_length() {
-        assert!(constant_time_eq(b"secret-token", b"secret-token"));
-        assert!(!constant_time_eq(b"secret-token", b"secret-tokem"));
-        assert!(!constant_time_eq(b"secret-token", b"Secret-token"));
-        assert!(!constant_time_eq(b"secret-token", b"secret-token2"));
-        assert!(!constant_time_eq(b"secret-token", b"secret-toke"));
-        assert!(!constant_time_eq(b"secret-token", b""));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
-        // A prefix padded with the complement trick cannot collide: every
-        // byte value in the missing position differs.
+        let token = AdminToken::new("secret-token").unwrap();
+        assert!(token.matches(b"secret-token"));
+        assert!(!token.matches(b"secret-tokem"));
+        assert!(!token.matches(b"Secret-token"));
+        assert!(!token.matches(b"secret-token2"));
+        assert!(!token.matches(b"secret-toke"));
+        assert!(!token.matches(b""));
+        assert!(!token.matches(b" secret-token"));
+        // A presented prefix or extension never matches, whatever the
+        // byte in the differing position.
+        let one = AdminToken::new("a").unwrap();
         for b in 0..=255u8 {
-            assert!(!constant_time_eq(&[b, b], &[b]));
+            assert_eq!(one.matches(&[b]), b == b'a', "{b}");
+            assert!(!one.matches(&[b'a', b]), "{b}");
         }
+        // Multi-byte text is compared as bytes.
+        let unicode = AdminToken::new("tök€n").unwrap();
+        assert!(unicode.matches("tök€n".as_bytes()));
+        assert!(!unicode.matches("tok€n".as_bytes()));
     }
 
     #[test]

@@ -1,27 +1,27 @@
-//! The router and the handlers of SPEC §5.
+//! The handlers of SPEC §5 (`/v1/health` and the plugin routes) and the
+//! types they answer with. The router is [`crate::router`].
 //!
-//! Plugin names are taken from the request path by hand (percent-decoded,
-//! invalid UTF-8 replaced) rather than with axum's `Path` extractor, whose
-//! rejections answer `text/plain` 400s: any name that is not a registry key
-//! is simply "not found", whatever bytes it holds.
+//! Plugin and tool names come from the path through [`ApiPath`]
+//! (percent-decoded by axum; a name that is not UTF-8 is decoded lossily):
+//! any name that is not a registry key is simply "not found", whatever
+//! bytes it holds.
 
+use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, StatusCode, Uri};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use forgesyte_registry::{JournalEntry, PluginStatus};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tower_http::trace::TraceLayer;
 use utoipa::ToSchema;
 
-use crate::error::ApiError;
+use crate::VERSION;
+use crate::error::{ApiError, ErrorDetail, RunFailure};
+use crate::extract::{ApiPath, PluginPath, ToolPath};
+use crate::respond::{json, json_bytes};
 use crate::state::AppState;
-use crate::tools::{self, RunFailure, RunRequest, RunSuccess};
-use crate::{VERSION, docs, openapi, probes, reload};
+use crate::tools::{self, RunRequest, RunSuccess};
+use crate::wire::{JournalEntryJson, PluginStatusJson, ToolInfoJson};
 
 /// Answer of `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -40,97 +40,14 @@ pub struct HealthResponse {
 
 /// Answer of `GET /v1/plugins/{name}/health`: the status object of SPEC §5
 /// plus the plugin's failure journal.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PluginHealth {
     /// The status object, its fields at the top level.
     #[serde(flatten)]
-    pub status: PluginStatus,
+    pub status: PluginStatusJson,
     /// The last moves into FAILED or UNAVAILABLE and the supervisor's
     /// restarts, oldest first (an addition to SPEC §5).
-    pub journal: Vec<JournalEntry>,
-}
-
-/// The HTTP app over `state`: every route of SPEC §5, the probes
-/// (`/livez`, `/readyz`), the admin reload routes, `/openapi.json` and
-/// `/docs`, JSON 404 and 405 answers, the request body limit and request
-/// tracing.
-pub fn app(state: AppState) -> Router {
-    let body_limit = state.body_limit();
-    Router::new()
-        .route("/v1/health", get(server_health))
-        .route("/v1/plugins", get(list_plugins))
-        .route("/v1/plugins/", get(list_plugins))
-        .route("/v1/plugins/{name}/health", get(plugin_health))
-        .route("/v1/plugins/{name}/manifest", get(plugin_manifest))
-        .route("/v1/plugins/{name}/tools", get(plugin_tools))
-        .route("/v1/plugins/{name}/tools/{tool}/run", post(run_tool))
-        .route("/v1/plugins/{name}/reload", post(reload::reload_plugin))
-        .route("/v1/plugins/reload", post(reload::reload_all))
-        .route("/livez", get(probes::livez))
-        .route("/readyz", get(probes::readyz))
-        .route("/openapi.json", get(openapi_json))
-        .route("/docs", get(docs_page))
-        // After the routes: it applies to the routes registered so far.
-        .method_not_allowed_fallback(method_not_allowed)
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
-}
-
-/// Segment `index` of the request path (0 is the empty text before the
-/// first `/`), percent-decoded, invalid UTF-8 replaced by U+FFFD.
-pub(crate) fn path_segment(uri: &Uri, index: usize) -> String {
-    let raw = uri.path().split('/').nth(index).unwrap_or_default();
-    percent_decode_lossy(raw)
-}
-
-fn percent_decode_lossy(raw: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        match b {
-            b'0'..=b'9' => Some(b - b'0'),
-            b'a'..=b'f' => Some(b - b'a' + 10),
-            b'A'..=b'F' => Some(b - b'A' + 10),
-            _ => None,
-        }
-    }
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let decoded = match (b, bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| h * 16 + l),
-            _ => None,
-        };
-        match decoded {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A JSON response from a borrowed value.
-pub(crate) fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => {
-            let mut response = (status, body).into_response();
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
-        Err(e) => ApiError::Internal {
-            context: format!("serialising a response: {e}"),
-        }
-        .into_response(),
-    }
+    pub journal: Vec<JournalEntryJson>,
 }
 
 /// Server health and the number of plugins available.
@@ -171,22 +88,27 @@ pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
     get,
     path = "/v1/plugins",
     tag = "plugins",
-    responses((status = 200, description = "Every plugin, sorted by name", body = [openapi::PluginStatusSchema]))
+    responses((status = 200, description = "Every plugin, sorted by name", body = [PluginStatusJson]))
 )]
 pub(crate) async fn list_plugins(State(state): State<AppState>) -> Response {
     match state.list_body() {
-        Ok(body) => {
-            let mut response = (StatusCode::OK, body).into_response();
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
+        Ok(body) => json_bytes(StatusCode::OK, body),
         Err(e) => ApiError::Internal {
             context: format!("serialising the plugin list: {e}"),
         }
         .into_response(),
     }
+}
+
+/// The same answer as `GET /v1/plugins` (no redirect).
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/",
+    tag = "plugins",
+    responses((status = 200, description = "Every plugin, sorted by name", body = [PluginStatusJson]))
+)]
+pub(crate) async fn list_plugins_slash(state: State<AppState>) -> Response {
+    list_plugins(state).await
 }
 
 /// One plugin's status (state, reason, version, metrics, supervision)
@@ -197,18 +119,20 @@ pub(crate) async fn list_plugins(State(state): State<AppState>) -> Response {
     tag = "plugins",
     params(("name" = String, Path, description = "Plugin name (registry key)")),
     responses(
-        (status = 200, description = "The plugin's status, whatever its state, with its failure journal", body = openapi::PluginHealthSchema),
-        (status = 404, description = "No plugin of that name", body = openapi::ErrorDetail),
+        (status = 200, description = "The plugin's status, whatever its state, with its failure journal", body = PluginHealth),
+        (status = 404, description = "No plugin of that name", body = ErrorDetail),
     )
 )]
 pub(crate) async fn plugin_health(
     State(state): State<AppState>,
-    uri: Uri,
+    ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Json<PluginHealth>, ApiError> {
-    let name = path_segment(&uri, 3);
     // One entry read: the status and the journal agree.
     match state.registry().status_with_journal(&name) {
-        Some((status, journal)) => Ok(Json(PluginHealth { status, journal })),
+        Some((status, journal)) => Ok(Json(PluginHealth {
+            status: status.into(),
+            journal: journal.into_iter().map(JournalEntryJson::from).collect(),
+        })),
         None => Err(ApiError::PluginNotFound { name }),
     }
 }
@@ -221,14 +145,13 @@ pub(crate) async fn plugin_health(
     params(("name" = String, Path, description = "Plugin name (registry key)")),
     responses(
         (status = 200, description = "The manifest object as read", body = Object),
-        (status = 404, description = "No plugin of that name, or its manifest is not valid JSON", body = openapi::ErrorDetail),
+        (status = 404, description = "No plugin of that name, or its manifest is not valid JSON", body = ErrorDetail),
     )
 )]
 pub(crate) async fn plugin_manifest(
     State(state): State<AppState>,
-    uri: Uri,
+    ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Response, ApiError> {
-    let name = path_segment(&uri, 3);
     if let Some(raw) = state.loader().manifest(&name) {
         return Ok(json(StatusCode::OK, &*raw));
     }
@@ -246,18 +169,18 @@ pub(crate) async fn plugin_manifest(
     tag = "plugins",
     params(("name" = String, Path, description = "Plugin name (registry key)")),
     responses(
-        (status = 200, description = "The plugin's tools", body = [openapi::ToolInfoSchema]),
-        (status = 404, description = "No plugin of that name", body = openapi::ErrorDetail),
-        (status = 503, description = "The plugin has no live instance", body = openapi::ErrorDetail),
+        (status = 200, description = "The plugin's tools", body = [ToolInfoJson]),
+        (status = 404, description = "No plugin of that name", body = ErrorDetail),
+        (status = 503, description = "The plugin has no live instance", body = ErrorDetail),
     )
 )]
 pub(crate) async fn plugin_tools(
     State(state): State<AppState>,
-    uri: Uri,
+    ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Response, ApiError> {
-    let name = path_segment(&uri, 3);
     if let Some(handle) = state.loader().handle(&name) {
-        return Ok(json(StatusCode::OK, handle.tools()));
+        let tools: Vec<ToolInfoJson> = handle.tools().iter().map(ToolInfoJson::from).collect();
+        return Ok(json(StatusCode::OK, &tools));
     }
     match state.registry().get_status(&name) {
         Some(status) => Err(ApiError::PluginNotRunnable {
@@ -295,11 +218,9 @@ pub(crate) async fn plugin_tools(
 )]
 pub(crate) async fn run_tool(
     State(state): State<AppState>,
-    uri: Uri,
+    ApiPath(ToolPath { name: plugin, tool }): ApiPath<ToolPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let plugin = path_segment(&uri, 3);
-    let tool = path_segment(&uri, 5);
     let outcome = match tools::parse_body(body, state.body_limit()) {
         Ok(request) => tools::run(&state, &plugin, &tool, request).await,
         Err(e) => Err(e),
@@ -311,64 +232,5 @@ pub(crate) async fn run_tool(
             tool,
             error,
         }),
-    }
-}
-
-/// The OpenAPI 3.1 document of this API, generated from the code.
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    tag = "server",
-    responses((status = 200, description = "The OpenAPI document", body = Object))
-)]
-pub(crate) async fn openapi_json() -> Response {
-    let mut response = openapi::document_json().clone().into_response();
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-/// A human-readable page of the OpenAPI document (no external assets).
-#[utoipa::path(
-    get,
-    path = "/docs",
-    tag = "server",
-    responses((status = 200, description = "HTML documentation", content_type = "text/html"))
-)]
-pub(crate) async fn docs_page() -> Html<Bytes> {
-    Html(docs::page().clone())
-}
-
-async fn not_found() -> ApiError {
-    ApiError::RouteNotFound
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segments_are_decoded_lossily() {
-        let uri: Uri = "/v1/plugins/oc%72/health".parse().unwrap();
-        assert_eq!(path_segment(&uri, 3), "ocr");
-        let uri: Uri = "/v1/plugins/%FF%fe/health".parse().unwrap();
-        assert_eq!(path_segment(&uri, 3), "\u{FFFD}\u{FFFD}");
-        let uri: Uri = "/v1/plugins/a%2Fb/tools/t%20x/run".parse().unwrap();
-        assert_eq!(path_segment(&uri, 3), "a/b");
-        assert_eq!(path_segment(&uri, 5), "t x");
-        let uri: Uri = "/v1/plugins/%/health".parse().unwrap();
-        assert_eq!(path_segment(&uri, 3), "%");
-        assert_eq!(path_segment(&uri, 30), "");
-    }
-
-    #[test]
-    fn bad_escapes_are_kept_as_text() {
-        assert_eq!(percent_decode_lossy("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode_lossy("%e2%9c%93"), "✓");
     }
 }

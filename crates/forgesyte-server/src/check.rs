@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use forgesyte_loader::Loader;
 use forgesyte_registry::{PluginLifecycleState, PluginStatus};
 
-use crate::ServerConfig;
+use crate::config::ServerConfig;
 use crate::server::build_loader_from;
+use crate::wire::PluginStatusJson;
 
 /// Why `check` could not run at all (a usage error: exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +105,9 @@ impl CheckReport {
 
     /// The JSON array of status objects, as `GET /v1/plugins` answers it.
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(&self.plugins).unwrap_or_else(|_| "[]".into())
+        let statuses: Vec<PluginStatusJson> =
+            self.plugins.iter().map(PluginStatusJson::from).collect();
+        serde_json::to_string_pretty(&statuses).unwrap_or_else(|_| "[]".into())
     }
 }
 

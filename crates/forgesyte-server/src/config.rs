@@ -25,6 +25,10 @@ pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 /// (`--shutdown-grace`, `FORGESYTE_SHUTDOWN_GRACE`).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Default hosting of plugins whose manifest names no `isolation`
+/// (`--isolation`, `FORGESYTE_ISOLATION`): in the server process.
+pub const DEFAULT_ISOLATION: Isolation = Isolation::InProcess;
+
 /// Everything `forgesyte serve` can be told.
 ///
 /// Build one from [`ServerConfig::default`] and change the fields you need.
@@ -87,7 +91,7 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             admin_token: None,
             preflight: false,
-            default_isolation: Isolation::InProcess,
+            default_isolation: DEFAULT_ISOLATION,
             runner: None,
             runner_args: Vec::new(),
         }

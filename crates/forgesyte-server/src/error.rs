@@ -16,7 +16,11 @@ use axum::response::{IntoResponse, Response};
 use forgesyte_errors::ToolError;
 use forgesyte_loader::CallError;
 use forgesyte_registry::PluginLifecycleState;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use crate::wire::PluginStateJson;
 
 /// Longest piece of a client-supplied name echoed back in a message.
 const SHOWN_CHARS: usize = 128;
@@ -40,6 +44,53 @@ fn state_name(state: Option<PluginLifecycleState>) -> &'static str {
 
 fn reason_suffix(reason: Option<&str>) -> String {
     reason.map(|r| format!(": {r}")).unwrap_or_default()
+}
+
+/// The error body of every route but the tool run: FastAPI's shape
+/// (SPEC §5), what [`ApiError`] answers for all its variants but
+/// [`ApiError::Run`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong.
+    pub detail: String,
+}
+
+/// A tool run that failed (404, 400, 413, 422, 502, 503, 504): the body
+/// [`ApiError::Run`] answers, built by [`RunError::failure`].
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
+pub struct RunFailure {
+    /// Always `false`.
+    pub ok: bool,
+    /// The plugin named in the path.
+    pub plugin_id: String,
+    /// The tool named in the path.
+    pub tool_name: String,
+    /// What went wrong, briefly (for a tool error: the tool's own message).
+    pub error: String,
+    /// Error class: `PluginNotFound`, `UnknownTool`, `PluginNotRunnable`,
+    /// `MalformedBody`, `InvalidBody`, `PayloadTooLarge`, `InvalidArgs`,
+    /// `ToolError` (or the plugin's own class), `ToolPanic`, `ProtocolError`,
+    /// `Timeout`.
+    pub error_type: String,
+    /// A full sentence naming the plugin and the tool.
+    pub detail: String,
+    /// Only for `PluginNotRunnable`: the plugin's `state` and `reason`
+    /// (both present then, null where unknown).
+    #[serde(flatten)]
+    #[schema(value_type = NotRunnable)]
+    pub not_runnable: Option<NotRunnable>,
+}
+
+/// Why a plugin cannot run tools, in the failure body of
+/// `PluginNotRunnable`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+pub struct NotRunnable {
+    /// The plugin's state (only for `PluginNotRunnable`; null when it is
+    /// not registered).
+    pub state: Option<PluginStateJson>,
+    /// Why it is not runnable (only for `PluginNotRunnable`; null when no
+    /// reason was recorded).
+    pub reason: Option<String>,
 }
 
 /// Every way a request can fail.
@@ -70,6 +121,13 @@ pub enum ApiError {
         state: Option<PluginLifecycleState>,
         /// Its reason, if any.
         reason: Option<String>,
+    },
+    /// A path parameter could not be read (400), such as a value of the
+    /// wrong type; the message is axum's (`Invalid URL: ...`).
+    #[error("{detail}")]
+    BadPath {
+        /// What is wrong with the path.
+        detail: String,
     },
     /// No route matches the path (404).
     #[error("Not Found")]
@@ -134,6 +192,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::AdminDisabled | ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::BadPath { .. } => StatusCode::BAD_REQUEST,
             ApiError::Busy { .. } => StatusCode::CONFLICT,
             ApiError::Run { error, .. } => error.status(),
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -148,7 +207,9 @@ impl ApiError {
                 tool,
                 error,
             } => error.body(plugin, tool),
-            other => json!({ "detail": other.to_string() }),
+            other => json!(ErrorDetail {
+                detail: other.to_string()
+            }),
         }
     }
 }
@@ -341,19 +402,27 @@ impl RunError {
 
     /// The failure body of SPEC §5, plus `plugin_id`, `tool_name`, and for
     /// [`RunError::NotRunnable`] the plugin's `state` and `reason`.
-    pub fn body(&self, plugin: &str, tool: &str) -> Value {
-        let mut body = Map::new();
-        body.insert("ok".into(), Value::Bool(false));
-        body.insert("plugin_id".into(), Value::from(plugin));
-        body.insert("tool_name".into(), Value::from(tool));
-        body.insert("error".into(), Value::from(self.to_string()));
-        body.insert("error_type".into(), Value::from(self.error_type()));
-        body.insert("detail".into(), Value::from(self.detail(plugin, tool)));
-        if let RunError::NotRunnable { state, reason } = self {
-            body.insert("state".into(), json!(state));
-            body.insert("reason".into(), json!(reason));
+    pub fn failure(&self, plugin: &str, tool: &str) -> RunFailure {
+        RunFailure {
+            ok: false,
+            plugin_id: plugin.to_owned(),
+            tool_name: tool.to_owned(),
+            error: self.to_string(),
+            error_type: self.error_type().to_owned(),
+            detail: self.detail(plugin, tool),
+            not_runnable: match self {
+                RunError::NotRunnable { state, reason } => Some(NotRunnable {
+                    state: state.map(PluginStateJson::from),
+                    reason: reason.clone(),
+                }),
+                _ => None,
+            },
         }
-        Value::Object(body)
+    }
+
+    /// [`RunError::failure`] as JSON.
+    pub fn body(&self, plugin: &str, tool: &str) -> Value {
+        json!(self.failure(plugin, tool))
     }
 }
 
@@ -549,6 +618,38 @@ mod tests {
             body["detail"],
             "Plugin 'p' is FAILED and cannot run tools: ImportError: gone"
         );
+    }
+
+    #[test]
+    fn state_and_reason_are_present_only_when_not_runnable() {
+        let keys = |body: &Value| -> Vec<String> {
+            let mut keys: Vec<String> = body.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        let common = [
+            "detail",
+            "error",
+            "error_type",
+            "ok",
+            "plugin_id",
+            "tool_name",
+        ];
+        let body = RunError::UnknownTool.body("p", "t");
+        assert_eq!(keys(&body), common);
+        let body = RunError::NotRunnable {
+            state: None,
+            reason: None,
+        }
+        .body("p", "t");
+        let mut expected: Vec<&str> = common.into();
+        expected.extend(["reason", "state"]);
+        expected.sort_unstable();
+        assert_eq!(keys(&body), expected);
+        assert_eq!(body["state"], Value::Null);
+        assert_eq!(body["reason"], Value::Null);
+        let failure: RunFailure = serde_json::from_value(body).unwrap();
+        assert_eq!(failure.error_type, "PluginNotRunnable");
     }
 
     #[test]

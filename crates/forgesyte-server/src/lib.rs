@@ -66,28 +66,32 @@ mod check;
 mod config;
 mod docs;
 mod error;
-mod openapi;
+mod extract;
 mod pool;
 mod probes;
 mod reload;
+mod respond;
+mod router;
 mod server;
 mod state;
 mod tools;
+mod wire;
 
 pub use admin::AdminToken;
-pub use api::{HealthResponse, PluginHealth, app};
+pub use api::{HealthResponse, PluginHealth};
 pub use check::{CheckError, CheckReport, check};
 pub use config::{
-    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_PLUGINS_DIR,
+    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_PLUGINS_DIR,
     DEFAULT_SHUTDOWN_GRACE, ServerConfig,
 };
-pub use error::{ApiError, RunError};
-pub use openapi::openapi;
+pub use error::{ApiError, ErrorDetail, NotRunnable, RunError, RunFailure};
 pub use probes::{LiveResponse, ReadyCheck, ReadyResponse};
 pub use reload::{ReloadOutcome, ReloadReport};
+pub use router::{app, openapi};
 pub use server::{ServeError, Server, build_loader, build_loader_from, serve, shutdown_signal};
 pub use state::AppState;
-pub use tools::{RunFailure, RunRequest, RunSuccess};
+pub use tools::{RunRequest, RunSuccess};
+pub use wire::{JournalEntryJson, PluginStateJson, PluginStatusJson, ToolInfoJson};
 
 /// The server's version, as reported by `GET /v1/health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

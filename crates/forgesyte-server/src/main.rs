@@ -19,6 +19,7 @@
 //! `check`). Exit codes: 0 success, 1 failure (for `check`: a plugin is not
 //! available), 2 usage error.
 
+use std::fmt;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,7 +29,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use forgesyte_loader::Isolation;
 use forgesyte_server::{
-    AdminToken, DEFAULT_BIND, DEFAULT_PLUGINS_DIR, Server, ServerConfig, check, shutdown_signal,
+    AdminToken, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_ISOLATION,
+    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig, check, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -64,14 +66,14 @@ struct ServeArgs {
     #[command(flatten)]
     loader: LoaderArgs,
     /// Time limit of one tool call, in seconds, when the plugin's manifest sets none.
-    #[arg(long, value_name = "SECS", env = "FORGESYTE_CALL_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
-    call_timeout: Duration,
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_CALL_TIMEOUT", default_value_t = Seconds(DEFAULT_CALL_TIMEOUT), value_parser = parse_seconds_arg)]
+    call_timeout: Seconds,
     /// Largest accepted request body, in bytes.
-    #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_LIMIT", default_value = "33554432", value_parser = parse_bytes)]
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT, value_parser = parse_bytes)]
     body_limit: usize,
     /// How long shutdown waits for in-flight requests, in seconds.
-    #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds)]
-    shutdown_grace: Duration,
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value_t = Seconds(DEFAULT_SHUTDOWN_GRACE), value_parser = parse_seconds_arg)]
+    shutdown_grace: Seconds,
     /// File holding the bearer token of the admin routes (`POST
     /// /v1/plugins/reload`, ...). Without it (or `FORGESYTE_ADMIN_TOKEN`)
     /// those routes are disabled.
@@ -110,8 +112,8 @@ struct LoaderArgs {
     preflight: bool,
     /// Where plugins whose manifest names no `isolation` run: in the server
     /// process (fastest) or each in a child process (survives crashes).
-    #[arg(long, value_name = "MODE", env = "FORGESYTE_ISOLATION", default_value = "in-process", value_parser = parse_isolation)]
-    isolation: Isolation,
+    #[arg(long, value_name = "MODE", env = "FORGESYTE_ISOLATION", default_value_t = IsolationArg(DEFAULT_ISOLATION), value_parser = parse_isolation)]
+    isolation: IsolationArg,
     /// A dedicated runner executable for isolated plugins and preflight,
     /// such as `forgesyte-runner` (default: this `forgesyte` executable,
     /// which doubles as the runner).
@@ -128,7 +130,7 @@ impl LoaderArgs {
             .filter(|p| !p.as_os_str().is_empty())
             .collect();
         config.preflight = self.preflight;
-        config.default_isolation = self.isolation;
+        config.default_isolation = self.isolation.0;
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);
@@ -145,10 +147,35 @@ impl LoaderArgs {
     }
 }
 
-fn parse_isolation(text: &str) -> Result<Isolation, String> {
+/// A duration given in seconds on the command line; shown in seconds in
+/// `--help` (the defaults are the [`ServerConfig`] constants).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Seconds(Duration);
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
+}
+
+/// An isolation mode on the command line (`in-process`, `process`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct IsolationArg(Isolation);
+
+impl fmt::Display for IsolationArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The loader's own names (its serde form), whatever modes it adds.
+        match serde_json::to_value(self.0) {
+            Ok(serde_json::Value::String(name)) => f.write_str(&name),
+            _ => write!(f, "{:?}", self.0),
+        }
+    }
+}
+
+fn parse_isolation(text: &str) -> Result<IsolationArg, String> {
     match text.trim() {
-        "in-process" => Ok(Isolation::InProcess),
-        "process" => Ok(Isolation::Process),
+        "in-process" => Ok(IsolationArg(Isolation::InProcess)),
+        "process" => Ok(IsolationArg(Isolation::Process)),
         other => Err(format!(
             "'{other}' is not an isolation mode (in-process, process)"
         )),
@@ -196,6 +223,10 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
         return Err(format!("'{text}' must be a positive number of seconds"));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("'{text}': {e}"))
+}
+
+fn parse_seconds_arg(text: &str) -> Result<Seconds, String> {
+    parse_seconds(text).map(Seconds)
 }
 
 fn parse_bytes(text: &str) -> Result<usize, String> {
@@ -247,17 +278,26 @@ fn main() -> ExitCode {
     }
 }
 
+impl ServeArgs {
+    /// The server settings these options give, all but the admin token
+    /// (which needs the environment and a file; see [`admin_token`]).
+    fn config(self) -> (ServerConfig, Option<PathBuf>) {
+        let mut config = ServerConfig::default();
+        config.plugins_dir = self.plugins;
+        config.bind = self.bind;
+        self.loader.apply(&mut config);
+        config.call_timeout = self.call_timeout.0;
+        config.body_limit = self.body_limit;
+        config.shutdown_grace = self.shutdown_grace.0;
+        (config, self.admin_token_file)
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = ServerConfig::default();
-    config.plugins_dir = args.plugins;
-    config.bind = args.bind;
-    args.loader.apply(&mut config);
-    config.call_timeout = args.call_timeout;
-    config.body_limit = args.body_limit;
-    config.shutdown_grace = args.shutdown_grace;
+    let (mut config, admin_token_file) = args.config();
     config.admin_token = admin_token(
         std::env::var_os("FORGESYTE_ADMIN_TOKEN"),
-        args.admin_token_file.as_deref(),
+        admin_token_file.as_deref(),
     )?;
     match &config.admin_token {
         Some(_) => tracing::info!("Admin routes enabled (bearer token)"),
@@ -319,6 +359,55 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// `serve` and `check` with no options give exactly the
+    /// [`ServerConfig`] defaults (but the runner, which is this executable).
+    /// Set `FORGESYTE_*` variables change what is parsed, so this test
+    /// expects none to be set.
+    #[test]
+    fn an_empty_command_line_gives_the_config_defaults() {
+        let mut expected = ServerConfig::default();
+        expected.runner = std::env::current_exe().ok();
+        expected.runner_args = vec![RUNNER_SUBCOMMAND.into()];
+
+        let cli = Cli::try_parse_from(["forgesyte", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        let (config, admin_token_file) = args.config();
+        assert_eq!(config, expected);
+        assert_eq!(admin_token_file, None);
+
+        let cli = Cli::try_parse_from(["forgesyte", "check"]).unwrap();
+        let Command::Check(args) = cli.command else {
+            panic!("expected check");
+        };
+        assert_eq!(args.dir, PathBuf::from(DEFAULT_PLUGINS_DIR));
+        assert!(!args.json);
+        let mut config = ServerConfig::default();
+        args.loader.apply(&mut config);
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn defaults_are_shown_in_the_units_they_are_given_in() {
+        assert_eq!(Seconds(Duration::from_secs(60)).to_string(), "60");
+        assert_eq!(Seconds(Duration::from_millis(500)).to_string(), "0.5");
+        for isolation in [Isolation::InProcess, Isolation::Process] {
+            let shown = IsolationArg(isolation).to_string();
+            assert_eq!(parse_isolation(&shown), Ok(IsolationArg(isolation)));
+        }
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("[default: 60]"), "{help}");
+        assert!(help.contains("[default: 33554432]"), "{help}");
+        assert!(help.contains("[default: in-process]"), "{help}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::api::json;
+use crate::respond::json;
 use crate::state::AppState;
 
 /// Answer of `GET /livez`.

@@ -18,18 +18,18 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use forgesyte_loader::{LoadReport, PluginLoadOutcome};
-use forgesyte_registry::PluginLifecycleState;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::admin;
-use crate::api::{json, path_segment};
-use crate::error::{ApiError, Shown};
-use crate::openapi;
+use crate::error::{ApiError, ErrorDetail, Shown};
+use crate::extract::{ApiPath, PluginPath};
+use crate::respond::json;
 use crate::state::AppState;
+use crate::wire::PluginStateJson;
 
 /// What reloading one plugin led to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -39,8 +39,7 @@ pub struct ReloadOutcome {
     /// Its plugin directory.
     pub dir: String,
     /// Its state after the reload.
-    #[schema(value_type = openapi::PluginStateSchema)]
-    pub state: PluginLifecycleState,
+    pub state: PluginStateJson,
     /// Why it is FAILED or UNAVAILABLE; null otherwise.
     #[schema(required = true)]
     pub reason: Option<String>,
@@ -53,7 +52,7 @@ impl From<PluginLoadOutcome> for ReloadOutcome {
         ReloadOutcome {
             name: o.name,
             dir: o.dir.display().to_string(),
-            state: o.state,
+            state: o.state.into(),
             reason: o.reason,
             elapsed_ms: o.elapsed_ms,
         }
@@ -104,19 +103,18 @@ impl From<LoadReport> for ReloadReport {
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "The plugin's state after the reload (which may be FAILED: see `reason`)", body = ReloadOutcome),
-        (status = 401, description = "No `Authorization: Bearer <token>` header", body = openapi::ErrorDetail),
-        (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = openapi::ErrorDetail),
-        (status = 404, description = "No plugin of that name", body = openapi::ErrorDetail),
-        (status = 409, description = "The startup load pass or another reload is running", body = openapi::ErrorDetail),
+        (status = 401, description = "No `Authorization: Bearer <token>` header", body = ErrorDetail),
+        (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = ErrorDetail),
+        (status = 404, description = "No plugin of that name", body = ErrorDetail),
+        (status = 409, description = "The startup load pass or another reload is running", body = ErrorDetail),
     )
 )]
 pub(crate) async fn reload_plugin(
     State(state): State<AppState>,
     headers: HeaderMap,
-    uri: Uri,
+    ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Response, ApiError> {
     admin::authorize(state.admin_token(), &headers)?;
-    let name = path_segment(&uri, 3);
     let guard = state.begin_admin()?;
     tracing::info!(plugin = %Shown(&name), "Reload requested");
     let loader = Arc::clone(state.loader());
@@ -147,9 +145,9 @@ pub(crate) async fn reload_plugin(
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Every plugin's state after the reload", body = ReloadReport),
-        (status = 401, description = "No `Authorization: Bearer <token>` header", body = openapi::ErrorDetail),
-        (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = openapi::ErrorDetail),
-        (status = 409, description = "The startup load pass or another reload is running", body = openapi::ErrorDetail),
+        (status = 401, description = "No `Authorization: Bearer <token>` header", body = ErrorDetail),
+        (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = ErrorDetail),
+        (status = 409, description = "The startup load pass or another reload is running", body = ErrorDetail),
     )
 )]
 pub(crate) async fn reload_all(

@@ -12,7 +12,9 @@ use forgesyte_loader::{Loader, LoaderConfig};
 use forgesyte_registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{AppState, ServerConfig, app};
+use crate::config::ServerConfig;
+use crate::router::app;
+use crate::state::AppState;
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]

@@ -10,10 +10,11 @@ use axum::body::Bytes;
 use forgesyte_loader::Loader;
 use forgesyte_registry::Registry;
 
-use crate::ServerConfig;
 use crate::admin::AdminToken;
+use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::pool::CallPool;
+use crate::wire::PluginStatusJson;
 
 /// Shared state of the HTTP app: the loader (and through it the registry and
 /// the plugin handles) plus the settings the handlers need. Cloning is one
@@ -128,7 +129,13 @@ impl AppState {
         // The generation is read before the snapshot: a write landing in
         // between makes this body newer than its key, never older, and the
         // next reader rebuilds it.
-        let body = Bytes::from(serde_json::to_vec(&registry.snapshot().statuses())?);
+        let statuses: Vec<PluginStatusJson> = registry
+            .snapshot()
+            .statuses()
+            .into_iter()
+            .map(PluginStatusJson::from)
+            .collect();
+        let body = Bytes::from(serde_json::to_vec(&statuses)?);
         self.inner.list_cache.store(Some(Arc::new(ListBody {
             generation,
             tick,

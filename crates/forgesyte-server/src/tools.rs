@@ -46,32 +46,6 @@ pub struct RunSuccess {
     pub processing_time_ms: f64,
 }
 
-/// A tool run that failed (404, 400, 413, 422, 502, 503, 504).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
-pub struct RunFailure {
-    /// Always `false`.
-    pub ok: bool,
-    /// The plugin named in the path.
-    pub plugin_id: String,
-    /// The tool named in the path.
-    pub tool_name: String,
-    /// What went wrong, briefly (for a tool error: the tool's own message).
-    pub error: String,
-    /// Error class: `PluginNotFound`, `UnknownTool`, `PluginNotRunnable`,
-    /// `MalformedBody`, `InvalidBody`, `PayloadTooLarge`, `InvalidArgs`,
-    /// `ToolError` (or the plugin's own class), `ToolPanic`, `ProtocolError`,
-    /// `Timeout`.
-    pub error_type: String,
-    /// A full sentence naming the plugin and the tool.
-    pub detail: String,
-    /// The plugin's state (only for `PluginNotRunnable`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
-    /// Why the plugin is not runnable (only for `PluginNotRunnable`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
 /// Reads the body: empty means no arguments; otherwise it must be
 /// `{"args": {...}}` (400 when not JSON, 422 when JSON of another shape,
 /// 413 when larger than the limit).

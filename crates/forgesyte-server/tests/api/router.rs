@@ -568,3 +568,36 @@ async fn a_thousand_hostile_names_never_get_500_from_health_routes() {
     assert_eq!(reply.status, 404);
     assert!(reply.detail().len() < 400, "long names are cut in messages");
 }
+
+#[tokio::test]
+async fn percent_encoded_names_reach_every_plugin_route() {
+    let host = host();
+    // `go%6Fd` is `good`, `ec%68o` is `echo`.
+    let health = get(&host.app, "/v1/plugins/go%6Fd/health").await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    assert_eq!(health.json()["name"], "good");
+    let manifest = get(&host.app, "/v1/plugins/go%6Fd/manifest").await;
+    assert_eq!(manifest.status, 200, "{}", manifest.text());
+    let tools = get(&host.app, "/v1/plugins/go%6Fd/tools").await;
+    assert_eq!(tools.status, 200, "{}", tools.text());
+    let ran = run(&host.app, "go%6Fd", "ec%68o", "{}").await;
+    assert_eq!(ran.status, 200, "{}", ran.text());
+    assert_eq!(ran.json()["plugin_id"], "good");
+    assert_eq!(ran.json()["tool_name"], "echo");
+    // Bytes that are not UTF-8 are no name of anything: 404 in each
+    // route's own error shape, never axum's plain-text 400.
+    for route in ["health", "manifest", "tools"] {
+        let reply = get(&host.app, &format!("/v1/plugins/%FF/{route}")).await;
+        assert_eq!(reply.status, 404, "{route}: {}", reply.text());
+        assert_eq!(reply.detail(), "Plugin '\u{FFFD}' not found", "{route}");
+    }
+    let reply = run(&host.app, "good", "%FF%FE", "{}").await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["error_type"], "UnknownTool");
+    assert_eq!(body["tool_name"], "\u{FFFD}\u{FFFD}");
+    let reply = run(&host.app, "%C0", "echo", "{}").await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert_eq!(reply.json()["error_type"], "PluginNotFound");
+    assert_eq!(reply.json()["plugin_id"], "\u{FFFD}");
+}

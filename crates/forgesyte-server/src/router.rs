@@ -1,0 +1,493 @@
+//! The router and the OpenAPI document, built from the same
+//! registrations.
+//!
+//! Every route is registered once, in [`routes`], with `utoipa-axum`'s
+//! `routes!`: the handler's `#[utoipa::path]` gives both the axum route and
+//! its operation in the document, and the schemas come from the types the
+//! handlers answer with. [`app`] takes the axum half, [`openapi`] the
+//! document half; the document also gets the title, the tags and the
+//! `admin_token` security scheme from [`ApiDoc`].
+//!
+//! This module is the top of the HTTP side: it knows every handler module,
+//! and none of them knows it.
+
+use std::sync::OnceLock;
+
+use axum::extract::DefaultBodyLimit;
+use axum::{Extension, Router};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::docs::{self, Published};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::{api, probes, reload};
+
+/// The parts of the document that are not routes: title, tags, security.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "ForgeSyte plugin host",
+        description = "Health, manifests and tool runs of the plugins loaded by `forgesyte serve`. \
+                       Errors are `{\"detail\": \"...\"}`; tool-run failures are \
+                       `{\"ok\": false, \"error\", \"error_type\", \"detail\"}`. \
+                       The health endpoints answer 200 or 404, never 500."
+    ),
+    modifiers(&AdminTokenScheme),
+    tags(
+        (name = "plugins", description = "Plugin status and manifests"),
+        (name = "tools", description = "Running plugin tools"),
+        (name = "admin", description = "Reloading plugins (bearer admin token; disabled when none is configured)"),
+        (name = "server", description = "The server itself: health, liveness, readiness, this document"),
+    )
+)]
+struct ApiDoc;
+
+/// Declares the `admin_token` security scheme the admin routes name.
+struct AdminTokenScheme;
+
+impl Modify for AdminTokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The server's admin token (`FORGESYTE_ADMIN_TOKEN` or `--admin-token-file`)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every route of the API, each with its documentation.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(api::server_health))
+        .routes(routes!(api::list_plugins))
+        .routes(routes!(api::list_plugins_slash))
+        .routes(routes!(api::plugin_health))
+        .routes(routes!(api::plugin_manifest))
+        .routes(routes!(api::plugin_tools))
+        .routes(routes!(api::run_tool))
+        .routes(routes!(reload::reload_plugin))
+        .routes(routes!(reload::reload_all))
+        .routes(routes!(probes::livez))
+        .routes(routes!(probes::readyz))
+        .routes(routes!(docs::openapi_json))
+        .routes(routes!(docs::docs_page))
+}
+
+/// The HTTP app over `state`: every route of SPEC §5, the probes
+/// (`/livez`, `/readyz`), the admin reload routes, `/openapi.json` and
+/// `/docs`, JSON 404 and 405 answers, the request body limit and request
+/// tracing.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.body_limit();
+    let (router, _) = routes().split_for_parts();
+    router
+        // After the routes: it applies to the routes registered so far.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(Extension(published()))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The OpenAPI document of the HTTP API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+/// The document and its page, built once.
+fn published() -> &'static Published {
+    static PUBLISHED: OnceLock<Published> = OnceLock::new();
+    PUBLISHED.get_or_init(|| Published::new(&openapi()))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::RouteNotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use std::sync::Arc;
+
+    use axum::body::{Body, to_bytes};
+    use axum::http::{Method, Request, StatusCode};
+    use forgesyte_registry::{PluginInfo, PluginLifecycleState, Registry};
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::ServerConfig;
+    use crate::probes::{ReadyCheck, ReadyResponse};
+    use crate::reload::{ReloadOutcome, ReloadReport};
+    use crate::server::build_loader;
+    use crate::wire::{JournalEntryJson, PluginStateJson};
+
+    fn doc() -> Value {
+        serde_json::from_slice(published().json()).unwrap()
+    }
+
+    fn property_names(doc: &Value, schema: &str) -> BTreeSet<String> {
+        doc["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no schema {schema}"))
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// The paths the real router holds. axum has no API that lists them;
+    /// its `Debug` form names every registered path (of the routes, before
+    /// the fallbacks), and this reads them from there. Should a new axum
+    /// print them differently, the assertions below fail, never pass.
+    fn router_paths(router: &Router) -> BTreeSet<String> {
+        let debug = format!("{router:?}");
+        let routes = debug
+            .split_once("path_router:")
+            .and_then(|(_, rest)| rest.split_once("fallback_router:"))
+            .map(|(routes, _)| routes)
+            .unwrap_or_else(|| panic!("unexpected Debug form of axum::Router: {debug}"));
+        routes
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|text| text.starts_with('/'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn app_over_no_plugins() -> Router {
+        let config = ServerConfig::default();
+        let loader = Arc::new(build_loader(&config.lib_paths));
+        app(AppState::new(loader, &config))
+    }
+
+    /// `path` with every `{param}` replaced by `x`.
+    fn concrete(path: &str) -> String {
+        path.split('/')
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    "x"
+                } else {
+                    segment
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    async fn answer(app: &Router, method: &Method, uri: &str) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    /// The router's paths are the document's paths, every documented
+    /// operation reaches a handler (not the 404 or 405 fallback), and every
+    /// other method on a documented path is a 405.
+    #[tokio::test]
+    async fn every_route_is_documented_and_answers() {
+        let app = app_over_no_plugins();
+        let doc = doc();
+        let documented: BTreeSet<String> =
+            doc["paths"].as_object().unwrap().keys().cloned().collect();
+        let routed = router_paths(&app);
+        assert!(routed.contains("/v1/health"), "{routed:?}");
+        assert_eq!(routed, documented);
+        // SPEC §5's routes are among them.
+        for path in [
+            "/v1/health",
+            "/v1/plugins",
+            "/v1/plugins/",
+            "/v1/plugins/{name}/health",
+            "/v1/plugins/{name}/manifest",
+            "/v1/plugins/{name}/tools/{tool}/run",
+        ] {
+            assert!(documented.contains(path), "{path}");
+        }
+        let fallback_404 = serde_json::json!({"detail": "Not Found"});
+        let fallback_405 = serde_json::json!({"detail": "Method Not Allowed"});
+        let mut operations = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            let uri = concrete(path);
+            for method in [
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::PATCH,
+            ] {
+                let key = method.as_str().to_ascii_lowercase();
+                let (status, body) = answer(&app, &method, &uri).await;
+                if item.get(&key).is_some() {
+                    operations += 1;
+                    assert_ne!(body, fallback_404, "{method} {path}: {status}");
+                    assert_ne!(body, fallback_405, "{method} {path}: {status}");
+                    assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "{method} {path}");
+                } else {
+                    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                    assert_eq!(body, fallback_405, "{method} {path}");
+                }
+            }
+        }
+        assert_eq!(operations, documented.len(), "one operation per path");
+        let (status, body) = answer(&app, &Method::GET, "/v1/nothing").await;
+        assert_eq!((status, body), (StatusCode::NOT_FOUND, fallback_404));
+    }
+
+    #[test]
+    fn admin_and_probe_routes_document_their_answers() {
+        let doc = doc();
+        for path in ["/v1/plugins/{name}/reload", "/v1/plugins/reload"] {
+            let post = &doc["paths"][path]["post"];
+            assert_eq!(
+                post["security"],
+                serde_json::json!([{"admin_token": []}]),
+                "{path}"
+            );
+            for status in ["200", "401", "403", "409"] {
+                assert!(post["responses"][status].is_object(), "{path} {status}");
+            }
+        }
+        assert_eq!(
+            doc["components"]["securitySchemes"]["admin_token"]["scheme"],
+            "bearer"
+        );
+        let readyz = &doc["paths"]["/readyz"]["get"]["responses"];
+        assert!(readyz["200"].is_object() && readyz["503"].is_object());
+        let run = &doc["paths"]["/v1/plugins/{name}/tools/{tool}/run"]["post"];
+        let statuses: BTreeSet<&str> = run["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            statuses,
+            BTreeSet::from(["200", "400", "404", "413", "422", "502", "503", "504"])
+        );
+    }
+
+    #[test]
+    fn status_schema_matches_the_registry_type() {
+        let registry = Registry::new();
+        registry.register("p", PluginInfo::default()).unwrap();
+        let status = serde_json::to_value(registry.get_status("p").unwrap()).unwrap();
+        let real: BTreeSet<String> = status.as_object().unwrap().keys().cloned().collect();
+        let doc = doc();
+        assert_eq!(property_names(&doc, "PluginStatus"), real);
+        let required: BTreeSet<String> = doc["components"]["schemas"]["PluginStatus"]["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(required, real, "every status field is always present");
+        let states: BTreeSet<String> = doc["components"]["schemas"]["PluginState"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        let expected: BTreeSet<String> = PluginLifecycleState::ALL
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        assert_eq!(states, expected);
+    }
+
+    #[test]
+    fn health_schema_is_the_status_plus_the_journal() {
+        use forgesyte_registry::ExitInfo;
+
+        let registry = Registry::new();
+        registry.register("p", PluginInfo::default()).unwrap();
+        registry
+            .mark_crashed(
+                "p",
+                "CrashError: killed by signal SIGSEGV",
+                ExitInfo {
+                    description: Some("killed by signal SIGSEGV (11)".into()),
+                    signal: Some("SIGSEGV".into()),
+                    code: None,
+                    stderr_tail: vec!["segfault here".into()],
+                },
+            )
+            .unwrap();
+        let snapshot = registry.snapshot();
+        let health = crate::api::PluginHealth {
+            status: snapshot.get("p").unwrap().into(),
+            journal: snapshot
+                .journal("p")
+                .unwrap()
+                .into_iter()
+                .map(JournalEntryJson::from)
+                .collect(),
+        };
+        let value = serde_json::to_value(&health).unwrap();
+        let real: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+        let doc = doc();
+        // PluginHealth = allOf [PluginStatus, {journal}].
+        let parts = doc["components"]["schemas"]["PluginHealth"]["allOf"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}", doc["components"]["schemas"]["PluginHealth"]));
+        let mut documented = BTreeSet::new();
+        for part in parts {
+            if let Some(reference) = part["$ref"].as_str() {
+                assert_eq!(reference, "#/components/schemas/PluginStatus");
+                documented.extend(property_names(&doc, "PluginStatus"));
+            } else {
+                documented.extend(part["properties"].as_object().unwrap().keys().cloned());
+            }
+        }
+        assert_eq!(documented, real);
+        let entry = &value["journal"][0];
+        let entry_keys: BTreeSet<String> = entry.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(property_names(&doc, "JournalEntry"), entry_keys);
+        assert_eq!(entry["exit_signal"], "SIGSEGV");
+    }
+
+    #[test]
+    fn reload_schemas_match_the_real_answers() {
+        let outcome = ReloadOutcome {
+            name: "p".into(),
+            dir: "/plugins/p".into(),
+            state: PluginStateJson::Initialized,
+            reason: None,
+            elapsed_ms: 1.0,
+        };
+        let report = ReloadReport {
+            plugins: vec![outcome.clone()],
+            loaded: 1,
+            failed: 0,
+            unavailable: 0,
+            elapsed_ms: 2.0,
+        };
+        let doc = doc();
+        for (schema, value) in [
+            ("ReloadOutcome", serde_json::to_value(&outcome).unwrap()),
+            ("ReloadReport", serde_json::to_value(&report).unwrap()),
+        ] {
+            let real: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+            assert_eq!(property_names(&doc, schema), real, "{schema}");
+        }
+        let ready = ReadyResponse {
+            status: "ok".into(),
+            detail: Some("d".into()),
+            checks: Some(vec![ReadyCheck {
+                name: "load-pass".into(),
+                ok: true,
+                detail: "finished".into(),
+            }]),
+        };
+        let value = serde_json::to_value(&ready).unwrap();
+        let real: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(property_names(&doc, "ReadyResponse"), real);
+        let check: BTreeSet<String> = value["checks"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(property_names(&doc, "ReadyCheck"), check);
+    }
+
+    #[test]
+    fn tool_schema_matches_the_loader_type() {
+        let tool = forgesyte_loader::ToolInfo {
+            id: "t".into(),
+            title: String::new(),
+            description: String::new(),
+            input_schema: Value::Null,
+            output_schema: Value::Null,
+        };
+        let value = serde_json::to_value(tool).unwrap();
+        let real: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(property_names(&doc(), "ToolInfo"), real);
+    }
+
+    #[test]
+    fn run_bodies_document_the_spec_fields() {
+        let doc = doc();
+        let success = property_names(&doc, "RunSuccess");
+        for field in [
+            "ok",
+            "plugin_id",
+            "tool_name",
+            "result",
+            "processing_time_ms",
+        ] {
+            assert!(success.contains(field), "RunSuccess lacks {field}");
+        }
+        // RunFailure = allOf [NotRunnable (state, reason: only for
+        // PluginNotRunnable), {the fields of every failure}].
+        let parts = doc["components"]["schemas"]["RunFailure"]["allOf"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}", doc["components"]["schemas"]["RunFailure"]));
+        let mut failure = BTreeSet::new();
+        for part in parts {
+            match part["$ref"].as_str() {
+                Some(reference) => {
+                    assert_eq!(reference, "#/components/schemas/NotRunnable");
+                    failure.extend(property_names(&doc, "NotRunnable"));
+                }
+                None => failure.extend(part["properties"].as_object().unwrap().keys().cloned()),
+            }
+        }
+        assert!(failure.contains("state") && failure.contains("reason"));
+        for field in ["ok", "error", "error_type", "detail"] {
+            assert!(failure.contains(field), "RunFailure lacks {field}");
+        }
+        let health = property_names(&doc, "HealthResponse");
+        for field in ["status", "plugins_loaded", "version"] {
+            assert!(health.contains(field), "HealthResponse lacks {field}");
+        }
+    }
+
+    #[test]
+    fn page_lists_every_route_and_schema_without_external_assets() {
+        let html = std::str::from_utf8(published().page()).unwrap();
+        assert!(html.starts_with("<!DOCTYPE html>"));
+        for needle in [
+            "/v1/plugins/{name}/health",
+            "/v1/plugins/{name}/tools/{tool}/run",
+            "/v1/health",
+            "id=\"schema-PluginStatus\"",
+            "id=\"schema-RunFailure\"",
+            "avg_execution_time_ms",
+            ">POST<",
+            "/readyz",
+            "/v1/plugins/{name}/reload",
+            "id=\"schema-PluginHealth\"",
+            "Every field of <a href=\"#schema-PluginStatus\">PluginStatus</a>, and:",
+            "<code>journal</code>",
+            "stderr_tail",
+        ] {
+            assert!(html.contains(needle), "page lacks {needle}");
+        }
+        assert!(!html.contains("<script"));
+        assert!(!html.contains("http://") && !html.contains("https://"));
+    }
+}

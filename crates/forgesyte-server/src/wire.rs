@@ -1,0 +1,269 @@
+//! The JSON shapes of SPEC §5 that come from lower crates' types, as the
+//! server's own types.
+//!
+//! The registry and the loader keep their types free of HTTP and OpenAPI;
+//! the server converts them here (`From`) and derives [`ToSchema`] on the
+//! result, so the OpenAPI document describes exactly what the handlers
+//! serialise. The component names stay `PluginStatus`, `PluginState`,
+//! `JournalEntry` and `ToolInfo`.
+//!
+//! This module is a leaf: it depends on the lower crates only.
+
+use forgesyte_loader::ToolInfo;
+use forgesyte_registry::{JournalEntry, PluginLifecycleState, PluginStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// A plugin's lifecycle state (SPEC §4), as its upper-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+#[schema(as = PluginState)]
+pub enum PluginStateJson {
+    /// Manifest read and registered; no instance yet.
+    Loaded,
+    /// Instance created; ready for tool calls.
+    Initialized,
+    /// At least one tool call in flight.
+    Running,
+    /// Import, init or a run-time fault (see `reason`).
+    Failed,
+    /// A dependency is missing (see `reason`).
+    Unavailable,
+}
+
+impl From<PluginLifecycleState> for PluginStateJson {
+    fn from(state: PluginLifecycleState) -> Self {
+        match state {
+            PluginLifecycleState::Loaded => PluginStateJson::Loaded,
+            PluginLifecycleState::Initialized => PluginStateJson::Initialized,
+            PluginLifecycleState::Running => PluginStateJson::Running,
+            PluginLifecycleState::Failed => PluginStateJson::Failed,
+            PluginLifecycleState::Unavailable => PluginStateJson::Unavailable,
+        }
+    }
+}
+
+/// The status object of SPEC §5. Every field is always present, `null`
+/// where unknown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = PluginStatus)]
+pub struct PluginStatusJson {
+    /// Registry key.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: PluginStateJson,
+    /// Description from the manifest.
+    #[schema(required = true)]
+    pub description: Option<String>,
+    /// Why the plugin is FAILED or UNAVAILABLE (`ImportError: …`,
+    /// `InitError: …`, `Missing dependencies: …`); null otherwise.
+    #[schema(required = true)]
+    pub reason: Option<String>,
+    /// Version from the manifest (`unknown` when it has none).
+    #[schema(required = true)]
+    pub version: Option<String>,
+    /// Seconds since the plugin was registered.
+    #[schema(required = true)]
+    pub uptime_seconds: Option<f64>,
+    /// When a tool call last ran (RFC 3339, UTC).
+    #[schema(required = true, format = DateTime)]
+    pub last_used: Option<String>,
+    /// Tool calls that succeeded.
+    pub success_count: u64,
+    /// Tool calls that returned an error or faulted.
+    pub error_count: u64,
+    /// Duration of the most recent call, in milliseconds.
+    #[schema(required = true)]
+    pub last_execution_time_ms: Option<f64>,
+    /// Mean duration of the last 10 calls, in milliseconds.
+    #[schema(required = true)]
+    pub avg_execution_time_ms: Option<f64>,
+    /// Tool calls in flight right now.
+    pub in_flight: u32,
+    /// How many times the supervisor restarted the plugin's process (0 for
+    /// in-process plugins).
+    pub restart_count: u64,
+    /// How the plugin's process last ended (`killed by signal SIGSEGV
+    /// (11)`, `exited with code 3`, ...); kept after a restart.
+    #[schema(required = true)]
+    pub last_exit_reason: Option<String>,
+    /// When the supervisor will restart the plugin (RFC 3339, UTC); null
+    /// when no restart is scheduled.
+    #[schema(required = true, format = DateTime)]
+    pub next_retry_at: Option<String>,
+}
+
+impl From<PluginStatus> for PluginStatusJson {
+    fn from(s: PluginStatus) -> Self {
+        PluginStatusJson {
+            name: s.name,
+            state: s.state.into(),
+            description: s.description,
+            reason: s.reason,
+            version: s.version,
+            uptime_seconds: s.uptime_seconds,
+            last_used: s.last_used,
+            success_count: s.success_count,
+            error_count: s.error_count,
+            last_execution_time_ms: s.last_execution_time_ms,
+            avg_execution_time_ms: s.avg_execution_time_ms,
+            in_flight: s.in_flight,
+            restart_count: s.restart_count,
+            last_exit_reason: s.last_exit_reason,
+            next_retry_at: s.next_retry_at,
+        }
+    }
+}
+
+impl From<&PluginStatus> for PluginStatusJson {
+    fn from(s: &PluginStatus) -> Self {
+        s.clone().into()
+    }
+}
+
+/// One entry of a plugin's failure journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(as = JournalEntry)]
+pub struct JournalEntryJson {
+    /// When it happened (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// The state entered (`FAILED`, `UNAVAILABLE`, or `LOADED` for a
+    /// supervisor restart).
+    pub state: PluginStateJson,
+    /// The reason given with the move.
+    #[schema(required = true)]
+    pub reason: Option<String>,
+    /// The signal that ended the plugin's process, by name (`SIGSEGV`).
+    #[schema(required = true)]
+    pub exit_signal: Option<String>,
+    /// The exit code of the plugin's process, when it exited on its own.
+    #[schema(required = true)]
+    pub exit_code: Option<i32>,
+    /// The last lines the plugin's process wrote to stderr.
+    pub stderr_tail: Vec<String>,
+}
+
+impl From<JournalEntry> for JournalEntryJson {
+    fn from(e: JournalEntry) -> Self {
+        JournalEntryJson {
+            at: e.at,
+            state: e.state.into(),
+            reason: e.reason,
+            exit_signal: e.exit_signal,
+            exit_code: e.exit_code,
+            stderr_tail: e.stderr_tail,
+        }
+    }
+}
+
+impl From<&JournalEntry> for JournalEntryJson {
+    fn from(e: &JournalEntry) -> Self {
+        e.clone().into()
+    }
+}
+
+/// A tool as the loaded plugin describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = ToolInfo)]
+pub struct ToolInfoJson {
+    /// Tool id, as used in the run route.
+    pub id: String,
+    /// Short human title.
+    pub title: String,
+    /// What the tool does.
+    pub description: String,
+    /// JSON schema of the arguments.
+    #[schema(value_type = Object)]
+    pub input_schema: Value,
+    /// JSON schema of the result.
+    #[schema(value_type = Object)]
+    pub output_schema: Value,
+}
+
+impl From<&ToolInfo> for ToolInfoJson {
+    fn from(t: &ToolInfo) -> Self {
+        ToolInfoJson {
+            id: t.id.clone(),
+            title: t.title.clone(),
+            description: t.description.clone(),
+            input_schema: t.input_schema.clone(),
+            output_schema: t.output_schema.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use forgesyte_registry::{ExitInfo, PluginInfo, Registry};
+
+    use super::*;
+
+    fn keys(value: &Value) -> BTreeSet<String> {
+        value.as_object().unwrap().keys().cloned().collect()
+    }
+
+    /// The wire types serialise exactly what the lower crates' own types
+    /// do (their serde forms were the API before these types existed).
+    #[test]
+    fn wire_types_serialise_as_the_lower_crates_types() {
+        let registry = Registry::new();
+        registry
+            .register(
+                "p",
+                PluginInfo {
+                    description: Some("d".into()),
+                    version: Some("1.0".into()),
+                    ..PluginInfo::default()
+                },
+            )
+            .unwrap();
+        registry
+            .mark_crashed(
+                "p",
+                "CrashError: killed by signal SIGSEGV",
+                ExitInfo {
+                    description: Some("killed by signal SIGSEGV (11)".into()),
+                    signal: Some("SIGSEGV".into()),
+                    code: None,
+                    stderr_tail: vec!["segfault here".into()],
+                },
+            )
+            .unwrap();
+        let (status, journal) = registry.status_with_journal("p").unwrap();
+        assert!(!journal.is_empty());
+        let real = serde_json::to_value(&status).unwrap();
+        let wire = serde_json::to_value(PluginStatusJson::from(&status)).unwrap();
+        assert_eq!(wire, real);
+        assert_eq!(wire["state"], "FAILED");
+        for entry in &journal {
+            let real = serde_json::to_value(entry).unwrap();
+            let wire = serde_json::to_value(JournalEntryJson::from(entry)).unwrap();
+            assert_eq!(wire, real);
+            assert_eq!(keys(&wire).len(), 6);
+        }
+        let tool = ToolInfo {
+            id: "t".into(),
+            title: "T".into(),
+            description: "does t".into(),
+            input_schema: serde_json::json!({"type": "object"}),
+            output_schema: Value::Null,
+        };
+        assert_eq!(
+            serde_json::to_value(ToolInfoJson::from(&tool)).unwrap(),
+            serde_json::to_value(&tool).unwrap()
+        );
+    }
+
+    #[test]
+    fn every_state_has_its_upper_case_name() {
+        for state in PluginLifecycleState::ALL {
+            let wire = serde_json::to_value(PluginStateJson::from(state)).unwrap();
+            assert_eq!(wire, serde_json::to_value(state).unwrap());
+            assert_eq!(wire, state.as_str());
+        }
+    }
+}
