@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use forgesyte_deps::json_type_name;
+use forgesyte_loader::Isolation;
 
 use crate::error::RunError;
 use crate::state::AppState;
@@ -138,7 +139,14 @@ pub(crate) async fn run(
         let tool = tool.to_owned();
         state.calls().run(move || handle.call(&tool, &args))
     };
-    let outcome = tokio::time::timeout(limit, call).await;
+    // One owner per timeout: an isolated plugin's handle times the call out
+    // itself (it kills the runner and answers `TimedOut`, a 504), so only
+    // an in-process call, whose thread cannot be stopped, is timed here.
+    let outcome = if handle.isolation() == Isolation::Process {
+        Ok(call.await)
+    } else {
+        tokio::time::timeout(limit, call).await
+    };
     let elapsed = started.elapsed();
     match outcome {
         Ok(Some(Ok(result))) => Ok(RunSuccess {
