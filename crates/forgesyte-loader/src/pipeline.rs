@@ -1,17 +1,19 @@
 //! The load pipeline (seed §3): discover → manifest → register → dependencies
 //! → import → instantiate → INITIALIZED, with every failure recorded.
 
+use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use forgesyte_deps::{Dependency, DependencyChecker, FileSystem, RealFs};
-use forgesyte_errors::{DependencyError, ImportError, ManifestError, PluginError};
+use forgesyte_errors::{DependencyError, ImportError, InitError, ManifestError, PluginError};
 use forgesyte_registry::PluginLifecycleState as State;
 use forgesyte_registry::{PluginInfo, PluginLifecycleState, Registry};
 use parking_lot::RwLock;
+use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -455,6 +457,7 @@ impl Loader {
     fn load_dirs(&self, dirs: &[PathBuf]) -> LoadReport {
         self.checker.clear_cache();
         // Phase 1 (parallel): read and validate every manifest.
+        let pass_started = Instant::now();
         let parsed = par_map(self.config.threads, dirs, |dir| {
             let started = Instant::now();
             (started, self.read_manifest(dir))
@@ -463,7 +466,9 @@ impl Loader {
         // them all as LOADED while the rest of the pass runs.
         let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
         let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
-        for (dir, (started, result)) in dirs.iter().zip(parsed) {
+        for (dir, parsed) in parsed {
+            let (started, result) =
+                parsed.unwrap_or_else(|panic| (pass_started, Err(manifest_panicked(dir, panic))));
             let name = self.register(dir, result, started, &mut pending);
             if let Some(name) = name {
                 self.finish_outcome(&name, dir, started, &mut outcomes);
@@ -489,17 +494,18 @@ impl Loader {
             // to it are the same for all its members: list them once per wave
             // (listing them per plugin made a pass quadratic in plugins).
             let known = self.known_plugins();
-            let results = par_map(self.config.threads, &wave, |name| {
-                pending.get(name).map(|p| self.instantiate(p, &known))
+            let members: Vec<&Pending> = wave.iter().filter_map(|n| pending.get(n)).collect();
+            let results = par_map(self.config.threads, &members, |p| {
+                self.instantiate(p, &known)
             });
-            for (name, result) in wave.iter().zip(results) {
-                let Some(p) = pending.get(name) else { continue };
+            for (p, result) in results {
+                let result =
+                    result.unwrap_or_else(|message| Err(InitError::Panicked { message }.into()));
                 match result {
-                    Some(Ok(handle)) => self.mark_loaded(p, handle),
-                    Some(Err(err)) => self.record_failure(name, &err),
-                    None => {}
+                    Ok(handle) => self.mark_loaded(p, handle),
+                    Err(err) => self.record_failure(&p.name, &err),
                 }
-                self.finish_outcome(name, &p.dir, p.started, outcomes);
+                self.finish_outcome(&p.name, &p.dir, p.started, outcomes);
             }
         }
         for (name, cycle) in cyclic {
@@ -1036,34 +1042,61 @@ fn find_cycle(start: &str, deps: &BTreeMap<&str, BTreeSet<&str>>, done: &BTreeSe
     }
 }
 
-/// Maps `f` over `items` on up to `threads` scoped threads, keeping order.
-fn par_map<T: Sync, R: Send>(threads: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// Maps `f` over `items` on a local rayon pool of up to `threads` threads.
+///
+/// Every result comes back paired with its own input, in input order, so an
+/// outcome cannot be attributed to another item. A panic in `f` is caught
+/// for that item alone and comes back as `Err` with the panic message; the
+/// other items are unaffected.
+fn par_map<'a, T: Sync, R: Send>(
+    threads: usize,
+    items: &'a [T],
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<(&'a T, Result<R, String>)> {
+    let one = |item: &'a T| (item, catch_panic(|| f(item)));
     let threads = threads.clamp(1, items.len().max(1));
     if threads == 1 {
-        return items.iter().map(&f).collect();
+        return items.iter().map(one).collect();
     }
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut local = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { break };
-                        local.push((i, f(item)));
-                    }
-                    local
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
-            .collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("forgesyte-load-{i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(|| items.par_iter().map(one).collect()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
+            items.iter().map(one).collect()
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into its message.
+fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // The loader's own state is not borrowed across `f` (locks are taken and
+    // released inside it), so nothing is left half-updated by an unwind.
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| panic_message(&*payload))
+}
+
+/// The message of a panic payload (`panic!` with a literal or a format).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-string payload".to_owned())
+}
+
+/// A panic while reading the manifest of `dir`, as a manifest that could not
+/// be read.
+fn manifest_panicked(dir: &Path, panic: String) -> Box<BadManifest> {
+    bad(
+        None,
+        ManifestError::Io {
+            path: dir.join(MANIFEST_FILE),
+            source: std::io::Error::other(format!("panicked while reading it: {panic}")),
+        },
+    )
 }
 
 fn bad(raw: Option<Value>, error: ManifestError) -> Box<BadManifest> {
@@ -1078,4 +1111,36 @@ fn dir_name(dir: &Path) -> String {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn par_map_keeps_each_result_with_its_input_and_catches_panics() {
+        let items: Vec<u32> = (0..40).collect();
+        for threads in [1, 2, 7] {
+            let results = par_map(threads, &items, |&n| {
+                match n {
+                    3 => panic!("literal"),
+                    17 => panic!("formatted {n}"),
+                    30 => std::panic::panic_any(5u8),
+                    _ => {}
+                }
+                n * 2
+            });
+            let inputs: Vec<u32> = results.iter().map(|(n, _)| **n).collect();
+            assert_eq!(inputs, items, "threads {threads}");
+            for (n, result) in results {
+                let expected = match n {
+                    3 => Err("literal".to_owned()),
+                    17 => Err("formatted 17".to_owned()),
+                    30 => Err("panic with a non-string payload".to_owned()),
+                    n => Ok(n * 2),
+                };
+                assert_eq!(result, expected, "threads {threads}, item {n}");
+            }
+        }
+    }
 }
