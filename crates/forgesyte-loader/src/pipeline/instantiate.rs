@@ -14,7 +14,8 @@ use crate::handle::PluginHandle;
 use crate::host::Importer;
 use crate::manifest::{self, Isolation, Manifest};
 use crate::process::{self, ProcessImporter};
-use crate::supervise::{Restart, Supervisor};
+use crate::slot::Slot;
+use crate::supervise::{Restart, Supervision, Supervisor};
 
 impl Loader {
     /// Dependencies, import and construction of one pending plugin.
@@ -79,18 +80,26 @@ impl Loader {
         );
         let library = importer.open(&library_path)?;
         let instance = library.instantiate(&config)?;
-        let supervisor = Supervisor::new(
+        let slot = Arc::new(Slot::new(
+            p.name.clone(),
+            self.registry.clone(),
+            Arc::from(instance),
+        ));
+        let supervisor = Supervisor::start(
+            Arc::clone(&slot),
             Restart {
                 importer,
                 library: library_path,
                 config,
             },
-            self.config.supervision,
+            Supervision {
+                policy: self.config.supervision,
+                clock: Arc::clone(&self.clock),
+                shutdown: self.shutdown.clone(),
+            },
         );
         Ok(PluginHandle::isolated(
-            p.name.clone(),
-            self.registry.clone(),
-            instance,
+            slot,
             limits.call_timeout,
             supervisor,
         ))

@@ -16,6 +16,7 @@ use crate::handle::PluginHandle;
 use crate::host::Importer;
 use crate::manifest::{Isolation, Manifest};
 use crate::native::NativeImporter;
+use crate::supervise::{Clock, ShutdownFlag, SystemClock};
 
 /// What the loader keeps per registered plugin.
 #[derive(Debug, Clone)]
@@ -38,6 +39,10 @@ pub struct Loader {
     /// The directory of the last `load_all`, where `reload_all` looks for
     /// new plugins.
     pub(super) plugins_dir: RwLock<Option<PathBuf>>,
+    /// Time for the supervisors of isolated plugins.
+    pub(super) clock: Arc<dyn Clock>,
+    /// Set by [`shutdown`](Loader::shutdown); shared with every supervisor.
+    pub(super) shutdown: ShutdownFlag,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -76,6 +81,8 @@ impl Loader {
             config,
             entries: RwLock::new(BTreeMap::new()),
             plugins_dir: RwLock::new(None),
+            clock: Arc::new(SystemClock),
+            shutdown: ShutdownFlag::default(),
         }
     }
 
@@ -107,6 +114,26 @@ impl Loader {
     /// Whether the manifest of `name` marks it optional.
     pub fn is_optional(&self, name: &str) -> bool {
         self.entries.read().get(name).is_some_and(|e| e.optional)
+    }
+
+    /// The host is shutting down: from now on an isolated plugin whose
+    /// process ends is recorded (FAILED, `not restarted: the host is
+    /// shutting down`) but never restarted, and restarts already waiting
+    /// are dropped. Plugins keep serving calls until
+    /// [`drop_instances`](Self::drop_instances). Cannot be undone.
+    pub fn shutdown(&self) {
+        self.shutdown.set();
+        for entry in self.entries.read().values() {
+            if let Some(handle) = &entry.handle {
+                handle.stop_restarts();
+            }
+        }
+        tracing::info!("Loader shutting down: isolated plugins are no longer restarted");
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_set()
     }
 
     /// Drops every instance handle the loader holds (libraries stay mapped;
