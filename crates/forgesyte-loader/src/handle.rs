@@ -1,16 +1,15 @@
 //! [`PluginHandle`]: what the server holds to call a loaded plugin's tools.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use forgesyte_errors::{PluginError, TimeoutError, ToolError};
 use forgesyte_registry::{PluginLifecycleState, Registry};
-use parking_lot::RwLock;
 use serde_json::Value;
 
 use crate::host::{PluginInstance, ToolInfo};
 use crate::manifest::Isolation;
+use crate::slot::Slot;
 use crate::supervise::Supervisor;
 
 /// Why a tool call produced no result.
@@ -58,20 +57,18 @@ pub struct PluginHandle {
 }
 
 #[derive(Debug)]
-pub(crate) struct Inner {
-    pub(crate) name: String,
-    pub(crate) registry: Registry,
-    /// The live instance; swapped by a restart.
-    pub(crate) instance: RwLock<Arc<dyn PluginInstance>>,
+struct Inner {
+    /// Name, registry, the live instance and the retirement flag, shared
+    /// with the supervisor.
+    slot: Arc<Slot>,
     /// The tools of the first instance (a restart runs the same library with
     /// the same configuration).
     tools: Vec<ToolInfo>,
     call_timeout: Option<Duration>,
     isolation: Isolation,
-    /// Set when the loader lets this handle go (reload, shutdown): no more
-    /// restarts, no more registry changes from faults.
-    pub(crate) retired: AtomicBool,
-    pub(crate) supervisor: Option<Supervisor>,
+    /// Kept alive by the handle: once every handle is gone, nothing
+    /// restarts.
+    supervisor: Option<Arc<Supervisor>>,
 }
 
 impl PluginHandle {
@@ -84,44 +81,36 @@ impl PluginHandle {
     ) -> Self {
         PluginHandle {
             inner: Arc::new(Inner {
-                name,
-                registry,
                 tools: instance.tools().to_vec(),
-                instance: RwLock::new(Arc::from(instance)),
+                slot: Arc::new(Slot::new(name, registry, Arc::from(instance))),
                 call_timeout,
                 isolation: Isolation::InProcess,
-                retired: AtomicBool::new(false),
                 supervisor: None,
             }),
         }
     }
 
-    /// A handle on an instance in its own process, supervised by `supervisor`.
+    /// A handle on the instance in `slot`, in its own process and
+    /// supervised by `supervisor` (which shares the slot).
     pub(crate) fn isolated(
-        name: String,
-        registry: Registry,
-        instance: Box<dyn PluginInstance>,
+        slot: Arc<Slot>,
         call_timeout: Duration,
-        supervisor: Supervisor,
+        supervisor: Arc<Supervisor>,
     ) -> Self {
-        let instance: Arc<dyn PluginInstance> = Arc::from(instance);
-        let inner = Arc::new(Inner {
-            name,
-            registry,
-            tools: instance.tools().to_vec(),
-            instance: RwLock::new(Arc::clone(&instance)),
-            call_timeout: Some(call_timeout),
-            isolation: Isolation::Process,
-            retired: AtomicBool::new(false),
-            supervisor: Some(supervisor),
-        });
-        crate::supervise::watch(&inner, &instance);
-        PluginHandle { inner }
+        PluginHandle {
+            inner: Arc::new(Inner {
+                tools: slot.current().tools().to_vec(),
+                slot,
+                call_timeout: Some(call_timeout),
+                isolation: Isolation::Process,
+                supervisor: Some(supervisor),
+            }),
+        }
     }
 
     /// The plugin's registry name.
     pub fn name(&self) -> &str {
-        &self.inner.name
+        &self.inner.slot.name
     }
 
     /// The tools the loaded plugin offers.
@@ -151,14 +140,14 @@ impl PluginHandle {
     /// The id of the process the current instance runs in (isolated plugins
     /// only).
     pub fn pid(&self) -> Option<u32> {
-        self.inner.instance.read().pid()
+        self.inner.slot.current().pid()
     }
 
     /// Runs `tool` with `args`, blocking the calling thread, and records the
     /// outcome in the registry.
     pub fn call(&self, tool: &str, args: &Value) -> Result<Value, CallError> {
-        let name = &self.inner.name;
-        let registry = &self.inner.registry;
+        let name = &self.inner.slot.name;
+        let registry = &self.inner.slot.registry;
         if !self.has_tool(tool) {
             return Err(ToolError::UnknownTool {
                 plugin: name.clone(),
@@ -179,7 +168,7 @@ impl PluginHandle {
                 .into());
             }
         };
-        let instance = Arc::clone(&*self.inner.instance.read());
+        let instance = self.inner.slot.current();
         let started = Instant::now();
         let outcome = instance
             .call(tool, &args)
@@ -212,8 +201,8 @@ impl PluginHandle {
     /// the call returned; one whose process is alive (a caught panic, a
     /// broken answer) is killed, so that it restarts clean.
     fn fault(&self, instance: &Arc<dyn PluginInstance>, error: &ToolError) {
-        let name = &self.inner.name;
-        if self.inner.retired.load(Ordering::SeqCst) {
+        let name = &self.inner.slot.name;
+        if self.inner.slot.is_retired() {
             return;
         }
         let reason = PluginError::Tool(error.clone()).reason();
@@ -225,7 +214,7 @@ impl PluginHandle {
             }
             _ => {
                 tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
-                let _ = self.inner.registry.mark_failed(name, reason);
+                let _ = self.inner.slot.registry.mark_failed(name, reason);
             }
         }
     }
@@ -240,31 +229,39 @@ impl PluginHandle {
             after,
         })
         .reason();
-        let name = &self.inner.name;
+        let name = &self.inner.slot.name;
         if self.inner.isolation == Isolation::Process {
-            let instance = Arc::clone(&*self.inner.instance.read());
-            instance.kill(&reason);
+            self.inner.slot.current().kill(&reason);
             return reason;
         }
         tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
-        let _ = self.inner.registry.mark_failed(name, reason.clone());
+        let _ = self.inner.slot.registry.mark_failed(name, reason.clone());
         reason
     }
 
     /// Lets the handle go: no more restarts or fault handling, and an
-    /// isolated plugin's process is killed (calls in flight fail).
+    /// isolated plugin's process is asked to exit (killed after a short
+    /// grace; calls still in flight fail). Returns at once.
     pub(crate) fn retire(&self) {
-        self.inner.retired.store(true, Ordering::SeqCst);
+        self.inner.slot.retire();
         if self.inner.isolation == Isolation::Process {
-            let instance = Arc::clone(&*self.inner.instance.read());
-            instance.kill("retired by the host");
+            self.inner.slot.current().stop();
+        }
+    }
+
+    /// The host is shutting down: a restart that waits is dropped (the
+    /// shared flag already stops new ones).
+    pub(crate) fn stop_restarts(&self) {
+        if let Some(supervisor) = &self.inner.supervisor {
+            supervisor.stop_restarts();
         }
     }
 
     fn not_runnable(&self) -> CallError {
-        let status = self.inner.registry.get_status(&self.inner.name);
+        let slot = &self.inner.slot;
+        let status = slot.registry.get_status(&slot.name);
         CallError::NotRunnable {
-            name: self.inner.name.clone(),
+            name: slot.name.clone(),
             state: status.as_ref().map(|s| s.state),
             reason: status.and_then(|s| s.reason),
         }

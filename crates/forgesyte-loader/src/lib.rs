@@ -62,6 +62,7 @@ pub mod manifest;
 pub mod native;
 mod pipeline;
 pub mod process;
+mod slot;
 mod supervise;
 
 pub mod fake;

@@ -5,9 +5,11 @@
 //!   `forgesyte-runner` binary and the fixture zoo's `faulty` library): every
 //!   fault at construction and at tool time, supervision, concurrency,
 //!   chaos, reload and preflight.
+//! - `shutdown`: `Loader::shutdown` stops restarts of isolated plugins.
 
 // Test helpers outside `#[test]` functions may unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod isolation;
 mod pipeline;
+mod shutdown;

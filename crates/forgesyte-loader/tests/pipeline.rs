@@ -1,11 +1,14 @@
 //! The load pipeline over the fake filesystem and the fake importer.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use forgesyte_deps::fake::FakeWorld;
+use forgesyte_deps::fake::{FakeFs, FakeWorld};
+use forgesyte_deps::{DirEntry, FileSystem, FsMetadata};
+use forgesyte_errors::ImportError;
 use forgesyte_loader::fake::{FakeBehavior, FakeImporter};
-use forgesyte_loader::{CallError, Loader, LoaderConfig};
+use forgesyte_loader::{CallError, Importer, Loader, LoaderConfig, PluginLibrary};
 use forgesyte_registry::{PluginLifecycleState as S, Registry};
 use proptest::prelude::*;
 use serde_json::json;
@@ -488,6 +491,192 @@ fn manifest_is_kept_with_unknown_fields() {
     // A manifest that parses as JSON but fails validation is still served.
     assert_eq!(loader.manifest("bad").unwrap()["isolation"], 3);
     s.check("bad", S::Failed, &["isolation"]);
+}
+
+// ------------------------------------------------------------------- panics
+
+/// An importer that panics while opening one library and hands every other
+/// path to the fake importer.
+#[derive(Debug)]
+struct PanickingImporter {
+    inner: Arc<FakeImporter>,
+    panics_on: PathBuf,
+}
+
+impl Importer for PanickingImporter {
+    fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        if path == self.panics_on {
+            panic!("importer blew up on {}", path.display());
+        }
+        self.inner.open(path)
+    }
+}
+
+/// A filesystem that panics while reading one file and hands everything
+/// else to the fake filesystem.
+#[derive(Debug)]
+struct PanickingFs {
+    inner: FakeFs,
+    panics_on: PathBuf,
+}
+
+impl FileSystem for PanickingFs {
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn metadata(&self, path: &Path) -> std::io::Result<FsMetadata> {
+        self.inner.metadata(path)
+    }
+    fn read(&self, path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+        if path == self.panics_on {
+            panic!("filesystem blew up on {}", path.display());
+        }
+        self.inner.read(path, limit)
+    }
+    fn read_dir(&self, path: &Path) -> std::io::Result<Vec<DirEntry>> {
+        self.inner.read_dir(path)
+    }
+    fn canonicalize(&self, path: &Path) -> std::io::Result<PathBuf> {
+        self.inner.canonicalize(path)
+    }
+}
+
+/// Six plugins of different fates; `c_boom`'s library panics the importer
+/// when the seams of [`mixed_fates_loader`] are used.
+fn mixed_fates() -> Setup {
+    let s = Setup::new();
+    s.plugin("a_good", &manifest("a_good", json!({})), FakeBehavior::Good)
+        .plugin(
+            "b_initerr",
+            &manifest("b_initerr", json!({})),
+            FakeBehavior::InitError("b broke".into()),
+        )
+        .plugin("c_boom", &manifest("c_boom", json!({})), FakeBehavior::Good)
+        .plugin("d_good", &manifest("d_good", json!({})), FakeBehavior::Good)
+        .plugin(
+            "e_abi",
+            &manifest("e_abi", json!({})),
+            FakeBehavior::WrongAbi,
+        )
+        .plugin("f_good", &manifest("f_good", json!({})), FakeBehavior::Good)
+        .plugin(
+            "g_user",
+            &manifest("g_user", json!({"dependencies": ["plugin:c_boom"]})),
+            FakeBehavior::Good,
+        );
+    s
+}
+
+/// Checks the fates of [`mixed_fates`] except `c_boom`'s.
+fn check_mixed_fates(s: &Setup, loader: &Loader, threads: usize) {
+    for good in ["a_good", "d_good", "f_good"] {
+        s.check(good, S::Initialized, &[]);
+        let handle = loader
+            .handle(good)
+            .unwrap_or_else(|| panic!("threads {threads}: no handle for {good}"));
+        assert_eq!(handle.name(), good);
+        assert_eq!(handle.call("echo", &json!({})).unwrap(), json!({}));
+    }
+    s.check("b_initerr", S::Failed, &["InitError: b broke"]);
+    s.check(
+        "e_abi",
+        S::Failed,
+        &["ImportError: ", "ABI version mismatch"],
+    );
+    assert!(loader.handle("b_initerr").is_none());
+}
+
+#[test]
+fn a_panic_while_instantiating_fails_exactly_that_plugin() {
+    for threads in [1, 2, 3, 8] {
+        let s = mixed_fates();
+        let importer = Arc::new(PanickingImporter {
+            inner: s.importer.clone(),
+            panics_on: PathBuf::from("/plugins/c_boom/lib.so"),
+        });
+        let loader = Loader::with_seams(
+            s.registry.clone(),
+            Arc::new(s.world.checker()),
+            Arc::new(s.world.fs.clone()),
+            importer,
+            LoaderConfig {
+                threads,
+                ..LoaderConfig::default()
+            },
+        );
+        let report = loader.load_all("/plugins".as_ref());
+        s.check(
+            "c_boom",
+            S::Failed,
+            &["importer blew up on /plugins/c_boom/lib.so"],
+        );
+        assert!(loader.handle("c_boom").is_none(), "threads {threads}");
+        check_mixed_fates(&s, &loader, threads);
+        s.check(
+            "g_user",
+            S::Unavailable,
+            &["plugin:c_boom (c_boom is FAILED"],
+        );
+        // The report says the same as the registry, plugin by plugin.
+        assert_eq!(report.plugins.len(), 7, "threads {threads}");
+        for p in &report.plugins {
+            let status = s.registry.get_status(&p.name).unwrap();
+            assert_eq!((p.state, &p.reason), (status.state, &status.reason));
+        }
+        assert_eq!(
+            (report.loaded(), report.failed()),
+            (3, 3),
+            "threads {threads}"
+        );
+    }
+}
+
+#[test]
+fn a_panic_while_reading_a_manifest_fails_exactly_that_plugin() {
+    for threads in [1, 2, 3, 8] {
+        let s = mixed_fates();
+        let fs = Arc::new(PanickingFs {
+            inner: s.world.fs.clone(),
+            panics_on: PathBuf::from("/plugins/c_boom/manifest.json"),
+        });
+        let loader = Loader::with_seams(
+            s.registry.clone(),
+            Arc::new(s.world.checker()),
+            fs,
+            s.importer.clone(),
+            LoaderConfig {
+                threads,
+                ..LoaderConfig::default()
+            },
+        );
+        let report = loader.load_all("/plugins".as_ref());
+        s.check(
+            "c_boom",
+            S::Failed,
+            &[
+                "ManifestError: ",
+                "filesystem blew up on /plugins/c_boom/manifest.json",
+            ],
+        );
+        check_mixed_fates(&s, &loader, threads);
+        assert_eq!(report.plugins.len(), 7, "threads {threads}");
+        assert_eq!(
+            report
+                .plugins
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "a_good",
+                "b_initerr",
+                "c_boom",
+                "d_good",
+                "e_abi",
+                "f_good",
+                "g_user"
+            ]
+        );
+    }
 }
 
 // ---------------------------------------------------------------- properties

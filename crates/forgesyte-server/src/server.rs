@@ -146,6 +146,9 @@ impl Server {
             ended = &mut server => flatten(ended),
             () = shutdown => {
                 tracing::info!(grace_s = config.shutdown_grace.as_secs_f64(), "Shutting down: no new connections, waiting for in-flight requests");
+                // From here on a plugin process that ends is recorded, never
+                // restarted; the plugins keep serving the calls in flight.
+                state.loader().shutdown();
                 let _ = stop_tx.send(());
                 match tokio::time::timeout(config.shutdown_grace, &mut server).await {
                     Ok(ended) => flatten(ended),

@@ -1,0 +1,58 @@
+//! [`LoaderConfig`]: the loader's settings.
+
+use std::path::PathBuf;
+
+use crate::manifest::{self, Isolation};
+use crate::process::ProcessLimits;
+use crate::supervise::SupervisionPolicy;
+
+/// Loader settings.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// Directories searched for a plugin library named by a bare file name
+    /// when it is not in the plugin's own directory.
+    pub lib_paths: Vec<PathBuf>,
+    /// Cap on `manifest.json` size.
+    pub max_manifest_bytes: u64,
+    /// Worker threads for a load pass (at least 1).
+    pub threads: usize,
+    /// Where a plugin runs when its manifest has no `isolation`
+    /// (default in-process).
+    pub default_isolation: Isolation,
+    /// The runner binary for isolated plugins and preflight; `None`:
+    /// [`find_runner`](crate::process::find_runner) (`forgesyte-runner`
+    /// next to the executable, else on `PATH`). A host binary that serves
+    /// [`runner_main`](crate::process::runner_main) itself can name its own
+    /// path.
+    pub runner: Option<PathBuf>,
+    /// Arguments put before the runner's own, e.g. `["__runner"]` when
+    /// [`runner`](Self::runner) is the host binary itself serving
+    /// [`runner_main`](crate::process::runner_main) behind a hidden
+    /// subcommand.
+    pub runner_args: Vec<std::ffi::OsString>,
+    /// Limits of isolated plugins; a manifest's `limits` override them.
+    pub process: ProcessLimits,
+    /// When and how often crashed isolated plugins are restarted.
+    pub supervision: SupervisionPolicy,
+    /// Construct every in-process plugin once in a throw-away runner before
+    /// loading it (a manifest's `"preflight": true` asks the same for one
+    /// plugin): a constructor that crashes leaves the plugin FAILED instead
+    /// of taking the host down.
+    pub preflight: bool,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            lib_paths: Vec::new(),
+            max_manifest_bytes: manifest::DEFAULT_MAX_MANIFEST_BYTES,
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+            default_isolation: Isolation::InProcess,
+            runner: None,
+            runner_args: Vec::new(),
+            process: ProcessLimits::default(),
+            supervision: SupervisionPolicy::default(),
+            preflight: false,
+        }
+    }
+}

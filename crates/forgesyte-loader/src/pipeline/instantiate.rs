@@ -1,0 +1,220 @@
+//! Instantiation of one plugin: dependency check, library resolution,
+//! preflight, import and construction, in process or in a supervised
+//! runner.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use forgesyte_deps::{Dependency, DependencyChecker};
+use forgesyte_errors::{DependencyError, ImportError, ManifestError, PluginError};
+
+use super::loader::{Loader, Pending};
+use crate::handle::PluginHandle;
+use crate::host::Importer;
+use crate::manifest::{self, Isolation, Manifest};
+use crate::process::{self, ProcessImporter};
+use crate::slot::Slot;
+use crate::supervise::{Restart, Supervision, Supervisor};
+
+impl Loader {
+    /// Dependencies, import and construction of one pending plugin.
+    pub(super) fn instantiate(
+        &self,
+        p: &Pending,
+        known: &BTreeMap<String, semver::Version>,
+    ) -> Result<PluginHandle, PluginError> {
+        let report = self.checker.check(&p.manifest.requirements, &p.dir, known);
+        if let Some(mut err) = report.into_error() {
+            self.explain_plugin_deps(&p.manifest, &mut err);
+            return Err(err.into());
+        }
+        let library_path = self.resolve_library(p)?;
+        let config = self.instance_config(p);
+        let isolation = p
+            .manifest
+            .declared_isolation
+            .unwrap_or(self.config.default_isolation);
+        if isolation == Isolation::Process {
+            return self.instantiate_isolated(p, library_path, config);
+        }
+        if self.config.preflight || p.manifest.preflight {
+            self.preflight(p, &library_path, &config)?;
+        }
+        let library = self.importer.open(&library_path)?;
+        let instance = library.instantiate(&config)?;
+        Ok(PluginHandle::new(
+            p.name.clone(),
+            self.registry.clone(),
+            instance,
+            p.manifest.limits.call_timeout,
+        ))
+    }
+
+    /// The runner binary, or an import error saying none was found.
+    fn runner(&self, library: &Path) -> Result<PathBuf, ImportError> {
+        self.config
+            .runner
+            .clone()
+            .or_else(process::find_runner)
+            .ok_or_else(|| ImportError::Open {
+                path: library.to_path_buf(),
+                detail: format!(
+                    "no plugin runner: {} was not found next to the executable or on PATH",
+                    process::RUNNER_NAME
+                ),
+            })
+    }
+
+    /// Starts an isolated plugin in its runner, under supervision.
+    fn instantiate_isolated(
+        &self,
+        p: &Pending,
+        library_path: PathBuf,
+        config: Vec<u8>,
+    ) -> Result<PluginHandle, PluginError> {
+        let limits = self.config.process.with_manifest(&p.manifest.limits);
+        let importer = Arc::new(
+            ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
+                .with_runner_args(self.config.runner_args.clone()),
+        );
+        let library = importer.open(&library_path)?;
+        let instance = library.instantiate(&config)?;
+        let slot = Arc::new(Slot::new(
+            p.name.clone(),
+            self.registry.clone(),
+            Arc::from(instance),
+        ));
+        let supervisor = Supervisor::start(
+            Arc::clone(&slot),
+            Restart {
+                importer,
+                library: library_path,
+                config,
+            },
+            Supervision {
+                policy: self.config.supervision,
+                clock: Arc::clone(&self.clock),
+                shutdown: self.shutdown.clone(),
+            },
+        );
+        Ok(PluginHandle::isolated(
+            slot,
+            limits.call_timeout,
+            supervisor,
+        ))
+    }
+
+    /// Constructs an in-process plugin once in a throw-away runner (no
+    /// memory limit unless the manifest sets one: the host has none either).
+    fn preflight(
+        &self,
+        p: &Pending,
+        library_path: &Path,
+        config: &[u8],
+    ) -> Result<(), PluginError> {
+        let mut limits = self.config.process.with_manifest(&p.manifest.limits);
+        limits.memory_limit_mib = p.manifest.limits.memory_mb.unwrap_or(0);
+        let importer = ProcessImporter::new(self.runner(library_path)?, p.name.clone(), limits)
+            .with_runner_args(self.config.runner_args.clone());
+        let instance = importer.open(library_path)?.instantiate(config)?;
+        drop(instance);
+        tracing::info!(plugin = %p.name, "Preflight passed: {}", p.name);
+        Ok(())
+    }
+
+    /// Names the chain: a missing `plugin:` dependency that is registered but
+    /// not available says which state it is in and why.
+    fn explain_plugin_deps(&self, manifest: &Manifest, err: &mut DependencyError) {
+        for dep in &manifest.requirements.dependencies {
+            let Dependency::Plugin { name, .. } = dep else {
+                continue;
+            };
+            let Some(status) = self.registry.get_status(name) else {
+                continue;
+            };
+            if status.state.is_available() {
+                continue;
+            }
+            let prefix = format!("plugin:{name}");
+            for item in &mut err.missing {
+                if item == &prefix || item.starts_with(&format!("{prefix}@")) {
+                    item.push_str(&format!(
+                        " ({name} is {}: {})",
+                        status.state.as_str(),
+                        status.reason.as_deref().unwrap_or("no reason recorded")
+                    ));
+                }
+            }
+        }
+        let gpu_detail = err
+            .reason
+            .split_once("; ")
+            .map(|(_, detail)| detail.to_owned());
+        *err = DependencyError::new(std::mem::take(&mut err.missing), gpu_detail);
+    }
+
+    /// Where the plugin's library is: inside its directory (no escape by `..`
+    /// or symlink), else on the configured library path.
+    fn resolve_library(&self, p: &Pending) -> Result<PathBuf, PluginError> {
+        let entry = p
+            .manifest
+            .entrypoint
+            .clone()
+            .unwrap_or_else(|| format!("lib{}.so", p.name.replace(['-', '.'], "_")));
+        let inside = manifest::join_inside(&p.dir, &entry);
+        let bare = !entry.contains('/');
+        if self.fs.exists(&inside) || !bare {
+            self.check_contained(&p.dir, &inside, &entry)?;
+            return Ok(inside);
+        }
+        for lib_dir in &self.config.lib_paths {
+            let candidate = lib_dir.join(&entry);
+            if self.fs.exists(&candidate) {
+                return Ok(candidate);
+            }
+        }
+        Err(ImportError::LibraryNotFound { path: inside }.into())
+    }
+
+    fn check_contained(&self, dir: &Path, path: &Path, entry: &str) -> Result<(), PluginError> {
+        let Ok(real) = self.fs.canonicalize(path) else {
+            // Missing: the import step reports it precisely.
+            return Ok(());
+        };
+        let root = self
+            .fs
+            .canonicalize(dir)
+            .unwrap_or_else(|_| dir.to_path_buf());
+        if real.starts_with(&root) {
+            Ok(())
+        } else {
+            Err(ManifestError::PathEscape {
+                field: "entrypoint".into(),
+                path: format!("{entry} -> {}", real.display()),
+            }
+            .into())
+        }
+    }
+
+    fn instance_config(&self, p: &Pending) -> Vec<u8> {
+        let models: BTreeMap<&str, PathBuf> = p
+            .manifest
+            .requirements
+            .models
+            .iter()
+            .map(|(name, path)| {
+                (
+                    name.as_str(),
+                    DependencyChecker::resolve_model_path(&p.dir, path),
+                )
+            })
+            .collect();
+        let config = serde_json::json!({
+            "manifest": &*p.manifest.raw,
+            "plugin_dir": p.dir,
+            "models": models,
+        });
+        serde_json::to_vec(&config).unwrap_or_default()
+    }
+}

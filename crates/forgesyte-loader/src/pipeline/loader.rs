@@ -1,0 +1,165 @@
+//! The [`Loader`] itself: its state, constructors, accessors and the
+//! retirement of isolated plugins when it lets them go.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use forgesyte_deps::{DependencyChecker, FileSystem, RealFs};
+use forgesyte_registry::Registry;
+use parking_lot::RwLock;
+use serde_json::Value;
+
+use super::config::LoaderConfig;
+use crate::handle::PluginHandle;
+use crate::host::Importer;
+use crate::manifest::{Isolation, Manifest};
+use crate::native::NativeImporter;
+use crate::supervise::{Clock, ShutdownFlag, SystemClock};
+
+/// What the loader keeps per registered plugin.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub(super) dir: PathBuf,
+    pub(super) raw: Option<Arc<Value>>,
+    pub(super) optional: bool,
+    pub(super) handle: Option<PluginHandle>,
+}
+
+/// Loads plugin directories into a [`Registry`] and owns the live instances.
+#[derive(Debug)]
+pub struct Loader {
+    pub(super) registry: Registry,
+    pub(super) checker: Arc<DependencyChecker>,
+    pub(super) fs: Arc<dyn FileSystem>,
+    pub(super) importer: Arc<dyn Importer>,
+    pub(super) config: LoaderConfig,
+    pub(super) entries: RwLock<BTreeMap<String, Entry>>,
+    /// The directory of the last `load_all`, where `reload_all` looks for
+    /// new plugins.
+    pub(super) plugins_dir: RwLock<Option<PathBuf>>,
+    /// Time for the supervisors of isolated plugins.
+    pub(super) clock: Arc<dyn Clock>,
+    /// Set by [`shutdown`](Loader::shutdown); shared with every supervisor.
+    pub(super) shutdown: ShutdownFlag,
+}
+
+/// A manifest that was read and validated, waiting to be loaded.
+pub(super) struct Pending {
+    pub(super) name: String,
+    pub(super) dir: PathBuf,
+    pub(super) manifest: Manifest,
+    pub(super) started: Instant,
+}
+
+impl Loader {
+    /// A loader over the real filesystem and real libraries.
+    pub fn new(registry: Registry, checker: Arc<DependencyChecker>, config: LoaderConfig) -> Self {
+        Self::with_seams(
+            registry,
+            checker,
+            Arc::new(RealFs),
+            Arc::new(NativeImporter),
+            config,
+        )
+    }
+
+    /// A loader over the given filesystem and importer (fakes in tests).
+    pub fn with_seams(
+        registry: Registry,
+        checker: Arc<DependencyChecker>,
+        fs: Arc<dyn FileSystem>,
+        importer: Arc<dyn Importer>,
+        config: LoaderConfig,
+    ) -> Self {
+        Loader {
+            registry,
+            checker,
+            fs,
+            importer,
+            config,
+            entries: RwLock::new(BTreeMap::new()),
+            plugins_dir: RwLock::new(None),
+            clock: Arc::new(SystemClock),
+            shutdown: ShutdownFlag::default(),
+        }
+    }
+
+    /// The registry this loader records into.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The dependency checker (for its GPU report).
+    pub fn checker(&self) -> &DependencyChecker {
+        &self.checker
+    }
+
+    /// A handle on the loaded instance of `name`, if it was instantiated.
+    pub fn handle(&self, name: &str) -> Option<PluginHandle> {
+        self.entries.read().get(name)?.handle.clone()
+    }
+
+    /// The manifest of `name` as read (unknown fields kept), if it was valid JSON.
+    pub fn manifest(&self, name: &str) -> Option<Arc<Value>> {
+        self.entries.read().get(name)?.raw.clone()
+    }
+
+    /// The directory `name` was loaded from.
+    pub fn plugin_dir(&self, name: &str) -> Option<PathBuf> {
+        Some(self.entries.read().get(name)?.dir.clone())
+    }
+
+    /// Whether the manifest of `name` marks it optional.
+    pub fn is_optional(&self, name: &str) -> bool {
+        self.entries.read().get(name).is_some_and(|e| e.optional)
+    }
+
+    /// The host is shutting down: from now on an isolated plugin whose
+    /// process ends is recorded (FAILED, `not restarted: the host is
+    /// shutting down`) but never restarted, and restarts already waiting
+    /// are dropped. Plugins keep serving calls until
+    /// [`drop_instances`](Self::drop_instances). Cannot be undone.
+    pub fn shutdown(&self) {
+        self.shutdown.set();
+        for entry in self.entries.read().values() {
+            if let Some(handle) = &entry.handle {
+                handle.stop_restarts();
+            }
+        }
+        tracing::info!("Loader shutting down: isolated plugins are no longer restarted");
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_set()
+    }
+
+    /// Drops every instance handle the loader holds (libraries stay mapped;
+    /// isolated plugins' processes are stopped).
+    pub fn drop_instances(&self) {
+        for entry in self.entries.write().values_mut() {
+            if let Some(handle) = entry.handle.take() {
+                retire_isolated(&handle);
+            }
+        }
+    }
+}
+
+impl Drop for Loader {
+    /// Stops the processes of isolated plugins (their handles stop working).
+    fn drop(&mut self) {
+        for entry in self.entries.get_mut().values() {
+            if let Some(handle) = &entry.handle {
+                retire_isolated(handle);
+            }
+        }
+    }
+}
+
+fn retire_isolated(handle: &PluginHandle) {
+    if handle.isolation() == Isolation::Process {
+        handle.retire();
+    }
+}

@@ -1,0 +1,30 @@
+//! The load pipeline (seed §3): discover → manifest → register → dependencies
+//! → import → instantiate → INITIALIZED, with every failure recorded.
+//!
+//! One file per concern; the files form a DAG (no file uses one that uses
+//! it):
+//!
+//! - [`config`] and [`report`]: the settings and what a pass reports
+//!   (leaves);
+//! - [`parallel`]: `par_map` on a rayon pool, panics caught per item (leaf);
+//! - [`loader`]: the [`Loader`] and its per-plugin state;
+//! - [`discovery`]: plugin directories and their manifests;
+//! - [`registration`]: registry keys, final states, outcomes;
+//! - [`instantiate`]: one plugin from dependencies to a [`crate::PluginHandle`];
+//! - [`waves`]: dependency order and the parallel waves;
+//! - [`load`]: a load pass; [`reload`]: a reload pass.
+
+mod config;
+mod discovery;
+mod instantiate;
+mod load;
+mod loader;
+mod parallel;
+mod registration;
+mod reload;
+mod report;
+mod waves;
+
+pub use config::LoaderConfig;
+pub use loader::Loader;
+pub use report::{LoadReport, PluginLoadOutcome};

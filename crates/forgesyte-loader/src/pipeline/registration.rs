@@ -1,0 +1,202 @@
+//! Registration: a plugin's key in the registry (duplicates never
+//! overwrite), and recording each plugin's final state and outcome.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use forgesyte_errors::{ManifestError, PluginError};
+use forgesyte_registry::{PluginInfo, PluginLifecycleState};
+use serde_json::Value;
+
+use super::discovery::{BadManifest, dir_name};
+use super::loader::{Entry, Loader, Pending};
+use super::report::{PluginLoadOutcome, ms};
+use crate::handle::PluginHandle;
+use crate::manifest::{self, Manifest};
+
+impl Loader {
+    /// Registers the plugin of `dir` and returns its key when it is already
+    /// final (a bad manifest or a duplicate); valid ones go to `pending`.
+    pub(super) fn register(
+        &self,
+        dir: &Path,
+        result: Result<Manifest, Box<BadManifest>>,
+        started: Instant,
+        pending: &mut BTreeMap<String, Pending>,
+    ) -> Option<String> {
+        let dir_key = manifest::key_from_dir_name(&dir_name(dir));
+        let source = Some(dir.to_path_buf());
+        let (wanted, info, raw, optional, outcome) = match result {
+            Ok(m) => {
+                let info = PluginInfo {
+                    description: m.description.clone(),
+                    version: Some(m.version.clone()),
+                    source,
+                };
+                (
+                    m.name.clone(),
+                    info,
+                    Some(Arc::clone(&m.raw)),
+                    m.optional,
+                    Ok(m),
+                )
+            }
+            Err(bad) => {
+                let BadManifest { raw, error: err } = *bad;
+                let claimed = raw
+                    .as_ref()
+                    .and_then(manifest::claimed_name)
+                    .filter(|n| manifest::is_valid_name(n))
+                    .map_or_else(|| dir_key.clone(), str::to_owned);
+                let description = raw
+                    .as_ref()
+                    .and_then(|r| r.get("description"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let info = PluginInfo {
+                    description,
+                    version: None,
+                    source,
+                };
+                let err = PluginError::from(err);
+                (claimed, info, raw.map(Arc::new), false, Err(err))
+            }
+        };
+        let (name, outcome) = match self.claim(&wanted, &dir_key, dir, info) {
+            Ok(name) => (name, outcome),
+            Err((name, existing)) => (
+                name,
+                Err(PluginError::from(ManifestError::DuplicateName {
+                    name: wanted.clone(),
+                    existing,
+                })),
+            ),
+        };
+        self.entries.write().insert(
+            name.clone(),
+            Entry {
+                dir: dir.to_path_buf(),
+                raw,
+                optional,
+                handle: None,
+            },
+        );
+        match outcome {
+            Ok(manifest) => {
+                pending.insert(
+                    name.clone(),
+                    Pending {
+                        name,
+                        dir: dir.to_path_buf(),
+                        manifest,
+                        started,
+                    },
+                );
+                None
+            }
+            Err(err) => {
+                self.record_failure(&name, &err);
+                Some(name)
+            }
+        }
+    }
+
+    /// Registers under `wanted`; if that name is taken, registers under a
+    /// key derived from the directory instead and returns `Err` with it and
+    /// the directory that holds the name.
+    fn claim(
+        &self,
+        wanted: &str,
+        dir_key: &str,
+        dir: &Path,
+        info: PluginInfo,
+    ) -> Result<String, (String, PathBuf)> {
+        if self.registry.register(wanted, info.clone()).is_ok() {
+            return Ok(wanted.to_owned());
+        }
+        let existing = self
+            .plugin_dir(wanted)
+            .unwrap_or_else(|| PathBuf::from("(registered earlier)"));
+        let mut candidate = if dir_key == wanted {
+            format!("{dir_key}.duplicate")
+        } else {
+            dir_key.to_owned()
+        };
+        let mut n = 1;
+        while self.registry.register(&candidate, info.clone()).is_err() {
+            n += 1;
+            candidate = format!("{dir_key}.duplicate{n}");
+        }
+        tracing::error!(
+            name = wanted,
+            dir = %dir.display(),
+            existing = %existing.display(),
+            "Duplicate plugin name '{wanted}' in {}: registered as '{candidate}'",
+            dir.display()
+        );
+        Err((candidate, existing))
+    }
+
+    pub(super) fn mark_loaded(&self, p: &Pending, handle: PluginHandle) {
+        if let Some(entry) = self.entries.write().get_mut(&p.name) {
+            entry.handle = Some(handle);
+        }
+        match self.registry.mark_initialized(&p.name) {
+            Ok(()) => tracing::info!(
+                plugin = %p.name,
+                version = %p.manifest.version,
+                "✓ Loaded plugin: {} ({})",
+                p.name,
+                p.manifest.version
+            ),
+            Err(e) => tracing::error!(plugin = %p.name, error = %e, "registry refused INITIALIZED"),
+        }
+    }
+
+    /// Records a load failure: UNAVAILABLE for dependencies, FAILED otherwise.
+    pub(super) fn record_failure(&self, name: &str, err: &PluginError) {
+        let reason = err.reason();
+        if matches!(
+            err,
+            PluginError::Load(forgesyte_errors::LoadError::Dependency(_))
+        ) {
+            let _ = self.registry.mark_unavailable(name, reason.clone());
+            tracing::warn!(plugin = %name, %reason, "⊘ Plugin UNAVAILABLE: {name}");
+        } else {
+            let report = crate::supervise::report_of(err);
+            if report.crash.is_some() {
+                // A runner died: the journal keeps its signal or exit code
+                // and stderr tail.
+                let exit = crate::supervise::exit_info(&report);
+                let _ = self.registry.mark_crashed(name, reason.clone(), exit);
+            } else {
+                let _ = self.registry.mark_failed(name, reason.clone());
+            }
+            tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+        }
+    }
+
+    pub(super) fn finish_outcome(
+        &self,
+        name: &str,
+        dir: &Path,
+        started: Instant,
+        outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
+    ) {
+        let status = self.registry.get_status(name);
+        outcomes.insert(
+            name.to_owned(),
+            PluginLoadOutcome {
+                name: name.to_owned(),
+                dir: dir.to_path_buf(),
+                state: status
+                    .as_ref()
+                    .map_or(PluginLifecycleState::Failed, |s| s.state),
+                reason: status.and_then(|s| s.reason),
+                elapsed_ms: ms(started.elapsed()),
+            },
+        );
+    }
+}

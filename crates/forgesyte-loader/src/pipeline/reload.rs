@@ -1,0 +1,180 @@
+//! Reloading registered plugins: isolated ones restarted, failed ones
+//! retried, in-process ones kept (libraries are never unloaded), new
+//! directories loaded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forgesyte_errors::{ManifestError, PluginError};
+use forgesyte_registry::PluginInfo;
+use forgesyte_registry::PluginLifecycleState as State;
+use serde_json::Value;
+
+use super::discovery::{BadManifest, bad};
+use super::loader::{Loader, Pending};
+use super::report::{LoadReport, PluginLoadOutcome, ms};
+use crate::manifest::{Isolation, Manifest};
+
+/// How long a reload waits for calls in flight on a plugin to end.
+const RELOAD_IDLE_WAIT: Duration = Duration::from_secs(5);
+
+impl Loader {
+    /// Reloads one plugin (the server's `POST /v1/plugins/{name}/reload`):
+    /// re-reads its manifest, re-checks its dependencies, and
+    ///
+    /// - an isolated plugin: stops its process (calls in flight fail, and
+    ///   are waited for) and starts it afresh, whatever its state;
+    /// - an in-process plugin that is INITIALIZED or RUNNING: keeps its
+    ///   instance as it is (libraries are never unloaded: thread-local
+    ///   destructors and code of the plugin may still run after its last
+    ///   instance is gone, so `dlclose` is unsound; a new library version
+    ///   needs a restart of the host);
+    /// - an in-process plugin that is FAILED or UNAVAILABLE: is retried.
+    ///
+    /// `None` when no plugin of that name is registered.
+    pub fn reload(&self, name: &str) -> Option<PluginLoadOutcome> {
+        if !self.entries.read().contains_key(name) {
+            return None;
+        }
+        self.reload_names(&[name.to_owned()])
+            .plugins
+            .into_iter()
+            .find(|o| o.name == name)
+    }
+
+    /// Reloads every registered plugin as [`reload`](Self::reload) does, in
+    /// dependency order, and loads plugin directories that appeared under
+    /// the directory of the last [`load_all`](Self::load_all).
+    pub fn reload_all(&self) -> LoadReport {
+        let started = Instant::now();
+        let names: Vec<String> = self.entries.read().keys().cloned().collect();
+        let mut report = self.reload_names(&names);
+        let plugins_dir = self.plugins_dir.read().clone();
+        if let Some(plugins_dir) = plugins_dir {
+            let known: BTreeSet<PathBuf> = self
+                .entries
+                .read()
+                .values()
+                .map(|e| e.dir.clone())
+                .collect();
+            let new: Vec<PathBuf> = self
+                .discover(&plugins_dir)
+                .into_iter()
+                .filter(|dir| !known.contains(dir))
+                .collect();
+            if !new.is_empty() {
+                report.plugins.extend(self.load_dirs(&new).plugins);
+                report.plugins.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
+        report.elapsed_ms = ms(started.elapsed());
+        report.log_summary("Reloaded", None);
+        report
+    }
+
+    /// One reload pass over registered plugins.
+    fn reload_names(&self, names: &[String]) -> LoadReport {
+        self.checker.clear_cache();
+        let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
+        let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
+        for name in names {
+            let started = Instant::now();
+            let Some(entry) = self.entries.read().get(name).cloned() else {
+                continue;
+            };
+            if let Some(handle) = &entry.handle {
+                if handle.isolation() == Isolation::InProcess && self.registry.is_available(name) {
+                    tracing::info!(plugin = %name, "Plugin {name} kept as it is: in-process libraries are never unloaded");
+                    self.finish_outcome(name, &entry.dir, started, &mut outcomes);
+                    continue;
+                }
+                handle.retire();
+            }
+            if let Some(e) = self.entries.write().get_mut(name) {
+                e.handle = None;
+            }
+            self.wait_idle(name);
+            let manifest = self
+                .read_manifest(&entry.dir)
+                .and_then(|m| self.check_reload_name(name, m));
+            match manifest {
+                Ok(m) => {
+                    let info = PluginInfo {
+                        description: m.description.clone(),
+                        version: Some(m.version.clone()),
+                        source: Some(entry.dir.clone()),
+                    };
+                    if let Err(e) = self.registry.mark_loaded(name, Some(info)) {
+                        tracing::warn!(plugin = %name, error = %e, "Plugin {name} not reloaded: {e}");
+                        self.finish_outcome(name, &entry.dir, started, &mut outcomes);
+                        continue;
+                    }
+                    if let Some(e) = self.entries.write().get_mut(name) {
+                        e.raw = Some(Arc::clone(&m.raw));
+                        e.optional = m.optional;
+                    }
+                    pending.insert(
+                        name.clone(),
+                        Pending {
+                            name: name.clone(),
+                            dir: entry.dir.clone(),
+                            manifest: m,
+                            started,
+                        },
+                    );
+                }
+                Err(bad) => {
+                    let BadManifest { raw, error } = *bad;
+                    let _ = self.registry.mark_loaded(name, None);
+                    if let Some(e) = self.entries.write().get_mut(name) {
+                        e.raw = raw.map(Arc::new);
+                        e.optional = false;
+                    }
+                    self.record_failure(name, &PluginError::from(error));
+                    self.finish_outcome(name, &entry.dir, started, &mut outcomes);
+                }
+            }
+        }
+        self.run_waves(&pending, &mut outcomes);
+        LoadReport {
+            plugins: outcomes.into_values().collect(),
+            elapsed_ms: 0.0,
+        }
+    }
+
+    /// A reloaded manifest must still name the plugin it was registered as.
+    fn check_reload_name(&self, key: &str, m: Manifest) -> Result<Manifest, Box<BadManifest>> {
+        if m.name == key {
+            return Ok(m);
+        }
+        let raw = Some(Value::clone(&m.raw));
+        let error = if self.registry.contains(&m.name) {
+            ManifestError::DuplicateName {
+                existing: self
+                    .plugin_dir(&m.name)
+                    .unwrap_or_else(|| PathBuf::from("(registered earlier)")),
+                name: m.name,
+            }
+        } else {
+            ManifestError::InvalidField {
+                field: "name".into(),
+                message: format!(
+                    "changed from '{key}' to '{}' since the plugin was registered; a renamed \
+                     plugin needs a restart of the host",
+                    m.name
+                ),
+            }
+        };
+        Err(bad(raw, error))
+    }
+
+    /// Waits (bounded) until no call is in flight on `name`.
+    fn wait_idle(&self, name: &str) {
+        let deadline = Instant::now() + RELOAD_IDLE_WAIT;
+        while self.registry.get_state(name) == Some(State::Running) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

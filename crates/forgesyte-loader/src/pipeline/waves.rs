@@ -1,0 +1,160 @@
+//! Dependency waves: plugins of a pass ordered so that every `plugin:`
+//! dependency is loaded in an earlier wave; each wave instantiated in
+//! parallel; cycles named.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use forgesyte_deps::Dependency;
+use forgesyte_errors::{DependencyError, InitError};
+
+use super::loader::{Loader, Pending};
+use super::parallel::par_map;
+use super::report::PluginLoadOutcome;
+
+impl Loader {
+    /// Phase 3 of a pass: dependency order, one wave at a time; each wave in
+    /// parallel.
+    pub(super) fn run_waves(
+        &self,
+        pending: &BTreeMap<String, Pending>,
+        outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
+    ) {
+        let (waves, cyclic) = dependency_waves(pending);
+        for wave in waves {
+            // A wave depends only on earlier waves, so the plugins available
+            // to it are the same for all its members: list them once per wave
+            // (listing them per plugin made a pass quadratic in plugins).
+            let known = self.known_plugins();
+            let members: Vec<&Pending> = wave.iter().filter_map(|n| pending.get(n)).collect();
+            let results = par_map(self.config.threads, &members, |p| {
+                self.instantiate(p, &known)
+            });
+            for (p, result) in results {
+                let result =
+                    result.unwrap_or_else(|message| Err(InitError::Panicked { message }.into()));
+                match result {
+                    Ok(handle) => self.mark_loaded(p, handle),
+                    Err(err) => self.record_failure(&p.name, &err),
+                }
+                self.finish_outcome(&p.name, &p.dir, p.started, outcomes);
+            }
+        }
+        for (name, cycle) in cyclic {
+            if let Some(p) = pending.get(&name) {
+                let err = DependencyError::new(
+                    vec![format!(
+                        "plugin:{} (dependency cycle: {cycle})",
+                        first_dep(p)
+                    )],
+                    None,
+                );
+                self.record_failure(&name, &err.into());
+                self.finish_outcome(&name, &p.dir, p.started, outcomes);
+            }
+        }
+    }
+
+    /// Versions of the plugins available now, for `plugin:` requirements.
+    fn known_plugins(&self) -> BTreeMap<String, semver::Version> {
+        self.registry
+            .list_all()
+            .into_iter()
+            .filter(|s| s.state.is_available())
+            .map(|s| {
+                let version = s
+                    .version
+                    .as_deref()
+                    .and_then(|v| semver::Version::parse(v).ok())
+                    .unwrap_or_else(|| semver::Version::new(0, 0, 0));
+                (s.name, version)
+            })
+            .collect()
+    }
+}
+
+fn first_dep(p: &Pending) -> String {
+    p.manifest
+        .requirements
+        .dependencies
+        .iter()
+        .find_map(|d| match d {
+            Dependency::Plugin { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Orders pending plugins into waves: every plugin's in-pass `plugin:`
+/// dependencies are in earlier waves. Plugins on or behind a cycle are
+/// returned separately with the cycle spelled out (`a -> b -> a`).
+fn dependency_waves(
+    pending: &BTreeMap<String, Pending>,
+) -> (Vec<Vec<String>>, Vec<(String, String)>) {
+    let deps: BTreeMap<&str, BTreeSet<&str>> = pending
+        .iter()
+        .map(|(name, p)| {
+            let inner = p
+                .manifest
+                .requirements
+                .dependencies
+                .iter()
+                .filter_map(|d| match d {
+                    Dependency::Plugin { name, .. } if pending.contains_key(name) => {
+                        Some(name.as_str())
+                    }
+                    _ => None,
+                })
+                .collect();
+            (name.as_str(), inner)
+        })
+        .collect();
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut waves = Vec::new();
+    loop {
+        let wave: Vec<String> = deps
+            .iter()
+            .filter(|(name, d)| !done.contains(*name) && d.iter().all(|x| done.contains(x)))
+            .map(|(name, _)| (*name).to_owned())
+            .collect();
+        if wave.is_empty() {
+            break;
+        }
+        done.extend(
+            wave.iter()
+                .filter_map(|n| deps.get_key_value(n.as_str()).map(|(k, _)| *k)),
+        );
+        waves.push(wave);
+    }
+    let cyclic = deps
+        .keys()
+        .filter(|n| !done.contains(*n))
+        .map(|n| ((*n).to_owned(), find_cycle(n, &deps, &done)))
+        .collect();
+    (waves, cyclic)
+}
+
+/// Follows unresolved dependencies from `start` until a node repeats.
+fn find_cycle(start: &str, deps: &BTreeMap<&str, BTreeSet<&str>>, done: &BTreeSet<&str>) -> String {
+    let mut path: Vec<&str> = vec![start];
+    let mut current = start;
+    loop {
+        let next = deps
+            .get(current)
+            .and_then(|d| d.iter().find(|x| !done.contains(*x)).copied());
+        let Some(next) = next else {
+            return path.join(" -> ");
+        };
+        if let Some(pos) = path.iter().position(|n| *n == next) {
+            let mut cycle: Vec<&str> = path[pos..].to_vec();
+            cycle.push(next);
+            let prefix = &path[..pos];
+            return if prefix.is_empty() {
+                cycle.join(" -> ")
+            } else {
+                format!("{} -> [{}]", prefix.join(" -> "), cycle.join(" -> "))
+            };
+        }
+        path.push(next);
+        current = next;
+    }
+}

@@ -1,0 +1,360 @@
+//! Supervision of isolated plugins: when a plugin's process ends, the
+//! plugin goes FAILED with the reason and is restarted after a backoff.
+//!
+//! - The delay starts at [`SupervisionPolicy::backoff_base`] and doubles
+//!   with each crash in a row, up to [`SupervisionPolicy::backoff_cap`]; a
+//!   plugin that stayed up for [`SupervisionPolicy::healthy_reset`] starts
+//!   again from the base.
+//! - At most [`SupervisionPolicy::max_restarts`] restarts happen within
+//!   [`SupervisionPolicy::window`]; after that the plugin stays FAILED (its
+//!   reason says so) until an explicit reload.
+//! - While it waits, the plugin is FAILED with the crash reason and
+//!   `next_retry_at`; calls get [`crate::CallError::NotRunnable`].
+//! - A restart is `FAILED -> LOADED` (`restart_count + 1`), a new runner and
+//!   construction, the handle's instance swapped, then `INITIALIZED`. A
+//!   failed restart counts as another crash.
+//!
+//! - Once the host is shutting down ([`ShutdownFlag`], set by
+//!   `Loader::shutdown`), a process that ends is recorded (FAILED with
+//!   `not restarted: the host is shutting down`) but never restarted, and
+//!   a restart already waiting is dropped.
+//!
+//! Time comes from a [`Clock`]: the real one waits on one short-lived
+//! thread per pending restart (nothing runs while a plugin is healthy); the
+//! tests' fake one is advanced by hand.
+//!
+//! The supervisor shares the plugin's [`Slot`] with its handle; it knows
+//! nothing of handles.
+
+mod clock;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use forgesyte_errors::{
+    CrashCause, CrashError, ImportError, InitError, LoadError, PluginError, fmt_duration,
+};
+use forgesyte_registry::ExitInfo;
+use parking_lot::Mutex;
+
+pub(crate) use clock::{Clock, SystemClock};
+
+use crate::host::{ExitReport, Importer, PluginInstance};
+use crate::slot::Slot;
+
+/// When and how often a crashed isolated plugin is restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SupervisionPolicy {
+    /// Delay before the first restart (default 1 s); doubles per crash in a row.
+    pub backoff_base: Duration,
+    /// Longest delay (default 60 s).
+    pub backoff_cap: Duration,
+    /// Up this long, a plugin's next crash starts again from the base delay
+    /// (default 5 min).
+    pub healthy_reset: Duration,
+    /// Most restarts within [`window`](Self::window) (default 5); then the
+    /// plugin stays FAILED. 0: never restart.
+    pub max_restarts: u32,
+    /// The sliding window restarts are counted in (default 10 min).
+    pub window: Duration,
+}
+
+impl Default for SupervisionPolicy {
+    fn default() -> Self {
+        SupervisionPolicy {
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+            healthy_reset: Duration::from_secs(5 * 60),
+            max_restarts: 5,
+            window: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl SupervisionPolicy {
+    /// The delay before restart number `attempt` of a series (0-based):
+    /// `base * 2^attempt`, at most the cap.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.min(31));
+        self.backoff_base
+            .saturating_mul(factor)
+            .min(self.backoff_cap)
+    }
+}
+
+/// Set once the host is shutting down; shared by the loader and every
+/// supervisor it starts.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ShutdownFlag(Arc<AtomicBool>);
+
+impl ShutdownFlag {
+    /// From now on, no restart is scheduled or started.
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the host is shutting down.
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What a restart repeats.
+#[derive(Debug)]
+pub(crate) struct Restart {
+    pub(crate) importer: Arc<dyn Importer>,
+    pub(crate) library: PathBuf,
+    pub(crate) config: Vec<u8>,
+}
+
+/// The host-wide side of supervision: policy, clock and shutdown flag.
+#[derive(Debug, Clone)]
+pub(crate) struct Supervision {
+    pub(crate) policy: SupervisionPolicy,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) shutdown: ShutdownFlag,
+}
+
+/// Per-plugin supervision: the plugin's slot and state (one lock).
+///
+/// Kept alive by the plugin's handle; the exit callbacks and waiting
+/// restarts hold it weakly, so once every handle is gone nothing restarts.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    slot: Arc<Slot>,
+    restart: Restart,
+    supervision: Supervision,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Bumped at every death: exit reports of older instances are stale.
+    generation: u64,
+    /// Crashes in a row (the backoff exponent).
+    consecutive: u32,
+    /// When recent restarts began.
+    restarts: VecDeque<Instant>,
+    /// When the current instance came up.
+    healthy_since: Instant,
+}
+
+/// Why a crashed plugin is not restarted.
+enum NoRestart {
+    Budget,
+    Shutdown,
+}
+
+impl Supervisor {
+    /// Supervises the current instance of `slot`.
+    pub(crate) fn start(slot: Arc<Slot>, restart: Restart, supervision: Supervision) -> Arc<Self> {
+        let healthy_since = supervision.clock.now();
+        let supervisor = Arc::new(Supervisor {
+            slot,
+            restart,
+            supervision,
+            state: Mutex::new(State {
+                generation: 0,
+                consecutive: 0,
+                restarts: VecDeque::new(),
+                healthy_since,
+            }),
+        });
+        let instance = supervisor.slot.current();
+        supervisor.watch(&instance);
+        supervisor
+    }
+
+    /// The host is shutting down (the shared flag is set): a restart that
+    /// waits is dropped, so the plugin no longer shows a retry time.
+    pub(crate) fn stop_restarts(&self) {
+        let _ = self.slot.registry.set_next_retry(&self.slot.name, None);
+    }
+
+    fn policy(&self) -> &SupervisionPolicy {
+        &self.supervision.policy
+    }
+
+    /// Neither a restart nor its scheduling may happen.
+    fn restarts_stopped(&self) -> bool {
+        self.slot.is_retired() || self.supervision.shutdown.is_set()
+    }
+
+    /// Asks `instance` to report its end to this supervisor.
+    fn watch(self: &Arc<Self>, instance: &Arc<dyn PluginInstance>) {
+        let generation = self.state.lock().generation;
+        let weak = Arc::downgrade(self);
+        instance.on_exit(Box::new(move |report| {
+            if let Some(supervisor) = weak.upgrade() {
+                supervisor.ended(generation, report);
+            }
+        }));
+    }
+
+    /// The instance of `generation` ended: FAILED, then a restart is
+    /// scheduled (or not: past the budget, or the host is shutting down).
+    fn ended(self: &Arc<Self>, generation: u64, report: &ExitReport) {
+        if self.slot.is_retired() {
+            return;
+        }
+        let policy = *self.policy();
+        let clock = &self.supervision.clock;
+        let decision = {
+            let mut state = self.state.lock();
+            if state.generation != generation {
+                return;
+            }
+            state.generation += 1;
+            let now = clock.now();
+            if now.saturating_duration_since(state.healthy_since) >= policy.healthy_reset {
+                state.consecutive = 0;
+            }
+            while state
+                .restarts
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) > policy.window)
+            {
+                state.restarts.pop_front();
+            }
+            if self.supervision.shutdown.is_set() {
+                Err(NoRestart::Shutdown)
+            } else if state.restarts.len() >= policy.max_restarts as usize {
+                Err(NoRestart::Budget)
+            } else {
+                let delay = policy.delay(state.consecutive);
+                state.consecutive = state.consecutive.saturating_add(1);
+                Ok((delay, state.generation))
+            }
+        };
+        let name = &self.slot.name;
+        let registry = &self.slot.registry;
+        let reason = match decision {
+            Ok(_) => report.reason.clone(),
+            Err(NoRestart::Budget) => format!(
+                "{}; not restarted: {} restarts within {}",
+                report.reason,
+                policy.max_restarts,
+                fmt_duration(policy.window)
+            ),
+            Err(NoRestart::Shutdown) => format!(
+                "{}; not restarted: the host is shutting down",
+                report.reason
+            ),
+        };
+        if registry
+            .mark_crashed(name, reason.clone(), exit_info(report))
+            .is_err()
+        {
+            return;
+        }
+        tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+        let Ok((delay, generation)) = decision else {
+            let _ = registry.set_next_retry(name, None);
+            return;
+        };
+        let _ = registry.set_next_retry(name, Some(clock.wall() + delay));
+        tracing::warn!(plugin = %name, delay_ms = delay.as_millis() as u64, "Restarting plugin {name} in {}", fmt_duration(delay));
+        let weak = Arc::downgrade(self);
+        let cancelled = Box::new({
+            let weak = Weak::clone(&weak);
+            move || weak.upgrade().is_none_or(|s| s.restarts_stopped())
+        });
+        let task = Box::new(move || {
+            if let Some(supervisor) = weak.upgrade() {
+                supervisor.attempt(generation);
+            }
+        });
+        let scheduled =
+            clock.run_after(delay, format!("forgesyte-restart-{name}"), cancelled, task);
+        if let Err(e) = scheduled {
+            tracing::error!(plugin = %name, error = %e, "cannot start the restart thread; {name} stays FAILED");
+            let _ = registry.set_next_retry(name, None);
+        }
+    }
+
+    /// One restart: a new runner, construction, the instance swapped in.
+    fn attempt(self: &Arc<Self>, generation: u64) {
+        let name = &self.slot.name;
+        let registry = &self.slot.registry;
+        if self.restarts_stopped() || self.state.lock().generation != generation {
+            return;
+        }
+        // Refused when someone else moved the plugin (a reload): not ours any more.
+        if registry.mark_restarting(name).is_err() {
+            return;
+        }
+        let clock = &self.supervision.clock;
+        self.state.lock().restarts.push_back(clock.now());
+        let count = registry
+            .get_status(name)
+            .map_or(0, |status| status.restart_count);
+        tracing::warn!(plugin = %name, restart = count, "Restarting plugin {name} (restart {count})");
+        let restart = &self.restart;
+        let result = restart
+            .importer
+            .open(&restart.library)
+            .map_err(PluginError::from)
+            .and_then(|library| {
+                library
+                    .instantiate(&restart.config)
+                    .map_err(PluginError::from)
+            });
+        match result {
+            Ok(instance) => {
+                if self.slot.is_retired() {
+                    return;
+                }
+                let instance: Arc<dyn PluginInstance> = Arc::from(instance);
+                if instance.tools() != self.slot.current().tools() {
+                    tracing::warn!(plugin = %name, "the restarted instance lists other tools than the first; the first list stays in use");
+                }
+                self.state.lock().healthy_since = clock.now();
+                self.watch(&instance);
+                self.slot.replace(instance);
+                if registry.mark_initialized(name).is_ok() {
+                    tracing::info!(plugin = %name, restart = count, "✓ Restarted plugin: {name}");
+                }
+            }
+            Err(error) => self.ended(generation, &report_of(&error)),
+        }
+    }
+}
+
+/// An exit report for a restart that failed before the plugin was up.
+pub(crate) fn report_of(error: &PluginError) -> ExitReport {
+    let crash: Option<&CrashError> = match error {
+        PluginError::Load(LoadError::Import(ImportError::Crashed(c)))
+        | PluginError::Load(LoadError::Init(InitError::Crashed(c)))
+        | PluginError::Crash(c) => Some(c),
+        _ => None,
+    };
+    let (signal, code) = match crash.map(|c| &c.cause) {
+        Some(CrashCause::Signal { name, .. }) => (Some(name.clone()), None),
+        Some(CrashCause::Exit { code }) => (None, Some(*code)),
+        _ => (None, None),
+    };
+    ExitReport {
+        reason: error.reason(),
+        crash: crash.cloned(),
+        signal,
+        code,
+    }
+}
+
+pub(crate) fn exit_info(report: &ExitReport) -> ExitInfo {
+    ExitInfo {
+        description: report.crash.as_ref().map(|c| c.cause.to_string()),
+        signal: report.signal.clone(),
+        code: report.code,
+        stderr_tail: report
+            .crash
+            .as_ref()
+            .map(|c| c.stderr_tail.clone())
+            .unwrap_or_default(),
+    }
+}
