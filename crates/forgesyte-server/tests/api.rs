@@ -7,6 +7,9 @@
 //! - `binary`: the real `forgesyte` binary on an ephemeral loopback port,
 //!   over real plugin libraries of the fixture zoo, driven over HTTP
 //!   (`serve`, `check`, timeouts, shutdown);
+//! - `hygiene`: runner processes: Ctrl-C to the terminal's process group
+//!   drains the server without touching its runners; runners die with a
+//!   SIGKILLed server;
 //! - `concurrency`: readers and tool calls at once against the binary;
 //! - `startup`: [`forgesyte_server::Server`] in-process over a loader whose
 //!   plugin construction is held back (health, liveness and readiness while
@@ -29,6 +32,8 @@ mod admin;
 mod binary;
 #[path = "api/concurrency.rs"]
 mod concurrency;
+#[path = "api/hygiene.rs"]
+mod hygiene;
 #[path = "api/preflight.rs"]
 mod preflight;
 #[path = "api/probes.rs"]

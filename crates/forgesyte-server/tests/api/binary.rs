@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use forgesyte_tests::zoo;
 use serde_json::{Value, json};
 
+use crate::support::runner_pid;
 use crate::support::{
     Forgesyte, PluginsDir, assert_health_answer, forgesyte_command, hostile_segments, http,
     http_with,
@@ -849,27 +850,6 @@ fn isolated_plugin_crash_is_502_then_503_then_restarted_while_others_serve() {
     assert_eq!(hung.status, 504, "{}", hung.text());
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(server.get("/livez").status, 200);
-}
-
-/// The pid of the runner process the server `server_pid` started for
-/// `plugin` (its command line names `--plugin PLUGIN`), if one is running.
-fn runner_pid(server_pid: u32, plugin: &str) -> Option<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{server_pid}/task")).ok()?;
-    let children: Vec<u32> = tasks
-        .filter_map(Result::ok)
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|text| {
-            text.split_whitespace()
-                .filter_map(|pid| pid.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect();
-    children.into_iter().find(|pid| {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        args.windows(2)
-            .any(|w| w[0] == b"--plugin" && w[1] == plugin.as_bytes())
-    })
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -456,6 +457,9 @@ impl Forgesyte {
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            // Its own process group, as a shell job: a signal to the group
+            // is what a terminal's Ctrl-C does.
+            .process_group(0)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -574,6 +578,27 @@ pub(crate) fn forgesyte_command() -> Command {
         command.env_remove(var);
     }
     command
+}
+
+/// The pid of the runner process the server `server_pid` started for
+/// `plugin` (its command line names `--plugin PLUGIN`), if one is running.
+pub(crate) fn runner_pid(server_pid: u32, plugin: &str) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{server_pid}/task")).ok()?;
+    let children: Vec<u32> = tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    children.into_iter().find(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        args.windows(2)
+            .any(|w| w[0] == b"--plugin" && w[1] == plugin.as_bytes())
+    })
 }
 
 // ------------------------------------------------- real plugin directories
