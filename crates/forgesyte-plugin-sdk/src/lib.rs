@@ -7,7 +7,8 @@
 //! If you are writing a *host*, read the [`abi`] module: it is the contract.
 //!
 //! **What this crate must not know:** anything of the host. It depends on
-//! `serde` and `serde_json` only, never on the loader, registry or server,
+//! `forgesyte-protocol` (the boundary's own types), `serde` and `serde_json`
+//! only, never on the loader, registry or server,
 //! and no Rust type crosses the library boundary: only the C structures of
 //! [`abi`] and JSON bytes.
 //!
