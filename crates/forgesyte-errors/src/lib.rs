@@ -292,7 +292,7 @@ pub enum ImportError {
         "the plugin runner {runner} speaks protocol version {runner_version}, this host speaks version {host}"
     )]
     ProtocolMismatch {
-        /// The runner (its program, and the runtime it announced if any).
+        /// The runner program.
         runner: String,
         /// The protocol version the host speaks.
         host: u32,

@@ -200,6 +200,8 @@ impl Child {
         match greeting.recv_timeout(timeout) {
             Ok(Reply::Greeting(Ok(Greeting::Hello(hello)))) => Ok(Child { shared, hello }),
             Ok(Reply::Greeting(Ok(Greeting::ImportFailed(error)))) => {
+                // The runner exits next; it is let go like any other.
+                retire(&shared);
                 Err(SpawnError::Import(Box::new(error)))
             }
             Ok(Reply::Greeting(Err(HandshakeError::Version { runner, .. }))) => {

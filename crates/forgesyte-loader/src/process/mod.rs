@@ -42,7 +42,7 @@ use std::time::Duration;
 use forgesyte_errors::{CrashCause, ImportError, InitError, PluginError, TimeoutError, ToolError};
 use parking_lot::Mutex;
 
-use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response};
+use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
 
 use self::child::{Child, KillReason, SpawnError, SpawnOptions};
 use self::transport::Reply;
@@ -302,10 +302,12 @@ impl PluginLibrary for ProcessLibrary {
                 return Err(InitError::TimedOut(timeout));
             }
         };
+        let serial = (!child.hello().can(capability::CONCURRENT_CALLS)).then(|| Mutex::new(()));
         Ok(Box::new(ProcessInstance {
             child,
             tools,
             call_timeout: limits.call_timeout,
+            serial,
         }))
     }
 }
@@ -326,6 +328,8 @@ pub struct ProcessInstance {
     child: Child,
     tools: Vec<ToolInfo>,
     call_timeout: Duration,
+    /// Held around each call when the runner runs one call at a time.
+    serial: Option<Mutex<()>>,
 }
 
 impl ProcessInstance {
@@ -363,7 +367,20 @@ impl ProcessInstance {
                 message: "the arguments are not JSON".into(),
             });
         }
+        let hello = self.child.hello();
+        if !attachments.is_empty() && !hello.can(capability::ATTACHMENTS) {
+            return Err(ToolError::InvalidArgs {
+                message: format!(
+                    "the plugin's runner ({} {}) does not accept binary attachments",
+                    hello.runtime, hello.runtime_version
+                ),
+            });
+        }
         let bytes: Vec<&[u8]> = attachments.iter().map(|(_, b)| *b).collect();
+        // A runner that did not announce concurrent calls gets one at a
+        // time: queued in the pipe, a call's timeout would run while it
+        // waits behind another.
+        let _one_at_a_time = self.serial.as_ref().map(|m| m.lock());
         let reply = self
             .child
             .request(head, &[args, b"}"], &bytes, self.call_timeout);
@@ -409,7 +426,7 @@ fn with_attachments(
     frame: &forgesyte_protocol::wire::Frame,
 ) -> Result<Vec<u8>, ToolError> {
     use base64::Engine as _;
-    if pointers.is_empty() {
+    if pointers.is_empty() && frame.attachment_count() == 0 {
         return Ok(result.as_bytes().to_vec());
     }
     let protocol = |detail: String| ToolError::Protocol { detail };

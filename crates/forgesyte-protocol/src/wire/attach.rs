@@ -50,9 +50,14 @@ pub fn place(root: &mut Value, pointer: &str, value: Value) -> Result<(), Pointe
             Ok(())
         }
         Some(Value::Array(items)) => {
-            let slot = key
-                .parse::<usize>()
-                .ok()
+            // RFC 6901: an index is "0" or digits without a leading zero.
+            let canonical = key == "0"
+                || (!key.is_empty()
+                    && !key.starts_with('0')
+                    && key.bytes().all(|b| b.is_ascii_digit()));
+            let slot = canonical
+                .then(|| key.parse::<usize>().ok())
+                .flatten()
                 .and_then(|i| items.get_mut(i))
                 .ok_or_else(|| err("names no element of its array"))?;
             *slot = value;
@@ -85,7 +90,15 @@ mod tests {
     #[test]
     fn bad_pointers_are_errors() {
         let mut v = json!({"list": [0], "n": 1});
-        for p in ["image", "/missing/x", "/list/5", "/list/x", "/n/x"] {
+        for p in [
+            "image",
+            "/missing/x",
+            "/list/5",
+            "/list/x",
+            "/n/x",
+            "/list/+0",
+            "/list/00",
+        ] {
             assert!(place(&mut v, p, json!(null)).is_err(), "{p}");
         }
     }
