@@ -6,10 +6,14 @@
 //!   fault at construction and at tool time, supervision, concurrency,
 //!   chaos, reload and preflight.
 //! - `shutdown`: `Loader::shutdown` stops restarts of isolated plugins.
+//! - `conformance`: the runner conformance suite of `forgesyte-tests`
+//!   against `forgesyte-runner` (the `good` fixture), and the suite's own
+//!   rejection of runners that do not speak the protocol.
 
 // Test helpers outside `#[test]` functions may unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod conformance;
 mod isolation;
 mod pipeline;
 mod shutdown;

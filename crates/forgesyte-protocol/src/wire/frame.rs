@@ -229,17 +229,22 @@ pub fn read_body(r: &mut impl Read, limit: u64) -> Result<Vec<u8>, FrameError> {
         return Err(FrameError::TooLarge { len, limit });
     }
     let size = usize::try_from(len).map_err(|_| FrameError::TooLarge { len, limit })?;
-    let mut body = vec![0u8; size];
-    r.read_exact(&mut body).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            FrameError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the stream ended inside a {len}-byte frame"),
-            ))
-        } else {
-            FrameError::Io(e)
-        }
+    // One allocation, fallible: under a memory limit a frame too large to
+    // hold is an error, never an abort.
+    let mut body = Vec::new();
+    body.try_reserve_exact(size).map_err(|_| {
+        FrameError::Io(io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("cannot allocate {len} bytes for a frame"),
+        ))
     })?;
+    r.take(len).read_to_end(&mut body).map_err(FrameError::Io)?;
+    if body.len() < size {
+        return Err(FrameError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the stream ended inside a {len}-byte frame"),
+        )));
+    }
     Ok(body)
 }
 

@@ -1,0 +1,1228 @@
+#!/usr/bin/env python3
+"""ForgeSyte Python plugin runner: one plugin, in its own process.
+
+The ForgeSyte host starts this program under the plugin's own interpreter
+and speaks the child-process wire protocol, version 2, with it: requests
+on stdin, answers on the original stdout, log lines on stderr. The protocol
+is specified in ``crates/forgesyte-protocol/PROTOCOL.md``, whose Rust
+rendering is ``forgesyte_protocol::wire``; this file is the Python side
+of it and mirrors the native runner (``forgesyte_loader::process::runner``):
+
+1. Moves the protocol off fd 1 before anything else: the original stdout is
+   duplicated to a private close-on-exec descriptor for frames and fd 1 is
+   pointed at stderr, so ``print()`` in plugins (and C code writing to fd 1)
+   lands in the log instead of corrupting the protocol. stdin gets the same
+   treatment (a private descriptor; fd 0 becomes /dev/null), so a plugin
+   that reads stdin cannot steal request bytes.
+2. Sets ``RLIMIT_AS`` when given ``--memory-limit-mb N`` (N > 0).
+3. Watches its parent every 100 ms; if the host goes, exits 0.
+4. Imports the plugin's code and sends ``hello``, or ``import_failed`` and
+   exits 0.
+5. Reads requests; each one runs on its own thread (answers may come out of
+   order: capability ``concurrent_calls``); answers are written whole under
+   one lock. Attachments of a ``call`` reach the plugin as ``bytes`` at
+   their JSON Pointers; ``bytes`` in a result leave as attachments.
+6. Exits 0 at the end of stdin (after ``on_unload()``, given at most 2 s),
+   65 when the host breaks the protocol, 64 on a bad command line, 71 when
+   the protocol or the memory limit cannot be set up.
+
+Standard library only; Python 3.8 or later.
+
+Command line::
+
+    runner.py --plugin NAME --plugin-dir DIR (--file PATH | --module DOTTED[:CLASS])
+              [--class NAME] [--memory-limit-mb N]
+
+``--file`` loads a seed-layout plugin (``plugin.py`` in the plugin
+directory; ``--library`` is accepted as another spelling of it, and
+``--plugin-dir`` then defaults to the file's directory); ``--module``
+imports a package module (``forgesyte_ocr.plugin`` or
+``forgesyte_ocr.plugin:OCRPlugin``).
+"""
+
+import os
+import sys
+
+EXIT_USAGE = 64
+EXIT_PROTOCOL = 65
+EXIT_SETUP = 71
+
+PROTOCOL_VERSION = 2
+CAPABILITIES = ["attachments", "concurrent_calls"]
+# The largest request frame accepted (the native runner's limit).
+MAX_REQUEST_BYTES = 1 << 31
+# The largest body a frame can announce (its length is a u32).
+MAX_FRAME_BYTES = (1 << 32) - 1
+PARENT_POLL_S = 0.1
+UNLOAD_GRACE_S = 2.0
+TRACEBACK_LINES = 10
+MIB = 1024 * 1024
+# Request bodies up to this size are read into one buffer allocated up
+# front; larger ones grow as bytes arrive, so a garbage length does not
+# allocate gigabytes before the stream ends.
+READ_PREALLOCATE = 64 * MIB
+
+USAGE = (
+    "usage: runner.py --plugin NAME --plugin-dir DIR "
+    "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N]"
+)
+
+_SELF = os.path.abspath(__file__)
+_plugin_name = "plugin"
+
+
+def _diag(text):
+    """A diagnostic line of the runner's own on stderr (fd 2)."""
+    line = "forgesyte-python-runner[%s]: %s\n" % (_plugin_name, text)
+    try:
+        os.write(2, line.encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+def _exit(code):
+    """Ends the process now: no interpreter shutdown, so threads that a
+    plugin started (daemon or not) cannot keep it alive."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def _take_stdio():
+    """Moves the protocol off fds 0 and 1: returns the private (in, out)
+    descriptors, both close-on-exec. fd 1 becomes a copy of stderr, fd 0
+    reads /dev/null."""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    out = os.dup(1)
+    os.set_inheritable(out, False)
+    os.dup2(2, 1)
+    inp = os.dup(0)
+    os.set_inheritable(inp, False)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, 0)
+    finally:
+        os.close(null)
+    # Language-level stdout is rebound to the log; stderr flushes per line
+    # (Python < 3.9 buffers a non-interactive stderr).
+    sys.stdout = sys.stderr
+    try:
+        sys.stderr.reconfigure(line_buffering=True)
+    except Exception:
+        pass
+    return inp, out
+
+
+# Step 1, before anything else runs (imported as a module, e.g. by tests,
+# the file leaves the process's descriptors alone).
+_PROTO_FDS = None
+if __name__ == "__main__":
+    try:
+        _PROTO_FDS = _take_stdio()
+    except Exception as e:  # only with broken descriptors
+        _diag("cannot set up the protocol pipe: %s" % e)
+        _exit(EXIT_SETUP)
+
+
+import base64  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+
+class UsageError(Exception):
+    pass
+
+
+class ProtocolError(Exception):
+    """The host broke the protocol: the runner exits 65."""
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+class Args(object):
+    def __init__(self):
+        self.plugin = "plugin"
+        self.plugin_dir = None
+        self.file = None
+        self.module = None
+        self.class_name = None
+        self.memory_limit_mb = 0
+
+
+def parse_args(argv):
+    args = Args()
+    it = iter(argv)
+    module_class = None
+    for arg in it:
+
+        def value(flag=arg):
+            try:
+                return next(it)
+            except StopIteration:
+                raise UsageError("%s needs a value" % flag)
+
+        if arg == "--plugin":
+            args.plugin = value()
+        elif arg == "--plugin-dir":
+            args.plugin_dir = value()
+        elif arg in ("--file", "--library"):
+            if args.file is not None:
+                raise UsageError("--file given twice")
+            args.file = value()
+        elif arg == "--module":
+            if args.module is not None:
+                raise UsageError("--module given twice")
+            spec = value()
+            dotted, sep, cls = spec.partition(":")
+            if not dotted or (sep and not cls) or not all(
+                part.isidentifier() for part in dotted.split(".")
+            ) or (cls and not cls.isidentifier()):
+                raise UsageError("--module: not a DOTTED[:CLASS] name: %r" % spec)
+            args.module = dotted
+            module_class = cls or None
+        elif arg == "--class":
+            cls = value()
+            if not cls.isidentifier():
+                raise UsageError("--class: not a class name: %r" % cls)
+            args.class_name = cls
+        elif arg == "--memory-limit-mb":
+            v = value()
+            if not (v.isascii() and v.isdigit()):
+                raise UsageError("--memory-limit-mb: not a number: %r" % v)
+            args.memory_limit_mb = int(v)
+        else:
+            raise UsageError("unexpected argument %r" % arg)
+    if (args.file is None) == (args.module is None):
+        raise UsageError("give exactly one of --file PATH and --module DOTTED[:CLASS]")
+    if module_class is not None:
+        if args.class_name is not None and args.class_name != module_class:
+            raise UsageError("the class is given twice: %s and %s" % (module_class, args.class_name))
+        args.class_name = module_class
+    if args.file is not None:
+        if args.plugin_dir is None:
+            args.plugin_dir = os.path.dirname(os.path.abspath(args.file))
+        args.file = os.path.join(args.plugin_dir, args.file)
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Process set-up
+# ---------------------------------------------------------------------------
+
+
+def limit_memory(mib):
+    """Caps the address space (soft and hard) at ``mib`` MiB."""
+    import resource
+
+    limit = mib * MIB
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def watch_parent():
+    """The fallback to the parent-death signal: ends the process when its
+    parent is no longer the one it started with."""
+    parent = os.getppid()
+
+    def loop():
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent:
+                _diag("the host is gone; exiting")
+                _exit(0)
+
+    threading.Thread(target=loop, name="forgesyte-parent-watch", daemon=True).start()
+
+
+class _StderrHandler(logging.Handler):
+    """Each record as one stderr line ``LEVEL name: message``; the host logs
+    stderr lines tagged with the plugin's name. Line breaks inside a record
+    (tracebacks) are folded into `` | ``."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record):
+        try:
+            text = self.format(record)
+            lines = [l.rstrip() for l in text.splitlines() if l.strip()]
+            line = " | ".join(lines) + "\n"
+            data = line.encode("utf-8", "backslashreplace")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(2, view):]
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging():
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_StderrHandler())
+    root.setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------------------
+# Frames
+# ---------------------------------------------------------------------------
+
+
+class Wire(object):
+    """The private protocol descriptors: frames in, frames out (whole,
+    under one lock)."""
+
+    def __init__(self, fd_in, fd_out):
+        self.fd_in = fd_in
+        self.fd_out = fd_out
+        self.lock = threading.Lock()
+        self._in = open(fd_in, "rb", buffering=0, closefd=False)
+
+    # -- reading --------------------------------------------------------
+
+    def _read_into(self, view):
+        """Fills ``view``; returns the number of bytes read (fewer only at
+        the end of the stream)."""
+        got = 0
+        total = len(view)
+        while got < total:
+            n = self._in.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+    def read_frame(self):
+        """One request frame as (header bytes, [attachment bytes]), or None
+        at a clean end of stream. Raises ProtocolError."""
+        prefix = bytearray(4)
+        got = self._read_into(memoryview(prefix))
+        if got == 0:
+            return None
+        if got < 4:
+            raise ProtocolError("broken stream: the stream ended inside a frame's length")
+        (length,) = struct.unpack("<I", bytes(prefix))
+        if length > MAX_REQUEST_BYTES:
+            raise ProtocolError(
+                "a frame of %d bytes exceeds the limit of %d bytes" % (length, MAX_REQUEST_BYTES)
+            )
+        body = self._read_body(length)
+        return split_body(body)
+
+    def _read_body(self, length):
+        try:
+            body = bytearray(min(length, READ_PREALLOCATE))
+            filled = 0
+            while True:
+                filled += self._read_into(memoryview(body)[filled:])
+                if filled == length:
+                    return body
+                if filled < len(body):
+                    break  # the stream ended
+                body.extend(bytes(min(length, 2 * len(body)) - len(body)))
+        except MemoryError:
+            _diag("memory allocation of %d bytes failed: out of memory (a request frame)" % length)
+            _exit(1)
+        raise ProtocolError("broken stream: the stream ended inside a %d-byte frame" % length)
+
+    # -- writing --------------------------------------------------------
+
+    def _write_all(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd_out, view):]
+
+    def send_frame(self, header, attachments=()):
+        sizes = [len(a) for a in attachments]
+        total = 8 + 4 * len(sizes) + len(header) + sum(sizes)
+        prefix = struct.pack("<III%dI" % len(sizes), total, len(header), len(sizes), *sizes)
+        with self.lock:
+            try:
+                self._write_all(prefix + header)
+                for attachment in attachments:
+                    self._write_all(attachment)
+            except OSError:
+                # The host stopped reading: there is nobody left to serve.
+                _exit(0)
+
+
+def frame_size(header, attachments):
+    return 8 + 4 * len(attachments) + len(header) + sum(len(a) for a in attachments)
+
+
+def split_body(body):
+    """Splits a frame body per the consistency rule (PROTOCOL.md §2)."""
+    n = len(body)
+    if n < 8:
+        raise ProtocolError("malformed frame: a frame body of %d bytes has no header" % n)
+    header_len, count = struct.unpack_from("<II", body, 0)
+    table_end = 8 + 4 * count
+    if table_end > n:
+        raise ProtocolError(
+            "malformed frame: %d attachments announced in a frame body of %d bytes" % (count, n)
+        )
+    sizes = struct.unpack_from("<%dI" % count, body, 8) if count else ()
+    at = table_end + header_len
+    end = at + sum(sizes)
+    if end != n:
+        raise ProtocolError(
+            "malformed frame: the frame's parts add up to %d bytes, its body holds %d" % (end, n)
+        )
+    view = memoryview(body)
+    header = bytes(view[table_end:at])
+    attachments = []
+    for size in sizes:
+        attachments.append(bytes(view[at:at + size]))
+        at += size
+    return header, attachments
+
+
+def encode(message):
+    """A message's JSON header bytes. Raises ValueError (NaN and the like)
+    or UnicodeEncodeError (lone surrogates)."""
+    text = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def parse_request(header):
+    """The request in a frame header, checked like the host's envelope
+    (``message.rs``): ``op``, ``id`` and the fields of the op."""
+    try:
+        message = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("malformed request: %s" % e)
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed request: the header is not a JSON object")
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("malformed request: no 'op'")
+    rid = message.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < (1 << 64):
+        raise ProtocolError("malformed request: 'id' is not an unsigned 64-bit integer")
+    if op == "create":
+        if message.get("config") is None:
+            raise ProtocolError("malformed request: 'create' needs 'config'")
+    elif op == "call":
+        if not isinstance(message.get("tool"), str):
+            raise ProtocolError("malformed request: 'call' needs 'tool'")
+        if message.get("args") is None:
+            raise ProtocolError("malformed request: 'call' needs 'args'")
+        pointers = message.get("attachments", [])
+        if not isinstance(pointers, list) or not all(isinstance(p, str) for p in pointers):
+            raise ProtocolError("malformed request: 'attachments' is not a list of strings")
+    else:
+        raise ProtocolError("malformed request: unknown op %r" % op)
+    return message
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+def _clean(text):
+    """Text that encodes as UTF-8 (lone surrogates replaced)."""
+    text = text if isinstance(text, str) else str(text)
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _exception_message(exc):
+    try:
+        return str(exc)
+    except Exception:
+        return "<unprintable %s>" % exc.__class__.__name__
+
+
+def traceback_lines(exc):
+    """The last lines of ``exc``'s traceback, without the runner's frames
+    or importlib's."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename != _SELF and not f.filename.startswith("<frozen importlib")
+    ]
+    lines = ["Traceback (most recent call last):"]
+    for chunk in traceback.format_list(frames):
+        lines.extend(chunk.rstrip("\n").splitlines())
+    for chunk in traceback.format_exception_only(type(exc), exc):
+        lines.extend(chunk.rstrip("\n").splitlines())
+    return [_clean(l) for l in lines[-TRACEBACK_LINES:]]
+
+
+def python_error(exc, kind="Python"):
+    """A WireError for a Python exception."""
+    error = {
+        "kind": kind,
+        "error_type": exc.__class__.__name__,
+        "message": _clean(_exception_message(exc)),
+        "traceback": traceback_lines(exc),
+    }
+    if isinstance(exc, ImportError) and getattr(exc, "name", None):
+        error["name"] = _clean(exc.name)
+    return error
+
+
+def wire_error(kind, message, **fields):
+    error = {"kind": kind, "message": _clean(message)}
+    for key, value in fields.items():
+        if value is not None:
+            error[key] = _clean(value) if isinstance(value, str) else value
+    return error
+
+
+# ---------------------------------------------------------------------------
+# JSON Pointers (RFC 6901), as forgesyte_protocol::wire::attach::place
+# ---------------------------------------------------------------------------
+
+
+class PointerError(Exception):
+    def __init__(self, pointer, detail):
+        Exception.__init__(self, "attachment pointer %s: %s" % (json.dumps(pointer), detail))
+
+
+def _unescape(token):
+    return token.replace("~1", "/").replace("~0", "~")
+
+
+def _escape(key):
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _resolve(root, pointer):
+    """The value at ``pointer`` (serde_json's ``pointer_mut``), or _MISSING."""
+    if pointer == "":
+        return root
+    if not pointer.startswith("/"):
+        return _MISSING
+    target = root
+    for token in pointer.split("/")[1:]:
+        token = _unescape(token)
+        if isinstance(target, dict):
+            target = target.get(token, _MISSING)
+        elif isinstance(target, list):
+            if token.startswith("+") or (token.startswith("0") and len(token) != 1):
+                return _MISSING
+            if not token.isdigit() or not token.isascii() or int(token) >= len(target):
+                return _MISSING
+            target = target[int(token)]
+        else:
+            return _MISSING
+        if target is _MISSING:
+            return _MISSING
+    return target
+
+
+def place(root, pointer, value):
+    """Puts ``value`` at ``pointer`` in ``root`` and returns the new root:
+    the empty pointer replaces the root; otherwise the parent must exist and
+    be an object (key inserted or replaced) or an array (an existing index
+    replaced)."""
+    if pointer == "":
+        return value
+    if "/" not in pointer:
+        raise PointerError(pointer, "does not start with '/'")
+    parent_pointer, last = pointer.rsplit("/", 1)
+    key = _unescape(last)
+    parent = _resolve(root, parent_pointer)
+    if isinstance(parent, dict):
+        parent[key] = value
+    elif isinstance(parent, list):
+        digits = key[1:] if key.startswith("+") else key
+        if not digits or not digits.isascii() or not digits.isdigit() or int(digits) >= len(parent):
+            raise PointerError(pointer, "names no element of its array")
+        parent[int(digits)] = value
+    elif parent is _MISSING:
+        raise PointerError(pointer, "its parent does not exist")
+    else:
+        raise PointerError(pointer, "its parent is neither an object nor an array")
+    return root
+
+
+# ---------------------------------------------------------------------------
+# Results: Python values to JSON plus attachments
+# ---------------------------------------------------------------------------
+
+
+class ResultError(Exception):
+    def __init__(self, error_type, message):
+        Exception.__init__(self, message)
+        self.error_type = error_type
+
+
+def _where(path):
+    return " (at %s)" % path if path else ""
+
+
+def _json_key(key, path):
+    if isinstance(key, str):
+        return key
+    # Like json.dumps: scalar keys become their JSON text.
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return int.__repr__(key)
+    if isinstance(key, float):
+        return json.dumps(key)
+    raise ResultError(
+        "TypeError",
+        "tool result has a dict key of type %s, not a string%s" % (type(key).__name__, _where(path)),
+    )
+
+
+def _pydantic_leaf(value):
+    """pydantic's own JSON form of a field value, for values inside a
+    pydantic model (datetimes, enums, UUIDs, ...)."""
+    try:
+        import pydantic_core
+
+        return pydantic_core.to_jsonable_python(value)
+    except ImportError:
+        pass
+    from pydantic.json import pydantic_encoder  # pydantic v1
+
+    return pydantic_encoder(value)
+
+
+def to_wire(value):
+    """Converts a tool's result to (JSON value, [(pointer, bytes)]): bytes
+    anywhere are taken out as attachments (``null`` stays in their place).
+    Raises ResultError."""
+    blobs = []
+
+    def convert(x, path, in_model):
+        if x is None or isinstance(x, (str, bool, int)):
+            return x
+        if isinstance(x, float):
+            if not math.isfinite(x):
+                raise ResultError(
+                    "ValueError",
+                    "tool result contains the non-finite number %r, which JSON cannot carry%s"
+                    % (x, _where(path)),
+                )
+            return x
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            blobs.append((path, x if type(x) is bytes else bytes(x)))
+            return None
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                key = _json_key(k, path)
+                out[key] = convert(v, path + "/" + _escape(key), in_model)
+            return out
+        if isinstance(x, (list, tuple)):
+            return [convert(v, "%s/%d" % (path, i), in_model) for i, v in enumerate(x)]
+        kind = type(x)
+        # pydantic v2 models: python-mode dump keeps bytes as bytes (they
+        # become attachments); other field values go through pydantic.
+        if callable(getattr(kind, "model_dump", None)) and hasattr(kind, "model_fields"):
+            return convert(x.model_dump(), path, True)
+        # pydantic v1 models.
+        if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
+            return convert(x.dict(), path, True)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return convert(dataclasses.asdict(x), path, in_model)
+        # numpy scalars and arrays, without importing numpy.
+        if kind.__module__ == "numpy" and callable(getattr(x, "tolist", None)):
+            return convert(x.tolist(), path, in_model)
+        if in_model:
+            try:
+                leaf = _pydantic_leaf(x)
+            except Exception:
+                leaf = x
+            if leaf is not x and type(leaf) is not kind:
+                return convert(leaf, path, False)
+        raise ResultError(
+            "TypeError",
+            "tool result of type %s is not JSON-serialisable%s" % (kind.__name__, _where(path)),
+        )
+
+    try:
+        converted = convert(value, "", False)
+    except RecursionError:
+        raise ResultError("RecursionError", "tool result is nested too deeply (or contains itself)")
+    return converted, blobs
+
+
+# ---------------------------------------------------------------------------
+# Tool specs
+# ---------------------------------------------------------------------------
+
+ANY_OBJECT = {"type": "object"}
+_SCHEMA_KEYWORDS = frozenset(
+    """$schema $ref $id $defs definitions type properties patternProperties
+    additionalProperties required items prefixItems enum const anyOf oneOf allOf
+    not if then else format contentEncoding contentMediaType minimum maximum
+    minLength maxLength pattern minItems maxItems default examples title
+    description""".split()
+)
+
+
+def _looks_like_schema(d):
+    t = d.get("type")
+    if isinstance(t, (str, list)):
+        return True
+    for key, value in d.items():
+        if key in _SCHEMA_KEYWORDS and key != "type" and not isinstance(value, dict):
+            return True
+        if key in ("properties", "patternProperties", "$defs", "definitions", "items",
+                   "additionalProperties", "not", "if", "then", "else"):
+            return True
+    return False
+
+
+def normalize_schema(schema):
+    """A JSON Schema for a tool's inputs or outputs. ForgeSyte plugins and
+    manifests also write a bare property map (``{"image_base64": "string"}``
+    or ``{"frame_base64": {"type": "string"}}``) or a list of input names;
+    those become ``{"type": "object", "properties": {...}}``."""
+    if schema is None:
+        return dict(ANY_OBJECT)
+    if isinstance(schema, type):
+        # A pydantic model class given as the schema.
+        for method in ("model_json_schema", "schema"):
+            if callable(getattr(schema, method, None)):
+                return getattr(schema, method)()
+        return dict(ANY_OBJECT)
+    if isinstance(schema, (list, tuple)):
+        names = [n for n in schema if isinstance(n, str)]
+        if not names:
+            return dict(ANY_OBJECT)
+        return {"type": "object", "properties": dict((n, {}) for n in names)}
+    if isinstance(schema, dict):
+        if not schema or _looks_like_schema(schema):
+            return schema
+        if all(isinstance(v, (dict, str)) for v in schema.values()) and all(
+            isinstance(k, str) for k in schema
+        ):
+            props = {}
+            for name, spec in schema.items():
+                props[name] = {"type": spec} if isinstance(spec, str) else spec
+            return {"type": "object", "properties": props}
+        return schema
+    return schema
+
+
+def _manifest_tools(manifest):
+    """The manifest's tools as (id, dict) pairs: a list of dicts with
+    ``id`` or ``name``, or a dict id -> dict."""
+    if not isinstance(manifest, dict):
+        return []
+    tools = manifest.get("tools")
+    out = []
+    if isinstance(tools, dict):
+        for tid, meta in tools.items():
+            if isinstance(tid, str):
+                out.append((tid, meta if isinstance(meta, dict) else {}))
+    elif isinstance(tools, list):
+        for meta in tools:
+            if isinstance(meta, dict):
+                tid = meta.get("id", meta.get("name"))
+                if isinstance(tid, str):
+                    out.append((tid, meta))
+            elif isinstance(meta, str):
+                out.append((meta, {}))
+    return out
+
+
+def _instance_tools(raw):
+    """``instance.tools`` as (id, dict) pairs. ForgeSyte's BasePlugin shape
+    is a dict tool name -> {"handler", "description", "input_schema",
+    "output_schema"}; a list of dicts with ``id``/``name`` is accepted too."""
+    out = []
+    if isinstance(raw, dict):
+        for tid, meta in raw.items():
+            if not isinstance(tid, str):
+                raise TypeError("tool names must be strings, not %s" % type(tid).__name__)
+            if callable(meta) and not isinstance(meta, dict):
+                meta = {"handler": meta}
+            if not isinstance(meta, dict):
+                raise TypeError("tool %r must be described by a dict, not %s" % (tid, type(meta).__name__))
+            out.append((tid, meta))
+    elif isinstance(raw, (list, tuple)):
+        for meta in raw:
+            if isinstance(meta, str):
+                out.append((meta, {}))
+                continue
+            if not isinstance(meta, dict):
+                raise TypeError("each tool must be a dict, not %s" % type(meta).__name__)
+            tid = meta.get("id", meta.get("name"))
+            if not isinstance(tid, str):
+                raise TypeError("a tool in the list has no string 'id' or 'name'")
+            out.append((tid, meta))
+    else:
+        raise TypeError("the plugin's 'tools' must be a dict or a list, not %s" % type(raw).__name__)
+    return out
+
+
+def _first(*values):
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def collect_tools(instance, manifest):
+    """The instance's tools: (specs for ``created``, id -> dispatch info).
+
+    From the live instance's ``tools`` when it has any; otherwise (no
+    ``tools``, or an empty one, e.g. a plugin with only ``run_tool``) from
+    the manifest's ``tools``. A manifest entry with the same id fills in
+    what the instance's entry lacks (e.g. a ``title``)."""
+    raw = getattr(instance, "tools", None)
+    from_manifest = _manifest_tools(manifest)
+    entries = _instance_tools(raw) if raw else from_manifest
+    by_id = dict(from_manifest)
+    specs = []
+    table = {}
+    for tid, meta in entries:
+        if tid in table:
+            _diag("tool %r is listed twice; the first one counts" % tid)
+            continue
+        extra = by_id.get(tid, {})
+        title = _first(meta.get("title"), extra.get("title"), tid)
+        description = _first(meta.get("description"), extra.get("description"), "")
+        inputs = normalize_schema(
+            _first(meta.get("input_schema"), meta.get("inputs"),
+                   extra.get("input_schema"), extra.get("inputs"))
+        )
+        outputs = normalize_schema(
+            _first(meta.get("output_schema"), meta.get("outputs"),
+                   extra.get("output_schema"), extra.get("outputs"))
+        )
+        spec = {
+            "id": tid,
+            "title": title if isinstance(title, str) else str(title),
+            "description": description if isinstance(description, str) else str(description),
+            "input_schema": inputs,
+            "output_schema": outputs,
+        }
+        converted, blobs = to_wire(spec)
+        if blobs:
+            raise TypeError("the spec of tool %r contains bytes" % tid)
+        specs.append(converted)
+        table[tid] = {"handler": meta.get("handler"), "input_schema": inputs}
+    return specs, table
+
+
+def binary_properties(schema):
+    """Top-level properties the input schema declares binary."""
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(props, dict):
+        return []
+    return [
+        name
+        for name, spec in props.items()
+        if isinstance(spec, dict)
+        and (spec.get("format") == "binary" or spec.get("contentEncoding") == "base64")
+    ]
+
+
+# ---------------------------------------------------------------------------
+# The plugin
+# ---------------------------------------------------------------------------
+
+
+def _sanitize(name):
+    return re.sub(r"\W", "_", name) or "plugin"
+
+
+def import_plugin(args):
+    """Imports the plugin's code: the module, or a WireError dict."""
+    here = os.path.dirname(_SELF)
+    if sys.path and sys.path[0] and os.path.abspath(sys.path[0]) == here:
+        # The runner's own directory must not shadow plugin modules.
+        del sys.path[0]
+    if args.plugin_dir:
+        sys.path.insert(0, os.path.abspath(args.plugin_dir))
+    if args.file is not None:
+        path = args.file
+        if not os.path.isfile(path):
+            return wire_error(
+                "ImportError",
+                "%s not found in %s" % (os.path.basename(path), args.plugin_dir),
+                error_type="ImportError",
+                path=path,
+            )
+        name = "plugin_" + _sanitize(args.plugin)
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                return wire_error("ImportError", "cannot load %s as Python" % path,
+                                  error_type="ImportError", path=path)
+            module = importlib.util.module_from_spec(spec)
+            # Registered first: dataclasses, pydantic and pickling look
+            # classes' modules up by name.
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return module
+        except BaseException as e:  # SystemExit too: the plugin fails, not the runner
+            sys.modules.pop(name, None)
+            error = python_error(e)
+            error["path"] = _clean(_syntax_error_file(e) or path)
+            return error
+    try:
+        return importlib.import_module(args.module)
+    except BaseException as e:
+        error = python_error(e)
+        if _syntax_error_file(e):
+            error["path"] = _clean(_syntax_error_file(e))
+        return error
+
+
+def _syntax_error_file(exc):
+    if isinstance(exc, SyntaxError) and isinstance(getattr(exc, "filename", None), str):
+        return exc.filename
+    return None
+
+
+def _plugin_shaped(cls):
+    if isinstance(getattr(cls, "tools", None), (dict, list)):
+        return True
+    if callable(getattr(cls, "run_tool", None)):
+        return True
+    return any("tools" in getattr(k, "__annotations__", {}) for k in cls.__mro__)
+
+
+def find_class(module, class_name):
+    """The plugin class, or a WireError dict."""
+    if class_name:
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            return wire_error(
+                "Python", "No '%s' class found in module" % class_name, error_type="AttributeError"
+            )
+        return cls
+    cls = getattr(module, "Plugin", None)
+    if cls is not None:
+        return cls
+    # Fallback: ForgeSyte BasePlugin subclasses are often named after the
+    # plugin (OCRPlugin, YoloTrackerPlugin, ...) rather than `Plugin`. When
+    # the module has no `Plugin`, take its one plugin-shaped class: a class
+    # with a `tools` attribute (dict or list, possibly only annotated, as on
+    # BasePlugin) or a `run_tool` method, not abstract, and not a base
+    # class of another such class (so the local `class BasePlugin` stub that
+    # published plugins define when the server's `app.plugins.base` is
+    # missing is skipped). Classes defined in the module count first; when
+    # there are none, classes it imports.
+    values = [v for v in vars(module).values() if isinstance(v, type)]
+    own = [v for v in values if v.__module__ == module.__name__]
+    for group in (own, values):
+        found = [c for c in group if _plugin_shaped(c) and not inspect.isabstract(c)]
+        found = [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]
+        found = [c for c in found if c.__name__ != "BasePlugin"]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            break
+    return wire_error(
+        "Python", "No 'Plugin' class found in module", error_type="AttributeError"
+    )
+
+
+def _bind_and_call(fn, args):
+    """Calls a tool handler the way ForgeSyte plugins write them: with the
+    arguments as keywords (``def detect(self, frame_base64, device="cpu")``)
+    when they bind so, else with the args dict as the one positional
+    argument (``def detect(self, args)``)."""
+    if not isinstance(args, dict):
+        return fn(args)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn(**args)
+    try:
+        signature.bind(**args)
+        return fn(**args)
+    except TypeError:
+        pass
+    try:
+        signature.bind(args)
+        return fn(args)
+    except TypeError:
+        pass
+    return fn(**args)  # the call's own TypeError says what is wrong
+
+
+def _await(result):
+    if inspect.iscoroutine(result):
+        import asyncio
+
+        return asyncio.run(result)
+    return result
+
+
+class Runner(object):
+    def __init__(self, args, wire, module):
+        self.args = args
+        self.wire = wire
+        self.module = module
+        self.instance = None
+        self.tools = {}
+        self.max_response = MAX_FRAME_BYTES
+        self.create_lock = threading.Lock()
+
+    # -- answers --------------------------------------------------------
+
+    def answer(self, message, attachments=()):
+        try:
+            header = encode(message)
+        except (ValueError, UnicodeEncodeError) as e:
+            _diag("cannot encode an answer: %s" % e)
+            _exit(EXIT_PROTOCOL)
+        self.wire.send_frame(header, attachments)
+
+    def tool_failed(self, rid, error):
+        self.answer({"type": "tool_failed", "id": rid, "error": error})
+
+    def init_failed(self, rid, error):
+        self.answer({"type": "init_failed", "id": rid, "error": error})
+
+    # -- serving --------------------------------------------------------
+
+    def serve(self):
+        while True:
+            try:
+                frame = self.wire.read_frame()
+                if frame is None:
+                    self.shutdown()
+                header, attachments = frame
+                request = parse_request(header)
+            except ProtocolError as e:
+                _diag("reading stdin: %s" % e)
+                _exit(EXIT_PROTOCOL)
+            op, rid = request["op"], request["id"]
+            try:
+                threading.Thread(
+                    target=self.handle,
+                    args=(request, attachments),
+                    name="forgesyte-%s-%d" % (op, rid),
+                    daemon=True,
+                ).start()
+            except RuntimeError as e:
+                detail = "the runner cannot start a thread: %s" % e
+                if op == "create":
+                    self.init_failed(rid, wire_error("Protocol", detail))
+                else:
+                    # Not the plugin's fault: the call fails, the process stays.
+                    self.tool_failed(rid, wire_error("Failed", detail, error_type="RunnerOverloaded"))
+
+    def handle(self, request, attachments):
+        rid = request["id"]
+        try:
+            if request["op"] == "create":
+                self.create(rid, request["config"])
+            else:
+                self.call(rid, request["tool"], request["args"],
+                          request.get("attachments", []), attachments)
+        except BaseException as e:  # a bug of the runner's own
+            _diag("internal error: %s" % "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            error = wire_error("Protocol", "python runner: %s: %s" % (type(e).__name__, e))
+            if request["op"] == "create":
+                self.init_failed(rid, error)
+            else:
+                self.tool_failed(rid, error)
+
+    def shutdown(self):
+        """End of stdin: the host let this runner go."""
+        instance = self.instance
+        hook = getattr(instance, "on_unload", None) if instance is not None else None
+        if callable(hook):
+
+            def unload():
+                try:
+                    hook()
+                except BaseException as e:
+                    _diag("on_unload() failed: %s: %s" % (type(e).__name__, e))
+
+            t = threading.Thread(target=unload, name="forgesyte-unload", daemon=True)
+            t.start()
+            t.join(UNLOAD_GRACE_S)
+            if t.is_alive():
+                _diag("on_unload() still running after %g s; exiting anyway" % UNLOAD_GRACE_S)
+        _exit(0)
+
+    # -- create ---------------------------------------------------------
+
+    def create(self, rid, config):
+        with self.create_lock:
+            if self.instance is not None:
+                self.init_failed(rid, wire_error("Protocol", "this runner already holds an instance"))
+                return
+            cls = find_class(self.module, self.args.class_name)
+            if isinstance(cls, dict):
+                self.init_failed(rid, cls)
+                return
+            manifest = config.get("manifest") if isinstance(config, dict) else None
+            try:
+                instance = cls()  # the seed's contract: no arguments
+                for hook in ("validate", "on_load"):
+                    method = getattr(instance, hook, None)
+                    if callable(method):
+                        _await(method())
+                specs, table = collect_tools(instance, manifest)
+            except BaseException as e:
+                self.init_failed(rid, python_error(e))
+                return
+            # The host kills a runner whose answer frame is over the
+            # manifest's limit; a result that big fails as a tool error
+            # instead. (Without the field the host's own default applies,
+            # which this runner does not know: only the u32 cap is checked.)
+            limits = manifest.get("limits") if isinstance(manifest, dict) else None
+            mb = limits.get("max_response_mb") if isinstance(limits, dict) else None
+            if isinstance(mb, int) and not isinstance(mb, bool) and mb > 0:
+                self.max_response = min(mb * MIB, MAX_FRAME_BYTES)
+            self.tools = table
+            self.instance = instance
+        self.answer({"type": "created", "id": rid, "tools": specs})
+
+    # -- call -----------------------------------------------------------
+
+    def call(self, rid, tool, args, pointers, attachments):
+        instance = self.instance
+        if instance is None:
+            self.tool_failed(rid, wire_error("Protocol", "no instance: the plugin was never constructed"))
+            return
+        entry = self.tools.get(tool)
+        if entry is None:
+            self.tool_failed(rid, wire_error(
+                "UnknownTool", "no tool '%s' in plugin '%s'" % (tool, self.args.plugin), name=tool))
+            return
+        if len(pointers) != len(attachments):
+            self.tool_failed(rid, wire_error(
+                "InvalidArgs", "%d attachment places for %d attachments" % (len(pointers), len(attachments))))
+            return
+        try:
+            for pointer, data in zip(pointers, attachments):
+                args = place(args, pointer, data)
+        except PointerError as e:
+            self.tool_failed(rid, wire_error("InvalidArgs", str(e)))
+            return
+        if isinstance(args, dict):
+            for name in binary_properties(entry["input_schema"]):
+                value = args.get(name)
+                if isinstance(value, str):
+                    try:
+                        args[name] = base64.b64decode(value.encode("ascii"), validate=True)
+                    except (ValueError, UnicodeEncodeError) as e:
+                        self.tool_failed(rid, wire_error(
+                            "InvalidArgs", "argument '%s' is not valid base64: %s" % (name, e)))
+                        return
+        try:
+            result = _await(self.dispatch(instance, tool, entry, args))
+        except BaseException as e:
+            # The tool's own failure (SystemExit from sys.exit() included:
+            # it only ends this thread): an error, the plugin stays healthy.
+            self.tool_failed(rid, python_error(e, kind="Failed"))
+            return
+        self.send_result(rid, result)
+
+    def dispatch(self, instance, tool, entry, args):
+        run_tool = getattr(instance, "run_tool", None)
+        if callable(run_tool):
+            return run_tool(tool, args)
+        handler = entry.get("handler")
+        if isinstance(handler, str):
+            handler = getattr(instance, handler)
+        elif handler is None:
+            handler = getattr(instance, tool, None)
+            if not callable(handler):
+                raise AttributeError("tool '%s' has no handler and the plugin no run_tool()" % tool)
+        return _bind_and_call(handler, args)
+
+    def send_result(self, rid, result):
+        try:
+            value, blobs = to_wire(result)
+            message = {"type": "result", "id": rid, "result": value}
+            if blobs:
+                message["attachments"] = [pointer for pointer, _ in blobs]
+            header = encode(message)
+        except ResultError as e:
+            self.tool_failed(rid, wire_error("Failed", str(e), error_type=e.error_type))
+            return
+        except UnicodeEncodeError as e:
+            self.tool_failed(rid, wire_error(
+                "Failed", "tool result is not valid Unicode: %s" % e, error_type="UnicodeEncodeError"))
+            return
+        except Exception as e:  # e.g. a model_dump() that raises
+            self.tool_failed(rid, python_error(e, kind="Failed"))
+            return
+        data = [b for _, b in blobs]
+        size = frame_size(header, data)
+        if size > self.max_response:
+            self.tool_failed(rid, wire_error(
+                "Failed",
+                "the result frame of %d bytes exceeds the limit of %d bytes" % (size, self.max_response),
+                error_type="ResultTooLarge"))
+            return
+        self.wire.send_frame(header, data)
+
+
+def main(argv):
+    global _plugin_name
+    fd_in, fd_out = _PROTO_FDS
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        _diag("%s\n%s" % (e, USAGE))
+        _exit(EXIT_USAGE)
+    _plugin_name = args.plugin
+    if args.memory_limit_mb > 0:
+        try:
+            limit_memory(args.memory_limit_mb)
+        except Exception as e:
+            _diag("cannot set the memory limit of %d MiB: %s" % (args.memory_limit_mb, e))
+            _exit(EXIT_SETUP)
+    watch_parent()
+    setup_logging()
+    wire = Wire(fd_in, fd_out)
+    module = import_plugin(args)
+    runner = Runner(args, wire, None)
+    if isinstance(module, dict):
+        _diag("import failed: %s: %s" % (module.get("error_type", module["kind"]), module["message"]))
+        runner.answer({"type": "import_failed", "error": module})
+        _exit(0)
+    runner.module = module
+    runner.answer({
+        "type": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "runtime": "python",
+        "runtime_version": platform.python_version(),
+        "pid": os.getpid(),
+        "capabilities": list(CAPABILITIES),
+    })
+    runner.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
