@@ -103,3 +103,49 @@ fn runners_are_gone_within_a_second_of_a_sigkilled_server() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A runner that never reads its stdin (stuck before its hello, as in a
+/// hanging library initialiser or a slow import) does not notice the pipe
+/// closing: only the parent-death signal ends it with the server.
+#[test]
+fn a_stuck_runner_is_gone_within_a_second_of_a_sigkilled_server() {
+    let dir = PluginsDir::new();
+    dir.good(
+        "stuck",
+        json!({"isolation": "process", "limits": {"init_timeout_s": 60}}),
+    );
+    let script = dir.path().join("stuck-runner.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nexec python3 -c 'import time; time.sleep(60)' \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--runner",
+        script.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let runner = loop {
+        if let Some(pid) = runner_pid(server.pid(), "stuck") {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no runner started; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    signal(&server.pid().to_string(), "-KILL");
+    let killed = Instant::now();
+    while !ended(runner) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "the stuck runner {runner} outlived the SIGKILLed server by a second"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
