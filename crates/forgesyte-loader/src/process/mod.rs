@@ -425,26 +425,39 @@ fn with_attachments(
     pointers: &[String],
     frame: &forgesyte_protocol::wire::Frame,
 ) -> Result<Vec<u8>, ToolError> {
+    let protocol = |detail: String| ToolError::Protocol { detail };
+    match base64_in_place(result, pointers, frame).map_err(protocol)? {
+        None => Ok(result.as_bytes().to_vec()),
+        Some(value) => serde_json::to_vec(&value).map_err(|e| protocol(e.to_string())),
+    }
+}
+
+/// `json` with each attachment of `frame` put at its pointer as a base64
+/// string, the representation of bytes in JSON (the host's answers, ABI-1
+/// plugins' arguments); `None` when the frame has no attachments.
+pub(crate) fn base64_in_place(
+    json: &str,
+    pointers: &[String],
+    frame: &forgesyte_protocol::wire::Frame,
+) -> Result<Option<serde_json::Value>, String> {
     use base64::Engine as _;
     if pointers.is_empty() && frame.attachment_count() == 0 {
-        return Ok(result.as_bytes().to_vec());
+        return Ok(None);
     }
-    let protocol = |detail: String| ToolError::Protocol { detail };
     if pointers.len() != frame.attachment_count() {
-        return Err(protocol(format!(
+        return Err(format!(
             "{} attachment places for {} attachments",
             pointers.len(),
             frame.attachment_count()
-        )));
+        ));
     }
-    let mut value: serde_json::Value =
-        serde_json::from_str(result).map_err(|e| protocol(e.to_string()))?;
+    let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
     for (pointer, bytes) in pointers.iter().zip(frame.attachments()) {
         let text = base64::engine::general_purpose::STANDARD.encode(bytes);
         forgesyte_protocol::wire::attach::place(&mut value, pointer, text.into())
-            .map_err(|e| protocol(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
     }
-    serde_json::to_vec(&value).map_err(|e| protocol(e.to_string()))
+    Ok(Some(value))
 }
 
 impl PluginInstance for ProcessInstance {

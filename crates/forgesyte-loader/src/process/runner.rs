@@ -307,26 +307,11 @@ fn with_base64_attachments(
     pointers: &[String],
     frame: &Frame,
 ) -> Result<Box<RawValue>, ToolError> {
-    use base64::Engine as _;
-    if pointers.is_empty() && frame.attachment_count() == 0 {
-        return Ok(args);
-    }
     let invalid = |message: String| ToolError::InvalidArgs { message };
-    if pointers.len() != frame.attachment_count() {
-        return Err(invalid(format!(
-            "{} attachment places for {} attachments",
-            pointers.len(),
-            frame.attachment_count()
-        )));
+    match super::base64_in_place(args.get(), pointers, frame).map_err(invalid)? {
+        None => Ok(args),
+        Some(value) => serde_json::value::to_raw_value(&value).map_err(|e| invalid(e.to_string())),
     }
-    let mut value: serde_json::Value =
-        serde_json::from_str(args.get()).map_err(|e| invalid(e.to_string()))?;
-    for (pointer, bytes) in pointers.iter().zip(frame.attachments()) {
-        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
-        forgesyte_protocol::wire::attach::place(&mut value, pointer, text.into())
-            .map_err(|e| invalid(e.to_string()))?;
-    }
-    serde_json::value::to_raw_value(&value).map_err(|e| invalid(e.to_string()))
 }
 
 /// Writes one answer; if the host is gone there is nobody to serve.

@@ -1,0 +1,830 @@
+"""Tests of the ForgeSyte Python plugin runner (runner.py), standard library
+only. Each test starts the runner as the host does (pipes on stdin, stdout
+and stderr) and speaks protocol version 2 with it.
+
+Run from this directory::
+
+    python3 -m unittest -v
+
+FORGESYTE_TEST_PYTHON names another interpreter to run the runner under
+(e.g. a Python 3.8); the tests themselves need Python 3.8 or later.
+"""
+
+import base64
+import json
+import os
+import platform
+import queue
+import re
+import struct
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNNER = os.path.join(HERE, "runner.py")
+REPO = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "python")
+PYTHON = os.environ.get("FORGESYTE_TEST_PYTHON", sys.executable)
+TIMEOUT = 10.0
+
+sys.path.insert(0, HERE)
+import runner as runner_module  # noqa: E402  (importing it touches no descriptors)
+
+
+def frame(header, attachments=()):
+    """One frame: len, header_len, count, sizes, header, attachments."""
+    if not isinstance(header, bytes):
+        header = json.dumps(header).encode("utf-8")
+    sizes = [len(a) for a in attachments]
+    body = struct.pack("<II%dI" % len(sizes), len(header), len(sizes), *sizes)
+    body += header + b"".join(attachments)
+    return struct.pack("<I", len(body)) + body
+
+
+def read_exact(stream, n):
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def fixture(name):
+    return os.path.join(FIXTURES, name)
+
+
+def interpreter_has(module):
+    probe = subprocess.run([PYTHON, "-c", "import " + module],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return probe.returncode == 0
+
+
+class Proc(object):
+    """A runner process and a tiny protocol client for it."""
+
+    def __init__(self, test, name=None, args=None, env=None, stdin=subprocess.PIPE):
+        if args is None:
+            d = fixture(name)
+            args = ["--plugin", name, "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")]
+        full_env = dict(os.environ)
+        full_env["FORGESYTE_PROTOCOL"] = "2"
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [PYTHON, RUNNER] + list(args),
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+        )
+        test.addCleanup(self.kill)
+        self.frames = queue.Queue()
+        self.stderr_chunks = []
+        self.next_id = 1
+        threading.Thread(target=self._read_frames, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_frames(self):
+        out = self.proc.stdout
+        while True:
+            prefix = read_exact(out, 4)
+            if prefix is None:
+                self.frames.put(None)
+                return
+            (length,) = struct.unpack("<I", prefix)
+            body = read_exact(out, length)
+            if body is None:
+                self.frames.put(("broken", None))
+                return
+            header_len, count = struct.unpack_from("<II", body, 0)
+            sizes = struct.unpack_from("<%dI" % count, body, 8)
+            at = 8 + 4 * count
+            header = json.loads(body[at:at + header_len].decode("utf-8"))
+            at += header_len
+            attachments = []
+            for size in sizes:
+                attachments.append(body[at:at + size])
+                at += size
+            assert at == len(body), "inconsistent frame from the runner"
+            self.frames.put((header, attachments))
+
+    def _read_stderr(self):
+        for line in iter(self.proc.stderr.readline, b""):
+            self.stderr_chunks.append(line)
+
+    @property
+    def stderr(self):
+        return b"".join(self.stderr_chunks).decode("utf-8", "replace")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if stream:
+                    stream.close()
+            except Exception:
+                pass
+
+    def write(self, data):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, header, attachments=()):
+        self.write(frame(header, attachments))
+
+    def recv(self, timeout=TIMEOUT):
+        item = self.frames.get(timeout=timeout)
+        if item is None:
+            raise EOFError("the runner closed its stdout; stderr:\n" + self.stderr)
+        return item
+
+    def recv_header(self, timeout=TIMEOUT):
+        return self.recv(timeout)[0]
+
+    def hello(self):
+        header = self.recv_header()
+        assert header["type"] == "hello", header
+        return header
+
+    def create(self, manifest=None, plugin_dir=None):
+        rid = self.next_id
+        self.next_id += 1
+        self.send({"op": "create", "id": rid, "config": {
+            "manifest": manifest or {"name": "test"},
+            "plugin_dir": plugin_dir or FIXTURES,
+            "models": {},
+        }})
+        return self.recv_header()
+
+    def start(self, manifest=None):
+        self.hello()
+        created = self.create(manifest)
+        assert created["type"] == "created", created
+        return created
+
+    def call(self, tool, args=None, attachments=(), pointers=None, rid=None):
+        """Sends a call; returns its id."""
+        if rid is None:
+            rid = self.next_id
+            self.next_id += 1
+        message = {"op": "call", "id": rid, "tool": tool, "args": {} if args is None else args}
+        if pointers is not None:
+            message["attachments"] = pointers
+        self.send(message, attachments)
+        return rid
+
+    def run(self, tool, args=None, attachments=(), pointers=None):
+        rid = self.call(tool, args, attachments, pointers)
+        header, blobs = self.recv()
+        assert header["id"] == rid, header
+        return header, blobs
+
+    def close_stdin(self):
+        self.proc.stdin.close()
+
+    def wait(self, timeout=TIMEOUT):
+        return self.proc.wait(timeout)
+
+
+class RunnerTestCase(unittest.TestCase):
+    def start(self, name, **kw):
+        p = Proc(self, name, **kw)
+        return p
+
+
+class HandshakeTests(RunnerTestCase):
+    def test_hello_fields(self):
+        p = self.start("echo")
+        hello = p.hello()
+        self.assertEqual(hello["type"], "hello")
+        self.assertEqual(hello["protocol"], 2)
+        self.assertEqual(hello["runtime"], "python")
+        if PYTHON == sys.executable:
+            self.assertEqual(hello["runtime_version"], platform.python_version())
+        self.assertRegex(hello["runtime_version"], r"^\d+\.\d+\.\d+")
+        self.assertEqual(hello["pid"], p.proc.pid)
+        self.assertEqual(hello["capabilities"], ["attachments", "concurrent_calls"])
+        self.assertNotIn("id", hello)
+
+    def test_create_lists_the_echo_tools(self):
+        p = self.start("echo")
+        p.hello()
+        created = p.create()
+        self.assertEqual(created["type"], "created")
+        self.assertEqual(created["id"], 1)
+        tools = {t["id"]: t for t in created["tools"]}
+        self.assertEqual(sorted(tools), ["binary", "bytes", "echo", "fail", "sleep"])
+        for spec in tools.values():
+            self.assertEqual(set(spec), {"id", "title", "description", "input_schema", "output_schema"})
+            self.assertEqual(spec["title"], spec["id"])
+        self.assertEqual(tools["echo"]["description"], "Returns its arguments unchanged.")
+        self.assertEqual(tools["echo"]["input_schema"], {"type": "object"})
+        self.assertEqual(
+            tools["binary"]["input_schema"]["properties"]["data"],
+            {"type": "string", "format": "binary"},
+        )
+
+    def test_a_second_create_is_refused(self):
+        p = self.start("echo")
+        p.start()
+        again = p.create()
+        self.assertEqual(again["type"], "init_failed")
+        self.assertEqual(again["id"], 2)
+        self.assertEqual(again["error"]["kind"], "Protocol")
+
+    def test_a_call_before_create_is_a_protocol_error(self):
+        p = self.start("echo")
+        p.hello()
+        header, _ = p.run("echo", {"x": 1})
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["kind"], "Protocol")
+
+
+class CallTests(RunnerTestCase):
+    def setUp(self):
+        self.p = self.start("echo")
+        self.p.start()
+
+    def test_echo_round_trips_unicode(self):
+        args = {
+            "text": "h\u00e9llo \u4e16\u754c \U0001F680 \"quoted\" \\ \n",
+            "list": [1, 2.5, None, True, False, -7],
+            "nested": {"a/b": "~", "empty": {}, "": []},
+        }
+        header, blobs = self.p.run("echo", args)
+        self.assertEqual(header["type"], "result")
+        self.assertEqual(header["result"], args)
+        self.assertNotIn("attachments", header)
+        self.assertEqual(blobs, [])
+
+    def test_concurrent_calls_are_answered_by_id(self):
+        slow = self.p.call("sleep", {"ms": 800})
+        fast = self.p.call("sleep", {"ms": 50})
+        echo = self.p.call("echo", {"n": 1})
+        started = time.monotonic()
+        answers = [self.p.recv_header() for _ in range(3)]
+        elapsed = time.monotonic() - started
+        self.assertEqual([a["id"] for a in answers][-1], slow)
+        self.assertEqual({a["id"] for a in answers}, {slow, fast, echo})
+        by_id = {a["id"]: a for a in answers}
+        self.assertEqual(by_id[slow]["result"], {"slept_ms": 800})
+        self.assertEqual(by_id[fast]["result"], {"slept_ms": 50})
+        self.assertEqual(by_id[echo]["result"], {"n": 1})
+        self.assertLess(elapsed, 1.5)
+
+    def test_many_concurrent_calls(self):
+        ids = [self.p.call("sleep", {"ms": 300}) for _ in range(20)]
+        started = time.monotonic()
+        answers = [self.p.recv_header() for _ in ids]
+        self.assertEqual(sorted(a["id"] for a in answers), ids)
+        self.assertLess(time.monotonic() - started, 2.0)
+
+    def test_an_attachment_reaches_the_plugin_as_bytes_and_comes_back(self):
+        data = bytes(range(256)) * 3
+        header, blobs = self.p.run("echo", {"data": None, "keep": 1}, [data], ["/data"])
+        self.assertEqual(header["type"], "result")
+        self.assertEqual(header["result"], {"data": None, "keep": 1})
+        self.assertEqual(header["attachments"], ["/data"])
+        self.assertEqual(blobs, [data])
+
+    def test_attachments_in_arrays_and_escaped_keys(self):
+        header, blobs = self.p.run(
+            "echo", {"list": [0, 1], "a/b": {}}, [b"x", b"y", b""], ["/list/1", "/a~1b/c~0d", "/new"]
+        )
+        self.assertEqual(header["result"], {"list": [0, None], "a/b": {"c~d": None}, "new": None})
+        self.assertEqual(header["attachments"], ["/list/1", "/a~1b/c~0d", "/new"])
+        self.assertEqual(blobs, [b"x", b"y", b""])
+
+    def test_bad_pointers_and_count_mismatches_are_invalid_args(self):
+        cases = [
+            ({"a": 1}, [b"x"], ["nope"]),
+            ({"a": 1}, [b"x"], ["/missing/x"]),
+            ({"l": [0]}, [b"x"], ["/l/5"]),
+            ({"a": 1}, [b"x"], ["/a/x"]),
+            ({"a": 1}, [b"x", b"y"], ["/a"]),
+            ({"a": 1}, [], ["/a"]),
+        ]
+        for args, blobs, pointers in cases:
+            header, _ = self.p.run("echo", args, blobs, pointers)
+            self.assertEqual(header["type"], "tool_failed", (args, pointers))
+            self.assertEqual(header["error"]["kind"], "InvalidArgs", (args, pointers))
+
+    def test_the_binary_tool_gets_bytes_from_base64(self):
+        header, _ = self.p.run("binary", {"data": base64.b64encode(b"\x00\x01\xff").decode()})
+        self.assertEqual(header["result"], {"len": 3, "type": "bytes"})
+        header, _ = self.p.run("binary", {"data": None}, [b"12345"], ["/data"])
+        self.assertEqual(header["result"], {"len": 5, "type": "bytes"})
+        header, _ = self.p.run("binary", {"data": "not base64!"})
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["kind"], "InvalidArgs")
+        self.assertIn("data", header["error"]["message"])
+
+    def test_the_bytes_tool_returns_an_attachment(self):
+        header, blobs = self.p.run("bytes")
+        self.assertEqual(header, {"type": "result", "id": header["id"],
+                                  "result": {"data": None, "n": 3}, "attachments": ["/data"]})
+        self.assertEqual(blobs, [b"\x00\x01\xff"])
+
+    def test_a_raising_tool_is_a_failed_tool_error(self):
+        header, _ = self.p.run("fail")
+        self.assertEqual(header["type"], "tool_failed")
+        error = header["error"]
+        self.assertEqual(error["kind"], "Failed")
+        self.assertEqual(error["error_type"], "ValueError")
+        self.assertEqual(error["message"], "bad input")
+        self.assertEqual(error["traceback"][-1], "ValueError: bad input")
+        self.assertLessEqual(len(error["traceback"]), 10)
+        self.assertFalse(any("runner.py" in line for line in error["traceback"]))
+        # The plugin stays healthy.
+        header, _ = self.p.run("echo", {"still": "alive"})
+        self.assertEqual(header["result"], {"still": "alive"})
+
+    def test_an_unknown_tool(self):
+        header, _ = self.p.run("nope", {})
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["kind"], "UnknownTool")
+        self.assertEqual(header["error"]["name"], "nope")
+
+    def test_print_does_not_corrupt_the_protocol(self):
+        header, blobs = self.p.run("bytes")
+        self.assertEqual(header["type"], "result")
+        header, _ = self.p.run("echo", {"x": "y"})
+        self.assertEqual(header["result"], {"x": "y"})
+        deadline = time.monotonic() + 5
+        while "print() in a tool" not in self.p.stderr and time.monotonic() < deadline:
+            time.sleep(0.02)
+        err = self.p.stderr
+        self.assertIn("echo: print() in __init__ goes to the log", err)
+        self.assertIn("echo: a raw write to fd 1 goes to the log", err)
+        self.assertIn("echo: print() in a tool goes to the log", err)
+
+
+class LifecycleTests(RunnerTestCase):
+    def test_closing_stdin_exits_0_promptly_after_on_unload(self):
+        p = self.start("echo")
+        p.start()
+        started = time.monotonic()
+        p.close_stdin()
+        self.assertEqual(p.wait(3), 0)
+        self.assertLess(time.monotonic() - started, 3)
+        time.sleep(0.1)
+        self.assertIn("echo: on_unload", p.stderr)
+
+    def test_closing_stdin_before_create_exits_0(self):
+        p = self.start("echo")
+        p.hello()
+        p.close_stdin()
+        self.assertEqual(p.wait(3), 0)
+
+    def test_a_hanging_on_unload_is_bounded(self):
+        p = self.start("echo", env={"ECHO_UNLOAD_SLEEP_S": "30"})
+        p.start()
+        started = time.monotonic()
+        p.close_stdin()
+        self.assertEqual(p.wait(5), 0)
+        self.assertLess(time.monotonic() - started, 3.5)
+
+    def test_calls_in_flight_do_not_hold_the_exit(self):
+        p = self.start("echo")
+        p.start()
+        p.call("sleep", {"ms": 20000})
+        time.sleep(0.2)
+        started = time.monotonic()
+        p.close_stdin()
+        self.assertEqual(p.wait(5), 0)
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_the_runner_exits_when_its_parent_dies(self):
+        # An intermediate process starts the runner, and exits once the test
+        # has seen the hello; the test keeps the runner's stdin open, so only
+        # the parent watch can end the runner.
+        r_in, w_in = os.pipe()
+        r_out, w_out = os.pipe()
+        d = fixture("echo")
+        script = (
+            "import subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[1:], stdin=%d, stdout=%d, stderr=subprocess.DEVNULL)\n"
+            "print(p.pid, flush=True)\n"
+            "sys.stdin.read()\n" % (r_in, w_out)
+        )
+        middle = subprocess.Popen(
+            [sys.executable, "-c", script, PYTHON, RUNNER, "--plugin", "echo",
+             "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(r_in, w_out),
+        )
+        self.addCleanup(middle.wait, TIMEOUT)
+        self.addCleanup(middle.stdout.close)
+        self.addCleanup(_kill_quietly, middle.pid)
+        os.close(r_in)
+        os.close(w_out)
+        self.addCleanup(os.close, w_in)
+        pid = int(middle.stdout.readline().decode().strip())
+        self.addCleanup(_kill_quietly, pid)
+        out = os.fdopen(r_out, "rb")
+        self.addCleanup(out.close)
+        prefix = read_exact(out, 4)  # the hello
+        self.assertIsNotNone(prefix)
+        read_exact(out, struct.unpack("<I", prefix)[0])
+        middle.stdin.close()
+        self.assertEqual(middle.wait(TIMEOUT), 0)
+        # The runner's stdout ends when it dies (the protocol fd is
+        # close-on-exec and nobody else holds it).
+        result = {}
+
+        def drain():
+            result["rest"] = out.read()
+
+        t = threading.Thread(target=drain, daemon=True)
+        t.start()
+        t.join(2)
+        if t.is_alive():
+            self.fail("the orphaned runner did not exit")
+        self.assertEqual(result["rest"], b"")
+
+    def test_children_do_not_inherit_the_protocol_pipe(self):
+        p = self.start("handlers")
+        p.start()
+        header, _ = p.run("spawn", {"seconds": 30})
+        child = header["result"]["pid"]
+        self.addCleanup(lambda: _kill_quietly(child))
+        p.close_stdin()
+        self.assertEqual(p.wait(5), 0)
+        # The runner's stdout ends although its child lives on.
+        self.assertIsNone(p.frames.get(timeout=3))
+
+
+def _kill_quietly(pid):
+    try:
+        os.kill(pid, 9)
+    except OSError:
+        pass
+
+
+class ImportAndInitFailureTests(RunnerTestCase):
+    def test_a_syntax_error(self):
+        p = self.start("broken_plugin")
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed")
+        error = header["error"]
+        self.assertEqual(error["kind"], "Python")
+        self.assertEqual(error["error_type"], "SyntaxError")
+        self.assertIn("line 3", error["message"])
+        self.assertIn("plugin.py", error["message"])
+        self.assertTrue(error["path"].endswith("plugin.py"))
+        self.assertLessEqual(len(error["traceback"]), 10)
+        self.assertEqual(p.wait(5), 0)
+
+    def test_a_missing_dependency(self):
+        p = self.start("missing_dep")
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed")
+        error = header["error"]
+        self.assertEqual(error["kind"], "Python")
+        self.assertEqual(error["error_type"], "ModuleNotFoundError")
+        self.assertEqual(error["name"], "forgesyte_nonexistent_pkg")
+        self.assertEqual(error["message"], "No module named 'forgesyte_nonexistent_pkg'")
+        self.assertEqual(p.wait(5), 0)
+
+    def test_a_missing_plugin_file(self):
+        d = fixture("echo")
+        p = Proc(self, args=["--plugin", "x", "--plugin-dir", d, "--file", os.path.join(d, "nope.py")])
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed")
+        self.assertEqual(header["error"]["kind"], "ImportError")
+        self.assertEqual(header["error"]["message"], "nope.py not found in %s" % d)
+        self.assertEqual(p.wait(5), 0)
+
+    def test_a_missing_module(self):
+        p = Proc(self, args=["--plugin", "x", "--plugin-dir", FIXTURES, "--module", "no_such_pkg.plugin"])
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed")
+        self.assertEqual(header["error"]["error_type"], "ModuleNotFoundError")
+        self.assertEqual(header["error"]["name"], "no_such_pkg")
+        self.assertEqual(p.wait(5), 0)
+
+    def test_a_failing_constructor(self):
+        p = self.start("bad_init")
+        p.hello()
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed")
+        self.assertEqual(header["id"], 1)
+        error = header["error"]
+        self.assertEqual(error["kind"], "Python")
+        self.assertEqual(error["error_type"], "ValueError")
+        self.assertEqual(error["message"], "no weights")
+        self.assertEqual(error["traceback"][-1], "ValueError: no weights")
+
+    def test_a_module_without_a_plugin_class(self):
+        p = self.start("no_class")
+        p.hello()
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed")
+        self.assertEqual(header["error"], {
+            "kind": "Python",
+            "error_type": "AttributeError",
+            "message": "No 'Plugin' class found in module",
+        })
+
+    def test_a_named_class_that_is_missing(self):
+        d = fixture("echo")
+        p = Proc(self, args=["--plugin", "echo", "--plugin-dir", d, "--file",
+                             os.path.join(d, "plugin.py"), "--class", "Nope"])
+        p.hello()
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed")
+        self.assertEqual(header["error"]["message"], "No 'Nope' class found in module")
+
+
+class ProtocolViolationTests(RunnerTestCase):
+    def expect_exit(self, data, code=65, keep_open=False):
+        p = self.start("echo")
+        p.hello()
+        p.write(data)
+        if not keep_open:
+            p.close_stdin()
+        self.assertEqual(p.wait(5), code, p.stderr)
+        return p
+
+    def test_garbage_exits_65(self):
+        self.expect_exit(b"\x05\x00\x00\x00hello")
+
+    def test_a_header_that_is_not_json_exits_65(self):
+        self.expect_exit(frame(b"not json"))
+
+    def test_a_header_that_is_not_an_object_exits_65(self):
+        self.expect_exit(frame(b"[1, 2]"))
+
+    def test_an_unknown_op_exits_65(self):
+        self.expect_exit(frame({"op": "frobnicate", "id": 1}))
+
+    def test_missing_fields_exit_65(self):
+        for header in ({"op": "call", "id": 1, "args": {}},
+                       {"op": "create"},
+                       {"id": 1},
+                       {"op": "call", "id": 1, "tool": "echo"},
+                       {"op": "call", "id": -1, "tool": "echo", "args": {}},
+                       {"op": "call", "id": 1, "tool": "echo", "args": {}, "attachments": "/x"}):
+            self.expect_exit(frame(header))
+
+    def test_inconsistent_sizes_exit_65(self):
+        good = frame({"op": "call", "id": 1, "tool": "echo", "args": {}})
+        body = bytearray(good[4:])
+        struct.pack_into("<I", body, 0, len(body))  # header_len too large
+        self.expect_exit(struct.pack("<I", len(body)) + bytes(body))
+        # A size table that does not fit.
+        self.expect_exit(struct.pack("<III", 8, 0, 1000))
+        # Trailing bytes.
+        body = good[4:] + b"x"
+        self.expect_exit(struct.pack("<I", len(body)) + body)
+
+    def test_the_stream_ending_inside_a_frame_exits_65(self):
+        good = frame({"op": "call", "id": 1, "tool": "echo", "args": {}})
+        self.expect_exit(good[:10])
+        self.expect_exit(good[:2])
+
+    def test_an_oversized_frame_exits_65_without_reading_its_body(self):
+        # stdin stays open: the runner must not wait for the body.
+        p = self.expect_exit(struct.pack("<I", (1 << 31) + 1), keep_open=True)
+        self.assertIn("exceeds the limit", p.stderr)
+
+
+class UsageTests(RunnerTestCase):
+    def exit_code(self, args):
+        proc = subprocess.run([PYTHON, RUNNER] + args, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=TIMEOUT)
+        return proc.returncode, proc.stdout, proc.stderr.decode()
+
+    def test_bad_command_lines_exit_64(self):
+        d = fixture("echo")
+        plugin = os.path.join(d, "plugin.py")
+        for args in ([],
+                     ["--plugin", "x"],
+                     ["--file", plugin, "--module", "a.b"],
+                     ["--file", plugin, "--memory-limit-mb", "lots"],
+                     ["--file", plugin, "--memory-limit-mb", "-5"],
+                     ["--file", plugin, "--frobnicate"],
+                     ["--file"],
+                     ["--module", "a.b:"],
+                     ["--module", "a..b"],
+                     ["--module", "a.b:C", "--class", "D"]):
+            code, out, err = self.exit_code(args)
+            self.assertEqual(code, 64, args)
+            self.assertEqual(out, b"", args)  # nothing on the protocol
+            self.assertIn("usage:", err)
+
+    def test_a_memory_limit_that_cannot_be_set_exits_71(self):
+        d = fixture("echo")
+        code, out, err = self.exit_code(
+            ["--plugin", "echo", "--file", os.path.join(d, "plugin.py"),
+             "--memory-limit-mb", str(1 << 60)])
+        self.assertEqual(code, 71, err)
+        self.assertIn("memory limit", err)
+
+    def test_library_is_another_spelling_of_file(self):
+        d = fixture("echo")
+        p = Proc(self, args=["--library", os.path.join(d, "plugin.py"),
+                             "--memory-limit-mb", "0", "--plugin", "echo"])
+        p.start()
+        header, _ = p.run("echo", {"a": 1})
+        self.assertEqual(header["result"], {"a": 1})
+
+
+class BasePluginShapeTests(RunnerTestCase):
+    def setUp(self):
+        self.p = self.start("handlers")
+        self.created = self.p.start()
+
+    def test_the_plugin_shaped_class_is_found_and_its_tools_listed(self):
+        tools = {t["id"]: t for t in self.created["tools"]}
+        self.assertIn("shout", tools)
+        self.assertEqual(tools["add"]["title"], "Add numbers")
+        self.assertEqual(tools["add"]["input_schema"], {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        })
+        self.assertEqual(tools["add"]["output_schema"], {
+            "type": "object", "properties": {"sum": {"type": "integer"}}})
+        header, _ = self.p.run("loaded")
+        # on_load() ran; the server's app.plugins.base was not provided.
+        self.assertEqual(header["result"], {"loaded": True, "app_available": False})
+
+    def test_handlers_are_called_as_forgesyte_calls_them(self):
+        header, _ = self.p.run("shout", {"text": "hi", "times": 2})
+        self.assertEqual(header["result"], {"text": "HI HI "})
+        header, _ = self.p.run("add", {"a": 2, "b": 3})
+        self.assertEqual(header["result"], {"sum": 5})
+        header, _ = self.p.run("keys", {"z": 1, "a": 2})
+        self.assertEqual(header["result"], {"keys": ["a", "z"]})
+        header, _ = self.p.run("later", {"value": [1]})
+        self.assertEqual(header["result"], {"value": [1]})
+        header, _ = self.p.run("add", {"a": 2, "c": 3})
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["kind"], "Failed")
+        self.assertEqual(header["error"]["error_type"], "TypeError")
+
+    def test_content_encoding_base64_is_decoded(self):
+        header, _ = self.p.run("size", {"image": base64.b64encode(b"abcd").decode()})
+        self.assertEqual(header["result"], {"size": 4, "type": "bytes"})
+
+    def test_results_are_converted(self):
+        header, blobs = self.p.run("convert", {"kind": "shapes"})
+        self.assertEqual(header["type"], "result", header)
+        self.assertEqual(header["result"], {
+            "tuple": [1, 2],
+            "int_keys": {"1": "one", "2": "two"},
+            "box": {"label": "a", "corners": [0, 0, 2, 2], "mask": None},
+            "a/b~c": [None, "x"],
+            "bytearray": None,
+        })
+        self.assertEqual(header["attachments"], ["/box/mask", "/a~1b~0c/0", "/bytearray"])
+        self.assertEqual(blobs, [b"\x01\x02", b"\xff", b"ba"])
+        header, blobs = self.p.run("convert", {"kind": "root_bytes"})
+        self.assertEqual((header["result"], header["attachments"], blobs), (None, [""], [b"\x00raw"]))
+
+    def test_unserialisable_results_fail(self):
+        header, _ = self.p.run("convert", {"kind": "set"})
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["kind"], "Failed")
+        self.assertEqual(header["error"]["error_type"], "TypeError")
+        self.assertEqual(header["error"]["message"],
+                         "tool result of type set is not JSON-serialisable (at /items)")
+        header, _ = self.p.run("convert", {"kind": "other"})
+        self.assertEqual(header["error"]["message"], "tool result of type Weird is not JSON-serialisable")
+        header, _ = self.p.run("convert", {"kind": "nan"})
+        self.assertEqual(header["error"]["error_type"], "ValueError")
+
+    def test_sys_exit_in_a_tool_is_a_tool_error(self):
+        header, _ = self.p.run("convert", {"kind": "exit"})
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["error_type"], "SystemExit")
+        self.assertEqual(header["error"]["message"], "3")
+        header, _ = self.p.run("add", {"a": 1})
+        self.assertEqual(header["result"], {"sum": 1})
+
+    @unittest.skipUnless(interpreter_has("pydantic"), "pydantic is not installed")
+    def test_pydantic_models(self):
+        header, blobs = self.p.run("convert", {"kind": "pydantic"})
+        self.assertEqual(header["type"], "result", header)
+        self.assertEqual(header["result"], {"when": "2024-01-02", "raw": None, "values": [1, 2]})
+        self.assertEqual(header["attachments"], ["/raw"])
+        self.assertEqual(blobs, [b"\x00\x01"])
+
+
+class ModuleModeTests(RunnerTestCase):
+    def test_module_with_a_class(self):
+        p = Proc(self, args=["--plugin", "handlers", "--plugin-dir", fixture("handlers"),
+                             "--module", "plugin:HandlerPlugin"])
+        p.start()
+        header, _ = p.run("add", {"a": 40, "b": 2})
+        self.assertEqual(header["result"], {"sum": 42})
+
+    def test_module_with_class_flag(self):
+        p = Proc(self, args=["--plugin", "echo", "--plugin-dir", fixture("echo"),
+                             "--module", "plugin", "--class", "Plugin"])
+        p.start()
+        header, _ = p.run("echo", {"a": "b"})
+        self.assertEqual(header["result"], {"a": "b"})
+
+
+class ManifestToolsTests(RunnerTestCase):
+    def test_tools_come_from_the_manifest_when_the_plugin_has_none(self):
+        with open(os.path.join(fixture("manifest_tools"), "manifest.json")) as f:
+            manifest = json.load(f)
+        p = self.start("manifest_tools")
+        created = p.start(manifest)
+        self.assertEqual(created["tools"], [
+            {
+                "id": "analyze",
+                "title": "Extract Text",
+                "description": "Pretends to read text in an image.",
+                "input_schema": {"type": "object", "properties": {
+                    "image_base64": {"type": "string"}, "language": {"type": "string"}}},
+                "output_schema": {"type": "object", "properties": {"text": {"type": "string"}}},
+            },
+            {
+                "id": "describe",
+                "title": "describe",
+                "description": "Says which tool ran.",
+                "input_schema": {"type": "object"},
+                "output_schema": {"type": "object"},
+            },
+        ])
+        header, _ = p.run("analyze", {"image_base64": "AAE="})
+        self.assertEqual(header["result"], {"tool": "analyze", "args": {"image_base64": "AAE="}})
+        header, _ = p.run("nope")
+        self.assertEqual(header["error"]["kind"], "UnknownTool")
+
+    def test_a_plugin_without_tools_or_manifest_tools_has_none(self):
+        p = self.start("manifest_tools")
+        created = p.start({"name": "manifest_tools"})
+        self.assertEqual(created["tools"], [])
+
+
+class MemoryLimitTests(RunnerTestCase):
+    def test_allocations_over_the_limit_fail_as_tool_errors(self):
+        d = fixture("handlers")
+        p = Proc(self, args=["--plugin", "handlers", "--plugin-dir", d, "--file",
+                             os.path.join(d, "plugin.py"), "--memory-limit-mb", "512"])
+        p.start()
+        header, _ = p.run("alloc", {"mb": 2048})
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["error_type"], "MemoryError")
+        header, _ = p.run("alloc", {"mb": 16})
+        self.assertEqual(header["result"], {"allocated_mb": 16})
+
+    def test_results_over_the_manifest_limit_fail_as_tool_errors(self):
+        p = self.start("echo")
+        p.start({"name": "echo", "limits": {"max_response_mb": 1}})
+        header, _ = p.run("echo", {"data": None}, [b"x" * (2 * 1024 * 1024)], ["/data"])
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["error_type"], "ResultTooLarge")
+        header, blobs = p.run("echo", {"data": None}, [b"x" * 1000], ["/data"])
+        self.assertEqual(blobs, [b"x" * 1000])
+
+
+class UnitTests(unittest.TestCase):
+    """Pure functions of runner.py, imported in this process."""
+
+    def test_place_matches_the_rust_rules(self):
+        place = runner_module.place
+        v = {"image": None, "list": [0, 1], "a/b": {}}
+        v = place(v, "/image", "AAE=")
+        v = place(v, "/list/1", "x")
+        v = place(v, "/a~1b/c~0d", 1)
+        self.assertEqual(v, {"image": "AAE=", "list": [0, "x"], "a/b": {"c~d": 1}})
+        self.assertEqual(place(v, "", "all"), "all")
+        for pointer in ["image", "/missing/x", "/list/5", "/list/x", "/n/x"]:
+            with self.assertRaises(runner_module.PointerError, msg=pointer):
+                place({"list": [0], "n": 1}, pointer, None)
+
+    def test_split_body(self):
+        body = frame({"a": 1}, [b"xy", b""])[4:]
+        header, attachments = runner_module.split_body(bytearray(body))
+        self.assertEqual(header, b'{"a": 1}')
+        self.assertEqual(attachments, [b"xy", b""])
+        # The protocol document's example.
+        example = frame(b'{"op":"call","id":2,"tool":"ocr","args":{"image":null},"attachments":["/image"]}',
+                        [b"\x89PNG"])
+        self.assertEqual(example[:16], bytes.fromhex("60000000500000000100000004000000"))
+
+    def test_normalize_schema(self):
+        n = runner_module.normalize_schema
+        self.assertEqual(n(None), {"type": "object"})
+        self.assertEqual(n({"type": "object", "properties": {}}), {"type": "object", "properties": {}})
+        self.assertEqual(n({"frame_base64": {"type": "string"}}),
+                         {"type": "object", "properties": {"frame_base64": {"type": "string"}}})
+        self.assertEqual(n({"image_base64": "string"}),
+                         {"type": "object", "properties": {"image_base64": {"type": "string"}}})
+        self.assertEqual(n(["image"]), {"type": "object", "properties": {"image": {}}})
+        self.assertEqual(n([]), {"type": "object"})
+        self.assertEqual(n({"description": "x"}), {"description": "x"})
+
+
+if __name__ == "__main__":
+    unittest.main()
