@@ -15,6 +15,7 @@ use crate::exec::{ExecutableProbe, SystemPath};
 use crate::fs::{FileSystem, RealFs};
 use crate::gpu::{self, GpuProbe, GpuReport};
 use crate::libs::{LibraryProbe, SystemLibraries};
+use crate::python::{PythonProbe, SystemPython};
 use crate::requirements::{Dependency, GpuRequirement, Requirements};
 
 /// The answer to "may this plugin load?" (the seed's dict).
@@ -58,9 +59,16 @@ impl DependencyReport {
 /// Checks a plugin's [`Requirements`] against the world, through the seams.
 ///
 /// Results are cached per item (library, executable, variable, model path,
-/// the GPU report) until [`clear_cache`](Self::clear_cache), which the
-/// loader calls at the start of each load pass. The checker is `Send +
-/// Sync`; no lock is held while a probe runs.
+/// Python package per interpreter, the GPU report) until
+/// [`clear_cache`](Self::clear_cache), which the loader calls at the start of
+/// each load pass. The checker is `Send + Sync`; no lock is held while a
+/// probe runs.
+///
+/// Python packages cost one interpreter run per interpreter per pass when
+/// the loader first hands every pending plugin's packages to
+/// [`prefetch_python`](Self::prefetch_python) (or
+/// [`prefetch_python_for`](Self::prefetch_python_for)); a package `check`
+/// finds uncached is asked for on its own.
 #[derive(Debug)]
 pub struct DependencyChecker {
     fs: Arc<dyn FileSystem>,
@@ -68,6 +76,7 @@ pub struct DependencyChecker {
     libraries: Arc<dyn LibraryProbe>,
     executables: Arc<dyn ExecutableProbe>,
     env: Arc<dyn EnvProbe>,
+    python: Arc<dyn PythonProbe>,
     cache: Mutex<PassCache>,
 }
 
@@ -75,6 +84,8 @@ pub struct DependencyChecker {
 struct PassCache {
     found: HashMap<Probe, bool>,
     gpu: Option<GpuReport>,
+    /// Interpreters that could not answer this pass, with why.
+    python_errors: HashMap<PathBuf, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -83,6 +94,8 @@ enum Probe {
     Bin(String),
     Env(String),
     Path(PathBuf),
+    /// A Python package (as written) under an interpreter.
+    Py(PathBuf, String),
 }
 
 impl DependencyChecker {
@@ -111,7 +124,10 @@ impl DependencyChecker {
     ///
     /// Relative model paths are resolved against `plugin_dir` (never the
     /// working directory); `plugin:` dependencies are checked against
-    /// `known_plugins` (name → version).
+    /// `known_plugins` (name → version); `py:` dependencies against
+    /// `req.python` (missing, as `NAME (no Python interpreter)`, when it is
+    /// `None`; as `NAME (cannot ask INTERPRETER: WHY)` when the interpreter
+    /// could not answer this pass).
     pub fn check(
         &self,
         req: &Requirements,
@@ -119,8 +135,15 @@ impl DependencyChecker {
         known_plugins: &BTreeMap<String, semver::Version>,
     ) -> DependencyReport {
         let mut missing = Vec::new();
+        let mut packages_seen = HashSet::new();
         for dep in &req.dependencies {
-            if let Some(item) = self.check_dependency(dep, known_plugins) {
+            if let Dependency::Py { package, .. } = dep {
+                // `torch` and `py:torch` are one requirement: name it once.
+                if !packages_seen.insert(package.as_str()) {
+                    continue;
+                }
+            }
+            if let Some(item) = self.check_dependency(dep, req.python.as_deref(), known_plugins) {
                 missing.push(item);
             }
         }
@@ -163,6 +186,59 @@ impl DependencyChecker {
         report
     }
 
+    /// Asks `interpreter` about every one of `packages` not yet answered this
+    /// pass, in one run (duplicates asked once), and caches the answers for
+    /// the pass. When the interpreter cannot answer, nothing is cached but
+    /// the error is remembered for the pass: later checks of its packages
+    /// report it without asking again, and later prefetches for it do
+    /// nothing.
+    pub fn prefetch_python(&self, interpreter: &Path, packages: impl IntoIterator<Item = String>) {
+        let pending: Vec<String> = {
+            let cache = self.cache.lock();
+            if cache.python_errors.contains_key(interpreter) {
+                return;
+            }
+            let mut seen = HashSet::new();
+            packages
+                .into_iter()
+                .filter(|p| {
+                    !cache
+                        .found
+                        .contains_key(&Probe::Py(interpreter.to_path_buf(), p.clone()))
+                })
+                .filter(|p| seen.insert(p.clone()))
+                .collect()
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let _ = self.ask_python(interpreter, pending);
+    }
+
+    /// [`prefetch_python`](Self::prefetch_python) for a load pass's pending
+    /// plugins: their packages grouped by [`Requirements::python`], one
+    /// interpreter run per interpreter. Plugins without an interpreter are
+    /// skipped.
+    pub fn prefetch_python_for<'a>(
+        &self,
+        requirements: impl IntoIterator<Item = &'a Requirements>,
+    ) {
+        let mut by_interpreter: BTreeMap<&Path, Vec<String>> = BTreeMap::new();
+        for req in requirements {
+            if let Some(interpreter) = req.python.as_deref() {
+                by_interpreter
+                    .entry(interpreter)
+                    .or_default()
+                    .extend(req.python_packages().map(str::to_string));
+            }
+        }
+        for (interpreter, packages) in by_interpreter {
+            if !packages.is_empty() {
+                self.prefetch_python(interpreter, packages);
+            }
+        }
+    }
+
     /// Forgets every cached answer: the start of a new load pass.
     pub fn clear_cache(&self) {
         *self.cache.lock() = PassCache::default();
@@ -199,6 +275,7 @@ impl DependencyChecker {
     fn check_dependency(
         &self,
         dep: &Dependency,
+        python: Option<&Path>,
         known_plugins: &BTreeMap<String, semver::Version>,
     ) -> Option<String> {
         let present = match dep {
@@ -211,6 +288,23 @@ impl DependencyChecker {
             Dependency::Env(name) => {
                 self.cached(Probe::Env(name.clone()), || self.env.var(name).is_some())
             }
+            Dependency::Py { package, .. } => {
+                let Some(interpreter) = python else {
+                    return Some(format!("{dep} (no Python interpreter)"));
+                };
+                match self.python_package(interpreter, package) {
+                    Ok(found) => found,
+                    Err(why) => {
+                        let who = interpreter.display().to_string();
+                        // The probe's message begins with the interpreter; say it once.
+                        let why = why
+                            .strip_prefix(&who)
+                            .and_then(|rest| rest.strip_prefix(": "))
+                            .unwrap_or(&why);
+                        return Some(format!("{dep} (cannot ask {who}: {why})"));
+                    }
+                }
+            }
             Dependency::Plugin { name, req } => {
                 return match (known_plugins.get(name), req) {
                     (None, _) => Some(dep.to_string()),
@@ -222,6 +316,56 @@ impl DependencyChecker {
             }
         };
         (!present).then(|| dep.to_string())
+    }
+
+    /// Whether `interpreter` has `package`: from the pass cache, from the
+    /// error remembered for the interpreter, or (a package nobody
+    /// prefetched) one run for this package alone.
+    fn python_package(&self, interpreter: &Path, package: &str) -> Result<bool, String> {
+        {
+            let cache = self.cache.lock();
+            let key = Probe::Py(interpreter.to_path_buf(), package.to_string());
+            if let Some(found) = cache.found.get(&key) {
+                return Ok(*found);
+            }
+            if let Some(err) = cache.python_errors.get(interpreter) {
+                return Err(err.clone());
+            }
+        }
+        let found = self.ask_python(interpreter, vec![package.to_string()])?;
+        Ok(found.first().copied().unwrap_or(false))
+    }
+
+    /// One run of the Python probe (no lock held); answers are cached, an
+    /// error is remembered for the interpreter for the pass.
+    fn ask_python(&self, interpreter: &Path, packages: Vec<String>) -> Result<Vec<bool>, String> {
+        let answer = match self.python.find(interpreter, &packages) {
+            Ok(found) if found.len() == packages.len() => Ok(found),
+            Ok(found) => Err(format!(
+                "{}: answered {} results for {} packages",
+                interpreter.display(),
+                found.len(),
+                packages.len()
+            )),
+            Err(e) => Err(e),
+        };
+        let mut cache = self.cache.lock();
+        match &answer {
+            Ok(found) => {
+                for (package, found) in packages.into_iter().zip(found) {
+                    cache
+                        .found
+                        .insert(Probe::Py(interpreter.to_path_buf(), package), *found);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(interpreter = %interpreter.display(), error = %e, "python interpreter could not answer");
+                cache
+                    .python_errors
+                    .insert(interpreter.to_path_buf(), e.clone());
+            }
+        }
+        answer
     }
 
     /// Answers from the pass cache, or probes (without holding the lock)
@@ -244,6 +388,7 @@ pub struct DependencyCheckerBuilder {
     libraries: Option<Arc<dyn LibraryProbe>>,
     executables: Option<Arc<dyn ExecutableProbe>>,
     env: Option<Arc<dyn EnvProbe>>,
+    python: Option<Arc<dyn PythonProbe>>,
     library_paths: Vec<PathBuf>,
 }
 
@@ -279,6 +424,12 @@ impl DependencyCheckerBuilder {
         self
     }
 
+    /// The Python-package probe (default [`SystemPython`]).
+    pub fn python(mut self, python: Arc<dyn PythonProbe>) -> Self {
+        self.python = Some(python);
+        self
+    }
+
     /// Extra directories for the default library probe, searched first
     /// (ignored when [`libraries`](Self::libraries) is set).
     pub fn library_paths(mut self, paths: Vec<PathBuf>) -> Self {
@@ -297,6 +448,7 @@ impl DependencyCheckerBuilder {
                 .unwrap_or_else(|| Arc::new(SystemLibraries::new(library_paths))),
             executables: self.executables.unwrap_or_else(|| Arc::new(SystemPath)),
             env: self.env.unwrap_or_else(|| Arc::new(ProcessEnv)),
+            python: self.python.unwrap_or_else(|| Arc::new(SystemPython::new())),
             cache: Mutex::new(PassCache::default()),
         }
     }
@@ -305,8 +457,11 @@ impl DependencyCheckerBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake::{FakeEnv, FakeExecutables, FakeFs, FakeGpu, FakeLibraries, FakeWorld};
+    use crate::fake::{
+        FakeEnv, FakeExecutables, FakeFs, FakeGpu, FakeLibraries, FakePython, FakeWorld,
+    };
     use crate::gpu::GpuDevice;
+    use crate::requirements::BareDependency;
     use serde_json::json;
 
     const DIR: &str = "/plugins/ocr";
@@ -525,15 +680,21 @@ mod tests {
             .libraries(Arc::new(FakeLibraries::with(&["c"])))
             .executables(Arc::new(FakeExecutables::with(&["sh"])))
             .env(Arc::new(FakeEnv::with(&[("PATH", "/bin")])))
+            .python(Arc::new(FakePython::new().add("/py", &["numpy"])))
             .build();
         let r = Requirements {
             dependencies: vec![
                 Dependency::Lib("c".into()),
                 Dependency::Bin("sh".into()),
                 Dependency::Env("PATH".into()),
+                Dependency::Py {
+                    package: "numpy".into(),
+                    bare: false,
+                },
             ],
             gpu: GpuRequirement::None,
             models: vec![("m".into(), "/m".into())],
+            python: Some("/py".into()),
         };
         assert_eq!(
             checker.check(&r, Path::new("/"), &BTreeMap::new()),
@@ -543,6 +704,173 @@ mod tests {
             checker.gpu_report().reason.as_deref(),
             Some("no GPU here (CUDA absent)")
         );
+    }
+
+    const PY: &str = "/venv/bin/python";
+
+    fn py_req(manifest: serde_json::Value, python: Option<&str>) -> Requirements {
+        let mut r = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
+        r.python = python.map(PathBuf::from);
+        r
+    }
+
+    #[test]
+    fn python_packages_missing_in_manifest_order() {
+        let world = FakeWorld::new();
+        world.python.add(PY, &["json"]);
+        let r = py_req(
+            json!({"dependencies": ["torch", "numpy", "json"]}),
+            Some(PY),
+        );
+        let report = world.checker().check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(report.missing, ["torch", "numpy"]);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("Missing dependencies: torch, numpy")
+        );
+        // Unprefetched: one run per package (the fallback).
+        assert_eq!(world.python.calls(), 3);
+    }
+
+    #[test]
+    fn prefetch_then_check_costs_one_run() {
+        let world = FakeWorld::new();
+        world.python.add(PY, &["numpy", "torch"]);
+        let checker = world.checker();
+        let r = py_req(
+            json!({"dependencies": ["torch.cuda", "py:numpy", "lib:c", "cv2", "numpy", "torch.cuda"]}),
+            Some(PY),
+        );
+        checker.prefetch_python(Path::new(PY), r.python_packages().map(str::to_string));
+        assert_eq!(world.python.calls(), 1);
+        assert_eq!(
+            world.python.asked()[0].1,
+            ["torch.cuda", "numpy", "cv2"],
+            "duplicates asked once"
+        );
+        let report = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(
+            report.missing,
+            ["lib:c", "cv2"],
+            "numpy and py:numpy named once"
+        );
+        // Already answered: prefetching again asks nothing.
+        checker.prefetch_python(Path::new(PY), ["numpy".to_string(), "cv2".to_string()]);
+        assert_eq!(world.python.calls(), 1);
+        // A new pass asks again.
+        checker.clear_cache();
+        checker.prefetch_python_for([&r]);
+        assert_eq!(world.python.calls(), 2);
+        checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(world.python.calls(), 2);
+    }
+
+    #[test]
+    fn no_interpreter_means_missing() {
+        let world = FakeWorld::new();
+        let r = py_req(json!({"dependencies": ["torch", "py:numpy"]}), None);
+        check_req(
+            &world,
+            &r,
+            &[
+                "torch (no Python interpreter)",
+                "py:numpy (no Python interpreter)",
+            ],
+        );
+        assert_eq!(world.python.calls(), 0);
+        // Nothing to prefetch either.
+        world.checker().prefetch_python_for([&r]);
+        assert_eq!(world.python.calls(), 0);
+    }
+
+    #[test]
+    fn a_failing_interpreter_is_asked_once_per_pass_and_named() {
+        let world = FakeWorld::new();
+        world
+            .python
+            .add(PY, &["numpy"])
+            .fail(PY, "timed out after 10s");
+        let checker = world.checker();
+        let r = py_req(
+            json!({"dependencies": ["numpy", "py:torch", "env:X"]}),
+            Some(PY),
+        );
+        checker.prefetch_python_for([&r, &r]);
+        assert_eq!(world.python.calls(), 1);
+        let report = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(
+            report.missing,
+            [
+                "numpy (cannot ask /venv/bin/python: timed out after 10s)",
+                "py:torch (cannot ask /venv/bin/python: timed out after 10s)",
+                "env:X"
+            ]
+        );
+        checker.prefetch_python(Path::new(PY), ["numpy".to_string()]);
+        assert_eq!(
+            world.python.calls(),
+            1,
+            "the error is remembered for the pass"
+        );
+        world.python.heal(PY);
+        checker.clear_cache();
+        let report = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(report.missing, ["py:torch", "env:X"]);
+    }
+
+    #[test]
+    fn a_failing_fallback_is_remembered_too() {
+        let world = FakeWorld::new();
+        let r = py_req(json!({"dependencies": ["a", "b"]}), Some("/nowhere/python"));
+        check_req(
+            &world,
+            &r,
+            &[
+                "a (cannot ask /nowhere/python: no such interpreter in this fake world)",
+                "b (cannot ask /nowhere/python: no such interpreter in this fake world)",
+            ],
+        );
+        assert_eq!(world.python.calls(), 1);
+    }
+
+    /// A probe whose message does not name the interpreter, and that
+    /// answers the wrong number of results for another.
+    #[derive(Debug)]
+    struct OddProbe;
+
+    impl PythonProbe for OddProbe {
+        fn find(&self, interpreter: &Path, _: &[String]) -> Result<Vec<bool>, String> {
+            if interpreter == Path::new("/short") {
+                Ok(vec![true])
+            } else {
+                Err("boom".into())
+            }
+        }
+    }
+
+    #[test]
+    fn odd_probe_answers_are_errors() {
+        let checker = DependencyChecker::builder()
+            .python(Arc::new(OddProbe))
+            .build();
+        let r = py_req(json!({"dependencies": ["a", "b"]}), Some("/short"));
+        checker.prefetch_python_for([&r]);
+        let report = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(
+            report.missing,
+            [
+                "a (cannot ask /short: answered 1 results for 2 packages)",
+                "b (cannot ask /short: answered 1 results for 2 packages)"
+            ]
+        );
+        let r = py_req(json!({"dependencies": ["a"]}), Some("/other"));
+        let report = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(report.missing, ["a (cannot ask /other: boom)"]);
+    }
+
+    fn check_req(world: &FakeWorld, r: &Requirements, missing: &[&str]) {
+        let report = world.checker().check(r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(report.missing, missing);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::exec::ExecutableProbe;
 use crate::fs::{DirEntry, FileSystem, FsMetadata};
 use crate::gpu::{GpuDevice, GpuProbe, GpuReport};
 use crate::libs::LibraryProbe;
+use crate::python::PythonProbe;
 
 /// How many symbolic links one resolution may follow (Linux's limit).
 const MAX_LINKS: usize = 40;
@@ -49,6 +50,8 @@ pub struct FakeWorld {
     pub executables: FakeExecutables,
     /// The environment.
     pub env: FakeEnv,
+    /// The Python interpreters and their packages (none at first).
+    pub python: FakePython,
 }
 
 impl FakeWorld {
@@ -60,6 +63,7 @@ impl FakeWorld {
             libraries: FakeLibraries::new(),
             executables: FakeExecutables::new(),
             env: FakeEnv::new(),
+            python: FakePython::new(),
         }
     }
 
@@ -72,6 +76,7 @@ impl FakeWorld {
             .libraries(Arc::new(self.libraries.clone()))
             .executables(Arc::new(self.executables.clone()))
             .env(Arc::new(self.env.clone()))
+            .python(Arc::new(self.python.clone()))
             .build()
     }
 }
@@ -601,6 +606,108 @@ impl EnvProbe for FakeEnv {
     }
 }
 
+// ---------------------------------------------------------------- Python
+
+#[derive(Debug, Default)]
+struct PythonState {
+    /// Interpreter → the top-level packages it has.
+    packages: BTreeMap<PathBuf, BTreeSet<String>>,
+    /// Interpreter → the injected failure.
+    failures: BTreeMap<PathBuf, String>,
+    /// Every question asked, in order.
+    asked: Vec<(PathBuf, Vec<String>)>,
+}
+
+/// Python interpreters by path, each with a set of packages, counting the
+/// runs ([`calls`](Self::calls)) the way the real probe would cost them.
+///
+/// Like the real probe, a dotted name is answered by its top-level package
+/// (`torch.cuda` is found when `torch` was added). An interpreter never
+/// added answers `Err` (`PATH: no such interpreter in this fake world`); an
+/// injected failure answers `Err` (`PATH: MESSAGE`).
+#[derive(Debug, Clone, Default)]
+pub struct FakePython {
+    state: Arc<Mutex<PythonState>>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl FakePython {
+    /// No interpreter.
+    pub fn new() -> Self {
+        FakePython::default()
+    }
+
+    /// Adds `interpreter` (when new) and installs `packages` in it
+    /// (top-level names: `torch`, `numpy`); `&[]` adds an empty interpreter.
+    pub fn add(&self, interpreter: impl AsRef<Path>, packages: &[&str]) -> Self {
+        self.state
+            .lock()
+            .packages
+            .entry(interpreter.as_ref().to_path_buf())
+            .or_default()
+            .extend(packages.iter().map(|p| p.to_string()));
+        self.clone()
+    }
+
+    /// Uninstalls a package from `interpreter`.
+    pub fn remove(&self, interpreter: impl AsRef<Path>, package: &str) -> Self {
+        if let Some(set) = self.state.lock().packages.get_mut(interpreter.as_ref()) {
+            set.remove(package);
+        }
+        self.clone()
+    }
+
+    /// Makes every run of `interpreter` fail with `message`.
+    pub fn fail(&self, interpreter: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        self.state
+            .lock()
+            .failures
+            .insert(interpreter.as_ref().to_path_buf(), message.into());
+        self.clone()
+    }
+
+    /// Removes an injected failure.
+    pub fn heal(&self, interpreter: impl AsRef<Path>) -> Self {
+        self.state.lock().failures.remove(interpreter.as_ref());
+        self.clone()
+    }
+
+    /// How many interpreter runs were asked for ([`PythonProbe::find`]
+    /// calls), failed ones included.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Every question asked so far: `(interpreter, packages)` in order.
+    pub fn asked(&self) -> Vec<(PathBuf, Vec<String>)> {
+        self.state.lock().asked.clone()
+    }
+}
+
+impl PythonProbe for FakePython {
+    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<bool>, String> {
+        if packages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock();
+        state
+            .asked
+            .push((interpreter.to_path_buf(), packages.to_vec()));
+        let who = interpreter.display();
+        if let Some(message) = state.failures.get(interpreter) {
+            return Err(format!("{who}: {message}"));
+        }
+        let Some(installed) = state.packages.get(interpreter) else {
+            return Err(format!("{who}: no such interpreter in this fake world"));
+        };
+        Ok(packages
+            .iter()
+            .map(|p| installed.contains(p.split('.').next().unwrap_or(p)))
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -808,5 +915,40 @@ mod tests {
         }]);
         assert!(gpu.probe().available);
         assert_eq!(gpu.probes(), 2);
+    }
+
+    #[test]
+    fn python_fake() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let py = FakePython::new().add("/venv/bin/python", &["torch", "numpy"]);
+        let venv = Path::new("/venv/bin/python");
+        assert_eq!(
+            py.find(venv, &names(&["torch.cuda", "json", "numpy"])),
+            Ok(vec![true, false, true])
+        );
+        assert_eq!(py.find(venv, &[]), Ok(vec![]), "nothing to ask: no run");
+        assert_eq!(py.calls(), 1);
+        let err = py
+            .find(Path::new("/usr/bin/python3"), &names(&["x"]))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "/usr/bin/python3: no such interpreter in this fake world"
+        );
+        py.remove(venv, "torch").fail(venv, "exited with status 1");
+        assert_eq!(
+            py.find(venv, &names(&["numpy"])),
+            Err("/venv/bin/python: exited with status 1".into())
+        );
+        py.heal(venv);
+        assert_eq!(
+            py.find(venv, &names(&["torch", "numpy"])),
+            Ok(vec![false, true])
+        );
+        assert_eq!(py.calls(), 4);
+        assert_eq!(
+            py.asked()[0],
+            (venv.to_path_buf(), names(&["torch.cuda", "json", "numpy"]))
+        );
     }
 }

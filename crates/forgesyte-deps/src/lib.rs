@@ -21,6 +21,38 @@
 //! # Ok::<(), forgesyte_errors::ManifestError>(())
 //! ```
 //!
+//! # Python packages
+//!
+//! A Python plugin's bare dependency names are Python packages (the seed's
+//! meaning): parse its manifest with [`Requirements::from_manifest_as`] and
+//! [`BareDependency::Py`]; `py:NAME` means the same in any manifest. The
+//! loader sets [`Requirements::python`] to the interpreter it resolved for
+//! the plugin, and once per load pass (after
+//! [`clear_cache`](DependencyChecker::clear_cache)) hands every pending
+//! plugin's requirements to [`DependencyChecker::prefetch_python_for`]: one
+//! interpreter run per interpreter answers them all, and the checks that
+//! follow read the answers.
+//!
+//! ```
+//! # #[cfg(feature = "testing")] {
+//! use std::collections::BTreeMap;
+//! use std::path::Path;
+//! use forgesyte_deps::fake::FakeWorld;
+//! use forgesyte_deps::{BareDependency, Requirements};
+//!
+//! let world = FakeWorld::new();
+//! world.python.add("/venv/bin/python", &["json"]);
+//! let manifest = serde_json::json!({ "dependencies": ["torch", "numpy", "json"] });
+//! let mut req = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
+//! req.python = Some("/venv/bin/python".into());
+//! let checker = world.checker();
+//! checker.prefetch_python_for([&req]);
+//! let report = checker.check(&req, Path::new("/plugins/ocr"), &BTreeMap::new());
+//! assert_eq!(report.reason.as_deref(), Some("Missing dependencies: torch, numpy"));
+//! assert_eq!(world.python.calls(), 1);
+//! # }
+//! ```
+//!
 //! # Seams: real and fake
 //!
 //! Everything outside the process is reached through a trait object
@@ -33,6 +65,7 @@
 //! | [`LibraryProbe`] | [`SystemLibraries`] | `fake::FakeLibraries` |
 //! | [`ExecutableProbe`] | [`SystemPath`] | `fake::FakeExecutables` |
 //! | [`EnvProbe`] | [`ProcessEnv`] | `fake::FakeEnv` |
+//! | [`PythonProbe`] (which packages an interpreter could import, without importing them) | [`SystemPython`] (one `INTERPRETER -c` run for many packages, 10 s timeout) | `fake::FakePython`, interpreters with package sets, a run counter and injected failures |
 //!
 //! The fakes are cheap handles: clones share one world, so a test can keep
 //! one, hand another to the checker, and change the world between passes.
@@ -52,6 +85,12 @@
 //!   searched first; `dlopen(RTLD_LAZY | RTLD_LOCAL)` is the last resort.
 //! - It never panics on a machine without CUDA: the GPU probe checks for the
 //!   driver library first and runs under `catch_unwind`.
+//! - It never imports a Python package to check it: the plugin's
+//!   interpreter looks the top-level package up with
+//!   `importlib.util.find_spec`. A load pass that hands its plugins' packages
+//!   to [`DependencyChecker::prefetch_python_for`] costs one interpreter run
+//!   per interpreter, not one per package; a hung interpreter is killed
+//!   after 10 s.
 //! - Results are cached for one load pass; [`DependencyChecker::clear_cache`]
 //!   starts the next.
 //!
@@ -70,6 +109,7 @@ pub mod fake;
 mod fs;
 mod gpu;
 mod libs;
+mod python;
 mod requirements;
 
 pub use checker::{DependencyChecker, DependencyCheckerBuilder, DependencyReport};
@@ -79,4 +119,5 @@ pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport};
 pub use libs::{LibraryProbe, SystemLibraries};
-pub use requirements::{Dependency, GpuRequirement, Requirements, json_type_name};
+pub use python::{PythonProbe, SystemPython};
+pub use requirements::{BareDependency, Dependency, GpuRequirement, Requirements, json_type_name};

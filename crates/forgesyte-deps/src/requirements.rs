@@ -9,17 +9,29 @@ use serde_json::Value;
 /// One entry of the manifest's `dependencies` list.
 ///
 /// `Display` gives the canonical spelling (`lib:NAME`, `bin:NAME`,
-/// `env:NAME`, `plugin:NAME`, `plugin:NAME@REQ`), which is also how a missing
-/// dependency is named in a report.
+/// `env:NAME`, `py:NAME`, `plugin:NAME`, `plugin:NAME@REQ`), which is also
+/// how a missing dependency is named in a report. A Python package written
+/// bare in the manifest is shown bare (`torch`), as the seed named it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Dependency {
     /// A shared library the dynamic loader can find (soname, file name or
-    /// short name). A bare name in the manifest means this.
+    /// short name). A bare name means this under [`BareDependency::Lib`].
     Lib(String),
     /// An executable on `PATH`.
     Bin(String),
     /// An environment variable that must be set.
     Env(String),
+    /// A Python package the plugin's interpreter can import (found without
+    /// importing it; `torch.cuda` asks for `torch`). A bare name means this
+    /// under [`BareDependency::Py`].
+    Py {
+        /// The package name as written (`[A-Za-z0-9_.-]+`, dotted parts
+        /// non-empty).
+        package: String,
+        /// Whether it was written without the `py:` prefix (then it is
+        /// shown without one).
+        bare: bool,
+    },
     /// Another plugin, optionally of a version matching `req`.
     Plugin {
         /// The other plugin's registry name.
@@ -29,15 +41,32 @@ pub enum Dependency {
     },
 }
 
+/// What a bare `dependencies` entry (one without a `KIND:` prefix) means
+/// (SPEC §3): the seed's Python package for a Python plugin, a shared
+/// library for a native one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BareDependency {
+    /// A bare name is `lib:NAME` (native plugins; the default).
+    #[default]
+    Lib,
+    /// A bare name is `py:NAME` (Python plugins).
+    Py,
+}
+
 impl Dependency {
     /// Parses one `dependencies` entry (`lib:z`, `bin:ffmpeg`, `env:KEY`,
-    /// `plugin:base@^2`, or a bare library name). The error message says
-    /// what is wrong; the caller names the field.
-    pub(crate) fn parse(s: &str) -> Result<Self, String> {
+    /// `py:torch`, `plugin:base@^2`, or a bare name meaning what `bare`
+    /// says). The error message says what is wrong; the caller names the
+    /// field.
+    pub(crate) fn parse(s: &str, bare: BareDependency) -> Result<Self, String> {
         let s = s.trim();
-        let (prefix, name) = match s.split_once(':') {
-            Some((prefix, name)) => (prefix, name),
-            None => ("lib", s),
+        let bare_prefix = match bare {
+            BareDependency::Lib => "lib",
+            BareDependency::Py => "py",
+        };
+        let (prefix, name, is_bare) = match s.split_once(':') {
+            Some((prefix, name)) => (prefix, name, false),
+            None => (bare_prefix, s, true),
         };
         let check_name = |name: &str, what: &str| -> Result<String, String> {
             if name.is_empty() {
@@ -60,6 +89,19 @@ impl Dependency {
                 }
                 Ok(Dependency::Env(name))
             }
+            "py" => {
+                let package = check_name(name, "package")?;
+                if !valid_python_name(&package) {
+                    return Err(format!(
+                        "invalid Python package name {package:?}: must match [A-Za-z0-9_.-]+ \
+                         with no empty dotted part (like torch or torch.cuda)"
+                    ));
+                }
+                Ok(Dependency::Py {
+                    package,
+                    bare: is_bare,
+                })
+            }
             "plugin" => {
                 let (name, req) = match name.split_once('@') {
                     Some((name, req)) => {
@@ -81,7 +123,7 @@ impl Dependency {
                 })
             }
             other => Err(format!(
-                "unknown dependency kind {other:?} in {s:?}: expected lib:, bin:, env: or plugin:"
+                "unknown dependency kind {other:?} in {s:?}: expected lib:, bin:, env:, py: or plugin:"
             )),
         }
     }
@@ -93,6 +135,14 @@ impl fmt::Display for Dependency {
             Dependency::Lib(name) => write!(f, "lib:{name}"),
             Dependency::Bin(name) => write!(f, "bin:{name}"),
             Dependency::Env(name) => write!(f, "env:{name}"),
+            Dependency::Py {
+                package,
+                bare: true,
+            } => write!(f, "{package}"),
+            Dependency::Py {
+                package,
+                bare: false,
+            } => write!(f, "py:{package}"),
             Dependency::Plugin { name, req: None } => write!(f, "plugin:{name}"),
             Dependency::Plugin {
                 name,
@@ -108,6 +158,19 @@ fn valid_plugin_name(name: &str) -> bool {
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && name.len() <= 64
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// A Python package name: `[A-Za-z0-9_.-]+`, no empty dotted part (so no
+/// leading, trailing or doubled `.`). `-` is allowed for distribution-style
+/// names; such a name is looked up as written.
+fn valid_python_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        })
 }
 
 /// The manifest's `requires_gpu`.
@@ -140,15 +203,29 @@ pub struct Requirements {
     /// The `models` object as `(name, path)` pairs in manifest order; paths
     /// as written (relative ones are resolved at check time).
     pub models: Vec<(String, PathBuf)>,
+    /// The Python interpreter that answers this plugin's `py:` dependencies,
+    /// as the loader resolved it. Never read from the manifest here: `None`
+    /// after parsing, and then every `py:` dependency is missing.
+    pub python: Option<PathBuf>,
 }
 
 impl Requirements {
     /// Parses `dependencies`, `requires_gpu` and `models` from a whole
-    /// manifest. Absent (or `null`) fields mean no requirement; other fields
-    /// are ignored. Wrong types, unknown dependency kinds and bad semver
+    /// manifest, a bare dependency name meaning a shared library (a native
+    /// plugin's manifest): [`from_manifest_as`](Self::from_manifest_as) with
+    /// [`BareDependency::Lib`].
+    pub fn from_manifest(manifest: &Value) -> Result<Self, ManifestError> {
+        Self::from_manifest_as(manifest, BareDependency::Lib)
+    }
+
+    /// Parses `dependencies`, `requires_gpu` and `models` from a whole
+    /// manifest, a bare dependency name meaning what `bare` says. Absent (or
+    /// `null`) fields mean no requirement; other fields are ignored. Wrong
+    /// types, unknown dependency kinds, bad package names and bad semver
     /// requirements are [`ManifestError::InvalidField`] naming the field
     /// (`dependencies[2]`, `requires_gpu.min_memory_mb`, `models.yolo`).
-    pub fn from_manifest(manifest: &Value) -> Result<Self, ManifestError> {
+    /// [`python`](Self::python) is left `None` for the loader to set.
+    pub fn from_manifest_as(manifest: &Value, bare: BareDependency) -> Result<Self, ManifestError> {
         let obj = manifest.as_object().ok_or_else(|| {
             invalid(
                 "manifest",
@@ -158,7 +235,7 @@ impl Requirements {
         let present = |key: &str| obj.get(key).filter(|v| !v.is_null());
         Ok(Requirements {
             dependencies: present("dependencies")
-                .map(parse_dependencies)
+                .map(|v| parse_dependencies(v, bare))
                 .transpose()?
                 .unwrap_or_default(),
             gpu: present("requires_gpu")
@@ -169,12 +246,23 @@ impl Requirements {
                 .map(parse_models)
                 .transpose()?
                 .unwrap_or_default(),
+            python: None,
         })
     }
 
-    /// Whether nothing at all is required.
+    /// Whether nothing at all is required ([`python`](Self::python) is not
+    /// a requirement).
     pub fn is_empty(&self) -> bool {
         self.dependencies.is_empty() && self.gpu == GpuRequirement::None && self.models.is_empty()
+    }
+
+    /// The Python packages among the dependencies, in manifest order (what
+    /// to hand to [`DependencyChecker::prefetch_python`](crate::DependencyChecker::prefetch_python)).
+    pub fn python_packages(&self) -> impl Iterator<Item = &str> {
+        self.dependencies.iter().filter_map(|d| match d {
+            Dependency::Py { package, .. } => Some(package.as_str()),
+            _ => None,
+        })
     }
 }
 
@@ -198,7 +286,7 @@ pub fn json_type_name(v: &Value) -> &'static str {
     }
 }
 
-fn parse_dependencies(v: &Value) -> Result<Vec<Dependency>, ManifestError> {
+fn parse_dependencies(v: &Value, bare: BareDependency) -> Result<Vec<Dependency>, ManifestError> {
     let list = v.as_array().ok_or_else(|| {
         invalid(
             "dependencies",
@@ -221,7 +309,7 @@ fn parse_dependencies(v: &Value) -> Result<Vec<Dependency>, ManifestError> {
                     ),
                 )
             })?;
-            Dependency::parse(s).map_err(|message| invalid(&field, message))
+            Dependency::parse(s, bare).map_err(|message| invalid(&field, message))
         })
         .collect()
 }
@@ -555,6 +643,94 @@ mod tests {
             "found a number",
         );
         check_invalid(json!({"models": {"yolo": ""}}), "models.yolo", "non-empty");
+    }
+
+    #[test]
+    fn bare_names_mean_py_for_python_plugins_and_lib_otherwise() {
+        let manifest = json!({"dependencies": ["torch", "py:numpy", "lib:z", "bin:sh"]});
+        let py = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
+        assert_eq!(
+            py.dependencies,
+            [
+                Dependency::Py {
+                    package: "torch".into(),
+                    bare: true
+                },
+                Dependency::Py {
+                    package: "numpy".into(),
+                    bare: false
+                },
+                Dependency::Lib("z".into()),
+                Dependency::Bin("sh".into()),
+            ]
+        );
+        assert_eq!(py.python, None, "never read from the manifest");
+        assert_eq!(py.python_packages().collect::<Vec<_>>(), ["torch", "numpy"]);
+        let native = parse(manifest.clone());
+        assert_eq!(native.dependencies[0], Dependency::Lib("torch".into()));
+        assert_eq!(
+            native.dependencies[1],
+            Dependency::Py {
+                package: "numpy".into(),
+                bare: false
+            },
+            "py: works in any manifest"
+        );
+        assert_eq!(
+            Requirements::from_manifest_as(&manifest, BareDependency::Lib).unwrap(),
+            native
+        );
+        assert_eq!(BareDependency::default(), BareDependency::Lib);
+    }
+
+    #[test]
+    fn python_packages_display_as_written() {
+        let r = Requirements::from_manifest_as(
+            &json!({"dependencies": ["torch", "py:torch.cuda", " numpy ", "py:opencv-python", "lib:c"]}),
+            BareDependency::Py,
+        )
+        .unwrap();
+        let shown: Vec<String> = r.dependencies.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "torch",
+                "py:torch.cuda",
+                "numpy",
+                "py:opencv-python",
+                "lib:c"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_python_package_names() {
+        for (dep, needle) in [
+            ("py:", "needs a package name"),
+            ("py:a b", "whitespace"),
+            ("py:.torch", "invalid Python package name"),
+            ("py:torch.", "invalid Python package name"),
+            ("py:a..b", "invalid Python package name"),
+            ("py:to/rch", "invalid Python package name"),
+            ("py:torch@1", "invalid Python package name"),
+        ] {
+            check_invalid(json!({"dependencies": [dep]}), "dependencies[0]", needle);
+        }
+        match Requirements::from_manifest_as(
+            &json!({"dependencies": ["ok", "x/y"]}),
+            BareDependency::Py,
+        ) {
+            Err(ManifestError::InvalidField { field, message }) => {
+                assert_eq!(field, "dependencies[1]");
+                assert!(message.contains("\"x/y\""), "{message}");
+            }
+            other => panic!("expected InvalidField, got {other:?}"),
+        }
+        check_invalid(json!({"dependencies": ["foo:x"]}), "dependencies[0]", "py:");
+        assert!(valid_python_name("torch_2.cuda-x.A9"));
+        assert!(valid_python_name("9x"));
+        assert!(!valid_python_name(""));
+        assert!(!valid_python_name("é"));
     }
 
     #[test]

@@ -334,6 +334,291 @@ mod real {
     }
 }
 
+mod python {
+    //! Python packages (`py:NAME`, bare names of Python plugins) on the fakes.
+    use super::*;
+    use forgesyte_deps::BareDependency;
+
+    const VENV: &str = "/venv/bin/python";
+    const SYSTEM: &str = "/usr/bin/python3";
+
+    fn python_req(deps: &[&str], interpreter: Option<&str>) -> Requirements {
+        let manifest = json!({ "dependencies": deps });
+        let mut req = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
+        req.python = interpreter.map(Into::into);
+        req
+    }
+
+    fn check_req(checker: &DependencyChecker, req: &Requirements) -> DependencyReport {
+        let report = checker.check(req, Path::new(PLUGIN_DIR), &BTreeMap::new());
+        assert_eq!(report.available, report.missing.is_empty(), "{report:?}");
+        report
+    }
+
+    #[test]
+    fn every_missing_package_named_like_the_seed() {
+        let world = FakeWorld::new();
+        world.python.add(VENV, &["json"]);
+        let req = python_req(&["torch", "numpy", "json"], Some(VENV));
+        let checker = world.checker();
+        checker.prefetch_python_for([&req]);
+        let report = check_req(&checker, &req);
+        assert_eq!(report.missing, ["torch", "numpy"]);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("Missing dependencies: torch, numpy")
+        );
+        assert_eq!(world.python.calls(), 1);
+    }
+
+    #[test]
+    fn bare_names_mean_lib_for_native_plugins() {
+        let world = FakeWorld::new();
+        world.python.add(VENV, &["torch"]);
+        world.libraries.add("z");
+        let manifest = json!({ "dependencies": ["torch", "z", "py:torch"] });
+        let mut req = Requirements::from_manifest(&manifest).unwrap();
+        req.python = Some(VENV.into());
+        let report = check_req(&world.checker(), &req);
+        assert_eq!(report.missing, ["lib:torch"], "py: works in any manifest");
+    }
+
+    #[test]
+    fn py_prefix_in_any_manifest_and_kinds_mix() {
+        let world = FakeWorld::new();
+        world.python.add(VENV, &["torch"]);
+        world.env.set("HOME", "/root");
+        let req = python_req(
+            &[
+                "py:torch.cuda",
+                "py:cv2",
+                "env:HOME",
+                "lib:missing",
+                "numpy",
+            ],
+            Some(VENV),
+        );
+        let report = check_req(&world.checker(), &req);
+        assert_eq!(report.missing, ["py:cv2", "lib:missing", "numpy"]);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("Missing dependencies: py:cv2, lib:missing, numpy")
+        );
+    }
+
+    #[test]
+    fn one_run_per_interpreter_per_pass() {
+        let world = FakeWorld::new();
+        world.python.add(VENV, &["torch", "numpy"]);
+        world.python.add(SYSTEM, &["numpy"]);
+        let ocr = python_req(&["torch", "numpy"], Some(VENV));
+        let det = python_req(&["numpy", "cv2", "torch.cuda"], Some(VENV));
+        let seg = python_req(&["scipy", "py:numpy"], Some(VENV));
+        let checker = world.checker();
+        checker.prefetch_python_for([&ocr, &det, &seg]);
+        assert_eq!(
+            world.python.calls(),
+            1,
+            "three plugins, one interpreter: one run"
+        );
+        assert_eq!(
+            world.python.asked(),
+            [(
+                VENV.into(),
+                vec![
+                    "torch".to_string(),
+                    "numpy".into(),
+                    "cv2".into(),
+                    "torch.cuda".into(),
+                    "scipy".into()
+                ]
+            )]
+        );
+        assert!(check_req(&checker, &ocr).available);
+        assert_eq!(check_req(&checker, &det).missing, ["cv2"]);
+        assert_eq!(check_req(&checker, &seg).missing, ["scipy"]);
+        assert_eq!(world.python.calls(), 1, "the checks ask nothing more");
+
+        // Two interpreters: two runs.
+        checker.clear_cache();
+        let sys = python_req(&["torch", "numpy"], Some(SYSTEM));
+        checker.prefetch_python_for([&ocr, &det, &sys, &seg]);
+        assert_eq!(world.python.calls(), 3);
+        assert_eq!(check_req(&checker, &sys).missing, ["torch"]);
+        assert!(check_req(&checker, &ocr).available);
+        assert_eq!(world.python.calls(), 3);
+    }
+
+    #[test]
+    fn a_failing_interpreter_is_named_for_each_package() {
+        let world = FakeWorld::new();
+        world.python.add(VENV, &["torch"]);
+        world.python.add(SYSTEM, &["torch"]);
+        world
+            .python
+            .fail(VENV, "exited with status 1: SyntaxError: bad");
+        let broken = python_req(&["torch", "numpy"], Some(VENV));
+        let fine = python_req(&["torch"], Some(SYSTEM));
+        let checker = world.checker();
+        checker.prefetch_python_for([&broken, &fine]);
+        assert_eq!(world.python.calls(), 2);
+        let report = check_req(&checker, &broken);
+        assert_eq!(
+            report.missing,
+            [
+                "torch (cannot ask /venv/bin/python: exited with status 1: SyntaxError: bad)",
+                "numpy (cannot ask /venv/bin/python: exited with status 1: SyntaxError: bad)"
+            ]
+        );
+        assert!(check_req(&checker, &fine).available);
+        assert_eq!(
+            world.python.calls(),
+            2,
+            "the failure is remembered for the pass"
+        );
+    }
+
+    #[test]
+    fn no_interpreter_resolved_means_missing() {
+        let world = FakeWorld::new();
+        let req = python_req(&["torch"], None);
+        let report = check_req(&world.checker(), &req);
+        assert_eq!(report.missing, ["torch (no Python interpreter)"]);
+        assert_eq!(world.python.calls(), 0);
+    }
+}
+
+mod real_python {
+    //! [`SystemPython`] against the machine's real `python3`, which every
+    //! machine here has: its absence is a failure, not a skip.
+    use super::*;
+    use forgesyte_deps::{BareDependency, ExecutableProbe, PythonProbe, SystemPath, SystemPython};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn python3() -> PathBuf {
+        SystemPath.find("python3").unwrap_or_else(|| {
+            panic!("python3 is not on PATH: these tests need a real Python interpreter")
+        })
+    }
+
+    fn names(packages: &[&str]) -> Vec<String> {
+        packages.iter().map(|p| p.to_string()).collect()
+    }
+
+    /// `find`, retried while another thread's fork still holds a freshly
+    /// written wrapper script open (`ETXTBSY`).
+    fn find(interpreter: &Path, packages: &[&str]) -> Result<Vec<bool>, String> {
+        let packages = names(packages);
+        for _ in 0..20 {
+            match SystemPython::new().find(interpreter, &packages) {
+                Err(e) if e.contains("Text file busy") => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                answer => return answer,
+            }
+        }
+        SystemPython::new().find(interpreter, &packages)
+    }
+
+    #[test]
+    fn stdlib_found_and_missing_named() {
+        let python = python3();
+        assert_eq!(
+            find(
+                &python,
+                &["json", "os.path", "forgesyte_surely_missing_pkg"]
+            ),
+            Ok(vec![true, true, false])
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn packages_are_found_without_being_imported() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("site");
+        let pkg = site.join("forgesyte_boom");
+        std::fs::create_dir_all(&pkg).unwrap();
+        let marker = dir.path().join("imported");
+        std::fs::write(
+            pkg.join("__init__.py"),
+            format!(
+                "open({:?}, 'w').write('imported')\nraise RuntimeError('must not be imported')\n",
+                marker.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        std::fs::write(pkg.join("sub.py"), "raise RuntimeError('nor this')\n").unwrap();
+        let wrapper = dir.path().join("python");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nPYTHONPATH={} exec {} \"$@\"\n",
+                site.display(),
+                python3().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        assert_eq!(
+            find(
+                &wrapper,
+                &[
+                    "forgesyte_boom",
+                    "forgesyte_boom.sub",
+                    "json",
+                    "forgesyte_surely_missing_pkg"
+                ]
+            ),
+            Ok(vec![true, true, true, false])
+        );
+        assert!(!marker.exists(), "the package was imported");
+
+        // Through the checker, as the loader will use it.
+        let manifest =
+            json!({"dependencies": ["forgesyte_boom", "forgesyte_surely_missing_pkg", "py:json"]});
+        let mut req = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
+        req.python = Some(wrapper.clone());
+        let checker = DependencyChecker::system(vec![]);
+        let mut report = DependencyReport::ok();
+        for _ in 0..20 {
+            checker.clear_cache();
+            checker.prefetch_python_for([&req]);
+            report = checker.check(&req, Path::new(PLUGIN_DIR), &BTreeMap::new());
+            if !report.missing.iter().any(|m| m.contains("Text file busy")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(report.missing, ["forgesyte_surely_missing_pkg"]);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("Missing dependencies: forgesyte_surely_missing_pkg")
+        );
+        assert!(!marker.exists(), "the package was imported");
+    }
+
+    #[test]
+    fn a_bogus_interpreter_is_named() {
+        let err = find(Path::new("/nonexistent/bin/python3"), &["json"]).unwrap_err();
+        assert!(err.contains("/nonexistent/bin/python3"), "{err}");
+        let manifest = json!({"dependencies": ["json"]});
+        let mut req = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
+        req.python = Some("/nonexistent/bin/python3".into());
+        let report =
+            DependencyChecker::system(vec![]).check(&req, Path::new(PLUGIN_DIR), &BTreeMap::new());
+        assert_eq!(report.missing.len(), 1);
+        assert!(
+            report.missing[0]
+                .starts_with("json (cannot ask /nonexistent/bin/python3: cannot start: "),
+            "{report:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- property
 
 const LIBS: [&str; 4] = ["a", "b", "c", "libd.so.1"];

@@ -299,6 +299,21 @@ pub enum ImportError {
         /// The protocol version the runner announced.
         runner_version: u32,
     },
+    /// Importing a Python plugin's module raised (a `SyntaxError`, a
+    /// `ModuleNotFoundError`, anything raised at import time). Reads as the
+    /// seed's `ImportError: SyntaxError: invalid syntax (plugin.py, line 3)`.
+    ///
+    /// Text: the exception crossed the runner's pipe as its class name and
+    /// message.
+    #[error("{error_type}: {message}")]
+    Python {
+        /// The exception's class name.
+        error_type: String,
+        /// Its message (`str(exc)`).
+        message: String,
+        /// The last lines of its traceback, for people.
+        traceback: Vec<String>,
+    },
 }
 
 /// The plugin's constructor failed (seed: `PluginInitError`).
@@ -342,6 +357,22 @@ pub enum InitError {
         /// The parser's error.
         #[source]
         source: serde_json::Error,
+    },
+    /// A Python plugin's constructor (or its `validate()` / `on_load()`)
+    /// raised, or the module has no plugin class. Reads as the seed's
+    /// `InitError: ValueError: …` and `InitError: AttributeError: No
+    /// 'Plugin' class found in module`.
+    ///
+    /// Text: the exception crossed the runner's pipe as its class name and
+    /// message.
+    #[error("{error_type}: {message}")]
+    Python {
+        /// The exception's class name.
+        error_type: String,
+        /// Its message (`str(exc)`).
+        message: String,
+        /// The last lines of its traceback, for people.
+        traceback: Vec<String>,
     },
     /// The isolated plugin's process died during construction. The
     /// [`CrashError`] is the [`source`](std::error::Error::source).

@@ -62,6 +62,7 @@ pub mod manifest;
 pub mod native;
 mod pipeline;
 pub mod process;
+pub mod python;
 mod slot;
 mod supervise;
 
@@ -69,7 +70,7 @@ pub mod fake;
 
 pub use handle::{CallError, PluginHandle};
 pub use host::{ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo};
-pub use manifest::{Isolation, Limits, Manifest};
+pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{LoadReport, Loader, LoaderConfig, PluginLoadOutcome};
 pub use process::{ProcessImporter, ProcessLimits};
 pub use supervise::SupervisionPolicy;

@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forgesyte_deps::{Requirements, json_type_name};
+use forgesyte_deps::{BareDependency, Requirements, json_type_name};
 use forgesyte_errors::ManifestError;
 use serde_json::Value;
 
@@ -28,6 +28,68 @@ pub enum Isolation {
     InProcess,
     /// Loaded into a child process.
     Process,
+}
+
+/// What runs a plugin's code (SPEC §3 `runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Runtime {
+    /// A shared library built with the Rust SDK (in-process or isolated).
+    #[default]
+    Native,
+    /// Python code, always in a child process running the host's runner.
+    Python,
+}
+
+impl Runtime {
+    /// `native` / `python`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Native => "native",
+            Runtime::Python => "python",
+        }
+    }
+}
+
+/// Where a Python plugin's code is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PythonEntry {
+    /// A file inside the plugin directory (the seed's `plugin.py`).
+    File(String),
+    /// A module on the interpreter's path (`forgesyte_ocr.plugin`) and
+    /// optionally the class in it (`:Plugin`).
+    Module {
+        /// The dotted module path.
+        module: String,
+        /// The class, when named.
+        class: Option<String>,
+    },
+}
+
+/// The seed's file name for a Python plugin's code.
+pub const PLUGIN_PY: &str = "plugin.py";
+
+/// Whether `entry` is a dotted Python module path, optionally with a class
+/// (`pkg.module`, `pkg.module:Class`), rather than a library file name
+/// (`libocr.so`). A `.py` file name (`plugin.py`) reads as Python code too.
+pub fn is_module_path(entry: &str) -> bool {
+    let (module, class) = match entry.split_once(':') {
+        Some((m, c)) => (m, Some(c)),
+        None => (entry, None),
+    };
+    let ident = |s: &str| {
+        s.chars()
+            .next()
+            .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+            && s.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
+    };
+    let library_like = [".so", ".dylib", ".dll"]
+        .iter()
+        .any(|ext| module.ends_with(ext) || module.contains(&format!("{ext}.")));
+    // One bare word (`ocr`) is too ambiguous to call a module path.
+    let dotted = module.contains('.') || class.is_some();
+    !library_like && dotted && module.split('.').all(ident) && class.is_none_or(ident)
 }
 
 /// Per-plugin limits from the manifest's `limits` object. `None` means
@@ -57,6 +119,13 @@ pub struct Manifest {
     pub description: Option<String>,
     /// `entrypoint` (or `library`), if given.
     pub entrypoint: Option<String>,
+    /// What runs the plugin: `runtime` if given, else Python when
+    /// `entrypoint` is a dotted module path or the directory holds
+    /// `plugin.py` (and names no entrypoint), else native.
+    pub runtime: Runtime,
+    /// `python`: the interpreter for a Python plugin as written (relative
+    /// to the plugin directory, or absolute), if any.
+    pub python: Option<String>,
     /// `isolation`, [`Isolation::InProcess`] when absent.
     pub isolation: Isolation,
     /// `isolation` as written, `None` when absent (so that a host-wide
@@ -73,6 +142,29 @@ pub struct Manifest {
     pub optional: bool,
     /// The object as read, unknown fields kept.
     pub raw: Arc<Value>,
+}
+
+impl Manifest {
+    /// Where a Python plugin's code is: the entrypoint as a module path, a
+    /// file named by the entrypoint, or `plugin.py`.
+    pub fn python_entry(&self) -> PythonEntry {
+        match &self.entrypoint {
+            Some(entry) if is_module_path(entry) && !entry.ends_with(".py") => {
+                match entry.split_once(':') {
+                    Some((module, class)) => PythonEntry::Module {
+                        module: module.to_owned(),
+                        class: Some(class.to_owned()),
+                    },
+                    None => PythonEntry::Module {
+                        module: entry.clone(),
+                        class: None,
+                    },
+                }
+            }
+            Some(file) => PythonEntry::File(file.clone()),
+            None => PythonEntry::File(PLUGIN_PY.to_owned()),
+        }
+    }
 }
 
 /// Whether `name` is a valid registry key (`[A-Za-z0-9][A-Za-z0-9._-]{0,63}`).
@@ -117,6 +209,17 @@ pub fn claimed_name(raw: &Value) -> Option<&str> {
 
 /// Parses manifest bytes read from `path` for the plugin directory named `dir_name`.
 pub fn parse(bytes: &[u8], path: &Path, dir_name: &str) -> Result<Manifest, ManifestError> {
+    parse_in(bytes, path, dir_name, false)
+}
+
+/// [`parse`] for a directory that holds `plugin.py` (`has_plugin_py`), which
+/// makes a manifest without `runtime` or `entrypoint` a Python plugin.
+pub fn parse_in(
+    bytes: &[u8],
+    path: &Path,
+    dir_name: &str,
+    has_plugin_py: bool,
+) -> Result<Manifest, ManifestError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ManifestError::Empty {
             path: path.to_path_buf(),
@@ -126,11 +229,20 @@ pub fn parse(bytes: &[u8], path: &Path, dir_name: &str) -> Result<Manifest, Mani
         path: path.to_path_buf(),
         source: e,
     })?;
-    from_value(raw, dir_name)
+    from_value_in(raw, dir_name, has_plugin_py)
 }
 
 /// Validates an already-parsed manifest object.
 pub fn from_value(raw: Value, dir_name: &str) -> Result<Manifest, ManifestError> {
+    from_value_in(raw, dir_name, false)
+}
+
+/// [`from_value`] for a directory that may hold `plugin.py`.
+pub fn from_value_in(
+    raw: Value,
+    dir_name: &str,
+    has_plugin_py: bool,
+) -> Result<Manifest, ManifestError> {
     let Some(obj) = raw.as_object() else {
         return Err(ManifestError::InvalidField {
             field: "(root)".into(),
@@ -160,6 +272,31 @@ pub fn from_value(raw: Value, dir_name: &str) -> Result<Manifest, ManifestError>
     if let Some(entry) = &entrypoint {
         check_relative("entrypoint", entry)?;
     }
+    let runtime = match opt_str(obj, "runtime")? {
+        Some("native") => Runtime::Native,
+        Some("python") => Runtime::Python,
+        Some(other) => {
+            return Err(ManifestError::InvalidField {
+                field: "runtime".into(),
+                message: format!("expected \"native\" or \"python\", found {other:?}"),
+            });
+        }
+        None => match &entrypoint {
+            Some(entry) if is_module_path(entry) => Runtime::Python,
+            Some(_) => Runtime::Native,
+            None if has_plugin_py => Runtime::Python,
+            None => Runtime::Native,
+        },
+    };
+    let python = opt_str(obj, "python")?.map(str::to_owned);
+    if let Some(python) = &python
+        && (python.is_empty() || python.contains('\0'))
+    {
+        return Err(ManifestError::InvalidField {
+            field: "python".into(),
+            message: "must be an interpreter path".into(),
+        });
+    }
     let declared_isolation = match opt_str(obj, "isolation")? {
         None => None,
         Some("in-process") => Some(Isolation::InProcess),
@@ -181,12 +318,18 @@ pub fn from_value(raw: Value, dir_name: &str) -> Result<Manifest, ManifestError>
         return Err(wrong_type("tools", "an array", tools));
     }
     let limits = parse_limits(obj.get("limits"))?;
-    let requirements = Requirements::from_manifest(&raw)?;
+    let bare = match runtime {
+        Runtime::Python => BareDependency::Py,
+        Runtime::Native => BareDependency::Lib,
+    };
+    let requirements = Requirements::from_manifest_as(&raw, bare)?;
     Ok(Manifest {
         name,
         version,
         description,
         entrypoint,
+        runtime,
+        python,
         isolation,
         declared_isolation,
         preflight,
@@ -318,6 +461,77 @@ mod tests {
             (Err(e), Err(msg)) => assert_eq!(e.to_string(), msg),
             (got, expect) => panic!("got {got:?}, expected {expect:?}"),
         }
+    }
+
+    fn runtime_of(raw: Value, has_plugin_py: bool) -> (Runtime, PythonEntry) {
+        let m = from_value_in(raw, "x", has_plugin_py).unwrap();
+        (m.runtime, m.python_entry())
+    }
+
+    #[test]
+    fn the_runtime_is_declared_or_follows_the_entrypoint_or_plugin_py() {
+        let module = |m: &str, c: Option<&str>| PythonEntry::Module {
+            module: m.into(),
+            class: c.map(Into::into),
+        };
+        let file = |f: &str| PythonEntry::File(f.into());
+        assert_eq!(
+            runtime_of(json!({"entrypoint": "forgesyte_ocr.plugin"}), false),
+            (Runtime::Python, module("forgesyte_ocr.plugin", None))
+        );
+        assert_eq!(
+            runtime_of(
+                json!({"entrypoint": "forgesyte_ocr.plugin:OCRPlugin"}),
+                false
+            ),
+            (
+                Runtime::Python,
+                module("forgesyte_ocr.plugin", Some("OCRPlugin"))
+            )
+        );
+        assert_eq!(
+            runtime_of(json!({}), true),
+            (Runtime::Python, file("plugin.py"))
+        );
+        assert_eq!(runtime_of(json!({}), false).0, Runtime::Native);
+        for native in ["libocr.so", "libocr.so.1", "ocr", "lib/libocr.so"] {
+            assert_eq!(
+                runtime_of(json!({"entrypoint": native}), true).0,
+                Runtime::Native,
+                "{native}"
+            );
+        }
+        assert_eq!(
+            runtime_of(json!({"runtime": "python", "entrypoint": "main.py"}), false),
+            (Runtime::Python, file("main.py"))
+        );
+        assert_eq!(
+            runtime_of(json!({"runtime": "native"}), true).0,
+            Runtime::Native
+        );
+        let err = from_value(json!({"runtime": "ruby"}), "x").unwrap_err();
+        assert!(err.to_string().contains("runtime"), "{err}");
+    }
+
+    #[test]
+    fn bare_dependencies_are_python_packages_for_python_plugins() {
+        let m = from_value_in(json!({"dependencies": ["torch", "lib:z"]}), "x", true).unwrap();
+        let shown: Vec<String> = m
+            .requirements
+            .dependencies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["torch", "lib:z"]);
+        assert!(matches!(
+            m.requirements.dependencies[0],
+            forgesyte_deps::Dependency::Py { .. }
+        ));
+        let m = from_value(json!({"dependencies": ["z"]}), "x").unwrap();
+        assert!(matches!(
+            m.requirements.dependencies[0],
+            forgesyte_deps::Dependency::Lib(_)
+        ));
     }
 
     #[test]

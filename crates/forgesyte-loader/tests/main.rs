@@ -6,6 +6,8 @@
 //!   fault at construction and at tool time, supervision, concurrency,
 //!   chaos, reload and preflight.
 //! - `shutdown`: `Loader::shutdown` stops restarts of isolated plugins.
+//! - `python`: Python plugins with the real interpreter and the host's
+//!   Python runner (GREEN checklist, calls, faults, conformance).
 //! - `conformance`: the runner conformance suite of `forgesyte-tests`
 //!   against `forgesyte-runner` (the `good` fixture), and the suite's own
 //!   rejection of runners that do not speak the protocol.
@@ -16,4 +18,5 @@
 mod conformance;
 mod isolation;
 mod pipeline;
+mod python;
 mod shutdown;

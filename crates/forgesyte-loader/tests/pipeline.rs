@@ -789,3 +789,41 @@ proptest! {
         prop_assert_eq!(outcome(&again.registry), registry);
     }
 }
+
+/// Python plugins' packages cost one interpreter round trip per interpreter
+/// per load pass, and a missing interpreter is named.
+#[test]
+fn python_packages_are_asked_once_per_interpreter_per_pass() {
+    let s = Setup::new();
+    s.world.fs.add_file("/opt/py/bin/python", "");
+    s.world.fs.add_file("/opt/other/bin/python", "");
+    s.world.python.add("/opt/py/bin/python", &["json"]);
+    s.world.python.add("/opt/other/bin/python", &["json"]);
+    for (dir, python, deps) in [
+        ("a", "/opt/py/bin/python", json!(["torch", "json"])),
+        ("b", "/opt/py/bin/python", json!(["numpy", "torch"])),
+        ("c", "/opt/other/bin/python", json!(["cv2"])),
+        ("d", "/nowhere/python", json!([])),
+    ] {
+        s.world
+            .fs
+            .add_file(
+                format!("/plugins/{dir}/manifest.json"),
+                json!({"name": dir, "python": python, "dependencies": deps}).to_string(),
+            )
+            .add_file(format!("/plugins/{dir}/plugin.py"), "class Plugin: pass");
+    }
+    let _loader = s.load();
+    let reason = |name: &str| s.registry.get_status(name).unwrap().reason.unwrap();
+    assert_eq!(reason("a"), "Missing dependencies: torch");
+    assert_eq!(reason("b"), "Missing dependencies: numpy, torch");
+    assert_eq!(reason("c"), "Missing dependencies: cv2");
+    assert_eq!(
+        reason("d"),
+        "Missing dependencies: python interpreter /nowhere/python"
+    );
+    assert_eq!(s.world.python.calls(), 2, "{:?}", s.world.python.asked());
+    for name in ["a", "b", "c", "d"] {
+        assert_eq!(s.registry.get_state(name), Some(S::Unavailable));
+    }
+}

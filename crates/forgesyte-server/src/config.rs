@@ -64,6 +64,9 @@ pub struct ServerConfig {
     /// the runner is a host binary (the `forgesyte` binary sets
     /// `["__runner"]` when it is its own runner).
     pub runner_args: Vec<OsString>,
+    /// The interpreter of Python plugins whose manifest names none
+    /// (`--python`, `FORGESYTE_PYTHON`); `None`: `python3` on `PATH`.
+    pub python: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -75,6 +78,7 @@ impl ServerConfig {
             default_isolation: self.default_isolation,
             runner: self.runner.clone(),
             runner_args: self.runner_args.clone(),
+            python: self.python.clone(),
             ..LoaderConfig::default()
         }
     }
@@ -94,6 +98,7 @@ impl Default for ServerConfig {
             default_isolation: DEFAULT_ISOLATION,
             runner: None,
             runner_args: Vec::new(),
+            python: None,
         }
     }
 }

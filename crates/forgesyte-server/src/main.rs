@@ -5,7 +5,7 @@
 //!                 [--shutdown-grace SECS] [--admin-token-file PATH] [LOADER OPTIONS]
 //! forgesyte check [DIR] [--json] [LOADER OPTIONS]
 //!
-//! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
+//! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH] [--python PATH]
 //! ```
 //!
 //! `forgesyte __runner --library PATH [--memory-limit-mb N] [--plugin NAME]`
@@ -119,6 +119,10 @@ struct LoaderArgs {
     /// which doubles as the runner).
     #[arg(long, value_name = "PATH", env = "FORGESYTE_RUNNER")]
     runner: Option<PathBuf>,
+    /// The Python interpreter of Python plugins whose manifest names none
+    /// (default: `python3` on `PATH`).
+    #[arg(long, value_name = "PATH", env = "FORGESYTE_PYTHON")]
+    python: Option<PathBuf>,
 }
 
 impl LoaderArgs {
@@ -131,6 +135,7 @@ impl LoaderArgs {
             .collect();
         config.preflight = self.preflight;
         config.default_isolation = self.isolation.0;
+        config.python = self.python.filter(|p| !p.as_os_str().is_empty());
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);

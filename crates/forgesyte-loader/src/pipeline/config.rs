@@ -21,7 +21,7 @@ pub struct LoaderConfig {
     pub default_isolation: Isolation,
     /// The runner binary for isolated plugins and preflight; `None`:
     /// [`find_runner`](crate::process::find_runner) (`forgesyte-runner`
-    /// next to the executable, else on `PATH`). A host binary that serves
+    /// next to the executable, never on `PATH`). A host binary that serves
     /// [`runner_main`](crate::process::runner_main) itself can name its own
     /// path.
     pub runner: Option<PathBuf>,
@@ -39,6 +39,9 @@ pub struct LoaderConfig {
     /// plugin): a constructor that crashes leaves the plugin FAILED instead
     /// of taking the host down.
     pub preflight: bool,
+    /// The interpreter of Python plugins whose manifest names none
+    /// (`--python`, `FORGESYTE_PYTHON`); `None`: `python3` on `PATH`.
+    pub python: Option<PathBuf>,
 }
 
 impl Default for LoaderConfig {
@@ -53,6 +56,7 @@ impl Default for LoaderConfig {
             process: ProcessLimits::default(),
             supervision: SupervisionPolicy::default(),
             preflight: false,
+            python: None,
         }
     }
 }

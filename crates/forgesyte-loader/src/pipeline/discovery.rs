@@ -53,7 +53,8 @@ impl Loader {
         }
         let dir_name = dir_name(dir);
         let raw: Option<Value> = serde_json::from_slice(&bytes).ok();
-        manifest::parse(&bytes, &path, &dir_name).map_err(|e| bad(raw, e))
+        let has_plugin_py = self.fs.exists(&dir.join(manifest::PLUGIN_PY));
+        manifest::parse_in(&bytes, &path, &dir_name, has_plugin_py).map_err(|e| bad(raw, e))
     }
 }
 

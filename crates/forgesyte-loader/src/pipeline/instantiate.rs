@@ -12,8 +12,9 @@ use forgesyte_errors::{DependencyError, ImportError, ManifestError, PluginError}
 use super::loader::{Loader, Pending};
 use crate::handle::PluginHandle;
 use crate::host::Importer;
-use crate::manifest::{self, Isolation, Manifest};
+use crate::manifest::{self, Isolation, Manifest, PythonEntry, Runtime};
 use crate::process::{self, ProcessImporter};
+use crate::python;
 use crate::slot::Slot;
 use crate::supervise::{Restart, Supervision, Supervisor};
 
@@ -24,11 +25,10 @@ impl Loader {
         p: &Pending,
         known: &BTreeMap<String, semver::Version>,
     ) -> Result<PluginHandle, PluginError> {
-        let report = self.checker.check(&p.manifest.requirements, &p.dir, known);
-        if let Some(mut err) = report.into_error() {
-            self.explain_plugin_deps(&p.manifest, &mut err);
-            return Err(err.into());
+        if p.manifest.runtime == Runtime::Python {
+            return self.instantiate_python(p, known);
         }
+        self.check_dependencies(p, &self.requirements(p), known)?;
         let library_path = self.resolve_library(p)?;
         let config = self.instance_config(p);
         let isolation = p
@@ -36,7 +36,11 @@ impl Loader {
             .declared_isolation
             .unwrap_or(self.config.default_isolation);
         if isolation == Isolation::Process {
-            return self.instantiate_isolated(p, library_path, config);
+            let limits = self.config.process.with_manifest(&p.manifest.limits);
+            let importer =
+                ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
+                    .with_runner_args(self.config.runner_args.clone());
+            return self.instantiate_isolated(p, importer, library_path, config);
         }
         if self.config.preflight || p.manifest.preflight {
             self.preflight(p, &library_path, &config)?;
@@ -66,18 +70,82 @@ impl Loader {
             })
     }
 
-    /// Starts an isolated plugin in its runner, under supervision.
+    /// Fails with the dependency error when something `req` asks for is
+    /// missing.
+    fn check_dependencies(
+        &self,
+        p: &Pending,
+        req: &forgesyte_deps::Requirements,
+        known: &BTreeMap<String, semver::Version>,
+    ) -> Result<(), PluginError> {
+        let report = self.checker.check(req, &p.dir, known);
+        if let Some(mut err) = report.into_error() {
+            self.explain_plugin_deps(&p.manifest, &mut err);
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    /// The plugin's requirements, with the interpreter its Python packages
+    /// are asked of (a Python plugin's, or the host's for `py:` entries in
+    /// a native manifest).
+    pub(super) fn requirements(&self, p: &Pending) -> forgesyte_deps::Requirements {
+        let mut req = p.manifest.requirements.clone();
+        if p.manifest.runtime == Runtime::Python || req.python_packages().next().is_some() {
+            req.python = self.interpreter(p).ok();
+        }
+        req
+    }
+
+    /// The interpreter of a Python plugin (see
+    /// [`python::resolve_interpreter`]).
+    pub(super) fn interpreter(&self, p: &Pending) -> Result<PathBuf, String> {
+        python::resolve_interpreter(
+            p.manifest.python.as_deref(),
+            self.config.python.as_deref(),
+            &p.dir,
+            self.fs.as_ref(),
+            std::env::var_os("PATH"),
+        )
+    }
+
+    /// A Python plugin: its interpreter (none: UNAVAILABLE naming it), its
+    /// packages (asked of that interpreter), then the host's Python runner
+    /// under supervision, like an isolated native plugin.
+    fn instantiate_python(
+        &self,
+        p: &Pending,
+        known: &BTreeMap<String, semver::Version>,
+    ) -> Result<PluginHandle, PluginError> {
+        let interpreter = self.interpreter(p).map_err(|wanted| {
+            PluginError::from(DependencyError::new(
+                vec![format!("python interpreter {wanted}")],
+                None,
+            ))
+        })?;
+        self.check_dependencies(p, &self.requirements(p), known)?;
+        let entry = p.manifest.python_entry();
+        let code = match &entry {
+            PythonEntry::File(file) => manifest::join_inside(&p.dir, file),
+            PythonEntry::Module { .. } => p.dir.clone(),
+        };
+        let limits = self.config.process.with_manifest(&p.manifest.limits);
+        let importer =
+            ProcessImporter::python(interpreter, p.dir.clone(), entry, p.name.clone(), limits);
+        let config = self.instance_config(p);
+        self.instantiate_isolated(p, importer, code, config)
+    }
+
+    /// Starts a plugin in its runner, under supervision.
     fn instantiate_isolated(
         &self,
         p: &Pending,
+        importer: ProcessImporter,
         library_path: PathBuf,
         config: Vec<u8>,
     ) -> Result<PluginHandle, PluginError> {
-        let limits = self.config.process.with_manifest(&p.manifest.limits);
-        let importer = Arc::new(
-            ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
-                .with_runner_args(self.config.runner_args.clone()),
-        );
+        let limits = *importer.limits();
+        let importer = Arc::new(importer);
         let library = importer.open(&library_path)?;
         let instance = library.instantiate(&config)?;
         let slot = Arc::new(Slot::new(

@@ -20,6 +20,9 @@ impl Loader {
         outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
     ) {
         let (waves, cyclic) = dependency_waves(pending);
+        // Every Python package of the pass, asked of each interpreter once.
+        let requirements: Vec<_> = pending.values().map(|p| self.requirements(p)).collect();
+        self.checker.prefetch_python_for(&requirements);
         for wave in waves {
             // A wave depends only on earlier waves, so the plugins available
             // to it are the same for all its members: list them once per wave

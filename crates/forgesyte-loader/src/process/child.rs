@@ -17,7 +17,6 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
 use std::process::{ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,9 +77,6 @@ impl KillReason {
 /// How to start a runner.
 #[derive(Debug, Clone)]
 pub(crate) struct SpawnOptions<'a> {
-    pub(crate) runner: &'a Path,
-    pub(crate) runner_args: &'a [std::ffi::OsString],
-    pub(crate) library: &'a Path,
     pub(crate) plugin: &'a str,
     pub(crate) memory_limit_mib: u64,
     pub(crate) max_response_bytes: u64,
@@ -143,18 +139,14 @@ impl std::fmt::Debug for Child {
 }
 
 impl Child {
-    /// Starts a runner and waits (at most `timeout`) for its hello.
-    pub(crate) fn spawn(opts: &SpawnOptions<'_>, timeout: Duration) -> Result<Child, SpawnError> {
-        let mut command = Command::new(opts.runner);
-        command
-            .args(opts.runner_args)
-            .arg("--library")
-            .arg(opts.library)
-            .arg("--memory-limit-mb")
-            .arg(opts.memory_limit_mib.to_string())
-            .arg("--plugin")
-            .arg(opts.plugin)
-            .env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string());
+    /// Starts `command` (a runner with its arguments) and waits (at most
+    /// `timeout`) for its hello.
+    pub(crate) fn spawn(
+        mut command: Command,
+        opts: &SpawnOptions<'_>,
+        timeout: Duration,
+    ) -> Result<Child, SpawnError> {
+        command.env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string());
         if opts.memory_limit_mib > 0 {
             // glibc reserves 64 MiB of address space per malloc arena (one
             // per thread, up to 8 per core): under RLIMIT_AS that, not the

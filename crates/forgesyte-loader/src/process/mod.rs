@@ -44,11 +44,13 @@ use parking_lot::Mutex;
 
 use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
 
+use std::process::Command;
+
 use self::child::{Child, KillReason, SpawnError, SpawnOptions};
 use self::transport::Reply;
 use self::wire_error::WireErrorExt;
 use crate::host::{ExitCallback, Importer, PluginInstance, PluginLibrary, ToolInfo};
-use crate::manifest::Limits;
+use crate::manifest::{Limits, PythonEntry};
 
 pub use self::runner::runner_main;
 
@@ -116,11 +118,28 @@ pub fn find_runner() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Opens plugin libraries in runner processes.
+/// What a runner process is started as.
+#[derive(Debug, Clone)]
+enum Launch {
+    /// A native runner (`forgesyte-runner`, or the host behind a hidden
+    /// subcommand) hosting a shared library.
+    Native {
+        runner: PathBuf,
+        runner_args: Vec<std::ffi::OsString>,
+    },
+    /// The host's Python runner (shipped in the binary, run with `-c`)
+    /// under the plugin's interpreter.
+    Python {
+        interpreter: PathBuf,
+        plugin_dir: PathBuf,
+        entry: PythonEntry,
+    },
+}
+
+/// Opens plugins in runner processes: native libraries, or Python code.
 #[derive(Debug, Clone)]
 pub struct ProcessImporter {
-    runner: PathBuf,
-    runner_args: Vec<std::ffi::OsString>,
+    launch: Launch,
     plugin: String,
     limits: ProcessLimits,
 }
@@ -134,17 +153,42 @@ impl ProcessImporter {
         limits: ProcessLimits,
     ) -> Self {
         ProcessImporter {
-            runner: runner.into(),
-            runner_args: Vec::new(),
+            launch: Launch::Native {
+                runner: runner.into(),
+                runner_args: Vec::new(),
+            },
+            plugin: plugin.into(),
+            limits,
+        }
+    }
+
+    /// An importer that runs the Python plugin in `plugin_dir` (its code at
+    /// `entry`) with `interpreter`, through the host's Python runner.
+    pub fn python(
+        interpreter: impl Into<PathBuf>,
+        plugin_dir: impl Into<PathBuf>,
+        entry: PythonEntry,
+        plugin: impl Into<String>,
+        limits: ProcessLimits,
+    ) -> Self {
+        ProcessImporter {
+            launch: Launch::Python {
+                interpreter: interpreter.into(),
+                plugin_dir: plugin_dir.into(),
+                entry,
+            },
             plugin: plugin.into(),
             limits,
         }
     }
 
     /// Arguments put before the runner's own (`--library ...`): for a host
-    /// binary that is its own runner behind a hidden subcommand.
+    /// binary that is its own runner behind a hidden subcommand. (Native
+    /// runners only.)
     pub fn with_runner_args(mut self, args: Vec<std::ffi::OsString>) -> Self {
-        self.runner_args = args;
+        if let Launch::Native { runner_args, .. } = &mut self.launch {
+            *runner_args = args;
+        }
         self
     }
 
@@ -153,12 +197,65 @@ impl ProcessImporter {
         &self.limits
     }
 
+    /// The program started: the runner, or the Python interpreter.
+    fn program(&self) -> &Path {
+        match &self.launch {
+            Launch::Native { runner, .. } => runner,
+            Launch::Python { interpreter, .. } => interpreter,
+        }
+    }
+
     fn spawn(&self, library: &Path) -> Result<Child, SpawnError> {
+        let memory = self.limits.memory_limit_mib.to_string();
+        let command = match &self.launch {
+            Launch::Native {
+                runner,
+                runner_args,
+            } => {
+                let mut command = Command::new(runner);
+                command.args(runner_args).arg("--library").arg(library);
+                command
+            }
+            Launch::Python {
+                interpreter,
+                plugin_dir,
+                entry,
+            } => {
+                // The runner may change directory; it gets absolute paths.
+                let plugin_dir =
+                    &std::path::absolute(plugin_dir).unwrap_or_else(|_| plugin_dir.clone());
+                let mut command = Command::new(interpreter);
+                // Unbuffered, so print() from a plugin reaches the log now.
+                command
+                    .arg("-u")
+                    .arg("-c")
+                    .arg(crate::python::RUNNER_SOURCE)
+                    .arg("--plugin-dir")
+                    .arg(plugin_dir);
+                match entry {
+                    PythonEntry::File(file) => {
+                        command.arg("--file").arg(plugin_dir.join(file));
+                    }
+                    PythonEntry::Module { module, class } => {
+                        let target = match class {
+                            Some(class) => format!("{module}:{class}"),
+                            None => module.clone(),
+                        };
+                        command.arg("--module").arg(target);
+                    }
+                }
+                command
+            }
+        };
+        let mut command = command;
+        command
+            .arg("--memory-limit-mb")
+            .arg(memory)
+            .arg("--plugin")
+            .arg(&self.plugin);
         Child::spawn(
+            command,
             &SpawnOptions {
-                runner: &self.runner,
-                runner_args: &self.runner_args,
-                library,
                 plugin: &self.plugin,
                 memory_limit_mib: self.limits.memory_limit_mib,
                 max_response_bytes: self.limits.max_response_bytes,
@@ -170,13 +267,13 @@ impl ProcessImporter {
     fn start_error(&self, e: &std::io::Error) -> String {
         format!(
             "cannot start the plugin runner {}: {e}",
-            self.runner.display()
+            self.program().display()
         )
     }
 
     fn version_mismatch(&self, runner: u32) -> ImportError {
         ImportError::ProtocolMismatch {
-            runner: self.runner.display().to_string(),
+            runner: self.program().display().to_string(),
             host: PROTOCOL_VERSION,
             runner_version: runner,
         }
@@ -192,14 +289,16 @@ impl ProcessImporter {
 
 impl Importer for ProcessImporter {
     fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
-        if !path.is_file() {
-            return Err(ImportError::LibraryNotFound {
-                path: path.to_path_buf(),
-            });
+        if let Launch::Native { .. } = self.launch {
+            if !path.is_file() {
+                return Err(ImportError::LibraryNotFound {
+                    path: path.to_path_buf(),
+                });
+            }
+            // The same checks as in-process, before anything runs: a
+            // complete ELF shared object with an acceptable build fingerprint.
+            crate::native::inspect(path)?;
         }
-        // The same checks as in-process, before anything runs: a complete
-        // ELF shared object with an acceptable build fingerprint.
-        crate::native::inspect(path)?;
         let child = self.spawn(path).map_err(|e| match e {
             SpawnError::Start(e) => ImportError::Open {
                 path: path.to_path_buf(),

@@ -24,6 +24,14 @@ pub(crate) trait WireErrorExt: Sized {
     fn into_tool(self) -> ToolError;
 }
 
+/// A Python exception: kind `Python`, its class and message.
+fn python(error_type: &str, message: &str, traceback: &[String]) -> WireError {
+    let mut w = WireError::new("Python", message);
+    w.error_type = Some(error_type.to_owned());
+    w.traceback = traceback.to_vec();
+    w
+}
+
 fn with_path(mut w: WireError, path: &Path) -> WireError {
     w.path = Some(path.display().to_string());
     w
@@ -55,6 +63,11 @@ impl WireErrorExt for WireError {
             }
             ImportError::Incompatible { path, detail } => at("Incompatible", detail, path),
             ImportError::InvalidInterface { path, detail } => at("InvalidInterface", detail, path),
+            ImportError::Python {
+                error_type,
+                message,
+                traceback,
+            } => python(error_type, message, traceback),
             other => WireError::new("Other", other.to_string()),
         }
     }
@@ -63,6 +76,13 @@ impl WireErrorExt for WireError {
         let path = self
             .path
             .map_or_else(|| library.to_path_buf(), PathBuf::from);
+        if self.kind == "Python" {
+            return ImportError::Python {
+                error_type: self.error_type.unwrap_or_else(|| "ImportError".into()),
+                message: self.message,
+                traceback: self.traceback,
+            };
+        }
         let detail = self.message;
         match self.kind.as_str() {
             "LibraryNotFound" => ImportError::LibraryNotFound { path },
@@ -91,12 +111,22 @@ impl WireErrorExt for WireError {
             InitError::InvalidJson { what, source } => {
                 WireError::new("Protocol", format!("{what} is not valid JSON: {source}"))
             }
+            InitError::Python {
+                error_type,
+                message,
+                traceback,
+            } => python(error_type, message, traceback),
             other => WireError::new("Failed", other.to_string()),
         }
     }
 
     fn into_init(self) -> InitError {
         match self.kind.as_str() {
+            "Python" => InitError::Python {
+                error_type: self.error_type.unwrap_or_else(|| "Exception".into()),
+                message: self.message,
+                traceback: self.traceback,
+            },
             "Panicked" => InitError::Panicked {
                 message: self.message,
             },
@@ -160,6 +190,31 @@ impl WireErrorExt for WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_exceptions_survive_the_wire_as_the_seed_reads_them() {
+        use forgesyte_errors::PluginError;
+        let import = ImportError::Python {
+            error_type: "SyntaxError".into(),
+            message: "invalid syntax (plugin.py, line 3)".into(),
+            traceback: vec!["  File \"plugin.py\", line 3".into()],
+        };
+        let back = WireError::import(&import).into_import("/p".as_ref());
+        assert_eq!(
+            PluginError::from(back).reason(),
+            "ImportError: SyntaxError: invalid syntax (plugin.py, line 3)"
+        );
+        let init = InitError::Python {
+            error_type: "AttributeError".into(),
+            message: "No 'Plugin' class found in module".into(),
+            traceback: Vec::new(),
+        };
+        let back = WireError::init(&init).into_init();
+        assert_eq!(
+            PluginError::from(back).reason(),
+            "InitError: AttributeError: No 'Plugin' class found in module"
+        );
+    }
 
     #[test]
     fn errors_survive_the_wire() {

@@ -22,7 +22,7 @@ of it and mirrors the native runner (``forgesyte_loader::process::runner``):
    order: capability ``concurrent_calls``); answers are written whole under
    one lock. Attachments of a ``call`` reach the plugin as ``bytes`` at
    their JSON Pointers; ``bytes`` in a result leave as attachments.
-6. Exits 0 at the end of stdin (after ``on_unload()``, given at most 2 s),
+6. Exits 0 at the end of stdin (after ``on_unload()``, given at most 1.5 s),
    65 when the host breaks the protocol, 64 on a bad command line, 71 when
    the protocol or the memory limit cannot be set up.
 
@@ -46,6 +46,10 @@ import sys
 EXIT_USAGE = 64
 EXIT_PROTOCOL = 65
 EXIT_SETUP = 71
+# The interpreter ran out of memory (under the memory limit, as a rule):
+# the process is no longer trustworthy, so it ends, and the host reports a
+# crash ("exceeded memory limit" when one is set) rather than a tool error.
+EXIT_MEMORY = 70
 
 PROTOCOL_VERSION = 2
 CAPABILITIES = ["attachments", "concurrent_calls"]
@@ -54,7 +58,10 @@ MAX_REQUEST_BYTES = 1 << 31
 # The largest body a frame can announce (its length is a u32).
 MAX_FRAME_BYTES = (1 << 32) - 1
 PARENT_POLL_S = 0.1
-UNLOAD_GRACE_S = 2.0
+# How long on_unload() may run at the end of stdin: under the host's 2 s
+# between closing stdin and SIGKILL (PROTOCOL.md §8, Stop), so a runner
+# whose on_unload() hangs still exits by itself, code 0.
+UNLOAD_GRACE_S = 1.5
 TRACEBACK_LINES = 10
 MIB = 1024 * 1024
 # Request bodies up to this size are read into one buffer allocated up
@@ -67,7 +74,12 @@ USAGE = (
     "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N]"
 )
 
-_SELF = os.path.abspath(__file__)
+# The host runs this file's source with ``python -c`` (it ships inside the
+# server binary), so there may be no ``__file__``: then frames of the
+# runner's own code are named "<string>".
+_SELF = os.path.abspath(__file__) if "__file__" in globals() else "<string>"
+# How tracebacks may name this file (as started, and absolute).
+_SELF_NAMES = frozenset([globals().get("__file__", "<string>"), _SELF])
 _plugin_name = "plugin"
 
 
@@ -83,7 +95,7 @@ def _diag(text):
 def _exit(code):
     """Ends the process now: no interpreter shutdown, so threads that a
     plugin started (daemon or not) cannot keep it alive."""
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.__stdout__, sys.stderr):
         try:
             stream.flush()
         except Exception:
@@ -341,8 +353,9 @@ class Wire(object):
                     break  # the stream ended
                 body.extend(bytes(min(length, 2 * len(body)) - len(body)))
         except MemoryError:
-            _diag("memory allocation of %d bytes failed: out of memory (a request frame)" % length)
-            _exit(1)
+            # As the native runner: a frame that cannot be held ends the
+            # stream (exit 65), whatever the memory limit.
+            raise ProtocolError("broken stream: cannot allocate %d bytes for a frame" % length)
         raise ProtocolError("broken stream: the stream ended inside a %d-byte frame" % length)
 
     # -- writing --------------------------------------------------------
@@ -466,7 +479,7 @@ def traceback_lines(exc):
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
-        if f.filename != _SELF and not f.filename.startswith("<frozen importlib")
+        if f.filename not in _SELF_NAMES and not f.filename.startswith("<frozen importlib")
     ]
     lines = ["Traceback (most recent call last):"]
     for chunk in traceback.format_list(frames):
@@ -554,10 +567,13 @@ def place(root, pointer, value):
     if isinstance(parent, dict):
         parent[key] = value
     elif isinstance(parent, list):
-        digits = key[1:] if key.startswith("+") else key
-        if not digits or not digits.isascii() or not digits.isdigit() or int(digits) >= len(parent):
+        # RFC 6901: an index is "0" or digits without a leading zero.
+        canonical = key == "0" or (
+            key != "" and not key.startswith("0") and key.isascii() and key.isdigit()
+        )
+        if not canonical or int(key) >= len(parent):
             raise PointerError(pointer, "names no element of its array")
-        parent[int(digits)] = value
+        parent[int(key)] = value
     elif parent is _MISSING:
         raise PointerError(pointer, "its parent does not exist")
     else:
@@ -860,8 +876,9 @@ def _sanitize(name):
 def import_plugin(args):
     """Imports the plugin's code: the module, or a WireError dict."""
     here = os.path.dirname(_SELF)
-    if sys.path and sys.path[0] and os.path.abspath(sys.path[0]) == here:
-        # The runner's own directory must not shadow plugin modules.
+    if sys.path and (not sys.path[0] or os.path.abspath(sys.path[0]) == here):
+        # Neither the runner's own directory nor, under ``-c``, the working
+        # directory ("") may shadow plugin modules.
         del sys.path[0]
     if args.plugin_dir:
         sys.path.insert(0, os.path.abspath(args.plugin_dir))
@@ -869,7 +886,7 @@ def import_plugin(args):
         path = args.file
         if not os.path.isfile(path):
             return wire_error(
-                "ImportError",
+                "Python",
                 "%s not found in %s" % (os.path.basename(path), args.plugin_dir),
                 error_type="ImportError",
                 path=path,
@@ -878,7 +895,7 @@ def import_plugin(args):
         try:
             spec = importlib.util.spec_from_file_location(name, path)
             if spec is None or spec.loader is None:
-                return wire_error("ImportError", "cannot load %s as Python" % path,
+                return wire_error("Python", "cannot load %s as Python" % path,
                                   error_type="ImportError", path=path)
             module = importlib.util.module_from_spec(spec)
             # Registered first: dataclasses, pydantic and pickling look
@@ -1140,6 +1157,9 @@ class Runner(object):
                         return
         try:
             result = _await(self.dispatch(instance, tool, entry, args))
+        except MemoryError:
+            _diag("MemoryError: out of memory in tool '%s'" % tool)
+            _exit(EXIT_MEMORY)
         except BaseException as e:
             # The tool's own failure (SystemExit from sys.exit() included:
             # it only ends this thread): an error, the plugin stays healthy.

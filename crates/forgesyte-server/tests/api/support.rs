@@ -574,6 +574,7 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_PREFLIGHT",
         "FORGESYTE_ISOLATION",
         "FORGESYTE_RUNNER",
+        "FORGESYTE_PYTHON",
     ] {
         command.env_remove(var);
     }

@@ -1,0 +1,352 @@
+//! The Python-package seam and its real implementation: one run of the
+//! plugin's interpreter answers for many packages, without importing any.
+
+use std::fmt::Debug;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Asks a Python interpreter which packages it could import.
+pub trait PythonProbe: Send + Sync + Debug {
+    /// For each of `packages`, in order, whether `interpreter` can import
+    /// it, found **without importing it**: the top-level package (`torch`
+    /// for `torch.cuda`) is looked up with `importlib.util.find_spec`, as
+    /// the seed did.
+    ///
+    /// `Err` when the interpreter could not answer (it does not start,
+    /// fails, times out, or answers nonsense); the message begins with the
+    /// interpreter's path (`/usr/bin/python3: timed out after 10 s`). An
+    /// empty `packages` answers `Ok(vec![])`.
+    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<bool>, String>;
+}
+
+/// The script the interpreter runs: package names in `sys.argv[1:]`, one
+/// JSON list of booleans out. The working directory's entry (`''`) is
+/// dropped from `sys.path` so nothing is found by accident where it runs.
+const FIND_SCRIPT: &str = r#"import sys, json, importlib.util
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+def found(name):
+    try:
+        return importlib.util.find_spec(name.split(".")[0]) is not None
+    except Exception:
+        return False
+sys.stdout.write(json.dumps([found(n) for n in sys.argv[1:]]))
+"#;
+
+/// The longest stdout or stderr read from the interpreter.
+const OUTPUT_LIMIT: u64 = 1 << 20;
+
+/// The longest stderr line quoted in an error.
+const QUOTE_LIMIT: usize = 200;
+
+/// Runs the interpreter: `INTERPRETER -B -c SCRIPT pkg1 pkg2 …`, working
+/// directory `/`, stdin closed, stdout and stderr captured, the process
+/// environment inherited (so `PYTHONPATH` and virtual environments work).
+///
+/// The run is killed after the timeout (10 s by default) and the call
+/// returns: a hung interpreter never hangs the load pass.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemPython {
+    timeout: Duration,
+}
+
+impl SystemPython {
+    /// The default timeout for one interpreter run.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A probe with the default timeout.
+    pub fn new() -> Self {
+        SystemPython {
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// A probe whose runs are killed after `timeout`.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        SystemPython { timeout }
+    }
+
+    /// The timeout for one run.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+impl Default for SystemPython {
+    fn default() -> Self {
+        SystemPython::new()
+    }
+}
+
+impl PythonProbe for SystemPython {
+    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<bool>, String> {
+        if packages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let who = interpreter.display();
+        let deadline = Instant::now() + self.timeout;
+        let mut child = Command::new(interpreter)
+            .arg("-B")
+            .arg("-c")
+            .arg(FIND_SCRIPT)
+            .args(packages)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{who}: cannot start: {e}"))?;
+        let stdout = read_in_background(child.stdout.take());
+        let stderr = read_in_background(child.stderr.take());
+        let status = match wait_until(&mut child, deadline) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                // Kill and reap; the readers are left behind (a grandchild
+                // may still hold the pipes) and finish on their own.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{who}: timed out after {:?}", self.timeout));
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{who}: cannot wait for it: {e}"));
+            }
+        };
+        // The child has exited; its pipes close unless a grandchild holds
+        // them, so the reads are bounded by the same deadline.
+        let out = collect(&stdout, deadline);
+        let err = collect(&stderr, deadline);
+        if !status.success() {
+            let detail = match last_line(&err) {
+                Some(line) => format!(": {line}"),
+                None => String::new(),
+            };
+            let how = match status.code() {
+                Some(code) => format!("exited with status {code}"),
+                None => "was killed by a signal".to_string(),
+            };
+            return Err(format!("{who}: {how}{detail}"));
+        }
+        let Some(out) = out else {
+            return Err(format!("{who}: its output could not be read in time"));
+        };
+        let text = String::from_utf8_lossy(&out);
+        match serde_json::from_str::<Vec<bool>>(text.trim()) {
+            Ok(found) if found.len() == packages.len() => Ok(found),
+            Ok(found) => Err(format!(
+                "{who}: answered {} results for {} packages",
+                found.len(),
+                packages.len()
+            )),
+            Err(_) => Err(format!(
+                "{who}: unexpected output {:?}",
+                shorten(text.trim(), QUOTE_LIMIT)
+            )),
+        }
+    }
+}
+
+/// Reads a pipe to its end (at most [`OUTPUT_LIMIT`] bytes) on a thread of
+/// its own; the bytes arrive on the returned channel.
+fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(pipe) = pipe {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.take(OUTPUT_LIMIT).read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+    }
+    rx
+}
+
+/// The bytes a reader collected, or `None` when they did not arrive before
+/// the deadline (or there was no pipe).
+fn collect(rx: &mpsc::Receiver<Vec<u8>>, deadline: Instant) -> Option<Vec<u8>> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    rx.recv_timeout(left.max(Duration::from_millis(100))).ok()
+}
+
+/// Waits for the child until `deadline`: `Ok(None)` when it is still running.
+fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Option<ExitStatus>> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// The last non-blank line of stderr, shortened.
+fn last_line(err: &Option<Vec<u8>>) -> Option<String> {
+    let text = String::from_utf8_lossy(err.as_deref()?).into_owned();
+    text.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .map(|l| shorten(l, QUOTE_LIMIT))
+}
+
+/// `s` cut to at most `max` characters, with `…` when cut.
+fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_question_needs_no_interpreter() {
+        assert_eq!(
+            SystemPython::new().find(Path::new("/nonexistent/python"), &[]),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn shorten_and_last_line() {
+        assert_eq!(shorten("abc", 5), "abc");
+        assert_eq!(shorten("abcdef", 3), "abc…");
+        assert_eq!(shorten("ééé", 2), "éé…");
+        let err = Some(b"Traceback\n  File x\nValueError: boom\n\n".to_vec());
+        assert_eq!(last_line(&err).as_deref(), Some("ValueError: boom"));
+        assert_eq!(last_line(&Some(b"\n  \n".to_vec())), None);
+        assert_eq!(last_line(&None), None);
+    }
+
+    /// Writes an executable shell script into `dir`.
+    #[cfg(unix)]
+    fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// `find`, retried while another test thread's fork still holds the
+    /// freshly written script open (`ETXTBSY`).
+    fn find(
+        probe: SystemPython,
+        interpreter: &Path,
+        packages: &[&str],
+    ) -> Result<Vec<bool>, String> {
+        let packages: Vec<String> = packages.iter().map(|p| p.to_string()).collect();
+        let mut tries = 0;
+        loop {
+            let answer = probe.find(interpreter, &packages);
+            match &answer {
+                Err(e) if e.contains("Text file busy") && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => return answer,
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_interpreter_is_named() {
+        let err = find(
+            SystemPython::new(),
+            Path::new("/nonexistent/python3"),
+            &["json"],
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("/nonexistent/python3: cannot start: "),
+            "{err}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn failures_name_the_interpreter_and_what_happened() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let fails = script(
+            d,
+            "fails",
+            "echo first >&2; echo 'SyntaxError: bad' >&2; exit 3",
+        );
+        assert_eq!(
+            find(SystemPython::new(), &fails, &["json"]),
+            Err(format!(
+                "{}: exited with status 3: SyntaxError: bad",
+                fails.display()
+            ))
+        );
+        let silent = script(d, "silent", "exit 1");
+        assert_eq!(
+            find(SystemPython::new(), &silent, &["json"]),
+            Err(format!("{}: exited with status 1", silent.display()))
+        );
+        let chatty = script(d, "chatty", "echo hello");
+        assert_eq!(
+            find(SystemPython::new(), &chatty, &["json"]),
+            Err(format!("{}: unexpected output \"hello\"", chatty.display()))
+        );
+        let short = script(d, "short", "echo '[true]'");
+        assert_eq!(
+            find(SystemPython::new(), &short, &["a", "b"]),
+            Err(format!(
+                "{}: answered 1 results for 2 packages",
+                short.display()
+            ))
+        );
+        // The arguments: -B -c SCRIPT then the packages, in order.
+        let echo = script(
+            d,
+            "echo",
+            r#"[ "$1" = -B ] && [ "$2" = -c ] && [ "$(pwd)" = / ] || exit 9; shift 3; [ "$*" = "a b.c" ] || exit 8; echo '[true, false]'"#,
+        );
+        assert_eq!(
+            find(SystemPython::new(), &echo, &["a", "b.c"]),
+            Ok(vec![true, false])
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_hung_interpreter_is_killed_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not `exec`: the `sleep` grandchild keeps the pipes open after the
+        // shell is killed, and must not hold the call up either.
+        let hangs = script(dir.path(), "hangs", "sleep 3; echo '[true]'");
+        let started = Instant::now();
+        let err = find(
+            SystemPython::with_timeout(Duration::from_millis(300)),
+            &hangs,
+            &["json"],
+        )
+        .unwrap_err();
+        assert_eq!(err, format!("{}: timed out after 300ms", hangs.display()));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(SystemPython::default().timeout(), Duration::from_secs(10));
+        assert_eq!(
+            SystemPython::with_timeout(Duration::from_secs(1)).timeout(),
+            Duration::from_secs(1)
+        );
+    }
+}

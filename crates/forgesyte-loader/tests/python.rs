@@ -1,0 +1,421 @@
+//! Python plugins with the real `python3` and the host's Python runner: the
+//! seed's GREEN checklist (import, init, GPU and package failures), calls
+//! and tool errors, a fault zoo at construction and at call time, and the
+//! runner conformance suite.
+//!
+//! Python 3 is on every machine this project builds on; a machine without
+//! `python3` on `PATH` fails these tests with that reason (never a silent
+//! pass).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forgesyte_deps::DependencyChecker;
+use forgesyte_deps::fake::FakeGpu;
+use forgesyte_errors::ToolError;
+use forgesyte_loader::{CallError, Loader, LoaderConfig, ProcessLimits, SupervisionPolicy};
+use forgesyte_registry::{PluginLifecycleState as S, Registry};
+use forgesyte_tests::conformance::{self, RunnerUnderTest};
+use serde_json::{Value, json};
+
+/// `tests/fixtures/python` of the workspace.
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/python")
+}
+
+/// Fails (never skips) when `python3` is missing.
+fn require_python() {
+    let found = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .any(|dir| dir.join("python3").is_file());
+    assert!(
+        found,
+        "python3 is not on PATH: these tests need a Python 3 interpreter"
+    );
+}
+
+/// Copies fixture `name` into `root` as `as_name`.
+fn copy_fixture(root: &Path, name: &str, as_name: &str) -> PathBuf {
+    let from = fixtures().join(name);
+    let to = root.join(as_name);
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    to
+}
+
+/// Writes `manifest` (with `name` set) into `root/name/manifest.json`.
+fn write_manifest(root: &Path, name: &str, mut manifest: Value) {
+    manifest["name"] = json!(name);
+    std::fs::write(root.join(name).join("manifest.json"), manifest.to_string()).unwrap();
+}
+
+fn loader(root: &Path, registry: &Registry) -> Loader {
+    require_python();
+    let checker = DependencyChecker::builder()
+        .gpu(Arc::new(FakeGpu::none(
+            "no GPU on this test machine (CUDA absent)",
+        )))
+        .build();
+    let config = LoaderConfig {
+        process: ProcessLimits {
+            init_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(5),
+            memory_limit_mib: 0,
+            max_response_bytes: 16 * 1024 * 1024,
+        },
+        supervision: SupervisionPolicy {
+            max_restarts: 0,
+            ..SupervisionPolicy::default()
+        },
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::new(registry.clone(), Arc::new(checker), config);
+    loader.load_all(root);
+    loader
+}
+
+fn check(registry: &Registry, name: &str, state: S, reason: Option<&str>) {
+    let status = registry
+        .get_status(name)
+        .unwrap_or_else(|| panic!("{name} missing: {:#?}", registry.list_all()));
+    assert_eq!(status.state, state, "{name}: {status:#?}");
+    if let Some(reason) = reason {
+        let got = status.reason.unwrap_or_default();
+        assert!(got.contains(reason), "{name}: {got:?} lacks {reason:?}");
+    }
+}
+
+fn call(loader: &Loader, name: &str, tool: &str, args: Value) -> Result<Value, CallError> {
+    loader
+        .handle(name)
+        .unwrap_or_else(|| panic!("{name} has no handle"))
+        .call(tool, &args)
+}
+
+#[test]
+fn the_seeds_green_checklist_with_real_plugin_py_fixtures() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for name in [
+        "broken_plugin",
+        "bad_init",
+        "no_class",
+        "missing_dep",
+        "echo",
+    ] {
+        copy_fixture(root, name, name);
+    }
+    copy_fixture(root, "echo", "gpu_plugin");
+    write_manifest(root, "gpu_plugin", json!({"requires_gpu": true}));
+    copy_fixture(root, "echo", "one_missing");
+    write_manifest(
+        root,
+        "one_missing",
+        json!({"dependencies": ["forgesyte_missing_torch", "json"]}),
+    );
+    copy_fixture(root, "echo", "all_missing");
+    write_manifest(
+        root,
+        "all_missing",
+        json!({"dependencies": ["forgesyte_missing_torch", "json", "py:forgesyte_missing_numpy", "os.path"]}),
+    );
+    std::fs::create_dir_all(root.join("no_file")).unwrap();
+    write_manifest(root, "no_file", json!({"runtime": "python"}));
+    let registry = Registry::new();
+    let _loader = loader(root, &registry);
+    check(
+        &registry,
+        "broken_plugin",
+        S::Failed,
+        Some("ImportError: SyntaxError: "),
+    );
+    check(&registry, "broken_plugin", S::Failed, Some("line "));
+    check(
+        &registry,
+        "bad_init",
+        S::Failed,
+        Some("InitError: ValueError: no weights"),
+    );
+    check(
+        &registry,
+        "no_class",
+        S::Failed,
+        Some("InitError: AttributeError: No 'Plugin' class found in module"),
+    );
+    check(
+        &registry,
+        "missing_dep",
+        S::Failed,
+        Some("ImportError: ModuleNotFoundError: No module named 'forgesyte_nonexistent_pkg'"),
+    );
+    check(
+        &registry,
+        "no_file",
+        S::Failed,
+        Some("plugin.py not found in"),
+    );
+    check(&registry, "gpu_plugin", S::Unavailable, Some("GPU"));
+    check(&registry, "gpu_plugin", S::Unavailable, Some("CUDA"));
+    check(
+        &registry,
+        "one_missing",
+        S::Unavailable,
+        Some("Missing dependencies: forgesyte_missing_torch"),
+    );
+    check(
+        &registry,
+        "all_missing",
+        S::Unavailable,
+        Some("Missing dependencies: forgesyte_missing_torch, py:forgesyte_missing_numpy"),
+    );
+    check(&registry, "echo", S::Initialized, None);
+}
+
+#[test]
+fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path(), "echo", "echo");
+    copy_fixture(dir.path(), "handlers", "handlers");
+    let registry = Registry::new();
+    let loader = loader(dir.path(), &registry);
+    check(&registry, "echo", S::Initialized, None);
+    let handle = loader.handle("echo").unwrap();
+    let ids: Vec<&str> = handle.tools().iter().map(|t| t.id.as_str()).collect();
+    for tool in ["echo", "sleep", "fail", "bytes", "binary"] {
+        assert!(ids.contains(&tool), "{ids:?}");
+    }
+    let binary = handle.tools().iter().find(|t| t.id == "binary").unwrap();
+    assert_eq!(
+        binary.input_schema["properties"]["data"]["format"],
+        "binary"
+    );
+    let args = json!({"text": "héllo", "n": [1, 2, 3], "nested": {"ok": true}});
+    assert_eq!(call(&loader, "echo", "echo", args.clone()).unwrap(), args);
+    // A base64 string where the schema declares bytes arrives as bytes.
+    assert_eq!(
+        call(&loader, "echo", "binary", json!({"data": "AAEC/w=="})).unwrap(),
+        json!({"len": 4, "type": "bytes"})
+    );
+    // Bytes in a result come back as base64 in the JSON.
+    assert_eq!(
+        call(&loader, "echo", "bytes", json!({})).unwrap(),
+        json!({"data": "AAH/", "n": 3})
+    );
+    // An exception is a tool error: counted, the plugin stays healthy.
+    match call(&loader, "echo", "fail", json!({})) {
+        Err(CallError::Tool(ToolError::Failed {
+            error_type,
+            message,
+        })) => {
+            assert_eq!(error_type.as_deref(), Some("ValueError"));
+            assert_eq!(message, "bad input");
+        }
+        other => panic!("{other:?}"),
+    }
+    let status = registry.get_status("echo").unwrap();
+    assert_eq!(status.state, S::Initialized);
+    assert_eq!((status.success_count, status.error_count), (3, 1));
+    // ForgeSyte's BasePlugin shape without run_tool: called through handlers.
+    check(&registry, "handlers", S::Initialized, None);
+    let tools = loader.handle("handlers").unwrap().tools().to_vec();
+    assert!(!tools.is_empty());
+}
+
+#[test]
+fn python_faults_are_that_plugins_state_never_the_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_fixture(root, "faulty", "faulty");
+    copy_fixture(root, "echo", "bystander");
+    write_manifest(root, "bystander", json!({"runtime": "python"}));
+    for fault in ["segfault", "exit", "hang", "raise"] {
+        let name = format!("init-{fault}");
+        copy_fixture(root, "faulty", &name);
+        write_manifest(
+            root,
+            &name,
+            json!({"runtime": "python", "limits": {"init_timeout_s": 2}}),
+        );
+    }
+    let registry = Registry::new();
+    let loader = loader(root, &registry);
+    check(&registry, "init-segfault", S::Failed, Some("SIGSEGV"));
+    check(
+        &registry,
+        "init-exit",
+        S::Failed,
+        Some("exited with code 3"),
+    );
+    check(
+        &registry,
+        "init-hang",
+        S::Failed,
+        Some("timed out after 2 s"),
+    );
+    check(
+        &registry,
+        "init-raise",
+        S::Failed,
+        Some("InitError: RuntimeError: constructor refused"),
+    );
+    check(&registry, "faulty", S::Initialized, None);
+    // Output on stdout never corrupts the protocol.
+    assert_eq!(
+        call(&loader, "faulty", "spam", json!({})).unwrap(),
+        json!({"spammed": true})
+    );
+    // sys.exit() in a tool is that call's error.
+    match call(&loader, "faulty", "sysexit", json!({})) {
+        Err(CallError::Tool(ToolError::Failed { error_type, .. })) => {
+            assert_eq!(error_type.as_deref(), Some("SystemExit"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A result that is not JSON names the type.
+    match call(&loader, "faulty", "unknown", json!({})) {
+        Err(CallError::Tool(ToolError::Failed { message, .. })) => {
+            assert!(message.contains("object"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    check(&registry, "faulty", S::Initialized, None);
+    // The protocol is not on fds 0 and 1: a plugin closing them breaks
+    // nothing.
+    assert_eq!(
+        call(&loader, "faulty", "close", json!({})).unwrap(),
+        json!({"closed": true})
+    );
+    assert_eq!(
+        call(&loader, "faulty", "ok", json!({})).unwrap(),
+        json!({"ok": true})
+    );
+    // A thread that keeps running does not stop the answer.
+    assert_eq!(
+        call(&loader, "faulty", "thread", json!({})).unwrap(),
+        json!({"started": true})
+    );
+    // Faults: each leaves the plugin FAILED with the precise reason.
+    let started = Instant::now();
+    assert!(call(&loader, "faulty", "hang", json!({})).is_err());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    check(
+        &registry,
+        "faulty",
+        S::Failed,
+        Some("timed out after 2 s during tool 'hang'"),
+    );
+    check(&registry, "bystander", S::Initialized, None);
+    assert_eq!(
+        call(&loader, "bystander", "echo", json!({"still": "here"})).unwrap(),
+        json!({"still": "here"})
+    );
+}
+
+#[test]
+fn python_crashes_at_call_time_are_precise() {
+    let cases = [
+        ("segfault", "SIGSEGV"),
+        ("exit", "exited with code 3"),
+        ("blowup", "exceeded memory limit 256 MiB"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (tool, _) in cases {
+        copy_fixture(dir.path(), "faulty", tool);
+        write_manifest(
+            dir.path(),
+            tool,
+            json!({"runtime": "python", "limits": {"memory_mb": 256, "max_response_mb": 16}}),
+        );
+    }
+    copy_fixture(dir.path(), "faulty", "huge");
+    write_manifest(
+        dir.path(),
+        "huge",
+        json!({"runtime": "python", "limits": {"max_response_mb": 16}}),
+    );
+    let registry = Registry::new();
+    let loader = loader(dir.path(), &registry);
+    // A result over the manifest's `max_response_mb` is refused by the
+    // runner before it is sent: a tool error, the plugin stays healthy.
+    match call(&loader, "huge", "huge", json!({"mb": 40})) {
+        Err(CallError::Tool(ToolError::Failed {
+            error_type,
+            message,
+        })) => {
+            assert_eq!(error_type.as_deref(), Some("ResultTooLarge"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    check(&registry, "huge", S::Initialized, None);
+    for (tool, reason) in cases {
+        check(&registry, tool, S::Initialized, None);
+        let outcome = call(&loader, tool, tool, json!({"mb": 40}));
+        assert!(
+            matches!(outcome, Err(CallError::Tool(ref e)) if e.is_fault()),
+            "{tool}: {outcome:?}"
+        );
+        check(&registry, tool, S::Failed, Some(reason));
+    }
+}
+
+/// The Python runner, hosting the `echo` fixture, through the conformance
+/// suite the native runner passes.
+fn python_runner() -> RunnerUnderTest {
+    require_python();
+    let dir = fixtures().join("echo");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    RunnerUnderTest {
+        program: "python3".into(),
+        args: vec![
+            "-u".into(),
+            "-c".into(),
+            forgesyte_loader::python::RUNNER_SOURCE.into(),
+            "--plugin-dir".into(),
+            dir.clone().into(),
+            "--file".into(),
+            dir.join("plugin.py").into(),
+            "--plugin".into(),
+            "conformance".into(),
+            "--memory-limit-mb".into(),
+            "0".into(),
+        ],
+        envs: Vec::new(),
+        manifest,
+        plugin_dir: dir,
+        echo_tool: "echo".into(),
+        sleep_tool: Some("sleep".into()),
+    }
+}
+
+#[test]
+fn the_python_runner_passes_the_conformance_suite() {
+    conformance::check_all(&python_runner());
+}
+
+/// The Python runner's own unit tests (`src/python/test_runner.py`,
+/// standard library `unittest`): pointer placement, framing, schema
+/// normalisation, result conversion, every error kind.
+#[test]
+fn the_python_runners_own_tests_pass() {
+    require_python();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python");
+    let output = std::process::Command::new("python3")
+        .args(["-m", "unittest", "-q", "test_runner"])
+        .current_dir(&dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("run python3 -m unittest");
+    assert!(
+        output.status.success(),
+        "test_runner.py failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
