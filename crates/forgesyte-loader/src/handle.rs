@@ -146,6 +146,19 @@ impl PluginHandle {
     /// Runs `tool` with `args`, blocking the calling thread, and records the
     /// outcome in the registry.
     pub fn call(&self, tool: &str, args: &Value) -> Result<Value, CallError> {
+        self.call_with(tool, args, &[])
+    }
+
+    /// [`call`](Self::call) with binary arguments: each `(pointer, bytes)`
+    /// goes to the JSON Pointer `pointer` in `args`. A plugin in a runner
+    /// gets them as bytes (attachments on the pipe, never base64); an
+    /// in-process native plugin (ABI 1, JSON only) as base64 strings.
+    pub fn call_with(
+        &self,
+        tool: &str,
+        args: &Value,
+        attachments: &[(&str, &[u8])],
+    ) -> Result<Value, CallError> {
         let name = &self.inner.slot.name;
         let registry = &self.inner.slot.registry;
         if !self.has_tool(tool) {
@@ -171,7 +184,7 @@ impl PluginHandle {
         let instance = self.inner.slot.current();
         let started = Instant::now();
         let outcome = instance
-            .call(tool, &args)
+            .call_with(tool, &args, attachments)
             .and_then(|bytes| {
                 serde_json::from_slice::<Value>(&bytes).map_err(|e| ToolError::Protocol {
                     detail: format!("result is not valid JSON: {e}"),

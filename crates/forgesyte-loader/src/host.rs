@@ -37,6 +37,23 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// Runs `tool` with JSON-encoded `args`; returns the JSON-encoded result.
     fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError>;
 
+    /// [`call`](Self::call) with binary arguments, each placed at its JSON
+    /// Pointer in `args`. By default (a plugin that takes JSON only) they
+    /// are put there as base64 strings; a runner-hosted instance sends them
+    /// as bytes.
+    fn call_with(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+    ) -> Result<Vec<u8>, ToolError> {
+        if attachments.is_empty() {
+            return self.call(tool, args);
+        }
+        let args = base64_into_json(args, attachments)?;
+        self.call(tool, &args)
+    }
+
     /// The id of the process the instance lives in, when that is not the
     /// host's own (process isolation).
     fn pid(&self) -> Option<u32> {
@@ -64,6 +81,23 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// grace if it has not; returns at once (the grace runs elsewhere). A
     /// no-op in the host's own process.
     fn stop(&self) {}
+}
+
+/// `args` (JSON) with each attachment put at its pointer as a base64 string.
+pub(crate) fn base64_into_json(
+    args: &[u8],
+    attachments: &[(&str, &[u8])],
+) -> Result<Vec<u8>, ToolError> {
+    use base64::Engine as _;
+    let invalid = |message: String| ToolError::InvalidArgs { message };
+    let mut value: serde_json::Value =
+        serde_json::from_slice(args).map_err(|e| invalid(e.to_string()))?;
+    for (pointer, bytes) in attachments {
+        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+        forgesyte_protocol::wire::attach::place(&mut value, pointer, text.into())
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))
 }
 
 /// Called once when an isolated instance's process ends.

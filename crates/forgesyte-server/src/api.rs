@@ -16,11 +16,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::VERSION;
+use crate::body::{self, RunRequest};
 use crate::error::{ApiError, ErrorDetail, RunFailure};
 use crate::extract::{ApiPath, PluginPath, ToolPath};
 use crate::respond::{json, json_bytes};
 use crate::state::AppState;
-use crate::tools::{self, RunRequest, RunSuccess};
+use crate::tools::{self, RunSuccess};
 use crate::wire::{JournalEntryJson, PluginStatusJson, ToolInfoJson};
 
 /// Answer of `GET /v1/health`.
@@ -204,7 +205,11 @@ pub(crate) async fn plugin_tools(
         ("name" = String, Path, description = "Plugin name (registry key)"),
         ("tool" = String, Path, description = "Tool id"),
     ),
-    request_body(content = RunRequest, description = "`{\"args\": {...}}`; an empty body means no arguments", content_type = "application/json"),
+    request_body(content(
+        (RunRequest = "application/json"),
+        (Object = "multipart/form-data"),
+        (Vec<u8> = "application/octet-stream"),
+    ), description = "`{\"args\": {...}}` (an empty body means no arguments); or `multipart/form-data` whose file parts are binary arguments under their field names and whose optional `args` part holds the rest as JSON; or `application/octet-stream`, the tool's one binary argument. Arguments the tool's input schema declares binary (`format: binary`, `contentEncoding: base64`) reach the plugin as bytes"),
     responses(
         (status = 200, description = "The tool's result", body = RunSuccess),
         (status = 400, description = "The body is not JSON", body = RunFailure),
@@ -219,10 +224,14 @@ pub(crate) async fn plugin_tools(
 pub(crate) async fn run_tool(
     State(state): State<AppState>,
     ApiPath(ToolPath { name: plugin, tool }): ApiPath<ToolPath>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let outcome = match tools::parse_body(body, state.body_limit()) {
-        Ok(request) => tools::run(&state, &plugin, &tool, request).await,
+    let outcome = match body::received(body, state.body_limit()) {
+        Ok(bytes) => match body::read(&headers, bytes).await {
+            Ok(input) => tools::run(&state, &plugin, &tool, input).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     match outcome {

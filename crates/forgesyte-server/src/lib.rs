@@ -62,6 +62,7 @@
 
 mod admin;
 mod api;
+mod body;
 mod check;
 mod config;
 mod docs;
@@ -79,6 +80,7 @@ mod wire;
 
 pub use admin::AdminToken;
 pub use api::{HealthResponse, PluginHealth};
+pub use body::RunRequest;
 pub use check::{CheckError, CheckReport, check};
 pub use config::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_PLUGINS_DIR,
@@ -90,7 +92,7 @@ pub use reload::{ReloadOutcome, ReloadReport};
 pub use router::{app, openapi};
 pub use server::{ServeError, Server, build_loader, build_loader_from, serve, shutdown_signal};
 pub use state::AppState;
-pub use tools::{RunRequest, RunSuccess};
+pub use tools::RunSuccess;
 pub use wire::{JournalEntryJson, PluginStateJson, PluginStatusJson, ToolInfoJson};
 
 /// The server's version, as reported by `GET /v1/health`.

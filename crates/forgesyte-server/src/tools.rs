@@ -8,28 +8,15 @@
 
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use utoipa::ToSchema;
 
-use forgesyte_deps::json_type_name;
 use forgesyte_loader::Isolation;
 
+use crate::body::{RunInput, binary_arguments};
 use crate::error::RunError;
 use crate::state::AppState;
-
-/// Body of a tool run. An empty body means `{"args": {}}`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RunRequest {
-    /// The tool's arguments, a JSON object (default `{}`).
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub args: Map<String, Value>,
-}
 
 /// A tool run that produced a result (200).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
@@ -47,67 +34,12 @@ pub struct RunSuccess {
     pub processing_time_ms: f64,
 }
 
-/// Reads the body: empty means no arguments; otherwise it must be
-/// `{"args": {...}}` (400 when not JSON, 422 when JSON of another shape,
-/// 413 when larger than the limit).
-pub(crate) fn parse_body(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<RunRequest, RunError> {
-    let bytes = match body {
-        Ok(bytes) => bytes,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(RunError::PayloadTooLarge { limit });
-        }
-        Err(rejection) => {
-            return Err(RunError::MalformedBody {
-                message: rejection.body_text(),
-            });
-        }
-    };
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(RunRequest::default());
-    }
-    // serde would take `[]` for a struct: only an object may be a request.
-    if bytes.trim_ascii_start().first() != Some(&b'{') {
-        return Err(match serde_json::from_slice::<Value>(&bytes) {
-            Ok(value) => RunError::InvalidBody {
-                message: format!("expected a JSON object, found {}", json_type_name(&value)),
-            },
-            Err(e) => RunError::MalformedBody {
-                message: e.to_string(),
-            },
-        });
-    }
-    // One pass in the common case; a body that is not a `RunRequest` is
-    // parsed again only to tell malformed JSON (400) from the wrong shape (422).
-    serde_json::from_slice::<RunRequest>(&bytes).map_err(|e| {
-        if e.is_data() {
-            match serde_json::from_slice::<Value>(&bytes) {
-                Ok(value) if !value.is_object() => RunError::InvalidBody {
-                    message: format!("expected a JSON object, found {}", json_type_name(&value)),
-                },
-                Ok(_) => RunError::InvalidBody {
-                    message: e.to_string(),
-                },
-                Err(e) => RunError::MalformedBody {
-                    message: e.to_string(),
-                },
-            }
-        } else {
-            RunError::MalformedBody {
-                message: e.to_string(),
-            }
-        }
-    })
-}
-
-/// Runs `tool` of `plugin` with `request`'s arguments.
+/// Runs `tool` of `plugin` with `input`'s arguments.
 pub(crate) async fn run(
     state: &AppState,
     plugin: &str,
     tool: &str,
-    request: RunRequest,
+    input: RunInput,
 ) -> Result<RunSuccess, RunError> {
     let registry = state.registry();
     let Some(plugin_state) = registry.get_state(plugin) else {
@@ -132,12 +64,30 @@ pub(crate) async fn run(
     let limit = handle
         .call_timeout()
         .unwrap_or_else(|| state.call_timeout());
-    let args = Value::Object(request.args);
+    let declared: Vec<String> = handle
+        .tools()
+        .iter()
+        .find(|t| t.id == tool)
+        .map(|t| {
+            binary_arguments(&t.input_schema)
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let (args, attachments) =
+        arguments(input, &declared, handle.isolation() == Isolation::Process)?;
     let started = Instant::now();
     let call = {
         let handle = handle.clone();
         let tool = tool.to_owned();
-        state.calls().run(move || handle.call(&tool, &args))
+        state.calls().run(move || {
+            let refs: Vec<(&str, &[u8])> = attachments
+                .iter()
+                .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
+                .collect();
+            handle.call_with(&tool, &args, &refs)
+        })
     };
     // One owner per timeout: an isolated plugin's handle times the call out
     // itself (it kills the runner and answers `TimedOut`, a 504), so only
@@ -172,47 +122,62 @@ pub(crate) async fn run(
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+/// The JSON arguments and the binary ones (as `(JSON Pointer, bytes)`):
+/// multipart parts by name, an octet-stream body as the tool's one declared
+/// binary argument, and, for a plugin in a runner, base64 strings of
+/// declared binary arguments decoded once so that they cross the pipe as
+/// bytes. A binary argument's place in the JSON holds `null`.
+fn arguments(
+    input: RunInput,
+    declared: &[String],
+    runner: bool,
+) -> Result<(Value, Vec<(String, axum::body::Bytes)>), RunError> {
+    use base64::Engine as _;
+    let RunInput {
+        mut args,
+        mut binary,
+        unnamed,
+    } = input;
+    if let Some(bytes) = unnamed {
+        match declared {
+            [one] => binary.push((one.clone(), bytes)),
+            [] => {
+                return Err(RunError::InvalidBody {
+                    message: "the tool declares no binary argument: send JSON".into(),
+                });
+            }
+            many => {
+                return Err(RunError::InvalidBody {
+                    message: format!(
+                        "the tool declares {} binary arguments ({}): send multipart/form-data",
+                        many.len(),
+                        many.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    if runner {
+        for name in declared {
+            if let Some(Value::String(text)) = args.get(name) {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|e| RunError::InvalidArgs {
+                        message: format!("argument '{name}' is not valid base64: {e}"),
+                    })?;
+                binary.push((name.clone(), bytes.into()));
+            }
+        }
+    }
+    let mut attachments = Vec::with_capacity(binary.len());
+    for (name, bytes) in binary {
+        args.insert(name.clone(), Value::Null);
+        let pointer = format!("/{}", name.replace('~', "~0").replace('/', "~1"));
+        attachments.push((pointer, bytes));
+    }
+    Ok((Value::Object(args), attachments))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ok_body(text: &'static str) -> Result<Bytes, BytesRejection> {
-        Ok(Bytes::from_static(text.as_bytes()))
-    }
-
-    #[test]
-    fn empty_and_args_only_bodies_parse() {
-        assert_eq!(parse_body(ok_body(""), 10), Ok(RunRequest::default()));
-        assert_eq!(parse_body(ok_body("  \n"), 10), Ok(RunRequest::default()));
-        assert_eq!(parse_body(ok_body("{}"), 10), Ok(RunRequest::default()));
-        let parsed = parse_body(ok_body(r#"{"args": {"x": 1}}"#), 10).unwrap();
-        assert_eq!(parsed.args.get("x"), Some(&Value::from(1)));
-    }
-
-    #[test]
-    fn malformed_json_is_400_and_wrong_shape_is_422() {
-        for text in ["{", "not json", r#"{"args": }"#, "{\"args\": {}} trailing"] {
-            let err = parse_body(ok_body(text), 10).unwrap_err();
-            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{text}: {err:?}");
-        }
-        for text in [
-            "[]",
-            "42",
-            r#"{"args": [1, 2]}"#,
-            r#"{"args": "x"}"#,
-            r#"{"args": null}"#,
-            r#"{"arg": {}}"#,
-        ] {
-            let err = parse_body(ok_body(text), 10).unwrap_err();
-            assert_eq!(
-                err.status(),
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "{text}: {err:?}"
-            );
-        }
-    }
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }

@@ -10,6 +10,9 @@
 //! - `hygiene`: runner processes: Ctrl-C to the terminal's process group
 //!   drains the server without touching its runners; runners die with a
 //!   SIGKILLed server;
+//! - `python`: Python plugins beside native ones through the binary, and
+//!   binary arguments (JSON base64, multipart, octet-stream) byte-exact in
+//!   every runtime;
 //! - `concurrency`: readers and tool calls at once against the binary;
 //! - `startup`: [`forgesyte_server::Server`] in-process over a loader whose
 //!   plugin construction is held back (health, liveness and readiness while
@@ -38,6 +41,8 @@ mod hygiene;
 mod preflight;
 #[path = "api/probes.rs"]
 mod probes;
+#[path = "api/python.rs"]
+mod python;
 #[path = "api/router.rs"]
 mod router;
 #[path = "api/startup.rs"]

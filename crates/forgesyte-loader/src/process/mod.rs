@@ -565,7 +565,16 @@ impl PluginInstance for ProcessInstance {
     }
 
     fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
-        self.call_with(tool, args, &[])
+        ProcessInstance::call_with(self, tool, args, &[])
+    }
+
+    fn call_with(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+    ) -> Result<Vec<u8>, ToolError> {
+        ProcessInstance::call_with(self, tool, args, attachments)
     }
 
     fn stop(&self) {

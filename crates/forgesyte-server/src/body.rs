@@ -1,0 +1,354 @@
+//! The run route's body in its three forms (SPEC §5): JSON
+//! `{"args": {...}}`, `multipart/form-data` (file parts are binary
+//! arguments under their field names; an optional `args` part holds the
+//! rest as JSON), and `application/octet-stream` (the tool's one binary
+//! argument). A leaf: it knows HTTP bodies and JSON Schema's spelling of
+//! "binary", nothing of plugins.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
+use forgesyte_deps::json_type_name;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use crate::error::RunError;
+
+/// Body of a tool run. An empty body means `{"args": {}}`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// The tool's arguments, a JSON object (default `{}`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub args: Map<String, Value>,
+}
+
+/// The body as received, or why it was not (413 over the limit).
+pub(crate) fn received(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, RunError> {
+    match body {
+        Ok(bytes) => Ok(bytes),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(RunError::PayloadTooLarge { limit })
+        }
+        Err(rejection) => Err(RunError::MalformedBody {
+            message: rejection.body_text(),
+        }),
+    }
+}
+
+/// A JSON body: empty means no arguments; otherwise it must be
+/// `{"args": {...}}` (400 when not JSON, 422 when JSON of another shape).
+pub(crate) fn parse_json_body(bytes: &[u8]) -> Result<RunRequest, RunError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RunRequest::default());
+    }
+    // serde would take `[]` for a struct: only an object may be a request.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(match serde_json::from_slice::<Value>(bytes) {
+            Ok(value) => RunError::InvalidBody {
+                message: format!("expected a JSON object, found {}", json_type_name(&value)),
+            },
+            Err(e) => RunError::MalformedBody {
+                message: e.to_string(),
+            },
+        });
+    }
+    // One pass in the common case; a body that is not a `RunRequest` is
+    // parsed again only to tell malformed JSON (400) from the wrong shape (422).
+    serde_json::from_slice::<RunRequest>(bytes).map_err(|e| {
+        if e.is_data() {
+            match serde_json::from_slice::<Value>(bytes) {
+                Ok(value) if !value.is_object() => RunError::InvalidBody {
+                    message: format!("expected a JSON object, found {}", json_type_name(&value)),
+                },
+                Ok(_) => RunError::InvalidBody {
+                    message: e.to_string(),
+                },
+                Err(e) => RunError::MalformedBody {
+                    message: e.to_string(),
+                },
+            }
+        } else {
+            RunError::MalformedBody {
+                message: e.to_string(),
+            }
+        }
+    })
+}
+
+/// What a run request carries: JSON arguments and raw binary ones (by
+/// argument name), each body read once and never copied again.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct RunInput {
+    /// The JSON arguments.
+    pub(crate) args: Map<String, Value>,
+    /// Binary arguments, by name, as received.
+    pub(crate) binary: Vec<(String, Bytes)>,
+    /// The body was `application/octet-stream`: its one binary argument
+    /// still needs a name (the tool's one binary input).
+    pub(crate) unnamed: Option<Bytes>,
+}
+
+/// Reads a run body according to its `Content-Type`.
+pub(crate) async fn read(headers: &HeaderMap, bytes: Bytes) -> Result<RunInput, RunError> {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "multipart/form-data" => multipart(content_type, bytes).await,
+        "application/octet-stream" => Ok(RunInput {
+            unnamed: Some(bytes),
+            ..RunInput::default()
+        }),
+        // JSON, or no type at all (curl -d sends form-urlencoded: JSON
+        // clients that forget the header keep working).
+        _ => parse_json_body(&bytes).map(|RunRequest { args }| RunInput {
+            args,
+            ..RunInput::default()
+        }),
+    }
+}
+
+async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunError> {
+    let malformed = |e: multer::Error| RunError::MalformedBody {
+        message: format!("malformed multipart body: {e}"),
+    };
+    let boundary = multer::parse_boundary(content_type).map_err(malformed)?;
+    let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(bytes) });
+    let mut parts = multer::Multipart::new(stream, boundary);
+    let mut input = RunInput::default();
+    let mut seen_args = false;
+    while let Some(field) = parts.next_field().await.map_err(malformed)? {
+        let Some(name) = field.name().map(str::to_owned) else {
+            return Err(RunError::InvalidBody {
+                message: "a multipart part has no field name".into(),
+            });
+        };
+        let is_file = field.file_name().is_some();
+        let data = field.bytes().await.map_err(malformed)?;
+        if name == "args" && !is_file {
+            if seen_args {
+                return Err(RunError::InvalidBody {
+                    message: "more than one 'args' part".into(),
+                });
+            }
+            seen_args = true;
+            let value: Value =
+                serde_json::from_slice(&data).map_err(|e| RunError::MalformedBody {
+                    message: format!("the 'args' part is not JSON: {e}"),
+                })?;
+            let Value::Object(args) = value else {
+                return Err(RunError::InvalidBody {
+                    message: "the 'args' part must be a JSON object".into(),
+                });
+            };
+            input.args = args;
+        } else {
+            if input.binary.iter().any(|(n, _)| *n == name) {
+                return Err(RunError::InvalidBody {
+                    message: format!("more than one part named '{name}'"),
+                });
+            }
+            input.binary.push((name, data));
+        }
+    }
+    if let Some((name, _)) = input
+        .binary
+        .iter()
+        .find(|(name, _)| input.args.contains_key(name))
+    {
+        return Err(RunError::InvalidBody {
+            message: format!("argument '{name}' is given both as a part and in 'args'"),
+        });
+    }
+    Ok(input)
+}
+
+/// The top-level arguments a tool's input schema declares binary:
+/// `"format": "binary"` (what pydantic emits for `bytes`) or
+/// `"contentEncoding": "base64"`.
+pub(crate) fn binary_arguments(input_schema: &Value) -> Vec<&str> {
+    let Some(properties) = input_schema.get("properties").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    properties
+        .iter()
+        .filter(|(_, schema)| {
+            schema.get("format").and_then(Value::as_str) == Some("binary")
+                || schema.get("contentEncoding").and_then(Value::as_str) == Some("base64")
+        })
+        .map(|(name, _)| name.as_str())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use serde_json::json;
+
+    fn headers(content_type: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+        h
+    }
+
+    fn multipart_body(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Bytes) {
+        let boundary = "XyZzY";
+        let mut body = Vec::new();
+        for (name, file, data) in parts {
+            body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+            match file {
+                Some(file) => body.extend_from_slice(
+                    format!(
+                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\n\
+                         Content-Type: application/octet-stream\r\n\r\n"
+                    )
+                    .as_bytes(),
+                ),
+                None => body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+                ),
+            }
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        (
+            format!("multipart/form-data; boundary={boundary}"),
+            Bytes::from(body),
+        )
+    }
+
+    #[tokio::test]
+    async fn multipart_parts_are_binary_arguments_and_args_the_rest() {
+        let image: Vec<u8> = (0..=255).cycle().take(3000).collect();
+        let (ct, body) = multipart_body(&[
+            ("args", None, br#"{"threshold": 3}"#),
+            ("image", Some("frame.png"), &image),
+            ("mask", None, b"\x00\xff"),
+        ]);
+        let input = read(&headers(&ct), body).await.unwrap();
+        assert_eq!(Value::Object(input.args), json!({"threshold": 3}));
+        assert_eq!(input.binary.len(), 2);
+        assert_eq!(input.binary[0].0, "image");
+        assert_eq!(&input.binary[0].1[..], &image[..]);
+        assert_eq!(&input.binary[1].1[..], b"\x00\xff");
+    }
+
+    #[tokio::test]
+    async fn bad_multipart_bodies_are_client_errors() {
+        let (ct, body) = multipart_body(&[("args", None, b"[1]")]);
+        assert!(matches!(
+            read(&headers(&ct), body).await,
+            Err(RunError::InvalidBody { .. })
+        ));
+        let (ct, body) = multipart_body(&[("args", None, b"{")]);
+        assert!(matches!(
+            read(&headers(&ct), body).await,
+            Err(RunError::MalformedBody { .. })
+        ));
+        let (ct, body) = multipart_body(&[("x", Some("a"), b"1"), ("x", Some("b"), b"2")]);
+        assert!(matches!(
+            read(&headers(&ct), body).await,
+            Err(RunError::InvalidBody { .. })
+        ));
+        let (ct, body) = multipart_body(&[("args", None, br#"{"x": 1}"#), ("x", Some("b"), b"2")]);
+        assert!(matches!(
+            read(&headers(&ct), body).await,
+            Err(RunError::InvalidBody { .. })
+        ));
+        for ct in ["multipart/form-data", "multipart/form-data; boundary=nope"] {
+            assert!(matches!(
+                read(&headers(ct), Bytes::from_static(b"garbage")).await,
+                Err(RunError::MalformedBody { .. })
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn octet_streams_and_json() {
+        let input = read(
+            &headers("application/octet-stream"),
+            Bytes::from_static(b"\x89PNG"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(input.unnamed.as_deref(), Some(&b"\x89PNG"[..]));
+        let input = read(
+            &headers("application/json"),
+            Bytes::from_static(br#"{"args": {"a": 1}}"#),
+        )
+        .await
+        .unwrap();
+        assert_eq!(Value::Object(input.args), json!({"a": 1}));
+        assert!(input.binary.is_empty() && input.unnamed.is_none());
+    }
+
+    #[test]
+    fn binary_arguments_follow_the_schema() {
+        let schema = json!({"type": "object", "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "mask": {"type": "string", "contentEncoding": "base64"},
+            "name": {"type": "string"}
+        }});
+        let mut found = binary_arguments(&schema);
+        found.sort_unstable();
+        assert_eq!(found, ["image", "mask"]);
+        assert!(binary_arguments(&json!({"type": "object"})).is_empty());
+    }
+
+    // The JSON form (moved with the parser from `tools`).
+    fn parse_body(body: &'static str, _limit: usize) -> Result<RunRequest, RunError> {
+        parse_json_body(body.as_bytes())
+    }
+
+    fn ok_body(text: &'static str) -> &'static str {
+        text
+    }
+
+    #[test]
+    fn empty_and_args_only_bodies_parse() {
+        assert_eq!(parse_body(ok_body(""), 10), Ok(RunRequest::default()));
+        assert_eq!(parse_body(ok_body("  \n"), 10), Ok(RunRequest::default()));
+        assert_eq!(parse_body(ok_body("{}"), 10), Ok(RunRequest::default()));
+        let parsed = parse_body(ok_body(r#"{"args": {"x": 1}}"#), 10).unwrap();
+        assert_eq!(parsed.args.get("x"), Some(&Value::from(1)));
+    }
+
+    #[test]
+    fn malformed_json_is_400_and_wrong_shape_is_422() {
+        for text in ["{", "not json", r#"{"args": }"#, "{\"args\": {}} trailing"] {
+            let err = parse_body(ok_body(text), 10).unwrap_err();
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{text}: {err:?}");
+        }
+        for text in [
+            "[]",
+            "42",
+            r#"{"args": [1, 2]}"#,
+            r#"{"args": "x"}"#,
+            r#"{"args": null}"#,
+            r#"{"arg": {}}"#,
+        ] {
+            let err = parse_body(ok_body(text), 10).unwrap_err();
+            assert_eq!(
+                err.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{text}: {err:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Python plugins through the real binary: the seed's fixtures served side
+//! by side with native plugins, tool errors as 422, and binary arguments
+//! through JSON base64, `multipart/form-data` and
+//! `application/octet-stream`, byte-exact, for Python, native in-process
+//! and native isolated plugins.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::support::{Forgesyte, PluginsDir, http_with};
+
+/// Copies the Python fixture `name` into `dir` as `as_name`.
+fn python_fixture(dir: &PluginsDir, name: &str, as_name: &str) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/python")
+        .join(name);
+    let to = dir.path().join(as_name);
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    let manifest = to.join("manifest.json");
+    let mut value: Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    value["name"] = json!(as_name);
+    std::fs::write(&manifest, value.to_string()).unwrap();
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `multipart/form-data` with an `args` part and one file part `data`.
+fn multipart(args: &Value, data: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "forgesyte-test-boundary-7f3a";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"args\"\r\n\r\n{args}\r\n\
+             --{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"frame.bin\"\r\n\
+             Content-Type: application/octet-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data");
+    std::fs::write(&file, bytes).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(&file)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Bytes that are not text: every byte value, in a pattern of `n` bytes.
+fn frame(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[test]
+fn python_plugins_serve_beside_native_ones_with_the_seeds_reasons() {
+    let dir = PluginsDir::new();
+    python_fixture(&dir, "echo", "echo");
+    python_fixture(&dir, "broken_plugin", "broken_plugin");
+    python_fixture(&dir, "bad_init", "bad_init");
+    dir.good("native", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let list = server.get("/v1/plugins").json();
+    let state = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {list}"))
+            .clone()
+    };
+    assert_eq!(state("echo")["state"], "INITIALIZED");
+    assert_eq!(state("native")["state"], "INITIALIZED");
+    assert_eq!(state("broken_plugin")["state"], "FAILED");
+    assert!(
+        state("broken_plugin")["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("ImportError: SyntaxError: "),
+        "{list}"
+    );
+    assert_eq!(
+        state("bad_init")["reason"],
+        "InitError: ValueError: no weights"
+    );
+    for name in ["echo", "broken_plugin", "bad_init"] {
+        assert_eq!(
+            server.get(&format!("/v1/plugins/{name}/health")).status,
+            200
+        );
+    }
+    let tools = server.get("/v1/plugins/echo/tools").json();
+    assert!(tools.to_string().contains("checksum"), "{tools}");
+    let reply = server.run("echo", "echo", r#"{"args": {"text": "héllo"}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["result"], json!({"text": "héllo"}));
+    // An exception is a tool error: 422 with the exception's class.
+    let reply = server.run("echo", "fail", "{}");
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(reply.json()["error_type"], "ValueError");
+    assert!(
+        reply.json()["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("bad input"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        server.get("/v1/plugins/echo/health").json()["state"],
+        "INITIALIZED"
+    );
+}
+
+#[test]
+fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
+    let dir = PluginsDir::new();
+    python_fixture(&dir, "echo", "py");
+    dir.good("native-in", json!({}));
+    dir.good("native-iso", json!({"isolation": "process"}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    for size in [0usize, 1, 100_000, 3_000_000] {
+        let data = frame(size);
+        let digest = sha256(&data);
+        // Python: JSON base64, multipart and octet-stream reach the plugin
+        // as the same bytes.
+        let target = "/v1/plugins/py/tools/checksum/run";
+        let json_body = json!({"args": {"data": base64(&data)}}).to_string();
+        let (multipart_type, multipart_body) = multipart(&json!({}), &data);
+        for (what, content_type, body) in [
+            ("json", "application/json", json_body.into_bytes()),
+            ("multipart", multipart_type.as_str(), multipart_body),
+            ("octet-stream", "application/octet-stream", data.clone()),
+        ] {
+            let reply = http_with(
+                server.addr,
+                "POST",
+                target,
+                &[("Content-Type", content_type)],
+                &body,
+            );
+            assert_eq!(reply.status, 200, "{what} {size}: {}", reply.text());
+            assert_eq!(
+                reply.json()["result"],
+                json!({"len": size, "sha256": digest}),
+                "{what} {size}"
+            );
+        }
+        // Every runtime echoes multipart bytes back as base64 in JSON.
+        for plugin in ["py", "native-in", "native-iso"] {
+            let (content_type, body) = multipart(&json!({"tag": plugin}), &data);
+            let reply = http_with(
+                server.addr,
+                "POST",
+                &format!("/v1/plugins/{plugin}/tools/echo/run"),
+                &[("Content-Type", &content_type)],
+                &body,
+            );
+            assert_eq!(reply.status, 200, "{plugin} {size}: {}", reply.text());
+            let result = &reply.json()["result"];
+            assert_eq!(result["tag"], plugin);
+            assert_eq!(result["data"], base64(&data), "{plugin} {size}");
+        }
+    }
+    // An octet-stream body needs exactly one declared binary argument.
+    let reply = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/py/tools/echo/run",
+        &[("Content-Type", "application/octet-stream")],
+        b"abc",
+    );
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert!(
+        reply.text().contains("no binary argument"),
+        "{}",
+        reply.text()
+    );
+    // Invalid base64 for a declared binary argument is the client's error.
+    let reply = server.run("py", "checksum", r#"{"args": {"data": "not base64!"}}"#);
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert!(
+        reply.text().contains("not valid base64"),
+        "{}",
+        reply.text()
+    );
+}
