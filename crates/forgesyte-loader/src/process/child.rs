@@ -602,7 +602,7 @@ fn read_stderr(shared: &Shared, stderr: std::process::ChildStderr) {
                 if text.is_empty() {
                     continue;
                 }
-                tracing::info!(target: "forgesyte_loader::plugin_stderr", plugin = %shared.plugin, pid = shared.pid, "{text}");
+                log_stderr_line(&shared.plugin, shared.pid, text);
                 let mut tail = shared.stderr_tail.lock();
                 if tail.len() == STDERR_TAIL_LINES {
                     tail.pop_front();
@@ -613,6 +613,34 @@ fn read_stderr(shared: &Shared, stderr: std::process::ChildStderr) {
     }
     *shared.stderr_done.lock() = true;
     shared.stderr_closed.notify_all();
+}
+
+/// The level a runner gave a line: the Python runner writes each `logging`
+/// record as `LEVEL logger: message`; any other line is `INFO`.
+fn stderr_level(text: &str) -> (tracing::Level, &str) {
+    let levels = [
+        ("CRITICAL ", tracing::Level::ERROR),
+        ("ERROR ", tracing::Level::ERROR),
+        ("WARNING ", tracing::Level::WARN),
+        ("INFO ", tracing::Level::INFO),
+        ("DEBUG ", tracing::Level::DEBUG),
+    ];
+    levels
+        .iter()
+        .find_map(|(prefix, level)| text.strip_prefix(prefix).map(|rest| (*level, rest)))
+        .unwrap_or((tracing::Level::INFO, text))
+}
+
+/// Logs one stderr line of a plugin's runner, tagged with the plugin, at
+/// the level the line carries.
+fn log_stderr_line(plugin: &str, pid: u32, text: &str) {
+    const TARGET: &str = "forgesyte_loader::plugin_stderr";
+    match stderr_level(text) {
+        (tracing::Level::ERROR, line) => tracing::error!(target: TARGET, plugin, pid, "{line}"),
+        (tracing::Level::WARN, line) => tracing::warn!(target: TARGET, plugin, pid, "{line}"),
+        (tracing::Level::DEBUG, line) => tracing::debug!(target: TARGET, plugin, pid, "{line}"),
+        (_, line) => tracing::info!(target: TARGET, plugin, pid, "{line}"),
+    }
 }
 
 /// `64 MiB`, `512 KiB`, `100 bytes`.
@@ -630,6 +658,23 @@ pub(crate) fn fmt_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::fmt_bytes;
+
+    #[test]
+    fn python_logging_lines_keep_their_level() {
+        use super::stderr_level;
+        use tracing::Level;
+        assert_eq!(
+            stderr_level("WARNING ocr: low confidence"),
+            (Level::WARN, "ocr: low confidence")
+        );
+        assert_eq!(stderr_level("CRITICAL x: y"), (Level::ERROR, "x: y"));
+        assert_eq!(stderr_level("DEBUG x: y"), (Level::DEBUG, "x: y"));
+        assert_eq!(
+            stderr_level("thread 'main' panicked"),
+            (Level::INFO, "thread 'main' panicked")
+        );
+        assert_eq!(stderr_level("WARNINGS"), (Level::INFO, "WARNINGS"));
+    }
 
     #[test]
     fn byte_counts_read_well() {
