@@ -854,21 +854,37 @@ fn isolated_plugin_crash_is_502_then_503_then_restarted_while_others_serve() {
 
 #[test]
 fn chaos_sigkilled_runners_under_traffic_never_hang_or_500_and_counts_reconcile() {
-    const PLUGINS: [&str; 3] = ["iso-a", "iso-b", "iso-c"];
     let dir = PluginsDir::new();
-    for name in PLUGINS {
+    for name in ["iso-a", "iso-b", "iso-c"] {
         dir.good(
             name,
             json!({"isolation": "process", "limits": {"call_timeout_s": 5}}),
         );
     }
+    chaos(&dir, ["iso-a", "iso-b", "iso-c"]);
+}
+
+#[test]
+fn chaos_sigkilled_python_runners_under_traffic_never_hang_or_500_and_counts_reconcile() {
+    let dir = PluginsDir::new();
+    for name in ["py-a", "py-b", "py-c"] {
+        dir.python(name, "echo");
+    }
+    chaos(&dir, ["py-a", "py-b", "py-c"]);
+}
+
+/// SIGKILLs runners of `plugins` (served from `dir`; each has an `echo`
+/// tool) under traffic: no call hangs, health never answers anything but
+/// 200, every plugin comes back, and its counts are what clients saw.
+fn chaos(dir: &PluginsDir, plugins: [&'static str; 3]) {
+    const PLUGINS_LEN: usize = 3;
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let kills = std::sync::atomic::AtomicUsize::new(0);
     // Per plugin: (200s, 502s, 503s) as the clients saw them.
     let seen: BTreeMap<&str, (u64, u64, u64)> = std::thread::scope(|s| {
-        let callers: Vec<_> = PLUGINS
+        let callers: Vec<_> = plugins
             .iter()
             .map(|&name| {
                 let (server, stop) = (&server, &stop);
@@ -900,7 +916,10 @@ fn chaos_sigkilled_runners_under_traffic_never_hang_or_500_and_counts_reconcile(
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let target = match i % 2 {
                             0 => "/v1/plugins".to_owned(),
-                            _ => format!("/v1/plugins/{}/health", PLUGINS[reads as usize % 3]),
+                            _ => format!(
+                                "/v1/plugins/{}/health",
+                                plugins[reads as usize % PLUGINS_LEN]
+                            ),
                         };
                         let reply = server.get(&target);
                         assert_eq!(reply.status, 200, "{target}: {}", reply.text());
@@ -913,7 +932,7 @@ fn chaos_sigkilled_runners_under_traffic_never_hang_or_500_and_counts_reconcile(
         // The killer: four SIGKILLs, spread over the plugins.
         for round in 0..4 {
             std::thread::sleep(Duration::from_millis(400));
-            let name = PLUGINS[round % PLUGINS.len()];
+            let name = plugins[round % PLUGINS_LEN];
             if let Some(pid) = runner_pid(server.pid(), name) {
                 let status = std::process::Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
@@ -939,7 +958,7 @@ fn chaos_sigkilled_runners_under_traffic_never_hang_or_500_and_counts_reconcile(
     // Every plugin comes back (supervised restarts) and its counts are
     // exactly what the clients saw: 200s succeeded, 502s (the calls in
     // flight when their process died) are errors, 503s were never run.
-    for name in PLUGINS {
+    for name in plugins {
         let health = wait_health(&server, name, 20, |h| h["state"] == "INITIALIZED");
         let (ok, crashed, _refused) = seen[name];
         assert_eq!(
@@ -954,7 +973,7 @@ fn chaos_sigkilled_runners_under_traffic_never_hang_or_500_and_counts_reconcile(
         );
         assert_eq!(health["in_flight"], 0, "{name}: {health}");
     }
-    let restarts: u64 = PLUGINS
+    let restarts: u64 = plugins
         .iter()
         .map(|name| {
             server.get(&format!("/v1/plugins/{name}/health")).json()["restart_count"]

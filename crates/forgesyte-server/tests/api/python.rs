@@ -4,31 +4,9 @@
 //! `application/octet-stream`, byte-exact, for Python, native in-process
 //! and native isolated plugins.
 
-use std::path::Path;
-
 use serde_json::{Value, json};
 
 use crate::support::{Forgesyte, PluginsDir, http_with};
-
-/// Copies the Python fixture `name` into `dir` as `as_name`.
-fn python_fixture(dir: &PluginsDir, name: &str, as_name: &str) {
-    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/python")
-        .join(name);
-    let to = dir.path().join(as_name);
-    std::fs::create_dir_all(&to).unwrap();
-    for entry in std::fs::read_dir(&from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-    let manifest = to.join("manifest.json");
-    let mut value: Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
-    value["name"] = json!(as_name);
-    std::fs::write(&manifest, value.to_string()).unwrap();
-}
 
 fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
@@ -75,9 +53,9 @@ fn frame(n: usize) -> Vec<u8> {
 #[test]
 fn python_plugins_serve_beside_native_ones_with_the_seeds_reasons() {
     let dir = PluginsDir::new();
-    python_fixture(&dir, "echo", "echo");
-    python_fixture(&dir, "broken_plugin", "broken_plugin");
-    python_fixture(&dir, "bad_init", "bad_init");
+    dir.python("echo", "echo");
+    dir.python("broken_plugin", "broken_plugin");
+    dir.python("bad_init", "bad_init");
     dir.good("native", json!({}));
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
@@ -136,7 +114,7 @@ fn python_plugins_serve_beside_native_ones_with_the_seeds_reasons() {
 #[test]
 fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
     let dir = PluginsDir::new();
-    python_fixture(&dir, "echo", "py");
+    dir.python("py", "echo");
     dir.good("native-in", json!({}));
     dir.good("native-iso", json!({"isolation": "process"}));
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);

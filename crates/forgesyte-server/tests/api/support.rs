@@ -652,6 +652,28 @@ impl PluginsDir {
         self
     }
 
+    /// A plugin `name`: a copy of the Python fixture `fixture`
+    /// (`tests/fixtures/python/FIXTURE`) under that name.
+    pub(crate) fn python(&self, name: &str, fixture: &str) -> &PluginsDir {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/python")
+            .join(fixture);
+        let to = self.dir.path().join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(&from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+        let manifest = to.join("manifest.json");
+        let mut value: Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        value["name"] = json!(name);
+        std::fs::write(&manifest, value.to_string()).unwrap();
+        self
+    }
+
     /// A zoo fixture directory, linked in under its own directory name.
     pub(crate) fn zoo(&self, fixture_dir: &str) -> &PluginsDir {
         let source = Path::new(fixture_dir);
