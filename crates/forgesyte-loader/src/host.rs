@@ -88,16 +88,26 @@ pub(crate) fn base64_into_json(
     args: &[u8],
     attachments: &[(&str, &[u8])],
 ) -> Result<Vec<u8>, ToolError> {
-    use base64::Engine as _;
     let invalid = |message: String| ToolError::InvalidArgs { message };
     let mut value: serde_json::Value =
         serde_json::from_slice(args).map_err(|e| invalid(e.to_string()))?;
+    place_base64(&mut value, attachments.iter().copied()).map_err(invalid)?;
+    serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))
+}
+
+/// Puts each `(pointer, bytes)` into `value` as a base64 string: the
+/// representation of bytes in JSON (the host's answers, ABI-1 arguments).
+pub(crate) fn place_base64<'a>(
+    value: &mut serde_json::Value,
+    attachments: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Result<(), String> {
+    use base64::Engine as _;
     for (pointer, bytes) in attachments {
         let text = base64::engine::general_purpose::STANDARD.encode(bytes);
-        forgesyte_protocol::wire::attach::place(&mut value, pointer, text.into())
-            .map_err(|e| invalid(e.to_string()))?;
+        forgesyte_protocol::wire::attach::place(value, pointer, text.into())
+            .map_err(|e| e.to_string())?;
     }
-    serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))
+    Ok(())
 }
 
 /// Called once when an isolated instance's process ends.

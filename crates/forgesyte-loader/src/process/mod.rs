@@ -539,7 +539,6 @@ pub(crate) fn base64_in_place(
     pointers: &[String],
     frame: &forgesyte_protocol::wire::Frame,
 ) -> Result<Option<serde_json::Value>, String> {
-    use base64::Engine as _;
     if pointers.is_empty() && frame.attachment_count() == 0 {
         return Ok(None);
     }
@@ -551,11 +550,10 @@ pub(crate) fn base64_in_place(
         ));
     }
     let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    for (pointer, bytes) in pointers.iter().zip(frame.attachments()) {
-        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
-        forgesyte_protocol::wire::attach::place(&mut value, pointer, text.into())
-            .map_err(|e| e.to_string())?;
-    }
+    crate::host::place_base64(
+        &mut value,
+        pointers.iter().map(String::as_str).zip(frame.attachments()),
+    )?;
     Ok(Some(value))
 }
 
