@@ -789,7 +789,7 @@ fn misbehaving_runners_are_reported_precisely() {
     let scripts = tempfile::tempdir().unwrap();
     // The silent runner gets 300 ms; the others 2 s, so that what they do
     // is seen before the handshake times out.
-    let cases: [(&str, &str, &[&str]); 4] = [
+    let cases: [(&str, &str, &[&str]); 5] = [
         (
             "silent",
             "exec sleep 10",
@@ -807,6 +807,20 @@ fn misbehaving_runners_are_reported_precisely() {
             "printf 'garbage!'\nexec sleep 10",
             &[
                 "ImportError: plugin process died while loading the library: protocol violation: answer frame of 1651663207 bytes exceeds the limit of 1 MiB",
+            ],
+        ),
+        (
+            // A runner of protocol version 1 (a length and bare JSON, no
+            // version field): refused by name, never a hang or "garbage".
+            "old",
+            "python3 -c 'import struct, sys, time\n\
+             b = b\"{\\\"type\\\":\\\"hello\\\",\\\"abi_version\\\":1,\\\"pid\\\":1}\"\n\
+             sys.stdout.buffer.write(struct.pack(\"<I\", len(b)) + b)\n\
+             sys.stdout.flush()\n\
+             time.sleep(10)'",
+            &[
+                "ImportError: the plugin runner ",
+                " speaks protocol version 1, this host speaks version 2",
             ],
         ),
         (
