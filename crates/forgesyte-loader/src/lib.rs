@@ -39,6 +39,18 @@
 //! The whole story, with the limits table and the reasons, is in the
 //! crate's `ISOLATION.md`.
 //!
+//! # Installed Python plugins
+//!
+//! With [`LoaderConfig::python_entry_points`], a pass also loads the Python
+//! packages installed for the configured interpreter that declare an entry
+//! point in the group `forgesyte.plugins` ([`entry_points`]): one plugin
+//! per entry point, its directory the module's directory, its manifest the
+//! `manifest.json` shipped there (else one made of the entry point).
+//! They are registered after the plugin directories; a name that is taken
+//! makes the later plugin FAILED (never an overwrite). When the interpreter
+//! cannot list them, the pass goes on without them and says why
+//! ([`Loader::entry_points_error`]).
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use forgesyte_deps::DependencyChecker;
@@ -56,6 +68,7 @@
 //! }
 //! ```
 
+pub mod entry_points;
 mod handle;
 mod host;
 pub mod manifest;
@@ -68,6 +81,7 @@ mod supervise;
 
 pub mod fake;
 
+pub use entry_points::EntryPoint;
 pub use handle::{CallError, PluginHandle};
 pub use host::{ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo};
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};

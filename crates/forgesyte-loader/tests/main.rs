@@ -8,6 +8,9 @@
 //! - `shutdown`: `Loader::shutdown` stops restarts of isolated plugins.
 //! - `python`: Python plugins with the real interpreter and the host's
 //!   Python runner (GREEN checklist, calls, faults, conformance).
+//! - `entry_points`: installed Python plugins (entry points of group
+//!   `forgesyte.plugins`) from a throw-away site directory, with the real
+//!   interpreter.
 //! - `conformance`: the runner conformance suite of `forgesyte-tests`
 //!   against `forgesyte-runner` (the `good` fixture), and the suite's own
 //!   rejection of runners that do not speak the protocol.
@@ -16,6 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod conformance;
+mod entry_points;
 mod isolation;
 mod pipeline;
 mod python;

@@ -67,6 +67,10 @@ pub struct ServerConfig {
     /// The interpreter of Python plugins whose manifest names none
     /// (`--python`, `FORGESYTE_PYTHON`); `None`: `python3` on `PATH`.
     pub python: Option<PathBuf>,
+    /// Also load the installed Python plugins: the entry points of group
+    /// `forgesyte.plugins` that [`python`](Self::python) sees
+    /// (`--python-entry-points`, `FORGESYTE_PYTHON_ENTRY_POINTS`).
+    pub python_entry_points: bool,
 }
 
 impl ServerConfig {
@@ -79,6 +83,7 @@ impl ServerConfig {
             runner: self.runner.clone(),
             runner_args: self.runner_args.clone(),
             python: self.python.clone(),
+            python_entry_points: self.python_entry_points,
             ..LoaderConfig::default()
         }
     }
@@ -99,6 +104,7 @@ impl Default for ServerConfig {
             runner: None,
             runner_args: Vec::new(),
             python: None,
+            python_entry_points: false,
         }
     }
 }
@@ -119,6 +125,7 @@ mod tests {
         assert!(!config.preflight);
         assert_eq!(config.default_isolation, Isolation::InProcess);
         assert_eq!(config.runner, None);
+        assert!(!config.python_entry_points);
     }
 
     #[test]
@@ -129,6 +136,8 @@ mod tests {
             default_isolation: Isolation::Process,
             runner: Some("/usr/libexec/forgesyte".into()),
             runner_args: vec!["__runner".into()],
+            python: Some("/opt/py/bin/python3".into()),
+            python_entry_points: true,
             ..ServerConfig::default()
         };
         let loader = config.loader_config();
@@ -137,5 +146,7 @@ mod tests {
         assert_eq!(loader.default_isolation, Isolation::Process);
         assert_eq!(loader.runner, Some(PathBuf::from("/usr/libexec/forgesyte")));
         assert_eq!(loader.runner_args, ["__runner"]);
+        assert_eq!(loader.python, Some(PathBuf::from("/opt/py/bin/python3")));
+        assert!(loader.python_entry_points);
     }
 }

@@ -4,9 +4,15 @@
 //! forgesyte serve [--plugins DIR] [--bind ADDR] [--call-timeout SECS] [--body-limit BYTES]
 //!                 [--shutdown-grace SECS] [--admin-token-file PATH] [LOADER OPTIONS]
 //! forgesyte check [DIR] [--json] [LOADER OPTIONS]
+//! forgesyte new (--python NAME | --rust NAME) [--dir PARENT] [--sdk DIR]
 //!
-//! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH] [--python PATH]
+//! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
+//!                 [--python PATH] [--python-entry-points]
 //! ```
+//!
+//! `new` writes a working plugin into `PARENT/NAME` (default
+//! `./plugins/NAME`) and prints the commands that build, check and serve
+//! it (see `scaffold`).
 //!
 //! `forgesyte __runner --library PATH [--memory-limit-mb N] [--plugin NAME]`
 //! is the plugin runner of process isolation (a hidden subcommand, started by
@@ -29,10 +35,13 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use forgesyte_loader::Isolation;
 use forgesyte_server::{
-    AdminToken, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_ISOLATION,
-    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig, check, shutdown_signal,
+    AdminToken, CheckError, CheckReport, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT,
+    DEFAULT_ISOLATION, DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig,
+    build_loader_from, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
+
+mod scaffold;
 
 /// How long the runtime waits, after the server stopped, for tool calls
 /// still running on blocking threads (a timed-out in-process call may never end).
@@ -53,6 +62,37 @@ enum Command {
     /// Load the plugins without serving and report each one's state; exit 0
     /// only when every plugin is available.
     Check(CheckArgs),
+    /// Create a working plugin to start from (`--python NAME` or `--rust
+    /// NAME`) in PARENT/NAME, and print the commands that build, check and
+    /// serve it.
+    New(NewArgs),
+}
+
+#[derive(Debug, Args)]
+struct NewArgs {
+    #[command(flatten)]
+    kind: NewKind,
+    /// The plugins directory the plugin's own directory is created in.
+    #[arg(long = "dir", value_name = "PARENT", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
+    parent: PathBuf,
+    /// The `forgesyte-plugin-sdk` crate a Rust plugin depends on, by path
+    /// (default: the one of the workspace this forgesyte was built in).
+    #[arg(long, value_name = "DIR", conflicts_with = "python")]
+    sdk: Option<PathBuf>,
+}
+
+/// The language of `forgesyte new`: exactly one.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct NewKind {
+    /// A Python plugin: manifest.json and plugin.py (`class Plugin` with a
+    /// `tools` dict and `run_tool`, one tool `hello`).
+    #[arg(long, value_name = "NAME", value_parser = scaffold::python_name)]
+    python: Option<String>,
+    /// A Rust plugin: a Cargo project building a cdylib with
+    /// forgesyte-plugin-sdk (one tool `hello`), and its manifest.json.
+    #[arg(long, value_name = "NAME", value_parser = scaffold::rust_name)]
+    rust: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +163,11 @@ struct LoaderArgs {
     /// (default: `python3` on `PATH`).
     #[arg(long, value_name = "PATH", env = "FORGESYTE_PYTHON")]
     python: Option<PathBuf>,
+    /// Also load the installed Python plugins: every entry point of group
+    /// `forgesyte.plugins` that the interpreter (`--python`, else `python3`
+    /// on `PATH`) sees, after the plugins directory.
+    #[arg(long, env = "FORGESYTE_PYTHON_ENTRY_POINTS", value_parser = clap::builder::BoolishValueParser::new())]
+    python_entry_points: bool,
 }
 
 impl LoaderArgs {
@@ -136,6 +181,7 @@ impl LoaderArgs {
         config.preflight = self.preflight;
         config.default_isolation = self.isolation.0;
         config.python = self.python.filter(|p| !p.as_os_str().is_empty());
+        config.python_entry_points = self.python_entry_points;
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);
@@ -280,6 +326,48 @@ fn main() -> ExitCode {
             init_logging("off");
             run_check(args)
         }
+        Command::New(args) => run_new(args),
+    }
+}
+
+fn run_new(args: NewArgs) -> ExitCode {
+    let (lang, name) = match (args.kind.python, args.kind.rust) {
+        (Some(name), _) => (scaffold::Lang::Python, name),
+        (None, Some(name)) => (scaffold::Lang::Rust, name),
+        // clap requires exactly one.
+        (None, None) => return ExitCode::from(2),
+    };
+    let sdk = match (lang, args.sdk) {
+        (scaffold::Lang::Python, _) => scaffold::Sdk::Version(scaffold::SDK_VERSION),
+        (scaffold::Lang::Rust, Some(dir)) => {
+            match dir.canonicalize().ok().filter(|d| scaffold::is_sdk(d)) {
+                Some(dir) => scaffold::Sdk::Path(dir),
+                None => {
+                    eprintln!(
+                        "forgesyte new: --sdk {}: not the forgesyte-plugin-sdk crate (its \
+                         Cargo.toml was not found there)",
+                        dir.display()
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (scaffold::Lang::Rust, None) => scaffold::find_sdk().map_or(
+            scaffold::Sdk::Version(scaffold::SDK_VERSION),
+            scaffold::Sdk::Path,
+        ),
+    };
+    match scaffold::create(lang, &name, &args.parent, &sdk) {
+        Ok(created) => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(created.message.as_bytes());
+            let _ = stdout.flush();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("forgesyte new: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -333,26 +421,46 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     result.map_err(anyhow::Error::from)
 }
 
+/// `forgesyte check`: what `forgesyte_server::check` does, keeping the
+/// loader to ask it whether the installed Python plugins could be listed.
+/// When they could not (`--python-entry-points` and no interpreter, or one
+/// that fails or hangs), the reason ends the summary line (stderr with
+/// `--json`) and the exit code is 1: there may be plugins it did not see.
 fn run_check(args: CheckArgs) -> ExitCode {
     let json = args.json;
     let mut config = ServerConfig::default();
     args.loader.apply(&mut config);
-    match check(&args.dir, &config) {
-        Ok(report) => {
-            let text = if json {
-                report.to_json() + "\n"
-            } else {
-                report.to_text()
-            };
-            let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(text.as_bytes());
-            let _ = stdout.flush();
-            ExitCode::from(report.exit_code())
+    if !args.dir.is_dir() {
+        eprintln!(
+            "forgesyte check: {}",
+            CheckError::NotADirectory { path: args.dir }
+        );
+        return ExitCode::from(2);
+    }
+    let loader = build_loader_from(&config);
+    let report = CheckReport::from_loader(&loader, &args.dir);
+    let not_discovered = loader
+        .entry_points_error()
+        .map(|reason| format!("entry points (forgesyte.plugins) not discovered: {reason}"));
+    let text = if json {
+        if let Some(line) = &not_discovered {
+            eprintln!("forgesyte check: {line}");
         }
-        Err(e) => {
-            eprintln!("forgesyte check: {e}");
-            ExitCode::from(2)
+        report.to_json() + "\n"
+    } else {
+        let text = report.to_text();
+        match &not_discovered {
+            Some(line) => format!("{}; {line}\n", text.trim_end_matches('\n')),
+            None => text,
         }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+    if not_discovered.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::from(report.exit_code())
     }
 }
 
@@ -468,6 +576,7 @@ mod tests {
         };
         let config = parse(&["forgesyte", "serve"]);
         assert!(!config.preflight);
+        assert!(!config.python_entry_points);
         assert_eq!(config.default_isolation, Isolation::InProcess);
         assert_eq!(config.runner, std::env::current_exe().ok());
         assert_eq!(config.runner_args, ["__runner"]);
@@ -487,6 +596,48 @@ mod tests {
         let err = Cli::try_parse_from(["forgesyte", "check", "--isolation", "thread"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("in-process, process"), "{err}");
+    }
+
+    #[test]
+    fn python_entry_points_is_a_flag_of_serve_and_check() {
+        for command in ["serve", "check"] {
+            let cli = Cli::try_parse_from(["forgesyte", command, "--python-entry-points"]).unwrap();
+            let loader = match cli.command {
+                Command::Serve(args) => args.loader,
+                Command::Check(args) => args.loader,
+                Command::New(_) => panic!("expected {command}"),
+            };
+            let mut config = ServerConfig::default();
+            loader.apply(&mut config);
+            assert!(config.python_entry_points, "{command}");
+            assert!(config.loader_config().python_entry_points, "{command}");
+        }
+    }
+
+    #[test]
+    fn new_takes_exactly_one_language_and_checks_the_name() {
+        let cli = Cli::try_parse_from(["forgesyte", "new", "--python", "ocr"]).unwrap();
+        let Command::New(args) = cli.command else {
+            panic!("expected new");
+        };
+        assert_eq!(args.kind.python.as_deref(), Some("ocr"));
+        assert_eq!(args.parent, PathBuf::from(DEFAULT_PLUGINS_DIR));
+        let cli = Cli::try_parse_from(["forgesyte", "new", "--rust", "ocr", "--dir", "p"]).unwrap();
+        let Command::New(args) = cli.command else {
+            panic!("expected new");
+        };
+        assert_eq!(args.kind.rust.as_deref(), Some("ocr"));
+        assert_eq!(args.parent, PathBuf::from("p"));
+        for bad in [
+            &["forgesyte", "new"][..],
+            &["forgesyte", "new", "--python", "a", "--rust", "b"],
+            &["forgesyte", "new", "--python", "no/slash"],
+            &["forgesyte", "new", "--rust", "has.dot"],
+            &["forgesyte", "new", "--python", "x", "--sdk", "/sdk"],
+        ] {
+            let err = Cli::try_parse_from(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}: {err}");
+        }
     }
 
     #[test]

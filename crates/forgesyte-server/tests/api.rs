@@ -21,7 +21,11 @@
 //!   passes) and the failure journal, through the router over fakes;
 //! - `probes`: `/livez` and `/readyz` (optional plugins, `?verbose`);
 //! - `preflight`: real libraries whose build fingerprint was patched are
-//!   refused without being opened.
+//!   refused without being opened;
+//! - `installed`: installed Python plugins (entry points of group
+//!   `forgesyte.plugins`) through `check` and `serve`;
+//! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
+//!   built and served as the command prints.
 
 // Helpers outside #[test] functions may fail loudly too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -37,6 +41,8 @@ mod binary;
 mod concurrency;
 #[path = "api/hygiene.rs"]
 mod hygiene;
+#[path = "api/installed.rs"]
+mod installed;
 #[path = "api/preflight.rs"]
 mod preflight;
 #[path = "api/probes.rs"]
@@ -45,5 +51,7 @@ mod probes;
 mod python;
 #[path = "api/router.rs"]
 mod router;
+#[path = "api/scaffold.rs"]
+mod scaffold;
 #[path = "api/startup.rs"]
 mod startup;

@@ -42,6 +42,11 @@ pub struct LoaderConfig {
     /// The interpreter of Python plugins whose manifest names none
     /// (`--python`, `FORGESYTE_PYTHON`); `None`: `python3` on `PATH`.
     pub python: Option<PathBuf>,
+    /// Also load the installed Python plugins: the entry points of group
+    /// `forgesyte.plugins` that [`python`](Self::python) (else `python3` on
+    /// `PATH`) sees ([`crate::entry_points`]), after the plugin directories
+    /// (`--python-entry-points`, `FORGESYTE_PYTHON_ENTRY_POINTS`).
+    pub python_entry_points: bool,
 }
 
 impl Default for LoaderConfig {
@@ -57,6 +62,7 @@ impl Default for LoaderConfig {
             supervision: SupervisionPolicy::default(),
             preflight: false,
             python: None,
+            python_entry_points: false,
         }
     }
 }

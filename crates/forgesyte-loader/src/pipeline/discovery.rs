@@ -1,13 +1,16 @@
-//! Discovery: plugin directories under the plugins directory, and reading
-//! and validating each one's manifest.
+//! Discovery: plugin directories under the plugins directory, the
+//! installed Python plugins (entry points), and reading and validating each
+//! one's manifest.
 
 use std::path::{Path, PathBuf};
 
 use forgesyte_errors::ManifestError;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::loader::Loader;
-use crate::manifest::{self, MANIFEST_FILE, Manifest};
+use crate::entry_points::{self, EntryPoint};
+use crate::manifest::{self, MANIFEST_FILE, Manifest, Runtime};
+use crate::python;
 
 /// A manifest that could not be validated, and the JSON it held, if any.
 pub(super) struct BadManifest {
@@ -36,6 +39,16 @@ impl Loader {
 
     pub(super) fn read_manifest(&self, dir: &Path) -> Result<Manifest, Box<BadManifest>> {
         let path = dir.join(MANIFEST_FILE);
+        let bytes = self.read_manifest_bytes(&path)?;
+        let dir_name = dir_name(dir);
+        let raw: Option<Value> = serde_json::from_slice(&bytes).ok();
+        let has_plugin_py = self.fs.exists(&dir.join(manifest::PLUGIN_PY));
+        manifest::parse_in(&bytes, &path, &dir_name, has_plugin_py).map_err(|e| bad(raw, e))
+    }
+
+    /// The bytes of the manifest file `path`, within the size cap.
+    fn read_manifest_bytes(&self, path: &Path) -> Result<Vec<u8>, Box<BadManifest>> {
+        let path = path.to_path_buf();
         let limit = self.config.max_manifest_bytes;
         let bytes = match self.fs.read(&path, limit) {
             Ok(bytes) => bytes,
@@ -51,10 +64,164 @@ impl Loader {
                 .map_or(bytes.len() as u64, |m| m.len);
             return Err(bad(None, ManifestError::TooLarge { path, size, limit }));
         }
-        let dir_name = dir_name(dir);
-        let raw: Option<Value> = serde_json::from_slice(&bytes).ok();
-        let has_plugin_py = self.fs.exists(&dir.join(manifest::PLUGIN_PY));
-        manifest::parse_in(&bytes, &path, &dir_name, has_plugin_py).map_err(|e| bad(raw, e))
+        Ok(bytes)
+    }
+
+    /// The manifest of registered plugin `name` read again (for a reload):
+    /// its entry point's when it is an installed Python plugin, else its
+    /// directory's.
+    pub(super) fn reread_manifest(
+        &self,
+        name: &str,
+        dir: &Path,
+    ) -> Result<Manifest, Box<BadManifest>> {
+        let entry_point = self.entry_points.read().get(name).cloned();
+        match entry_point {
+            Some(ep) => self.entry_point_manifest(&ep),
+            None => self.read_manifest(dir),
+        }
+    }
+
+    /// The installed Python plugins, when
+    /// [`LoaderConfig::python_entry_points`](super::LoaderConfig::python_entry_points)
+    /// asks for them: the entry points the interpreter reports (see
+    /// [`entry_points::discover`]). When it cannot report them, the reason
+    /// is logged as a warning and kept for
+    /// [`Loader::entry_points_error`], and the pass goes on without them.
+    pub(super) fn discover_entry_points(&self) -> Vec<EntryPoint> {
+        if !self.config.python_entry_points {
+            *self.entry_points_error.write() = None;
+            return Vec::new();
+        }
+        let found = python::resolve_interpreter(
+            None,
+            self.config.python.as_deref(),
+            Path::new("/"),
+            self.fs.as_ref(),
+            std::env::var_os("PATH"),
+        )
+        .map_err(|wanted| format!("python interpreter {wanted} not found"))
+        .and_then(|interpreter| entry_points::discover(&interpreter));
+        match found {
+            Ok(found) => {
+                *self.entry_points_error.write() = None;
+                tracing::info!(
+                    count = found.len(),
+                    "Found {} Python entry point{} of group {}",
+                    found.len(),
+                    if found.len() == 1 { "" } else { "s" },
+                    entry_points::GROUP
+                );
+                for ep in found.iter().filter(|ep| ep.error.is_some()) {
+                    tracing::warn!(
+                        entry_point = %ep.name,
+                        error = ep.error.as_deref().unwrap_or_default(),
+                        "The module of {} was not found: {}",
+                        ep.describe(),
+                        ep.error.as_deref().unwrap_or_default()
+                    );
+                }
+                found
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    %reason,
+                    "Installed Python plugins (entry points of {}) not discovered: {reason}",
+                    entry_points::GROUP
+                );
+                *self.entry_points_error.write() = Some(reason);
+                Vec::new()
+            }
+        }
+    }
+
+    /// For a reload pass: discovers the entry points again, refreshes the
+    /// ones already registered (version, directory) and returns the new ones.
+    pub(super) fn rescan_entry_points(&self) -> Vec<EntryPoint> {
+        if !self.config.python_entry_points {
+            return Vec::new();
+        }
+        let found = self.discover_entry_points();
+        let mut new = Vec::new();
+        let mut moved: Vec<(String, PathBuf)> = Vec::new();
+        {
+            let mut known = self.entry_points.write();
+            for ep in found {
+                match known.iter_mut().find(|(_, k)| k.same_declaration(&ep)) {
+                    Some((name, k)) => {
+                        moved.push((name.clone(), ep.plugin_dir()));
+                        *k = ep;
+                    }
+                    None => new.push(ep),
+                }
+            }
+        }
+        let mut entries = self.entries.write();
+        for (name, dir) in moved {
+            if let Some(entry) = entries.get_mut(&name) {
+                entry.dir = dir;
+            }
+        }
+        new
+    }
+
+    /// The manifest of an installed Python plugin: the `manifest.json` its
+    /// package ships beside the module, else one made of the entry point
+    /// (`name`, the distribution's `version`). Either way it is a Python
+    /// plugin (`runtime` is set to `python`), its code is the entry point's
+    /// `module:attr` unless the manifest names an `entrypoint`, its name is
+    /// the manifest's (`id`, `name`) else the entry point's, and it runs
+    /// under the configured interpreter (a `python` field is ignored: the
+    /// package is installed for that interpreter).
+    pub(super) fn entry_point_manifest(
+        &self,
+        ep: &EntryPoint,
+    ) -> Result<Manifest, Box<BadManifest>> {
+        let mut raw = match (&ep.module_dir, ep.has_manifest) {
+            (Some(dir), true) => {
+                let path = dir.join(MANIFEST_FILE);
+                let bytes = self.read_manifest_bytes(&path)?;
+                if bytes.iter().all(u8::is_ascii_whitespace) {
+                    return Err(bad(None, ManifestError::Empty { path }));
+                }
+                serde_json::from_slice::<Value>(&bytes)
+                    .map_err(|source| bad(None, ManifestError::Json { path, source }))?
+            }
+            _ => json!({
+                "name": ep.name,
+                "version": ep.version.as_deref().unwrap_or("unknown"),
+                "description": format!("Installed Python plugin ({})", ep.describe()),
+            }),
+        };
+        if let Some(obj) = raw.as_object_mut() {
+            obj.insert("runtime".into(), json!(Runtime::Python.as_str()));
+            let named = ["entrypoint", "library"]
+                .iter()
+                .any(|k| obj.get(*k).is_some_and(|v| !v.is_null()));
+            if !named {
+                match ep.target().filter(|t| manifest::is_module_path(t)) {
+                    Some(target) => {
+                        obj.insert("entrypoint".into(), json!(target));
+                    }
+                    None => {
+                        let error = ManifestError::InvalidField {
+                            field: "entrypoint".into(),
+                            message: format!(
+                                "{} does not name MODULE:CLASS or PACKAGE.MODULE[:CLASS] \
+                                 (a top-level module needs its class: 'module:Plugin')",
+                                ep.describe()
+                            ),
+                        };
+                        return Err(bad(Some(raw), error));
+                    }
+                }
+            }
+        }
+        let kept = raw.clone();
+        let mut m =
+            manifest::from_value_in(raw, &ep.name, false).map_err(|e| bad(Some(kept), e))?;
+        m.python = None;
+        Ok(m)
     }
 }
 

@@ -130,8 +130,11 @@ impl Loader {
             PythonEntry::Module { .. } => p.dir.clone(),
         };
         let limits = self.config.process.with_manifest(&p.manifest.limits);
-        let importer =
+        let mut importer =
             ProcessImporter::python(interpreter, p.dir.clone(), entry, p.name.clone(), limits);
+        if self.entry_points.read().contains_key(&p.name) {
+            importer = importer.installed();
+        }
         let config = self.instance_config(p);
         self.instantiate_isolated(p, importer, code, config)
     }

@@ -1,26 +1,36 @@
 //! A load pass: discovery, manifests read in parallel, registration in
-//! sorted order, then the dependency waves.
+//! sorted order (plugin directories, then installed Python plugins), then
+//! the dependency waves.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use forgesyte_errors::{ManifestError, PluginError};
-use forgesyte_registry::PluginLifecycleState;
+use forgesyte_registry::{PluginInfo, PluginLifecycleState};
+use serde_json::Value;
 
-use super::discovery::{dir_name, manifest_panicked};
-use super::loader::{Loader, Pending};
+use super::discovery::{BadManifest, dir_name, manifest_panicked};
+use super::loader::{Entry, Loader, Pending};
 use super::parallel::par_map;
 use super::report::{LoadReport, PluginLoadOutcome, ms};
-use crate::manifest::{self, MANIFEST_FILE};
+use crate::entry_points::EntryPoint;
+use crate::manifest::{self, MANIFEST_FILE, Manifest};
 
 impl Loader {
-    /// Loads every plugin directory under `plugins_dir` (seed `load_all_from_directory`).
+    /// Loads every plugin directory under `plugins_dir` (seed
+    /// `load_all_from_directory`) and, with
+    /// [`LoaderConfig::python_entry_points`](super::LoaderConfig::python_entry_points),
+    /// every installed Python plugin, in one pass: directories are
+    /// registered first, so an entry point whose name a directory plugin
+    /// already has is the one that ends FAILED.
     pub fn load_all(&self, plugins_dir: &Path) -> LoadReport {
         let started = Instant::now();
         *self.plugins_dir.write() = Some(plugins_dir.to_path_buf());
         let dirs = self.discover(plugins_dir);
-        let mut report = self.load_dirs(&dirs);
+        let entry_points = self.discover_entry_points();
+        let mut report = self.load_pass(&dirs, &entry_points);
         report.elapsed_ms = ms(started.elapsed());
         report.log_summary("Loaded", Some(plugins_dir));
         report
@@ -49,6 +59,12 @@ impl Loader {
 
     /// One load pass over `dirs`.
     pub(super) fn load_dirs(&self, dirs: &[PathBuf]) -> LoadReport {
+        self.load_pass(dirs, &[])
+    }
+
+    /// One load pass over `dirs` and then `entry_points` (installed Python
+    /// plugins), in one set of dependency waves.
+    pub(super) fn load_pass(&self, dirs: &[PathBuf], entry_points: &[EntryPoint]) -> LoadReport {
         self.checker.clear_cache();
         // Phase 1 (parallel): read and validate every manifest.
         let pass_started = Instant::now();
@@ -68,10 +84,151 @@ impl Loader {
                 self.finish_outcome(&name, dir, started, &mut outcomes);
             }
         }
+        // Entry points after every directory, in their sorted order.
+        for ep in entry_points {
+            let started = Instant::now();
+            let result = self.entry_point_manifest(ep);
+            if let Some(name) = self.register_entry_point(ep, result, started, &mut pending) {
+                self.finish_outcome(&name, &ep.plugin_dir(), started, &mut outcomes);
+            }
+        }
         self.run_waves(&pending, &mut outcomes);
         LoadReport {
             plugins: outcomes.into_values().collect(),
             elapsed_ms: 0.0,
         }
+    }
+}
+
+impl Loader {
+    /// Registers the installed Python plugin of `ep` (as
+    /// [`register`](Self::register) does a directory's) and returns its key
+    /// when it is already final (a bad manifest or a duplicate name); valid
+    /// ones go to `pending`.
+    ///
+    /// A name that is taken is never overwritten: the plugin is registered
+    /// under a key derived from the entry point's name (`NAME.duplicate`
+    /// when that is the taken name) and FAILED with a reason that names
+    /// both sources.
+    fn register_entry_point(
+        &self,
+        ep: &EntryPoint,
+        result: Result<Manifest, Box<BadManifest>>,
+        started: Instant,
+        pending: &mut BTreeMap<String, Pending>,
+    ) -> Option<String> {
+        let dir = ep.plugin_dir();
+        let ep_key = manifest::key_from_dir_name(&ep.name);
+        let (wanted, info, raw, optional, outcome) = match result {
+            Ok(m) => {
+                let info = PluginInfo {
+                    description: m.description.clone(),
+                    version: Some(m.version.clone()),
+                    source: Some(dir.clone()),
+                };
+                let raw = Some(Arc::clone(&m.raw));
+                (m.name.clone(), info, raw, m.optional, Ok(m))
+            }
+            Err(bad) => {
+                let BadManifest { raw, error } = *bad;
+                let claimed = raw
+                    .as_ref()
+                    .and_then(manifest::claimed_name)
+                    .filter(|n| manifest::is_valid_name(n))
+                    .map_or_else(|| ep_key.clone(), str::to_owned);
+                let description = raw
+                    .as_ref()
+                    .and_then(|r| r.get("description"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let info = PluginInfo {
+                    description,
+                    version: ep.version.clone(),
+                    source: Some(dir.clone()),
+                };
+                let reason = PluginError::from(error).reason();
+                (claimed, info, raw.map(Arc::new), false, Err(reason))
+            }
+        };
+        let (name, outcome) = if self.registry.register(&wanted, info.clone()).is_ok() {
+            (wanted, outcome)
+        } else {
+            let existing = self.source_of(&wanted);
+            let name = self.register_duplicate(&wanted, &ep_key, info);
+            tracing::error!(
+                name = %wanted,
+                entry_point = %ep.name,
+                existing = %existing,
+                "Duplicate plugin name '{wanted}' of {}: registered as '{name}'",
+                ep.describe()
+            );
+            let reason = format!(
+                "{}; this plugin is {}",
+                PluginError::from(ManifestError::DuplicateName {
+                    name: wanted,
+                    existing: PathBuf::from(existing),
+                })
+                .reason(),
+                ep.describe()
+            );
+            (name, Err(reason))
+        };
+        self.entries.write().insert(
+            name.clone(),
+            Entry {
+                dir: dir.clone(),
+                raw,
+                optional,
+                handle: None,
+            },
+        );
+        self.entry_points.write().insert(name.clone(), ep.clone());
+        match outcome {
+            Ok(manifest) => {
+                pending.insert(
+                    name.clone(),
+                    Pending {
+                        name,
+                        dir,
+                        manifest,
+                        started,
+                    },
+                );
+                None
+            }
+            Err(reason) => {
+                let _ = self.registry.mark_failed(&name, reason.clone());
+                tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+                Some(name)
+            }
+        }
+    }
+
+    /// Where registered plugin `name` came from: its entry point, or its
+    /// directory.
+    fn source_of(&self, name: &str) -> String {
+        if let Some(ep) = self.entry_points.read().get(name) {
+            return ep.describe();
+        }
+        match self.plugin_dir(name) {
+            Some(dir) => dir.display().to_string(),
+            None => "(registered earlier)".to_owned(),
+        }
+    }
+
+    /// Registers a plugin whose name `wanted` is taken under a key derived
+    /// from `key` (`key`, else `key.duplicate`, `key.duplicate2`, …).
+    fn register_duplicate(&self, wanted: &str, key: &str, info: PluginInfo) -> String {
+        let mut candidate = if key == wanted {
+            format!("{key}.duplicate")
+        } else {
+            key.to_owned()
+        };
+        let mut n = 1;
+        while self.registry.register(&candidate, info.clone()).is_err() {
+            n += 1;
+            candidate = format!("{key}.duplicate{n}");
+        }
+        candidate
     }
 }

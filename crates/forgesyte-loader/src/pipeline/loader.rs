@@ -12,6 +12,7 @@ use parking_lot::RwLock;
 use serde_json::Value;
 
 use super::config::LoaderConfig;
+use crate::entry_points::EntryPoint;
 use crate::handle::PluginHandle;
 use crate::host::Importer;
 use crate::manifest::{Isolation, Manifest};
@@ -39,6 +40,11 @@ pub struct Loader {
     /// The directory of the last `load_all`, where `reload_all` looks for
     /// new plugins.
     pub(super) plugins_dir: RwLock<Option<PathBuf>>,
+    /// The entry point each plugin loaded from one was registered from, by
+    /// registry key.
+    pub(super) entry_points: RwLock<BTreeMap<String, EntryPoint>>,
+    /// Why the last entry-point discovery failed, if it did.
+    pub(super) entry_points_error: RwLock<Option<String>>,
     /// Time for the supervisors of isolated plugins.
     pub(super) clock: Arc<dyn Clock>,
     /// Set by [`shutdown`](Loader::shutdown); shared with every supervisor.
@@ -81,6 +87,8 @@ impl Loader {
             config,
             entries: RwLock::new(BTreeMap::new()),
             plugins_dir: RwLock::new(None),
+            entry_points: RwLock::new(BTreeMap::new()),
+            entry_points_error: RwLock::new(None),
             clock: Arc::new(SystemClock),
             shutdown: ShutdownFlag::default(),
         }
@@ -109,6 +117,21 @@ impl Loader {
     /// The directory `name` was loaded from.
     pub fn plugin_dir(&self, name: &str) -> Option<PathBuf> {
         Some(self.entries.read().get(name)?.dir.clone())
+    }
+
+    /// The entry point `name` was loaded from, when it is an installed
+    /// Python plugin ([`LoaderConfig::python_entry_points`]).
+    pub fn entry_point(&self, name: &str) -> Option<EntryPoint> {
+        self.entry_points.read().get(name).cloned()
+    }
+
+    /// Why the last pass could not list the installed Python plugins (the
+    /// interpreter is missing, failed, timed out or answered nonsense), if
+    /// it could not; `None` when it could or was not asked to. There is no
+    /// plugin to record this on, so it is logged as a warning and kept
+    /// here (`forgesyte check` prints it).
+    pub fn entry_points_error(&self) -> Option<String> {
+        self.entry_points_error.read().clone()
     }
 
     /// Whether the manifest of `name` marks it optional.

@@ -46,12 +46,16 @@ impl Loader {
 
     /// Reloads every registered plugin as [`reload`](Self::reload) does, in
     /// dependency order, and loads plugin directories that appeared under
-    /// the directory of the last [`load_all`](Self::load_all).
+    /// the directory of the last [`load_all`](Self::load_all) and, with
+    /// [`LoaderConfig::python_entry_points`](super::LoaderConfig::python_entry_points),
+    /// entry points that were installed since.
     pub fn reload_all(&self) -> LoadReport {
         let started = Instant::now();
+        let new_entry_points = self.rescan_entry_points();
         let names: Vec<String> = self.entries.read().keys().cloned().collect();
         let mut report = self.reload_names(&names);
         let plugins_dir = self.plugins_dir.read().clone();
+        let mut new: Vec<PathBuf> = Vec::new();
         if let Some(plugins_dir) = plugins_dir {
             let known: BTreeSet<PathBuf> = self
                 .entries
@@ -59,15 +63,17 @@ impl Loader {
                 .values()
                 .map(|e| e.dir.clone())
                 .collect();
-            let new: Vec<PathBuf> = self
+            new = self
                 .discover(&plugins_dir)
                 .into_iter()
                 .filter(|dir| !known.contains(dir))
                 .collect();
-            if !new.is_empty() {
-                report.plugins.extend(self.load_dirs(&new).plugins);
-                report.plugins.sort_by(|a, b| a.name.cmp(&b.name));
-            }
+        }
+        if !new.is_empty() || !new_entry_points.is_empty() {
+            report
+                .plugins
+                .extend(self.load_pass(&new, &new_entry_points).plugins);
+            report.plugins.sort_by(|a, b| a.name.cmp(&b.name));
         }
         report.elapsed_ms = ms(started.elapsed());
         report.log_summary("Reloaded", None);
@@ -97,7 +103,7 @@ impl Loader {
             }
             self.wait_idle(name);
             let manifest = self
-                .read_manifest(&entry.dir)
+                .reread_manifest(name, &entry.dir)
                 .and_then(|m| self.check_reload_name(name, m));
             match manifest {
                 Ok(m) => {

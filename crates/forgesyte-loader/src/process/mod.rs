@@ -133,6 +133,7 @@ enum Launch {
         interpreter: PathBuf,
         plugin_dir: PathBuf,
         entry: PythonEntry,
+        installed: bool,
     },
 }
 
@@ -176,10 +177,21 @@ impl ProcessImporter {
                 interpreter: interpreter.into(),
                 plugin_dir: plugin_dir.into(),
                 entry,
+                installed: false,
             },
             plugin: plugin.into(),
             limits,
         }
+    }
+
+    /// Marks a Python plugin as an installed package (an entry point): its
+    /// directory is not put on `sys.path`, where its files would shadow
+    /// the standard library.
+    pub fn installed(mut self) -> Self {
+        if let Launch::Python { installed, .. } = &mut self.launch {
+            *installed = true;
+        }
+        self
     }
 
     /// Arguments put before the runner's own (`--library ...`): for a host
@@ -220,6 +232,7 @@ impl ProcessImporter {
                 interpreter,
                 plugin_dir,
                 entry,
+                installed,
             } => {
                 // The runner may change directory; it gets absolute paths.
                 let plugin_dir =
@@ -243,6 +256,9 @@ impl ProcessImporter {
                         };
                         command.arg("--module").arg(target);
                     }
+                }
+                if *installed {
+                    command.arg("--installed");
                 }
                 command
             }

@@ -31,7 +31,7 @@ Standard library only; Python 3.8 or later.
 Command line::
 
     runner.py --plugin NAME --plugin-dir DIR (--file PATH | --module DOTTED[:CLASS])
-              [--class NAME] [--memory-limit-mb N]
+              [--class NAME] [--memory-limit-mb N] [--installed]
 
 ``--file`` loads a seed-layout plugin (``plugin.py`` in the plugin
 directory; ``--library`` is accepted as another spelling of it, and
@@ -179,6 +179,10 @@ class Args(object):
         self.module = None
         self.class_name = None
         self.memory_limit_mb = 0
+        # An installed package is importable already: its directory must not
+        # go first on sys.path, where its files would shadow the standard
+        # library (a package's own ``statistics.py``, say).
+        self.installed = False
 
 
 def parse_args(argv):
@@ -217,6 +221,8 @@ def parse_args(argv):
             if not cls.isidentifier():
                 raise UsageError("--class: not a class name: %r" % cls)
             args.class_name = cls
+        elif arg == "--installed":
+            args.installed = True
         elif arg == "--memory-limit-mb":
             v = value()
             if not (v.isascii() and v.isdigit()):
@@ -880,7 +886,7 @@ def import_plugin(args):
         # Neither the runner's own directory nor, under ``-c``, the working
         # directory ("") may shadow plugin modules.
         del sys.path[0]
-    if args.plugin_dir:
+    if args.plugin_dir and not args.installed:
         sys.path.insert(0, os.path.abspath(args.plugin_dir))
     if args.file is not None:
         path = args.file

@@ -578,6 +578,7 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_ISOLATION",
         "FORGESYTE_RUNNER",
         "FORGESYTE_PYTHON",
+        "FORGESYTE_PYTHON_ENTRY_POINTS",
     ] {
         command.env_remove(var);
     }

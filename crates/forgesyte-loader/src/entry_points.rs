@@ -1,0 +1,437 @@
+//! Installed Python plugins: the entry points of group
+//! [`GROUP`] (`forgesyte.plugins`) that a Python interpreter's installed
+//! distributions declare.
+//!
+//! [`discover`] asks the interpreter once, with a small standard-library
+//! script, for every entry point of the group: its name and value
+//! (`module:attr`), the distribution that declares it, and the directory of
+//! its module, found **without importing the module** (the top-level
+//! package is looked up with `importlib.util.find_spec`, submodules with
+//! `importlib.machinery.PathFinder` in their parent's directories; only
+//! when that fails, `find_spec` of the dotted name, which imports the
+//! parent packages). Whether that directory holds a `manifest.json` is
+//! reported too. Nothing of a plugin's own module runs: the loader then
+//! loads each entry point as a Python plugin whose directory is the
+//! module's directory (see [`Loader`](crate::Loader) and
+//! [`LoaderConfig::python_entry_points`](crate::LoaderConfig::python_entry_points)).
+//!
+//! The script runs with the working directory `/`, stdin closed, the
+//! process environment inherited (so `PYTHONPATH` and virtual environments
+//! count), in a process group of its own that is killed after
+//! [`DISCOVERY_TIMEOUT`]. Whatever packages print while their parents are
+//! imported goes to stderr: the answer has stdout to itself.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// The entry-point group ForgeSyte plugins declare.
+pub const GROUP: &str = "forgesyte.plugins";
+
+/// How long [`discover`] lets the interpreter run before it kills it.
+pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The longest stdout or stderr read from the interpreter.
+const OUTPUT_LIMIT: u64 = 4 << 20;
+
+/// The longest stderr line quoted in an error.
+const QUOTE_LIMIT: usize = 300;
+
+/// The discovery script: one JSON object on (the real) stdout,
+/// `{"python": VERSION, "entry_points": [...]}`.
+const SCRIPT: &str = r#"import os, sys
+# Under -c the working directory ("") comes first: nothing may be found there.
+if sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+# The answer alone goes to stdout; whatever packages print while their
+# parents are imported (Python or C code) goes to stderr.
+_out = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+import json, re
+import importlib.machinery, importlib.util
+try:
+    from importlib import metadata
+except ImportError:  # Python < 3.8, with the backport installed
+    import importlib_metadata as metadata
+
+GROUP = "forgesyte.plugins"
+VALUE = re.compile(r"^\s*([\w.]+)\s*(?::\s*([\w.]+)\s*)?(?:\[[^\]]*\]\s*)?$")
+
+
+def normalized(name):
+    return re.sub(r"[-_.]+", "-", name or "").lower()
+
+
+def found():
+    """(entry point, its distribution or None) for the group."""
+    try:
+        eps = metadata.entry_points(group=GROUP)  # 3.10 and later
+    except TypeError:
+        eps = None
+    if eps is not None:
+        return [(ep, getattr(ep, "dist", None)) for ep in eps]
+    # 3.8 and 3.9: entry_points() is a dict that drops the distributions;
+    # walk them instead, the first of a name on sys.path winning (as 3.10's
+    # entry_points does).
+    pairs, seen = [], set()
+    for dist in metadata.distributions():
+        key = normalized(dist.metadata["Name"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for ep in dist.entry_points:
+            if ep.group == GROUP:
+                pairs.append((ep, dist))
+    return pairs
+
+
+def locate(module):
+    """The module's spec, found without importing the module itself."""
+    parts = module.split(".")
+    # A top-level name: find_spec imports nothing.
+    spec = importlib.util.find_spec(parts[0])
+    for i in range(1, len(parts)):
+        if spec is None or not spec.submodule_search_locations:
+            spec = None
+            break
+        spec = importlib.machinery.PathFinder.find_spec(
+            ".".join(parts[: i + 1]), list(spec.submodule_search_locations)
+        )
+    if spec is None and len(parts) > 1:
+        # A package that builds its __path__ at import time: this imports
+        # the parent packages (never the module itself).
+        spec = importlib.util.find_spec(module)
+    return spec
+
+
+def describe(ep, dist):
+    item = {"name": ep.name, "value": ep.value, "module": None, "attr": None,
+            "dist": None, "version": None, "module_dir": None, "location": None,
+            "has_manifest": False, "error": None}
+    if dist is not None:
+        try:
+            item["dist"] = dist.metadata["Name"]
+            item["version"] = dist.version
+        except Exception:
+            pass
+        try:
+            item["location"] = os.path.abspath(str(dist.locate_file("")))
+        except Exception:
+            pass
+    match = VALUE.match(ep.value)
+    if match is None:
+        item["error"] = "the value %r is not MODULE[:ATTR]" % ep.value
+        return item
+    module = item["module"] = match.group(1)
+    item["attr"] = match.group(2)
+    try:
+        spec = locate(module)
+    except BaseException as e:  # a parent's import may raise anything
+        item["error"] = "%s: %s" % (type(e).__name__, e)
+        return item
+    if spec is None:
+        item["error"] = "ModuleNotFoundError: No module named %r" % module
+        return item
+    if spec.origin and os.path.isabs(spec.origin) and os.path.isfile(spec.origin):
+        directory = os.path.dirname(os.path.abspath(spec.origin))
+    elif spec.submodule_search_locations:
+        directory = os.path.abspath(list(spec.submodule_search_locations)[0])
+    else:
+        item["error"] = "module %s has no file (origin %r)" % (module, spec.origin)
+        return item
+    item["module_dir"] = directory
+    # A top-level single-file module lies in a sys.path entry itself
+    # (site-packages): a manifest.json there belongs to nobody.
+    shared = "." not in module and spec.submodule_search_locations is None
+    item["has_manifest"] = not shared and os.path.isfile(os.path.join(directory, "manifest.json"))
+    return item
+
+
+items, seen = [], set()
+for ep, dist in found():
+    item = describe(ep, dist)
+    key = (item["name"], item["value"], normalized(item["dist"]))
+    if key not in seen:
+        seen.add(key)
+        items.append(item)
+_out.write(json.dumps({"python": sys.version.split()[0], "entry_points": items}))
+_out.flush()
+"#;
+
+/// One entry point of group [`GROUP`], as the interpreter reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryPoint {
+    /// The entry point's name (`my-plugin` in `my-plugin = pkg.mod:Plugin`).
+    pub name: String,
+    /// Its value as declared (`pkg.mod:Plugin`).
+    pub value: String,
+    /// The module part of the value; `None` when the value is not
+    /// `MODULE[:ATTR]`.
+    pub module: Option<String>,
+    /// The attribute part of the value (the plugin class), if any.
+    pub attr: Option<String>,
+    /// The name of the distribution that declares it, if known.
+    pub dist: Option<String>,
+    /// That distribution's version, if known.
+    pub version: Option<String>,
+    /// The directory of the module's file (`None` when it could not be
+    /// found: see [`error`](Self::error)).
+    pub module_dir: Option<PathBuf>,
+    /// Where the distribution is installed (`site-packages`), if known.
+    pub location: Option<PathBuf>,
+    /// Whether [`module_dir`](Self::module_dir) holds a `manifest.json`
+    /// (never for a top-level single-file module, whose directory is
+    /// `site-packages` itself).
+    pub has_manifest: bool,
+    /// Why the module's directory is unknown (`ModuleNotFoundError: …`,
+    /// or the exception a parent package raised), if it is.
+    pub error: Option<String>,
+}
+
+impl EntryPoint {
+    /// The Python entrypoint it names, `module` or `module:attr` (extras
+    /// dropped); `None` when the value is not `MODULE[:ATTR]`.
+    pub fn target(&self) -> Option<String> {
+        let module = self.module.as_deref()?;
+        Some(match &self.attr {
+            Some(attr) => format!("{module}:{attr}"),
+            None => module.to_owned(),
+        })
+    }
+
+    /// The plugin's directory: the module's directory, else the
+    /// distribution's location, else `/`.
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.module_dir
+            .clone()
+            .or_else(|| self.location.clone())
+            .unwrap_or_else(|| PathBuf::from("/"))
+    }
+
+    /// Whether `other` is the same declaration (name, value, distribution).
+    pub fn same_declaration(&self, other: &EntryPoint) -> bool {
+        self.name == other.name && self.value == other.value && self.dist == other.dist
+    }
+
+    /// `entry point 'my-plugin' (pkg.mod:Plugin) of mypkg 1.0 in /site/pkg`:
+    /// where a plugin came from, for reasons and logs.
+    pub fn describe(&self) -> String {
+        let mut text = format!("entry point '{}' ({})", self.name, self.value);
+        if let Some(dist) = &self.dist {
+            text.push_str(&format!(" of {dist}"));
+            if let Some(version) = &self.version {
+                text.push_str(&format!(" {version}"));
+            }
+        }
+        if let Some(dir) = &self.module_dir {
+            text.push_str(&format!(" in {}", dir.display()));
+        }
+        text
+    }
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    entry_points: Vec<EntryPoint>,
+}
+
+/// The entry points of group [`GROUP`] that `interpreter` sees, sorted by
+/// name (then value and distribution), with [`DISCOVERY_TIMEOUT`].
+///
+/// # Errors
+///
+/// The interpreter could not answer: it does not start, fails, runs past
+/// the timeout (it is killed, with its process group) or prints nonsense.
+/// The message begins with the interpreter's path.
+pub fn discover(interpreter: &Path) -> Result<Vec<EntryPoint>, String> {
+    discover_with_timeout(interpreter, DISCOVERY_TIMEOUT)
+}
+
+/// [`discover`] with another timeout.
+///
+/// # Errors
+///
+/// As [`discover`].
+pub fn discover_with_timeout(
+    interpreter: &Path,
+    timeout: Duration,
+) -> Result<Vec<EntryPoint>, String> {
+    let who = interpreter.display();
+    let deadline = Instant::now() + timeout;
+    // It runs in `/`: a relative path means one from here.
+    let program = std::path::absolute(interpreter).unwrap_or_else(|_| interpreter.to_path_buf());
+    let mut child = Command::new(program)
+        .arg("-c")
+        .arg(SCRIPT)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so a timeout kills what it started too.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{who}: cannot start: {e}"))?;
+    let stdout = read_in_background(child.stdout.take());
+    let stderr = read_in_background(child.stderr.take());
+    let status = match wait_until(&mut child, deadline) {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            kill_group(&mut child);
+            return Err(format!(
+                "{who}: did not answer within {} s (killed)",
+                timeout.as_secs_f64()
+            ));
+        }
+        Err(e) => {
+            kill_group(&mut child);
+            return Err(format!("{who}: cannot wait for it: {e}"));
+        }
+    };
+    // The readers end when the pipes close; a grandchild may hold them, so
+    // the reads are bounded too.
+    let out = collect(&stdout, deadline);
+    let err = collect(&stderr, deadline);
+    if !status.success() {
+        let how = match status.code() {
+            Some(code) => format!("exited with status {code}"),
+            None => "was killed by a signal".to_owned(),
+        };
+        let detail = last_line(err.as_deref())
+            .map(|line| format!(": {line}"))
+            .unwrap_or_default();
+        return Err(format!("{who}: {how}{detail}"));
+    }
+    let Some(out) = out else {
+        return Err(format!("{who}: its output could not be read in time"));
+    };
+    let text = String::from_utf8_lossy(&out);
+    let mut found = serde_json::from_str::<Answer>(text.trim())
+        .map_err(|e| {
+            format!(
+                "{who}: unexpected output ({e}): {:?}",
+                shorten(text.trim(), QUOTE_LIMIT)
+            )
+        })?
+        .entry_points;
+    found.sort_by(|a, b| (&a.name, &a.value, &a.dist).cmp(&(&b.name, &b.value, &b.dist)));
+    Ok(found)
+}
+
+/// Kills the child's process group and the child, and reaps it.
+fn kill_group(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        if let Some(pgid) = i32::try_from(child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+        }
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// Reads a pipe to its end (at most [`OUTPUT_LIMIT`] bytes) on a thread of
+/// its own.
+fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(pipe) = pipe {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.take(OUTPUT_LIMIT).read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+    }
+    rx
+}
+
+fn collect(rx: &mpsc::Receiver<Vec<u8>>, deadline: Instant) -> Option<Vec<u8>> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    rx.recv_timeout(left.max(Duration::from_millis(200))).ok()
+}
+
+fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Option<ExitStatus>> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+fn last_line(err: Option<&[u8]>) -> Option<String> {
+    let text = String::from_utf8_lossy(err?).into_owned();
+    text.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .map(|l| shorten(l, QUOTE_LIMIT))
+}
+
+fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(value: &str, module: Option<&str>, attr: Option<&str>) -> EntryPoint {
+        EntryPoint {
+            name: "p".into(),
+            value: value.into(),
+            module: module.map(str::to_owned),
+            attr: attr.map(str::to_owned),
+            dist: Some("pkg".into()),
+            version: Some("1.0".into()),
+            module_dir: None,
+            location: Some("/site".into()),
+            has_manifest: false,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn target_dir_and_description() {
+        let a = ep("pkg.mod:Plugin [gpu]", Some("pkg.mod"), Some("Plugin"));
+        assert_eq!(a.target().as_deref(), Some("pkg.mod:Plugin"));
+        assert_eq!(a.plugin_dir(), PathBuf::from("/site"));
+        assert_eq!(
+            a.describe(),
+            "entry point 'p' (pkg.mod:Plugin [gpu]) of pkg 1.0"
+        );
+        let b = ep("pkg.mod", Some("pkg.mod"), None);
+        assert_eq!(b.target().as_deref(), Some("pkg.mod"));
+        assert!(!a.same_declaration(&b));
+        assert!(a.same_declaration(&a.clone()));
+        let c = EntryPoint {
+            location: None,
+            ..ep("not a value", None, None)
+        };
+        assert_eq!(c.target(), None);
+        assert_eq!(c.plugin_dir(), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn a_missing_interpreter_is_named() {
+        let err = discover(Path::new("/nonexistent/python3")).unwrap_err();
+        assert!(
+            err.starts_with("/nonexistent/python3: cannot start"),
+            "{err}"
+        );
+    }
+}

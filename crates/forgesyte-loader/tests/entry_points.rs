@@ -1,0 +1,607 @@
+//! Installed Python plugins (entry points of group `forgesyte.plugins`)
+//! with the real `python3`: a throw-away "site" directory of packages with
+//! `.dist-info` metadata, put on the interpreter's path by a wrapper script
+//! (`PYTHONPATH=SITE exec python3 "$@"`) that is the loader's configured
+//! interpreter. No network, nothing installed.
+//!
+//! A machine without `python3` on `PATH` fails these tests with that
+//! reason (never a silent pass).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forgesyte_deps::DependencyChecker;
+use forgesyte_deps::fake::FakeGpu;
+use forgesyte_loader::entry_points::{self, EntryPoint};
+use forgesyte_loader::{Loader, LoaderConfig, ProcessLimits, SupervisionPolicy};
+use forgesyte_registry::{PluginLifecycleState as S, Registry};
+use serde_json::{Value, json};
+
+/// A seed-style plugin: `class Plugin` with a `tools` dict and `run_tool`;
+/// `hello` greets with `greeting`.
+fn plugin_py(greeting: &str) -> String {
+    format!(
+        r#"
+class Plugin:
+    def __init__(self):
+        self.tools = {{
+            "hello": {{
+                "handler": self.hello,
+                "description": "Greets `name`.",
+                "input_schema": {{"type": "object", "properties": {{"name": {{"type": "string"}}}}}},
+                "output_schema": {{"type": "object"}},
+            }},
+        }}
+
+    def run_tool(self, tool_name, args):
+        return self.tools[tool_name]["handler"](args)
+
+    def hello(self, args):
+        return {{"message": "{greeting}, %s!" % args.get("name", "world"), "module": __name__}}
+"#
+    )
+}
+
+/// Fails (never skips) when `python3` is missing.
+fn require_python() {
+    let found = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .any(|dir| dir.join("python3").is_file());
+    assert!(
+        found,
+        "python3 is not on PATH: the entry-point tests need a Python 3 interpreter"
+    );
+}
+
+/// A site directory and the interpreter that sees it.
+struct Site {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    site: PathBuf,
+    python: PathBuf,
+    plugins: PathBuf,
+}
+
+impl Site {
+    fn new() -> Site {
+        require_python();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let site = root.join("site");
+        let plugins = root.join("plugins");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::create_dir_all(&plugins).unwrap();
+        let python = root.join("python");
+        write_wrapper(
+            &python,
+            &format!("PYTHONPATH={} exec python3 \"$@\"", site.display()),
+        );
+        Site {
+            _dir: dir,
+            root,
+            site,
+            python,
+            plugins,
+        }
+    }
+
+    /// Package `pkg` (distribution `dist` `version`) with `files` and one
+    /// entry point per `(name, value)`.
+    fn package(
+        &self,
+        dist: &str,
+        version: &str,
+        pkg: &str,
+        files: &[(&str, &str)],
+        entry_points: &[(&str, &str)],
+    ) -> &Site {
+        let dir = self.site.join(pkg);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("__init__.py"), "").unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let info = self.site.join(format!("{dist}-{version}.dist-info"));
+        std::fs::create_dir_all(&info).unwrap();
+        std::fs::write(
+            info.join("METADATA"),
+            format!("Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"),
+        )
+        .unwrap();
+        let mut text = String::from("[forgesyte.plugins]\n");
+        for (name, value) in entry_points {
+            text.push_str(&format!("{name} = {value}\n"));
+        }
+        std::fs::write(info.join("entry_points.txt"), text).unwrap();
+        self
+    }
+
+    /// The four packages of the brief plus one clashing with a directory
+    /// plugin, and that directory plugin.
+    fn standard(&self) -> &Site {
+        self.package(
+            "mypkg",
+            "1.0",
+            "mypkg",
+            &[
+                ("plugin.py", &plugin_py("Hello")),
+                ("weights.bin", "model weights"),
+                (
+                    "manifest.json",
+                    r#"{"name": "mypkg-hello", "version": "2.0.0",
+                        "description": "Hello from an installed package",
+                        "models": {"weights": "weights.bin"},
+                        "x-published": {"kept": true}}"#,
+                ),
+            ],
+            &[("my-plugin", "mypkg.plugin:Plugin")],
+        )
+        .package(
+            "plainpkg",
+            "0.3",
+            "plainpkg",
+            &[("plugin.py", &plugin_py("Hi"))],
+            &[("plain", "plainpkg.plugin:Plugin")],
+        )
+        .package(
+            "brokenpkg",
+            "1.0",
+            "brokenpkg",
+            &[(
+                "plugin.py",
+                "raise ImportError('brokenpkg needs libfoo, which is not installed')\n",
+            )],
+            &[("broken", "brokenpkg.plugin:Plugin")],
+        )
+        .package(
+            "duppkg",
+            "1.0",
+            "duppkg",
+            &[("plugin.py", &plugin_py("Dup"))],
+            &[("mypkg-hello", "duppkg.plugin:Plugin")],
+        )
+        .package(
+            "clashpkg",
+            "1.0",
+            "clashpkg",
+            &[("plugin.py", &plugin_py("Clash"))],
+            &[("dirplug", "clashpkg.plugin:Plugin")],
+        );
+        let dirplug = self.plugins.join("dirplug");
+        std::fs::create_dir_all(&dirplug).unwrap();
+        std::fs::write(dirplug.join("plugin.py"), plugin_py("Dir")).unwrap();
+        std::fs::write(
+            dirplug.join("manifest.json"),
+            r#"{"name": "dirplug", "version": "1.0.0"}"#,
+        )
+        .unwrap();
+        self
+    }
+
+    fn config(&self) -> LoaderConfig {
+        LoaderConfig {
+            python: Some(self.python.clone()),
+            python_entry_points: true,
+            threads: 2,
+            process: ProcessLimits {
+                init_timeout: Duration::from_secs(20),
+                call_timeout: Duration::from_secs(10),
+                memory_limit_mib: 0,
+                max_response_bytes: 16 * 1024 * 1024,
+            },
+            supervision: SupervisionPolicy {
+                max_restarts: 0,
+                ..SupervisionPolicy::default()
+            },
+            ..LoaderConfig::default()
+        }
+    }
+
+    fn loader(&self, registry: &Registry, config: LoaderConfig) -> Loader {
+        let checker = DependencyChecker::builder()
+            .gpu(Arc::new(FakeGpu::none("no GPU here (CUDA absent)")))
+            .build();
+        Loader::new(registry.clone(), Arc::new(checker), config)
+    }
+}
+
+/// Writes an executable shell script and starts it (as a no-op) until no
+/// other thread's fork still holds it open for writing (`ETXTBSY`): after
+/// one clean start, none can.
+fn write_wrapper(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(
+        path,
+        format!("#!/bin/sh\n[ -n \"$WARM_UP\" ] && exit 0\n{body}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::process::Command::new(path)
+            .env("WARM_UP", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+        {
+            Ok(_) => return,
+            Err(e) if e.raw_os_error() == Some(26) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot run {}: {e}", path.display()),
+        }
+    }
+}
+
+fn status(registry: &Registry, name: &str) -> (S, String) {
+    let status = registry
+        .get_status(name)
+        .unwrap_or_else(|| panic!("{name} missing: {:#?}", registry.list_all()));
+    (status.state, status.reason.unwrap_or_default())
+}
+
+fn hello(loader: &Loader, name: &str) -> Value {
+    loader
+        .handle(name)
+        .unwrap_or_else(|| panic!("{name} has no handle"))
+        .call("hello", &json!({"name": "ForgeSyte"}))
+        .unwrap_or_else(|e| panic!("{name}: hello failed: {e:?}"))
+}
+
+#[test]
+fn discover_reports_every_entry_point_without_importing_it() {
+    let site = Site::new();
+    site.standard();
+    let marker = site.root.join("imported");
+    site.package(
+        "markpkg",
+        "1.0",
+        "markpkg",
+        &[(
+            "plugin.py",
+            &format!("open({:?}, 'w').write('imported')\n", marker.display()),
+        )],
+        &[("marked", "markpkg.plugin:Plugin")],
+    );
+    let found = entry_points::discover(&site.python).unwrap();
+    assert!(!marker.exists(), "discovery imported a plugin's module");
+    let found: Vec<EntryPoint> = found.into_iter().filter(|e| e.name != "marked").collect();
+    let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["broken", "dirplug", "my-plugin", "mypkg-hello", "plain"],
+        "sorted by name: {found:#?}"
+    );
+    let mine: &EntryPoint = found.iter().find(|e| e.name == "my-plugin").unwrap();
+    assert_eq!(mine.value, "mypkg.plugin:Plugin");
+    assert_eq!(mine.module.as_deref(), Some("mypkg.plugin"));
+    assert_eq!(mine.attr.as_deref(), Some("Plugin"));
+    assert_eq!(mine.dist.as_deref(), Some("mypkg"));
+    assert_eq!(mine.version.as_deref(), Some("1.0"));
+    assert_eq!(mine.module_dir.as_deref(), Some(&*site.site.join("mypkg")));
+    assert!(mine.has_manifest);
+    assert_eq!(mine.error, None);
+    let plain = found.iter().find(|e| e.name == "plain").unwrap();
+    assert!(!plain.has_manifest);
+    // The module that raises at import was located, not imported.
+    let broken = found.iter().find(|e| e.name == "broken").unwrap();
+    assert_eq!(broken.error, None, "{broken:#?}");
+    assert_eq!(
+        broken.module_dir.as_deref(),
+        Some(&*site.site.join("brokenpkg"))
+    );
+}
+
+#[test]
+fn installed_packages_become_plugins_and_failures_stay_theirs() {
+    let site = Site::new();
+    site.standard();
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    let report = loader.load_all(&site.plugins);
+    assert_eq!(loader.entry_points_error(), None);
+    let names: Vec<&str> = report.plugins.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "broken",
+            "dirplug",
+            "dirplug.duplicate",
+            "mypkg-hello",
+            "mypkg-hello.duplicate",
+            "plain"
+        ],
+        "{report:#?}"
+    );
+
+    // 1. manifest.json beside the module: its name and version win, the
+    //    entry point supplies the code, the module's directory is the
+    //    plugin's, unknown fields are kept.
+    assert_eq!(
+        status(&registry, "mypkg-hello"),
+        (S::Initialized, String::new())
+    );
+    let st = registry.get_status("mypkg-hello").unwrap();
+    assert_eq!(st.version.as_deref(), Some("2.0.0"));
+    assert_eq!(
+        st.description.as_deref(),
+        Some("Hello from an installed package")
+    );
+    assert_eq!(
+        loader.plugin_dir("mypkg-hello").unwrap(),
+        site.site.join("mypkg")
+    );
+    let manifest = loader.manifest("mypkg-hello").unwrap();
+    assert_eq!(manifest["runtime"], "python");
+    assert_eq!(manifest["entrypoint"], "mypkg.plugin:Plugin");
+    assert_eq!(manifest["x-published"]["kept"], true);
+    assert_eq!(
+        loader.entry_point("mypkg-hello").unwrap().name,
+        "my-plugin",
+        "the entry point is remembered"
+    );
+    let answer = hello(&loader, "mypkg-hello");
+    assert_eq!(answer["message"], "Hello, ForgeSyte!");
+    assert_eq!(answer["module"], "mypkg.plugin", "imported as the package");
+
+    // 2. No manifest.json: one made of the entry point (its name, the
+    //    distribution's version).
+    assert_eq!(status(&registry, "plain"), (S::Initialized, String::new()));
+    let st = registry.get_status("plain").unwrap();
+    assert_eq!(st.version.as_deref(), Some("0.3"));
+    let manifest = loader.manifest("plain").unwrap();
+    assert_eq!(manifest["name"], "plain");
+    assert_eq!(manifest["version"], "0.3");
+    assert_eq!(manifest["runtime"], "python");
+    assert_eq!(manifest["entrypoint"], "plainpkg.plugin:Plugin");
+    assert_eq!(hello(&loader, "plain")["message"], "Hi, ForgeSyte!");
+
+    // 3. A module that raises ImportError at import: FAILED, the seed's
+    //    prefix and the exception's own words.
+    let (state, reason) = status(&registry, "broken");
+    assert_eq!(state, S::Failed);
+    assert!(reason.starts_with("ImportError: "), "{reason}");
+    assert!(
+        reason.contains("brokenpkg needs libfoo, which is not installed"),
+        "{reason}"
+    );
+
+    // 4. An entry point named like another plugin's manifest: entry points
+    //    register in the order of their names ("my-plugin" before
+    //    "mypkg-hello"), so the later one is FAILED under a key of its own,
+    //    both sources named; the first is untouched.
+    let (state, reason) = status(&registry, "mypkg-hello.duplicate");
+    assert_eq!(state, S::Failed);
+    for part in [
+        "ManifestError: duplicate plugin name 'mypkg-hello'",
+        "entry point 'my-plugin' (mypkg.plugin:Plugin) of mypkg 1.0",
+        "this plugin is entry point 'mypkg-hello' (duppkg.plugin:Plugin) of duppkg 1.0",
+    ] {
+        assert!(reason.contains(part), "{part:?} not in {reason:?}");
+    }
+    assert!(loader.handle("mypkg-hello.duplicate").is_none());
+
+    // 5. An entry point named like a directory plugin: the directory wins.
+    assert_eq!(
+        status(&registry, "dirplug"),
+        (S::Initialized, String::new())
+    );
+    assert_eq!(hello(&loader, "dirplug")["message"], "Dir, ForgeSyte!");
+    assert_eq!(
+        loader.plugin_dir("dirplug").unwrap(),
+        site.plugins.join("dirplug")
+    );
+    let (state, reason) = status(&registry, "dirplug.duplicate");
+    assert_eq!(state, S::Failed);
+    assert!(
+        reason.contains("duplicate plugin name 'dirplug'"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(&site.plugins.join("dirplug").display().to_string()),
+        "{reason}"
+    );
+    assert!(reason.contains("of clashpkg 1.0"), "{reason}");
+}
+
+#[test]
+fn entry_points_are_only_read_when_asked_for() {
+    let site = Site::new();
+    site.standard();
+    let registry = Registry::new();
+    let config = LoaderConfig {
+        python_entry_points: false,
+        ..site.config()
+    };
+    let loader = site.loader(&registry, config);
+    let report = loader.load_all(&site.plugins);
+    let names: Vec<&str> = report.plugins.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["dirplug"]);
+    assert_eq!(loader.entry_points_error(), None);
+}
+
+#[test]
+fn a_discovery_that_fails_is_a_warning_and_the_directories_still_load() {
+    let site = Site::new();
+    site.standard();
+    let registry = Registry::new();
+    let config = LoaderConfig {
+        python: Some(site.root.join("no-such-python")),
+        ..site.config()
+    };
+    let loader = site.loader(&registry, config);
+    let report = loader.load_all(&site.plugins);
+    let names: Vec<&str> = report.plugins.iter().map(|p| p.name.as_str()).collect();
+    // The directory plugin also needs that interpreter: UNAVAILABLE, naming it.
+    assert_eq!(names, ["dirplug"]);
+    let error = loader.entry_points_error().expect("the reason is kept");
+    assert!(error.contains("no-such-python"), "{error}");
+
+    // An interpreter that answers nonsense, and one that hangs.
+    let nonsense = site.root.join("nonsense");
+    write_wrapper(&nonsense, "echo 'not json'");
+    let err = entry_points::discover(&nonsense).unwrap_err();
+    assert!(err.contains("unexpected output"), "{err}");
+    let failing = site.root.join("failing");
+    write_wrapper(&failing, "echo 'Fatal Python error: boom' >&2; exit 3");
+    let err = entry_points::discover(&failing).unwrap_err();
+    assert!(err.contains("exited with status 3"), "{err}");
+    assert!(err.contains("Fatal Python error: boom"), "{err}");
+    let hung = site.root.join("hung");
+    write_wrapper(&hung, "sleep 30 & wait");
+    let started = Instant::now();
+    let err = entry_points::discover_with_timeout(&hung, Duration::from_millis(300)).unwrap_err();
+    assert!(err.contains("did not answer within 0.3 s"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the run was killed, its group too: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn reload_all_loads_entry_points_installed_since() {
+    let site = Site::new();
+    site.standard();
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    assert!(registry.get_status("later").is_none());
+
+    site.package(
+        "laterpkg",
+        "0.1",
+        "laterpkg",
+        &[("plugin.py", &plugin_py("Later"))],
+        &[("later", "laterpkg.plugin:Plugin")],
+    );
+    // The broken package is fixed in place.
+    std::fs::write(site.site.join("brokenpkg/plugin.py"), plugin_py("Fixed")).unwrap();
+    let report = loader.reload_all();
+    let later = report.plugins.iter().find(|p| p.name == "later");
+    assert_eq!(later.map(|p| p.state), Some(S::Initialized), "{report:#?}");
+    assert_eq!(hello(&loader, "later")["message"], "Later, ForgeSyte!");
+    // Registered ones were reloaded from their entry points, not duplicated.
+    assert_eq!(status(&registry, "broken"), (S::Initialized, String::new()));
+    assert_eq!(hello(&loader, "broken")["message"], "Fixed, ForgeSyte!");
+    assert_eq!(status(&registry, "mypkg-hello").0, S::Initialized);
+    assert_eq!(
+        hello(&loader, "mypkg-hello")["message"],
+        "Hello, ForgeSyte!"
+    );
+    assert_eq!(status(&registry, "mypkg-hello.duplicate").0, S::Failed);
+    assert_eq!(registry.list_all().len(), 7, "{:#?}", registry.list_all());
+    // And one plugin alone.
+    let one = loader.reload("plain").unwrap();
+    assert_eq!(one.state, S::Initialized, "{one:#?}");
+}
+
+#[test]
+fn the_pre_3_10_api_finds_the_same_entry_points() {
+    let site = Site::new();
+    site.standard();
+    // Python 3.8 and 3.9: `entry_points()` takes no `group`.
+    let compat = site.root.join("compat");
+    std::fs::create_dir_all(&compat).unwrap();
+    std::fs::write(
+        compat.join("sitecustomize.py"),
+        "import importlib.metadata as m\n\
+         _real = m.entry_points\n\
+         def entry_points(**params):\n\
+         \x20   if params:\n\
+         \x20       raise TypeError('entry_points() got an unexpected keyword argument')\n\
+         \x20   return _real()\n\
+         m.entry_points = entry_points\n",
+    )
+    .unwrap();
+    let old_python = site.root.join("python-old-api");
+    write_wrapper(
+        &old_python,
+        &format!(
+            "PYTHONPATH={}:{} exec python3 \"$@\"",
+            compat.display(),
+            site.site.display()
+        ),
+    );
+    let new_api = entry_points::discover(&site.python).unwrap();
+    let old_api = entry_points::discover(&old_python).unwrap();
+    assert_eq!(old_api, new_api);
+    assert_eq!(old_api.len(), 5, "{old_api:#?}");
+}
+
+#[test]
+fn a_bad_shipped_manifest_or_entry_point_value_fails_that_plugin_alone() {
+    let site = Site::new();
+    site.package(
+        "badjson",
+        "1.0",
+        "badjson",
+        &[
+            ("plugin.py", &plugin_py("Bad")),
+            ("manifest.json", "{ not json"),
+        ],
+        &[("bad-json", "badjson.plugin:Plugin")],
+    )
+    .package(
+        "toplevel",
+        "1.0",
+        "toplevel",
+        &[],
+        // A top-level module without its class cannot be told from a file.
+        &[("top", "toplevel")],
+    )
+    .package(
+        "goodpkg",
+        "1.0",
+        "goodpkg",
+        &[("plugin.py", &plugin_py("Good"))],
+        &[("good", "goodpkg.plugin:Plugin")],
+    );
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    let (state, reason) = status(&registry, "bad-json");
+    assert_eq!(state, S::Failed);
+    assert!(
+        reason.starts_with("ManifestError: invalid JSON in "),
+        "{reason}"
+    );
+    assert!(reason.contains("badjson/manifest.json"), "{reason}");
+    let (state, reason) = status(&registry, "top");
+    assert_eq!(state, S::Failed);
+    assert!(
+        reason.contains("invalid field 'entrypoint'") && reason.contains("'module:Plugin'"),
+        "{reason}"
+    );
+    assert_eq!(status(&registry, "good"), (S::Initialized, String::new()));
+    assert_eq!(hello(&loader, "good")["message"], "Good, ForgeSyte!");
+}
+
+/// An installed package's files never shadow the standard library: its
+/// directory is not put first on the runner's `sys.path`.
+#[test]
+fn an_installed_packages_files_do_not_shadow_the_standard_library() {
+    let site = Site::new();
+    let plugin = format!(
+        "import statistics\n{}\n    def mean(self, args):\n        return {{\"mean\": statistics.mean([1, 2, 3])}}\n",
+        plugin_py("Hi")
+    );
+    site.package(
+        "shadow",
+        "1.0",
+        "shadowpkg",
+        &[
+            ("plugin.py", &plugin),
+            ("statistics.py", "raise ImportError('the package shadowed statistics')\n"),
+        ],
+        &[("shadow", "shadowpkg.plugin:Plugin")],
+    );
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    let (state, reason) = status(&registry, "shadow");
+    assert_eq!(state, S::Initialized, "{reason}");
+    assert_eq!(hello(&loader, "shadow")["message"], "Hi, ForgeSyte!");
+}

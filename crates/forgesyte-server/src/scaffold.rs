@@ -1,0 +1,573 @@
+//! `forgesyte new`: the files of a working plugin, Python or Rust, and the
+//! commands that build, check and serve it.
+//!
+//! The templates are the files under `scaffold/` beside this one, compiled
+//! into the binary; `{{name}}`-style placeholders are filled in here.
+//!
+//! A Rust plugin depends on `forgesyte-plugin-sdk`, which is not published
+//! on crates.io: the scaffold names it by path — the SDK of the workspace
+//! this `forgesyte` was built in (found above the running executable, else
+//! at the source path it was compiled from), or `--sdk DIR` — and only when
+//! no checkout is found by version (`"0.1"`), with a note that the build
+//! needs a path.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use forgesyte_loader::manifest::is_valid_name;
+
+/// The language of a scaffold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lang {
+    /// `manifest.json` + `plugin.py` (the seed's layout).
+    Python,
+    /// A Cargo project building a `cdylib` with the SDK.
+    Rust,
+}
+
+/// Where the Rust scaffold gets the SDK from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Sdk {
+    /// A path dependency on this SDK crate directory.
+    Path(PathBuf),
+    /// A version requirement (the SDK is not published yet).
+    Version(&'static str),
+}
+
+/// The version requirement used when no SDK checkout is found.
+pub(crate) const SDK_VERSION: &str = "0.1";
+
+/// Why no scaffold was written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ScaffoldError {
+    /// The target exists and is not an empty directory.
+    #[error(
+        "{} already exists and is not an empty directory; nothing was written \
+         (choose another NAME or --dir, or remove it)",
+        .0.display()
+    )]
+    Exists(PathBuf),
+    /// Writing failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What was written, and what to run next.
+#[derive(Debug)]
+pub(crate) struct Created {
+    /// The message for the terminal: the files made (in `PARENT/NAME`) and
+    /// the exact commands that build, check, serve and call the plugin.
+    pub(crate) message: String,
+}
+
+/// `NAME` for `--python`: the manifest's name rule,
+/// `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
+pub(crate) fn python_name(name: &str) -> Result<String, String> {
+    if is_valid_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "'{name}' is not a plugin name: use 1 to 64 letters, digits, '.', '_' or '-', \
+             starting with a letter or digit"
+        ))
+    }
+}
+
+/// `NAME` for `--rust`: also a Cargo package and Rust crate name (a letter
+/// first, no '.', not a keyword).
+pub(crate) fn rust_name(name: &str) -> Result<String, String> {
+    python_name(name)?;
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) || name.contains('.') {
+        return Err(format!(
+            "'{name}' cannot name a Rust plugin (a Cargo package): start with a letter \
+             and use only letters, digits, '_' and '-'"
+        ));
+    }
+    let crate_name = name.replace('-', "_");
+    if RESERVED.contains(&crate_name.as_str()) {
+        return Err(format!(
+            "'{name}' cannot name a Rust plugin: '{crate_name}' is a Rust keyword or a \
+             standard crate"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// Keywords and standard crates: not a crate's name.
+const RESERVED: &[&str] = &[
+    "abstract",
+    "alloc",
+    "as",
+    "async",
+    "await",
+    "become",
+    "box",
+    "break",
+    "const",
+    "continue",
+    "core",
+    "crate",
+    "do",
+    "dyn",
+    "else",
+    "enum",
+    "extern",
+    "false",
+    "final",
+    "fn",
+    "for",
+    "gen",
+    "if",
+    "impl",
+    "in",
+    "let",
+    "loop",
+    "macro",
+    "match",
+    "mod",
+    "move",
+    "mut",
+    "override",
+    "priv",
+    "proc_macro",
+    "pub",
+    "ref",
+    "return",
+    "self",
+    "static",
+    "std",
+    "struct",
+    "super",
+    "test",
+    "trait",
+    "true",
+    "try",
+    "type",
+    "typeof",
+    "unsafe",
+    "unsized",
+    "use",
+    "virtual",
+    "where",
+    "while",
+    "yield",
+];
+
+/// The SDK crate of the workspace this binary belongs to: above the
+/// running executable (`WORKSPACE/target/debug/forgesyte`), else where it
+/// was compiled from; `None` when neither holds it.
+pub(crate) fn find_sdk() -> Option<PathBuf> {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.canonicalize().ok());
+    let above_exe = exe
+        .iter()
+        .flat_map(|e| e.ancestors().skip(1))
+        .map(|dir| dir.join("crates").join("forgesyte-plugin-sdk"))
+        .collect::<Vec<_>>();
+    let compiled_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../forgesyte-plugin-sdk");
+    above_exe
+        .into_iter()
+        .chain(std::iter::once(compiled_from))
+        .find(|dir| is_sdk(dir))
+        .and_then(|dir| dir.canonicalize().ok())
+}
+
+/// Whether `dir` holds the SDK crate.
+pub(crate) fn is_sdk(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("Cargo.toml"))
+        .is_ok_and(|text| text.contains("name = \"forgesyte-plugin-sdk\""))
+}
+
+/// Writes the scaffold of plugin `name` into `parent/name` (which must not
+/// exist, or be an empty directory).
+pub(crate) fn create(
+    lang: Lang,
+    name: &str,
+    parent: &Path,
+    sdk: &Sdk,
+) -> Result<Created, ScaffoldError> {
+    let dir = parent.join(name);
+    let existed = match std::fs::read_dir(&dir) {
+        Ok(mut entries) => match entries.next() {
+            None => true,
+            Some(_) => return Err(ScaffoldError::Exists(dir)),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        // A file, or a link, of that name.
+        Err(_) if dir.symlink_metadata().is_ok() => return Err(ScaffoldError::Exists(dir)),
+        Err(source) => return Err(ScaffoldError::Io { path: dir, source }),
+    };
+    let files = render(lang, name, sdk);
+    let written = write_all(&dir, &files);
+    if let Err(e) = written {
+        // Leave nothing half-made behind.
+        if existed {
+            for (file, _) in &files {
+                let _ = std::fs::remove_file(dir.join(file));
+            }
+            let _ = std::fs::remove_dir(dir.join("src"));
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Err(e);
+    }
+    Ok(Created {
+        message: message(lang, name, parent, &dir, &files, sdk),
+    })
+}
+
+fn write_all(dir: &Path, files: &[(&'static str, String)]) -> Result<(), ScaffoldError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ScaffoldError::Io { path, source }
+    };
+    for (file, text) in files {
+        let path = dir.join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        // Never over anything: a file that appeared meanwhile is an error.
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        out.write_all(text.as_bytes()).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// The files of a scaffold (relative paths) and their text.
+pub(crate) fn render(lang: Lang, name: &str, sdk: &Sdk) -> Vec<(&'static str, String)> {
+    let fill = |template: &str| {
+        template
+            .replace("{{name}}", name)
+            .replace("{{library}}", &library_file(name))
+            .replace("{{type}}", &type_name(name))
+            .replace("{{sdk_dependency}}", &sdk_dependency(sdk))
+    };
+    match lang {
+        Lang::Python => vec![
+            (
+                "manifest.json",
+                fill(include_str!("scaffold/python/manifest.json.tmpl")),
+            ),
+            (
+                "plugin.py",
+                fill(include_str!("scaffold/python/plugin.py.tmpl")),
+            ),
+            (
+                "README.md",
+                fill(include_str!("scaffold/python/README.md.tmpl")),
+            ),
+        ],
+        Lang::Rust => vec![
+            (
+                "Cargo.toml",
+                fill(include_str!("scaffold/rust/Cargo.toml.tmpl")),
+            ),
+            (
+                "src/lib.rs",
+                fill(include_str!("scaffold/rust/lib.rs.tmpl")),
+            ),
+            (
+                "manifest.json",
+                fill(include_str!("scaffold/rust/manifest.json.tmpl")),
+            ),
+            (
+                "README.md",
+                fill(include_str!("scaffold/rust/README.md.tmpl")),
+            ),
+            (
+                ".gitignore",
+                fill(include_str!("scaffold/rust/gitignore.tmpl")),
+            ),
+        ],
+    }
+}
+
+/// The library Cargo builds for package `name`: `lib` + the crate name
+/// (`-` → `_`) + `.so`.
+pub(crate) fn library_file(name: &str) -> String {
+    format!("lib{}.so", name.replace(['-', '.'], "_"))
+}
+
+/// The plugin type's name: `image-stats` → `ImageStats`, `ocr` → `Ocr`.
+pub(crate) fn type_name(name: &str) -> String {
+    let camel: String = name
+        .split(['-', '_', '.'])
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let mut chars = part.chars();
+            chars.next().map_or_else(String::new, |first| {
+                first.to_ascii_uppercase().to_string() + chars.as_str()
+            })
+        })
+        .collect();
+    // `Plugin` is the SDK's trait, imported by the template.
+    if camel.is_empty()
+        || camel == "Plugin"
+        || !camel.starts_with(|c: char| c.is_ascii_alphabetic())
+    {
+        format!("My{camel}")
+    } else {
+        camel
+    }
+}
+
+/// The `[dependencies]` line of the SDK.
+fn sdk_dependency(sdk: &Sdk) -> String {
+    match sdk {
+        Sdk::Path(path) => format!(
+            "forgesyte-plugin-sdk = {{ path = {} }}",
+            toml_string(&path.display().to_string())
+        ),
+        Sdk::Version(version) => format!(
+            "# Not on crates.io yet: replace the version with\n\
+             # `{{ path = \"/path/to/forgesyte/crates/forgesyte-plugin-sdk\" }}`.\n\
+             forgesyte-plugin-sdk = \"{version}\""
+        ),
+    }
+}
+
+/// A TOML basic string.
+fn toml_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `path` as a shell word (quoted when it needs to be).
+fn shell(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c));
+    if plain {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
+fn message(
+    lang: Lang,
+    name: &str,
+    parent: &Path,
+    dir: &Path,
+    files: &[(&'static str, String)],
+    sdk: &Sdk,
+) -> String {
+    let mut out = String::new();
+    let what = match lang {
+        Lang::Python => "Python",
+        Lang::Rust => "Rust",
+    };
+    let _ = writeln!(out, "Created the {what} plugin '{name}' in {}:", shell(dir));
+    for (file, _) in files {
+        let _ = writeln!(out, "  {}", shell(&dir.join(file)));
+    }
+    let curl = format!(
+        "curl -s -X POST http://127.0.0.1:8000/v1/plugins/{name}/tools/hello/run \
+         -H 'Content-Type: application/json' -d '{{\"args\": {{\"name\": \"ForgeSyte\"}}}}'"
+    );
+    match lang {
+        Lang::Python => {
+            let _ = writeln!(out, "\nCheck it, serve it, call its tool:");
+            let _ = writeln!(out, "  forgesyte check {}", shell(parent));
+            let _ = writeln!(out, "  forgesyte serve --plugins {}", shell(parent));
+            let _ = writeln!(out, "  {curl}");
+        }
+        Lang::Rust => {
+            match sdk {
+                Sdk::Path(path) => {
+                    let _ = writeln!(
+                        out,
+                        "\nIt depends on the SDK at {} (by path).",
+                        path.display()
+                    );
+                }
+                Sdk::Version(version) => {
+                    let _ = writeln!(
+                        out,
+                        "\nNo checkout of forgesyte-plugin-sdk was found, so Cargo.toml asks \
+                         for version \"{version}\", which is not on crates.io yet: point it \
+                         at a checkout (`path = \".../crates/forgesyte-plugin-sdk\"`) or \
+                         run `forgesyte new --rust {name} --sdk DIR` again."
+                    );
+                }
+            }
+            let target = dir.join("target").join("debug");
+            let _ = writeln!(out, "\nBuild it, check it, serve it, call its tool:");
+            let _ = writeln!(
+                out,
+                "  cargo build --manifest-path {}",
+                shell(&dir.join("Cargo.toml"))
+            );
+            let _ = writeln!(
+                out,
+                "  forgesyte check {} --lib-path {}",
+                shell(parent),
+                shell(&target)
+            );
+            let _ = writeln!(
+                out,
+                "  forgesyte serve --plugins {} --lib-path {}",
+                shell(parent),
+                shell(&target)
+            );
+            let _ = writeln!(out, "  {curl}");
+            let _ = writeln!(
+                out,
+                "\n(Or copy {} into {} and leave out --lib-path.)",
+                shell(&target.join(library_file(name))),
+                shell(dir)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_manifest_rule_and_cargos() {
+        assert!(python_name("ocr").is_ok());
+        assert!(python_name("my.plugin-2").is_ok());
+        assert!(python_name("9lives").is_ok());
+        for bad in ["", "-x", ".x", "a b", "a/b", "ü", &"x".repeat(65)] {
+            assert!(python_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(rust_name("image-stats").is_ok());
+        assert!(rust_name("ocr_2").is_ok());
+        for bad in ["9lives", "my.plugin", "fn", "std", "self", "test", "a b"] {
+            assert!(rust_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn types_and_libraries() {
+        assert_eq!(type_name("image-stats"), "ImageStats");
+        assert_eq!(type_name("ocr"), "Ocr");
+        assert_eq!(type_name("plugin"), "MyPlugin");
+        assert_eq!(type_name("a_b-c"), "ABC");
+        assert_eq!(library_file("image-stats"), "libimage_stats.so");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(toml_string(r#"/a "b"\c"#), r#""/a \"b\"\\c""#);
+        assert_eq!(shell(Path::new("./plugins/x")), "./plugins/x");
+        assert_eq!(shell(Path::new("/my dir/it's")), r#"'/my dir/it'\''s'"#);
+    }
+
+    #[test]
+    fn templates_are_filled_and_valid() {
+        for lang in [Lang::Python, Lang::Rust] {
+            for (file, text) in render(lang, "image-stats", &Sdk::Path("/sdk".into())) {
+                assert!(!text.contains("{{"), "{file}: {text}");
+                if file.ends_with(".json") {
+                    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    let parsed = forgesyte_loader::manifest::from_value(manifest, "x").unwrap();
+                    assert_eq!(parsed.name, "image-stats");
+                    let runtime = match lang {
+                        Lang::Python => forgesyte_loader::Runtime::Python,
+                        Lang::Rust => forgesyte_loader::Runtime::Native,
+                    };
+                    assert_eq!(parsed.runtime, runtime);
+                }
+            }
+        }
+        let rust = render(Lang::Rust, "image-stats", &Sdk::Path("/sdk".into()));
+        let cargo = &rust.iter().find(|(f, _)| *f == "Cargo.toml").unwrap().1;
+        assert!(cargo.contains("forgesyte-plugin-sdk = { path = \"/sdk\" }"));
+        assert!(cargo.contains("name = \"image-stats\""));
+        let lib = &rust.iter().find(|(f, _)| *f == "src/lib.rs").unwrap().1;
+        assert!(lib.contains("export_plugin!(ImageStats)"));
+        let manifest = &rust.iter().find(|(f, _)| *f == "manifest.json").unwrap().1;
+        assert!(manifest.contains("\"entrypoint\": \"libimage_stats.so\""));
+        let versioned = render(Lang::Rust, "x", &Sdk::Version(SDK_VERSION));
+        assert!(versioned[0].1.contains("forgesyte-plugin-sdk = \"0.1\""));
+    }
+
+    #[test]
+    fn existing_directories_are_never_written_into() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sdk = Sdk::Version(SDK_VERSION);
+        // An empty directory is fine.
+        std::fs::create_dir(tmp.path().join("empty")).unwrap();
+        create(Lang::Python, "empty", tmp.path(), &sdk).unwrap();
+        for file in ["manifest.json", "plugin.py", "README.md"] {
+            assert!(tmp.path().join("empty").join(file).is_file(), "{file}");
+        }
+        let err = create(Lang::Python, "empty", tmp.path(), &sdk).unwrap_err();
+        assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
+        assert!(err.to_string().contains("already exists"), "{err}");
+        std::fs::write(tmp.path().join("file"), "x").unwrap();
+        let err = create(Lang::Rust, "file", tmp.path(), &sdk).unwrap_err();
+        assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("file")).unwrap(),
+            "x"
+        );
+    }
+
+    #[test]
+    fn the_messages_name_the_exact_commands() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().join("my plugins");
+        let created = create(Lang::Rust, "ocr", &parent, &Sdk::Path("/sdk".into())).unwrap();
+        let q = |p: &Path| shell(p);
+        let dir = parent.join("ocr");
+        let target = dir.join("target/debug");
+        for line in [
+            format!("cargo build --manifest-path {}", q(&dir.join("Cargo.toml"))),
+            format!("forgesyte check {} --lib-path {}", q(&parent), q(&target)),
+            format!(
+                "forgesyte serve --plugins {} --lib-path {}",
+                q(&parent),
+                q(&target)
+            ),
+            "curl -s -X POST http://127.0.0.1:8000/v1/plugins/ocr/tools/hello/run".to_owned(),
+        ] {
+            assert!(
+                created.message.contains(&line),
+                "{line}\n{}",
+                created.message
+            );
+        }
+        assert!(dir.join("src/lib.rs").is_file());
+        assert!(dir.join(".gitignore").is_file());
+    }
+
+    #[test]
+    fn the_sdk_of_this_workspace_is_found() {
+        let sdk = find_sdk().expect("tests run inside the workspace");
+        assert!(
+            sdk.ends_with("crates/forgesyte-plugin-sdk"),
+            "{}",
+            sdk.display()
+        );
+        assert!(is_sdk(&sdk));
+        assert!(!is_sdk(Path::new("/")));
+    }
+}

@@ -1,0 +1,264 @@
+//! Installed Python plugins through the real binary: `forgesyte check
+//! --python-entry-points --python WRAPPER --json EMPTYDIR` (and the
+//! environment variable), a discovery that fails, and `serve` calling an
+//! installed plugin's tool over HTTP. The "installation" is a throw-away
+//! site directory with `.dist-info` metadata that a wrapper interpreter
+//! (`PYTHONPATH=SITE exec python3 "$@"`) puts on its path: no network.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{Forgesyte, forgesyte_command};
+
+const PLUGIN_PY: &str = r#"
+class Plugin:
+    def __init__(self):
+        self.tools = {
+            "hello": {
+                "handler": lambda args: {"message": "Hello, %s!" % args.get("name", "world")},
+                "description": "Greets `name`.",
+                "input_schema": {"type": "object"},
+                "output_schema": {"type": "object"},
+            },
+        }
+
+    def run_tool(self, tool_name, args):
+        return self.tools[tool_name]["handler"](args)
+"#;
+
+/// A site with `mypkg` (entry point `my-plugin`, a manifest naming it
+/// `hello-installed`) and, when `broken`, `brokenpkg` (raises at import),
+/// the wrapper interpreter, and an empty plugins directory.
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new(broken: bool) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("site");
+        let write = |path: PathBuf, text: &str| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        let package = |dist: &str, ep: &str, files: &[(&str, &str)]| {
+            write(site.join(dist).join("__init__.py"), "");
+            for (name, text) in files {
+                write(site.join(dist).join(name), text);
+            }
+            let info = site.join(format!("{dist}-1.0.dist-info"));
+            write(
+                info.join("METADATA"),
+                &format!("Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n"),
+            );
+            write(
+                info.join("entry_points.txt"),
+                &format!("[forgesyte.plugins]\n{ep} = {dist}.plugin:Plugin\n"),
+            );
+        };
+        package(
+            "mypkg",
+            "my-plugin",
+            &[
+                ("plugin.py", PLUGIN_PY),
+                (
+                    "manifest.json",
+                    r#"{"name": "hello-installed", "version": "2.0.0"}"#,
+                ),
+            ],
+        );
+        if broken {
+            package(
+                "brokenpkg",
+                "broken",
+                &[("plugin.py", "raise ImportError('brokenpkg is broken')\n")],
+            );
+        }
+        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+        write_script(
+            &dir.path().join("python"),
+            &format!("PYTHONPATH={} exec python3 \"$@\"", site.display()),
+        );
+        Site { dir }
+    }
+
+    fn python(&self) -> String {
+        self.dir.path().join("python").display().to_string()
+    }
+
+    fn plugins(&self) -> String {
+        self.dir.path().join("plugins").display().to_string()
+    }
+}
+
+/// Writes an executable script and starts it as a no-op until no other
+/// thread's fork still holds it open (`ETXTBSY`).
+fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(
+        path,
+        format!("#!/bin/sh\n[ -n \"$WARM_UP\" ] && exit 0\n{body}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Command::new(path).env("WARM_UP", "1").status() {
+            Ok(_) => return,
+            Err(e) if e.raw_os_error() == Some(26) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot run {}: {e}", path.display()),
+        }
+    }
+}
+
+/// `forgesyte ARGS…` with extra environment: exit code, stdout, stderr.
+fn forgesyte(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = forgesyte_command()
+        .env_remove("FORGESYTE_PYTHON_ENTRY_POINTS")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn plugin<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {list:#}"))
+}
+
+#[test]
+fn check_lists_installed_plugins_with_the_flag_or_the_variable() {
+    let site = Site::new(true);
+    let (python, plugins) = (site.python(), site.plugins());
+    let (code, out, err) = forgesyte(
+        &[
+            "check",
+            "--python-entry-points",
+            "--python",
+            &python,
+            "--json",
+            &plugins,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "the broken one is not available: {out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list:#}");
+    let hello = plugin(&list, "hello-installed");
+    assert_eq!(hello["state"], "INITIALIZED", "{hello:#}");
+    assert_eq!(hello["version"], "2.0.0");
+    let broken = plugin(&list, "broken");
+    assert_eq!(broken["state"], "FAILED");
+    let reason = broken["reason"].as_str().unwrap();
+    assert!(reason.starts_with("ImportError: "), "{reason}");
+    assert!(reason.contains("brokenpkg is broken"), "{reason}");
+
+    // The variable does what the flag does; without either, nothing.
+    let (code, out, _) = forgesyte(
+        &["check", "--python", &python, "--json", &plugins],
+        &[("FORGESYTE_PYTHON_ENTRY_POINTS", "true")],
+    );
+    assert_eq!(code, 1);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list:#}");
+    let (code, out, err) = forgesyte(&["check", "--python", &python, "--json", &plugins], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        Value::Array(vec![])
+    );
+}
+
+#[test]
+fn check_says_when_installed_plugins_could_not_be_listed() {
+    let site = Site::new(false);
+    let plugins = site.plugins();
+    let missing = site.dir.path().join("no-python").display().to_string();
+    let (code, out, err) = forgesyte(
+        &[
+            "check",
+            "--python-entry-points",
+            "--python",
+            &missing,
+            &plugins,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "there may be plugins it did not see: {out}{err}");
+    let summary = out.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with("0 plugins: 0 loaded, 0 failed, 0 unavailable"),
+        "{out}"
+    );
+    assert!(
+        summary.contains("; entry points (forgesyte.plugins) not discovered: "),
+        "{out}"
+    );
+    assert!(summary.contains(&missing), "{out}");
+    // With --json the array stays an array; the reason goes to stderr.
+    let (code, out, err) = forgesyte(
+        &[
+            "check",
+            "--python-entry-points",
+            "--python",
+            &missing,
+            "--json",
+            &plugins,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        Value::Array(vec![])
+    );
+    assert!(err.contains("not discovered"), "{err}");
+    assert!(err.contains(&missing), "{err}");
+}
+
+#[test]
+fn serve_runs_an_installed_plugins_tool_over_http() {
+    let site = Site::new(false);
+    let (python, plugins) = (site.python(), site.plugins());
+    let server = Forgesyte::start(&[
+        "--plugins",
+        &plugins,
+        "--python",
+        &python,
+        "--python-entry-points",
+    ]);
+    server.wait_loaded();
+    let health = server.get("/v1/plugins/hello-installed/health").json();
+    assert_eq!(
+        health["state"],
+        "INITIALIZED",
+        "{health:#}\n{}",
+        server.log()
+    );
+    let manifest = server.get("/v1/plugins/hello-installed/manifest").json();
+    assert_eq!(
+        manifest["entrypoint"], "mypkg.plugin:Plugin",
+        "{manifest:#}"
+    );
+    assert_eq!(manifest["runtime"], "python");
+    let run = server.run(
+        "hello-installed",
+        "hello",
+        r#"{"args": {"name": "ForgeSyte"}}"#,
+    );
+    assert_eq!(run.status, 200, "{}", run.text());
+    assert_eq!(run.json()["result"]["message"], "Hello, ForgeSyte!");
+}
