@@ -11,9 +11,10 @@ use serde::Serialize;
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The real benchmark: 1,000 plugins to load, 100 to serve, 5-second
-    /// throughput runs repeated 3 times, a 60-second mixed run (about 4 minutes).
+    /// throughput runs repeated 3 times, a 60-second mixed run, 20 Python
+    /// plugins (about 5 minutes).
     Full,
-    /// The same figures with shorter runs (about a minute).
+    /// The same figures with shorter runs (about a minute and a half).
     Quick,
     /// A few plugins and about a second of load: checks that every part of
     /// the benchmark works. Its numbers mean nothing.
@@ -70,7 +71,10 @@ pub struct Options {
     /// Where the JSON report of the raw runs is written.
     pub results: PathBuf,
     /// How to start the server under test (it gets `--plugins DIR --bind
-    /// 127.0.0.1:0` appended and must print `... listening on http://ADDR`).
+    /// 127.0.0.1:0`, and `--python PATH` for Python plugins, appended and
+    /// must print `... listening on http://ADDR`). Its program must also be
+    /// a native plugin runner behind `__runner` (`forgesyte` is, and so is
+    /// the benchmark executable).
     pub server: Program,
     /// The benchmark executable, for its helper processes (`__baseline`,
     /// `__load`, `__dlopen`, `__rss`).
@@ -116,6 +120,15 @@ pub(crate) struct Plan {
     /// Length of the mixed run.
     #[serde(serialize_with = "secs")]
     pub(crate) mixed: Duration,
+    /// Python plugins of the Python start-up figure.
+    pub(crate) python_plugins: usize,
+    /// Repeats of the Python start-up figure (each a fresh server and a
+    /// fresh baseline process).
+    pub(crate) python_startup_repeats: usize,
+    /// Sequential calls timed one by one for the Python round-trip figure,
+    /// per repeat (its HTTP figure uses `connections`, `warmup`,
+    /// `duration` and `repeats`).
+    pub(crate) python_calls: usize,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -139,6 +152,9 @@ impl Plan {
                 mixed_readers: 32,
                 mixed_callers: 4,
                 mixed: Duration::from_secs(60),
+                python_plugins: 20,
+                python_startup_repeats: 7,
+                python_calls: 20_000,
             },
             Mode::Quick => Plan {
                 load_plugins: 1000,
@@ -154,6 +170,9 @@ impl Plan {
                 mixed_readers: 32,
                 mixed_callers: 4,
                 mixed: Duration::from_secs(5),
+                python_plugins: 20,
+                python_startup_repeats: 5,
+                python_calls: 5_000,
             },
             Mode::Smoke => Plan {
                 load_plugins: 12,
@@ -169,6 +188,9 @@ impl Plan {
                 mixed_readers: 4,
                 mixed_callers: 1,
                 mixed: Duration::from_secs(1),
+                python_plugins: 3,
+                python_startup_repeats: 1,
+                python_calls: 300,
             },
         }
     }

@@ -1,8 +1,9 @@
 //! The helper processes the benchmark starts from its own executable
 //! (hidden subcommands `__serve`, `__baseline`, `__load`, `__dlopen`,
-//! `__rss`). Each measurement that must start from a fresh process (the
-//! dynamic loader never forgets a library) runs in one; each prints one JSON
-//! line on stdout.
+//! `__rss`; and `__runner`, the native plugin runner, handled first in
+//! `main`). Each measurement that must start from a fresh process (the
+//! dynamic loader never forgets a library) runs in one; each prints one
+//! JSON line on stdout.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,16 +20,24 @@ use serde_json::json;
 
 use crate::{dl, proc, tree};
 
-/// `__serve --plugins DIR --bind ADDR`: the server library in a process of
-/// its own (`forgesyte serve` without its logging), for smoke runs.
+/// The hidden subcommand under which this executable is the native plugin
+/// runner (`forgesyte_loader::process::runner_main`), as `forgesyte` is.
+pub const RUNNER: &str = "__runner";
+
+/// `__serve --plugins DIR --bind ADDR [--python PATH]`: the server library
+/// in a process of its own (`forgesyte serve` without its logging), for
+/// smoke runs. Its isolated plugins run in this executable's `__runner`.
 ///
 /// # Errors
 ///
 /// When the address cannot be bound or serving fails.
-pub fn serve(plugins: &Path, bind: &str) -> anyhow::Result<()> {
+pub fn serve(plugins: &Path, bind: &str, python: Option<&Path>) -> anyhow::Result<()> {
     let mut config = forgesyte_server::ServerConfig::default();
     config.plugins_dir = plugins.to_path_buf();
     config.bind = bind.to_owned();
+    config.python = python.map(Path::to_path_buf);
+    config.runner = std::env::current_exe().ok();
+    config.runner_args = vec![RUNNER.into()];
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -8,8 +8,8 @@
 //! (never as a timed test). Run it from the workspace root:
 //!
 //! ```text
-//! cargo run --release -p forgesyte-bench            # full run, about 4 minutes
-//! cargo run --release -p forgesyte-bench -- --quick # about a minute
+//! cargo run --release -p forgesyte-bench            # full run, about 5 minutes
+//! cargo run --release -p forgesyte-bench -- --quick # about a minute and a half
 //! ```
 //!
 //! It builds the release `forgesyte` binary and the bench plugin
@@ -20,6 +20,13 @@
 //! table of figure, measured, baseline, ratio, target and pass, and writes
 //! the raw runs as JSON (`target/bench/results.json`). See `BENCHMARKS.md`
 //! at the workspace root for the figures and what limits each one.
+//!
+//! The Python figures run Python bench plugins (`plugin.py`, tool `noop`,
+//! written by the run) in the host's Python runner, against a FastAPI +
+//! uvicorn reference server shaped like the Python original (installed by
+//! the run into `target/bench-venv`; "not measured", with the reason, when
+//! that fails, and never installed in smoke mode) and against one
+//! interpreter importing the same plugins.
 //!
 //! Measurements that must start from a fresh process (the dynamic loader
 //! never forgets a library) run in helper processes: the benchmark's own
@@ -38,12 +45,14 @@ mod dl;
 pub mod helpers;
 mod http;
 mod proc;
+mod python;
 mod report;
 mod run;
 mod tree;
 
 pub use artifacts::{build_plugin, build_server, plugin_manifest, target_dir, workspace_root};
 pub use config::{Mode, Options, Program};
+pub use python::{lay_out as lay_out_python_plugins, python_plugin_name};
 pub use report::{Check, Figure, Machine, Report, Target};
 pub use run::run;
 pub use tree::{generate as lay_out_plugins, plugin_name};

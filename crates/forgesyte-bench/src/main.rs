@@ -24,7 +24,7 @@ use forgesyte_bench::{Mode, Options, Program, helpers};
 struct Cli {
     #[command(subcommand)]
     helper: Option<Helper>,
-    /// Shorter runs (about a minute) with the same figures.
+    /// Shorter runs (about a minute and a half) with the same figures.
     #[arg(long, conflicts_with = "smoke")]
     quick: bool,
     /// A few plugins and about a second of load: checks that the benchmark
@@ -59,6 +59,8 @@ enum Helper {
         plugins: PathBuf,
         #[arg(long)]
         bind: String,
+        #[arg(long)]
+        python: Option<PathBuf>,
     },
     #[command(name = "__baseline", hide = true)]
     Baseline {
@@ -90,6 +92,13 @@ enum Helper {
 }
 
 fn main() -> ExitCode {
+    // `__runner`: this executable is the native plugin runner of isolated
+    // plugins (as `forgesyte` is). First, before anything can print: the
+    // runner must own stdout.
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.next_if(|a| a == helpers::RUNNER).is_some() {
+        return forgesyte_loader::process::runner_main(args);
+    }
     let cli = Cli::parse();
     let outcome = match cli.helper {
         Some(helper) => run_helper(helper).map(|()| ExitCode::SUCCESS),
@@ -107,7 +116,11 @@ fn main() -> ExitCode {
 fn run_helper(helper: Helper) -> anyhow::Result<()> {
     let print = |value: serde_json::Value| println!("{value}");
     match helper {
-        Helper::Serve { plugins, bind } => helpers::serve(&plugins, &bind),
+        Helper::Serve {
+            plugins,
+            bind,
+            python,
+        } => helpers::serve(&plugins, &bind, python.as_deref()),
         Helper::Baseline { list, health, bind } => helpers::baseline(&list, &health, &bind),
         Helper::Load { dir } => helpers::load(&dir).map(print),
         Helper::Dlopen { dir } => helpers::dlopen(&dir).map(print),
@@ -173,6 +186,11 @@ fn bench(cli: &Cli) -> anyhow::Result<ExitCode> {
     let report = forgesyte_bench::run(&options)?;
     println!();
     print!("{}", report.table());
+    for figure in report.not_measured() {
+        if let Some(reason) = &figure.not_measured {
+            println!("{}: not measured: {reason}", figure.title);
+        }
+    }
     println!();
     println!("{}", report.summary());
     println!("raw runs: {}", results.display());

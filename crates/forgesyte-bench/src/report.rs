@@ -56,8 +56,11 @@ pub struct Figure {
     pub ratio: Option<f64>,
     /// The target.
     pub target: Target,
-    /// Whether the target is met.
+    /// Whether the target is met (never when not measured).
     pub pass: bool,
+    /// Why the figure could not be measured (its baseline could not be
+    /// run, say); `measured` may still hold the host's side.
+    pub not_measured: Option<String>,
     /// The raw runs behind the medians.
     pub runs: serde_json::Value,
 }
@@ -93,6 +96,7 @@ impl Figure {
             ratio: Some(ratio),
             target,
             pass,
+            not_measured: None,
             runs,
         }
     }
@@ -121,8 +125,49 @@ impl Figure {
             ratio: None,
             target,
             pass,
+            not_measured: None,
             runs,
         }
+    }
+
+    /// A figure that could not be measured, and why: `measured` is the
+    /// host's side when it ran (else NaN), there is no baseline, and it
+    /// never passes.
+    pub(crate) fn not_measured(
+        id: &str,
+        title: String,
+        unit: &str,
+        measured: Option<f64>,
+        target: Target,
+        reason: String,
+        runs: serde_json::Value,
+    ) -> Figure {
+        Figure {
+            id: id.into(),
+            title,
+            unit: unit.into(),
+            measured: measured.unwrap_or(f64::NAN),
+            baseline: None,
+            baseline_title: None,
+            ratio: None,
+            target,
+            pass: false,
+            not_measured: Some(reason),
+            runs,
+        }
+    }
+
+    /// The same figure with a baseline shown for context: the ratio is
+    /// printed, but an absolute target still decides the result.
+    pub(crate) fn with_context(mut self, baseline: (f64, &str)) -> Figure {
+        self.ratio = Some(if baseline.0 > 0.0 {
+            self.measured / baseline.0
+        } else {
+            f64::NAN
+        });
+        self.baseline = Some(baseline.0);
+        self.baseline_title = Some(baseline.1.into());
+        self
     }
 
     /// A property that holds or not.
@@ -144,6 +189,7 @@ impl Figure {
             ratio: None,
             target: Target::Holds,
             pass,
+            not_measured: None,
             runs,
         }
     }
@@ -236,6 +282,14 @@ impl Report {
         self.figures.iter().find(|f| f.id == id)
     }
 
+    /// The figures that could not be measured.
+    pub fn not_measured(&self) -> Vec<&Figure> {
+        self.figures
+            .iter()
+            .filter(|f| f.not_measured.is_some())
+            .collect()
+    }
+
     /// The checks that did not hold.
     pub fn failed_checks(&self) -> Vec<&Check> {
         self.checks.iter().filter(|c| !c.ok).collect()
@@ -261,14 +315,23 @@ impl Report {
             .map(|f| {
                 [
                     f.title.clone(),
-                    value(f.measured, &f.unit),
+                    if f.measured.is_nan() {
+                        "—".into()
+                    } else {
+                        value(f.measured, &f.unit)
+                    },
                     match (&f.baseline, &f.baseline_title) {
                         (Some(b), Some(t)) => format!("{} ({t})", value(*b, &f.unit)),
                         _ => "—".into(),
                     },
                     f.ratio.map_or_else(|| "—".into(), |r| format!("{r:.2}×")),
                     f.target.text(&f.unit),
-                    if f.pass { "pass" } else { "MISS" }.into(),
+                    match (&f.not_measured, f.pass) {
+                        (Some(_), _) => "not measured",
+                        (None, true) => "pass",
+                        (None, false) => "MISS",
+                    }
+                    .into(),
                 ]
             })
             .collect();
@@ -299,8 +362,12 @@ impl Report {
     /// A summary line: targets met, mode, duration, machine load.
     pub fn summary(&self) -> String {
         let met = self.figures.iter().filter(|f| f.pass).count();
+        let unmeasured = match self.not_measured().len() {
+            0 => String::new(),
+            n => format!(", {n} not measured"),
+        };
         format!(
-            "{met} of {} targets met ({} mode, {:.0} s, {} CPUs, load average {} at the start)",
+            "{met} of {} targets met{unmeasured} ({} mode, {:.0} s, {} CPUs, load average {} at the start)",
             self.figures.len(),
             self.mode.as_str(),
             self.seconds,
@@ -459,5 +526,57 @@ mod tests {
         assert_eq!(table.lines().count(), 3);
         assert!(table.contains("≤ 30 ms"));
         assert!(table.contains("pass"));
+    }
+
+    #[test]
+    fn a_figure_not_measured_never_passes_and_says_so() {
+        let mut report = Report {
+            mode: Mode::Quick,
+            started_unix: 0,
+            seconds: 1.0,
+            machine: Machine::detect(),
+            plan: serde_json::Value::Null,
+            figures: vec![Figure::not_measured(
+                "python_http_rps",
+                "python http".into(),
+                "req/s",
+                Some(1234.0),
+                Target::RatioAtLeast(3.0),
+                "pip failed".into(),
+                serde_json::Value::Null,
+            )],
+            checks: vec![],
+        };
+        let figure = &report.figures[0];
+        assert!(!figure.pass);
+        assert_eq!(figure.baseline, None);
+        let table = report.table();
+        assert!(table.contains("not measured"), "{table}");
+        assert!(table.contains("1,234") || table.contains("1234"), "{table}");
+        assert!(report.summary().contains("1 not measured"));
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["figures"][0]["not_measured"], "pip failed");
+        report.figures[0] = Figure::not_measured(
+            "x",
+            "x".into(),
+            "ms",
+            None,
+            Target::RatioAtMost(1.5),
+            "no python3".into(),
+            serde_json::Value::Null,
+        );
+        assert!(report.table().contains("| — "));
+        let context = Figure::absolute(
+            "x",
+            "x".into(),
+            "µs",
+            80.0,
+            Target::Below(100.0),
+            serde_json::Value::Null,
+        )
+        .with_context((40.0, "native"));
+        assert!(context.pass);
+        assert_eq!(context.ratio, Some(2.0));
+        assert_eq!(context.baseline, Some(40.0));
     }
 }

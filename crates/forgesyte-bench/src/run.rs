@@ -15,6 +15,8 @@ use crate::proc::{self, Server};
 use crate::report::{Figure, Machine, Report, Target, loadavg, median};
 use crate::tree::{self, plugin_name};
 
+mod python_figures;
+
 /// How long a server may take to load its plugins.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -68,6 +70,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     bench.call_overhead()?;
     bench.memory()?;
     bench.mixed()?;
+    bench.python()?;
     if !options.keep_trees {
         tree::remove(&bench.serve_dir)?;
         tree::remove(&bench.empty_dir)?;
@@ -138,11 +141,20 @@ impl Bench<'_> {
         expect: usize,
         log: &str,
     ) -> anyhow::Result<(Server, Duration)> {
-        let server = Server::start(
-            &self.options.server,
-            &["--plugins", path_arg(plugins)?, "--bind", "127.0.0.1:0"],
-            &self.log(log),
-        )?;
+        self.start_server_with(plugins, expect, log, &[])
+    }
+
+    /// [`Self::start_server`] with more arguments (`--python PATH`).
+    fn start_server_with(
+        &self,
+        plugins: &Path,
+        expect: usize,
+        log: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<(Server, Duration)> {
+        let mut args = vec!["--plugins", path_arg(plugins)?, "--bind", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let server = Server::start(&self.options.server, &args, &self.log(log))?;
         let ready_at = self
             .runtime
             .block_on(wait_ready(server.addr(), expect))
@@ -700,9 +712,11 @@ impl Bench<'_> {
 }
 
 /// Polls `GET /v1/health` until the load pass is over and `expect`
-/// plugins are available; returns when that was first seen.
+/// plugins are available (0: until the load pass is over); returns when
+/// that was first seen.
 async fn wait_ready(addr: std::net::SocketAddr, expect: usize) -> anyhow::Result<Instant> {
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let started = Instant::now();
+    let deadline = started + READY_TIMEOUT;
     let mut client = Client::connect(addr).await?;
     loop {
         let (status, health) = client.get_json("/v1/health").await?;
@@ -710,10 +724,19 @@ async fn wait_ready(addr: std::net::SocketAddr, expect: usize) -> anyhow::Result
         if status == 200 && health["status"] != "loading" && loaded >= expect as u64 {
             return Ok(Instant::now());
         }
-        if Instant::now() > deadline {
+        let now = Instant::now();
+        if now > deadline {
             bail!("not ready after {READY_TIMEOUT:?}: {health}");
         }
-        tokio::time::sleep(Duration::from_micros(200)).await;
+        // Every 200 µs for the first 50 ms, then every millisecond: a
+        // long start (Python runners) is not slowed by the polling itself.
+        let polling = now.saturating_duration_since(started);
+        tokio::time::sleep(if polling < Duration::from_millis(50) {
+            Duration::from_micros(200)
+        } else {
+            Duration::from_millis(1)
+        })
+        .await;
     }
 }
 
@@ -722,6 +745,8 @@ async fn wait_ready(addr: std::net::SocketAddr, expect: usize) -> anyhow::Result
 struct PluginState {
     name: String,
     state: String,
+    #[serde(default)]
+    reason: Option<String>,
     #[serde(default)]
     success_count: u64,
     #[serde(default)]

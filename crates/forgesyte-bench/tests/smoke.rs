@@ -1,6 +1,10 @@
 //! The benchmark's smoke path, end to end: `forgesyte-bench --smoke` with a
 //! few plugins and about a second of load. It checks that every figure is
-//! measured and every request answered; it never asserts on speed.
+//! measured and every request answered; it never asserts on speed. The
+//! Python figures need `python3` (as the loader's Python tests do) and
+//! never the package index: smoke mode does not install the reference
+//! server, so its HTTP figure says "not measured" and the host's side runs
+//! as a correctness check.
 
 use std::process::Command;
 
@@ -16,7 +20,14 @@ const FIGURES: &[&str] = &[
     "call_overhead",
     "memory",
     "mixed",
+    "python_startup",
+    "python_http_rps",
+    "python_http_p99",
+    "python_roundtrip",
 ];
+
+/// The figures smoke mode measures without their baseline.
+const WITHOUT_REFERENCE: &[&str] = &["python_http_rps", "python_http_p99"];
 
 #[test]
 fn the_smoke_run_measures_every_figure_and_loses_no_request() {
@@ -54,15 +65,42 @@ fn the_smoke_run_measures_every_figure_and_loses_no_request() {
         if let Some(baseline) = figure["baseline"].as_f64() {
             assert!(baseline.is_finite() && baseline > 0.0, "{figure}");
         }
+        let id = figure["id"].as_str().unwrap();
+        if WITHOUT_REFERENCE.contains(&id) {
+            let reason = figure["not_measured"].as_str().unwrap_or_default();
+            assert!(reason.contains("smoke mode"), "{figure}");
+            assert_eq!(figure["pass"], false, "{figure}");
+            assert!(figure["baseline"].is_null(), "{figure}");
+        } else {
+            assert!(figure["not_measured"].is_null(), "{figure}");
+        }
     }
+    let figure = |id: &str| figures.iter().find(|f| f["id"] == id).unwrap();
 
     // No request failed, every plugin loaded, counts reconciled.
     let checks = report["checks"].as_array().unwrap();
-    assert!(checks.len() >= 9, "{checks:#?}");
+    assert!(checks.len() >= 13, "{checks:#?}");
     for check in checks {
         assert_eq!(check["ok"], true, "check failed: {check}");
     }
-    let mixed = &figures[FIGURES.len() - 1];
+    // The Python plugin answered over HTTP and through the loader.
+    let named = |prefix: &str| {
+        checks
+            .iter()
+            .filter(|c| c["name"].as_str().unwrap().starts_with(prefix))
+            .count()
+    };
+    assert_eq!(named("python http: forgesyte"), 1, "{checks:#?}");
+    assert_eq!(named("python http: reference"), 0, "{checks:#?}");
+    assert_eq!(named("python startup"), 1, "{checks:#?}");
+    assert_eq!(named("python round trip"), 1, "{checks:#?}");
+    let python_http = &figure("python_http_rps")["runs"]["forgesyte"][0]["labels"]["python"];
+    assert!(python_http["sent"].as_u64().unwrap() > 0, "{python_http}");
+    assert_eq!(
+        python_http["sent"], python_http["answered"],
+        "{python_http}"
+    );
+    let mixed = figure("mixed");
     assert_eq!(mixed["pass"], true, "{mixed}");
     for label in ["read", "noop", "fail", "panic"] {
         let counts = &mixed["runs"]["result"]["labels"][label];
@@ -71,7 +109,15 @@ fn the_smoke_run_measures_every_figure_and_loses_no_request() {
     }
 
     // The table a person reads names every figure.
-    for title in ["load", "GET /v1/plugins", "PluginHandle::call", "mixed run"] {
+    for title in [
+        "load",
+        "GET /v1/plugins",
+        "PluginHandle::call",
+        "mixed run",
+        "Python plugins INITIALIZED",
+        "POST Python no-op tool call",
+        "not measured",
+    ] {
         assert!(stdout.contains(title), "{title} missing from:\n{stdout}");
     }
 }

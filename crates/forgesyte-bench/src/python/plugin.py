@@ -1,0 +1,28 @@
+"""A ForgeSyte benchmark plugin, written by forgesyte-bench into its work dir.
+
+The seed's layout: ``class Plugin`` in ``plugin.py``, constructed as
+``Plugin()``, with a ``tools`` dict and ``run_tool(tool_name, args)``. Its
+one tool, ``noop``, returns ``{}``: what a call costs is the host's path to
+the plugin and back, nothing else.
+"""
+
+
+class Plugin:
+    def __init__(self):
+        obj = {"type": "object"}
+        self.tools = {
+            "noop": {
+                "handler": self.noop,
+                "description": "Does nothing and returns {}.",
+                "input_schema": obj,
+                "output_schema": obj,
+            },
+        }
+
+    def run_tool(self, tool_name, args):
+        if tool_name not in self.tools:
+            raise ValueError("Unknown tool: %s" % tool_name)
+        return self.tools[tool_name]["handler"](args)
+
+    def noop(self, args):
+        return {}
