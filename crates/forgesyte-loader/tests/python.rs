@@ -400,6 +400,26 @@ fn the_python_runner_passes_the_conformance_suite() {
     conformance::check_all(&python_runner());
 }
 
+/// The example Python plugins' own tests (`examples/plugins/py-*/test_plugin.py`).
+#[test]
+fn the_example_python_plugins_own_tests_pass() {
+    require_python();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/plugins");
+    for example in ["py-image-stats", "py-forgesyte-packaged"] {
+        let output = std::process::Command::new("python3")
+            .args(["-m", "unittest", "-q", "test_plugin"])
+            .current_dir(examples.join(example))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .expect("run python3 -m unittest");
+        assert!(
+            output.status.success(),
+            "{example}/test_plugin.py failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// The Python runner's own unit tests (`src/python/test_runner.py`,
 /// standard library `unittest`): pointer placement, framing, schema
 /// normalisation, result conversion, every error kind.

@@ -153,6 +153,7 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import struct  # noqa: E402
+import queue  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -1014,6 +1015,14 @@ class Runner(object):
         self.tools = {}
         self.max_response = MAX_FRAME_BYTES
         self.create_lock = threading.Lock()
+        # Requests run on long-lived worker threads: a new thread per call
+        # cost more than the call itself. A worker that finishes waits for
+        # the next request; one is started only when none is idle, so the
+        # pool grows to the peak number of calls in flight (a tool that
+        # never returns keeps its worker) and never refuses a call.
+        self.jobs = queue.SimpleQueue()
+        self.pool_lock = threading.Lock()
+        self.idle = 0
 
     # -- answers --------------------------------------------------------
 
@@ -1046,12 +1055,7 @@ class Runner(object):
                 _exit(EXIT_PROTOCOL)
             op, rid = request["op"], request["id"]
             try:
-                threading.Thread(
-                    target=self.handle,
-                    args=(request, attachments),
-                    name="forgesyte-%s-%d" % (op, rid),
-                    daemon=True,
-                ).start()
+                self.submit((request, attachments))
             except RuntimeError as e:
                 detail = "the runner cannot start a thread: %s" % e
                 if op == "create":
@@ -1059,6 +1063,24 @@ class Runner(object):
                 else:
                     # Not the plugin's fault: the call fails, the process stays.
                     self.tool_failed(rid, wire_error("Failed", detail, error_type="RunnerOverloaded"))
+
+    def submit(self, job):
+        """Hands `job` to an idle worker, or to a new one when none is."""
+        with self.pool_lock:
+            if self.idle > 0:
+                self.idle -= 1
+                self.jobs.put(job)
+                return
+        threading.Thread(
+            target=self.work, args=(job,), name="forgesyte-worker", daemon=True
+        ).start()
+
+    def work(self, job):
+        while True:
+            self.handle(*job)
+            with self.pool_lock:
+                self.idle += 1
+            job = self.jobs.get()
 
     def handle(self, request, attachments):
         rid = request["id"]
