@@ -1,6 +1,7 @@
 //! The Python-package seam and its real implementation: one run of the
 //! plugin's interpreter answers for many packages, without importing any.
 
+use std::ffi::OsStr;
 use std::fmt::Debug;
 use std::io::Read;
 use std::path::Path;
@@ -37,14 +38,15 @@ sys.stdout.write(json.dumps([found(n) for n in sys.argv[1:]]))
 "#;
 
 /// The longest stdout or stderr read from the interpreter.
-const OUTPUT_LIMIT: u64 = 1 << 20;
+const OUTPUT_LIMIT: u64 = 4 << 20;
 
 /// The longest stderr line quoted in an error.
 const QUOTE_LIMIT: usize = 200;
 
-/// Runs the interpreter: `INTERPRETER -B -c SCRIPT pkg1 pkg2 …`, working
-/// directory `/`, stdin closed, stdout and stderr captured, the process
-/// environment inherited (so `PYTHONPATH` and virtual environments work).
+/// Runs the interpreter (through [`run_python`]): `INTERPRETER -B -c SCRIPT
+/// pkg1 pkg2 …`, working directory `/`, stdin closed, stdout and stderr
+/// captured, the process environment inherited (so `PYTHONPATH` and
+/// virtual environments work).
 ///
 /// The run is killed after the timeout (10 s by default) and the call
 /// returns: a hung interpreter never hangs the load pass.
@@ -87,53 +89,9 @@ impl PythonProbe for SystemPython {
             return Ok(Vec::new());
         }
         let who = interpreter.display();
-        let deadline = Instant::now() + self.timeout;
-        let mut child = Command::new(interpreter)
-            .arg("-B")
-            .arg("-c")
-            .arg(FIND_SCRIPT)
-            .args(packages)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("{who}: cannot start: {e}"))?;
-        let stdout = read_in_background(child.stdout.take());
-        let stderr = read_in_background(child.stderr.take());
-        let status = match wait_until(&mut child, deadline) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                // Kill and reap; the readers are left behind (a grandchild
-                // may still hold the pipes) and finish on their own.
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{who}: timed out after {:?}", self.timeout));
-            }
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{who}: cannot wait for it: {e}"));
-            }
-        };
-        // The child has exited; its pipes close unless a grandchild holds
-        // them, so the reads are bounded by the same deadline.
-        let out = collect(&stdout, deadline);
-        let err = collect(&stderr, deadline);
-        if !status.success() {
-            let detail = match last_line(&err) {
-                Some(line) => format!(": {line}"),
-                None => String::new(),
-            };
-            let how = match status.code() {
-                Some(code) => format!("exited with status {code}"),
-                None => "was killed by a signal".to_string(),
-            };
-            return Err(format!("{who}: {how}{detail}"));
-        }
-        let Some(out) = out else {
-            return Err(format!("{who}: its output could not be read in time"));
-        };
+        let mut args = vec![OsStr::new("-B"), OsStr::new("-c"), OsStr::new(FIND_SCRIPT)];
+        args.extend(packages.iter().map(OsStr::new));
+        let out = run_python(interpreter, &args, self.timeout)?;
         let text = String::from_utf8_lossy(&out);
         match serde_json::from_str::<Vec<bool>>(text.trim()) {
             Ok(found) if found.len() == packages.len() => Ok(found),
@@ -148,6 +106,77 @@ impl PythonProbe for SystemPython {
             )),
         }
     }
+}
+
+/// Runs `interpreter ARGS…` to the end and returns what it wrote to
+/// stdout: working directory `/`, stdin closed, stdout and stderr captured
+/// (at most 4 MiB each), the environment inherited (so `PYTHONPATH` and
+/// virtual environments work), in a process group of its own that is
+/// killed with it after `timeout`, so a hung interpreter (or what it
+/// started) never hangs the caller. `Err` begins with the interpreter's
+/// path and says what happened (cannot start, exit status and the last
+/// line of stderr, timeout).
+pub fn run_python(
+    interpreter: &Path,
+    args: &[&OsStr],
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    use std::os::unix::process::CommandExt as _;
+    let who = interpreter.display();
+    let deadline = Instant::now() + timeout;
+    // It runs in `/`: a relative path means one from here.
+    let program = std::path::absolute(interpreter).unwrap_or_else(|_| interpreter.to_path_buf());
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{who}: cannot start: {e}"))?;
+    let stdout = read_in_background(child.stdout.take());
+    let stderr = read_in_background(child.stderr.take());
+    let status = match wait_until(&mut child, deadline) {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            kill_group(&mut child);
+            return Err(format!("{who}: timed out after {timeout:?} (killed)"));
+        }
+        Err(e) => {
+            kill_group(&mut child);
+            return Err(format!("{who}: cannot wait for it: {e}"));
+        }
+    };
+    // The child has exited; its pipes close unless a grandchild holds
+    // them, so the reads are bounded by the same deadline.
+    let out = collect(&stdout, deadline);
+    let err = collect(&stderr, deadline);
+    if !status.success() {
+        let detail = match last_line(&err) {
+            Some(line) => format!(": {line}"),
+            None => String::new(),
+        };
+        let how = match status.code() {
+            Some(code) => format!("exited with status {code}"),
+            None => "was killed by a signal".to_string(),
+        };
+        return Err(format!("{who}: {how}{detail}"));
+    }
+    out.ok_or_else(|| format!("{who}: its output could not be read in time"))
+}
+
+/// Kills the child's process group and the child, and reaps it.
+fn kill_group(child: &mut Child) {
+    if let Ok(None) = child.try_wait()
+        && let Some(pgid) = i32::try_from(child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Reads a pipe to its end (at most [`OUTPUT_LIMIT`] bytes) on a thread of
@@ -333,7 +362,10 @@ mod tests {
             &["json"],
         )
         .unwrap_err();
-        assert_eq!(err, format!("{}: timed out after 300ms", hangs.display()));
+        assert_eq!(
+            err,
+            format!("{}: timed out after 300ms (killed)", hangs.display())
+        );
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{:?}",

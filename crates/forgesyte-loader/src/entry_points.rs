@@ -21,12 +21,8 @@
 //! [`DISCOVERY_TIMEOUT`]. Whatever packages print while their parents are
 //! imported goes to stderr: the answer has stdout to itself.
 
-use std::io::Read;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,9 +31,6 @@ pub const GROUP: &str = "forgesyte.plugins";
 
 /// How long [`discover`] lets the interpreter run before it kills it.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The longest stdout or stderr read from the interpreter.
-const OUTPUT_LIMIT: u64 = 4 << 20;
 
 /// The longest stderr line quoted in an error.
 const QUOTE_LIMIT: usize = 300;
@@ -263,53 +256,11 @@ pub fn discover_with_timeout(
     timeout: Duration,
 ) -> Result<Vec<EntryPoint>, String> {
     let who = interpreter.display();
-    let deadline = Instant::now() + timeout;
-    // It runs in `/`: a relative path means one from here.
-    let program = std::path::absolute(interpreter).unwrap_or_else(|_| interpreter.to_path_buf());
-    let mut child = Command::new(program)
-        .arg("-c")
-        .arg(SCRIPT)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so a timeout kills what it started too.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("{who}: cannot start: {e}"))?;
-    let stdout = read_in_background(child.stdout.take());
-    let stderr = read_in_background(child.stderr.take());
-    let status = match wait_until(&mut child, deadline) {
-        Ok(Some(status)) => status,
-        Ok(None) => {
-            kill_group(&mut child);
-            return Err(format!(
-                "{who}: did not answer within {} s (killed)",
-                timeout.as_secs_f64()
-            ));
-        }
-        Err(e) => {
-            kill_group(&mut child);
-            return Err(format!("{who}: cannot wait for it: {e}"));
-        }
-    };
-    // The readers end when the pipes close; a grandchild may hold them, so
-    // the reads are bounded too.
-    let out = collect(&stdout, deadline);
-    let err = collect(&stderr, deadline);
-    if !status.success() {
-        let how = match status.code() {
-            Some(code) => format!("exited with status {code}"),
-            None => "was killed by a signal".to_owned(),
-        };
-        let detail = last_line(err.as_deref())
-            .map(|line| format!(": {line}"))
-            .unwrap_or_default();
-        return Err(format!("{who}: {how}{detail}"));
-    }
-    let Some(out) = out else {
-        return Err(format!("{who}: its output could not be read in time"));
-    };
+    let out = forgesyte_deps::run_python(
+        interpreter,
+        &[std::ffi::OsStr::new("-c"), std::ffi::OsStr::new(SCRIPT)],
+        timeout,
+    )?;
     let text = String::from_utf8_lossy(&out);
     let mut found = serde_json::from_str::<Answer>(text.trim())
         .map_err(|e| {
@@ -323,66 +274,11 @@ pub fn discover_with_timeout(
     Ok(found)
 }
 
-/// Kills the child's process group and the child, and reaps it.
-fn kill_group(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        if let Some(pgid) = i32::try_from(child.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
-        }
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-}
-
-/// Reads a pipe to its end (at most [`OUTPUT_LIMIT`] bytes) on a thread of
-/// its own.
-fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    if let Some(pipe) = pipe {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.take(OUTPUT_LIMIT).read_to_end(&mut buf);
-            let _ = tx.send(buf);
-        });
-    }
-    rx
-}
-
-fn collect(rx: &mpsc::Receiver<Vec<u8>>, deadline: Instant) -> Option<Vec<u8>> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    rx.recv_timeout(left.max(Duration::from_millis(200))).ok()
-}
-
-fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Option<ExitStatus>> {
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
-}
-
-fn last_line(err: Option<&[u8]>) -> Option<String> {
-    let text = String::from_utf8_lossy(err?).into_owned();
-    text.lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
-        .map(|l| shorten(l, QUOTE_LIMIT))
-}
-
+/// `s` cut to at most `max` characters, with `…` when cut.
 fn shorten(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
+        None => s.to_string(),
     }
 }
 

@@ -594,7 +594,10 @@ fn an_installed_packages_files_do_not_shadow_the_standard_library() {
         "shadowpkg",
         &[
             ("plugin.py", &plugin),
-            ("statistics.py", "raise ImportError('the package shadowed statistics')\n"),
+            (
+                "statistics.py",
+                "raise ImportError('the package shadowed statistics')\n",
+            ),
         ],
         &[("shadow", "shadowpkg.plugin:Plugin")],
     );
