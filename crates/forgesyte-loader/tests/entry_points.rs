@@ -453,7 +453,7 @@ fn a_discovery_that_fails_is_a_warning_and_the_directories_still_load() {
     write_wrapper(&hung, "sleep 30 & wait");
     let started = Instant::now();
     let err = entry_points::discover_with_timeout(&hung, Duration::from_millis(300)).unwrap_err();
-    assert!(err.contains("did not answer within 0.3 s"), "{err}");
+    assert!(err.contains("timed out after 300ms (killed)"), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the run was killed, its group too: {:?}",
