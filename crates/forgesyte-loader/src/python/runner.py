@@ -153,7 +153,6 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import struct  # noqa: E402
-import queue  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -1015,12 +1014,10 @@ class Runner(object):
         self.tools = {}
         self.max_response = MAX_FRAME_BYTES
         self.create_lock = threading.Lock()
-        # Requests run on long-lived worker threads: a new thread per call
-        # cost more than the call itself. A worker that finishes waits for
-        # the next request; one is started only when none is idle, so the
-        # pool grows to the peak number of calls in flight (a tool that
-        # never returns keeps its worker) and never refuses a call.
-        self.jobs = queue.SimpleQueue()
+        # Long-lived threads take turns reading requests (see `serve`): a
+        # new thread per call, or a hand-off per call, cost more than the
+        # call itself.
+        self.turn = threading.Semaphore(0)
         self.pool_lock = threading.Lock()
         self.idle = 0
 
@@ -1043,6 +1040,17 @@ class Runner(object):
     # -- serving --------------------------------------------------------
 
     def serve(self):
+        """Serves requests until stdin ends, leader/followers style: the
+        thread that reads a request hands the reading over to an idle
+        thread (or a new one) and runs the request itself, so a call waits
+        for no thread hand-off, and a slow call never stops the next
+        request from being read. Threads that finish wait, idle, for their
+        turn to read: the pool grows to the peak number of calls in flight
+        (a tool that never returns keeps its thread) and never refuses a
+        call."""
+        self.lead()
+
+    def lead(self):
         while True:
             try:
                 frame = self.wire.read_frame()
@@ -1053,34 +1061,33 @@ class Runner(object):
             except ProtocolError as e:
                 _diag("reading stdin: %s" % e)
                 _exit(EXIT_PROTOCOL)
-            op, rid = request["op"], request["id"]
             try:
-                self.submit((request, attachments))
+                self.promote()
             except RuntimeError as e:
+                # No thread to read next: this one answers the request with
+                # the error and goes on reading.
                 detail = "the runner cannot start a thread: %s" % e
-                if op == "create":
+                rid = request["id"]
+                if request["op"] == "create":
                     self.init_failed(rid, wire_error("Protocol", detail))
                 else:
                     # Not the plugin's fault: the call fails, the process stays.
                     self.tool_failed(rid, wire_error("Failed", detail, error_type="RunnerOverloaded"))
+                continue
+            self.handle(request, attachments)
+            # Done: wait to read again.
+            with self.pool_lock:
+                self.idle += 1
+            self.turn.acquire()
 
-    def submit(self, job):
-        """Hands `job` to an idle worker, or to a new one when none is."""
+    def promote(self):
+        """Makes another thread the reader: an idle one, else a new one."""
         with self.pool_lock:
             if self.idle > 0:
                 self.idle -= 1
-                self.jobs.put(job)
+                self.turn.release()
                 return
-        threading.Thread(
-            target=self.work, args=(job,), name="forgesyte-worker", daemon=True
-        ).start()
-
-    def work(self, job):
-        while True:
-            self.handle(*job)
-            with self.pool_lock:
-                self.idle += 1
-            job = self.jobs.get()
+        threading.Thread(target=self.lead, name="forgesyte-worker", daemon=True).start()
 
     def handle(self, request, attachments):
         rid = request["id"]
