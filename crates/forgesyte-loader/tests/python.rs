@@ -176,6 +176,17 @@ fn the_seeds_green_checklist_with_real_plugin_py_fixtures() {
         Some("Missing dependencies: forgesyte_missing_torch, py:forgesyte_missing_numpy"),
     );
     check(&registry, "echo", S::Initialized, None);
+    // The failure journal keeps the traceback's last lines.
+    let (_, journal) = registry.status_with_journal("bad_init").unwrap();
+    let entry = journal.last().unwrap();
+    assert!(
+        entry.stderr_tail.iter().any(|l| l.contains("no weights")),
+        "{entry:#?}"
+    );
+    assert!(
+        entry.stderr_tail.iter().any(|l| l.contains("plugin.py")),
+        "{entry:#?}"
+    );
 }
 
 #[test]

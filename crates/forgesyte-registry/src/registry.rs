@@ -223,7 +223,28 @@ impl Registry {
     /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
     /// from `UNAVAILABLE`.
     pub fn mark_failed(&self, name: &str, reason: impl Into<String>) -> Result<(), RegistryError> {
-        self.mark_terminal(name, PluginLifecycleState::Failed, reason.into())
+        self.mark_terminal(
+            name,
+            PluginLifecycleState::Failed,
+            reason.into(),
+            Vec::new(),
+        )
+    }
+
+    /// [`mark_failed`](Self::mark_failed), with lines for people kept in the
+    /// failure journal entry (its `stderr_tail`): a Python plugin's
+    /// traceback when its import or constructor raised.
+    ///
+    /// # Errors
+    ///
+    /// As [`mark_failed`](Self::mark_failed).
+    pub fn mark_failed_with_details(
+        &self,
+        name: &str,
+        reason: impl Into<String>,
+        details: Vec<String>,
+    ) -> Result<(), RegistryError> {
+        self.mark_terminal(name, PluginLifecycleState::Failed, reason.into(), details)
     }
 
     /// Moves to `UNAVAILABLE` with `reason` (kept verbatim). Legal from
@@ -239,7 +260,12 @@ impl Registry {
         name: &str,
         reason: impl Into<String>,
     ) -> Result<(), RegistryError> {
-        self.mark_terminal(name, PluginLifecycleState::Unavailable, reason.into())
+        self.mark_terminal(
+            name,
+            PluginLifecycleState::Unavailable,
+            reason.into(),
+            Vec::new(),
+        )
     }
 
     /// Records a load or run-time error: a dependency error makes the plugin
@@ -540,6 +566,7 @@ impl Registry {
         name: &str,
         target: PluginLifecycleState,
         reason: String,
+        details: Vec<String>,
     ) -> Result<(), RegistryError> {
         let reason: Arc<str> = Arc::from(reason);
         self.update(name, |entry, now| {
@@ -557,7 +584,7 @@ impl Registry {
                     reason: Some(reason.to_string()),
                     exit_signal: None,
                     exit_code: None,
-                    stderr_tail: Vec::new(),
+                    stderr_tail: details,
                 });
             }
             Ok(())

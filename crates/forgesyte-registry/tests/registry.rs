@@ -57,6 +57,9 @@ fn any_state() -> impl Strategy<Value = PluginLifecycleState> {
 }
 
 const NAMES: [&str; 4] = ["delta", "alpha", "Charlie", "bravo"];
+/// What `mark_failed_with_details` journals (a Python traceback's tail).
+const TRACEBACK: &[&str] = &["  File \"plugin.py\", line 3", "ValueError: no weights"];
+
 const REASONS: [&str; 3] = [
     "ImportError: cannot open /p/libx.so: no such file",
     "Missing dependencies: lib:foo, GPU (CUDA driver not found)",
@@ -113,6 +116,8 @@ enum Op {
     /// `end_call(elapsed_ms, succeeded)`.
     EndCall(usize, u16, bool),
     MarkFailed(usize, usize),
+    /// `mark_failed_with_details(REASONS[r], TRACEBACK)`.
+    MarkFailedWithDetails(usize, usize),
     MarkUnavailable(usize, usize),
     /// `mark_crashed(REASONS[r], EXITS[e])`.
     MarkCrashed(usize, usize, usize),
@@ -134,6 +139,7 @@ impl Op {
             | Op::Finish(p)
             | Op::EndCall(p, ..)
             | Op::MarkFailed(p, _)
+            | Op::MarkFailedWithDetails(p, _)
             | Op::MarkUnavailable(p, _)
             | Op::MarkCrashed(p, ..)
             | Op::SetNextRetry(p, _)
@@ -159,6 +165,7 @@ fn production_op() -> BoxedStrategy<Op> {
         5 => (plugin.clone(), 0..500u16, any::<bool>())
             .prop_map(|(p, ms, ok)| Op::EndCall(p, ms, ok)),
         1 => (plugin.clone(), reason.clone()).prop_map(|(p, r)| Op::MarkFailed(p, r)),
+        1 => (plugin.clone(), reason.clone()).prop_map(|(p, r)| Op::MarkFailedWithDetails(p, r)),
         1 => (plugin.clone(), reason.clone()).prop_map(|(p, r)| Op::MarkUnavailable(p, r)),
         2 => (plugin.clone(), reason, 0..EXITS.len())
             .prop_map(|(p, r, e)| Op::MarkCrashed(p, r, e)),
@@ -193,6 +200,11 @@ fn apply(registry: &Registry, op: &Op) -> Result<(), RegistryError> {
         Op::Finish(_) => registry.finish(name),
         Op::EndCall(_, elapsed, ok) => registry.end_call(name, ms(elapsed), ok),
         Op::MarkFailed(_, r) => registry.mark_failed(name, REASONS[r]),
+        Op::MarkFailedWithDetails(_, r) => registry.mark_failed_with_details(
+            name,
+            REASONS[r],
+            TRACEBACK.iter().map(|l| (*l).to_owned()).collect(),
+        ),
         Op::MarkUnavailable(_, r) => registry.mark_unavailable(name, REASONS[r]),
         Op::MarkCrashed(_, r, e) => registry.mark_crashed(name, REASONS[r], exit_info(e)),
         Op::SetNextRetry(_, at) => registry.set_next_retry(
@@ -351,11 +363,12 @@ impl ModelPlugin {
 
     /// `mark_failed` / `mark_unavailable`: a same-state move only replaces
     /// the reason; the journal gets an entry when state or reason changed.
+    /// Enters `target` with `reason`; `Ok(true)` when that was journalled.
     fn enter_terminal(
         &mut self,
         target: PluginLifecycleState,
         reason: &'static str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<bool, Refusal> {
         let changed = self.state != target || self.reason != Some(reason);
         if self.state == target {
             self.reason = Some(reason);
@@ -367,7 +380,7 @@ impl ModelPlugin {
         if changed {
             self.journal_push(target, reason.to_owned(), None);
         }
-        Ok(())
+        Ok(changed)
     }
 }
 
@@ -411,8 +424,20 @@ impl Model {
                 plugin.leave()?;
                 plugin.count(ms, ok);
             }
-            Op::MarkFailed(_, r) => plugin.enter_terminal(Failed, REASONS[r])?,
-            Op::MarkUnavailable(_, r) => plugin.enter_terminal(Unavailable, REASONS[r])?,
+            Op::MarkFailed(_, r) => {
+                plugin.enter_terminal(Failed, REASONS[r])?;
+            }
+            Op::MarkFailedWithDetails(_, r) => {
+                // The entry it journals (if any) carries the lines.
+                if plugin.enter_terminal(Failed, REASONS[r])?
+                    && let Some(last) = plugin.journal.last_mut()
+                {
+                    last.stderr_tail = TRACEBACK.iter().map(|l| (*l).to_owned()).collect();
+                }
+            }
+            Op::MarkUnavailable(_, r) => {
+                plugin.enter_terminal(Unavailable, REASONS[r])?;
+            }
             Op::MarkCrashed(_, r, e) => {
                 let reason = REASONS[r];
                 if plugin.state == Failed {

@@ -172,7 +172,20 @@ impl Loader {
                 let exit = crate::supervise::exit_info(&report);
                 let _ = self.registry.mark_crashed(name, reason.clone(), exit);
             } else {
-                let _ = self.registry.mark_failed(name, reason.clone());
+                // A Python plugin's import or constructor raised: the
+                // journal keeps the traceback's last lines.
+                let traceback = match err {
+                    PluginError::Load(forgesyte_errors::LoadError::Import(
+                        forgesyte_errors::ImportError::Python { traceback, .. },
+                    ))
+                    | PluginError::Load(forgesyte_errors::LoadError::Init(
+                        forgesyte_errors::InitError::Python { traceback, .. },
+                    )) => traceback.clone(),
+                    _ => Vec::new(),
+                };
+                let _ = self
+                    .registry
+                    .mark_failed_with_details(name, reason.clone(), traceback);
             }
             tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
         }
