@@ -52,7 +52,7 @@
 //!
 //! | who | writes |
 //! |---|---|
-//! | loader, load pass and reload | [`register`](Registry::register), [`mark_initialized`](Registry::mark_initialized), [`mark_failed`](Registry::mark_failed), [`mark_unavailable`](Registry::mark_unavailable), [`mark_crashed`](Registry::mark_crashed), [`mark_loaded`](Registry::mark_loaded) |
+//! | loader, load pass and reload | [`register`](Registry::register), [`mark_initialized`](Registry::mark_initialized), [`mark_failed`](Registry::mark_failed) (or [`mark_failed_with_details`](Registry::mark_failed_with_details) with a Python traceback), [`mark_unavailable`](Registry::mark_unavailable), [`mark_crashed`](Registry::mark_crashed), [`mark_loaded`](Registry::mark_loaded) |
 //! | loader, each tool call | [`mark_running`](Registry::mark_running), then [`end_call`](Registry::end_call) (one write that counts and finishes), or [`finish`](Registry::finish) if the call never ran; [`mark_failed`](Registry::mark_failed) on a fault |
 //! | loader, supervisor | [`mark_crashed`](Registry::mark_crashed), [`set_next_retry`](Registry::set_next_retry), [`mark_restarting`](Registry::mark_restarting), [`mark_initialized`](Registry::mark_initialized) |
 //!
