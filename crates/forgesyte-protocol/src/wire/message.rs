@@ -222,9 +222,16 @@ struct ResponseEnvelope {
     capabilities: Vec<String>,
     error: Option<WireError>,
     tools: Option<Vec<ToolSpec>>,
+    // A present `null` is a result (a tool that returned None), not absent.
+    #[serde(default, deserialize_with = "present")]
     result: Option<Box<RawValue>>,
     #[serde(default)]
     attachments: Vec<String>,
+}
+
+/// `Some` for any present value, `null` included.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 impl<'de> Deserialize<'de> for Response {
@@ -349,6 +356,9 @@ mod tests {
             assert_eq!(back.id(), m.id());
         }
         assert!(serde_json::from_str::<Response>(r#"{"type":"result","id":1}"#).is_err());
+        let null: Response =
+            serde_json::from_str(r#"{"type":"result","id":1,"result":null}"#).unwrap();
+        assert!(matches!(null, Response::Result { ref result, .. } if result.get() == "null"));
         assert!(serde_json::from_str::<Response>(r#"{"type":"bye"}"#).is_err());
     }
 }
