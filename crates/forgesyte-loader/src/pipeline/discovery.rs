@@ -18,6 +18,26 @@ pub(super) struct BadManifest {
     pub(super) error: ManifestError,
 }
 
+impl BadManifest {
+    /// The name the manifest claims when it is a valid one, else `fallback`.
+    pub(super) fn claimed_name_or(&self, fallback: &str) -> String {
+        self.raw
+            .as_ref()
+            .and_then(manifest::claimed_name)
+            .filter(|n| manifest::is_valid_name(n))
+            .map_or_else(|| fallback.to_owned(), str::to_owned)
+    }
+
+    /// The manifest's `description`, if it has a string one.
+    pub(super) fn description(&self) -> Option<String> {
+        self.raw
+            .as_ref()
+            .and_then(|r| r.get("description"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+}
+
 impl Loader {
     /// Plugin directories under `plugins_dir`: sorted, only those with a manifest.
     pub fn discover(&self, plugins_dir: &Path) -> Vec<PathBuf> {

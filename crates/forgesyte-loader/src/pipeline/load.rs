@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use forgesyte_errors::{ManifestError, PluginError};
 use forgesyte_registry::{PluginInfo, PluginLifecycleState};
-use serde_json::Value;
 
 use super::discovery::{BadManifest, dir_name, manifest_panicked};
 use super::loader::{Entry, Loader, Pending};
@@ -130,17 +129,9 @@ impl Loader {
                 (m.name.clone(), info, raw, m.optional, Ok(m))
             }
             Err(bad) => {
+                let claimed = bad.claimed_name_or(&ep_key);
+                let description = bad.description();
                 let BadManifest { raw, error } = *bad;
-                let claimed = raw
-                    .as_ref()
-                    .and_then(manifest::claimed_name)
-                    .filter(|n| manifest::is_valid_name(n))
-                    .map_or_else(|| ep_key.clone(), str::to_owned);
-                let description = raw
-                    .as_ref()
-                    .and_then(|r| r.get("description"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
                 let info = PluginInfo {
                     description,
                     version: ep.version.clone(),

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use forgesyte_errors::{ManifestError, PluginError};
 use forgesyte_registry::{PluginInfo, PluginLifecycleState};
-use serde_json::Value;
 
 use super::discovery::{BadManifest, dir_name};
 use super::loader::{Entry, Loader, Pending};
@@ -44,17 +43,9 @@ impl Loader {
                 )
             }
             Err(bad) => {
+                let claimed = bad.claimed_name_or(&dir_key);
+                let description = bad.description();
                 let BadManifest { raw, error: err } = *bad;
-                let claimed = raw
-                    .as_ref()
-                    .and_then(manifest::claimed_name)
-                    .filter(|n| manifest::is_valid_name(n))
-                    .map_or_else(|| dir_key.clone(), str::to_owned);
-                let description = raw
-                    .as_ref()
-                    .and_then(|r| r.get("description"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
                 let info = PluginInfo {
                     description,
                     version: None,
