@@ -7,6 +7,7 @@
 //! A machine without `python3` on `PATH` fails these tests with that
 //! reason (never a silent pass).
 
+use crate::python::require_python;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,18 +42,6 @@ class Plugin:
         return {{"message": "{greeting}, %s!" % args.get("name", "world"), "module": __name__}}
 "#
     )
-}
-
-/// Fails (never skips) when `python3` is missing.
-fn require_python() {
-    let found = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .any(|dir| dir.join("python3").is_file());
-    assert!(
-        found,
-        "python3 is not on PATH: the entry-point tests need a Python 3 interpreter"
-    );
 }
 
 /// A site directory and the interpreter that sees it.

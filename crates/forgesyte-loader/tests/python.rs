@@ -24,8 +24,9 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/python")
 }
 
-/// Fails (never skips) when `python3` is missing.
-fn require_python() {
+/// Fails (never skips) when `python3` is missing (shared by every test of
+/// Python plugins in this binary).
+pub(crate) fn require_python() {
     let found = std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
