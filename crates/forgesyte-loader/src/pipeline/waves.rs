@@ -8,8 +8,12 @@ use forgesyte_deps::Dependency;
 use forgesyte_errors::{DependencyError, InitError};
 
 use super::loader::{Loader, Pending};
+use crate::manifest::{Isolation, Runtime};
 use super::parallel::par_map;
 use super::report::PluginLoadOutcome;
+
+/// At most this many threads of a load pass wait for runner processes.
+const MAX_WAITING_THREADS: usize = 64;
 
 impl Loader {
     /// Phase 3 of a pass: dependency order, one wave at a time; each wave in
@@ -29,9 +33,13 @@ impl Loader {
             // (listing them per plugin made a pass quadratic in plugins).
             let known = self.known_plugins();
             let members: Vec<&Pending> = wave.iter().filter_map(|n| pending.get(n)).collect();
-            let results = par_map(self.config.threads, &members, |p| {
-                self.instantiate(p, &known)
-            });
+            // A plugin in a runner process costs this pass a thread that
+            // waits (for the runner's hello and its construction), not a
+            // core: those get a thread each, up to a bound, so N runners
+            // start together rather than a core's worth at a time.
+            let waiting = members.iter().filter(|p| self.runs_in_a_process(p)).count();
+            let threads = self.config.threads.max(waiting.min(MAX_WAITING_THREADS));
+            let results = par_map(threads, &members, |p| self.instantiate(p, &known));
             for (p, result) in results {
                 let result =
                     result.unwrap_or_else(|message| Err(InitError::Panicked { message }.into()));
@@ -55,6 +63,16 @@ impl Loader {
                 self.finish_outcome(&name, &p.dir, p.started, outcomes);
             }
         }
+    }
+
+    /// Whether `p` runs in a runner process (a Python plugin, or a native
+    /// one isolated).
+    fn runs_in_a_process(&self, p: &Pending) -> bool {
+        p.manifest.runtime == Runtime::Python
+            || p.manifest
+                .declared_isolation
+                .unwrap_or(self.config.default_isolation)
+                == Isolation::Process
     }
 
     /// Versions of the plugins available now, for `plugin:` requirements.

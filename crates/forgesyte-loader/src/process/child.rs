@@ -16,8 +16,9 @@
 //! after [`STOP_GRACE`], on a thread of its own, never the caller's.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{ChildStdout, Command, ExitStatus, Stdio};
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
@@ -30,7 +31,9 @@ use forgesyte_protocol::wire::{
 use parking_lot::{Condvar, Mutex};
 
 use super::exit::{classify, signal_name};
+use super::os_process::OsProcess;
 use super::transport::{Reply, RequestError, Transport};
+use super::zygote::Zygote;
 use crate::host::{ExitCallback, ExitReport};
 
 /// Lines of stderr kept for crash reports.
@@ -112,7 +115,7 @@ struct Shared {
     pid: u32,
     memory_limit_mib: u64,
     transport: Transport,
-    process: Mutex<std::process::Child>,
+    process: Mutex<OsProcess>,
     kill_reason: Mutex<Option<KillReason>>,
     exit: Mutex<ExitState>,
     exited: Condvar,
@@ -165,6 +168,49 @@ impl Child {
                 "the runner's pipes were not set up",
             )));
         };
+        Self::start(
+            OsProcess::Direct(process),
+            (stdin, stdout, stderr),
+            opts,
+            timeout,
+        )
+    }
+
+    /// Has `zygote` fork a Python runner with arguments `argv` and waits
+    /// (at most `timeout`, the fork included) for its hello.
+    pub(crate) fn fork(
+        zygote: &Arc<Zygote>,
+        argv: &[OsString],
+        opts: &SpawnOptions<'_>,
+        timeout: Duration,
+    ) -> Result<Child, SpawnError> {
+        let started = Instant::now();
+        let (stdin, stdin_w) = std::io::pipe().map_err(SpawnError::Start)?;
+        let (stdout_r, stdout) = std::io::pipe().map_err(SpawnError::Start)?;
+        let (stderr_r, stderr) = std::io::pipe().map_err(SpawnError::Start)?;
+        let process = zygote
+            .spawn(argv, [stdin.into(), stdout.into(), stderr.into()], timeout)
+            .map_err(SpawnError::Start)?;
+        Self::start(
+            OsProcess::Forked(process),
+            (stdin_w, stdout_r, stderr_r),
+            opts,
+            timeout.saturating_sub(started.elapsed()),
+        )
+    }
+
+    /// The rest of a start, whoever forked: the reader and stderr threads,
+    /// and the wait for the hello.
+    fn start(
+        process: OsProcess,
+        (stdin, stdout, stderr): (
+            impl Write + Send + 'static,
+            impl Read + Send + 'static,
+            impl Read + Send + 'static,
+        ),
+        opts: &SpawnOptions<'_>,
+        timeout: Duration,
+    ) -> Result<Child, SpawnError> {
         let pid = process.id();
         let (transport, greeting) = Transport::new(stdin, opts.max_response_bytes);
         let shared = Arc::new(Shared {
@@ -352,8 +398,8 @@ fn wait_dead(shared: &Shared, timeout: Duration) -> Option<Arc<ExitReport>> {
 
 fn start_threads(
     shared: &Arc<Shared>,
-    stdout: ChildStdout,
-    stderr: std::process::ChildStderr,
+    stdout: impl Read + Send + 'static,
+    stderr: impl Read + Send + 'static,
 ) -> Result<(), SpawnError> {
     let for_stderr = Arc::clone(shared);
     let stderr_thread = std::thread::Builder::new()
@@ -372,11 +418,22 @@ fn start_threads(
     }
 }
 
-/// Starts a runner command: its stdio piped, in a process group of its
-/// own, with `SIGKILL` as its parent-death signal. The fork happens on one
-/// long-lived thread, because the parent-death signal fires when the
-/// *thread* that forked ends, and callers may be short-lived pool threads.
+/// Starts a runner command: its stdio piped, as [`spawn_supervised`].
 pub(crate) fn spawn_runner(mut command: Command) -> std::io::Result<std::process::Child> {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn_supervised(command)
+}
+
+/// Starts a command in a process group of its own, with `SIGKILL` as its
+/// parent-death signal. The fork happens on one long-lived thread, because
+/// the parent-death signal fires when the *thread* that forked ends, and
+/// callers may be short-lived pool threads. (Without that thread, the
+/// command is started here, without the signal: the runners' own parent
+/// watch still ends them with the server.)
+pub(crate) fn spawn_supervised(mut command: Command) -> std::io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     use std::sync::mpsc::{Sender, channel};
     use std::sync::{Mutex as StdMutex, OnceLock};
@@ -384,18 +441,14 @@ pub(crate) fn spawn_runner(mut command: Command) -> std::io::Result<std::process
     type Job = (Command, Sender<std::io::Result<std::process::Child>>);
     static SPAWNER: OnceLock<StdMutex<Sender<Job>>> = OnceLock::new();
 
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    set_parent_death_signal(&mut command);
+    command.process_group(0);
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = channel::<Job>();
         let started = std::thread::Builder::new()
             .name("forgesyte-spawner".into())
             .spawn(move || {
                 for (mut command, reply) in rx {
+                    set_parent_death_signal(&mut command);
                     let _ = reply.send(command.spawn());
                 }
             });
@@ -413,8 +466,8 @@ pub(crate) fn spawn_runner(mut command: Command) -> std::io::Result<std::process
         Ok(()) => reply_rx
             .recv()
             .map_err(|_| std::io::Error::other("the runner spawner is gone"))?,
-        // No spawner thread: fork here (the fallback check in the runner
-        // still ends it when the server goes).
+        // No spawner thread: fork here, without the parent-death signal
+        // (it would fire when this thread ends).
         Err(std::sync::mpsc::SendError((mut command, _))) => command.spawn(),
     }
 }
@@ -439,28 +492,21 @@ fn set_parent_death_signal(command: &mut Command) {
     }
 }
 
+/// Kills the process and its group, recording why first (the first reason
+/// wins). A process that has ended already is left as it is, its death
+/// reported for what it was: a crash stays a crash, even if a timeout
+/// fires just after.
 fn kill(shared: &Shared, reason: KillReason) {
-    {
-        let mut slot = shared.kill_reason.lock();
-        if slot.is_none() {
-            *slot = Some(reason);
-        }
-    }
     let mut process = shared.process.lock();
-    // Only a process not yet reaped is signalled, so the signal never
-    // reaches a recycled pid or group; the whole group goes, so a plugin's
-    // own children do not outlive it.
-    if let Ok(None) = process.try_wait() {
-        if let Some(pgid) = rustix::process::Pid::from_raw(shared.pid as i32) {
-            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
-        }
-        let _ = process.kill();
+    if process.is_running() {
+        shared.kill_reason.lock().get_or_insert(reason);
     }
+    process.kill();
 }
 
 /// The reader thread: routes answers until the stream ends or breaks, then
 /// processes the death.
-fn read_answers(shared: &Arc<Shared>, stdout: ChildStdout) {
+fn read_answers(shared: &Arc<Shared>, stdout: impl Read) {
     if let Some(detail) = shared.transport.read_answers(stdout) {
         kill(
             shared,
@@ -585,7 +631,7 @@ fn process_death(shared: &Shared, status: Option<ExitStatus>) {
 
 /// The stderr thread: every line to the log, tagged with the plugin, and
 /// the last [`STDERR_TAIL_LINES`] kept for crash reports.
-fn read_stderr(shared: &Shared, stderr: std::process::ChildStderr) {
+fn read_stderr(shared: &Shared, stderr: impl Read) {
     let mut reader = BufReader::new(stderr);
     let mut line = Vec::new();
     loop {

@@ -31,10 +31,15 @@
 
 mod child;
 mod exit;
+mod os_process;
 mod runner;
 mod transport;
 mod wire_error;
+mod zygote;
 
+pub use zygote::ZYGOTE_ENV;
+
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,6 +142,30 @@ enum Launch {
     },
 }
 
+/// The Python runner's arguments naming the plugin's code (absolute
+/// paths: the runner may change directory).
+fn python_runner_args(plugin_dir: &Path, entry: &PythonEntry, installed: bool) -> Vec<OsString> {
+    let plugin_dir = std::path::absolute(plugin_dir).unwrap_or_else(|_| plugin_dir.to_owned());
+    let mut argv = vec!["--plugin-dir".into(), plugin_dir.clone().into_os_string()];
+    match entry {
+        PythonEntry::File(file) => {
+            argv.push("--file".into());
+            argv.push(plugin_dir.join(file).into_os_string());
+        }
+        PythonEntry::Module { module, class } => {
+            argv.push("--module".into());
+            argv.push(match class {
+                Some(class) => format!("{module}:{class}").into(),
+                None => module.into(),
+            });
+        }
+    }
+    if installed {
+        argv.push("--installed".into());
+    }
+    argv
+}
+
 /// Opens plugins in runner processes: native libraries, or Python code.
 #[derive(Debug, Clone)]
 pub struct ProcessImporter {
@@ -218,15 +247,29 @@ impl ProcessImporter {
     }
 
     fn spawn(&self, library: &Path) -> Result<Child, SpawnError> {
-        let memory = self.limits.memory_limit_mib.to_string();
-        let command = match &self.launch {
+        let opts = SpawnOptions {
+            plugin: &self.plugin,
+            memory_limit_mib: self.limits.memory_limit_mib,
+            max_response_bytes: self.limits.max_response_bytes,
+        };
+        let common = [
+            OsString::from("--memory-limit-mb"),
+            self.limits.memory_limit_mib.to_string().into(),
+            "--plugin".into(),
+            self.plugin.clone().into(),
+        ];
+        match &self.launch {
             Launch::Native {
                 runner,
                 runner_args,
             } => {
                 let mut command = Command::new(runner);
-                command.args(runner_args).arg("--library").arg(library);
                 command
+                    .args(runner_args)
+                    .arg("--library")
+                    .arg(library)
+                    .args(common);
+                Child::spawn(command, &opts, self.limits.init_timeout)
             }
             Launch::Python {
                 interpreter,
@@ -234,50 +277,33 @@ impl ProcessImporter {
                 entry,
                 installed,
             } => {
-                // The runner may change directory; it gets absolute paths.
-                let plugin_dir =
-                    &std::path::absolute(plugin_dir).unwrap_or_else(|_| plugin_dir.clone());
+                let mut argv = python_runner_args(plugin_dir, entry, *installed);
+                argv.extend(common);
+                if zygote::enabled() {
+                    let key = zygote::ZygoteKey {
+                        interpreter: interpreter.clone(),
+                        few_arenas: self.limits.memory_limit_mib > 0,
+                    };
+                    match zygote::zygote_for(&key)
+                        .map(|z| Child::fork(&z, &argv, &opts, self.limits.init_timeout))
+                    {
+                        Ok(Err(SpawnError::Start(e))) | Err(e) => tracing::debug!(
+                            plugin = %self.plugin,
+                            "no Python zygote ({e}): starting the runner on its own"
+                        ),
+                        Ok(spawned) => return spawned,
+                    }
+                }
                 let mut command = Command::new(interpreter);
                 // Unbuffered, so print() from a plugin reaches the log now.
                 command
                     .arg("-u")
                     .arg("-c")
                     .arg(crate::python::RUNNER_SOURCE)
-                    .arg("--plugin-dir")
-                    .arg(plugin_dir);
-                match entry {
-                    PythonEntry::File(file) => {
-                        command.arg("--file").arg(plugin_dir.join(file));
-                    }
-                    PythonEntry::Module { module, class } => {
-                        let target = match class {
-                            Some(class) => format!("{module}:{class}"),
-                            None => module.clone(),
-                        };
-                        command.arg("--module").arg(target);
-                    }
-                }
-                if *installed {
-                    command.arg("--installed");
-                }
-                command
+                    .args(argv);
+                Child::spawn(command, &opts, self.limits.init_timeout)
             }
-        };
-        let mut command = command;
-        command
-            .arg("--memory-limit-mb")
-            .arg(memory)
-            .arg("--plugin")
-            .arg(&self.plugin);
-        Child::spawn(
-            command,
-            &SpawnOptions {
-                plugin: &self.plugin,
-                memory_limit_mib: self.limits.memory_limit_mib,
-                max_response_bytes: self.limits.max_response_bytes,
-            },
-            self.limits.init_timeout,
-        )
+        }
     }
 
     fn start_error(&self, e: &std::io::Error) -> String {

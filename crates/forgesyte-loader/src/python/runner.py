@@ -134,7 +134,10 @@ def _take_stdio():
 # Step 1, before anything else runs (imported as a module, e.g. by tests,
 # the file leaves the process's descriptors alone).
 _PROTO_FDS = None
-if __name__ == "__main__":
+# ``--zygote``: this process forks runners instead of being one (see
+# `zygote_main`); its descriptors are the zygote's own.
+_ZYGOTE = __name__ == "__main__" and sys.argv[1:2] == ["--zygote"]
+if __name__ == "__main__" and not _ZYGOTE:
     try:
         _PROTO_FDS = _take_stdio()
     except Exception as e:  # only with broken descriptors
@@ -1279,5 +1282,243 @@ def main(argv):
     runner.serve()
 
 
+# ---------------------------------------------------------------------------
+# The zygote
+# ---------------------------------------------------------------------------
+
+# The zygote's control messages (one JSON object per SEQPACKET message) are
+# at most this big.
+ZYGOTE_MESSAGE_BYTES = 1 << 20
+# ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, ``prctl(PR_SET_NAME, ...)``.
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+class _Zygote(object):
+    """A pre-started interpreter that forks one runner per request
+    (``python -c RUNNER --zygote``): the interpreter's start and the runner's
+    imports are paid once per interpreter, not once per plugin.
+
+    Its stdin is a SEQPACKET Unix socket to the host. Messages, one JSON
+    object each:
+
+    - host → zygote ``{"op": "spawn", "id": N, "argv": [...]}``
+      with three descriptors (SCM_RIGHTS): the runner's stdin, stdout and
+      stderr. The zygote forks; the child puts them on fds 0, 1 and 2, leads
+      a process group of its own, gets ``SIGKILL`` when the zygote dies, and
+      runs ``main(argv)`` exactly as a runner started with those arguments
+      (its process name, as ``ps`` shows it, is the plugin's name).
+    - zygote → host ``{"op": "spawned", "id": N, "pid": P}`` or
+      ``{"op": "spawn_failed", "id": N, "error": "..."}``.
+    - zygote → host ``{"op": "exit", "pid": P, "status": S}`` when a child
+      ends (S: the raw wait status, as ``waitpid`` gives it). The child is
+      not reaped yet, so its pid (and process group) cannot be reused while
+      the host may still signal it.
+    - host → zygote ``{"op": "reap", "pid": P}``: the host has recorded the
+      death; the zygote reaps the child.
+
+    The zygote forks from its one thread, before any plugin code ran in it
+    (and so before CUDA could be touched), and exits at the end of its
+    stdin. It never imports plugin code itself."""
+
+    def __init__(self):
+        import select
+        import signal
+        import socket
+
+        self.select = select
+        self.signal = signal
+        self.socket = socket
+        # The control socket moves off fd 0 (children put their stdin there).
+        ctl_fd = os.dup(0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        self.ctl = socket.socket(fileno=ctl_fd)
+        self.pid = os.getpid()
+        self.children = set()  # forked, not reaped
+        self.reported = set()  # their exits told to the host
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.wake_r, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w)
+        try:
+            import ctypes
+
+            self.libc = ctypes.CDLL(None, use_errno=True)
+        except Exception as e:  # no ctypes: the runner's parent watch remains
+            _diag("zygote: no parent-death signal for runners: %s" % e)
+            self.libc = None
+
+    def send(self, message):
+        try:
+            self.ctl.send(json.dumps(message).encode("utf-8"))
+        except OSError:
+            _exit(0)  # the host is gone
+
+    def serve(self):
+        import gc
+
+        # What is loaded now is shared by every runner: the collector
+        # leaves it alone, so the pages stay shared after fork.
+        gc.freeze()
+        ctl = self.ctl.fileno()
+        while True:
+            try:
+                ready, _, _ = self.select.select([ctl, self.wake_r], [], [])
+            except InterruptedError:
+                continue
+            if self.wake_r in ready:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except (BlockingIOError, InterruptedError):
+                    pass
+            self.report_exits()
+            if ctl in ready:
+                self.receive()
+
+    def receive(self):
+        socket = self.socket
+        fd_size = struct.calcsize("i")
+        try:
+            data, ancdata, flags, _ = self.ctl.recvmsg(
+                ZYGOTE_MESSAGE_BYTES, socket.CMSG_SPACE(3 * fd_size))
+        except InterruptedError:
+            return
+        except OSError as e:
+            _diag("zygote: reading the control socket: %s" % e)
+            _exit(0)
+        fds = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % fd_size
+                fds.extend(struct.unpack("%di" % (usable // fd_size), payload[:usable]))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            _exit(0)  # the host closed its end
+        try:
+            message = json.loads(data.decode("utf-8"))
+            op = message.get("op")
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ValueError("a truncated message")
+            if op == "reap":
+                self.reap(int(message["pid"]))
+            elif op == "spawn":
+                self.spawn(message, fds)
+            else:
+                raise ValueError("unknown op %r" % (op,))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            _diag("zygote: a bad control message: %s" % e)
+            _exit(EXIT_PROTOCOL)
+        finally:
+            # The runner has its copies (or there is none): a copy left
+            # here would keep its pipes open after it dies.
+            for fd in fds:
+                os.close(fd)
+
+    def spawn(self, message, fds):
+        rid = message["id"]
+        argv = [str(a) for a in message["argv"]]
+        if len(fds) != 3:
+            self.send({"op": "spawn_failed", "id": rid,
+                       "error": "%d descriptors came with the request, 3 expected" % len(fds)})
+            return
+        try:
+            pid = os.fork()
+        except OSError as e:
+            self.send({"op": "spawn_failed", "id": rid, "error": "fork: %s" % e})
+            return
+        if pid == 0:
+            self.become_runner(argv, fds)  # never returns
+        try:
+            # Both sides set the group, so no signal to it can come first.
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # it exec'd or died already; the child set it itself
+        self.children.add(pid)
+        self.send({"op": "spawned", "id": rid, "pid": pid})
+
+    def become_runner(self, argv, fds):
+        global _PROTO_FDS
+        try:
+            self.signal.set_wakeup_fd(-1)
+            self.signal.signal(self.signal.SIGCHLD, self.signal.SIG_DFL)
+            self.ctl.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            os.setpgid(0, 0)
+            if self.libc is not None:
+                self.libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)
+                # ``ps``/``top`` show the plugin's name, not the zygote's
+                # command line (which every forked runner shares).
+                if "--plugin" in argv[:-1]:
+                    name = argv[argv.index("--plugin") + 1].encode("utf-8", "replace")[:15]
+                    self.libc.prctl(_PR_SET_NAME, name, 0, 0, 0)
+            if os.getppid() != self.pid:
+                os._exit(0)  # the zygote died already
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            for fd in fds:
+                if fd > 2:
+                    os.close(fd)
+            sys.argv[1:] = argv
+            _PROTO_FDS = _take_stdio()
+        except BaseException as e:
+            _diag("zygote: cannot set up a runner: %s" % e)
+            os._exit(EXIT_SETUP)
+        try:
+            main(argv)
+        except SystemExit as e:
+            _exit(e.code if isinstance(e.code, int) else 1)
+        except BaseException as e:
+            _diag("runner: %s: %s" % (type(e).__name__, e))
+            _exit(EXIT_SETUP)
+        _exit(0)
+
+    def report_exits(self):
+        for pid in list(self.children - self.reported):
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                self.children.discard(pid)
+                continue
+            if info is None or info.si_pid == 0:
+                continue
+            if info.si_code == os.CLD_EXITED:
+                status = (info.si_status & 0xFF) << 8
+            elif info.si_code == os.CLD_DUMPED:
+                status = info.si_status | 0x80
+            else:
+                status = info.si_status
+            self.reported.add(pid)
+            self.send({"op": "exit", "pid": pid, "status": status})
+
+    def reap(self, pid):
+        if pid in self.children:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self.children.discard(pid)
+            self.reported.discard(pid)
+
+
+def zygote_main():
+    global _plugin_name
+    _plugin_name = "zygote"
+    try:
+        zygote = _Zygote()
+    except Exception as e:
+        _diag("cannot set up: %s" % e)
+        _exit(EXIT_SETUP)
+    zygote.serve()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if _ZYGOTE:
+        zygote_main()
+    else:
+        main(sys.argv[1:])

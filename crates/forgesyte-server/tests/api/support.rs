@@ -579,6 +579,7 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_RUNNER",
         "FORGESYTE_PYTHON",
         "FORGESYTE_PYTHON_ENTRY_POINTS",
+        "FORGESYTE_PYTHON_ZYGOTE",
     ] {
         command.env_remove(var);
     }
@@ -586,10 +587,37 @@ pub(crate) fn forgesyte_command() -> Command {
 }
 
 /// The pid of the runner process the server `server_pid` started for
-/// `plugin` (its command line names `--plugin PLUGIN`), if one is running.
+/// `plugin` (its command line names `--plugin PLUGIN`, or a zygote forked
+/// it), if one is running.
 pub(crate) fn runner_pid(server_pid: u32, plugin: &str) -> Option<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{server_pid}/task")).ok()?;
-    let children: Vec<u32> = tasks
+    // Python runners are forked by a zygote (a child of the server): they
+    // share its command line, and carry the plugin's name (at most 15
+    // bytes) as their process name.
+    let children = children_of(server_pid);
+    let grandchildren = children.iter().flat_map(|&pid| children_of(pid));
+    let comm = &plugin.as_bytes()[..plugin.len().min(15)];
+    children
+        .clone()
+        .into_iter()
+        .chain(grandchildren)
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let named = args
+                .windows(2)
+                .any(|w| w[0] == b"--plugin" && w[1] == plugin.as_bytes());
+            let forked = std::fs::read(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) == comm);
+            named || (forked && !children.contains(pid))
+        })
+}
+
+/// The children of process `pid` (of all its threads).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
         .filter_map(Result::ok)
         .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
         .flat_map(|text| {
@@ -597,13 +625,7 @@ pub(crate) fn runner_pid(server_pid: u32, plugin: &str) -> Option<u32> {
                 .filter_map(|pid| pid.parse().ok())
                 .collect::<Vec<u32>>()
         })
-        .collect();
-    children.into_iter().find(|pid| {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        args.windows(2)
-            .any(|w| w[0] == b"--plugin" && w[1] == plugin.as_bytes())
-    })
+        .collect()
 }
 
 // ------------------------------------------------- real plugin directories

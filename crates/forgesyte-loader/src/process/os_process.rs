@@ -1,0 +1,98 @@
+//! A runner's operating-system process, whoever forked it: the host
+//! itself (a [`std::process::Child`]) or a Python zygote
+//! ([`ForkedChild`], whose exit status the zygote reports).
+//!
+//! Either way a runner leads its own process group, and the group goes with
+//! it: a runner that ends (or is killed) takes the processes a plugin
+//! started. The group is signalled only while the runner is not reaped, so
+//! the signal never reaches a recycled pid or group.
+
+use std::io;
+use std::process::ExitStatus;
+
+use super::zygote::{ForkedChild, kill_group};
+
+/// A runner process.
+#[derive(Debug)]
+pub(crate) enum OsProcess {
+    /// Forked by the host.
+    Direct(std::process::Child),
+    /// Forked by a Python zygote.
+    Forked(ForkedChild),
+}
+
+impl OsProcess {
+    pub(crate) fn id(&self) -> u32 {
+        match self {
+            OsProcess::Direct(child) => child.id(),
+            OsProcess::Forked(child) => child.id(),
+        }
+    }
+
+    /// The exit status if the runner has ended (what is left of its group
+    /// is killed before it is reaped); `Ok(None)` while it runs.
+    pub(crate) fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        match self {
+            OsProcess::Direct(child) => {
+                if let Ended::NotReaped = direct_state(child.id()) {
+                    kill_group(child.id());
+                }
+                child.try_wait()
+            }
+            OsProcess::Forked(child) => child.try_wait(),
+        }
+    }
+
+    /// Waits for the runner to end.
+    pub(crate) fn wait(&mut self) -> io::Result<ExitStatus> {
+        match self {
+            OsProcess::Direct(child) => child.wait(),
+            OsProcess::Forked(child) => child.wait(),
+        }
+    }
+
+    /// Whether the runner is still running (neither ended nor reaped).
+    pub(crate) fn is_running(&self) -> bool {
+        match self {
+            OsProcess::Direct(child) => matches!(direct_state(child.id()), Ended::No),
+            OsProcess::Forked(child) => matches!(child.try_wait(), Ok(None)),
+        }
+    }
+
+    /// `SIGKILL` to the runner and its process group, unless it has been
+    /// reaped (or, forked by a zygote, reported ended).
+    pub(crate) fn kill(&mut self) {
+        match self {
+            OsProcess::Direct(child) => {
+                if !matches!(direct_state(child.id()), Ended::Reaped) {
+                    kill_group(child.id());
+                }
+            }
+            OsProcess::Forked(child) => child.kill(),
+        }
+    }
+}
+
+enum Ended {
+    No,
+    /// A zombie: its pid and group are still reserved.
+    NotReaped,
+    Reaped,
+}
+
+/// Where a child of the host stands, without reaping it.
+fn direct_state(pid: u32) -> Ended {
+    use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return Ended::Reaped;
+    };
+    match waitid(
+        WaitId::Pid(pid),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+    ) {
+        Ok(None) => Ended::No,
+        Ok(Some(_)) => Ended::NotReaped,
+        // ECHILD: reaped already.
+        Err(_) => Ended::Reaped,
+    }
+}

@@ -1,0 +1,408 @@
+//! Python zygotes: one pre-started interpreter per (interpreter, memory
+//! set-up) that forks a runner per plugin, so N Python plugins cost one
+//! interpreter start-up and the runner's imports once, not N times in
+//! series on the machine's cores.
+//!
+//! The zygote is the Python runner itself (`runner.py --zygote`), started
+//! like any runner (own process group, `SIGKILL` when the server dies). Its
+//! stdin is a `SOCK_SEQPACKET` socket to the host: the host sends a spawn
+//! request with the runner's arguments and three descriptors (the runner's
+//! stdin, stdout and stderr pipes, by `SCM_RIGHTS`); the zygote forks, and
+//! the child becomes exactly the runner those arguments describe. The
+//! message format is in `runner.py` (`_Zygote`).
+//!
+//! A forked runner is the zygote's child, not the host's, so the host cannot
+//! `waitpid` it: the zygote reports each exit status *without reaping the
+//! child* (`waitid(WNOWAIT)`), the host records it, kills what is left of the
+//! runner's process group, and only then tells the zygote to reap. Until
+//! then the pid and the group stay reserved, so a signal from the host
+//! never reaches a recycled pid. When the zygote itself dies, its runners
+//! get `SIGKILL` (their parent-death signal) and every one still running
+//! is reported as ended with the zygote; the next spawn starts a new zygote.
+//!
+//! This module knows processes and sockets, not the wire protocol the
+//! runners speak: that stays [`super::transport`]'s.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, IoSlice};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use forgesyte_protocol::wire::{PROTOCOL_ENV, PROTOCOL_VERSION};
+use parking_lot::{Condvar, Mutex};
+use rustix::net::{
+    AddressFamily, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags,
+    SocketType,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::child::spawn_supervised;
+
+/// The environment variable that turns the zygote off (`0`): every Python
+/// runner is then a fresh interpreter of its own.
+pub const ZYGOTE_ENV: &str = "FORGESYTE_PYTHON_ZYGOTE";
+
+/// Largest control message the zygote sends (it accepts 1 MiB).
+const MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Whether Python runners are forked by a zygote (the default).
+pub(crate) fn enabled() -> bool {
+    std::env::var_os(ZYGOTE_ENV).is_none_or(|v| v != "0")
+}
+
+/// How a zygote is set up: its runners inherit it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ZygoteKey {
+    /// The interpreter.
+    pub(crate) interpreter: PathBuf,
+    /// `MALLOC_ARENA_MAX=2` (runners under a memory limit): glibc reads it
+    /// once, at the interpreter's start.
+    pub(crate) few_arenas: bool,
+}
+
+/// The zygote of `key`, started if there is none or the last one died.
+pub(crate) fn zygote_for(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
+    static ZYGOTES: OnceLock<Mutex<HashMap<ZygoteKey, Arc<Zygote>>>> = OnceLock::new();
+    let mut zygotes = ZYGOTES.get_or_init(Default::default).lock();
+    if let Some(zygote) = zygotes.get(key)
+        && !zygote.is_dead()
+    {
+        return Ok(Arc::clone(zygote));
+    }
+    let zygote = Zygote::start(key)?;
+    zygotes.insert(key.clone(), Arc::clone(&zygote));
+    Ok(zygote)
+}
+
+/// An exit status the zygote reported (or why none will come).
+type Status = Result<ExitStatus, String>;
+
+/// Where the zygote's report of one runner's exit lands.
+#[derive(Debug, Default)]
+struct ExitSlot {
+    status: Mutex<Option<Status>>,
+    ended: Condvar,
+}
+
+impl ExitSlot {
+    fn set(&self, status: Status) {
+        let mut slot = self.status.lock();
+        if slot.is_none() {
+            *slot = Some(status);
+        }
+        self.ended.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct State {
+    dead: Option<String>,
+    next_id: u64,
+    spawning: HashMap<u64, SyncSender<Result<u32, String>>>,
+    children: HashMap<u32, Arc<ExitSlot>>,
+}
+
+/// One running zygote.
+pub(crate) struct Zygote {
+    pid: u32,
+    interpreter: PathBuf,
+    control: Mutex<OwnedFd>,
+    state: Mutex<State>,
+    /// Kept so the process is reaped when the zygote ends.
+    process: Mutex<std::process::Child>,
+}
+
+impl std::fmt::Debug for Zygote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zygote")
+            .field("pid", &self.pid)
+            .field("interpreter", &self.interpreter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the zygote says (see `runner.py`).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Said {
+    Spawned { id: u64, pid: u32 },
+    SpawnFailed { id: u64, error: String },
+    Exit { pid: u32, status: i32 },
+}
+
+impl Zygote {
+    fn start(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
+        let (ours, theirs) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        let mut command = Command::new(&key.interpreter);
+        command
+            .arg("-u")
+            .arg("-c")
+            .arg(crate::python::RUNNER_SOURCE)
+            .arg("--zygote")
+            .env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string())
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if key.few_arenas {
+            command.env("MALLOC_ARENA_MAX", "2");
+        }
+        let mut process = spawn_supervised(command)?;
+        let stderr = process.stderr.take();
+        let reader = ours.try_clone()?;
+        let zygote = Arc::new(Zygote {
+            pid: process.id(),
+            interpreter: key.interpreter.clone(),
+            control: Mutex::new(ours),
+            state: Mutex::new(State::default()),
+            process: Mutex::new(process),
+        });
+        tracing::debug!(
+            pid = zygote.pid,
+            interpreter = %key.interpreter.display(),
+            "started a Python zygote"
+        );
+        if let Some(stderr) = stderr {
+            let pid = zygote.pid;
+            std::thread::Builder::new()
+                .name(format!("forgesyte-zygote-stderr-{pid}"))
+                .spawn(move || {
+                    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                        tracing::warn!(target: "forgesyte_loader::plugin_stderr", pid, "{line}");
+                    }
+                })?;
+        }
+        let for_reader = Arc::clone(&zygote);
+        std::thread::Builder::new()
+            .name(format!("forgesyte-zygote-{}", zygote.pid))
+            .spawn(move || for_reader.read(reader))?;
+        Ok(zygote)
+    }
+
+    fn is_dead(&self) -> bool {
+        self.state.lock().dead.is_some()
+    }
+
+    /// Forks a runner with arguments `argv` and the given stdio (the
+    /// runner's ends of its pipes); waits at most `timeout` for its pid.
+    pub(crate) fn spawn(
+        self: &Arc<Self>,
+        argv: &[OsString],
+        stdio: [OwnedFd; 3],
+        timeout: Duration,
+    ) -> io::Result<ForkedChild> {
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| {
+                a.to_str().map(str::to_owned).ok_or_else(|| {
+                    io::Error::other(format!(
+                        "a runner argument is not UTF-8: {}",
+                        String::from_utf8_lossy(a.as_bytes())
+                    ))
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        let (tx, rx) = sync_channel(1);
+        let id = {
+            let mut state = self.state.lock();
+            if let Some(why) = &state.dead {
+                return Err(io::Error::other(why.clone()));
+            }
+            state.next_id += 1;
+            let id = state.next_id;
+            state.spawning.insert(id, tx);
+            id
+        };
+        let message = json!({"op": "spawn", "id": id, "argv": argv}).to_string();
+        if let Err(e) = self.send(message.as_bytes(), &stdio) {
+            self.state.lock().spawning.remove(&id);
+            return Err(e);
+        }
+        // The runner holds its ends now; the host's copies close here, so
+        // the host sees the end of the runner's output when it ends.
+        drop(stdio);
+        let deadline = Instant::now() + timeout;
+        let answer = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        self.state.lock().spawning.remove(&id);
+        let pid = match answer {
+            Ok(Ok(pid)) => pid,
+            Ok(Err(e)) => return Err(io::Error::other(e)),
+            Err(_) => {
+                return Err(io::Error::other(format!(
+                    "the Python zygote {} did not fork within {timeout:?}",
+                    self.pid
+                )));
+            }
+        };
+        let slot = self
+            .state
+            .lock()
+            .children
+            .get(&pid)
+            .cloned()
+            .unwrap_or_else(|| {
+                // Registered by the reader before it answered; gone only if
+                // the zygote died meanwhile, and then so did the runner.
+                let slot = Arc::new(ExitSlot::default());
+                slot.set(Err("the Python zygote died".into()));
+                slot
+            });
+        Ok(ForkedChild {
+            pid,
+            slot,
+            zygote: Arc::clone(self),
+        })
+    }
+
+    fn send(&self, message: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+        let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+            return Err(io::Error::other("too many descriptors for one message"));
+        }
+        let socket = self.control.lock();
+        rustix::net::sendmsg(
+            &*socket,
+            &[IoSlice::new(message)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
+        Ok(())
+    }
+
+    /// The reader thread: spawn answers to their waiters, exit statuses to
+    /// their runners; at the end, every runner still running is reported
+    /// ended with the zygote.
+    fn read(&self, socket: OwnedFd) {
+        let mut buffer = vec![0u8; MESSAGE_BYTES];
+        let why = loop {
+            let n = match rustix::net::recv(&socket, &mut buffer[..], RecvFlags::empty()) {
+                Ok((_, 0)) => break "the Python zygote exited".to_owned(),
+                Ok((_, n)) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => break format!("the Python zygote's socket failed: {e}"),
+            };
+            match serde_json::from_slice::<Said>(&buffer[..n.min(buffer.len())]) {
+                Ok(said) => self.handle(said),
+                Err(e) => break format!("the Python zygote said something unreadable: {e}"),
+            }
+        };
+        let _ = self.process.lock().kill();
+        let _ = self.process.lock().wait();
+        let (spawning, children) = {
+            let mut state = self.state.lock();
+            state.dead = Some(why.clone());
+            (
+                std::mem::take(&mut state.spawning),
+                std::mem::take(&mut state.children),
+            )
+        };
+        tracing::debug!(pid = self.pid, "{why}");
+        for (_, tx) in spawning {
+            let _ = tx.send(Err(why.clone()));
+        }
+        for (_, slot) in children {
+            slot.set(Err(why.clone()));
+        }
+    }
+
+    fn handle(&self, said: Said) {
+        match said {
+            Said::Spawned { id, pid } => {
+                let mut state = self.state.lock();
+                state.children.insert(pid, Arc::new(ExitSlot::default()));
+                if let Some(tx) = state.spawning.remove(&id) {
+                    let _ = tx.send(Ok(pid));
+                }
+            }
+            Said::SpawnFailed { id, error } => {
+                if let Some(tx) = self.state.lock().spawning.remove(&id) {
+                    let _ = tx.send(Err(format!("the Python zygote could not fork: {error}")));
+                }
+            }
+            Said::Exit { pid, status } => {
+                let slot = self.state.lock().children.remove(&pid);
+                if let Some(slot) = slot {
+                    // Recorded first (no signal goes to the pid after this),
+                    // then what is left of its group goes, then the zygote
+                    // may reap it and free the pid.
+                    slot.set(Ok(ExitStatus::from_raw(status)));
+                }
+                kill_group(pid);
+                let reap = json!({"op": "reap", "pid": pid}).to_string();
+                let _ = self.send(reap.as_bytes(), &[]);
+            }
+        }
+    }
+}
+
+/// `SIGKILL` to process group `pid` and to process `pid`.
+pub(crate) fn kill_group(pid: u32) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// A runner a zygote forked.
+#[derive(Debug)]
+pub(crate) struct ForkedChild {
+    pid: u32,
+    slot: Arc<ExitSlot>,
+    /// The zygote lives as long as its runners do.
+    #[allow(dead_code)]
+    zygote: Arc<Zygote>,
+}
+
+impl ForkedChild {
+    pub(crate) fn id(&self) -> u32 {
+        self.pid
+    }
+
+    /// The runner's exit status, if it has ended.
+    pub(crate) fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
+        match &*self.slot.status.lock() {
+            None => Ok(None),
+            Some(Ok(status)) => Ok(Some(*status)),
+            Some(Err(why)) => Err(io::Error::other(why.clone())),
+        }
+    }
+
+    /// Waits for the runner to end.
+    pub(crate) fn wait(&self) -> io::Result<ExitStatus> {
+        let mut status = self.slot.status.lock();
+        loop {
+            match &*status {
+                None => self.slot.ended.wait(&mut status),
+                Some(Ok(s)) => return Ok(*s),
+                Some(Err(why)) => return Err(io::Error::other(why.clone())),
+            }
+        }
+    }
+
+    /// Kills the runner and its process group if it has not ended. (The exit is recorded under the same lock
+    /// before the zygote may reap, so no signal reaches a recycled pid.)
+    pub(crate) fn kill(&self) {
+        let status = self.slot.status.lock();
+        if status.is_none() {
+            kill_group(self.pid);
+        }
+    }
+}
