@@ -8,9 +8,9 @@ use forgesyte_deps::Dependency;
 use forgesyte_errors::{DependencyError, InitError};
 
 use super::loader::{Loader, Pending};
-use crate::manifest::{Isolation, Runtime};
 use super::parallel::par_map;
 use super::report::PluginLoadOutcome;
+use crate::manifest::{Isolation, Runtime};
 
 /// At most this many threads of a load pass wait for runner processes.
 const MAX_WAITING_THREADS: usize = 64;
