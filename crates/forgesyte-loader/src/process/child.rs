@@ -166,7 +166,14 @@ impl Child {
             )));
         };
         let pid = process.id();
-        let (transport, greeting) = Transport::new(stdin, opts.max_response_bytes);
+        let (transport, greeting) = match Transport::new(stdin, opts.max_response_bytes) {
+            Ok(connection) => connection,
+            Err(e) => {
+                let _ = process.kill();
+                let _ = process.wait();
+                return Err(SpawnError::Start(e));
+            }
+        };
         let shared = Arc::new(Shared {
             plugin: opts.plugin.to_owned(),
             pid,
