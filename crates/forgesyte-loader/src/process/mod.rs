@@ -250,8 +250,11 @@ impl ProcessImporter {
                     .arg("--plugin-dir")
                     .arg(plugin_dir);
                 match entry {
-                    PythonEntry::File(file) => {
+                    PythonEntry::File { file, class } => {
                         command.arg("--file").arg(plugin_dir.join(file));
+                        if let Some(class) = class {
+                            command.arg("--class").arg(class);
+                        }
                     }
                     PythonEntry::Module { module, class } => {
                         let target = match class {
