@@ -63,8 +63,9 @@ impl Eq for JsonError {}
 /// ([`ToolError::Panicked`], [`ToolError::Protocol`],
 /// [`ToolError::InvalidJson`], and for a plugin in
 /// its own process [`ToolError::Crashed`] and [`ToolError::TimedOut`])
-/// marks it FAILED. Use
-/// [`ToolError::is_fault`] rather than matching.
+/// marks it FAILED. [`ToolError::QueueTimedOut`] is neither: the call
+/// never reached the plugin. Use [`ToolError::is_fault`] rather than
+/// matching.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ToolError {
@@ -138,6 +139,19 @@ pub enum ToolError {
         /// The limit that was exceeded.
         after: Duration,
     },
+    /// The call waited its whole time limit for its turn behind the
+    /// plugin's calls in progress (its runner takes one call at a time) and
+    /// was never sent. Not a fault: the plugin never saw this call, so its
+    /// process is left alone (the call it waited for has a deadline of its
+    /// own).
+    #[error(
+        "timed out after {} waiting for the plugin's call in progress (it takes one call at a time); the call never reached the plugin",
+        fmt_duration(*after)
+    )]
+    QueueTimedOut {
+        /// The limit that was exceeded, waiting.
+        after: Duration,
+    },
 }
 
 impl ToolError {
@@ -151,6 +165,7 @@ impl ToolError {
             ToolError::Protocol { .. } | ToolError::InvalidJson { .. } => "ProtocolError",
             ToolError::Crashed(_) => "CrashError",
             ToolError::TimedOut { .. } => "TimeoutError",
+            ToolError::QueueTimedOut { .. } => "QueueTimeout",
         }
     }
 
@@ -194,6 +209,19 @@ mod tests {
             }
             .kind(),
             "ToolError"
+        );
+    }
+
+    #[test]
+    fn a_call_that_timed_out_in_the_queue_is_no_fault() {
+        let e = ToolError::QueueTimedOut {
+            after: Duration::from_secs(2),
+        };
+        assert!(!e.is_fault());
+        assert_eq!(e.kind(), "QueueTimeout");
+        assert_eq!(
+            e.to_string(),
+            "timed out after 2 s waiting for the plugin's call in progress (it takes one call at a time); the call never reached the plugin"
         );
     }
 }

@@ -55,8 +55,14 @@ impl Runtime {
 /// Where a Python plugin's code is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PythonEntry {
-    /// A file inside the plugin directory (the seed's `plugin.py`).
-    File(String),
+    /// A file inside the plugin directory (the seed's `plugin.py`) and
+    /// optionally the class in it (`plugin.py:OCRPlugin`).
+    File {
+        /// The file, relative to the plugin directory.
+        file: String,
+        /// The class, when named.
+        class: Option<String>,
+    },
     /// A module on the interpreter's path (`forgesyte_ocr.plugin`) and
     /// optionally the class in it (`:Plugin`).
     Module {
@@ -146,23 +152,35 @@ pub struct Manifest {
 
 impl Manifest {
     /// Where a Python plugin's code is: the entrypoint as a module path, a
-    /// file named by the entrypoint, or `plugin.py`.
+    /// file named by the entrypoint (`main.py`, or `main.py:Class` with the
+    /// class), or `plugin.py`.
     pub fn python_entry(&self) -> PythonEntry {
-        match &self.entrypoint {
-            Some(entry) if is_module_path(entry) && !entry.ends_with(".py") => {
-                match entry.split_once(':') {
-                    Some((module, class)) => PythonEntry::Module {
-                        module: module.to_owned(),
-                        class: Some(class.to_owned()),
-                    },
-                    None => PythonEntry::Module {
-                        module: entry.clone(),
-                        class: None,
-                    },
-                }
-            }
-            Some(file) => PythonEntry::File(file.clone()),
-            None => PythonEntry::File(PLUGIN_PY.to_owned()),
+        let file = |file: &str, class: Option<&str>| PythonEntry::File {
+            file: file.to_owned(),
+            class: class.filter(|c| !c.is_empty()).map(str::to_owned),
+        };
+        let Some(entry) = &self.entrypoint else {
+            return file(PLUGIN_PY, None);
+        };
+        // `FILE.py:Class`: a file and the class in it, not a module path.
+        if let Some((path, class)) = entry
+            .split_once(':')
+            .filter(|(path, _)| path.ends_with(".py"))
+        {
+            return file(path, Some(class));
+        }
+        if !is_module_path(entry) || entry.ends_with(".py") {
+            return file(entry, None);
+        }
+        match entry.split_once(':') {
+            Some((module, class)) => PythonEntry::Module {
+                module: module.to_owned(),
+                class: Some(class.to_owned()),
+            },
+            None => PythonEntry::Module {
+                module: entry.clone(),
+                class: None,
+            },
         }
     }
 }
@@ -474,7 +492,10 @@ mod tests {
             module: m.into(),
             class: c.map(Into::into),
         };
-        let file = |f: &str| PythonEntry::File(f.into());
+        let file = |f: &str| PythonEntry::File {
+            file: f.into(),
+            class: None,
+        };
         assert_eq!(
             runtime_of(json!({"entrypoint": "forgesyte_ocr.plugin"}), false),
             (Runtime::Python, module("forgesyte_ocr.plugin", None))
@@ -508,6 +529,29 @@ mod tests {
         assert_eq!(
             runtime_of(json!({"runtime": "native"}), true).0,
             Runtime::Native
+        );
+        // A file and the class in it: never read as a module path.
+        let file_class = |f: &str, c: &str| PythonEntry::File {
+            file: f.into(),
+            class: Some(c.into()),
+        };
+        assert_eq!(
+            runtime_of(json!({"entrypoint": "plugin.py:OCRPlugin"}), false),
+            (Runtime::Python, file_class("plugin.py", "OCRPlugin"))
+        );
+        assert_eq!(
+            runtime_of(
+                json!({"runtime": "python", "entrypoint": "src/main.py:Plugin"}),
+                false
+            ),
+            (Runtime::Python, file_class("src/main.py", "Plugin"))
+        );
+        assert_eq!(
+            runtime_of(
+                json!({"runtime": "python", "entrypoint": "main.py:"}),
+                false
+            ),
+            (Runtime::Python, file("main.py"))
         );
         let err = from_value(json!({"runtime": "ruby"}), "x").unwrap_err();
         assert!(err.to_string().contains("runtime"), "{err}");

@@ -253,6 +253,7 @@ fn every_fault_at_tool_time_gives_its_reason() {
     s.plugin("t-hang", json!({"limits": {"call_timeout_s": 0.3}}));
     s.plugin("t-oom", json!({"limits": {"memory_mb": 128}}));
     s.plugin("t-huge", json!({"limits": {"max_response_mb": 1}}));
+    s.plugin("t-stdin_read", json!({"limits": {"call_timeout_s": 1}}));
     s.plugin("bystander", json!({}));
     s.plugin("in-host", json!({"isolation": "in-process"}));
     let loader = s.loader();
@@ -399,6 +400,17 @@ fn every_fault_at_tool_time_gives_its_reason() {
         json!([1])
     );
     check(r, "t-stdout_spam", S::Initialized, &[]);
+
+    // Reading stdin cannot steal requests: the plugin's stdin is /dev/null.
+    assert_eq!(
+        call(&loader, "t-stdin_read", "stdin_read", json!({})).unwrap(),
+        json!({"read": 0})
+    );
+    assert_eq!(
+        call(&loader, "t-stdin_read", "echo", json!([1])).unwrap(),
+        json!([1])
+    );
+    check(r, "t-stdin_read", S::Initialized, &[]);
 
     // Bystanders were never touched.
     for name in ["bystander", "in-host"] {

@@ -191,6 +191,19 @@ fn the_seeds_green_checklist_with_real_plugin_py_fixtures() {
 }
 
 #[test]
+fn an_entrypoint_of_a_file_and_a_class_runs_that_class() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path(), "named_class", "named_class");
+    let registry = Registry::new();
+    let loader = loader(dir.path(), &registry);
+    check(&registry, "named_class", S::Initialized, None);
+    assert_eq!(
+        call(&loader, "named_class", "which", json!({})).unwrap(),
+        json!({"class": "Chosen"})
+    );
+}
+
+#[test]
 fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
     let dir = tempfile::tempdir().unwrap();
     copy_fixture(dir.path(), "echo", "echo");

@@ -5,6 +5,8 @@
 //! argument). A leaf: it knows HTTP bodies and JSON Schema's spelling of
 //! "binary", nothing of plugins.
 
+use std::collections::HashSet;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::header::CONTENT_TYPE;
@@ -122,6 +124,13 @@ pub(crate) async fn read(headers: &HeaderMap, bytes: Bytes) -> Result<RunInput, 
     }
 }
 
+/// The most parts a `multipart/form-data` body may have. The body's size is
+/// already bounded, but a body of many tiny parts would still cost a
+/// per-part allocation and a name each: a tool takes a handful of
+/// arguments, so a body past this is refused (400) before its next part is
+/// read.
+pub(crate) const MAX_MULTIPART_PARTS: usize = 1024;
+
 async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunError> {
     let malformed = |e: multer::Error| RunError::MalformedBody {
         message: format!("malformed multipart body: {e}"),
@@ -131,7 +140,16 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
     let mut parts = multer::Multipart::new(stream, boundary);
     let mut input = RunInput::default();
     let mut seen_args = false;
+    // Names of the binary parts so far: a duplicate is found in O(1).
+    let mut names: HashSet<String> = HashSet::new();
+    let mut count = 0usize;
     while let Some(field) = parts.next_field().await.map_err(malformed)? {
+        count += 1;
+        if count > MAX_MULTIPART_PARTS {
+            return Err(RunError::MalformedBody {
+                message: format!("malformed multipart body: more than {MAX_MULTIPART_PARTS} parts"),
+            });
+        }
         let Some(name) = field.name().map(str::to_owned) else {
             return Err(RunError::InvalidBody {
                 message: "a multipart part has no field name".into(),
@@ -157,7 +175,7 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
             };
             input.args = args;
         } else {
-            if input.binary.iter().any(|(n, _)| *n == name) {
+            if !names.insert(name.clone()) {
                 return Err(RunError::InvalidBody {
                     message: format!("more than one part named '{name}'"),
                 });
@@ -277,6 +295,27 @@ mod tests {
                 Err(RunError::MalformedBody { .. })
             ));
         }
+    }
+
+    #[tokio::test]
+    async fn a_multipart_body_over_the_part_limit_is_refused_naming_the_limit() {
+        let names: Vec<String> = (0..=MAX_MULTIPART_PARTS).map(|i| format!("p{i}")).collect();
+        let parts: Vec<(&str, Option<&str>, &[u8])> = names
+            .iter()
+            .map(|n| (n.as_str(), None, &b"x"[..]))
+            .collect();
+        let (ct, body) = multipart_body(&parts);
+        let err = read(&headers(&ct), body).await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{err:?}");
+        assert!(
+            err.to_string()
+                .contains(&format!("more than {MAX_MULTIPART_PARTS} parts")),
+            "{err}"
+        );
+        // Exactly at the limit is fine.
+        let (ct, body) = multipart_body(&parts[..MAX_MULTIPART_PARTS]);
+        let input = read(&headers(&ct), body).await.unwrap();
+        assert_eq!(input.binary.len(), MAX_MULTIPART_PARTS);
     }
 
     #[tokio::test]

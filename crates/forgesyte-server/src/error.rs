@@ -70,7 +70,7 @@ pub struct RunFailure {
     /// Error class: `PluginNotFound`, `UnknownTool`, `PluginNotRunnable`,
     /// `MalformedBody`, `InvalidBody`, `PayloadTooLarge`, `InvalidArgs`,
     /// `ToolError` (or the plugin's own class), `ToolPanic`, `ProtocolError`,
-    /// `Timeout`.
+    /// `Timeout`, `QueueTimeout`.
     pub error_type: String,
     /// A full sentence naming the plugin and the tool.
     pub detail: String,
@@ -319,6 +319,16 @@ pub enum RunError {
         /// The reason recorded for the plugin.
         reason: String,
     },
+    /// The call waited its time limit for its turn behind the plugin's calls
+    /// in progress and never ran; the plugin is unaffected (504,
+    /// `QueueTimeout`).
+    #[error("{message}")]
+    QueueTimeout {
+        /// The limit it waited.
+        after: Duration,
+        /// What happened.
+        message: String,
+    },
     /// A bug in the host (500, `InternalError`); the message is only logged.
     #[error("Internal Server Error")]
     Internal {
@@ -339,7 +349,7 @@ impl RunError {
             | RunError::ToolFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             RunError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RunError::Fault { .. } => StatusCode::BAD_GATEWAY,
-            RunError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            RunError::Timeout { .. } | RunError::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             RunError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -357,6 +367,7 @@ impl RunError {
             RunError::ToolFailed { error_type, .. } => error_type.as_deref().unwrap_or("ToolError"),
             RunError::Fault { kind, .. } => kind,
             RunError::Timeout { .. } => "Timeout",
+            RunError::QueueTimeout { .. } => "QueueTimeout",
             RunError::Internal { .. } => "InternalError",
         }
     }
@@ -394,6 +405,10 @@ impl RunError {
             }
             RunError::Timeout { after, .. } => format!(
                 "Tool '{t}' of plugin '{p}' ran past its time limit of {}s; the plugin is now FAILED",
+                after.as_secs_f64()
+            ),
+            RunError::QueueTimeout { after, .. } => format!(
+                "Tool '{t}' of plugin '{p}' waited its time limit of {}s for the plugin's call in progress and never ran; the plugin is unaffected",
                 after.as_secs_f64()
             ),
             RunError::Internal { .. } => "Internal Server Error".to_owned(),
@@ -441,6 +456,10 @@ impl From<ToolError> for RunError {
             ToolError::TimedOut { after } => RunError::Timeout {
                 after,
                 reason: forgesyte_errors::PluginError::Tool(ToolError::TimedOut { after }).reason(),
+            },
+            e @ ToolError::QueueTimedOut { after } => RunError::QueueTimeout {
+                after,
+                message: e.to_string(),
             },
             ToolError::Panicked { message } => RunError::Fault {
                 kind: "ToolPanic".into(),
@@ -490,6 +509,17 @@ mod tests {
         }));
         assert_eq!(crash.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(crash.error_type(), "CrashError");
+        // Timed out waiting for its turn: a 504 that does not blame the plugin.
+        let queued = RunError::from(ToolError::QueueTimedOut {
+            after: Duration::from_secs(2),
+        });
+        assert_eq!(queued.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(queued.error_type(), "QueueTimeout");
+        let detail = queued.detail("p", "t");
+        assert!(
+            detail.contains("never ran") && !detail.contains("FAILED"),
+            "{detail}"
+        );
     }
 
     #[test]

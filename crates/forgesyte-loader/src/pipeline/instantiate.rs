@@ -126,7 +126,7 @@ impl Loader {
         self.check_dependencies(p, &self.requirements(p), known)?;
         let entry = p.manifest.python_entry();
         let code = match &entry {
-            PythonEntry::File(file) => manifest::join_inside(&p.dir, file),
+            PythonEntry::File { file, .. } => manifest::join_inside(&p.dir, file),
             PythonEntry::Module { .. } => p.dir.clone(),
         };
         let limits = self.config.process.with_manifest(&p.manifest.limits);

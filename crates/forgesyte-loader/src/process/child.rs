@@ -202,9 +202,9 @@ impl Child {
     /// The rest of a start, whoever forked: the reader and stderr threads,
     /// and the wait for the hello.
     fn start(
-        process: OsProcess,
+        mut process: OsProcess,
         (stdin, stdout, stderr): (
-            impl Write + Send + 'static,
+            impl Write + std::os::fd::AsFd + Send + 'static,
             impl Read + Send + 'static,
             impl Read + Send + 'static,
         ),
@@ -212,7 +212,14 @@ impl Child {
         timeout: Duration,
     ) -> Result<Child, SpawnError> {
         let pid = process.id();
-        let (transport, greeting) = Transport::new(stdin, opts.max_response_bytes);
+        let (transport, greeting) = match Transport::new(stdin, opts.max_response_bytes) {
+            Ok(connection) => connection,
+            Err(e) => {
+                process.kill();
+                let _ = process.wait();
+                return Err(SpawnError::Start(e));
+            }
+        };
         let shared = Arc::new(Shared {
             plugin: opts.plugin.to_owned(),
             pid,

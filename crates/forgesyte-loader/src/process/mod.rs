@@ -15,7 +15,11 @@
 //! - Each tool call is a request frame; several can be in flight on one
 //!   runner (each runs on its own thread there: plugins are `Send + Sync`
 //!   by contract, and one process per plugin keeps one copy of its models
-//!   in memory). A call past its timeout kills the runner.
+//!   in memory). A call past its timeout kills the runner. A runner that did
+//!   not announce `concurrent_calls` gets one call at a time: a call waits
+//!   at most its timeout for its turn, then fails alone
+//!   ([`ToolError::QueueTimedOut`], the runner untouched: it never saw
+//!   the call).
 //!
 //! The wire protocol is `forgesyte_protocol::wire` (specified in its
 //! `PROTOCOL.md`); the runner's side is [`runner_main`]; the host's side is
@@ -148,9 +152,13 @@ fn python_runner_args(plugin_dir: &Path, entry: &PythonEntry, installed: bool) -
     let plugin_dir = std::path::absolute(plugin_dir).unwrap_or_else(|_| plugin_dir.to_owned());
     let mut argv = vec!["--plugin-dir".into(), plugin_dir.clone().into_os_string()];
     match entry {
-        PythonEntry::File(file) => {
+        PythonEntry::File { file, class } => {
             argv.push("--file".into());
             argv.push(plugin_dir.join(file).into_os_string());
+            if let Some(class) = class {
+                argv.push("--class".into());
+                argv.push(class.into());
+            }
         }
         PythonEntry::Module { module, class } => {
             argv.push("--module".into());
@@ -469,7 +477,8 @@ pub struct ProcessInstance {
     child: Child,
     tools: Vec<ToolInfo>,
     call_timeout: Duration,
-    /// Held around each call when the runner runs one call at a time.
+    /// Held around each call when the runner runs one call at a time;
+    /// waited for at most the call timeout.
     serial: Option<Mutex<()>>,
 }
 
@@ -520,8 +529,21 @@ impl ProcessInstance {
         let bytes: Vec<&[u8]> = attachments.iter().map(|(_, b)| *b).collect();
         // A runner that did not announce concurrent calls gets one at a
         // time: queued in the pipe, a call's timeout would run while it
-        // waits behind another.
-        let _one_at_a_time = self.serial.as_ref().map(|m| m.lock());
+        // waits behind another. The wait for the turn is bounded by the
+        // call's timeout too; past it the call fails alone, never sent. It
+        // is not `TimedOut` (a fault: the process is killed): the runner is
+        // busy with another call, which has a deadline of its own.
+        let _one_at_a_time = match &self.serial {
+            None => None,
+            Some(serial) => match serial.try_lock_for(self.call_timeout) {
+                Some(turn) => Some(turn),
+                None => {
+                    return Err(ToolError::QueueTimedOut {
+                        after: self.call_timeout,
+                    });
+                }
+            },
+        };
         let reply = self
             .child
             .request(head, &[args, b"}"], &bytes, self.call_timeout);
@@ -647,5 +669,110 @@ fn tool_crash(report: &crate::host::ExitReport) -> ToolError {
             },
             stderr_tail: Vec::new(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A runner that takes one call at a time (no `concurrent_calls`):
+    /// `sleep` sleeps `{"ms": N}` and answers with its pid.
+    const SERIAL_RUNNER: &str = r#"
+import json, os, struct, sys, time
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+def send(message):
+    header = json.dumps(message).encode()
+    body = struct.pack("<II", len(header), 0) + header
+    out.write(struct.pack("<I", len(body)) + body)
+    out.flush()
+def read_exact(n):
+    data = b""
+    while len(data) < n:
+        chunk = inp.read(n - len(data))
+        if not chunk:
+            sys.exit(0)
+        data += chunk
+    return data
+send({"type": "hello", "protocol": 2, "runtime": "serial", "runtime_version": "1",
+      "pid": os.getpid(), "capabilities": ["attachments"]})
+while True:
+    (length,) = struct.unpack("<I", read_exact(4))
+    body = read_exact(length)
+    header_len, count = struct.unpack_from("<II", body)
+    at = 8 + 4 * count
+    request = json.loads(body[at:at + header_len])
+    if request["op"] == "create":
+        send({"type": "created", "id": request["id"], "tools": [{"id": "sleep"}]})
+    else:
+        time.sleep(request["args"].get("ms", 0) / 1000)
+        send({"type": "result", "id": request["id"], "result": {"pid": os.getpid()}})
+"#;
+
+    fn serial_instance(call_timeout: Duration) -> Box<dyn PluginInstance> {
+        let limits = ProcessLimits {
+            init_timeout: Duration::from_secs(10),
+            call_timeout,
+            memory_limit_mib: 0,
+            max_response_bytes: MIB,
+        };
+        let mut command = Command::new("python3");
+        command.arg("-c").arg(SERIAL_RUNNER);
+        let child = Child::spawn(
+            command,
+            &SpawnOptions {
+                plugin: "serial",
+                memory_limit_mib: 0,
+                max_response_bytes: MIB,
+            },
+            limits.init_timeout,
+        )
+        .expect("python3 runs the serial runner");
+        let library = ProcessLibrary {
+            importer: ProcessImporter::new("python3", "serial", limits),
+            path: PathBuf::from("unused"),
+            spare: Mutex::new(Some(child)),
+        };
+        library.instantiate(b"{}").expect("created")
+    }
+
+    fn sleep(instance: &dyn PluginInstance, ms: u64) -> Result<serde_json::Value, ToolError> {
+        let args = format!(r#"{{"ms":{ms}}}"#);
+        instance
+            .call("sleep", args.as_bytes())
+            .map(|bytes| serde_json::from_slice(&bytes).expect("the fake answers JSON"))
+    }
+
+    #[test]
+    fn a_call_queued_past_its_timeout_fails_alone_and_the_runner_lives_on() {
+        let timeout = Duration::from_millis(2000);
+        let instance: Arc<dyn PluginInstance> = Arc::from(serial_instance(timeout));
+        let pid = instance.pid();
+        // Two calls of 1.4 s each, one after the other: the second ends at
+        // 2.8 s, both within their own timeout. A third call queued at
+        // 0.2 s has waited its 2 s at 2.2 s, while the second still runs.
+        let spawn = |ms: u64| {
+            let instance = Arc::clone(&instance);
+            std::thread::spawn(move || sleep(&*instance, ms))
+        };
+        let first = spawn(1400);
+        std::thread::sleep(Duration::from_millis(100));
+        let second = spawn(1400);
+        std::thread::sleep(Duration::from_millis(100));
+        let queued_at = Instant::now();
+        let third = sleep(&*instance, 0);
+        let waited = queued_at.elapsed();
+        assert_eq!(third, Err(ToolError::QueueTimedOut { after: timeout }));
+        assert!(
+            waited >= timeout && waited < timeout + Duration::from_millis(500),
+            "{waited:?}"
+        );
+        // The runner was not killed: the calls ahead finish, and the
+        // next call runs in the same process.
+        let answer = serde_json::json!({"pid": pid});
+        assert_eq!(first.join().expect("first"), Ok(answer.clone()));
+        assert_eq!(second.join().expect("second"), Ok(answer.clone()));
+        assert_eq!(sleep(&*instance, 0), Ok(answer));
     }
 }

@@ -1,9 +1,11 @@
 //! The child side: what `forgesyte-runner` (or a host's hidden runner
 //! subcommand) does.
 //!
-//! 1. Moves the protocol off fd 1: the original stdout is duplicated to a
-//!    private close-on-exec descriptor for frames, and fd 1 is pointed at
-//!    stderr, so whatever the plugin prints lands in the log instead of
+//! 1. Moves the protocol off fds 0 and 1: the original stdin and stdout are
+//!    duplicated to private close-on-exec descriptors for requests and
+//!    frames, fd 0 is pointed at `/dev/null` and fd 1 at stderr, so a
+//!    plugin that reads stdin gets end-of-file instead of stealing
+//!    requests, and whatever it prints lands in the log instead of
 //!    corrupting the protocol.
 //! 2. Sets its own address-space limit (`RLIMIT_AS`) when asked to.
 //! 3. Watches its parent: if the host goes (and its parent-death signal
@@ -12,18 +14,19 @@
 //! 4. Loads the library through [`NativeLibrary`] (the same checks as
 //!    in-process) and sends the hello (protocol version, runtime `native`,
 //!    capabilities), or the import error.
-//! 5. Reads requests on stdin; each runs on its own thread, so several calls
-//!    can be in flight (the SDK requires `Send + Sync` plugins). Answers are
-//!    written whole under one lock. Attachments of a call are put into the
-//!    arguments as base64 strings (ABI 1 plugins take JSON only).
-//! 6. Exits as soon as stdin ends: the host has gone or let it go. It never
+//! 5. Reads requests on the original stdin; each runs on its own thread, so
+//!    several calls can be in flight (the SDK requires `Send + Sync`
+//!    plugins). Answers are written whole under one lock. Attachments of a
+//!    call are put into the arguments as base64 strings (ABI 1 plugins take
+//!    JSON only).
+//! 6. Exits as soon as that stream ends: the host has gone or let it go. It never
 //!    unloads the library or destroys the instance; the process ending is
 //!    the cleanup. A frame over [`MAX_REQUEST_BYTES`] or one that is not
 //!    the protocol ends it with [`EXIT_PROTOCOL`].
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, BufReader, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -105,9 +108,10 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
 /// protocol of [`crate::process`] on its stdin and stdout; it is started by
 /// [`crate::process::ProcessImporter`], not by people.
 pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    // First of all, before anything can print: the protocol gets its own fd.
-    let out = match take_stdout() {
-        Ok(out) => out,
+    // First of all, before anything can print or read: the protocol gets
+    // its own fds.
+    let (requests, out) = match take_stdio() {
+        Ok(fds) => fds,
         Err(e) => {
             eprintln!("forgesyte-runner: cannot set up the protocol pipe: {e}");
             return ExitCode::from(EXIT_SETUP);
@@ -161,13 +165,18 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }),
         &[],
     );
-    serve(&args, &library, &out)
+    serve(&args, &library, requests, &out)
 }
 
-/// Reads requests until stdin ends.
-fn serve(args: &Args, library: &Arc<NativeLibrary>, out: &Arc<Mutex<File>>) -> ExitCode {
+/// Reads requests until the request stream (the original stdin) ends.
+fn serve(
+    args: &Args,
+    library: &Arc<NativeLibrary>,
+    requests: File,
+    out: &Arc<Mutex<File>>,
+) -> ExitCode {
     let instance: Arc<OnceLock<Box<dyn PluginInstance>>> = Arc::new(OnceLock::new());
-    let mut stdin = io::stdin().lock();
+    let mut stdin = BufReader::with_capacity(64 * 1024, requests);
     loop {
         let frame = match read_frame(&mut stdin, MAX_REQUEST_BYTES) {
             Ok(frame) => frame,
@@ -347,6 +356,16 @@ fn watch_parent() {
         });
 }
 
+/// Moves the protocol off fds 0 and 1: returns the requests (the original
+/// stdin) and the answers (the original stdout), both on private
+/// close-on-exec descriptors; fd 0 then reads `/dev/null` and fd 1 writes
+/// to stderr. (The Python runner's `_take_stdio` does the same.)
+fn take_stdio() -> io::Result<(File, File)> {
+    let out = take_stdout()?;
+    let requests = take_stdin(&File::open("/dev/null")?)?;
+    Ok((requests, out))
+}
+
 /// Duplicates fd 1 to a private close-on-exec descriptor for the protocol
 /// and points fd 1 at stderr.
 fn take_stdout() -> io::Result<File> {
@@ -356,6 +375,16 @@ fn take_stdout() -> io::Result<File> {
     let mut file = File::from(protocol);
     file.flush()?;
     Ok(file)
+}
+
+/// Duplicates fd 0 to a private close-on-exec descriptor for the requests
+/// and points fd 0 at `replacement` (`/dev/null`). Nothing may have read
+/// from `std::io::stdin()` before: its buffer would keep protocol bytes.
+fn take_stdin(replacement: &File) -> io::Result<File> {
+    let protocol = rustix::io::dup(io::stdin())?;
+    rustix::io::fcntl_setfd(&protocol, rustix::io::FdFlags::CLOEXEC)?;
+    rustix::stdio::dup2_stdin(replacement)?;
+    Ok(File::from(protocol))
 }
 
 /// Caps this process's address space (soft and hard) at `mib` MiB.

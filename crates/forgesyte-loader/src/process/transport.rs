@@ -6,22 +6,28 @@
 //!
 //! Several requests can be in flight at once: each registers a one-shot
 //! channel under a fresh id, its frame is written under the writer lock, and
-//! the one reader hands each answer to the channel of its id. The first
+//! the one reader hands each answer to the channel of its id. A request's
+//! timeout covers all of it: the wait for the writer lock, the write (the
+//! request stream is non-blocking and written with a deadline, so a runner
+//! that stops reading its stdin cannot block a caller past its timeout)
+//! and the wait for the answer. The first
 //! frame is the runner's greeting, checked by
 //! [`forgesyte_protocol::wire::greeting`] (version included) and handed to
 //! whoever waits for [`HELLO_ID`].
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use forgesyte_protocol::wire::{
     Frame, FrameError, Greeting, HELLO_ID, HandshakeError, Response, read_body, read_frame,
     write_frame_parts,
 };
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use crate::host::ExitReport;
 
@@ -40,7 +46,9 @@ pub(crate) enum Reply {
 /// Why a request got no reply.
 #[derive(Debug)]
 pub(crate) enum RequestError {
-    /// None within the timeout (nothing was done about it).
+    /// None within the timeout (nothing was done about it). The frame may
+    /// not have been written, or only in part: then the request stream is
+    /// closed, since the runner would read the next frame out of step.
     TimedOut,
     /// The connection is closed: this is how it ended, if known.
     Closed(Option<Arc<ExitReport>>),
@@ -53,9 +61,16 @@ struct Waiters {
     map: HashMap<u64, SyncSender<Reply>>,
 }
 
+/// The request stream: a pipe (or anything with a descriptor that
+/// `poll(2)` understands), switched to non-blocking mode by
+/// [`Transport::new`].
+pub(crate) trait RequestStream: Write + AsFd + Send {}
+
+impl<T: Write + AsFd + Send> RequestStream for T {}
+
 /// One connection to a runner.
 pub(crate) struct Transport {
-    writer: Mutex<Option<Box<dyn Write + Send>>>,
+    writer: Mutex<Option<Box<dyn RequestStream>>>,
     waiters: Mutex<Waiters>,
     max_answer_bytes: u64,
 }
@@ -71,11 +86,13 @@ impl std::fmt::Debug for Transport {
 impl Transport {
     /// A connection writing requests to `writer`, accepting answer frames
     /// of at most `max_answer_bytes`; the returned receiver gets the
-    /// greeting.
+    /// greeting. `writer` is made non-blocking (an error if it cannot be):
+    /// every write has a deadline.
     pub(crate) fn new(
-        writer: impl Write + Send + 'static,
+        writer: impl RequestStream + 'static,
         max_answer_bytes: u64,
-    ) -> (Transport, Receiver<Reply>) {
+    ) -> io::Result<(Transport, Receiver<Reply>)> {
+        rustix::io::ioctl_fionbio(&writer, true)?;
         let (tx, rx) = sync_channel(1);
         let mut map = HashMap::new();
         map.insert(HELLO_ID, tx);
@@ -88,12 +105,13 @@ impl Transport {
             }),
             max_answer_bytes,
         };
-        (transport, rx)
+        Ok((transport, rx))
     }
 
-    /// Sends a request and waits up to `timeout` for its answer. The
-    /// header is `head(id)` followed by `tail` (written as is, not copied);
-    /// `attachments` follow.
+    /// Sends a request and waits up to `timeout` for its answer: the
+    /// timeout covers the wait for the writer, the write and the wait for
+    /// the answer. The header is `head(id)` followed by `tail` (written as
+    /// is, not copied); `attachments` follow.
     pub(crate) fn request(
         &self,
         head: impl FnOnce(u64) -> Vec<u8>,
@@ -112,27 +130,67 @@ impl Transport {
             waiters.map.insert(id, tx);
             (id, rx)
         };
+        // `None`: too far away to matter (no deadline).
+        let deadline = Instant::now().checked_add(timeout);
         let head = head(id);
         let mut header = Vec::with_capacity(1 + tail.len());
         header.push(head.as_slice());
         header.extend_from_slice(tail);
-        let written = match self.writer.lock().as_mut() {
-            Some(w) => write_frame_parts(w, &header, attachments).is_ok(),
-            None => false,
+        let written = match self.lock_writer(deadline) {
+            None => Err(RequestError::TimedOut),
+            Some(mut writer) => match writer.as_mut() {
+                Some(w) => {
+                    let mut w = DeadlineWriter {
+                        inner: w.as_mut(),
+                        deadline,
+                        written: 0,
+                    };
+                    match write_frame_parts(&mut w, &header, attachments) {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                            if w.written > 0 {
+                                // Half a frame is in the pipe: the stream is
+                                // out of step for good.
+                                writer.take();
+                            }
+                            Err(RequestError::TimedOut)
+                        }
+                        Err(_) => Err(RequestError::Closed(None)),
+                    }
+                }
+                None => Err(RequestError::Closed(None)),
+            },
         };
-        if !written {
-            // The peer is gone (or we let it go): the end of the connection
-            // is being processed and its report follows.
+        if let Err(e) = written {
             self.waiters.lock().map.remove(&id);
-            return Err(RequestError::Closed(self.closed()));
+            return Err(match e {
+                // The peer is gone (or we let it go): the end of the
+                // connection is being processed and its report follows.
+                RequestError::Closed(_) => RequestError::Closed(self.closed()),
+                e => e,
+            });
         }
-        match rx.recv_timeout(timeout) {
+        let left = deadline.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        match rx.recv_timeout(left) {
             Ok(reply) => Ok(reply),
             Err(RecvTimeoutError::Timeout) => {
                 self.waiters.lock().map.remove(&id);
                 Err(RequestError::TimedOut)
             }
             Err(RecvTimeoutError::Disconnected) => Err(RequestError::Closed(self.closed())),
+        }
+    }
+
+    /// The writer, waited for until `deadline` at most.
+    fn lock_writer(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Option<MutexGuard<'_, Option<Box<dyn RequestStream>>>> {
+        match deadline {
+            Some(deadline) => self.writer.try_lock_until(deadline),
+            None => Some(self.writer.lock()),
         }
     }
 
@@ -209,6 +267,53 @@ impl Transport {
     }
 }
 
+/// A non-blocking stream written with a deadline: a write that would block
+/// waits (`poll(2)`) for room until the deadline, then fails with
+/// [`io::ErrorKind::TimedOut`].
+struct DeadlineWriter<'a> {
+    inner: &'a mut dyn RequestStream,
+    /// `None`: no deadline.
+    deadline: Option<Instant>,
+    /// Bytes written so far.
+    written: usize,
+}
+
+impl Write for DeadlineWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.inner.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(n) => {
+                    self.written += n;
+                    return Ok(n);
+                }
+                Err(e) => return Err(e),
+            }
+            let timeout = match self.deadline {
+                None => None,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                    // Past what a timespec holds: no deadline worth the name.
+                    Timespec::try_from(left).ok()
+                }
+            };
+            let fd = self.inner.as_fd();
+            let mut fds = [PollFd::new(&fd, PollFlags::OUT)];
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// What a frame error means for the connection: `None` for a clean end.
 fn frame_violation(e: FrameError, limit: u64) -> Option<String> {
     match e {
@@ -255,7 +360,7 @@ mod tests {
         let (req_r, req_w) = pipe().unwrap();
         let (ans_r, ans_w) = pipe().unwrap();
         thread::spawn(move || runner(req_r, ans_w));
-        let (transport, greeting) = Transport::new(req_w, 1 << 20);
+        let (transport, greeting) = Transport::new(req_w, 1 << 20).unwrap();
         let transport = Arc::new(transport);
         let t = Arc::clone(&transport);
         let reader = thread::spawn(move || {
@@ -410,5 +515,48 @@ mod tests {
         );
         assert!(matches!(r, Err(RequestError::TimedOut)));
         assert!(t.waiters.lock().map.is_empty());
+    }
+
+    #[test]
+    fn a_runner_that_stops_reading_cannot_hold_a_request_past_its_timeout() {
+        let (t, greeting, _reader) = connect(|requests, mut answers| {
+            write_frame(&mut answers, &hello(), &[]).unwrap();
+            // Never reads: the pipe fills up.
+            let _keep = requests;
+            thread::sleep(LONG);
+        });
+        assert!(greeting.recv_timeout(LONG).is_ok());
+        // Far bigger than a pipe's buffer. The first caller blocks in its
+        // write; the second, with a shorter timeout, waits for the writer
+        // lock meanwhile: each comes back after its own timeout.
+        let big = vec![7u8; 4 << 20];
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        for (which, timeout_ms) in [("writing", 1500), ("queued", 200)] {
+            let (t, big, done_tx) = (Arc::clone(&t), big.clone(), done_tx.clone());
+            thread::spawn(move || {
+                let started = Instant::now();
+                let r = t.request(
+                    |id| {
+                        format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes()
+                    },
+                    &[],
+                    &[&big],
+                    Duration::from_millis(timeout_ms),
+                );
+                let _ = done_tx.send((which, r, started.elapsed()));
+            });
+            thread::sleep(Duration::from_millis(100));
+        }
+        for expected in ["queued", "writing"] {
+            let (which, r, took) = done_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("a request is blocked past its timeout");
+            assert_eq!(which, expected);
+            assert!(matches!(r, Err(RequestError::TimedOut)), "{which}: {r:?}");
+            assert!(took < Duration::from_secs(3), "{which}: {took:?}");
+        }
+        assert!(t.waiters.lock().map.is_empty());
+        // Half a frame went out: the stream is closed, not reused.
+        assert!(t.writer.lock().is_none());
     }
 }

@@ -1064,6 +1064,18 @@ class Runner(object):
             except ProtocolError as e:
                 _diag("reading stdin: %s" % e)
                 _exit(EXIT_PROTOCOL)
+            except MemoryError:
+                # As in a tool: out of memory, the process is not to be
+                # trusted any more.
+                _diag("MemoryError: out of memory reading a request")
+                _exit(EXIT_MEMORY)
+            except BaseException as e:
+                # Anything else (an OSError on the pipe, a RecursionError
+                # from a deeply nested header, a bug of the runner's own)
+                # would end this thread silently and leave no reader: the
+                # host would wait for its timeout. End the process instead.
+                _diag("reading stdin: %s: %s" % (type(e).__name__, e))
+                _exit(EXIT_PROTOCOL)
             try:
                 self.promote()
             except RuntimeError as e:

@@ -596,6 +596,16 @@ class ProtocolViolationTests(RunnerTestCase):
         p = self.expect_exit(struct.pack("<I", (1 << 31) + 1), keep_open=True)
         self.assertIn("exceeds the limit", p.stderr)
 
+    def test_an_unexpected_exception_while_reading_on_a_worker_thread_exits_65(self):
+        # json.loads raises RecursionError (not a ValueError) on a deeply
+        # nested header. After a first request the reader is a worker
+        # thread, whose death would leave the runner with no reader.
+        p = self.start("echo")
+        p.start()
+        p.write(frame(b"[" * 100000))
+        self.assertEqual(p.wait(5), 65, p.stderr)
+        self.assertIn("RecursionError", p.stderr)
+
 
 class UsageTests(RunnerTestCase):
     def exit_code(self, args):
@@ -797,6 +807,44 @@ class MemoryLimitTests(RunnerTestCase):
 
 class UnitTests(unittest.TestCase):
     """Pure functions of runner.py, imported in this process."""
+
+    def lead_with_a_wire_that_raises(self, exc):
+        """Runs Runner.lead() over a wire whose read_frame raises ``exc``;
+        returns (exit code, diagnostics)."""
+
+        class Exited(Exception):
+            pass
+
+        class Wire(object):
+            def read_frame(self):
+                raise exc
+
+        diagnostics = []
+
+        def fake_exit(code):
+            raise Exited(code)
+
+        saved = runner_module._exit, runner_module._diag
+        runner_module._exit, runner_module._diag = fake_exit, diagnostics.append
+        try:
+            with self.assertRaises(Exited) as ended:
+                runner_module.Runner(None, Wire(), None).lead()
+        finally:
+            runner_module._exit, runner_module._diag = saved
+        return ended.exception.args[0], diagnostics
+
+    def test_running_out_of_memory_reading_a_request_exits_70(self):
+        code, diagnostics = self.lead_with_a_wire_that_raises(MemoryError())
+        self.assertEqual(code, runner_module.EXIT_MEMORY)
+        self.assertEqual(len(diagnostics), 1, diagnostics)
+        self.assertIn("MemoryError", diagnostics[0])
+
+    def test_any_other_exception_reading_a_request_exits_65(self):
+        for exc in (OSError(5, "Input/output error"), KeyError("x"), RuntimeError("bug")):
+            code, diagnostics = self.lead_with_a_wire_that_raises(exc)
+            self.assertEqual(code, runner_module.EXIT_PROTOCOL, exc)
+            self.assertEqual(len(diagnostics), 1, diagnostics)
+            self.assertIn(type(exc).__name__, diagnostics[0])
 
     def test_place_matches_the_rust_rules(self):
         place = runner_module.place
