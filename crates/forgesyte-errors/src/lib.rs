@@ -58,7 +58,8 @@
 //! - **the host's own findings**, which have no underlying error:
 //!   [`ImportError::Incompatible`], [`ImportError::InvalidInterface`],
 //!   [`InitError::Protocol`], [`ToolError::Protocol`],
-//!   [`CrashCause::Protocol`], [`CrashCause::Killed`] and the manifest
+//!   [`CrashCause::Protocol`], [`CrashCause::Killed`], [`CrashCause::Lost`]
+//!   and the manifest
 //!   checks ([`ManifestError::InvalidField`], ...).
 //!
 //! **Typed causes end at a process boundary.** An error built in a plugin's
@@ -586,6 +587,13 @@ pub enum CrashCause {
     Killed {
         /// Why.
         reason: String,
+    },
+    /// It ended with the process that forked it and whose report of its
+    /// exit the host waited for (a Python zygote), so how is not known.
+    #[error("lost: {detail}")]
+    Lost {
+        /// What happened to the process that forked it.
+        detail: String,
     },
 }
 

@@ -3,15 +3,20 @@
 //!
 //! The runner (`python/runner.py`, standard library only) is compiled into
 //! this crate, hence into the `forgesyte` binary, and started as
-//! `INTERPRETER -u -c SOURCE --plugin-dir DIR (--file F | --module M) …`,
-//! so there is no file to install, to find or to keep in step with the
-//! host. It speaks `PROTOCOL.md` like the native runner (and passes the same
+//! `INTERPRETER -u -c CODE --plugin-dir DIR (--file F | --module M) …`
+//! ([`runner_invocation`]; CODE imports the runner from a private cache
+//! that this binary writes, or is its source), so there is no file to
+//! install, to find or to keep in step with the host. It speaks `PROTOCOL.md` like the native runner (and passes the same
 //! conformance suite); `python/test_runner.py` tests it on its own.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use forgesyte_deps::FileSystem;
+
+mod cache;
+
+pub use cache::runner_invocation;
 
 /// The Python runner's source.
 pub const RUNNER_SOURCE: &str = include_str!("python/runner.py");

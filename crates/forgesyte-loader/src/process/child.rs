@@ -529,13 +529,13 @@ fn read_answers(shared: &Arc<Shared>, stdout: impl Read) {
 
 /// Waits for the process to end; one that closed its protocol pipe but
 /// keeps running is killed after a grace period.
-fn reap(shared: &Shared) -> Option<ExitStatus> {
+fn reap(shared: &Shared) -> std::io::Result<ExitStatus> {
     let deadline = Instant::now() + EXIT_GRACE;
     loop {
         match shared.process.lock().try_wait() {
-            Ok(Some(status)) => return Some(status),
+            Ok(Some(status)) => return Ok(status),
             Ok(None) => {}
-            Err(_) => return None,
+            Err(e) => return Err(e),
         }
         if Instant::now() >= deadline {
             break;
@@ -551,12 +551,12 @@ fn reap(shared: &Shared) -> Option<ExitStatus> {
             registry_reason: None,
         },
     );
-    shared.process.lock().wait().ok()
+    shared.process.lock().wait()
 }
 
 /// Works out why the process ended, publishes the report, runs the exit
 /// callbacks, then fails every request still waiting.
-fn process_death(shared: &Shared, status: Option<ExitStatus>) {
+fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
     // The last lines (the abort message, the allocation failure) arrive just
     // as the process dies.
     {
@@ -576,19 +576,20 @@ fn process_death(shared: &Shared, status: Option<ExitStatus>) {
     let kill_reason = shared.kill_reason.lock().take();
     let (cause, registry_reason) = match kill_reason {
         Some(k) => (k.cause, k.registry_reason),
-        None => match status {
-            Some(status) => (
-                classify(status, shared.memory_limit_mib, &stderr_tail),
+        None => match &status {
+            Ok(status) => (
+                classify(*status, shared.memory_limit_mib, &stderr_tail),
                 None,
             ),
-            None => (
-                CrashCause::Protocol {
-                    detail: "the process could not be waited for".into(),
+            Err(e) => (
+                CrashCause::Lost {
+                    detail: e.to_string(),
                 },
                 None,
             ),
         },
     };
+    let status = status.ok();
     let crash = CrashError { cause, stderr_tail };
     let reason = registry_reason.unwrap_or_else(|| PluginError::Crash(crash.clone()).reason());
     let report = Arc::new(ExitReport {

@@ -303,12 +303,7 @@ impl ProcessImporter {
                     }
                 }
                 let mut command = Command::new(interpreter);
-                // Unbuffered, so print() from a plugin reaches the log now.
-                command
-                    .arg("-u")
-                    .arg("-c")
-                    .arg(crate::python::RUNNER_SOURCE)
-                    .args(argv);
+                command.args(crate::python::runner_invocation()).args(argv);
                 Child::spawn(command, &opts, self.limits.init_timeout)
             }
         }

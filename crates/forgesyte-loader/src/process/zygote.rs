@@ -149,9 +149,7 @@ impl Zygote {
         )?;
         let mut command = Command::new(&key.interpreter);
         command
-            .arg("-u")
-            .arg("-c")
-            .arg(crate::python::RUNNER_SOURCE)
+            .args(crate::python::runner_invocation())
             .arg("--zygote")
             .env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string())
             .stdin(Stdio::from(theirs))
@@ -242,7 +240,7 @@ impl Zygote {
             Ok(Err(e)) => return Err(io::Error::other(e)),
             Err(_) => {
                 return Err(io::Error::other(format!(
-                    "the Python zygote {} did not fork within {timeout:?}",
+                    "the Python zygote (pid {}) did not fork within {timeout:?}",
                     self.pid
                 )));
             }
@@ -257,7 +255,7 @@ impl Zygote {
                 // Registered by the reader before it answered; gone only if
                 // the zygote died meanwhile, and then so did the runner.
                 let slot = Arc::new(ExitSlot::default());
-                slot.set(Err("the Python zygote died".into()));
+                slot.set(Err(format!("its Python zygote (pid {}) died", self.pid)));
                 slot
             });
         Ok(ForkedChild {
@@ -291,16 +289,25 @@ impl Zygote {
         let mut buffer = vec![0u8; MESSAGE_BYTES];
         let why = loop {
             let n = match rustix::net::recv(&socket, &mut buffer[..], RecvFlags::empty()) {
-                Ok((_, 0)) => break "the Python zygote exited".to_owned(),
+                Ok((_, 0)) => break format!("its Python zygote (pid {}) exited", self.pid),
                 Ok((_, n)) => n,
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => break format!("the Python zygote's socket failed: {e}"),
+                Err(e) => {
+                    break format!("its Python zygote's (pid {}) socket failed: {e}", self.pid);
+                }
             };
             match serde_json::from_slice::<Said>(&buffer[..n.min(buffer.len())]) {
                 Ok(said) => self.handle(said),
-                Err(e) => break format!("the Python zygote said something unreadable: {e}"),
+                Err(e) => {
+                    break format!(
+                        "its Python zygote (pid {}) said something unreadable: {e}",
+                        self.pid
+                    );
+                }
             }
         };
+        // Its runners get SIGKILL as it goes (their parent-death signal).
+        let why = format!("{why}, and its runners with it");
         let _ = self.process.lock().kill();
         let _ = self.process.lock().wait();
         let (spawning, children) = {

@@ -145,20 +145,22 @@ if __name__ == "__main__" and not _ZYGOTE:
         _exit(EXIT_SETUP)
 
 
+# Only what every runner needs: a zygote imports these once for all its
+# runners, but a runner started on its own pays for each (``inspect`` and
+# ``dataclasses`` are imported where they are used, by the few plugins that
+# need them).
 import base64  # noqa: E402
-import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import struct  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+import types  # noqa: E402
 
 
 class UsageError(Exception):
@@ -675,7 +677,9 @@ def to_wire(value):
         # pydantic v1 models.
         if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
             return convert(x.dict(), path, True)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        if hasattr(kind, "__dataclass_fields__"):
+            import dataclasses  # loaded already: the plugin made the class
+
             return convert(dataclasses.asdict(x), path, in_model)
         # numpy scalars and arrays, without importing numpy.
         if kind.__module__ == "numpy" and callable(getattr(x, "tolist", None)):
@@ -964,7 +968,7 @@ def find_class(module, class_name):
     values = [v for v in vars(module).values() if isinstance(v, type)]
     own = [v for v in values if v.__module__ == module.__name__]
     for group in (own, values):
-        found = [c for c in group if _plugin_shaped(c) and not inspect.isabstract(c)]
+        found = [c for c in group if _plugin_shaped(c) and not getattr(c, "__abstractmethods__", None)]
         found = [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]
         found = [c for c in found if c.__name__ != "BasePlugin"]
         if len(found) == 1:
@@ -983,6 +987,8 @@ def _bind_and_call(fn, args):
     argument (``def detect(self, args)``)."""
     if not isinstance(args, dict):
         return fn(args)
+    import inspect
+
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -1001,7 +1007,7 @@ def _bind_and_call(fn, args):
 
 
 def _await(result):
-    if inspect.iscoroutine(result):
+    if isinstance(result, types.CoroutineType):
         import asyncio
 
         return asyncio.run(result)
@@ -1287,7 +1293,7 @@ def main(argv):
         "type": "hello",
         "protocol": PROTOCOL_VERSION,
         "runtime": "python",
-        "runtime_version": platform.python_version(),
+        "runtime_version": sys.version.split()[0],
         "pid": os.getpid(),
         "capabilities": list(CAPABILITIES),
     })
@@ -1529,8 +1535,23 @@ def zygote_main():
     zygote.serve()
 
 
-if __name__ == "__main__":
-    if _ZYGOTE:
+def start(argv):
+    """The program, whichever way it was started: run as a script (its
+    descriptors already moved), or imported as a module from the host's
+    cache of this file (compiled once, then loaded from ``__pycache__``;
+    see ``forgesyte_loader::python``), which calls ``start`` itself."""
+    global _PROTO_FDS
+    if argv[:1] == ["--zygote"]:
         zygote_main()
-    else:
-        main(sys.argv[1:])
+        return
+    if _PROTO_FDS is None:
+        try:
+            _PROTO_FDS = _take_stdio()
+        except Exception as e:  # only with broken descriptors
+            _diag("cannot set up the protocol pipe: %s" % e)
+            _exit(EXIT_SETUP)
+    main(argv)
+
+
+if __name__ == "__main__":
+    start(sys.argv[1:])

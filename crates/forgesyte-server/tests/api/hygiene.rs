@@ -149,3 +149,135 @@ fn a_stuck_runner_is_gone_within_a_second_of_a_sigkilled_server() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A process a Python plugin started (in its runner's process group) ends
+/// with the runner when the runner crashes: forked by the zygote (whose
+/// exit report kills the group) and started on its own (the host kills
+/// the group before it reaps the runner).
+#[test]
+fn a_python_plugins_own_processes_end_with_its_crashed_runner() {
+    for zygote in ["1", "0"] {
+        let dir = PluginsDir::new();
+        dir.python("faulty", "faulty");
+        let server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str()],
+            &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+        );
+        server.wait_loaded();
+        let reply = server.run("faulty", "spawn", r#"{"args": {}}"#);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let sleeper = u32::try_from(reply.json()["result"]["pid"].as_u64().unwrap()).unwrap();
+        assert!(!ended(sleeper));
+        let crash = server.run("faulty", "exit", r#"{"args": {}}"#);
+        assert_eq!(crash.status, 502, "{}", crash.text());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !ended(sleeper) {
+            assert!(
+                Instant::now() < deadline,
+                "FORGESYTE_PYTHON_ZYGOTE={zygote}: the plugin's process {sleeper} outlived its runner"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// With the zygote off, each Python runner is a child of the server, its
+/// command line naming the plugin; with it on (the default), a grandchild.
+#[test]
+fn the_zygote_can_be_turned_off() {
+    for (zygote, direct) in [("0", true), ("1", false)] {
+        let dir = PluginsDir::new();
+        dir.python("echo", "echo");
+        let server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str()],
+            &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+        );
+        server.wait_loaded();
+        let reply = server.run("echo", "echo", r#"{"args": {"n": 1}}"#);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let runner = runner_pid(server.pid(), "echo").expect("the runner of echo");
+        let parent = std::fs::read_to_string(format!("/proc/{runner}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        assert_eq!(
+            parent == Some(server.pid()),
+            direct,
+            "FORGESYTE_PYTHON_ZYGOTE={zygote}: runner {runner}'s parent is {parent:?}, the server {}",
+            server.pid()
+        );
+    }
+}
+
+/// The zygote dies (the OOM killer, say): its runners die with it (their
+/// parent-death signal), each plugin is a crash the supervisor restarts,
+/// through a new zygote, and health answers 200 throughout.
+#[test]
+fn python_plugins_come_back_when_their_zygote_is_killed() {
+    let dir = PluginsDir::new();
+    for name in ["py-a", "py-b"] {
+        dir.python(name, "echo");
+    }
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let zygote = zygote_pid(server.pid()).expect("a zygote");
+    let runners: Vec<u32> = ["py-a", "py-b"]
+        .iter()
+        .map(|name| runner_pid(server.pid(), name).expect("a runner"))
+        .collect();
+    signal(&zygote.to_string(), "-KILL");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for name in ["py-a", "py-b"] {
+            let health = server.get(&format!("/v1/plugins/{name}/health"));
+            assert_eq!(health.status, 200, "{}", health.text());
+        }
+        let plugins = server.get("/v1/plugins").json();
+        let back = plugins.as_array().is_some_and(|list| {
+            list.iter().all(|p| {
+                p["state"] == "INITIALIZED" && p["restart_count"].as_u64().unwrap_or(0) >= 1
+            })
+        });
+        if back {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back: {plugins}\nlog:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(runners.iter().all(|&pid| ended(pid)), "old runners left");
+    let again = zygote_pid(server.pid()).expect("a new zygote");
+    assert_ne!(again, zygote);
+    let reply = server.run("py-a", "echo", r#"{"args": {"n": 2}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let journal = server.get("/v1/plugins/py-a/health").json()["journal"].clone();
+    assert!(
+        journal
+            .to_string()
+            .contains("CrashError: lost: its Python zygote (pid"),
+        "the crash reason names the zygote: {journal}"
+    );
+}
+
+/// The server's Python zygote: its child whose command line says
+/// `--zygote`.
+fn zygote_pid(server: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{server}/task")).ok()?;
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|pid| pid.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"--zygote"))
+        })
+}
