@@ -319,7 +319,8 @@ class Wire(object):
         self.fd_in = fd_in
         self.fd_out = fd_out
         self.lock = threading.Lock()
-        self._in = open(fd_in, "rb", buffering=0, closefd=False)
+        # Buffered: a small request (prefix and body) is one read(2).
+        self._in = open(fd_in, "rb", buffering=1 << 16, closefd=False)
 
     # -- reading --------------------------------------------------------
 
@@ -1026,9 +1027,11 @@ class Runner(object):
         # Long-lived threads take turns reading requests (see `serve`): a
         # new thread per call, or a hand-off per call, cost more than the
         # call itself.
-        self.turn = threading.Semaphore(0)
+        # Idle threads, each waiting on a lock of its own (held; released
+        # to make that thread the reader). A plain lock is a C object: a
+        # Semaphore's Python-level Condition cost more than a no-op call.
         self.pool_lock = threading.Lock()
-        self.idle = 0
+        self.idle = []
 
     # -- answers --------------------------------------------------------
 
@@ -1060,6 +1063,8 @@ class Runner(object):
         self.lead()
 
     def lead(self):
+        turn = threading.Lock()
+        turn.acquire()
         while True:
             try:
                 frame = self.wire.read_frame()
@@ -1096,17 +1101,17 @@ class Runner(object):
                     self.tool_failed(rid, wire_error("Failed", detail, error_type="RunnerOverloaded"))
                 continue
             self.handle(request, attachments)
-            # Done: wait to read again.
+            # Done: wait to read again (the most recent idle thread goes
+            # first: its stack is still warm).
             with self.pool_lock:
-                self.idle += 1
-            self.turn.acquire()
+                self.idle.append(turn)
+            turn.acquire()
 
     def promote(self):
         """Makes another thread the reader: an idle one, else a new one."""
         with self.pool_lock:
-            if self.idle > 0:
-                self.idle -= 1
-                self.turn.release()
+            if self.idle:
+                self.idle.pop().release()
                 return
         threading.Thread(target=self.lead, name="forgesyte-worker", daemon=True).start()
 
