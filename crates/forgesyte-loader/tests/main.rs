@@ -7,7 +7,10 @@
 //!   chaos, reload and preflight.
 //! - `shutdown`: `Loader::shutdown` stops restarts of isolated plugins.
 //! - `python`: Python plugins with the real interpreter and the host's
-//!   Python runner (GREEN checklist, calls, faults, conformance).
+//!   Python runner (GREEN checklist, calls, faults, conformance; numpy and
+//!   pydantic results under the test virtualenv).
+//! - `test_venv`: that virtualenv, `target/test-venv` (numpy, pydantic),
+//!   made once by the tests that need it.
 //! - `entry_points`: installed Python plugins (entry points of group
 //!   `forgesyte.plugins`) from a throw-away site directory, with the real
 //!   interpreter.
@@ -24,3 +27,4 @@ mod isolation;
 mod pipeline;
 mod python;
 mod shutdown;
+mod test_venv;

@@ -19,6 +19,8 @@ use forgesyte_registry::{PluginLifecycleState as S, Registry};
 use forgesyte_tests::conformance::{self, RunnerUnderTest};
 use serde_json::{Value, json};
 
+use crate::test_venv::venv_python;
+
 /// `tests/fixtures/python` of the workspace.
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/python")
@@ -445,29 +447,170 @@ fn the_example_python_plugins_own_tests_pass() {
     }
 }
 
+/// Runs the Python runner's own unit tests (`src/python/test_runner.py`)
+/// with `python`, verbosely; returns unittest's report (its stderr), after
+/// checking that every test passed.
+fn run_runner_tests(python: &Path) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python");
+    let output = std::process::Command::new(python)
+        .args(["-m", "unittest", "-v", "test_runner"])
+        .current_dir(&dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // The runner processes of the tests are `python` too.
+        .env_remove("FORGESYTE_TEST_PYTHON")
+        .output()
+        .expect("run python -m unittest");
+    let report = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "test_runner.py under {} failed:\n{report}",
+        python.display()
+    );
+    report
+}
+
+/// The reasons of the skipped tests in a verbose unittest report.
+fn skip_reasons(report: &str) -> Vec<&str> {
+    report
+        .lines()
+        .filter_map(|line| line.split_once(" ... skipped ").map(|(_, why)| why))
+        .collect()
+}
+
+/// What `NumpyResultTests` says when numpy is missing.
+const NO_NUMPY: &str = "'numpy is not installed'";
+
 /// The Python runner's own unit tests (`src/python/test_runner.py`,
-/// standard library `unittest`): pointer placement, framing, schema
-/// normalisation, result conversion, every error kind.
+/// standard library `unittest`) under `python3`: pointer placement,
+/// framing, schema normalisation, result conversion, every error kind.
 #[test]
 fn the_python_runners_own_tests_pass() {
     require_python();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python");
-    let output = std::process::Command::new("python3")
-        .args(["-m", "unittest", "-q", "test_runner"])
-        .current_dir(&dir)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .expect("run python3 -m unittest");
-    let report = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "test_runner.py failed:\n{report}");
-    // A skipped test (pydantic missing) is said, never silent; in CI, where
-    // the machine image has pydantic, a skip is a failure.
-    if report.contains("skipped") {
-        let line = report.lines().last().unwrap_or_default();
-        println!("test_runner.py skipped tests ({line}):\n{report}");
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "tests were skipped in CI (is pydantic installed for python3?):\n{report}"
+    let report = run_runner_tests(Path::new("python3"));
+    let reasons = skip_reasons(&report);
+    // numpy is not expected for python3: its tests run under the test
+    // virtualenv (the next test). Said, never silent.
+    let numpy = reasons.iter().filter(|&&why| why == NO_NUMPY).count();
+    if numpy > 0 {
+        println!(
+            "test_runner.py: {numpy} numpy tests skipped under python3 (they run under the test virtualenv)"
         );
     }
+    // Any other skip (pydantic missing) is said too; in CI, where the
+    // machine image has pydantic, it is a failure. Counted from unittest's
+    // summary (`OK (skipped=N)`), so a skip line this parse missed counts.
+    let total: usize = report
+        .rsplit_once("skipped=")
+        .and_then(|(_, n)| n.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let others: Vec<&str> = reasons.into_iter().filter(|&why| why != NO_NUMPY).collect();
+    if total > numpy || !others.is_empty() {
+        println!("test_runner.py skipped tests: {others:?}\n{report}");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "tests were skipped in CI (is pydantic installed for python3?): {others:?}\n{report}"
+        );
+    }
+}
+
+/// The same tests under the test virtualenv's interpreter (numpy and
+/// pydantic installed): none may be skipped, and the numpy ones ran.
+#[test]
+fn the_python_runners_own_tests_pass_under_the_test_virtualenv() {
+    let Some(python) = venv_python("the_python_runners_own_tests_pass_under_the_test_virtualenv")
+    else {
+        return;
+    };
+    let report = run_runner_tests(&python);
+    assert!(
+        !report.contains("skipped"),
+        "tests were skipped under {}:\n{report}",
+        python.display()
+    );
+    for test in [
+        "test_scalars",
+        "test_a_2d_array_is_nested_lists",
+        "test_numpy_fields_of_a_pydantic_model",
+        "test_nan_in_an_array_is_a_tool_error_naming_where",
+        "test_pydantic_models",
+    ] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with(test) && l.ends_with(" ... ok")),
+            "{test} did not run and pass:\n{report}"
+        );
+    }
+}
+
+/// A plugin returning numpy values, loaded and called through the loader
+/// with the test virtualenv's interpreter as its manifest's `python`.
+#[test]
+fn numpy_results_through_the_loader() {
+    let Some(python) = venv_python("numpy_results_through_the_loader") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path(), "numpy_results", "numpy_results");
+    write_manifest(
+        dir.path(),
+        "numpy_results",
+        json!({
+            "version": "1.0.0",
+            "runtime": "python",
+            "python": python,
+            "dependencies": ["numpy", "pydantic"],
+        }),
+    );
+    let registry = Registry::new();
+    let loader = loader(dir.path(), &registry);
+    check(&registry, "numpy_results", S::Initialized, None);
+    // A float32 array, its float32 mean and an int64 count.
+    assert_eq!(
+        call(
+            &loader,
+            "numpy_results",
+            "mean",
+            json!({"values": [1, 2, 4.5]})
+        )
+        .unwrap(),
+        json!({"values": [1.0, 2.0, 4.5], "mean": 2.5, "count": 3})
+    );
+    assert_eq!(
+        call(
+            &loader,
+            "numpy_results",
+            "convert",
+            json!({"kind": "matrix"})
+        )
+        .unwrap(),
+        json!([[0, 1, 2], [3, 4, 5]])
+    );
+    assert_eq!(
+        call(
+            &loader,
+            "numpy_results",
+            "convert",
+            json!({"kind": "model"})
+        )
+        .unwrap(),
+        json!({"label": "cat", "box": [[0, 1], [2, 3]], "score": 0.75})
+    );
+    // The mean of nothing is NaN, which JSON cannot carry: a tool error
+    // saying where, the plugin stays healthy.
+    match call(&loader, "numpy_results", "mean", json!({"values": []})) {
+        Err(CallError::Tool(ToolError::Failed {
+            error_type,
+            message,
+        })) => {
+            assert_eq!(error_type.as_deref(), Some("ValueError"), "{message}");
+            assert!(message.contains("non-finite number"), "{message}");
+            assert!(message.ends_with("(at /mean)"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let status = registry.get_status("numpy_results").unwrap();
+    assert_eq!(status.state, S::Initialized, "{status:#?}");
+    assert_eq!((status.success_count, status.error_count), (3, 1));
 }

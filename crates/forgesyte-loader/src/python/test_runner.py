@@ -729,6 +729,80 @@ class BasePluginShapeTests(RunnerTestCase):
         self.assertEqual(blobs, [b"\x00\x01"])
 
 
+@unittest.skipUnless(interpreter_has("numpy"), "numpy is not installed")
+class NumpyResultTests(RunnerTestCase):
+    """numpy results (fixture ``numpy_results``): ``.tolist()`` without the
+    runner importing numpy. Run by the loader's tests under the test
+    virtualenv (``target/test-venv``), where numpy and pydantic are
+    installed."""
+
+    def setUp(self):
+        self.p = self.start("numpy_results")
+        self.p.start()
+
+    def result(self, kind):
+        header, blobs = self.p.run("convert", {"kind": kind})
+        self.assertEqual(header["type"], "result", header)
+        self.assertEqual(blobs, [])
+        self.assertNotIn("attachments", header)
+        return header["result"]
+
+    def failure(self, kind):
+        header, _ = self.p.run("convert", {"kind": kind})
+        self.assertEqual(header["type"], "tool_failed", header)
+        self.assertEqual(header["error"]["kind"], "Failed")
+        return header["error"]
+
+    def test_scalars(self):
+        self.assertEqual(self.result("int64"), -(2 ** 40))
+        value = self.result("float32")
+        self.assertEqual((value, type(value)), (1.5, float))
+        value = self.result("bool")
+        self.assertIs(value, True)
+
+    def test_a_2d_array_is_nested_lists(self):
+        self.assertEqual(self.result("matrix"), [[0, 1, 2], [3, 4, 5]])
+
+    def test_numpy_values_nested_in_dicts_and_lists(self):
+        self.assertEqual(self.result("nested"), {
+            "count": 3,
+            "scores": [0.5, 0.25, 255],
+            "flags": [True, False],
+            "inner": {"empty": [], "grid": [[[1, 0], [0, 1]]]},
+        })
+
+    @unittest.skipUnless(interpreter_has("pydantic"), "pydantic is not installed")
+    def test_numpy_fields_of_a_pydantic_model(self):
+        # model_dump() keeps the fields' numpy values; each becomes
+        # .tolist() (pydantic's own JSON mode cannot serialise ndarray).
+        self.assertEqual(self.result("model"), {"label": "cat", "box": [[0, 1], [2, 3]], "score": 0.75})
+
+    def test_nan_in_an_array_is_a_tool_error_naming_where(self):
+        error = self.failure("nan")
+        self.assertEqual(error["error_type"], "ValueError")
+        self.assertEqual(
+            error["message"],
+            "tool result contains the non-finite number nan, which JSON cannot carry (at /values/1)")
+        # The runner is still serving.
+        self.assertEqual(self.result("int64"), -(2 ** 40))
+
+    def test_a_nan_scalar_is_a_tool_error(self):
+        error = self.failure("nan_scalar")
+        self.assertEqual(error["error_type"], "ValueError")
+        self.assertIn("non-finite number", error["message"])
+        self.assertIn("nan", error["message"])
+        self.assertTrue(error["message"].endswith("(at /x)"), error["message"])
+
+    def test_a_complex_number_is_a_tool_error_naming_the_type(self):
+        error = self.failure("complex")
+        self.assertEqual(error["error_type"], "TypeError")
+        self.assertEqual(error["message"], "tool result of type complex is not JSON-serialisable (at /z)")
+
+    def test_numpy_types_in_a_computed_result(self):
+        header, _ = self.p.run("mean", {"values": [1, 2, 4.5]})
+        self.assertEqual(header["result"], {"values": [1.0, 2.0, 4.5], "mean": 2.5, "count": 3})
+
+
 class ModuleModeTests(RunnerTestCase):
     def test_module_with_a_class(self):
         p = Proc(self, args=["--plugin", "handlers", "--plugin-dir", fixture("handlers"),
