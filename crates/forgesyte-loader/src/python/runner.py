@@ -81,6 +81,9 @@ _SELF = os.path.abspath(__file__) if "__file__" in globals() else "<string>"
 # How tracebacks may name this file (as started, and absolute).
 _SELF_NAMES = frozenset([globals().get("__file__", "<string>"), _SELF])
 _plugin_name = "plugin"
+# Set by a zygote's child once the kernel will SIGKILL it when the zygote
+# dies: then no thread needs to watch the parent.
+_PARENT_DEATH_SIGNAL = False
 
 
 def _diag(text):
@@ -1284,7 +1287,8 @@ def main(argv):
         except Exception as e:
             _diag("cannot set the memory limit of %d MiB: %s" % (args.memory_limit_mb, e))
             _exit(EXIT_SETUP)
-    watch_parent()
+    if not _PARENT_DEATH_SIGNAL:
+        watch_parent()
     setup_logging()
     wire = Wire(fd_in, fd_out)
     module = import_plugin(args)
@@ -1465,7 +1469,7 @@ class _Zygote(object):
         self.send({"op": "spawned", "id": rid, "pid": pid})
 
     def become_runner(self, argv, fds):
-        global _PROTO_FDS
+        global _PROTO_FDS, _PARENT_DEATH_SIGNAL
         try:
             self.signal.set_wakeup_fd(-1)
             self.signal.signal(self.signal.SIGCHLD, self.signal.SIG_DFL)
@@ -1474,7 +1478,7 @@ class _Zygote(object):
             os.close(self.wake_w)
             os.setpgid(0, 0)
             if self.libc is not None:
-                self.libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)
+                _PARENT_DEATH_SIGNAL = self.libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0) == 0
                 # ``ps``/``top`` show the plugin's name, not the zygote's
                 # command line (which every forked runner shares).
                 if "--plugin" in argv[:-1]:
