@@ -1090,6 +1090,12 @@ class Runner(object):
                 # host would wait for its timeout. End the process instead.
                 _diag("reading stdin: %s: %s" % (type(e).__name__, e))
                 _exit(EXIT_PROTOCOL)
+            if request["op"] == "create":
+                # Nothing else comes until the instance exists (the host
+                # waits for `created`): construct on this thread, and start
+                # the second one with the first call, not at start-up.
+                self.handle(request, attachments)
+                continue
             try:
                 self.promote()
             except RuntimeError as e:
