@@ -25,6 +25,20 @@ pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 /// (`--shutdown-grace`, `FORGESYTE_SHUTDOWN_GRACE`).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Default time a client has to send a request's complete headers, from
+/// the connection's opening or a later request's first byte
+/// (`--header-read-timeout`, `FORGESYTE_HEADER_READ_TIMEOUT`).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default time an idle keep-alive connection stays open after a response
+/// (`--idle-timeout`, `FORGESYTE_IDLE_TIMEOUT`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default cap on connections served at once (`--max-connections`,
+/// `FORGESYTE_MAX_CONNECTIONS`); never more than half the soft
+/// file-descriptor limit is applied, the rest being for plugin runners.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
 /// Default hosting of plugins whose manifest names no `isolation`
 /// (`--isolation`, `FORGESYTE_ISOLATION`): in the server process.
 pub const DEFAULT_ISOLATION: Isolation = Isolation::InProcess;
@@ -47,6 +61,14 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Time a client has to send a request's complete headers, from the
+    /// connection's opening or the first byte of a later request.
+    pub header_read_timeout: Duration,
+    /// Time an idle keep-alive connection stays open after a response.
+    pub idle_timeout: Duration,
+    /// Connections served at once; at most half the soft file-descriptor
+    /// limit is applied. A few more are served the probe routes only.
+    pub max_connections: usize,
     /// The bearer token of the admin routes (`POST .../reload`); `None`
     /// disables them (`FORGESYTE_ADMIN_TOKEN`, `--admin-token-file`).
     pub admin_token: Option<AdminToken>,
@@ -98,6 +120,9 @@ impl Default for ServerConfig {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             admin_token: None,
             preflight: false,
             default_isolation: DEFAULT_ISOLATION,
@@ -120,6 +145,9 @@ mod tests {
         assert_eq!(config.plugins_dir, PathBuf::from("./plugins"));
         assert_eq!(config.call_timeout, Duration::from_secs(60));
         assert_eq!(config.body_limit, 33_554_432);
+        assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_connections, 10_000);
         assert!(config.lib_paths.is_empty());
         assert_eq!(config.admin_token, None);
         assert!(!config.preflight);
