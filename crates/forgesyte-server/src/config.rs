@@ -39,6 +39,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// file-descriptor limit is applied, the rest being for plugin runners.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// Default bound on one plugin's tool calls in progress, waiting or
+/// running (`--max-calls-per-plugin`, `FORGESYTE_MAX_CALLS_PER_PLUGIN`);
+/// beyond it a call answers 503 with `Retry-After`.
+pub const DEFAULT_MAX_CALLS_PER_PLUGIN: usize = 64;
+
 /// Default hosting of plugins whose manifest names no `isolation`
 /// (`--isolation`, `FORGESYTE_ISOLATION`): in the server process.
 pub const DEFAULT_ISOLATION: Isolation = Isolation::InProcess;
@@ -72,6 +77,9 @@ pub struct ServerConfig {
     /// The bearer token of the admin routes (`POST .../reload`); `None`
     /// disables them (`FORGESYTE_ADMIN_TOKEN`, `--admin-token-file`).
     pub admin_token: Option<AdminToken>,
+    /// One plugin's tool calls in progress (waiting or running) at most;
+    /// beyond it a call answers 503 (`TooManyCalls`) with `Retry-After`.
+    pub max_calls_per_plugin: usize,
     /// Construct every in-process plugin once in a throw-away runner
     /// process before loading it into the server (`--preflight`), so a
     /// plugin that would crash the server on load is FAILED instead.
@@ -124,6 +132,7 @@ impl Default for ServerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admin_token: None,
+            max_calls_per_plugin: DEFAULT_MAX_CALLS_PER_PLUGIN,
             preflight: false,
             default_isolation: DEFAULT_ISOLATION,
             runner: None,
@@ -148,6 +157,7 @@ mod tests {
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 10_000);
+        assert_eq!(config.max_calls_per_plugin, 64);
         assert!(config.lib_paths.is_empty());
         assert_eq!(config.admin_token, None);
         assert!(!config.preflight);

@@ -51,7 +51,11 @@
 //! `limits.call_timeout_s`, else [`ServerConfig::call_timeout`]. A call that
 //! runs past it answers 504 and its plugin becomes FAILED: an in-process
 //! plugin's thread cannot be stopped, so the host stops trusting the plugin
-//! (the thread finishes, or not, in the background).
+//! (the thread finishes, or not, in the background). At most
+//! [`ServerConfig::max_calls_per_plugin`] calls of one plugin are in
+//! progress (waiting or running); beyond it a call answers 503
+//! (`TooManyCalls`) with `Retry-After`, so a flood of calls to one slow
+//! plugin leaves the others and the health routes answering.
 //!
 //! # Probes and admin routes
 //!
@@ -97,8 +101,8 @@ pub use body::RunRequest;
 pub use check::{CheckError, CheckReport, check};
 pub use config::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
-    DEFAULT_SHUTDOWN_GRACE, ServerConfig,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, ServerConfig,
 };
 pub use error::{ApiError, ErrorDetail, NotRunnable, RunError, RunFailure};
 pub use probes::{LiveResponse, ReadyCheck, ReadyResponse};

@@ -3,7 +3,8 @@
 //! ```text
 //! forgesyte serve [--plugins DIR] [--bind ADDR] [--call-timeout SECS] [--body-limit BYTES]
 //!                 [--shutdown-grace SECS] [--header-read-timeout SECS] [--idle-timeout SECS]
-//!                 [--max-connections N] [--admin-token-file PATH] [LOADER OPTIONS]
+//!                 [--max-connections N] [--max-calls-per-plugin N] [--admin-token-file PATH]
+//!                 [LOADER OPTIONS]
 //! forgesyte check [DIR] [--json] [LOADER OPTIONS]
 //! forgesyte new (--python NAME | --rust NAME) [--dir PARENT] [--sdk DIR]
 //!
@@ -37,9 +38,9 @@ use clap::{Args, Parser, Subcommand};
 use forgesyte_loader::Isolation;
 use forgesyte_server::{
     AdminToken, CheckError, CheckReport, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT,
-    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig, build_loader_from,
-    shutdown_signal,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
+    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
+    DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig, build_loader_from, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -128,6 +129,10 @@ struct ServeArgs {
     /// new connections are closed at once.
     #[arg(long, value_name = "N", env = "FORGESYTE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_count)]
     max_connections: usize,
+    /// Tool calls of one plugin in progress (waiting or running) at most;
+    /// beyond it a call answers 503 with `Retry-After`.
+    #[arg(long, value_name = "N", env = "FORGESYTE_MAX_CALLS_PER_PLUGIN", default_value_t = DEFAULT_MAX_CALLS_PER_PLUGIN, value_parser = parse_count)]
+    max_calls_per_plugin: usize,
     /// File holding the bearer token of the admin routes (`POST
     /// /v1/plugins/reload`, ...). Without it (or `FORGESYTE_ADMIN_TOKEN`)
     /// those routes are disabled.
@@ -407,6 +412,7 @@ impl ServeArgs {
         config.header_read_timeout = self.header_read_timeout.0;
         config.idle_timeout = self.idle_timeout.0;
         config.max_connections = self.max_connections;
+        config.max_calls_per_plugin = self.max_calls_per_plugin;
         (config, self.admin_token_file)
     }
 }
