@@ -52,6 +52,9 @@ pub(crate) const PROBE_RESERVE: usize = 16;
 /// peer's (out of file descriptors or memory).
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Accept errors are logged at most once per this time (the rest at debug).
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// The header timeout of a connection served beyond the cap (probes only).
 const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -98,6 +101,7 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
     let service = TowerToHyperService::new(router);
+    let mut last_warned: Option<Instant> = None;
     tokio::pin!(stop);
     loop {
         let stream = tokio::select! {
@@ -106,7 +110,12 @@ pub(crate) async fn serve(
                 Ok((stream, _)) => stream,
                 Err(e) if is_peer_error(&e) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "Cannot accept a connection; retrying in {} ms", ACCEPT_BACKOFF.as_millis());
+                    if last_warned.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                        last_warned = Some(Instant::now());
+                        tracing::warn!(error = %e, "Cannot accept a connection; retrying every {} ms", ACCEPT_BACKOFF.as_millis());
+                    } else {
+                        tracing::debug!(error = %e, "Cannot accept a connection");
+                    }
                     tokio::select! {
                         () = &mut stop => break,
                         () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
