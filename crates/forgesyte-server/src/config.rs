@@ -25,6 +25,25 @@ pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 /// (`--shutdown-grace`, `FORGESYTE_SHUTDOWN_GRACE`).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Default time a client has to send a request's complete headers, from
+/// the connection's opening or a later request's first byte
+/// (`--header-read-timeout`, `FORGESYTE_HEADER_READ_TIMEOUT`).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default time an idle keep-alive connection stays open after a response
+/// (`--idle-timeout`, `FORGESYTE_IDLE_TIMEOUT`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default cap on connections served at once (`--max-connections`,
+/// `FORGESYTE_MAX_CONNECTIONS`); never more than half the soft
+/// file-descriptor limit is applied, the rest being for plugin runners.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Default bound on one plugin's tool calls in progress, waiting or
+/// running (`--max-calls-per-plugin`, `FORGESYTE_MAX_CALLS_PER_PLUGIN`);
+/// beyond it a call answers 503 with `Retry-After`.
+pub const DEFAULT_MAX_CALLS_PER_PLUGIN: usize = 64;
+
 /// Default hosting of plugins whose manifest names no `isolation`
 /// (`--isolation`, `FORGESYTE_ISOLATION`): in the server process.
 pub const DEFAULT_ISOLATION: Isolation = Isolation::InProcess;
@@ -47,9 +66,20 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Time a client has to send a request's complete headers, from the
+    /// connection's opening or the first byte of a later request.
+    pub header_read_timeout: Duration,
+    /// Time an idle keep-alive connection stays open after a response.
+    pub idle_timeout: Duration,
+    /// Connections served at once; at most half the soft file-descriptor
+    /// limit is applied. A few more are served the probe routes only.
+    pub max_connections: usize,
     /// The bearer token of the admin routes (`POST .../reload`); `None`
     /// disables them (`FORGESYTE_ADMIN_TOKEN`, `--admin-token-file`).
     pub admin_token: Option<AdminToken>,
+    /// One plugin's tool calls in progress (waiting or running) at most;
+    /// beyond it a call answers 503 (`TooManyCalls`) with `Retry-After`.
+    pub max_calls_per_plugin: usize,
     /// Construct every in-process plugin once in a throw-away runner
     /// process before loading it into the server (`--preflight`), so a
     /// plugin that would crash the server on load is FAILED instead.
@@ -98,7 +128,11 @@ impl Default for ServerConfig {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             admin_token: None,
+            max_calls_per_plugin: DEFAULT_MAX_CALLS_PER_PLUGIN,
             preflight: false,
             default_isolation: DEFAULT_ISOLATION,
             runner: None,
@@ -120,6 +154,10 @@ mod tests {
         assert_eq!(config.plugins_dir, PathBuf::from("./plugins"));
         assert_eq!(config.call_timeout, Duration::from_secs(60));
         assert_eq!(config.body_limit, 33_554_432);
+        assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_connections, 10_000);
+        assert_eq!(config.max_calls_per_plugin, 64);
         assert!(config.lib_paths.is_empty());
         assert_eq!(config.admin_token, None);
         assert!(!config.preflight);

@@ -10,7 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use axum::Json;
-use axum::http::header::WWW_AUTHENTICATE;
+use axum::http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use forgesyte_errors::ToolError;
@@ -237,6 +237,17 @@ impl IntoResponse for ApiError {
             other => tracing::debug!(status = status.as_u16(), "{other}"),
         }
         let mut response = (status, Json(self.body())).into_response();
+        if matches!(
+            self,
+            ApiError::Run {
+                error: RunError::TooManyCalls { .. },
+                ..
+            }
+        ) {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if matches!(self, ApiError::Unauthorized { .. }) {
             // RFC 6750 §3: a 401 names the scheme the client should use.
             response.headers_mut().insert(
@@ -329,6 +340,13 @@ pub enum RunError {
         /// What happened.
         message: String,
     },
+    /// The plugin already has its limit of tool calls in progress; the call
+    /// never ran (503, `TooManyCalls`, with `Retry-After`).
+    #[error("{limit} tool calls of the plugin in progress")]
+    TooManyCalls {
+        /// The limit per plugin.
+        limit: usize,
+    },
     /// A bug in the host (500, `InternalError`); the message is only logged.
     #[error("Internal Server Error")]
     Internal {
@@ -342,7 +360,9 @@ impl RunError {
     pub fn status(&self) -> StatusCode {
         match self {
             RunError::PluginNotFound | RunError::UnknownTool => StatusCode::NOT_FOUND,
-            RunError::NotRunnable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RunError::NotRunnable { .. } | RunError::TooManyCalls { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RunError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             RunError::InvalidBody { .. }
             | RunError::InvalidArgs { .. }
@@ -368,6 +388,7 @@ impl RunError {
             RunError::Fault { kind, .. } => kind,
             RunError::Timeout { .. } => "Timeout",
             RunError::QueueTimeout { .. } => "QueueTimeout",
+            RunError::TooManyCalls { .. } => "TooManyCalls",
             RunError::Internal { .. } => "InternalError",
         }
     }
@@ -410,6 +431,9 @@ impl RunError {
             RunError::QueueTimeout { after, .. } => format!(
                 "Tool '{t}' of plugin '{p}' waited its time limit of {}s for the plugin's call in progress and never ran; the plugin is unaffected",
                 after.as_secs_f64()
+            ),
+            RunError::TooManyCalls { limit } => format!(
+                "Plugin '{p}' has {limit} tool calls in progress, its limit; tool '{t}' did not run, retry later"
             ),
             RunError::Internal { .. } => "Internal Server Error".to_owned(),
         }

@@ -31,6 +31,18 @@
 //! signal the server stops accepting, waits for in-flight requests up to
 //! [`ServerConfig::shutdown_grace`], drops the plugin instances and returns.
 //!
+//! # Connections
+//!
+//! A client has [`ServerConfig::header_read_timeout`] to send a request's
+//! headers (from the connection's opening, or from a later request's first
+//! byte), and an idle keep-alive connection is closed after
+//! [`ServerConfig::idle_timeout`]. At most [`ServerConfig::max_connections`]
+//! connections are served at once (never more than half the soft
+//! file-descriptor limit); a few more are served the probes only, every
+//! other route answering 503 with `Retry-After`, and beyond those a new
+//! connection is closed at once. Running out of file descriptors never stops
+//! the accept loop.
+//!
 //! # Tool calls
 //!
 //! A tool call runs on the call pool (one hot thread per core, tokio's
@@ -39,7 +51,11 @@
 //! `limits.call_timeout_s`, else [`ServerConfig::call_timeout`]. A call that
 //! runs past it answers 504 and its plugin becomes FAILED: an in-process
 //! plugin's thread cannot be stopped, so the host stops trusting the plugin
-//! (the thread finishes, or not, in the background).
+//! (the thread finishes, or not, in the background). At most
+//! [`ServerConfig::max_calls_per_plugin`] calls of one plugin are in
+//! progress (waiting or running); beyond it a call answers 503
+//! (`TooManyCalls`) with `Retry-After`, so a flood of calls to one slow
+//! plugin leaves the others and the health routes answering.
 //!
 //! # Probes and admin routes
 //!
@@ -65,6 +81,7 @@ mod api;
 mod body;
 mod check;
 mod config;
+mod conn;
 mod docs;
 mod error;
 mod extract;
@@ -83,8 +100,9 @@ pub use api::{HealthResponse, PluginHealth};
 pub use body::RunRequest;
 pub use check::{CheckError, CheckReport, check};
 pub use config::{
-    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_PLUGINS_DIR,
-    DEFAULT_SHUTDOWN_GRACE, ServerConfig,
+    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, ServerConfig,
 };
 pub use error::{ApiError, ErrorDetail, NotRunnable, RunError, RunFailure};
 pub use probes::{LiveResponse, ReadyCheck, ReadyResponse};

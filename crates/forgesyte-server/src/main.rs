@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! forgesyte serve [--plugins DIR] [--bind ADDR] [--call-timeout SECS] [--body-limit BYTES]
-//!                 [--shutdown-grace SECS] [--admin-token-file PATH] [LOADER OPTIONS]
+//!                 [--shutdown-grace SECS] [--header-read-timeout SECS] [--idle-timeout SECS]
+//!                 [--max-connections N] [--max-calls-per-plugin N] [--admin-token-file PATH]
+//!                 [LOADER OPTIONS]
 //! forgesyte check [DIR] [--json] [LOADER OPTIONS]
 //! forgesyte new (--python NAME | --rust NAME) [--dir PARENT] [--sdk DIR]
 //!
@@ -36,8 +38,9 @@ use clap::{Args, Parser, Subcommand};
 use forgesyte_loader::Isolation;
 use forgesyte_server::{
     AdminToken, CheckError, CheckReport, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT,
-    DEFAULT_ISOLATION, DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig,
-    build_loader_from, shutdown_signal,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
+    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
+    DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig, build_loader_from, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -114,6 +117,22 @@ struct ServeArgs {
     /// How long shutdown waits for in-flight requests, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value_t = Seconds(DEFAULT_SHUTDOWN_GRACE), value_parser = parse_seconds_arg)]
     shutdown_grace: Seconds,
+    /// Time a client has to send a request's complete headers, in seconds
+    /// (from the connection's opening, or a later request's first byte).
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_HEADER_READ_TIMEOUT", default_value_t = Seconds(DEFAULT_HEADER_READ_TIMEOUT), value_parser = parse_seconds_arg)]
+    header_read_timeout: Seconds,
+    /// Time an idle keep-alive connection stays open after a response, in seconds.
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_IDLE_TIMEOUT), value_parser = parse_seconds_arg)]
+    idle_timeout: Seconds,
+    /// Connections served at once (at most half the soft file-descriptor
+    /// limit is applied); beyond it a few more get the probes only, then
+    /// new connections are closed at once.
+    #[arg(long, value_name = "N", env = "FORGESYTE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_count)]
+    max_connections: usize,
+    /// Tool calls of one plugin in progress (waiting or running) at most;
+    /// beyond it a call answers 503 with `Retry-After`.
+    #[arg(long, value_name = "N", env = "FORGESYTE_MAX_CALLS_PER_PLUGIN", default_value_t = DEFAULT_MAX_CALLS_PER_PLUGIN, value_parser = parse_count)]
+    max_calls_per_plugin: usize,
     /// File holding the bearer token of the admin routes (`POST
     /// /v1/plugins/reload`, ...). Without it (or `FORGESYTE_ADMIN_TOKEN`)
     /// those routes are disabled.
@@ -288,6 +307,14 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{text}' is not a positive whole number")),
+    }
+}
+
 fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -382,6 +409,10 @@ impl ServeArgs {
         config.call_timeout = self.call_timeout.0;
         config.body_limit = self.body_limit;
         config.shutdown_grace = self.shutdown_grace.0;
+        config.header_read_timeout = self.header_read_timeout.0;
+        config.idle_timeout = self.idle_timeout.0;
+        config.max_connections = self.max_connections;
+        config.max_calls_per_plugin = self.max_calls_per_plugin;
         (config, self.admin_token_file)
     }
 }
@@ -534,6 +565,9 @@ mod tests {
         assert_eq!(parse_bytes("1024"), Ok(1024));
         assert!(parse_bytes("0").is_err());
         assert!(parse_bytes("1MiB").is_err());
+        assert_eq!(parse_count("50"), Ok(50));
+        assert!(parse_count("0").is_err());
+        assert!(parse_count("-3").is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Startup (seed §4) and shutdown: bind, load in the background while
 //! serving, stop gracefully.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use forgesyte_registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::config::ServerConfig;
+use crate::conn;
 use crate::router::app;
 use crate::state::AppState;
 
@@ -136,12 +137,27 @@ impl Server {
         start_loading(&state, config.plugins_dir.clone());
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let serving = axum::serve(listener, app(state.clone()))
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .into_future();
-        let mut server = tokio::spawn(serving);
+        let nofile = conn::nofile_limit();
+        let limits = conn::Limits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: conn::effective_max_connections(config.max_connections, nofile),
+        };
+        if limits.max_connections < config.max_connections {
+            tracing::warn!(
+                configured = config.max_connections,
+                applied = limits.max_connections,
+                nofile = nofile.unwrap_or(u64::MAX),
+                "The connection cap is lowered to half the file-descriptor limit (raise `ulimit -n` for more)"
+            );
+        }
+        let serving = conn::serve(listener, app(state.clone()), limits, async {
+            let _ = stop_rx.await;
+        });
+        let mut server = tokio::spawn(async move {
+            serving.await;
+            Ok::<(), io::Error>(())
+        });
         let result = tokio::select! {
             ended = &mut server => flatten(ended),
             () = shutdown => {

@@ -1,7 +1,8 @@
 //! [`AppState`]: what every handler shares.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -44,6 +45,9 @@ struct Inner {
     started: Instant,
     /// Where tool calls run.
     calls: CallPool,
+    /// Tool calls in progress per plugin, and their bound.
+    call_slots: Mutex<HashMap<String, usize>>,
+    max_calls_per_plugin: usize,
 }
 
 /// How long a serialised plugin list may be served again while the registry
@@ -74,6 +78,8 @@ impl AppState {
                 list_cache: ArcSwapOption::empty(),
                 started: Instant::now(),
                 calls: CallPool::new(),
+                call_slots: Mutex::new(HashMap::new()),
+                max_calls_per_plugin: config.max_calls_per_plugin,
             }),
         }
     }
@@ -149,6 +155,34 @@ impl AppState {
         &self.inner.calls
     }
 
+    /// Claims one of `plugin`'s [`ServerConfig::max_calls_per_plugin`]
+    /// slots for a tool call: `None` when all are taken. The slot is freed
+    /// when the guard is dropped, when the request ends (answered, timed
+    /// out, or its client gone), so a registered plugin's entry exists only
+    /// while it has calls in progress.
+    pub(crate) fn begin_call(&self, plugin: &str) -> Option<CallSlot> {
+        let mut slots = self
+            .inner
+            .call_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let taken = slots.entry(plugin.to_owned()).or_insert(0);
+        if *taken >= self.inner.max_calls_per_plugin {
+            return None;
+        }
+        *taken += 1;
+        drop(slots);
+        Some(CallSlot {
+            inner: Arc::clone(&self.inner),
+            plugin: plugin.to_owned(),
+        })
+    }
+
+    /// The bound on one plugin's tool calls in progress.
+    pub(crate) fn max_calls_per_plugin(&self) -> usize {
+        self.inner.max_calls_per_plugin
+    }
+
     /// The token of the admin routes; `None`: they are disabled.
     pub(crate) fn admin_token(&self) -> Option<&AdminToken> {
         self.inner.admin_token.as_ref()
@@ -172,6 +206,29 @@ impl AppState {
                 what: "Another reload",
             })?;
         Ok(AdminGuard(Arc::clone(&self.inner)))
+    }
+}
+
+/// One tool call of a plugin in progress; see [`AppState::begin_call`].
+#[derive(Debug)]
+pub(crate) struct CallSlot {
+    inner: Arc<Inner>,
+    plugin: String,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let mut slots = self
+            .inner
+            .call_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(taken) = slots.get_mut(&self.plugin) {
+            *taken = taken.saturating_sub(1);
+            if *taken == 0 {
+                slots.remove(&self.plugin);
+            }
+        }
     }
 }
 

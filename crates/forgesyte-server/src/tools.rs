@@ -61,6 +61,13 @@ pub(crate) async fn run(
     if !handle.has_tool(tool) {
         return Err(RunError::UnknownTool);
     }
+    // Held until this request ends: a flood of calls to one slow plugin
+    // queues at most this many, and the rest answer 503 at once.
+    let Some(_slot) = state.begin_call(plugin) else {
+        return Err(RunError::TooManyCalls {
+            limit: state.max_calls_per_plugin(),
+        });
+    };
     let limit = handle
         .call_timeout()
         .unwrap_or_else(|| state.call_timeout());

@@ -13,6 +13,8 @@
 //! - `python`: Python plugins beside native ones through the binary, and
 //!   binary arguments (JSON base64, multipart, octet-stream) byte-exact in
 //!   every runtime;
+//! - `connections`: the header-read and idle timeouts, the connection cap
+//!   and its probe reserve, `/livez` with many idle connections open;
 //! - `concurrency`: readers and tool calls at once against the binary;
 //! - `startup`: [`forgesyte_server::Server`] in-process over a loader whose
 //!   plugin construction is held back (health, liveness and readiness while
@@ -39,6 +41,8 @@ mod admin;
 mod binary;
 #[path = "api/concurrency.rs"]
 mod concurrency;
+#[path = "api/connections.rs"]
+mod connections;
 #[path = "api/hygiene.rs"]
 mod hygiene;
 #[path = "api/installed.rs"]

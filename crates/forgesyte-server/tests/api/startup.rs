@@ -96,14 +96,22 @@ impl Drop for SleepyInstance {
 }
 
 fn gated_loader(gate: &Arc<Gate>) -> Arc<Loader> {
+    gated_loader_of(gate, &["slowpoke"])
+}
+
+/// Plugins `names`, each a [`SleepyInstance`] behind `gate`.
+fn gated_loader_of(gate: &Arc<Gate>, names: &[&str]) -> Arc<Loader> {
     let world = FakeWorld::new();
-    world.fs.add_file(
-        "/plugins/slowpoke/manifest.json",
-        br#"{"name": "slowpoke", "version": "0.3.0", "entrypoint": "libslow.so"}"#.to_vec(),
-    );
-    world
-        .fs
-        .add_file("/plugins/slowpoke/libslow.so", b"fake".to_vec());
+    for name in names {
+        world.fs.add_file(
+            format!("/plugins/{name}/manifest.json"),
+            format!(r#"{{"name": "{name}", "version": "0.3.0", "entrypoint": "libslow.so"}}"#)
+                .into_bytes(),
+        );
+        world
+            .fs
+            .add_file(format!("/plugins/{name}/libslow.so"), b"fake".to_vec());
+    }
     Arc::new(Loader::with_seams(
         Registry::new(),
         Arc::new(world.checker()),
@@ -279,6 +287,88 @@ async fn a_call_past_the_server_timeout_is_504_and_fails_the_plugin() {
     assert!(reason.contains("sleep"), "{reason}");
     let after = post(b"{}").await.unwrap();
     assert_eq!(after.status, 503);
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("shutdown is bounded")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_calls_to_one_slow_plugin_is_refused_beyond_its_limit_while_others_answer() {
+    const LIMIT: usize = 4;
+    let gate = Arc::new(Gate::default());
+    gate.open();
+    let mut config = config(Duration::from_secs(20));
+    config.max_calls_per_plugin = LIMIT;
+    let server = Server::bind_with(config, gated_loader_of(&gate, &["slowpoke", "quick"]))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(addr, "/v1/health").await.json()["status"] != "ok" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let post = |plugin: &'static str, body: &'static [u8]| {
+        tokio::task::spawn_blocking(move || {
+            http(
+                addr,
+                "POST",
+                &format!("/v1/plugins/{plugin}/tools/sleep/run"),
+                body,
+            )
+        })
+    };
+
+    // The limit's worth of slow calls in progress...
+    let slow: Vec<_> = (0..LIMIT)
+        .map(|_| post("slowpoke", br#"{"args": {"ms": 1500}}"#))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // ... and the flood beyond it answers 503 at once, without running.
+    for _ in 0..10 {
+        let started = Instant::now();
+        let refused = post("slowpoke", br#"{"args": {"ms": 1500}}"#)
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(refused.header("retry-after"), Some("1"));
+        assert_eq!(refused.json()["error_type"], "TooManyCalls");
+    }
+    // The other plugin and the health routes answer meanwhile.
+    let started = Instant::now();
+    let quick = post("quick", br#"{"args": {"ms": 1}}"#).await.unwrap();
+    assert_eq!(quick.status, 200, "{}", quick.text());
+    for probe in ["/livez", "/v1/health", "/v1/plugins/slowpoke/health"] {
+        assert_eq!(get(addr, probe).await.status, 200, "{probe}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The slow calls finish; the plugin is fine and takes calls again.
+    for call in slow {
+        let reply = call.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let status = get(addr, "/v1/plugins/slowpoke/health").await.json();
+    assert_eq!(status["state"], "INITIALIZED", "{status}");
+    let again = post("slowpoke", br#"{"args": {"ms": 1}}"#).await.unwrap();
+    assert_eq!(again.status, 200, "{}", again.text());
 
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), running)

@@ -1,0 +1,422 @@
+//! Connections: the accept loop, the connection cap, and the time a client
+//! may take to send a request's headers or keep an idle connection open.
+//!
+//! hyper serves each connection (`hyper::server::conn::http1`), and
+//! hyper-util's `GracefulShutdown` drains them. Three things are our own,
+//! because neither hyper nor axum offers them:
+//!
+//! - **Header and idle timeouts.** hyper's only read timer is
+//!   `header_read_timeout`, armed whenever it waits for a request head: on a
+//!   fresh connection and after every response. Alone it would close idle
+//!   keep-alive connections after the (short) header timeout, or let a
+//!   slowloris client trickle headers for the (long) idle timeout. Each
+//!   connection gets its own [`RequestTimer`] and [`ReadClock`] instead: the
+//!   timer hyper arms fires `header_read_timeout` after the connection was
+//!   accepted (first request) or after the first byte of a later request
+//!   arrived, and `idle_timeout` after a response when no byte came since.
+//! - **The cap.** A semaphore of `max_connections` permits is taken before
+//!   a connection is served. Beyond it, [`PROBE_RESERVE`] more connections
+//!   are served probes only (`/livez`, `/readyz`, `/v1/health`), every
+//!   other route answering 503 with `Retry-After`, one request each; beyond
+//!   those, a connection is accepted and closed at once (it costs nothing
+//!   to hold).
+//! - **Accept errors.** Running out of file descriptors (`EMFILE`,
+//!   `ENFILE`) or memory never ends the loop: it logs, waits
+//!   [`ACCEPT_BACKOFF`] and accepts again.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// Connections beyond the cap that are still served the probe routes.
+pub(crate) const PROBE_RESERVE: usize = 16;
+
+/// The wait before accepting again after an accept error that is not the
+/// peer's (out of file descriptors or memory).
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accept errors are logged at most once per this time (the rest at debug).
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The header timeout of a connection served beyond the cap (probes only).
+const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The routes still served beyond the connection cap.
+const PROBE_PATHS: [&str; 3] = ["/livez", "/readyz", "/v1/health"];
+
+/// What the accept loop needs to know.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Time to send a request's complete headers.
+    pub(crate) header_read_timeout: Duration,
+    /// Time an idle keep-alive connection stays open.
+    pub(crate) idle_timeout: Duration,
+    /// Connections served at once (the probe reserve aside).
+    pub(crate) max_connections: usize,
+}
+
+/// The connection cap actually applied: `configured`, but never more than
+/// half the soft file-descriptor limit `nofile` (the other half is for
+/// plugin runners' pipes, plugin files and the probe reserve), and at
+/// least 1.
+pub(crate) fn effective_max_connections(configured: usize, nofile: Option<u64>) -> usize {
+    let half = nofile
+        .map(|n| usize::try_from(n / 2).unwrap_or(usize::MAX))
+        .unwrap_or(usize::MAX);
+    configured.min(half).max(1)
+}
+
+/// The process's soft file-descriptor limit (`None`: unlimited).
+pub(crate) fn nofile_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Accepts and serves connections until `stop` completes, then stops
+/// accepting and waits for the connections to finish their requests (idle
+/// ones close at once).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    stop: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
+    let service = TowerToHyperService::new(router);
+    let mut last_warned: Option<Instant> = None;
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if is_peer_error(&e) => continue,
+                Err(e) => {
+                    if last_warned.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                        last_warned = Some(Instant::now());
+                        tracing::warn!(error = %e, "Cannot accept a connection; retrying every {} ms", ACCEPT_BACKOFF.as_millis());
+                    } else {
+                        tracing::debug!(error = %e, "Cannot accept a connection");
+                    }
+                    tokio::select! {
+                        () = &mut stop => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    }
+                }
+            },
+        };
+        // Nagle only delays small responses; failing to turn it off is harmless.
+        let _ = stream.set_nodelay(true);
+        if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
+            let connection = connection(stream, service.clone(), limits, true);
+            let watched = graceful.watch(connection);
+            tokio::spawn(async move {
+                let _ = watched.await;
+                drop(permit);
+            });
+        } else if let Ok(permit) = Arc::clone(&reserve).try_acquire_owned() {
+            let main = service.clone();
+            let probes_only = service_fn(move |request: Request<Incoming>| {
+                let main = main.clone();
+                async move {
+                    if PROBE_PATHS.contains(&request.uri().path()) {
+                        hyper::service::Service::call(&main, request).await
+                    } else {
+                        Ok::<_, Infallible>(busy())
+                    }
+                }
+            });
+            let limits = Limits {
+                header_read_timeout: limits.header_read_timeout.min(RESERVE_HEADER_TIMEOUT),
+                ..limits
+            };
+            let connection = connection(stream, probes_only, limits, false);
+            let watched = graceful.watch(connection);
+            tokio::spawn(async move {
+                let _ = watched.await;
+                drop(permit);
+            });
+        } else {
+            tracing::debug!("Connection cap reached; closing a new connection");
+            drop(stream);
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// One connection served by hyper with its own request timer.
+fn connection<S>(
+    stream: TcpStream,
+    service: S,
+    limits: Limits,
+    keep_alive: bool,
+) -> http1::Connection<TokioIo<TimedStream>, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Body>,
+{
+    let clock = ReadClock::new();
+    let timer = RequestTimer {
+        clock: clock.clone(),
+        header: limits.header_read_timeout,
+        idle: limits.idle_timeout,
+    };
+    http1::Builder::new()
+        .timer(timer)
+        // Any value: the timer decides the deadline.
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(keep_alive)
+        .serve_connection(TokioIo::new(TimedStream { stream, clock }), service)
+}
+
+/// 503 with `Retry-After`, closing the connection: the answer beyond the cap.
+fn busy() -> Response<Body> {
+    let body = r#"{"detail":"Too many connections; retry later"}"#;
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Accept errors that concern one connection only (retry at once).
+fn is_peer_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// When hyper started waiting for a request head, and when its first byte came.
+#[derive(Debug, Clone)]
+struct ReadClock(Arc<Mutex<ClockState>>);
+
+#[derive(Debug)]
+struct ClockState {
+    /// When the current wait for a request head began.
+    waiting_since: Instant,
+    /// Whether a response was sent before this wait (keep-alive).
+    after_response: bool,
+    /// The first byte read since `waiting_since`.
+    first_byte: Option<Instant>,
+    /// Times hyper armed its header timer.
+    armed: u64,
+}
+
+impl ReadClock {
+    fn new() -> ReadClock {
+        ReadClock(Arc::new(Mutex::new(ClockState {
+            waiting_since: Instant::now(),
+            after_response: false,
+            first_byte: None,
+            armed: 0,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClockState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// hyper starts waiting for a request head.
+    fn arm(&self) {
+        let mut state = self.lock();
+        state.armed += 1;
+        if state.armed > 1 {
+            state.waiting_since = Instant::now();
+            state.after_response = true;
+            state.first_byte = None;
+        }
+    }
+
+    fn read_some(&self) {
+        let mut state = self.lock();
+        if state.first_byte.is_none() {
+            state.first_byte = Some(Instant::now());
+        }
+    }
+
+    /// When the current wait ends: `header` after the connection opened or
+    /// the first byte of a later request, `idle` after a response while no
+    /// byte came.
+    fn deadline(&self, header: Duration, idle: Duration) -> Instant {
+        let state = self.lock();
+        match (state.after_response, state.first_byte) {
+            (false, _) => state.waiting_since + header,
+            (true, Some(first)) => first + header,
+            (true, None) => state.waiting_since + idle,
+        }
+    }
+}
+
+/// A TCP stream that tells its [`ReadClock`] when bytes arrive.
+#[derive(Debug)]
+pub(crate) struct TimedStream {
+    stream: TcpStream,
+    clock: ReadClock,
+}
+
+impl AsyncRead for TimedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.clock.read_some();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for TimedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The timer of one connection: hyper uses it only for its header-read
+/// timeout, whose deadline this timer decides ([`ReadClock::deadline`]).
+#[derive(Debug, Clone)]
+struct RequestTimer {
+    clock: ReadClock,
+    header: Duration,
+    idle: Duration,
+}
+
+impl RequestTimer {
+    fn request_sleep(&self) -> RequestSleep {
+        self.clock.arm();
+        let deadline = self.clock.deadline(self.header, self.idle);
+        RequestSleep {
+            timer: self.clone(),
+            sleep: Box::pin(tokio::time::sleep_until(deadline.into())),
+        }
+    }
+}
+
+impl hyper::rt::Timer for RequestTimer {
+    fn sleep(&self, _duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(self.request_sleep())
+    }
+
+    fn sleep_until(&self, _deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(self.request_sleep())
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, _new_deadline: Instant) {
+        *sleep = Box::pin(self.request_sleep());
+    }
+}
+
+/// Ends at the current deadline of its connection's wait for a request
+/// head, re-read each time hyper polls it (after every read that left the
+/// head incomplete).
+struct RequestSleep {
+    timer: RequestTimer,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Future for RequestSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = tokio::time::Instant::from(
+            self.timer
+                .clock
+                .deadline(self.timer.header, self.timer.idle),
+        );
+        if self.sleep.deadline() != deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for RequestSleep {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_half_the_descriptors() {
+        assert_eq!(effective_max_connections(10_000, Some(20_000)), 10_000);
+        assert_eq!(effective_max_connections(10_000, Some(1024)), 512);
+        assert_eq!(effective_max_connections(50, Some(1024)), 50);
+        assert_eq!(effective_max_connections(10_000, None), 10_000);
+        assert_eq!(effective_max_connections(10, Some(1)), 1);
+    }
+
+    #[test]
+    fn the_deadline_is_header_then_idle_then_header_from_the_first_byte() {
+        let header = Duration::from_secs(10);
+        let idle = Duration::from_secs(60);
+        let clock = ReadClock::new();
+        let opened = clock.lock().waiting_since;
+        clock.arm();
+        assert_eq!(clock.deadline(header, idle), opened + header);
+        clock.read_some();
+        assert_eq!(clock.deadline(header, idle), opened + header);
+        // After a response: idle until a byte comes, then header from it.
+        clock.arm();
+        let since = clock.lock().waiting_since;
+        assert_eq!(clock.deadline(header, idle), since + idle);
+        clock.read_some();
+        let first = clock.lock().first_byte.unwrap_or(since);
+        assert_eq!(clock.deadline(header, idle), first + header);
+    }
+}

@@ -1,0 +1,362 @@
+//! Connection limits in-process: the header-read timeout (slowloris), the
+//! idle keep-alive timeout, the connection cap with its probe reserve, and
+//! `/livez` with many idle connections open.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use forgesyte_server::{Server, ServerConfig, build_loader};
+
+use crate::support::{Forgesyte, Reply, http, try_http};
+
+/// A running server over an empty plugins directory; stops when dropped.
+struct Running {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _plugins: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start(configure: impl FnOnce(&mut ServerConfig)) -> Running {
+    let plugins = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::default();
+    config.bind = "127.0.0.1:0".into();
+    config.plugins_dir = plugins.path().to_path_buf();
+    config.shutdown_grace = Duration::from_secs(1);
+    configure(&mut config);
+    let server = Server::bind_with(config, std::sync::Arc::new(build_loader(&[])))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    Running {
+        addr,
+        stop: Some(stop),
+        _plugins: plugins,
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `within`;
+/// bytes it answers are read and ignored.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 1024];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Reads one response with a `Content-Length` off a keep-alive connection.
+fn read_response(stream: &mut TcpStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before a whole response");
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_headers_is_cut_off_after_the_header_read_timeout() {
+    let server = start(|c| {
+        c.header_read_timeout = Duration::from_secs(1);
+        c.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let addr = server.addr;
+    let elapsed = blocking(move || {
+        let mut stream = connect(addr);
+        let started = Instant::now();
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        // One header byte every 200 ms: never a complete head.
+        while started.elapsed() < Duration::from_secs(6) {
+            if stream.write_all(b"X").is_err()
+                || closed_within(&mut stream, Duration::from_millis(200))
+            {
+                return started.elapsed();
+            }
+        }
+        panic!("a trickling client was still connected after 6 s");
+    })
+    .await;
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    // The same on a keep-alive connection after a response: the header
+    // timeout runs from the next request's first byte, not the idle one.
+    let elapsed = blocking(move || {
+        let mut stream = connect(addr);
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        read_response(&mut stream);
+        stream.write_all(b"GET /livez HTTP/1.1\r\n").unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(6) {
+            if stream.write_all(b"X").is_err()
+                || closed_within(&mut stream, Duration::from_millis(200))
+            {
+                return started.elapsed();
+            }
+        }
+        panic!("a trickling keep-alive client was still connected after 6 s");
+    })
+    .await;
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    // A normal request on the same server is served.
+    let live: Reply = blocking(move || http(addr, "GET", "/livez", b"")).await;
+    assert_eq!(live.status, 200, "{}", live.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    // Idle shorter than the header timeout: closed after the idle timeout.
+    let server = start(|c| {
+        c.header_read_timeout = Duration::from_secs(10);
+        c.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr = server.addr;
+    let elapsed = blocking(move || {
+        let mut stream = connect(addr);
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let response = read_response(&mut stream);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let idle_since = Instant::now();
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(5)),
+            "an idle keep-alive connection stayed open"
+        );
+        idle_since.elapsed()
+    })
+    .await;
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+
+    // Idle longer than the header timeout: a keep-alive connection outlives
+    // the header timeout and still serves its next request.
+    let server = start(|c| {
+        c.header_read_timeout = Duration::from_millis(500);
+        c.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let addr = server.addr;
+    blocking(move || {
+        let mut stream = connect(addr);
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        read_response(&mut stream);
+        assert!(!closed_within(&mut stream, Duration::from_millis(1500)));
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let response = read_response(&mut stream);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_connection_cap_probes_answer_tools_get_503_then_connections_close() {
+    const CAP: usize = 50;
+    const RESERVE: usize = 16;
+    let server = start(|c| {
+        c.header_read_timeout = Duration::from_secs(30);
+        c.max_connections = CAP;
+    })
+    .await;
+    let addr = server.addr;
+    blocking(move || {
+        let mut held: Vec<TcpStream> = (0..CAP).map(|_| connect(addr)).collect();
+        std::thread::sleep(Duration::from_millis(300));
+
+        // Over the cap: a tool route is refused fast with Retry-After...
+        let started = Instant::now();
+        let refused = http(addr, "GET", "/v1/plugins", b"");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(refused.header("retry-after"), Some("1"));
+        // ... while the probes answer.
+        for probe in ["/livez", "/readyz", "/v1/health"] {
+            let reply = http(addr, "GET", probe, b"");
+            assert_ne!(reply.status, 503, "{probe}: {}", reply.text());
+        }
+
+        // The reserve full too: a new connection is closed at once.
+        let reserve: Vec<TcpStream> = (0..RESERVE).map(|_| connect(addr)).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut extra = connect(addr);
+        let _ = extra.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(closed_within(&mut extra, Duration::from_millis(500)));
+        drop(reserve);
+
+        // Closing some of the held connections makes room again.
+        held.truncate(CAP - 10);
+        std::thread::sleep(Duration::from_millis(300));
+        let served = http(addr, "GET", "/v1/plugins", b"");
+        assert_eq!(served.status, 200, "{}", served.text());
+        drop(held);
+    })
+    .await;
+}
+
+/// Raises this process's soft file-descriptor limit to `want` if it is
+/// lower, within the hard limit; returns the soft limit now in force.
+fn raise_nofile(want: u64) -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current >= want {
+        return current;
+    }
+    let target = limit.maximum.map_or(want, |hard| hard.min(want));
+    let mut raised = limit;
+    raised.current = Some(target);
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => target,
+        Err(_) => current,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn livez_answers_within_100_ms_with_a_thousand_idle_connections() {
+    // Both ends of every connection live in this process, plus the other
+    // tests' descriptors.
+    let nofile = raise_nofile(8192);
+    let idle = usize::try_from(nofile.saturating_sub(512) / 2).map_or(1000, |n| n.min(1000));
+    let server = start(|c| {
+        c.header_read_timeout = Duration::from_secs(30);
+        c.max_connections = 2000;
+    })
+    .await;
+    let addr = server.addr;
+    blocking(move || {
+        let held: Vec<TcpStream> = (0..idle).map(|_| connect(addr)).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let live = http(addr, "GET", "/livez", b"");
+        let elapsed = started.elapsed();
+        assert_eq!(live.status, 200, "{}", live.text());
+        assert!(
+            elapsed < Duration::from_millis(100),
+            "/livez took {elapsed:?} with {idle} idle connections"
+        );
+        drop(held);
+    })
+    .await;
+}
+
+#[test]
+fn out_of_file_descriptors_the_binary_backs_off_and_keeps_accepting() {
+    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
+    let plugins = tempfile::tempdir().unwrap();
+    let server = Forgesyte::start(&["--plugins", plugins.path().to_str().unwrap()]);
+    server.wait_loaded();
+    let pid = Pid::from_raw(i32::try_from(server.pid()).unwrap()).unwrap();
+    let open = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .unwrap()
+        .count();
+    // Room for a few connections more than it has open now.
+    // (Its hard limit is this process's: inherited, and only soft limits
+    // are raised here.)
+    let lowered = Rlimit {
+        current: Some(u64::try_from(open).unwrap() + 4),
+        maximum: getrlimit(Resource::Nofile).maximum,
+    };
+    prlimit(Some(pid), Resource::Nofile, lowered).unwrap();
+
+    // More connections than it has descriptors for: accepting fails.
+    let held: Vec<TcpStream> = (0..20).map(|_| connect(server.addr)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("Cannot accept a connection") {
+        assert!(
+            Instant::now() < deadline,
+            "no accept error; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
+
+    // The descriptors back: it accepts and serves again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(reply) = try_http(server.addr, "GET", "/livez", b"")
+            && reply.status == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
