@@ -6,14 +6,33 @@
 //! `Authorization: Bearer <token>`; the comparison is `subtle`'s
 //! constant-time equality, which takes the same time wherever the first
 //! differing byte is, so response times do not leak the token byte by byte.
+//!
+//! [`AdminGate`] adds a brake on guessing: an address that presented
+//! [`MAX_FAILURES`] wrong tokens within [`FAILURE_WINDOW`] is answered 429
+//! (with `Retry-After`) until that window has passed, its attempts not even
+//! checked. The bookkeeping is a small map by address, hand-written: the
+//! rate-limiting crates count requests, not failures, and cannot refuse an
+//! address without charging it.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+
+/// Wrong tokens an address may present within [`FAILURE_WINDOW`].
+pub(crate) const MAX_FAILURES: u32 = 5;
+/// The window over which wrong tokens are counted, from the first one.
+pub(crate) const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses remembered at most: beyond it, expired ones are forgotten
+/// first, then the one whose window started first.
+const MAX_TRACKED: usize = 4096;
 
 /// Tokens shorter than this are accepted, with a warning at startup.
 pub(crate) const RECOMMENDED_TOKEN_LEN: usize = 16;
@@ -200,5 +219,201 @@ mod tests {
             authorize(Some(&token), &map),
             Err(ApiError::Forbidden)
         ));
+    }
+}
+
+/// The admin routes' gate: the token and the count of wrong tokens per
+/// client address.
+#[derive(Debug)]
+pub(crate) struct AdminGate {
+    token: Option<AdminToken>,
+    failures: Mutex<HashMap<Option<IpAddr>, Failures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+impl AdminGate {
+    pub(crate) fn new(token: Option<AdminToken>) -> AdminGate {
+        AdminGate {
+            token,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// [`authorize`], unless `peer` (the client's address; `None` when
+    /// unknown, one bucket for all such clients) presented too many wrong
+    /// tokens lately: then [`ApiError::TooManyAttempts`]. A wrong token
+    /// counts against its address; the right one clears the count.
+    pub(crate) fn check(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<(), ApiError> {
+        if self.token.is_none() {
+            return Err(ApiError::AdminDisabled);
+        }
+        if let Some(f) = self.failures().get(&peer) {
+            let elapsed = now.saturating_duration_since(f.since);
+            if f.count >= MAX_FAILURES && elapsed < FAILURE_WINDOW {
+                let left = FAILURE_WINDOW - elapsed;
+                return Err(ApiError::TooManyAttempts {
+                    retry_after_s: left.as_secs() + u64::from(left.subsec_nanos() > 0),
+                });
+            }
+        }
+        match authorize(self.token.as_ref(), headers) {
+            Ok(()) => {
+                self.failures().remove(&peer);
+                Ok(())
+            }
+            Err(ApiError::Forbidden) => {
+                self.record_failure(peer, now);
+                Err(ApiError::Forbidden)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// The map (a panic while it was held leaves it usable: its entries
+    /// are only counts).
+    fn failures(&self) -> MutexGuard<'_, HashMap<Option<IpAddr>, Failures>> {
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record_failure(&self, peer: Option<IpAddr>, now: Instant) {
+        let mut failures = self.failures();
+        let expired = |f: &Failures| now.saturating_duration_since(f.since) >= FAILURE_WINDOW;
+        if !failures.contains_key(&peer) && failures.len() >= MAX_TRACKED {
+            failures.retain(|_, f| !expired(f));
+            if failures.len() >= MAX_TRACKED
+                && let Some(oldest) = failures
+                    .iter()
+                    .min_by_key(|(_, f)| f.since)
+                    .map(|(k, _)| *k)
+            {
+                failures.remove(&oldest);
+            }
+        }
+        let entry = failures.entry(peer).or_insert(Failures {
+            count: 0,
+            since: now,
+        });
+        if expired(entry) {
+            *entry = Failures {
+                count: 0,
+                since: now,
+            };
+        }
+        entry.count += 1;
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        map
+    }
+
+    fn gate() -> AdminGate {
+        AdminGate::new(AdminToken::new("the-right-token-123"))
+    }
+
+    #[test]
+    fn wrong_tokens_lock_an_address_out_for_the_rest_of_the_window() {
+        let gate = gate();
+        let t0 = Instant::now();
+        let attacker = Some(IpAddr::from([10, 0, 0, 1]));
+        let other = Some(IpAddr::from([10, 0, 0, 2]));
+        for i in 0..MAX_FAILURES {
+            let at = t0 + Duration::from_secs(u64::from(i));
+            assert!(matches!(
+                gate.check(&bearer("guess"), attacker, at),
+                Err(ApiError::Forbidden)
+            ));
+        }
+        // Locked: even the right token is not checked, until the window
+        // that began with the first failure ends.
+        let at = t0 + Duration::from_secs(10);
+        match gate.check(&bearer("the-right-token-123"), attacker, at) {
+            Err(ApiError::TooManyAttempts { retry_after_s }) => assert_eq!(retry_after_s, 50),
+            other => panic!("{other:?}"),
+        }
+        // Another address is not affected.
+        assert!(
+            gate.check(&bearer("the-right-token-123"), other, at)
+                .is_ok()
+        );
+        // After the window, the right token works and clears the count.
+        let later = t0 + FAILURE_WINDOW;
+        assert!(
+            gate.check(&bearer("the-right-token-123"), attacker, later)
+                .is_ok()
+        );
+        assert!(matches!(
+            gate.check(&bearer("guess"), attacker, later),
+            Err(ApiError::Forbidden)
+        ));
+    }
+
+    #[test]
+    fn failures_spread_over_more_than_a_window_never_lock() {
+        let gate = gate();
+        let t0 = Instant::now();
+        let peer = Some(IpAddr::from([10, 0, 0, 3]));
+        for i in 0..(3 * MAX_FAILURES) {
+            let at = t0 + Duration::from_secs(u64::from(i) * 20);
+            assert!(
+                matches!(
+                    gate.check(&bearer("guess"), peer, at),
+                    Err(ApiError::Forbidden)
+                ),
+                "attempt {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_header_is_not_a_guess_and_no_token_disables() {
+        let gate = gate();
+        let now = Instant::now();
+        for _ in 0..(2 * MAX_FAILURES) {
+            assert!(matches!(
+                gate.check(&HeaderMap::new(), None, now),
+                Err(ApiError::Unauthorized { .. })
+            ));
+        }
+        assert!(
+            gate.check(&bearer("the-right-token-123"), None, now)
+                .is_ok()
+        );
+        assert!(matches!(
+            AdminGate::new(None).check(&bearer("x"), None, now),
+            Err(ApiError::AdminDisabled)
+        ));
+    }
+
+    #[test]
+    fn the_map_of_addresses_stays_bounded() {
+        let gate = gate();
+        let now = Instant::now();
+        for i in 0..(MAX_TRACKED as u32 + 100) {
+            let peer = Some(IpAddr::from(i.to_be_bytes()));
+            let _ = gate.check(&bearer("guess"), peer, now);
+        }
+        assert_eq!(gate.failures().len(), MAX_TRACKED);
     }
 }

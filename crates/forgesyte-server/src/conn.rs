@@ -27,6 +27,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -104,10 +106,10 @@ pub(crate) async fn serve(
     let mut last_warned: Option<Instant> = None;
     tokio::pin!(stop);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) if is_peer_error(&e) => continue,
                 Err(e) => {
                     if last_warned.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
@@ -125,15 +127,18 @@ pub(crate) async fn serve(
         };
         // Nagle only delays small responses; failing to turn it off is harmless.
         let _ = stream.set_nodelay(true);
+        // Every request knows its client's address (axum's `ConnectInfo`):
+        // the admin routes log it and count wrong tokens by it.
+        let service = with_peer(service.clone(), peer);
         if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
-            let connection = connection(stream, service.clone(), limits, true);
+            let connection = connection(stream, service, limits, true);
             let watched = graceful.watch(connection);
             tokio::spawn(async move {
                 let _ = watched.await;
                 drop(permit);
             });
         } else if let Ok(permit) = Arc::clone(&reserve).try_acquire_owned() {
-            let main = service.clone();
+            let main = service;
             let probes_only = service_fn(move |request: Request<Incoming>| {
                 let main = main.clone();
                 async move {
@@ -185,6 +190,32 @@ where
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(keep_alive)
         .serve_connection(TokioIo::new(TimedStream { stream, clock }), service)
+}
+
+/// `service` with the client's address in every request's extensions.
+fn with_peer<S>(inner: S, peer: SocketAddr) -> WithPeer<S> {
+    WithPeer { inner, peer }
+}
+
+/// See [`with_peer`].
+#[derive(Debug, Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for WithPeer<S>
+where
+    S: hyper::service::Service<Request<Incoming>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        self.inner.call(request)
+    }
 }
 
 /// 503 with `Retry-After`, closing the connection: the answer beyond the cap.

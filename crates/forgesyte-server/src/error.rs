@@ -166,6 +166,13 @@ pub enum ApiError {
     /// The bearer token is not the admin token (403).
     #[error("Invalid admin token")]
     Forbidden,
+    /// Too many wrong admin tokens from this address lately (429, with
+    /// `Retry-After`): the attempt was not checked.
+    #[error("Too many invalid admin tokens from this address; retry in {retry_after_s} s")]
+    TooManyAttempts {
+        /// Seconds until the address may try again.
+        retry_after_s: u64,
+    },
     /// Another load pass or reload is running (409).
     #[error("{what} is running; try again when it has finished")]
     Busy {
@@ -192,6 +199,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::AdminDisabled | ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadPath { .. } => StatusCode::BAD_REQUEST,
             ApiError::Busy { .. } => StatusCode::CONFLICT,
             ApiError::Run { error, .. } => error.status(),
@@ -231,7 +239,9 @@ impl IntoResponse for ApiError {
             other if status.is_server_error() => {
                 tracing::warn!(status = status.as_u16(), "{other}");
             }
-            ApiError::Unauthorized { .. } | ApiError::Forbidden => {
+            ApiError::Unauthorized { .. }
+            | ApiError::Forbidden
+            | ApiError::TooManyAttempts { .. } => {
                 tracing::warn!(status = status.as_u16(), "admin route refused: {self}");
             }
             other => tracing::debug!(status = status.as_u16(), "{other}"),
@@ -247,6 +257,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::TooManyAttempts { retry_after_s } = &self {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }
         if matches!(self, ApiError::Unauthorized { .. }) {
             // RFC 6750 §3: a 401 names the scheme the client should use.
@@ -583,6 +598,11 @@ mod tests {
             ),
             (ApiError::Forbidden, 403, "Invalid admin token"),
             (
+                ApiError::TooManyAttempts { retry_after_s: 42 },
+                429,
+                "Too many invalid admin tokens",
+            ),
+            (
                 ApiError::Busy {
                     what: "The startup load pass",
                 },
@@ -601,6 +621,13 @@ mod tests {
             assert_eq!(
                 response.headers().contains_key(WWW_AUTHENTICATE),
                 status == 401
+            );
+            assert_eq!(
+                response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .map(|v| v.to_str().unwrap().to_owned()),
+                (status == 429).then(|| "42".to_owned())
             );
         }
     }

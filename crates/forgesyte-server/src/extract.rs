@@ -20,7 +20,7 @@
 
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequestParts, MatchedPath, Path};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path};
 use axum::http::request::Parts;
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
@@ -214,5 +214,40 @@ mod tests {
         let (status, body) = answer("/pair/x").await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(detail(&body), "Internal Server Error");
+    }
+}
+
+/// The client's address, when the connection layer recorded it
+/// ([`crate::conn`] does, as axum's `ConnectInfo`); a router driven
+/// in-process (tests) has none.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) Option<std::net::SocketAddr>);
+
+impl Peer {
+    /// The client's IP address, if known.
+    pub(crate) fn ip(self) -> Option<std::net::IpAddr> {
+        self.0.map(|a| a.ip())
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("an unknown address"),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0),
+        ))
     }
 }

@@ -24,9 +24,8 @@ use forgesyte_loader::{LoadReport, PluginLoadOutcome};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::admin;
 use crate::error::{ApiError, ErrorDetail, Shown};
-use crate::extract::{ApiPath, PluginPath};
+use crate::extract::{ApiPath, Peer, PluginPath};
 use crate::respond::json;
 use crate::state::AppState;
 use crate::wire::PluginStateJson;
@@ -94,6 +93,19 @@ impl From<LoadReport> for ReloadReport {
     }
 }
 
+/// Checks an admin request's token (and its address's recent wrong ones),
+/// logging a refusal with the caller's address.
+fn admit(state: &AppState, headers: &HeaderMap, peer: Peer) -> Result<(), ApiError> {
+    state
+        .admin()
+        .check(headers, peer.ip(), std::time::Instant::now())
+        .inspect_err(|e| {
+            if !matches!(e, ApiError::AdminDisabled) {
+                tracing::warn!(%peer, "Admin: request from {peer} refused: {e}");
+            }
+        })
+}
+
 /// Reloads one plugin (admin token required).
 #[utoipa::path(
     post,
@@ -105,18 +117,20 @@ impl From<LoadReport> for ReloadReport {
         (status = 200, description = "The plugin's state after the reload (which may be FAILED: see `reason`)", body = ReloadOutcome),
         (status = 401, description = "No `Authorization: Bearer <token>` header", body = ErrorDetail),
         (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = ErrorDetail),
+        (status = 429, description = "Too many wrong tokens from this address in the last minute (`Retry-After` says when to try again)", body = ErrorDetail),
         (status = 404, description = "No plugin of that name", body = ErrorDetail),
         (status = 409, description = "The startup load pass or another reload is running", body = ErrorDetail),
     )
 )]
 pub(crate) async fn reload_plugin(
     State(state): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
     ApiPath(PluginPath { name }): ApiPath<PluginPath>,
 ) -> Result<Response, ApiError> {
-    admin::authorize(state.admin_token(), &headers)?;
+    admit(&state, &headers, peer)?;
     let guard = state.begin_admin()?;
-    tracing::info!(plugin = %Shown(&name), "Reload requested");
+    tracing::info!(plugin = %Shown(&name), %peer, "Admin: reload of plugin {} requested by {peer}", Shown(&name));
     let loader = Arc::clone(state.loader());
     let key = name.clone();
     let outcome = tokio::task::spawn_blocking(move || {
@@ -147,16 +161,18 @@ pub(crate) async fn reload_plugin(
         (status = 200, description = "Every plugin's state after the reload", body = ReloadReport),
         (status = 401, description = "No `Authorization: Bearer <token>` header", body = ErrorDetail),
         (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = ErrorDetail),
+        (status = 429, description = "Too many wrong tokens from this address in the last minute (`Retry-After` says when to try again)", body = ErrorDetail),
         (status = 409, description = "The startup load pass or another reload is running", body = ErrorDetail),
     )
 )]
 pub(crate) async fn reload_all(
     State(state): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    admin::authorize(state.admin_token(), &headers)?;
+    admit(&state, &headers, peer)?;
     let guard = state.begin_admin()?;
-    tracing::info!("Reload of every plugin requested");
+    tracing::info!(%peer, "Admin: reload of every plugin requested by {peer}");
     let loader = Arc::clone(state.loader());
     let report = tokio::task::spawn_blocking(move || {
         let _guard = guard;

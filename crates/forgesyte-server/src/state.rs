@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use forgesyte_loader::Loader;
 use forgesyte_registry::Registry;
 
-use crate::admin::AdminToken;
+use crate::admin::AdminGate;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::pool::CallPool;
@@ -36,7 +36,7 @@ struct Inner {
     call_timeout: Duration,
     body_limit: usize,
     loading: AtomicBool,
-    admin_token: Option<AdminToken>,
+    admin: AdminGate,
     /// An admin operation (reload) is running.
     admin_busy: AtomicBool,
     /// The last serialised `GET /v1/plugins` body; see [`AppState::list_body`].
@@ -73,7 +73,7 @@ impl AppState {
                 call_timeout: config.call_timeout,
                 body_limit: config.body_limit,
                 loading: AtomicBool::new(false),
-                admin_token: config.admin_token.clone(),
+                admin: AdminGate::new(config.admin_token.clone()),
                 admin_busy: AtomicBool::new(false),
                 list_cache: ArcSwapOption::empty(),
                 started: Instant::now(),
@@ -183,9 +183,9 @@ impl AppState {
         self.inner.max_calls_per_plugin
     }
 
-    /// The token of the admin routes; `None`: they are disabled.
-    pub(crate) fn admin_token(&self) -> Option<&AdminToken> {
-        self.inner.admin_token.as_ref()
+    /// The admin routes' gate (their token, and wrong tokens by address).
+    pub(crate) fn admin(&self) -> &AdminGate {
+        &self.inner.admin
     }
 
     /// Claims the right to run one admin operation (a reload): refused with

@@ -168,3 +168,52 @@ async fn reload_all_retries_unavailable_plugins_and_finds_new_ones() {
     let list = get(&w.app, "/v1/plugins").await.json();
     assert_eq!(list.as_array().unwrap().len(), 4);
 }
+
+/// Over real TCP: each admin action is logged with the caller's address,
+/// and an address that keeps guessing tokens is locked out (429 with
+/// `Retry-After`), its next attempt not even checked, the right token
+/// included.
+#[test]
+fn admin_actions_name_the_caller_and_guessing_is_locked_out() {
+    use crate::support::{Forgesyte, PluginsDir, try_http_with};
+    let dir = PluginsDir::new();
+    dir.good("alpha", serde_json::json!({}));
+    let token = "a-long-enough-admin-token";
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    let reload = |bearer: &str| {
+        let header = format!("Bearer {bearer}");
+        try_http_with(
+            server.addr,
+            "POST",
+            "/v1/plugins/alpha/reload",
+            &[("authorization", header.as_str())],
+            b"",
+        )
+        .unwrap()
+    };
+    assert_eq!(reload(token).status, 200);
+    for attempt in 0..5 {
+        let reply = reload("a-guess");
+        assert_eq!(reply.status, 403, "attempt {attempt}: {}", reply.text());
+    }
+    let locked = reload(token);
+    assert_eq!(locked.status, 429, "{}", locked.text());
+    let retry: u64 = locked
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=60).contains(&retry), "Retry-After: {retry}");
+    let log = server.log();
+    assert!(
+        log.contains("Admin: reload of plugin alpha requested by 127.0.0.1:"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Admin: request from 127.0.0.1:") && log.contains("Invalid admin token"),
+        "{log}"
+    );
+}
