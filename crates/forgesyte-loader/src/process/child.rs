@@ -449,6 +449,7 @@ pub(crate) fn spawn_supervised(mut command: Command) -> std::io::Result<std::pro
     static SPAWNER: OnceLock<StdMutex<Sender<Job>>> = OnceLock::new();
 
     command.process_group(0);
+    set_no_new_privs(&mut command);
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = channel::<Job>();
         let started = std::thread::Builder::new()
@@ -476,6 +477,24 @@ pub(crate) fn spawn_supervised(mut command: Command) -> std::io::Result<std::pro
         // No spawner thread: fork here, without the parent-death signal
         // (it would fire when this thread ends).
         Err(std::sync::mpsc::SendError((mut command, _))) => command.spawn(),
+    }
+}
+
+/// Sets `no_new_privs` in the child before it runs anything: neither the
+/// runner nor anything it (or a plugin) executes can gain privileges
+/// through set-uid binaries or file capabilities. Inherited across fork and
+/// exec, so it holds for a zygote's runners too.
+#[allow(unsafe_code)]
+fn set_no_new_privs(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec in the child, where
+    // only async-signal-safe work is allowed: `prctl` is a plain system
+    // call, and its error is returned without allocating.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::thread::set_no_new_privs(true)?;
+            Ok(())
+        });
     }
 }
 

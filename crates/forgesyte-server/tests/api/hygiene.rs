@@ -281,3 +281,23 @@ fn zygote_pid(server: u32) -> Option<u32> {
                 .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"--zygote"))
         })
 }
+
+/// Runners (native, and Python ones forked by a zygote) run with
+/// `no_new_privs`: nothing they execute gains privileges.
+#[test]
+fn runners_run_with_no_new_privs() {
+    let dir = PluginsDir::new();
+    dir.good("iso", json!({"isolation": "process"}));
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    for name in ["iso", "py"] {
+        let pid = runner_pid(server.pid(), name).unwrap_or_else(|| panic!("no runner of {name}"));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let flag = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NoNewPrivs:"))
+            .map(str::trim);
+        assert_eq!(flag, Some("1"), "{name} (pid {pid}):\n{status}");
+    }
+}
