@@ -9,6 +9,12 @@
 //! `8 + 4·count + header_len + Σ size_i` must equal `len`; anything else is
 //! a malformed frame. A reader checks `len` against its limit before it
 //! reads (or allocates) the body.
+//!
+//! Hostile bytes: whatever a peer sends, a reader holds at most `limit`
+//! bytes for a frame (reserved once, so a peer that announces `limit` and
+//! sends less costs that much until the stream ends), and [`Frame::parse`]
+//! allocates nothing beyond the body's size. Property tests beside this
+//! code check both, and that arbitrary bytes end in a [`FrameError`].
 
 use std::io::{self, Read, Write};
 use std::ops::Range;

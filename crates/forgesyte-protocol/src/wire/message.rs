@@ -8,7 +8,10 @@
 //!
 //! Decoding goes through one flat envelope per direction (serde cannot
 //! decode a [`RawValue`] inside an internally tagged enum), so a message is
-//! parsed in one pass and unknown fields are ignored.
+//! parsed in one pass and unknown fields are ignored. A payload present as
+//! `null` is a payload, never a missing field. Nesting deeper than
+//! `serde_json`'s limit (128) is an error where a decoder builds values
+//! (tool specs); embedded payloads are skipped without recursion.
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
