@@ -904,6 +904,9 @@ mod tests {
 
         /// The same objects as bytes, damaged or not: `parse` agrees with
         /// [`from_value_in`] on intact text and never panics on damaged text.
+        /// (Intact text is compared with the value it reads back as: without
+        /// `serde_json`'s `float_roundtrip`, a float may come back one unit
+        /// in the last place off, and its error message shows it.)
         #[test]
         fn manifest_text_parses_as_its_value(raw in manifest_object(),
                                              cut in any::<prop::sample::Index>(),
@@ -919,7 +922,9 @@ mod tests {
             if !damage {
                 prop_assert_eq!(
                     parse(&bytes, path, "x").map(|m| m.name).map_err(|e| e.to_string()),
-                    from_value(raw, "x").map(|m| m.name).map_err(|e| e.to_string())
+                    from_value(serde_json::from_slice(&bytes).unwrap(), "x")
+                        .map(|m| m.name)
+                        .map_err(|e| e.to_string())
                 );
             }
         }
