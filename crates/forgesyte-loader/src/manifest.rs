@@ -470,6 +470,7 @@ fn wrong_type(field: &str, expected: &str, found: &Value) -> ManifestError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn check(json: &str, expect: Result<&str, &str>) {
@@ -688,5 +689,244 @@ mod tests {
         assert_eq!(key_from_dir_name("my plugin"), "my_plugin");
         assert_eq!(key_from_dir_name(".hidden"), "p.hidden");
         assert!(is_valid_name(&key_from_dir_name(&"é".repeat(100))));
+    }
+
+    /// The manifest's keys (top level and nested), and a few more.
+    const KEYS: &[&str] = &[
+        "id",
+        "name",
+        "version",
+        "description",
+        "entrypoint",
+        "library",
+        "runtime",
+        "python",
+        "isolation",
+        "optional",
+        "preflight",
+        "tools",
+        "limits",
+        "dependencies",
+        "requires_gpu",
+        "models",
+        "call_timeout_s",
+        "init_timeout_s",
+        "memory_mb",
+        "max_response_mb",
+        "min_devices",
+        "min_memory_mb",
+        "min_compute_capability",
+    ];
+
+    /// Strings a manifest holds, right and wrong: names, runtimes,
+    /// isolations, dependency specs, paths that escape, versions, anything.
+    fn text() -> impl Strategy<Value = String> + Clone {
+        prop_oneof![
+            prop::sample::select(
+                &[
+                    "ocr",
+                    "../../etc",
+                    "/abs/lib.so",
+                    "lib.so",
+                    "a\0b",
+                    "",
+                    "native",
+                    "python",
+                    "process",
+                    "in-process",
+                    "lib:ssl",
+                    "bin:ffmpeg",
+                    "env:HOME",
+                    "py:numpy>=1",
+                    "foo:bar",
+                    "lib:",
+                    "pkg.mod:Class",
+                    "plugin.py:X",
+                    "8.6",
+                    "x.y",
+                    "1.2.3",
+                ][..]
+            )
+            .prop_map(str::to_owned),
+            ".{0,10}",
+        ]
+    }
+
+    /// A JSON scalar, often one on the edge of a field's range.
+    fn leaf() -> impl Strategy<Value = Value> + Clone {
+        prop_oneof![
+            1 => Just(Value::Null),
+            1 => any::<bool>().prop_map(Value::from),
+            1 => any::<i64>().prop_map(Value::from),
+            1 => any::<u64>().prop_map(Value::from),
+            1 => any::<f64>().prop_map(Value::from),
+            2 => prop::sample::select(&[0.0, -1.0, 1e-300, 0.5, 86_400.0, 86_400.5, 1e300][..])
+                .prop_map(Value::from),
+            2 => prop::sample::select(&[0, 1, 2, 1024 * 1024, 1024 * 1024 + 1, u64::MAX][..])
+                .prop_map(Value::from),
+            3 => text().prop_map(Value::from),
+        ]
+    }
+
+    /// JSON of any type; objects keyed mostly by the manifest's keys, so
+    /// that every field is seen with values of every type, nested ones too.
+    fn json_value() -> impl Strategy<Value = Value> + Clone {
+        leaf().prop_recursive(3, 24, 6, |inner| {
+            let key =
+                prop_oneof![3 => prop::sample::select(KEYS).prop_map(str::to_owned), 1 => ".{0,5}"];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((key, inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A value shaped like one of a manifest's: a scalar, a list of
+    /// scalars, or an object of the nested keys (`limits`, `requires_gpu`,
+    /// `models`) with scalar values; or any JSON at all.
+    fn field_value() -> impl Strategy<Value = Value> {
+        let nested = prop::sample::select(&KEYS[16..]).prop_map(str::to_owned);
+        prop_oneof![
+            3 => leaf(),
+            1 => prop::collection::vec(leaf(), 0..3).prop_map(Value::Array),
+            3 => prop::collection::vec((nested, leaf()), 0..3)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            1 => json_value(),
+        ]
+    }
+
+    /// A value of `key` that is right, or right in type with a value on
+    /// the edge of its range (the limits, the GPU's numbers).
+    fn plausible(key: &'static str) -> BoxedStrategy<Value> {
+        let pick = |options: &'static [&'static str]| {
+            prop::sample::select(options).prop_map(Value::from).boxed()
+        };
+        let object_of = |keys: &'static [&'static str]| {
+            prop::collection::vec((prop::sample::select(keys), leaf()), 0..4)
+                .prop_map(|kv| {
+                    Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                })
+                .boxed()
+        };
+        match key {
+            "id" | "name" => pick(&["ocr", "a-b.c_1", "x"]),
+            "version" => prop_oneof![pick(&["1.0.0"]), any::<u32>().prop_map(Value::from)].boxed(),
+            "entrypoint" | "library" => {
+                pick(&["lib.so", "pkg.mod:Class", "plugin.py", "sub/lib.so"])
+            }
+            "runtime" => pick(&["native", "python"]),
+            "python" => pick(&["python3", "/usr/bin/python3"]),
+            "isolation" => pick(&["process", "in-process"]),
+            "optional" | "preflight" => any::<bool>().prop_map(Value::from).boxed(),
+            "tools" => Just(json!([])).boxed(),
+            "limits" => object_of(&KEYS[16..20]),
+            "requires_gpu" => {
+                prop_oneof![any::<bool>().prop_map(Value::from), object_of(&KEYS[20..])].boxed()
+            }
+            "dependencies" => prop::collection::vec(text(), 0..3)
+                .prop_map(|v| Value::Array(v.into_iter().map(Value::from).collect()))
+                .boxed(),
+            "models" => prop::collection::vec((text(), text()), 0..3)
+                .prop_map(|kv| {
+                    Value::Object(kv.into_iter().map(|(k, v)| (k, Value::from(v))).collect())
+                })
+                .boxed(),
+            _ => text().prop_map(Value::from).boxed(),
+        }
+    }
+
+    /// A manifest object: each top-level key absent (most often), with a
+    /// plausible value, or with any value at all (names and types wrong
+    /// inside nested objects included).
+    fn manifest_object() -> impl Strategy<Value = Value> {
+        let fields: Vec<_> = KEYS[..16]
+            .iter()
+            .map(|&key| {
+                prop_oneof![
+                    8 => Just(None),
+                    4 => plausible(key).prop_map(move |v| Some((key, v))),
+                    1 => field_value().prop_map(move |v| Some((key, v))),
+                ]
+            })
+            .collect();
+        fields.prop_map(|fields| {
+            Value::Object(
+                fields
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+            )
+        })
+    }
+
+    /// What a refused manifest must carry: a reason a person can act on.
+    fn refused_with_a_reason(e: &ManifestError) -> Result<(), TestCaseError> {
+        let text = e.to_string();
+        prop_assert!(text.len() > 10, "{e:?}");
+        if let ManifestError::InvalidField { field, .. } = e {
+            prop_assert!(
+                text.contains(field.as_str()),
+                "{text} does not name {field}"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        // 256 cases each (the default); each property runs in well under a
+        // second.
+
+        /// Arbitrary bytes: a manifest or a typed error with a reason.
+        #[test]
+        fn arbitrary_bytes_are_refused_with_a_reason(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            if let Err(e) = parse(&bytes, Path::new("/p/x/manifest.json"), "x") {
+                refused_with_a_reason(&e)?;
+            }
+        }
+
+        /// The manifest's keys with values of every type (nested objects
+        /// included): validated, or refused naming the field.
+        #[test]
+        fn any_manifest_object_is_valid_or_refused_by_field(raw in manifest_object(), py in any::<bool>()) {
+            match from_value_in(raw.clone(), "x", py) {
+                Ok(m) => {
+                    prop_assert!(is_valid_name(&m.name), "{}", m.name);
+                    prop_assert_eq!(&*m.raw, &raw);
+                    if let Some(entry) = &m.entrypoint {
+                        prop_assert!(check_relative("entrypoint", entry).is_ok());
+                    }
+                }
+                Err(e) => refused_with_a_reason(&e)?,
+            }
+        }
+
+        /// The same objects as bytes, damaged or not: `parse` agrees with
+        /// [`from_value_in`] on intact text and never panics on damaged text.
+        /// (Intact text is compared with the value it reads back as: without
+        /// `serde_json`'s `float_roundtrip`, a float may come back one unit
+        /// in the last place off, and its error message shows it.)
+        #[test]
+        fn manifest_text_parses_as_its_value(raw in manifest_object(),
+                                             cut in any::<prop::sample::Index>(),
+                                             damage in any::<bool>()) {
+            let mut bytes = serde_json::to_vec_pretty(&raw).unwrap();
+            if damage {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            let path = Path::new("/p/x/manifest.json");
+            if let Err(e) = parse(&bytes, path, "x") {
+                refused_with_a_reason(&e)?;
+            }
+            if !damage {
+                prop_assert_eq!(
+                    parse(&bytes, path, "x").map(|m| m.name).map_err(|e| e.to_string()),
+                    from_value(serde_json::from_slice(&bytes).unwrap(), "x")
+                        .map(|m| m.name)
+                        .map_err(|e| e.to_string())
+                );
+            }
+        }
     }
 }

@@ -520,6 +520,7 @@ fn classify_open_error(path: &Path, message: &str) -> ImportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn open_errors_are_classified() {
@@ -635,5 +636,160 @@ mod tests {
             (Some("InvalidInput".into()), "bad".into())
         );
         assert_eq!(error_parts(b"plain"), (None, "plain".into()));
+    }
+
+    /// The smallest file `inspect` accepts with a fingerprint: a 64-bit
+    /// little-endian ELF shared object (x86-64) of 856 bytes with one
+    /// loadable segment (the whole file) and three sections: the null one,
+    /// `.shstrtab`, and `.forgesyte_abi` holding `record`.
+    fn tiny_library(record: &[u8]) -> Vec<u8> {
+        const NAMES: &[u8] = b"\0.shstrtab\0.forgesyte_abi\0";
+        let names_at = 64 + 56;
+        let record_at = names_at + NAMES.len();
+        let shoff = (record_at + record.len()).next_multiple_of(8);
+        let total = shoff + 3 * 64;
+        let mut elf = Vec::with_capacity(total);
+        let u16 = |elf: &mut Vec<u8>, v: u16| elf.extend_from_slice(&v.to_le_bytes());
+        let u32 = |elf: &mut Vec<u8>, v: u32| elf.extend_from_slice(&v.to_le_bytes());
+        let u64 = |elf: &mut Vec<u8>, v: usize| elf.extend_from_slice(&(v as u64).to_le_bytes());
+        // File header.
+        elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        u16(&mut elf, 3); // ET_DYN
+        u16(&mut elf, 62); // EM_X86_64
+        u32(&mut elf, 1);
+        u64(&mut elf, 0); // e_entry
+        u64(&mut elf, 64); // e_phoff
+        u64(&mut elf, shoff);
+        u32(&mut elf, 0); // e_flags
+        for v in [64, 56, 1, 64, 3, 1] {
+            // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+            u16(&mut elf, v);
+        }
+        // PT_LOAD over the whole file.
+        u32(&mut elf, 1);
+        u32(&mut elf, 4);
+        for v in [0, 0, 0, total, total, 0x1000] {
+            u64(&mut elf, v);
+        }
+        elf.extend_from_slice(NAMES);
+        elf.extend_from_slice(record);
+        elf.resize(shoff, 0);
+        elf.resize(shoff + 64, 0); // the null section
+        for (name, kind, at, size) in [
+            (1, 3, names_at, NAMES.len()),
+            (11, 1, record_at, record.len()),
+        ] {
+            u32(&mut elf, name);
+            u32(&mut elf, kind);
+            u64(&mut elf, 0); // sh_flags
+            u64(&mut elf, 0); // sh_addr
+            u64(&mut elf, at);
+            u64(&mut elf, size);
+            u32(&mut elf, 0);
+            u32(&mut elf, 0);
+            u64(&mut elf, 1);
+            u64(&mut elf, 0);
+        }
+        assert_eq!(elf.len(), total);
+        elf
+    }
+
+    fn this_hosts_record() -> Vec<u8> {
+        let host = Fingerprint::current();
+        fingerprint::build_record(
+            host.abi_version,
+            &host.sdk_version,
+            &host.rustc_version,
+            &host.target,
+        )
+        .to_vec()
+    }
+
+    fn inspect_bytes(bytes: &[u8]) -> Result<Option<Fingerprint>, ImportError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libhostile.so");
+        std::fs::write(&path, bytes).unwrap();
+        inspect(&path)
+    }
+
+    /// A refused file: an import error that names the file and says why.
+    fn refused_with_a_reason(err: &ImportError) -> Result<(), TestCaseError> {
+        let text = err.to_string();
+        prop_assert!(text.contains("libhostile.so"), "{text}");
+        prop_assert!(
+            matches!(
+                err,
+                ImportError::NotALibrary { .. }
+                    | ImportError::InvalidInterface { .. }
+                    | ImportError::AbiMismatch { .. }
+                    | ImportError::Incompatible { .. }
+            ),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_tiny_library_passes_inspection_with_its_fingerprint() {
+        let found = inspect_bytes(&tiny_library(&this_hosts_record())).unwrap();
+        assert_eq!(found, Some(Fingerprint::current()));
+        let other = fingerprint::build_record(ABI_VERSION + 1, "0", "r", "t");
+        let err = inspect_bytes(&tiny_library(&other)).unwrap_err();
+        assert!(matches!(err, ImportError::AbiMismatch { .. }), "{err}");
+    }
+
+    proptest! {
+        // Each case writes a file of at most a few KiB and reads it back:
+        // 256 cases take under a second.
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes, often behind a valid ELF identification so that
+        /// the header fields are what is arbitrary.
+        #[test]
+        fn arbitrary_files_are_refused_with_a_reason(mut bytes in prop::collection::vec(any::<u8>(), 0..1024),
+                                                    elf_magic in any::<bool>()) {
+            if elf_magic && bytes.len() >= 6 {
+                bytes[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
+            }
+            if let Err(e) = inspect_bytes(&bytes) {
+                refused_with_a_reason(&e)?;
+            }
+        }
+
+        /// A real library (the tiny one, or `/bin/true` where there is one)
+        /// with bytes flipped and cut short: offsets, counts and sizes of
+        /// anything up to 2^64 are refused or ignored without reading (or
+        /// allocating) past the end of the file, never a panic.
+        #[test]
+        fn damaged_libraries_are_refused_with_a_reason(
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            in_headers in any::<bool>(),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+            real in any::<bool>(),
+        ) {
+            let mut bytes = match std::fs::read("/bin/true") {
+                Ok(bytes) if real => bytes,
+                _ => tiny_library(&this_hosts_record()),
+            };
+            let len = bytes.len();
+            for (at, byte) in flips {
+                // Half the flips hit the headers (the first 120 bytes or
+                // the section table at the end), where a byte means most.
+                let i = if in_headers {
+                    let header = at.index(120 + 192);
+                    if header < 120 { header } else { len - 192 + (header - 120) }
+                } else {
+                    at.index(len)
+                };
+                bytes[i] = byte;
+            }
+            if truncate {
+                bytes.truncate(cut.index(len));
+            }
+            if let Err(e) = inspect_bytes(&bytes) {
+                refused_with_a_reason(&e)?;
+            }
+        }
     }
 }

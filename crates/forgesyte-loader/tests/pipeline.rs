@@ -237,6 +237,36 @@ fn bad_manifests_fail_with_the_problem_named() {
 }
 
 #[test]
+fn the_manifest_size_cap_is_checked_at_its_boundary_before_parsing() {
+    // A manifest of exactly the cap loads; one byte more is refused by size
+    // before it is parsed (its text is valid JSON: only its size is wrong).
+    let s = Setup::new();
+    let text = manifest("atcap", json!({}));
+    let cap = text.len() + 8;
+    let at_cap = format!("{text}{}", " ".repeat(cap - text.len()));
+    let over = manifest("over", json!({}));
+    let over = format!("{over}{}", " ".repeat(cap + 1 - over.len()));
+    assert_eq!((at_cap.len(), over.len()), (cap, cap + 1));
+    s.plugin("atcap", &at_cap, FakeBehavior::Good)
+        .plugin("over", &over, FakeBehavior::Good);
+    let config = LoaderConfig {
+        max_manifest_bytes: cap as u64,
+        ..LoaderConfig::default()
+    };
+    s.loader_with(config).load_all("/plugins".as_ref());
+    s.check("atcap", S::Initialized, &[]);
+    s.check(
+        "over",
+        S::Failed,
+        &[
+            "ManifestError: ",
+            &format!("{} bytes", cap + 1),
+            &format!("{cap}-byte limit"),
+        ],
+    );
+}
+
+#[test]
 fn a_50_mb_manifest_on_disk_is_refused_without_reading_it_all() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("huge");

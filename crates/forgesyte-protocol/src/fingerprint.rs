@@ -254,6 +254,7 @@ const fn put_json_str(out: &mut Record, at: usize, s: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn json_part(record: &Record) -> &str {
         let json = &record[JSON_OFFSET..];
@@ -353,6 +354,31 @@ mod tests {
             record[..12].copy_from_slice(&MAGIC);
             record[12..16].copy_from_slice(&1u32.to_le_bytes());
             assert!(Fingerprint::parse(&record).is_err());
+        }
+    }
+
+    proptest! {
+        // 256 cases (the default), well under a second.
+        /// A section's bytes, anything or a real record with bytes flipped
+        /// and cut: a fingerprint or an error that says what is wrong.
+        #[test]
+        fn damaged_records_are_errors_with_a_reason(
+            random in prop::collection::vec(any::<u8>(), 0..600),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in 0usize..=RECORD_LEN + 8,
+            real in any::<bool>(),
+        ) {
+            let mut bytes = if real { RECORD.to_vec() } else { random };
+            if !bytes.is_empty() {
+                for (at, byte) in flips {
+                    let i = at.index(bytes.len());
+                    bytes[i] = byte;
+                }
+            }
+            bytes.truncate(cut);
+            if let Err(e) = Fingerprint::parse(&bytes) {
+                prop_assert!(e.to_string().len() > 10, "{e:?}");
+            }
         }
     }
 }

@@ -216,6 +216,7 @@ pub(crate) fn binary_arguments(input_schema: &Value) -> Vec<&str> {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn headers(content_type: &str) -> HeaderMap {
@@ -388,6 +389,183 @@ mod tests {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "{text}: {err:?}"
             );
+        }
+    }
+
+    /// `read` on a runtime of its own (a proptest case is synchronous).
+    fn read_blocking(content_type: &str, body: Vec<u8>) -> Result<RunInput, RunError> {
+        let mut h = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(content_type) {
+            h.insert(CONTENT_TYPE, value);
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(read(&h, Bytes::from(body)))
+    }
+
+    /// A refused body: a client error (400 or 422) that says why.
+    fn client_error(err: &RunError) -> Result<(), TestCaseError> {
+        prop_assert!(
+            matches!(
+                err.status(),
+                StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY
+            ),
+            "{err:?}"
+        );
+        prop_assert!(err.to_string().len() > 10, "{err:?}");
+        Ok(())
+    }
+
+    /// Boundaries as RFC 2046 allows them (1 to 70 characters), and some it
+    /// does not.
+    fn boundary() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[0-9A-Za-z]{1,70}",
+            1 => "[0-9A-Za-z'()+_,./:=?-]{1,70}",
+            1 => ".{0,80}",
+        ]
+    }
+
+    /// One part: a name (often a duplicate, often `args`), a file name or
+    /// none, and bytes that may look like a boundary or headers.
+    const DATA: &[&[u8]] = &[
+        b"{}",
+        b"{\"x\": 1}",
+        b"[1]",
+        b"{",
+        b"--",
+        b"\r\n--",
+        b"\r\n\r\n",
+    ];
+
+    fn part() -> impl Strategy<Value = (String, Option<String>, Vec<u8>)> {
+        (
+            prop_oneof![
+                prop::sample::select(&["args", "image", "mask", "a\"b", ""][..])
+                    .prop_map(str::to_owned),
+                "[a-z]{1,6}",
+            ],
+            prop::option::of("[a-z.]{0,8}"),
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..64),
+                prop::sample::select(DATA).prop_map(<[u8]>::to_vec),
+            ],
+        )
+    }
+
+    fn encode(boundary: &str, parts: &[(String, Option<String>, Vec<u8>)], close: bool) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (name, file, data) in parts {
+            body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+            let file = file
+                .as_ref()
+                .map(|f| format!("; filename=\"{f}\""))
+                .unwrap_or_default();
+            body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n").as_bytes(),
+            );
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        if close {
+            body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        }
+        body
+    }
+
+    proptest! {
+        // Each case parses one body of at most a few KiB on a fresh
+        // current-thread runtime: 256 cases take well under a second.
+
+        /// Arbitrary bytes under any of the body's content types, a
+        /// multipart one with any boundary included.
+        #[test]
+        fn arbitrary_bodies_are_arguments_or_client_errors(
+            body in prop::collection::vec(any::<u8>(), 0..512),
+            content_type in prop_oneof![
+                boundary().prop_map(|b| format!("multipart/form-data; boundary={b}")),
+                prop::sample::select(&["multipart/form-data", "application/octet-stream", "application/json", "", "text/plain; charset=x"][..])
+                    .prop_map(str::to_owned),
+                ".{0,30}",
+            ],
+        ) {
+            match read_blocking(&content_type, body.clone()) {
+                Ok(input) => {
+                    if content_type.starts_with("application/octet-stream") {
+                        prop_assert_eq!(input.unnamed.as_deref(), Some(&body[..]));
+                    }
+                }
+                Err(e) => client_error(&e)?,
+            }
+        }
+
+        /// Well-formed multipart bodies, then cut short, flipped or left
+        /// unclosed: arguments or a client error, never a panic; an intact
+        /// body of distinct names without `args` gives back every part.
+        #[test]
+        fn multipart_bodies_are_arguments_or_client_errors(
+            boundary in boundary(),
+            parts in prop::collection::vec(part(), 0..8),
+            close in any::<bool>(),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        ) {
+            let mut body = encode(&boundary, &parts, close);
+            let intact = cut.is_none() && flips.is_empty() && close;
+            if let Some(cut) = cut {
+                body.truncate(cut.index(body.len() + 1));
+            }
+            if !body.is_empty() {
+                for (at, byte) in &flips {
+                    let i = at.index(body.len());
+                    body[i] = *byte;
+                }
+            }
+            let content_type = format!("multipart/form-data; boundary={boundary}");
+            match read_blocking(&content_type, body) {
+                Ok(input) => {
+                    prop_assert!(input.binary.len() <= MAX_MULTIPART_PARTS);
+                    let names: HashSet<&str> = parts.iter().map(|(n, _, _)| n.as_str()).collect();
+                    let plain = names.len() == parts.len()
+                        && !names.contains("args")
+                        && boundary.chars().all(|c| c.is_ascii_alphanumeric())
+                        && parts.iter().all(|(n, _, d)| {
+                            !n.contains('"') && !n.is_empty()
+                                && !d.windows(boundary.len() + 2).any(|w| w[2..] == *boundary.as_bytes())
+                        });
+                    if intact && plain {
+                        let expected: Vec<(String, &[u8])> =
+                            parts.iter().map(|(n, _, d)| (n.clone(), d.as_slice())).collect();
+                        let got: Vec<(String, &[u8])> =
+                            input.binary.iter().map(|(n, d)| (n.clone(), &d[..])).collect();
+                        prop_assert_eq!(got, expected);
+                    }
+                }
+                Err(e) => client_error(&e)?,
+            }
+        }
+    }
+
+    proptest! {
+        // Bodies of about a thousand parts: 16 cases, about a second.
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// Part counts around the cap: accepted up to it, refused past it
+        /// (400, naming the cap), wherever the count falls.
+        #[test]
+        fn part_counts_around_the_cap(count in MAX_MULTIPART_PARTS - 8..MAX_MULTIPART_PARTS + 64) {
+            let parts: Vec<(String, Option<String>, Vec<u8>)> =
+                (0..count).map(|i| (format!("p{i}"), None, b"x".to_vec())).collect();
+            let body = encode("b", &parts, true);
+            match read_blocking("multipart/form-data; boundary=b", body) {
+                Ok(input) => prop_assert!(count <= MAX_MULTIPART_PARTS && input.binary.len() == count),
+                Err(e) => {
+                    prop_assert!(count > MAX_MULTIPART_PARTS, "{e:?}");
+                    prop_assert!(e.to_string().contains("more than 1024 parts"), "{e}");
+                    client_error(&e)?;
+                }
+            }
         }
     }
 }

@@ -460,7 +460,8 @@ def parse_request(header):
     elif op == "call":
         if not isinstance(message.get("tool"), str):
             raise ProtocolError("malformed request: 'call' needs 'tool'")
-        if message.get("args") is None:
+        # ``args`` is any JSON (PROTOCOL.md), ``null`` included.
+        if "args" not in message:
             raise ProtocolError("malformed request: 'call' needs 'args'")
         pointers = message.get("attachments", [])
         if not isinstance(pointers, list) or not all(isinstance(p, str) for p in pointers):

@@ -266,6 +266,17 @@ class CallTests(RunnerTestCase):
         self.assertNotIn("attachments", header)
         self.assertEqual(blobs, [])
 
+    def test_null_args_are_arguments(self):
+        # ``args`` is any JSON: a present null is passed on (as the native
+        # runner's decoder does), never a malformed request.
+        rid = self.p.next_id
+        self.p.next_id += 1
+        self.p.send({"op": "call", "id": rid, "tool": "echo", "args": None})
+        header, _ = self.p.recv()
+        self.assertEqual(header["id"], rid)
+        self.assertEqual(header["type"], "result")
+        self.assertIsNone(header["result"])
+
     def test_concurrent_calls_are_answered_by_id(self):
         slow = self.p.call("sleep", {"ms": 800})
         fast = self.p.call("sleep", {"ms": 50})

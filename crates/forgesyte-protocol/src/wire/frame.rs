@@ -9,6 +9,12 @@
 //! `8 + 4·count + header_len + Σ size_i` must equal `len`; anything else is
 //! a malformed frame. A reader checks `len` against its limit before it
 //! reads (or allocates) the body.
+//!
+//! Hostile bytes: whatever a peer sends, a reader holds at most `limit`
+//! bytes for a frame (reserved once, so a peer that announces `limit` and
+//! sends less costs that much until the stream ends), and [`Frame::parse`]
+//! allocates nothing beyond the body's size. Property tests beside this
+//! code check both, and that arbitrary bytes end in a [`FrameError`].
 
 use std::io::{self, Read, Write};
 use std::ops::Range;
@@ -332,16 +338,108 @@ mod tests {
         }
     }
 
+    /// A stream that serves `prefix`, then counts what more is asked of it
+    /// (and serves nothing): after a refusal it must not have been asked
+    /// for a single byte of the body.
+    struct Watched<'a> {
+        prefix: &'a [u8],
+        asked_after: usize,
+    }
+
+    impl Read for Watched<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.prefix.is_empty() {
+                self.asked_after += buf.len();
+                return Ok(0);
+            }
+            self.prefix.read(buf)
+        }
+    }
+
+    /// Every error says what went wrong, in words.
+    fn readable(e: &FrameError) -> bool {
+        let text = e.to_string();
+        text.len() > 10 && !text.contains('\0')
+    }
+
     proptest! {
+        // Hostile bytes: 256 cases each (the default), well under a second.
         #[test]
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = Frame::parse(body);
+            match Frame::parse(body.clone()) {
+                Ok(frame) => {
+                    // What it hands out lies inside the body, in order.
+                    let total: usize = frame.header().len()
+                        + frame.attachments().map(<[u8]>::len).sum::<usize>()
+                        + 8 + 4 * frame.attachment_count();
+                    prop_assert_eq!(total, body.len());
+                }
+                Err(e) => prop_assert!(readable(&e), "{e:?}"),
+            }
         }
 
         #[test]
-        fn arbitrary_streams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_streams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256),
+                                         limit in 0u64..300) {
             let mut r = bytes.as_slice();
-            while let Ok(_frame) = read_frame(&mut r, 1 << 16) {}
+            loop {
+                match read_body(&mut r, limit) {
+                    // Never more than the limit is held, nor reserved.
+                    Ok(body) => prop_assert!(body.capacity() as u64 <= limit),
+                    Err(FrameError::Eof) => break,
+                    Err(e) => {
+                        prop_assert!(readable(&e), "{e:?}");
+                        break;
+                    }
+                }
+            }
+        }
+
+        /// A length over the limit (up to 4 GiB) is refused from the four
+        /// bytes of the prefix alone: the body is neither read nor allocated
+        /// (the allocation comes after the read of the prefix, only for a
+        /// length within the limit).
+        #[test]
+        fn lengths_over_the_limit_are_refused_before_the_body(len in any::<u32>(), limit in any::<u32>()) {
+            prop_assume!(u64::from(len) > u64::from(limit));
+            let prefix = len.to_le_bytes();
+            let mut r = Watched { prefix: &prefix, asked_after: 0 };
+            let err = read_frame(&mut r, u64::from(limit)).unwrap_err();
+            prop_assert!(
+                matches!(err, FrameError::TooLarge { len: l, limit: m } if l == u64::from(len) && m == u64::from(limit)),
+                "{err:?}"
+            );
+            prop_assert_eq!(r.asked_after, 0);
+            prop_assert_eq!(
+                err.to_string(),
+                format!("a frame of {len} bytes exceeds the limit of {limit} bytes")
+            );
+        }
+
+        /// A valid frame with bytes flipped or cut short: parsed or refused
+        /// with a reason, never a panic, and never an attachment table
+        /// larger than the body (a flipped `count` of 4 billion is refused
+        /// before its table is allocated).
+        #[test]
+        fn damaged_frames_are_errors(header in proptest::collection::vec(any::<u8>(), 0..40),
+                                     atts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..24), 0..4),
+                                     flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..4),
+                                     cut in any::<proptest::sample::Index>(),
+                                     truncate in any::<bool>()) {
+            let refs: Vec<&[u8]> = atts.iter().map(Vec::as_slice).collect();
+            let mut bytes = encode(&header, &refs);
+            for (at, byte) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            let mut r = bytes.as_slice();
+            match read_frame(&mut r, 1 << 12) {
+                Ok(frame) => prop_assert!(frame.attachment_count() <= bytes.len() / 4),
+                Err(e) => prop_assert!(readable(&e), "{e:?}"),
+            }
         }
     }
 }

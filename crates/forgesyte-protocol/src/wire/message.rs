@@ -8,7 +8,10 @@
 //!
 //! Decoding goes through one flat envelope per direction (serde cannot
 //! decode a [`RawValue`] inside an internally tagged enum), so a message is
-//! parsed in one pass and unknown fields are ignored.
+//! parsed in one pass and unknown fields are ignored. A payload present as
+//! `null` is a payload, never a missing field. Nesting deeper than
+//! `serde_json`'s limit (128) is an error where a decoder builds values
+//! (tool specs); embedded payloads are skipped without recursion.
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -181,8 +184,12 @@ pub fn to_header(message: &impl Serialize) -> Result<Vec<u8>, serde_json::Error>
 struct RequestEnvelope {
     op: String,
     id: u64,
+    // `args` is any JSON (PROTOCOL.md), `null` included: a present `null`
+    // is a value, not a missing field (as `result` in a response).
+    #[serde(default, deserialize_with = "present")]
     config: Option<Box<RawValue>>,
     tool: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     args: Option<Box<RawValue>>,
     #[serde(default)]
     attachments: Vec<String>,
@@ -275,6 +282,8 @@ impl<'de> Deserialize<'de> for Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::strategies;
+    use proptest::prelude::*;
 
     fn raw(json: &str) -> Box<RawValue> {
         RawValue::from_string(json.to_owned()).unwrap()
@@ -308,7 +317,12 @@ mod tests {
         let text = serde_json::to_string(&create).unwrap();
         assert_eq!(text, r#"{"op":"create","id":1,"config":{"manifest":{}}}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap().id(), 1);
+        // A present `null` is arguments (found by `any_request_round_trips`).
+        let null: Request =
+            serde_json::from_str(r#"{"op":"call","id":1,"tool":"t","args":null}"#).unwrap();
+        assert!(matches!(null, Request::Call { ref args, .. } if args.get() == "null"));
         for bad in [
+            r#"{"op":"call","id":1,"tool":"t"}"#,
             r#"{"op":"call","id":1,"args":{}}"#,
             r#"{"op":"frobnicate","id":1}"#,
             r#"{"id":1}"#,
@@ -360,5 +374,141 @@ mod tests {
             serde_json::from_str(r#"{"type":"result","id":1,"result":null}"#).unwrap();
         assert!(matches!(null, Response::Result { ref result, .. } if result.get() == "null"));
         assert!(serde_json::from_str::<Response>(r#"{"type":"bye"}"#).is_err());
+    }
+
+    /// Decodes `bytes` both ways; every refusal says why.
+    fn decode_both(bytes: &[u8]) -> Result<(), TestCaseError> {
+        for err in [
+            serde_json::from_slice::<Request>(bytes).err(),
+            serde_json::from_slice::<Response>(bytes).err(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            prop_assert!(err.to_string().len() > 5, "{err:?}");
+        }
+        Ok(())
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        let args = strategies::json().prop_map(|v| raw(&v.to_string()));
+        prop_oneof![
+            (any::<u64>(), args.clone()).prop_map(|(id, config)| Request::Create { id, config }),
+            (
+                any::<u64>(),
+                strategies::text(),
+                args,
+                prop::collection::vec(strategies::text(), 0..3)
+            )
+                .prop_map(|(id, tool, args, attachments)| Request::Call {
+                    id,
+                    tool,
+                    args,
+                    attachments
+                }),
+        ]
+    }
+
+    fn response() -> impl Strategy<Value = Response> {
+        let error = (
+            strategies::text(),
+            strategies::text(),
+            any::<Option<(u32, u32)>>(),
+        )
+            .prop_map(|(kind, message, versions)| WireError {
+                versions,
+                ..WireError::new(kind, message)
+            });
+        prop_oneof![
+            (any::<u32>(), strategies::text(), any::<u32>()).prop_map(
+                |(protocol, runtime, pid)| {
+                    Response::Hello(Hello {
+                        protocol,
+                        runtime,
+                        runtime_version: String::new(),
+                        pid,
+                        capabilities: vec!["attachments".into()],
+                    })
+                }
+            ),
+            error
+                .clone()
+                .prop_map(|error| Response::ImportFailed { error }),
+            (
+                any::<u64>(),
+                prop::collection::vec(strategies::text(), 0..3)
+            )
+                .prop_map(|(id, ids)| Response::Created {
+                    id,
+                    tools: ids.into_iter().map(ToolSpec::new).collect(),
+                }),
+            (any::<u64>(), error.clone())
+                .prop_map(|(id, error)| Response::InitFailed { id, error }),
+            (
+                any::<u64>(),
+                strategies::json(),
+                prop::collection::vec(strategies::text(), 0..3)
+            )
+                .prop_map(|(id, result, attachments)| Response::Result {
+                    id,
+                    result: raw(&result.to_string()),
+                    attachments,
+                }),
+            (any::<u64>(), error).prop_map(|(id, error)| Response::ToolFailed { id, error }),
+        ]
+    }
+
+    proptest! {
+        // 256 cases each (the default): each runs in well under a second.
+        #[test]
+        fn arbitrary_bytes_are_refused_with_a_reason(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            decode_both(&bytes)?;
+        }
+
+        /// JSON with the messages' keys and values of any type in them.
+        #[test]
+        fn json_of_any_shape_is_decoded_or_refused_with_a_reason(value in strategies::json()) {
+            decode_both(value.to_string().as_bytes())?;
+        }
+
+        /// Nesting far past the parser's depth limit (128) is refused, not a
+        /// stack overflow, where the decoder builds values (a tool spec's
+        /// schema); embedded raw JSON (`args`, `result`) is skipped without
+        /// recursion and kept as it came.
+        #[test]
+        fn deep_nesting_is_refused_or_kept_raw(depth in 130usize..5_000, open in prop::sample::select(&["[", "{\"a\":"][..])) {
+            let close = if open == "[" { "]" } else { "}" };
+            let nested = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+            let schema = format!(r#"{{"type":"created","id":1,"tools":[{{"id":"t","input_schema":{nested}}}]}}"#);
+            let decoded = serde_json::from_str::<Response>(&schema);
+            prop_assert!(
+                decoded.as_ref().is_err_and(|e| e.to_string().contains("recursion limit")),
+                "{decoded:?}"
+            );
+            let result = format!(r#"{{"type":"result","id":1,"result":{nested}}}"#);
+            let decoded = serde_json::from_str::<Response>(&result);
+            prop_assert!(
+                matches!(&decoded, Ok(Response::Result { result, .. }) if result.get() == nested),
+                "{decoded:?}"
+            );
+            decode_both(nested.as_bytes())?;
+        }
+
+        /// A request survives encoding and decoding, its JSON byte for byte.
+        #[test]
+        fn any_request_round_trips(request in request()) {
+            let text = to_header(&request).unwrap();
+            let back: Request = serde_json::from_slice(&text).unwrap();
+            prop_assert_eq!(to_header(&back).unwrap(), text);
+            prop_assert_eq!(back.id(), request.id());
+        }
+
+        #[test]
+        fn any_response_round_trips(response in response()) {
+            let text = to_header(&response).unwrap();
+            let back: Response = serde_json::from_slice(&text).unwrap();
+            prop_assert_eq!(to_header(&back).unwrap(), text);
+            prop_assert_eq!(back.id(), response.id());
+        }
     }
 }

@@ -139,9 +139,91 @@ pub fn response_kind(response: &Response) -> &'static str {
     }
 }
 
+/// Strategies shared by the wire module's property tests.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// Keys of every message, and a few more.
+    pub(crate) const KEYS: &[&str] = &[
+        "op",
+        "type",
+        "id",
+        "config",
+        "tool",
+        "args",
+        "attachments",
+        "protocol",
+        "runtime",
+        "runtime_version",
+        "pid",
+        "capabilities",
+        "error",
+        "tools",
+        "result",
+        "kind",
+        "message",
+        "versions",
+        "traceback",
+        "0",
+        "",
+        "a/b",
+        "~",
+    ];
+
+    /// Strings that are message values (`call`, `hello`, …), pointers, or
+    /// anything.
+    pub(crate) fn text() -> impl Strategy<Value = String> + Clone {
+        prop_oneof![
+            prop::sample::select(
+                &[
+                    "create",
+                    "call",
+                    "hello",
+                    "import_failed",
+                    "created",
+                    "init_failed",
+                    "result",
+                    "tool_failed",
+                    "/",
+                    "/0",
+                    "/a~1b",
+                    "~",
+                    "",
+                ][..]
+            )
+            .prop_map(str::to_owned),
+            ".{0,12}",
+        ]
+    }
+
+    /// Any JSON value, at most 4 levels deep, its objects keyed mostly by
+    /// message keys (so that decoders see right keys with wrong types).
+    pub(crate) fn json() -> impl Strategy<Value = Value> + Clone {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            text().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            let key = prop_oneof![prop::sample::select(KEYS).prop_map(str::to_owned), ".{0,6}"];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((key, inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn framed(header: &str) -> Vec<u8> {
         let mut out = Vec::new();
@@ -195,6 +277,27 @@ mod tests {
                 matches!(greeting(body), Err(HandshakeError::Malformed { .. })),
                 "garbage accepted"
             );
+        }
+    }
+
+    proptest! {
+        // Hostile first frames: 256 cases each, well under a second.
+        #[test]
+        fn arbitrary_first_frames_are_refused_with_a_reason(body in prop::collection::vec(any::<u8>(), 0..200)) {
+            if let Err(e) = greeting(body) {
+                prop_assert!(e.to_string().len() > 10, "{e:?}");
+            }
+        }
+
+        #[test]
+        fn json_first_frames_are_refused_with_a_reason(value in strategies::json(), legacy in any::<bool>()) {
+            let text = value.to_string();
+            let body = if legacy { text.into_bytes() } else { framed(&text) };
+            match greeting(body) {
+                Ok(Greeting::Hello(hello)) => prop_assert_eq!(hello.protocol, PROTOCOL_VERSION),
+                Ok(Greeting::ImportFailed(_)) => {}
+                Err(e) => prop_assert!(e.to_string().len() > 10, "{e:?}"),
+            }
         }
     }
 }
