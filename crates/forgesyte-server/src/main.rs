@@ -53,8 +53,26 @@ const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
 #[derive(Debug, Parser)]
 #[command(name = "forgesyte", version, about = "ForgeSyte plugin host")]
 struct Cli {
+    /// How log lines are written to stderr: `text` for people, `json` (one
+    /// object per line, with the request's id and the span fields) for log
+    /// shippers.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "FORGESYTE_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,13 +333,15 @@ fn parse_count(text: &str) -> Result<usize, String> {
     }
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
 }
 
 /// The hidden subcommand under which `forgesyte` is the plugin runner.
@@ -339,7 +359,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            init_logging("info");
+            init_logging("info", cli.log_format);
             match serve(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -350,7 +370,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Check(args) => {
-            init_logging("off");
+            init_logging("off", cli.log_format);
             run_check(args)
         }
         Command::New(args) => run_new(args),

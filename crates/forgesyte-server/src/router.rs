@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 
 use axum::extract::DefaultBodyLimit;
 use axum::{Extension, Router};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -97,8 +98,32 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .layer(Extension(published()))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http())
+        // Outermost last: the id is set (kept when the client sent one)
+        // before the request's span opens, so every log line of the request
+        // carries it, and copied onto the answer.
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
         .with_state(state)
+}
+
+/// The header that carries a request's id, in and out.
+static REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static("x-request-id");
+
+/// The span of one request: its method, path and id (cut to 128
+/// characters: the id may be the client's).
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %crate::error::Shown(request.uri().path()),
+        request_id = %crate::error::Shown(id),
+    )
 }
 
 /// The OpenAPI document of the HTTP API.

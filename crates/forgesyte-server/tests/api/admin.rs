@@ -217,3 +217,55 @@ fn admin_actions_name_the_caller_and_guessing_is_locked_out() {
         "{log}"
     );
 }
+
+/// Every answer carries an `x-request-id` (the client's, kept, or a new
+/// UUID); with `FORGESYTE_LOG_FORMAT=json` every log line is one JSON
+/// object, and the lines logged while serving a request carry its id.
+#[test]
+fn json_logs_carry_each_requests_id() {
+    use crate::support::{Forgesyte, PluginsDir, try_http_with};
+    let dir = PluginsDir::new();
+    dir.good("alpha", serde_json::json!({}));
+    let token = "a-long-enough-admin-token";
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[
+            ("FORGESYTE_ADMIN_TOKEN", token),
+            ("FORGESYTE_LOG_FORMAT", "json"),
+        ],
+    );
+    server.wait_loaded();
+    let generated = server.get("/v1/health");
+    let id = generated.header("x-request-id").expect("an x-request-id");
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let bearer = format!("Bearer {token}");
+    let reply = try_http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/alpha/reload",
+        &[
+            ("authorization", bearer.as_str()),
+            ("x-request-id", "trace-me-42"),
+        ],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-request-id"), Some("trace-me-42"));
+    let log = server.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let reload = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Admin: reload of plugin alpha"))
+        })
+        .unwrap_or_else(|| panic!("no reload line:\n{log}"));
+    assert_eq!(reload["span"]["request_id"], "trace-me-42", "{reload}");
+    assert_eq!(reload["level"], "INFO", "{reload}");
+}

@@ -580,6 +580,7 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_PYTHON",
         "FORGESYTE_PYTHON_ENTRY_POINTS",
         "FORGESYTE_PYTHON_ZYGOTE",
+        "FORGESYTE_LOG_FORMAT",
     ] {
         command.env_remove(var);
     }
