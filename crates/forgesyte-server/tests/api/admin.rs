@@ -237,7 +237,12 @@ fn json_logs_carry_each_requests_id() {
     server.wait_loaded();
     let generated = server.get("/v1/health");
     let id = generated.header("x-request-id").expect("an x-request-id");
-    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "32 hex digits: {id}"
+    );
+    let next = server.get("/v1/health");
+    assert_ne!(next.header("x-request-id"), Some(id), "ids are unique");
     let bearer = format!("Bearer {token}");
     let reply = try_http_with(
         server.addr,
