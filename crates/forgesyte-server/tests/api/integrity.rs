@@ -106,3 +106,27 @@ fn lock_then_modify_then_load_refuses_exactly_the_modified_plugins() {
     let (code, out, err) = forgesyte(&["check", dir.path_str()]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[test]
+fn lock_names_what_it_cannot_hash_and_refuses_a_missing_directory() {
+    let dir = PluginsDir::new();
+    dir.good("ok", json!({}))
+        .good("gone", json!({"entrypoint": "libgone.so"}));
+    let (code, out, err) = forgesyte(&["lock", dir.path_str()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(
+            "forgesyte lock: gone not locked: library libgone.so is not in the plugin directory"
+        ),
+        "{err}"
+    );
+    let lock: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("forgesyte.lock")).unwrap()).unwrap();
+    let names: Vec<&String> = lock["plugins"].as_object().unwrap().keys().collect();
+    assert_eq!(names, ["ok"]);
+
+    let missing = dir.path().join("nope");
+    let (code, out, err) = forgesyte(&["lock", missing.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(!missing.exists());
+}
