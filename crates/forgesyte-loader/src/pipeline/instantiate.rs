@@ -261,7 +261,11 @@ impl Loader {
     /// Where the plugin's library is: inside its directory (no escape by `..`
     /// or symlink), else on the configured library path.
     fn resolve_library(&self, p: &Pending) -> Result<PathBuf, PluginError> {
-        let entry = integrity::default_library(&p.manifest);
+        let entry = p
+            .manifest
+            .entrypoint
+            .clone()
+            .unwrap_or_else(|| format!("lib{}.so", p.name.replace(['-', '.'], "_")));
         let inside = manifest::join_inside(&p.dir, &entry);
         let bare = !entry.contains('/');
         if self.fs.exists(&inside) || !bare {
