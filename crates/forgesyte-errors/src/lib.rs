@@ -10,6 +10,7 @@
 //! │   ├── Init(InitError)              kind "InitError"
 //! │   └── Dependency(DependencyError)  kind "DependencyError"
 //! ├── Manifest(ManifestError)          kind "ManifestError"
+//! ├── Integrity(IntegrityError)        kind "IntegrityError"
 //! ├── Tool(ToolError)                  kind "ToolError" / "ToolPanic" / ...
 //! ├── Timeout(TimeoutError)            kind "TimeoutError"
 //! └── Crash(CrashError)                kind "CrashError"
@@ -60,7 +61,8 @@
 //!   [`InitError::Protocol`], [`ToolError::Protocol`],
 //!   [`CrashCause::Protocol`], [`CrashCause::Killed`], [`CrashCause::Lost`]
 //!   and the manifest
-//!   checks ([`ManifestError::InvalidField`], ...).
+//!   checks ([`ManifestError::InvalidField`], ...), and the integrity
+//!   checks ([`IntegrityError`]).
 //!
 //! **Typed causes end at a process boundary.** An error built in a plugin's
 //! runner process reaches the host as its kind and text (the wire protocol
@@ -96,6 +98,10 @@ pub enum PluginError {
     /// The plugin's `manifest.json` is missing or invalid.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The plugin's files are not the ones pinned (manifest `sha256` or the
+    /// operator's lock file).
+    #[error(transparent)]
+    Integrity(#[from] IntegrityError),
     /// A tool call failed.
     #[error(transparent)]
     Tool(#[from] ToolError),
@@ -113,6 +119,7 @@ impl PluginError {
         match self {
             PluginError::Load(e) => e.kind(),
             PluginError::Manifest(e) => e.kind(),
+            PluginError::Integrity(e) => e.kind(),
             PluginError::Tool(e) => e.kind(),
             PluginError::Timeout(e) => e.kind(),
             PluginError::Crash(e) => e.kind(),
@@ -518,6 +525,54 @@ impl ManifestError {
     }
 }
 
+/// A pinned plugin's files are not the pinned ones, or cannot be checked.
+/// Nothing of the plugin ran: the check is made before its library is
+/// opened or its runner started.
+///
+/// The host's own findings, as text (digests are lowercase hex).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntegrityError {
+    /// The digest of `subject` is not the pinned one.
+    /// Reads `sha256 of libfoo.so is 3f2a…, the manifest pins 9b1c…`.
+    #[error("sha256 of {subject} is {actual}, {pinned_by} pins {expected}")]
+    Mismatch {
+        /// What was hashed: a library file (`libfoo.so`) or a Python
+        /// source tree (`the Python source tree of /p/ocr`).
+        subject: String,
+        /// Its digest now.
+        actual: String,
+        /// Who pins it: `the manifest` or `the lock file /p/forgesyte.lock`.
+        pinned_by: String,
+        /// The pinned digest.
+        expected: String,
+    },
+    /// A pinned file or tree could not be read to be hashed.
+    #[error("cannot compute the sha256 of {subject}: {detail}")]
+    Unreadable {
+        /// What was to be hashed.
+        subject: String,
+        /// Why it could not be read.
+        detail: String,
+    },
+    /// The operator's lock file exists but cannot be used: every plugin
+    /// it would cover is refused rather than loaded unchecked.
+    #[error("lock file {path} is invalid: {detail}")]
+    LockFile {
+        /// The lock file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+impl IntegrityError {
+    /// Stable machine-readable name of the error class.
+    pub fn kind(&self) -> &'static str {
+        "IntegrityError"
+    }
+}
+
 /// An operation on a plugin exceeded its time limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("timed out after {} during {operation}", fmt_duration(*after))]
@@ -697,6 +752,39 @@ mod tests {
             .into(),
             "ManifestError",
             "ManifestError: invalid JSON in /p/manifest.json at line 3, column 7: expected value",
+        );
+    }
+
+    #[test]
+    fn integrity_reasons_name_the_subject_and_both_digests() {
+        check(
+            IntegrityError::Mismatch {
+                subject: "libfoo.so".into(),
+                actual: "3f2a".into(),
+                pinned_by: "the manifest".into(),
+                expected: "9b1c".into(),
+            }
+            .into(),
+            "IntegrityError",
+            "IntegrityError: sha256 of libfoo.so is 3f2a, the manifest pins 9b1c",
+        );
+        check(
+            IntegrityError::LockFile {
+                path: "/p/forgesyte.lock".into(),
+                detail: "not JSON".into(),
+            }
+            .into(),
+            "IntegrityError",
+            "IntegrityError: lock file /p/forgesyte.lock is invalid: not JSON",
+        );
+        check(
+            IntegrityError::Unreadable {
+                subject: "libfoo.so".into(),
+                detail: "denied".into(),
+            }
+            .into(),
+            "IntegrityError",
+            "IntegrityError: cannot compute the sha256 of libfoo.so: denied",
         );
     }
 

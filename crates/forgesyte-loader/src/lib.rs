@@ -71,6 +71,7 @@
 pub mod entry_points;
 mod handle;
 mod host;
+pub mod integrity;
 pub mod manifest;
 pub mod native;
 mod pipeline;

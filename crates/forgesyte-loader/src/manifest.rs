@@ -146,6 +146,10 @@ pub struct Manifest {
     pub limits: Limits,
     /// `optional`: never blocks readiness.
     pub optional: bool,
+    /// `sha256`: the pinned digest of the plugin's code, in lowercase hex
+    /// (the library file of a native plugin, the source tree of a Python
+    /// one: see [`crate::integrity`]).
+    pub sha256: Option<String>,
     /// The object as read, unknown fields kept.
     pub raw: Arc<Value>,
 }
@@ -336,6 +340,9 @@ pub fn from_value_in(
         return Err(wrong_type("tools", "an array", tools));
     }
     let limits = parse_limits(obj.get("limits"))?;
+    let sha256 = opt_str(obj, "sha256")?
+        .map(|pin| crate::integrity::parse_pin("sha256", pin))
+        .transpose()?;
     let bare = match runtime {
         Runtime::Python => BareDependency::Py,
         Runtime::Native => BareDependency::Lib,
@@ -354,6 +361,7 @@ pub fn from_value_in(
         requirements,
         limits,
         optional,
+        sha256,
         raw: Arc::new(raw),
     })
 }
@@ -681,6 +689,24 @@ mod tests {
         check(
             r#"{"name": "a", "preflight": "yes"}"#,
             Err("invalid field 'preflight': expected a boolean, found a string"),
+        );
+    }
+
+    #[test]
+    fn a_pin_is_64_hex_digits_or_a_manifest_error_naming_the_field() {
+        let pin = "AB".repeat(32);
+        let m = from_value(json!({"name": "a", "sha256": pin}), "a").unwrap();
+        assert_eq!(m.sha256, Some("ab".repeat(32)));
+        assert_eq!(from_value(json!({"name": "a"}), "a").unwrap().sha256, None);
+        check(
+            r#"{"name": "a", "sha256": "3f2a"}"#,
+            Err(
+                r#"invalid field 'sha256': expected a SHA-256 digest (64 hexadecimal digits), found "3f2a""#,
+            ),
+        );
+        check(
+            r#"{"name": "a", "sha256": 5}"#,
+            Err("invalid field 'sha256': expected a string, found a number"),
         );
     }
 

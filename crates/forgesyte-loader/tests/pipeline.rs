@@ -857,3 +857,96 @@ fn python_packages_are_asked_once_per_interpreter_per_pass() {
         assert_eq!(s.registry.get_state(name), Some(S::Unavailable));
     }
 }
+
+/// The SHA-256 of the fake library file's bytes, `ELF`.
+const ELF_SHA256: &str = "706abe3c90152075e656b661079730facf323f3ebccda7547ee1935c90845a09";
+
+#[test]
+fn a_manifest_pin_is_checked_before_the_library_is_opened() {
+    assert_eq!(forgesyte_loader::integrity::sha256_hex(b"ELF"), ELF_SHA256);
+    let s = Setup::new();
+    let wrong = "9b1c".repeat(16);
+    s.plugin(
+        "pinned",
+        &manifest("pinned", json!({"sha256": ELF_SHA256.to_uppercase()})),
+        FakeBehavior::Good,
+    )
+    // Opening it would fail with an InitError: the IntegrityError proves it
+    // was never opened.
+    .plugin(
+        "tampered",
+        &manifest("tampered", json!({"sha256": wrong})),
+        FakeBehavior::InitPanic("the plugin ran".into()),
+    )
+    .plugin(
+        "malformed",
+        &manifest("malformed", json!({"sha256": "3f2a"})),
+        FakeBehavior::Good,
+    );
+    s.load();
+    s.check("pinned", S::Initialized, &[]);
+    s.check(
+        "tampered",
+        S::Failed,
+        &[&format!(
+            "IntegrityError: sha256 of lib.so is {ELF_SHA256}, the manifest pins {wrong}"
+        )],
+    );
+    s.check(
+        "malformed",
+        S::Failed,
+        &["ManifestError: invalid field 'sha256'", "\"3f2a\""],
+    );
+}
+
+#[test]
+fn the_lock_file_pins_plugins_by_directory_and_both_pins_must_match() {
+    let s = Setup::new();
+    let other = "ab".repeat(32);
+    s.plugin("a", &manifest("a", json!({})), FakeBehavior::Good)
+        .plugin(
+            "b",
+            &manifest("b", json!({})),
+            FakeBehavior::InitPanic("the plugin ran".into()),
+        )
+        .plugin(
+            "c",
+            &manifest("c", json!({"sha256": ELF_SHA256})),
+            FakeBehavior::InitPanic("the plugin ran".into()),
+        )
+        .plugin(
+            "unlisted",
+            &manifest("unlisted", json!({})),
+            FakeBehavior::Good,
+        );
+    let lock = json!({"version": 1, "plugins": {
+        "a": {"sha256": ELF_SHA256, "of": "lib.so"},
+        "b": {"sha256": other},
+        "c": {"sha256": other},
+    }});
+    s.world
+        .fs
+        .add_file("/plugins/forgesyte.lock", lock.to_string());
+    s.load();
+    s.check("a", S::Initialized, &[]);
+    s.check("unlisted", S::Initialized, &[]);
+    let expected = format!(
+        "IntegrityError: sha256 of lib.so is {ELF_SHA256}, the lock file /plugins/forgesyte.lock pins {other}"
+    );
+    s.check("b", S::Failed, &[&expected]);
+    // The manifest's pin matches, the lock file's does not: refused.
+    s.check("c", S::Failed, &[&expected]);
+}
+
+#[test]
+fn an_invalid_lock_file_refuses_every_plugin_of_its_directory() {
+    let s = Setup::new();
+    s.plugin("a", &manifest("a", json!({})), FakeBehavior::Good);
+    s.world.fs.add_file("/plugins/forgesyte.lock", "{not json");
+    s.load();
+    s.check(
+        "a",
+        S::Failed,
+        &["IntegrityError: lock file /plugins/forgesyte.lock is invalid: "],
+    );
+}

@@ -7,6 +7,7 @@
 //!                 [LOADER OPTIONS]
 //! forgesyte check [DIR] [--json] [LOADER OPTIONS]
 //! forgesyte new (--python NAME | --rust NAME) [--dir PARENT] [--sdk DIR]
+//! forgesyte lock [DIR]
 //!
 //! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
 //!                 [--python PATH] [--python-entry-points]
@@ -15,6 +16,10 @@
 //! `new` writes a working plugin into `PARENT/NAME` (default
 //! `./plugins/NAME`) and prints the commands that build, check and serve
 //! it (see `scaffold`).
+//!
+//! `lock` writes `DIR/forgesyte.lock`, the SHA-256 of every plugin's code
+//! by plugin directory (`forgesyte_loader::integrity`); later loads of
+//! `DIR` refuse a listed plugin whose code changed.
 //!
 //! `forgesyte __runner --library PATH [--memory-limit-mb N] [--plugin NAME]`
 //! is the plugin runner of process isolation (a hidden subcommand, started by
@@ -87,6 +92,18 @@ enum Command {
     /// NAME`) in PARENT/NAME, and print the commands that build, check and
     /// serve it.
     New(NewArgs),
+    /// Write DIR/forgesyte.lock: the SHA-256 of every plugin's code (a
+    /// native plugin's library, a Python plugin's *.py tree). A load of
+    /// DIR then refuses (FAILED, IntegrityError) a listed plugin whose
+    /// code no longer matches.
+    Lock(LockArgs),
+}
+
+#[derive(Debug, Args)]
+struct LockArgs {
+    /// Directory holding one subdirectory per plugin.
+    #[arg(value_name = "DIR", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -374,6 +391,64 @@ fn main() -> ExitCode {
             run_check(args)
         }
         Command::New(args) => run_new(args),
+        Command::Lock(args) => run_lock(&args.dir),
+    }
+}
+
+/// `forgesyte lock DIR`: hashes every plugin directory of DIR and writes
+/// `DIR/forgesyte.lock` (JSON, through a temporary file renamed over it).
+/// One line per plugin on stdout; a plugin that cannot be hashed is named
+/// on stderr, left out of the lock file, and makes the exit code 1.
+fn run_lock(dir: &Path) -> ExitCode {
+    use forgesyte_loader::integrity;
+    if !dir.is_dir() {
+        eprintln!(
+            "forgesyte lock: {}",
+            CheckError::NotADirectory {
+                path: dir.to_path_buf()
+            }
+        );
+        return ExitCode::from(2);
+    }
+    let outcome = match integrity::lock_dir(&forgesyte_deps::RealFs, dir) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            eprintln!("forgesyte lock: cannot list {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = dir.join(integrity::LOCK_FILE);
+    let written = serde_json::to_vec_pretty(&outcome.lock)
+        .map_err(std::io::Error::other)
+        .and_then(|mut bytes| {
+            bytes.push(b'\n');
+            let tmp = dir.join(format!(".{}.tmp", integrity::LOCK_FILE));
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &path)
+        });
+    if let Err(e) = written {
+        eprintln!("forgesyte lock: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    let mut stdout = std::io::stdout().lock();
+    for (name, line) in &outcome.lock.plugins {
+        let of = line.of.as_deref().unwrap_or("");
+        let _ = writeln!(stdout, "{}  {name} ({of})", line.sha256);
+    }
+    let _ = writeln!(
+        stdout,
+        "Wrote {} ({} plugins)",
+        path.display(),
+        outcome.lock.plugins.len()
+    );
+    let _ = stdout.flush();
+    for (name, why) in &outcome.skipped {
+        eprintln!("forgesyte lock: {name} not locked: {why}");
+    }
+    if outcome.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -653,13 +728,23 @@ mod tests {
     }
 
     #[test]
+    fn lock_takes_the_plugins_directory() {
+        let cli = Cli::try_parse_from(["forgesyte", "lock", "/srv/plugins"]).unwrap();
+        let Command::Lock(args) = cli.command else {
+            panic!("expected lock");
+        };
+        assert_eq!(args.dir, Path::new("/srv/plugins"));
+        assert!(Cli::try_parse_from(["forgesyte", "lock", "a", "b"]).is_err());
+    }
+
+    #[test]
     fn python_entry_points_is_a_flag_of_serve_and_check() {
         for command in ["serve", "check"] {
             let cli = Cli::try_parse_from(["forgesyte", command, "--python-entry-points"]).unwrap();
             let loader = match cli.command {
                 Command::Serve(args) => args.loader,
                 Command::Check(args) => args.loader,
-                Command::New(_) => panic!("expected {command}"),
+                Command::New(_) | Command::Lock(_) => panic!("expected {command}"),
             };
             let mut config = ServerConfig::default();
             loader.apply(&mut config);

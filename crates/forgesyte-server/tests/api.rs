@@ -26,6 +26,7 @@
 //!   refused without being opened;
 //! - `installed`: installed Python plugins (entry points of group
 //!   `forgesyte.plugins`) through `check` and `serve`;
+//! - `integrity`: `forgesyte lock`, then changed plugins refused at load;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints.
 
@@ -47,6 +48,8 @@ mod connections;
 mod hygiene;
 #[path = "api/installed.rs"]
 mod installed;
+#[path = "api/integrity.rs"]
+mod integrity;
 #[path = "api/preflight.rs"]
 mod preflight;
 #[path = "api/probes.rs"]

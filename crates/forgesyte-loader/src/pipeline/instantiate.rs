@@ -12,6 +12,7 @@ use forgesyte_errors::{DependencyError, ImportError, ManifestError, PluginError}
 use super::loader::{Loader, Pending};
 use crate::handle::PluginHandle;
 use crate::host::Importer;
+use crate::integrity::{self, Target};
 use crate::manifest::{self, Isolation, Manifest, PythonEntry, Runtime};
 use crate::process::{self, ProcessImporter};
 use crate::python;
@@ -30,6 +31,8 @@ impl Loader {
         }
         self.check_dependencies(p, &self.requirements(p), known)?;
         let library_path = self.resolve_library(p)?;
+        // Last step before anything of the plugin is opened or started.
+        self.check_integrity(p, &Target::File(library_path.clone()))?;
         let config = self.instance_config(p);
         let isolation = p
             .manifest
@@ -68,6 +71,34 @@ impl Loader {
                     process::RUNNER_NAME
                 ),
             })
+    }
+
+    /// Checks `target` (the plugin's library or Python source tree) against
+    /// the manifest's `sha256` and the lock file's line for the plugin
+    /// directory (both must match). The lock file is `forgesyte.lock` in the
+    /// directory that holds the plugin directory; installed entry-point
+    /// plugins are pinned by their manifest only.
+    fn check_integrity(&self, p: &Pending, target: &Target) -> Result<(), PluginError> {
+        let mut pins = Vec::new();
+        if let Some(pin) = &p.manifest.sha256 {
+            pins.push(("the manifest".to_owned(), pin.clone()));
+        }
+        let installed = self.entry_points.read().contains_key(&p.name);
+        if let (false, Some(parent), Some(dir_name)) =
+            (installed, p.dir.parent(), p.dir.file_name())
+            && let Some(lock) = integrity::read_lock(self.fs.as_ref(), parent)?
+            && let Some(line) = lock.plugins.get(&*dir_name.to_string_lossy())
+        {
+            pins.push((
+                format!(
+                    "the lock file {}",
+                    parent.join(integrity::LOCK_FILE).display()
+                ),
+                line.sha256.clone(),
+            ));
+        }
+        integrity::verify(self.fs.as_ref(), &p.dir, target, &pins)?;
+        Ok(())
     }
 
     /// Fails with the dependency error when something `req` asks for is
@@ -124,6 +155,8 @@ impl Loader {
             ))
         })?;
         self.check_dependencies(p, &self.requirements(p), known)?;
+        // Last step before the runner is started.
+        self.check_integrity(p, &Target::PythonTree(p.dir.clone()))?;
         let entry = p.manifest.python_entry();
         let code = match &entry {
             PythonEntry::File { file, .. } => manifest::join_inside(&p.dir, file),

@@ -1,0 +1,474 @@
+//! Integrity pins: the SHA-256 digests a manifest (`"sha256"`) or the
+//! operator's lock file (`forgesyte.lock`) holds for a plugin's code, and
+//! the digests of what is on disk.
+//!
+//! # What is hashed
+//!
+//! - **A native plugin**: its library file (the resolved `entrypoint`), the
+//!   SHA-256 of its bytes, as `sha256sum libfoo.so` prints it.
+//! - **A Python plugin**: its *source tree*, the SHA-256 of a canonical
+//!   listing of every `*.py` file under the plugin directory (for an
+//!   installed entry-point package: under the package's directory, the
+//!   directory the loader treats as the plugin's), one line per file
+//!   sorted by path (bytewise), each line
+//!   `<sha256 of the file, 64 lowercase hex>  <path relative to the directory, '/'-separated>\n`
+//!   (exactly what `sha256sum` prints). Entries whose name starts with `.`
+//!   (hidden files and directories) and `__pycache__` directories are
+//!   skipped; a symbolic link to a file is hashed as the file it points to;
+//!   a symbolic link to a directory is not descended into. A path that is
+//!   not UTF-8 or contains a newline cannot be pinned (an error).
+//!
+//! Digests are written as 64 hexadecimal digits; the host compares them in
+//! lowercase.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use forgesyte_deps::FileSystem;
+use forgesyte_errors::{IntegrityError, ManifestError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{self, MANIFEST_FILE, Manifest, PLUGIN_PY, Runtime};
+
+/// The operator's lock file, in the plugins directory.
+pub const LOCK_FILE: &str = "forgesyte.lock";
+
+/// The lock file format this host writes and reads.
+pub const LOCK_VERSION: u64 = 1;
+
+/// The largest file the host hashes (4 GiB).
+const MAX_HASHED_BYTES: u64 = 4 << 30;
+
+/// The largest lock file the host reads (16 MiB).
+const MAX_LOCK_BYTES: u64 = 16 << 20;
+
+/// Validates a pin as written in `field`: 64 hexadecimal digits. Returns it
+/// in lowercase.
+pub fn parse_pin(field: &str, value: &str) -> Result<String, ManifestError> {
+    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(value.to_ascii_lowercase());
+    }
+    let shown: String = value.chars().take(80).collect();
+    Err(ManifestError::InvalidField {
+        field: field.to_owned(),
+        message: format!("expected a SHA-256 digest (64 hexadecimal digits), found {shown:?}"),
+    })
+}
+
+/// The lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The digest of one file, read through `fs`.
+pub fn file_digest(fs: &dyn FileSystem, path: &Path) -> io::Result<String> {
+    let bytes = fs.read(path, MAX_HASHED_BYTES)?;
+    if bytes.len() as u64 > MAX_HASHED_BYTES {
+        return Err(io::Error::other(format!(
+            "larger than the {MAX_HASHED_BYTES}-byte limit"
+        )));
+    }
+    Ok(sha256_hex(&bytes))
+}
+
+/// The canonical listing of a Python source tree (see the [module
+/// documentation](self)): one `<digest>  <relative path>` line per `*.py`
+/// file, sorted by path.
+pub fn python_tree_listing(fs: &dyn FileSystem, dir: &Path) -> io::Result<String> {
+    let mut files = BTreeMap::new();
+    collect_py(fs, dir, "", &mut files)?;
+    let mut listing = String::new();
+    for (rel, digest) in files {
+        let _ = writeln!(listing, "{digest}  {rel}");
+    }
+    Ok(listing)
+}
+
+/// The digest of a Python source tree: SHA-256 of its
+/// [listing](python_tree_listing).
+pub fn python_tree_digest(fs: &dyn FileSystem, dir: &Path) -> io::Result<String> {
+    Ok(sha256_hex(python_tree_listing(fs, dir)?.as_bytes()))
+}
+
+fn collect_py(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    prefix: &str,
+    files: &mut BTreeMap<String, String>,
+) -> io::Result<()> {
+    for entry in fs.read_dir(dir)? {
+        let Some(name) = entry.name.to_str() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a UTF-8 name", entry.path.display()),
+            ));
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        if name.contains('\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{:?} contains a newline", entry.path.display()),
+            ));
+        }
+        let rel = format!("{prefix}{name}");
+        if entry.is_dir {
+            let link = fs.metadata(&entry.path)?.is_symlink;
+            if name != "__pycache__" && !link {
+                collect_py(fs, &entry.path, &format!("{rel}/"), files)?;
+            }
+            continue;
+        }
+        if name.ends_with(".py") && fs.metadata(&entry.path)?.is_file {
+            files.insert(rel, file_digest(fs, &entry.path)?);
+        }
+    }
+    Ok(())
+}
+
+/// What a plugin's pin covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A native plugin's library file.
+    File(PathBuf),
+    /// A Python plugin's source tree (the directory).
+    PythonTree(PathBuf),
+}
+
+impl Target {
+    /// The target of a plugin in `dir`: the Python source tree, or the
+    /// library the manifest names (`lib<name>.so` when it names none)
+    /// inside the directory.
+    pub fn of(dir: &Path, manifest: &Manifest) -> Target {
+        match manifest.runtime {
+            Runtime::Python => Target::PythonTree(dir.to_path_buf()),
+            Runtime::Native => Target::File(manifest::join_inside(dir, &default_library(manifest))),
+        }
+    }
+
+    /// How a reason names it: the library's path relative to `dir` (or
+    /// whole when outside it), or `the Python source tree of DIR`.
+    pub fn describe(&self, dir: &Path) -> String {
+        match self {
+            Target::File(path) => path.strip_prefix(dir).unwrap_or(path).display().to_string(),
+            Target::PythonTree(tree) => {
+                format!("the Python source tree (*.py) of {}", tree.display())
+            }
+        }
+    }
+
+    /// Its digest now.
+    pub fn digest(&self, fs: &dyn FileSystem) -> io::Result<String> {
+        match self {
+            Target::File(path) => file_digest(fs, path),
+            Target::PythonTree(dir) => python_tree_digest(fs, dir),
+        }
+    }
+}
+
+/// The library a native manifest names, or `lib<name>.so`.
+pub fn default_library(manifest: &Manifest) -> String {
+    manifest
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| format!("lib{}.so", manifest.name.replace(['-', '.'], "_")))
+}
+
+/// The operator's lock file: each plugin directory's digest, by the
+/// directory's name.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lock {
+    /// [`LOCK_VERSION`].
+    pub version: u64,
+    /// By plugin directory name (the directory inside the plugins
+    /// directory, not the manifest's `id`).
+    pub plugins: BTreeMap<String, LockEntry>,
+}
+
+/// One plugin's line in the lock file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockEntry {
+    /// The digest (see the [module documentation](self)).
+    pub sha256: String,
+    /// What was hashed, for people: the library file (`libocr.so`) or
+    /// `*.py` for a Python source tree. Not used when checking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of: Option<String>,
+}
+
+/// Reads `plugins_dir/forgesyte.lock`: `None` when there is none, an error
+/// when it exists but cannot be used.
+pub fn read_lock(fs: &dyn FileSystem, plugins_dir: &Path) -> Result<Option<Lock>, IntegrityError> {
+    let path = plugins_dir.join(LOCK_FILE);
+    if !fs.exists(&path) && !fs.metadata(&path).is_ok_and(|m| m.is_symlink) {
+        return Ok(None);
+    }
+    let invalid = |detail: String| IntegrityError::LockFile {
+        path: path.clone(),
+        detail,
+    };
+    let bytes = fs
+        .read(&path, MAX_LOCK_BYTES)
+        .map_err(|e| invalid(e.to_string()))?;
+    if bytes.len() as u64 > MAX_LOCK_BYTES {
+        return Err(invalid(format!(
+            "larger than the {MAX_LOCK_BYTES}-byte limit"
+        )));
+    }
+    let lock: Lock = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    if lock.version != LOCK_VERSION {
+        return Err(invalid(format!(
+            "version {} is not {LOCK_VERSION}, the version this host reads",
+            lock.version
+        )));
+    }
+    for (name, entry) in &lock.plugins {
+        parse_pin(&format!("plugins.{name}.sha256"), &entry.sha256)
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    Ok(Some(lock))
+}
+
+/// Checks `target`'s digest against every pin (`(who pins it, digest)`),
+/// hashing it once, only when there is a pin. `dir` is the plugin
+/// directory, for naming the target.
+pub fn verify(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    target: &Target,
+    pins: &[(String, String)],
+) -> Result<(), IntegrityError> {
+    if pins.is_empty() {
+        return Ok(());
+    }
+    let subject = target.describe(dir);
+    let actual = target.digest(fs).map_err(|e| IntegrityError::Unreadable {
+        subject: subject.clone(),
+        detail: e.to_string(),
+    })?;
+    for (pinned_by, expected) in pins {
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(IntegrityError::Mismatch {
+                subject,
+                actual,
+                pinned_by: pinned_by.clone(),
+                expected: expected.to_ascii_lowercase(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What `forgesyte lock` found in a plugins directory.
+#[derive(Debug, Default)]
+pub struct LockOutcome {
+    /// The lock of every plugin that could be hashed.
+    pub lock: Lock,
+    /// Plugin directories left out, and why.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Hashes every plugin directory (a directory holding `manifest.json`)
+/// directly under `plugins_dir`.
+pub fn lock_dir(fs: &dyn FileSystem, plugins_dir: &Path) -> io::Result<LockOutcome> {
+    let mut outcome = LockOutcome {
+        lock: Lock {
+            version: LOCK_VERSION,
+            plugins: BTreeMap::new(),
+        },
+        skipped: Vec::new(),
+    };
+    for entry in fs.read_dir(plugins_dir)? {
+        let manifest_path = entry.path.join(MANIFEST_FILE);
+        if !entry.is_dir || !fs.exists(&manifest_path) {
+            continue;
+        }
+        let dir_name = entry.name.to_string_lossy().into_owned();
+        match lock_one(fs, &entry.path, &manifest_path, &dir_name) {
+            Ok(line) => {
+                outcome.lock.plugins.insert(dir_name, line);
+            }
+            Err(why) => outcome.skipped.push((dir_name, why)),
+        }
+    }
+    Ok(outcome)
+}
+
+fn lock_one(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    manifest_path: &Path,
+    dir_name: &str,
+) -> Result<LockEntry, String> {
+    let bytes = fs
+        .read(manifest_path, manifest::DEFAULT_MAX_MANIFEST_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
+    let has_plugin_py = fs.exists(&dir.join(PLUGIN_PY));
+    let manifest = manifest::parse_in(&bytes, manifest_path, dir_name, has_plugin_py)
+        .map_err(|e| e.to_string())?;
+    let target = Target::of(dir, &manifest);
+    if let Target::File(path) = &target
+        && !fs.exists(path)
+    {
+        return Err(format!(
+            "library {} is not in the plugin directory",
+            target.describe(dir)
+        ));
+    }
+    let sha256 = target
+        .digest(fs)
+        .map_err(|e| format!("cannot hash {}: {e}", target.describe(dir)))?;
+    let of = match &target {
+        Target::File(_) => target.describe(dir),
+        Target::PythonTree(_) => "*.py".to_owned(),
+    };
+    Ok(LockEntry {
+        sha256,
+        of: Some(of),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forgesyte_deps::RealFs;
+
+    const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn pins_are_64_hex_digits() {
+        let upper = EMPTY.to_ascii_uppercase();
+        assert_eq!(parse_pin("sha256", &upper).ok().as_deref(), Some(EMPTY));
+        for bad in [
+            "",
+            "abc",
+            &EMPTY[1..],
+            &format!("{EMPTY}0"),
+            &EMPTY.replace('e', "g"),
+        ] {
+            let err = parse_pin("sha256", bad).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref()
+                    .is_some_and(|e| e.starts_with("invalid field 'sha256'")),
+                "{bad}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_digest_is_sha256sum() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("libx.so");
+        std::fs::write(&path, "abc").unwrap();
+        assert_eq!(
+            file_digest(&RealFs, &path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(sha256_hex(b""), EMPTY);
+    }
+
+    #[test]
+    fn the_tree_listing_is_canonical() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for dir in ["pkg/sub", "__pycache__", ".git", "pkg/__pycache__"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        for (file, text) in [
+            ("plugin.py", "abc"),
+            ("pkg/sub/z.py", ""),
+            ("pkg/a.py", "abc"),
+            ("notes.txt", "x"),
+            (".hidden.py", "x"),
+            ("__pycache__/plugin.py", "x"),
+            (".git/hook.py", "x"),
+            ("pkg/__pycache__/a.py", "x"),
+        ] {
+            std::fs::write(root.join(file), text).unwrap();
+        }
+        // A link to a file counts as the file; a link to a directory is
+        // not followed.
+        std::os::unix::fs::symlink("pkg/a.py", root.join("link.py")).unwrap();
+        std::os::unix::fs::symlink("pkg", root.join("linkdir")).unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let listing = python_tree_listing(&RealFs, root).unwrap();
+        assert_eq!(
+            listing,
+            format!("{abc}  link.py\n{abc}  pkg/a.py\n{EMPTY}  pkg/sub/z.py\n{abc}  plugin.py\n")
+        );
+        let digest = python_tree_digest(&RealFs, root).unwrap();
+        assert_eq!(digest, sha256_hex(listing.as_bytes()));
+        // Any change to a .py file, added or removed, changes the digest;
+        // other files do not.
+        std::fs::write(root.join("notes.txt"), "y").unwrap();
+        assert_eq!(python_tree_digest(&RealFs, root).unwrap(), digest);
+        std::fs::write(root.join("pkg/sub/z.py"), " ").unwrap();
+        assert_ne!(python_tree_digest(&RealFs, root).unwrap(), digest);
+        std::fs::write(root.join("pkg/sub/z.py"), "").unwrap();
+        std::fs::write(root.join("pkg/new.py"), "").unwrap();
+        assert_ne!(python_tree_digest(&RealFs, root).unwrap(), digest);
+    }
+
+    #[test]
+    fn lock_files_are_read_strictly() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(read_lock(&RealFs, tmp.path()), Ok(None));
+        let path = tmp.path().join(LOCK_FILE);
+        let write = |text: String| std::fs::write(&path, text).unwrap();
+        write(format!(
+            r#"{{"version": 1, "plugins": {{"ocr": {{"sha256": "{EMPTY}", "of": "libocr.so"}}}}}}"#
+        ));
+        let lock = read_lock(&RealFs, tmp.path()).unwrap().unwrap();
+        assert_eq!(lock.plugins["ocr"].sha256, EMPTY);
+        for (text, detail) in [
+            ("{".to_owned(), "EOF while parsing"),
+            (r#"{"version": 2, "plugins": {}}"#.to_owned(), "version 2"),
+            (
+                r#"{"version": 1, "plugins": {"ocr": {"sha256": "12"}}}"#.to_owned(),
+                "invalid field 'plugins.ocr.sha256'",
+            ),
+        ] {
+            write(text);
+            let err = read_lock(&RealFs, tmp.path()).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("lock file {} is invalid", path.display()))
+                    && err.contains(detail),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn verify_names_the_file_and_both_digests() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lib = tmp.path().join("libx.so");
+        std::fs::write(&lib, "").unwrap();
+        let target = Target::File(lib);
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(verify(&RealFs, tmp.path(), &target, &[]), Ok(()));
+        let pins = [("the manifest".to_owned(), EMPTY.to_ascii_uppercase())];
+        assert_eq!(verify(&RealFs, tmp.path(), &target, &pins), Ok(()));
+        let pins = [
+            ("the manifest".to_owned(), EMPTY.to_owned()),
+            ("the lock file /p/forgesyte.lock".to_owned(), abc.to_owned()),
+        ];
+        let err = verify(&RealFs, tmp.path(), &target, &pins).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("sha256 of libx.so is {EMPTY}, the lock file /p/forgesyte.lock pins {abc}")
+        );
+        let gone = Target::File(tmp.path().join("gone.so"));
+        let err = verify(&RealFs, tmp.path(), &gone, &pins).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot compute the sha256 of gone.so: "),
+            "{err}"
+        );
+    }
+}
