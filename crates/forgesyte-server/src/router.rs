@@ -126,10 +126,13 @@ impl MakeRequestId for RequestIds {
         use std::sync::atomic::{AtomicU64, Ordering};
         static PROCESS: OnceLock<u64> = OnceLock::new();
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let process = *PROCESS.get_or_init(|| std::hash::RandomState::new().build_hasher().finish());
+        let process =
+            *PROCESS.get_or_init(|| std::hash::RandomState::new().build_hasher().finish());
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let id = format!("{process:016x}{n:016x}");
-        axum::http::HeaderValue::from_str(&id).ok().map(RequestId::new)
+        axum::http::HeaderValue::from_str(&id)
+            .ok()
+            .map(RequestId::new)
     }
 }
 
