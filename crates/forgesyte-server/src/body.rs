@@ -38,10 +38,24 @@ pub(crate) fn received(
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(RunError::PayloadTooLarge { limit })
         }
+        Err(rejection) if timed_out(&rejection) => Err(RunError::BodyTimedOut),
         Err(rejection) => Err(RunError::MalformedBody {
             message: rejection.body_text(),
         }),
     }
+}
+
+/// Whether the body stopped arriving for longer than the body read timeout
+/// (`tower_http::timeout::RequestBodyTimeoutLayer` ended it).
+fn timed_out(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// A JSON body: empty means no arguments; otherwise it must be

@@ -30,6 +30,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// (`--header-read-timeout`, `FORGESYTE_HEADER_READ_TIMEOUT`).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Default time a request's body may take to arrive, each wait for more of
+/// it counted on its own (`--body-read-timeout`,
+/// `FORGESYTE_BODY_READ_TIMEOUT`).
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Default time an idle keep-alive connection stays open after a response
 /// (`--idle-timeout`, `FORGESYTE_IDLE_TIMEOUT`).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -71,6 +76,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Time an idle keep-alive connection stays open after a response.
     pub idle_timeout: Duration,
+    /// Longest wait for the next piece of a request's body (a client that
+    /// stops sending mid-body is answered 408).
+    pub body_read_timeout: Duration,
     /// Connections served at once; at most half the soft file-descriptor
     /// limit is applied. A few more are served the probe routes only.
     pub max_connections: usize,
@@ -129,6 +137,7 @@ impl Default for ServerConfig {
             body_limit: DEFAULT_BODY_LIMIT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admin_token: None,
@@ -155,6 +164,7 @@ mod tests {
         assert_eq!(config.call_timeout, Duration::from_secs(60));
         assert_eq!(config.body_limit, 33_554_432);
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.body_read_timeout, Duration::from_secs(30));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 10_000);
         assert_eq!(config.max_calls_per_plugin, 64);

@@ -313,6 +313,10 @@ pub enum RunError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The client stopped sending the body for longer than the body read
+    /// timeout (408, `BodyTimeout`).
+    #[error("the request body stopped arriving; it must keep coming within the body read timeout")]
+    BodyTimedOut,
     /// The tool rejected its arguments (422, `InvalidArgs`).
     #[error("{message}")]
     InvalidArgs {
@@ -383,6 +387,7 @@ impl RunError {
             | RunError::InvalidArgs { .. }
             | RunError::ToolFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             RunError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RunError::BodyTimedOut => StatusCode::REQUEST_TIMEOUT,
             RunError::Fault { .. } => StatusCode::BAD_GATEWAY,
             RunError::Timeout { .. } | RunError::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             RunError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -398,6 +403,7 @@ impl RunError {
             RunError::MalformedBody { .. } => "MalformedBody",
             RunError::InvalidBody { .. } => "InvalidBody",
             RunError::PayloadTooLarge { .. } => "PayloadTooLarge",
+            RunError::BodyTimedOut => "BodyTimeout",
             RunError::InvalidArgs { .. } => "InvalidArgs",
             RunError::ToolFailed { error_type, .. } => error_type.as_deref().unwrap_or("ToolError"),
             RunError::Fault { kind, .. } => kind,
@@ -427,6 +433,10 @@ impl RunError {
             }
             RunError::PayloadTooLarge { limit } => {
                 format!("Request body is larger than the limit of {limit} bytes")
+            }
+            RunError::BodyTimedOut => {
+                "The request body stopped arriving before it was complete (body read timeout)"
+                    .to_owned()
             }
             RunError::InvalidArgs { message } => {
                 format!("Tool '{t}' of plugin '{p}' rejected its arguments: {message}")

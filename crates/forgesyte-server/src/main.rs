@@ -42,10 +42,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use forgesyte_loader::Isolation;
 use forgesyte_server::{
-    AdminToken, CheckError, CheckReport, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_CALL_TIMEOUT,
-    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
-    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
-    DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig, build_loader_from, shutdown_signal,
+    AdminToken, CheckError, CheckReport, DEFAULT_BIND, DEFAULT_BODY_LIMIT,
+    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig, build_loader_from,
+    shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -156,6 +157,10 @@ struct ServeArgs {
     /// (from the connection's opening, or a later request's first byte).
     #[arg(long, value_name = "SECS", env = "FORGESYTE_HEADER_READ_TIMEOUT", default_value_t = Seconds(DEFAULT_HEADER_READ_TIMEOUT), value_parser = parse_seconds_arg)]
     header_read_timeout: Seconds,
+    /// Longest wait for the next piece of a request's body, in seconds (a
+    /// client that stops sending mid-body is answered 408).
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_BODY_READ_TIMEOUT", default_value_t = Seconds(DEFAULT_BODY_READ_TIMEOUT), value_parser = parse_seconds_arg)]
+    body_read_timeout: Seconds,
     /// Time an idle keep-alive connection stays open after a response, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_IDLE_TIMEOUT), value_parser = parse_seconds_arg)]
     idle_timeout: Seconds,
@@ -506,6 +511,7 @@ impl ServeArgs {
         config.shutdown_grace = self.shutdown_grace.0;
         config.header_read_timeout = self.header_read_timeout.0;
         config.idle_timeout = self.idle_timeout.0;
+        config.body_read_timeout = self.body_read_timeout.0;
         config.max_connections = self.max_connections;
         config.max_calls_per_plugin = self.max_calls_per_plugin;
         (config, self.admin_token_file)

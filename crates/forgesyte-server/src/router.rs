@@ -18,6 +18,7 @@ use axum::{Extension, Router};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -93,6 +94,7 @@ fn routes() -> OpenApiRouter<AppState> {
 /// tracing.
 pub fn app(state: AppState) -> Router {
     let body_limit = state.body_limit();
+    let body_read_timeout = state.body_read_timeout();
     let (router, _) = routes().split_for_parts();
     router
         // After the routes: it applies to the routes registered so far.
@@ -100,6 +102,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .layer(Extension(published()))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(RequestBodyTimeoutLayer::new(body_read_timeout))
         // Outermost last: the id is set (kept when the client sent one)
         // before the request's span opens, so every log line of the request
         // carries it, and copied onto the answer.
@@ -342,7 +345,9 @@ mod tests {
             .collect();
         assert_eq!(
             statuses,
-            BTreeSet::from(["200", "400", "404", "413", "422", "502", "503", "504"])
+            BTreeSet::from([
+                "200", "400", "404", "408", "413", "422", "502", "503", "504"
+            ])
         );
     }
 

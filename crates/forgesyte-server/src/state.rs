@@ -35,6 +35,7 @@ struct Inner {
     registry: Registry,
     call_timeout: Duration,
     body_limit: usize,
+    body_read_timeout: Duration,
     loading: AtomicBool,
     admin: AdminGate,
     /// An admin operation (reload) is running.
@@ -72,6 +73,7 @@ impl AppState {
                 registry,
                 call_timeout: config.call_timeout,
                 body_limit: config.body_limit,
+                body_read_timeout: config.body_read_timeout,
                 loading: AtomicBool::new(false),
                 admin: AdminGate::new(config.admin_token.clone()),
                 admin_busy: AtomicBool::new(false),
@@ -102,6 +104,11 @@ impl AppState {
     /// Largest accepted request body, in bytes.
     pub fn body_limit(&self) -> usize {
         self.inner.body_limit
+    }
+
+    /// Longest wait for the next piece of a request's body.
+    pub fn body_read_timeout(&self) -> Duration {
+        self.inner.body_read_timeout
     }
 
     /// Whether a load pass is still running (`GET /v1/health` says `loading`).

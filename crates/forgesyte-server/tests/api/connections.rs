@@ -360,3 +360,33 @@ fn out_of_file_descriptors_the_binary_backs_off_and_keeps_accepting() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A client that stops sending a run body half-way is answered 408
+/// (`BodyTimeout`) after the body read timeout, not held until the body
+/// would be complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_arriving_is_answered_408() {
+    let server = start(|c| c.body_read_timeout = Duration::from_secs(1)).await;
+    let addr = server.addr;
+    let (elapsed, response) = blocking(move || {
+        let mut stream = connect(addr);
+        let started = Instant::now();
+        stream
+            .write_all(
+                b"POST /v1/plugins/p/tools/t/run HTTP/1.1\r\nhost: x\r\n\
+                  content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"args\": ",
+            )
+            .unwrap();
+        let response = read_response(&mut stream);
+        (started.elapsed(), response)
+    })
+    .await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("BodyTimeout"), "{response}");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        "answered after {elapsed:?}"
+    );
+    let reply = blocking(move || http(addr, "GET", "/livez", b"")).await;
+    assert_eq!(reply.status, 200);
+}
