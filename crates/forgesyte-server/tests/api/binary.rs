@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::support::runner_pid;
 use crate::support::{
     Forgesyte, PluginsDir, assert_health_answer, forgesyte_command, hostile_segments, http,
-    http_with,
+    http_with, run_forgesyte,
 };
 
 /// `alpha` and `beta` (good), `slow` (good, 0.3 s manifest time limit),
@@ -669,16 +669,10 @@ fn a_runner_that_does_not_exist_fails_isolated_plugins_with_a_reason() {
 // ------------------------------------------------------------------ check
 
 fn check(args: &[&str]) -> (i32, String, String) {
-    let output = forgesyte_command()
-        .arg("check")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let all: Vec<&str> = std::iter::once("check")
+        .chain(args.iter().copied())
+        .collect();
+    run_forgesyte(&all, &[])
 }
 
 #[test]

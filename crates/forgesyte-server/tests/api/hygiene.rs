@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Forgesyte, PluginsDir, runner_pid};
+use crate::support::{Forgesyte, PluginsDir, children_of, runner_pid};
 
 /// Whether process `pid` has ended (gone, or a zombie waiting for its new
 /// parent to reap it).
@@ -267,19 +267,10 @@ fn python_plugins_come_back_when_their_zygote_is_killed() {
 /// The server's Python zygote: its child whose command line says
 /// `--zygote`.
 fn zygote_pid(server: u32) -> Option<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{server}/task")).ok()?;
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|text| {
-            text.split_whitespace()
-                .filter_map(|pid| pid.parse::<u32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"--zygote"))
-        })
+    children_of(server).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"--zygote"))
+    })
 }
 
 /// Runners (native, and Python ones forked by a zygote) run with

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Forgesyte, forgesyte_command};
+use crate::support::{Forgesyte, run_forgesyte};
 
 const PLUGIN_PY: &str = r#"
 class Plugin:
@@ -118,17 +118,7 @@ fn write_script(path: &Path, body: &str) {
 
 /// `forgesyte ARGS…` with extra environment: exit code, stdout, stderr.
 fn forgesyte(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let output = forgesyte_command()
-        .env_remove("FORGESYTE_PYTHON_ENTRY_POINTS")
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    run_forgesyte(args, env)
 }
 
 fn plugin<'a>(list: &'a Value, name: &str) -> &'a Value {

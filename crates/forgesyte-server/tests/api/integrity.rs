@@ -7,20 +7,11 @@ use std::io::Write as _;
 
 use serde_json::{Value, json};
 
-use crate::support::{PluginsDir, forgesyte_command};
+use crate::support::{PluginsDir, run_forgesyte};
 
 /// `forgesyte ARGS…`: exit code, stdout, stderr.
 fn forgesyte(args: &[&str]) -> (i32, String, String) {
-    let output = forgesyte_command()
-        .env_remove("FORGESYTE_PYTHON_ENTRY_POINTS")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    run_forgesyte(args, &[])
 }
 
 fn append(path: &std::path::Path, bytes: &[u8]) {

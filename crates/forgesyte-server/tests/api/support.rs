@@ -562,6 +562,21 @@ impl Drop for Forgesyte {
     }
 }
 
+/// `forgesyte ARGS…` (with `env` added) run to its end: exit code (-1 if
+/// killed by a signal), stdout, stderr.
+pub(crate) fn run_forgesyte(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = forgesyte_command()
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// The `forgesyte` binary with no `FORGESYTE_*` variable inherited.
 pub(crate) fn forgesyte_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_forgesyte"));
@@ -614,7 +629,7 @@ pub(crate) fn runner_pid(server_pid: u32, plugin: &str) -> Option<u32> {
 }
 
 /// The children of process `pid` (of all its threads).
-fn children_of(pid: u32) -> Vec<u32> {
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
