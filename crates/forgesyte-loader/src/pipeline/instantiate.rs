@@ -34,11 +34,7 @@ impl Loader {
         // Last step before anything of the plugin is opened or started.
         self.check_integrity(p, &Target::File(library_path.clone()))?;
         let config = self.instance_config(p);
-        let isolation = p
-            .manifest
-            .declared_isolation
-            .unwrap_or(self.config.default_isolation);
-        if isolation == Isolation::Process {
+        if self.isolation_of(p) == Isolation::Process {
             let limits = self.config.process.with_manifest(&p.manifest.limits);
             let importer =
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)

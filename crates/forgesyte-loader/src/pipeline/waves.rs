@@ -68,11 +68,15 @@ impl Loader {
     /// Whether `p` runs in a runner process (a Python plugin, or a native
     /// one isolated).
     fn runs_in_a_process(&self, p: &Pending) -> bool {
-        p.manifest.runtime == Runtime::Python
-            || p.manifest
-                .declared_isolation
-                .unwrap_or(self.config.default_isolation)
-                == Isolation::Process
+        p.manifest.runtime == Runtime::Python || self.isolation_of(p) == Isolation::Process
+    }
+
+    /// Where a native plugin runs: its manifest's `isolation`, else the
+    /// loader's default.
+    pub(super) fn isolation_of(&self, p: &Pending) -> Isolation {
+        p.manifest
+            .declared_isolation
+            .unwrap_or(self.config.default_isolation)
     }
 
     /// Versions of the plugins available now, for `plugin:` requirements.
