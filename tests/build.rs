@@ -249,7 +249,8 @@ fn fault_fixtures() -> Vec<Fixture> {
             "The `faulty` library in its own process (call timeout 2 s, memory 256 MiB, \
              answers up to 1 MiB). Tools: `ok`, `echo`, `sleep`, `pid`, and the faults \
              `segv`, `abort`, `panic_abort`, `overflow`, `exit3`, `hang`, `oom`, \
-             `stdout_spam`, `huge`, `corrupt`, `stdin_read`, `panic`.",
+             `stdout_spam`, `huge`, `corrupt`, `stdin_read`, `panic`; the sandbox probes \
+             `read`, `write`, `scratch`, `connect`, `env`.",
         ),
         faulty(
             "init_segv",

@@ -108,6 +108,12 @@ impl PluginHandle {
         }
     }
 
+    /// The sandbox its runner reported (see [`crate::sandbox`]); `None`
+    /// in process or unconfined.
+    pub fn confinement(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        self.inner.slot.current().confinement()
+    }
+
     /// The plugin's registry name.
     pub fn name(&self) -> &str {
         &self.inner.slot.name

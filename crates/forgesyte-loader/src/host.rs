@@ -60,6 +60,13 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The sandbox the instance's process reported (see
+    /// [`crate::sandbox`]); `None` in the host's own process or when its
+    /// runner was started unconfined.
+    fn confinement(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        None
+    }
+
     /// Asks to be told, once, when the instance's process ends (at once if
     /// it already has). Returns `false` (and drops `callback`) for an
     /// instance in the host's own process.

@@ -150,6 +150,9 @@ pub struct Manifest {
     /// (the library file of a native plugin, the source tree of a Python
     /// one: see [`crate::integrity`]).
     pub sha256: Option<String>,
+    /// `network`, `filesystem` and `env`: what its runner's sandbox allows
+    /// beyond the default (see [`crate::sandbox`]).
+    pub sandbox: crate::sandbox::SandboxSpec,
     /// The object as read, unknown fields kept.
     pub raw: Arc<Value>,
 }
@@ -348,6 +351,7 @@ pub fn from_value_in(
         Runtime::Native => BareDependency::Lib,
     };
     let requirements = Requirements::from_manifest_as(&raw, bare)?;
+    let sandbox = crate::sandbox::parse_spec(obj)?;
     Ok(Manifest {
         name,
         version,
@@ -362,6 +366,7 @@ pub fn from_value_in(
         limits,
         optional,
         sha256,
+        sandbox,
         raw: Arc::new(raw),
     })
 }

@@ -425,6 +425,23 @@ impl Registry {
         })
     }
 
+    /// Records the sandbox its runner reported (`None`: unconfined).
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`].
+    pub fn set_confinement(
+        &self,
+        name: &str,
+        confinement: Option<BTreeMap<String, String>>,
+    ) -> Result<(), RegistryError> {
+        let confinement = confinement.map(Arc::new);
+        self.update(name, |entry, _now| {
+            entry.confinement = confinement.clone();
+            Ok(())
+        })
+    }
+
     /// A supervisor restart begins: `FAILED -> LOADED`, reason cleared,
     /// `restart_count + 1`, `next_retry_at` cleared, and a journal entry.
     /// Only legal from `FAILED` (a plugin reloaded or retired meanwhile is
@@ -1149,6 +1166,7 @@ mod tests {
         assert_eq!(
             extra,
             [
+                "confinement",
                 "in_flight",
                 "last_exit_reason",
                 "next_retry_at",
@@ -1161,6 +1179,7 @@ mod tests {
             "version",
             "last_exit_reason",
             "next_retry_at",
+            "confinement",
             "last_used",
             "last_execution_time_ms",
             "avg_execution_time_ms",

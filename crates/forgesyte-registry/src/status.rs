@@ -2,7 +2,7 @@
 //! ([`PluginStatus`], [`Transition`]) and the immutable entry the registry
 //! publishes (`Entry`, crate-private).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,6 +72,10 @@ pub struct PluginStatus {
     /// When the supervisor will try to restart the plugin (RFC 3339, UTC);
     /// `null` when no restart is scheduled.
     pub next_retry_at: Option<String>,
+    /// The sandbox of its runner, part by part (`filesystem`, `network`,
+    /// `env`: what is enforced, or `unconfined: why`); `null` for a plugin
+    /// that runs unconfined (in-process, or confinement turned off).
+    pub confinement: Option<BTreeMap<String, String>>,
 }
 
 /// One entry of a plugin's failure journal: a move into `FAILED` or
@@ -169,6 +173,7 @@ pub(crate) struct Entry {
     pub(crate) restart_count: u64,
     pub(crate) last_exit_reason: Option<Arc<str>>,
     pub(crate) next_retry_at: Option<DateTime<Utc>>,
+    pub(crate) confinement: Option<Arc<BTreeMap<String, String>>>,
     pub(crate) journal: Arc<VecDeque<JournalEntry>>,
 }
 
@@ -198,6 +203,7 @@ impl Entry {
             restart_count: 0,
             last_exit_reason: None,
             next_retry_at: None,
+            confinement: None,
             journal: Arc::new(VecDeque::new()),
         }
     }
@@ -274,6 +280,7 @@ impl Entry {
             restart_count: self.restart_count,
             last_exit_reason: self.last_exit_reason.as_deref().map(str::to_owned),
             next_retry_at: self.next_retry_at.map(rfc3339),
+            confinement: self.confinement.as_deref().cloned(),
         }
     }
 }

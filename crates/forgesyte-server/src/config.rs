@@ -109,6 +109,10 @@ pub struct ServerConfig {
     /// `forgesyte.plugins` that [`python`](Self::python) sees
     /// (`--python-entry-points`, `FORGESYTE_PYTHON_ENTRY_POINTS`).
     pub python_entry_points: bool,
+    /// Confine the runners of isolated and Python plugins: Landlock, a
+    /// network namespace of their own, a scrubbed environment
+    /// (`--confine on|off`, `FORGESYTE_CONFINE`; on by default).
+    pub confine: bool,
 }
 
 impl ServerConfig {
@@ -122,6 +126,7 @@ impl ServerConfig {
             runner_args: self.runner_args.clone(),
             python: self.python.clone(),
             python_entry_points: self.python_entry_points,
+            confine: self.confine,
             ..LoaderConfig::default()
         }
     }
@@ -148,6 +153,7 @@ impl Default for ServerConfig {
             runner_args: Vec::new(),
             python: None,
             python_entry_points: false,
+            confine: true,
         }
     }
 }

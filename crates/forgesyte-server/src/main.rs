@@ -10,7 +10,7 @@
 //! forgesyte lock [DIR]
 //!
 //! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
-//!                 [--python PATH] [--python-entry-points]
+//!                 [--python PATH] [--python-entry-points] [--confine on|off]
 //! ```
 //!
 //! `new` writes a working plugin into `PARENT/NAME` (default
@@ -227,6 +227,12 @@ struct LoaderArgs {
     /// on `PATH`) sees, after the plugins directory.
     #[arg(long, env = "FORGESYTE_PYTHON_ENTRY_POINTS", value_parser = clap::builder::BoolishValueParser::new())]
     python_entry_points: bool,
+    /// Confine the runners of isolated and Python plugins: read-only access
+    /// to what they need (Landlock), writes to their scratch directory only,
+    /// no network unless the manifest says `"network": true`, and only the
+    /// environment variables they declare (`on` or `off`).
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    confine: bool,
 }
 
 impl LoaderArgs {
@@ -241,6 +247,7 @@ impl LoaderArgs {
         config.default_isolation = self.isolation.0;
         config.python = self.python.filter(|p| !p.as_os_str().is_empty());
         config.python_entry_points = self.python_entry_points;
+        config.confine = self.confine;
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);

@@ -9,6 +9,8 @@
 //!
 //! This module is a leaf: it depends on the lower crates only.
 
+use std::collections::BTreeMap;
+
 use forgesyte_loader::ToolInfo;
 use forgesyte_registry::{JournalEntry, PluginLifecycleState, PluginStatus};
 use serde::{Deserialize, Serialize};
@@ -92,6 +94,12 @@ pub struct PluginStatusJson {
     /// when no restart is scheduled.
     #[schema(required = true, format = DateTime)]
     pub next_retry_at: Option<String>,
+    /// The sandbox of the plugin's runner, part by part: `filesystem`,
+    /// `network` and `env`, each what is enforced or `unconfined: why`;
+    /// null for a plugin that runs unconfined (in-process, or with
+    /// `--confine off`).
+    #[schema(required = true)]
+    pub confinement: Option<BTreeMap<String, String>>,
 }
 
 impl From<PluginStatus> for PluginStatusJson {
@@ -112,6 +120,7 @@ impl From<PluginStatus> for PluginStatusJson {
             restart_count: s.restart_count,
             last_exit_reason: s.last_exit_reason,
             next_retry_at: s.next_retry_at,
+            confinement: s.confinement,
         }
     }
 }

@@ -28,7 +28,9 @@
 //!   `forgesyte.plugins`) through `check` and `serve`;
 //! - `integrity`: `forgesyte lock`, then changed plugins refused at load;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
-//!   built and served as the command prints.
+//!   built and served as the command prints;
+//! - `sandbox`: confined runners (Python and isolated native) denied what
+//!   they did not declare: files, network, environment.
 
 // Helpers outside #[test] functions may fail loudly too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -58,6 +60,8 @@ mod probes;
 mod python;
 #[path = "api/router.rs"]
 mod router;
+#[path = "api/sandbox.rs"]
+mod sandbox;
 #[path = "api/scaffold.rs"]
 mod scaffold;
 #[path = "api/startup.rs"]

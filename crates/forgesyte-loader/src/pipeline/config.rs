@@ -47,6 +47,10 @@ pub struct LoaderConfig {
     /// `PATH`) sees ([`crate::entry_points`]), after the plugin directories
     /// (`--python-entry-points`, `FORGESYTE_PYTHON_ENTRY_POINTS`).
     pub python_entry_points: bool,
+    /// Confine the runners of isolated and Python plugins (Landlock, a
+    /// network namespace, a scrubbed environment; see [`crate::sandbox`]).
+    /// On by default (`--confine off` turns it off).
+    pub confine: bool,
 }
 
 impl Default for LoaderConfig {
@@ -63,6 +67,7 @@ impl Default for LoaderConfig {
             preflight: false,
             python: None,
             python_entry_points: false,
+            confine: true,
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::integrity::{self, Target};
 use crate::manifest::{self, Isolation, Manifest, PythonEntry, Runtime};
 use crate::process::{self, ProcessImporter};
 use crate::python;
+use crate::sandbox;
 use crate::slot::Slot;
 use crate::supervise::{Restart, Supervision, Supervisor};
 
@@ -39,6 +40,7 @@ impl Loader {
             let importer =
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
                     .with_runner_args(self.config.runner_args.clone());
+            let importer = self.confine(p, importer)?;
             return self.instantiate_isolated(p, importer, library_path, config);
         }
         if self.config.preflight || p.manifest.preflight {
@@ -164,8 +166,53 @@ impl Loader {
         if self.entry_points.read().contains_key(&p.name) {
             importer = importer.installed();
         }
+        let importer = self.confine(p, importer)?;
         let config = self.instance_config(p);
         self.instantiate_isolated(p, importer, code, config)
+    }
+
+    /// Confines the plugin's runners when the host confines runners: its
+    /// sandbox plan from its manifest, with a scratch directory of its own.
+    fn confine(
+        &self,
+        p: &Pending,
+        importer: ProcessImporter,
+    ) -> Result<ProcessImporter, PluginError> {
+        if !self.config.confine {
+            return Ok(importer);
+        }
+        let scratch = sandbox::scratch_dir(&p.name).map_err(|e| ImportError::Open {
+            path: p.dir.clone(),
+            detail: format!("cannot create the plugin's scratch directory: {e}"),
+        })?;
+        let req = &p.manifest.requirements;
+        let models: Vec<PathBuf> = req
+            .models
+            .iter()
+            .map(|(_, path)| p.dir.join(path))
+            .collect();
+        let env_deps: Vec<String> = req
+            .dependencies
+            .iter()
+            .filter_map(|d| match d {
+                Dependency::Env(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        let plan = sandbox::Confinement::plan(
+            sandbox::PlanInput {
+                plugin_dir: &p.dir,
+                scratch: &scratch,
+                spec: &p.manifest.sandbox,
+                models: &models,
+                lib_paths: &self.config.lib_paths,
+                env_deps: &env_deps,
+                gpu: req.gpu != forgesyte_deps::GpuRequirement::None,
+            },
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        );
+        Ok(importer.confined(plan))
     }
 
     /// Starts a plugin in its runner, under supervision.

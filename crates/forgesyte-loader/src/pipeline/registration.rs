@@ -131,6 +131,7 @@ impl Loader {
     }
 
     pub(super) fn mark_loaded(&self, p: &Pending, handle: PluginHandle) {
+        let _ = self.registry.set_confinement(&p.name, handle.confinement());
         if let Some(entry) = self.entries.write().get_mut(&p.name) {
             entry.handle = Some(handle);
         }

@@ -51,7 +51,7 @@ use std::time::Duration;
 use forgesyte_errors::{CrashCause, ImportError, InitError, PluginError, TimeoutError, ToolError};
 use parking_lot::Mutex;
 
-use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
+use forgesyte_protocol::wire::{PROTOCOL_ENV, PROTOCOL_VERSION, Response, capability};
 
 use std::process::Command;
 
@@ -180,6 +180,7 @@ pub struct ProcessImporter {
     launch: Launch,
     plugin: String,
     limits: ProcessLimits,
+    confinement: Option<crate::sandbox::Confinement>,
 }
 
 impl ProcessImporter {
@@ -197,6 +198,7 @@ impl ProcessImporter {
             },
             plugin: plugin.into(),
             limits,
+            confinement: None,
         }
     }
 
@@ -218,6 +220,7 @@ impl ProcessImporter {
             },
             plugin: plugin.into(),
             limits,
+            confinement: None,
         }
     }
 
@@ -241,6 +244,13 @@ impl ProcessImporter {
         self
     }
 
+    /// Confines its runners: each applies `plan` to itself before any of
+    /// the plugin's code runs, and starts with the plan's environment only.
+    pub fn confined(mut self, plan: crate::sandbox::Confinement) -> Self {
+        self.confinement = Some(plan);
+        self
+    }
+
     /// The limits its runners get.
     pub fn limits(&self) -> &ProcessLimits {
         &self.limits
@@ -260,12 +270,32 @@ impl ProcessImporter {
             memory_limit_mib: self.limits.memory_limit_mib,
             max_response_bytes: self.limits.max_response_bytes,
         };
-        let common = [
+        let mut common = vec![
             OsString::from("--memory-limit-mb"),
             self.limits.memory_limit_mib.to_string().into(),
             "--plugin".into(),
             self.plugin.clone().into(),
         ];
+        // The plan's environment is the runner's whole environment, with
+        // what the protocol and the memory limit need (a zygote's runner
+        // sets it itself, from the plan).
+        let plan = self.confinement.as_ref().map(|plan| {
+            let mut plan = plan.clone();
+            plan.env
+                .insert(PROTOCOL_ENV.into(), PROTOCOL_VERSION.to_string());
+            if self.limits.memory_limit_mib > 0 {
+                plan.env.insert("MALLOC_ARENA_MAX".into(), "2".into());
+            }
+            plan
+        });
+        if let Some(plan) = &plan {
+            common.extend(["--confine".into(), plan.to_arg().into()]);
+        }
+        let confine_env = |command: &mut Command| {
+            if let Some(plan) = &plan {
+                command.env_clear().envs(&plan.env);
+            }
+        };
         match &self.launch {
             Launch::Native {
                 runner,
@@ -277,6 +307,7 @@ impl ProcessImporter {
                     .arg("--library")
                     .arg(library)
                     .args(common);
+                confine_env(&mut command);
                 Child::spawn(command, &opts, self.limits.init_timeout)
             }
             Launch::Python {
@@ -304,6 +335,7 @@ impl ProcessImporter {
                 }
                 let mut command = Command::new(interpreter);
                 command.args(crate::python::runner_invocation()).args(argv);
+                confine_env(&mut command);
                 Child::spawn(command, &opts, self.limits.init_timeout)
             }
         }
@@ -485,6 +517,13 @@ impl ProcessInstance {
         (&hello.runtime, &hello.runtime_version)
     }
 
+    /// The sandbox its runner reported (`filesystem`, `network`, `env`:
+    /// what is enforced, or `unconfined: why`); `None` when it was started
+    /// unconfined.
+    pub fn confinement(&self) -> Option<&std::collections::BTreeMap<String, String>> {
+        self.child.hello().confinement.as_ref()
+    }
+
     /// Runs `tool` with the JSON `args` and binary `attachments`, placed at
     /// the JSON Pointers of `pointers` (see `PROTOCOL.md`). The result's own
     /// attachments come back as base64 strings at their places, the
@@ -619,6 +658,10 @@ pub(crate) fn base64_in_place(
 impl PluginInstance for ProcessInstance {
     fn tools(&self) -> &[ToolInfo] {
         &self.tools
+    }
+
+    fn confinement(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        ProcessInstance::confinement(self).cloned()
     }
 
     fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {

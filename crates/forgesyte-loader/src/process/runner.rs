@@ -69,12 +69,14 @@ struct Args {
     library: PathBuf,
     memory_limit_mib: u64,
     plugin: String,
+    confine: Option<crate::sandbox::Confinement>,
 }
 
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
     let mut library = None;
     let mut memory_limit_mib = 0;
     let mut plugin = String::from("plugin");
+    let mut confine = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -88,6 +90,13 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
                     .ok_or_else(|| format!("--memory-limit-mb: not a number: {v:?}"))?;
             }
             Some("--plugin") => plugin = value("--plugin")?.to_string_lossy().into_owned(),
+            Some("--confine") => {
+                let v = value("--confine")?;
+                confine = Some(
+                    serde_json::from_slice(v.as_encoded_bytes())
+                        .map_err(|e| format!("--confine: not a sandbox plan: {e}"))?,
+                );
+            }
             _ => return Err(format!("unexpected argument {arg:?}")),
         }
     }
@@ -96,6 +105,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
         library,
         memory_limit_mib,
         plugin,
+        confine,
     })
 }
 
@@ -104,7 +114,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
 /// return its exit code.
 ///
 /// Arguments: `--library PATH` (required), `--memory-limit-mb N` (0 or
-/// absent: no limit), `--plugin NAME` (for messages). The process speaks the
+/// absent: no limit), `--plugin NAME` (for messages), `--confine JSON` (a
+/// [`crate::sandbox::Confinement`] applied before the library is opened). The process speaks the
 /// protocol of [`crate::process`] on its stdin and stdout; it is started by
 /// [`crate::process::ProcessImporter`], not by people.
 pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
@@ -122,7 +133,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "forgesyte-runner: {e}\nusage: forgesyte-runner --library PATH \
-                 [--memory-limit-mb N] [--plugin NAME]"
+                 [--memory-limit-mb N] [--plugin NAME] [--confine JSON]"
             );
             return ExitCode::from(EXIT_USAGE);
         }
@@ -137,6 +148,10 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         );
         return ExitCode::from(EXIT_SETUP);
     }
+    // Before any thread starts (Landlock and the network namespace hold for
+    // this thread and those it starts after) and before the plugin's
+    // library is opened.
+    let confinement = args.confine.as_ref().map(crate::sandbox::apply);
     watch_parent();
     let library = match NativeLibrary::open(&args.library) {
         Ok(library) => Arc::new(library),
@@ -162,6 +177,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 capability::ATTACHMENTS.into(),
                 capability::CONCURRENT_CALLS.into(),
             ],
+            confinement,
         }),
         &[],
     );
@@ -423,9 +439,19 @@ mod tests {
             Ok(Args {
                 library: "/p/l.so".into(),
                 memory_limit_mib: 64,
-                plugin: "ocr".into()
+                plugin: "ocr".into(),
+                confine: None,
             })
         );
+        let plan = crate::sandbox::Confinement {
+            network: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            args(&["--library", "/p/l.so", "--confine", &plan.to_arg()]).map(|a| a.confine),
+            Ok(Some(plan))
+        );
+        assert!(args(&["--library", "/p/l.so", "--confine", "[1]"]).is_err());
         assert_eq!(
             args(&["--library", "/p/l.so"]).map(|a| a.memory_limit_mib),
             Ok(0)

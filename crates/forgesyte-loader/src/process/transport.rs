@@ -343,6 +343,7 @@ mod tests {
             runtime_version: "1".into(),
             pid: 1,
             capabilities: vec![],
+            confinement: None,
         }))
         .unwrap()
     }

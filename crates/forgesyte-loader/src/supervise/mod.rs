@@ -315,6 +315,7 @@ impl Supervisor {
                 }
                 self.state.lock().healthy_since = clock.now();
                 self.watch(&instance);
+                let _ = registry.set_confinement(name, instance.confinement());
                 self.slot.replace(instance);
                 if registry.mark_initialized(name).is_ok() {
                     tracing::info!(plugin = %name, restart = count, "✓ Restarted plugin: {name}");

@@ -13,6 +13,8 @@
 //! `serde_json`'s limit (128) is an error where a decoder builds values
 //! (tool specs); embedded payloads are skipped without recursion.
 
+use std::collections::BTreeMap;
+
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -71,6 +73,11 @@ pub struct Hello {
     /// What it can do beyond the required core (see [`crate::wire::capability`]).
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// The sandbox the runner put itself in, when the host asked for one
+    /// (`--confine`): `filesystem`, `network`, `env`, each either what is
+    /// enforced or `unconfined: why`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confinement: Option<BTreeMap<String, String>>,
 }
 
 impl Hello {
@@ -227,6 +234,8 @@ struct ResponseEnvelope {
     pid: Option<u32>,
     #[serde(default)]
     capabilities: Vec<String>,
+    #[serde(default)]
+    confinement: Option<BTreeMap<String, String>>,
     error: Option<WireError>,
     tools: Option<Vec<ToolSpec>>,
     // A present `null` is a result (a tool that returned None), not absent.
@@ -253,6 +262,7 @@ impl<'de> Deserialize<'de> for Response {
                 runtime_version: e.runtime_version.unwrap_or_default(),
                 pid: e.pid.ok_or_else(|| missing("pid"))?,
                 capabilities: e.capabilities,
+                confinement: e.confinement,
             }),
             "import_failed" => Response::ImportFailed {
                 error: e.error.ok_or_else(|| missing("error"))?,
@@ -341,6 +351,7 @@ mod tests {
                 runtime_version: "ABI 1".into(),
                 pid: 9,
                 capabilities: vec!["attachments".into()],
+                confinement: Some(BTreeMap::from([("network".into(), "allowed".into())])),
             }),
             Response::ImportFailed {
                 error: WireError::new("Open", "no"),
@@ -428,6 +439,7 @@ mod tests {
                         runtime_version: String::new(),
                         pid,
                         capabilities: vec!["attachments".into()],
+                        confinement: None,
                     })
                 }
             ),

@@ -1,0 +1,482 @@
+//! Confinement of plugin runners (isolated native and Python plugins).
+//!
+//! Owns three things: what a manifest asks of its sandbox ([`SandboxSpec`]:
+//! `network`, `filesystem`, `env`), the plan the host hands a runner
+//! ([`Confinement`], passed as `--confine JSON`), and its application in the
+//! native runner ([`apply`]: Landlock through the `landlock` crate, a network
+//! namespace through `unshare`). The Python runner applies the same plan
+//! itself (`confine` in `python/runner.py`), so both runtimes get one policy.
+//!
+//! The plan allows reading the plugin directory, its declared models and
+//! library directories, the system's shared libraries and a few system files
+//! (see [`SYSTEM_READ`]); writing its scratch directory only; its devices
+//! (`/dev/null` and the like, GPU devices when it needs a GPU). Everything
+//! else is denied: `/etc/shadow`, other plugins' directories, `/tmp`, the
+//! server's home. A runner that cannot apply a part says so in its hello
+//! (`unconfined: why`), and the plugin still runs.
+//!
+//! Knows nothing of HTTP, the registry or supervision.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use forgesyte_errors::ManifestError;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// What a manifest asks of its runner's sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxSpec {
+    /// `network`: the runner keeps the host's network (default: none).
+    pub network: bool,
+    /// `filesystem.read`: more paths it may read (relative to the plugin
+    /// directory, or absolute).
+    pub read: Vec<String>,
+    /// `filesystem.write`: more paths it may write.
+    pub write: Vec<String>,
+    /// `env`: names of the server's environment variables it may see.
+    pub env: Vec<String>,
+}
+
+/// Parses `network`, `filesystem` and `env` of a manifest object.
+///
+/// # Errors
+///
+/// A field of the wrong type, naming it.
+pub fn parse_spec(obj: &Map<String, Value>) -> Result<SandboxSpec, ManifestError> {
+    let wrong = |field: &str, expected: &str| ManifestError::InvalidField {
+        field: field.into(),
+        message: format!("expected {expected}"),
+    };
+    let strings = |value: Option<&Value>, field: &str| -> Result<Vec<String>, ManifestError> {
+        match value {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) if !s.is_empty() && !s.contains('\0') => Ok(s.clone()),
+                    _ => Err(wrong(field, "a list of non-empty strings")),
+                })
+                .collect(),
+            Some(_) => Err(wrong(field, "a list of strings")),
+        }
+    };
+    let network = match obj.get("network") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(wrong("network", "true or false")),
+    };
+    let (read, write) = match obj.get("filesystem") {
+        None | Some(Value::Null) => (Vec::new(), Vec::new()),
+        Some(Value::Object(fs)) => {
+            if let Some(key) = fs.keys().find(|k| *k != "read" && *k != "write") {
+                return Err(wrong(
+                    &format!("filesystem.{key}"),
+                    "only 'read' and 'write'",
+                ));
+            }
+            (
+                strings(fs.get("read"), "filesystem.read")?,
+                strings(fs.get("write"), "filesystem.write")?,
+            )
+        }
+        Some(_) => return Err(wrong("filesystem", "an object with 'read' and 'write'")),
+    };
+    let env = strings(obj.get("env"), "env")?;
+    Ok(SandboxSpec {
+        network,
+        read,
+        write,
+        env,
+    })
+}
+
+/// What every confined runner may read: the system's shared libraries and
+/// programs, the dynamic loader's cache, time zones, certificates, name
+/// resolution files, and `/proc` and `/sys` (CPU counts, its own status).
+pub const SYSTEM_READ: &[&str] = &[
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/bin",
+    "/sbin",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/alternatives",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/gai.conf",
+    "/etc/mime.types",
+    "/proc",
+    "/sys",
+];
+
+/// Devices every confined runner may read and write.
+const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+/// GPU devices, for plugins that need a GPU.
+const GPU_DEVICES: &[&str] = &[
+    "/dev/nvidiactl",
+    "/dev/nvidia-uvm",
+    "/dev/nvidia-uvm-tools",
+    "/dev/nvidia-modeset",
+    "/dev/dri",
+];
+
+/// Environment variables every runner keeps (the runtime's own needs),
+/// besides those the manifest declares and `LC_*`.
+pub const RUNTIME_ENV: &[&str] = &[
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONHASHSEED",
+    "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "MALLOC_ARENA_MAX",
+    forgesyte_protocol::wire::PROTOCOL_ENV,
+];
+
+/// The sandbox plan a runner applies to itself before any plugin code runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confinement {
+    /// Paths it may read (and execute).
+    pub read: Vec<PathBuf>,
+    /// Paths it may write (its scratch directory, and what the manifest
+    /// adds).
+    pub write: Vec<PathBuf>,
+    /// Devices it may read and write.
+    pub devices: Vec<PathBuf>,
+    /// Whether it keeps the network.
+    pub network: bool,
+    /// Its whole environment.
+    pub env: BTreeMap<String, String>,
+}
+
+/// What [`Confinement::plan`] needs of a plugin.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// The plugin directory.
+    pub plugin_dir: &'a Path,
+    /// Its scratch directory (created already).
+    pub scratch: &'a Path,
+    /// What its manifest asks.
+    pub spec: &'a SandboxSpec,
+    /// Its declared models, resolved.
+    pub models: &'a [PathBuf],
+    /// Library directories the host searches (`--lib-path`).
+    pub lib_paths: &'a [PathBuf],
+    /// Environment variables its `env:` dependencies name.
+    pub env_deps: &'a [String],
+    /// Whether it needs a GPU.
+    pub gpu: bool,
+}
+
+impl Confinement {
+    /// The plan for one plugin, its environment taken from `host_env` (the
+    /// server's).
+    pub fn plan(
+        input: PlanInput<'_>,
+        host_env: impl IntoIterator<Item = (String, String)>,
+    ) -> Confinement {
+        let inside = |p: &String| {
+            let path = Path::new(p);
+            if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                input.plugin_dir.join(path)
+            }
+        };
+        let mut read: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
+        read.push(input.plugin_dir.to_path_buf());
+        read.extend(input.models.iter().cloned());
+        read.extend(input.lib_paths.iter().cloned());
+        read.extend(input.spec.read.iter().map(inside));
+        let mut write = vec![input.scratch.to_path_buf()];
+        write.extend(input.spec.write.iter().map(inside));
+        let mut devices: Vec<PathBuf> = DEVICES.iter().map(PathBuf::from).collect();
+        if input.gpu {
+            devices.extend(GPU_DEVICES.iter().map(PathBuf::from));
+            devices.extend((0..16).map(|i| PathBuf::from(format!("/dev/nvidia{i}"))));
+        }
+        let keep = |name: &str| {
+            RUNTIME_ENV.contains(&name)
+                || name.starts_with("LC_")
+                || input.spec.env.iter().any(|n| n == name)
+                || input.env_deps.iter().any(|n| n == name)
+        };
+        let mut env: BTreeMap<String, String> =
+            host_env.into_iter().filter(|(k, _)| keep(k)).collect();
+        let scratch = input.scratch.to_string_lossy().into_owned();
+        env.insert("TMPDIR".into(), scratch.clone());
+        env.insert("HOME".into(), scratch);
+        Confinement {
+            read,
+            write,
+            devices,
+            network: input.spec.network,
+            env,
+        }
+    }
+
+    /// The plan as the runner's `--confine` argument.
+    pub fn to_arg(&self) -> String {
+        // Paths that are not UTF-8 are written lossily: such a path is
+        // then not found by the runner and allows nothing.
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// The scratch directory of `plugin`: `DIR/forgesyte-scratch-UID/PLUGIN`
+/// under the system's temporary directory, created private (0700). The
+/// plugin's name is made safe as one path component.
+///
+/// # Errors
+///
+/// When it cannot be created, or is not a private directory of this user's.
+pub fn scratch_dir(plugin: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let uid = rustix::process::geteuid().as_raw();
+    let root = std::env::temp_dir().join(format!("forgesyte-scratch-{uid}"));
+    let name: String = plugin
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name = if name.is_empty() || name.chars().all(|c| c == '.') {
+        "_".to_owned()
+    } else {
+        name
+    };
+    let dir = root.join(name);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    for path in [&root, &dir] {
+        let meta = std::fs::symlink_metadata(path)?;
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} is not a private directory of this user's",
+                path.display()
+            )));
+        }
+    }
+    Ok(dir)
+}
+
+/// Applies `plan` to this process (the native runner, before it opens the
+/// plugin's library): a network namespace of its own unless the plan keeps
+/// the network, then Landlock. The environment is the host's to set (it
+/// starts the native runner with the plan's environment). Returns what was
+/// enforced, part by part.
+#[allow(unsafe_code)]
+pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
+    let mut report = BTreeMap::new();
+    report.insert("env".to_owned(), "scrubbed".to_owned());
+    let network = if plan.network {
+        "allowed".to_owned()
+    } else {
+        // SAFETY: `NEWNET` leaves the file descriptor table alone (the
+        // hazard `unshare_unsafe` names is `FILES`); it runs before the
+        // runner starts any thread.
+        match unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) } {
+            Ok(()) => "isolated: a network namespace of its own".to_owned(),
+            Err(e) => format!("unconfined: no network namespace ({e})"),
+        }
+    };
+    report.insert("network".to_owned(), network);
+    let filesystem = match landlock(plan) {
+        Ok((text, tcp_denied)) => {
+            if tcp_denied
+                && report
+                    .get("network")
+                    .is_some_and(|n| n.starts_with("unconfined"))
+            {
+                report.insert(
+                    "network".to_owned(),
+                    "isolated: Landlock denies TCP bind and connect".to_owned(),
+                );
+            }
+            text
+        }
+        Err(e) => format!("unconfined: {e}"),
+    };
+    report.insert("filesystem".to_owned(), filesystem);
+    report
+}
+
+/// The Landlock part of [`apply`]: what is enforced, and whether TCP is
+/// denied.
+fn landlock(plan: &Confinement) -> Result<(String, bool), landlock::RulesetError> {
+    use landlock::{
+        ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+        path_beneath_rules,
+    };
+    let abi = ABI::V5;
+    let existing = |paths: &[PathBuf]| -> Vec<PathBuf> {
+        paths.iter().filter(|p| p.exists()).cloned().collect()
+    };
+    let mut ruleset = Ruleset::default().handle_access(AccessFs::from_all(abi))?;
+    if !plan.network {
+        ruleset = ruleset.handle_access(AccessNet::from_all(abi))?;
+    }
+    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate | AccessFs::IoctlDev;
+    let status = ruleset
+        .create()?
+        .add_rules(path_beneath_rules(
+            existing(&plan.read),
+            AccessFs::from_read(abi),
+        ))?
+        .add_rules(path_beneath_rules(
+            existing(&plan.write),
+            AccessFs::from_all(abi),
+        ))?
+        .add_rules(path_beneath_rules(existing(&plan.devices), device))?
+        .restrict_self()?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => (
+            "confined: Landlock, fully enforced".to_owned(),
+            !plan.network,
+        ),
+        RulesetStatus::PartiallyEnforced => (
+            "confined: Landlock, partly enforced (an older kernel ABI)".to_owned(),
+            false,
+        ),
+        RulesetStatus::NotEnforced => (
+            "unconfined: this kernel does not enforce Landlock".to_owned(),
+            false,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(v: Value) -> Result<SandboxSpec, String> {
+        let Value::Object(obj) = v else {
+            return Err("not an object".into());
+        };
+        parse_spec(&obj).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_manifest_fields_parse_and_bad_types_are_named() {
+        assert_eq!(spec(json!({})), Ok(SandboxSpec::default()));
+        let s = spec(
+            json!({"network": true, "filesystem": {"read": ["models"], "write": ["/data"]},
+                             "env": ["API_KEY"]}),
+        )
+        .unwrap_or_default();
+        assert!(s.network);
+        assert_eq!(s.read, ["models"]);
+        assert_eq!(s.write, ["/data"]);
+        assert_eq!(s.env, ["API_KEY"]);
+        for (bad, field) in [
+            (json!({"network": "yes"}), "network"),
+            (json!({"filesystem": []}), "filesystem"),
+            (json!({"filesystem": {"exec": []}}), "filesystem.exec"),
+            (json!({"filesystem": {"read": [""]}}), "filesystem.read"),
+            (json!({"env": "HOME"}), "env"),
+            (json!({"env": [1]}), "env"),
+        ] {
+            let err = spec(bad.clone()).err().unwrap_or_default();
+            assert!(err.contains(&format!("'{field}'")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_plan_keeps_declared_variables_only() {
+        let dir = Path::new("/plugins/ocr");
+        let scratch = Path::new("/tmp/s/ocr");
+        let spec = SandboxSpec {
+            env: vec!["API_KEY".into()],
+            read: vec!["extra".into()],
+            ..SandboxSpec::default()
+        };
+        let plan = Confinement::plan(
+            PlanInput {
+                plugin_dir: dir,
+                scratch,
+                spec: &spec,
+                models: &[],
+                lib_paths: &[],
+                env_deps: &["CUDA_HOME".into()],
+                gpu: false,
+            },
+            [
+                ("PATH", "/usr/bin"),
+                ("API_KEY", "k"),
+                ("CUDA_HOME", "/cuda"),
+                ("AWS_SECRET_ACCESS_KEY", "s"),
+                ("LC_ALL", "C"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        let names: Vec<&str> = plan.env.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["API_KEY", "CUDA_HOME", "HOME", "LC_ALL", "PATH", "TMPDIR"]
+        );
+        assert_eq!(
+            plan.env.get("TMPDIR").map(String::as_str),
+            Some("/tmp/s/ocr")
+        );
+        assert!(plan.read.contains(&dir.to_path_buf()));
+        assert!(plan.read.contains(&dir.join("extra")));
+        assert!(
+            !plan
+                .read
+                .iter()
+                .any(|p| p == Path::new("/etc") || p == Path::new("/tmp"))
+        );
+        assert_eq!(plan.write, [scratch.to_path_buf()]);
+        assert!(!plan.network);
+        assert!(!plan.devices.iter().any(|d| d.starts_with("/dev/nvidia")));
+        let back: Confinement = serde_json::from_str(&plan.to_arg()).unwrap_or_default();
+        assert_eq!(back, plan);
+    }
+
+    #[test]
+    fn scratch_names_are_one_safe_component() {
+        for (name, last) in [
+            ("ocr", "ocr"),
+            ("../x", ".._x"),
+            ("..", "_"),
+            ("a/b", "a_b"),
+        ] {
+            let dir = scratch_dir(name).unwrap_or_default();
+            assert_eq!(
+                dir.file_name().and_then(|n| n.to_str()),
+                Some(last),
+                "{name}"
+            );
+        }
+    }
+}

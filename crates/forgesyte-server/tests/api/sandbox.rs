@@ -1,0 +1,234 @@
+//! Runner confinement (`forgesyte_loader::sandbox`), attacked through the
+//! binary: a Python plugin (through the zygote and without it) and an
+//! isolated native plugin each try to read `/etc/shadow`, another plugin's
+//! files and an undeclared file, to write outside their scratch directory,
+//! to open a TCP connection and to read a variable they did not declare.
+//! Each is denied, and the tool's answer names what; the same plugin under a
+//! manifest that declares what it needs gets it. `--confine off` turns it
+//! all off.
+//!
+//! Landlock and network namespaces are Linux features this kernel has (CI's
+//! too): where the kernel lacks them the status says `unconfined`, which
+//! these tests would report as a failure rather than skip.
+
+use std::net::TcpListener;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::support::{Forgesyte, PluginsDir};
+
+/// A plugin directory `name` holding the Python fixture `snoop`, with
+/// `extra` manifest fields, and a `secret.txt` of its own.
+fn python_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
+    plugins.python(name, "snoop");
+    add_manifest_fields(&plugins.path().join(name), extra);
+}
+
+/// A plugin directory `name` holding the `faulty` native fixture (its sandbox
+/// probes), isolated, with `extra` manifest fields.
+fn native_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
+    let library = Path::new(forgesyte_tests::zoo::FAULTY_LIBRARY);
+    let dir = plugins.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(library, dir.join(library.file_name().unwrap())).unwrap();
+    let manifest = json!({
+        "name": name,
+        "version": "1.0.0",
+        "entrypoint": library.file_name().unwrap().to_str().unwrap(),
+        "isolation": "process",
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    add_manifest_fields(&dir, extra);
+}
+
+fn add_manifest_fields(dir: &Path, extra: Value) {
+    let path = dir.join("manifest.json");
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    if let (Some(base), Some(extra)) = (manifest.as_object_mut(), extra.as_object()) {
+        base.extend(extra.clone());
+    }
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    std::fs::write(
+        dir.join("secret.txt"),
+        format!("secret of {}\n", dir.display()),
+    )
+    .unwrap();
+}
+
+/// Calls `tool` of `plugin` with `args`: `Ok(result)` or `Err((error_type,
+/// error))`.
+fn call(
+    server: &Forgesyte,
+    plugin: &str,
+    tool: &str,
+    args: Value,
+) -> Result<Value, (String, String)> {
+    let reply = server.run(plugin, tool, &json!({ "args": args }).to_string());
+    let body = reply.json();
+    if body["ok"] == true {
+        return Ok(body["result"].clone());
+    }
+    assert_eq!(reply.status, 422, "{plugin}.{tool}: {body}");
+    Err((
+        body["error_type"].as_str().unwrap_or_default().to_owned(),
+        body["error"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+fn status(server: &Forgesyte, plugin: &str) -> Value {
+    server.get(&format!("/v1/plugins/{plugin}/health")).json()
+}
+
+/// Every attack on `confined` is denied, with what was denied named; the
+/// same attacks on `open` (which declares what it needs) succeed where
+/// declared. `denied` is the error type a refusal has in that runtime.
+fn attack(server: &Forgesyte, plugins: &PluginsDir, confined: &str, open: &str, denied: &str) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let own = plugins.path().join(confined).join("secret.txt");
+    let others = plugins.path().join(open).join("secret.txt");
+    let outside = plugins.path().join("outside.txt");
+    let declared = plugins.path().join("declared.txt");
+
+    let shown = status(server, confined);
+    let confinement = &shown["confinement"];
+    assert!(
+        confinement["filesystem"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("confined: Landlock")),
+        "{shown}"
+    );
+    assert_eq!(
+        confinement["network"], "isolated: a network namespace of its own",
+        "{shown}"
+    );
+    assert_eq!(confinement["env"], "scrubbed", "{shown}");
+
+    let p = |path: &Path| json!({"path": path.to_str().unwrap()});
+    for (tool, args, named) in [
+        (
+            "read",
+            json!({"path": "/etc/shadow"}),
+            "/etc/shadow".to_owned(),
+        ),
+        ("read", p(&others), others.display().to_string()),
+        ("read", p(&declared), declared.display().to_string()),
+        ("write", p(&outside), outside.display().to_string()),
+    ] {
+        let (kind, error) = call(server, confined, tool, args).unwrap_err();
+        assert_eq!(kind, denied, "{confined}.{tool}: {error}");
+        assert!(
+            error.contains("Permission denied") || error.contains("denied"),
+            "{error}"
+        );
+        if denied == "Denied" {
+            assert!(error.contains(&named), "{error} should name {named}");
+        }
+    }
+    assert!(!outside.exists(), "the write outside went through");
+    let (kind, error) = call(server, confined, "connect", json!({"port": port})).unwrap_err();
+    assert!(
+        [denied, "ConnectionRefusedError", "OSError"].contains(&kind.as_str()),
+        "{kind}: {error}"
+    );
+    let (kind, error) =
+        call(server, confined, "env", json!({"name": "SNOOP_DECLARED"})).unwrap_err();
+    assert!(
+        ["KeyError", "Denied"].contains(&kind.as_str()),
+        "{kind}: {error}"
+    );
+
+    // What it may do: its own files, its scratch directory.
+    let own_text = call(server, confined, "read", p(&own)).unwrap();
+    assert!(
+        own_text["text"].as_str().unwrap().starts_with("secret of"),
+        "{own_text}"
+    );
+    let scratch = call(server, confined, "scratch", json!({})).unwrap();
+    assert!(
+        scratch["path"]
+            .as_str()
+            .unwrap()
+            .contains("forgesyte-scratch-"),
+        "{scratch}"
+    );
+
+    // The same attacks under a manifest that declares what it needs.
+    assert_eq!(status(server, open)["confinement"]["network"], "allowed");
+    call(server, open, "read", p(&declared)).unwrap();
+    call(server, open, "connect", json!({"port": port})).unwrap();
+    let value = call(server, open, "env", json!({"name": "SNOOP_DECLARED"})).unwrap();
+    assert_eq!(value["value"], "yes");
+    // Still never what it did not declare.
+    let (kind, error) = call(server, open, "read", json!({"path": "/etc/shadow"})).unwrap_err();
+    assert_eq!(kind, denied, "{error}");
+    call(server, open, "env", json!({"name": "SNOOP_SECRET"})).unwrap_err();
+    drop(listener);
+}
+
+/// What the `open` variants declare: the network, a variable, and a file
+/// outside the plugin directory (written here: a rule allows what exists
+/// when the runner starts).
+fn declares(plugins: &PluginsDir) -> Value {
+    std::fs::write(plugins.path().join("declared.txt"), "declared\n").unwrap();
+    json!({
+        "network": true,
+        "env": ["SNOOP_DECLARED"],
+        "filesystem": {"read": [plugins.path().join("declared.txt").to_str().unwrap()]},
+    })
+}
+
+const ENV: [(&str, &str); 2] = [("SNOOP_DECLARED", "yes"), ("SNOOP_SECRET", "no")];
+
+fn python_server(zygote: &str) -> (PluginsDir, Forgesyte) {
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "snoop", json!({}));
+    let open = declares(&plugins);
+    python_snoop(&plugins, "snoop-open", open);
+    let server = Forgesyte::start_with_env(
+        &["--plugins", plugins.path_str()],
+        &[ENV[0], ENV[1], ("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+    );
+    server.wait_loaded();
+    (plugins, server)
+}
+
+#[test]
+fn a_python_plugin_is_confined_through_the_zygote() {
+    let (plugins, server) = python_server("1");
+    attack(&server, &plugins, "snoop", "snoop-open", "PermissionError");
+}
+
+#[test]
+fn a_python_plugin_is_confined_without_the_zygote() {
+    let (plugins, server) = python_server("0");
+    attack(&server, &plugins, "snoop", "snoop-open", "PermissionError");
+}
+
+#[test]
+fn an_isolated_native_plugin_is_confined() {
+    let plugins = PluginsDir::new();
+    native_snoop(&plugins, "snoop", json!({}));
+    native_snoop(&plugins, "snoop-open", declares(&plugins));
+    let server = Forgesyte::start_with_env(&["--plugins", plugins.path_str()], &ENV);
+    server.wait_loaded();
+    attack(&server, &plugins, "snoop", "snoop-open", "Denied");
+}
+
+#[test]
+fn confine_off_leaves_runners_unconfined() {
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "snoop", json!({}));
+    native_snoop(&plugins, "native", json!({}));
+    let server =
+        Forgesyte::start_with_env(&["--plugins", plugins.path_str(), "--confine", "off"], &ENV);
+    server.wait_loaded();
+    for plugin in ["snoop", "native"] {
+        let status = status(&server, plugin);
+        assert_eq!(status["state"], "INITIALIZED", "{status}");
+        assert_eq!(status["confinement"], Value::Null, "{status}");
+        let value = call(&server, plugin, "env", json!({"name": "SNOOP_SECRET"})).unwrap();
+        assert_eq!(value["value"], "no");
+    }
+}
