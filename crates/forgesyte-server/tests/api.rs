@@ -28,7 +28,11 @@
 //!   `forgesyte.plugins`) through `check` and `serve`;
 //! - `integrity`: `forgesyte lock`, then changed plugins refused at load;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
-//!   built and served as the command prints.
+//!   built and served as the command prints;
+//! - `config`: the config file and `forgesyte config --print` (each layer
+//!   beats the next: flag, env, file, default; bad files exit 2);
+//! - `deploy`: the Dockerfile and `deploy/kubernetes/` checked against the
+//!   binary (options, config keys, ports, probe and scrape paths).
 
 // Helpers outside #[test] functions may fail loudly too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -42,8 +46,12 @@ mod admin;
 mod binary;
 #[path = "api/concurrency.rs"]
 mod concurrency;
+#[path = "api/config.rs"]
+mod config;
 #[path = "api/connections.rs"]
 mod connections;
+#[path = "api/deploy.rs"]
+mod deploy;
 #[path = "api/hygiene.rs"]
 mod hygiene;
 #[path = "api/installed.rs"]
