@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::support::{Forgesyte, run_forgesyte};
+use crate::support::{Forgesyte, run_forgesyte, write_script};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -442,4 +442,64 @@ fn the_scrape_path_is_routed() {
             reply.text()
         );
     }
+}
+
+/// `deploy/build-image.sh` with fake engines first on `PATH` (so no real
+/// one is ever started): it skips an engine whose `info` fails, builds with
+/// the first working one, and exits 3 naming why when none works.
+#[test]
+fn build_image_uses_the_first_working_engine() {
+    let bin = tempfile::tempdir().unwrap();
+    let calls = bin.path().join("calls");
+    let fake = |name: &str, info_ok: bool| {
+        let body = format!(
+            "if [ \"$1\" = info ]; then exit {}; fi\necho \"{name} $*\" >> '{}'",
+            if info_ok { 0 } else { 1 },
+            calls.display()
+        );
+        write_script(&bin.path().join(name), &body);
+    };
+    let run = |args: &[&str]| {
+        let path = format!(
+            "{}:{}",
+            bin.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let output = std::process::Command::new(repo().join("deploy/build-image.sh"))
+            .args(args)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+            std::fs::read_to_string(&calls).unwrap_or_default(),
+        )
+    };
+
+    fake("podman", false);
+    fake("docker", false);
+    let (code, err, called) = run(&[]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("podman is installed but not usable"), "{err}");
+    assert!(err.contains("no usable podman or docker"), "{err}");
+    assert_eq!(called, "");
+
+    fake("docker", true);
+    let (code, err, called) = run(&["forgesyte-gpu:1", "--build-arg", "RUNTIME_BASE=x"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        called,
+        "docker build --build-arg RUNTIME_BASE=x -t forgesyte-gpu:1 -f Dockerfile .\n"
+    );
+    std::fs::remove_file(&calls).unwrap();
+
+    fake("podman", true);
+    let version = env!("CARGO_PKG_VERSION");
+    let (code, err, called) = run(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        called,
+        format!("podman build -t forgesyte:{version} -f Dockerfile .\n")
+    );
 }
