@@ -558,6 +558,55 @@ mod tests {
         assert!(reread.contains("max-connections = 9  # file"), "{reread}");
     }
 
+    /// The env layer, on a command of its own whose option reads `PATH`
+    /// (set in any shell; tests cannot set variables safely while other
+    /// threads run): env beats file, flag beats env, file beats default.
+    #[test]
+    fn env_beats_the_file_and_the_flag_beats_env() {
+        let Some(path_var) = std::env::var_os("PATH") else {
+            assert!(std::env::var_os("CI").is_none(), "PATH is not set");
+            eprintln!("skipped: PATH is not set");
+            return;
+        };
+        let command = Command::new("t").subcommand(
+            Command::new("serve")
+                .arg(
+                    Arg::new(CONFIG_ARG)
+                        .long("config")
+                        .value_parser(clap::value_parser!(PathBuf)),
+                )
+                .arg(Arg::new("search").long("search").env("PATH"))
+                .arg(Arg::new("mode").long("mode").default_value("d")),
+        );
+        let case = file("search = \"from-file\"\nmode = \"from-file\"\n");
+        let path = case.file.to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let argv = ["t", "serve", "--config", path]
+                .iter()
+                .chain(extra)
+                .map(OsString::from)
+                .collect();
+            let layered = layer(command.clone(), argv, "serve").unwrap();
+            let (_, sub) = layered.matches.subcommand().unwrap();
+            let value = |id: &str| sub.get_one::<String>(id).cloned().unwrap();
+            let sources = layered.sources.clone().unwrap();
+            (
+                value("search"),
+                sources["search"].clone(),
+                value("mode"),
+                sources["mode"].clone(),
+            )
+        };
+        let (search, source, mode, mode_source) = parse(&[]);
+        assert_eq!(OsString::from(search), path_var);
+        assert_eq!(source, Source::Env("PATH".into()));
+        assert_eq!(mode, "from-file");
+        assert_eq!(mode_source, Source::File(case.file.clone()));
+        let (search, source, _, _) = parse(&["--search", "from-flag"]);
+        assert_eq!(search, "from-flag");
+        assert_eq!(source, Source::Flag);
+    }
+
     #[test]
     fn toml_values_keep_their_type() {
         assert_eq!(toml_value("60", false), "60");
