@@ -34,8 +34,10 @@ RUN apt-get update \
       --shell /usr/sbin/nologin forgesyte \
  && mkdir -p /plugins /etc/forgesyte
 COPY --from=builder /out/forgesyte /usr/local/bin/forgesyte
-# Python plugins' bytecode is not written into the (read-only) plugin tree.
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# Bytecode (plugins' and the cached Python runner's) goes under /tmp, never
+# into the plugin tree, which may be read-only.
+ENV XDG_CACHE_HOME=/tmp/cache \
+    PYTHONPYCACHEPREFIX=/tmp/pycache \
     FORGESYTE_LOG_FORMAT=json
 USER 10001:10001
 EXPOSE 8000
