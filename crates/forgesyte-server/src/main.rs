@@ -8,6 +8,7 @@
 //! forgesyte check [DIR] [--json] [LOADER OPTIONS]
 //! forgesyte new (--python NAME | --rust NAME) [--dir PARENT] [--sdk DIR]
 //! forgesyte lock [DIR]
+//! forgesyte config --print [--config FILE] [SERVE OPTIONS]
 //!
 //! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
 //!                 [--python PATH] [--python-entry-points] [--confine on|off]
@@ -25,6 +26,12 @@
 //! is the plugin runner of process isolation (a hidden subcommand, started by
 //! the loader, not by people).
 //!
+//! `serve` also reads a TOML config file (`--config FILE`,
+//! `FORGESYTE_CONFIG`) whose keys are its long option names; a flag beats
+//! its environment variable, which beats the file, which beats the default
+//! (`config_file`). `config --print` shows the effective values and where
+//! each came from.
+//!
 //! Every option also reads an environment variable (`FORGESYTE_*`); the
 //! admin token itself is read from `FORGESYTE_ADMIN_TOKEN` only (never a
 //! command-line argument, which other users can see in `ps`). Logs go to
@@ -39,7 +46,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use forgesyte_loader::Isolation;
 use forgesyte_server::{
     AdminToken, CheckError, CheckReport, DEFAULT_BIND, DEFAULT_BODY_LIMIT,
@@ -50,6 +57,7 @@ use forgesyte_server::{
 };
 use tracing_subscriber::EnvFilter;
 
+mod config_file;
 mod scaffold;
 
 /// How long the runtime waits, after the server stopped, for tool calls
@@ -98,6 +106,21 @@ enum Command {
     /// DIR then refuses (FAILED, IntegrityError) a listed plugin whose
     /// code no longer matches.
     Lock(LockArgs),
+    /// Show the configuration `serve` would run with: one `key = value`
+    /// line per option (TOML, the config file's format), each with a
+    /// comment naming where it came from (flag, env NAME, file PATH,
+    /// default).
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Print the effective configuration of `serve` given these options,
+    /// the environment and the config file.
+    #[arg(long, required = true)]
+    print: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +159,11 @@ struct NewKind {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// A TOML file of options, keyed by their long names (`bind =
+    /// "0.0.0.0:8000"`, `max-connections = 10000`); a flag or an
+    /// environment variable beats the file, the file beats the default.
+    #[arg(long, value_name = "FILE", env = "FORGESYTE_CONFIG")]
+    config: Option<PathBuf>,
     /// Directory holding one subdirectory per plugin.
     #[arg(long, value_name = "DIR", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
     plugins: PathBuf,
@@ -385,7 +413,18 @@ fn main() -> ExitCode {
     if args.next_if(|a| a == RUNNER_SUBCOMMAND).is_some() {
         return forgesyte_loader::process::runner_main(args);
     }
-    let cli = Cli::parse();
+    let layered = match config_file::layer(Cli::command(), std::env::args_os().collect(), "serve") {
+        Ok(layered) => layered,
+        Err(config_file::ConfigError::Usage(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("forgesyte: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::from_arg_matches(&layered.matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Serve(args) => {
             init_logging("info", cli.log_format);
@@ -404,7 +443,23 @@ fn main() -> ExitCode {
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
+        Command::Config(_) => print_config(&layered),
     }
+}
+
+/// `forgesyte config --print`: the layered configuration of `serve`, and
+/// whether the admin token is set (never the token itself).
+fn print_config(layered: &config_file::Layered) -> ExitCode {
+    let Some(mut text) = layered.render() else {
+        return ExitCode::from(2);
+    };
+    if std::env::var_os("FORGESYTE_ADMIN_TOKEN").is_some() {
+        text.push_str("# admin token: from env FORGESYTE_ADMIN_TOKEN (not shown)\n");
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+    ExitCode::SUCCESS
 }
 
 /// `forgesyte lock DIR`: hashes every plugin directory of DIR and writes
@@ -757,7 +812,9 @@ mod tests {
             let loader = match cli.command {
                 Command::Serve(args) => args.loader,
                 Command::Check(args) => args.loader,
-                Command::New(_) | Command::Lock(_) => panic!("expected {command}"),
+                Command::New(_) | Command::Lock(_) | Command::Config(_) => {
+                    panic!("expected {command}")
+                }
             };
             let mut config = ServerConfig::default();
             loader.apply(&mut config);

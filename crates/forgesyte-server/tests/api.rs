@@ -30,7 +30,11 @@
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints;
 //! - `sandbox`: confined runners (Python and isolated native) denied what
-//!   they did not declare: files, network, environment.
+//!   they did not declare: files, network, environment;
+//! - `config`: the config file and `forgesyte config --print` (each layer
+//!   beats the next: flag, env, file, default; bad files exit 2);
+//! - `deploy`: the Dockerfile and `deploy/kubernetes/` checked against the
+//!   binary (options, config keys, ports, probe and scrape paths).
 
 // Helpers outside #[test] functions may fail loudly too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,8 +48,12 @@ mod admin;
 mod binary;
 #[path = "api/concurrency.rs"]
 mod concurrency;
+#[path = "api/config.rs"]
+mod config;
 #[path = "api/connections.rs"]
 mod connections;
+#[path = "api/deploy.rs"]
+mod deploy;
 #[path = "api/hygiene.rs"]
 mod hygiene;
 #[path = "api/installed.rs"]

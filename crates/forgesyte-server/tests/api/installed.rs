@@ -5,13 +5,11 @@
 //! site directory with `.dist-info` metadata that a wrapper interpreter
 //! (`PYTHONPATH=SITE exec python3 "$@"`) puts on its path: no network.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::support::{Forgesyte, run_forgesyte};
+use crate::support::{Forgesyte, run_forgesyte, write_script};
 
 const PLUGIN_PY: &str = r#"
 class Plugin:
@@ -91,28 +89,6 @@ impl Site {
 
     fn plugins(&self) -> String {
         self.dir.path().join("plugins").display().to_string()
-    }
-}
-
-/// Writes an executable script and starts it as a no-op until no other
-/// thread's fork still holds it open (`ETXTBSY`).
-fn write_script(path: &Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(
-        path,
-        format!("#!/bin/sh\n[ -n \"$WARM_UP\" ] && exit 0\n{body}\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Command::new(path).env("WARM_UP", "1").status() {
-            Ok(_) => return,
-            Err(e) if e.raw_os_error() == Some(26) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("cannot run {}: {e}", path.display()),
-        }
     }
 }
 

@@ -596,10 +596,33 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_PYTHON_ENTRY_POINTS",
         "FORGESYTE_PYTHON_ZYGOTE",
         "FORGESYTE_LOG_FORMAT",
+        "FORGESYTE_CONFIG",
     ] {
         command.env_remove(var);
     }
     command
+}
+
+/// Writes an executable script and starts it as a no-op until no other
+/// thread's fork still holds it open (`ETXTBSY`).
+pub(crate) fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(
+        path,
+        format!("#!/bin/sh\n[ -n \"$WARM_UP\" ] && exit 0\n{body}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Command::new(path).env("WARM_UP", "1").status() {
+            Ok(_) => return,
+            Err(e) if e.raw_os_error() == Some(26) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot run {}: {e}", path.display()),
+        }
+    }
 }
 
 /// The pid of the runner process the server `server_pid` started for

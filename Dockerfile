@@ -1,0 +1,49 @@
+# ForgeSyte plugin host: `forgesyte` and a Python for Python plugins.
+#
+#   deploy/build-image.sh            (podman or docker; or:)
+#   docker build -t forgesyte:0.1.0 .
+#   docker run --rm -p 8000:8000 -v "$PWD/plugins:/plugins:ro" forgesyte:0.1.0
+#
+# Plugins come from a volume at /plugins, or from a layer of your own image:
+#   FROM forgesyte:0.1.0
+#   COPY plugins/ /plugins/
+# (build native plugins with the same Rust image as the builder below, so
+# their build fingerprint matches the host's target).
+
+# ---- builder: the release binary -------------------------------------------
+# The toolchain the project is built and tested with (bookworm: the same
+# glibc as the runtime stage).
+ARG RUST_VERSION=1.95
+# The runtime base: Debian slim; for GPU nodes a CUDA runtime image of the
+# same or a newer glibc, e.g.
+#   deploy/build-image.sh forgesyte-gpu:0.1.0 --build-arg RUNTIME_BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG RUNTIME_BASE=debian:bookworm-slim
+FROM rust:${RUST_VERSION}-slim-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p forgesyte-server --bin forgesyte \
+ && install -D -m 0755 target/release/forgesyte /out/forgesyte
+
+# ---- runtime: the binary, python3, nothing else ----------------------------
+FROM ${RUNTIME_BASE} AS runtime
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 forgesyte \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin forgesyte \
+ && mkdir -p /plugins /etc/forgesyte
+COPY --from=builder /out/forgesyte /usr/local/bin/forgesyte
+# Bytecode (plugins' and the cached Python runner's) goes under /tmp, never
+# into the plugin tree, which may be read-only.
+ENV XDG_CACHE_HOME=/tmp/cache \
+    PYTHONPYCACHEPREFIX=/tmp/pycache \
+    FORGESYTE_LOG_FORMAT=json
+USER 10001:10001
+EXPOSE 8000
+# python3 is in the image anyway: it asks /livez (liveness only; readiness
+# is the orchestrator's /readyz).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2)"]
+ENTRYPOINT ["/usr/local/bin/forgesyte"]
+CMD ["serve", "--bind", "0.0.0.0:8000", "--plugins", "/plugins"]

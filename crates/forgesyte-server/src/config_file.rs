@@ -1,0 +1,619 @@
+//! The config file (`--config FILE`, `FORGESYTE_CONFIG`) and `forgesyte
+//! config --print`.
+//!
+//! Owns: reading a TOML file whose keys are the long option names of one
+//! subcommand (`serve`), layering it under the command line and the
+//! environment (flag > env > file > default), and printing the effective
+//! values with where each came from.
+//!
+//! It knows no option by name. Every key, its value parser, its environment
+//! variable and its default come from the clap [`Command`] (clap's
+//! [`ArgMatches::value_source`] says which layer set a value), so an option
+//! added to `ServeArgs` is a file key and a `--print` line at once; there is
+//! no second list to drift. It must not know about the server
+//! (`ServerConfig`) either: the layered [`ArgMatches`] go through the
+//! ordinary derive parsing afterwards.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use clap::builder::ValueParser;
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+/// The id of the option naming the config file, in every subcommand that
+/// reads one.
+pub(crate) const CONFIG_ARG: &str = "config";
+
+/// Where an effective value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The command line.
+    Flag,
+    /// The named environment variable.
+    Env(String),
+    /// The config file.
+    File(PathBuf),
+    /// The option's default.
+    Default,
+    /// Nothing: the option is unset (it has no default).
+    Unset,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Flag => f.write_str("flag"),
+            Source::Env(name) => write!(f, "env {name}"),
+            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::Default => f.write_str("default"),
+            Source::Unset => f.write_str("unset"),
+        }
+    }
+}
+
+/// A config file that cannot be used; every variant names the file, and the
+/// key where one is at fault.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    /// The command line (or a variable) itself is wrong, or asks for help.
+    #[error(transparent)]
+    Usage(#[from] clap::Error),
+    #[error("cannot read the config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config file {} is not valid TOML: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error(
+        "the config file {}: unknown key `{key}` (the keys are the long options of \
+         `forgesyte {keys_of}`: {known})",
+        path.display()
+    )]
+    UnknownKey {
+        path: PathBuf,
+        key: String,
+        keys_of: String,
+        known: String,
+    },
+    #[error("the config file {}: key `{key}`: {message}", path.display())]
+    BadValue {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The command line parsed with the config file's values layered in.
+#[derive(Debug)]
+pub(crate) struct Layered {
+    /// The final matches: parse them with `FromArgMatches` as usual.
+    pub(crate) matches: ArgMatches,
+    /// The built command the matches are of.
+    command: Command,
+    /// The subcommand the file's keys are the options of (`serve`).
+    keys_of: String,
+    /// When the matched subcommand reads a config file: the source of each
+    /// of its options, by id.
+    sources: Option<BTreeMap<String, Source>>,
+    /// The config file read, and where its path came from.
+    file: Option<(PathBuf, Source)>,
+}
+
+/// Parses `argv` (program name first) against `command`. When the matched
+/// subcommand has a [`CONFIG_ARG`] option and it is set (flag or env), the
+/// file's keys must be long options of subcommand `keys_of`; each fills
+/// the option of the same name where neither the command line nor the
+/// environment set it.
+pub(crate) fn layer(
+    mut command: Command,
+    argv: Vec<OsString>,
+    keys_of: &str,
+) -> Result<Layered, ConfigError> {
+    command.build();
+    let first = command.clone().try_get_matches_from(&argv)?;
+    let mut layered = Layered {
+        matches: first,
+        command,
+        keys_of: keys_of.to_owned(),
+        sources: None,
+        file: None,
+    };
+    let Some((sub, sub_matches)) = layered.matches.subcommand() else {
+        return Ok(layered);
+    };
+    let sub = sub.to_owned();
+    let (Some(sub_command), Some(key_command)) = (
+        layered.command.find_subcommand(&sub),
+        layered.command.find_subcommand(keys_of),
+    ) else {
+        return Ok(layered);
+    };
+    if !sub_command
+        .get_arguments()
+        .any(|a| a.get_id() == CONFIG_ARG)
+    {
+        return Ok(layered);
+    }
+    let file = sub_matches
+        .get_one::<PathBuf>(CONFIG_ARG)
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|path| {
+            (
+                path.clone(),
+                source_of(sub_command, sub_matches, CONFIG_ARG),
+            )
+        });
+    let table = match &file {
+        Some((path, _)) => read_table(path)?,
+        None => toml::Table::new(),
+    };
+
+    let mut extra: Vec<OsString> = Vec::new();
+    let mut from_file = Vec::new();
+    for (key, value) in &table {
+        let path = file.as_ref().map(|(p, _)| p.clone()).unwrap_or_default();
+        let arg = file_keys(key_command)
+            .find(|a| a.get_long() == Some(key.as_str()))
+            .ok_or_else(|| ConfigError::UnknownKey {
+                path: path.clone(),
+                key: key.clone(),
+                keys_of: keys_of.to_owned(),
+                known: file_keys(key_command)
+                    .filter_map(Arg::get_long)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let bad = |message: String| ConfigError::BadValue {
+            path: path.clone(),
+            key: key.clone(),
+            message,
+        };
+        let args = cli_args(key, arg, value).map_err(bad)?;
+        // The value alone through the real parser (of the subcommand whose
+        // options the keys are): its error is this key's.
+        let mut alone = vec![argv.first().cloned().unwrap_or_default(), keys_of.into()];
+        alone.extend(args.iter().cloned());
+        if let Err(e) = layered.command.clone().try_get_matches_from(alone) {
+            return Err(bad(first_line(&e)));
+        }
+        let id = arg.get_id().as_str();
+        match sub_matches.value_source(id) {
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable) => {}
+            _ => {
+                from_file.push(id.to_owned());
+                extra.extend(args);
+            }
+        }
+    }
+
+    let mut sources = BTreeMap::new();
+    for arg in sub_command.get_arguments() {
+        let id = arg.get_id().as_str();
+        let source = match (&file, from_file.iter().any(|f| f == id)) {
+            (Some((path, _)), true) => Source::File(path.clone()),
+            _ => source_of(sub_command, sub_matches, id),
+        };
+        sources.insert(id.to_owned(), source);
+    }
+    if !extra.is_empty() {
+        let mut argv = argv;
+        argv.extend(extra);
+        layered.matches = layered.command.clone().try_get_matches_from(argv)?;
+    }
+    layered.sources = Some(sources);
+    layered.file = file;
+    Ok(layered)
+}
+
+/// The options of `command` a file may set: the ones with a long name but
+/// the file itself, help and version.
+fn file_keys(command: &Command) -> impl Iterator<Item = &Arg> {
+    command.get_arguments().filter(|a| {
+        a.get_long().is_some()
+            && a.get_id() != CONFIG_ARG
+            && !matches!(a.get_action(), ArgAction::Help | ArgAction::Version)
+    })
+}
+
+fn source_of(command: &Command, matches: &ArgMatches, id: &str) -> Source {
+    match matches.value_source(id) {
+        Some(ValueSource::CommandLine) => Source::Flag,
+        Some(ValueSource::EnvVariable) => {
+            let env = command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(Arg::get_env)
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Source::Env(env)
+        }
+        Some(ValueSource::DefaultValue) => Source::Default,
+        _ => Source::Unset,
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+}
+
+/// The command-line words that give option `arg` the file's `value`.
+fn cli_args(key: &str, arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>, String> {
+    if matches!(arg.get_action(), ArgAction::SetTrue) {
+        return match value {
+            toml::Value::Boolean(true) => Ok(vec![format!("--{key}").into()]),
+            toml::Value::Boolean(false) => Ok(Vec::new()),
+            other => Err(format!("must be true or false, not a {}", other.type_str())),
+        };
+    }
+    let values = match value {
+        toml::Value::Array(items) if matches!(arg.get_action(), ArgAction::Append) => {
+            items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?
+        }
+        toml::Value::Array(_) => return Err("takes one value, not an array".into()),
+        other => vec![scalar(other)?],
+    };
+    Ok(values
+        .into_iter()
+        .map(|v| format!("--{key}={v}").into())
+        .collect())
+}
+
+fn scalar(value: &toml::Value) -> Result<String, String> {
+    match value {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(format!(
+            "must be a string, a number or a boolean, not a {}",
+            other.type_str()
+        )),
+    }
+}
+
+/// A clap error's message, one line, without its `error: ` prefix.
+fn first_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+impl Layered {
+    /// The effective configuration of the matched subcommand as TOML, one
+    /// `key = value  # source` line per file key (an unset option is a
+    /// comment), under a header naming the config file. `None` when the
+    /// matched subcommand reads no config file.
+    pub(crate) fn render(&self) -> Option<String> {
+        let sources = self.sources.as_ref()?;
+        let (_, matches) = self.matches.subcommand()?;
+        let keys = self.command.find_subcommand(&self.keys_of)?;
+        let mut out = format!(
+            "# Effective configuration of `forgesyte {}` (flag > env > file > default).\n",
+            self.keys_of
+        );
+        let _ = match &self.file {
+            Some((path, source)) => {
+                writeln!(out, "# config file: {} (from {source})", path.display())
+            }
+            None => writeln!(out, "# config file: none (--config, FORGESYTE_CONFIG)"),
+        };
+        for arg in file_keys(keys) {
+            let (Some(key), id) = (arg.get_long(), arg.get_id().as_str()) else {
+                continue;
+            };
+            let source = sources.get(id).cloned().unwrap_or(Source::Unset);
+            let _ = match value_of(arg, matches) {
+                Some(value) => writeln!(out, "{key} = {value}  # {source}"),
+                None => writeln!(out, "# {key} is not set  # {source}"),
+            };
+        }
+        Some(out)
+    }
+}
+
+/// Option `arg`'s value in `matches` as a TOML value, `None` when unset.
+fn value_of(arg: &Arg, matches: &ArgMatches) -> Option<String> {
+    let id = arg.get_id().as_str();
+    if matches!(arg.get_action(), ArgAction::SetTrue)
+        && let Ok(Some(flag)) = matches.try_get_one::<bool>(id)
+    {
+        return Some(flag.to_string());
+    }
+    let raw = matches.try_get_raw(id).ok().flatten()?;
+    let text = is_text(arg.get_value_parser());
+    let mut values = raw.map(|v| toml_value(&v.to_string_lossy(), text));
+    if matches!(arg.get_action(), ArgAction::Append) {
+        Some(format!("[{}]", values.collect::<Vec<_>>().join(", ")))
+    } else {
+        values.next()
+    }
+}
+
+fn is_text(parser: &ValueParser) -> bool {
+    let id = parser.type_id();
+    [
+        ValueParser::string(),
+        ValueParser::os_string(),
+        ValueParser::path_buf(),
+    ]
+    .iter()
+    .any(|p| p.type_id() == id)
+}
+
+/// `raw` as a TOML value: a number when it reads as one (and the option's
+/// type is not text), else a string.
+fn toml_value(raw: &str, text: bool) -> String {
+    let trimmed = raw.trim();
+    let value = match (text, trimmed.parse::<i64>(), trimmed.parse::<f64>()) {
+        (false, Ok(i), _) => toml::Value::Integer(i),
+        (false, _, Ok(f)) if f.is_finite() => toml::Value::Float(f),
+        _ => toml::Value::String(raw.to_owned()),
+    };
+    value.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    use crate::{Cli, Command as Sub};
+
+    struct Case {
+        _dir: tempfile::TempDir,
+        file: PathBuf,
+    }
+
+    fn file(text: &str) -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("forgesyte.toml");
+        std::fs::write(&file, text).unwrap();
+        Case { _dir: dir, file }
+    }
+
+    fn layered(args: &[&str]) -> Result<Layered, ConfigError> {
+        let argv = std::iter::once("forgesyte")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
+        layer(Cli::command(), argv, "serve")
+    }
+
+    fn serve_config(args: &[&str]) -> crate::ServerConfig {
+        let layered = layered(args).unwrap();
+        let cli = Cli::from_arg_matches(&layered.matches).unwrap();
+        let Sub::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        args.config().0
+    }
+
+    #[test]
+    fn the_file_fills_what_the_command_line_does_not_set() {
+        let case = file(
+            "bind = \"0.0.0.0:9000\"\nmax-connections = 123\ncall-timeout = 2.5\n\
+             lib-path = [\"/a\", \"/b\"]\npreflight = true\nisolation = \"process\"\n",
+        );
+        let path = case.file.to_str().unwrap();
+        let config = serve_config(&["serve", "--config", path]);
+        assert_eq!(config.bind, "0.0.0.0:9000");
+        assert_eq!(config.max_connections, 123);
+        assert_eq!(config.call_timeout, std::time::Duration::from_millis(2500));
+        assert_eq!(config.lib_paths, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert!(config.preflight);
+        assert_eq!(
+            config.default_isolation,
+            forgesyte_loader::Isolation::Process
+        );
+        // What the file does not name keeps its default.
+        assert_eq!(config.body_limit, crate::DEFAULT_BODY_LIMIT);
+
+        // A flag beats the file, for a value and for a list.
+        let config = serve_config(&[
+            "serve",
+            "--config",
+            path,
+            "--bind",
+            "127.0.0.1:1",
+            "--lib-path",
+            "/c",
+        ]);
+        assert_eq!(config.bind, "127.0.0.1:1");
+        assert_eq!(config.lib_paths, [PathBuf::from("/c")]);
+        assert_eq!(config.max_connections, 123);
+    }
+
+    #[test]
+    fn without_a_file_nothing_changes() {
+        let plain = serve_config(&["serve", "--max-connections", "7"]);
+        assert_eq!(plain.max_connections, 7);
+        assert_eq!(plain.bind, crate::DEFAULT_BIND);
+    }
+
+    #[test]
+    fn unknown_keys_bad_values_and_missing_files_name_key_and_file() {
+        let case = file("bind = \"0.0.0.0:9000\"\nmax-conections = 5\n");
+        let path = case.file.to_str().unwrap();
+        let err = layered(&["serve", "--config", path])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key `max-conections`"), "{err}");
+        assert!(err.contains(path), "{err}");
+        assert!(err.contains("max-connections"), "lists the keys: {err}");
+
+        for (text, key, why) in [
+            (
+                "call-timeout = \"soon\"",
+                "call-timeout",
+                "not a number of seconds",
+            ),
+            ("max-connections = 0", "max-connections", "at least 1"),
+            ("isolation = \"thread\"", "isolation", "in-process, process"),
+            ("preflight = \"yes\"", "preflight", "true or false"),
+            ("bind = [\"a\", \"b\"]", "bind", "not an array"),
+            ("plugins = { dir = \"x\" }", "plugins", "not a table"),
+        ] {
+            let case = file(text);
+            let path = case.file.to_str().unwrap();
+            // Even when a flag overrides it, a bad value in the file is an error.
+            let err = layered(&["serve", "--config", path, "--bind", "127.0.0.1:0"])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("key `{key}`")), "{text}: {err}");
+            assert!(err.contains(why), "{text}: {err}");
+            assert!(err.contains(path), "{text}: {err}");
+        }
+
+        let case = file("bind = ");
+        let err = layered(&["serve", "--config", case.file.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid TOML"), "{err}");
+
+        let missing = case.file.with_file_name("missing.toml");
+        let err = layered(&["serve", "--config", missing.to_str().unwrap()]).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+
+        // The file itself and help are not keys.
+        let case = file("config = \"other.toml\"");
+        let err = layered(&["serve", "--config", case.file.to_str().unwrap()]).unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownKey { .. }), "{err}");
+    }
+
+    #[test]
+    fn print_names_each_source_and_reads_back() {
+        let case = file("bind = \"0.0.0.0:9000\"\nmax-connections = 123\nlib-path = [\"/a\"]\n");
+        let path = case.file.to_str().unwrap();
+        let shown = layered(&[
+            "config",
+            "--print",
+            "--config",
+            path,
+            "--max-connections",
+            "9",
+        ])
+        .unwrap()
+        .render()
+        .unwrap();
+        let line = |key: &str| {
+            shown
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key} "))
+                })
+                .unwrap_or_else(|| panic!("no {key} line in:\n{shown}"))
+                .to_owned()
+        };
+        assert_eq!(
+            line("bind"),
+            format!("bind = \"0.0.0.0:9000\"  # file {path}")
+        );
+        assert_eq!(line("max-connections"), "max-connections = 9  # flag");
+        assert_eq!(
+            line("lib-path"),
+            format!("lib-path = [\"/a\"]  # file {path}")
+        );
+        assert_eq!(line("call-timeout"), "call-timeout = 60  # default");
+        assert_eq!(line("plugins"), "plugins = \"./plugins\"  # default");
+        assert_eq!(line("preflight"), "preflight = false  # default");
+        assert_eq!(line("isolation"), "isolation = \"in-process\"  # default");
+        assert_eq!(line("runner"), "# runner is not set  # unset");
+        assert!(
+            shown.contains(&format!("# config file: {path} (from flag)")),
+            "{shown}"
+        );
+        assert!(!shown.contains("print ="), "{shown}");
+
+        // The printed configuration is itself a config file giving the same values.
+        let again = file(&shown);
+        let reread = layered(&[
+            "config",
+            "--print",
+            "--config",
+            again.file.to_str().unwrap(),
+        ])
+        .unwrap()
+        .render()
+        .unwrap();
+        let values = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.split("  # ").next().unwrap_or_default().to_owned())
+                .collect()
+        };
+        assert_eq!(values(&reread), values(&shown));
+        assert!(reread.contains("max-connections = 9  # file"), "{reread}");
+    }
+
+    /// The env layer, on a command of its own whose option reads `PATH`
+    /// (set in any shell; tests cannot set variables safely while other
+    /// threads run): env beats file, flag beats env, file beats default.
+    #[test]
+    fn env_beats_the_file_and_the_flag_beats_env() {
+        let Some(path_var) = std::env::var_os("PATH") else {
+            assert!(std::env::var_os("CI").is_none(), "PATH is not set");
+            eprintln!("skipped: PATH is not set");
+            return;
+        };
+        let command = Command::new("t").subcommand(
+            Command::new("serve")
+                .arg(
+                    Arg::new(CONFIG_ARG)
+                        .long("config")
+                        .value_parser(clap::value_parser!(PathBuf)),
+                )
+                .arg(Arg::new("search").long("search").env("PATH"))
+                .arg(Arg::new("mode").long("mode").default_value("d")),
+        );
+        let case = file("search = \"from-file\"\nmode = \"from-file\"\n");
+        let path = case.file.to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let argv = ["t", "serve", "--config", path]
+                .iter()
+                .chain(extra)
+                .map(OsString::from)
+                .collect();
+            let layered = layer(command.clone(), argv, "serve").unwrap();
+            let (_, sub) = layered.matches.subcommand().unwrap();
+            let value = |id: &str| sub.get_one::<String>(id).cloned().unwrap();
+            let sources = layered.sources.clone().unwrap();
+            (
+                value("search"),
+                sources["search"].clone(),
+                value("mode"),
+                sources["mode"].clone(),
+            )
+        };
+        let (search, source, mode, mode_source) = parse(&[]);
+        assert_eq!(OsString::from(search), path_var);
+        assert_eq!(source, Source::Env("PATH".into()));
+        assert_eq!(mode, "from-file");
+        assert_eq!(mode_source, Source::File(case.file.clone()));
+        let (search, source, _, _) = parse(&["--search", "from-flag"]);
+        assert_eq!(search, "from-flag");
+        assert_eq!(source, Source::Flag);
+    }
+
+    #[test]
+    fn toml_values_keep_their_type() {
+        assert_eq!(toml_value("60", false), "60");
+        assert_eq!(toml_value("0.5", false), "0.5");
+        assert_eq!(toml_value("in-process", false), "\"in-process\"");
+        assert_eq!(toml_value("8000", true), "\"8000\"");
+        assert_eq!(toml_value("a \"q\"\\", true), "'a \"q\"\\'");
+        assert_eq!(toml_value("inf", false), "\"inf\"");
+    }
+}

@@ -1,0 +1,156 @@
+//! The config file through the binary: `forgesyte config --print` names
+//! each value's layer (flag > env > file > default), `serve --config`
+//! really serves with the file's values, and a bad file is a usage error
+//! (exit 2) naming the file and the key.
+
+use serde_json::json;
+
+use crate::support::{Forgesyte, PluginsDir, run_forgesyte};
+
+/// A config file in its own temporary directory.
+struct ConfigFile {
+    dir: tempfile::TempDir,
+}
+
+impl ConfigFile {
+    fn new(text: &str) -> ConfigFile {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("forgesyte.toml"), text).unwrap();
+        ConfigFile { dir }
+    }
+
+    fn path(&self) -> String {
+        self.dir
+            .path()
+            .join("forgesyte.toml")
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+/// The line of `key` in a `config --print` output.
+fn line<'a>(printed: &'a str, key: &str) -> &'a str {
+    printed
+        .lines()
+        .find(|l| l.starts_with(&format!("{key} = ")))
+        .unwrap_or_else(|| panic!("no line for {key} in:\n{printed}"))
+}
+
+#[test]
+fn each_layer_beats_the_next_flag_env_file_default() {
+    let file = ConfigFile::new(
+        "bind = \"0.0.0.0:9000\"\nmax-connections = 500\ncall-timeout = 5\n\
+         max-calls-per-plugin = 7\n",
+    );
+    let path = file.path();
+    let (code, out, err) = run_forgesyte(
+        &[
+            "config",
+            "--print",
+            "--config",
+            &path,
+            "--call-timeout",
+            "3",
+        ],
+        &[
+            ("FORGESYTE_MAX_CONNECTIONS", "400"),
+            ("FORGESYTE_CALL_TIMEOUT", "4"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    // flag > env > file
+    assert_eq!(line(&out, "call-timeout"), "call-timeout = 3  # flag");
+    // env > file
+    assert_eq!(
+        line(&out, "max-connections"),
+        "max-connections = 400  # env FORGESYTE_MAX_CONNECTIONS"
+    );
+    // file > default
+    assert_eq!(
+        line(&out, "bind"),
+        format!("bind = \"0.0.0.0:9000\"  # file {path}")
+    );
+    assert_eq!(
+        line(&out, "max-calls-per-plugin"),
+        format!("max-calls-per-plugin = 7  # file {path}")
+    );
+    // default
+    assert_eq!(line(&out, "body-limit"), "body-limit = 33554432  # default");
+    // The output is TOML.
+    let table: toml::Table = out.parse().unwrap();
+    assert_eq!(table["max-connections"].as_integer(), Some(400));
+
+    // FORGESYTE_CONFIG names the file too.
+    let (code, out, err) = run_forgesyte(
+        &["config", "--print"],
+        &[("FORGESYTE_CONFIG", path.as_str())],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "# config file: {path} (from env FORGESYTE_CONFIG)"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        line(&out, "max-connections"),
+        format!("max-connections = 500  # file {path}")
+    );
+}
+
+#[test]
+fn serve_runs_with_the_file_and_the_environment_beats_it() {
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({}));
+    let file = ConfigFile::new(&format!(
+        "plugins = {}\nbody-limit = 1024\n",
+        toml::Value::String(plugins.path_str().to_owned())
+    ));
+    let big = format!(r#"{{"args": {{"blob": "{}"}}}}"#, "x".repeat(4000));
+
+    // The plugins directory and the body limit come from the file (the
+    // helper's own --bind flag beats nothing in it).
+    let server = Forgesyte::start(&["--config", &file.path()]);
+    server.wait_loaded();
+    let listed = server.get("/v1/plugins").json();
+    assert_eq!(listed[0]["name"], "alpha", "{listed}");
+    assert_eq!(server.run("alpha", "echo", &big).status, 413);
+    drop(server);
+
+    // The environment beats the file.
+    let server = Forgesyte::start_with_env(
+        &["--config", &file.path()],
+        &[("FORGESYTE_BODY_LIMIT", "100000")],
+    );
+    server.wait_loaded();
+    let reply = server.run("alpha", "echo", &big);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[test]
+fn bad_files_are_usage_errors_naming_file_and_key() {
+    for (text, expected) in [
+        ("max-conections = 5\n", "unknown key `max-conections`"),
+        ("idle-timeout = -1\n", "key `idle-timeout`"),
+        ("isolation = 3\n", "key `isolation`"),
+        ("bind = \n", "not valid TOML"),
+    ] {
+        let file = ConfigFile::new(text);
+        let path = file.path();
+        for command in [&["serve"][..], &["config", "--print"]] {
+            let mut args = command.to_vec();
+            args.extend(["--config", path.as_str()]);
+            let (code, out, err) = run_forgesyte(&args, &[]);
+            assert_eq!(code, 2, "{text:?} {command:?}: {out}{err}");
+            assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(err.contains(&path), "{text:?}: {err}");
+        }
+    }
+    let (code, _, err) = run_forgesyte(&["serve", "--config", "/nonexistent/forgesyte.toml"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("cannot read the config file /nonexistent/forgesyte.toml"),
+        "{err}"
+    );
+}
