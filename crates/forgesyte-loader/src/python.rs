@@ -16,7 +16,7 @@ use forgesyte_deps::FileSystem;
 
 mod cache;
 
-pub use cache::runner_invocation;
+pub use cache::{runner_invocation, runner_source_invocation};
 
 /// The Python runner's source.
 pub const RUNNER_SOURCE: &str = include_str!("python/runner.py");

@@ -246,16 +246,28 @@ impl Confinement {
     }
 }
 
+/// The unprivileged user runners run as (`--runner-user`), when the server
+/// runs as root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RunAs {
+    /// Its user id.
+    pub uid: u32,
+    /// Its primary group id (its only group: supplementary groups are
+    /// dropped).
+    pub gid: u32,
+}
+
 /// The scratch directory of `plugin`: `DIR/forgesyte-scratch-UID/PLUGIN`
-/// under the system's temporary directory, created private (0700). The
+/// under the system's temporary directory, created private (0700) and owned
+/// by the user its runner runs as (`owner`, else this process's user). The
 /// plugin's name is made safe as one path component.
 ///
 /// # Errors
 ///
-/// When it cannot be created, or is not a private directory of this user's.
-pub fn scratch_dir(plugin: &str) -> std::io::Result<PathBuf> {
+/// When it cannot be created, or is not a private directory of that user's.
+pub fn scratch_dir(plugin: &str, owner: Option<RunAs>) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let uid = rustix::process::geteuid().as_raw();
+    let uid = owner.map_or_else(|| rustix::process::geteuid().as_raw(), |o| o.uid);
     let root = std::env::temp_dir().join(format!("forgesyte-scratch-{uid}"));
     let name: String = plugin
         .chars()
@@ -277,6 +289,11 @@ pub fn scratch_dir(plugin: &str) -> std::io::Result<PathBuf> {
         .recursive(true)
         .mode(0o700)
         .create(&dir)?;
+    if let Some(owner) = owner {
+        for path in [&root, &dir] {
+            std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid))?;
+        }
+    }
     for path in [&root, &dir] {
         let meta = std::fs::symlink_metadata(path)?;
         if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
@@ -471,7 +488,7 @@ mod tests {
             ("..", "_"),
             ("a/b", "a_b"),
         ] {
-            let dir = scratch_dir(name).unwrap_or_default();
+            let dir = scratch_dir(name, None).unwrap_or_default();
             assert_eq!(
                 dir.file_name().and_then(|n| n.to_str()),
                 Some(last),

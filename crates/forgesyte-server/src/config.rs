@@ -113,6 +113,9 @@ pub struct ServerConfig {
     /// network namespace of their own, a scrubbed environment
     /// (`--confine on|off`, `FORGESYTE_CONFINE`; on by default).
     pub confine: bool,
+    /// The unprivileged user isolated and Python runners run as when the
+    /// server runs as root (`--runner-user`, `FORGESYTE_RUNNER_USER`).
+    pub runner_user: Option<forgesyte_loader::sandbox::RunAs>,
 }
 
 impl ServerConfig {
@@ -127,6 +130,7 @@ impl ServerConfig {
             python: self.python.clone(),
             python_entry_points: self.python_entry_points,
             confine: self.confine,
+            runner_user: self.runner_user,
             ..LoaderConfig::default()
         }
     }
@@ -154,6 +158,7 @@ impl Default for ServerConfig {
             python: None,
             python_entry_points: false,
             confine: true,
+            runner_user: None,
         }
     }
 }

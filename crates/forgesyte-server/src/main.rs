@@ -12,6 +12,7 @@
 //!
 //! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
 //!                 [--python PATH] [--python-entry-points] [--confine on|off]
+//!                 [--runner-user USER]
 //! ```
 //!
 //! `new` writes a working plugin into `PARENT/NAME` (default
@@ -48,6 +49,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use forgesyte_loader::Isolation;
+use forgesyte_loader::sandbox::RunAs;
 use forgesyte_server::{
     AdminToken, CheckError, CheckReport, DEFAULT_BIND, DEFAULT_BODY_LIMIT,
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
@@ -261,6 +263,31 @@ struct LoaderArgs {
     /// environment variables they declare (`on` or `off`).
     #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     confine: bool,
+    /// The unprivileged user (a name or a numeric uid) that isolated and
+    /// Python runners run as when the server runs as root; ignored, with a
+    /// warning, when it does not.
+    #[arg(long, value_name = "USER", env = "FORGESYTE_RUNNER_USER", value_parser = parse_runner_user)]
+    runner_user: Option<RunAs>,
+}
+
+/// A `--runner-user`: a user name, or a numeric uid, that exists.
+fn parse_runner_user(text: &str) -> Result<RunAs, String> {
+    use nix::unistd::{Uid, User};
+    let found = match text.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(text),
+    };
+    match found {
+        Ok(Some(user)) if user.uid.is_root() => {
+            Err(format!("{text} is root, not an unprivileged user"))
+        }
+        Ok(Some(user)) => Ok(RunAs {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!("no user {text}")),
+        Err(e) => Err(format!("cannot look up user {text}: {e}")),
+    }
 }
 
 impl LoaderArgs {
@@ -276,6 +303,21 @@ impl LoaderArgs {
         config.python = self.python.filter(|p| !p.as_os_str().is_empty());
         config.python_entry_points = self.python_entry_points;
         config.confine = self.confine;
+        config.runner_user = match self.runner_user {
+            Some(user) if !rustix::process::geteuid().is_root() => {
+                tracing::warn!(
+                    uid = user.uid,
+                    "--runner-user is ignored: only a server running as root can run its runners as another user"
+                );
+                None
+            }
+            user => user,
+        };
+        if config.runner_user.is_none() && rustix::process::geteuid().is_root() {
+            tracing::warn!(
+                "the server runs as root, and so do its plugin runners: set --runner-user to an unprivileged user"
+            );
+        }
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);

@@ -51,6 +51,9 @@ pub struct LoaderConfig {
     /// network namespace, a scrubbed environment; see [`crate::sandbox`]).
     /// On by default (`--confine off` turns it off).
     pub confine: bool,
+    /// The user isolated and Python runners run as (`--runner-user`; only
+    /// a root host can drop to it); `None`: the host's own.
+    pub runner_user: Option<crate::sandbox::RunAs>,
 }
 
 impl Default for LoaderConfig {
@@ -68,6 +71,7 @@ impl Default for LoaderConfig {
             python: None,
             python_entry_points: false,
             confine: true,
+            runner_user: None,
         }
     }
 }

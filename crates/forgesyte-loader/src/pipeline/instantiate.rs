@@ -171,19 +171,26 @@ impl Loader {
         self.instantiate_isolated(p, importer, code, config)
     }
 
-    /// Confines the plugin's runners when the host confines runners: its
-    /// sandbox plan from its manifest, with a scratch directory of its own.
+    /// Confines the plugin's runners when the host confines runners (its
+    /// sandbox plan from its manifest, with a scratch directory of its own),
+    /// and runs them as the runner user when there is one.
     fn confine(
         &self,
         p: &Pending,
         importer: ProcessImporter,
     ) -> Result<ProcessImporter, PluginError> {
+        let importer = match self.config.runner_user {
+            Some(user) => importer.run_as(user),
+            None => importer,
+        };
         if !self.config.confine {
             return Ok(importer);
         }
-        let scratch = sandbox::scratch_dir(&p.name).map_err(|e| ImportError::Open {
-            path: p.dir.clone(),
-            detail: format!("cannot create the plugin's scratch directory: {e}"),
+        let scratch = sandbox::scratch_dir(&p.name, self.config.runner_user).map_err(|e| {
+            ImportError::Open {
+                path: p.dir.clone(),
+                detail: format!("cannot create the plugin's scratch directory: {e}"),
+            }
         })?;
         let req = &p.manifest.requirements;
         let models: Vec<PathBuf> = req

@@ -181,6 +181,7 @@ pub struct ProcessImporter {
     plugin: String,
     limits: ProcessLimits,
     confinement: Option<crate::sandbox::Confinement>,
+    run_as: Option<crate::sandbox::RunAs>,
 }
 
 impl ProcessImporter {
@@ -199,6 +200,7 @@ impl ProcessImporter {
             plugin: plugin.into(),
             limits,
             confinement: None,
+            run_as: None,
         }
     }
 
@@ -221,6 +223,7 @@ impl ProcessImporter {
             plugin: plugin.into(),
             limits,
             confinement: None,
+            run_as: None,
         }
     }
 
@@ -248,6 +251,13 @@ impl ProcessImporter {
     /// the plugin's code runs, and starts with the plan's environment only.
     pub fn confined(mut self, plan: crate::sandbox::Confinement) -> Self {
         self.confinement = Some(plan);
+        self
+    }
+
+    /// Runs its runners as `user` (the host must be root): user and group
+    /// set, supplementary groups dropped, before the runner starts.
+    pub fn run_as(mut self, user: crate::sandbox::RunAs) -> Self {
+        self.run_as = Some(user);
         self
     }
 
@@ -291,9 +301,16 @@ impl ProcessImporter {
         if let Some(plan) = &plan {
             common.extend(["--confine".into(), plan.to_arg().into()]);
         }
+        let run_as = self.run_as;
         let confine_env = |command: &mut Command| {
+            use std::os::unix::process::CommandExt;
             if let Some(plan) = &plan {
                 command.env_clear().envs(&plan.env);
+            }
+            // The standard library drops the supplementary groups too when
+            // it changes the user of a root process.
+            if let Some(user) = run_as {
+                command.uid(user.uid).gid(user.gid);
             }
         };
         match &self.launch {
@@ -322,6 +339,7 @@ impl ProcessImporter {
                     let key = zygote::ZygoteKey {
                         interpreter: interpreter.clone(),
                         few_arenas: self.limits.memory_limit_mib > 0,
+                        run_as,
                     };
                     match zygote::zygote_for(&key)
                         .map(|z| Child::fork(&z, &argv, &opts, self.limits.init_timeout))
@@ -334,7 +352,7 @@ impl ProcessImporter {
                     }
                 }
                 let mut command = Command::new(interpreter);
-                command.args(crate::python::runner_invocation()).args(argv);
+                command.args(python_invocation(run_as)).args(argv);
                 confine_env(&mut command);
                 Child::spawn(command, &opts, self.limits.init_timeout)
             }
@@ -361,6 +379,15 @@ impl ProcessImporter {
             operation: "handshake".into(),
             after: self.limits.init_timeout,
         }
+    }
+}
+
+/// How the interpreter starts the runner: from the cache of this user's, or
+/// from source for a runner that runs as another user (who cannot read it).
+pub(crate) fn python_invocation(run_as: Option<crate::sandbox::RunAs>) -> [OsString; 3] {
+    match run_as {
+        Some(_) => crate::python::runner_source_invocation(),
+        None => crate::python::runner_invocation(),
     }
 }
 

@@ -67,6 +67,8 @@ pub(crate) struct ZygoteKey {
     /// `MALLOC_ARENA_MAX=2` (runners under a memory limit): glibc reads it
     /// once, at the interpreter's start.
     pub(crate) few_arenas: bool,
+    /// The user it (and so every runner it forks) runs as.
+    pub(crate) run_as: Option<crate::sandbox::RunAs>,
 }
 
 /// The zygote of `key`, started if there is none or the last one died.
@@ -148,8 +150,12 @@ impl Zygote {
             None,
         )?;
         let mut command = Command::new(&key.interpreter);
+        if let Some(user) = key.run_as {
+            use std::os::unix::process::CommandExt;
+            command.uid(user.uid).gid(user.gid);
+        }
         command
-            .args(crate::python::runner_invocation())
+            .args(super::python_invocation(key.run_as))
             .arg("--zygote")
             .env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string())
             .stdin(Stdio::from(theirs))

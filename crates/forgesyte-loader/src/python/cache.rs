@@ -37,6 +37,13 @@ pub fn runner_invocation() -> [OsString; 3] {
     ["-u".into(), "-c".into(), code.into()]
 }
 
+/// The interpreter's arguments that run the runner from its source, without
+/// the cache: for runners that run as another user (`--runner-user`), who
+/// cannot read this user's private cache.
+pub fn runner_source_invocation() -> [OsString; 3] {
+    ["-u".into(), "-c".into(), RUNNER_SOURCE.into()]
+}
+
 /// The cache directory, if this user has one.
 fn cache_dir() -> Result<PathBuf, String> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {

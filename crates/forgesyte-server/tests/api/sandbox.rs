@@ -232,3 +232,88 @@ fn confine_off_leaves_runners_unconfined() {
         assert_eq!(value["value"], "no");
     }
 }
+
+/// The uid in `/proc/PID/status`.
+fn uid_of(pid: u64) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_root_server_runs_its_runners_as_the_runner_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        // Only root can change a process's user: nothing to test as
+        // anyone else (and the option is then ignored, with a warning).
+        eprintln!("SKIPPED: --runner-user needs a server running as root");
+        return;
+    }
+    let plugins = PluginsDir::new();
+    native_snoop(&plugins, "native", json!({}));
+    python_snoop(&plugins, "snoop", json!({}));
+    // What `nobody` may read: the plugin directories, but not a file of
+    // root's inside them (which the Landlock rules alone would allow).
+    std::fs::set_permissions(plugins.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for plugin in ["native", "snoop"] {
+        let dir = plugins.path().join(plugin);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let private = dir.join("root-only.txt");
+        std::fs::write(&private, "root\n").unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // Debian's interpreter: pyenv's lives under /root, which `nobody`
+    // cannot enter.
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("a system python3 that nobody can run");
+    let server = Forgesyte::start(&[
+        "--plugins",
+        plugins.path_str(),
+        "--runner-user",
+        "nobody",
+        "--python",
+        python,
+    ]);
+    server.wait_loaded();
+    let nobody = 65534;
+    for plugin in ["native", "snoop"] {
+        let shown = status(&server, plugin);
+        assert_eq!(shown["state"], "INITIALIZED", "{shown}\n{}", server.log());
+        // Without CAP_SYS_ADMIN no network namespace: Landlock's TCP rule
+        // is what isolates it.
+        assert_eq!(
+            shown["confinement"]["network"], "isolated: Landlock denies TCP bind and connect",
+            "{shown}"
+        );
+        let private = plugins.path().join(plugin).join("root-only.txt");
+        let (_, error) = call(
+            &server,
+            plugin,
+            "read",
+            json!({"path": private.to_str().unwrap()}),
+        )
+        .unwrap_err();
+        assert!(error.contains("Permission denied"), "{plugin}: {error}");
+        let scratch = call(&server, plugin, "scratch", json!({})).unwrap();
+        assert!(
+            scratch["path"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("forgesyte-scratch-{nobody}")),
+            "{scratch}"
+        );
+    }
+    let pid = call(&server, "native", "pid", json!({}))
+        .unwrap()
+        .as_u64()
+        .unwrap();
+    assert_eq!(uid_of(pid), Some(nobody));
+    let python_pid = super::support::runner_pid(server.pid(), "snoop").expect("the Python runner");
+    assert_eq!(uid_of(u64::from(python_pid)), Some(nobody));
+}
