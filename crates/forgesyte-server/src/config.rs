@@ -109,6 +109,9 @@ pub struct ServerConfig {
     /// `forgesyte.plugins` that [`python`](Self::python) sees
     /// (`--python-entry-points`, `FORGESYTE_PYTHON_ENTRY_POINTS`).
     pub python_entry_points: bool,
+    /// Rescan the plugins directory when files under it change (`serve
+    /// --watch`, `FORGESYTE_WATCH`), debounced; for plugin development.
+    pub watch: bool,
 }
 
 impl ServerConfig {
@@ -148,6 +151,7 @@ impl Default for ServerConfig {
             runner_args: Vec::new(),
             python: None,
             python_entry_points: false,
+            watch: false,
         }
     }
 }
@@ -174,6 +178,7 @@ mod tests {
         assert_eq!(config.default_isolation, Isolation::InProcess);
         assert_eq!(config.runner, None);
         assert!(!config.python_entry_points);
+        assert!(!config.watch);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! It hashes the manifest's bytes and, for every file under the directory
 //! (a few levels deep, caches and virtual environments skipped), its
 //! relative path, size, modification time and inode, so a library rebuilt
-//! in place, replaced by a rename, or a Python source edited all change it.
+//! in place, replaced by a rename, or a Python source edited all change it;
+//! so does the lock file (`forgesyte.lock`) beside the directory.
 //! Reads the real filesystem; knows nothing of manifests' meaning, the
 //! registry or the loader.
 
@@ -12,6 +13,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 
+use crate::integrity::LOCK_FILE;
 use crate::manifest::MANIFEST_FILE;
 
 /// How deep under the plugin directory files are stamped.
@@ -34,6 +36,11 @@ pub(super) fn stamp(dir: &Path) -> Option<u64> {
     let manifest = std::fs::read(dir.join(MANIFEST_FILE)).ok();
     let mut hasher = DefaultHasher::new();
     manifest.hash(&mut hasher);
+    // The lock file beside the plugin directory pins it too.
+    let lock = dir
+        .parent()
+        .and_then(|parent| std::fs::read(parent.join(LOCK_FILE)).ok());
+    lock.hash(&mut hasher);
     let mut budget = MAX_ENTRIES;
     walk(dir, "", 0, &mut budget, &mut hasher).ok()?;
     Some(hasher.finish())
