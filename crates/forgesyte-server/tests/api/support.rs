@@ -596,6 +596,7 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_PYTHON_ENTRY_POINTS",
         "FORGESYTE_PYTHON_ZYGOTE",
         "FORGESYTE_LOG_FORMAT",
+        "FORGESYTE_WATCH",
     ] {
         command.env_remove(var);
     }
