@@ -2,6 +2,9 @@
 //! read and refuses new calls at once, while the calls in flight still end
 //! on it; [`Registry::forget`] frees its name.
 
+// Helpers outside #[test] functions may fail loudly too: this is test code.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use forgesyte_registry::{PluginInfo, PluginLifecycleState, Registry, RegistryError};
