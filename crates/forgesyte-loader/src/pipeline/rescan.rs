@@ -98,10 +98,16 @@ impl Loader {
     /// Discovers the plugins directory of the last
     /// [`load_all`](Self::load_all) (and the installed Python plugins, when
     /// [`LoaderConfig::python_entry_points`](super::LoaderConfig::python_entry_points)
-    /// asks for them) again and brings the registry in line (see the
-    /// [module documentation](self)). Blocks: plugins are constructed and
-    /// retirements wait for calls in flight. Integrity pins are checked as
-    /// on the first load. Callers run one rescan (or reload) at a time.
+    /// asks for them) again and brings the registry in line: new plugins
+    /// load through the normal load pass; removed ones are retired after
+    /// their calls in flight (new calls find no plugin at once); changed
+    /// ones (their directory's change stamp moved: manifest, files, lock
+    /// file) reload, isolated and Python ones restarted, an in-process one
+    /// loaded again with its library under a new file identity (the old
+    /// one stays mapped); unchanged FAILED or UNAVAILABLE ones are retried.
+    /// Integrity pins are checked as on the first load. Blocks (plugins are
+    /// constructed, retirements wait); callers run one rescan (or reload)
+    /// at a time.
     pub fn rescan(&self) -> RescanReport {
         let started = Instant::now();
         let (new_entry_points, gone_entry_points) = self.rescan_entry_points();
