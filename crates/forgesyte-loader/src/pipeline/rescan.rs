@@ -112,7 +112,16 @@ impl Loader {
         let started = Instant::now();
         let (new_entry_points, gone_entry_points) = self.rescan_entry_points();
         let plugins_dir = self.plugins_dir.read().clone();
+        // Without a listing of the plugins directory (none was loaded, or it
+        // cannot be read now) nothing is known to be gone: no retirements.
+        let listed = plugins_dir
+            .as_ref()
+            .is_some_and(|d| self.fs.read_dir(d).is_ok());
+        if let (false, Some(dir)) = (listed, &plugins_dir) {
+            tracing::warn!(dir = %dir.display(), "Rescan: the plugins directory {} cannot be read; no plugin is retired", dir.display());
+        }
         let found: BTreeSet<PathBuf> = plugins_dir
+            .filter(|_| listed)
             .map(|d| self.discover(&d).into_iter().collect())
             .unwrap_or_default();
         let installed: BTreeSet<String> = self.entry_points.read().keys().cloned().collect();
@@ -129,7 +138,7 @@ impl Loader {
             let gone = if installed.contains(&name) {
                 gone_entry_points.contains(&name)
             } else {
-                !found.contains(&dir)
+                listed && !found.contains(&dir)
             };
             if gone {
                 report.removed.push(self.retire_plugin(&name, dir));
