@@ -71,6 +71,7 @@
 pub mod entry_points;
 mod handle;
 mod host;
+mod identity;
 pub mod integrity;
 pub mod manifest;
 pub mod native;
@@ -87,6 +88,8 @@ pub use entry_points::EntryPoint;
 pub use handle::{CallError, PluginHandle};
 pub use host::{ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo};
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
-pub use pipeline::{LoadReport, Loader, LoaderConfig, PluginLoadOutcome};
+pub use pipeline::{
+    LoadReport, Loader, LoaderConfig, PluginLoadOutcome, RescanReport, RetiredPlugin,
+};
 pub use process::{ProcessImporter, ProcessLimits};
 pub use supervise::SupervisionPolicy;

@@ -26,5 +26,6 @@ mod entry_points;
 mod isolation;
 mod pipeline;
 mod python;
+mod rescan;
 mod shutdown;
 mod test_venv;

@@ -13,15 +13,16 @@ use forgesyte_registry::{PluginLifecycleState as S, Registry};
 use proptest::prelude::*;
 use serde_json::json;
 
-/// A fake world with a plugins directory, and the loader over it.
-struct Setup {
-    world: FakeWorld,
+/// A fake world with a plugins directory, and the loader over it (also
+/// used by `rescan`).
+pub(crate) struct Setup {
+    pub(crate) world: FakeWorld,
     importer: Arc<FakeImporter>,
-    registry: Registry,
+    pub(crate) registry: Registry,
 }
 
 impl Setup {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let world = FakeWorld::new();
         world.fs.add_dir("/plugins");
         Setup {
@@ -33,7 +34,7 @@ impl Setup {
 
     /// A plugin directory with `manifest` and a library file `libNAME.so`
     /// whose import does `behavior`.
-    fn plugin(&self, dir: &str, manifest: &str, behavior: FakeBehavior) -> &Self {
+    pub(crate) fn plugin(&self, dir: &str, manifest: &str, behavior: FakeBehavior) -> &Self {
         let lib = format!("/plugins/{dir}/lib.so");
         self.world
             .fs
@@ -57,7 +58,7 @@ impl Setup {
         )
     }
 
-    fn load(&self) -> Loader {
+    pub(crate) fn load(&self) -> Loader {
         let loader = self.loader();
         loader.load_all("/plugins".as_ref());
         loader
@@ -65,7 +66,7 @@ impl Setup {
 
     /// Asserts the final state of `name` and that its reason contains every
     /// one of `reason_parts`.
-    fn check(&self, name: &str, state: S, reason_parts: &[&str]) {
+    pub(crate) fn check(&self, name: &str, state: S, reason_parts: &[&str]) {
         let status = self
             .registry
             .get_status(name)
@@ -84,7 +85,7 @@ impl Setup {
     }
 }
 
-fn manifest(name: &str, extra: serde_json::Value) -> String {
+pub(crate) fn manifest(name: &str, extra: serde_json::Value) -> String {
     let mut m = json!({"name": name, "version": "1.2.3", "entrypoint": "lib.so"});
     if let (Some(m), Some(extra)) = (m.as_object_mut(), extra.as_object()) {
         m.extend(extra.clone());

@@ -26,6 +26,9 @@ type Slot = ArcSwap<Entry>;
 #[derive(Debug, Default)]
 struct Inner {
     plugins: BTreeMap<Arc<str>, Arc<Slot>>,
+    /// Plugins being retired ([`Registry::retire`]): invisible to every
+    /// read and refused new calls, but the calls in flight still end here.
+    retiring: BTreeMap<Arc<str>, Arc<Slot>>,
 }
 
 /// What every clone of a [`Registry`] shares.
@@ -90,7 +93,7 @@ impl Registry {
     pub fn register(&self, name: &str, info: PluginInfo) -> Result<(), RegistryError> {
         let _write = self.shared.write.lock();
         let current = self.shared.current.load_full();
-        if current.plugins.contains_key(name) {
+        if current.plugins.contains_key(name) || current.retiring.contains_key(name) {
             return Err(RegistryError::AlreadyRegistered {
                 name: name.to_owned(),
             });
@@ -98,9 +101,67 @@ impl Registry {
         let mut plugins = current.plugins.clone();
         let entry = Entry::new(info, Utc::now());
         plugins.insert(Arc::from(name), Arc::new(ArcSwap::from_pointee(entry)));
-        self.shared.current.store(Arc::new(Inner { plugins }));
+        self.shared.current.store(Arc::new(Inner {
+            plugins,
+            retiring: current.retiring.clone(),
+        }));
         self.shared.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Starts retiring a plugin (its directory was removed): from now on it
+    /// is absent from every read (`get_status` is `None`, lists leave it
+    /// out) and [`mark_running`](Registry::mark_running) refuses it with
+    /// [`RegistryError::NotFound`], while the calls already in flight still
+    /// end on it ([`end_call`](Registry::end_call), [`finish`](Registry::finish)).
+    /// [`retiring_in_flight`](Registry::retiring_in_flight) counts them;
+    /// [`forget`](Registry::forget) ends the retirement. The name cannot be
+    /// registered again until then.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`] when no plugin of that name is registered.
+    pub fn retire(&self, name: &str) -> Result<(), RegistryError> {
+        let _write = self.shared.write.lock();
+        let current = self.shared.current.load_full();
+        let mut plugins = current.plugins.clone();
+        let Some((key, slot)) = plugins.remove_entry(name) else {
+            return Err(RegistryError::NotFound {
+                name: name.to_owned(),
+            });
+        };
+        let mut retiring = current.retiring.clone();
+        retiring.insert(key, slot);
+        self.shared
+            .current
+            .store(Arc::new(Inner { plugins, retiring }));
+        self.shared.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Calls still in flight on a plugin being retired; `None` when `name`
+    /// is not being retired.
+    pub fn retiring_in_flight(&self, name: &str) -> Option<u32> {
+        let current = self.shared.current.load();
+        Some(current.retiring.get(name)?.load().in_flight)
+    }
+
+    /// Ends the retirement of `name`: it is gone for good, and the name can
+    /// be registered again. Returns whether it was being retired.
+    pub fn forget(&self, name: &str) -> bool {
+        let _write = self.shared.write.lock();
+        let current = self.shared.current.load_full();
+        if !current.retiring.contains_key(name) {
+            return false;
+        }
+        let mut retiring = current.retiring.clone();
+        retiring.remove(name);
+        self.shared.current.store(Arc::new(Inner {
+            plugins: current.plugins.clone(),
+            retiring,
+        }));
+        self.shared.generation.fetch_add(1, Ordering::Release);
+        true
     }
 
     /// `LOADED -> INITIALIZED`: the plugin's instance was created.
@@ -138,7 +199,7 @@ impl Registry {
     /// [`RegistryError::NotFound`], or [`RegistryError::NotAvailable`] when
     /// the plugin is neither `INITIALIZED` nor `RUNNING`.
     pub fn mark_running(&self, name: &str) -> Result<(), RegistryError> {
-        self.update(name, |entry, now| {
+        self.update_in(name, false, |entry, now| {
             if !entry.state.is_available() {
                 return Err(RegistryError::NotAvailable {
                     name: name.to_owned(),
@@ -611,14 +672,31 @@ impl Registry {
     /// The one write path for an existing plugin: under the write lock,
     /// clone its entry, let `change` edit the clone, and publish it in the
     /// plugin's slot when `change` succeeds. No other plugin is touched.
+    ///
+    /// A plugin being retired is found too (its calls in flight end on it).
     fn update(
         &self,
         name: &str,
         change: impl FnOnce(&mut Entry, DateTime<Utc>) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
+        self.update_in(name, true, change)
+    }
+
+    /// [`update`](Self::update), finding plugins being retired only when
+    /// `retiring` says so.
+    fn update_in(
+        &self,
+        name: &str,
+        retiring: bool,
+        change: impl FnOnce(&mut Entry, DateTime<Utc>) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
         let _write = self.shared.write.lock();
         let current = self.shared.current.load();
-        let Some(slot) = current.plugins.get(name) else {
+        let found = current
+            .plugins
+            .get(name)
+            .or_else(|| retiring.then(|| current.retiring.get(name)).flatten());
+        let Some(slot) = found else {
             return Err(RegistryError::NotFound {
                 name: name.to_owned(),
             });

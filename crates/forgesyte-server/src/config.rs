@@ -116,6 +116,9 @@ pub struct ServerConfig {
     /// The unprivileged user isolated and Python runners run as when the
     /// server runs as root (`--runner-user`, `FORGESYTE_RUNNER_USER`).
     pub runner_user: Option<forgesyte_loader::sandbox::RunAs>,
+    /// Rescan the plugins directory when files under it change (`serve
+    /// --watch`, `FORGESYTE_WATCH`), debounced; for plugin development.
+    pub watch: bool,
 }
 
 impl ServerConfig {
@@ -159,6 +162,7 @@ impl Default for ServerConfig {
             python_entry_points: false,
             confine: true,
             runner_user: None,
+            watch: false,
         }
     }
 }
@@ -185,6 +189,7 @@ mod tests {
         assert_eq!(config.default_isolation, Isolation::InProcess);
         assert_eq!(config.runner, None);
         assert!(!config.python_entry_points);
+        assert!(!config.watch);
     }
 
     #[test]

@@ -64,8 +64,9 @@
 //! available (`?verbose` lists the checks). `POST /v1/plugins/{name}/reload`
 //! and `POST /v1/plugins/reload` need `Authorization: Bearer` with the
 //! [`AdminToken`] of [`ServerConfig::admin_token`] (compared in constant
-//! time) and are disabled without one; they run the loader's reload on the
-//! blocking pool, one at a time.
+//! time) and are disabled without one; they run the loader's reload (one
+//! plugin) or rescan (every plugin) on the blocking pool, one at a time.
+//! `SIGHUP` and [`ServerConfig::watch`] run the same rescan.
 //!
 //! # What this crate must not know
 //!
@@ -88,6 +89,7 @@ mod extract;
 mod pool;
 mod probes;
 mod reload;
+mod rescan;
 mod respond;
 mod router;
 mod server;
@@ -107,7 +109,7 @@ pub use config::{
 };
 pub use error::{ApiError, ErrorDetail, NotRunnable, RunError, RunFailure};
 pub use probes::{LiveResponse, ReadyCheck, ReadyResponse};
-pub use reload::{ReloadOutcome, ReloadReport};
+pub use reload::{ReloadOutcome, ReloadReport, RemovedPlugin};
 pub use router::{app, openapi};
 pub use server::{ServeError, Server, build_loader, build_loader_from, serve, shutdown_signal};
 pub use state::AppState;

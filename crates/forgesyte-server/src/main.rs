@@ -208,6 +208,10 @@ struct ServeArgs {
     /// those routes are disabled.
     #[arg(long, value_name = "PATH", env = "FORGESYTE_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// Rescan the plugins directory when files under it change (debounced),
+    /// as SIGHUP does: for plugin development.
+    #[arg(long, env = "FORGESYTE_WATCH", value_parser = clap::builder::BoolishValueParser::new())]
+    watch: bool,
 }
 
 #[derive(Debug, Args)]
@@ -618,6 +622,7 @@ impl ServeArgs {
         config.body_read_timeout = self.body_read_timeout.0;
         config.max_connections = self.max_connections;
         config.max_calls_per_plugin = self.max_calls_per_plugin;
+        config.watch = self.watch;
         (config, self.admin_token_file)
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use forgesyte_loader::{LoadReport, PluginLoadOutcome};
+use forgesyte_loader::{PluginLoadOutcome, RescanReport, RetiredPlugin};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -58,37 +58,87 @@ impl From<PluginLoadOutcome> for ReloadOutcome {
     }
 }
 
-/// What reloading every plugin led to.
+/// A plugin retired by a rescan: its directory (or entry point) is gone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ReloadReport {
-    /// Every plugin, sorted by name.
-    pub plugins: Vec<ReloadOutcome>,
-    /// Plugins available after the reload.
-    pub loaded: usize,
-    /// Plugins FAILED after the reload.
-    pub failed: usize,
-    /// Plugins UNAVAILABLE after the reload.
-    pub unavailable: usize,
-    /// Wall time of the whole reload, in milliseconds.
+pub struct RemovedPlugin {
+    /// Its registry key (now unknown: 404).
+    pub name: String,
+    /// Its plugin directory.
+    pub dir: String,
+    /// Calls that were in flight when it was retired (they were waited for).
+    pub calls_in_flight: u32,
+    /// Calls still in flight when the wait gave up (they failed).
+    pub calls_cut_off: u32,
+    /// How long its retirement took, in milliseconds.
     pub elapsed_ms: f64,
 }
 
-impl From<LoadReport> for ReloadReport {
-    fn from(report: LoadReport) -> Self {
-        let (loaded, failed, unavailable) =
-            (report.loaded(), report.failed(), report.unavailable());
-        let mut plugins: Vec<ReloadOutcome> = report
-            .plugins
-            .into_iter()
-            .map(ReloadOutcome::from)
-            .collect();
-        plugins.sort_by(|a, b| a.name.cmp(&b.name));
+impl From<RetiredPlugin> for RemovedPlugin {
+    fn from(r: RetiredPlugin) -> Self {
+        RemovedPlugin {
+            name: r.name,
+            dir: r.dir.display().to_string(),
+            calls_in_flight: r.calls_in_flight,
+            calls_cut_off: r.calls_cut_off,
+            elapsed_ms: r.elapsed_ms,
+        }
+    }
+}
+
+/// What a rescan of the plugins directory led to (`POST
+/// /v1/plugins/reload`, SIGHUP, `serve --watch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReloadReport {
+    /// Every registered plugin's state after the rescan, sorted by name.
+    pub plugins: Vec<ReloadOutcome>,
+    /// Plugins available after the rescan.
+    pub loaded: usize,
+    /// Plugins FAILED after the rescan.
+    pub failed: usize,
+    /// Plugins UNAVAILABLE after the rescan.
+    pub unavailable: usize,
+    /// Plugins found for the first time (loaded through the load pass).
+    #[serde(default)]
+    pub added: Vec<String>,
+    /// Plugins whose files changed, reloaded (isolated and Python ones
+    /// restarted, in-process ones opened under a new file identity).
+    #[serde(default)]
+    pub changed: Vec<String>,
+    /// Unchanged plugins that were FAILED or UNAVAILABLE, retried.
+    #[serde(default)]
+    pub retried: Vec<String>,
+    /// Unchanged plugins, left as they were.
+    #[serde(default)]
+    pub unchanged: Vec<String>,
+    /// Plugins whose directory is gone, retired after their calls in flight.
+    #[serde(default)]
+    pub removed: Vec<RemovedPlugin>,
+    /// Wall time of the whole rescan, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl From<RescanReport> for ReloadReport {
+    fn from(rescan: RescanReport) -> Self {
+        let all = rescan.plugins();
+        let (loaded, failed, unavailable) = (all.loaded(), all.failed(), all.unavailable());
+        let names = |list: &[forgesyte_loader::PluginLoadOutcome]| -> Vec<String> {
+            list.iter().map(|o| o.name.clone()).collect()
+        };
         ReloadReport {
-            plugins,
+            added: names(&rescan.added),
+            changed: names(&rescan.changed),
+            retried: names(&rescan.retried),
+            unchanged: names(&rescan.unchanged),
+            removed: rescan
+                .removed
+                .into_iter()
+                .map(RemovedPlugin::from)
+                .collect(),
+            plugins: all.plugins.into_iter().map(ReloadOutcome::from).collect(),
             loaded,
             failed,
             unavailable,
-            elapsed_ms: report.elapsed_ms,
+            elapsed_ms: rescan.elapsed_ms,
         }
     }
 }
@@ -150,15 +200,16 @@ pub(crate) async fn reload_plugin(
     }
 }
 
-/// Reloads every plugin (admin token required): plugins are discovered
-/// again, so a new plugin directory is picked up.
+/// Rescans the plugins directory (admin token required): new plugins load,
+/// removed ones are retired after their calls in flight, changed ones
+/// reload, failed ones are retried; see [`crate::rescan`].
 #[utoipa::path(
     post,
     path = "/v1/plugins/reload",
     tag = "admin",
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Every plugin's state after the reload", body = ReloadReport),
+        (status = 200, description = "What the rescan did (added, changed, retried, removed, unchanged) and every plugin's state after it", body = ReloadReport),
         (status = 401, description = "No `Authorization: Bearer <token>` header", body = ErrorDetail),
         (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = ErrorDetail),
         (status = 429, description = "Too many wrong tokens from this address in the last minute (`Retry-After` says when to try again)", body = ErrorDetail),
@@ -172,16 +223,7 @@ pub(crate) async fn reload_all(
 ) -> Result<Response, ApiError> {
     admit(&state, &headers, peer)?;
     let guard = state.begin_admin()?;
-    tracing::info!(%peer, "Admin: reload of every plugin requested by {peer}");
-    let loader = Arc::clone(state.loader());
-    let report = tokio::task::spawn_blocking(move || {
-        let _guard = guard;
-        loader.reload_all()
-    })
-    .await
-    .map_err(|e| ApiError::Internal {
-        context: format!("reload of every plugin failed: {e}"),
-    })?;
-    // The loader logs the summary.
-    Ok(json(StatusCode::OK, &ReloadReport::from(report)))
+    tracing::info!(%peer, "Admin: rescan of the plugins directory requested by {peer}");
+    let report = crate::rescan::rescan(&state, guard, "admin request").await?;
+    Ok(json(StatusCode::OK, &report))
 }

@@ -194,7 +194,7 @@ mod tests {
     use super::*;
     use crate::config::ServerConfig;
     use crate::probes::{ReadyCheck, ReadyResponse};
-    use crate::reload::{ReloadOutcome, ReloadReport};
+    use crate::reload::{ReloadOutcome, ReloadReport, RemovedPlugin};
     use crate::server::build_loader;
     use crate::wire::{JournalEntryJson, PluginStateJson};
 
@@ -444,12 +444,27 @@ mod tests {
             loaded: 1,
             failed: 0,
             unavailable: 0,
+            added: vec!["p".into()],
+            changed: Vec::new(),
+            retried: Vec::new(),
+            unchanged: Vec::new(),
+            removed: vec![RemovedPlugin {
+                name: "gone".into(),
+                dir: "/plugins/gone".into(),
+                calls_in_flight: 1,
+                calls_cut_off: 0,
+                elapsed_ms: 3.0,
+            }],
             elapsed_ms: 2.0,
         };
         let doc = doc();
         for (schema, value) in [
             ("ReloadOutcome", serde_json::to_value(&outcome).unwrap()),
             ("ReloadReport", serde_json::to_value(&report).unwrap()),
+            (
+                "RemovedPlugin",
+                serde_json::to_value(&report.removed[0]).unwrap(),
+            ),
         ] {
             let real: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
             assert_eq!(property_names(&doc, schema), real, "{schema}");

@@ -135,6 +135,8 @@ impl Server {
         } = self;
         tracing::info!(addr = %local_addr, plugins_dir = %config.plugins_dir.display(), "forgesyte listening on http://{local_addr}");
         start_loading(&state, config.plugins_dir.clone());
+        // SIGHUP (and, with --watch, file changes) rescan the plugins directory.
+        crate::rescan::start(&state, &config.plugins_dir, config.watch);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let nofile = conn::nofile_limit();

@@ -27,6 +27,9 @@
 //! - `installed`: installed Python plugins (entry points of group
 //!   `forgesyte.plugins`) through `check` and `serve`;
 //! - `integrity`: `forgesyte lock`, then changed plugins refused at load;
+//! - `rescan`: hot reload through the binary (SIGHUP, the admin route,
+//!   `--watch`): plugins added, removed with a call in flight, changed
+//!   (Python, in-process native), and integrity pins on rescan;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints;
 //! - `sandbox`: confined runners (Python and isolated native) denied what
@@ -66,6 +69,8 @@ mod preflight;
 mod probes;
 #[path = "api/python.rs"]
 mod python;
+#[path = "api/rescan.rs"]
+mod rescan;
 #[path = "api/router.rs"]
 mod router;
 #[path = "api/sandbox.rs"]

@@ -156,14 +156,18 @@ impl Loader {
     }
 
     /// For a reload pass: discovers the entry points again, refreshes the
-    /// ones already registered (version, directory) and returns the new ones.
-    pub(super) fn rescan_entry_points(&self) -> Vec<EntryPoint> {
+    /// ones already registered (version, directory) and returns the new ones
+    /// and the registry keys of those no longer installed (none when the
+    /// discovery failed: nothing is known to be gone then).
+    pub(super) fn rescan_entry_points(&self) -> (Vec<EntryPoint>, Vec<String>) {
         if !self.config.python_entry_points {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
         let found = self.discover_entry_points();
+        let discovered = self.entry_points_error.read().is_none();
         let mut new = Vec::new();
         let mut moved: Vec<(String, PathBuf)> = Vec::new();
+        let mut gone: Vec<String> = Vec::new();
         {
             let mut known = self.entry_points.write();
             for ep in found {
@@ -175,6 +179,13 @@ impl Loader {
                     None => new.push(ep),
                 }
             }
+            if discovered {
+                gone = known
+                    .keys()
+                    .filter(|name| !moved.iter().any(|(m, _)| m == *name))
+                    .cloned()
+                    .collect();
+            }
         }
         let mut entries = self.entries.write();
         for (name, dir) in moved {
@@ -182,7 +193,7 @@ impl Loader {
                 entry.dir = dir;
             }
         }
-        new
+        (new, gone)
     }
 
     /// The manifest of an installed Python plugin: the `manifest.json` its

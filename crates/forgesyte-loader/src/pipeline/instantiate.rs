@@ -46,7 +46,17 @@ impl Loader {
         if self.config.preflight || p.manifest.preflight {
             self.preflight(p, &library_path, &config)?;
         }
-        let library = self.importer.open(&library_path)?;
+        // A library opened before (a rescan found it changed) is opened
+        // again under a new file identity; the old mapping stays.
+        let open_path =
+            self.identities
+                .path_to_open(&library_path)
+                .map_err(|e| ImportError::Open {
+                    path: library_path.clone(),
+                    detail: format!("cannot copy it to open it again under a new identity: {e}"),
+                })?;
+        let library = self.importer.open(&open_path)?;
+        self.identities.opened(&library_path);
         let instance = library.instantiate(&config)?;
         Ok(PluginHandle::new(
             p.name.clone(),

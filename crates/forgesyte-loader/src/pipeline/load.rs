@@ -30,6 +30,8 @@ impl Loader {
         let dirs = self.discover(plugins_dir);
         let entry_points = self.discover_entry_points();
         let mut report = self.load_pass(&dirs, &entry_points);
+        // The baseline of the next rescan.
+        self.restamp();
         report.elapsed_ms = ms(started.elapsed());
         report.log_summary("Loaded", Some(plugins_dir));
         report

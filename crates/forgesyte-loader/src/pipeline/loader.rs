@@ -15,6 +15,7 @@ use super::config::LoaderConfig;
 use crate::entry_points::EntryPoint;
 use crate::handle::PluginHandle;
 use crate::host::Importer;
+use crate::identity::Identities;
 use crate::manifest::{Isolation, Manifest};
 use crate::native::NativeImporter;
 use crate::supervise::{Clock, ShutdownFlag, SystemClock};
@@ -49,6 +50,11 @@ pub struct Loader {
     pub(super) clock: Arc<dyn Clock>,
     /// Set by [`shutdown`](Loader::shutdown); shared with every supervisor.
     pub(super) shutdown: ShutdownFlag,
+    /// Each plugin directory's change stamp as of the last pass, by
+    /// registry key (see `rescan`).
+    pub(super) stamps: RwLock<BTreeMap<String, Option<u64>>>,
+    /// In-process libraries opened so far, and their private copies.
+    pub(super) identities: Identities,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -91,6 +97,8 @@ impl Loader {
             entry_points_error: RwLock::new(None),
             clock: Arc::new(SystemClock),
             shutdown: ShutdownFlag::default(),
+            stamps: RwLock::new(BTreeMap::new()),
+            identities: Identities::default(),
         }
     }
 

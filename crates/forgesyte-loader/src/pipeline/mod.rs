@@ -12,7 +12,9 @@
 //! - [`registration`]: registry keys, final states, outcomes;
 //! - [`instantiate`]: one plugin from dependencies to a [`crate::PluginHandle`];
 //! - [`waves`]: dependency order and the parallel waves;
-//! - [`load`]: a load pass; [`reload`]: a reload pass.
+//! - [`load`]: a load pass; [`reload`]: a reload pass; [`rescan`]: the
+//!   plugins directory discovered again (added, changed, removed), on top
+//!   of both; [`stamp`]: the change stamp it compares (leaf).
 
 mod config;
 mod discovery;
@@ -23,8 +25,11 @@ mod parallel;
 mod registration;
 mod reload;
 mod report;
+mod rescan;
+mod stamp;
 mod waves;
 
 pub use config::LoaderConfig;
 pub use loader::Loader;
 pub use report::{LoadReport, PluginLoadOutcome};
+pub use rescan::{RescanReport, RetiredPlugin};

@@ -38,7 +38,7 @@ impl Loader {
         if !self.entries.read().contains_key(name) {
             return None;
         }
-        self.reload_names(&[name.to_owned()])
+        self.reload_names(&[name.to_owned()], &BTreeSet::new())
             .plugins
             .into_iter()
             .find(|o| o.name == name)
@@ -51,9 +51,9 @@ impl Loader {
     /// entry points that were installed since.
     pub fn reload_all(&self) -> LoadReport {
         let started = Instant::now();
-        let new_entry_points = self.rescan_entry_points();
+        let (new_entry_points, _gone) = self.rescan_entry_points();
         let names: Vec<String> = self.entries.read().keys().cloned().collect();
-        let mut report = self.reload_names(&names);
+        let mut report = self.reload_names(&names, &BTreeSet::new());
         let plugins_dir = self.plugins_dir.read().clone();
         let mut new: Vec<PathBuf> = Vec::new();
         if let Some(plugins_dir) = plugins_dir {
@@ -80,8 +80,12 @@ impl Loader {
         report
     }
 
-    /// One reload pass over registered plugins.
-    fn reload_names(&self, names: &[String]) -> LoadReport {
+    /// One reload pass over registered plugins. An available in-process
+    /// plugin is kept as it is unless it is in `replace` (a rescan found its
+    /// files changed): then its instance is let go (its library stays
+    /// mapped) and the plugin is loaded again, its library under a new file
+    /// identity.
+    pub(super) fn reload_names(&self, names: &[String], replace: &BTreeSet<String>) -> LoadReport {
         self.checker.clear_cache();
         let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
         let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
@@ -91,7 +95,10 @@ impl Loader {
                 continue;
             };
             if let Some(handle) = &entry.handle {
-                if handle.isolation() == Isolation::InProcess && self.registry.is_available(name) {
+                if handle.isolation() == Isolation::InProcess
+                    && self.registry.is_available(name)
+                    && !replace.contains(name)
+                {
                     tracing::info!(plugin = %name, "Plugin {name} kept as it is: in-process libraries are never unloaded");
                     self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                     continue;

@@ -597,6 +597,7 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_PYTHON_ZYGOTE",
         "FORGESYTE_LOG_FORMAT",
         "FORGESYTE_CONFIG",
+        "FORGESYTE_WATCH",
     ] {
         command.env_remove(var);
     }

@@ -1,0 +1,283 @@
+//! A rescan: the plugins directory (and the installed Python plugins, when
+//! asked for) discovered again and compared with what is registered. New
+//! plugins load through the normal load pass; removed ones are retired
+//! after their calls in flight; changed ones (their change stamp moved)
+//! reload: isolated and Python plugins restart, an in-process one is loaded
+//! again with its library under a new file identity (the old one stays
+//! mapped). Unchanged plugins that are FAILED or UNAVAILABLE are retried
+//! (a dependency may have been installed); unchanged healthy ones are left
+//! alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::loader::Loader;
+use super::report::{LoadReport, PluginLoadOutcome, ms};
+use super::stamp::stamp;
+
+/// How long a retirement waits for the calls in flight on a plugin to end
+/// when the plugin sets no call time limit.
+const RETIRE_WAIT: Duration = Duration::from_secs(30);
+
+/// A plugin retired by a rescan (its directory or entry point is gone).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetiredPlugin {
+    /// Its registry key.
+    pub name: String,
+    /// Its plugin directory.
+    pub dir: PathBuf,
+    /// Calls that were in flight when it was retired.
+    pub calls_in_flight: u32,
+    /// Calls still in flight when the wait for them gave up (they fail).
+    pub calls_cut_off: u32,
+    /// How long its retirement took (mostly waiting for its calls), in
+    /// milliseconds.
+    pub elapsed_ms: f64,
+}
+
+/// What a [`Loader::rescan`] did, each list sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RescanReport {
+    /// Plugins found for the first time, with their outcome.
+    pub added: Vec<PluginLoadOutcome>,
+    /// Plugins whose files changed, reloaded, with their outcome.
+    pub changed: Vec<PluginLoadOutcome>,
+    /// Unchanged plugins that were FAILED or UNAVAILABLE, retried.
+    pub retried: Vec<PluginLoadOutcome>,
+    /// Plugins whose directory (or entry point) is gone, retired.
+    pub removed: Vec<RetiredPlugin>,
+    /// Unchanged plugins, left as they were.
+    pub unchanged: Vec<PluginLoadOutcome>,
+    /// Wall time of the whole rescan, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl RescanReport {
+    /// Every registered plugin's outcome (added, changed, retried and
+    /// unchanged), sorted by name, as a [`LoadReport`].
+    pub fn plugins(&self) -> LoadReport {
+        let mut plugins: Vec<PluginLoadOutcome> = self
+            .added
+            .iter()
+            .chain(&self.changed)
+            .chain(&self.retried)
+            .chain(&self.unchanged)
+            .cloned()
+            .collect();
+        plugins.sort_by(|a, b| a.name.cmp(&b.name));
+        LoadReport {
+            plugins,
+            elapsed_ms: self.elapsed_ms,
+        }
+    }
+
+    /// One line for the log: the counts of each kind.
+    pub fn summary(&self) -> String {
+        let failed =
+            |list: &[PluginLoadOutcome]| list.iter().filter(|o| !o.state.is_available()).count();
+        format!(
+            "{} added, {} changed, {} retried, {} removed, {} unchanged; {} not available ({:.1} ms)",
+            self.added.len(),
+            self.changed.len(),
+            self.retried.len(),
+            self.removed.len(),
+            self.unchanged.len(),
+            failed(&self.added)
+                + failed(&self.changed)
+                + failed(&self.retried)
+                + failed(&self.unchanged),
+            self.elapsed_ms
+        )
+    }
+}
+
+impl Loader {
+    /// Discovers the plugins directory of the last
+    /// [`load_all`](Self::load_all) (and the installed Python plugins, when
+    /// [`LoaderConfig::python_entry_points`](super::LoaderConfig::python_entry_points)
+    /// asks for them) again and brings the registry in line: new plugins
+    /// load through the normal load pass; removed ones are retired after
+    /// their calls in flight (new calls find no plugin at once); changed
+    /// ones (their directory's change stamp moved: manifest, files, lock
+    /// file) reload, isolated and Python ones restarted, an in-process one
+    /// loaded again with its library under a new file identity (the old
+    /// one stays mapped); unchanged FAILED or UNAVAILABLE ones are retried.
+    /// Integrity pins are checked as on the first load. Blocks (plugins are
+    /// constructed, retirements wait); callers run one rescan (or reload)
+    /// at a time.
+    pub fn rescan(&self) -> RescanReport {
+        let started = Instant::now();
+        let (new_entry_points, gone_entry_points) = self.rescan_entry_points();
+        let plugins_dir = self.plugins_dir.read().clone();
+        // Without a listing of the plugins directory (none was loaded, or it
+        // cannot be read now) nothing is known to be gone: no retirements.
+        let listed = plugins_dir
+            .as_ref()
+            .is_some_and(|d| self.fs.read_dir(d).is_ok());
+        if let (false, Some(dir)) = (listed, &plugins_dir) {
+            tracing::warn!(dir = %dir.display(), "Rescan: the plugins directory {} cannot be read; no plugin is retired", dir.display());
+        }
+        let found: BTreeSet<PathBuf> = plugins_dir
+            .filter(|_| listed)
+            .map(|d| self.discover(&d).into_iter().collect())
+            .unwrap_or_default();
+        let installed: BTreeSet<String> = self.entry_points.read().keys().cloned().collect();
+        let known: Vec<(String, PathBuf)> = self
+            .entries
+            .read()
+            .iter()
+            .map(|(name, e)| (name.clone(), e.dir.clone()))
+            .collect();
+
+        let mut report = RescanReport::default();
+        let mut kept: Vec<(String, PathBuf)> = Vec::new();
+        for (name, dir) in known {
+            let gone = if installed.contains(&name) {
+                gone_entry_points.contains(&name)
+            } else {
+                listed && !found.contains(&dir)
+            };
+            if gone {
+                report.removed.push(self.retire_plugin(&name, dir));
+            } else {
+                kept.push((name, dir));
+            }
+        }
+
+        let old_stamps = self.stamps.read().clone();
+        let mut changed: Vec<String> = Vec::new();
+        let mut retried: Vec<String> = Vec::new();
+        let mut unchanged: Vec<(String, PathBuf)> = Vec::new();
+        for (name, dir) in kept {
+            let now = stamp(&dir);
+            if old_stamps.get(&name).is_none_or(|old| *old != now) {
+                changed.push(name);
+            } else if self
+                .registry
+                .get_state(&name)
+                .is_some_and(|s| s.is_terminal())
+            {
+                retried.push(name);
+            } else {
+                unchanged.push((name, dir));
+            }
+        }
+        let replace: BTreeSet<String> = changed.iter().cloned().collect();
+        let mut names = changed.clone();
+        names.extend(retried.iter().cloned());
+        let reloaded = if names.is_empty() {
+            LoadReport::default()
+        } else {
+            self.reload_names(&names, &replace)
+        };
+        for outcome in reloaded.plugins {
+            if replace.contains(&outcome.name) {
+                report.changed.push(outcome);
+            } else {
+                report.retried.push(outcome);
+            }
+        }
+
+        let known_dirs: BTreeSet<PathBuf> = self
+            .entries
+            .read()
+            .values()
+            .map(|e| e.dir.clone())
+            .collect();
+        let new_dirs: Vec<PathBuf> = found
+            .into_iter()
+            .filter(|d| !known_dirs.contains(d))
+            .collect();
+        if !new_dirs.is_empty() || !new_entry_points.is_empty() {
+            report.added = self.load_pass(&new_dirs, &new_entry_points).plugins;
+        }
+
+        let mut outcomes = BTreeMap::new();
+        for (name, dir) in &unchanged {
+            self.finish_outcome(name, dir, started, &mut outcomes);
+        }
+        report.unchanged = outcomes
+            .into_values()
+            .map(|mut o| {
+                o.elapsed_ms = 0.0;
+                o
+            })
+            .collect();
+        self.restamp();
+        report.elapsed_ms = ms(started.elapsed());
+        tracing::info!(
+            added = report.added.len(),
+            changed = report.changed.len(),
+            retried = report.retried.len(),
+            removed = report.removed.len(),
+            unchanged = report.unchanged.len(),
+            "Rescanned: {}",
+            report.summary()
+        );
+        report
+    }
+
+    /// Records the change stamp of every registered plugin, the baseline
+    /// the next [`rescan`](Self::rescan) compares with.
+    pub(super) fn restamp(&self) {
+        let dirs: Vec<(String, PathBuf)> = self
+            .entries
+            .read()
+            .iter()
+            .map(|(name, e)| (name.clone(), e.dir.clone()))
+            .collect();
+        let stamps = dirs
+            .into_iter()
+            .map(|(name, dir)| (name, stamp(&dir)))
+            .collect();
+        *self.stamps.write() = stamps;
+    }
+
+    /// Retires `name`: new calls are refused at once (the registry no longer
+    /// shows it), its calls in flight are waited for (bounded by its call
+    /// time limit, else [`RETIRE_WAIT`]), then its process is stopped
+    /// (isolated, Python) or its instance dropped (in-process: the library
+    /// stays mapped), and its name is freed.
+    fn retire_plugin(&self, name: &str, dir: PathBuf) -> RetiredPlugin {
+        let started = Instant::now();
+        let entry = self.entries.write().remove(name);
+        self.entry_points.write().remove(name);
+        self.stamps.write().remove(name);
+        let handle = entry.and_then(|e| e.handle);
+        let _ = self.registry.retire(name);
+        let calls_in_flight = self.registry.retiring_in_flight(name).unwrap_or(0);
+        let wait = handle
+            .as_ref()
+            .and_then(|h| h.call_timeout())
+            .map_or(RETIRE_WAIT, |t| t + Duration::from_secs(1));
+        let deadline = started + wait;
+        let mut calls_cut_off = 0;
+        while let Some(left) = self.registry.retiring_in_flight(name)
+            && left > 0
+        {
+            if Instant::now() >= deadline {
+                calls_cut_off = left;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(handle) = handle {
+            handle.retire();
+        }
+        self.registry.forget(name);
+        if calls_cut_off > 0 {
+            tracing::warn!(plugin = %name, calls_cut_off, "Plugin {name} retired with {calls_cut_off} call(s) still in flight after {:.1} s", wait.as_secs_f64());
+        }
+        tracing::info!(plugin = %name, dir = %dir.display(), calls_in_flight, "Plugin {name} retired: its directory is gone");
+        RetiredPlugin {
+            name: name.to_owned(),
+            dir,
+            calls_in_flight,
+            calls_cut_off,
+            elapsed_ms: ms(started.elapsed()),
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! `Loader::rescan` over the fake world: a removed plugin is retired after
+//! its call in flight, a new one is added, an unchanged failed one retried,
+//! and an unreadable plugins directory retires nothing.
+
+use std::time::{Duration, Instant};
+
+use forgesyte_loader::fake::FakeBehavior;
+use forgesyte_registry::{PluginLifecycleState as S, RegistryError};
+use serde_json::json;
+
+use crate::pipeline::{Setup, manifest};
+
+#[test]
+fn a_removed_plugin_is_retired_after_its_call_in_flight_and_a_new_one_added() {
+    let s = Setup::new();
+    s.plugin("alpha", &manifest("alpha", json!({})), FakeBehavior::Good)
+        .plugin("beta", &manifest("beta", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    s.check("beta", S::Initialized, &[]);
+    let in_flight = s.registry.begin_call("beta").unwrap();
+
+    s.world.fs.remove("/plugins/beta");
+    s.plugin("gamma", &manifest("gamma", json!({})), FakeBehavior::Good);
+    let report = std::thread::scope(|scope| {
+        let rescan = scope.spawn(|| loader.rescan());
+        // Gone from every read at once, while the rescan waits for the call.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.registry.get_status("beta").is_some() {
+            assert!(Instant::now() < deadline, "beta never left the registry");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            matches!(
+                s.registry.mark_running("beta"),
+                Err(RegistryError::NotFound { .. })
+            ),
+            "a retiring plugin took a new call"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !rescan.is_finished(),
+            "the rescan did not wait for the call"
+        );
+        drop(in_flight);
+        rescan.join().unwrap()
+    });
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert_eq!(report.removed[0].name, "beta");
+    assert_eq!(report.removed[0].calls_in_flight, 1);
+    assert_eq!(report.removed[0].calls_cut_off, 0);
+    let added: Vec<&str> = report.added.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(added, ["gamma"]);
+    let unchanged: Vec<&str> = report.unchanged.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(unchanged, ["alpha"]);
+    assert!(loader.handle("beta").is_none());
+    assert_eq!(s.registry.retiring_in_flight("beta"), None, "not forgotten");
+    s.check("gamma", S::Initialized, &[]);
+    let names: Vec<String> = s.registry.list_all().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["alpha", "gamma"]);
+}
+
+#[test]
+fn an_unreadable_plugins_directory_retires_nothing_and_failed_plugins_are_retried() {
+    let s = Setup::new();
+    s.plugin("alpha", &manifest("alpha", json!({})), FakeBehavior::Good)
+        .plugin(
+            "broken",
+            &manifest("broken", json!({})),
+            FakeBehavior::InitError("boom".into()),
+        );
+    let loader = s.load();
+    s.check("broken", S::Failed, &[]);
+    s.world
+        .fs
+        .fail("/plugins", std::io::ErrorKind::PermissionDenied);
+    let report = loader.rescan();
+    assert!(report.removed.is_empty(), "{report:?}");
+    let retried: Vec<&str> = report.retried.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(retried, ["broken"]);
+    s.check("alpha", S::Initialized, &[]);
+    assert!(loader.handle("alpha").is_some());
+}

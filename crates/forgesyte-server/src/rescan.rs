@@ -1,0 +1,182 @@
+//! The rescan of the plugins directory ([`forgesyte_loader::Loader::rescan`])
+//! and its three triggers: `POST /v1/plugins/reload` ([`crate::reload`]),
+//! `SIGHUP`, and `serve --watch` (file-change notification, debounced).
+//!
+//! [`rescan`] is the one function all three run; its result is the
+//! serialisable [`ReloadReport`], logged here (and publishable elsewhere).
+//! Every trigger takes the one admin claim ([`AppState::begin_admin`]): a
+//! signal or a file change while the startup load pass or another admin
+//! operation runs waits for it, then rescans once. Knows the state and the
+//! loader's rescan; nothing of routes, requests or the token.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify_debouncer_mini::notify::RecursiveMode;
+use notify_debouncer_mini::{DebounceEventResult, new_debouncer};
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::reload::ReloadReport;
+use crate::state::{AdminGuard, AppState};
+
+/// How long file changes must have settled before `--watch` rescans.
+pub(crate) const WATCH_SETTLE: Duration = Duration::from_millis(300);
+/// How long a signal or file change waits for a busy admin claim.
+const WAIT_FOR_CLAIM: Duration = Duration::from_secs(600);
+/// Changed paths `--watch` ignores: caches that running plugins write.
+const IGNORED: [&str; 3] = ["__pycache__", ".pytest_cache", ".git"];
+
+/// Runs the loader's rescan on the blocking pool under `guard` (released
+/// when it ends, even if the caller went away) and logs its result.
+pub(crate) async fn rescan(
+    state: &AppState,
+    guard: AdminGuard,
+    trigger: &str,
+) -> Result<ReloadReport, ApiError> {
+    let loader = Arc::clone(state.loader());
+    let report = tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        loader.rescan()
+    })
+    .await
+    .map_err(|e| ApiError::Internal {
+        context: format!("rescan of the plugins directory failed: {e}"),
+    })?;
+    let summary = report.summary();
+    let report = ReloadReport::from(report);
+    tracing::info!(
+        %trigger,
+        added = ?report.added,
+        changed = ?report.changed,
+        retried = ?report.retried,
+        removed = ?report.removed.iter().map(|r| &r.name).collect::<Vec<_>>(),
+        "Rescan ({trigger}): {summary}"
+    );
+    Ok(report)
+}
+
+/// Waits (bounded) for the admin claim, then rescans; for the triggers
+/// that have no client to answer 409 to.
+async fn rescan_when_free(state: &AppState, trigger: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_CLAIM;
+    let guard = loop {
+        match state.begin_admin() {
+            Ok(guard) => break guard,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%trigger, "Rescan waits: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                tracing::warn!(%trigger, "Rescan ({trigger}) dropped: {e}");
+                return;
+            }
+        }
+    };
+    if let Err(e) = rescan(state, guard, trigger).await {
+        tracing::error!(%trigger, "Rescan ({trigger}) failed: {e}");
+    }
+}
+
+/// Starts the `SIGHUP` listener and, with `watch`, the watcher of
+/// `plugins_dir`. Both live as long as the runtime.
+pub(crate) fn start(state: &AppState, plugins_dir: &Path, watch: bool) {
+    start_sighup(state);
+    if watch {
+        start_watch(state, plugins_dir);
+    }
+}
+
+#[cfg(unix)]
+fn start_sighup(state: &AppState) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot listen for SIGHUP: rescans only through the admin route");
+            return;
+        }
+    };
+    let state = state.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: rescanning the plugins directory");
+            rescan_when_free(&state, "SIGHUP").await;
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn start_sighup(_state: &AppState) {}
+
+/// Watches `plugins_dir` (recursively); once changes have settled for
+/// [`WATCH_SETTLE`], one rescan runs.
+fn start_watch(state: &AppState, plugins_dir: &Path) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let debounced = new_debouncer(
+        WATCH_SETTLE,
+        move |result: DebounceEventResult| match result {
+            Ok(events) => {
+                if events.iter().any(|e| relevant(&e.path)) {
+                    let _ = tx.send(());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Watching the plugins directory: {e}"),
+        },
+    );
+    let mut debouncer = match debounced {
+        Ok(debouncer) => debouncer,
+        Err(e) => {
+            tracing::error!(error = %e, "--watch: cannot watch for file changes: {e}");
+            return;
+        }
+    };
+    if let Err(e) = debouncer
+        .watcher()
+        .watch(plugins_dir, RecursiveMode::Recursive)
+    {
+        tracing::error!(dir = %plugins_dir.display(), error = %e, "--watch: cannot watch {}: {e}", plugins_dir.display());
+        return;
+    }
+    tracing::info!(dir = %plugins_dir.display(), "Watching {} for plugin changes", plugins_dir.display());
+    let state = state.clone();
+    let dir: PathBuf = plugins_dir.to_path_buf();
+    tokio::spawn(async move {
+        // Dropping the debouncer stops the watching: it lives here.
+        let _debouncer = debouncer;
+        while rx.recv().await.is_some() {
+            // A rebuild writes in several steps: wait until it settles.
+            while let Ok(Some(())) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {}
+            tracing::info!(dir = %dir.display(), "Files changed under {}: rescanning", dir.display());
+            rescan_when_free(&state, "watch").await;
+        }
+    });
+}
+
+/// Whether a change of `path` can matter to a plugin (caches do not).
+fn relevant(path: &Path) -> bool {
+    let cache = path.components().any(|c| match c {
+        Component::Normal(name) => IGNORED.iter().any(|i| name == *i),
+        _ => false,
+    });
+    !cache && path.extension().is_none_or(|e| e != "pyc")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::relevant;
+
+    #[test]
+    fn caches_are_not_changes() {
+        assert!(relevant(Path::new("/p/alpha/libalpha.so")));
+        assert!(relevant(Path::new("/p/alpha/manifest.json")));
+        assert!(relevant(Path::new("/p/beta/plugin.py")));
+        assert!(!relevant(Path::new(
+            "/p/beta/__pycache__/plugin.cpython-311.pyc"
+        )));
+        assert!(!relevant(Path::new("/p/beta/plugin.pyc")));
+    }
+}

@@ -1,0 +1,299 @@
+//! Hot reload by rescan through the real binary: `SIGHUP`, the admin
+//! `POST /v1/plugins/reload` and `serve --watch` discover the plugins
+//! directory again. New plugins are served, removed ones are gone at once
+//! (a call in flight on one still completes), a changed Python plugin and a
+//! changed in-process native library serve their new code, and a change
+//! that breaks an integrity pin leaves the plugin FAILED with the reason.
+//! Every wait is a deadline loop.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Forgesyte, PluginsDir, Reply, http_with, run_forgesyte};
+
+const TOKEN: &str = "rescan-test-token-0123456789";
+
+/// Polls `probe` until it gives a value, for at most `limit`.
+fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    server: &Forgesyte,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn hangup(server: &Forgesyte) {
+    let status = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -HUP failed");
+}
+
+/// The good fixture library's file name (what `PluginsDir::good` copies).
+fn library_name() -> String {
+    Path::new(forgesyte_tests::zoo::GOOD_LIBRARY)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Puts a copy of `from` at `to` by a rename, as a build or `install`
+/// does (a library the host has mapped is never overwritten in place).
+fn replace_by_rename(from: &str, to: &Path) {
+    let partial = to.with_extension("partial");
+    std::fs::copy(from, &partial).unwrap();
+    std::fs::rename(&partial, to).unwrap();
+}
+
+fn state_of(server: &Forgesyte, name: &str) -> Option<Value> {
+    let reply = server.get(&format!("/v1/plugins/{name}/health"));
+    (reply.status == 200).then(|| reply.json())
+}
+
+fn served(server: &Forgesyte, name: &str, tool: &str) -> Reply {
+    server.run(name, tool, r#"{"args": {"x": 1}}"#)
+}
+
+#[test]
+fn sighup_serves_an_added_plugin_and_retires_a_removed_one() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    assert_eq!(served(&server, "beta", "echo").status, 404);
+
+    dir.good("beta", json!({}));
+    hangup(&server);
+    let reply = wait_for("beta served", Duration::from_secs(20), &server, || {
+        let reply = served(&server, "beta", "echo");
+        (reply.status == 200).then_some(reply)
+    });
+    assert_eq!(reply.json()["result"], json!({"x": 1}));
+
+    std::fs::remove_dir_all(dir.path().join("beta")).unwrap();
+    hangup(&server);
+    wait_for("beta gone", Duration::from_secs(20), &server, || {
+        (served(&server, "beta", "echo").status == 404).then_some(())
+    });
+    assert_eq!(server.get("/v1/plugins/beta/health").status, 404);
+    let listed = server.get("/v1/plugins").json();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["alpha"], "{listed}");
+    // Alpha never noticed.
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+    let log = wait_for(
+        "the rescan's log line",
+        Duration::from_secs(10),
+        &server,
+        || {
+            let log = server.log();
+            log.contains("Rescan (SIGHUP): 0 added, 0 changed, 0 retried, 1 removed, 1 unchanged")
+                .then_some(log)
+        },
+    );
+    assert!(
+        log.contains("Rescan (SIGHUP): 1 added, 0 changed, 0 retried, 0 removed, 1 unchanged"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_removed_plugin_is_gone_at_once_but_its_call_in_flight_completes() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).good("slow", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let addr = server.addr;
+    let call = std::thread::spawn(move || {
+        crate::support::http(
+            addr,
+            "POST",
+            "/v1/plugins/slow/tools/sleep/run",
+            br#"{"args": {"ms": 3000}}"#,
+        )
+    });
+    wait_for(
+        "the call in flight",
+        Duration::from_secs(10),
+        &server,
+        || state_of(&server, "slow").filter(|s| s["state"] == "RUNNING"),
+    );
+    std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
+    let rescan = std::thread::spawn(move || {
+        let bearer = format!("Bearer {TOKEN}");
+        http_with(
+            addr,
+            "POST",
+            "/v1/plugins/reload",
+            &[("Authorization", bearer.as_str())],
+            b"",
+        )
+    });
+    // New calls are refused at once, while the old one still runs.
+    wait_for("slow gone", Duration::from_secs(5), &server, || {
+        (served(&server, "slow", "echo").status == 404).then_some(())
+    });
+    assert!(!call.is_finished(), "the call in flight ended too early");
+    assert!(
+        !rescan.is_finished(),
+        "the rescan did not wait for the call"
+    );
+
+    let done = call.join().unwrap();
+    assert_eq!(done.status, 200, "{}", done.text());
+    assert_eq!(done.json()["result"], json!({"slept_ms": 3000}));
+    let report = rescan.join().unwrap();
+    assert_eq!(report.status, 200, "{}", report.text());
+    let report = report.json();
+    assert_eq!(report["removed"].as_array().unwrap().len(), 1, "{report}");
+    let removed = &report["removed"][0];
+    assert_eq!(removed["name"], "slow");
+    assert_eq!(removed["calls_in_flight"], 1, "{report}");
+    assert_eq!(removed["calls_cut_off"], 0, "{report}");
+    assert_eq!(report["unchanged"], json!(["alpha"]), "{report}");
+    assert_eq!(report["added"], json!([]));
+    assert_eq!(report["changed"], json!([]));
+    assert_eq!(report["loaded"], 1);
+    assert_eq!(report["plugins"][0]["name"], "alpha");
+}
+
+#[test]
+fn a_changed_python_plugin_restarts_with_its_new_source() {
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let before = served(&server, "py", "echo");
+    assert_eq!(before.status, 200, "{}", before.text());
+    assert_eq!(before.json()["result"], json!({"x": 1}));
+
+    let source = dir.path().join("py/plugin.py");
+    let text = std::fs::read_to_string(&source).unwrap();
+    let old = "    def echo(self, args):\n        return args\n";
+    assert!(text.contains(old), "the echo fixture changed shape");
+    let new = "    def echo(self, args):\n        return {\"changed\": args}\n";
+    std::fs::write(&source, text.replace(old, new)).unwrap();
+    hangup(&server);
+    wait_for(
+        "the new source answering",
+        Duration::from_secs(30),
+        &server,
+        || {
+            let reply = served(&server, "py", "echo");
+            (reply.status == 200 && reply.json()["result"] == json!({"changed": {"x": 1}}))
+                .then_some(())
+        },
+    );
+    assert!(
+        server.log().contains("1 changed"),
+        "no rescan logged: {}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_changed_in_process_library_serves_under_a_new_file_identity() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+    // The good library has no tool `ok`; the faulty one does.
+    assert_eq!(served(&server, "alpha", "ok").status, 404);
+
+    let library = dir.path().join("alpha").join(library_name());
+    replace_by_rename(forgesyte_tests::zoo::FAULTY_LIBRARY, &library);
+    hangup(&server);
+    let reply = wait_for(
+        "the new library answering",
+        Duration::from_secs(20),
+        &server,
+        || {
+            let reply = served(&server, "alpha", "ok");
+            (reply.status == 200).then_some(reply)
+        },
+    );
+    assert_eq!(reply.json()["result"], json!({"ok": true}));
+    let health = state_of(&server, "alpha").unwrap();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    let log = server.log();
+    assert!(
+        log.contains("opened again under a new file identity"),
+        "{log}"
+    );
+}
+
+#[test]
+fn watch_picks_up_a_new_plugin_without_a_signal() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--watch"]);
+    server.wait_loaded();
+    wait_for("the watcher", Duration::from_secs(10), &server, || {
+        server.log().contains("for plugin changes").then_some(())
+    });
+    dir.good("gamma", json!({}));
+    let reply = wait_for("gamma served", Duration::from_secs(20), &server, || {
+        let reply = served(&server, "gamma", "echo");
+        (reply.status == 200).then_some(reply)
+    });
+    assert_eq!(reply.json()["result"], json!({"x": 1}));
+    assert!(
+        server.log().contains("Rescan (watch): 1 added"),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_rescan_checks_integrity_pins_and_fails_a_changed_library() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let (code, out, err) = run_forgesyte(&["lock", dir.path_str()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+
+    let library = dir.path().join("alpha").join(library_name());
+    replace_by_rename(forgesyte_tests::zoo::FAULTY_LIBRARY, &library);
+    let now = forgesyte_loader::integrity::file_digest(&forgesyte_deps::RealFs, &library).unwrap();
+    hangup(&server);
+    let health = wait_for("alpha FAILED", Duration::from_secs(20), &server, || {
+        state_of(&server, "alpha").filter(|s| s["state"] == "FAILED")
+    });
+    let reason = health["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!(
+            "IntegrityError: sha256 of {} is {now}, the lock file ",
+            library_name()
+        )),
+        "{reason}"
+    );
+    assert_ne!(served(&server, "alpha", "echo").status, 200);
+}
