@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use forgesyte_loader::Isolation;
+use forgesyte_loader::{CallContext, Isolation};
 
 use crate::body::{RunInput, binary_arguments};
 use crate::error::RunError;
@@ -34,12 +34,23 @@ pub struct RunSuccess {
     pub processing_time_ms: f64,
 }
 
-/// Runs `tool` of `plugin` with `input`'s arguments.
+/// The context a tool call is made in: the request's id (`x-request-id`,
+/// set by the router's request-id layer when the client sent none) and its
+/// W3C `traceparent` when valid (an invalid one is dropped, never an
+/// error). Header values that are not visible ASCII are left out.
+pub(crate) fn call_context(headers: &axum::http::HeaderMap) -> CallContext {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    CallContext::new(text("x-request-id"), text("traceparent"))
+}
+
+/// Runs `tool` of `plugin` with `input`'s arguments, for a request whose
+/// context (request id, `traceparent`) is `context`.
 pub(crate) async fn run(
     state: &AppState,
     plugin: &str,
     tool: &str,
     input: RunInput,
+    context: CallContext,
 ) -> Result<RunSuccess, RunError> {
     let registry = state.registry();
     let Some(plugin_state) = registry.get_state(plugin) else {
@@ -88,12 +99,18 @@ pub(crate) async fn run(
     let call = {
         let handle = handle.clone();
         let tool = tool.to_owned();
+        // The request's span goes with the call to the pool's thread: the
+        // host's lines logged there (a plugin marked FAILED, ...) carry the
+        // request id.
+        let span = tracing::Span::current();
         state.calls().run(move || {
-            let refs: Vec<(&str, &[u8])> = attachments
-                .iter()
-                .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
-                .collect();
-            handle.call_with(&tool, &args, &refs)
+            span.in_scope(|| {
+                let refs: Vec<(&str, &[u8])> = attachments
+                    .iter()
+                    .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
+                    .collect();
+                handle.call_in(&tool, &args, &refs, &context)
+            })
         })
     };
     // One owner per timeout: an isolated plugin's handle times the call out

@@ -27,6 +27,8 @@
 //! - `installed`: installed Python plugins (entry points of group
 //!   `forgesyte.plugins`) through `check` and `serve`;
 //! - `integrity`: `forgesyte lock`, then changed plugins refused at load;
+//! - `trace`: request ids and `traceparent`s passed to plugins with their
+//!   calls and named in their log lines;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints.
 
@@ -62,3 +64,5 @@ mod router;
 mod scaffold;
 #[path = "api/startup.rs"]
 mod startup;
+#[path = "api/trace.rs"]
+mod trace;

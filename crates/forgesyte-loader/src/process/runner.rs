@@ -265,6 +265,8 @@ fn handle(
             tool,
             args,
             attachments,
+            // The C ABI (version 1) has no place for it.
+            context: _,
         } => {
             let Some(instance) = instance.get() else {
                 let e = ToolError::Protocol {
