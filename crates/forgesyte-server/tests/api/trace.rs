@@ -1,8 +1,9 @@
 //! Request ids and W3C `traceparent`s reach the plugins with their calls:
 //! a Python plugin sees them (`forgesyte_runner.current_call`) and its log
 //! lines of the call carry them in the server's log (`--log-format json`);
-//! an invalid `traceparent` is not passed on; the host's own lines logged
-//! during an in-process call carry the request's id.
+//! an invalid `traceparent` is not passed on; a native runner takes the
+//! context and serves the call; the host's own lines logged during an
+//! in-process call carry the request's id.
 
 use serde_json::{Value, json};
 
@@ -55,6 +56,7 @@ fn a_python_plugin_sees_the_request_id_and_traceparent_and_logs_with_them() {
     let dir = PluginsDir::new();
     dir.python("traced", "traced");
     dir.good("native", json!({}));
+    dir.good("isolated", json!({"isolation": "process"}));
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str()],
         &[("FORGESYTE_LOG_FORMAT", "json")],
@@ -126,6 +128,19 @@ fn a_python_plugin_sees_the_request_id_and_traceparent_and_logs_with_them() {
     assert_eq!(reply.json()["result"]["request_id"], made.as_str());
     let line = log_line(&server, |m| m.ends_with("whoami says third"));
     assert_eq!(line["fields"]["request_id"], made.as_str(), "{line}");
+
+    // A native runner takes the context with the call (and cannot pass it
+    // on: the C ABI has no place for it); the call is served as usual.
+    let reply = run_with(
+        &server,
+        "isolated",
+        "echo",
+        r#"{"args": {"x": 1}}"#,
+        &[("x-request-id", "abc-321"), ("traceparent", TRACEPARENT)],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["result"], json!({"x": 1}));
+    assert_eq!(reply.header("x-request-id"), Some("abc-321"));
 
     // In-process, the host's lines logged during the call (here: the plugin
     // marked FAILED after its tool panicked) carry the request's id.
