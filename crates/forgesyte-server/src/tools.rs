@@ -205,3 +205,44 @@ fn arguments(
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::call_context;
+
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_bytes(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn the_call_context_comes_from_the_request_id_and_a_valid_traceparent() {
+        let ctx = call_context(&headers(&[
+            ("x-request-id", b"abc-123"),
+            ("traceparent", TRACEPARENT.as_bytes()),
+        ]));
+        assert_eq!(ctx.request_id.as_deref(), Some("abc-123"));
+        assert_eq!(ctx.traceparent.as_deref(), Some(TRACEPARENT));
+        // An invalid traceparent is dropped; the id stays.
+        let ctx = call_context(&headers(&[
+            ("x-request-id", b"abc-123"),
+            (
+                "traceparent",
+                b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            ),
+        ]));
+        assert_eq!(ctx.request_id.as_deref(), Some("abc-123"));
+        assert_eq!(ctx.traceparent, None);
+        // A value that is not visible ASCII is left out, never an error.
+        let ctx = call_context(&headers(&[("x-request-id", b"caf\xc3\xa9")]));
+        assert!(ctx.is_empty(), "{ctx:?}");
+        assert!(call_context(&HeaderMap::new()).is_empty());
+    }
+}
