@@ -89,7 +89,8 @@ class Proc(object):
         self.stderr_chunks = []
         self.next_id = 1
         threading.Thread(target=self._read_frames, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def _read_frames(self):
         out = self.proc.stdout
@@ -192,7 +193,12 @@ class Proc(object):
         self.proc.stdin.close()
 
     def wait(self, timeout=TIMEOUT):
-        return self.proc.wait(timeout)
+        """The exit code, once the stderr the runner wrote is read (on a
+        loaded machine the reader thread may lag behind the exit; bounded,
+        as a child of the runner may hold stderr open)."""
+        code = self.proc.wait(timeout)
+        self._stderr_reader.join(2.0)
+        return code
 
 
 class RunnerTestCase(unittest.TestCase):
