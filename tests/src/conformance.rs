@@ -242,8 +242,9 @@ pub fn check_tools(r: &RunnerUnderTest) {
 /// once are each answered once, with their own id and result (in order
 /// unless the hello announced `concurrent_calls`; with a sleep tool, an
 /// announced concurrency is checked to be real); an unknown tool is a
-/// `tool_failed` of kind `UnknownTool` with the request's id; the runner
-/// serves calls after each.
+/// `tool_failed` of kind `UnknownTool` with the request's id; a call with
+/// a `context` (request id, `traceparent`, a field from a later revision)
+/// is answered as one without; the runner serves calls after each.
 pub fn check_call(r: &RunnerUnderTest) {
     let (mut s, capabilities) = Session::start("call", r);
     s.create(r);
@@ -300,6 +301,18 @@ pub fn check_call(r: &RunnerUnderTest) {
         let second = s.recv("the answer to the sleep");
         s.expect_kind(&second, "result", 300);
     }
+
+    let args = json!({"with": "a context"});
+    s.send(
+        &json!({"op": "call", "id": 402, "tool": r.echo_tool, "args": args, "context": {
+            "request_id": "abc-123",
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "from_a_later_revision": 1,
+        }}),
+        &[],
+    );
+    let reply = s.recv("the echo of a call with a context");
+    s.expect_result(&reply, 402, &args);
 
     s.call(400, NO_SUCH_TOOL, &json!({}), &[], &[]);
     let reply = s.recv("the answer to a call of an unknown tool");

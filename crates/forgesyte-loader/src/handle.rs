@@ -7,6 +7,7 @@ use forgesyte_errors::{PluginError, TimeoutError, ToolError};
 use forgesyte_registry::{PluginLifecycleState, Registry};
 use serde_json::Value;
 
+use crate::CallContext;
 use crate::host::{PluginInstance, ToolInfo};
 use crate::manifest::Isolation;
 use crate::slot::Slot;
@@ -165,6 +166,21 @@ impl PluginHandle {
         args: &Value,
         attachments: &[(&str, &[u8])],
     ) -> Result<Value, CallError> {
+        self.call_in(tool, args, attachments, &CallContext::default())
+    }
+
+    /// [`call_with`](Self::call_with) on behalf of a request: a plugin in a
+    /// runner gets `context` (request id, `traceparent`) with the call, and
+    /// its runner tags the plugin's log lines of the call with them. An
+    /// in-process plugin does not get it (the caller's own tracing span is
+    /// what tags log lines made on its thread).
+    pub fn call_in(
+        &self,
+        tool: &str,
+        args: &Value,
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<Value, CallError> {
         let name = &self.inner.slot.name;
         let registry = &self.inner.slot.registry;
         if !self.has_tool(tool) {
@@ -190,7 +206,7 @@ impl PluginHandle {
         let instance = self.inner.slot.current();
         let started = Instant::now();
         let outcome = instance
-            .call_with(tool, &args, attachments)
+            .call_in(tool, &args, attachments, context)
             .and_then(|bytes| {
                 serde_json::from_slice::<Value>(&bytes).map_err(|e| ToolError::Protocol {
                     detail: format!("result is not valid JSON: {e}"),

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use forgesyte_errors::{CrashCause, CrashError, ImportError, InitError, ToolError};
 
+use crate::CallContext;
+
 /// A tool as the loaded plugin describes it (authoritative over the
 /// manifest): the boundary's own tool spec.
 pub use forgesyte_protocol::ToolSpec as ToolInfo;
@@ -52,6 +54,21 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
         }
         let args = base64_into_json(args, attachments)?;
         self.call(tool, &args)
+    }
+
+    /// [`call_with`](Self::call_with) for a caller with a `context` (request
+    /// id, `traceparent`). A runner-hosted instance sends it with the call;
+    /// by default (an in-process plugin, whose ABI has no place for it) it
+    /// is not passed on.
+    fn call_in(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<Vec<u8>, ToolError> {
+        let _ = context;
+        self.call_with(tool, args, attachments)
     }
 
     /// The id of the process the instance lives in, when that is not the

@@ -85,6 +85,9 @@ mod supervise;
 pub mod fake;
 
 pub use entry_points::EntryPoint;
+/// Who a tool call is for (request id, W3C `traceparent`), passed to a
+/// plugin in a runner with the call: see [`PluginHandle::call_in`].
+pub use forgesyte_protocol::wire::CallContext;
 pub use handle::{CallError, PluginHandle};
 pub use host::{ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo};
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};

@@ -204,6 +204,8 @@ pub(crate) async fn plugin_tools(
     params(
         ("name" = String, Path, description = "Plugin name (registry key)"),
         ("tool" = String, Path, description = "Tool id"),
+        ("x-request-id" = Option<String>, Header, description = "The request's id, kept (else one is made); answered in `x-request-id`, passed to a plugin in a runner with the call and named in the plugin's log lines of the call"),
+        ("traceparent" = Option<String>, Header, description = "A W3C trace context (`00-<32 hex>-<16 hex>-<2 hex>`), passed to a plugin in a runner with the call; an invalid one is ignored"),
     ),
     request_body(content(
         (RunRequest = "application/json"),
@@ -230,7 +232,10 @@ pub(crate) async fn run_tool(
 ) -> Result<Response, ApiError> {
     let outcome = match body::received(body, state.body_limit()) {
         Ok(bytes) => match body::read(&headers, bytes).await {
-            Ok(input) => tools::run(&state, &plugin, &tool, input).await,
+            Ok(input) => {
+                let context = tools::call_context(&headers);
+                tools::run(&state, &plugin, &tool, input, context).await
+            }
             Err(e) => Err(e),
         },
         Err(e) => Err(e),

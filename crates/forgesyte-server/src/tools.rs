@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use forgesyte_loader::Isolation;
+use forgesyte_loader::{CallContext, Isolation};
 
 use crate::body::{RunInput, binary_arguments};
 use crate::error::RunError;
@@ -34,12 +34,23 @@ pub struct RunSuccess {
     pub processing_time_ms: f64,
 }
 
-/// Runs `tool` of `plugin` with `input`'s arguments.
+/// The context a tool call is made in: the request's id (`x-request-id`,
+/// set by the router's request-id layer when the client sent none) and its
+/// W3C `traceparent` when valid (an invalid one is dropped, never an
+/// error). Header values that are not visible ASCII are left out.
+pub(crate) fn call_context(headers: &axum::http::HeaderMap) -> CallContext {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    CallContext::new(text("x-request-id"), text("traceparent"))
+}
+
+/// Runs `tool` of `plugin` with `input`'s arguments, for a request whose
+/// context (request id, `traceparent`) is `context`.
 pub(crate) async fn run(
     state: &AppState,
     plugin: &str,
     tool: &str,
     input: RunInput,
+    context: CallContext,
 ) -> Result<RunSuccess, RunError> {
     let registry = state.registry();
     let Some(plugin_state) = registry.get_state(plugin) else {
@@ -88,12 +99,18 @@ pub(crate) async fn run(
     let call = {
         let handle = handle.clone();
         let tool = tool.to_owned();
+        // The request's span goes with the call to the pool's thread: the
+        // host's lines logged there (a plugin marked FAILED, ...) carry the
+        // request id.
+        let span = tracing::Span::current();
         state.calls().run(move || {
-            let refs: Vec<(&str, &[u8])> = attachments
-                .iter()
-                .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
-                .collect();
-            handle.call_with(&tool, &args, &refs)
+            span.in_scope(|| {
+                let refs: Vec<(&str, &[u8])> = attachments
+                    .iter()
+                    .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
+                    .collect();
+                handle.call_in(&tool, &args, &refs, &context)
+            })
         })
     };
     // One owner per timeout: an isolated plugin's handle times the call out
@@ -187,4 +204,45 @@ fn arguments(
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::call_context;
+
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_bytes(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn the_call_context_comes_from_the_request_id_and_a_valid_traceparent() {
+        let ctx = call_context(&headers(&[
+            ("x-request-id", b"abc-123"),
+            ("traceparent", TRACEPARENT.as_bytes()),
+        ]));
+        assert_eq!(ctx.request_id.as_deref(), Some("abc-123"));
+        assert_eq!(ctx.traceparent.as_deref(), Some(TRACEPARENT));
+        // An invalid traceparent is dropped; the id stays.
+        let ctx = call_context(&headers(&[
+            ("x-request-id", b"abc-123"),
+            (
+                "traceparent",
+                b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            ),
+        ]));
+        assert_eq!(ctx.request_id.as_deref(), Some("abc-123"));
+        assert_eq!(ctx.traceparent, None);
+        // A value that is not visible ASCII is left out, never an error.
+        let ctx = call_context(&headers(&[("x-request-id", b"caf\xc3\xa9")]));
+        assert!(ctx.is_empty(), "{ctx:?}");
+        assert!(call_context(&HeaderMap::new()).is_empty());
+    }
 }

@@ -30,6 +30,8 @@
 //! - `rescan`: hot reload through the binary (SIGHUP, the admin route,
 //!   `--watch`): plugins added, removed with a call in flight, changed
 //!   (Python, in-process native), and integrity pins on rescan;
+//! - `trace`: request ids and `traceparent`s passed to plugins with their
+//!   calls and named in their log lines;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints;
 //! - `sandbox`: confined runners (Python and isolated native) denied what
@@ -79,3 +81,5 @@ mod sandbox;
 mod scaffold;
 #[path = "api/startup.rs"]
 mod startup;
+#[path = "api/trace.rs"]
+mod trace;

@@ -675,7 +675,11 @@ fn read_stderr(shared: &Shared, stderr: impl Read) {
                 if text.is_empty() {
                     continue;
                 }
-                log_stderr_line(&shared.plugin, shared.pid, text);
+                let (tags, text) = forgesyte_protocol::wire::LogTags::split(text);
+                if text.is_empty() {
+                    continue;
+                }
+                log_stderr_line(&shared.plugin, shared.pid, tags, text);
                 let mut tail = shared.stderr_tail.lock();
                 if tail.len() == STDERR_TAIL_LINES {
                     tail.pop_front();
@@ -705,14 +709,31 @@ fn stderr_level(text: &str) -> (tracing::Level, &str) {
 }
 
 /// Logs one stderr line of a plugin's runner, tagged with the plugin, at
-/// the level the line carries.
-fn log_stderr_line(plugin: &str, pid: u32, text: &str) {
+/// the level the line carries, with the `request_id` and `trace_id` of the
+/// call it was made in when the runner tagged it (`tags`, taken off the
+/// line, `PROTOCOL.md` §8; the runner's word: a plugin could write such a
+/// tag itself).
+fn log_stderr_line(
+    plugin: &str,
+    pid: u32,
+    tags: Option<forgesyte_protocol::wire::LogTags>,
+    text: &str,
+) {
     const TARGET: &str = "forgesyte_loader::plugin_stderr";
+    let tags = tags.unwrap_or_default();
+    let request_id = tags.request_id.as_deref();
+    let trace_id = tags.trace_id.as_deref();
     match stderr_level(text) {
-        (tracing::Level::ERROR, line) => tracing::error!(target: TARGET, plugin, pid, "{line}"),
-        (tracing::Level::WARN, line) => tracing::warn!(target: TARGET, plugin, pid, "{line}"),
-        (tracing::Level::DEBUG, line) => tracing::debug!(target: TARGET, plugin, pid, "{line}"),
-        (_, line) => tracing::info!(target: TARGET, plugin, pid, "{line}"),
+        (tracing::Level::ERROR, line) => {
+            tracing::error!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
+        }
+        (tracing::Level::WARN, line) => {
+            tracing::warn!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
+        }
+        (tracing::Level::DEBUG, line) => {
+            tracing::debug!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
+        }
+        (_, line) => tracing::info!(target: TARGET, plugin, pid, request_id, trace_id, "{line}"),
     }
 }
 

@@ -58,6 +58,7 @@ use std::process::Command;
 use self::child::{Child, KillReason, SpawnError, SpawnOptions};
 use self::transport::Reply;
 use self::wire_error::WireErrorExt;
+use crate::CallContext;
 use crate::host::{ExitCallback, Importer, PluginInstance, PluginLibrary, ToolInfo};
 use crate::manifest::{Limits, PythonEntry};
 
@@ -561,6 +562,18 @@ impl ProcessInstance {
         args: &[u8],
         attachments: &[(&str, &[u8])],
     ) -> Result<Vec<u8>, ToolError> {
+        self.call_in(tool, args, attachments, &CallContext::default())
+    }
+
+    /// [`call_with`](Self::call_with) with the call's `context` (request
+    /// id, `traceparent`), sent in the call's `context` field unless empty.
+    pub fn call_in(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<Vec<u8>, ToolError> {
         let head = |id: u64| {
             let mut head = format!(r#"{{"op":"call","id":{id},"tool":"#).into_bytes();
             // A string always serialises.
@@ -569,6 +582,11 @@ impl ProcessInstance {
                 head.extend_from_slice(br#","attachments":"#);
                 let pointers: Vec<&str> = attachments.iter().map(|(p, _)| *p).collect();
                 let _ = serde_json::to_writer(&mut head, &pointers);
+            }
+            if !context.is_empty() {
+                head.extend_from_slice(br#","context":"#);
+                // Strings only: always serialises.
+                let _ = serde_json::to_writer(&mut head, context);
             }
             head.extend_from_slice(br#","args":"#);
             head
@@ -702,6 +720,16 @@ impl PluginInstance for ProcessInstance {
         attachments: &[(&str, &[u8])],
     ) -> Result<Vec<u8>, ToolError> {
         ProcessInstance::call_with(self, tool, args, attachments)
+    }
+
+    fn call_in(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<Vec<u8>, ToolError> {
+        ProcessInstance::call_in(self, tool, args, attachments, context)
     }
 
     fn stop(&self) {

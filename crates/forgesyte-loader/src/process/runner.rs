@@ -281,6 +281,8 @@ fn handle(
             tool,
             args,
             attachments,
+            // The C ABI (version 1) has no place for it.
+            context: _,
         } => {
             let Some(instance) = instance.get() else {
                 let e = ToolError::Protocol {

@@ -153,6 +153,7 @@ if __name__ == "__main__" and not _ZYGOTE:
 # ``dataclasses`` are imported where they are used, by the few plugins that
 # need them).
 import base64  # noqa: E402
+import contextvars  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -289,20 +290,104 @@ def watch_parent():
     threading.Thread(target=loop, name="forgesyte-parent-watch", daemon=True).start()
 
 
+# ---------------------------------------------------------------------------
+# The call's context
+# ---------------------------------------------------------------------------
+
+
+class CallContext(object):
+    """Who a tool call is for (PROTOCOL.md §5.4, ``context``): the HTTP
+    request's id and its W3C ``traceparent`` (with its ``trace_id``), each
+    ``None`` when the host sent none."""
+
+    __slots__ = ("request_id", "traceparent", "trace_id")
+
+    def __init__(self, request_id=None, traceparent=None):
+        self.request_id = request_id
+        self.traceparent = traceparent
+        # The host sends only valid ones: 00-<32 hex>-<16 hex>-<2 hex>.
+        self.trace_id = traceparent[3:35] if traceparent else None
+
+    def __repr__(self):
+        return "CallContext(request_id=%r, traceparent=%r)" % (self.request_id, self.traceparent)
+
+
+# Set for the duration of each call on the thread that runs it; asyncio
+# tasks of the call inherit it, and so do threads started with
+# ``contextvars.copy_context().run``.
+_CALL = contextvars.ContextVar("forgesyte_call", default=None)
+
+
+def current_call():
+    """The context of the tool call this code runs in (a ``CallContext``),
+    or ``None`` outside a call or when the host sent none. Plugins use it
+    as ``from forgesyte_runner import current_call``."""
+    return _CALL.get()
+
+
+def _call_context(message):
+    """The ``CallContext`` of a call message, or ``None``."""
+    context = message.get("context")
+    if context is None:
+        return None
+    request_id = context.get("request_id")
+    traceparent = context.get("traceparent")
+    if request_id is None and traceparent is None:
+        return None
+    return CallContext(request_id, traceparent)
+
+
+def _install_api():
+    """Makes ``import forgesyte_runner`` work in plugin code (before the
+    plugin's import): the runner's API for plugins, whichever way the
+    runner itself was started."""
+    api = types.ModuleType("forgesyte_runner")
+    api.__doc__ = "What the ForgeSyte Python runner offers plugins."
+    api.CallContext = CallContext
+    api.current_call = current_call
+    sys.modules["forgesyte_runner"] = api
+
+
+LOG_TAG_PREFIX = "@call "
+
+
+class _CallFilter(logging.Filter):
+    """Puts the call's ``request_id`` and ``trace_id`` on each record made
+    during a call (``None`` outside one), unless the record has them."""
+
+    def filter(self, record):
+        call = _CALL.get()
+        if not hasattr(record, "request_id"):
+            record.request_id = call.request_id if call is not None else None
+        if not hasattr(record, "trace_id"):
+            record.trace_id = call.trace_id if call is not None else None
+        return True
+
+
 class _StderrHandler(logging.Handler):
     """Each record as one stderr line ``LEVEL name: message``; the host logs
     stderr lines tagged with the plugin's name. Line breaks inside a record
-    (tracebacks) are folded into `` | ``."""
+    (tracebacks) are folded into `` | ``. A record made during a call
+    starts with the call's tags, ``@call {"request_id": ..., "trace_id":
+    ...} `` (PROTOCOL.md §8), which the host logs as fields."""
 
     def __init__(self):
         logging.Handler.__init__(self)
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.addFilter(_CallFilter())
 
     def emit(self, record):
         try:
             text = self.format(record)
             lines = [l.rstrip() for l in text.splitlines() if l.strip()]
             line = " | ".join(lines) + "\n"
+            tags = {}
+            for key in ("request_id", "trace_id"):
+                value = getattr(record, key, None)
+                if isinstance(value, str):
+                    tags[key] = value
+            if tags:
+                line = LOG_TAG_PREFIX + json.dumps(tags, separators=(",", ":")) + " " + line
             data = line.encode("utf-8", "backslashreplace")
             view = memoryview(data)
             while view:
@@ -476,6 +561,12 @@ def parse_request(header):
         pointers = message.get("attachments", [])
         if not isinstance(pointers, list) or not all(isinstance(p, str) for p in pointers):
             raise ProtocolError("malformed request: 'attachments' is not a list of strings")
+        context = message.get("context")
+        if context is not None and not (
+                isinstance(context, dict)
+                and all(isinstance(context.get(k), (str, type(None)))
+                        for k in ("request_id", "traceparent"))):
+            raise ProtocolError("malformed request: 'context' is not an object of strings")
     else:
         raise ProtocolError("malformed request: unknown op %r" % op)
     return message
@@ -1141,8 +1232,12 @@ class Runner(object):
             if request["op"] == "create":
                 self.create(rid, request["config"])
             else:
-                self.call(rid, request["tool"], request["args"],
-                          request.get("attachments", []), attachments)
+                token = _CALL.set(_call_context(request))
+                try:
+                    self.call(rid, request["tool"], request["args"],
+                              request.get("attachments", []), attachments)
+                finally:
+                    _CALL.reset(token)
         except BaseException as e:  # a bug of the runner's own
             _diag("internal error: %s" % "".join(traceback.format_exception(type(e), e, e.__traceback__)))
             error = wire_error("Protocol", "python runner: %s: %s" % (type(e).__name__, e))
@@ -1316,6 +1411,7 @@ def main(argv):
     if not _PARENT_DEATH_SIGNAL:
         watch_parent()
     setup_logging()
+    _install_api()
     wire = Wire(fd_in, fd_out)
     module = import_plugin(args)
     runner = Runner(args, wire, None)

@@ -89,7 +89,8 @@ class Proc(object):
         self.stderr_chunks = []
         self.next_id = 1
         threading.Thread(target=self._read_frames, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def _read_frames(self):
         out = self.proc.stdout
@@ -192,7 +193,12 @@ class Proc(object):
         self.proc.stdin.close()
 
     def wait(self, timeout=TIMEOUT):
-        return self.proc.wait(timeout)
+        """The exit code, once the stderr the runner wrote is read (on a
+        loaded machine the reader thread may lag behind the exit; bounded,
+        as a child of the runner may hold stderr open)."""
+        code = self.proc.wait(timeout)
+        self._stderr_reader.join(2.0)
+        return code
 
 
 class RunnerTestCase(unittest.TestCase):
@@ -377,6 +383,66 @@ class CallTests(RunnerTestCase):
         self.assertIn("echo: print() in __init__ goes to the log", err)
         self.assertIn("echo: a raw write to fd 1 goes to the log", err)
         self.assertIn("echo: print() in a tool goes to the log", err)
+
+
+class ContextTests(RunnerTestCase):
+    """A call's ``context`` (PROTOCOL.md §5.4) reaches the plugin through
+    ``forgesyte_runner.current_call`` and tags its log lines (§8)."""
+
+    TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+    def setUp(self):
+        self.p = self.start("traced")
+        self.p.start()
+
+    def whoami(self, say, context=None):
+        rid = self.p.next_id
+        self.p.next_id += 1
+        message = {"op": "call", "id": rid, "tool": "whoami", "args": {"say": say}}
+        if context is not None:
+            message["context"] = context
+        self.p.send(message)
+        header = self.p.recv_header()
+        self.assertEqual((header["id"], header["type"]), (rid, "result"), header)
+        return header["result"]
+
+    def log_line(self, say):
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline:
+            for line in self.p.stderr.splitlines():
+                if line.endswith("whoami says " + say):
+                    return line
+            time.sleep(0.01)
+        self.fail("no log line for %s in:\n%s" % (say, self.p.stderr))
+
+    def test_the_plugin_sees_the_context_and_its_log_lines_carry_it(self):
+        seen = self.whoami("one", {"request_id": "abc-123", "traceparent": self.TRACEPARENT})
+        expected = {"request_id": "abc-123", "traceparent": self.TRACEPARENT,
+                    "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}
+        self.assertEqual(seen["in_task"], expected)
+        self.assertEqual(seen["in_thread"], expected)
+        del seen["in_task"], seen["in_thread"]
+        self.assertEqual(seen, expected)
+        line = self.log_line("one")
+        prefix = '@call {"request_id":"abc-123","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"} '
+        self.assertEqual(line, prefix + "WARNING traced: whoami says one")
+
+    def test_without_a_context_nothing_is_seen_or_tagged(self):
+        seen = self.whoami("two")
+        nothing = {"request_id": None, "traceparent": None, "trace_id": None}
+        self.assertEqual(seen, dict(nothing, in_task=nothing, in_thread=nothing))
+        self.assertEqual(self.log_line("two"), "WARNING traced: whoami says two")
+        # A request id alone; the context ends with its call.
+        seen = self.whoami("three", {"request_id": 'a "quoted" id'})
+        self.assertEqual(seen["request_id"], 'a "quoted" id')
+        self.assertIsNone(seen["trace_id"])
+        self.assertEqual(self.log_line("three"),
+                         '@call {"request_id":"a \\"quoted\\" id"} WARNING traced: whoami says three')
+        self.assertEqual(self.whoami("four")["request_id"], None)
+
+    def test_a_context_that_is_not_an_object_of_strings_exits_65(self):
+        self.p.send({"op": "call", "id": 9, "tool": "whoami", "args": {}, "context": {"request_id": 7}})
+        self.assertEqual(self.p.wait(), 65)
 
 
 class LifecycleTests(RunnerTestCase):

@@ -20,6 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use crate::tool::ToolSpec;
+use crate::wire::context::CallContext;
 
 /// Id of the hello frame (requests start at 1).
 pub const HELLO_ID: u64 = 0;
@@ -47,6 +48,10 @@ pub enum Request {
         /// absent when the frame has no attachments.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         attachments: Vec<String>,
+        /// Who the call is for (request id, `traceparent`); absent when
+        /// there is nothing to say.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context: Option<CallContext>,
     },
 }
 
@@ -200,6 +205,7 @@ struct RequestEnvelope {
     args: Option<Box<RawValue>>,
     #[serde(default)]
     attachments: Vec<String>,
+    context: Option<CallContext>,
 }
 
 impl<'de> Deserialize<'de> for Request {
@@ -216,6 +222,7 @@ impl<'de> Deserialize<'de> for Request {
                 tool: e.tool.clone().ok_or_else(|| missing("tool"))?,
                 args: e.args.clone().ok_or_else(|| missing("args"))?,
                 attachments: e.attachments,
+                context: e.context,
             }),
             other => Err(D::Error::custom(format!("unknown op '{other}'"))),
         }
@@ -306,6 +313,7 @@ mod tests {
             tool: "echo".into(),
             args: raw(r#"{"text": "a \"b\"", "image": null}"#),
             attachments: vec!["/image".into()],
+            context: None,
         };
         let text = serde_json::to_string(&call).unwrap();
         assert_eq!(
@@ -327,6 +335,29 @@ mod tests {
         let text = serde_json::to_string(&create).unwrap();
         assert_eq!(text, r#"{"op":"create","id":1,"config":{"manifest":{}}}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap().id(), 1);
+        // The call's context: absent when none, kept when present; its
+        // unknown fields are ignored (a later host may say more).
+        assert!(matches!(
+            serde_json::from_str(r#"{"op":"call","id":1,"tool":"t","args":{}}"#).unwrap(),
+            Request::Call { context: None, .. }
+        ));
+        let traced = r#"{"op":"call","id":3,"tool":"t","args":{},"context":{"request_id":"abc-123","traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","baggage":"x"}}"#;
+        let Request::Call {
+            context: Some(context),
+            ..
+        } = serde_json::from_str(traced).unwrap()
+        else {
+            panic!("no context in {traced}")
+        };
+        assert_eq!(context.request_id.as_deref(), Some("abc-123"));
+        assert_eq!(context.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        // A context that is not an object of strings is a malformed call.
+        for bad in [
+            r#"{"op":"call","id":1,"tool":"t","args":{},"context":"abc"}"#,
+            r#"{"op":"call","id":1,"tool":"t","args":{},"context":{"request_id":7}}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
         // A present `null` is arguments (found by `any_request_round_trips`).
         let null: Request =
             serde_json::from_str(r#"{"op":"call","id":1,"tool":"t","args":null}"#).unwrap();
@@ -409,13 +440,24 @@ mod tests {
                 any::<u64>(),
                 strategies::text(),
                 args,
-                prop::collection::vec(strategies::text(), 0..3)
+                prop::collection::vec(strategies::text(), 0..3),
+                prop::option::of(
+                    (
+                        prop::option::of(strategies::text()),
+                        prop::option::of(strategies::text())
+                    )
+                        .prop_map(|(request_id, traceparent)| CallContext {
+                            request_id,
+                            traceparent
+                        })
+                ),
             )
-                .prop_map(|(id, tool, args, attachments)| Request::Call {
+                .prop_map(|(id, tool, args, attachments, context)| Request::Call {
                     id,
                     tool,
                     args,
-                    attachments
+                    attachments,
+                    context,
                 }),
         ]
     }

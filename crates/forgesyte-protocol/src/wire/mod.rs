@@ -9,9 +9,11 @@
 //! beyond what a reader is told. The host's transport is in the loader.
 
 pub mod attach;
+pub mod context;
 pub mod frame;
 pub mod message;
 
+pub use self::context::{CallContext, LOG_TAG_PREFIX, LogTags, valid_traceparent};
 pub use self::frame::{
     Frame, FrameError, MAX_FRAME_BYTES, read_body, read_frame, write_frame, write_frame_parts,
 };
@@ -166,6 +168,10 @@ pub(crate) mod strategies {
         "message",
         "versions",
         "traceback",
+        "context",
+        "request_id",
+        "traceparent",
+        "trace_id",
         "0",
         "",
         "a/b",

@@ -1,0 +1,157 @@
+//! Request ids and W3C `traceparent`s reach the plugins with their calls:
+//! a Python plugin sees them (`forgesyte_runner.current_call`) and its log
+//! lines of the call carry them in the server's log (`--log-format json`);
+//! an invalid `traceparent` is not passed on; a native runner takes the
+//! context and serves the call; the host's own lines logged during an
+//! in-process call carry the request's id.
+
+use serde_json::{Value, json};
+
+use crate::support::{Forgesyte, PluginsDir, Reply, http_with};
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+fn run_with(
+    server: &Forgesyte,
+    plugin: &str,
+    tool: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    http_with(
+        server.addr,
+        "POST",
+        &format!("/v1/plugins/{plugin}/tools/{tool}/run"),
+        headers,
+        body.as_bytes(),
+    )
+}
+
+/// The server's JSON log line whose message satisfies `matches`, waited
+/// for (a runner's stderr line is logged by another thread than the
+/// answer).
+fn log_line(server: &Forgesyte, matches: impl Fn(&str) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = server.log();
+        // An in-process plugin's panic message is the only line not JSON.
+        let found = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["fields"]["message"].as_str().is_some_and(&matches));
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no such line in:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_python_plugin_sees_the_request_id_and_traceparent_and_logs_with_them() {
+    let dir = PluginsDir::new();
+    dir.python("traced", "traced");
+    dir.good("native", json!({}));
+    dir.good("isolated", json!({"isolation": "process"}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_LOG_FORMAT", "json")],
+    );
+    server.wait_loaded();
+
+    let reply = run_with(
+        &server,
+        "traced",
+        "whoami",
+        r#"{"args": {"say": "first"}}"#,
+        &[("x-request-id", "abc-123"), ("traceparent", TRACEPARENT)],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-request-id"), Some("abc-123"));
+    let seen = &reply.json()["result"];
+    let expected =
+        json!({"request_id": "abc-123", "traceparent": TRACEPARENT, "trace_id": TRACE_ID});
+    for view in [&seen["in_task"], &seen["in_thread"]] {
+        assert_eq!(view, &expected, "{seen}");
+    }
+    assert_eq!(seen["request_id"], "abc-123", "{seen}");
+    assert_eq!(seen["traceparent"], TRACEPARENT, "{seen}");
+    let line = log_line(&server, |m| m.ends_with("whoami says first"));
+    assert_eq!(line["fields"]["request_id"], "abc-123", "{line}");
+    assert_eq!(line["fields"]["trace_id"], TRACE_ID, "{line}");
+    assert_eq!(line["fields"]["plugin"], "traced", "{line}");
+    assert_eq!(
+        line["fields"]["message"], "traced: whoami says first",
+        "{line}"
+    );
+    assert_eq!(line["level"], "WARN", "{line}");
+
+    // An invalid traceparent is ignored: the id alone goes on.
+    let reply = run_with(
+        &server,
+        "traced",
+        "whoami",
+        r#"{"args": {"say": "second"}}"#,
+        &[
+            ("x-request-id", "abc-456"),
+            (
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            ),
+        ],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = &reply.json()["result"];
+    assert_eq!(seen["request_id"], "abc-456", "{seen}");
+    assert_eq!(seen["traceparent"], Value::Null, "{seen}");
+    let line = log_line(&server, |m| m.ends_with("whoami says second"));
+    assert_eq!(line["fields"]["request_id"], "abc-456", "{line}");
+    assert!(line["fields"].get("trace_id").is_none(), "{line}");
+
+    // Without headers the plugin gets the id the server made and answered.
+    let reply = run_with(
+        &server,
+        "traced",
+        "whoami",
+        r#"{"args": {"say": "third"}}"#,
+        &[],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let made = reply
+        .header("x-request-id")
+        .expect("an x-request-id")
+        .to_owned();
+    assert_eq!(reply.json()["result"]["request_id"], made.as_str());
+    let line = log_line(&server, |m| m.ends_with("whoami says third"));
+    assert_eq!(line["fields"]["request_id"], made.as_str(), "{line}");
+
+    // A native runner takes the context with the call (and cannot pass it
+    // on: the C ABI has no place for it); the call is served as usual.
+    let reply = run_with(
+        &server,
+        "isolated",
+        "echo",
+        r#"{"args": {"x": 1}}"#,
+        &[("x-request-id", "abc-321"), ("traceparent", TRACEPARENT)],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["result"], json!({"x": 1}));
+    assert_eq!(reply.header("x-request-id"), Some("abc-321"));
+
+    // In-process, the host's lines logged during the call (here: the plugin
+    // marked FAILED after its tool panicked) carry the request's id.
+    let reply = run_with(
+        &server,
+        "native",
+        "panic",
+        "{}",
+        &[("x-request-id", "abc-789")],
+    );
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let line = log_line(&server, |m| m.starts_with("✗ Plugin FAILED: native"));
+    assert_eq!(line["span"]["request_id"], "abc-789", "{line}");
+}
