@@ -144,7 +144,12 @@ pub(crate) async fn reload_plugin(
     match outcome {
         Some(outcome) => {
             tracing::debug!(plugin = %outcome.name, state = %outcome.state.as_str(), reason = ?outcome.reason, "Reload finished");
-            Ok(json(StatusCode::OK, &ReloadOutcome::from(outcome)))
+            let outcome = ReloadOutcome::from(outcome);
+            let elapsed_ms = outcome.elapsed_ms;
+            state
+                .events()
+                .reload_finished("admin", std::slice::from_ref(&outcome), elapsed_ms);
+            Ok(json(StatusCode::OK, &outcome))
         }
         None => Err(ApiError::PluginNotFound { name }),
     }
@@ -183,5 +188,9 @@ pub(crate) async fn reload_all(
         context: format!("reload of every plugin failed: {e}"),
     })?;
     // The loader logs the summary.
-    Ok(json(StatusCode::OK, &ReloadReport::from(report)))
+    let report = ReloadReport::from(report);
+    state
+        .events()
+        .reload_finished("admin", &report.plugins, report.elapsed_ms);
+    Ok(json(StatusCode::OK, &report))
 }
