@@ -28,7 +28,12 @@
 //!   `forgesyte.plugins`) through `check` and `serve`;
 //! - `integrity`: `forgesyte lock`, then changed plugins refused at load;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
-//!   built and served as the command prints.
+//!   built and served as the command prints;
+//! - `events`: `GET /v1/events` (live changes, reload results, resuming
+//!   with `Last-Event-ID`, `reset`, the load pass, shutdown with a stream
+//!   open);
+//! - `dashboard`: the dashboard page in headless Chromium (through
+//!   chromedriver) against the binary.
 
 // Helpers outside #[test] functions may fail loudly too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,6 +49,8 @@ mod binary;
 mod concurrency;
 #[path = "api/connections.rs"]
 mod connections;
+#[path = "api/events.rs"]
+mod events;
 #[path = "api/hygiene.rs"]
 mod hygiene;
 #[path = "api/installed.rs"]
