@@ -49,6 +49,8 @@ mod binary;
 mod concurrency;
 #[path = "api/connections.rs"]
 mod connections;
+#[path = "api/dashboard.rs"]
+mod dashboard;
 #[path = "api/events.rs"]
 mod events;
 #[path = "api/hygiene.rs"]

@@ -14,6 +14,7 @@ const series = new Map();    // name -> [{t, ms}]
 const lastCalls = new Map(); // name -> success + error count at the last sample
 const open = new Set();
 let filter = '';
+const openedAt = Date.now();
 let search = '';
 
 const $ = (id) => document.getElementById(id);
@@ -41,6 +42,10 @@ function svg(tag, attrs) {
   for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
   return node;
 }
+
+// The charts' time span: since the page opened, at least a minute, at
+// most the five minutes kept.
+const span = () => Math.min(WINDOW_MS, Math.max(60 * 1000, Date.now() - openedAt));
 
 const pluginPath = (name) => '/v1/plugins/' + encodeURIComponent(name);
 
@@ -122,7 +127,7 @@ function sparkline(points) {
   const max = Math.max(...points.map((p) => p.ms), 0.001);
   const now = Date.now();
   const coords = points.map((p) => {
-    const x = width - ((now - p.t) / WINDOW_MS) * width;
+    const x = width - ((now - p.t) / span()) * width;
     const y = height - 2 - (p.ms / max) * (height - 4);
     return x.toFixed(1) + ',' + y.toFixed(1);
   });
@@ -235,14 +240,11 @@ function renderChart() {
   const drawn = [...series.entries()].filter(([name, points]) => points.length && plugins.has(name)).slice(0, COLORS.length);
   const max = Math.max(0.001, ...drawn.flatMap(([, points]) => points.map((p) => p.ms)));
   const parts = [svg('line', { x1: 0, y1: height - 1, x2: width, y2: height - 1, stroke: '#d0d7de' })];
-  const label = svg('text', { x: 4, y: 12, 'font-size': 10, fill: '#667085' });
-  label.textContent = 'max ' + max.toFixed(2) + ' ms';
-  parts.push(label);
-  const legend = [];
+  const legend = [el('span', { class: 'muted', text: `top ${max.toFixed(2)} ms · last ${Math.round(span() / 1000)} s` })];
   drawn.forEach(([name, points], i) => {
     const color = COLORS[i];
     const coords = points.map((p) => {
-      const x = width - ((now - p.t) / WINDOW_MS) * width;
+      const x = width - ((now - p.t) / span()) * width;
       const y = height - 4 - (p.ms / max) * (height - 20);
       return x.toFixed(1) + ',' + y.toFixed(1);
     });
@@ -251,11 +253,13 @@ function renderChart() {
     const title = svg('title');
     title.textContent = name;
     line.append(title);
+    line.setAttribute('vector-effect', 'non-scaling-stroke');
     parts.push(line);
     legend.push(el('span', {}, el('i', { style: 'background:' + color }), name));
   });
   chart.replaceChildren(...parts);
-  $('latency-legend').replaceChildren(...(legend.length ? legend : [el('span', { class: 'muted', text: 'No calls in the last 5 minutes.' })]));
+  if (drawn.length === 0) legend.push(el('span', { class: 'muted', text: 'no calls yet' }));
+  $('latency-legend').replaceChildren(...legend);
 }
 
 // ------------------------------------------------------- details, try it
@@ -338,7 +342,7 @@ function toolCard(name, tool) {
     }
   });
   return el('div', { class: 'tool', 'data-tool': tool.id },
-    el('h3', {}, tool.title || tool.id, ' ', el('code', { text: tool.id })),
+    el('h3', {}, el('code', { text: tool.id }), tool.title && tool.title !== tool.id ? ' ' + tool.title : null),
     tool.description ? el('p', { text: tool.description }) : null,
     el('details', {}, el('summary', { text: 'Input schema' }), el('pre', { text: JSON.stringify(tool.input_schema, null, 2) })),
     el('details', {}, el('summary', { text: 'Output schema' }), el('pre', { text: JSON.stringify(tool.output_schema, null, 2) })),

@@ -99,16 +99,6 @@ impl Stream {
             self.queue.extend(parse_events(&mut self.buffer));
         }
     }
-
-    /// The next event named `event`, skipping others.
-    async fn next_named(&mut self, event: &str) -> Sse {
-        loop {
-            let next = self.next().await;
-            if next.event == event {
-                return next;
-            }
-        }
-    }
 }
 
 #[tokio::test]
