@@ -340,7 +340,15 @@ impl TcpEvents {
 fn the_binary_streams_a_fault_and_shuts_down_with_a_stream_open() {
     let plugins = PluginsDir::new();
     plugins.good("alpha", json!({}));
-    let mut server = Forgesyte::start(&["--plugins", plugins.path_str()]);
+    // Short connection timeouts: a quiet stream outlives them.
+    let mut server = Forgesyte::start(&[
+        "--plugins",
+        plugins.path_str(),
+        "--idle-timeout",
+        "1",
+        "--header-read-timeout",
+        "1",
+    ]);
     server.wait_loaded();
     let (mut events, head) = TcpEvents::open(&server);
     assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -388,7 +396,9 @@ fn the_binary_streams_a_fault_and_shuts_down_with_a_stream_open() {
         (Some(1), Some(0))
     );
 
-    // A panicking tool makes the plugin FAILED: that is an event.
+    // A panicking tool makes the plugin FAILED: that is an event, on a
+    // stream that was quiet for longer than the connection timeouts.
+    std::thread::sleep(Duration::from_millis(2500));
     let reply = server.run("alpha", "panic", "{}");
     assert_eq!(reply.status, 502, "{}", reply.text());
     let event = events.next();
