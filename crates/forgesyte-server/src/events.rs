@@ -16,8 +16,9 @@
 //! [`Events::load_finished`]) and every reload ([`Events::reload_finished`],
 //! the one function each way of reloading calls) publish their own.
 //!
-//! It knows the registry's [`Change`] and the reload report, never the
-//! router, the loader or other handlers. Ids start at the process's start
+//! It knows the registry's [`Change`], never the router, the loader or
+//! the other handlers (a reload's report reaches it as any serialisable
+//! object). Ids start at the process's start
 //! time in microseconds since the Unix epoch, so a client's id from an
 //! earlier server process is always older than this one's buffer (and gets
 //! a `reset`), never mistaken for a recent event.
@@ -37,7 +38,6 @@ use futures_util::Stream;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::reload::ReloadOutcome;
 use crate::state::AppState;
 
 /// How many events the hub keeps for resuming clients.
@@ -139,16 +139,14 @@ struct LoadEvent {
     at_ms: u64,
 }
 
-/// The data of a `reload` event.
+/// The data of a `reload` event: the reload's report, with what asked
+/// for it.
 #[derive(Debug, Serialize)]
-struct ReloadEvent<'a> {
-    /// What asked for it: `admin` (a route), or what the caller names.
+struct ReloadEvent<'a, R: Serialize> {
+    /// `admin` (a route), or what the caller names.
     trigger: &'a str,
-    plugins: &'a [ReloadOutcome],
-    loaded: usize,
-    failed: usize,
-    unavailable: usize,
-    elapsed_ms: f64,
+    #[serde(flatten)]
+    report: &'a R,
     at_ms: u64,
 }
 
@@ -362,28 +360,17 @@ impl Events {
         );
     }
 
-    /// A reload ended: publishes its outcome as one `reload` event. Every
-    /// way of reloading (the admin routes, and whatever else triggers a
-    /// reload) calls this once per reload, naming itself in `trigger`.
-    pub(crate) fn reload_finished(
-        &self,
-        trigger: &str,
-        plugins: &[ReloadOutcome],
-        elapsed_ms: f64,
-    ) {
-        let count = |state: crate::wire::PluginStateJson| {
-            plugins.iter().filter(|p| p.state == state).count()
-        };
-        use crate::wire::PluginStateJson as S;
+    /// A reload ended: publishes its report (a JSON object: the reload
+    /// routes' `ReloadReport`) as one `reload` event, with `trigger` and
+    /// `at_ms` added. Every way of reloading (the admin routes, and
+    /// whatever else triggers a reload) calls this once per reload, naming
+    /// itself in `trigger`.
+    pub(crate) fn reload_finished(&self, trigger: &str, report: &impl Serialize) {
         self.publish(
             "reload",
             &ReloadEvent {
                 trigger,
-                plugins,
-                loaded: count(S::Initialized) + count(S::Running),
-                failed: count(S::Failed),
-                unavailable: count(S::Unavailable),
-                elapsed_ms,
+                report,
                 at_ms: now_ms(),
             },
         );

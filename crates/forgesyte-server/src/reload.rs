@@ -93,6 +93,20 @@ impl From<LoadReport> for ReloadReport {
     }
 }
 
+impl ReloadReport {
+    /// The report of a reload of one plugin.
+    pub(crate) fn of_one(outcome: ReloadOutcome) -> ReloadReport {
+        let is = |state: PluginStateJson| usize::from(outcome.state == state);
+        ReloadReport {
+            loaded: is(PluginStateJson::Initialized) + is(PluginStateJson::Running),
+            failed: is(PluginStateJson::Failed),
+            unavailable: is(PluginStateJson::Unavailable),
+            elapsed_ms: outcome.elapsed_ms,
+            plugins: vec![outcome],
+        }
+    }
+}
+
 /// Checks an admin request's token (and its address's recent wrong ones),
 /// logging a refusal with the caller's address.
 fn admit(state: &AppState, headers: &HeaderMap, peer: Peer) -> Result<(), ApiError> {
@@ -145,10 +159,9 @@ pub(crate) async fn reload_plugin(
         Some(outcome) => {
             tracing::debug!(plugin = %outcome.name, state = %outcome.state.as_str(), reason = ?outcome.reason, "Reload finished");
             let outcome = ReloadOutcome::from(outcome);
-            let elapsed_ms = outcome.elapsed_ms;
             state
                 .events()
-                .reload_finished("admin", std::slice::from_ref(&outcome), elapsed_ms);
+                .reload_finished("admin", &ReloadReport::of_one(outcome.clone()));
             Ok(json(StatusCode::OK, &outcome))
         }
         None => Err(ApiError::PluginNotFound { name }),
@@ -189,8 +202,6 @@ pub(crate) async fn reload_all(
     })?;
     // The loader logs the summary.
     let report = ReloadReport::from(report);
-    state
-        .events()
-        .reload_finished("admin", &report.plugins, report.elapsed_ms);
+    state.events().reload_finished("admin", &report);
     Ok(json(StatusCode::OK, &report))
 }
