@@ -395,3 +395,24 @@ fn the_dashboard_shows_states_and_follows_changes_live() {
     std::fs::write(&target, &png).unwrap();
     eprintln!("screenshot: {}", target.display());
 }
+
+#[tokio::test]
+async fn the_page_is_served_at_root_and_ui_with_a_same_origin_policy() {
+    let host = crate::support::fake_host(forgesyte_server::ServerConfig::default());
+    let root = crate::support::get(&host.app, "/").await;
+    let ui = crate::support::get(&host.app, "/ui").await;
+    for reply in [&root, &ui] {
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        let policy = reply.header("content-security-policy").unwrap_or_default();
+        assert!(
+            policy.starts_with("default-src 'none'; connect-src 'self'"),
+            "{policy}"
+        );
+        assert!(reply.text().contains("new EventSource('/v1/events')"));
+    }
+    assert_eq!(root.body, ui.body);
+}
