@@ -699,4 +699,42 @@ mod tests {
         );
         assert_eq!(kinds[5].1["loaded"], 1);
     }
+
+    #[test]
+    fn crashes_and_restarts_are_their_own_events() {
+        use forgesyte_registry::{ExitInfo, PluginInfo, Registry};
+        let hub = Events::starting_at(64, 1);
+        let registry = Registry::new();
+        registry.add_observer(hub.observer());
+        registry.register("iso", PluginInfo::default()).unwrap();
+        registry.mark_initialized("iso").unwrap();
+        let exit = ExitInfo {
+            description: Some("killed by signal SIGKILL (9)".into()),
+            signal: Some("SIGKILL".into()),
+            ..ExitInfo::default()
+        };
+        registry
+            .mark_crashed("iso", "CrashError: killed by signal SIGKILL", exit)
+            .unwrap();
+        registry.mark_restarting("iso").unwrap();
+        let events = match hub.since(2, 64) {
+            Since::Events(events) => events,
+            Since::Gap { .. } => panic!("gap"),
+        };
+        let crash: serde_json::Value = serde_json::from_str(&events[0].data).unwrap();
+        assert_eq!(events[0].kind, "crash");
+        assert_eq!(crash["change"], "crashed");
+        assert_eq!(
+            (&crash["from"], &crash["to"]),
+            (&json!("INITIALIZED"), &json!("FAILED"))
+        );
+        assert_eq!(crash["exit"], "killed by signal SIGKILL (9)");
+        let restart: serde_json::Value = serde_json::from_str(&events[1].data).unwrap();
+        assert_eq!(events[1].kind, "restart");
+        assert_eq!(
+            (&restart["to"], &restart["restart_count"]),
+            (&json!("LOADED"), &json!(1))
+        );
+        assert_eq!(events.len(), 2);
+    }
 }
