@@ -98,11 +98,18 @@ async function refreshList() {
   return list;
 }
 
+let renderQueued = false;
+function renderSoon() {
+  if (renderQueued) return;
+  renderQueued = true;
+  setTimeout(() => { renderQueued = false; render(); }, 50);
+}
+
 async function refreshHealth(name) {
   try {
     const health = await getJSON(pluginPath(name) + '/health');
     merge(health);
-    render();
+    renderSoon();
   } catch (e) {
     // Gone meanwhile: the next list refresh removes it.
   }
@@ -110,7 +117,12 @@ async function refreshHealth(name) {
 
 async function refreshAll() {
   const list = await refreshList();
-  await Promise.all(list.map((p) => refreshHealth(p.name)));
+  // Each plugin's health (journal, runtime, isolation), eight at a time.
+  const names = list.map((p) => p.name);
+  const worker = async () => {
+    while (names.length) await refreshHealth(names.shift());
+  };
+  await Promise.all(Array.from({ length: 8 }, worker));
   for (const name of open) loadTools(name);
 }
 
