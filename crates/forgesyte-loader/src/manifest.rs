@@ -42,6 +42,16 @@ pub enum Runtime {
     Python,
 }
 
+impl Isolation {
+    /// `in-process` / `process`, as the manifest spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::InProcess => "in-process",
+            Isolation::Process => "process",
+        }
+    }
+}
+
 impl Runtime {
     /// `native` / `python`.
     pub fn as_str(self) -> &'static str {

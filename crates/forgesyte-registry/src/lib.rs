@@ -73,6 +73,15 @@
 //! reason while there) also lands in the per-plugin failure journal
 //! ([`Registry::journal`], the last [`JOURNAL_LEN`] entries).
 //!
+//! # Observers
+//!
+//! [`Registry::add_observer`] hooks an [`Observer`] that is told of every
+//! registration, state change, new reason, recorded crash and supervisor
+//! restart as a [`Change`] (plugin, old and new state, reason, restart
+//! count, exit, generation), in publication order, from inside the write.
+//! The registry knows nothing of who listens; the server builds its event
+//! stream (`GET /v1/events`) on it.
+//!
 //! # Snapshots: readers never wait on writers
 //!
 //! Each plugin's entry is immutable and published in its own
@@ -125,11 +134,13 @@
 //! ```
 
 mod error;
+mod observe;
 mod registry;
 mod state;
 mod status;
 
 pub use error::RegistryError;
+pub use observe::{Change, ChangeKind, Observer};
 pub use registry::{CallGuard, Registry, Snapshot};
 pub use state::{ParseStateError, PluginLifecycleState};
 pub use status::{

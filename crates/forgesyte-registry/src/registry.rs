@@ -11,10 +11,11 @@ use chrono::{DateTime, Utc};
 use forgesyte_errors::{LoadError, PluginError};
 use parking_lot::Mutex;
 
+use crate::observe::Observers;
 use crate::status::{Entry, rfc3339};
 use crate::{
-    ExitInfo, JournalEntry, PluginInfo, PluginLifecycleState, PluginStatus, RegistryError,
-    Transition,
+    Change, ChangeKind, ExitInfo, JournalEntry, Observer, PluginInfo, PluginLifecycleState,
+    PluginStatus, RegistryError, Transition,
 };
 
 /// One plugin's published, immutable entry; a write replaces it whole.
@@ -34,9 +35,10 @@ struct Inner {
 /// What every clone of a [`Registry`] shares.
 #[derive(Debug)]
 struct Shared {
-    /// The one write lock. Held only while an entry is cloned, changed and
-    /// published; never while anything slow runs.
-    write: Mutex<()>,
+    /// The one write lock, guarding the observers told of each write. Held
+    /// only while an entry is cloned, changed and published and the
+    /// observers are told; never while anything slow runs.
+    write: Mutex<Observers>,
     /// The registered plugins; readers load it without taking `write`.
     current: ArcSwap<Inner>,
     /// Bumped after every successful write.
@@ -77,11 +79,19 @@ impl Registry {
     pub fn new() -> Self {
         Registry {
             shared: Arc::new(Shared {
-                write: Mutex::new(()),
+                write: Mutex::new(Observers::default()),
                 current: ArcSwap::from_pointee(Inner::default()),
                 generation: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Adds an observer, told of every later change (registration, state,
+    /// reason, crash, restart) under the write lock, in publication order;
+    /// see [`Observer`] for what it may do. Observers cannot be removed;
+    /// they live as long as the registry.
+    pub fn add_observer(&self, observer: Arc<dyn Observer>) {
+        self.shared.write.lock().push(observer);
     }
 
     /// Registers a plugin in state `LOADED`.
@@ -91,7 +101,7 @@ impl Registry {
     /// [`RegistryError::AlreadyRegistered`] when the name is taken; the
     /// registered plugin is left exactly as it was.
     pub fn register(&self, name: &str, info: PluginInfo) -> Result<(), RegistryError> {
-        let _write = self.shared.write.lock();
+        let observers = self.shared.write.lock();
         let current = self.shared.current.load_full();
         if current.plugins.contains_key(name) || current.retiring.contains_key(name) {
             return Err(RegistryError::AlreadyRegistered {
@@ -105,7 +115,19 @@ impl Registry {
             plugins,
             retiring: current.retiring.clone(),
         }));
-        self.shared.generation.fetch_add(1, Ordering::Release);
+        let generation = self.shared.generation.fetch_add(1, Ordering::Release) + 1;
+        if !observers.is_empty() {
+            observers.tell(&Change {
+                plugin: name,
+                kind: ChangeKind::Registered,
+                from: None,
+                to: PluginLifecycleState::Loaded,
+                reason: None,
+                restart_count: 0,
+                exit: None,
+                generation,
+            });
+        }
         Ok(())
     }
 
@@ -199,7 +221,7 @@ impl Registry {
     /// [`RegistryError::NotFound`], or [`RegistryError::NotAvailable`] when
     /// the plugin is neither `INITIALIZED` nor `RUNNING`.
     pub fn mark_running(&self, name: &str) -> Result<(), RegistryError> {
-        self.update_in(name, false, |entry, now| {
+        self.write(name, false, false, |entry, now| {
             if !entry.state.is_available() {
                 return Err(RegistryError::NotAvailable {
                     name: name.to_owned(),
@@ -447,7 +469,7 @@ impl Registry {
         exit: ExitInfo,
     ) -> Result<(), RegistryError> {
         let reason: Arc<str> = Arc::from(reason.into());
-        self.update(name, |entry, now| {
+        self.write(name, true, true, |entry, now| {
             let target = PluginLifecycleState::Failed;
             if entry.state != target {
                 let next = entry.state.transition(target)?;
@@ -679,32 +701,62 @@ impl Registry {
         name: &str,
         change: impl FnOnce(&mut Entry, DateTime<Utc>) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
-        self.update_in(name, true, change)
+        self.write(name, true, false, change)
     }
 
     /// [`update`](Self::update), finding plugins being retired only when
-    /// `retiring` says so.
-    fn update_in(
+    /// `retiring` says so; then the observers are told what changed
+    /// (`crashed`: the write records a process's end).
+    fn write(
         &self,
         name: &str,
         retiring: bool,
+        crashed: bool,
         change: impl FnOnce(&mut Entry, DateTime<Utc>) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
-        let _write = self.shared.write.lock();
+        let observers = self.shared.write.lock();
         let current = self.shared.current.load();
-        let found = current
-            .plugins
-            .get(name)
-            .or_else(|| retiring.then(|| current.retiring.get(name)).flatten());
-        let Some(slot) = found else {
+        let found = current.plugins.get_key_value(name).or_else(|| {
+            retiring
+                .then(|| current.retiring.get_key_value(name))
+                .flatten()
+        });
+        let Some((key, slot)) = found else {
             return Err(RegistryError::NotFound {
                 name: name.to_owned(),
             });
         };
-        let mut changed = Entry::clone(&slot.load());
+        let before = slot.load_full();
+        let mut changed = Entry::clone(&before);
         change(&mut changed, Utc::now())?;
-        slot.store(Arc::new(changed));
-        self.shared.generation.fetch_add(1, Ordering::Release);
+        let after = Arc::new(changed);
+        slot.store(Arc::clone(&after));
+        let generation = self.shared.generation.fetch_add(1, Ordering::Release) + 1;
+        if !observers.is_empty() {
+            let kind = if after.restart_count > before.restart_count {
+                Some(ChangeKind::Restarting)
+            } else if crashed {
+                Some(ChangeKind::Crashed)
+            } else if after.state != before.state {
+                Some(ChangeKind::State)
+            } else if after.reason != before.reason {
+                Some(ChangeKind::Reason)
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                observers.tell(&Change {
+                    plugin: key,
+                    kind,
+                    from: Some(before.state),
+                    to: after.state,
+                    reason: after.reason.as_deref(),
+                    restart_count: after.restart_count,
+                    exit: after.last_exit_reason.as_deref(),
+                    generation,
+                });
+            }
+        }
         Ok(())
     }
 }

@@ -49,6 +49,16 @@ pub struct PluginHealth {
     /// The last moves into FAILED or UNAVAILABLE and the supervisor's
     /// restarts, oldest first (an addition to SPEC §5).
     pub journal: Vec<JournalEntryJson>,
+    /// What runs the plugin's code: `native` or `python`; null when its
+    /// manifest was invalid.
+    #[schema(required = true)]
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// Where it runs: `in-process` or `process` (Python plugins always in
+    /// a process); null when its manifest was invalid.
+    #[schema(required = true)]
+    #[serde(default)]
+    pub isolation: Option<String>,
 }
 
 /// Server health and the number of plugins available.
@@ -130,10 +140,15 @@ pub(crate) async fn plugin_health(
 ) -> Result<Json<PluginHealth>, ApiError> {
     // One entry read: the status and the journal agree.
     match state.registry().status_with_journal(&name) {
-        Some((status, journal)) => Ok(Json(PluginHealth {
-            status: status.into(),
-            journal: journal.into_iter().map(JournalEntryJson::from).collect(),
-        })),
+        Some((status, journal)) => {
+            let placement = state.loader().placement(&name);
+            Ok(Json(PluginHealth {
+                status: status.into(),
+                journal: journal.into_iter().map(JournalEntryJson::from).collect(),
+                runtime: placement.map(|(r, _)| r.as_str().to_owned()),
+                isolation: placement.map(|(_, i)| i.as_str().to_owned()),
+            }))
+        }
         None => Err(ApiError::PluginNotFound { name }),
     }
 }

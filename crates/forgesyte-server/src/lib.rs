@@ -85,6 +85,7 @@ mod config;
 mod conn;
 mod docs;
 mod error;
+mod events;
 mod extract;
 mod pool;
 mod probes;
@@ -95,6 +96,7 @@ mod router;
 mod server;
 mod state;
 mod tools;
+mod ui;
 mod wire;
 
 pub use admin::AdminToken;

@@ -143,6 +143,25 @@ impl From<RescanReport> for ReloadReport {
     }
 }
 
+impl ReloadReport {
+    /// The report of a reload of one plugin.
+    pub(crate) fn of_one(outcome: ReloadOutcome) -> ReloadReport {
+        let is = |state: PluginStateJson| usize::from(outcome.state == state);
+        ReloadReport {
+            loaded: is(PluginStateJson::Initialized) + is(PluginStateJson::Running),
+            failed: is(PluginStateJson::Failed),
+            unavailable: is(PluginStateJson::Unavailable),
+            elapsed_ms: outcome.elapsed_ms,
+            changed: vec![outcome.name.clone()],
+            added: Vec::new(),
+            retried: Vec::new(),
+            unchanged: Vec::new(),
+            removed: Vec::new(),
+            plugins: vec![outcome],
+        }
+    }
+}
+
 /// Checks an admin request's token (and its address's recent wrong ones),
 /// logging a refusal with the caller's address.
 fn admit(state: &AppState, headers: &HeaderMap, peer: Peer) -> Result<(), ApiError> {
@@ -194,7 +213,11 @@ pub(crate) async fn reload_plugin(
     match outcome {
         Some(outcome) => {
             tracing::debug!(plugin = %outcome.name, state = %outcome.state.as_str(), reason = ?outcome.reason, "Reload finished");
-            Ok(json(StatusCode::OK, &ReloadOutcome::from(outcome)))
+            let outcome = ReloadOutcome::from(outcome);
+            state
+                .events()
+                .reload_finished("admin", &ReloadReport::of_one(outcome.clone()));
+            Ok(json(StatusCode::OK, &outcome))
         }
         None => Err(ApiError::PluginNotFound { name }),
     }

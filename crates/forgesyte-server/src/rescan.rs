@@ -29,7 +29,8 @@ const WAIT_FOR_CLAIM: Duration = Duration::from_secs(600);
 const IGNORED: [&str; 3] = ["__pycache__", ".pytest_cache", ".git"];
 
 /// Runs the loader's rescan on the blocking pool under `guard` (released
-/// when it ends, even if the caller went away) and logs its result.
+/// when it ends, even if the caller went away), logs its result and
+/// publishes it on the event stream (`reload`, with the trigger).
 pub(crate) async fn rescan(
     state: &AppState,
     guard: AdminGuard,
@@ -54,6 +55,7 @@ pub(crate) async fn rescan(
         removed = ?report.removed.iter().map(|r| &r.name).collect::<Vec<_>>(),
         "Rescan ({trigger}): {summary}"
     );
+    state.events().reload_finished(trigger, &report);
     Ok(report)
 }
 

@@ -28,7 +28,7 @@ use utoipa_axum::routes;
 use crate::docs::{self, Published};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{api, probes, reload};
+use crate::{api, events, probes, reload, ui};
 
 /// The parts of the document that are not routes: title, tags, security.
 #[derive(OpenApi)]
@@ -86,6 +86,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(probes::readyz))
         .routes(routes!(docs::openapi_json))
         .routes(routes!(docs::docs_page))
+        .routes(routes!(events::events))
+        .routes(routes!(ui::dashboard_root))
+        .routes(routes!(ui::dashboard_ui))
 }
 
 /// The HTTP app over `state`: every route of SPEC §5, the probes
@@ -259,6 +262,15 @@ mod tests {
             .unwrap();
         let response = app.clone().oneshot(request).await.unwrap();
         let status = response.status();
+        // An event stream never ends: its head is the answer.
+        if response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            == Some("text/event-stream")
+        {
+            return (status, serde_json::json!({"stream": true}));
+        }
         let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
@@ -406,6 +418,8 @@ mod tests {
                 .into_iter()
                 .map(JournalEntryJson::from)
                 .collect(),
+            runtime: Some("native".into()),
+            isolation: Some("process".into()),
         };
         let value = serde_json::to_value(&health).unwrap();
         let real: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();

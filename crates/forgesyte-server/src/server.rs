@@ -167,6 +167,9 @@ impl Server {
                 // From here on a plugin process that ends is recorded, never
                 // restarted; the plugins keep serving the calls in flight.
                 state.loader().shutdown();
+                // Event streams never end by themselves: end them so the
+                // drain does not wait the whole grace for them.
+                state.events().close();
                 let _ = stop_tx.send(());
                 match tokio::time::timeout(config.shutdown_grace, &mut server).await {
                     Ok(ended) => flatten(ended),
@@ -198,12 +201,20 @@ fn flatten(ended: Result<io::Result<()>, tokio::task::JoinError>) -> Result<(), 
 /// state says `loading` until it ends, whatever happens to it.
 fn start_loading(state: &AppState, plugins_dir: PathBuf) {
     state.set_loading(true);
+    state.events().load_started();
     let loader = Arc::clone(state.loader());
     let state = state.clone();
     tokio::spawn(async move {
         let dir = plugins_dir.clone();
         let pass = tokio::task::spawn_blocking(move || loader.load_all(&dir)).await;
         state.set_loading(false);
+        match &pass {
+            Ok(report) => state.events().load_finished(
+                Some((report.loaded(), report.failed(), report.unavailable())),
+                report.elapsed_ms,
+            ),
+            Err(_) => state.events().load_finished(None, 0.0),
+        }
         match pass {
             Ok(report) => tracing::info!(
                 loaded = report.loaded(),

@@ -14,6 +14,7 @@ use forgesyte_registry::Registry;
 use crate::admin::AdminGate;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::events::{EVENT_BUFFER, Events};
 use crate::pool::CallPool;
 use crate::wire::PluginStatusJson;
 
@@ -49,6 +50,8 @@ struct Inner {
     /// Tool calls in progress per plugin, and their bound.
     call_slots: Mutex<HashMap<String, usize>>,
     max_calls_per_plugin: usize,
+    /// The event stream's hub (`GET /v1/events`), fed by the registry.
+    events: Arc<Events>,
 }
 
 /// How long a serialised plugin list may be served again while the registry
@@ -67,6 +70,8 @@ impl AppState {
     /// State over `loader`, with the call timeout and body limit of `config`.
     pub fn new(loader: Arc<Loader>, config: &ServerConfig) -> Self {
         let registry = loader.registry().clone();
+        let events = Events::new(EVENT_BUFFER);
+        registry.add_observer(events.observer());
         AppState {
             inner: Arc::new(Inner {
                 loader,
@@ -82,6 +87,7 @@ impl AppState {
                 calls: CallPool::new(),
                 call_slots: Mutex::new(HashMap::new()),
                 max_calls_per_plugin: config.max_calls_per_plugin,
+                events,
             }),
         }
     }
@@ -155,6 +161,11 @@ impl AppState {
             body: body.clone(),
         })));
         Ok(body)
+    }
+
+    /// The event stream's hub.
+    pub(crate) fn events(&self) -> &Arc<Events> {
+        &self.inner.events
     }
 
     /// Where tool calls run (off the async runtime).

@@ -39,7 +39,12 @@
 //! - `config`: the config file and `forgesyte config --print` (each layer
 //!   beats the next: flag, env, file, default; bad files exit 2);
 //! - `deploy`: the Dockerfile and `deploy/kubernetes/` checked against the
-//!   binary (options, config keys, ports, probe and scrape paths).
+//!   binary (options, config keys, ports, probe and scrape paths);
+//! - `events`: `GET /v1/events` (live changes, reload results, resuming
+//!   with `Last-Event-ID`, `reset`, the load pass, shutdown with a stream
+//!   open);
+//! - `dashboard`: the dashboard page in headless Chromium (through
+//!   chromedriver) against the binary.
 
 // Helpers outside #[test] functions may fail loudly too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -57,8 +62,12 @@ mod concurrency;
 mod config;
 #[path = "api/connections.rs"]
 mod connections;
+#[path = "api/dashboard.rs"]
+mod dashboard;
 #[path = "api/deploy.rs"]
 mod deploy;
+#[path = "api/events.rs"]
+mod events;
 #[path = "api/hygiene.rs"]
 mod hygiene;
 #[path = "api/installed.rs"]

@@ -173,6 +173,10 @@ impl Loader {
                 raw,
                 optional,
                 handle: None,
+                placement: outcome
+                    .as_ref()
+                    .ok()
+                    .map(|m| (m.runtime, m.declared_isolation)),
             },
         );
         self.entry_points.write().insert(name.clone(), ep.clone());

@@ -16,7 +16,7 @@ use crate::entry_points::EntryPoint;
 use crate::handle::PluginHandle;
 use crate::host::Importer;
 use crate::identity::Identities;
-use crate::manifest::{Isolation, Manifest};
+use crate::manifest::{Isolation, Manifest, Runtime};
 use crate::native::NativeImporter;
 use crate::supervise::{Clock, ShutdownFlag, SystemClock};
 
@@ -27,6 +27,8 @@ pub(super) struct Entry {
     pub(super) raw: Option<Arc<Value>>,
     pub(super) optional: bool,
     pub(super) handle: Option<PluginHandle>,
+    /// The manifest's runtime and declared isolation, when it was valid.
+    pub(super) placement: Option<(Runtime, Option<Isolation>)>,
 }
 
 /// Loads plugin directories into a [`Registry`] and owns the live instances.
@@ -115,6 +117,18 @@ impl Loader {
     /// A handle on the loaded instance of `name`, if it was instantiated.
     pub fn handle(&self, name: &str) -> Option<PluginHandle> {
         self.entries.read().get(name)?.handle.clone()
+    }
+
+    /// What runs `name` and where, from its manifest and the loader's
+    /// default isolation: Python plugins always in a process of their
+    /// own; `None` when it is not registered or its manifest was invalid.
+    pub fn placement(&self, name: &str) -> Option<(Runtime, Isolation)> {
+        let (runtime, declared) = self.entries.read().get(name)?.placement?;
+        let isolation = match runtime {
+            Runtime::Python => Isolation::Process,
+            Runtime::Native => declared.unwrap_or(self.config.default_isolation),
+        };
+        Some((runtime, isolation))
     }
 
     /// The manifest of `name` as read (unknown fields kept), if it was valid JSON.

@@ -72,6 +72,10 @@ impl Loader {
                 raw,
                 optional,
                 handle: None,
+                placement: outcome
+                    .as_ref()
+                    .ok()
+                    .map(|m| (m.runtime, m.declared_isolation)),
             },
         );
         match outcome {

@@ -482,8 +482,9 @@ async fn oversized_body_is_413_in_the_failure_shape() {
 #[tokio::test]
 async fn unknown_routes_are_404_json() {
     let host = host();
+    // `/` is the dashboard.
     for uri in [
-        "/",
+        "/ui/x",
         "/nope",
         "/v1",
         "/v1/plugins/good",

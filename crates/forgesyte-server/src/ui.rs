@@ -1,0 +1,85 @@
+//! The dashboard, `GET /` and `GET /ui`: one self-contained HTML page
+//! (markup, style and script from `ui/` beside this crate, embedded at
+//! build time) that shows every plugin's state and updates live from
+//! `GET /v1/events`.
+//!
+//! This module owns only the page and its headers. It must not know the
+//! API's data: the page's script reads the public JSON routes like any
+//! client (`/v1/plugins`, per-plugin health and tools, the run route). The
+//! page loads nothing from anywhere else (the machine may be offline), and
+//! its Content-Security-Policy forbids it to.
+
+use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, X_CONTENT_TYPE_OPTIONS};
+use axum::response::{Html, IntoResponse};
+
+/// The page: markup, then its style and script inlined.
+const PAGE: &str = concat!(
+    include_str!("../ui/dashboard.html"),
+    "<style>\n",
+    include_str!("../ui/dashboard.css"),
+    "</style>\n<script>\n",
+    include_str!("../ui/dashboard.js"),
+    "</script>\n</body>\n</html>\n"
+);
+
+/// Only this origin's routes; inline style and script are the page's own.
+const CSP: &str = "default-src 'none'; connect-src 'self'; img-src 'self' data:; \
+                   style-src 'unsafe-inline'; script-src 'unsafe-inline'; \
+                   base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+fn page() -> impl IntoResponse {
+    (
+        [
+            (CONTENT_SECURITY_POLICY, CSP),
+            (X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        Html(PAGE),
+    )
+}
+
+/// The dashboard: every plugin's state, live (self-contained HTML).
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "server",
+    responses((status = 200, description = "The dashboard page (the same as `/ui`)", content_type = "text/html"))
+)]
+pub(crate) async fn dashboard_root() -> impl IntoResponse {
+    page()
+}
+
+/// The dashboard: every plugin's state, live (self-contained HTML).
+#[utoipa::path(
+    get,
+    path = "/ui",
+    tag = "server",
+    responses((status = 200, description = "The dashboard page", content_type = "text/html"))
+)]
+pub(crate) async fn dashboard_ui() -> impl IntoResponse {
+    page()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_is_whole_and_loads_nothing_from_elsewhere() {
+        assert!(PAGE.starts_with("<!DOCTYPE html>"));
+        assert!(PAGE.trim_end().ends_with("</html>"));
+        assert_eq!(PAGE.matches("<script").count(), 1, "one inline script");
+        assert!(!PAGE.contains(" src="), "no external script or image");
+        assert!(!PAGE.contains("<link"), "no external stylesheet");
+        // The SVG namespace name is an identifier, never fetched.
+        let urls = PAGE.replace("'http://www.w3.org/2000/svg'", "");
+        assert!(!urls.contains("http://") && !urls.contains("https://"));
+        assert!(!PAGE.contains("//cdn") && !PAGE.contains("@import"));
+        for route in ["/v1/events", "/v1/plugins", "/health", "/tools", "/run"] {
+            assert!(PAGE.contains(route), "the page never uses {route}");
+        }
+        // Text from the server is never parsed as HTML.
+        assert!(!PAGE.contains("innerHTML") && !PAGE.contains("outerHTML"));
+        assert!(!PAGE.contains("insertAdjacentHTML") && !PAGE.contains("document.write"));
+    }
+}
