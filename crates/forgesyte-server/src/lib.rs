@@ -85,6 +85,7 @@ mod conn;
 mod docs;
 mod error;
 mod extract;
+mod metrics;
 mod pool;
 mod probes;
 mod reload;

@@ -183,5 +183,6 @@ pub(crate) async fn reload_all(
         context: format!("reload of every plugin failed: {e}"),
     })?;
     // The loader logs the summary.
+    state.metrics().record_load_pass(&report);
     Ok(json(StatusCode::OK, &ReloadReport::from(report)))
 }

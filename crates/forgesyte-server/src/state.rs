@@ -14,6 +14,7 @@ use forgesyte_registry::Registry;
 use crate::admin::AdminGate;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::pool::CallPool;
 use crate::wire::PluginStatusJson;
 
@@ -49,6 +50,8 @@ struct Inner {
     /// Tool calls in progress per plugin, and their bound.
     call_slots: Mutex<HashMap<String, usize>>,
     max_calls_per_plugin: usize,
+    /// The Prometheus metrics (`GET /metrics`).
+    metrics: Metrics,
 }
 
 /// How long a serialised plugin list may be served again while the registry
@@ -67,6 +70,7 @@ impl AppState {
     /// State over `loader`, with the call timeout and body limit of `config`.
     pub fn new(loader: Arc<Loader>, config: &ServerConfig) -> Self {
         let registry = loader.registry().clone();
+        let metrics = Metrics::new(Arc::clone(&loader));
         AppState {
             inner: Arc::new(Inner {
                 loader,
@@ -82,6 +86,7 @@ impl AppState {
                 calls: CallPool::new(),
                 call_slots: Mutex::new(HashMap::new()),
                 max_calls_per_plugin: config.max_calls_per_plugin,
+                metrics,
             }),
         }
     }
@@ -188,6 +193,11 @@ impl AppState {
     /// The bound on one plugin's tool calls in progress.
     pub(crate) fn max_calls_per_plugin(&self) -> usize {
         self.inner.max_calls_per_plugin
+    }
+
+    /// The Prometheus metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The admin routes' gate (their token, and wrong tokens by address).

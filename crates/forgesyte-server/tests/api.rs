@@ -27,6 +27,8 @@
 //! - `installed`: installed Python plugins (entry points of group
 //!   `forgesyte.plugins`) through `check` and `serve`;
 //! - `integrity`: `forgesyte lock`, then changed plugins refused at load;
+//! - `prometheus`: `GET /metrics` scraped by a real Prometheus server,
+//!   checked with PromQL;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints.
 
@@ -54,6 +56,8 @@ mod integrity;
 mod preflight;
 #[path = "api/probes.rs"]
 mod probes;
+#[path = "api/prometheus.rs"]
+mod prometheus;
 #[path = "api/python.rs"]
 mod python;
 #[path = "api/router.rs"]
