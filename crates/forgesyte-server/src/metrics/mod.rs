@@ -486,6 +486,14 @@ mod tests {
             let response = app.clone().oneshot(request).await.unwrap();
             assert_eq!(response.status(), StatusCode::NOT_FOUND);
         }
+        // A run of a plugin that does not exist: a 404, never a `plugin` label.
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/plugins/secret-4/tools/secret-5/run")
+            .body(Body::from("{}"))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
         let request = Request::builder()
             .method(Method::GET)
             .uri("/metrics")
@@ -500,6 +508,7 @@ mod tests {
         for expected in [
             r#"forgesyte_http_requests_total{route="/v1/plugins/{name}/health",method="GET",status="4xx"} 2"#,
             r#"forgesyte_http_requests_total{route="_unmatched",method="GET",status="4xx"} 1"#,
+            r#"forgesyte_http_requests_total{route="/v1/plugins/{name}/tools/{tool}/run",method="POST",status="4xx"} 1"#,
         ] {
             assert!(lines.contains(&expected), "no {expected} in\n{text}");
         }
