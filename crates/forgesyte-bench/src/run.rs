@@ -333,9 +333,20 @@ impl Bench<'_> {
             let req = Req::post_json("tool", &tool_path, r#"{"args":{}}"#)?;
             Arc::new(move |_: usize, _: u64| Some(req.clone()))
         };
+        let metrics: Arc<dyn Workload> = {
+            let req = Req::get("metrics", "/metrics")?;
+            Arc::new(move |_: usize, _: u64| Some(req.clone()))
+        };
         let spec = self.spec();
-        let mut runs: [Vec<LoadResult>; 5] = Default::default();
-        let [list_real, list_base, health_real, health_base, tool_real] = &mut runs;
+        let mut runs: [Vec<LoadResult>; 6] = Default::default();
+        let [
+            list_real,
+            list_base,
+            health_real,
+            health_base,
+            tool_real,
+            metrics_real,
+        ] = &mut runs;
         for repeat in 0..self.plan.repeats {
             self.progress(&format!(
                 "http: repeat {}/{} ({} connections, {:?} each run)",
@@ -355,6 +366,7 @@ impl Bench<'_> {
                 }
             }
             tool_real.push(self.load_run(&server, spec, &tool)?);
+            metrics_real.push(self.load_run(&server, spec, &metrics)?);
         }
         drop(baseline);
         drop(server);
@@ -364,8 +376,9 @@ impl Bench<'_> {
             "health (server)",
             "health (baseline)",
             "no-op tool call",
+            "metrics scrape",
         ];
-        let labels = ["list", "list", "health", "health", "tool"];
+        let labels = ["list", "list", "health", "health", "tool", "metrics"];
         for ((results, name), label) in runs.iter().zip(names).zip(labels) {
             let sent: u64 = results.iter().map(|r| r.label(label).sent).sum();
             let lost: u64 = results.iter().map(LoadResult::unanswered).sum();
@@ -387,7 +400,14 @@ impl Bench<'_> {
         let rps = |r: &http::LabelResult| r.rps;
         let p99 = |r: &http::LabelResult| r.p99_us / 1000.0;
         let raw = |real: &[LoadResult], base: &[LoadResult]| json!({ "plugins": n, "server": real, "baseline": base });
-        let [list_real, list_base, health_real, health_base, tool_real] = &runs;
+        let [
+            list_real,
+            list_base,
+            health_real,
+            health_base,
+            tool_real,
+            metrics_real,
+        ] = &runs;
         let list_size = list_body.len();
         self.report.figures.push(Figure::ratio(
             "list_rps",
@@ -433,6 +453,17 @@ impl Bench<'_> {
             (stat(health_real, "health", rps), "health endpoint"),
             Target::RatioAtLeast(0.5),
             json!({ "plugins": n, "server": tool_real }),
+        ));
+        // After the tool calls, so the scrape holds their counters and a
+        // latency histogram too.
+        self.report.figures.push(Figure::ratio(
+            "metrics_rps",
+            format!("GET /metrics ({n} plugins)"),
+            "req/s",
+            stat(metrics_real, "metrics", rps),
+            (stat(list_real, "list", rps), "GET /v1/plugins, same server"),
+            Target::RatioAtLeast(0.5),
+            json!({ "plugins": n, "server": metrics_real }),
         ));
         Ok(())
     }

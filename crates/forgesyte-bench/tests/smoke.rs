@@ -17,6 +17,7 @@ const FIGURES: &[&str] = &[
     "health_rps",
     "health_p99",
     "tool_rps",
+    "metrics_rps",
     "call_overhead",
     "memory",
     "mixed",

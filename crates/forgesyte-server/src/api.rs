@@ -245,22 +245,39 @@ pub(crate) async fn run_tool(
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let mut request_bytes = 0;
     let outcome = match body::received(body, state.body_limit()) {
-        Ok(bytes) => match body::read(&headers, bytes).await {
-            Ok(input) => {
-                let context = tools::call_context(&headers);
-                tools::run(&state, &plugin, &tool, input, context).await
+        Ok(bytes) => {
+            request_bytes = bytes.len();
+            match body::read(&headers, bytes).await {
+                Ok(input) => {
+                    let context = tools::call_context(&headers);
+                    tools::run(&state, &plugin, &tool, input, context).await
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
         Err(e) => Err(e),
     };
-    match outcome {
-        Ok(success) => Ok(json(StatusCode::OK, &success)),
-        Err(error) => Err(ApiError::Run {
-            plugin,
+    let response = match outcome {
+        Ok(success) => json(StatusCode::OK, &success),
+        Err(error) => ApiError::Run {
+            plugin: plugin.clone(),
             tool,
             error,
-        }),
+        }
+        .into_response(),
+    };
+    // Per plugin only for registered plugins: the label stays bounded.
+    if state.registry().contains(&plugin) {
+        let response_bytes = axum::body::HttpBody::size_hint(response.body())
+            .exact()
+            .unwrap_or(0);
+        state.metrics().record_bytes(
+            &plugin,
+            u64::try_from(request_bytes).unwrap_or(u64::MAX),
+            response_bytes,
+        );
     }
+    Ok(response)
 }

@@ -87,6 +87,7 @@ mod docs;
 mod error;
 mod events;
 mod extract;
+mod metrics;
 mod pool;
 mod probes;
 mod reload;

@@ -46,6 +46,7 @@ pub(crate) async fn rescan(
         context: format!("rescan of the plugins directory failed: {e}"),
     })?;
     let summary = report.summary();
+    state.metrics().record_load_pass(&report.plugins());
     let report = ReloadReport::from(report);
     tracing::info!(
         %trigger,

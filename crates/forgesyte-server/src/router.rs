@@ -28,7 +28,7 @@ use utoipa_axum::routes;
 use crate::docs::{self, Published};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{api, events, probes, reload, ui};
+use crate::{api, events, metrics, probes, reload, ui};
 
 /// The parts of the document that are not routes: title, tags, security.
 #[derive(OpenApi)]
@@ -89,6 +89,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(events::events))
         .routes(routes!(ui::dashboard_root))
         .routes(routes!(ui::dashboard_ui))
+        .routes(routes!(metrics::http::scrape))
 }
 
 /// The HTTP app over `state`: every route of SPEC §5, the probes
@@ -103,6 +104,12 @@ pub fn app(state: AppState) -> Router {
         // After the routes: it applies to the routes registered so far.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
+        // Runs after routing (so it sees the matched route template) for
+        // every route and the fallback.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::http::track,
+        ))
         .layer(Extension(published()))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyTimeoutLayer::new(body_read_timeout))

@@ -208,6 +208,9 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
         let dir = plugins_dir.clone();
         let pass = tokio::task::spawn_blocking(move || loader.load_all(&dir)).await;
         state.set_loading(false);
+        if let Ok(report) = &pass {
+            state.metrics().record_load_pass(report);
+        }
         match &pass {
             Ok(report) => state.events().load_finished(
                 Some((report.loaded(), report.failed(), report.unavailable())),

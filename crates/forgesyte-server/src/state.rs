@@ -15,6 +15,7 @@ use crate::admin::AdminGate;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::events::{EVENT_BUFFER, Events};
+use crate::metrics::Metrics;
 use crate::pool::CallPool;
 use crate::wire::PluginStatusJson;
 
@@ -52,6 +53,8 @@ struct Inner {
     max_calls_per_plugin: usize,
     /// The event stream's hub (`GET /v1/events`), fed by the registry.
     events: Arc<Events>,
+    /// The Prometheus metrics (`GET /metrics`).
+    metrics: Metrics,
 }
 
 /// How long a serialised plugin list may be served again while the registry
@@ -72,6 +75,7 @@ impl AppState {
         let registry = loader.registry().clone();
         let events = Events::new(EVENT_BUFFER);
         registry.add_observer(events.observer());
+        let metrics = Metrics::new(Arc::clone(&loader));
         AppState {
             inner: Arc::new(Inner {
                 loader,
@@ -88,6 +92,7 @@ impl AppState {
                 call_slots: Mutex::new(HashMap::new()),
                 max_calls_per_plugin: config.max_calls_per_plugin,
                 events,
+                metrics,
             }),
         }
     }
@@ -199,6 +204,11 @@ impl AppState {
     /// The bound on one plugin's tool calls in progress.
     pub(crate) fn max_calls_per_plugin(&self) -> usize {
         self.inner.max_calls_per_plugin
+    }
+
+    /// The Prometheus metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The admin routes' gate (their token, and wrong tokens by address).

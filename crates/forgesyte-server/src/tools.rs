@@ -16,6 +16,7 @@ use forgesyte_loader::{CallContext, Isolation};
 
 use crate::body::{RunInput, binary_arguments};
 use crate::error::RunError;
+use crate::metrics::{Outcome, UNKNOWN_TOOL};
 use crate::state::AppState;
 
 /// A tool run that produced a result (200).
@@ -44,13 +45,68 @@ pub(crate) fn call_context(headers: &axum::http::HeaderMap) -> CallContext {
 }
 
 /// Runs `tool` of `plugin` with `input`'s arguments, for a request whose
-/// context (request id, `traceparent`) is `context`.
+/// context (request id, `traceparent`) is `context`, and counts the call in
+/// the metrics when the plugin is registered and the tool is one it offers
+/// (or it cannot be asked: see [`crate::metrics::UNKNOWN_TOOL`]), so every
+/// label value names something that exists.
 pub(crate) async fn run(
     state: &AppState,
     plugin: &str,
     tool: &str,
     input: RunInput,
     context: CallContext,
+) -> Result<RunSuccess, RunError> {
+    let mut facts = CallFacts::default();
+    let result = run_unrecorded(state, plugin, tool, input, context, &mut facts).await;
+    if let Some(outcome) = Outcome::of(&result)
+        && state.registry().contains(plugin)
+    {
+        let tool = if facts.tool_known || declares_tool(state, plugin, tool) {
+            tool
+        } else {
+            UNKNOWN_TOOL
+        };
+        state
+            .metrics()
+            .record_call(plugin, tool, outcome, facts.elapsed);
+    }
+    result
+}
+
+/// What [`run_unrecorded`] learnt on its way, for the metrics.
+#[derive(Debug, Default)]
+struct CallFacts {
+    /// The plugin's live instance offers the tool.
+    tool_known: bool,
+    /// Wall time of the plugin call, when it was made.
+    elapsed: Option<Duration>,
+}
+
+/// Whether `plugin` offers `tool` by its live instance or its manifest's
+/// `tools[].id` (for a plugin that is not runnable).
+fn declares_tool(state: &AppState, plugin: &str, tool: &str) -> bool {
+    if let Some(handle) = state.loader().handle(plugin) {
+        return handle.has_tool(tool);
+    }
+    state.loader().manifest(plugin).is_some_and(|manifest| {
+        manifest
+            .get("tools")
+            .and_then(Value::as_array)
+            .is_some_and(|tools| {
+                tools
+                    .iter()
+                    .any(|t| t.get("id") == Some(&Value::from(tool)))
+            })
+    })
+}
+
+async fn run_unrecorded(
+    state: &AppState,
+    plugin: &str,
+    tool: &str,
+    input: RunInput,
+    context: CallContext,
+    facts: &mut CallFacts,
 ) -> Result<RunSuccess, RunError> {
     let registry = state.registry();
     let Some(plugin_state) = registry.get_state(plugin) else {
@@ -72,6 +128,7 @@ pub(crate) async fn run(
     if !handle.has_tool(tool) {
         return Err(RunError::UnknownTool);
     }
+    facts.tool_known = true;
     // Held until this request ends: a flood of calls to one slow plugin
     // queues at most this many, and the rest answer 503 at once.
     let Some(_slot) = state.begin_call(plugin) else {
@@ -122,6 +179,7 @@ pub(crate) async fn run(
         tokio::time::timeout(limit, call).await
     };
     let elapsed = started.elapsed();
+    facts.elapsed = Some(elapsed);
     match outcome {
         Ok(Some(Ok(result))) => Ok(RunSuccess {
             ok: true,

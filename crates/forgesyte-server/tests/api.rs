@@ -32,6 +32,8 @@
 //!   (Python, in-process native), and integrity pins on rescan;
 //! - `trace`: request ids and `traceparent`s passed to plugins with their
 //!   calls and named in their log lines;
+//! - `prometheus`: `GET /metrics` scraped by a real Prometheus server,
+//!   checked with PromQL;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints;
 //! - `sandbox`: confined runners (Python and isolated native) denied what
@@ -78,6 +80,8 @@ mod integrity;
 mod preflight;
 #[path = "api/probes.rs"]
 mod probes;
+#[path = "api/prometheus.rs"]
+mod prometheus;
 #[path = "api/python.rs"]
 mod python;
 #[path = "api/rescan.rs"]

@@ -1,0 +1,516 @@
+//! Prometheus metrics: what is recorded as it happens, and the scrape.
+//!
+//! [`Metrics`] owns a `prometheus-client` registry (every name prefixed
+//! `forgesyte_`) and is the one place metric names, labels and buckets are
+//! defined. Two kinds of metric live here:
+//!
+//! - *recorded* where the event happens, because nobody else keeps them:
+//!   tool-call outcomes, call latency and bytes per plugin and tool
+//!   ([`Metrics::record_call`], [`Metrics::record_bytes`], called by the run
+//!   route), HTTP requests and latency per route ([`http::track`]), and the
+//!   load passes ([`Metrics::record_load_pass`]);
+//! - *read at scrape time* from what the plugin registry and the loader
+//!   already keep (state, in-flight calls, restarts) and from `/proc` (a
+//!   runner's memory and CPU time): [`plugins::PluginCollector`], so there is
+//!   no second source of truth to drift.
+//!
+//! Label values are bounded: plugin names are registry keys (checked by the
+//! caller before recording: [`Metrics::record_call`] is only called for a
+//! registered plugin), tool names are tools the plugin offers or
+//! [`UNKNOWN_TOOL`], routes are the router's templates or [`UNMATCHED`],
+//! methods and outcomes come from fixed lists. A raw request path never
+//! becomes a label value.
+//!
+//! This module knows the loader and the registry, never a handler; the
+//! `/metrics` route and the request middleware are in [`http`].
+
+pub(crate) mod http;
+mod plugins;
+mod proc;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use axum::body::Bytes;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use forgesyte_loader::{LoadReport, Loader};
+
+use crate::error::RunError;
+
+/// The tool label of a call to a tool the plugin cannot be asked about (a
+/// plugin that is not runnable and has no live instance).
+pub(crate) const UNKNOWN_TOOL: &str = "_unknown";
+
+/// The route label of a request no route matched.
+pub(crate) const UNMATCHED: &str = "_unmatched";
+
+/// How a tool call ended, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub(crate) enum Outcome {
+    /// The tool returned a result.
+    ok,
+    /// The tool returned an error (bad arguments, an exception).
+    tool_error,
+    /// The tool panicked, crashed its process or broke the protocol.
+    fault,
+    /// The tool ran past its time limit.
+    timeout,
+    /// The plugin was not runnable (FAILED, UNAVAILABLE, no instance).
+    not_runnable,
+    /// The call never ran: the plugin had its limit of calls in progress, or
+    /// the call waited its time limit for its turn.
+    rejected,
+    /// The request's body or arguments were malformed; the tool never ran.
+    bad_request,
+    /// A bug in the host.
+    internal,
+}
+
+impl Outcome {
+    /// The outcome of a finished call; `None` for a call to a plugin or
+    /// tool that does not exist (not counted: its name is not a bounded
+    /// label value; the route's 404s count it).
+    pub(crate) fn of(result: &Result<impl Sized, RunError>) -> Option<Outcome> {
+        Some(match result {
+            Ok(_) => Outcome::ok,
+            Err(e) => match e {
+                RunError::ToolFailed { .. } | RunError::InvalidArgs { .. } => Outcome::tool_error,
+                RunError::Fault { .. } => Outcome::fault,
+                RunError::Timeout { .. } => Outcome::timeout,
+                RunError::PluginNotFound | RunError::UnknownTool => return None,
+                RunError::NotRunnable { .. } => Outcome::not_runnable,
+                RunError::TooManyCalls { .. } | RunError::QueueTimeout { .. } => Outcome::rejected,
+                RunError::MalformedBody { .. }
+                | RunError::InvalidBody { .. }
+                | RunError::PayloadTooLarge { .. }
+                | RunError::BodyTimedOut => Outcome::bad_request,
+                RunError::Internal { .. } => Outcome::internal,
+            },
+        })
+    }
+
+    /// Whether the plugin's code ran (so the call's latency means something).
+    fn ran(self) -> bool {
+        matches!(
+            self,
+            Outcome::ok | Outcome::tool_error | Outcome::fault | Outcome::timeout
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CallLabels {
+    plugin: String,
+    tool: String,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ToolLabels {
+    plugin: String,
+    tool: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: &'static str,
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LoadLabels {
+    outcome: &'static str,
+}
+
+/// Builds each latency histogram of a family with the same buckets.
+#[derive(Debug, Clone, Copy)]
+struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        // 100 µs to 26 s, ×4 per bucket.
+        Histogram::new(exponential_buckets(0.000_1, 4.0, 10))
+    }
+}
+
+type LatencyFamily<L> = Family<L, Histogram, LatencyBuckets>;
+
+/// Every metric of the server; see the module documentation. Shared by
+/// reference from the app state.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    call_seconds: LatencyFamily<ToolLabels>,
+    bytes_in: Family<PluginLabels, Counter>,
+    bytes_out: Family<PluginLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: LatencyFamily<RouteLabels>,
+    load_passes: Counter,
+    load_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    load_plugins: Family<LoadLabels, Gauge>,
+    /// The last scrape's body and the [`SCRAPE_TICK`] it was built in.
+    scraped: ArcSwapOption<(u128, Bytes)>,
+    /// Origin of the scrape ticks.
+    started: Instant,
+}
+
+/// How long one encoded scrape is served again: every value in `/metrics`
+/// is at most this old. Prometheus scrapes every few seconds, so only
+/// scrapers faster than this (a second Prometheus of a pair, a load test)
+/// ever get the cached body.
+pub(crate) const SCRAPE_TICK: Duration = Duration::from_millis(100);
+
+impl Metrics {
+    /// Every metric, with the per-plugin ones read from `loader` (and its
+    /// registry) at each scrape.
+    pub(crate) fn new(loader: Arc<Loader>) -> Self {
+        let mut registry = Registry::with_prefix("forgesyte");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "tool_calls",
+            "Tool calls by plugin, tool and outcome",
+            calls.clone(),
+        );
+        let call_seconds = LatencyFamily::<ToolLabels>::new_with_constructor(LatencyBuckets);
+        registry.register(
+            "tool_call_duration_seconds",
+            "Wall time of tool calls whose plugin code ran, by plugin and tool",
+            call_seconds.clone(),
+        );
+        let bytes_in = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "tool_request_bytes",
+            "Bytes of tool-run request bodies, by plugin",
+            bytes_in.clone(),
+        );
+        let bytes_out = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "tool_response_bytes",
+            "Bytes of tool-run response bodies, by plugin",
+            bytes_out.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route template, method and status class",
+            requests.clone(),
+        );
+        let request_seconds = LatencyFamily::<RouteLabels>::new_with_constructor(LatencyBuckets);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to the response's head, by route template",
+            request_seconds.clone(),
+        );
+        let load_passes = Counter::default();
+        registry.register(
+            "load_passes",
+            "Load passes finished (startup and reload-all)",
+            load_passes.clone(),
+        );
+        let load_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "load_pass_duration_seconds",
+            "Wall time of the last load pass",
+            load_seconds.clone(),
+        );
+        let load_plugins = Family::<LoadLabels, Gauge>::default();
+        registry.register(
+            "load_pass_plugins",
+            "Plugins of the last load pass by outcome (loaded, failed, unavailable)",
+            load_plugins.clone(),
+        );
+        registry.register(
+            "build",
+            "The server's version",
+            Info::new(vec![("version", crate::VERSION)]),
+        );
+        registry.register_collector(Box::new(plugins::PluginCollector::new(loader)));
+        Metrics {
+            registry,
+            calls,
+            call_seconds,
+            bytes_in,
+            bytes_out,
+            requests,
+            request_seconds,
+            load_passes,
+            load_seconds,
+            load_plugins,
+            scraped: ArcSwapOption::empty(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Records one tool call of the registered plugin `plugin`: `tool` must
+    /// be a tool it offers or [`UNKNOWN_TOOL`]; `elapsed` is the plugin
+    /// call's wall time when its code ran.
+    pub(crate) fn record_call(
+        &self,
+        plugin: &str,
+        tool: &str,
+        outcome: Outcome,
+        elapsed: Option<Duration>,
+    ) {
+        self.calls
+            .get_or_create(&CallLabels {
+                plugin: plugin.to_owned(),
+                tool: tool.to_owned(),
+                outcome,
+            })
+            .inc();
+        if let (true, Some(elapsed)) = (outcome.ran(), elapsed) {
+            self.call_seconds
+                .get_or_create(&ToolLabels {
+                    plugin: plugin.to_owned(),
+                    tool: tool.to_owned(),
+                })
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// Adds the sizes of one tool-run request and response of the registered
+    /// plugin `plugin`.
+    pub(crate) fn record_bytes(&self, plugin: &str, request: u64, response: u64) {
+        let labels = PluginLabels {
+            plugin: plugin.to_owned(),
+        };
+        self.bytes_in.get_or_create(&labels).inc_by(request);
+        self.bytes_out.get_or_create(&labels).inc_by(response);
+    }
+
+    /// Records one HTTP request: `route` is the matched route template or
+    /// [`UNMATCHED`].
+    pub(crate) fn record_request(
+        &self,
+        route: &str,
+        method: &axum::http::Method,
+        status: axum::http::StatusCode,
+        elapsed: Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                method: method_label(method),
+                status: status_class(status),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records a finished load pass.
+    pub(crate) fn record_load_pass(&self, report: &LoadReport) {
+        self.load_passes.inc();
+        self.load_seconds.set(report.elapsed_ms / 1000.0);
+        for (outcome, count) in [
+            ("loaded", report.loaded()),
+            ("failed", report.failed()),
+            ("unavailable", report.unavailable()),
+        ] {
+            self.load_plugins
+                .get_or_create(&LoadLabels { outcome })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// [`Metrics::encode`], built at most once per [`SCRAPE_TICK`].
+    /// Readers never lock: two scrapes that miss at once both encode, the
+    /// later store wins.
+    pub(crate) fn scrape(&self) -> Result<Bytes, std::fmt::Error> {
+        let tick = self.started.elapsed().as_millis() / SCRAPE_TICK.as_millis();
+        if let Some(cached) = &*self.scraped.load()
+            && cached.0 == tick
+        {
+            return Ok(cached.1.clone());
+        }
+        let body = Bytes::from(self.encode()?);
+        self.scraped.store(Some(Arc::new((tick, body.clone()))));
+        Ok(body)
+    }
+
+    /// Every metric in the OpenMetrics text format (what Prometheus
+    /// scrapes), ending with `# EOF`.
+    pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// The `method` label: the standard methods by name, anything else `OTHER`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "CONNECT" => "CONNECT",
+        _ => "OTHER",
+    }
+}
+
+/// The `status` label: `1xx` to `5xx`.
+fn status_class(status: axum::http::StatusCode) -> &'static str {
+    match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::{Body, to_bytes};
+    use axum::http::{Method, Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::ServerConfig;
+    use crate::server::build_loader;
+    use crate::state::AppState;
+
+    fn loader() -> Arc<Loader> {
+        Arc::new(build_loader(&ServerConfig::default().lib_paths))
+    }
+
+    /// The sample lines of `text` (no comments).
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn outcomes_follow_the_run_errors() {
+        let of = |e: RunError| Outcome::of(&Err::<(), _>(e));
+        assert_eq!(Outcome::of(&Ok::<(), RunError>(())), Some(Outcome::ok));
+        assert_eq!(of(RunError::PluginNotFound), None);
+        assert_eq!(of(RunError::UnknownTool), None);
+        let timeout = RunError::Timeout {
+            after: Duration::from_secs(1),
+            reason: "r".into(),
+        };
+        assert_eq!(of(timeout), Some(Outcome::timeout));
+        let fault = RunError::Fault {
+            kind: "ToolPanic".into(),
+            message: "m".into(),
+        };
+        assert_eq!(of(fault), Some(Outcome::fault));
+        assert_eq!(
+            of(RunError::TooManyCalls { limit: 1 }),
+            Some(Outcome::rejected)
+        );
+        assert_eq!(
+            of(RunError::NotRunnable {
+                state: None,
+                reason: None
+            }),
+            Some(Outcome::not_runnable)
+        );
+    }
+
+    #[test]
+    fn recorded_calls_and_load_passes_are_encoded() {
+        let metrics = Metrics::new(loader());
+        for _ in 0..3 {
+            metrics.record_call("p", "t", Outcome::ok, Some(Duration::from_millis(3)));
+        }
+        metrics.record_call("p", "t", Outcome::not_runnable, None);
+        metrics.record_bytes("p", 10, 32);
+        metrics.record_load_pass(&LoadReport {
+            plugins: Vec::new(),
+            elapsed_ms: 1500.0,
+        });
+        let text = metrics.encode().unwrap();
+        let lines = samples(&text);
+        for expected in [
+            r#"forgesyte_tool_calls_total{plugin="p",tool="t",outcome="ok"} 3"#,
+            r#"forgesyte_tool_calls_total{plugin="p",tool="t",outcome="not_runnable"} 1"#,
+            r#"forgesyte_tool_call_duration_seconds_count{plugin="p",tool="t"} 3"#,
+            r#"forgesyte_tool_request_bytes_total{plugin="p"} 10"#,
+            r#"forgesyte_tool_response_bytes_total{plugin="p"} 32"#,
+            r#"forgesyte_build_info{version=""#,
+            "forgesyte_load_passes_total 1",
+            "forgesyte_load_pass_duration_seconds 1.5",
+            r#"forgesyte_load_pass_plugins{outcome="failed"} 0"#,
+        ] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(expected)),
+                "no {expected} in\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[tokio::test]
+    async fn requests_are_labelled_by_route_template_never_by_path() {
+        let state = AppState::new(loader(), &ServerConfig::default());
+        let app = crate::app(state.clone());
+        for uri in [
+            "/v1/plugins/secret-1/health",
+            "/v1/plugins/secret-2/health",
+            "/nowhere/secret-3",
+        ] {
+            let request = Request::builder().uri(uri).body(Body::empty()).unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        }
+        // A run of a plugin that does not exist: a 404, never a `plugin` label.
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/plugins/secret-4/tools/secret-5/run")
+            .body(Body::from("{}"))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri("/metrics")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(!text.contains("secret"), "a path became a label:\n{text}");
+        let lines = samples(&text);
+        for expected in [
+            r#"forgesyte_http_requests_total{route="/v1/plugins/{name}/health",method="GET",status="4xx"} 2"#,
+            r#"forgesyte_http_requests_total{route="_unmatched",method="GET",status="4xx"} 1"#,
+            r#"forgesyte_http_requests_total{route="/v1/plugins/{name}/tools/{tool}/run",method="POST",status="4xx"} 1"#,
+        ] {
+            assert!(lines.contains(&expected), "no {expected} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! `GET /metrics` scraped by a real Prometheus server (Debian's
+//! `prometheus` package; `.ci/run` installs it): a running `forgesyte
+//! serve` with a healthy, an isolated and a failed plugin takes a known set
+//! of tool calls, Prometheus scrapes it every second, and PromQL through
+//! Prometheus's HTTP API must see exactly those call counts and states.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forgesyte_tests::zoo;
+use serde_json::{Value, json};
+
+use crate::support::{Forgesyte, PluginsDir, http};
+
+/// The `prometheus` executable on `PATH`, if installed.
+fn prometheus_binary() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("prometheus"))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+/// A free loopback port (bound and released: Prometheus takes it next).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running Prometheus scraping one target; killed when dropped, also
+/// when the test fails.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(binary: &Path, target: SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: forgesyte\n    static_configs:\n      \
+                 - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let prometheus = Prometheus { child, addr, dir };
+        prometheus.wait_until("ready", || {
+            crate::support::try_http(addr, "GET", "/-/ready", b"").is_ok_and(|r| r.status == 200)
+        });
+        prometheus
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// Polls `ok` for up to a minute; fails with Prometheus's log.
+    fn wait_until(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ok() {
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus: not {what} after 60 s; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The instant vector of `promql`, as `(labels, value)` pairs.
+    fn query(&self, promql: &str) -> Vec<(Value, f64)> {
+        let encoded =
+            percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+        let reply = http(
+            self.addr,
+            "GET",
+            &format!("/api/v1/query?query={encoded}"),
+            b"",
+        );
+        assert_eq!(reply.status, 200, "{promql}: {}", reply.text());
+        let body: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["status"], "success", "{promql}: {body}");
+        body["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|sample| {
+                let value = sample["value"][1].as_str().unwrap().parse().unwrap();
+                (sample["metric"].clone(), value)
+            })
+            .collect()
+    }
+
+    /// The one value of `promql`; fails when it has none or several.
+    fn value(&self, promql: &str) -> f64 {
+        let samples = self.query(promql);
+        assert_eq!(samples.len(), 1, "{promql}: {samples:?}");
+        samples[0].1
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_sees_the_calls_and_states() {
+    let Some(binary) = prometheus_binary() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but `prometheus` is not installed (Debian package `prometheus`; .ci/run installs it)"
+        );
+        eprintln!("skipped: `prometheus` is not installed (apt-get install prometheus)");
+        return;
+    };
+    let plugins = PluginsDir::new();
+    plugins
+        .good("alpha", json!({}))
+        .good("iso", json!({"isolation": "process"}))
+        .zoo(zoo::ERR_INIT);
+    let server = Forgesyte::start(&["--plugins", plugins.path_str()]);
+    server.wait_loaded();
+
+    // The calls: 5 ok and 2 tool errors on alpha, 3 ok on iso, 4 refused
+    // by the failed err-init.
+    for i in 0..5 {
+        let reply = server.run("alpha", "echo", &format!(r#"{{"args": {{"i": {i}}}}}"#));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    for _ in 0..2 {
+        assert_eq!(server.run("alpha", "fail", "{}").status, 422);
+    }
+    for _ in 0..3 {
+        let reply = server.run("iso", "echo", "{}");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    for _ in 0..4 {
+        assert_eq!(server.run(zoo::ERR_INIT_NAME, "echo", "{}").status, 503);
+    }
+    // A path that matches no route must not become a label value.
+    assert_eq!(server.get("/no/such/path/4711").status, 404);
+
+    let own = server.get("/metrics");
+    assert_eq!(own.status, 200);
+    assert!(
+        own.header("content-type")
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{:?}",
+        own.headers
+    );
+    let text = own.text();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(!text.contains("4711"), "a raw path became a label:\n{text}");
+
+    let prometheus = Prometheus::start(&binary, server.addr);
+    prometheus.wait_until("two successful scrapes", || {
+        prometheus
+            .query(r#"sum_over_time(up{job="forgesyte"}[5m])"#)
+            .first()
+            .is_some_and(|(_, scrapes)| *scrapes >= 2.0)
+    });
+
+    let calls = |plugin: &str, tool: &str, outcome: &str| {
+        prometheus.value(&format!(
+            r#"forgesyte_tool_calls_total{{plugin="{plugin}",tool="{tool}",outcome="{outcome}"}}"#
+        ))
+    };
+    assert_eq!(calls("alpha", "echo", "ok"), 5.0);
+    assert_eq!(calls("alpha", "fail", "tool_error"), 2.0);
+    assert_eq!(calls("iso", "echo", "ok"), 3.0);
+    // err-init declares no tools and has no instance: the tool is unknown.
+    assert_eq!(calls(zoo::ERR_INIT_NAME, "_unknown", "not_runnable"), 4.0);
+    assert_eq!(
+        prometheus.value("sum(forgesyte_tool_calls_total)"),
+        14.0,
+        "{:?}",
+        prometheus.query("forgesyte_tool_calls_total")
+    );
+    // Latency: one observation per call whose plugin code ran.
+    assert_eq!(
+        prometheus
+            .value(r#"forgesyte_tool_call_duration_seconds_count{plugin="alpha",tool="echo"}"#),
+        5.0
+    );
+
+    let state = |plugin: &str, state: &str| {
+        prometheus.value(&format!(
+            r#"forgesyte_plugin_state{{plugin="{plugin}",state="{state}"}}"#
+        ))
+    };
+    assert_eq!(state("alpha", "INITIALIZED"), 1.0);
+    assert_eq!(state("alpha", "FAILED"), 0.0);
+    assert_eq!(state("iso", "INITIALIZED"), 1.0);
+    assert_eq!(state(zoo::ERR_INIT_NAME, "FAILED"), 1.0);
+    assert_eq!(
+        prometheus.value(r#"sum by (plugin) (forgesyte_plugin_state{plugin="alpha"})"#),
+        1.0,
+        "exactly one state per plugin"
+    );
+
+    // The isolated plugin's runner is measured from /proc.
+    let rss = prometheus.value(r#"forgesyte_plugin_process_resident_memory_bytes{plugin="iso"}"#);
+    assert!(rss > 100_000.0, "runner RSS {rss}");
+    assert!(
+        prometheus
+            .query(r#"forgesyte_plugin_process_resident_memory_bytes{plugin="alpha"}"#)
+            .is_empty(),
+        "an in-process plugin has no process of its own"
+    );
+
+    // Routes by template, never by path; the load pass; build info.
+    assert_eq!(
+        prometheus.value(
+            r#"sum(forgesyte_http_requests_total{route="/v1/plugins/{name}/tools/{tool}/run",status="2xx"})"#
+        ),
+        8.0
+    );
+    assert_eq!(
+        prometheus.value(r#"forgesyte_http_requests_total{route="_unmatched",status="4xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        prometheus.value(r#"forgesyte_load_pass_plugins{outcome="failed"}"#),
+        1.0
+    );
+    assert_eq!(
+        prometheus.value(r#"forgesyte_load_pass_plugins{outcome="loaded"}"#),
+        2.0
+    );
+    assert_eq!(prometheus.value("forgesyte_load_passes_total"), 1.0);
+    let build = prometheus.query("forgesyte_build_info");
+    assert_eq!(build.len(), 1, "{build:?}");
+    assert_eq!(build[0].0["version"], forgesyte_server::VERSION);
+}
