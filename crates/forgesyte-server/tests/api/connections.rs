@@ -1,6 +1,7 @@
-//! Connection limits in-process: the header-read timeout (slowloris), the
-//! idle keep-alive timeout, the connection cap with its probe reserve, and
-//! `/livez` with many idle connections open.
+//! Connection limits: the header-read timeout (slowloris), the idle
+//! keep-alive timeout, the connection cap with its probe reserve, `/livez`
+//! with many idle connections open (in-process), and 25,000 idle connections
+//! against the binary.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -389,4 +390,165 @@ async fn a_body_that_stops_arriving_is_answered_408() {
     );
     let reply = blocking(move || http(addr, "GET", "/livez", b"")).await;
     assert_eq!(reply.status, 200);
+}
+
+/// What a flood client runs (`python3 -c`): opens `count` connections to
+/// `host:port` from source address `source`, prints how many it opened,
+/// and holds them until its stdin closes.
+const FLOOD_CLIENT: &str = r#"
+import resource, socket, sys
+host, port, source, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 64), hard))
+held, failed = [], 0
+for _ in range(count):
+    try:
+        held.append(socket.create_connection((host, port), timeout=10, source_address=(source, 0)))
+    except OSError:
+        failed += 1
+print("opened %d failed %d" % (len(held), failed), flush=True)
+sys.stdin.read()
+"#;
+
+/// The resident memory of `pid` in MiB (`VmRSS`).
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+/// Whether every plugin is available, by `/v1/health` (a probe route:
+/// served from the probe reserve while the connection cap is full).
+fn all_loaded(server: &Forgesyte) -> bool {
+    try_http(server.addr, "GET", "/v1/health", b"").is_ok_and(|reply| {
+        let health = reply.json();
+        health["plugins_total"].as_u64().is_some_and(|n| n > 0)
+            && health["plugins_loaded"] == health["plugins_total"]
+    })
+}
+
+/// The attack of issue "a server that cannot be starved": 25,000 idle
+/// connections, from three client processes (one process could not hold
+/// them all under a 20,000-descriptor limit) on three loopback source
+/// addresses (each its own ephemeral ports, so other tests keep theirs).
+/// The server holds its cap (10,000 by default) and closes the rest at once;
+/// `/livez` still answers within 100 ms, its memory stays under 256 MiB (126 MiB measured), and
+/// an isolated plugin whose runner is killed meanwhile restarts.
+#[test]
+fn twenty_five_thousand_idle_connections_do_not_starve_the_server() {
+    use std::process::{Command, Stdio};
+    const CLIENTS: u32 = 3;
+    const PER_CLIENT: u32 = 8_334;
+    const RSS_BOUND_MIB: u64 = 256;
+    let plugins = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(forgesyte_tests::zoo::FAULTY, plugins.path().join("faulty"))
+        .unwrap();
+    // Held connections must stay open through the test: a header-read
+    // timeout longer than it.
+    let server = Forgesyte::start(&[
+        "--plugins",
+        plugins.path().to_str().unwrap(),
+        "--header-read-timeout",
+        "120",
+    ]);
+    server.wait_loaded();
+    let rss_before = rss_mib(server.pid());
+    let port = server.addr.port().to_string();
+    let mut clients: Vec<std::process::Child> = (0..CLIENTS)
+        .map(|i| {
+            Command::new("python3")
+                .args(["-c", FLOOD_CLIENT, "127.0.0.1", &port])
+                .arg(format!("127.0.0.{}", i + 2))
+                .arg(PER_CLIENT.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3")
+        })
+        .collect();
+    let mut opened = 0;
+    for client in &mut clients {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(client.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let counts: Vec<u32> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert_eq!(counts.len(), 2, "client said {line:?}");
+        opened += counts[0];
+    }
+    // Every connect was answered (held, or accepted and closed beyond the
+    // cap): none hung or failed.
+    assert_eq!(opened, CLIENTS * PER_CLIENT);
+
+    // The probe reserve's own idle connections time out (2 s); then the
+    // probes answer, fast, with the cap full.
+    std::thread::sleep(Duration::from_millis(2500));
+    for _ in 0..5 {
+        let started = Instant::now();
+        let live = http(server.addr, "GET", "/livez", b"");
+        let elapsed = started.elapsed();
+        assert_eq!(live.status, 200, "{}", live.text());
+        assert!(
+            elapsed < Duration::from_millis(100),
+            "/livez took {elapsed:?} with {opened} connections opened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rss = rss_mib(server.pid());
+    eprintln!("server RSS: {rss_before} MiB before, {rss} MiB with the cap full");
+    assert!(
+        rss < RSS_BOUND_MIB,
+        "server RSS {rss} MiB over {RSS_BOUND_MIB} MiB"
+    );
+
+    // An isolated plugin that crashes meanwhile is restarted.
+    let runner = crate::support::runner_pid(server.pid(), "faulty").expect("faulty's runner");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(runner).unwrap()).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    // Restarted: a new runner, and every plugin available again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = crate::support::runner_pid(server.pid(), "faulty");
+        if now.is_some_and(|pid| pid != runner) && all_loaded(&server) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "faulty did not restart (runner {now:?}); log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for mut client in clients {
+        drop(client.stdin.take());
+        let _ = client.wait();
+    }
+    // Connections back: tool calls are served again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(reply) = try_http(
+            server.addr,
+            "POST",
+            "/v1/plugins/faulty/tools/ok/run",
+            br#"{"args": {}}"#,
+        ) && reply.status == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tool calls never served again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
