@@ -77,6 +77,7 @@ pub mod native;
 mod pipeline;
 pub mod process;
 pub mod python;
+pub mod signature;
 mod slot;
 mod supervise;
 

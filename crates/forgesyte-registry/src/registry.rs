@@ -408,6 +408,24 @@ impl Registry {
         })
     }
 
+    /// Records what the loader found of the plugin's signature (`None`:
+    /// not checked). Changes no state.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`].
+    pub fn set_signature(
+        &self,
+        name: &str,
+        signature: Option<crate::SignatureInfo>,
+    ) -> Result<(), RegistryError> {
+        let signature = signature.map(Arc::new);
+        self.update(name, |entry, _| {
+            entry.signature = signature;
+            Ok(())
+        })
+    }
+
     /// Sets (or, with `None`, clears) when the supervisor will next try to
     /// restart the plugin. Changes no state.
     ///

@@ -91,6 +91,7 @@ mod reload;
 mod respond;
 mod router;
 mod server;
+pub mod signing;
 mod state;
 mod tools;
 mod wire;

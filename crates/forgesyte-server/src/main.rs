@@ -98,6 +98,39 @@ enum Command {
     /// DIR then refuses (FAILED, IntegrityError) a listed plugin whose
     /// code no longer matches.
     Lock(LockArgs),
+    /// Generate a minisign key pair for signing plugins: OUT/NAME.key
+    /// (mode 0600; encrypted with FORGESYTE_KEY_PASSWORD, or
+    /// `--unencrypted`) and OUT/NAME.pub (for the server's trusted keys).
+    Keygen(KeygenArgs),
+    /// Sign a plugin directory: write DIR/forgesyte.sig.list (the SHA-256
+    /// of every file the plugin loads) and its signature
+    /// DIR/forgesyte.sig.list.minisig.
+    Sign(SignArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Directory the key files are written to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// File name of the keys: NAME.key and NAME.pub.
+    #[arg(long, value_name = "NAME", default_value = "forgesyte")]
+    name: String,
+    /// Store the secret key without a password (for automation; keep
+    /// the file private).
+    #[arg(long)]
+    unencrypted: bool,
+}
+
+#[derive(Debug, Args)]
+struct SignArgs {
+    /// The plugin directory (holding manifest.json).
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+    /// The secret key (from `forgesyte keygen`; an encrypted one needs
+    /// FORGESYTE_KEY_PASSWORD).
+    #[arg(long, value_name = "KEY")]
+    key: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +260,15 @@ struct LoaderArgs {
     /// on `PATH`) sees, after the plugins directory.
     #[arg(long, env = "FORGESYTE_PYTHON_ENTRY_POINTS", value_parser = clap::builder::BoolishValueParser::new())]
     python_entry_points: bool,
+    /// Directory of trusted minisign public keys (`*.pub`) that plugin
+    /// signatures are checked against.
+    #[arg(long, value_name = "DIR", env = "FORGESYTE_TRUSTED_KEYS")]
+    trusted_keys: Option<PathBuf>,
+    /// Refuse (FAILED) every plugin whose signature is not `signed` by a
+    /// trusted key, before any of its code is opened; by default
+    /// signatures are only reported.
+    #[arg(long, env = "FORGESYTE_REQUIRE_SIGNED", value_parser = clap::builder::BoolishValueParser::new())]
+    require_signed: bool,
 }
 
 impl LoaderArgs {
@@ -241,6 +283,8 @@ impl LoaderArgs {
         config.default_isolation = self.isolation.0;
         config.python = self.python.filter(|p| !p.as_os_str().is_empty());
         config.python_entry_points = self.python_entry_points;
+        config.trusted_keys_dir = self.trusted_keys.filter(|p| !p.as_os_str().is_empty());
+        config.require_signed = self.require_signed;
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);
@@ -397,6 +441,14 @@ fn main() -> ExitCode {
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
+        Command::Keygen(args) => ExitCode::from(forgesyte_server::signing::keygen(
+            &args.out,
+            &args.name,
+            args.unencrypted,
+        )),
+        Command::Sign(args) => {
+            ExitCode::from(forgesyte_server::signing::sign(&args.dir, &args.key))
+        }
     }
 }
 
@@ -520,6 +572,7 @@ impl ServeArgs {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (mut config, admin_token_file) = args.config();
+    config.trusted_keys().map_err(anyhow::Error::msg)?;
     config.admin_token = admin_token(
         std::env::var_os("FORGESYTE_ADMIN_TOKEN"),
         admin_token_file.as_deref(),
@@ -562,6 +615,10 @@ fn run_check(args: CheckArgs) -> ExitCode {
     let json = args.json;
     let mut config = ServerConfig::default();
     args.loader.apply(&mut config);
+    if let Err(e) = config.trusted_keys() {
+        eprintln!("forgesyte check: {e}");
+        return ExitCode::from(2);
+    }
     if !args.dir.is_dir() {
         eprintln!(
             "forgesyte check: {}",
@@ -750,7 +807,9 @@ mod tests {
             let loader = match cli.command {
                 Command::Serve(args) => args.loader,
                 Command::Check(args) => args.loader,
-                Command::New(_) | Command::Lock(_) => panic!("expected {command}"),
+                Command::New(_) | Command::Lock(_) | Command::Keygen(_) | Command::Sign(_) => {
+                    panic!("expected {command}")
+                }
             };
             let mut config = ServerConfig::default();
             loader.apply(&mut config);

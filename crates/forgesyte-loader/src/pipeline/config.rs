@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::manifest::{self, Isolation};
 use crate::process::ProcessLimits;
+use crate::signature::TrustedKeys;
 use crate::supervise::SupervisionPolicy;
 
 /// Loader settings.
@@ -47,6 +48,14 @@ pub struct LoaderConfig {
     /// `PATH`) sees ([`crate::entry_points`]), after the plugin directories
     /// (`--python-entry-points`, `FORGESYTE_PYTHON_ENTRY_POINTS`).
     pub python_entry_points: bool,
+    /// The public keys plugin signatures are checked against
+    /// (`--trusted-keys`, `FORGESYTE_TRUSTED_KEYS`; see
+    /// [`crate::signature`]). Empty: every signed plugin is `invalid`.
+    pub trusted_keys: TrustedKeys,
+    /// Refuse (FAILED) every plugin whose signature is not `signed`,
+    /// before anything of it is opened or started (`--require-signed`,
+    /// `FORGESYTE_REQUIRE_SIGNED`). Off: signatures are only reported.
+    pub require_signed: bool,
 }
 
 impl Default for LoaderConfig {
@@ -63,6 +72,8 @@ impl Default for LoaderConfig {
             preflight: false,
             python: None,
             python_entry_points: false,
+            trusted_keys: TrustedKeys::default(),
+            require_signed: false,
         }
     }
 }

@@ -26,25 +26,30 @@ impl Loader {
         p: &Pending,
         known: &BTreeMap<String, semver::Version>,
     ) -> Result<PluginHandle, PluginError> {
+        // First step: the signature (and, when required, its policy).
+        let signed = self.check_signature(p)?;
         if p.manifest.runtime == Runtime::Python {
-            return self.instantiate_python(p, known);
+            return self.instantiate_python(p, known, &signed);
         }
         self.check_dependencies(p, &self.requirements(p), known)?;
         let library_path = self.resolve_library(p)?;
         // Last step before anything of the plugin is opened or started.
-        self.check_integrity(p, &Target::File(library_path.clone()))?;
+        let target = Target::File(library_path.clone());
+        let pinned = self.check_integrity(p, &target)?;
         let config = self.instance_config(p);
         if self.isolation_of(p) == Isolation::Process {
             let limits = self.config.process.with_manifest(&p.manifest.limits);
             let importer =
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
                     .with_runner_args(self.config.runner_args.clone());
-            return self.instantiate_isolated(p, importer, library_path, config);
+            let handle = self.instantiate_isolated(p, importer, library_path, config)?;
+            return self.recheck_started(p, &target, &signed, handle);
         }
         if self.config.preflight || p.manifest.preflight {
             self.preflight(p, &library_path, &config)?;
+            self.recheck(p, &target, &signed)?;
         }
-        let library = self.importer.open(&library_path)?;
+        let library = self.open_checked(p, &library_path, &signed, pinned)?;
         let instance = library.instantiate(&config)?;
         Ok(PluginHandle::new(
             p.name.clone(),
@@ -74,7 +79,12 @@ impl Loader {
     /// directory (both must match). The lock file is `forgesyte.lock` in the
     /// directory that holds the plugin directory; installed entry-point
     /// plugins are pinned by their manifest only.
-    fn check_integrity(&self, p: &Pending, target: &Target) -> Result<(), PluginError> {
+    /// Returns the digest that matched (`None`: no pin).
+    pub(super) fn check_integrity(
+        &self,
+        p: &Pending,
+        target: &Target,
+    ) -> Result<Option<String>, PluginError> {
         let mut pins = Vec::new();
         if let Some(pin) = &p.manifest.sha256 {
             pins.push(("the manifest".to_owned(), pin.clone()));
@@ -93,8 +103,7 @@ impl Loader {
                 line.sha256.clone(),
             ));
         }
-        integrity::verify(self.fs.as_ref(), &p.dir, target, &pins)?;
-        Ok(())
+        Ok(integrity::verify(self.fs.as_ref(), &p.dir, target, &pins)?)
     }
 
     /// Fails with the dependency error when something `req` asks for is
@@ -143,6 +152,7 @@ impl Loader {
         &self,
         p: &Pending,
         known: &BTreeMap<String, semver::Version>,
+        signed: &BTreeMap<String, String>,
     ) -> Result<PluginHandle, PluginError> {
         let interpreter = self.interpreter(p).map_err(|wanted| {
             PluginError::from(DependencyError::new(
@@ -152,7 +162,8 @@ impl Loader {
         })?;
         self.check_dependencies(p, &self.requirements(p), known)?;
         // Last step before the runner is started.
-        self.check_integrity(p, &Target::PythonTree(p.dir.clone()))?;
+        let target = Target::PythonTree(p.dir.clone());
+        self.check_integrity(p, &target)?;
         let entry = p.manifest.python_entry();
         let code = match &entry {
             PythonEntry::File { file, .. } => manifest::join_inside(&p.dir, file),
@@ -165,7 +176,8 @@ impl Loader {
             importer = importer.installed();
         }
         let config = self.instance_config(p);
-        self.instantiate_isolated(p, importer, code, config)
+        let handle = self.instantiate_isolated(p, importer, code, config)?;
+        self.recheck_started(p, &target, signed, handle)
     }
 
     /// Starts a plugin in its runner, under supervision.

@@ -12,6 +12,8 @@
 //! - [`registration`]: registry keys, final states, outcomes;
 //! - [`instantiate`]: one plugin from dependencies to a [`crate::PluginHandle`];
 //! - [`waves`]: dependency order and the parallel waves;
+//! - [`verified`]: signatures and checked bytes at load (used by
+//!   `instantiate`);
 //! - [`load`]: a load pass; [`reload`]: a reload pass.
 
 mod config;
@@ -23,6 +25,7 @@ mod parallel;
 mod registration;
 mod reload;
 mod report;
+mod verified;
 mod waves;
 
 pub use config::LoaderConfig;
