@@ -257,3 +257,6 @@ pub fn sign_dir(
         files: digests.into_keys().collect(),
     })
 }
+
+#[cfg(test)]
+mod tests;
