@@ -27,6 +27,8 @@
 //! - `installed`: installed Python plugins (entry points of group
 //!   `forgesyte.plugins`) through `check` and `serve`;
 //! - `integrity`: `forgesyte lock`, then changed plugins refused at load;
+//! - `signatures`: `forgesyte keygen` and `sign`, each signature status
+//!   through `check` and `serve`, and `--require-signed`;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints.
 
@@ -60,5 +62,7 @@ mod python;
 mod router;
 #[path = "api/scaffold.rs"]
 mod scaffold;
+#[path = "api/signatures.rs"]
+mod signatures;
 #[path = "api/startup.rs"]
 mod startup;

@@ -596,6 +596,9 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_PYTHON_ENTRY_POINTS",
         "FORGESYTE_PYTHON_ZYGOTE",
         "FORGESYTE_LOG_FORMAT",
+        "FORGESYTE_TRUSTED_KEYS",
+        "FORGESYTE_REQUIRE_SIGNED",
+        "FORGESYTE_KEY_PASSWORD",
     ] {
         command.env_remove(var);
     }
