@@ -1170,7 +1170,8 @@ mod tests {
                 "in_flight",
                 "last_exit_reason",
                 "next_retry_at",
-                "restart_count"
+                "restart_count",
+                "signature"
             ]
         );
         for key in [
@@ -1178,6 +1179,7 @@ mod tests {
             "reason",
             "version",
             "last_exit_reason",
+            "signature",
             "next_retry_at",
             "last_used",
             "last_execution_time_ms",
