@@ -233,6 +233,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_encrypted_key_needs_its_password() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (key, _, id) = keygen(tmp.path(), "locked", Some("s3cret".into())).unwrap();
+        let err = read_secret_key(&key, None).unwrap_err();
+        assert!(err.contains(PASSWORD_ENV), "{err}");
+        let err = read_secret_key(&key, Some("wrong".into())).unwrap_err();
+        assert!(err.ends_with("Wrong password for that key"), "{err}");
+        let secret = read_secret_key(&key, Some("s3cret".into())).unwrap();
+        assert_eq!(key_id(secret.keynum()), id);
+    }
+
+    #[test]
     fn key_ids_are_printed_as_minisign_prints_them() {
         assert_eq!(key_id(&[1, 0, 0, 0, 0, 0, 0, 0xab]), "AB00000000000001");
     }
