@@ -564,6 +564,25 @@ pub enum IntegrityError {
         /// What is wrong with it.
         detail: String,
     },
+    /// Signatures are required (`--require-signed`) and the plugin's is not
+    /// `signed` by a trusted key. Reads `signature required, but the
+    /// plugin is modified: libfoo.so changed after signing (…)`.
+    #[error("signature required, but the plugin is {status}: {detail}")]
+    SignatureRequired {
+        /// `unsigned`, `modified` or `invalid`.
+        status: String,
+        /// Which file, key or signature, and what is wrong with it.
+        detail: String,
+    },
+    /// A checked file was different when it was loaded (swapped or
+    /// rewritten between the check and the load).
+    #[error("{subject} changed between its check and its load: {detail}")]
+    ChangedSinceCheck {
+        /// The file (`libfoo.so`) or tree.
+        subject: String,
+        /// The digests, or why it could not be read again.
+        detail: String,
+    },
 }
 
 impl IntegrityError {

@@ -23,6 +23,16 @@ pub use forgesyte_protocol::ToolSpec as ToolInfo;
 pub trait Importer: Send + Sync + std::fmt::Debug {
     /// Opens the library at `path` and checks it speaks the host's ABI.
     fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError>;
+
+    /// Opens the library whose checked bytes are `bytes` (read from `path`
+    /// and compared with their signed or pinned digest), so that what is
+    /// loaded is what was checked. The native importer loads the bytes
+    /// themselves; the default (importers that cannot load from memory,
+    /// the fakes) opens `path`.
+    fn open_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        let _ = bytes;
+        self.open(path)
+    }
 }
 
 /// An opened plugin library. Libraries are never unloaded.

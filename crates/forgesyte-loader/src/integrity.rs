@@ -65,13 +65,18 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The digest of one file, read through `fs`.
 pub fn file_digest(fs: &dyn FileSystem, path: &Path) -> io::Result<String> {
+    Ok(sha256_hex(&read_hashed(fs, path)?))
+}
+
+/// The bytes of one file to be hashed (at most 4 GiB), read through `fs`.
+pub fn read_hashed(fs: &dyn FileSystem, path: &Path) -> io::Result<Vec<u8>> {
     let bytes = fs.read(path, MAX_HASHED_BYTES)?;
     if bytes.len() as u64 > MAX_HASHED_BYTES {
         return Err(io::Error::other(format!(
             "larger than the {MAX_HASHED_BYTES}-byte limit"
         )));
     }
-    Ok(sha256_hex(&bytes))
+    Ok(bytes)
 }
 
 /// The canonical listing of a Python source tree (see the [module
@@ -80,11 +85,7 @@ pub fn file_digest(fs: &dyn FileSystem, path: &Path) -> io::Result<String> {
 pub fn python_tree_listing(fs: &dyn FileSystem, dir: &Path) -> io::Result<String> {
     let mut files = BTreeMap::new();
     collect_py(fs, dir, "", &mut files)?;
-    let mut listing = String::new();
-    for (rel, digest) in files {
-        let _ = writeln!(listing, "{digest}  {rel}");
-    }
-    Ok(listing)
+    Ok(format_listing(&hash_files(fs, &files)?))
 }
 
 /// The digest of a Python source tree: SHA-256 of its
@@ -93,11 +94,70 @@ pub fn python_tree_digest(fs: &dyn FileSystem, dir: &Path) -> io::Result<String>
     Ok(sha256_hex(python_tree_listing(fs, dir)?.as_bytes()))
 }
 
+/// The files a plugin in `dir` loads, by path relative to `dir`
+/// (`/`-separated): `manifest.json` (when it is on disk), a native
+/// plugin's library as [`Target::of`] names it (whether or not it exists),
+/// or every `*.py` file of a Python plugin's tree as the [module
+/// documentation](self) defines it. The one enumeration behind the pins'
+/// tree digest and the signed list (`crate::signature`).
+pub fn loadable_files(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    manifest: &Manifest,
+) -> io::Result<BTreeMap<String, PathBuf>> {
+    let mut files = BTreeMap::new();
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if fs.exists(&manifest_path) {
+        files.insert(MANIFEST_FILE.to_owned(), manifest_path);
+    }
+    match Target::of(dir, manifest) {
+        Target::PythonTree(tree) => collect_py(fs, &tree, "", &mut files)?,
+        Target::File(library) => {
+            let rel = library
+                .strip_prefix(dir)
+                .ok()
+                .and_then(Path::to_str)
+                .filter(|rel| !rel.contains('\n'))
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{} cannot be listed", library.display()),
+                    )
+                })?
+                .to_owned();
+            files.insert(rel, library);
+        }
+    }
+    Ok(files)
+}
+
+/// The digest of each file of `files` (relative path → path), by the same
+/// relative path.
+pub fn hash_files(
+    fs: &dyn FileSystem,
+    files: &BTreeMap<String, PathBuf>,
+) -> io::Result<BTreeMap<String, String>> {
+    files
+        .iter()
+        .map(|(rel, path)| Ok((rel.clone(), file_digest(fs, path)?)))
+        .collect()
+}
+
+/// `digests` (relative path → digest) as `sha256sum` prints them: one
+/// `<digest>  <relative path>\n` line per file, sorted by path (bytewise).
+pub fn format_listing(digests: &BTreeMap<String, String>) -> String {
+    let mut listing = String::new();
+    for (rel, digest) in digests {
+        let _ = writeln!(listing, "{digest}  {rel}");
+    }
+    listing
+}
+
 fn collect_py(
     fs: &dyn FileSystem,
     dir: &Path,
     prefix: &str,
-    files: &mut BTreeMap<String, String>,
+    files: &mut BTreeMap<String, PathBuf>,
 ) -> io::Result<()> {
     for entry in fs.read_dir(dir)? {
         let Some(name) = entry.name.to_str() else {
@@ -124,7 +184,7 @@ fn collect_py(
             continue;
         }
         if name.ends_with(".py") && fs.metadata(&entry.path)?.is_file {
-            files.insert(rel, file_digest(fs, &entry.path)?);
+            files.insert(rel, entry.path.clone());
         }
     }
     Ok(())
@@ -237,15 +297,16 @@ pub fn read_lock(fs: &dyn FileSystem, plugins_dir: &Path) -> Result<Option<Lock>
 
 /// Checks `target`'s digest against every pin (`(who pins it, digest)`),
 /// hashing it once, only when there is a pin. `dir` is the plugin
-/// directory, for naming the target.
+/// directory, for naming the target. Returns the digest that matched
+/// (`None`: no pin, nothing hashed).
 pub fn verify(
     fs: &dyn FileSystem,
     dir: &Path,
     target: &Target,
     pins: &[(String, String)],
-) -> Result<(), IntegrityError> {
+) -> Result<Option<String>, IntegrityError> {
     if pins.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let subject = target.describe(dir);
     let actual = target.digest(fs).map_err(|e| IntegrityError::Unreadable {
@@ -262,7 +323,7 @@ pub fn verify(
             });
         }
     }
-    Ok(())
+    Ok(Some(actual))
 }
 
 /// What `forgesyte lock` found in a plugins directory.
@@ -451,9 +512,12 @@ mod tests {
         std::fs::write(&lib, "").unwrap();
         let target = Target::File(lib);
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(verify(&RealFs, tmp.path(), &target, &[]), Ok(()));
+        assert_eq!(verify(&RealFs, tmp.path(), &target, &[]), Ok(None));
         let pins = [("the manifest".to_owned(), EMPTY.to_ascii_uppercase())];
-        assert_eq!(verify(&RealFs, tmp.path(), &target, &pins), Ok(()));
+        assert_eq!(
+            verify(&RealFs, tmp.path(), &target, &pins),
+            Ok(Some(EMPTY.to_owned()))
+        );
         let pins = [
             ("the manifest".to_owned(), EMPTY.to_owned()),
             ("the lock file /p/forgesyte.lock".to_owned(), abc.to_owned()),

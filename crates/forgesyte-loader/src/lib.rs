@@ -79,6 +79,7 @@ mod pipeline;
 pub mod process;
 pub mod python;
 pub mod sandbox;
+pub mod signature;
 mod slot;
 mod supervise;
 

@@ -59,6 +59,46 @@ impl Importer for NativeImporter {
     fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
         NativeLibrary::open(path).map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
     }
+
+    /// Loads `bytes` themselves: copied into a sealed memory file
+    /// (`memfd_create`, then no write, grow or shrink is possible), which
+    /// is inspected and `dlopen`ed as `/proc/self/fd/N`. What runs is
+    /// exactly what was hashed, whatever happens to `path` meanwhile.
+    /// Errors name `path`. The library's own path is then that memory
+    /// file: `$ORIGIN` in its run path does not find its directory.
+    fn open_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        let fd = sealed_memfd(path, bytes).map_err(|e| ImportError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
+        })?;
+        let load = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        ));
+        // The mapping made by dlopen keeps the memory file alive; the
+        // descriptor is closed when `fd` drops.
+        NativeLibrary::open_at(&load, path).map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
+    }
+}
+
+/// A memory file holding `bytes`, sealed against any change.
+fn sealed_memfd(path: &Path, bytes: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    use std::io::Write as _;
+    let name = path
+        .file_name()
+        .map_or_else(|| "plugin".to_owned(), |n| n.to_string_lossy().into_owned());
+    let fd = rustix::fs::memfd_create(
+        name.replace('\0', "_").as_str(),
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    rustix::fs::fcntl_add_seals(
+        &file,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )?;
+    Ok(file.into())
 }
 
 /// An opened plugin library and its vtable.
@@ -84,13 +124,28 @@ impl NativeLibrary {
     /// and checks the ABI version before anything else of the plugin is
     /// called.
     pub fn open(path: &Path) -> Result<Self, ImportError> {
-        let fingerprint = inspect(path)?;
+        Self::open_at(path, path)
+    }
+
+    /// [`open`](Self::open) of the file at `load` (e.g. `/proc/self/fd/N`),
+    /// naming it `path` in errors and reasons.
+    fn open_at(load: &Path, path: &Path) -> Result<Self, ImportError> {
+        if !load.is_file() {
+            return Err(ImportError::LibraryNotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        let fingerprint = vet_fingerprint(path, check_elf(load, path)?, &Fingerprint::current())?;
         // SAFETY: opening a library runs its initialisers. That is the point
         // of an in-process plugin; the file was named by the operator's
         // plugin directory, and the dependency checker never reaches here
         // for libraries it only needs to find.
-        let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) }
-            .map_err(|e| classify_open_error(path, &error_chain(&e)))?;
+        let library = unsafe { Library::open(Some(load), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) }
+            .map_err(|e| {
+            let message =
+                error_chain(&e).replace(&*load.to_string_lossy(), &path.to_string_lossy());
+            classify_open_error(path, &message)
+        })?;
         type Entry = unsafe extern "C" fn() -> *const PluginVTable;
         // SAFETY: the symbol, when present, is the SDK's entry function with
         // exactly this signature (SPEC §6); a foreign symbol of the same name
@@ -154,7 +209,7 @@ pub fn inspect(path: &Path) -> Result<Option<Fingerprint>, ImportError> {
             path: path.to_path_buf(),
         });
     }
-    let found = check_elf(path)?;
+    let found = check_elf(path, path)?;
     vet_fingerprint(path, found, &Fingerprint::current())
 }
 
@@ -390,7 +445,10 @@ fn c_str(ptr: *const std::ffi::c_char) -> String {
 /// would crash on (a truncated library makes glibc's loader touch mapped
 /// pages past the end of the file: SIGBUS) are rejected with a reason; then
 /// reads the fingerprint section, `None` when there is none.
-fn check_elf(path: &Path) -> Result<Option<Result<Fingerprint, FingerprintError>>, ImportError> {
+fn check_elf(
+    load: &Path,
+    path: &Path,
+) -> Result<Option<Result<Fingerprint, FingerprintError>>, ImportError> {
     use object::ReadRef as _;
     use object::elf::{ET_DYN, FileHeader64, PT_LOAD};
     use object::read::elf::{FileHeader as _, ProgramHeader as _, SectionHeader as _};
@@ -399,7 +457,7 @@ fn check_elf(path: &Path) -> Result<Option<Result<Fingerprint, FingerprintError>
         path: path.to_path_buf(),
         detail,
     };
-    let file = std::fs::File::open(path).map_err(|e| ImportError::Open {
+    let file = std::fs::File::open(load).map_err(|e| ImportError::Open {
         path: path.to_path_buf(),
         detail: e.to_string(),
     })?;

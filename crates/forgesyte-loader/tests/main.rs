@@ -6,6 +6,8 @@
 //!   fault at construction and at tool time, supervision, concurrency,
 //!   chaos, reload and preflight.
 //! - `shutdown`: `Loader::shutdown` stops restarts of isolated plugins.
+//! - `signature`: signed plugins at load; files swapped between the
+//!   signature check and the load.
 //! - `python`: Python plugins with the real interpreter and the host's
 //!   Python runner (GREEN checklist, calls, faults, conformance; numpy and
 //!   pydantic results under the test virtualenv).
@@ -28,4 +30,5 @@ mod pipeline;
 mod python;
 mod rescan;
 mod shutdown;
+mod signature;
 mod test_venv;

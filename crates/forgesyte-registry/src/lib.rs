@@ -145,5 +145,5 @@ pub use registry::{CallGuard, Registry, Snapshot};
 pub use state::{ParseStateError, PluginLifecycleState};
 pub use status::{
     AVERAGE_WINDOW, ExitInfo, HISTORY_LEN, JOURNAL_LEN, JournalEntry, PluginInfo, PluginStatus,
-    Transition,
+    SignatureInfo, SignatureState, Transition,
 };

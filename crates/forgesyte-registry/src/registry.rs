@@ -491,6 +491,24 @@ impl Registry {
         })
     }
 
+    /// Records what the loader found of the plugin's signature (`None`:
+    /// not checked). Changes no state.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`].
+    pub fn set_signature(
+        &self,
+        name: &str,
+        signature: Option<crate::SignatureInfo>,
+    ) -> Result<(), RegistryError> {
+        let signature = signature.map(Arc::new);
+        self.update(name, |entry, _| {
+            entry.signature = signature;
+            Ok(())
+        })
+    }
+
     /// Sets (or, with `None`, clears) when the supervisor will next try to
     /// restart the plugin. Changes no state.
     ///
@@ -1300,7 +1318,8 @@ mod tests {
                 "in_flight",
                 "last_exit_reason",
                 "next_retry_at",
-                "restart_count"
+                "restart_count",
+                "signature"
             ]
         );
         for key in [
@@ -1308,6 +1327,7 @@ mod tests {
             "reason",
             "version",
             "last_exit_reason",
+            "signature",
             "next_retry_at",
             "confinement",
             "last_used",

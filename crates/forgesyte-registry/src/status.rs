@@ -76,6 +76,50 @@ pub struct PluginStatus {
     /// `env`: what is enforced, or `unconfined: why`); `null` for a plugin
     /// that runs unconfined (in-process, or confinement turned off).
     pub confinement: Option<BTreeMap<String, String>>,
+    /// The plugin's signature as the loader found it; `null` when it was
+    /// not checked (a bad manifest, or not loaded yet).
+    pub signature: Option<SignatureInfo>,
+}
+
+/// What the loader found of a plugin's signature (plain data: the
+/// registry only stores and shows it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureInfo {
+    /// Signed, unsigned, modified or invalid.
+    pub status: SignatureState,
+    /// The signing key's id, 16 upper-case hex digits as minisign prints
+    /// it (`signed`, and `modified` when the signature itself verified).
+    pub key_id: Option<String>,
+    /// What is wrong (`modified`, `invalid`) or missing (`unsigned`).
+    pub detail: Option<String>,
+}
+
+/// A plugin's signature status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureState {
+    /// Signed by a trusted key, and every file the plugin loads is listed
+    /// with its current digest.
+    Signed,
+    /// No signature files.
+    Unsigned,
+    /// The signature verifies, but a file changed after signing, or a
+    /// loadable file is not in the signed list.
+    Modified,
+    /// A bad or unparsable signature or list, or an untrusted key.
+    Invalid,
+}
+
+impl SignatureState {
+    /// Its name as shown (`signed`, `unsigned`, `modified`, `invalid`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignatureState::Signed => "signed",
+            SignatureState::Unsigned => "unsigned",
+            SignatureState::Modified => "modified",
+            SignatureState::Invalid => "invalid",
+        }
+    }
 }
 
 /// One entry of a plugin's failure journal: a move into `FAILED` or
@@ -175,6 +219,7 @@ pub(crate) struct Entry {
     pub(crate) next_retry_at: Option<DateTime<Utc>>,
     pub(crate) confinement: Option<Arc<BTreeMap<String, String>>>,
     pub(crate) journal: Arc<VecDeque<JournalEntry>>,
+    pub(crate) signature: Option<Arc<SignatureInfo>>,
 }
 
 impl Entry {
@@ -205,6 +250,7 @@ impl Entry {
             next_retry_at: None,
             confinement: None,
             journal: Arc::new(VecDeque::new()),
+            signature: None,
         }
     }
 
@@ -281,6 +327,7 @@ impl Entry {
             last_exit_reason: self.last_exit_reason.as_deref().map(str::to_owned),
             next_retry_at: self.next_retry_at.map(rfc3339),
             confinement: self.confinement.as_deref().cloned(),
+            signature: self.signature.as_deref().cloned(),
         }
     }
 }

@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use forgesyte_loader::signature::TrustedKeys;
 use forgesyte_loader::{Isolation, LoaderConfig};
 
 use crate::admin::AdminToken;
@@ -119,9 +120,28 @@ pub struct ServerConfig {
     /// Rescan the plugins directory when files under it change (`serve
     /// --watch`, `FORGESYTE_WATCH`), debounced; for plugin development.
     pub watch: bool,
+    /// Directory of the minisign public keys (`*.pub`) plugin signatures
+    /// are checked against (`--trusted-keys`, `FORGESYTE_TRUSTED_KEYS`).
+    pub trusted_keys_dir: Option<PathBuf>,
+    /// Refuse every plugin not `signed` by a trusted key
+    /// (`--require-signed`, `FORGESYTE_REQUIRE_SIGNED`).
+    pub require_signed: bool,
 }
 
 impl ServerConfig {
+    /// The keys of [`trusted_keys_dir`](Self::trusted_keys_dir) (none
+    /// when it is unset).
+    ///
+    /// # Errors
+    ///
+    /// The directory or one of its `*.pub` files cannot be read or parsed.
+    pub fn trusted_keys(&self) -> Result<TrustedKeys, String> {
+        match &self.trusted_keys_dir {
+            Some(dir) => TrustedKeys::load(dir),
+            None => Ok(TrustedKeys::default()),
+        }
+    }
+
     /// The loader settings these server settings imply.
     pub fn loader_config(&self) -> LoaderConfig {
         LoaderConfig {
@@ -134,6 +154,13 @@ impl ServerConfig {
             python_entry_points: self.python_entry_points,
             confine: self.confine,
             runner_user: self.runner_user,
+            // A trust store that became unreadable since startup checked
+            // it trusts nothing (fail closed).
+            trusted_keys: self.trusted_keys().unwrap_or_else(|e| {
+                tracing::error!("{e}: no key is trusted");
+                TrustedKeys::default()
+            }),
+            require_signed: self.require_signed,
             ..LoaderConfig::default()
         }
     }
@@ -163,6 +190,8 @@ impl Default for ServerConfig {
             confine: true,
             runner_user: None,
             watch: false,
+            trusted_keys_dir: None,
+            require_signed: false,
         }
     }
 }

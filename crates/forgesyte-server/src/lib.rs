@@ -95,6 +95,7 @@ mod rescan;
 mod respond;
 mod router;
 mod server;
+pub mod signing;
 mod state;
 mod tools;
 mod ui;

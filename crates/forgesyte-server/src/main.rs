@@ -113,6 +113,14 @@ enum Command {
     /// comment naming where it came from (flag, env NAME, file PATH,
     /// default).
     Config(ConfigArgs),
+    /// Generate a minisign key pair for signing plugins: OUT/NAME.key
+    /// (mode 0600; encrypted with FORGESYTE_KEY_PASSWORD, or
+    /// `--unencrypted`) and OUT/NAME.pub (for the server's trusted keys).
+    Keygen(KeygenArgs),
+    /// Sign a plugin directory: write DIR/forgesyte.sig.list (the SHA-256
+    /// of every file the plugin loads) and its signature
+    /// DIR/forgesyte.sig.list.minisig.
+    Sign(SignArgs),
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +131,31 @@ struct ConfigArgs {
     print: bool,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Directory the key files are written to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// File name of the keys: NAME.key and NAME.pub.
+    #[arg(long, value_name = "NAME", default_value = "forgesyte")]
+    name: String,
+    /// Store the secret key without a password (for automation; keep
+    /// the file private).
+    #[arg(long)]
+    unencrypted: bool,
+}
+
+#[derive(Debug, Args)]
+struct SignArgs {
+    /// The plugin directory (holding manifest.json).
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+    /// The secret key (from `forgesyte keygen`; an encrypted one needs
+    /// FORGESYTE_KEY_PASSWORD).
+    #[arg(long, value_name = "KEY")]
+    key: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +294,15 @@ struct LoaderArgs {
     /// on `PATH`) sees, after the plugins directory.
     #[arg(long, env = "FORGESYTE_PYTHON_ENTRY_POINTS", value_parser = clap::builder::BoolishValueParser::new())]
     python_entry_points: bool,
+    /// Directory of trusted minisign public keys (`*.pub`) that plugin
+    /// signatures are checked against.
+    #[arg(long, value_name = "DIR", env = "FORGESYTE_TRUSTED_KEYS")]
+    trusted_keys: Option<PathBuf>,
+    /// Refuse (FAILED) every plugin whose signature is not `signed` by a
+    /// trusted key, before any of its code is opened; by default
+    /// signatures are only reported.
+    #[arg(long, env = "FORGESYTE_REQUIRE_SIGNED", value_parser = clap::builder::BoolishValueParser::new())]
+    require_signed: bool,
     /// Confine the runners of isolated and Python plugins: read-only access
     /// to what they need (Landlock), writes to their scratch directory only,
     /// no network unless the manifest says `"network": true`, and only the
@@ -322,6 +364,8 @@ impl LoaderArgs {
                 "the server runs as root, and so do its plugin runners: set --runner-user to an unprivileged user"
             );
         }
+        config.trusted_keys_dir = self.trusted_keys.filter(|p| !p.as_os_str().is_empty());
+        config.require_signed = self.require_signed;
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);
@@ -490,6 +534,14 @@ fn main() -> ExitCode {
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
         Command::Config(_) => print_config(&layered),
+        Command::Keygen(args) => ExitCode::from(forgesyte_server::signing::keygen(
+            &args.out,
+            &args.name,
+            args.unencrypted,
+        )),
+        Command::Sign(args) => {
+            ExitCode::from(forgesyte_server::signing::sign(&args.dir, &args.key))
+        }
     }
 }
 
@@ -629,6 +681,7 @@ impl ServeArgs {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (mut config, admin_token_file) = args.config();
+    config.trusted_keys().map_err(anyhow::Error::msg)?;
     config.admin_token = admin_token(
         std::env::var_os("FORGESYTE_ADMIN_TOKEN"),
         admin_token_file.as_deref(),
@@ -671,6 +724,10 @@ fn run_check(args: CheckArgs) -> ExitCode {
     let json = args.json;
     let mut config = ServerConfig::default();
     args.loader.apply(&mut config);
+    if let Err(e) = config.trusted_keys() {
+        eprintln!("forgesyte check: {e}");
+        return ExitCode::from(2);
+    }
     if !args.dir.is_dir() {
         eprintln!(
             "forgesyte check: {}",
@@ -859,7 +916,11 @@ mod tests {
             let loader = match cli.command {
                 Command::Serve(args) => args.loader,
                 Command::Check(args) => args.loader,
-                Command::New(_) | Command::Lock(_) | Command::Config(_) => {
+                Command::New(_)
+                | Command::Lock(_)
+                | Command::Config(_)
+                | Command::Keygen(_)
+                | Command::Sign(_) => {
                     panic!("expected {command}")
                 }
             };

@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 
 use forgesyte_loader::ToolInfo;
-use forgesyte_registry::{JournalEntry, PluginLifecycleState, PluginStatus};
+use forgesyte_registry::{
+    JournalEntry, PluginLifecycleState, PluginStatus, SignatureInfo, SignatureState,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -100,6 +102,57 @@ pub struct PluginStatusJson {
     /// `--confine off`).
     #[schema(required = true)]
     pub confinement: Option<BTreeMap<String, String>>,
+    /// The plugin's signature; null when it was not checked (a bad
+    /// manifest).
+    #[schema(required = true)]
+    pub signature: Option<SignatureJson>,
+}
+
+/// What the host found of a plugin's signature (`forgesyte sign`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(as = Signature)]
+pub struct SignatureJson {
+    /// `signed` (by a trusted key, every loaded file as signed),
+    /// `unsigned` (no signature files), `modified` (the signature
+    /// verifies but a file changed or is not listed) or `invalid` (bad
+    /// signature or list, or an untrusted key).
+    pub status: SignatureStateJson,
+    /// The signing key's id (16 hex digits, as minisign prints it).
+    #[schema(required = true)]
+    pub key_id: Option<String>,
+    /// What is wrong or missing: the file, key or signature.
+    #[schema(required = true)]
+    pub detail: Option<String>,
+}
+
+/// A signature status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = SignatureState)]
+pub enum SignatureStateJson {
+    /// Signed by a trusted key; every file the plugin loads as signed.
+    Signed,
+    /// No signature files.
+    Unsigned,
+    /// The signature verifies, but a file changed or is not listed.
+    Modified,
+    /// Bad signature or list, or a key that is not trusted.
+    Invalid,
+}
+
+impl From<SignatureInfo> for SignatureJson {
+    fn from(s: SignatureInfo) -> Self {
+        SignatureJson {
+            status: match s.status {
+                SignatureState::Signed => SignatureStateJson::Signed,
+                SignatureState::Unsigned => SignatureStateJson::Unsigned,
+                SignatureState::Modified => SignatureStateJson::Modified,
+                SignatureState::Invalid => SignatureStateJson::Invalid,
+            },
+            key_id: s.key_id,
+            detail: s.detail,
+        }
+    }
 }
 
 impl From<PluginStatus> for PluginStatusJson {
@@ -121,6 +174,7 @@ impl From<PluginStatus> for PluginStatusJson {
             last_exit_reason: s.last_exit_reason,
             next_retry_at: s.next_retry_at,
             confinement: s.confinement,
+            signature: s.signature.map(SignatureJson::from),
         }
     }
 }
@@ -242,12 +296,23 @@ mod tests {
                 },
             )
             .unwrap();
+        registry
+            .set_signature(
+                "p",
+                Some(forgesyte_registry::SignatureInfo {
+                    status: SignatureState::Modified,
+                    key_id: Some("0123456789ABCDEF".into()),
+                    detail: Some("libp.so changed after signing".into()),
+                }),
+            )
+            .unwrap();
         let (status, journal) = registry.status_with_journal("p").unwrap();
         assert!(!journal.is_empty());
         let real = serde_json::to_value(&status).unwrap();
         let wire = serde_json::to_value(PluginStatusJson::from(&status)).unwrap();
         assert_eq!(wire, real);
         assert_eq!(wire["state"], "FAILED");
+        assert_eq!(wire["signature"]["status"], "modified");
         for entry in &journal {
             let real = serde_json::to_value(entry).unwrap();
             let wire = serde_json::to_value(JournalEntryJson::from(entry)).unwrap();

@@ -34,6 +34,8 @@
 //!   calls and named in their log lines;
 //! - `prometheus`: `GET /metrics` scraped by a real Prometheus server,
 //!   checked with PromQL;
+//! - `signatures`: `forgesyte keygen` and `sign`, each signature status
+//!   through `check` and `serve`, and `--require-signed`;
 //! - `scaffold`: `forgesyte new --python` / `--rust` scaffolds, checked,
 //!   built and served as the command prints;
 //! - `sandbox`: confined runners (Python and isolated native) denied what
@@ -92,6 +94,8 @@ mod router;
 mod sandbox;
 #[path = "api/scaffold.rs"]
 mod scaffold;
+#[path = "api/signatures.rs"]
+mod signatures;
 #[path = "api/startup.rs"]
 mod startup;
 #[path = "api/trace.rs"]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::manifest::{self, Isolation};
 use crate::process::ProcessLimits;
+use crate::signature::TrustedKeys;
 use crate::supervise::SupervisionPolicy;
 
 /// Loader settings.
@@ -54,6 +55,14 @@ pub struct LoaderConfig {
     /// The user isolated and Python runners run as (`--runner-user`; only
     /// a root host can drop to it); `None`: the host's own.
     pub runner_user: Option<crate::sandbox::RunAs>,
+    /// The public keys plugin signatures are checked against
+    /// (`--trusted-keys`, `FORGESYTE_TRUSTED_KEYS`; see
+    /// [`crate::signature`]). Empty: every signed plugin is `invalid`.
+    pub trusted_keys: TrustedKeys,
+    /// Refuse (FAILED) every plugin whose signature is not `signed`,
+    /// before anything of it is opened or started (`--require-signed`,
+    /// `FORGESYTE_REQUIRE_SIGNED`). Off: signatures are only reported.
+    pub require_signed: bool,
 }
 
 impl Default for LoaderConfig {
@@ -72,6 +81,8 @@ impl Default for LoaderConfig {
             python_entry_points: false,
             confine: true,
             runner_user: None,
+            trusted_keys: TrustedKeys::default(),
+            require_signed: false,
         }
     }
 }

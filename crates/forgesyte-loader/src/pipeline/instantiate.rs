@@ -27,13 +27,16 @@ impl Loader {
         p: &Pending,
         known: &BTreeMap<String, semver::Version>,
     ) -> Result<PluginHandle, PluginError> {
+        // First step: the signature (and, when required, its policy).
+        let signed = self.check_signature(p)?;
         if p.manifest.runtime == Runtime::Python {
-            return self.instantiate_python(p, known);
+            return self.instantiate_python(p, known, &signed);
         }
         self.check_dependencies(p, &self.requirements(p), known)?;
         let library_path = self.resolve_library(p)?;
         // Last step before anything of the plugin is opened or started.
-        self.check_integrity(p, &Target::File(library_path.clone()))?;
+        let target = Target::File(library_path.clone());
+        let pinned = self.check_integrity(p, &target)?;
         let config = self.instance_config(p);
         if self.isolation_of(p) == Isolation::Process {
             let limits = self.config.process.with_manifest(&p.manifest.limits);
@@ -41,13 +44,16 @@ impl Loader {
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
                     .with_runner_args(self.config.runner_args.clone());
             let importer = self.confine(p, importer)?;
-            return self.instantiate_isolated(p, importer, library_path, config);
+            let handle = self.instantiate_isolated(p, importer, library_path, config)?;
+            return self.recheck_started(p, &target, &signed, handle);
         }
         if self.config.preflight || p.manifest.preflight {
             self.preflight(p, &library_path, &config)?;
+            self.recheck(p, &target, &signed)?;
         }
         // A library opened before (a rescan found it changed) is opened
-        // again under a new file identity; the old mapping stays.
+        // again under a new file identity; the old mapping stays. (Checked
+        // bytes are loaded from a memfd of their own: a new identity too.)
         let open_path =
             self.identities
                 .path_to_open(&library_path)
@@ -55,7 +61,7 @@ impl Loader {
                     path: library_path.clone(),
                     detail: format!("cannot copy it to open it again under a new identity: {e}"),
                 })?;
-        let library = self.importer.open(&open_path)?;
+        let library = self.open_checked(p, &library_path, &open_path, &signed, pinned)?;
         self.identities.opened(&library_path);
         let instance = library.instantiate(&config)?;
         Ok(PluginHandle::new(
@@ -86,7 +92,12 @@ impl Loader {
     /// directory (both must match). The lock file is `forgesyte.lock` in the
     /// directory that holds the plugin directory; installed entry-point
     /// plugins are pinned by their manifest only.
-    fn check_integrity(&self, p: &Pending, target: &Target) -> Result<(), PluginError> {
+    /// Returns the digest that matched (`None`: no pin).
+    pub(super) fn check_integrity(
+        &self,
+        p: &Pending,
+        target: &Target,
+    ) -> Result<Option<String>, PluginError> {
         let mut pins = Vec::new();
         if let Some(pin) = &p.manifest.sha256 {
             pins.push(("the manifest".to_owned(), pin.clone()));
@@ -105,8 +116,7 @@ impl Loader {
                 line.sha256.clone(),
             ));
         }
-        integrity::verify(self.fs.as_ref(), &p.dir, target, &pins)?;
-        Ok(())
+        Ok(integrity::verify(self.fs.as_ref(), &p.dir, target, &pins)?)
     }
 
     /// Fails with the dependency error when something `req` asks for is
@@ -155,6 +165,7 @@ impl Loader {
         &self,
         p: &Pending,
         known: &BTreeMap<String, semver::Version>,
+        signed: &BTreeMap<String, String>,
     ) -> Result<PluginHandle, PluginError> {
         let interpreter = self.interpreter(p).map_err(|wanted| {
             PluginError::from(DependencyError::new(
@@ -164,7 +175,8 @@ impl Loader {
         })?;
         self.check_dependencies(p, &self.requirements(p), known)?;
         // Last step before the runner is started.
-        self.check_integrity(p, &Target::PythonTree(p.dir.clone()))?;
+        let target = Target::PythonTree(p.dir.clone());
+        self.check_integrity(p, &target)?;
         let entry = p.manifest.python_entry();
         let code = match &entry {
             PythonEntry::File { file, .. } => manifest::join_inside(&p.dir, file),
@@ -178,7 +190,8 @@ impl Loader {
         }
         let importer = self.confine(p, importer)?;
         let config = self.instance_config(p);
-        self.instantiate_isolated(p, importer, code, config)
+        let handle = self.instantiate_isolated(p, importer, code, config)?;
+        self.recheck_started(p, &target, signed, handle)
     }
 
     /// Confines the plugin's runners when the host confines runners (its

@@ -12,6 +12,8 @@
 //! - [`registration`]: registry keys, final states, outcomes;
 //! - [`instantiate`]: one plugin from dependencies to a [`crate::PluginHandle`];
 //! - [`waves`]: dependency order and the parallel waves;
+//! - [`verified`]: signatures and checked bytes at load (used by
+//!   `instantiate`);
 //! - [`load`]: a load pass; [`reload`]: a reload pass; [`rescan`]: the
 //!   plugins directory discovered again (added, changed, removed), on top
 //!   of both; [`stamp`]: the change stamp it compares (leaf).
@@ -27,6 +29,7 @@ mod reload;
 mod report;
 mod rescan;
 mod stamp;
+mod verified;
 mod waves;
 
 pub use config::LoaderConfig;

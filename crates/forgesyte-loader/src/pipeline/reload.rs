@@ -141,6 +141,7 @@ impl Loader {
                 Err(bad) => {
                     let BadManifest { raw, error } = *bad;
                     let _ = self.registry.mark_loaded(name, None);
+                    let _ = self.registry.set_signature(name, None);
                     if let Some(e) = self.entries.write().get_mut(name) {
                         e.raw = raw.map(Arc::new);
                         e.optional = false;

@@ -598,6 +598,9 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_LOG_FORMAT",
         "FORGESYTE_CONFIG",
         "FORGESYTE_WATCH",
+        "FORGESYTE_TRUSTED_KEYS",
+        "FORGESYTE_REQUIRE_SIGNED",
+        "FORGESYTE_KEY_PASSWORD",
     ] {
         command.env_remove(var);
     }

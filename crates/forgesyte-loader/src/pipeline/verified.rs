@@ -1,0 +1,144 @@
+//! The load's side of plugin signatures and of checked bytes: the
+//! signature check and its policy (first step of instantiation), opening
+//! an in-process library from the very bytes that were checked, and the
+//! re-check after a runner started (isolated native and Python plugins,
+//! preflight), whose code the host does not load itself.
+//!
+//! What a signature is and how it is verified is [`crate::signature`]'s;
+//! this file only decides when, and what a result means for the plugin.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use forgesyte_errors::{IntegrityError, PluginError};
+
+use super::loader::{Loader, Pending};
+use crate::handle::PluginHandle;
+use crate::host::PluginLibrary;
+use crate::integrity::{self, Target};
+use crate::manifest;
+use crate::signature::{self, SignatureState};
+
+impl Loader {
+    /// Checks the plugin's signature and records it in the registry.
+    /// With [`require_signed`](super::LoaderConfig::require_signed),
+    /// anything but `signed` is an [`IntegrityError::SignatureRequired`].
+    /// Returns the signed digests (empty unless `signed`).
+    pub(super) fn check_signature(
+        &self,
+        p: &Pending,
+    ) -> Result<BTreeMap<String, String>, PluginError> {
+        let checked = signature::check(
+            self.fs.as_ref(),
+            &p.dir,
+            &p.manifest,
+            &self.config.trusted_keys,
+        );
+        let info = &checked.info;
+        if info.status != SignatureState::Unsigned {
+            tracing::info!(
+                plugin = %p.name,
+                signature = info.status.as_str(),
+                key_id = info.key_id.as_deref().unwrap_or("-"),
+                detail = info.detail.as_deref().unwrap_or(""),
+                "Signature of {}: {}",
+                p.name,
+                info.status.as_str()
+            );
+        }
+        let _ = self.registry.set_signature(&p.name, Some(info.clone()));
+        if self.config.require_signed && info.status != SignatureState::Signed {
+            return Err(IntegrityError::SignatureRequired {
+                status: info.status.as_str().to_owned(),
+                detail: info.detail.clone().unwrap_or_default(),
+            }
+            .into());
+        }
+        Ok(checked.digests)
+    }
+
+    /// Opens an in-process plugin's library. When its digest was checked
+    /// (signed, or pinned: `pinned`), the file is read once, its bytes
+    /// compared with that digest, and exactly those bytes are loaded
+    /// ([`Importer::open_bytes`](crate::host::Importer::open_bytes)); a file
+    /// changed since the check is an [`IntegrityError::ChangedSinceCheck`].
+    /// An unchecked library is opened at `open_path` (its own path, or a
+    /// copy under a new identity when a rescan found it changed).
+    pub(super) fn open_checked(
+        &self,
+        p: &Pending,
+        library: &Path,
+        open_path: &Path,
+        signed: &BTreeMap<String, String>,
+        pinned: Option<String>,
+    ) -> Result<Arc<dyn PluginLibrary>, PluginError> {
+        let rel = library
+            .strip_prefix(&p.dir)
+            .ok()
+            .map(|rel| rel.to_string_lossy().into_owned());
+        let expected = rel
+            .as_ref()
+            .and_then(|rel| signed.get(rel).cloned())
+            .or(pinned);
+        let Some(expected) = expected else {
+            return Ok(self.importer.open(open_path)?);
+        };
+        let subject = rel.unwrap_or_else(|| library.display().to_string());
+        let changed = |detail: String| IntegrityError::ChangedSinceCheck {
+            subject: subject.clone(),
+            detail,
+        };
+        let bytes = integrity::read_hashed(self.fs.as_ref(), library)
+            .map_err(|e| changed(format!("cannot read it again: {e}")))?;
+        let now = integrity::sha256_hex(&bytes);
+        if !now.eq_ignore_ascii_case(&expected) {
+            return Err(changed(format!("sha256 now {now}, checked {expected}")).into());
+        }
+        Ok(self.importer.open_bytes(library, &bytes)?)
+    }
+
+    /// After a runner loaded the plugin's code from its files: checks the
+    /// files again (every signed digest, every pin of `target`). A file
+    /// swapped between the check and the runner's load, and still in
+    /// place, is caught here; the runner is then stopped.
+    pub(super) fn recheck_started(
+        &self,
+        p: &Pending,
+        target: &Target,
+        signed: &BTreeMap<String, String>,
+        handle: PluginHandle,
+    ) -> Result<PluginHandle, PluginError> {
+        match self.recheck(p, target, signed) {
+            Ok(()) => Ok(handle),
+            Err(err) => {
+                handle.retire();
+                Err(err)
+            }
+        }
+    }
+
+    /// The checks of [`recheck_started`](Self::recheck_started), without a
+    /// runner to stop (after a preflight).
+    pub(super) fn recheck(
+        &self,
+        p: &Pending,
+        target: &Target,
+        signed: &BTreeMap<String, String>,
+    ) -> Result<(), PluginError> {
+        for (rel, expected) in signed {
+            let path = manifest::join_inside(&p.dir, rel);
+            let now = integrity::file_digest(self.fs.as_ref(), &path)
+                .unwrap_or_else(|e| format!("unreadable ({e})"));
+            if &now != expected {
+                return Err(IntegrityError::ChangedSinceCheck {
+                    subject: rel.clone(),
+                    detail: format!("sha256 now {now}, signed {expected}"),
+                }
+                .into());
+            }
+        }
+        self.check_integrity(p, target)?;
+        Ok(())
+    }
+}

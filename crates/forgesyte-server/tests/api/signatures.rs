@@ -1,0 +1,329 @@
+//! Plugin signatures through the real binary: `forgesyte keygen` and
+//! `forgesyte sign`, every signature status in `check --json` and the
+//! served health, and `--require-signed` refusing all but `signed`
+//! plugins before any of their code runs.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::support::{Forgesyte, PluginsDir, run_forgesyte};
+
+fn forgesyte(args: &[&str]) -> (i32, String, String) {
+    run_forgesyte(args, &[])
+}
+
+/// `forgesyte keygen --unencrypted` into `dir` as `name`: the key id.
+fn keygen(dir: &Path, name: &str) -> String {
+    let (code, out, err) = forgesyte(&[
+        "keygen",
+        "--out",
+        dir.to_str().unwrap(),
+        "--name",
+        name,
+        "--unencrypted",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Key id "))
+        .unwrap_or_else(|| panic!("no key id in {out}"));
+    assert_eq!(id.len(), 16, "{id}");
+    id.to_owned()
+}
+
+fn sign(dir: &Path, key: &Path) {
+    let (code, out, err) = forgesyte(&[
+        "sign",
+        dir.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("Signed "), "{out}");
+}
+
+fn by_name(list: &Value, name: &str) -> Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {list:#}"))
+        .clone()
+}
+
+fn library_name() -> String {
+    Path::new(forgesyte_tests::zoo::GOOD_LIBRARY)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A Python plugin whose import leaves a file `ran` beside it: proof that
+/// its code ran (or, absent, that it did not).
+fn marker_plugin(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        // Its runner may write its marker into its own directory (the
+        // sandbox allows writes to its scratch directory only otherwise).
+        json!({"name": name, "runtime": "python", "filesystem": {"write": ["."]}}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("plugin.py"),
+        "import pathlib\n\
+         pathlib.Path(__file__).with_name('ran').write_text('imported')\n\
+         class Plugin:\n    name = 'marker'\n    tools = {}\n    def run_tool(self, tool, args):\n        return {}\n",
+    )
+    .unwrap();
+    dir
+}
+
+struct Signed {
+    plugins: PluginsDir,
+    keys: tempfile::TempDir,
+    trusted: PathBuf,
+    author: String,
+    other: String,
+}
+
+/// Plugins in every signature status: `n-signed`, `p-signed` (signed by
+/// the trusted author), `n-modified` (library changed after signing),
+/// `n-untrusted` (signed by another key), `n-forged` (list edited after
+/// signing), `p-unsigned`.
+fn every_status() -> Signed {
+    let plugins = PluginsDir::new();
+    plugins
+        .good("n-signed", json!({}))
+        .good("n-modified", json!({}))
+        .good("n-untrusted", json!({}))
+        .good("n-forged", json!({}))
+        .python("p-signed", "echo")
+        .python("p-unsigned", "echo");
+    let keys = tempfile::tempdir().unwrap();
+    let author = keygen(keys.path(), "author");
+    let other = keygen(keys.path(), "other");
+    let key = keys.path().join("author.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the secret key is private");
+    let root = plugins.path();
+    for name in ["n-signed", "n-modified", "n-forged", "p-signed"] {
+        sign(&root.join(name), &key);
+    }
+    sign(&root.join("n-untrusted"), &keys.path().join("other.key"));
+    // Changed after signing: one byte more in the library.
+    let mut lib = std::fs::OpenOptions::new()
+        .append(true)
+        .open(root.join("n-modified").join(library_name()))
+        .unwrap();
+    lib.write_all(b"\0").unwrap();
+    // The list edited after signing (a digest to match some other file).
+    let list = root.join("n-forged/forgesyte.sig.list");
+    let text = std::fs::read_to_string(&list).unwrap();
+    let first = &text[..1];
+    std::fs::write(
+        &list,
+        text.replacen(first, if first == "0" { "1" } else { "0" }, 1),
+    )
+    .unwrap();
+    // The server trusts the author's public key only.
+    let trusted = keys.path().join("trusted");
+    std::fs::create_dir(&trusted).unwrap();
+    std::fs::copy(keys.path().join("author.pub"), trusted.join("author.pub")).unwrap();
+    Signed {
+        plugins,
+        keys,
+        trusted,
+        author,
+        other,
+    }
+}
+
+#[test]
+fn check_reports_every_signature_status_and_loads_them_all_by_default() {
+    let s = every_status();
+    let (code, out, err) = forgesyte(&[
+        "check",
+        "--json",
+        "--trusted-keys",
+        s.trusted.to_str().unwrap(),
+        s.plugins.path_str(),
+    ]);
+    assert_eq!(code, 0, "the default only reports: {out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    for p in list.as_array().unwrap() {
+        assert_eq!(p["state"], "INITIALIZED", "{p:#}");
+    }
+    let signature = |name: &str| by_name(&list, name)["signature"].clone();
+    for name in ["n-signed", "p-signed"] {
+        assert_eq!(
+            signature(name),
+            json!({"status": "signed", "key_id": s.author, "detail": null}),
+            "{name}"
+        );
+    }
+    let modified = signature("n-modified");
+    assert_eq!(modified["status"], "modified");
+    assert_eq!(modified["key_id"], s.author.as_str());
+    assert!(
+        modified["detail"].as_str().unwrap().starts_with(&format!(
+            "{} changed after signing (sha256 now ",
+            library_name()
+        )),
+        "{modified}"
+    );
+    let untrusted = signature("n-untrusted");
+    assert_eq!(untrusted["status"], "invalid");
+    assert_eq!(untrusted["key_id"], s.other.as_str());
+    assert_eq!(
+        untrusted["detail"],
+        format!(
+            "signed by key {}, which is not among the trusted keys of {}",
+            s.other,
+            s.trusted.display()
+        )
+    );
+    let forged = signature("n-forged");
+    assert_eq!(forged["status"], "invalid");
+    assert!(
+        forged["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("the signature of forgesyte.sig.list does not verify"),
+        "{forged}"
+    );
+    assert_eq!(
+        signature("p-unsigned"),
+        json!({
+            "status": "unsigned",
+            "key_id": null,
+            "detail": "no forgesyte.sig.list and no forgesyte.sig.list.minisig"
+        })
+    );
+    drop(s.keys);
+}
+
+#[test]
+fn require_signed_refuses_all_but_signed_plugins_with_the_reason() {
+    let s = every_status();
+    let (code, out, err) = forgesyte(&[
+        "check",
+        "--json",
+        "--require-signed",
+        "--trusted-keys",
+        s.trusted.to_str().unwrap(),
+        s.plugins.path_str(),
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    for name in ["n-signed", "p-signed"] {
+        assert_eq!(by_name(&list, name)["state"], "INITIALIZED", "{list:#}");
+    }
+    for (name, status) in [
+        ("n-modified", "modified"),
+        ("n-untrusted", "invalid"),
+        ("n-forged", "invalid"),
+        ("p-unsigned", "unsigned"),
+    ] {
+        let p = by_name(&list, name);
+        assert_eq!(p["state"], "FAILED", "{p:#}");
+        let detail = p["signature"]["detail"].as_str().unwrap();
+        assert_eq!(
+            p["reason"],
+            format!("IntegrityError: signature required, but the plugin is {status}: {detail}"),
+            "{p:#}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_plugin_never_runs_and_a_signed_one_does_through_the_environment() {
+    let plugins = PluginsDir::new();
+    let keys = tempfile::tempdir().unwrap();
+    keygen(keys.path(), "author");
+    let trusted = keys.path().join("trusted");
+    std::fs::create_dir(&trusted).unwrap();
+    std::fs::copy(keys.path().join("author.pub"), trusted.join("author.pub")).unwrap();
+    let signed = marker_plugin(plugins.path(), "marked-signed");
+    sign(&signed, &keys.path().join("author.key"));
+    let unsigned = marker_plugin(plugins.path(), "marked-unsigned");
+    let env = [
+        ("FORGESYTE_TRUSTED_KEYS", trusted.to_str().unwrap()),
+        ("FORGESYTE_REQUIRE_SIGNED", "true"),
+    ];
+    let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &env);
+    assert_eq!(code, 1, "{out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(by_name(&list, "marked-signed")["state"], "INITIALIZED");
+    assert_eq!(by_name(&list, "marked-unsigned")["state"], "FAILED");
+    assert!(
+        signed.join("ran").exists(),
+        "the signed plugin was imported"
+    );
+    assert!(
+        !unsigned.join("ran").exists(),
+        "the refused plugin's code ran"
+    );
+}
+
+#[test]
+fn serve_shows_the_signature_in_health_and_list() {
+    let s = every_status();
+    let server = Forgesyte::start(&[
+        "--plugins",
+        s.plugins.path_str(),
+        "--trusted-keys",
+        s.trusted.to_str().unwrap(),
+    ]);
+    server.wait_loaded();
+    let health = server.get("/v1/plugins/n-signed/health").json();
+    assert_eq!(
+        health["signature"],
+        json!({"status": "signed", "key_id": s.author, "detail": null})
+    );
+    let list = server.get("/v1/plugins").json();
+    assert_eq!(
+        by_name(&list, "n-untrusted")["signature"]["status"],
+        "invalid"
+    );
+    // The OpenAPI document describes the field.
+    let doc = server.get("/openapi.json").json();
+    let status = &doc["components"]["schemas"]["PluginStatus"]["properties"]["signature"];
+    assert!(
+        !status.is_null(),
+        "{:#}",
+        doc["components"]["schemas"]["PluginStatus"]
+    );
+    assert!(
+        doc["components"]["schemas"]["Signature"]["properties"]["key_id"].is_object(),
+        "{:#}",
+        doc["components"]["schemas"]
+    );
+}
+
+#[test]
+fn keygen_wants_a_password_or_unencrypted_and_a_bad_trust_store_is_a_usage_error() {
+    let keys = tempfile::tempdir().unwrap();
+    let out_dir = keys.path().to_str().unwrap();
+    let (code, _, err) = forgesyte(&["keygen", "--out", out_dir]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("FORGESYTE_KEY_PASSWORD"), "{err}");
+    assert!(!keys.path().join("forgesyte.key").exists());
+    std::fs::write(keys.path().join("broken.pub"), "not a key\n").unwrap();
+    let plugins = PluginsDir::new();
+    let (code, _, err) = forgesyte(&["check", "--trusted-keys", out_dir, plugins.path_str()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "trusted key {}",
+            keys.path().join("broken.pub").display()
+        )),
+        "{err}"
+    );
+}
