@@ -40,10 +40,12 @@ use std::sync::Arc;
 
 use forgesyte_errors::{ImportError, InitError, ToolError};
 use forgesyte_protocol::abi::{
-    ABI_VERSION, ENTRY_SYMBOL, ENTRY_SYMBOL_C, FsBuffer, PluginBuffer, PluginVTable,
-    STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_OK, STATUS_PANIC, STATUS_UNKNOWN_TOOL,
+    ABI_VERSION, CALL_CONTEXT_SYMBOL_C, CallContextFn, ENTRY_SYMBOL, ENTRY_SYMBOL_C, FsBuffer,
+    PluginBuffer, PluginVTable, STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
+    STATUS_UNKNOWN_TOOL,
 };
 use forgesyte_protocol::fingerprint::{self, Fingerprint, FingerprintError};
+use forgesyte_protocol::wire::CallContext;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 
 use crate::host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
@@ -105,6 +107,9 @@ fn sealed_memfd(path: &Path, bytes: &[u8]) -> std::io::Result<std::os::fd::Owned
 pub struct NativeLibrary {
     path: PathBuf,
     vtable: &'static PluginVTable,
+    /// The plugin's optional `forgesyte_plugin_call_context` (SDKs that
+    /// have it export it; see `CALL_CONTEXT_SYMBOL`).
+    call_context: Option<CallContextFn>,
     fingerprint: Option<Fingerprint>,
     // Kept so the handle lives as long as any instance; RTLD_NODELETE keeps
     // the code mapped even after it is dropped.
@@ -178,9 +183,16 @@ impl NativeLibrary {
         // SAFETY: same ABI version, so the pointee is a `PluginVTable` in a
         // static of a library that is never unmapped (RTLD_NODELETE).
         let vtable: &'static PluginVTable = unsafe { &*ptr };
+        // SAFETY: the symbol, when present, is the SDK's context setter with
+        // exactly this signature (`abi::CallContextFn`); the library stays
+        // mapped (RTLD_NODELETE), so the pointer outlives every use.
+        let call_context = unsafe { library.get::<CallContextFn>(CALL_CONTEXT_SYMBOL_C) }
+            .ok()
+            .map(|sym| *sym);
         Ok(NativeLibrary {
             path: path.to_path_buf(),
             vtable,
+            call_context,
             fingerprint,
             _library: Arc::new(library),
         })
@@ -309,6 +321,7 @@ impl PluginLibrary for NativeLibrary {
         }
         let mut instance = NativeInstance {
             vtable: self.vtable,
+            call_context: self.call_context,
             handle,
             tools: Vec::new(),
         };
@@ -332,6 +345,7 @@ impl PluginLibrary for NativeLibrary {
 /// A live instance in a native library.
 struct NativeInstance {
     vtable: &'static PluginVTable,
+    call_context: Option<CallContextFn>,
     handle: *mut c_void,
     tools: Vec<ToolInfo>,
 }
@@ -353,6 +367,35 @@ impl fmt::Debug for NativeInstance {
 impl PluginInstance for NativeInstance {
     fn tools(&self) -> &[ToolInfo] {
         &self.tools
+    }
+
+    /// Hands the plugin the call's context first (on this thread, which
+    /// runs the call), when the context is not empty and the library takes
+    /// one, and clears it after.
+    #[allow(unsafe_code)]
+    fn call_in(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<Vec<u8>, ToolError> {
+        let set = self.call_context.filter(|_| !context.is_empty());
+        let json = match set {
+            Some(_) => serde_json::to_vec(context).ok(),
+            None => None,
+        };
+        if let (Some(set), Some(json)) = (set, &json) {
+            // SAFETY: `set` is the library's context setter (see `open`);
+            // `json` is live for the call and the plugin copies it.
+            unsafe { set(json.as_ptr(), json.len()) };
+        }
+        let result = self.call_with(tool, args, attachments);
+        if let (Some(set), Some(_)) = (set, &json) {
+            // SAFETY: as above; a null pointer clears the context.
+            unsafe { set(std::ptr::null(), 0) };
+        }
+        result
     }
 
     fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {

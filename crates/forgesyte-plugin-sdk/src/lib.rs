@@ -114,6 +114,9 @@ mod plugin;
 pub mod abi;
 pub mod fingerprint;
 
+pub mod context;
+
+pub use context::{CallContext, current_call, log};
 pub use plugin::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec};
 
 /// Exports a [`Plugin`] type as this library's plugin: emits the
@@ -140,6 +143,20 @@ macro_rules! export_plugin {
             $crate::fingerprint::__retain(&FINGERPRINT);
             static VTABLE: $crate::abi::PluginVTable = $crate::abi::vtable_for::<$plugin>();
             &VTABLE
+        }
+
+        /// The context of the call this thread is about to run (generated
+        /// by `forgesyte_plugin_sdk::export_plugin!`; see
+        /// `forgesyte_plugin_sdk::current_call`).
+        ///
+        /// # Safety
+        ///
+        /// `json` is null, or valid for reads of `len` bytes.
+        #[allow(unsafe_code)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn forgesyte_plugin_call_context(json: *const u8, len: usize) {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { $crate::context::__set_from_host(json, len) }
         }
     };
 }

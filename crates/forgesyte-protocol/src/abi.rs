@@ -93,6 +93,23 @@ pub const ENTRY_SYMBOL_C: &[u8] = b"forgesyte_plugin_entry\0";
 /// The signature of [`ENTRY_SYMBOL`].
 pub type EntryFn = extern "C" fn() -> *const PluginVTable;
 
+/// Name of the optional symbol through which a plugin learns the context
+/// of the call it is about to run (request id, W3C `traceparent`): a
+/// [`CallContextFn`]. Libraries built with an SDK that has it export it
+/// (`export_plugin!`); older ones do not, and are called as before. Not
+/// part of the vtable, so [`ABI_VERSION`] is unchanged.
+pub const CALL_CONTEXT_SYMBOL: &str = "forgesyte_plugin_call_context";
+
+/// [`CALL_CONTEXT_SYMBOL`], NUL-terminated.
+pub const CALL_CONTEXT_SYMBOL_C: &[u8] = b"forgesyte_plugin_call_context\0";
+
+/// The signature of [`CALL_CONTEXT_SYMBOL`]. The host calls it on the
+/// thread that then calls [`PluginVTable::call`], with the context as a JSON
+/// object (`{"request_id": ..., "traceparent": ...}`, UTF-8, `len` bytes at
+/// `json`), and again with a null pointer and 0 once the call returned.
+/// The plugin copies what it needs; the bytes are the host's.
+pub type CallContextFn = unsafe extern "C" fn(json: *const u8, len: usize);
+
 /// Outcome of a call across the boundary; one of the `STATUS_*` constants.
 pub type FsStatus = i32;
 

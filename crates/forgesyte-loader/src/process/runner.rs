@@ -281,8 +281,7 @@ fn handle(
             tool,
             args,
             attachments,
-            // The C ABI (version 1) has no place for it.
-            context: _,
+            context,
         } => {
             let Some(instance) = instance.get() else {
                 let e = ToolError::Protocol {
@@ -302,8 +301,15 @@ fn handle(
                     };
                 }
             };
+            // The plugin reads the context on this thread, through its
+            // SDK's `forgesyte_plugin_call_context` when it has one.
             let outcome = instance
-                .call(&tool, args.get().as_bytes())
+                .call_in(
+                    &tool,
+                    args.get().as_bytes(),
+                    &[],
+                    &context.unwrap_or_default(),
+                )
                 .and_then(|result| {
                     String::from_utf8(result)
                         .map_err(|e| e.to_string())

@@ -1,9 +1,10 @@
 //! Request ids and W3C `traceparent`s reach the plugins with their calls:
 //! a Python plugin sees them (`forgesyte_runner.current_call`) and its log
 //! lines of the call carry them in the server's log (`--log-format json`);
-//! an invalid `traceparent` is not passed on; a native runner takes the
-//! context and serves the call; the host's own lines logged during an
-//! in-process call carry the request's id.
+//! an invalid `traceparent` is not passed on; a native plugin, in process
+//! and isolated, sees them through the SDK's `current_call()` and an
+//! isolated one's `log` lines carry them; the host's own lines logged
+//! during an in-process call carry the request's id.
 
 use serde_json::{Value, json};
 
@@ -154,4 +155,58 @@ fn a_python_plugin_sees_the_request_id_and_traceparent_and_logs_with_them() {
     assert_eq!(reply.status, 502, "{}", reply.text());
     let line = log_line(&server, |m| m.starts_with("✗ Plugin FAILED: native"));
     assert_eq!(line["span"]["request_id"], "abc-789", "{line}");
+}
+
+/// A native plugin copied from the `faulty` fixture (tool `context`: what
+/// the SDK's `current_call()` sees; it also logs through the SDK's `log`),
+/// in process or in its own process.
+fn faulty_as(dir: &PluginsDir, name: &str, isolation: &str) {
+    let library = std::path::Path::new(forgesyte_tests::zoo::FAULTY_LIBRARY);
+    let file = library.file_name().unwrap();
+    let plugin = dir.path().join(name);
+    std::fs::create_dir_all(&plugin).unwrap();
+    std::fs::copy(library, plugin.join(file)).unwrap();
+    let manifest = json!({
+        "name": name,
+        "entrypoint": file.to_str().unwrap(),
+        "isolation": isolation,
+    });
+    std::fs::write(plugin.join("manifest.json"), manifest.to_string()).unwrap();
+}
+
+#[test]
+fn a_native_plugin_sees_the_request_id_and_traceparent_in_process_and_isolated() {
+    let dir = PluginsDir::new();
+    faulty_as(&dir, "native", "in-process");
+    faulty_as(&dir, "isolated", "process");
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--log-format", "json"],
+        &[("RUST_LOG", "info")],
+    );
+    server.wait_loaded();
+    for plugin in ["native", "isolated"] {
+        let id = format!("req-{plugin}");
+        let reply = run_with(
+            &server,
+            plugin,
+            "context",
+            r#"{"args": {}}"#,
+            &[("x-request-id", &id), ("traceparent", TRACEPARENT)],
+        );
+        assert_eq!(reply.status, 200, "{plugin}: {}", reply.text());
+        let result = &reply.json()["result"];
+        assert_eq!(result["request_id"], id.as_str(), "{plugin}: {result}");
+        assert_eq!(result["trace_id"], TRACE_ID, "{plugin}: {result}");
+        // Without headers the server's own id still arrives; no trace.
+        let reply = run_with(&server, plugin, "context", r#"{"args": {}}"#, &[]);
+        let result = &reply.json()["result"];
+        let made = reply.header("x-request-id").unwrap_or_default().to_owned();
+        assert_eq!(result["request_id"], made.as_str(), "{plugin}: {result}");
+        assert_eq!(result["trace_id"], Value::Null, "{plugin}: {result}");
+    }
+    // The isolated plugin's line through the SDK's `log` is logged with
+    // the call's fields.
+    let line = log_line(&server, |m| m.contains("the context tool ran"));
+    assert_eq!(line["fields"]["request_id"], "req-isolated", "{line}");
+    assert_eq!(line["fields"]["trace_id"], TRACE_ID, "{line}");
 }

@@ -1,0 +1,94 @@
+//! The context of the call a tool runs for: the request id of the HTTP
+//! request and its W3C `traceparent`, which the host hands the plugin
+//! before each call (through the `forgesyte_plugin_call_context` symbol
+//! that [`export_plugin!`](crate::export_plugin) exports), in process and
+//! in an isolated runner alike.
+//!
+//! Owns a thread-local: the host sets it on the thread that runs the call
+//! and clears it after, so [`current_call`] inside a tool (on that thread)
+//! sees its own call's context. Knows nothing of the host's log.
+
+use std::cell::RefCell;
+
+use forgesyte_protocol::wire::{LOG_TAG_PREFIX, LogTags};
+
+pub use forgesyte_protocol::wire::CallContext;
+
+thread_local! {
+    static CURRENT: RefCell<Option<CallContext>> = const { RefCell::new(None) };
+}
+
+/// The context of the call running on this thread (`None` outside a call,
+/// on another thread, or when the request had neither an id nor a trace).
+pub fn current_call() -> Option<CallContext> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Writes `message` as one line to stderr, tagged with the current call's
+/// request id and trace id when there is one (the host's tag format: the
+/// host of an isolated plugin logs the line with `request_id` and
+/// `trace_id` fields; in process the tag stays in the text). Newlines in
+/// `message` are replaced by spaces, so it stays one line.
+pub fn log(message: &str) {
+    let message = message.replace(['\n', '\r'], " ");
+    let line = match current_call() {
+        Some(call) => {
+            let tags = LogTags {
+                trace_id: call.trace_id().map(str::to_owned),
+                request_id: call.request_id,
+            };
+            match serde_json::to_string(&tags) {
+                Ok(json) => format!("{LOG_TAG_PREFIX}{json} {message}"),
+                Err(_) => message,
+            }
+        }
+        None => message,
+    };
+    eprintln!("{line}");
+}
+
+/// Sets (or, for a null pointer, clears) this thread's call context from
+/// the host's JSON; what is not a JSON context clears it. Called by the
+/// symbol [`export_plugin!`](crate::export_plugin) exports, not by plugins.
+///
+/// # Safety
+///
+/// `json` is null, or valid for reads of `len` bytes.
+#[doc(hidden)]
+#[allow(unsafe_code)]
+pub unsafe fn __set_from_host(json: *const u8, len: usize) {
+    let context = if json.is_null() || len == 0 {
+        None
+    } else {
+        // SAFETY: the caller's contract: `len` readable bytes at `json`.
+        let bytes = unsafe { std::slice::from_raw_parts(json, len) };
+        serde_json::from_slice::<CallContext>(bytes).ok()
+    };
+    CURRENT.with(|c| *c.borrow_mut() = context);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_host_sets_and_clears_this_threads_context() {
+        assert_eq!(current_call(), None);
+        let json = br#"{"request_id":"abc-123","traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}"#;
+        // SAFETY: a live byte string and its length.
+        unsafe { __set_from_host(json.as_ptr(), json.len()) };
+        let call = current_call().unwrap_or_default();
+        assert_eq!(call.request_id.as_deref(), Some("abc-123"));
+        assert_eq!(call.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        // Another thread sees none.
+        assert_eq!(std::thread::spawn(current_call).join().ok().flatten(), None);
+        // SAFETY: null clears.
+        unsafe { __set_from_host(std::ptr::null(), 0) };
+        assert_eq!(current_call(), None);
+        // Garbage clears too.
+        // SAFETY: a live byte string and its length.
+        unsafe { __set_from_host(b"[1]".as_ptr(), 3) };
+        assert_eq!(current_call(), None);
+    }
+}
