@@ -249,6 +249,21 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
         eprintln!("SKIPPED: --runner-user needs a server running as root");
         return;
     }
+    // The native runner is this `forgesyte` binary: `nobody` must be able
+    // to reach it (a checkout under a private home directory is out of its
+    // reach; this test cannot run there).
+    let binary = Path::new(env!("CARGO_BIN_EXE_forgesyte"));
+    if let Some(private) = binary
+        .ancestors()
+        .skip(1)
+        .find(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 == 0))
+    {
+        eprintln!(
+            "SKIPPED: nobody cannot enter {} on the way to the forgesyte binary",
+            private.display()
+        );
+        return;
+    }
     let plugins = PluginsDir::new();
     native_snoop(&plugins, "native", json!({}));
     python_snoop(&plugins, "snoop", json!({}));
