@@ -68,7 +68,8 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
 
     /// [`call_with`](Self::call_with) for a caller with a `context` (request
     /// id, `traceparent`). A runner-hosted instance sends it with the call;
-    /// by default (an in-process plugin, whose ABI has no place for it) it
+    /// a native library hands it to the plugin when it exports the SDK's
+    /// context symbol; by default (an instance with no way to take it) it
     /// is not passed on.
     fn call_in(
         &self,
