@@ -8,7 +8,7 @@
 //! reason (never a silent pass).
 
 use crate::python::require_python;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use forgesyte_deps::fake::FakeGpu;
 use forgesyte_loader::entry_points::{self, EntryPoint};
 use forgesyte_loader::{Loader, LoaderConfig, ProcessLimits, SupervisionPolicy};
 use forgesyte_registry::{PluginLifecycleState as S, Registry};
+use forgesyte_tests::write_script;
 use serde_json::{Value, json};
 
 /// A seed-style plugin: `class Plugin` with a `tools` dict and `run_tool`;
@@ -63,10 +64,11 @@ impl Site {
         std::fs::create_dir_all(&site).unwrap();
         std::fs::create_dir_all(&plugins).unwrap();
         let python = root.join("python");
-        write_wrapper(
+        write_script(
             &python,
             &format!("PYTHONPATH={} exec python3 \"$@\"", site.display()),
-        );
+        )
+        .unwrap();
         Site {
             _dir: dir,
             root,
@@ -193,34 +195,6 @@ impl Site {
             .gpu(Arc::new(FakeGpu::none("no GPU here (CUDA absent)")))
             .build();
         Loader::new(registry.clone(), Arc::new(checker), config)
-    }
-}
-
-/// Writes an executable shell script and starts it (as a no-op) until no
-/// other thread's fork still holds it open for writing (`ETXTBSY`): after
-/// one clean start, none can.
-fn write_wrapper(path: &Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(
-        path,
-        format!("#!/bin/sh\n[ -n \"$WARM_UP\" ] && exit 0\n{body}\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match std::process::Command::new(path)
-            .env("WARM_UP", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-        {
-            Ok(_) => return,
-            Err(e) if e.raw_os_error() == Some(26) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("cannot run {}: {e}", path.display()),
-        }
     }
 }
 
@@ -430,16 +404,16 @@ fn a_discovery_that_fails_is_a_warning_and_the_directories_still_load() {
 
     // An interpreter that answers nonsense, and one that hangs.
     let nonsense = site.root.join("nonsense");
-    write_wrapper(&nonsense, "echo 'not json'");
+    write_script(&nonsense, "echo 'not json'").unwrap();
     let err = entry_points::discover(&nonsense).unwrap_err();
     assert!(err.contains("unexpected output"), "{err}");
     let failing = site.root.join("failing");
-    write_wrapper(&failing, "echo 'Fatal Python error: boom' >&2; exit 3");
+    write_script(&failing, "echo 'Fatal Python error: boom' >&2; exit 3").unwrap();
     let err = entry_points::discover(&failing).unwrap_err();
     assert!(err.contains("exited with status 3"), "{err}");
     assert!(err.contains("Fatal Python error: boom"), "{err}");
     let hung = site.root.join("hung");
-    write_wrapper(&hung, "sleep 30 & wait");
+    write_script(&hung, "sleep 30 & wait").unwrap();
     let started = Instant::now();
     let err = entry_points::discover_with_timeout(&hung, Duration::from_millis(300)).unwrap_err();
     assert!(err.contains("timed out after 300ms (killed)"), "{err}");
@@ -506,14 +480,15 @@ fn the_pre_3_10_api_finds_the_same_entry_points() {
     )
     .unwrap();
     let old_python = site.root.join("python-old-api");
-    write_wrapper(
+    write_script(
         &old_python,
         &format!(
             "PYTHONPATH={}:{} exec python3 \"$@\"",
             compat.display(),
             site.site.display()
         ),
-    );
+    )
+    .unwrap();
     let new_api = entry_points::discover(&site.python).unwrap();
     let old_api = entry_points::discover(&old_python).unwrap();
     assert_eq!(old_api, new_api);

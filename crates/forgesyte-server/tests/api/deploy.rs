@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::support::{Forgesyte, run_forgesyte, write_script};
+use crate::support::{Forgesyte, run_forgesyte};
+use forgesyte_tests::write_script;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -457,7 +458,7 @@ fn build_image_uses_the_first_working_engine() {
             if info_ok { 0 } else { 1 },
             calls.display()
         );
-        write_script(&bin.path().join(name), &body);
+        write_script(&bin.path().join(name), &body).unwrap();
     };
     let run = |args: &[&str]| {
         let path = format!(

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::support::{Forgesyte, run_forgesyte, write_script};
+use crate::support::{Forgesyte, plugin_named, run_forgesyte};
+use forgesyte_tests::write_script;
 
 const PLUGIN_PY: &str = r#"
 class Plugin:
@@ -79,7 +80,8 @@ impl Site {
         write_script(
             &dir.path().join("python"),
             &format!("PYTHONPATH={} exec python3 \"$@\"", site.display()),
-        );
+        )
+        .unwrap();
         Site { dir }
     }
 
@@ -95,14 +97,6 @@ impl Site {
 /// `forgesyte ARGS…` with extra environment: exit code, stdout, stderr.
 fn forgesyte(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     run_forgesyte(args, env)
-}
-
-fn plugin<'a>(list: &'a Value, name: &str) -> &'a Value {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in {list:#}"))
 }
 
 #[test]
@@ -123,10 +117,10 @@ fn check_lists_installed_plugins_with_the_flag_or_the_variable() {
     assert_eq!(code, 1, "the broken one is not available: {out}{err}");
     let list: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 2, "{list:#}");
-    let hello = plugin(&list, "hello-installed");
+    let hello = plugin_named(&list, "hello-installed");
     assert_eq!(hello["state"], "INITIALIZED", "{hello:#}");
     assert_eq!(hello["version"], "2.0.0");
-    let broken = plugin(&list, "broken");
+    let broken = plugin_named(&list, "broken");
     assert_eq!(broken["state"], "FAILED");
     let reason = broken["reason"].as_str().unwrap();
     assert!(reason.starts_with("ImportError: "), "{reason}");

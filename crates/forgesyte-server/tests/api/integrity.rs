@@ -7,7 +7,7 @@ use std::io::Write as _;
 
 use serde_json::{Value, json};
 
-use crate::support::{PluginsDir, run_forgesyte};
+use crate::support::{PluginsDir, plugin_named, run_forgesyte};
 
 /// `forgesyte ARGS…`: exit code, stdout, stderr.
 fn forgesyte(args: &[&str]) -> (i32, String, String) {
@@ -58,14 +58,7 @@ fn lock_then_modify_then_load_refuses_exactly_the_modified_plugins() {
     let (code, out, err) = forgesyte(&["check", "--json", dir.path_str()]);
     assert_eq!(code, 1, "{out}{err}");
     let list: Value = serde_json::from_str(&out).unwrap();
-    let status = |name: &str| {
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("{name} not in {list:#}"))
-            .clone()
-    };
+    let status = |name: &str| plugin_named(&list, name);
     for ok in ["native-ok", "py-ok"] {
         assert_eq!(status(ok)["state"], "INITIALIZED", "{:#}", status(ok));
     }

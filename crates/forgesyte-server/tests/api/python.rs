@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Forgesyte, PluginsDir, http_with};
+use crate::support::{Forgesyte, PluginsDir, http_with, plugin_named};
 
 fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
@@ -60,14 +60,7 @@ fn python_plugins_serve_beside_native_ones_with_the_seeds_reasons() {
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
     let list = server.get("/v1/plugins").json();
-    let state = |name: &str| {
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("{name} not listed: {list}"))
-            .clone()
-    };
+    let state = |name: &str| plugin_named(&list, name);
     assert_eq!(state("echo")["state"], "INITIALIZED");
     assert_eq!(state("native")["state"], "INITIALIZED");
     assert_eq!(state("broken_plugin")["state"], "FAILED");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Forgesyte, PluginsDir, Reply, http_with, run_forgesyte};
+use crate::support::{Forgesyte, PluginsDir, Reply, good_library_name, http_with, run_forgesyte};
 
 const TOKEN: &str = "rescan-test-token-0123456789";
 
@@ -43,15 +43,6 @@ fn hangup(server: &Forgesyte) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -HUP failed");
-}
-
-/// The good fixture library's file name (what `PluginsDir::good` copies).
-fn library_name() -> String {
-    Path::new(forgesyte_tests::zoo::GOOD_LIBRARY)
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// Puts a copy of `from` at `to` by a rename, as a build or `install`
@@ -226,7 +217,7 @@ fn a_changed_in_process_library_serves_under_a_new_file_identity() {
     // The good library has no tool `ok`; the faulty one does.
     assert_eq!(served(&server, "alpha", "ok").status, 404);
 
-    let library = dir.path().join("alpha").join(library_name());
+    let library = dir.path().join("alpha").join(good_library_name());
     replace_by_rename(forgesyte_tests::zoo::FAULTY_LIBRARY, &library);
     hangup(&server);
     let reply = wait_for(
@@ -280,7 +271,7 @@ fn a_rescan_checks_integrity_pins_and_fails_a_changed_library() {
     server.wait_loaded();
     assert_eq!(served(&server, "alpha", "echo").status, 200);
 
-    let library = dir.path().join("alpha").join(library_name());
+    let library = dir.path().join("alpha").join(good_library_name());
     replace_by_rename(forgesyte_tests::zoo::FAULTY_LIBRARY, &library);
     let now = forgesyte_loader::integrity::file_digest(&forgesyte_deps::RealFs, &library).unwrap();
     hangup(&server);
@@ -291,7 +282,7 @@ fn a_rescan_checks_integrity_pins_and_fails_a_changed_library() {
     assert!(
         reason.starts_with(&format!(
             "IntegrityError: sha256 of {} is {now}, the lock file ",
-            library_name()
+            good_library_name()
         )),
         "{reason}"
     );

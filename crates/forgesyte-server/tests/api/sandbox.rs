@@ -26,20 +26,15 @@ fn python_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
 }
 
 /// A plugin directory `name` holding the `faulty` native fixture (its sandbox
-/// probes), isolated, with `extra` manifest fields.
+/// probes), isolated, with `extra` manifest fields, and a `secret.txt` of
+/// its own.
 fn native_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
-    let library = Path::new(forgesyte_tests::zoo::FAULTY_LIBRARY);
-    let dir = plugins.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(library, dir.join(library.file_name().unwrap())).unwrap();
-    let manifest = json!({
-        "name": name,
-        "version": "1.0.0",
-        "entrypoint": library.file_name().unwrap().to_str().unwrap(),
-        "isolation": "process",
-    });
-    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
-    add_manifest_fields(&dir, extra);
+    plugins.library(
+        name,
+        forgesyte_tests::zoo::FAULTY_LIBRARY,
+        json!({"isolation": "process"}),
+    );
+    add_manifest_fields(&plugins.path().join(name), extra);
 }
 
 fn add_manifest_fields(dir: &Path, extra: Value) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::support::{Forgesyte, PluginsDir, run_forgesyte};
+use crate::support::{Forgesyte, PluginsDir, good_library_name, plugin_named, run_forgesyte};
 
 fn forgesyte(args: &[&str]) -> (i32, String, String) {
     run_forgesyte(args, &[])
@@ -42,24 +42,6 @@ fn sign(dir: &Path, key: &Path) {
     ]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("Signed "), "{out}");
-}
-
-fn by_name(list: &Value, name: &str) -> Value {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in {list:#}"))
-        .clone()
-}
-
-fn library_name() -> String {
-    Path::new(forgesyte_tests::zoo::GOOD_LIBRARY)
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned()
 }
 
 /// A Python plugin whose import leaves a file `ran` beside it: proof that
@@ -120,7 +102,7 @@ fn every_status() -> Signed {
     // Changed after signing: one byte more in the library.
     let mut lib = std::fs::OpenOptions::new()
         .append(true)
-        .open(root.join("n-modified").join(library_name()))
+        .open(root.join("n-modified").join(good_library_name()))
         .unwrap();
     lib.write_all(b"\0").unwrap();
     // The list edited after signing (a digest to match some other file).
@@ -160,7 +142,7 @@ fn check_reports_every_signature_status_and_loads_them_all_by_default() {
     for p in list.as_array().unwrap() {
         assert_eq!(p["state"], "INITIALIZED", "{p:#}");
     }
-    let signature = |name: &str| by_name(&list, name)["signature"].clone();
+    let signature = |name: &str| plugin_named(&list, name)["signature"].clone();
     for name in ["n-signed", "p-signed"] {
         assert_eq!(
             signature(name),
@@ -174,7 +156,7 @@ fn check_reports_every_signature_status_and_loads_them_all_by_default() {
     assert!(
         modified["detail"].as_str().unwrap().starts_with(&format!(
             "{} changed after signing (sha256 now ",
-            library_name()
+            good_library_name()
         )),
         "{modified}"
     );
@@ -223,7 +205,11 @@ fn require_signed_refuses_all_but_signed_plugins_with_the_reason() {
     assert_eq!(code, 1, "{out}{err}");
     let list: Value = serde_json::from_str(&out).unwrap();
     for name in ["n-signed", "p-signed"] {
-        assert_eq!(by_name(&list, name)["state"], "INITIALIZED", "{list:#}");
+        assert_eq!(
+            plugin_named(&list, name)["state"],
+            "INITIALIZED",
+            "{list:#}"
+        );
     }
     for (name, status) in [
         ("n-modified", "modified"),
@@ -231,7 +217,7 @@ fn require_signed_refuses_all_but_signed_plugins_with_the_reason() {
         ("n-forged", "invalid"),
         ("p-unsigned", "unsigned"),
     ] {
-        let p = by_name(&list, name);
+        let p = plugin_named(&list, name);
         assert_eq!(p["state"], "FAILED", "{p:#}");
         let detail = p["signature"]["detail"].as_str().unwrap();
         assert_eq!(
@@ -260,8 +246,8 @@ fn a_refused_plugin_never_runs_and_a_signed_one_does_through_the_environment() {
     let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &env);
     assert_eq!(code, 1, "{out}{err}");
     let list: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(by_name(&list, "marked-signed")["state"], "INITIALIZED");
-    assert_eq!(by_name(&list, "marked-unsigned")["state"], "FAILED");
+    assert_eq!(plugin_named(&list, "marked-signed")["state"], "INITIALIZED");
+    assert_eq!(plugin_named(&list, "marked-unsigned")["state"], "FAILED");
     assert!(
         signed.join("ran").exists(),
         "the signed plugin was imported"
@@ -289,7 +275,7 @@ fn serve_shows_the_signature_in_health_and_list() {
     );
     let list = server.get("/v1/plugins").json();
     assert_eq!(
-        by_name(&list, "n-untrusted")["signature"]["status"],
+        plugin_named(&list, "n-untrusted")["signature"]["status"],
         "invalid"
     );
     // The OpenAPI document describes the field.

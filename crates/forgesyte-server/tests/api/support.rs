@@ -607,26 +607,25 @@ pub(crate) fn forgesyte_command() -> Command {
     command
 }
 
-/// Writes an executable script and starts it as a no-op until no other
-/// thread's fork still holds it open (`ETXTBSY`).
-pub(crate) fn write_script(path: &Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(
-        path,
-        format!("#!/bin/sh\n[ -n \"$WARM_UP\" ] && exit 0\n{body}\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Command::new(path).env("WARM_UP", "1").status() {
-            Ok(_) => return,
-            Err(e) if e.raw_os_error() == Some(26) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("cannot run {}: {e}", path.display()),
-        }
-    }
+/// The plugin `name` in a JSON list of plugin statuses (`/v1/plugins`,
+/// `check --json`); panics naming the list when it is not there.
+pub(crate) fn plugin_named(list: &Value, name: &str) -> Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {list:#}"))
+        .clone()
+}
+
+/// The good fixture library's file name (what [`PluginsDir::good`]
+/// copies into a plugin directory).
+pub(crate) fn good_library_name() -> String {
+    Path::new(forgesyte_tests::zoo::GOOD_LIBRARY)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The pid of the runner process the server `server_pid` started for
@@ -696,7 +695,18 @@ impl PluginsDir {
     /// A plugin `name` on a copy of the zoo's good library (tools `echo`,
     /// `fail`, `panic`, `sleep`, `config`), with `extra` manifest fields.
     pub(crate) fn good(&self, name: &str, extra: Value) -> &PluginsDir {
-        let library = Path::new(forgesyte_tests::zoo::GOOD_LIBRARY);
+        let mut fields = json!({"description": format!("good library as {name}")});
+        if let (Some(base), Some(extra)) = (fields.as_object_mut(), extra.as_object()) {
+            base.extend(extra.clone());
+        }
+        self.library(name, forgesyte_tests::zoo::GOOD_LIBRARY, fields)
+    }
+
+    /// A plugin `name` on a copy of the zoo's `library` (a path, e.g.
+    /// `zoo::FAULTY_LIBRARY`), its manifest `name`, `version` and
+    /// `entrypoint` with `extra` fields over them.
+    pub(crate) fn library(&self, name: &str, library: &str, extra: Value) -> &PluginsDir {
+        let library = Path::new(library);
         let file = library.file_name().unwrap();
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -704,7 +714,6 @@ impl PluginsDir {
         let mut manifest = json!({
             "name": name,
             "version": "1.0.0",
-            "description": format!("good library as {name}"),
             "entrypoint": file.to_str().unwrap(),
         });
         if let (Some(base), Some(extra)) = (manifest.as_object_mut(), extra.as_object()) {

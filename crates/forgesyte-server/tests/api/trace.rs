@@ -157,28 +157,14 @@ fn a_python_plugin_sees_the_request_id_and_traceparent_and_logs_with_them() {
     assert_eq!(line["span"]["request_id"], "abc-789", "{line}");
 }
 
-/// A native plugin copied from the `faulty` fixture (tool `context`: what
-/// the SDK's `current_call()` sees; it also logs through the SDK's `log`),
-/// in process or in its own process.
-fn faulty_as(dir: &PluginsDir, name: &str, isolation: &str) {
-    let library = std::path::Path::new(forgesyte_tests::zoo::FAULTY_LIBRARY);
-    let file = library.file_name().unwrap();
-    let plugin = dir.path().join(name);
-    std::fs::create_dir_all(&plugin).unwrap();
-    std::fs::copy(library, plugin.join(file)).unwrap();
-    let manifest = json!({
-        "name": name,
-        "entrypoint": file.to_str().unwrap(),
-        "isolation": isolation,
-    });
-    std::fs::write(plugin.join("manifest.json"), manifest.to_string()).unwrap();
-}
-
 #[test]
 fn a_native_plugin_sees_the_request_id_and_traceparent_in_process_and_isolated() {
     let dir = PluginsDir::new();
-    faulty_as(&dir, "native", "in-process");
-    faulty_as(&dir, "isolated", "process");
+    // The `faulty` fixture's `context` tool: what the SDK's `current_call()`
+    // sees (it also logs through the SDK's `log`).
+    let faulty = forgesyte_tests::zoo::FAULTY_LIBRARY;
+    dir.library("native", faulty, json!({"isolation": "in-process"}))
+        .library("isolated", faulty, json!({"isolation": "process"}));
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str(), "--log-format", "json"],
         &[("RUST_LOG", "info")],
