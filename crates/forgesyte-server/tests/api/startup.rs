@@ -140,17 +140,52 @@ async fn get(addr: std::net::SocketAddr, target: &'static str) -> Reply {
         .unwrap()
 }
 
+/// A bound server running on the test's runtime until [`Running::stop`].
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), forgesyte_server::ServeError>>,
+}
+
+impl Running {
+    fn start(server: Server) -> Running {
+        let addr = server.local_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Running { addr, stop, task }
+    }
+
+    /// Waits (at most 10 s) for `/v1/health` to say `ok`: the load pass is
+    /// over and every plugin is available.
+    async fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get(self.addr, "/v1/health").await.json()["status"] != "ok" {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops it and waits (at most 10 s) for its clean end.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("shutdown is bounded")
+            .unwrap()
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_answers_while_a_slow_plugin_loads_and_shows_it_loaded() {
     let gate = Arc::new(Gate::default());
     let server = Server::bind_with(config(Duration::from_secs(5)), gated_loader(&gate))
         .await
         .unwrap();
-    let addr = server.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let running = Running::start(server);
+    let addr = running.addr;
 
     // Registered but not constructed: LOADED, and the server says loading.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -235,12 +270,7 @@ async fn health_answers_while_a_slow_plugin_loads_and_shows_it_loaded() {
 
     // Shutdown drops the instance.
     assert!(!gate.dropped.load(Ordering::SeqCst));
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("shutdown is bounded")
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     assert!(
         gate.dropped.load(Ordering::SeqCst),
         "instances dropped at shutdown"
@@ -254,16 +284,9 @@ async fn a_call_past_the_server_timeout_is_504_and_fails_the_plugin() {
     let server = Server::bind_with(config(Duration::from_millis(200)), gated_loader(&gate))
         .await
         .unwrap();
-    let addr = server.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(addr, "/v1/health").await.json()["status"] != "ok" {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let running = Running::start(server);
+    let addr = running.addr;
+    running.wait_ok().await;
     let post = |body: &'static [u8]| {
         tokio::task::spawn_blocking(move || {
             http(addr, "POST", "/v1/plugins/slowpoke/tools/sleep/run", body)
@@ -288,12 +311,7 @@ async fn a_call_past_the_server_timeout_is_504_and_fails_the_plugin() {
     let after = post(b"{}").await.unwrap();
     assert_eq!(after.status, 503);
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("shutdown is bounded")
-        .unwrap()
-        .unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,16 +324,9 @@ async fn a_flood_of_calls_to_one_slow_plugin_is_refused_beyond_its_limit_while_o
     let server = Server::bind_with(config, gated_loader_of(&gate, &["slowpoke", "quick"]))
         .await
         .unwrap();
-    let addr = server.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(addr, "/v1/health").await.json()["status"] != "ok" {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let running = Running::start(server);
+    let addr = running.addr;
+    running.wait_ok().await;
     let post = |plugin: &'static str, body: &'static [u8]| {
         tokio::task::spawn_blocking(move || {
             http(
@@ -370,10 +381,5 @@ async fn a_flood_of_calls_to_one_slow_plugin_is_refused_beyond_its_limit_while_o
     let again = post("slowpoke", br#"{"args": {"ms": 1}}"#).await.unwrap();
     assert_eq!(again.status, 200, "{}", again.text());
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("shutdown is bounded")
-        .unwrap()
-        .unwrap();
+    running.stop().await;
 }
