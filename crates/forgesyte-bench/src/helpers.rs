@@ -171,8 +171,7 @@ pub fn drive(
         Some(body) => crate::http::Req::post_json("drive", path, body)?,
         None => crate::http::Req::get("drive", path)?,
     };
-    let workload: Arc<dyn crate::http::Workload> =
-        Arc::new(move |_: usize, _: u64| Some(req.clone()));
+    let workload = crate::http::repeat(req);
     let spec = crate::http::Spec {
         connections,
         warmup: std::time::Duration::ZERO,

@@ -94,6 +94,11 @@ where
     }
 }
 
+/// A workload that sends `req` again and again on every connection.
+pub(crate) fn repeat(req: Req) -> Arc<dyn Workload> {
+    Arc::new(move |_: usize, _: u64| Some(req.clone()))
+}
+
 /// Shape of a load run.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct Spec {

@@ -321,22 +321,10 @@ impl Bench<'_> {
             &["--bind", "127.0.0.1:0"],
             &self.log("baseline"),
         )?;
-        let list: Arc<dyn Workload> = {
-            let req = Req::get("list", list_path)?;
-            Arc::new(move |_: usize, _: u64| Some(req.clone()))
-        };
-        let health: Arc<dyn Workload> = {
-            let req = Req::get("health", &health_path)?;
-            Arc::new(move |_: usize, _: u64| Some(req.clone()))
-        };
-        let tool: Arc<dyn Workload> = {
-            let req = Req::post_json("tool", &tool_path, r#"{"args":{}}"#)?;
-            Arc::new(move |_: usize, _: u64| Some(req.clone()))
-        };
-        let metrics: Arc<dyn Workload> = {
-            let req = Req::get("metrics", "/metrics")?;
-            Arc::new(move |_: usize, _: u64| Some(req.clone()))
-        };
+        let list = http::repeat(Req::get("list", list_path)?);
+        let health = http::repeat(Req::get("health", &health_path)?);
+        let tool = http::repeat(Req::post_json("tool", &tool_path, r#"{"args":{}}"#)?);
+        let metrics = http::repeat(Req::get("metrics", "/metrics")?);
         let spec = self.spec();
         let mut runs: [Vec<LoadResult>; 6] = Default::default();
         let [

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::{Bench, ms, path_arg, plugin_states};
 use crate::artifacts::target_dir;
 use crate::config::{Mode, Program};
-use crate::http::{self, Client, LoadResult, Req, Workload};
+use crate::http::{self, Client, LoadResult, Req};
 use crate::proc::Server;
 use crate::python::{self, Interpreter, Venv, python_plugin_name};
 use crate::report::{Figure, Target, median};
@@ -224,7 +224,7 @@ impl Bench<'_> {
                 format!("host: {host_answer}; reference: {reference_answer}"),
             );
         }
-        let workload: Arc<dyn Workload> = Arc::new(move |_: usize, _: u64| Some(request.clone()));
+        let workload = http::repeat(request);
         let spec = self.spec();
         let mut host_runs = Vec::new();
         let mut reference_runs = Vec::new();
