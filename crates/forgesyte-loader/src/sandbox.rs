@@ -257,6 +257,16 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+impl RunAs {
+    /// Makes `command` start as this user and group. (The standard library
+    /// drops the supplementary groups too when a root process changes its
+    /// user.)
+    pub(crate) fn set_on(self, command: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        command.uid(self.uid).gid(self.gid);
+    }
+}
+
 /// The scratch directory of `plugin`: `DIR/forgesyte-scratch-UID/PLUGIN`
 /// under the system's temporary directory, created private (0700) and owned
 /// by the user its runner runs as (`owner`, else this process's user). The

@@ -125,6 +125,19 @@ struct Shared {
     retired: AtomicBool,
 }
 
+/// The environment variables every runner (and every zygote) is started
+/// with: the protocol version, and under a memory limit (`limited`) few
+/// malloc arenas (glibc reserves 64 MiB of address space per arena, one
+/// per thread up to 8 per core: under `RLIMIT_AS` that, not the plugin,
+/// would exhaust the limit; glibc reads it once, at the process's start).
+pub(crate) fn runner_env(limited: bool) -> Vec<(&'static str, String)> {
+    let mut env = vec![(PROTOCOL_ENV, PROTOCOL_VERSION.to_string())];
+    if limited {
+        env.push(("MALLOC_ARENA_MAX", "2".to_owned()));
+    }
+    env
+}
+
 /// A running runner process. Dropping it retires the process (killed, no
 /// exit callbacks).
 pub(crate) struct Child {
@@ -149,13 +162,7 @@ impl Child {
         opts: &SpawnOptions<'_>,
         timeout: Duration,
     ) -> Result<Child, SpawnError> {
-        command.env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string());
-        if opts.memory_limit_mib > 0 {
-            // glibc reserves 64 MiB of address space per malloc arena (one
-            // per thread, up to 8 per core): under RLIMIT_AS that, not the
-            // plugin, would exhaust the limit.
-            command.env("MALLOC_ARENA_MAX", "2");
-        }
+        command.envs(runner_env(opts.memory_limit_mib > 0));
         let mut process = spawn_runner(command).map_err(SpawnError::Start)?;
         let (Some(stdin), Some(stdout), Some(stderr)) = (
             process.stdin.take(),

@@ -51,7 +51,7 @@ use std::time::Duration;
 use forgesyte_errors::{CrashCause, ImportError, InitError, PluginError, TimeoutError, ToolError};
 use parking_lot::Mutex;
 
-use forgesyte_protocol::wire::{PROTOCOL_ENV, PROTOCOL_VERSION, Response, capability};
+use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
 
 use std::process::Command;
 
@@ -292,11 +292,9 @@ impl ProcessImporter {
         // sets it itself, from the plan).
         let plan = self.confinement.as_ref().map(|plan| {
             let mut plan = plan.clone();
+            let runtime = child::runner_env(self.limits.memory_limit_mib > 0);
             plan.env
-                .insert(PROTOCOL_ENV.into(), PROTOCOL_VERSION.to_string());
-            if self.limits.memory_limit_mib > 0 {
-                plan.env.insert("MALLOC_ARENA_MAX".into(), "2".into());
-            }
+                .extend(runtime.into_iter().map(|(k, v)| (k.to_owned(), v)));
             plan
         });
         if let Some(plan) = &plan {
@@ -304,14 +302,11 @@ impl ProcessImporter {
         }
         let run_as = self.run_as;
         let confine_env = |command: &mut Command| {
-            use std::os::unix::process::CommandExt;
             if let Some(plan) = &plan {
                 command.env_clear().envs(&plan.env);
             }
-            // The standard library drops the supplementary groups too when
-            // it changes the user of a root process.
             if let Some(user) = run_as {
-                command.uid(user.uid).gid(user.gid);
+                user.set_on(command);
             }
         };
         match &self.launch {

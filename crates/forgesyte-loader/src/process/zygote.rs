@@ -36,7 +36,6 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use forgesyte_protocol::wire::{PROTOCOL_ENV, PROTOCOL_VERSION};
 use parking_lot::{Condvar, Mutex};
 use rustix::net::{
     AddressFamily, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags,
@@ -151,19 +150,15 @@ impl Zygote {
         )?;
         let mut command = Command::new(&key.interpreter);
         if let Some(user) = key.run_as {
-            use std::os::unix::process::CommandExt;
-            command.uid(user.uid).gid(user.gid);
+            user.set_on(&mut command);
         }
         command
             .args(super::python_invocation(key.run_as))
             .arg("--zygote")
-            .env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string())
+            .envs(super::child::runner_env(key.few_arenas))
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if key.few_arenas {
-            command.env("MALLOC_ARENA_MAX", "2");
-        }
         let mut process = spawn_supervised(command)?;
         let stderr = process.stderr.take();
         let reader = ours.try_clone()?;
