@@ -145,10 +145,13 @@ fn a_removed_plugin_is_gone_at_once_but_its_call_in_flight_completes() {
             b"",
         )
     });
-    // New calls are refused at once, while the old one still runs.
+    // New calls are refused at once, while the old one still runs. The wait
+    // polls a read, not a call: a probing call that raced the removal would be
+    // one more call in flight in the report.
     wait_for("slow gone", Duration::from_secs(5), &server, || {
-        (served(&server, "slow", "echo").status == 404).then_some(())
+        state_of(&server, "slow").is_none().then_some(())
     });
+    assert_eq!(served(&server, "slow", "echo").status, 404);
     assert!(!call.is_finished(), "the call in flight ended too early");
     assert!(
         !rescan.is_finished(),
