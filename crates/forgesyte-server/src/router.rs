@@ -106,10 +106,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         // Runs after routing (so it sees the matched route template) for
         // every route and the fallback.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::http::track,
-        ))
+        .layer(metrics::http::TrackLayer::new(state.clone()))
         .layer(Extension(published()))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyTimeoutLayer::new(body_read_timeout))

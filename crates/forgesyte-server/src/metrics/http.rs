@@ -4,15 +4,18 @@
 //! Knows the app state (for [`super::Metrics`]) and axum; no handler knows
 //! this module except the router, which mounts both.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderValue;
+use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
-use axum::middleware::Next;
+use axum::http::{HeaderValue, Method, Request};
 use axum::response::{IntoResponse, Response};
+use tower::{Layer, Service};
 
-use super::UNMATCHED;
+use super::Route;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -47,16 +50,87 @@ pub(crate) async fn scrape(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Counts and times one request under its route template (axum's
-/// [`MatchedPath`]; [`UNMATCHED`] for the 404 fallback), never its path.
-pub(crate) async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let response = next.run(request).await;
-    let route = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
-    state
-        .metrics()
-        .record_request(route, &method, response.status(), started.elapsed());
-    response
+/// Counts and times every request under its route template (axum's
+/// [`MatchedPath`](axum::extract::MatchedPath); [`super::UNMATCHED`] for the 404 fallback), never its
+/// path. A plain tower layer rather than `axum::middleware::from_fn`, which
+/// clones the inner service and boxes a future per request: this is on the
+/// path of every health check.
+#[derive(Clone)]
+pub(crate) struct TrackLayer {
+    state: AppState,
+}
+
+impl TrackLayer {
+    pub(crate) fn new(state: AppState) -> Self {
+        TrackLayer { state }
+    }
+}
+
+impl<S> Layer<S> for TrackLayer {
+    type Service = Track<S>;
+
+    fn layer(&self, inner: S) -> Track<S> {
+        Track {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The service of [`TrackLayer`].
+#[derive(Clone)]
+pub(crate) struct Track<S> {
+    inner: S,
+    state: AppState,
+}
+
+impl<S, B> Service<Request<B>> for Track<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Tracked<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let route = Route::of(&request);
+        Tracked {
+            inner: self.inner.call(request),
+            record: Some((self.state.clone(), route, method, started)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's answer, recorded when it is ready.
+    pub(crate) struct Tracked<F> {
+        #[pin]
+        inner: F,
+        record: Option<(AppState, Route, Method, Instant)>,
+    }
+}
+
+impl<F, E> Future for Tracked<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(response), Some((state, route, method, started))) = (&output, this.record.take())
+        {
+            state
+                .metrics()
+                .record_request(route, &method, response.status(), started.elapsed());
+        }
+        Poll::Ready(output)
+    }
 }

@@ -7,7 +7,7 @@
 //! - *recorded* where the event happens, because nobody else keeps them:
 //!   tool-call outcomes, call latency and bytes per plugin and tool
 //!   ([`Metrics::record_call`], [`Metrics::record_bytes`], called by the run
-//!   route), HTTP requests and latency per route ([`http::track`]), and the
+//!   route), HTTP requests and latency per route ([`http::TrackLayer`]), and the
 //!   load passes ([`Metrics::record_load_pass`]);
 //! - *read at scrape time* from what the plugin registry and the loader
 //!   already keep (state, in-flight calls, restarts) and from `/proc` (a
@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use axum::body::Bytes;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use axum::extract::MatchedPath;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
@@ -128,14 +129,50 @@ struct PluginLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
+    route: Route,
     method: &'static str,
     status: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: Route,
+}
+
+/// A route label: the router's template (axum's [`MatchedPath`], shared,
+/// so that recording a request allocates nothing) or [`UNMATCHED`].
+#[derive(Debug, Clone)]
+pub(crate) struct Route(Option<MatchedPath>);
+
+impl Route {
+    /// The route of a request: its template, if a route matched.
+    pub(crate) fn of<B>(request: &axum::http::Request<B>) -> Self {
+        Route(request.extensions().get::<MatchedPath>().cloned())
+    }
+
+    fn as_str(&self) -> &str {
+        self.0.as_ref().map_or(UNMATCHED, MatchedPath::as_str)
+    }
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Route {}
+
+impl std::hash::Hash for Route {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl EncodeLabelValue for Route {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -300,27 +337,26 @@ impl Metrics {
         self.bytes_out.get_or_create(&labels).inc_by(response);
     }
 
-    /// Records one HTTP request: `route` is the matched route template or
-    /// [`UNMATCHED`].
+    /// Records one HTTP request under its route.
     pub(crate) fn record_request(
         &self,
-        route: &str,
+        route: Route,
         method: &axum::http::Method,
         status: axum::http::StatusCode,
         elapsed: Duration,
     ) {
+        self.request_seconds
+            .get_or_create(&RouteLabels {
+                route: route.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.to_owned(),
+                route,
                 method: method_label(method),
                 status: status_class(status),
             })
             .inc();
-        self.request_seconds
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .observe(elapsed.as_secs_f64());
     }
 
     /// Records a finished load pass.
