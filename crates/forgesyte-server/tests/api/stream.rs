@@ -151,6 +151,11 @@ fn frames_are_answered_in_order_and_byte_exact_in_process_isolated_and_in_python
         // Every frame was a tool call, counted like one of the run route.
         let health = server.get(&format!("/v1/plugins/{plugin}/health")).json();
         assert_eq!(health["success_count"], FRAMES, "{health}");
+        let metrics = server.get("/metrics").text();
+        let line = format!(
+            "forgesyte_tool_calls_total{{plugin=\"{plugin}\",tool=\"{tool}\",outcome=\"ok\"}} {FRAMES}"
+        );
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
     }
 }
 
@@ -250,6 +255,11 @@ fn a_client_that_reads_no_answers_never_grows_the_server() {
     }
     std::thread::sleep(Duration::from_millis(500));
     let after = rss(server.pid());
+    eprintln!(
+        "server RSS {} MiB before and {} MiB after {SENT_MIB} MiB of frames",
+        before / MIB,
+        after / MIB
+    );
     assert!(
         after < before + 64 * MIB,
         "{SENT_MIB} MiB of frames to a client that reads nothing grew the server from {} to {} MiB",
