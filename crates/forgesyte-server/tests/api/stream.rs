@@ -278,9 +278,21 @@ fn a_client_that_reads_no_answers_never_grows_the_server() {
 #[test]
 fn a_crash_mid_stream_closes_with_1011_and_the_plugin_restarts() {
     let dir = PluginsDir::new();
-    dir.good("iso", json!({"isolation": "process"}));
+    dir.good("iso", json!({"isolation": "process"}))
+        .good("inproc", json!({}));
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
+    // In process a panic is caught: 1011 too, and the plugin is FAILED.
+    let mut socket = open(&server, &target("inproc", "frame", ""));
+    send_args(&mut socket, json!({"panic": true}));
+    send_frame(&mut socket, frame(10));
+    assert_eq!(answer(&mut socket)["error_type"], "ToolPanic");
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1011, "{reason}");
+    let health = server.get("/v1/plugins/inproc/health").json();
+    assert_eq!(health["state"], "FAILED", "{health}");
+
+    // Isolated: the runner is restarted and streams again.
     let mut socket = open(&server, &target("iso", "frame", ""));
     send_frame(&mut socket, frame(10));
     assert_eq!(answer(&mut socket)["ok"], true);
@@ -384,4 +396,44 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     assert!(status.success(), "{status:?}; log:\n{}", server.log());
     let (code, reason) = close_of(&mut socket);
     assert_eq!(code, 1001, "{reason}");
+}
+
+#[test]
+fn streams_beyond_the_cap_are_refused_until_one_closes() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--max-connections", "2"]);
+    server.wait_loaded();
+    let target = target("alpha", "frame", "");
+    let mut open_streams: Vec<Socket> = (0..2).map(|_| open(&server, &target)).collect();
+    for socket in &mut open_streams {
+        send_frame(socket, frame(3));
+        assert_eq!(answer(socket)["ok"], true);
+    }
+    // The upgraded connections left the connection cap; the streams' cap
+    // refuses a third.
+    let Err((status, body)) = try_open(server.addr, &target) else {
+        panic!("a third stream was opened");
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("streams"),
+        "{body}"
+    );
+    // One closes: room for another (its close ends the session shortly).
+    let mut first = open_streams.remove(0);
+    first.close(None).unwrap();
+    while first.read().is_ok() {}
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut third = loop {
+        match try_open(server.addr, &target) {
+            Ok(socket) => break socket,
+            Err((503, _)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err((status, body)) => panic!("{status} {body}"),
+        }
+    };
+    send_frame(&mut third, frame(4));
+    assert_eq!(answer(&mut third)["seq"], 0);
 }
