@@ -22,6 +22,7 @@ use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, watch};
 
@@ -261,6 +262,21 @@ fn ends_stream(error: &RunError) -> bool {
     matches!(error, RunError::Fault { .. } | RunError::Timeout { .. })
 }
 
+/// An answer to a frame, borrowing the tool's result (serialised once).
+#[derive(Debug, Serialize)]
+struct Answer<'a> {
+    seq: u64,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    processing_time_ms: f64,
+    dropped: u64,
+}
+
 /// The answer to frame `seq`.
 fn answer(
     seq: u64,
@@ -269,29 +285,36 @@ fn answer(
     dropped: u64,
     session: &Session,
 ) -> String {
-    match result {
-        Ok(success) => json!({
-            "seq": seq,
-            "ok": true,
-            "result": success.result,
-            "processing_time_ms": success.processing_time_ms,
-            "dropped": dropped,
-        }),
+    let answer = match result {
+        Ok(success) => Answer {
+            seq,
+            ok: true,
+            result: Some(&success.result),
+            error_type: None,
+            detail: None,
+            processing_time_ms: success.processing_time_ms,
+            dropped,
+        },
         Err(error) => {
             if let RunError::Internal { message } = error {
                 tracing::error!(plugin = %crate::error::Shown(&session.plugin), %message, "internal error in a stream's tool call");
             }
-            json!({
-                "seq": seq,
-                "ok": false,
-                "error_type": error.error_type(),
-                "detail": error.detail(&session.plugin, &session.tool),
-                "processing_time_ms": elapsed.as_secs_f64() * 1000.0,
-                "dropped": dropped,
-            })
+            Answer {
+                seq,
+                ok: false,
+                result: None,
+                error_type: Some(error.error_type()),
+                detail: Some(error.detail(&session.plugin, &session.tool)),
+                processing_time_ms: elapsed.as_secs_f64() * 1000.0,
+                dropped,
+            }
         }
-    }
-    .to_string()
+    };
+    // A JSON value, strings and numbers: serialising cannot fail.
+    serde_json::to_string(&answer).unwrap_or_else(|e| {
+        json!({"seq": seq, "ok": false, "error_type": "InternalError", "detail": e.to_string()})
+            .to_string()
+    })
 }
 
 /// Sends the answers in order; a close message is the last thing sent.
@@ -334,6 +357,35 @@ mod tests {
             assert!(cut.ends_with('…'), "{cut}");
             assert!(long.starts_with(cut.trim_end_matches('…')));
         }
+    }
+
+    #[test]
+    fn answers_carry_the_protocols_fields_and_nothing_else() {
+        let ok = Answer {
+            seq: 3,
+            ok: true,
+            result: Some(&json!({"n": 1})),
+            error_type: None,
+            detail: None,
+            processing_time_ms: 1.5,
+            dropped: 2,
+        };
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap(),
+            json!({"seq": 3, "ok": true, "result": {"n": 1}, "processing_time_ms": 1.5, "dropped": 2})
+        );
+        let failed = Answer {
+            result: None,
+            ok: false,
+            error_type: Some("ToolError"),
+            detail: Some("no".into()),
+            ..ok
+        };
+        assert_eq!(
+            serde_json::to_value(&failed).unwrap(),
+            json!({"seq": 3, "ok": false, "error_type": "ToolError", "detail": "no",
+                   "processing_time_ms": 1.5, "dropped": 2})
+        );
     }
 
     #[test]
