@@ -98,14 +98,17 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
         let working = work(&session, &queue, out, &mut counts.answered);
         tokio::pin!(reading, working);
         tokio::select! {
+            // The worker first: after the reader's yield it takes the frame
+            // just queued before the reader reads the next one.
+            biased;
+            // The plugin failed: the worker has said so and closed.
+            () = &mut working => queue.close(),
             // The client went, or the server is going: the call in flight
             // finishes and its answer is discarded.
             () = &mut reading => {
                 queue.close();
                 working.await;
             }
-            // The plugin failed: the worker has said so and closed.
-            () = &mut working => queue.close(),
         }
     };
     tokio::join!(write(sink, answers), conversation);
