@@ -2,7 +2,12 @@
 //! may take to send a request's headers or keep an idle connection open.
 //!
 //! hyper serves each connection (`hyper::server::conn::http1`), and
-//! hyper-util's `GracefulShutdown` drains them. Three things are our own,
+//! hyper-util's `GracefulShutdown` drains the probe reserve's. Connections
+//! within the cap are served with upgrades (the WebSocket streams), which
+//! that `GracefulShutdown` cannot watch: [`drain_on_stop`] drains each,
+//! and the drain waits until every permit of the cap is back. A connection
+//! ends at its upgrade (its permit is returned): the streams are capped
+//! and drained on their own (`crate::stream::Streams`). Three things are our own,
 //! because neither hyper nor axum offers them:
 //!
 //! - **Header and idle timeouts.** hyper's only read timer is
@@ -45,7 +50,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 /// Connections beyond the cap that are still served the probe routes.
 pub(crate) const PROBE_RESERVE: usize = 16;
@@ -100,6 +105,8 @@ pub(crate) async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    // `true` from the stop on: the connections within the cap drain.
+    let (stopping, stop_seen) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
     let service = TowerToHyperService::new(router);
@@ -131,10 +138,10 @@ pub(crate) async fn serve(
         // the admin routes log it and count wrong tokens by it.
         let service = with_peer(service.clone(), peer);
         if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
-            let connection = connection(stream, service, limits, true);
-            let watched = graceful.watch(connection);
+            let connection = connection(stream, service, limits, true).with_upgrades();
+            let stop_seen = stop_seen.clone();
             tokio::spawn(async move {
-                let _ = watched.await;
+                drain_on_stop(connection, stop_seen).await;
                 drop(permit);
             });
         } else if let Ok(permit) = Arc::clone(&reserve).try_acquire_owned() {
@@ -165,7 +172,28 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
+    stopping.send_replace(true);
     graceful.shutdown().await;
+    // Each connection within the cap holds a permit until it ends.
+    let cap = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _all = permits.acquire_many(cap).await;
+}
+
+/// A connection within the cap: hyper's HTTP/1 with upgrades.
+type MainConnection =
+    http1::UpgradeableConnection<TokioIo<TimedStream>, WithPeer<TowerToHyperService<Router>>>;
+
+/// Serves `connection` until it ends (a WebSocket's at its upgrade); once
+/// `stop` is `true`, lets its request in flight finish and closes it (an
+/// idle one at once).
+async fn drain_on_stop(connection: MainConnection, mut stop: watch::Receiver<bool>) {
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = stop.wait_for(|stopping| *stopping) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
 }
 
 /// One connection served by hyper with its own request timer.

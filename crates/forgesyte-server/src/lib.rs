@@ -97,6 +97,7 @@ mod router;
 mod server;
 pub mod signing;
 mod state;
+mod stream;
 mod tools;
 mod ui;
 mod wire;

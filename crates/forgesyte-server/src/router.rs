@@ -28,7 +28,7 @@ use utoipa_axum::routes;
 use crate::docs::{self, Published};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{api, events, metrics, probes, reload, ui};
+use crate::{api, events, metrics, probes, reload, stream, ui};
 
 /// The parts of the document that are not routes: title, tags, security.
 #[derive(OpenApi)]
@@ -80,6 +80,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api::plugin_manifest))
         .routes(routes!(api::plugin_tools))
         .routes(routes!(api::run_tool))
+        .routes(routes!(stream::stream_tool))
         .routes(routes!(reload::reload_plugin))
         .routes(routes!(reload::reload_all))
         .routes(routes!(probes::livez))

@@ -170,8 +170,16 @@ impl Server {
                 // Event streams never end by themselves: end them so the
                 // drain does not wait the whole grace for them.
                 state.events().close();
+                // Streams close with 1001; their connections left the drain
+                // at the upgrade, so they are waited for here.
+                state.streams().close();
                 let _ = stop_tx.send(());
-                match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+                let drained = async {
+                    let ended = (&mut server).await;
+                    state.streams().drained().await;
+                    ended
+                };
+                match tokio::time::timeout(config.shutdown_grace, drained).await {
                     Ok(ended) => flatten(ended),
                     Err(_) => {
                         tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), "In-flight requests did not finish in time; stopping anyway");

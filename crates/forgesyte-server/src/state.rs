@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::events::{EVENT_BUFFER, Events};
 use crate::metrics::Metrics;
 use crate::pool::CallPool;
+use crate::stream::Streams;
 use crate::wire::PluginStatusJson;
 
 /// Shared state of the HTTP app: the loader (and through it the registry and
@@ -55,6 +56,8 @@ struct Inner {
     events: Arc<Events>,
     /// The Prometheus metrics (`GET /metrics`).
     metrics: Metrics,
+    /// The open WebSocket streams (`.../tools/{tool}/stream`).
+    streams: Streams,
 }
 
 /// How long a serialised plugin list may be served again while the registry
@@ -93,6 +96,7 @@ impl AppState {
                 max_calls_per_plugin: config.max_calls_per_plugin,
                 events,
                 metrics,
+                streams: Streams::new(config.max_connections),
             }),
         }
     }
@@ -209,6 +213,11 @@ impl AppState {
     /// The Prometheus metrics.
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// The open WebSocket streams.
+    pub(crate) fn streams(&self) -> &Streams {
+        &self.inner.streams
     }
 
     /// The admin routes' gate (their token, and wrong tokens by address).

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use forgesyte_loader::{CallContext, Isolation};
+use forgesyte_loader::{CallContext, Isolation, PluginHandle};
 
 use crate::body::{RunInput, binary_arguments};
 use crate::error::RunError;
@@ -108,26 +108,7 @@ async fn run_unrecorded(
     context: CallContext,
     facts: &mut CallFacts,
 ) -> Result<RunSuccess, RunError> {
-    let registry = state.registry();
-    let Some(plugin_state) = registry.get_state(plugin) else {
-        return Err(RunError::PluginNotFound);
-    };
-    if !plugin_state.is_available() {
-        let status = registry.get_status(plugin);
-        return Err(RunError::NotRunnable {
-            state: Some(status.as_ref().map_or(plugin_state, |s| s.state)),
-            reason: status.and_then(|s| s.reason),
-        });
-    }
-    let Some(handle) = state.loader().handle(plugin) else {
-        return Err(RunError::NotRunnable {
-            state: Some(plugin_state),
-            reason: Some("the plugin has no live instance".into()),
-        });
-    };
-    if !handle.has_tool(tool) {
-        return Err(RunError::UnknownTool);
-    }
+    let handle = live_handle(state, plugin, tool)?;
     facts.tool_known = true;
     // Held until this request ends: a flood of calls to one slow plugin
     // queues at most this many, and the rest answer 503 at once.
@@ -202,6 +183,37 @@ async fn run_unrecorded(
             })
         }
     }
+}
+
+/// The live handle of `plugin` when it is registered, runnable and offers
+/// `tool`: what a tool call checks before it runs (the run route per call,
+/// the stream route before its upgrade).
+pub(crate) fn live_handle(
+    state: &AppState,
+    plugin: &str,
+    tool: &str,
+) -> Result<PluginHandle, RunError> {
+    let registry = state.registry();
+    let Some(plugin_state) = registry.get_state(plugin) else {
+        return Err(RunError::PluginNotFound);
+    };
+    if !plugin_state.is_available() {
+        let status = registry.get_status(plugin);
+        return Err(RunError::NotRunnable {
+            state: Some(status.as_ref().map_or(plugin_state, |s| s.state)),
+            reason: status.and_then(|s| s.reason),
+        });
+    }
+    let Some(handle) = state.loader().handle(plugin) else {
+        return Err(RunError::NotRunnable {
+            state: Some(plugin_state),
+            reason: Some("the plugin has no live instance".into()),
+        });
+    };
+    if !handle.has_tool(tool) {
+        return Err(RunError::UnknownTool);
+    }
+    Ok(handle)
 }
 
 /// The JSON arguments and the binary ones (as `(JSON Pointer, bytes)`):

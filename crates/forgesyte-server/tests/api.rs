@@ -48,7 +48,10 @@
 //!   with `Last-Event-ID`, `reset`, the load pass, shutdown with a stream
 //!   open);
 //! - `dashboard`: the dashboard page in headless Chromium (through
-//!   chromedriver) against the binary.
+//!   chromedriver) against the binary;
+//! - `stream`: WebSocket streams of frames (order, byte-exact answers in
+//!   every runtime, drop accounting, backpressure, bounded memory with a
+//!   client that reads nothing, crash, shutdown, refusals).
 
 // Helpers outside #[test] functions may fail loudly too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -98,5 +101,7 @@ mod scaffold;
 mod signatures;
 #[path = "api/startup.rs"]
 mod startup;
+#[path = "api/stream.rs"]
+mod stream;
 #[path = "api/trace.rs"]
 mod trace;

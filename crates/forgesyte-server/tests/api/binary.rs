@@ -767,7 +767,12 @@ fn check_json_is_the_array_the_api_lists() {
 // ------------------------------------------------- isolated faults over HTTP
 
 /// Polls `name`'s health until `done` holds (at most `secs`), returning it.
-fn wait_health(server: &Forgesyte, name: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn wait_health(
+    server: &Forgesyte,
+    name: &str,
+    secs: u64,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let reply = server.get(&format!("/v1/plugins/{name}/health"));

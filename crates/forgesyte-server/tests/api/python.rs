@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::support::{Forgesyte, PluginsDir, http_with, plugin_named};
 
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -30,7 +30,7 @@ fn multipart(args: &Value, data: &[u8]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("data");
     std::fs::write(&file, bytes).unwrap();
@@ -46,7 +46,7 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 /// Bytes that are not text: every byte value, in a pattern of `n` bytes.
-fn frame(n: usize) -> Vec<u8> {
+pub(crate) fn frame(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 

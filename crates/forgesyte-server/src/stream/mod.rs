@@ -1,0 +1,264 @@
+//! Live streams: `GET /v1/plugins/{name}/tools/{tool}/stream` upgrades to a
+//! WebSocket whose binary messages are frames (the tool's one binary
+//! argument) and whose answers are JSON text messages in frame order.
+//!
+//! This module owns the route's checks before the upgrade (the run route's
+//! 404 and 503, 422 for a tool without exactly one binary argument, 400 for
+//! a bad query, 503 beyond the cap on open streams) and [`Streams`], the
+//! server-wide bookkeeping: the cap, and the shutdown signal on which every
+//! stream closes with 1001. [`session`] runs one open stream, [`queue`]
+//! holds its waiting frames under its policy.
+//!
+//! Plugin calls go through [`crate::tools::run`], the run route's own call:
+//! this module never touches a plugin handle's call, the registry's
+//! records or the metrics itself.
+
+mod queue;
+mod session;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{RawQuery, State};
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::Instrument as _;
+
+use crate::body::binary_arguments;
+use crate::error::{ApiError, ErrorDetail, RunFailure, Shown};
+use crate::extract::{ApiPath, ToolPath};
+use crate::state::AppState;
+use crate::tools;
+
+pub(crate) use queue::Policy;
+
+/// Every open stream of the server: at most a fixed number at once, and all
+/// told when the server shuts down.
+#[derive(Debug)]
+pub(crate) struct Streams {
+    /// `true` from the shutdown on.
+    closing: watch::Sender<bool>,
+    /// One permit per stream that may be open.
+    open: Arc<Semaphore>,
+    capacity: u32,
+}
+
+impl Streams {
+    /// Room for `capacity` streams at once (at least 1).
+    pub(crate) fn new(capacity: usize) -> Streams {
+        let capacity = u32::try_from(capacity.clamp(1, Semaphore::MAX_PERMITS))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        Streams {
+            closing: watch::channel(false).0,
+            open: Arc::new(Semaphore::new(capacity as usize)),
+            capacity,
+        }
+    }
+
+    /// A place for one more stream; `None` when all are taken or the server
+    /// is shutting down.
+    fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        if *self.closing.borrow() {
+            return None;
+        }
+        Arc::clone(&self.open).try_acquire_owned().ok()
+    }
+
+    /// Closes every stream with 1001 (at shutdown), and admits no new one.
+    pub(crate) fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Waits until no stream is open.
+    pub(crate) async fn drained(&self) {
+        let _all = self.open.acquire_many(self.capacity).await;
+    }
+}
+
+/// Streams a tool: each binary WebSocket message is one frame, the tool's
+/// one binary argument; a text message `{"args": {...}}` sets the other
+/// arguments for the frames after it. Each frame is answered with a JSON
+/// text message, in order: `{"seq", "ok", "result" | "error_type" and
+/// "detail", "processing_time_ms", "dropped"}`. Under `policy=latest` (the
+/// default) a frame that arrives while one waits replaces it (the replaced
+/// one is dropped and counted); under `policy=block` up to `queue` frames
+/// wait (default 4, at most 64) and the server then stops reading. A plugin
+/// crash closes the stream with 1011, a frame larger than the body limit
+/// with 1009, a server shutdown with 1001.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/{name}/tools/{tool}/stream",
+    tag = "tools",
+    params(
+        ("name" = String, Path, description = "Plugin name (registry key)"),
+        ("tool" = String, Path, description = "Tool id; the tool must declare exactly one binary argument"),
+        ("policy" = Option<String>, Query, description = "`latest` (default): one frame waits, a newer one replaces it; `block`: frames wait in a queue, then the server stops reading"),
+        ("queue" = Option<usize>, Query, description = "With `policy=block`: how many frames may wait, 1 to 64 (default 4)"),
+    ),
+    responses(
+        (status = 101, description = "Switched to the WebSocket stream protocol"),
+        (status = 400, description = "A bad `policy` or `queue`, or not a WebSocket upgrade request", body = ErrorDetail),
+        (status = 404, description = "Unknown plugin or tool", body = RunFailure),
+        (status = 422, description = "The tool does not declare exactly one binary argument (`NotStreamable`)", body = RunFailure),
+        (status = 503, description = "The plugin cannot run tools (`PluginNotRunnable`), or the server has its limit of open streams", body = RunFailure),
+    )
+)]
+pub(crate) async fn stream_tool(
+    State(state): State<AppState>,
+    ApiPath(ToolPath { name: plugin, tool }): ApiPath<ToolPath>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let handle = match tools::live_handle(&state, &plugin, &tool) {
+        Ok(handle) => handle,
+        Err(error) => {
+            return ApiError::Run {
+                plugin,
+                tool,
+                error,
+            }
+            .into_response();
+        }
+    };
+    let binary = handle
+        .tools()
+        .iter()
+        .find(|t| t.id == tool)
+        .map(|t| binary_arguments(&t.input_schema).len())
+        .unwrap_or(0);
+    if binary != 1 {
+        return not_streamable(&plugin, &tool, binary);
+    }
+    let policy = match policy_of(query.as_deref()) {
+        Ok(policy) => policy,
+        Err(detail) => return ApiError::BadPath { detail }.into_response(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            let detail = ErrorDetail {
+                detail: rejection.body_text(),
+            };
+            return (rejection.status(), Json(detail)).into_response();
+        }
+    };
+    let Some(permit) = state.streams().admit() else {
+        let detail = ErrorDetail {
+            detail: "The server has its limit of open streams, or is shutting down; retry later"
+                .to_owned(),
+        };
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(detail)).into_response();
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    let body_limit = state.body_limit();
+    let session = session::Session {
+        context: tools::call_context(&headers),
+        closing: state.streams().closing.subscribe(),
+        state,
+        plugin,
+        tool,
+        policy,
+        body_limit,
+    };
+    let span = tracing::Span::current();
+    upgrade
+        .max_message_size(body_limit)
+        .max_frame_size(body_limit)
+        .on_upgrade(move |socket| {
+            async move {
+                session::run(socket, session).await;
+                drop(permit);
+            }
+            .instrument(span)
+        })
+}
+
+/// The policy of the route's query string (`policy`, `queue`; nothing else).
+fn policy_of(query: Option<&str>) -> Result<Policy, String> {
+    let (mut policy, mut queue) = (None, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "policy" => policy = Some(value),
+            "queue" => queue = Some(value),
+            other => {
+                return Err(format!(
+                    "unknown query parameter {:?}: a stream takes `policy` and `queue`",
+                    Shown(other).to_string()
+                ));
+            }
+        }
+    }
+    Policy::parse(policy, queue)
+}
+
+/// 422: the tool does not take exactly one binary argument.
+fn not_streamable(plugin: &str, tool: &str, binary: usize) -> Response {
+    let failure = RunFailure {
+        ok: false,
+        plugin_id: plugin.to_owned(),
+        tool_name: tool.to_owned(),
+        error: format!("the tool declares {binary} binary arguments, not one"),
+        error_type: "NotStreamable".to_owned(),
+        detail: format!(
+            "Tool '{}' of plugin '{}' cannot be streamed: a stream's frames are the tool's one binary argument, and it declares {binary}",
+            Shown(tool),
+            Shown(plugin)
+        ),
+        not_runnable: None,
+    };
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(failure)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_query_names_the_policy_and_nothing_else() {
+        assert_eq!(policy_of(None), Ok(Policy::Latest));
+        assert_eq!(policy_of(Some("")), Ok(Policy::Latest));
+        assert_eq!(
+            policy_of(Some("policy=block&queue=8")),
+            Ok(Policy::Block { queue: 8 })
+        );
+        assert!(policy_of(Some("policy=block&queue=99")).is_err());
+        let unknown = policy_of(Some("policy=latest&size=2"));
+        assert!(
+            unknown.as_ref().is_err_and(|e| e.contains("size")),
+            "{unknown:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn streams_are_capped_and_closing_admits_none() {
+        let streams = Streams::new(2);
+        let first = streams.admit();
+        let second = streams.admit();
+        assert!(first.is_some() && second.is_some());
+        assert!(streams.admit().is_none(), "over the cap");
+        drop(first);
+        let third = streams.admit();
+        assert!(third.is_some());
+        let mut closing = streams.closing.subscribe();
+        streams.close();
+        assert!(*closing.borrow_and_update());
+        assert!(streams.admit().is_none(), "closing");
+        // Drained once every permit is back.
+        let drained = tokio::time::timeout(std::time::Duration::from_millis(50), streams.drained());
+        assert!(drained.await.is_err(), "two streams are still open");
+        drop((second, third));
+        tokio::time::timeout(std::time::Duration::from_secs(1), streams.drained())
+            .await
+            .unwrap();
+    }
+}

@@ -1,0 +1,421 @@
+//! One open stream: reads the client's messages, feeds frames to the plugin
+//! through the stream's [`FrameQueue`], and writes the answers in order.
+//!
+//! Three parts run together on the connection's task: the reader (client
+//! messages into the queue, never waiting on the plugin under `latest`), the
+//! worker (one frame at a time through [`tools::run`], the run route's own
+//! call, so limits, registry records and metrics are the same), and the
+//! writer (the only owner of the socket's sending half). Between worker and
+//! writer a channel of [`ANSWERS_IN_FLIGHT`] answers: a client that does not
+//! read its answers stops the worker, never grows a buffer. What a stream
+//! holds is bounded: the queue's frames, one frame in the plugin, a few
+//! answers and the socket's buffers.
+//!
+//! It knows the WebSocket messages of the stream protocol (PROTOCOL.md of
+//! the server, README "Live streams"), not how the route was checked or
+//! admitted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, watch};
+
+use forgesyte_loader::CallContext;
+
+use super::queue::{FrameQueue, Policy};
+use crate::body::{RunInput, parse_json_body};
+use crate::error::RunError;
+use crate::state::AppState;
+use crate::tools;
+
+/// Answers made but not yet written, at most.
+const ANSWERS_IN_FLIGHT: usize = 2;
+
+/// How long a closing message may wait for the writer (a client that reads
+/// nothing never takes it).
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest close reason a WebSocket close frame carries, in bytes.
+const MAX_CLOSE_REASON: usize = 123;
+
+/// Close codes of RFC 6455 the stream uses.
+pub(crate) mod close {
+    /// The server is shutting down.
+    pub(crate) const GOING_AWAY: u16 = 1001;
+    /// A frame was larger than the body limit.
+    pub(crate) const TOO_BIG: u16 = 1009;
+    /// The plugin crashed (or ran past its time limit) mid-stream.
+    pub(crate) const PLUGIN_FAILED: u16 = 1011;
+}
+
+/// What one stream runs: the tool, how calls are made, and its policy.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) state: AppState,
+    pub(crate) plugin: String,
+    pub(crate) tool: String,
+    /// The upgrade request's id and trace context, for every call.
+    pub(crate) context: CallContext,
+    pub(crate) policy: Policy,
+    /// Frames larger than this close the stream with 1009.
+    pub(crate) body_limit: usize,
+    /// Becomes `true` when the server shuts down.
+    pub(crate) closing: watch::Receiver<bool>,
+}
+
+/// A frame and the JSON arguments in force when it arrived.
+type Frame = (Arc<Map<String, Value>>, Bytes);
+
+/// What the writer sends.
+#[derive(Debug)]
+enum Out {
+    Text(String),
+    Close(u16, String),
+}
+
+/// How a stream ended, for the log.
+#[derive(Debug, Default)]
+struct Counts {
+    frames: u64,
+    answered: u64,
+}
+
+/// Runs the stream over `socket` until the client closes it, the plugin
+/// fails, or the server shuts down.
+pub(crate) async fn run(socket: WebSocket, session: Session) {
+    let (sink, incoming) = socket.split();
+    let (out, answers) = mpsc::channel(ANSWERS_IN_FLIGHT);
+    let queue = FrameQueue::new(session.policy);
+    let mut counts = Counts::default();
+    let conversation = async {
+        let reading = read(incoming, &session, &queue, out.clone(), &mut counts.frames);
+        let working = work(&session, &queue, out, &mut counts.answered);
+        tokio::pin!(reading, working);
+        tokio::select! {
+            // The worker first: after the reader's yield it takes the frame
+            // just queued before the reader reads the next one.
+            biased;
+            // The plugin failed: the worker has said so and closed.
+            () = &mut working => queue.close(),
+            // The client went, or the server is going: the call in flight
+            // finishes and its answer is discarded.
+            () = &mut reading => {
+                queue.close();
+                working.await;
+            }
+        }
+    };
+    tokio::join!(write(sink, answers), conversation);
+    tracing::info!(
+        plugin = %crate::error::Shown(&session.plugin),
+        tool = %crate::error::Shown(&session.tool),
+        frames = counts.frames,
+        answered = counts.answered,
+        dropped = queue.dropped(),
+        "Stream closed"
+    );
+}
+
+/// The client's messages: text sets the arguments, binary is a frame.
+async fn read(
+    mut incoming: SplitStream<WebSocket>,
+    session: &Session,
+    queue: &FrameQueue<Frame>,
+    out: mpsc::Sender<Out>,
+    frames: &mut u64,
+) {
+    let mut closing = session.closing.clone();
+    let mut args = Arc::new(Map::new());
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = closing.wait_for(|c| *c) => break,
+            message = incoming.next() => message,
+        };
+        match message {
+            None => return,
+            // Read on: the next read sends the close reply and ends.
+            Some(Ok(Message::Close(_))) => {}
+            Some(Err(e)) => {
+                if too_big(e) {
+                    let reason = format!(
+                        "a frame is larger than the limit of {} bytes",
+                        session.body_limit
+                    );
+                    say_close(&out, close::TOO_BIG, &reason).await;
+                }
+                return;
+            }
+            Some(Ok(Message::Binary(bytes))) => {
+                let seq = *frames;
+                *frames += 1;
+                // Under `block` this waits for room: the socket is not read
+                // meanwhile (TCP backpressure); a shutdown still ends it.
+                tokio::select! {
+                    biased;
+                    _ = closing.wait_for(|c| *c) => break,
+                    pushed = queue.push(seq, (Arc::clone(&args), bytes)) => if !pushed { return },
+                }
+                // The worker runs in this task: let it take the frame
+                // before the next one (already buffered) can replace it.
+                tokio::task::yield_now().await;
+            }
+            Some(Ok(Message::Text(text))) => match parse_json_body(text.as_str().as_bytes()) {
+                Ok(request) => args = Arc::new(request.args),
+                Err(e) => {
+                    let answer = json!({
+                        "ok": false,
+                        "error_type": "InvalidBody",
+                        "detail": format!("A text message must be {{\"args\": {{...}}}}: {e}"),
+                    });
+                    if out.send(Out::Text(answer.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            // Pings are answered by the WebSocket layer.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+        }
+    }
+    say_close(&out, close::GOING_AWAY, "the server is shutting down").await;
+}
+
+/// Whether a read error is a message over the size limit.
+fn too_big(error: axum::Error) -> bool {
+    matches!(
+        error
+            .into_inner()
+            .downcast::<tungstenite::Error>()
+            .map(|e| *e),
+        Ok(tungstenite::Error::Capacity(_))
+    )
+}
+
+/// Asks the writer to close with `code` and `reason`, waiting at most
+/// [`CLOSE_WAIT`] for room.
+async fn say_close(out: &mpsc::Sender<Out>, code: u16, reason: &str) {
+    let message = Out::Close(code, close_reason(reason));
+    let _ = tokio::time::timeout(CLOSE_WAIT, out.send(message)).await;
+}
+
+/// `reason` cut to what a close frame carries (123 bytes), on a character
+/// boundary.
+fn close_reason(reason: &str) -> String {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason.to_owned();
+    }
+    let mut end = MAX_CLOSE_REASON - '…'.len_utf8();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end])
+}
+
+/// One frame at a time through the plugin, each answer to the writer; ends
+/// when the queue closes or the plugin fails.
+async fn work(
+    session: &Session,
+    queue: &FrameQueue<Frame>,
+    out: mpsc::Sender<Out>,
+    answered: &mut u64,
+) {
+    while let Some((seq, (args, bytes))) = queue.pop().await {
+        let input = RunInput {
+            args: Map::clone(&args),
+            binary: Vec::new(),
+            unnamed: Some(bytes),
+        };
+        let started = Instant::now();
+        let result = tools::run(
+            &session.state,
+            &session.plugin,
+            &session.tool,
+            input,
+            session.context.clone(),
+        )
+        .await;
+        if queue.is_closed() {
+            return;
+        }
+        let elapsed = started.elapsed();
+        let answer = answer(seq, &result, elapsed, queue.dropped(), session);
+        if out.send(Out::Text(answer)).await.is_err() {
+            return;
+        }
+        *answered += 1;
+        if let Err(error) = &result
+            && ends_stream(error)
+        {
+            let reason = format!("plugin failed: {}: {error}", error.error_type());
+            say_close(&out, close::PLUGIN_FAILED, &reason).await;
+            return;
+        }
+    }
+}
+
+/// Errors after which the plugin is FAILED (it crashed, panicked, broke the
+/// protocol or ran past its time limit): the stream closes with 1011.
+fn ends_stream(error: &RunError) -> bool {
+    matches!(error, RunError::Fault { .. } | RunError::Timeout { .. })
+}
+
+/// An answer to a frame, borrowing the tool's result (serialised once).
+#[derive(Debug, Serialize)]
+struct Answer<'a> {
+    seq: u64,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    processing_time_ms: f64,
+    dropped: u64,
+}
+
+/// The answer to frame `seq`.
+fn answer(
+    seq: u64,
+    result: &Result<tools::RunSuccess, RunError>,
+    elapsed: Duration,
+    dropped: u64,
+    session: &Session,
+) -> String {
+    let answer = match result {
+        Ok(success) => Answer {
+            seq,
+            ok: true,
+            result: Some(&success.result),
+            error_type: None,
+            detail: None,
+            processing_time_ms: success.processing_time_ms,
+            dropped,
+        },
+        Err(error) => {
+            if let RunError::Internal { message } = error {
+                tracing::error!(plugin = %crate::error::Shown(&session.plugin), %message, "internal error in a stream's tool call");
+            }
+            Answer {
+                seq,
+                ok: false,
+                result: None,
+                error_type: Some(error.error_type()),
+                detail: Some(error.detail(&session.plugin, &session.tool)),
+                processing_time_ms: elapsed.as_secs_f64() * 1000.0,
+                dropped,
+            }
+        }
+    };
+    // A JSON value, strings and numbers: serialising cannot fail.
+    serde_json::to_string(&answer).unwrap_or_else(|e| {
+        json!({"seq": seq, "ok": false, "error_type": "InternalError", "detail": e.to_string()})
+            .to_string()
+    })
+}
+
+/// Sends the answers in order; a close message is the last thing sent.
+async fn write(mut sink: SplitSink<WebSocket, Message>, mut answers: mpsc::Receiver<Out>) {
+    while let Some(out) = answers.recv().await {
+        match out {
+            Out::Text(text) => {
+                if sink.send(Message::Text(text.into())).await.is_err() {
+                    return;
+                }
+            }
+            Out::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code,
+                    reason: reason.into(),
+                };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_close_frame_on_a_character_boundary() {
+        assert_eq!(close_reason("short"), "short");
+        let exact = "x".repeat(MAX_CLOSE_REASON);
+        assert_eq!(close_reason(&exact), exact);
+        for long in [
+            "é".repeat(200),
+            "x".repeat(1000),
+            format!("x{}", "€".repeat(80)),
+        ] {
+            let cut = close_reason(&long);
+            assert!(cut.len() <= MAX_CLOSE_REASON, "{} bytes", cut.len());
+            assert!(cut.ends_with('…'), "{cut}");
+            assert!(long.starts_with(cut.trim_end_matches('…')));
+        }
+    }
+
+    #[test]
+    fn answers_carry_the_protocols_fields_and_nothing_else() {
+        let ok = Answer {
+            seq: 3,
+            ok: true,
+            result: Some(&json!({"n": 1})),
+            error_type: None,
+            detail: None,
+            processing_time_ms: 1.5,
+            dropped: 2,
+        };
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap(),
+            json!({"seq": 3, "ok": true, "result": {"n": 1}, "processing_time_ms": 1.5, "dropped": 2})
+        );
+        let failed = Answer {
+            result: None,
+            ok: false,
+            error_type: Some("ToolError"),
+            detail: Some("no".into()),
+            ..ok
+        };
+        assert_eq!(
+            serde_json::to_value(&failed).unwrap(),
+            json!({"seq": 3, "ok": false, "error_type": "ToolError", "detail": "no",
+                   "processing_time_ms": 1.5, "dropped": 2})
+        );
+    }
+
+    #[test]
+    fn faults_and_timeouts_end_a_stream_and_tool_errors_do_not() {
+        assert!(ends_stream(&RunError::Fault {
+            kind: "CrashError".into(),
+            message: "SIGSEGV".into()
+        }));
+        assert!(ends_stream(&RunError::Timeout {
+            after: Duration::from_secs(1),
+            reason: "slow".into()
+        }));
+        for kept in [
+            RunError::ToolFailed {
+                error_type: None,
+                message: "no".into(),
+            },
+            RunError::InvalidArgs {
+                message: "no".into(),
+            },
+            RunError::TooManyCalls { limit: 1 },
+            RunError::NotRunnable {
+                state: None,
+                reason: None,
+            },
+        ] {
+            assert!(!ends_stream(&kept), "{kept:?}");
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! WebSocket streams (`GET /v1/plugins/{name}/tools/{tool}/stream`)
+//! through the real binary, with a sync client: answers in frame order and
+//! byte-exact in process, isolated and in Python; `latest` drops and counts,
+//! `block` never drops; a client that reads no answers does not grow the
+//! server; a crash closes with 1011 and the plugin restarts; refusals
+//! before the upgrade, 1009 for an oversized frame, 1001 at shutdown.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use forgesyte_tests::zoo;
+use serde_json::{Value, json};
+use tungstenite::handshake::HandshakeError;
+use tungstenite::{Message, WebSocket};
+
+use crate::binary::wait_health;
+use crate::python::{base64, frame, sha256};
+use crate::support::{Forgesyte, PluginsDir};
+
+type Socket = WebSocket<TcpStream>;
+
+/// Opens a stream, or the status and JSON body of the refusal.
+fn try_open(addr: SocketAddr, target: &str) -> Result<Socket, (u16, Value)> {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    match tungstenite::client::client(format!("ws://{addr}{target}"), stream) {
+        Ok((socket, _)) => Ok(socket),
+        Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            let body = response
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            Err((response.status().as_u16(), body))
+        }
+        Err(e) => panic!("{target}: {e}"),
+    }
+}
+
+fn open(server: &Forgesyte, target: &str) -> Socket {
+    try_open(server.addr, target)
+        .unwrap_or_else(|(status, body)| panic!("{target}: {status} {body}"))
+}
+
+fn send_frame(socket: &mut Socket, bytes: Vec<u8>) {
+    socket.send(Message::Binary(bytes.into())).unwrap();
+}
+
+fn send_args(socket: &mut Socket, args: Value) {
+    let text = json!({ "args": args }).to_string();
+    socket.send(Message::text(text)).unwrap();
+}
+
+/// The next answer (a JSON text message).
+fn answer(socket: &mut Socket) -> Value {
+    loop {
+        match socket.read().unwrap() {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+}
+
+/// The code and reason of the server's close message (answers before it
+/// are skipped).
+fn close_of(socket: &mut Socket) -> (u16, String) {
+    loop {
+        match socket.read() {
+            Ok(Message::Close(Some(frame))) => {
+                return (frame.code.into(), frame.reason.to_string());
+            }
+            Ok(Message::Close(None)) => panic!("closed without a code"),
+            Ok(_) => {}
+            Err(e) => panic!("no close message: {e}"),
+        }
+    }
+}
+
+/// Answers until the one of frame `last`, in arrival order.
+fn answers_until(socket: &mut Socket, last: u64) -> Vec<Value> {
+    let mut answers = Vec::new();
+    loop {
+        let answer = answer(socket);
+        let seq = answer["seq"].as_u64();
+        answers.push(answer);
+        if seq == Some(last) {
+            return answers;
+        }
+    }
+}
+
+fn target(plugin: &str, tool: &str, query: &str) -> String {
+    format!("/v1/plugins/{plugin}/tools/{tool}/stream{query}")
+}
+
+const FRAMES: usize = 100;
+
+/// Frames sent ahead of the answers read.
+const WINDOW: usize = 8;
+
+#[test]
+fn frames_are_answered_in_order_and_byte_exact_in_process_isolated_and_in_python() {
+    let dir = PluginsDir::new();
+    dir.good("native-in", json!({}));
+    dir.good("native-iso", json!({"isolation": "process"}));
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    // Distinct sizes (7919 is prime to 70,000), the first one empty.
+    let sizes: Vec<usize> = (0..FRAMES).map(|i| i * 7919 % 70_000).collect();
+    for (plugin, tool) in [
+        ("native-in", "frame"),
+        ("native-iso", "frame"),
+        ("py", "checksum"),
+    ] {
+        let mut socket = open(&server, &target(plugin, tool, "?policy=block&queue=8"));
+        let mut answers = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            send_frame(&mut socket, frame(size));
+            if i + 1 - answers.len() > WINDOW {
+                answers.push(answer(&mut socket));
+            }
+        }
+        while answers.len() < FRAMES {
+            answers.push(answer(&mut socket));
+        }
+        for (i, answer) in answers.iter().enumerate() {
+            assert_eq!(answer["seq"], i, "{plugin}: {answer}");
+            assert_eq!(answer["ok"], true, "{plugin}: {answer}");
+            assert_eq!(answer["dropped"], 0, "{plugin}: {answer}");
+            assert!(
+                answer["processing_time_ms"]
+                    .as_f64()
+                    .is_some_and(|ms| ms >= 0.0),
+                "{answer}"
+            );
+            let data = frame(sizes[i]);
+            let expected = if tool == "checksum" {
+                json!({"len": sizes[i], "sha256": sha256(&data)})
+            } else {
+                json!({"data": base64(&data), "ms": 0})
+            };
+            assert_eq!(answer["result"], expected, "{plugin} frame {i}");
+        }
+        socket.close(None).unwrap();
+        // The close handshake completes.
+        while socket.read().is_ok() {}
+        // Every frame was a tool call, counted like one of the run route.
+        let health = server.get(&format!("/v1/plugins/{plugin}/health")).json();
+        assert_eq!(health["success_count"], FRAMES, "{health}");
+        let metrics = server.get("/metrics").text();
+        let line = format!(
+            "forgesyte_tool_calls_total{{plugin=\"{plugin}\",tool=\"{tool}\",outcome=\"ok\"}} {FRAMES}"
+        );
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
+}
+
+#[test]
+fn latest_drops_frames_behind_a_slow_tool_and_counts_each_while_block_drops_none() {
+    let dir = PluginsDir::new();
+    dir.good("slow", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+
+    // latest (the default): frames sent while one is in the plugin replace
+    // each other; the last one is always answered.
+    const SENT: u64 = 50;
+    let mut socket = open(&server, &target("slow", "frame", ""));
+    send_args(&mut socket, json!({"ms": 40}));
+    for seq in 0..SENT {
+        send_frame(&mut socket, frame(1000 + seq as usize));
+    }
+    let answers = answers_until(&mut socket, SENT - 1);
+    let mut previous: Option<(u64, u64)> = None;
+    for answer in &answers {
+        let seq = answer["seq"].as_u64().unwrap();
+        let dropped = answer["dropped"].as_u64().unwrap();
+        if let Some((seq_before, dropped_before)) = previous {
+            assert!(seq > seq_before, "seqs increase: {answers:?}");
+            assert!(dropped >= dropped_before, "dropped never goes down");
+        }
+        previous = Some((seq, dropped));
+        assert_eq!(answer["ok"], true, "{answer}");
+        let data = frame(1000 + seq as usize);
+        assert_eq!(answer["result"], json!({"data": base64(&data), "ms": 40}));
+    }
+    let dropped = answers.last().unwrap()["dropped"].as_u64().unwrap();
+    assert_eq!(
+        answers.len() as u64 + dropped,
+        SENT,
+        "sent = answered + dropped"
+    );
+    assert!(
+        dropped > 0,
+        "a 40 ms tool keeps up with nothing: {answers:?}"
+    );
+    assert_eq!(answers[0]["seq"], 0, "the first frame goes straight in");
+
+    // block: every frame is answered, in order; nothing is dropped.
+    let mut socket = open(&server, &target("slow", "frame", "?policy=block&queue=2"));
+    send_args(&mut socket, json!({"ms": 10}));
+    for seq in 0..30 {
+        send_frame(&mut socket, frame(1000 + seq));
+    }
+    for seq in 0..30usize {
+        let answer = answer(&mut socket);
+        assert_eq!(
+            (answer["seq"].as_u64(), answer["dropped"].as_u64()),
+            (Some(seq as u64), Some(0))
+        );
+        let data = frame(1000 + seq);
+        assert_eq!(answer["result"]["data"], base64(&data));
+    }
+}
+
+/// The resident set size of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn a_client_that_reads_no_answers_never_grows_the_server() {
+    const MIB: u64 = 1 << 20;
+    let dir = PluginsDir::new();
+    dir.good("frames", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("frames", "frame", ""));
+    send_args(&mut socket, json!({"ms": 5}));
+    let chunk = frame(MIB as usize);
+    // Warm up: the buffers a 1 MiB frame needs exist; answers pile up
+    // unread in the socket.
+    for _ in 0..16 {
+        send_frame(&mut socket, chunk.clone());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss(server.pid());
+    const SENT_MIB: u64 = 200;
+    for _ in 0..SENT_MIB {
+        send_frame(&mut socket, chunk.clone());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss(server.pid());
+    eprintln!(
+        "server RSS {} MiB before and {} MiB after {SENT_MIB} MiB of frames",
+        before / MIB,
+        after / MIB
+    );
+    assert!(
+        after < before + 64 * MIB,
+        "{SENT_MIB} MiB of frames to a client that reads nothing grew the server from {} to {} MiB",
+        before / MIB,
+        after / MIB
+    );
+    // Nothing was lost track of: the last frame is answered, and every
+    // frame is answered or counted as dropped.
+    let last = 16 + SENT_MIB - 1;
+    let answers = answers_until(&mut socket, last);
+    let dropped = answers.last().unwrap()["dropped"].as_u64().unwrap();
+    assert_eq!(answers.len() as u64 + dropped, last + 1);
+    assert!(dropped > 0);
+}
+
+#[test]
+fn a_crash_mid_stream_closes_with_1011_and_the_plugin_restarts() {
+    let dir = PluginsDir::new();
+    dir.good("iso", json!({"isolation": "process"}))
+        .good("inproc", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    // In process a panic is caught: 1011 too, and the plugin is FAILED.
+    let mut socket = open(&server, &target("inproc", "frame", ""));
+    send_args(&mut socket, json!({"panic": true}));
+    send_frame(&mut socket, frame(10));
+    assert_eq!(answer(&mut socket)["error_type"], "ToolPanic");
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1011, "{reason}");
+    let health = server.get("/v1/plugins/inproc/health").json();
+    assert_eq!(health["state"], "FAILED", "{health}");
+
+    // Isolated: the runner is restarted and streams again.
+    let mut socket = open(&server, &target("iso", "frame", ""));
+    send_frame(&mut socket, frame(10));
+    assert_eq!(answer(&mut socket)["ok"], true);
+    send_args(&mut socket, json!({"panic": true}));
+    send_frame(&mut socket, frame(10));
+    let failed = answer(&mut socket);
+    assert_eq!(
+        (failed["seq"].as_u64(), failed["ok"].as_bool()),
+        (Some(1), Some(false)),
+        "{failed}"
+    );
+    assert_eq!(failed["error_type"], "ToolPanic", "{failed}");
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.contains("ToolPanic"), "{reason}");
+    assert!(reason.len() <= 123, "{reason}");
+
+    let health = wait_health(&server, "iso", 20, |h| {
+        h["state"] == "INITIALIZED" && h["restart_count"].as_u64() >= Some(1)
+    });
+    assert_eq!(health["restart_count"], 1, "{health}");
+    let mut socket = open(&server, &target("iso", "frame", ""));
+    send_frame(&mut socket, frame(5));
+    let again = answer(&mut socket);
+    assert_eq!(
+        (again["seq"].as_u64(), again["ok"].as_bool()),
+        (Some(0), Some(true)),
+        "{again}"
+    );
+}
+
+#[test]
+fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).zoo(zoo::ERR_INIT);
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "4096"]);
+    server.wait_loaded();
+
+    // Refused before the upgrade, with the run route's bodies.
+    for (plugin, tool, query, status, error_type) in [
+        ("nope", "frame", "", 404, Some("PluginNotFound")),
+        ("alpha", "nope", "", 404, Some("UnknownTool")),
+        ("alpha", "echo", "", 422, Some("NotStreamable")),
+        (
+            zoo::ERR_INIT_NAME,
+            "frame",
+            "",
+            503,
+            Some("PluginNotRunnable"),
+        ),
+        ("alpha", "frame", "?policy=sometimes", 400, None),
+        ("alpha", "frame", "?policy=block&queue=65", 400, None),
+        ("alpha", "frame", "?size=2", 400, None),
+    ] {
+        let target = target(plugin, tool, query);
+        let Err((got, body)) = try_open(server.addr, &target) else {
+            panic!("{target} was upgraded");
+        };
+        assert_eq!(got, status, "{target}: {body}");
+        match error_type {
+            Some(kind) => assert_eq!(body["error_type"], kind, "{target}: {body}"),
+            None => assert!(body["detail"].is_string(), "{target}: {body}"),
+        }
+    }
+    // A plain GET (no upgrade) is refused too, in JSON.
+    let plain = server.get(&target("alpha", "frame", ""));
+    assert!(
+        plain.status >= 400 && plain.status < 500,
+        "{}",
+        plain.text()
+    );
+    assert!(plain.json()["detail"].is_string(), "{}", plain.text());
+
+    // A malformed text message is answered without a seq; the stream goes on.
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    socket.send(Message::text("not json")).unwrap();
+    let refused = answer(&mut socket);
+    assert_eq!(
+        (refused["ok"].as_bool(), refused["error_type"].as_str()),
+        (Some(false), Some("InvalidBody")),
+        "{refused}"
+    );
+    assert!(refused.get("seq").is_none(), "{refused}");
+    send_frame(&mut socket, frame(100));
+    let ok = answer(&mut socket);
+    assert_eq!(
+        (ok["seq"].as_u64(), ok["ok"].as_bool()),
+        (Some(0), Some(true)),
+        "{ok}"
+    );
+    // A frame over the body limit closes the stream with 1009.
+    send_frame(&mut socket, frame(5000));
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1009, "{reason}");
+
+    // A shutdown closes open streams with 1001, and the server exits 0.
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    send_frame(&mut socket, frame(1));
+    assert_eq!(answer(&mut socket)["ok"], true);
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}; log:\n{}", server.log());
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1001, "{reason}");
+}
+
+#[test]
+fn streams_beyond_the_cap_are_refused_until_one_closes() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--max-connections", "2"]);
+    server.wait_loaded();
+    let target = target("alpha", "frame", "");
+    let mut open_streams: Vec<Socket> = (0..2).map(|_| open(&server, &target)).collect();
+    for socket in &mut open_streams {
+        send_frame(socket, frame(3));
+        assert_eq!(answer(socket)["ok"], true);
+    }
+    // The upgraded connections left the connection cap; the streams' cap
+    // refuses a third.
+    let Err((status, body)) = try_open(server.addr, &target) else {
+        panic!("a third stream was opened");
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("streams"),
+        "{body}"
+    );
+    // One closes: room for another (its close ends the session shortly).
+    let mut first = open_streams.remove(0);
+    first.close(None).unwrap();
+    while first.read().is_ok() {}
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut third = loop {
+        match try_open(server.addr, &target) {
+            Ok(socket) => break socket,
+            Err((503, _)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err((status, body)) => panic!("{status} {body}"),
+        }
+    };
+    send_frame(&mut third, frame(4));
+    assert_eq!(answer(&mut third)["seq"], 0);
+}
