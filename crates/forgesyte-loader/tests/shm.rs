@@ -279,12 +279,23 @@ fn no_memory_file_outlives_its_call_after_10000_calls_and_100_kills() {
         .map(|i| {
             let (loader, data) = (Arc::clone(&loader), data.clone());
             std::thread::spawn(move || {
-                let name = if i % 2 == 0 { PYTHON } else { NATIVE };
+                // Python echo shares both ways, `view` and the native
+                // runner's `ok` only the argument (and cost less).
+                let (name, tool) = [
+                    (PYTHON, "echo"),
+                    (PYTHON, "view"),
+                    (NATIVE, "ok"),
+                    (NATIVE, "ok"),
+                ][i];
                 let (mut ok, mut failed) = (0, 0);
                 while ok < 2500 {
-                    match call(&loader, name, "echo", &data) {
+                    match call(&loader, name, tool, &data) {
                         Ok(back) => {
-                            assert!(decoded(&back) == data);
+                            if tool == "echo" {
+                                assert!(decoded(&back) == data);
+                            } else {
+                                assert!(back.is_object(), "{back}");
+                            }
                             ok += 1;
                         }
                         Err(_) => {
@@ -298,20 +309,29 @@ fn no_memory_file_outlives_its_call_after_10000_calls_and_100_kills() {
             })
         })
         .collect();
+    let kills = Instant::now();
     for k in 0..100 {
         let name = if k % 2 == 0 { PYTHON } else { NATIVE };
         kill_runner(&loader, &registry, name);
         // Calls get through between kills.
         std::thread::sleep(Duration::from_millis(20));
     }
+    let kills = kills.elapsed();
     let failed: usize = callers.into_iter().map(|c| c.join().unwrap()).sum();
     for name in [NATIVE, PYTHON] {
         let pid = loader.handle(name).unwrap().pid().unwrap();
-        assert_eq!(runner_memfds(pid), 0, "{name}'s runner holds memory files");
+        let since = Instant::now();
+        while runner_memfds(pid) > 0 {
+            assert!(
+                since.elapsed() < Duration::from_secs(5),
+                "{name}'s runner holds memory files"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     assert_no_memfd_left();
     eprintln!(
-        "10,000 calls ({failed} more failed) and 100 kills in {:?}",
+        "10,000 calls ({failed} more failed) and 100 kills (in {kills:?}) in {:?}",
         started.elapsed()
     );
 }

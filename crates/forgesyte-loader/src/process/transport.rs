@@ -193,7 +193,7 @@ impl Transport {
         let deadline = Instant::now().checked_add(timeout);
         let head = head(id);
         // The copies into memory files happen before the writer is taken.
-        let outgoing = match &self.shm {
+        let mut outgoing = match &self.shm {
             Some(link) if self.uses_shm() => Outgoing::prepare(attachments, link.threshold),
             _ => Outgoing::default(),
         };

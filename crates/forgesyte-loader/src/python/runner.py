@@ -654,6 +654,9 @@ class Wire(object):
                         socket.MSG_DONTWAIT)
                 except OSError:
                     header, attachments = plain  # it all goes inline
+                # The runner keeps no copy once they are sent (or not).
+                while fds:
+                    os.close(fds.pop())
             sizes = [len(a) for a in attachments]
             total = 8 + 4 * len(sizes) + len(header) + sum(sizes)
             prefix = struct.pack("<III%dI" % len(sizes), total, len(header), len(sizes), *sizes)

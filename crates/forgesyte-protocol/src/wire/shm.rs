@@ -242,8 +242,15 @@ impl Outgoing {
 
     /// Sends the descriptors over `socket`, before the frame is written:
     /// one message, the count as a `u32le`, the descriptors in the order of
-    /// the indices. Nothing is sent when nothing is shared.
-    pub fn send(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
+    /// the indices. Nothing is sent when nothing is shared. The sender's
+    /// copies are closed either way: on an error, the frame goes inline.
+    pub fn send(&mut self, socket: BorrowedFd<'_>) -> io::Result<()> {
+        let sent = self.send_fds(socket);
+        self.fds.clear();
+        sent
+    }
+
+    fn send_fds(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
         if self.is_empty() {
             return Ok(());
         }
@@ -390,7 +397,7 @@ mod tests {
     /// Sends a frame the way a peer does (descriptors first), reads it back.
     fn round_trip(atts: &[&[u8]], threshold: u64) -> (Frame, Vec<u8>) {
         let (a, b) = pair();
-        let out = Outgoing::prepare(atts, threshold);
+        let mut out = Outgoing::prepare(atts, threshold);
         let header = out.header(br#"{"op":"call","id":2}"#);
         out.send(a.as_fd()).unwrap();
         let mut bytes = Vec::new();
@@ -482,7 +489,7 @@ mod tests {
             } else {
                 rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC).unwrap()
             };
-            let out = Outgoing {
+            let mut out = Outgoing {
                 indices: vec![0],
                 fds: vec![fd],
             };
