@@ -579,7 +579,11 @@ class Wire(object):
                 if size == 0:
                     attachments[i] = b""
                 else:
-                    attachments[i] = Shared(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+                    try:  # 3.13+: the mapping keeps no copy of the descriptor
+                        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ, trackfd=False)
+                    except TypeError:
+                        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+                    attachments[i] = Shared(mapping)
         except OSError as e:
             raise ProtocolError("malformed frame: a shared attachment: %s" % e)
         finally:
