@@ -538,6 +538,92 @@ mod tests {
     }
 
     #[test]
+    fn shared_attachments_go_both_ways_once_the_hello_accepts_them() {
+        use forgesyte_protocol::wire::capability;
+        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+        let (host_end, runner_end) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let (mut req_r, req_w) = pipe().unwrap();
+        let (ans_r, mut ans_w) = pipe().unwrap();
+        let runner = thread::spawn(move || {
+            let hello = serde_json::to_vec(&Response::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                runtime: "test".into(),
+                runtime_version: "1".into(),
+                pid: 1,
+                capabilities: vec![
+                    capability::ATTACHMENTS.into(),
+                    capability::SHARED_MEMORY.into(),
+                ],
+                confinement: None,
+            }))
+            .unwrap();
+            write_frame(&mut ans_w, &hello, &[]).unwrap();
+            // The request's attachment came shared; it goes back shared.
+            let mut frame = read_frame(&mut req_r, 1 << 30).unwrap();
+            shm::receive(&mut frame, Some(runner_end.as_fd()), 1 << 30).unwrap();
+            let came_shared = frame.is_shared(0);
+            let Ok(Request::Call { id, .. }) = serde_json::from_slice(frame.header()) else {
+                panic!("not a call")
+            };
+            let atts: Vec<&[u8]> = frame.attachments().collect();
+            let mut out = Outgoing::prepare(&atts, 1);
+            let header = serde_json::to_vec(&Response::Result {
+                id,
+                result: RawValue::from_string("[null]".into()).unwrap(),
+                attachments: vec!["/0".into()],
+            })
+            .unwrap();
+            out.send(runner_end.as_fd()).unwrap();
+            write_frame(&mut ans_w, &out.header(&header), &out.inline(&atts)).unwrap();
+            // Then an answer that announces a shared attachment it never sent.
+            let frame = read_frame(&mut req_r, 1 << 30).unwrap();
+            let Ok(Request::Call { id, .. }) = serde_json::from_slice(frame.header()) else {
+                panic!("not a call")
+            };
+            let lie = format!(
+                r#"{{"shm":[0],"type":"result","id":{id},"result":[null],"attachments":["/0"]}}"#
+            );
+            write_frame(&mut ans_w, lie.as_bytes(), &[b""]).unwrap();
+            came_shared
+        });
+        let (mut transport, greeting) = Transport::new(req_w, 1 << 30).unwrap();
+        transport.offer_shm(host_end, 1000);
+        let t = Arc::new(transport);
+        let reader = {
+            let t = Arc::clone(&t);
+            thread::spawn(move || {
+                let end = t.read_answers(ans_r);
+                t.fail_all(&Arc::new(ExitReport::protocol("ended")));
+                end
+            })
+        };
+        assert!(greeting.recv_timeout(LONG).is_ok());
+        assert!(t.uses_shm());
+        let big: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+        match call(&t, "{}", &[&big]) {
+            Ok(Reply::Answer(Response::Result { .. }, frame)) => {
+                assert!(frame.is_shared(0));
+                assert_eq!(frame.attachment(0), Some(&big[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(call(&t, "{}", &[]), Ok(Reply::Died(_))));
+        let end = reader.join().unwrap().unwrap_or_default();
+        // No descriptor message (or, the runner gone, none left to come).
+        assert!(end.contains("shared attachments announced"), "{end}");
+        assert!(
+            runner.join().unwrap(),
+            "the request's attachment was not shared"
+        );
+    }
+
+    #[test]
     fn a_runner_of_another_version_is_named_not_garbage() {
         let (_t, greeting, reader) = connect(|_, mut answers| {
             // A version-1 hello: a length and bare JSON.
