@@ -14,7 +14,8 @@
 //!
 //! The checks: [`check_handshake`], [`check_construct`], [`check_tools`],
 //! [`check_call`], [`check_attachments`], [`check_oversized_frame`],
-//! [`check_garbage`] and [`check_early_exit`].
+//! [`check_garbage`], [`check_early_exit`] and [`check_shared_memory`]
+//! (in `conformance/shared_memory.rs`).
 
 // Test-support code: a check reports a deviation by panicking, as an
 // assertion does, and `expect` documents invariants of the suite itself.
@@ -36,6 +37,9 @@ use forgesyte_protocol::wire::{
     self, Frame, Greeting, PROTOCOL_ENV, PROTOCOL_VERSION, attach, capability,
 };
 use serde_json::{Value, json};
+
+mod shared_memory;
+pub use self::shared_memory::check_shared_memory;
 
 /// How long a runner may take to send a frame the suite waits for (the
 /// hello included).
@@ -101,6 +105,7 @@ pub fn check_all(r: &RunnerUnderTest) {
     check_oversized_frame(r);
     check_garbage(r);
     check_early_exit(r);
+    check_shared_memory(r);
 }
 
 /// The first frame is a well-formed hello: checked byte by byte (length,
@@ -531,7 +536,17 @@ struct Session {
 impl Session {
     /// Starts the runner.
     fn spawn(check: &'static str, r: &RunnerUnderTest) -> Session {
+        Session::spawn_with(check, r, |_| {})
+    }
+
+    /// [`Session::spawn`] with `more` done to the command first.
+    fn spawn_with(
+        check: &'static str,
+        r: &RunnerUnderTest,
+        more: impl FnOnce(&mut Command),
+    ) -> Session {
         let mut command = Command::new(&r.program);
+        more(&mut command);
         command
             .args(&r.args)
             .env(PROTOCOL_ENV, PROTOCOL_VERSION.to_string())

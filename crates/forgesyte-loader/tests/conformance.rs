@@ -82,6 +82,11 @@ fn native_runner_early_exit() {
     conformance::check_early_exit(&native());
 }
 
+#[test]
+fn native_runner_shared_memory() {
+    conformance::check_shared_memory(&native());
+}
+
 /// A fake runner: a shell that prints `output` (a `printf` format), then
 /// reads its stdin to the end, as a runner waiting for requests would.
 fn shell_runner(output: &str) -> RunnerUnderTest {

@@ -19,6 +19,8 @@
 //! - `conformance`: the runner conformance suite of `forgesyte-tests`
 //!   against `forgesyte-runner` (the `good` fixture), and the suite's own
 //!   rejection of runners that do not speak the protocol.
+//! - `shm`: attachments through shared memory with the native and Python
+//!   runners: round trips, crashes, no memory file left behind.
 
 // Test helpers outside `#[test]` functions may unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -29,6 +31,7 @@ mod isolation;
 mod pipeline;
 mod python;
 mod rescan;
+mod shm;
 mod shutdown;
 mod signature;
 mod test_venv;

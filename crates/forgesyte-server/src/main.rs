@@ -213,6 +213,11 @@ struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT, value_parser = parse_bytes)]
     body_limit: usize,
+    /// Attachments of at least this many bytes travel to and from plugin
+    /// runners through shared memory (sealed memfds) instead of the pipe; 0
+    /// keeps them all in the pipe.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_SHM_THRESHOLD", default_value_t = forgesyte_loader::process::shm_threshold())]
+    shm_threshold: u64,
     /// How long shutdown waits for in-flight requests, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value_t = Seconds(DEFAULT_SHUTDOWN_GRACE), value_parser = parse_seconds_arg)]
     shutdown_grace: Seconds,
@@ -680,6 +685,7 @@ impl ServeArgs {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    forgesyte_loader::process::set_shm_threshold(args.shm_threshold);
     let (mut config, admin_token_file) = args.config();
     config.trusted_keys().map_err(anyhow::Error::msg)?;
     config.admin_token = admin_token(

@@ -25,10 +25,12 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use forgesyte_errors::{CrashCause, CrashError, PluginError, fmt_duration};
+use forgesyte_protocol::wire::shm::{SHM_FD_ENV, SHM_THRESHOLD_ENV};
 use forgesyte_protocol::wire::{
     Greeting, HandshakeError, Hello, PROTOCOL_ENV, PROTOCOL_VERSION, WireError,
 };
 use parking_lot::{Condvar, Mutex};
+use std::os::fd::OwnedFd;
 
 use super::exit::{classify, signal_name};
 use super::os_process::OsProcess;
@@ -138,6 +140,65 @@ pub(crate) fn runner_env(limited: bool) -> Vec<(&'static str, String)> {
     env
 }
 
+/// A runner's shared-memory socket pair (`PROTOCOL.md` §3.1), made when
+/// the threshold is not 0: the runner's end is passed to it (close-on-exec
+/// everywhere but in that runner), the host's end goes to its transport.
+struct ShmOffer {
+    host: OwnedFd,
+    runner: OwnedFd,
+    threshold: u64,
+}
+
+impl ShmOffer {
+    fn new() -> std::io::Result<Option<ShmOffer>> {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+        let threshold = super::transport::shm_threshold();
+        if threshold == 0 {
+            return Ok(None);
+        }
+        let (host, runner) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        Ok(Some(ShmOffer {
+            host,
+            runner,
+            threshold,
+        }))
+    }
+
+    /// Tells `command` where its end is ([`SHM_FD_ENV`], at the same
+    /// number as here) and keeps that one descriptor open across its exec.
+    #[allow(unsafe_code)]
+    fn pass_to(&self, command: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = self.runner.as_raw_fd();
+        command
+            .env(SHM_FD_ENV, fd.to_string())
+            .env(SHM_THRESHOLD_ENV, self.threshold.to_string());
+        // SAFETY: the closure runs between fork and exec in the child, where
+        // only async-signal-safe work is allowed: `fcntl` is a plain system
+        // call on a descriptor the child inherited (this one stays open in
+        // the parent until the spawn returns), and errors are not built by
+        // allocation.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                Ok(())
+            });
+        }
+    }
+
+    /// The host's end and the threshold; the runner's end is closed.
+    fn host_end(self) -> (OwnedFd, u64) {
+        (self.host, self.threshold)
+    }
+}
+
 /// A running runner process. Dropping it retires the process (killed, no
 /// exit callbacks).
 pub(crate) struct Child {
@@ -163,7 +224,14 @@ impl Child {
         timeout: Duration,
     ) -> Result<Child, SpawnError> {
         command.envs(runner_env(opts.memory_limit_mib > 0));
-        let mut process = spawn_runner(command).map_err(SpawnError::Start)?;
+        let shm = ShmOffer::new().map_err(SpawnError::Start)?;
+        if let Some(offer) = &shm {
+            offer.pass_to(&mut command);
+        }
+        let spawned = spawn_runner(command);
+        // The runner has its end (or failed to start): ours goes.
+        let shm = shm.map(ShmOffer::host_end);
+        let mut process = spawned.map_err(SpawnError::Start)?;
         let (Some(stdin), Some(stdout), Some(stderr)) = (
             process.stdin.take(),
             process.stdout.take(),
@@ -178,6 +246,7 @@ impl Child {
         Self::start(
             OsProcess::Direct(process),
             (stdin, stdout, stderr),
+            shm,
             opts,
             timeout,
         )
@@ -195,12 +264,26 @@ impl Child {
         let (stdin, stdin_w) = std::io::pipe().map_err(SpawnError::Start)?;
         let (stdout_r, stdout) = std::io::pipe().map_err(SpawnError::Start)?;
         let (stderr_r, stderr) = std::io::pipe().map_err(SpawnError::Start)?;
+        let shm = ShmOffer::new().map_err(SpawnError::Start)?;
+        let (runner_shm, host_shm) = match shm {
+            Some(offer) => (
+                Some((offer.runner, offer.threshold)),
+                Some((offer.host, offer.threshold)),
+            ),
+            None => (None, None),
+        };
         let process = zygote
-            .spawn(argv, [stdin.into(), stdout.into(), stderr.into()], timeout)
+            .spawn(
+                argv,
+                [stdin.into(), stdout.into(), stderr.into()],
+                runner_shm,
+                timeout,
+            )
             .map_err(SpawnError::Start)?;
         Self::start(
             OsProcess::Forked(process),
             (stdin_w, stdout_r, stderr_r),
+            host_shm,
             opts,
             timeout.saturating_sub(started.elapsed()),
         )
@@ -215,12 +298,18 @@ impl Child {
             impl Read + Send + 'static,
             impl Read + Send + 'static,
         ),
+        shm: Option<(OwnedFd, u64)>,
         opts: &SpawnOptions<'_>,
         timeout: Duration,
     ) -> Result<Child, SpawnError> {
         let pid = process.id();
         let (transport, greeting) = match Transport::new(stdin, opts.max_response_bytes) {
-            Ok(connection) => connection,
+            Ok((mut transport, greeting)) => {
+                if let Some((socket, threshold)) = shm {
+                    transport.offer_shm(socket, threshold);
+                }
+                (transport, greeting)
+            }
             Err(e) => {
                 process.kill();
                 let _ = process.wait();

@@ -41,6 +41,7 @@ mod transport;
 mod wire_error;
 mod zygote;
 
+pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::ZYGOTE_ENV;
 
 use std::ffi::OsString;

@@ -23,10 +23,16 @@
 //!    unloads the library or destroys the instance; the process ending is
 //!    the cleanup. A frame over [`MAX_REQUEST_BYTES`] or one that is not
 //!    the protocol ends it with [`EXIT_PROTOCOL`].
+//!
+//! Shared memory (`PROTOCOL.md` §3.1): when the host passes a
+//! shared-memory socket ([`SHM_FD_ENV`]), the runner marks it close-on-exec,
+//! announces `shared_memory`, maps the attachments the host shares, and
+//! shares its own answer attachments at or above the threshold.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -35,6 +41,9 @@ use std::time::Duration;
 
 use forgesyte_errors::{InitError, ToolError};
 use forgesyte_protocol::abi::ABI_VERSION;
+use forgesyte_protocol::wire::shm::{
+    self as shm, DEFAULT_SHM_THRESHOLD, Outgoing, SHM_FD_ENV, SHM_THRESHOLD_ENV,
+};
 use forgesyte_protocol::wire::{
     Frame, FrameError, Hello, PROTOCOL_VERSION, Request, Response, WireError, capability,
     read_frame, write_frame,
@@ -139,6 +148,17 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
     };
     let out = Arc::new(Mutex::new(out));
+    let shared_memory = match take_shm_socket() {
+        Ok(link) => {
+            let offered = link.is_some();
+            let _ = SHM.set(link);
+            offered
+        }
+        Err(e) => {
+            eprintln!("forgesyte-runner: cannot take the shared-memory socket: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
     if args.memory_limit_mib > 0
         && let Err(e) = limit_memory(args.memory_limit_mib)
     {
@@ -173,10 +193,11 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             runtime: "native".into(),
             runtime_version: format!("ABI {ABI_VERSION}, SDK {}", library.sdk_version()),
             pid: std::process::id(),
-            capabilities: vec![
-                capability::ATTACHMENTS.into(),
-                capability::CONCURRENT_CALLS.into(),
-            ],
+            capabilities: [capability::ATTACHMENTS, capability::CONCURRENT_CALLS]
+                .into_iter()
+                .chain(shared_memory.then_some(capability::SHARED_MEMORY))
+                .map(String::from)
+                .collect(),
             confinement,
         }),
         &[],
@@ -193,8 +214,9 @@ fn serve(
 ) -> ExitCode {
     let instance: Arc<OnceLock<Box<dyn PluginInstance>>> = Arc::new(OnceLock::new());
     let mut stdin = BufReader::with_capacity(64 * 1024, requests);
+    let socket = shm_link().map(|(socket, _)| socket.as_fd());
     loop {
-        let frame = match read_frame(&mut stdin, MAX_REQUEST_BYTES) {
+        let mut frame = match read_frame(&mut stdin, MAX_REQUEST_BYTES) {
             Ok(frame) => frame,
             // The host closed our stdin: it is done with us. Calls still
             // running die with the process.
@@ -204,6 +226,10 @@ fn serve(
                 return ExitCode::from(EXIT_PROTOCOL);
             }
         };
+        if let Err(e) = shm::receive(&mut frame, socket, MAX_REQUEST_BYTES) {
+            eprintln!("forgesyte-runner[{}]: malformed request: {e}", args.plugin);
+            return ExitCode::from(EXIT_PROTOCOL);
+        }
         let request: Request = match serde_json::from_slice(frame.header()) {
             Ok(request) => request,
             Err(e) => {
@@ -347,7 +373,51 @@ fn with_base64_attachments(
     }
 }
 
+/// The shared-memory socket and threshold the host passed, once taken.
+static SHM: OnceLock<Option<(OwnedFd, u64)>> = OnceLock::new();
+
+fn shm_link() -> Option<&'static (OwnedFd, u64)> {
+    SHM.get().and_then(Option::as_ref)
+}
+
+/// Takes the shared-memory socket the host passed ([`SHM_FD_ENV`]), marked
+/// close-on-exec so that nothing the plugin starts inherits it; `None`
+/// when there is none (or the threshold is 0).
+#[allow(unsafe_code)]
+fn take_shm_socket() -> io::Result<Option<(OwnedFd, u64)>> {
+    use std::os::fd::FromRawFd;
+    let Some(fd) = std::env::var_os(SHM_FD_ENV) else {
+        return Ok(None);
+    };
+    let fd: i32 = fd
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .filter(|&fd| fd > 2)
+        .ok_or_else(|| io::Error::other(format!("{SHM_FD_ENV}: not a descriptor: {fd:?}")))?;
+    let threshold = std::env::var(SHM_THRESHOLD_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_SHM_THRESHOLD);
+    // Only an open socket is taken: a stale number owns nothing.
+    // SAFETY: a borrow of a descriptor number for one `fstat`, which fails
+    // cleanly if nothing is open there.
+    let stat = rustix::fs::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
+        return Err(io::Error::other(format!(
+            "{SHM_FD_ENV}: descriptor {fd} is not a socket"
+        )));
+    }
+    // SAFETY: the descriptor is open (checked above), was passed to this
+    // process by the host for this purpose alone, and nothing else in the
+    // process owns it: it is taken once, at start-up.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::CLOEXEC)?;
+    Ok((threshold > 0).then_some((socket, threshold)))
+}
+
 /// Writes one answer; if the host is gone there is nobody to serve.
+/// Attachments at or above the threshold go through shared memory when the
+/// host offered it.
 fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
     let header = match serde_json::to_vec(response) {
         Ok(header) => header,
@@ -356,8 +426,24 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
             std::process::exit(i32::from(EXIT_PROTOCOL));
         }
     };
+    let mut outgoing = shm_link()
+        .map(|(_, threshold)| Outgoing::prepare(attachments, *threshold))
+        .unwrap_or_default();
     let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
-    if write_frame(&mut *out, &header, attachments).is_err() {
+    let sent = match shm_link() {
+        Some((socket, _)) if !outgoing.is_empty() => outgoing.send(socket.as_fd()).is_ok(),
+        _ => false,
+    };
+    let written = if sent {
+        write_frame(
+            &mut *out,
+            &outgoing.header(&header),
+            &outgoing.inline(attachments),
+        )
+    } else {
+        write_frame(&mut *out, &header, attachments)
+    };
+    if written.is_err() {
         std::process::exit(0);
     }
 }

@@ -14,17 +14,31 @@
 //! frame is the runner's greeting, checked by
 //! [`forgesyte_protocol::wire::greeting`] (version included) and handed to
 //! whoever waits for [`HELLO_ID`].
+//!
+//! Shared memory (`PROTOCOL.md` §3.1): a transport offered a shared-memory
+//! socket ([`Transport::offer_shm`]) sends attachments at or above the
+//! threshold as sealed memory files once the runner's hello announces
+//! `shared_memory` (the descriptors go first, under the writer lock, then
+//! the frame), and maps the ones the runner sends back. A memory file that
+//! cannot be made, or a descriptor message that cannot be sent, leaves the
+//! attachments inline. Once descriptors went out, a frame that is not
+//! written whole closes the request stream (the runner would pair the next
+//! frame with them). The host keeps no descriptor past the call: its own
+//! are closed once sent, the runner's once mapped, and a mapping lives as
+//! long as the answer's frame.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
+use forgesyte_protocol::wire::shm::{self, DEFAULT_SHM_THRESHOLD, Outgoing};
 use forgesyte_protocol::wire::{
-    Frame, FrameError, Greeting, HELLO_ID, HandshakeError, Response, read_body, read_frame,
-    write_frame_parts,
+    Frame, FrameError, Greeting, HELLO_ID, HandshakeError, Response, capability, read_body,
+    read_frame, write_frame_parts,
 };
 use parking_lot::{Mutex, MutexGuard};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
@@ -68,11 +82,37 @@ pub(crate) trait RequestStream: Write + AsFd + Send {}
 
 impl<T: Write + AsFd + Send> RequestStream for T {}
 
+/// The size from which attachments go to runners through shared memory
+/// (0: never); see [`set_shm_threshold`].
+static SHM_THRESHOLD: AtomicU64 = AtomicU64::new(DEFAULT_SHM_THRESHOLD);
+
+/// Sets the size in bytes from which attachments travel between the host
+/// and runners through shared memory (`serve --shm-threshold`; default
+/// 64 KiB); 0 turns shared memory off. Runners started later use it.
+pub fn set_shm_threshold(bytes: u64) {
+    SHM_THRESHOLD.store(bytes, Ordering::Relaxed);
+}
+
+/// The current threshold (0: shared memory off).
+pub fn shm_threshold() -> u64 {
+    SHM_THRESHOLD.load(Ordering::Relaxed)
+}
+
+/// The host's end of a runner's shared-memory socket.
+#[derive(Debug)]
+struct ShmLink {
+    socket: OwnedFd,
+    threshold: u64,
+    /// The runner's hello announced `shared_memory`.
+    accepted: AtomicBool,
+}
+
 /// One connection to a runner.
 pub(crate) struct Transport {
     writer: Mutex<Option<Box<dyn RequestStream>>>,
     waiters: Mutex<Waiters>,
     max_answer_bytes: u64,
+    shm: Option<ShmLink>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -104,8 +144,27 @@ impl Transport {
                 map,
             }),
             max_answer_bytes,
+            shm: None,
         };
         Ok((transport, rx))
+    }
+
+    /// Offers the runner shared memory through `socket` (the host's end of
+    /// its shared-memory socket) for attachments of at least `threshold`
+    /// bytes; used for requests once the hello accepts it.
+    pub(crate) fn offer_shm(&mut self, socket: OwnedFd, threshold: u64) {
+        self.shm = Some(ShmLink {
+            socket,
+            threshold,
+            accepted: AtomicBool::new(false),
+        });
+    }
+
+    /// Whether requests use shared memory (offered and accepted).
+    pub(crate) fn uses_shm(&self) -> bool {
+        self.shm
+            .as_ref()
+            .is_some_and(|l| l.accepted.load(Ordering::Acquire))
     }
 
     /// Sends a request and waits up to `timeout` for its answer: the
@@ -133,29 +192,53 @@ impl Transport {
         // `None`: too far away to matter (no deadline).
         let deadline = Instant::now().checked_add(timeout);
         let head = head(id);
-        let mut header = Vec::with_capacity(1 + tail.len());
-        header.push(head.as_slice());
-        header.extend_from_slice(tail);
+        // The copies into memory files happen before the writer is taken.
+        let mut outgoing = match &self.shm {
+            Some(link) if self.uses_shm() => Outgoing::prepare(attachments, link.threshold),
+            _ => Outgoing::default(),
+        };
+        let shared_head = outgoing.header(&head);
+        let shared_inline = outgoing.inline(attachments);
         let written = match self.lock_writer(deadline) {
             None => Err(RequestError::TimedOut),
             Some(mut writer) => match writer.as_mut() {
                 Some(w) => {
+                    // Descriptors first; if they cannot go, all goes inline.
+                    let sent_fds = match &self.shm {
+                        Some(link) if !outgoing.is_empty() => {
+                            outgoing.send(link.socket.as_fd()).is_ok()
+                        }
+                        _ => false,
+                    };
+                    let (first, atts) = if sent_fds {
+                        (shared_head.as_slice(), shared_inline.as_slice())
+                    } else {
+                        (head.as_slice(), attachments)
+                    };
+                    let mut header = Vec::with_capacity(1 + tail.len());
+                    header.push(first);
+                    header.extend_from_slice(tail);
                     let mut w = DeadlineWriter {
                         inner: w.as_mut(),
                         deadline,
                         written: 0,
                     };
-                    match write_frame_parts(&mut w, &header, attachments) {
+                    match write_frame_parts(&mut w, &header, atts) {
                         Ok(()) => Ok(()),
                         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                            if w.written > 0 {
+                            if w.written > 0 || sent_fds {
                                 // Half a frame is in the pipe: the stream is
                                 // out of step for good.
                                 writer.take();
                             }
                             Err(RequestError::TimedOut)
                         }
-                        Err(_) => Err(RequestError::Closed(None)),
+                        Err(_) => {
+                            if sent_fds {
+                                writer.take();
+                            }
+                            Err(RequestError::Closed(None))
+                        }
                     }
                 }
                 None => Err(RequestError::Closed(None)),
@@ -212,6 +295,11 @@ impl Transport {
         match read_body(&mut reader, self.max_answer_bytes) {
             Ok(body) => {
                 let greeting = forgesyte_protocol::wire::greeting(body);
+                if let (Some(link), Ok(Greeting::Hello(hello))) = (&self.shm, &greeting)
+                    && hello.can(capability::SHARED_MEMORY)
+                {
+                    link.accepted.store(true, Ordering::Release);
+                }
                 let failed = greeting.as_ref().err().map(ToString::to_string);
                 self.deliver(HELLO_ID, Reply::Greeting(greeting));
                 if let Some(detail) = failed {
@@ -220,11 +308,17 @@ impl Transport {
             }
             Err(e) => return frame_violation(e, self.max_answer_bytes),
         }
+        let socket = self.shm.as_ref().map(|l| l.socket.as_fd());
         loop {
-            let frame = match read_frame(&mut reader, self.max_answer_bytes) {
+            let mut frame = match read_frame(&mut reader, self.max_answer_bytes) {
                 Ok(frame) => frame,
                 Err(e) => return frame_violation(e, self.max_answer_bytes),
             };
+            // Its shared attachments (sent before the frame): mapped, and
+            // their descriptors closed, whatever follows.
+            if let Err(e) = shm::receive(&mut frame, socket, self.max_answer_bytes) {
+                return Some(format!("malformed answer: {e}"));
+            }
             let response = match serde_json::from_slice::<Response>(frame.header()) {
                 Ok(response) => response,
                 Err(e) => return Some(format!("malformed answer: {e}")),
@@ -441,6 +535,92 @@ mod tests {
             call(&t, "{}", &[]),
             Err(RequestError::Closed(Some(_)))
         ));
+    }
+
+    #[test]
+    fn shared_attachments_go_both_ways_once_the_hello_accepts_them() {
+        use forgesyte_protocol::wire::capability;
+        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+        let (host_end, runner_end) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let (mut req_r, req_w) = pipe().unwrap();
+        let (ans_r, mut ans_w) = pipe().unwrap();
+        let runner = thread::spawn(move || {
+            let hello = serde_json::to_vec(&Response::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                runtime: "test".into(),
+                runtime_version: "1".into(),
+                pid: 1,
+                capabilities: vec![
+                    capability::ATTACHMENTS.into(),
+                    capability::SHARED_MEMORY.into(),
+                ],
+                confinement: None,
+            }))
+            .unwrap();
+            write_frame(&mut ans_w, &hello, &[]).unwrap();
+            // The request's attachment came shared; it goes back shared.
+            let mut frame = read_frame(&mut req_r, 1 << 30).unwrap();
+            shm::receive(&mut frame, Some(runner_end.as_fd()), 1 << 30).unwrap();
+            let came_shared = frame.is_shared(0);
+            let Ok(Request::Call { id, .. }) = serde_json::from_slice(frame.header()) else {
+                panic!("not a call")
+            };
+            let atts: Vec<&[u8]> = frame.attachments().collect();
+            let mut out = Outgoing::prepare(&atts, 1);
+            let header = serde_json::to_vec(&Response::Result {
+                id,
+                result: RawValue::from_string("[null]".into()).unwrap(),
+                attachments: vec!["/0".into()],
+            })
+            .unwrap();
+            out.send(runner_end.as_fd()).unwrap();
+            write_frame(&mut ans_w, &out.header(&header), &out.inline(&atts)).unwrap();
+            // Then an answer that announces a shared attachment it never sent.
+            let frame = read_frame(&mut req_r, 1 << 30).unwrap();
+            let Ok(Request::Call { id, .. }) = serde_json::from_slice(frame.header()) else {
+                panic!("not a call")
+            };
+            let lie = format!(
+                r#"{{"shm":[0],"type":"result","id":{id},"result":[null],"attachments":["/0"]}}"#
+            );
+            write_frame(&mut ans_w, lie.as_bytes(), &[b""]).unwrap();
+            came_shared
+        });
+        let (mut transport, greeting) = Transport::new(req_w, 1 << 30).unwrap();
+        transport.offer_shm(host_end, 1000);
+        let t = Arc::new(transport);
+        let reader = {
+            let t = Arc::clone(&t);
+            thread::spawn(move || {
+                let end = t.read_answers(ans_r);
+                t.fail_all(&Arc::new(ExitReport::protocol("ended")));
+                end
+            })
+        };
+        assert!(greeting.recv_timeout(LONG).is_ok());
+        assert!(t.uses_shm());
+        let big: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+        match call(&t, "{}", &[&big]) {
+            Ok(Reply::Answer(Response::Result { .. }, frame)) => {
+                assert!(frame.is_shared(0));
+                assert_eq!(frame.attachment(0), Some(&big[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(call(&t, "{}", &[]), Ok(Reply::Died(_))));
+        let end = reader.join().unwrap().unwrap_or_default();
+        // No descriptor message (or, the runner gone, none left to come).
+        assert!(end.contains("shared attachments announced"), "{end}");
+        assert!(
+            runner.join().unwrap(),
+            "the request's attachment was not shared"
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! like any runner (own process group, `SIGKILL` when the server dies). Its
 //! stdin is a `SOCK_SEQPACKET` socket to the host: the host sends a spawn
 //! request with the runner's arguments and three descriptors (the runner's
-//! stdin, stdout and stderr pipes, by `SCM_RIGHTS`); the zygote forks, and
+//! stdin, stdout and stderr pipes, by `SCM_RIGHTS`), and a fourth, its
+//! shared-memory socket, when shared memory is on; the zygote forks, and
 //! the child becomes exactly the runner those arguments describe. The
 //! message format is in `runner.py` (`_Zygote`).
 //!
@@ -196,11 +197,14 @@ impl Zygote {
     }
 
     /// Forks a runner with arguments `argv` and the given stdio (the
-    /// runner's ends of its pipes); waits at most `timeout` for its pid.
+    /// runner's ends of its pipes) and, with `shm`, its end of a
+    /// shared-memory socket and the threshold; waits at most `timeout` for
+    /// its pid.
     pub(crate) fn spawn(
         self: &Arc<Self>,
         argv: &[OsString],
         stdio: [OwnedFd; 3],
+        shm: Option<(OwnedFd, u64)>,
         timeout: Duration,
     ) -> io::Result<ForkedChild> {
         let argv: Vec<String> = argv
@@ -225,14 +229,20 @@ impl Zygote {
             state.spawning.insert(id, tx);
             id
         };
-        let message = json!({"op": "spawn", "id": id, "argv": argv}).to_string();
-        if let Err(e) = self.send(message.as_bytes(), &stdio) {
+        let mut message = json!({"op": "spawn", "id": id, "argv": argv});
+        let mut fds: Vec<OwnedFd> = stdio.into();
+        if let Some((socket, threshold)) = shm {
+            message["shm_threshold"] = json!(threshold);
+            fds.push(socket);
+        }
+        let message = message.to_string();
+        if let Err(e) = self.send(message.as_bytes(), &fds) {
             self.state.lock().spawning.remove(&id);
             return Err(e);
         }
         // The runner holds its ends now; the host's copies close here, so
         // the host sees the end of the runner's output when it ends.
-        drop(stdio);
+        drop(fds);
         let deadline = Instant::now() + timeout;
         let answer = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         self.state.lock().spawning.remove(&id);
@@ -268,7 +278,7 @@ impl Zygote {
 
     fn send(&self, message: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
         let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
             return Err(io::Error::other("too many descriptors for one message"));

@@ -22,6 +22,11 @@ of it and mirrors the native runner (``forgesyte_loader::process::runner``):
    order: capability ``concurrent_calls``); answers are written whole under
    one lock. Attachments of a ``call`` reach the plugin as ``bytes`` at
    their JSON Pointers; ``bytes`` in a result leave as attachments.
+   When the host passes a shared-memory socket (``FORGESYTE_SHM_FD``, or a
+   zygote's fourth descriptor), large attachments travel as sealed memory
+   files (PROTOCOL.md §3.1) both ways; a tool whose spec says
+   ``"zero_copy": True`` gets them as read-only ``memoryview`` objects over
+   the mapping instead of ``bytes``.
 6. Exits 0 at the end of stdin (after ``on_unload()``, given at most 1.5 s),
    65 when the host breaks the protocol, 64 on a bad command line, 71 when
    the protocol or the memory limit cannot be set up.
@@ -84,6 +89,15 @@ _plugin_name = "plugin"
 # Set by a zygote's child once the kernel will SIGKILL it when the zygote
 # dies: then no thread needs to watch the parent.
 _PARENT_DEATH_SIGNAL = False
+# A zygote's child: (descriptor, threshold) of its shared-memory socket.
+_SHM_PASSED = None
+SHM_FD_ENV = "FORGESYTE_SHM_FD"
+SHM_THRESHOLD_ENV = "FORGESYTE_SHM_THRESHOLD"
+SHM_MAX_PER_FRAME = 64
+MEMFD_NAME = "forgesyte-attachment"
+# fcntl seals (linux/fcntl.h), for Pythons whose fcntl module lacks them.
+_F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
+_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
 
 
 def _diag(text):
@@ -154,6 +168,7 @@ if __name__ == "__main__" and not _ZYGOTE:
 # need them).
 import base64  # noqa: E402
 import contextvars  # noqa: E402
+import fcntl  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -409,14 +424,77 @@ def setup_logging():
 # ---------------------------------------------------------------------------
 
 
+class Shared(object):
+    """One attachment that came through shared memory: a read-only mapping
+    of a sealed memory file (PROTOCOL.md §3.1)."""
+
+    __slots__ = ("mapping",)
+
+    def __init__(self, mapping):
+        self.mapping = mapping
+
+    def __len__(self):
+        return len(self.mapping)
+
+    def take(self, zero_copy):
+        """The plugin's value: a ``memoryview`` over the mapping (kept
+        mapped while referenced), or ``bytes`` (copied, then unmapped)."""
+        if zero_copy or len(self.mapping) == 0:
+            return memoryview(self.mapping) if len(self.mapping) else b""
+        data = self.mapping[:]
+        self.mapping.close()
+        return data
+
+
+def _shm_socket():
+    """The shared-memory socket the host passed, and the threshold: (socket,
+    threshold) or None. Marked close-on-exec: a plugin's subprocesses do
+    not inherit it."""
+    if _SHM_PASSED is not None:
+        fd, threshold = _SHM_PASSED
+    else:
+        raw = os.environ.pop(SHM_FD_ENV, None)
+        threshold = os.environ.pop(SHM_THRESHOLD_ENV, "65536")
+        if raw is None:
+            return None
+        fd = int(raw)
+        threshold = int(threshold)
+    if fd <= 2 or threshold <= 0:
+        return None
+    import socket
+    os.set_inheritable(fd, False)
+    return socket.socket(fileno=fd), threshold
+
+
+def _sealed(data):
+    """A sealed, close-on-exec memory file holding ``data``."""
+    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SEAL | _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _with_shm_field(header, indices):
+    field = ('"shm":[%s],' % ",".join(str(i) for i in indices)).encode("ascii")
+    return header[:1] + field + header[1:]
+
+
 class Wire(object):
     """The private protocol descriptors: frames in, frames out (whole,
-    under one lock)."""
+    under one lock); with ``shm`` (socket, threshold), large attachments
+    through shared memory."""
 
-    def __init__(self, fd_in, fd_out):
+    def __init__(self, fd_in, fd_out, shm=None):
         self.fd_in = fd_in
         self.fd_out = fd_out
         self.lock = threading.Lock()
+        self.shm = shm
         # Buffered: a small request (prefix and body) is one read(2).
         self._in = open(fd_in, "rb", buffering=1 << 16, closefd=False)
 
@@ -449,7 +527,68 @@ class Wire(object):
                 "a frame of %d bytes exceeds the limit of %d bytes" % (length, MAX_REQUEST_BYTES)
             )
         body = self._read_body(length)
-        return split_body(body)
+        header, attachments = split_body(body)
+        if b'"shm"' in header:
+            self._receive_shared(header, attachments)
+        return header, attachments
+
+    def _receive_shared(self, header, attachments):
+        """Replaces the shared attachments the header names by their
+        mappings; their descriptors were sent before the frame."""
+        import mmap
+        import socket
+        try:
+            indices = json.loads(header.decode("utf-8")).get("shm", [])
+        except (UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise ProtocolError("malformed request: %s" % e)
+        if not indices:
+            return
+        if self.shm is None:
+            raise ProtocolError("malformed frame: shared attachments, but no shared memory was offered")
+        if (not isinstance(indices, list) or len(indices) > SHM_MAX_PER_FRAME
+                or not all(type(i) is int and 0 <= i < len(attachments) for i in indices)
+                or any(a >= b for a, b in zip(indices, indices[1:]))):
+            raise ProtocolError("malformed frame: bad 'shm' indices %r" % (indices,))
+        fd_size = struct.calcsize("i")
+        try:
+            data, ancdata, flags, _ = self.shm[0].recvmsg(
+                4, socket.CMSG_SPACE(SHM_MAX_PER_FRAME * fd_size),
+                socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            raise ProtocolError("malformed frame: shared attachments whose descriptors did not come first")
+        except OSError as e:
+            raise ProtocolError("broken stream: the shared-memory socket: %s" % e)
+        fds = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % fd_size
+                fds.extend(struct.unpack("%di" % (usable // fd_size), payload[:usable]))
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != len(indices) \
+                    or data != struct.pack("<I", len(indices)):
+                raise ProtocolError("malformed frame: %d shared attachments announced, %d descriptors came"
+                                    % (len(indices), len(fds)))
+            for i, fd in zip(indices, fds):
+                if len(attachments[i]):
+                    raise ProtocolError("malformed frame: shared attachment %d also has bytes in the frame" % i)
+                seals = fcntl.fcntl(fd, _F_GET_SEALS)
+                need = _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
+                if seals & need != need:
+                    raise ProtocolError("malformed frame: a shared attachment is not sealed")
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    attachments[i] = b""
+                else:
+                    try:  # 3.13+: the mapping keeps no copy of the descriptor
+                        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ, trackfd=False)
+                    except TypeError:
+                        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+                    attachments[i] = Shared(mapping)
+        except OSError as e:
+            raise ProtocolError("malformed frame: a shared attachment: %s" % e)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _read_body(self, length):
         try:
@@ -475,11 +614,56 @@ class Wire(object):
         while view:
             view = view[os.write(self.fd_out, view):]
 
+    def _share(self, header, attachments):
+        """(header, attachments, descriptors) with the attachments at or
+        above the threshold in sealed memory files (best effort: one that
+        cannot be made stays inline)."""
+        if self.shm is None or not attachments:
+            return header, attachments, []
+        threshold = self.shm[1]
+        indices, fds = [], []
+        attachments = list(attachments)
+        for i, data in enumerate(attachments):
+            if len(fds) == SHM_MAX_PER_FRAME:
+                break
+            if len(data) == 0 or len(data) < threshold:
+                continue
+            try:
+                fds.append(_sealed(data))
+            except (OSError, AttributeError, ValueError, TypeError):
+                continue
+            indices.append(i)
+            attachments[i] = b""
+        if not fds:
+            return header, attachments, []
+        return _with_shm_field(header, indices), attachments, fds
+
     def send_frame(self, header, attachments=()):
-        sizes = [len(a) for a in attachments]
-        total = 8 + 4 * len(sizes) + len(header) + sum(sizes)
-        prefix = struct.pack("<III%dI" % len(sizes), total, len(header), len(sizes), *sizes)
+        plain = (header, attachments)
+        header, attachments, fds = self._share(header, attachments)
+        try:
+            self._send_frame(header, attachments, fds, plain)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _send_frame(self, header, attachments, fds, plain):
+        import socket
         with self.lock:
+            if fds:
+                try:
+                    self.shm[0].sendmsg(
+                        [struct.pack("<I", len(fds))],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))],
+                        socket.MSG_DONTWAIT)
+                except OSError:
+                    header, attachments = plain  # it all goes inline
+                # The runner keeps no copy once they are sent (or not).
+                while fds:
+                    os.close(fds.pop())
+            sizes = [len(a) for a in attachments]
+            total = 8 + 4 * len(sizes) + len(header) + sum(sizes)
+            prefix = struct.pack("<III%dI" % len(sizes), total, len(header), len(sizes), *sizes)
             try:
                 self._write_all(prefix + header)
                 for attachment in attachments:
@@ -966,7 +1150,8 @@ def collect_tools(instance, manifest):
         if blobs:
             raise TypeError("the spec of tool %r contains bytes" % tid)
         specs.append(converted)
-        table[tid] = {"handler": meta.get("handler"), "input_schema": inputs}
+        table[tid] = {"handler": meta.get("handler"), "input_schema": inputs,
+                      "zero_copy": meta.get("zero_copy") is True}
     return specs, table
 
 
@@ -1315,8 +1500,11 @@ class Runner(object):
             self.tool_failed(rid, wire_error(
                 "InvalidArgs", "%d attachment places for %d attachments" % (len(pointers), len(attachments))))
             return
+        zero_copy = entry.get("zero_copy", False)
         try:
             for pointer, data in zip(pointers, attachments):
+                if isinstance(data, Shared):
+                    data = data.take(zero_copy)
                 args = place(args, pointer, data)
         except PointerError as e:
             self.tool_failed(rid, wire_error("InvalidArgs", str(e)))
@@ -1393,6 +1581,12 @@ def main(argv):
         _diag("%s\n%s" % (e, USAGE))
         _exit(EXIT_USAGE)
     _plugin_name = args.plugin
+    # Before confinement may replace the environment.
+    try:
+        shm = _shm_socket()
+    except (OSError, ValueError) as e:
+        _diag("cannot take the shared-memory socket: %s" % e)
+        _exit(EXIT_SETUP)
     if args.memory_limit_mb > 0:
         try:
             limit_memory(args.memory_limit_mb)
@@ -1412,7 +1606,7 @@ def main(argv):
         watch_parent()
     setup_logging()
     _install_api()
-    wire = Wire(fd_in, fd_out)
+    wire = Wire(fd_in, fd_out, shm)
     module = import_plugin(args)
     runner = Runner(args, wire, None)
     if isinstance(module, dict):
@@ -1426,7 +1620,7 @@ def main(argv):
         "runtime": "python",
         "runtime_version": sys.version.split()[0],
         "pid": os.getpid(),
-        "capabilities": list(CAPABILITIES),
+        "capabilities": list(CAPABILITIES) + (["shared_memory"] if shm is not None else []),
     }
     if confinement is not None:
         hello["confinement"] = confinement
@@ -1573,7 +1767,9 @@ class _Zygote(object):
 
     - host → zygote ``{"op": "spawn", "id": N, "argv": [...]}``
       with three descriptors (SCM_RIGHTS): the runner's stdin, stdout and
-      stderr. The zygote forks; the child puts them on fds 0, 1 and 2, leads
+      stderr; with ``"shm_threshold": T`` a fourth, the runner's
+      shared-memory socket, which stays on its own number in the child
+      (close-on-exec). The zygote forks; the child puts them on fds 0, 1 and 2, leads
       a process group of its own, gets ``SIGKILL`` when the zygote dies, and
       runs ``main(argv)`` exactly as a runner started with those arguments
       (its process name, as ``ps`` shows it, is the plugin's name).
@@ -1658,7 +1854,7 @@ class _Zygote(object):
         fd_size = struct.calcsize("i")
         try:
             data, ancdata, flags, _ = self.ctl.recvmsg(
-                ZYGOTE_MESSAGE_BYTES, socket.CMSG_SPACE(3 * fd_size))
+                ZYGOTE_MESSAGE_BYTES, socket.CMSG_SPACE(4 * fd_size))
         except InterruptedError:
             return
         except OSError as e:
@@ -1669,6 +1865,8 @@ class _Zygote(object):
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % fd_size
                 fds.extend(struct.unpack("%di" % (usable // fd_size), payload[:usable]))
+        for fd in fds:
+            os.set_inheritable(fd, False)
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -1696,9 +1894,11 @@ class _Zygote(object):
     def spawn(self, message, fds):
         rid = message["id"]
         argv = [str(a) for a in message["argv"]]
-        if len(fds) != 3:
+        threshold = message.get("shm_threshold")
+        expected = 3 if threshold is None else 4
+        if len(fds) != expected:
             self.send({"op": "spawn_failed", "id": rid,
-                       "error": "%d descriptors came with the request, 3 expected" % len(fds)})
+                       "error": "%d descriptors came with the request, %d expected" % (len(fds), expected)})
             return
         try:
             pid = os.fork()
@@ -1706,7 +1906,7 @@ class _Zygote(object):
             self.send({"op": "spawn_failed", "id": rid, "error": "fork: %s" % e})
             return
         if pid == 0:
-            self.become_runner(argv, fds)  # never returns
+            self.become_runner(argv, fds, threshold)  # never returns
         try:
             # Both sides set the group, so no signal to it can come first.
             os.setpgid(pid, pid)
@@ -1715,8 +1915,8 @@ class _Zygote(object):
         self.children.add(pid)
         self.send({"op": "spawned", "id": rid, "pid": pid})
 
-    def become_runner(self, argv, fds):
-        global _PROTO_FDS, _PARENT_DEATH_SIGNAL
+    def become_runner(self, argv, fds, shm_threshold=None):
+        global _PROTO_FDS, _PARENT_DEATH_SIGNAL, _SHM_PASSED
         try:
             self.signal.set_wakeup_fd(-1)
             self.signal.signal(self.signal.SIGCHLD, self.signal.SIG_DFL)
@@ -1733,6 +1933,9 @@ class _Zygote(object):
                     self.libc.prctl(_PR_SET_NAME, name, 0, 0, 0)
             if os.getppid() != self.pid:
                 os._exit(0)  # the zygote died already
+            if len(fds) == 4:
+                # The shared-memory socket stays where it is (above 2).
+                _SHM_PASSED = (fds.pop(), int(shm_threshold))
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
             for fd in fds:

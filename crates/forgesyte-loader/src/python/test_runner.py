@@ -1052,5 +1052,66 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(n({"description": "x"}), {"description": "x"})
 
 
+
+class SharedMemoryTests(unittest.TestCase):
+    """The Wire's shared memory (PROTOCOL.md §3.1), between two Wires over
+    pipes and a SEQPACKET socket pair: large attachments travel as sealed
+    memory files, small ones inline, and nothing stays open."""
+
+    def wires(self, threshold):
+        import socket
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        r, w = os.pipe()
+        sender = runner_module.Wire(os.open(os.devnull, os.O_RDONLY), w, (a, threshold))
+        receiver = runner_module.Wire(r, os.open(os.devnull, os.O_WRONLY), (b, threshold))
+        return sender, receiver
+
+    def memfds(self):
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.append(os.readlink("/proc/self/fd/" + fd))
+            except OSError:
+                pass
+        return sum(1 for n in names if runner_module.MEMFD_NAME in n)
+
+    def test_large_attachments_are_shared_and_small_ones_inline(self):
+        sender, receiver = self.wires(1000)
+        big = bytes(range(256)) * 40
+        sender.send_frame(b'{"op":"call","id":1}', [b"small", big, b""])
+        header, attachments = receiver.read_frame()
+        self.assertEqual(json.loads(header)["shm"], [1])
+        self.assertEqual(attachments[0], b"small")
+        self.assertIsInstance(attachments[1], runner_module.Shared)
+        self.assertEqual(attachments[2], b"")
+        view = attachments[1].take(True)
+        self.assertIsInstance(view, memoryview)
+        self.assertEqual(bytes(view), big)
+        self.assertTrue(view.readonly)
+        # The mapping (and the descriptor Python's mmap keeps with it
+        # before 3.13) lives as long as the view: then nothing is open.
+        del view, attachments
+        import gc
+        gc.collect()
+        self.assertEqual(self.memfds(), 0, "a memory file is still open")
+        # The default: bytes, and the mapping goes.
+        sender.send_frame(b'{"op":"call","id":2}', [big])
+        _, attachments = receiver.read_frame()
+        self.assertEqual(attachments[0].take(False), big)
+        self.assertEqual(self.memfds(), 0, "the copy did not close the mapping")
+
+    def test_a_shm_field_without_descriptors_is_a_protocol_error(self):
+        sender, receiver = self.wires(1000)
+        os.write(sender.fd_out, frame(b'{"shm":[0]}', [b""]))
+        with self.assertRaises(runner_module.ProtocolError):
+            receiver.read_frame()
+        # Not offered: any `shm` field is refused.
+        receiver.shm = None
+        os.write(sender.fd_out, frame(b'{"shm":[0]}', [b""]))
+        with self.assertRaises(runner_module.ProtocolError) as refused:
+            receiver.read_frame()
+        self.assertIn("no shared memory was offered", str(refused.exception))
+
+
 if __name__ == "__main__":
     unittest.main()

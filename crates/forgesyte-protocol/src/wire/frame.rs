@@ -18,18 +18,51 @@
 
 use std::io::{self, Read, Write};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Bytes of the fixed part of a body (`header_len` and `count`).
 const FIXED: usize = 8;
 
 /// One frame read from a stream: the JSON header and the attachments, as
-/// ranges into one buffer (the body is read with a single allocation).
+/// ranges into one buffer (the body is read with a single allocation), or,
+/// for attachments that came through shared memory (`PROTOCOL.md` §3.1),
+/// read-only mappings of sealed memory files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     body: Vec<u8>,
     header: Range<usize>,
-    attachments: Vec<Range<usize>>,
+    attachments: Vec<Part>,
 }
+
+/// Where one attachment's bytes are.
+#[derive(Clone)]
+enum Part {
+    /// In the body.
+    Inline(Range<usize>),
+    /// In memory of its own (a mapping of a shared memory file).
+    Shared(Arc<dyn AsRef<[u8]> + Send + Sync>),
+}
+
+impl std::fmt::Debug for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Part::Inline(r) => write!(f, "Inline({r:?})"),
+            Part::Shared(b) => write!(f, "Shared({} bytes)", (**b).as_ref().len()),
+        }
+    }
+}
+
+impl PartialEq for Part {
+    fn eq(&self, other: &Part) -> bool {
+        match (self, other) {
+            (Part::Inline(a), Part::Inline(b)) => a == b,
+            (Part::Shared(a), Part::Shared(b)) => (**a).as_ref() == (**b).as_ref(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Part {}
 
 impl Frame {
     /// Splits a frame body. Never panics, whatever the bytes.
@@ -59,7 +92,7 @@ impl Frame {
         for i in 0..count {
             let size = word(FIXED + 4 * i).unwrap_or(usize::MAX);
             let end = at.saturating_add(size);
-            attachments.push(at..end);
+            attachments.push(Part::Inline(at..end));
             at = end;
         }
         if at != body.len() {
@@ -89,12 +122,48 @@ impl Frame {
 
     /// Attachment `i`, if there is one.
     pub fn attachment(&self, i: usize) -> Option<&[u8]> {
-        self.attachments.get(i).map(|r| &self.body[r.clone()])
+        self.attachments.get(i).map(|p| self.bytes(p))
     }
 
     /// Every attachment, in order.
     pub fn attachments(&self) -> impl ExactSizeIterator<Item = &[u8]> {
-        self.attachments.iter().map(|r| &self.body[r.clone()])
+        self.attachments.iter().map(|p| self.bytes(p))
+    }
+
+    /// Whether attachment `i` came through shared memory.
+    pub fn is_shared(&self, i: usize) -> bool {
+        matches!(self.attachments.get(i), Some(Part::Shared(_)))
+    }
+
+    /// Makes `bytes` (e.g. a mapping of a shared memory file) attachment
+    /// `i`, whose bytes in the body must be none (a shared attachment's
+    /// place in the frame is empty).
+    pub fn share(
+        &mut self,
+        i: usize,
+        bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    ) -> Result<(), String> {
+        match self.attachments.get_mut(i) {
+            Some(part @ Part::Inline(_)) if matches!(&*part, Part::Inline(r) if r.is_empty()) => {
+                *part = Part::Shared(bytes);
+                Ok(())
+            }
+            Some(Part::Inline(_)) => {
+                Err(format!("shared attachment {i} also has bytes in the frame"))
+            }
+            Some(Part::Shared(_)) => Err(format!("attachment {i} is shared twice")),
+            None => Err(format!(
+                "shared attachment {i} of a frame with {} attachments",
+                self.attachments.len()
+            )),
+        }
+    }
+
+    fn bytes<'a>(&'a self, part: &'a Part) -> &'a [u8] {
+        match part {
+            Part::Inline(r) => &self.body[r.clone()],
+            Part::Shared(b) => (**b).as_ref(),
+        }
     }
 }
 

@@ -12,6 +12,8 @@ pub mod attach;
 pub mod context;
 pub mod frame;
 pub mod message;
+#[cfg(feature = "shm")]
+pub mod shm;
 
 pub use self::context::{CallContext, LOG_TAG_PREFIX, LogTags, valid_traceparent};
 pub use self::frame::{
@@ -35,6 +37,9 @@ pub mod capability {
     pub const ATTACHMENTS: &str = "attachments";
     /// It runs several calls at once (answers may come out of order).
     pub const CONCURRENT_CALLS: &str = "concurrent_calls";
+    /// It takes attachments through shared memory (`PROTOCOL.md` §3.1)
+    /// when the host offers a shared-memory socket.
+    pub const SHARED_MEMORY: &str = "shared_memory";
 }
 
 /// The runner's first frame, checked.

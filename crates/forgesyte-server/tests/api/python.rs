@@ -178,3 +178,50 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
         reply.text()
     );
 }
+
+/// `--shm-threshold` moves attachments between the pipe and shared memory
+/// (0: always the pipe; 1: every non-empty one shared; the default in
+/// between), never changes a byte: sizes around the default threshold,
+/// both ways through the Python runner, and to an isolated native plugin.
+#[test]
+fn the_shm_threshold_changes_the_path_never_the_bytes() {
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    dir.good("native-iso", json!({"isolation": "process"}));
+    for threshold in ["0", "1", "65536"] {
+        let server = Forgesyte::start(&["--plugins", dir.path_str(), "--shm-threshold", threshold]);
+        server.wait_loaded();
+        for size in [0usize, 1, 65_535, 65_536, 65_537, 1 << 20] {
+            let data = frame(size);
+            let reply = http_with(
+                server.addr,
+                "POST",
+                "/v1/plugins/py/tools/checksum/run",
+                &[("Content-Type", "application/octet-stream")],
+                &data,
+            );
+            assert_eq!(reply.status, 200, "{threshold}/{size}: {}", reply.text());
+            assert_eq!(
+                reply.json()["result"],
+                json!({"len": size, "sha256": sha256(&data)}),
+                "{threshold}/{size}"
+            );
+            for plugin in ["py", "native-iso"] {
+                let (content_type, body) = multipart(&json!({}), &data);
+                let reply = http_with(
+                    server.addr,
+                    "POST",
+                    &format!("/v1/plugins/{plugin}/tools/echo/run"),
+                    &[("Content-Type", &content_type)],
+                    &body,
+                );
+                assert_eq!(reply.status, 200, "{plugin} {threshold}/{size}");
+                assert_eq!(
+                    reply.json()["result"]["data"],
+                    base64(&data),
+                    "{plugin} {threshold}/{size}"
+                );
+            }
+        }
+    }
+}

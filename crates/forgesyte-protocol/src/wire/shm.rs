@@ -1,0 +1,531 @@
+//! Shared memory for large attachments (`PROTOCOL.md` §3.1): an attachment
+//! at or above a threshold is written once into a sealed memory file
+//! (`memfd_create`, sealed against writes, growth and shrinking), its
+//! descriptor travels over the runner's *shared-memory socket* (a
+//! `SOCK_SEQPACKET` Unix socket, `SCM_RIGHTS`) just before the frame, and
+//! the receiver maps it read-only and uses the mapping as the attachment's
+//! bytes, without a copy. The frame keeps its layout: a shared
+//! attachment's size in the frame is 0, and the header's `shm` field lists
+//! the indices of the shared attachments, in the order of the descriptors.
+//!
+//! This module owns the memory files, their mappings, the descriptor
+//! messages and the `shm` field. It knows nothing of processes, threads,
+//! timeouts or which peer is which: the host's transport and the runners
+//! decide when to use it.
+
+use std::ffi::c_void;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::Deserialize;
+
+use super::frame::Frame;
+
+/// The environment variable that tells a runner the descriptor number of
+/// its shared-memory socket (absent: no shared memory).
+pub const SHM_FD_ENV: &str = "FORGESYTE_SHM_FD";
+/// The environment variable that tells a runner from what size (bytes) an
+/// attachment goes through shared memory.
+pub const SHM_THRESHOLD_ENV: &str = "FORGESYTE_SHM_THRESHOLD";
+/// The default threshold: 64 KiB.
+pub const DEFAULT_SHM_THRESHOLD: u64 = 64 * 1024;
+/// The most shared attachments one frame may carry.
+pub const MAX_SHARED_PER_FRAME: usize = 64;
+/// The name every memory file gets (`/proc/PID/fd` shows
+/// `memfd:forgesyte-attachment`).
+pub const MEMFD_NAME: &str = "forgesyte-attachment";
+
+/// The seals a shared attachment must carry: its bytes and size are fixed.
+fn required_seals() -> SealFlags {
+    SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW
+}
+
+/// A read-only mapping of a sealed memory file: the bytes of one shared
+/// attachment. Unmapped when dropped.
+pub struct Mapping {
+    ptr: *mut c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and its file is sealed against writes,
+// growth and shrinking: the bytes never change and stay mapped until drop,
+// so sharing or sending the pointer between threads is sound.
+#[allow(unsafe_code)]
+unsafe impl Send for Mapping {}
+// SAFETY: as for `Send`: immutable memory.
+#[allow(unsafe_code)]
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `fd` read-only after checking its seals; the descriptor is
+    /// closed (the mapping keeps the file alive). At most `limit` bytes.
+    pub fn of_sealed(fd: OwnedFd, limit: u64) -> Result<Mapping, String> {
+        let seals = rustix::fs::fcntl_get_seals(&fd)
+            .map_err(|e| format!("a shared attachment is not a sealed memory file: {e}"))?;
+        if !seals.contains(required_seals()) {
+            return Err(format!(
+                "a shared attachment's memory file is not sealed against writes and resizing (seals {seals:?})"
+            ));
+        }
+        let size = rustix::fs::fstat(&fd)
+            .map_err(|e| format!("cannot read a shared attachment's size: {e}"))?
+            .st_size;
+        let size = u64::try_from(size).map_err(|_| "a negative size".to_owned())?;
+        if size > limit {
+            return Err(format!(
+                "a shared attachment of {size} bytes exceeds the limit of {limit} bytes"
+            ));
+        }
+        let len = usize::try_from(size).map_err(|_| format!("{size} bytes cannot be mapped"))?;
+        if len == 0 {
+            return Ok(Mapping {
+                ptr: std::ptr::NonNull::<u8>::dangling().as_ptr().cast(),
+                len: 0,
+            });
+        }
+        // SAFETY: a new mapping at an address the kernel chooses, so no
+        // existing memory is affected; the file is sealed against shrinking,
+        // so no page of the mapping can vanish (no SIGBUS on access).
+        #[allow(unsafe_code)]
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| format!("cannot map a shared attachment of {len} bytes: {e}"))?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::ops::Deref for Mapping {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live read-only mapping of `len` bytes (or a
+        // dangling, aligned pointer with `len` 0) that nobody can write
+        // (sealed), valid until `drop`.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len)
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the mapping made in `of_sealed`, unmapped once; no
+            // borrow of it outlives `self`.
+            #[allow(unsafe_code)]
+            unsafe {
+                let _ = rustix::mm::munmap(self.ptr, self.len);
+            }
+        }
+    }
+}
+
+impl PartialEq for Mapping {
+    fn eq(&self, other: &Mapping) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Mapping {}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mapping({} bytes)", self.len)
+    }
+}
+
+/// A new sealed, close-on-exec memory file holding `bytes`.
+pub fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create(MEMFD_NAME, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match rustix::io::write(&fd, rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    rustix::fs::fcntl_add_seals(&fd, required_seals() | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
+/// The shared half of one outgoing frame: which attachments go through
+/// shared memory, and their sealed memory files.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    indices: Vec<usize>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Outgoing {
+    /// Puts every attachment of at least `threshold` bytes (`0`: none) into
+    /// a sealed memory file, at most [`MAX_SHARED_PER_FRAME`]. Best effort:
+    /// an attachment whose file cannot be made stays inline.
+    pub fn prepare(attachments: &[&[u8]], threshold: u64) -> Outgoing {
+        let mut out = Outgoing::default();
+        if threshold == 0 {
+            return out;
+        }
+        for (i, bytes) in attachments.iter().enumerate() {
+            if out.indices.len() == MAX_SHARED_PER_FRAME {
+                break;
+            }
+            if bytes.is_empty() || (bytes.len() as u64) < threshold {
+                continue;
+            }
+            if let Ok(fd) = sealed(bytes) {
+                out.indices.push(i);
+                out.fds.push(fd);
+            }
+        }
+        out
+    }
+
+    /// Whether nothing goes through shared memory.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// The attachments as the frame carries them: shared ones empty.
+    pub fn inline<'a>(&self, attachments: &[&'a [u8]]) -> Vec<&'a [u8]> {
+        let mut inline = attachments.to_vec();
+        for &i in &self.indices {
+            if let Some(slot) = inline.get_mut(i) {
+                *slot = &[];
+            }
+        }
+        inline
+    }
+
+    /// `head` (a JSON object's opening, `{…`) with the `shm` field put
+    /// first; `head` itself when nothing is shared.
+    pub fn header(&self, head: &[u8]) -> Vec<u8> {
+        if self.is_empty() {
+            return head.to_vec();
+        }
+        let list: Vec<String> = self.indices.iter().map(usize::to_string).collect();
+        let field = format!(r#""shm":[{}],"#, list.join(","));
+        let mut out = Vec::with_capacity(head.len() + field.len());
+        match head.split_first() {
+            Some((b'{', rest)) => {
+                out.push(b'{');
+                out.extend_from_slice(field.as_bytes());
+                out.extend_from_slice(rest);
+            }
+            // Not an object's opening: nothing can be put in it.
+            _ => out.extend_from_slice(head),
+        }
+        out
+    }
+
+    /// Sends the descriptors over `socket`, before the frame is written:
+    /// one message, the count as a `u32le`, the descriptors in the order of
+    /// the indices. Nothing is sent when nothing is shared. The sender's
+    /// copies are closed either way: on an error, the frame goes inline.
+    pub fn send(&mut self, socket: BorrowedFd<'_>) -> io::Result<()> {
+        let sent = self.send_fds(socket);
+        self.fds.clear();
+        sent
+    }
+
+    fn send_fds(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let borrowed: Vec<BorrowedFd<'_>> = self.fds.iter().map(AsFd::as_fd).collect();
+        let mut space =
+            [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SHARED_PER_FRAME))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+            return Err(io::Error::other("too many descriptors for one message"));
+        }
+        let count = u32::try_from(borrowed.len())
+            .map_err(|_| io::Error::other("too many descriptors"))?
+            .to_le_bytes();
+        loop {
+            match rustix::net::sendmsg(
+                socket,
+                &[IoSlice::new(&count)],
+                &mut control,
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ShmField {
+    #[serde(default)]
+    shm: Vec<usize>,
+}
+
+/// The indices a header's `shm` field names (none without the field).
+pub fn shared_indices(header: &[u8]) -> Result<Vec<usize>, String> {
+    // Most headers have no such field: look before parsing.
+    if !header.windows(5).any(|w| w == b"\"shm\"") {
+        return Ok(Vec::new());
+    }
+    serde_json::from_slice::<ShmField>(header)
+        .map(|f| f.shm)
+        .map_err(|e| format!("malformed 'shm' field: {e}"))
+}
+
+/// Completes a frame just read: for each index of its `shm` field, receives
+/// a descriptor from `socket` (sent before the frame, so never waited for),
+/// checks and maps it, and makes the mapping that attachment. `socket`
+/// `None` (no shared memory offered) makes any `shm` field an error, as
+/// are indices out of order or range, attachments with bytes in the frame,
+/// descriptors missing or in excess, unsealed files, and shared bytes over
+/// `limit` in all. Every descriptor received is closed before this returns.
+pub fn receive(
+    frame: &mut Frame,
+    socket: Option<BorrowedFd<'_>>,
+    limit: u64,
+) -> Result<(), String> {
+    let indices = shared_indices(frame.header())?;
+    if indices.is_empty() {
+        return Ok(());
+    }
+    let Some(socket) = socket else {
+        return Err("shared attachments, but no shared memory was offered".into());
+    };
+    if indices.len() > MAX_SHARED_PER_FRAME {
+        return Err(format!(
+            "{} shared attachments in one frame (at most {MAX_SHARED_PER_FRAME})",
+            indices.len()
+        ));
+    }
+    if indices.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("the 'shm' indices are not in increasing order".into());
+    }
+    let fds = receive_fds(socket, indices.len())?;
+    let mut left = limit;
+    for (i, fd) in indices.into_iter().zip(fds) {
+        let mapping = Mapping::of_sealed(fd, left)?;
+        left -= mapping.len() as u64;
+        frame.share(i, std::sync::Arc::new(mapping))?;
+    }
+    Ok(())
+}
+
+/// Receives one descriptor message of exactly `expected` descriptors,
+/// without waiting (close-on-exec).
+fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, String> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SHARED_PER_FRAME))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut count = [0u8; 4];
+    let msg = loop {
+        match rustix::net::recvmsg(
+            socket,
+            &mut [IoSliceMut::new(&mut count)],
+            &mut control,
+            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => break msg,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(
+                    "shared attachments announced, but their descriptors did not come first".into(),
+                );
+            }
+            Err(e) => return Err(format!("the shared-memory socket failed: {e}")),
+        }
+    };
+    let mut fds = Vec::with_capacity(expected);
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    if msg
+        .flags
+        .intersects(ReturnFlags::CTRUNC | ReturnFlags::TRUNC)
+    {
+        return Err("a truncated descriptor message".into());
+    }
+    if msg.bytes != 4 || u32::from_le_bytes(count) as usize != expected || fds.len() != expected {
+        return Err(format!(
+            "{expected} shared attachments announced, {} descriptors came",
+            fds.len()
+        ));
+    }
+    Ok(fds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{read_frame, write_frame};
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
+    /// Sends a frame the way a peer does (descriptors first), reads it back.
+    fn round_trip(atts: &[&[u8]], threshold: u64) -> (Frame, Vec<u8>) {
+        let (a, b) = pair();
+        let mut out = Outgoing::prepare(atts, threshold);
+        let header = out.header(br#"{"op":"call","id":2}"#);
+        out.send(a.as_fd()).unwrap();
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, &header, &out.inline(atts)).unwrap();
+        let mut frame = read_frame(&mut bytes.as_slice(), 1 << 30).unwrap();
+        receive(&mut frame, Some(b.as_fd()), 1 << 30).unwrap();
+        (frame, bytes)
+    }
+
+    #[test]
+    fn large_attachments_travel_as_mappings_and_small_ones_inline() {
+        let big = vec![0xA5u8; 100_000];
+        let atts: [&[u8]; 4] = [b"small", &big, b"", &big[..10]];
+        let (frame, wire) = round_trip(&atts, 64 * 1024);
+        assert_eq!(frame.attachments().collect::<Vec<_>>(), atts);
+        assert!(frame.is_shared(1));
+        assert!(!frame.is_shared(0) && !frame.is_shared(2) && !frame.is_shared(3));
+        assert!(wire.len() < 200, "the big one is not in the frame");
+        let (header, _) = (frame.header(), ());
+        assert_eq!(shared_indices(header).unwrap(), [1]);
+        // The threshold is inclusive; 0 turns shared memory off.
+        for (size, threshold, shared) in [
+            (64 * 1024 - 1, 64 * 1024, false),
+            (64 * 1024, 64 * 1024, true),
+            (64 * 1024 + 1, 64 * 1024, true),
+            (1, 1, true),
+            (1 << 20, 0, false),
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let (frame, _) = round_trip(&[&data], threshold);
+            assert_eq!(frame.attachment(0), Some(&data[..]), "{size}");
+            assert_eq!(frame.is_shared(0), shared, "{size} / {threshold}");
+        }
+    }
+
+    #[test]
+    fn descriptors_are_closed_after_mapping_and_mappings_on_drop() {
+        let count = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+                .filter(|l| l.to_string_lossy().contains(MEMFD_NAME))
+                .count()
+        };
+        let big = vec![1u8; 200_000];
+        let (frame, _) = round_trip(&[&big], 1);
+        // Other tests run at once in this process: the memfd count only
+        // tells that this frame holds no descriptor when none is left.
+        let fds_now = count();
+        let mapped = std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .matches(MEMFD_NAME)
+            .count();
+        assert!(mapped >= 1);
+        drop(frame);
+        assert!(count() <= fds_now);
+    }
+
+    #[test]
+    fn broken_promises_are_errors() {
+        let big = vec![3u8; 1000];
+        // A `shm` field without descriptors.
+        let (_a, b) = pair();
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, br#"{"shm":[0]}"#, &[b""]).unwrap();
+        let mut frame = read_frame(&mut bytes.as_slice(), 1 << 20).unwrap();
+        let e = receive(&mut frame, Some(b.as_fd()), 1 << 20).unwrap_err();
+        assert!(e.contains("did not come"), "{e}");
+        // Without a socket offered.
+        let e = receive(&mut frame, None, 1 << 20).unwrap_err();
+        assert!(e.contains("no shared memory"), "{e}");
+        // An unsealed file; bytes in the frame as well; over the limit.
+        for (header, inline, sealed_fd, limit, expected) in [
+            (
+                &br#"{"shm":[0]}"#[..],
+                &b""[..],
+                false,
+                1 << 20,
+                "not sealed",
+            ),
+            (br#"{"shm":[0]}"#, b"x", true, 1 << 20, "also has bytes"),
+            (br#"{"shm":[0]}"#, b"", true, 10, "exceeds the limit"),
+            (br#"{"shm":[1]}"#, b"", true, 1 << 20, "of a frame with 1"),
+            (br#"{"shm":"x"}"#, b"", true, 1 << 20, "malformed"),
+        ] {
+            let (a, b) = pair();
+            let fd = if sealed_fd {
+                sealed(&big).unwrap()
+            } else {
+                rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC).unwrap()
+            };
+            let mut out = Outgoing {
+                indices: vec![0],
+                fds: vec![fd],
+            };
+            out.send(a.as_fd()).unwrap();
+            let mut bytes = Vec::new();
+            write_frame(&mut bytes, header, &[inline]).unwrap();
+            let mut frame = read_frame(&mut bytes.as_slice(), 1 << 20).unwrap();
+            let e = receive(&mut frame, Some(b.as_fd()), limit).unwrap_err();
+            assert!(e.contains(expected), "{e}");
+        }
+    }
+
+    #[test]
+    fn sealed_files_cannot_change() {
+        let fd = sealed(b"frozen").unwrap();
+        assert!(rustix::io::write(&fd, b"x").is_err());
+        assert!(rustix::fs::ftruncate(&fd, 0).is_err());
+        assert!(rustix::fs::fcntl_add_seals(&fd, SealFlags::empty()).is_err());
+        let mapping = Mapping::of_sealed(fd, 100).unwrap();
+        assert_eq!(&*mapping, b"frozen");
+    }
+
+    #[test]
+    fn the_field_goes_first_in_the_header() {
+        let out = Outgoing {
+            indices: vec![0, 2],
+            fds: vec![],
+        };
+        assert_eq!(
+            out.header(br#"{"op":"call""#),
+            br#"{"shm":[0,2],"op":"call""#
+        );
+        assert_eq!(Outgoing::default().header(b"{}"), b"{}");
+        assert_eq!(
+            shared_indices(br#"{"a":"\"shm\""}"#).unwrap(),
+            Vec::<usize>::new()
+        );
+    }
+}
