@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::VERSION;
+use crate::answer;
 use crate::body::{self, RunRequest};
 use crate::error::{ApiError, ErrorDetail, RunFailure};
 use crate::extract::{ApiPath, PluginPath, ToolPath};
@@ -252,7 +253,7 @@ pub(crate) async fn run_tool(
             match body::read(&headers, bytes).await {
                 Ok(input) => {
                     let context = tools::call_context(&headers);
-                    tools::run(&state, &plugin, &tool, input, context).await
+                    tools::run_output(&state, &plugin, &tool, input, context).await
                 }
                 Err(e) => Err(e),
             }
@@ -260,7 +261,12 @@ pub(crate) async fn run_tool(
         Err(e) => Err(e),
     };
     let response = match outcome {
-        Ok(success) => json(StatusCode::OK, &success),
+        // Binary results by `Accept`: base64 in the JSON by default,
+        // multipart/mixed, or raw bytes (see `answer`).
+        Ok((success, binary)) => match answer::negotiate(&headers, binary.len()) {
+            Ok(representation) => answer::respond(success, binary, representation),
+            Err(detail) => answer::not_acceptable(&success, detail),
+        },
         Err(error) => ApiError::Run {
             plugin: plugin.clone(),
             tool,
@@ -270,8 +276,15 @@ pub(crate) async fn run_tool(
     };
     // Per plugin only for registered plugins: the label stays bounded.
     if state.registry().contains(&plugin) {
+        // A streamed (multipart) body states its length in its header.
         let response_bytes = axum::body::HttpBody::size_hint(response.body())
             .exact()
+            .or_else(|| {
+                response
+                    .headers()
+                    .get(axum::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+            })
             .unwrap_or(0);
         state.metrics().record_bytes(
             &plugin,

@@ -78,6 +78,7 @@
 //! to status codes in exactly one place ([`ApiError`]).
 
 mod admin;
+mod answer;
 mod api;
 mod body;
 mod check;

@@ -8,6 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -48,7 +50,9 @@ pub(crate) fn call_context(headers: &axum::http::HeaderMap) -> CallContext {
 /// context (request id, `traceparent`) is `context`, and counts the call in
 /// the metrics when the plugin is registered and the tool is one it offers
 /// (or it cannot be asked: see [`crate::metrics::UNKNOWN_TOOL`]), so every
-/// label value names something that exists.
+/// label value names something that exists. Binary results are in the
+/// result as base64 strings at their places.
+#[allow(dead_code)] // The JSON-only entry, for callers other than the run route.
 pub(crate) async fn run(
     state: &AppState,
     plugin: &str,
@@ -56,6 +60,21 @@ pub(crate) async fn run(
     input: RunInput,
     context: CallContext,
 ) -> Result<RunSuccess, RunError> {
+    run_output(state, plugin, tool, input, context)
+        .await
+        .map(|(success, binary)| crate::answer::with_base64(success, binary))
+}
+
+/// [`run`] with the binary results kept as bytes beside the success, whose
+/// result holds `null` at their places: `(pointer, bytes)`, in the
+/// plugin's order, shared with the plugin's own buffers (no copy).
+pub(crate) async fn run_output(
+    state: &AppState,
+    plugin: &str,
+    tool: &str,
+    input: RunInput,
+    context: CallContext,
+) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
     let mut facts = CallFacts::default();
     let result = run_unrecorded(state, plugin, tool, input, context, &mut facts).await;
     if let Some(outcome) = Outcome::of(&result)
@@ -107,7 +126,7 @@ async fn run_unrecorded(
     input: RunInput,
     context: CallContext,
     facts: &mut CallFacts,
-) -> Result<RunSuccess, RunError> {
+) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
     let registry = state.registry();
     let Some(plugin_state) = registry.get_state(plugin) else {
         return Err(RunError::PluginNotFound);
@@ -150,8 +169,7 @@ async fn run_unrecorded(
                 .collect()
         })
         .unwrap_or_default();
-    let (args, attachments) =
-        arguments(input, &declared, handle.isolation() == Isolation::Process)?;
+    let (args, attachments) = arguments(input, &declared, handle.takes_binary())?;
     let started = Instant::now();
     let call = {
         let handle = handle.clone();
@@ -166,7 +184,7 @@ async fn run_unrecorded(
                     .iter()
                     .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
                     .collect();
-                handle.call_in(&tool, &args, &refs, &context)
+                handle.call_output(&tool, &args, &refs, &context)
             })
         })
     };
@@ -181,13 +199,16 @@ async fn run_unrecorded(
     let elapsed = started.elapsed();
     facts.elapsed = Some(elapsed);
     match outcome {
-        Ok(Some(Ok(result))) => Ok(RunSuccess {
-            ok: true,
-            plugin_id: plugin.to_owned(),
-            tool_name: tool.to_owned(),
-            result,
-            processing_time_ms: ms(elapsed),
-        }),
+        Ok(Some(Ok(output))) => Ok((
+            RunSuccess {
+                ok: true,
+                plugin_id: plugin.to_owned(),
+                tool_name: tool.to_owned(),
+                result: output.result,
+                processing_time_ms: ms(elapsed),
+            },
+            output.binary,
+        )),
         Ok(Some(Err(call_error))) => Err(call_error.into()),
         Ok(None) => Err(RunError::Internal {
             message: "the tool call's thread panicked in host code".into(),
@@ -206,14 +227,15 @@ async fn run_unrecorded(
 
 /// The JSON arguments and the binary ones (as `(JSON Pointer, bytes)`):
 /// multipart parts by name, an octet-stream body as the tool's one declared
-/// binary argument, and, for a plugin in a runner, base64 strings of
-/// declared binary arguments decoded once so that they cross the pipe as
-/// bytes. A binary argument's place in the JSON holds `null`.
+/// binary argument (the body's own buffer: no copy), and, for a plugin that
+/// takes bytes (`takes_binary`: a runner, a native ABI-3 library), base64
+/// strings of declared binary arguments decoded once so that they reach it
+/// as bytes. A binary argument's place in the JSON holds `null`.
 fn arguments(
     input: RunInput,
     declared: &[String],
-    runner: bool,
-) -> Result<(Value, Vec<(String, axum::body::Bytes)>), RunError> {
+    takes_binary: bool,
+) -> Result<(Value, Vec<(String, Bytes)>), RunError> {
     use base64::Engine as _;
     let RunInput {
         mut args,
@@ -239,7 +261,7 @@ fn arguments(
             }
         }
     }
-    if runner {
+    if takes_binary {
         for name in declared {
             if let Some(Value::String(text)) = args.get(name) {
                 let bytes = base64::engine::general_purpose::STANDARD

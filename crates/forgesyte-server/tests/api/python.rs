@@ -8,13 +8,13 @@ use serde_json::{Value, json};
 
 use crate::support::{Forgesyte, PluginsDir, http_with, plugin_named};
 
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// `multipart/form-data` with an `args` part and one file part `data`.
-fn multipart(args: &Value, data: &[u8]) -> (String, Vec<u8>) {
+pub(crate) fn multipart(args: &Value, data: &[u8]) -> (String, Vec<u8>) {
     let boundary = "forgesyte-test-boundary-7f3a";
     let mut body = Vec::new();
     body.extend_from_slice(
