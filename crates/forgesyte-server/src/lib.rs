@@ -88,6 +88,7 @@ mod docs;
 mod error;
 mod events;
 mod extract;
+mod form;
 mod metrics;
 mod pool;
 mod probes;

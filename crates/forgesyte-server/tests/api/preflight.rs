@@ -75,7 +75,7 @@ fn copy_of_good(dir: &Path, name: &str) -> PathBuf {
 #[test]
 fn the_good_library_carries_this_builds_fingerprint() {
     let record = read_record(Path::new(forgesyte_tests::zoo::GOOD_LIBRARY));
-    assert_eq!(record["abi_version"], 1);
+    assert_eq!(record["abi_version"], 3);
     for key in ["sdk_version", "rustc_version", "target"] {
         assert!(
             record[key].as_str().is_some_and(|s| !s.is_empty()),
