@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(&parts[1].data[..], b"\x00\r\n--x");
         let offset = parts[1].data.as_ptr() as usize - body.as_ptr() as usize;
         assert_eq!(
-            &body[offset..offset + 5],
+            &body[offset..offset + 6],
             b"\x00\r\n--x",
             "a slice, not a copy"
         );

@@ -136,9 +136,11 @@ fn binary_arguments_and_results_round_trip_byte_exact_through_every_body() {
     assert_eq!(reply.status, 413, "{}", reply.text());
 }
 
-/// The parts of a `multipart/mixed` answer: each part's headers (lower-case
-/// names) and bytes.
-fn mixed_parts(reply: &Reply) -> Vec<(Vec<(String, String)>, Vec<u8>)> {
+/// A part's headers (lower-case names) and bytes.
+type MixedPart = (Vec<(String, String)>, Vec<u8>);
+
+/// The parts of a `multipart/mixed` answer.
+fn mixed_parts(reply: &Reply) -> Vec<MixedPart> {
     let content_type = reply.header("content-type").unwrap();
     let boundary = content_type
         .strip_prefix("multipart/mixed; boundary=")
