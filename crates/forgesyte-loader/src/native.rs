@@ -790,6 +790,151 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A hand-written ABI-3 table whose `call_binary` returns the binary
+    /// arguments as binary results (a pointer `\xff` when the tool is
+    /// `bad`), counting what is freed.
+    mod counted {
+        use super::*;
+        use forgesyte_protocol::abi::FsBinaryResult;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        pub(super) static BUFFERS: AtomicUsize = AtomicUsize::new(0);
+        pub(super) static LISTS: AtomicUsize = AtomicUsize::new(0);
+
+        unsafe extern "C" fn create(
+            _: *const u8,
+            _: usize,
+            _: *mut *mut c_void,
+            _: *mut FsBuffer,
+        ) -> FsStatus {
+            STATUS_BAD_REQUEST
+        }
+        unsafe extern "C" fn tools(_: *const c_void, _: *mut FsBuffer) -> FsStatus {
+            STATUS_BAD_REQUEST
+        }
+        unsafe extern "C" fn call(
+            _: *const c_void,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: *mut FsBuffer,
+        ) -> FsStatus {
+            STATUS_BAD_REQUEST
+        }
+        unsafe extern "C" fn destroy(_: *mut c_void) {}
+        unsafe extern "C" fn free_buffer(buf: FsBuffer) {
+            if !buf.ptr.is_null() {
+                BUFFERS.fetch_add(1, Ordering::SeqCst);
+                // SAFETY: made by `FsBuffer::from_vec` below.
+                drop(unsafe { Vec::from_raw_parts(buf.ptr, buf.len, buf.cap) });
+            }
+        }
+        unsafe extern "C" fn free_results(list: FsResultList) {
+            if !list.ptr.is_null() {
+                LISTS.fetch_add(1, Ordering::SeqCst);
+                // SAFETY: made by `FsResultList::from_vec` below.
+                drop(unsafe { Vec::from_raw_parts(list.ptr, list.len, list.cap) });
+            }
+        }
+        #[allow(clippy::too_many_arguments)]
+        unsafe extern "C" fn call_binary(
+            _: *const c_void,
+            tool: *const u8,
+            tool_len: usize,
+            _: *const u8,
+            _: usize,
+            binary: *const FsBinaryArg,
+            binary_len: usize,
+            out: *mut FsBuffer,
+            out_binary: *mut FsResultList,
+        ) -> FsStatus {
+            // SAFETY: the host's slices, valid for the call.
+            let (tool, args) = unsafe {
+                (
+                    std::slice::from_raw_parts(tool, tool_len),
+                    std::slice::from_raw_parts(binary, binary_len),
+                )
+            };
+            let results = args
+                .iter()
+                .map(|arg| {
+                    // SAFETY: as above.
+                    let (pointer, bytes) = unsafe {
+                        (
+                            std::slice::from_raw_parts(arg.pointer.ptr, arg.pointer.len),
+                            std::slice::from_raw_parts(arg.bytes.ptr, arg.bytes.len),
+                        )
+                    };
+                    let pointer = if tool == b"bad" { b"\xff" } else { pointer };
+                    FsBinaryResult {
+                        pointer: FsBuffer::from_vec(pointer.to_vec()),
+                        bytes: FsBuffer::from_vec(bytes.to_vec()),
+                    }
+                })
+                .collect();
+            // SAFETY: the host's slots.
+            unsafe {
+                out.write(FsBuffer::from_vec(b"{\"a\":null,\"b\":null}".to_vec()));
+                out_binary.write(FsResultList::from_vec(results));
+            }
+            STATUS_OK
+        }
+
+        pub(super) static TABLE: PluginVTable = PluginVTable {
+            abi_version: ABI_VERSION,
+            sdk_version: c"test".as_ptr(),
+            rustc_version: c"test".as_ptr(),
+            create,
+            tools,
+            call,
+            destroy,
+            free_buffer,
+            call_binary,
+            free_results,
+        };
+    }
+
+    #[test]
+    fn binary_results_are_the_plugins_buffers_freed_once_when_the_last_share_drops() {
+        use std::sync::atomic::Ordering;
+        let instance = NativeInstance {
+            vtable: Table::V3(&counted::TABLE),
+            call_context: None,
+            handle: std::ptr::null_mut(),
+            tools: Vec::new(),
+        };
+        let buffers = || counted::BUFFERS.load(Ordering::SeqCst);
+        let lists = || counted::LISTS.load(Ordering::SeqCst);
+        let (b0, l0) = (buffers(), lists());
+        let out = instance
+            .invoke("ok", b"{}", &[("/a", b"\x00\x01"), ("/b", b"xyz")])
+            .unwrap();
+        assert_eq!(out.json, br#"{"a":null,"b":null}"#);
+        assert_eq!(out.binary.len(), 2);
+        assert_eq!(
+            (out.binary[0].0.as_str(), &out.binary[0].1[..]),
+            ("/a", &b"\x00\x01"[..])
+        );
+        assert_eq!(
+            (out.binary[1].0.as_str(), &out.binary[1].1[..]),
+            ("/b", &b"xyz"[..])
+        );
+        // The JSON and the two pointers are freed; the array at once; the
+        // bytes only when their last share drops.
+        assert_eq!((buffers() - b0, lists() - l0), (3, 1));
+        let share = out.binary[0].1.clone();
+        drop(out);
+        assert_eq!(buffers() - b0, 4);
+        drop(share);
+        assert_eq!(buffers() - b0, 5);
+        // A pointer that is not UTF-8: a protocol error, everything freed.
+        let err = instance.invoke("bad", b"{}", &[("/a", b"1")]).unwrap_err();
+        assert!(matches!(err, ToolError::Protocol { .. }), "{err}");
+        assert_eq!((buffers() - b0, lists() - l0), (8, 2));
+        assert!(instance.takes_binary());
+    }
+
     #[test]
     fn open_errors_are_classified() {
         let p = Path::new("/p/libx.so");

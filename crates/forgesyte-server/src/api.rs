@@ -222,6 +222,7 @@ pub(crate) async fn plugin_tools(
         ("tool" = String, Path, description = "Tool id"),
         ("x-request-id" = Option<String>, Header, description = "The request's id, kept (else one is made); answered in `x-request-id`, passed to a plugin in a runner with the call and named in the plugin's log lines of the call"),
         ("traceparent" = Option<String>, Header, description = "A W3C trace context (`00-<32 hex>-<16 hex>-<2 hex>`), passed to a plugin in a runner with the call; an invalid one is ignored"),
+        ("accept" = Option<String>, Header, description = "How binary results come back: `application/json` (default: base64 strings at their places in `result`), `multipart/mixed` (the JSON answer, then one part per binary result named by its JSON Pointer), or `application/octet-stream` (the one binary result's bytes; the JSON answer in `X-Forgesyte-Result`)"),
     ),
     request_body(content(
         (RunRequest = "application/json"),
@@ -229,7 +230,8 @@ pub(crate) async fn plugin_tools(
         (Vec<u8> = "application/octet-stream"),
     ), description = "`{\"args\": {...}}` (an empty body means no arguments); or `multipart/form-data` whose file parts are binary arguments under their field names and whose optional `args` part holds the rest as JSON; or `application/octet-stream`, the tool's one binary argument. Arguments the tool's input schema declares binary (`format: binary`, `contentEncoding: base64`) reach the plugin as bytes"),
     responses(
-        (status = 200, description = "The tool's result", body = RunSuccess),
+        (status = 200, description = "The tool's result (with `Accept: multipart/mixed` or `application/octet-stream`, see the `accept` parameter)", body = RunSuccess),
+        (status = 406, description = "Raw bytes were the only acceptable answer and the result has not exactly one binary result (`NotAcceptable`; the tool has run)", body = RunFailure),
         (status = 400, description = "The body is not JSON", body = RunFailure),
         (status = 404, description = "Unknown plugin or tool", body = RunFailure),
         (status = 413, description = "The body is larger than the limit", body = RunFailure),
