@@ -20,7 +20,9 @@
 //!   (`ImportError::NotALibrary`);
 //! - a build fingerprint (the `.forgesyte_abi` section that
 //!   `export_plugin!` emits, see `forgesyte_protocol::fingerprint`) with
-//!   another ABI version (`ImportError::AbiMismatch`) or another target
+//!   an ABI version other than 1 or 3 (`ImportError::AbiMismatch`; a
+//!   version-1 library is called through the first part of the table, see
+//!   `forgesyte_protocol::abi`) or another target
 //!   triple than the host's (`ImportError::Incompatible`); a section that is
 //!   there but damaged is `ImportError::InvalidInterface`.
 //!
