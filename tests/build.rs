@@ -32,6 +32,7 @@ const CRATES: &[&str] = &[
     "no_entry",
     "undefined_symbol",
     "faulty",
+    "abi_v1",
 ];
 
 /// How many bytes of the good library the `truncated` fixture keeps.
@@ -90,7 +91,7 @@ fn fixtures() -> Vec<Fixture> {
                     {"id": "config", "title": "Config", "description": "Its configuration"},
                 ],
             }),
-            "A healthy plugin (library `fixture_good`). Tools: `echo` (returns its args), \
+            "A healthy plugin (library `fixture_good`, ABI 3). Tools: `echo` (returns its args), \
              `fail` (returns `FixtureError: fixture tool failed`: the zoo's *tool returns an \
              error*), `panic` (panics with `fixture tool panic`: the zoo's *tool panics*), \
              `sleep` (`{\"ms\": N}` → `{\"slept_ms\": N}`), `config` (the config it got).",
@@ -114,7 +115,16 @@ fn fixtures() -> Vec<Fixture> {
             "wrong-abi",
             Crate("wrong_abi"),
             json!({}),
-            "The entry returns a vtable with `abi_version` 999 (the host's is 1).",
+            "The entry returns a vtable with `abi_version` 999 (the host takes 1 and 3).",
+        ),
+        fx(
+            "abi_v1",
+            "abi-v1",
+            Crate("abi_v1"),
+            json!({}),
+            "A library of ABI version 1 (JSON only; fingerprint and entry say 1). Tools: \
+             `echo` (returns its args; `data` declared binary, so it arrives and comes back \
+             as base64) and `len` (`{\"b64_len\": N}`, the length of the base64 `data`).",
         ),
         fx(
             "no_entry",

@@ -12,7 +12,7 @@ fn every_fixture_has_a_manifest_and_its_library() {
         Path::new(zoo::ZOO_DIR),
         Path::new(env!("FORGESYTE_ZOO_DIR"))
     );
-    assert_eq!(zoo::ALL.len(), 18);
+    assert_eq!(zoo::ALL.len(), 19);
     for fixture in zoo::ALL {
         let dir = Path::new(fixture.dir);
         assert_eq!(dir.parent(), Some(Path::new(zoo::ZOO_DIR)), "{fixture:?}");
@@ -66,6 +66,7 @@ fn libraries_are_what_their_fixture_says() {
     assert_eq!(library("TRUNCATED"), good[..4096]);
     for constant in [
         "WRONG_ABI",
+        "ABI_V1",
         "NO_ENTRY",
         "UNDEFINED_SYMBOL",
         "PANIC_INIT",

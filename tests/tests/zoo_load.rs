@@ -10,7 +10,7 @@ use forgesyte_registry::{PluginLifecycleState as S, Registry};
 use forgesyte_tests::zoo;
 use serde_json::json;
 
-fn load_zoo() -> (Loader, Registry) {
+pub(crate) fn load_zoo() -> (Loader, Registry) {
     let registry = Registry::new();
     let checker = Arc::new(DependencyChecker::system(Vec::new()));
     let loader = Loader::new(registry.clone(), checker, LoaderConfig::default());
@@ -53,10 +53,12 @@ fn every_fixture_ends_in_its_state_with_an_actionable_reason() {
         S::Failed,
         &[
             "ImportError: ABI version mismatch",
-            "host speaks 1",
+            "host speaks 3",
             "speaks 999",
         ],
     );
+    // ABI 1 is still served.
+    check(&r, zoo::ABI_V1_NAME, S::Initialized, &[]);
     check(
         &r,
         zoo::NO_ENTRY_NAME,
@@ -143,6 +145,7 @@ fn good_plugins_are_callable_through_the_c_abi() {
         zoo::CHAIN_B_NAME,
         zoo::CHAIN_C_NAME,
         zoo::DUP_A_NAME,
+        zoo::ABI_V1_NAME,
     ] {
         let handle = loader
             .handle(name)

@@ -62,7 +62,7 @@ impl Importer for FakeImporter {
             }),
             Some(FakeBehavior::WrongAbi) => Err(ImportError::AbiMismatch {
                 path: path.to_path_buf(),
-                host: 1,
+                host: forgesyte_protocol::abi::ABI_VERSION,
                 plugin: 999,
             }),
             Some(FakeBehavior::NoEntry) => Err(ImportError::MissingEntrySymbol {

@@ -33,6 +33,32 @@ pub enum CallError {
     Tool(#[from] ToolError),
 }
 
+/// What a tool call produced, as [`PluginHandle::call_output`] returns it:
+/// the result and its binary results, each a JSON Pointer into `result`
+/// (which holds `null` there) and the bytes, shared without a copy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolOutput {
+    /// The result.
+    pub result: Value,
+    /// The binary results, `(pointer, bytes)`, in the plugin's order.
+    pub binary: Vec<(String, bytes::Bytes)>,
+}
+
+impl ToolOutput {
+    /// The result with each binary result put at its place as a base64
+    /// string: the spelling of bytes in JSON answers.
+    pub fn into_json(self) -> Value {
+        use base64::Engine as _;
+        let mut result = self.result;
+        for (pointer, bytes) in self.binary {
+            let text = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            // Every place was checked when the output was made.
+            let _ = forgesyte_protocol::wire::attach::place(&mut result, &pointer, text.into());
+        }
+        result
+    }
+}
+
 fn reason_suffix(reason: &Option<String>) -> String {
     reason
         .as_ref()
@@ -158,8 +184,10 @@ impl PluginHandle {
 
     /// [`call`](Self::call) with binary arguments: each `(pointer, bytes)`
     /// goes to the JSON Pointer `pointer` in `args`. A plugin in a runner
-    /// gets them as bytes (attachments on the pipe, never base64); an
-    /// in-process native plugin (ABI 1, JSON only) as base64 strings.
+    /// gets them as bytes (attachments on the pipe, never base64), an
+    /// in-process native ABI-3 plugin as the caller's own slices; an
+    /// in-process ABI-1 plugin (JSON only) as base64 strings. Binary
+    /// results come back as base64 strings at their places.
     pub fn call_with(
         &self,
         tool: &str,
@@ -181,6 +209,28 @@ impl PluginHandle {
         attachments: &[(&str, &[u8])],
         context: &CallContext,
     ) -> Result<Value, CallError> {
+        self.call_output(tool, args, attachments, context)
+            .map(ToolOutput::into_json)
+    }
+
+    /// Whether the plugin takes binary arguments as bytes (a native ABI-3
+    /// library in process, any runner that takes attachments): a caller
+    /// holding one as a base64 string then decodes it (once) and passes the
+    /// bytes; otherwise it passes the string as it is.
+    pub fn takes_binary(&self) -> bool {
+        self.inner.slot.current().takes_binary()
+    }
+
+    /// [`call_in`](Self::call_in) with the binary results kept as bytes
+    /// ([`ToolOutput`]); the result holds `null` at their places. A binary
+    /// result whose place does not exist in the result is a protocol fault.
+    pub fn call_output(
+        &self,
+        tool: &str,
+        args: &Value,
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<ToolOutput, CallError> {
         let name = &self.inner.slot.name;
         let registry = &self.inner.slot.registry;
         if !self.has_tool(tool) {
@@ -206,10 +256,22 @@ impl PluginHandle {
         let instance = self.inner.slot.current();
         let started = Instant::now();
         let outcome = instance
-            .call_in(tool, &args, attachments, context)
-            .and_then(|bytes| {
-                serde_json::from_slice::<Value>(&bytes).map_err(|e| ToolError::Protocol {
-                    detail: format!("result is not valid JSON: {e}"),
+            .call_output(tool, &args, attachments, context)
+            .and_then(|output| {
+                let mut result = serde_json::from_slice::<Value>(&output.json).map_err(|e| {
+                    ToolError::Protocol {
+                        detail: format!("result is not valid JSON: {e}"),
+                    }
+                })?;
+                for (pointer, _) in &output.binary {
+                    forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
+                        .map_err(|e| ToolError::Protocol {
+                            detail: format!("a binary result has no place in the result: {e}"),
+                        })?;
+                }
+                Ok(ToolOutput {
+                    result,
+                    binary: output.binary,
                 })
             })
             .map_err(|e| match e {

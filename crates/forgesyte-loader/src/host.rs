@@ -42,6 +42,47 @@ pub trait PluginLibrary: Send + Sync + std::fmt::Debug {
     fn instantiate(&self, config: &[u8]) -> Result<Box<dyn PluginInstance>, InitError>;
 }
 
+/// What a tool call produced: the result JSON and its binary results, each
+/// a JSON Pointer into the result and the bytes that belong there (the
+/// JSON holds a placeholder). The bytes are shared, not copied: a native
+/// plugin's own buffer (freed by the plugin when the last clone drops), a
+/// slice of a runner's answer frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallOutput {
+    /// The result, JSON bytes.
+    pub json: Vec<u8>,
+    /// The binary results, `(pointer, bytes)`, in the plugin's order.
+    pub binary: Vec<(String, bytes::Bytes)>,
+}
+
+impl CallOutput {
+    /// A JSON-only result.
+    pub fn json(json: Vec<u8>) -> Self {
+        CallOutput {
+            json,
+            binary: Vec::new(),
+        }
+    }
+
+    /// The result JSON with each binary result put at its place as a
+    /// base64 string (the spelling of bytes in JSON); a place that does
+    /// not exist is a protocol error.
+    pub fn into_json(self) -> Result<Vec<u8>, ToolError> {
+        if self.binary.is_empty() {
+            return Ok(self.json);
+        }
+        let protocol = |detail: String| ToolError::Protocol { detail };
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&self.json).map_err(|e| protocol(e.to_string()))?;
+        place_base64(
+            &mut value,
+            self.binary.iter().map(|(p, b)| (p.as_str(), &b[..])),
+        )
+        .map_err(protocol)?;
+        serde_json::to_vec(&value).map_err(|e| protocol(e.to_string()))
+    }
+}
+
 /// A live plugin instance; tools may be called from several threads at once.
 pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// The tools the instance offers.
@@ -80,6 +121,28 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<u8>, ToolError> {
         let _ = context;
         self.call_with(tool, args, attachments)
+    }
+
+    /// [`call_in`](Self::call_in) with binary results kept as bytes beside
+    /// the JSON (a native ABI-3 library's, a runner's result attachments).
+    /// By default (an instance whose results are JSON only) the JSON alone.
+    fn call_output(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<CallOutput, ToolError> {
+        self.call_in(tool, args, attachments, context)
+            .map(CallOutput::json)
+    }
+
+    /// Whether binary arguments reach the plugin as bytes (a native ABI-3
+    /// library, a runner that takes attachments): a caller holding one as
+    /// a base64 string then decodes it once and passes the bytes. `false`
+    /// (the default) when they would only be base64-encoded again.
+    fn takes_binary(&self) -> bool {
+        false
     }
 
     /// The id of the process the instance lives in, when that is not the

@@ -89,8 +89,10 @@ pub use entry_points::EntryPoint;
 /// Who a tool call is for (request id, W3C `traceparent`), passed to a
 /// plugin in a runner with the call: see [`PluginHandle::call_in`].
 pub use forgesyte_protocol::wire::CallContext;
-pub use handle::{CallError, PluginHandle};
-pub use host::{ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo};
+pub use handle::{CallError, PluginHandle, ToolOutput};
+pub use host::{
+    CallOutput, ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo,
+};
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{
     LoadReport, Loader, LoaderConfig, PluginLoadOutcome, RescanReport, RetiredPlugin,

@@ -20,7 +20,9 @@
 //!   (`ImportError::NotALibrary`);
 //! - a build fingerprint (the `.forgesyte_abi` section that
 //!   `export_plugin!` emits, see `forgesyte_protocol::fingerprint`) with
-//!   another ABI version (`ImportError::AbiMismatch`) or another target
+//!   an ABI version other than 1 or 3 (`ImportError::AbiMismatch`; a
+//!   version-1 library is called through the first part of the table, see
+//!   `forgesyte_protocol::abi`) or another target
 //!   triple than the host's (`ImportError::Incompatible`); a section that is
 //!   there but damaged is `ImportError::InvalidInterface`.
 //!
@@ -40,15 +42,16 @@ use std::sync::Arc;
 
 use forgesyte_errors::{ImportError, InitError, ToolError};
 use forgesyte_protocol::abi::{
-    ABI_VERSION, CALL_CONTEXT_SYMBOL_C, CallContextFn, ENTRY_SYMBOL, ENTRY_SYMBOL_C, FsBuffer,
-    PluginBuffer, PluginVTable, STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
-    STATUS_UNKNOWN_TOOL,
+    ABI_VERSION, ABI_VERSION_1, CALL_CONTEXT_SYMBOL_C, CallContextFn, ENTRY_SYMBOL, ENTRY_SYMBOL_C,
+    FsBinaryArg, FsBuffer, FsResultList, FsSlice, FsStatus, PluginBuffer, PluginVTable,
+    PluginVTableV1, STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_OK, STATUS_PANIC, STATUS_UNKNOWN_TOOL,
+    SUPPORTED_ABI_VERSIONS,
 };
 use forgesyte_protocol::fingerprint::{self, Fingerprint, FingerprintError};
 use forgesyte_protocol::wire::CallContext;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 
-use crate::host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
+use crate::host::{CallOutput, Importer, PluginInstance, PluginLibrary, ToolInfo};
 
 /// `RTLD_NODELETE` (glibc and musl): keep the library mapped after `dlclose`.
 const RTLD_NODELETE: i32 = 0x1000;
@@ -103,10 +106,28 @@ fn sealed_memfd(path: &Path, bytes: &[u8]) -> std::io::Result<std::os::fd::Owned
     Ok(file.into())
 }
 
+/// A library's vtable, by the ABI version it speaks: version 1's table
+/// only, or all of version 3's.
+#[derive(Clone, Copy)]
+enum Table {
+    V1(&'static PluginVTableV1),
+    V3(&'static PluginVTable),
+}
+
+impl Table {
+    /// The part every version has.
+    fn v1(self) -> &'static PluginVTableV1 {
+        match self {
+            Table::V1(table) => table,
+            Table::V3(table) => table.v1(),
+        }
+    }
+}
+
 /// An opened plugin library and its vtable.
 pub struct NativeLibrary {
     path: PathBuf,
-    vtable: &'static PluginVTable,
+    vtable: Table,
     /// The plugin's optional `forgesyte_plugin_call_context` (SDKs that
     /// have it export it; see `CALL_CONTEXT_SYMBOL`).
     call_context: Option<CallContextFn>,
@@ -173,16 +194,22 @@ impl NativeLibrary {
         // SAFETY: `abi_version` is the first field of every ABI version's
         // vtable, so reading it is valid whatever version the plugin speaks.
         let plugin_abi = unsafe { (*ptr).abi_version };
-        if plugin_abi != ABI_VERSION {
-            return Err(ImportError::AbiMismatch {
-                path: path.to_path_buf(),
-                host: ABI_VERSION,
-                plugin: plugin_abi,
-            });
-        }
-        // SAFETY: same ABI version, so the pointee is a `PluginVTable` in a
-        // static of a library that is never unmapped (RTLD_NODELETE).
-        let vtable: &'static PluginVTable = unsafe { &*ptr };
+        let vtable = match plugin_abi {
+            // SAFETY: a version-1 library's pointee is a `PluginVTableV1` (the
+            // prefix of today's table) in a static of a library that is never
+            // unmapped (RTLD_NODELETE); nothing past it is read.
+            ABI_VERSION_1 => Table::V1(unsafe { &*ptr.cast::<PluginVTableV1>() }),
+            // SAFETY: this host's ABI version, so the pointee is a whole
+            // `PluginVTable`, static as above.
+            ABI_VERSION => Table::V3(unsafe { &*ptr }),
+            _ => {
+                return Err(ImportError::AbiMismatch {
+                    path: path.to_path_buf(),
+                    host: ABI_VERSION,
+                    plugin: plugin_abi,
+                });
+            }
+        };
         // SAFETY: the symbol, when present, is the SDK's context setter with
         // exactly this signature (`abi::CallContextFn`); the library stays
         // mapped (RTLD_NODELETE), so the pointer outlives every use.
@@ -200,7 +227,13 @@ impl NativeLibrary {
 
     /// The SDK version the plugin was built with, as it reports it.
     pub fn sdk_version(&self) -> String {
-        c_str(self.vtable.sdk_version)
+        c_str(self.vtable.v1().sdk_version)
+    }
+
+    /// The ABI version the library speaks: 1 (JSON only) or 3 (binary
+    /// arguments and results as bytes).
+    pub fn abi_version(&self) -> u32 {
+        self.vtable.v1().abi_version
     }
 
     /// The build fingerprint read from the file before it was opened, if it
@@ -256,7 +289,9 @@ fn vet_fingerprint(
         }
         Some(Ok(plugin)) => plugin,
     };
-    if plugin.abi_version != host.abi_version {
+    if plugin.abi_version != host.abi_version
+        && !SUPPORTED_ABI_VERSIONS.contains(&plugin.abi_version)
+    {
         return Err(ImportError::AbiMismatch {
             path: path.to_path_buf(),
             host: host.abi_version,
@@ -286,13 +321,13 @@ fn vet_fingerprint(
 
 impl PluginLibrary for NativeLibrary {
     fn instantiate(&self, config: &[u8]) -> Result<Box<dyn PluginInstance>, InitError> {
+        let v1 = self.vtable.v1();
         let mut handle: *mut c_void = std::ptr::null_mut();
         let mut out = FsBuffer::empty();
         // SAFETY: pointers are valid for the call: `config` for `config.len()`
         // bytes, `handle` and `out` are live locals the plugin writes to.
-        let status =
-            unsafe { (self.vtable.create)(config.as_ptr(), config.len(), &mut handle, &mut out) };
-        let body = take_buffer(self.vtable, out);
+        let status = unsafe { (v1.create)(config.as_ptr(), config.len(), &mut handle, &mut out) };
+        let body = take_buffer(v1, out);
         match status {
             STATUS_OK if !handle.is_null() => {}
             STATUS_OK => {
@@ -327,8 +362,8 @@ impl PluginLibrary for NativeLibrary {
         };
         let mut out = FsBuffer::empty();
         // SAFETY: `handle` is the live instance just created; `out` is a local.
-        let status = unsafe { (self.vtable.tools)(instance.handle, &mut out) };
-        let body = take_buffer(self.vtable, out);
+        let status = unsafe { (v1.tools)(instance.handle, &mut out) };
+        let body = take_buffer(v1, out);
         if status != STATUS_OK {
             return Err(InitError::Protocol {
                 detail: format!("listing tools failed: {}", error_message(&body)),
@@ -344,7 +379,7 @@ impl PluginLibrary for NativeLibrary {
 
 /// A live instance in a native library.
 struct NativeInstance {
-    vtable: &'static PluginVTable,
+    vtable: Table,
     call_context: Option<CallContextFn>,
     handle: *mut c_void,
     tools: Vec<ToolInfo>,
@@ -373,13 +408,13 @@ impl PluginInstance for NativeInstance {
     /// runs the call), when the context is not empty and the library takes
     /// one, and clears it after.
     #[allow(unsafe_code)]
-    fn call_in(
+    fn call_output(
         &self,
         tool: &str,
         args: &[u8],
         attachments: &[(&str, &[u8])],
         context: &CallContext,
-    ) -> Result<Vec<u8>, ToolError> {
+    ) -> Result<CallOutput, ToolError> {
         let set = self.call_context.filter(|_| !context.is_empty());
         let json = match set {
             Some(_) => serde_json::to_vec(context).ok(),
@@ -390,7 +425,7 @@ impl PluginInstance for NativeInstance {
             // `json` is live for the call and the plugin copies it.
             unsafe { set(json.as_ptr(), json.len()) };
         }
-        let result = self.call_with(tool, args, attachments);
+        let result = self.invoke(tool, args, attachments);
         if let (Some(set), Some(_)) = (set, &json) {
             // SAFETY: as above; a null pointer clears the context.
             unsafe { set(std::ptr::null(), 0) };
@@ -398,44 +433,178 @@ impl PluginInstance for NativeInstance {
         result
     }
 
+    fn call_in(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<Vec<u8>, ToolError> {
+        self.call_output(tool, args, attachments, context)?
+            .into_json()
+    }
+
+    fn call_with(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+    ) -> Result<Vec<u8>, ToolError> {
+        self.invoke(tool, args, attachments)?.into_json()
+    }
+
     fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
+        self.invoke(tool, args, &[])?.into_json()
+    }
+
+    fn takes_binary(&self) -> bool {
+        matches!(self.vtable, Table::V3(_))
+    }
+}
+
+impl NativeInstance {
+    /// One call through the library's table: ABI 3's `call_binary` with
+    /// the attachments as borrowed slices (no copy), or ABI 1's `call`
+    /// with them put into the arguments as base64 strings.
+    #[allow(unsafe_code)]
+    fn invoke(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+    ) -> Result<CallOutput, ToolError> {
+        let v1 = self.vtable.v1();
         let mut out = FsBuffer::empty();
-        // SAFETY: `handle` is live until `drop`; the byte slices are valid for
-        // their lengths during the call; `out` is a local.
-        let status = unsafe {
-            (self.vtable.call)(
-                self.handle,
-                tool.as_ptr(),
-                tool.len(),
-                args.as_ptr(),
-                args.len(),
-                &mut out,
-            )
-        };
-        let body = take_buffer(self.vtable, out);
-        match status {
-            STATUS_OK => Ok(body.to_vec()),
-            STATUS_ERROR => {
-                let (error_type, message) = error_parts(&body);
-                Err(ToolError::Failed {
-                    error_type,
-                    message,
-                })
+        let (status, binary) = match self.vtable {
+            Table::V1(_) => {
+                let encoded;
+                let args = if attachments.is_empty() {
+                    args
+                } else {
+                    encoded = crate::host::base64_into_json(args, attachments)?;
+                    &encoded[..]
+                };
+                // SAFETY: `handle` is live until `drop`; the byte slices are
+                // valid for their lengths during the call; `out` is a local.
+                let status = unsafe {
+                    (v1.call)(
+                        self.handle,
+                        tool.as_ptr(),
+                        tool.len(),
+                        args.as_ptr(),
+                        args.len(),
+                        &mut out,
+                    )
+                };
+                (status, FsResultList::empty())
             }
-            STATUS_PANIC => Err(ToolError::Panicked {
-                message: error_message(&body),
-            }),
-            STATUS_UNKNOWN_TOOL => Err(ToolError::UnknownTool {
-                plugin: String::new(),
-                tool: tool.to_owned(),
-            }),
-            STATUS_BAD_REQUEST => Err(ToolError::InvalidArgs {
-                message: error_message(&body),
-            }),
-            other => Err(ToolError::Protocol {
-                detail: format!("unknown status {other}"),
-            }),
+            Table::V3(v3) => {
+                let entries: Vec<FsBinaryArg> = attachments
+                    .iter()
+                    .map(|(pointer, bytes)| FsBinaryArg {
+                        pointer: FsSlice::new(pointer.as_bytes()),
+                        bytes: FsSlice::new(bytes),
+                    })
+                    .collect();
+                let mut list = FsResultList::empty();
+                // SAFETY: as above; `entries` and the slices it borrows
+                // outlive the call; `list` is a local the plugin writes to.
+                let status = unsafe {
+                    (v3.call_binary)(
+                        self.handle,
+                        tool.as_ptr(),
+                        tool.len(),
+                        args.as_ptr(),
+                        args.len(),
+                        entries.as_ptr(),
+                        entries.len(),
+                        &mut out,
+                        &mut list,
+                    )
+                };
+                (status, list)
+            }
+        };
+        let body = take_buffer(v1, out);
+        let binary = take_results(self.vtable, binary);
+        outcome(tool, status, &body).and_then(|()| {
+            Ok(CallOutput {
+                json: body.to_vec(),
+                binary: binary?,
+            })
+        })
+    }
+}
+
+/// The typed outcome of a call's `status`, its body the result or error.
+fn outcome(tool: &str, status: FsStatus, body: &[u8]) -> Result<(), ToolError> {
+    match status {
+        STATUS_OK => Ok(()),
+        STATUS_ERROR => {
+            let (error_type, message) = error_parts(body);
+            Err(ToolError::Failed {
+                error_type,
+                message,
+            })
         }
+        STATUS_PANIC => Err(ToolError::Panicked {
+            message: error_message(body),
+        }),
+        STATUS_UNKNOWN_TOOL => Err(ToolError::UnknownTool {
+            plugin: String::new(),
+            tool: tool.to_owned(),
+        }),
+        STATUS_BAD_REQUEST => Err(ToolError::InvalidArgs {
+            message: error_message(body),
+        }),
+        other => Err(ToolError::Protocol {
+            detail: format!("unknown status {other}"),
+        }),
+    }
+}
+
+/// Takes ownership of the binary results a version-3 library wrote: each
+/// buffer becomes shared bytes that go back to the plugin's `free_buffer`
+/// when the last clone drops (no copy); the array goes back to its
+/// `free_results` at once. A pointer that is not UTF-8 is a protocol error
+/// (every buffer is freed all the same).
+#[allow(unsafe_code)]
+fn take_results(
+    table: Table,
+    list: FsResultList,
+) -> Result<Vec<(String, bytes::Bytes)>, ToolError> {
+    let Table::V3(v3) = table else {
+        return Ok(Vec::new());
+    };
+    if list.ptr.is_null() {
+        return Ok(Vec::new());
+    }
+    let mut taken = Vec::with_capacity(list.len);
+    // SAFETY: the plugin wrote `len` initialised results at `ptr` (the SDK's
+    // `FsResultList::from_vec`), which stay valid until `free_results`.
+    let items = unsafe { std::slice::from_raw_parts(list.ptr, list.len) };
+    for item in items {
+        let pointer = FsBuffer { ..item.pointer };
+        let bytes = FsBuffer { ..item.bytes };
+        taken.push((take_buffer(v3.v1(), pointer), take_buffer(v3.v1(), bytes)));
+    }
+    // SAFETY: the array came from this library's `out_binary` and is handed
+    // back once; its buffers were moved out above and are freed by their
+    // owners, never by `free_results`.
+    unsafe { (v3.free_results)(list) };
+    let mut results = Vec::with_capacity(taken.len());
+    let mut bad = None;
+    for (pointer, bytes) in taken {
+        match std::str::from_utf8(&pointer) {
+            Ok(text) => results.push((text.to_owned(), bytes::Bytes::from_owner(bytes))),
+            Err(e) => bad = Some(e),
+        }
+    }
+    match bad {
+        None => Ok(results),
+        Some(e) => Err(ToolError::Protocol {
+            detail: format!("a binary result's pointer is not UTF-8: {e}"),
+        }),
     }
 }
 
@@ -443,16 +612,16 @@ impl Drop for NativeInstance {
     fn drop(&mut self) {
         // SAFETY: `handle` came from `create` and is destroyed exactly once;
         // no call can be in flight because calls borrow `self`.
-        unsafe { (self.vtable.destroy)(self.handle) };
+        unsafe { (self.vtable.v1().destroy)(self.handle) };
     }
 }
 
 /// Takes ownership of a buffer the plugin wrote: freed by the plugin's
 /// `free_buffer` when dropped.
-fn take_buffer(vtable: &'static PluginVTable, buf: FsBuffer) -> PluginBuffer {
-    // SAFETY: `buf` was just written to an `out` by a function of `vtable`
-    // and not freed; the library is never unloaded.
-    unsafe { PluginBuffer::new(buf, vtable) }
+fn take_buffer(vtable: &'static PluginVTableV1, buf: FsBuffer) -> PluginBuffer {
+    // SAFETY: `buf` was just written to an `out` (or a result list) by a
+    // function of `vtable` and not freed; the library is never unloaded.
+    unsafe { PluginBuffer::with_free(buf, vtable.free_buffer) }
 }
 
 fn error_parts(body: &[u8]) -> (Option<String>, String) {
@@ -623,6 +792,151 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A hand-written ABI-3 table whose `call_binary` returns the binary
+    /// arguments as binary results (a pointer `\xff` when the tool is
+    /// `bad`), counting what is freed.
+    mod counted {
+        use super::*;
+        use forgesyte_protocol::abi::FsBinaryResult;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        pub(super) static BUFFERS: AtomicUsize = AtomicUsize::new(0);
+        pub(super) static LISTS: AtomicUsize = AtomicUsize::new(0);
+
+        unsafe extern "C" fn create(
+            _: *const u8,
+            _: usize,
+            _: *mut *mut c_void,
+            _: *mut FsBuffer,
+        ) -> FsStatus {
+            STATUS_BAD_REQUEST
+        }
+        unsafe extern "C" fn tools(_: *const c_void, _: *mut FsBuffer) -> FsStatus {
+            STATUS_BAD_REQUEST
+        }
+        unsafe extern "C" fn call(
+            _: *const c_void,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: *mut FsBuffer,
+        ) -> FsStatus {
+            STATUS_BAD_REQUEST
+        }
+        unsafe extern "C" fn destroy(_: *mut c_void) {}
+        unsafe extern "C" fn free_buffer(buf: FsBuffer) {
+            if !buf.ptr.is_null() {
+                BUFFERS.fetch_add(1, Ordering::SeqCst);
+                // SAFETY: made by `FsBuffer::from_vec` below.
+                drop(unsafe { Vec::from_raw_parts(buf.ptr, buf.len, buf.cap) });
+            }
+        }
+        unsafe extern "C" fn free_results(list: FsResultList) {
+            if !list.ptr.is_null() {
+                LISTS.fetch_add(1, Ordering::SeqCst);
+                // SAFETY: made by `FsResultList::from_vec` below.
+                drop(unsafe { Vec::from_raw_parts(list.ptr, list.len, list.cap) });
+            }
+        }
+        #[allow(clippy::too_many_arguments)]
+        unsafe extern "C" fn call_binary(
+            _: *const c_void,
+            tool: *const u8,
+            tool_len: usize,
+            _: *const u8,
+            _: usize,
+            binary: *const FsBinaryArg,
+            binary_len: usize,
+            out: *mut FsBuffer,
+            out_binary: *mut FsResultList,
+        ) -> FsStatus {
+            // SAFETY: the host's slices, valid for the call.
+            let (tool, args) = unsafe {
+                (
+                    std::slice::from_raw_parts(tool, tool_len),
+                    std::slice::from_raw_parts(binary, binary_len),
+                )
+            };
+            let results = args
+                .iter()
+                .map(|arg| {
+                    // SAFETY: as above.
+                    let (pointer, bytes) = unsafe {
+                        (
+                            std::slice::from_raw_parts(arg.pointer.ptr, arg.pointer.len),
+                            std::slice::from_raw_parts(arg.bytes.ptr, arg.bytes.len),
+                        )
+                    };
+                    let pointer = if tool == b"bad" { b"\xff" } else { pointer };
+                    FsBinaryResult {
+                        pointer: FsBuffer::from_vec(pointer.to_vec()),
+                        bytes: FsBuffer::from_vec(bytes.to_vec()),
+                    }
+                })
+                .collect();
+            // SAFETY: the host's slots.
+            unsafe {
+                out.write(FsBuffer::from_vec(b"{\"a\":null,\"b\":null}".to_vec()));
+                out_binary.write(FsResultList::from_vec(results));
+            }
+            STATUS_OK
+        }
+
+        pub(super) static TABLE: PluginVTable = PluginVTable {
+            abi_version: ABI_VERSION,
+            sdk_version: c"test".as_ptr(),
+            rustc_version: c"test".as_ptr(),
+            create,
+            tools,
+            call,
+            destroy,
+            free_buffer,
+            call_binary,
+            free_results,
+        };
+    }
+
+    #[test]
+    fn binary_results_are_the_plugins_buffers_freed_once_when_the_last_share_drops() {
+        use std::sync::atomic::Ordering;
+        let instance = NativeInstance {
+            vtable: Table::V3(&counted::TABLE),
+            call_context: None,
+            handle: std::ptr::null_mut(),
+            tools: Vec::new(),
+        };
+        let buffers = || counted::BUFFERS.load(Ordering::SeqCst);
+        let lists = || counted::LISTS.load(Ordering::SeqCst);
+        let (b0, l0) = (buffers(), lists());
+        let out = instance
+            .invoke("ok", b"{}", &[("/a", b"\x00\x01"), ("/b", b"xyz")])
+            .unwrap();
+        assert_eq!(out.json, br#"{"a":null,"b":null}"#);
+        assert_eq!(out.binary.len(), 2);
+        assert_eq!(
+            (out.binary[0].0.as_str(), &out.binary[0].1[..]),
+            ("/a", &b"\x00\x01"[..])
+        );
+        assert_eq!(
+            (out.binary[1].0.as_str(), &out.binary[1].1[..]),
+            ("/b", &b"xyz"[..])
+        );
+        // The JSON and the two pointers are freed; the array at once; the
+        // bytes only when their last share drops.
+        assert_eq!((buffers() - b0, lists() - l0), (3, 1));
+        let share = out.binary[0].1.clone();
+        drop(out);
+        assert_eq!(buffers() - b0, 4);
+        drop(share);
+        assert_eq!(buffers() - b0, 5);
+        // A pointer that is not UTF-8: a protocol error, everything freed.
+        let err = instance.invoke("bad", b"{}", &[("/a", b"1")]).unwrap_err();
+        assert!(matches!(err, ToolError::Protocol { .. }), "{err}");
+        assert_eq!((buffers() - b0, lists() - l0), (8, 2));
+        assert!(instance.takes_binary());
+    }
+
     #[test]
     fn open_errors_are_classified() {
         let p = Path::new("/p/libx.so");
@@ -682,6 +996,24 @@ mod tests {
         let other = fp(1, "0.3.0", "rustc 1.99.0", "x86_64-unknown-linux-gnu");
         let got = vet_fingerprint(p, Some(Ok(other.clone())), &host).unwrap();
         assert_eq!(got, Some(other));
+        // A host of ABI 3 still takes ABI 1 (JSON only), not 2 (skipped).
+        let host3 = fp(3, "0.1.0", "rustc 1.95.0", "x86_64-unknown-linux-gnu");
+        let v1 = fp(1, "0.1.0", "rustc 1.95.0", "x86_64-unknown-linux-gnu");
+        let got = vet_fingerprint(p, Some(Ok(v1.clone())), &host3).unwrap();
+        assert_eq!(got, Some(v1));
+        let two = fp(2, "0.1.0", "rustc 1.95.0", "x86_64-unknown-linux-gnu");
+        let err = vet_fingerprint(p, Some(Ok(two)), &host3).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImportError::AbiMismatch {
+                    host: 3,
+                    plugin: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         // Another ABI: refused, both versions named.
         let err =
             vet_fingerprint(p, Some(Ok(fp(7, "0.1.0", "r", &host.target))), &host).unwrap_err();

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub use forgesyte_protocol::abi::*;
 
+use crate::binary::{Call, Output};
 use crate::plugin::{Plugin, PluginConfig, ToolSpec};
 
 const SDK_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
@@ -26,6 +27,26 @@ const RUSTC_VERSION: &str = forgesyte_protocol::fingerprint::BUILD_RUSTC_VERSION
 pub const fn vtable_for<P: Plugin>() -> PluginVTable {
     PluginVTable {
         abi_version: ABI_VERSION,
+        sdk_version: SDK_VERSION.as_ptr().cast(),
+        rustc_version: RUSTC_VERSION.as_ptr().cast(),
+        create: __create::<P>,
+        tools: __tools::<P>,
+        call: __call::<P>,
+        destroy: __destroy::<P>,
+        free_buffer: __free_buffer,
+        call_binary: __call_binary::<P>,
+        free_results: __free_results,
+    }
+}
+
+/// A version-1 table of plugin type `P` ([`ABI_VERSION_1`], JSON only):
+/// what libraries built before ABI 3 export. Plugins use
+/// [`crate::export_plugin!`]; this is for testing that a host still serves
+/// such libraries (binary arguments reach `P` as base64 strings, binary
+/// results leave as base64 strings).
+pub const fn vtable_v1_for<P: Plugin>() -> PluginVTableV1 {
+    PluginVTableV1 {
+        abi_version: ABI_VERSION_1,
         sdk_version: SDK_VERSION.as_ptr().cast(),
         rustc_version: RUSTC_VERSION.as_ptr().cast(),
         create: __create::<P>,
@@ -230,7 +251,8 @@ pub unsafe extern "C" fn __tools<P: Plugin>(
     })
 }
 
-/// `call` of [`vtable_for`]; use the vtable, not this.
+/// `call` of [`vtable_for`] (JSON only: a binary result leaves as a base64
+/// string at its place); use the vtable, not this.
 ///
 /// # Safety
 /// `instance` must be null or a live instance from the same vtable's
@@ -246,29 +268,155 @@ pub unsafe extern "C" fn __call<P: Plugin>(
     out: *mut FsBuffer,
 ) -> FsStatus {
     guarded(out, || {
-        // SAFETY: the host passes an instance of this vtable or null.
-        let instance = unsafe { instance_ref::<P>(instance) }?;
-        // SAFETY: the host promises `tool_len` readable bytes for the call.
-        let tool = unsafe { borrow_bytes(tool, tool_len, "tool") }?;
-        let tool = std::str::from_utf8(tool)
-            .map_err(|e| Failure::bad_request(format!("tool id is not UTF-8: {e}")))?;
-        // SAFETY: the host promises `args_len` readable bytes for the call.
-        let args = unsafe { borrow_bytes(args, args_len, "args") }?;
-        let args: Value = serde_json::from_slice(args)
-            .map_err(|e| Failure::bad_request(format!("invalid args JSON: {e}")))?;
-        if !instance.tool_ids.contains(tool) {
-            return Err(Failure::new(
-                STATUS_UNKNOWN_TOOL,
-                "UnknownTool",
-                format!("no tool '{tool}'"),
-            ));
-        }
-        match instance.plugin.run(tool, args) {
-            Ok(result) => serde_json::to_vec(&result)
-                .map_err(|e| Failure::new(STATUS_ERROR, "InvalidOutput", e.to_string())),
-            Err(err) => Err(Failure::new(STATUS_ERROR, err.error_type, err.message)),
-        }
+        // SAFETY: the caller's contract, passed on; no binary arguments.
+        let (instance, tool, args) =
+            unsafe { call_parts::<P>(instance, tool, tool_len, args, args_len) }?;
+        let output = run_call(instance, Call::new(tool, args))?;
+        let json = output
+            .into_json()
+            .map_err(|e| Failure::new(STATUS_ERROR, e.error_type, e.message))?;
+        serde_json::to_vec(&json)
+            .map_err(|e| Failure::new(STATUS_ERROR, "InvalidOutput", e.to_string()))
     })
+}
+
+/// `call_binary` of [`vtable_for`] (ABI 3); use the vtable, not this.
+///
+/// # Safety
+/// As [`__call`]; besides, `binary` must point to `binary_len` readable
+/// [`FsBinaryArg`]s whose slices are readable for the call (or be null with
+/// length 0), and `out_binary` to a writable slot (or be null, which is
+/// reported).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn __call_binary<P: Plugin>(
+    instance: *const c_void,
+    tool: *const u8,
+    tool_len: usize,
+    args: *const u8,
+    args_len: usize,
+    binary: *const FsBinaryArg,
+    binary_len: usize,
+    out: *mut FsBuffer,
+    out_binary: *mut FsResultList,
+) -> FsStatus {
+    if out_binary.is_null() {
+        return guarded(out, || {
+            Err(Failure::bad_request("out_binary is a null pointer"))
+        });
+    }
+    // SAFETY: not null; the host promises a writable slot. Written first so
+    // that every path leaves the empty list there.
+    unsafe { out_binary.write(FsResultList::empty()) };
+    let mut results: Vec<(String, Vec<u8>)> = Vec::new();
+    let status = guarded(out, || {
+        // SAFETY: the caller's contract, passed on.
+        let (instance, tool, args) =
+            unsafe { call_parts::<P>(instance, tool, tool_len, args, args_len) }?;
+        // SAFETY: the host promises `binary_len` readable entries.
+        let entries = unsafe { borrow_array(binary, binary_len) }?;
+        let mut call = Call::new(tool, args);
+        for entry in entries {
+            // SAFETY: the host promises each slice readable for the call.
+            let pointer = unsafe { borrow_bytes(entry.pointer.ptr, entry.pointer.len, "pointer") }?;
+            let pointer = std::str::from_utf8(pointer).map_err(|e| {
+                Failure::bad_request(format!("a binary argument's pointer is not UTF-8: {e}"))
+            })?;
+            // SAFETY: as above.
+            let bytes = unsafe { borrow_bytes(entry.bytes.ptr, entry.bytes.len, "bytes") }?;
+            call = call.with_binary(pointer, bytes);
+        }
+        let output = run_call(instance, call)?;
+        let json = serde_json::to_vec(&output.json)
+            .map_err(|e| Failure::new(STATUS_ERROR, "InvalidOutput", e.to_string()))?;
+        results = output.binary;
+        Ok(json)
+    });
+    if status == STATUS_OK && !results.is_empty() {
+        let list: Vec<FsBinaryResult> = results
+            .into_iter()
+            .map(|(pointer, bytes)| FsBinaryResult {
+                pointer: buffer(pointer.into_bytes()),
+                bytes: buffer(bytes),
+            })
+            .collect();
+        // SAFETY: checked non-null above; the host promises a writable slot.
+        unsafe { out_binary.write(FsResultList::from_vec(list)) };
+    }
+    status
+}
+
+/// The instance, the tool id and the parsed arguments of a call.
+///
+/// # Safety
+/// As [`__call`].
+unsafe fn call_parts<'a, P: Plugin>(
+    instance: *const c_void,
+    tool: *const u8,
+    tool_len: usize,
+    args: *const u8,
+    args_len: usize,
+) -> Result<(&'a Instance<P>, &'a str, Value), Failure> {
+    // SAFETY: the host passes an instance of this vtable or null.
+    let instance = unsafe { instance_ref::<P>(instance) }?;
+    // SAFETY: the host promises `tool_len` readable bytes for the call.
+    let tool = unsafe { borrow_bytes(tool, tool_len, "tool") }?;
+    let tool = std::str::from_utf8(tool)
+        .map_err(|e| Failure::bad_request(format!("tool id is not UTF-8: {e}")))?;
+    // SAFETY: the host promises `args_len` readable bytes for the call.
+    let args = unsafe { borrow_bytes(args, args_len, "args") }?;
+    let args: Value = serde_json::from_slice(args)
+        .map_err(|e| Failure::bad_request(format!("invalid args JSON: {e}")))?;
+    if !instance.tool_ids.contains(tool) {
+        return Err(Failure::new(
+            STATUS_UNKNOWN_TOOL,
+            "UnknownTool",
+            format!("no tool '{tool}'"),
+        ));
+    }
+    Ok((instance, tool, args))
+}
+
+/// Runs `call` on the plugin; its error becomes the call's.
+fn run_call<P: Plugin>(instance: &Instance<P>, call: Call<'_>) -> Result<Output, Failure> {
+    instance
+        .plugin
+        .call(call)
+        .map_err(|err| Failure::new(STATUS_ERROR, err.error_type, err.message))
+}
+
+/// A buffer for `bytes`: the empty (null) one when there are none.
+fn buffer(bytes: Vec<u8>) -> FsBuffer {
+    if bytes.is_empty() {
+        FsBuffer::empty()
+    } else {
+        FsBuffer::from_vec(bytes)
+    }
+}
+
+/// Borrows `len` entries at `ptr`; null with a zero length is empty.
+///
+/// # Safety
+/// A non-null `ptr` must point to `len` readable, initialised `T`s that stay
+/// valid and unchanged for `'a`.
+unsafe fn borrow_array<'a, T>(ptr: *const T, len: usize) -> Result<&'a [T], Failure> {
+    if ptr.is_null() {
+        return if len == 0 {
+            Ok(&[])
+        } else {
+            Err(Failure::bad_request(format!(
+                "binary is a null pointer with length {len}"
+            )))
+        };
+    }
+    if len > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
+        return Err(Failure::bad_request(format!(
+            "binary length {len} is too large"
+        )));
+    }
+    // SAFETY: non-null, total size within `isize::MAX`; the caller
+    // guarantees the entries are readable and unchanged for `'a`.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
 /// `destroy` of [`vtable_for`]; use the vtable, not this.
@@ -306,6 +454,25 @@ pub unsafe extern "C" fn __free_buffer(buf: FsBuffer) {
     }));
 }
 
+/// `free_results` of [`vtable_for`]: frees a result list's array (not the
+/// buffers in it); use the vtable, not this.
+///
+/// # Safety
+/// `list` must be empty or a list this library wrote to an `out_binary`,
+/// not yet freed.
+#[doc(hidden)]
+pub unsafe extern "C" fn __free_results(list: FsResultList) {
+    if list.ptr.is_null() || list.len > list.cap {
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the caller returns parts made by `FsResultList::from_vec`
+        // in this library, with this allocator, exactly once. The elements
+        // have no destructor: their buffers are not touched.
+        drop(unsafe { Vec::from_raw_parts(list.ptr, list.len, list.cap) });
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,10 +497,30 @@ mod tests {
         }
 
         fn tools(&self) -> Vec<ToolSpec> {
-            ["echo", "fail", "panic", "dir"]
+            ["echo", "fail", "panic", "dir", "bytes"]
                 .into_iter()
                 .map(ToolSpec::new)
                 .collect()
+        }
+
+        /// `bytes`: the binary argument `data` (or, without one, the
+        /// string `text`) back as binary result `/data`, with its length
+        /// and the address the tool saw it at.
+        fn call(&self, call: Call<'_>) -> Result<Output, ToolError> {
+            if call.tool() != "bytes" {
+                let tool = call.tool();
+                return self.run(tool, call.into_json_args()?).map(Output::json);
+            }
+            let data = match call.binary("data") {
+                Some(data) => data,
+                None => call.args()["text"].as_str().unwrap_or_default().as_bytes(),
+            };
+            Ok(Output::json(json!({
+                "len": data.len(),
+                "at": data.as_ptr() as usize,
+                "data": null,
+            }))
+            .with_binary("/data", data.to_vec()))
         }
 
         fn run(&self, tool: &str, args: Value) -> Result<Value, ToolError> {
@@ -445,7 +632,7 @@ mod tests {
             .iter()
             .map(|t| t["id"].as_str().unwrap())
             .collect();
-        assert_eq!(ids, ["echo", "fail", "panic", "dir"]);
+        assert_eq!(ids, ["echo", "fail", "panic", "dir", "bytes"]);
         assert_eq!(tools[0]["input_schema"], json!({"type": "object"}));
 
         assert_eq!(
@@ -605,5 +792,163 @@ mod tests {
         }
         let err = Outer(std::io::Error::other("file not found"));
         assert_eq!(error_chain(&err), "cannot load weights: file not found");
+    }
+
+    /// A `call_binary`: status, result JSON and binary results (pointer,
+    /// bytes), every buffer and the list handed back to the plugin.
+    fn call_binary(
+        vt: &PluginVTable,
+        instance: *mut c_void,
+        tool: &[u8],
+        args: &[u8],
+        binary: &[(&[u8], &[u8])],
+    ) -> (FsStatus, Value, Vec<(String, Vec<u8>)>) {
+        let entries: Vec<FsBinaryArg> = binary
+            .iter()
+            .map(|(pointer, bytes)| FsBinaryArg {
+                pointer: FsSlice::new(pointer),
+                bytes: FsSlice::new(bytes),
+            })
+            .collect();
+        let mut out = FsBuffer::empty();
+        let mut list = FsResultList::empty();
+        // SAFETY: valid pointers for the duration of the call.
+        let status = unsafe {
+            (vt.call_binary)(
+                instance,
+                tool.as_ptr(),
+                tool.len(),
+                args.as_ptr(),
+                args.len(),
+                entries.as_ptr(),
+                entries.len(),
+                &mut out,
+                &mut list,
+            )
+        };
+        let (status, body) = take(vt, status, out);
+        let mut results = Vec::new();
+        if !list.ptr.is_null() {
+            // SAFETY: the plugin wrote `len` results at `ptr`.
+            let items = unsafe { std::slice::from_raw_parts(list.ptr, list.len) };
+            for item in items {
+                let pointer = FsBuffer { ..item.pointer };
+                let bytes = FsBuffer { ..item.bytes };
+                // SAFETY: each buffer was written by the plugin, freed once.
+                let pointer = unsafe { PluginBuffer::new(pointer, vt) };
+                // SAFETY: as above.
+                let bytes = unsafe { PluginBuffer::new(bytes, vt) };
+                results.push((String::from_utf8(pointer.to_vec()).unwrap(), bytes.to_vec()));
+            }
+        }
+        // SAFETY: the list's array, handed back once.
+        unsafe { (vt.free_results)(list) };
+        (status, body, results)
+    }
+
+    #[test]
+    fn binary_arguments_arrive_as_the_hosts_slices_and_results_leave_as_bytes() {
+        let vt = vtable();
+        let (_, _, instance) = create(vt, &config(Value::Null));
+        let data: Vec<u8> = (0..=255).cycle().take(70_000).collect();
+        let (status, body, results) = call_binary(
+            vt,
+            instance,
+            b"bytes",
+            br#"{"data": null}"#,
+            &[(b"/data", &data)],
+        );
+        assert_eq!(status, STATUS_OK, "{body}");
+        assert_eq!(body["len"], 70_000);
+        // Zero copy: the tool saw the host's own bytes.
+        assert_eq!(body["at"], data.as_ptr() as usize);
+        assert_eq!(body["data"], Value::Null);
+        assert_eq!(results, [("/data".to_owned(), data.clone())]);
+        // Empty bytes and no binary argument at all.
+        let (status, body, results) =
+            call_binary(vt, instance, b"bytes", b"{}", &[(b"/data", b"")]);
+        assert_eq!((status, &body["len"]), (STATUS_OK, &json!(0)));
+        assert_eq!(results, [("/data".to_owned(), Vec::new())]);
+        // A tool that only implements `run` gets base64 strings.
+        let (status, body, results) = call_binary(
+            vt,
+            instance,
+            b"echo",
+            br#"{"img": null, "n": 1}"#,
+            &[(b"/img", b"\x00\xff")],
+        );
+        assert_eq!((status, body), (STATUS_OK, json!({"img": "AP8=", "n": 1})));
+        assert!(results.is_empty());
+        // Through ABI 1's `call` a binary result is a base64 string.
+        assert_eq!(
+            call(vt, instance, b"bytes", br#"{"text": "hi"}"#).1["data"],
+            json!("aGk=")
+        );
+        // SAFETY: created above, no call running.
+        unsafe { (vt.destroy)(instance) };
+    }
+
+    #[test]
+    fn binary_calls_that_break_the_contract_are_bad_requests_with_no_results() {
+        let vt = vtable();
+        let (_, _, instance) = create(vt, &config(Value::Null));
+        let (status, _, results) = call_binary(vt, instance, b"bytes", b"{}", &[(b"\xff", b"1")]);
+        assert_eq!(status, STATUS_BAD_REQUEST);
+        assert!(results.is_empty());
+        let (status, body, results) = call_binary(vt, instance, b"fail", b"{}", &[(b"/x", b"1")]);
+        assert_eq!(
+            (status, &body["error_type"]),
+            (STATUS_ERROR, &json!("Nope"))
+        );
+        assert!(results.is_empty());
+        let (status, _, _) = call_binary(vt, instance, b"nope", b"{}", &[]);
+        assert_eq!(status, STATUS_UNKNOWN_TOOL);
+        let mut out = FsBuffer::empty();
+        let mut list = FsResultList::empty();
+        // SAFETY: a null binary array with a length is checked.
+        let status = unsafe {
+            (vt.call_binary)(
+                instance,
+                b"bytes".as_ptr(),
+                5,
+                b"{}".as_ptr(),
+                2,
+                std::ptr::null(),
+                3,
+                &mut out,
+                &mut list,
+            )
+        };
+        assert_eq!(take(vt, status, out).0, STATUS_BAD_REQUEST);
+        assert!(list.ptr.is_null());
+        let mut out = FsBuffer::empty();
+        // SAFETY: a null `out_binary` is checked.
+        let status = unsafe {
+            (vt.call_binary)(
+                instance,
+                b"bytes".as_ptr(),
+                5,
+                b"{}".as_ptr(),
+                2,
+                std::ptr::null(),
+                0,
+                &mut out,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(take(vt, status, out).0, STATUS_BAD_REQUEST);
+        // SAFETY: created above; the empty list is a no-op.
+        unsafe {
+            (vt.free_results)(FsResultList::empty());
+            (vt.destroy)(instance);
+        }
+    }
+
+    #[test]
+    fn the_version_1_table_is_the_prefix_and_calls_json_only() {
+        const V1: PluginVTableV1 = vtable_v1_for::<Probe>();
+        assert_eq!(V1.abi_version, 1);
+        let v3 = vtable();
+        assert!(std::ptr::fn_addr_eq(v3.v1().call, V1.call));
     }
 }

@@ -17,9 +17,13 @@
 //! - The library exports one C symbol, `forgesyte_plugin_entry`, returning a
 //!   table of functions whose first field is the ABI version
 //!   ([`abi::ABI_VERSION`]); the host checks it before anything else.
-//! - Configuration, tool arguments, results and errors cross as JSON bytes.
-//!   Memory is freed by the side that allocated it: the host hands every
-//!   buffer the plugin wrote back to the plugin's `free_buffer`.
+//! - Configuration, tool arguments, results and errors cross as JSON bytes;
+//!   binary arguments and results (ABI 3) cross as raw bytes beside them:
+//!   a tool that implements [`Plugin::call`] gets its binary arguments as
+//!   `&[u8]` ([`Call::binary`], the host's own buffer, no copy) and may
+//!   return binary results ([`Output::with_binary`]). Memory is freed by
+//!   the side that allocated it: the host hands every buffer the plugin
+//!   wrote back to the plugin's `free_buffer`.
 //! - No panic ever crosses the boundary: the SDK catches it and the host sees
 //!   an error with the panic message. Keep the default `panic = "unwind"`.
 //! - Tools run concurrently from several threads on one instance.
@@ -109,6 +113,7 @@
 //!
 //! The crate's `README.md` shows how to build and install it.
 
+mod binary;
 mod plugin;
 
 pub mod abi;
@@ -116,6 +121,7 @@ pub mod fingerprint;
 
 pub mod context;
 
+pub use binary::{Call, Output};
 pub use context::{CallContext, current_call, log};
 pub use plugin::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec};
 

@@ -10,6 +10,8 @@ use serde_json::Value;
 
 pub use forgesyte_protocol::ToolSpec;
 
+use crate::binary::{Call, Output};
+
 /// The error a constructor returns; its `Display` (and that of its sources)
 /// becomes the host's `InitError: …` reason.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -32,8 +34,28 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// only ever sees ids listed here.
     fn tools(&self) -> Vec<ToolSpec>;
 
-    /// Runs tool `tool` on `args` (the JSON object the client sent).
-    fn run(&self, tool: &str, args: Value) -> Result<Value, ToolError>;
+    /// Runs tool `tool` on `args` (the JSON object the client sent). Binary
+    /// arguments arrive here as base64 strings at their places (as under
+    /// ABI 1); implement [`Plugin::call`] instead to get them as byte slices
+    /// and to return binary results. The default refuses every tool.
+    fn run(&self, tool: &str, args: Value) -> Result<Value, ToolError> {
+        let _ = args;
+        Err(ToolError::new(
+            "UnknownTool",
+            format!("tool '{tool}' is not implemented"),
+        ))
+    }
+
+    /// Runs one call with its binary arguments as borrowed byte slices
+    /// ([`Call::binary`]) and returns the JSON result, possibly with binary
+    /// results ([`Output::with_binary`]). The default puts the binary
+    /// arguments into the JSON as base64 strings and calls [`Plugin::run`],
+    /// so plugins written before ABI 3 work unchanged.
+    fn call(&self, call: Call<'_>) -> Result<Output, ToolError> {
+        let tool = call.tool();
+        let args = call.into_json_args()?;
+        self.run(tool, args).map(Output::json)
+    }
 }
 
 /// What the host hands a plugin's constructor.

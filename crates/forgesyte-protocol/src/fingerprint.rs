@@ -28,8 +28,9 @@
 //!
 //! # What a host should make of it
 //!
-//! The ABI version decides: a different one means the vtable cannot be
-//! read, so the library must not be opened. A different target means the
+//! The ABI version decides: one the host does not speak (ForgeSyte's
+//! speaks [`crate::abi::SUPPORTED_ABI_VERSIONS`], 1 and 3) means the vtable
+//! cannot be read, so the library must not be opened. A different target means the
 //! machine code or the C library cannot match the host's. The SDK and
 //! compiler versions are informational: nothing of Rust's own ABI crosses
 //! the boundary (only C structures and JSON), so host and plugin need not

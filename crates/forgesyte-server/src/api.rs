@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::VERSION;
+use crate::answer;
 use crate::body::{self, RunRequest};
 use crate::error::{ApiError, ErrorDetail, RunFailure};
 use crate::extract::{ApiPath, PluginPath, ToolPath};
@@ -221,6 +222,7 @@ pub(crate) async fn plugin_tools(
         ("tool" = String, Path, description = "Tool id"),
         ("x-request-id" = Option<String>, Header, description = "The request's id, kept (else one is made); answered in `x-request-id`, passed to a plugin in a runner with the call and named in the plugin's log lines of the call"),
         ("traceparent" = Option<String>, Header, description = "A W3C trace context (`00-<32 hex>-<16 hex>-<2 hex>`), passed to a plugin in a runner with the call; an invalid one is ignored"),
+        ("accept" = Option<String>, Header, description = "How binary results come back: `application/json` (default: base64 strings at their places in `result`), `multipart/mixed` (the JSON answer, then one part per binary result named by its JSON Pointer), or `application/octet-stream` (the one binary result's bytes; the JSON answer in `X-Forgesyte-Result`)"),
     ),
     request_body(content(
         (RunRequest = "application/json"),
@@ -228,7 +230,8 @@ pub(crate) async fn plugin_tools(
         (Vec<u8> = "application/octet-stream"),
     ), description = "`{\"args\": {...}}` (an empty body means no arguments); or `multipart/form-data` whose file parts are binary arguments under their field names and whose optional `args` part holds the rest as JSON; or `application/octet-stream`, the tool's one binary argument. Arguments the tool's input schema declares binary (`format: binary`, `contentEncoding: base64`) reach the plugin as bytes"),
     responses(
-        (status = 200, description = "The tool's result", body = RunSuccess),
+        (status = 200, description = "The tool's result (with `Accept: multipart/mixed` or `application/octet-stream`, see the `accept` parameter)", body = RunSuccess),
+        (status = 406, description = "Raw bytes were the only acceptable answer and the result has not exactly one binary result (`NotAcceptable`; the tool has run)", body = RunFailure),
         (status = 400, description = "The body is not JSON", body = RunFailure),
         (status = 404, description = "Unknown plugin or tool", body = RunFailure),
         (status = 413, description = "The body is larger than the limit", body = RunFailure),
@@ -252,7 +255,7 @@ pub(crate) async fn run_tool(
             match body::read(&headers, bytes).await {
                 Ok(input) => {
                     let context = tools::call_context(&headers);
-                    tools::run(&state, &plugin, &tool, input, context).await
+                    tools::run_output(&state, &plugin, &tool, input, context).await
                 }
                 Err(e) => Err(e),
             }
@@ -260,7 +263,12 @@ pub(crate) async fn run_tool(
         Err(e) => Err(e),
     };
     let response = match outcome {
-        Ok(success) => json(StatusCode::OK, &success),
+        // Binary results by `Accept`: base64 in the JSON by default,
+        // multipart/mixed, or raw bytes (see `answer`).
+        Ok((success, binary)) => match answer::negotiate(&headers, binary.len()) {
+            Ok(representation) => answer::respond(success, binary, representation),
+            Err(detail) => answer::not_acceptable(&success, detail),
+        },
         Err(error) => ApiError::Run {
             plugin: plugin.clone(),
             tool,
@@ -270,8 +278,15 @@ pub(crate) async fn run_tool(
     };
     // Per plugin only for registered plugins: the label stays bounded.
     if state.registry().contains(&plugin) {
+        // A streamed (multipart) body states its length in its header.
         let response_bytes = axum::body::HttpBody::size_hint(response.body())
             .exact()
+            .or_else(|| {
+                response
+                    .headers()
+                    .get(axum::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+            })
             .unwrap_or(0);
         state.metrics().record_bytes(
             &plugin,

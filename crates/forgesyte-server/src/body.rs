@@ -145,33 +145,29 @@ pub(crate) async fn read(headers: &HeaderMap, bytes: Bytes) -> Result<RunInput, 
 /// read.
 pub(crate) const MAX_MULTIPART_PARTS: usize = 1024;
 
+/// Splits the body in place ([`crate::form`]): every part's bytes are a
+/// slice of the body as received, never copied.
 async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunError> {
-    let malformed = |e: multer::Error| RunError::MalformedBody {
+    let boundary = multer::parse_boundary(content_type).map_err(|e| RunError::MalformedBody {
         message: format!("malformed multipart body: {e}"),
-    };
-    let boundary = multer::parse_boundary(content_type).map_err(malformed)?;
-    let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(bytes) });
-    let mut parts = multer::Multipart::new(stream, boundary);
+    })?;
+    let parts = crate::form::split(&bytes, &boundary, MAX_MULTIPART_PARTS).map_err(|e| {
+        RunError::MalformedBody {
+            message: format!("malformed multipart body: {e}"),
+        }
+    })?;
     let mut input = RunInput::default();
     let mut seen_args = false;
     // Names of the binary parts so far: a duplicate is found in O(1).
     let mut names: HashSet<String> = HashSet::new();
-    let mut count = 0usize;
-    while let Some(field) = parts.next_field().await.map_err(malformed)? {
-        count += 1;
-        if count > MAX_MULTIPART_PARTS {
-            return Err(RunError::MalformedBody {
-                message: format!("malformed multipart body: more than {MAX_MULTIPART_PARTS} parts"),
-            });
-        }
-        let Some(name) = field.name().map(str::to_owned) else {
+    for part in parts {
+        let Some(name) = part.name else {
             return Err(RunError::InvalidBody {
                 message: "a multipart part has no field name".into(),
             });
         };
-        let is_file = field.file_name().is_some();
-        let data = field.bytes().await.map_err(malformed)?;
-        if name == "args" && !is_file {
+        let data = part.data;
+        if name == "args" && !part.is_file {
             if seen_args {
                 return Err(RunError::InvalidBody {
                     message: "more than one 'args' part".into(),

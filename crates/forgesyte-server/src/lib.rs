@@ -78,6 +78,7 @@
 //! to status codes in exactly one place ([`ApiError`]).
 
 mod admin;
+mod answer;
 mod api;
 mod body;
 mod check;
@@ -87,6 +88,7 @@ mod docs;
 mod error;
 mod events;
 mod extract;
+mod form;
 mod metrics;
 mod pool;
 mod probes;

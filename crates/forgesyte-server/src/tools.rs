@@ -8,6 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -48,7 +50,8 @@ pub(crate) fn call_context(headers: &axum::http::HeaderMap) -> CallContext {
 /// context (request id, `traceparent`) is `context`, and counts the call in
 /// the metrics when the plugin is registered and the tool is one it offers
 /// (or it cannot be asked: see [`crate::metrics::UNKNOWN_TOOL`]), so every
-/// label value names something that exists.
+/// label value names something that exists. Binary results are in the
+/// result as base64 strings at their places. The stream route's entry.
 pub(crate) async fn run(
     state: &AppState,
     plugin: &str,
@@ -56,6 +59,21 @@ pub(crate) async fn run(
     input: RunInput,
     context: CallContext,
 ) -> Result<RunSuccess, RunError> {
+    run_output(state, plugin, tool, input, context)
+        .await
+        .map(|(success, binary)| crate::answer::with_base64(success, binary))
+}
+
+/// [`run`] with the binary results kept as bytes beside the success, whose
+/// result holds `null` at their places: `(pointer, bytes)`, in the
+/// plugin's order, shared with the plugin's own buffers (no copy).
+pub(crate) async fn run_output(
+    state: &AppState,
+    plugin: &str,
+    tool: &str,
+    input: RunInput,
+    context: CallContext,
+) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
     let mut facts = CallFacts::default();
     let result = run_unrecorded(state, plugin, tool, input, context, &mut facts).await;
     if let Some(outcome) = Outcome::of(&result)
@@ -107,7 +125,7 @@ async fn run_unrecorded(
     input: RunInput,
     context: CallContext,
     facts: &mut CallFacts,
-) -> Result<RunSuccess, RunError> {
+) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
     let handle = live_handle(state, plugin, tool)?;
     facts.tool_known = true;
     // Held until this request ends: a flood of calls to one slow plugin
@@ -131,8 +149,7 @@ async fn run_unrecorded(
                 .collect()
         })
         .unwrap_or_default();
-    let (args, attachments) =
-        arguments(input, &declared, handle.isolation() == Isolation::Process)?;
+    let (args, attachments) = arguments(input, &declared, handle.takes_binary())?;
     let started = Instant::now();
     let call = {
         let handle = handle.clone();
@@ -147,7 +164,7 @@ async fn run_unrecorded(
                     .iter()
                     .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
                     .collect();
-                handle.call_in(&tool, &args, &refs, &context)
+                handle.call_output(&tool, &args, &refs, &context)
             })
         })
     };
@@ -162,13 +179,16 @@ async fn run_unrecorded(
     let elapsed = started.elapsed();
     facts.elapsed = Some(elapsed);
     match outcome {
-        Ok(Some(Ok(result))) => Ok(RunSuccess {
-            ok: true,
-            plugin_id: plugin.to_owned(),
-            tool_name: tool.to_owned(),
-            result,
-            processing_time_ms: ms(elapsed),
-        }),
+        Ok(Some(Ok(output))) => Ok((
+            RunSuccess {
+                ok: true,
+                plugin_id: plugin.to_owned(),
+                tool_name: tool.to_owned(),
+                result: output.result,
+                processing_time_ms: ms(elapsed),
+            },
+            output.binary,
+        )),
         Ok(Some(Err(call_error))) => Err(call_error.into()),
         Ok(None) => Err(RunError::Internal {
             message: "the tool call's thread panicked in host code".into(),
@@ -218,14 +238,15 @@ pub(crate) fn live_handle(
 
 /// The JSON arguments and the binary ones (as `(JSON Pointer, bytes)`):
 /// multipart parts by name, an octet-stream body as the tool's one declared
-/// binary argument, and, for a plugin in a runner, base64 strings of
-/// declared binary arguments decoded once so that they cross the pipe as
-/// bytes. A binary argument's place in the JSON holds `null`.
+/// binary argument (the body's own buffer: no copy), and, for a plugin that
+/// takes bytes (`takes_binary`: a runner, a native ABI-3 library), base64
+/// strings of declared binary arguments decoded once so that they reach it
+/// as bytes. A binary argument's place in the JSON holds `null`.
 fn arguments(
     input: RunInput,
     declared: &[String],
-    runner: bool,
-) -> Result<(Value, Vec<(String, axum::body::Bytes)>), RunError> {
+    takes_binary: bool,
+) -> Result<(Value, Vec<(String, Bytes)>), RunError> {
     use base64::Engine as _;
     let RunInput {
         mut args,
@@ -251,11 +272,11 @@ fn arguments(
             }
         }
     }
-    if runner {
+    if takes_binary {
         for name in declared {
             if let Some(Value::String(text)) = args.get(name) {
                 let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(text)
+                    .decode(base64_text(text))
                     .map_err(|e| RunError::InvalidArgs {
                         message: format!("argument '{name}' is not valid base64: {e}"),
                     })?;
@@ -272,6 +293,16 @@ fn arguments(
     Ok((Value::Object(args), attachments))
 }
 
+/// The base64 of a binary argument sent as a JSON string: surrounding
+/// whitespace and a `data:<type>;base64,` URL prefix are dropped.
+fn base64_text(text: &str) -> &str {
+    let text = text.trim();
+    match text.split_once(";base64,") {
+        Some((prefix, data)) if prefix.starts_with("data:") => data,
+        _ => text,
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -280,7 +311,42 @@ fn ms(d: Duration) -> f64 {
 mod tests {
     use axum::http::{HeaderMap, HeaderValue};
 
-    use super::call_context;
+    use super::{arguments, base64_text, call_context};
+    use crate::body::RunInput;
+    use axum::body::Bytes;
+    use serde_json::json;
+
+    #[test]
+    fn binary_arguments_are_passed_on_without_copies_and_base64_is_decoded_once() {
+        let declared = ["image".to_owned()];
+        // An octet-stream body is the declared argument: the same buffer.
+        let body = Bytes::from(vec![1u8, 2, 3]);
+        let input = RunInput {
+            unnamed: Some(body.clone()),
+            ..RunInput::default()
+        };
+        let (args, binary) = arguments(input, &declared, true).unwrap();
+        assert_eq!(args, json!({"image": null}));
+        assert_eq!(binary[0].0, "/image");
+        assert_eq!(binary[0].1.as_ptr(), body.as_ptr(), "copied");
+        // Base64 in JSON: decoded (a data URL too) for a plugin that takes
+        // bytes, left as it is for one that takes JSON only.
+        let text = json!({"image": " data:image/png;base64,AP8= ", "n": 1});
+        let input = |v: &serde_json::Value| RunInput {
+            args: v.as_object().cloned().unwrap_or_default(),
+            ..RunInput::default()
+        };
+        let (args, binary) = arguments(input(&text), &declared, true).unwrap();
+        assert_eq!(args, json!({"image": null, "n": 1}));
+        assert_eq!(&binary[0].1[..], b"\x00\xff");
+        let (args, binary) = arguments(input(&text), &declared, false).unwrap();
+        assert_eq!(args, text);
+        assert!(binary.is_empty());
+        assert_eq!(base64_text("data:x;base64,QQ=="), "QQ==");
+        assert_eq!(base64_text("QQ=="), "QQ==");
+        let bad = json!({"image": "not base64!"});
+        assert!(arguments(input(&bad), &declared, true).is_err());
+    }
 
     const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

@@ -10,6 +10,10 @@
 //! - `hygiene`: runner processes: Ctrl-C to the terminal's process group
 //!   drains the server without touching its runners; runners die with a
 //!   SIGKILLed server;
+//! - `payloads`: binary payloads through ABI 3: arguments of sizes 0 to
+//!   the body limit in every body form to ABI-3 (in process, isolated) and
+//!   ABI-1 libraries, binary results as JSON base64, `multipart/mixed` or
+//!   raw bytes by `Accept`, byte-exact;
 //! - `python`: Python plugins beside native ones through the binary, and
 //!   binary arguments (JSON base64, multipart, octet-stream) byte-exact in
 //!   every runtime;
@@ -81,6 +85,8 @@ mod hygiene;
 mod installed;
 #[path = "api/integrity.rs"]
 mod integrity;
+#[path = "api/payloads.rs"]
+mod payloads;
 #[path = "api/preflight.rs"]
 mod preflight;
 #[path = "api/probes.rs"]

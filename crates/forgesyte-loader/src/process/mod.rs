@@ -60,7 +60,7 @@ use self::child::{Child, KillReason, SpawnError, SpawnOptions};
 use self::transport::Reply;
 use self::wire_error::WireErrorExt;
 use crate::CallContext;
-use crate::host::{ExitCallback, Importer, PluginInstance, PluginLibrary, ToolInfo};
+use crate::host::{CallOutput, ExitCallback, Importer, PluginInstance, PluginLibrary, ToolInfo};
 use crate::manifest::{Limits, PythonEntry};
 
 pub use self::runner::runner_main;
@@ -551,7 +551,8 @@ impl ProcessInstance {
     /// Runs `tool` with the JSON `args` and binary `attachments`, placed at
     /// the JSON Pointers of `pointers` (see `PROTOCOL.md`). The result's own
     /// attachments come back as base64 strings at their places, the
-    /// representation of bytes in JSON answers.
+    /// representation of bytes in JSON answers ([`Self::call_output`] keeps
+    /// them as bytes).
     pub fn call_with(
         &self,
         tool: &str,
@@ -570,6 +571,21 @@ impl ProcessInstance {
         attachments: &[(&str, &[u8])],
         context: &CallContext,
     ) -> Result<Vec<u8>, ToolError> {
+        self.call_output(tool, args, attachments, context)?
+            .into_json()
+    }
+
+    /// [`call_in`](Self::call_in) with the result's attachments kept as
+    /// bytes beside the JSON: slices of the answer frame, shared, not
+    /// copied. A count of pointers that differs from the frame's count of
+    /// attachments is a protocol error.
+    pub fn call_output(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<CallOutput, ToolError> {
         let head = |id: u64| {
             let mut head = format!(r#"{{"op":"call","id":{id},"tool":"#).into_bytes();
             // A string always serialises.
@@ -630,7 +646,7 @@ impl ProcessInstance {
                     ..
                 },
                 frame,
-            )) => with_attachments(result.get(), &attachments, &frame),
+            )) => with_attachments(result.get(), attachments, frame),
             Ok(Reply::Answer(Response::ToolFailed { error, .. }, _)) => Err(error.into_tool()),
             Ok(Reply::Answer(other, _)) => Err(ToolError::Protocol {
                 detail: format!(
@@ -657,43 +673,51 @@ impl ProcessInstance {
     }
 }
 
-/// A result's JSON with its attachments put in as base64 strings.
+/// A result's JSON and its attachments as shared slices of `frame`.
 fn with_attachments(
     result: &str,
-    pointers: &[String],
-    frame: &forgesyte_protocol::wire::Frame,
-) -> Result<Vec<u8>, ToolError> {
-    let protocol = |detail: String| ToolError::Protocol { detail };
-    match base64_in_place(result, pointers, frame).map_err(protocol)? {
-        None => Ok(result.as_bytes().to_vec()),
-        Some(value) => serde_json::to_vec(&value).map_err(|e| protocol(e.to_string())),
+    pointers: Vec<String>,
+    frame: forgesyte_protocol::wire::Frame,
+) -> Result<CallOutput, ToolError> {
+    if pointers.len() != frame.attachment_count() {
+        return Err(ToolError::Protocol {
+            detail: format!(
+                "{} attachment places for {} attachments",
+                pointers.len(),
+                frame.attachment_count()
+            ),
+        });
     }
+    let json = result.as_bytes().to_vec();
+    if pointers.is_empty() {
+        return Ok(CallOutput::json(json));
+    }
+    let frame = Arc::new(frame);
+    let binary = pointers
+        .into_iter()
+        .enumerate()
+        .map(|(index, pointer)| {
+            let part = FramePart {
+                frame: Arc::clone(&frame),
+                index,
+            };
+            (pointer, bytes::Bytes::from_owner(part))
+        })
+        .collect();
+    Ok(CallOutput { json, binary })
 }
 
-/// `json` with each attachment of `frame` put at its pointer as a base64
-/// string, the representation of bytes in JSON (the host's answers, ABI-1
-/// plugins' arguments); `None` when the frame has no attachments.
-pub(crate) fn base64_in_place(
-    json: &str,
-    pointers: &[String],
-    frame: &forgesyte_protocol::wire::Frame,
-) -> Result<Option<serde_json::Value>, String> {
-    if pointers.is_empty() && frame.attachment_count() == 0 {
-        return Ok(None);
+/// Attachment `index` of a shared frame, as bytes that own (a share of)
+/// the frame.
+struct FramePart {
+    frame: Arc<forgesyte_protocol::wire::Frame>,
+    index: usize,
+}
+
+impl AsRef<[u8]> for FramePart {
+    fn as_ref(&self) -> &[u8] {
+        self.frame.attachment(self.index).unwrap_or_default()
     }
-    if pointers.len() != frame.attachment_count() {
-        return Err(format!(
-            "{} attachment places for {} attachments",
-            pointers.len(),
-            frame.attachment_count()
-        ));
-    }
-    let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    crate::host::place_base64(
-        &mut value,
-        pointers.iter().map(String::as_str).zip(frame.attachments()),
-    )?;
-    Ok(Some(value))
 }
 
 impl PluginInstance for ProcessInstance {
@@ -726,6 +750,20 @@ impl PluginInstance for ProcessInstance {
         context: &CallContext,
     ) -> Result<Vec<u8>, ToolError> {
         ProcessInstance::call_in(self, tool, args, attachments, context)
+    }
+
+    fn call_output(
+        &self,
+        tool: &str,
+        args: &[u8],
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+    ) -> Result<CallOutput, ToolError> {
+        ProcessInstance::call_output(self, tool, args, attachments, context)
+    }
+
+    fn takes_binary(&self) -> bool {
+        self.child.hello().can(capability::ATTACHMENTS)
     }
 
     fn stop(&self) {

@@ -17,8 +17,9 @@
 //! 5. Reads requests on the original stdin; each runs on its own thread, so
 //!    several calls can be in flight (the SDK requires `Send + Sync`
 //!    plugins). Answers are written whole under one lock. Attachments of a
-//!    call are put into the arguments as base64 strings (ABI 1 plugins take
-//!    JSON only).
+//!    call reach an ABI-3 library as slices of the request frame (ABI 1:
+//!    as base64 strings in the arguments), and the library's binary results
+//!    leave as the answer's attachments.
 //! 6. Exits as soon as that stream ends: the host has gone or let it go. It never
 //!    unloads the library or destroys the instance; the process ending is
 //!    the cleanup. A frame over [`MAX_REQUEST_BYTES`] or one that is not
@@ -40,7 +41,6 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use forgesyte_errors::{InitError, ToolError};
-use forgesyte_protocol::abi::ABI_VERSION;
 use forgesyte_protocol::wire::shm::{
     self as shm, DEFAULT_SHM_THRESHOLD, Outgoing, SHM_FD_ENV, SHM_THRESHOLD_ENV,
 };
@@ -191,7 +191,11 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         &Response::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             runtime: "native".into(),
-            runtime_version: format!("ABI {ABI_VERSION}, SDK {}", library.sdk_version()),
+            runtime_version: format!(
+                "ABI {}, SDK {}",
+                library.abi_version(),
+                library.sdk_version()
+            ),
             pid: std::process::id(),
             capabilities: [capability::ATTACHMENTS, capability::CONCURRENT_CALLS]
                 .into_iter()
@@ -247,8 +251,9 @@ fn serve(
             .name(name.to_owned())
             .stack_size(CALL_STACK_BYTES)
             .spawn(move || {
-                let response = handle(request, &frame, &library, &instance);
-                send(&answers, &response, &[]);
+                let (response, binary) = handle(request, &frame, &library, &instance);
+                let parts: Vec<&[u8]> = binary.iter().map(|b| &b[..]).collect();
+                send(&answers, &response, &parts);
             });
         if let Err(e) = spawned {
             let detail = format!("the runner cannot start a thread: {e}");
@@ -271,23 +276,27 @@ fn serve(
     }
 }
 
-/// Runs one request against the library or its instance.
+/// Runs one request against the library or its instance: the answer and
+/// its attachments (a tool's binary results).
 fn handle(
     request: Request,
     frame: &Frame,
     library: &NativeLibrary,
     instance: &OnceLock<Box<dyn PluginInstance>>,
-) -> Response {
-    match request {
+) -> (Response, Vec<bytes::Bytes>) {
+    let response = match request {
         Request::Create { id, config } => {
             if instance.get().is_some() {
                 let e = InitError::Protocol {
                     detail: "this runner already holds an instance".into(),
                 };
-                return Response::InitFailed {
-                    id,
-                    error: WireError::init(&e),
-                };
+                return (
+                    Response::InitFailed {
+                        id,
+                        error: WireError::init(&e),
+                    },
+                    Vec::new(),
+                );
             }
             match library.instantiate(config.get().as_bytes()) {
                 Ok(created) => {
@@ -313,64 +322,73 @@ fn handle(
                 let e = ToolError::Protocol {
                     detail: "no instance: the plugin was never constructed".into(),
                 };
-                return Response::ToolFailed {
-                    id,
-                    error: WireError::tool(&e),
-                };
-            };
-            let args = match with_base64_attachments(args, &attachments, frame) {
-                Ok(args) => args,
-                Err(e) => {
-                    return Response::ToolFailed {
+                return (
+                    Response::ToolFailed {
                         id,
                         error: WireError::tool(&e),
-                    };
-                }
+                    },
+                    Vec::new(),
+                );
             };
+            if attachments.len() != frame.attachment_count() {
+                let e = ToolError::InvalidArgs {
+                    message: format!(
+                        "{} attachment places for {} attachments",
+                        attachments.len(),
+                        frame.attachment_count()
+                    ),
+                };
+                return (
+                    Response::ToolFailed {
+                        id,
+                        error: WireError::tool(&e),
+                    },
+                    Vec::new(),
+                );
+            }
+            let slices: Vec<(&str, &[u8])> = attachments
+                .iter()
+                .map(String::as_str)
+                .zip(frame.attachments())
+                .collect();
             // The plugin reads the context on this thread, through its
             // SDK's `forgesyte_plugin_call_context` when it has one.
             let outcome = instance
-                .call_in(
+                .call_output(
                     &tool,
                     args.get().as_bytes(),
-                    &[],
+                    &slices,
                     &context.unwrap_or_default(),
                 )
-                .and_then(|result| {
-                    String::from_utf8(result)
+                .and_then(|output| {
+                    String::from_utf8(output.json)
                         .map_err(|e| e.to_string())
                         .and_then(|text| RawValue::from_string(text).map_err(|e| e.to_string()))
                         .map_err(|detail| ToolError::Protocol {
                             detail: format!("the result is not JSON: {detail}"),
                         })
+                        .map(|result| (result, output.binary))
                 });
             match outcome {
-                Ok(result) => Response::Result {
-                    id,
-                    result,
-                    attachments: Vec::new(),
-                },
+                Ok((result, binary)) => {
+                    let (pointers, bytes) = binary.into_iter().unzip();
+                    return (
+                        Response::Result {
+                            id,
+                            result,
+                            attachments: pointers,
+                        },
+                        bytes,
+                    );
+                }
                 Err(e) => Response::ToolFailed {
                     id,
                     error: WireError::tool(&e),
                 },
             }
         }
-    }
-}
-
-/// The arguments with each attachment put at its place as a base64
-/// string: a native plugin of ABI 1 takes JSON only.
-fn with_base64_attachments(
-    args: Box<RawValue>,
-    pointers: &[String],
-    frame: &Frame,
-) -> Result<Box<RawValue>, ToolError> {
-    let invalid = |message: String| ToolError::InvalidArgs { message };
-    match super::base64_in_place(args.get(), pointers, frame).map_err(invalid)? {
-        None => Ok(args),
-        Some(value) => serde_json::value::to_raw_value(&value).map_err(|e| invalid(e.to_string())),
-    }
+    };
+    (response, Vec::new())
 }
 
 /// The shared-memory socket and threshold the host passed, once taken.

@@ -75,7 +75,7 @@ fn copy_of_good(dir: &Path, name: &str) -> PathBuf {
 #[test]
 fn the_good_library_carries_this_builds_fingerprint() {
     let record = read_record(Path::new(forgesyte_tests::zoo::GOOD_LIBRARY));
-    assert_eq!(record["abi_version"], 1);
+    assert_eq!(record["abi_version"], 3);
     for key in ["sdk_version", "rustc_version", "target"] {
         assert!(
             record[key].as_str().is_some_and(|s| !s.is_empty()),
@@ -85,7 +85,7 @@ fn the_good_library_carries_this_builds_fingerprint() {
     let fingerprint = native::inspect(Path::new(forgesyte_tests::zoo::GOOD_LIBRARY))
         .unwrap()
         .expect("a fingerprint");
-    assert_eq!(fingerprint.abi_version, 1);
+    assert_eq!(fingerprint.abi_version, 3);
     assert_eq!(json!(fingerprint.target), record["target"]);
 }
 
@@ -97,7 +97,7 @@ fn a_foreign_abi_version_is_refused_without_opening_the_library() {
 
     let err = NativeLibrary::open(&path).unwrap_err();
     assert!(
-        matches!(&err, ImportError::AbiMismatch { host: 1, plugin: 7, path: p } if p == &path),
+        matches!(&err, ImportError::AbiMismatch { host: 3, plugin: 7, path: p } if p == &path),
         "{err}"
     );
     assert!(!is_mapped(&path), "the library was opened");
@@ -184,7 +184,7 @@ fn the_loader_reports_a_foreign_fingerprint_as_an_import_error() {
     assert_eq!(states, [("alien", "FAILED"), ("native", "INITIALIZED")]);
     let reason = report.plugins[0].reason.as_deref().unwrap();
     assert!(
-        reason.starts_with("ImportError: ABI version mismatch: host speaks 1"),
+        reason.starts_with("ImportError: ABI version mismatch: host speaks 3"),
         "{reason}"
     );
     assert!(reason.contains("speaks 2"), "{reason}");

@@ -14,7 +14,7 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
 }
 
 /// `multipart/form-data` with an `args` part and one file part `data`.
-fn multipart(args: &Value, data: &[u8]) -> (String, Vec<u8>) {
+pub(crate) fn multipart(args: &Value, data: &[u8]) -> (String, Vec<u8>) {
     let boundary = "forgesyte-test-boundary-7f3a";
     let mut body = Vec::new();
     body.extend_from_slice(

@@ -2,7 +2,11 @@
 //!
 //! Tool `analyze` takes `{"image_base64": "<PNG or JPEG, base64>"}` (a
 //! `data:image/...;base64,` prefix is accepted) and returns its size, colour
-//! type, mean brightness (0–255) and a 16-bin luminance histogram. Tool
+//! type, mean brightness (0–255) and a 16-bin luminance histogram. The
+//! argument is declared binary (`contentEncoding: base64`), so a host of
+//! ABI 3 hands the image as a byte slice (sent as base64 in JSON, as a
+//! multipart part or as an `application/octet-stream` body, decoded once by
+//! the host): the plugin reads it in place ([`Plugin::call`]). Tool
 //! `ping` does nothing and answers `{"pong": true}`: it measures the host's
 //! own overhead.
 //!
@@ -11,7 +15,7 @@
 //! `InvalidInput`, never a panic.
 
 use base64::Engine as _;
-use forgesyte_plugin_sdk::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec};
+use forgesyte_plugin_sdk::{BoxError, Call, Output, Plugin, PluginConfig, ToolError, ToolSpec};
 use image::DynamicImage;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -60,6 +64,15 @@ impl Plugin for ImageStats {
         ]
     }
 
+    /// `analyze` reads the image in place when the host passes it as bytes
+    /// (ABI 3); every other call goes through [`Plugin::run`].
+    fn call(&self, call: Call<'_>) -> Result<Output, ToolError> {
+        match (call.tool(), call.binary("image_base64")) {
+            ("analyze", Some(bytes)) => Ok(Output::json(analyze(&load_image(bytes)?))),
+            (tool, _) => self.run(tool, call.into_json_args()?).map(Output::json),
+        }
+    }
+
     fn run(&self, tool: &str, args: Value) -> Result<Value, ToolError> {
         match tool {
             "analyze" => {
@@ -90,7 +103,12 @@ pub fn decode_image(encoded: &str) -> Result<DynamicImage, ToolError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map_err(|e| ToolError::invalid_input(format!("image_base64 is not base64: {e}")))?;
-    image::load_from_memory(&bytes)
+    load_image(&bytes)
+}
+
+/// Decodes a PNG or JPEG image from its bytes (no copy of them).
+pub fn load_image(bytes: &[u8]) -> Result<DynamicImage, ToolError> {
+    image::load_from_memory(bytes)
         .map_err(|e| ToolError::invalid_input(format!("not a PNG or JPEG image: {e}")))
 }
 
@@ -200,6 +218,33 @@ mod tests {
         }
         let err = run("analyze", json!({ "image_base64": "aGVsbG8=" })).unwrap_err();
         assert!(err.message.contains("not a PNG or JPEG"), "{err}");
+    }
+
+    #[test]
+    fn analyzes_an_image_passed_as_bytes() {
+        let img = image::GrayImage::from_pixel(3, 5, Luma([10]));
+        let mut png = Vec::new();
+        DynamicImage::ImageLuma8(img)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let plugin = ImageStats::new(PluginConfig::new("/plugins/image-stats")).unwrap();
+        let call =
+            Call::new("analyze", json!({"image_base64": null})).with_binary("/image_base64", &png);
+        let out = plugin.call(call).unwrap();
+        assert!(out.binary.is_empty());
+        assert_eq!(
+            (out.json["width"].as_u64(), out.json["height"].as_u64()),
+            (Some(3), Some(5))
+        );
+        assert_eq!(out.json["mean_brightness"], 10.0);
+        let bad = Call::new("analyze", json!({})).with_binary("/image_base64", b"nope");
+        assert_eq!(plugin.call(bad).unwrap_err().error_type, "InvalidInput");
+        // Without bytes (a JSON-only host), the base64 string as before.
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+        let out = plugin
+            .call(Call::new("analyze", json!({"image_base64": b64})))
+            .unwrap();
+        assert_eq!(out.json["width"], 3);
     }
 
     #[test]

@@ -1,0 +1,330 @@
+//! A tool run's success answer in the representation the client's `Accept`
+//! header asks for, when the tool returned binary results beside its JSON:
+//!
+//! - `application/json` (the default, also for `*/*`, no `Accept`, or
+//!   anything unknown): the JSON answer with each binary result put at its
+//!   JSON Pointer in `result` as a standard base64 string;
+//! - `multipart/mixed`: first part the JSON answer (`null` at each binary
+//!   result's place), then one `application/octet-stream` part per binary
+//!   result, in order, its `Content-Disposition: attachment;
+//!   name="<pointer>"`;
+//! - `application/octet-stream`: the one binary result's raw bytes, the
+//!   rest in headers (`X-Forgesyte-Pointer`, `X-Forgesyte-Processing-Time-Ms`,
+//!   and the JSON answer in `X-Forgesyte-Result` when it is ASCII and at
+//!   most [`MAX_RESULT_HEADER`] bytes, else `X-Forgesyte-Result-Omitted`);
+//!   406 with a JSON failure when the result has not exactly one binary
+//!   result and the client accepts nothing else.
+//!
+//! Media ranges are tried by `q` (highest first, then in the order given);
+//! `q=0` excludes one. The bytes go out as they came from the plugin
+//! (shared, never copied into another buffer). A leaf: it knows HTTP media
+//! types and the answer's shape, nothing of plugins.
+
+use std::hash::{BuildHasher as _, Hasher as _};
+
+use axum::body::{Body, Bytes};
+use axum::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+
+use crate::error::RunFailure;
+use crate::respond::{json, json_bytes};
+use crate::tools::RunSuccess;
+
+/// Largest JSON answer sent in the `X-Forgesyte-Result` header of a raw
+/// answer.
+pub(crate) const MAX_RESULT_HEADER: usize = 8 * 1024;
+
+/// Header: the JSON Pointer of the raw answer's bytes.
+pub(crate) const POINTER_HEADER: &str = "x-forgesyte-pointer";
+/// Header: the JSON answer (with `null` at the pointer) of a raw answer.
+pub(crate) const RESULT_HEADER: &str = "x-forgesyte-result";
+/// Header: why `X-Forgesyte-Result` is absent (`too-large`, `not-ascii`).
+pub(crate) const RESULT_OMITTED_HEADER: &str = "x-forgesyte-result-omitted";
+/// Header: the call's processing time in milliseconds, on a raw answer.
+pub(crate) const TIME_HEADER: &str = "x-forgesyte-processing-time-ms";
+
+/// Characters percent-encoded in a pointer sent in a header or a
+/// `Content-Disposition` name: controls, non-ASCII, and what would end a
+/// quoted string.
+const POINTER_ESCAPES: &AsciiSet = &CONTROLS.add(b'"').add(b'\\').add(b'%');
+
+/// How a success is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Representation {
+    /// JSON, binary results as base64 strings.
+    Json,
+    /// `multipart/mixed`: the JSON, then the binary results.
+    Multipart,
+    /// The one binary result's bytes.
+    Raw,
+}
+
+/// The representation `headers`' `Accept` asks for, given that the result
+/// has `binary` binary results; `Err` (406) when only raw bytes are
+/// acceptable and there are not exactly one.
+pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representation, String> {
+    let mut ranges: Vec<(String, f32, usize)> = Vec::new();
+    for value in headers.get_all(ACCEPT) {
+        let Ok(text) = value.to_str() else { continue };
+        for range in text.split(',') {
+            let mut params = range.split(';');
+            let essence = params
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase();
+            let q = params
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            if !essence.is_empty() && q > 0.0 {
+                ranges.push((essence, q, ranges.len()));
+            }
+        }
+    }
+    ranges.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)));
+    let mut raw_asked = false;
+    for (essence, _, _) in &ranges {
+        match essence.as_str() {
+            "application/json" | "*/*" | "application/*" => return Ok(Representation::Json),
+            "multipart/mixed" | "multipart/*" => return Ok(Representation::Multipart),
+            "application/octet-stream" if binary == 1 => return Ok(Representation::Raw),
+            "application/octet-stream" => raw_asked = true,
+            _ => {}
+        }
+    }
+    if raw_asked {
+        return Err(format!(
+            "the result has {binary} binary results; application/octet-stream answers exactly \
+             one: accept application/json (base64 in the JSON) or multipart/mixed"
+        ));
+    }
+    Ok(Representation::Json)
+}
+
+/// The 406 answer for a success the client cannot take (`detail` from
+/// [`negotiate`]), in the run route's failure shape.
+pub(crate) fn not_acceptable(success: &RunSuccess, detail: String) -> Response {
+    let failure = RunFailure {
+        ok: false,
+        plugin_id: success.plugin_id.clone(),
+        tool_name: success.tool_name.clone(),
+        error: "not acceptable".into(),
+        error_type: "NotAcceptable".into(),
+        detail: format!(
+            "tool '{}' of plugin '{}' ran, but {detail}",
+            success.tool_name, success.plugin_id
+        ),
+        not_runnable: None,
+    };
+    json(StatusCode::NOT_ACCEPTABLE, &failure)
+}
+
+/// `success` (its result holding `null` at each binary result's place)
+/// with each binary result put there as a base64 string.
+pub(crate) fn with_base64(mut success: RunSuccess, binary: Vec<(String, Bytes)>) -> RunSuccess {
+    let output = forgesyte_loader::ToolOutput {
+        result: std::mem::take(&mut success.result),
+        binary,
+    };
+    success.result = output.into_json();
+    success
+}
+
+/// The answer to a success in `representation`.
+pub(crate) fn respond(
+    success: RunSuccess,
+    binary: Vec<(String, Bytes)>,
+    representation: Representation,
+) -> Response {
+    match representation {
+        Representation::Json => json(StatusCode::OK, &with_base64(success, binary)),
+        Representation::Multipart => multipart(&success, binary),
+        Representation::Raw => raw(&success, binary),
+    }
+}
+
+fn encoded_pointer(pointer: &str) -> String {
+    utf8_percent_encode(pointer, POINTER_ESCAPES).to_string()
+}
+
+fn multipart(success: &RunSuccess, binary: Vec<(String, Bytes)>) -> Response {
+    let head = match serde_json::to_vec(success) {
+        Ok(head) => Bytes::from(head),
+        Err(e) => {
+            return json_bytes(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(r#"{{"detail":"serialising a response: {e}"}}"#),
+            );
+        }
+    };
+    let boundary =
+        boundary(std::iter::once(&head[..]).chain(binary.iter().map(|(_, bytes)| &bytes[..])));
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(3 + 3 * binary.len());
+    chunks.push(Bytes::from(format!(
+        "--{boundary}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        head.len()
+    )));
+    chunks.push(head);
+    for (pointer, bytes) in binary {
+        chunks.push(Bytes::from(format!(
+            "\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\
+             Content-Disposition: attachment; name=\"{}\"\r\nContent-Length: {}\r\n\r\n",
+            encoded_pointer(&pointer),
+            bytes.len()
+        )));
+        chunks.push(bytes);
+    }
+    chunks.push(Bytes::from(format!("\r\n--{boundary}--\r\n")));
+    let length: usize = chunks.iter().map(Bytes::len).sum();
+    let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+    let mut response = (StatusCode::OK, Body::from_stream(stream)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&format!("multipart/mixed; boundary={boundary}")) {
+        headers.insert(CONTENT_TYPE, value);
+    }
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    response
+}
+
+/// A boundary that occurs in none of `parts` (RFC 2046: at most 70
+/// characters).
+fn boundary<'a>(parts: impl Iterator<Item = &'a [u8]> + Clone) -> String {
+    loop {
+        // A randomly keyed hash of the time: unpredictable enough that a
+        // part cannot be made to hold the boundary, and checked besides.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        let high = hasher.finish();
+        hasher.write_u8(1);
+        let candidate = format!("forgesyte-{high:016x}{:016x}", hasher.finish());
+        let needle = candidate.as_bytes();
+        if !parts
+            .clone()
+            .any(|part| part.windows(needle.len()).any(|w| w == needle))
+        {
+            return candidate;
+        }
+    }
+}
+
+fn raw(success: &RunSuccess, mut binary: Vec<(String, Bytes)>) -> Response {
+    let Some((pointer, bytes)) = binary.pop() else {
+        return not_acceptable(success, "the result has no binary result".into());
+    };
+    let length = bytes.len();
+    let mut response = (StatusCode::OK, Body::from(bytes)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    };
+    set(POINTER_HEADER, encoded_pointer(&pointer));
+    set(TIME_HEADER, success.processing_time_ms.to_string());
+    match serde_json::to_string(success) {
+        Ok(text) if text.len() > MAX_RESULT_HEADER => {
+            set(RESULT_OMITTED_HEADER, "too-large".into());
+        }
+        Ok(text) if !text.is_ascii() => set(RESULT_OMITTED_HEADER, "not-ascii".into()),
+        Ok(text) => set(RESULT_HEADER, text),
+        Err(_) => set(RESULT_OMITTED_HEADER, "unserialisable".into()),
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn accept(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(ACCEPT, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn accept_picks_by_q_then_order_and_raw_needs_exactly_one() {
+        use Representation::*;
+        assert_eq!(negotiate(&HeaderMap::new(), 1), Ok(Json));
+        assert_eq!(negotiate(&accept("*/*"), 1), Ok(Json));
+        assert_eq!(negotiate(&accept("text/html"), 1), Ok(Json));
+        assert_eq!(negotiate(&accept("multipart/mixed"), 0), Ok(Multipart));
+        assert_eq!(negotiate(&accept("application/octet-stream"), 1), Ok(Raw));
+        assert_eq!(
+            negotiate(
+                &accept("application/json;q=0.5, application/octet-stream"),
+                1
+            ),
+            Ok(Raw)
+        );
+        assert_eq!(
+            negotiate(
+                &accept("application/octet-stream;q=0.2, multipart/mixed;q=0.9"),
+                1
+            ),
+            Ok(Multipart)
+        );
+        // Raw bytes when there are not exactly one: another acceptable type,
+        // or 406.
+        assert_eq!(
+            negotiate(
+                &accept("application/octet-stream, application/json;q=0.1"),
+                2
+            ),
+            Ok(Json)
+        );
+        let err = negotiate(&accept("application/octet-stream"), 2).unwrap_err();
+        assert!(err.contains("2 binary results"), "{err}");
+        assert!(negotiate(&accept("application/octet-stream"), 0).is_err());
+        assert_eq!(
+            negotiate(&accept("application/json;q=0, multipart/mixed"), 0),
+            Ok(Multipart)
+        );
+    }
+
+    #[test]
+    fn base64_goes_where_the_pointers_say() {
+        let success = RunSuccess {
+            ok: true,
+            plugin_id: "p".into(),
+            tool_name: "t".into(),
+            result: json!({"a": null, "list": [null, 1], "x/y": null}),
+            processing_time_ms: 1.0,
+        };
+        let binary = [
+            ("/a".to_owned(), Bytes::from_static(b"\x00\xff")),
+            ("/list/0".to_owned(), Bytes::from_static(b"ab")),
+            ("/x~1y".to_owned(), Bytes::from_static(b"")),
+        ];
+        let out = with_base64(success.clone(), binary.to_vec());
+        assert_eq!(
+            out.result,
+            json!({"a": "AP8=", "list": ["YWI=", 1], "x/y": ""})
+        );
+        let whole = with_base64(success, vec![(String::new(), Bytes::from_static(b"f"))]);
+        assert_eq!(whole.result, json!("Zg=="));
+    }
+
+    #[test]
+    fn boundaries_avoid_the_parts() {
+        let part = b"--forgesyte-0123".to_vec();
+        let b = boundary([&part[..]].into_iter());
+        assert!(b.starts_with("forgesyte-") && b.len() <= 70, "{b}");
+        assert_ne!(b, boundary([&part[..]].into_iter()), "boundaries differ");
+        assert_eq!(encoded_pointer("/a\"b\n%"), "/a%22b%0A%25");
+        assert_eq!(encoded_pointer("/mask"), "/mask");
+    }
+}

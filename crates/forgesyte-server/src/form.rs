@@ -1,0 +1,201 @@
+//! A `multipart/form-data` body (RFC 7578 over RFC 2046) split in place:
+//! each part's content is a [`Bytes`] slice of the body as received (one
+//! buffer, no copy), its field name and file name read from its
+//! `Content-Disposition`. A leaf: it knows the format, nothing of tools or
+//! arguments ([`crate::body`] decides what the parts mean).
+//!
+//! The body must open with the delimiter (a preamble before it is allowed)
+//! and end with the closing one (an epilogue after it is ignored). Part
+//! headers are at most [`MAX_HEADER_BYTES`] long. Whatever the bytes,
+//! splitting ends in parts or an error, never a panic (the body module's
+//! property tests drive it with arbitrary bodies).
+
+use axum::body::Bytes;
+use memchr::memmem;
+
+/// Longest header block of one part.
+pub(crate) const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// One part of the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Part {
+    /// The `name` of its `Content-Disposition: form-data`, if it has one.
+    pub(crate) name: Option<String>,
+    /// Whether it has a `filename` (a file part).
+    pub(crate) is_file: bool,
+    /// Its content: a slice of the body.
+    pub(crate) data: Bytes,
+}
+
+/// Splits `body` at `boundary` into parts, in order; at most `max_parts`
+/// (one more is an error naming the limit). `Err` says what is malformed.
+pub(crate) fn split(body: &Bytes, boundary: &str, max_parts: usize) -> Result<Vec<Part>, String> {
+    let delimiter = format!("--{boundary}");
+    let delimiter = delimiter.as_bytes();
+    let next_delimiter = memmem::Finder::new(&[b"\r\n", delimiter].concat()).into_owned();
+    let mut at = if body.starts_with(delimiter) {
+        0
+    } else {
+        next_delimiter
+            .find(body)
+            .map(|i| i + 2)
+            .ok_or("no opening boundary")?
+    };
+    let mut parts = Vec::new();
+    loop {
+        at += delimiter.len();
+        let rest = &body[at..];
+        if rest.starts_with(b"--") {
+            return Ok(parts);
+        }
+        // Transport padding, then the end of the delimiter line.
+        let padding = rest
+            .iter()
+            .take_while(|&&b| b == b' ' || b == b'\t')
+            .count();
+        if !rest[padding..].starts_with(b"\r\n") {
+            return Err("a boundary line does not end with CRLF".into());
+        }
+        at += padding + 2;
+        if parts.len() == max_parts {
+            return Err(format!("more than {max_parts} parts"));
+        }
+        let head_len = if body[at..].starts_with(b"\r\n") {
+            0
+        } else {
+            let window = &body[at..body.len().min(at + MAX_HEADER_BYTES + 4)];
+            memmem::find(window, b"\r\n\r\n").ok_or("part headers without an end")? + 2
+        };
+        let head = std::str::from_utf8(&body[at..at + head_len])
+            .map_err(|_| "part headers are not UTF-8")?;
+        let (name, is_file) = disposition(head)?;
+        let start = at + head_len + 2;
+        let end = next_delimiter
+            .find(&body[start..])
+            .map(|i| start + i)
+            .ok_or("incomplete body: a part has no closing boundary")?;
+        parts.push(Part {
+            name,
+            is_file,
+            data: body.slice(start..end),
+        });
+        at = end + 2;
+    }
+}
+
+/// The field name and whether there is a file name, from the part's
+/// header lines (`Name: value`, CRLF-separated).
+fn disposition(head: &str) -> Result<(Option<String>, bool), String> {
+    let mut found = (None, false);
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        let (header, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("a part header line has no colon: {line:?}"))?;
+        if !header.trim().eq_ignore_ascii_case("content-disposition") {
+            continue;
+        }
+        for (key, value) in parameters(value) {
+            match key.to_ascii_lowercase().as_str() {
+                "name" => found.0 = Some(value),
+                "filename" | "filename*" => found.1 = true,
+                _ => {}
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The `key=value` parameters after the disposition type; a value is a
+/// token or a quoted string (backslash escapes a character).
+fn parameters(value: &str) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    let mut rest = match value.split_once(';') {
+        Some((_, rest)) => rest,
+        None => return params,
+    };
+    while let Some((key, after)) = rest.split_once('=') {
+        let key = key.trim().trim_start_matches(';').trim().to_owned();
+        let after = after.trim_start();
+        let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            value.push(escaped);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, &quoted[end..])
+        } else {
+            let end = after.find(';').unwrap_or(after.len());
+            (after[..end].trim().to_owned(), &after[end..])
+        };
+        params.push((key, value));
+        rest = match remaining.split_once(';') {
+            Some((_, next)) => next,
+            None => "",
+        };
+    }
+    params
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_slices_of_the_body() {
+        let body = Bytes::from_static(
+            b"preamble\r\n--b\r\nContent-Disposition: form-data; name=\"args\"\r\n\r\n{}\r\n\
+              --b  \r\ncontent-disposition: form-data; name=\"a\\\"b\"; filename=\"f.png\"\r\n\
+              Content-Type: image/png\r\n\r\n\x00\r\n--x\r\n--b\r\n\r\nno headers\r\n--b--\r\nepilogue",
+        );
+        let parts = split(&body, "b", 10).unwrap();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[0].name.as_deref(), Some("args"));
+        assert!(!parts[0].is_file);
+        assert_eq!(&parts[0].data[..], b"{}");
+        assert_eq!(parts[1].name.as_deref(), Some("a\"b"));
+        assert!(parts[1].is_file);
+        assert_eq!(&parts[1].data[..], b"\x00\r\n--x");
+        let offset = parts[1].data.as_ptr() as usize - body.as_ptr() as usize;
+        assert_eq!(
+            &body[offset..offset + 6],
+            b"\x00\r\n--x",
+            "a slice, not a copy"
+        );
+        assert_eq!(parts[2].name, None);
+        assert_eq!(&parts[2].data[..], b"no headers");
+    }
+
+    #[test]
+    fn malformed_bodies_say_why() {
+        let cases: [(&[u8], &str); 5] = [
+            (b"garbage", "no opening boundary"),
+            (b"--b\r\n\r\nunclosed", "no closing boundary"),
+            (b"--bx\r\n", "does not end with CRLF"),
+            (
+                b"--b\r\nContent-Disposition form-data\r\n\r\nx\r\n--b--",
+                "no colon",
+            ),
+            (
+                b"--b\r\n\r\n1\r\n--b\r\n\r\n2\r\n--b--",
+                "more than 1 parts",
+            ),
+        ];
+        for (body, why) in cases {
+            let err = split(&Bytes::from_static(body), "b", 1).unwrap_err();
+            assert!(err.contains(why), "{err} lacks {why}");
+        }
+        assert_eq!(split(&Bytes::from_static(b"--b--"), "b", 1), Ok(Vec::new()));
+    }
+}
