@@ -1397,6 +1397,10 @@ class Runner(object):
                     self.tool_failed(rid, wire_error("Failed", detail, error_type="RunnerOverloaded"))
                 continue
             self.handle(request, attachments)
+            # An idle thread holds nothing of its last request: its
+            # attachments (a mapping of shared memory, or megabytes of
+            # bytes) go now, not when this thread reads again.
+            del frame, header, attachments, request
             # Done: wait to read again (the most recent idle thread goes
             # first: its stack is still warm).
             with self.pool_lock:
