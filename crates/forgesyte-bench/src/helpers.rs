@@ -159,7 +159,7 @@ pub fn dlopen(dir: &Path) -> anyhow::Result<serde_json::Value> {
 
 /// `__rawabi DIR`: the second load baseline, timed: per library of the
 /// tree, `dlopen`, the entry, `create` and the tool list through the raw ABI
-/// ([`dl::construct_all`]), on one thread. Listing the tree and preparing
+/// (`dl::construct_all`), on one thread. Listing the tree and preparing
 /// each config JSON (the manifest, the plugin directory) are not timed.
 ///
 /// # Errors

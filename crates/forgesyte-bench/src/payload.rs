@@ -120,18 +120,20 @@ pub(crate) fn png_of_about(len: usize) -> anyhow::Result<Vec<u8>> {
 }
 
 /// A camera-like JPEG frame: smooth gradients with grain, `width` ×
-/// `height`, at `quality` (1–100). 1920 × 1080 at 90 is about 300 KB.
+/// `height`, at the highest quality (90, 80, ... 30) whose file is at most
+/// `about` bytes (the lowest tried when none is). 1920 × 1080 near 300 KB
+/// is the 1080p frame.
 pub(crate) fn jpeg_frame(
     width: u32,
     height: u32,
-    quality: u8,
+    about: usize,
     seed: u64,
 ) -> anyhow::Result<Vec<u8>> {
     let grain = opaque(width as usize * height as usize, seed);
     let mut rgb = Vec::with_capacity(width as usize * height as usize * 3);
     for y in 0..height {
         for x in 0..width {
-            let g = i32::from(grain[(y * width + x) as usize] % 24) - 12;
+            let g = i32::from(grain[(y * width + x) as usize] % 16) - 8;
             let fx = (x * 255 / width.max(1)) as i32;
             let fy = (y * 255 / height.max(1)) as i32;
             let wave = (((x / 7 + y / 5) % 64) as i32) - 32;
@@ -140,11 +142,18 @@ pub(crate) fn jpeg_frame(
             }
         }
     }
-    let mut out = Cursor::new(Vec::new());
-    JpegEncoder::new_with_quality(&mut out, quality)
-        .write_image(&rgb, width, height, ExtendedColorType::Rgb8)
-        .context("encoding the JPEG")?;
-    Ok(out.into_inner())
+    let mut best = Vec::new();
+    for quality in [90, 80, 70, 60, 50, 40, 30] {
+        let mut out = Cursor::new(Vec::new());
+        JpegEncoder::new_with_quality(&mut out, quality)
+            .write_image(&rgb, width, height, ExtendedColorType::Rgb8)
+            .context("encoding the JPEG")?;
+        best = out.into_inner();
+        if best.len() <= about {
+            break;
+        }
+    }
+    Ok(best)
 }
 
 /// `n` bytes, for people (`64 KB`, `1 MB`, `8 MB`).
@@ -207,7 +216,8 @@ mod tests {
         );
         let decoded = image::load_from_memory(&png).unwrap();
         assert!(decoded.width() > 100);
-        let jpeg = jpeg_frame(320, 180, 90, 1).unwrap();
+        let jpeg = jpeg_frame(320, 180, 20 << 10, 1).unwrap();
+        assert!(jpeg.len() <= 20 << 10, "{}", jpeg.len());
         let decoded = image::load_from_memory(&jpeg).unwrap();
         assert_eq!((decoded.width(), decoded.height()), (320, 180));
         assert_eq!(size_title(8 << 20), "8 MB");

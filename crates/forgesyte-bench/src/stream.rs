@@ -160,3 +160,90 @@ pub(crate) async fn run(
     let _ = sink.close().await;
     Ok(Ok(run))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A stream server of the protocol's shape: answers every binary frame
+    /// in order, `dropped` 0, and drops every `skip`-th frame instead
+    /// (counting it) when `skip` is not 0.
+    async fn server(skip: u64) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let (mut seq, mut dropped) = (0u64, 0u64);
+            while let Some(Ok(message)) = ws.next().await {
+                if let Message::Binary(frame) = message {
+                    if skip != 0 && seq % skip == skip - 1 {
+                        dropped += 1;
+                    } else {
+                        let answer = serde_json::json!({
+                            "seq": seq, "ok": true, "result": {"bytes": frame.len()},
+                            "processing_time_ms": 0.5, "dropped": dropped,
+                        });
+                        ws.send(Message::text(answer.to_string())).await.unwrap();
+                    }
+                    seq += 1;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_answered_in_order_and_counted() {
+        let addr = server(0).await;
+        let run = run(addr, "/s", None, Bytes::from_static(b"frame"), 50)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (run.sent, run.answered, run.ok, run.dropped),
+            (50, 50, 50, 0)
+        );
+        assert!(run.in_order && run.frames_per_second > 0.0);
+        assert_eq!(run.processing_ms.len(), 50);
+    }
+
+    #[tokio::test]
+    async fn dropped_frames_end_the_run_too() {
+        let addr = server(5).await;
+        // Frames 4, 9, ..., 44 are dropped; the last one (seq 48) is
+        // answered and says 9.
+        let run = run(addr, "/s", None, Bytes::from_static(b"x"), 49)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(run.answered, 40);
+        assert_eq!(run.dropped, 9);
+        assert!(run.in_order);
+    }
+
+    #[tokio::test]
+    async fn a_404_before_the_upgrade_is_not_available() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await;
+            let body = r#"{"detail":"Not Found"}"#;
+            let answer = format!(
+                "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            tcp.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let outcome = run(addr, "/v1/x/stream", None, Bytes::new(), 1)
+            .await
+            .unwrap();
+        let Err(NotAvailable(why)) = outcome else {
+            panic!("expected not available: {outcome:?}");
+        };
+        assert!(why.contains("404") && why.contains("Not Found"), "{why}");
+    }
+}

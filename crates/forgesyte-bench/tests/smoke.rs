@@ -11,6 +11,7 @@ use std::process::Command;
 /// Every figure the report must carry, in table order.
 const FIGURES: &[&str] = &[
     "load",
+    "load_abi",
     "startup",
     "list_rps",
     "list_p99",
