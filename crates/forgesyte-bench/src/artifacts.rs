@@ -50,7 +50,9 @@ fn run_cargo(mut command: Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the release `forgesyte` binary and returns its path.
+/// Builds the release `forgesyte` binary (and, beside it, the
+/// `image-stats` example library the frames figures send images to) and
+/// returns its path.
 ///
 /// It builds `forgesyte-server` together with `forgesyte-bench` so Cargo
 /// unifies features exactly as for `cargo run --release -p forgesyte-bench`,
@@ -70,6 +72,8 @@ pub fn build_server() -> anyhow::Result<PathBuf> {
             "forgesyte-server",
             "-p",
             "forgesyte-bench",
+            "-p",
+            "forgesyte-image-stats",
         ])
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CLIPPY_ARGS");

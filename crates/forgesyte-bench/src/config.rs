@@ -129,6 +129,17 @@ pub(crate) struct Plan {
     /// per repeat (its HTTP figure uses `connections`, `warmup`,
     /// `duration` and `repeats`).
     pub(crate) python_calls: usize,
+    /// Payload sizes of the frames figures, in bytes.
+    pub(crate) frame_sizes: Vec<usize>,
+    /// Timed requests per frames figure (four times as many for 64 KB).
+    pub(crate) frame_requests: usize,
+    /// Frames sent per no-op stream figure.
+    pub(crate) stream_frames: usize,
+    /// Frames sent to image-stats in its stream figure.
+    pub(crate) stream_image_frames: usize,
+    /// Width and height of the stream's JPEG frames (1080p but in smoke
+    /// mode, where encoding one in a debug build would take seconds).
+    pub(crate) stream_frame: (u32, u32),
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -155,6 +166,11 @@ impl Plan {
                 python_plugins: 20,
                 python_startup_repeats: 7,
                 python_calls: 20_000,
+                frame_sizes: vec![64 << 10, 1 << 20, 8 << 20],
+                frame_requests: 20,
+                stream_frames: 3000,
+                stream_image_frames: 300,
+                stream_frame: (1920, 1080),
             },
             Mode::Quick => Plan {
                 load_plugins: 1000,
@@ -173,6 +189,11 @@ impl Plan {
                 python_plugins: 20,
                 python_startup_repeats: 5,
                 python_calls: 5_000,
+                frame_sizes: vec![64 << 10, 8 << 20],
+                frame_requests: 8,
+                stream_frames: 1000,
+                stream_image_frames: 60,
+                stream_frame: (1920, 1080),
             },
             Mode::Smoke => Plan {
                 load_plugins: 12,
@@ -191,6 +212,11 @@ impl Plan {
                 python_plugins: 3,
                 python_startup_repeats: 1,
                 python_calls: 300,
+                frame_sizes: vec![64 << 10],
+                frame_requests: 2,
+                stream_frames: 20,
+                stream_image_frames: 5,
+                stream_frame: (320, 180),
             },
         }
     }

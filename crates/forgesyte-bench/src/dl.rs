@@ -31,3 +31,75 @@ pub(crate) fn open_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Library>> {
     }
     Ok(libraries)
 }
+
+/// What [`construct_all`] did: libraries opened, instances made, tools
+/// listed (summed over the instances).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Constructed {
+    pub(crate) instances: usize,
+    pub(crate) tools: usize,
+}
+
+/// The second load baseline, the inherent work of any host through the raw
+/// ABI, on one thread: per library `dlopen`, `dlsym` of the entry, the
+/// entry call and its version check, `create` with the prepared config
+/// JSON, and `tools` (the list parsed as tool specs). Instances are kept
+/// (as a host keeps them) and never destroyed; buffers are freed.
+///
+/// `plugins` pairs each library with its config JSON (prepared before
+/// timing: reading manifests is host work this baseline leaves out).
+pub(crate) fn construct_all(
+    plugins: &[(PathBuf, Vec<u8>)],
+) -> anyhow::Result<(Vec<Library>, Constructed)> {
+    use forgesyte_protocol::abi::{ABI_VERSION, EntryFn, FsBuffer, PluginBuffer, STATUS_OK};
+
+    let mut libraries = Vec::with_capacity(plugins.len());
+    let mut done = Constructed::default();
+    for (path, config) in plugins {
+        // SAFETY: as in `open_all`: copies of the bench plugin.
+        let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) }
+            .with_context(|| format!("dlopen {}", path.display()))?;
+        // SAFETY: the SDK exports the entry with the `EntryFn` signature.
+        let entry = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL_C) }
+            .with_context(|| format!("dlsym in {}", path.display()))?;
+        let vtable_ptr = entry();
+        // SAFETY: the entry returns null or a pointer to a `static` vtable
+        // that lives as long as the library, which is never unloaded
+        // (`RTLD_NODELETE`); only `abi_version` is read before it is checked.
+        let Some(vtable) = (unsafe { vtable_ptr.as_ref() }) else {
+            anyhow::bail!("{}: the entry returned null", path.display());
+        };
+        if vtable.abi_version != ABI_VERSION {
+            anyhow::bail!(
+                "{}: ABI {} (this benchmark speaks {ABI_VERSION})",
+                path.display(),
+                vtable.abi_version
+            );
+        }
+        let mut instance: *mut c_void = std::ptr::null_mut();
+        let mut out = FsBuffer::empty();
+        // SAFETY: `config` is readable for its length; `instance` and `out`
+        // are live locals the plugin writes to.
+        let status =
+            unsafe { (vtable.create)(config.as_ptr(), config.len(), &mut instance, &mut out) };
+        // SAFETY: `out` was written by this library's `create`, not freed.
+        drop(unsafe { PluginBuffer::new(out, vtable) });
+        if status != STATUS_OK || instance.is_null() {
+            anyhow::bail!("{}: create returned status {status}", path.display());
+        }
+        let mut out = FsBuffer::empty();
+        // SAFETY: `instance` is the live instance just created.
+        let status = unsafe { (vtable.tools)(instance, &mut out) };
+        // SAFETY: `out` was written by this library's `tools`, not freed.
+        let list = unsafe { PluginBuffer::new(out, vtable) };
+        if status != STATUS_OK {
+            anyhow::bail!("{}: tools returned status {status}", path.display());
+        }
+        let tools: Vec<forgesyte_protocol::ToolSpec> = serde_json::from_slice(&list)
+            .with_context(|| format!("{}: the tool list is not JSON", path.display()))?;
+        done.instances += 1;
+        done.tools += tools.len();
+        libraries.push(library);
+    }
+    Ok((libraries, done))
+}

@@ -1,6 +1,6 @@
 //! The helper processes the benchmark starts from its own executable
 //! (hidden subcommands `__serve`, `__baseline`, `__load`, `__dlopen`,
-//! `__rss`; and `__runner`, the native plugin runner, handled first in
+//! `__rawabi`, `__rss`, `__frames_baseline`; and `__runner`, the native plugin runner, handled first in
 //! `main`). Each measurement that must start from a fresh process (the
 //! dynamic loader never forgets a library) runs in one; each prints one
 //! JSON line on stdout.
@@ -97,6 +97,33 @@ pub fn baseline(list: &Path, health: &Path, bind: &str) -> anyhow::Result<()> {
     })
 }
 
+/// `__frames_baseline --bind ADDR`: the frames figures' baseline, an axum
+/// handler that receives any POST body (no size limit) into one buffer
+/// and answers its length as JSON.
+///
+/// # Errors
+///
+/// When the address cannot be bound.
+pub fn frames_baseline(bind: &str) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route(
+            "/{*path}",
+            axum::routing::post(|body: Bytes| async move {
+                axum::Json(json!({ "ok": true, "length": body.len() }))
+            }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(bind).await?;
+        println!("baseline listening on http://{}", listener.local_addr()?);
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
 /// `__load DIR`: one load pass over DIR with the server's loader, timed.
 ///
 /// # Errors
@@ -128,6 +155,39 @@ pub fn dlopen(dir: &Path) -> anyhow::Result<serde_json::Value> {
     let libraries = dl::open_all(&paths)?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(json!({ "ms": ms, "libraries": libraries.len() }))
+}
+
+/// `__rawabi DIR`: the second load baseline, timed: per library of the
+/// tree, `dlopen`, the entry, `create` and the tool list through the raw ABI
+/// (`dl::construct_all`), on one thread. Listing the tree and preparing
+/// each config JSON (the manifest, the plugin directory) are not timed.
+///
+/// # Errors
+///
+/// When a library cannot be opened, constructed or listed.
+pub fn rawabi(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let paths: Vec<PathBuf> = tree::libraries(dir)?;
+    let mut plugins = Vec::with_capacity(paths.len());
+    for path in paths {
+        let plugin_dir = path.parent().context("a library outside a directory")?;
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(plugin_dir.join("manifest.json"))?)?;
+        let config = json!({
+            "manifest": manifest,
+            "plugin_dir": plugin_dir,
+            "models": {},
+        });
+        plugins.push((path, serde_json::to_vec(&config)?));
+    }
+    let started = Instant::now();
+    let (libraries, done) = dl::construct_all(&plugins)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(json!({
+        "ms": ms,
+        "libraries": libraries.len(),
+        "instances": done.instances,
+        "tools": done.tools,
+    }))
 }
 
 /// `__rss DIR`: resident memory before and after opening every library

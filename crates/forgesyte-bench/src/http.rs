@@ -35,6 +35,8 @@ pub(crate) struct Req {
     method: Method,
     uri: Uri,
     body: Bytes,
+    /// The body's `Content-Type` (sent when the body is not empty).
+    content_type: HeaderValue,
     /// Wait this long before sending it.
     pause: Duration,
 }
@@ -47,6 +49,7 @@ impl Req {
             method: Method::GET,
             uri: path.parse().with_context(|| format!("bad path {path}"))?,
             body: Bytes::new(),
+            content_type: HeaderValue::from_static("application/json"),
             pause: Duration::ZERO,
         })
     }
@@ -58,6 +61,27 @@ impl Req {
             body: Bytes::from(body.to_owned()),
             ..Req::get(label, path)?
         })
+    }
+
+    /// `POST path` with any body and its content type.
+    pub(crate) fn post(
+        label: &'static str,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> anyhow::Result<Req> {
+        Ok(Req {
+            method: Method::POST,
+            body,
+            content_type: HeaderValue::from_str(content_type)
+                .with_context(|| format!("bad content type {content_type}"))?,
+            ..Req::get(label, path)?
+        })
+    }
+
+    /// The request's path.
+    pub(crate) fn path(&self) -> &str {
+        self.uri.path()
     }
 
     /// The same request, sent after a pause.
@@ -72,7 +96,7 @@ impl Req {
             .uri(self.uri.clone())
             .header(HOST, host.clone());
         if !self.body.is_empty() {
-            builder = builder.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            builder = builder.header(CONTENT_TYPE, self.content_type.clone());
         }
         Ok(builder.body(Full::new(self.body.clone()))?)
     }

@@ -44,10 +44,12 @@ mod config;
 mod dl;
 pub mod helpers;
 mod http;
+mod payload;
 mod proc;
 mod python;
 mod report;
 mod run;
+mod stream;
 mod tree;
 
 pub use artifacts::{build_plugin, build_server, plugin_manifest, target_dir, workspace_root};

@@ -71,10 +71,17 @@ enum Helper {
         #[arg(long)]
         bind: String,
     },
+    #[command(name = "__frames_baseline", hide = true)]
+    FramesBaseline {
+        #[arg(long)]
+        bind: String,
+    },
     #[command(name = "__load", hide = true)]
     Load { dir: PathBuf },
     #[command(name = "__dlopen", hide = true)]
     Dlopen { dir: PathBuf },
+    #[command(name = "__rawabi", hide = true)]
+    Rawabi { dir: PathBuf },
     #[command(name = "__rss", hide = true)]
     Rss { dir: PathBuf },
     /// Load on one route of a running server (for profiling it).
@@ -122,8 +129,10 @@ fn run_helper(helper: Helper) -> anyhow::Result<()> {
             python,
         } => helpers::serve(&plugins, &bind, python.as_deref()),
         Helper::Baseline { list, health, bind } => helpers::baseline(&list, &health, &bind),
+        Helper::FramesBaseline { bind } => helpers::frames_baseline(&bind),
         Helper::Load { dir } => helpers::load(&dir).map(print),
         Helper::Dlopen { dir } => helpers::dlopen(&dir).map(print),
+        Helper::Rawabi { dir } => helpers::rawabi(&dir).map(print),
         Helper::Rss { dir } => helpers::rss(&dir).map(print),
         Helper::Drive {
             addr,

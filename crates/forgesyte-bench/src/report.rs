@@ -23,6 +23,11 @@ pub enum Target {
     Below(f64),
     /// A property that holds or not (the mixed run).
     Holds,
+    /// The measured value must be at least this (frames per second).
+    AtLeast(f64),
+    /// No target: the figure is reported (with its baseline, when it has
+    /// one) and counts neither as met nor as missed.
+    Report,
 }
 
 impl Target {
@@ -33,6 +38,8 @@ impl Target {
             Target::AtMost(v) => format!("≤ {v} {unit}"),
             Target::Below(v) => format!("< {v} {unit}"),
             Target::Holds => "all answered, reconciled".into(),
+            Target::AtLeast(v) => format!("≥ {v} {unit}"),
+            Target::Report => "—".into(),
         }
     }
 }
@@ -84,6 +91,7 @@ impl Figure {
         let pass = match target {
             Target::RatioAtMost(r) => ratio <= r,
             Target::RatioAtLeast(r) => ratio >= r,
+            Target::Report => true,
             _ => false,
         };
         Figure {
@@ -113,6 +121,8 @@ impl Figure {
         let pass = match target {
             Target::AtMost(v) => measured <= v,
             Target::Below(v) => measured < v,
+            Target::AtLeast(v) => measured >= v,
+            Target::Report => true,
             _ => false,
         };
         Figure {
@@ -328,6 +338,7 @@ impl Report {
                     f.target.text(&f.unit),
                     match (&f.not_measured, f.pass) {
                         (Some(_), _) => "not measured",
+                        (None, _) if f.target == Target::Report => "—",
                         (None, true) => "pass",
                         (None, false) => "MISS",
                     }
@@ -361,14 +372,15 @@ impl Report {
 
     /// A summary line: targets met, mode, duration, machine load.
     pub fn summary(&self) -> String {
-        let met = self.figures.iter().filter(|f| f.pass).count();
+        let targeted = || self.figures.iter().filter(|f| f.target != Target::Report);
+        let met = targeted().filter(|f| f.pass).count();
         let unmeasured = match self.not_measured().len() {
             0 => String::new(),
             n => format!(", {n} not measured"),
         };
         format!(
             "{met} of {} targets met{unmeasured} ({} mode, {:.0} s, {} CPUs, load average {} at the start)",
-            self.figures.len(),
+            targeted().count(),
             self.mode.as_str(),
             self.seconds,
             self.machine.cpus,
@@ -449,6 +461,50 @@ mod tests {
         assert_eq!(value(68_123.4, "req/s"), "68,123 req/s");
         assert_eq!(value(1.234, "ms"), "1.23 ms");
         assert_eq!(value(12.34, ""), "12.3");
+    }
+
+    #[test]
+    fn at_least_and_report_targets() {
+        let fps = |v: f64| {
+            Figure::absolute(
+                "s",
+                "s".into(),
+                "frames/s",
+                v,
+                Target::AtLeast(500.0),
+                serde_json::Value::Null,
+            )
+        };
+        assert!(fps(500.0).pass);
+        assert!(!fps(499.0).pass);
+        let report_only = Figure::ratio(
+            "f",
+            "f".into(),
+            "ms",
+            9.0,
+            (1.0, "b"),
+            Target::Report,
+            serde_json::Value::Null,
+        );
+        assert_eq!(report_only.ratio, Some(9.0));
+        let report = Report {
+            mode: Mode::Smoke,
+            started_unix: 0,
+            seconds: 0.0,
+            machine: Machine::detect(),
+            plan: serde_json::Value::Null,
+            figures: vec![fps(499.0), report_only],
+            checks: Vec::new(),
+        };
+        // A figure without a target is neither met nor missed.
+        assert!(
+            report.summary().starts_with("0 of 1 targets met"),
+            "{}",
+            report.summary()
+        );
+        let table = report.table();
+        assert!(table.contains("| MISS"), "{table}");
+        assert!(table.contains("≥ 500 frames/s"), "{table}");
     }
 
     #[test]

@@ -15,7 +15,9 @@ use crate::proc::{self, Server};
 use crate::report::{Figure, Machine, Report, Target, loadavg, median};
 use crate::tree::{self, plugin_name};
 
+mod frames;
 mod python_figures;
+mod stream_figures;
 
 /// How long a server may take to load its plugins.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -71,7 +73,12 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     bench.memory()?;
     bench.mixed()?;
     bench.python()?;
+    let frames = bench.frames_setup()?;
+    bench.frames(&frames)?;
+    bench.streams(&frames)?;
+    drop(frames);
     if !options.keep_trees {
+        tree::remove(&options.work_dir.join("plugins-frames"))?;
         tree::remove(&bench.serve_dir)?;
         tree::remove(&bench.empty_dir)?;
     }
@@ -193,46 +200,41 @@ impl Bench<'_> {
         let dir_arg = path_arg(&dir)?;
         // One unmeasured pass of each: page cache and helper binary warm.
         self.helper(&["__dlopen", dir_arg])?;
+        self.helper(&["__rawabi", dir_arg])?;
         self.helper(&["__load", dir_arg])?;
-        let mut loads = Vec::new();
-        let mut dlopens = Vec::new();
+        let kinds = ["__load", "__dlopen", "__rawabi"];
+        let mut passes: [Vec<Value>; 3] = Default::default();
         for repeat in 0..self.plan.load_repeats {
             self.progress(&format!(
                 "load: repeat {}/{}",
                 repeat + 1,
                 self.plan.load_repeats
             ));
-            let mut pair = |which: &str| -> anyhow::Result<()> {
-                let result = self.helper(&[which, dir_arg])?;
-                if which == "__load" {
-                    loads.push(result);
-                } else {
-                    dlopens.push(result);
-                }
-                Ok(())
-            };
-            if repeat.is_multiple_of(2) {
-                pair("__load")?;
-                pair("__dlopen")?;
-            } else {
-                pair("__dlopen")?;
-                pair("__load")?;
+            // Each kind goes first in turn.
+            for k in 0..kinds.len() {
+                let which = (repeat + k) % kinds.len();
+                passes[which].push(self.helper(&[kinds[which], dir_arg])?);
             }
         }
+        let [loads, dlopens, raws] = passes;
         let all_loaded = loads.iter().all(|l| l["loaded"].as_u64() == Some(n as u64));
         self.report.check(
             "load: every plugin directory INITIALIZED",
             all_loaded,
             format!("{n} expected per pass; passes: {loads:?}"),
         );
-        let load_ms: Vec<f64> = loads
+        let all_constructed = raws
             .iter()
-            .map(|l| number(l, "ms"))
-            .collect::<Result<_, _>>()?;
-        let dlopen_ms: Vec<f64> = dlopens
-            .iter()
-            .map(|l| number(l, "ms"))
-            .collect::<Result<_, _>>()?;
+            .all(|l| l["instances"].as_u64() == Some(n as u64));
+        self.report.check(
+            "load: the raw-ABI baseline constructed every plugin",
+            all_constructed,
+            format!("{n} expected per pass; passes: {raws:?}"),
+        );
+        let times = |passes: &[Value]| -> anyhow::Result<Vec<f64>> {
+            passes.iter().map(|l| number(l, "ms")).collect()
+        };
+        let (load_ms, dlopen_ms, raw_ms) = (times(&loads)?, times(&dlopens)?, times(&raws)?);
         self.report.figures.push(Figure::ratio(
             "load",
             format!("load {n} plugin dirs"),
@@ -241,6 +243,15 @@ impl Bench<'_> {
             (median(&dlopen_ms), "dlopen+dlsym"),
             Target::RatioAtMost(1.5),
             json!({ "plugins": n, "load": loads, "dlopen": dlopens }),
+        ));
+        self.report.figures.push(Figure::ratio(
+            "load_abi",
+            format!("load {n} plugin dirs vs raw ABI"),
+            "ms",
+            median(&load_ms),
+            (median(&raw_ms), "dlopen+create+tools, 1 thread"),
+            Target::RatioAtMost(1.3),
+            json!({ "plugins": n, "load": "see load", "raw_abi": raws }),
         ));
         if !self.options.keep_trees {
             tree::remove(&dir)?;

@@ -3,7 +3,10 @@
 //!
 //! Tools: `noop` (answers `{}`), `fail` (returns a `BenchError`: the
 //! *tool returns an error* path, HTTP 422), `panic` (panics: the *fault*
-//! path, HTTP 502, after which the host marks the plugin FAILED).
+//! path, HTTP 502, after which the host marks the plugin FAILED),
+//! `noop_frame` (one binary argument, `frame`, declared `"format":
+//! "binary"`; answers `{}`: the frames figures send it payloads as JSON
+//! base64, multipart and octet-stream).
 
 use forgesyte_plugin_sdk::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec};
 use serde_json::Value;
@@ -21,12 +24,19 @@ impl Plugin for Bench {
             ToolSpec::new("noop").description("Does nothing; answers {}"),
             ToolSpec::new("fail").description("Returns a BenchError"),
             ToolSpec::new("panic").description("Panics (the plugin becomes FAILED)"),
+            ToolSpec::new("noop_frame")
+                .description("Takes one binary argument, frame; does nothing; answers {}")
+                .inputs(serde_json::json!({
+                    "type": "object",
+                    "properties": {"frame": {"type": "string", "format": "binary"}},
+                    "required": ["frame"],
+                })),
         ]
     }
 
     fn run(&self, tool: &str, _args: Value) -> Result<Value, ToolError> {
         match tool {
-            "noop" => Ok(Value::Object(serde_json::Map::new())),
+            "noop" | "noop_frame" => Ok(Value::Object(serde_json::Map::new())),
             "fail" => Err(ToolError::new("BenchError", "benchmark tool failed")),
             "panic" => panic!("benchmark tool panic"),
             other => Err(ToolError::new("UnknownTool", other)),

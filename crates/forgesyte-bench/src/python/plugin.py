@@ -2,7 +2,8 @@
 
 The seed's layout: ``class Plugin`` in ``plugin.py``, constructed as
 ``Plugin()``, with a ``tools`` dict and ``run_tool(tool_name, args)``. Its
-one tool, ``noop``, returns ``{}``: what a call costs is the host's path to
+tools, ``noop`` and ``noop_frame`` (one binary argument, ``frame``, which
+arrives as ``bytes``), return ``{}``: what a call costs is the host's path to
 the plugin and back, nothing else.
 """
 
@@ -17,6 +18,16 @@ class Plugin:
                 "input_schema": obj,
                 "output_schema": obj,
             },
+            "noop_frame": {
+                "handler": self.noop_frame,
+                "description": "Takes one binary argument, frame; returns {}.",
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"frame": {"type": "string", "format": "binary"}},
+                    "required": ["frame"],
+                },
+                "output_schema": obj,
+            },
         }
 
     def run_tool(self, tool_name, args):
@@ -25,4 +36,7 @@ class Plugin:
         return self.tools[tool_name]["handler"](args)
 
     def noop(self, args):
+        return {}
+
+    def noop_frame(self, args):
         return {}
