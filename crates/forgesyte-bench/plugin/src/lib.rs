@@ -5,10 +5,11 @@
 //! *tool returns an error* path, HTTP 422), `panic` (panics: the *fault*
 //! path, HTTP 502, after which the host marks the plugin FAILED),
 //! `noop_frame` (one binary argument, `frame`, declared `"format":
-//! "binary"`; answers `{}`: the frames figures send it payloads as JSON
+//! "binary"`, taken as the host's slice through ABI 3's binary call;
+//! answers `{"len": N}`: the frames figures send it payloads as JSON
 //! base64, multipart and octet-stream).
 
-use forgesyte_plugin_sdk::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec};
+use forgesyte_plugin_sdk::{BoxError, Call, Output, Plugin, PluginConfig, ToolError, ToolSpec};
 use serde_json::Value;
 
 /// The benchmark plugin. Stateless.
@@ -34,9 +35,19 @@ impl Plugin for Bench {
         ]
     }
 
+    fn call(&self, call: Call<'_>) -> Result<Output, ToolError> {
+        if call.tool() == "noop_frame" {
+            let frame = call
+                .binary("frame")
+                .ok_or_else(|| ToolError::invalid_input("`frame` must be a binary argument"))?;
+            return Ok(Output::json(serde_json::json!({ "len": frame.len() })));
+        }
+        self.run(call.tool(), call.into_json_args()?).map(Output::json)
+    }
+
     fn run(&self, tool: &str, _args: Value) -> Result<Value, ToolError> {
         match tool {
-            "noop" | "noop_frame" => Ok(Value::Object(serde_json::Map::new())),
+            "noop" => Ok(Value::Object(serde_json::Map::new())),
             "fail" => Err(ToolError::new("BenchError", "benchmark tool failed")),
             "panic" => panic!("benchmark tool panic"),
             other => Err(ToolError::new("UnknownTool", other)),

@@ -3,8 +3,8 @@
 The seed's layout: ``class Plugin`` in ``plugin.py``, constructed as
 ``Plugin()``, with a ``tools`` dict and ``run_tool(tool_name, args)``. Its
 tools, ``noop`` and ``noop_frame`` (one binary argument, ``frame``, which
-arrives as ``bytes``), return ``{}``: what a call costs is the host's path to
-the plugin and back, nothing else.
+arrives as ``bytes``; it answers its length), return at once: what a call
+costs is the host's path to the plugin and back, nothing else.
 """
 
 
@@ -39,4 +39,4 @@ class Plugin:
         return {}
 
     def noop_frame(self, args):
-        return {}
+        return {"len": len(args["frame"])}

@@ -262,9 +262,11 @@ impl Bench<'_> {
                     let path = format!("/v1/plugins/{plugin}/tools/{tool}/run");
                     let body = encoding.body(arg, data);
                     let req = Req::post("frame", &path, &encoding.content_type(), body)?;
+                    // The no-op tools answer the length they received.
+                    let expect = (runtime != Runtime::ImageStats).then_some(data.len());
                     let (real, base) =
                         self.runtime
-                            .block_on(measure(setup, &req, n, &mut failures))?;
+                            .block_on(measure(setup, &req, n, expect, &mut failures))?;
                     requests += 2 * n as u64;
                     let e2e = median(&real.iter().map(|s| s.e2e_ms).collect::<Vec<_>>());
                     let own = median(&real.iter().map(|s| s.processing_ms).collect::<Vec<_>>());
@@ -318,11 +320,13 @@ fn req_len(encoding: Encoding, arg: &str, data: &[u8]) -> usize {
 
 /// `n` requests to the server and `n` of the same body to the baseline,
 /// interleaved, after two unmeasured ones each, each on its keep-alive
-/// connection. Failures are collected (and not timed).
+/// connection. Failures (an answer other than 200 and `ok`, or a result
+/// `len` other than `expect_len`) are collected (and not timed).
 async fn measure(
     setup: &FramesSetup,
     req: &Req,
     n: usize,
+    expect_len: Option<usize>,
     failures: &mut Vec<String>,
 ) -> anyhow::Result<(Vec<Sample>, Vec<f64>)> {
     let mut server = Client::connect(setup.server.addr()).await?;
@@ -340,7 +344,8 @@ async fn measure(
         let (status, body2) = server.send(req).await?;
         let e2e_ms = ms(started.elapsed());
         let answer: Value = serde_json::from_slice(&body2).unwrap_or(Value::Null);
-        if status != 200 || answer["ok"] != true {
+        let wrong_len = expect_len.is_some_and(|len| answer["result"]["len"] != len);
+        if status != 200 || answer["ok"] != true || wrong_len {
             if failures.len() < 5 {
                 failures.push(format!(
                     "{} answered {status}: {}",
