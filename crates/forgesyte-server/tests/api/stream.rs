@@ -2,7 +2,8 @@
 //! through the real binary, with a sync client: answers in frame order and
 //! byte-exact in process, isolated and in Python; `latest` drops and counts,
 //! `block` never drops; a client that reads no answers does not grow the
-//! server; a crash closes with 1011 and the plugin restarts; refusals
+//! server; a crash (in process, isolated, a Python runner that exits)
+//! closes with 1011 and the plugin restarts; refusals
 //! before the upgrade, 1009 for an oversized frame, 1001 at shutdown.
 
 use std::net::{SocketAddr, TcpStream};
@@ -322,6 +323,42 @@ fn a_crash_mid_stream_closes_with_1011_and_the_plugin_restarts() {
         (Some(0), Some(true)),
         "{again}"
     );
+}
+
+#[test]
+fn a_python_runner_that_exits_mid_stream_closes_it_with_1011_and_restarts() {
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("py", "checksum", ""));
+    send_frame(&mut socket, frame(100));
+    let first = answer(&mut socket);
+    assert_eq!(first["result"]["len"], 100, "{first}");
+    // The runner's process exits in the middle of the second frame.
+    send_args(&mut socket, json!({"exit": true}));
+    send_frame(&mut socket, frame(100_000));
+    let failed = answer(&mut socket);
+    assert_eq!(
+        (failed["seq"].as_u64(), failed["ok"].as_bool()),
+        (Some(1), Some(false)),
+        "{failed}"
+    );
+    assert_eq!(failed["error_type"], "CrashError", "{failed}");
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.contains("CrashError"), "{reason}");
+
+    wait_health(&server, "py", 30, |h| {
+        h["state"] == "INITIALIZED" && h["restart_count"].as_u64() >= Some(1)
+    });
+    let mut socket = open(&server, &target("py", "checksum", ""));
+    let bytes = frame(70_000);
+    let digest = sha256(&bytes);
+    send_frame(&mut socket, bytes);
+    let again = answer(&mut socket);
+    assert_eq!(again["seq"], 0, "{again}");
+    assert_eq!(again["result"]["sha256"], json!(digest), "{again}");
 }
 
 #[test]
