@@ -115,6 +115,12 @@ impl Frame {
         &self.body[self.header.clone()]
     }
 
+    /// The bytes the frame itself carried (header and inline attachments,
+    /// framing included; shared attachments are not in it).
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
     /// How many attachments the frame carries.
     pub fn attachment_count(&self) -> usize {
         self.attachments.len()

@@ -79,7 +79,7 @@ impl Mapping {
         let size = u64::try_from(size).map_err(|_| "a negative size".to_owned())?;
         if size > limit {
             return Err(format!(
-                "a shared attachment of {size} bytes exceeds the limit of {limit} bytes"
+                "a shared attachment of {size} bytes exceeds the limit: {limit} bytes are left of it"
             ));
         }
         let len = usize::try_from(size).map_err(|_| format!("{size} bytes cannot be mapped"))?;
@@ -301,8 +301,9 @@ pub fn shared_indices(header: &[u8]) -> Result<Vec<usize>, String> {
 /// checks and maps it, and makes the mapping that attachment. `socket`
 /// `None` (no shared memory offered) makes any `shm` field an error, as
 /// are indices out of order or range, attachments with bytes in the frame,
-/// descriptors missing or in excess, unsealed files, and shared bytes over
-/// `limit` in all. Every descriptor received is closed before this returns.
+/// descriptors missing or in excess, unsealed files, and a frame whose own
+/// bytes and shared bytes together exceed `limit` (the same limit as an
+/// inline frame's). Every descriptor received is closed before this returns.
 pub fn receive(
     frame: &mut Frame,
     socket: Option<BorrowedFd<'_>>,
@@ -325,7 +326,7 @@ pub fn receive(
         return Err("the 'shm' indices are not in increasing order".into());
     }
     let fds = receive_fds(socket, indices.len())?;
-    let mut left = limit;
+    let mut left = limit.saturating_sub(frame.body_len() as u64);
     for (i, fd) in indices.into_iter().zip(fds) {
         let mapping = Mapping::of_sealed(fd, left)?;
         left -= mapping.len() as u64;
@@ -480,6 +481,10 @@ mod tests {
             ),
             (br#"{"shm":[0]}"#, b"x", true, 1 << 20, "also has bytes"),
             (br#"{"shm":[0]}"#, b"", true, 10, "exceeds the limit"),
+            // The frame's own bytes count too: 1000 shared bytes do not
+            // fit a limit of 1000 beside a header.
+            (br#"{"shm":[0]}"#, b"", true, 1000, "exceeds the limit"),
+            (br#"{"shm":[0]}"#, b"", true, 1010, "exceeds the limit"),
             (br#"{"shm":[1]}"#, b"", true, 1 << 20, "of a frame with 1"),
             (br#"{"shm":"x"}"#, b"", true, 1 << 20, "malformed"),
         ] {
@@ -500,6 +505,19 @@ mod tests {
             let e = receive(&mut frame, Some(b.as_fd()), limit).unwrap_err();
             assert!(e.contains(expected), "{e}");
         }
+        // Exactly at the limit, the frame's bytes and the shared ones: taken.
+        let (a, b) = pair();
+        let mut out = Outgoing {
+            indices: vec![0],
+            fds: vec![sealed(&big).unwrap()],
+        };
+        out.send(a.as_fd()).unwrap();
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, br#"{"shm":[0]}"#, &[b""]).unwrap();
+        let mut frame = read_frame(&mut bytes.as_slice(), 1 << 20).unwrap();
+        let limit = (frame.body_len() + big.len()) as u64;
+        receive(&mut frame, Some(b.as_fd()), limit).unwrap();
+        assert!(frame.attachment(0) == Some(&big[..]));
     }
 
     #[test]
