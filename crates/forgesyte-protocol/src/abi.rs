@@ -241,28 +241,16 @@ pub struct PluginVTable {
     /// Creates an instance from the config JSON `config[..config_len]`.
     /// On [`STATUS_OK`], `*out_instance` is the new instance; otherwise it
     /// is null and `out` holds the error.
-    pub create: unsafe extern "C" fn(
-        config: *const u8,
-        config_len: usize,
-        out_instance: *mut *mut c_void,
-        out: *mut FsBuffer,
-    ) -> FsStatus,
+    pub create: CreateFn,
     /// Writes the instance's tools, a JSON array of tool specs, to `out`.
-    pub tools: unsafe extern "C" fn(instance: *const c_void, out: *mut FsBuffer) -> FsStatus,
+    pub tools: ToolsFn,
     /// Runs tool `tool[..tool_len]` (UTF-8 id) with `args[..args_len]`
     /// (JSON) and writes the result or the error to `out`.
-    pub call: unsafe extern "C" fn(
-        instance: *const c_void,
-        tool: *const u8,
-        tool_len: usize,
-        args: *const u8,
-        args_len: usize,
-        out: *mut FsBuffer,
-    ) -> FsStatus,
+    pub call: CallFn,
     /// Drops an instance made by `create`. Null is a no-op.
-    pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+    pub destroy: DestroyFn,
     /// Frees a buffer this library wrote to an `out`. Empty is a no-op.
-    pub free_buffer: unsafe extern "C" fn(buf: FsBuffer),
+    pub free_buffer: FreeBufferFn,
     /// (ABI 3) `call` with binary arguments `binary[..binary_len]` (borrowed
     /// for the call) and binary results: on [`STATUS_OK`] the result JSON
     /// goes to `out` and the binary results to `*out_binary`; otherwise the
@@ -273,6 +261,33 @@ pub struct PluginVTable {
     /// Empty is a no-op.
     pub free_results: unsafe extern "C" fn(list: FsResultList),
 }
+
+/// The signature of [`PluginVTable::create`] (both ABI versions).
+pub type CreateFn = unsafe extern "C" fn(
+    config: *const u8,
+    config_len: usize,
+    out_instance: *mut *mut c_void,
+    out: *mut FsBuffer,
+) -> FsStatus;
+
+/// The signature of [`PluginVTable::tools`] (both ABI versions).
+pub type ToolsFn = unsafe extern "C" fn(instance: *const c_void, out: *mut FsBuffer) -> FsStatus;
+
+/// The signature of [`PluginVTable::call`] (both ABI versions).
+pub type CallFn = unsafe extern "C" fn(
+    instance: *const c_void,
+    tool: *const u8,
+    tool_len: usize,
+    args: *const u8,
+    args_len: usize,
+    out: *mut FsBuffer,
+) -> FsStatus;
+
+/// The signature of [`PluginVTable::destroy`] (both ABI versions).
+pub type DestroyFn = unsafe extern "C" fn(instance: *mut c_void);
+
+/// The signature of [`PluginVTable::free_buffer`] (both ABI versions).
+pub type FreeBufferFn = unsafe extern "C" fn(buf: FsBuffer);
 
 /// The signature of [`PluginVTable::call_binary`].
 pub type CallBinaryFn = unsafe extern "C" fn(
@@ -300,27 +315,15 @@ pub struct PluginVTableV1 {
     /// As [`PluginVTable::rustc_version`].
     pub rustc_version: *const c_char,
     /// As [`PluginVTable::create`].
-    pub create: unsafe extern "C" fn(
-        config: *const u8,
-        config_len: usize,
-        out_instance: *mut *mut c_void,
-        out: *mut FsBuffer,
-    ) -> FsStatus,
+    pub create: CreateFn,
     /// As [`PluginVTable::tools`].
-    pub tools: unsafe extern "C" fn(instance: *const c_void, out: *mut FsBuffer) -> FsStatus,
+    pub tools: ToolsFn,
     /// As [`PluginVTable::call`]: binary arguments arrive as base64 strings.
-    pub call: unsafe extern "C" fn(
-        instance: *const c_void,
-        tool: *const u8,
-        tool_len: usize,
-        args: *const u8,
-        args_len: usize,
-        out: *mut FsBuffer,
-    ) -> FsStatus,
+    pub call: CallFn,
     /// As [`PluginVTable::destroy`].
-    pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+    pub destroy: DestroyFn,
     /// As [`PluginVTable::free_buffer`].
-    pub free_buffer: unsafe extern "C" fn(buf: FsBuffer),
+    pub free_buffer: FreeBufferFn,
 }
 
 // SAFETY: as for `PluginVTable`: static strings and code addresses only.
@@ -439,7 +442,7 @@ unsafe impl Send for PluginVTable {}
 /// library that allocated them, exactly once.
 pub struct PluginBuffer {
     buf: FsBuffer,
-    free: unsafe extern "C" fn(FsBuffer),
+    free: FreeBufferFn,
 }
 
 impl PluginBuffer {
@@ -461,7 +464,7 @@ impl PluginBuffer {
     /// # Safety
     /// As for [`new`](Self::new), `free` being the `free_buffer` of the
     /// library that wrote `buf`.
-    pub unsafe fn with_free(buf: FsBuffer, free: unsafe extern "C" fn(FsBuffer)) -> Self {
+    pub unsafe fn with_free(buf: FsBuffer, free: FreeBufferFn) -> Self {
         PluginBuffer { buf, free }
     }
 
