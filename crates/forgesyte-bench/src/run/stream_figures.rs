@@ -48,18 +48,21 @@ impl Bench<'_> {
                 Runtime::Python => Target::Report,
                 Runtime::ImageStats => Target::RatioAtLeast(0.8),
             };
-            // Each runtime asks the route itself: a refusal (422, 503) can
-            // be one plugin's, not the route's.
-            if let Some(why) = setup.missing(runtime).map(str::to_owned) {
-                self.report.figures.push(Figure::not_measured(
+            let not_measured = |why: String| {
+                Figure::not_measured(
                     &id,
-                    title,
+                    title.clone(),
                     "frames/s",
                     None,
                     target,
                     why,
                     Value::Null,
-                ));
+                )
+            };
+            // Each runtime asks the route itself: a refusal (422, 503) can
+            // be one plugin's, not the route's.
+            if let Some(why) = setup.missing(runtime).map(str::to_owned) {
+                self.report.figures.push(not_measured(why));
                 continue;
             }
             let frames = if runtime == Runtime::ImageStats {
@@ -81,28 +84,14 @@ impl Bench<'_> {
                 Ok(Ok(run)) => run,
                 Ok(Err(NotAvailable(why))) => {
                     let why = format!("not available: {why}");
-                    self.report.figures.push(Figure::not_measured(
-                        &id,
-                        title,
-                        "frames/s",
-                        None,
-                        target,
-                        why,
-                        Value::Null,
-                    ));
+                    self.report.figures.push(not_measured(why));
                     continue;
                 }
                 Err(e) => {
                     problems.push(format!("{id}: {e:#}"));
-                    self.report.figures.push(Figure::not_measured(
-                        &id,
-                        title,
-                        "frames/s",
-                        None,
-                        target,
-                        format!("the stream failed: {e:#}"),
-                        Value::Null,
-                    ));
+                    self.report
+                        .figures
+                        .push(not_measured(format!("the stream failed: {e:#}")));
                     continue;
                 }
             };
