@@ -86,6 +86,38 @@ pub struct Options {
     pub keep_trees: bool,
     /// Print progress lines on stderr.
     pub progress: bool,
+    /// Run only these parts (empty: every part).
+    pub only: Vec<Part>,
+}
+
+impl Options {
+    /// Whether `part` runs in this run.
+    pub(crate) fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
+}
+
+/// The parts of a run, each one or more figures (`--only PART,...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Loading the 1,000-plugin tree (`load`, `load_abi`).
+    Load,
+    /// Start to serving 100 plugins.
+    Startup,
+    /// The HTTP throughput figures (list, health, tool call, metrics).
+    Http,
+    /// The per-call overhead of the in-process call path.
+    Calls,
+    /// Server RSS with 100 plugins.
+    Memory,
+    /// The mixed run (readers and callers together).
+    Mixed,
+    /// The Python figures (start-up, HTTP against the reference, round trip).
+    Python,
+    /// The frames figures (64 KB to 8 MB payloads).
+    Frames,
+    /// The WebSocket stream figures.
+    Streams,
 }
 
 /// Sizes and durations of one mode.

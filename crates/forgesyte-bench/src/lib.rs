@@ -53,7 +53,7 @@ mod stream;
 mod tree;
 
 pub use artifacts::{build_plugin, build_server, plugin_manifest, target_dir, workspace_root};
-pub use config::{Mode, Options, Program};
+pub use config::{Mode, Options, Part, Program};
 pub use python::{lay_out as lay_out_python_plugins, python_plugin_name};
 pub use report::{Check, Figure, Machine, Report, Target};
 pub use run::run;

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use forgesyte_bench::{Mode, Options, Program, helpers};
+use forgesyte_bench::{Mode, Options, Part, Program, helpers};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +48,10 @@ struct Cli {
     /// Keep the generated plugin trees.
     #[arg(long)]
     keep_trees: bool,
+    /// Run only these parts of the benchmark (comma-separated); the
+    /// report then holds only their figures and checks.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "PART")]
+    only: Vec<Part>,
 }
 
 /// The helper processes (not for people).
@@ -191,6 +195,7 @@ fn bench(cli: &Cli) -> anyhow::Result<ExitCode> {
         plugin_library,
         keep_trees: cli.keep_trees,
         progress: true,
+        only: cli.only.clone(),
     };
     let report = forgesyte_bench::run(&options)?;
     println!();

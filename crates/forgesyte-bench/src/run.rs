@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use crate::config::{Options, Plan, Program};
+use crate::config::{Options, Part, Plan, Program};
 use crate::http::{self, Client, LoadResult, Req, Spec, Workload};
 use crate::proc::{self, Server};
 use crate::report::{Figure, Machine, Report, Target, loadavg, median};
@@ -66,17 +66,37 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         bench.report.machine.loadavg_start
     ));
     bench.lay_out()?;
-    bench.load()?;
-    bench.startup()?;
-    bench.http()?;
-    bench.call_overhead()?;
-    bench.memory()?;
-    bench.mixed()?;
-    bench.python()?;
-    let frames = bench.frames_setup()?;
-    bench.frames(&frames)?;
-    bench.streams(&frames)?;
-    drop(frames);
+    let runs = |part| options.runs(part);
+    if runs(Part::Load) {
+        bench.load()?;
+    }
+    if runs(Part::Startup) {
+        bench.startup()?;
+    }
+    if runs(Part::Http) {
+        bench.http()?;
+    }
+    if runs(Part::Calls) {
+        bench.call_overhead()?;
+    }
+    if runs(Part::Memory) {
+        bench.memory()?;
+    }
+    if runs(Part::Mixed) {
+        bench.mixed()?;
+    }
+    if runs(Part::Python) {
+        bench.python()?;
+    }
+    if runs(Part::Frames) || runs(Part::Streams) {
+        let frames = bench.frames_setup()?;
+        if runs(Part::Frames) {
+            bench.frames(&frames)?;
+        }
+        if runs(Part::Streams) {
+            bench.streams(&frames)?;
+        }
+    }
     if !options.keep_trees {
         tree::remove(&options.work_dir.join("plugins-frames"))?;
         tree::remove(&bench.serve_dir)?;
