@@ -35,6 +35,9 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// it counted on its own (`--body-read-timeout`,
 /// `FORGESYTE_BODY_READ_TIMEOUT`).
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `--stream-idle-timeout`: a stream with no message from its
+/// client and no answer to it for this long is closed.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default time an idle keep-alive connection stays open after a response
 /// (`--idle-timeout`, `FORGESYTE_IDLE_TIMEOUT`).
@@ -80,6 +83,9 @@ pub struct ServerConfig {
     /// Longest wait for the next piece of a request's body (a client that
     /// stops sending mid-body is answered 408).
     pub body_read_timeout: Duration,
+    /// A WebSocket stream with no message from its client and no answer to
+    /// it for this long is closed (1000); zero: never.
+    pub stream_idle_timeout: Duration,
     /// Connections served at once; at most half the soft file-descriptor
     /// limit is applied. A few more are served the probe routes only.
     pub max_connections: usize,
@@ -177,6 +183,7 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admin_token: None,

@@ -54,8 +54,8 @@ use forgesyte_server::{
     AdminToken, CheckError, CheckReport, DEFAULT_BIND, DEFAULT_BODY_LIMIT,
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, Server, ServerConfig, build_loader_from,
-    shutdown_signal,
+    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, Server, ServerConfig,
+    build_loader_from, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -229,6 +229,10 @@ struct ServeArgs {
     /// client that stops sending mid-body is answered 408).
     #[arg(long, value_name = "SECS", env = "FORGESYTE_BODY_READ_TIMEOUT", default_value_t = Seconds(DEFAULT_BODY_READ_TIMEOUT), value_parser = parse_seconds_arg)]
     body_read_timeout: Seconds,
+    /// A WebSocket stream with no message from its client and no answer to
+    /// it for this long is closed (code 1000), in seconds; 0: never.
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_STREAM_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_STREAM_IDLE_TIMEOUT), value_parser = parse_seconds_or_never)]
+    stream_idle_timeout: Seconds,
     /// Time an idle keep-alive connection stays open after a response, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_IDLE_TIMEOUT), value_parser = parse_seconds_arg)]
     idle_timeout: Seconds,
@@ -469,6 +473,14 @@ fn parse_seconds_arg(text: &str) -> Result<Seconds, String> {
     parse_seconds(text).map(Seconds)
 }
 
+/// Seconds, or `0` for "never" (`Duration::ZERO`).
+fn parse_seconds_or_never(text: &str) -> Result<Seconds, String> {
+    if text.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(Seconds(Duration::ZERO));
+    }
+    parse_seconds_arg(text)
+}
+
 fn parse_bytes(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(0) => Err("the body limit must be at least 1 byte".into()),
@@ -677,6 +689,7 @@ impl ServeArgs {
         config.header_read_timeout = self.header_read_timeout.0;
         config.idle_timeout = self.idle_timeout.0;
         config.body_read_timeout = self.body_read_timeout.0;
+        config.stream_idle_timeout = self.stream_idle_timeout.0;
         config.max_connections = self.max_connections;
         config.max_calls_per_plugin = self.max_calls_per_plugin;
         config.watch = self.watch;
@@ -835,6 +848,12 @@ mod tests {
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("nan").is_err());
         assert!(parse_seconds("soon").is_err());
+        assert_eq!(parse_seconds_or_never("0"), Ok(Seconds(Duration::ZERO)));
+        assert_eq!(
+            parse_seconds_or_never("1.5"),
+            Ok(Seconds(Duration::from_millis(1500)))
+        );
+        assert!(parse_seconds_or_never("-1").is_err());
         assert_eq!(parse_bytes("1024"), Ok(1024));
         assert!(parse_bytes("0").is_err());
         assert!(parse_bytes("1MiB").is_err());

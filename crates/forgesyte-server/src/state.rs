@@ -39,6 +39,7 @@ struct Inner {
     call_timeout: Duration,
     body_limit: usize,
     body_read_timeout: Duration,
+    stream_idle_timeout: Duration,
     loading: AtomicBool,
     admin: AdminGate,
     /// An admin operation (reload) is running.
@@ -86,6 +87,7 @@ impl AppState {
                 call_timeout: config.call_timeout,
                 body_limit: config.body_limit,
                 body_read_timeout: config.body_read_timeout,
+                stream_idle_timeout: config.stream_idle_timeout,
                 loading: AtomicBool::new(false),
                 admin: AdminGate::new(config.admin_token.clone()),
                 admin_busy: AtomicBool::new(false),
@@ -124,6 +126,12 @@ impl AppState {
     /// Longest wait for the next piece of a request's body.
     pub fn body_read_timeout(&self) -> Duration {
         self.inner.body_read_timeout
+    }
+
+    /// How long a stream may be idle (no client message, no answer) before
+    /// it is closed; `None`: never.
+    pub fn stream_idle_timeout(&self) -> Option<Duration> {
+        Some(self.inner.stream_idle_timeout).filter(|t| !t.is_zero())
     }
 
     /// Whether a load pass is still running (`GET /v1/health` says `loading`).

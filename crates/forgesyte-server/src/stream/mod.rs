@@ -160,6 +160,7 @@ pub(crate) async fn stream_tool(
         return response;
     };
     let body_limit = state.body_limit();
+    let idle_timeout = state.stream_idle_timeout();
     let session = session::Session {
         context: tools::call_context(&headers),
         closing: state.streams().closing.subscribe(),
@@ -168,6 +169,7 @@ pub(crate) async fn stream_tool(
         tool,
         policy,
         body_limit,
+        idle_timeout,
     };
     let span = tracing::Span::current();
     upgrade

@@ -16,6 +16,7 @@
 //! admitted.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -46,6 +47,8 @@ const MAX_CLOSE_REASON: usize = 123;
 
 /// Close codes of RFC 6455 the stream uses.
 pub(crate) mod close {
+    /// The stream was idle past `--stream-idle-timeout`.
+    pub(crate) const IDLE: u16 = 1000;
     /// The server is shutting down.
     pub(crate) const GOING_AWAY: u16 = 1001;
     /// A frame was larger than the body limit.
@@ -65,6 +68,9 @@ pub(crate) struct Session {
     pub(crate) policy: Policy,
     /// Frames larger than this close the stream with 1009.
     pub(crate) body_limit: usize,
+    /// With no client message and no answer for this long, the stream
+    /// closes with 1000; `None`: never.
+    pub(crate) idle_timeout: Option<Duration>,
     /// Becomes `true` when the server shuts down.
     pub(crate) closing: watch::Receiver<bool>,
 }
@@ -86,6 +92,55 @@ struct Counts {
     answered: u64,
 }
 
+/// When the stream last moved (a client message or an answer), for the
+/// idle timeout: milliseconds since the stream opened; and whether a frame
+/// is in the plugin (a stream waiting on its plugin is not idle).
+#[derive(Debug)]
+struct Activity {
+    opened: Instant,
+    last_ms: AtomicU64,
+    calling: AtomicBool,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            calling: AtomicBool::new(false),
+        }
+    }
+
+    fn calling(&self, calling: bool) {
+        self.calling.store(calling, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns once nothing moved for `timeout`; never without one.
+    async fn idle_for(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let mut deadline = last + timeout;
+            let now = Instant::now();
+            if now >= deadline {
+                if !self.calling.load(Ordering::Relaxed) {
+                    return;
+                }
+                deadline = now + timeout;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
 /// Runs the stream over `socket` until the client closes it, the plugin
 /// fails, or the server shuts down.
 pub(crate) async fn run(socket: WebSocket, session: Session) {
@@ -93,9 +148,17 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
     let (out, answers) = mpsc::channel(ANSWERS_IN_FLIGHT);
     let queue = FrameQueue::new(session.policy);
     let mut counts = Counts::default();
+    let activity = Activity::new();
     let conversation = async {
-        let reading = read(incoming, &session, &queue, out.clone(), &mut counts.frames);
-        let working = work(&session, &queue, out, &mut counts.answered);
+        let reading = read(
+            incoming,
+            &session,
+            &queue,
+            out.clone(),
+            &activity,
+            &mut counts.frames,
+        );
+        let working = work(&session, &queue, out, &activity, &mut counts.answered);
         tokio::pin!(reading, working);
         tokio::select! {
             // The worker first: after the reader's yield it takes the frame
@@ -128,6 +191,7 @@ async fn read(
     session: &Session,
     queue: &FrameQueue<Frame>,
     out: mpsc::Sender<Out>,
+    activity: &Activity,
     frames: &mut u64,
 ) {
     let mut closing = session.closing.clone();
@@ -136,8 +200,16 @@ async fn read(
         let message = tokio::select! {
             biased;
             _ = closing.wait_for(|c| *c) => break,
-            message = incoming.next() => message,
+            message = incoming.next() => Some(message),
+            () = activity.idle_for(session.idle_timeout) => None,
         };
+        let Some(message) = message else {
+            let secs = session.idle_timeout.map_or(0.0, |t| t.as_secs_f64());
+            let reason = format!("idle: no message and no answer for {secs} s");
+            say_close(&out, close::IDLE, &reason).await;
+            return;
+        };
+        activity.touch();
         match message {
             None => return,
             // Read on: the next read sends the close reply and ends.
@@ -223,6 +295,7 @@ async fn work(
     session: &Session,
     queue: &FrameQueue<Frame>,
     out: mpsc::Sender<Out>,
+    activity: &Activity,
     answered: &mut u64,
 ) {
     while let Some((seq, (args, bytes))) = queue.pop().await {
@@ -232,6 +305,7 @@ async fn work(
             unnamed: Some(bytes),
         };
         let started = Instant::now();
+        activity.calling(true);
         let result = tools::run(
             &session.state,
             &session.plugin,
@@ -240,6 +314,7 @@ async fn work(
             session.context.clone(),
         )
         .await;
+        activity.calling(false);
         if queue.is_closed() {
             return;
         }
@@ -248,6 +323,7 @@ async fn work(
         if out.send(Out::Text(answer)).await.is_err() {
             return;
         }
+        activity.touch();
         *answered += 1;
         if let Err(error) = &result
             && ends_stream(error)

@@ -474,3 +474,41 @@ fn streams_beyond_the_cap_are_refused_until_one_closes() {
     send_frame(&mut third, frame(4));
     assert_eq!(answer(&mut third)["seq"], 0);
 }
+
+#[test]
+fn an_idle_stream_is_closed_with_1000_and_a_busy_one_stays_open() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    dir.good("slow", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--stream-idle-timeout", "1"]);
+    server.wait_loaded();
+
+    // Nothing sent, nothing answered: closed after about a second.
+    let started = std::time::Instant::now();
+    let mut idle = open(&server, &target("alpha", "frame", ""));
+    let (code, reason) = close_of(&mut idle);
+    let waited = started.elapsed();
+    assert_eq!(code, 1000, "{reason}");
+    assert!(reason.starts_with("idle"), "{reason}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+
+    // A frame every 0.4 s for 2.4 s keeps a stream open; so does a frame
+    // in the plugin for longer than the timeout (its stream waits on it).
+    let mut slow = open(&server, &target("slow", "frame", ""));
+    send_args(&mut slow, json!({"ms": 1800}));
+    send_frame(&mut slow, frame(5));
+    let mut busy = open(&server, &target("alpha", "frame", ""));
+    for n in 0..6 {
+        send_frame(&mut busy, frame(10 + n));
+        assert_eq!(answer(&mut busy)["ok"], true);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_eq!(answer(&mut slow)["ok"], true, "answered after 1.8 s");
+    send_frame(&mut busy, frame(20));
+    assert_eq!(answer(&mut busy)["ok"], true, "still open after 2.4 s");
+    // The slow one, answered and then left alone, is closed in turn.
+    assert_eq!(close_of(&mut slow).0, 1000);
+}
