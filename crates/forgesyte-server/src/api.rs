@@ -6,7 +6,6 @@
 //! any name that is not a registry key is simply "not found", whatever
 //! bytes it holds.
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -138,19 +137,26 @@ pub(crate) async fn list_plugins_slash(state: State<AppState>) -> Response {
 pub(crate) async fn plugin_health(
     State(state): State<AppState>,
     ApiPath(PluginPath { name }): ApiPath<PluginPath>,
-) -> Result<Json<PluginHealth>, ApiError> {
-    // One entry read: the status and the journal agree.
-    match state.registry().status_with_journal(&name) {
-        Some((status, journal)) => {
-            let placement = state.loader().placement(&name);
-            Ok(Json(PluginHealth {
-                status: status.into(),
-                journal: journal.into_iter().map(JournalEntryJson::from).collect(),
-                runtime: placement.map(|(r, _)| r.as_str().to_owned()),
-                isolation: placement.map(|(_, i)| i.as_str().to_owned()),
-            }))
+) -> Response {
+    let built = state.health_body(&name, || {
+        // One entry read: the status and the journal agree.
+        let (status, journal) = state.registry().status_with_journal(&name)?;
+        let placement = state.loader().placement(&name);
+        let health = PluginHealth {
+            status: status.into(),
+            journal: journal.into_iter().map(JournalEntryJson::from).collect(),
+            runtime: placement.map(|(r, _)| r.as_str().to_owned()),
+            isolation: placement.map(|(_, i)| i.as_str().to_owned()),
+        };
+        Some(serde_json::to_vec(&health).map(Bytes::from))
+    });
+    match built {
+        Some(Ok(body)) => json_bytes(StatusCode::OK, body),
+        Some(Err(e)) => ApiError::Internal {
+            context: format!("serialising a plugin's health: {e}"),
         }
-        None => Err(ApiError::PluginNotFound { name }),
+        .into_response(),
+        None => ApiError::PluginNotFound { name }.into_response(),
     }
 }
 

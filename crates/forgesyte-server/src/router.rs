@@ -368,6 +368,34 @@ mod tests {
         );
     }
 
+    /// A plugin's health is served from its cache until the registry
+    /// changes: a recorded call shows at once, and a plugin that is gone
+    /// is a 404 (and leaves the cache).
+    #[tokio::test]
+    async fn a_cached_health_follows_every_registry_change() {
+        let config = ServerConfig::default();
+        let loader = Arc::new(build_loader(&config.lib_paths));
+        let registry = loader.registry().clone();
+        registry.register("p", PluginInfo::default()).unwrap();
+        registry.mark_initialized("p").unwrap();
+        let app = app(AppState::new(loader, &config));
+        let uri = "/v1/plugins/p/health";
+        let (status, first) = answer(&app, &Method::GET, uri).await;
+        assert_eq!(status, StatusCode::OK, "{first}");
+        assert_eq!(first["success_count"], 0);
+        assert_eq!(answer(&app, &Method::GET, uri).await.1["success_count"], 0);
+        registry
+            .record_success("p", std::time::Duration::from_millis(3))
+            .unwrap();
+        let (_, after) = answer(&app, &Method::GET, uri).await;
+        assert_eq!(after["success_count"], 1, "{after}");
+        assert_eq!(after["last_execution_time_ms"], 3.0, "{after}");
+        registry.retire("p").unwrap();
+        registry.forget("p");
+        let (status, gone) = answer(&app, &Method::GET, uri).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{gone}");
+    }
+
     #[test]
     fn status_schema_matches_the_registry_type() {
         let registry = Registry::new();

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -45,7 +45,10 @@ struct Inner {
     /// An admin operation (reload) is running.
     admin_busy: AtomicBool,
     /// The last serialised `GET /v1/plugins` body; see [`AppState::list_body`].
-    list_cache: ArcSwapOption<ListBody>,
+    list_cache: ArcSwapOption<CachedBody>,
+    /// The last serialised `GET /v1/plugins/{name}/health` bodies, by
+    /// name; see [`AppState::health_body`].
+    health_cache: RwLock<HashMap<String, CachedBody>>,
     /// Origin of the list cache's clock ticks.
     started: Instant,
     /// Where tool calls run.
@@ -61,16 +64,23 @@ struct Inner {
     streams: Streams,
 }
 
-/// How long a serialised plugin list may be served again while the registry
-/// does not change: `uptime_seconds` in it is at most this old.
+/// How long a serialised plugin list or health may be served again while
+/// the registry does not change: `uptime_seconds` in it is at most this old.
 pub(crate) const LIST_CACHE_TICK: Duration = Duration::from_millis(100);
 
-/// A serialised plugin list and what it was built from.
-#[derive(Debug)]
-struct ListBody {
+/// A serialised answer and the registry generation and clock tick it was
+/// built in: served again while both are current.
+#[derive(Debug, Clone)]
+struct CachedBody {
     generation: u64,
     tick: u128,
     body: Bytes,
+}
+
+impl CachedBody {
+    fn current(&self, generation: u64, tick: u128) -> Option<Bytes> {
+        (self.generation == generation && self.tick == tick).then(|| self.body.clone())
+    }
 }
 
 impl AppState {
@@ -92,6 +102,7 @@ impl AppState {
                 admin: AdminGate::new(config.admin_token.clone()),
                 admin_busy: AtomicBool::new(false),
                 list_cache: ArcSwapOption::empty(),
+                health_cache: RwLock::new(HashMap::new()),
                 started: Instant::now(),
                 calls: CallPool::new(),
                 call_slots: Mutex::new(HashMap::new()),
@@ -154,13 +165,15 @@ impl AppState {
     /// at once both build a body, the later store wins.
     pub(crate) fn list_body(&self) -> Result<Bytes, serde_json::Error> {
         let registry = &self.inner.registry;
-        let generation = registry.generation();
-        let tick = self.inner.started.elapsed().as_millis() / LIST_CACHE_TICK.as_millis();
-        if let Some(cached) = &*self.inner.list_cache.load()
-            && cached.generation == generation
-            && cached.tick == tick
+        let (generation, tick) = self.cache_key();
+        if let Some(body) = self
+            .inner
+            .list_cache
+            .load()
+            .as_deref()
+            .and_then(|cached| cached.current(generation, tick))
         {
-            return Ok(cached.body.clone());
+            return Ok(body);
         }
         // The generation is read before the snapshot: a write landing in
         // between makes this body newer than its key, never older, and the
@@ -172,12 +185,64 @@ impl AppState {
             .map(PluginStatusJson::from)
             .collect();
         let body = Bytes::from(serde_json::to_vec(&statuses)?);
-        self.inner.list_cache.store(Some(Arc::new(ListBody {
+        self.inner.list_cache.store(Some(Arc::new(CachedBody {
             generation,
             tick,
             body: body.clone(),
         })));
         Ok(body)
+    }
+
+    /// The registry's generation (read first: a write landing after it
+    /// makes a body built now newer than its key, never older) and the
+    /// current [`LIST_CACHE_TICK`].
+    fn cache_key(&self) -> (u64, u128) {
+        let generation = self.inner.registry.generation();
+        let tick = self.inner.started.elapsed().as_millis() / LIST_CACHE_TICK.as_millis();
+        (generation, tick)
+    }
+
+    /// The `GET /v1/plugins/{name}/health` body, built by `build` (`None`:
+    /// no such plugin) and cached by name like [`AppState::list_body`]: a
+    /// load balancer polling one plugin's health reads a lock and clones a
+    /// buffer. The cache holds registered names only (a miss for a name
+    /// that is gone removes it).
+    pub(crate) fn health_body(
+        &self,
+        name: &str,
+        build: impl FnOnce() -> Option<Result<Bytes, serde_json::Error>>,
+    ) -> Option<Result<Bytes, serde_json::Error>> {
+        let (generation, tick) = self.cache_key();
+        let cache = &self.inner.health_cache;
+        if let Some(body) = cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .and_then(|cached| cached.current(generation, tick))
+        {
+            return Some(Ok(body));
+        }
+        let built = build();
+        let mut cache = cache.write().unwrap_or_else(PoisonError::into_inner);
+        match &built {
+            Some(Ok(body)) => {
+                let cached = CachedBody {
+                    generation,
+                    tick,
+                    body: body.clone(),
+                };
+                match cache.get_mut(name) {
+                    Some(entry) => *entry = cached,
+                    None => {
+                        cache.insert(name.to_owned(), cached);
+                    }
+                }
+            }
+            Some(Err(_)) | None => {
+                cache.remove(name);
+            }
+        }
+        built
     }
 
     /// The event stream's hub.
