@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use forgesyte_deps::DependencyChecker;
 use forgesyte_loader::{CallError, Loader, LoaderConfig, ProcessLimits, SupervisionPolicy};
-use forgesyte_protocol::wire::shm::{DEFAULT_SHM_THRESHOLD, MEMFD_NAME};
+use forgesyte_protocol::wire::shm::{DEFAULT_SHM_THRESHOLD, MEMFD_NAME, SPARE_MEMFD_NAME};
 use forgesyte_registry::{PluginLifecycleState as S, Registry};
 use forgesyte_tests::zoo;
 use serde_json::{Value, json};
@@ -173,15 +173,32 @@ fn assert_no_memfd_left() {
     }
 }
 
-/// The memory files a runner holds.
+/// The memory files a runner holds (fresh ones and filled spares alike).
 fn runner_memfds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| {
             dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|l| l.to_string_lossy().contains(MEMFD_NAME))
+                .filter(|l| {
+                    let l = l.to_string_lossy();
+                    l.contains(MEMFD_NAME) || l.contains(SPARE_MEMFD_NAME)
+                })
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// The host's spare memory files (descriptors, mappings).
+fn host_spares() -> (usize, usize) {
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().contains(SPARE_MEMFD_NAME))
+        .count();
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .matches(SPARE_MEMFD_NAME)
+        .count();
+    (fds, maps)
 }
 
 fn kill_runner(loader: &Loader, registry: &Registry, name: &str) {
@@ -265,6 +282,56 @@ fn attachments_across_a_crash_fail_the_call_and_the_next_one_works() {
     let _ = pid;
     assert!(decoded(&call(&loader, PYTHON, "echo", &data).unwrap()) == data);
     assert_no_memfd_left();
+}
+
+/// Attachments of 1 MiB and more are written into spares made in advance
+/// (`PROTOCOL.md` §3.1): byte-exact both ways, a spare reaches a runner
+/// only sealed and for one call, and the host's stock stays bounded (at
+/// most 2 files, never mapped) across calls and kills.
+#[test]
+fn spares_carry_large_attachments_and_stay_bounded_across_calls_and_kills() {
+    let (_dir, registry, loader) = setup();
+    let sizes = [MIB, 2 * MIB + 3, 8 * MIB];
+    for round in 0..30 {
+        let data = pattern(sizes[round % sizes.len()], round as u8);
+        let back = call(&loader, PYTHON, "echo", &data).unwrap();
+        assert!(decoded(&back) == data, "python echo, round {round}");
+        let seen = call(&loader, PYTHON, "view", &data).unwrap();
+        assert_eq!(seen["sha256"], json!(sha256_hex(&data)), "round {round}");
+        let back = call(&loader, NATIVE, "echo", &data).unwrap();
+        assert!(decoded(&back) == data, "native echo, round {round}");
+        if round % 10 == 9 {
+            kill_runner(&loader, &registry, NATIVE);
+            kill_runner(&loader, &registry, PYTHON);
+        }
+    }
+    for name in [NATIVE, PYTHON] {
+        let pid = loader.handle(name).unwrap().pid().unwrap();
+        let since = Instant::now();
+        while runner_memfds(pid) > 0 {
+            assert!(
+                since.elapsed() < Duration::from_secs(5),
+                "{name}'s runner holds memory files"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert_no_memfd_left();
+    // Other tests of this binary may hold a filled spare for the length of
+    // a call: wait (10 s at most) for the stock alone.
+    let since = Instant::now();
+    loop {
+        let (fds, maps) = host_spares();
+        assert!(maps == 0, "the host mapped a spare");
+        if (1..=2).contains(&fds) {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "host spares: {fds} (1 to 2 expected)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

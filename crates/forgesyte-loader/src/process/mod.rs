@@ -37,6 +37,7 @@ mod child;
 mod exit;
 mod os_process;
 mod runner;
+mod spares;
 mod transport;
 mod wire_error;
 mod zygote;

@@ -25,7 +25,9 @@
 //! written whole closes the request stream (the runner would pair the next
 //! frame with them). The host keeps no descriptor past the call: its own
 //! are closed once sent, the runner's once mapped, and a mapping lives as
-//! long as the answer's frame.
+//! long as the answer's frame. Attachments from 1 MiB are written into
+//! spare memory files made in advance ([`super::spares`]), then sealed the
+//! same way.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -194,7 +196,9 @@ impl Transport {
         let head = head(id);
         // The copies into memory files happen before the writer is taken.
         let mut outgoing = match &self.shm {
-            Some(link) if self.uses_shm() => Outgoing::prepare(attachments, link.threshold),
+            Some(link) if self.uses_shm() => {
+                Outgoing::prepare_with(attachments, link.threshold, super::spares::sealed)
+            }
             _ => Outgoing::default(),
         };
         let shared_head = outgoing.header(&head);

@@ -1098,7 +1098,15 @@ class SharedMemoryTests(unittest.TestCase):
         sender.send_frame(b'{"op":"call","id":2}', [big])
         _, attachments = receiver.read_frame()
         self.assertEqual(attachments[0].take(False), big)
-        self.assertEqual(self.memfds(), 0, "the copy did not close the mapping")
+        self.assertEqual(self.memfds(), 0, "the copy did not close the descriptor")
+        # An attachment dropped untaken (the call failed first) closes its
+        # descriptor too.
+        sender.send_frame(b'{"op":"call","id":3}', [big])
+        _, attachments = receiver.read_frame()
+        self.assertEqual(self.memfds(), 1)
+        del attachments
+        gc.collect()
+        self.assertEqual(self.memfds(), 0, "an untaken attachment kept its descriptor")
 
     def test_a_shm_field_without_descriptors_is_a_protocol_error(self):
         sender, receiver = self.wires(1000)

@@ -40,6 +40,9 @@ pub const MAX_SHARED_PER_FRAME: usize = 64;
 /// The name every memory file gets (`/proc/PID/fd` shows
 /// `memfd:forgesyte-attachment`).
 pub const MEMFD_NAME: &str = "forgesyte-attachment";
+/// The name of a spare memory file ([`spare`]): made in advance, filled
+/// and sealed by [`seal_spare`] when an attachment needs it.
+pub const SPARE_MEMFD_NAME: &str = "forgesyte-spare";
 
 /// The seals a shared attachment must carry: its bytes and size are fixed.
 fn required_seals() -> SealFlags {
@@ -171,6 +174,40 @@ pub fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A spare memory file: unsealed, `capacity` bytes allocated in advance
+/// (`fallocate`), so that filling it later ([`seal_spare`]) is a copy into
+/// pages that exist, without the kernel allocating and zeroing them on the
+/// request's path. Close-on-exec; only its maker holds it.
+pub fn spare(capacity: u64) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create(
+        SPARE_MEMFD_NAME,
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    if capacity > 0 {
+        rustix::fs::fallocate(&fd, rustix::fs::FallocateFlags::empty(), 0, capacity)?;
+    }
+    Ok(fd)
+}
+
+/// Fills a [`spare`] with `bytes` (written from offset 0; the file is cut
+/// to their length) and seals it as [`sealed`] does: the same sealed memory
+/// file, its pages allocated earlier. The caller must be the spare's only
+/// holder (nobody may have mapped it writable).
+pub fn seal_spare(fd: OwnedFd, bytes: &[u8]) -> io::Result<OwnedFd> {
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        match rustix::io::pwrite(&fd, &bytes[offset..], offset as u64) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => offset += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    rustix::fs::ftruncate(&fd, bytes.len() as u64)?;
+    rustix::fs::fcntl_add_seals(&fd, required_seals() | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
 /// The shared half of one outgoing frame: which attachments go through
 /// shared memory, and their sealed memory files.
 #[derive(Debug, Default)]
@@ -184,6 +221,17 @@ impl Outgoing {
     /// a sealed memory file, at most [`MAX_SHARED_PER_FRAME`]. Best effort:
     /// an attachment whose file cannot be made stays inline.
     pub fn prepare(attachments: &[&[u8]], threshold: u64) -> Outgoing {
+        Outgoing::prepare_with(attachments, threshold, sealed)
+    }
+
+    /// As [`Outgoing::prepare`], with `make` making each sealed memory file
+    /// (for example [`seal_spare`] on a spare made in advance); it must
+    /// return a file sealed as [`sealed`]'s.
+    pub fn prepare_with(
+        attachments: &[&[u8]],
+        threshold: u64,
+        mut make: impl FnMut(&[u8]) -> io::Result<OwnedFd>,
+    ) -> Outgoing {
         let mut out = Outgoing::default();
         if threshold == 0 {
             return out;
@@ -195,7 +243,7 @@ impl Outgoing {
             if bytes.is_empty() || (bytes.len() as u64) < threshold {
                 continue;
             }
-            if let Ok(fd) = sealed(bytes) {
+            if let Ok(fd) = make(bytes) {
                 out.indices.push(i);
                 out.fds.push(fd);
             }
@@ -528,6 +576,39 @@ mod tests {
         assert!(rustix::fs::fcntl_add_seals(&fd, SealFlags::empty()).is_err());
         let mapping = Mapping::of_sealed(fd, 100).unwrap();
         assert_eq!(&*mapping, b"frozen");
+    }
+
+    #[test]
+    fn a_filled_spare_is_sealed_like_a_fresh_file_and_travels_the_same() {
+        let data: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+        let fd = seal_spare(spare(4 << 20).unwrap(), &data).unwrap();
+        // Cut to the attachment's length, sealed for good.
+        assert_eq!(rustix::fs::fstat(&fd).unwrap().st_size as usize, data.len());
+        assert!(rustix::io::pwrite(&fd, b"x", 0).is_err());
+        assert!(rustix::fs::ftruncate(&fd, 0).is_err());
+        assert!(rustix::fs::fcntl_add_seals(&fd, SealFlags::empty()).is_err());
+        let mapping = Mapping::of_sealed(fd, 1 << 30).unwrap();
+        assert!(*mapping == data[..]);
+        // Through a frame, made by `prepare_with`.
+        let (a, b) = pair();
+        let atts: [&[u8]; 2] = [b"small", &data];
+        let mut made = 0;
+        let mut out = Outgoing::prepare_with(&atts, 1000, |bytes| {
+            made += 1;
+            seal_spare(spare(bytes.len() as u64)?, bytes)
+        });
+        assert_eq!(made, 1);
+        let header = out.header(br#"{"op":"call"}"#);
+        out.send(a.as_fd()).unwrap();
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &header, &out.inline(&atts)).unwrap();
+        let mut frame = read_frame(&mut wire.as_slice(), 1 << 30).unwrap();
+        receive(&mut frame, Some(b.as_fd()), 1 << 30).unwrap();
+        assert!(frame.is_shared(1) && frame.attachment(1) == Some(&data[..]));
+        // A spare smaller than its bytes grows: its size is a promise of
+        // speed, not a limit.
+        let fd = seal_spare(spare(10).unwrap(), &data[..100]).unwrap();
+        assert_eq!(&*Mapping::of_sealed(fd, 100).unwrap(), &data[..100]);
     }
 
     #[test]

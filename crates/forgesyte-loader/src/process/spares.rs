@@ -1,0 +1,204 @@
+//! A small stock of spare memory files for the host's shared attachments
+//! (`PROTOCOL.md` §3.1, "Spare memory files"). Writing 8 MB into a new
+//! memory file makes the kernel allocate and zero 2,048 pages on the
+//! request's path; a spare has its pages allocated in advance by a
+//! background thread, so the request only copies into them, then seals the
+//! file exactly as a fresh one. The wire does not change: every attachment
+//! is still a new, fully sealed file, held by one runner for one call.
+//!
+//! This module owns the stock and its filler thread. It knows nothing of
+//! runners, frames or sockets: [`sealed`] is a drop-in for
+//! [`shm::sealed`].
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::OnceLock;
+
+use forgesyte_protocol::wire::shm;
+use parking_lot::{Condvar, Mutex};
+
+const MIB: u64 = 1 << 20;
+/// Attachments from this size take a spare; smaller ones cost little to
+/// put in a fresh file.
+pub(crate) const SPARE_MIN_BYTES: u64 = MIB;
+/// What the stock holds at most, all spares together (and so the largest
+/// attachment that takes a spare). Idle, the host keeps this much memory.
+pub(crate) const STOCK_MAX_BYTES: u64 = 32 * MIB;
+/// How many spares the stock holds at most.
+pub(crate) const STOCK_MAX_FILES: usize = 2;
+
+#[derive(Default)]
+struct Stock {
+    /// Spares ready, oldest first: (capacity, file).
+    ready: VecDeque<(u64, OwnedFd)>,
+    /// Capacities to make, in order.
+    wanted: VecDeque<u64>,
+    filler_started: bool,
+}
+
+struct Shared {
+    stock: Mutex<Stock>,
+    wake: Condvar,
+}
+
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| Shared {
+        stock: Mutex::new(Stock::default()),
+        wake: Condvar::new(),
+    })
+}
+
+/// The capacity of the spare an attachment of `len` bytes takes: whole
+/// MiB; `None` when it takes none (too small or too large).
+fn class(len: u64) -> Option<u64> {
+    (SPARE_MIN_BYTES..=STOCK_MAX_BYTES)
+        .contains(&len)
+        .then(|| len.div_ceil(MIB) * MIB)
+}
+
+/// A new sealed memory file holding `bytes`, as [`shm::sealed`]: from a
+/// spare of its size class when one is ready (and then a new spare of that
+/// class is asked of the filler), else a fresh file (and a spare of its
+/// class is asked for the next attachment of that size).
+pub(crate) fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
+    let Some(capacity) = class(bytes.len() as u64) else {
+        return shm::sealed(bytes);
+    };
+    match take(capacity) {
+        Some(spare) => shm::seal_spare(spare, bytes).or_else(|_| shm::sealed(bytes)),
+        None => shm::sealed(bytes),
+    }
+}
+
+/// A ready spare of `capacity`, if any; a new one is wanted either way.
+fn take(capacity: u64) -> Option<OwnedFd> {
+    let shared = shared();
+    let mut stock = shared.stock.lock();
+    let found = stock
+        .ready
+        .iter()
+        .position(|(c, _)| *c == capacity)
+        .and_then(|i| stock.ready.remove(i))
+        .map(|(_, fd)| fd);
+    if !stock.wanted.contains(&capacity) {
+        stock.wanted.push_back(capacity);
+    }
+    if !stock.filler_started {
+        let started = std::thread::Builder::new()
+            .name("forgesyte-spares".into())
+            .spawn(fill);
+        // Without a thread, no spare is ever made: fresh files, as before.
+        stock.filler_started = started.is_ok();
+        if started.is_err() {
+            stock.wanted.clear();
+        }
+    }
+    shared.wake.notify_one();
+    found
+}
+
+/// The filler thread: makes the spares wanted, one at a time, and keeps
+/// the stock within its bounds (the oldest spares go first).
+fn fill() {
+    let shared = shared();
+    loop {
+        let capacity = {
+            let mut stock = shared.stock.lock();
+            loop {
+                if let Some(c) = stock.wanted.pop_front() {
+                    break c;
+                }
+                shared.wake.wait(&mut stock);
+            }
+        };
+        // Outside the lock: this is the slow part. A spare that cannot be
+        // made (memory limit) leaves the next attachment a fresh file.
+        let Ok(fd) = shm::spare(capacity) else {
+            continue;
+        };
+        let mut stock = shared.stock.lock();
+        stock.ready.push_back((capacity, fd));
+        while stock.ready.len() > STOCK_MAX_FILES
+            || stock.ready.iter().map(|(c, _)| c).sum::<u64>() > STOCK_MAX_BYTES
+        {
+            stock.ready.pop_front();
+        }
+    }
+}
+
+/// The spares ready now (for tests and diagnostics).
+#[cfg(test)]
+pub(crate) fn ready() -> Vec<u64> {
+    shared()
+        .stock
+        .lock()
+        .ready
+        .iter()
+        .map(|(c, _)| *c)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forgesyte_protocol::wire::shm::Mapping;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn size_classes_are_whole_mib_within_the_stock() {
+        assert_eq!(class(MIB - 1), None);
+        assert_eq!(class(MIB), Some(MIB));
+        assert_eq!(class(MIB + 1), Some(2 * MIB));
+        assert_eq!(class(8 * MIB), Some(8 * MIB));
+        assert_eq!(class(STOCK_MAX_BYTES), Some(STOCK_MAX_BYTES));
+        assert_eq!(class(STOCK_MAX_BYTES + 1), None);
+    }
+
+    #[test]
+    fn the_second_attachment_of_a_size_takes_a_spare_and_reads_the_same() {
+        // 3 MiB + a bit: class 4 MiB, which no other test of this module
+        // uses (the stock is the process's).
+        let data: Vec<u8> = (0..3 * MIB as usize + 5).map(|i| (i % 253) as u8).collect();
+        let first = sealed(&data).unwrap();
+        // A small one never takes a spare.
+        let small = sealed(&data[..1000]).unwrap();
+        assert!(*Mapping::of_sealed(small, u64::MAX).unwrap() == data[..1000]);
+        assert!(*Mapping::of_sealed(first, u64::MAX).unwrap() == data[..]);
+        // The filler makes a 4 MiB spare.
+        let since = Instant::now();
+        while !ready().contains(&(4 * MIB)) {
+            assert!(since.elapsed() < Duration::from_secs(10), "no spare made");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0x5A).collect();
+        let second = sealed(&other).unwrap();
+        let name = |fd: &OwnedFd| {
+            use std::os::fd::AsRawFd;
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert!(
+            name(&second).contains(shm::SPARE_MEMFD_NAME),
+            "{}",
+            name(&second)
+        );
+        // The spare was taken (a new one may already be ready again: at
+        // most one of its class).
+        assert!(ready().iter().filter(|c| **c == 4 * MIB).count() <= 1);
+        // Sealed like a fresh file: cut to length, nothing can change it.
+        assert_eq!(
+            rustix::fs::fstat(&second).unwrap().st_size as usize,
+            other.len()
+        );
+        assert!(rustix::io::pwrite(&second, b"x", 0).is_err());
+        assert!(*Mapping::of_sealed(second, u64::MAX).unwrap() == other[..]);
+        // The stock stays within its bounds.
+        let stock = ready();
+        assert!(stock.len() <= STOCK_MAX_FILES);
+        assert!(stock.iter().sum::<u64>() <= STOCK_MAX_BYTES);
+    }
+}
