@@ -47,8 +47,8 @@ pub(crate) fn received(
 
 /// Whether the body stopped arriving for longer than the body read timeout
 /// (`tower_http::timeout::RequestBodyTimeoutLayer` ended it).
-fn timed_out(rejection: &BytesRejection) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+pub(crate) fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(error) = source {
         if error.is::<tower_http::timeout::TimeoutError>() {
             return true;

@@ -96,6 +96,7 @@ mod reload;
 mod rescan;
 mod respond;
 mod router;
+mod run_body;
 mod server;
 pub mod signing;
 mod state;
