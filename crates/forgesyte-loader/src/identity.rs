@@ -36,15 +36,16 @@ impl Default for Identities {
 }
 
 impl Identities {
-    /// The path to open for the library at `path`: `path` itself until it
-    /// was [`opened`](Self::opened), a fresh private copy of it afterwards
+    /// The path to open for the library at `path` (whose canonical path,
+    /// [`canonical_key`], is `canonical`): `path` itself until it
+    /// was [`opened_as`](Self::opened_as), a fresh private copy of it afterwards
     /// (`path` itself when there is no file to copy: the open reports it).
     ///
     /// # Errors
     ///
     /// When the copy cannot be made.
-    pub(crate) fn path_to_open(&self, path: &Path) -> io::Result<PathBuf> {
-        if !self.opened.lock().contains(&key(path)) {
+    pub(crate) fn path_to_open_as(&self, path: &Path, canonical: &Path) -> io::Result<PathBuf> {
+        if !self.opened.lock().contains(canonical) {
             return Ok(path.to_path_buf());
         }
         match self.copy(path) {
@@ -53,9 +54,10 @@ impl Identities {
         }
     }
 
-    /// Records that the library at `path` was opened (and so stays mapped).
-    pub(crate) fn opened(&self, path: &Path) {
-        self.opened.lock().insert(key(path));
+    /// Records that the library whose canonical path is `canonical` was
+    /// opened (and so stays mapped).
+    pub(crate) fn opened_as(&self, canonical: PathBuf) {
+        self.opened.lock().insert(canonical);
     }
 
     /// Copies `path` under the copies' directory, named by its content.
@@ -87,7 +89,9 @@ impl Drop for Identities {
     }
 }
 
-fn key(path: &Path) -> PathBuf {
+/// The key a library is known by: its canonical path, else the path as
+/// given.
+pub(crate) fn canonical_key(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
@@ -104,7 +108,7 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Identities;
+    use super::{Identities, canonical_key};
 
     #[test]
     fn the_first_open_is_the_path_itself_later_ones_fresh_copies_by_content() {
@@ -115,20 +119,31 @@ mod tests {
             opened: Default::default(),
             dir: tmp.path().join("copies"),
         };
-        assert_eq!(ids.path_to_open(&lib).unwrap(), lib);
-        assert_eq!(ids.path_to_open(&lib).unwrap(), lib, "not opened yet");
-        ids.opened(&lib);
-        let again = ids.path_to_open(&lib).unwrap();
+        assert_eq!(
+            ids.path_to_open_as(&lib, &canonical_key(&lib)).unwrap(),
+            lib
+        );
+        assert_eq!(
+            ids.path_to_open_as(&lib, &canonical_key(&lib)).unwrap(),
+            lib,
+            "not opened yet"
+        );
+        ids.opened_as(canonical_key(&lib));
+        let again = ids.path_to_open_as(&lib, &canonical_key(&lib)).unwrap();
         assert_ne!(again, lib);
         assert!(again.starts_with(tmp.path().join("copies")));
         assert_eq!(std::fs::read(&again).unwrap(), b"version one");
         std::fs::write(&lib, b"version two").unwrap();
-        let third = ids.path_to_open(&lib).unwrap();
+        let third = ids.path_to_open_as(&lib, &canonical_key(&lib)).unwrap();
         assert_ne!(third, again, "new content, new identity");
         assert_eq!(std::fs::read(&third).unwrap(), b"version two");
         let missing = tmp.path().join("libgone.so");
-        ids.opened(&missing);
-        assert_eq!(ids.path_to_open(&missing).unwrap(), missing);
+        ids.opened_as(canonical_key(&missing));
+        assert_eq!(
+            ids.path_to_open_as(&missing, &canonical_key(&missing))
+                .unwrap(),
+            missing
+        );
         drop(ids);
         assert!(!tmp.path().join("copies").exists());
     }

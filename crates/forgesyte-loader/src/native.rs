@@ -674,7 +674,7 @@ fn check_elf(
         detail: e.to_string(),
     })?;
     let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let data = object::ReadCache::new(file);
+    let data = object::ReadCache::new(pread::PreadFile::new(file, file_len));
     let header = FileHeader64::<object::Endianness>::parse(&data)
         .map_err(|e| not_a_library(format!("not a 64-bit ELF file ({e})")))?;
     let endian = header
@@ -786,6 +786,8 @@ fn classify_open_error(path: &Path, message: &str) -> ImportError {
         ImportError::Open { path, detail }
     }
 }
+
+mod pread;
 
 #[cfg(test)]
 mod tests;

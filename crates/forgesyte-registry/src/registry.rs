@@ -916,5 +916,7 @@ impl Snapshot {
     }
 }
 
+mod batch;
+
 #[cfg(test)]
 mod tests;

@@ -33,7 +33,7 @@ impl Loader {
             return self.instantiate_python(p, known, &signed);
         }
         self.check_dependencies(p, &self.requirements(p), known)?;
-        let library_path = self.resolve_library(p)?;
+        let (library_path, canonical) = self.resolve_library(p)?;
         // Last step before anything of the plugin is opened or started.
         let target = Target::File(library_path.clone());
         let pinned = self.check_integrity(p, &target)?;
@@ -54,15 +54,21 @@ impl Loader {
         // A library opened before (a rescan found it changed) is opened
         // again under a new file identity; the old mapping stays. (Checked
         // bytes are loaded from a memfd of their own: a new identity too.)
-        let open_path =
-            self.identities
-                .path_to_open(&library_path)
-                .map_err(|e| ImportError::Open {
-                    path: library_path.clone(),
-                    detail: format!("cannot copy it to open it again under a new identity: {e}"),
-                })?;
+        // The canonical path resolved for the containment check is the
+        // identity's key (resolved once, not once per use).
+        let key = match canonical {
+            Some(canonical) => canonical,
+            None => crate::identity::canonical_key(&library_path),
+        };
+        let open_path = self
+            .identities
+            .path_to_open_as(&library_path, &key)
+            .map_err(|e| ImportError::Open {
+                path: library_path.clone(),
+                detail: format!("cannot copy it to open it again under a new identity: {e}"),
+            })?;
         let library = self.open_checked(p, &library_path, &open_path, &signed, pinned)?;
-        self.identities.opened(&library_path);
+        self.identities.opened_as(key);
         let instance = library.instantiate(&config)?;
         Ok(PluginHandle::new(
             p.name.clone(),
@@ -105,7 +111,7 @@ impl Loader {
         let installed = self.entry_points.read().contains_key(&p.name);
         if let (false, Some(parent), Some(dir_name)) =
             (installed, p.dir.parent(), p.dir.file_name())
-            && let Some(lock) = integrity::read_lock(self.fs.as_ref(), parent)?
+            && let Some(lock) = self.pass.lock(self.fs.as_ref(), parent)?
             && let Some(line) = lock.plugins.get(&*dir_name.to_string_lossy())
         {
             pins.push((
@@ -332,8 +338,9 @@ impl Loader {
     }
 
     /// Where the plugin's library is: inside its directory (no escape by `..`
-    /// or symlink), else on the configured library path.
-    fn resolve_library(&self, p: &Pending) -> Result<PathBuf, PluginError> {
+    /// or symlink), else on the configured library path; with its canonical
+    /// path when it is inside and exists.
+    fn resolve_library(&self, p: &Pending) -> Result<(PathBuf, Option<PathBuf>), PluginError> {
         let entry = p
             .manifest
             .entrypoint
@@ -342,29 +349,35 @@ impl Loader {
         let inside = manifest::join_inside(&p.dir, &entry);
         let bare = !entry.contains('/');
         if self.fs.exists(&inside) || !bare {
-            self.check_contained(&p.dir, &inside, &entry)?;
-            return Ok(inside);
+            let canonical = self.check_contained(&p.dir, &inside, &entry)?;
+            return Ok((inside, canonical));
         }
         for lib_dir in &self.config.lib_paths {
             let candidate = lib_dir.join(&entry);
             if self.fs.exists(&candidate) {
-                return Ok(candidate);
+                return Ok((candidate, None));
             }
         }
         Err(ImportError::LibraryNotFound { path: inside }.into())
     }
 
-    fn check_contained(&self, dir: &Path, path: &Path, entry: &str) -> Result<(), PluginError> {
-        let Ok(real) = self.fs.canonicalize(path) else {
-            // Missing: the import step reports it precisely.
-            return Ok(());
+    /// Fails when `path` resolves outside `dir`; returns its canonical path
+    /// (`None`: missing, which the import step reports precisely).
+    fn check_contained(
+        &self,
+        dir: &Path,
+        path: &Path,
+        entry: &str,
+    ) -> Result<Option<PathBuf>, PluginError> {
+        let Ok(real) = self.pass.canonicalize(self.fs.as_ref(), path) else {
+            return Ok(None);
         };
         let root = self
-            .fs
-            .canonicalize(dir)
+            .pass
+            .canonicalize(self.fs.as_ref(), dir)
             .unwrap_or_else(|_| dir.to_path_buf());
         if real.starts_with(&root) {
-            Ok(())
+            Ok(Some(real))
         } else {
             Err(ManifestError::PathEscape {
                 field: "entrypoint".into(),

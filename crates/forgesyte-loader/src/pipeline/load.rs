@@ -67,6 +67,7 @@ impl Loader {
     /// plugins), in one set of dependency waves.
     pub(super) fn load_pass(&self, dirs: &[PathBuf], entry_points: &[EntryPoint]) -> LoadReport {
         self.checker.clear_cache();
+        self.pass.clear();
         // Phase 1 (parallel): read and validate every manifest.
         let pass_started = Instant::now();
         let parsed = par_map(self.config.threads, dirs, |dir| {
@@ -77,13 +78,16 @@ impl Loader {
         // them all as LOADED while the rest of the pass runs.
         let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
         let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
-        for (dir, parsed) in parsed {
-            let (started, result) =
-                parsed.unwrap_or_else(|panic| (pass_started, Err(manifest_panicked(dir, panic))));
-            let name = self.register(dir, result, started, &mut pending);
-            if let Some(name) = name {
-                self.finish_outcome(&name, dir, started, &mut outcomes);
-            }
+        let claims = parsed
+            .into_iter()
+            .map(|(dir, parsed)| {
+                let (started, result) = parsed
+                    .unwrap_or_else(|panic| (pass_started, Err(manifest_panicked(dir, panic))));
+                Self::claim_of(dir, result, started)
+            })
+            .collect();
+        for (name, dir, started) in self.register_claims(claims, &mut pending) {
+            self.finish_outcome(&name, dir, started, &mut outcomes);
         }
         // Entry points after every directory, in their sorted order.
         for ep in entry_points {

@@ -12,6 +12,7 @@ use parking_lot::RwLock;
 use serde_json::Value;
 
 use super::config::LoaderConfig;
+use super::pass_cache::PassCache;
 use crate::entry_points::EntryPoint;
 use crate::handle::PluginHandle;
 use crate::host::Importer;
@@ -57,6 +58,8 @@ pub struct Loader {
     pub(super) stamps: RwLock<BTreeMap<String, Option<u64>>>,
     /// In-process libraries opened so far, and their private copies.
     pub(super) identities: Identities,
+    /// What the current pass looks up once (canonical parents, lock files).
+    pub(super) pass: PassCache,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -101,6 +104,7 @@ impl Loader {
             shutdown: ShutdownFlag::default(),
             stamps: RwLock::new(BTreeMap::new()),
             identities: Identities::default(),
+            pass: PassCache::default(),
         }
     }
 

@@ -7,6 +7,8 @@
 //! - [`config`] and [`report`]: the settings and what a pass reports
 //!   (leaves);
 //! - [`parallel`]: `par_map` on a rayon pool, panics caught per item (leaf);
+//! - [`pass_cache`]: what a pass looks up once (canonical parents, lock
+//!   files) (leaf);
 //! - [`loader`]: the [`Loader`] and its per-plugin state;
 //! - [`discovery`]: plugin directories and their manifests;
 //! - [`registration`]: registry keys, final states, outcomes;
@@ -24,6 +26,7 @@ mod instantiate;
 mod load;
 mod loader;
 mod parallel;
+mod pass_cache;
 mod registration;
 mod reload;
 mod report;

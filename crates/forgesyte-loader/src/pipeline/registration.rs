@@ -15,16 +15,26 @@ use super::report::{PluginLoadOutcome, ms};
 use crate::handle::PluginHandle;
 use crate::manifest::{self, Manifest};
 
+/// A plugin directory read and validated (or not), before it has a key.
+pub(super) struct Claim<'a> {
+    dir: &'a Path,
+    dir_key: String,
+    wanted: String,
+    info: PluginInfo,
+    raw: Option<Arc<serde_json::Value>>,
+    optional: bool,
+    outcome: Result<Manifest, PluginError>,
+    started: Instant,
+}
+
 impl Loader {
-    /// Registers the plugin of `dir` and returns its key when it is already
-    /// final (a bad manifest or a duplicate); valid ones go to `pending`.
-    pub(super) fn register(
-        &self,
-        dir: &Path,
+    /// What registering the plugin of `dir` needs: the name it wants, its
+    /// registry info and its manifest (or why it has none).
+    pub(super) fn claim_of<'a>(
+        dir: &'a Path,
         result: Result<Manifest, Box<BadManifest>>,
         started: Instant,
-        pending: &mut BTreeMap<String, Pending>,
-    ) -> Option<String> {
+    ) -> Claim<'a> {
         let dir_key = manifest::key_from_dir_name(&dir_name(dir));
         let source = Some(dir.to_path_buf());
         let (wanted, info, raw, optional, outcome) = match result {
@@ -55,47 +65,92 @@ impl Loader {
                 (claimed, info, raw.map(Arc::new), false, Err(err))
             }
         };
-        let (name, outcome) = match self.claim(&wanted, &dir_key, dir, info) {
-            Ok(name) => (name, outcome),
-            Err((name, existing)) => (
-                name,
-                Err(PluginError::from(ManifestError::DuplicateName {
-                    name: wanted.clone(),
-                    existing,
-                })),
-            ),
-        };
-        self.entries.write().insert(
-            name.clone(),
-            Entry {
-                dir: dir.to_path_buf(),
-                raw,
-                optional,
-                handle: None,
-                placement: outcome
-                    .as_ref()
-                    .ok()
-                    .map(|m| (m.runtime, m.declared_isolation)),
-            },
-        );
-        match outcome {
-            Ok(manifest) => {
-                pending.insert(
-                    name.clone(),
-                    Pending {
-                        name,
-                        dir: dir.to_path_buf(),
-                        manifest,
-                        started,
-                    },
-                );
-                None
+        Claim {
+            dir,
+            dir_key,
+            wanted,
+            info,
+            raw,
+            optional,
+            outcome,
+            started,
+        }
+    }
+
+    /// Registers the plugins of `claims` in order, each under the name it
+    /// wants or, when that is taken, a key from its directory (a
+    /// duplicate; see [`claim`](Self::claim)). Runs of free names are
+    /// registered in one registry write each ([`Registry::register_all`]:
+    /// one per pass when no name collides), so a pass of N plugins does
+    /// not copy the registry's map N times; the keys come out as one by
+    /// one. Valid plugins go to `pending`; returns the keys (with their
+    /// directories and start times) of those already final (a bad manifest
+    /// or a duplicate).
+    ///
+    /// [`Registry::register_all`]: forgesyte_registry::Registry::register_all
+    pub(super) fn register_claims<'a>(
+        &self,
+        claims: Vec<Claim<'a>>,
+        pending: &mut BTreeMap<String, Pending>,
+    ) -> Vec<(String, &'a Path, Instant)> {
+        let names: Vec<(String, PluginInfo)> = claims
+            .iter()
+            .map(|c| (c.wanted.clone(), c.info.clone()))
+            .collect();
+        let mut registered_until = 0;
+        let mut finals = Vec::new();
+        for (i, c) in claims.into_iter().enumerate() {
+            if i == registered_until {
+                registered_until += self.registry.register_all(&names[i..]);
             }
-            Err(err) => {
-                self.record_failure(&name, &err);
-                Some(name)
+            let (name, outcome) = if i < registered_until {
+                (c.wanted, c.outcome)
+            } else {
+                // Taken: the run of free names ends here.
+                registered_until = i + 1;
+                match self.claim(&c.wanted, &c.dir_key, c.dir, c.info) {
+                    Ok(name) => (name, c.outcome),
+                    Err((name, existing)) => (
+                        name,
+                        Err(PluginError::from(ManifestError::DuplicateName {
+                            name: c.wanted.clone(),
+                            existing,
+                        })),
+                    ),
+                }
+            };
+            self.entries.write().insert(
+                name.clone(),
+                Entry {
+                    dir: c.dir.to_path_buf(),
+                    raw: c.raw,
+                    optional: c.optional,
+                    handle: None,
+                    placement: outcome
+                        .as_ref()
+                        .ok()
+                        .map(|m| (m.runtime, m.declared_isolation)),
+                },
+            );
+            match outcome {
+                Ok(manifest) => {
+                    pending.insert(
+                        name.clone(),
+                        Pending {
+                            name,
+                            dir: c.dir.to_path_buf(),
+                            manifest,
+                            started: c.started,
+                        },
+                    );
+                }
+                Err(err) => {
+                    self.record_failure(&name, &err);
+                    finals.push((name, c.dir, c.started));
+                }
             }
         }
+        finals
     }
 
     /// Registers under `wanted`; if that name is taken, registers under a

@@ -87,6 +87,7 @@ impl Loader {
     /// identity.
     pub(super) fn reload_names(&self, names: &[String], replace: &BTreeSet<String>) -> LoadReport {
         self.checker.clear_cache();
+        self.pass.clear();
         let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
         let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
         for name in names {
