@@ -91,6 +91,8 @@ _plugin_name = "plugin"
 _PARENT_DEATH_SIGNAL = False
 # A zygote's child: (descriptor, threshold) of its shared-memory socket.
 _SHM_PASSED = None
+# ``0`` in the zygote's environment: no shared network namespace.
+SHARED_NETNS_ENV = "FORGESYTE_PYTHON_SHARED_NETNS"
 # In a runner its zygote forked: a descriptor of the network namespace the
 # zygote made for its confined runners (see ``confine``).
 _SHARED_NETNS = None
@@ -1994,12 +1996,13 @@ class _Zygote(object):
         (``setns`` costs a fraction of making one each), made once: the
         zygote unshares into a new one, keeps a descriptor of it, and goes
         back to its own. None where the kernel's Landlock cannot scope
-        runners apart (ABI < 6) or the zygote may not make one (no
-        CAP_SYS_ADMIN): each runner then makes one of its own."""
+        runners apart (ABI < 6), the zygote may not make one (no
+        CAP_SYS_ADMIN) or ``FORGESYTE_PYTHON_SHARED_NETNS=0``: each runner
+        then makes one of its own."""
         import ctypes
 
         libc = self.libc
-        if libc is None:
+        if libc is None or os.environ.get(SHARED_NETNS_ENV) == "0":
             return None
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
