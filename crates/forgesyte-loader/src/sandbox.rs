@@ -354,7 +354,28 @@ pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
         Err(e) => format!("unconfined: {e}"),
     };
     report.insert("filesystem".to_owned(), filesystem);
+    if scope() {
+        report.insert("scopes".to_owned(), SCOPES.to_owned());
+    }
     report
+}
+
+/// What the hello's `scopes` says where Landlock scopes a runner (the
+/// Python runner says the same).
+pub const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
+
+/// Landlock scopes (ABI 6), a layer of their own after [`landlock`]'s so an
+/// older kernel's lack of them leaves that status as it was: this runner may
+/// connect to abstract Unix sockets and signal processes only inside its own
+/// Landlock domain, not another runner's (nor the host's). Whether they are
+/// enforced.
+fn scope() -> bool {
+    use landlock::{Ruleset, RulesetAttr, RulesetStatus, Scope};
+    Ruleset::default()
+        .scope(Scope::AbstractUnixSocket | Scope::Signal)
+        .and_then(|ruleset| ruleset.create())
+        .and_then(|created| created.restrict_self())
+        .is_ok_and(|status| status.ruleset == RulesetStatus::FullyEnforced)
 }
 
 /// The Landlock part of [`apply`]: what is enforced, and whether TCP is

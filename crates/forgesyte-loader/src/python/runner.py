@@ -91,6 +91,11 @@ _plugin_name = "plugin"
 _PARENT_DEATH_SIGNAL = False
 # A zygote's child: (descriptor, threshold) of its shared-memory socket.
 _SHM_PASSED = None
+# ``0`` in the zygote's environment: no shared network namespace.
+SHARED_NETNS_ENV = "FORGESYTE_PYTHON_SHARED_NETNS"
+# In a runner its zygote forked: a descriptor of the network namespace the
+# zygote made for its confined runners (see ``confine``).
+_SHARED_NETNS = None
 SHM_FD_ENV = "FORGESYTE_SHM_FD"
 SHM_THRESHOLD_ENV = "FORGESYTE_SHM_THRESHOLD"
 SHM_MAX_PER_FRAME = 64
@@ -1699,15 +1704,27 @@ def _runtime_paths():
 
 def confine(plan):
     """Applies the host's sandbox ``plan`` to this process, before any
-    plugin code runs: the environment replaced by ``plan["env"]``, a network
-    namespace of its own unless ``plan["network"]``, and Landlock rules that
+    plugin code runs: the environment replaced by ``plan["env"]``, no
+    network unless ``plan["network"]``, and Landlock rules that
     allow reading ``plan["read"]`` (and what the interpreter itself needs),
     writing ``plan["write"]``, and using the devices ``plan["devices"]``.
     Returns what was applied (the hello's ``confinement``): each part either
-    enforced or "unconfined: why", never silently skipped."""
+    enforced or "unconfined: why", never silently skipped.
+
+    No network means an empty network namespace: the one its zygote made
+    for all its runners (``_SHARED_NETNS``, joined with ``setns``, far
+    cheaper than making one) when Landlock can scope abstract Unix sockets
+    and signals to this runner (ABI >= 6), so runners sharing it still
+    cannot reach one another; else one of its own (``unshare``)."""
     import ctypes
 
+    global _SHARED_NETNS
+    shared, _SHARED_NETNS = _SHARED_NETNS, None
     libc = ctypes.CDLL(None, use_errno=True)
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    abi = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                  ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     report = {}
     env = plan.get("env")
     if isinstance(env, dict):
@@ -1715,33 +1732,81 @@ def confine(plan):
         os.environ.update({str(k): str(v) for k, v in env.items()})
         report["env"] = "scrubbed"
     network = bool(plan.get("network"))
-    if network:
-        report["network"] = "allowed"
-    elif libc.unshare(ctypes.c_int(_CLONE_NEWNET)) == 0:
-        report["network"] = "isolated: a network namespace of its own"
-    else:
-        report["network"] = "unconfined: no network namespace (%s)" % os.strerror(ctypes.get_errno())
-    report["filesystem"] = _landlock(libc, plan, network, report)
+    try:
+        if network:
+            report["network"] = "allowed"
+        elif shared is not None and abi >= 6 and libc.setns(ctypes.c_int(shared), ctypes.c_int(_CLONE_NEWNET)) == 0:
+            # Its loopback stays down: no runner may bring it up (and so
+            # reach the others over UDP, which Landlock does not rule).
+            _drop_capability(libc, _CAP_NET_ADMIN)
+            report["network"] = NETWORK_SHARED
+        elif libc.unshare(ctypes.c_int(_CLONE_NEWNET)) == 0:
+            report["network"] = "isolated: a network namespace of its own"
+        else:
+            report["network"] = "unconfined: no network namespace (%s)" % os.strerror(ctypes.get_errno())
+    finally:
+        if shared is not None:
+            os.close(shared)
+    report["filesystem"] = _landlock(libc, syscall, abi, plan, network, report)
     return report
 
 
-def _landlock(libc, plan, network, report):
+_CAP_NET_ADMIN = 12
+_PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _drop_capability(libc, cap):
+    """Drops capability ``cap`` from this process's bounding, effective,
+    permitted and inheritable sets (nothing to do when it has none)."""
+    import ctypes
+
+    libc.prctl(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), ctypes.c_ulong(0),
+               ctypes.c_ulong(0), ctypes.c_ulong(0))
+    header = ctypes.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
+    data = ctypes.create_string_buffer(24)
+    if libc.capget(header, data) != 0:
+        return
+    sets = list(struct.unpack("=6I", data.raw))
+    word, bit = divmod(cap, 32)
+    for i in range(3):
+        sets[word * 3 + i] &= ~(1 << bit) & 0xFFFFFFFF
+    libc.capset(header, ctypes.create_string_buffer(struct.pack("=6I", *sets), 24))
+
+
+# What the hello says of a runner in its zygote's shared network namespace.
+NETWORK_SHARED = ("isolated: an empty network namespace shared with its zygote's other runners, "
+                  "which Landlock scopes keep it from reaching")
+# Landlock scopes (ABI 6): abstract Unix sockets and signals stay inside
+# the runner's own Landlock domain.
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1, 2
+_SCOPES = "abstract Unix sockets and signals: its own processes only"
+
+
+def _landlock(libc, syscall, abi, plan, network, report):
     import ctypes
     import stat
 
-    syscall = libc.syscall
-    syscall.restype = ctypes.c_long
-    abi = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
-                  ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     if abi < 1:
         return "unconfined: this kernel has no Landlock (%s)" % os.strerror(ctypes.get_errno())
     fs_all = _fs_rights(abi)
     net = 0 if network or abi < 4 else _NET_BIND_TCP | _NET_CONNECT_TCP
-    attr = struct.pack("=QQ", fs_all, net) if abi >= 4 else struct.pack("=Q", fs_all)
+    if abi >= 6:
+        attr = struct.pack("=QQQ", fs_all, net, _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL)
+    elif abi >= 4:
+        attr = struct.pack("=QQ", fs_all, net)
+    else:
+        attr = struct.pack("=Q", fs_all)
     attr_buf = ctypes.create_string_buffer(attr, len(attr))
     ruleset = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), attr_buf,
                       ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
+        if report.get("network") == NETWORK_SHARED:
+            # Unscoped, it may not stay with the others.
+            if libc.unshare(ctypes.c_int(_CLONE_NEWNET)) == 0:
+                report["network"] = "isolated: a network namespace of its own"
+            else:
+                report["network"] = "unconfined: in a network namespace shared with other runners, unscoped"
         return "unconfined: cannot create a Landlock ruleset (%s)" % os.strerror(ctypes.get_errno())
     file_only = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
     read = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
@@ -1773,6 +1838,8 @@ def _landlock(libc, plan, network, report):
         os.close(ruleset)
     if net and report.get("network", "").startswith("unconfined"):
         report["network"] = "isolated: Landlock denies TCP bind and connect"
+    if abi >= 6:
+        report["scopes"] = _SCOPES
     return "confined: Landlock ABI %d" % abi
 
 
@@ -1838,6 +1905,8 @@ class _Zygote(object):
         self.ctl = socket.socket(fileno=ctl_fd)
         self.pid = os.getpid()
         self.children = set()  # forked, not reaped
+        self.netns = None  # the runners' shared network namespace (a fd)
+        self.netns_tried = False
         self.reported = set()  # their exits told to the host
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -1931,6 +2000,9 @@ class _Zygote(object):
             self.send({"op": "spawn_failed", "id": rid,
                        "error": "%d descriptors came with the request, %d expected" % (len(fds), expected)})
             return
+        if not self.netns_tried and "--confine" in argv:
+            self.netns_tried = True
+            self.netns = self.shared_netns()
         try:
             pid = os.fork()
         except OSError as e:
@@ -1946,9 +2018,54 @@ class _Zygote(object):
         self.children.add(pid)
         self.send({"op": "spawned", "id": rid, "pid": pid})
 
-    def become_runner(self, argv, fds, shm_threshold=None):
-        global _PROTO_FDS, _PARENT_DEATH_SIGNAL, _SHM_PASSED
+    def shared_netns(self):
+        """An empty network namespace for the confined runners to join
+        (``setns`` costs a fraction of making one each), made once: the
+        zygote unshares into a new one, keeps a descriptor of it, and goes
+        back to its own. None where the kernel's Landlock cannot scope
+        runners apart (ABI < 6), the zygote may not make one (no
+        CAP_SYS_ADMIN) or ``FORGESYTE_PYTHON_SHARED_NETNS=0``: each runner
+        then makes one of its own."""
+        import ctypes
+
+        libc = self.libc
+        if libc is None or os.environ.get(SHARED_NETNS_ENV) == "0":
+            return None
+        syscall = libc.syscall
+        syscall.restype = ctypes.c_long
+        abi = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                      ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+        if abi < 6:
+            return None
         try:
+            own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if libc.unshare(ctypes.c_int(_CLONE_NEWNET)) != 0:
+                return None
+            try:
+                shared = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                if libc.setns(ctypes.c_int(own), ctypes.c_int(_CLONE_NEWNET)) != 0:
+                    # Not back in the host's namespace: runners that were
+                    # given the network would not have it.
+                    _diag("zygote: cannot go back to its network namespace: %s"
+                          % os.strerror(ctypes.get_errno()))
+                    _exit(EXIT_SETUP)
+            return shared
+        except OSError:
+            return None
+        finally:
+            os.close(own)
+
+    def become_runner(self, argv, fds, shm_threshold=None):
+        global _PROTO_FDS, _PARENT_DEATH_SIGNAL, _SHM_PASSED, _SHARED_NETNS
+        try:
+            if "--confine" in argv:
+                _SHARED_NETNS = self.netns
+            elif self.netns is not None:
+                os.close(self.netns)
             self.signal.set_wakeup_fd(-1)
             self.signal.signal(self.signal.SIGCHLD, self.signal.SIG_DFL)
             self.ctl.close()

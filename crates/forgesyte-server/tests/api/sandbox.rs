@@ -77,8 +77,15 @@ fn status(server: &Forgesyte, plugin: &str) -> Value {
 
 /// Every attack on `confined` is denied, with what was denied named; the
 /// same attacks on `open` (which declares what it needs) succeed where
-/// declared. `denied` is the error type a refusal has in that runtime.
-fn attack(server: &Forgesyte, plugins: &PluginsDir, confined: &str, open: &str, denied: &str) {
+/// declared. `denied` is the error type a refusal has in that runtime;
+/// `network` what its health says of its network.
+fn attack(
+    server: &Forgesyte,
+    plugins: &PluginsDir,
+    [confined, open]: [&str; 2],
+    denied: &str,
+    network: &str,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let own = plugins.path().join(confined).join("secret.txt");
@@ -94,10 +101,8 @@ fn attack(server: &Forgesyte, plugins: &PluginsDir, confined: &str, open: &str, 
             .is_some_and(|f| f.starts_with("confined: Landlock")),
         "{shown}"
     );
-    assert_eq!(
-        confinement["network"], "isolated: a network namespace of its own",
-        "{shown}"
-    );
+    assert_eq!(confinement["network"], network, "{shown}");
+    assert_eq!(confinement["scopes"], SCOPES, "{shown}");
     assert_eq!(confinement["env"], "scrubbed", "{shown}");
 
     let p = |path: &Path| json!({"path": path.to_str().unwrap()});
@@ -174,6 +179,12 @@ fn declares(plugins: &PluginsDir) -> Value {
     })
 }
 
+/// Health's `network` of a runner in a network namespace of its own, and of
+/// one in its zygote's shared one; its `scopes` (Landlock ABI >= 6).
+const OWN_NETWORK: &str = "isolated: a network namespace of its own";
+const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
+const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
+
 const ENV: [(&str, &str); 2] = [("SNOOP_DECLARED", "yes"), ("SNOOP_SECRET", "no")];
 
 fn python_server(zygote: &str) -> (PluginsDir, Forgesyte) {
@@ -192,13 +203,52 @@ fn python_server(zygote: &str) -> (PluginsDir, Forgesyte) {
 #[test]
 fn a_python_plugin_is_confined_through_the_zygote() {
     let (plugins, server) = python_server("1");
-    attack(&server, &plugins, "snoop", "snoop-open", "PermissionError");
+    let pair = ["snoop", "snoop-open"];
+    attack(&server, &plugins, pair, "PermissionError", SHARED_NETWORK);
 }
 
 #[test]
 fn a_python_plugin_is_confined_without_the_zygote() {
     let (plugins, server) = python_server("0");
-    attack(&server, &plugins, "snoop", "snoop-open", "PermissionError");
+    let pair = ["snoop", "snoop-open"];
+    attack(&server, &plugins, pair, "PermissionError", OWN_NETWORK);
+}
+
+/// Two Python runners the same zygote forked into the same network
+/// namespace: neither may connect to the other's abstract Unix socket nor
+/// signal it. With `--confine off` both go through (what shows the test can
+/// see them).
+#[test]
+fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
+    for confine in ["on", "off"] {
+        let plugins = PluginsDir::new();
+        python_snoop(&plugins, "snoop-a", json!({}));
+        python_snoop(&plugins, "snoop-b", json!({}));
+        let server = Forgesyte::start_with_env(
+            &["--plugins", plugins.path_str(), "--confine", confine],
+            &[("FORGESYTE_PYTHON_ZYGOTE", "1")],
+        );
+        server.wait_loaded();
+        let name = format!("forgesyte-sandbox-test-{}-{confine}", std::process::id());
+        let a = call(&server, "snoop-a", "listen", json!({ "name": name })).unwrap();
+        let reach = call(&server, "snoop-b", "reach", json!({ "name": name }));
+        let signal = call(&server, "snoop-b", "signal", json!({"pid": a["pid"]}));
+        if confine == "off" {
+            assert_eq!(reach.unwrap()["connected"], true);
+            assert_eq!(signal.unwrap()["signalled"], true);
+            continue;
+        }
+        assert_eq!(
+            status(&server, "snoop-b")["confinement"]["network"],
+            SHARED_NETWORK
+        );
+        let (kind, error) = reach.unwrap_err();
+        assert_eq!(kind, "PermissionError", "{error}");
+        let (kind, error) = signal.unwrap_err();
+        assert_eq!(kind, "PermissionError", "{error}");
+        // Its own socket it still reaches.
+        call(&server, "snoop-a", "reach", json!({ "name": name })).unwrap();
+    }
 }
 
 #[test]
@@ -208,7 +258,13 @@ fn an_isolated_native_plugin_is_confined() {
     native_snoop(&plugins, "snoop-open", declares(&plugins));
     let server = Forgesyte::start_with_env(&["--plugins", plugins.path_str()], &ENV);
     server.wait_loaded();
-    attack(&server, &plugins, "snoop", "snoop-open", "Denied");
+    attack(
+        &server,
+        &plugins,
+        ["snoop", "snoop-open"],
+        "Denied",
+        OWN_NETWORK,
+    );
 }
 
 #[test]
