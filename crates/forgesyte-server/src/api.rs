@@ -8,6 +8,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -19,7 +20,6 @@ use crate::body::{self, RunRequest};
 use crate::error::{ApiError, ErrorDetail, RunFailure};
 use crate::extract::{ApiPath, PluginPath, ToolPath};
 use crate::respond::{json, json_bytes};
-use crate::run_body::RunBody;
 use crate::state::AppState;
 use crate::tools::{self, RunSuccess};
 use crate::wire::{JournalEntryJson, PluginStatusJson, ToolInfoJson};
@@ -252,10 +252,10 @@ pub(crate) async fn run_tool(
     State(state): State<AppState>,
     ApiPath(ToolPath { name: plugin, tool }): ApiPath<ToolPath>,
     headers: axum::http::HeaderMap,
-    RunBody(body): RunBody,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let mut request_bytes = 0;
-    let outcome = match body {
+    let outcome = match body::received(body, state.body_limit()) {
         Ok(bytes) => {
             request_bytes = bytes.len();
             match body::read(&headers, bytes).await {

@@ -47,8 +47,8 @@ pub(crate) fn received(
 
 /// Whether the body stopped arriving for longer than the body read timeout
 /// (`tower_http::timeout::RequestBodyTimeoutLayer` ended it).
-pub(crate) fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+fn timed_out(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
     while let Some(error) = source {
         if error.is::<tower_http::timeout::TimeoutError>() {
             return true;

@@ -96,7 +96,6 @@ mod reload;
 mod rescan;
 mod respond;
 mod router;
-mod run_body;
 mod server;
 pub mod signing;
 mod state;

@@ -42,7 +42,6 @@ mod transport;
 mod wire_error;
 mod zygote;
 
-pub use spares::body_writer;
 pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::ZYGOTE_ENV;
 

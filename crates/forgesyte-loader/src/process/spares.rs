@@ -4,19 +4,17 @@
 //! request's path; a spare has its pages allocated in advance by a
 //! background thread, so the request only copies into them, then seals the
 //! file exactly as a fresh one. The wire does not change: every attachment
-//! is a fully sealed file that nobody can change.
+//! is still a new, fully sealed file, held by one runner for one call.
 //!
 //! This module owns the stock and its filler thread. It knows nothing of
 //! runners, frames or sockets: [`sealed`] is a drop-in for
-//! [`shm::sealed`] that also passes a received body's own file
-//! ([`shared_body`]) instead of copying it.
+//! [`shm::sealed`].
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::OnceLock;
 
-use forgesyte_protocol::wire::shared_body::{self, BodyWriter};
 use forgesyte_protocol::wire::shm;
 use parking_lot::{Condvar, Mutex};
 
@@ -65,10 +63,6 @@ fn class(len: u64) -> Option<u64> {
 /// class is asked of the filler), else a fresh file (and a spare of its
 /// class is asked for the next attachment of that size).
 pub(crate) fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
-    // A body received into a sealed file crosses as that file: no copy.
-    if let Some(fd) = shared_body::sealed_file_of(bytes) {
-        return Ok(fd);
-    }
     let Some(capacity) = class(bytes.len() as u64) else {
         return shm::sealed(bytes);
     };
@@ -76,19 +70,6 @@ pub(crate) fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
         Some(spare) => shm::seal_spare(spare, bytes).or_else(|_| shm::sealed(bytes)),
         None => shm::sealed(bytes),
     }
-}
-
-/// A writer that receives a body of `len` bytes straight into a memory
-/// file (a spare of its size class when one is ready), so that the body
-/// crosses to a runner as that file, without a copy
-/// ([`shared_body::sealed_file_of`]).
-///
-/// # Errors
-///
-/// When no memory file can be made or mapped.
-pub fn body_writer(len: usize) -> io::Result<BodyWriter> {
-    let spare = class(len as u64).and_then(take);
-    BodyWriter::new(len, spare)
 }
 
 /// A ready spare of `capacity`, if any; a new one is wanted either way.

@@ -13,8 +13,6 @@ pub mod context;
 pub mod frame;
 pub mod message;
 #[cfg(feature = "shm")]
-pub mod shared_body;
-#[cfg(feature = "shm")]
 pub mod shm;
 
 pub use self::context::{CallContext, LOG_TAG_PREFIX, LogTags, valid_traceparent};

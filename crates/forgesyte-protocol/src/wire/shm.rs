@@ -45,7 +45,7 @@ pub const MEMFD_NAME: &str = "forgesyte-attachment";
 pub const SPARE_MEMFD_NAME: &str = "forgesyte-spare";
 
 /// The seals a shared attachment must carry: its bytes and size are fixed.
-pub(crate) fn required_seals() -> SealFlags {
+fn required_seals() -> SealFlags {
     SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW
 }
 
