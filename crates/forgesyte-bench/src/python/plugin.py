@@ -5,6 +5,8 @@ The seed's layout: ``class Plugin`` in ``plugin.py``, constructed as
 tools, ``noop`` and ``noop_frame`` (one binary argument, ``frame``, which
 arrives as ``bytes``; it answers its length), return at once: what a call
 costs is the host's path to the plugin and back, nothing else.
+``noop_frame_view`` is ``noop_frame`` opting in to ``"zero_copy": True``
+(a large ``frame`` arrives as a read-only ``memoryview``).
 """
 
 
@@ -29,6 +31,9 @@ class Plugin:
                 "output_schema": obj,
             },
         }
+        view = dict(self.tools["noop_frame"], zero_copy=True)
+        view["description"] = "noop_frame with a zero-copy memoryview."
+        self.tools["noop_frame_view"] = view
 
     def run_tool(self, tool_name, args):
         if tool_name not in self.tools:

@@ -30,14 +30,18 @@ pub(super) enum Runtime {
     InProcess,
     Isolated,
     Python,
+    /// The same Python plugin's tool that opts in to a zero-copy
+    /// `memoryview` (`"zero_copy": True`).
+    PythonView,
     ImageStats,
 }
 
 impl Runtime {
-    pub(super) const ALL: [Runtime; 4] = [
+    pub(super) const ALL: [Runtime; 5] = [
         Runtime::InProcess,
         Runtime::Isolated,
         Runtime::Python,
+        Runtime::PythonView,
         Runtime::ImageStats,
     ];
 
@@ -47,6 +51,7 @@ impl Runtime {
             Runtime::InProcess => "inproc",
             Runtime::Isolated => "isolated",
             Runtime::Python => "python",
+            Runtime::PythonView => "pythonview",
             Runtime::ImageStats => "imagestats",
         }
     }
@@ -57,6 +62,7 @@ impl Runtime {
             Runtime::InProcess => "no-op, in-process",
             Runtime::Isolated => "no-op, isolated native",
             Runtime::Python => "no-op, Python",
+            Runtime::PythonView => "no-op, Python, zero-copy memoryview",
             Runtime::ImageStats => "image-stats (PNG), in-process",
         }
     }
@@ -67,6 +73,7 @@ impl Runtime {
             Runtime::InProcess => ("frames-native", "noop_frame", "frame"),
             Runtime::Isolated => ("frames-isolated", "noop_frame", "frame"),
             Runtime::Python => ("frames-py", "noop_frame", "frame"),
+            Runtime::PythonView => ("frames-py", "noop_frame_view", "frame"),
             Runtime::ImageStats => ("image-stats", "analyze", "image_base64"),
         }
     }
@@ -77,7 +84,7 @@ impl Runtime {
             Runtime::InProcess => Some(1.5),
             Runtime::Isolated => Some(2.0),
             Runtime::Python => Some(2.5),
-            Runtime::ImageStats => None,
+            Runtime::PythonView | Runtime::ImageStats => None,
         }
     }
 }
@@ -160,7 +167,11 @@ impl Bench<'_> {
                 std::fs::write(plugin_dir.join("plugin.py"), python::PLUGIN_SOURCE)?;
                 expect += 1;
             }
-            Err(why) => missing.push((Runtime::Python, format!("no Python interpreter: {why}"))),
+            Err(why) => {
+                for runtime in [Runtime::Python, Runtime::PythonView] {
+                    missing.push((runtime, format!("no Python interpreter: {why}")));
+                }
+            }
         }
         match image_stats_library(&self.options.server) {
             _ if self.options.mode == Mode::Smoke => {
@@ -374,8 +385,13 @@ mod tests {
     #[test]
     fn runtimes_name_their_plugin_and_only_no_ops_have_targets() {
         let ids: Vec<&str> = Runtime::ALL.iter().map(|r| r.id()).collect();
-        assert_eq!(ids, ["inproc", "isolated", "python", "imagestats"]);
+        assert_eq!(
+            ids,
+            ["inproc", "isolated", "python", "pythonview", "imagestats"]
+        );
         assert_eq!(Runtime::Python.target().0, "frames-py");
+        assert_eq!(Runtime::PythonView.target().1, "noop_frame_view");
+        assert_eq!(Runtime::PythonView.octet_target(), None);
         assert_eq!(Runtime::ImageStats.target().2, "image_base64");
         assert_eq!(Runtime::InProcess.octet_target(), Some(1.5));
         assert_eq!(Runtime::ImageStats.octet_target(), None);

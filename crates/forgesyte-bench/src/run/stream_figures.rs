@@ -45,7 +45,7 @@ impl Bench<'_> {
             let target = match runtime {
                 Runtime::InProcess => Target::AtLeast(1000.0),
                 Runtime::Isolated => Target::AtLeast(500.0),
-                Runtime::Python => Target::Report,
+                Runtime::Python | Runtime::PythonView => Target::Report,
                 Runtime::ImageStats => Target::RatioAtLeast(0.8),
             };
             let not_measured = |why: String| {
