@@ -187,6 +187,21 @@ fn runner_memfds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits (at most 5 s each) until neither live runner holds a memory file.
+fn assert_runners_hold_no_memfd(loader: &Loader) {
+    for name in [NATIVE, PYTHON] {
+        let pid = loader.handle(name).unwrap().pid().unwrap();
+        let since = Instant::now();
+        while runner_memfds(pid) > 0 {
+            assert!(
+                since.elapsed() < Duration::from_secs(5),
+                "{name}'s runner holds memory files"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// The host's spare memory files (descriptors, mappings).
 fn host_spares() -> (usize, usize) {
     let fds = std::fs::read_dir("/proc/self/fd")
@@ -305,17 +320,7 @@ fn spares_carry_large_attachments_and_stay_bounded_across_calls_and_kills() {
             kill_runner(&loader, &registry, PYTHON);
         }
     }
-    for name in [NATIVE, PYTHON] {
-        let pid = loader.handle(name).unwrap().pid().unwrap();
-        let since = Instant::now();
-        while runner_memfds(pid) > 0 {
-            assert!(
-                since.elapsed() < Duration::from_secs(5),
-                "{name}'s runner holds memory files"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    assert_runners_hold_no_memfd(&loader);
     assert_no_memfd_left();
     // Other tests of this binary may hold a filled spare for the length of
     // a call: wait (10 s at most) for the stock alone.
@@ -385,17 +390,7 @@ fn no_memory_file_outlives_its_call_after_10000_calls_and_100_kills() {
     }
     let kills = kills.elapsed();
     let failed: usize = callers.into_iter().map(|c| c.join().unwrap()).sum();
-    for name in [NATIVE, PYTHON] {
-        let pid = loader.handle(name).unwrap().pid().unwrap();
-        let since = Instant::now();
-        while runner_memfds(pid) > 0 {
-            assert!(
-                since.elapsed() < Duration::from_secs(5),
-                "{name}'s runner holds memory files"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    assert_runners_hold_no_memfd(&loader);
     assert_no_memfd_left();
     eprintln!(
         "10,000 calls ({failed} more failed) and 100 kills (in {kills:?}) in {:?}",

@@ -101,34 +101,13 @@ impl Registry {
     /// [`RegistryError::AlreadyRegistered`] when the name is taken; the
     /// registered plugin is left exactly as it was.
     pub fn register(&self, name: &str, info: PluginInfo) -> Result<(), RegistryError> {
-        let observers = self.shared.write.lock();
-        let current = self.shared.current.load_full();
-        if current.plugins.contains_key(name) || current.retiring.contains_key(name) {
-            return Err(RegistryError::AlreadyRegistered {
+        if self.register_all(&[(name.to_owned(), info)]) == 1 {
+            Ok(())
+        } else {
+            Err(RegistryError::AlreadyRegistered {
                 name: name.to_owned(),
-            });
+            })
         }
-        let mut plugins = current.plugins.clone();
-        let entry = Entry::new(info, Utc::now());
-        plugins.insert(Arc::from(name), Arc::new(ArcSwap::from_pointee(entry)));
-        self.shared.current.store(Arc::new(Inner {
-            plugins,
-            retiring: current.retiring.clone(),
-        }));
-        let generation = self.shared.generation.fetch_add(1, Ordering::Release) + 1;
-        if !observers.is_empty() {
-            observers.tell(&Change {
-                plugin: name,
-                kind: ChangeKind::Registered,
-                from: None,
-                to: PluginLifecycleState::Loaded,
-                reason: None,
-                restart_count: 0,
-                exit: None,
-                generation,
-            });
-        }
-        Ok(())
     }
 
     /// Starts retiring a plugin (its directory was removed): from now on it
