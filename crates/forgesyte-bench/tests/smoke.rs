@@ -36,12 +36,12 @@ const WITHOUT_REFERENCE: &[&str] = &["python_http_rps", "python_http_p99"];
 /// stream figures are "not available" on a server without the stream route.
 fn frame_figures() -> Vec<String> {
     let mut ids = Vec::new();
-    for runtime in ["inproc", "isolated", "python", "imagestats"] {
+    for runtime in ["inproc", "isolated", "python", "pythonview", "imagestats"] {
         for encoding in ["json", "multipart", "octet"] {
             ids.push(format!("frames_{runtime}_{encoding}_64k"));
         }
     }
-    for runtime in ["inproc", "isolated", "python", "imagestats"] {
+    for runtime in ["inproc", "isolated", "python", "pythonview", "imagestats"] {
         ids.push(format!("stream_{runtime}"));
     }
     ids
