@@ -110,8 +110,8 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// [`call_with`](Self::call_with) for a caller with a `context` (request
     /// id, `traceparent`). A runner-hosted instance sends it with the call;
     /// a native library hands it to the plugin when it exports the SDK's
-    /// context symbol; by default (an instance with no way to take it) it
-    /// is not passed on.
+    /// context symbol. It is [`call_output`](Self::call_output)'s JSON (an
+    /// instance with binary results has them as base64 there).
     fn call_in(
         &self,
         tool: &str,
@@ -119,13 +119,16 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
         attachments: &[(&str, &[u8])],
         context: &CallContext,
     ) -> Result<Vec<u8>, ToolError> {
-        let _ = context;
-        self.call_with(tool, args, attachments)
+        self.call_output(tool, args, attachments, context)?
+            .into_json()
     }
 
     /// [`call_in`](Self::call_in) with binary results kept as bytes beside
-    /// the JSON (a native ABI-3 library's, a runner's result attachments).
-    /// By default (an instance whose results are JSON only) the JSON alone.
+    /// the JSON (a native ABI-3 library's, a runner's result attachments):
+    /// the one call an instance that takes a context or gives binary
+    /// results overrides. By default (an instance whose results are JSON
+    /// only and that has no way to take a context) [`call_with`](Self::call_with),
+    /// the context not passed on.
     fn call_output(
         &self,
         tool: &str,
@@ -133,7 +136,8 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
         attachments: &[(&str, &[u8])],
         context: &CallContext,
     ) -> Result<CallOutput, ToolError> {
-        self.call_in(tool, args, attachments, context)
+        let _ = context;
+        self.call_with(tool, args, attachments)
             .map(CallOutput::json)
     }
 

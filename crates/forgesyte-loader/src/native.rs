@@ -433,17 +433,6 @@ impl PluginInstance for NativeInstance {
         result
     }
 
-    fn call_in(
-        &self,
-        tool: &str,
-        args: &[u8],
-        attachments: &[(&str, &[u8])],
-        context: &CallContext,
-    ) -> Result<Vec<u8>, ToolError> {
-        self.call_output(tool, args, attachments, context)?
-            .into_json()
-    }
-
     fn call_with(
         &self,
         tool: &str,

@@ -743,16 +743,6 @@ impl PluginInstance for ProcessInstance {
         ProcessInstance::call_with(self, tool, args, attachments)
     }
 
-    fn call_in(
-        &self,
-        tool: &str,
-        args: &[u8],
-        attachments: &[(&str, &[u8])],
-        context: &CallContext,
-    ) -> Result<Vec<u8>, ToolError> {
-        ProcessInstance::call_in(self, tool, args, attachments, context)
-    }
-
     fn call_output(
         &self,
         tool: &str,
