@@ -86,15 +86,7 @@ pub fn baseline_app(list_body: Bytes, health_body: Bytes) -> Router {
 pub fn baseline(list: &Path, health: &Path, bind: &str) -> anyhow::Result<()> {
     let list_body = Bytes::from(std::fs::read(list).context("reading the list body")?);
     let health_body = Bytes::from(std::fs::read(health).context("reading the health body")?);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(bind).await?;
-        println!("baseline listening on http://{}", listener.local_addr()?);
-        axum::serve(listener, baseline_app(list_body, health_body)).await?;
-        Ok(())
-    })
+    serve_baseline(baseline_app(list_body, health_body), bind)
 }
 
 /// `__frames_baseline --bind ADDR`: the frames figures' baseline, an axum
@@ -113,6 +105,12 @@ pub fn frames_baseline(bind: &str) -> anyhow::Result<()> {
             }),
         )
         .layer(axum::extract::DefaultBodyLimit::disable());
+    serve_baseline(app, bind)
+}
+
+/// Serves a baseline `app` on `bind` with `axum::serve`, after printing
+/// the line the benchmark waits for.
+fn serve_baseline(app: Router, bind: &str) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
