@@ -172,16 +172,7 @@ impl Loader {
         };
         self.entries.write().insert(
             name.clone(),
-            Entry {
-                dir: dir.clone(),
-                raw,
-                optional,
-                handle: None,
-                placement: outcome
-                    .as_ref()
-                    .ok()
-                    .map(|m| (m.runtime, m.declared_isolation)),
-            },
+            Entry::registered(dir.clone(), raw, optional, &outcome),
         );
         self.entry_points.write().insert(name.clone(), ep.clone());
         match outcome {

@@ -32,6 +32,28 @@ pub(super) struct Entry {
     pub(super) placement: Option<(Runtime, Option<Isolation>)>,
 }
 
+impl Entry {
+    /// A just-registered plugin's entry: no instance yet, and its placement
+    /// when its manifest was valid.
+    pub(super) fn registered<E>(
+        dir: PathBuf,
+        raw: Option<Arc<Value>>,
+        optional: bool,
+        manifest: &Result<Manifest, E>,
+    ) -> Entry {
+        Entry {
+            dir,
+            raw,
+            optional,
+            handle: None,
+            placement: manifest
+                .as_ref()
+                .ok()
+                .map(|m| (m.runtime, m.declared_isolation)),
+        }
+    }
+}
+
 /// Loads plugin directories into a [`Registry`] and owns the live instances.
 #[derive(Debug)]
 pub struct Loader {

@@ -121,16 +121,7 @@ impl Loader {
             };
             self.entries.write().insert(
                 name.clone(),
-                Entry {
-                    dir: c.dir.to_path_buf(),
-                    raw: c.raw,
-                    optional: c.optional,
-                    handle: None,
-                    placement: outcome
-                        .as_ref()
-                        .ok()
-                        .map(|m| (m.runtime, m.declared_isolation)),
-                },
+                Entry::registered(c.dir.to_path_buf(), c.raw, c.optional, &outcome),
             );
             match outcome {
                 Ok(manifest) => {
