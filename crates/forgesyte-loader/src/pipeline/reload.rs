@@ -120,7 +120,14 @@ impl Loader {
                         version: Some(m.version.clone()),
                         source: Some(entry.dir.clone()),
                     };
-                    if let Err(e) = self.registry.mark_loaded(name, Some(info)) {
+                    let mut loaded = self.registry.mark_loaded(name, Some(info.clone()));
+                    // A call that took the handle before it was retired may
+                    // have begun after the wait: wait for it, then again.
+                    if loaded.is_err() && self.registry.get_state(name) == Some(State::Running) {
+                        self.wait_idle(name);
+                        loaded = self.registry.mark_loaded(name, Some(info));
+                    }
+                    if let Err(e) = loaded {
                         tracing::warn!(plugin = %name, error = %e, "Plugin {name} not reloaded: {e}");
                         self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                         continue;
