@@ -62,7 +62,7 @@ pub fn check_shared_memory(r: &RunnerUnderTest) {
     let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 13 % 251) as u8).collect();
     let small = b"\x00\xffsmall";
     let atts: [&[u8]; 2] = [&big, small];
-    let mut out = Outgoing::prepare(&atts, 1024);
+    let out = Outgoing::prepare(&atts, 1024);
     let head = out.header(
         serde_json::to_string(&json!({"op": "call", "id": 601, "tool": r.echo_tool,
                  "args": {"big": null, "small": null}, "attachments": ["/big", "/small"]}))

@@ -444,7 +444,7 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
             std::process::exit(i32::from(EXIT_PROTOCOL));
         }
     };
-    let mut outgoing = shm_link()
+    let outgoing = shm_link()
         .map(|(_, threshold)| Outgoing::prepare(attachments, *threshold))
         .unwrap_or_default();
     let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);

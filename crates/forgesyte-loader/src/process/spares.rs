@@ -6,16 +6,20 @@
 //! file exactly as a fresh one. The wire does not change: every attachment
 //! is still a new, fully sealed file, held by one runner for one call.
 //!
+//! The same thread also closes the host's copies of sent files once their
+//! call is answered ([`Retire`]): the close of a file's last copy frees its
+//! pages, which is then neither on the runner's nor the host's request path.
+//!
 //! This module owns the stock and its filler thread. It knows nothing of
-//! runners, frames or sockets: [`sealed`] is a drop-in for
-//! [`shm::sealed`].
+//! runners or sockets: [`sealed`] is a drop-in for [`shm::sealed`], and
+//! [`Retire`] takes an [`Outgoing`] frame's files.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::OnceLock;
 
-use forgesyte_protocol::wire::shm;
+use forgesyte_protocol::wire::shm::{self, Outgoing};
 use parking_lot::{Condvar, Mutex};
 
 const MIB: u64 = 1 << 20;
@@ -34,6 +38,8 @@ struct Stock {
     ready: VecDeque<(u64, OwnedFd)>,
     /// Capacities to make, in order.
     wanted: VecDeque<u64>,
+    /// Sent files whose last copy the filler closes.
+    retired: Vec<OwnedFd>,
     filler_started: bool,
 }
 
@@ -66,22 +72,31 @@ pub(crate) fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
     let Some(capacity) = class(bytes.len() as u64) else {
         return shm::sealed(bytes);
     };
-    match take(capacity) {
+    let sealed = match take(capacity) {
         Some(spare) => shm::seal_spare(spare, bytes).or_else(|_| shm::sealed(bytes)),
         None => shm::sealed(bytes),
-    }
+    };
+    // Asked for after the copy: the filler zeroes pages, and would take
+    // memory bandwidth and a core from the copy on a small machine.
+    want(capacity);
+    sealed
 }
 
-/// A ready spare of `capacity`, if any; a new one is wanted either way.
+/// A ready spare of `capacity`, if any.
 fn take(capacity: u64) -> Option<OwnedFd> {
-    let shared = shared();
-    let mut stock = shared.stock.lock();
-    let found = stock
+    let mut stock = shared().stock.lock();
+    stock
         .ready
         .iter()
         .position(|(c, _)| *c == capacity)
         .and_then(|i| stock.ready.remove(i))
-        .map(|(_, fd)| fd);
+        .map(|(_, fd)| fd)
+}
+
+/// Asks the filler for a spare of `capacity` (starting it the first time).
+fn want(capacity: u64) {
+    let shared = shared();
+    let mut stock = shared.stock.lock();
     if !stock.wanted.contains(&capacity) {
         stock.wanted.push_back(capacity);
     }
@@ -96,22 +111,32 @@ fn take(capacity: u64) -> Option<OwnedFd> {
         }
     }
     shared.wake.notify_one();
-    found
 }
 
 /// The filler thread: makes the spares wanted, one at a time, and keeps
-/// the stock within its bounds (the oldest spares go first).
+/// the stock within its bounds (the oldest spares go first). It runs at a
+/// lower priority (nice 10) than the threads serving requests, whose work
+/// it only prepares.
 fn fill() {
+    // Best effort: at the default priority it only competes more.
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
     let shared = shared();
     loop {
-        let capacity = {
+        let (retired, capacity) = {
             let mut stock = shared.stock.lock();
             loop {
-                if let Some(c) = stock.wanted.pop_front() {
-                    break c;
+                let retired = std::mem::take(&mut stock.retired);
+                let capacity = stock.wanted.pop_front();
+                if !retired.is_empty() || capacity.is_some() {
+                    break (retired, capacity);
                 }
                 shared.wake.wait(&mut stock);
             }
+        };
+        // Closed first: their pages are what the next spare may need.
+        drop(retired);
+        let Some(capacity) = capacity else {
+            continue;
         };
         // Outside the lock: this is the slow part. A spare that cannot be
         // made (memory limit) leaves the next attachment a fresh file.
@@ -125,6 +150,46 @@ fn fill() {
         {
             stock.ready.pop_front();
         }
+    }
+}
+
+/// The host's copies of one frame's memory files, closed when this is
+/// dropped: those of at least [`SPARE_MIN_BYTES`] by the filler thread
+/// (the close of a file's last copy frees its pages, about 2 ms for 8 MB
+/// on a slow VM), smaller ones at once.
+#[derive(Debug)]
+pub(crate) struct Retire(Vec<OwnedFd>);
+
+impl Retire {
+    /// The files of `outgoing`, whose attachments were `attachments`.
+    pub(crate) fn new(outgoing: Outgoing, attachments: &[&[u8]]) -> Retire {
+        Retire(
+            outgoing
+                .into_files()
+                .into_iter()
+                .filter(|(i, _)| {
+                    attachments
+                        .get(*i)
+                        .is_some_and(|a| a.len() as u64 >= SPARE_MIN_BYTES)
+                })
+                .map(|(_, fd)| fd)
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Retire {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let shared = shared();
+        let mut stock = shared.stock.lock();
+        if stock.filler_started {
+            stock.retired.append(&mut self.0);
+            shared.wake.notify_one();
+        }
+        // Without a filler thread they close here, as they always did.
     }
 }
 
@@ -200,5 +265,47 @@ mod tests {
         let stock = ready();
         assert!(stock.len() <= STOCK_MAX_FILES);
         assert!(stock.iter().sum::<u64>() <= STOCK_MAX_BYTES);
+    }
+
+    /// The descriptors of this process whose link names `name`.
+    fn open_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().contains(name))
+            .count()
+    }
+
+    #[test]
+    fn retired_files_close_small_ones_at_once_and_large_ones_on_the_filler() {
+        // The filler runs once any attachment of a spare's size was sealed
+        // (2 MiB: a class no other test of this module uses).
+        drop(sealed(&vec![7u8; 2 * MIB as usize]).unwrap());
+        let large = vec![1u8; MIB as usize];
+        let small = vec![2u8; 4096];
+        let make = |bytes: &[u8]| {
+            let name = if bytes.len() == small.len() {
+                "forgesyte-test-retire-small"
+            } else {
+                "forgesyte-test-retire-large"
+            };
+            let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+            rustix::io::write(&fd, bytes)?;
+            Ok(fd)
+        };
+        let attachments: [&[u8]; 3] = [&small, &[], &large];
+        let outgoing = Outgoing::prepare_with(&attachments, 1, make);
+        assert_eq!(open_named("forgesyte-test-retire-"), 2);
+        drop(Retire::new(outgoing, &attachments));
+        assert_eq!(open_named("forgesyte-test-retire-small"), 0);
+        let since = Instant::now();
+        while open_named("forgesyte-test-retire-large") > 0 {
+            assert!(
+                since.elapsed() < Duration::from_secs(10),
+                "the filler did not close a retired file"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(shared().stock.lock().retired.is_empty());
     }
 }

@@ -195,7 +195,7 @@ impl Transport {
         let deadline = Instant::now().checked_add(timeout);
         let head = head(id);
         // The copies into memory files happen before the writer is taken.
-        let mut outgoing = match &self.shm {
+        let outgoing = match &self.shm {
             Some(link) if self.uses_shm() => {
                 Outgoing::prepare_with(attachments, link.threshold, super::spares::sealed)
             }
@@ -248,6 +248,11 @@ impl Transport {
                 None => Err(RequestError::Closed(None)),
             },
         };
+        // The host's copies of the memory files stay open until the answer
+        // came (or the request failed), so the runner's close is never the
+        // one that frees their pages; the spares thread closes them, off
+        // this path.
+        let _retire = super::spares::Retire::new(outgoing, attachments);
         if let Err(e) = written {
             self.waiters.lock().map.remove(&id);
             return Err(match e {
@@ -576,7 +581,7 @@ mod tests {
                 panic!("not a call")
             };
             let atts: Vec<&[u8]> = frame.attachments().collect();
-            let mut out = Outgoing::prepare(&atts, 1);
+            let out = Outgoing::prepare(&atts, 1);
             let header = serde_json::to_vec(&Response::Result {
                 id,
                 result: RawValue::from_string("[null]".into()).unwrap(),

@@ -251,6 +251,12 @@ impl Outgoing {
         out
     }
 
+    /// The memory files, each with its attachment's index, for the caller
+    /// to close where closing costs least.
+    pub fn into_files(self) -> Vec<(usize, OwnedFd)> {
+        self.indices.into_iter().zip(self.fds).collect()
+    }
+
     /// Whether nothing goes through shared memory.
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
@@ -290,15 +296,13 @@ impl Outgoing {
 
     /// Sends the descriptors over `socket`, before the frame is written:
     /// one message, the count as a `u32le`, the descriptors in the order of
-    /// the indices. Nothing is sent when nothing is shared. The sender's
-    /// copies are closed either way: on an error, the frame goes inline.
-    pub fn send(&mut self, socket: BorrowedFd<'_>) -> io::Result<()> {
-        let sent = self.send_fds(socket);
-        self.fds.clear();
-        sent
-    }
-
-    fn send_fds(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
+    /// the indices. Nothing is sent when nothing is shared; on an error,
+    /// the frame goes inline. The sender's copies stay open until this
+    /// value is dropped or [`Outgoing::into_files`] takes them: a sender
+    /// that holds them until the answer arrives keeps the receiver's close
+    /// from being the last one, which frees the file's pages (PROTOCOL.md
+    /// §3.1, "Who frees a memory file").
+    pub fn send(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
         if self.is_empty() {
             return Ok(());
         }
@@ -446,7 +450,7 @@ mod tests {
     /// Sends a frame the way a peer does (descriptors first), reads it back.
     fn round_trip(atts: &[&[u8]], threshold: u64) -> (Frame, Vec<u8>) {
         let (a, b) = pair();
-        let mut out = Outgoing::prepare(atts, threshold);
+        let out = Outgoing::prepare(atts, threshold);
         let header = out.header(br#"{"op":"call","id":2}"#);
         out.send(a.as_fd()).unwrap();
         let mut bytes = Vec::new();
@@ -542,7 +546,7 @@ mod tests {
             } else {
                 rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC).unwrap()
             };
-            let mut out = Outgoing {
+            let out = Outgoing {
                 indices: vec![0],
                 fds: vec![fd],
             };
@@ -555,7 +559,7 @@ mod tests {
         }
         // Exactly at the limit, the frame's bytes and the shared ones: taken.
         let (a, b) = pair();
-        let mut out = Outgoing {
+        let out = Outgoing {
             indices: vec![0],
             fds: vec![sealed(&big).unwrap()],
         };
@@ -593,7 +597,7 @@ mod tests {
         let (a, b) = pair();
         let atts: [&[u8]; 2] = [b"small", &data];
         let mut made = 0;
-        let mut out = Outgoing::prepare_with(&atts, 1000, |bytes| {
+        let out = Outgoing::prepare_with(&atts, 1000, |bytes| {
             made += 1;
             seal_spare(spare(bytes.len() as u64)?, bytes)
         });
