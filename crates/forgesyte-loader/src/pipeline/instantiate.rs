@@ -52,22 +52,16 @@ impl Loader {
             self.recheck(p, &target, &signed)?;
         }
         // A library opened before (a rescan found it changed) is opened
-        // again under a new file identity; the old mapping stays. (Checked
-        // bytes are loaded from a memfd of their own: a new identity too.)
+        // again from its bytes in a memory file, a new file identity; the
+        // old mapping stays. (Checked bytes are always loaded that way.)
         // The canonical path resolved for the containment check is the
         // identity's key (resolved once, not once per use).
         let key = match canonical {
             Some(canonical) => canonical,
             None => crate::identity::canonical_key(&library_path),
         };
-        let open_path = self
-            .identities
-            .path_to_open_as(&library_path, &key)
-            .map_err(|e| ImportError::Open {
-                path: library_path.clone(),
-                detail: format!("cannot copy it to open it again under a new identity: {e}"),
-            })?;
-        let library = self.open_checked(p, &library_path, &open_path, &signed, pinned)?;
+        let again = self.identities.was_opened(&key);
+        let library = self.open_checked(p, &library_path, again, &signed, pinned)?;
         self.identities.opened_as(key);
         let instance = library.instantiate(&config)?;
         Ok(PluginHandle::new(

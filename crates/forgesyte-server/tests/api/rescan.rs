@@ -240,6 +240,16 @@ fn a_changed_in_process_library_serves_under_a_new_file_identity() {
         log.contains("opened again under a new file identity"),
         "{log}"
     );
+    // The new identity is a memory file named after the library: nothing
+    // was written to disk (a copy on disk outlived every killed server).
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.contains("/memfd:") && l.contains(&*good_library_name())),
+        "no library mapped from a memory file:\n{maps}"
+    );
+    let copies = std::env::temp_dir().join(format!("forgesyte-{}-libs", server.pid()));
+    assert!(!copies.exists(), "{}", copies.display());
 }
 
 #[test]
