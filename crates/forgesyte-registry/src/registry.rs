@@ -515,6 +515,14 @@ impl Registry {
         name: &str,
         confinement: Option<BTreeMap<String, String>>,
     ) -> Result<(), RegistryError> {
+        // What it already is (an in-process plugin has none): no write, so
+        // no new entry and no generation (a load pass sets it per plugin).
+        if self.with_entry(name, |_, entry| {
+            entry.confinement.as_deref() == confinement.as_ref()
+        }) == Some(true)
+        {
+            return Ok(());
+        }
         let confinement = confinement.map(Arc::new);
         self.update(name, |entry, _now| {
             entry.confinement = confinement.clone();
@@ -576,6 +584,14 @@ impl Registry {
                 entry.status(key, now),
                 entry.journal.iter().cloned().collect(),
             )
+        })
+    }
+
+    /// The state and reason of one plugin (without building its whole
+    /// status), `None` when it is not registered.
+    pub fn state_and_reason(&self, name: &str) -> Option<(PluginLifecycleState, Option<String>)> {
+        self.with_entry(name, |_, entry| {
+            (entry.state, entry.reason.as_deref().map(str::to_owned))
         })
     }
 

@@ -58,6 +58,10 @@ impl Loader {
     }
 
     pub(super) fn read_manifest(&self, dir: &Path) -> Result<Manifest, Box<BadManifest>> {
+        // The change stamp first: whatever changes from here on differs
+        // from it at the next rescan.
+        let stamped = super::stamp::stamp(dir);
+        self.fresh_stamps.lock().insert(dir.to_path_buf(), stamped);
         let path = dir.join(MANIFEST_FILE);
         let bytes = self.read_manifest_bytes(&path)?;
         let dir_name = dir_name(dir);

@@ -26,6 +26,7 @@ impl Loader {
     /// already has is the one that ends FAILED.
     pub fn load_all(&self, plugins_dir: &Path) -> LoadReport {
         let started = Instant::now();
+        self.fresh_stamps.lock().clear();
         *self.plugins_dir.write() = Some(plugins_dir.to_path_buf());
         let dirs = self.discover(plugins_dir);
         let entry_points = self.discover_entry_points();

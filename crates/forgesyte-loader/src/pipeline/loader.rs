@@ -1,14 +1,14 @@
 //! The [`Loader`] itself: its state, constructors, accessors and the
 //! retirement of isolated plugins when it lets them go.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use forgesyte_deps::{DependencyChecker, FileSystem, RealFs};
 use forgesyte_registry::Registry;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 
 use super::config::LoaderConfig;
@@ -78,7 +78,12 @@ pub struct Loader {
     /// Each plugin directory's change stamp as of the last pass, by
     /// registry key (see `rescan`).
     pub(super) stamps: RwLock<BTreeMap<String, Option<u64>>>,
-    /// In-process libraries opened so far, and their private copies.
+    /// Change stamps taken this load or rescan before a plugin directory's
+    /// files were read (by directory), for [`restamp`](Self::restamp): a
+    /// file changed while its plugin loaded then still differs from the
+    /// stamp the next rescan compares with.
+    pub(super) fresh_stamps: Mutex<HashMap<PathBuf, Option<u64>>>,
+    /// In-process libraries opened so far.
     pub(super) identities: Identities,
     /// What the current pass looks up once (canonical parents, lock files).
     pub(super) pass: PassCache,
@@ -125,6 +130,7 @@ impl Loader {
             clock: Arc::new(SystemClock),
             shutdown: ShutdownFlag::default(),
             stamps: RwLock::new(BTreeMap::new()),
+            fresh_stamps: Mutex::new(HashMap::new()),
             identities: Identities::default(),
             pass: PassCache::default(),
         }

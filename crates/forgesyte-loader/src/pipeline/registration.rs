@@ -240,16 +240,17 @@ impl Loader {
         started: Instant,
         outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
     ) {
-        let status = self.registry.get_status(name);
+        let (state, reason) = self
+            .registry
+            .state_and_reason(name)
+            .unwrap_or((PluginLifecycleState::Failed, None));
         outcomes.insert(
             name.to_owned(),
             PluginLoadOutcome {
                 name: name.to_owned(),
                 dir: dir.to_path_buf(),
-                state: status
-                    .as_ref()
-                    .map_or(PluginLifecycleState::Failed, |s| s.state),
-                reason: status.and_then(|s| s.reason),
+                state,
+                reason,
                 elapsed_ms: ms(started.elapsed()),
             },
         );

@@ -111,6 +111,7 @@ impl Loader {
     /// at a time.
     pub fn rescan(&self) -> RescanReport {
         let started = Instant::now();
+        self.fresh_stamps.lock().clear();
         let (new_entry_points, gone_entry_points) = self.rescan_entry_points();
         let plugins_dir = self.plugins_dir.read().clone();
         // Without a listing of the plugins directory (none was loaded, or it
@@ -154,6 +155,8 @@ impl Loader {
         let mut unchanged: Vec<(String, PathBuf)> = Vec::new();
         for (name, dir) in kept {
             let now = stamp(&dir);
+            // What a reload of it does not stamp again, keeps this stamp.
+            self.fresh_stamps.lock().insert(dir.clone(), now);
             if old_stamps.get(&name).is_none_or(|old| *old != now) {
                 changed.push(name);
             } else if self
@@ -222,21 +225,28 @@ impl Loader {
     }
 
     /// Records the change stamp of every registered plugin, the baseline
-    /// the next [`rescan`](Self::rescan) compares with.
+    /// the next [`rescan`](Self::rescan) compares with: the one taken
+    /// before its files were read this load or rescan
+    /// ([`fresh_stamps`](Loader::fresh_stamps)), else one taken now.
     pub(super) fn restamp(&self) {
-        let dirs: Vec<(String, PathBuf)> = self
-            .entries
-            .read()
-            .iter()
-            .map(|(name, e)| (name.clone(), e.dir.clone()))
-            .collect();
+        let mut fresh = std::mem::take(&mut *self.fresh_stamps.lock());
+        let mut stamps = BTreeMap::new();
+        let mut missing: Vec<(String, PathBuf)> = Vec::new();
+        for (name, entry) in self.entries.read().iter() {
+            match fresh.remove(&entry.dir) {
+                Some(stamped) => {
+                    stamps.insert(name.clone(), stamped);
+                }
+                None => missing.push((name.clone(), entry.dir.clone())),
+            }
+        }
         // On the pass's threads: a stamp is a few file-system calls per
-        // file of the plugin, and after a pass of 1,000 plugins these ran
-        // one by one on the pass's main thread (7% of a load pass's CPU).
-        let stamps = par_map(self.config.threads, &dirs, |(_, dir)| stamp(dir))
-            .into_iter()
-            .map(|((name, _), stamped)| (name.clone(), stamped.ok().flatten()))
-            .collect();
+        // file of the plugin (7% of a 1,000-plugin pass's CPU, one by one).
+        stamps.extend(
+            par_map(self.config.threads, &missing, |(_, dir)| stamp(dir))
+                .into_iter()
+                .map(|((name, _), stamped)| (name.clone(), stamped.ok().flatten())),
+        );
         *self.stamps.write() = stamps;
     }
 

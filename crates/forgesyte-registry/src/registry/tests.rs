@@ -664,3 +664,32 @@ fn uptime_does_not_go_backwards() {
     let second = registry.get_status("p").unwrap().uptime_seconds.unwrap();
     assert!(second >= first && first >= 0.0);
 }
+
+#[test]
+fn state_and_reason_read_one_entry_and_an_unchanged_confinement_writes_nothing() {
+    let registry = registry_with("p", Initialized);
+    assert_eq!(registry.state_and_reason("p"), Some((Initialized, None)));
+    assert_eq!(registry.state_and_reason("nope"), None);
+    registry.mark_failed("p", "ToolPanic: boom").unwrap();
+    assert_eq!(
+        registry.state_and_reason("p"),
+        Some((Failed, Some("ToolPanic: boom".to_owned())))
+    );
+    // None over none, and the same map twice: no write (no new generation).
+    let generation = registry.generation();
+    registry.set_confinement("p", None).unwrap();
+    assert_eq!(registry.generation(), generation);
+    let landlock: std::collections::BTreeMap<String, String> =
+        [("landlock".to_owned(), "enforced".to_owned())].into();
+    registry
+        .set_confinement("p", Some(landlock.clone()))
+        .unwrap();
+    assert_eq!(registry.generation(), generation + 1);
+    registry.set_confinement("p", Some(landlock)).unwrap();
+    assert_eq!(registry.generation(), generation + 1);
+    assert!(registry.get_status("p").unwrap().confinement.is_some());
+    assert!(matches!(
+        registry.set_confinement("nope", None),
+        Err(RegistryError::NotFound { .. })
+    ));
+}

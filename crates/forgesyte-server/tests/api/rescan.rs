@@ -210,6 +210,45 @@ fn a_changed_python_plugin_restarts_with_its_new_source() {
     );
 }
 
+/// POST /v1/plugins/reload with the admin token: the rescan's report.
+fn reload(server: &Forgesyte) -> Value {
+    let bearer = format!("Bearer {TOKEN}");
+    let reply = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/reload",
+        &[("Authorization", bearer.as_str())],
+        b"",
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+#[test]
+fn a_plugin_whose_directory_changed_while_it_loaded_is_reloaded_by_the_next_rescan() {
+    // The fixture's constructor writes into its own directory (confinement
+    // off: a confined runner could not). The change stamp is taken before
+    // its files are read, so the next rescan sees the file it wrote; a
+    // stamp taken after the pass would hide that change for good.
+    let dir = PluginsDir::new();
+    dir.python("writer", "writes_its_dir");
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--confine", "off"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    assert_eq!(served(&server, "writer", "ping").status, 200);
+    let written = dir.path().join("writer/written.txt");
+    assert!(written.exists(), "the fixture wrote nothing");
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["writer"]), "{report}");
+    assert_eq!(report["unchanged"], json!(["alpha"]), "{report}");
+    // Nothing changes alpha: the next rescan leaves it alone again.
+    let again = reload(&server);
+    assert_eq!(again["unchanged"], json!(["alpha"]), "{again}");
+}
+
 #[test]
 fn a_changed_in_process_library_serves_under_a_new_file_identity() {
     let dir = PluginsDir::new();
