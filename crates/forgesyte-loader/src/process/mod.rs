@@ -699,7 +699,7 @@ fn with_attachments(
         .enumerate()
         .map(|(index, pointer)| {
             let part = FramePart {
-                frame: Arc::clone(&frame),
+                frame: Some(Arc::clone(&frame)),
                 index,
             };
             (pointer, bytes::Bytes::from_owner(part))
@@ -711,13 +711,28 @@ fn with_attachments(
 /// Attachment `index` of a shared frame, as bytes that own (a share of)
 /// the frame.
 struct FramePart {
-    frame: Arc<forgesyte_protocol::wire::Frame>,
+    /// `None` only while it drops.
+    frame: Option<Arc<forgesyte_protocol::wire::Frame>>,
     index: usize,
 }
 
 impl AsRef<[u8]> for FramePart {
     fn as_ref(&self) -> &[u8] {
-        self.frame.attachment(self.index).unwrap_or_default()
+        self.frame
+            .as_deref()
+            .and_then(|frame| frame.attachment(self.index))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for FramePart {
+    /// The last part of a frame drops the frame where that costs least
+    /// ([`spares::drop_frame`]): an HTTP answer's bytes are let go on the
+    /// async runtime's threads.
+    fn drop(&mut self) {
+        if let Some(frame) = self.frame.take().and_then(|f| Arc::try_unwrap(f).ok()) {
+            spares::drop_frame(frame);
+        }
     }
 }
 
