@@ -105,18 +105,25 @@ pub fn app(state: AppState) -> Router {
         // After the routes: it applies to the routes registered so far.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
-        // Runs after routing (so it sees the matched route template) for
-        // every route and the fallback.
-        .layer(metrics::http::TrackLayer::new(state.clone()))
-        .layer(Extension(published()))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(RequestBodyTimeoutLayer::new(body_read_timeout))
-        // Outermost last: the id is set (kept when the client sent one)
-        // before the request's span opens, so every log line of the request
-        // carries it, and copied onto the answer.
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), RequestIds))
+        // One layer, composed here: each `Router::layer` call wraps every
+        // route in one more boxed service (a box and a boxed future per
+        // request each); composed, the stack costs one (measured: the
+        // six separate layers cost a fifth of a health check).
+        .layer(
+            tower::ServiceBuilder::new()
+                // Outermost first: the id is set (kept when the client sent
+                // one) before the request's span opens, so every log line of
+                // the request carries it, and copied onto the answer.
+                .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), RequestIds))
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+                .layer(RequestBodyTimeoutLayer::new(body_read_timeout))
+                .layer(DefaultBodyLimit::max(body_limit))
+                .layer(Extension(published()))
+                // Innermost, after routing (so it sees the matched route
+                // template) for every route and the fallback.
+                .layer(metrics::http::TrackLayer::new(state.clone())),
+        )
         .with_state(state)
 }
 
