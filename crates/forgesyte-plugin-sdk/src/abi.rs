@@ -921,6 +921,59 @@ mod tests {
         };
         assert_eq!(take(vt, status, out).0, STATUS_BAD_REQUEST);
         assert!(list.ptr.is_null());
+        // An entry whose bytes are a null pointer with a length, and one
+        // whose pointer is: refused, nothing read, no results.
+        let pointer = b"/x";
+        for (pointer, bytes) in [
+            (
+                FsSlice {
+                    ptr: pointer.as_ptr(),
+                    len: pointer.len(),
+                },
+                FsSlice {
+                    ptr: std::ptr::null(),
+                    len: 4,
+                },
+            ),
+            (
+                FsSlice {
+                    ptr: std::ptr::null(),
+                    len: 2,
+                },
+                FsSlice {
+                    ptr: pointer.as_ptr(),
+                    len: 1,
+                },
+            ),
+        ] {
+            let entry = [FsBinaryArg { pointer, bytes }];
+            let mut out = FsBuffer::empty();
+            let mut list = FsResultList::empty();
+            // SAFETY: the entry's null slices are checked.
+            let status = unsafe {
+                (vt.call_binary)(
+                    instance,
+                    b"bytes".as_ptr(),
+                    5,
+                    b"{}".as_ptr(),
+                    2,
+                    entry.as_ptr(),
+                    1,
+                    &mut out,
+                    &mut list,
+                )
+            };
+            let (status, body) = take(vt, status, out);
+            assert_eq!(status, STATUS_BAD_REQUEST, "{body}");
+            assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("null pointer"),
+                "{body}"
+            );
+            assert!(list.ptr.is_null());
+        }
         let mut out = FsBuffer::empty();
         // SAFETY: a null `out_binary` is checked.
         let status = unsafe {
