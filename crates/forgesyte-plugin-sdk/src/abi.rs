@@ -888,6 +888,34 @@ mod tests {
         unsafe { (vt.destroy)(instance) };
     }
 
+    /// `call_binary` of the tool `bytes` with `{}`, the raw `binary` array
+    /// and the raw `out_binary` slot: its status and answer.
+    fn raw_call_binary(
+        vt: &PluginVTable,
+        instance: *mut c_void,
+        binary: *const FsBinaryArg,
+        binary_len: usize,
+        out_binary: *mut FsResultList,
+    ) -> (FsStatus, Value) {
+        let mut out = FsBuffer::empty();
+        // SAFETY: what the test passes is what the SDK must check: null
+        // pointers with lengths; everything else is valid for the call.
+        let status = unsafe {
+            (vt.call_binary)(
+                instance,
+                b"bytes".as_ptr(),
+                5,
+                b"{}".as_ptr(),
+                2,
+                binary,
+                binary_len,
+                &mut out,
+                out_binary,
+            )
+        };
+        take(vt, status, out)
+    }
+
     #[test]
     fn binary_calls_that_break_the_contract_are_bad_requests_with_no_results() {
         let vt = vtable();
@@ -903,93 +931,30 @@ mod tests {
         assert!(results.is_empty());
         let (status, _, _) = call_binary(vt, instance, b"nope", b"{}", &[]);
         assert_eq!(status, STATUS_UNKNOWN_TOOL);
-        let mut out = FsBuffer::empty();
+        // A null binary array with a length.
         let mut list = FsResultList::empty();
-        // SAFETY: a null binary array with a length is checked.
-        let status = unsafe {
-            (vt.call_binary)(
-                instance,
-                b"bytes".as_ptr(),
-                5,
-                b"{}".as_ptr(),
-                2,
-                std::ptr::null(),
-                3,
-                &mut out,
-                &mut list,
-            )
-        };
-        assert_eq!(take(vt, status, out).0, STATUS_BAD_REQUEST);
+        let (status, _) = raw_call_binary(vt, instance, std::ptr::null(), 3, &mut list);
+        assert_eq!(status, STATUS_BAD_REQUEST);
         assert!(list.ptr.is_null());
         // An entry whose bytes are a null pointer with a length, and one
         // whose pointer is: refused, nothing read, no results.
-        let pointer = b"/x";
+        let text = b"/x";
+        let slice = |ptr: *const u8, len| FsSlice { ptr, len };
         for (pointer, bytes) in [
-            (
-                FsSlice {
-                    ptr: pointer.as_ptr(),
-                    len: pointer.len(),
-                },
-                FsSlice {
-                    ptr: std::ptr::null(),
-                    len: 4,
-                },
-            ),
-            (
-                FsSlice {
-                    ptr: std::ptr::null(),
-                    len: 2,
-                },
-                FsSlice {
-                    ptr: pointer.as_ptr(),
-                    len: 1,
-                },
-            ),
+            (slice(text.as_ptr(), 2), slice(std::ptr::null(), 4)),
+            (slice(std::ptr::null(), 2), slice(text.as_ptr(), 1)),
         ] {
             let entry = [FsBinaryArg { pointer, bytes }];
-            let mut out = FsBuffer::empty();
             let mut list = FsResultList::empty();
-            // SAFETY: the entry's null slices are checked.
-            let status = unsafe {
-                (vt.call_binary)(
-                    instance,
-                    b"bytes".as_ptr(),
-                    5,
-                    b"{}".as_ptr(),
-                    2,
-                    entry.as_ptr(),
-                    1,
-                    &mut out,
-                    &mut list,
-                )
-            };
-            let (status, body) = take(vt, status, out);
+            let (status, body) = raw_call_binary(vt, instance, entry.as_ptr(), 1, &mut list);
             assert_eq!(status, STATUS_BAD_REQUEST, "{body}");
-            assert!(
-                body["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains("null pointer"),
-                "{body}"
-            );
+            let message = body["message"].as_str().unwrap_or_default();
+            assert!(message.contains("null pointer"), "{body}");
             assert!(list.ptr.is_null());
         }
-        let mut out = FsBuffer::empty();
-        // SAFETY: a null `out_binary` is checked.
-        let status = unsafe {
-            (vt.call_binary)(
-                instance,
-                b"bytes".as_ptr(),
-                5,
-                b"{}".as_ptr(),
-                2,
-                std::ptr::null(),
-                0,
-                &mut out,
-                std::ptr::null_mut(),
-            )
-        };
-        assert_eq!(take(vt, status, out).0, STATUS_BAD_REQUEST);
+        // A null `out_binary`.
+        let (status, _) = raw_call_binary(vt, instance, std::ptr::null(), 0, std::ptr::null_mut());
+        assert_eq!(status, STATUS_BAD_REQUEST);
         // SAFETY: created above; the empty list is a no-op.
         unsafe {
             (vt.free_results)(FsResultList::empty());
