@@ -125,6 +125,12 @@ fn want(capacity: u64) {
     shared.wake.notify_one();
 }
 
+/// Whether letting go of the last copy of a memory file of `len` bytes
+/// (its pages freed) is worth the filler thread: from [`SPARE_MIN_BYTES`].
+fn frees_slowly(len: usize) -> bool {
+    len as u64 >= SPARE_MIN_BYTES
+}
+
 /// Drops `thing` on the filler thread (started if need be), or here when
 /// there is none: for what frees a memory file's pages.
 fn drop_later(thing: Box<dyn Send>) {
@@ -143,12 +149,8 @@ fn drop_later(thing: Box<dyn Send>) {
 /// an async runtime's thread would hold up every request it serves), else
 /// here.
 pub(crate) fn drop_frame(frame: Frame) {
-    let large = (0..frame.attachment_count()).any(|i| {
-        frame.is_shared(i)
-            && frame
-                .attachment(i)
-                .is_some_and(|a| a.len() as u64 >= SPARE_MIN_BYTES)
-    });
+    let large = (0..frame.attachment_count())
+        .any(|i| frame.is_shared(i) && frame.attachment(i).is_some_and(|a| frees_slowly(a.len())));
     if large {
         drop_later(Box::new(frame));
     }
@@ -208,11 +210,7 @@ impl Retire {
             outgoing
                 .into_files()
                 .into_iter()
-                .filter(|(i, _)| {
-                    attachments
-                        .get(*i)
-                        .is_some_and(|a| a.len() as u64 >= SPARE_MIN_BYTES)
-                })
+                .filter(|(i, _)| attachments.get(*i).is_some_and(|a| frees_slowly(a.len())))
                 .map(|(_, fd)| fd)
                 .collect(),
         )
@@ -221,18 +219,9 @@ impl Retire {
 
 impl Drop for Retire {
     fn drop(&mut self) {
-        if self.0.is_empty() {
-            return;
+        if !self.0.is_empty() {
+            drop_later(Box::new(std::mem::take(&mut self.0)));
         }
-        let shared = shared();
-        let mut stock = shared.stock.lock();
-        if stock.filler_started {
-            stock
-                .retired
-                .extend(self.0.drain(..).map(|fd| Box::new(fd) as Box<dyn Send>));
-            shared.wake.notify_one();
-        }
-        // Without a filler thread they close here, as they always did.
     }
 }
 
