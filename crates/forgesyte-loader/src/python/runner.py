@@ -1702,6 +1702,18 @@ def _runtime_paths():
     return sorted(p for p in paths if os.path.isabs(p))
 
 
+def _landlock_abi(libc):
+    """(``libc.syscall`` set up to return a long, this kernel's Landlock ABI
+    version: below 1 when it has no Landlock)."""
+    import ctypes
+
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    abi = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                  ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    return syscall, abi
+
+
 def confine(plan):
     """Applies the host's sandbox ``plan`` to this process, before any
     plugin code runs: the environment replaced by ``plan["env"]``, no
@@ -1721,10 +1733,7 @@ def confine(plan):
     global _SHARED_NETNS
     shared, _SHARED_NETNS = _SHARED_NETNS, None
     libc = ctypes.CDLL(None, use_errno=True)
-    syscall = libc.syscall
-    syscall.restype = ctypes.c_long
-    abi = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
-                  ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    syscall, abi = _landlock_abi(libc)
     report = {}
     env = plan.get("env")
     if isinstance(env, dict):
@@ -2031,10 +2040,7 @@ class _Zygote(object):
         libc = self.libc
         if libc is None or os.environ.get(SHARED_NETNS_ENV) == "0":
             return None
-        syscall = libc.syscall
-        syscall.restype = ctypes.c_long
-        abi = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
-                      ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+        _, abi = _landlock_abi(libc)
         if abi < 6:
             return None
         try:
