@@ -101,3 +101,33 @@ fn an_abi_1_library_is_served_with_binary_arguments_as_base64() {
         assert_eq!(len, json!({"b64_len": expected.len()}));
     }
 }
+
+/// Libraries loaded from their bytes (checked bytes, or a library opened
+/// again) go through a memory file that the dynamic loader opens as
+/// `/proc/self/fd/N`. The loader answers a `dlopen` whose path names an
+/// object it already mapped with that object, without opening the file: a
+/// memory file that got the number of an earlier one (since closed) would
+/// run the earlier library's code. Each load here must be its own library.
+#[test]
+fn libraries_loaded_from_memory_files_one_after_another_are_each_their_own() {
+    use forgesyte_loader::Importer;
+    use forgesyte_loader::native::NativeImporter;
+
+    let good = std::path::PathBuf::from(zoo::GOOD_LIBRARY);
+    let old = std::path::Path::new(zoo::ABI_V1).join("libfixture_abi_v1.so");
+    let config =
+        serde_json::to_vec(&json!({"manifest": {}, "plugin_dir": "/", "models": {}})).unwrap();
+    for round in 0..3 {
+        for (path, abi_3) in [(&good, true), (&old, false)] {
+            let bytes = std::fs::read(path).unwrap();
+            let library = NativeImporter.open_bytes(path, &bytes).unwrap();
+            let instance = library.instantiate(&config).unwrap();
+            assert_eq!(
+                instance.takes_binary(),
+                abi_3,
+                "round {round}: {} answered as another library",
+                path.display()
+            );
+        }
+    }
+}

@@ -76,13 +76,44 @@ impl Importer for NativeImporter {
             path: path.to_path_buf(),
             detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
         })?;
-        let load = PathBuf::from(format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&fd)
-        ));
+        let (fd, load) = unclaimed_fd_path(fd).map_err(|e| ImportError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot give its memory file a descriptor of its own: {e}"),
+        })?;
         // The mapping made by dlopen keeps the memory file alive; the
         // descriptor is closed when `fd` drops.
-        NativeLibrary::open_at(&load, path).map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
+        let opened = NativeLibrary::open_at(&load, path);
+        drop(fd);
+        opened.map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
+    }
+}
+
+/// `RTLD_NOLOAD` (glibc and musl): only look for an object already mapped.
+const RTLD_NOLOAD: i32 = 0x4;
+
+/// A descriptor of the file of `fd` and its `/proc/self/fd/N` path, with
+/// an `N` that names no object the dynamic loader has mapped.
+///
+/// The dynamic loader answers a `dlopen` whose path is the name of an
+/// object it has mapped with that object, before it opens anything. A
+/// memory file that got the number of an earlier one (closed since, its
+/// library still mapped) would so run the earlier library's code. A taken
+/// number is skipped: its descriptor stays open while a higher one is
+/// tried, so the kernel cannot hand it out again.
+fn unclaimed_fd_path(fd: std::os::fd::OwnedFd) -> std::io::Result<(std::os::fd::OwnedFd, PathBuf)> {
+    use std::os::fd::AsRawFd as _;
+    let mut skipped = Vec::new();
+    let mut fd = fd;
+    loop {
+        let load = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        // SAFETY: with RTLD_NOLOAD nothing is opened or run: the handle of
+        // an object already mapped (its count raised, lowered again when the
+        // handle drops) or an error.
+        if unsafe { Library::open(Some(&load), RTLD_NOW | RTLD_NOLOAD) }.is_err() {
+            return Ok((fd, load));
+        }
+        let next = rustix::io::fcntl_dupfd_cloexec(&fd, fd.as_raw_fd() + 1)?;
+        skipped.push(std::mem::replace(&mut fd, next));
     }
 }
 
