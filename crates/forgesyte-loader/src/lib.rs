@@ -71,7 +71,6 @@
 pub mod entry_points;
 mod handle;
 mod host;
-mod identity;
 pub mod integrity;
 pub mod manifest;
 pub mod native;

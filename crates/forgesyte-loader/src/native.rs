@@ -65,55 +65,8 @@ impl Importer for NativeImporter {
         NativeLibrary::open(path).map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
     }
 
-    /// Loads `bytes` themselves: copied into a sealed memory file
-    /// (`memfd_create`, then no write, grow or shrink is possible), which
-    /// is inspected and `dlopen`ed as `/proc/self/fd/N`. What runs is
-    /// exactly what was hashed, whatever happens to `path` meanwhile.
-    /// Errors name `path`. The library's own path is then that memory
-    /// file: `$ORIGIN` in its run path does not find its directory.
     fn open_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Arc<dyn PluginLibrary>, ImportError> {
-        let fd = sealed_memfd(path, bytes).map_err(|e| ImportError::Open {
-            path: path.to_path_buf(),
-            detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
-        })?;
-        let (fd, load) = unclaimed_fd_path(fd).map_err(|e| ImportError::Open {
-            path: path.to_path_buf(),
-            detail: format!("cannot give its memory file a descriptor of its own: {e}"),
-        })?;
-        // The mapping made by dlopen keeps the memory file alive; the
-        // descriptor is closed when `fd` drops.
-        let opened = NativeLibrary::open_at(&load, path);
-        drop(fd);
-        opened.map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
-    }
-}
-
-/// `RTLD_NOLOAD` (glibc and musl): only look for an object already mapped.
-const RTLD_NOLOAD: i32 = 0x4;
-
-/// A descriptor of the file of `fd` and its `/proc/self/fd/N` path, with
-/// an `N` that names no object the dynamic loader has mapped.
-///
-/// The dynamic loader answers a `dlopen` whose path is the name of an
-/// object it has mapped with that object, before it opens anything. A
-/// memory file that got the number of an earlier one (closed since, its
-/// library still mapped) would so run the earlier library's code. A taken
-/// number is skipped: its descriptor stays open while a higher one is
-/// tried, so the kernel cannot hand it out again.
-fn unclaimed_fd_path(fd: std::os::fd::OwnedFd) -> std::io::Result<(std::os::fd::OwnedFd, PathBuf)> {
-    use std::os::fd::AsRawFd as _;
-    let mut skipped = Vec::new();
-    let mut fd = fd;
-    loop {
-        let load = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        // SAFETY: with RTLD_NOLOAD nothing is opened or run: the handle of
-        // an object already mapped (its count raised, lowered again when the
-        // handle drops) or an error.
-        if unsafe { Library::open(Some(&load), RTLD_NOW | RTLD_NOLOAD) }.is_err() {
-            return Ok((fd, load));
-        }
-        let next = rustix::io::fcntl_dupfd_cloexec(&fd, fd.as_raw_fd() + 1)?;
-        skipped.push(std::mem::replace(&mut fd, next));
+        NativeLibrary::open_bytes(path, bytes).map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
     }
 }
 
@@ -180,19 +133,63 @@ impl NativeLibrary {
     /// Checks the file with [`inspect`], opens it, resolves the entry symbol
     /// and checks the ABI version before anything else of the plugin is
     /// called.
+    ///
+    /// A path whose name or file the dynamic loader has mapped already as
+    /// another version (a library replaced since, a link retargeted, a hard
+    /// link: see [`mapped`]) is loaded from its bytes instead, as
+    /// [`open_bytes`](Self::open_bytes) does, so that what runs is the file
+    /// at `path` now.
     pub fn open(path: &Path) -> Result<Self, ImportError> {
-        Self::open_at(path, path)
+        let (file, meta) = open_regular(path, path)?;
+        match mapped::claim(path, &meta) {
+            mapped::Claim::Path => Self::map(path, path, check_elf(file, meta.len(), path)?),
+            mapped::Claim::Copy => {
+                tracing::info!(library = %path.display(), "In-process library opened again under a new file identity (a memory file of its bytes): the dynamic loader has mapped another version of it");
+                let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+                std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(|e| {
+                    ImportError::Open {
+                        path: path.to_path_buf(),
+                        detail: e.to_string(),
+                    }
+                })?;
+                Self::open_bytes(path, &bytes)
+            }
+        }
     }
 
-    /// [`open`](Self::open) of the file at `load` (e.g. `/proc/self/fd/N`),
-    /// naming it `path` in errors and reasons.
-    fn open_at(load: &Path, path: &Path) -> Result<Self, ImportError> {
-        if !load.is_file() {
-            return Err(ImportError::LibraryNotFound {
-                path: path.to_path_buf(),
-            });
-        }
-        let fingerprint = vet_fingerprint(path, check_elf(load, path)?, &Fingerprint::current())?;
+    /// Loads `bytes` themselves: copied into a sealed memory file
+    /// (`memfd_create`, then no write, grow or shrink is possible), which
+    /// is inspected and `dlopen`ed as `/proc/self/fd/N` (an `N` that names
+    /// no mapped object: [`mapped::unclaimed_fd_path`]). What runs is
+    /// exactly what was hashed, whatever happens to `path` meanwhile.
+    /// Errors name `path`. The library's own path is then that memory
+    /// file: `$ORIGIN` in its run path does not find its directory.
+    pub fn open_bytes(path: &Path, bytes: &[u8]) -> Result<Self, ImportError> {
+        let fd = sealed_memfd(path, bytes).map_err(|e| ImportError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
+        })?;
+        let (fd, load) = mapped::unclaimed_fd_path(fd).map_err(|e| ImportError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot give its memory file a descriptor of its own: {e}"),
+        })?;
+        let (file, meta) = open_regular(&load, path)?;
+        // The mapping made by dlopen keeps the memory file alive; the
+        // descriptors are closed when they drop.
+        let opened = Self::map(&load, path, check_elf(file, meta.len(), path)?);
+        drop(fd);
+        opened
+    }
+
+    /// Maps the file at `load` (named `path` in errors and reasons), whose
+    /// ELF check found `found`: the fingerprint vetted, `dlopen`, the entry
+    /// symbol and the ABI version.
+    fn map(
+        load: &Path,
+        path: &Path,
+        found: Option<Result<Fingerprint, FingerprintError>>,
+    ) -> Result<Self, ImportError> {
+        let fingerprint = vet_fingerprint(path, found, &Fingerprint::current())?;
         // SAFETY: opening a library runs its initialisers. That is the point
         // of an in-process plugin; the file was named by the operator's
         // plugin directory, and the dependency checker never reaches here
@@ -280,12 +277,8 @@ impl NativeLibrary {
 /// or `None` for a library without one (see the [module
 /// documentation](self) for what is an error and what is only logged).
 pub fn inspect(path: &Path) -> Result<Option<Fingerprint>, ImportError> {
-    if !path.is_file() {
-        return Err(ImportError::LibraryNotFound {
-            path: path.to_path_buf(),
-        });
-    }
-    let found = check_elf(path, path)?;
+    let (file, meta) = open_regular(path, path)?;
+    let found = check_elf(file, meta.len(), path)?;
     vet_fingerprint(path, found, &Fingerprint::current())
 }
 
@@ -673,12 +666,38 @@ fn c_str(ptr: *const std::ffi::c_char) -> String {
         .into_owned()
 }
 
+/// The regular file at `load` (named `path` in errors), opened, and its
+/// metadata (one `fstat`): missing, or anything but a regular file, is
+/// [`ImportError::LibraryNotFound`].
+fn open_regular(
+    load: &Path,
+    path: &Path,
+) -> Result<(std::fs::File, std::fs::Metadata), ImportError> {
+    let not_found = || ImportError::LibraryNotFound {
+        path: path.to_path_buf(),
+    };
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => not_found(),
+        _ => ImportError::Open {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+    };
+    let file = std::fs::File::open(load).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_found());
+    }
+    Ok((file, meta))
+}
+
 /// Reads the ELF headers without running anything, so that files `dlopen`
 /// would crash on (a truncated library makes glibc's loader touch mapped
 /// pages past the end of the file: SIGBUS) are rejected with a reason; then
 /// reads the fingerprint section, `None` when there is none.
 fn check_elf(
-    load: &Path,
+    file: std::fs::File,
+    file_len: u64,
     path: &Path,
 ) -> Result<Option<Result<Fingerprint, FingerprintError>>, ImportError> {
     use object::ReadRef as _;
@@ -689,11 +708,6 @@ fn check_elf(
         path: path.to_path_buf(),
         detail,
     };
-    let file = std::fs::File::open(load).map_err(|e| ImportError::Open {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    })?;
-    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let data = object::ReadCache::new(pread::PreadFile::new(file, file_len));
     let header = FileHeader64::<object::Endianness>::parse(&data)
         .map_err(|e| not_a_library(format!("not a 64-bit ELF file ({e})")))?;
@@ -807,6 +821,7 @@ fn classify_open_error(path: &Path, message: &str) -> ImportError {
     }
 }
 
+mod mapped;
 mod pread;
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ impl Loader {
             return self.instantiate_python(p, known, &signed);
         }
         self.check_dependencies(p, &self.requirements(p), known)?;
-        let (library_path, canonical) = self.resolve_library(p)?;
+        let library_path = self.resolve_library(p)?;
         // Last step before anything of the plugin is opened or started.
         let target = Target::File(library_path.clone());
         let pinned = self.check_integrity(p, &target)?;
@@ -51,18 +51,7 @@ impl Loader {
             self.preflight(p, &library_path, &config)?;
             self.recheck(p, &target, &signed)?;
         }
-        // A library opened before (a rescan found it changed) is opened
-        // again from its bytes in a memory file, a new file identity; the
-        // old mapping stays. (Checked bytes are always loaded that way.)
-        // The canonical path resolved for the containment check is the
-        // identity's key (resolved once, not once per use).
-        let key = match canonical {
-            Some(canonical) => canonical,
-            None => crate::identity::canonical_key(&library_path),
-        };
-        let again = self.identities.was_opened(&key);
-        let library = self.open_checked(p, &library_path, again, &signed, pinned)?;
-        self.identities.opened_as(key);
+        let library = self.open_checked(p, &library_path, &signed, pinned)?;
         let instance = library.instantiate(&config)?;
         Ok(PluginHandle::new(
             p.name.clone(),
@@ -332,9 +321,8 @@ impl Loader {
     }
 
     /// Where the plugin's library is: inside its directory (no escape by `..`
-    /// or symlink), else on the configured library path; with its canonical
-    /// path when it is inside and exists.
-    fn resolve_library(&self, p: &Pending) -> Result<(PathBuf, Option<PathBuf>), PluginError> {
+    /// or symlink), else on the configured library path.
+    fn resolve_library(&self, p: &Pending) -> Result<PathBuf, PluginError> {
         let entry = p
             .manifest
             .entrypoint
@@ -342,36 +330,33 @@ impl Loader {
             .unwrap_or_else(|| format!("lib{}.so", p.name.replace(['-', '.'], "_")));
         let inside = manifest::join_inside(&p.dir, &entry);
         let bare = !entry.contains('/');
-        if self.fs.exists(&inside) || !bare {
-            let canonical = self.check_contained(&p.dir, &inside, &entry)?;
-            return Ok((inside, canonical));
+        // Resolving the path is the look-up: a library that resolves is
+        // there (no separate `exists`).
+        let resolved = self.check_contained(&p.dir, &inside, &entry)?;
+        if resolved || !bare || self.fs.exists(&inside) {
+            return Ok(inside);
         }
         for lib_dir in &self.config.lib_paths {
             let candidate = lib_dir.join(&entry);
             if self.fs.exists(&candidate) {
-                return Ok((candidate, None));
+                return Ok(candidate);
             }
         }
         Err(ImportError::LibraryNotFound { path: inside }.into())
     }
 
-    /// Fails when `path` resolves outside `dir`; returns its canonical path
-    /// (`None`: missing, which the import step reports precisely).
-    fn check_contained(
-        &self,
-        dir: &Path,
-        path: &Path,
-        entry: &str,
-    ) -> Result<Option<PathBuf>, PluginError> {
+    /// Fails when `path` resolves outside `dir`; whether it resolved (`false`:
+    /// missing, which the import step reports precisely).
+    fn check_contained(&self, dir: &Path, path: &Path, entry: &str) -> Result<bool, PluginError> {
         let Ok(real) = self.pass.canonicalize(self.fs.as_ref(), path) else {
-            return Ok(None);
+            return Ok(false);
         };
         let root = self
             .pass
             .canonicalize(self.fs.as_ref(), dir)
             .unwrap_or_else(|_| dir.to_path_buf());
         if real.starts_with(&root) {
-            Ok(Some(real))
+            Ok(true)
         } else {
             Err(ManifestError::PathEscape {
                 field: "entrypoint".into(),

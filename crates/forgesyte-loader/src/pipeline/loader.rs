@@ -16,7 +16,6 @@ use super::pass_cache::PassCache;
 use crate::entry_points::EntryPoint;
 use crate::handle::PluginHandle;
 use crate::host::Importer;
-use crate::identity::Identities;
 use crate::manifest::{Isolation, Manifest, Runtime};
 use crate::native::NativeImporter;
 use crate::supervise::{Clock, ShutdownFlag, SystemClock};
@@ -83,8 +82,6 @@ pub struct Loader {
     /// file changed while its plugin loaded then still differs from the
     /// stamp the next rescan compares with.
     pub(super) fresh_stamps: Mutex<HashMap<PathBuf, Option<u64>>>,
-    /// In-process libraries opened so far.
-    pub(super) identities: Identities,
     /// What the current pass looks up once (canonical parents, lock files).
     pub(super) pass: PassCache,
 }
@@ -131,7 +128,6 @@ impl Loader {
             shutdown: ShutdownFlag::default(),
             stamps: RwLock::new(BTreeMap::new()),
             fresh_stamps: Mutex::new(HashMap::new()),
-            identities: Identities::default(),
             pass: PassCache::default(),
         }
     }

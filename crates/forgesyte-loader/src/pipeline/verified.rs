@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use forgesyte_errors::{ImportError, IntegrityError, PluginError};
+use forgesyte_errors::{IntegrityError, PluginError};
 
 use super::loader::{Loader, Pending};
 use crate::handle::PluginHandle;
@@ -63,15 +63,13 @@ impl Loader {
     /// compared with that digest, and exactly those bytes are loaded
     /// ([`Importer::open_bytes`](crate::host::Importer::open_bytes)); a file
     /// changed since the check is an [`IntegrityError::ChangedSinceCheck`].
-    /// An unchecked library is opened at its path, unless it was opened
-    /// `again` (a rescan found it changed): then its bytes are loaded the
-    /// same way, a new file identity (the dynamic loader would hand back the
-    /// library it mapped for that path).
+    /// An unchecked library is opened at its path (the importer loads it
+    /// under a new file identity when the dynamic loader has mapped another
+    /// version of it).
     pub(super) fn open_checked(
         &self,
         p: &Pending,
         library: &Path,
-        again: bool,
         signed: &BTreeMap<String, String>,
         pinned: Option<String>,
     ) -> Result<Arc<dyn PluginLibrary>, PluginError> {
@@ -84,17 +82,7 @@ impl Loader {
             .and_then(|rel| signed.get(rel).cloned())
             .or(pinned);
         let Some(expected) = expected else {
-            if !again {
-                return Ok(self.importer.open(library)?);
-            }
-            let bytes = integrity::read_hashed(self.fs.as_ref(), library).map_err(|e| {
-                ImportError::Open {
-                    path: library.to_path_buf(),
-                    detail: format!("cannot read it to open it again under a new identity: {e}"),
-                }
-            })?;
-            tracing::info!(library = %library.display(), "In-process library opened again under a new file identity (a memory file of its bytes)");
-            return Ok(self.importer.open_bytes(library, &bytes)?);
+            return Ok(self.importer.open(library)?);
         };
         let subject = rel.unwrap_or_else(|| library.display().to_string());
         let changed = |detail: String| IntegrityError::ChangedSinceCheck {

@@ -291,6 +291,72 @@ fn a_changed_in_process_library_serves_under_a_new_file_identity() {
     assert!(!copies.exists(), "{}", copies.display());
 }
 
+/// Waits for `tool` of `plugin` to answer 200 (after a `SIGHUP`).
+fn wait_served(server: &Forgesyte, plugin: &str, tool: &str) -> Reply {
+    wait_for(
+        &format!("{plugin}'s tool {tool} answering"),
+        Duration::from_secs(20),
+        server,
+        || {
+            let reply = served(server, plugin, tool);
+            (reply.status == 200).then_some(reply)
+        },
+    )
+}
+
+#[test]
+fn a_library_link_retargeted_to_a_new_build_serves_the_new_build() {
+    // The dynamic loader answers a `dlopen` of a path it has mapped with
+    // what it mapped: the link's own path must not bring the old build back.
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let plugin = dir.path().join("alpha");
+    let library = plugin.join(good_library_name());
+    std::fs::rename(&library, plugin.join("build-1.so")).unwrap();
+    std::os::unix::fs::symlink("build-1.so", &library).unwrap();
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+    assert_eq!(served(&server, "alpha", "ok").status, 404);
+
+    std::fs::copy(
+        forgesyte_tests::zoo::FAULTY_LIBRARY,
+        plugin.join("build-2.so"),
+    )
+    .unwrap();
+    let link = plugin.join("next.link");
+    std::os::unix::fs::symlink("build-2.so", &link).unwrap();
+    std::fs::rename(&link, &library).unwrap();
+    hangup(&server);
+    let reply = wait_served(&server, "alpha", "ok");
+    assert_eq!(reply.json()["result"], json!({"ok": true}));
+}
+
+#[test]
+fn a_library_refused_after_it_was_mapped_loads_once_it_is_fixed() {
+    // A library without the entry symbol is mapped (and stays mapped:
+    // libraries are never unloaded) before it is refused; its fixed build,
+    // put in its place, must be what the next rescan opens.
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let library = dir.path().join("alpha").join(good_library_name());
+    let no_entry = Path::new(forgesyte_tests::zoo::NO_ENTRY).join("libfixture_no_entry.so");
+    replace_by_rename(no_entry.to_str().unwrap(), &library);
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let health = state_of(&server, "alpha").unwrap();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    let reason = health["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("forgesyte_plugin_entry"), "{health}");
+
+    replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
+    hangup(&server);
+    let reply = wait_served(&server, "alpha", "echo");
+    assert_eq!(reply.json()["result"], json!({"x": 1}));
+    let health = state_of(&server, "alpha").unwrap();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+}
+
 #[test]
 fn watch_picks_up_a_new_plugin_without_a_signal() {
     let dir = PluginsDir::new();
