@@ -370,8 +370,8 @@ fn lock_one(
     let bytes = fs
         .read(manifest_path, manifest::DEFAULT_MAX_MANIFEST_BYTES)
         .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
-    let has_plugin_py = fs.exists(&dir.join(PLUGIN_PY));
-    let manifest = manifest::parse_in(&bytes, manifest_path, dir_name, has_plugin_py)
+    let has_plugin_py = || fs.exists(&dir.join(PLUGIN_PY));
+    let manifest = manifest::parse_asking(&bytes, manifest_path, dir_name, &has_plugin_py)
         .map_err(|e| e.to_string())?;
     let target = Target::of(dir, &manifest);
     if let Target::File(path) = &target

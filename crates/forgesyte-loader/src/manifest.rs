@@ -255,6 +255,18 @@ pub fn parse_in(
     dir_name: &str,
     has_plugin_py: bool,
 ) -> Result<Manifest, ManifestError> {
+    parse_asking(bytes, path, dir_name, &|| has_plugin_py)
+}
+
+/// [`parse_in`] that asks `has_plugin_py` only when the answer decides the
+/// runtime (no `runtime`, no `entrypoint`): a file-system look-up the
+/// other manifests do not pay.
+pub fn parse_asking(
+    bytes: &[u8],
+    path: &Path,
+    dir_name: &str,
+    has_plugin_py: &dyn Fn() -> bool,
+) -> Result<Manifest, ManifestError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ManifestError::Empty {
             path: path.to_path_buf(),
@@ -264,7 +276,7 @@ pub fn parse_in(
         path: path.to_path_buf(),
         source: e,
     })?;
-    from_value_in(raw, dir_name, has_plugin_py)
+    from_value_asking(raw, dir_name, has_plugin_py)
 }
 
 /// Validates an already-parsed manifest object.
@@ -277,6 +289,14 @@ pub fn from_value_in(
     raw: Value,
     dir_name: &str,
     has_plugin_py: bool,
+) -> Result<Manifest, ManifestError> {
+    from_value_asking(raw, dir_name, &|| has_plugin_py)
+}
+
+fn from_value_asking(
+    raw: Value,
+    dir_name: &str,
+    has_plugin_py: &dyn Fn() -> bool,
 ) -> Result<Manifest, ManifestError> {
     let Some(obj) = raw.as_object() else {
         return Err(ManifestError::InvalidField {
@@ -319,7 +339,7 @@ pub fn from_value_in(
         None => match &entrypoint {
             Some(entry) if is_module_path(entry) => Runtime::Python,
             Some(_) => Runtime::Native,
-            None if has_plugin_py => Runtime::Python,
+            None if has_plugin_py() => Runtime::Python,
             None => Runtime::Native,
         },
     };

@@ -58,16 +58,23 @@ impl Loader {
     }
 
     pub(super) fn read_manifest(&self, dir: &Path) -> Result<Manifest, Box<BadManifest>> {
-        // The change stamp first: whatever changes from here on differs
-        // from it at the next rescan.
-        let stamped = super::stamp::stamp(dir);
-        self.fresh_stamps.lock().insert(dir.to_path_buf(), stamped);
         let path = dir.join(MANIFEST_FILE);
-        let bytes = self.read_manifest_bytes(&path)?;
+        let read = self.read_manifest_bytes(&path);
+        // The change stamp before anything else of the plugin is read:
+        // whatever changes from here on differs from it at the next rescan.
+        // It hashes the manifest bytes parsed here (read once); a manifest
+        // that could not be read is read again by the stamp.
+        let stamped = match &read {
+            Ok(bytes) => super::stamp::stamp_with(dir, Some(bytes)),
+            Err(_) => super::stamp::stamp(dir),
+        };
+        self.fresh_stamps.lock().insert(dir.to_path_buf(), stamped);
+        let bytes = read?;
         let dir_name = dir_name(dir);
-        let raw: Option<Value> = serde_json::from_slice(&bytes).ok();
-        let has_plugin_py = self.fs.exists(&dir.join(manifest::PLUGIN_PY));
-        manifest::parse_in(&bytes, &path, &dir_name, has_plugin_py).map_err(|e| bad(raw, e))
+        let has_plugin_py = || self.fs.exists(&dir.join(manifest::PLUGIN_PY));
+        manifest::parse_asking(&bytes, &path, &dir_name, &has_plugin_py)
+            // The JSON again only for a refused manifest (its claimed name).
+            .map_err(|e| bad(serde_json::from_slice(&bytes).ok(), e))
     }
 
     /// The bytes of the manifest file `path`, within the size cap.

@@ -34,6 +34,12 @@ const SKIPPED: [&str; 7] = [
 /// The stamp of `dir`; `None` when it cannot be read at all.
 pub(super) fn stamp(dir: &Path) -> Option<u64> {
     let manifest = std::fs::read(dir.join(MANIFEST_FILE)).ok();
+    stamp_with(dir, manifest.as_deref())
+}
+
+/// [`stamp`] of `dir` whose manifest bytes were read already (`None`: it
+/// has none that can be read).
+pub(super) fn stamp_with(dir: &Path, manifest: Option<&[u8]>) -> Option<u64> {
     let mut hasher = DefaultHasher::new();
     manifest.hash(&mut hasher);
     // The lock file beside the plugin directory pins it too.
@@ -66,7 +72,12 @@ fn walk(
         }
         let rel = format!("{prefix}{name}");
         // Follows links: a library that is a link to a rebuilt file changes.
-        let Ok(meta) = std::fs::metadata(entry.path()) else {
+        // Anything else is looked up in its directory (no walk of the path).
+        let meta = match entry.file_type() {
+            Ok(kind) if !kind.is_symlink() => entry.metadata(),
+            _ => std::fs::metadata(entry.path()),
+        };
+        let Ok(meta) = meta else {
             rel.hash(hasher);
             continue;
         };
