@@ -861,6 +861,10 @@ def _escape(key):
     return key.replace("~", "~0").replace("/", "~1")
 
 
+# An array index of more digits names no element of any list.
+_MAX_INDEX_DIGITS = 18
+
+
 def _resolve(root, pointer):
     """The value at ``pointer`` (serde_json's ``pointer_mut``), or _MISSING."""
     if pointer == "":
@@ -875,7 +879,10 @@ def _resolve(root, pointer):
         elif isinstance(target, list):
             if token.startswith("+") or (token.startswith("0") and len(token) != 1):
                 return _MISSING
-            if not token.isdigit() or not token.isascii() or int(token) >= len(target):
+            # More digits than any list has elements (and than ``int``
+            # converts): no element.
+            if (not token.isdigit() or not token.isascii() or len(token) > _MAX_INDEX_DIGITS
+                    or int(token) >= len(target)):
                 return _MISSING
             target = target[int(token)]
         else:
@@ -903,6 +910,7 @@ def place(root, pointer, value):
         # RFC 6901: an index is "0" or digits without a leading zero.
         canonical = key == "0" or (
             key != "" and not key.startswith("0") and key.isascii() and key.isdigit()
+            and len(key) <= _MAX_INDEX_DIGITS
         )
         if not canonical or int(key) >= len(parent):
             raise PointerError(pointer, "names no element of its array")
@@ -1316,16 +1324,14 @@ def _bind_and_call(fn, args):
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return fn(**args)
-    try:
-        signature.bind(**args)
-        return fn(**args)
-    except TypeError:
-        pass
-    try:
-        signature.bind(args)
-        return fn(args)
-    except TypeError:
-        pass
+    # Only the binding is tried: a TypeError raised by the handler itself is
+    # its error (the handler must not run again with another shape).
+    for shape_args, shape_kwargs in (((), args), ((args,), {})):
+        try:
+            signature.bind(*shape_args, **shape_kwargs)
+        except TypeError:
+            continue
+        return fn(*shape_args, **shape_kwargs)
     return fn(**args)  # the call's own TypeError says what is wrong
 
 
@@ -1505,6 +1511,9 @@ class Runner(object):
                     if callable(method):
                         _await(method())
                 specs, table = collect_tools(instance, manifest)
+                # Encoded here: a spec that cannot be (text that is not
+                # valid Unicode) fails construction, not the runner.
+                encode({"tools": specs})
             except BaseException as e:
                 self.init_failed(rid, python_error(e))
                 return

@@ -16,9 +16,11 @@ import os
 import platform
 import queue
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -588,6 +590,25 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(header["error"]["name"], "no_such_pkg")
         self.assertEqual(p.wait(5), 0)
 
+    def test_a_tool_spec_that_is_not_valid_unicode_fails_construction(self):
+        # A description made from a file name that is not UTF-8: the
+        # runner answers init_failed instead of dying on the answer.
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write("import os\n"
+                    "class Plugin:\n"
+                    "    def __init__(self):\n"
+                    "        self.tools = {'t': {'handler': self.t,\n"
+                    "                      'description': os.fsdecode(b'model-\\xe9.bin')}}\n"
+                    "    def t(self, **kw):\n"
+                    "        return {}\n")
+        p = Proc(self, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
+        p.hello()
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed", header)
+        self.assertEqual(header["error"]["error_type"], "UnicodeEncodeError", header)
+
     def test_a_failing_constructor(self):
         p = self.start("bad_init")
         p.hello()
@@ -958,6 +979,32 @@ class MemoryLimitTests(RunnerTestCase):
 
 class UnitTests(unittest.TestCase):
     """Pure functions of runner.py, imported in this process."""
+
+    def test_a_handler_whose_own_body_raises_type_error_runs_once(self):
+        calls = []
+
+        def detect(image):
+            calls.append(image)
+            raise TypeError("the tool's own bug")
+
+        def star(**kwargs):
+            calls.append(kwargs)
+            raise TypeError("the tool's own bug")
+
+        def whole(args):
+            calls.append(args)
+            raise TypeError("the tool's own bug")
+
+        for fn in (detect, star, whole):
+            del calls[:]
+            with self.assertRaises(TypeError):
+                runner_module._bind_and_call(fn, {"image": 1})
+            self.assertEqual(len(calls), 1, (fn.__name__, calls))
+
+    def test_an_array_index_too_long_for_int_names_no_element(self):
+        for pointer in ("/a/" + "1" * 5000, "/a/" + "1" * 5000 + "/x", "/a/" + "9" * 19):
+            with self.assertRaises(runner_module.PointerError, msg=pointer[:10]):
+                runner_module.place({"a": []}, pointer, b"")
 
     def lead_with_a_wire_that_raises(self, exc):
         """Runs Runner.lead() over a wire whose read_frame raises ``exc``;
