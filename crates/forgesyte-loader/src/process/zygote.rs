@@ -319,8 +319,6 @@ impl Zygote {
         };
         // Its runners get SIGKILL as it goes (their parent-death signal).
         let why = format!("{why}, and its runners with it");
-        let _ = self.process.lock().kill();
-        let _ = self.process.lock().wait();
         let (spawning, children) = {
             let mut state = self.state.lock();
             state.dead = Some(why.clone());
@@ -329,6 +327,16 @@ impl Zygote {
                 std::mem::take(&mut state.children),
             )
         };
+        // What the runners started goes too: each runner leads a process
+        // group, which outlives it while a process it started lives (and
+        // its id is given to no new process meanwhile). The runners' own
+        // pids are not signalled: once the zygote is gone, whoever reaps
+        // them may free their pids.
+        for &pid in children.keys() {
+            kill_only_group(pid);
+        }
+        let _ = self.process.lock().kill();
+        let _ = self.process.lock().wait();
         tracing::debug!(pid = self.pid, "{why}");
         for (_, tx) in spawning {
             let _ = tx.send(Err(why.clone()));
@@ -370,13 +378,18 @@ impl Zygote {
 
 /// `SIGKILL` to process group `pid` and to process `pid`.
 pub(crate) fn kill_group(pid: u32) {
-    if let Some(pid) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    if let Some(pid) = kill_only_group(pid) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
+}
+
+/// `SIGKILL` to process group `pid`; the pid, when it is one.
+fn kill_only_group(pid: u32) -> Option<rustix::process::Pid> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)?;
+    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    Some(pid)
 }
 
 /// A runner a zygote forked.

@@ -181,6 +181,32 @@ fn a_python_plugins_own_processes_end_with_its_crashed_runner() {
     }
 }
 
+/// A process a Python plugin started ends when the plugin's zygote dies
+/// (its runner dies with the zygote, and the host kills what is left of
+/// the runner's process group).
+#[test]
+fn a_python_plugins_own_processes_end_when_its_zygote_dies() {
+    let dir = PluginsDir::new();
+    dir.python("faulty", "faulty");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let reply = server.run("faulty", "spawn", r#"{"args": {}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let sleeper = u32::try_from(reply.json()["result"]["pid"].as_u64().unwrap()).unwrap();
+    assert!(!ended(sleeper));
+    let zygote = zygote_pid(server.pid()).expect("a zygote");
+    signal(&zygote.to_string(), "-KILL");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ended(sleeper) {
+        assert!(
+            Instant::now() < deadline,
+            "the plugin's process {sleeper} outlived its zygote; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// With the zygote off, each Python runner is a child of the server, its
 /// command line naming the plugin; with it on (the default), a grandchild.
 #[test]
