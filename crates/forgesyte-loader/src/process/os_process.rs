@@ -51,11 +51,16 @@ impl OsProcess {
         }
     }
 
-    /// Whether the runner is still running (neither ended nor reaped).
+    /// Whether the runner is still running (neither ended nor reaped). A
+    /// forked runner whose exit the zygote has not reported yet (a busy
+    /// zygote may take a while) has ended when it is a zombie: its zygote
+    /// reaps it only once the host has recorded the report.
     pub(crate) fn is_running(&self) -> bool {
         match self {
             OsProcess::Direct(child) => matches!(direct_state(child.id()), Ended::No),
-            OsProcess::Forked(child) => matches!(child.try_wait(), Ok(None)),
+            OsProcess::Forked(child) => {
+                matches!(child.try_wait(), Ok(None)) && !forked_has_ended(child.id())
+            }
         }
     }
 
@@ -94,5 +99,40 @@ fn direct_state(pid: u32) -> Ended {
         Ok(Some(_)) => Ended::NotReaped,
         // ECHILD: reaped already.
         Err(_) => Ended::Reaped,
+    }
+}
+
+/// Whether process `pid`, a zygote's runner whose exit is not reported yet
+/// (so not reaped: its pid is still its own), has ended: a zombie, or gone.
+fn forked_has_ended(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forked_has_ended;
+
+    #[test]
+    fn a_zombie_or_a_gone_process_has_ended_a_running_one_has_not() {
+        let mut running = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut zombie = std::process::Command::new("true").spawn().unwrap();
+        assert!(!forked_has_ended(running.id()));
+        // Not reaped: a zombie until `wait`.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !forked_has_ended(zombie.id()) {
+            assert!(std::time::Instant::now() < deadline, "never a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = zombie.wait();
+        assert!(forked_has_ended(zombie.id()), "reaped: gone");
+        let _ = running.kill();
+        let _ = running.wait();
     }
 }

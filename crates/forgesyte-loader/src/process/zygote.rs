@@ -118,6 +118,11 @@ pub(crate) struct Zygote {
     pid: u32,
     interpreter: PathBuf,
     control: Mutex<OwnedFd>,
+    /// Pids the zygote may reap, for the reap writer thread: the reader
+    /// thread never waits to write. (While the zygote sends a burst of exit
+    /// reports it reads nothing; a reader that waited to send `reap` then
+    /// waited on a zygote waiting on it, from about 560 exits at once.)
+    reaps: std::sync::mpsc::Sender<u32>,
     state: Mutex<State>,
     /// Kept so the process is reaped when the zygote ends.
     process: Mutex<std::process::Child>,
@@ -163,13 +168,7 @@ impl Zygote {
         let mut process = spawn_supervised(command)?;
         let stderr = process.stderr.take();
         let reader = ours.try_clone()?;
-        let zygote = Arc::new(Zygote {
-            pid: process.id(),
-            interpreter: key.interpreter.clone(),
-            control: Mutex::new(ours),
-            state: Mutex::new(State::default()),
-            process: Mutex::new(process),
-        });
+        let zygote = Zygote::assemble(key.interpreter.clone(), ours, process)?;
         tracing::debug!(
             pid = zygote.pid,
             interpreter = %key.interpreter.display(),
@@ -190,6 +189,37 @@ impl Zygote {
             .name(format!("forgesyte-zygote-{}", zygote.pid))
             .spawn(move || for_reader.read(reader))?;
         Ok(zygote)
+    }
+
+    /// The zygote of `process`, whose control socket is `control`, with
+    /// its reap writer thread (the reader thread is the caller's).
+    fn assemble(
+        interpreter: PathBuf,
+        control: OwnedFd,
+        process: std::process::Child,
+    ) -> io::Result<Arc<Zygote>> {
+        let pid = process.id();
+        let (reaps, to_reap) = std::sync::mpsc::channel::<u32>();
+        let writer = control.try_clone()?;
+        std::thread::Builder::new()
+            .name(format!("forgesyte-zygote-reap-{pid}"))
+            .spawn(move || {
+                // Ends with the zygote (its `Sender` dropped) or its socket.
+                for child in to_reap {
+                    let reap = json!({"op": "reap", "pid": child}).to_string();
+                    if send_on(&writer, reap.as_bytes(), &[]).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Arc::new(Zygote {
+            pid,
+            interpreter,
+            control: Mutex::new(control),
+            reaps,
+            state: Mutex::new(State::default()),
+            process: Mutex::new(process),
+        }))
     }
 
     fn is_dead(&self) -> bool {
@@ -277,20 +307,7 @@ impl Zygote {
     }
 
     fn send(&self, message: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-        let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
-            return Err(io::Error::other("too many descriptors for one message"));
-        }
-        let socket = self.control.lock();
-        rustix::net::sendmsg(
-            &*socket,
-            &[IoSlice::new(message)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        )?;
-        Ok(())
+        send_on(&self.control.lock(), message, fds)
     }
 
     /// The reader thread: spawn answers to their waiters, exit statuses to
@@ -369,11 +386,29 @@ impl Zygote {
                     slot.set(Ok(ExitStatus::from_raw(status)));
                 }
                 kill_group(pid);
-                let reap = json!({"op": "reap", "pid": pid}).to_string();
-                let _ = self.send(reap.as_bytes(), &[]);
+                // Gone only with the zygote, which reaps nothing then.
+                let _ = self.reaps.send(pid);
             }
         }
     }
+}
+
+/// Sends one control message (with `fds`) on `socket`, waiting for room.
+/// A SEQPACKET message goes whole, so two threads may send on one socket.
+fn send_on(socket: &OwnedFd, message: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+        return Err(io::Error::other("too many descriptors for one message"));
+    }
+    rustix::net::sendmsg(
+        socket,
+        &[IoSlice::new(message)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    Ok(())
 }
 
 /// `SIGKILL` to process group `pid` and to process `pid`.
@@ -435,5 +470,71 @@ impl ForkedChild {
         if status.is_none() {
             kill_group(self.pid);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reader thread handles exit reports while nobody reads the
+    /// zygote's end of the socket and its queue is full: it never waits to
+    /// write, and every reap is sent once the zygote reads again.
+    #[test]
+    fn exit_reports_are_handled_while_the_zygote_reads_nothing() {
+        let (ours, theirs) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        // Its queue full: no more room for a message from the host.
+        let mut queued = 0;
+        while rustix::net::send(&ours, b"{}", SendFlags::DONTWAIT).is_ok() {
+            queued += 1;
+        }
+        assert!(queued > 0);
+        // Stand-ins for the zygote and its runners: children of this
+        // process, not reaped until the end, so their pids stay theirs.
+        let process = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut runners: Vec<std::process::Child> = (0..20)
+            .map(|_| Command::new("true").spawn().unwrap())
+            .collect();
+        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let handler = Arc::clone(&zygote);
+        let pids: Vec<u32> = runners.iter().map(std::process::Child::id).collect();
+        std::thread::spawn(move || {
+            for &pid in &pids {
+                handler.state.lock().children.insert(pid, Arc::default());
+                handler.handle(Said::Exit { pid, status: 0 });
+            }
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "the reader waited on a zygote that reads nothing"
+        );
+        // The zygote reads again: what was queued, then one reap per exit.
+        let mut buffer = [0u8; 256];
+        let mut reaped = Vec::new();
+        while reaped.len() < runners.len() {
+            let (_, n) = rustix::net::recv(&theirs, &mut buffer, RecvFlags::empty()).unwrap();
+            let message: serde_json::Value = match serde_json::from_slice(&buffer[..n]) {
+                Ok(message) => message,
+                Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(&buffer[..n])),
+            };
+            if message["op"] == "reap" {
+                reaped.push(message["pid"].as_u64().unwrap());
+            }
+        }
+        let expected: Vec<u64> = runners.iter().map(|r| u64::from(r.id())).collect();
+        assert_eq!(reaped, expected);
+        for runner in &mut runners {
+            let _ = runner.wait();
+        }
+        let _ = zygote.process.lock().kill();
+        let _ = zygote.process.lock().wait();
     }
 }
