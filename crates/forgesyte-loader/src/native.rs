@@ -142,7 +142,12 @@ impl NativeLibrary {
     pub fn open(path: &Path) -> Result<Self, ImportError> {
         let (file, meta) = open_regular(path, path)?;
         match mapped::claim(path, &meta) {
-            mapped::Claim::Path => Self::map(path, path, check_elf(file, meta.len(), path)?),
+            mapped::Claim::Path(unmapped) => Self::map(
+                path,
+                path,
+                check_elf(file, meta.len(), path)?,
+                Some(unmapped),
+            ),
             mapped::Claim::Copy => {
                 tracing::info!(library = %path.display(), "In-process library opened again under a new file identity (a memory file of its bytes): the dynamic loader has mapped another version of it");
                 let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
@@ -176,18 +181,20 @@ impl NativeLibrary {
         let (file, meta) = open_regular(&load, path)?;
         // The mapping made by dlopen keeps the memory file alive; the
         // descriptors are closed when they drop.
-        let opened = Self::map(&load, path, check_elf(file, meta.len(), path)?);
+        let opened = Self::map(&load, path, check_elf(file, meta.len(), path)?, None);
         drop(fd);
         opened
     }
 
     /// Maps the file at `load` (named `path` in errors and reasons), whose
-    /// ELF check found `found`: the fingerprint vetted, `dlopen`, the entry
-    /// symbol and the ABI version.
+    /// ELF check found `found`: the fingerprint vetted, `dlopen` (recording
+    /// `by_name` as mapped once it is), the entry symbol and the ABI
+    /// version.
     fn map(
         load: &Path,
         path: &Path,
         found: Option<Result<Fingerprint, FingerprintError>>,
+        by_name: Option<mapped::Unmapped>,
     ) -> Result<Self, ImportError> {
         let fingerprint = vet_fingerprint(path, found, &Fingerprint::current())?;
         // SAFETY: opening a library runs its initialisers. That is the point
@@ -200,6 +207,10 @@ impl NativeLibrary {
                 error_chain(&e).replace(&*load.to_string_lossy(), &path.to_string_lossy());
             classify_open_error(path, &message)
         })?;
+        // Mapped for good (RTLD_NODELETE), whatever the checks below say.
+        if let Some(unmapped) = by_name {
+            unmapped.mapped();
+        }
         type Entry = unsafe extern "C" fn() -> *const PluginVTable;
         // SAFETY: the symbol, when present, is the SDK's entry function with
         // exactly this signature (SPEC §6); a foreign symbol of the same name

@@ -66,32 +66,52 @@ struct Mapped {
 static MAPPED: LazyLock<Mutex<Mapped>> = LazyLock::new(Mutex::default);
 
 /// How to open a library file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(super) enum Claim {
-    /// `dlopen` its path: the name and the file are its own (recorded now),
-    /// or the name maps this very file, unchanged.
-    Path,
+    /// `dlopen` its path: the name and the file are not mapped, or the name
+    /// maps this very file, unchanged. [`Unmapped::mapped`] records it once
+    /// the dynamic loader has mapped it.
+    Path(Unmapped),
     /// Load its bytes from a memory file: the name maps another file or
     /// another version of it, or the file is mapped under another name.
     Copy,
 }
 
+/// A library about to be mapped by its name.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Unmapped {
+    name: PathBuf,
+    version: Version,
+}
+
+impl Unmapped {
+    /// Records that the dynamic loader has mapped it (and keeps it mapped:
+    /// even if it is refused afterwards). A library that was never mapped
+    /// is not recorded: its file may be deleted, and its inode number
+    /// given to another file.
+    pub(super) fn mapped(self) {
+        let mut mapped = MAPPED.lock();
+        mapped.files.insert((self.version.dev, self.version.ino));
+        mapped.names.insert(self.name, self.version);
+    }
+}
+
 /// Whether the library at `name`, whose open file's metadata is `meta`,
-/// may be opened by its path; records it when so. Two loads racing for
-/// one new name or file: the first gets [`Claim::Path`], the other a copy.
+/// may be opened by its path. (Two loads of one new name or file at once
+/// both may: the dynamic loader then maps it once for both.)
 pub(super) fn claim(name: &Path, meta: &std::fs::Metadata) -> Claim {
     let version = Version::of(meta);
-    let mut mapped = MAPPED.lock();
+    let mapped = MAPPED.lock();
     match mapped.names.get(name) {
-        Some(known) if *known == version => return Claim::Path,
+        Some(known) if *known == version => {}
         Some(_) => return Claim::Copy,
+        None if mapped.files.contains(&(version.dev, version.ino)) => return Claim::Copy,
         None => {}
     }
-    if !mapped.files.insert((version.dev, version.ino)) {
-        return Claim::Copy;
-    }
-    mapped.names.insert(name.to_path_buf(), version);
-    Claim::Path
+    Claim::Path(Unmapped {
+        name: name.to_path_buf(),
+        version,
+    })
 }
 
 /// A descriptor of the file of `fd` and its `/proc/self/fd/N` path, with
@@ -127,8 +147,18 @@ mod tests {
         let lib = tmp.path().join("libx.so");
         std::fs::write(&lib, b"version one").unwrap();
         let meta = || std::fs::metadata(&lib).unwrap();
-        assert_eq!(claim(&lib, &meta()), Claim::Path, "new name, new file");
-        assert_eq!(claim(&lib, &meta()), Claim::Path, "the same, unchanged");
+        let Claim::Path(unmapped) = claim(&lib, &meta()) else {
+            panic!("new name, new file");
+        };
+        assert!(
+            matches!(claim(&lib, &meta()), Claim::Path(_)),
+            "not recorded before it is mapped"
+        );
+        unmapped.mapped();
+        assert!(
+            matches!(claim(&lib, &meta()), Claim::Path(_)),
+            "the same, unchanged"
+        );
         // The same file under another name: a hard link.
         let link = tmp.path().join("liby.so");
         std::fs::hard_link(&lib, &link).unwrap();
@@ -147,6 +177,6 @@ mod tests {
         let other = tmp.path().join("libz.so");
         std::fs::write(&other, b"other").unwrap();
         let other_meta = std::fs::metadata(&other).unwrap();
-        assert_eq!(claim(&other, &other_meta), Claim::Path);
+        assert!(matches!(claim(&other, &other_meta), Claim::Path(_)));
     }
 }
