@@ -250,7 +250,7 @@ impl IntoResponse for ApiError {
         if matches!(
             self,
             ApiError::Run {
-                error: RunError::TooManyCalls { .. },
+                error: RunError::TooManyCalls { .. } | RunError::NotStarted { .. },
                 ..
             }
         ) {
@@ -359,6 +359,14 @@ pub enum RunError {
         /// What happened.
         message: String,
     },
+    /// Every thread that runs tool calls was busy for the call's whole time
+    /// limit; the call never ran and the plugin is unaffected (503,
+    /// `ServerBusy`, with `Retry-After`).
+    #[error("no call thread free within {}s", waited.as_secs_f64())]
+    NotStarted {
+        /// How long it waited.
+        waited: Duration,
+    },
     /// The plugin already has its limit of tool calls in progress; the call
     /// never ran (503, `TooManyCalls`, with `Retry-After`).
     #[error("{limit} tool calls of the plugin in progress")]
@@ -379,9 +387,9 @@ impl RunError {
     pub fn status(&self) -> StatusCode {
         match self {
             RunError::PluginNotFound | RunError::UnknownTool => StatusCode::NOT_FOUND,
-            RunError::NotRunnable { .. } | RunError::TooManyCalls { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            RunError::NotRunnable { .. }
+            | RunError::TooManyCalls { .. }
+            | RunError::NotStarted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RunError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             RunError::InvalidBody { .. }
             | RunError::InvalidArgs { .. }
@@ -410,6 +418,7 @@ impl RunError {
             RunError::Timeout { .. } => "Timeout",
             RunError::QueueTimeout { .. } => "QueueTimeout",
             RunError::TooManyCalls { .. } => "TooManyCalls",
+            RunError::NotStarted { .. } => "ServerBusy",
             RunError::Internal { .. } => "InternalError",
         }
     }
@@ -456,6 +465,10 @@ impl RunError {
             RunError::QueueTimeout { after, .. } => format!(
                 "Tool '{t}' of plugin '{p}' waited its time limit of {}s for the plugin's call in progress and never ran; the plugin is unaffected",
                 after.as_secs_f64()
+            ),
+            RunError::NotStarted { waited } => format!(
+                "Tool '{t}' of plugin '{p}' could not start within its time limit of {}s: every thread that runs tool calls was busy; it did not run, the plugin is unaffected, retry later",
+                waited.as_secs_f64()
             ),
             RunError::TooManyCalls { limit } => format!(
                 "Plugin '{p}' has {limit} tool calls in progress, its limit; tool '{t}' did not run, retry later"

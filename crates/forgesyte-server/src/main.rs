@@ -697,6 +697,22 @@ impl ServeArgs {
     }
 }
 
+/// The environment variable bounding the threads that run blocking work:
+/// slow tool calls (past the per-core lanes), rescans.
+const BLOCKING_THREADS_ENV: &str = "FORGESYTE_BLOCKING_THREADS";
+
+/// The bound on blocking threads: `FORGESYTE_BLOCKING_THREADS`, else
+/// tokio's default, 512.
+fn blocking_threads() -> anyhow::Result<usize> {
+    match std::env::var(BLOCKING_THREADS_ENV) {
+        Err(_) => Ok(512),
+        Ok(value) => match value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => anyhow::bail!("{BLOCKING_THREADS_ENV} must be a positive number, not {value:?}"),
+        },
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     forgesyte_loader::process::set_shm_threshold(args.shm_threshold);
     let (mut config, admin_token_file) = args.config();
@@ -713,6 +729,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(blocking_threads()?)
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(async {

@@ -128,9 +128,10 @@ async fn run_unrecorded(
 ) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
     let handle = live_handle(state, plugin, tool)?;
     facts.tool_known = true;
-    // Held until this request ends: a flood of calls to one slow plugin
-    // queues at most this many, and the rest answer 503 at once.
-    let Some(_slot) = state.begin_call(plugin) else {
+    // Held by the call until the plugin returns (a client that hangs up
+    // does not free it): a flood of calls to one slow plugin queues at
+    // most this many, and the rest answer 503 at once.
+    let Some(slot) = state.begin_call(plugin) else {
         return Err(RunError::TooManyCalls {
             limit: state.max_calls_per_plugin(),
         });
@@ -151,34 +152,73 @@ async fn run_unrecorded(
         .unwrap_or_default();
     let (args, attachments) = arguments(input, &declared, handle.takes_binary())?;
     let started = Instant::now();
+    let start = Start::default();
+    let _unstarted = CancelUnstarted(start.clone());
+    let (started_tx, mut started_rx) = tokio::sync::oneshot::channel::<Instant>();
     let call = {
         let handle = handle.clone();
         let tool = tool.to_owned();
+        let start = start.clone();
         // The request's span goes with the call to the pool's thread: the
         // host's lines logged there (a plugin marked FAILED, ...) carry the
         // request id.
         let span = tracing::Span::current();
         state.calls().run(move || {
+            let _slot = slot;
+            if !start.begin() {
+                return None; // its request ended before it started
+            }
+            let _ = started_tx.send(Instant::now());
             span.in_scope(|| {
                 let refs: Vec<(&str, &[u8])> = attachments
                     .iter()
                     .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
                     .collect();
-                handle.call_output(&tool, &args, &refs, &context)
+                Some(handle.call_output(&tool, &args, &refs, &context))
             })
         })
+    };
+    // The time limit counts from the call's start: time spent waiting for a
+    // thread to run it (every call thread busy) is the server's, never the
+    // plugin's. A call that could not start within its limit never runs
+    // and answers 503; the plugin is unaffected. (`call` is polled
+    // meanwhile: that is what queues it.)
+    tokio::pin!(call);
+    let waited = tokio::time::sleep(limit);
+    tokio::pin!(waited);
+    let mut finished = None;
+    let began = loop {
+        tokio::select! {
+            biased;
+            began = &mut started_rx => break began.ok(),
+            out = &mut call, if finished.is_none() => finished = Some(out),
+            () = &mut waited, if finished.is_none() => break None,
+        }
+    };
+    let began = match began {
+        Some(began) => began,
+        None if finished.is_none() && start.cancel() => {
+            facts.elapsed = Some(started.elapsed());
+            return Err(RunError::NotStarted { waited: limit });
+        }
+        // It started just as the wait ended.
+        None if finished.is_none() => started_rx.await.unwrap_or(started),
+        None => started,
     };
     // One owner per timeout: an isolated plugin's handle times the call out
     // itself (it kills the runner and answers `TimedOut`, a 504), so only
     // an in-process call, whose thread cannot be stopped, is timed here.
-    let outcome = if handle.isolation() == Isolation::Process {
-        Ok(call.await)
-    } else {
-        tokio::time::timeout(limit, call).await
+    let outcome = match finished {
+        Some(out) => Ok(out),
+        None if handle.isolation() == Isolation::Process => Ok(call.await),
+        None => {
+            let deadline = tokio::time::Instant::from_std(began) + limit;
+            tokio::time::timeout_at(deadline, call).await
+        }
     };
     let elapsed = started.elapsed();
     facts.elapsed = Some(elapsed);
-    match outcome {
+    match outcome.map(Option::flatten) {
         Ok(Some(Ok(output))) => Ok((
             RunSuccess {
                 ok: true,
@@ -202,6 +242,44 @@ async fn run_unrecorded(
                 reason,
             })
         }
+    }
+}
+
+/// Whether a queued call has started: it starts only if its request has
+/// not ended (a client that hung up), and is cancelled only if it has not
+/// started. Dropped with its request, it cancels a call not yet started.
+#[derive(Debug, Default, Clone)]
+struct Start(std::sync::Arc<std::sync::atomic::AtomicU8>);
+
+impl Start {
+    const PENDING: u8 = 0;
+    const STARTED: u8 = 1;
+    const CANCELLED: u8 = 2;
+
+    fn moved(&self, from: u8, to: u8) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// On the call's thread: whether it may run.
+    fn begin(&self) -> bool {
+        self.moved(Self::PENDING, Self::STARTED)
+    }
+
+    /// Whether the call was cancelled before it started.
+    fn cancel(&self) -> bool {
+        self.moved(Self::PENDING, Self::CANCELLED)
+    }
+}
+
+/// Cancels the call of a request that ends (dropped) before it started.
+struct CancelUnstarted(Start);
+
+impl Drop for CancelUnstarted {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }
 

@@ -107,6 +107,8 @@ mod scaffold;
 mod signatures;
 #[path = "api/startup.rs"]
 mod startup;
+#[path = "api/starvation.rs"]
+mod starvation;
 #[path = "api/stream.rs"]
 mod stream;
 #[path = "api/trace.rs"]

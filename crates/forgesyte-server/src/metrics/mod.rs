@@ -69,7 +69,7 @@ pub(crate) enum Outcome {
     /// The plugin was not runnable (FAILED, UNAVAILABLE, no instance).
     not_runnable,
     /// The call never ran: the plugin had its limit of calls in progress, or
-    /// the call waited its time limit for its turn.
+    /// the call waited its time limit for its turn (or for a call thread).
     rejected,
     /// The request's body or arguments were malformed; the tool never ran.
     bad_request,
@@ -90,7 +90,9 @@ impl Outcome {
                 RunError::Timeout { .. } => Outcome::timeout,
                 RunError::PluginNotFound | RunError::UnknownTool => return None,
                 RunError::NotRunnable { .. } => Outcome::not_runnable,
-                RunError::TooManyCalls { .. } | RunError::QueueTimeout { .. } => Outcome::rejected,
+                RunError::TooManyCalls { .. }
+                | RunError::QueueTimeout { .. }
+                | RunError::NotStarted { .. } => Outcome::rejected,
                 RunError::MalformedBody { .. }
                 | RunError::InvalidBody { .. }
                 | RunError::PayloadTooLarge { .. }

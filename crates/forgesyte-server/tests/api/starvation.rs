@@ -1,0 +1,107 @@
+//! A server that cannot be starved through one plugin: clients that hang up
+//! do not free their call's slot before the plugin returns (so a plugin's
+//! calls in progress stay within `--max-calls-per-plugin`), and a call that
+//! found no free thread to run it within its time limit answers 503 without
+//! touching its plugin (the limit counts from the call's start).
+
+use std::io::Write as _;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::{Forgesyte, PluginsDir};
+
+/// Sends a tool call and hangs up at once, without reading the answer.
+fn abandoned_call(server: &Forgesyte, plugin: &str, body: &str) {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    let request = format!(
+        "POST /v1/plugins/{plugin}/tools/sleep/run HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    drop(stream);
+}
+
+fn in_flight(server: &Forgesyte, plugin: &str) -> u64 {
+    let health = server.get(&format!("/v1/plugins/{plugin}/health")).json();
+    health["in_flight"].as_u64().unwrap_or_default()
+}
+
+#[test]
+fn calls_whose_clients_hung_up_keep_their_slot_until_the_plugin_returns() {
+    let dir = PluginsDir::new();
+    dir.good("slow", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--max-calls-per-plugin", "3"]);
+    server.wait_loaded();
+    let body = r#"{"args": {"ms": 1500}}"#;
+    for _ in 0..12 {
+        abandoned_call(&server, "slow", body);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_millis(800);
+    let mut most = 0;
+    while Instant::now() < deadline {
+        most = most.max(in_flight(&server, "slow"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        most <= 3,
+        "{most} calls of the plugin in progress, its limit is 3"
+    );
+    assert!(most > 0, "no abandoned call ran");
+    // Its slots are taken by the calls still running: a new call waits its
+    // turn elsewhere.
+    let refused = server.run("slow", "sleep", body);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.json()["error_type"], "TooManyCalls");
+}
+
+#[test]
+fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
+    // One blocking thread, so the per-core lanes and it are all busy with
+    // the slow plugin's calls (2.5 s each, within their 10 s limit); the quick plugin's
+    // call (1 s limit) waits for a thread past its limit.
+    let dir = PluginsDir::new();
+    dir.good("slow", json!({"limits": {"call_timeout_s": 10}}));
+    dir.good("quick", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--call-timeout", "1"],
+        &[("FORGESYTE_BLOCKING_THREADS", "1")],
+    );
+    server.wait_loaded();
+    let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+    let body = r#"{"args": {"ms": 2500}}"#;
+    let busy: Vec<_> = (0..lanes + 3)
+        .map(|_| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                crate::support::http(
+                    addr,
+                    "POST",
+                    "/v1/plugins/slow/tools/sleep/run",
+                    body.as_bytes(),
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let reply = server.run("quick", "sleep", r#"{"args": {"ms": 1}}"#);
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["error_type"], "ServerBusy", "{}", reply.text());
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    let health = server.get("/v1/plugins/quick/health").json();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    for call in busy {
+        let reply = call.join().unwrap();
+        assert!(
+            reply.status == 200 || reply.status == 503,
+            "{}",
+            reply.text()
+        );
+    }
+    // Threads free again: the quick plugin answers.
+    let reply = server.run("quick", "sleep", r#"{"args": {"ms": 1}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
