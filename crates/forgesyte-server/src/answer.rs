@@ -75,11 +75,21 @@ pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representa
                 .unwrap_or_default()
                 .trim()
                 .to_ascii_lowercase();
+            // The weight, `q` or `Q` (parameter names are case-insensitive);
+            // a range whose weight is not a number from 0 to 1 is ignored.
             let q = params
-                .filter_map(|p| p.trim().strip_prefix("q="))
-                .find_map(|q| q.trim().parse::<f32>().ok())
-                .unwrap_or(1.0);
-            if !essence.is_empty() && q > 0.0 {
+                .filter_map(|p| p.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, q)| {
+                    q.trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|q| (0.0..=1.0).contains(q))
+                });
+            if let Some(q) = q
+                && !essence.is_empty()
+                && q > 0.0
+            {
                 ranges.push((essence, q, ranges.len()));
             }
         }
@@ -237,7 +247,11 @@ fn raw(success: &RunSuccess, mut binary: Vec<(String, Bytes)>) -> Response {
         Ok(text) if text.len() > MAX_RESULT_HEADER => {
             set(RESULT_OMITTED_HEADER, "too-large".into());
         }
-        Ok(text) if !text.is_ascii() => set(RESULT_OMITTED_HEADER, "not-ascii".into()),
+        // Visible ASCII and spaces only: a header value cannot hold DEL,
+        // which JSON leaves as it is.
+        Ok(text) if !text.bytes().all(|b| (b' '..=b'~').contains(&b)) => {
+            set(RESULT_OMITTED_HEADER, "not-ascii".into());
+        }
         Ok(text) => set(RESULT_HEADER, text),
         Err(_) => set(RESULT_OMITTED_HEADER, "unserialisable".into()),
     }
@@ -277,6 +291,18 @@ mod tests {
             ),
             Ok(Multipart)
         );
+        // `Q` is `q`; a weight that is not a number from 0 to 1 drops its range.
+        assert_eq!(
+            negotiate(
+                &accept("application/octet-stream;Q=0.1, multipart/mixed;q=0.5"),
+                1
+            ),
+            Ok(Multipart)
+        );
+        for bad in ["inf", "NaN", "2", "-1", "x"] {
+            let header = format!("application/octet-stream;q={bad}, multipart/mixed;q=0.5");
+            assert_eq!(negotiate(&accept(&header), 1), Ok(Multipart), "{bad}");
+        }
         // Raw bytes when there are not exactly one: another acceptable type,
         // or 406.
         assert_eq!(
@@ -316,6 +342,31 @@ mod tests {
         );
         let whole = with_base64(success, vec![(String::new(), Bytes::from_static(b"f"))]);
         assert_eq!(whole.result, json!("Zg=="));
+    }
+
+    #[test]
+    fn a_raw_answer_says_why_its_result_header_is_missing() {
+        let with = |result: serde_json::Value| {
+            let success = RunSuccess {
+                ok: true,
+                plugin_id: "p".into(),
+                tool_name: "t".into(),
+                result,
+                processing_time_ms: 1.0,
+            };
+            raw(&success, vec![("/b".into(), Bytes::from_static(b"x"))])
+        };
+        let plain = with(json!({"s": "fine"}));
+        assert!(plain.headers().contains_key(RESULT_HEADER));
+        for text in ["\u{7f}", "\u{e9}"] {
+            let answer = with(json!({ "s": text }));
+            assert!(!answer.headers().contains_key(RESULT_HEADER), "{text:?}");
+            assert_eq!(
+                answer.headers()[RESULT_OMITTED_HEADER],
+                "not-ascii",
+                "{text:?}"
+            );
+        }
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub(crate) mod close {
     pub(crate) const IDLE: u16 = 1000;
     /// The server is shutting down.
     pub(crate) const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol (a reserved opcode, ...).
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message was not UTF-8.
+    pub(crate) const INVALID_PAYLOAD: u16 = 1007;
     /// A frame was larger than the body limit.
     pub(crate) const TOO_BIG: u16 = 1009;
     /// The plugin crashed (or ran past its time limit) mid-stream.
@@ -215,12 +219,8 @@ async fn read(
             // Read on: the next read sends the close reply and ends.
             Some(Ok(Message::Close(_))) => {}
             Some(Err(e)) => {
-                if too_big(e) {
-                    let reason = format!(
-                        "a frame is larger than the limit of {} bytes",
-                        session.body_limit
-                    );
-                    say_close(&out, close::TOO_BIG, &reason).await;
+                if let Some((code, reason)) = refusal(e, session.body_limit) {
+                    say_close(&out, code, &reason).await;
                 }
                 return;
             }
@@ -259,14 +259,27 @@ async fn read(
 }
 
 /// Whether a read error is a message over the size limit.
-fn too_big(error: axum::Error) -> bool {
-    matches!(
-        error
-            .into_inner()
-            .downcast::<tungstenite::Error>()
-            .map(|e| *e),
-        Ok(tungstenite::Error::Capacity(_))
-    )
+/// The close code and reason for a client's message that broke the
+/// WebSocket rules (`None`: the connection itself failed, nothing to say).
+fn refusal(error: axum::Error, body_limit: usize) -> Option<(u16, String)> {
+    match error
+        .into_inner()
+        .downcast::<tungstenite::Error>()
+        .map(|e| *e)
+    {
+        Ok(tungstenite::Error::Capacity(_)) => Some((
+            close::TOO_BIG,
+            format!("a frame is larger than the limit of {body_limit} bytes"),
+        )),
+        Ok(tungstenite::Error::Utf8(_)) => Some((
+            close::INVALID_PAYLOAD,
+            "a text message is not valid UTF-8".to_owned(),
+        )),
+        Ok(tungstenite::Error::Protocol(e)) => {
+            Some((close::PROTOCOL_ERROR, format!("protocol error: {e}")))
+        }
+        _ => None,
+    }
 }
 
 /// Asks the writer to close with `code` and `reason`, waiting at most

@@ -425,6 +425,21 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     let (code, reason) = close_of(&mut socket);
     assert_eq!(code, 1009, "{reason}");
 
+    // A text message that is not UTF-8 closes it with 1007, a reserved
+    // opcode with 1002 (not a dropped connection).
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    for (opcode, expected) in [
+        (OpCode::Data(Data::Text), 1007),
+        (OpCode::Data(Data::Reserved(3)), 1002),
+    ] {
+        let mut socket = open(&server, &target("alpha", "frame", ""));
+        let bad = Frame::message(vec![0xff, 0xfe], opcode, true);
+        socket.send(Message::Frame(bad)).unwrap();
+        let (code, reason) = close_of(&mut socket);
+        assert_eq!(code, expected, "{opcode:?}: {reason}");
+    }
+
     // A shutdown closes open streams with 1001, and the server exits 0.
     let mut socket = open(&server, &target("alpha", "frame", ""));
     send_frame(&mut socket, frame(1));
