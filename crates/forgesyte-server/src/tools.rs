@@ -333,6 +333,16 @@ fn arguments(
     } = input;
     if let Some(bytes) = unnamed {
         match declared {
+            // The body (or a stream's frame) is the argument: the same name
+            // in `args` too is one argument given twice, as multipart
+            // refuses a part named like an `args` key.
+            [one] if args.get(one).is_some_and(|v| !v.is_null()) => {
+                return Err(RunError::InvalidBody {
+                    message: format!(
+                        "argument '{one}' is given twice: as the binary body (or frame) and in args"
+                    ),
+                });
+            }
             [one] => binary.push((one.clone(), bytes)),
             [] => {
                 return Err(RunError::InvalidBody {
@@ -424,6 +434,20 @@ mod tests {
         assert_eq!(base64_text("QQ=="), "QQ==");
         let bad = json!({"image": "not base64!"});
         assert!(arguments(input(&bad), &declared, true).is_err());
+        // The body (or a stream frame) and a string of the same name in
+        // args: one argument given twice, refused whichever runtime.
+        for takes_binary in [true, false] {
+            let twice = RunInput {
+                args: json!({"image": "QUJD"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                unnamed: Some(Bytes::from_static(b"xyz")),
+                ..RunInput::default()
+            };
+            let err = arguments(twice, &declared, takes_binary).unwrap_err();
+            assert!(err.to_string().contains("given twice"), "{err}");
+        }
     }
 
     const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
