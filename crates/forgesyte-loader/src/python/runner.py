@@ -290,6 +290,10 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------
 
 
+# The stack of each thread the runner starts (calls in progress).
+THREAD_STACK_BYTES = 2 * MIB
+
+
 def limit_memory(mib):
     """Caps the address space (soft and hard) at ``mib`` MiB."""
     import resource
@@ -1635,6 +1639,14 @@ def main(argv):
     except (OSError, ValueError) as e:
         _diag("cannot take the shared-memory socket: %s" % e)
         _exit(EXIT_SETUP)
+    # A thread per call in progress: at the default 8 MiB of stack each,
+    # the memory limit's address space ran out at about 50 of them, below
+    # the host's calls-per-plugin limit. Python frames live on the heap;
+    # 2 MiB is ample for the C code under them.
+    try:
+        threading.stack_size(THREAD_STACK_BYTES)
+    except (ValueError, RuntimeError) as e:
+        _diag("cannot set the threads' stack size: %s" % e)
     if args.memory_limit_mb > 0:
         try:
             limit_memory(args.memory_limit_mb)

@@ -105,3 +105,40 @@ fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
     let reply = server.run("quick", "sleep", r#"{"args": {"ms": 1}}"#);
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+#[test]
+fn a_python_plugin_runs_its_whole_call_limit_at_once() {
+    // A thread per call in progress in the runner: 64 of them (the default
+    // limit) fit its memory limit's address space.
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                crate::support::http(
+                    addr,
+                    "POST",
+                    "/v1/plugins/echo/tools/sleep/run",
+                    br#"{"args": {"ms": 1500}}"#,
+                )
+            })
+        })
+        .collect();
+    let statuses: Vec<(u16, String)> = calls
+        .into_iter()
+        .map(|c| {
+            let reply = c.join().unwrap();
+            (reply.status, reply.text())
+        })
+        .collect();
+    let failed: Vec<_> = statuses.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 64 failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
