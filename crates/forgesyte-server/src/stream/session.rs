@@ -170,15 +170,32 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
             biased;
             // The plugin failed: the worker has said so and closed.
             () = &mut working => queue.close(),
-            // The client went, or the server is going: the call in flight
-            // finishes and its answer is discarded.
+            // The client went, or the server is going, or the stream idled
+            // out: the worker gets a moment to finish; a call in flight
+            // runs on without it (its answer discarded), and a worker
+            // waiting to hand an answer to a client that reads nothing is
+            // let go.
             () = &mut reading => {
                 queue.close();
-                working.await;
+                let _ = tokio::time::timeout(CLOSE_WAIT, working).await;
             }
         }
     };
-    tokio::join!(write(sink, answers), conversation);
+    // Whichever ends first, the other gets `CLOSE_WAIT` more: a writer stuck
+    // on a client that reads nothing is dropped, and the connection with it
+    // (the stream's slot freed), instead of waiting forever.
+    {
+        let writing = write(sink, answers);
+        tokio::pin!(conversation, writing);
+        tokio::select! {
+            () = &mut conversation => {
+                let _ = tokio::time::timeout(CLOSE_WAIT, writing).await;
+            }
+            () = &mut writing => {
+                let _ = tokio::time::timeout(CLOSE_WAIT, conversation).await;
+            }
+        }
+    }
     tracing::info!(
         plugin = %crate::error::Shown(&session.plugin),
         tool = %crate::error::Shown(&session.tool),

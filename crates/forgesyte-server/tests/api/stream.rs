@@ -451,6 +451,42 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
 }
 
 #[test]
+fn a_client_that_stops_reading_is_let_go_at_the_idle_timeout() {
+    // Its answers fill the socket; nothing moves for the idle timeout: the
+    // stream ends and its slot is free again (it was held until the client
+    // went).
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--max-connections",
+        "1",
+        "--stream-idle-timeout",
+        "1",
+    ]);
+    server.wait_loaded();
+    let target = target("alpha", "echo_bytes", "");
+    let mut stuck = open(&server, &target);
+    for _ in 0..24 {
+        send_frame(&mut stuck, frame(1 << 20));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut next = loop {
+        match try_open(server.addr, &target) {
+            Ok(socket) => break socket,
+            Err((503, _)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err((status, body)) => panic!("{status} {body}; log:\n{}", server.log()),
+        }
+    };
+    send_frame(&mut next, frame(3));
+    assert_eq!(answer(&mut next)["ok"], true);
+    drop(stuck);
+}
+
+#[test]
 fn streams_beyond_the_cap_are_refused_until_one_closes() {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
