@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use crate::error::RunError;
+use crate::error::{MALFORMED_ARGS_PART, MALFORMED_MULTIPART, RunError};
 
 /// Body of a tool run. An empty body means `{"args": {}}`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
@@ -149,11 +149,11 @@ pub(crate) const MAX_MULTIPART_PARTS: usize = 1024;
 /// slice of the body as received, never copied.
 async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunError> {
     let boundary = multer::parse_boundary(content_type).map_err(|e| RunError::MalformedBody {
-        message: format!("malformed multipart body: {e}"),
+        message: format!("{MALFORMED_MULTIPART}: {e}"),
     })?;
     let parts = crate::form::split(&bytes, &boundary, MAX_MULTIPART_PARTS).map_err(|e| {
         RunError::MalformedBody {
-            message: format!("malformed multipart body: {e}"),
+            message: format!("{MALFORMED_MULTIPART}: {e}"),
         }
     })?;
     let mut input = RunInput::default();
@@ -176,7 +176,7 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
             seen_args = true;
             let value: Value =
                 serde_json::from_slice(&data).map_err(|e| RunError::MalformedBody {
-                    message: format!("the 'args' part is not JSON: {e}"),
+                    message: format!("{MALFORMED_ARGS_PART} is not JSON: {e}"),
                 })?;
             let Value::Object(args) = value else {
                 return Err(RunError::InvalidBody {

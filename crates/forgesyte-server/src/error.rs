@@ -274,6 +274,11 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// How a malformed multipart body's message begins.
+pub(crate) const MALFORMED_MULTIPART: &str = "malformed multipart body";
+/// How the message of a multipart `args` part that is not JSON begins.
+pub(crate) const MALFORMED_ARGS_PART: &str = "the 'args' part";
+
 /// Why a tool run (`POST /v1/plugins/{name}/tools/{tool}/run`) failed.
 ///
 /// Each variant fixes the status code and the `error_type` of the failure
@@ -434,6 +439,14 @@ impl RunError {
                 state_name(*state),
                 reason_suffix(reason.as_deref())
             ),
+            // A multipart body (or its `args` part) says what it is in its
+            // message; any other malformed body was meant to be JSON.
+            RunError::MalformedBody { message }
+                if message.starts_with(MALFORMED_MULTIPART)
+                    || message.starts_with(MALFORMED_ARGS_PART) =>
+            {
+                format!("Request body is malformed: {message}")
+            }
             RunError::MalformedBody { message } => {
                 format!("Request body is not valid JSON: {message}")
             }
@@ -554,6 +567,27 @@ impl From<CallError> for RunError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_multipart_body_is_not_called_json() {
+        let multipart = RunError::MalformedBody {
+            message: format!("{MALFORMED_MULTIPART}: a part lacks its boundary"),
+        };
+        let detail = multipart.detail("p", "t");
+        assert!(
+            detail.starts_with("Request body is malformed: malformed multipart body"),
+            "{detail}"
+        );
+        let json = RunError::MalformedBody {
+            message: "expected value at line 1 column 1".into(),
+        };
+        assert!(
+            json.detail("p", "t")
+                .starts_with("Request body is not valid JSON"),
+            "{}",
+            json.detail("p", "t")
+        );
+    }
 
     #[test]
     fn process_timeouts_answer_504_and_crashes_502() {
