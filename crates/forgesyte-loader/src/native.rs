@@ -136,7 +136,7 @@ impl NativeLibrary {
     ///
     /// A path whose name or file the dynamic loader has mapped already as
     /// another version (a library replaced since, a link retargeted, a hard
-    /// link: see [`mapped`]) is loaded from its bytes instead, as
+    /// link: see `native/mapped.rs`) is loaded from its bytes instead, as
     /// [`open_bytes`](Self::open_bytes) does, so that what runs is the file
     /// at `path` now.
     pub fn open(path: &Path) -> Result<Self, ImportError> {
@@ -165,7 +165,7 @@ impl NativeLibrary {
     /// Loads `bytes` themselves: copied into a sealed memory file
     /// (`memfd_create`, then no write, grow or shrink is possible), which
     /// is inspected and `dlopen`ed as `/proc/self/fd/N` (an `N` that names
-    /// no mapped object: [`mapped::unclaimed_fd_path`]). What runs is
+    /// no mapped object: `mapped::unclaimed_fd_path`). What runs is
     /// exactly what was hashed, whatever happens to `path` meanwhile.
     /// Errors name `path`. The library's own path is then that memory
     /// file: `$ORIGIN` in its run path does not find its directory.
