@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Forgesyte, PluginsDir};
+use crate::support::{Forgesyte, PluginsDir, Reply, http};
 
 /// Sends a tool call and hangs up at once, without reading the answer.
 fn abandoned_call(server: &Forgesyte, plugin: &str, body: &str) {
@@ -22,6 +22,23 @@ fn abandoned_call(server: &Forgesyte, plugin: &str, body: &str) {
     );
     stream.write_all(request.as_bytes()).unwrap();
     drop(stream);
+}
+
+/// `count` calls of `plugin`'s tool `sleep` with `body`, each on a thread
+/// of its own, all at once.
+fn calls_at_once(
+    server: &Forgesyte,
+    plugin: &str,
+    body: &'static str,
+    count: usize,
+) -> Vec<std::thread::JoinHandle<Reply>> {
+    (0..count)
+        .map(|_| {
+            let addr = server.addr;
+            let target = format!("/v1/plugins/{plugin}/tools/sleep/run");
+            std::thread::spawn(move || http(addr, "POST", &target, body.as_bytes()))
+        })
+        .collect()
 }
 
 fn in_flight(server: &Forgesyte, plugin: &str) -> u64 {
@@ -73,19 +90,7 @@ fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
     server.wait_loaded();
     let lanes = std::thread::available_parallelism().map_or(1, usize::from);
     let body = r#"{"args": {"ms": 2500}}"#;
-    let busy: Vec<_> = (0..lanes + 3)
-        .map(|_| {
-            let addr = server.addr;
-            std::thread::spawn(move || {
-                crate::support::http(
-                    addr,
-                    "POST",
-                    "/v1/plugins/slow/tools/sleep/run",
-                    body.as_bytes(),
-                )
-            })
-        })
-        .collect();
+    let busy = calls_at_once(&server, "slow", body, lanes + 3);
     std::thread::sleep(Duration::from_millis(500));
     let reply = server.run("quick", "sleep", r#"{"args": {"ms": 1}}"#);
     assert_eq!(reply.status, 503, "{}", reply.text());
@@ -114,19 +119,7 @@ fn a_python_plugin_runs_its_whole_call_limit_at_once() {
     dir.python("echo", "echo");
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
-    let calls: Vec<_> = (0..64)
-        .map(|_| {
-            let addr = server.addr;
-            std::thread::spawn(move || {
-                crate::support::http(
-                    addr,
-                    "POST",
-                    "/v1/plugins/echo/tools/sleep/run",
-                    br#"{"args": {"ms": 1500}}"#,
-                )
-            })
-        })
-        .collect();
+    let calls = calls_at_once(&server, "echo", r#"{"args": {"ms": 1500}}"#, 64);
     let statuses: Vec<(u16, String)> = calls
         .into_iter()
         .map(|c| {
