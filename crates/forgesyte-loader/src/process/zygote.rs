@@ -207,7 +207,7 @@ impl Zygote {
                 // Ends with the zygote (its `Sender` dropped) or its socket.
                 for child in to_reap {
                     let reap = json!({"op": "reap", "pid": child}).to_string();
-                    if send_on(&writer, reap.as_bytes(), &[]).is_err() {
+                    if send_on(&writer, reap.as_bytes(), &[], None).is_err() {
                         break;
                     }
                 }
@@ -266,14 +266,16 @@ impl Zygote {
             fds.push(socket);
         }
         let message = message.to_string();
-        if let Err(e) = self.send(message.as_bytes(), &fds) {
+        // The whole spawn, the request's send included, within `timeout`: a
+        // zygote that reads nothing (stopped, or stuck) fails the spawn.
+        let deadline = Instant::now() + timeout;
+        if let Err(e) = self.send(message.as_bytes(), &fds, deadline) {
             self.state.lock().spawning.remove(&id);
             return Err(e);
         }
         // The runner holds its ends now; the host's copies close here, so
         // the host sees the end of the runner's output when it ends.
         drop(fds);
-        let deadline = Instant::now() + timeout;
         let answer = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         self.state.lock().spawning.remove(&id);
         let pid = match answer {
@@ -306,8 +308,24 @@ impl Zygote {
         })
     }
 
-    fn send(&self, message: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-        send_on(&self.control.lock(), message, fds)
+    fn send(&self, message: &[u8], fds: &[OwnedFd], deadline: Instant) -> io::Result<()> {
+        let timed_out = || {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the Python zygote (pid {}) took no request for the spawn's whole time limit",
+                    self.pid
+                ),
+            )
+        };
+        let socket = self
+            .control
+            .try_lock_until(deadline)
+            .ok_or_else(timed_out)?;
+        match send_on(&socket, message, fds, Some(deadline)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(timed_out()),
+            other => other,
+        }
     }
 
     /// The reader thread: spawn answers to their waiters, exit statuses to
@@ -393,22 +411,54 @@ impl Zygote {
     }
 }
 
-/// Sends one control message (with `fds`) on `socket`, waiting for room.
-/// A SEQPACKET message goes whole, so two threads may send on one socket.
-fn send_on(socket: &OwnedFd, message: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+/// Sends one control message (with `fds`) on `socket`, waiting for room
+/// until `deadline` (`WouldBlock` then), or for good with none. A SEQPACKET
+/// message goes whole, so two threads may send on one socket.
+fn send_on(
+    socket: &OwnedFd,
+    message: &[u8],
+    fds: &[OwnedFd],
+    deadline: Option<Instant>,
+) -> io::Result<()> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
-        return Err(io::Error::other("too many descriptors for one message"));
+    loop {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+            return Err(io::Error::other("too many descriptors for one message"));
+        }
+        match rustix::net::sendmsg(
+            socket,
+            &[IoSlice::new(message)],
+            &mut control,
+            SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // No room: wait until there is, or the deadline.
+        let left = match deadline {
+            None => None,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Some(Timespec::try_from(left).unwrap_or(Timespec {
+                    tv_sec: i64::MAX,
+                    tv_nsec: 0,
+                }))
+            }
+        };
+        let mut fds = [PollFd::new(socket, PollFlags::OUT)];
+        match poll(&mut fds, left.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    rustix::net::sendmsg(
-        socket,
-        &[IoSlice::new(message)],
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?;
-    Ok(())
 }
 
 /// `SIGKILL` to process group `pid` and to process `pid`.
@@ -476,6 +526,37 @@ impl ForkedChild {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A spawn through a zygote that reads nothing fails within the spawn's
+    /// time limit, its request included (the send waited for good).
+    #[test]
+    fn a_spawn_through_a_zygote_that_reads_nothing_fails_in_time() {
+        let (ours, _theirs) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        while rustix::net::send(&ours, b"{}", SendFlags::DONTWAIT).is_ok() {}
+        let process = Command::new("sleep").arg("30").spawn().unwrap();
+        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
+        let stdio = [(); 3].map(|()| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let spawner = Arc::clone(&zygote);
+        std::thread::spawn(move || {
+            let spawned = spawner.spawn(&["x".into()], stdio, None, Duration::from_millis(300));
+            let _ = done_tx.send(spawned.map(|child| child.id()));
+        });
+        // On a thread: a spawn that waits for good fails this test, not hangs it.
+        let spawned = done_rx.recv_timeout(Duration::from_secs(3));
+        let Ok(Err(err)) = spawned else {
+            panic!("the spawn did not fail within its time limit: {spawned:?}");
+        };
+        assert!(err.to_string().contains("took no request"), "{err}");
+        let _ = zygote.process.lock().kill();
+        let _ = zygote.process.lock().wait();
+    }
 
     /// The reader thread handles exit reports while nobody reads the
     /// zygote's end of the socket and its queue is full: it never waits to
