@@ -11,106 +11,91 @@
 //! file under another name (a hard link, a second path) would run the code
 //! mapped first.
 //!
-//! [`claim`] records every name and file this process maps by path and says
-//! when one is taken: the library is then loaded from a memory file of its
-//! bytes (a new name and a new file). A name asked for again with the same
-//! file, unchanged, maps nothing new: the dynamic loader's answer is that
-//! very file's code, so an unchanged library retried or reloaded costs no
-//! memory. [`unclaimed_fd_path`] gives a memory file a `/proc/self/fd/N`
+//! [`claim`] says whether a library may be opened by its path: only when
+//! neither its name nor its file was mapped before. Otherwise it is loaded
+//! from a memory file of its bytes (a new name and a new file), even when
+//! the file is unchanged: a plugin retried after a failure gets fresh code
+//! and statics, not the state (a lock held by a thread still stuck in it, a
+//! poisoned `Once`) that made it fail. [`Unmapped::mapped`] records a name
+//! and a file once `dlopen` mapped them; the claim holds the record's lock
+//! until then, so two loads of one name or file at once cannot both take
+//! the path. [`unclaimed_fd_path`] gives a memory file a `/proc/self/fd/N`
 //! name that no mapped object has.
 //!
 //! Knows paths, file metadata and the dynamic loader; nothing of plugins.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 use libloading::os::unix::{Library, RTLD_NOW};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 /// `RTLD_NOLOAD` (glibc and musl): only look for an object already mapped.
 const RTLD_NOLOAD: i32 = 0x4;
 
-/// A file as it was when it was mapped: which file, and its size and
-/// change time (a file rewritten in place is another version).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Version {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    ctime: (i64, i64),
-    mtime: (i64, i64),
-}
-
-impl Version {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        Version {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-        }
-    }
-}
-
 /// The names given to `dlopen` and the files (device, inode) mapped.
 #[derive(Debug, Default)]
 struct Mapped {
-    names: HashMap<PathBuf, Version>,
+    names: HashSet<PathBuf>,
     files: HashSet<(u64, u64)>,
 }
 
 static MAPPED: LazyLock<Mutex<Mapped>> = LazyLock::new(Mutex::default);
 
 /// How to open a library file.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Claim {
-    /// `dlopen` its path: the name and the file are not mapped, or the name
-    /// maps this very file, unchanged. [`Unmapped::mapped`] records it once
-    /// the dynamic loader has mapped it.
+    /// `dlopen` its path: neither the name nor the file is mapped.
+    /// [`Unmapped::mapped`] records them once the dynamic loader has mapped
+    /// them; until it is dropped no other library can be claimed.
     Path(Unmapped),
-    /// Load its bytes from a memory file: the name maps another file or
-    /// another version of it, or the file is mapped under another name.
+    /// Load its bytes from a memory file: the name or the file was mapped.
     Copy,
 }
 
-/// A library about to be mapped by its name.
-#[derive(Debug, PartialEq, Eq)]
+/// A library about to be mapped by its name, holding the record's lock.
 pub(super) struct Unmapped {
     name: PathBuf,
-    version: Version,
+    file: (u64, u64),
+    mapped: MutexGuard<'static, Mapped>,
+}
+
+impl std::fmt::Debug for Unmapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unmapped")
+            .field("name", &self.name)
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Unmapped {
-    /// Records that the dynamic loader has mapped it (and keeps it mapped:
+    /// Records that the dynamic loader has mapped it (and keeps it mapped,
     /// even if it is refused afterwards). A library that was never mapped
     /// is not recorded: its file may be deleted, and its inode number
     /// given to another file.
-    pub(super) fn mapped(self) {
-        let mut mapped = MAPPED.lock();
-        mapped.files.insert((self.version.dev, self.version.ino));
-        mapped.names.insert(self.name, self.version);
+    pub(super) fn mapped(mut self) {
+        self.mapped.files.insert(self.file);
+        let name = std::mem::take(&mut self.name);
+        self.mapped.names.insert(name);
     }
 }
 
 /// Whether the library at `name`, whose open file's metadata is `meta`,
-/// may be opened by its path. (Two loads of one new name or file at once
-/// both may: the dynamic loader then maps it once for both.)
+/// may be opened by its path.
 pub(super) fn claim(name: &Path, meta: &std::fs::Metadata) -> Claim {
-    let version = Version::of(meta);
+    let file = (meta.dev(), meta.ino());
     let mapped = MAPPED.lock();
-    match mapped.names.get(name) {
-        Some(known) if *known == version => {}
-        Some(_) => return Claim::Copy,
-        None if mapped.files.contains(&(version.dev, version.ino)) => return Claim::Copy,
-        None => {}
+    if mapped.names.contains(name) || mapped.files.contains(&file) {
+        return Claim::Copy;
     }
     Claim::Path(Unmapped {
         name: name.to_path_buf(),
-        version,
+        file,
+        mapped,
     })
 }
 
@@ -142,7 +127,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_name_or_a_file_mapped_before_is_copied_unless_it_is_the_same_version() {
+    fn a_name_or_a_file_mapped_before_is_copied() {
         let tmp = tempfile::tempdir().unwrap();
         let lib = tmp.path().join("libx.so");
         std::fs::write(&lib, b"version one").unwrap();
@@ -150,29 +135,33 @@ mod tests {
         let Claim::Path(unmapped) = claim(&lib, &meta()) else {
             panic!("new name, new file");
         };
-        assert!(
-            matches!(claim(&lib, &meta()), Claim::Path(_)),
-            "not recorded before it is mapped"
-        );
+        // Not recorded before it is mapped (the file may go, its inode
+        // number to another one).
+        drop(unmapped);
+        let Claim::Path(unmapped) = claim(&lib, &meta()) else {
+            panic!("not recorded before it is mapped");
+        };
         unmapped.mapped();
         assert!(
-            matches!(claim(&lib, &meta()), Claim::Path(_)),
-            "the same, unchanged"
+            matches!(claim(&lib, &meta()), Claim::Copy),
+            "the same, again"
         );
         // The same file under another name: a hard link.
         let link = tmp.path().join("liby.so");
         std::fs::hard_link(&lib, &link).unwrap();
         let link_meta = std::fs::metadata(&link).unwrap();
-        assert_eq!(
-            claim(&link, &link_meta),
-            Claim::Copy,
+        assert!(
+            matches!(claim(&link, &link_meta), Claim::Copy),
             "a file mapped already"
         );
         // The name with a new file: replaced by rename.
         let new = tmp.path().join("libx.so.new");
         std::fs::write(&new, b"version two").unwrap();
         std::fs::rename(&new, &lib).unwrap();
-        assert_eq!(claim(&lib, &meta()), Claim::Copy, "a name mapped already");
+        assert!(
+            matches!(claim(&lib, &meta()), Claim::Copy),
+            "a name mapped already"
+        );
         // A third file under a new name is its own.
         let other = tmp.path().join("libz.so");
         std::fs::write(&other, b"other").unwrap();
