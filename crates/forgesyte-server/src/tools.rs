@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use forgesyte_loader::{CallContext, Isolation, PluginHandle};
+use forgesyte_loader::{CallContext, Isolation, PluginHandle, ToolOutput};
 
 use crate::body::{RunInput, binary_arguments};
 use crate::error::RunError;
@@ -154,7 +154,7 @@ async fn run_unrecorded(
     let started = Instant::now();
     let start = Start::default();
     let _unstarted = CancelUnstarted(start.clone());
-    let (started_tx, mut started_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<Instant>();
     let call = {
         let handle = handle.clone();
         let tool = tool.to_owned();
@@ -163,58 +163,52 @@ async fn run_unrecorded(
         // host's lines logged there (a plugin marked FAILED, ...) carry the
         // request id.
         let span = tracing::Span::current();
-        state.calls().run(move || {
-            let _slot = slot;
-            if !start.begin() {
-                return None; // its request ended before it started
-            }
-            let _ = started_tx.send(Instant::now());
-            span.in_scope(|| {
-                let refs: Vec<(&str, &[u8])> = attachments
-                    .iter()
-                    .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
-                    .collect();
-                Some(handle.call_output(&tool, &args, &refs, &context))
+        let pool = state.calls().clone();
+        Box::pin(async move {
+            pool.run(move || {
+                let _slot = slot;
+                if !start.begin() {
+                    return None; // its request ended before it started
+                }
+                let _ = started_tx.send(Instant::now());
+                span.in_scope(|| {
+                    let refs: Vec<(&str, &[u8])> = attachments
+                        .iter()
+                        .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
+                        .collect();
+                    Some(handle.call_output(&tool, &args, &refs, &context))
+                })
             })
+            .await
         })
     };
-    // The time limit counts from the call's start: time spent waiting for a
-    // thread to run it (every call thread busy) is the server's, never the
-    // plugin's. A call that could not start within its limit never runs
-    // and answers 503; the plugin is unaffected. (`call` is polled
-    // meanwhile: that is what queues it.)
-    tokio::pin!(call);
-    let waited = tokio::time::sleep(limit);
-    tokio::pin!(waited);
-    let mut finished = None;
-    let began = loop {
-        tokio::select! {
-            biased;
-            began = &mut started_rx => break began.ok(),
-            out = &mut call, if finished.is_none() => finished = Some(out),
-            () = &mut waited, if finished.is_none() => break None,
+    // The call is watched on a task of its own, so that what follows holds
+    // even when this request ends first (a client that hung up): the time
+    // limit counts from the call's start (time spent waiting for a thread,
+    // every call thread busy, is the server's, never the plugin's); a call
+    // that could not start within its limit never runs and answers 503, the
+    // plugin unaffected; an in-process call past its limit fails its
+    // plugin. (Polling `call` is what queues it.)
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    let watch = {
+        use tracing::Instrument as _;
+        let start = start.clone();
+        let handle = handle.clone();
+        let tool = tool.to_owned();
+        async move {
+            let ended = watch_call(call, started_rx, &start, &handle, &tool, limit).await;
+            let _ = ended_tx.send(ended);
         }
+        .instrument(tracing::Span::current())
     };
-    let began = match began {
-        Some(began) => began,
-        None if finished.is_none() && start.cancel() => {
+    tokio::spawn(watch);
+    let outcome = match ended_rx.await {
+        Ok(Ended::Ran(outcome)) => outcome,
+        Ok(Ended::NotStarted) => {
             facts.elapsed = Some(started.elapsed());
             return Err(RunError::NotStarted { waited: limit });
         }
-        // It started just as the wait ended.
-        None if finished.is_none() => started_rx.await.unwrap_or(started),
-        None => started,
-    };
-    // One owner per timeout: an isolated plugin's handle times the call out
-    // itself (it kills the runner and answers `TimedOut`, a 504), so only
-    // an in-process call, whose thread cannot be stopped, is timed here.
-    let outcome = match finished {
-        Some(out) => Ok(out),
-        None if handle.isolation() == Isolation::Process => Ok(call.await),
-        None => {
-            let deadline = tokio::time::Instant::from_std(began) + limit;
-            tokio::time::timeout_at(deadline, call).await
-        }
+        Err(_) => Ok(None),
     };
     let elapsed = started.elapsed();
     facts.elapsed = Some(elapsed);
@@ -233,16 +227,70 @@ async fn run_unrecorded(
         Ok(None) => Err(RunError::Internal {
             message: "the tool call's thread panicked in host code".into(),
         }),
-        Err(_elapsed) => {
-            // In-process the call's thread cannot be stopped: the plugin is
-            // no longer trusted. The thread finishes (or not) in the background.
-            let reason = handle.fail_timeout(tool, limit);
-            Err(RunError::Timeout {
-                after: limit,
-                reason,
-            })
-        }
+        Err(reason) => Err(RunError::Timeout {
+            after: limit,
+            reason,
+        }),
     }
+}
+
+/// What the pool answers for one call: `None` if host code panicked, `Some(None)`
+/// if it was cancelled before it started.
+type Answer = Option<Option<Result<ToolOutput, forgesyte_loader::CallError>>>;
+
+/// How a watched call ended.
+enum Ended {
+    /// It ran (or failed to): its answer, or the reason its plugin was
+    /// marked FAILED for running past its limit.
+    Ran(Result<Answer, String>),
+    /// No thread started it within its limit; it never runs.
+    NotStarted,
+}
+
+/// Waits for `call` (queued by being polled) to start, then for its answer
+/// within `limit` from its start: see `run_unrecorded`.
+async fn watch_call(
+    mut call: std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>,
+    mut started_rx: tokio::sync::oneshot::Receiver<Instant>,
+    start: &Start,
+    handle: &PluginHandle,
+    tool: &str,
+    limit: Duration,
+) -> Ended {
+    let waited = tokio::time::sleep(limit);
+    tokio::pin!(waited);
+    let mut finished = None;
+    let began = loop {
+        tokio::select! {
+            biased;
+            began = &mut started_rx => break began.ok(),
+            out = &mut call, if finished.is_none() => finished = Some(out),
+            () = &mut waited, if finished.is_none() => break None,
+        }
+    };
+    let began = match began {
+        Some(began) => began,
+        None if finished.is_none() && start.cancel() => return Ended::NotStarted,
+        // It started just as the wait ended.
+        None if finished.is_none() => started_rx.await.unwrap_or_else(|_| Instant::now()),
+        None => Instant::now(),
+    };
+    if let Some(out) = finished {
+        return Ended::Ran(Ok(out));
+    }
+    // One owner per timeout: an isolated plugin's handle times the call out
+    // itself (it kills the runner and answers `TimedOut`, a 504), so only
+    // an in-process call, whose thread cannot be stopped, is timed here.
+    if handle.isolation() == Isolation::Process {
+        return Ended::Ran(Ok(call.await));
+    }
+    let deadline = tokio::time::Instant::from_std(began) + limit;
+    Ended::Ran(match tokio::time::timeout_at(deadline, call).await {
+        Ok(out) => Ok(out),
+        // The call's thread cannot be stopped: the plugin is no longer
+        // trusted. The thread finishes (or not) in the background.
+        Err(_elapsed) => Err(handle.fail_timeout(tool, limit)),
+    })
 }
 
 /// Whether a queued call has started: it starts only if its request has

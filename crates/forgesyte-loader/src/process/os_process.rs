@@ -104,12 +104,16 @@ fn direct_state(pid: u32) -> Ended {
 
 /// Whether process `pid`, a zygote's runner whose exit is not reported yet
 /// (so not reaped: its pid is still its own), has ended: a zombie, or gone.
+/// When `/proc` cannot tell (hidden by `hidepid`, say), the zygote's report
+/// alone decides: not ended.
 fn forked_has_ended(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
-        stat.rsplit_once(')')
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "Z" || state == "X")
-    })
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 #[cfg(test)]

@@ -291,7 +291,7 @@ def parse_args(argv):
 
 
 # The stack of each thread the runner starts (calls in progress).
-THREAD_STACK_BYTES = 2 * MIB
+THREAD_STACK_BYTES = 4 * MIB
 
 
 def limit_memory(mib):
@@ -1641,8 +1641,9 @@ def main(argv):
         _exit(EXIT_SETUP)
     # A thread per call in progress: at the default 8 MiB of stack each,
     # the memory limit's address space ran out at about 50 of them, below
-    # the host's calls-per-plugin limit. Python frames live on the heap;
-    # 2 MiB is ample for the C code under them.
+    # the host's calls-per-plugin limit (64 take 256 MiB at 4 MiB). Not less:
+    # at 2 MiB some deep recursions through C (``sorted(key=...)`` calling
+    # itself) crash the interpreter before Python raises RecursionError.
     try:
         threading.stack_size(THREAD_STACK_BYTES)
     except (ValueError, RuntimeError) as e:

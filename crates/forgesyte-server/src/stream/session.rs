@@ -41,6 +41,9 @@ const ANSWERS_IN_FLIGHT: usize = 2;
 /// How long a closing message may wait for the writer (a client that reads
 /// nothing never takes it).
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// How long the writer may still take to deliver the last answers and the
+/// close when the stream has no idle timeout.
+const WRITER_FLUSH: Duration = Duration::from_secs(60);
 
 /// The longest close reason a WebSocket close frame carries, in bytes.
 const MAX_CLOSE_REASON: usize = 123;
@@ -181,15 +184,18 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
             }
         }
     };
-    // Whichever ends first, the other gets `CLOSE_WAIT` more: a writer stuck
-    // on a client that reads nothing is dropped, and the connection with it
-    // (the stream's slot freed), instead of waiting forever.
+    // Whichever ends first, the other gets a bounded time more: the writer
+    // the idle timeout (a slow client still reading gets its last answer
+    // and the close), then it is dropped, and the connection with it (the
+    // stream's slot freed), instead of waiting forever on a client that
+    // reads nothing; the conversation `CLOSE_WAIT`.
     {
+        let flush = session.idle_timeout.unwrap_or(WRITER_FLUSH).max(CLOSE_WAIT);
         let writing = write(sink, answers);
         tokio::pin!(conversation, writing);
         tokio::select! {
             () = &mut conversation => {
-                let _ = tokio::time::timeout(CLOSE_WAIT, writing).await;
+                let _ = tokio::time::timeout(flush, writing).await;
             }
             () = &mut writing => {
                 let _ = tokio::time::timeout(CLOSE_WAIT, conversation).await;

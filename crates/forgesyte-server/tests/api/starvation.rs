@@ -12,8 +12,8 @@ use serde_json::json;
 
 use crate::support::{Forgesyte, PluginsDir, Reply, http};
 
-/// Sends a tool call and hangs up at once, without reading the answer.
-fn abandoned_call(server: &Forgesyte, plugin: &str, body: &str) {
+/// Sends a call of `plugin`'s tool `sleep`; the answer is never read.
+fn send_call(server: &Forgesyte, plugin: &str, body: &str) -> TcpStream {
     let mut stream = TcpStream::connect(server.addr).unwrap();
     let request = format!(
         "POST /v1/plugins/{plugin}/tools/sleep/run HTTP/1.1\r\nHost: x\r\n\
@@ -21,7 +21,12 @@ fn abandoned_call(server: &Forgesyte, plugin: &str, body: &str) {
         body.len()
     );
     stream.write_all(request.as_bytes()).unwrap();
-    drop(stream);
+    stream
+}
+
+/// Sends a tool call and hangs up at once, without reading the answer.
+fn abandoned_call(server: &Forgesyte, plugin: &str, body: &str) {
+    drop(send_call(server, plugin, body));
 }
 
 /// `count` calls of `plugin`'s tool `sleep` with `body`, each on a thread
@@ -53,10 +58,19 @@ fn calls_whose_clients_hung_up_keep_their_slot_until_the_plugin_returns() {
     let server = Forgesyte::start(&["--plugins", dir.path_str(), "--max-calls-per-plugin", "3"]);
     server.wait_loaded();
     let body = r#"{"args": {"ms": 1500}}"#;
-    for _ in 0..12 {
+    // One call surely running (a call whose client hangs up before it
+    // started is cancelled), then eleven whose clients hang up at once.
+    let first = send_call(&server, "slow", body);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while in_flight(&server, "slow") == 0 {
+        assert!(Instant::now() < deadline, "the first call never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..11 {
         abandoned_call(&server, "slow", body);
         std::thread::sleep(Duration::from_millis(20));
     }
+    drop(first);
     let deadline = Instant::now() + Duration::from_millis(800);
     let mut most = 0;
     while Instant::now() < deadline {
@@ -134,4 +148,36 @@ fn a_python_plugin_runs_its_whole_call_limit_at_once() {
         failed.len(),
         failed.first()
     );
+}
+
+#[test]
+fn an_in_process_call_past_its_limit_fails_its_plugin_even_when_its_client_hung_up() {
+    let dir = PluginsDir::new();
+    dir.good("stuck", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--call-timeout", "1"]);
+    server.wait_loaded();
+    // The call starts (a call whose client hangs up before it started never
+    // runs), then its client hangs up.
+    let stream = send_call(&server, "stuck", r#"{"args": {"ms": 4000}}"#);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while in_flight(&server, "stuck") == 0 {
+        assert!(Instant::now() < deadline, "the call never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let health = server.get("/v1/plugins/stuck/health").json();
+        if health["state"] == "FAILED" {
+            let reason = health["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("timed out"), "{health}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {} after its time limit: {health}",
+            health["state"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
