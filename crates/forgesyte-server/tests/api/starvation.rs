@@ -51,6 +51,18 @@ fn in_flight(server: &Forgesyte, plugin: &str) -> u64 {
     health["in_flight"].as_u64().unwrap_or_default()
 }
 
+/// Waits at most `limit` for `plugin` to have `calls` calls running.
+fn wait_in_flight(server: &Forgesyte, plugin: &str, calls: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while in_flight(server, plugin) < calls {
+        assert!(
+            Instant::now() < deadline,
+            "{plugin} never had {calls} calls running"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn calls_whose_clients_hung_up_keep_their_slot_until_the_plugin_returns() {
     let dir = PluginsDir::new();
@@ -63,11 +75,7 @@ fn calls_whose_clients_hung_up_keep_their_slot_until_the_plugin_returns() {
     // before it started is cancelled), then their clients hang up, and
     // nine more calls come whose clients hang up at once.
     let running: Vec<TcpStream> = (0..3).map(|_| send_call(&server, "slow", body)).collect();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while in_flight(&server, "slow") < 3 {
-        assert!(Instant::now() < deadline, "the first calls never started");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_in_flight(&server, "slow", 3, Duration::from_secs(5));
     drop(running);
     for _ in 0..9 {
         abandoned_call(&server, "slow", body);
@@ -107,14 +115,7 @@ fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
     let body = r#"{"args": {"ms": 5000}}"#;
     let busy = calls_at_once(&server, "slow", body, lanes + 1);
     // Every thread busy: the lanes and the one blocking thread.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while in_flight(&server, "slow") < (lanes + 1) as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow calls never took every thread"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_in_flight(&server, "slow", (lanes + 1) as u64, Duration::from_secs(5));
     let reply = server.run("quick", "sleep", r#"{"args": {"ms": 1}}"#);
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert_eq!(reply.json()["error_type"], "ServerBusy", "{}", reply.text());
@@ -168,11 +169,7 @@ fn an_in_process_call_past_its_limit_fails_its_plugin_even_when_its_client_hung_
     // The call starts (a call whose client hangs up before it started never
     // runs), then its client hangs up.
     let stream = send_call(&server, "stuck", r#"{"args": {"ms": 4000}}"#);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while in_flight(&server, "stuck") == 0 {
-        assert!(Instant::now() < deadline, "the call never started");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_in_flight(&server, "stuck", 1, Duration::from_secs(2));
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
