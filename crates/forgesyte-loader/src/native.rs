@@ -134,11 +134,11 @@ impl NativeLibrary {
     /// and checks the ABI version before anything else of the plugin is
     /// called.
     ///
-    /// A path whose name or file the dynamic loader has mapped already as
-    /// another version (a library replaced since, a link retargeted, a hard
-    /// link: see `native/mapped.rs`) is loaded from its bytes instead, as
-    /// [`open_bytes`](Self::open_bytes) does, so that what runs is the file
-    /// at `path` now.
+    /// A path whose name or file the dynamic loader has mapped before (a
+    /// library replaced since, a link retargeted, a hard link, the same
+    /// library retried: see `native/mapped.rs`) is loaded from its bytes
+    /// instead, as [`open_bytes`](Self::open_bytes) does, so that what runs
+    /// is the file at `path` now, with statics of its own.
     pub fn open(path: &Path) -> Result<Self, ImportError> {
         let (file, meta) = open_regular(path, path)?;
         match mapped::claim(path, &meta) {
@@ -149,7 +149,7 @@ impl NativeLibrary {
                 Some(unmapped),
             ),
             mapped::Claim::Copy => {
-                tracing::info!(library = %path.display(), "In-process library opened again under a new file identity (a memory file of its bytes): the dynamic loader has mapped another version of it");
+                tracing::info!(library = %path.display(), "In-process library opened again under a new file identity (a memory file of its bytes): the dynamic loader has mapped this name or file before");
                 let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
                 std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(|e| {
                     ImportError::Open {
