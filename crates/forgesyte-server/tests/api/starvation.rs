@@ -101,10 +101,10 @@ fn calls_whose_clients_hung_up_keep_their_slot_until_the_plugin_returns() {
 #[test]
 fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
     // One blocking thread, so the per-core lanes and it are all busy with
-    // the slow plugin's calls (5 s each, within their 10 s limit); the quick plugin's
+    // the slow plugin's calls (20 s each, within their 30 s limit); the quick plugin's
     // call (1 s limit) waits for a thread past its limit.
     let dir = PluginsDir::new();
-    dir.good("slow", json!({"limits": {"call_timeout_s": 10}}));
+    dir.good("slow", json!({"limits": {"call_timeout_s": 30}}));
     dir.good("quick", json!({}));
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str(), "--call-timeout", "1"],
@@ -112,10 +112,12 @@ fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
     );
     server.wait_loaded();
     let lanes = std::thread::available_parallelism().map_or(1, usize::from);
-    let body = r#"{"args": {"ms": 5000}}"#;
+    // Long enough that the last to start (the blocking thread may still be
+    // ending the load pass on a loaded machine) finds the first still busy.
+    let body = r#"{"args": {"ms": 20000}}"#;
     let busy = calls_at_once(&server, "slow", body, lanes + 1);
     // Every thread busy: the lanes and the one blocking thread.
-    wait_in_flight(&server, "slow", (lanes + 1) as u64, Duration::from_secs(5));
+    wait_in_flight(&server, "slow", (lanes + 1) as u64, Duration::from_secs(15));
     let reply = server.run("quick", "sleep", r#"{"args": {"ms": 1}}"#);
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert_eq!(reply.json()["error_type"], "ServerBusy", "{}", reply.text());
