@@ -276,9 +276,21 @@ impl RunAs {
 ///
 /// When it cannot be created, or is not a private directory of that user's.
 pub fn scratch_dir(plugin: &str, owner: Option<RunAs>) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let uid = owner.map_or_else(|| rustix::process::geteuid().as_raw(), |o| o.uid);
-    let root = std::env::temp_dir().join(format!("forgesyte-scratch-{uid}"));
+    scratch_dir_in(&std::env::temp_dir(), plugin, owner)
+}
+
+/// [`scratch_dir`] under `tmp`.
+///
+/// The temporary directory is everyone's: another local user may have made
+/// either level first, or put a symbolic link there. So each level is
+/// opened without following links, must be a directory owned by this
+/// process's user or the runner's, and gets its owner and mode through its
+/// handle, never by path (a `chown` by path followed a planted link: a
+/// server running as root handed the link's target, `/etc`, to the runner).
+fn scratch_dir_in(tmp: &Path, plugin: &str, owner: Option<RunAs>) -> std::io::Result<PathBuf> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    let me = rustix::process::geteuid().as_raw();
+    let uid = owner.map_or(me, |o| o.uid);
     let name: String = plugin
         .chars()
         .map(|c| {
@@ -294,25 +306,48 @@ pub fn scratch_dir(plugin: &str, owner: Option<RunAs>) -> std::io::Result<PathBu
     } else {
         name
     };
-    let dir = root.join(name);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)?;
-    if let Some(owner) = owner {
-        for path in [&root, &dir] {
-            std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid))?;
+    let root = tmp.join(format!("forgesyte-scratch-{uid}"));
+    let dir = root.join(&name);
+    // One level: made if missing, opened without following a link, checked
+    // and handed to the runner's user through the handle.
+    let level = |at: std::os::fd::BorrowedFd<'_>,
+                 component: &Path,
+                 shown: &Path|
+     -> std::io::Result<rustix::fd::OwnedFd> {
+        match rustix::fs::mkdirat(at, component, Mode::RWXU) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
         }
-    }
-    for path in [&root, &dir] {
-        let meta = std::fs::symlink_metadata(path)?;
-        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        let fd = rustix::fs::openat(
+            at,
+            component,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            std::io::Error::other(format!(
+                "{} is not a directory ({e}); a link there is not followed",
+                shown.display()
+            ))
+        })?;
+        let stat = rustix::fs::fstat(&fd)?;
+        if stat.st_uid != me && stat.st_uid != uid {
             return Err(std::io::Error::other(format!(
-                "{} is not a private directory of this user's",
-                path.display()
+                "{} belongs to another user (uid {}); remove it",
+                shown.display(),
+                stat.st_uid
             )));
         }
-    }
+        if stat.st_uid != uid {
+            let gid = owner.map(|o| rustix::fs::Gid::from_raw(o.gid));
+            rustix::fs::fchown(&fd, Some(rustix::fs::Uid::from_raw(uid)), gid)?;
+        }
+        rustix::fs::fchmod(&fd, Mode::RWXU)?;
+        Ok(fd)
+    };
+    use std::os::fd::AsFd;
+    let root_fd = level(CWD, &root, &root)?;
+    level(root_fd.as_fd(), Path::new(&name), &dir)?;
     Ok(dir)
 }
 
@@ -524,6 +559,79 @@ mod tests {
                 dir.file_name().and_then(|n| n.to_str()),
                 Some(last),
                 "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_planted_where_a_scratch_directory_goes_is_not_followed() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let me = rustix::process::geteuid().as_raw();
+        let root = tmp.path().join(format!("forgesyte-scratch-{me}"));
+        std::fs::create_dir(&root).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("ocr")).unwrap();
+        let err = scratch_dir_in(tmp.path(), "ocr", None).unwrap_err();
+        assert!(err.to_string().contains("not followed"), "{err}");
+        let meta = std::fs::metadata(&victim).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o755, "the link's target was changed");
+        // The same for the first level.
+        std::fs::remove_file(root.join("ocr")).unwrap();
+        std::fs::remove_dir(&root).unwrap();
+        std::os::unix::fs::symlink(&victim, &root).unwrap();
+        assert!(scratch_dir_in(tmp.path(), "ocr", None).is_err());
+        assert!(
+            !victim.join("ocr").exists(),
+            "a directory was made through the link"
+        );
+        // A real directory is made private and used.
+        std::fs::remove_file(&root).unwrap();
+        let dir = scratch_dir_in(tmp.path(), "ocr", None).unwrap();
+        assert_eq!(dir, root.join("ocr"));
+        for path in [&root, &dir] {
+            let meta = std::fs::symlink_metadata(path).unwrap();
+            assert!(meta.is_dir());
+            assert_eq!(
+                (meta.uid(), meta.mode() & 0o777),
+                (me, 0o700),
+                "{}",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn a_scratch_directory_another_user_made_first_is_refused() {
+        use std::os::unix::fs::MetadataExt;
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not run: making a directory another user owns needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let runner = RunAs {
+            uid: 65534,
+            gid: 65534,
+        };
+        let root = tmp.path().join("forgesyte-scratch-65534");
+        std::fs::create_dir(&root).unwrap();
+        // Made first by a third user, who could plant links in it.
+        std::os::unix::fs::chown(&root, Some(4242), Some(4242)).unwrap();
+        let err = scratch_dir_in(tmp.path(), "ocr", Some(runner)).unwrap_err();
+        assert!(err.to_string().contains("another user (uid 4242)"), "{err}");
+        assert_eq!(std::fs::metadata(&root).unwrap().uid(), 4242);
+        // Made by this server: handed to the runner's user.
+        std::fs::remove_dir(&root).unwrap();
+        let dir = scratch_dir_in(tmp.path(), "ocr", Some(runner)).unwrap();
+        for path in [&root, &dir] {
+            let meta = std::fs::metadata(path).unwrap();
+            assert_eq!(
+                (meta.uid(), meta.gid()),
+                (65534, 65534),
+                "{}",
+                path.display()
             );
         }
     }

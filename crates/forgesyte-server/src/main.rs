@@ -511,7 +511,33 @@ fn init_logging(default: &str, format: LogFormat) {
 /// The hidden subcommand under which `forgesyte` is the plugin runner.
 const RUNNER_SUBCOMMAND: &str = "__runner";
 
+/// `FORGESYTE_ADMIN_TOKEN` as the process started: taken out of its
+/// environment before anything else runs (see [`take_admin_token_env`]).
+static ADMIN_TOKEN_ENV: std::sync::OnceLock<Option<std::ffi::OsString>> =
+    std::sync::OnceLock::new();
+
+/// Takes `FORGESYTE_ADMIN_TOKEN` out of this process's environment, so no
+/// child inherits it: not a plugin runner, not the Python zygote whose
+/// runners clear `os.environ` but keep the block they were started with
+/// (`/proc/self/environ`), not a dependency probe. Call first in `main`.
+#[allow(unsafe_code)]
+fn take_admin_token_env() {
+    let token = std::env::var_os("FORGESYTE_ADMIN_TOKEN");
+    if token.is_some() {
+        // SAFETY: the first thing `main` does: no other thread exists yet
+        // that could read the environment while it changes.
+        unsafe { std::env::remove_var("FORGESYTE_ADMIN_TOKEN") };
+    }
+    let _ = ADMIN_TOKEN_ENV.set(token);
+}
+
+/// The admin token's variable as the process started with it.
+fn admin_token_env() -> Option<std::ffi::OsString> {
+    ADMIN_TOKEN_ENV.get().cloned().flatten()
+}
+
 fn main() -> ExitCode {
+    take_admin_token_env();
     // `forgesyte` doubles as the plugin runner of process isolation and
     // preflight: the loader starts it as `forgesyte __runner --library PATH
     // …`. This comes first: the runner must own stdout before anything can
@@ -568,7 +594,7 @@ fn print_config(layered: &config_file::Layered) -> ExitCode {
     let Some(mut text) = layered.render() else {
         return ExitCode::from(2);
     };
-    if std::env::var_os("FORGESYTE_ADMIN_TOKEN").is_some() {
+    if admin_token_env().is_some() {
         text.push_str("# admin token: from env FORGESYTE_ADMIN_TOKEN (not shown)\n");
     }
     let mut stdout = std::io::stdout().lock();
@@ -717,10 +743,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     forgesyte_loader::process::set_shm_threshold(args.shm_threshold);
     let (mut config, admin_token_file) = args.config();
     config.trusted_keys().map_err(anyhow::Error::msg)?;
-    config.admin_token = admin_token(
-        std::env::var_os("FORGESYTE_ADMIN_TOKEN"),
-        admin_token_file.as_deref(),
-    )?;
+    config.admin_token = admin_token(admin_token_env(), admin_token_file.as_deref())?;
     match &config.admin_token {
         Some(_) => tracing::info!("Admin routes enabled (bearer token)"),
         None => tracing::info!(

@@ -383,3 +383,53 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
     let python_pid = super::support::runner_pid(server.pid(), "snoop").expect("the Python runner");
     assert_eq!(uid_of(u64::from(python_pid)), Some(nobody));
 }
+
+/// The admin token never reaches a plugin: not its environment, not the
+/// block a runner forked from the zygote was started with
+/// (`/proc/self/environ`, which clearing `os.environ` leaves as it was), not
+/// the zygote's own, whether the runner is confined or not.
+#[test]
+fn no_plugin_process_is_started_with_the_admin_token() {
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "snoop", json!({}));
+    let token = "the-admin-token-no-plugin-may-see";
+    for confine in ["on", "off"] {
+        let server = Forgesyte::start_with_env(
+            &["--plugins", plugins.path_str(), "--confine", confine],
+            &[
+                ("FORGESYTE_ADMIN_TOKEN", token),
+                ("FORGESYTE_PYTHON_ZYGOTE", "1"),
+            ],
+        );
+        server.wait_loaded();
+        let own = call(&server, "snoop", "environ", json!({"pid": "self"})).unwrap();
+        let names = own["names"].as_array().unwrap();
+        assert!(
+            !names.iter().any(|n| n == "FORGESYTE_ADMIN_TOKEN"),
+            "confine {confine}: {names:?}"
+        );
+        if confine == "off" {
+            // Unconfined, it sees the rest of the server's environment (the
+            // check above is not passing for want of an environment).
+            assert!(names.iter().any(|n| n == "PATH"), "{names:?}");
+            // And may read its zygote's (its parent's) block: no token there.
+            let zygote = call(&server, "snoop", "environ", json!({"pid": "parent"})).unwrap();
+            let names = zygote["names"].as_array().unwrap();
+            assert!(names.iter().any(|n| n == "PATH"), "{names:?}");
+            assert!(
+                !names.iter().any(|n| n == "FORGESYTE_ADMIN_TOKEN"),
+                "the zygote: {names:?}"
+            );
+        }
+        // Admin routes still take the token read at start.
+        let reply = super::support::try_http_with(
+            server.addr,
+            "POST",
+            "/v1/plugins/snoop/reload",
+            &[("authorization", &format!("Bearer {token}"))],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+}
