@@ -66,6 +66,26 @@ fn reason_suffix(reason: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// One call's claim on its own outcome: whoever settles it first (the call
+/// returning, or [`PluginHandle::fail_timeout`] giving up on it) records the
+/// call in the registry; the other records nothing. So a call timed out is
+/// counted (an error) and no longer in flight at once, and a thread that
+/// returns long after, or never, changes nothing.
+#[derive(Debug, Clone, Default)]
+pub struct CallTicket(Arc<std::sync::atomic::AtomicBool>);
+
+impl CallTicket {
+    /// A call not settled yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Settles the call: true for the first caller only.
+    fn settle(&self) -> bool {
+        !self.0.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+}
+
 /// A cheap, cloneable handle on a loaded plugin instance.
 ///
 /// Every call goes through the registry: the state moves to RUNNING while the
@@ -231,6 +251,20 @@ impl PluginHandle {
         attachments: &[(&str, &[u8])],
         context: &CallContext,
     ) -> Result<ToolOutput, CallError> {
+        self.call_ticketed(tool, args, attachments, context, &CallTicket::new())
+    }
+
+    /// [`call_output`](Self::call_output) under `ticket`, which the caller
+    /// also hands to [`fail_timeout`](Self::fail_timeout) if it gives up on
+    /// the call: the call is then recorded once, by whichever comes first.
+    pub fn call_ticketed(
+        &self,
+        tool: &str,
+        args: &Value,
+        attachments: &[(&str, &[u8])],
+        context: &CallContext,
+        ticket: &CallTicket,
+    ) -> Result<ToolOutput, CallError> {
         let name = &self.inner.slot.name;
         let registry = &self.inner.slot.registry;
         if !self.has_tool(tool) {
@@ -289,7 +323,9 @@ impl PluginHandle {
         {
             self.fault(&instance, e);
         }
-        let _ = registry.end_call(name, elapsed, outcome.is_ok());
+        if ticket.settle() {
+            let _ = registry.end_call(name, elapsed, outcome.is_ok());
+        }
         outcome.map_err(CallError::from)
     }
 
@@ -318,9 +354,12 @@ impl PluginHandle {
 
     /// Records that a call of `tool` ran past `after` (the caller timed it
     /// out). In-process the call's thread cannot be stopped, so the plugin
-    /// is marked FAILED; an isolated plugin's process is killed (and
-    /// restarted by its supervisor). Returns the reason.
-    pub fn fail_timeout(&self, tool: &str, after: Duration) -> String {
+    /// is marked FAILED and the call, under `ticket`, is counted now (an
+    /// error) and no longer in flight: its thread's return, if it comes,
+    /// records nothing. An isolated plugin's process is killed (and
+    /// restarted by its supervisor); its call returns `TimedOut` and is
+    /// recorded then. Returns the reason.
+    pub fn fail_timeout(&self, tool: &str, after: Duration, ticket: &CallTicket) -> String {
         let reason = PluginError::Timeout(TimeoutError {
             operation: format!("tool '{tool}'"),
             after,
@@ -332,7 +371,11 @@ impl PluginHandle {
             return reason;
         }
         tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
-        let _ = self.inner.slot.registry.mark_failed(name, reason.clone());
+        let registry = &self.inner.slot.registry;
+        let _ = registry.mark_failed(name, reason.clone());
+        if ticket.settle() {
+            let _ = registry.end_call(name, after, false);
+        }
         reason
     }
 

@@ -352,8 +352,9 @@ impl Registry {
         }
     }
 
-    /// Explicit reload or restart: back to `LOADED`, reason cleared, metrics
-    /// and history kept; `info`, when given, replaces the registered info.
+    /// Explicit reload or restart: back to `LOADED`, reason and any pending
+    /// retry time cleared (the reload replaces that restart), metrics and
+    /// history kept; `info`, when given, replaces the registered info.
     /// Legal from `INITIALIZED`, `FAILED` and `UNAVAILABLE`; on a plugin
     /// already `LOADED` it only replaces the info.
     ///
@@ -367,6 +368,7 @@ impl Registry {
                 let next = entry.state.transition(PluginLifecycleState::Loaded)?;
                 entry.move_to(next, None, now);
             }
+            entry.next_retry_at = None;
             if let Some(info) = info {
                 entry.info = Arc::new(info);
             }

@@ -153,12 +153,14 @@ async fn run_unrecorded(
     let (args, attachments) = arguments(input, &declared, handle.takes_binary())?;
     let started = Instant::now();
     let start = Start::default();
+    let ticket = forgesyte_loader::CallTicket::new();
     let _unstarted = CancelUnstarted(start.clone());
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<Instant>();
     let call = {
         let handle = handle.clone();
         let tool = tool.to_owned();
         let start = start.clone();
+        let ticket = ticket.clone();
         // The request's span goes with the call to the pool's thread: the
         // host's lines logged there (a plugin marked FAILED, ...) carry the
         // request id.
@@ -176,7 +178,7 @@ async fn run_unrecorded(
                         .iter()
                         .map(|(pointer, bytes)| (pointer.as_str(), &bytes[..]))
                         .collect();
-                    Some(handle.call_output(&tool, &args, &refs, &context))
+                    Some(handle.call_ticketed(&tool, &args, &refs, &context, &ticket))
                 })
             })
             .await
@@ -196,7 +198,8 @@ async fn run_unrecorded(
         let handle = handle.clone();
         let tool = tool.to_owned();
         async move {
-            let ended = watch_call(call, started_rx, &start, &handle, &tool, limit).await;
+            let ended =
+                watch_call(call, started_rx, &start, (&handle, &ticket), &tool, limit).await;
             let _ = ended_tx.send(ended);
         }
         .instrument(tracing::Span::current())
@@ -253,7 +256,7 @@ async fn watch_call(
     mut call: std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>,
     mut started_rx: tokio::sync::oneshot::Receiver<Instant>,
     start: &Start,
-    handle: &PluginHandle,
+    (handle, ticket): (&PluginHandle, &forgesyte_loader::CallTicket),
     tool: &str,
     limit: Duration,
 ) -> Ended {
@@ -289,7 +292,7 @@ async fn watch_call(
         Ok(out) => Ok(out),
         // The call's thread cannot be stopped: the plugin is no longer
         // trusted. The thread finishes (or not) in the background.
-        Err(_elapsed) => Err(handle.fail_timeout(tool, limit)),
+        Err(_elapsed) => Err(handle.fail_timeout(tool, limit, ticket)),
     })
 }
 

@@ -128,13 +128,23 @@ impl Loader {
                         loaded = self.registry.mark_loaded(name, Some(info));
                     }
                     if let Err(e) = loaded {
-                        tracing::warn!(plugin = %name, error = %e, "Plugin {name} not reloaded: {e}");
+                        // Its instance is let go already: a plugin left as it
+                        // is would look available and have none. FAILED says
+                        // so, and the next rescan or reload loads it again.
+                        let reason = format!(
+                            "not reloaded: a call was still running {} s after the reload \
+                             began; reload it again (the next rescan does)",
+                            RELOAD_IDLE_WAIT.as_secs() * 2
+                        );
+                        tracing::warn!(plugin = %name, error = %e, "Plugin {name} {reason}");
+                        let _ = self.registry.mark_failed(name, reason);
                         self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                         continue;
                     }
                     if let Some(e) = self.entries.write().get_mut(name) {
                         e.raw = Some(Arc::clone(&m.raw));
                         e.optional = m.optional;
+                        e.placement = Some((m.runtime, m.declared_isolation));
                     }
                     pending.insert(
                         name.clone(),
@@ -153,6 +163,7 @@ impl Loader {
                     if let Some(e) = self.entries.write().get_mut(name) {
                         e.raw = raw.map(Arc::new);
                         e.optional = false;
+                        e.placement = None;
                     }
                     self.record_failure(name, &PluginError::from(error));
                     self.finish_outcome(name, &entry.dir, started, &mut outcomes);

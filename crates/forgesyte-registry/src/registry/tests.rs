@@ -599,6 +599,13 @@ fn crash_restart_and_journal() {
     );
     assert_eq!(status.restart_count, 0);
 
+    // A reload in place of the pending restart clears its time too.
+    let reloaded = registry_with("q", Initialized);
+    reloaded.mark_failed("q", "CrashError").unwrap();
+    reloaded.set_next_retry("q", Some(at)).unwrap();
+    reloaded.mark_loaded("q", None).unwrap();
+    assert_eq!(reloaded.get_status("q").unwrap().next_retry_at, None);
+
     registry.mark_restarting("p").unwrap();
     let status = registry.get_status("p").unwrap();
     assert_eq!((status.state, status.restart_count), (Loaded, 1));

@@ -254,6 +254,16 @@ fn timeouts_answer_504_and_fail_the_plugin() {
     let health = server.get("/v1/plugins/slow/health").json();
     assert_eq!(health["state"], "FAILED", "{health}");
     assert!(health["reason"].is_string());
+    // The call given up on is counted at once (an error) and no longer in
+    // flight, though its thread sleeps on; its return later records nothing.
+    let counts = |h: &serde_json::Value| {
+        (
+            h["in_flight"].clone(),
+            h["success_count"].clone(),
+            h["error_count"].clone(),
+        )
+    };
+    assert_eq!(counts(&health), (json!(0), json!(1), json!(1)), "{health}");
     assert_eq!(server.run("slow", "echo", "{}").status, 503);
 
     // The server's --call-timeout (0.5 s) when the manifest sets none.
@@ -263,6 +273,10 @@ fn timeouts_answer_504_and_fail_the_plugin() {
 
     // Health still answers while the abandoned calls sleep on.
     assert_eq!(server.get("/v1/health").status, 200);
+    // Once the abandoned call's thread has returned: the same counts.
+    std::thread::sleep(Duration::from_millis(3200).saturating_sub(started.elapsed()));
+    let health = server.get("/v1/plugins/slow/health").json();
+    assert_eq!(counts(&health), (json!(0), json!(1), json!(1)), "{health}");
 }
 
 #[test]

@@ -291,6 +291,91 @@ fn a_changed_in_process_library_serves_under_a_new_file_identity() {
     assert!(!copies.exists(), "{}", copies.display());
 }
 
+/// A rescan that finds an in-process plugin's library changed while a call
+/// of it runs past the reload's wait: the old instance is let go, so the
+/// plugin is FAILED saying why (not INITIALIZED with no instance, which
+/// answered 503 for good), and the next rescan loads it.
+#[test]
+fn a_plugin_changed_during_a_long_call_is_failed_then_loaded_by_the_next_rescan() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--call-timeout", "60"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let addr = server.addr;
+    let call = std::thread::spawn(move || {
+        crate::support::http(
+            addr,
+            "POST",
+            "/v1/plugins/alpha/tools/sleep/run",
+            br#"{"args": {"ms": 12000}}"#,
+        )
+    });
+    wait_for(
+        "the call in flight",
+        Duration::from_secs(10),
+        &server,
+        || state_of(&server, "alpha").filter(|s| s["state"] == "RUNNING"),
+    );
+    let library = dir.path().join("alpha").join(good_library_name());
+    replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["alpha"]), "{report}");
+    let health = state_of(&server, "alpha").unwrap();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not reloaded: a call was still running")),
+        "{health}"
+    );
+    let done = call.join().unwrap();
+    assert_eq!(done.status, 200, "{}", done.text());
+    let report = reload(&server);
+    assert_eq!(report["retried"], json!(["alpha"]), "{report}");
+    let health = state_of(&server, "alpha").unwrap();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert_eq!(health["in_flight"], 0, "{health}");
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+}
+
+/// A rescan that finds a manifest changed reloads the plugin: what health
+/// says of where it runs follows the new manifest (it kept the first manifest's), and a manifest broken
+/// meanwhile leaves nothing of the old one's.
+#[test]
+fn health_says_where_a_reloaded_plugin_runs_now() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let reload_alpha = || {
+        let report = reload(&server);
+        assert_eq!(report["changed"], json!(["alpha"]), "{report}");
+        state_of(&server, "alpha").unwrap()
+    };
+    let manifest = dir.path().join("alpha/manifest.json");
+    let mut value: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(
+        state_of(&server, "alpha").unwrap()["isolation"],
+        "in-process"
+    );
+    value["isolation"] = json!("process");
+    std::fs::write(&manifest, value.to_string()).unwrap();
+    let health = reload_alpha();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert_eq!(health["isolation"], "process", "{health}");
+    std::fs::write(&manifest, "{ not json").unwrap();
+    let health = reload_alpha();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert_eq!(health["isolation"], Value::Null, "{health}");
+    assert_eq!(health["runtime"], Value::Null, "{health}");
+}
+
 /// Waits for `tool` of `plugin` to answer 200 (after a `SIGHUP`).
 fn wait_served(server: &Forgesyte, plugin: &str, tool: &str) -> Reply {
     wait_for(
