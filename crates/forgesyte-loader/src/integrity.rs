@@ -183,7 +183,9 @@ fn collect_py(
             }
             continue;
         }
-        if name.ends_with(".py") && fs.metadata(&entry.path)?.is_file {
+        // Everything Python runs from the tree: sources, and extension
+        // modules (the runner never reads a plugin's bytecode).
+        if (name.ends_with(".py") || name.ends_with(".so")) && fs.metadata(&entry.path)?.is_file {
             files.insert(rel, entry.path.clone());
         }
     }
@@ -474,6 +476,19 @@ mod tests {
         std::fs::write(root.join("pkg/sub/z.py"), "").unwrap();
         std::fs::write(root.join("pkg/new.py"), "").unwrap();
         assert_ne!(python_tree_digest(&RealFs, root).unwrap(), digest);
+        // Extension modules are code Python runs: covered; bytecode, which
+        // the runner never reads, is not.
+        std::fs::remove_file(root.join("pkg/new.py")).unwrap();
+        std::fs::write(root.join("pkg/__pycache__/a.cpython-311.pyc"), "x").unwrap();
+        assert_eq!(python_tree_digest(&RealFs, root).unwrap(), digest);
+        std::fs::write(root.join("pkg/fast.cpython-311-x86_64-linux-gnu.so"), "").unwrap();
+        assert!(
+            python_tree_listing(&RealFs, root)
+                .unwrap()
+                .contains(&format!(
+                    "{EMPTY}  pkg/fast.cpython-311-x86_64-linux-gnu.so\n"
+                ))
+        );
     }
 
     #[test]

@@ -178,6 +178,7 @@ import base64  # noqa: E402
 import contextvars  # noqa: E402
 import fcntl  # noqa: E402
 import importlib  # noqa: E402
+import importlib.machinery  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -1224,6 +1225,36 @@ def _sanitize(name):
     return re.sub(r"\W", "_", name) or "plugin"
 
 
+class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
+    """Loads a module of the plugin's directory from its source: never from
+    bytecode in ``__pycache__``, which signatures and integrity pins do not
+    cover and which Python runs in the source's place when its header
+    matches the source's time and size; and writes none there."""
+
+    def path_stats(self, path):
+        # ``SourceLoader.get_code`` reads (and later writes) bytecode only
+        # when it knows the source's time.
+        raise OSError("a plugin's bytecode is never read")
+
+
+def _source_only_under(root):
+    """Modules found under ``root`` (the plugin directory, its packages
+    included) load from sources and extension modules only (no bare
+    ``.pyc``), through :class:`_SourceOnlyLoader`."""
+    machinery = importlib.machinery
+    loaders = [(machinery.ExtensionFileLoader, machinery.EXTENSION_SUFFIXES),
+               (_SourceOnlyLoader, machinery.SOURCE_SUFFIXES)]
+
+    def hook(path):
+        where = os.path.abspath(path or os.getcwd())
+        if where == root or where.startswith(root + os.sep):
+            return machinery.FileFinder(where, *loaders)
+        raise ImportError("not under the plugin directory")
+
+    sys.path_hooks.insert(0, hook)
+    sys.path_importer_cache.clear()
+
+
 def import_plugin(args):
     """Imports the plugin's code: the module, or a WireError dict."""
     here = os.path.dirname(_SELF)
@@ -1232,7 +1263,9 @@ def import_plugin(args):
         # directory ("") may shadow plugin modules.
         del sys.path[0]
     if args.plugin_dir and not args.installed:
-        sys.path.insert(0, os.path.abspath(args.plugin_dir))
+        root = os.path.abspath(args.plugin_dir)
+        _source_only_under(root)
+        sys.path.insert(0, root)
     if args.file is not None:
         path = args.file
         if not os.path.isfile(path):
@@ -1244,7 +1277,8 @@ def import_plugin(args):
             )
         name = "plugin_" + _sanitize(args.plugin)
         try:
-            spec = importlib.util.spec_from_file_location(name, path)
+            spec = importlib.util.spec_from_file_location(
+                name, path, loader=_SourceOnlyLoader(name, path))
             if spec is None or spec.loader is None:
                 return wire_error("Python", "cannot load %s as Python" % path,
                                   error_type="ImportError", path=path)

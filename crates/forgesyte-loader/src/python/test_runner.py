@@ -917,6 +917,49 @@ class ModuleModeTests(RunnerTestCase):
         self.assertEqual(header["result"], {"a": "b"})
 
 
+class BytecodeTests(RunnerTestCase):
+    """A plugin directory's modules run from their sources: bytecode planted
+    in ``__pycache__`` (not covered by signatures or pins), with a header
+    that matches its source's time and size, never runs; none is written."""
+
+    def plant(self, path, source, planted):
+        """Writes ``source`` to ``path`` with bytecode compiled from
+        ``planted`` (as long) cached for it, header and all matching."""
+        import py_compile
+        self.assertEqual(len(source), len(planted))
+        with open(path, "w") as f:
+            f.write(planted)
+        os.utime(path, (1700000000, 1700000000))
+        py_compile.compile(path, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+        with open(path, "w") as f:
+            f.write(source)
+        os.utime(path, (1700000000, 1700000000))
+
+    def test_planted_bytecode_never_runs(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        self.plant(os.path.join(d, "helper.py"), 'WHO = "source"\n', 'WHO = "plants"\n')
+        plugin = (
+            "import helper\n"
+            "class Plugin:\n"
+            "    tools = {'who': {'handler': 'who'}}\n"
+            "    def who(self, args):\n"
+            "        return {'helper': helper.WHO, 'me': ME}\n"
+            "ME = 'source!'\n"
+        )
+        self.plant(os.path.join(d, "plugin.py"), plugin, plugin.replace("'source!'", "'planted'"))
+        cached = os.listdir(os.path.join(d, "__pycache__"))
+        self.assertEqual(len(cached), 2, cached)
+        for mode in (["--file", os.path.join(d, "plugin.py")], ["--module", "plugin"]):
+            p = Proc(self, args=["--plugin", "planted", "--plugin-dir", d] + mode,
+                     env={"PYTHONDONTWRITEBYTECODE": ""})
+            p.start()
+            header, _ = p.run("who", {})
+            self.assertEqual(header["result"], {"helper": "source", "me": "source!"}, mode)
+        self.assertEqual(sorted(os.listdir(os.path.join(d, "__pycache__"))), sorted(cached))
+
+
 class ManifestToolsTests(RunnerTestCase):
     def test_tools_come_from_the_manifest_when_the_plugin_has_none(self):
         with open(os.path.join(fixture("manifest_tools"), "manifest.json")) as f:
