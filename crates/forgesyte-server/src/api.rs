@@ -8,7 +8,6 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -252,21 +251,28 @@ pub(crate) async fn run_tool(
     State(state): State<AppState>,
     ApiPath(ToolPath { name: plugin, tool }): ApiPath<ToolPath>,
     headers: axum::http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let mut request_bytes = 0;
-    let outcome = match body::received(body, state.body_limit()) {
-        Ok(bytes) => {
-            request_bytes = bytes.len();
-            match body::read(&headers, bytes).await {
-                Ok(input) => {
-                    let context = tools::call_context(&headers);
-                    tools::run_output(&state, &plugin, &tool, input, context).await
-                }
-                Err(e) => Err(e),
-            }
-        }
+    let limit = state.body_limit();
+    // Room for the body first, then the body: what clients can make the
+    // server hold is bounded (see `body::budget_kib`). The room is held
+    // until the call has its outcome.
+    let outcome = match body::reserve(state.body_budget(), &headers, limit) {
         Err(e) => Err(e),
+        Ok(_room) => match body::receive(body, limit).await {
+            Ok(bytes) => {
+                request_bytes = bytes.len();
+                match body::read(&headers, bytes).await {
+                    Ok(input) => {
+                        let context = tools::call_context(&headers);
+                        tools::run_output(&state, &plugin, &tool, input, context).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        },
     };
     let response = match outcome {
         // Binary results by `Accept`: base64 in the JSON by default,

@@ -8,9 +8,8 @@
 use std::collections::HashSet;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, StatusCode};
 use forgesyte_deps::json_type_name;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -28,34 +27,57 @@ pub struct RunRequest {
     pub args: Map<String, Value>,
 }
 
-/// The body as received, or why it was not (413 over the limit).
-pub(crate) fn received(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<Bytes, RunError> {
-    match body {
-        Ok(bytes) => Ok(bytes),
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            Err(RunError::PayloadTooLarge { limit })
-        }
-        Err(rejection) if timed_out(&rejection) => Err(RunError::BodyTimedOut),
-        Err(rejection) => Err(RunError::MalformedBody {
-            message: rejection.body_text(),
-        }),
-    }
+/// The memory all tool calls' request bodies may hold at once, in KiB:
+/// eight bodies at the limit, at least 256 MiB. Without a bound, clients
+/// (who need no token to send bodies) could make the server hold a body at
+/// the limit per connection: 24 connections sending 32 MiB bodies that never
+/// finish took it from 6 MiB to 784 MiB.
+pub(crate) fn budget_kib(body_limit: usize) -> usize {
+    body_limit
+        .saturating_mul(8)
+        .max(256 << 20)
+        .div_ceil(1024)
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
 }
 
-/// Whether the body stopped arriving for longer than the body read timeout
-/// (`tower_http::timeout::RequestBodyTimeoutLayer` ended it).
-fn timed_out(rejection: &BytesRejection) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
-    while let Some(error) = source {
-        if error.is::<tower_http::timeout::TimeoutError>() {
-            return true;
+/// Reserves room for one tool call's request body before any of it is read:
+/// its `Content-Length` (at most `limit`), else `limit` (a body of unknown
+/// length). Held until the call's answer is made; none left is 503
+/// `ServerBusy` at once.
+pub(crate) fn reserve(
+    budget: &std::sync::Arc<tokio::sync::Semaphore>,
+    headers: &axum::http::HeaderMap,
+    limit: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, RunError> {
+    let stated = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<usize>().ok());
+    let bytes = stated.map_or(limit, |n| n.min(limit));
+    let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    std::sync::Arc::clone(budget)
+        .try_acquire_many_owned(kib)
+        .map_err(|_| RunError::BodiesInFlight {
+            budget_mib: budget_kib(limit) / 1024,
+        })
+}
+
+/// Reads a tool call's request body, at most `limit` bytes.
+pub(crate) async fn receive(body: axum::body::Body, limit: usize) -> Result<Bytes, RunError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(error) = source {
+            if error.is::<http_body_util::LengthLimitError>() {
+                return RunError::PayloadTooLarge { limit };
+            }
+            if error.is::<tower_http::timeout::TimeoutError>() {
+                return RunError::BodyTimedOut;
+            }
+            source = error.source();
         }
-        source = error.source();
-    }
-    false
+        RunError::MalformedBody {
+            message: format!("Failed to read the request body: {e}"),
+        }
+    })
 }
 
 /// A JSON body: empty means no arguments; otherwise it must be
@@ -225,7 +247,7 @@ pub(crate) fn binary_arguments(input_schema: &Value) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
+    use axum::http::{HeaderValue, StatusCode};
     use proptest::prelude::*;
     use serde_json::json;
 

@@ -250,7 +250,9 @@ impl IntoResponse for ApiError {
         if matches!(
             self,
             ApiError::Run {
-                error: RunError::TooManyCalls { .. } | RunError::NotStarted { .. },
+                error: RunError::TooManyCalls { .. }
+                    | RunError::NotStarted { .. }
+                    | RunError::BodiesInFlight { .. },
                 ..
             }
         ) {
@@ -372,6 +374,14 @@ pub enum RunError {
         /// How long it waited.
         waited: Duration,
     },
+    /// The request bodies of calls in progress fill the memory set aside for
+    /// them; this call's body was not read and the call never ran (503,
+    /// `ServerBusy`, with `Retry-After`).
+    #[error("request bodies in progress fill their {budget_mib} MiB")]
+    BodiesInFlight {
+        /// The memory for request bodies, in MiB.
+        budget_mib: usize,
+    },
     /// The plugin already has its limit of tool calls in progress; the call
     /// never ran (503, `TooManyCalls`, with `Retry-After`).
     #[error("{limit} tool calls of the plugin in progress")]
@@ -394,7 +404,8 @@ impl RunError {
             RunError::PluginNotFound | RunError::UnknownTool => StatusCode::NOT_FOUND,
             RunError::NotRunnable { .. }
             | RunError::TooManyCalls { .. }
-            | RunError::NotStarted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | RunError::NotStarted { .. }
+            | RunError::BodiesInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RunError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             RunError::InvalidBody { .. }
             | RunError::InvalidArgs { .. }
@@ -423,7 +434,7 @@ impl RunError {
             RunError::Timeout { .. } => "Timeout",
             RunError::QueueTimeout { .. } => "QueueTimeout",
             RunError::TooManyCalls { .. } => "TooManyCalls",
-            RunError::NotStarted { .. } => "ServerBusy",
+            RunError::NotStarted { .. } | RunError::BodiesInFlight { .. } => "ServerBusy",
             RunError::Internal { .. } => "InternalError",
         }
     }
@@ -485,6 +496,9 @@ impl RunError {
             ),
             RunError::TooManyCalls { limit } => format!(
                 "Plugin '{p}' has {limit} tool calls in progress, its limit; tool '{t}' did not run, retry later"
+            ),
+            RunError::BodiesInFlight { budget_mib } => format!(
+                "The request bodies of tool calls in progress fill the {budget_mib} MiB set aside for them; tool '{t}' of plugin '{p}' did not run, retry later"
             ),
             RunError::Internal { .. } => "Internal Server Error".to_owned(),
         }

@@ -38,6 +38,9 @@ struct Inner {
     registry: Registry,
     call_timeout: Duration,
     body_limit: usize,
+    /// The request bodies of tool calls held at once, in KiB (see
+    /// [`crate::body::reserve`]).
+    body_budget: Arc<tokio::sync::Semaphore>,
     body_read_timeout: Duration,
     stream_idle_timeout: Duration,
     loading: AtomicBool,
@@ -96,6 +99,9 @@ impl AppState {
                 registry,
                 call_timeout: config.call_timeout,
                 body_limit: config.body_limit,
+                body_budget: Arc::new(tokio::sync::Semaphore::new(crate::body::budget_kib(
+                    config.body_limit,
+                ))),
                 body_read_timeout: config.body_read_timeout,
                 stream_idle_timeout: config.stream_idle_timeout,
                 loading: AtomicBool::new(false),
@@ -132,6 +138,11 @@ impl AppState {
     /// Largest accepted request body, in bytes.
     pub fn body_limit(&self) -> usize {
         self.inner.body_limit
+    }
+
+    /// What is left of the memory for tool calls' request bodies.
+    pub(crate) fn body_budget(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.body_budget
     }
 
     /// Longest wait for the next piece of a request's body.

@@ -92,7 +92,8 @@ impl Outcome {
                 RunError::NotRunnable { .. } => Outcome::not_runnable,
                 RunError::TooManyCalls { .. }
                 | RunError::QueueTimeout { .. }
-                | RunError::NotStarted { .. } => Outcome::rejected,
+                | RunError::NotStarted { .. }
+                | RunError::BodiesInFlight { .. } => Outcome::rejected,
                 RunError::MalformedBody { .. }
                 | RunError::InvalidBody { .. }
                 | RunError::PayloadTooLarge { .. }

@@ -2,7 +2,8 @@
 //! do not free their call's slot before the plugin returns (so a plugin's
 //! calls in progress stay within `--max-calls-per-plugin`), and a call that
 //! found no free thread to run it within its time limit answers 503 without
-//! touching its plugin (the limit counts from the call's start).
+//! touching its plugin (the limit counts from the call's start); and the
+//! request bodies clients can make the server hold are bounded.
 
 use std::io::Write as _;
 use std::net::TcpStream;
@@ -188,4 +189,72 @@ fn an_in_process_call_past_its_limit_fails_its_plugin_even_when_its_client_hung_
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Bodies that are announced but never finish cannot make the server hold
+/// memory without bound: room for each is taken before it is read (its
+/// `Content-Length`, at most the body limit), eight bodies at the limit or
+/// 256 MiB in all; past that a call answers 503 `ServerBusy` at once, and
+/// room comes back when a request ends.
+#[test]
+fn bodies_that_never_finish_fill_a_bounded_room() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    // 32 MiB bodies: eight fill the 256 MiB.
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "33554432"]);
+    server.wait_loaded();
+    let announce = |len: usize| {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        let head = format!(
+            "POST /v1/plugins/alpha/tools/echo/run HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n{{\"args\""
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream
+    };
+    // Nine: eight take their room, and the server refuses the ninth (its
+    // log says so) once it has read every head.
+    let held: Vec<TcpStream> = (0..9).map(|_| announce(33_554_432)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server
+        .log()
+        .contains("request bodies in progress fill their 256 MiB")
+    {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = crate::support::try_http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/alpha/tools/echo/run",
+        &[("content-type", "application/json")],
+        br#"{"args": {"x": 1}}"#,
+    )
+    .unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let body = refused.json();
+    assert_eq!(body["error_type"], "ServerBusy", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("256 MiB"),
+        "{body}"
+    );
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // Health is not a tool call: it answers.
+    assert_eq!(http(server.addr, "GET", "/v1/health", b"").status, 200);
+    // The requests end: their room comes back.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        let reply = http(
+            server.addr,
+            "POST",
+            "/v1/plugins/alpha/tools/echo/run",
+            br#"{"args": {"x": 1}}"#,
+        );
+        if reply.status == 200 || Instant::now() > deadline {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(served.status, 200, "{}", served.text());
 }
