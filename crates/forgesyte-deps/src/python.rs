@@ -14,7 +14,8 @@ pub trait PythonProbe: Send + Sync + Debug {
     /// For each of `packages`, in order, whether `interpreter` can import
     /// it, found **without importing it**: the top-level package (`torch`
     /// for `torch.cuda`) is looked up with `importlib.util.find_spec`, as
-    /// the seed did.
+    /// the seed did; a name with `-` (a distribution's, `opencv-python`) by
+    /// its installed metadata.
     ///
     /// `Err` when the interpreter could not answer (it does not start,
     /// fails, times out, or answers nonsense); the message begins with the
@@ -26,11 +27,19 @@ pub trait PythonProbe: Send + Sync + Debug {
 /// The script the interpreter runs: package names in `sys.argv[1:]`, one
 /// JSON list of booleans out. The working directory's entry (`''`) is
 /// dropped from `sys.path` so nothing is found by accident where it runs.
+///
+/// A name with `-` cannot be imported: it names a distribution
+/// (`opencv-python`, whose module is `cv2`), found by its installed
+/// metadata, also without importing anything.
 const FIND_SCRIPT: &str = r#"import sys, json, importlib.util
 if sys.path and sys.path[0] == "":
     del sys.path[0]
 def found(name):
     try:
+        if "-" in name:
+            from importlib import metadata
+            metadata.distribution(name)
+            return True
         return importlib.util.find_spec(name.split(".")[0]) is not None
     except Exception:
         return False
@@ -108,6 +117,26 @@ impl PythonProbe for SystemPython {
     }
 }
 
+/// `search_path` (`PYTHONPATH`: entries separated by `:`) with each
+/// relative entry made absolute against `cwd`; an empty entry, Python's
+/// "the working directory", becomes `cwd` itself.
+fn absolute_search_path(search_path: &OsStr, cwd: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+    let mut out = Vec::with_capacity(search_path.len());
+    for (i, entry) in search_path.as_bytes().split(|&b| b == b':').enumerate() {
+        if i > 0 {
+            out.push(b':');
+        }
+        let entry = Path::new(OsStr::from_bytes(entry));
+        if entry.is_absolute() {
+            out.extend_from_slice(entry.as_os_str().as_bytes());
+        } else {
+            out.extend_from_slice(cwd.join(entry).as_os_str().as_bytes());
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
 /// Runs `interpreter ARGS…` to the end and returns what it wrote to
 /// stdout: working directory `/`, stdin closed, stdout and stderr captured
 /// (at most 4 MiB each), the environment inherited (so `PYTHONPATH` and
@@ -126,7 +155,13 @@ pub fn run_python(
     let deadline = Instant::now() + timeout;
     // It runs in `/`: a relative path means one from here.
     let program = std::path::absolute(interpreter).unwrap_or_else(|_| interpreter.to_path_buf());
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    // Python reads `PYTHONPATH`'s relative entries from its working
+    // directory: the caller's, not `/`.
+    if let (Some(path), Ok(cwd)) = (std::env::var_os("PYTHONPATH"), std::env::current_dir()) {
+        command.env("PYTHONPATH", absolute_search_path(&path, &cwd));
+    }
+    let mut child = command
         .args(args)
         .current_dir("/")
         .stdin(Stdio::null())
@@ -246,6 +281,19 @@ mod tests {
     }
 
     #[test]
+    fn relative_search_path_entries_are_made_absolute() {
+        let cwd = Path::new("/work/here");
+        assert_eq!(
+            absolute_search_path(OsStr::new("../pp:/abs/site:lib:"), cwd),
+            OsStr::new("/work/here/../pp:/abs/site:/work/here/lib:/work/here/")
+        );
+        assert_eq!(
+            absolute_search_path(OsStr::new("/a"), cwd),
+            OsStr::new("/a")
+        );
+    }
+
+    #[test]
     fn shorten_and_last_line() {
         assert_eq!(shorten("abc", 5), "abc");
         assert_eq!(shorten("abcdef", 3), "abc…");
@@ -345,6 +393,35 @@ mod tests {
         assert_eq!(
             find(SystemPython::new(), &echo, &["a", "b.c"]),
             Ok(vec![true, false])
+        );
+    }
+
+    /// A name with `-` is a distribution's: found by its metadata (here a
+    /// `.dist-info` on `PYTHONPATH`), never as a module.
+    #[cfg(unix)]
+    #[test]
+    fn a_distribution_name_is_found_by_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("site");
+        let info = site.join("fake_dist-1.0.dist-info");
+        std::fs::create_dir_all(&info).unwrap();
+        std::fs::write(
+            info.join("METADATA"),
+            "Metadata-Version: 2.1\nName: fake-dist\nVersion: 1.0\n",
+        )
+        .unwrap();
+        let python = script(
+            dir.path(),
+            "python",
+            &format!("PYTHONPATH={} exec python3 \"$@\"", site.display()),
+        );
+        assert_eq!(
+            find(
+                SystemPython::new(),
+                &python,
+                &["fake-dist", "other-dist", "json"]
+            ),
+            Ok(vec![true, false, true])
         );
     }
 

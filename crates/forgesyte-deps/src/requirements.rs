@@ -161,8 +161,8 @@ fn valid_plugin_name(name: &str) -> bool {
 }
 
 /// A Python package name: `[A-Za-z0-9_.-]+`, no empty dotted part (so no
-/// leading, trailing or doubled `.`). `-` is allowed for distribution-style
-/// names; such a name is looked up as written.
+/// leading, trailing or doubled `.`). `-` is allowed for distribution
+/// names (`opencv-python`), looked up by their installed metadata.
 fn valid_python_name(name: &str) -> bool {
     !name.is_empty()
         && name.split('.').all(|part| {

@@ -787,7 +787,12 @@ fn run_check(args: CheckArgs) -> ExitCode {
         eprintln!("forgesyte check: {e}");
         return ExitCode::from(2);
     }
-    if !args.dir.is_dir() {
+    // Installed plugins alone need no plugins directory: the default one
+    // may be missing then, as for `serve`. One named is checked.
+    let entry_points_only = config.python_entry_points
+        && args.dir == Path::new(DEFAULT_PLUGINS_DIR)
+        && !args.dir.exists();
+    if !args.dir.is_dir() && !entry_points_only {
         eprintln!(
             "forgesyte check: {}",
             CheckError::NotADirectory { path: args.dir }

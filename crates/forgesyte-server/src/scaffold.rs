@@ -95,8 +95,26 @@ pub(crate) fn rust_name(name: &str) -> Result<String, String> {
              standard crate"
         ));
     }
+    if TAKEN.contains(&crate_name.as_str()) {
+        return Err(format!(
+            "'{name}' cannot name a Rust plugin: the plugin depends on a package of that \
+             name (the SDK, or one of its dependencies), and Cargo would not build it"
+        ));
+    }
     Ok(name.to_owned())
 }
+
+/// Packages a scaffolded plugin depends on (as crate names): a plugin of
+/// the same name collides with them in Cargo's lock file, or depends on
+/// itself.
+const TAKEN: &[&str] = &[
+    "forgesyte_plugin_sdk",
+    "forgesyte_protocol",
+    "serde",
+    "serde_core",
+    "serde_derive",
+    "serde_json",
+];
 
 /// Keywords and standard crates: not a crate's name.
 const RESERVED: &[&str] = &[
@@ -459,7 +477,17 @@ mod tests {
         }
         assert!(rust_name("image-stats").is_ok());
         assert!(rust_name("ocr_2").is_ok());
-        for bad in ["9lives", "my.plugin", "fn", "std", "self", "test", "a b"] {
+        for bad in [
+            "9lives",
+            "my.plugin",
+            "fn",
+            "std",
+            "self",
+            "test",
+            "a b",
+            "forgesyte-plugin-sdk",
+            "serde_json",
+        ] {
             assert!(rust_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -248,9 +248,23 @@ pub fn sign_dir(
         Some(&untrusted),
     )
     .map_err(|e| format!("cannot sign: {e}"))?;
+    // Written beside, then renamed into place: a file the plugin shipped
+    // under that name (a link to the signer's key, say) is replaced, never
+    // written through.
     let write = |name: &str, bytes: &[u8]| {
         let path = dir.join(name);
-        std::fs::write(&path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+        let fresh = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&fresh)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, bytes))
+            .and_then(|()| std::fs::rename(&fresh, &path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&fresh);
+        }
+        written.map_err(fail)
     };
     write(LIST_FILE, text.as_bytes())?;
     write(SIG_FILE, signature.into_string().as_bytes())?;

@@ -108,6 +108,35 @@ fn a_changed_added_or_missing_file_is_modified_and_named() {
     assert_eq!(detail(&checked), "pkg/util.py is listed but missing");
 }
 
+/// A plugin that ships its signature files as links (to the signer's own
+/// key, say) gets them replaced by signing, never written through.
+#[test]
+fn signing_replaces_shipped_links_and_never_writes_through_them() {
+    let f = fixture();
+    let victim = f.plugin.parent().unwrap().join("signers-secret.key");
+    std::fs::write(&victim, "precious\n").unwrap();
+    for name in [LIST_FILE, SIG_FILE] {
+        std::os::unix::fs::symlink(&victim, f.plugin.join(name)).unwrap();
+    }
+    sign_dir(&RealFs, &f.plugin, &f.secret).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    for name in [LIST_FILE, SIG_FILE] {
+        let meta = std::fs::symlink_metadata(f.plugin.join(name)).unwrap();
+        assert!(meta.is_file(), "{name} is still a link");
+    }
+    assert_eq!(
+        check_dir(&f, &f.trusted).info.status,
+        SignatureState::Signed
+    );
+    // Nothing left beside them.
+    let left: Vec<_> = std::fs::read_dir(&f.plugin)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn bad_signatures_untrusted_keys_and_half_signatures_are_invalid() {
     let f = fixture();

@@ -140,6 +140,39 @@ fn check_lists_installed_plugins_with_the_flag_or_the_variable() {
         serde_json::from_str::<Value>(&out).unwrap(),
         Value::Array(vec![])
     );
+
+    // Installed plugins alone: no plugins directory is needed (the default,
+    // ./plugins, does not exist where the test runs), as for `serve`; a
+    // directory named must exist.
+    let mut command = crate::support::forgesyte_command();
+    let scratch = tempfile::tempdir().unwrap();
+    let output = command
+        .current_dir(scratch.path())
+        .args([
+            "check",
+            "--python-entry-points",
+            "--python",
+            &python,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{out}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list:#}");
+    let (code, _, err) = forgesyte(
+        &[
+            "check",
+            "--python-entry-points",
+            "--python",
+            &python,
+            "/no/such/dir",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("does not exist"), "{err}");
 }
 
 #[test]
