@@ -167,6 +167,7 @@ impl ServerConfig {
                 TrustedKeys::default()
             }),
             require_signed: self.require_signed,
+            call_timeout: self.call_timeout,
             ..LoaderConfig::default()
         }
     }

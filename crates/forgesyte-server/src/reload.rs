@@ -67,7 +67,9 @@ pub struct RemovedPlugin {
     pub dir: String,
     /// Calls that were in flight when it was retired (they were waited for).
     pub calls_in_flight: u32,
-    /// Calls still in flight when the wait gave up (they failed).
+    /// Calls still in flight when the wait (their time limit and a second)
+    /// gave up: an isolated or Python plugin's ended with its process (they
+    /// failed); an in-process plugin's ran on, recorded nowhere.
     pub calls_cut_off: u32,
     /// How long its retirement took, in milliseconds.
     pub elapsed_ms: f64,

@@ -1,6 +1,7 @@
 //! [`LoaderConfig`]: the loader's settings.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::manifest::{self, Isolation};
 use crate::process::ProcessLimits;
@@ -33,6 +34,11 @@ pub struct LoaderConfig {
     pub runner_args: Vec<std::ffi::OsString>,
     /// Limits of isolated plugins; a manifest's `limits` override them.
     pub process: ProcessLimits,
+    /// The time limit the host puts on an in-process plugin's calls when
+    /// its manifest sets none (`--call-timeout`; default 60 s): a removed
+    /// plugin's calls in flight are waited for that long (and a second)
+    /// before its name is freed for another plugin.
+    pub call_timeout: Duration,
     /// When and how often crashed isolated plugins are restarted.
     pub supervision: SupervisionPolicy,
     /// Construct every in-process plugin once in a throw-away runner before
@@ -75,6 +81,7 @@ impl Default for LoaderConfig {
             runner: None,
             runner_args: Vec::new(),
             process: ProcessLimits::default(),
+            call_timeout: Duration::from_secs(60),
             supervision: SupervisionPolicy::default(),
             preflight: false,
             python: None,

@@ -19,10 +19,6 @@ use super::parallel::par_map;
 use super::report::{LoadReport, PluginLoadOutcome, ms};
 use super::stamp::stamp;
 
-/// How long a retirement waits for the calls in flight on a plugin to end
-/// when the plugin sets no call time limit.
-const RETIRE_WAIT: Duration = Duration::from_secs(30);
-
 /// A plugin retired by a rescan (its directory or entry point is gone).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RetiredPlugin {
@@ -32,7 +28,10 @@ pub struct RetiredPlugin {
     pub dir: PathBuf,
     /// Calls that were in flight when it was retired.
     pub calls_in_flight: u32,
-    /// Calls still in flight when the wait for them gave up (they fail).
+    /// Calls still in flight when the wait for them (their time limit and a
+    /// second) gave up: an isolated or Python plugin's end with its process
+    /// (they fail); an in-process plugin's threads cannot be stopped and
+    /// run on, their outcome recorded nowhere.
     pub calls_cut_off: u32,
     /// How long its retirement took (mostly waiting for its calls), in
     /// milliseconds.
@@ -252,7 +251,7 @@ impl Loader {
 
     /// Retires `name`: new calls are refused at once (the registry no longer
     /// shows it), its calls in flight are waited for (bounded by its call
-    /// time limit, else [`RETIRE_WAIT`]), then its process is stopped
+    /// time limit), then its process is stopped
     /// (isolated, Python) or its instance dropped (in-process: the library
     /// stays mapped), and its name is freed.
     fn retire_plugin(&self, name: &str, dir: PathBuf) -> RetiredPlugin {
@@ -263,10 +262,14 @@ impl Loader {
         let handle = entry.and_then(|e| e.handle);
         let _ = self.registry.retire(name);
         let calls_in_flight = self.registry.retiring_in_flight(name).unwrap_or(0);
+        // Its calls' time limit and a second: by then the host has given up
+        // on each call left (a timed-out call is settled: its late return
+        // records nothing), so none ends on a plugin that took the name.
         let wait = handle
             .as_ref()
             .and_then(|h| h.call_timeout())
-            .map_or(RETIRE_WAIT, |t| t + Duration::from_secs(1));
+            .unwrap_or(self.config.call_timeout)
+            + Duration::from_secs(1);
         let deadline = started + wait;
         let mut calls_cut_off = 0;
         while let Some(left) = self.registry.retiring_in_flight(name)

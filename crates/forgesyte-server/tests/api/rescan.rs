@@ -376,6 +376,74 @@ fn health_says_where_a_reloaded_plugin_runs_now() {
     assert_eq!(health["runtime"], Value::Null, "{health}");
 }
 
+/// A plugin removed while an in-process call of it runs past the call time
+/// limit: the call is given up on (504) and settled at the limit, the
+/// retirement waits no longer than that limit and a second, and the call's
+/// thread, returning later, records nothing on the plugin that took the
+/// name meanwhile.
+#[test]
+fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).good("slow", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--call-timeout", "1"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let addr = server.addr;
+    let call = std::thread::spawn(move || {
+        crate::support::http(
+            addr,
+            "POST",
+            "/v1/plugins/slow/tools/sleep/run",
+            br#"{"args": {"ms": 4000}}"#,
+        )
+    });
+    wait_for(
+        "the call in flight",
+        Duration::from_secs(10),
+        &server,
+        || state_of(&server, "slow").filter(|s| s["state"] == "RUNNING"),
+    );
+    std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
+    let started = Instant::now();
+    let report = reload(&server);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(report["removed"][0]["calls_in_flight"], 1, "{report}");
+    assert_eq!(report["removed"][0]["calls_cut_off"], 0, "{report}");
+    assert_eq!(call.join().unwrap().status, 504);
+    // The name taken again, and a call of the new plugin running while the
+    // old call's thread returns (4 s after it began).
+    dir.good("slow", json!({}));
+    let report = reload(&server);
+    assert_eq!(report["added"], json!(["slow"]), "{report}");
+    let reply = served(&server, "slow", "echo");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let new_call = crate::support::http(
+        server.addr,
+        "POST",
+        "/v1/plugins/slow/tools/sleep/run",
+        br#"{"args": {"ms": 600}}"#,
+    );
+    assert_eq!(new_call.status, 200, "{}", new_call.text());
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(started.elapsed()));
+    let health = state_of(&server, "slow").unwrap();
+    assert_eq!(
+        (
+            &health["state"],
+            &health["in_flight"],
+            &health["success_count"],
+            &health["error_count"]
+        ),
+        (&json!("INITIALIZED"), &json!(0), &json!(2), &json!(0)),
+        "{health}"
+    );
+}
+
 /// Waits for `tool` of `plugin` to answer 200 (after a `SIGHUP`).
 fn wait_served(server: &Forgesyte, plugin: &str, tool: &str) -> Reply {
     wait_for(
