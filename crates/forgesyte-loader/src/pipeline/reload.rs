@@ -35,13 +35,18 @@ impl Loader {
     ///
     /// `None` when no plugin of that name is registered.
     pub fn reload(&self, name: &str) -> Option<PluginLoadOutcome> {
-        if !self.entries.read().contains_key(name) {
-            return None;
-        }
-        self.reload_names(&[name.to_owned()], &BTreeSet::new())
+        let dir = self.entries.read().get(name)?.dir.clone();
+        let outcome = self
+            .reload_names(&[name.to_owned()], &BTreeSet::new())
             .plugins
             .into_iter()
-            .find(|o| o.name == name)
+            .find(|o| o.name == name);
+        // What it was loaded from is what the next rescan compares with:
+        // else that rescan would find it changed and restart it again.
+        if let Some(stamped) = self.fresh_stamps.lock().remove(&dir) {
+            self.stamps.write().insert(name.to_owned(), stamped);
+        }
+        outcome
     }
 
     /// Reloads every registered plugin as [`reload`](Self::reload) does, in

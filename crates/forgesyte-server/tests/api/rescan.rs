@@ -444,6 +444,37 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
     );
 }
 
+/// A plugin reloaded by name after its files changed is loaded from what
+/// is there now: the next rescan finds it unchanged (it restarted it a
+/// second time, failing its calls in flight).
+#[test]
+fn a_rescan_after_a_reload_by_name_leaves_the_plugin_alone() {
+    let dir = PluginsDir::new();
+    dir.good("iso", json!({"isolation": "process"}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let manifest = dir.path().join("iso/manifest.json");
+    let mut value: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    value["description"] = json!("changed on disk");
+    std::fs::write(&manifest, value.to_string()).unwrap();
+    let bearer = format!("Bearer {TOKEN}");
+    let reply = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/iso/reload",
+        &[("Authorization", bearer.as_str())],
+        b"",
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["state"], "INITIALIZED", "{}", reply.text());
+    let report = reload(&server);
+    assert_eq!(report["unchanged"], json!(["iso"]), "{report}");
+    assert_eq!(report["changed"], json!([]), "{report}");
+}
+
 /// Waits for `tool` of `plugin` to answer 200 (after a `SIGHUP`).
 fn wait_served(server: &Forgesyte, plugin: &str, tool: &str) -> Reply {
     wait_for(
