@@ -62,6 +62,7 @@ const QUOTE_LIMIT: usize = 200;
 #[derive(Debug, Clone, Copy)]
 pub struct SystemPython {
     timeout: Duration,
+    run_as: Option<(u32, u32)>,
 }
 
 impl SystemPython {
@@ -72,12 +73,26 @@ impl SystemPython {
     pub fn new() -> Self {
         SystemPython {
             timeout: Self::DEFAULT_TIMEOUT,
+            run_as: None,
+        }
+    }
+
+    /// This probe, running interpreters as user `uid` and group `gid` (the
+    /// host's runner user): the interpreter a plugin's manifest names is
+    /// the plugin's own code, and never runs with the host's privileges.
+    pub fn as_user(self, uid: u32, gid: u32) -> Self {
+        SystemPython {
+            run_as: Some((uid, gid)),
+            ..self
         }
     }
 
     /// A probe whose runs are killed after `timeout`.
     pub fn with_timeout(timeout: Duration) -> Self {
-        SystemPython { timeout }
+        SystemPython {
+            timeout,
+            run_as: None,
+        }
     }
 
     /// The timeout for one run.
@@ -100,7 +115,7 @@ impl PythonProbe for SystemPython {
         let who = interpreter.display();
         let mut args = vec![OsStr::new("-B"), OsStr::new("-c"), OsStr::new(FIND_SCRIPT)];
         args.extend(packages.iter().map(OsStr::new));
-        let out = run_python(interpreter, &args, self.timeout)?;
+        let out = run_python_as(interpreter, &args, self.timeout, self.run_as)?;
         let text = String::from_utf8_lossy(&out);
         match serde_json::from_str::<Vec<bool>>(text.trim()) {
             Ok(found) if found.len() == packages.len() => Ok(found),
@@ -150,12 +165,26 @@ pub fn run_python(
     args: &[&OsStr],
     timeout: Duration,
 ) -> Result<Vec<u8>, String> {
+    run_python_as(interpreter, args, timeout, None)
+}
+
+/// [`run_python`] as user and group `run_as` when given (a host running
+/// as root drops to its runner user).
+pub fn run_python_as(
+    interpreter: &Path,
+    args: &[&OsStr],
+    timeout: Duration,
+    run_as: Option<(u32, u32)>,
+) -> Result<Vec<u8>, String> {
     use std::os::unix::process::CommandExt as _;
     let who = interpreter.display();
     let deadline = Instant::now() + timeout;
     // It runs in `/`: a relative path means one from here.
     let program = std::path::absolute(interpreter).unwrap_or_else(|_| interpreter.to_path_buf());
     let mut command = Command::new(program);
+    if let Some((uid, gid)) = run_as {
+        command.uid(uid).gid(gid);
+    }
     // Python reads `PYTHONPATH`'s relative entries from its working
     // directory: the caller's, not `/`.
     if let (Some(path), Ok(cwd)) = (std::env::var_os("PYTHONPATH"), std::env::current_dir()) {

@@ -55,7 +55,17 @@ pub fn build_loader(lib_paths: &[PathBuf]) -> Loader {
 /// own registry, set up from `config` ([`ServerConfig::loader_config`]:
 /// library search path, preflight, default isolation, runner).
 pub fn build_loader_from(config: &ServerConfig) -> Loader {
-    let checker = Arc::new(DependencyChecker::system(config.lib_paths.clone()));
+    // A manifest's `python` is the plugin's own: probed as the runner user.
+    let python = match config.runner_user {
+        Some(user) => forgesyte_deps::SystemPython::new().as_user(user.uid, user.gid),
+        None => forgesyte_deps::SystemPython::new(),
+    };
+    let checker = Arc::new(
+        DependencyChecker::builder()
+            .library_paths(config.lib_paths.clone())
+            .python(Arc::new(python))
+            .build(),
+    );
     Loader::new(Registry::new(), checker, config.loader_config())
 }
 

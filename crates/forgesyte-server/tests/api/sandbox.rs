@@ -317,7 +317,30 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
     }
     let plugins = PluginsDir::new();
     native_snoop(&plugins, "native", json!({}));
-    python_snoop(&plugins, "snoop", json!({}));
+    // The interpreter its manifest names is the plugin's own: it records
+    // who runs it, for its dependency check as for its runner.
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("a system python3 that nobody can run");
+    let own = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(own.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let runs = own.path().join("runs.log");
+    let wrapper = own.path().join("python");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$(id -u) $1\" >> {}\nexec {python} \"$@\"\n",
+            runs.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    python_snoop(
+        &plugins,
+        "snoop",
+        json!({"python": wrapper.to_str().unwrap(), "dependencies": ["json"]}),
+    );
     // What `nobody` may read: the plugin directories, but not a file of
     // root's inside them (which the Landlock rules alone would allow).
     std::fs::set_permissions(plugins.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -334,10 +357,6 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
     }
     // Debian's interpreter: pyenv's lives under /root, which `nobody`
     // cannot enter.
-    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("a system python3 that nobody can run");
     let server = Forgesyte::start(&[
         "--plugins",
         plugins.path_str(),
@@ -382,6 +401,14 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
     assert_eq!(uid_of(pid), Some(nobody));
     let python_pid = super::support::runner_pid(server.pid(), "snoop").expect("the Python runner");
     assert_eq!(uid_of(u64::from(python_pid)), Some(nobody));
+    // The dependency check (`-B -c SCRIPT json`) ran it, as nobody, like
+    // the runner's zygote did.
+    let runs = std::fs::read_to_string(&runs).unwrap();
+    assert!(runs.lines().any(|l| l == format!("{nobody} -B")), "{runs}");
+    assert!(
+        runs.lines().all(|l| l.starts_with(&format!("{nobody} "))),
+        "{runs}"
+    );
 }
 
 /// The admin token never reaches a plugin: not its environment, not the
