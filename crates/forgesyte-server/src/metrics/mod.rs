@@ -115,14 +115,36 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CallLabels {
     plugin: String,
-    tool: String,
+    tool: Text,
     outcome: Outcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ToolLabels {
     plugin: String,
-    tool: String,
+    tool: Text,
+}
+
+/// A label value a plugin chose (a tool's name: unlike plugin names, any
+/// text), escaped as the text format requires: `prometheus-client` writes
+/// label values as they are, and a `"`, `\` or line break in one broke the
+/// whole scrape (or added series of the plugin's making).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Text(String);
+
+impl EncodeLabelValue for Text {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -316,7 +338,7 @@ impl Metrics {
         self.calls
             .get_or_create(&CallLabels {
                 plugin: plugin.to_owned(),
-                tool: tool.to_owned(),
+                tool: Text(tool.to_owned()),
                 outcome,
             })
             .inc();
@@ -324,7 +346,7 @@ impl Metrics {
             self.call_seconds
                 .get_or_create(&ToolLabels {
                     plugin: plugin.to_owned(),
-                    tool: tool.to_owned(),
+                    tool: Text(tool.to_owned()),
                 })
                 .observe(elapsed.as_secs_f64());
         }
@@ -476,6 +498,29 @@ mod tests {
                 reason: None
             }),
             Some(Outcome::not_runnable)
+        );
+    }
+
+    /// A tool's name is the plugin's choice: quotes, backslashes and line
+    /// breaks in it are escaped, so it neither breaks the scrape nor adds
+    /// series.
+    #[test]
+    fn tool_names_are_escaped_in_label_values() {
+        let metrics = Metrics::new(loader());
+        let tool = "q\"x\\y\nforgesyte_injected_total 999\n#";
+        metrics.record_call("p", tool, Outcome::ok, Some(Duration::from_millis(1)));
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                r#"forgesyte_tool_calls_total{plugin="p",tool="q\"x\\y\nforgesyte_injected_total 999\n#",outcome="ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("forgesyte_injected_total")),
+            "{text}"
         );
     }
 
