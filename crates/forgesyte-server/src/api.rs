@@ -255,24 +255,20 @@ pub(crate) async fn run_tool(
 ) -> Result<Response, ApiError> {
     let mut request_bytes = 0;
     let limit = state.body_limit();
-    // Room for the body first, then the body: what clients can make the
-    // server hold is bounded (see `body::budget_kib`). The room is held
-    // until the call has its outcome.
-    let outcome = match body::reserve(state.body_budget(), &headers, limit) {
-        Err(e) => Err(e),
-        Ok(_room) => match body::receive(body, limit).await {
-            Ok(bytes) => {
-                request_bytes = bytes.len();
-                match body::read(&headers, bytes).await {
-                    Ok(input) => {
-                        let context = tools::call_context(&headers);
-                        tools::run_output(&state, &plugin, &tool, input, context).await
-                    }
-                    Err(e) => Err(e),
+    // The body takes room from the server's budget for bodies as it arrives
+    // (see `body::receive`); the room goes with the call.
+    let outcome = match body::receive(state.body_budget(), &headers, body, limit).await {
+        Ok((bytes, room)) => {
+            request_bytes = bytes.len();
+            match body::read(&headers, bytes).await {
+                Ok(input) => {
+                    let context = tools::call_context(&headers);
+                    tools::run_output(&state, &plugin, &tool, input, context, Some(room)).await
                 }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
+        Err(e) => Err(e),
     };
     let response = match outcome {
         // Binary results by `Accept`: base64 in the JSON by default,

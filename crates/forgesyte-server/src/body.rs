@@ -27,57 +27,112 @@ pub struct RunRequest {
     pub args: Map<String, Value>,
 }
 
-/// The memory all tool calls' request bodies may hold at once, in KiB:
-/// eight bodies at the limit, at least 256 MiB. Without a bound, clients
-/// (who need no token to send bodies) could make the server hold a body at
-/// the limit per connection: 24 connections sending 32 MiB bodies that never
-/// finish took it from 6 MiB to 784 MiB.
-pub(crate) fn budget_kib(body_limit: usize) -> usize {
-    body_limit
-        .saturating_mul(8)
-        .max(256 << 20)
-        .div_ceil(1024)
-        .min(tokio::sync::Semaphore::MAX_PERMITS)
+/// The memory all tool calls' request bodies may hold at once (room is
+/// counted in KiB, taken as bytes arrive: see [`receive`]). Without a bound, clients (who need no token to send bodies) could make
+/// the server hold a body at the limit per connection: 24 connections
+/// sending 32 MiB bodies they never finished took it from 6 MiB to 784 MiB.
+#[derive(Debug)]
+pub(crate) struct BodyBudget {
+    room: std::sync::Arc<tokio::sync::Semaphore>,
+    kib: usize,
 }
 
-/// Reserves room for one tool call's request body before any of it is read:
-/// its `Content-Length` (at most `limit`), else `limit` (a body of unknown
-/// length). Held until the call's answer is made; none left is 503
-/// `ServerBusy` at once.
-pub(crate) fn reserve(
-    budget: &std::sync::Arc<tokio::sync::Semaphore>,
-    headers: &axum::http::HeaderMap,
+impl BodyBudget {
+    /// The budget for bodies of at most `body_limit` bytes: `memory` bytes,
+    /// else eight bodies at the limit, at least 256 MiB.
+    pub(crate) fn new(body_limit: usize, memory: Option<usize>) -> Self {
+        let kib = memory
+            .unwrap_or_else(|| body_limit.saturating_mul(8).max(256 << 20))
+            .div_ceil(1024)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        BodyBudget {
+            room: std::sync::Arc::new(tokio::sync::Semaphore::new(kib)),
+            kib,
+        }
+    }
+
+    /// `kib` more KiB of room, or `BodiesInFlight`.
+    fn take(&self, kib: usize) -> Result<tokio::sync::OwnedSemaphorePermit, RunError> {
+        u32::try_from(kib)
+            .ok()
+            .and_then(|n| {
+                std::sync::Arc::clone(&self.room)
+                    .try_acquire_many_owned(n)
+                    .ok()
+            })
+            .ok_or(RunError::BodiesInFlight {
+                budget_mib: self.kib / 1024,
+            })
+    }
+}
+
+/// Reads a tool call's request body, at most `limit` bytes, taking room
+/// for it from `budget` as its bytes arrive (by the KiB): a body announced
+/// but never sent holds none, so slow clients cannot lock the others out
+/// with lengths alone. A body whose `Content-Length` is over the limit is
+/// refused before any of it is read. The room comes back with the bytes;
+/// the caller keeps it for as long as it holds them (the call).
+pub(crate) async fn receive(
+    budget: &BodyBudget,
+    headers: &HeaderMap,
+    body: axum::body::Body,
     limit: usize,
-) -> Result<tokio::sync::OwnedSemaphorePermit, RunError> {
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), RunError> {
+    use http_body_util::BodyExt as _;
     let stated = headers
         .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<usize>().ok());
-    let bytes = stated.map_or(limit, |n| n.min(limit));
-    let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-    std::sync::Arc::clone(budget)
-        .try_acquire_many_owned(kib)
-        .map_err(|_| RunError::BodiesInFlight {
-            budget_mib: budget_kib(limit) / 1024,
-        })
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    if stated.is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        return Err(RunError::PayloadTooLarge { limit });
+    }
+    let mut room = budget.take(0)?;
+    let mut charged_kib = 0usize;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|e| body_error(&e))?.into_data() else {
+            continue; // trailers
+        };
+        total += data.len();
+        if total > limit {
+            return Err(RunError::PayloadTooLarge { limit });
+        }
+        let kib = total.div_ceil(1024);
+        if kib > charged_kib {
+            room.merge(budget.take(kib - charged_kib)?);
+            charged_kib = kib;
+        }
+        if !data.is_empty() {
+            chunks.push(data);
+        }
+    }
+    let bytes = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = Vec::with_capacity(total);
+            for chunk in &chunks {
+                all.extend_from_slice(chunk);
+            }
+            Bytes::from(all)
+        }
+    };
+    Ok((bytes, room))
 }
 
-/// Reads a tool call's request body, at most `limit` bytes.
-pub(crate) async fn receive(body: axum::body::Body, limit: usize) -> Result<Bytes, RunError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(error) = source {
-            if error.is::<http_body_util::LengthLimitError>() {
-                return RunError::PayloadTooLarge { limit };
-            }
-            if error.is::<tower_http::timeout::TimeoutError>() {
-                return RunError::BodyTimedOut;
-            }
-            source = error.source();
+/// Why a body could not be read: the body read timeout, else malformed.
+fn body_error(e: &axum::Error) -> RunError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return RunError::BodyTimedOut;
         }
-        RunError::MalformedBody {
-            message: format!("Failed to read the request body: {e}"),
-        }
-    })
+        source = error.source();
+    }
+    RunError::MalformedBody {
+        message: format!("Failed to read the request body: {e}"),
+    }
 }
 
 /// A JSON body: empty means no arguments; otherwise it must be

@@ -73,6 +73,10 @@ pub struct ServerConfig {
     pub call_timeout: Duration,
     /// Largest accepted request body, in bytes.
     pub body_limit: usize,
+    /// Memory the request bodies of tool calls in progress may hold in all
+    /// (`--body-memory`, `FORGESYTE_BODY_MEMORY`); `None`: eight bodies at
+    /// the limit, at least 256 MiB.
+    pub body_memory: Option<usize>,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// Time a client has to send a request's complete headers, from the
@@ -181,6 +185,7 @@ impl Default for ServerConfig {
             lib_paths: Vec::new(),
             call_timeout: DEFAULT_CALL_TIMEOUT,
             body_limit: DEFAULT_BODY_LIMIT,
+            body_memory: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,

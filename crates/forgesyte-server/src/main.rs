@@ -213,6 +213,11 @@ struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT, value_parser = parse_bytes)]
     body_limit: usize,
+    /// Memory the request bodies of tool calls in progress may hold in all,
+    /// in bytes (default: eight bodies at the limit, at least 256 MiB);
+    /// beyond it a call answers 503 `ServerBusy`.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MEMORY", value_parser = parse_bytes)]
+    body_memory: Option<usize>,
     /// Attachments of at least this many bytes travel to and from plugin
     /// runners through shared memory (sealed memfds) instead of the pipe; 0
     /// keeps them all in the pipe.
@@ -711,6 +716,7 @@ impl ServeArgs {
         self.loader.apply(&mut config);
         config.call_timeout = self.call_timeout.0;
         config.body_limit = self.body_limit;
+        config.body_memory = self.body_memory;
         config.shutdown_grace = self.shutdown_grace.0;
         config.header_read_timeout = self.header_read_timeout.0;
         config.idle_timeout = self.idle_timeout.0;

@@ -40,7 +40,7 @@ struct Inner {
     body_limit: usize,
     /// The request bodies of tool calls held at once, in KiB (see
     /// [`crate::body::reserve`]).
-    body_budget: Arc<tokio::sync::Semaphore>,
+    body_budget: crate::body::BodyBudget,
     body_read_timeout: Duration,
     stream_idle_timeout: Duration,
     loading: AtomicBool,
@@ -99,9 +99,7 @@ impl AppState {
                 registry,
                 call_timeout: config.call_timeout,
                 body_limit: config.body_limit,
-                body_budget: Arc::new(tokio::sync::Semaphore::new(crate::body::budget_kib(
-                    config.body_limit,
-                ))),
+                body_budget: crate::body::BodyBudget::new(config.body_limit, config.body_memory),
                 body_read_timeout: config.body_read_timeout,
                 stream_idle_timeout: config.stream_idle_timeout,
                 loading: AtomicBool::new(false),
@@ -141,7 +139,7 @@ impl AppState {
     }
 
     /// What is left of the memory for tool calls' request bodies.
-    pub(crate) fn body_budget(&self) -> &Arc<tokio::sync::Semaphore> {
+    pub(crate) fn body_budget(&self) -> &crate::body::BodyBudget {
         &self.inner.body_budget
     }
 

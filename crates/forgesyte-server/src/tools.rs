@@ -59,7 +59,7 @@ pub(crate) async fn run(
     input: RunInput,
     context: CallContext,
 ) -> Result<RunSuccess, RunError> {
-    run_output(state, plugin, tool, input, context)
+    run_output(state, plugin, tool, input, context, None)
         .await
         .map(|(success, binary)| crate::answer::with_base64(success, binary))
 }
@@ -73,9 +73,10 @@ pub(crate) async fn run_output(
     tool: &str,
     input: RunInput,
     context: CallContext,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
     let mut facts = CallFacts::default();
-    let result = run_unrecorded(state, plugin, tool, input, context, &mut facts).await;
+    let result = run_unrecorded(state, plugin, tool, (input, room), context, &mut facts).await;
     if let Some(outcome) = Outcome::of(&result)
         && state.registry().contains(plugin)
     {
@@ -122,7 +123,7 @@ async fn run_unrecorded(
     state: &AppState,
     plugin: &str,
     tool: &str,
-    input: RunInput,
+    (input, room): (RunInput, Option<tokio::sync::OwnedSemaphorePermit>),
     context: CallContext,
     facts: &mut CallFacts,
 ) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
@@ -168,7 +169,10 @@ async fn run_unrecorded(
         let pool = state.calls().clone();
         Box::pin(async move {
             pool.run(move || {
+                // Both held until the plugin returns: its slot, and the
+                // room of its request body (whose bytes the call holds).
                 let _slot = slot;
+                let _room = room;
                 if !start.begin() {
                     return None; // its request ended before it started
                 }

@@ -191,70 +191,92 @@ fn an_in_process_call_past_its_limit_fails_its_plugin_even_when_its_client_hung_
     }
 }
 
-/// Bodies that are announced but never finish cannot make the server hold
-/// memory without bound: room for each is taken before it is read (its
-/// `Content-Length`, at most the body limit), eight bodies at the limit or
-/// 256 MiB in all; past that a call answers 503 `ServerBusy` at once, and
-/// room comes back when a request ends.
+/// The request bodies of calls in progress cannot make the server hold
+/// memory without bound: room is taken from `--body-memory` as a body's
+/// bytes arrive (a length announced and never sent holds none); past it a
+/// call answers 503 `ServerBusy` at once, and room comes back with the
+/// bytes.
 #[test]
-fn bodies_that_never_finish_fill_a_bounded_room() {
+fn request_bodies_fill_a_bounded_room() {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
-    // 32 MiB bodies: eight fill the 256 MiB.
-    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "33554432"]);
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        "1048576",
+        "--body-memory",
+        "2097152",
+    ]);
     server.wait_loaded();
-    let announce = |len: usize| {
+    // Sends a call's head announcing `len` bytes, then `sent` of them.
+    let partial = |len: usize, sent: usize| {
         let mut stream = TcpStream::connect(server.addr).unwrap();
         let head = format!(
             "POST /v1/plugins/alpha/tools/echo/run HTTP/1.1\r\nHost: x\r\n\
-             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n{{\"args\""
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
         );
         stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&vec![b' '; sent]).unwrap();
         stream
     };
-    // Nine: eight take their room, and the server refuses the ninth (its
-    // log says so) once it has read every head.
-    let held: Vec<TcpStream> = (0..9).map(|_| announce(33_554_432)).collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server
-        .log()
-        .contains("request bodies in progress fill their 256 MiB")
-    {
-        assert!(Instant::now() < deadline, "{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
+    let call = |bytes: usize| {
+        let body = format!(r#"{{"args": {{"x": "{}"}}}}"#, "a".repeat(bytes));
+        http(
+            server.addr,
+            "POST",
+            "/v1/plugins/alpha/tools/echo/run",
+            body.as_bytes(),
+        )
+    };
+    // Lengths alone hold nothing.
+    let announced: Vec<TcpStream> = (0..8).map(|_| partial(1 << 20, 0)).collect();
+    assert_eq!(call(60 << 10).status, 200);
+    // Two bodies of 1000 KiB received so far leave 48 KiB: a 60 KiB call
+    // finds no room once the server has read what was sent. (A call that
+    // overlaps their reading may take room first and have one of them
+    // refused instead: then they are sent again.)
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..10 {
+        held = vec![partial(1 << 20, 1000 << 10), partial(1 << 20, 1000 << 10)];
+        std::thread::sleep(Duration::from_millis(500));
+        let reply = call(60 << 10);
+        if reply.status != 200 {
+            refused = Some(reply);
+            break;
+        }
     }
-    let refused = crate::support::try_http_with(
-        server.addr,
-        "POST",
-        "/v1/plugins/alpha/tools/echo/run",
-        &[("content-type", "application/json")],
-        br#"{"args": {"x": 1}}"#,
-    )
-    .unwrap();
+    let refused = refused.expect("no call was refused");
     assert_eq!(refused.status, 503, "{}", refused.text());
     let body = refused.json();
     assert_eq!(body["error_type"], "ServerBusy", "{body}");
     assert!(
-        body["detail"].as_str().unwrap().contains("256 MiB"),
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the 2 MiB set aside"),
         "{body}"
     );
     assert_eq!(refused.header("retry-after"), Some("1"));
-    // Health is not a tool call: it answers.
+    // A small call still fits, and health is not a tool call.
+    assert_eq!(call(10).status, 200);
     assert_eq!(http(server.addr, "GET", "/v1/health", b"").status, 200);
-    // The requests end: their room comes back.
+    // Their requests end: the room comes back.
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     let served = loop {
-        let reply = http(
-            server.addr,
-            "POST",
-            "/v1/plugins/alpha/tools/echo/run",
-            br#"{"args": {"x": 1}}"#,
-        );
+        let reply = call(60 << 10);
         if reply.status == 200 || Instant::now() > deadline {
             break reply;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(served.status, 200, "{}", served.text());
+    // A length over the limit is refused before any of it is read.
+    let mut over = partial(2 << 20, 0);
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut over, &mut answer).unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    drop(announced);
 }
