@@ -529,11 +529,64 @@ static ADMIN_TOKEN_ENV: std::sync::OnceLock<Option<std::ffi::OsString>> =
 fn take_admin_token_env() {
     let token = std::env::var_os("FORGESYTE_ADMIN_TOKEN");
     if token.is_some() {
+        // `remove_var` leaves the bytes in the block the process started
+        // with, which `/proc/PID/environ` shows to processes of this user.
+        if let Err(e) = wipe_initial_env("FORGESYTE_ADMIN_TOKEN") {
+            eprintln!(
+                "forgesyte: cannot wipe the admin token from the process's environment block: {e}"
+            );
+        }
         // SAFETY: the first thing `main` does: no other thread exists yet
         // that could read the environment while it changes.
         unsafe { std::env::remove_var("FORGESYTE_ADMIN_TOKEN") };
     }
     let _ = ADMIN_TOKEN_ENV.set(token);
+}
+
+/// Overwrites with zeros the value of `name` in the environment block the
+/// process was started with (`env_start`..`env_end` of `/proc/self/stat`).
+#[allow(unsafe_code)]
+fn wipe_initial_env(name: &str) -> std::io::Result<()> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command's closing parenthesis start at field 3;
+    // `env_start` and `env_end` are fields 50 and 51.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> std::io::Result<usize> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no field {n} in /proc/self/stat")))
+    };
+    let (start, end) = (field(50)?, field(51)?);
+    if end <= start {
+        return Ok(());
+    }
+    // SAFETY: `env_start..env_end` is this process's own environment block,
+    // on its initial stack: mapped, readable and writable for the process's
+    // life. Only `main`'s first step runs (no other thread), and nothing
+    // holds a reference into it (`getenv` pointers read zeros afterwards).
+    let block = unsafe {
+        std::slice::from_raw_parts_mut(
+            std::ptr::with_exposed_provenance_mut::<u8>(start),
+            end - start,
+        )
+    };
+    let prefix = format!("{name}=");
+    let mut at = 0;
+    while at < block.len() {
+        let stop = block[at..]
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(block.len(), |p| at + p);
+        if block[at..stop].starts_with(prefix.as_bytes()) {
+            block[at + prefix.len()..stop].fill(0);
+        }
+        at = stop + 1;
+    }
+    Ok(())
 }
 
 /// The admin token's variable as the process started with it.

@@ -448,6 +448,13 @@ fn no_plugin_process_is_started_with_the_admin_token() {
                 "the zygote: {names:?}"
             );
         }
+        // Nor does the server's own starting block hold it any more (which
+        // its user's processes may read).
+        let own = std::fs::read(format!("/proc/{}/environ", server.pid())).unwrap();
+        assert!(
+            !own.windows(token.len()).any(|w| w == token.as_bytes()),
+            "the token is in the server's /proc/PID/environ"
+        );
         // Admin routes still take the token read at start.
         let reply = super::support::try_http_with(
             server.addr,
