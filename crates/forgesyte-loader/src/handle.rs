@@ -353,13 +353,16 @@ impl PluginHandle {
     }
 
     /// Records that a call of `tool` ran past `after` (the caller timed it
-    /// out). In-process the call's thread cannot be stopped, so the plugin
-    /// is marked FAILED and the call, under `ticket`, is counted now (an
-    /// error) and no longer in flight: its thread's return, if it comes,
-    /// records nothing. An isolated plugin's process is killed (and
-    /// restarted by its supervisor); its call returns `TimedOut` and is
-    /// recorded then. Returns the reason.
-    pub fn fail_timeout(&self, tool: &str, after: Duration, ticket: &CallTicket) -> String {
+    /// out), if the call under `ticket` has not returned meanwhile: `None`
+    /// when it has (its outcome stands; the caller takes it). In-process the
+    /// call's thread cannot be stopped, so the plugin is marked FAILED
+    /// (unless this handle was let go: a reload's new instance is not at
+    /// fault) and the call is counted now (an error) and no longer in
+    /// flight: its thread's return, if it comes, records nothing. An
+    /// isolated plugin's process is killed (and restarted by its
+    /// supervisor); its call returns `TimedOut` and is recorded then.
+    /// Returns the reason.
+    pub fn fail_timeout(&self, tool: &str, after: Duration, ticket: &CallTicket) -> Option<String> {
         let reason = PluginError::Timeout(TimeoutError {
             operation: format!("tool '{tool}'"),
             after,
@@ -368,15 +371,18 @@ impl PluginHandle {
         let name = &self.inner.slot.name;
         if self.inner.isolation == Isolation::Process {
             self.inner.slot.current().kill(&reason);
-            return reason;
+            return Some(reason);
         }
-        tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+        if !ticket.settle() {
+            return None;
+        }
         let registry = &self.inner.slot.registry;
-        let _ = registry.mark_failed(name, reason.clone());
-        if ticket.settle() {
-            let _ = registry.end_call(name, after, false);
+        if !self.inner.slot.is_retired() {
+            tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+            let _ = registry.mark_failed(name, reason.clone());
         }
-        reason
+        let _ = registry.end_call(name, after, false);
+        Some(reason)
     }
 
     /// Lets the handle go: no more restarts or fault handling, and an

@@ -597,6 +597,12 @@ impl Registry {
         })
     }
 
+    /// The tool calls in flight on one plugin, `None` when it is not
+    /// registered.
+    pub fn in_flight(&self, name: &str) -> Option<u32> {
+        self.with_entry(name, |_, entry| entry.in_flight)
+    }
+
     /// The state of one plugin, `None` when it is not registered.
     pub fn get_state(&self, name: &str) -> Option<PluginLifecycleState> {
         self.with_entry(name, |_, entry| entry.state)

@@ -172,6 +172,12 @@ impl ServerConfig {
             }),
             require_signed: self.require_signed,
             call_timeout: self.call_timeout,
+            // The same limit for a plugin in a runner: its process is killed
+            // at it (it was the loader's 60 s whatever `--call-timeout` said).
+            process: forgesyte_loader::process::ProcessLimits {
+                call_timeout: self.call_timeout,
+                ..forgesyte_loader::process::ProcessLimits::default()
+            },
             ..LoaderConfig::default()
         }
     }

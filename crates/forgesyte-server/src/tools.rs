@@ -292,11 +292,15 @@ async fn watch_call(
         return Ended::Ran(Ok(call.await));
     }
     let deadline = tokio::time::Instant::from_std(began) + limit;
-    Ended::Ran(match tokio::time::timeout_at(deadline, call).await {
+    Ended::Ran(match tokio::time::timeout_at(deadline, &mut call).await {
         Ok(out) => Ok(out),
         // The call's thread cannot be stopped: the plugin is no longer
         // trusted. The thread finishes (or not) in the background.
-        Err(_elapsed) => Err(handle.fail_timeout(tool, limit, ticket)),
+        Err(_elapsed) => match handle.fail_timeout(tool, limit, ticket) {
+            Some(reason) => Err(reason),
+            // It returned just as its time ran out: its answer stands.
+            None => Ok(call.await),
+        },
     })
 }
 

@@ -88,6 +88,9 @@ async function refreshList() {
   for (const name of [...plugins.keys()]) {
     if (!names.has(name)) {
       plugins.delete(name);
+      // A plugin that comes back under the name starts a fresh history.
+      series.delete(name);
+      lastCalls.delete(name);
       const row = rows.get(name);
       if (row) { row.tr.remove(); row.details.remove(); rows.delete(name); }
     }

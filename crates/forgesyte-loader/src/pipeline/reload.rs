@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use forgesyte_errors::{ManifestError, PluginError};
 use forgesyte_registry::PluginInfo;
-use forgesyte_registry::PluginLifecycleState as State;
 use serde_json::Value;
 
 use super::discovery::{BadManifest, bad};
@@ -125,23 +124,26 @@ impl Loader {
                         version: Some(m.version.clone()),
                         source: Some(entry.dir.clone()),
                     };
-                    let mut loaded = self.registry.mark_loaded(name, Some(info.clone()));
-                    // A call that took the handle before it was retired may
-                    // have begun after the wait: wait for it, then again.
-                    if loaded.is_err() && self.registry.get_state(name) == Some(State::Running) {
+                    // Only once no call of the old instance is in flight: a
+                    // call that took the handle before it was retired may
+                    // have begun after the first wait, so wait once more.
+                    let busy = || self.registry.in_flight(name).is_some_and(|n| n > 0);
+                    let mut loaded =
+                        (!busy()).then(|| self.registry.mark_loaded(name, Some(info.clone())));
+                    if !matches!(loaded, Some(Ok(()))) {
                         self.wait_idle(name);
-                        loaded = self.registry.mark_loaded(name, Some(info));
+                        loaded = (!busy()).then(|| self.registry.mark_loaded(name, Some(info)));
                     }
-                    if let Err(e) = loaded {
+                    if !matches!(loaded, Some(Ok(()))) {
                         // Its instance is let go already: a plugin left as it
                         // is would look available and have none. FAILED says
                         // so, and the next rescan or reload loads it again.
                         let reason = format!(
-                            "not reloaded: a call was still running {} s after the reload \
-                             began; reload it again (the next rescan does)",
+                            "not reloaded: a call was still running after the reload waited {} s \
+                             for its calls to end; reload it again (the next rescan does)",
                             RELOAD_IDLE_WAIT.as_secs() * 2
                         );
-                        tracing::warn!(plugin = %name, error = %e, "Plugin {name} {reason}");
+                        tracing::warn!(plugin = %name, "Plugin {name} {reason}");
                         let _ = self.registry.mark_failed(name, reason);
                         self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                         continue;
@@ -208,10 +210,11 @@ impl Loader {
         Err(bad(raw, error))
     }
 
-    /// Waits (bounded) until no call is in flight on `name`.
+    /// Waits (bounded) until no call is in flight on `name` (counted, not
+    /// by its state: a FAILED plugin may still have calls running).
     fn wait_idle(&self, name: &str) {
         let deadline = Instant::now() + RELOAD_IDLE_WAIT;
-        while self.registry.get_state(name) == Some(State::Running) && Instant::now() < deadline {
+        while self.registry.in_flight(name).is_some_and(|n| n > 0) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
     }

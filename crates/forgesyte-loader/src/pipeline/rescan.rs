@@ -283,6 +283,20 @@ impl Loader {
         }
         if let Some(handle) = handle {
             handle.retire();
+            // An isolated plugin's calls cut off end with its process, which
+            // `retire` stops (within its stop grace): they end on this
+            // entry, before the name is free for another plugin.
+            if calls_cut_off > 0 && handle.isolation() == crate::manifest::Isolation::Process {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while self
+                    .registry
+                    .retiring_in_flight(name)
+                    .is_some_and(|n| n > 0)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
         }
         self.registry.forget(name);
         if calls_cut_off > 0 {

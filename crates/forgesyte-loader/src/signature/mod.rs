@@ -255,11 +255,13 @@ pub fn sign_dir(
         let path = dir.join(name);
         let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
         let fresh = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let written = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&fresh)
-            .and_then(|mut file| std::io::Write::write_all(&mut file, bytes))
+            .map_err(fail)?;
+        // Made here: removed if it cannot be put in place.
+        let written = std::io::Write::write_all(&mut file, bytes)
             .and_then(|()| std::fs::rename(&fresh, &path));
         if written.is_err() {
             let _ = std::fs::remove_file(&fresh);

@@ -225,3 +225,25 @@ fn the_shm_threshold_changes_the_path_never_the_bytes() {
         }
     }
 }
+
+/// `--call-timeout` is the limit of a plugin in a runner too (a Python or
+/// isolated plugin's process ran on to the loader's own 60 s): a call past
+/// it is a 504, its runner killed, and the plugin restarts.
+#[test]
+fn the_call_timeout_holds_for_plugins_in_runners() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    dir.good("iso", serde_json::json!({"isolation": "process"}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--call-timeout", "1"]);
+    server.wait_loaded();
+    for plugin in ["echo", "iso"] {
+        let started = std::time::Instant::now();
+        let reply = server.run(plugin, "sleep", r#"{"args": {"ms": 8000}}"#);
+        assert_eq!(reply.status, 504, "{plugin}: {}", reply.text());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(6),
+            "{plugin}: answered after {:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -310,7 +310,7 @@ fn a_plugin_changed_during_a_long_call_is_failed_then_loaded_by_the_next_rescan(
             addr,
             "POST",
             "/v1/plugins/alpha/tools/sleep/run",
-            br#"{"args": {"ms": 12000}}"#,
+            br#"{"args": {"ms": 16000}}"#,
         )
     });
     wait_for(
@@ -396,7 +396,7 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
             addr,
             "POST",
             "/v1/plugins/slow/tools/sleep/run",
-            br#"{"args": {"ms": 4000}}"#,
+            br#"{"args": {"ms": 3000}}"#,
         )
     });
     wait_for(
@@ -417,20 +417,37 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
     assert_eq!(report["removed"][0]["calls_cut_off"], 0, "{report}");
     assert_eq!(call.join().unwrap().status, 504);
     // The name taken again, and a call of the new plugin running while the
-    // old call's thread returns (4 s after it began).
-    dir.good("slow", json!({}));
+    // old call's thread returns (3 s after it began): without its ticket
+    // settled, that return took the new call's place in flight.
+    // (Its own limit: the server's 1 s would cut its call short.)
+    dir.good("slow", json!({"limits": {"call_timeout_s": 10}}));
     let report = reload(&server);
     assert_eq!(report["added"], json!(["slow"]), "{report}");
     let reply = served(&server, "slow", "echo");
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let new_call = crate::support::http(
-        server.addr,
-        "POST",
-        "/v1/plugins/slow/tools/sleep/run",
-        br#"{"args": {"ms": 600}}"#,
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
     );
+    let new_call = std::thread::spawn(move || {
+        crate::support::http(
+            addr,
+            "POST",
+            "/v1/plugins/slow/tools/sleep/run",
+            br#"{"args": {"ms": 4000}}"#,
+        )
+    });
+    // After the old thread's return: the new call is still the one in flight.
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(started.elapsed()));
+    let during = state_of(&server, "slow").unwrap();
+    assert_eq!(
+        (&during["state"], &during["in_flight"]),
+        (&json!("RUNNING"), &json!(1)),
+        "{during}"
+    );
+    let new_call = new_call.join().unwrap();
     assert_eq!(new_call.status, 200, "{}", new_call.text());
-    std::thread::sleep(Duration::from_millis(4500).saturating_sub(started.elapsed()));
     let health = state_of(&server, "slow").unwrap();
     assert_eq!(
         (
