@@ -275,12 +275,16 @@ impl PluginHandle {
             .into());
         }
         if registry.mark_running(name).is_err() {
+            // Never ran: nothing for a timeout to record either.
+            ticket.settle();
             return Err(self.not_runnable());
         }
         let args = match serde_json::to_vec(args) {
             Ok(bytes) => bytes,
             Err(e) => {
-                let _ = registry.finish(name);
+                if ticket.settle() {
+                    let _ = registry.finish(name);
+                }
                 return Err(ToolError::InvalidArgs {
                     message: e.to_string(),
                 }

@@ -39,10 +39,13 @@ pub(crate) struct BodyBudget {
 
 impl BodyBudget {
     /// The budget for bodies of at most `body_limit` bytes: `memory` bytes,
-    /// else eight bodies at the limit, at least 256 MiB.
+    /// else eight bodies at the limit, at least 256 MiB; never less than one
+    /// body at the limit (a body that could never fit would be told to
+    /// retry for ever).
     pub(crate) fn new(body_limit: usize, memory: Option<usize>) -> Self {
         let kib = memory
             .unwrap_or_else(|| body_limit.saturating_mul(8).max(256 << 20))
+            .max(body_limit)
             .div_ceil(1024)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
         BodyBudget {
@@ -87,7 +90,11 @@ pub(crate) async fn receive(
     }
     let mut room = budget.take(0)?;
     let mut charged_kib = 0usize;
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // One piece is kept as it came (no copy); from a second one on, all go
+    // into one buffer, sized by the stated length: a body sent in tiny
+    // pieces costs its bytes, not a handle per piece.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
     let mut total = 0usize;
     let mut body = body;
     while let Some(frame) = body.frame().await {
@@ -103,20 +110,23 @@ pub(crate) async fn receive(
             room.merge(budget.take(kib - charged_kib)?);
             charged_kib = kib;
         }
-        if !data.is_empty() {
-            chunks.push(data);
+        if data.is_empty() {
+            continue;
+        }
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            None => joined.extend_from_slice(&data),
+            Some(one) => {
+                let stated = stated.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+                joined.reserve(stated.max(total).min(limit));
+                joined.extend_from_slice(&one);
+                joined.extend_from_slice(&data);
+            }
         }
     }
-    let bytes = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = Vec::with_capacity(total);
-            for chunk in &chunks {
-                all.extend_from_slice(chunk);
-            }
-            Bytes::from(all)
-        }
+    let bytes = match first {
+        Some(one) => one,
+        None => Bytes::from(joined),
     };
     Ok((bytes, room))
 }
@@ -305,6 +315,61 @@ mod tests {
     use axum::http::{HeaderValue, StatusCode};
     use proptest::prelude::*;
     use serde_json::json;
+
+    /// A body arriving in `pieces`.
+    fn streamed(pieces: Vec<&'static [u8]>) -> axum::body::Body {
+        axum::body::Body::from_stream(futures_util::stream::iter(
+            pieces
+                .into_iter()
+                .map(|p| Ok::<_, std::io::Error>(Bytes::from_static(p))),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_body_takes_room_for_its_bytes_and_gives_it_back() {
+        let budget = BodyBudget::new(4096, Some(8192));
+        assert_eq!(budget.room.available_permits(), 8);
+        // Many small pieces: joined once, charged by the KiB.
+        let pieces = vec![&b"x"[..]; 3000];
+        let (bytes, room) = receive(&budget, &HeaderMap::new(), streamed(pieces), 4096)
+            .await
+            .unwrap();
+        assert_eq!(bytes.len(), 3000);
+        assert!(bytes.iter().all(|&b| b == b'x'));
+        assert_eq!(budget.room.available_permits(), 5);
+        // Another body finds 5 KiB: 4 KiB fit, a second 4 KiB do not.
+        let (_, second) = receive(&budget, &HeaderMap::new(), streamed(vec![&[0; 4096]]), 4096)
+            .await
+            .unwrap();
+        let err = receive(&budget, &HeaderMap::new(), streamed(vec![&[0; 2048]]), 4096)
+            .await
+            .unwrap_err();
+        assert_eq!(err, RunError::BodiesInFlight { budget_mib: 0 });
+        drop((room, second));
+        assert_eq!(budget.room.available_permits(), 8);
+        // Over the limit as it arrives, or as stated: 413.
+        let err = receive(
+            &budget,
+            &HeaderMap::new(),
+            streamed(vec![&[0; 3000], &[0; 3000]]),
+            4096,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err, RunError::PayloadTooLarge { limit: 4096 });
+        let mut stated = HeaderMap::new();
+        stated.insert(
+            axum::http::header::CONTENT_LENGTH,
+            HeaderValue::from_static("5000"),
+        );
+        let err = receive(&budget, &stated, streamed(vec![]), 4096)
+            .await
+            .unwrap_err();
+        assert_eq!(err, RunError::PayloadTooLarge { limit: 4096 });
+        assert_eq!(budget.room.available_permits(), 8);
+        // Never less room than one body at the limit.
+        assert_eq!(BodyBudget::new(1 << 20, Some(1024)).kib, 1024);
+    }
 
     fn headers(content_type: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

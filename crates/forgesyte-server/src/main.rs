@@ -547,12 +547,16 @@ fn take_admin_token_env() {
 /// process was started with (`env_start`..`env_end` of `/proc/self/stat`).
 #[allow(unsafe_code)]
 fn wipe_initial_env(name: &str) -> std::io::Result<()> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Bytes: the command's name (field 2) need not be UTF-8.
+    let stat = std::fs::read("/proc/self/stat")?;
     // Fields after the command's closing parenthesis start at field 3;
     // `env_start` and `env_end` are fields 50 and 51.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
+    let rest = stat
+        .iter()
+        .rposition(|&b| b == b')')
+        .map_or(&[][..], |at| &stat[at + 1..]);
+    let fields: Vec<&str> = std::str::from_utf8(rest)
+        .map(|text| text.split_whitespace().collect())
         .unwrap_or_default();
     let field = |n: usize| -> std::io::Result<usize> {
         fields

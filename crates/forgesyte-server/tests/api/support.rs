@@ -586,6 +586,7 @@ pub(crate) fn forgesyte_command() -> Command {
         "FORGESYTE_LIB_PATH",
         "FORGESYTE_CALL_TIMEOUT",
         "FORGESYTE_BODY_LIMIT",
+        "FORGESYTE_BODY_MEMORY",
         "FORGESYTE_SHUTDOWN_GRACE",
         "FORGESYTE_ADMIN_TOKEN",
         "FORGESYTE_ADMIN_TOKEN_FILE",
