@@ -77,7 +77,18 @@ pub(crate) async fn run_output(
 ) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
     let mut facts = CallFacts::default();
     let result = run_unrecorded(state, plugin, tool, (input, room), context, &mut facts).await;
-    if let Some(outcome) = Outcome::of(&result)
+    record(state, (plugin, tool), &result, &facts);
+    result
+}
+
+/// Counts a finished call in the metrics (a registered plugin's only).
+fn record<T>(
+    state: &AppState,
+    (plugin, tool): (&str, &str),
+    result: &Result<T, RunError>,
+    facts: &CallFacts,
+) {
+    if let Some(outcome) = Outcome::of(result)
         && state.registry().contains(plugin)
     {
         let tool = if facts.tool_known || declares_tool(state, plugin, tool) {
@@ -89,7 +100,6 @@ pub(crate) async fn run_output(
             .metrics()
             .record_call(plugin, tool, outcome, facts.elapsed);
     }
-    result
 }
 
 /// What [`run_unrecorded`] learnt on its way, for the metrics.
@@ -200,22 +210,42 @@ async fn run_unrecorded(
         use tracing::Instrument as _;
         let start = start.clone();
         let handle = handle.clone();
-        let tool = tool.to_owned();
+        let (state, plugin, tool) = (state.clone(), plugin.to_owned(), tool.to_owned());
         async move {
             let ended =
                 watch_call(call, started_rx, &start, (&handle, &ticket), &tool, limit).await;
-            let _ = ended_tx.send(ended);
+            // Its request ended first (a client that hung up): the call is
+            // counted here, as it would have been there.
+            if let Err(ended) = ended_tx.send(ended) {
+                let mut facts = CallFacts {
+                    tool_known: true,
+                    elapsed: None,
+                };
+                let result = conclude(ended, (&plugin, &tool), (started, limit), &mut facts);
+                record(&state, (&plugin, &tool), &result, &facts);
+            }
         }
         .instrument(tracing::Span::current())
     };
     tokio::spawn(watch);
-    let outcome = match ended_rx.await {
-        Ok(Ended::Ran(outcome)) => outcome,
-        Ok(Ended::NotStarted) => {
+    let ended = ended_rx.await.unwrap_or(Ended::Ran(Ok(None)));
+    conclude(ended, (plugin, tool), (started, limit), facts)
+}
+
+/// What a watched call's end means for its request: the answer, or why
+/// there is none.
+fn conclude(
+    ended: Ended,
+    (plugin, tool): (&str, &str),
+    (started, limit): (Instant, Duration),
+    facts: &mut CallFacts,
+) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
+    let outcome = match ended {
+        Ended::Ran(outcome) => outcome,
+        Ended::NotStarted => {
             facts.elapsed = Some(started.elapsed());
             return Err(RunError::NotStarted { waited: limit });
         }
-        Err(_) => Ok(None),
     };
     let elapsed = started.elapsed();
     facts.elapsed = Some(elapsed);

@@ -258,3 +258,42 @@ fn prometheus_sees_the_calls_and_states() {
     assert_eq!(build.len(), 1, "{build:?}");
     assert_eq!(build[0].0["version"], forgesyte_server::VERSION);
 }
+
+/// A call whose client hung up before its answer is counted all the same,
+/// once it ends (the metrics agreed with the registry only for calls whose
+/// client waited).
+#[test]
+fn a_call_whose_client_hung_up_is_counted() {
+    use std::io::Write as _;
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let body = r#"{"args": {"ms": 300}}"#;
+    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+    let request = format!(
+        "POST /v1/plugins/alpha/tools/sleep/run HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    // Hung up once the call runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(server.addr, "GET", "/v1/plugins/alpha/health", b"").json()["in_flight"] != 1 {
+        assert!(Instant::now() < deadline, "the call never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(stream);
+    let expected = r#"forgesyte_tool_calls_total{plugin="alpha",tool="sleep",outcome="ok"} 1"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http(server.addr, "GET", "/metrics", b"").text();
+        if text.lines().any(|l| l == expected) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let health = http(server.addr, "GET", "/v1/plugins/alpha/health", b"").json();
+    assert_eq!(health["success_count"], 1, "{health}");
+}
