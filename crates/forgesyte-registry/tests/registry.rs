@@ -471,6 +471,8 @@ impl Model {
                     }
                     plugin.move_to(Loaded, None);
                 }
+                // A reload replaces any pending restart.
+                plugin.next_retry_at = None;
                 if let Some(v) = version {
                     plugin.version = Some(VERSIONS[v]);
                 }
