@@ -116,9 +116,23 @@ fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
     // Long enough that the last to start (the blocking thread may still be
     // ending the load pass on a loaded machine) finds the first still busy.
     let body = r#"{"args": {"ms": 20000}}"#;
-    let busy = calls_at_once(&server, "slow", body, lanes + 1);
-    // Every thread busy: the lanes and the one blocking thread.
-    wait_in_flight(&server, "slow", (lanes + 1) as u64, Duration::from_secs(15));
+    let mut busy = calls_at_once(&server, "slow", body, lanes + 1);
+    // Every thread busy: the lanes and the one blocking thread. Under load a
+    // lane can wake later than the 2 ms after which a queued call goes to
+    // the blocking pool: two calls then wait for its one thread while a lane
+    // idles. One more call takes that lane.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while in_flight(&server, "slow") < (lanes + 1) as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "slow never had {} calls running",
+            lanes + 1
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        if in_flight(&server, "slow") < (lanes + 1) as u64 {
+            busy.extend(calls_at_once(&server, "slow", body, 1));
+        }
+    }
     let reply = server.run("quick", "sleep", r#"{"args": {"ms": 1}}"#);
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert_eq!(reply.json()["error_type"], "ServerBusy", "{}", reply.text());
