@@ -249,6 +249,18 @@ impl Loader {
         *self.stamps.write() = stamps;
     }
 
+    /// Waits until the retiring `name` has no call in flight or `deadline`
+    /// passes; the calls still in flight then (0 when all ended).
+    fn retiring_calls_left(&self, name: &str, deadline: Instant) -> u32 {
+        loop {
+            let left = self.registry.retiring_in_flight(name).unwrap_or(0);
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Retires `name`: new calls are refused at once (the registry no longer
     /// shows it), its calls in flight are waited for (bounded by its call
     /// time limit), then its process is stopped
@@ -270,32 +282,14 @@ impl Loader {
             .and_then(|h| h.call_timeout())
             .unwrap_or(self.config.call_timeout)
             + Duration::from_secs(1);
-        let deadline = started + wait;
-        let mut calls_cut_off = 0;
-        while let Some(left) = self.registry.retiring_in_flight(name)
-            && left > 0
-        {
-            if Instant::now() >= deadline {
-                calls_cut_off = left;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let calls_cut_off = self.retiring_calls_left(name, started + wait);
         if let Some(handle) = handle {
             handle.retire();
             // An isolated plugin's calls cut off end with its process, which
             // `retire` stops (within its stop grace): they end on this
             // entry, before the name is free for another plugin.
             if calls_cut_off > 0 && handle.isolation() == crate::manifest::Isolation::Process {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while self
-                    .registry
-                    .retiring_in_flight(name)
-                    .is_some_and(|n| n > 0)
-                    && Instant::now() < deadline
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                self.retiring_calls_left(name, Instant::now() + Duration::from_secs(5));
             }
         }
         self.registry.forget(name);
