@@ -62,6 +62,24 @@ fn served(server: &Forgesyte, name: &str, tool: &str) -> Reply {
     server.run(name, tool, r#"{"args": {"x": 1}}"#)
 }
 
+/// A call of `plugin`'s tool `sleep` for `ms`, on a thread of its own.
+fn sleep_call(server: &Forgesyte, plugin: &str, ms: u64) -> std::thread::JoinHandle<Reply> {
+    let addr = server.addr;
+    let target = format!("/v1/plugins/{plugin}/tools/sleep/run");
+    let body = format!(r#"{{"args": {{"ms": {ms}}}}}"#);
+    std::thread::spawn(move || crate::support::http(addr, "POST", &target, body.as_bytes()))
+}
+
+/// Waits for `plugin` to be RUNNING (a call in flight).
+fn wait_running(server: &Forgesyte, plugin: &str) {
+    wait_for(
+        "the call in flight",
+        Duration::from_secs(10),
+        server,
+        || state_of(server, plugin).filter(|s| s["state"] == "RUNNING"),
+    );
+}
+
 #[test]
 fn sighup_serves_an_added_plugin_and_retires_a_removed_one() {
     let dir = PluginsDir::new();
@@ -120,20 +138,8 @@ fn a_removed_plugin_is_gone_at_once_but_its_call_in_flight_completes() {
     );
     server.wait_loaded();
     let addr = server.addr;
-    let call = std::thread::spawn(move || {
-        crate::support::http(
-            addr,
-            "POST",
-            "/v1/plugins/slow/tools/sleep/run",
-            br#"{"args": {"ms": 3000}}"#,
-        )
-    });
-    wait_for(
-        "the call in flight",
-        Duration::from_secs(10),
-        &server,
-        || state_of(&server, "slow").filter(|s| s["state"] == "RUNNING"),
-    );
+    let call = sleep_call(&server, "slow", 3000);
+    wait_running(&server, "slow");
     std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
     let rescan = std::thread::spawn(move || {
         let bearer = format!("Bearer {TOKEN}");
@@ -304,21 +310,8 @@ fn a_plugin_changed_during_a_long_call_is_failed_then_loaded_by_the_next_rescan(
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
     );
     server.wait_loaded();
-    let addr = server.addr;
-    let call = std::thread::spawn(move || {
-        crate::support::http(
-            addr,
-            "POST",
-            "/v1/plugins/alpha/tools/sleep/run",
-            br#"{"args": {"ms": 16000}}"#,
-        )
-    });
-    wait_for(
-        "the call in flight",
-        Duration::from_secs(10),
-        &server,
-        || state_of(&server, "alpha").filter(|s| s["state"] == "RUNNING"),
-    );
+    let call = sleep_call(&server, "alpha", 16000);
+    wait_running(&server, "alpha");
     let library = dir.path().join("alpha").join(good_library_name());
     replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
     let report = reload(&server);
@@ -390,21 +383,8 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
     );
     server.wait_loaded();
-    let addr = server.addr;
-    let call = std::thread::spawn(move || {
-        crate::support::http(
-            addr,
-            "POST",
-            "/v1/plugins/slow/tools/sleep/run",
-            br#"{"args": {"ms": 3000}}"#,
-        )
-    });
-    wait_for(
-        "the call in flight",
-        Duration::from_secs(10),
-        &server,
-        || state_of(&server, "slow").filter(|s| s["state"] == "RUNNING"),
-    );
+    let call = sleep_call(&server, "slow", 3000);
+    wait_running(&server, "slow");
     std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
     let started = Instant::now();
     let report = reload(&server);
@@ -430,14 +410,7 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
         "{:?}",
         started.elapsed()
     );
-    let new_call = std::thread::spawn(move || {
-        crate::support::http(
-            addr,
-            "POST",
-            "/v1/plugins/slow/tools/sleep/run",
-            br#"{"args": {"ms": 4000}}"#,
-        )
-    });
+    let new_call = sleep_call(&server, "slow", 4000);
     // After the old thread's return: the new call is still the one in flight.
     std::thread::sleep(Duration::from_millis(3500).saturating_sub(started.elapsed()));
     let during = state_of(&server, "slow").unwrap();
