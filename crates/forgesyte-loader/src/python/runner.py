@@ -67,12 +67,19 @@ PARENT_POLL_S = 0.1
 # between closing stdin and SIGKILL (PROTOCOL.md §8, Stop), so a runner
 # whose on_unload() hangs still exits by itself, code 0.
 UNLOAD_GRACE_S = 1.5
+# How often the watch thread looks whether the reader is still in the same
+# call (and so makes another thread the reader), and how many ticks without
+# a call it waits before it sleeps (see `Runner.serve`).
+HANDOVER_TICK_S = 0.001
+HANDOVER_QUIET_TICKS = 100
 TRACEBACK_LINES = 10
 MIB = 1024 * 1024
 # Request bodies up to this size are read into one buffer allocated up
 # front; larger ones grow as bytes arrive, so a garbage length does not
 # allocate gigabytes before the stream ends.
 READ_PREALLOCATE = 64 * MIB
+# Request frames up to this size are read in one call.
+SMALL_FRAME_BYTES = 64 * 1024
 
 USAGE = (
     "usage: runner.py --plugin NAME --plugin-dir DIR "
@@ -189,6 +196,12 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import types  # noqa: E402
+
+# The frame's fixed parts (PROTOCOL.md §2): the length, then the header's
+# length and the attachment count.
+_U32 = struct.Struct("<I")
+_FRAME_TABLE = struct.Struct("<II")
+_FRAME_HEAD = struct.Struct("<III")
 
 
 class UsageError(Exception):
@@ -557,18 +570,24 @@ class Wire(object):
     def read_frame(self):
         """One request frame as (header bytes, [attachment bytes]), or None
         at a clean end of stream. Raises ProtocolError."""
-        prefix = bytearray(4)
-        got = self._read_into(memoryview(prefix))
-        if got == 0:
+        # A buffered read returns short only at the end of the stream.
+        prefix = self._in.read(4)
+        if not prefix:
             return None
-        if got < 4:
+        if len(prefix) < 4:
             raise ProtocolError("broken stream: the stream ended inside a frame's length")
-        (length,) = struct.unpack("<I", bytes(prefix))
+        (length,) = _U32.unpack(prefix)
         if length > MAX_REQUEST_BYTES:
             raise ProtocolError(
                 "a frame of %d bytes exceeds the limit of %d bytes" % (length, MAX_REQUEST_BYTES)
             )
-        body = self._read_body(length)
+        if length <= SMALL_FRAME_BYTES:
+            # The common request: one read, from the buffer.
+            body = self._in.read(length)
+            if len(body) < length:
+                raise ProtocolError("broken stream: the stream ended inside a %d-byte frame" % length)
+        else:
+            body = self._read_body(length)
         header, attachments = split_body(body)
         if b'"shm"' in header:
             self._receive_shared(header, attachments)
@@ -650,7 +669,10 @@ class Wire(object):
     # -- writing --------------------------------------------------------
 
     def _write_all(self, data):
-        view = memoryview(data)
+        written = os.write(self.fd_out, data)
+        if written == len(data):
+            return
+        view = memoryview(data)[written:]
         while view:
             view = view[os.write(self.fd_out, view):]
 
@@ -679,6 +701,15 @@ class Wire(object):
         return _with_shm_field(header, indices), attachments, fds
 
     def send_frame(self, header, attachments=()):
+        if not attachments:
+            # The common answer: prefix and header in one write.
+            data = _FRAME_HEAD.pack(8 + len(header), len(header), 0) + header
+            with self.lock:
+                try:
+                    self._write_all(data)
+                except OSError:
+                    _exit(0)  # as below
+            return
         plain = (header, attachments)
         header, attachments, fds = self._share(header, attachments)
         try:
@@ -688,9 +719,10 @@ class Wire(object):
                 os.close(fd)
 
     def _send_frame(self, header, attachments, fds, plain):
-        import socket
         with self.lock:
             if fds:
+                import socket
+
                 try:
                     self.shm[0].sendmsg(
                         [struct.pack("<I", len(fds))],
@@ -722,7 +754,9 @@ def split_body(body):
     n = len(body)
     if n < 8:
         raise ProtocolError("malformed frame: a frame body of %d bytes has no header" % n)
-    header_len, count = struct.unpack_from("<II", body, 0)
+    header_len, count = _FRAME_TABLE.unpack_from(body, 0)
+    if count == 0 and 8 + header_len == n:
+        return bytes(body[8:]), []
     table_end = 8 + 4 * count
     if table_end > n:
         raise ProtocolError(
@@ -744,11 +778,14 @@ def split_body(body):
     return header, attachments
 
 
+# `json.dumps` with these arguments makes an encoder per call.
+_JSON_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
 def encode(message):
     """A message's JSON header bytes. Raises ValueError (NaN and the like)
     or UnicodeEncodeError (lone surrogates)."""
-    text = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return text.encode("utf-8")
+    return _JSON_ENCODE(message).encode("utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -756,6 +793,7 @@ def encode(message):
 # ---------------------------------------------------------------------------
 
 _MISSING = object()
+_STR_OR_NONE = (str, type(None))
 
 
 def parse_request(header):
@@ -788,8 +826,8 @@ def parse_request(header):
         context = message.get("context")
         if context is not None and not (
                 isinstance(context, dict)
-                and all(isinstance(context.get(k), (str, type(None)))
-                        for k in ("request_id", "traceparent"))):
+                and isinstance(context.get("request_id"), _STR_OR_NONE)
+                and isinstance(context.get("traceparent"), _STR_OR_NONE)):
             raise ProtocolError("malformed request: 'context' is not an object of strings")
     else:
         raise ProtocolError("malformed request: unknown op %r" % op)
@@ -1198,7 +1236,7 @@ def collect_tools(instance, manifest):
         if blobs:
             raise TypeError("the spec of tool %r contains bytes" % tid)
         specs.append(converted)
-        table[tid] = {"handler": meta.get("handler"), "input_schema": inputs,
+        table[tid] = {"handler": meta.get("handler"), "binary": binary_properties(inputs),
                       "zero_copy": meta.get("zero_copy") is True}
     return specs, table
 
@@ -1352,6 +1390,32 @@ def find_class(module, class_name):
     )
 
 
+# How a handler takes its arguments, by (function, bound?, argument names):
+# True as keywords, False as the one dict, None neither (see
+# `_bind_and_call`). Working it out with `inspect` costs more than a quick
+# call; the names of a tool's arguments rarely change.
+_SHAPES = {}
+_SHAPES_MAX = 1024
+
+
+def _call_shape(fn, args):
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    # Only the binding is tried: a TypeError raised by the handler itself is
+    # its error (the handler must not run again with another shape).
+    for keywords, shape_args, shape_kwargs in ((True, (), args), (False, (args,), {})):
+        try:
+            signature.bind(*shape_args, **shape_kwargs)
+        except TypeError:
+            continue
+        return keywords
+    return None
+
+
 def _bind_and_call(fn, args):
     """Calls a tool handler the way ForgeSyte plugins write them: with the
     arguments as keywords (``def detect(self, frame_base64, device="cpu")``)
@@ -1359,21 +1423,18 @@ def _bind_and_call(fn, args):
     argument (``def detect(self, args)``)."""
     if not isinstance(args, dict):
         return fn(args)
-    import inspect
-
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return fn(**args)
-    # Only the binding is tried: a TypeError raised by the handler itself is
-    # its error (the handler must not run again with another shape).
-    for shape_args, shape_kwargs in (((), args), ((args,), {})):
-        try:
-            signature.bind(*shape_args, **shape_kwargs)
-        except TypeError:
-            continue
-        return fn(*shape_args, **shape_kwargs)
-    return fn(**args)  # the call's own TypeError says what is wrong
+    func = getattr(fn, "__func__", fn)
+    # Only plain functions are remembered: they hash by identity (a
+    # callable object's own __hash__ may do anything).
+    key = (func, func is not fn, frozenset(args)) if type(func) is types.FunctionType else None
+    shape = _SHAPES.get(key, _MISSING) if key is not None else _MISSING
+    if shape is _MISSING:
+        shape = _call_shape(fn, args)
+        if key is not None and len(_SHAPES) < _SHAPES_MAX:
+            _SHAPES[key] = shape
+    if shape is False:
+        return fn(args)
+    return fn(**args)  # None: the call's own TypeError says what is wrong
 
 
 def _await(result):
@@ -1401,6 +1462,18 @@ class Runner(object):
         # Semaphore's Python-level Condition cost more than a no-op call.
         self.pool_lock = threading.Lock()
         self.idle = []
+        # Under `pool_lock`: the number of the call the reader is running
+        # itself (0: none), the last number given, and what the watch saw
+        # at its previous tick.
+        self.inline = 0
+        self.calls = 0
+        self.watch_seen = 0
+        # The watch thread (started with the first call) and, while it
+        # sleeps through a quiet spell, the held lock that wakes it.
+        self.watching = False
+        self.watch_asleep = False
+        self.watch_wake = threading.Lock()
+        self.watch_wake.acquire()
 
     # -- answers --------------------------------------------------------
 
@@ -1422,18 +1495,29 @@ class Runner(object):
 
     def serve(self):
         """Serves requests until stdin ends, leader/followers style: the
-        thread that reads a request hands the reading over to an idle
-        thread (or a new one) and runs the request itself, so a call waits
-        for no thread hand-off, and a slow call never stops the next
-        request from being read. Threads that finish wait, idle, for their
-        turn to read: the pool grows to the peak number of calls in flight
-        (a tool that never returns keeps its thread) and never refuses a
-        call."""
+        thread that reads a request runs it itself, so a call waits for
+        no thread hand-off. The reading passes on only when a call runs
+        long: a watch thread, ticking every ``HANDOVER_TICK_S`` while calls
+        come, makes an idle thread (or a new one) the reader when it finds
+        the reader still in the call it saw at its previous tick. So a slow
+        call holds the next request back at most two ticks, and a quick
+        call wakes no other thread (waking one cost more than the call
+        itself). Threads that finish wait, idle, for their turn to read:
+        the pool grows to the peak number of calls in flight (a tool that
+        never returns keeps its thread) and never refuses a call. The
+        watch sleeps after ``HANDOVER_QUIET_TICKS`` ticks without a call,
+        and the next call wakes it."""
         self.lead()
 
-    def lead(self):
-        turn = threading.Lock()
-        turn.acquire()
+    def lead(self, turn=None):
+        """Reads and runs requests; between its turns to read, waits on
+        ``turn`` (a held lock that the watch releases). A thread the watch
+        started comes with its turn not yet given."""
+        if turn is None:
+            turn = threading.Lock()
+            turn.acquire()
+        else:
+            turn.acquire()
         while True:
             try:
                 frame = self.wire.read_frame()
@@ -1459,40 +1543,94 @@ class Runner(object):
             if request["op"] == "create":
                 # Nothing else comes until the instance exists (the host
                 # waits for `created`): construct on this thread, and start
-                # the second one with the first call, not at start-up.
+                # the watch with the first call, not at start-up.
                 self.handle(request, attachments)
                 continue
             try:
-                self.promote()
+                number = self.begin_inline()
             except RuntimeError as e:
-                # No thread to read next: this one answers the request with
-                # the error and goes on reading.
+                # No watch, so no thread would ever read next: this one
+                # answers the request with the error and goes on reading.
                 detail = "the runner cannot start a thread: %s" % e
-                rid = request["id"]
-                if request["op"] == "create":
-                    self.init_failed(rid, wire_error("Protocol", detail))
-                else:
-                    # Not the plugin's fault: the call fails, the process stays.
-                    self.tool_failed(rid, wire_error("Failed", detail, error_type="RunnerOverloaded"))
+                # Not the plugin's fault: the call fails, the process stays.
+                self.tool_failed(request["id"], wire_error("Failed", detail, error_type="RunnerOverloaded"))
                 continue
             self.handle(request, attachments)
             # An idle thread holds nothing of its last request: its
             # attachments (a mapping of shared memory, or megabytes of
             # bytes) go now, not when this thread reads again.
             del frame, header, attachments, request
-            # Done: wait to read again (the most recent idle thread goes
-            # first: its stack is still warm).
             with self.pool_lock:
-                self.idle.append(turn)
-            turn.acquire()
+                still_reader = self.inline == number
+                if still_reader:
+                    self.inline = 0
+                else:
+                    # Another thread reads now: wait for a turn (the most
+                    # recent idle thread goes first: its stack is warm).
+                    self.idle.append(turn)
+            if not still_reader:
+                turn.acquire()
 
-    def promote(self):
-        """Makes another thread the reader: an idle one, else a new one."""
+    def begin_inline(self):
+        """Numbers the call the reader is about to run itself, and makes
+        sure the watch is ticking. Raises RuntimeError when the watch
+        thread cannot be started."""
+        if not self.watching:
+            threading.Thread(target=self.watch, name="forgesyte-watch", daemon=True).start()
+            self.watching = True
         with self.pool_lock:
-            if self.idle:
-                self.idle.pop().release()
-                return
-        threading.Thread(target=self.lead, name="forgesyte-worker", daemon=True).start()
+            self.calls += 1
+            number = self.inline = self.calls
+            wake, self.watch_asleep = self.watch_asleep, False
+        if wake:
+            self.watch_wake.release()
+        return number
+
+    def watch(self):
+        """The watch thread: see `serve`."""
+        quiet = 0
+        failed_for = 0
+        while True:
+            time.sleep(HANDOVER_TICK_S)
+            with self.pool_lock:
+                current = self.inline
+                # The reader still in the call of the last tick?
+                stuck = current != 0 and current == self.watch_seen
+                if stuck and self.idle:
+                    self.inline = 0
+                    self.idle.pop().release()
+                    stuck = False
+                self.watch_seen = current
+                quiet = 0 if current else quiet + 1
+                sleep = quiet >= HANDOVER_QUIET_TICKS
+                if sleep:
+                    self.watch_asleep = True
+            if stuck:
+                self.start_reader(current, failed_for != current)
+                failed_for = current
+            if sleep:
+                self.watch_wake.acquire()
+                quiet = 0
+
+    def start_reader(self, stuck, tell):
+        """Starts a thread to read while the reader runs call ``stuck``;
+        if that call ended meanwhile, the new thread waits, idle. When no
+        thread can be started, the reader reads again once its call ends
+        (the next tick tries again; ``tell``: say so on stderr)."""
+        turn = threading.Lock()
+        turn.acquire()
+        try:
+            threading.Thread(target=self.lead, args=(turn,), name="forgesyte-worker", daemon=True).start()
+        except RuntimeError as e:
+            if tell:
+                _diag("cannot start a thread to read the next request: %s" % e)
+            return
+        with self.pool_lock:
+            if self.inline == stuck:
+                self.inline = 0
+                turn.release()
+            else:
+                self.idle.append(turn)
 
     def handle(self, request, attachments):
         rid = request["id"]
@@ -1596,7 +1734,7 @@ class Runner(object):
             self.tool_failed(rid, wire_error("InvalidArgs", str(e)))
             return
         if isinstance(args, dict):
-            for name in binary_properties(entry["input_schema"]):
+            for name in entry["binary"]:
                 value = args.get(name)
                 if isinstance(value, str):
                     try:

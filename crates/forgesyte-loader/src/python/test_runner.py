@@ -12,6 +12,7 @@ FORGESYTE_TEST_PYTHON names another interpreter to run the runner under
 
 import base64
 import json
+import collections
 import os
 import platform
 import queue
@@ -306,6 +307,34 @@ class CallTests(RunnerTestCase):
         answers = [self.p.recv_header() for _ in ids]
         self.assertEqual(sorted(a["id"] for a in answers), ids)
         self.assertLess(time.monotonic() - started, 4.0)  # serial: 6 s
+
+    def test_a_slow_call_after_a_quiet_spell_still_lets_the_next_through(self):
+        # The watch sleeps after a quiet spell; the next call wakes it.
+        self.p.run("echo", {"n": 0})
+        time.sleep(0.4)
+        slow = self.p.call("sleep", {"ms": 800})
+        echo = self.p.call("echo", {"n": 1})
+        answers = [self.p.recv_header() for _ in range(2)]
+        self.assertEqual([a["id"] for a in answers], [echo, slow])
+
+    def test_quick_calls_run_on_the_thread_that_read_them(self):
+        # No thread hand-off per call: one after another, quick calls run
+        # on the reader (a tick that catches a call preempted past it may
+        # pass the reading on, hence the margin; a hand-off per call would
+        # alternate between two threads).
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "plugin.py")
+        with open(path, "w") as f:
+            f.write("import threading\n"
+                    "class Plugin:\n"
+                    "    tools = {'who': {'description': 'the thread'}}\n"
+                    "    def run_tool(self, tool, args):\n"
+                    "        return threading.get_ident()\n")
+        p = Proc(self, args=["--plugin", "who", "--plugin-dir", d, "--file", path])
+        p.start()
+        threads = collections.Counter(p.run("who")[0]["result"] for _ in range(300))
+        self.assertGreaterEqual(threads.most_common(1)[0][1], 270, threads)
 
     def test_an_attachment_reaches_the_plugin_as_bytes_and_comes_back(self):
         data = bytes(range(256)) * 3
@@ -778,6 +807,14 @@ class BasePluginShapeTests(RunnerTestCase):
         self.assertEqual(header["type"], "tool_failed")
         self.assertEqual(header["error"]["kind"], "Failed")
         self.assertEqual(header["error"]["error_type"], "TypeError")
+        # The shape each handler takes is remembered by argument names:
+        # the same names again, and other names for the same handler.
+        header, _ = self.p.run("add", {"a": 4, "b": 5})
+        self.assertEqual(header["result"], {"sum": 9})
+        header, _ = self.p.run("keys", {"b": 1})
+        self.assertEqual(header["result"], {"keys": ["b"]})
+        header, _ = self.p.run("shout", {"text": "yo"})
+        self.assertEqual(header["result"], {"text": "YO "})
 
     def test_content_encoding_base64_is_decoded(self):
         header, _ = self.p.run("size", {"image": base64.b64encode(b"abcd").decode()})
