@@ -40,6 +40,7 @@ mod runner;
 mod spares;
 mod transport;
 mod wire_error;
+mod workers;
 mod zygote;
 
 pub use transport::{set_shm_threshold, shm_threshold};

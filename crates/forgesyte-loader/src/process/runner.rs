@@ -14,9 +14,10 @@
 //! 4. Loads the library through [`NativeLibrary`] (the same checks as
 //!    in-process) and sends the hello (protocol version, runtime `native`,
 //!    capabilities), or the import error.
-//! 5. Reads requests on the original stdin; each runs on its own thread, so
-//!    several calls can be in flight (the SDK requires `Send + Sync`
-//!    plugins). Answers are written whole under one lock. Attachments of a
+//! 5. Reads requests on the original stdin; each runs on a thread of its
+//!    own (an idle one of earlier requests, else a new one:
+//!    [`super::workers`]), so several calls can be in flight (the SDK
+//!    requires `Send + Sync` plugins). Answers are written whole under one lock. Attachments of a
 //!    call reach an ABI-3 library as slices of the request frame (ABI 1:
 //!    as base64 strings in the arguments), and the library's binary results
 //!    leave as the answer's attachments.
@@ -51,6 +52,7 @@ use forgesyte_protocol::wire::{
 use serde_json::value::RawValue;
 
 use super::wire_error::WireErrorExt;
+use super::workers::Workers;
 use crate::host::{PluginInstance, PluginLibrary};
 use crate::native::NativeLibrary;
 
@@ -217,6 +219,7 @@ fn serve(
     out: &Arc<Mutex<File>>,
 ) -> ExitCode {
     let instance: Arc<OnceLock<Box<dyn PluginInstance>>> = Arc::new(OnceLock::new());
+    let workers = Workers::new("forgesyte-call", CALL_STACK_BYTES);
     let mut stdin = BufReader::with_capacity(64 * 1024, requests);
     let socket = shm_link().map(|(socket, _)| socket.as_fd());
     loop {
@@ -243,33 +246,31 @@ fn serve(
         };
         let (library, instance, answers) =
             (Arc::clone(library), Arc::clone(&instance), Arc::clone(out));
-        let (id, name) = match &request {
-            Request::Create { id, .. } => (*id, "forgesyte-create"),
-            Request::Call { id, .. } => (*id, "forgesyte-call"),
+        let (id, create) = match &request {
+            Request::Create { id, .. } => (*id, true),
+            Request::Call { id, .. } => (*id, false),
         };
-        let spawned = std::thread::Builder::new()
-            .name(name.to_owned())
-            .stack_size(CALL_STACK_BYTES)
-            .spawn(move || {
-                let (response, binary) = handle(request, &frame, &library, &instance);
-                let parts: Vec<&[u8]> = binary.iter().map(|b| &b[..]).collect();
-                send(&answers, &response, &parts);
-            });
-        if let Err(e) = spawned {
+        let ran = workers.run(Box::new(move || {
+            let (response, binary) = handle(request, &frame, &library, &instance);
+            let parts: Vec<&[u8]> = binary.iter().map(|b| &b[..]).collect();
+            send(&answers, &response, &parts);
+        }));
+        if let Err(e) = ran {
             let detail = format!("the runner cannot start a thread: {e}");
-            let response = match name {
-                "forgesyte-create" => Response::InitFailed {
+            let response = if create {
+                Response::InitFailed {
                     id,
                     error: WireError::init(&InitError::Protocol { detail }),
-                },
+                }
+            } else {
                 // Not the plugin's fault: the call fails, the process stays.
-                _ => Response::ToolFailed {
+                Response::ToolFailed {
                     id,
                     error: WireError::tool(&ToolError::Failed {
                         error_type: Some("RunnerOverloaded".into()),
                         message: detail,
                     }),
-                },
+                }
             };
             send(out, &response, &[]);
         }
