@@ -12,9 +12,12 @@
 //! and none of them knows it.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::{Extension, Router};
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -115,7 +118,11 @@ pub fn app(state: AppState) -> Router {
                 // one) before the request's span opens, so every log line of
                 // the request carries it, and copied onto the answer.
                 .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), RequestIds))
-                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_failure(log_failure),
+                )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
                 .layer(RequestBodyTimeoutLayer::new(body_read_timeout))
                 .layer(DefaultBodyLimit::max(body_limit))
@@ -125,6 +132,21 @@ pub fn app(state: AppState) -> Router {
                 .layer(metrics::http::TrackLayer::new(state.clone())),
         )
         .with_state(state)
+}
+
+/// How a 5xx answer is logged. The server's own answers about its plugins
+/// and itself (502 and 504 for a plugin's fault, 503 for busy or not
+/// ready) are not failures of the server: DEBUG (the metrics count them,
+/// and a plugin's fault is logged where it happens). A 500, or an error
+/// instead of an answer, is one: ERROR, as tower-http logs every 5xx.
+fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+    let latency_ms = latency.as_secs_f64() * 1000.0;
+    match class {
+        ServerErrorsFailureClass::StatusCode(code) if code != StatusCode::INTERNAL_SERVER_ERROR => {
+            tracing::debug!(status = code.as_u16(), latency_ms, "answered {code}");
+        }
+        class => tracing::error!(classification = %class, latency_ms, "response failed"),
+    }
 }
 
 /// The header that carries a request's id, in and out.
