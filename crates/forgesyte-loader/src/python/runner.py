@@ -1424,9 +1424,13 @@ def _bind_and_call(fn, args):
     if not isinstance(args, dict):
         return fn(args)
     func = getattr(fn, "__func__", fn)
-    # Only plain functions are remembered: they hash by identity (a
-    # callable object's own __hash__ may do anything).
-    key = (func, func is not fn, frozenset(args)) if type(func) is types.FunctionType else None
+    # Only functions and methods of functions are remembered: they hash by
+    # identity (a callable object's own __hash__ may do anything), and the
+    # kind of `fn` tells a method from its function (a classmethod object
+    # has a `__func__` too, and another signature).
+    kind = type(fn)
+    cached = type(func) is types.FunctionType and kind in (types.FunctionType, types.MethodType)
+    key = (func, kind, frozenset(args)) if cached else None
     shape = _SHAPES.get(key, _MISSING) if key is not None else _MISSING
     if shape is _MISSING:
         shape = _call_shape(fn, args)

@@ -319,9 +319,10 @@ class CallTests(RunnerTestCase):
 
     def test_quick_calls_run_on_the_thread_that_read_them(self):
         # No thread hand-off per call: one after another, quick calls run
-        # on the reader (a tick that catches a call preempted past it may
-        # pass the reading on, hence the margin; a hand-off per call would
-        # alternate between two threads).
+        # on the reader. A hand-off before every call (the old runner) puts
+        # no two calls in a row on the same thread; a loaded machine may
+        # stretch a quick call over two ticks and pass the reading on,
+        # hence the margin.
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d, True)
         path = os.path.join(d, "plugin.py")
@@ -333,8 +334,9 @@ class CallTests(RunnerTestCase):
                     "        return threading.get_ident()\n")
         p = Proc(self, args=["--plugin", "who", "--plugin-dir", d, "--file", path])
         p.start()
-        threads = collections.Counter(p.run("who")[0]["result"] for _ in range(300))
-        self.assertGreaterEqual(threads.most_common(1)[0][1], 270, threads)
+        threads = [p.run("who")[0]["result"] for _ in range(300)]
+        same = sum(1 for a, b in zip(threads, threads[1:]) if a == b)
+        self.assertGreaterEqual(same, 100, collections.Counter(threads))
 
     def test_an_attachment_reaches_the_plugin_as_bytes_and_comes_back(self):
         data = bytes(range(256)) * 3
@@ -1059,6 +1061,34 @@ class MemoryLimitTests(RunnerTestCase):
 
 class UnitTests(unittest.TestCase):
     """Pure functions of runner.py, imported in this process."""
+
+    def test_handler_shapes_are_remembered_per_kind_of_callable(self):
+        # A classmethod object and the method made from it share their
+        # function but not their signature: what one binds as must not be
+        # remembered for the other.
+        class Plugin:
+            @classmethod
+            def detect(cls, args):
+                return {"got": args}
+
+        bind = runner_module._bind_and_call
+        raw = Plugin.__dict__["detect"]
+        for _ in range(2):
+            with self.assertRaises(TypeError):
+                bind(raw, {"x": 1})  # a classmethod object is not callable
+            self.assertEqual(bind(Plugin.detect, {"x": 1}), {"got": {"x": 1}})
+
+        def keywords(x, y=0):
+            return ("keywords", x, y)
+
+        def one(args):
+            return ("dict", args)
+
+        for _ in range(2):
+            self.assertEqual(bind(keywords, {"x": 1}), ("keywords", 1, 0))
+            self.assertEqual(bind(one, {"x": 1}), ("dict", {"x": 1}))
+            # Other names, other shape: `keywords` takes the dict as `x`.
+            self.assertEqual(bind(keywords, {"z": 1}), ("keywords", {"z": 1}, 0))
 
     def test_a_handler_whose_own_body_raises_type_error_runs_once(self):
         calls = []
