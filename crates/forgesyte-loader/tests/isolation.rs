@@ -714,6 +714,15 @@ fn reload_restarts_isolated_and_retries_failed_in_process() {
     assert_eq!(names, ["iso", "kept", "newcomer", "retry"]);
     assert_eq!(report.loaded(), 4, "{report:#?}");
     call(&loader, "newcomer", "ok", json!({})).unwrap();
+    // What reload_all loaded is the next rescan's baseline: nothing
+    // changed since, so nothing is reloaded again.
+    let rescan = loader.rescan();
+    let unchanged: Vec<_> = rescan.unchanged.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        unchanged,
+        ["iso", "kept", "newcomer", "retry"],
+        "{rescan:#?}"
+    );
 
     // Dropping the loader stops its plugins' processes.
     let pids: Vec<u32> = ["iso", "newcomer"]

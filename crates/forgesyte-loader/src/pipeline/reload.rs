@@ -52,9 +52,12 @@ impl Loader {
     /// dependency order, and loads plugin directories that appeared under
     /// the directory of the last [`load_all`](Self::load_all) and, with
     /// [`LoaderConfig::python_entry_points`](super::LoaderConfig::python_entry_points),
-    /// entry points that were installed since.
+    /// entry points that were installed since. What it loaded is the
+    /// baseline of the next [`rescan`](Self::rescan), as after
+    /// [`load_all`](Self::load_all).
     pub fn reload_all(&self) -> LoadReport {
         let started = Instant::now();
+        self.fresh_stamps.lock().clear();
         let (new_entry_points, _gone) = self.rescan_entry_points();
         let names: Vec<String> = self.entries.read().keys().cloned().collect();
         let mut report = self.reload_names(&names, &BTreeSet::new());
@@ -79,6 +82,8 @@ impl Loader {
                 .extend(self.load_pass(&new, &new_entry_points).plugins);
             report.plugins.sort_by(|a, b| a.name.cmp(&b.name));
         }
+        // What was loaded is the next rescan's baseline, as after load_all.
+        self.restamp();
         report.elapsed_ms = ms(started.elapsed());
         report.log_summary("Reloaded", None);
         report
