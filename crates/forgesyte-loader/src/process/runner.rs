@@ -17,10 +17,10 @@
 //! 5. Reads requests on the original stdin; each runs on a thread of its
 //!    own (an idle one of earlier requests, else a new one:
 //!    [`super::workers`]), so several calls can be in flight (the SDK
-//!    requires `Send + Sync` plugins). Answers are written whole under one lock. Attachments of a
-//!    call reach an ABI-3 library as slices of the request frame (ABI 1:
-//!    as base64 strings in the arguments), and the library's binary results
-//!    leave as the answer's attachments.
+//!    requires `Send + Sync` plugins). Answers are written whole under one
+//!    lock. Attachments of a call reach an ABI-3 library as slices of the
+//!    request frame (ABI 1: as base64 strings in the arguments), and the
+//!    library's binary results leave as the answer's attachments.
 //! 6. Exits as soon as that stream ends: the host has gone or let it go. It never
 //!    unloads the library or destroys the instance; the process ending is
 //!    the cleanup. A frame over [`MAX_REQUEST_BYTES`] or one that is not

@@ -1390,7 +1390,8 @@ def find_class(module, class_name):
     )
 
 
-# How a handler takes its arguments, by (function, bound?, argument names):
+# How a handler takes its arguments, by (function, kind of callable,
+# argument names):
 # True as keywords, False as the one dict, None neither (see
 # `_bind_and_call`). Working it out with `inspect` costs more than a quick
 # call; the names of a tool's arguments rarely change.
@@ -1519,9 +1520,7 @@ class Runner(object):
         started comes with its turn not yet given."""
         if turn is None:
             turn = threading.Lock()
-            turn.acquire()
-        else:
-            turn.acquire()
+        turn.acquire()
         while True:
             try:
                 frame = self.wire.read_frame()
