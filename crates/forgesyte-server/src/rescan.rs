@@ -47,6 +47,12 @@ pub(crate) async fn rescan(
     })?;
     let summary = report.summary();
     state.metrics().record_load_pass(&report.plugins());
+    for removed in &report.removed {
+        // Unless a plugin of the same name took its place in this rescan.
+        if !state.registry().contains(&removed.name) {
+            state.metrics().forget_plugin(&removed.name);
+        }
+    }
     let report = ReloadReport::from(report);
     tracing::info!(
         %trigger,

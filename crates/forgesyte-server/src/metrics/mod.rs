@@ -19,7 +19,8 @@
 //! registered plugin), tool names are tools the plugin offers or
 //! [`UNKNOWN_TOOL`], routes are the router's templates or [`UNMATCHED`],
 //! methods and outcomes come from fixed lists. A raw request path never
-//! becomes a label value.
+//! becomes a label value. A plugin a rescan removes takes its recorded
+//! series with it ([`Metrics::forget_plugin`]).
 //!
 //! This module knows the loader and the registry, never a handler; the
 //! `/metrics` route and the request middleware are in [`http`].
@@ -28,7 +29,8 @@ pub(crate) mod http;
 mod plugins;
 mod proc;
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -78,6 +80,18 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome (the label values [`Metrics::forget_plugin`] clears).
+    const ALL: [Outcome; 8] = [
+        Outcome::ok,
+        Outcome::tool_error,
+        Outcome::fault,
+        Outcome::timeout,
+        Outcome::not_runnable,
+        Outcome::rejected,
+        Outcome::bad_request,
+        Outcome::internal,
+    ];
+
     /// The outcome of a finished call; `None` for a call to a plugin or
     /// tool that does not exist (not counted: its name is not a bounded
     /// label value; the route's 404s count it).
@@ -232,6 +246,10 @@ pub(crate) struct Metrics {
     load_passes: Counter,
     load_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     load_plugins: Family<LoadLabels, Gauge>,
+    /// The tool label values each plugin's series were made with: what
+    /// [`Metrics::forget_plugin`] removes (`prometheus-client` cannot list
+    /// a family's label sets).
+    tools_seen: Mutex<HashMap<String, HashSet<String>>>,
     /// The last scrape's body and the [`SCRAPE_TICK`] it was built in.
     scraped: ArcSwapOption<(u128, Bytes)>,
     /// Origin of the scrape ticks.
@@ -320,6 +338,7 @@ impl Metrics {
             load_passes,
             load_seconds,
             load_plugins,
+            tools_seen: Mutex::default(),
             scraped: ArcSwapOption::empty(),
             started: Instant::now(),
         }
@@ -335,13 +354,29 @@ impl Metrics {
         outcome: Outcome,
         elapsed: Option<Duration>,
     ) {
-        self.calls
-            .get_or_create(&CallLabels {
-                plugin: plugin.to_owned(),
-                tool: Text(tool.to_owned()),
-                outcome,
-            })
-            .inc();
+        let labels = CallLabels {
+            plugin: plugin.to_owned(),
+            tool: Text(tool.to_owned()),
+            outcome,
+        };
+        // The read guard of `get` ends with this statement (before a new
+        // series takes the family's write lock).
+        let counted = match self.calls.get(&labels) {
+            Some(counter) => {
+                counter.inc();
+                true
+            }
+            None => false,
+        };
+        if !counted {
+            self.tools_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(labels.plugin.clone())
+                .or_default()
+                .insert(tool.to_owned());
+            self.calls.get_or_create(&labels).inc();
+        }
         if let (true, Some(elapsed)) = (outcome.ran(), elapsed) {
             self.call_seconds
                 .get_or_create(&ToolLabels {
@@ -360,6 +395,38 @@ impl Metrics {
         };
         self.bytes_in.get_or_create(&labels).inc_by(request);
         self.bytes_out.get_or_create(&labels).inc_by(response);
+    }
+
+    /// Removes every series of `plugin` (its calls, latencies and bytes),
+    /// once it is gone from the registry: a removed plugin's series would
+    /// otherwise stay in every scrape until the server restarts.
+    pub(crate) fn forget_plugin(&self, plugin: &str) {
+        let tools = self
+            .tools_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(plugin)
+            .unwrap_or_default();
+        for tool in tools {
+            for outcome in Outcome::ALL {
+                self.calls.remove(&CallLabels {
+                    plugin: plugin.to_owned(),
+                    tool: Text(tool.clone()),
+                    outcome,
+                });
+            }
+            self.call_seconds.remove(&ToolLabels {
+                plugin: plugin.to_owned(),
+                tool: Text(tool),
+            });
+        }
+        let labels = PluginLabels {
+            plugin: plugin.to_owned(),
+        };
+        self.bytes_in.remove(&labels);
+        self.bytes_out.remove(&labels);
+        // The next scrape encodes afresh.
+        self.scraped.store(None);
     }
 
     /// Records one HTTP request under its route.
@@ -520,6 +587,42 @@ mod tests {
             !text
                 .lines()
                 .any(|l| l.starts_with("forgesyte_injected_total")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_forgotten_plugin_leaves_no_series_and_the_others_keep_theirs() {
+        let metrics = Metrics::new(loader());
+        for (plugin, tool, outcome) in [
+            ("gone", "a", Outcome::ok),
+            ("gone", "a", Outcome::fault),
+            ("gone", "b", Outcome::timeout),
+            ("gone", UNKNOWN_TOOL, Outcome::not_runnable),
+            ("kept", "a", Outcome::ok),
+        ] {
+            metrics.record_call(plugin, tool, outcome, Some(Duration::from_millis(2)));
+            metrics.record_bytes(plugin, 5, 7);
+        }
+        let before = metrics.scrape().unwrap();
+        assert!(String::from_utf8_lossy(&before).contains(r#"plugin="gone""#));
+        metrics.forget_plugin("gone");
+        // The scrape cached within its tick is dropped too.
+        let text = String::from_utf8_lossy(&metrics.scrape().unwrap()).into_owned();
+        assert!(!text.contains(r#"plugin="gone""#), "{text}");
+        for kept in [
+            r#"forgesyte_tool_calls_total{plugin="kept",tool="a",outcome="ok"} 1"#,
+            r#"forgesyte_tool_call_duration_seconds_count{plugin="kept",tool="a"} 1"#,
+            r#"forgesyte_tool_request_bytes_total{plugin="kept"} 5"#,
+        ] {
+            assert!(samples(&text).contains(&kept), "{kept} in {text}");
+        }
+        // A plugin of the same name later starts from zero.
+        metrics.record_call("gone", "a", Outcome::ok, None);
+        let text = metrics.encode().unwrap();
+        assert!(
+            samples(&text)
+                .contains(&r#"forgesyte_tool_calls_total{plugin="gone",tool="a",outcome="ok"} 1"#),
             "{text}"
         );
     }

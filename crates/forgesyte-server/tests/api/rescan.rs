@@ -126,6 +126,14 @@ fn sighup_serves_an_added_plugin_and_retires_a_removed_one() {
         log.contains("Rescan (SIGHUP): 1 added, 0 changed, 0 retried, 0 removed, 1 unchanged"),
         "{log}"
     );
+    // Its metric series went with it (the rescan logs after forgetting
+    // them); alpha's stay.
+    let metrics = server.get("/metrics").text();
+    assert!(!metrics.contains(r#"plugin="beta""#), "{metrics}");
+    assert!(
+        metrics.contains(r#"forgesyte_tool_calls_total{plugin="alpha",tool="echo",outcome="ok"}"#),
+        "{metrics}"
+    );
 }
 
 #[test]
