@@ -709,20 +709,24 @@ fn reload_restarts_isolated_and_retries_failed_in_process() {
 
     // reload_all sees every plugin, and plugins that appeared since.
     s.plugin("newcomer", json!({}));
+    // An available in-process plugin edited on disk: reload_all keeps it
+    // as it is, so the next rescan must still see the edit.
+    s.plugin(
+        "kept",
+        json!({"isolation": "in-process", "description": "edited"}),
+    );
     let report = loader.reload_all();
     let names: Vec<_> = report.plugins.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["iso", "kept", "newcomer", "retry"]);
     assert_eq!(report.loaded(), 4, "{report:#?}");
     call(&loader, "newcomer", "ok", json!({})).unwrap();
-    // What reload_all loaded is the next rescan's baseline: nothing
-    // changed since, so nothing is reloaded again.
+    // What reload_all loaded is the next rescan's baseline: nothing it
+    // loaded is reloaded again, and the edit it did not load is.
     let rescan = loader.rescan();
     let unchanged: Vec<_> = rescan.unchanged.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(
-        unchanged,
-        ["iso", "kept", "newcomer", "retry"],
-        "{rescan:#?}"
-    );
+    assert_eq!(unchanged, ["iso", "newcomer", "retry"], "{rescan:#?}");
+    let changed: Vec<_> = rescan.changed.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(changed, ["kept"], "{rescan:#?}");
 
     // Dropping the loader stops its plugins' processes.
     let pids: Vec<u32> = ["iso", "newcomer"]

@@ -225,14 +225,18 @@ impl Loader {
 
     /// Records the change stamp of every registered plugin, the baseline
     /// the next [`rescan`](Self::rescan) compares with: the one taken
-    /// before its files were read this load or rescan
-    /// ([`fresh_stamps`](Loader::fresh_stamps)), else one taken now.
+    /// before its files were read this pass
+    /// ([`fresh_stamps`](Loader::fresh_stamps)); for a plugin whose files
+    /// this pass did not read (one `reload_all` kept as it was), the
+    /// baseline it had, so a change on disk still shows; else one taken
+    /// now.
     pub(super) fn restamp(&self) {
         let mut fresh = std::mem::take(&mut *self.fresh_stamps.lock());
+        let old = self.stamps.read().clone();
         let mut stamps = BTreeMap::new();
         let mut missing: Vec<(String, PathBuf)> = Vec::new();
         for (name, entry) in self.entries.read().iter() {
-            match fresh.remove(&entry.dir) {
+            match fresh.remove(&entry.dir).or_else(|| old.get(name).copied()) {
                 Some(stamped) => {
                     stamps.insert(name.clone(), stamped);
                 }
