@@ -254,7 +254,8 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
             });
         };
         let data = part.data;
-        if name == "args" && !part.is_file {
+        // Whether a field or a file (`curl -F args=@args.json`).
+        if name == "args" {
             if seen_args {
                 return Err(RunError::InvalidBody {
                     message: "more than one 'args' part".into(),
@@ -418,6 +419,27 @@ mod tests {
         assert_eq!(input.binary[0].0, "image");
         assert_eq!(&input.binary[0].1[..], &image[..]);
         assert_eq!(&input.binary[1].1[..], b"\x00\xff");
+    }
+
+    #[tokio::test]
+    async fn an_args_part_sent_as_a_file_is_the_json_arguments() {
+        let (ct, body) = multipart_body(&[
+            ("image", Some("frame.png"), b"\x89PNG"),
+            ("args", Some("args.json"), br#"{"n": 3}"#),
+        ]);
+        let input = read(&headers(&ct), body).await.unwrap();
+        assert_eq!(Value::Object(input.args), json!({"n": 3}));
+        let names: Vec<&str> = input.binary.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["image"]);
+        // And it is still the one `args` part.
+        let (ct, body) = multipart_body(&[
+            ("args", Some("args.json"), br#"{"n": 3}"#),
+            ("args", None, br#"{"n": 1}"#),
+        ]);
+        assert!(matches!(
+            read(&headers(&ct), body).await,
+            Err(RunError::InvalidBody { .. })
+        ));
     }
 
     #[tokio::test]

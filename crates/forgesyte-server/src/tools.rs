@@ -452,9 +452,8 @@ fn arguments(
     if takes_binary {
         for name in declared {
             if let Some(Value::String(text)) = args.get(name) {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(base64_text(text))
-                    .map_err(|e| RunError::InvalidArgs {
+                let bytes =
+                    decode_base64(base64_text(text)).map_err(|e| RunError::InvalidArgs {
                         message: format!("argument '{name}' is not valid base64: {e}"),
                     })?;
                 binary.push((name.clone(), bytes.into()));
@@ -468,6 +467,22 @@ fn arguments(
         attachments.push((pointer, bytes));
     }
     Ok((Value::Object(args), attachments))
+}
+
+/// Decodes standard base64 in one pass; base64 wrapped in lines (MIME,
+/// the `base64` command, Python's `encodebytes`) is decoded again without
+/// its whitespace, so only such text pays a second pass.
+fn decode_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::Engine as _;
+    let engine = &base64::engine::general_purpose::STANDARD;
+    engine.decode(text).or_else(|first| {
+        if text.bytes().any(|b| b.is_ascii_whitespace()) {
+            let joined: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+            engine.decode(joined)
+        } else {
+            Err(first)
+        }
+    })
 }
 
 /// The base64 of a binary argument sent as a JSON string: surrounding
@@ -522,6 +537,22 @@ mod tests {
         assert_eq!(base64_text("data:x;base64,QQ=="), "QQ==");
         assert_eq!(base64_text("QQ=="), "QQ==");
         let bad = json!({"image": "not base64!"});
+        assert!(arguments(input(&bad), &declared, true).is_err());
+        // Base64 wrapped in lines, as `base64` and MIME write it.
+        let data: Vec<u8> = (0..=255).collect();
+        let wrapped: String = {
+            use base64::Engine as _;
+            let text = base64::engine::general_purpose::STANDARD.encode(&data);
+            let lines: Vec<&str> = text
+                .as_bytes()
+                .chunks(76)
+                .map(|l| std::str::from_utf8(l).unwrap())
+                .collect();
+            lines.join("\r\n") + "\n"
+        };
+        let (_, binary) = arguments(input(&json!({"image": wrapped})), &declared, true).unwrap();
+        assert_eq!(&binary[0].1[..], &data[..]);
+        let bad = json!({"image": "QQ\n=!"});
         assert!(arguments(input(&bad), &declared, true).is_err());
         // The body (or a stream frame) and a string of the same name in
         // args: one argument given twice, refused whichever runtime.
