@@ -414,7 +414,6 @@ fn arguments(
     declared: &[String],
     takes_binary: bool,
 ) -> Result<(Value, Vec<(String, Bytes)>), RunError> {
-    use base64::Engine as _;
     let RunInput {
         mut args,
         mut binary,
