@@ -231,10 +231,7 @@ async fn read(
             () = activity.idle_for(session.idle_timeout) => None,
         };
         let Some(message) = message else {
-            let secs = session.idle_timeout.map_or(0.0, |t| t.as_secs_f64());
-            let reason = format!("idle: no message and no answer for {secs} s");
-            say_close(&out, close::IDLE, &reason).await;
-            return;
+            return say_idle(&out, session).await;
         };
         activity.touch();
         match message {
@@ -251,11 +248,25 @@ async fn read(
                 let seq = *frames;
                 *frames += 1;
                 // Under `block` this waits for room: the socket is not read
-                // meanwhile (TCP backpressure); a shutdown still ends it.
-                tokio::select! {
+                // meanwhile (TCP backpressure); a shutdown still ends it,
+                // and so does the idle timeout (a client that sends but
+                // never reads keeps the worker waiting to hand over an
+                // answer, and this wait with it).
+                // (No await inside the arms: the shutdown signal's future
+                // is not `Send`, and it lives until the `select!` ends.)
+                let idle = tokio::select! {
                     biased;
                     _ = closing.wait_for(|c| *c) => break,
-                    pushed = queue.push(seq, (Arc::clone(&args), bytes)) => if !pushed { return },
+                    () = activity.idle_for(session.idle_timeout) => true,
+                    pushed = queue.push(seq, (Arc::clone(&args), bytes)) => {
+                        if !pushed {
+                            return;
+                        }
+                        false
+                    }
+                };
+                if idle {
+                    return say_idle(&out, session).await;
                 }
                 // The worker runs in this task: let it take the frame
                 // before the next one (already buffered) can replace it.
@@ -269,8 +280,21 @@ async fn read(
                         "error_type": "InvalidBody",
                         "detail": format!("A text message must be {{\"args\": {{...}}}}: {e}"),
                     });
-                    if out.send(Out::Text(answer.to_string())).await.is_err() {
-                        return;
+                    // The answers' room is full while the client reads
+                    // nothing: as above.
+                    let idle = tokio::select! {
+                        biased;
+                        _ = closing.wait_for(|c| *c) => break,
+                        () = activity.idle_for(session.idle_timeout) => true,
+                        sent = out.send(Out::Text(answer.to_string())) => {
+                            if sent.is_err() {
+                                return;
+                            }
+                            false
+                        }
+                    };
+                    if idle {
+                        return say_idle(&out, session).await;
                     }
                 }
             },
@@ -307,6 +331,13 @@ fn refusal(error: axum::Error, body_limit: usize) -> Option<(u16, String)> {
 
 /// Asks the writer to close with `code` and `reason`, waiting at most
 /// [`CLOSE_WAIT`] for room.
+/// Closes an idle stream: nothing moved for the session's idle timeout.
+async fn say_idle(out: &mpsc::Sender<Out>, session: &Session) {
+    let secs = session.idle_timeout.map_or(0.0, |t| t.as_secs_f64());
+    let reason = format!("idle: no message and no answer for {secs} s");
+    say_close(out, close::IDLE, &reason).await;
+}
+
 async fn say_close(out: &mpsc::Sender<Out>, code: u16, reason: &str) {
     let message = Out::Close(code, close_reason(reason));
     let _ = tokio::time::timeout(CLOSE_WAIT, out.send(message)).await;

@@ -495,6 +495,51 @@ fn a_client_that_stops_reading_is_let_go_at_the_idle_timeout() {
 }
 
 #[test]
+fn a_client_that_sends_but_never_reads_is_let_go_at_the_idle_timeout() {
+    // Two waits of the stream's reader end at the idle timeout too: room in
+    // the queue under `block` (the worker cannot hand its answer to a
+    // client that reads nothing), and room for the answers to malformed
+    // text messages. Either held the stream, and its slot, for good.
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--max-connections",
+        "1",
+        "--stream-idle-timeout",
+        "1",
+    ]);
+    server.wait_loaded();
+    let floods = [
+        (
+            target("alpha", "echo_bytes", "?policy=block&queue=1"),
+            Message::Binary(frame(1 << 20).into()),
+        ),
+        (
+            target("alpha", "echo_bytes", ""),
+            Message::text("{not json"),
+        ),
+    ];
+    for (flooded, message) in floods {
+        let mut stuck = open_when_room(&server, &flooded);
+        // Sends until the server lets the connection go (a send fails).
+        let flood = std::thread::spawn(move || {
+            for _ in 0..1_000_000 {
+                if stuck.send(message.clone()).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut next = open_when_room(&server, &target("alpha", "echo_bytes", ""));
+        send_frame(&mut next, frame(3));
+        assert_eq!(answer(&mut next)["ok"], true, "{flooded}");
+        drop(next);
+        flood.join().unwrap();
+    }
+}
+
+#[test]
 fn streams_beyond_the_cap_are_refused_until_one_closes() {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
