@@ -223,15 +223,12 @@ async fn read(
 ) {
     let mut closing = session.closing.clone();
     let mut args = Arc::new(Map::new());
+    let idle_timeout = session.idle_timeout;
     loop {
-        let message = tokio::select! {
-            biased;
-            _ = closing.wait_for(|c| *c) => break,
-            message = incoming.next() => Some(message),
-            () = activity.idle_for(session.idle_timeout) => None,
-        };
-        let Some(message) = message else {
-            return say_idle(&out, session).await;
+        let message = match unless(incoming.next(), &mut closing, activity, idle_timeout).await {
+            Waited::Done(message) => message,
+            Waited::Closing => break,
+            Waited::Idle => return say_idle(&out, session).await,
         };
         activity.touch();
         match message {
@@ -252,21 +249,12 @@ async fn read(
                 // and so does the idle timeout (a client that sends but
                 // never reads keeps the worker waiting to hand over an
                 // answer, and this wait with it).
-                // (No await inside the arms: the shutdown signal's future
-                // is not `Send`, and it lives until the `select!` ends.)
-                let idle = tokio::select! {
-                    biased;
-                    _ = closing.wait_for(|c| *c) => break,
-                    () = activity.idle_for(session.idle_timeout) => true,
-                    pushed = queue.push(seq, (Arc::clone(&args), bytes)) => {
-                        if !pushed {
-                            return;
-                        }
-                        false
-                    }
-                };
-                if idle {
-                    return say_idle(&out, session).await;
+                let frame = (Arc::clone(&args), bytes);
+                match unless(queue.push(seq, frame), &mut closing, activity, idle_timeout).await {
+                    Waited::Done(true) => {}
+                    Waited::Done(false) => return,
+                    Waited::Closing => break,
+                    Waited::Idle => return say_idle(&out, session).await,
                 }
                 // The worker runs in this task: let it take the frame
                 // before the next one (already buffered) can replace it.
@@ -282,19 +270,12 @@ async fn read(
                     });
                     // The answers' room is full while the client reads
                     // nothing: as above.
-                    let idle = tokio::select! {
-                        biased;
-                        _ = closing.wait_for(|c| *c) => break,
-                        () = activity.idle_for(session.idle_timeout) => true,
-                        sent = out.send(Out::Text(answer.to_string())) => {
-                            if sent.is_err() {
-                                return;
-                            }
-                            false
-                        }
-                    };
-                    if idle {
-                        return say_idle(&out, session).await;
+                    let sent = out.send(Out::Text(answer.to_string()));
+                    match unless(sent, &mut closing, activity, idle_timeout).await {
+                        Waited::Done(Ok(())) => {}
+                        Waited::Done(Err(_)) => return,
+                        Waited::Closing => break,
+                        Waited::Idle => return say_idle(&out, session).await,
                     }
                 }
             },
@@ -331,6 +312,32 @@ fn refusal(error: axum::Error, body_limit: usize) -> Option<(u16, String)> {
 
 /// Asks the writer to close with `code` and `reason`, waiting at most
 /// [`CLOSE_WAIT`] for room.
+/// How one of the reader's waits ended.
+enum Waited<T> {
+    /// What it waited for came.
+    Done(T),
+    /// The server is shutting down.
+    Closing,
+    /// Nothing moved for the idle timeout.
+    Idle,
+}
+
+/// Waits for `future` unless the server shuts down or the stream idles out
+/// first: every wait of the reader, so none outlasts either.
+async fn unless<T>(
+    future: impl Future<Output = T>,
+    closing: &mut watch::Receiver<bool>,
+    activity: &Activity,
+    idle_timeout: Option<Duration>,
+) -> Waited<T> {
+    tokio::select! {
+        biased;
+        _ = closing.wait_for(|c| *c) => Waited::Closing,
+        value = future => Waited::Done(value),
+        () = activity.idle_for(idle_timeout) => Waited::Idle,
+    }
+}
+
 /// Closes an idle stream: nothing moved for the session's idle timeout.
 async fn say_idle(out: &mpsc::Sender<Out>, session: &Session) {
     let secs = session.idle_timeout.map_or(0.0, |t| t.as_secs_f64());

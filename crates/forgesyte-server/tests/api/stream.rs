@@ -465,11 +465,9 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     assert_eq!(code, 1001, "{reason}");
 }
 
-#[test]
-fn a_client_that_stops_reading_is_let_go_at_the_idle_timeout() {
-    // Its answers fill the socket; nothing moves for the idle timeout: the
-    // stream ends and its slot is free again (it was held until the client
-    // went).
+/// A server of `alpha` with room for one connection, whose streams idle
+/// out after 1 s (the directory first: the server is dropped before it).
+fn one_slot_server() -> (PluginsDir, Forgesyte) {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
     let server = Forgesyte::start(&[
@@ -481,16 +479,31 @@ fn a_client_that_stops_reading_is_let_go_at_the_idle_timeout() {
         "1",
     ]);
     server.wait_loaded();
+    (dir, server)
+}
+
+/// Another stream gets the one slot (once a stuck stream's is free: it may
+/// also still be held by the readiness probe's connection for a moment)
+/// and is answered.
+fn the_slot_serves_another_stream(server: &Forgesyte, context: &str) {
+    let mut next = open_when_room(server, &target("alpha", "echo_bytes", ""));
+    send_frame(&mut next, frame(3));
+    assert_eq!(answer(&mut next)["ok"], true, "{context}");
+}
+
+#[test]
+fn a_client_that_stops_reading_is_let_go_at_the_idle_timeout() {
+    // Its answers fill the socket; nothing moves for the idle timeout: the
+    // stream ends and its slot is free again (it was held until the client
+    // went).
+    let (_dir, server) = one_slot_server();
     let target = target("alpha", "echo_bytes", "");
-    // The one connection may still be held by the readiness probe's for a
-    // moment: the first stream waits for room too.
+    // The first stream waits for room too (the readiness probe's).
     let mut stuck = open_when_room(&server, &target);
     for _ in 0..24 {
         send_frame(&mut stuck, frame(1 << 20));
     }
-    let mut next = open_when_room(&server, &target);
-    send_frame(&mut next, frame(3));
-    assert_eq!(answer(&mut next)["ok"], true);
+    the_slot_serves_another_stream(&server, &target);
     drop(stuck);
 }
 
@@ -500,17 +513,7 @@ fn a_client_that_sends_but_never_reads_is_let_go_at_the_idle_timeout() {
     // the queue under `block` (the worker cannot hand its answer to a
     // client that reads nothing), and room for the answers to malformed
     // text messages. Either held the stream, and its slot, for good.
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let server = Forgesyte::start(&[
-        "--plugins",
-        dir.path_str(),
-        "--max-connections",
-        "1",
-        "--stream-idle-timeout",
-        "1",
-    ]);
-    server.wait_loaded();
+    let (_dir, server) = one_slot_server();
     let floods = [
         (
             target("alpha", "echo_bytes", "?policy=block&queue=1"),
@@ -531,10 +534,7 @@ fn a_client_that_sends_but_never_reads_is_let_go_at_the_idle_timeout() {
                 }
             }
         });
-        let mut next = open_when_room(&server, &target("alpha", "echo_bytes", ""));
-        send_frame(&mut next, frame(3));
-        assert_eq!(answer(&mut next)["ok"], true, "{flooded}");
-        drop(next);
+        the_slot_serves_another_stream(&server, &flooded);
         flood.join().unwrap();
     }
 }
