@@ -34,7 +34,10 @@ impl Loader {
     ///
     /// `None` when no plugin of that name is registered.
     pub fn reload(&self, name: &str) -> Option<PluginLoadOutcome> {
-        let dir = self.entries.read().get(name)?.dir.clone();
+        if !self.entries.read().contains_key(name) {
+            return None;
+        }
+        self.fresh_stamps.lock().clear();
         let outcome = self
             .reload_names(&[name.to_owned()], &BTreeSet::new())
             .plugins
@@ -42,9 +45,7 @@ impl Loader {
             .find(|o| o.name == name);
         // What it was loaded from is what the next rescan compares with:
         // else that rescan would find it changed and restart it again.
-        if let Some(stamped) = self.fresh_stamps.lock().remove(&dir) {
-            self.stamps.write().insert(name.to_owned(), stamped);
-        }
+        self.restamp();
         outcome
     }
 
