@@ -581,13 +581,7 @@ class Wire(object):
             raise ProtocolError(
                 "a frame of %d bytes exceeds the limit of %d bytes" % (length, MAX_REQUEST_BYTES)
             )
-        if length <= SMALL_FRAME_BYTES:
-            # The common request: one read, from the buffer.
-            body = self._in.read(length)
-            if len(body) < length:
-                raise ProtocolError("broken stream: the stream ended inside a %d-byte frame" % length)
-        else:
-            body = self._read_body(length)
+        body = self._read_body(length)
         header, attachments = split_body(body)
         if b'"shm"' in header:
             self._receive_shared(header, attachments)
@@ -650,20 +644,26 @@ class Wire(object):
                     os.close(fd)
 
     def _read_body(self, length):
-        try:
-            body = bytearray(min(length, READ_PREALLOCATE))
-            filled = 0
-            while True:
-                filled += self._read_into(memoryview(body)[filled:])
-                if filled == length:
-                    return body
-                if filled < len(body):
-                    break  # the stream ended
-                body.extend(bytes(min(length, 2 * len(body)) - len(body)))
-        except MemoryError:
-            # As the native runner: a frame that cannot be held ends the
-            # stream (exit 65), whatever the memory limit.
-            raise ProtocolError("broken stream: cannot allocate %d bytes for a frame" % length)
+        if length <= SMALL_FRAME_BYTES:
+            # The common request: one read, from the buffer.
+            body = self._in.read(length)
+            if len(body) == length:
+                return body
+        else:
+            try:
+                body = bytearray(min(length, READ_PREALLOCATE))
+                filled = 0
+                while True:
+                    filled += self._read_into(memoryview(body)[filled:])
+                    if filled == length:
+                        return body
+                    if filled < len(body):
+                        break  # the stream ended
+                    body.extend(bytes(min(length, 2 * len(body)) - len(body)))
+            except MemoryError:
+                # As the native runner: a frame that cannot be held ends the
+                # stream (exit 65), whatever the memory limit.
+                raise ProtocolError("broken stream: cannot allocate %d bytes for a frame" % length)
         raise ProtocolError("broken stream: the stream ended inside a %d-byte frame" % length)
 
     # -- writing --------------------------------------------------------
@@ -702,7 +702,8 @@ class Wire(object):
 
     def send_frame(self, header, attachments=()):
         if not attachments:
-            # The common answer: prefix and header in one write.
+            # The common answer: prefix and header in one write, without
+            # the shared-memory path (measured: a tenth of a no-op call).
             data = _FRAME_HEAD.pack(8 + len(header), len(header), 0) + header
             with self.lock:
                 try:
