@@ -149,16 +149,7 @@ fn a_removed_plugin_is_gone_at_once_but_its_call_in_flight_completes() {
     let call = sleep_call(&server, "slow", 3000);
     wait_running(&server, "slow");
     std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
-    let rescan = std::thread::spawn(move || {
-        let bearer = format!("Bearer {TOKEN}");
-        http_with(
-            addr,
-            "POST",
-            "/v1/plugins/reload",
-            &[("Authorization", bearer.as_str())],
-            b"",
-        )
-    });
+    let rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
     // New calls are refused at once, while the old one still runs. The wait
     // polls a read, not a call: a probing call that raced the removal would be
     // one more call in flight in the report.
@@ -224,16 +215,22 @@ fn a_changed_python_plugin_restarts_with_its_new_source() {
     );
 }
 
-/// POST /v1/plugins/reload with the admin token: the rescan's report.
-fn reload(server: &Forgesyte) -> Value {
+/// An admin route: POST `path` to the server at `addr` with the admin
+/// token.
+fn admin_post(addr: std::net::SocketAddr, path: &str) -> Reply {
     let bearer = format!("Bearer {TOKEN}");
-    let reply = http_with(
-        server.addr,
+    http_with(
+        addr,
         "POST",
-        "/v1/plugins/reload",
+        path,
         &[("Authorization", bearer.as_str())],
         b"",
-    );
+    )
+}
+
+/// POST /v1/plugins/reload with the admin token: the rescan's report.
+fn reload(server: &Forgesyte) -> Value {
+    let reply = admin_post(server.addr, "/v1/plugins/reload");
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json()
 }
@@ -458,14 +455,7 @@ fn a_rescan_after_a_reload_by_name_leaves_the_plugin_alone() {
     let mut value: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     value["description"] = json!("changed on disk");
     std::fs::write(&manifest, value.to_string()).unwrap();
-    let bearer = format!("Bearer {TOKEN}");
-    let reply = http_with(
-        server.addr,
-        "POST",
-        "/v1/plugins/iso/reload",
-        &[("Authorization", bearer.as_str())],
-        b"",
-    );
+    let reply = admin_post(server.addr, "/v1/plugins/iso/reload");
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["state"], "INITIALIZED", "{}", reply.text());
     let report = reload(&server);
