@@ -9,7 +9,8 @@
 //! one *lane* thread per core, which stay busy without parking while work
 //! keeps coming. A lane stuck in a slow call must not hold up the calls
 //! queued behind it: a call that no lane has started within [`ESCALATE_AFTER`]
-//! is taken from the queue and run on tokio's blocking pool instead, and
+//! is handed to tokio's blocking pool too (it stays queued: a lane that
+//! wakes late still takes it if no blocking thread has yet), and
 //! when every lane is busy with a call older than that, new calls skip the
 //! queue. Each call runs exactly once, whoever takes it first.
 
@@ -168,11 +169,14 @@ impl CallPool {
                 result = &mut rx => return result.ok().flatten(),
                 () = tokio::time::sleep(ESCALATE_AFTER) => {}
             }
-            // No lane got to it in time: run it on the blocking pool, unless a
-            // lane took it meanwhile.
-            if let Some(task) = job.take() {
-                tokio::task::spawn_blocking(task);
-            }
+            // No lane got to it in time: the blocking pool runs it too,
+            // whoever starts first (a lane that wakes late still takes it
+            // from the queue while the blocking threads are all busy).
+            tokio::task::spawn_blocking(move || {
+                if let Some(task) = job.take() {
+                    task();
+                }
+            });
             return rx.await.ok().flatten();
         }
         if let Some(task) = job.take() {
