@@ -205,6 +205,51 @@ fn an_entrypoint_of_a_file_and_a_class_runs_that_class() {
     );
 }
 
+/// The zygote's interpreter starts while the pass still checks the
+/// plugin's Python packages (an interpreter run of its own), not after:
+/// the plugin's interpreter is a script that logs when each of its runs
+/// starts and takes half a second over the package check.
+#[test]
+fn the_zygote_starts_while_the_package_check_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = copy_fixture(dir.path(), "echo", "echo");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(plugin.join("manifest.json")).unwrap()).unwrap();
+    manifest["python"] = json!("slowpy");
+    manifest["dependencies"] = json!(["json"]);
+    write_manifest(dir.path(), "echo", manifest);
+    let script = plugin.join("slowpy");
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+log="$(dirname "$0")/runs.log"
+for a in "$@"; do
+  if [ "$a" = --zygote ]; then echo "zygote $(date +%s%N)" >> "$log"; exec python3 "$@"; fi
+done
+echo "check $(date +%s%N)" >> "$log"
+sleep 0.5
+python3 "$@"; rc=$?
+echo "checked $(date +%s%N)" >> "$log"
+exit $rc
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let registry = Registry::new();
+    let _loader = loader(dir.path(), &registry);
+    check(&registry, "echo", S::Initialized, None);
+    let log = std::fs::read_to_string(plugin.join("runs.log")).unwrap();
+    let at = |what: &str| -> u128 {
+        log.lines()
+            .find_map(|line| line.strip_prefix(what)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {what:?} run in {log:?}"))
+    };
+    assert!(
+        at("zygote ") < at("checked "),
+        "the zygote started only after the package check ended: {log}"
+    );
+}
+
 #[test]
 fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
     let dir = tempfile::tempdir().unwrap();

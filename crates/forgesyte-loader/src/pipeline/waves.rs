@@ -26,6 +26,7 @@ impl Loader {
         let (waves, cyclic) = dependency_waves(pending);
         // Every Python package of the pass, asked of each interpreter once.
         let requirements: Vec<_> = pending.values().map(|p| self.requirements(p)).collect();
+        self.prestart_zygotes(pending);
         self.checker.prefetch_python_for(&requirements);
         for wave in waves {
             // A wave depends only on earlier waves, so the plugins available
@@ -67,6 +68,27 @@ impl Loader {
 
     /// Whether `p` runs in a runner process (a Python plugin, or a native
     /// one isolated).
+    /// Starts the zygotes of the pass's Python plugins now, before the
+    /// package checks (an interpreter run of their own) and the checks of
+    /// every wave: a zygote's interpreter start then overlaps them instead
+    /// of following them. A plugin that a check then refuses leaves its
+    /// zygote idle (one interpreter, no runner).
+    fn prestart_zygotes(&self, pending: &BTreeMap<String, Pending>) {
+        for p in pending.values() {
+            if p.manifest.runtime != Runtime::Python {
+                continue;
+            }
+            if let Ok(interpreter) = self.interpreter(p) {
+                let limits = self.config.process.with_manifest(&p.manifest.limits);
+                crate::process::prestart_python_zygote(
+                    &interpreter,
+                    &limits,
+                    self.config.runner_user,
+                );
+            }
+        }
+    }
+
     fn runs_in_a_process(&self, p: &Pending) -> bool {
         p.manifest.runtime == Runtime::Python || self.isolation_of(p) == Isolation::Process
     }

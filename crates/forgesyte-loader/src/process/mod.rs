@@ -335,11 +335,7 @@ impl ProcessImporter {
                 let mut argv = python_runner_args(plugin_dir, entry, *installed);
                 argv.extend(common);
                 if zygote::enabled() {
-                    let key = zygote::ZygoteKey {
-                        interpreter: interpreter.clone(),
-                        few_arenas: self.limits.memory_limit_mib > 0,
-                        run_as,
-                    };
+                    let key = zygote::ZygoteKey::new(interpreter, &self.limits, run_as);
                     match zygote::zygote_for(&key)
                         .map(|z| Child::fork(&z, &argv, &opts, self.limits.init_timeout))
                     {
@@ -378,6 +374,29 @@ impl ProcessImporter {
             operation: "handshake".into(),
             after: self.limits.init_timeout,
         }
+    }
+}
+
+/// Starts the Python zygote that the runners of `interpreter` under
+/// `limits` (run as `run_as`) will be forked from, unless it runs already
+/// or zygotes are off: for a load pass to call before its dependency and
+/// integrity checks, so that the zygote's interpreter start (the longest
+/// part of a Python plugin's start-up) overlaps them. A zygote that cannot
+/// start is only logged: the runner's own spawn tries again, and reports.
+pub(crate) fn prestart_python_zygote(
+    interpreter: &Path,
+    limits: &ProcessLimits,
+    run_as: Option<crate::sandbox::RunAs>,
+) {
+    if !zygote::enabled() {
+        return;
+    }
+    let key = zygote::ZygoteKey::new(interpreter, limits, run_as);
+    if let Err(e) = zygote::zygote_for(&key) {
+        tracing::debug!(
+            interpreter = %interpreter.display(),
+            "cannot start a Python zygote ahead of its runners: {e}"
+        );
     }
 }
 

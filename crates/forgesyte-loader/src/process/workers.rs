@@ -125,6 +125,8 @@ mod tests {
             wait_idle(&workers, 1);
             assert_eq!(on_thread(&workers), first);
         }
+        // The last job answered before its thread listed itself idle again.
+        wait_idle(&workers, 1);
         assert_eq!(workers.idle(), 1);
     }
 

@@ -71,6 +71,21 @@ pub(crate) struct ZygoteKey {
     pub(crate) run_as: Option<crate::sandbox::RunAs>,
 }
 
+impl ZygoteKey {
+    /// The zygote that forks the runners of `interpreter` under `limits`.
+    pub(crate) fn new(
+        interpreter: &std::path::Path,
+        limits: &super::ProcessLimits,
+        run_as: Option<crate::sandbox::RunAs>,
+    ) -> Self {
+        ZygoteKey {
+            interpreter: interpreter.to_path_buf(),
+            few_arenas: limits.memory_limit_mib > 0,
+            run_as,
+        }
+    }
+}
+
 /// The zygote of `key`, started if there is none or the last one died.
 pub(crate) fn zygote_for(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
     static ZYGOTES: OnceLock<Mutex<HashMap<ZygoteKey, Arc<Zygote>>>> = OnceLock::new();
