@@ -249,7 +249,7 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
     let mut names: HashSet<String> = HashSet::new();
     for part in parts {
         let Some(name) = part.name else {
-            return Err(RunError::InvalidBody {
+            return Err(RunError::InvalidForm {
                 message: "a multipart part has no field name".into(),
             });
         };
@@ -257,7 +257,7 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
         // Whether a field or a file (`curl -F args=@args.json`).
         if name == "args" {
             if seen_args {
-                return Err(RunError::InvalidBody {
+                return Err(RunError::InvalidForm {
                     message: "more than one 'args' part".into(),
                 });
             }
@@ -267,14 +267,14 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
                     message: format!("{MALFORMED_ARGS_PART} is not JSON: {e}"),
                 })?;
             let Value::Object(args) = value else {
-                return Err(RunError::InvalidBody {
+                return Err(RunError::InvalidForm {
                     message: "the 'args' part must be a JSON object".into(),
                 });
             };
             input.args = args;
         } else {
             if !names.insert(name.clone()) {
-                return Err(RunError::InvalidBody {
+                return Err(RunError::InvalidForm {
                     message: format!("more than one part named '{name}'"),
                 });
             }
@@ -286,7 +286,7 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
         .iter()
         .find(|(name, _)| input.args.contains_key(name))
     {
-        return Err(RunError::InvalidBody {
+        return Err(RunError::InvalidForm {
             message: format!("argument '{name}' is given both as a part and in 'args'"),
         });
     }
@@ -438,7 +438,7 @@ mod tests {
         ]);
         assert!(matches!(
             read(&headers(&ct), body).await,
-            Err(RunError::InvalidBody { .. })
+            Err(RunError::InvalidForm { .. })
         ));
     }
 
@@ -447,7 +447,7 @@ mod tests {
         let (ct, body) = multipart_body(&[("args", None, b"[1]")]);
         assert!(matches!(
             read(&headers(&ct), body).await,
-            Err(RunError::InvalidBody { .. })
+            Err(RunError::InvalidForm { .. })
         ));
         let (ct, body) = multipart_body(&[("args", None, b"{")]);
         assert!(matches!(
@@ -457,12 +457,12 @@ mod tests {
         let (ct, body) = multipart_body(&[("x", Some("a"), b"1"), ("x", Some("b"), b"2")]);
         assert!(matches!(
             read(&headers(&ct), body).await,
-            Err(RunError::InvalidBody { .. })
+            Err(RunError::InvalidForm { .. })
         ));
         let (ct, body) = multipart_body(&[("args", None, br#"{"x": 1}"#), ("x", Some("b"), b"2")]);
         assert!(matches!(
             read(&headers(&ct), body).await,
-            Err(RunError::InvalidBody { .. })
+            Err(RunError::InvalidForm { .. })
         ));
         for ct in ["multipart/form-data", "multipart/form-data; boundary=nope"] {
             assert!(matches!(

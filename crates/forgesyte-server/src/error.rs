@@ -314,6 +314,30 @@ pub enum RunError {
         /// What is wrong.
         message: String,
     },
+    /// A multipart body of the wrong shape: a part without a name, two
+    /// `args` parts, an argument given twice (422, `InvalidBody`).
+    #[error("{message}")]
+    InvalidForm {
+        /// What is wrong.
+        message: String,
+    },
+    /// The body's binary data does not fit the tool's declared binary
+    /// arguments: an octet-stream body (or a stream's frame) for a tool
+    /// with none or several, or one given twice (422, `InvalidBody`).
+    #[error("{message}")]
+    BodyMismatch {
+        /// What is wrong.
+        message: String,
+    },
+    /// A declared binary argument sent as a JSON string that is not base64
+    /// (422, `InvalidArgs`): the host refused it, the tool never ran.
+    #[error("argument '{name}' is not valid base64: {message}")]
+    NotBase64 {
+        /// The argument.
+        name: String,
+        /// The decoder's message.
+        message: String,
+    },
     /// The body is larger than the limit (413, `PayloadTooLarge`).
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge {
@@ -408,6 +432,9 @@ impl RunError {
             | RunError::BodiesInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RunError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             RunError::InvalidBody { .. }
+            | RunError::InvalidForm { .. }
+            | RunError::BodyMismatch { .. }
+            | RunError::NotBase64 { .. }
             | RunError::InvalidArgs { .. }
             | RunError::ToolFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             RunError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -425,7 +452,10 @@ impl RunError {
             RunError::UnknownTool => "UnknownTool",
             RunError::NotRunnable { .. } => "PluginNotRunnable",
             RunError::MalformedBody { .. } => "MalformedBody",
-            RunError::InvalidBody { .. } => "InvalidBody",
+            RunError::InvalidBody { .. }
+            | RunError::InvalidForm { .. }
+            | RunError::BodyMismatch { .. } => "InvalidBody",
+            RunError::NotBase64 { .. } => "InvalidArgs",
             RunError::PayloadTooLarge { .. } => "PayloadTooLarge",
             RunError::BodyTimedOut => "BodyTimeout",
             RunError::InvalidArgs { .. } => "InvalidArgs",
@@ -464,6 +494,16 @@ impl RunError {
             RunError::InvalidBody { message } => {
                 format!("Request body must be an object {{\"args\": {{...}}}}: {message}")
             }
+            RunError::InvalidForm { message } => {
+                format!("Multipart request body is invalid: {message}")
+            }
+            RunError::BodyMismatch { message } => {
+                format!("Request body does not fit tool '{t}' of plugin '{p}': {message}")
+            }
+            RunError::NotBase64 { name, message } => format!(
+                "Argument '{}' of tool '{t}' of plugin '{p}' is binary and its text is not valid base64: {message}",
+                Shown(name)
+            ),
             RunError::PayloadTooLarge { limit } => {
                 format!("Request body is larger than the limit of {limit} bytes")
             }

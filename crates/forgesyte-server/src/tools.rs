@@ -425,7 +425,7 @@ fn arguments(
             // in `args` too is one argument given twice, as multipart
             // refuses a part named like an `args` key.
             [one] if args.get(one).is_some_and(|v| !v.is_null()) => {
-                return Err(RunError::InvalidBody {
+                return Err(RunError::BodyMismatch {
                     message: format!(
                         "argument '{one}' is given twice: as the binary body (or frame) and in args"
                     ),
@@ -433,12 +433,12 @@ fn arguments(
             }
             [one] => binary.push((one.clone(), bytes)),
             [] => {
-                return Err(RunError::InvalidBody {
+                return Err(RunError::BodyMismatch {
                     message: "the tool declares no binary argument: send JSON".into(),
                 });
             }
             many => {
-                return Err(RunError::InvalidBody {
+                return Err(RunError::BodyMismatch {
                     message: format!(
                         "the tool declares {} binary arguments ({}): send multipart/form-data",
                         many.len(),
@@ -451,10 +451,10 @@ fn arguments(
     if takes_binary {
         for name in declared {
             if let Some(Value::String(text)) = args.get(name) {
-                let bytes =
-                    decode_base64(base64_text(text)).map_err(|e| RunError::InvalidArgs {
-                        message: format!("argument '{name}' is not valid base64: {e}"),
-                    })?;
+                let bytes = decode_base64(base64_text(text)).map_err(|e| RunError::NotBase64 {
+                    name: name.clone(),
+                    message: e.to_string(),
+                })?;
                 binary.push((name.clone(), bytes.into()));
             }
         }

@@ -110,6 +110,9 @@ impl Outcome {
                 | RunError::BodiesInFlight { .. } => Outcome::rejected,
                 RunError::MalformedBody { .. }
                 | RunError::InvalidBody { .. }
+                | RunError::InvalidForm { .. }
+                | RunError::BodyMismatch { .. }
+                | RunError::NotBase64 { .. }
                 | RunError::PayloadTooLarge { .. }
                 | RunError::BodyTimedOut => Outcome::bad_request,
                 RunError::Internal { .. } => Outcome::internal,

@@ -164,18 +164,56 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
         b"abc",
     );
     assert_eq!(reply.status, 422, "{}", reply.text());
-    assert!(
-        reply.text().contains("no binary argument"),
+    assert_eq!(
+        reply.json()["error_type"],
+        "InvalidBody",
         "{}",
         reply.text()
     );
-    // Invalid base64 for a declared binary argument is the client's error.
+    // The detail says what is wrong with this body, not with a JSON one.
+    assert_eq!(
+        reply.json()["detail"],
+        "Request body does not fit tool 'echo' of plugin 'py': the tool declares no binary argument: send JSON",
+    );
+    // Invalid base64 for a declared binary argument is the client's error,
+    // and the host's: the tool never saw it.
     let reply = server.run("py", "checksum", r#"{"args": {"data": "not base64!"}}"#);
     assert_eq!(reply.status, 422, "{}", reply.text());
-    assert!(
-        reply.text().contains("not valid base64"),
+    assert_eq!(
+        reply.json()["error_type"],
+        "InvalidArgs",
         "{}",
         reply.text()
+    );
+    let detail = reply.json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        detail.starts_with(
+            "Argument 'data' of tool 'checksum' of plugin 'py' is binary and its text is not valid base64: "
+        ),
+        "{detail}"
+    );
+    // A multipart body of the wrong shape says so.
+    let (content_type, body) = multipart(&json!({"data": "x"}), b"abc");
+    let reply = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/py/tools/checksum/run",
+        &[("Content-Type", &content_type)],
+        &body,
+    );
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(
+        reply.json()["error_type"],
+        "InvalidBody",
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        reply.json()["detail"],
+        "Multipart request body is invalid: argument 'data' is given both as a part and in 'args'",
     );
 }
 
