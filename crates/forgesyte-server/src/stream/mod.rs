@@ -89,7 +89,8 @@ impl Streams {
 /// one is dropped and counted); under `policy=block` up to `queue` frames
 /// wait (default 4, at most 64) and the server then stops reading. A plugin
 /// crash closes the stream with 1011, a frame larger than the body limit
-/// with 1009, a server shutdown with 1001.
+/// with 1009, a server shutdown or the plugin's removal by a rescan with
+/// 1001.
 #[utoipa::path(
     get,
     path = "/v1/plugins/{name}/tools/{tool}/stream",

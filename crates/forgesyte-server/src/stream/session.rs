@@ -52,7 +52,7 @@ const MAX_CLOSE_REASON: usize = 123;
 pub(crate) mod close {
     /// The stream was idle past `--stream-idle-timeout`.
     pub(crate) const IDLE: u16 = 1000;
-    /// The server is shutting down.
+    /// The server is shutting down, or the plugin or tool was removed.
     pub(crate) const GOING_AWAY: u16 = 1001;
     /// The client broke the WebSocket protocol (a reserved opcode, ...).
     pub(crate) const PROTOCOL_ERROR: u16 = 1002;
@@ -400,19 +400,30 @@ async fn work(
         activity.touch();
         *answered += 1;
         if let Err(error) = &result
-            && ends_stream(error)
+            && let Some((code, why)) = ends_stream(error)
         {
-            let reason = format!("plugin failed: {}: {error}", error.error_type());
-            say_close(&out, close::PLUGIN_FAILED, &reason).await;
+            let detail = error.detail(&session.plugin, &session.tool);
+            let reason = format!("{why}: {}: {detail}", error.error_type());
+            say_close(&out, code, &reason).await;
             return;
         }
     }
 }
 
-/// Errors after which the plugin is FAILED (it crashed, panicked, broke the
-/// protocol or ran past its time limit): the stream closes with 1011.
-fn ends_stream(error: &RunError) -> bool {
-    matches!(error, RunError::Fault { .. } | RunError::Timeout { .. })
+/// The close code and reason (its start) of the errors that end a stream:
+/// the plugin is FAILED (it crashed, panicked, broke the protocol or ran
+/// past its time limit: 1011), or the plugin or its tool is gone (a rescan
+/// or reload removed it: 1001, as no later frame could ever be answered).
+/// Every other error leaves the stream open.
+fn ends_stream(error: &RunError) -> Option<(u16, &'static str)> {
+    match error {
+        RunError::Fault { .. } | RunError::Timeout { .. } => {
+            Some((close::PLUGIN_FAILED, "plugin failed"))
+        }
+        RunError::PluginNotFound => Some((close::GOING_AWAY, "plugin removed")),
+        RunError::UnknownTool => Some((close::GOING_AWAY, "tool removed")),
+        _ => None,
+    }
 }
 
 /// An answer to a frame, borrowing the tool's result (serialised once).
@@ -542,15 +553,30 @@ mod tests {
     }
 
     #[test]
-    fn faults_and_timeouts_end_a_stream_and_tool_errors_do_not() {
-        assert!(ends_stream(&RunError::Fault {
-            kind: "CrashError".into(),
-            message: "SIGSEGV".into()
-        }));
-        assert!(ends_stream(&RunError::Timeout {
-            after: Duration::from_secs(1),
-            reason: "slow".into()
-        }));
+    fn faults_timeouts_and_removals_end_a_stream_and_tool_errors_do_not() {
+        let failed = Some((close::PLUGIN_FAILED, "plugin failed"));
+        assert_eq!(
+            ends_stream(&RunError::Fault {
+                kind: "CrashError".into(),
+                message: "SIGSEGV".into()
+            }),
+            failed
+        );
+        assert_eq!(
+            ends_stream(&RunError::Timeout {
+                after: Duration::from_secs(1),
+                reason: "slow".into()
+            }),
+            failed
+        );
+        assert_eq!(
+            ends_stream(&RunError::PluginNotFound),
+            Some((close::GOING_AWAY, "plugin removed"))
+        );
+        assert_eq!(
+            ends_stream(&RunError::UnknownTool),
+            Some((close::GOING_AWAY, "tool removed"))
+        );
         for kept in [
             RunError::ToolFailed {
                 error_type: None,
@@ -565,7 +591,7 @@ mod tests {
                 reason: None,
             },
         ] {
-            assert!(!ends_stream(&kept), "{kept:?}");
+            assert_eq!(ends_stream(&kept), None, "{kept:?}");
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::support::{Forgesyte, PluginsDir, Reply, good_library_name, http_with,
 const TOKEN: &str = "rescan-test-token-0123456789";
 
 /// Polls `probe` until it gives a value, for at most `limit`.
-fn wait_for<T>(
+pub(crate) fn wait_for<T>(
     what: &str,
     limit: Duration,
     server: &Forgesyte,
@@ -37,7 +37,7 @@ fn wait_for<T>(
     }
 }
 
-fn hangup(server: &Forgesyte) {
+pub(crate) fn hangup(server: &Forgesyte) {
     let status = Command::new("kill")
         .args(["-HUP", &server.pid().to_string()])
         .status()

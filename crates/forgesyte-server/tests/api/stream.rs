@@ -16,6 +16,7 @@ use tungstenite::{Message, WebSocket};
 
 use crate::binary::wait_health;
 use crate::python::{base64, frame, sha256};
+use crate::rescan::{hangup, wait_for};
 use crate::support::{Forgesyte, PluginsDir};
 
 type Socket = WebSocket<TcpStream>;
@@ -338,6 +339,39 @@ fn a_crash_mid_stream_closes_with_1011_and_the_plugin_restarts() {
         (Some(0), Some(true)),
         "{again}"
     );
+}
+
+/// A rescan that removes the plugin closes its open stream at the next
+/// frame, with 1001 and a reason naming the removal (it used to answer
+/// every later frame with an error and stay open).
+#[test]
+fn a_stream_of_a_plugin_a_rescan_removed_closes_with_1001() {
+    let dir = PluginsDir::new();
+    dir.good("gone", json!({})).good("kept", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("gone", "frame", ""));
+    send_frame(&mut socket, frame(4));
+    assert_eq!(answer(&mut socket)["ok"], true);
+
+    std::fs::remove_dir_all(dir.path().join("gone")).unwrap();
+    hangup(&server);
+    wait_for("gone removed", Duration::from_secs(20), &server, || {
+        (server.get("/v1/plugins/gone/health").status == 404).then_some(())
+    });
+    send_frame(&mut socket, frame(4));
+    let last = answer(&mut socket);
+    assert_eq!(last["error_type"], "PluginNotFound", "{last}");
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1001, "{reason}");
+    assert!(
+        reason.starts_with("plugin removed: PluginNotFound: Plugin 'gone' not found"),
+        "{reason}"
+    );
+    // The other plugin streams on.
+    let mut socket = open(&server, &target("kept", "frame", ""));
+    send_frame(&mut socket, frame(4));
+    assert_eq!(answer(&mut socket)["ok"], true);
 }
 
 #[test]
