@@ -392,7 +392,60 @@ pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
     if scope() {
         report.insert("scopes".to_owned(), SCOPES.to_owned());
     }
+    report.insert("capabilities".to_owned(), drop_capabilities());
     report
+}
+
+/// What the hello's `capabilities` says of a runner that held some and
+/// dropped them all (the Python runner says the same).
+pub const CAPABILITIES_DROPPED: &str =
+    "dropped: all of them (a root runner keeps uid 0, not root's privileges)";
+/// ... and of a runner that held none to drop.
+pub const CAPABILITIES_NONE: &str = "none held";
+
+/// Drops every capability of this process, last step of its confinement
+/// (the network namespace needed `CAP_SYS_ADMIN`): the bounding set (while
+/// `CAP_SETPCAP` still allows it), the ambient set, then the effective,
+/// permitted and inheritable sets. A root runner without `--runner-user`
+/// then keeps uid 0 but cannot load a kernel module, `setns` into another
+/// process's namespaces through `/proc`, trace a process, mount, or read
+/// files it does not own.
+fn drop_capabilities() -> String {
+    use rustix::io::Errno;
+    use rustix::thread::{
+        CapabilitySet, CapabilitySets, capabilities, clear_ambient_capability_set,
+        remove_capability_from_bounding_set, set_capabilities,
+    };
+    let held = match capabilities(None) {
+        Ok(held) => held,
+        Err(e) => return format!("unconfined: cannot read them ({e})"),
+    };
+    let none = CapabilitySet::empty();
+    let held_any = held.effective != none || held.permitted != none || held.inheritable != none;
+    if held.effective.contains(CapabilitySet::SETPCAP) {
+        // One by one up to the first the kernel does not know.
+        for bit in 0..u64::BITS {
+            match remove_capability_from_bounding_set(CapabilitySet::from_bits_retain(1 << bit)) {
+                Ok(()) => {}
+                Err(Errno::INVAL) => break,
+                Err(e) => {
+                    return format!("unconfined: cannot drop them from the bounding set ({e})");
+                }
+            }
+        }
+    }
+    // No ambient set on kernels before 4.3: nothing to clear there.
+    let _ = clear_ambient_capability_set();
+    let empty = CapabilitySets {
+        effective: none,
+        permitted: none,
+        inheritable: none,
+    };
+    match set_capabilities(None, empty) {
+        Ok(()) if held_any => CAPABILITIES_DROPPED.to_owned(),
+        Ok(()) => CAPABILITIES_NONE.to_owned(),
+        Err(e) => format!("unconfined: cannot drop them ({e})"),
+    }
 }
 
 /// What the hello's `scopes` says where Landlock scopes a runner (the

@@ -1969,6 +1969,7 @@ def confine(plan):
         if shared is not None:
             os.close(shared)
     report["filesystem"] = _landlock(libc, syscall, abi, plan, network, report)
+    report["capabilities"] = _drop_all_capabilities(libc)
     return report
 
 
@@ -1993,6 +1994,45 @@ def _drop_capability(libc, cap):
     for i in range(3):
         sets[word * 3 + i] &= ~(1 << bit) & 0xFFFFFFFF
     libc.capset(header, ctypes.create_string_buffer(struct.pack("=6I", *sets), 24))
+
+
+_CAP_SETPCAP = 8
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+# What the hello says of a runner that dropped its capabilities, or held
+# none (as the native runner says: ``sandbox::CAPABILITIES_*``).
+CAPABILITIES_DROPPED = "dropped: all of them (a root runner keeps uid 0, not root's privileges)"
+CAPABILITIES_NONE = "none held"
+
+
+def _drop_all_capabilities(libc):
+    """Drops every capability of this process, last step of confinement
+    (the network namespace needed ``CAP_SYS_ADMIN``): the bounding set
+    (while ``CAP_SETPCAP`` allows it), the ambient set, then the effective,
+    permitted and inheritable sets. A root runner without ``--runner-user``
+    keeps uid 0 but not root's privileges (kernel modules, ``setns``
+    through ``/proc``, ptrace, mounts, other users' files)."""
+    import ctypes
+    import errno
+
+    header = ctypes.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
+    data = ctypes.create_string_buffer(24)
+    if libc.capget(header, data) != 0:
+        return "unconfined: cannot read them (%s)" % os.strerror(ctypes.get_errno())
+    sets = struct.unpack("=6I", data.raw)
+    held = any(sets)
+    if sets[0] & (1 << _CAP_SETPCAP):  # effective, first word
+        for cap in range(64):  # up to the first the kernel does not know
+            if libc.prctl(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), ctypes.c_ulong(0),
+                          ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+                if ctypes.get_errno() == errno.EINVAL:
+                    break
+                return "unconfined: cannot drop them from the bounding set (%s)" % os.strerror(ctypes.get_errno())
+    # No ambient set before Linux 4.3: nothing to clear there.
+    libc.prctl(ctypes.c_int(_PR_CAP_AMBIENT), ctypes.c_ulong(_PR_CAP_AMBIENT_CLEAR_ALL),
+               ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if libc.capset(header, ctypes.create_string_buffer(24)) != 0:
+        return "unconfined: cannot drop them (%s)" % os.strerror(ctypes.get_errno())
+    return CAPABILITIES_DROPPED if held else CAPABILITIES_NONE
 
 
 # What the hello says of a runner in its zygote's shared network namespace.

@@ -14,6 +14,7 @@
 use std::net::TcpListener;
 use std::path::Path;
 
+use forgesyte_loader::sandbox::{CAPABILITIES_DROPPED, CAPABILITIES_NONE};
 use serde_json::{Value, json};
 
 use super::support::{Forgesyte, PluginsDir};
@@ -104,6 +105,37 @@ fn attack(
     assert_eq!(confinement["network"], network, "{shown}");
     assert_eq!(confinement["scopes"], SCOPES, "{shown}");
     assert_eq!(confinement["env"], "scrubbed", "{shown}");
+    // No capability left, whoever the runner runs as (a root server's
+    // runners without --runner-user are root).
+    let root = rustix::process::geteuid().is_root();
+    let expected = if root {
+        CAPABILITIES_DROPPED
+    } else {
+        CAPABILITIES_NONE
+    };
+    assert_eq!(confinement["capabilities"], expected, "{shown}");
+    let proc_status = call(
+        server,
+        confined,
+        "read",
+        json!({"path": "/proc/self/status", "bytes": 65536}),
+    )
+    .unwrap();
+    let proc_status = proc_status["text"].as_str().unwrap_or_default();
+    let capabilities = |set: &str| {
+        proc_status
+            .lines()
+            .find_map(|line| line.strip_prefix(set))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {set} in {proc_status}"))
+            .to_owned()
+    };
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        assert_eq!(capabilities(set), "0000000000000000", "{confined}: {set}");
+    }
+    if root {
+        assert_eq!(capabilities("CapBnd:"), "0000000000000000", "{confined}");
+    }
 
     let p = |path: &Path| json!({"path": path.to_str().unwrap()});
     for (tool, args, named) in [
