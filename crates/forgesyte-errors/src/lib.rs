@@ -574,6 +574,18 @@ pub enum IntegrityError {
         /// Which file, key or signature, and what is wrong with it.
         detail: String,
     },
+    /// The manifest widens the plugin's sandbox (network, environment
+    /// variables, paths to read or write) and the server's policy does not
+    /// grant that to this plugin (`--sandbox-widening`). Reads `its
+    /// manifest asks for the network, which this server grants only to
+    /// plugins signed by a trusted key (…)`.
+    #[error("its manifest asks for {asks}, which this server grants {grants}")]
+    SandboxNotGranted {
+        /// What the manifest asks for.
+        asks: String,
+        /// To whom the server grants it, and how to change that.
+        grants: String,
+    },
     /// A checked file was different when it was loaded (swapped or
     /// rewritten between the check and the load).
     #[error("{subject} changed between its check and its load: {detail}")]

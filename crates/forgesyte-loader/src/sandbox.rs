@@ -38,6 +38,82 @@ pub struct SandboxSpec {
     pub env: Vec<String>,
 }
 
+impl SandboxSpec {
+    /// What the spec asks beyond the default sandbox, in words (`the
+    /// network`, `the environment variables A, B`, `reading P`, `writing
+    /// Q`); empty when it asks for nothing.
+    pub fn widening(&self) -> Vec<String> {
+        let mut asks = Vec::new();
+        if self.network {
+            asks.push("the network".to_owned());
+        }
+        for (what, list) in [
+            ("the environment variables", &self.env),
+            ("reading", &self.read),
+            ("writing", &self.write),
+        ] {
+            if !list.is_empty() {
+                asks.push(format!("{what} {}", list.join(", ")));
+            }
+        }
+        asks
+    }
+}
+
+/// Whose manifests may widen their sandbox (`--sandbox-widening`): a
+/// manifest comes with the plugin, so what it asks for is the plugin
+/// author's wish, granted by the operator's policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SandboxWidening {
+    /// Every plugin's manifest.
+    Allow,
+    /// Only the manifests of plugins signed by a trusted key (their
+    /// manifest is among the signed files): the default.
+    #[default]
+    Signed,
+    /// No manifest: every runner gets the default sandbox or is refused.
+    Deny,
+}
+
+impl SandboxWidening {
+    /// Whether a plugin whose signature is (`signed`) or is not `signed`
+    /// by a trusted key gets what its manifest asks.
+    pub fn grants(self, signed: bool) -> bool {
+        match self {
+            SandboxWidening::Allow => true,
+            SandboxWidening::Signed => signed,
+            SandboxWidening::Deny => false,
+        }
+    }
+
+    /// To whom the policy grants widening, and how to change it: the end
+    /// of the reason of a plugin it refuses.
+    pub fn grants_whom(self) -> &'static str {
+        match self {
+            SandboxWidening::Allow => "to every plugin",
+            SandboxWidening::Signed => {
+                "only to plugins signed by a trusted key (--sandbox-widening signed): sign it, or start the server with --sandbox-widening allow"
+            }
+            SandboxWidening::Deny => {
+                "to no plugin (--sandbox-widening deny): start the server with --sandbox-widening signed or allow"
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for SandboxWidening {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "allow" => Ok(SandboxWidening::Allow),
+            "signed" => Ok(SandboxWidening::Signed),
+            "deny" => Ok(SandboxWidening::Deny),
+            other => Err(format!("{other:?}: expected allow, signed or deny")),
+        }
+    }
+}
+
 /// Parses `network`, `filesystem` and `env` of a manifest object.
 ///
 /// # Errors
@@ -520,6 +596,37 @@ mod tests {
             return Err("not an object".into());
         };
         parse_spec(&obj).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn widening_is_named_part_by_part_and_granted_by_policy() {
+        assert!(SandboxSpec::default().widening().is_empty());
+        let spec = spec(json!({
+            "network": true,
+            "env": ["A", "B"],
+            "filesystem": {"read": ["/srv/m"], "write": ["out"]}
+        }))
+        .unwrap();
+        assert_eq!(
+            spec.widening(),
+            [
+                "the network",
+                "the environment variables A, B",
+                "reading /srv/m",
+                "writing out"
+            ]
+        );
+        for (policy, unsigned, signed) in [
+            (SandboxWidening::Allow, true, true),
+            (SandboxWidening::Signed, false, true),
+            (SandboxWidening::Deny, false, false),
+        ] {
+            assert_eq!(policy.grants(false), unsigned, "{policy:?}");
+            assert_eq!(policy.grants(true), signed, "{policy:?}");
+        }
+        assert_eq!(SandboxWidening::default(), SandboxWidening::Signed);
+        assert_eq!("deny".parse(), Ok(SandboxWidening::Deny));
+        assert!("sometimes".parse::<SandboxWidening>().is_err());
     }
 
     #[test]

@@ -124,6 +124,10 @@ pub struct ServerConfig {
     /// network namespace of their own, a scrubbed environment
     /// (`--confine on|off`, `FORGESYTE_CONFINE`; on by default).
     pub confine: bool,
+    /// Whose manifests may widen their runner's sandbox
+    /// (`--sandbox-widening`, `FORGESYTE_SANDBOX_WIDENING`; `signed` by
+    /// default).
+    pub sandbox_widening: forgesyte_loader::sandbox::SandboxWidening,
     /// The unprivileged user isolated and Python runners run as when the
     /// server runs as root (`--runner-user`, `FORGESYTE_RUNNER_USER`).
     pub runner_user: Option<forgesyte_loader::sandbox::RunAs>,
@@ -163,6 +167,7 @@ impl ServerConfig {
             python: self.python.clone(),
             python_entry_points: self.python_entry_points,
             confine: self.confine,
+            sandbox_widening: self.sandbox_widening,
             runner_user: self.runner_user,
             // A trust store that became unreadable since startup checked
             // it trusts nothing (fail closed).
@@ -207,6 +212,7 @@ impl Default for ServerConfig {
             python: None,
             python_entry_points: false,
             confine: true,
+            sandbox_widening: forgesyte_loader::sandbox::SandboxWidening::default(),
             runner_user: None,
             watch: false,
             trusted_keys_dir: None,

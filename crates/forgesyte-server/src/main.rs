@@ -12,6 +12,7 @@
 //!
 //! LOADER OPTIONS: [--lib-path DIRS] [--preflight] [--isolation in-process|process] [--runner PATH]
 //!                 [--python PATH] [--python-entry-points] [--confine on|off]
+//!                 [--sandbox-widening signed|allow|deny]
 //!                 [--runner-user USER]
 //! ```
 //!
@@ -323,6 +324,17 @@ struct LoaderArgs {
     /// environment variables they declare (`on` or `off`).
     #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     confine: bool,
+    /// Whose manifests may widen their confined runner's sandbox (`network`,
+    /// `env`, `filesystem`): `signed` (plugins signed by a trusted key, the
+    /// default), `allow` (every plugin) or `deny` (none). A plugin whose
+    /// manifest asks for more than it is granted is FAILED, naming what.
+    #[arg(
+        long,
+        value_name = "signed|allow|deny",
+        env = "FORGESYTE_SANDBOX_WIDENING",
+        default_value = "signed"
+    )]
+    sandbox_widening: forgesyte_loader::sandbox::SandboxWidening,
     /// The unprivileged user (a name or a numeric uid) that isolated and
     /// Python runners run as when the server runs as root; ignored, with a
     /// warning, when it does not.
@@ -363,6 +375,7 @@ impl LoaderArgs {
         config.python = self.python.filter(|p| !p.as_os_str().is_empty());
         config.python_entry_points = self.python_entry_points;
         config.confine = self.confine;
+        config.sandbox_widening = self.sandbox_widening;
         config.runner_user = match self.runner_user {
             Some(user) if !rustix::process::geteuid().is_root() => {
                 tracing::warn!(

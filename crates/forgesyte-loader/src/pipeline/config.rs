@@ -69,6 +69,10 @@ pub struct LoaderConfig {
     /// before anything of it is opened or started (`--require-signed`,
     /// `FORGESYTE_REQUIRE_SIGNED`). Off: signatures are only reported.
     pub require_signed: bool,
+    /// Whose manifests may widen their runner's sandbox
+    /// (`--sandbox-widening`; signed plugins only by default). Only
+    /// consulted when runners are confined.
+    pub sandbox_widening: crate::sandbox::SandboxWidening,
 }
 
 impl Default for LoaderConfig {
@@ -90,6 +94,7 @@ impl Default for LoaderConfig {
             runner_user: None,
             trusted_keys: TrustedKeys::default(),
             require_signed: false,
+            sandbox_widening: crate::sandbox::SandboxWidening::default(),
         }
     }
 }

@@ -43,7 +43,7 @@ impl Loader {
             let importer =
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
                     .with_runner_args(self.config.runner_args.clone());
-            let importer = self.confine(p, importer)?;
+            let importer = self.confine(p, importer, !signed.is_empty())?;
             let handle = self.instantiate_isolated(p, importer, library_path, config)?;
             return self.recheck_started(p, &target, &signed, handle);
         }
@@ -177,7 +177,7 @@ impl Loader {
         if self.entry_points.read().contains_key(&p.name) {
             importer = importer.installed();
         }
-        let importer = self.confine(p, importer)?;
+        let importer = self.confine(p, importer, !signed.is_empty())?;
         let config = self.instance_config(p);
         let handle = self.instantiate_isolated(p, importer, code, config)?;
         self.recheck_started(p, &target, signed, handle)
@@ -185,11 +185,14 @@ impl Loader {
 
     /// Confines the plugin's runners when the host confines runners (its
     /// sandbox plan from its manifest, with a scratch directory of its own),
-    /// and runs them as the runner user when there is one.
+    /// and runs them as the runner user when there is one. A manifest that
+    /// widens its sandbox beyond what the server's policy grants the plugin
+    /// (`signed`: signed by a trusted key) is refused, naming what it asks.
     fn confine(
         &self,
         p: &Pending,
         importer: ProcessImporter,
+        signed: bool,
     ) -> Result<ProcessImporter, PluginError> {
         let importer = match self.config.runner_user {
             Some(user) => importer.run_as(user),
@@ -197,6 +200,14 @@ impl Loader {
         };
         if !self.config.confine {
             return Ok(importer);
+        }
+        let asks = p.manifest.sandbox.widening();
+        if !asks.is_empty() && !self.config.sandbox_widening.grants(signed) {
+            return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
+                asks: asks.join("; "),
+                grants: self.config.sandbox_widening.grants_whom().to_owned(),
+            }
+            .into());
         }
         let scratch = sandbox::scratch_dir(&p.name, self.config.runner_user).map_err(|e| {
             ImportError::Open {

@@ -217,7 +217,13 @@ const OWN_NETWORK: &str = "isolated: a network namespace of its own";
 const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
 const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
 
-const ENV: [(&str, &str); 2] = [("SNOOP_DECLARED", "yes"), ("SNOOP_SECRET", "no")];
+/// The snoop's variables, and the policy that grants the `open` variants
+/// (unsigned) what their manifests ask for.
+const ENV: [(&str, &str); 3] = [
+    ("SNOOP_DECLARED", "yes"),
+    ("SNOOP_SECRET", "no"),
+    ("FORGESYTE_SANDBOX_WIDENING", "allow"),
+];
 
 fn python_server(zygote: &str) -> (PluginsDir, Forgesyte) {
     let plugins = PluginsDir::new();
@@ -226,10 +232,49 @@ fn python_server(zygote: &str) -> (PluginsDir, Forgesyte) {
     python_snoop(&plugins, "snoop-open", open);
     let server = Forgesyte::start_with_env(
         &["--plugins", plugins.path_str()],
-        &[ENV[0], ENV[1], ("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+        &[ENV[0], ENV[1], ENV[2], ("FORGESYTE_PYTHON_ZYGOTE", zygote)],
     );
     server.wait_loaded();
     (plugins, server)
+}
+
+/// A manifest comes with its plugin: by default what it asks beyond the
+/// default sandbox is granted to plugins signed by a trusted key only
+/// (`tests/api/signatures.rs` loads a signed one that writes its own
+/// directory). An unsigned plugin asking for the network, a variable and a
+/// file is FAILED, naming each and how to grant it; under `deny` the same;
+/// the same plugin asking nothing loads.
+#[test]
+fn an_unsigned_plugin_may_not_widen_its_own_sandbox_by_default() {
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "wide", declares(&plugins));
+    native_snoop(&plugins, "wide-native", declares(&plugins));
+    python_snoop(&plugins, "narrow", json!({}));
+    let declared = plugins.path().join("declared.txt");
+    for (policy, grant) in [
+        (None, "--sandbox-widening allow"),
+        (Some("deny"), "--sandbox-widening signed or allow"),
+    ] {
+        let mut args = vec!["--plugins", plugins.path_str()];
+        if let Some(policy) = policy {
+            args.extend(["--sandbox-widening", policy]);
+        }
+        let server = Forgesyte::start(&args);
+        server.wait_loaded();
+        for name in ["wide", "wide-native"] {
+            let shown = status(&server, name);
+            assert_eq!(shown["state"], "FAILED", "{policy:?}: {shown}");
+            let reason = shown["reason"].as_str().unwrap_or_default();
+            let asks = format!(
+                "IntegrityError: its manifest asks for the network; the environment variables SNOOP_DECLARED; reading {}, which this server grants ",
+                declared.display()
+            );
+            assert!(reason.starts_with(&asks), "{policy:?}: {reason}");
+            assert!(reason.contains(grant), "{policy:?}: {reason}");
+        }
+        let narrow = status(&server, "narrow");
+        assert_eq!(narrow["state"], "INITIALIZED", "{policy:?}: {narrow}");
+    }
 }
 
 #[test]
