@@ -38,28 +38,6 @@ pub struct SandboxSpec {
     pub env: Vec<String>,
 }
 
-impl SandboxSpec {
-    /// What the spec asks beyond the default sandbox, in words (`the
-    /// network`, `the environment variables A, B`, `reading P`, `writing
-    /// Q`); empty when it asks for nothing.
-    pub fn widening(&self) -> Vec<String> {
-        let mut asks = Vec::new();
-        if self.network {
-            asks.push("the network".to_owned());
-        }
-        for (what, list) in [
-            ("the environment variables", &self.env),
-            ("reading", &self.read),
-            ("writing", &self.write),
-        ] {
-            if !list.is_empty() {
-                asks.push(format!("{what} {}", list.join(", ")));
-            }
-        }
-        asks
-    }
-}
-
 /// Whose manifests may widen their sandbox (`--sandbox-widening`): a
 /// manifest comes with the plugin, so what it asks for is the plugin
 /// author's wish, granted by the operator's policy.
@@ -267,6 +245,73 @@ pub struct PlanInput<'a> {
     pub gpu: bool,
 }
 
+impl PlanInput<'_> {
+    /// What the plugin asks beyond the default sandbox, in words (`the
+    /// network`, `the environment variables A, B`, `reading P, Q`,
+    /// `writing R`); empty when nothing. Its `env:` dependencies and its
+    /// `models` outside its directory count too: both widen its sandbox as
+    /// `env` and `filesystem.read` do. Variables every runner keeps
+    /// (`PATH`, `LC_*` ...) and reads inside its own directory do not.
+    pub fn widening(&self) -> Vec<String> {
+        let dir = self.plugin_dir;
+        let mut asks = Vec::new();
+        if self.spec.network {
+            asks.push("the network".to_owned());
+        }
+        let mut env: Vec<&str> = self
+            .spec
+            .env
+            .iter()
+            .chain(self.env_deps)
+            .map(String::as_str)
+            .filter(|name| !kept_anyway(name))
+            .collect();
+        env.sort_unstable();
+        env.dedup();
+        if !env.is_empty() {
+            asks.push(format!("the environment variables {}", env.join(", ")));
+        }
+        let reads: Vec<String> = self
+            .spec
+            .read
+            .iter()
+            .filter(|p| !inside(&dir.join(p), dir))
+            .cloned()
+            .chain(
+                self.models
+                    .iter()
+                    .filter(|m| !inside(m, dir))
+                    .map(|m| m.display().to_string()),
+            )
+            .collect();
+        if !reads.is_empty() {
+            asks.push(format!("reading {}", reads.join(", ")));
+        }
+        if !self.spec.write.is_empty() {
+            asks.push(format!("writing {}", self.spec.write.join(", ")));
+        }
+        asks
+    }
+}
+
+/// Whether every runner keeps the variable `name` (the runtime's own).
+fn kept_anyway(name: &str) -> bool {
+    RUNTIME_ENV.contains(&name) || name.starts_with("LC_")
+}
+
+/// Whether `path` is `dir` or under it, read without the filesystem: a
+/// `..` anywhere after `dir` counts as outside.
+fn inside(path: &Path, dir: &Path) -> bool {
+    path.strip_prefix(dir).is_ok_and(|rest| {
+        rest.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+    })
+}
+
 impl Confinement {
     /// The plan for one plugin, its environment taken from `host_env` (the
     /// server's).
@@ -295,8 +340,7 @@ impl Confinement {
             devices.extend((0..16).map(|i| PathBuf::from(format!("/dev/nvidia{i}"))));
         }
         let keep = |name: &str| {
-            RUNTIME_ENV.contains(&name)
-                || name.starts_with("LC_")
+            kept_anyway(name)
                 || input.spec.env.iter().any(|n| n == name)
                 || input.env_deps.iter().any(|n| n == name)
         };
@@ -600,19 +644,45 @@ mod tests {
 
     #[test]
     fn widening_is_named_part_by_part_and_granted_by_policy() {
-        assert!(SandboxSpec::default().widening().is_empty());
-        let spec = spec(json!({
-            "network": true,
-            "env": ["A", "B"],
-            "filesystem": {"read": ["/srv/m"], "write": ["out"]}
+        let dir = Path::new("/p/ocr");
+        let asks = |spec: &SandboxSpec, models: &[PathBuf], env_deps: &[String]| {
+            PlanInput {
+                plugin_dir: dir,
+                scratch: Path::new("/tmp/s"),
+                spec,
+                models,
+                lib_paths: &[],
+                env_deps,
+                gpu: true,
+            }
+            .widening()
+        };
+        assert!(asks(&SandboxSpec::default(), &[], &[]).is_empty());
+        // What the runner has anyway asks nothing more.
+        let anyway = spec(json!({
+            "env": ["PATH", "LC_ALL"],
+            "filesystem": {"read": ["weights", "./a/b"]}
         }))
         .unwrap();
+        assert!(asks(&anyway, &[dir.join("models/m.onnx")], &[]).is_empty());
+        let wide = spec(json!({
+            "network": true,
+            "env": ["B", "A"],
+            "filesystem": {"read": ["/srv/m", "../other"], "write": ["out"]}
+        }))
+        .unwrap();
+        // An absolute model path is itself (`dir.join` keeps it).
+        let models = [
+            PathBuf::from("/etc"),
+            dir.join("m/../../x"),
+            dir.join("m/ok"),
+        ];
         assert_eq!(
-            spec.widening(),
+            asks(&wide, &models, &["SECRET".to_owned(), "A".to_owned()]),
             [
                 "the network",
-                "the environment variables A, B",
-                "reading /srv/m",
+                "the environment variables A, B, SECRET",
+                "reading /srv/m, ../other, /etc, /p/ocr/m/../../x",
                 "writing out"
             ]
         );

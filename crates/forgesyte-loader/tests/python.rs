@@ -60,6 +60,11 @@ fn write_manifest(root: &Path, name: &str, mut manifest: Value) {
 }
 
 fn loader(root: &Path, registry: &Registry) -> Loader {
+    loader_with_python(root, registry, None)
+}
+
+/// [`loader`] with `python` as the operator's interpreter (`--python`).
+fn loader_with_python(root: &Path, registry: &Registry, python: Option<PathBuf>) -> Loader {
     require_python();
     let checker = DependencyChecker::builder()
         .gpu(Arc::new(FakeGpu::none(
@@ -77,6 +82,7 @@ fn loader(root: &Path, registry: &Registry) -> Loader {
             max_restarts: 0,
             ..SupervisionPolicy::default()
         },
+        python,
         ..LoaderConfig::default()
     };
     let loader = Loader::new(registry.clone(), Arc::new(checker), config);
@@ -205,24 +211,14 @@ fn an_entrypoint_of_a_file_and_a_class_runs_that_class() {
     );
 }
 
-/// The zygote's interpreter starts while the pass still checks the
-/// plugin's Python packages (an interpreter run of its own), not after:
-/// the plugin's interpreter is a script that logs when each of its runs
-/// starts and takes half a second over the package check.
-#[test]
-fn the_zygote_starts_while_the_package_check_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = copy_fixture(dir.path(), "echo", "echo");
-    let mut manifest: Value =
-        serde_json::from_slice(&std::fs::read(plugin.join("manifest.json")).unwrap()).unwrap();
-    manifest["python"] = json!("slowpy");
-    manifest["dependencies"] = json!(["json"]);
-    write_manifest(dir.path(), "echo", manifest);
-    let script = plugin.join("slowpy");
+/// An interpreter that logs when each of its runs starts (`zygote` or
+/// `check`) and when a package check ends (`checked`), taking half a
+/// second over the check; written to `path`.
+fn write_logging_interpreter(path: &Path) {
     std::fs::write(
-        &script,
+        path,
         r#"#!/bin/sh
-log="$(dirname "$0")/runs.log"
+log="$0.log"
 for a in "$@"; do
   if [ "$a" = --zygote ]; then echo "zygote $(date +%s%N)" >> "$log"; exec python3 "$@"; fi
 done
@@ -234,19 +230,53 @@ exit $rc
 "#,
     )
     .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// When (in ns) the logging interpreter at `path` logged `what` first.
+fn logged_at(path: &Path, what: &str) -> u128 {
+    let log = std::fs::read_to_string(format!("{}.log", path.display())).unwrap();
+    log.lines()
+        .find_map(|line| line.strip_prefix(what)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {what:?} run in {log:?}"))
+}
+
+/// The operator's interpreter's zygote starts while the pass still checks
+/// the plugin's Python packages (an interpreter run of its own), not
+/// after; an interpreter the manifest names (the plugin's own file, which
+/// no signature covers) only once the plugin passed its checks.
+#[test]
+fn the_operators_zygote_starts_while_the_package_check_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let plugin = copy_fixture(&plugins, "echo", "echo");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(plugin.join("manifest.json")).unwrap()).unwrap();
+    manifest["dependencies"] = json!(["json"]);
+    write_manifest(&plugins, "echo", manifest.clone());
+    let operators = dir.path().join("python-of-the-operator");
+    write_logging_interpreter(&operators);
     let registry = Registry::new();
-    let _loader = loader(dir.path(), &registry);
+    let _loader = loader_with_python(&plugins, &registry, Some(operators.clone()));
     check(&registry, "echo", S::Initialized, None);
-    let log = std::fs::read_to_string(plugin.join("runs.log")).unwrap();
-    let at = |what: &str| -> u128 {
-        log.lines()
-            .find_map(|line| line.strip_prefix(what)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {what:?} run in {log:?}"))
-    };
     assert!(
-        at("zygote ") < at("checked "),
-        "the zygote started only after the package check ended: {log}"
+        logged_at(&operators, "zygote") < logged_at(&operators, "checked"),
+        "the zygote started only after the package check ended"
+    );
+
+    // The plugin's own interpreter.
+    let plugins = dir.path().join("own");
+    let plugin = copy_fixture(&plugins, "echo", "echo");
+    manifest["python"] = json!("slowpy");
+    write_manifest(&plugins, "echo", manifest);
+    let own = plugin.join("slowpy");
+    write_logging_interpreter(&own);
+    let registry = Registry::new();
+    let _loader = loader(&plugins, &registry);
+    check(&registry, "echo", S::Initialized, None);
+    assert!(
+        logged_at(&own, "zygote") > logged_at(&own, "checked"),
+        "the plugin's own interpreter ran as a zygote before its checks"
     );
 }
 

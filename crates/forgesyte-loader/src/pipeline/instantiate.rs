@@ -201,14 +201,6 @@ impl Loader {
         if !self.config.confine {
             return Ok(importer);
         }
-        let asks = p.manifest.sandbox.widening();
-        if !asks.is_empty() && !self.config.sandbox_widening.grants(signed) {
-            return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
-                asks: asks.join("; "),
-                grants: self.config.sandbox_widening.grants_whom().to_owned(),
-            }
-            .into());
-        }
         let scratch = sandbox::scratch_dir(&p.name, self.config.runner_user).map_err(|e| {
             ImportError::Open {
                 path: p.dir.clone(),
@@ -229,16 +221,25 @@ impl Loader {
                 _ => None,
             })
             .collect();
+        let input = sandbox::PlanInput {
+            plugin_dir: &p.dir,
+            scratch: &scratch,
+            spec: &p.manifest.sandbox,
+            models: &models,
+            lib_paths: &self.config.lib_paths,
+            env_deps: &env_deps,
+            gpu: req.gpu != forgesyte_deps::GpuRequirement::None,
+        };
+        let asks = input.widening();
+        if !asks.is_empty() && !self.config.sandbox_widening.grants(signed) {
+            return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
+                asks: asks.join("; "),
+                grants: self.config.sandbox_widening.grants_whom().to_owned(),
+            }
+            .into());
+        }
         let plan = sandbox::Confinement::plan(
-            sandbox::PlanInput {
-                plugin_dir: &p.dir,
-                scratch: &scratch,
-                spec: &p.manifest.sandbox,
-                models: &models,
-                lib_paths: &self.config.lib_paths,
-                env_deps: &env_deps,
-                gpu: req.gpu != forgesyte_deps::GpuRequirement::None,
-            },
+            input,
             std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         );

@@ -66,16 +66,18 @@ impl Loader {
         }
     }
 
-    /// Whether `p` runs in a runner process (a Python plugin, or a native
-    /// one isolated).
     /// Starts the zygotes of the pass's Python plugins now, before the
     /// package checks (an interpreter run of their own) and the checks of
     /// every wave: a zygote's interpreter start then overlaps them instead
     /// of following them. A plugin that a check then refuses leaves its
-    /// zygote idle (one interpreter, no runner).
+    /// zygote idle (one interpreter, no runner). Only the operator's
+    /// interpreter (`--python`, else `python3` on `PATH`) starts early: one
+    /// a manifest names (`"python": ".venv/bin/python"`) is the plugin's
+    /// own file, which no signature covers, and runs only once the plugin
+    /// passed its checks.
     fn prestart_zygotes(&self, pending: &BTreeMap<String, Pending>) {
         for p in pending.values() {
-            if p.manifest.runtime != Runtime::Python {
+            if p.manifest.runtime != Runtime::Python || p.manifest.python.is_some() {
                 continue;
             }
             if let Ok(interpreter) = self.interpreter(p) {
@@ -89,6 +91,8 @@ impl Loader {
         }
     }
 
+    /// Whether `p` runs in a runner process (a Python plugin, or a native
+    /// one isolated).
     fn runs_in_a_process(&self, p: &Pending) -> bool {
         p.manifest.runtime == Runtime::Python || self.isolation_of(p) == Isolation::Process
     }

@@ -402,8 +402,18 @@ async fn work(
         if let Err(error) = &result
             && let Some((code, why)) = ends_stream(error)
         {
-            let detail = error.detail(&session.plugin, &session.tool);
-            let reason = format!("{why}: {}: {detail}", error.error_type());
+            let reason = match error {
+                RunError::PluginNotFound | RunError::UnknownTool => {
+                    // The plugin's own "unknown tool" is a frame's error:
+                    // the stream ends only when the host no longer has it.
+                    if !gone(session) {
+                        continue;
+                    }
+                    error.detail(&session.plugin, &session.tool)
+                }
+                _ => error.to_string(),
+            };
+            let reason = format!("{why}: {}: {reason}", error.error_type());
             say_close(&out, code, &reason).await;
             return;
         }
@@ -424,6 +434,15 @@ fn ends_stream(error: &RunError) -> Option<(u16, &'static str)> {
         RunError::UnknownTool => Some((close::GOING_AWAY, "tool removed")),
         _ => None,
     }
+}
+
+/// Whether the registry no longer has the session's plugin, or the plugin
+/// no longer declares its tool.
+fn gone(session: &Session) -> bool {
+    matches!(
+        tools::live_handle(&session.state, &session.plugin, &session.tool),
+        Err(RunError::PluginNotFound | RunError::UnknownTool)
+    )
 }
 
 /// An answer to a frame, borrowing the tool's result (serialised once).
