@@ -15,7 +15,7 @@
 //! queue. Each call runs exactly once, whoever takes it first.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,22 @@ impl Job {
 #[derive(Clone)]
 pub(crate) struct CallPool {
     inner: Arc<Inner>,
+    /// Dropped with the last clone: then the lanes end.
+    _owner: Arc<Owner>,
+}
+
+/// Tells the lanes to end when the last [`CallPool`] is dropped. (They
+/// used to end when they alone held `Inner`, judged by its strong count,
+/// which a lane read while the pool was still starting its siblings: under
+/// load the first lane saw too few holders and ended, and the others
+/// followed, so every call went to the blocking pool.)
+struct Owner(Arc<Inner>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.ready.notify_all();
+    }
 }
 
 impl std::fmt::Debug for CallPool {
@@ -63,6 +79,8 @@ struct Inner {
     /// Per lane: when its current call started (µs since `epoch`), 0 = idle.
     busy_since: Vec<AtomicU64>,
     epoch: Instant,
+    /// Every [`CallPool`] is gone: the lanes end.
+    closed: AtomicBool,
 }
 
 impl Inner {
@@ -90,8 +108,7 @@ impl Inner {
                     if let Some(job) = queue.pop_front() {
                         break job;
                     }
-                    // The pool is gone when only the lanes hold it.
-                    if Arc::strong_count(&self) <= self.busy_since.len() {
+                    if self.closed.load(Ordering::Acquire) {
                         return;
                     }
                     queue = self
@@ -119,6 +136,7 @@ impl CallPool {
             ready: Condvar::new(),
             busy_since: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
+            closed: AtomicBool::new(false),
         });
         for index in 0..lanes {
             let inner = Arc::clone(&inner);
@@ -130,7 +148,16 @@ impl CallPool {
                 tracing::warn!(error = %e, "cannot start a tool-call lane");
             }
         }
-        CallPool { inner }
+        CallPool {
+            _owner: Arc::new(Owner(Arc::clone(&inner))),
+            inner,
+        }
+    }
+
+    /// How many lanes are alive (their threads not ended).
+    #[cfg(test)]
+    fn live_lanes(&self) -> usize {
+        Arc::strong_count(&self.inner) - 2
     }
 
     /// Runs `f` off the async runtime and returns its result; `None` if it
@@ -189,6 +216,30 @@ impl CallPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every lane lives as long as the pool (the first used to end while
+    /// the pool was still starting the others, now and then under load),
+    /// and ends with its last clone.
+    #[test]
+    fn the_lanes_live_until_the_last_clone_is_dropped() {
+        let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+        let pool = CallPool::new();
+        let copy = pool.clone();
+        std::thread::sleep(Duration::from_millis(50));
+        // `inner` of both clones, the owner's, and one per lane.
+        assert_eq!(Arc::strong_count(&pool.inner), 3 + lanes);
+        drop(copy);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(pool.live_lanes(), lanes);
+        let inner = Arc::clone(&pool.inner);
+        drop(pool);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Only this test's own reference is left once every lane ended.
+        while Arc::strong_count(&inner) > 1 {
+            assert!(Instant::now() < deadline, "the lanes never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_call_runs_exactly_once() {
