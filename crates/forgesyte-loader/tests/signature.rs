@@ -164,6 +164,50 @@ fn a_library_swapped_after_it_was_read_does_not_matter_the_checked_bytes_run() {
     assert_eq!(answer, serde_json::json!({"x": 1}));
 }
 
+/// A signature grants what the manifest it covers asks. The load reads the
+/// manifest before it checks the signature: one that asked for the network
+/// when the load read it, and was put back to the signed one before the
+/// check, gets nothing (the plugin is FAILED) rather than the network.
+#[test]
+fn a_manifest_that_widened_its_sandbox_until_the_signature_check_is_refused() {
+    crate::python::require_python();
+    let narrow = r#"{"name": "wide", "runtime": "python"}"#;
+    let (_tmp, dir, trusted) = signed_plugin("wide", |dir| {
+        std::fs::write(dir.join("manifest.json"), narrow).unwrap();
+        std::fs::write(
+            dir.join("plugin.py"),
+            "class Plugin:\n    name = 'wide'\n    tools = {}\n    def run_tool(self, tool, args):\n        return {}\n",
+        )
+        .unwrap();
+    });
+    // On disk until the load's first read: the same manifest asking for
+    // the network; then the signed one again.
+    let manifest = dir.join("manifest.json");
+    std::fs::write(
+        &manifest,
+        r#"{"name": "wide", "runtime": "python", "network": true}"#,
+    )
+    .unwrap();
+    let fs = SwapFs {
+        path: manifest,
+        with: narrow.as_bytes().to_vec(),
+        after: 1,
+        reads: AtomicUsize::new(0),
+    };
+    let registry = Registry::new();
+    let loader = loader(fs, trusted, &registry);
+    loader.load_all(dir.parent().unwrap());
+    let status = registry.get_status("wide").unwrap();
+    assert_eq!(status.state, S::Failed, "{status:?}");
+    assert_eq!(
+        status.reason.as_deref(),
+        Some(
+            "IntegrityError: manifest.json changed between its check and its load: the manifest read first asked for the network; the signed one asks for nothing more"
+        ),
+        "{status:?}"
+    );
+}
+
 #[test]
 fn a_python_source_swapped_while_its_runner_starts_is_caught_and_the_runner_stopped() {
     crate::python::require_python();

@@ -43,7 +43,7 @@ impl Loader {
             let importer =
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
                     .with_runner_args(self.config.runner_args.clone());
-            let importer = self.confine(p, importer, !signed.is_empty())?;
+            let importer = self.confine(p, importer, &signed)?;
             let handle = self.instantiate_isolated(p, importer, library_path, config)?;
             return self.recheck_started(p, &target, &signed, handle);
         }
@@ -177,7 +177,7 @@ impl Loader {
         if self.entry_points.read().contains_key(&p.name) {
             importer = importer.installed();
         }
-        let importer = self.confine(p, importer, !signed.is_empty())?;
+        let importer = self.confine(p, importer, signed)?;
         let config = self.instance_config(p);
         let handle = self.instantiate_isolated(p, importer, code, config)?;
         self.recheck_started(p, &target, signed, handle)
@@ -187,12 +187,13 @@ impl Loader {
     /// sandbox plan from its manifest, with a scratch directory of its own),
     /// and runs them as the runner user when there is one. A manifest that
     /// widens its sandbox beyond what the server's policy grants the plugin
-    /// (`signed`: signed by a trusted key) is refused, naming what it asks.
+    /// (`signed`: the digests of its signed files, empty unless signed by a
+    /// trusted key) is refused, naming what it asks.
     fn confine(
         &self,
         p: &Pending,
         importer: ProcessImporter,
-        signed: bool,
+        signed: &BTreeMap<String, String>,
     ) -> Result<ProcessImporter, PluginError> {
         let importer = match self.config.runner_user {
             Some(user) => importer.run_as(user),
@@ -208,19 +209,7 @@ impl Loader {
             }
         })?;
         let req = &p.manifest.requirements;
-        let models: Vec<PathBuf> = req
-            .models
-            .iter()
-            .map(|(_, path)| p.dir.join(path))
-            .collect();
-        let env_deps: Vec<String> = req
-            .dependencies
-            .iter()
-            .filter_map(|d| match d {
-                Dependency::Env(name) => Some(name.clone()),
-                _ => None,
-            })
-            .collect();
+        let (models, env_deps) = sandbox_parts(&p.dir, &p.manifest);
         let input = sandbox::PlanInput {
             plugin_dir: &p.dir,
             scratch: &scratch,
@@ -231,12 +220,18 @@ impl Loader {
             gpu: req.gpu != forgesyte_deps::GpuRequirement::None,
         };
         let asks = input.widening();
-        if !asks.is_empty() && !self.config.sandbox_widening.grants(signed) {
-            return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
-                asks: asks.join("; "),
-                grants: self.config.sandbox_widening.grants_whom().to_owned(),
+        if !asks.is_empty() {
+            let policy = self.config.sandbox_widening;
+            if !policy.grants(!signed.is_empty()) {
+                return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
+                    asks: asks.join("; "),
+                    grants: policy.grants_whom().to_owned(),
+                }
+                .into());
             }
-            .into());
+            if !policy.grants(false) {
+                self.check_signed_widening(p, &input, &asks, signed)?;
+            }
         }
         let plan = sandbox::Confinement::plan(
             input,
@@ -244,6 +239,61 @@ impl Loader {
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         );
         Ok(importer.confined(plan))
+    }
+
+    /// A signature grants what the manifest it covers asks: the manifest
+    /// this pass parsed was read before the signature was checked, so the
+    /// one on disk now must hash to the signed digest and ask the same.
+    /// Else it changed in between ([`IntegrityError::ChangedSinceCheck`]).
+    ///
+    /// [`IntegrityError::ChangedSinceCheck`]: forgesyte_errors::IntegrityError::ChangedSinceCheck
+    fn check_signed_widening(
+        &self,
+        p: &Pending,
+        input: &sandbox::PlanInput<'_>,
+        asks: &[String],
+        signed: &BTreeMap<String, String>,
+    ) -> Result<(), PluginError> {
+        let changed = |detail: String| forgesyte_errors::IntegrityError::ChangedSinceCheck {
+            subject: manifest::MANIFEST_FILE.to_owned(),
+            detail,
+        };
+        let path = p.dir.join(manifest::MANIFEST_FILE);
+        let bytes = self
+            .fs
+            .read(&path, self.config.max_manifest_bytes)
+            .map_err(|e| changed(format!("cannot read it again: {e}")))?;
+        let now = integrity::sha256_hex(&bytes);
+        let expected = signed.get(manifest::MANIFEST_FILE);
+        if expected != Some(&now) {
+            let expected = expected.map_or("nothing", String::as_str);
+            return Err(changed(format!("sha256 now {now}, signed {expected}")).into());
+        }
+        let dir_name = super::discovery::dir_name(&p.dir);
+        let has_plugin_py = || self.fs.exists(&p.dir.join(manifest::PLUGIN_PY));
+        let again = manifest::parse_asking(&bytes, &path, &dir_name, &has_plugin_py)
+            .map_err(|e| changed(format!("the signed one does not parse: {e}")))?;
+        let (models, env_deps) = sandbox_parts(&p.dir, &again);
+        let signed_asks = sandbox::PlanInput {
+            spec: &again.sandbox,
+            models: &models,
+            env_deps: &env_deps,
+            ..*input
+        }
+        .widening();
+        if signed_asks != asks {
+            return Err(changed(format!(
+                "the manifest read first asked for {}; the signed one asks for {}",
+                asks.join("; "),
+                if signed_asks.is_empty() {
+                    "nothing more".to_owned()
+                } else {
+                    signed_asks.join("; ")
+                }
+            ))
+            .into());
+        }
+        Ok(())
     }
 
     /// Starts a plugin in its runner, under supervision.
@@ -398,4 +448,21 @@ impl Loader {
         });
         serde_json::to_vec(&config).unwrap_or_default()
     }
+}
+
+/// What a manifest adds to its runner's sandbox besides its `network`,
+/// `env` and `filesystem`: its models' paths (resolved in `dir`) and the
+/// variables its `env:` dependencies name.
+fn sandbox_parts(dir: &Path, manifest: &Manifest) -> (Vec<PathBuf>, Vec<String>) {
+    let req = &manifest.requirements;
+    let models = req.models.iter().map(|(_, path)| dir.join(path)).collect();
+    let env_deps = req
+        .dependencies
+        .iter()
+        .filter_map(|d| match d {
+            Dependency::Env(name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    (models, env_deps)
 }
