@@ -165,6 +165,11 @@ pub struct Manifest {
     pub sandbox: crate::sandbox::SandboxSpec,
     /// The object as read, unknown fields kept.
     pub raw: Arc<Value>,
+    /// The SHA-256 (hex) of the file's bytes this was parsed from; `None`
+    /// for a manifest made of an entry point. A signature check compares it
+    /// with the signed digest: the load parses the manifest before it
+    /// checks signatures.
+    pub source_sha256: Option<String>,
 }
 
 impl Manifest {
@@ -398,6 +403,7 @@ fn from_value_asking(
         sha256,
         sandbox,
         raw: Arc::new(raw),
+        source_sha256: None,
     })
 }
 

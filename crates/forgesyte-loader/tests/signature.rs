@@ -164,7 +164,7 @@ fn a_library_swapped_after_it_was_read_does_not_matter_the_checked_bytes_run() {
     assert_eq!(answer, serde_json::json!({"x": 1}));
 }
 
-/// A signature grants what the manifest it covers asks. The load reads the
+/// A signature covers the manifest the load parsed. The load reads the
 /// manifest before it checks the signature: one that asked for the network
 /// when the load read it, and was put back to the signed one before the
 /// check, gets nothing (the plugin is FAILED) rather than the network.
@@ -199,12 +199,12 @@ fn a_manifest_that_widened_its_sandbox_until_the_signature_check_is_refused() {
     loader.load_all(dir.parent().unwrap());
     let status = registry.get_status("wide").unwrap();
     assert_eq!(status.state, S::Failed, "{status:?}");
-    assert_eq!(
-        status.reason.as_deref(),
-        Some(
-            "IntegrityError: manifest.json changed between its check and its load: the manifest read first asked for the network; the signed one asks for nothing more"
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with(
+            "IntegrityError: manifest.json changed between its check and its load: the load parsed sha256 "
         ),
-        "{status:?}"
+        "{reason}"
     );
 }
 

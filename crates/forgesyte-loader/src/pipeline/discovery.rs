@@ -72,9 +72,11 @@ impl Loader {
         let bytes = read?;
         let dir_name = dir_name(dir);
         let has_plugin_py = || self.fs.exists(&dir.join(manifest::PLUGIN_PY));
-        manifest::parse_asking(&bytes, &path, &dir_name, &has_plugin_py)
+        let mut parsed = manifest::parse_asking(&bytes, &path, &dir_name, &has_plugin_py)
             // The JSON again only for a refused manifest (its claimed name).
-            .map_err(|e| bad(serde_json::from_slice(&bytes).ok(), e))
+            .map_err(|e| bad(serde_json::from_slice(&bytes).ok(), e))?;
+        parsed.source_sha256 = Some(crate::integrity::sha256_hex(&bytes));
+        Ok(parsed)
     }
 
     /// The bytes of the manifest file `path`, within the size cap.
@@ -219,6 +221,7 @@ impl Loader {
         &self,
         ep: &EntryPoint,
     ) -> Result<Manifest, Box<BadManifest>> {
+        let mut source_sha256 = None;
         let mut raw = match (&ep.module_dir, ep.has_manifest) {
             (Some(dir), true) => {
                 let path = dir.join(MANIFEST_FILE);
@@ -226,6 +229,7 @@ impl Loader {
                 if bytes.iter().all(u8::is_ascii_whitespace) {
                     return Err(bad(None, ManifestError::Empty { path }));
                 }
+                source_sha256 = Some(crate::integrity::sha256_hex(&bytes));
                 serde_json::from_slice::<Value>(&bytes)
                     .map_err(|source| bad(None, ManifestError::Json { path, source }))?
             }
@@ -263,6 +267,7 @@ impl Loader {
         let mut m =
             manifest::from_value_in(raw, &ep.name, false).map_err(|e| bad(Some(kept), e))?;
         m.python = None;
+        m.source_sha256 = source_sha256;
         Ok(m)
     }
 }

@@ -220,18 +220,14 @@ impl Loader {
             gpu: req.gpu != forgesyte_deps::GpuRequirement::None,
         };
         let asks = input.widening();
-        if !asks.is_empty() {
-            let policy = self.config.sandbox_widening;
-            if !policy.grants(!signed.is_empty()) {
-                return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
-                    asks: asks.join("; "),
-                    grants: policy.grants_whom().to_owned(),
-                }
-                .into());
+        // A signed plugin's manifest is the signed one (`check_signature`).
+        let policy = self.config.sandbox_widening;
+        if !asks.is_empty() && !policy.grants(!signed.is_empty()) {
+            return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
+                asks: asks.join("; "),
+                grants: policy.grants_whom().to_owned(),
             }
-            if !policy.grants(false) {
-                self.check_signed_widening(p, &input, &asks, signed)?;
-            }
+            .into());
         }
         let plan = sandbox::Confinement::plan(
             input,
@@ -239,61 +235,6 @@ impl Loader {
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         );
         Ok(importer.confined(plan))
-    }
-
-    /// A signature grants what the manifest it covers asks: the manifest
-    /// this pass parsed was read before the signature was checked, so the
-    /// one on disk now must hash to the signed digest and ask the same.
-    /// Else it changed in between ([`IntegrityError::ChangedSinceCheck`]).
-    ///
-    /// [`IntegrityError::ChangedSinceCheck`]: forgesyte_errors::IntegrityError::ChangedSinceCheck
-    fn check_signed_widening(
-        &self,
-        p: &Pending,
-        input: &sandbox::PlanInput<'_>,
-        asks: &[String],
-        signed: &BTreeMap<String, String>,
-    ) -> Result<(), PluginError> {
-        let changed = |detail: String| forgesyte_errors::IntegrityError::ChangedSinceCheck {
-            subject: manifest::MANIFEST_FILE.to_owned(),
-            detail,
-        };
-        let path = p.dir.join(manifest::MANIFEST_FILE);
-        let bytes = self
-            .fs
-            .read(&path, self.config.max_manifest_bytes)
-            .map_err(|e| changed(format!("cannot read it again: {e}")))?;
-        let now = integrity::sha256_hex(&bytes);
-        let expected = signed.get(manifest::MANIFEST_FILE);
-        if expected != Some(&now) {
-            let expected = expected.map_or("nothing", String::as_str);
-            return Err(changed(format!("sha256 now {now}, signed {expected}")).into());
-        }
-        let dir_name = super::discovery::dir_name(&p.dir);
-        let has_plugin_py = || self.fs.exists(&p.dir.join(manifest::PLUGIN_PY));
-        let again = manifest::parse_asking(&bytes, &path, &dir_name, &has_plugin_py)
-            .map_err(|e| changed(format!("the signed one does not parse: {e}")))?;
-        let (models, env_deps) = sandbox_parts(&p.dir, &again);
-        let signed_asks = sandbox::PlanInput {
-            spec: &again.sandbox,
-            models: &models,
-            env_deps: &env_deps,
-            ..*input
-        }
-        .widening();
-        if signed_asks != asks {
-            return Err(changed(format!(
-                "the manifest read first asked for {}; the signed one asks for {}",
-                asks.join("; "),
-                if signed_asks.is_empty() {
-                    "nothing more".to_owned()
-                } else {
-                    signed_asks.join("; ")
-                }
-            ))
-            .into());
-        }
-        Ok(())
     }
 
     /// Starts a plugin in its runner, under supervision.

@@ -55,6 +55,20 @@ impl Loader {
             }
             .into());
         }
+        // The load parsed the manifest before this check: it must be the
+        // bytes that were signed, or every field of it (its sandbox, its
+        // interpreter ...) would be unsigned.
+        if let (Some(signed), Some(parsed)) = (
+            checked.digests.get(crate::manifest::MANIFEST_FILE),
+            &p.manifest.source_sha256,
+        ) && signed != parsed
+        {
+            return Err(IntegrityError::ChangedSinceCheck {
+                subject: crate::manifest::MANIFEST_FILE.to_owned(),
+                detail: format!("the load parsed sha256 {parsed}, the signed one is {signed}"),
+            }
+            .into());
+        }
         Ok(checked.digests)
     }
 
