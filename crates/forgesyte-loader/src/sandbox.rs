@@ -251,9 +251,17 @@ impl PlanInput<'_> {
     /// `writing R`); empty when nothing. Its `env:` dependencies and its
     /// `models` outside its directory count too: both widen its sandbox as
     /// `env` and `filesystem.read` do. Variables every runner keeps
-    /// (`PATH`, `LC_*` ...) and reads inside its own directory do not.
+    /// (`PATH`, `LC_*` ...) and reads inside its own directory do not; a
+    /// path that exists is judged by where it resolves (a link inside the
+    /// directory to `/` is outside: the runners follow links when they
+    /// make their rules), one that does not by its text.
     pub fn widening(&self) -> Vec<String> {
         let dir = self.plugin_dir;
+        let real_dir = std::fs::canonicalize(dir);
+        let inside = |path: &Path| match (std::fs::canonicalize(path), &real_dir) {
+            (Ok(real), Ok(real_dir)) => real.starts_with(real_dir),
+            _ => inside_by_text(path, dir),
+        };
         let mut asks = Vec::new();
         if self.spec.network {
             asks.push("the network".to_owned());
@@ -275,12 +283,12 @@ impl PlanInput<'_> {
             .spec
             .read
             .iter()
-            .filter(|p| !inside(&dir.join(p), dir))
+            .filter(|p| !inside(&dir.join(p)))
             .cloned()
             .chain(
                 self.models
                     .iter()
-                    .filter(|m| !inside(m, dir))
+                    .filter(|m| !inside(m))
                     .map(|m| m.display().to_string()),
             )
             .collect();
@@ -301,7 +309,7 @@ fn kept_anyway(name: &str) -> bool {
 
 /// Whether `path` is `dir` or under it, read without the filesystem: a
 /// `..` anywhere after `dir` counts as outside.
-fn inside(path: &Path, dir: &Path) -> bool {
+fn inside_by_text(path: &Path, dir: &Path) -> bool {
     path.strip_prefix(dir).is_ok_and(|rest| {
         rest.components().all(|c| {
             matches!(
@@ -694,6 +702,31 @@ mod tests {
             assert_eq!(policy.grants(false), unsigned, "{policy:?}");
             assert_eq!(policy.grants(true), signed, "{policy:?}");
         }
+        // A link inside the directory is judged by where it leads.
+        let tmp = tempfile::tempdir().unwrap();
+        let plugin = tmp.path().join("p");
+        std::fs::create_dir(&plugin).unwrap();
+        std::fs::create_dir(plugin.join("data")).unwrap();
+        std::os::unix::fs::symlink("/", plugin.join("root")).unwrap();
+        std::os::unix::fs::symlink("data", plugin.join("mine")).unwrap();
+        let links = spec(json!({"filesystem": {"read": ["root", "mine", "data"]}})).unwrap();
+        let linked_asks = PlanInput {
+            plugin_dir: &plugin,
+            scratch: Path::new("/tmp/s"),
+            spec: &links,
+            models: &[plugin.join("root/etc")],
+            lib_paths: &[],
+            env_deps: &[],
+            gpu: false,
+        }
+        .widening();
+        assert_eq!(
+            linked_asks,
+            [format!(
+                "reading root, {}",
+                plugin.join("root/etc").display()
+            )]
+        );
         assert_eq!(SandboxWidening::default(), SandboxWidening::Signed);
         assert_eq!("deny".parse(), Ok(SandboxWidening::Deny));
         assert!("sometimes".parse::<SandboxWidening>().is_err());

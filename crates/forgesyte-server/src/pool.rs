@@ -60,6 +60,9 @@ struct Owner(Arc<Inner>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
+        // Under the queue's lock, so no lane is between its look at
+        // `closed` and its wait.
+        let _queue = self.0.queue.lock().unwrap_or_else(PoisonError::into_inner);
         self.0.closed.store(true, Ordering::Release);
         self.0.ready.notify_all();
     }
