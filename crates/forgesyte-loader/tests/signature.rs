@@ -15,7 +15,7 @@ use forgesyte_deps::{DependencyChecker, DirEntry, FileSystem, FsMetadata, RealFs
 use forgesyte_loader::native::NativeImporter;
 use forgesyte_loader::signature::{SignatureState, TrustedKeys, keys, sign_dir};
 use forgesyte_loader::{Loader, LoaderConfig};
-use forgesyte_registry::{PluginLifecycleState as S, Registry};
+use forgesyte_registry::{PluginLifecycleState as S, PluginStatus, Registry};
 
 /// The real filesystem, except that right after read number `after` of
 /// `path`, `path` is replaced (renamed over) by a file holding `with`.
@@ -25,6 +25,18 @@ struct SwapFs {
     with: Vec<u8>,
     after: usize,
     reads: AtomicUsize,
+}
+
+impl SwapFs {
+    /// Replaces `path` by `with` right after the loader's read number `after`.
+    fn new(path: PathBuf, with: &[u8], after: usize) -> Self {
+        SwapFs {
+            path,
+            with: with.to_vec(),
+            after,
+            reads: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl FileSystem for SwapFs {
@@ -71,6 +83,22 @@ fn signed_plugin(
     (tmp, dir, trusted)
 }
 
+/// [`signed_plugin`]: a Python plugin `name` with `manifest` and a
+/// `plugin.py` whose class has no tools.
+fn signed_python_plugin(name: &str, manifest: &str) -> (tempfile::TempDir, PathBuf, TrustedKeys) {
+    crate::python::require_python();
+    signed_plugin(name, |dir| {
+        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        std::fs::write(
+            dir.join("plugin.py"),
+            format!(
+                "class Plugin:\n    name = '{name}'\n    tools = {{}}\n    def run_tool(self, tool, args):\n        return {{}}\n"
+            ),
+        )
+        .unwrap();
+    })
+}
+
 fn good_plugin(dir: &Path) {
     let library = Path::new(forgesyte_tests::zoo::GOOD_LIBRARY);
     let file = library.file_name().unwrap().to_str().unwrap();
@@ -85,6 +113,16 @@ fn library_of(dir: &Path) -> PathBuf {
             .file_name()
             .unwrap(),
     )
+}
+
+/// Loads the plugins directory that holds `dir` through `fs`: the loader,
+/// and the status of plugin `name`.
+fn load(fs: SwapFs, trusted: TrustedKeys, dir: &Path, name: &str) -> (Loader, PluginStatus) {
+    let registry = Registry::new();
+    let loader = loader(fs, trusted, &registry);
+    loader.load_all(dir.parent().unwrap());
+    let status = registry.get_status(name).unwrap();
+    (loader, status)
 }
 
 fn loader(fs: SwapFs, trusted: TrustedKeys, registry: &Registry) -> Loader {
@@ -112,16 +150,8 @@ fn a_library_swapped_after_its_check_is_refused_before_it_is_opened() {
     let (_tmp, dir, trusted) = signed_plugin("good", good_plugin);
     let library = library_of(&dir);
     // The signature check is read 1; the load's read 2 sees the swap.
-    let fs = SwapFs {
-        path: library.clone(),
-        with: b"\x7fELF not the signed library".to_vec(),
-        after: 1,
-        reads: AtomicUsize::new(0),
-    };
-    let registry = Registry::new();
-    let loader = loader(fs, trusted, &registry);
-    loader.load_all(dir.parent().unwrap());
-    let status = registry.get_status("good").unwrap();
+    let fs = SwapFs::new(library.clone(), b"\x7fELF not the signed library", 1);
+    let (_loader, status) = load(fs, trusted, &dir, "good");
     assert_eq!(status.state, S::Failed, "{status:?}");
     let file = library.file_name().unwrap().to_string_lossy();
     let reason = status.reason.unwrap();
@@ -141,16 +171,8 @@ fn a_library_swapped_after_it_was_read_does_not_matter_the_checked_bytes_run() {
     let library = library_of(&dir);
     // Swapped right after the load's own read (read 2): what runs is what
     // was read and checked, not what is on disk now.
-    let fs = SwapFs {
-        path: library.clone(),
-        with: b"garbage that dlopen would refuse".to_vec(),
-        after: 2,
-        reads: AtomicUsize::new(0),
-    };
-    let registry = Registry::new();
-    let loader = loader(fs, trusted, &registry);
-    loader.load_all(dir.parent().unwrap());
-    let status = registry.get_status("good").unwrap();
+    let fs = SwapFs::new(library.clone(), b"garbage that dlopen would refuse", 2);
+    let (loader, status) = load(fs, trusted, &dir, "good");
     assert_eq!(status.state, S::Initialized, "{status:?}");
     assert_eq!(
         std::fs::read(&library).unwrap(),
@@ -170,16 +192,8 @@ fn a_library_swapped_after_it_was_read_does_not_matter_the_checked_bytes_run() {
 /// check, gets nothing (the plugin is FAILED) rather than the network.
 #[test]
 fn a_manifest_that_widened_its_sandbox_until_the_signature_check_is_refused() {
-    crate::python::require_python();
     let narrow = r#"{"name": "wide", "runtime": "python"}"#;
-    let (_tmp, dir, trusted) = signed_plugin("wide", |dir| {
-        std::fs::write(dir.join("manifest.json"), narrow).unwrap();
-        std::fs::write(
-            dir.join("plugin.py"),
-            "class Plugin:\n    name = 'wide'\n    tools = {}\n    def run_tool(self, tool, args):\n        return {}\n",
-        )
-        .unwrap();
-    });
+    let (_tmp, dir, trusted) = signed_python_plugin("wide", narrow);
     // On disk until the load's first read: the same manifest asking for
     // the network; then the signed one again.
     let manifest = dir.join("manifest.json");
@@ -188,16 +202,8 @@ fn a_manifest_that_widened_its_sandbox_until_the_signature_check_is_refused() {
         r#"{"name": "wide", "runtime": "python", "network": true}"#,
     )
     .unwrap();
-    let fs = SwapFs {
-        path: manifest,
-        with: narrow.as_bytes().to_vec(),
-        after: 1,
-        reads: AtomicUsize::new(0),
-    };
-    let registry = Registry::new();
-    let loader = loader(fs, trusted, &registry);
-    loader.load_all(dir.parent().unwrap());
-    let status = registry.get_status("wide").unwrap();
+    let fs = SwapFs::new(manifest, narrow.as_bytes(), 1);
+    let (_loader, status) = load(fs, trusted, &dir, "wide");
     assert_eq!(status.state, S::Failed, "{status:?}");
     let reason = status.reason.unwrap_or_default();
     assert!(
@@ -210,32 +216,15 @@ fn a_manifest_that_widened_its_sandbox_until_the_signature_check_is_refused() {
 
 #[test]
 fn a_python_source_swapped_while_its_runner_starts_is_caught_and_the_runner_stopped() {
-    crate::python::require_python();
-    let (_tmp, dir, trusted) = signed_plugin("swapped", |dir| {
-        std::fs::write(
-            dir.join("manifest.json"),
-            r#"{"name": "swapped", "runtime": "python", "filesystem": {"write": ["."]}}"#,
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("plugin.py"),
-            "class Plugin:\n    name = 'swapped'\n    tools = {}\n    def run_tool(self, tool, args):\n        return {}\n",
-        )
-        .unwrap();
-    });
+    let (_tmp, dir, trusted) = signed_python_plugin(
+        "swapped",
+        r#"{"name": "swapped", "runtime": "python", "filesystem": {"write": ["."]}}"#,
+    );
     let source = dir.join("plugin.py");
     let evil = "import pathlib\npathlib.Path(__file__).with_name('ran').write_text('x')\n\
                 class Plugin:\n    name = 'swapped'\n    tools = {}\n    def run_tool(self, tool, args):\n        return {}\n";
-    let fs = SwapFs {
-        path: source.clone(),
-        with: evil.as_bytes().to_vec(),
-        after: 1,
-        reads: AtomicUsize::new(0),
-    };
-    let registry = Registry::new();
-    let loader = loader(fs, trusted, &registry);
-    loader.load_all(dir.parent().unwrap());
-    let status = registry.get_status("swapped").unwrap();
+    let fs = SwapFs::new(source.clone(), evil.as_bytes(), 1);
+    let (loader, status) = load(fs, trusted, &dir, "swapped");
     assert_eq!(status.state, S::Failed, "{status:?}");
     let reason = status.reason.unwrap();
     assert!(
