@@ -46,9 +46,8 @@ impl Job {
 /// The pool; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct CallPool {
-    inner: Arc<Inner>,
     /// Dropped with the last clone: then the lanes end.
-    _owner: Arc<Owner>,
+    owner: Arc<Owner>,
 }
 
 /// Tells the lanes to end when the last [`CallPool`] is dropped. (They
@@ -71,7 +70,7 @@ impl Drop for Owner {
 impl std::fmt::Debug for CallPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallPool")
-            .field("lanes", &self.inner.busy_since.len())
+            .field("lanes", &self.inner().busy_since.len())
             .finish_non_exhaustive()
     }
 }
@@ -152,15 +151,19 @@ impl CallPool {
             }
         }
         CallPool {
-            _owner: Arc::new(Owner(Arc::clone(&inner))),
-            inner,
+            owner: Arc::new(Owner(inner)),
         }
     }
 
-    /// How many lanes are alive (their threads not ended).
+    fn inner(&self) -> &Arc<Inner> {
+        &self.owner.0
+    }
+
+    /// How many lanes are alive (their threads not ended): the holders of
+    /// `Inner` besides the owner.
     #[cfg(test)]
     fn live_lanes(&self) -> usize {
-        Arc::strong_count(&self.inner) - 2
+        Arc::strong_count(self.inner()) - 1
     }
 
     /// Runs `f` off the async runtime and returns its result; `None` if it
@@ -180,12 +183,12 @@ impl CallPool {
         });
         let queued = {
             let mut queue = self
-                .inner
+                .inner()
                 .queue
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let room = queue.len() < QUEUE_PER_LANE * self.inner.busy_since.len();
-            if room && self.inner.has_live_lane() {
+            let room = queue.len() < QUEUE_PER_LANE * self.inner().busy_since.len();
+            if room && self.inner().has_live_lane() {
                 queue.push_back(Arc::clone(&job));
                 true
             } else {
@@ -193,7 +196,7 @@ impl CallPool {
             }
         };
         if queued {
-            self.inner.ready.notify_one();
+            self.inner().ready.notify_one();
             let mut rx = rx;
             tokio::select! {
                 result = &mut rx => return result.ok().flatten(),
@@ -229,12 +232,11 @@ mod tests {
         let pool = CallPool::new();
         let copy = pool.clone();
         std::thread::sleep(Duration::from_millis(50));
-        // `inner` of both clones, the owner's, and one per lane.
-        assert_eq!(Arc::strong_count(&pool.inner), 3 + lanes);
+        assert_eq!(copy.live_lanes(), lanes);
         drop(copy);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(pool.live_lanes(), lanes);
-        let inner = Arc::clone(&pool.inner);
+        let inner = Arc::clone(pool.inner());
         drop(pool);
         let deadline = Instant::now() + Duration::from_secs(10);
         // Only this test's own reference is left once every lane ended.
@@ -269,7 +271,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slow_calls_on_every_lane_do_not_hold_up_fast_ones() {
         let pool = CallPool::new();
-        let lanes = pool.inner.busy_since.len();
+        let lanes = pool.inner().busy_since.len();
         // Occupy every lane (and more) with calls that block for a second.
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let slow: Vec<_> = (0..lanes + 2)
