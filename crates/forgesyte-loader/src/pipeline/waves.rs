@@ -26,7 +26,7 @@ impl Loader {
         let (waves, cyclic) = dependency_waves(pending);
         // Every Python package of the pass, asked of each interpreter once.
         let requirements: Vec<_> = pending.values().map(|p| self.requirements(p)).collect();
-        self.prestart_zygotes(pending);
+        self.prestart_zygotes(pending.values().zip(&requirements));
         self.checker.prefetch_python_for(&requirements);
         for wave in waves {
             // A wave depends only on earlier waves, so the plugins available
@@ -75,15 +75,21 @@ impl Loader {
     /// a manifest names (`"python": ".venv/bin/python"`) is the plugin's
     /// own file, which no signature covers, and runs only once the plugin
     /// passed its checks.
-    fn prestart_zygotes(&self, pending: &BTreeMap<String, Pending>) {
-        for p in pending.values() {
+    ///
+    /// Each plugin comes with its requirements, whose `python` is its
+    /// interpreter, resolved once for the pass.
+    fn prestart_zygotes<'a>(
+        &self,
+        plugins: impl Iterator<Item = (&'a Pending, &'a forgesyte_deps::Requirements)>,
+    ) {
+        for (p, req) in plugins {
             if p.manifest.runtime != Runtime::Python || p.manifest.python.is_some() {
                 continue;
             }
-            if let Ok(interpreter) = self.interpreter(p) {
+            if let Some(interpreter) = &req.python {
                 let limits = self.config.process.with_manifest(&p.manifest.limits);
                 crate::process::prestart_python_zygote(
-                    &interpreter,
+                    interpreter,
                     &limits,
                     self.config.runner_user,
                 );
