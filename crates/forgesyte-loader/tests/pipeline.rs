@@ -543,6 +543,54 @@ impl Importer for PanickingImporter {
     }
 }
 
+/// An importer that records the thread of every open and hands it to the
+/// fake importer.
+#[derive(Debug)]
+struct ThreadRecordingImporter {
+    inner: Arc<FakeImporter>,
+    threads: parking_lot::Mutex<Vec<std::thread::ThreadId>>,
+}
+
+impl Importer for ThreadRecordingImporter {
+    fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        self.threads.lock().push(std::thread::current().id());
+        self.inner.open(path)
+    }
+}
+
+#[test]
+fn in_process_libraries_are_opened_on_the_passes_own_thread_one_at_a_time() {
+    for threads in [1, 2, 4] {
+        let s = Setup::new();
+        for i in 0..24 {
+            let name = format!("p{i:02}");
+            s.plugin(&name, &manifest(&name, json!({})), FakeBehavior::Good);
+        }
+        let importer = Arc::new(ThreadRecordingImporter {
+            inner: s.importer.clone(),
+            threads: parking_lot::Mutex::new(Vec::new()),
+        });
+        let loader = Loader::with_seams(
+            s.registry.clone(),
+            Arc::new(s.world.checker()),
+            Arc::new(s.world.fs.clone()),
+            importer.clone(),
+            LoaderConfig {
+                threads,
+                ..LoaderConfig::default()
+            },
+        );
+        let report = loader.load_all("/plugins".as_ref());
+        assert_eq!(report.loaded(), 24, "threads {threads}: {report:?}");
+        let opened = importer.threads.lock().clone();
+        assert_eq!(opened.len(), 24, "threads {threads}");
+        assert!(
+            opened.iter().all(|t| *t == std::thread::current().id()),
+            "threads {threads}: every open on the thread that runs the pass: {opened:?}"
+        );
+    }
+}
+
 /// A filesystem that panics while reading one file and hands everything
 /// else to the fake filesystem.
 #[derive(Debug)]

@@ -10,6 +10,7 @@ use forgesyte_deps::{Dependency, DependencyChecker};
 use forgesyte_errors::{DependencyError, ImportError, ManifestError, PluginError};
 
 use super::loader::{Loader, Pending};
+use super::verified::Opening;
 use crate::handle::PluginHandle;
 use crate::host::Importer;
 use crate::integrity::{self, Target};
@@ -20,17 +21,45 @@ use crate::sandbox;
 use crate::slot::Slot;
 use crate::supervise::{Restart, Supervision, Supervisor};
 
+/// How far [`Loader::check_and_start`] took a plugin.
+pub(super) enum Step {
+    /// Started in its runner process (a Python or isolated plugin).
+    Started(PluginHandle),
+    /// An in-process plugin whose checks passed: what is left is
+    /// [`Loader::open_library`], then [`Loader::construct`].
+    ToOpen(Checked),
+}
+
+/// An in-process plugin that passed every check (a signed or pinned
+/// library's bytes compared with their digest included): what opening its
+/// library needs.
+pub(super) struct Checked {
+    library_path: PathBuf,
+    opening: Opening,
+    config: Vec<u8>,
+}
+
+/// An in-process plugin whose library is open: what constructing it needs.
+pub(super) struct Opened {
+    library: Arc<dyn crate::host::PluginLibrary>,
+    config: Vec<u8>,
+}
+
 impl Loader {
-    /// Dependencies, import and construction of one pending plugin.
-    pub(super) fn instantiate(
+    /// Everything of one plugin's instantiation but opening an in-process
+    /// library and constructing it: its checks, its preflight, and for a
+    /// plugin that runs in a process, its runner's start.
+    pub(super) fn check_and_start(
         &self,
         p: &Pending,
         known: &BTreeMap<String, semver::Version>,
-    ) -> Result<PluginHandle, PluginError> {
+    ) -> Result<Step, PluginError> {
         // First step: the signature (and, when required, its policy).
         let signed = self.check_signature(p)?;
         if p.manifest.runtime == Runtime::Python {
-            return self.instantiate_python(p, known, &signed);
+            return self
+                .instantiate_python(p, known, &signed)
+                .map(Step::Started);
         }
         self.check_dependencies(p, &self.requirements(p), known)?;
         let library_path = self.resolve_library(p)?;
@@ -45,14 +74,42 @@ impl Loader {
                     .with_runner_args(self.config.runner_args.clone());
             let importer = self.confine(p, importer, &signed)?;
             let handle = self.instantiate_isolated(p, importer, library_path, config)?;
-            return self.recheck_started(p, &target, &signed, handle);
+            return self
+                .recheck_started(p, &target, &signed, handle)
+                .map(Step::Started);
         }
         if self.config.preflight || p.manifest.preflight {
             self.preflight(p, &library_path, &config)?;
             self.recheck(p, &target, &signed)?;
         }
-        let library = self.open_checked(p, &library_path, &signed, pinned)?;
-        let instance = library.instantiate(&config)?;
+        let opening = self.check_library(p, &library_path, &signed, pinned)?;
+        Ok(Step::ToOpen(Checked {
+            library_path,
+            opening,
+            config,
+        }))
+    }
+
+    /// Opens the library of an in-process plugin that passed its checks:
+    /// the part of a load that the dynamic loader serialises (a pass runs
+    /// it on one thread).
+    pub(super) fn open_library(&self, checked: Checked) -> Result<Opened, PluginError> {
+        let Checked {
+            library_path,
+            opening,
+            config,
+        } = checked;
+        let library = self.load_library(&library_path, opening)?;
+        Ok(Opened { library, config })
+    }
+
+    /// Constructs an in-process plugin whose library is open.
+    pub(super) fn construct(
+        &self,
+        p: &Pending,
+        opened: Opened,
+    ) -> Result<PluginHandle, PluginError> {
+        let instance = opened.library.instantiate(&opened.config)?;
         Ok(PluginHandle::new(
             p.name.clone(),
             self.registry.clone(),

@@ -1,4 +1,6 @@
-//! [`par_map`]: the pipeline's one parallel primitive.
+//! [`par_map`]: the pipeline's parallel primitive, and
+//! [`par_map_pipeline`], the same in three stages, the middle one on one
+//! thread.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -34,6 +36,103 @@ pub(super) fn par_map<'a, T: Sync, R: Send>(
     }
 }
 
+/// What a stage of [`par_map_pipeline`] made of an item.
+pub(super) enum Stage<R, S> {
+    /// Its result: the item goes no further.
+    Done(R),
+    /// What the next stage goes on with.
+    Next(S),
+}
+
+/// [`par_map`] in three stages: `first` and `last` run on a pool of up to
+/// `threads` threads, `serial` between them on the calling thread, one item
+/// at a time, in the order `first` hands them over, while the pool goes on
+/// with other items' `first` and `last`.
+///
+/// For work under a process-wide lock (the dynamic loader's): on one
+/// thread it never waits for that lock, and the rest of the work overlaps
+/// it instead of queueing for it (measured in BENCHMARKS.md, "Stop 23").
+/// Results come back as [`par_map`]'s do: in input order, each with its
+/// input, a panic in any stage caught for its item alone.
+pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
+    threads: usize,
+    items: &[T],
+    first: impl Fn(&T) -> Stage<R, S> + Sync,
+    serial: impl Fn(&T, S) -> Stage<R, U>,
+    last: impl Fn(&T, U) -> R + Sync,
+) -> Vec<(&T, Result<R, String>)> {
+    use std::sync::mpsc::channel;
+
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let mut results: Vec<Option<Result<R, String>>> = items.iter().map(|_| None).collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.clamp(1, items.len()))
+        .thread_name(|i| format!("forgesyte-load-{i}"))
+        .build();
+    match pool {
+        Ok(pool) => {
+            let (to_serial, for_serial) = channel::<(usize, S)>();
+            let (to_results, finished) = channel::<(usize, Result<R, String>)>();
+            let (first, last) = (&first, &last);
+            pool.in_place_scope(|scope| {
+                for (i, item) in items.iter().enumerate() {
+                    let (to_serial, to_results) = (to_serial.clone(), to_results.clone());
+                    scope.spawn(move |_| {
+                        // The receivers live until every task has ended.
+                        let _ = match catch_panic(|| first(item)) {
+                            Ok(Stage::Next(s)) => to_serial.send((i, s)).map_err(drop),
+                            Ok(Stage::Done(r)) => to_results.send((i, Ok(r))).map_err(drop),
+                            Err(panic) => to_results.send((i, Err(panic))).map_err(drop),
+                        };
+                    });
+                }
+                drop(to_serial);
+                // Ends once every `first` has ended (their senders dropped).
+                for (i, s) in for_serial {
+                    match catch_panic(AssertUnwindSafe(|| serial(&items[i], s))) {
+                        Ok(Stage::Next(u)) => {
+                            let to_results = to_results.clone();
+                            scope.spawn(move |_| {
+                                let _ = to_results.send((i, catch_panic(|| last(&items[i], u))));
+                            });
+                        }
+                        Ok(Stage::Done(r)) => results[i] = Some(Ok(r)),
+                        Err(panic) => results[i] = Some(Err(panic)),
+                    }
+                }
+            });
+            drop(to_results);
+            for (i, result) in finished {
+                results[i] = Some(result);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
+            for (i, item) in items.iter().enumerate() {
+                results[i] = Some(catch_panic(AssertUnwindSafe(|| match first(item) {
+                    Stage::Done(r) => r,
+                    Stage::Next(s) => match serial(item, s) {
+                        Stage::Done(r) => r,
+                        Stage::Next(u) => last(item, u),
+                    },
+                })));
+            }
+        }
+    }
+    items
+        .iter()
+        .zip(results)
+        .map(|(item, result)| {
+            (
+                item,
+                result.unwrap_or_else(|| Err("the load pass lost it".to_owned())),
+            )
+        })
+        .collect()
+}
+
 /// Runs `f`, turning a panic into its message.
 fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     // The loader's own state is not borrowed across `f` (locks are taken and
@@ -53,6 +152,55 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pipeline_runs_its_middle_stage_on_the_calling_thread_and_keeps_results_with_inputs() {
+        let items: Vec<u32> = (0..60).collect();
+        for threads in [1, 2, 7] {
+            let serial_threads = parking_lot::Mutex::new(std::collections::HashSet::new());
+            let results = par_map_pipeline(
+                threads,
+                &items,
+                |&n| match n {
+                    4 => panic!("first {n}"),
+                    n if n % 3 == 0 => Stage::Done(n),
+                    n => Stage::Next(n * 10),
+                },
+                |&n, s| {
+                    serial_threads.lock().insert(std::thread::current().id());
+                    match n {
+                        8 => panic!("serial {n}"),
+                        n if n % 5 == 0 => Stage::Done(s),
+                        _ => Stage::Next(s + n),
+                    }
+                },
+                |&n, u| {
+                    if n == 11 {
+                        panic!("last {n}");
+                    }
+                    u * 2
+                },
+            );
+            let inputs: Vec<u32> = results.iter().map(|(n, _)| **n).collect();
+            assert_eq!(inputs, items, "threads {threads}");
+            for (&n, result) in results {
+                let expected = match n {
+                    4 => Err("first 4".to_owned()),
+                    8 => Err("serial 8".to_owned()),
+                    11 => Err("last 11".to_owned()),
+                    n if n % 3 == 0 => Ok(n),
+                    n if n % 5 == 0 => Ok(n * 10),
+                    n => Ok(n * 22),
+                };
+                assert_eq!(result, expected, "threads {threads}, item {n}");
+            }
+            assert_eq!(
+                serial_threads.into_inner(),
+                std::collections::HashSet::from([std::thread::current().id()]),
+                "threads {threads}: the middle stage runs on the calling thread"
+            );
+        }
+    }
 
     #[test]
     fn par_map_keeps_each_result_with_its_input_and_catches_panics() {

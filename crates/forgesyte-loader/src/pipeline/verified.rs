@@ -1,6 +1,7 @@
 //! The load's side of plugin signatures and of checked bytes: the
 //! signature check and its policy (first step of instantiation), opening
-//! an in-process library from the very bytes that were checked, and the
+//! an in-process library (checked on any thread, loaded on the pass's
+//! serial one) from the very bytes that were checked, and the
 //! re-check after a runner started (isolated native and Python plugins,
 //! preflight), whose code the host does not load itself.
 //!
@@ -19,6 +20,15 @@ use crate::host::PluginLibrary;
 use crate::integrity::{self, Target};
 use crate::manifest;
 use crate::signature::{self, SignatureState};
+
+/// How [`Loader::load_library`] loads an in-process library.
+#[derive(Debug)]
+pub(super) enum Opening {
+    /// No digest was checked: the importer opens (and checks) the file.
+    Path,
+    /// The bytes whose digest was checked: exactly they are loaded.
+    Bytes(Vec<u8>),
+}
 
 impl Loader {
     /// Checks the plugin's signature and records it in the registry.
@@ -72,21 +82,23 @@ impl Loader {
         Ok(checked.digests)
     }
 
-    /// Opens an in-process plugin's library. When its digest was checked
-    /// (signed, or pinned: `pinned`), the file is read once, its bytes
-    /// compared with that digest, and exactly those bytes are loaded
-    /// ([`Importer::open_bytes`](crate::host::Importer::open_bytes)); a file
-    /// changed since the check is an [`IntegrityError::ChangedSinceCheck`].
-    /// An unchecked library is opened at its path (the importer loads it
-    /// under a new file identity when the dynamic loader has mapped another
-    /// version of it).
-    pub(super) fn open_checked(
+    /// The first half of opening an in-process plugin's library, which
+    /// loads nothing and may run on any thread. When its digest was
+    /// checked (signed, or pinned: `pinned`), the file is read once and
+    /// its bytes compared with that digest, and
+    /// [`load_library`](Self::load_library) loads exactly those bytes
+    /// ([`Importer::open_bytes`](crate::host::Importer::open_bytes)); a
+    /// file changed since the check is an
+    /// [`IntegrityError::ChangedSinceCheck`]. An unchecked library is
+    /// opened at its path (the importer loads it under a new file identity
+    /// when the dynamic loader has mapped another version of it).
+    pub(super) fn check_library(
         &self,
         p: &Pending,
         library: &Path,
         signed: &BTreeMap<String, String>,
         pinned: Option<String>,
-    ) -> Result<Arc<dyn PluginLibrary>, PluginError> {
+    ) -> Result<Opening, PluginError> {
         let rel = library
             .strip_prefix(&p.dir)
             .ok()
@@ -96,7 +108,7 @@ impl Loader {
             .and_then(|rel| signed.get(rel).cloned())
             .or(pinned);
         let Some(expected) = expected else {
-            return Ok(self.importer.open(library)?);
+            return Ok(Opening::Path);
         };
         let subject = rel.unwrap_or_else(|| library.display().to_string());
         let changed = |detail: String| IntegrityError::ChangedSinceCheck {
@@ -109,7 +121,20 @@ impl Loader {
         if !now.eq_ignore_ascii_case(&expected) {
             return Err(changed(format!("sha256 now {now}, checked {expected}")).into());
         }
-        Ok(self.importer.open_bytes(library, &bytes)?)
+        Ok(Opening::Bytes(bytes))
+    }
+
+    /// The second half: loads what [`check_library`](Self::check_library)
+    /// checked of `library`.
+    pub(super) fn load_library(
+        &self,
+        library: &Path,
+        opening: Opening,
+    ) -> Result<Arc<dyn PluginLibrary>, PluginError> {
+        Ok(match opening {
+            Opening::Path => self.importer.open(library)?,
+            Opening::Bytes(bytes) => self.importer.open_bytes(library, &bytes)?,
+        })
     }
 
     /// After a runner loaded the plugin's code from its files: checks the

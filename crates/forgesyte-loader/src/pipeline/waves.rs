@@ -1,14 +1,16 @@
 //! Dependency waves: plugins of a pass ordered so that every `plugin:`
 //! dependency is loaded in an earlier wave; each wave instantiated in
-//! parallel; cycles named.
+//! parallel (in-process libraries opened on one thread, constructed in
+//! parallel); cycles named.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use forgesyte_deps::Dependency;
 use forgesyte_errors::{DependencyError, InitError};
 
+use super::instantiate::Step;
 use super::loader::{Loader, Pending};
-use super::parallel::par_map;
+use super::parallel::{Stage, par_map_pipeline};
 use super::report::PluginLoadOutcome;
 use crate::manifest::{Isolation, Runtime};
 
@@ -40,7 +42,23 @@ impl Loader {
             // start together rather than a core's worth at a time.
             let waiting = members.iter().filter(|p| self.runs_in_a_process(p)).count();
             let threads = self.config.threads.max(waiting.min(MAX_WAITING_THREADS));
-            let results = par_map(threads, &members, |p| self.instantiate(p, &known));
+            // In-process libraries are opened on this thread, one at a time
+            // (the dynamic loader's lock), while the pool checks the next
+            // plugins and constructs the opened ones (`par_map_pipeline`).
+            let results = par_map_pipeline(
+                threads,
+                &members,
+                |p| match self.check_and_start(p, &known) {
+                    Ok(Step::Started(handle)) => Stage::Done(Ok(handle)),
+                    Ok(Step::ToOpen(checked)) => Stage::Next(checked),
+                    Err(err) => Stage::Done(Err(err)),
+                },
+                |_, checked| match self.open_library(checked) {
+                    Ok(opened) => Stage::Next(opened),
+                    Err(err) => Stage::Done(Err(err)),
+                },
+                |p, opened| self.construct(p, opened),
+            );
             for (p, result) in results {
                 let result =
                     result.unwrap_or_else(|message| Err(InitError::Panicked { message }.into()));
