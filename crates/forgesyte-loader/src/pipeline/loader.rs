@@ -84,6 +84,8 @@ pub struct Loader {
     pub(super) fresh_stamps: Mutex<HashMap<PathBuf, Option<u64>>>,
     /// What the current pass looks up once (canonical parents, lock files).
     pub(super) pass: PassCache,
+    /// Checked library bytes waiting for their load (`verified.rs`).
+    pub(super) checked_bytes: Arc<super::verified::ByteBudget>,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -129,6 +131,7 @@ impl Loader {
             stamps: RwLock::new(BTreeMap::new()),
             fresh_stamps: Mutex::new(HashMap::new()),
             pass: PassCache::default(),
+            checked_bytes: Arc::default(),
         }
     }
 

@@ -73,6 +73,10 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
         .build();
     match pool {
         Ok(pool) => {
+            // Unbounded: a bound made every item's hand-over a wake-up
+            // (about 8% of a 1,000-plugin pass). What waits here is small,
+            // but for a signed or pinned library's bytes, which have a
+            // budget of their own (`verified.rs`).
             let (to_serial, for_serial) = channel::<(usize, S)>();
             let (to_results, finished) = channel::<(usize, Result<R, String>)>();
             let (first, last) = (&first, &last);

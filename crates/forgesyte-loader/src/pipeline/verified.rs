@@ -26,8 +26,52 @@ use crate::signature::{self, SignatureState};
 pub(super) enum Opening {
     /// No digest was checked: the importer opens (and checks) the file.
     Path,
-    /// The bytes whose digest was checked: exactly they are loaded.
-    Bytes(Vec<u8>),
+    /// The bytes whose digest was checked: exactly they are loaded. They
+    /// hold their share of the pass's [`ByteBudget`] until then.
+    Bytes(Vec<u8>, Reserved),
+}
+
+/// The most bytes of checked libraries held between their check and their
+/// load: checks run ahead of the one thread that loads, and must not hold
+/// a whole wave's libraries in memory. One library bigger than this is
+/// read when nothing else is held.
+const CHECKED_BYTES: u64 = 256 << 20;
+
+/// The bytes of checked libraries that wait for their load.
+#[derive(Debug, Default)]
+pub(super) struct ByteBudget {
+    held: parking_lot::Mutex<u64>,
+    freed: parking_lot::Condvar,
+}
+
+impl ByteBudget {
+    /// Waits until `bytes` more fit (or nothing is held), and holds them.
+    fn reserve(self: &Arc<Self>, bytes: u64) -> Reserved {
+        let mut held = self.held.lock();
+        while *held > 0 && held.saturating_add(bytes) > CHECKED_BYTES {
+            self.freed.wait(&mut held);
+        }
+        *held = held.saturating_add(bytes);
+        Reserved {
+            budget: Arc::clone(self),
+            bytes,
+        }
+    }
+}
+
+/// Bytes held in a [`ByteBudget`], given back when dropped.
+#[derive(Debug)]
+pub(super) struct Reserved {
+    budget: Arc<ByteBudget>,
+    bytes: u64,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut held = self.budget.held.lock();
+        *held = held.saturating_sub(self.bytes);
+        self.budget.freed.notify_all();
+    }
 }
 
 impl Loader {
@@ -115,13 +159,15 @@ impl Loader {
             subject: subject.clone(),
             detail,
         };
+        let size = self.fs.metadata(library).map_or(0, |m| m.len);
+        let reserved = self.checked_bytes.reserve(size);
         let bytes = integrity::read_hashed(self.fs.as_ref(), library)
             .map_err(|e| changed(format!("cannot read it again: {e}")))?;
         let now = integrity::sha256_hex(&bytes);
         if !now.eq_ignore_ascii_case(&expected) {
             return Err(changed(format!("sha256 now {now}, checked {expected}")).into());
         }
-        Ok(Opening::Bytes(bytes))
+        Ok(Opening::Bytes(bytes, reserved))
     }
 
     /// The second half: loads what [`check_library`](Self::check_library)
@@ -133,7 +179,7 @@ impl Loader {
     ) -> Result<Arc<dyn PluginLibrary>, PluginError> {
         Ok(match opening {
             Opening::Path => self.importer.open(library)?,
-            Opening::Bytes(bytes) => self.importer.open_bytes(library, &bytes)?,
+            Opening::Bytes(bytes, _reserved) => self.importer.open_bytes(library, &bytes)?,
         })
     }
 
@@ -179,5 +225,39 @@ impl Loader {
         }
         self.check_integrity(p, target)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_bytes_wait_for_room_and_a_library_bigger_than_the_budget_still_passes_alone() {
+        let budget = Arc::new(ByteBudget::default());
+        let first = budget.reserve(CHECKED_BYTES - 10);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = {
+            let budget = Arc::clone(&budget);
+            std::thread::spawn(move || {
+                let reserved = budget.reserve(20);
+                tx.send(()).unwrap();
+                reserved
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "20 more bytes do not fit beside the first reservation"
+        );
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("room once the first is given back");
+        drop(waiting.join().unwrap());
+        assert_eq!(*budget.held.lock(), 0);
+        let huge = budget.reserve(CHECKED_BYTES * 3);
+        assert_eq!(*budget.held.lock(), CHECKED_BYTES * 3, "alone, it passes");
+        drop(huge);
+        assert_eq!(*budget.held.lock(), 0);
     }
 }
