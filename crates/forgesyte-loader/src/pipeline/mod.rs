@@ -6,7 +6,9 @@
 //!
 //! - [`config`] and [`report`]: the settings and what a pass reports
 //!   (leaves);
-//! - [`parallel`]: `par_map` on a rayon pool, panics caught per item (leaf);
+//! - [`parallel`]: `par_map` on a rayon pool, and `par_map_pipeline`, its
+//!   three-stage form with a middle stage on the calling thread; panics
+//!   caught per item (leaf);
 //! - [`pass_cache`]: what a pass looks up once (canonical parents, lock
 //!   files) (leaf);
 //! - [`loader`]: the [`Loader`] and its per-plugin state;

@@ -47,10 +47,12 @@ pub(super) enum Stage<R, S> {
 /// [`par_map`] in three stages: `first` and `last` run on a pool of up to
 /// `threads` threads, `serial` between them on the calling thread, one item
 /// at a time, in the order `first` hands them over, while the pool goes on
-/// with other items' `first` and `last`.
+/// with other items' `first` and `last` (a `last` is queued behind the
+/// `first`s not yet started). With one thread (or one item) the three run
+/// in turn on the calling thread, item after item.
 ///
 /// For work under a process-wide lock (the dynamic loader's): on one
-/// thread it never waits for that lock, and the rest of the work overlaps
+/// thread it rarely waits for that lock, and the rest of the work overlaps
 /// it instead of queueing for it (measured in BENCHMARKS.md, "Stop 23").
 /// Results come back as [`par_map`]'s do: in input order, each with its
 /// input, a panic in any stage caught for its item alone.
@@ -67,10 +69,17 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
         return Vec::new();
     }
     let mut results: Vec<Option<Result<R, String>>> = items.iter().map(|_| None).collect();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.clamp(1, items.len()))
-        .thread_name(|i| format!("forgesyte-load-{i}"))
-        .build();
+    let threads = threads.clamp(1, items.len());
+    // One thread: the three stages in turn on this one, one item at a time.
+    let pool = if threads == 1 {
+        Err(None)
+    } else {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("forgesyte-load-{i}"))
+            .build()
+            .map_err(Some)
+    };
     match pool {
         Ok(pool) => {
             // Unbounded: a bound made every item's hand-over a wake-up
@@ -112,8 +121,10 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
                 results[i] = Some(result);
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
+        Err(cannot) => {
+            if let Some(e) = cannot {
+                tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
+            }
             for (i, item) in items.iter().enumerate() {
                 results[i] = Some(catch_panic(AssertUnwindSafe(|| match first(item) {
                     Stage::Done(r) => r,

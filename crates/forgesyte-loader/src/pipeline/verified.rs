@@ -27,7 +27,7 @@ pub(super) enum Opening {
     /// No digest was checked: the importer opens (and checks) the file.
     Path,
     /// The bytes whose digest was checked: exactly they are loaded. They
-    /// hold their share of the pass's [`ByteBudget`] until then.
+    /// hold their share of the loader's [`ByteBudget`] until then.
     Bytes(Vec<u8>, Reserved),
 }
 
@@ -55,6 +55,18 @@ impl ByteBudget {
         Reserved {
             budget: Arc::clone(self),
             bytes,
+        }
+    }
+}
+
+impl Reserved {
+    /// Holds `bytes` in all, when that is more than is held: at once,
+    /// without waiting (what is held already could be what is in the way).
+    fn grow_to(&mut self, bytes: u64) {
+        if bytes > self.bytes {
+            let mut held = self.budget.held.lock();
+            *held = held.saturating_add(bytes - self.bytes);
+            self.bytes = bytes;
         }
     }
 }
@@ -127,7 +139,9 @@ impl Loader {
     }
 
     /// The first half of opening an in-process plugin's library, which
-    /// loads nothing and may run on any thread. When its digest was
+    /// loads nothing. It may run on any thread but the one that loads: a
+    /// checked library's bytes may wait for room in the [`ByteBudget`],
+    /// which only loads make. When its digest was
     /// checked (signed, or pinned: `pinned`), the file is read once and
     /// its bytes compared with that digest, and
     /// [`load_library`](Self::load_library) loads exactly those bytes
@@ -159,10 +173,13 @@ impl Loader {
             subject: subject.clone(),
             detail,
         };
+        // Its size now; a file that grew meanwhile is held in full once
+        // read.
         let size = self.fs.metadata(library).map_or(0, |m| m.len);
-        let reserved = self.checked_bytes.reserve(size);
+        let mut reserved = self.checked_bytes.reserve(size);
         let bytes = integrity::read_hashed(self.fs.as_ref(), library)
             .map_err(|e| changed(format!("cannot read it again: {e}")))?;
+        reserved.grow_to(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
         let now = integrity::sha256_hex(&bytes);
         if !now.eq_ignore_ascii_case(&expected) {
             return Err(changed(format!("sha256 now {now}, checked {expected}")).into());
@@ -254,6 +271,15 @@ mod tests {
         rx.recv_timeout(std::time::Duration::from_secs(5))
             .expect("room once the first is given back");
         drop(waiting.join().unwrap());
+        assert_eq!(*budget.held.lock(), 0);
+        let mut grown = budget.reserve(10);
+        grown.grow_to(CHECKED_BYTES * 2);
+        assert_eq!(
+            *budget.held.lock(),
+            CHECKED_BYTES * 2,
+            "growing never waits"
+        );
+        drop(grown);
         assert_eq!(*budget.held.lock(), 0);
         let huge = budget.reserve(CHECKED_BYTES * 3);
         assert_eq!(*budget.held.lock(), CHECKED_BYTES * 3, "alone, it passes");
