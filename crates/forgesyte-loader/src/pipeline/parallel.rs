@@ -104,7 +104,7 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
                 drop(to_serial);
                 // Ends once every `first` has ended (their senders dropped).
                 for (i, s) in for_serial {
-                    match catch_panic(AssertUnwindSafe(|| serial(&items[i], s))) {
+                    match catch_panic(|| serial(&items[i], s)) {
                         Ok(Stage::Next(u)) => {
                             let to_results = to_results.clone();
                             scope.spawn(move |_| {
@@ -126,13 +126,13 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
                 tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
             }
             for (i, item) in items.iter().enumerate() {
-                results[i] = Some(catch_panic(AssertUnwindSafe(|| match first(item) {
+                results[i] = Some(catch_panic(|| match first(item) {
                     Stage::Done(r) => r,
                     Stage::Next(s) => match serial(item, s) {
                         Stage::Done(r) => r,
                         Stage::Next(u) => last(item, u),
                     },
-                })));
+                }));
             }
         }
     }
