@@ -486,27 +486,54 @@ mod tests {
         }
     }
 
+    /// The inode of the memory file mapped at `addr`, from
+    /// `/proc/self/maps`.
+    fn memfd_inode_at(addr: usize) -> Option<u64> {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(MEMFD_NAME))
+            .find_map(|line| {
+                let mut fields = line.split_whitespace();
+                let (start, end) = fields.next()?.split_once('-')?;
+                let start = usize::from_str_radix(start, 16).ok()?;
+                let end = usize::from_str_radix(end, 16).ok()?;
+                let inode = fields.nth(3)?.parse().ok()?;
+                (start..end).contains(&addr).then_some(inode)
+            })
+    }
+
+    /// Whether the memory file `inode` is mapped anywhere, or open as a
+    /// descriptor of this process.
+    fn memfd_mapped(inode: u64) -> bool {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(MEMFD_NAME))
+            .any(|l| l.split_whitespace().nth(4) == Some(&inode.to_string()))
+    }
+    fn memfd_open(inode: u64) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains(MEMFD_NAME))
+            })
+            .any(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == inode))
+    }
+
     #[test]
     fn descriptors_are_closed_after_mapping_and_mappings_on_drop() {
-        let count = || {
-            std::fs::read_dir("/proc/self/fd")
-                .unwrap()
-                .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
-                .filter(|l| l.to_string_lossy().contains(MEMFD_NAME))
-                .count()
-        };
+        // This frame's own memory file, by inode: other tests in this
+        // process make memory files of their own meanwhile.
         let big = vec![1u8; 200_000];
         let (frame, _) = round_trip(&[&big], 1);
-        // Other tests run at once in this process: the memfd count only
-        // tells that this frame holds no descriptor when none is left.
-        let fds_now = count();
-        let mapped = std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .matches(MEMFD_NAME)
-            .count();
-        assert!(mapped >= 1);
+        let addr = frame.attachment(0).unwrap().as_ptr() as usize;
+        let inode = memfd_inode_at(addr).expect("the attachment is a mapped memory file");
+        assert!(!memfd_open(inode), "no descriptor of it is left open");
         drop(frame);
-        assert!(count() <= fds_now);
+        assert!(!memfd_mapped(inode), "its mapping goes with the frame");
     }
 
     #[test]
