@@ -70,18 +70,22 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
     }
     let mut results: Vec<Option<Result<R, String>>> = items.iter().map(|_| None).collect();
     let threads = threads.clamp(1, items.len());
-    // One thread: the three stages in turn on this one, one item at a time.
-    let pool = if threads == 1 {
-        Err(None)
-    } else {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("forgesyte-load-{i}"))
-            .build()
-            .map_err(Some)
-    };
+    // No pool (one thread, or none to be had): the three stages in turn on
+    // this thread, one item at a time.
+    let pool = (threads > 1)
+        .then(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("forgesyte-load-{i}"))
+                .build()
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
+                })
+                .ok()
+        })
+        .flatten();
     match pool {
-        Ok(pool) => {
+        Some(pool) => {
             // Unbounded: a bound made every item's hand-over a wake-up
             // (about 8% of a 1,000-plugin pass). What waits here is small,
             // but for a signed or pinned library's bytes, which have a
@@ -121,10 +125,7 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
                 results[i] = Some(result);
             }
         }
-        Err(cannot) => {
-            if let Some(e) = cannot {
-                tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
-            }
+        None => {
             for (i, item) in items.iter().enumerate() {
                 results[i] = Some(catch_panic(|| match first(item) {
                     Stage::Done(r) => r,

@@ -59,6 +59,13 @@ impl ByteBudget {
     }
 }
 
+/// Bytes held in a [`ByteBudget`], given back when dropped.
+#[derive(Debug)]
+pub(super) struct Reserved {
+    budget: Arc<ByteBudget>,
+    bytes: u64,
+}
+
 impl Reserved {
     /// Holds `bytes` in all, when that is more than is held: at once,
     /// without waiting (what is held already could be what is in the way).
@@ -69,13 +76,6 @@ impl Reserved {
             self.bytes = bytes;
         }
     }
-}
-
-/// Bytes held in a [`ByteBudget`], given back when dropped.
-#[derive(Debug)]
-pub(super) struct Reserved {
-    budget: Arc<ByteBudget>,
-    bytes: u64,
 }
 
 impl Drop for Reserved {

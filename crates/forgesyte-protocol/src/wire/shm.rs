@@ -486,32 +486,26 @@ mod tests {
         }
     }
 
-    /// The inode of the memory file mapped at `addr`, from
-    /// `/proc/self/maps`.
-    fn memfd_inode_at(addr: usize) -> Option<u64> {
+    /// The mappings of memory files in this process (`/proc/self/maps`):
+    /// each one's address range and its file's inode.
+    fn memfd_mappings() -> Vec<(std::ops::Range<usize>, u64)> {
         std::fs::read_to_string("/proc/self/maps")
             .unwrap()
             .lines()
             .filter(|l| l.contains(MEMFD_NAME))
-            .find_map(|line| {
+            .filter_map(|line| {
                 let mut fields = line.split_whitespace();
                 let (start, end) = fields.next()?.split_once('-')?;
                 let start = usize::from_str_radix(start, 16).ok()?;
                 let end = usize::from_str_radix(end, 16).ok()?;
                 let inode = fields.nth(3)?.parse().ok()?;
-                (start..end).contains(&addr).then_some(inode)
+                Some((start..end, inode))
             })
+            .collect()
     }
 
-    /// Whether the memory file `inode` is mapped anywhere, or open as a
-    /// descriptor of this process.
-    fn memfd_mapped(inode: u64) -> bool {
-        std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(MEMFD_NAME))
-            .any(|l| l.split_whitespace().nth(4) == Some(&inode.to_string()))
-    }
+    /// Whether the memory file `inode` is open as a descriptor of this
+    /// process.
     fn memfd_open(inode: u64) -> bool {
         use std::os::unix::fs::MetadataExt;
         std::fs::read_dir("/proc/self/fd")
@@ -530,10 +524,16 @@ mod tests {
         let big = vec![1u8; 200_000];
         let (frame, _) = round_trip(&[&big], 1);
         let addr = frame.attachment(0).unwrap().as_ptr() as usize;
-        let inode = memfd_inode_at(addr).expect("the attachment is a mapped memory file");
+        let inode = memfd_mappings()
+            .into_iter()
+            .find_map(|(range, inode)| range.contains(&addr).then_some(inode))
+            .expect("the attachment is a mapped memory file");
         assert!(!memfd_open(inode), "no descriptor of it is left open");
         drop(frame);
-        assert!(!memfd_mapped(inode), "its mapping goes with the frame");
+        assert!(
+            memfd_mappings().iter().all(|(_, mapped)| *mapped != inode),
+            "its mapping goes with the frame"
+        );
     }
 
     #[test]
