@@ -11,7 +11,11 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::path::Path;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir};
 
 use crate::integrity::LOCK_FILE;
 use crate::manifest::MANIFEST_FILE;
@@ -48,53 +52,86 @@ pub(super) fn stamp_with(dir: &Path, manifest: Option<&[u8]>) -> Option<u64> {
         .and_then(|parent| std::fs::read(parent.join(LOCK_FILE)).ok());
     lock.hash(&mut hasher);
     let mut budget = MAX_ENTRIES;
-    walk(dir, "", 0, &mut budget, &mut hasher).ok()?;
+    let opened = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    walk(&opened, "", 0, &mut budget, &mut hasher).ok()?;
     Some(hasher.finish())
 }
 
+/// Hashes the entries under the open directory `dir`, in name order.
+///
+/// Lists with `getdents64` into a buffer on the stack: `std::fs::read_dir`
+/// allocates 32 KiB per directory, and with a stamp per plugin, on the
+/// pass's threads, those buffers grew their heaps a few pages at a time
+/// (a `mprotect` each, under the lock of the process's memory map that
+/// the thread opening libraries needs too; BENCHMARKS.md, "Stop 24").
 fn walk(
-    dir: &Path,
+    dir: &OwnedFd,
     prefix: &str,
     depth: usize,
     budget: &mut usize,
     hasher: &mut DefaultHasher,
 ) -> std::io::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.filter_map(Result::ok).collect();
-    entries.sort_by_key(std::fs::DirEntry::file_name);
-    for entry in entries {
+    let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+    let mut listing = RawDir::new(dir, &mut buf);
+    let mut entries: Vec<(Vec<u8>, FileType)> = Vec::new();
+    while let Some(entry) = listing.next() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            entries.push((name.to_vec(), entry.file_type()));
+        }
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (raw_name, kind) in entries {
         if *budget == 0 {
             return Ok(());
         }
         *budget -= 1;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if SKIPPED.contains(&name.as_str()) || name.ends_with(".pyc") {
+        let name = String::from_utf8_lossy(&raw_name);
+        if SKIPPED.contains(&&*name) || name.ends_with(".pyc") {
             continue;
         }
         let rel = format!("{prefix}{name}");
         // Follows links: a library that is a link to a rebuilt file changes.
-        // Anything else is looked up in its directory (no walk of the path).
-        let meta = match entry.file_type() {
-            Ok(kind) if !kind.is_symlink() => entry.metadata(),
-            _ => std::fs::metadata(entry.path()),
+        // Anything else is looked up without following.
+        let follow = matches!(kind, FileType::Symlink | FileType::Unknown);
+        let flags = if follow {
+            AtFlags::empty()
+        } else {
+            AtFlags::SYMLINK_NOFOLLOW
         };
-        let Ok(meta) = meta else {
+        let Ok(meta) = rustix::fs::statat(dir, raw_name.as_slice(), flags) else {
             rel.hash(hasher);
             continue;
         };
-        if meta.is_dir() {
+        if FileType::from_raw_mode(meta.st_mode) == FileType::Directory {
             if depth < MAX_DEPTH {
-                walk(&entry.path(), &format!("{rel}/"), depth + 1, budget, hasher)?;
+                let sub = rustix::fs::openat(
+                    dir,
+                    raw_name.as_slice(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                walk(&sub, &format!("{rel}/"), depth + 1, budget, hasher)?;
             }
             continue;
         }
         rel.hash(hasher);
-        meta.len().hash(hasher);
-        meta.modified().ok().hash(hasher);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            (meta.ino(), meta.dev(), meta.ctime(), meta.ctime_nsec()).hash(hasher);
-        }
+        (
+            meta.st_size,
+            meta.st_mtime,
+            meta.st_mtime_nsec,
+            meta.st_ino,
+            meta.st_dev,
+            meta.st_ctime,
+            meta.st_ctime_nsec,
+        )
+            .hash(hasher);
     }
     Ok(())
 }
@@ -123,5 +160,29 @@ mod tests {
         std::fs::write(root.join("manifest.json"), b"{\"name\": \"b\"}").unwrap();
         assert_ne!(stamp(root), Some(second));
         assert_eq!(stamp(&root.join("missing")), None);
+    }
+
+    #[test]
+    fn files_in_subdirectories_and_behind_links_are_stamped() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(root.join("manifest.json"), b"{}").unwrap();
+        std::fs::create_dir(root.join("pkg")).unwrap();
+        std::fs::write(root.join("pkg/mod.py"), b"a = 1\n").unwrap();
+        std::fs::write(outside.path().join("lib.so"), b"build 1").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("lib.so"), root.join("lib.so")).unwrap();
+        let first = stamp(root).unwrap();
+        // A library rebuilt behind its link (the link itself unchanged).
+        std::fs::write(outside.path().join("lib.so"), b"build 22").unwrap();
+        let second = stamp(root).unwrap();
+        assert_ne!(second, first, "the link's target is stamped");
+        // A source two levels down.
+        std::fs::write(root.join("pkg/mod.py"), b"a = 22\n").unwrap();
+        assert_ne!(
+            stamp(root),
+            Some(second),
+            "a subdirectory's file is stamped"
+        );
     }
 }
