@@ -42,6 +42,13 @@ pub trait FileSystem: Send + Sync + Debug {
     /// Metadata of the path (see [`FsMetadata`] for link semantics).
     fn metadata(&self, path: &Path) -> io::Result<FsMetadata>;
 
+    /// Whether the path itself is a symbolic link ([`FsMetadata::is_symlink`]
+    /// without the rest: the real filesystem answers it with one `lstat`).
+    /// An error when nothing is at the path.
+    fn is_symlink(&self, path: &Path) -> io::Result<bool> {
+        self.metadata(path).map(|m| m.is_symlink)
+    }
+
     /// The file's bytes, at most `limit + 1` of them, so that a caller can
     /// tell "larger than `limit`" without reading a huge file.
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>>;
@@ -79,6 +86,10 @@ impl FileSystem for RealFs {
             }),
             Err(e) => Err(e),
         }
+    }
+
+    fn is_symlink(&self, path: &Path) -> io::Result<bool> {
+        std::fs::symlink_metadata(path).map(|m| m.file_type().is_symlink())
     }
 
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {

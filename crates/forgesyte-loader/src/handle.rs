@@ -110,7 +110,7 @@ struct Inner {
     slot: Arc<Slot>,
     /// The tools of the first instance (a restart runs the same library with
     /// the same configuration).
-    tools: Vec<ToolInfo>,
+    tools: Arc<[ToolInfo]>,
     call_timeout: Option<Duration>,
     isolation: Isolation,
     /// Kept alive by the handle: once every handle is gone, nothing
@@ -128,7 +128,7 @@ impl PluginHandle {
     ) -> Self {
         PluginHandle {
             inner: Arc::new(Inner {
-                tools: instance.tools().to_vec(),
+                tools: instance.shared_tools(),
                 slot: Arc::new(Slot::new(name, registry, Arc::from(instance))),
                 call_timeout,
                 isolation: Isolation::InProcess,
@@ -146,7 +146,7 @@ impl PluginHandle {
     ) -> Self {
         PluginHandle {
             inner: Arc::new(Inner {
-                tools: slot.current().tools().to_vec(),
+                tools: slot.current().shared_tools(),
                 slot,
                 call_timeout: Some(call_timeout),
                 isolation: Isolation::Process,

@@ -87,6 +87,12 @@ impl CallOutput {
 pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// The tools the instance offers.
     fn tools(&self) -> &[ToolInfo];
+    /// [`tools`](Self::tools), shared: an instance that holds them in an
+    /// `Arc` hands out a clone of it, so that a handle on a plugin needs
+    /// no copy of every schema. By default they are copied.
+    fn shared_tools(&self) -> Arc<[ToolInfo]> {
+        Arc::from(self.tools())
+    }
     /// Runs `tool` with JSON-encoded `args`; returns the JSON-encoded result.
     fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError>;
 

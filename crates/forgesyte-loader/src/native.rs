@@ -396,7 +396,7 @@ impl PluginLibrary for NativeLibrary {
             vtable: self.vtable,
             call_context: self.call_context,
             handle,
-            tools: Vec::new(),
+            tools: Arc::from([]),
         };
         let mut out = FsBuffer::empty();
         // SAFETY: `handle` is the live instance just created; `out` is a local.
@@ -407,10 +407,12 @@ impl PluginLibrary for NativeLibrary {
                 detail: format!("listing tools failed: {}", error_message(&body)),
             });
         }
-        instance.tools = serde_json::from_slice(&body).map_err(|e| InitError::InvalidJson {
-            what: "tool list".into(),
-            source: e,
-        })?;
+        instance.tools = serde_json::from_slice::<Vec<ToolInfo>>(&body)
+            .map(Arc::from)
+            .map_err(|e| InitError::InvalidJson {
+                what: "tool list".into(),
+                source: e,
+            })?;
         Ok(Box::new(instance))
     }
 }
@@ -420,7 +422,7 @@ struct NativeInstance {
     vtable: Table,
     call_context: Option<CallContextFn>,
     handle: *mut c_void,
-    tools: Vec<ToolInfo>,
+    tools: Arc<[ToolInfo]>,
 }
 
 // SAFETY: the SDK only exports types that implement `Plugin: Send + Sync`,
@@ -440,6 +442,10 @@ impl fmt::Debug for NativeInstance {
 impl PluginInstance for NativeInstance {
     fn tools(&self) -> &[ToolInfo] {
         &self.tools
+    }
+
+    fn shared_tools(&self) -> Arc<[ToolInfo]> {
+        Arc::clone(&self.tools)
     }
 
     /// Hands the plugin the call's context first (on this thread, which

@@ -116,7 +116,7 @@ fn binary_results_are_the_plugins_buffers_freed_once_when_the_last_share_drops()
         vtable: Table::V3(&counted::TABLE),
         call_context: None,
         handle: std::ptr::null_mut(),
-        tools: Vec::new(),
+        tools: Arc::from([]),
     };
     let buffers = || counted::BUFFERS.load(Ordering::SeqCst);
     let lists = || counted::LISTS.load(Ordering::SeqCst);

@@ -68,7 +68,7 @@ impl PassCache {
         if parent.as_os_str().is_empty() || parent.parent().is_none() {
             return fs.canonicalize(path);
         }
-        if fs.metadata(path)?.is_symlink {
+        if fs.is_symlink(path)? {
             return fs.canonicalize(path);
         }
         Ok(self.canonicalize(fs, parent)?.join(name))
