@@ -104,7 +104,12 @@ impl FileSystem for RealFs {
         for entry in std::fs::read_dir(path)? {
             let entry = entry?;
             let path = entry.path();
-            let is_dir = std::fs::metadata(&path).is_ok_and(|m| m.is_dir());
+            // The listing's own file type where it says (no look-up); a
+            // link, or a file system that does not say, is followed.
+            let is_dir = match entry.file_type() {
+                Ok(kind) if !kind.is_symlink() => kind.is_dir(),
+                _ => std::fs::metadata(&path).is_ok_and(|m| m.is_dir()),
+            };
             entries.push(DirEntry {
                 name: entry.file_name(),
                 path,

@@ -58,6 +58,21 @@ impl Loader {
     }
 
     pub(super) fn read_manifest(&self, dir: &Path) -> Result<Manifest, Box<BadManifest>> {
+        let lock = dir.parent().and_then(super::stamp::lock_beside);
+        let (read, stamped) = self.read_manifest_stamped(dir, lock.as_deref());
+        self.fresh_stamps.lock().insert(dir.to_path_buf(), stamped);
+        read
+    }
+
+    /// [`read_manifest`](Self::read_manifest) without recording the
+    /// change stamp: it comes back with the manifest. `lock` is the lock
+    /// file beside `dir` ([`lock_beside`](super::stamp::lock_beside)),
+    /// which a pass reads once for all its plugins.
+    pub(super) fn read_manifest_stamped(
+        &self,
+        dir: &Path,
+        lock: Option<&[u8]>,
+    ) -> (Result<Manifest, Box<BadManifest>>, Option<u64>) {
         let path = dir.join(MANIFEST_FILE);
         let read = self.read_manifest_bytes(&path);
         // The change stamp before anything else of the plugin is read:
@@ -65,14 +80,22 @@ impl Loader {
         // It hashes the manifest bytes parsed here (read once); a manifest
         // that could not be read is read again by the stamp.
         let stamped = match &read {
-            Ok(bytes) => super::stamp::stamp_with(dir, Some(bytes)),
+            Ok(bytes) => super::stamp::stamp_with(dir, Some(bytes), lock),
             Err(_) => super::stamp::stamp(dir),
         };
-        self.fresh_stamps.lock().insert(dir.to_path_buf(), stamped);
+        (self.parse_manifest(dir, &path, read), stamped)
+    }
+
+    fn parse_manifest(
+        &self,
+        dir: &Path,
+        path: &Path,
+        read: Result<Vec<u8>, Box<BadManifest>>,
+    ) -> Result<Manifest, Box<BadManifest>> {
         let bytes = read?;
         let dir_name = dir_name(dir);
         let has_plugin_py = || self.fs.exists(&dir.join(manifest::PLUGIN_PY));
-        let mut parsed = manifest::parse_asking(&bytes, &path, &dir_name, &has_plugin_py)
+        let mut parsed = manifest::parse_asking(&bytes, path, &dir_name, &has_plugin_py)
             // The JSON again only for a refused manifest (its claimed name).
             .map_err(|e| bad(serde_json::from_slice(&bytes).ok(), e))?;
         parsed.source_sha256 = Some(crate::integrity::sha256_hex(&bytes));

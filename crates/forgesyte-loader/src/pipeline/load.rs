@@ -2,7 +2,7 @@
 //! sorted order (plugin directories, then installed Python plugins), then
 //! the dependency waves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,10 +71,29 @@ impl Loader {
         self.pass.clear();
         // Phase 1 (parallel): read and validate every manifest.
         let pass_started = Instant::now();
+        // The lock file of each directory holding plugin directories, read
+        // once for their change stamps.
+        let parents: BTreeSet<&Path> = dirs.iter().filter_map(|dir| dir.parent()).collect();
+        let locks: BTreeMap<&Path, Option<Vec<u8>>> = parents
+            .into_iter()
+            .map(|parent| (parent, super::stamp::lock_beside(parent)))
+            .collect();
         let parsed = par_map(self.config.threads, dirs, |dir| {
             let started = Instant::now();
-            (started, self.read_manifest(dir))
+            let lock = dir
+                .parent()
+                .and_then(|p| locks.get(p))
+                .and_then(Option::as_deref);
+            let (read, stamped) = self.read_manifest_stamped(dir, lock);
+            (started, read, stamped)
         });
+        // The stamps in one go: recorded one by one, the pass's threads
+        // queued for the map's lock.
+        self.fresh_stamps.lock().extend(
+            parsed
+                .iter()
+                .filter_map(|(dir, r)| r.as_ref().ok().map(|(_, _, s)| ((*dir).clone(), *s))),
+        );
         // Phase 2 (sequential, sorted): register every plugin, so health shows
         // them all as LOADED while the rest of the pass runs.
         let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
@@ -82,8 +101,10 @@ impl Loader {
         let claims = parsed
             .into_iter()
             .map(|(dir, parsed)| {
-                let (started, result) = parsed
-                    .unwrap_or_else(|panic| (pass_started, Err(manifest_panicked(dir, panic))));
+                let (started, result) = parsed.map_or_else(
+                    |panic| (pass_started, Err(manifest_panicked(dir, panic))),
+                    |(started, result, _)| (started, result),
+                );
                 Self::claim_of(dir, result, started)
             })
             .collect();

@@ -38,18 +38,23 @@ const SKIPPED: [&str; 7] = [
 /// The stamp of `dir`; `None` when it cannot be read at all.
 pub(super) fn stamp(dir: &Path) -> Option<u64> {
     let manifest = std::fs::read(dir.join(MANIFEST_FILE)).ok();
-    stamp_with(dir, manifest.as_deref())
+    let lock = dir.parent().and_then(lock_beside);
+    stamp_with(dir, manifest.as_deref(), lock.as_deref())
 }
 
-/// [`stamp`] of `dir` whose manifest bytes were read already (`None`: it
-/// has none that can be read).
-pub(super) fn stamp_with(dir: &Path, manifest: Option<&[u8]>) -> Option<u64> {
+/// The bytes of the lock file (`forgesyte.lock`) in `parent`, which pins
+/// the plugin directories beside it; `None` when it cannot be read.
+pub(super) fn lock_beside(parent: &Path) -> Option<Vec<u8>> {
+    std::fs::read(parent.join(LOCK_FILE)).ok()
+}
+
+/// [`stamp`] of `dir` whose manifest bytes and lock file (of the
+/// directory that holds `dir`, [`lock_beside`]) were read already (`None`:
+/// none that can be read). A load pass reads the lock file once.
+pub(super) fn stamp_with(dir: &Path, manifest: Option<&[u8]>, lock: Option<&[u8]>) -> Option<u64> {
     let mut hasher = DefaultHasher::new();
     manifest.hash(&mut hasher);
     // The lock file beside the plugin directory pins it too.
-    let lock = dir
-        .parent()
-        .and_then(|parent| std::fs::read(parent.join(LOCK_FILE)).ok());
     lock.hash(&mut hasher);
     let mut budget = MAX_ENTRIES;
     let opened = rustix::fs::open(
