@@ -70,10 +70,10 @@ pub(super) fn stamp_with(dir: &Path, manifest: Option<&[u8]>, lock: Option<&[u8]
 /// Hashes the entries under the open directory `dir`, in name order.
 ///
 /// Lists with `getdents64` into a buffer on the stack: `std::fs::read_dir`
-/// allocates 32 KiB per directory, and with a stamp per plugin, on the
-/// pass's threads, those buffers grew their heaps a few pages at a time
-/// (a `mprotect` each, under the lock of the process's memory map that
-/// the thread opening libraries needs too; BENCHMARKS.md, "Stop 24").
+/// allocates 32 KiB per directory, and with a stamp per plugin on the
+/// pass's threads those buffers made about 700 of a 1,000-plugin pass's
+/// heap growths (BENCHMARKS.md, "Stop 24"); entries are looked up relative
+/// to the directory's descriptor, not by their whole path.
 fn walk(
     dir: &OwnedFd,
     prefix: &str,
