@@ -19,21 +19,27 @@ pub(super) fn par_map<'a, T: Sync, R: Send>(
     f: impl Fn(&T) -> R + Sync,
 ) -> Vec<(&'a T, Result<R, String>)> {
     let one = |item: &'a T| (item, catch_panic(|| f(item)));
-    let threads = threads.clamp(1, items.len().max(1));
-    if threads == 1 {
-        return items.iter().map(one).collect();
+    match load_pool(threads.clamp(1, items.len().max(1))) {
+        Some(pool) => pool.install(|| items.par_iter().map(one).collect()),
+        None => items.iter().map(one).collect(),
     }
-    match rayon::ThreadPoolBuilder::new()
+}
+
+/// A pass's pool of `threads` threads; `None` for one thread, or when no
+/// pool can be started (said in the log): the work then runs on the
+/// calling thread.
+fn load_pool(threads: usize) -> Option<rayon::ThreadPool> {
+    if threads <= 1 {
+        return None;
+    }
+    rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("forgesyte-load-{i}"))
         .build()
-    {
-        Ok(pool) => pool.install(|| items.par_iter().map(one).collect()),
-        Err(e) => {
+        .map_err(|e| {
             tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
-            items.iter().map(one).collect()
-        }
-    }
+        })
+        .ok()
 }
 
 /// What a stage of [`par_map_pipeline`] made of an item.
@@ -69,22 +75,9 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
         return Vec::new();
     }
     let mut results: Vec<Option<Result<R, String>>> = items.iter().map(|_| None).collect();
-    let threads = threads.clamp(1, items.len());
     // No pool (one thread, or none to be had): the three stages in turn on
     // this thread, one item at a time.
-    let pool = (threads > 1)
-        .then(|| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("forgesyte-load-{i}"))
-                .build()
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
-                })
-                .ok()
-        })
-        .flatten();
-    match pool {
+    match load_pool(threads.clamp(1, items.len())) {
         Some(pool) => {
             // Unbounded: a bound made every item's hand-over a wake-up
             // (about 8% of a 1,000-plugin pass). What waits here is small,

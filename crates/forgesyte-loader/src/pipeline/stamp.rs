@@ -24,6 +24,11 @@ use crate::manifest::MANIFEST_FILE;
 const MAX_DEPTH: usize = 6;
 /// At most this many entries are stamped (a huge tree is not a plugin's code).
 const MAX_ENTRIES: usize = 5_000;
+/// How a directory is opened to be listed (links followed, as `read_dir`
+/// does).
+const OPEN_DIRECTORY: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC);
 /// Directories never stamped: caches, environments, build output.
 const SKIPPED: [&str; 7] = [
     "__pycache__",
@@ -57,12 +62,7 @@ pub(super) fn stamp_with(dir: &Path, manifest: Option<&[u8]>, lock: Option<&[u8]
     // The lock file beside the plugin directory pins it too.
     lock.hash(&mut hasher);
     let mut budget = MAX_ENTRIES;
-    let opened = rustix::fs::open(
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
+    let opened = rustix::fs::open(dir, OPEN_DIRECTORY, Mode::empty()).ok()?;
     walk(&opened, "", 0, &mut budget, &mut hasher).ok()?;
     Some(hasher.finish())
 }
@@ -116,12 +116,8 @@ fn walk(
         };
         if FileType::from_raw_mode(meta.st_mode) == FileType::Directory {
             if depth < MAX_DEPTH {
-                let sub = rustix::fs::openat(
-                    dir,
-                    raw_name.as_slice(),
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
+                let sub =
+                    rustix::fs::openat(dir, raw_name.as_slice(), OPEN_DIRECTORY, Mode::empty())?;
                 walk(&sub, &format!("{rel}/"), depth + 1, budget, hasher)?;
             }
             continue;
