@@ -8,7 +8,7 @@
 #![allow(unsafe_code)]
 
 use std::any::Any;
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -61,7 +61,12 @@ pub const fn vtable_v1_for<P: Plugin>() -> PluginVTableV1 {
 struct Instance<P> {
     plugin: P,
     specs: Vec<ToolSpec>,
-    tool_ids: HashSet<String>,
+    /// Not a `HashSet`: its hasher's keys live in a thread-local, and the
+    /// first thread-local access of a thread in a library opened with
+    /// `dlopen` allocates the library's TLS block under the dynamic
+    /// loader's lock, which a host loading many libraries holds most of the
+    /// time (BENCHMARKS.md, "Stop 25"). Construction touches none now.
+    tool_ids: BTreeSet<String>,
 }
 
 /// A failed call: its status and the `{"error_type", "message"}` body.
