@@ -19,7 +19,7 @@ pub(super) fn par_map<'a, T: Sync, R: Send>(
     f: impl Fn(&T) -> R + Sync,
 ) -> Vec<(&'a T, Result<R, String>)> {
     let one = |item: &'a T| (item, catch_panic(|| f(item)));
-    match load_pool(threads.clamp(1, items.len().max(1))) {
+    match load_pool(threads.clamp(1, items.len().max(1)), 0) {
         Some(pool) => pool.install(|| items.par_iter().map(one).collect()),
         None => items.iter().map(one).collect(),
     }
@@ -27,19 +27,53 @@ pub(super) fn par_map<'a, T: Sync, R: Send>(
 
 /// A pass's pool of `threads` threads; `None` for one thread, or when no
 /// pool can be started (said in the log): the work then runs on the
-/// calling thread.
-fn load_pool(threads: usize) -> Option<rayon::ThreadPool> {
+/// calling thread. Each thread first grows its malloc heap by
+/// `heap_reserve` bytes (see [`reserve_heap`]).
+fn load_pool(threads: usize, heap_reserve: usize) -> Option<rayon::ThreadPool> {
     if threads <= 1 {
         return None;
     }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("forgesyte-load-{i}"))
+        .start_handler(move |_| reserve_heap(heap_reserve))
         .build()
         .map_err(|e| {
             tracing::warn!(error = %e, "cannot start the load threads; loading on one thread");
         })
         .ok()
+}
+
+/// What one item's `last` stage of [`par_map_pipeline`] leaves on its
+/// thread's heap, about: a constructed in-process plugin (its instance, tool
+/// list and handle) keeps 8 to 16 KiB (measured: a 1,000-plugin pass grew
+/// each of its two threads' heaps by about 8 MiB).
+const HEAP_PER_ITEM: usize = 24 * 1024;
+
+/// The most [`reserve_heap`] grows one thread's heap by.
+const MAX_HEAP_RESERVE: usize = 32 * 1024 * 1024;
+
+/// Grows this thread's malloc heap by about `bytes` up front, and frees it
+/// again (the pages are never touched, so they cost no memory).
+///
+/// glibc gives each thread's arena a heap that it makes writable page by
+/// page as it grows, one `mprotect` each time, and every `mprotect` holds
+/// the process's memory-map lock for writing. While the pool constructs
+/// plugins beside the opening thread, those `mprotect`s (about 2,000 per
+/// thread in a 1,000-plugin pass) stopped the opening thread's `dlopen`
+/// at every page fault of its own (measured in BENCHMARKS.md, "Stop 25").
+/// A heap that shrinks stays writable (glibc remembers how far it made it
+/// writable), so growing it once here, in blocks just under malloc's
+/// `mmap` threshold, leaves the pass's allocations nothing to `mprotect`.
+/// With another allocator this is a few allocations that do nothing.
+/// Hand-written: no crate reserves an arena's heap.
+fn reserve_heap(bytes: usize) {
+    /// Under glibc's default `mmap` threshold (128 KiB): taken from the heap.
+    const BLOCK: usize = 120 * 1024;
+    let blocks: Vec<Vec<u8>> = (0..bytes.min(MAX_HEAP_RESERVE).div_ceil(BLOCK))
+        .map(|_| Vec::with_capacity(BLOCK))
+        .collect();
+    drop(std::hint::black_box(blocks));
 }
 
 /// What a stage of [`par_map_pipeline`] made of an item.
@@ -77,7 +111,8 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
     let mut results: Vec<Option<Result<R, String>>> = items.iter().map(|_| None).collect();
     // No pool (one thread, or none to be had): the three stages in turn on
     // this thread, one item at a time.
-    match load_pool(threads.clamp(1, items.len())) {
+    let threads = threads.clamp(1, items.len());
+    match load_pool(threads, items.len() * HEAP_PER_ITEM / threads) {
         Some(pool) => {
             // Unbounded: a bound made every item's hand-over a wake-up
             // (about 8% of a 1,000-plugin pass). What waits here is small,
