@@ -61,6 +61,9 @@ pub trait FileSystem: Send + Sync + Debug {
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf>;
 }
 
+/// What [`RealFs::read`] reads into its first buffer.
+const FIRST_READ: u64 = 8 * 1024;
+
 /// The real filesystem, through `std::fs`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RealFs;
@@ -92,10 +95,22 @@ impl FileSystem for RealFs {
         std::fs::symlink_metadata(path).map(|m| m.file_type().is_symlink())
     }
 
+    /// Two `read`s for a file that fits in [`FIRST_READ`] (a manifest):
+    /// `read_to_end` into an empty vector probes with 32 bytes and then
+    /// doubles, six `read`s for a 469-byte manifest. A larger file gets the
+    /// rest in one buffer sized from its length.
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         let file = std::fs::File::open(path)?;
-        let mut bytes = Vec::new();
-        file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+        let mut reader = file.take(limit.saturating_add(1));
+        let first = FIRST_READ.min(reader.limit());
+        let mut bytes = Vec::with_capacity(usize::try_from(first).unwrap_or(0));
+        (&mut reader).take(first).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 == first && reader.limit() > 0 {
+            let len = reader.get_ref().metadata()?.len();
+            let rest = len.min(reader.limit() + first).saturating_sub(first);
+            bytes.reserve(usize::try_from(rest).unwrap_or(0).saturating_add(1));
+            reader.read_to_end(&mut bytes)?;
+        }
         Ok(bytes)
     }
 
@@ -152,6 +167,24 @@ mod tests {
         assert_eq!(RealFs.read(&p, u64::MAX).unwrap(), b"hello world");
         let err = RealFs.read(&dir.path().join("missing"), 4).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn read_of_files_around_the_first_buffer_is_whole_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = usize::try_from(FIRST_READ).unwrap();
+        for len in [0, 1, first - 1, first, first + 1, 3 * first + 7] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let p = dir.path().join(format!("f{len}"));
+            std::fs::write(&p, &data).unwrap();
+            assert_eq!(RealFs.read(&p, u64::MAX).unwrap(), data, "{len} bytes");
+            assert_eq!(RealFs.read(&p, len as u64).unwrap(), data, "{len} bytes");
+            for limit in [0, len / 2, first as u64 as usize, first + 3] {
+                let got = RealFs.read(&p, limit as u64).unwrap();
+                let want = &data[..len.min(limit + 1)];
+                assert_eq!(got, want, "{len} bytes, limit {limit}");
+            }
+        }
     }
 
     #[test]

@@ -351,6 +351,25 @@ fn discovery_is_sorted_and_skips_dirs_without_manifest() {
     let report = loader.load_all("/plugins".as_ref());
     let names: Vec<_> = report.plugins.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
+    // A full pass reads every subdirectory's manifest and leaves out those
+    // without one: nothing of them registered or stamped for a rescan.
+    assert_eq!(s.registry.len(), 2);
+    assert!(s.registry.get_status("not-a-plugin").is_none());
+    let rescan = loader.rescan();
+    assert!(
+        rescan.added.is_empty() && rescan.changed.is_empty() && rescan.removed.is_empty(),
+        "{rescan:?}"
+    );
+    // Once it has a manifest it is a plugin like any other.
+    s.plugin(
+        "not-a-plugin",
+        &manifest("late", json!({})),
+        FakeBehavior::Good,
+    );
+    let rescan = loader.rescan();
+    let added: Vec<_> = rescan.added.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(added, ["late"], "{rescan:?}");
+    s.check("late", S::Initialized, &[]);
 }
 
 #[test]

@@ -38,9 +38,30 @@ impl BadManifest {
     }
 }
 
+/// What a pass makes of a directory without a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NoManifest {
+    /// Not a plugin directory: left out of the pass (a pass over every
+    /// subdirectory of the plugins directory, as discovery leaves it out).
+    Skip,
+    /// A plugin that failed for want of its manifest (a directory asked for
+    /// by name, or one whose manifest went away since discovery).
+    Fail,
+}
+
 impl Loader {
     /// Plugin directories under `plugins_dir`: sorted, only those with a manifest.
     pub fn discover(&self, plugins_dir: &Path) -> Vec<PathBuf> {
+        let mut dirs = self.subdirectories(plugins_dir);
+        dirs.retain(|dir| self.fs.exists(&dir.join(MANIFEST_FILE)));
+        dirs
+    }
+
+    /// Every directory under `plugins_dir`, sorted: [`discover`](Self::discover)
+    /// without asking each for its manifest. A full load pass reads the
+    /// manifests anyway and leaves out those without one
+    /// ([`NoManifest::Skip`]), a `stat` per directory fewer.
+    pub(super) fn subdirectories(&self, plugins_dir: &Path) -> Vec<PathBuf> {
         let entries = match self.fs.read_dir(plugins_dir) {
             Ok(entries) => entries,
             Err(e) => {
@@ -50,7 +71,7 @@ impl Loader {
         };
         let mut dirs: Vec<PathBuf> = entries
             .into_iter()
-            .filter(|e| e.is_dir && self.fs.exists(&e.path.join(MANIFEST_FILE)))
+            .filter(|e| e.is_dir)
             .map(|e| e.path)
             .collect();
         dirs.sort();
@@ -75,15 +96,43 @@ impl Loader {
     ) -> (Result<Manifest, Box<BadManifest>>, Option<u64>) {
         let path = dir.join(MANIFEST_FILE);
         let read = self.read_manifest_bytes(&path);
-        // The change stamp before anything else of the plugin is read:
-        // whatever changes from here on differs from it at the next rescan.
-        // It hashes the manifest bytes parsed here (read once); a manifest
-        // that could not be read is read again by the stamp.
+        self.stamp_and_parse(dir, &path, read, lock)
+    }
+
+    /// [`read_manifest_stamped`](Self::read_manifest_stamped), but `None`
+    /// for a directory without a manifest under [`NoManifest::Skip`]
+    /// (nothing of it stamped either).
+    pub(super) fn read_manifest_stamped_or(
+        &self,
+        dir: &Path,
+        lock: Option<&[u8]>,
+        no_manifest: NoManifest,
+    ) -> Option<(Result<Manifest, Box<BadManifest>>, Option<u64>)> {
+        let path = dir.join(MANIFEST_FILE);
+        let read = self.read_manifest_bytes(&path);
+        let missing =
+            matches!(&read, Err(bad) if matches!(bad.error, ManifestError::NotFound { .. }));
+        (!missing || no_manifest == NoManifest::Fail)
+            .then(|| self.stamp_and_parse(dir, &path, read, lock))
+    }
+
+    /// The change stamp of `dir`, taken before anything else of the plugin
+    /// is read, and the manifest parsed from `read` (its bytes, read once).
+    fn stamp_and_parse(
+        &self,
+        dir: &Path,
+        path: &Path,
+        read: Result<Vec<u8>, Box<BadManifest>>,
+        lock: Option<&[u8]>,
+    ) -> (Result<Manifest, Box<BadManifest>>, Option<u64>) {
+        // Whatever changes from here on differs from the stamp at the next
+        // rescan. It hashes the manifest bytes parsed here; a manifest that
+        // could not be read is read again by the stamp.
         let stamped = match &read {
             Ok(bytes) => super::stamp::stamp_with(dir, Some(bytes), lock),
             Err(_) => super::stamp::stamp(dir),
         };
-        (self.parse_manifest(dir, &path, read), stamped)
+        (self.parse_manifest(dir, path, read), stamped)
     }
 
     fn parse_manifest(

@@ -10,7 +10,7 @@ use std::time::Instant;
 use forgesyte_errors::{ManifestError, PluginError};
 use forgesyte_registry::{PluginInfo, PluginLifecycleState};
 
-use super::discovery::{BadManifest, dir_name, manifest_panicked};
+use super::discovery::{BadManifest, NoManifest, dir_name, manifest_panicked};
 use super::loader::{Entry, Loader, Pending};
 use super::parallel::par_map;
 use super::report::{LoadReport, PluginLoadOutcome, ms};
@@ -28,9 +28,9 @@ impl Loader {
         let started = Instant::now();
         self.fresh_stamps.lock().clear();
         *self.plugins_dir.write() = Some(plugins_dir.to_path_buf());
-        let dirs = self.discover(plugins_dir);
+        let dirs = self.subdirectories(plugins_dir);
         let entry_points = self.discover_entry_points();
-        let mut report = self.load_pass(&dirs, &entry_points);
+        let mut report = self.load_pass(&dirs, &entry_points, NoManifest::Skip);
         // The baseline of the next rescan.
         self.restamp();
         report.elapsed_ms = ms(started.elapsed());
@@ -61,12 +61,18 @@ impl Loader {
 
     /// One load pass over `dirs`.
     pub(super) fn load_dirs(&self, dirs: &[PathBuf]) -> LoadReport {
-        self.load_pass(dirs, &[])
+        self.load_pass(dirs, &[], NoManifest::Fail)
     }
 
     /// One load pass over `dirs` and then `entry_points` (installed Python
-    /// plugins), in one set of dependency waves.
-    pub(super) fn load_pass(&self, dirs: &[PathBuf], entry_points: &[EntryPoint]) -> LoadReport {
+    /// plugins), in one set of dependency waves; `no_manifest` says what a
+    /// directory without a manifest is.
+    pub(super) fn load_pass(
+        &self,
+        dirs: &[PathBuf],
+        entry_points: &[EntryPoint],
+        no_manifest: NoManifest,
+    ) -> LoadReport {
         self.checker.clear_cache();
         self.pass.clear();
         // Phase 1 (parallel): read and validate every manifest.
@@ -84,9 +90,19 @@ impl Loader {
                 .parent()
                 .and_then(|p| locks.get(p))
                 .and_then(Option::as_deref);
-            let (read, stamped) = self.read_manifest_stamped(dir, lock);
-            (started, read, stamped)
+            self.read_manifest_stamped_or(dir, lock, no_manifest)
+                .map(|(read, stamped)| (started, read, stamped))
         });
+        // Directories without a manifest, under `NoManifest::Skip`: not
+        // plugins, left out as discovery leaves them out.
+        let parsed: Vec<_> = parsed
+            .into_iter()
+            .filter_map(|(dir, r)| match r {
+                Ok(None) => None,
+                Ok(Some(read)) => Some((dir, Ok(read))),
+                Err(panic) => Some((dir, Err(panic))),
+            })
+            .collect();
         // The stamps in one go: recorded one by one, the pass's threads
         // queued for the map's lock.
         self.fresh_stamps.lock().extend(

@@ -11,7 +11,7 @@ use forgesyte_errors::{ManifestError, PluginError};
 use forgesyte_registry::PluginInfo;
 use serde_json::Value;
 
-use super::discovery::{BadManifest, bad};
+use super::discovery::{BadManifest, NoManifest, bad};
 use super::loader::{Loader, Pending};
 use super::report::{LoadReport, PluginLoadOutcome, ms};
 use crate::manifest::{Isolation, Manifest};
@@ -78,9 +78,10 @@ impl Loader {
                 .collect();
         }
         if !new.is_empty() || !new_entry_points.is_empty() {
-            report
-                .plugins
-                .extend(self.load_pass(&new, &new_entry_points).plugins);
+            report.plugins.extend(
+                self.load_pass(&new, &new_entry_points, NoManifest::Fail)
+                    .plugins,
+            );
             report.plugins.sort_by(|a, b| a.name.cmp(&b.name));
         }
         // What was loaded is the next rescan's baseline, as after load_all.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::discovery::NoManifest;
 use super::loader::Loader;
 use super::parallel::par_map;
 use super::report::{LoadReport, PluginLoadOutcome, ms};
@@ -195,7 +196,9 @@ impl Loader {
             .filter(|d| !known_dirs.contains(d))
             .collect();
         if !new_dirs.is_empty() || !new_entry_points.is_empty() {
-            report.added = self.load_pass(&new_dirs, &new_entry_points).plugins;
+            report.added = self
+                .load_pass(&new_dirs, &new_entry_points, NoManifest::Fail)
+                .plugins;
         }
 
         let mut outcomes = BTreeMap::new();
