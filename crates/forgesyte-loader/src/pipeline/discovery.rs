@@ -38,6 +38,10 @@ impl BadManifest {
     }
 }
 
+/// A directory's manifest (or why it has none) and its change stamp
+/// (`None`: the directory could not be read).
+pub(super) type Stamped = (Result<Manifest, Box<BadManifest>>, Option<u64>);
+
 /// What a pass makes of a directory without a manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum NoManifest {
@@ -89,11 +93,7 @@ impl Loader {
     /// change stamp: it comes back with the manifest. `lock` is the lock
     /// file beside `dir` ([`lock_beside`](super::stamp::lock_beside)),
     /// which a pass reads once for all its plugins.
-    pub(super) fn read_manifest_stamped(
-        &self,
-        dir: &Path,
-        lock: Option<&[u8]>,
-    ) -> (Result<Manifest, Box<BadManifest>>, Option<u64>) {
+    pub(super) fn read_manifest_stamped(&self, dir: &Path, lock: Option<&[u8]>) -> Stamped {
         let path = dir.join(MANIFEST_FILE);
         let read = self.read_manifest_bytes(&path);
         self.stamp_and_parse(dir, &path, read, lock)
@@ -107,7 +107,7 @@ impl Loader {
         dir: &Path,
         lock: Option<&[u8]>,
         no_manifest: NoManifest,
-    ) -> Option<(Result<Manifest, Box<BadManifest>>, Option<u64>)> {
+    ) -> Option<Stamped> {
         let path = dir.join(MANIFEST_FILE);
         let read = self.read_manifest_bytes(&path);
         let missing =
@@ -124,7 +124,7 @@ impl Loader {
         path: &Path,
         read: Result<Vec<u8>, Box<BadManifest>>,
         lock: Option<&[u8]>,
-    ) -> (Result<Manifest, Box<BadManifest>>, Option<u64>) {
+    ) -> Stamped {
         // Whatever changes from here on differs from the stamp at the next
         // rescan. It hashes the manifest bytes parsed here; a manifest that
         // could not be read is read again by the stamp.
