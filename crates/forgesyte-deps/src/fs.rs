@@ -179,7 +179,7 @@ mod tests {
             std::fs::write(&p, &data).unwrap();
             assert_eq!(RealFs.read(&p, u64::MAX).unwrap(), data, "{len} bytes");
             assert_eq!(RealFs.read(&p, len as u64).unwrap(), data, "{len} bytes");
-            for limit in [0, len / 2, first as u64 as usize, first + 3] {
+            for limit in [0, len / 2, first, first + 3] {
                 let got = RealFs.read(&p, limit as u64).unwrap();
                 let want = &data[..len.min(limit + 1)];
                 assert_eq!(got, want, "{len} bytes, limit {limit}");
