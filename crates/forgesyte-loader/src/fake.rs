@@ -33,6 +33,8 @@ pub enum FakeBehavior {
 #[derive(Debug, Default)]
 pub struct FakeImporter {
     libraries: Mutex<BTreeMap<PathBuf, FakeBehavior>>,
+    /// Every `prefetch` hint and every `open`, in order.
+    log: Mutex<Vec<(&'static str, PathBuf)>>,
 }
 
 impl FakeImporter {
@@ -51,10 +53,21 @@ impl FakeImporter {
     pub fn set(&self, path: impl Into<PathBuf>, behavior: FakeBehavior) {
         self.libraries.lock().insert(path.into(), behavior);
     }
+
+    /// The `prefetch` hints and opens so far, in order: `("prefetch", path)`
+    /// and `("open", path)`.
+    pub fn log(&self) -> Vec<(&'static str, PathBuf)> {
+        self.log.lock().clone()
+    }
 }
 
 impl Importer for FakeImporter {
+    fn prefetch(&self, path: &Path) {
+        self.log.lock().push(("prefetch", path.to_path_buf()));
+    }
+
     fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        self.log.lock().push(("open", path.to_path_buf()));
         let behavior = self.libraries.lock().get(path).cloned();
         match behavior {
             None => Err(ImportError::LibraryNotFound {

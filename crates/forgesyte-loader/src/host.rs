@@ -33,6 +33,14 @@ pub trait Importer: Send + Sync + std::fmt::Debug {
         let _ = bytes;
         self.open(path)
     }
+
+    /// A hint that the library at `path` is opened soon: a load pass gives
+    /// it for each library as its checks end, on the pass's pool, so that
+    /// the single thread that opens libraries finds them in memory. Never
+    /// fails; the default does nothing.
+    fn prefetch(&self, path: &Path) {
+        let _ = path;
+    }
 }
 
 /// An opened plugin library. Libraries are never unloaded.

@@ -1024,3 +1024,40 @@ fn an_invalid_lock_file_refuses_every_plugin_of_its_directory() {
         &["IntegrityError: lock file /plugins/forgesyte.lock is invalid: "],
     );
 }
+
+#[test]
+fn each_library_opened_by_path_is_prefetched_before_it_is_opened() {
+    let s = Setup::new();
+    s.plugin("a", &manifest("a", json!({})), FakeBehavior::Good)
+        .plugin("b", &manifest("b", json!({})), FakeBehavior::Good)
+        // Its checked bytes are loaded, not its file: nothing to prefetch.
+        .plugin(
+            "pinned",
+            &manifest("pinned", json!({"sha256": ELF_SHA256})),
+            FakeBehavior::Good,
+        )
+        // Its dependency check fails: it is never opened, nor prefetched.
+        .plugin(
+            "needs",
+            &manifest("needs", json!({"dependencies": ["lib:nowhere"]})),
+            FakeBehavior::Good,
+        );
+    s.load();
+    s.check("needs", S::Unavailable, &["lib:nowhere"]);
+    let log = s.importer.log();
+    for name in ["a", "b"] {
+        let lib = std::path::PathBuf::from(format!("/plugins/{name}/lib.so"));
+        let at = |what: &str| log.iter().position(|(w, p)| *w == what && *p == lib);
+        let (Some(prefetched), Some(opened)) = (at("prefetch"), at("open")) else {
+            panic!("{name}: {log:?}");
+        };
+        assert!(prefetched < opened, "{name}: {log:?}");
+    }
+    for name in ["pinned", "needs"] {
+        let lib = std::path::PathBuf::from(format!("/plugins/{name}/lib.so"));
+        assert!(
+            !log.iter().any(|(w, p)| *w == "prefetch" && *p == lib),
+            "{name}: {log:?}"
+        );
+    }
+}

@@ -83,6 +83,9 @@ impl Loader {
             self.recheck(p, &target, &signed)?;
         }
         let opening = self.check_library(p, &library_path, &signed, pinned)?;
+        if matches!(opening, Opening::Path) {
+            self.importer.prefetch(&library_path);
+        }
         Ok(Step::ToOpen(Checked {
             library_path,
             opening,
