@@ -95,10 +95,10 @@ impl FileSystem for RealFs {
         std::fs::symlink_metadata(path).map(|m| m.file_type().is_symlink())
     }
 
-    /// Two `read`s for a file that fits in [`FIRST_READ`] (a manifest):
-    /// `read_to_end` into an empty vector probes with 32 bytes and then
-    /// doubles, six `read`s for a 469-byte manifest. A larger file gets the
-    /// rest in one buffer sized from its length.
+    /// Two `read`s for a file that fits in the first buffer (8 KiB: a
+    /// manifest): `read_to_end` into an empty vector probes with 32 bytes
+    /// and then doubles, six `read`s for a 469-byte manifest. A larger file
+    /// gets the rest in one buffer sized from its length.
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         let file = std::fs::File::open(path)?;
         let mut reader = file.take(limit.saturating_add(1));
