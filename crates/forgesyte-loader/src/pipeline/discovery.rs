@@ -127,10 +127,11 @@ impl Loader {
     ) -> Stamped {
         // Whatever changes from here on differs from the stamp at the next
         // rescan. It hashes the manifest bytes parsed here; a manifest that
-        // could not be read is read again by the stamp.
+        // could not be read is read again for the stamp (as `stamp` does),
+        // with the lock file the caller read.
         let stamped = match &read {
             Ok(bytes) => super::stamp::stamp_with(dir, Some(bytes), lock),
-            Err(_) => super::stamp::stamp(dir),
+            Err(_) => super::stamp::stamp_with(dir, std::fs::read(path).ok().as_deref(), lock),
         };
         (self.parse_manifest(dir, path, read), stamped)
     }
