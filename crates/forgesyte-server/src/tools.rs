@@ -198,37 +198,35 @@ async fn run_unrecorded(
             .await
         })
     };
-    // The call is watched on a task of its own, so that what follows holds
-    // even when this request ends first (a client that hung up): the time
-    // limit counts from the call's start (time spent waiting for a thread,
-    // every call thread busy, is the server's, never the plugin's); a call
-    // that could not start within its limit never runs and answers 503, the
-    // plugin unaffected; an in-process call past its limit fails its
-    // plugin. (Polling `call` is what queues it.)
-    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    // The call is watched in this request's task; if the request ends
+    // first (a client that hung up), the rest of the watch goes on in a
+    // task of its own (`FinishOnDrop`), so that what follows holds
+    // either way: the time limit counts from the call's start (time spent
+    // waiting for a thread, every call thread busy, is the server's, never
+    // the plugin's); a call that could not start within its limit never
+    // runs and answers 503, the plugin unaffected; an in-process call past
+    // its limit fails its plugin. (Polling `call` is what queues it.) No
+    // task is spawned for a request that waits for its answer.
     let watch = {
-        use tracing::Instrument as _;
         let start = start.clone();
         let handle = handle.clone();
-        let (state, plugin, tool) = (state.clone(), plugin.to_owned(), tool.to_owned());
-        async move {
-            let ended =
-                watch_call(call, started_rx, &start, (&handle, &ticket), &tool, limit).await;
-            // Its request ended first (a client that hung up): the call is
-            // counted here, as it would have been there.
-            if let Err(ended) = ended_tx.send(ended) {
-                let mut facts = CallFacts {
-                    tool_known: true,
-                    elapsed: None,
-                };
-                let result = conclude(ended, (&plugin, &tool), (started, limit), &mut facts);
-                record(&state, (&plugin, &tool), &result, &facts);
-            }
-        }
-        .instrument(tracing::Span::current())
+        let tool = tool.to_owned();
+        async move { watch_call(call, started_rx, &start, (&handle, &ticket), &tool, limit).await }
     };
-    tokio::spawn(watch);
-    let ended = ended_rx.await.unwrap_or(Ended::Ran(Ok(None)));
+    let orphaned = {
+        let (state, plugin, tool) = (state.clone(), plugin.to_owned(), tool.to_owned());
+        // Its request ended first: the call is counted here, as it would
+        // have been there.
+        move |ended| {
+            let mut facts = CallFacts {
+                tool_known: true,
+                elapsed: None,
+            };
+            let result = conclude(ended, (&plugin, &tool), (started, limit), &mut facts);
+            record(&state, (&plugin, &tool), &result, &facts);
+        }
+    };
+    let ended = FinishOnDrop::new(watch, orphaned).await;
     conclude(ended, (plugin, tool), (started, limit), facts)
 }
 
@@ -321,12 +319,20 @@ async fn watch_call(
     if handle.isolation() == Isolation::Process {
         return Ended::Ran(Ok(call.await));
     }
-    let deadline = tokio::time::Instant::from_std(began) + limit;
-    Ended::Ran(match tokio::time::timeout_at(deadline, &mut call).await {
-        Ok(out) => Ok(out),
+    // The same timer, moved to the call's deadline (one timer per call).
+    waited
+        .as_mut()
+        .reset(tokio::time::Instant::from_std(began) + limit);
+    let in_time = tokio::select! {
+        biased;
+        out = &mut call => Some(out),
+        () = &mut waited => None,
+    };
+    Ended::Ran(match in_time {
+        Some(out) => Ok(out),
         // The call's thread cannot be stopped: the plugin is no longer
         // trusted. The thread finishes (or not) in the background.
-        Err(_elapsed) => match handle.fail_timeout(tool, limit, ticket) {
+        None => match handle.fail_timeout(tool, limit, ticket) {
             Some(reason) => Err(reason),
             // It returned just as its time ran out: its answer stands.
             None => Ok(call.await),
@@ -369,6 +375,61 @@ struct CancelUnstarted(Start);
 impl Drop for CancelUnstarted {
     fn drop(&mut self) {
         self.0.cancel();
+    }
+}
+
+/// A future run as part of the task that awaits it, and finished in a
+/// task of its own when that task drops it first: then `orphaned` gets its
+/// output. (Spawning it from the start, as the run route did, cost a task
+/// and a wake-up per call.) Outside a runtime, as it shuts down, what is
+/// left is dropped.
+struct FinishOnDrop<T: Send + 'static> {
+    work: Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+    orphaned: Option<Box<dyn FnOnce(T) + Send>>,
+    /// The span it was made in, for what goes on after its task.
+    span: tracing::Span,
+}
+
+impl<T: Send + 'static> FinishOnDrop<T> {
+    fn new(
+        work: impl std::future::Future<Output = T> + Send + 'static,
+        orphaned: impl FnOnce(T) + Send + 'static,
+    ) -> Self {
+        FinishOnDrop {
+            work: Some(Box::pin(work)),
+            orphaned: Some(Box::new(orphaned)),
+            span: tracing::Span::current(),
+        }
+    }
+}
+
+impl<T: Send + 'static> std::future::Future for FinishOnDrop<T> {
+    type Output = T;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        let Some(work) = self.work.as_mut() else {
+            // Polled after its end: a bug of the caller, never reached.
+            return std::task::Poll::Pending;
+        };
+        let output = std::task::ready!(work.as_mut().poll(cx));
+        self.work = None;
+        std::task::Poll::Ready(output)
+    }
+}
+
+impl<T: Send + 'static> Drop for FinishOnDrop<T> {
+    fn drop(&mut self) {
+        use tracing::Instrument as _;
+        let (Some(work), Some(orphaned)) = (self.work.take(), self.orphaned.take()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let span = self.span.clone();
+            runtime.spawn(async move { orphaned(work.await) }.instrument(span));
+        }
     }
 }
 
