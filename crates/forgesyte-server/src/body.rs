@@ -135,7 +135,7 @@ pub(crate) async fn receive(
 fn body_error(e: &axum::Error) -> RunError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(error) = source {
-        if error.is::<tower_http::timeout::TimeoutError>() {
+        if error.is::<crate::idle_body::BodyIdle>() {
             return RunError::BodyTimedOut;
         }
         source = error.source();

@@ -89,6 +89,7 @@ mod error;
 mod events;
 mod extract;
 mod form;
+mod idle_body;
 mod metrics;
 mod pool;
 mod probes;

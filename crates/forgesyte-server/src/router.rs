@@ -18,10 +18,10 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::{Extension, Router};
 use tower_http::classify::ServerErrorsFailureClass;
+use tower_http::map_request_body::MapRequestBodyLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -124,7 +124,9 @@ pub fn app(state: AppState) -> Router {
                         .on_failure(log_failure),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-                .layer(RequestBodyTimeoutLayer::new(body_read_timeout))
+                .layer(MapRequestBodyLayer::new(move |body| {
+                    crate::idle_body::IdleTimeoutBody::new(body, body_read_timeout)
+                }))
                 .layer(DefaultBodyLimit::max(body_limit))
                 .layer(Extension(published()))
                 // Innermost, after routing (so it sees the matched route
