@@ -12,7 +12,10 @@
 //! is handed to tokio's blocking pool too (it stays queued: a lane that
 //! wakes late still takes it if no blocking thread has yet), and
 //! when every lane is busy with a call older than that, new calls skip the
-//! queue. Each call runs exactly once, whoever takes it first.
+//! queue. A call that finds the queue empty and a lane asleep that no other
+//! call woke wakes that lane for itself and needs no such timer: nothing
+//! stands before it but free lanes. Each call runs exactly once, whoever
+//! takes it first.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +44,18 @@ impl Job {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
     }
+}
+
+/// Where [`CallPool::run`] put a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    /// Queued, with a sleeping lane woken for it.
+    Claimed,
+    /// Queued behind other calls or busy lanes (`wake`: a sleeping lane
+    /// was woken): escalated if no lane starts it within [`ESCALATE_AFTER`].
+    Waiting { wake: bool },
+    /// Not queued: the blocking pool runs it.
+    No,
 }
 
 /// The pool; cheap to clone.
@@ -75,8 +90,19 @@ impl std::fmt::Debug for CallPool {
     }
 }
 
+/// The calls waiting for a lane, and the lanes waiting for a call.
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Arc<Job>>,
+    /// Lanes asleep on `ready`.
+    waiting: usize,
+    /// Of those, how many a call already woke for itself (see
+    /// [`CallPool::run`]); a lane's wake-up, whatever woke it, serves one.
+    claimed: usize,
+}
+
 struct Inner {
-    queue: Mutex<VecDeque<Arc<Job>>>,
+    queue: Mutex<Queue>,
     ready: Condvar,
     /// Per lane: when its current call started (µs since `epoch`), 0 = idle.
     busy_since: Vec<AtomicU64>,
@@ -107,17 +133,20 @@ impl Inner {
             let job = {
                 let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
                 loop {
-                    if let Some(job) = queue.pop_front() {
+                    if let Some(job) = queue.jobs.pop_front() {
                         break job;
                     }
                     if self.closed.load(Ordering::Acquire) {
                         return;
                     }
+                    queue.waiting += 1;
                     queue = self
                         .ready
                         .wait_timeout(queue, Duration::from_secs(1))
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
+                    queue.waiting -= 1;
+                    queue.claimed = queue.claimed.saturating_sub(1);
                 }
             };
             if let Some(task) = job.take() {
@@ -134,7 +163,7 @@ impl CallPool {
     pub(crate) fn new() -> Self {
         let lanes = std::thread::available_parallelism().map_or(1, usize::from);
         let inner = Arc::new(Inner {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
             busy_since: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
@@ -187,16 +216,36 @@ impl CallPool {
                 .queue
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let room = queue.len() < QUEUE_PER_LANE * self.inner().busy_since.len();
-            if room && self.inner().has_live_lane() {
-                queue.push_back(Arc::clone(&job));
-                true
+            if queue.jobs.is_empty() && queue.waiting > queue.claimed {
+                // A lane asleep, none woken for another call: woken now,
+                // it takes this call first (nothing is queued before it),
+                // unless another lane, free too, takes it sooner. Either
+                // way no lane in a call stands before it, and it needs no
+                // escalation timer.
+                queue.claimed += 1;
+                queue.jobs.push_back(Arc::clone(&job));
+                Queued::Claimed
+            } else if queue.jobs.len() < QUEUE_PER_LANE * self.inner().busy_since.len()
+                && self.inner().has_live_lane()
+            {
+                queue.jobs.push_back(Arc::clone(&job));
+                // A lane is woken only if one sleeps that no other call
+                // woke already.
+                let wake = queue.waiting > queue.claimed;
+                queue.claimed += usize::from(wake);
+                Queued::Waiting { wake }
             } else {
-                false
+                Queued::No
             }
         };
-        if queued {
+        if queued == Queued::Claimed {
             self.inner().ready.notify_one();
+            return rx.await.ok().flatten();
+        }
+        if let Queued::Waiting { wake } = queued {
+            if wake {
+                self.inner().ready.notify_one();
+            }
             let mut rx = rx;
             tokio::select! {
                 result = &mut rx => return result.ok().flatten(),
@@ -305,6 +354,50 @@ mod tests {
         cvar.notify_all();
         for call in slow {
             assert_eq!(call.await.unwrap(), Some(()));
+        }
+    }
+
+    /// A call that finds a lane asleep runs on it (it is queued without a
+    /// timer, and nothing escalates it to the blocking pool), one call
+    /// after another; and the count of lanes woken for calls goes back to
+    /// zero once they are asleep again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_that_find_a_lane_asleep_run_on_it() {
+        let pool = CallPool::new();
+        let lanes = pool.inner().busy_since.len();
+        let asleep = |pool: &CallPool| {
+            let queue = pool.inner().queue.lock().unwrap();
+            (queue.waiting, queue.claimed)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while asleep(&pool) != (lanes, 0) {
+            assert!(
+                Instant::now() < deadline,
+                "lanes not asleep: {:?}",
+                asleep(&pool)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..50 {
+            let thread = pool
+                .run(|| std::thread::current().name().map(str::to_owned))
+                .await
+                .flatten();
+            assert!(
+                thread
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with("forgesyte-call-")),
+                "ran on {thread:?}"
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while asleep(&pool) != (lanes, 0) {
+            assert!(
+                Instant::now() < deadline,
+                "after the calls: {:?}",
+                asleep(&pool)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
