@@ -164,6 +164,21 @@ pub fn dlopen(dir: &Path) -> anyhow::Result<serde_json::Value> {
 ///
 /// When a library cannot be opened, constructed or listed.
 pub fn rawabi(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let plugins = raw_abi_plugins(dir)?;
+    let started = Instant::now();
+    let (libraries, done) = dl::construct_all(&plugins)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(json!({
+        "ms": ms,
+        "libraries": libraries.len(),
+        "instances": done.instances,
+        "tools": done.tools,
+    }))
+}
+
+/// Every library of the tree with the config JSON a host gives its
+/// `create` (read and prepared before anything is measured).
+fn raw_abi_plugins(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
     let paths: Vec<PathBuf> = tree::libraries(dir)?;
     let mut plugins = Vec::with_capacity(paths.len());
     for path in paths {
@@ -177,37 +192,42 @@ pub fn rawabi(dir: &Path) -> anyhow::Result<serde_json::Value> {
         });
         plugins.push((path, serde_json::to_vec(&config)?));
     }
-    let started = Instant::now();
-    let (libraries, done) = dl::construct_all(&plugins)?;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    Ok(json!({
-        "ms": ms,
-        "libraries": libraries.len(),
-        "instances": done.instances,
-        "tools": done.tools,
-    }))
+    Ok(plugins)
 }
 
 /// `__rss DIR`: resident memory before and after opening every library
-/// of the tree (`dlopen` + `dlsym`), in KiB.
+/// of the tree (`dlopen` + `dlsym`), in KiB; with `construct`, before and
+/// after the raw-ABI work of the second load baseline (`dlopen`, entry,
+/// `create`, `tools`: see [`dl::construct_all`]), the instances kept.
 ///
 /// # Errors
 ///
-/// When a library cannot be opened or `/proc/self/status` cannot be read.
-pub fn rss(dir: &Path) -> anyhow::Result<serde_json::Value> {
-    let paths: Vec<PathBuf> = tree::libraries(dir)?;
-    let before = proc::rss_kib("/proc/self/status")?;
-    let libraries = dl::open_all(&paths)?;
-    let after = proc::rss_kib("/proc/self/status")?;
-    let per_library = if libraries.is_empty() {
+/// When a library cannot be opened or constructed, or `/proc/self/status`
+/// cannot be read.
+pub fn rss(dir: &Path, construct: bool) -> anyhow::Result<serde_json::Value> {
+    let (before, after, libraries) = if construct {
+        let plugins = raw_abi_plugins(dir)?;
+        let before = proc::rss_kib("/proc/self/status")?;
+        let (libraries, done) = dl::construct_all(&plugins)?;
+        let after = proc::rss_kib("/proc/self/status")?;
+        std::hint::black_box(done);
+        (before, after, libraries.len())
+    } else {
+        let paths: Vec<PathBuf> = tree::libraries(dir)?;
+        let before = proc::rss_kib("/proc/self/status")?;
+        let libraries = dl::open_all(&paths)?;
+        let after = proc::rss_kib("/proc/self/status")?;
+        (before, after, libraries.len())
+    };
+    let per_library = if libraries == 0 {
         0.0
     } else {
-        after.saturating_sub(before) as f64 / libraries.len() as f64
+        after.saturating_sub(before) as f64 / libraries as f64
     };
     Ok(json!({
         "before_kib": before,
         "after_kib": after,
-        "libraries": libraries.len(),
+        "libraries": libraries,
         "per_library_kib": per_library,
     }))
 }

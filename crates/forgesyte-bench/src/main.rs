@@ -87,7 +87,12 @@ enum Helper {
     #[command(name = "__rawabi", hide = true)]
     Rawabi { dir: PathBuf },
     #[command(name = "__rss", hide = true)]
-    Rss { dir: PathBuf },
+    Rss {
+        dir: PathBuf,
+        /// Also create every instance and list its tools (raw ABI).
+        #[arg(long)]
+        construct: bool,
+    },
     /// Load on one route of a running server (for profiling it).
     #[command(name = "__drive", hide = true)]
     Drive {
@@ -137,7 +142,7 @@ fn run_helper(helper: Helper) -> anyhow::Result<()> {
         Helper::Load { dir } => helpers::load(&dir).map(print),
         Helper::Dlopen { dir } => helpers::dlopen(&dir).map(print),
         Helper::Rawabi { dir } => helpers::rawabi(&dir).map(print),
-        Helper::Rss { dir } => helpers::rss(&dir).map(print),
+        Helper::Rss { dir, construct } => helpers::rss(&dir, construct).map(print),
         Helper::Drive {
             addr,
             path,

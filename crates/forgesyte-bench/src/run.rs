@@ -559,12 +559,17 @@ impl Bench<'_> {
             let full = self.settled_rss(&self.serve_dir.clone(), n, "memory-full")?;
             let libs = self.helper(&["__rss", path_arg(&self.serve_dir)?])?;
             let per_library = number(&libs, "per_library_kib")?;
+            let made = self.helper(&["__rss", "--construct", path_arg(&self.serve_dir)?])?;
+            let per_instance = number(&made, "per_library_kib")?;
             runs.push(json!({
                 "server_none_kib": none,
                 "server_full_kib": full,
                 "per_library_kib": per_library,
                 "expected_kib": none as f64 + n as f64 * per_library,
                 "libraries": libs,
+                "per_instance_kib": per_instance,
+                "expected_constructed_kib": none as f64 + n as f64 * per_instance,
+                "constructed": made,
             }));
         }
         let full: Vec<f64> = runs
@@ -583,6 +588,25 @@ impl Bench<'_> {
             (median(&expected) / 1024.0, &format!("none + {n} × dlopen")),
             Target::RatioAtMost(1.2),
             json!({ "plugins": n, "runs": runs }),
+        ));
+        // The same server against what any host's process holds once it
+        // made the instances (the plugins' own code and data that `create`
+        // and `tools` touch): what is over it is the host's.
+        let constructed: Vec<f64> = runs
+            .iter()
+            .map(|r| number(r, "expected_constructed_kib"))
+            .collect::<Result<_, _>>()?;
+        self.report.figures.push(Figure::ratio(
+            "memory_abi",
+            format!("server RSS, {n} plugins, against instances made"),
+            "MiB",
+            median(&full) / 1024.0,
+            (
+                median(&constructed) / 1024.0,
+                &format!("none + {n} × raw-ABI create"),
+            ),
+            Target::Report,
+            Value::String("see memory".into()),
         ));
         Ok(())
     }

@@ -21,6 +21,7 @@ const FIGURES: &[&str] = &[
     "metrics_rps",
     "call_overhead",
     "memory",
+    "memory_abi",
     "mixed",
     "python_startup",
     "python_http_rps",
