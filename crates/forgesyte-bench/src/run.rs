@@ -572,39 +572,35 @@ impl Bench<'_> {
                 "constructed": made,
             }));
         }
-        let full: Vec<f64> = runs
-            .iter()
-            .map(|r| number(r, "server_full_kib"))
-            .collect::<Result<_, _>>()?;
-        let expected: Vec<f64> = runs
-            .iter()
-            .map(|r| number(r, "expected_kib"))
-            .collect::<Result<_, _>>()?;
+        // The median over the runs of one of their fields, in MiB.
+        let mib = |field: &str| -> anyhow::Result<f64> {
+            let values: Vec<f64> = runs
+                .iter()
+                .map(|r| number(r, field))
+                .collect::<Result<_, _>>()?;
+            Ok(median(&values) / 1024.0)
+        };
+        let full = mib("server_full_kib")?;
+        let expected = mib("expected_kib")?;
+        let constructed = mib("expected_constructed_kib")?;
         self.report.figures.push(Figure::ratio(
             "memory",
             format!("server RSS, {n} plugins"),
             "MiB",
-            median(&full) / 1024.0,
-            (median(&expected) / 1024.0, &format!("none + {n} × dlopen")),
+            full,
+            (expected, &format!("none + {n} × dlopen")),
             Target::RatioAtMost(1.2),
             json!({ "plugins": n, "runs": runs }),
         ));
         // The same server against what any host's process holds once it
         // made the instances (the plugins' own code and data that `create`
         // and `tools` touch): what is over it is the host's.
-        let constructed: Vec<f64> = runs
-            .iter()
-            .map(|r| number(r, "expected_constructed_kib"))
-            .collect::<Result<_, _>>()?;
         self.report.figures.push(Figure::ratio(
             "memory_abi",
             format!("server RSS, {n} plugins, against instances made"),
             "MiB",
-            median(&full) / 1024.0,
-            (
-                median(&constructed) / 1024.0,
-                &format!("none + {n} × raw-ABI create"),
-            ),
+            full,
+            (constructed, &format!("none + {n} × raw-ABI create")),
             Target::Report,
             Value::String("see memory".into()),
         ));

@@ -363,21 +363,22 @@ mod tests {
     /// zero once they are asleep again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_that_find_a_lane_asleep_run_on_it() {
-        let pool = CallPool::new();
-        let lanes = pool.inner().busy_since.len();
-        let asleep = |pool: &CallPool| {
-            let queue = pool.inner().queue.lock().unwrap();
-            (queue.waiting, queue.claimed)
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while asleep(&pool) != (lanes, 0) {
-            assert!(
-                Instant::now() < deadline,
-                "lanes not asleep: {:?}",
-                asleep(&pool)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        /// Waits until every lane sleeps and none counts as woken for a
+        /// call; fails after 10 s, saying `when`.
+        async fn all_asleep(pool: &CallPool, when: &str) {
+            let lanes = pool.inner().busy_since.len();
+            let asleep = || {
+                let queue = pool.inner().queue.lock().unwrap();
+                (queue.waiting, queue.claimed)
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while asleep() != (lanes, 0) {
+                assert!(Instant::now() < deadline, "{when}: {:?}", asleep());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
+        let pool = CallPool::new();
+        all_asleep(&pool, "before the calls").await;
         for _ in 0..50 {
             let thread = pool
                 .run(|| std::thread::current().name().map(str::to_owned))
@@ -390,15 +391,7 @@ mod tests {
                 "ran on {thread:?}"
             );
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while asleep(&pool) != (lanes, 0) {
-            assert!(
-                Instant::now() < deadline,
-                "after the calls: {:?}",
-                asleep(&pool)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        all_asleep(&pool, "after the calls").await;
     }
 
     #[tokio::test]
