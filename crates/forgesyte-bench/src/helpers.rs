@@ -198,7 +198,7 @@ fn raw_abi_plugins(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
 /// `__rss DIR`: resident memory before and after opening every library
 /// of the tree (`dlopen` + `dlsym`), in KiB; with `construct`, before and
 /// after the raw-ABI work of the second load baseline (`dlopen`, entry,
-/// `create`, `tools`: see [`dl::construct_all`]), the instances kept.
+/// `create`, `tools`: see `dl::construct_all`), the instances kept.
 ///
 /// # Errors
 ///

@@ -563,7 +563,7 @@ fn ms(d: Duration) -> f64 {
 mod tests {
     use axum::http::{HeaderMap, HeaderValue};
 
-    use super::{arguments, base64_text, call_context};
+    use super::{FinishOnDrop, arguments, base64_text, call_context};
     use crate::body::RunInput;
     use axum::body::Bytes;
     use serde_json::json;
@@ -662,5 +662,37 @@ mod tests {
         let ctx = call_context(&headers(&[("x-request-id", b"caf\xc3\xa9")]));
         assert!(ctx.is_empty(), "{ctx:?}");
         assert!(call_context(&HeaderMap::new()).is_empty());
+    }
+
+    /// Awaited to its end, its output is the awaiter's and `orphaned` is
+    /// never called; dropped before its end, it finishes in a task of its
+    /// own and `orphaned` gets the output.
+    #[tokio::test]
+    async fn finish_on_drop_finishes_what_its_task_dropped() {
+        let (orphan_tx, orphan_rx) = std::sync::mpsc::channel::<u32>();
+        let awaited = FinishOnDrop::new(async { 1 }, {
+            let orphan_tx = orphan_tx.clone();
+            move |v| orphan_tx.send(v).unwrap()
+        });
+        assert_eq!(awaited.await, 1);
+
+        let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<u32>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut dropped = Box::pin(FinishOnDrop::new(
+            async move { gate_rx.await.unwrap_or(0) },
+            move |v| {
+                orphan_tx.send(v).unwrap();
+                let _ = done_tx.send(());
+            },
+        ));
+        let pending = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(dropped.as_mut(), cx).is_pending())
+        })
+        .await;
+        assert!(pending, "it waits for its gate");
+        drop(dropped);
+        gate_tx.send(7).unwrap();
+        done_rx.await.unwrap();
+        assert_eq!(orphan_rx.try_iter().collect::<Vec<_>>(), vec![7]);
     }
 }
