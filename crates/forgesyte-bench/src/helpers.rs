@@ -205,29 +205,28 @@ fn raw_abi_plugins(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
 /// When a library cannot be opened or constructed, or `/proc/self/status`
 /// cannot be read.
 pub fn rss(dir: &Path, construct: bool) -> anyhow::Result<serde_json::Value> {
-    let (before, after, libraries) = if construct {
-        let plugins = raw_abi_plugins(dir)?;
-        let before = proc::rss_kib("/proc/self/status")?;
-        let (libraries, done) = dl::construct_all(&plugins)?;
-        let after = proc::rss_kib("/proc/self/status")?;
-        std::hint::black_box(done);
-        (before, after, libraries.len())
+    // Read and prepared first: only the opening (and making) is measured.
+    let (paths, plugins) = if construct {
+        (Vec::new(), raw_abi_plugins(dir)?)
     } else {
-        let paths: Vec<PathBuf> = tree::libraries(dir)?;
-        let before = proc::rss_kib("/proc/self/status")?;
-        let libraries = dl::open_all(&paths)?;
-        let after = proc::rss_kib("/proc/self/status")?;
-        (before, after, libraries.len())
+        (tree::libraries(dir)?, Vec::new())
     };
-    let per_library = if libraries == 0 {
+    let before = proc::rss_kib("/proc/self/status")?;
+    let libraries = if construct {
+        dl::construct_all(&plugins)?.0
+    } else {
+        dl::open_all(&paths)?
+    };
+    let after = proc::rss_kib("/proc/self/status")?;
+    let per_library = if libraries.is_empty() {
         0.0
     } else {
-        after.saturating_sub(before) as f64 / libraries as f64
+        after.saturating_sub(before) as f64 / libraries.len() as f64
     };
     Ok(json!({
         "before_kib": before,
         "after_kib": after,
-        "libraries": libraries,
+        "libraries": libraries.len(),
         "per_library_kib": per_library,
     }))
 }
