@@ -1276,22 +1276,44 @@ class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
         raise OSError("a plugin's bytecode is never read")
 
 
+class _SourceOnlyFinder(object):
+    """Finds modules as ``PathFinder`` does (it stands just before it on
+    ``sys.meta_path``), and makes those found under ``root`` (the plugin's
+    directory, or its installed package's) load from their sources through
+    :class:`_SourceOnlyLoader`. A module there that is bytecode without a
+    source is refused. Modules elsewhere (the standard library, the
+    plugin's dependencies) load as Python loads them."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def find_spec(self, name, path=None, target=None):
+        machinery = importlib.machinery
+        spec = machinery.PathFinder.find_spec(name, path, target)
+        origin = getattr(spec, "origin", None)
+        if not isinstance(origin, str):
+            return spec  # not found, or a namespace package
+        where = os.path.abspath(origin)
+        if not where.startswith(self.root + os.sep):
+            return spec
+        if isinstance(spec.loader, machinery.SourcelessFileLoader):
+            raise ImportError(
+                "%s is bytecode without its source (%s): a plugin's bytecode never runs, "
+                "since pins and signatures cover sources only" % (name, _clean(origin)),
+                name=name, path=origin)
+        if isinstance(spec.loader, machinery.SourceFileLoader):
+            spec.loader = _SourceOnlyLoader(name, origin)
+        return spec  # an extension module: covered by pins and signatures
+
+
 def _source_only_under(root):
-    """Modules found under ``root`` (the plugin directory, its packages
-    included) load from sources and extension modules only (no bare
-    ``.pyc``), through :class:`_SourceOnlyLoader`."""
-    machinery = importlib.machinery
-    loaders = [(machinery.ExtensionFileLoader, machinery.EXTENSION_SUFFIXES),
-               (_SourceOnlyLoader, machinery.SOURCE_SUFFIXES)]
-
-    def hook(path):
-        where = os.path.abspath(path or os.getcwd())
-        if where == root or where.startswith(root + os.sep):
-            return machinery.FileFinder(where, *loaders)
-        raise ImportError("not under the plugin directory")
-
-    sys.path_hooks.insert(0, hook)
-    sys.path_importer_cache.clear()
+    """Modules found under ``root`` (the plugin directory or installed
+    package, subpackages included) load from sources and extension modules
+    only, never from bytecode: see :class:`_SourceOnlyFinder`."""
+    finder = _SourceOnlyFinder(root)
+    path_finder = importlib.machinery.PathFinder
+    at = sys.meta_path.index(path_finder) if path_finder in sys.meta_path else 0
+    sys.meta_path.insert(at, finder)
 
 
 def import_plugin(args):
@@ -1301,10 +1323,11 @@ def import_plugin(args):
         # Neither the runner's own directory nor, under ``-c``, the working
         # directory ("") may shadow plugin modules.
         del sys.path[0]
-    if args.plugin_dir and not args.installed:
+    if args.plugin_dir:
         root = os.path.abspath(args.plugin_dir)
         _source_only_under(root)
-        sys.path.insert(0, root)
+        if not args.installed:
+            sys.path.insert(0, root)
     if args.file is not None:
         path = args.file
         if not os.path.isfile(path):

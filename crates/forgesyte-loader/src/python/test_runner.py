@@ -998,6 +998,61 @@ class BytecodeTests(RunnerTestCase):
             self.assertEqual(header["result"], {"helper": "source", "me": "source!"}, mode)
         self.assertEqual(sorted(os.listdir(os.path.join(d, "__pycache__"))), sorted(cached))
 
+    def test_planted_bytecode_of_an_installed_package_never_runs(self):
+        # An entry-point package: importable from sys.path (PYTHONPATH
+        # here), its directory the plugin's. Its __init__, the plugin
+        # module and a helper all have matching planted bytecode; a
+        # module outside the package (a dependency) still loads as Python
+        # loads it, bytecode included.
+        site = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, site)
+        pkg = os.path.join(site, "planted_pkg")
+        os.mkdir(pkg)
+        self.plant(os.path.join(pkg, "__init__.py"), 'INIT = "source"\n', 'INIT = "plants"\n')
+        self.plant(os.path.join(pkg, "helper.py"), 'WHO = "source"\n', 'WHO = "plants"\n')
+        self.plant(os.path.join(site, "dep.py"), 'DEP = "source"\n', 'DEP = "cached"\n')
+        plugin = (
+            "import dep\n"
+            "from planted_pkg import INIT, helper\n"
+            "class Plugin:\n"
+            "    tools = {'who': {'handler': 'who'}}\n"
+            "    def who(self, args):\n"
+            "        return {'init': INIT, 'helper': helper.WHO, 'me': ME, 'dep': dep.DEP}\n"
+            "ME = 'source!'\n"
+        )
+        self.plant(os.path.join(pkg, "plugin.py"), plugin, plugin.replace("'source!'", "'planted'"))
+        cached = os.listdir(os.path.join(pkg, "__pycache__"))
+        self.assertEqual(len(cached), 3, cached)
+        p = Proc(self, args=["--plugin", "planted", "--plugin-dir", pkg,
+                             "--module", "planted_pkg.plugin", "--installed"],
+                 env={"PYTHONDONTWRITEBYTECODE": "", "PYTHONPATH": site})
+        p.start()
+        header, _ = p.run("who", {})
+        self.assertEqual(header["result"],
+                         {"init": "source", "helper": "source", "me": "source!", "dep": "cached"})
+        self.assertEqual(sorted(os.listdir(os.path.join(pkg, "__pycache__"))), sorted(cached))
+
+    def test_a_module_that_is_only_bytecode_is_refused(self):
+        import py_compile
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "lonely.py"), "w") as f:
+            f.write("X = 1\n")
+        # Sourceless bytecode where Python would load it: beside, not in
+        # __pycache__, its source gone.
+        py_compile.compile(os.path.join(d, "lonely.py"), cfile=os.path.join(d, "lonely.pyc"),
+                           doraise=True)
+        os.remove(os.path.join(d, "lonely.py"))
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write("import lonely\nclass Plugin:\n    tools = {}\n")
+        p = Proc(self, args=["--plugin", "lonely", "--plugin-dir", d,
+                             "--file", os.path.join(d, "plugin.py")])
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed")
+        self.assertEqual(header["error"]["error_type"], "ImportError")
+        self.assertIn("lonely is bytecode without its source", header["error"]["message"])
+        self.assertEqual(p.wait(5), 0)
+
 
 class ManifestToolsTests(RunnerTestCase):
     def test_tools_come_from_the_manifest_when_the_plugin_has_none(self):
