@@ -516,9 +516,13 @@ def _shm_socket():
         threshold = int(threshold)
     if fd <= 2 or threshold <= 0:
         return None
-    import socket
+    # The C module, not ``socket``: its enums and wrappers cost about 5 ms
+    # to import, in the zygote's start or in every runner, for a type that
+    # adds nothing this file uses.
+    import _socket
+
     os.set_inheritable(fd, False)
-    return socket.socket(fileno=fd), threshold
+    return _socket.socket(fileno=fd), threshold
 
 
 def _sealed(data):
@@ -590,7 +594,7 @@ class Wire(object):
     def _receive_shared(self, header, attachments):
         """Replaces the shared attachments the header names by their
         mappings; their descriptors were sent before the frame."""
-        import socket
+        import _socket as socket  # see _shm_socket
         try:
             indices = json.loads(header.decode("utf-8")).get("shm", [])
         except (UnicodeDecodeError, ValueError, AttributeError) as e:
@@ -722,7 +726,7 @@ class Wire(object):
     def _send_frame(self, header, attachments, fds, plain):
         with self.lock:
             if fds:
-                import socket
+                import _socket as socket  # see _shm_socket
 
                 try:
                     self.shm[0].sendmsg(
@@ -2171,7 +2175,7 @@ class _Zygote(object):
     def __init__(self):
         import select
         import signal
-        import socket
+        import _socket as socket  # see _shm_socket
 
         # What a runner imports after the fork is imported here once:
         # ``resource`` for the memory limit (an extension module, about
