@@ -135,6 +135,19 @@ fn the_smoke_run_measures_every_figure_and_loses_no_request() {
         python_http["sent"], python_http["answered"],
         "{python_http}"
     );
+    // The start-up figure's context: the interpreter's own start, timed
+    // once per repeat.
+    let startup = &figure("python_startup")["runs"];
+    let alone = startup["interpreter_start_ms"].as_array().unwrap();
+    assert_eq!(
+        alone.len(),
+        startup["server_ms"].as_array().unwrap().len(),
+        "{startup}"
+    );
+    assert!(
+        alone.iter().all(|v| v.as_f64().is_some_and(|ms| ms > 0.0)),
+        "{startup}"
+    );
     let mixed = figure("mixed");
     assert_eq!(mixed["pass"], true, "{mixed}");
     for label in ["read", "noop", "fail", "panic"] {

@@ -100,6 +100,9 @@ impl Bench<'_> {
         self.import_baseline(interpreter, &dir)?;
         let mut served = Vec::new();
         let mut baseline = Vec::new();
+        // Context, not a figure: the interpreter's own start (`-c pass`),
+        // which both sides pay once (the zygote before its first fork).
+        let mut interpreter_alone = Vec::new();
         let mut problems = Vec::new();
         for repeat in 0..repeats {
             self.progress(&format!("python startup: repeat {}/{repeats}", repeat + 1));
@@ -139,6 +142,7 @@ impl Bench<'_> {
                     baseline.push(ms(elapsed));
                 }
             }
+            interpreter_alone.push(ms(Self::interpreter_start(interpreter)?));
         }
         self.report.check(
             "python startup: every Python plugin INITIALIZED, every baseline constructed all",
@@ -161,9 +165,26 @@ impl Bench<'_> {
                 "interpreter": interpreter,
                 "server_ms": served,
                 "baseline_ms": baseline,
+                "interpreter_start_ms": interpreter_alone,
             }),
         ));
         self.remove_tree(&dir)
+    }
+
+    /// `python -c pass`, timed from spawn to exit: what any Python process
+    /// pays before its first line (`site` included).
+    fn interpreter_start(interpreter: &Interpreter) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let status = Command::new(&interpreter.path)
+            .args(["-c", "pass"])
+            .stdin(Stdio::null())
+            .status()
+            .with_context(|| format!("cannot start {}", interpreter.path.display()))?;
+        let elapsed = started.elapsed();
+        if !status.success() {
+            bail!("{} -c pass failed ({status})", interpreter.path.display());
+        }
+        Ok(elapsed)
     }
 
     /// One run of the start-up baseline, timed from spawn to exit.
