@@ -174,17 +174,9 @@ impl Bench<'_> {
     /// `python -c pass`, timed from spawn to exit: what any Python process
     /// pays before its first line (`site` included).
     fn interpreter_start(interpreter: &Interpreter) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        let status = Command::new(&interpreter.path)
-            .args(["-c", "pass"])
-            .stdin(Stdio::null())
-            .status()
-            .with_context(|| format!("cannot start {}", interpreter.path.display()))?;
-        let elapsed = started.elapsed();
-        if !status.success() {
-            bail!("{} -c pass failed ({status})", interpreter.path.display());
-        }
-        Ok(elapsed)
+        let what = format!("{} -c pass", interpreter.path.display());
+        Self::timed_python(interpreter, &["-c".as_ref(), "pass".as_ref()], &what)
+            .map(|(elapsed, _)| elapsed)
     }
 
     /// One run of the start-up baseline, timed from spawn to exit.
@@ -194,26 +186,38 @@ impl Bench<'_> {
         dir: &Path,
     ) -> anyhow::Result<(Duration, Value)> {
         let script = self.options.work_dir.join(python::IMPORT_BASELINE_FILE);
+        let what = script.display().to_string();
+        let (elapsed, stdout) =
+            Self::timed_python(interpreter, &[script.as_os_str(), dir.as_os_str()], &what)?;
+        let stdout = String::from_utf8_lossy(&stdout);
+        let result = serde_json::from_str(stdout.trim())
+            .with_context(|| format!("{what} printed {stdout:?}"))?;
+        Ok((elapsed, result))
+    }
+
+    /// The interpreter run with `args` (stdin closed), timed from spawn to
+    /// exit, and what it printed; an error naming `what` and the end of
+    /// its stderr when it fails.
+    fn timed_python(
+        interpreter: &Interpreter,
+        args: &[&std::ffi::OsStr],
+        what: &str,
+    ) -> anyhow::Result<(Duration, Vec<u8>)> {
         let started = Instant::now();
         let output = Command::new(&interpreter.path)
-            .arg(&script)
-            .arg(dir)
+            .args(args)
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("cannot start {}", interpreter.path.display()))?;
         let elapsed = started.elapsed();
         if !output.status.success() {
             bail!(
-                "{} failed ({}): {}",
-                script.display(),
+                "{what} failed ({}): {}",
                 output.status,
                 python::tail(&String::from_utf8_lossy(&output.stderr), 5)
             );
         }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let result = serde_json::from_str(stdout.trim())
-            .with_context(|| format!("{} printed {stdout:?}", script.display()))?;
-        Ok((elapsed, result))
+        Ok((elapsed, output.stdout))
     }
 
     /// `POST .../tools/noop/run` of one Python plugin over 32 connections,
