@@ -369,7 +369,7 @@ mod tests {
     use super::*;
     use clap::{CommandFactory, FromArgMatches};
 
-    use crate::{Cli, Command as Sub};
+    use crate::cli::{Cli, Command as Sub};
 
     struct Case {
         _dir: tempfile::TempDir,
@@ -391,7 +391,7 @@ mod tests {
         layer(Cli::command(), argv, "serve")
     }
 
-    fn serve_config(args: &[&str]) -> crate::ServerConfig {
+    fn serve_config(args: &[&str]) -> forgesyte_server::ServerConfig {
         let layered = layered(args).unwrap();
         let cli = Cli::from_arg_matches(&layered.matches).unwrap();
         let Sub::Serve(args) = cli.command else {
@@ -418,7 +418,7 @@ mod tests {
             forgesyte_loader::Isolation::Process
         );
         // What the file does not name keeps its default.
-        assert_eq!(config.body_limit, crate::DEFAULT_BODY_LIMIT);
+        assert_eq!(config.body_limit, forgesyte_server::DEFAULT_BODY_LIMIT);
 
         // A flag beats the file, for a value and for a list.
         let config = serve_config(&[
@@ -439,7 +439,7 @@ mod tests {
     fn without_a_file_nothing_changes() {
         let plain = serve_config(&["serve", "--max-connections", "7"]);
         assert_eq!(plain.max_connections, 7);
-        assert_eq!(plain.bind, crate::DEFAULT_BIND);
+        assert_eq!(plain.bind, forgesyte_server::DEFAULT_BIND);
     }
 
     #[test]

@@ -1,0 +1,674 @@
+//! The command line of `forgesyte`: its subcommands and options (clap),
+//! the parsers of option values, and how the options become a
+//! [`ServerConfig`]. What each command does lives in `main.rs`; the config
+//! file's layering over these options in `config_file`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use forgesyte_loader::Isolation;
+use forgesyte_loader::sandbox::RunAs;
+use forgesyte_server::{
+    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
+    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
+};
+
+use crate::scaffold;
+
+/// The hidden subcommand under which `forgesyte` is the plugin runner.
+pub(crate) const RUNNER_SUBCOMMAND: &str = "__runner";
+
+#[derive(Debug, Parser)]
+#[command(name = "forgesyte", version, about = "ForgeSyte plugin host")]
+pub(crate) struct Cli {
+    /// How log lines are written to stderr: `text` for people, `json` (one
+    /// object per line, with the request's id and the span fields) for log
+    /// shippers.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "FORGESYTE_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    pub(crate) log_format: LogFormat,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Load the plugins and serve the HTTP API (loading continues in the
+    /// background while the server already answers).
+    Serve(ServeArgs),
+    /// Load the plugins without serving and report each one's state; exit 0
+    /// only when every plugin is available.
+    Check(CheckArgs),
+    /// Create a working plugin to start from (`--python NAME` or `--rust
+    /// NAME`) in PARENT/NAME, and print the commands that build, check and
+    /// serve it.
+    New(NewArgs),
+    /// Write DIR/forgesyte.lock: the SHA-256 of every plugin's code (a
+    /// native plugin's library, a Python plugin's *.py tree). A load of
+    /// DIR then refuses (FAILED, IntegrityError) a listed plugin whose
+    /// code no longer matches.
+    Lock(LockArgs),
+    /// Show the configuration `serve` would run with: one `key = value`
+    /// line per option (TOML, the config file's format), each with a
+    /// comment naming where it came from (flag, env NAME, file PATH,
+    /// default).
+    Config(ConfigArgs),
+    /// Generate a minisign key pair for signing plugins: OUT/NAME.key
+    /// (mode 0600; encrypted with FORGESYTE_KEY_PASSWORD, or
+    /// `--unencrypted`) and OUT/NAME.pub (for the server's trusted keys).
+    Keygen(KeygenArgs),
+    /// Sign a plugin directory: write DIR/forgesyte.sig.list (the SHA-256
+    /// of every file the plugin loads) and its signature
+    /// DIR/forgesyte.sig.list.minisig.
+    Sign(SignArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConfigArgs {
+    /// Print the effective configuration of `serve` given these options,
+    /// the environment and the config file.
+    #[arg(long, required = true)]
+    pub(crate) print: bool,
+    #[command(flatten)]
+    pub(crate) serve: ServeArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct KeygenArgs {
+    /// Directory the key files are written to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: PathBuf,
+    /// File name of the keys: NAME.key and NAME.pub.
+    #[arg(long, value_name = "NAME", default_value = "forgesyte")]
+    pub(crate) name: String,
+    /// Store the secret key without a password (for automation; keep
+    /// the file private).
+    #[arg(long)]
+    pub(crate) unencrypted: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SignArgs {
+    /// The plugin directory (holding manifest.json).
+    #[arg(value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+    /// The secret key (from `forgesyte keygen`; an encrypted one needs
+    /// FORGESYTE_KEY_PASSWORD).
+    #[arg(long, value_name = "KEY")]
+    pub(crate) key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LockArgs {
+    /// Directory holding one subdirectory per plugin.
+    #[arg(value_name = "DIR", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
+    pub(crate) dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct NewArgs {
+    #[command(flatten)]
+    pub(crate) kind: NewKind,
+    /// The plugins directory the plugin's own directory is created in.
+    #[arg(long = "dir", value_name = "PARENT", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
+    pub(crate) parent: PathBuf,
+    /// The `forgesyte-plugin-sdk` crate a Rust plugin depends on, by path
+    /// (default: the one of the workspace this forgesyte was built in).
+    #[arg(long, value_name = "DIR", conflicts_with = "python")]
+    pub(crate) sdk: Option<PathBuf>,
+}
+
+/// The language of `forgesyte new`: exactly one.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct NewKind {
+    /// A Python plugin: manifest.json and plugin.py (`class Plugin` with a
+    /// `tools` dict and `run_tool`, one tool `hello`).
+    #[arg(long, value_name = "NAME", value_parser = scaffold::python_name)]
+    pub(crate) python: Option<String>,
+    /// A Rust plugin: a Cargo project building a cdylib with
+    /// forgesyte-plugin-sdk (one tool `hello`), and its manifest.json.
+    #[arg(long, value_name = "NAME", value_parser = scaffold::rust_name)]
+    pub(crate) rust: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// A TOML file of options, keyed by their long names (`bind =
+    /// "0.0.0.0:8000"`, `max-connections = 10000`); a flag or an
+    /// environment variable beats the file, the file beats the default.
+    #[arg(long, value_name = "FILE", env = "FORGESYTE_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Directory holding one subdirectory per plugin.
+    #[arg(long, value_name = "DIR", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
+    pub(crate) plugins: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", env = "FORGESYTE_BIND", default_value = DEFAULT_BIND)]
+    pub(crate) bind: String,
+    #[command(flatten)]
+    pub(crate) loader: LoaderArgs,
+    /// Time limit of one tool call, in seconds, when the plugin's manifest sets none.
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_CALL_TIMEOUT", default_value_t = Seconds(DEFAULT_CALL_TIMEOUT), value_parser = parse_seconds_arg)]
+    pub(crate) call_timeout: Seconds,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT, value_parser = parse_bytes)]
+    pub(crate) body_limit: usize,
+    /// Memory the request bodies of tool calls in progress may hold in all,
+    /// in bytes (default: eight bodies at the limit, at least 256 MiB);
+    /// beyond it a call answers 503 `ServerBusy`.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MEMORY", value_parser = parse_bytes)]
+    pub(crate) body_memory: Option<usize>,
+    /// Attachments of at least this many bytes travel to and from plugin
+    /// runners through shared memory (sealed memfds) instead of the pipe; 0
+    /// keeps them all in the pipe.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_SHM_THRESHOLD", default_value_t = forgesyte_loader::process::shm_threshold())]
+    pub(crate) shm_threshold: u64,
+    /// How long shutdown waits for in-flight requests, in seconds.
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value_t = Seconds(DEFAULT_SHUTDOWN_GRACE), value_parser = parse_seconds_arg)]
+    pub(crate) shutdown_grace: Seconds,
+    /// Time a client has to send a request's complete headers, in seconds
+    /// (from the connection's opening, or a later request's first byte).
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_HEADER_READ_TIMEOUT", default_value_t = Seconds(DEFAULT_HEADER_READ_TIMEOUT), value_parser = parse_seconds_arg)]
+    pub(crate) header_read_timeout: Seconds,
+    /// Longest wait for the next piece of a request's body, in seconds (a
+    /// client that stops sending mid-body is answered 408).
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_BODY_READ_TIMEOUT", default_value_t = Seconds(DEFAULT_BODY_READ_TIMEOUT), value_parser = parse_seconds_arg)]
+    pub(crate) body_read_timeout: Seconds,
+    /// A WebSocket stream with no message from its client and no answer to
+    /// it for this long is closed (code 1000), in seconds; 0: never.
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_STREAM_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_STREAM_IDLE_TIMEOUT), value_parser = parse_seconds_or_never)]
+    pub(crate) stream_idle_timeout: Seconds,
+    /// Time an idle keep-alive connection stays open after a response, in seconds.
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_IDLE_TIMEOUT), value_parser = parse_seconds_arg)]
+    pub(crate) idle_timeout: Seconds,
+    /// Connections served at once (at most half the soft file-descriptor
+    /// limit is applied); beyond it a few more get the probes only, then
+    /// new connections are closed at once.
+    #[arg(long, value_name = "N", env = "FORGESYTE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_count)]
+    pub(crate) max_connections: usize,
+    /// Tool calls of one plugin in progress (waiting or running) at most;
+    /// beyond it a call answers 503 with `Retry-After`.
+    #[arg(long, value_name = "N", env = "FORGESYTE_MAX_CALLS_PER_PLUGIN", default_value_t = DEFAULT_MAX_CALLS_PER_PLUGIN, value_parser = parse_count)]
+    pub(crate) max_calls_per_plugin: usize,
+    /// File holding the bearer token of the admin routes (`POST
+    /// /v1/plugins/reload`, ...). Without it (or `FORGESYTE_ADMIN_TOKEN`)
+    /// those routes are disabled.
+    #[arg(long, value_name = "PATH", env = "FORGESYTE_ADMIN_TOKEN_FILE")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+    /// Rescan the plugins directory when files under it change (debounced),
+    /// as SIGHUP does: for plugin development.
+    #[arg(long, env = "FORGESYTE_WATCH", value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) watch: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// Directory holding one subdirectory per plugin.
+    #[arg(value_name = "DIR", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
+    pub(crate) dir: PathBuf,
+    /// Print the JSON array `GET /v1/plugins` would answer instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) loader: LoaderArgs,
+}
+
+/// How plugins are loaded: the same for `serve` and `check`.
+#[derive(Debug, Args)]
+pub(crate) struct LoaderArgs {
+    /// Extra directories searched for plugin libraries and `lib:`
+    /// dependencies (colon-separated, or repeat the option).
+    #[arg(
+        long = "lib-path",
+        value_name = "DIRS",
+        env = "FORGESYTE_LIB_PATH",
+        value_delimiter = ':'
+    )]
+    pub(crate) lib_paths: Vec<PathBuf>,
+    /// Construct every in-process plugin once in a throw-away runner
+    /// process before loading it, so a plugin that would crash the server
+    /// on load is FAILED instead.
+    #[arg(long, env = "FORGESYTE_PREFLIGHT", value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) preflight: bool,
+    /// Where plugins whose manifest names no `isolation` run: in the server
+    /// process (fastest) or each in a child process (survives crashes).
+    #[arg(long, value_name = "MODE", env = "FORGESYTE_ISOLATION", default_value_t = IsolationArg(DEFAULT_ISOLATION), value_parser = parse_isolation)]
+    pub(crate) isolation: IsolationArg,
+    /// A dedicated runner executable for isolated plugins and preflight,
+    /// such as `forgesyte-runner` (default: this `forgesyte` executable,
+    /// which doubles as the runner).
+    #[arg(long, value_name = "PATH", env = "FORGESYTE_RUNNER")]
+    pub(crate) runner: Option<PathBuf>,
+    /// The Python interpreter of Python plugins whose manifest names none
+    /// (default: `python3` on `PATH`).
+    #[arg(long, value_name = "PATH", env = "FORGESYTE_PYTHON")]
+    pub(crate) python: Option<PathBuf>,
+    /// Also load the installed Python plugins: every entry point of group
+    /// `forgesyte.plugins` that the interpreter (`--python`, else `python3`
+    /// on `PATH`) sees, after the plugins directory.
+    #[arg(long, env = "FORGESYTE_PYTHON_ENTRY_POINTS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) python_entry_points: bool,
+    /// Directory of trusted minisign public keys (`*.pub`) that plugin
+    /// signatures are checked against.
+    #[arg(long, value_name = "DIR", env = "FORGESYTE_TRUSTED_KEYS")]
+    pub(crate) trusted_keys: Option<PathBuf>,
+    /// Refuse (FAILED) every plugin whose signature is not `signed` by a
+    /// trusted key, before any of its code is opened; by default
+    /// signatures are only reported.
+    #[arg(long, env = "FORGESYTE_REQUIRE_SIGNED", value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) require_signed: bool,
+    /// Confine the runners of isolated and Python plugins: read-only access
+    /// to what they need (Landlock), writes to their scratch directory only,
+    /// no network unless the manifest says `"network": true`, and only the
+    /// environment variables they declare (`on` or `off`).
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) confine: bool,
+    /// Whose manifests may widen their confined runner's sandbox (`network`,
+    /// `env`, `filesystem`): `signed` (plugins signed by a trusted key, the
+    /// default), `allow` (every plugin) or `deny` (none). A plugin whose
+    /// manifest asks for more than it is granted is FAILED, naming what.
+    #[arg(
+        long,
+        value_name = "signed|allow|deny",
+        env = "FORGESYTE_SANDBOX_WIDENING",
+        default_value = "signed"
+    )]
+    pub(crate) sandbox_widening: forgesyte_loader::sandbox::SandboxWidening,
+    /// The unprivileged user (a name or a numeric uid) that isolated and
+    /// Python runners run as when the server runs as root; ignored, with a
+    /// warning, when it does not.
+    #[arg(long, value_name = "USER", env = "FORGESYTE_RUNNER_USER", value_parser = parse_runner_user)]
+    pub(crate) runner_user: Option<RunAs>,
+}
+
+/// A `--runner-user`: a user name, or a numeric uid, that exists.
+pub(crate) fn parse_runner_user(text: &str) -> Result<RunAs, String> {
+    use nix::unistd::{Uid, User};
+    let found = match text.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(text),
+    };
+    match found {
+        Ok(Some(user)) if user.uid.is_root() => {
+            Err(format!("{text} is root, not an unprivileged user"))
+        }
+        Ok(Some(user)) => Ok(RunAs {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!("no user {text}")),
+        Err(e) => Err(format!("cannot look up user {text}: {e}")),
+    }
+}
+
+impl LoaderArgs {
+    /// Puts the loader settings into `config`.
+    pub(crate) fn apply(self, config: &mut ServerConfig) {
+        config.lib_paths = self
+            .lib_paths
+            .into_iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        config.preflight = self.preflight;
+        config.default_isolation = self.isolation.0;
+        config.python = self.python.filter(|p| !p.as_os_str().is_empty());
+        config.python_entry_points = self.python_entry_points;
+        config.confine = self.confine;
+        config.sandbox_widening = self.sandbox_widening;
+        config.runner_user = match self.runner_user {
+            Some(user) if !rustix::process::geteuid().is_root() => {
+                tracing::warn!(
+                    uid = user.uid,
+                    "--runner-user is ignored: only a server running as root can run its runners as another user"
+                );
+                None
+            }
+            user => user,
+        };
+        if config.runner_user.is_none() && rustix::process::geteuid().is_root() {
+            tracing::warn!(
+                "the server runs as root, and so do its plugin runners: set --runner-user to an unprivileged user"
+            );
+        }
+        config.trusted_keys_dir = self.trusted_keys.filter(|p| !p.as_os_str().is_empty());
+        config.require_signed = self.require_signed;
+        match self.runner.filter(|p| !p.as_os_str().is_empty()) {
+            Some(runner) => {
+                config.runner = Some(runner);
+                config.runner_args = Vec::new();
+            }
+            // By default the runner is this very executable, behind its
+            // hidden subcommand: always present, and always speaking the
+            // host's protocol version.
+            None => {
+                config.runner = std::env::current_exe().ok();
+                config.runner_args = vec![RUNNER_SUBCOMMAND.into()];
+            }
+        }
+    }
+}
+
+/// A duration given in seconds on the command line; shown in seconds in
+/// `--help` (the defaults are the [`ServerConfig`] constants).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Seconds(pub(crate) Duration);
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
+}
+
+/// An isolation mode on the command line (`in-process`, `process`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct IsolationArg(pub(crate) Isolation);
+
+impl fmt::Display for IsolationArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The loader's own names (its serde form), whatever modes it adds.
+        match serde_json::to_value(self.0) {
+            Ok(serde_json::Value::String(name)) => f.write_str(&name),
+            _ => write!(f, "{:?}", self.0),
+        }
+    }
+}
+
+pub(crate) fn parse_isolation(text: &str) -> Result<IsolationArg, String> {
+    match text.trim() {
+        "in-process" => Ok(IsolationArg(Isolation::InProcess)),
+        "process" => Ok(IsolationArg(Isolation::Process)),
+        other => Err(format!(
+            "'{other}' is not an isolation mode (in-process, process)"
+        )),
+    }
+}
+
+pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("'{text}' must be a positive number of seconds"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{text}': {e}"))
+}
+
+pub(crate) fn parse_seconds_arg(text: &str) -> Result<Seconds, String> {
+    parse_seconds(text).map(Seconds)
+}
+
+/// Seconds, or `0` for "never" (`Duration::ZERO`).
+pub(crate) fn parse_seconds_or_never(text: &str) -> Result<Seconds, String> {
+    if text.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(Seconds(Duration::ZERO));
+    }
+    parse_seconds_arg(text)
+}
+
+pub(crate) fn parse_bytes(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("the body limit must be at least 1 byte".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{text}' is not a number of bytes")),
+    }
+}
+
+pub(crate) fn parse_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{text}' is not a positive whole number")),
+    }
+}
+
+impl ServeArgs {
+    /// The server settings these options give, all but the admin token
+    /// (which needs the environment and a file; see [`admin_token`]).
+    pub(crate) fn config(self) -> (ServerConfig, Option<PathBuf>) {
+        let mut config = ServerConfig::default();
+        config.plugins_dir = self.plugins;
+        config.bind = self.bind;
+        self.loader.apply(&mut config);
+        config.call_timeout = self.call_timeout.0;
+        config.body_limit = self.body_limit;
+        config.body_memory = self.body_memory;
+        config.shutdown_grace = self.shutdown_grace.0;
+        config.header_read_timeout = self.header_read_timeout.0;
+        config.idle_timeout = self.idle_timeout.0;
+        config.body_read_timeout = self.body_read_timeout.0;
+        config.stream_idle_timeout = self.stream_idle_timeout.0;
+        config.max_connections = self.max_connections;
+        config.max_calls_per_plugin = self.max_calls_per_plugin;
+        config.watch = self.watch;
+        (config, self.admin_token_file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    /// `serve` and `check` with no options give exactly the
+    /// [`ServerConfig`] defaults (but the runner, which is this executable).
+    /// Set `FORGESYTE_*` variables change what is parsed, so this test
+    /// expects none to be set.
+    #[test]
+    fn an_empty_command_line_gives_the_config_defaults() {
+        let mut expected = ServerConfig::default();
+        expected.runner = std::env::current_exe().ok();
+        expected.runner_args = vec![RUNNER_SUBCOMMAND.into()];
+
+        let cli = Cli::try_parse_from(["forgesyte", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        let (config, admin_token_file) = args.config();
+        assert_eq!(config, expected);
+        assert_eq!(admin_token_file, None);
+
+        let cli = Cli::try_parse_from(["forgesyte", "check"]).unwrap();
+        let Command::Check(args) = cli.command else {
+            panic!("expected check");
+        };
+        assert_eq!(args.dir, PathBuf::from(DEFAULT_PLUGINS_DIR));
+        assert!(!args.json);
+        let mut config = ServerConfig::default();
+        args.loader.apply(&mut config);
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn defaults_are_shown_in_the_units_they_are_given_in() {
+        assert_eq!(Seconds(Duration::from_secs(60)).to_string(), "60");
+        assert_eq!(Seconds(Duration::from_millis(500)).to_string(), "0.5");
+        for isolation in [Isolation::InProcess, Isolation::Process] {
+            let shown = IsolationArg(isolation).to_string();
+            assert_eq!(parse_isolation(&shown), Ok(IsolationArg(isolation)));
+        }
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("[default: 60]"), "{help}");
+        assert!(help.contains("[default: 33554432]"), "{help}");
+        assert!(help.contains("[default: in-process]"), "{help}");
+    }
+
+    #[test]
+    fn seconds_and_bytes_are_validated() {
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds("60"), Ok(Duration::from_secs(60)));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("nan").is_err());
+        assert!(parse_seconds("soon").is_err());
+        assert_eq!(parse_seconds_or_never("0"), Ok(Seconds(Duration::ZERO)));
+        assert_eq!(
+            parse_seconds_or_never("1.5"),
+            Ok(Seconds(Duration::from_millis(1500)))
+        );
+        assert!(parse_seconds_or_never("-1").is_err());
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("1MiB").is_err());
+        assert_eq!(parse_count("50"), Ok(50));
+        assert!(parse_count("0").is_err());
+        assert!(parse_count("-3").is_err());
+    }
+
+    #[test]
+    fn lib_path_takes_colon_lists_and_repeats() {
+        let cli = Cli::try_parse_from([
+            "forgesyte",
+            "check",
+            "dir",
+            "--lib-path",
+            "/a:/b",
+            "--lib-path",
+            "/c",
+        ])
+        .unwrap();
+        let Command::Check(args) = cli.command else {
+            panic!("expected check");
+        };
+        let mut config = ServerConfig::default();
+        args.loader.apply(&mut config);
+        assert_eq!(
+            config.lib_paths,
+            [
+                PathBuf::from("/a"),
+                PathBuf::from("/b"),
+                PathBuf::from("/c")
+            ]
+        );
+    }
+
+    #[test]
+    fn loader_options_reach_the_config() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("expected serve");
+            };
+            let mut config = ServerConfig::default();
+            args.loader.apply(&mut config);
+            config
+        };
+        let config = parse(&["forgesyte", "serve"]);
+        assert!(!config.preflight);
+        assert!(!config.python_entry_points);
+        assert_eq!(config.default_isolation, Isolation::InProcess);
+        assert_eq!(config.runner, std::env::current_exe().ok());
+        assert_eq!(config.runner_args, ["__runner"]);
+        let config = parse(&[
+            "forgesyte",
+            "serve",
+            "--preflight",
+            "--isolation",
+            "process",
+            "--runner",
+            "/opt/forgesyte-runner",
+        ]);
+        assert!(config.preflight);
+        assert_eq!(config.default_isolation, Isolation::Process);
+        assert_eq!(config.runner, Some(PathBuf::from("/opt/forgesyte-runner")));
+        assert!(config.runner_args.is_empty());
+        let err = Cli::try_parse_from(["forgesyte", "check", "--isolation", "thread"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("in-process, process"), "{err}");
+    }
+
+    #[test]
+    fn lock_takes_the_plugins_directory() {
+        let cli = Cli::try_parse_from(["forgesyte", "lock", "/srv/plugins"]).unwrap();
+        let Command::Lock(args) = cli.command else {
+            panic!("expected lock");
+        };
+        assert_eq!(args.dir, Path::new("/srv/plugins"));
+        assert!(Cli::try_parse_from(["forgesyte", "lock", "a", "b"]).is_err());
+    }
+
+    #[test]
+    fn python_entry_points_is_a_flag_of_serve_and_check() {
+        for command in ["serve", "check"] {
+            let cli = Cli::try_parse_from(["forgesyte", command, "--python-entry-points"]).unwrap();
+            let loader = match cli.command {
+                Command::Serve(args) => args.loader,
+                Command::Check(args) => args.loader,
+                Command::New(_)
+                | Command::Lock(_)
+                | Command::Config(_)
+                | Command::Keygen(_)
+                | Command::Sign(_) => {
+                    panic!("expected {command}")
+                }
+            };
+            let mut config = ServerConfig::default();
+            loader.apply(&mut config);
+            assert!(config.python_entry_points, "{command}");
+            assert!(config.loader_config().python_entry_points, "{command}");
+        }
+    }
+
+    #[test]
+    fn new_takes_exactly_one_language_and_checks_the_name() {
+        let cli = Cli::try_parse_from(["forgesyte", "new", "--python", "ocr"]).unwrap();
+        let Command::New(args) = cli.command else {
+            panic!("expected new");
+        };
+        assert_eq!(args.kind.python.as_deref(), Some("ocr"));
+        assert_eq!(args.parent, PathBuf::from(DEFAULT_PLUGINS_DIR));
+        let cli = Cli::try_parse_from(["forgesyte", "new", "--rust", "ocr", "--dir", "p"]).unwrap();
+        let Command::New(args) = cli.command else {
+            panic!("expected new");
+        };
+        assert_eq!(args.kind.rust.as_deref(), Some("ocr"));
+        assert_eq!(args.parent, PathBuf::from("p"));
+        for bad in [
+            &["forgesyte", "new"][..],
+            &["forgesyte", "new", "--python", "a", "--rust", "b"],
+            &["forgesyte", "new", "--python", "no/slash"],
+            &["forgesyte", "new", "--rust", "has.dot"],
+            &["forgesyte", "new", "--python", "x", "--sdk", "/sdk"],
+        ] {
+            let err = Cli::try_parse_from(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        let err = Cli::try_parse_from(["forgesyte", "serve", "--call-timeout", "0"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = Cli::try_parse_from(["forgesyte", "frobnicate"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}
