@@ -440,7 +440,7 @@ pub(crate) fn parse_count(text: &str) -> Result<usize, String> {
 
 impl ServeArgs {
     /// The server settings these options give, all but the admin token
-    /// (which needs the environment and a file; see [`admin_token`]).
+    /// (which needs the environment and a file; see [`crate::admin_env::admin_token`]).
     pub(crate) fn config(self) -> (ServerConfig, Option<PathBuf>) {
         let mut config = ServerConfig::default();
         config.plugins_dir = self.plugins;
