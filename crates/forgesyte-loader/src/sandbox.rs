@@ -521,7 +521,26 @@ pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
         report.insert("scopes".to_owned(), SCOPES.to_owned());
     }
     report.insert("capabilities".to_owned(), drop_capabilities());
+    report.insert("memory".to_owned(), not_dumpable());
     report
+}
+
+/// What the hello's `memory` says of a runner that made itself not
+/// dumpable (the Python runner says the same).
+pub const MEMORY_PRIVATE: &str = "private: not dumpable, so no other process of its user reads \
+     its memory or open files (another plugin's frames) through /proc";
+
+/// Makes this process not dumpable: its `/proc/PID` files belong to root,
+/// and only a process with `CAP_SYS_PTRACE` may open its memory, its
+/// descriptors (the memory files that carry frames) or its environment
+/// there, whatever Landlock can or cannot rule. No core dump is written
+/// when it crashes.
+fn not_dumpable() -> String {
+    use rustix::process::{DumpableBehavior, set_dumpable_behavior};
+    match set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        Ok(()) => MEMORY_PRIVATE.to_owned(),
+        Err(e) => format!("unconfined: cannot make it not dumpable ({e})"),
+    }
 }
 
 /// What the hello's `capabilities` says of a runner that held some and

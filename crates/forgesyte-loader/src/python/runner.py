@@ -1997,7 +1997,29 @@ def confine(plan):
             os.close(shared)
     report["filesystem"] = _landlock(libc, syscall, abi, plan, network, report)
     report["capabilities"] = _drop_all_capabilities(libc)
+    report["memory"] = _not_dumpable(libc)
     return report
+
+
+# What the hello says of a runner that made itself not dumpable (the native
+# runner says the same).
+MEMORY_PRIVATE = ("private: not dumpable, so no other process of its user reads "
+                  "its memory or open files (another plugin's frames) through /proc")
+_PR_SET_DUMPABLE = 4
+
+
+def _not_dumpable(libc):
+    """Makes this process not dumpable: its ``/proc/PID`` files belong to
+    root, and only a process with ``CAP_SYS_PTRACE`` may open its memory,
+    its descriptors (the memory files that carry frames) or its environment
+    there, whatever Landlock can or cannot rule. No core dump is written
+    when it crashes."""
+    import ctypes
+
+    if libc.prctl(ctypes.c_int(_PR_SET_DUMPABLE), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        return "unconfined: cannot make it not dumpable (%s)" % os.strerror(ctypes.get_errno())
+    return MEMORY_PRIVATE
 
 
 _CAP_NET_ADMIN = 12

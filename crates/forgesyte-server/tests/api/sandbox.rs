@@ -14,7 +14,7 @@
 use std::net::TcpListener;
 use std::path::Path;
 
-use forgesyte_loader::sandbox::{CAPABILITIES_DROPPED, CAPABILITIES_NONE};
+use forgesyte_loader::sandbox::{CAPABILITIES_DROPPED, CAPABILITIES_NONE, MEMORY_PRIVATE};
 use serde_json::{Value, json};
 
 use super::support::{Forgesyte, PluginsDir};
@@ -114,6 +114,7 @@ fn attack(
         CAPABILITIES_NONE
     };
     assert_eq!(confinement["capabilities"], expected, "{shown}");
+    assert_eq!(confinement["memory"], MEMORY_PRIVATE, "{shown}");
     let proc_status = call(
         server,
         confined,
@@ -325,6 +326,55 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
         assert_eq!(kind, "PermissionError", "{error}");
         // Its own socket it still reaches.
         call(&server, "snoop-a", "reach", json!({ "name": name })).unwrap();
+    }
+}
+
+/// A frame in transit is a memory file a runner holds open. No other
+/// confined runner reads it through `/proc/PID/fd/N` (a Python sibling from
+/// the same zygote, an isolated native runner), nor the server's own
+/// environment: Landlock keeps a runner to its own domain, and a runner is
+/// not dumpable, which keeps `/proc/PID` closed to the processes of its user
+/// even where Landlock is missing. With `--confine off` a runner is not
+/// confined; as root (this test's usual user) it then reads anything.
+#[test]
+fn a_confined_runner_reads_no_other_runners_frames_nor_the_servers_memory() {
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "snoop-a", json!({}));
+    python_snoop(&plugins, "snoop-b", json!({}));
+    native_snoop(&plugins, "native", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", plugins.path_str()],
+        &[("FORGESYTE_PYTHON_ZYGOTE", "1")],
+    );
+    server.wait_loaded();
+    let secret = "the frame of snoop-a";
+    let held = call(&server, "snoop-a", "hold", json!({ "text": secret })).unwrap();
+    let (pid, fd) = (&held["pid"], &held["fd"]);
+    // Its own frame it reads, by the same path: the path is right.
+    let own = call(
+        &server,
+        "snoop-a",
+        "read",
+        json!({"path": format!("/proc/{pid}/fd/{fd}")}),
+    )
+    .unwrap();
+    assert_eq!(own["text"], secret);
+    let frame = json!({"path": format!("/proc/{pid}/fd/{fd}")});
+    let (kind, error) = call(&server, "snoop-b", "read", frame.clone()).unwrap_err();
+    assert_eq!(kind, "PermissionError", "{error}");
+    let (kind, error) = call(&server, "native", "read", frame).unwrap_err();
+    assert_eq!(kind, "Denied", "{error}");
+    let servers = json!({"path": format!("/proc/{}/environ", server.pid())});
+    let (kind, error) = call(&server, "snoop-b", "read", servers).unwrap_err();
+    assert_eq!(kind, "PermissionError", "{error}");
+    // Nor does a Python runner read the native runner's memory.
+    let native = call(&server, "native", "pid", json!({})).unwrap();
+    let natives = json!({"path": format!("/proc/{native}/environ")});
+    let (kind, error) = call(&server, "snoop-b", "read", natives).unwrap_err();
+    assert_eq!(kind, "PermissionError", "{error}");
+    for plugin in ["snoop-a", "snoop-b", "native"] {
+        let shown = status(&server, plugin);
+        assert_eq!(shown["confinement"]["memory"], MEMORY_PRIVATE, "{shown}");
     }
 }
 
