@@ -164,11 +164,12 @@ fn the_seeds_green_checklist_with_real_plugin_py_fixtures() {
         S::Failed,
         Some("ImportError: ModuleNotFoundError: No module named 'forgesyte_nonexistent_pkg'"),
     );
-    check(
-        &registry,
-        "no_file",
-        S::Failed,
-        Some("plugin.py not found in"),
+    check(&registry, "no_file", S::Failed, None);
+    let reason = registry.get_status("no_file").unwrap().reason.unwrap();
+    assert!(
+        reason.starts_with("ImportError: ImportError: plugin.py not found in ")
+            && reason.ends_with("no_file"),
+        "{reason}"
     );
     check(&registry, "gpu_plugin", S::Unavailable, Some("GPU"));
     check(&registry, "gpu_plugin", S::Unavailable, Some("CUDA"));
@@ -337,17 +338,41 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
     copy_fixture(root, "faulty", "faulty");
     copy_fixture(root, "echo", "bystander");
     write_manifest(root, "bystander", json!({"runtime": "python"}));
-    for fault in ["segfault", "exit", "hang", "raise"] {
+    for fault in [
+        "segfault", "exit", "hang", "raise", "sysexit", "blowup", "spam", "close", "thread",
+        "invalid",
+    ] {
         let name = format!("init-{fault}");
         copy_fixture(root, "faulty", &name);
         write_manifest(
             root,
             &name,
-            json!({"runtime": "python", "limits": {"init_timeout_s": 2}}),
+            json!({"runtime": "python", "limits": {"init_timeout_s": 2, "memory_mb": 256}}),
         );
     }
     let registry = Registry::new();
     let loader = loader(root, &registry);
+    for (plugin, reason) in [
+        ("init-sysexit", "InitError: SystemExit: 4"),
+        ("init-blowup", "exceeded memory limit 256 MiB"),
+        // `validate()` raising after construction (ForgeSyte's BasePlugin).
+        (
+            "init-invalid",
+            "InitError: ValueError: tool 'ok' has no input schema",
+        ),
+    ] {
+        check(&registry, plugin, S::Failed, Some(reason));
+    }
+    // Output on stdout, closed descriptors 0 and 1, a thread left running:
+    // none of them harms the protocol, in the constructor as in a tool.
+    for plugin in ["init-spam", "init-close", "init-thread"] {
+        check(&registry, plugin, S::Initialized, None);
+        assert_eq!(
+            call(&loader, plugin, "ok", json!({})).unwrap(),
+            json!({"ok": true}),
+            "{plugin}"
+        );
+    }
     check(&registry, "init-segfault", S::Failed, Some("SIGSEGV"));
     check(
         &registry,

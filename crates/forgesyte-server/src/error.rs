@@ -514,9 +514,9 @@ impl RunError {
             RunError::InvalidArgs { message } => {
                 format!("Tool '{t}' of plugin '{p}' rejected its arguments: {message}")
             }
-            RunError::ToolFailed { message, .. } => {
-                format!("Tool '{t}' of plugin '{p}' returned an error: {message}")
-            }
+            // The tool's own message, as the seed's server answered an
+            // exception (`detail` is `str(e)`; `error_type` names its class).
+            RunError::ToolFailed { message, .. } => message.clone(),
             RunError::Fault { message, .. } => {
                 format!(
                     "Tool '{t}' of plugin '{p}' faulted and the plugin is now FAILED: {message}"
@@ -863,5 +863,6 @@ mod tests {
         }
         assert_eq!(body["error"], "bad input");
         assert_eq!(body["error_type"], "ToolError");
+        assert_eq!(body["detail"], "bad input");
     }
 }

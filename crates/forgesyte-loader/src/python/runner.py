@@ -56,6 +56,15 @@ EXIT_SETUP = 71
 # crash ("exceeded memory limit" when one is set) rather than a tool error.
 EXIT_MEMORY = 70
 
+
+def _out_of_memory(where):
+    """Ends the runner as out of memory (``EXIT_MEMORY``): the host records
+    a crash that names the memory limit, whether the plugin ran out while
+    it was imported, constructed or called."""
+    _diag("MemoryError: out of memory %s" % where)
+    _exit(EXIT_MEMORY)
+
+
 PROTOCOL_VERSION = 2
 CAPABILITIES = ["attachments", "concurrent_calls"]
 # The largest request frame accepted (the native runner's limit).
@@ -1354,6 +1363,8 @@ def import_plugin(args):
             sys.modules[name] = module
             spec.loader.exec_module(module)
             return module
+        except MemoryError:
+            _out_of_memory("importing the plugin")
         except BaseException as e:  # SystemExit too: the plugin fails, not the runner
             sys.modules.pop(name, None)
             error = python_error(e)
@@ -1361,6 +1372,8 @@ def import_plugin(args):
             return error
     try:
         return importlib.import_module(args.module)
+    except MemoryError:
+        _out_of_memory("importing the plugin")
     except BaseException as e:
         error = python_error(e)
         if _syntax_error_file(e):
@@ -1724,6 +1737,8 @@ class Runner(object):
                 # Encoded here: a spec that cannot be (text that is not
                 # valid Unicode) fails construction, not the runner.
                 encode({"tools": specs})
+            except MemoryError:
+                _out_of_memory("constructing the plugin")
             except BaseException as e:
                 self.init_failed(rid, python_error(e))
                 return
@@ -1777,8 +1792,7 @@ class Runner(object):
         try:
             result = _await(self.dispatch(instance, tool, entry, args))
         except MemoryError:
-            _diag("MemoryError: out of memory in tool '%s'" % tool)
-            _exit(EXIT_MEMORY)
+            _out_of_memory("in tool '%s'" % tool)
         except BaseException as e:
             # The tool's own failure (SystemExit from sys.exit() included:
             # it only ends this thread): an error, the plugin stays healthy.
