@@ -53,6 +53,8 @@
 //!   open);
 //! - `dashboard`: the dashboard page in headless Chromium (through
 //!   chromedriver) against the binary;
+//! - `examples`: the shipped Python examples served from their directories
+//!   and, the packaged one, installed and found through its entry point;
 //! - `stream`: WebSocket streams of frames (order, byte-exact answers in
 //!   every runtime, drop accounting, backpressure, bounded memory with a
 //!   client that reads nothing, crash, shutdown, refusals).
@@ -79,6 +81,8 @@ mod dashboard;
 mod deploy;
 #[path = "api/events.rs"]
 mod events;
+#[path = "api/examples.rs"]
+mod examples;
 #[path = "api/hygiene.rs"]
 mod hygiene;
 #[path = "api/installed.rs"]
