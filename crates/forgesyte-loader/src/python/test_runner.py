@@ -231,7 +231,7 @@ class HandshakeTests(RunnerTestCase):
         self.assertEqual(created["type"], "created")
         self.assertEqual(created["id"], 1)
         tools = {t["id"]: t for t in created["tools"]}
-        self.assertEqual(sorted(tools), ["binary", "bytes", "checksum", "echo", "fail", "sleep"])
+        self.assertEqual(sorted(tools), ["binary", "bytes", "checksum", "echo", "echo_bytes", "fail", "noop_bytes", "sleep"])
         for spec in tools.values():
             self.assertEqual(set(spec), {"id", "title", "description", "input_schema", "output_schema"})
             self.assertEqual(spec["title"], spec["id"])

@@ -1,9 +1,10 @@
 //! Binary payloads end to end through the real binary (ABI 3): binary
 //! arguments by JSON base64, `multipart/form-data` and
 //! `application/octet-stream`, of sizes 0 to the body limit, to a native
-//! ABI-3 plugin in process and isolated and to an ABI-1 library; binary
-//! results answered as base64 in JSON, `multipart/mixed` or raw bytes by
-//! `Accept`, byte-exact.
+//! ABI-3 plugin in process and isolated, to a Python plugin and to an
+//! ABI-1 library; binary results answered as base64 in JSON,
+//! `multipart/mixed` or raw bytes by `Accept`, byte-exact, from each
+//! runtime.
 
 use forgesyte_tests::zoo;
 use serde_json::{Value, json};
@@ -28,17 +29,23 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// `v3` (the good library in process), `v3-iso` (isolated) and the zoo's
-/// ABI-1 library, on a server with the body limit [`LIMIT`].
+/// The plugins with the tools `echo_bytes` and `noop_bytes`: `v3` (the
+/// good library in process), `v3-iso` (isolated) and `py` (the Python
+/// fixture `echo`).
+const ECHOES: [&str; 3] = ["v3", "v3-iso", "py"];
+
+/// The plugins of [`ECHOES`] and the zoo's ABI-1 library, on a server with
+/// the body limit [`LIMIT`].
 fn server() -> (PluginsDir, Forgesyte) {
     let dir = PluginsDir::new();
     dir.good("v3", json!({}))
         .good("v3-iso", json!({"isolation": "process"}))
+        .python("py", "echo")
         .zoo(zoo::ABI_V1);
     let limit = LIMIT.to_string();
     let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", &limit]);
     let health = server.wait_loaded();
-    assert_eq!(health["plugins_loaded"], 3, "{health}");
+    assert_eq!(health["plugins_loaded"], 4, "{health}");
     (dir, server)
 }
 
@@ -93,7 +100,7 @@ fn binary_arguments_and_results_round_trip_byte_exact_through_every_body() {
             assert!(body.len() <= LIMIT, "{form} {size}: {} bytes", body.len());
             let expected = base64(&data);
             let headers = [("Content-Type", content_type.as_str())];
-            for plugin in ["v3", "v3-iso"] {
+            for plugin in ECHOES {
                 let target = format!("/v1/plugins/{plugin}/tools/echo_bytes/run");
                 let reply = post(&server, &target, &headers, &body);
                 assert_eq!(
@@ -183,7 +190,7 @@ fn binary_results_answer_as_json_multipart_or_raw_bytes_by_accept() {
     let (_dir, server) = server();
     let data = payload(1024 * 1024 + 3, 5);
     let octets = [("Content-Type", "application/octet-stream")];
-    for plugin in ["v3", "v3-iso"] {
+    for plugin in ECHOES {
         let echo = format!("/v1/plugins/{plugin}/tools/echo_bytes/run");
         // Raw bytes: the one binary result, the rest in headers.
         let accept = [octets[0], ("Accept", "application/octet-stream")];
