@@ -57,6 +57,22 @@ EXIT_SETUP = 71
 EXIT_MEMORY = 70
 
 
+def _check_name(instance, manifest):
+    """ForgeSyte's ``BasePlugin`` carries a ``name`` (a class or an instance
+    attribute), under which ForgeSyte's server registered the plugin. This
+    host names a plugin before any of its code runs (its manifest's
+    ``name``, else its entry point's or directory's), so a ``name`` that
+    says otherwise is logged for the author to make the two agree."""
+    registered = manifest.get("name") if isinstance(manifest, dict) else None
+    try:
+        declared = getattr(instance, "name", None)
+    except Exception:  # a property of the plugin's own that raises
+        return
+    if isinstance(declared, str) and declared and isinstance(registered, str) and declared != registered:
+        _diag("the plugin's name attribute says %r, but it is served as %r "
+              "(its manifest's name, else its entry point's or directory's)" % (declared, registered))
+
+
 def _out_of_memory(where):
     """Ends the runner as out of memory (``EXIT_MEMORY``): the host records
     a crash that names the memory limit, whether the plugin ran out while
@@ -1752,6 +1768,7 @@ class Runner(object):
                 self.max_response = min(mb * MIB, MAX_FRAME_BYTES)
             self.tools = table
             self.instance = instance
+            _check_name(instance, manifest)
         self.answer({"type": "created", "id": rid, "tools": specs})
 
     # -- call -----------------------------------------------------------

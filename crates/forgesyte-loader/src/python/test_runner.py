@@ -818,6 +818,20 @@ class BasePluginShapeTests(RunnerTestCase):
         header, _ = self.p.run("shout", {"text": "yo"})
         self.assertEqual(header["result"], {"text": "YO "})
 
+    def test_a_name_attribute_unlike_the_served_name_is_logged(self):
+        # setUp created it under the manifest name "test"; its class says
+        # "handlers".
+        said = "the plugin's name attribute says 'handlers', but it is served as 'test'"
+        deadline = time.monotonic() + 5
+        while said not in self.p.stderr and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertIn(said, self.p.stderr)
+        agreeing = self.start("handlers")
+        agreeing.start({"name": "handlers"})
+        header, _ = agreeing.run("add", {"a": 1, "b": 1})
+        self.assertEqual(header["result"], {"sum": 2})
+        self.assertNotIn("name attribute", agreeing.stderr)
+
     def test_content_encoding_base64_is_decoded(self):
         header, _ = self.p.run("size", {"image": base64.b64encode(b"abcd").decode()})
         self.assertEqual(header["result"], {"size": 4, "type": "bytes"})
