@@ -714,3 +714,38 @@ fn numpy_results_through_the_loader() {
     assert_eq!(status.state, S::Initialized, "{status:#?}");
     assert_eq!((status.success_count, status.error_count), (3, 1));
 }
+
+/// `models` for Python plugins as for native ones: a missing model file
+/// makes the plugin UNAVAILABLE, naming it; a present one reaches the
+/// plugin's constructor resolved, through `forgesyte_runner.models()`.
+#[test]
+fn a_python_plugin_gets_its_checked_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_fixture(root, "models", "models");
+    copy_fixture(root, "models", "no_model");
+    std::fs::remove_file(root.join("no_model").join("model.txt")).unwrap();
+    write_manifest(
+        root,
+        "no_model",
+        json!({"runtime": "python", "models": {"weights": "model.txt"}}),
+    );
+    let registry = Registry::new();
+    let loader = loader(root, &registry);
+    check(
+        &registry,
+        "no_model",
+        S::Unavailable,
+        Some("Missing dependencies: weights (path: "),
+    );
+    check(&registry, "no_model", S::Unavailable, Some("model.txt)"));
+    check(&registry, "models", S::Initialized, None);
+    let got = call(&loader, "models", "weights", json!({})).unwrap();
+    assert_eq!(got["text"], "weights of the test model\n", "{got}");
+    let path = got["path"].as_str().unwrap();
+    assert!(
+        Path::new(path).is_absolute() && path.ends_with("models/model.txt"),
+        "{got}"
+    );
+    assert_eq!(got["models"], json!({"weights": path}));
+}

@@ -391,6 +391,21 @@ def current_call():
     return _CALL.get()
 
 
+# The manifest's models, name -> absolute path, as the host resolved and
+# checked them: set from the create message, before the plugin is
+# constructed.
+_MODELS = {}
+
+
+def models():
+    """The plugin's models: its manifest's ``models``, each path resolved
+    against the plugin directory and checked to exist by the host before
+    the plugin was constructed (a dict, name -> absolute path; a copy).
+    Plugins use it as ``from forgesyte_runner import models``, in
+    ``__init__`` as in a tool."""
+    return dict(_MODELS)
+
+
 def _call_context(message):
     """The ``CallContext`` of a call message, or ``None``."""
     context = message.get("context")
@@ -411,6 +426,7 @@ def _install_api():
     api.__doc__ = "What the ForgeSyte Python runner offers plugins."
     api.CallContext = CallContext
     api.current_call = current_call
+    api.models = models
     sys.modules["forgesyte_runner"] = api
 
 
@@ -1743,6 +1759,10 @@ class Runner(object):
                 self.init_failed(rid, cls)
                 return
             manifest = config.get("manifest") if isinstance(config, dict) else None
+            given = config.get("models") if isinstance(config, dict) else None
+            _MODELS.clear()
+            if isinstance(given, dict):
+                _MODELS.update((str(k), str(v)) for k, v in given.items() if isinstance(v, str))
             try:
                 instance = cls()  # the seed's contract: no arguments
                 for hook in ("validate", "on_load"):
