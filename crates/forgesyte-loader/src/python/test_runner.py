@@ -879,6 +879,15 @@ class BasePluginShapeTests(RunnerTestCase):
         self.assertEqual(header["attachments"], ["/raw"])
         self.assertEqual(blobs, [b"\x00\x01"])
 
+    @unittest.skipUnless(interpreter_has("pydantic"), "pydantic is not installed")
+    def test_pydantic_v1_models(self):
+        # `.dict()`: pydantic 1, or pydantic 2's `pydantic.v1`.
+        header, blobs = self.p.run("convert", {"kind": "pydantic_v1"})
+        self.assertEqual(header["type"], "result", header)
+        self.assertEqual(header["result"], {"when": "2024-01-02", "raw": None, "values": [1, 2]})
+        self.assertEqual(header["attachments"], ["/raw"])
+        self.assertEqual(blobs, [b"\x00\x01"])
+
 
 @unittest.skipUnless(interpreter_has("numpy"), "numpy is not installed")
 class NumpyResultTests(RunnerTestCase):
