@@ -2,7 +2,8 @@
 //! by side with native plugins, tool errors as 422, and binary arguments
 //! through JSON base64, `multipart/form-data` and
 //! `application/octet-stream`, byte-exact, for Python, native in-process
-//! and native isolated plugins.
+//! and native isolated plugins; the fault zoo's crashes answered and the
+//! plugin restarted by its supervisor.
 
 use serde_json::{Value, json};
 
@@ -339,5 +340,67 @@ fn the_call_timeout_holds_for_plugins_in_runners() {
             "{plugin}: answered after {:?}",
             started.elapsed()
         );
+    }
+}
+
+/// The fault zoo's crashes, over HTTP, each followed by the supervisor's
+/// restart (1 s backoff, as configured by default): a segfault in the
+/// interpreter, a hang past the call timeout, a memory blow-up past the
+/// memory limit. Each plugin answers the fault (502, 504, 502), is FAILED
+/// with the precise reason, comes back INITIALIZED with `restart_count` 1,
+/// and answers again; the bystander never notices.
+#[test]
+fn python_faults_are_answered_then_the_plugin_restarts() {
+    let dir = PluginsDir::new();
+    dir.python("bystander", "echo");
+    for (name, limits) in [
+        ("seg", json!({})),
+        ("hang", json!({"call_timeout_s": 1})),
+        ("blowup", json!({"memory_mb": 256})),
+    ] {
+        dir.python(name, "faulty");
+        let manifest = dir.path().join(name).join("manifest.json");
+        let mut value: Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        value["limits"] = limits;
+        std::fs::write(&manifest, value.to_string()).unwrap();
+    }
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    for (name, tool, status, reason) in [
+        ("seg", "segfault", 502, "SIGSEGV"),
+        (
+            "hang",
+            "hang",
+            504,
+            "timed out after 1 s during tool 'hang'",
+        ),
+        ("blowup", "blowup", 502, "exceeded memory limit 256 MiB"),
+    ] {
+        let reply = server.run(name, tool, "{}");
+        assert_eq!(reply.status, status, "{name}: {}", reply.text());
+        let health = server.get(&format!("/v1/plugins/{name}/health")).json();
+        assert_eq!(health["state"], "FAILED", "{name}: {health}");
+        assert!(
+            health["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(reason)),
+            "{name}: {health}"
+        );
+        let reply = server.run("bystander", "echo", r#"{"args": {"still": "here"}}"#);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    for name in ["seg", "hang", "blowup"] {
+        let health = crate::binary::wait_health(&server, name, 20, |h| {
+            h["state"] == "INITIALIZED" && h["restart_count"].as_u64() >= Some(1)
+        });
+        assert_eq!(health["restart_count"], 1, "{name}: {health}");
+        assert!(
+            health["last_exit_reason"].as_str().is_some(),
+            "{name}: {health}"
+        );
+        let reply = server.run(name, "ok", "{}");
+        assert_eq!(reply.status, 200, "{name}: {}", reply.text());
+        assert_eq!(reply.json()["result"], json!({"ok": true}));
     }
 }
