@@ -527,14 +527,14 @@ pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
 
 /// What the hello's `memory` says of a runner that made itself not
 /// dumpable (the Python runner says the same).
-pub const MEMORY_PRIVATE: &str = "private: not dumpable, so no other process of its user reads \
-     its memory or open files (another plugin's frames) through /proc";
+pub const MEMORY_PRIVATE: &str = "not dumpable: its /proc files (its memory, its open files) \
+     are root's, closed to the other processes of a runner user that is not root";
 
 /// Makes this process not dumpable: its `/proc/PID` files belong to root,
-/// and only a process with `CAP_SYS_PTRACE` may open its memory, its
-/// descriptors (the memory files that carry frames) or its environment
-/// there, whatever Landlock can or cannot rule. No core dump is written
-/// when it crashes.
+/// so the other processes of a runner user that is not root cannot open
+/// its memory, its descriptors (the memory files that carry frames) or its
+/// environment there, whatever Landlock can or cannot rule. No core dump
+/// is written when it crashes.
 fn not_dumpable() -> String {
     use rustix::process::{DumpableBehavior, set_dumpable_behavior};
     match set_dumpable_behavior(DumpableBehavior::NotDumpable) {

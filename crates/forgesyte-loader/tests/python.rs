@@ -344,17 +344,33 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
     ] {
         let name = format!("init-{fault}");
         copy_fixture(root, "faulty", &name);
+        // 10 MB of output beside nine other runners: time to spare on a
+        // loaded machine. The hang needs a short limit.
+        let timeout = if fault == "hang" { 2 } else { 20 };
         write_manifest(
             root,
             &name,
-            json!({"runtime": "python", "limits": {"init_timeout_s": 2, "memory_mb": 256}}),
+            json!({"runtime": "python", "limits": {"init_timeout_s": timeout, "memory_mb": 256}}),
         );
     }
+    copy_fixture(root, "faulty", "import-blowup");
+    write_manifest(
+        root,
+        "import-blowup",
+        json!({"runtime": "python", "limits": {"memory_mb": 256}}),
+    );
     let registry = Registry::new();
     let loader = loader(root, &registry);
     for (plugin, reason) in [
         ("init-sysexit", "InitError: SystemExit: 4"),
-        ("init-blowup", "exceeded memory limit 256 MiB"),
+        (
+            "init-blowup",
+            "InitError: plugin process died during construction: exceeded memory limit 256 MiB",
+        ),
+        (
+            "import-blowup",
+            "ImportError: plugin process died while loading the library: exceeded memory limit 256 MiB",
+        ),
         // `validate()` raising after construction (ForgeSyte's BasePlugin).
         (
             "init-invalid",

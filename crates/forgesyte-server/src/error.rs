@@ -284,7 +284,9 @@ pub(crate) const MALFORMED_ARGS_PART: &str = "the 'args' part";
 /// Why a tool run (`POST /v1/plugins/{name}/tools/{tool}/run`) failed.
 ///
 /// Each variant fixes the status code and the `error_type` of the failure
-/// body; `error` is [`RunError`]'s `Display`, `detail` a full sentence.
+/// body; `error` is [`RunError`]'s `Display`, `detail` a full sentence
+/// naming the plugin and tool, except for [`RunError::ToolFailed`], whose
+/// `detail` is the tool's own message (what the seed's server answered).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
@@ -469,7 +471,8 @@ impl RunError {
         }
     }
 
-    /// The `detail` field: a sentence naming the plugin and tool.
+    /// The `detail` field: a sentence naming the plugin and tool, or the
+    /// tool's own message for [`RunError::ToolFailed`].
     pub fn detail(&self, plugin: &str, tool: &str) -> String {
         let (p, t) = (Shown(plugin), Shown(tool));
         match self {

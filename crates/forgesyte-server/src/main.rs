@@ -76,6 +76,7 @@ fn init_logging(default: &str, format: LogFormat) {
         LogFormat::Json => logs.json().with_current_span(true).init(),
     }
 }
+
 fn main() -> ExitCode {
     take_admin_token_env();
     // `forgesyte` doubles as the plugin runner of process isolation and

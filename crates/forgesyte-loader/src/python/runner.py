@@ -56,31 +56,6 @@ EXIT_SETUP = 71
 # crash ("exceeded memory limit" when one is set) rather than a tool error.
 EXIT_MEMORY = 70
 
-
-def _check_name(instance, manifest):
-    """ForgeSyte's ``BasePlugin`` carries a ``name`` (a class or an instance
-    attribute), under which ForgeSyte's server registered the plugin. This
-    host names a plugin before any of its code runs (its manifest's
-    ``name``, else its entry point's or directory's), so a ``name`` that
-    says otherwise is logged for the author to make the two agree."""
-    registered = manifest.get("name") if isinstance(manifest, dict) else None
-    try:
-        declared = getattr(instance, "name", None)
-    except Exception:  # a property of the plugin's own that raises
-        return
-    if isinstance(declared, str) and declared and isinstance(registered, str) and declared != registered:
-        _diag("the plugin's name attribute says %r, but it is served as %r "
-              "(its manifest's name, else its entry point's or directory's)" % (declared, registered))
-
-
-def _out_of_memory(where):
-    """Ends the runner as out of memory (``EXIT_MEMORY``): the host records
-    a crash that names the memory limit, whether the plugin ran out while
-    it was imported, constructed or called."""
-    _diag("MemoryError: out of memory %s" % where)
-    _exit(EXIT_MEMORY)
-
-
 PROTOCOL_VERSION = 2
 CAPABILITIES = ["attachments", "concurrent_calls"]
 # The largest request frame accepted (the native runner's limit).
@@ -158,6 +133,34 @@ def _exit(code):
         except Exception:
             pass
     os._exit(code)
+
+
+def _out_of_memory(where, error=None):
+    """Ends the runner as out of memory (``EXIT_MEMORY``): the host records
+    a crash that names the memory limit, whether the plugin ran out while
+    it was imported, constructed or called. The exit happens even if
+    writing the diagnostic itself runs out of memory."""
+    try:
+        detail = str(error) if error is not None else ""
+        _diag("MemoryError: out of memory %s%s" % (where, ": " + detail if detail else ""))
+    finally:
+        _exit(EXIT_MEMORY)
+
+
+def _check_name(instance, served):
+    """ForgeSyte's ``BasePlugin`` carries a ``name`` (a class or an instance
+    attribute), under which ForgeSyte's server registered the plugin. This
+    host names a plugin before any of its code runs (``served``: its
+    manifest's ``id``, else its ``name``, else its entry point's or
+    directory's), so a ``name`` that says otherwise is logged for the author
+    to make the two agree."""
+    try:
+        declared = getattr(instance, "name", None)
+    except Exception:  # a property of the plugin's own that raises
+        return
+    if isinstance(declared, str) and declared and isinstance(served, str) and declared != served:
+        _diag("the plugin's name attribute says %r, but it is served as %r "
+              "(its manifest's id or name, else its entry point's or directory's)" % (declared, served))
 
 
 def _take_stdio():
@@ -1395,8 +1398,8 @@ def import_plugin(args):
             sys.modules[name] = module
             spec.loader.exec_module(module)
             return module
-        except MemoryError:
-            _out_of_memory("importing the plugin")
+        except MemoryError as e:
+            _out_of_memory("importing the plugin", e)
         except BaseException as e:  # SystemExit too: the plugin fails, not the runner
             sys.modules.pop(name, None)
             error = python_error(e)
@@ -1404,8 +1407,8 @@ def import_plugin(args):
             return error
     try:
         return importlib.import_module(args.module)
-    except MemoryError:
-        _out_of_memory("importing the plugin")
+    except MemoryError as e:
+        _out_of_memory("importing the plugin", e)
     except BaseException as e:
         error = python_error(e)
         if _syntax_error_file(e):
@@ -1762,7 +1765,7 @@ class Runner(object):
             given = config.get("models") if isinstance(config, dict) else None
             _MODELS.clear()
             if isinstance(given, dict):
-                _MODELS.update((str(k), str(v)) for k, v in given.items() if isinstance(v, str))
+                _MODELS.update((str(k), v) for k, v in given.items() if isinstance(v, str))
             try:
                 instance = cls()  # the seed's contract: no arguments
                 for hook in ("validate", "on_load"):
@@ -1773,8 +1776,9 @@ class Runner(object):
                 # Encoded here: a spec that cannot be (text that is not
                 # valid Unicode) fails construction, not the runner.
                 encode({"tools": specs})
-            except MemoryError:
-                _out_of_memory("constructing the plugin")
+                _check_name(instance, self.args.plugin)
+            except MemoryError as e:
+                _out_of_memory("constructing the plugin", e)
             except BaseException as e:
                 self.init_failed(rid, python_error(e))
                 return
@@ -1788,7 +1792,6 @@ class Runner(object):
                 self.max_response = min(mb * MIB, MAX_FRAME_BYTES)
             self.tools = table
             self.instance = instance
-            _check_name(instance, manifest)
         self.answer({"type": "created", "id": rid, "tools": specs})
 
     # -- call -----------------------------------------------------------
@@ -1828,8 +1831,8 @@ class Runner(object):
                         return
         try:
             result = _await(self.dispatch(instance, tool, entry, args))
-        except MemoryError:
-            _out_of_memory("in tool '%s'" % tool)
+        except MemoryError as e:
+            _out_of_memory("in tool '%s'" % tool, e)
         except BaseException as e:
             # The tool's own failure (SystemExit from sys.exit() included:
             # it only ends this thread): an error, the plugin stays healthy.
@@ -2054,17 +2057,17 @@ def confine(plan):
 
 # What the hello says of a runner that made itself not dumpable (the native
 # runner says the same).
-MEMORY_PRIVATE = ("private: not dumpable, so no other process of its user reads "
-                  "its memory or open files (another plugin's frames) through /proc")
+MEMORY_PRIVATE = ("not dumpable: its /proc files (its memory, its open files) are root's, "
+                  "closed to the other processes of a runner user that is not root")
 _PR_SET_DUMPABLE = 4
 
 
 def _not_dumpable(libc):
     """Makes this process not dumpable: its ``/proc/PID`` files belong to
-    root, and only a process with ``CAP_SYS_PTRACE`` may open its memory,
-    its descriptors (the memory files that carry frames) or its environment
-    there, whatever Landlock can or cannot rule. No core dump is written
-    when it crashes."""
+    root, so the other processes of a runner user that is not root cannot
+    open its memory, its descriptors (the memory files that carry frames)
+    or its environment there, whatever Landlock can or cannot rule. No core
+    dump is written when it crashes."""
     import ctypes
 
     if libc.prctl(ctypes.c_int(_PR_SET_DUMPABLE), ctypes.c_ulong(0), ctypes.c_ulong(0),

@@ -39,12 +39,7 @@ fn native_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
 }
 
 fn add_manifest_fields(dir: &Path, extra: Value) {
-    let path = dir.join("manifest.json");
-    let mut manifest: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    if let (Some(base), Some(extra)) = (manifest.as_object_mut(), extra.as_object()) {
-        base.extend(extra.clone());
-    }
-    std::fs::write(&path, manifest.to_string()).unwrap();
+    super::support::merge_manifest(dir, &extra);
     std::fs::write(
         dir.join("secret.txt"),
         format!("secret of {}\n", dir.display()),
@@ -331,11 +326,12 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
 
 /// A frame in transit is a memory file a runner holds open. No other
 /// confined runner reads it through `/proc/PID/fd/N` (a Python sibling from
-/// the same zygote, an isolated native runner), nor the server's own
-/// environment: Landlock keeps a runner to its own domain, and a runner is
-/// not dumpable, which keeps `/proc/PID` closed to the processes of its user
-/// even where Landlock is missing. With `--confine off` a runner is not
-/// confined; as root (this test's usual user) it then reads anything.
+/// the same zygote, an isolated native runner), nor the server's open files
+/// and memory: Landlock keeps a confined runner to its own domain. Each
+/// runner is also not dumpable, which this test checks apart from
+/// Landlock: the runners say so (`PR_GET_DUMPABLE`), and when the test runs
+/// as a user that is not root (the runners' user), it cannot read a
+/// runner's `/proc` files but can read the server's.
 #[test]
 fn a_confined_runner_reads_no_other_runners_frames_nor_the_servers_memory() {
     let plugins = PluginsDir::new();
@@ -364,9 +360,11 @@ fn a_confined_runner_reads_no_other_runners_frames_nor_the_servers_memory() {
     assert_eq!(kind, "PermissionError", "{error}");
     let (kind, error) = call(&server, "native", "read", frame).unwrap_err();
     assert_eq!(kind, "Denied", "{error}");
-    let servers = json!({"path": format!("/proc/{}/environ", server.pid())});
-    let (kind, error) = call(&server, "snoop-b", "read", servers).unwrap_err();
-    assert_eq!(kind, "PermissionError", "{error}");
+    for what in ["environ", "fd/0", "mem"] {
+        let servers = json!({"path": format!("/proc/{}/{what}", server.pid())});
+        let (kind, error) = call(&server, "snoop-b", "read", servers).unwrap_err();
+        assert_eq!(kind, "PermissionError", "the server's {what}: {error}");
+    }
     // Nor does a Python runner read the native runner's memory.
     let native = call(&server, "native", "pid", json!({})).unwrap();
     let natives = json!({"path": format!("/proc/{native}/environ")});
@@ -375,6 +373,25 @@ fn a_confined_runner_reads_no_other_runners_frames_nor_the_servers_memory() {
     for plugin in ["snoop-a", "snoop-b", "native"] {
         let shown = status(&server, plugin);
         assert_eq!(shown["confinement"]["memory"], MEMORY_PRIVATE, "{shown}");
+    }
+    // Not dumpable, apart from Landlock: as the runner sees itself, and
+    // (for a user that is not root) as the other processes of its user do.
+    for plugin in ["snoop-a", "snoop-b"] {
+        let got = call(&server, plugin, "dumpable", json!({})).unwrap();
+        assert_eq!(got["dumpable"], 0, "{plugin}");
+    }
+    if rustix::process::geteuid().is_root() {
+        eprintln!(
+            "root runs this test: its processes read root's /proc files whatever the \
+             runners' dumpable flag, so only the runners' own word (PR_GET_DUMPABLE) is checked"
+        );
+    } else {
+        let server_env = std::fs::read(format!("/proc/{}/environ", server.pid()));
+        assert!(server_env.is_ok(), "the control: the server is dumpable");
+        for pid in [pid.to_string(), native.to_string()] {
+            let runner_env = std::fs::read(format!("/proc/{pid}/environ"));
+            assert!(runner_env.is_err(), "runner {pid} is dumpable");
+        }
     }
 }
 
@@ -556,12 +573,30 @@ fn no_plugin_process_is_started_with_the_admin_token() {
             ],
         );
         server.wait_loaded();
-        let own = call(&server, "snoop", "environ", json!({"pid": "self"})).unwrap();
-        let names = own["names"].as_array().unwrap();
-        assert!(
-            !names.iter().any(|n| n == "FORGESYTE_ADMIN_TOKEN"),
-            "confine {confine}: {names:?}"
-        );
+        let names = match call(&server, "snoop", "environ", json!({"pid": "self"})) {
+            Ok(own) => {
+                let names = own["names"].as_array().unwrap().clone();
+                assert!(
+                    !names.iter().any(|n| n == "FORGESYTE_ADMIN_TOKEN"),
+                    "confine {confine}: {names:?}"
+                );
+                names
+            }
+            // A confined runner is not dumpable: its /proc files are
+            // root's, and a runner that is not root cannot read its own
+            // starting block either (nor can any process of its user).
+            Err((kind, error))
+                if confine == "on"
+                    && kind == "PermissionError"
+                    && !rustix::process::geteuid().is_root() =>
+            {
+                eprintln!(
+                    "its own /proc/self/environ is closed to a runner that is not root: {error}"
+                );
+                Vec::new()
+            }
+            Err(other) => panic!("confine {confine}: {other:?}"),
+        };
         if confine == "off" {
             // Unconfined, it sees the rest of the server's environment (the
             // check above is not passing for want of an environment).

@@ -750,6 +750,13 @@ impl PluginsDir {
         self
     }
 
+    /// Adds `extra`'s fields to plugin `name`'s manifest (replacing those
+    /// it has).
+    pub(crate) fn manifest_fields(&self, name: &str, extra: Value) -> &PluginsDir {
+        merge_manifest(&self.dir.path().join(name), &extra);
+        self
+    }
+
     /// A zoo fixture directory, linked in under its own directory name.
     pub(crate) fn zoo(&self, fixture_dir: &str) -> &PluginsDir {
         let source = Path::new(fixture_dir);
@@ -891,4 +898,14 @@ pub(crate) fn assert_health_answer(reply: &Reply, what: &str) {
             "{what}: {body}"
         );
     }
+}
+
+/// Adds `extra`'s fields to `dir/manifest.json` (replacing those it has).
+pub(crate) fn merge_manifest(dir: &Path, extra: &Value) {
+    let path = dir.join("manifest.json");
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    if let (Some(base), Some(extra)) = (manifest.as_object_mut(), extra.as_object()) {
+        base.extend(extra.clone());
+    }
+    std::fs::write(&path, manifest.to_string()).unwrap();
 }
