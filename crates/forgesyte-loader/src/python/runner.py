@@ -135,14 +135,19 @@ def _exit(code):
     os._exit(code)
 
 
-def _out_of_memory(where, error=None):
+def _out_of_memory(error, where, *args):
     """Ends the runner as out of memory (``EXIT_MEMORY``): the host records
     a crash that names the memory limit, whether the plugin ran out while
-    it was imported, constructed or called. The exit happens even if
-    writing the diagnostic itself runs out of memory."""
+    it was imported, constructed or called. The traceback goes first, and
+    with it the plugin's frames and what they hold, so the diagnostic
+    (``where % args``, then the error's own message) has memory to be
+    written in; the exit happens even if it has not."""
     try:
-        detail = str(error) if error is not None else ""
-        _diag("MemoryError: out of memory %s%s" % (where, ": " + detail if detail else ""))
+        error.__traceback__ = None
+        detail = str(error)
+        _diag("MemoryError: out of memory %s%s" % (where % args, ": " + detail if detail else ""))
+    except BaseException:
+        pass
     finally:
         _exit(EXIT_MEMORY)
 
@@ -1399,7 +1404,7 @@ def import_plugin(args):
             spec.loader.exec_module(module)
             return module
         except MemoryError as e:
-            _out_of_memory("importing the plugin", e)
+            _out_of_memory(e, "importing the plugin")
         except BaseException as e:  # SystemExit too: the plugin fails, not the runner
             sys.modules.pop(name, None)
             error = python_error(e)
@@ -1408,7 +1413,7 @@ def import_plugin(args):
     try:
         return importlib.import_module(args.module)
     except MemoryError as e:
-        _out_of_memory("importing the plugin", e)
+        _out_of_memory(e, "importing the plugin")
     except BaseException as e:
         error = python_error(e)
         if _syntax_error_file(e):
@@ -1778,7 +1783,7 @@ class Runner(object):
                 encode({"tools": specs})
                 _check_name(instance, self.args.plugin)
             except MemoryError as e:
-                _out_of_memory("constructing the plugin", e)
+                _out_of_memory(e, "constructing the plugin")
             except BaseException as e:
                 self.init_failed(rid, python_error(e))
                 return
@@ -1832,7 +1837,7 @@ class Runner(object):
         try:
             result = _await(self.dispatch(instance, tool, entry, args))
         except MemoryError as e:
-            _out_of_memory("in tool '%s'" % tool, e)
+            _out_of_memory(e, "in tool '%s'", tool)
         except BaseException as e:
             # The tool's own failure (SystemExit from sys.exit() included:
             # it only ends this thread): an error, the plugin stays healthy.
