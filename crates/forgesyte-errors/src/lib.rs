@@ -273,9 +273,10 @@ pub enum ImportError {
         /// What is wrong.
         detail: String,
     },
-    /// The isolated plugin's process died while it loaded the library.
-    /// The [`CrashError`] is the [`source`](std::error::Error::source).
-    #[error("plugin process died while loading the library: {0}")]
+    /// The plugin's process (an isolated native runner, a Python runner)
+    /// died while it loaded the plugin: its library, or its module. The
+    /// [`CrashError`] is the [`source`](std::error::Error::source).
+    #[error("plugin process died while loading the plugin: {0}")]
     Crashed(#[source] CrashError),
     /// The isolated plugin's process did not finish loading the library
     /// (and answer the handshake) in time. The [`TimeoutError`] is the
@@ -881,7 +882,7 @@ mod tests {
             })
             .into(),
             "ImportError",
-            "ImportError: plugin process died while loading the library: exited with code 3",
+            "ImportError: plugin process died while loading the plugin: exited with code 3",
         );
         check(
             ToolError::Crashed(crash).into(),

@@ -835,14 +835,14 @@ fn misbehaving_runners_are_reported_precisely() {
             "closer",
             "exec 1>&-\nexec sleep 10",
             &[
-                "ImportError: plugin process died while loading the library: protocol violation: closed its end of the protocol but kept running",
+                "ImportError: plugin process died while loading the plugin: protocol violation: closed its end of the protocol but kept running",
             ],
         ),
         (
             "garbage",
             "printf 'garbage!'\nexec sleep 10",
             &[
-                "ImportError: plugin process died while loading the library: protocol violation: answer frame of 1651663207 bytes exceeds the limit of 1 MiB",
+                "ImportError: plugin process died while loading the plugin: protocol violation: answer frame of 1651663207 bytes exceeds the limit of 1 MiB",
             ],
         ),
         (
@@ -863,7 +863,7 @@ fn misbehaving_runners_are_reported_precisely() {
             "quitter",
             "echo 'runner giving up' >&2\nexit 7",
             &[
-                "ImportError: plugin process died while loading the library: exited with code 7; stderr: runner giving up",
+                "ImportError: plugin process died while loading the plugin: exited with code 7; stderr: runner giving up",
             ],
         ),
     ];

@@ -369,7 +369,7 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
         ),
         (
             "import-blowup",
-            "ImportError: plugin process died while loading the library: exceeded memory limit 256 MiB",
+            "ImportError: plugin process died while loading the plugin: exceeded memory limit 256 MiB",
         ),
         // `validate()` raising after construction (ForgeSyte's BasePlugin).
         (
