@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use crate::support::{Forgesyte, PluginsDir, http_with, plugin_named};
-use forgesyte_tests::write_script;
+use crate::support::{
+    Forgesyte, PluginsDir, http_with, plugin_named, site_python, write_dist_info,
+};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/plugins")
@@ -131,24 +132,15 @@ fn the_packaged_example_is_found_through_its_entry_point() {
         &example.join("forgesyte_example_text"),
         &site.join("forgesyte_example_text"),
     );
-    let info = site.join("forgesyte_example_text-0.1.0.dist-info");
-    std::fs::create_dir_all(&info).unwrap();
-    std::fs::write(
-        info.join("METADATA"),
-        "Metadata-Version: 2.1\nName: forgesyte-example-text\nVersion: 0.1.0\n",
-    )
-    .unwrap();
-    std::fs::write(
-        info.join("entry_points.txt"),
-        format!("[forgesyte.plugins]\n{lines}"),
-    )
-    .unwrap();
+    write_dist_info(
+        &site,
+        "forgesyte_example_text",
+        "forgesyte-example-text",
+        "0.1.0",
+        &lines,
+    );
     let python = dir.path().join("python");
-    write_script(
-        &python,
-        &format!("PYTHONPATH={} exec python3 \"$@\"", site.display()),
-    )
-    .unwrap();
+    site_python(&python, &site);
     let plugins = PluginsDir::new();
     let server = Forgesyte::start_with_env(
         &["--plugins", plugins.path_str(), "--python-entry-points"],

@@ -9,8 +9,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::support::{Forgesyte, plugin_named, run_forgesyte};
-use forgesyte_tests::write_script;
+use crate::support::{Forgesyte, plugin_named, run_forgesyte, site_python, write_dist_info};
 
 const PLUGIN_PY: &str = r#"
 class Plugin:
@@ -48,14 +47,12 @@ impl Site {
             for (name, text) in files {
                 write(site.join(dist).join(name), text);
             }
-            let info = site.join(format!("{dist}-1.0.dist-info"));
-            write(
-                info.join("METADATA"),
-                &format!("Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n"),
-            );
-            write(
-                info.join("entry_points.txt"),
-                &format!("[forgesyte.plugins]\n{ep} = {dist}.plugin:Plugin\n"),
+            write_dist_info(
+                &site,
+                dist,
+                dist,
+                "1.0",
+                &format!("{ep} = {dist}.plugin:Plugin\n"),
             );
         };
         package(
@@ -77,11 +74,7 @@ impl Site {
             );
         }
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
-        write_script(
-            &dir.path().join("python"),
-            &format!("PYTHONPATH={} exec python3 \"$@\"", site.display()),
-        )
-        .unwrap();
+        site_python(&dir.path().join("python"), &site);
         Site { dir }
     }
 

@@ -909,3 +909,40 @@ pub(crate) fn merge_manifest(dir: &Path, extra: &Value) {
     }
     std::fs::write(&path, manifest.to_string()).unwrap();
 }
+
+/// "Installs" a distribution into the site directory `site` as pip leaves
+/// one, without pip: `DIST-VERSION.dist-info` holding its `METADATA` (name
+/// `name`) and an `entry_points.txt` whose group `forgesyte.plugins` holds
+/// `entry_points` (`NAME = module:Class` lines). The package itself is the
+/// caller's to put there.
+pub(crate) fn write_dist_info(
+    site: &Path,
+    dist: &str,
+    name: &str,
+    version: &str,
+    entry_points: &str,
+) {
+    let info = site.join(format!("{dist}-{version}.dist-info"));
+    std::fs::create_dir_all(&info).unwrap();
+    std::fs::write(
+        info.join("METADATA"),
+        format!("Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        info.join("entry_points.txt"),
+        format!("[forgesyte.plugins]\n{entry_points}"),
+    )
+    .unwrap();
+}
+
+/// A wrapper interpreter at `path`: `python3` with `site` on its path
+/// (`PYTHONPATH`, set by the wrapper itself, so a runner's scrubbed
+/// environment keeps it).
+pub(crate) fn site_python(path: &Path, site: &Path) {
+    forgesyte_tests::write_script(
+        path,
+        &format!("PYTHONPATH={} exec python3 \"$@\"", site.display()),
+    )
+    .unwrap();
+}
