@@ -1,12 +1,13 @@
 //! Python plugins: the runner the host ships, and finding a plugin's
 //! interpreter.
 //!
-//! The runner (`python/runner.py`, standard library only) is compiled into
-//! this crate, hence into the `forgesyte` binary, and started as
-//! `INTERPRETER -u -c CODE --plugin-dir DIR (--file F | --module M) …`
-//! ([`runner_invocation`]; CODE imports the runner from a private cache
-//! that this binary writes, or is its source), so there is no file to
-//! install, to find or to keep in step with the host. It speaks `PROTOCOL.md` like the native runner (and passes the same
+//! The runner (the package `python/runner/`, standard library only) is
+//! compiled into this crate, hence into the `forgesyte` binary, and started
+//! as `INTERPRETER -u -c CODE --plugin-dir DIR (--file F | --module M) …`
+//! ([`runner_invocation`]; CODE imports the package from a private cache
+//! that this binary writes, or from its sources, which CODE carries), so
+//! there is no file to install, to find or to keep in step with the host.
+//! It speaks `PROTOCOL.md` like the native runner (and passes the same
 //! conformance suite); `python/test_runner.py` tests it on its own.
 
 use std::ffi::OsString;
@@ -18,8 +19,24 @@ mod cache;
 
 pub use cache::{runner_invocation, runner_source_invocation};
 
-/// The Python runner's source.
-pub const RUNNER_SOURCE: &str = include_str!("python/runner.py");
+/// The Python runner: the modules of its package (`python/runner/`), each
+/// as (file name, source). The package is one concern per module; see its
+/// `__init__.py` for which.
+pub const RUNNER_MODULES: &[(&str, &str)] = &[
+    ("__init__.py", include_str!("python/runner/__init__.py")),
+    ("api.py", include_str!("python/runner/api.py")),
+    ("args.py", include_str!("python/runner/args.py")),
+    ("base.py", include_str!("python/runner/base.py")),
+    ("confine.py", include_str!("python/runner/confine.py")),
+    ("errors.py", include_str!("python/runner/errors.py")),
+    ("loading.py", include_str!("python/runner/loading.py")),
+    ("main.py", include_str!("python/runner/main.py")),
+    ("results.py", include_str!("python/runner/results.py")),
+    ("serve.py", include_str!("python/runner/serve.py")),
+    ("tools.py", include_str!("python/runner/tools.py")),
+    ("wire.py", include_str!("python/runner/wire.py")),
+    ("zygote.py", include_str!("python/runner/zygote.py")),
+];
 
 /// The interpreter used when neither the manifest nor the host names one.
 pub const DEFAULT_INTERPRETER: &str = "python3";
@@ -100,8 +117,19 @@ mod tests {
     }
 
     #[test]
-    fn the_runner_source_is_the_shipped_file() {
-        assert!(RUNNER_SOURCE.contains("def main("));
-        assert!(RUNNER_SOURCE.len() > 10_000);
+    fn every_module_of_the_runner_package_is_shipped() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python/runner");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(".py"))
+            .collect();
+        on_disk.sort();
+        let shipped: Vec<&str> = RUNNER_MODULES.iter().map(|(name, _)| *name).collect();
+        assert_eq!(on_disk, shipped, "RUNNER_MODULES lists {}", dir.display());
+        for (name, source) in RUNNER_MODULES {
+            let on_disk = std::fs::read_to_string(dir.join(name)).unwrap();
+            assert_eq!(&on_disk, source, "{name}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! ([`Confinement`], passed as `--confine JSON`), and its application in the
 //! native runner ([`apply`]: Landlock through the `landlock` crate, a network
 //! namespace through `unshare`). The Python runner applies the same plan
-//! itself (`confine` in `python/runner.py`), so both runtimes get one policy.
+//! itself (`confine` in `python/runner/confine.py`), so both runtimes get one policy.
 //!
 //! The plan allows reading the plugin directory, its declared models and
 //! library directories, the system's shared libraries and a few system files

@@ -509,7 +509,8 @@ fn python_crashes_at_call_time_are_precise() {
 }
 
 /// The Python runner, hosting the `echo` fixture, through the conformance
-/// suite the native runner passes.
+/// suite the native runner passes; started from its sources, as for a
+/// runner user (the host's other tests start it from the cache).
 fn python_runner() -> RunnerUnderTest {
     require_python();
     let dir = fixtures().join("echo");
@@ -517,19 +518,19 @@ fn python_runner() -> RunnerUnderTest {
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     RunnerUnderTest {
         program: "python3".into(),
-        args: vec![
-            "-u".into(),
-            "-c".into(),
-            forgesyte_loader::python::RUNNER_SOURCE.into(),
-            "--plugin-dir".into(),
-            dir.clone().into(),
-            "--file".into(),
-            dir.join("plugin.py").into(),
-            "--plugin".into(),
-            "conformance".into(),
-            "--memory-limit-mb".into(),
-            "0".into(),
-        ],
+        args: forgesyte_loader::python::runner_source_invocation()
+            .into_iter()
+            .chain([
+                "--plugin-dir".into(),
+                dir.clone().into(),
+                "--file".into(),
+                dir.join("plugin.py").into(),
+                "--plugin".into(),
+                "conformance".into(),
+                "--memory-limit-mb".into(),
+                "0".into(),
+            ])
+            .collect(),
         envs: Vec::new(),
         manifest,
         plugin_dir: dir,
@@ -568,10 +569,16 @@ fn the_example_python_plugins_own_tests_pass() {
 /// checking that every test passed.
 fn run_runner_tests(python: &Path) -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python");
+    // The code the host runs the runner with from its sources, for
+    // `SourceModeTests`.
+    let source = tempfile::NamedTempFile::new().unwrap();
+    let [_, _, code] = forgesyte_loader::python::runner_source_invocation();
+    std::fs::write(source.path(), code.as_encoded_bytes()).unwrap();
     let output = std::process::Command::new(python)
         .args(["-m", "unittest", "-v", "test_runner"])
         .current_dir(&dir)
         .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("FORGESYTE_TEST_RUNNER_SOURCE", source.path())
         // The runner processes of the tests are `python` too.
         .env_remove("FORGESYTE_TEST_PYTHON")
         .output()

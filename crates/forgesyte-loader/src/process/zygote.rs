@@ -3,14 +3,14 @@
 //! interpreter start-up and the runner's imports once, not N times in
 //! series on the machine's cores.
 //!
-//! The zygote is the Python runner itself (`runner.py --zygote`), started
+//! The zygote is the Python runner itself (`runner --zygote`, `python/runner/zygote.py`), started
 //! like any runner (own process group, `SIGKILL` when the server dies). Its
 //! stdin is a `SOCK_SEQPACKET` socket to the host: the host sends a spawn
 //! request with the runner's arguments and three descriptors (the runner's
 //! stdin, stdout and stderr pipes, by `SCM_RIGHTS`), and a fourth, its
 //! shared-memory socket, when shared memory is on; the zygote forks, and
 //! the child becomes exactly the runner those arguments describe. The
-//! message format is in `runner.py` (`_Zygote`).
+//! message format is in `python/runner/zygote.py` (`_Zygote`).
 //!
 //! A forked runner is the zygote's child, not the host's, so the host cannot
 //! `waitpid` it: the zygote reports each exit status *without reaping the
@@ -152,7 +152,7 @@ impl std::fmt::Debug for Zygote {
     }
 }
 
-/// What the zygote says (see `runner.py`).
+/// What the zygote says (see `python/runner/zygote.py`).
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Said {

@@ -1,16 +1,17 @@
-//! How the interpreter is handed the runner: from a private cache
+//! How the interpreter is handed the runner package: from a private cache
 //! directory when one is usable, so the interpreter compiles the runner
-//! once and later starts load its bytecode from `__pycache__`; else as
-//! source on the command line (`-c`), compiled at every start.
+//! once and later starts load its bytecode from `__pycache__`; else from
+//! its sources carried in the code on the command line (`-c`), compiled at
+//! every start.
 //!
 //! Compiling the runner costs about 25 ms of CPU per interpreter start
 //! (measured with `compile()` on this machine), which is a good part of a
 //! Python plugin's start-up. The cache directory is
 //! `$XDG_CACHE_HOME/forgesyte/python` (else `~/.cache/forgesyte/python`),
 //! created `0700`, and used only when it is a directory owned by this user
-//! that nobody else can write to; the runner file in it is checked against
-//! the runner this binary ships before each use, and rewritten when it
-//! differs.
+//! that nobody else can write to; the package's files in it are checked
+//! against the ones this binary ships before each use, and rewritten when
+//! they differ.
 
 use std::ffi::OsString;
 use std::hash::{Hash, Hasher};
@@ -18,11 +19,11 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use super::RUNNER_SOURCE;
+use super::RUNNER_MODULES;
 
 /// The interpreter arguments that start the runner (its own arguments
-/// follow): `-u -c CODE`, CODE importing the cached runner or being the
-/// runner's source.
+/// follow): `-u -c CODE`, CODE importing the cached runner package or
+/// carrying its sources.
 pub fn runner_invocation() -> [OsString; 3] {
     static CODE: OnceLock<String> = OnceLock::new();
     let code = CODE.get_or_init(|| {
@@ -30,18 +31,71 @@ pub fn runner_invocation() -> [OsString; 3] {
             .and_then(|dir| bootstrap(&dir).map_err(|e| format!("{}: {e}", dir.display())))
             .unwrap_or_else(|why| {
                 tracing::debug!("the Python runner is not cached ({why}): run from source");
-                RUNNER_SOURCE.to_owned()
+                source_code().to_owned()
             })
     });
     // Unbuffered, so print() from a plugin reaches the log now.
     ["-u".into(), "-c".into(), code.into()]
 }
 
-/// The interpreter's arguments that run the runner from its source, without
-/// the cache: for runners that run as another user (`--runner-user`), who
-/// cannot read this user's private cache.
+/// The interpreter's arguments that run the runner from its sources,
+/// without the cache: for runners that run as another user
+/// (`--runner-user`), who cannot read this user's private cache.
 pub fn runner_source_invocation() -> [OsString; 3] {
-    ["-u".into(), "-c".into(), RUNNER_SOURCE.into()]
+    ["-u".into(), "-c".into(), source_code().into()]
+}
+
+/// The name the runner package is imported under from its sources.
+const SOURCE_PACKAGE: &str = "_forgesyte_runner";
+
+/// Code that imports the runner package from its sources, which it
+/// carries, and starts it: a finder on `sys.meta_path` serves the
+/// package's modules (named `<forgesyte_runner/NAME.py>` in tracebacks,
+/// which the runner leaves out of a plugin's). The sources travel as one
+/// JSON object (module -> source), zlib-compressed and in base64: about a
+/// third of their size, since one `execve` argument holds at most 128 KiB.
+fn source_code() -> &'static str {
+    use base64::Engine as _;
+    static CODE: OnceLock<String> = OnceLock::new();
+    CODE.get_or_init(|| {
+        let sources: serde_json::Map<String, serde_json::Value> = RUNNER_MODULES
+            .iter()
+            .map(|(file, source)| {
+                let module = file.strip_suffix(".py").unwrap_or(file);
+                (module.to_owned(), serde_json::Value::from(*source))
+            })
+            .collect();
+        let json = serde_json::Value::Object(sources).to_string();
+        let packed = base64::engine::general_purpose::STANDARD.encode(
+            miniz_oxide::deflate::compress_to_vec_zlib(json.as_bytes(), 9),
+        );
+        format!(
+            r#"import sys
+def _load(packed, name={SOURCE_PACKAGE:?}):
+    import base64, importlib.util, json, zlib
+
+    sources = json.loads(zlib.decompress(base64.b64decode(packed)))
+
+    class Finder(object):
+        def find_spec(self, fullname, path=None, target=None):
+            short = "__init__" if fullname == name else fullname[len(name) + 1:]
+            if fullname != name and (not fullname.startswith(name + ".") or short not in sources):
+                return None
+            return importlib.util.spec_from_loader(fullname, self, is_package=short == "__init__")
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            short = "__init__" if module.__name__ == name else module.__name__[len(name) + 1:]
+            exec(compile(sources[short], "<forgesyte_runner/%s.py>" % short, "exec"), module.__dict__)
+
+    sys.meta_path.insert(0, Finder())
+    return __import__(name)
+_load("{packed}").start(sys.argv[1:])
+"#
+        )
+    })
 }
 
 /// The cache directory, if this user has one.
@@ -56,9 +110,9 @@ fn cache_dir() -> Result<PathBuf, String> {
     Ok(base.join("forgesyte").join("python"))
 }
 
-/// Writes the runner into `dir` (when it is not there already) and returns
-/// the code that imports it and starts it.
-fn bootstrap(dir: &Path) -> std::io::Result<String> {
+/// Creates `dir` (`0700`) when it is not there, and checks that it is a
+/// directory of this user's that only it can write to.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -72,18 +126,30 @@ fn bootstrap(dir: &Path) -> std::io::Result<String> {
             "not a directory of this user's that only it can write to",
         ));
     }
+    Ok(())
+}
+
+/// Writes the runner package into `dir` (the files that are not there
+/// already, or differ) and returns the code that imports it and starts it.
+fn bootstrap(dir: &Path) -> std::io::Result<String> {
+    private_dir(dir)?;
     let module = module_name();
-    let file = dir.join(format!("{module}.py"));
-    if std::fs::read(&file).ok().as_deref() != Some(RUNNER_SOURCE.as_bytes()) {
-        let temp = dir.join(format!("{module}.{}.tmp", std::process::id()));
+    let package = dir.join(&module);
+    private_dir(&package)?;
+    for (file, source) in RUNNER_MODULES {
+        let path = package.join(file);
+        if std::fs::read(&path).ok().as_deref() == Some(source.as_bytes()) {
+            continue;
+        }
+        let temp = package.join(format!("{file}.{}.tmp", std::process::id()));
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&temp)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, RUNNER_SOURCE.as_bytes()))
-            .and_then(|()| std::fs::rename(&temp, &file));
+            .and_then(|mut f| std::io::Write::write_all(&mut f, source.as_bytes()))
+            .and_then(|()| std::fs::rename(&temp, &path));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
@@ -96,7 +162,8 @@ fn bootstrap(dir: &Path) -> std::io::Result<String> {
         .ok_or_else(|| std::io::Error::other("the path is not UTF-8"))?;
     // The bytecode is written even under PYTHONDONTWRITEBYTECODE (which
     // still holds for everything else, plugins included): the cache is
-    // this directory's whole point.
+    // this directory's whole point. The package imports all its modules
+    // at once, so all of them are compiled here.
     Ok(format!(
         "import sys; w = sys.dont_write_bytecode; sys.dont_write_bytecode = False; \
          sys.path.insert(0, {dir}); import {module} as r; del sys.path[0]; \
@@ -104,11 +171,11 @@ fn bootstrap(dir: &Path) -> std::io::Result<String> {
     ))
 }
 
-/// `forgesyte_runner_HASH`: one name per runner source, so binaries of
+/// `forgesyte_runner_HASH`: one name per runner package, so binaries of
 /// different versions sharing the cache do not rewrite each other's.
 fn module_name() -> String {
     let mut hasher = std::hash::DefaultHasher::new();
-    RUNNER_SOURCE.hash(&mut hasher);
+    RUNNER_MODULES.hash(&mut hasher);
     format!("forgesyte_runner_{:016x}", hasher.finish())
 }
 
@@ -121,21 +188,33 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("forgesyte/python");
         let code = bootstrap(&dir).unwrap();
-        let file = dir.join(format!("{}.py", module_name()));
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), RUNNER_SOURCE);
+        let package = dir.join(module_name());
+        for (file, source) in RUNNER_MODULES {
+            assert_eq!(
+                &std::fs::read_to_string(package.join(file)).unwrap(),
+                source
+            );
+        }
         assert!(code.contains(&module_name()), "{code}");
         assert!(
             code.contains(&format!("{:?}", dir.display().to_string())),
             "{code}"
         );
-        assert_eq!(
-            std::fs::metadata(&dir).unwrap().mode() & 0o777,
-            0o700,
-            "the cache directory is private"
-        );
-        std::fs::write(&file, "tampered").unwrap();
+        for private in [&dir, &package] {
+            assert_eq!(
+                std::fs::metadata(private).unwrap().mode() & 0o777,
+                0o700,
+                "{} is private",
+                private.display()
+            );
+        }
+        let (file, source) = RUNNER_MODULES[1];
+        std::fs::write(package.join(file), "tampered").unwrap();
         bootstrap(&dir).unwrap();
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), RUNNER_SOURCE);
+        assert_eq!(
+            &std::fs::read_to_string(package.join(file)).unwrap(),
+            source
+        );
     }
 
     #[test]
@@ -146,6 +225,28 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(bootstrap(&dir).is_err());
-        assert!(!dir.join(format!("{}.py", module_name())).exists());
+        assert!(!dir.join(module_name()).exists());
+        // Nor a package directory others can write to in a private cache.
+        let dir = tmp.path().join("private");
+        bootstrap(&dir).unwrap();
+        let package = dir.join(module_name());
+        std::fs::set_permissions(&package, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(bootstrap(&dir).is_err());
+    }
+
+    /// Linux refuses an `execve` argument over 32 pages (`MAX_ARG_STRLEN`).
+    /// (That the code runs is tested by the conformance suite and by
+    /// `test_runner.py`'s `SourceModeTests`.)
+    #[test]
+    fn the_source_code_fits_in_one_command_line_argument() {
+        const MAX_ARG_STRLEN: usize = 32 * 4096;
+        let code = source_code();
+        let sources: usize = RUNNER_MODULES.iter().map(|(_, s)| s.len()).sum();
+        assert!(
+            code.len() < MAX_ARG_STRLEN / 2 && code.len() < sources / 2,
+            "the code carrying the runner's {sources} bytes of sources takes {} bytes \
+             of the {MAX_ARG_STRLEN} one argument may hold",
+            code.len()
+        );
     }
 }

@@ -1,4 +1,4 @@
-"""Tests of the ForgeSyte Python plugin runner (runner.py), standard library
+"""Tests of the ForgeSyte Python plugin runner (the package ``runner``), standard library
 only. Each test starts the runner as the host does (pipes on stdin, stdout
 and stderr) and speaks protocol version 2 with it.
 
@@ -27,16 +27,25 @@ import time
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNNER = os.path.join(HERE, "runner.py")
-with open(RUNNER, encoding="utf-8") as _f:
-    RUNNER_SOURCE = _f.read()
+# The interpreter's arguments that start the runner package of this
+# directory as the host starts its cached copy: imported, then ``start``.
+RUNNER = [
+    "-c",
+    "import sys; sys.path.insert(0, %r); import runner as r; del sys.path[0]; "
+    "r.start(sys.argv[1:])" % HERE,
+]
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "python")
 PYTHON = os.environ.get("FORGESYTE_TEST_PYTHON", sys.executable)
 TIMEOUT = 10.0
 
+# The host's code that runs the runner from its sources (``-c``, for
+# runners of another user), in a file: set by the Rust test that runs these.
+SOURCE_CODE_FILE = os.environ.get("FORGESYTE_TEST_RUNNER_SOURCE")
+
 sys.path.insert(0, HERE)
-import runner as runner_module  # noqa: E402  (importing it touches no descriptors)
+# Importing the package touches no descriptors (``start`` does).
+from runner import base, results, serve, tools, wire  # noqa: E402
 
 
 def frame(header, attachments=()):
@@ -72,7 +81,7 @@ def interpreter_has(module):
 class Proc(object):
     """A runner process and a tiny protocol client for it."""
 
-    def __init__(self, test, name=None, args=None, env=None, stdin=subprocess.PIPE):
+    def __init__(self, test, name=None, args=None, env=None, stdin=subprocess.PIPE, runner=None):
         if args is None:
             d = fixture(name)
             args = ["--plugin", name, "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")]
@@ -80,8 +89,7 @@ class Proc(object):
         full_env["FORGESYTE_PROTOCOL"] = "2"
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            # As the host runs it: the source through ``-c``.
-            [PYTHON, "-c", RUNNER_SOURCE] + list(args),
+            [PYTHON] + (runner or RUNNER) + list(args),
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -259,6 +267,37 @@ class HandshakeTests(RunnerTestCase):
         self.assertEqual(header["error"]["kind"], "Protocol")
 
 
+class SourceModeTests(RunnerTestCase):
+    """The runner started as the host starts it for a runner user: from
+    the sources its code carries, the package's modules named
+    ``<forgesyte_runner/NAME.py>``."""
+
+    def setUp(self):
+        if not SOURCE_CODE_FILE:
+            self.skipTest("FORGESYTE_TEST_RUNNER_SOURCE is not set (`cargo test` sets it)")
+        with open(SOURCE_CODE_FILE, encoding="utf-8") as f:
+            self.runner = ["-c", f.read()]
+
+    def test_it_serves_and_leaves_its_frames_out_of_tracebacks(self):
+        p = self.start("echo", runner=self.runner)
+        self.assertEqual(p.hello()["runtime"], "python")
+        self.assertEqual(p.create()["type"], "created")
+        header, _ = p.run("echo", {"x": 1})
+        self.assertEqual(header["result"], {"x": 1})
+        header, _ = p.run("fail")
+        lines = header["error"]["traceback"]
+        self.assertEqual(lines[-1], "ValueError: bad input")
+        self.assertTrue(any("plugin.py" in line for line in lines), lines)
+        self.assertFalse(any("forgesyte_runner" in line for line in lines), lines)
+
+    def test_plugins_import_the_runners_api(self):
+        p = self.start("traced", runner=self.runner)
+        p.start()
+        header, _ = p.run("whoami", {"say": "hi"})
+        self.assertEqual(header["type"], "result", header)
+        self.assertEqual(header["result"]["request_id"], None)
+
+
 class CallTests(RunnerTestCase):
     def setUp(self):
         self.p = self.start("echo")
@@ -394,7 +433,10 @@ class CallTests(RunnerTestCase):
         self.assertEqual(error["message"], "bad input")
         self.assertEqual(error["traceback"][-1], "ValueError: bad input")
         self.assertLessEqual(len(error["traceback"]), 10)
-        self.assertFalse(any("runner.py" in line for line in error["traceback"]))
+        # The plugin's frame is there; the runner's own are not.
+        self.assertTrue(any("plugin.py" in line for line in error["traceback"]), error["traceback"])
+        package = os.path.join(HERE, "runner")
+        self.assertFalse(any(package in line for line in error["traceback"]), error["traceback"])
         # The plugin stays healthy.
         header, _ = self.p.run("echo", {"still": "alive"})
         self.assertEqual(header["result"], {"still": "alive"})
@@ -528,7 +570,7 @@ class LifecycleTests(RunnerTestCase):
             "sys.stdin.read()\n" % (r_in, w_out)
         )
         middle = subprocess.Popen(
-            [sys.executable, "-c", script, PYTHON, "-c", RUNNER_SOURCE, "--plugin", "echo",
+            [sys.executable, "-c", script, PYTHON] + RUNNER + ["--plugin", "echo",
              "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(r_in, w_out),
         )
@@ -739,7 +781,7 @@ class ProtocolViolationTests(RunnerTestCase):
 
 class UsageTests(RunnerTestCase):
     def exit_code(self, args):
-        proc = subprocess.run([PYTHON, RUNNER] + args, stdin=subprocess.DEVNULL,
+        proc = subprocess.run([PYTHON] + RUNNER + args, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=TIMEOUT)
         return proc.returncode, proc.stdout, proc.stderr.decode()
 
@@ -1141,7 +1183,7 @@ class MemoryLimitTests(RunnerTestCase):
 
 
 class UnitTests(unittest.TestCase):
-    """Pure functions of runner.py, imported in this process."""
+    """Pure functions of the runner's modules, imported in this process."""
 
     def test_handler_shapes_are_remembered_per_kind_of_callable(self):
         # A classmethod object and the method made from it share their
@@ -1152,7 +1194,7 @@ class UnitTests(unittest.TestCase):
             def detect(cls, args):
                 return {"got": args}
 
-        bind = runner_module._bind_and_call
+        bind = serve.bind_and_call
         raw = Plugin.__dict__["detect"]
         for _ in range(2):
             with self.assertRaises(TypeError):
@@ -1189,13 +1231,13 @@ class UnitTests(unittest.TestCase):
         for fn in (detect, star, whole):
             del calls[:]
             with self.assertRaises(TypeError):
-                runner_module._bind_and_call(fn, {"image": 1})
+                serve.bind_and_call(fn, {"image": 1})
             self.assertEqual(len(calls), 1, (fn.__name__, calls))
 
     def test_an_array_index_too_long_for_int_names_no_element(self):
         for pointer in ("/a/" + "1" * 5000, "/a/" + "1" * 5000 + "/x", "/a/" + "9" * 19):
-            with self.assertRaises(runner_module.PointerError, msg=pointer[:10]):
-                runner_module.place({"a": []}, pointer, b"")
+            with self.assertRaises(results.PointerError, msg=pointer[:10]):
+                results.place({"a": []}, pointer, b"")
 
     def lead_with_a_wire_that_raises(self, exc):
         """Runs Runner.lead() over a wire whose read_frame raises ``exc``;
@@ -1213,30 +1255,30 @@ class UnitTests(unittest.TestCase):
         def fake_exit(code):
             raise Exited(code)
 
-        saved = runner_module._exit, runner_module._diag
-        runner_module._exit, runner_module._diag = fake_exit, diagnostics.append
+        saved = serve.exit_now, serve.diag
+        serve.exit_now, serve.diag = fake_exit, diagnostics.append
         try:
             with self.assertRaises(Exited) as ended:
-                runner_module.Runner(None, Wire(), None).lead()
+                serve.Runner(None, Wire(), None).lead()
         finally:
-            runner_module._exit, runner_module._diag = saved
+            serve.exit_now, serve.diag = saved
         return ended.exception.args[0], diagnostics
 
     def test_running_out_of_memory_reading_a_request_exits_70(self):
         code, diagnostics = self.lead_with_a_wire_that_raises(MemoryError())
-        self.assertEqual(code, runner_module.EXIT_MEMORY)
+        self.assertEqual(code, base.EXIT_MEMORY)
         self.assertEqual(len(diagnostics), 1, diagnostics)
         self.assertIn("MemoryError", diagnostics[0])
 
     def test_any_other_exception_reading_a_request_exits_65(self):
         for exc in (OSError(5, "Input/output error"), KeyError("x"), RuntimeError("bug")):
             code, diagnostics = self.lead_with_a_wire_that_raises(exc)
-            self.assertEqual(code, runner_module.EXIT_PROTOCOL, exc)
+            self.assertEqual(code, base.EXIT_PROTOCOL, exc)
             self.assertEqual(len(diagnostics), 1, diagnostics)
             self.assertIn(type(exc).__name__, diagnostics[0])
 
     def test_place_matches_the_rust_rules(self):
-        place = runner_module.place
+        place = results.place
         v = {"image": None, "list": [0, 1], "a/b": {}}
         v = place(v, "/image", "AAE=")
         v = place(v, "/list/1", "x")
@@ -1244,13 +1286,14 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(v, {"image": "AAE=", "list": [0, "x"], "a/b": {"c~d": 1}})
         self.assertEqual(place(v, "", "all"), "all")
         for pointer in ["image", "/missing/x", "/list/5", "/list/x", "/n/x", "/list/00", "/list/+0", "/list/-"]:
-            with self.assertRaises(runner_module.PointerError, msg=pointer):
+            with self.assertRaises(results.PointerError, msg=pointer):
                 place({"list": [0], "n": 1}, pointer, None)
 
     def test_log_records_are_one_stderr_line(self):
         code = (
-            "import logging, runner\n"
-            "runner.setup_logging()\n"
+            "import logging\n"
+            "from runner import api\n"
+            "api.setup_logging()\n"
             "logging.getLogger('ocr.engine').info('loaded %s', 'eng')\n"
             "logging.getLogger('x').debug('hidden')\n"
             "try:\n"
@@ -1269,7 +1312,7 @@ class UnitTests(unittest.TestCase):
 
     def test_split_body(self):
         body = frame({"a": 1}, [b"xy", b""])[4:]
-        header, attachments = runner_module.split_body(bytearray(body))
+        header, attachments = wire.split_body(bytearray(body))
         self.assertEqual(header, b'{"a": 1}')
         self.assertEqual(attachments, [b"xy", b""])
         # The protocol document's example.
@@ -1278,7 +1321,7 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(example[:16], bytes.fromhex("60000000500000000100000004000000"))
 
     def test_normalize_schema(self):
-        n = runner_module.normalize_schema
+        n = tools.normalize_schema
         self.assertEqual(n(None), {"type": "object"})
         self.assertEqual(n({"type": "object", "properties": {}}), {"type": "object", "properties": {}})
         self.assertEqual(n({"frame_base64": {"type": "string"}}),
@@ -1300,8 +1343,8 @@ class SharedMemoryTests(unittest.TestCase):
         import socket
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         r, w = os.pipe()
-        sender = runner_module.Wire(os.open(os.devnull, os.O_RDONLY), w, (a, threshold))
-        receiver = runner_module.Wire(r, os.open(os.devnull, os.O_WRONLY), (b, threshold))
+        sender = wire.Wire(os.open(os.devnull, os.O_RDONLY), w, (a, threshold))
+        receiver = wire.Wire(r, os.open(os.devnull, os.O_WRONLY), (b, threshold))
         return sender, receiver
 
     def memfds(self):
@@ -1311,7 +1354,7 @@ class SharedMemoryTests(unittest.TestCase):
                 names.append(os.readlink("/proc/self/fd/" + fd))
             except OSError:
                 pass
-        return sum(1 for n in names if runner_module.MEMFD_NAME in n)
+        return sum(1 for n in names if wire.MEMFD_NAME in n)
 
     def test_large_attachments_are_shared_and_small_ones_inline(self):
         sender, receiver = self.wires(1000)
@@ -1320,7 +1363,7 @@ class SharedMemoryTests(unittest.TestCase):
         header, attachments = receiver.read_frame()
         self.assertEqual(json.loads(header)["shm"], [1])
         self.assertEqual(attachments[0], b"small")
-        self.assertIsInstance(attachments[1], runner_module.Shared)
+        self.assertIsInstance(attachments[1], wire.Shared)
         self.assertEqual(attachments[2], b"")
         view = attachments[1].take(True)
         self.assertIsInstance(view, memoryview)
@@ -1349,12 +1392,12 @@ class SharedMemoryTests(unittest.TestCase):
     def test_a_shm_field_without_descriptors_is_a_protocol_error(self):
         sender, receiver = self.wires(1000)
         os.write(sender.fd_out, frame(b'{"shm":[0]}', [b""]))
-        with self.assertRaises(runner_module.ProtocolError):
+        with self.assertRaises(wire.ProtocolError):
             receiver.read_frame()
         # Not offered: any `shm` field is refused.
         receiver.shm = None
         os.write(sender.fd_out, frame(b'{"shm":[0]}', [b""]))
-        with self.assertRaises(runner_module.ProtocolError) as refused:
+        with self.assertRaises(wire.ProtocolError) as refused:
             receiver.read_frame()
         self.assertIn("no shared memory was offered", str(refused.exception))
 

@@ -1,0 +1,95 @@
+"""The runner's command line (see the package's docstring)."""
+
+import json
+import os
+
+USAGE = (
+    "usage: runner --plugin NAME --plugin-dir DIR "
+    "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N]"
+)
+
+
+class UsageError(Exception):
+    pass
+
+
+class Args(object):
+    def __init__(self):
+        self.plugin = "plugin"
+        self.plugin_dir = None
+        self.file = None
+        self.module = None
+        self.class_name = None
+        self.memory_limit_mb = 0
+        # The sandbox the host asks for (``--confine JSON``), None: none.
+        self.confine = None
+        # An installed package is importable already: its directory must not
+        # go first on sys.path, where its files would shadow the standard
+        # library (a package's own ``statistics.py``, say).
+        self.installed = False
+
+
+def parse_args(argv):
+    args = Args()
+    it = iter(argv)
+    module_class = None
+    for arg in it:
+
+        def value(flag=arg):
+            try:
+                return next(it)
+            except StopIteration:
+                raise UsageError("%s needs a value" % flag)
+
+        if arg == "--plugin":
+            args.plugin = value()
+        elif arg == "--plugin-dir":
+            args.plugin_dir = value()
+        elif arg in ("--file", "--library"):
+            if args.file is not None:
+                raise UsageError("--file given twice")
+            args.file = value()
+        elif arg == "--module":
+            if args.module is not None:
+                raise UsageError("--module given twice")
+            spec = value()
+            dotted, sep, cls = spec.partition(":")
+            if not dotted or (sep and not cls) or not all(
+                part.isidentifier() for part in dotted.split(".")
+            ) or (cls and not cls.isidentifier()):
+                raise UsageError("--module: not a DOTTED[:CLASS] name: %r" % spec)
+            args.module = dotted
+            module_class = cls or None
+        elif arg == "--class":
+            cls = value()
+            if not cls.isidentifier():
+                raise UsageError("--class: not a class name: %r" % cls)
+            args.class_name = cls
+        elif arg == "--installed":
+            args.installed = True
+        elif arg == "--memory-limit-mb":
+            v = value()
+            if not (v.isascii() and v.isdigit()):
+                raise UsageError("--memory-limit-mb: not a number: %r" % v)
+            args.memory_limit_mb = int(v)
+        elif arg == "--confine":
+            try:
+                confine = json.loads(value())
+            except ValueError as e:
+                raise UsageError("--confine: not JSON: %s" % e)
+            if not isinstance(confine, dict):
+                raise UsageError("--confine: not a JSON object")
+            args.confine = confine
+        else:
+            raise UsageError("unexpected argument %r" % arg)
+    if (args.file is None) == (args.module is None):
+        raise UsageError("give exactly one of --file PATH and --module DOTTED[:CLASS]")
+    if module_class is not None:
+        if args.class_name is not None and args.class_name != module_class:
+            raise UsageError("the class is given twice: %s and %s" % (module_class, args.class_name))
+        args.class_name = module_class
+    if args.file is not None:
+        if args.plugin_dir is None:
+            args.plugin_dir = os.path.dirname(os.path.abspath(args.file))
+        args.file = os.path.join(args.plugin_dir, args.file)
+    return args

@@ -1,0 +1,123 @@
+"""What every part of the runner shares: its exit codes, its diagnostics
+on stderr, how it ends, and where its own code lives. Knows nothing of the
+protocol, of plugins or of the zygote."""
+
+import os
+import sys
+
+EXIT_USAGE = 64
+EXIT_PROTOCOL = 65
+EXIT_SETUP = 71
+# The interpreter ran out of memory (under the memory limit, as a rule):
+# the process is no longer trustworthy, so it ends, and the host reports a
+# crash ("exceeded memory limit" when one is set) rather than a tool error.
+EXIT_MEMORY = 70
+
+MIB = 1024 * 1024
+
+# The runner package's directory when it was imported from files (the
+# host's cache, or the source tree under test); None when the host ran it
+# from source (``python -c``), its modules then named
+# ``<forgesyte_runner/NAME.py>``.
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else None
+SOURCE_PREFIX = "<forgesyte_runner/"
+
+# The plugin's name, as diagnostics show it (set once the command line is
+# read).
+plugin_name = "plugin"
+
+
+def is_runner_file(filename):
+    """Whether a traceback frame's file is one of the runner's own."""
+    if filename.startswith(SOURCE_PREFIX):
+        return True
+    return PACKAGE_DIR is not None and filename.startswith(PACKAGE_DIR + os.sep)
+
+
+def diag(text):
+    """A diagnostic line of the runner's own on stderr (fd 2)."""
+    line = "forgesyte-python-runner[%s]: %s\n" % (plugin_name, text)
+    try:
+        os.write(2, line.encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+def exit_now(code):
+    """Ends the process now: no interpreter shutdown, so threads that a
+    plugin started (daemon or not) cannot keep it alive."""
+    for stream in (sys.stdout, sys.__stdout__, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def out_of_memory(error, where, *args):
+    """Ends the runner as out of memory (``EXIT_MEMORY``): the host records
+    a crash that names the memory limit, whether the plugin ran out while
+    it was imported, constructed or called. The traceback goes first, and
+    with it the plugin's frames and what they hold, so the diagnostic
+    (``where % args``, then the error's own message) has memory to be
+    written in; the exit happens even if it has not."""
+    try:
+        error.__traceback__ = None
+        detail = str(error)
+        diag("MemoryError: out of memory %s%s" % (where % args, ": " + detail if detail else ""))
+    except BaseException:
+        pass
+    finally:
+        exit_now(EXIT_MEMORY)
+
+
+def take_stdio():
+    """Moves the protocol off fds 0 and 1: returns the private (in, out)
+    descriptors, both close-on-exec. fd 1 becomes a copy of stderr, fd 0
+    reads /dev/null."""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    out = os.dup(1)
+    os.set_inheritable(out, False)
+    os.dup2(2, 1)
+    inp = os.dup(0)
+    os.set_inheritable(inp, False)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, 0)
+    finally:
+        os.close(null)
+    # Language-level stdout is rebound to the log; stderr flushes per line
+    # (Python < 3.9 buffers a non-interactive stderr).
+    sys.stdout = sys.stderr
+    try:
+        sys.stderr.reconfigure(line_buffering=True)
+    except Exception:
+        pass
+    return inp, out
+
+
+class Handover(object):
+    """What a runner starts with besides its command line: its protocol
+    descriptors (in, out) and, in a runner its zygote forked, what the
+    zygote prepared for it."""
+
+    __slots__ = ("proto_fds", "parent_death_signal", "shm", "netns", "confine_tools")
+
+    def __init__(self, proto_fds, parent_death_signal=False, shm=None, netns=None,
+                 confine_tools=None):
+        self.proto_fds = proto_fds
+        # The kernel SIGKILLs this process when the zygote dies: then no
+        # thread needs to watch the parent.
+        self.parent_death_signal = parent_death_signal
+        # (descriptor, threshold) of the shared-memory socket the zygote
+        # passed; None: from the environment, if any.
+        self.shm = shm
+        # A descriptor of the network namespace the zygote made for its
+        # confined runners (see ``confine.confine``), or None.
+        self.netns = netns
+        # (libc, its ``syscall`` set up, this kernel's Landlock ABI), made
+        # once in the zygote before the fork, or None.
+        self.confine_tools = confine_tools

@@ -1,0 +1,59 @@
+"""Errors as the wire carries them (PROTOCOL.md §6, ``WireError``): a
+Python exception with the last lines of its traceback (the runner's own
+frames left out), or a kind and a message."""
+
+import traceback
+
+from .base import is_runner_file
+
+TRACEBACK_LINES = 10
+
+
+def clean(text):
+    """Text that encodes as UTF-8 (lone surrogates replaced)."""
+    text = text if isinstance(text, str) else str(text)
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _exception_message(exc):
+    try:
+        return str(exc)
+    except Exception:
+        return "<unprintable %s>" % exc.__class__.__name__
+
+
+def traceback_lines(exc):
+    """The last lines of ``exc``'s traceback, without the runner's frames
+    or importlib's."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not is_runner_file(f.filename) and not f.filename.startswith("<frozen importlib")
+    ]
+    lines = ["Traceback (most recent call last):"]
+    for chunk in traceback.format_list(frames):
+        lines.extend(chunk.rstrip("\n").splitlines())
+    for chunk in traceback.format_exception_only(type(exc), exc):
+        lines.extend(chunk.rstrip("\n").splitlines())
+    return [clean(l) for l in lines[-TRACEBACK_LINES:]]
+
+
+def python_error(exc, kind="Python"):
+    """A WireError for a Python exception."""
+    error = {
+        "kind": kind,
+        "error_type": exc.__class__.__name__,
+        "message": clean(_exception_message(exc)),
+        "traceback": traceback_lines(exc),
+    }
+    if isinstance(exc, ImportError) and getattr(exc, "name", None):
+        error["name"] = clean(exc.name)
+    return error
+
+
+def wire_error(kind, message, **fields):
+    error = {"kind": kind, "message": clean(message)}
+    for key, value in fields.items():
+        if value is not None:
+            error[key] = clean(value) if isinstance(value, str) else value
+    return error

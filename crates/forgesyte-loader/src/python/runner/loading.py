@@ -1,0 +1,188 @@
+"""The plugin's code: importing it (the seed's ``plugin.py`` or an
+installed package's module; a plugin's own modules from their sources
+only, never from bytecode), and finding its class."""
+
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import re
+import sys
+
+from . import base
+from .base import diag, out_of_memory
+from .errors import clean, python_error, wire_error
+
+
+def _sanitize(name):
+    return re.sub(r"\W", "_", name) or "plugin"
+
+
+class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
+    """Loads a module of the plugin's directory from its source: never from
+    bytecode in ``__pycache__``, which signatures and integrity pins do not
+    cover and which Python runs in the source's place when its header
+    matches the source's time and size; and writes none there."""
+
+    def path_stats(self, path):
+        # ``SourceLoader.get_code`` reads (and later writes) bytecode only
+        # when it knows the source's time.
+        raise OSError("a plugin's bytecode is never read")
+
+
+class _SourceOnlyFinder(object):
+    """Finds modules as ``PathFinder`` does (it stands just before it on
+    ``sys.meta_path``), and makes those found under ``root`` (the plugin's
+    directory, or its installed package's) load from their sources through
+    :class:`_SourceOnlyLoader`. A module there that is bytecode without a
+    source is refused. Modules elsewhere (the standard library, the
+    plugin's dependencies) load as Python loads them."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def find_spec(self, name, path=None, target=None):
+        machinery = importlib.machinery
+        spec = machinery.PathFinder.find_spec(name, path, target)
+        origin = getattr(spec, "origin", None)
+        if not isinstance(origin, str):
+            return spec  # not found, or a namespace package
+        where = os.path.abspath(origin)
+        if not where.startswith(self.root + os.sep):
+            return spec
+        if isinstance(spec.loader, machinery.SourcelessFileLoader):
+            raise ImportError(
+                "%s is bytecode without its source (%s): a plugin's bytecode never runs, "
+                "since pins and signatures cover sources only" % (name, clean(origin)),
+                name=name, path=origin)
+        if isinstance(spec.loader, machinery.SourceFileLoader):
+            spec.loader = _SourceOnlyLoader(name, origin)
+        return spec  # an extension module: covered by pins and signatures
+
+
+def _source_only_under(root):
+    """Modules found under ``root`` (the plugin directory or installed
+    package, subpackages included) load from sources and extension modules
+    only, never from bytecode: see :class:`_SourceOnlyFinder`."""
+    finder = _SourceOnlyFinder(root)
+    path_finder = importlib.machinery.PathFinder
+    at = sys.meta_path.index(path_finder) if path_finder in sys.meta_path else 0
+    sys.meta_path.insert(at, finder)
+
+
+def import_plugin(args):
+    """Imports the plugin's code: the module, or a WireError dict."""
+    here = os.path.dirname(base.PACKAGE_DIR) if base.PACKAGE_DIR else None
+    if sys.path and (not sys.path[0] or os.path.abspath(sys.path[0]) == here):
+        # Neither the runner's own directory nor, under ``-c``, the working
+        # directory ("") may shadow plugin modules.
+        del sys.path[0]
+    if args.plugin_dir:
+        root = os.path.abspath(args.plugin_dir)
+        _source_only_under(root)
+        if not args.installed:
+            sys.path.insert(0, root)
+    if args.file is not None:
+        path = args.file
+        if not os.path.isfile(path):
+            return wire_error(
+                "Python",
+                "%s not found in %s" % (os.path.basename(path), args.plugin_dir),
+                error_type="ImportError",
+                path=path,
+            )
+        name = "plugin_" + _sanitize(args.plugin)
+        try:
+            spec = importlib.util.spec_from_file_location(
+                name, path, loader=_SourceOnlyLoader(name, path))
+            if spec is None or spec.loader is None:
+                return wire_error("Python", "cannot load %s as Python" % path,
+                                  error_type="ImportError", path=path)
+            module = importlib.util.module_from_spec(spec)
+            # Registered first: dataclasses, pydantic and pickling look
+            # classes' modules up by name.
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return module
+        except MemoryError as e:
+            out_of_memory(e, "importing the plugin")
+        except BaseException as e:  # SystemExit too: the plugin fails, not the runner
+            sys.modules.pop(name, None)
+            error = python_error(e)
+            error["path"] = clean(_syntax_error_file(e) or path)
+            return error
+    try:
+        return importlib.import_module(args.module)
+    except MemoryError as e:
+        out_of_memory(e, "importing the plugin")
+    except BaseException as e:
+        error = python_error(e)
+        if _syntax_error_file(e):
+            error["path"] = clean(_syntax_error_file(e))
+        return error
+
+
+def _syntax_error_file(exc):
+    if isinstance(exc, SyntaxError) and isinstance(getattr(exc, "filename", None), str):
+        return exc.filename
+    return None
+
+
+def _plugin_shaped(cls):
+    if isinstance(getattr(cls, "tools", None), (dict, list)):
+        return True
+    if callable(getattr(cls, "run_tool", None)):
+        return True
+    return any("tools" in getattr(k, "__annotations__", {}) for k in cls.__mro__)
+
+
+def find_class(module, class_name):
+    """The plugin class, or a WireError dict."""
+    if class_name:
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            return wire_error(
+                "Python", "No '%s' class found in module" % class_name, error_type="AttributeError"
+            )
+        return cls
+    cls = getattr(module, "Plugin", None)
+    if cls is not None:
+        return cls
+    # Fallback: ForgeSyte BasePlugin subclasses are often named after the
+    # plugin (OCRPlugin, YoloTrackerPlugin, ...) rather than `Plugin`. When
+    # the module has no `Plugin`, take its one plugin-shaped class: a class
+    # with a `tools` attribute (dict or list, possibly only annotated, as on
+    # BasePlugin) or a `run_tool` method, not abstract, and not a base
+    # class of another such class (so the local `class BasePlugin` stub that
+    # published plugins define when the server's `app.plugins.base` is
+    # missing is skipped). Classes defined in the module count first; when
+    # there are none, classes it imports.
+    values = [v for v in vars(module).values() if isinstance(v, type)]
+    own = [v for v in values if v.__module__ == module.__name__]
+    for group in (own, values):
+        found = [c for c in group if _plugin_shaped(c) and not getattr(c, "__abstractmethods__", None)]
+        found = [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]
+        found = [c for c in found if c.__name__ != "BasePlugin"]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            break
+    return wire_error(
+        "Python", "No 'Plugin' class found in module", error_type="AttributeError"
+    )
+
+
+def check_name(instance, served):
+    """ForgeSyte's ``BasePlugin`` carries a ``name`` (a class or an instance
+    attribute), under which ForgeSyte's server registered the plugin. This
+    host names a plugin before any of its code runs (``served``: its
+    manifest's ``id``, else its ``name``, else its entry point's or
+    directory's), so a ``name`` that says otherwise is logged for the author
+    to make the two agree."""
+    try:
+        declared = getattr(instance, "name", None)
+    except Exception:  # a property of the plugin's own that raises
+        return
+    if isinstance(declared, str) and declared and isinstance(served, str) and declared != served:
+        diag("the plugin's name attribute says %r, but it is served as %r "
+              "(its manifest's id or name, else its entry point's or directory's)" % (declared, served))

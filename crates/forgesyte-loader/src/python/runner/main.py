@@ -1,0 +1,113 @@
+"""One runner's life: set-up (command line, memory limit, confinement,
+logging), the plugin's import, the hello, then serving requests
+(``serve.Runner``)."""
+
+import os
+import sys
+import threading
+import time
+
+from . import api, base
+from .args import USAGE, UsageError, parse_args
+from .base import EXIT_SETUP, EXIT_USAGE, MIB, diag, exit_now
+from .confine import confine
+from .loading import import_plugin
+from .serve import Runner
+from .wire import Wire, shm_socket
+
+PROTOCOL_VERSION = 2
+CAPABILITIES = ["attachments", "concurrent_calls"]
+PARENT_POLL_S = 0.1
+# The stack of each thread the runner starts (calls in progress).
+THREAD_STACK_BYTES = 4 * MIB
+
+
+def limit_memory(mib):
+    """Caps the address space (soft and hard) at ``mib`` MiB."""
+    import resource
+
+    limit = mib * MIB
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def watch_parent():
+    """The fallback to the parent-death signal: ends the process when its
+    parent is no longer the one it started with."""
+    parent = os.getppid()
+
+    def loop():
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent:
+                diag("the host is gone; exiting")
+                exit_now(0)
+
+    threading.Thread(target=loop, name="forgesyte-parent-watch", daemon=True).start()
+
+
+def main(argv, handover):
+    """Runs the runner of ``argv`` (its command line) with what
+    ``handover`` (a ``base.Handover``) gives it; never returns."""
+    fd_in, fd_out = handover.proto_fds
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        diag("%s\n%s" % (e, USAGE))
+        exit_now(EXIT_USAGE)
+    base.plugin_name = args.plugin
+    # Before confinement may replace the environment.
+    try:
+        shm = shm_socket(handover.shm)
+    except (OSError, ValueError) as e:
+        diag("cannot take the shared-memory socket: %s" % e)
+        exit_now(EXIT_SETUP)
+    # A thread per call in progress: at the default 8 MiB of stack each,
+    # the memory limit's address space ran out at about 50 of them, below
+    # the host's calls-per-plugin limit (64 take 256 MiB at 4 MiB). Not less:
+    # at 2 MiB some deep recursions through C (``sorted(key=...)`` calling
+    # itself) crash the interpreter before Python raises RecursionError.
+    try:
+        threading.stack_size(THREAD_STACK_BYTES)
+    except (ValueError, RuntimeError) as e:
+        diag("cannot set the threads' stack size: %s" % e)
+    if args.memory_limit_mb > 0:
+        try:
+            limit_memory(args.memory_limit_mb)
+        except Exception as e:
+            diag("cannot set the memory limit of %d MiB: %s" % (args.memory_limit_mb, e))
+            exit_now(EXIT_SETUP)
+    # Before any thread starts: Landlock and the network namespace hold for
+    # the thread that asks and the threads it starts after.
+    confinement = None
+    if args.confine is not None:
+        try:
+            confinement = confine(args.confine, handover.netns, handover.confine_tools)
+        except Exception as e:
+            diag("cannot confine the runner: %s: %s" % (type(e).__name__, e))
+            exit_now(EXIT_SETUP)
+    elif handover.netns is not None:
+        os.close(handover.netns)
+    if not handover.parent_death_signal:
+        watch_parent()
+    api.setup_logging()
+    api.install_api()
+    wire = Wire(fd_in, fd_out, shm)
+    module = import_plugin(args)
+    runner = Runner(args, wire, None)
+    if isinstance(module, dict):
+        diag("import failed: %s: %s" % (module.get("error_type", module["kind"]), module["message"]))
+        runner.answer({"type": "import_failed", "error": module})
+        exit_now(0)
+    runner.module = module
+    hello = {
+        "type": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "runtime": "python",
+        "runtime_version": sys.version.split()[0],
+        "pid": os.getpid(),
+        "capabilities": list(CAPABILITIES) + (["shared_memory"] if shm is not None else []),
+    }
+    if confinement is not None:
+        hello["confinement"] = confinement
+    runner.answer(hello)
+    runner.serve()

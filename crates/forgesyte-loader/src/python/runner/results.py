@@ -1,0 +1,194 @@
+"""Values between the wire and Python: attachments put into the call's
+arguments at their JSON Pointers (RFC 6901, as
+``forgesyte_protocol::wire::attach::place``), and a tool's result turned
+into JSON plus attachments."""
+
+import json
+import math
+
+_MISSING = object()
+
+
+class PointerError(Exception):
+    def __init__(self, pointer, detail):
+        Exception.__init__(self, "attachment pointer %s: %s" % (json.dumps(pointer), detail))
+
+
+def _unescape(token):
+    return token.replace("~1", "/").replace("~0", "~")
+
+
+def _escape(key):
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+# An array index of more digits names no element of any list.
+_MAX_INDEX_DIGITS = 18
+
+
+def _resolve(root, pointer):
+    """The value at ``pointer`` (serde_json's ``pointer_mut``), or _MISSING."""
+    if pointer == "":
+        return root
+    if not pointer.startswith("/"):
+        return _MISSING
+    target = root
+    for token in pointer.split("/")[1:]:
+        token = _unescape(token)
+        if isinstance(target, dict):
+            target = target.get(token, _MISSING)
+        elif isinstance(target, list):
+            if token.startswith("+") or (token.startswith("0") and len(token) != 1):
+                return _MISSING
+            # More digits than any list has elements (and than ``int``
+            # converts): no element.
+            if (not token.isdigit() or not token.isascii() or len(token) > _MAX_INDEX_DIGITS
+                    or int(token) >= len(target)):
+                return _MISSING
+            target = target[int(token)]
+        else:
+            return _MISSING
+        if target is _MISSING:
+            return _MISSING
+    return target
+
+
+def place(root, pointer, value):
+    """Puts ``value`` at ``pointer`` in ``root`` and returns the new root:
+    the empty pointer replaces the root; otherwise the parent must exist and
+    be an object (key inserted or replaced) or an array (an existing index
+    replaced)."""
+    if pointer == "":
+        return value
+    if "/" not in pointer:
+        raise PointerError(pointer, "does not start with '/'")
+    parent_pointer, last = pointer.rsplit("/", 1)
+    key = _unescape(last)
+    parent = _resolve(root, parent_pointer)
+    if isinstance(parent, dict):
+        parent[key] = value
+    elif isinstance(parent, list):
+        # RFC 6901: an index is "0" or digits without a leading zero.
+        canonical = key == "0" or (
+            key != "" and not key.startswith("0") and key.isascii() and key.isdigit()
+            and len(key) <= _MAX_INDEX_DIGITS
+        )
+        if not canonical or int(key) >= len(parent):
+            raise PointerError(pointer, "names no element of its array")
+        parent[int(key)] = value
+    elif parent is _MISSING:
+        raise PointerError(pointer, "its parent does not exist")
+    else:
+        raise PointerError(pointer, "its parent is neither an object nor an array")
+    return root
+
+
+# ---------------------------------------------------------------------------
+# Results: Python values to JSON plus attachments
+# ---------------------------------------------------------------------------
+
+
+class ResultError(Exception):
+    def __init__(self, error_type, message):
+        Exception.__init__(self, message)
+        self.error_type = error_type
+
+
+def _where(path):
+    return " (at %s)" % path if path else ""
+
+
+def _json_key(key, path):
+    if isinstance(key, str):
+        return key
+    # Like json.dumps: scalar keys become their JSON text.
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return int.__repr__(key)
+    if isinstance(key, float):
+        return json.dumps(key)
+    raise ResultError(
+        "TypeError",
+        "tool result has a dict key of type %s, not a string%s" % (type(key).__name__, _where(path)),
+    )
+
+
+def _pydantic_leaf(value):
+    """pydantic's own JSON form of a field value, for values inside a
+    pydantic model (datetimes, enums, UUIDs, ...)."""
+    try:
+        import pydantic_core
+
+        return pydantic_core.to_jsonable_python(value)
+    except ImportError:
+        pass
+    from pydantic.json import pydantic_encoder  # pydantic v1
+
+    return pydantic_encoder(value)
+
+
+def to_wire(value):
+    """Converts a tool's result to (JSON value, [(pointer, bytes)]): bytes
+    anywhere are taken out as attachments (``null`` stays in their place).
+    Raises ResultError."""
+    blobs = []
+
+    def convert(x, path, in_model):
+        if x is None or isinstance(x, (str, bool, int)):
+            return x
+        if isinstance(x, float):
+            if not math.isfinite(x):
+                raise ResultError(
+                    "ValueError",
+                    "tool result contains the non-finite number %r, which JSON cannot carry%s"
+                    % (x, _where(path)),
+                )
+            return x
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            blobs.append((path, x if type(x) is bytes else bytes(x)))
+            return None
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                key = _json_key(k, path)
+                out[key] = convert(v, path + "/" + _escape(key), in_model)
+            return out
+        if isinstance(x, (list, tuple)):
+            return [convert(v, "%s/%d" % (path, i), in_model) for i, v in enumerate(x)]
+        kind = type(x)
+        # pydantic v2 models: python-mode dump keeps bytes as bytes (they
+        # become attachments); other field values go through pydantic.
+        if callable(getattr(kind, "model_dump", None)) and hasattr(kind, "model_fields"):
+            return convert(x.model_dump(), path, True)
+        # pydantic v1 models.
+        if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
+            return convert(x.dict(), path, True)
+        if hasattr(kind, "__dataclass_fields__"):
+            import dataclasses  # loaded already: the plugin made the class
+
+            return convert(dataclasses.asdict(x), path, in_model)
+        # numpy scalars and arrays, without importing numpy.
+        if kind.__module__ == "numpy" and callable(getattr(x, "tolist", None)):
+            return convert(x.tolist(), path, in_model)
+        if in_model:
+            try:
+                leaf = _pydantic_leaf(x)
+            except Exception:
+                leaf = x
+            if leaf is not x and type(leaf) is not kind:
+                return convert(leaf, path, False)
+        raise ResultError(
+            "TypeError",
+            "tool result of type %s is not JSON-serialisable%s" % (kind.__name__, _where(path)),
+        )
+
+    try:
+        converted = convert(value, "", False)
+    except RecursionError:
+        raise ResultError("RecursionError", "tool result is nested too deeply (or contains itself)")
+    return converted, blobs

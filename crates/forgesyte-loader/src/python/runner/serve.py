@@ -1,0 +1,437 @@
+"""Serving a plugin: requests read and run leader/followers style (see
+``Runner.serve``), the instance constructed on ``create``, each call
+dispatched to ``run_tool`` or the tool's handler and its result answered."""
+
+import base64
+import threading
+import time
+import traceback
+import types
+
+from . import api
+from .base import EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory
+from .errors import python_error, wire_error
+from .loading import check_name, find_class
+from .results import PointerError, ResultError, place, to_wire
+from .tools import collect_tools
+from .wire import MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
+
+# How long on_unload() may run at the end of stdin: under the host's 2 s
+# between closing stdin and SIGKILL (PROTOCOL.md §8, Stop), so a runner
+# whose on_unload() hangs still exits by itself, code 0.
+UNLOAD_GRACE_S = 1.5
+# How often the watch thread looks whether the reader is still in the same
+# call (and so makes another thread the reader), and how many ticks without
+# a call it waits before it sleeps (see `Runner.serve`).
+HANDOVER_TICK_S = 0.001
+HANDOVER_QUIET_TICKS = 100
+
+_MISSING = object()
+
+# `bind_and_call`). Working it out with `inspect` costs more than a quick
+# call; the names of a tool's arguments rarely change.
+_SHAPES = {}
+_SHAPES_MAX = 1024
+
+
+def _call_shape(fn, args):
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    # Only the binding is tried: a TypeError raised by the handler itself is
+    # its error (the handler must not run again with another shape).
+    for keywords, shape_args, shape_kwargs in ((True, (), args), (False, (args,), {})):
+        try:
+            signature.bind(*shape_args, **shape_kwargs)
+        except TypeError:
+            continue
+        return keywords
+    return None
+
+
+def bind_and_call(fn, args):
+    """Calls a tool handler the way ForgeSyte plugins write them: with the
+    arguments as keywords (``def detect(self, frame_base64, device="cpu")``)
+    when they bind so, else with the args dict as the one positional
+    argument (``def detect(self, args)``)."""
+    if not isinstance(args, dict):
+        return fn(args)
+    func = getattr(fn, "__func__", fn)
+    # Only functions and methods of functions are remembered: they hash by
+    # identity (a callable object's own __hash__ may do anything), and the
+    # kind of `fn` tells a method from its function (a classmethod object
+    # has a `__func__` too, and another signature).
+    kind = type(fn)
+    cached = type(func) is types.FunctionType and kind in (types.FunctionType, types.MethodType)
+    key = (func, kind, frozenset(args)) if cached else None
+    shape = _SHAPES.get(key, _MISSING) if key is not None else _MISSING
+    if shape is _MISSING:
+        shape = _call_shape(fn, args)
+        if key is not None and len(_SHAPES) < _SHAPES_MAX:
+            _SHAPES[key] = shape
+    if shape is False:
+        return fn(args)
+    return fn(**args)  # None: the call's own TypeError says what is wrong
+
+
+def await_result(result):
+    if isinstance(result, types.CoroutineType):
+        import asyncio
+
+        return asyncio.run(result)
+    return result
+
+
+class Runner(object):
+    def __init__(self, args, wire, module):
+        self.args = args
+        self.wire = wire
+        self.module = module
+        self.instance = None
+        self.tools = {}
+        self.max_response = MAX_FRAME_BYTES
+        self.create_lock = threading.Lock()
+        # Long-lived threads take turns reading requests (see `serve`): a
+        # new thread per call, or a hand-off per call, cost more than the
+        # call itself.
+        # Idle threads, each waiting on a lock of its own (held; released
+        # to make that thread the reader). A plain lock is a C object: a
+        # Semaphore's Python-level Condition cost more than a no-op call.
+        self.pool_lock = threading.Lock()
+        self.idle = []
+        # Under `pool_lock`: the number of the call the reader is running
+        # itself (0: none), the last number given, and what the watch saw
+        # at its previous tick.
+        self.inline = 0
+        self.calls = 0
+        self.watch_seen = 0
+        # The watch thread (started with the first call) and, while it
+        # sleeps through a quiet spell, the held lock that wakes it.
+        self.watching = False
+        self.watch_asleep = False
+        self.watch_wake = threading.Lock()
+        self.watch_wake.acquire()
+
+    # -- answers --------------------------------------------------------
+
+    def answer(self, message, attachments=()):
+        try:
+            header = encode(message)
+        except (ValueError, UnicodeEncodeError) as e:
+            diag("cannot encode an answer: %s" % e)
+            exit_now(EXIT_PROTOCOL)
+        self.wire.send_frame(header, attachments)
+
+    def tool_failed(self, rid, error):
+        self.answer({"type": "tool_failed", "id": rid, "error": error})
+
+    def init_failed(self, rid, error):
+        self.answer({"type": "init_failed", "id": rid, "error": error})
+
+    # -- serving --------------------------------------------------------
+
+    def serve(self):
+        """Serves requests until stdin ends, leader/followers style: the
+        thread that reads a request runs it itself, so a call waits for
+        no thread hand-off. The reading passes on only when a call runs
+        long: a watch thread, ticking every ``HANDOVER_TICK_S`` while calls
+        come, makes an idle thread (or a new one) the reader when it finds
+        the reader still in the call it saw at its previous tick. So a slow
+        call holds the next request back at most two ticks, and a quick
+        call wakes no other thread (waking one cost more than the call
+        itself). Threads that finish wait, idle, for their turn to read:
+        the pool grows to the peak number of calls in flight (a tool that
+        never returns keeps its thread) and never refuses a call. The
+        watch sleeps after ``HANDOVER_QUIET_TICKS`` ticks without a call,
+        and the next call wakes it."""
+        self.lead()
+
+    def lead(self, turn=None):
+        """Reads and runs requests; between its turns to read, waits on
+        ``turn`` (a held lock that the watch releases). A thread the watch
+        started comes with its turn not yet given."""
+        if turn is None:
+            turn = threading.Lock()
+        turn.acquire()
+        while True:
+            try:
+                frame = self.wire.read_frame()
+                if frame is None:
+                    self.shutdown()
+                header, attachments = frame
+                request = parse_request(header)
+            except ProtocolError as e:
+                diag("reading stdin: %s" % e)
+                exit_now(EXIT_PROTOCOL)
+            except MemoryError:
+                # As in a tool: out of memory, the process is not to be
+                # trusted any more.
+                diag("MemoryError: out of memory reading a request")
+                exit_now(EXIT_MEMORY)
+            except BaseException as e:
+                # Anything else (an OSError on the pipe, a RecursionError
+                # from a deeply nested header, a bug of the runner's own)
+                # would end this thread silently and leave no reader: the
+                # host would wait for its timeout. End the process instead.
+                diag("reading stdin: %s: %s" % (type(e).__name__, e))
+                exit_now(EXIT_PROTOCOL)
+            if request["op"] == "create":
+                # Nothing else comes until the instance exists (the host
+                # waits for `created`): construct on this thread, and start
+                # the watch with the first call, not at start-up.
+                self.handle(request, attachments)
+                continue
+            try:
+                number = self.begin_inline()
+            except RuntimeError as e:
+                # No watch, so no thread would ever read next: this one
+                # answers the request with the error and goes on reading.
+                detail = "the runner cannot start a thread: %s" % e
+                # Not the plugin's fault: the call fails, the process stays.
+                self.tool_failed(request["id"], wire_error("Failed", detail, error_type="RunnerOverloaded"))
+                continue
+            self.handle(request, attachments)
+            # An idle thread holds nothing of its last request: its
+            # attachments (a mapping of shared memory, or megabytes of
+            # bytes) go now, not when this thread reads again.
+            del frame, header, attachments, request
+            with self.pool_lock:
+                still_reader = self.inline == number
+                if still_reader:
+                    self.inline = 0
+                else:
+                    # Another thread reads now: wait for a turn (the most
+                    # recent idle thread goes first: its stack is warm).
+                    self.idle.append(turn)
+            if not still_reader:
+                turn.acquire()
+
+    def begin_inline(self):
+        """Numbers the call the reader is about to run itself, and makes
+        sure the watch is ticking. Raises RuntimeError when the watch
+        thread cannot be started."""
+        if not self.watching:
+            threading.Thread(target=self.watch, name="forgesyte-watch", daemon=True).start()
+            self.watching = True
+        with self.pool_lock:
+            self.calls += 1
+            number = self.inline = self.calls
+            wake, self.watch_asleep = self.watch_asleep, False
+        if wake:
+            self.watch_wake.release()
+        return number
+
+    def watch(self):
+        """The watch thread: see `serve`."""
+        quiet = 0
+        failed_for = 0
+        while True:
+            time.sleep(HANDOVER_TICK_S)
+            with self.pool_lock:
+                current = self.inline
+                # The reader still in the call of the last tick?
+                stuck = current != 0 and current == self.watch_seen
+                if stuck and self.idle:
+                    self.inline = 0
+                    self.idle.pop().release()
+                    stuck = False
+                self.watch_seen = current
+                quiet = 0 if current else quiet + 1
+                sleep = quiet >= HANDOVER_QUIET_TICKS
+                if sleep:
+                    self.watch_asleep = True
+            if stuck:
+                self.start_reader(current, failed_for != current)
+                failed_for = current
+            if sleep:
+                self.watch_wake.acquire()
+                quiet = 0
+
+    def start_reader(self, stuck, tell):
+        """Starts a thread to read while the reader runs call ``stuck``;
+        if that call ended meanwhile, the new thread waits, idle. When no
+        thread can be started, the reader reads again once its call ends
+        (the next tick tries again; ``tell``: say so on stderr)."""
+        turn = threading.Lock()
+        turn.acquire()
+        try:
+            threading.Thread(target=self.lead, args=(turn,), name="forgesyte-worker", daemon=True).start()
+        except RuntimeError as e:
+            if tell:
+                diag("cannot start a thread to read the next request: %s" % e)
+            return
+        with self.pool_lock:
+            if self.inline == stuck:
+                self.inline = 0
+                turn.release()
+            else:
+                self.idle.append(turn)
+
+    def handle(self, request, attachments):
+        rid = request["id"]
+        try:
+            if request["op"] == "create":
+                self.create(rid, request["config"])
+            else:
+                token = api.CALL.set(api.call_context(request))
+                try:
+                    self.call(rid, request["tool"], request["args"],
+                              request.get("attachments", []), attachments)
+                finally:
+                    api.CALL.reset(token)
+        except BaseException as e:  # a bug of the runner's own
+            diag("internal error: %s" % "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            error = wire_error("Protocol", "python runner: %s: %s" % (type(e).__name__, e))
+            if request["op"] == "create":
+                self.init_failed(rid, error)
+            else:
+                self.tool_failed(rid, error)
+
+    def shutdown(self):
+        """End of stdin: the host let this runner go."""
+        instance = self.instance
+        hook = getattr(instance, "on_unload", None) if instance is not None else None
+        if callable(hook):
+
+            def unload():
+                try:
+                    hook()
+                except BaseException as e:
+                    diag("on_unload() failed: %s: %s" % (type(e).__name__, e))
+
+            t = threading.Thread(target=unload, name="forgesyte-unload", daemon=True)
+            t.start()
+            t.join(UNLOAD_GRACE_S)
+            if t.is_alive():
+                diag("on_unload() still running after %g s; exiting anyway" % UNLOAD_GRACE_S)
+        exit_now(0)
+
+    # -- create ---------------------------------------------------------
+
+    def create(self, rid, config):
+        with self.create_lock:
+            if self.instance is not None:
+                self.init_failed(rid, wire_error("Protocol", "this runner already holds an instance"))
+                return
+            cls = find_class(self.module, self.args.class_name)
+            if isinstance(cls, dict):
+                self.init_failed(rid, cls)
+                return
+            manifest = config.get("manifest") if isinstance(config, dict) else None
+            api.set_models(config.get("models") if isinstance(config, dict) else None)
+            try:
+                instance = cls()  # the seed's contract: no arguments
+                for hook in ("validate", "on_load"):
+                    method = getattr(instance, hook, None)
+                    if callable(method):
+                        await_result(method())
+                specs, table = collect_tools(instance, manifest)
+                # Encoded here: a spec that cannot be (text that is not
+                # valid Unicode) fails construction, not the runner.
+                encode({"tools": specs})
+                check_name(instance, self.args.plugin)
+            except MemoryError as e:
+                out_of_memory(e, "constructing the plugin")
+            except BaseException as e:
+                self.init_failed(rid, python_error(e))
+                return
+            # The host kills a runner whose answer frame is over the
+            # manifest's limit; a result that big fails as a tool error
+            # instead. (Without the field the host's own default applies,
+            # which this runner does not know: only the u32 cap is checked.)
+            limits = manifest.get("limits") if isinstance(manifest, dict) else None
+            mb = limits.get("max_response_mb") if isinstance(limits, dict) else None
+            if isinstance(mb, int) and not isinstance(mb, bool) and mb > 0:
+                self.max_response = min(mb * MIB, MAX_FRAME_BYTES)
+            self.tools = table
+            self.instance = instance
+        self.answer({"type": "created", "id": rid, "tools": specs})
+
+    # -- call -----------------------------------------------------------
+
+    def call(self, rid, tool, args, pointers, attachments):
+        instance = self.instance
+        if instance is None:
+            self.tool_failed(rid, wire_error("Protocol", "no instance: the plugin was never constructed"))
+            return
+        entry = self.tools.get(tool)
+        if entry is None:
+            self.tool_failed(rid, wire_error(
+                "UnknownTool", "no tool '%s' in plugin '%s'" % (tool, self.args.plugin), name=tool))
+            return
+        if len(pointers) != len(attachments):
+            self.tool_failed(rid, wire_error(
+                "InvalidArgs", "%d attachment places for %d attachments" % (len(pointers), len(attachments))))
+            return
+        zero_copy = entry.get("zero_copy", False)
+        try:
+            for pointer, data in zip(pointers, attachments):
+                if isinstance(data, Shared):
+                    data = data.take(zero_copy)
+                args = place(args, pointer, data)
+        except PointerError as e:
+            self.tool_failed(rid, wire_error("InvalidArgs", str(e)))
+            return
+        if isinstance(args, dict):
+            for name in entry["binary"]:
+                value = args.get(name)
+                if isinstance(value, str):
+                    try:
+                        args[name] = base64.b64decode(value.encode("ascii"), validate=True)
+                    except (ValueError, UnicodeEncodeError) as e:
+                        self.tool_failed(rid, wire_error(
+                            "InvalidArgs", "argument '%s' is not valid base64: %s" % (name, e)))
+                        return
+        try:
+            result = await_result(self.dispatch(instance, tool, entry, args))
+        except MemoryError as e:
+            out_of_memory(e, "in tool '%s'", tool)
+        except BaseException as e:
+            # The tool's own failure (SystemExit from sys.exit() included:
+            # it only ends this thread): an error, the plugin stays healthy.
+            self.tool_failed(rid, python_error(e, kind="Failed"))
+            return
+        self.send_result(rid, result)
+
+    def dispatch(self, instance, tool, entry, args):
+        run_tool = getattr(instance, "run_tool", None)
+        if callable(run_tool):
+            return run_tool(tool, args)
+        handler = entry.get("handler")
+        if isinstance(handler, str):
+            handler = getattr(instance, handler)
+        elif handler is None:
+            handler = getattr(instance, tool, None)
+            if not callable(handler):
+                raise AttributeError("tool '%s' has no handler and the plugin no run_tool()" % tool)
+        return bind_and_call(handler, args)
+
+    def send_result(self, rid, result):
+        try:
+            value, blobs = to_wire(result)
+            message = {"type": "result", "id": rid, "result": value}
+            if blobs:
+                message["attachments"] = [pointer for pointer, _ in blobs]
+            header = encode(message)
+        except ResultError as e:
+            self.tool_failed(rid, wire_error("Failed", str(e), error_type=e.error_type))
+            return
+        except UnicodeEncodeError as e:
+            self.tool_failed(rid, wire_error(
+                "Failed", "tool result is not valid Unicode: %s" % e, error_type="UnicodeEncodeError"))
+            return
+        except Exception as e:  # e.g. a model_dump() that raises
+            self.tool_failed(rid, python_error(e, kind="Failed"))
+            return
+        data = [b for _, b in blobs]
+        size = frame_size(header, data)
+        if size > self.max_response:
+            self.tool_failed(rid, wire_error(
+                "Failed",
+                "the result frame of %d bytes exceeds the limit of %d bytes" % (size, self.max_response),
+                error_type="ResultTooLarge"))
+            return
+        self.wire.send_frame(header, data)

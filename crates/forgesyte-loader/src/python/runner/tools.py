@@ -1,0 +1,178 @@
+"""A plugin's tools as the host sees them (``created``'s ``tools``): from
+the live instance's ``tools`` (ForgeSyte's ``BasePlugin`` shape) or the
+manifest's, their schemas normalised, and what the runner needs to call
+each one."""
+
+from .base import diag
+from .results import to_wire
+
+
+ANY_OBJECT = {"type": "object"}
+_SCHEMA_KEYWORDS = frozenset(
+    """$schema $ref $id $defs definitions type properties patternProperties
+    additionalProperties required items prefixItems enum const anyOf oneOf allOf
+    not if then else format contentEncoding contentMediaType minimum maximum
+    minLength maxLength pattern minItems maxItems default examples title
+    description""".split()
+)
+
+
+def _looks_like_schema(d):
+    t = d.get("type")
+    if isinstance(t, (str, list)):
+        return True
+    for key, value in d.items():
+        if key in _SCHEMA_KEYWORDS and key != "type" and not isinstance(value, dict):
+            return True
+        if key in ("properties", "patternProperties", "$defs", "definitions", "items",
+                   "additionalProperties", "not", "if", "then", "else"):
+            return True
+    return False
+
+
+def normalize_schema(schema):
+    """A JSON Schema for a tool's inputs or outputs. ForgeSyte plugins and
+    manifests also write a bare property map (``{"image_base64": "string"}``
+    or ``{"frame_base64": {"type": "string"}}``) or a list of input names;
+    those become ``{"type": "object", "properties": {...}}``."""
+    if schema is None:
+        return dict(ANY_OBJECT)
+    if isinstance(schema, type):
+        # A pydantic model class given as the schema.
+        for method in ("model_json_schema", "schema"):
+            if callable(getattr(schema, method, None)):
+                return getattr(schema, method)()
+        return dict(ANY_OBJECT)
+    if isinstance(schema, (list, tuple)):
+        names = [n for n in schema if isinstance(n, str)]
+        if not names:
+            return dict(ANY_OBJECT)
+        return {"type": "object", "properties": dict((n, {}) for n in names)}
+    if isinstance(schema, dict):
+        if not schema or _looks_like_schema(schema):
+            return schema
+        if all(isinstance(v, (dict, str)) for v in schema.values()) and all(
+            isinstance(k, str) for k in schema
+        ):
+            props = {}
+            for name, spec in schema.items():
+                props[name] = {"type": spec} if isinstance(spec, str) else spec
+            return {"type": "object", "properties": props}
+        return schema
+    return schema
+
+
+def _manifest_tools(manifest):
+    """The manifest's tools as (id, dict) pairs: a list of dicts with
+    ``id`` or ``name``, or a dict id -> dict."""
+    if not isinstance(manifest, dict):
+        return []
+    tools = manifest.get("tools")
+    out = []
+    if isinstance(tools, dict):
+        for tid, meta in tools.items():
+            if isinstance(tid, str):
+                out.append((tid, meta if isinstance(meta, dict) else {}))
+    elif isinstance(tools, list):
+        for meta in tools:
+            if isinstance(meta, dict):
+                tid = meta.get("id", meta.get("name"))
+                if isinstance(tid, str):
+                    out.append((tid, meta))
+            elif isinstance(meta, str):
+                out.append((meta, {}))
+    return out
+
+
+def _instance_tools(raw):
+    """``instance.tools`` as (id, dict) pairs. ForgeSyte's BasePlugin shape
+    is a dict tool name -> {"handler", "description", "input_schema",
+    "output_schema"}; a list of dicts with ``id``/``name`` is accepted too."""
+    out = []
+    if isinstance(raw, dict):
+        for tid, meta in raw.items():
+            if not isinstance(tid, str):
+                raise TypeError("tool names must be strings, not %s" % type(tid).__name__)
+            if callable(meta) and not isinstance(meta, dict):
+                meta = {"handler": meta}
+            if not isinstance(meta, dict):
+                raise TypeError("tool %r must be described by a dict, not %s" % (tid, type(meta).__name__))
+            out.append((tid, meta))
+    elif isinstance(raw, (list, tuple)):
+        for meta in raw:
+            if isinstance(meta, str):
+                out.append((meta, {}))
+                continue
+            if not isinstance(meta, dict):
+                raise TypeError("each tool must be a dict, not %s" % type(meta).__name__)
+            tid = meta.get("id", meta.get("name"))
+            if not isinstance(tid, str):
+                raise TypeError("a tool in the list has no string 'id' or 'name'")
+            out.append((tid, meta))
+    else:
+        raise TypeError("the plugin's 'tools' must be a dict or a list, not %s" % type(raw).__name__)
+    return out
+
+
+def _first(*values):
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def collect_tools(instance, manifest):
+    """The instance's tools: (specs for ``created``, id -> dispatch info).
+
+    From the live instance's ``tools`` when it has any; otherwise (no
+    ``tools``, or an empty one, e.g. a plugin with only ``run_tool``) from
+    the manifest's ``tools``. A manifest entry with the same id fills in
+    what the instance's entry lacks (e.g. a ``title``)."""
+    raw = getattr(instance, "tools", None)
+    from_manifest = _manifest_tools(manifest)
+    entries = _instance_tools(raw) if raw else from_manifest
+    by_id = dict(from_manifest)
+    specs = []
+    table = {}
+    for tid, meta in entries:
+        if tid in table:
+            diag("tool %r is listed twice; the first one counts" % tid)
+            continue
+        extra = by_id.get(tid, {})
+        title = _first(meta.get("title"), extra.get("title"), tid)
+        description = _first(meta.get("description"), extra.get("description"), "")
+        inputs = normalize_schema(
+            _first(meta.get("input_schema"), meta.get("inputs"),
+                   extra.get("input_schema"), extra.get("inputs"))
+        )
+        outputs = normalize_schema(
+            _first(meta.get("output_schema"), meta.get("outputs"),
+                   extra.get("output_schema"), extra.get("outputs"))
+        )
+        spec = {
+            "id": tid,
+            "title": title if isinstance(title, str) else str(title),
+            "description": description if isinstance(description, str) else str(description),
+            "input_schema": inputs,
+            "output_schema": outputs,
+        }
+        converted, blobs = to_wire(spec)
+        if blobs:
+            raise TypeError("the spec of tool %r contains bytes" % tid)
+        specs.append(converted)
+        table[tid] = {"handler": meta.get("handler"), "binary": binary_properties(inputs),
+                      "zero_copy": meta.get("zero_copy") is True}
+    return specs, table
+
+
+def binary_properties(schema):
+    """Top-level properties the input schema declares binary."""
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(props, dict):
+        return []
+    return [
+        name
+        for name, spec in props.items()
+        if isinstance(spec, dict)
+        and (spec.get("format") == "binary" or spec.get("contentEncoding") == "base64")
+    ]

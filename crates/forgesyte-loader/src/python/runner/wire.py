@@ -1,0 +1,426 @@
+"""The wire (PROTOCOL.md §2–§3): frames on the private protocol
+descriptors, their attachments inline or, above a threshold, in sealed
+memory files passed over the shared-memory socket (§3.1); and the
+requests' envelopes. Knows nothing of plugins."""
+
+import fcntl
+import json
+import os
+import struct
+import threading
+
+from .base import MIB, exit_now
+
+# The largest request frame accepted (the native runner's limit).
+MAX_REQUEST_BYTES = 1 << 31
+# The largest body a frame can announce (its length is a u32).
+MAX_FRAME_BYTES = (1 << 32) - 1
+# Request bodies up to this size are read into one buffer allocated up
+# front; larger ones grow as bytes arrive, so a garbage length does not
+# allocate gigabytes before the stream ends.
+READ_PREALLOCATE = 64 * MIB
+# Request frames up to this size are read in one call.
+SMALL_FRAME_BYTES = 64 * 1024
+
+SHM_FD_ENV = "FORGESYTE_SHM_FD"
+SHM_THRESHOLD_ENV = "FORGESYTE_SHM_THRESHOLD"
+SHM_MAX_PER_FRAME = 64
+MEMFD_NAME = "forgesyte-attachment"
+# fcntl seals (linux/fcntl.h), for Pythons whose fcntl module lacks them.
+_F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
+_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
+
+# The frame's fixed parts (PROTOCOL.md §2): the length, then the header's
+# length and the attachment count.
+_U32 = struct.Struct("<I")
+_FRAME_TABLE = struct.Struct("<II")
+_FRAME_HEAD = struct.Struct("<III")
+
+
+class ProtocolError(Exception):
+    """The host broke the protocol: the runner exits 65."""
+
+
+class Shared(object):
+    """One attachment that came through shared memory: a sealed memory file
+    (PROTOCOL.md §3.1), its descriptor held until ``take``.
+
+    ``bytes`` (the default) are read straight from the file (``os.pread``:
+    one copy, and no mapping whose pages fault in one by one, measured
+    cheaper than copying out of a mapping); a ``zero_copy`` tool gets a
+    read-only mapping. Either way the descriptor is closed by ``take`` (or
+    when the attachment is dropped untaken)."""
+
+    __slots__ = ("fd", "size")
+
+    def __init__(self, fd, size):
+        self.fd = fd
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def close(self):
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self):
+        self.close()
+
+    def take(self, zero_copy):
+        """The plugin's value: a read-only ``memoryview`` over a mapping
+        (kept mapped while referenced), or ``bytes`` (a copy)."""
+        import mmap
+        try:
+            if self.size == 0:
+                return b""
+            if not zero_copy:
+                data = os.pread(self.fd, self.size, 0)
+                if len(data) == self.size:
+                    return data
+            try:  # 3.13+: the mapping keeps no copy of the descriptor
+                mapping = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ, trackfd=False)
+            except TypeError:
+                mapping = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+            if zero_copy:
+                return memoryview(mapping)
+            data = mapping[:]
+            mapping.close()
+            return data
+        finally:
+            self.close()
+
+
+def shm_socket(passed=None):
+    """The shared-memory socket the host passed, and the threshold: (socket,
+    threshold) or None; ``passed``: (descriptor, threshold) from a zygote,
+    else they come from the environment. Marked close-on-exec: a plugin's
+    subprocesses do not inherit it."""
+    if passed is not None:
+        fd, threshold = passed
+    else:
+        raw = os.environ.pop(SHM_FD_ENV, None)
+        threshold = os.environ.pop(SHM_THRESHOLD_ENV, "65536")
+        if raw is None:
+            return None
+        fd = int(raw)
+        threshold = int(threshold)
+    if fd <= 2 or threshold <= 0:
+        return None
+    # The C module, not ``socket``: its enums and wrappers cost about 5 ms
+    # to import, in the zygote's start or in every runner, for a type that
+    # adds nothing the runner uses.
+    import _socket
+
+    os.set_inheritable(fd, False)
+    return _socket.socket(fileno=fd), threshold
+
+
+def _sealed(data):
+    """A sealed, close-on-exec memory file holding ``data``."""
+    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SEAL | _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _with_shm_field(header, indices):
+    field = ('"shm":[%s],' % ",".join(str(i) for i in indices)).encode("ascii")
+    return header[:1] + field + header[1:]
+
+
+class Wire(object):
+    """The private protocol descriptors: frames in, frames out (whole,
+    under one lock); with ``shm`` (socket, threshold), large attachments
+    through shared memory."""
+
+    def __init__(self, fd_in, fd_out, shm=None):
+        self.fd_in = fd_in
+        self.fd_out = fd_out
+        self.lock = threading.Lock()
+        self.shm = shm
+        # Buffered: a small request (prefix and body) is one read(2).
+        self._in = open(fd_in, "rb", buffering=1 << 16, closefd=False)
+
+    # -- reading --------------------------------------------------------
+
+    def _read_into(self, view):
+        """Fills ``view``; returns the number of bytes read (fewer only at
+        the end of the stream)."""
+        got = 0
+        total = len(view)
+        while got < total:
+            n = self._in.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+    def read_frame(self):
+        """One request frame as (header bytes, [attachment bytes]), or None
+        at a clean end of stream. Raises ProtocolError."""
+        # A buffered read returns short only at the end of the stream.
+        prefix = self._in.read(4)
+        if not prefix:
+            return None
+        if len(prefix) < 4:
+            raise ProtocolError("broken stream: the stream ended inside a frame's length")
+        (length,) = _U32.unpack(prefix)
+        if length > MAX_REQUEST_BYTES:
+            raise ProtocolError(
+                "a frame of %d bytes exceeds the limit of %d bytes" % (length, MAX_REQUEST_BYTES)
+            )
+        body = self._read_body(length)
+        header, attachments = split_body(body)
+        if b'"shm"' in header:
+            self._receive_shared(header, attachments)
+        return header, attachments
+
+    def _receive_shared(self, header, attachments):
+        """Replaces the shared attachments the header names by their
+        mappings; their descriptors were sent before the frame."""
+        import _socket as socket  # see shm_socket
+        try:
+            indices = json.loads(header.decode("utf-8")).get("shm", [])
+        except (UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise ProtocolError("malformed request: %s" % e)
+        if not indices:
+            return
+        if self.shm is None:
+            raise ProtocolError("malformed frame: shared attachments, but no shared memory was offered")
+        if (not isinstance(indices, list) or len(indices) > SHM_MAX_PER_FRAME
+                or not all(type(i) is int and 0 <= i < len(attachments) for i in indices)
+                or any(a >= b for a, b in zip(indices, indices[1:]))):
+            raise ProtocolError("malformed frame: bad 'shm' indices %r" % (indices,))
+        fd_size = struct.calcsize("i")
+        try:
+            data, ancdata, flags, _ = self.shm[0].recvmsg(
+                4, socket.CMSG_SPACE(SHM_MAX_PER_FRAME * fd_size),
+                socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            raise ProtocolError("malformed frame: shared attachments whose descriptors did not come first")
+        except OSError as e:
+            raise ProtocolError("broken stream: the shared-memory socket: %s" % e)
+        fds = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % fd_size
+                fds.extend(struct.unpack("%di" % (usable // fd_size), payload[:usable]))
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != len(indices) \
+                    or data != struct.pack("<I", len(indices)):
+                raise ProtocolError("malformed frame: %d shared attachments announced, %d descriptors came"
+                                    % (len(indices), len(fds)))
+            for i, fd in zip(indices, fds):
+                if len(attachments[i]):
+                    raise ProtocolError("malformed frame: shared attachment %d also has bytes in the frame" % i)
+                seals = fcntl.fcntl(fd, _F_GET_SEALS)
+                need = _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
+                if seals & need != need:
+                    raise ProtocolError("malformed frame: a shared attachment is not sealed")
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    attachments[i] = b""
+                else:
+                    # The descriptor is the attachment's now: it closes it.
+                    attachments[i] = Shared(fd, size)
+                    fds[fds.index(fd)] = -1
+        except OSError as e:
+            raise ProtocolError("malformed frame: a shared attachment: %s" % e)
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+
+    def _read_body(self, length):
+        if length <= SMALL_FRAME_BYTES:
+            # The common request: one read, from the buffer.
+            body = self._in.read(length)
+            if len(body) == length:
+                return body
+        else:
+            try:
+                body = bytearray(min(length, READ_PREALLOCATE))
+                filled = 0
+                while True:
+                    filled += self._read_into(memoryview(body)[filled:])
+                    if filled == length:
+                        return body
+                    if filled < len(body):
+                        break  # the stream ended
+                    body.extend(bytes(min(length, 2 * len(body)) - len(body)))
+            except MemoryError:
+                # As the native runner: a frame that cannot be held ends the
+                # stream (exit 65), whatever the memory limit.
+                raise ProtocolError("broken stream: cannot allocate %d bytes for a frame" % length)
+        raise ProtocolError("broken stream: the stream ended inside a %d-byte frame" % length)
+
+    # -- writing --------------------------------------------------------
+
+    def _write_all(self, data):
+        written = os.write(self.fd_out, data)
+        if written == len(data):
+            return
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(self.fd_out, view):]
+
+    def _share(self, header, attachments):
+        """(header, attachments, descriptors) with the attachments at or
+        above the threshold in sealed memory files (best effort: one that
+        cannot be made stays inline)."""
+        if self.shm is None or not attachments:
+            return header, attachments, []
+        threshold = self.shm[1]
+        indices, fds = [], []
+        attachments = list(attachments)
+        for i, data in enumerate(attachments):
+            if len(fds) == SHM_MAX_PER_FRAME:
+                break
+            if len(data) == 0 or len(data) < threshold:
+                continue
+            try:
+                fds.append(_sealed(data))
+            except (OSError, AttributeError, ValueError, TypeError):
+                continue
+            indices.append(i)
+            attachments[i] = b""
+        if not fds:
+            return header, attachments, []
+        return _with_shm_field(header, indices), attachments, fds
+
+    def send_frame(self, header, attachments=()):
+        if not attachments:
+            # The common answer: prefix and header in one write, without
+            # the shared-memory path (measured: a tenth of a no-op call).
+            data = _FRAME_HEAD.pack(8 + len(header), len(header), 0) + header
+            with self.lock:
+                try:
+                    self._write_all(data)
+                except OSError:
+                    exit_now(0)  # as below
+            return
+        plain = (header, attachments)
+        header, attachments, fds = self._share(header, attachments)
+        try:
+            self._send_frame(header, attachments, fds, plain)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _send_frame(self, header, attachments, fds, plain):
+        with self.lock:
+            if fds:
+                import _socket as socket  # see shm_socket
+
+                try:
+                    self.shm[0].sendmsg(
+                        [struct.pack("<I", len(fds))],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))],
+                        socket.MSG_DONTWAIT)
+                except OSError:
+                    header, attachments = plain  # it all goes inline
+                # The runner keeps no copy once they are sent (or not).
+                while fds:
+                    os.close(fds.pop())
+            sizes = [len(a) for a in attachments]
+            total = 8 + 4 * len(sizes) + len(header) + sum(sizes)
+            prefix = struct.pack("<III%dI" % len(sizes), total, len(header), len(sizes), *sizes)
+            try:
+                self._write_all(prefix + header)
+                for attachment in attachments:
+                    self._write_all(attachment)
+            except OSError:
+                # The host stopped reading: there is nobody left to serve.
+                exit_now(0)
+
+
+def frame_size(header, attachments):
+    return 8 + 4 * len(attachments) + len(header) + sum(len(a) for a in attachments)
+
+
+def split_body(body):
+    """Splits a frame body per the consistency rule (PROTOCOL.md §2)."""
+    n = len(body)
+    if n < 8:
+        raise ProtocolError("malformed frame: a frame body of %d bytes has no header" % n)
+    header_len, count = _FRAME_TABLE.unpack_from(body, 0)
+    if count == 0 and 8 + header_len == n:
+        return bytes(body[8:]), []
+    table_end = 8 + 4 * count
+    if table_end > n:
+        raise ProtocolError(
+            "malformed frame: %d attachments announced in a frame body of %d bytes" % (count, n)
+        )
+    sizes = struct.unpack_from("<%dI" % count, body, 8) if count else ()
+    at = table_end + header_len
+    end = at + sum(sizes)
+    if end != n:
+        raise ProtocolError(
+            "malformed frame: the frame's parts add up to %d bytes, its body holds %d" % (end, n)
+        )
+    view = memoryview(body)
+    header = bytes(view[table_end:at])
+    attachments = []
+    for size in sizes:
+        attachments.append(bytes(view[at:at + size]))
+        at += size
+    return header, attachments
+
+
+# `json.dumps` with these arguments makes an encoder per call.
+_JSON_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def encode(message):
+    """A message's JSON header bytes. Raises ValueError (NaN and the like)
+    or UnicodeEncodeError (lone surrogates)."""
+    return _JSON_ENCODE(message).encode("utf-8")
+
+
+_STR_OR_NONE = (str, type(None))
+
+
+def parse_request(header):
+    """The request in a frame header, checked like the host's envelope
+    (``message.rs``): ``op``, ``id`` and the fields of the op."""
+    try:
+        message = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("malformed request: %s" % e)
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed request: the header is not a JSON object")
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("malformed request: no 'op'")
+    rid = message.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < (1 << 64):
+        raise ProtocolError("malformed request: 'id' is not an unsigned 64-bit integer")
+    if op == "create":
+        if message.get("config") is None:
+            raise ProtocolError("malformed request: 'create' needs 'config'")
+    elif op == "call":
+        if not isinstance(message.get("tool"), str):
+            raise ProtocolError("malformed request: 'call' needs 'tool'")
+        # ``args`` is any JSON (PROTOCOL.md), ``null`` included.
+        if "args" not in message:
+            raise ProtocolError("malformed request: 'call' needs 'args'")
+        pointers = message.get("attachments", [])
+        if not isinstance(pointers, list) or not all(isinstance(p, str) for p in pointers):
+            raise ProtocolError("malformed request: 'attachments' is not a list of strings")
+        context = message.get("context")
+        if context is not None and not (
+                isinstance(context, dict)
+                and isinstance(context.get("request_id"), _STR_OR_NONE)
+                and isinstance(context.get("traceparent"), _STR_OR_NONE)):
+            raise ProtocolError("malformed request: 'context' is not an object of strings")
+    else:
+        raise ProtocolError("malformed request: unknown op %r" % op)
+    return message
