@@ -58,6 +58,7 @@
 //!   stderr in [`CrashError::stderr_tail`];
 //! - **the host's own findings**, which have no underlying error:
 //!   [`ImportError::Incompatible`], [`ImportError::InvalidInterface`],
+//!   [`ImportError::SharedLibraryShadowed`],
 //!   [`InitError::Protocol`], [`ToolError::Protocol`],
 //!   [`CrashCause::Protocol`], [`CrashCause::Killed`], [`CrashCause::Lost`]
 //!   and the manifest
@@ -238,6 +239,23 @@ pub enum ImportError {
         path: PathBuf,
         /// What the dynamic loader said.
         detail: String,
+    },
+    /// A shared library the plugin ships beside it (found through
+    /// `$ORIGIN` in its run path) has the name of another library the
+    /// server has loaded already: the dynamic loader shares libraries by
+    /// name, so it would give the plugin that one instead of its own.
+    #[error(
+        "{path} needs {name}, which it ships as {shipped}, but another library of that name is loaded in the server already ({loaded}) and the dynamic loader would give the plugin that one; run the plugin isolated (\"isolation\": \"process\") or give its library a name of its own"
+    )]
+    SharedLibraryShadowed {
+        /// The plugin's library.
+        path: PathBuf,
+        /// The name in its `DT_NEEDED`.
+        name: String,
+        /// The file its run path finds under that name.
+        shipped: PathBuf,
+        /// The library of that name already loaded.
+        loaded: PathBuf,
     },
     /// The versioned entry symbol is missing: not a ForgeSyte plugin.
     #[error("entry symbol '{symbol}' not found in {path} (not built with forgesyte-plugin-sdk?)")]

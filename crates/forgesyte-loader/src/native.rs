@@ -24,7 +24,11 @@
 //!   version-1 library is called through the first part of the table, see
 //!   `forgesyte_protocol::abi`) or another target
 //!   triple than the host's (`ImportError::Incompatible`); a section that is
-//!   there but damaged is `ImportError::InvalidInterface`.
+//!   there but damaged is `ImportError::InvalidInterface`;
+//! - a library it ships beside it (a `DT_NEEDED` name that its `$ORIGIN`
+//!   run path finds) whose name the process has loaded already from another
+//!   file with other bytes, which the dynamic loader would hand it instead
+//!   (`ImportError::SharedLibraryShadowed`, see `origin.rs`).
 //!
 //! A different SDK or compiler version is only logged (`warn`): nothing of
 //! Rust's own ABI crosses the boundary, only C structures and JSON. A
@@ -195,16 +199,21 @@ impl NativeLibrary {
     }
 
     /// Maps the file at `load` (named `path` in errors and reasons), whose
-    /// ELF check found `found`: the fingerprint vetted, `dlopen` (recording
-    /// `by_name` as mapped once it is), the entry symbol and the ABI
-    /// version.
+    /// ELF check found `elf`: the fingerprint vetted, the libraries it
+    /// ships checked against those loaded already (when it is opened from
+    /// its path, `by_name`: only then does `$ORIGIN` name its directory),
+    /// `dlopen` (recording `by_name` as mapped once it is), the entry
+    /// symbol and the ABI version.
     fn map(
         load: &Path,
         path: &Path,
-        found: Option<Result<Fingerprint, FingerprintError>>,
+        elf: Elf,
         by_name: Option<mapped::Unmapped>,
     ) -> Result<Self, ImportError> {
-        let fingerprint = vet_fingerprint(path, found, &Fingerprint::current())?;
+        let fingerprint = vet_fingerprint(path, elf.fingerprint, &Fingerprint::current())?;
+        if let (Some(_), Some(origin_path)) = (&by_name, &elf.origin_path) {
+            origin::check(path, origin_path)?;
+        }
         // SAFETY: opening a library runs its initialisers. That is the point
         // of an in-process plugin; the file was named by the operator's
         // plugin directory, and the dependency checker never reaches here
@@ -303,8 +312,17 @@ impl NativeLibrary {
 /// documentation](self) for what is an error and what is only logged).
 pub fn inspect(path: &Path) -> Result<Option<Fingerprint>, ImportError> {
     let (file, meta) = open_regular(path, path)?;
-    let found = check_elf(file, meta.len(), path)?;
-    vet_fingerprint(path, found, &Fingerprint::current())
+    let elf = check_elf(file, meta.len(), path)?;
+    vet_fingerprint(path, elf.fingerprint, &Fingerprint::current())
+}
+
+/// What the ELF check read of a library.
+struct Elf {
+    /// Its fingerprint record: `None` when it has no fingerprint section.
+    fingerprint: Option<Result<Fingerprint, FingerprintError>>,
+    /// The libraries it names and the `$ORIGIN` entries of its run path,
+    /// when it has any (`origin::read`).
+    origin_path: Option<origin::OriginPath>,
 }
 
 /// Decides what a library's fingerprint record (`found`: `None` when the
@@ -725,15 +743,10 @@ fn open_regular(
 /// Reads the ELF headers without running anything, so that files `dlopen`
 /// would crash on (a truncated library makes glibc's loader touch mapped
 /// pages past the end of the file: SIGBUS) are rejected with a reason; then
-/// reads the fingerprint section, `None` when there is none.
-fn check_elf(
-    file: std::fs::File,
-    file_len: u64,
-    path: &Path,
-) -> Result<Option<Result<Fingerprint, FingerprintError>>, ImportError> {
-    use object::ReadRef as _;
+/// reads its `$ORIGIN` run path, if any, and the fingerprint section.
+fn check_elf(file: std::fs::File, file_len: u64, path: &Path) -> Result<Elf, ImportError> {
     use object::elf::{ET_DYN, FileHeader64, PT_LOAD};
-    use object::read::elf::{FileHeader as _, ProgramHeader as _, SectionHeader as _};
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
 
     let not_a_library = |detail: String| ImportError::NotALibrary {
         path: path.to_path_buf(),
@@ -766,15 +779,32 @@ fn check_elf(
             )));
         }
     }
+    let origin_path = origin::read(&data, endian, segments);
+    Ok(Elf {
+        fingerprint: fingerprint_record(&data, header, endian, path),
+        origin_path,
+    })
+}
+
+/// The fingerprint record of the ELF file in `data`: `None` when it has no
+/// fingerprint section (or no readable section table).
+fn fingerprint_record<'data>(
+    data: impl object::ReadRef<'data>,
+    header: &object::elf::FileHeader64<object::Endianness>,
+    endian: object::Endianness,
+    path: &Path,
+) -> Option<Result<Fingerprint, FingerprintError>> {
+    use object::read::elf::{FileHeader as _, SectionHeader as _};
+
     // `dlopen` never reads section headers; a library whose table is
     // unreadable loads fine, so that alone is no reason to refuse it.
     // The section table and its name table are read in one piece each
     // (looking names up one by one costs a read per section).
     let table = (|| -> Result<_, String> {
         let sections = header
-            .section_headers(endian, &data)
+            .section_headers(endian, data)
             .map_err(|e| e.to_string())?;
-        let index = header.shstrndx(endian, &data).map_err(|e| e.to_string())?;
+        let index = header.shstrndx(endian, data).map_err(|e| e.to_string())?;
         let (offset, size) = sections
             .get(index as usize)
             .and_then(|names| names.file_range(endian))
@@ -788,33 +818,31 @@ fn check_elf(
         Ok(table) => table,
         Err(e) => {
             tracing::debug!(path = %path.display(), "section headers unreadable: {e}");
-            return Ok(None);
+            return None;
         }
     };
     let wanted = fingerprint::SECTION.as_bytes();
-    let Some(section) = sections.iter().find(|section| {
+    let section = sections.iter().find(|section| {
         names
             .get(section.sh_name(endian) as usize..)
             .and_then(|rest| rest.split(|&b| b == 0).next())
             == Some(wanted)
-    }) else {
-        return Ok(None);
-    };
+    })?;
     // Only the first record is read: a corrupt size cannot make us read
     // (or allocate) more than that.
     let Some((offset, size)) = section.file_range(endian) else {
         // SHT_NOBITS: no bytes in the file.
-        return Ok(Some(Err(FingerprintError::TooShort { len: 0 })));
+        return Some(Err(FingerprintError::TooShort { len: 0 }));
     };
     let len = size.min(fingerprint::RECORD_LEN as u64);
-    Ok(Some(match data.read_bytes_at(offset, len) {
+    Some(match data.read_bytes_at(offset, len) {
         Ok(bytes) => Fingerprint::parse(bytes),
         Err(()) => Err(FingerprintError::Malformed {
             detail: format!(
                 "section of {size} bytes at offset {offset} lies past the end of the file"
             ),
         }),
-    }))
+    })
 }
 
 /// The error and its sources on one line (libloading keeps dlerror's text in
@@ -853,6 +881,7 @@ fn classify_open_error(path: &Path, message: &str) -> ImportError {
 }
 
 mod mapped;
+mod origin;
 mod pread;
 
 #[cfg(test)]
