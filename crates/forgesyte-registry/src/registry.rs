@@ -597,6 +597,18 @@ impl Registry {
         })
     }
 
+    /// Calls `f` with every registered plugin's name and state, in name
+    /// order, without a snapshot: no allocation and no lock. Each entry is
+    /// read as it is when its turn comes, so two plugins may be read a
+    /// write apart: for counts (the server's health), not for a view that
+    /// must hold together (use [`snapshot`](Self::snapshot)).
+    pub fn for_each_state(&self, mut f: impl FnMut(&str, PluginLifecycleState)) {
+        let current = self.shared.current.load();
+        for (name, slot) in &current.plugins {
+            f(name, slot.load().state);
+        }
+    }
+
     /// The tool calls in flight on one plugin, `None` when it is not
     /// registered.
     pub fn in_flight(&self, name: &str) -> Option<u32> {

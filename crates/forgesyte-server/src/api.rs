@@ -68,14 +68,10 @@ pub struct PluginHealth {
     responses((status = 200, description = "The server is up", body = HealthResponse))
 )]
 pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
-    let snapshot = state.registry().snapshot();
-    let names = snapshot.names();
-    let plugins_loaded = snapshot.available().len();
+    let counts = crate::probes::plugin_counts(&state);
     let status = if state.is_loading() {
         "loading"
-    } else if names.iter().all(|name| {
-        snapshot.state(name).is_some_and(|s| s.is_available()) || state.loader().is_optional(name)
-    }) {
+    } else if counts.required_available {
         "ok"
     } else {
         "degraded"
@@ -84,8 +80,8 @@ pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
         StatusCode::OK,
         &HealthResponse {
             status: status.to_owned(),
-            plugins_loaded,
-            plugins_total: names.len(),
+            plugins_loaded: counts.available,
+            plugins_total: counts.total,
             version: VERSION.to_owned(),
         },
     )

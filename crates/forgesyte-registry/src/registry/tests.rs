@@ -700,3 +700,28 @@ fn state_and_reason_read_one_entry_and_an_unchanged_confinement_writes_nothing()
         Err(RegistryError::NotFound { .. })
     ));
 }
+
+#[test]
+fn for_each_state_visits_every_plugin_in_name_order_with_its_state() {
+    let registry = Registry::new();
+    for name in ["ocr", "detect", "yolo"] {
+        registry.register(name, PluginInfo::default()).unwrap();
+    }
+    registry.mark_initialized("detect").unwrap();
+    registry.mark_failed("yolo", "InitError: boom").unwrap();
+    let mut seen = Vec::new();
+    registry.for_each_state(|name, state| seen.push((name.to_owned(), state)));
+    assert_eq!(
+        seen,
+        [
+            ("detect".to_owned(), Initialized),
+            ("ocr".to_owned(), Loaded),
+            ("yolo".to_owned(), Failed),
+        ]
+    );
+    // The same as a snapshot says.
+    let snapshot = registry.snapshot();
+    for (name, state) in &seen {
+        assert_eq!(snapshot.state(name), Some(*state));
+    }
+}

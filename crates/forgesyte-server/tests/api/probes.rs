@@ -111,8 +111,22 @@ async fn optional_plugins_never_block_readiness() {
             .ends_with("(optional: does not block readiness)"),
         "{fixme}"
     );
-    // The server health agrees: every required plugin is available.
-    assert_eq!(get(&w.app, "/v1/health").await.json()["status"], "ok");
+    // The plain probe (counted, no check written out) says the same.
+    let reply = get(&w.app, "/readyz").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json(), json!({"status": "ok"}));
+    // The server health agrees: every required plugin is available, and
+    // it counts what the checks list.
+    let health = get(&w.app, "/v1/health").await.json();
+    assert_eq!(health["status"], "ok");
+    let checks = body["checks"].as_array().unwrap();
+    let available = checks
+        .iter()
+        .filter(|c| c["detail"] == "INITIALIZED")
+        .count();
+    assert_eq!(health["plugins_loaded"], available, "{health}");
+    assert_eq!(health["plugins_total"], checks.len() - 1, "{health}");
+    assert!(available < checks.len() - 1, "a broken plugin is counted");
 }
 
 #[tokio::test]
