@@ -19,23 +19,30 @@ mod cache;
 
 pub use cache::{runner_invocation, runner_source_invocation};
 
+/// `[(file, its source)]` for files of `python/runner/`.
+macro_rules! runner_modules {
+    ($($file:literal),* $(,)?) => {
+        &[$(($file, include_str!(concat!("python/runner/", $file)))),*]
+    };
+}
+
 /// The Python runner: the modules of its package (`python/runner/`), each
 /// as (file name, source). The package is one concern per module; see its
 /// `__init__.py` for which.
-pub const RUNNER_MODULES: &[(&str, &str)] = &[
-    ("__init__.py", include_str!("python/runner/__init__.py")),
-    ("api.py", include_str!("python/runner/api.py")),
-    ("args.py", include_str!("python/runner/args.py")),
-    ("base.py", include_str!("python/runner/base.py")),
-    ("confine.py", include_str!("python/runner/confine.py")),
-    ("errors.py", include_str!("python/runner/errors.py")),
-    ("loading.py", include_str!("python/runner/loading.py")),
-    ("main.py", include_str!("python/runner/main.py")),
-    ("results.py", include_str!("python/runner/results.py")),
-    ("serve.py", include_str!("python/runner/serve.py")),
-    ("tools.py", include_str!("python/runner/tools.py")),
-    ("wire.py", include_str!("python/runner/wire.py")),
-    ("zygote.py", include_str!("python/runner/zygote.py")),
+pub const RUNNER_MODULES: &[(&str, &str)] = runner_modules![
+    "__init__.py",
+    "api.py",
+    "args.py",
+    "base.py",
+    "confine.py",
+    "errors.py",
+    "loading.py",
+    "main.py",
+    "results.py",
+    "serve.py",
+    "tools.py",
+    "wire.py",
+    "zygote.py",
 ];
 
 /// The interpreter used when neither the manifest nor the host names one.
