@@ -157,7 +157,7 @@ impl NativeLibrary {
             mapped::Claim::Path(unmapped) => Self::map(
                 path,
                 path,
-                check_elf(file, meta.len(), path)?,
+                check_elf(file, meta.len(), path, true)?,
                 Some(unmapped),
             ),
             mapped::Claim::Copy => {
@@ -193,7 +193,7 @@ impl NativeLibrary {
         let (file, meta) = open_regular(&load, path)?;
         // The mapping made by dlopen keeps the memory file alive; the
         // descriptors are closed when they drop.
-        let opened = Self::map(&load, path, check_elf(file, meta.len(), path)?, None);
+        let opened = Self::map(&load, path, check_elf(file, meta.len(), path, false)?, None);
         drop(fd);
         opened
     }
@@ -312,7 +312,7 @@ impl NativeLibrary {
 /// documentation](self) for what is an error and what is only logged).
 pub fn inspect(path: &Path) -> Result<Option<Fingerprint>, ImportError> {
     let (file, meta) = open_regular(path, path)?;
-    let elf = check_elf(file, meta.len(), path)?;
+    let elf = check_elf(file, meta.len(), path, false)?;
     vet_fingerprint(path, elf.fingerprint, &Fingerprint::current())
 }
 
@@ -743,8 +743,14 @@ fn open_regular(
 /// Reads the ELF headers without running anything, so that files `dlopen`
 /// would crash on (a truncated library makes glibc's loader touch mapped
 /// pages past the end of the file: SIGBUS) are rejected with a reason; then
-/// reads its `$ORIGIN` run path, if any, and the fingerprint section.
-fn check_elf(file: std::fs::File, file_len: u64, path: &Path) -> Result<Elf, ImportError> {
+/// reads the fingerprint section and, with `origin` (a library about to be
+/// opened from its path), its `$ORIGIN` run path, if any.
+fn check_elf(
+    file: std::fs::File,
+    file_len: u64,
+    path: &Path,
+    origin: bool,
+) -> Result<Elf, ImportError> {
     use object::elf::{ET_DYN, FileHeader64, PT_LOAD};
     use object::read::elf::{FileHeader as _, ProgramHeader as _};
 
@@ -779,7 +785,11 @@ fn check_elf(file: std::fs::File, file_len: u64, path: &Path) -> Result<Elf, Imp
             )));
         }
     }
-    let origin_path = origin::read(&data, endian, segments);
+    let origin_path = if origin {
+        origin::read(&data, endian, segments)
+    } else {
+        None
+    };
     Ok(Elf {
         fingerprint: fingerprint_record(&data, header, endian, path),
         origin_path,

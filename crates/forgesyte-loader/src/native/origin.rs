@@ -22,7 +22,7 @@ use forgesyte_errors::ImportError;
 use libloading::os::unix::{Library, RTLD_NOW};
 use object::ReadRef;
 use object::elf::{
-    DT_NEEDED, DT_NULL, DT_RPATH, DT_RUNPATH, DT_STRSZ, DT_STRTAB, PT_DYNAMIC, PT_LOAD,
+    DT_NEEDED, DT_NULL, DT_RPATH, DT_RUNPATH, DT_SONAME, DT_STRSZ, DT_STRTAB, PT_DYNAMIC, PT_LOAD,
 };
 use object::read::elf::{Dyn as _, ProgramHeader as _};
 
@@ -33,8 +33,12 @@ const RTLD_DI_LINKMAP: c_int = 2;
 /// Dynamic entries read at most: a corrupt section cannot make the check
 /// read more.
 const MAX_DYNAMIC_ENTRIES: usize = 4096;
-/// The longest string table read (run paths and library names).
-const MAX_STRTAB: u64 = 1 << 20;
+/// Library names read at most (distinct string offsets).
+const MAX_NEEDED: usize = 256;
+/// The longest string read from the string table (a run path, a name).
+const MAX_STRING: u64 = 4096;
+/// Files compared in pieces of this size.
+const COMPARE_CHUNK: usize = 64 * 1024;
 
 /// The start of `struct link_map` (`<link.h>`), the same in glibc and musl:
 /// only `l_name` is read.
@@ -56,7 +60,81 @@ pub(super) struct OriginPath {
     dirs: Vec<String>,
 }
 
-/// Reads the dynamic section of the ELF file in `data` (its program
+/// What a dynamic section says, as string-table offsets.
+#[derive(Default)]
+struct Dynamic {
+    needed: Vec<u64>,
+    run_path: Option<u64>,
+    soname: Option<u64>,
+    /// The string table's file offset and size.
+    strtab: Option<(u64, u64)>,
+}
+
+impl Dynamic {
+    /// Reads the dynamic section of the ELF file in `data` (its program
+    /// headers `segments`); `None` when there is none or it cannot be read.
+    fn read<'data, R: ReadRef<'data>>(
+        data: R,
+        endian: object::Endianness,
+        segments: &[object::elf::ProgramHeader64<object::Endianness>],
+    ) -> Option<Self> {
+        let dynamic = segments.iter().find(|s| s.p_type(endian) == PT_DYNAMIC)?;
+        let (offset, size) = dynamic.file_range(endian);
+        let entries = data
+            .read_slice_at::<object::elf::Dyn64<object::Endianness>>(
+                offset,
+                usize::try_from(size / 16).ok()?.min(MAX_DYNAMIC_ENTRIES),
+            )
+            .ok()?;
+        let mut found = Dynamic::default();
+        let (mut strtab, mut strsz, mut runpath, mut rpath) = (None, None, None, None);
+        for entry in entries {
+            let value = entry.d_val(endian);
+            // Tags past u32 (processor- and OS-specific ranges) matter not.
+            let Some(tag) = entry.tag32(endian) else {
+                continue;
+            };
+            match tag {
+                DT_NULL => break,
+                DT_NEEDED if found.needed.len() < MAX_NEEDED && !found.needed.contains(&value) => {
+                    found.needed.push(value);
+                }
+                DT_STRTAB => strtab = Some(value),
+                DT_STRSZ => strsz = Some(value),
+                DT_RUNPATH => runpath = Some(value),
+                DT_RPATH => rpath = Some(value),
+                DT_SONAME => found.soname = Some(value),
+                _ => {}
+            }
+        }
+        // glibc ignores DT_RPATH when there is a DT_RUNPATH.
+        found.run_path = runpath.or(rpath);
+        // The string table's address, made a file offset through the
+        // loadable segment that holds it.
+        found.strtab = strtab.and_then(|strtab| {
+            let at = segments.iter().find_map(|s| {
+                let (vaddr, filesz) = (s.p_vaddr(endian), s.p_filesz(endian));
+                (s.p_type(endian) == PT_LOAD && strtab >= vaddr && strtab - vaddr < filesz)
+                    .then(|| s.p_offset(endian).checked_add(strtab - vaddr))
+                    .flatten()
+            })?;
+            Some((at, strsz?))
+        });
+        Some(found)
+    }
+
+    /// The string at offset `at` of the string table: at most
+    /// [`MAX_STRING`] bytes, UTF-8, inside the table.
+    fn string<'data, R: ReadRef<'data>>(&self, data: R, at: u64) -> Option<String> {
+        let (table, size) = self.strtab?;
+        let start = table.checked_add(at).filter(|_| at < size)?;
+        let end = start.saturating_add((size - at).min(MAX_STRING));
+        let bytes = data.read_bytes_at_until(start..end, 0).ok()?;
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+}
+
+/// Reads what [`check`] needs from the ELF file in `data` (its program
 /// headers `segments`): `None` when its run path names no `$ORIGIN` (the
 /// common case: one look at the dynamic entries), or when the section
 /// cannot be read (`dlopen` then says what is wrong).
@@ -65,66 +143,73 @@ pub(super) fn read<'data, R: ReadRef<'data>>(
     endian: object::Endianness,
     segments: &[object::elf::ProgramHeader64<object::Endianness>],
 ) -> Option<OriginPath> {
-    let dynamic = segments.iter().find(|s| s.p_type(endian) == PT_DYNAMIC)?;
-    let (offset, size) = dynamic.file_range(endian);
-    let entries = data
-        .read_slice_at::<object::elf::Dyn64<object::Endianness>>(
-            offset,
-            usize::try_from(size / 16).ok()?.min(MAX_DYNAMIC_ENTRIES),
-        )
-        .ok()?;
-    let (mut strtab, mut strsz, mut runpath, mut rpath) = (None, None, None, None);
-    let mut needed = Vec::new();
-    for entry in entries {
-        let value = entry.d_val(endian);
-        // Tags past u32 (processor- and OS-specific ranges) matter not here.
-        let Some(tag) = entry.tag32(endian) else {
-            continue;
-        };
-        match tag {
-            DT_NULL => break,
-            DT_NEEDED => needed.push(value),
-            DT_STRTAB => strtab = Some(value),
-            DT_STRSZ => strsz = Some(value),
-            DT_RUNPATH => runpath = Some(value),
-            DT_RPATH => rpath = Some(value),
-            _ => {}
-        }
-    }
-    // glibc ignores DT_RPATH when there is a DT_RUNPATH.
-    let path_at = runpath.or(rpath)?;
-    // The string table's address, made a file offset through the loadable
-    // segment that holds it.
-    let strtab = strtab?;
-    let file_offset = segments.iter().find_map(|s| {
-        let (vaddr, filesz) = (s.p_vaddr(endian), s.p_filesz(endian));
-        (s.p_type(endian) == PT_LOAD && strtab >= vaddr && strtab - vaddr < filesz)
-            .then(|| s.p_offset(endian) + (strtab - vaddr))
-    })?;
-    let strings = data
-        .read_bytes_at(file_offset, strsz?.min(MAX_STRTAB))
-        .ok()?;
-    let string = |at: u64| -> Option<String> {
-        let rest = strings.get(usize::try_from(at).ok()?..)?;
-        let end = rest.iter().position(|&b| b == 0)?;
-        String::from_utf8(rest[..end].to_vec()).ok()
-    };
-    let dirs: Vec<String> = string(path_at)?
+    let dynamic = Dynamic::read(data, endian, segments)?;
+    let dirs: Vec<String> = dynamic
+        .string(data, dynamic.run_path?)?
         .split(':')
-        .filter(|dir| dir.contains("$ORIGIN") || dir.contains("${ORIGIN}"))
+        .filter(|dir| expand_origin(dir, "").is_some())
         .map(str::to_owned)
         .collect();
     if dirs.is_empty() {
         return None;
     }
     Some(OriginPath {
-        needed: needed
-            .into_iter()
-            .filter_map(string)
+        needed: dynamic
+            .needed
+            .iter()
+            .filter_map(|&at| dynamic.string(data, at))
             .filter(|name| !name.contains('/'))
             .collect(),
         dirs,
     })
+}
+
+/// The `DT_SONAME` of the library file at `path`, if it has one.
+fn soname(path: &Path) -> Option<String> {
+    use object::read::elf::FileHeader as _;
+    let file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let data = object::ReadCache::new(super::pread::PreadFile::new(file, len));
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(&data).ok()?;
+    let endian = header.endian().ok()?;
+    let segments = header.program_headers(endian, &data).ok()?;
+    let dynamic = Dynamic::read(&data, endian, segments)?;
+    dynamic.string(&data, dynamic.soname?)
+}
+
+/// `dir` (a run path entry) with `$ORIGIN` and `${ORIGIN}` replaced by
+/// `origin`, as glibc expands them (`$ORIGIN` only as a whole token: not
+/// in `$ORIGINS`); `None` when it names neither.
+fn expand_origin(dir: &str, origin: &str) -> Option<String> {
+    let mut out = String::with_capacity(dir.len() + origin.len());
+    let mut rest = dir;
+    let mut found = false;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let token = if tail.starts_with("${ORIGIN}") {
+            Some("${ORIGIN}".len())
+        } else if tail.starts_with("$ORIGIN")
+            && !tail["$ORIGIN".len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+        {
+            Some("$ORIGIN".len())
+        } else {
+            None
+        };
+        match token {
+            Some(len) => {
+                out.push_str(origin);
+                rest = &tail[len..];
+                found = true;
+            }
+            None => {
+                out.push('$');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    found.then_some(out)
 }
 
 /// Fails when a library that the library at `path` ships (a `DT_NEEDED`
@@ -132,16 +217,14 @@ pub(super) fn read<'data, R: ReadRef<'data>>(
 /// already loaded in this process: the dynamic loader would hand it that
 /// one. The same file, or one with the same bytes, passes.
 pub(super) fn check(path: &Path, origin_path: &OriginPath) -> Result<(), ImportError> {
-    let Some(origin) = path.parent() else {
+    // A directory whose name is not UTF-8 cannot be spelled in a run path
+    // read as UTF-8: nothing to compare.
+    let Some(origin) = path.parent().and_then(Path::to_str) else {
         return Ok(());
     };
-    let origin = origin.to_string_lossy();
     for name in &origin_path.needed {
         let shipped = origin_path.dirs.iter().find_map(|dir| {
-            let dir = dir
-                .replace("${ORIGIN}", &origin)
-                .replace("$ORIGIN", &origin);
-            let candidate = Path::new(&dir).join(name);
+            let candidate = Path::new(&expand_origin(dir, origin)?).join(name);
             candidate.is_file().then_some(candidate)
         });
         let Some(shipped) = shipped else { continue };
@@ -162,8 +245,10 @@ pub(super) fn check(path: &Path, origin_path: &OriginPath) -> Result<(), ImportE
 
 /// The file of the library loaded under `name` in this process, if any.
 fn loaded_as(name: &str) -> Option<PathBuf> {
-    // SAFETY: with RTLD_NOLOAD nothing is opened or run: the handle of a
-    // library already loaded under this name, or an error.
+    // SAFETY: with RTLD_NOLOAD nothing is mapped or run: the handle of a
+    // library already loaded, or an error. (The dynamic loader may open a
+    // file of that name on its search path to compare it with the loaded
+    // ones: what it hands back is checked to answer to `name` below.)
     let library = unsafe { Library::open(Some(name), RTLD_NOW | RTLD_NOLOAD) }.ok()?;
     let handle = library.into_raw();
     let mut map: *const LinkMap = std::ptr::null();
@@ -185,18 +270,44 @@ fn loaded_as(name: &str) -> Option<PathBuf> {
     // SAFETY: the handle `into_raw` gave up, closed once: it drops the
     // reference RTLD_NOLOAD took.
     drop(unsafe { Library::from_raw(handle) });
-    file.filter(|file| !file.as_os_str().is_empty())
+    // What a plugin's own look-up by name would also find: a library loaded
+    // under that file name, or with that soname. (One found through the
+    // search path's file under another name is not: the plugin's run path
+    // comes before the search path.)
+    file.filter(|file| {
+        !file.as_os_str().is_empty()
+            && (file.file_name().is_some_and(|f| f == name)
+                || soname(file).is_some_and(|soname| soname == name))
+    })
 }
 
-/// Whether two files are one library: the same file, or the same bytes.
+/// Whether two files are one library: the same file, or the same bytes
+/// (compared piece by piece, up to the first difference).
 fn same_bytes(a: &Path, b: &Path) -> bool {
-    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+    use std::io::Read as _;
+    let (Ok(mut fa), Ok(mut fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else {
+        return false;
+    };
+    let (Ok(ma), Ok(mb)) = (fa.metadata(), fb.metadata()) else {
         return false;
     };
     if (ma.dev(), ma.ino()) == (mb.dev(), mb.ino()) {
         return true;
     }
-    ma.len() == mb.len() && matches!((std::fs::read(a), std::fs::read(b)), (Ok(x), Ok(y)) if x == y)
+    if ma.len() != mb.len() {
+        return false;
+    }
+    let (mut xa, mut xb) = (vec![0; COMPARE_CHUNK], vec![0; COMPARE_CHUNK]);
+    loop {
+        let n = match fa.read(&mut xa) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if fb.read_exact(&mut xb[..n]).is_err() || xa[..n] != xb[..n] {
+            return false;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -246,7 +357,7 @@ mod tests {
     fn origin_path(library: &Path) -> Option<OriginPath> {
         let file = std::fs::File::open(library).unwrap();
         let len = file.metadata().unwrap().len();
-        crate::native::check_elf(file, len, library)
+        crate::native::check_elf(file, len, library, true)
             .unwrap()
             .origin_path
     }
@@ -314,6 +425,20 @@ mod tests {
             "{opened:?}"
         );
         drop(loaded);
+    }
+
+    #[test]
+    fn origin_is_expanded_as_the_dynamic_loader_does() {
+        assert_eq!(expand_origin("$ORIGIN", "/p"), Some("/p".into()));
+        assert_eq!(
+            expand_origin("$ORIGIN/../lib", "/p"),
+            Some("/p/../lib".into())
+        );
+        assert_eq!(expand_origin("${ORIGIN}lib", "/p"), Some("/plib".into()));
+        assert_eq!(expand_origin("/x/$ORIGIN:y", "/p"), Some("/x//p:y".into()));
+        assert_eq!(expand_origin("$ORIGINS", "/p"), None);
+        assert_eq!(expand_origin("$LIB/x", "/p"), None);
+        assert_eq!(expand_origin("/usr/lib", "/p"), None);
     }
 
     /// A library without `$ORIGIN` in its run path costs one look at its

@@ -488,7 +488,7 @@ fn watch_parent() {
 /// Moves the protocol off fds 0 and 1: returns the requests (the original
 /// stdin) and the answers (the original stdout), both on private
 /// close-on-exec descriptors; fd 0 then reads `/dev/null` and fd 1 writes
-/// to stderr. (The Python runner's `_take_stdio` does the same.)
+/// to stderr. (The Python runner's `base.take_stdio` does the same.)
 fn take_stdio() -> io::Result<(File, File)> {
     let out = take_stdout()?;
     let requests = take_stdin(&File::open("/dev/null")?)?;

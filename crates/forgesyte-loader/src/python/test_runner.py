@@ -267,6 +267,20 @@ class HandshakeTests(RunnerTestCase):
         self.assertEqual(header["error"]["kind"], "Protocol")
 
 
+class TracebackTests(RunnerTestCase):
+    def test_the_runners_frames_are_left_out_under_a_path_written_unnormalised(self):
+        # The cache directory as the environment spells it (``/a/./b``):
+        # the code objects keep that spelling.
+        runner = ["-c", RUNNER[1].replace(repr(HERE), repr(HERE + "/."))]
+        self.assertNotEqual(runner, RUNNER)
+        p = self.start("echo", runner=runner)
+        p.start()
+        header, _ = p.run("fail")
+        lines = header["error"]["traceback"]
+        self.assertTrue(any("plugin.py" in line for line in lines), lines)
+        self.assertFalse(any("/runner/" in line for line in lines), lines)
+
+
 class SourceModeTests(RunnerTestCase):
     """The runner started as the host starts it for a runner user: from
     the sources its code carries, the package's modules named

@@ -7,7 +7,8 @@ is specified in ``crates/forgesyte-protocol/PROTOCOL.md``, whose Rust
 rendering is ``forgesyte_protocol::wire``; this package is the Python side
 of it and mirrors the native runner (``forgesyte_loader::process::runner``):
 
-1. Moves the protocol off fd 1 before anything else: the original stdout is
+1. Moves the protocol off fd 1 before anything else runs (once the runner's
+   own modules are imported, which write nothing): the original stdout is
    duplicated to a private close-on-exec descriptor for frames and fd 1 is
    pointed at stderr, so ``print()`` in plugins (and C code writing to fd 1)
    lands in the log instead of corrupting the protocol. stdin gets the same

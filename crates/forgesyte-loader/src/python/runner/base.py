@@ -20,6 +20,10 @@ MIB = 1024 * 1024
 # from source (``python -c``), its modules then named
 # ``<forgesyte_runner/NAME.py>``.
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else None
+# The same as its code objects name it: as the ``sys.path`` entry was
+# written (``/a//b``, ``..``), which ``abspath`` does not keep.
+_PACKAGE_DIRS = tuple(sorted(
+    {os.path.dirname(__file__), PACKAGE_DIR}) if PACKAGE_DIR is not None else ())
 SOURCE_PREFIX = "<forgesyte_runner/"
 
 # The plugin's name, as diagnostics show it (set once the command line is
@@ -31,7 +35,7 @@ def is_runner_file(filename):
     """Whether a traceback frame's file is one of the runner's own."""
     if filename.startswith(SOURCE_PREFIX):
         return True
-    return PACKAGE_DIR is not None and filename.startswith(PACKAGE_DIR + os.sep)
+    return any(filename.startswith(d + os.sep) for d in _PACKAGE_DIRS if d)
 
 
 def diag(text):

@@ -28,7 +28,9 @@ HANDOVER_QUIET_TICKS = 100
 
 _MISSING = object()
 
-# `bind_and_call`). Working it out with `inspect` costs more than a quick
+# How a handler takes its arguments, by (function, kind of callable,
+# argument names): True as keywords, False as the one dict, None neither
+# (see `bind_and_call`). Working it out with `inspect` costs more than a quick
 # call; the names of a tool's arguments rarely change.
 _SHAPES = {}
 _SHAPES_MAX = 1024
