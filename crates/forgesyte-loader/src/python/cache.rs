@@ -51,7 +51,8 @@ const SOURCE_PACKAGE: &str = "_forgesyte_runner";
 /// Code that imports the runner package from its sources, which it
 /// carries, and starts it: a finder on `sys.meta_path` serves the
 /// package's modules (named `<forgesyte_runner/NAME.py>` in tracebacks,
-/// which the runner leaves out of a plugin's). The sources travel as one
+/// which the runner leaves out of a plugin's) while the package is
+/// imported, which imports all of them at once. The sources travel as one
 /// JSON object (module -> source), zlib-compressed and in base64: about a
 /// third of their size, since one `execve` argument holds at most 128 KiB.
 fn source_code() -> &'static str {
@@ -90,8 +91,13 @@ def _load(packed, name={SOURCE_PACKAGE:?}):
             short = "__init__" if module.__name__ == name else module.__name__[len(name) + 1:]
             exec(compile(sources[short], "<forgesyte_runner/%s.py>" % short, "exec"), module.__dict__)
 
-    sys.meta_path.insert(0, Finder())
-    return __import__(name)
+    finder = Finder()
+    sys.meta_path.insert(0, finder)
+    try:
+        return __import__(name)
+    finally:
+        # Every module is imported by now: plugins' imports need not ask.
+        sys.meta_path.remove(finder)
 _load("{packed}").start(sys.argv[1:])
 "#
         )

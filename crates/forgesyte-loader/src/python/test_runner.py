@@ -267,6 +267,21 @@ class HandshakeTests(RunnerTestCase):
         self.assertEqual(header["error"]["kind"], "Protocol")
 
 
+class PackageTests(unittest.TestCase):
+    def test_importing_the_package_imports_every_module(self):
+        # The host serves the modules' sources, or writes their bytecode,
+        # while the package is imported, and only then.
+        modules = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "runner"))
+                         if f.endswith(".py") and f != "__init__.py")
+        code = ("import json, sys; sys.path.insert(0, %r); import runner; "
+                "print(json.dumps(sorted(m[7:] for m in sys.modules if m.startswith('runner.'))))"
+                % HERE)
+        out = subprocess.run([PYTHON, "-c", code], stdout=subprocess.PIPE, check=True,
+                             timeout=TIMEOUT).stdout
+        self.assertEqual(json.loads(out), modules)
+        self.assertGreater(len(modules), 5)
+
+
 class TracebackTests(RunnerTestCase):
     def test_the_runners_frames_are_left_out_under_a_path_written_unnormalised(self):
         # The cache directory as the environment spells it (``/a/./b``):

@@ -64,6 +64,9 @@ zygote)::
 The host imports this package from its private cache of these files, or,
 for a runner that runs as another user, from their sources handed over on
 the command line (``forgesyte_loader::python``), and calls ``start``.
+Importing the package imports every module (no module imports another
+inside a function): the host writes their bytecode, or serves their
+sources, during that import only.
 """
 
 from .base import EXIT_SETUP, Handover, diag, exit_now, take_stdio
