@@ -1,0 +1,477 @@
+//! Unit tests of manifest parsing: fields, defaults, runtimes and the
+//! errors a bad manifest gets.
+
+use super::*;
+use proptest::prelude::*;
+use serde_json::json;
+
+fn check(json: &str, expect: Result<&str, &str>) {
+    let got = parse(json.as_bytes(), Path::new("/p/x/manifest.json"), "x");
+    match (got, expect) {
+        (Ok(m), Ok(name)) => assert_eq!(m.name, name),
+        (Err(e), Err(msg)) => assert_eq!(e.to_string(), msg),
+        (got, expect) => panic!("got {got:?}, expected {expect:?}"),
+    }
+}
+
+fn runtime_of(raw: Value, has_plugin_py: bool) -> (Runtime, PythonEntry) {
+    let m = from_value_in(raw, "x", has_plugin_py).unwrap();
+    (m.runtime, m.python_entry())
+}
+
+#[test]
+fn the_runtime_is_declared_or_follows_the_entrypoint_or_plugin_py() {
+    let module = |m: &str, c: Option<&str>| PythonEntry::Module {
+        module: m.into(),
+        class: c.map(Into::into),
+    };
+    let file = |f: &str| PythonEntry::File {
+        file: f.into(),
+        class: None,
+    };
+    assert_eq!(
+        runtime_of(json!({"entrypoint": "forgesyte_ocr.plugin"}), false),
+        (Runtime::Python, module("forgesyte_ocr.plugin", None))
+    );
+    assert_eq!(
+        runtime_of(
+            json!({"entrypoint": "forgesyte_ocr.plugin:OCRPlugin"}),
+            false
+        ),
+        (
+            Runtime::Python,
+            module("forgesyte_ocr.plugin", Some("OCRPlugin"))
+        )
+    );
+    assert_eq!(
+        runtime_of(json!({}), true),
+        (Runtime::Python, file("plugin.py"))
+    );
+    assert_eq!(runtime_of(json!({}), false).0, Runtime::Native);
+    for native in ["libocr.so", "libocr.so.1", "ocr", "lib/libocr.so"] {
+        assert_eq!(
+            runtime_of(json!({"entrypoint": native}), true).0,
+            Runtime::Native,
+            "{native}"
+        );
+    }
+    assert_eq!(
+        runtime_of(json!({"runtime": "python", "entrypoint": "main.py"}), false),
+        (Runtime::Python, file("main.py"))
+    );
+    assert_eq!(
+        runtime_of(json!({"runtime": "native"}), true).0,
+        Runtime::Native
+    );
+    // A file and the class in it: never read as a module path.
+    let file_class = |f: &str, c: &str| PythonEntry::File {
+        file: f.into(),
+        class: Some(c.into()),
+    };
+    assert_eq!(
+        runtime_of(json!({"entrypoint": "plugin.py:OCRPlugin"}), false),
+        (Runtime::Python, file_class("plugin.py", "OCRPlugin"))
+    );
+    assert_eq!(
+        runtime_of(
+            json!({"runtime": "python", "entrypoint": "src/main.py:Plugin"}),
+            false
+        ),
+        (Runtime::Python, file_class("src/main.py", "Plugin"))
+    );
+    assert_eq!(
+        runtime_of(
+            json!({"runtime": "python", "entrypoint": "main.py:"}),
+            false
+        ),
+        (Runtime::Python, file("main.py"))
+    );
+    let err = from_value(json!({"runtime": "ruby"}), "x").unwrap_err();
+    assert!(err.to_string().contains("runtime"), "{err}");
+}
+
+#[test]
+fn bare_dependencies_are_python_packages_for_python_plugins() {
+    let m = from_value_in(json!({"dependencies": ["torch", "lib:z"]}), "x", true).unwrap();
+    let shown: Vec<String> = m
+        .requirements
+        .dependencies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(shown, ["torch", "lib:z"]);
+    assert!(matches!(
+        m.requirements.dependencies[0],
+        forgesyte_deps::Dependency::Py { .. }
+    ));
+    let m = from_value(json!({"dependencies": ["z"]}), "x").unwrap();
+    assert!(matches!(
+        m.requirements.dependencies[0],
+        forgesyte_deps::Dependency::Lib(_)
+    ));
+}
+
+#[test]
+fn name_comes_from_id_then_name_then_dir() {
+    check(r#"{"id": "ocr", "name": "OCR"}"#, Ok("ocr"));
+    check(r#"{"name": "ocr2"}"#, Ok("ocr2"));
+    check(r#"{}"#, Ok("x"));
+}
+
+#[test]
+fn bad_json_names_the_position() {
+    check(
+        "{\n  \"name\": ,\n}",
+        Err("invalid JSON in /p/x/manifest.json at line 2, column 11: expected value"),
+    );
+    check("   \n", Err("manifest /p/x/manifest.json is empty"));
+    check(
+        "[1]",
+        Err("invalid field '(root)': expected a JSON object, found an array"),
+    );
+}
+
+#[test]
+fn wrong_types_name_the_field() {
+    check(
+        r#"{"name": 5}"#,
+        Err("invalid field 'name': expected a string, found a number"),
+    );
+    check(
+        r#"{"name": "a", "isolation": "vm"}"#,
+        Err(r#"invalid field 'isolation': expected "in-process" or "process", found "vm""#),
+    );
+    check(
+        r#"{"name": "a", "limits": {"call_timeout_s": -1}}"#,
+        Err("invalid field 'limits.call_timeout_s': expected seconds in (0, 86400], found -1"),
+    );
+}
+
+#[test]
+fn invalid_names_are_rejected() {
+    check(
+        r#"{"name": "../etc"}"#,
+        Err(r#"invalid plugin name "../etc": must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}"#),
+    );
+    assert!(!is_valid_name(&"a".repeat(65)));
+    assert!(is_valid_name(&"a".repeat(64)));
+    assert!(!is_valid_name("é"));
+    assert!(!is_valid_name("-a"));
+}
+
+#[test]
+fn entrypoint_must_stay_inside() {
+    check(
+        r#"{"name": "a", "entrypoint": "../b/liba.so"}"#,
+        Err("field 'entrypoint' points outside the plugin directory: ../b/liba.so"),
+    );
+    check(
+        r#"{"name": "a", "entrypoint": "/usr/lib/liba.so"}"#,
+        Err("field 'entrypoint' points outside the plugin directory: /usr/lib/liba.so"),
+    );
+    check(r#"{"name": "a", "entrypoint": "lib/liba.so"}"#, Ok("a"));
+}
+
+#[test]
+fn unknown_fields_are_kept_and_version_defaults() {
+    let m = from_value(json!({"name": "a", "colour": "blue"}), "a").unwrap();
+    assert_eq!(m.raw["colour"], "blue");
+    assert_eq!(m.version, "unknown");
+    assert_eq!(m.isolation, Isolation::InProcess);
+}
+
+#[test]
+fn isolation_limits_and_preflight() {
+    let m = from_value(
+        json!({"name": "a", "isolation": "process", "preflight": true,
+               "limits": {"memory_mb": 0, "max_response_mb": 2, "init_timeout_s": 0.5}}),
+        "a",
+    )
+    .unwrap();
+    assert_eq!(m.isolation, Isolation::Process);
+    assert_eq!(m.declared_isolation, Some(Isolation::Process));
+    assert!(m.preflight);
+    assert_eq!(m.limits.memory_mb, Some(0));
+    assert_eq!(m.limits.max_response_mb, Some(2));
+    assert_eq!(m.limits.init_timeout, Some(Duration::from_millis(500)));
+    let m = from_value(json!({"name": "a"}), "a").unwrap();
+    assert_eq!(m.declared_isolation, None);
+    assert!(!m.preflight);
+    assert_eq!(m.limits, Limits::default());
+    check(
+        r#"{"name": "a", "limits": {"max_response_mb": 0}}"#,
+        Err(
+            "invalid field 'limits.max_response_mb': expected an integer number of MiB in [1, 1048576], found 0",
+        ),
+    );
+    check(
+        r#"{"name": "a", "limits": {"memory_mb": 1.5}}"#,
+        Err(
+            "invalid field 'limits.memory_mb': expected an integer number of MiB in [0, 1048576], found 1.5",
+        ),
+    );
+    check(
+        r#"{"name": "a", "preflight": "yes"}"#,
+        Err("invalid field 'preflight': expected a boolean, found a string"),
+    );
+}
+
+#[test]
+fn a_pin_is_64_hex_digits_or_a_manifest_error_naming_the_field() {
+    let pin = "AB".repeat(32);
+    let m = from_value(json!({"name": "a", "sha256": pin}), "a").unwrap();
+    assert_eq!(m.sha256, Some("ab".repeat(32)));
+    assert_eq!(from_value(json!({"name": "a"}), "a").unwrap().sha256, None);
+    check(
+        r#"{"name": "a", "sha256": "3f2a"}"#,
+        Err(
+            r#"invalid field 'sha256': expected a SHA-256 digest (64 hexadecimal digits), found "3f2a""#,
+        ),
+    );
+    check(
+        r#"{"name": "a", "sha256": 5}"#,
+        Err("invalid field 'sha256': expected a string, found a number"),
+    );
+}
+
+#[test]
+fn dir_names_become_valid_keys() {
+    assert_eq!(key_from_dir_name("my plugin"), "my_plugin");
+    assert_eq!(key_from_dir_name(".hidden"), "p.hidden");
+    assert!(is_valid_name(&key_from_dir_name(&"é".repeat(100))));
+}
+
+/// The manifest's keys (top level and nested), and a few more.
+const KEYS: &[&str] = &[
+    "id",
+    "name",
+    "version",
+    "description",
+    "entrypoint",
+    "library",
+    "runtime",
+    "python",
+    "isolation",
+    "optional",
+    "preflight",
+    "tools",
+    "limits",
+    "dependencies",
+    "requires_gpu",
+    "models",
+    "call_timeout_s",
+    "init_timeout_s",
+    "memory_mb",
+    "max_response_mb",
+    "min_devices",
+    "min_memory_mb",
+    "min_compute_capability",
+];
+
+/// Strings a manifest holds, right and wrong: names, runtimes,
+/// isolations, dependency specs, paths that escape, versions, anything.
+fn text() -> impl Strategy<Value = String> + Clone {
+    prop_oneof![
+        prop::sample::select(
+            &[
+                "ocr",
+                "../../etc",
+                "/abs/lib.so",
+                "lib.so",
+                "a\0b",
+                "",
+                "native",
+                "python",
+                "process",
+                "in-process",
+                "lib:ssl",
+                "bin:ffmpeg",
+                "env:HOME",
+                "py:numpy>=1",
+                "foo:bar",
+                "lib:",
+                "pkg.mod:Class",
+                "plugin.py:X",
+                "8.6",
+                "x.y",
+                "1.2.3",
+            ][..]
+        )
+        .prop_map(str::to_owned),
+        ".{0,10}",
+    ]
+}
+
+/// A JSON scalar, often one on the edge of a field's range.
+fn leaf() -> impl Strategy<Value = Value> + Clone {
+    prop_oneof![
+        1 => Just(Value::Null),
+        1 => any::<bool>().prop_map(Value::from),
+        1 => any::<i64>().prop_map(Value::from),
+        1 => any::<u64>().prop_map(Value::from),
+        1 => any::<f64>().prop_map(Value::from),
+        2 => prop::sample::select(&[0.0, -1.0, 1e-300, 0.5, 86_400.0, 86_400.5, 1e300][..])
+            .prop_map(Value::from),
+        2 => prop::sample::select(&[0, 1, 2, 1024 * 1024, 1024 * 1024 + 1, u64::MAX][..])
+            .prop_map(Value::from),
+        3 => text().prop_map(Value::from),
+    ]
+}
+
+/// JSON of any type; objects keyed mostly by the manifest's keys, so
+/// that every field is seen with values of every type, nested ones too.
+fn json_value() -> impl Strategy<Value = Value> + Clone {
+    leaf().prop_recursive(3, 24, 6, |inner| {
+        let key =
+            prop_oneof![3 => prop::sample::select(KEYS).prop_map(str::to_owned), 1 => ".{0,5}"];
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::vec((key, inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// A value shaped like one of a manifest's: a scalar, a list of
+/// scalars, or an object of the nested keys (`limits`, `requires_gpu`,
+/// `models`) with scalar values; or any JSON at all.
+fn field_value() -> impl Strategy<Value = Value> {
+    let nested = prop::sample::select(&KEYS[16..]).prop_map(str::to_owned);
+    prop_oneof![
+        3 => leaf(),
+        1 => prop::collection::vec(leaf(), 0..3).prop_map(Value::Array),
+        3 => prop::collection::vec((nested, leaf()), 0..3)
+            .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        1 => json_value(),
+    ]
+}
+
+/// A value of `key` that is right, or right in type with a value on
+/// the edge of its range (the limits, the GPU's numbers).
+fn plausible(key: &'static str) -> BoxedStrategy<Value> {
+    let pick = |options: &'static [&'static str]| {
+        prop::sample::select(options).prop_map(Value::from).boxed()
+    };
+    let object_of = |keys: &'static [&'static str]| {
+        prop::collection::vec((prop::sample::select(keys), leaf()), 0..4)
+            .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+            .boxed()
+    };
+    match key {
+        "id" | "name" => pick(&["ocr", "a-b.c_1", "x"]),
+        "version" => prop_oneof![pick(&["1.0.0"]), any::<u32>().prop_map(Value::from)].boxed(),
+        "entrypoint" | "library" => pick(&["lib.so", "pkg.mod:Class", "plugin.py", "sub/lib.so"]),
+        "runtime" => pick(&["native", "python"]),
+        "python" => pick(&["python3", "/usr/bin/python3"]),
+        "isolation" => pick(&["process", "in-process"]),
+        "optional" | "preflight" => any::<bool>().prop_map(Value::from).boxed(),
+        "tools" => Just(json!([])).boxed(),
+        "limits" => object_of(&KEYS[16..20]),
+        "requires_gpu" => {
+            prop_oneof![any::<bool>().prop_map(Value::from), object_of(&KEYS[20..])].boxed()
+        }
+        "dependencies" => prop::collection::vec(text(), 0..3)
+            .prop_map(|v| Value::Array(v.into_iter().map(Value::from).collect()))
+            .boxed(),
+        "models" => prop::collection::vec((text(), text()), 0..3)
+            .prop_map(|kv| {
+                Value::Object(kv.into_iter().map(|(k, v)| (k, Value::from(v))).collect())
+            })
+            .boxed(),
+        _ => text().prop_map(Value::from).boxed(),
+    }
+}
+
+/// A manifest object: each top-level key absent (most often), with a
+/// plausible value, or with any value at all (names and types wrong
+/// inside nested objects included).
+fn manifest_object() -> impl Strategy<Value = Value> {
+    let fields: Vec<_> = KEYS[..16]
+        .iter()
+        .map(|&key| {
+            prop_oneof![
+                8 => Just(None),
+                4 => plausible(key).prop_map(move |v| Some((key, v))),
+                1 => field_value().prop_map(move |v| Some((key, v))),
+            ]
+        })
+        .collect();
+    fields.prop_map(|fields| {
+        Value::Object(
+            fields
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        )
+    })
+}
+
+/// What a refused manifest must carry: a reason a person can act on.
+fn refused_with_a_reason(e: &ManifestError) -> Result<(), TestCaseError> {
+    let text = e.to_string();
+    prop_assert!(text.len() > 10, "{e:?}");
+    if let ManifestError::InvalidField { field, .. } = e {
+        prop_assert!(
+            text.contains(field.as_str()),
+            "{text} does not name {field}"
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    // 256 cases each (the default); each property runs in well under a
+    // second.
+
+    /// Arbitrary bytes: a manifest or a typed error with a reason.
+    #[test]
+    fn arbitrary_bytes_are_refused_with_a_reason(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        if let Err(e) = parse(&bytes, Path::new("/p/x/manifest.json"), "x") {
+            refused_with_a_reason(&e)?;
+        }
+    }
+
+    /// The manifest's keys with values of every type (nested objects
+    /// included): validated, or refused naming the field.
+    #[test]
+    fn any_manifest_object_is_valid_or_refused_by_field(raw in manifest_object(), py in any::<bool>()) {
+        match from_value_in(raw.clone(), "x", py) {
+            Ok(m) => {
+                prop_assert!(is_valid_name(&m.name), "{}", m.name);
+                prop_assert_eq!(&*m.raw, &raw);
+                if let Some(entry) = &m.entrypoint {
+                    prop_assert!(check_relative("entrypoint", entry).is_ok());
+                }
+            }
+            Err(e) => refused_with_a_reason(&e)?,
+        }
+    }
+
+    /// The same objects as bytes, damaged or not: `parse` agrees with
+    /// [`from_value_in`] on intact text and never panics on damaged text.
+    /// (Intact text is compared with the value it reads back as: without
+    /// `serde_json`'s `float_roundtrip`, a float may come back one unit
+    /// in the last place off, and its error message shows it.)
+    #[test]
+    fn manifest_text_parses_as_its_value(raw in manifest_object(),
+                                         cut in any::<prop::sample::Index>(),
+                                         damage in any::<bool>()) {
+        let mut bytes = serde_json::to_vec_pretty(&raw).unwrap();
+        if damage {
+            bytes.truncate(cut.index(bytes.len()));
+        }
+        let path = Path::new("/p/x/manifest.json");
+        if let Err(e) = parse(&bytes, path, "x") {
+            refused_with_a_reason(&e)?;
+        }
+        if !damage {
+            prop_assert_eq!(
+                parse(&bytes, path, "x").map(|m| m.name).map_err(|e| e.to_string()),
+                from_value(serde_json::from_slice(&bytes).unwrap(), "x")
+                    .map(|m| m.name)
+                    .map_err(|e| e.to_string())
+            );
+        }
+    }
+}
