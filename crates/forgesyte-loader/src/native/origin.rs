@@ -427,6 +427,66 @@ mod tests {
         drop(loaded);
     }
 
+    /// A library with an `$ORIGIN` run path (built once), and where its
+    /// dynamic section lies in the file.
+    fn shipped_bytes() -> &'static (Vec<u8>, std::ops::Range<usize>) {
+        static BUILT: std::sync::OnceLock<(Vec<u8>, std::ops::Range<usize>)> =
+            std::sync::OnceLock::new();
+        BUILT.get_or_init(|| {
+            use object::read::elf::FileHeader as _;
+            let tmp = tempfile::tempdir().unwrap();
+            let bytes = std::fs::read(ship(tmp.path(), "fuzzed", 3)).unwrap();
+            let header = object::elf::FileHeader64::<object::Endianness>::parse(&*bytes).unwrap();
+            let endian = header.endian().unwrap();
+            let dynamic = header
+                .program_headers(endian, &*bytes)
+                .unwrap()
+                .iter()
+                .find(|s| s.p_type(endian) == PT_DYNAMIC)
+                .map(|s| s.file_range(endian))
+                .unwrap();
+            let start = usize::try_from(dynamic.0).unwrap();
+            let end = start + usize::try_from(dynamic.1).unwrap();
+            (bytes, start..end)
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Damaged dynamic entries (tags, string offsets, the string
+        /// table's address and size) and files cut short: the check reads
+        /// what it can, inside the file, and never panics.
+        #[test]
+        fn a_damaged_dynamic_section_never_panics(
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+                1..8,
+            ),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            truncate in proptest::prelude::any::<bool>(),
+        ) {
+            let (bytes, dynamic) = shipped_bytes();
+            let mut bytes = bytes.clone();
+            for (at, byte) in flips {
+                bytes[dynamic.start + at.index(dynamic.len())] = byte;
+            }
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            let library = tmp.path().join("libfuzzed.so");
+            std::fs::write(&library, &bytes).unwrap();
+            let file = std::fs::File::open(&library).unwrap();
+            if let Ok(elf) = crate::native::check_elf(file, bytes.len() as u64, &library, true)
+                && let Some(origin_path) = elf.origin_path
+            {
+                // Nothing of these names is loaded: the check passes.
+                proptest::prop_assert!(check(&library, &origin_path).is_ok());
+            }
+        }
+    }
+
     #[test]
     fn origin_is_expanded_as_the_dynamic_loader_does() {
         assert_eq!(expand_origin("$ORIGIN", "/p"), Some("/p".into()));

@@ -353,6 +353,16 @@ fn inspect_bytes(bytes: &[u8]) -> Result<Option<Fingerprint>, ImportError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("libhostile.so");
     std::fs::write(&path, bytes).unwrap();
+    // The check made before opening a library from its path reads its
+    // dynamic section too (`origin`): the same bytes, never a panic, and
+    // never a refusal of its own.
+    let check = |origin| {
+        let file = std::fs::File::open(&path).unwrap();
+        let len = file.metadata().unwrap().len();
+        check_elf(file, len, &path, origin).map(|elf| elf.origin_path)
+    };
+    let (with, without) = (check(true), check(false));
+    assert_eq!(with.is_ok(), without.is_ok(), "{with:?} / {without:?}");
     inspect(&path)
 }
 
