@@ -193,17 +193,16 @@ impl NativeLibrary {
         let (file, meta) = open_regular(&load, path)?;
         // The mapping made by dlopen keeps the memory file alive; the
         // descriptors are closed when they drop.
-        let opened = Self::map(&load, path, check_elf(file, meta.len(), path, false)?, None);
+        let opened = Self::map(&load, path, check_elf(file, meta.len(), path, true)?, None);
         drop(fd);
         opened
     }
 
     /// Maps the file at `load` (named `path` in errors and reasons), whose
     /// ELF check found `elf`: the fingerprint vetted, the libraries it
-    /// ships checked against those loaded already (when it is opened from
-    /// its path, `by_name`: only then does `$ORIGIN` name its directory),
-    /// `dlopen` (recording `by_name` as mapped once it is), the entry
-    /// symbol and the ABI version.
+    /// ships beside `path` checked against those loaded already, `dlopen`
+    /// (recording `by_name` as mapped once it is), the entry symbol and
+    /// the ABI version.
     fn map(
         load: &Path,
         path: &Path,
@@ -211,7 +210,10 @@ impl NativeLibrary {
         by_name: Option<mapped::Unmapped>,
     ) -> Result<Self, ImportError> {
         let fingerprint = vet_fingerprint(path, elf.fingerprint, &Fingerprint::current())?;
-        if let (Some(_), Some(origin_path)) = (&by_name, &elf.origin_path) {
+        if let Some(origin_path) = &elf.origin_path {
+            // Against `path`'s directory even for a memory file: its
+            // `$ORIGIN` finds nothing there, so a library of the name
+            // loaded already is what it would get.
             origin::check(path, origin_path)?;
         }
         // SAFETY: opening a library runs its initialisers. That is the point
@@ -744,7 +746,7 @@ fn open_regular(
 /// would crash on (a truncated library makes glibc's loader touch mapped
 /// pages past the end of the file: SIGBUS) are rejected with a reason; then
 /// reads the fingerprint section and, with `origin` (a library about to be
-/// opened from its path), its `$ORIGIN` run path, if any.
+/// opened), its `$ORIGIN` run path, if any.
 fn check_elf(
     file: std::fs::File,
     file_len: u64,

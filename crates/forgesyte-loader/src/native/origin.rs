@@ -8,7 +8,9 @@
 //! at. Two in-process plugins each shipping a `libhelper.so` of their own
 //! would both run the first one loaded. [`check`] finds that before the
 //! second plugin is opened; the same file, or a copy with the same bytes,
-//! is no conflict.
+//! is no conflict. A library loaded from a memory file (signed, or
+//! reloaded) is checked against its own directory too: its `$ORIGIN` then
+//! finds nothing, so a library of the name loaded already is what it gets.
 //!
 //! Knows ELF dynamic sections and the dynamic loader's look-up by name;
 //! nothing of plugins beyond the library's path.
@@ -412,6 +414,15 @@ mod tests {
         // The loader refuses it before `dlopen` (which would have found the
         // library but no entry symbol).
         let opened = NativeLibrary::open(&second).map(|_| ());
+        assert!(
+            matches!(opened, Err(ImportError::SharedLibraryShadowed { .. })),
+            "{opened:?}"
+        );
+        // Loaded from its bytes (a signed library, a reload) its `$ORIGIN`
+        // is a memory file that finds nothing: the library of that name
+        // loaded already is what it would get. Refused the same way.
+        let bytes = std::fs::read(&second).unwrap();
+        let opened = NativeLibrary::open_bytes(&second, &bytes).map(|_| ());
         assert!(
             matches!(opened, Err(ImportError::SharedLibraryShadowed { .. })),
             "{opened:?}"
