@@ -326,24 +326,14 @@ mod tests {
     /// library `dir/lib{name}.so` that needs it, found through `$ORIGIN`.
     fn ship(dir: &Path, name: &str, value: i32) -> PathBuf {
         std::fs::create_dir_all(dir).unwrap();
-        let cc = |args: &[&str], source: &str| {
-            let file = dir.join(format!("{}.c", args[0]));
-            std::fs::write(&file, source).unwrap();
-            let status = Command::new("cc")
-                .args(["-shared", "-fPIC", "-o"])
-                .arg(dir.join(args[0]))
-                .arg(&file)
-                .args(&args[1..])
-                .status()
-                .expect("cc is needed to build this test's libraries");
-            assert!(status.success(), "cc {args:?}");
-        };
         cc(
+            dir,
             &[HELPER, &format!("-Wl,-soname,{HELPER}")],
             &format!("int fs_origin_helper(void) {{ return {value}; }}\n"),
         );
         let library = format!("lib{name}.so");
         cc(
+            dir,
             &[
                 &library,
                 &format!("-L{}", dir.display()),
@@ -354,6 +344,21 @@ mod tests {
             "int fs_origin_helper(void);\nint plugin_value(void) { return fs_origin_helper(); }\n",
         );
         dir.join(library)
+    }
+
+    /// Builds the shared library `dir/args[0]` from C `source` with `cc`,
+    /// the rest of `args` on its command line.
+    fn cc(dir: &Path, args: &[&str], source: &str) {
+        let file = dir.join(format!("{}.c", args[0]));
+        std::fs::write(&file, source).unwrap();
+        let status = Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(dir.join(args[0]))
+            .arg(&file)
+            .args(&args[1..])
+            .status()
+            .expect("cc is needed to build this test's libraries");
+        assert!(status.success(), "cc {args:?}");
     }
 
     fn origin_path(library: &Path) -> Option<OriginPath> {
@@ -518,15 +523,11 @@ mod tests {
     fn a_library_without_an_origin_run_path_has_nothing_to_check() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        std::fs::write(dir.join("plain.c"), "int plain(void) { return 0; }\n").unwrap();
-        let status = Command::new("cc")
-            .args(["-shared", "-fPIC", "-o"])
-            .arg(dir.join("libplain.so"))
-            .arg(dir.join("plain.c"))
-            .arg("-Wl,-rpath,/opt/elsewhere")
-            .status()
-            .expect("cc is needed to build this test's libraries");
-        assert!(status.success());
+        cc(
+            dir,
+            &["libplain.so", "-Wl,-rpath,/opt/elsewhere"],
+            "int plain(void) { return 0; }\n",
+        );
         assert_eq!(origin_path(&dir.join("libplain.so")), None);
     }
 }
