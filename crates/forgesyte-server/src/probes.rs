@@ -75,14 +75,20 @@ pub(crate) fn plugin_counts(state: &AppState) -> PluginCounts {
         required_available: true,
     };
     state.registry().for_each_state(|name, plugin_state| {
+        let available = plugin_state.is_available();
         counts.total += 1;
-        if plugin_state.is_available() {
-            counts.available += 1;
-        } else if counts.required_available && !state.loader().is_optional(name) {
+        counts.available += usize::from(available);
+        if counts.required_available && !passes(state, name, available) {
             counts.required_available = false;
         }
     });
     counts
+}
+
+/// The readiness rule for one plugin: available, or marked optional (the
+/// loader is asked only about a plugin that is not available).
+fn passes(state: &AppState, name: &str, available: bool) -> bool {
+    available || state.loader().is_optional(name)
 }
 
 /// The readiness checks over the current state, in a fixed order.
@@ -99,19 +105,19 @@ pub(crate) fn ready_checks(state: &AppState) -> Vec<ReadyCheck> {
     }];
     let snapshot = state.registry().snapshot();
     for status in snapshot.statuses() {
-        let optional = state.loader().is_optional(&status.name);
         let available = status.state.is_available();
+        let ok = passes(state, &status.name, available);
         let mut detail = status.state.as_str().to_owned();
         if let Some(reason) = &status.reason {
             detail.push_str(": ");
             detail.push_str(reason);
         }
-        if optional && !available {
+        if ok && !available {
             detail.push_str(" (optional: does not block readiness)");
         }
         checks.push(ReadyCheck {
             name: format!("plugin:{}", status.name),
-            ok: available || optional,
+            ok,
             detail,
         });
     }
