@@ -7,8 +7,9 @@
 //! that name the process has loaded already, before its run path is looked
 //! at. Two in-process plugins each shipping a `libhelper.so` of their own
 //! would both run the first one loaded. [`check`] finds that before the
-//! second plugin is opened; the same file, or a copy with the same bytes,
-//! is no conflict. A library loaded from a memory file (signed, or
+//! second plugin is opened, for what the library ships and what those
+//! ship in turn; the same file, or a copy with the same bytes, is no
+//! conflict. A library loaded from a memory file (signed, or
 //! reloaded) is checked against its own directory too: its `$ORIGIN` then
 //! finds nothing, so a library of the name loaded already is what it gets.
 //!
@@ -39,6 +40,9 @@ const MAX_DYNAMIC_ENTRIES: usize = 4096;
 const MAX_NEEDED: usize = 256;
 /// The longest string read from the string table (a run path, a name).
 const MAX_STRING: u64 = 4096;
+/// Libraries looked at per plugin library at most, the plugin's own and
+/// those it ships, however deep.
+const MAX_SHIPPED: usize = 64;
 /// Files compared in pieces of this size.
 const COMPARE_CHUNK: usize = 64 * 1024;
 
@@ -166,8 +170,16 @@ pub(super) fn read<'data, R: ReadRef<'data>>(
     })
 }
 
-/// The `DT_SONAME` of the library file at `path`, if it has one.
-fn soname(path: &Path) -> Option<String> {
+/// Hands `f` the ELF file at `path`: its data, byte order and program
+/// headers; `None` when it cannot be read as a 64-bit ELF file.
+fn parse_file<T>(
+    path: &Path,
+    f: impl FnOnce(
+        &object::ReadCache<super::pread::PreadFile>,
+        object::Endianness,
+        &[object::elf::ProgramHeader64<object::Endianness>],
+    ) -> Option<T>,
+) -> Option<T> {
     use object::read::elf::FileHeader as _;
     let file = std::fs::File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
@@ -175,8 +187,15 @@ fn soname(path: &Path) -> Option<String> {
     let header = object::elf::FileHeader64::<object::Endianness>::parse(&data).ok()?;
     let endian = header.endian().ok()?;
     let segments = header.program_headers(endian, &data).ok()?;
-    let dynamic = Dynamic::read(&data, endian, segments)?;
-    dynamic.string(&data, dynamic.soname?)
+    f(&data, endian, segments)
+}
+
+/// The `DT_SONAME` of the library file at `path`, if it has one.
+fn soname(path: &Path) -> Option<String> {
+    parse_file(path, |data, endian, segments| {
+        let dynamic = Dynamic::read(data, endian, segments)?;
+        dynamic.string(data, dynamic.soname?)
+    })
 }
 
 /// `dir` (a run path entry) with `$ORIGIN` and `${ORIGIN}` replaced by
@@ -215,13 +234,27 @@ fn expand_origin(dir: &str, origin: &str) -> Option<String> {
 }
 
 /// Fails when a library that the library at `path` ships (a `DT_NEEDED`
-/// name its `$ORIGIN` run path finds) has the name of another library
-/// already loaded in this process: the dynamic loader would hand it that
-/// one. The same file, or one with the same bytes, passes.
+/// name its `$ORIGIN` run path finds), or one that a shipped library ships
+/// in turn, has the name of another library already loaded in this
+/// process: the dynamic loader would hand it that one. The same file, or
+/// one with the same bytes, passes (and what it needs was loaded with it).
 pub(super) fn check(path: &Path, origin_path: &OriginPath) -> Result<(), ImportError> {
+    let mut seen = vec![path.to_path_buf()];
+    check_shipped(path, path, origin_path, &mut seen)
+}
+
+/// [`check`] of what `library` ships (`origin_path`, read from it), for the
+/// plugin library `plugin`; `seen`: the libraries checked so far (each
+/// once, at most [`MAX_SHIPPED`], so a cycle of run paths ends).
+fn check_shipped(
+    plugin: &Path,
+    library: &Path,
+    origin_path: &OriginPath,
+    seen: &mut Vec<PathBuf>,
+) -> Result<(), ImportError> {
     // A directory whose name is not UTF-8 cannot be spelled in a run path
     // read as UTF-8: nothing to compare.
-    let Some(origin) = path.parent().and_then(Path::to_str) else {
+    let Some(origin) = library.parent().and_then(Path::to_str) else {
         return Ok(());
     };
     for name in &origin_path.needed {
@@ -230,16 +263,29 @@ pub(super) fn check(path: &Path, origin_path: &OriginPath) -> Result<(), ImportE
             candidate.is_file().then_some(candidate)
         });
         let Some(shipped) = shipped else { continue };
-        let Some(loaded) = loaded_as(name) else {
-            continue;
-        };
-        if !same_bytes(&shipped, &loaded) {
-            return Err(ImportError::SharedLibraryShadowed {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                shipped,
-                loaded,
-            });
+        match loaded_as(name) {
+            Some(loaded) if !same_bytes(&shipped, &loaded) => {
+                return Err(ImportError::SharedLibraryShadowed {
+                    path: plugin.to_path_buf(),
+                    name: name.clone(),
+                    shipped,
+                    loaded,
+                });
+            }
+            Some(_) => {}
+            // Not loaded yet: the dynamic loader will open it, and then
+            // what its own `$ORIGIN` run path finds.
+            None => {
+                if seen.len() >= MAX_SHIPPED || seen.contains(&shipped) {
+                    continue;
+                }
+                seen.push(shipped.clone());
+                if let Some(next) = parse_file(&shipped, |data, endian, segments| {
+                    read(data, endian, segments)
+                }) {
+                    check_shipped(plugin, &shipped, &next, seen)?;
+                }
+            }
         }
     }
     Ok(())
@@ -440,6 +486,72 @@ mod tests {
             matches!(opened, Err(ImportError::MissingEntrySymbol { .. })),
             "{opened:?}"
         );
+        drop(loaded);
+    }
+
+    /// A library shipped by a shipped library: the plugin's library needs
+    /// `libmid` beside it, which needs `libleaf` beside it. A `libleaf` of
+    /// another plugin loaded already is found one level down.
+    #[test]
+    fn a_library_shipped_by_a_shipped_library_is_checked_too() {
+        const LEAF: &str = "libfs_origin_test_leaf.so";
+        const MID: &str = "libfs_origin_test_mid.so";
+        let tmp = tempfile::tempdir().unwrap();
+        let origin = ["-Wl,-rpath,$ORIGIN", "-Wl,--enable-new-dtags"];
+        // `dir/LEAF` returning `value`, and `dir/{library}` needing it.
+        let leaf_and = |dir: &Path, library: &str, value: i32| {
+            std::fs::create_dir_all(dir).unwrap();
+            cc(
+                dir,
+                &[LEAF, &format!("-Wl,-soname,{LEAF}")],
+                &format!("int fs_origin_leaf(void) {{ return {value}; }}\n"),
+            );
+            let search = format!("-L{}", dir.display());
+            let needs = format!("-l:{LEAF}");
+            let soname = format!("-Wl,-soname,{library}");
+            let mut args = vec![library, &search, &needs, &soname];
+            args.extend(origin);
+            cc(
+                dir,
+                &args,
+                "int fs_origin_leaf(void);\nint mid_value(void) { return fs_origin_leaf(); }\n",
+            );
+            dir.join(library)
+        };
+        let first = leaf_and(&tmp.path().join("first"), "libfirst.so", 1);
+        let second_dir = tmp.path().join("second");
+        leaf_and(&second_dir, MID, 2);
+        let search = format!("-L{}", second_dir.display());
+        let needs = format!("-l:{MID}");
+        let mut args = vec!["libsecond.so", &search, &needs];
+        args.extend(origin);
+        cc(
+            &second_dir,
+            &args,
+            "int mid_value(void);\nint plugin_value(void) { return mid_value(); }\n",
+        );
+        let second = second_dir.join("libsecond.so");
+        let found = origin_path(&second).expect("an $ORIGIN run path");
+        assert!(found.needed.iter().any(|n| n == MID), "{found:?}");
+        assert!(!found.needed.iter().any(|n| n == LEAF), "{found:?}");
+        // Nothing of these names is loaded: the chain passes.
+        check(&second, &found).unwrap();
+
+        // SAFETY: the test's own library, whose initialisers do nothing.
+        let loaded = unsafe { Library::open(Some(&first), RTLD_NOW) }.unwrap();
+        let err = check(&second, &found).unwrap_err();
+        let ImportError::SharedLibraryShadowed {
+            path,
+            name,
+            shipped,
+            ..
+        } = &err
+        else {
+            panic!("{err}");
+        };
+        assert_eq!(path, &second);
+        assert_eq!(name, LEAF);
+        assert_eq!(shipped, &second_dir.join(LEAF));
         drop(loaded);
     }
 
