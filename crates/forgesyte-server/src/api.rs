@@ -236,7 +236,7 @@ pub(crate) async fn plugin_tools(
         (status = 400, description = "The body is not JSON", body = RunFailure),
         (status = 404, description = "Unknown plugin or tool", body = RunFailure),
         (status = 413, description = "The body is larger than the limit", body = RunFailure),
-        (status = 408, description = "The body stopped arriving for longer than the body read timeout (`--body-read-timeout`)", body = RunFailure),
+        (status = 408, description = "The body stopped arriving for longer than the body read timeout (`--body-read-timeout`), or arrived slower than the minimum rate (`--body-min-rate`)", body = RunFailure),
         (status = 422, description = "The body has the wrong shape, or the tool returned an error", body = RunFailure),
         (status = 502, description = "The tool panicked or broke the protocol; the plugin is now FAILED", body = RunFailure),
         (status = 503, description = "The plugin cannot run tools (state and reason in the body; `PluginNotRunnable`), or it has its limit of tool calls in progress and this one did not run (`TooManyCalls`, with `Retry-After`), or no thread to run it was free within its time limit (`ServerBusy`, with `Retry-After`)", body = RunFailure),

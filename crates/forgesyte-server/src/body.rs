@@ -131,12 +131,18 @@ pub(crate) async fn receive(
     Ok((bytes, room))
 }
 
-/// Why a body could not be read: the body read timeout, else malformed.
+/// Why a body could not be read: the body read timeout or the minimum
+/// rate, else malformed.
 fn body_error(e: &axum::Error) -> RunError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(error) = source {
-        if error.is::<crate::idle_body::BodyIdle>() {
+        if error.is::<crate::body_pace::BodyIdle>() {
             return RunError::BodyTimedOut;
+        }
+        if let Some(slow) = error.downcast_ref::<crate::body_pace::BodyTooSlow>() {
+            return RunError::BodyTooSlow {
+                min_rate: slow.min_rate,
+            };
         }
         source = error.source();
     }

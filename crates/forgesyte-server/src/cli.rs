@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use forgesyte_loader::Isolation;
 use forgesyte_loader::sandbox::RunAs;
 use forgesyte_server::{
-    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT,
-    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
+    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE, DEFAULT_BODY_READ_TIMEOUT,
+    DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
     DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
     DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
 };
@@ -190,6 +190,11 @@ pub(crate) struct ServeArgs {
     /// client that stops sending mid-body is answered 408).
     #[arg(long, value_name = "SECS", env = "FORGESYTE_BODY_READ_TIMEOUT", default_value_t = Seconds(DEFAULT_BODY_READ_TIMEOUT), value_parser = parse_seconds_arg)]
     pub(crate) body_read_timeout: Seconds,
+    /// Bytes a second a request body must average, after a grace of the
+    /// body read timeout plus a second per this many bytes received (a
+    /// slower client is answered 408); 0: no minimum.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MIN_RATE", default_value_t = DEFAULT_BODY_MIN_RATE, value_parser = parse_rate)]
+    pub(crate) body_min_rate: u64,
     /// A WebSocket stream with no message from its client and no answer to
     /// it for this long is closed (code 1000), in seconds; 0: never.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_STREAM_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_STREAM_IDLE_TIMEOUT), value_parser = parse_seconds_or_never)]
@@ -430,6 +435,13 @@ pub(crate) fn parse_bytes(text: &str) -> Result<usize, String> {
     }
 }
 
+/// Bytes a second, `0` allowed ("no minimum").
+pub(crate) fn parse_rate(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("'{text}' is not a number of bytes a second"))
+}
+
 pub(crate) fn parse_count(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -453,6 +465,7 @@ impl ServeArgs {
         config.header_read_timeout = self.header_read_timeout.0;
         config.idle_timeout = self.idle_timeout.0;
         config.body_read_timeout = self.body_read_timeout.0;
+        config.body_min_rate = self.body_min_rate;
         config.stream_idle_timeout = self.stream_idle_timeout.0;
         config.max_connections = self.max_connections;
         config.max_calls_per_plugin = self.max_calls_per_plugin;

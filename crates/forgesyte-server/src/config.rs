@@ -35,6 +35,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// it counted on its own (`--body-read-timeout`,
 /// `FORGESYTE_BODY_READ_TIMEOUT`).
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default bytes a second a request body must average once the body read
+/// timeout's grace is over (`--body-min-rate`, `FORGESYTE_BODY_MIN_RATE`):
+/// 64 KiB, a 32 MiB body may take 30 s + 512 s.
+pub const DEFAULT_BODY_MIN_RATE: u64 = 64 * 1024;
 /// Default `--stream-idle-timeout`: a stream with no message from its
 /// client and no answer to it for this long is closed.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -87,6 +92,10 @@ pub struct ServerConfig {
     /// Longest wait for the next piece of a request's body (a client that
     /// stops sending mid-body is answered 408).
     pub body_read_timeout: Duration,
+    /// Bytes a second a request body must average after a grace of the
+    /// body read timeout (one more second per `body_min_rate` bytes that
+    /// arrive); a slower body is answered 408. Zero: no minimum.
+    pub body_min_rate: u64,
     /// A WebSocket stream with no message from its client and no answer to
     /// it for this long is closed (1000); zero: never.
     pub stream_idle_timeout: Duration,
@@ -200,6 +209,7 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            body_min_rate: DEFAULT_BODY_MIN_RATE,
             stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -234,6 +244,7 @@ mod tests {
         assert_eq!(config.body_limit, 33_554_432);
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
         assert_eq!(config.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(config.body_min_rate, 65_536);
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 10_000);
         assert_eq!(config.max_calls_per_plugin, 64);

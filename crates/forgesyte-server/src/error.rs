@@ -350,6 +350,13 @@ pub enum RunError {
     /// timeout (408, `BodyTimeout`).
     #[error("the request body stopped arriving; it must keep coming within the body read timeout")]
     BodyTimedOut,
+    /// The body arrived slower on average than the minimum rate, after
+    /// its grace (408, `BodyTimeout`).
+    #[error("the request body arrived slower than {min_rate} bytes a second")]
+    BodyTooSlow {
+        /// The minimum rate, in bytes a second (`--body-min-rate`).
+        min_rate: u64,
+    },
     /// The tool rejected its arguments (422, `InvalidArgs`).
     #[error("{message}")]
     InvalidArgs {
@@ -440,7 +447,7 @@ impl RunError {
             | RunError::InvalidArgs { .. }
             | RunError::ToolFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             RunError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            RunError::BodyTimedOut => StatusCode::REQUEST_TIMEOUT,
+            RunError::BodyTimedOut | RunError::BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             RunError::Fault { .. } => StatusCode::BAD_GATEWAY,
             RunError::Timeout { .. } | RunError::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             RunError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -459,7 +466,7 @@ impl RunError {
             | RunError::BodyMismatch { .. } => "InvalidBody",
             RunError::NotBase64 { .. } => "InvalidArgs",
             RunError::PayloadTooLarge { .. } => "PayloadTooLarge",
-            RunError::BodyTimedOut => "BodyTimeout",
+            RunError::BodyTimedOut | RunError::BodyTooSlow { .. } => "BodyTimeout",
             RunError::InvalidArgs { .. } => "InvalidArgs",
             RunError::ToolFailed { error_type, .. } => error_type.as_deref().unwrap_or("ToolError"),
             RunError::Fault { kind, .. } => kind,
@@ -514,6 +521,10 @@ impl RunError {
                 "The request body stopped arriving before it was complete (body read timeout)"
                     .to_owned()
             }
+            RunError::BodyTooSlow { min_rate } => format!(
+                "The request body arrived slower than the minimum rate of {min_rate} bytes a second \
+                 (body read timeout, then one second per {min_rate} bytes: --body-min-rate)"
+            ),
             RunError::InvalidArgs { message } => {
                 format!("Tool '{t}' of plugin '{p}' rejected its arguments: {message}")
             }

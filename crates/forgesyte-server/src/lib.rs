@@ -81,6 +81,7 @@ mod admin;
 mod answer;
 mod api;
 mod body;
+mod body_pace;
 mod check;
 mod config;
 mod conn;
@@ -89,7 +90,6 @@ mod error;
 mod events;
 mod extract;
 mod form;
-mod idle_body;
 mod metrics;
 mod pool;
 mod probes;
@@ -110,8 +110,8 @@ pub use api::{HealthResponse, PluginHealth};
 pub use body::RunRequest;
 pub use check::{CheckError, CheckReport, check};
 pub use config::{
-    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT,
-    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
+    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE, DEFAULT_BODY_READ_TIMEOUT,
+    DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
     DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
     DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
 };

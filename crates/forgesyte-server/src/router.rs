@@ -102,7 +102,7 @@ fn routes() -> OpenApiRouter<AppState> {
 /// tracing.
 pub fn app(state: AppState) -> Router {
     let body_limit = state.body_limit();
-    let body_read_timeout = state.body_read_timeout();
+    let body_pace = state.body_pace();
     let (router, _) = routes().split_for_parts();
     router
         // After the routes: it applies to the routes registered so far.
@@ -125,7 +125,7 @@ pub fn app(state: AppState) -> Router {
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
                 .layer(MapRequestBodyLayer::new(move |body| {
-                    crate::idle_body::IdleTimeoutBody::new(body, body_read_timeout)
+                    crate::body_pace::PacedBody::new(body, body_pace)
                 }))
                 .layer(DefaultBodyLimit::max(body_limit))
                 .layer(Extension(published()))

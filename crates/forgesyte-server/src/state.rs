@@ -41,7 +41,7 @@ struct Inner {
     /// The request bodies of tool calls held at once, in KiB (see
     /// [`crate::body::reserve`]).
     body_budget: crate::body::BodyBudget,
-    body_read_timeout: Duration,
+    body_pace: crate::body_pace::BodyPace,
     stream_idle_timeout: Duration,
     loading: AtomicBool,
     admin: AdminGate,
@@ -100,7 +100,10 @@ impl AppState {
                 call_timeout: config.call_timeout,
                 body_limit: config.body_limit,
                 body_budget: crate::body::BodyBudget::new(config.body_limit, config.body_memory),
-                body_read_timeout: config.body_read_timeout,
+                body_pace: crate::body_pace::BodyPace {
+                    timeout: config.body_read_timeout,
+                    min_rate: config.body_min_rate,
+                },
                 stream_idle_timeout: config.stream_idle_timeout,
                 loading: AtomicBool::new(false),
                 admin: AdminGate::new(config.admin_token.clone()),
@@ -145,7 +148,13 @@ impl AppState {
 
     /// Longest wait for the next piece of a request's body.
     pub fn body_read_timeout(&self) -> Duration {
-        self.inner.body_read_timeout
+        self.inner.body_pace.timeout
+    }
+
+    /// The pace every request body must keep (its read timeout and minimum
+    /// rate).
+    pub(crate) fn body_pace(&self) -> crate::body_pace::BodyPace {
+        self.inner.body_pace
     }
 
     /// How long a stream may be idle (no client message, no answer) before

@@ -114,7 +114,8 @@ impl Outcome {
                 | RunError::BodyMismatch { .. }
                 | RunError::NotBase64 { .. }
                 | RunError::PayloadTooLarge { .. }
-                | RunError::BodyTimedOut => Outcome::bad_request,
+                | RunError::BodyTimedOut
+                | RunError::BodyTooSlow { .. } => Outcome::bad_request,
                 RunError::Internal { .. } => Outcome::internal,
             },
         })

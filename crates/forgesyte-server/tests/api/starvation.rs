@@ -3,7 +3,8 @@
 //! calls in progress stay within `--max-calls-per-plugin`), and a call that
 //! found no free thread to run it within its time limit answers 503 without
 //! touching its plugin (the limit counts from the call's start); and the
-//! request bodies clients can make the server hold are bounded.
+//! request bodies clients can make the server hold are bounded, in size
+//! and in how long a slow client may hold them.
 
 use std::io::Write as _;
 use std::net::TcpStream;
@@ -298,4 +299,81 @@ fn request_bodies_fill_a_bounded_room() {
     std::io::Read::read_to_string(&mut over, &mut answer).unwrap_or_default();
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     drop(announced);
+}
+
+/// Clients that send most of a large body and then trickle the rest, each
+/// byte well within the body read timeout, no longer hold the bodies' room
+/// for as long as they like: each is answered 408 once it falls behind
+/// `--body-min-rate`, and the room is free again for other calls.
+#[test]
+fn bodies_trickled_below_the_minimum_rate_give_their_room_back() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        "1048576",
+        "--body-memory",
+        "2097152",
+        "--body-read-timeout",
+        "1",
+        // 1000 KiB earn about 0.1 s beyond the 1 s grace.
+        "--body-min-rate",
+        "10000000",
+    ]);
+    server.wait_loaded();
+    let started = Instant::now();
+    let trickled: Vec<_> = (0..2)
+        .map(|_| {
+            let mut stream = TcpStream::connect(server.addr).unwrap();
+            stream
+                .write_all(
+                    b"POST /v1/plugins/alpha/tools/echo/run HTTP/1.1\r\nHost: x\r\n\
+                      Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n",
+                )
+                .unwrap();
+            stream.write_all(&vec![b' '; 1000 << 10]).unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            // A byte every 300 ms (the read timeout is 1 s) until the
+            // server answers and closes.
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    std::thread::sleep(Duration::from_millis(300));
+                    if writer.write_all(b" ").is_err() {
+                        return;
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                let mut answer = String::new();
+                std::io::Read::read_to_string(&mut stream, &mut answer).unwrap_or_default();
+                (answer, started.elapsed())
+            })
+        })
+        .collect();
+    for reader in trickled {
+        let (answer, elapsed) = reader.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("BodyTimeout"), "{answer}");
+        assert!(answer.contains("minimum rate"), "{answer}");
+        // The whole body at that pace would take 75 s.
+        assert!(
+            elapsed < Duration::from_secs(10),
+            "answered after {elapsed:?}"
+        );
+    }
+    // Their room is back: a call of 60 KiB (which two held bodies of
+    // 1000 KiB leave no room for) is served.
+    let body = format!(r#"{{"args": {{"x": "{}"}}}}"#, "a".repeat(60 << 10));
+    let reply = http(
+        server.addr,
+        "POST",
+        "/v1/plugins/alpha/tools/echo/run",
+        body.as_bytes(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
 }
