@@ -58,7 +58,7 @@
 //!   stderr in [`CrashError::stderr_tail`];
 //! - **the host's own findings**, which have no underlying error:
 //!   [`ImportError::Incompatible`], [`ImportError::InvalidInterface`],
-//!   [`ImportError::SharedLibraryShadowed`],
+//!   [`ImportError::SharedLibraryShadowed`], [`ImportError::NotConfined`],
 //!   [`InitError::Protocol`], [`ToolError::Protocol`],
 //!   [`CrashCause::Protocol`], [`CrashCause::Killed`], [`CrashCause::Lost`]
 //!   and the manifest
@@ -256,6 +256,14 @@ pub enum ImportError {
         shipped: PathBuf,
         /// The library of that name already loaded.
         loaded: PathBuf,
+    },
+    /// Confinement is required (`--require-confinement`) and the plugin
+    /// would run unconfined: in the server's process, with runners not
+    /// confined, or in a runner that could not confine itself.
+    #[error("confinement is required (--require-confinement) and {detail}")]
+    NotConfined {
+        /// Why it would run unconfined, and what to do.
+        detail: String,
     },
     /// The versioned entry symbol is missing: not a ForgeSyte plugin.
     #[error("entry symbol '{symbol}' not found in {path} (not built with forgesyte-plugin-sdk?)")]

@@ -224,6 +224,27 @@ pub struct Confinement {
     pub network: bool,
     /// Its whole environment.
     pub env: BTreeMap<String, String>,
+    /// Whether the runner must refuse to load the plugin when any part of
+    /// the plan could not be enforced (`--require-confinement`): it then
+    /// answers `import_failed` (kind `NotConfined`) before any of the
+    /// plugin's code is opened or imported.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
+}
+
+/// What of a runner's confinement `report` (its hello's `confinement`)
+/// is not enforced, in one line (`part: unconfined: why; ...`); `None`
+/// when every part is. No report at all is unconfined as a whole.
+pub fn unconfined(report: Option<&BTreeMap<String, String>>) -> Option<String> {
+    let Some(report) = report else {
+        return Some("it reported no confinement".to_owned());
+    };
+    let parts: Vec<String> = report
+        .iter()
+        .filter(|(_, value)| value.starts_with("unconfined"))
+        .map(|(part, value)| format!("{part}: {value}"))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 /// What [`Confinement::plan`] needs of a plugin.
@@ -363,6 +384,7 @@ impl Confinement {
             devices,
             network: input.spec.network,
             env,
+            required: false,
         }
     }
 
@@ -916,5 +938,42 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    /// What is not enforced, in one line; a report without any such part
+    /// passes, and no report at all is unconfined as a whole.
+    #[test]
+    fn unconfined_names_every_part_not_enforced() {
+        let report = |parts: &[(&str, &str)]| -> BTreeMap<String, String> {
+            parts
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let whole = report(&[
+            ("env", "scrubbed"),
+            ("filesystem", "confined: Landlock, fully enforced"),
+            ("network", "isolated: a network namespace of its own"),
+        ]);
+        assert_eq!(unconfined(Some(&whole)), None);
+        let partly = report(&[
+            ("env", "scrubbed"),
+            (
+                "filesystem",
+                "unconfined: this kernel has no Landlock (ENOSYS)",
+            ),
+            ("network", "unconfined: no network namespace (EPERM)"),
+        ]);
+        assert_eq!(
+            unconfined(Some(&partly)).as_deref(),
+            Some(
+                "filesystem: unconfined: this kernel has no Landlock (ENOSYS); \
+                 network: unconfined: no network namespace (EPERM)"
+            )
+        );
+        assert_eq!(
+            unconfined(None).as_deref(),
+            Some("it reported no confinement")
+        );
     }
 }

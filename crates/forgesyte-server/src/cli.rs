@@ -284,6 +284,12 @@ pub(crate) struct LoaderArgs {
     /// environment variables they declare (`on` or `off`).
     #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) confine: bool,
+    /// Refuse (FAILED) every plugin that would run unconfined: in-process
+    /// plugins, every plugin with `--confine off`, and a plugin whose
+    /// runner could not enforce every part of its sandbox (the runner then
+    /// refuses before any of the plugin's code is opened or imported).
+    #[arg(long, env = "FORGESYTE_REQUIRE_CONFINEMENT", value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) require_confinement: bool,
     /// Whose manifests may widen their confined runner's sandbox (`network`,
     /// `env`, `filesystem`): `signed` (plugins signed by a trusted key, the
     /// default), `allow` (every plugin) or `deny` (none). A plugin whose
@@ -335,6 +341,7 @@ impl LoaderArgs {
         config.python = self.python.filter(|p| !p.as_os_str().is_empty());
         config.python_entry_points = self.python_entry_points;
         config.confine = self.confine;
+        config.require_confinement = self.require_confinement;
         config.sandbox_widening = self.sandbox_widening;
         config.runner_user = match self.runner_user {
             Some(user) if !rustix::process::geteuid().is_root() => {

@@ -133,6 +133,11 @@ pub struct ServerConfig {
     /// network namespace of their own, a scrubbed environment
     /// (`--confine on|off`, `FORGESYTE_CONFINE`; on by default).
     pub confine: bool,
+    /// Refuse every plugin that would run unconfined: in-process ones, all
+    /// of them with `confine` off, and those whose runner could not enforce
+    /// every part of its sandbox (`--require-confinement`,
+    /// `FORGESYTE_REQUIRE_CONFINEMENT`).
+    pub require_confinement: bool,
     /// Whose manifests may widen their runner's sandbox
     /// (`--sandbox-widening`, `FORGESYTE_SANDBOX_WIDENING`; `signed` by
     /// default).
@@ -176,6 +181,7 @@ impl ServerConfig {
             python: self.python.clone(),
             python_entry_points: self.python_entry_points,
             confine: self.confine,
+            require_confinement: self.require_confinement,
             sandbox_widening: self.sandbox_widening,
             runner_user: self.runner_user,
             // A trust store that became unreadable since startup checked
@@ -222,6 +228,7 @@ impl Default for ServerConfig {
             python: None,
             python_entry_points: false,
             confine: true,
+            require_confinement: false,
             sandbox_widening: forgesyte_loader::sandbox::SandboxWidening::default(),
             runner_user: None,
             watch: false,

@@ -61,6 +61,12 @@ pub struct LoaderConfig {
     /// network namespace, a scrubbed environment; see [`crate::sandbox`]).
     /// On by default (`--confine off` turns it off).
     pub confine: bool,
+    /// Refuse (FAILED, `ImportError: confinement is required …`) every
+    /// plugin that would run unconfined: in the server's process, with
+    /// `confine` off, or in a runner that could not enforce every part of
+    /// its sandbox (which then refuses before any plugin code is opened or
+    /// imported) (`--require-confinement`, `FORGESYTE_REQUIRE_CONFINEMENT`).
+    pub require_confinement: bool,
     /// The user isolated and Python runners run as (`--runner-user`; only
     /// a root host can drop to it); `None`: the host's own.
     pub runner_user: Option<crate::sandbox::RunAs>,
@@ -94,6 +100,7 @@ impl Default for LoaderConfig {
             python: None,
             python_entry_points: false,
             confine: true,
+            require_confinement: false,
             runner_user: None,
             trusted_keys: TrustedKeys::default(),
             require_signed: false,

@@ -78,6 +78,14 @@ impl Loader {
                 .recheck_started(p, &target, &signed, handle)
                 .map(Step::Started);
         }
+        if self.config.require_confinement {
+            return Err(ImportError::NotConfined {
+                detail: "the plugin would run in the server's process, which is not confined; run it \
+                         isolated (\"isolation\": \"process\" in its manifest, or --isolation process)"
+                    .to_owned(),
+            }
+            .into());
+        }
         if self.config.preflight || p.manifest.preflight {
             self.preflight(p, &library_path, &config)?;
             self.recheck(p, &target, &signed)?;
@@ -260,6 +268,12 @@ impl Loader {
             None => importer,
         };
         if !self.config.confine {
+            if self.config.require_confinement {
+                return Err(ImportError::NotConfined {
+                    detail: "runners are not confined (--confine off)".to_owned(),
+                }
+                .into());
+            }
             return Ok(importer);
         }
         let scratch = sandbox::scratch_dir(&p.name, self.config.runner_user).map_err(|e| {
@@ -289,11 +303,15 @@ impl Loader {
             }
             .into());
         }
-        let plan = sandbox::Confinement::plan(
+        let mut plan = sandbox::Confinement::plan(
             input,
             std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         );
+        if self.config.require_confinement {
+            plan.required = true;
+            return Ok(importer.confined(plan).confinement_required());
+        }
         Ok(importer.confined(plan))
     }
 

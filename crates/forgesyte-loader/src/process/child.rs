@@ -103,6 +103,9 @@ pub(crate) enum SpawnError {
     Died(Arc<ExitReport>),
     /// No hello in time (the process was killed).
     TimedOut,
+    /// Confinement is required and the runner reported itself unconfined
+    /// (it was stopped): which parts, and why.
+    Unconfined(String),
 }
 
 #[derive(Default)]

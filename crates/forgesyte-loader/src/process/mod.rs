@@ -185,6 +185,9 @@ pub struct ProcessImporter {
     plugin: String,
     limits: ProcessLimits,
     confinement: Option<crate::sandbox::Confinement>,
+    /// A runner that reports any part of its confinement `unconfined` is
+    /// stopped and refused ([`SpawnError::Unconfined`]).
+    confinement_required: bool,
     run_as: Option<crate::sandbox::RunAs>,
 }
 
@@ -204,6 +207,7 @@ impl ProcessImporter {
             plugin: plugin.into(),
             limits,
             confinement: None,
+            confinement_required: false,
             run_as: None,
         }
     }
@@ -227,6 +231,7 @@ impl ProcessImporter {
             plugin: plugin.into(),
             limits,
             confinement: None,
+            confinement_required: false,
             run_as: None,
         }
     }
@@ -258,6 +263,15 @@ impl ProcessImporter {
         self
     }
 
+    /// Refuses a runner that could not confine itself wholly: one whose
+    /// report names any part `unconfined`, or that reports no confinement
+    /// (`--require-confinement`). It is stopped before any of the plugin's
+    /// code is constructed.
+    pub fn confinement_required(mut self) -> Self {
+        self.confinement_required = true;
+        self
+    }
+
     /// Runs its runners as `user` (the host must be root): user and group
     /// set, supplementary groups dropped, before the runner starts.
     pub fn run_as(mut self, user: crate::sandbox::RunAs) -> Self {
@@ -278,7 +292,21 @@ impl ProcessImporter {
         }
     }
 
+    /// Starts a runner for `library`, refused when confinement is required
+    /// and it reports itself unconfined.
     fn spawn(&self, library: &Path) -> Result<Child, SpawnError> {
+        let child = self.launch(library)?;
+        if self.confinement_required
+            && let Some(why) = crate::sandbox::unconfined(child.hello().confinement.as_ref())
+        {
+            // Dropping it stops the runner.
+            drop(child);
+            return Err(SpawnError::Unconfined(why));
+        }
+        Ok(child)
+    }
+
+    fn launch(&self, library: &Path) -> Result<Child, SpawnError> {
         let opts = SpawnOptions {
             plugin: &self.plugin,
             memory_limit_mib: self.limits.memory_limit_mib,
@@ -436,6 +464,9 @@ impl Importer for ProcessImporter {
                 },
             },
             SpawnError::TimedOut => ImportError::TimedOut(self.handshake_timeout()),
+            SpawnError::Unconfined(why) => ImportError::NotConfined {
+                detail: format!("the plugin's runner came back unconfined: {why}"),
+            },
         })?;
         Ok(Arc::new(ProcessLibrary {
             importer: self.clone(),
@@ -478,6 +509,14 @@ impl PluginLibrary for ProcessLibrary {
                     },
                 },
                 SpawnError::TimedOut => InitError::TimedOut(self.importer.handshake_timeout()),
+                SpawnError::Unconfined(why) => InitError::Failed {
+                    message: ImportError::NotConfined {
+                        detail: format!(
+                            "the plugin's restarted runner came back unconfined: {why}"
+                        ),
+                    }
+                    .to_string(),
+                },
             })?,
         };
         let limits = self.importer.limits;

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use std::time::Duration;
 
-use forgesyte_errors::{InitError, ToolError};
+use forgesyte_errors::{ImportError, InitError, ToolError};
 use forgesyte_protocol::wire::shm::{
     self as shm, DEFAULT_SHM_THRESHOLD, Outgoing, SHM_FD_ENV, SHM_THRESHOLD_ENV,
 };
@@ -174,6 +174,22 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     // this thread and those it starts after) and before the plugin's
     // library is opened.
     let confinement = args.confine.as_ref().map(crate::sandbox::apply);
+    if args.confine.as_ref().is_some_and(|plan| plan.required)
+        && let Some(why) = crate::sandbox::unconfined(confinement.as_ref())
+    {
+        // Required and not wholly enforced: the library is not opened.
+        let error = ImportError::NotConfined {
+            detail: format!("the plugin's runner could not confine itself: {why}"),
+        };
+        send(
+            &out,
+            &Response::ImportFailed {
+                error: WireError::import(&error),
+            },
+            &[],
+        );
+        return ExitCode::SUCCESS;
+    }
     watch_parent();
     let library = match NativeLibrary::open(&args.library) {
         Ok(library) => Arc::new(library),

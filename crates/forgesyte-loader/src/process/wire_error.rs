@@ -63,6 +63,7 @@ impl WireErrorExt for WireError {
             }
             ImportError::Incompatible { path, detail } => at("Incompatible", detail, path),
             ImportError::InvalidInterface { path, detail } => at("InvalidInterface", detail, path),
+            ImportError::NotConfined { detail } => WireError::new("NotConfined", detail),
             ImportError::Python {
                 error_type,
                 message,
@@ -99,6 +100,7 @@ impl WireErrorExt for WireError {
             }
             "Incompatible" => ImportError::Incompatible { path, detail },
             "InvalidInterface" => ImportError::InvalidInterface { path, detail },
+            "NotConfined" => ImportError::NotConfined { detail },
             _ => ImportError::Open { path, detail },
         }
     }
@@ -234,6 +236,10 @@ mod tests {
             },
             ImportError::LibraryNotFound {
                 path: "/p/l.so".into(),
+            },
+            ImportError::NotConfined {
+                detail: "the plugin's runner could not confine itself: network: unconfined: x"
+                    .into(),
             },
         ];
         for e in imports {

@@ -16,7 +16,6 @@ import collections
 import os
 import platform
 import queue
-import re
 import shutil
 import struct
 import subprocess
@@ -1215,6 +1214,21 @@ class MemoryLimitTests(RunnerTestCase):
 
 class UnitTests(unittest.TestCase):
     """Pure functions of the runner's modules, imported in this process."""
+
+    def test_unconfined_names_every_part_not_enforced(self):
+        from runner.confine import unconfined
+
+        self.assertIsNone(unconfined({"env": "scrubbed", "filesystem": "confined: Landlock ABI 7"}))
+        self.assertEqual(
+            unconfined({
+                "network": "unconfined: no network namespace (EPERM)",
+                "env": "scrubbed",
+                "filesystem": "unconfined: this kernel has no Landlock (ENOSYS)",
+            }),
+            "filesystem: unconfined: this kernel has no Landlock (ENOSYS); "
+            "network: unconfined: no network namespace (EPERM)",
+        )
+        self.assertEqual(unconfined(None), "it reported no confinement")
 
     def test_handler_shapes_are_remembered_per_kind_of_callable(self):
         # A classmethod object and the method made from it share their

@@ -623,3 +623,214 @@ fn no_plugin_process_is_started_with_the_admin_token() {
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
 }
+
+/// `--require-confinement`: confined runners (Python, isolated native) are
+/// served as before; an in-process plugin is FAILED before its library is
+/// opened, naming how to run it isolated; with `--confine off` every
+/// isolated plugin is FAILED; and a runner that comes back without its
+/// confinement (a wrapper runner that drops `--confine`) is FAILED by the
+/// host's own check and stopped.
+#[test]
+fn require_confinement_refuses_every_plugin_that_would_run_unconfined() {
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "snoop", json!({}));
+    native_snoop(&plugins, "native", json!({}));
+    plugins.good("in-process", json!({}));
+    let args = ["--plugins", plugins.path_str(), "--require-confinement"];
+    let server = Forgesyte::start(&args);
+    server.wait_loaded();
+    for plugin in ["snoop", "native"] {
+        let health = status(&server, plugin);
+        assert_eq!(health["state"], "INITIALIZED", "{health}");
+        assert!(
+            !health["confinement"].to_string().contains("unconfined"),
+            "{health}"
+        );
+    }
+    let health = status(&server, "in-process");
+    assert_eq!(health["state"], "FAILED", "{health}");
+    let reason = health["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("ImportError: confinement is required (--require-confinement)")
+            && reason.contains("server's process")
+            && reason.contains("\"isolation\": \"process\""),
+        "{reason}"
+    );
+    drop(server);
+
+    let server = Forgesyte::start(&[&args[..], &["--confine", "off"]].concat());
+    server.wait_loaded();
+    for plugin in ["snoop", "native"] {
+        let health = status(&server, plugin);
+        assert_eq!(health["state"], "FAILED", "{health}");
+        assert!(
+            health["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("runners are not confined (--confine off)")),
+            "{health}"
+        );
+    }
+    drop(server);
+
+    // A runner that starts the real one without its `--confine` plan.
+    let wrapper = plugins.path().join("unconfined-runner.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nskip=0\nfor a in \"$@\"; do\n  shift\n  \
+             if [ $skip = 1 ]; then skip=0; continue; fi\n  \
+             if [ \"$a\" = --confine ]; then skip=1; continue; fi\n  \
+             set -- \"$@\" \"$a\"\ndone\nexec '{}' __runner \"$@\"\n",
+            env!("CARGO_BIN_EXE_forgesyte")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let wrapper = wrapper.to_str().unwrap();
+    let server = Forgesyte::start(&[&args[..], &["--runner", wrapper]].concat());
+    server.wait_loaded();
+    let health = status(&server, "native");
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|r| r
+                .contains("the plugin's runner came back unconfined: it reported no confinement")),
+        "{health}"
+    );
+    // The refused runner is stopped (its stdin closed, killed after a
+    // grace if it lingers).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Some(pid) = super::support::runner_pid(server.pid(), "native") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused runner {pid} was not stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Starts its first argument (looked up on `PATH` when bare) with the rest
+/// as its arguments, under a seccomp filter that fails Landlock's first
+/// system call (`landlock_create_ruleset`, 444 on x86-64 and arm64) with
+/// `ENOSYS`, as a kernel without Landlock does.
+const NO_LANDLOCK: &str = r#"
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def insn(code, jt, jf, k):
+    return struct.pack("HBBI", code, jt, jf, k)
+prog = b"".join([
+    insn(0x20, 0, 0, 0),                 # A = the system call's number
+    insn(0x15, 0, 1, 444),               # landlock_create_ruleset?
+    insn(0x06, 0, 0, 0x00050000 | 38),   # fail with ENOSYS
+    insn(0x06, 0, 0, 0x7FFF0000),        # allow
+])
+buf = ctypes.create_string_buffer(prog, len(prog))
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Fprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:
+    sys.exit("cannot install the seccomp filter: " + os.strerror(ctypes.get_errno()))
+os.execvp(sys.argv[1], sys.argv[1:])
+"#;
+
+/// An executable `sh` script `path` that runs `command` (already quoted)
+/// with its own arguments after.
+fn wrapper(path: &Path, command: &str) -> String {
+    std::fs::write(path, format!("#!/bin/sh\nexec {command} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// The runners themselves refuse: where Landlock cannot be used (a seccomp
+/// filter fails its system calls, as a kernel without it does), a required
+/// confinement cannot be enforced, and the native runner and the Python
+/// runner (forked from a zygote under the same filter) each answer
+/// `NotConfined` before the plugin's code is opened or imported. Without
+/// `--require-confinement` the same runners serve, reporting
+/// `unconfined`.
+#[test]
+fn runners_that_cannot_enforce_a_required_confinement_refuse_before_plugin_code() {
+    let plugins = PluginsDir::new();
+    native_snoop(&plugins, "native", json!({}));
+    // A Python plugin whose import leaves a mark.
+    let marked = plugins.path().join("marked");
+    std::fs::create_dir(&marked).unwrap();
+    std::fs::write(
+        marked.join("manifest.json"),
+        json!({"name": "marked", "version": "1.0.0", "runtime": "python"}).to_string(),
+    )
+    .unwrap();
+    let mark = marked.join("imported");
+    std::fs::write(
+        marked.join("plugin.py"),
+        format!(
+            "open({:?}, 'w').close()\n\nclass Plugin:\n    name = 'marked'\n    tools = {{}}\n",
+            mark.display().to_string()
+        ),
+    )
+    .unwrap();
+    // The interpreter itself, not a shim that needs the environment a
+    // confined runner does not get.
+    let output = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 is needed");
+    let python = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let filter = plugins.path().join("no-landlock.py");
+    std::fs::write(&filter, NO_LANDLOCK).unwrap();
+    let filtered = format!("'{python}' '{}'", filter.display());
+    let tools = tempfile::tempdir().unwrap();
+    let runner = wrapper(
+        &tools.path().join("runner"),
+        &format!("{filtered} '{}' __runner", env!("CARGO_BIN_EXE_forgesyte")),
+    );
+    let interpreter = wrapper(
+        &tools.path().join("python"),
+        &format!("{filtered} '{python}'"),
+    );
+    let args = [
+        "--plugins",
+        plugins.path_str(),
+        "--runner",
+        &runner,
+        "--python",
+        &interpreter,
+    ];
+
+    let server = Forgesyte::start(&[&args[..], &["--require-confinement"]].concat());
+    server.wait_loaded();
+    for plugin in ["native", "marked"] {
+        let health = status(&server, plugin);
+        assert_eq!(health["state"], "FAILED", "{health}");
+        let reason = health["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with(
+                "ImportError: confinement is required (--require-confinement) and the plugin's runner could not confine itself: "
+            ) && reason.contains("filesystem: unconfined"),
+            "{reason}"
+        );
+    }
+    assert!(!mark.exists(), "the plugin was imported before the refusal");
+    drop(server);
+
+    // The same runners, confinement not required: served, and what they
+    // could not enforce is said.
+    let server = Forgesyte::start(&args);
+    server.wait_loaded();
+    for plugin in ["native", "marked"] {
+        let health = status(&server, plugin);
+        assert_eq!(health["state"], "INITIALIZED", "{health}");
+        assert!(
+            health["confinement"]["filesystem"]
+                .as_str()
+                .is_some_and(|f| f.starts_with("unconfined")),
+            "{health}"
+        );
+    }
+    assert!(mark.exists(), "the plugin was never imported");
+}

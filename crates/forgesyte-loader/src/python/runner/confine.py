@@ -60,6 +60,17 @@ def confine_tools(libc):
     return libc, syscall, abi
 
 
+
+def unconfined(report):
+    """What of a confinement ``report`` (the hello's ``confinement``) is
+    not enforced, in one line ("part: unconfined: why; ..."), or None when
+    every part is; no report at all is unconfined as a whole."""
+    if report is None:
+        return "it reported no confinement"
+    parts = ["%s: %s" % (part, value) for part, value in sorted(report.items())
+             if str(value).startswith("unconfined")]
+    return "; ".join(parts) if parts else None
+
 def confine(plan, shared=None, tools=None):
     """Applies the host's sandbox ``plan`` to this process, before any
     plugin code runs: the environment replaced by ``plan["env"]``, no

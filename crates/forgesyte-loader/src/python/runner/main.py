@@ -10,7 +10,8 @@ import time
 from . import api, base
 from .args import USAGE, UsageError, parse_args
 from .base import EXIT_SETUP, EXIT_USAGE, MIB, diag, exit_now
-from .confine import confine
+from .errors import wire_error
+from .confine import confine, unconfined
 from .loading import import_plugin
 from .serve import Runner
 from .wire import Wire, shm_socket
@@ -92,8 +93,15 @@ def main(argv, handover):
     api.setup_logging()
     api.install_api()
     wire = Wire(fd_in, fd_out, shm)
-    module = import_plugin(args)
     runner = Runner(args, wire, None)
+    why = unconfined(confinement) if args.confine is not None and args.confine.get("required") else None
+    if why is not None:
+        # Required and not wholly enforced: the plugin is not imported.
+        message = "the plugin's runner could not confine itself: %s" % why
+        diag("confinement is required: %s" % message)
+        runner.answer({"type": "import_failed", "error": wire_error("NotConfined", message)})
+        exit_now(0)
+    module = import_plugin(args)
     if isinstance(module, dict):
         diag("import failed: %s: %s" % (module.get("error_type", module["kind"]), module["message"]))
         runner.answer({"type": "import_failed", "error": module})
