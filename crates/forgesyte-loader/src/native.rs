@@ -85,8 +85,9 @@ impl Importer for NativeImporter {
     }
 }
 
-/// A memory file holding `bytes`, sealed against any change.
-fn sealed_memfd(path: &Path, bytes: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+/// A memory file holding `bytes`, sealed against any change (named after
+/// `path`'s file name; closed on exec).
+pub(crate) fn sealed_memfd(path: &Path, bytes: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
     use rustix::fs::{MemfdFlags, SealFlags};
     use std::io::Write as _;
     let name = path
@@ -186,6 +187,13 @@ impl NativeLibrary {
             path: path.to_path_buf(),
             detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
         })?;
+        Self::open_fd(path, fd)
+    }
+
+    /// Loads the library in the memory file `fd` (sealed by whoever made
+    /// it: an isolated plugin's runner gets the one its host checked), as
+    /// [`open_bytes`](Self::open_bytes) does. Errors name `path`.
+    pub fn open_fd(path: &Path, fd: std::os::fd::OwnedFd) -> Result<Self, ImportError> {
         let (fd, load) = mapped::unclaimed_fd_path(fd).map_err(|e| ImportError::Open {
             path: path.to_path_buf(),
             detail: format!("cannot give its memory file a descriptor of its own: {e}"),

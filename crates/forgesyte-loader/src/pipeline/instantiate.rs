@@ -73,6 +73,14 @@ impl Loader {
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
                     .with_runner_args(self.config.runner_args.clone());
             let importer = self.confine(p, importer, &signed)?;
+            // A checked library (signed, or pinned) reaches its runners as
+            // the bytes that were checked, as an in-process one is loaded.
+            let importer = match self.check_library(p, &library_path, &signed, pinned)? {
+                Opening::Bytes(bytes, _reserved) => {
+                    importer.with_library_bytes(&library_path, &bytes)?
+                }
+                Opening::Path => importer,
+            };
             let handle = self.instantiate_isolated(p, importer, library_path, config)?;
             return self
                 .recheck_started(p, &target, &signed, handle)

@@ -174,26 +174,13 @@ impl ShmOffer {
 
     /// Tells `command` where its end is ([`SHM_FD_ENV`], at the same
     /// number as here) and keeps that one descriptor open across its exec.
-    #[allow(unsafe_code)]
     fn pass_to(&self, command: &mut Command) {
         use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
         let fd = self.runner.as_raw_fd();
         command
             .env(SHM_FD_ENV, fd.to_string())
             .env(SHM_THRESHOLD_ENV, self.threshold.to_string());
-        // SAFETY: the closure runs between fork and exec in the child, where
-        // only async-signal-safe work is allowed: `fcntl` is a plain system
-        // call on a descriptor the child inherited (this one stays open in
-        // the parent until the spawn returns), and errors are not built by
-        // allocation.
-        unsafe {
-            command.pre_exec(move || {
-                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
-                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
-                Ok(())
-            });
-        }
+        pass_fd(command, fd);
     }
 
     /// The host's end and the threshold; the runner's end is closed.
@@ -521,6 +508,26 @@ fn start_threads(
             kill(shared, retired_reason());
             Err(SpawnError::Start(e))
         }
+    }
+}
+
+/// Has `command`'s process inherit the descriptor `fd` at its number (it
+/// is closed on exec otherwise). The caller keeps `fd` open until the
+/// spawn has returned.
+#[allow(unsafe_code)]
+pub(crate) fn pass_fd(command: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec in the child, where
+    // only async-signal-safe work is allowed: `fcntl` is a plain system
+    // call on a descriptor the child inherited (open in the parent until
+    // the spawn returns, as the caller promises), and errors are not built
+    // by allocation.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            Ok(())
+        });
     }
 }
 

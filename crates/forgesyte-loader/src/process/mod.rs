@@ -47,6 +47,7 @@ pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::ZYGOTE_ENV;
 
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,6 +189,10 @@ pub struct ProcessImporter {
     /// A runner that reports any part of its confinement `unconfined` is
     /// stopped and refused ([`SpawnError::Unconfined`]).
     confinement_required: bool,
+    /// The library's checked bytes, sealed in a memory file that each
+    /// native runner inherits and loads instead of the file (and a
+    /// restart too).
+    library_fd: Option<Arc<OwnedFd>>,
     run_as: Option<crate::sandbox::RunAs>,
 }
 
@@ -208,6 +213,7 @@ impl ProcessImporter {
             limits,
             confinement: None,
             confinement_required: false,
+            library_fd: None,
             run_as: None,
         }
     }
@@ -232,6 +238,7 @@ impl ProcessImporter {
             limits,
             confinement: None,
             confinement_required: false,
+            library_fd: None,
             run_as: None,
         }
     }
@@ -270,6 +277,22 @@ impl ProcessImporter {
     pub fn confinement_required(mut self) -> Self {
         self.confinement_required = true;
         self
+    }
+
+    /// Has its native runners load `bytes` (the library at `path`, as its
+    /// digest was checked) from a sealed memory file they inherit, instead
+    /// of the file, which may have changed since.
+    ///
+    /// # Errors
+    ///
+    /// The memory file cannot be made.
+    pub fn with_library_bytes(mut self, path: &Path, bytes: &[u8]) -> Result<Self, ImportError> {
+        let fd = crate::native::sealed_memfd(path, bytes).map_err(|e| ImportError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
+        })?;
+        self.library_fd = Some(Arc::new(fd));
+        Ok(self)
     }
 
     /// Runs its runners as `user` (the host must be root): user and group
@@ -321,8 +344,18 @@ impl ProcessImporter {
         // The plan's environment is the runner's whole environment, with
         // what the protocol and the memory limit need (a zygote's runner
         // sets it itself, from the plan).
+        // The checked library's memory file, at the same number in the
+        // runner (`pass_fd`).
+        let library_fd = match (&self.launch, &self.library_fd) {
+            (Launch::Native { .. }, Some(fd)) => Some(fd.as_raw_fd()),
+            _ => None,
+        };
         let plan = self.confinement.as_ref().map(|plan| {
             let mut plan = plan.clone();
+            if let Some(fd) = library_fd {
+                // What Landlock lets it read: the memory file itself.
+                plan.read.push(PathBuf::from(format!("/proc/self/fd/{fd}")));
+            }
             let runtime = child::runner_env(self.limits.memory_limit_mib > 0);
             plan.env
                 .extend(runtime.into_iter().map(|(k, v)| (k.to_owned(), v)));
@@ -351,6 +384,10 @@ impl ProcessImporter {
                     .arg("--library")
                     .arg(library)
                     .args(common);
+                if let Some(fd) = library_fd {
+                    command.arg("--library-fd").arg(fd.to_string());
+                    child::pass_fd(&mut command, fd);
+                }
                 confine_env(&mut command);
                 Child::spawn(command, &opts, self.limits.init_timeout)
             }

@@ -78,6 +78,10 @@ pub(crate) const MAX_REQUEST_BYTES: u64 = 1 << 31;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Args {
     library: PathBuf,
+    /// A descriptor this process inherited holding the library's checked
+    /// bytes (a sealed memory file), loaded instead of the file at
+    /// `library` (which then only names it).
+    library_fd: Option<i32>,
     memory_limit_mib: u64,
     plugin: String,
     confine: Option<crate::sandbox::Confinement>,
@@ -85,6 +89,7 @@ struct Args {
 
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
     let mut library = None;
+    let mut library_fd = None;
     let mut memory_limit_mib = 0;
     let mut plugin = String::from("plugin");
     let mut confine = None;
@@ -93,6 +98,15 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
         let mut value = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
         match arg.to_str() {
             Some("--library") => library = Some(PathBuf::from(value("--library")?)),
+            Some("--library-fd") => {
+                let v = value("--library-fd")?;
+                library_fd = Some(
+                    v.to_str()
+                        .and_then(|s| s.parse::<i32>().ok())
+                        .filter(|fd| *fd > 2)
+                        .ok_or_else(|| format!("--library-fd: not a descriptor: {v:?}"))?,
+                );
+            }
             Some("--memory-limit-mb") => {
                 let v = value("--memory-limit-mb")?;
                 memory_limit_mib = v
@@ -114,6 +128,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
     let library = library.ok_or("--library is required")?;
     Ok(Args {
         library,
+        library_fd,
         memory_limit_mib,
         plugin,
         confine,
@@ -124,7 +139,9 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
 /// arguments after the program name (or after a hidden subcommand), and
 /// return its exit code.
 ///
-/// Arguments: `--library PATH` (required), `--memory-limit-mb N` (0 or
+/// Arguments: `--library PATH` (required), `--library-fd N` (the
+/// library's checked bytes in an inherited memory file, loaded instead of
+/// `PATH`), `--memory-limit-mb N` (0 or
 /// absent: no limit), `--plugin NAME` (for messages), `--confine JSON` (a
 /// [`crate::sandbox::Confinement`] applied before the library is opened). The process speaks the
 /// protocol of [`crate::process`] on its stdin and stdout; it is started by
@@ -191,7 +208,19 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     watch_parent();
-    let library = match NativeLibrary::open(&args.library) {
+    let opened = match args.library_fd {
+        // Opened anew through `/proc` (which Landlock lets it read): the
+        // inherited descriptor itself is never taken over.
+        Some(fd) => match File::open(format!("/proc/self/fd/{fd}")) {
+            Ok(file) => NativeLibrary::open_fd(&args.library, file.into()),
+            Err(e) => Err(ImportError::Open {
+                path: args.library.clone(),
+                detail: format!("cannot open its checked bytes (descriptor {fd}): {e}"),
+            }),
+        },
+        None => NativeLibrary::open(&args.library),
+    };
+    let library = match opened {
         Ok(library) => Arc::new(library),
         Err(e) => {
             send(
@@ -567,6 +596,7 @@ mod tests {
             ]),
             Ok(Args {
                 library: "/p/l.so".into(),
+                library_fd: None,
                 memory_limit_mib: 64,
                 plugin: "ocr".into(),
                 confine: None,
@@ -589,5 +619,12 @@ mod tests {
         assert!(args(&["--library"]).is_err());
         assert!(args(&["--library", "x", "--memory-limit-mb", "lots"]).is_err());
         assert!(args(&["--frobnicate"]).is_err());
+        assert_eq!(
+            args(&["--library", "/p/l.so", "--library-fd", "7"]).map(|a| a.library_fd),
+            Ok(Some(7))
+        );
+        for fd in ["1", "-3", "x"] {
+            assert!(args(&["--library", "/p/l.so", "--library-fd", fd]).is_err());
+        }
     }
 }

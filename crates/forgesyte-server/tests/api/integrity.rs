@@ -114,3 +114,101 @@ fn lock_names_what_it_cannot_hash_and_refuses_a_missing_directory() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(!missing.exists());
 }
+
+/// The files mapped into process `pid` (the path column of
+/// `/proc/PID/maps`).
+fn mapped_files(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5).map(str::to_owned))
+        .collect()
+}
+
+/// The runner of `plugin` once it is up, within 10 s.
+fn runner_of(server: &crate::support::Forgesyte, plugin: &str) -> u32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(pid) = crate::support::runner_pid(server.pid(), plugin) {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no runner of {plugin}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// An isolated native plugin whose library is pinned runs the bytes that
+/// were checked: its runner maps the sealed memory file the server made of
+/// them, never the file in the plugin directory (which may have changed
+/// since), and so does the runner that replaces it after a crash. One that
+/// is not pinned maps its file.
+#[test]
+fn a_pinned_isolated_library_runs_from_the_checked_bytes() {
+    let dir = PluginsDir::new();
+    dir.good("pinned", json!({"isolation": "process"}))
+        .good("unpinned", json!({"isolation": "process"}));
+    let library = std::path::Path::new(forgesyte_tests::zoo::GOOD_LIBRARY)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let fs = forgesyte_deps::RealFs;
+    let digest =
+        forgesyte_loader::integrity::file_digest(&fs, &dir.path().join("pinned").join(&library))
+            .unwrap();
+    dir.manifest_fields("pinned", json!({ "sha256": digest }));
+    let server = crate::support::Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let in_dir = |pid: u32, plugin: &str| {
+        mapped_files(pid).iter().any(|f| {
+            f.starts_with(&*dir.path().join(plugin).to_string_lossy()) && f.ends_with(&library)
+        })
+    };
+    let from_memory = |pid: u32| {
+        mapped_files(pid)
+            .iter()
+            .any(|f| f.starts_with(&format!("/memfd:{library}")))
+    };
+    let unpinned = runner_of(&server, "unpinned");
+    assert!(in_dir(unpinned, "unpinned"), "{:?}", mapped_files(unpinned));
+    assert!(!from_memory(unpinned), "{:?}", mapped_files(unpinned));
+    let mut pinned = runner_of(&server, "pinned");
+    for round in 0..2 {
+        assert!(
+            from_memory(pinned) && !in_dir(pinned, "pinned"),
+            "round {round}: {:?}",
+            mapped_files(pinned)
+        );
+        let health = server.get("/v1/plugins/pinned/health").json();
+        assert_eq!(health["state"], "INITIALIZED", "{health}");
+        let reply = server.run("pinned", "echo", r#"{"args": {"x": 1}}"#);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        if round == 0 {
+            // The runner dies; the one that replaces it loads the same
+            // checked bytes.
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pinned.to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            pinned = loop {
+                let health = server.get("/v1/plugins/pinned/health").json();
+                if health["state"] == "INITIALIZED"
+                    && health["restart_count"].as_u64() >= Some(1)
+                    && let Some(pid) = crate::support::runner_pid(server.pid(), "pinned")
+                    && pid != pinned
+                {
+                    break pid;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not restarted: {health}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+        }
+    }
+}
