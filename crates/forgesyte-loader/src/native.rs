@@ -85,18 +85,31 @@ impl Importer for NativeImporter {
     }
 }
 
+/// [`sealed_memfd`], failing as the import of the library at `path`.
+pub(crate) fn sealed_copy(path: &Path, bytes: &[u8]) -> Result<std::os::fd::OwnedFd, ImportError> {
+    sealed_memfd(path, bytes).map_err(|e| ImportError::Open {
+        path: path.to_path_buf(),
+        detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
+    })
+}
+
 /// A memory file holding `bytes`, sealed against any change (named after
-/// `path`'s file name; closed on exec).
-pub(crate) fn sealed_memfd(path: &Path, bytes: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+/// `path`'s file name; closed on exec; never one of the standard
+/// descriptors 0 to 2, which a runner's own stdio would take).
+fn sealed_memfd(path: &Path, bytes: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
     use rustix::fs::{MemfdFlags, SealFlags};
     use std::io::Write as _;
     let name = path
         .file_name()
         .map_or_else(|| "plugin".to_owned(), |n| n.to_string_lossy().into_owned());
-    let fd = rustix::fs::memfd_create(
+    let mut fd = rustix::fs::memfd_create(
         name.replace('\0', "_").as_str(),
         MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
     )?;
+    if std::os::fd::AsRawFd::as_raw_fd(&fd) < 3 {
+        // A server started with a standard descriptor closed.
+        fd = rustix::io::fcntl_dupfd_cloexec(&fd, 3)?;
+    }
     let mut file = std::fs::File::from(fd);
     file.write_all(bytes)?;
     rustix::fs::fcntl_add_seals(
@@ -183,11 +196,7 @@ impl NativeLibrary {
     /// Errors name `path`. The library's own path is then that memory
     /// file: `$ORIGIN` in its run path does not find its directory.
     pub fn open_bytes(path: &Path, bytes: &[u8]) -> Result<Self, ImportError> {
-        let fd = sealed_memfd(path, bytes).map_err(|e| ImportError::Open {
-            path: path.to_path_buf(),
-            detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
-        })?;
-        Self::open_fd(path, fd)
+        Self::open_fd(path, sealed_copy(path, bytes)?)
     }
 
     /// Loads the library in the memory file `fd` (sealed by whoever made
@@ -324,6 +333,12 @@ pub fn inspect(path: &Path) -> Result<Option<Fingerprint>, ImportError> {
     let (file, meta) = open_regular(path, path)?;
     let elf = check_elf(file, meta.len(), path, false)?;
     vet_fingerprint(path, elf.fingerprint, &Fingerprint::current())
+}
+
+/// Whether the library in `bytes` finds libraries beside its file through
+/// `$ORIGIN` in its run path (which a memory file of it would not).
+pub(crate) fn names_origin(bytes: &[u8]) -> bool {
+    origin::names_origin(bytes)
 }
 
 /// What the ELF check read of a library.

@@ -54,14 +54,16 @@ pub(crate) struct BodyPace {
 }
 
 impl BodyPace {
-    /// When a body first looked at `started` must be complete, having sent
-    /// `received` bytes so far; `None` without a minimum rate.
+    /// When a body first waited for at `started` must be complete, having
+    /// sent `received` bytes so far; `None` without a minimum rate (or
+    /// past what a clock can count).
     fn deadline(&self, started: Instant, received: u64) -> Option<Instant> {
         if self.min_rate == 0 {
             return None;
         }
-        let earned = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
-        Some(started + self.timeout.saturating_add(earned))
+        let earned = Duration::try_from_secs_f64(received as f64 / self.min_rate as f64)
+            .unwrap_or(Duration::MAX);
+        started.checked_add(self.timeout.saturating_add(earned))
     }
 }
 
@@ -132,10 +134,16 @@ where
         if this.wait.is_none() {
             let now = Instant::now();
             let started = *this.started.get_or_insert(now);
-            let idle = now + this.pace.timeout;
-            let (at, late) = match this.pace.deadline(started, *this.received) {
-                Some(slow) if slow < idle => (slow, Late::Slow),
-                _ => (idle, Late::Idle),
+            // A timeout past what the clock can count is no timeout.
+            let idle = now.checked_add(this.pace.timeout);
+            let slow = this.pace.deadline(started, *this.received);
+            let next = match (idle, slow) {
+                (Some(idle), Some(slow)) if slow < idle => Some((slow, Late::Slow)),
+                (Some(idle), _) => Some((idle, Late::Idle)),
+                (None, slow) => slow.map(|slow| (slow, Late::Slow)),
+            };
+            let Some((at, late)) = next else {
+                return Poll::Pending;
             };
             *this.waiting_for = late;
             this.wait.set(Some(tokio::time::sleep_until(at)));
@@ -278,6 +286,26 @@ mod tests {
         });
         let bytes = body.collect().await.map(|c| c.to_bytes());
         assert_eq!(bytes.ok().map(|b| b.len()), Some(20));
+    }
+
+    /// A read timeout past what the clock can count (an operator's "never")
+    /// arms no timer, and never panics: the body reads whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_past_the_clock_is_no_timeout() {
+        for min_rate in [0, 1] {
+            let (tx, body) = fed(BodyPace {
+                timeout: Duration::MAX,
+                min_rate,
+            });
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    tokio::time::sleep(Duration::from_secs(3_600)).await;
+                    let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await;
+                }
+            });
+            let bytes = body.collect().await.map(|c| c.to_bytes());
+            assert_eq!(bytes.ok().map(|b| b.len()), Some(3), "min_rate {min_rate}");
+        }
     }
 
     /// A body sent at the minimum rate or faster is never cut short, however

@@ -38,8 +38,9 @@ pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default bytes a second a request body must average once the body read
 /// timeout's grace is over (`--body-min-rate`, `FORGESYTE_BODY_MIN_RATE`):
-/// 64 KiB, a 32 MiB body may take 30 s + 512 s.
-pub const DEFAULT_BODY_MIN_RATE: u64 = 64 * 1024;
+/// 16 KiB (128 kbit/s, slower than nearly any client's uplink): a 5 MiB
+/// upload may take 30 s + 320 s.
+pub const DEFAULT_BODY_MIN_RATE: u64 = 16 * 1024;
 /// Default `--stream-idle-timeout`: a stream with no message from its
 /// client and no answer to it for this long is closed.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -251,7 +252,7 @@ mod tests {
         assert_eq!(config.body_limit, 33_554_432);
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
         assert_eq!(config.body_read_timeout, Duration::from_secs(30));
-        assert_eq!(config.body_min_rate, 65_536);
+        assert_eq!(config.body_min_rate, 16_384);
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 10_000);
         assert_eq!(config.max_calls_per_plugin, 64);

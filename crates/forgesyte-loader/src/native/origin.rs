@@ -170,6 +170,22 @@ pub(super) fn read<'data, R: ReadRef<'data>>(
     })
 }
 
+/// Whether the ELF file in `bytes` has `$ORIGIN` in its run path: it then
+/// finds libraries beside its file, which a copy of it in a memory file
+/// would not.
+pub(crate) fn names_origin(bytes: &[u8]) -> bool {
+    use object::read::elf::FileHeader as _;
+    let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(bytes) else {
+        return false;
+    };
+    let Ok(endian) = header.endian() else {
+        return false;
+    };
+    header
+        .program_headers(endian, bytes)
+        .is_ok_and(|segments| read(bytes, endian, segments).is_some())
+}
+
 /// Hands `f` the ELF file at `path`: its data, byte order and program
 /// headers; `None` when it cannot be read as a 64-bit ELF file.
 fn parse_file<T>(
@@ -276,7 +292,16 @@ fn check_shipped(
             // Not loaded yet: the dynamic loader will open it, and then
             // what its own `$ORIGIN` run path finds.
             None => {
-                if seen.len() >= MAX_SHIPPED || seen.contains(&shipped) {
+                if seen.contains(&shipped) {
+                    continue;
+                }
+                if seen.len() >= MAX_SHIPPED {
+                    tracing::warn!(
+                        library = %plugin.display(),
+                        "{} ships more than {MAX_SHIPPED} libraries: {} and those it ships are not checked against the libraries loaded already",
+                        plugin.display(),
+                        shipped.display()
+                    );
                     continue;
                 }
                 seen.push(shipped.clone());
@@ -641,5 +666,12 @@ mod tests {
             "int plain(void) { return 0; }\n",
         );
         assert_eq!(origin_path(&dir.join("libplain.so")), None);
+        // The same answer from its bytes, and from those of one that has.
+        assert!(!names_origin(
+            &std::fs::read(dir.join("libplain.so")).unwrap()
+        ));
+        let shipping = ship(&dir.join("shipping"), "shipping", 4);
+        assert!(names_origin(&std::fs::read(shipping).unwrap()));
+        assert!(!names_origin(b"not an ELF file"));
     }
 }

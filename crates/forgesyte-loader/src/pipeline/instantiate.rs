@@ -74,12 +74,14 @@ impl Loader {
                     .with_runner_args(self.config.runner_args.clone());
             let importer = self.confine(p, importer, &signed)?;
             // A checked library (signed, or pinned) reaches its runners as
-            // the bytes that were checked, as an in-process one is loaded.
+            // the bytes that were checked, as an in-process one is loaded;
+            // one that finds libraries beside its file (`$ORIGIN`) starts
+            // from its file, checked again once started.
             let importer = match self.check_library(p, &library_path, &signed, pinned)? {
-                Opening::Bytes(bytes, _reserved) => {
+                Opening::Bytes(bytes, _reserved) if !crate::native::names_origin(&bytes) => {
                     importer.with_library_bytes(&library_path, &bytes)?
                 }
-                Opening::Path => importer,
+                Opening::Bytes(..) | Opening::Path => importer,
             };
             let handle = self.instantiate_isolated(p, importer, library_path, config)?;
             return self

@@ -189,10 +189,10 @@ pub struct ProcessImporter {
     /// A runner that reports any part of its confinement `unconfined` is
     /// stopped and refused ([`SpawnError::Unconfined`]).
     confinement_required: bool,
-    /// The library's checked bytes, sealed in a memory file that each
-    /// native runner inherits and loads instead of the file (and a
-    /// restart too).
-    library_fd: Option<Arc<OwnedFd>>,
+    /// A library's path and its checked bytes, sealed in a memory file
+    /// that each native runner of that library inherits and loads instead
+    /// of the file (a restart too).
+    library_fd: Option<(PathBuf, Arc<OwnedFd>)>,
     run_as: Option<crate::sandbox::RunAs>,
 }
 
@@ -287,11 +287,8 @@ impl ProcessImporter {
     ///
     /// The memory file cannot be made.
     pub fn with_library_bytes(mut self, path: &Path, bytes: &[u8]) -> Result<Self, ImportError> {
-        let fd = crate::native::sealed_memfd(path, bytes).map_err(|e| ImportError::Open {
-            path: path.to_path_buf(),
-            detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
-        })?;
-        self.library_fd = Some(Arc::new(fd));
+        let fd = crate::native::sealed_copy(path, bytes)?;
+        self.library_fd = Some((path.to_path_buf(), Arc::new(fd)));
         Ok(self)
     }
 
@@ -347,15 +344,15 @@ impl ProcessImporter {
         // The checked library's memory file, at the same number in the
         // runner (`pass_fd`).
         let library_fd = match (&self.launch, &self.library_fd) {
-            (Launch::Native { .. }, Some(fd)) => Some(fd.as_raw_fd()),
+            (Launch::Native { .. }, Some((checked, fd))) if checked == library => {
+                Some(fd.as_raw_fd())
+            }
             _ => None,
         };
+        // (Landlock needs no rule for it: a memory file is on no filesystem
+        // a rule can name, and is not restricted; `/proc` is readable.)
         let plan = self.confinement.as_ref().map(|plan| {
             let mut plan = plan.clone();
-            if let Some(fd) = library_fd {
-                // What Landlock lets it read: the memory file itself.
-                plan.read.push(PathBuf::from(format!("/proc/self/fd/{fd}")));
-            }
             let runtime = child::runner_env(self.limits.memory_limit_mib > 0);
             plan.env
                 .extend(runtime.into_iter().map(|(k, v)| (k.to_owned(), v)));
@@ -442,6 +439,14 @@ impl ProcessImporter {
     }
 }
 
+/// The refusal of a runner whose hello says it is not wholly confined
+/// (`why`), when confinement is required.
+fn came_back_unconfined(why: &str) -> ImportError {
+    ImportError::NotConfined {
+        detail: format!("the plugin's runner came back unconfined: {why}"),
+    }
+}
+
 /// Starts the Python zygote that the runners of `interpreter` under
 /// `limits` (run as `run_as`) will be forked from, unless it runs already
 /// or zygotes are off: for a load pass to call before its dependency and
@@ -501,9 +506,7 @@ impl Importer for ProcessImporter {
                 },
             },
             SpawnError::TimedOut => ImportError::TimedOut(self.handshake_timeout()),
-            SpawnError::Unconfined(why) => ImportError::NotConfined {
-                detail: format!("the plugin's runner came back unconfined: {why}"),
-            },
+            SpawnError::Unconfined(why) => came_back_unconfined(&why),
         })?;
         Ok(Arc::new(ProcessLibrary {
             importer: self.clone(),
@@ -530,12 +533,16 @@ impl PluginLibrary for ProcessLibrary {
                 SpawnError::Start(e) => InitError::Failed {
                     message: self.importer.start_error(&e),
                 },
-                SpawnError::Import(wire) => InitError::Failed {
-                    message: format!(
-                        "the library no longer loads: {}",
-                        (*wire).into_import(&self.path)
-                    ),
-                },
+                SpawnError::Import(wire) => {
+                    let import = (*wire).into_import(&self.path);
+                    InitError::Failed {
+                        message: match import {
+                            // Not the library: the runner refused itself.
+                            ImportError::NotConfined { .. } => import.to_string(),
+                            other => format!("the library no longer loads: {other}"),
+                        },
+                    }
+                }
                 SpawnError::Version { runner } => InitError::Failed {
                     message: self.importer.version_mismatch(runner).to_string(),
                 },
@@ -547,12 +554,7 @@ impl PluginLibrary for ProcessLibrary {
                 },
                 SpawnError::TimedOut => InitError::TimedOut(self.importer.handshake_timeout()),
                 SpawnError::Unconfined(why) => InitError::Failed {
-                    message: ImportError::NotConfined {
-                        detail: format!(
-                            "the plugin's restarted runner came back unconfined: {why}"
-                        ),
-                    }
-                    .to_string(),
+                    message: came_back_unconfined(&why).to_string(),
                 },
             })?,
         };

@@ -212,7 +212,10 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         // Opened anew through `/proc` (which Landlock lets it read): the
         // inherited descriptor itself is never taken over.
         Some(fd) => match File::open(format!("/proc/self/fd/{fd}")) {
-            Ok(file) => NativeLibrary::open_fd(&args.library, file.into()),
+            Ok(file) => {
+                close_on_exec(fd);
+                NativeLibrary::open_fd(&args.library, file.into())
+            }
             Err(e) => Err(ImportError::Open {
                 path: args.library.clone(),
                 detail: format!("cannot open its checked bytes (descriptor {fd}): {e}"),
@@ -254,6 +257,17 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         &[],
     );
     serve(&args, &library, requests, &out)
+}
+
+/// Keeps the inherited descriptor `fd` (`--library-fd`) from the programs
+/// the plugin runs.
+#[allow(unsafe_code)]
+fn close_on_exec(fd: i32) {
+    // SAFETY: `fd` was just opened through `/proc/self/fd/{fd}`, so it is
+    // open in this process; it is borrowed for this one `fcntl` only, and
+    // nothing in this process closes it (no other code knows its number).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC);
 }
 
 /// Reads requests until the request stream (the original stdin) ends.

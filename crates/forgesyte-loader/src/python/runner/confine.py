@@ -60,7 +60,6 @@ def confine_tools(libc):
     return libc, syscall, abi
 
 
-
 def unconfined(report):
     """What of a confinement ``report`` (the hello's ``confinement``) is
     not enforced, in one line ("part: unconfined: why; ..."), or None when
@@ -70,6 +69,7 @@ def unconfined(report):
     parts = ["%s: %s" % (part, value) for part, value in sorted(report.items())
              if str(value).startswith("unconfined")]
     return "; ".join(parts) if parts else None
+
 
 def confine(plan, shared=None, tools=None):
     """Applies the host's sandbox ``plan`` to this process, before any
