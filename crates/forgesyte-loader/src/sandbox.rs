@@ -941,39 +941,22 @@ mod tests {
     }
 
     /// What is not enforced, in one line; a report without any such part
-    /// passes, and no report at all is unconfined as a whole.
+    /// passes, and no report at all is unconfined as a whole. The cases are
+    /// shared with the Python runner's `unconfined` (`test_runner.py`): the
+    /// two runners refuse by one rule.
     #[test]
     fn unconfined_names_every_part_not_enforced() {
-        let report = |parts: &[(&str, &str)]| -> BTreeMap<String, String> {
-            parts
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect()
-        };
-        let whole = report(&[
-            ("env", "scrubbed"),
-            ("filesystem", "confined: Landlock, fully enforced"),
-            ("network", "isolated: a network namespace of its own"),
-        ]);
-        assert_eq!(unconfined(Some(&whole)), None);
-        let partly = report(&[
-            ("env", "scrubbed"),
-            (
-                "filesystem",
-                "unconfined: this kernel has no Landlock (ENOSYS)",
-            ),
-            ("network", "unconfined: no network namespace (EPERM)"),
-        ]);
-        assert_eq!(
-            unconfined(Some(&partly)).as_deref(),
-            Some(
-                "filesystem: unconfined: this kernel has no Landlock (ENOSYS); \
-                 network: unconfined: no network namespace (EPERM)"
-            )
-        );
-        assert_eq!(
-            unconfined(None).as_deref(),
-            Some("it reported no confinement")
-        );
+        let cases: Vec<Value> =
+            serde_json::from_str(include_str!("../../../tests/fixtures/unconfined.json")).unwrap();
+        assert!(cases.len() >= 5);
+        for case in cases {
+            let report: Option<BTreeMap<String, String>> =
+                serde_json::from_value(case["report"].clone()).unwrap();
+            assert_eq!(
+                unconfined(report.as_ref()).as_deref(),
+                case["unconfined"].as_str(),
+                "{case}"
+            );
+        }
     }
 }
