@@ -64,6 +64,10 @@ unsafe extern "C" {
 pub(super) struct OriginPath {
     needed: Vec<String>,
     dirs: Vec<String>,
+    /// Whether the run path is a `DT_RUNPATH`, which serves this library's
+    /// own look-ups only; a `DT_RPATH` also serves those of the libraries
+    /// it loads that have no `DT_RUNPATH` (glibc's rule).
+    runpath: bool,
 }
 
 /// What a dynamic section says, as string-table offsets.
@@ -71,6 +75,8 @@ pub(super) struct OriginPath {
 struct Dynamic {
     needed: Vec<u64>,
     run_path: Option<u64>,
+    /// Whether `run_path` is a `DT_RUNPATH` (else a `DT_RPATH`).
+    runpath: bool,
     soname: Option<u64>,
     /// The string table's file offset and size.
     strtab: Option<(u64, u64)>,
@@ -114,6 +120,7 @@ impl Dynamic {
             }
         }
         // glibc ignores DT_RPATH when there is a DT_RUNPATH.
+        found.runpath = runpath.is_some();
         found.run_path = runpath.or(rpath);
         // The string table's address, made a file offset through the
         // loadable segment that holds it.
@@ -149,14 +156,28 @@ pub(super) fn read<'data, R: ReadRef<'data>>(
     endian: object::Endianness,
     segments: &[object::elf::ProgramHeader64<object::Endianness>],
 ) -> Option<OriginPath> {
+    links(data, endian, segments, false)
+}
+
+/// [`read`], and with `always` also for a library whose run path names no
+/// `$ORIGIN` (a shipped library's needs may be found through the `DT_RPATH`
+/// of the library that loads it).
+fn links<'data, R: ReadRef<'data>>(
+    data: R,
+    endian: object::Endianness,
+    segments: &[object::elf::ProgramHeader64<object::Endianness>],
+    always: bool,
+) -> Option<OriginPath> {
     let dynamic = Dynamic::read(data, endian, segments)?;
     let dirs: Vec<String> = dynamic
-        .string(data, dynamic.run_path?)?
+        .run_path
+        .and_then(|at| dynamic.string(data, at))
+        .unwrap_or_default()
         .split(':')
         .filter(|dir| expand_origin(dir, "").is_some())
         .map(str::to_owned)
         .collect();
-    if dirs.is_empty() {
+    if dirs.is_empty() && !always {
         return None;
     }
     Some(OriginPath {
@@ -167,6 +188,7 @@ pub(super) fn read<'data, R: ReadRef<'data>>(
             .filter(|name| !name.contains('/'))
             .collect(),
         dirs,
+        runpath: dynamic.runpath,
     })
 }
 
@@ -256,26 +278,46 @@ fn expand_origin(dir: &str, origin: &str) -> Option<String> {
 /// one with the same bytes, passes (and what it needs was loaded with it).
 pub(super) fn check(path: &Path, origin_path: &OriginPath) -> Result<(), ImportError> {
     let mut seen = vec![path.to_path_buf()];
-    check_shipped(path, path, origin_path, &mut seen)
+    check_shipped(path, path, origin_path, &[], &mut seen)
 }
 
 /// [`check`] of what `library` ships (`origin_path`, read from it), for the
-/// plugin library `plugin`; `seen`: the libraries checked so far (each
-/// once, at most [`MAX_SHIPPED`], so a cycle of run paths ends).
+/// plugin library `plugin`. `inherited`: the `$ORIGIN` directories of the
+/// `DT_RPATH`s of the libraries that loaded it, expanded, which glibc
+/// searches too when `library` has no `DT_RUNPATH`. `seen`: the libraries
+/// checked so far (each once, at most [`MAX_SHIPPED`], so a cycle of run
+/// paths ends).
 fn check_shipped(
     plugin: &Path,
     library: &Path,
     origin_path: &OriginPath,
+    inherited: &[PathBuf],
     seen: &mut Vec<PathBuf>,
 ) -> Result<(), ImportError> {
     // A directory whose name is not UTF-8 cannot be spelled in a run path
-    // read as UTF-8: nothing to compare.
-    let Some(origin) = library.parent().and_then(Path::to_str) else {
-        return Ok(());
+    // read as UTF-8: its own entries expand to nothing to compare.
+    let own: Vec<PathBuf> = library
+        .parent()
+        .and_then(Path::to_str)
+        .map(|origin| {
+            origin_path
+                .dirs
+                .iter()
+                .filter_map(|dir| expand_origin(dir, origin).map(PathBuf::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Where its own look-ups go (a `DT_RUNPATH` alone; a `DT_RPATH`, then
+    // its loaders'), and what the libraries it loads inherit.
+    let (search, passed_on): (Vec<PathBuf>, Vec<PathBuf>) = if origin_path.runpath {
+        (own, inherited.to_vec())
+    } else {
+        let chain: Vec<PathBuf> = own.into_iter().chain(inherited.iter().cloned()).collect();
+        (chain.clone(), chain)
     };
     for name in &origin_path.needed {
-        let shipped = origin_path.dirs.iter().find_map(|dir| {
-            let candidate = Path::new(&expand_origin(dir, origin)?).join(name);
+        let shipped = search.iter().find_map(|dir| {
+            let candidate = dir.join(name);
             candidate.is_file().then_some(candidate)
         });
         let Some(shipped) = shipped else { continue };
@@ -306,9 +348,9 @@ fn check_shipped(
                 }
                 seen.push(shipped.clone());
                 if let Some(next) = parse_file(&shipped, |data, endian, segments| {
-                    read(data, endian, segments)
+                    links(data, endian, segments, true)
                 }) {
-                    check_shipped(plugin, &shipped, &next, seen)?;
+                    check_shipped(plugin, &shipped, &next, &passed_on, seen)?;
                 }
             }
         }
@@ -577,6 +619,77 @@ mod tests {
         assert_eq!(path, &second);
         assert_eq!(name, LEAF);
         assert_eq!(shipped, &second_dir.join(LEAF));
+        drop(loaded);
+    }
+
+    /// glibc's `DT_RPATH` rule: a shipped library without a run path of
+    /// its own finds what it needs through the old-style `DT_RPATH` of the
+    /// plugin's library that loads it, so a clash there is found; under a
+    /// `DT_RUNPATH` (which serves the plugin's library alone) it is not
+    /// looked for.
+    #[test]
+    fn a_dt_rpath_serves_the_libraries_it_loads_too() {
+        const LEAF: &str = "libfs_origin_test_rleaf.so";
+        const MID: &str = "libfs_origin_test_rmid.so";
+        let tmp = tempfile::tempdir().unwrap();
+        // `dir/LEAF` returning `value`, `dir/MID` needing it (no run path),
+        // and `dir/{name}` needing `MID` through `$ORIGIN` in a `DT_RPATH`
+        // (`new_dtags`: in a `DT_RUNPATH`).
+        let build = |dir: &Path, name: &str, value: i32, new_dtags: bool| {
+            std::fs::create_dir_all(dir).unwrap();
+            cc(
+                dir,
+                &[LEAF, &format!("-Wl,-soname,{LEAF}")],
+                &format!("int fs_origin_rleaf(void) {{ return {value}; }}\n"),
+            );
+            let search = format!("-L{}", dir.display());
+            let leaf = format!("-l:{LEAF}");
+            cc(
+                dir,
+                &[MID, &search, &leaf, &format!("-Wl,-soname,{MID}")],
+                "int fs_origin_rleaf(void);\nint rmid(void) { return fs_origin_rleaf(); }\n",
+            );
+            let mid = format!("-l:{MID}");
+            let tags = if new_dtags {
+                "-Wl,--enable-new-dtags"
+            } else {
+                "-Wl,--disable-new-dtags"
+            };
+            cc(
+                dir,
+                &[name, &search, &mid, "-Wl,-rpath,$ORIGIN", tags],
+                "int rmid(void);\nint rvalue(void) { return rmid(); }\n",
+            );
+            dir.join(name)
+        };
+        let rpath = build(&tmp.path().join("rpath"), "librpath.so", 2, false);
+        let runpath = build(&tmp.path().join("runpath"), "librunpath.so", 3, true);
+        let rpath_found = origin_path(&rpath).expect("an $ORIGIN run path");
+        assert!(!rpath_found.runpath, "{rpath_found:?}");
+        let runpath_found = origin_path(&runpath).expect("an $ORIGIN run path");
+        assert!(runpath_found.runpath, "{runpath_found:?}");
+        check(&rpath, &rpath_found).unwrap();
+
+        // Another LEAF loaded (by its path: what the two plugins' MID would
+        // be handed).
+        let other = tmp.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        cc(
+            &other,
+            &[LEAF, &format!("-Wl,-soname,{LEAF}")],
+            "int fs_origin_rleaf(void) { return 1; }\n",
+        );
+        // SAFETY: the test's own library, whose initialisers do nothing.
+        let loaded = unsafe { Library::open(Some(other.join(LEAF)), RTLD_NOW) }.unwrap();
+        let err = check(&rpath, &rpath_found).unwrap_err();
+        let ImportError::SharedLibraryShadowed { name, shipped, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(name, LEAF);
+        assert_eq!(shipped, &tmp.path().join("rpath").join(LEAF));
+        // MID has no run path and the plugin's is a DT_RUNPATH: glibc does
+        // not look for LEAF beside it, and neither does the check.
+        check(&runpath, &runpath_found).unwrap();
         drop(loaded);
     }
 
