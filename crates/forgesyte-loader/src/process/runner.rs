@@ -191,27 +191,20 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     // this thread and those it starts after) and before the plugin's
     // library is opened.
     let confinement = args.confine.as_ref().map(crate::sandbox::apply);
-    if args.confine.as_ref().is_some_and(|plan| plan.required)
-        && let Some(why) = crate::sandbox::unconfined(confinement.as_ref())
-    {
-        // Required and not wholly enforced: the library is not opened.
-        let error = ImportError::NotConfined {
-            detail: format!("the plugin's runner could not confine itself: {why}"),
-        };
-        send(
-            &out,
-            &Response::ImportFailed {
-                error: WireError::import(&error),
-            },
-            &[],
-        );
-        return ExitCode::SUCCESS;
-    }
     watch_parent();
-    let opened = match args.library_fd {
+    let refused = args
+        .confine
+        .as_ref()
+        .filter(|plan| plan.required)
+        .and_then(|_| crate::sandbox::unconfined(confinement.as_ref()));
+    let opened = match (refused, args.library_fd) {
+        // Required and not wholly enforced: the library is not opened.
+        (Some(why), _) => Err(ImportError::NotConfined {
+            detail: format!("the plugin's runner could not confine itself: {why}"),
+        }),
         // Opened anew through `/proc` (which Landlock lets it read): the
         // inherited descriptor itself is never taken over.
-        Some(fd) => match File::open(format!("/proc/self/fd/{fd}")) {
+        (None, Some(fd)) => match File::open(format!("/proc/self/fd/{fd}")) {
             Ok(file) => {
                 close_on_exec(fd);
                 NativeLibrary::open_fd(&args.library, file.into())
@@ -221,7 +214,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 detail: format!("cannot open its checked bytes (descriptor {fd}): {e}"),
             }),
         },
-        None => NativeLibrary::open(&args.library),
+        (None, None) => NativeLibrary::open(&args.library),
     };
     let library = match opened {
         Ok(library) => Arc::new(library),

@@ -40,12 +40,7 @@ fn lock_then_modify_then_load_refuses_exactly_the_modified_plugins() {
     assert_eq!(lock["plugins"]["py-ok"]["of"], "*.py");
 
     // Change one library and one Python source.
-    let library = std::path::Path::new(forgesyte_tests::zoo::GOOD_LIBRARY)
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let library = crate::support::good_library_name();
     let bad_lib = root.join("native-bad").join(&library);
     append(&bad_lib, b"\0");
     append(&root.join("py-bad/plugin.py"), b"\n# changed\n");
@@ -152,12 +147,7 @@ fn a_pinned_isolated_library_runs_from_the_checked_bytes() {
     let dir = PluginsDir::new();
     dir.good("pinned", json!({"isolation": "process"}))
         .good("unpinned", json!({"isolation": "process"}));
-    let library = std::path::Path::new(forgesyte_tests::zoo::GOOD_LIBRARY)
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let library = crate::support::good_library_name();
     let fs = forgesyte_deps::RealFs;
     let digest =
         forgesyte_loader::integrity::file_digest(&fs, &dir.path().join("pinned").join(&library))
