@@ -86,6 +86,9 @@ pub struct Loader {
     pub(super) pass: PassCache,
     /// Checked library bytes waiting for their load (`verified.rs`).
     pub(super) checked_bytes: Arc<super::verified::ByteBudget>,
+    /// The keys signatures are checked against: the configured ones, read
+    /// again from their directory by every rescan (`rescan.rs`).
+    pub(super) trusted_keys: RwLock<crate::signature::TrustedKeys>,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -121,6 +124,7 @@ impl Loader {
             checker,
             fs,
             importer,
+            trusted_keys: RwLock::new(config.trusted_keys.clone()),
             config,
             entries: RwLock::new(BTreeMap::new()),
             plugins_dir: RwLock::new(None),

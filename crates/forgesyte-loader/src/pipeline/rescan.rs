@@ -112,6 +112,7 @@ impl Loader {
     pub fn rescan(&self) -> RescanReport {
         let started = Instant::now();
         self.fresh_stamps.lock().clear();
+        let trust_changed = self.reread_trusted_keys();
         let (new_entry_points, gone_entry_points) = self.rescan_entry_points();
         let plugins_dir = self.plugins_dir.read().clone();
         // Without a listing of the plugins directory (none was loaded, or it
@@ -157,7 +158,12 @@ impl Loader {
             let now = stamp(&dir);
             // What a reload of it does not stamp again, keeps this stamp.
             self.fresh_stamps.lock().insert(dir.clone(), now);
-            if old_stamps.get(&name).is_none_or(|old| *old != now) {
+            // A signature is only as good as the keys it is checked against:
+            // when they changed, every plugin whose signature was checked
+            // is checked (and loaded) again.
+            if old_stamps.get(&name).is_none_or(|old| *old != now)
+                || (trust_changed && self.signature_was_checked(&name))
+            {
                 changed.push(name);
             } else if self
                 .registry
@@ -224,6 +230,38 @@ impl Loader {
             report.summary()
         );
         report
+    }
+
+    /// Reads the trust store again (`--trusted-keys`), for this rescan and
+    /// every load after it; whether the set of trusted keys changed. One
+    /// that cannot be read now trusts no key (fail closed), as at start-up
+    /// it would refuse to start.
+    fn reread_trusted_keys(&self) -> bool {
+        let Some((keys, error)) = self.trusted_keys.read().reread() else {
+            return false;
+        };
+        if let Some(e) = error {
+            tracing::error!("{e}: no key is trusted until it can be read");
+        }
+        let mut current = self.trusted_keys.write();
+        let changed = !current.ids().eq(keys.ids());
+        if changed {
+            tracing::info!(
+                keys = ?keys.ids().collect::<Vec<_>>(),
+                "The trusted keys changed: every signed plugin is checked again"
+            );
+        }
+        *current = keys;
+        changed
+    }
+
+    /// Whether `name`'s signature was checked at its load (it has one, in
+    /// any state but unsigned).
+    fn signature_was_checked(&self, name: &str) -> bool {
+        self.registry
+            .get_status(name)
+            .and_then(|status| status.signature)
+            .is_some_and(|s| s.status != forgesyte_registry::SignatureState::Unsigned)
     }
 
     /// Records the change stamp of every registered plugin, the baseline

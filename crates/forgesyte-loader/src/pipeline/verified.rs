@@ -99,7 +99,7 @@ impl Loader {
             self.fs.as_ref(),
             &p.dir,
             &p.manifest,
-            &self.config.trusted_keys,
+            &self.trusted_keys.read(),
         );
         let info = &checked.info;
         if info.status != SignatureState::Unsigned {

@@ -338,19 +338,18 @@ impl ProcessImporter {
             "--plugin".into(),
             self.plugin.clone().into(),
         ];
-        // The plan's environment is the runner's whole environment, with
-        // what the protocol and the memory limit need (a zygote's runner
-        // sets it itself, from the plan).
         // The checked library's memory file, at the same number in the
-        // runner (`pass_fd`).
+        // runner (`pass_fd`). (Landlock needs no rule for it: a memory file
+        // is on no filesystem a rule can name, and is not restricted.)
         let library_fd = match (&self.launch, &self.library_fd) {
             (Launch::Native { .. }, Some((checked, fd))) if checked == library => {
                 Some(fd.as_raw_fd())
             }
             _ => None,
         };
-        // (Landlock needs no rule for it: a memory file is on no filesystem
-        // a rule can name, and is not restricted; `/proc` is readable.)
+        // The plan's environment is the runner's whole environment, with
+        // what the protocol and the memory limit need (a zygote's runner
+        // sets it itself, from the plan).
         let plan = self.confinement.as_ref().map(|plan| {
             let mut plan = plan.clone();
             let runtime = child::runner_env(self.limits.memory_limit_mib > 0);

@@ -149,6 +149,24 @@ impl TrustedKeys {
         })
     }
 
+    /// The same store read again from its directory (`None` when it has
+    /// none): what a rescan trusts. A directory that cannot be read now, or
+    /// a key that cannot be parsed, gives a store of no keys (fail closed)
+    /// and the error.
+    pub fn reread(&self) -> Option<(TrustedKeys, Option<String>)> {
+        let dir = self.dir.as_ref()?;
+        Some(match TrustedKeys::load(dir) {
+            Ok(keys) => (keys, None),
+            Err(e) => (
+                TrustedKeys {
+                    dir: Some(dir.clone()),
+                    keys: Vec::new(),
+                },
+                Some(e),
+            ),
+        })
+    }
+
     /// The key of id `id`, if it is trusted.
     pub fn get(&self, id: &str) -> Option<&PublicKey> {
         self.keys.iter().find(|(k, _)| k == id).map(|(_, key)| key)

@@ -313,3 +313,57 @@ fn keygen_wants_a_password_or_unencrypted_and_a_bad_trust_store_is_a_usage_error
         "{err}"
     );
 }
+
+/// The trust store is read again by every rescan: a key taken out of it
+/// revokes what it signed at the next `SIGHUP` (under `--require-signed`
+/// its plugins are FAILED, naming the key), a key put back restores them,
+/// and plugins whose signature was never checked are not reloaded for it.
+#[test]
+fn a_rescan_reads_the_trusted_keys_again_and_checks_signed_plugins_again() {
+    let s = every_status();
+    let server = Forgesyte::start(&[
+        "--plugins",
+        s.plugins.path_str(),
+        "--trusted-keys",
+        s.trusted.to_str().unwrap(),
+        "--require-signed",
+    ]);
+    server.wait_loaded();
+    let health = |name: &str| server.get(&format!("/v1/plugins/{name}/health")).json();
+    assert_eq!(health("n-signed")["state"], "INITIALIZED");
+    let key = s.trusted.join("author.pub");
+    let saved = std::fs::read(&key).unwrap();
+
+    // The author's key revoked.
+    std::fs::remove_file(&key).unwrap();
+    crate::rescan::hangup(&server);
+    let limit = std::time::Duration::from_secs(20);
+    crate::rescan::wait_for("the revocation", limit, &server, || {
+        (health("n-signed")["state"] == "FAILED").then_some(())
+    });
+    let revoked = health("n-signed");
+    let reason = revoked["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("IntegrityError: signature required")
+            && reason.contains(&s.author)
+            && reason.contains("not among the trusted keys"),
+        "{revoked}"
+    );
+    assert_eq!(revoked["signature"]["status"], "invalid", "{revoked}");
+    assert!(
+        server
+            .log()
+            .contains("The trusted keys changed: every signed plugin is checked again"),
+        "{}",
+        server.log()
+    );
+
+    // Put back: trusted again.
+    std::fs::write(&key, &saved).unwrap();
+    crate::rescan::hangup(&server);
+    crate::rescan::wait_for("the key's return", limit, &server, || {
+        (health("n-signed")["state"] == "INITIALIZED").then_some(())
+    });
+    assert_eq!(health("n-signed")["signature"]["status"], "signed");
+    assert_eq!(health("p-signed")["state"], "INITIALIZED");
+}
