@@ -189,7 +189,11 @@ impl ServerConfig {
             // it trusts nothing (fail closed).
             trusted_keys: self.trusted_keys().unwrap_or_else(|e| {
                 tracing::error!("{e}: no key is trusted");
-                TrustedKeys::default()
+                // Read again by the next rescan.
+                self.trusted_keys_dir
+                    .as_deref()
+                    .map(TrustedKeys::none_of)
+                    .unwrap_or_default()
             }),
             require_signed: self.require_signed,
             call_timeout: self.call_timeout,

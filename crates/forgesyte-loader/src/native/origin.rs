@@ -276,6 +276,12 @@ fn expand_origin(dir: &str, origin: &str) -> Option<String> {
 /// in turn, has the name of another library already loaded in this
 /// process: the dynamic loader would hand it that one. The same file, or
 /// one with the same bytes, passes (and what it needs was loaded with it).
+///
+/// The look-ups follow glibc's rules. Each shipped library is checked
+/// once, through the first chain that reaches it (depth first; glibc
+/// resolves breadth first, so a library two chains reach with different
+/// inherited `DT_RPATH`s may be looked up otherwise); musl, which applies
+/// every loader's run path whatever its kind, may find more.
 pub(super) fn check(path: &Path, origin_path: &OriginPath) -> Result<(), ImportError> {
     let mut seen = vec![path.to_path_buf()];
     check_shipped(path, path, origin_path, &[], &mut seen)
@@ -338,12 +344,16 @@ fn check_shipped(
                     continue;
                 }
                 if seen.len() >= MAX_SHIPPED {
-                    tracing::warn!(
-                        library = %plugin.display(),
-                        "{} ships more than {MAX_SHIPPED} libraries: {} and those it ships are not checked against the libraries loaded already",
-                        plugin.display(),
-                        shipped.display()
-                    );
+                    if seen.len() == MAX_SHIPPED {
+                        tracing::warn!(
+                            library = %plugin.display(),
+                            "{} and the libraries it ships are more than {MAX_SHIPPED}: the rest, from {} on, are not checked against the libraries loaded already",
+                            plugin.display(),
+                            shipped.display()
+                        );
+                        // Past the cap: said once.
+                        seen.push(PathBuf::new());
+                    }
                     continue;
                 }
                 seen.push(shipped.clone());

@@ -37,6 +37,8 @@ impl Loader {
         if !self.entries.read().contains_key(name) {
             return None;
         }
+        // Its signature is checked against the keys as they are now.
+        self.reread_trusted_keys();
         self.fresh_stamps.lock().clear();
         let outcome = self
             .reload_names(&[name.to_owned()], &BTreeSet::new())
@@ -58,6 +60,7 @@ impl Loader {
     /// [`load_all`](Self::load_all).
     pub fn reload_all(&self) -> LoadReport {
         let started = Instant::now();
+        self.reread_trusted_keys();
         self.fresh_stamps.lock().clear();
         let (new_entry_points, _gone) = self.rescan_entry_points();
         let names: Vec<String> = self.entries.read().keys().cloned().collect();

@@ -112,7 +112,7 @@ impl Loader {
     pub fn rescan(&self) -> RescanReport {
         let started = Instant::now();
         self.fresh_stamps.lock().clear();
-        let trust_changed = self.reread_trusted_keys();
+        let changed_keys = self.reread_trusted_keys();
         let (new_entry_points, gone_entry_points) = self.rescan_entry_points();
         let plugins_dir = self.plugins_dir.read().clone();
         // Without a listing of the plugins directory (none was loaded, or it
@@ -159,10 +159,10 @@ impl Loader {
             // What a reload of it does not stamp again, keeps this stamp.
             self.fresh_stamps.lock().insert(dir.clone(), now);
             // A signature is only as good as the keys it is checked against:
-            // when they changed, every plugin whose signature was checked
+            // a plugin signed by a key that was added, removed or replaced
             // is checked (and loaded) again.
             if old_stamps.get(&name).is_none_or(|old| *old != now)
-                || (trust_changed && self.signature_was_checked(&name))
+                || (!changed_keys.is_empty() && self.signed_by_one_of(&name, &changed_keys))
             {
                 changed.push(name);
             } else if self
@@ -232,36 +232,40 @@ impl Loader {
         report
     }
 
-    /// Reads the trust store again (`--trusted-keys`), for this rescan and
-    /// every load after it; whether the set of trusted keys changed. One
-    /// that cannot be read now trusts no key (fail closed), as at start-up
-    /// it would refuse to start.
-    fn reread_trusted_keys(&self) -> bool {
+    /// Reads the trust store again (`--trusted-keys`), for this pass and
+    /// every load after it; the ids of the keys added, removed or replaced.
+    /// One that cannot be read now trusts no key (fail closed), as at
+    /// start-up it would refuse to start.
+    pub(super) fn reread_trusted_keys(&self) -> BTreeSet<String> {
         let Some((keys, error)) = self.trusted_keys.read().reread() else {
-            return false;
+            return BTreeSet::new();
         };
         if let Some(e) = error {
             tracing::error!("{e}: no key is trusted until it can be read");
         }
         let mut current = self.trusted_keys.write();
-        let changed = !current.ids().eq(keys.ids());
-        if changed {
+        let changed = current.differing_ids(&keys);
+        if !changed.is_empty() {
             tracing::info!(
                 keys = ?keys.ids().collect::<Vec<_>>(),
-                "The trusted keys changed: every signed plugin is checked again"
+                changed = ?changed,
+                "The trusted keys changed: the plugins they signed are checked again"
             );
         }
         *current = keys;
         changed
     }
 
-    /// Whether `name`'s signature was checked at its load (it has one, in
-    /// any state but unsigned).
-    fn signature_was_checked(&self, name: &str) -> bool {
+    /// Whether `name`'s signature names one of `keys` (or names no key: a
+    /// signature that could not be read, checked again with the rest).
+    fn signed_by_one_of(&self, name: &str, keys: &BTreeSet<String>) -> bool {
         self.registry
             .get_status(name)
             .and_then(|status| status.signature)
-            .is_some_and(|s| s.status != forgesyte_registry::SignatureState::Unsigned)
+            .is_some_and(|s| {
+                s.status != forgesyte_registry::SignatureState::Unsigned
+                    && s.key_id.as_ref().is_none_or(|id| keys.contains(id))
+            })
     }
 
     /// Records the change stamp of every registered plugin, the baseline

@@ -345,6 +345,15 @@ impl ProcessImporter {
             (Launch::Native { .. }, Some((checked, fd))) if checked == library => {
                 Some(fd.as_raw_fd())
             }
+            (Launch::Native { .. }, Some((checked, _))) => {
+                tracing::warn!(
+                    plugin = %self.plugin,
+                    "the checked bytes are those of {}, not of {}: the runner loads the file",
+                    checked.display(),
+                    library.display()
+                );
+                None
+            }
             _ => None,
         };
         // The plan's environment is the runner's whole environment, with

@@ -157,14 +157,34 @@ impl TrustedKeys {
         let dir = self.dir.as_ref()?;
         Some(match TrustedKeys::load(dir) {
             Ok(keys) => (keys, None),
-            Err(e) => (
-                TrustedKeys {
-                    dir: Some(dir.clone()),
-                    keys: Vec::new(),
-                },
-                Some(e),
-            ),
+            Err(e) => (TrustedKeys::none_of(dir), Some(e)),
         })
+    }
+
+    /// A store of `dir` that trusts no key yet: what a store that cannot be
+    /// read stands for (fail closed), read again by the next rescan.
+    pub fn none_of(dir: &Path) -> TrustedKeys {
+        TrustedKeys {
+            dir: Some(dir.to_path_buf()),
+            keys: Vec::new(),
+        }
+    }
+
+    /// The ids of the keys trusted by one of `self` and `other` but not by
+    /// both alike (added, removed, or the same id with other key bytes).
+    pub fn differing_ids(&self, other: &TrustedKeys) -> std::collections::BTreeSet<String> {
+        let bytes = |keys: &TrustedKeys| -> std::collections::BTreeMap<String, Vec<u8>> {
+            keys.keys
+                .iter()
+                .map(|(id, key)| (id.clone(), key.to_bytes()))
+                .collect()
+        };
+        let (a, b) = (bytes(self), bytes(other));
+        a.keys()
+            .chain(b.keys())
+            .filter(|id| a.get(*id) != b.get(*id))
+            .cloned()
+            .collect()
     }
 
     /// The key of id `id`, if it is trusted.
@@ -265,6 +285,57 @@ mod tests {
     #[test]
     fn key_ids_are_printed_as_minisign_prints_them() {
         assert_eq!(key_id(&[1, 0, 0, 0, 0, 0, 0, 0xab]), "AB00000000000001");
+    }
+
+    /// What a rescan compares: keys added, removed or replaced under the
+    /// same id (the same file with other bytes); a store read again after
+    /// it broke trusts none, and is still read from its directory.
+    #[test]
+    fn rereading_names_the_keys_that_differ() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, _, a) = keygen(tmp.path(), "a", None).unwrap();
+        let before = TrustedKeys::load(tmp.path()).unwrap();
+        let (_, b_pub, b) = keygen(tmp.path(), "b", None).unwrap();
+        let (after, error) = before.reread().unwrap();
+        assert_eq!(error, None);
+        assert_eq!(before.differing_ids(&after), [b.clone()].into());
+        assert_eq!(after.differing_ids(&before), [b.clone()].into());
+        assert!(after.differing_ids(&after).is_empty());
+        // `b`'s id, another key's bytes.
+        let other = tempfile::tempdir().unwrap();
+        let (_, c_pub, _) = keygen(other.path(), "c", None).unwrap();
+        let c_text = std::fs::read_to_string(c_pub).unwrap();
+        let b_text = std::fs::read_to_string(&b_pub).unwrap();
+        let b_raw = PublicKeyBox::from_string(&b_text)
+            .and_then(PublicKeyBox::into_public_key)
+            .unwrap()
+            .to_bytes();
+        let mut c_raw = PublicKeyBox::from_string(&c_text)
+            .and_then(PublicKeyBox::into_public_key)
+            .unwrap()
+            .to_bytes();
+        // Algorithm (2 bytes), key number (8), key: the id is the number.
+        c_raw[2..10].copy_from_slice(&b_raw[2..10]);
+        let forged = PublicKey::from_bytes(&c_raw).unwrap();
+        std::fs::write(
+            &b_pub,
+            format!("untrusted comment: same id\n{}\n", forged.to_base64()),
+        )
+        .unwrap();
+        let (replaced, _) = after.reread().unwrap();
+        assert_eq!(
+            replaced.ids().collect::<Vec<_>>(),
+            after.ids().collect::<Vec<_>>()
+        );
+        assert_eq!(after.differing_ids(&replaced), [b.clone()].into());
+        // Broken: no key at all, the directory kept.
+        std::fs::write(tmp.path().join("bad.pub"), "not a key\n").unwrap();
+        let (broken, error) = replaced.reread().unwrap();
+        assert!(error.is_some());
+        assert_eq!(broken.ids().count(), 0);
+        assert_eq!(broken.differing_ids(&replaced), [a, b].into());
+        assert!(broken.reread().is_some());
+        assert!(TrustedKeys::default().reread().is_none());
     }
 
     #[test]
