@@ -318,10 +318,7 @@ impl Loader {
             std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         );
-        if self.config.require_confinement {
-            plan.required = true;
-            return Ok(importer.confined(plan).confinement_required());
-        }
+        plan.required = self.config.require_confinement;
         Ok(importer.confined(plan))
     }
 

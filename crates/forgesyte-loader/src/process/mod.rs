@@ -185,10 +185,10 @@ pub struct ProcessImporter {
     launch: Launch,
     plugin: String,
     limits: ProcessLimits,
+    /// The plan its runners apply; one that says `required` also makes
+    /// the host refuse a runner that reports any part `unconfined`
+    /// ([`SpawnError::Unconfined`]).
     confinement: Option<crate::sandbox::Confinement>,
-    /// A runner that reports any part of its confinement `unconfined` is
-    /// stopped and refused ([`SpawnError::Unconfined`]).
-    confinement_required: bool,
     /// A library's path and its checked bytes, sealed in a memory file
     /// that each native runner of that library inherits and loads instead
     /// of the file (a restart too).
@@ -212,7 +212,6 @@ impl ProcessImporter {
             plugin: plugin.into(),
             limits,
             confinement: None,
-            confinement_required: false,
             library_fd: None,
             run_as: None,
         }
@@ -237,7 +236,6 @@ impl ProcessImporter {
             plugin: plugin.into(),
             limits,
             confinement: None,
-            confinement_required: false,
             library_fd: None,
             run_as: None,
         }
@@ -264,18 +262,10 @@ impl ProcessImporter {
     }
 
     /// Confines its runners: each applies `plan` to itself before any of
-    /// the plugin's code runs, and starts with the plan's environment only.
+    /// the plugin's code runs, and starts with the plan's environment only;
+    /// a plan that says `required` is checked again in each runner's hello.
     pub fn confined(mut self, plan: crate::sandbox::Confinement) -> Self {
         self.confinement = Some(plan);
-        self
-    }
-
-    /// Refuses a runner that could not confine itself wholly: one whose
-    /// report names any part `unconfined`, or that reports no confinement
-    /// (`--require-confinement`). It is stopped before any of the plugin's
-    /// code is constructed.
-    pub fn confinement_required(mut self) -> Self {
-        self.confinement_required = true;
         self
     }
 
@@ -312,11 +302,13 @@ impl ProcessImporter {
         }
     }
 
-    /// Starts a runner for `library`, refused when confinement is required
-    /// and it reports itself unconfined.
+    /// Starts a runner for `library`, refused when its plan requires
+    /// confinement (`--require-confinement`) and it reports any part
+    /// unconfined, or no confinement at all: it is stopped before any of
+    /// the plugin's code is constructed.
     fn spawn(&self, library: &Path) -> Result<Child, SpawnError> {
         let child = self.launch(library)?;
-        if self.confinement_required
+        if self.confinement.as_ref().is_some_and(|plan| plan.required)
             && let Some(why) = crate::sandbox::unconfined(child.hello().confinement.as_ref())
         {
             // Dropping it stops the runner.
