@@ -228,6 +228,13 @@ impl NativeLibrary {
     ) -> Result<Self, ImportError> {
         let fingerprint = vet_fingerprint(path, elf.fingerprint, &Fingerprint::current())?;
         if let Some(origin_path) = &elf.origin_path {
+            if load != path {
+                tracing::warn!(
+                    library = %path.display(),
+                    "{} is loaded from a memory file of its bytes, where $ORIGIN in its run path finds nothing: the libraries it ships beside it are not found there (run it isolated to have them)",
+                    path.display()
+                );
+            }
             // Against `path`'s directory even for a memory file: its
             // `$ORIGIN` finds nothing there, so a library of the name
             // loaded already is what it would get.

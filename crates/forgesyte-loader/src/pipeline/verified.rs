@@ -196,16 +196,7 @@ impl Loader {
     ) -> Result<Arc<dyn PluginLibrary>, PluginError> {
         Ok(match opening {
             Opening::Path => self.importer.open(library)?,
-            Opening::Bytes(bytes, _reserved) => {
-                if crate::native::names_origin(&bytes) {
-                    tracing::warn!(
-                        library = %library.display(),
-                        "{} is loaded from its checked bytes, where $ORIGIN in its run path finds nothing: the libraries it ships beside it are not found there (run it isolated to have them)",
-                        library.display()
-                    );
-                }
-                self.importer.open_bytes(library, &bytes)?
-            }
+            Opening::Bytes(bytes, _reserved) => self.importer.open_bytes(library, &bytes)?,
         })
     }
 
