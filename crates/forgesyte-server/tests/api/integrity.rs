@@ -122,17 +122,12 @@ fn mapped_files(pid: u32) -> Vec<String> {
 
 /// The runner of `plugin` once it is up, within 10 s.
 fn runner_of(server: &crate::support::Forgesyte, plugin: &str) -> u32 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Some(pid) = crate::support::runner_pid(server.pid(), plugin) {
-            return pid;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no runner of {plugin}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    crate::rescan::wait_for(
+        &format!("a runner of {plugin}"),
+        std::time::Duration::from_secs(10),
+        server,
+        || crate::support::runner_pid(server.pid(), plugin),
+    )
 }
 
 /// An isolated native plugin whose library is pinned runs the bytes that
@@ -201,22 +196,20 @@ fn a_pinned_isolated_library_runs_from_the_checked_bytes() {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", &pinned.to_string()])
                 .status();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            pinned = loop {
-                let health = server.get("/v1/plugins/pinned/health").json();
-                if health["state"] == "INITIALIZED"
-                    && health["restart_count"].as_u64() >= Some(1)
-                    && let Some(pid) = crate::support::runner_pid(server.pid(), "pinned")
-                    && pid != pinned
-                {
-                    break pid;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "not restarted: {health}"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            };
+            let old = pinned;
+            pinned = crate::rescan::wait_for(
+                "the runner's restart",
+                std::time::Duration::from_secs(20),
+                &server,
+                || {
+                    let health = server.get("/v1/plugins/pinned/health").json();
+                    (health["state"] == "INITIALIZED"
+                        && health["restart_count"].as_u64() >= Some(1))
+                    .then(|| crate::support::runner_pid(server.pid(), "pinned"))
+                    .flatten()
+                    .filter(|pid| *pid != old)
+                },
+            );
         }
     }
 }

@@ -704,14 +704,16 @@ fn require_confinement_refuses_every_plugin_that_would_run_unconfined() {
     );
     // The refused runner is stopped (its stdin closed, killed after a
     // grace if it lingers).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while let Some(pid) = super::support::runner_pid(server.pid(), "native") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the refused runner {pid} was not stopped"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    super::rescan::wait_for(
+        "the refused runner's end",
+        std::time::Duration::from_secs(10),
+        &server,
+        || {
+            super::support::runner_pid(server.pid(), "native")
+                .is_none()
+                .then_some(())
+        },
+    );
 }
 
 /// Starts its first argument (looked up on `PATH` when bare) with the rest
