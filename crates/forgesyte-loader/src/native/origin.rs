@@ -448,23 +448,51 @@ mod tests {
     /// Builds `dir/HELPER` (returning `value`) with `cc`, and beside it a
     /// library `dir/lib{name}.so` that needs it, found through `$ORIGIN`.
     fn ship(dir: &Path, name: &str, value: i32) -> PathBuf {
+        leaf(dir, HELPER, value);
+        needing(dir, &format!("lib{name}.so"), HELPER, Some(true))
+    }
+
+    /// The C function a test library `name` defines, named after it.
+    fn symbol(name: &str) -> String {
+        name.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect()
+    }
+
+    /// Builds `dir/name`, a library of soname `name` whose function returns
+    /// `value`.
+    fn leaf(dir: &Path, name: &str, value: i32) {
         std::fs::create_dir_all(dir).unwrap();
         cc(
             dir,
-            &[HELPER, &format!("-Wl,-soname,{HELPER}")],
-            &format!("int fs_origin_helper(void) {{ return {value}; }}\n"),
+            &[name, &format!("-Wl,-soname,{name}")],
+            &format!("int {}(void) {{ return {value}; }}\n", symbol(name)),
         );
-        let library = format!("lib{name}.so");
+    }
+
+    /// Builds `dir/library`, which needs `dir/needed` (built already) and
+    /// calls it; `run_path`: `$ORIGIN` as its `DT_RUNPATH` (`Some(true)`),
+    /// as its `DT_RPATH` (`Some(false)`), or no run path.
+    fn needing(dir: &Path, library: &str, needed: &str, run_path: Option<bool>) -> PathBuf {
+        let search = format!("-L{}", dir.display());
+        let link = format!("-l:{needed}");
+        let mut args = vec![library, &search, &link];
+        if let Some(new_dtags) = run_path {
+            args.push("-Wl,-rpath,$ORIGIN");
+            args.push(if new_dtags {
+                "-Wl,--enable-new-dtags"
+            } else {
+                "-Wl,--disable-new-dtags"
+            });
+        }
         cc(
             dir,
-            &[
-                &library,
-                &format!("-L{}", dir.display()),
-                &format!("-l:{HELPER}"),
-                "-Wl,-rpath,$ORIGIN",
-                "-Wl,--enable-new-dtags",
-            ],
-            "int fs_origin_helper(void);\nint plugin_value(void) { return fs_origin_helper(); }\n",
+            &args,
+            &format!(
+                "int {n}(void);\nint {l}(void) {{ return {n}(); }}\n",
+                n = symbol(needed),
+                l = symbol(library)
+            ),
         );
         dir.join(library)
     }
@@ -574,39 +602,13 @@ mod tests {
         const LEAF: &str = "libfs_origin_test_leaf.so";
         const MID: &str = "libfs_origin_test_mid.so";
         let tmp = tempfile::tempdir().unwrap();
-        let origin = ["-Wl,-rpath,$ORIGIN", "-Wl,--enable-new-dtags"];
-        // `dir/LEAF` returning `value`, and `dir/{library}` needing it.
-        let leaf_and = |dir: &Path, library: &str, value: i32| {
-            std::fs::create_dir_all(dir).unwrap();
-            cc(
-                dir,
-                &[LEAF, &format!("-Wl,-soname,{LEAF}")],
-                &format!("int fs_origin_leaf(void) {{ return {value}; }}\n"),
-            );
-            let search = format!("-L{}", dir.display());
-            let needs = format!("-l:{LEAF}");
-            let soname = format!("-Wl,-soname,{library}");
-            let mut args = vec![library, &search, &needs, &soname];
-            args.extend(origin);
-            cc(
-                dir,
-                &args,
-                "int fs_origin_leaf(void);\nint mid_value(void) { return fs_origin_leaf(); }\n",
-            );
-            dir.join(library)
-        };
-        let first = leaf_and(&tmp.path().join("first"), "libfirst.so", 1);
+        let first_dir = tmp.path().join("first");
+        leaf(&first_dir, LEAF, 1);
+        let first = needing(&first_dir, "libfirst.so", LEAF, Some(true));
         let second_dir = tmp.path().join("second");
-        leaf_and(&second_dir, MID, 2);
-        let search = format!("-L{}", second_dir.display());
-        let needs = format!("-l:{MID}");
-        let mut args = vec!["libsecond.so", &search, &needs];
-        args.extend(origin);
-        cc(
-            &second_dir,
-            &args,
-            "int mid_value(void);\nint plugin_value(void) { return mid_value(); }\n",
-        );
+        leaf(&second_dir, LEAF, 2);
+        needing(&second_dir, MID, LEAF, Some(true));
+        needing(&second_dir, "libsecond.so", MID, Some(true));
         let second = second_dir.join("libsecond.so");
         let found = origin_path(&second).expect("an $ORIGIN run path");
         assert!(found.needed.iter().any(|n| n == MID), "{found:?}");
@@ -646,31 +648,9 @@ mod tests {
         // and `dir/{name}` needing `MID` through `$ORIGIN` in a `DT_RPATH`
         // (`new_dtags`: in a `DT_RUNPATH`).
         let build = |dir: &Path, name: &str, value: i32, new_dtags: bool| {
-            std::fs::create_dir_all(dir).unwrap();
-            cc(
-                dir,
-                &[LEAF, &format!("-Wl,-soname,{LEAF}")],
-                &format!("int fs_origin_rleaf(void) {{ return {value}; }}\n"),
-            );
-            let search = format!("-L{}", dir.display());
-            let leaf = format!("-l:{LEAF}");
-            cc(
-                dir,
-                &[MID, &search, &leaf, &format!("-Wl,-soname,{MID}")],
-                "int fs_origin_rleaf(void);\nint rmid(void) { return fs_origin_rleaf(); }\n",
-            );
-            let mid = format!("-l:{MID}");
-            let tags = if new_dtags {
-                "-Wl,--enable-new-dtags"
-            } else {
-                "-Wl,--disable-new-dtags"
-            };
-            cc(
-                dir,
-                &[name, &search, &mid, "-Wl,-rpath,$ORIGIN", tags],
-                "int rmid(void);\nint rvalue(void) { return rmid(); }\n",
-            );
-            dir.join(name)
+            leaf(dir, LEAF, value);
+            needing(dir, MID, LEAF, None);
+            needing(dir, name, MID, Some(new_dtags))
         };
         let rpath = build(&tmp.path().join("rpath"), "librpath.so", 2, false);
         let runpath = build(&tmp.path().join("runpath"), "librunpath.so", 3, true);
@@ -683,12 +663,7 @@ mod tests {
         // Another LEAF loaded (by its path: what the two plugins' MID would
         // be handed).
         let other = tmp.path().join("other");
-        std::fs::create_dir_all(&other).unwrap();
-        cc(
-            &other,
-            &[LEAF, &format!("-Wl,-soname,{LEAF}")],
-            "int fs_origin_rleaf(void) { return 1; }\n",
-        );
+        leaf(&other, LEAF, 1);
         // SAFETY: the test's own library, whose initialisers do nothing.
         let loaded = unsafe { Library::open(Some(other.join(LEAF)), RTLD_NOW) }.unwrap();
         let err = check(&rpath, &rpath_found).unwrap_err();
