@@ -51,15 +51,17 @@ pub(crate) fn call_context(headers: &axum::http::HeaderMap) -> CallContext {
 /// the metrics when the plugin is registered and the tool is one it offers
 /// (or it cannot be asked: see [`crate::metrics::UNKNOWN_TOOL`]), so every
 /// label value names something that exists. Binary results are in the
-/// result as base64 strings at their places. The stream route's entry.
+/// result as base64 strings at their places. The stream route's entry:
+/// `room` is its frame's share of `--body-memory`, held until the plugin
+/// returns.
 pub(crate) async fn run(
     state: &AppState,
     plugin: &str,
     tool: &str,
-    input: RunInput,
+    (input, room): (RunInput, Option<tokio::sync::OwnedSemaphorePermit>),
     context: CallContext,
 ) -> Result<RunSuccess, RunError> {
-    run_output(state, plugin, tool, input, context, None)
+    run_output(state, plugin, tool, input, context, room)
         .await
         .map(|(success, binary)| crate::answer::with_base64(success, binary))
 }
@@ -295,20 +297,30 @@ async fn watch_call(
     let waited = tokio::time::sleep(limit);
     tokio::pin!(waited);
     let mut finished = None;
+    // The sender goes with the call's closure: dropped unsent, the call
+    // never started (its request ended first, or the pool let it go).
     let began = loop {
         tokio::select! {
             biased;
-            began = &mut started_rx => break began.ok(),
+            began = &mut started_rx => match began {
+                Ok(began) => break Some(began),
+                Err(_) => return Ended::NotStarted,
+            },
             out = &mut call, if finished.is_none() => finished = Some(out),
             () = &mut waited, if finished.is_none() => break None,
         }
     };
+    // The loop left at the end of the wait (never once `call` finished) or
+    // of `started_rx`, which is not polled again after its end.
     let began = match began {
         Some(began) => began,
-        None if finished.is_none() && start.cancel() => return Ended::NotStarted,
-        // It started just as the wait ended.
-        None if finished.is_none() => started_rx.await.unwrap_or_else(|_| Instant::now()),
-        None => Instant::now(),
+        None if start.cancel() => return Ended::NotStarted,
+        // It started just as the wait ended, or its request ended and
+        // cancelled it.
+        None => match started_rx.await {
+            Ok(began) => began,
+            Err(_) => return Ended::NotStarted,
+        },
     };
     if let Some(out) = finished {
         return Ended::Ran(Ok(out));

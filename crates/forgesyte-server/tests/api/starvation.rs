@@ -377,3 +377,58 @@ fn bodies_trickled_below_the_minimum_rate_give_their_room_back() {
     );
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+#[test]
+fn a_queued_call_whose_client_hung_up_never_runs_and_is_counted_rejected() {
+    // Every call thread busy (the per-core lanes and one blocking thread):
+    // one more call waits in the queue, and its client hangs up. When a
+    // thread frees, it finds the call cancelled: the call never runs, and
+    // its watch (gone on in a task of its own) counts it as rejected. It
+    // used to wait for the start signal again after its end, a panic.
+    let dir = PluginsDir::new();
+    dir.good("slow", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_BLOCKING_THREADS", "1")],
+    );
+    server.wait_loaded();
+    let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+    let busy: Vec<TcpStream> = (0..=lanes)
+        .map(|_| send_call(&server, "slow", r#"{"args": {"ms": 1500}}"#))
+        .collect();
+    wait_in_flight(&server, "slow", lanes as u64 + 1, Duration::from_secs(10));
+    abandoned_call(&server, "slow", r#"{"args": {"ms": 1}}"#);
+    let rejected =
+        "forgesyte_tool_calls_total{plugin=\"slow\",tool=\"sleep\",outcome=\"rejected\"} 1";
+    crate::rescan::wait_for(
+        "the hung-up call counted rejected",
+        Duration::from_secs(15),
+        &server,
+        || {
+            server
+                .get("/metrics")
+                .text()
+                .contains(rejected)
+                .then_some(())
+        },
+    );
+    let metrics = server.get("/metrics").text();
+    assert!(
+        !metrics.contains("outcome=\"internal\""),
+        "a call that never ran counted as an internal error:\n{metrics}"
+    );
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    // The busy calls all ran; the hung-up one is not among them.
+    crate::rescan::wait_for(
+        "the busy calls to end",
+        Duration::from_secs(15),
+        &server,
+        || {
+            let health = server.get("/v1/plugins/slow/health").json();
+            (health["in_flight"] == 0).then_some(health)
+        },
+    );
+    let health = server.get("/v1/plugins/slow/health").json();
+    assert_eq!(health["success_count"], lanes + 1, "{health}");
+    drop(busy);
+}
