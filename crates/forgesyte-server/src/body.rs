@@ -27,8 +27,8 @@ pub struct RunRequest {
     pub args: Map<String, Value>,
 }
 
-/// The memory all tool calls' request bodies may hold at once (room is
-/// counted in KiB, taken as bytes arrive: see [`receive`]). Without a bound, clients (who need no token to send bodies) could make
+/// The memory all tool calls' request bodies and streams' frames may hold
+/// at once (room is counted in KiB, taken as bytes arrive: see [`receive`]). Without a bound, clients (who need no token to send bodies) could make
 /// the server hold a body at the limit per connection: 24 connections
 /// sending 32 MiB bodies they never finished took it from 6 MiB to 784 MiB.
 #[derive(Debug)]
@@ -52,6 +52,15 @@ impl BodyBudget {
             room: std::sync::Arc::new(tokio::sync::Semaphore::new(kib)),
             kib,
         }
+    }
+
+    /// Room for `bytes` bytes already received (a stream's frame), or
+    /// `BodiesInFlight`.
+    pub(crate) fn charge(
+        &self,
+        bytes: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, RunError> {
+        self.take(bytes.div_ceil(1024))
     }
 
     /// `kib` more KiB of room, or `BodiesInFlight`.

@@ -169,9 +169,9 @@ pub(crate) struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT, value_parser = parse_bytes)]
     pub(crate) body_limit: usize,
-    /// Memory the request bodies of tool calls in progress may hold in all,
-    /// in bytes (default: eight bodies at the limit, at least 256 MiB);
-    /// beyond it a call answers 503 `ServerBusy`.
+    /// Memory the request bodies of tool calls in progress and the frames of
+    /// open streams may hold in all, in bytes (default: eight bodies at the
+    /// limit, at least 256 MiB); beyond it a call answers 503 `ServerBusy`.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MEMORY", value_parser = parse_bytes)]
     pub(crate) body_memory: Option<usize>,
     /// Attachments of at least this many bytes travel to and from plugin

@@ -79,9 +79,10 @@ pub struct ServerConfig {
     pub call_timeout: Duration,
     /// Largest accepted request body, in bytes.
     pub body_limit: usize,
-    /// Memory the request bodies of tool calls in progress may hold in all
-    /// (`--body-memory`, `FORGESYTE_BODY_MEMORY`); `None`: eight bodies at
-    /// the limit, at least 256 MiB.
+    /// Memory the request bodies of tool calls in progress and the frames of
+    /// open streams may hold in all (`--body-memory`,
+    /// `FORGESYTE_BODY_MEMORY`); `None`: eight bodies at the limit, at least
+    /// 256 MiB.
     pub body_memory: Option<usize>,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,

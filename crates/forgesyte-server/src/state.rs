@@ -116,7 +116,11 @@ impl AppState {
                 max_calls_per_plugin: config.max_calls_per_plugin,
                 events,
                 metrics,
-                streams: Streams::new(config.max_connections),
+                // The connection cap as applied (half the descriptor limit at most).
+                streams: Streams::new(crate::conn::effective_max_connections(
+                    config.max_connections,
+                    crate::conn::nofile_limit(),
+                )),
             }),
         }
     }

@@ -161,6 +161,7 @@ pub(crate) async fn stream_tool(
         return response;
     };
     let body_limit = state.body_limit();
+    let answer_limit = answer_limit(body_limit);
     let idle_timeout = state.stream_idle_timeout();
     let session = session::Session {
         context: tools::call_context(&headers),
@@ -170,12 +171,18 @@ pub(crate) async fn stream_tool(
         tool,
         policy,
         body_limit,
+        answer_limit,
         idle_timeout,
     };
     let span = tracing::Span::current();
     upgrade
         .max_message_size(body_limit)
         .max_frame_size(body_limit)
+        // What waits to be written when the client reads nothing: an answer
+        // and the pongs of its pings (tungstenite, unbounded by default,
+        // queued one per ping).
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER.saturating_add(answer_limit))
         .on_upgrade(move |socket| {
             async move {
                 session::run(socket, session).await;
@@ -183,6 +190,18 @@ pub(crate) async fn stream_tool(
             }
             .instrument(span)
         })
+}
+
+/// What a stream's connection writes out in one go, in bytes (axum's
+/// default).
+const WRITE_BUFFER: usize = 128 * 1024;
+
+/// The largest answer a stream sends, in bytes, for frames of at most
+/// `body_limit` bytes: twice that (an answer that carries a frame's worth
+/// of binary result in base64 fits), at least 4 MiB. A larger one closes
+/// the stream (1011).
+fn answer_limit(body_limit: usize) -> usize {
+    body_limit.saturating_mul(2).max(4 << 20)
 }
 
 /// The policy of the route's query string (`policy`, `queue`; nothing else).

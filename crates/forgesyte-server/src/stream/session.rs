@@ -48,6 +48,12 @@ const WRITER_FLUSH: Duration = Duration::from_secs(60);
 /// The longest close reason a WebSocket close frame carries, in bytes.
 const MAX_CLOSE_REASON: usize = 123;
 
+/// Pings a client may send in one second; one more closes its stream
+/// (1008). Each ping's pong waits in the connection's write buffer until
+/// the client reads it: a client that pings fast and reads nothing made
+/// that buffer grow by every ping (a keep-alive pings once in seconds).
+const MAX_PINGS_PER_SECOND: u32 = 32;
+
 /// Close codes of RFC 6455 the stream uses.
 pub(crate) mod close {
     /// The stream was idle past `--stream-idle-timeout`.
@@ -56,11 +62,14 @@ pub(crate) mod close {
     pub(crate) const GOING_AWAY: u16 = 1001;
     /// The client broke the WebSocket protocol (a reserved opcode, ...).
     pub(crate) const PROTOCOL_ERROR: u16 = 1002;
+    /// The client pinged more than the stream allows.
+    pub(crate) const POLICY_VIOLATION: u16 = 1008;
     /// A text message was not UTF-8.
     pub(crate) const INVALID_PAYLOAD: u16 = 1007;
     /// A frame was larger than the body limit.
     pub(crate) const TOO_BIG: u16 = 1009;
-    /// The plugin crashed (or ran past its time limit) mid-stream.
+    /// The plugin crashed (or ran past its time limit) mid-stream, or an
+    /// answer was larger than a stream may send.
     pub(crate) const PLUGIN_FAILED: u16 = 1011;
 }
 
@@ -75,6 +84,9 @@ pub(crate) struct Session {
     pub(crate) policy: Policy,
     /// Frames larger than this close the stream with 1009.
     pub(crate) body_limit: usize,
+    /// Answers larger than this close the stream with 1011 (see
+    /// `super::answer_limit`).
+    pub(crate) answer_limit: usize,
     /// With no client message and no answer for this long, the stream
     /// closes with 1000; `None`: never.
     pub(crate) idle_timeout: Option<Duration>,
@@ -83,7 +95,17 @@ pub(crate) struct Session {
 }
 
 /// A frame and the JSON arguments in force when it arrived.
-type Frame = (Arc<Map<String, Value>>, Bytes);
+type Frame = (Arc<Map<String, Value>>, Charged);
+
+/// A frame's bytes with their room in `--body-memory` (the run route's
+/// budget, which stream frames share), held until the plugin returns or
+/// the frame is dropped; or why there was no room: the frame is then
+/// answered (`ServerBusy`) without a call, its bytes let go at once.
+#[derive(Debug)]
+enum Charged {
+    Held(Bytes, tokio::sync::OwnedSemaphorePermit),
+    Refused(RunError),
+}
 
 /// What the writer sends.
 #[derive(Debug)]
@@ -135,13 +157,19 @@ impl Activity {
         };
         loop {
             let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let mut deadline = last + timeout;
             let now = Instant::now();
+            // A timeout too large for the clock never ends.
+            let Some(mut deadline) = last.checked_add(timeout) else {
+                return std::future::pending().await;
+            };
             if now >= deadline {
                 if !self.calling.load(Ordering::Relaxed) {
                     return;
                 }
-                deadline = now + timeout;
+                let Some(later) = now.checked_add(timeout) else {
+                    return std::future::pending().await;
+                };
+                deadline = later;
             }
             tokio::time::sleep_until(deadline.into()).await;
         }
@@ -191,7 +219,7 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
     // reads nothing; the conversation `CLOSE_WAIT`.
     {
         let flush = session.idle_timeout.unwrap_or(WRITER_FLUSH).max(CLOSE_WAIT);
-        let writing = write(sink, answers);
+        let writing = write(sink, answers, session.idle_timeout);
         tokio::pin!(conversation, writing);
         tokio::select! {
             () = &mut conversation => {
@@ -224,6 +252,7 @@ async fn read(
     let mut closing = session.closing.clone();
     let mut args = Arc::new(Map::new());
     let idle_timeout = session.idle_timeout;
+    let mut pings = Pings::default();
     loop {
         let message = match unless(incoming.next(), &mut closing, activity, idle_timeout).await {
             Waited::Done(message) => message,
@@ -249,7 +278,11 @@ async fn read(
                 // and so does the idle timeout (a client that sends but
                 // never reads keeps the worker waiting to hand over an
                 // answer, and this wait with it).
-                let frame = (Arc::clone(&args), bytes);
+                let charged = match session.state.body_budget().charge(bytes.len()) {
+                    Ok(room) => Charged::Held(bytes, room),
+                    Err(busy) => Charged::Refused(busy),
+                };
+                let frame = (Arc::clone(&args), charged);
                 match unless(queue.push(seq, frame), &mut closing, activity, idle_timeout).await {
                     Waited::Done(true) => {}
                     Waited::Done(false) => return,
@@ -279,14 +312,43 @@ async fn read(
                     }
                 }
             },
-            // Pings are answered by the WebSocket layer.
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            // Pings are answered by the WebSocket layer, within a rate.
+            Some(Ok(Message::Ping(_))) => {
+                if !pings.allow(Instant::now()) {
+                    let reason = format!("more than {MAX_PINGS_PER_SECOND} pings in a second");
+                    return say_close(&out, close::POLICY_VIOLATION, &reason).await;
+                }
+            }
+            Some(Ok(Message::Pong(_))) => {}
         }
     }
     say_close(&out, close::GOING_AWAY, "the server is shutting down").await;
 }
 
-/// Whether a read error is a message over the size limit.
+/// The client's pings of the current second.
+#[derive(Debug, Default)]
+struct Pings {
+    since: Option<Instant>,
+    count: u32,
+}
+
+impl Pings {
+    /// Counts a ping at `now`: whether it is within
+    /// [`MAX_PINGS_PER_SECOND`].
+    fn allow(&mut self, now: Instant) -> bool {
+        match self.since {
+            Some(since) if now.saturating_duration_since(since) < Duration::from_secs(1) => {
+                self.count += 1;
+            }
+            _ => {
+                self.since = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count <= MAX_PINGS_PER_SECOND
+    }
+}
+
 /// The close code and reason for a client's message that broke the
 /// WebSocket rules (`None`: the connection itself failed, nothing to say).
 fn refusal(error: axum::Error, body_limit: usize) -> Option<(u16, String)> {
@@ -372,28 +434,43 @@ async fn work(
     activity: &Activity,
     answered: &mut u64,
 ) {
-    while let Some((seq, (args, bytes))) = queue.pop().await {
-        let input = RunInput {
-            args: Map::clone(&args),
-            binary: Vec::new(),
-            unnamed: Some(bytes),
-        };
+    while let Some((seq, (args, charged))) = queue.pop().await {
         let started = Instant::now();
-        activity.calling(true);
-        let result = tools::run(
-            &session.state,
-            &session.plugin,
-            &session.tool,
-            input,
-            session.context.clone(),
-        )
-        .await;
-        activity.calling(false);
+        let result = match charged {
+            Charged::Held(bytes, room) => {
+                let input = RunInput {
+                    args: Map::clone(&args),
+                    binary: Vec::new(),
+                    unnamed: Some(bytes),
+                };
+                activity.calling(true);
+                let result = tools::run(
+                    &session.state,
+                    &session.plugin,
+                    &session.tool,
+                    (input, Some(room)),
+                    session.context.clone(),
+                )
+                .await;
+                activity.calling(false);
+                result
+            }
+            Charged::Refused(busy) => Err(busy),
+        };
         if queue.is_closed() {
             return;
         }
         let elapsed = started.elapsed();
         let answer = answer(seq, &result, elapsed, queue.dropped(), session);
+        if answer.len() > session.answer_limit {
+            let reason = format!(
+                "answer too big: the answer to frame {seq} has {} bytes, a stream's answers at most {}",
+                answer.len(),
+                session.answer_limit
+            );
+            say_close(&out, close::PLUGIN_FAILED, &reason).await;
+            return;
+        }
         if out.send(Out::Text(answer)).await.is_err() {
             return;
         }
@@ -501,11 +578,19 @@ fn answer(
 }
 
 /// Sends the answers in order; a close message is the last thing sent.
-async fn write(mut sink: SplitSink<WebSocket, Message>, mut answers: mpsc::Receiver<Out>) {
+/// An answer the client does not take within `timeout` (the idle timeout)
+/// ends the writer, and so the stream: a client that stops reading is
+/// disconnected whatever it keeps sending (under `latest` its frames never
+/// wait, so its reader never idles).
+async fn write(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut answers: mpsc::Receiver<Out>,
+    timeout: Option<Duration>,
+) {
     while let Some(out) = answers.recv().await {
         match out {
             Out::Text(text) => {
-                if sink.send(Message::Text(text.into())).await.is_err() {
+                if !sent_within(timeout, sink.send(Message::Text(text.into()))).await {
                     return;
                 }
             }
@@ -514,10 +599,21 @@ async fn write(mut sink: SplitSink<WebSocket, Message>, mut answers: mpsc::Recei
                     code,
                     reason: reason.into(),
                 };
-                let _ = sink.send(Message::Close(Some(frame))).await;
+                sent_within(timeout, sink.send(Message::Close(Some(frame)))).await;
                 return;
             }
         }
+    }
+}
+
+/// Whether `sending` succeeded within `timeout` (`None`: however long).
+async fn sent_within(
+    timeout: Option<Duration>,
+    sending: impl Future<Output = Result<(), axum::Error>>,
+) -> bool {
+    match timeout {
+        Some(limit) => matches!(tokio::time::timeout(limit, sending).await, Ok(Ok(()))),
+        None => sending.await.is_ok(),
     }
 }
 

@@ -546,7 +546,8 @@ fn a_client_that_sends_but_never_reads_is_let_go_at_the_idle_timeout() {
     // Two waits of the stream's reader end at the idle timeout too: room in
     // the queue under `block` (the worker cannot hand its answer to a
     // client that reads nothing), and room for the answers to malformed
-    // text messages. Either held the stream, and its slot, for good.
+    // text messages; and so does the writer's wait for the client to take
+    // an answer. Each held the stream, and its slot, for good.
     let (_dir, server) = one_slot_server();
     let floods = [
         (
@@ -556,6 +557,12 @@ fn a_client_that_sends_but_never_reads_is_let_go_at_the_idle_timeout() {
         (
             target("alpha", "echo_bytes", ""),
             Message::text("{not json"),
+        ),
+        // Under `latest` frames never wait: the reader reads on, and the
+        // writer's wait for the client to take an answer is what ends.
+        (
+            target("alpha", "echo_bytes", ""),
+            Message::Binary(frame(1 << 20).into()),
         ),
     ];
     for (flooded, message) in floods {
@@ -649,4 +656,98 @@ fn an_idle_stream_is_closed_with_1000_and_a_busy_one_stays_open() {
     assert_eq!(answer(&mut busy)["ok"], true, "still open after 2.4 s");
     // The slow one, answered and then left alone, is closed in turn.
     assert_eq!(close_of(&mut slow).0, 1000);
+}
+
+#[test]
+fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        "1048576",
+        "--body-memory",
+        "1048576",
+    ]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("alpha", "frame", "?policy=block&queue=4"));
+    // The first frame holds 600 KiB of the 1 MiB while its call lasts: the
+    // next two find no room, and are answered at their turn without a call.
+    send_args(&mut socket, json!({"ms": 1500}));
+    for _ in 0..3 {
+        send_frame(&mut socket, frame(600 << 10));
+    }
+    let answers = answers_until(&mut socket, 2);
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert_eq!(answers[0]["ok"], true, "{}", answers[0]);
+    for busy in &answers[1..] {
+        assert_eq!(busy["ok"], false, "{busy}");
+        assert_eq!(busy["error_type"], "ServerBusy", "{busy}");
+        assert_eq!(busy["dropped"], 0, "{busy}");
+    }
+    // The room came back with the call: the next frame runs.
+    send_args(&mut socket, json!({}));
+    send_frame(&mut socket, frame(600 << 10));
+    let next = answer(&mut socket);
+    assert_eq!(
+        (next["seq"].as_u64(), &next["ok"]),
+        (Some(3), &json!(true)),
+        "{next}"
+    );
+    let health = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(
+        health["success_count"], 2,
+        "busy frames are no calls: {health}"
+    );
+}
+
+#[test]
+fn a_ping_flood_closes_the_stream_with_1008_and_a_keep_alive_does_not() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    // A keep-alive's few pings: answered, and the stream goes on.
+    let mut calm = open(&server, &target("alpha", "frame", ""));
+    for _ in 0..3 {
+        calm.send(Message::Ping(vec![1; 8].into())).unwrap();
+    }
+    send_frame(&mut calm, frame(5));
+    assert_eq!(answer(&mut calm)["ok"], true);
+    // A client that pings without pause (and reads nothing: each pong
+    // waited in the server's write buffer) is closed.
+    let mut flood = open(&server, &target("alpha", "frame", ""));
+    for _ in 0..200 {
+        if flood.send(Message::Ping(vec![7; 125].into())).is_err() {
+            break;
+        }
+    }
+    let (code, reason) = close_of(&mut flood);
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("pings in a second"), "{reason}");
+    send_frame(&mut calm, frame(6));
+    assert_eq!(
+        answer(&mut calm)["ok"],
+        true,
+        "the other stream is untouched"
+    );
+}
+
+#[test]
+fn an_answer_larger_than_a_stream_may_send_closes_it_with_1011() {
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    // Frames of at most 1 MiB: answers of at most 4 MiB.
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "1048576"]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("py", "checksum", ""));
+    send_args(&mut socket, json!({"pad": 3 << 20}));
+    send_frame(&mut socket, frame(10));
+    assert_eq!(answer(&mut socket)["ok"], true, "3 MiB fit");
+    send_args(&mut socket, json!({"pad": 5 << 20}));
+    send_frame(&mut socket, frame(10));
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.contains("answer too big"), "{reason}");
 }
