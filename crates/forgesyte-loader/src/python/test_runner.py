@@ -44,7 +44,7 @@ SOURCE_CODE_FILE = os.environ.get("FORGESYTE_TEST_RUNNER_SOURCE")
 
 sys.path.insert(0, HERE)
 # Importing the package touches no descriptors (``start`` does).
-from runner import base, results, serve, tools, wire  # noqa: E402
+from runner import base, errors, results, serve, tools, wire  # noqa: E402
 
 
 def frame(header, attachments=()):
@@ -1275,6 +1275,114 @@ class UnitTests(unittest.TestCase):
                 serve.bind_and_call(fn, {"image": 1})
             self.assertEqual(len(calls), 1, (fn.__name__, calls))
 
+    def test_a_missing_argument_is_named_not_filled_with_the_dict(self):
+        def detect(image, threshold=0.5):
+            return (image, threshold)
+
+        for _ in range(2):  # the shape is remembered
+            with self.assertRaises(TypeError) as raised:
+                serve.bind_and_call(detect, {"threshold": 0.7})
+            self.assertIn("image", str(raised.exception))
+        self.assertEqual(serve.bind_and_call(detect, {"image": 1, "threshold": 0.7}), (1, 0.7))
+
+    def test_huge_error_messages_and_traceback_lines_are_cut(self):
+        try:
+            raise ValueError("x" * (3 * errors.MAX_ERROR_CHARS))
+        except ValueError as e:
+            error = errors.python_error(e)
+        self.assertLess(len(error["message"]), errors.MAX_ERROR_CHARS + 100)
+        self.assertTrue(error["message"].endswith("(%d characters cut)" % (2 * errors.MAX_ERROR_CHARS)))
+        for line in error["traceback"]:
+            self.assertLess(len(line), errors.MAX_ERROR_CHARS + 100)
+        short = errors.python_error(ValueError("short"))
+        self.assertEqual(short["message"], "short")
+
+    def runner_with(self, instance=None, tools=None):
+        """A Runner over no wire, with exit_now, diag and out_of_memory of
+        `serve` replaced (restored at the test's end): each raises
+        ``Exited(what)``, what a diagnostic says goes to ``self.said``."""
+
+        class Exited(Exception):
+            pass
+
+        self.Exited = Exited
+        self.said = []
+
+        def exit_now(code):
+            raise Exited(code)
+
+        def out_of_memory(error, where, *args):
+            raise Exited(where % args)
+
+        saved = serve.exit_now, serve.diag, serve.out_of_memory
+        serve.exit_now, serve.diag, serve.out_of_memory = exit_now, self.said.append, out_of_memory
+        self.addCleanup(lambda: setattr(serve, "exit_now", saved[0]))
+        self.addCleanup(lambda: setattr(serve, "diag", saved[1]))
+        self.addCleanup(lambda: setattr(serve, "out_of_memory", saved[2]))
+        runner = serve.Runner(None, None, None)
+        runner.instance = instance
+        runner.tools = tools or {}
+        return runner
+
+    def test_an_async_on_unload_is_awaited_and_runs_without_a_thread_too(self):
+        ran = []
+
+        class Plugin(object):
+            async def on_unload(self):
+                ran.append("unloaded")
+
+        for thread_fails in (False, True):
+            del ran[:]
+            runner = self.runner_with(Plugin())
+            saved = serve.threading.Thread
+            if thread_fails:
+                class NoThread(saved):
+                    def start(self):
+                        raise RuntimeError("can't start new thread")
+
+                serve.threading.Thread = NoThread
+            try:
+                with self.assertRaises(self.Exited) as ended:
+                    runner.shutdown()
+            finally:
+                serve.threading.Thread = saved
+            self.assertEqual(ended.exception.args[0], 0)
+            self.assertEqual(ran, ["unloaded"], thread_fails)
+
+    def test_running_out_of_memory_taking_arguments_ends_as_out_of_memory(self):
+        runner = self.runner_with(object(), {"t": {"binary": [], "zero_copy": False}})
+        saved = serve.place
+
+        def place(args, pointer, data):
+            raise MemoryError()
+
+        serve.place = place
+        try:
+            with self.assertRaises(self.Exited) as ended:
+                runner.call(1, "t", {"data": None}, ["/data"], [b"x"])
+        finally:
+            serve.place = saved
+        self.assertEqual(ended.exception.args[0], "taking the arguments of tool 't'")
+
+    def test_a_relative_file_without_a_plugin_dir_is_found_once(self):
+        from runner.args import parse_args
+
+        args = parse_args(["--file", os.path.join("sub", "plugin.py")])
+        self.assertEqual(args.file, os.path.abspath(os.path.join("sub", "plugin.py")))
+        self.assertEqual(args.plugin_dir, os.path.abspath("sub"))
+        args = parse_args(["--file", "plugin.py", "--plugin-dir", "/plugins/p"])
+        self.assertEqual((args.file, args.plugin_dir), ("/plugins/p/plugin.py", "/plugins/p"))
+
+    def test_no_landlock_names_the_error_of_its_probe_not_a_later_one(self):
+        import errno as errno_codes
+
+        from runner import confine
+
+        # What the probe kept (minus ENOSYS), whatever failed since.
+        said = confine._landlock(None, None, -errno_codes.ENOSYS, {}, False, {})
+        self.assertEqual(said, "unconfined: this kernel has no Landlock (%s)"
+                         % os.strerror(errno_codes.ENOSYS))
+
     def test_an_array_index_too_long_for_int_names_no_element(self):
         for pointer in ("/a/" + "1" * 5000, "/a/" + "1" * 5000 + "/x", "/a/" + "9" * 19):
             with self.assertRaises(results.PointerError, msg=pointer[:10]):
@@ -1372,6 +1480,12 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(n(["image"]), {"type": "object", "properties": {"image": {}}})
         self.assertEqual(n([]), {"type": "object"})
         self.assertEqual(n({"description": "x"}), {"description": "x"})
+        # A property map may name a property after a schema keyword.
+        self.assertEqual(n({"image_base64": "string", "format": "string"}),
+                         {"type": "object", "properties": {"image_base64": {"type": "string"},
+                                                           "format": {"type": "string"}}})
+        schema = {"properties": {"a": {}}, "required": ["a"]}
+        self.assertEqual(n(schema), schema)
 
 
 

@@ -90,6 +90,8 @@ def parse_args(argv):
         args.class_name = module_class
     if args.file is not None:
         if args.plugin_dir is None:
-            args.plugin_dir = os.path.dirname(os.path.abspath(args.file))
-        args.file = os.path.join(args.plugin_dir, args.file)
+            args.file = os.path.abspath(args.file)
+            args.plugin_dir = os.path.dirname(args.file)
+        else:
+            args.file = os.path.join(args.plugin_dir, args.file)
     return args

@@ -44,14 +44,15 @@ def _runtime_paths():
 
 def _landlock_abi(libc):
     """(``libc.syscall`` set up to return a long, this kernel's Landlock ABI
-    version: below 1 when it has no Landlock)."""
+    version: when it has no Landlock, minus the error number that said so,
+    kept here since the calls after it overwrite ``errno``)."""
     import ctypes
 
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
     abi = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
                   ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
-    return syscall, abi
+    return syscall, (abi if abi >= 1 else -(ctypes.get_errno() or 1))
 
 
 def confine_tools(libc):
@@ -220,7 +221,7 @@ def _landlock(libc, syscall, abi, plan, network, report):
     import stat
 
     if abi < 1:
-        return "unconfined: this kernel has no Landlock (%s)" % os.strerror(ctypes.get_errno())
+        return "unconfined: this kernel has no Landlock (%s)" % os.strerror(-abi)
     fs_all = _fs_rights(abi)
     net = 0 if network or abi < 4 else _NET_BIND_TCP | _NET_CONNECT_TCP
     if abi >= 6:
@@ -233,13 +234,14 @@ def _landlock(libc, syscall, abi, plan, network, report):
     ruleset = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), attr_buf,
                       ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
+        failed = os.strerror(ctypes.get_errno())
         if report.get("network") == NETWORK_SHARED:
             # Unscoped, it may not stay with the others.
             if libc.unshare(ctypes.c_int(CLONE_NEWNET)) == 0:
                 report["network"] = "isolated: a network namespace of its own"
             else:
                 report["network"] = "unconfined: in a network namespace shared with other runners, unscoped"
-        return "unconfined: cannot create a Landlock ruleset (%s)" % os.strerror(ctypes.get_errno())
+        return "unconfined: cannot create a Landlock ruleset (%s)" % failed
     file_only = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
     read = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
     device = _FS_READ_FILE | _FS_WRITE_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV

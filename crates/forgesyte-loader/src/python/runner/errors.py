@@ -7,12 +7,24 @@ import traceback
 from .base import is_runner_file
 
 TRACEBACK_LINES = 10
+# The most characters of an error's message, and of each traceback line,
+# carried: an exception with a huge message (a whole input in it) made an
+# error frame over the host's frame limit, and the host then killed the
+# runner instead of reporting the tool's error.
+MAX_ERROR_CHARS = 64 * 1024
 
 
 def clean(text):
     """Text that encodes as UTF-8 (lone surrogates replaced)."""
     text = text if isinstance(text, str) else str(text)
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def capped(text):
+    """``text`` cut to ``MAX_ERROR_CHARS`` characters, saying so."""
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return "%s… (%d characters cut)" % (text[:MAX_ERROR_CHARS], len(text) - MAX_ERROR_CHARS)
 
 
 def _exception_message(exc):
@@ -35,7 +47,7 @@ def traceback_lines(exc):
         lines.extend(chunk.rstrip("\n").splitlines())
     for chunk in traceback.format_exception_only(type(exc), exc):
         lines.extend(chunk.rstrip("\n").splitlines())
-    return [clean(l) for l in lines[-TRACEBACK_LINES:]]
+    return [capped(clean(l)) for l in lines[-TRACEBACK_LINES:]]
 
 
 def python_error(exc, kind="Python"):
@@ -43,7 +55,7 @@ def python_error(exc, kind="Python"):
     error = {
         "kind": kind,
         "error_type": exc.__class__.__name__,
-        "message": clean(_exception_message(exc)),
+        "message": capped(clean(_exception_message(exc))),
         "traceback": traceback_lines(exc),
     }
     if isinstance(exc, ImportError) and getattr(exc, "name", None):
@@ -52,7 +64,7 @@ def python_error(exc, kind="Python"):
 
 
 def wire_error(kind, message, **fields):
-    error = {"kind": kind, "message": clean(message)}
+    error = {"kind": kind, "message": capped(clean(message))}
     for key, value in fields.items():
         if value is not None:
             error[key] = clean(value) if isinstance(value, str) else value

@@ -3,6 +3,7 @@
 dispatched to ``run_tool`` or the tool's handler and its result answered."""
 
 import base64
+import errno
 import threading
 import time
 import traceback
@@ -44,8 +45,14 @@ def _call_shape(fn, args):
     except (TypeError, ValueError):
         return True
     # Only the binding is tried: a TypeError raised by the handler itself is
-    # its error (the handler must not run again with another shape).
-    for keywords, shape_args, shape_kwargs in ((True, (), args), (False, (args,), {})):
+    # its error (the handler must not run again with another shape). The
+    # dict as the one argument only when no argument names a parameter:
+    # ``detect(self, image, threshold=0.5)`` called with a threshold and no
+    # image is missing its image, not handed the dict as one.
+    shapes = [(True, (), args)]
+    if not any(name in signature.parameters for name in args):
+        shapes.append((False, (args,), {}))
+    for keywords, shape_args, shape_kwargs in shapes:
         try:
             signature.bind(*shape_args, **shape_kwargs)
         except TypeError:
@@ -161,10 +168,9 @@ class Runner(object):
         while True:
             try:
                 frame = self.wire.read_frame()
-                if frame is None:
-                    self.shutdown()
-                header, attachments = frame
-                request = parse_request(header)
+                if frame is not None:
+                    header, attachments = frame
+                    request = parse_request(header)
             except ProtocolError as e:
                 diag("reading stdin: %s" % e)
                 exit_now(EXIT_PROTOCOL)
@@ -180,6 +186,8 @@ class Runner(object):
                 # host would wait for its timeout. End the process instead.
                 diag("reading stdin: %s: %s" % (type(e).__name__, e))
                 exit_now(EXIT_PROTOCOL)
+            if frame is None:
+                self.shutdown()
             if request["op"] == "create":
                 # Nothing else comes until the instance exists (the host
                 # waits for `created`): construct on this thread, and start
@@ -300,15 +308,20 @@ class Runner(object):
 
             def unload():
                 try:
-                    hook()
+                    await_result(hook())
                 except BaseException as e:
                     diag("on_unload() failed: %s: %s" % (type(e).__name__, e))
 
-            t = threading.Thread(target=unload, name="forgesyte-unload", daemon=True)
-            t.start()
-            t.join(UNLOAD_GRACE_S)
-            if t.is_alive():
-                diag("on_unload() still running after %g s; exiting anyway" % UNLOAD_GRACE_S)
+            try:
+                t = threading.Thread(target=unload, name="forgesyte-unload", daemon=True)
+                t.start()
+            except BaseException as e:  # no thread to be had (memory): here, then
+                diag("on_unload() runs on the reader (no thread: %s: %s)" % (type(e).__name__, e))
+                unload()  # the host's kill bounds it
+            else:
+                t.join(UNLOAD_GRACE_S)
+                if t.is_alive():
+                    diag("on_unload() still running after %g s; exiting anyway" % UNLOAD_GRACE_S)
         exit_now(0)
 
     # -- create ---------------------------------------------------------
@@ -374,19 +387,25 @@ class Runner(object):
                 if isinstance(data, Shared):
                     data = data.take(zero_copy)
                 args = place(args, pointer, data)
+            if isinstance(args, dict):
+                for name in entry["binary"]:
+                    value = args.get(name)
+                    if isinstance(value, str):
+                        try:
+                            args[name] = base64.b64decode(value.encode("ascii"), validate=True)
+                        except (ValueError, UnicodeEncodeError) as e:
+                            self.tool_failed(rid, wire_error(
+                                "InvalidArgs", "argument '%s' is not valid base64: %s" % (name, e)))
+                            return
         except PointerError as e:
             self.tool_failed(rid, wire_error("InvalidArgs", str(e)))
             return
-        if isinstance(args, dict):
-            for name in entry["binary"]:
-                value = args.get(name)
-                if isinstance(value, str):
-                    try:
-                        args[name] = base64.b64decode(value.encode("ascii"), validate=True)
-                    except (ValueError, UnicodeEncodeError) as e:
-                        self.tool_failed(rid, wire_error(
-                            "InvalidArgs", "argument '%s' is not valid base64: %s" % (name, e)))
-                        return
+        except MemoryError as e:
+            out_of_memory(e, "taking the arguments of tool '%s'", tool)
+        except OSError as e:
+            if e.errno != errno.ENOMEM:
+                raise
+            out_of_memory(e, "mapping the arguments of tool '%s'", tool)
         try:
             result = await_result(self.dispatch(instance, tool, entry, args))
         except MemoryError as e:
@@ -425,6 +444,8 @@ class Runner(object):
             self.tool_failed(rid, wire_error(
                 "Failed", "tool result is not valid Unicode: %s" % e, error_type="UnicodeEncodeError"))
             return
+        except MemoryError as e:
+            out_of_memory(e, "encoding the result of a tool")
         except Exception as e:  # e.g. a model_dump() that raises
             self.tool_failed(rid, python_error(e, kind="Failed"))
             return

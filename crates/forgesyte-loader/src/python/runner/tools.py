@@ -18,16 +18,12 @@ _SCHEMA_KEYWORDS = frozenset(
 
 
 def _looks_like_schema(d):
-    t = d.get("type")
-    if isinstance(t, (str, list)):
+    """A JSON Schema names its ``type``, or has schema keywords only: a
+    bare property map may name a property ``format`` or ``title`` too
+    (``{"image_base64": "string", "format": "string"}``)."""
+    if isinstance(d.get("type"), (str, list)):
         return True
-    for key, value in d.items():
-        if key in _SCHEMA_KEYWORDS and key != "type" and not isinstance(value, dict):
-            return True
-        if key in ("properties", "patternProperties", "$defs", "definitions", "items",
-                   "additionalProperties", "not", "if", "then", "else"):
-            return True
-    return False
+    return all(key in _SCHEMA_KEYWORDS for key in d)
 
 
 def normalize_schema(schema):

@@ -214,6 +214,14 @@ class Wire(object):
                 usable = len(payload) - len(payload) % fd_size
                 fds.extend(struct.unpack("%di" % (usable // fd_size), payload[:usable]))
         try:
+            if flags & socket.MSG_CTRUNC and len(fds) < len(indices):
+                # The kernel drops descriptors a process has no room for.
+                import resource
+
+                raise ProtocolError(
+                    "%d shared attachments announced, %d descriptors came: this runner is out of "
+                    "file descriptors (its limit is %d; does the plugin leak them?)"
+                    % (len(indices), len(fds), resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != len(indices) \
                     or data != struct.pack("<I", len(indices)):
                 raise ProtocolError("malformed frame: %d shared attachments announced, %d descriptors came"
