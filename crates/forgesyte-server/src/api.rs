@@ -235,7 +235,7 @@ pub(crate) async fn plugin_tools(
         (status = 406, description = "Raw bytes were the only acceptable answer and the result has not exactly one binary result (`NotAcceptable`; the tool has run)", body = RunFailure),
         (status = 400, description = "The body is not JSON", body = RunFailure),
         (status = 404, description = "Unknown plugin or tool", body = RunFailure),
-        (status = 413, description = "The body is larger than the limit", body = RunFailure),
+        (status = 413, description = "The body is larger than the limit, or its JSON arguments hold more values than a body may (the body limit / 128)", body = RunFailure),
         (status = 408, description = "The body stopped arriving for longer than the body read timeout (`--body-read-timeout`), or arrived slower than the minimum rate (`--body-min-rate`)", body = RunFailure),
         (status = 422, description = "The body has the wrong shape, or the tool returned an error", body = RunFailure),
         (status = 502, description = "The tool panicked or broke the protocol; the plugin is now FAILED", body = RunFailure),
@@ -256,7 +256,7 @@ pub(crate) async fn run_tool(
     let outcome = match body::receive(state.body_budget(), &headers, body, limit).await {
         Ok((bytes, room)) => {
             request_bytes = bytes.len();
-            match body::read(&headers, bytes).await {
+            match body::read(&headers, bytes, limit).await {
                 Ok(input) => {
                     let context = tools::call_context(&headers);
                     tools::run_output(&state, &plugin, &tool, input, context, Some(room)).await

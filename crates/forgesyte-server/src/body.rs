@@ -160,12 +160,67 @@ fn body_error(e: &axum::Error) -> RunError {
     }
 }
 
+/// About how many bytes one JSON value takes once parsed, at most: a
+/// `serde_json::Value` (with `preserve_order`'s maps) in an array with a
+/// vector's spare room, or an object's member. Its text may be two bytes
+/// (`0,`), so the body limit alone let a body parse into some sixty times
+/// its size, room the body budget never counted.
+pub(crate) const PARSED_VALUE_BYTES: usize = 128;
+
+/// The most JSON values a body of at most `body_limit` bytes may hold:
+/// what the limit's bytes hold parsed (at least a few thousand).
+pub(crate) fn max_json_values(body_limit: usize) -> usize {
+    (body_limit / PARSED_VALUE_BYTES).max(4096)
+}
+
+/// Refuses JSON text of more than `max` values before it is parsed
+/// ([`RunError::TooManyValues`]). Text shorter than `max` bytes is not
+/// looked at (a value takes a byte at least).
+pub(crate) fn check_json_values(bytes: &[u8], max: usize) -> Result<(), RunError> {
+    if bytes.len() <= max {
+        return Ok(());
+    }
+    let values = json_values(bytes);
+    if values > max {
+        return Err(RunError::TooManyValues { values, max });
+    }
+    Ok(())
+}
+
+/// An upper bound of the values in JSON text, about: one, and one per `,`
+/// and `:` outside strings (an array's elements are separated by commas,
+/// an object's members have a colon each). Empty containers nested in one
+/// another (`[[[]]]`) are not counted, but the parser nests at most 128
+/// deep. One pass, which skips what has none of `"` `,` `:` (a base64
+/// string) at `memchr`'s speed.
+fn json_values(bytes: &[u8]) -> usize {
+    let mut values = 1usize;
+    let mut in_string = false;
+    for at in memchr::memchr3_iter(b'"', b',', b':', bytes) {
+        if bytes.get(at) == Some(&b'"') {
+            // A quote ends (or starts) a string unless it is escaped: an
+            // odd number of backslashes before it.
+            let escapes = bytes.get(..at).map_or(0, |before| {
+                before.iter().rev().take_while(|&&b| b == b'\\').count()
+            });
+            if escapes % 2 == 0 {
+                in_string = !in_string;
+            }
+        } else if !in_string {
+            values += 1;
+        }
+    }
+    values
+}
+
 /// A JSON body: empty means no arguments; otherwise it must be
-/// `{"args": {...}}` (400 when not JSON, 422 when JSON of another shape).
-pub(crate) fn parse_json_body(bytes: &[u8]) -> Result<RunRequest, RunError> {
+/// `{"args": {...}}` (400 when not JSON, 422 when JSON of another shape,
+/// 413 beyond `max_values` values, see [`max_json_values`]).
+pub(crate) fn parse_json_body(bytes: &[u8], max_values: usize) -> Result<RunRequest, RunError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(RunRequest::default());
     }
+    check_json_values(bytes, max_values)?;
     // serde would take `[]` for a struct: only an object may be a request.
     if bytes.trim_ascii_start().first() != Some(&b'{') {
         return Err(match serde_json::from_slice::<Value>(bytes) {
@@ -213,8 +268,14 @@ pub(crate) struct RunInput {
     pub(crate) unnamed: Option<Bytes>,
 }
 
-/// Reads a run body according to its `Content-Type`.
-pub(crate) async fn read(headers: &HeaderMap, bytes: Bytes) -> Result<RunInput, RunError> {
+/// Reads a run body of at most `body_limit` bytes according to its
+/// `Content-Type`.
+pub(crate) async fn read(
+    headers: &HeaderMap,
+    bytes: Bytes,
+    body_limit: usize,
+) -> Result<RunInput, RunError> {
+    let max_values = max_json_values(body_limit);
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -226,14 +287,14 @@ pub(crate) async fn read(headers: &HeaderMap, bytes: Bytes) -> Result<RunInput, 
         .trim()
         .to_ascii_lowercase();
     match essence.as_str() {
-        "multipart/form-data" => multipart(content_type, bytes).await,
+        "multipart/form-data" => multipart(content_type, bytes, max_values).await,
         "application/octet-stream" => Ok(RunInput {
             unnamed: Some(bytes),
             ..RunInput::default()
         }),
         // JSON, or no type at all (curl -d sends form-urlencoded: JSON
         // clients that forget the header keep working).
-        _ => parse_json_body(&bytes).map(|RunRequest { args }| RunInput {
+        _ => parse_json_body(&bytes, max_values).map(|RunRequest { args }| RunInput {
             args,
             ..RunInput::default()
         }),
@@ -249,7 +310,11 @@ pub(crate) const MAX_MULTIPART_PARTS: usize = 1024;
 
 /// Splits the body in place ([`crate::form`]): every part's bytes are a
 /// slice of the body as received, never copied.
-async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunError> {
+async fn multipart(
+    content_type: &str,
+    bytes: Bytes,
+    max_values: usize,
+) -> Result<RunInput, RunError> {
     let boundary = multer::parse_boundary(content_type).map_err(|e| RunError::MalformedBody {
         message: format!("{MALFORMED_MULTIPART}: {e}"),
     })?;
@@ -277,6 +342,7 @@ async fn multipart(content_type: &str, bytes: Bytes) -> Result<RunInput, RunErro
                 });
             }
             seen_args = true;
+            check_json_values(&data, max_values)?;
             let value: Value =
                 serde_json::from_slice(&data).map_err(|e| RunError::MalformedBody {
                     message: format!("{MALFORMED_ARGS_PART} is not JSON: {e}"),
@@ -428,7 +494,7 @@ mod tests {
             ("image", Some("frame.png"), &image),
             ("mask", None, b"\x00\xff"),
         ]);
-        let input = read(&headers(&ct), body).await.unwrap();
+        let input = read(&headers(&ct), body, 1 << 20).await.unwrap();
         assert_eq!(Value::Object(input.args), json!({"threshold": 3}));
         assert_eq!(input.binary.len(), 2);
         assert_eq!(input.binary[0].0, "image");
@@ -442,7 +508,7 @@ mod tests {
             ("image", Some("frame.png"), b"\x89PNG"),
             ("args", Some("args.json"), br#"{"n": 3}"#),
         ]);
-        let input = read(&headers(&ct), body).await.unwrap();
+        let input = read(&headers(&ct), body, 1 << 20).await.unwrap();
         assert_eq!(Value::Object(input.args), json!({"n": 3}));
         let names: Vec<&str> = input.binary.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["image"]);
@@ -452,7 +518,7 @@ mod tests {
             ("args", None, br#"{"n": 1}"#),
         ]);
         assert!(matches!(
-            read(&headers(&ct), body).await,
+            read(&headers(&ct), body, 1 << 20).await,
             Err(RunError::InvalidForm { .. })
         ));
     }
@@ -461,27 +527,27 @@ mod tests {
     async fn bad_multipart_bodies_are_client_errors() {
         let (ct, body) = multipart_body(&[("args", None, b"[1]")]);
         assert!(matches!(
-            read(&headers(&ct), body).await,
+            read(&headers(&ct), body, 1 << 20).await,
             Err(RunError::InvalidForm { .. })
         ));
         let (ct, body) = multipart_body(&[("args", None, b"{")]);
         assert!(matches!(
-            read(&headers(&ct), body).await,
+            read(&headers(&ct), body, 1 << 20).await,
             Err(RunError::MalformedBody { .. })
         ));
         let (ct, body) = multipart_body(&[("x", Some("a"), b"1"), ("x", Some("b"), b"2")]);
         assert!(matches!(
-            read(&headers(&ct), body).await,
+            read(&headers(&ct), body, 1 << 20).await,
             Err(RunError::InvalidForm { .. })
         ));
         let (ct, body) = multipart_body(&[("args", None, br#"{"x": 1}"#), ("x", Some("b"), b"2")]);
         assert!(matches!(
-            read(&headers(&ct), body).await,
+            read(&headers(&ct), body, 1 << 20).await,
             Err(RunError::InvalidForm { .. })
         ));
         for ct in ["multipart/form-data", "multipart/form-data; boundary=nope"] {
             assert!(matches!(
-                read(&headers(ct), Bytes::from_static(b"garbage")).await,
+                read(&headers(ct), Bytes::from_static(b"garbage"), 1 << 20).await,
                 Err(RunError::MalformedBody { .. })
             ));
         }
@@ -495,7 +561,7 @@ mod tests {
             .map(|n| (n.as_str(), None, &b"x"[..]))
             .collect();
         let (ct, body) = multipart_body(&parts);
-        let err = read(&headers(&ct), body).await.unwrap_err();
+        let err = read(&headers(&ct), body, 1 << 20).await.unwrap_err();
         assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{err:?}");
         assert!(
             err.to_string()
@@ -504,7 +570,7 @@ mod tests {
         );
         // Exactly at the limit is fine.
         let (ct, body) = multipart_body(&parts[..MAX_MULTIPART_PARTS]);
-        let input = read(&headers(&ct), body).await.unwrap();
+        let input = read(&headers(&ct), body, 1 << 20).await.unwrap();
         assert_eq!(input.binary.len(), MAX_MULTIPART_PARTS);
     }
 
@@ -513,6 +579,7 @@ mod tests {
         let input = read(
             &headers("application/octet-stream"),
             Bytes::from_static(b"\x89PNG"),
+            1 << 20,
         )
         .await
         .unwrap();
@@ -520,6 +587,7 @@ mod tests {
         let input = read(
             &headers("application/json"),
             Bytes::from_static(br#"{"args": {"a": 1}}"#),
+            1 << 20,
         )
         .await
         .unwrap();
@@ -542,11 +610,41 @@ mod tests {
 
     // The JSON form (moved with the parser from `tools`).
     fn parse_body(body: &'static str, _limit: usize) -> Result<RunRequest, RunError> {
-        parse_json_body(body.as_bytes())
+        parse_json_body(body.as_bytes(), max_json_values(1 << 20))
     }
 
     fn ok_body(text: &'static str) -> &'static str {
         text
+    }
+
+    #[test]
+    fn json_values_are_counted_outside_strings_and_bounded_before_parsing() {
+        assert_eq!(json_values(b"[0,0,0]"), 3);
+        assert_eq!(json_values(br#"{"a":1,"b":[1,2]}"#), 5);
+        // Commas and colons in strings are text, escaped quotes too.
+        assert_eq!(json_values(br#"{"s":"a,b:c"}"#), 2);
+        assert_eq!(json_values(br#"{"s":"a\",b"}"#), 2);
+        assert_eq!(json_values(br#"{"s":"a\\","t":1}"#), 4);
+        assert_eq!(json_values(b"\"\"\""), 1);
+        // Short text is not looked at; long text of too many values is
+        // refused, naming how many.
+        assert_eq!(check_json_values(b"[0,0,0,0,0]", 16), Ok(()));
+        let zeros = format!("[{}0]", "0,".repeat(5000));
+        assert_eq!(
+            check_json_values(zeros.as_bytes(), 4096),
+            Err(RunError::TooManyValues {
+                values: 5001,
+                max: 4096
+            })
+        );
+        assert_eq!(check_json_values(zeros.as_bytes(), 6000), Ok(()));
+        let body = format!(r#"{{"args": {{"a": {zeros}}}}}"#);
+        assert!(matches!(
+            parse_json_body(body.as_bytes(), 4096),
+            Err(RunError::TooManyValues { .. })
+        ));
+        assert_eq!(max_json_values(32 << 20), 262_144);
+        assert_eq!(max_json_values(1024), 4096);
     }
 
     #[test]
@@ -590,7 +688,7 @@ mod tests {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
-            .block_on(read(&h, Bytes::from(body)))
+            .block_on(read(&h, Bytes::from(body), 1 << 20))
     }
 
     /// A refused body: a client error (400 or 422) that says why.

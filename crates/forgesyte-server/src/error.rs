@@ -346,6 +346,15 @@ pub enum RunError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The JSON arguments hold more values than a body may (413,
+    /// `PayloadTooLarge`): parsed, each costs far more than its text.
+    #[error("JSON arguments of about {values} values, more than the {max} a body may hold")]
+    TooManyValues {
+        /// About how many values (an upper bound).
+        values: usize,
+        /// The most a body may hold.
+        max: usize,
+    },
     /// The client stopped sending the body for longer than the body read
     /// timeout (408, `BodyTimeout`).
     #[error("the request body stopped arriving; it must keep coming within the body read timeout")]
@@ -446,7 +455,9 @@ impl RunError {
             | RunError::NotBase64 { .. }
             | RunError::InvalidArgs { .. }
             | RunError::ToolFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            RunError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RunError::PayloadTooLarge { .. } | RunError::TooManyValues { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             RunError::BodyTimedOut | RunError::BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             RunError::Fault { .. } => StatusCode::BAD_GATEWAY,
             RunError::Timeout { .. } | RunError::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -465,7 +476,7 @@ impl RunError {
             | RunError::InvalidForm { .. }
             | RunError::BodyMismatch { .. } => "InvalidBody",
             RunError::NotBase64 { .. } => "InvalidArgs",
-            RunError::PayloadTooLarge { .. } => "PayloadTooLarge",
+            RunError::PayloadTooLarge { .. } | RunError::TooManyValues { .. } => "PayloadTooLarge",
             RunError::BodyTimedOut | RunError::BodyTooSlow { .. } => "BodyTimeout",
             RunError::InvalidArgs { .. } => "InvalidArgs",
             RunError::ToolFailed { error_type, .. } => error_type.as_deref().unwrap_or("ToolError"),
@@ -517,6 +528,12 @@ impl RunError {
             RunError::PayloadTooLarge { limit } => {
                 format!("Request body is larger than the limit of {limit} bytes")
             }
+            RunError::TooManyValues { values, max } => format!(
+                "The JSON arguments hold about {values} values, more than the {max} a body may \
+                 hold (each takes about {} bytes once parsed: the body limit divided by that; \
+                 send large data as a binary argument, or raise --body-limit)",
+                crate::body::PARSED_VALUE_BYTES
+            ),
             RunError::BodyTimedOut => {
                 "The request body stopped arriving before it was complete (body read timeout)"
                     .to_owned()

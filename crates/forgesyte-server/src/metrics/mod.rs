@@ -114,6 +114,7 @@ impl Outcome {
                 | RunError::BodyMismatch { .. }
                 | RunError::NotBase64 { .. }
                 | RunError::PayloadTooLarge { .. }
+                | RunError::TooManyValues { .. }
                 | RunError::BodyTimedOut
                 | RunError::BodyTooSlow { .. } => Outcome::bad_request,
                 RunError::Internal { .. } => Outcome::internal,

@@ -293,7 +293,10 @@ async fn read(
                 // before the next one (already buffered) can replace it.
                 tokio::task::yield_now().await;
             }
-            Some(Ok(Message::Text(text))) => match parse_json_body(text.as_str().as_bytes()) {
+            Some(Ok(Message::Text(text))) => match parse_json_body(
+                text.as_str().as_bytes(),
+                crate::body::max_json_values(session.body_limit),
+            ) {
                 Ok(request) => args = Arc::new(request.args),
                 Err(e) => {
                     let answer = json!({

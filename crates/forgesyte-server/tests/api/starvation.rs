@@ -432,3 +432,50 @@ fn a_queued_call_whose_client_hung_up_never_runs_and_is_counted_rejected() {
     assert_eq!(health["success_count"], lanes + 1, "{health}");
     drop(busy);
 }
+
+#[test]
+fn json_arguments_of_more_values_than_a_body_may_hold_are_refused_before_parsing() {
+    // Parsed, `[0,0,…]` takes some sixty times its text: a 32 MiB body of
+    // it made well over a GiB the body budget never counted. The body
+    // limit bounds the values too (1 MiB: 8,192 of them).
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "1048576"]);
+    server.wait_loaded();
+    let many = format!(r#"{{"args": {{"a": [{}0]}}}}"#, "0,".repeat(10_000));
+    let refused = http(
+        server.addr,
+        "POST",
+        "/v1/plugins/alpha/tools/echo/run",
+        many.as_bytes(),
+    );
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    assert_eq!(refused.json()["error_type"], "PayloadTooLarge");
+    assert!(
+        refused.json()["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("10003 values"),
+        "{}",
+        refused.text()
+    );
+    // Within the bound, and a long string (one value) of the same size: run.
+    let fewer = format!(r#"{{"args": {{"a": [{}0]}}}}"#, "0,".repeat(8_000));
+    let ran = http(
+        server.addr,
+        "POST",
+        "/v1/plugins/alpha/tools/echo/run",
+        fewer.as_bytes(),
+    );
+    assert_eq!(ran.status, 200, "{}", ran.text());
+    let text = format!(r#"{{"args": {{"a": "{}"}}}}"#, "0,".repeat(10_000));
+    let ran = http(
+        server.addr,
+        "POST",
+        "/v1/plugins/alpha/tools/echo/run",
+        text.as_bytes(),
+    );
+    assert_eq!(ran.status, 200, "{}", ran.text());
+    let health = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(health["success_count"], 2, "{health}");
+}
