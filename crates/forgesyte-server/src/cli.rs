@@ -411,6 +411,12 @@ pub(crate) fn parse_isolation(text: &str) -> Result<IsolationArg, String> {
     }
 }
 
+/// The longest duration an option takes, in seconds (about 31 years): a
+/// deadline this far out is still a point the clock can hold (std's
+/// `Instant + Duration` panics past it, and every connection's header
+/// timer and every in-process call's deadline is one).
+const MAX_SECONDS: f64 = 1e9;
+
 pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
     let secs: f64 = text
         .trim()
@@ -419,7 +425,16 @@ pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs <= 0.0 {
         return Err(format!("'{text}' must be a positive number of seconds"));
     }
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{text}': {e}"))
+    if secs > MAX_SECONDS {
+        return Err(format!(
+            "'{text}' is more than the {MAX_SECONDS:.0} seconds (about 31 years) a duration may be"
+        ));
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d.is_zero() => Err(format!("'{text}' is less than a nanosecond")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("'{text}': {e}")),
+    }
 }
 
 pub(crate) fn parse_seconds_arg(text: &str) -> Result<Seconds, String> {
@@ -550,6 +565,11 @@ mod tests {
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("nan").is_err());
         assert!(parse_seconds("soon").is_err());
+        // A deadline this far out would overflow the clock; one this short
+        // is zero.
+        assert!(parse_seconds("1e19").is_err());
+        assert!(parse_seconds("1e-10").is_err());
+        assert_eq!(parse_seconds("1e9"), Ok(Duration::from_secs(1_000_000_000)));
         assert_eq!(parse_seconds_or_never("0"), Ok(Seconds(Duration::ZERO)));
         assert_eq!(
             parse_seconds_or_never("1.5"),
