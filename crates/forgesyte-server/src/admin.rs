@@ -222,8 +222,25 @@ mod tests {
     }
 }
 
+/// Whose wrong tokens an address's are: an IPv4 address's own (an
+/// IPv4-mapped IPv6 address is its IPv4 address); an IPv6 address's /64,
+/// since one client holds a whole /64 and could try 5 tokens a minute from
+/// each of its addresses.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
 /// The admin routes' gate: the token and the count of wrong tokens per
-/// client address.
+/// client (an IPv4 address, an IPv6 /64).
 #[derive(Debug)]
 pub(crate) struct AdminGate {
     token: Option<AdminToken>,
@@ -257,6 +274,7 @@ impl AdminGate {
         if self.token.is_none() {
             return Err(ApiError::AdminDisabled);
         }
+        let peer = peer.map(client_key);
         if let Some(f) = self.failures().get(&peer) {
             let elapsed = now.saturating_duration_since(f.since);
             if f.count >= MAX_FAILURES && elapsed < FAILURE_WINDOW {
@@ -366,6 +384,41 @@ mod gate_tests {
         assert!(matches!(
             gate.check(&bearer("guess"), attacker, later),
             Err(ApiError::Forbidden)
+        ));
+    }
+
+    #[test]
+    fn an_ipv6_clients_addresses_share_its_64_and_a_mapped_ipv4_its_address() {
+        let gate = gate();
+        let now = Instant::now();
+        // One client, a new address of its /64 for every guess.
+        for i in 0..MAX_FAILURES {
+            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, 0, 1 + i as u16);
+            let _ = gate.check(&bearer("guess"), Some(IpAddr::V6(ip)), now);
+        }
+        let next = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0xffff, 1, 2, 3);
+        assert!(matches!(
+            gate.check(&bearer("guess"), Some(IpAddr::V6(next)), now),
+            Err(ApiError::TooManyAttempts { .. })
+        ));
+        // Another /64 is another client.
+        let elsewhere = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 8, 0, 0, 0, 1);
+        assert!(
+            gate.check(
+                &bearer("the-right-token-123"),
+                Some(IpAddr::V6(elsewhere)),
+                now
+            )
+            .is_ok()
+        );
+        // An IPv4 address is the same client over IPv6 (mapped).
+        let v4 = std::net::Ipv4Addr::new(192, 0, 2, 9);
+        for _ in 0..MAX_FAILURES {
+            let _ = gate.check(&bearer("guess"), Some(IpAddr::V4(v4)), now);
+        }
+        assert!(matches!(
+            gate.check(&bearer("guess"), Some(IpAddr::V6(v4.to_ipv6_mapped())), now),
+            Err(ApiError::TooManyAttempts { .. })
         ));
     }
 
