@@ -202,25 +202,32 @@ pub(crate) async fn reload_plugin(
     admit(&state, &headers, peer)?;
     let guard = state.begin_admin()?;
     tracing::info!(plugin = %Shown(&name), %peer, "Admin: reload of plugin {} requested by {peer}", Shown(&name));
-    let loader = Arc::clone(state.loader());
-    let key = name.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let _guard = guard;
-        loader.reload(&key)
+    // In a task of its own, so that the event is published even if the
+    // client hangs up mid-reload (its handler dropped).
+    let (loader, events, key) = (Arc::clone(state.loader()), state.clone(), name.clone());
+    let outcome = tokio::spawn(async move {
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            loader.reload(&key)
+        })
+        .await?;
+        Ok::<_, tokio::task::JoinError>(outcome.map(|outcome| {
+            tracing::debug!(plugin = %outcome.name, state = %outcome.state.as_str(), reason = ?outcome.reason, "Reload finished");
+            let outcome = ReloadOutcome::from(outcome);
+            events
+                .events()
+                .reload_finished("admin", &ReloadReport::of_one(outcome.clone()));
+            outcome
+        }))
     })
     .await
+    .map_err(|e| e.to_string())
+    .and_then(|joined| joined.map_err(|e| e.to_string()))
     .map_err(|e| ApiError::Internal {
         context: format!("reload of plugin '{}' failed: {e}", Shown(&name)),
     })?;
     match outcome {
-        Some(outcome) => {
-            tracing::debug!(plugin = %outcome.name, state = %outcome.state.as_str(), reason = ?outcome.reason, "Reload finished");
-            let outcome = ReloadOutcome::from(outcome);
-            state
-                .events()
-                .reload_finished("admin", &ReloadReport::of_one(outcome.clone()));
-            Ok(json(StatusCode::OK, &outcome))
-        }
+        Some(outcome) => Ok(json(StatusCode::OK, &outcome)),
         None => Err(ApiError::PluginNotFound { name }),
     }
 }
@@ -249,6 +256,6 @@ pub(crate) async fn reload_all(
     admit(&state, &headers, peer)?;
     let guard = state.begin_admin()?;
     tracing::info!(%peer, "Admin: rescan of the plugins directory requested by {peer}");
-    let report = crate::rescan::rescan(&state, guard, "admin request").await?;
+    let report = crate::rescan::rescan(&state, guard, "admin").await?;
     Ok(json(StatusCode::OK, &report))
 }

@@ -29,9 +29,24 @@ const WAIT_FOR_CLAIM: Duration = Duration::from_secs(600);
 const IGNORED: [&str; 3] = ["__pycache__", ".pytest_cache", ".git"];
 
 /// Runs the loader's rescan on the blocking pool under `guard` (released
-/// when it ends, even if the caller went away), logs its result and
-/// publishes it on the event stream (`reload`, with the trigger).
+/// when it ends), logs its result and publishes it on the event stream
+/// (`reload`, with the trigger), in a task of its own: an admin client that
+/// hangs up mid-rescan (its handler dropped) leaves all of that done, the
+/// metrics of removed plugins forgotten included.
 pub(crate) async fn rescan(
+    state: &AppState,
+    guard: AdminGuard,
+    trigger: &str,
+) -> Result<ReloadReport, ApiError> {
+    let (state, trigger) = (state.clone(), trigger.to_owned());
+    tokio::spawn(async move { rescan_to_the_end(&state, guard, &trigger).await })
+        .await
+        .map_err(|e| ApiError::Internal {
+            context: format!("rescan of the plugins directory failed: {e}"),
+        })?
+}
+
+async fn rescan_to_the_end(
     state: &AppState,
     guard: AdminGuard,
     trigger: &str,
