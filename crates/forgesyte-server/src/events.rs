@@ -389,14 +389,18 @@ impl Events {
         let last = match last_event_id.map(|id| id.trim().parse::<u64>()) {
             None => {
                 let last = self.last_id();
-                pending.push_back(marker("hello", last, "subscribed"));
+                pending.push_back(Pending::Marker(marker("hello", last, "subscribed")));
                 last
             }
             Some(Ok(id)) => id,
             // Not an id of ours: start over.
             Some(Err(_)) => {
                 let last = self.last_id();
-                pending.push_back(marker("reset", last, "unknown Last-Event-ID"));
+                pending.push_back(Pending::Marker(marker(
+                    "reset",
+                    last,
+                    "unknown Last-Event-ID",
+                )));
                 last
             }
         };
@@ -409,7 +413,7 @@ impl Events {
         futures_util::stream::unfold(cursor, |mut c| async move {
             loop {
                 if let Some(event) = c.pending.pop_front() {
-                    return Some((Ok(event), c));
+                    return Some((Ok(event.into_sse()), c));
                 }
                 if c.hub.is_closed() {
                     return None;
@@ -421,12 +425,7 @@ impl Events {
                     Since::Events(events) if !events.is_empty() => {
                         for stored in events {
                             c.last = stored.id;
-                            c.pending.push_back(
-                                SseEvent::default()
-                                    .id(stored.id.to_string())
-                                    .event(stored.kind)
-                                    .data(stored.data.as_str()),
-                            );
+                            c.pending.push_back(Pending::Stored(stored));
                         }
                     }
                     Since::Events(_) => {
@@ -436,8 +435,11 @@ impl Events {
                     }
                     Since::Gap { last } => {
                         c.last = last;
-                        c.pending
-                            .push_back(marker("reset", last, "events were missed"));
+                        c.pending.push_back(Pending::Marker(marker(
+                            "reset",
+                            last,
+                            "events were missed",
+                        )));
                     }
                 }
             }
@@ -462,7 +464,28 @@ struct Cursor {
     hub: Arc<Events>,
     wake: watch::Receiver<u64>,
     last: u64,
-    pending: VecDeque<SseEvent>,
+    pending: VecDeque<Pending>,
+}
+
+/// An event taken for a subscriber and not yet sent: a stored one is
+/// shared with the hub (its text is copied only when it is sent), so a
+/// subscriber that reads nothing holds no copies of the events it is
+/// behind on.
+enum Pending {
+    Stored(Arc<Stored>),
+    Marker(SseEvent),
+}
+
+impl Pending {
+    fn into_sse(self) -> SseEvent {
+        match self {
+            Pending::Stored(stored) => SseEvent::default()
+                .id(stored.id.to_string())
+                .event(stored.kind)
+                .data(stored.data.as_str()),
+            Pending::Marker(event) => event,
+        }
+    }
 }
 
 /// Publishes a hub's plugin events from the registry.
