@@ -33,12 +33,17 @@ impl OsProcess {
     /// is killed before it is reaped); `Ok(None)` while it runs.
     pub(crate) fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         match self {
-            OsProcess::Direct(child) => {
-                if let Ended::NotReaped = direct_state(child.id()) {
+            // Reaped only once seen ended and its group killed: a runner
+            // that ends between a look and a reap is not reaped with its
+            // group left running (the next look kills the group first).
+            OsProcess::Direct(child) => match direct_state(child.id()) {
+                Ended::No => Ok(None),
+                Ended::NotReaped => {
                     kill_group(child.id());
+                    child.try_wait()
                 }
-                child.try_wait()
-            }
+                Ended::Reaped => child.try_wait(),
+            },
             OsProcess::Forked(child) => child.try_wait(),
         }
     }
