@@ -24,8 +24,9 @@
 //! attachments inline. Once descriptors went out, a frame that is not
 //! written whole closes the request stream (the runner would pair the next
 //! frame with them). The host keeps no descriptor past the call: its own
-//! are closed once sent, the runner's once mapped, and a mapping lives as
-//! long as the answer's frame. Attachments from 1 MiB are written into
+//! are closed once sent (those of 1 MiB or more once the answer came, off
+//! the call's path: [`super::spares::Retire`]), the runner's once mapped,
+//! and a mapping lives as long as the answer's frame. Attachments from 1 MiB are written into
 //! spare memory files made in advance ([`super::spares`]), then sealed the
 //! same way.
 
@@ -248,10 +249,11 @@ impl Transport {
                 None => Err(RequestError::Closed(None)),
             },
         };
-        // The host's copies of the memory files stay open until the answer
-        // came (or the request failed), so the runner's close is never the
-        // one that frees their pages; the spares thread closes them, off
-        // this path.
+        // The host's copies of the memory files of 1 MiB or more stay open
+        // until the answer came (or the request failed), so the runner's
+        // close is never the one that frees their pages; the spares thread
+        // closes them, off this path. Smaller ones close here, once sent
+        // (freeing them is cheap).
         let _retire = super::spares::Retire::new(outgoing, attachments);
         if let Err(e) = written {
             self.waiters.lock().map.remove(&id);
