@@ -318,3 +318,52 @@ fn runners_run_with_no_new_privs() {
         assert_eq!(flag, Some("1"), "{name} (pid {pid}):\n{status}");
     }
 }
+
+/// A runner that dies while a process its plugin forked without exec (as
+/// a `multiprocessing` worker is) lives on is seen dead at once, whoever
+/// forked the runner and even when that process left the runner's process
+/// group: the forked process no longer holds the runner's stdout, whose
+/// end is how the host sees the death (it waited for the call's time
+/// limit before).
+#[test]
+fn a_runner_whose_forked_process_outlives_it_is_seen_dead_at_once() {
+    for zygote in ["1", "0"] {
+        let dir = PluginsDir::new();
+        dir.python("faulty", "faulty");
+        let server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str(), "--call-timeout", "30"],
+            &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+        );
+        server.wait_loaded();
+        for body in [
+            r#"{"args": {"s": 10}}"#,
+            r#"{"args": {"s": 10, "setsid": true}}"#,
+        ] {
+            let started = Instant::now();
+            let crash = server.run("faulty", "forkexit", body);
+            let took = started.elapsed();
+            assert_eq!(crash.status, 502, "{}", crash.text());
+            assert!(
+                crash.json()["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("exited with code 3"),
+                "{}",
+                crash.text()
+            );
+            assert!(
+                took < Duration::from_secs(5),
+                "FORGESYTE_PYTHON_ZYGOTE={zygote}, {body}: the death took {took:?} to be seen"
+            );
+            crate::rescan::wait_for(
+                "the runner's restart",
+                Duration::from_secs(20),
+                &server,
+                || {
+                    let health = server.get("/v1/plugins/faulty/health").json();
+                    (health["state"] == "INITIALIZED").then_some(())
+                },
+            );
+        }
+    }
+}

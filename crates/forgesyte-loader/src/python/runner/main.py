@@ -31,6 +31,29 @@ def limit_memory(mib):
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def protect_in_forks(fds):
+    """A process the plugin forks without exec (``os.fork``,
+    ``multiprocessing``'s fork start method) gets ``/dev/null`` on the
+    protocol's descriptors ``fds``: holding the runner's stdout, it kept the
+    host from seeing the runner's death (the end of that pipe) for as long
+    as it lived, and writing there, it broke the protocol. (A ``fork`` from
+    C without ``exec`` is not seen.)"""
+
+    def after_fork_in_child():
+        try:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return
+        for fd in fds:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass
+        os.close(null)
+
+    os.register_at_fork(after_in_child=after_fork_in_child)
+
+
 def watch_parent():
     """The fallback to the parent-death signal: ends the process when its
     parent is no longer the one it started with."""
@@ -88,6 +111,7 @@ def main(argv, handover):
             exit_now(EXIT_SETUP)
     elif handover.netns is not None:
         os.close(handover.netns)
+    protect_in_forks([fd_in, fd_out] + ([shm[0].fileno()] if shm is not None else []))
     if not handover.parent_death_signal:
         watch_parent()
     api.setup_logging()
