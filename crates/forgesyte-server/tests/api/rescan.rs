@@ -578,3 +578,45 @@ fn a_rescan_checks_integrity_pins_and_fails_a_changed_library() {
     );
     assert_ne!(served(&server, "alpha", "echo").status, 200);
 }
+
+/// An admin rescan whose client hangs up before it ends still ends whole:
+/// its log line, the removed plugin's metric series forgotten (they were
+/// left behind with the dropped handler).
+#[test]
+fn a_rescan_whose_admin_client_hung_up_still_finishes_its_work() {
+    use std::io::Write as _;
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).good("slow", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    assert_eq!(served(&server, "slow", "echo").status, 200);
+    let call = sleep_call(&server, "slow", 3000);
+    wait_running(&server, "slow");
+    std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
+    // The rescan waits for slow's call; its client goes meanwhile.
+    let mut client = std::net::TcpStream::connect(server.addr).unwrap();
+    let request = format!(
+        "POST /v1/plugins/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(client);
+    wait_for(
+        "the rescan's log line",
+        Duration::from_secs(20),
+        &server,
+        || {
+            server
+                .log()
+                .contains("Rescan (admin): 0 added")
+                .then_some(())
+        },
+    );
+    let metrics = server.get("/metrics").text();
+    assert!(!metrics.contains(r#"plugin="slow""#), "{metrics}");
+    assert_eq!(call.join().unwrap().status, 200);
+}
