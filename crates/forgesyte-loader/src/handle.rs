@@ -84,6 +84,11 @@ impl CallTicket {
     fn settle(&self) -> bool {
         !self.0.swap(true, std::sync::atomic::Ordering::AcqRel)
     }
+
+    /// Whether the call is settled (returned, or given up on).
+    fn is_settled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// A cheap, cloneable handle on a loaded plugin instance.
@@ -374,6 +379,11 @@ impl PluginHandle {
         .reason();
         let name = &self.inner.slot.name;
         if self.inner.isolation == Isolation::Process {
+            // A call that returned meanwhile stands: its runner, and the
+            // other calls in it, are not killed for it.
+            if ticket.is_settled() {
+                return None;
+            }
             self.inner.slot.current().kill(&reason);
             return Some(reason);
         }

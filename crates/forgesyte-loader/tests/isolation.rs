@@ -435,6 +435,29 @@ fn every_fault_at_tool_time_gives_its_reason() {
 }
 
 #[test]
+fn giving_up_on_an_isolated_call_that_returned_meanwhile_kills_nothing() {
+    let s = Setup::new();
+    s.plugin("busy", json!({}));
+    let loader = s.loader();
+    let handle = loader.handle("busy").unwrap();
+    let pid = handle.pid().unwrap();
+    let ticket = forgesyte_loader::CallTicket::new();
+    let context = forgesyte_loader::CallContext::default();
+    let out = handle
+        .call_ticketed("pid", &json!({}), &[], &context, &ticket)
+        .unwrap();
+    assert_eq!(out.result, json!(pid));
+    // The caller's timer fires just after the call returned: the call
+    // stands and its runner lives on.
+    assert_eq!(
+        handle.fail_timeout("pid", Duration::from_secs(2), &ticket),
+        None
+    );
+    assert_eq!(handle.call("pid", &json!({})).unwrap(), json!(pid));
+    check(&s.registry, "busy", S::Initialized, &[]);
+}
+
+#[test]
 fn restarts_follow_the_backoff_and_stop_after_max() {
     let mut s = Setup::new();
     s.config.supervision = SupervisionPolicy {
