@@ -124,7 +124,7 @@ impl ExitSlot {
 struct State {
     dead: Option<String>,
     next_id: u64,
-    spawning: HashMap<u64, SyncSender<Result<u32, String>>>,
+    spawning: HashMap<u64, SyncSender<Result<(u32, Arc<ExitSlot>), String>>>,
     children: HashMap<u32, Arc<ExitSlot>>,
 }
 
@@ -293,8 +293,11 @@ impl Zygote {
         drop(fds);
         let answer = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         self.state.lock().spawning.remove(&id);
-        let pid = match answer {
-            Ok(Ok(pid)) => pid,
+        // The exit slot comes with the pid: the runner may have ended, and
+        // the reader taken its slot out of `children`, before this thread
+        // woke (a lookup there then found the runner lost with its zygote).
+        let (pid, slot) = match answer {
+            Ok(Ok(spawned)) => spawned,
             Ok(Err(e)) => return Err(io::Error::other(e)),
             Err(_) => {
                 return Err(io::Error::other(format!(
@@ -303,19 +306,6 @@ impl Zygote {
                 )));
             }
         };
-        let slot = self
-            .state
-            .lock()
-            .children
-            .get(&pid)
-            .cloned()
-            .unwrap_or_else(|| {
-                // Registered by the reader before it answered; gone only if
-                // the zygote died meanwhile, and then so did the runner.
-                let slot = Arc::new(ExitSlot::default());
-                slot.set(Err(format!("its Python zygote (pid {}) died", self.pid)));
-                slot
-            });
         Ok(ForkedChild {
             pid,
             slot,
@@ -400,9 +390,10 @@ impl Zygote {
         match said {
             Said::Spawned { id, pid } => {
                 let mut state = self.state.lock();
-                state.children.insert(pid, Arc::new(ExitSlot::default()));
+                let slot = Arc::new(ExitSlot::default());
+                state.children.insert(pid, Arc::clone(&slot));
                 if let Some(tx) = state.spawning.remove(&id) {
-                    let _ = tx.send(Ok(pid));
+                    let _ = tx.send(Ok((pid, slot)));
                 }
             }
             Said::SpawnFailed { id, error } => {
