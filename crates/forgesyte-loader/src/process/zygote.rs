@@ -120,11 +120,15 @@ impl ExitSlot {
     }
 }
 
+/// What a spawning thread is told: the runner's pid and its exit slot, or
+/// why there is none.
+type Spawned = Result<(u32, Arc<ExitSlot>), String>;
+
 #[derive(Default)]
 struct State {
     dead: Option<String>,
     next_id: u64,
-    spawning: HashMap<u64, SyncSender<Result<(u32, Arc<ExitSlot>), String>>>,
+    spawning: HashMap<u64, SyncSender<Spawned>>,
     children: HashMap<u32, Arc<ExitSlot>>,
 }
 
