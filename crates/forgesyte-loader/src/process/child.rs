@@ -446,11 +446,16 @@ impl Drop for Child {
 
 /// Lets the process go: no exit callbacks, its stdin closed (the runner
 /// exits on its own), killed after [`STOP_GRACE`] if it has not. Never
-/// waits: the grace runs on a thread of its own.
+/// waits: the grace runs on a thread of its own, and a request being
+/// written (to a runner that reads nothing, it holds the writer until its
+/// own deadline) is not waited for: the kill ends that write.
 fn retire(shared: &Arc<Shared>) {
     shared.retired.store(true, Ordering::SeqCst);
-    shared.transport.close_writer();
+    let closed = shared.transport.close_writer_within(Duration::ZERO);
     if shared.exit.lock().report.is_some() {
+        if !closed {
+            shared.transport.close_writer();
+        }
         return;
     }
     let shared = Arc::clone(shared);
@@ -459,13 +464,22 @@ fn retire(shared: &Arc<Shared>) {
         .spawn({
             let shared = Arc::clone(&shared);
             move || {
+                // A request being written gets half the grace to end, so
+                // the runner still sees its stdin end and exits on its own.
+                let closed = closed || shared.transport.close_writer_within(STOP_GRACE / 2);
                 if wait_dead(&shared, STOP_GRACE).is_none() {
                     kill(&shared, retired_reason());
+                }
+                if !closed {
+                    shared.transport.close_writer();
                 }
             }
         });
     if stopper.is_err() {
         kill(&shared, retired_reason());
+        if !closed {
+            shared.transport.close_writer();
+        }
     }
 }
 

@@ -299,6 +299,20 @@ impl Transport {
         self.writer.lock().take();
     }
 
+    /// [`close_writer`](Self::close_writer), unless a request is still
+    /// being written after `wait` (a runner that reads nothing holds the
+    /// writer until that request's deadline): then `false`, and nothing is
+    /// closed.
+    pub(crate) fn close_writer_within(&self, wait: std::time::Duration) -> bool {
+        match self.writer.try_lock_for(wait) {
+            Some(mut writer) => {
+                writer.take();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Reads answers from `reader` and routes them until the stream ends
     /// (`None`) or the runner breaks the protocol (`Some(what it did)`).
     pub(crate) fn read_answers(&self, reader: impl Read) -> Option<String> {
@@ -749,6 +763,42 @@ mod tests {
         }
         assert!(t.waiters.lock().map.is_empty());
         // Half a frame went out: the stream is closed, not reused.
+        assert!(t.writer.lock().is_none());
+    }
+
+    #[test]
+    fn closing_the_writer_need_not_wait_for_a_blocked_request() {
+        let (t, greeting, _reader) = connect(|requests, mut answers| {
+            write_frame(&mut answers, &hello(), &[]).unwrap();
+            let _keep = requests; // never read
+            thread::sleep(LONG);
+        });
+        assert!(greeting.recv_timeout(LONG).is_ok());
+        let writing = {
+            let t = Arc::clone(&t);
+            thread::spawn(move || {
+                let big = vec![7u8; 4 << 20];
+                t.request(
+                    |id| {
+                        format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes()
+                    },
+                    &[],
+                    &[&big],
+                    Duration::from_millis(1500),
+                )
+            })
+        };
+        thread::sleep(Duration::from_millis(200));
+        // The blocked write holds the writer: a retire does not wait for it.
+        let started = Instant::now();
+        assert!(!t.close_writer_within(Duration::from_millis(50)));
+        assert!(started.elapsed() < Duration::from_millis(1000));
+        // Once the write gave up (its timeout), the writer is free.
+        assert!(matches!(
+            writing.join().unwrap(),
+            Err(RequestError::TimedOut)
+        ));
+        assert!(t.close_writer_within(Duration::from_secs(1)));
         assert!(t.writer.lock().is_none());
     }
 }
