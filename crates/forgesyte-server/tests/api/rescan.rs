@@ -136,8 +136,11 @@ fn sighup_serves_an_added_plugin_and_retires_a_removed_one() {
     );
 }
 
-#[test]
-fn a_removed_plugin_is_gone_at_once_but_its_call_in_flight_completes() {
+/// A server (admin token `TOKEN`) of `alpha` and `slow`, whose directory
+/// is removed while a 3 s call of it runs (after a quick call, so that it
+/// has metric series of its own); the call's thread.
+fn a_removed_plugin_with_a_call_in_flight()
+-> (PluginsDir, Forgesyte, std::thread::JoinHandle<Reply>) {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({})).good("slow", json!({}));
     let server = Forgesyte::start_with_env(
@@ -145,10 +148,17 @@ fn a_removed_plugin_is_gone_at_once_but_its_call_in_flight_completes() {
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
     );
     server.wait_loaded();
-    let addr = server.addr;
+    assert_eq!(served(&server, "slow", "echo").status, 200);
     let call = sleep_call(&server, "slow", 3000);
     wait_running(&server, "slow");
     std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
+    (dir, server, call)
+}
+
+#[test]
+fn a_removed_plugin_is_gone_at_once_but_its_call_in_flight_completes() {
+    let (_dir, server, call) = a_removed_plugin_with_a_call_in_flight();
+    let addr = server.addr;
     let rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
     // New calls are refused at once, while the old one still runs. The wait
     // polls a read, not a call: a probing call that raced the removal would be
@@ -585,17 +595,7 @@ fn a_rescan_checks_integrity_pins_and_fails_a_changed_library() {
 #[test]
 fn a_rescan_whose_admin_client_hung_up_still_finishes_its_work() {
     use std::io::Write as _;
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({})).good("slow", json!({}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
-    assert_eq!(served(&server, "slow", "echo").status, 200);
-    let call = sleep_call(&server, "slow", 3000);
-    wait_running(&server, "slow");
-    std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
+    let (_dir, server, call) = a_removed_plugin_with_a_call_in_flight();
     // The rescan waits for slow's call; its client goes meanwhile.
     let mut client = std::net::TcpStream::connect(server.addr).unwrap();
     let request = format!(
