@@ -28,19 +28,33 @@ pub trait PythonProbe: Send + Sync + Debug {
 /// JSON list of booleans out. The working directory's entry (`''`) is
 /// dropped from `sys.path` so nothing is found by accident where it runs.
 ///
-/// A name with `-` cannot be imported: it names a distribution
-/// (`opencv-python`, whose module is `cv2`), found by its installed
-/// metadata, also without importing anything.
-const FIND_SCRIPT: &str = r#"import sys, json, importlib.util
+/// A name is found as a module (a dotted one through namespace packages,
+/// whose parts are looked up without importing anything: `google.protobuf`
+/// is not found because `google.auth` is installed; under a regular
+/// package its first part stands for it, as finding a submodule would
+/// import the package), else as an installed distribution by its metadata
+/// (`opencv-python`, whose module is `cv2`; `Pillow`, `PyYAML`: names
+/// normalised as `pip` does), also without importing anything.
+const FIND_SCRIPT: &str = r#"import sys, json, importlib.util, importlib.machinery
 if sys.path and sys.path[0] == "":
     del sys.path[0]
+def module_found(name):
+    parts = name.split(".")
+    spec = importlib.util.find_spec(parts[0])
+    for part in parts[1:]:
+        if spec is None:
+            return False
+        if spec.origin is not None or not spec.submodule_search_locations:
+            return True
+        spec = importlib.machinery.PathFinder.find_spec(part, list(spec.submodule_search_locations))
+    return spec is not None
 def found(name):
     try:
-        if "-" in name:
-            from importlib import metadata
-            metadata.distribution(name)
+        if "-" not in name and module_found(name):
             return True
-        return importlib.util.find_spec(name.split(".")[0]) is not None
+        from importlib import metadata
+        metadata.distribution(name)
+        return True
     except Exception:
         return False
 sys.stdout.write(json.dumps([found(n) for n in sys.argv[1:]]))
@@ -133,12 +147,22 @@ impl PythonProbe for SystemPython {
 }
 
 /// `search_path` (`PYTHONPATH`: entries separated by `:`) with each
-/// relative entry made absolute against `cwd`; an empty entry, Python's
-/// "the working directory", becomes `cwd` itself.
+/// relative entry made absolute against `cwd`; an empty entry between two,
+/// Python's "the working directory", becomes `cwd` itself, and an empty
+/// value or last entry, which Python ignores, is left out (it put the
+/// server's working directory on the check's path).
 fn absolute_search_path(search_path: &OsStr, cwd: &Path) -> std::ffi::OsString {
     use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
     let mut out = Vec::with_capacity(search_path.len());
-    for (i, entry) in search_path.as_bytes().split(|&b| b == b':').enumerate() {
+    // As Python reads it: an empty value is no entry at all, and neither is
+    // an empty last entry (`lib:`); an empty one between two is the working
+    // directory.
+    let bytes = search_path.as_bytes();
+    let bytes = bytes.strip_suffix(b":").unwrap_or(bytes);
+    if bytes.is_empty() {
+        return std::ffi::OsString::new();
+    }
+    for (i, entry) in bytes.split(|&b| b == b':').enumerate() {
         if i > 0 {
             out.push(b':');
         }
@@ -232,15 +256,39 @@ pub fn run_python_as(
 
 /// Kills the child's process group and the child, and reaps it.
 fn kill_group(child: &mut Child) {
-    if let Ok(None) = child.try_wait()
-        && let Some(pgid) = i32::try_from(child.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-    {
-        let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
-    }
+    kill_only_group(child);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Whether the child has ended, without reaping it (its pid, and so its
+/// process group's id, stays reserved).
+fn ended(child: &Child) -> bool {
+    use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
+    let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) else {
+        return true;
+    };
+    !matches!(
+        waitid(
+            WaitId::Pid(pid),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+        ),
+        Ok(None)
+    )
+}
+
+/// `SIGKILL` to the child's process group, unless the child was reaped
+/// (whose pid may name another process's group by now). Reaps nothing.
+fn kill_only_group(child: &Child) {
+    use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
+    let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) else {
+        return;
+    };
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    // ECHILD: reaped already.
+    if waitid(WaitId::Pid(pid), options).is_ok() {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
 }
 
 /// Reads a pipe to its end (at most [`OUTPUT_LIMIT`] bytes) on a thread of
@@ -268,8 +316,12 @@ fn collect(rx: &mpsc::Receiver<Vec<u8>>, deadline: Instant) -> Option<Vec<u8>> {
 fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Option<ExitStatus>> {
     let mut pause = Duration::from_millis(1);
     loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
+        if ended(child) {
+            // What it left running in its group (a daemon holding its
+            // stdout would hold the answer back to the deadline) goes
+            // first, while its pid still names the group; then it is reaped.
+            kill_only_group(child);
+            return child.wait().map(Some);
         }
         let now = Instant::now();
         if now >= deadline {
@@ -312,10 +364,14 @@ mod tests {
     #[test]
     fn relative_search_path_entries_are_made_absolute() {
         let cwd = Path::new("/work/here");
+        // Python takes an empty last entry for none, an empty one between
+        // two for the working directory.
         assert_eq!(
-            absolute_search_path(OsStr::new("../pp:/abs/site:lib:"), cwd),
-            OsStr::new("/work/here/../pp:/abs/site:/work/here/lib:/work/here/")
+            absolute_search_path(OsStr::new("../pp:/abs/site::lib:"), cwd),
+            OsStr::new("/work/here/../pp:/abs/site:/work/here/:/work/here/lib")
         );
+        assert_eq!(absolute_search_path(OsStr::new(""), cwd), OsStr::new(""));
+        assert_eq!(absolute_search_path(OsStr::new(":"), cwd), OsStr::new(""));
         assert_eq!(
             absolute_search_path(OsStr::new("/a"), cwd),
             OsStr::new("/a")
@@ -452,6 +508,26 @@ mod tests {
             ),
             Ok(vec![true, false, true])
         );
+        // Spelt without `-` (`Pillow`, `PyYAML` are distributions whose
+        // modules are named otherwise): found by metadata too. Under a
+        // namespace package (`google.*`) each part is looked for: one
+        // distribution's part says nothing of another's.
+        std::fs::create_dir_all(site.join("nsp").join("auth")).unwrap();
+        std::fs::write(site.join("nsp").join("auth").join("__init__.py"), "").unwrap();
+        assert_eq!(
+            find(
+                SystemPython::new(),
+                &python,
+                &[
+                    "fake_dist",
+                    "nsp",
+                    "nsp.auth",
+                    "nsp.protobuf",
+                    "json.decoder"
+                ]
+            ),
+            Ok(vec![true, true, true, false, true])
+        );
     }
 
     #[cfg(unix)]
@@ -477,6 +553,48 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// An interpreter that answers and exits, leaving a process of its own
+    /// that holds its stdout (a daemon from a `.pth` file, a wrapper's
+    /// background job): the answer stands, at once, and that process goes
+    /// with the interpreter's group.
+    #[cfg(unix)]
+    #[test]
+    fn a_process_left_behind_neither_holds_the_answer_back_nor_outlives_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("daemon.pid");
+        let leaves = script(
+            dir.path(),
+            "leaves",
+            &format!("sleep 30 & echo $! > {}; echo '[true]'", pid_file.display()),
+        );
+        let started = Instant::now();
+        assert_eq!(
+            find(
+                SystemPython::with_timeout(Duration::from_secs(5)),
+                &leaves,
+                &["json"]
+            ),
+            Ok(vec![true])
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let daemon = std::fs::read_to_string(&pid_file).unwrap();
+        let proc_dir = format!("/proc/{}", daemon.trim());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while std::fs::read_to_string(format!("{proc_dir}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon {proc_dir} outlived the check"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]

@@ -91,6 +91,15 @@ impl Dependency {
             }
             "py" => {
                 let package = check_name(name, "package")?;
+                // Every plugin's packages go to one interpreter run (its
+                // arguments): one name past the kernel's limit for an
+                // argument failed that run for all of them.
+                if package.len() > MAX_PYTHON_NAME {
+                    return Err(format!(
+                        "Python package name of {} bytes, longer than {MAX_PYTHON_NAME}",
+                        package.len()
+                    ));
+                }
                 if !valid_python_name(&package) {
                     return Err(format!(
                         "invalid Python package name {package:?}: must match [A-Za-z0-9_.-]+ \
@@ -163,6 +172,10 @@ fn valid_plugin_name(name: &str) -> bool {
 /// A Python package name: `[A-Za-z0-9_.-]+`, no empty dotted part (so no
 /// leading, trailing or doubled `.`). `-` is allowed for distribution
 /// names (`opencv-python`), looked up by their installed metadata.
+/// The longest Python package name a dependency may give (PyPI's longest
+/// are under 100 bytes).
+const MAX_PYTHON_NAME: usize = 255;
+
 fn valid_python_name(name: &str) -> bool {
     !name.is_empty()
         && name.split('.').all(|part| {
@@ -731,6 +744,19 @@ mod tests {
         assert!(valid_python_name("9x"));
         assert!(!valid_python_name(""));
         assert!(!valid_python_name("é"));
+        let long = format!("py:{}", "a".repeat(MAX_PYTHON_NAME + 1));
+        assert!(
+            Dependency::parse(&long, BareDependency::Py)
+                .is_err_and(|e| e.contains("longer than 255")),
+            "a name too long for one interpreter run's arguments"
+        );
+        assert!(
+            Dependency::parse(
+                &format!("py:{}", "a".repeat(MAX_PYTHON_NAME)),
+                BareDependency::Py
+            )
+            .is_ok()
+        );
     }
 
     #[test]
