@@ -258,6 +258,55 @@ fn a_refused_plugin_never_runs_and_a_signed_one_does_through_the_environment() {
     );
 }
 
+/// An unsigned plugin naming an interpreter of its own (its own file, which
+/// the dependency check would run) is refused before that file runs.
+#[test]
+fn a_refused_plugins_own_interpreter_never_runs() {
+    let plugins = PluginsDir::new();
+    let keys = tempfile::tempdir().unwrap();
+    keygen(keys.path(), "author");
+    let trusted = keys.path().join("trusted");
+    std::fs::create_dir(&trusted).unwrap();
+    std::fs::copy(keys.path().join("author.pub"), trusted.join("author.pub")).unwrap();
+    let dir = marker_plugin(plugins.path(), "own-python");
+    let interpreter = dir.join("python.sh");
+    std::fs::write(
+        &interpreter,
+        format!(
+            "#!/bin/sh\necho ran > {}\nexec python3 \"$@\"\n",
+            dir.join("interpreter-ran").display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&interpreter, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let manifest = json!({"name": "own-python", "runtime": "python", "python": "python.sh",
+                          "dependencies": ["json"]});
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let env = [
+        ("FORGESYTE_TRUSTED_KEYS", trusted.to_str().unwrap()),
+        ("FORGESYTE_REQUIRE_SIGNED", "true"),
+    ];
+    let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &env);
+    assert_eq!(code, 1, "{out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let p = plugin_named(&list, "own-python");
+    assert_eq!(p["state"], "FAILED", "{p:#}");
+    assert!(
+        p["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("signature required"),
+        "{p:#}"
+    );
+    assert!(
+        !dir.join("interpreter-ran").exists(),
+        "the refused plugin's interpreter ran"
+    );
+}
+
 #[test]
 fn serve_shows_the_signature_in_health_and_list() {
     let s = every_status();
