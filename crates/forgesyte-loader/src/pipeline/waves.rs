@@ -26,19 +26,24 @@ impl Loader {
         outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
     ) {
         let (waves, cyclic) = dependency_waves(pending);
-        // Every Python package of the pass, asked of each interpreter once:
-        // the operator's interpreters only. One a manifest names is the
-        // plugin's own file, run only once the plugin passed its checks
-        // (its signature first), by its own dependency check.
+        // Every Python package of the pass, asked of each interpreter once.
+        // Under `require_signed` the operator's interpreters only: one a
+        // manifest names is the plugin's own file, which then runs only
+        // once the plugin's signature verified, by its own dependency check
+        // (one run per plugin).
         let requirements: Vec<_> = pending.values().map(|p| self.requirements(p)).collect();
         self.prestart_zygotes(pending.values().zip(&requirements));
-        let operators: Vec<_> = pending
-            .values()
-            .zip(&requirements)
-            .filter(|(p, _)| p.manifest.python.is_none())
-            .map(|(_, req)| req.clone())
-            .collect();
-        self.checker.prefetch_python_for(&operators);
+        if self.config.require_signed {
+            let operators: Vec<_> = pending
+                .values()
+                .zip(&requirements)
+                .filter(|(p, _)| p.manifest.python.is_none())
+                .map(|(_, req)| req.clone())
+                .collect();
+            self.checker.prefetch_python_for(&operators);
+        } else {
+            self.checker.prefetch_python_for(&requirements);
+        }
         for wave in waves {
             // A wave depends only on earlier waves, so the plugins available
             // to it are the same for all its members: list them once per wave
