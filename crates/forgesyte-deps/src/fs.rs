@@ -5,6 +5,32 @@ use std::fmt::Debug;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+/// Opens `path` for reading if it is a regular file (after following
+/// links); anything else is refused with `InvalidInput`, "not a regular
+/// file", without blocking: a FIFO put where a manifest or a library is
+/// expected used to hang the opening thread (and with it a load pass), and
+/// a link to `/dev/zero` to be read without end.
+///
+/// # Errors
+///
+/// The path cannot be opened, or is not a regular file.
+pub fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// What the host needs to know about a path.
 ///
 /// `is_symlink` describes the path itself (`symlink_metadata`); `len`,
@@ -100,7 +126,7 @@ impl FileSystem for RealFs {
     /// and then doubles, six `read`s for a 469-byte manifest. A larger file
     /// gets the rest in one buffer sized from its length.
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-        let file = std::fs::File::open(path)?;
+        let file = open_regular(path)?;
         let mut reader = file.take(limit.saturating_add(1));
         let first = FIRST_READ.min(reader.limit());
         let mut bytes = Vec::with_capacity(usize::try_from(first).unwrap_or(0));
@@ -165,6 +191,25 @@ mod tests {
         assert_eq!(RealFs.read(&p, 100).unwrap(), b"hello world");
         assert_eq!(RealFs.read(&p, 4).unwrap(), b"hello");
         assert_eq!(RealFs.read(&p, u64::MAX).unwrap(), b"hello world");
+        // What is not a regular file is refused at once: a FIFO (whose
+        // open would wait for a writer), a device.
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        for odd in [fifo.as_path(), Path::new("/dev/zero"), dir.path()] {
+            let err = RealFs.read(odd, 4).unwrap_err();
+            assert!(
+                err.to_string().contains("not a regular file"),
+                "{}: {err}",
+                odd.display()
+            );
+        }
         let err = RealFs.read(&dir.path().join("missing"), 4).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }

@@ -116,7 +116,7 @@ pub use checker::{DependencyChecker, DependencyCheckerBuilder, DependencyReport}
 pub use cuda::{CudaProbe, cuda_driver_library_present};
 pub use env::{EnvProbe, ProcessEnv};
 pub use exec::{ExecutableProbe, SystemPath};
-pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs};
+pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport};
 pub use libs::{LibraryProbe, SystemLibraries};
 pub use python::{PythonProbe, SystemPython, run_python, run_python_as};

@@ -43,7 +43,7 @@ pub const LOCK_VERSION: u64 = 1;
 const MAX_HASHED_BYTES: u64 = 4 << 30;
 
 /// The largest lock file the host reads (16 MiB).
-const MAX_LOCK_BYTES: u64 = 16 << 20;
+pub(crate) const MAX_LOCK_BYTES: u64 = 16 << 20;
 
 /// Validates a pin as written in `field`: 64 hexadecimal digits. Returns it
 /// in lowercase.

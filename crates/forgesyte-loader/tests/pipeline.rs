@@ -294,6 +294,67 @@ fn a_50_mb_manifest_on_disk_is_refused_without_reading_it_all() {
     );
 }
 
+/// What is not a regular file where a manifest or a library is expected
+/// (a FIFO, whose open waited for a writer and hung the pass; a link to
+/// `/dev/zero`, read without end by the change stamp) fails its plugin,
+/// and the pass, and a rescan, end.
+#[test]
+fn a_fifo_or_a_device_for_a_manifest_or_a_library_fails_its_plugin_and_nothing_waits() {
+    fn fifo(path: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["fifo", "zero", "fifolib"] {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+    }
+    fifo(&dir.path().join("fifo").join("manifest.json"));
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero").join("manifest.json")).unwrap();
+    std::fs::write(
+        dir.path().join("fifolib").join("manifest.json"),
+        manifest("fifolib", json!({"entrypoint": "libfifo.so"})),
+    )
+    .unwrap();
+    fifo(&dir.path().join("fifolib").join("libfifo.so"));
+    let registry = Registry::new();
+    let loader = Arc::new(Loader::new(
+        registry.clone(),
+        Arc::new(forgesyte_deps::DependencyChecker::system(Vec::new())),
+        LoaderConfig::default(),
+    ));
+    let (done, ended) = std::sync::mpsc::channel();
+    {
+        let (loader, root) = (Arc::clone(&loader), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let loaded = loader.load_all(&root).plugins.len();
+            let rescanned = loader.rescan().plugins().plugins.len();
+            let _ = done.send((loaded, rescanned));
+        });
+    }
+    let (loaded, rescanned) = ended
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the load pass or the rescan hung");
+    assert_eq!((loaded, rescanned), (3, 3));
+    for name in ["fifo", "zero"] {
+        let status = registry.get_status(name).unwrap();
+        assert_eq!(status.state, S::Failed, "{name}");
+        let reason = status.reason.unwrap_or_default();
+        assert!(reason.contains("not a regular file"), "{name}: {reason}");
+    }
+    let status = registry.get_status("fifolib").unwrap();
+    assert_eq!(status.state, S::Failed);
+    assert!(
+        status.reason.unwrap_or_default().contains("libfifo.so"),
+        "the library is named"
+    );
+}
+
 #[test]
 fn symlinked_library_outside_the_plugin_dir_is_rejected() {
     let s = Setup::new();

@@ -126,12 +126,13 @@ impl Loader {
         lock: Option<&[u8]>,
     ) -> Stamped {
         // Whatever changes from here on differs from the stamp at the next
-        // rescan. It hashes the manifest bytes parsed here; a manifest that
-        // could not be read is read again for the stamp (as `stamp` does),
-        // with the lock file the caller read.
+        // rescan. It hashes the manifest bytes parsed here; of a manifest
+        // that could not be read (too large, not a regular file), its size,
+        // time and inode in the walk stand for it, as in `stamp`; with the
+        // lock file the caller read.
         let stamped = match &read {
             Ok(bytes) => super::stamp::stamp_with(dir, Some(bytes), lock),
-            Err(_) => super::stamp::stamp_with(dir, std::fs::read(path).ok().as_deref(), lock),
+            Err(_) => super::stamp::stamp_with(dir, None, lock),
         };
         (self.parse_manifest(dir, path, read), stamped)
     }

@@ -155,7 +155,7 @@ impl Loader {
         let mut retried: Vec<String> = Vec::new();
         let mut unchanged: Vec<(String, PathBuf)> = Vec::new();
         for (name, dir) in kept {
-            let now = stamp(&dir);
+            let now = stamp(&dir, self.config.max_manifest_bytes);
             // What a reload of it does not stamp again, keeps this stamp.
             self.fresh_stamps.lock().insert(dir.clone(), now);
             // A signature is only as good as the keys it is checked against:
@@ -291,9 +291,11 @@ impl Loader {
         // On the pass's threads: a stamp is a few file-system calls per
         // file of the plugin (7% of a 1,000-plugin pass's CPU, one by one).
         stamps.extend(
-            par_map(self.config.threads, &missing, |(_, dir)| stamp(dir))
-                .into_iter()
-                .map(|((name, _), stamped)| (name.clone(), stamped.ok().flatten())),
+            par_map(self.config.threads, &missing, |(_, dir)| {
+                stamp(dir, self.config.max_manifest_bytes)
+            })
+            .into_iter()
+            .map(|((name, _), stamped)| (name.clone(), stamped.ok().flatten())),
         );
         *self.stamps.write() = stamps;
     }

@@ -40,17 +40,33 @@ const SKIPPED: [&str; 7] = [
     ".pytest_cache",
 ];
 
-/// The stamp of `dir`; `None` when it cannot be read at all.
-pub(super) fn stamp(dir: &Path) -> Option<u64> {
-    let manifest = std::fs::read(dir.join(MANIFEST_FILE)).ok();
+/// The stamp of `dir`, whose manifest is read if it is a regular file of
+/// at most `max_manifest` bytes (else its size, time and inode in the
+/// walk stand for it); `None` when it cannot be read at all.
+pub(super) fn stamp(dir: &Path, max_manifest: u64) -> Option<u64> {
+    let manifest = read_regular(&dir.join(MANIFEST_FILE), max_manifest);
     let lock = dir.parent().and_then(lock_beside);
     stamp_with(dir, manifest.as_deref(), lock.as_deref())
 }
 
 /// The bytes of the lock file (`forgesyte.lock`) in `parent`, which pins
-/// the plugin directories beside it; `None` when it cannot be read.
+/// the plugin directories beside it; `None` when it cannot be read (or is
+/// no regular file of at most the lock file's limit).
 pub(super) fn lock_beside(parent: &Path) -> Option<Vec<u8>> {
-    std::fs::read(parent.join(LOCK_FILE)).ok()
+    read_regular(&parent.join(LOCK_FILE), crate::integrity::MAX_LOCK_BYTES)
+}
+
+/// The bytes of `path` if it is a regular file of at most `limit` bytes:
+/// a manifest linked to `/dev/zero` was read without end (the server's
+/// memory with it), a FIFO waited for a writer.
+fn read_regular(path: &Path, limit: u64) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let file = forgesyte_deps::open_regular(path).ok()?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (bytes.len() as u64 <= limit).then_some(bytes)
 }
 
 /// [`stamp`] of `dir` whose manifest bytes and lock file (of the
@@ -147,20 +163,24 @@ mod tests {
         let root = dir.path();
         std::fs::write(root.join("manifest.json"), b"{\"name\": \"a\"}").unwrap();
         std::fs::write(root.join("plugin.py"), b"x = 1\n").unwrap();
-        let first = stamp(root).unwrap();
-        assert_eq!(stamp(root), Some(first), "stable when nothing changes");
+        let first = stamp(root, 1 << 20).unwrap();
+        assert_eq!(
+            stamp(root, 1 << 20),
+            Some(first),
+            "stable when nothing changes"
+        );
         // A cache write is not a change.
         std::fs::create_dir(root.join("__pycache__")).unwrap();
         std::fs::write(root.join("__pycache__/plugin.cpython-311.pyc"), b"..").unwrap();
-        assert_eq!(stamp(root), Some(first));
+        assert_eq!(stamp(root, 1 << 20), Some(first));
         // Same size, new content through a rename: a new inode.
         std::fs::write(root.join("plugin.py.new"), b"x = 2\n").unwrap();
         std::fs::rename(root.join("plugin.py.new"), root.join("plugin.py")).unwrap();
-        let second = stamp(root).unwrap();
+        let second = stamp(root, 1 << 20).unwrap();
         assert_ne!(second, first);
         std::fs::write(root.join("manifest.json"), b"{\"name\": \"b\"}").unwrap();
-        assert_ne!(stamp(root), Some(second));
-        assert_eq!(stamp(&root.join("missing")), None);
+        assert_ne!(stamp(root, 1 << 20), Some(second));
+        assert_eq!(stamp(&root.join("missing"), 1 << 20), None);
     }
 
     #[test]
@@ -173,15 +193,15 @@ mod tests {
         std::fs::write(root.join("pkg/mod.py"), b"a = 1\n").unwrap();
         std::fs::write(outside.path().join("lib.so"), b"build 1").unwrap();
         std::os::unix::fs::symlink(outside.path().join("lib.so"), root.join("lib.so")).unwrap();
-        let first = stamp(root).unwrap();
+        let first = stamp(root, 1 << 20).unwrap();
         // A library rebuilt behind its link (the link itself unchanged).
         std::fs::write(outside.path().join("lib.so"), b"build 22").unwrap();
-        let second = stamp(root).unwrap();
+        let second = stamp(root, 1 << 20).unwrap();
         assert_ne!(second, first, "the link's target is stamped");
         // A source two levels down.
         std::fs::write(root.join("pkg/mod.py"), b"a = 22\n").unwrap();
         assert_ne!(
-            stamp(root),
+            stamp(root, 1 << 20),
             Some(second),
             "a subdirectory's file is stamped"
         );
