@@ -355,6 +355,58 @@ fn a_fifo_or_a_device_for_a_manifest_or_a_library_fails_its_plugin_and_nothing_w
     );
 }
 
+/// A manifest linked out of its plugin's directory is not read (the
+/// server would read, and serve as the plugin's manifest, any JSON file it
+/// can); one linked inside it is.
+#[test]
+fn a_manifest_linked_out_of_its_directory_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("config.json");
+    std::fs::write(&secret, r#"{"name": "leak", "token": "s3cret"}"#).unwrap();
+    for name in ["leak", "inner"] {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+    }
+    std::os::unix::fs::symlink(&secret, dir.path().join("leak").join("manifest.json")).unwrap();
+    std::fs::write(
+        dir.path().join("inner").join("real.json"),
+        manifest("inner", json!({})),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("real.json", dir.path().join("inner").join("manifest.json"))
+        .unwrap();
+    let registry = Registry::new();
+    let loader = Loader::new(
+        registry.clone(),
+        Arc::new(forgesyte_deps::DependencyChecker::system(Vec::new())),
+        LoaderConfig::default(),
+    );
+    loader.load_all(dir.path());
+    let status = registry.get_status("leak").unwrap();
+    assert_eq!(status.state, S::Failed);
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.contains("links out of the plugin directory"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains("config.json"),
+        "the target is named: {reason}"
+    );
+    let served = loader
+        .manifest("leak")
+        .map(|m| m.to_string())
+        .unwrap_or_default();
+    assert!(!served.contains("s3cret"), "{served}");
+    let inner = registry
+        .get_status("inner")
+        .unwrap()
+        .reason
+        .unwrap_or_default();
+    assert!(!inner.contains("links out"), "{inner}");
+    assert!(loader.manifest("inner").is_some());
+}
+
 #[test]
 fn symlinked_library_outside_the_plugin_dir_is_rejected() {
     let s = Setup::new();

@@ -157,6 +157,13 @@ impl Loader {
     fn read_manifest_bytes(&self, path: &Path) -> Result<Vec<u8>, Box<BadManifest>> {
         let path = path.to_path_buf();
         let limit = self.config.max_manifest_bytes;
+        // A manifest linked out of its plugin's directory is not read: the
+        // server would read any JSON file it can (and serve it: `GET
+        // /v1/plugins/{name}/manifest`). Its target is not named.
+        if self.fs.is_symlink(&path).unwrap_or(false) && !self.inside_its_dir(&path) {
+            let source = std::io::Error::other("it links out of the plugin directory");
+            return Err(bad(None, ManifestError::Io { path, source }));
+        }
         let bytes = match self.fs.read(&path, limit) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -172,6 +179,17 @@ impl Loader {
             return Err(bad(None, ManifestError::TooLarge { path, size, limit }));
         }
         Ok(bytes)
+    }
+
+    /// Whether `path`, a link, resolves inside the directory that holds it.
+    fn inside_its_dir(&self, path: &Path) -> bool {
+        let Some(dir) = path.parent() else {
+            return false;
+        };
+        match (self.fs.canonicalize(path), self.fs.canonicalize(dir)) {
+            (Ok(real), Ok(root)) => real.starts_with(root),
+            _ => false,
+        }
     }
 
     /// The manifest of registered plugin `name` read again (for a reload):
