@@ -153,7 +153,7 @@ impl Loader {
                              for its calls to end; reload it again (the next rescan does)",
                             RELOAD_IDLE_WAIT.as_secs() * 2
                         );
-                        tracing::warn!(plugin = %name, "Plugin {name} {reason}");
+                        tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
                         let _ = self.registry.mark_failed(name, reason);
                         self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                         continue;

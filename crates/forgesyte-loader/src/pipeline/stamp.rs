@@ -109,14 +109,16 @@ fn walk(
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     for (raw_name, kind) in entries {
+        let name = String::from_utf8_lossy(&raw_name);
+        // Skipped before they count: a large cache or environment must not
+        // use up the budget of the files that matter.
+        if SKIPPED.contains(&&*name) || name.ends_with(".pyc") {
+            continue;
+        }
         if *budget == 0 {
             return Ok(());
         }
         *budget -= 1;
-        let name = String::from_utf8_lossy(&raw_name);
-        if SKIPPED.contains(&&*name) || name.ends_with(".pyc") {
-            continue;
-        }
         let rel = format!("{prefix}{name}");
         // Follows links: a library that is a link to a rebuilt file changes.
         // Anything else is looked up without following.
@@ -132,9 +134,16 @@ fn walk(
         };
         if FileType::from_raw_mode(meta.st_mode) == FileType::Directory {
             if depth < MAX_DEPTH {
-                let sub =
-                    rustix::fs::openat(dir, raw_name.as_slice(), OPEN_DIRECTORY, Mode::empty())?;
-                walk(&sub, &format!("{rel}/"), depth + 1, budget, hasher)?;
+                // A subdirectory that cannot be read counts as such: the
+                // rest of the plugin is still stamped (one unreadable
+                // directory made the whole stamp None, which never changes).
+                let walked =
+                    rustix::fs::openat(dir, raw_name.as_slice(), OPEN_DIRECTORY, Mode::empty())
+                        .map_err(std::io::Error::from)
+                        .and_then(|sub| walk(&sub, &format!("{rel}/"), depth + 1, budget, hasher));
+                if let Err(e) = walked {
+                    (&rel, "unreadable", e.raw_os_error()).hash(hasher);
+                }
             }
             continue;
         }
@@ -181,6 +190,21 @@ mod tests {
         std::fs::write(root.join("manifest.json"), b"{\"name\": \"b\"}").unwrap();
         assert_ne!(stamp(root, 1 << 20), Some(second));
         assert_eq!(stamp(&root.join("missing"), 1 << 20), None);
+    }
+
+    #[test]
+    fn skipped_entries_do_not_use_up_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("manifest.json"), b"{}").unwrap();
+        // More compiled files than the budget, all sorted before the source.
+        for i in 0..=super::MAX_ENTRIES {
+            std::fs::write(root.join(format!("a{i:05}.pyc")), b"").unwrap();
+        }
+        std::fs::write(root.join("z.py"), b"x = 1\n").unwrap();
+        let first = stamp(root, 1 << 20).unwrap();
+        std::fs::write(root.join("z.py"), b"x = 22\n").unwrap();
+        assert_ne!(stamp(root, 1 << 20), Some(first), "the source is stamped");
     }
 
     #[test]
