@@ -588,7 +588,7 @@ fn plugin_dependencies_load_in_order_and_name_the_chain() {
     )
     .plugin(
         "g_x",
-        &manifest("x", json!({"dependencies": ["plugin:y"]})),
+        &manifest("x", json!({"dependencies": ["plugin:base", "plugin:y"]})),
         FakeBehavior::Good,
     )
     .plugin(
@@ -616,9 +616,18 @@ fn plugin_dependencies_load_in_order_and_name_the_chain() {
         S::Unavailable,
         &["plugin:broken (broken is FAILED: ImportError"],
     );
-    s.check("x", S::Unavailable, &["dependency cycle", "x -> y -> x"]);
+    // The dependency on the cycle is named, not the first (loaded) one.
+    s.check(
+        "x",
+        S::Unavailable,
+        &["plugin:y (dependency cycle: x -> y -> x)"],
+    );
     s.check("y", S::Unavailable, &["dependency cycle", "y -> x -> y"]);
-    s.check("behind", S::Unavailable, &["behind -> [x -> y -> x]"]);
+    s.check(
+        "behind",
+        S::Unavailable,
+        &["plugin:x (dependency cycle: behind -> [x -> y -> x])"],
+    );
     s.check(
         "ghostly",
         S::Unavailable,

@@ -83,13 +83,10 @@ impl Loader {
                 self.finish_outcome(&p.name, &p.dir, p.started, outcomes);
             }
         }
-        for (name, cycle) in cyclic {
+        for (name, (hop, cycle)) in cyclic {
             if let Some(p) = pending.get(&name) {
                 let err = DependencyError::new(
-                    vec![format!(
-                        "plugin:{} (dependency cycle: {cycle})",
-                        first_dep(p)
-                    )],
+                    vec![format!("plugin:{hop} (dependency cycle: {cycle})")],
                     None,
                 );
                 self.record_failure(&name, &err.into());
@@ -161,24 +158,12 @@ impl Loader {
     }
 }
 
-fn first_dep(p: &Pending) -> String {
-    p.manifest
-        .requirements
-        .dependencies
-        .iter()
-        .find_map(|d| match d {
-            Dependency::Plugin { name, .. } => Some(name.clone()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
 /// Orders pending plugins into waves: every plugin's in-pass `plugin:`
 /// dependencies are in earlier waves. Plugins on or behind a cycle are
 /// returned separately with the cycle spelled out (`a -> b -> a`).
 fn dependency_waves(
     pending: &BTreeMap<String, Pending>,
-) -> (Vec<Vec<String>>, Vec<(String, String)>) {
+) -> (Vec<Vec<String>>, Vec<(String, (String, String))>) {
     let deps: BTreeMap<&str, BTreeSet<&str>> = pending
         .iter()
         .map(|(name, p)| {
@@ -223,25 +208,35 @@ fn dependency_waves(
 }
 
 /// Follows unresolved dependencies from `start` until a node repeats.
-fn find_cycle(start: &str, deps: &BTreeMap<&str, BTreeSet<&str>>, done: &BTreeSet<&str>) -> String {
+/// The cycle `start` is on or behind, spelt out, with `start`'s
+/// dependency that leads there (the one its reason names: not merely its
+/// first `plugin:` one, which may be loaded).
+fn find_cycle(
+    start: &str,
+    deps: &BTreeMap<&str, BTreeSet<&str>>,
+    done: &BTreeSet<&str>,
+) -> (String, String) {
     let mut path: Vec<&str> = vec![start];
     let mut current = start;
+    let hop = |path: &[&str]| path.get(1).copied().unwrap_or(start).to_owned();
     loop {
         let next = deps
             .get(current)
             .and_then(|d| d.iter().find(|x| !done.contains(*x)).copied());
         let Some(next) = next else {
-            return path.join(" -> ");
+            return (hop(&path), path.join(" -> "));
         };
         if let Some(pos) = path.iter().position(|n| *n == next) {
             let mut cycle: Vec<&str> = path[pos..].to_vec();
             cycle.push(next);
             let prefix = &path[..pos];
-            return if prefix.is_empty() {
+            let spelt = if prefix.is_empty() {
                 cycle.join(" -> ")
             } else {
                 format!("{} -> [{}]", prefix.join(" -> "), cycle.join(" -> "))
             };
+            path.push(next);
+            return (hop(&path), spelt);
         }
         path.push(next);
         current = next;
