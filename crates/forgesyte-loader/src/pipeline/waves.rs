@@ -158,12 +158,14 @@ impl Loader {
     }
 }
 
+/// A plugin on or behind a cycle: its name, and (its dependency that leads
+/// there, the cycle spelt out).
+type Cyclic = (String, (String, String));
+
 /// Orders pending plugins into waves: every plugin's in-pass `plugin:`
 /// dependencies are in earlier waves. Plugins on or behind a cycle are
 /// returned separately with the cycle spelled out (`a -> b -> a`).
-fn dependency_waves(
-    pending: &BTreeMap<String, Pending>,
-) -> (Vec<Vec<String>>, Vec<(String, (String, String))>) {
+fn dependency_waves(pending: &BTreeMap<String, Pending>) -> (Vec<Vec<String>>, Vec<Cyclic>) {
     let deps: BTreeMap<&str, BTreeSet<&str>> = pending
         .iter()
         .map(|(name, p)| {
