@@ -150,11 +150,30 @@ impl Loader {
                 let version = s
                     .version
                     .as_deref()
-                    .and_then(|v| semver::Version::parse(v).ok())
+                    .and_then(lenient_version)
                     .unwrap_or_else(|| semver::Version::new(0, 0, 0));
                 (s.name, version)
             })
             .collect()
+    }
+}
+
+/// A plugin's version as a `plugin:NAME@REQ` dependency compares it:
+/// semver, or one or two numbers (`1`, `1.0`, as manifests write them),
+/// padded with zeros.
+fn lenient_version(text: &str) -> Option<semver::Version> {
+    let text = text.trim();
+    if let Ok(version) = semver::Version::parse(text) {
+        return Some(version);
+    }
+    let parts: Vec<u64> = text
+        .split('.')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    match parts[..] {
+        [major] => Some(semver::Version::new(major, 0, 0)),
+        [major, minor] => Some(semver::Version::new(major, minor, 0)),
+        _ => None,
     }
 }
 
@@ -242,5 +261,19 @@ fn find_cycle(
         }
         path.push(next);
         current = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_of_one_or_two_numbers_compare_as_semver() {
+        use super::lenient_version as v;
+        assert_eq!(v("1.2.3"), Some(semver::Version::new(1, 2, 3)));
+        assert_eq!(v("1.0"), Some(semver::Version::new(1, 0, 0)));
+        assert_eq!(v(" 2 "), Some(semver::Version::new(2, 0, 0)));
+        assert_eq!(v("unknown"), None);
+        assert_eq!(v("1..2"), None);
+        assert_eq!(v("1.2.3.4"), None);
     }
 }
