@@ -80,3 +80,28 @@ fn an_unreadable_plugins_directory_retires_nothing_and_failed_plugins_are_retrie
     s.check("alpha", S::Initialized, &[]);
     assert!(loader.handle("alpha").is_some());
 }
+
+/// A plugin UNAVAILABLE for want of a `plugin:` dependency is available
+/// after the rescan that adds that dependency (it was retried before the
+/// added plugin loaded, and stayed UNAVAILABLE until another rescan).
+#[test]
+fn a_rescan_that_adds_a_dependency_makes_its_dependent_available() {
+    let s = Setup::new();
+    s.plugin(
+        "app",
+        &manifest("app", json!({"dependencies": ["plugin:base"]})),
+        FakeBehavior::Good,
+    );
+    let loader = s.load();
+    s.check("app", S::Unavailable, &["plugin:base"]);
+    s.plugin("base", &manifest("base", json!({})), FakeBehavior::Good);
+    let report = loader.rescan();
+    s.check("base", S::Initialized, &[]);
+    s.check("app", S::Initialized, &[]);
+    let retried: Vec<(&str, S)> = report
+        .retried
+        .iter()
+        .map(|o| (o.name.as_str(), o.state))
+        .collect();
+    assert_eq!(retried, [("app", S::Initialized)], "{report:?}");
+}

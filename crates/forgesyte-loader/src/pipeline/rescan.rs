@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use forgesyte_registry::PluginLifecycleState;
 use serde::Serialize;
 
 use super::discovery::NoManifest;
@@ -206,6 +207,7 @@ impl Loader {
                 .load_pass(&new_dirs, &new_entry_points, NoManifest::Fail)
                 .plugins;
         }
+        self.retry_for_the_added(&mut report);
 
         let mut outcomes = BTreeMap::new();
         for (name, dir) in &unchanged {
@@ -275,6 +277,50 @@ impl Loader {
     /// this pass did not read (one `reload_all` kept as it was), the
     /// baseline it had, so a change on disk still shows; else one taken
     /// now.
+    /// The changed and retried plugins were loaded before the plugins the
+    /// rescan added: those left UNAVAILABLE over a `plugin:` dependency
+    /// that an added plugin now provides are tried once more, their
+    /// outcomes replaced (a dependent and its new dependency copied in
+    /// together, or the dependency added later, stayed UNAVAILABLE until
+    /// another rescan).
+    fn retry_for_the_added(&self, report: &mut RescanReport) {
+        let added: BTreeSet<&str> = report
+            .added
+            .iter()
+            .filter(|o| o.state == PluginLifecycleState::Initialized)
+            .map(|o| o.name.as_str())
+            .collect();
+        if added.is_empty() {
+            return;
+        }
+        let waiting = |o: &PluginLoadOutcome| {
+            o.state == PluginLifecycleState::Unavailable
+                && o.reason.as_deref().is_some_and(|r| {
+                    added
+                        .iter()
+                        .any(|name| r.contains(&format!("plugin:{name}")))
+                })
+        };
+        let again: Vec<String> = report
+            .changed
+            .iter()
+            .chain(&report.retried)
+            .filter(|o| waiting(o))
+            .map(|o| o.name.clone())
+            .collect();
+        if again.is_empty() {
+            return;
+        }
+        let second = self.reload_names(&again, &BTreeSet::new());
+        for outcome in second.plugins {
+            for list in [&mut report.changed, &mut report.retried] {
+                if let Some(slot) = list.iter_mut().find(|o| o.name == outcome.name) {
+                    *slot = outcome.clone();
+                }
+            }
+        }
+    }
+
     pub(super) fn restamp(&self) {
         let mut fresh = std::mem::take(&mut *self.fresh_stamps.lock());
         let old = self.stamps.read().clone();
