@@ -105,3 +105,28 @@ fn a_rescan_that_adds_a_dependency_makes_its_dependent_available() {
         .collect();
     assert_eq!(retried, [("app", S::Initialized)], "{report:?}");
 }
+
+/// A plugin registered under its directory's name (a duplicate of another
+/// plugin's name) takes its name at the rescan that finds it free: the
+/// side-by-side upgrade (`ocr-v2` beside `ocr`, then `ocr` removed).
+#[test]
+fn a_duplicate_takes_its_name_when_a_rescan_finds_it_free() {
+    let s = Setup::new();
+    s.plugin("ocr", &manifest("ocr", json!({})), FakeBehavior::Good)
+        .plugin("ocr-v2", &manifest("ocr", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    s.check("ocr", S::Initialized, &[]);
+    s.check("ocr-v2", S::Failed, &["duplicate plugin name 'ocr'"]);
+    s.world.fs.remove("/plugins/ocr");
+    let report = loader.rescan();
+    let removed: Vec<&str> = report.removed.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(removed, ["ocr", "ocr-v2"], "{report:?}");
+    let added: Vec<&str> = report.added.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(added, ["ocr"], "{report:?}");
+    s.check("ocr", S::Initialized, &[]);
+    assert!(s.registry.get_status("ocr-v2").is_none());
+    assert_eq!(
+        loader.plugin_dir("ocr"),
+        Some(std::path::PathBuf::from("/plugins/ocr-v2"))
+    );
+}

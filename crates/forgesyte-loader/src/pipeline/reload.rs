@@ -211,8 +211,8 @@ impl Loader {
             ManifestError::InvalidField {
                 field: "name".into(),
                 message: format!(
-                    "changed from '{key}' to '{}' since the plugin was registered; a renamed \
-                     plugin needs a restart of the host",
+                    "changed from '{key}' to '{}' since the plugin was registered; a rescan \
+                     loads it under its new name",
                     m.name
                 ),
             }

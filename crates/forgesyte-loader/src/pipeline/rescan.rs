@@ -176,6 +176,28 @@ impl Loader {
                 unchanged.push((name, dir));
             }
         }
+        // A plugin whose manifest now names another name, free: registered
+        // under its directory's name (a duplicate, a broken manifest) or
+        // renamed. Retired under the old name, its directory loads as new
+        // below (a reload by the old name could never take the new one).
+        for name in changed.iter().chain(&retried) {
+            if installed.contains(name) {
+                continue;
+            }
+            let Some(dir) = self.plugin_dir(name) else {
+                continue;
+            };
+            if let Ok(m) = self.read_manifest(&dir)
+                && m.name != *name
+                && !self.registry.contains(&m.name)
+            {
+                tracing::info!(plugin = %name, now = %m.name, "Plugin {name} is now named {}: loaded under that name", m.name);
+                report.removed.push(self.retire_plugin(name, dir));
+            }
+        }
+        let renamed: BTreeSet<&str> = report.removed.iter().map(|r| r.name.as_str()).collect();
+        changed.retain(|n| !renamed.contains(n.as_str()));
+        retried.retain(|n| !renamed.contains(n.as_str()));
         let replace: BTreeSet<String> = changed.iter().cloned().collect();
         let mut names = changed.clone();
         names.extend(retried.iter().cloned());
