@@ -61,7 +61,9 @@ impl DependencyReport {
 /// Results are cached per item (library, executable, variable, model path,
 /// Python package per interpreter, the GPU report) until
 /// [`clear_cache`](Self::clear_cache), which the loader calls at the start of
-/// each load pass. The checker is `Send + Sync`; no lock is held while a
+/// each load pass. (The real GPU probe, [`crate::CudaProbe`], answers from
+/// its first probe for the whole process: a driver that comes up later is
+/// seen after a restart.) The checker is `Send + Sync`; no lock is held while a
 /// probe runs.
 ///
 /// Python packages cost one interpreter run per interpreter per pass when

@@ -92,7 +92,7 @@
 //!   per interpreter, not one per package; a hung interpreter is killed
 //!   after 10 s.
 //! - Results are cached for one load pass; [`DependencyChecker::clear_cache`]
-//!   starts the next.
+//!   starts the next. The real GPU probe's, once for the process.
 //!
 //! # What this crate must not know
 //!
