@@ -562,6 +562,29 @@ fn missing_dependencies_are_all_named() {
     );
 }
 
+/// A missing item whose name holds "; " (the separator of the GPU detail)
+/// is named once, and the GPU detail still follows the list.
+#[test]
+fn an_item_named_with_a_semicolon_is_named_once() {
+    let s = Setup::new();
+    s.plugin(
+        "odd",
+        &manifest(
+            "odd",
+            json!({"requires_gpu": true, "models": {"det; v2": "m.onnx"}}),
+        ),
+        FakeBehavior::Good,
+    );
+    s.load();
+    let reason = s.registry.get_status("odd").unwrap().reason.unwrap();
+    assert_eq!(reason.matches("det; v2").count(), 1, "{reason}");
+    assert_eq!(reason.matches("(path: ").count(), 1, "{reason}");
+    assert!(
+        reason.contains("GPU") && reason.contains("CUDA"),
+        "{reason}"
+    );
+}
+
 #[test]
 fn plugin_dependencies_load_in_order_and_name_the_chain() {
     let s = Setup::new();

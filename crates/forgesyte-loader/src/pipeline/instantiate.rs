@@ -380,6 +380,14 @@ impl Loader {
     /// Names the chain: a missing `plugin:` dependency that is registered but
     /// not available says which state it is in and why.
     fn explain_plugin_deps(&self, manifest: &Manifest, err: &mut DependencyError) {
+        // The GPU detail is what follows the list of items in the reason
+        // (not what follows its first "; ", which an item may hold).
+        let items = format!("Missing dependencies: {}", err.missing.join(", "));
+        let gpu_detail = err
+            .reason
+            .strip_prefix(&items)
+            .and_then(|rest| rest.strip_prefix("; "))
+            .map(str::to_owned);
         for dep in &manifest.requirements.dependencies {
             let Dependency::Plugin { name, .. } = dep else {
                 continue;
@@ -401,10 +409,6 @@ impl Loader {
                 }
             }
         }
-        let gpu_detail = err
-            .reason
-            .split_once("; ")
-            .map(|(_, detail)| detail.to_owned());
         *err = DependencyError::new(std::mem::take(&mut err.missing), gpu_detail);
     }
 
