@@ -518,8 +518,15 @@ fn start_threads(
         .spawn(move || read_answers(&for_reader, stdout));
     match (stderr_thread, reader_thread) {
         (Ok(_), Ok(_)) => Ok(()),
-        (Err(e), _) | (_, Err(e)) => {
+        (Err(e), Ok(_)) => {
+            // The reader reaps it once its output ends.
             kill(shared, retired_reason());
+            Err(SpawnError::Start(e))
+        }
+        (_, Err(e)) => {
+            // No reader to reap it: reaped here, else a zombie for good.
+            kill(shared, retired_reason());
+            let _ = shared.process.lock().wait();
             Err(SpawnError::Start(e))
         }
     }

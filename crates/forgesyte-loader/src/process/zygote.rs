@@ -124,6 +124,22 @@ impl ExitSlot {
 /// why there is none.
 type Spawned = Result<(u32, Arc<ExitSlot>), String>;
 
+/// Kills and reaps the process of this pid when dropped armed (`Some`).
+struct KillOnError(Option<u32>);
+
+impl Drop for KillOnError {
+    fn drop(&mut self) {
+        if let Some(pid) = self
+            .0
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     dead: Option<String>,
@@ -185,6 +201,9 @@ impl Zygote {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut process = spawn_supervised(command)?;
+        // Until it is set up, a failure (no thread to be had) kills and
+        // reaps the zygote: dropped, it was left a zombie.
+        let mut unfinished = KillOnError(Some(process.id()));
         let stderr = process.stderr.take();
         let reader = ours.try_clone()?;
         let zygote = Zygote::assemble(key.interpreter.clone(), ours, process)?;
@@ -207,6 +226,7 @@ impl Zygote {
         std::thread::Builder::new()
             .name(format!("forgesyte-zygote-{}", zygote.pid))
             .spawn(move || for_reader.read(reader))?;
+        unfinished.0 = None;
         Ok(zygote)
     }
 
