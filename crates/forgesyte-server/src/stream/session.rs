@@ -375,8 +375,6 @@ fn refusal(error: axum::Error, body_limit: usize) -> Option<(u16, String)> {
     }
 }
 
-/// Asks the writer to close with `code` and `reason`, waiting at most
-/// [`CLOSE_WAIT`] for room.
 /// How one of the reader's waits ended.
 enum Waited<T> {
     /// What it waited for came.
@@ -410,6 +408,8 @@ async fn say_idle(out: &mpsc::Sender<Out>, session: &Session) {
     say_close(out, close::IDLE, &reason).await;
 }
 
+/// Asks the writer to close with `code` and `reason`, waiting at most
+/// [`CLOSE_WAIT`] for room.
 async fn say_close(out: &mpsc::Sender<Out>, code: u16, reason: &str) {
     let message = Out::Close(code, close_reason(reason));
     let _ = tokio::time::timeout(CLOSE_WAIT, out.send(message)).await;
