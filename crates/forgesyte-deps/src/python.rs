@@ -261,33 +261,33 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Whether the child has ended, without reaping it (its pid, and so its
-/// process group's id, stays reserved).
-fn ended(child: &Child) -> bool {
+/// Where the child stands, without reaping it: `Some(false)` running,
+/// `Some(true)` ended but not reaped (its pid, and so its process group's
+/// id, stays reserved), `None` reaped already (or no pid to ask about).
+fn look(child: &Child) -> Option<bool> {
     use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
-    let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) else {
-        return true;
-    };
-    !matches!(
-        waitid(
-            WaitId::Pid(pid),
-            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
-        ),
-        Ok(None)
-    )
+    let pid = i32::try_from(child.id()).ok().and_then(Pid::from_raw)?;
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    // ECHILD: reaped already.
+    waitid(WaitId::Pid(pid), options)
+        .ok()
+        .map(|status| status.is_some())
+}
+
+/// Whether the child has ended (reaped or not).
+fn ended(child: &Child) -> bool {
+    look(child) != Some(false)
 }
 
 /// `SIGKILL` to the child's process group, unless the child was reaped
 /// (whose pid may name another process's group by now). Reaps nothing.
 fn kill_only_group(child: &Child) {
-    use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
-    let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) else {
-        return;
-    };
-    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
-    // ECHILD: reaped already.
-    if waitid(WaitId::Pid(pid), options).is_ok() {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    if look(child).is_some()
+        && let Some(pgid) = i32::try_from(child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
     }
 }
 
