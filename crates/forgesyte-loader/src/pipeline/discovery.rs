@@ -160,7 +160,12 @@ impl Loader {
         // A manifest linked out of its plugin's directory is not read: the
         // server would read any JSON file it can (and serve it: `GET
         // /v1/plugins/{name}/manifest`). Its target is not named.
-        if self.fs.is_symlink(&path).unwrap_or(false) && !self.inside_its_dir(&path) {
+        let inside_its_dir = || {
+            path.parent()
+                .and_then(|dir| self.resolved_inside(dir, &path))
+                .is_some_and(|(_, inside)| inside)
+        };
+        if self.fs.is_symlink(&path).unwrap_or(false) && !inside_its_dir() {
             let source = std::io::Error::other("it links out of the plugin directory");
             return Err(bad(None, ManifestError::Io { path, source }));
         }
@@ -179,17 +184,6 @@ impl Loader {
             return Err(bad(None, ManifestError::TooLarge { path, size, limit }));
         }
         Ok(bytes)
-    }
-
-    /// Whether `path`, a link, resolves inside the directory that holds it.
-    fn inside_its_dir(&self, path: &Path) -> bool {
-        let Some(dir) = path.parent() else {
-            return false;
-        };
-        match (self.fs.canonicalize(path), self.fs.canonicalize(dir)) {
-            (Ok(real), Ok(root)) => real.starts_with(root),
-            _ => false,
-        }
     }
 
     /// The manifest of registered plugin `name` read again (for a reload):

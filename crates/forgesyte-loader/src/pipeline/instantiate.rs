@@ -440,14 +440,10 @@ impl Loader {
     /// Fails when `path` resolves outside `dir`; whether it resolved (`false`:
     /// missing, which the import step reports precisely).
     fn check_contained(&self, dir: &Path, path: &Path, entry: &str) -> Result<bool, PluginError> {
-        let Ok(real) = self.pass.canonicalize(self.fs.as_ref(), path) else {
+        let Some((real, inside)) = self.resolved_inside(dir, path) else {
             return Ok(false);
         };
-        let root = self
-            .pass
-            .canonicalize(self.fs.as_ref(), dir)
-            .unwrap_or_else(|_| dir.to_path_buf());
-        if real.starts_with(&root) {
+        if inside {
             Ok(true)
         } else {
             Err(ManifestError::PathEscape {
@@ -456,6 +452,18 @@ impl Loader {
             }
             .into())
         }
+    }
+
+    /// Where `path` resolves (links followed, through the pass's cache),
+    /// and whether that is inside `dir`; `None` when it does not resolve.
+    pub(super) fn resolved_inside(&self, dir: &Path, path: &Path) -> Option<(PathBuf, bool)> {
+        let real = self.pass.canonicalize(self.fs.as_ref(), path).ok()?;
+        let root = self
+            .pass
+            .canonicalize(self.fs.as_ref(), dir)
+            .unwrap_or_else(|_| dir.to_path_buf());
+        let inside = real.starts_with(&root);
+        Some((real, inside))
     }
 
     fn instance_config(&self, p: &Pending) -> Vec<u8> {
