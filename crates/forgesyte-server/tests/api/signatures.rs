@@ -44,6 +44,23 @@ fn sign(dir: &Path, key: &Path) {
     assert!(out.contains("Signed "), "{out}");
 }
 
+/// `KEYS/trusted`, a trust store holding the key pair `author`'s public
+/// key (made in `KEYS` by `keygen`) and no other.
+fn trust_only_author(keys: &Path) -> PathBuf {
+    let trusted = keys.join("trusted");
+    std::fs::create_dir(&trusted).unwrap();
+    std::fs::copy(keys.join("author.pub"), trusted.join("author.pub")).unwrap();
+    trusted
+}
+
+/// The environment that trusts `trusted` and requires signatures.
+fn require_signed_env(trusted: &Path) -> [(&'static str, &str); 2] {
+    [
+        ("FORGESYTE_TRUSTED_KEYS", trusted.to_str().unwrap()),
+        ("FORGESYTE_REQUIRE_SIGNED", "true"),
+    ]
+}
+
 /// A Python plugin whose import leaves a file `ran` beside it: proof that
 /// its code ran (or, absent, that it did not).
 fn marker_plugin(root: &Path, name: &str) -> PathBuf {
@@ -115,9 +132,7 @@ fn every_status() -> Signed {
     )
     .unwrap();
     // The server trusts the author's public key only.
-    let trusted = keys.path().join("trusted");
-    std::fs::create_dir(&trusted).unwrap();
-    std::fs::copy(keys.path().join("author.pub"), trusted.join("author.pub")).unwrap();
+    let trusted = trust_only_author(keys.path());
     Signed {
         plugins,
         keys,
@@ -233,16 +248,11 @@ fn a_refused_plugin_never_runs_and_a_signed_one_does_through_the_environment() {
     let plugins = PluginsDir::new();
     let keys = tempfile::tempdir().unwrap();
     keygen(keys.path(), "author");
-    let trusted = keys.path().join("trusted");
-    std::fs::create_dir(&trusted).unwrap();
-    std::fs::copy(keys.path().join("author.pub"), trusted.join("author.pub")).unwrap();
+    let trusted = trust_only_author(keys.path());
     let signed = marker_plugin(plugins.path(), "marked-signed");
     sign(&signed, &keys.path().join("author.key"));
     let unsigned = marker_plugin(plugins.path(), "marked-unsigned");
-    let env = [
-        ("FORGESYTE_TRUSTED_KEYS", trusted.to_str().unwrap()),
-        ("FORGESYTE_REQUIRE_SIGNED", "true"),
-    ];
+    let env = require_signed_env(&trusted);
     let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &env);
     assert_eq!(code, 1, "{out}{err}");
     let list: Value = serde_json::from_str(&out).unwrap();
@@ -265,9 +275,7 @@ fn a_refused_plugins_own_interpreter_never_runs() {
     let plugins = PluginsDir::new();
     let keys = tempfile::tempdir().unwrap();
     keygen(keys.path(), "author");
-    let trusted = keys.path().join("trusted");
-    std::fs::create_dir(&trusted).unwrap();
-    std::fs::copy(keys.path().join("author.pub"), trusted.join("author.pub")).unwrap();
+    let trusted = trust_only_author(keys.path());
     let dir = marker_plugin(plugins.path(), "own-python");
     let interpreter = dir.join("python.sh");
     std::fs::write(
@@ -285,10 +293,7 @@ fn a_refused_plugins_own_interpreter_never_runs() {
     let manifest = json!({"name": "own-python", "runtime": "python", "python": "python.sh",
                           "dependencies": ["json"]});
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
-    let env = [
-        ("FORGESYTE_TRUSTED_KEYS", trusted.to_str().unwrap()),
-        ("FORGESYTE_REQUIRE_SIGNED", "true"),
-    ];
+    let env = require_signed_env(&trusted);
     let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &env);
     assert_eq!(code, 1, "{out}{err}");
     let list: Value = serde_json::from_str(&out).unwrap();
