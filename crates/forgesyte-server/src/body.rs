@@ -177,7 +177,7 @@ pub(crate) fn max_json_values(body_limit: usize) -> usize {
 /// ([`RunError::TooManyValues`]). Text shorter than `max` bytes is not
 /// looked at (a value takes a byte at least).
 pub(crate) fn check_json_values(bytes: &[u8], max: usize) -> Result<(), RunError> {
-    if bytes.len() <= max {
+    if bytes.len() < max {
         return Ok(());
     }
     let values = json_values(bytes);
