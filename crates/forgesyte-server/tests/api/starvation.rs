@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Forgesyte, PluginsDir, Reply, http};
+use crate::support::{Forgesyte, PluginsDir, Reply, http, http_with};
 
 /// Sends a call of `plugin`'s tool `sleep`; the answer is never read.
 fn send_call(server: &Forgesyte, plugin: &str, body: &str) -> TcpStream {
@@ -24,6 +24,18 @@ fn send_call(server: &Forgesyte, plugin: &str, body: &str) -> TcpStream {
     );
     stream.write_all(request.as_bytes()).unwrap();
     stream
+}
+
+/// The answer on `stream` so far, if any has come (without waiting).
+fn answered(stream: &TcpStream) -> Option<String> {
+    stream.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    let read = stream.peek(&mut buf);
+    stream.set_nonblocking(false).unwrap();
+    match read {
+        Ok(n) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        _ => None,
+    }
 }
 
 /// Sends a tool call and hangs up at once, without reading the answer.
@@ -387,28 +399,81 @@ fn a_queued_call_whose_client_hung_up_never_runs_and_is_counted_rejected() {
     // used to wait for the start signal again after its end, a panic.
     let dir = PluginsDir::new();
     dir.good("slow", json!({}));
+    let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+    // One slot more than the busy calls: the queued call takes the last.
+    let max_calls = (lanes + 2).to_string();
     let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
+        &[
+            "--plugins",
+            dir.path_str(),
+            "--max-calls-per-plugin",
+            &max_calls,
+        ],
         &[("FORGESYTE_BLOCKING_THREADS", "1")],
     );
     server.wait_loaded();
-    let lanes = std::thread::available_parallelism().map_or(1, usize::from);
+    // Long enough for a few tries at queueing on a loaded machine.
     let busy: Vec<TcpStream> = (0..=lanes)
-        .map(|_| send_call(&server, "slow", r#"{"args": {"ms": 1500}}"#))
+        .map(|_| send_call(&server, "slow", r#"{"args": {"ms": 4000}}"#))
         .collect();
     wait_in_flight(&server, "slow", lanes as u64 + 1, Duration::from_secs(10));
-    abandoned_call(&server, "slow", r#"{"args": {"ms": 1}}"#);
-    let rejected =
-        "forgesyte_tool_calls_total{plugin=\"slow\",tool=\"sleep\",outcome=\"rejected\"} 1";
+    // The client hangs up only once its call holds its slot, so queued
+    // (taking the slot and queueing happen in one step): a hang-up the
+    // server reads with the request drops the request before its handler
+    // runs, and nothing is counted (the test's flake on a loaded machine).
+    // A probe finds the slots full (503, itself counted rejected) or one
+    // free (a bad body answered before the call would run). A call that
+    // came while a probe held that slot is refused too: it is sent again.
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let queued = 'queued: loop {
+        assert!(
+            Instant::now() < deadline,
+            "no call queued; log:\n{}",
+            server.log()
+        );
+        let call = send_call(&server, "slow", r#"{"args": {"ms": 1}}"#);
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            if let Some(answer) = answered(&call) {
+                assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+                refused += 1;
+                break;
+            }
+            let probe = http_with(
+                server.addr,
+                "POST",
+                "/v1/plugins/slow/tools/sleep/run",
+                &[("Content-Type", "application/octet-stream")],
+                b"x",
+            );
+            if probe.status == 503 && probe.text().contains("TooManyCalls") {
+                break 'queued call;
+            }
+        }
+    };
+    assert_eq!(
+        in_flight(&server, "slow"),
+        lanes as u64 + 1,
+        "the busy calls ended too soon"
+    );
+    assert_eq!(answered(&queued), None, "the queued call was answered");
+    drop(queued);
+    // Besides the hung-up call: the probe that found the slots full, and
+    // the calls refused for a probe's slot.
+    let rejected = format!(
+        "forgesyte_tool_calls_total{{plugin=\"slow\",tool=\"sleep\",outcome=\"rejected\"}} {}",
+        refused + 2
+    );
     crate::rescan::wait_for(
-        "the hung-up call counted rejected",
+        "the hung-up call counted rejected (besides the probe)",
         Duration::from_secs(15),
         &server,
         || {
             server
                 .get("/metrics")
                 .text()
-                .contains(rejected)
+                .contains(&rejected)
                 .then_some(())
         },
     );
