@@ -45,6 +45,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// close when the stream has no idle timeout.
 const WRITER_FLUSH: Duration = Duration::from_secs(60);
 
+/// How long a closed stream's connection may still be read (and what it
+/// brings dropped) for the client's close reply: see [`linger`].
+const LINGER: Duration = Duration::from_secs(5);
+
 /// The longest close reason a WebSocket close frame carries, in bytes.
 const MAX_CLOSE_REASON: usize = 123;
 
@@ -179,14 +183,14 @@ impl Activity {
 /// Runs the stream over `socket` until the client closes it, the plugin
 /// fails, or the server shuts down.
 pub(crate) async fn run(socket: WebSocket, session: Session) {
-    let (sink, incoming) = socket.split();
+    let (sink, mut incoming) = socket.split();
     let (out, answers) = mpsc::channel(ANSWERS_IN_FLIGHT);
     let queue = FrameQueue::new(session.policy);
     let mut counts = Counts::default();
     let activity = Activity::new();
     let conversation = async {
         let reading = read(
-            incoming,
+            &mut incoming,
             &session,
             &queue,
             out.clone(),
@@ -217,18 +221,24 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
     // and the close), then it is dropped, and the connection with it (the
     // stream's slot freed), instead of waiting forever on a client that
     // reads nothing; the conversation `CLOSE_WAIT`.
-    {
+    let said_close = {
         let flush = session.idle_timeout.unwrap_or(WRITER_FLUSH).max(CLOSE_WAIT);
         let writing = write(sink, answers, session.idle_timeout);
         tokio::pin!(conversation, writing);
         tokio::select! {
             () = &mut conversation => {
-                let _ = tokio::time::timeout(flush, writing).await;
+                tokio::time::timeout(flush, writing).await.unwrap_or(false)
             }
-            () = &mut writing => {
+            said = &mut writing => {
                 let _ = tokio::time::timeout(CLOSE_WAIT, conversation).await;
+                said
             }
         }
+    };
+    // The server closed: the client's reply is awaited. (A client that
+    // closed first had its reply; one that took no close is not waited for.)
+    if said_close {
+        linger(&mut incoming).await;
     }
     tracing::info!(
         plugin = %crate::error::Shown(&session.plugin),
@@ -240,9 +250,26 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
     );
 }
 
+/// A lingering close: what the client sent before it saw the server's
+/// close is read and dropped until its close reply or the connection's
+/// end, for at most [`LINGER`]. A connection dropped with bytes unread
+/// is answered by the kernel with a reset, which can destroy the close
+/// frame (its code and reason) before the client reads it: a client that
+/// pinged on after its limit saw "connection reset" instead of 1008.
+async fn linger(incoming: &mut SplitStream<WebSocket>) {
+    let drained = async {
+        while let Some(Ok(message)) = incoming.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drained).await;
+}
+
 /// The client's messages: text sets the arguments, binary is a frame.
 async fn read(
-    mut incoming: SplitStream<WebSocket>,
+    incoming: &mut SplitStream<WebSocket>,
     session: &Session,
     queue: &FrameQueue<Frame>,
     out: mpsc::Sender<Out>,
@@ -584,17 +611,17 @@ fn answer(
 /// An answer the client does not take within `timeout` (the idle timeout)
 /// ends the writer, and so the stream: a client that stops reading is
 /// disconnected whatever it keeps sending (under `latest` its frames never
-/// wait, so its reader never idles).
+/// wait, so its reader never idles). `true` if it sent a close message.
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
     mut answers: mpsc::Receiver<Out>,
     timeout: Option<Duration>,
-) {
+) -> bool {
     while let Some(out) = answers.recv().await {
         match out {
             Out::Text(text) => {
                 if !sent_within(timeout, sink.send(Message::Text(text.into()))).await {
-                    return;
+                    return false;
                 }
             }
             Out::Close(code, reason) => {
@@ -602,11 +629,11 @@ async fn write(
                     code,
                     reason: reason.into(),
                 };
-                sent_within(timeout, sink.send(Message::Close(Some(frame)))).await;
-                return;
+                return sent_within(timeout, sink.send(Message::Close(Some(frame)))).await;
             }
         }
     }
+    false
 }
 
 /// Whether `sending` succeeded within `timeout` (`None`: however long).
