@@ -71,6 +71,8 @@ fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
         match stream.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
+            // A signal interrupted the wait (`EINTR`): not a close.
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 return false;
             }
@@ -88,7 +90,10 @@ fn read_response(stream: &mut TcpStream) -> String {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = stream.read(&mut buf).unwrap();
+        let n = match stream.read(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            read => read.unwrap(),
+        };
         assert!(n > 0, "closed before a whole response");
         raw.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&raw).into_owned();

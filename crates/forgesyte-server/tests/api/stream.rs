@@ -55,10 +55,22 @@ fn send_args(socket: &mut Socket, args: Value) {
     socket.send(Message::text(text)).unwrap();
 }
 
+/// The next message; a blocking read with a timeout that a signal
+/// interrupted is tried again (`EINTR`, seen on a loaded CI machine: unlike
+/// std's `read_exact`, tungstenite hands it up).
+fn read_message(socket: &mut Socket) -> tungstenite::Result<Message> {
+    loop {
+        match socket.read() {
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
 /// The next answer (a JSON text message).
 fn answer(socket: &mut Socket) -> Value {
     loop {
-        match socket.read().unwrap() {
+        match read_message(socket).unwrap() {
             Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
             Message::Ping(_) | Message::Pong(_) => {}
             other => panic!("expected an answer, got {other:?}"),
@@ -70,7 +82,7 @@ fn answer(socket: &mut Socket) -> Value {
 /// are skipped).
 fn close_of(socket: &mut Socket) -> (u16, String) {
     loop {
-        match socket.read() {
+        match read_message(socket) {
             Ok(Message::Close(Some(frame))) => {
                 return (frame.code.into(), frame.reason.to_string());
             }
@@ -164,7 +176,7 @@ fn frames_are_answered_in_order_and_byte_exact_in_process_isolated_and_in_python
         }
         socket.close(None).unwrap();
         // The close handshake completes.
-        while socket.read().is_ok() {}
+        while read_message(&mut socket).is_ok() {}
         // Every frame was a tool call, counted like one of the run route.
         let health = server.get(&format!("/v1/plugins/{plugin}/health")).json();
         assert_eq!(health["success_count"], FRAMES, "{health}");
@@ -609,7 +621,7 @@ fn streams_beyond_the_cap_are_refused_until_one_closes() {
     // One closes: room for another (its close ends the session shortly).
     let mut first = open_streams.remove(0);
     first.close(None).unwrap();
-    while first.read().is_ok() {}
+    while read_message(&mut first).is_ok() {}
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut third = loop {
         match try_open(server.addr, &target) {
