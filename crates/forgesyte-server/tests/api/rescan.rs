@@ -603,7 +603,11 @@ fn a_rescan_whose_admin_client_hung_up_still_finishes_its_work() {
          Content-Length: 0\r\n\r\n"
     );
     client.write_all(request.as_bytes()).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Once the rescan has begun (slow is gone), not before: a hang-up read
+    // with the request drops the request before its handler runs.
+    wait_for("slow gone", Duration::from_secs(10), &server, || {
+        state_of(&server, "slow").is_none().then_some(())
+    });
     drop(client);
     wait_for(
         "the rescan's log line",
