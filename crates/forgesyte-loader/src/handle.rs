@@ -403,9 +403,9 @@ impl PluginHandle {
     /// isolated plugin's process is asked to exit (killed after a short
     /// grace; calls still in flight fail). Returns at once.
     pub(crate) fn retire(&self) {
-        self.inner.slot.retire();
+        let last = self.inner.slot.retire();
         if self.inner.isolation == Isolation::Process {
-            self.inner.slot.current().stop();
+            last.stop();
         }
     }
 

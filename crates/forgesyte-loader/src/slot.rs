@@ -43,18 +43,72 @@ impl Slot {
         Arc::clone(&*self.instance.read())
     }
 
-    /// Puts `instance` in place of the current one (a restart).
-    pub(crate) fn replace(&self, instance: Arc<dyn PluginInstance>) {
-        *self.instance.write() = instance;
+    /// Puts `instance` in place of the current one (a restart), unless the
+    /// plugin is retired: then `instance` is handed back. The flag is read
+    /// under the instance's lock, which [`Slot::retire`] takes to set it:
+    /// a restart that ends as the plugin is retired either is refused here
+    /// or puts in the instance that `retire` then hands out to be stopped,
+    /// never a runner left running for a plugin let go.
+    pub(crate) fn replace_unless_retired(
+        &self,
+        instance: Arc<dyn PluginInstance>,
+    ) -> Result<(), Arc<dyn PluginInstance>> {
+        let mut current = self.instance.write();
+        if self.is_retired() {
+            return Err(instance);
+        }
+        *current = instance;
+        Ok(())
     }
 
-    /// Marks the plugin as let go by the loader.
-    pub(crate) fn retire(&self) {
+    /// Marks the plugin as let go by the loader; the instance in place then,
+    /// the last one (no restart replaces it afterwards).
+    pub(crate) fn retire(&self) -> Arc<dyn PluginInstance> {
+        let current = self.instance.write();
         self.retired.store(true, Ordering::SeqCst);
+        Arc::clone(&*current)
     }
 
     /// Whether the loader let the plugin go.
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::ToolInfo;
+    use forgesyte_errors::ToolError;
+
+    #[derive(Debug)]
+    struct Named(u32);
+
+    impl PluginInstance for Named {
+        fn tools(&self) -> &[ToolInfo] {
+            &[]
+        }
+
+        fn call(&self, _tool: &str, _args: &[u8]) -> Result<Vec<u8>, ToolError> {
+            Ok(b"null".to_vec())
+        }
+
+        fn pid(&self) -> Option<u32> {
+            Some(self.0)
+        }
+    }
+
+    #[test]
+    fn a_retired_slot_refuses_a_restarted_instance_and_retire_hands_out_the_last() {
+        let slot = Slot::new("p".into(), Registry::new(), Arc::new(Named(1)));
+        assert!(slot.replace_unless_retired(Arc::new(Named(2))).is_ok());
+        // Retire hands out the instance in place: the restarted one.
+        assert_eq!(slot.retire().pid(), Some(2));
+        assert!(slot.is_retired());
+        let refused = slot
+            .replace_unless_retired(Arc::new(Named(3)))
+            .expect_err("a retired slot takes no new instance");
+        assert_eq!(refused.pid(), Some(3));
+        assert_eq!(slot.current().pid(), Some(2));
     }
 }

@@ -306,17 +306,22 @@ impl Supervisor {
             });
         match result {
             Ok(instance) => {
-                if self.slot.is_retired() {
-                    return;
-                }
                 let instance: Arc<dyn PluginInstance> = Arc::from(instance);
                 if instance.tools() != self.slot.current().tools() {
                     tracing::warn!(plugin = %name, "the restarted instance lists other tools than the first; the first list stays in use");
                 }
                 self.state.lock().healthy_since = clock.now();
                 self.watch(&instance);
+                // Retired meanwhile: the new runner is let go (dropped, it
+                // stops) and the plugin's state is the loader's.
+                if self
+                    .slot
+                    .replace_unless_retired(Arc::clone(&instance))
+                    .is_err()
+                {
+                    return;
+                }
                 let _ = registry.set_confinement(name, instance.confinement());
-                self.slot.replace(instance);
                 if registry.mark_initialized(name).is_ok() {
                     tracing::info!(plugin = %name, restart = count, "✓ Restarted plugin: {name}");
                 }
