@@ -219,8 +219,8 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
     // Whichever ends first, the other gets a bounded time more: the writer
     // the idle timeout (a slow client still reading gets its last answer
     // and the close), then it is dropped, and the connection with it (the
-    // stream's slot freed), instead of waiting forever on a client that
-    // reads nothing; the conversation `CLOSE_WAIT`.
+    // stream's slot freed, after the linger below), instead of waiting
+    // forever on a client that reads nothing; the conversation `CLOSE_WAIT`.
     let said_close = {
         let flush = session.idle_timeout.unwrap_or(WRITER_FLUSH).max(CLOSE_WAIT);
         let writing = write(sink, answers, session.idle_timeout);
