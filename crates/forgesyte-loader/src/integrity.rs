@@ -15,8 +15,9 @@
 //!   (exactly what `sha256sum` prints). Entries whose name starts with `.`
 //!   (hidden files and directories) and `__pycache__` directories are
 //!   skipped; a symbolic link to a file is hashed as the file it points to;
-//!   a symbolic link to a directory is not descended into. A path that is
-//!   not UTF-8 or contains a newline cannot be pinned (an error).
+//!   a tree holding a symbolic link to a directory (other than
+//!   `__pycache__`), a path that is not UTF-8 or one that contains a
+//!   newline cannot be pinned (an error).
 //!
 //! Digests are written as 64 hexadecimal digits; the host compares them in
 //! lowercase.
@@ -177,10 +178,24 @@ fn collect_py(
         }
         let rel = format!("{prefix}{name}");
         if entry.is_dir {
-            let link = fs.metadata(&entry.path)?.is_symlink;
-            if name != "__pycache__" && !link {
-                collect_py(fs, &entry.path, &format!("{rel}/"), files)?;
+            if name == "__pycache__" {
+                continue;
             }
+            // Python imports through a link to a directory (the plugin's
+            // directory is first on its path), so what lies behind it is
+            // code of the plugin that no listing could pin: refused, not
+            // skipped (skipped, a link `numpy -> .stash/numpy` ran unsigned
+            // code in a signed plugin).
+            if fs.metadata(&entry.path)?.is_symlink {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{rel} is a link to a directory: Python would import what lies behind it, \
+                         which no digest covers (copy it into the plugin instead)"
+                    ),
+                ));
+            }
+            collect_py(fs, &entry.path, &format!("{rel}/"), files)?;
             continue;
         }
         // Everything Python runs from the tree: sources, and extension
@@ -437,6 +452,29 @@ mod tests {
     }
 
     #[test]
+    fn a_link_to_a_directory_in_a_python_tree_cannot_be_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join(".stash/numpy")).unwrap();
+        std::fs::write(root.join(".stash/numpy/__init__.py"), "x").unwrap();
+        std::fs::write(root.join("plugin.py"), "import numpy").unwrap();
+        assert!(python_tree_listing(&RealFs, root).is_ok());
+        // `import numpy` would run `.stash/numpy/__init__.py`, never listed.
+        std::os::unix::fs::symlink(".stash/numpy", root.join("numpy")).unwrap();
+        let err = python_tree_listing(&RealFs, root).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            err.to_string().contains("numpy is a link to a directory"),
+            "{err}"
+        );
+        // A link to `__pycache__` is skipped like the directory (the runner
+        // never reads bytecode).
+        std::fs::remove_file(root.join("numpy")).unwrap();
+        std::os::unix::fs::symlink(".stash", root.join("__pycache__")).unwrap();
+        assert!(python_tree_listing(&RealFs, root).is_ok());
+    }
+
+    #[test]
     fn the_tree_listing_is_canonical() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
@@ -455,10 +493,8 @@ mod tests {
         ] {
             std::fs::write(root.join(file), text).unwrap();
         }
-        // A link to a file counts as the file; a link to a directory is
-        // not followed.
+        // A link to a file counts as the file.
         std::os::unix::fs::symlink("pkg/a.py", root.join("link.py")).unwrap();
-        std::os::unix::fs::symlink("pkg", root.join("linkdir")).unwrap();
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let listing = python_tree_listing(&RealFs, root).unwrap();
         assert_eq!(
