@@ -69,8 +69,18 @@ pub fn parse_public_key(bytes: &[u8]) -> Result<PublicKey, String> {
 ///
 /// One line saying what is wrong.
 pub fn parse_signature(bytes: &[u8]) -> Result<SignatureBox, String> {
+    use base64::Engine as _;
     let text = text(bytes, MAX_SIGNATURE_BYTES, "a signature")?;
-    SignatureBox::from_string(&text).map_err(|e| format!("not a minisign signature: {e}"))
+    let signature =
+        SignatureBox::from_string(&text).map_err(|e| format!("not a minisign signature: {e}"))?;
+    // minisign 0.10 takes the global signature (the fourth line) at any
+    // length and slices it as 64 bytes when verifying: a shorter one, under
+    // a data signature that verifies, panicked there.
+    let global = text.lines().nth(3).unwrap_or_default().trim();
+    match base64::engine::general_purpose::STANDARD.decode(global) {
+        Ok(bytes) if bytes.len() == 64 => Ok(signature),
+        _ => Err("not a minisign signature: its global signature is not 64 bytes of base64".into()),
+    }
 }
 
 /// Reads a secret key file (at most [`MAX_SECRET_KEY_BYTES`]): an
@@ -82,7 +92,8 @@ pub fn parse_signature(bytes: &[u8]) -> Result<SignatureBox, String> {
 /// One line: unreadable, not a key, encrypted without a password, or the
 /// wrong password.
 pub fn read_secret_key(path: &Path, password: Option<String>) -> Result<SecretKey, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = read_capped(path, MAX_SECRET_KEY_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let text = text(&bytes, MAX_SECRET_KEY_BYTES, "a secret key")?;
     let key_box = SecretKeyBox::from_string(&text).map_err(|e| e.to_string())?;
     let unencrypted = SecretKey::from_unencrypted_box(key_box.clone());
@@ -369,5 +380,8 @@ mod tests {
         );
         let err = read_secret_key(&public, None).unwrap_err();
         assert!(err.contains(PASSWORD_ENV), "{err}");
+        // An endless file is read no further than the limit.
+        let err = read_secret_key(Path::new("/dev/zero"), None).unwrap_err();
+        assert!(err.contains("larger than the"), "{err}");
     }
 }

@@ -170,6 +170,22 @@ fn bad_signatures_untrusted_keys_and_half_signatures_are_invalid() {
         "{checked:?}"
     );
 
+    // The global signature (the comment's) cut short under a data
+    // signature that verifies: refused, where minisign panicked.
+    std::fs::write(&list_path, &list).unwrap();
+    let sig_path = f.plugin.join(SIG_FILE);
+    let sig = std::fs::read_to_string(&sig_path).unwrap();
+    assert_eq!(
+        check_dir(&f, &f.trusted).info.status,
+        SignatureState::Signed
+    );
+    let mut lines: Vec<&str> = sig.lines().collect();
+    lines[3] = "AAAA";
+    std::fs::write(&sig_path, lines.join("\n") + "\n").unwrap();
+    let checked = check_dir(&f, &f.trusted);
+    assert_eq!(checked.info.status, SignatureState::Invalid);
+    assert!(detail(&checked).contains("global signature"), "{checked:?}");
+
     // A signature file that is not one.
     std::fs::write(f.plugin.join(SIG_FILE), "garbage\n").unwrap();
     let checked = check_dir(&f, &f.trusted);
