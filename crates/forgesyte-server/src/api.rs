@@ -253,18 +253,26 @@ pub(crate) async fn run_tool(
     let limit = state.body_limit();
     // The body takes room from the server's budget for bodies as it arrives
     // (see `body::receive`); the room goes with the call.
-    let outcome = match body::receive(state.body_budget(), &headers, body, limit).await {
+    let received = match body::receive(state.body_budget(), &headers, body, limit).await {
         Ok((bytes, room)) => {
             request_bytes = bytes.len();
-            match body::read(&headers, bytes, limit).await {
-                Ok(input) => {
-                    let context = tools::call_context(&headers);
-                    tools::run_output(&state, &plugin, &tool, input, context, Some(room)).await
-                }
-                Err(e) => Err(e),
-            }
+            body::read(&headers, bytes, limit)
+                .await
+                .map(|input| (input, room))
         }
         Err(e) => Err(e),
+    };
+    let outcome = match received {
+        Ok((input, room)) => {
+            let context = tools::call_context(&headers);
+            tools::run_output(&state, &plugin, &tool, input, context, Some(room)).await
+        }
+        Err(e) => {
+            // Counted like the calls made (a 400, 408, 413 or 503 for want
+            // of room is the plugin's traffic too).
+            tools::record_refused(&state, (&plugin, &tool), &e);
+            Err(e)
+        }
     };
     let response = match outcome {
         // Binary results by `Accept`: base64 in the JSON by default,

@@ -90,7 +90,23 @@ fn record<T>(
     result: &Result<T, RunError>,
     facts: &CallFacts,
 ) {
-    if let Some(outcome) = Outcome::of(result)
+    record_outcome(state, (plugin, tool), Outcome::of(result), facts);
+}
+
+/// Counts a call refused before it was made: its body could not be read
+/// or parsed, or found no room (a stream's frame too).
+pub(crate) fn record_refused(state: &AppState, (plugin, tool): (&str, &str), error: &RunError) {
+    let facts = CallFacts::default();
+    record_outcome(state, (plugin, tool), Outcome::of_error(error), &facts);
+}
+
+fn record_outcome(
+    state: &AppState,
+    (plugin, tool): (&str, &str),
+    outcome: Option<Outcome>,
+    facts: &CallFacts,
+) {
+    if let Some(outcome) = outcome
         && state.registry().contains(plugin)
     {
         let tool = if facts.tool_known || declares_tool(state, plugin, tool) {

@@ -96,29 +96,34 @@ impl Outcome {
     /// tool that does not exist (not counted: its name is not a bounded
     /// label value; the route's 404s count it).
     pub(crate) fn of(result: &Result<impl Sized, RunError>) -> Option<Outcome> {
-        Some(match result {
-            Ok(_) => Outcome::ok,
-            Err(e) => match e {
-                RunError::ToolFailed { .. } | RunError::InvalidArgs { .. } => Outcome::tool_error,
-                RunError::Fault { .. } => Outcome::fault,
-                RunError::Timeout { .. } => Outcome::timeout,
-                RunError::PluginNotFound | RunError::UnknownTool => return None,
-                RunError::NotRunnable { .. } => Outcome::not_runnable,
-                RunError::TooManyCalls { .. }
-                | RunError::QueueTimeout { .. }
-                | RunError::NotStarted { .. }
-                | RunError::BodiesInFlight { .. } => Outcome::rejected,
-                RunError::MalformedBody { .. }
-                | RunError::InvalidBody { .. }
-                | RunError::InvalidForm { .. }
-                | RunError::BodyMismatch { .. }
-                | RunError::NotBase64 { .. }
-                | RunError::PayloadTooLarge { .. }
-                | RunError::TooManyValues { .. }
-                | RunError::BodyTimedOut
-                | RunError::BodyTooSlow { .. } => Outcome::bad_request,
-                RunError::Internal { .. } => Outcome::internal,
-            },
+        match result {
+            Ok(_) => Some(Outcome::ok),
+            Err(e) => Outcome::of_error(e),
+        }
+    }
+
+    /// The outcome of a call that failed with `e`; see [`Outcome::of`].
+    pub(crate) fn of_error(e: &RunError) -> Option<Outcome> {
+        Some(match e {
+            RunError::ToolFailed { .. } | RunError::InvalidArgs { .. } => Outcome::tool_error,
+            RunError::Fault { .. } => Outcome::fault,
+            RunError::Timeout { .. } => Outcome::timeout,
+            RunError::PluginNotFound | RunError::UnknownTool => return None,
+            RunError::NotRunnable { .. } => Outcome::not_runnable,
+            RunError::TooManyCalls { .. }
+            | RunError::QueueTimeout { .. }
+            | RunError::NotStarted { .. }
+            | RunError::BodiesInFlight { .. } => Outcome::rejected,
+            RunError::MalformedBody { .. }
+            | RunError::InvalidBody { .. }
+            | RunError::InvalidForm { .. }
+            | RunError::BodyMismatch { .. }
+            | RunError::NotBase64 { .. }
+            | RunError::PayloadTooLarge { .. }
+            | RunError::TooManyValues { .. }
+            | RunError::BodyTimedOut
+            | RunError::BodyTooSlow { .. } => Outcome::bad_request,
+            RunError::Internal { .. } => Outcome::internal,
         })
     }
 

@@ -485,7 +485,10 @@ async fn work(
                 activity.calling(false);
                 result
             }
-            Charged::Refused(busy) => Err(busy),
+            Charged::Refused(busy) => {
+                tools::record_refused(&session.state, (&session.plugin, &session.tool), &busy);
+                Err(busy)
+            }
         };
         if queue.is_closed() {
             return;

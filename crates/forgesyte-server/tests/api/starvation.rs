@@ -516,6 +516,11 @@ fn json_arguments_of_more_values_than_a_body_may_hold_are_refused_before_parsing
     );
     assert_eq!(refused.status, 413, "{}", refused.text());
     assert_eq!(refused.json()["error_type"], "PayloadTooLarge");
+    // Refused before the call, and counted all the same (it used to be
+    // seen only in the route's 4xx).
+    let metrics = server.get("/metrics").text();
+    let line = r#"forgesyte_tool_calls_total{plugin="alpha",tool="echo",outcome="bad_request"} 1"#;
+    assert!(metrics.contains(line), "no {line} in\n{metrics}");
     assert!(
         refused.json()["detail"]
             .as_str()

@@ -716,6 +716,10 @@ fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
         health["success_count"], 2,
         "busy frames are no calls: {health}"
     );
+    // Counted as refused calls, as the run route's are.
+    let metrics = server.get("/metrics").text();
+    let line = r#"forgesyte_tool_calls_total{plugin="alpha",tool="frame",outcome="rejected"} 2"#;
+    assert!(metrics.contains(line), "no {line} in\n{metrics}");
 }
 
 #[test]
