@@ -10,7 +10,7 @@ use forgesyte_deps::{Dependency, DependencyChecker};
 use forgesyte_errors::{DependencyError, ImportError, ManifestError, PluginError};
 
 use super::loader::{Loader, Pending};
-use super::verified::Opening;
+use super::verified::{FileCheck, Opening};
 use crate::handle::PluginHandle;
 use crate::host::Importer;
 use crate::integrity::{self, Target};
@@ -83,10 +83,9 @@ impl Loader {
                 }
                 Opening::Bytes(..) | Opening::Path => importer,
             };
-            let handle = self.instantiate_isolated(p, importer, library_path, config)?;
-            return self
-                .recheck_started(p, &target, &signed, handle)
-                .map(Step::Started);
+            let check = Arc::new(self.rechecker(p, &target, &signed)?);
+            let handle = self.instantiate_isolated(p, importer, (library_path, config), &check)?;
+            return Self::recheck_started(&check, handle).map(Step::Started);
         }
         if self.config.require_confinement {
             return Err(ImportError::NotConfined {
@@ -165,6 +164,14 @@ impl Loader {
         p: &Pending,
         target: &Target,
     ) -> Result<Option<String>, PluginError> {
+        let pins = self.pins(p)?;
+        Ok(integrity::verify(self.fs.as_ref(), &p.dir, target, &pins)?)
+    }
+
+    /// The digests `p`'s target is pinned to: its manifest's `sha256`, its
+    /// line of the plugins directory's lock file; each with where it comes
+    /// from.
+    pub(super) fn pins(&self, p: &Pending) -> Result<Vec<(String, String)>, PluginError> {
         let mut pins = Vec::new();
         if let Some(pin) = &p.manifest.sha256 {
             pins.push(("the manifest".to_owned(), pin.clone()));
@@ -183,7 +190,7 @@ impl Loader {
                 line.sha256.clone(),
             ));
         }
-        Ok(integrity::verify(self.fs.as_ref(), &p.dir, target, &pins)?)
+        Ok(pins)
     }
 
     /// Fails with the dependency error when something `req` asks for is
@@ -257,8 +264,9 @@ impl Loader {
         }
         let importer = self.confine(p, importer, signed)?;
         let config = self.instance_config(p);
-        let handle = self.instantiate_isolated(p, importer, code, config)?;
-        self.recheck_started(p, &target, signed, handle)
+        let check = Arc::new(self.rechecker(p, &target, signed)?);
+        let handle = self.instantiate_isolated(p, importer, (code, config), &check)?;
+        Self::recheck_started(&check, handle)
     }
 
     /// Confines the plugin's runners when the host confines runners (its
@@ -327,8 +335,8 @@ impl Loader {
         &self,
         p: &Pending,
         importer: ProcessImporter,
-        library_path: PathBuf,
-        config: Vec<u8>,
+        (library_path, config): (PathBuf, Vec<u8>),
+        check: &Arc<FileCheck>,
     ) -> Result<PluginHandle, PluginError> {
         let limits = *importer.limits();
         let importer = Arc::new(importer);
@@ -345,6 +353,11 @@ impl Loader {
                 importer,
                 library: library_path,
                 config,
+                // Its restarts check the files as its load did.
+                recheck: (!check.is_empty()).then(|| {
+                    let check = Arc::clone(check);
+                    Arc::new(move || check.run()) as crate::supervise::Recheck
+                }),
             },
             Supervision {
                 policy: self.config.supervision,

@@ -9,7 +9,7 @@
 //! this file only decides when, and what a result means for the plugin.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use forgesyte_errors::{IntegrityError, PluginError};
@@ -205,13 +205,10 @@ impl Loader {
     /// swapped between the check and the runner's load, and still in
     /// place, is caught here; the runner is then stopped.
     pub(super) fn recheck_started(
-        &self,
-        p: &Pending,
-        target: &Target,
-        signed: &BTreeMap<String, String>,
+        check: &FileCheck,
         handle: PluginHandle,
     ) -> Result<PluginHandle, PluginError> {
-        match self.recheck(p, target, signed) {
+        match check.run() {
             Ok(()) => Ok(handle),
             Err(err) => {
                 handle.retire();
@@ -228,10 +225,54 @@ impl Loader {
         target: &Target,
         signed: &BTreeMap<String, String>,
     ) -> Result<(), PluginError> {
-        for (rel, expected) in signed {
-            let path = manifest::join_inside(&p.dir, rel);
-            let now = integrity::file_digest(self.fs.as_ref(), &path)
-                .unwrap_or_else(|e| format!("unreadable ({e})"));
+        self.rechecker(p, target, signed)?.run()
+    }
+
+    /// The checks of [`recheck`](Self::recheck), kept for the plugin's
+    /// restarts (`None`: nothing signed or pinned to check).
+    pub(super) fn rechecker(
+        &self,
+        p: &Pending,
+        target: &Target,
+        signed: &BTreeMap<String, String>,
+    ) -> Result<FileCheck, PluginError> {
+        Ok(FileCheck {
+            fs: Arc::clone(&self.fs),
+            dir: p.dir.clone(),
+            manifest: p.manifest.clone(),
+            target: target.clone(),
+            pins: self.pins(p)?,
+            signed: signed.clone(),
+        })
+    }
+}
+
+/// A plugin's files checked again against what its load checked: every
+/// signed digest (and no loadable file beside them that the signature does
+/// not list), every pin of its target. After a runner loaded them, at
+/// load and at every restart.
+pub(super) struct FileCheck {
+    fs: Arc<dyn forgesyte_deps::FileSystem>,
+    dir: PathBuf,
+    manifest: manifest::Manifest,
+    target: Target,
+    pins: Vec<(String, String)>,
+    signed: BTreeMap<String, String>,
+}
+
+impl FileCheck {
+    /// Whether there is anything to check.
+    pub(super) fn is_empty(&self) -> bool {
+        self.signed.is_empty() && self.pins.is_empty()
+    }
+
+    /// Checks the files.
+    pub(super) fn run(&self) -> Result<(), PluginError> {
+        let fs = self.fs.as_ref();
+        for (rel, expected) in &self.signed {
+            let path = manifest::join_inside(&self.dir, rel);
+            let now =
+                integrity::file_digest(fs, &path).unwrap_or_else(|e| format!("unreadable ({e})"));
             if &now != expected {
                 return Err(IntegrityError::ChangedSinceCheck {
                     subject: rel.clone(),
@@ -240,7 +281,24 @@ impl Loader {
                 .into());
             }
         }
-        self.check_integrity(p, target)?;
+        if !self.signed.is_empty() {
+            // A module dropped in beside the signed ones would be imported.
+            let loadable =
+                integrity::loadable_files(fs, &self.dir, &self.manifest).map_err(|e| {
+                    IntegrityError::ChangedSinceCheck {
+                        subject: "the plugin's files".to_owned(),
+                        detail: format!("they cannot be listed: {e}"),
+                    }
+                })?;
+            if let Some(rel) = loadable.keys().find(|rel| !self.signed.contains_key(*rel)) {
+                return Err(IntegrityError::ChangedSinceCheck {
+                    subject: rel.clone(),
+                    detail: "it appeared, and the signed list does not hold it".to_owned(),
+                }
+                .into());
+            }
+        }
+        integrity::verify(fs, &self.dir, &self.target, &self.pins)?;
         Ok(())
     }
 }

@@ -105,12 +105,27 @@ impl ShutdownFlag {
 }
 
 /// What a restart repeats.
-#[derive(Debug)]
 pub(crate) struct Restart {
     pub(crate) importer: Arc<dyn Importer>,
     pub(crate) library: PathBuf,
     pub(crate) config: Vec<u8>,
+    /// The plugin's files checked again (its signed and pinned digests),
+    /// before a new runner starts and once it has loaded them, as at load:
+    /// a restart never runs code the load would have refused.
+    pub(crate) recheck: Option<Recheck>,
 }
+
+impl std::fmt::Debug for Restart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restart")
+            .field("library", &self.library)
+            .field("rechecked", &self.recheck.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A check of the plugin's files; see [`Restart::recheck`].
+pub(crate) type Recheck = Arc<dyn Fn() -> Result<(), PluginError> + Send + Sync>;
 
 /// The host-wide side of supervision: policy, clock and shutdown flag.
 #[derive(Debug, Clone)]
@@ -295,15 +310,21 @@ impl Supervisor {
             .map_or(0, |status| status.restart_count);
         tracing::warn!(plugin = %name, restart = count, "Restarting plugin {name} (restart {count})");
         let restart = &self.restart;
-        let result = restart
-            .importer
-            .open(&restart.library)
-            .map_err(PluginError::from)
+        let recheck = || restart.recheck.as_ref().map_or(Ok(()), |recheck| recheck());
+        let result = recheck()
+            .and_then(|()| {
+                restart
+                    .importer
+                    .open(&restart.library)
+                    .map_err(PluginError::from)
+            })
             .and_then(|library| {
                 library
                     .instantiate(&restart.config)
                     .map_err(PluginError::from)
-            });
+            })
+            // Changed while it started: the new runner is dropped (it stops).
+            .and_then(|instance| recheck().map(|()| instance));
         match result {
             Ok(instance) => {
                 let instance: Arc<dyn PluginInstance> = Arc::from(instance);

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use forgesyte_errors::ToolError;
+use forgesyte_errors::{IntegrityError, ToolError};
 use forgesyte_registry::{PluginInfo, PluginLifecycleState as S, PluginStatus, Registry};
 
 use super::clock::FakeClock;
@@ -124,6 +124,11 @@ struct Harness {
 impl Harness {
     /// `flaky`, INITIALIZED in its first process at fake time 0.
     fn new(policy: SupervisionPolicy) -> Self {
+        Self::with_recheck(policy, None)
+    }
+
+    /// [`Harness::new`], its restarts checking the files with `recheck`.
+    fn with_recheck(policy: SupervisionPolicy, recheck: Option<Recheck>) -> Self {
         let clock = FakeClock::new();
         let runner = Arc::new(FakeRunner {
             clock: Arc::clone(&clock),
@@ -145,6 +150,7 @@ impl Harness {
                 importer: Arc::new(FakeRunnerImporter(Arc::clone(&runner))),
                 library: "/plugins/flaky/lib.so".into(),
                 config: Vec::new(),
+                recheck,
             },
             Supervision {
                 policy,
@@ -345,6 +351,62 @@ fn a_failed_restart_counts_as_another_crash() {
     assert_eq!(h.starts(), [ms(0), ms(700)]);
     let status = h.status();
     assert_eq!((status.state, status.restart_count), (S::Initialized, 3));
+}
+
+#[test]
+fn a_restart_checks_the_files_before_and_after_it_starts_a_runner() {
+    let policy = SupervisionPolicy {
+        backoff_base: ms(100),
+        backoff_cap: ms(100),
+        ..SupervisionPolicy::default()
+    };
+    // Each check answers the next of `plan` (then passes): a file changed.
+    let plan = Arc::new(Mutex::new(VecDeque::<bool>::new()));
+    let recheck: Recheck = {
+        let plan = Arc::clone(&plan);
+        Arc::new(move || match plan.lock().pop_front() {
+            Some(false) => Err(IntegrityError::ChangedSinceCheck {
+                subject: "plugin.py".into(),
+                detail: "sha256 now 00, signed 11".into(),
+            }
+            .into()),
+            _ => Ok(()),
+        })
+    };
+    let mut h = Harness::with_recheck(policy, Some(recheck));
+    // Files unchanged: restarted as usual.
+    h.crash_and_restart(ms(100));
+    // Changed before the restart: no runner starts, the plugin stays
+    // FAILED with the reason.
+    plan.lock().push_back(false);
+    h.crash();
+    h.clock.advance(ms(100));
+    assert_eq!(h.starts().len(), 2, "a runner started for changed files");
+    let status = h.status();
+    assert_eq!(status.state, S::Failed, "{status:?}");
+    assert!(
+        status
+            .reason
+            .clone()
+            .unwrap_or_default()
+            .contains("plugin.py changed"),
+        "{status:?}"
+    );
+    // Changed while the runner started: it is let go, never put in place.
+    let before = h.slot.current().pid();
+    plan.lock().extend([true, false]);
+    h.clock.advance(ms(100));
+    assert_eq!(h.starts().len(), 3, "the runner started");
+    assert_eq!(
+        h.slot.current().pid(),
+        before,
+        "the runner was put in place"
+    );
+    assert_eq!(h.status().state, S::Failed);
+    // Unchanged again: the next restart holds.
+    h.clock.advance(ms(100));
+    assert_eq!(h.status().state, S::Initialized);
+    assert_eq!(h.starts().len(), 4);
 }
 
 #[test]
