@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use forgesyte_deps::{Dependency, DependencyChecker};
-use forgesyte_errors::{DependencyError, ImportError, ManifestError, PluginError};
+use forgesyte_errors::{DependencyError, ImportError, IntegrityError, ManifestError, PluginError};
 
 use super::loader::{Loader, Pending};
 use super::verified::{FileCheck, Opening};
@@ -80,6 +80,19 @@ impl Loader {
             let importer = match self.check_library(p, &library_path, &signed, pinned)? {
                 Opening::Bytes(bytes, _reserved) if !crate::native::names_origin(&bytes) => {
                     importer.with_library_bytes(&library_path, &bytes)?
+                }
+                // What it ships beside it is loaded from those files, which
+                // neither its signature nor its pin covers.
+                Opening::Bytes(..) if self.config.require_signed => {
+                    return Err(IntegrityError::SignatureRequired {
+                        status: "signed in part".to_owned(),
+                        detail: "its library's run path names $ORIGIN, so it loads the libraries \
+                                 it ships beside it from their files, which the signature does \
+                                 not cover (link them in, or install them where the system's \
+                                 loader finds them)"
+                            .to_owned(),
+                    }
+                    .into());
                 }
                 Opening::Bytes(..) | Opening::Path => importer,
             };

@@ -423,3 +423,54 @@ fn a_rescan_reads_the_trusted_keys_again_and_checks_signed_plugins_again() {
     });
     assert_eq!(health("n-signed")["signature"]["status"], "signed");
 }
+
+#[test]
+fn require_signed_refuses_an_isolated_library_that_loads_what_it_ships_beside_it() {
+    // A library with `$ORIGIN` in its run path starts from its file and
+    // loads the libraries beside it from theirs, which no signature covers.
+    // (The library is no plugin: it is refused before any runner starts.)
+    let plugins = PluginsDir::new();
+    let dir = plugins.path().join("shipper");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("lib.c"),
+        "int forgesyte_nothing(void) { return 0; }\n",
+    )
+    .unwrap();
+    let built = std::process::Command::new("cc")
+        .current_dir(&dir)
+        .args([
+            "-shared",
+            "-fPIC",
+            "-o",
+            "libshipper.so",
+            "lib.c",
+            "-Wl,-rpath,$ORIGIN",
+        ])
+        .status()
+        .expect("cc, to build a library with an $ORIGIN run path");
+    assert!(built.success());
+    std::fs::write(
+        dir.join("manifest.json"),
+        json!({"name": "shipper", "entrypoint": "libshipper.so", "isolation": "process"})
+            .to_string(),
+    )
+    .unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    keygen(keys.path(), "author");
+    let trusted = trust_only_author(keys.path());
+    sign(&dir, &keys.path().join("author.key"));
+    let env = require_signed_env(&trusted);
+    let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &env);
+    assert_eq!(code, 1, "{out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let p = plugin_named(&list, "shipper");
+    assert_eq!(p["state"], "FAILED", "{p:#}");
+    assert_eq!(p["signature"]["status"], "signed", "{p:#}");
+    let reason = p["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("IntegrityError: signature required, but the plugin is signed in part")
+            && reason.contains("$ORIGIN"),
+        "{p:#}"
+    );
+}
