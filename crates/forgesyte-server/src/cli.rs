@@ -323,7 +323,13 @@ pub(crate) fn parse_runner_user(text: &str) -> Result<RunAs, String> {
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
         }),
-        Ok(None) => Err(format!("no user {text}")),
+        // A uid no user database names (common in containers): its group
+        // is the same number.
+        Ok(None) => match text.parse::<u32>() {
+            Ok(0) => Err(format!("{text} is root, not an unprivileged user")),
+            Ok(uid) => Ok(RunAs { uid, gid: uid }),
+            Err(_) => Err(format!("no user {text}")),
+        },
         Err(e) => Err(format!("cannot look up user {text}: {e}")),
     }
 }
@@ -451,7 +457,7 @@ pub(crate) fn parse_seconds_or_never(text: &str) -> Result<Seconds, String> {
 
 pub(crate) fn parse_bytes(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
-        Ok(0) => Err("the body limit must be at least 1 byte".into()),
+        Ok(0) => Err("it must be at least 1 byte".into()),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("'{text}' is not a number of bytes")),
     }
@@ -577,7 +583,7 @@ mod tests {
         );
         assert!(parse_seconds_or_never("-1").is_err());
         assert_eq!(parse_bytes("1024"), Ok(1024));
-        assert!(parse_bytes("0").is_err());
+        assert_eq!(parse_bytes("0"), Err("it must be at least 1 byte".into()));
         assert!(parse_bytes("1MiB").is_err());
         assert_eq!(parse_count("50"), Ok(50));
         assert!(parse_count("0").is_err());
@@ -710,5 +716,17 @@ mod tests {
         assert_eq!(err.exit_code(), 2);
         let err = Cli::try_parse_from(["forgesyte", "frobnicate"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_runner_user_is_a_name_or_a_uid_a_user_database_need_not_name() {
+        let unnamed = parse_runner_user("4242424").unwrap();
+        assert_eq!((unnamed.uid, unnamed.gid), (4_242_424, 4_242_424));
+        assert!(parse_runner_user("0").unwrap_err().contains("is root"));
+        assert!(parse_runner_user("root").unwrap_err().contains("is root"));
+        assert_eq!(
+            parse_runner_user("no-such-user-here").unwrap_err(),
+            "no user no-such-user-here"
+        );
     }
 }

@@ -356,9 +356,13 @@ fn is_text(parser: &ValueParser) -> bool {
 /// type is not text), else a string.
 fn toml_value(raw: &str, text: bool) -> String {
     let trimmed = raw.trim();
+    let whole = !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit());
     let value = match (text, trimmed.parse::<i64>(), trimmed.parse::<f64>()) {
         (false, Ok(i), _) => toml::Value::Integer(i),
-        (false, _, Ok(f)) if f.is_finite() => toml::Value::Float(f),
+        // A whole number past TOML's integers (a u64 byte count) stays
+        // exact as text, which the file reader accepts; as a float it read
+        // back as no number of bytes.
+        (false, _, Ok(f)) if f.is_finite() && !whole => toml::Value::Float(f),
         _ => toml::Value::String(raw.to_owned()),
     };
     value.to_string()
@@ -615,5 +619,10 @@ mod tests {
         assert_eq!(toml_value("8000", true), "\"8000\"");
         assert_eq!(toml_value("a \"q\"\\", true), "'a \"q\"\\'");
         assert_eq!(toml_value("inf", false), "\"inf\"");
+        // Past i64: kept exact, as text (a float read back as no byte count).
+        assert_eq!(
+            toml_value("18446744073709551615", false),
+            "\"18446744073709551615\""
+        );
     }
 }
