@@ -224,6 +224,11 @@ pub(crate) struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct CheckArgs {
+    /// The server's TOML config file: its loader options and `plugins` (the
+    /// directory) apply, as they would to `serve`; a flag or an environment
+    /// variable beats the file.
+    #[arg(long, value_name = "FILE", env = "FORGESYTE_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
     /// Directory holding one subdirectory per plugin.
     #[arg(value_name = "DIR", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
     pub(crate) dir: PathBuf,

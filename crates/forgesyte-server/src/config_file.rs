@@ -27,6 +27,11 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 /// reads one.
 pub(crate) const CONFIG_ARG: &str = "config";
 
+/// The file's key of the plugins directory, and the positional that takes
+/// it in a subcommand without that option (`check DIR`).
+const PLUGINS_KEY: &str = "plugins";
+const DIR_ARG: &str = "dir";
+
 /// Where an effective value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Source {
@@ -180,7 +185,27 @@ pub(crate) fn layer(
         if let Err(e) = layered.command.clone().try_get_matches_from(alone) {
             return Err(bad(first_line(&e)));
         }
+        // The matched subcommand's option of that id (`check` has the
+        // loader's options, and the plugins directory as its positional
+        // `dir`); a key it lacks (`bind`) is the server's only: skipped.
         let id = arg.get_id().as_str();
+        let (id, args) = if sub_command.get_arguments().any(|a| a.get_id() == id) {
+            (id, args)
+        } else if key == PLUGINS_KEY
+            && let Some(dir) = sub_command
+                .get_arguments()
+                .find(|a| a.get_id() == DIR_ARG && a.is_positional())
+        {
+            // `--plugins=DIR` given as the positional `DIR`.
+            let flag = format!("--{PLUGINS_KEY}=");
+            let values = args
+                .iter()
+                .filter_map(|a| a.to_str()?.strip_prefix(&flag).map(OsString::from))
+                .collect();
+            (dir.get_id().as_str(), values)
+        } else {
+            continue;
+        };
         match sub_matches.value_source(id) {
             Some(ValueSource::CommandLine | ValueSource::EnvVariable) => {}
             _ => {

@@ -154,3 +154,37 @@ fn bad_files_are_usage_errors_naming_file_and_key() {
         "{err}"
     );
 }
+
+#[test]
+fn check_loads_with_the_config_files_loader_options_and_plugins_directory() {
+    // `check` loads as `serve` would: with the file's loader options (here
+    // signatures required) and its plugins directory; the server's own keys
+    // (`bind`) are the server's, and a directory given beats the file's.
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({}));
+    let file = ConfigFile::new(&format!(
+        "plugins = {:?}\nrequire-signed = true\nbind = \"127.0.0.1:9\"\n",
+        plugins.path_str()
+    ));
+    let (code, out, err) = run_forgesyte(&["check", "--json", "--config", &file.path()], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "alpha", "{list:#}");
+    assert_eq!(list[0]["state"], "FAILED", "{list:#}");
+    assert!(
+        list[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signature required"),
+        "{list:#}"
+    );
+    let other = PluginsDir::new();
+    other.good("beta", json!({}));
+    let (code, out, err) = run_forgesyte(
+        &["check", "--json", other.path_str()],
+        &[("FORGESYTE_CONFIG", file.path().as_str())],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "beta", "{list:#}");
+}
