@@ -367,7 +367,16 @@ pub(crate) fn try_http_with(
     request.push_str("\r\n");
     let mut bytes = request.into_bytes();
     bytes.extend_from_slice(body);
-    stream.write_all(&bytes)?;
+    if let Err(write) = stream.write_all(&bytes) {
+        // The server may answer (a 413 by the stated length) and close
+        // before the whole body is written: its answer is read all the same.
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        if raw.is_empty() {
+            return Err(write);
+        }
+        return parse_reply(&raw);
+    }
     let mut raw = Vec::new();
     match stream.read_to_end(&mut raw) {
         Ok(_) => {}
