@@ -6,15 +6,16 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// Opens `path` for reading if it is a regular file (after following
-/// links); anything else is refused with `InvalidInput`, "not a regular
-/// file", without blocking: a FIFO put where a manifest or a library is
-/// expected used to hang the opening thread (and with it a load pass), and
-/// a link to `/dev/zero` to be read without end.
+/// links), with its metadata (the one `fstat` that tells); anything else
+/// is refused with `InvalidInput`, "not a regular file", without blocking:
+/// a FIFO put where a manifest or a library is expected used to hang the
+/// opening thread (and with it a load pass), and a link to `/dev/zero` to
+/// be read without end.
 ///
 /// # Errors
 ///
 /// The path cannot be opened, or is not a regular file.
-pub fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+pub fn open_regular(path: &Path) -> io::Result<(std::fs::File, std::fs::Metadata)> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::open(
         path,
@@ -22,13 +23,14 @@ pub fn open_regular(path: &Path) -> io::Result<std::fs::File> {
         Mode::empty(),
     )?;
     let file = std::fs::File::from(fd);
-    if !file.metadata()?.is_file() {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a regular file",
         ));
     }
-    Ok(file)
+    Ok((file, meta))
 }
 
 /// What the host needs to know about a path.
@@ -126,13 +128,13 @@ impl FileSystem for RealFs {
     /// and then doubles, six `read`s for a 469-byte manifest. A larger file
     /// gets the rest in one buffer sized from its length.
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-        let file = open_regular(path)?;
+        let (file, meta) = open_regular(path)?;
         let mut reader = file.take(limit.saturating_add(1));
         let first = FIRST_READ.min(reader.limit());
         let mut bytes = Vec::with_capacity(usize::try_from(first).unwrap_or(0));
         (&mut reader).take(first).read_to_end(&mut bytes)?;
         if bytes.len() as u64 == first && reader.limit() > 0 {
-            let len = reader.get_ref().metadata()?.len();
+            let len = meta.len();
             let rest = len.min(reader.limit() + first).saturating_sub(first);
             bytes.reserve(usize::try_from(rest).unwrap_or(0).saturating_add(1));
             reader.read_to_end(&mut bytes)?;

@@ -79,7 +79,7 @@ impl Importer for NativeImporter {
     /// no disk, one library after another (measured in BENCHMARKS.md,
     /// "Stop 25"). A file already cached costs the call and nothing else.
     fn prefetch(&self, path: &Path) {
-        if let Ok(file) = forgesyte_deps::open_regular(path) {
+        if let Ok((file, _)) = forgesyte_deps::open_regular(path) {
             let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
         }
     }
@@ -766,12 +766,10 @@ fn open_regular(
     };
     // Not a regular file (a FIFO, whose open would wait for a writer, a
     // device): refused without waiting, as not found.
-    let file = forgesyte_deps::open_regular(load).map_err(|e| match e.kind() {
+    forgesyte_deps::open_regular(load).map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidInput => not_found(),
         _ => io(e),
-    })?;
-    let meta = file.metadata().map_err(io)?;
-    Ok((file, meta))
+    })
 }
 
 /// Reads the ELF headers without running anything, so that files `dlopen`

@@ -60,12 +60,8 @@ pub(super) fn lock_beside(parent: &Path) -> Option<Vec<u8>> {
 /// a manifest linked to `/dev/zero` was read without end (the server's
 /// memory with it), a FIFO waited for a writer.
 fn read_regular(path: &Path, limit: u64) -> Option<Vec<u8>> {
-    use std::io::Read as _;
-    let file = forgesyte_deps::open_regular(path).ok()?;
-    let mut bytes = Vec::new();
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .ok()?;
+    use forgesyte_deps::FileSystem as _;
+    let bytes = forgesyte_deps::RealFs.read(path, limit).ok()?;
     (bytes.len() as u64 <= limit).then_some(bytes)
 }
 
