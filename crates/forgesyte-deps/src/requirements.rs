@@ -169,13 +169,13 @@ fn valid_plugin_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-/// A Python package name: `[A-Za-z0-9_.-]+`, no empty dotted part (so no
-/// leading, trailing or doubled `.`). `-` is allowed for distribution
-/// names (`opencv-python`), looked up by their installed metadata.
 /// The longest Python package name a dependency may give (PyPI's longest
 /// are under 100 bytes).
 const MAX_PYTHON_NAME: usize = 255;
 
+/// A Python package name: `[A-Za-z0-9_.-]+`, no empty dotted part (so no
+/// leading, trailing or doubled `.`). `-` is allowed for distribution
+/// names (`opencv-python`), looked up by their installed metadata.
 fn valid_python_name(name: &str) -> bool {
     !name.is_empty()
         && name.split('.').all(|part| {

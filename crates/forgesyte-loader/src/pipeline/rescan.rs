@@ -292,13 +292,6 @@ impl Loader {
             })
     }
 
-    /// Records the change stamp of every registered plugin, the baseline
-    /// the next [`rescan`](Self::rescan) compares with: the one taken
-    /// before its files were read this pass
-    /// ([`fresh_stamps`](Loader::fresh_stamps)); for a plugin whose files
-    /// this pass did not read (one `reload_all` kept as it was), the
-    /// baseline it had, so a change on disk still shows; else one taken
-    /// now.
     /// The changed and retried plugins were loaded before the plugins the
     /// rescan added: those left UNAVAILABLE over a `plugin:` dependency
     /// that an added plugin now provides are tried once more, their
@@ -343,6 +336,13 @@ impl Loader {
         }
     }
 
+    /// Records the change stamp of every registered plugin, the baseline
+    /// the next [`rescan`](Self::rescan) compares with: the one taken
+    /// before its files were read this pass
+    /// ([`fresh_stamps`](Loader::fresh_stamps)); for a plugin whose files
+    /// this pass did not read (one `reload_all` kept as it was), the
+    /// baseline it had, so a change on disk still shows; else one taken
+    /// now.
     pub(super) fn restamp(&self) {
         let mut fresh = std::mem::take(&mut *self.fresh_stamps.lock());
         let old = self.stamps.read().clone();
