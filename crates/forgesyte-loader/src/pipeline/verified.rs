@@ -229,7 +229,7 @@ impl Loader {
     }
 
     /// The checks of [`recheck`](Self::recheck), kept for the plugin's
-    /// restarts (`None`: nothing signed or pinned to check).
+    /// restarts ([`FileCheck::is_empty`] when nothing is signed or pinned).
     pub(super) fn rechecker(
         &self,
         p: &Pending,
@@ -283,16 +283,14 @@ impl FileCheck {
         }
         if !self.signed.is_empty() {
             // A module dropped in beside the signed ones would be imported.
-            let loadable =
-                integrity::loadable_files(fs, &self.dir, &self.manifest).map_err(|e| {
-                    IntegrityError::ChangedSinceCheck {
-                        subject: "the plugin's files".to_owned(),
-                        detail: format!("they cannot be listed: {e}"),
-                    }
+            let unlisted = signature::unlisted(fs, &self.dir, &self.manifest, &self.signed)
+                .map_err(|e| IntegrityError::ChangedSinceCheck {
+                    subject: "the plugin's files".to_owned(),
+                    detail: format!("they cannot be listed: {e}"),
                 })?;
-            if let Some(rel) = loadable.keys().find(|rel| !self.signed.contains_key(*rel)) {
+            if let Some(rel) = unlisted.into_iter().next() {
                 return Err(IntegrityError::ChangedSinceCheck {
-                    subject: rel.clone(),
+                    subject: rel,
                     detail: "it appeared, and the signed list does not hold it".to_owned(),
                 }
                 .into());

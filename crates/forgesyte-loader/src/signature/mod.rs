@@ -160,6 +160,25 @@ pub fn check(fs: &dyn FileSystem, dir: &Path, manifest: &Manifest, keys: &Truste
     }
 }
 
+/// The files the plugin in `dir` would load now that `listed` (relative
+/// path → digest) does not hold, by relative path.
+///
+/// # Errors
+///
+/// The plugin's files cannot be listed ([`integrity::loadable_files`]).
+pub(crate) fn unlisted(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    manifest: &Manifest,
+    listed: &BTreeMap<String, String>,
+) -> std::io::Result<Vec<String>> {
+    let loadable = integrity::loadable_files(fs, dir, manifest)?;
+    Ok(loadable
+        .into_keys()
+        .filter(|rel| !listed.contains_key(rel))
+        .collect())
+}
+
 /// What differs between the signed list and the directory: each file the
 /// plugin loads that is not listed, each listed file missing or changed.
 fn compare(
@@ -169,12 +188,10 @@ fn compare(
     listed: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    match integrity::loadable_files(fs, dir, manifest) {
-        Ok(loadable) => {
-            for rel in loadable.keys() {
-                if !listed.contains_key(rel) {
-                    problems.push(format!("{rel} is not in the signed list"));
-                }
+    match unlisted(fs, dir, manifest, listed) {
+        Ok(unlisted) => {
+            for rel in unlisted {
+                problems.push(format!("{rel} is not in the signed list"));
             }
         }
         Err(e) => problems.push(format!("cannot list the plugin's files: {e}")),
