@@ -116,6 +116,11 @@ pub(crate) struct SignArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct LockArgs {
+    /// The server's TOML config file: its `plugins` (the directory) applies
+    /// when no directory is given; the file's other keys are left to
+    /// `serve`.
+    #[arg(long, value_name = "FILE", env = "FORGESYTE_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
     /// Directory holding one subdirectory per plugin.
     #[arg(value_name = "DIR", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
     pub(crate) dir: PathBuf,
@@ -125,8 +130,13 @@ pub(crate) struct LockArgs {
 pub(crate) struct NewArgs {
     #[command(flatten)]
     pub(crate) kind: NewKind,
+    /// The server's TOML config file: its `plugins` (the directory) applies
+    /// when `--dir` is not given; the file's other keys are left to
+    /// `serve`.
+    #[arg(long, value_name = "FILE", env = "FORGESYTE_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
     /// The plugins directory the plugin's own directory is created in.
-    #[arg(long = "dir", value_name = "PARENT", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
+    #[arg(id = "dir", long = "dir", value_name = "PARENT", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
     pub(crate) parent: PathBuf,
     /// The `forgesyte-plugin-sdk` crate a Rust plugin depends on, by path
     /// (default: the one of the workspace this forgesyte was built in).

@@ -27,8 +27,9 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 /// reads one.
 pub(crate) const CONFIG_ARG: &str = "config";
 
-/// The file's key of the plugins directory, and the positional that takes
-/// it in a subcommand without that option (`check DIR`).
+/// The file's key of the plugins directory, and the id of the argument that
+/// takes it in a subcommand without that option: a positional (`check DIR`,
+/// `lock DIR`) or an option of its own name (`new --dir PARENT`).
 const PLUGINS_KEY: &str = "plugins";
 const DIR_ARG: &str = "dir";
 
@@ -186,23 +187,27 @@ pub(crate) fn layer(
             return Err(bad(first_line(&e)));
         }
         // The matched subcommand's option of that id (`check` has the
-        // loader's options, and the plugins directory as its positional
-        // `dir`); a key it lacks (`bind`) is the server's only: skipped.
+        // loader's options, and the plugins directory as its `dir`); a key
+        // it lacks (`bind`) is the server's only: skipped.
         let id = arg.get_id().as_str();
         let (id, args) = if sub_command.get_arguments().any(|a| a.get_id() == id) {
             (id, args)
         } else if key == PLUGINS_KEY
-            && let Some(dir) = sub_command
-                .get_arguments()
-                .find(|a| a.get_id() == DIR_ARG && a.is_positional())
+            && let Some(dir) = sub_command.get_arguments().find(|a| a.get_id() == DIR_ARG)
         {
-            // `--plugins=DIR` given as the positional `DIR`.
+            // `--plugins=DIR` given as the positional `DIR`, or as the
+            // option `--dir=DIR`.
             let flag = format!("--{PLUGINS_KEY}=");
             let values = args
                 .iter()
-                .filter_map(|a| a.to_str()?.strip_prefix(&flag).map(OsString::from))
+                .filter_map(|a| a.to_str()?.strip_prefix(&flag))
+                .map(|value| match dir.get_long() {
+                    Some(long) if !dir.is_positional() => format!("--{long}={value}"),
+                    _ => value.to_owned(),
+                })
+                .map(OsString::from)
                 .collect();
-            (dir.get_id().as_str(), values)
+            (DIR_ARG, values)
         } else {
             continue;
         };

@@ -188,3 +188,56 @@ fn check_loads_with_the_config_files_loader_options_and_plugins_directory() {
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list[0]["name"], "beta", "{list:#}");
 }
+
+#[test]
+fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
+    // `lock` pins, and `new` scaffolds into, the file's `plugins` when no
+    // directory is given; the file's other keys (`bind`) are left to
+    // `serve`, and a directory given beats the file's.
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({}));
+    let file = ConfigFile::new(&format!(
+        "plugins = {:?}\nbind = \"127.0.0.1:9\"\n",
+        plugins.path_str()
+    ));
+    let lock = plugins.path().join("forgesyte.lock");
+    let (code, out, err) = run_forgesyte(&["lock", "--config", &file.path()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let text = std::fs::read_to_string(&lock).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert!(text.contains("\"alpha\""), "{text}");
+
+    let (code, out, err) = run_forgesyte(
+        &["new", "--python", "from-file"],
+        &[("FORGESYTE_CONFIG", file.path().as_str())],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        plugins
+            .path()
+            .join("from-file")
+            .join("manifest.json")
+            .is_file(),
+        "{out}{err}"
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let other_s = other.path().to_str().unwrap();
+    let (code, out, err) = run_forgesyte(
+        &[
+            "new",
+            "--python",
+            "given",
+            "--dir",
+            other_s,
+            "--config",
+            &file.path(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(other.path().join("given").join("manifest.json").is_file());
+    assert!(!plugins.path().join("given").exists());
+    let (code, out, err) = run_forgesyte(&["lock", "--config", &file.path(), other_s], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(other.path().join("forgesyte.lock").is_file(), "{out}{err}");
+}
