@@ -943,6 +943,19 @@ class BasePluginShapeTests(RunnerTestCase):
         header, _ = self.p.run("add", {"a": 1})
         self.assertEqual(header["result"], {"sum": 1})
 
+    def test_sys_exit_while_converting_a_result_is_a_tool_error(self):
+        header, _ = self.p.run("convert", {"kind": "exit_in_dump"})
+        self.assertEqual(header["type"], "tool_failed", header)
+        self.assertEqual(header["error"]["error_type"], "SystemExit")
+        self.assertEqual(header["error"]["message"], "4")
+        header, _ = self.p.run("add", {"a": 2})
+        self.assertEqual(header["result"], {"sum": 2})
+
+    def test_dataclass_fields_are_converted_in_place_not_deep_copied(self):
+        header, _ = self.p.run("convert", {"kind": "dataclass_view"})
+        self.assertEqual(header["type"], "result", header)
+        self.assertEqual(header["result"], {"label": "v", "corners": [None], "mask": None})
+
     def _check_reading(self, kind):
         """The handlers fixture's pydantic ``Reading`` of ``kind``: the date
         in pydantic's JSON form, its bytes field an attachment."""

@@ -171,7 +171,11 @@ def to_wire(value):
         if hasattr(kind, "__dataclass_fields__"):
             import dataclasses  # loaded already: the plugin made the class
 
-            return convert(dataclasses.asdict(x), path, in_model)
+            # One level at a time, as for a dict: ``dataclasses.asdict``
+            # deep-copies every value (a numpy array in full; a memoryview
+            # cannot be copied at all).
+            fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+            return convert(fields, path, in_model)
         # numpy scalars and arrays, without importing numpy.
         if kind.__module__ == "numpy" and callable(getattr(x, "tolist", None)):
             return convert(x.tolist(), path, in_model)

@@ -331,13 +331,15 @@ class Runner(object):
             if self.instance is not None:
                 self.init_failed(rid, wire_error("Protocol", "this runner already holds an instance"))
                 return
-            cls = find_class(self.module, self.args.class_name)
-            if isinstance(cls, dict):
-                self.init_failed(rid, cls)
-                return
             manifest = config.get("manifest") if isinstance(config, dict) else None
             api.set_models(config.get("models") if isinstance(config, dict) else None)
             try:
+                # Plugin code may run here too: a module's ``__getattr__``, a
+                # metaclass's attribute look-ups.
+                cls = find_class(self.module, self.args.class_name)
+                if isinstance(cls, dict):
+                    self.init_failed(rid, cls)
+                    return
                 instance = cls()  # the seed's contract: no arguments
                 for hook in ("validate", "on_load"):
                     method = getattr(instance, hook, None)
@@ -446,7 +448,7 @@ class Runner(object):
             return
         except MemoryError as e:
             out_of_memory(e, "encoding the result of a tool")
-        except Exception as e:  # e.g. a model_dump() that raises
+        except BaseException as e:  # e.g. a model_dump() that raises, or calls sys.exit()
             self.tool_failed(rid, python_error(e, kind="Failed"))
             return
         data = [b for _, b in blobs]
