@@ -222,7 +222,12 @@ pub struct Confinement {
     pub devices: Vec<PathBuf>,
     /// Whether it keeps the network.
     pub network: bool,
-    /// Its whole environment.
+    /// Its whole environment: the host starts the runner with exactly
+    /// these variables, or hands a zygote's runner their values through its
+    /// spawn (never through the zygote's memory). Only their names go on
+    /// the runner's command line ([`Self::to_arg`]), which any local user
+    /// may read in `/proc`.
+    #[serde(skip)]
     pub env: BTreeMap<String, String>,
     /// Whether the runner must refuse to load the plugin when any part of
     /// the plan could not be enforced (`--require-confinement`): it then
@@ -323,6 +328,19 @@ impl PlanInput<'_> {
     }
 }
 
+/// This process's environment: the variables whose name and value are
+/// UTF-8 (the others cannot be written in a plan).
+pub(crate) fn host_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+}
+
+/// The variables of this process's environment that every runner keeps
+/// (the runtime's own: `PATH`, `LC_*` ...): what a Python zygote of
+/// confined runners starts with.
+pub(crate) fn runtime_env() -> impl Iterator<Item = (String, String)> {
+    host_env().filter(|(name, _)| kept_anyway(name))
+}
+
 /// Whether every runner keeps the variable `name` (the runtime's own).
 fn kept_anyway(name: &str) -> bool {
     RUNTIME_ENV.contains(&name) || name.starts_with("LC_")
@@ -388,11 +406,16 @@ impl Confinement {
         }
     }
 
-    /// The plan as the runner's `--confine` argument.
+    /// The plan as the runner's `--confine` argument: its environment as
+    /// the list of the variables' names, not their values.
     pub fn to_arg(&self) -> String {
         // Paths that are not UTF-8 are written lossily: such a path is
         // then not found by the runner and allows nothing.
-        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+        let mut plan = serde_json::to_value(self).unwrap_or_default();
+        if let Some(fields) = plan.as_object_mut() {
+            fields.insert("env".into(), self.env.keys().map(String::as_str).collect());
+        }
+        plan.to_string()
     }
 }
 
@@ -846,8 +869,19 @@ mod tests {
         assert_eq!(plan.write, [scratch.to_path_buf()]);
         assert!(!plan.network);
         assert!(!plan.devices.iter().any(|d| d.starts_with("/dev/nvidia")));
-        let back: Confinement = serde_json::from_str(&plan.to_arg()).unwrap_or_default();
-        assert_eq!(back, plan);
+        // On the command line: the names of the variables, not their values.
+        let arg = plan.to_arg();
+        assert!(!arg.contains("/cuda") && !arg.contains("/usr/bin"), "{arg}");
+        let shown: serde_json::Value = serde_json::from_str(&arg).unwrap_or_default();
+        assert_eq!(shown["env"], serde_json::json!(names));
+        let back: Confinement = serde_json::from_str(&arg).unwrap_or_default();
+        assert_eq!(
+            back,
+            Confinement {
+                env: BTreeMap::new(),
+                ..plan
+            }
+        );
     }
 
     #[test]

@@ -87,6 +87,11 @@ fn main() -> ExitCode {
     if args.next_if(|a| a == RUNNER_SUBCOMMAND).is_some() {
         return forgesyte_loader::process::runner_main(args);
     }
+    // Before any thread: what this process inherited open (beyond stdio)
+    // is no plugin runner's to inherit.
+    if let Err(e) = forgesyte_loader::process::close_inherited_on_exec() {
+        eprintln!("forgesyte: cannot mark inherited descriptors close-on-exec: {e}");
+    }
     let layered = match config_file::layer(Cli::command(), std::env::args_os().collect(), "serve") {
         Ok(layered) => layered,
         Err(config_file::ConfigError::Usage(e)) => e.exit(),

@@ -44,6 +44,9 @@
 //!   built and served as the command prints;
 //! - `sandbox`: confined runners (Python and isolated native) denied what
 //!   they did not declare: files, network, environment;
+//! - `secrets`: what no runner holds of the server or of another plugin:
+//!   environment values (its own block, its zygote's, command lines), the
+//!   server's inherited descriptors;
 //! - `config`: the config file and `forgesyte config --print` (each layer
 //!   beats the next: flag, env, file, default; bad files exit 2);
 //! - `deploy`: the Dockerfile and `deploy/kubernetes/` checked against the
@@ -107,6 +110,8 @@ mod router;
 mod sandbox;
 #[path = "api/scaffold.rs"]
 mod scaffold;
+#[path = "api/secrets.rs"]
+mod secrets;
 #[path = "api/signatures.rs"]
 mod signatures;
 #[path = "api/startup.rs"]

@@ -334,11 +334,7 @@ impl Loader {
             }
             .into());
         }
-        let mut plan = sandbox::Confinement::plan(
-            input,
-            std::env::vars_os()
-                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
-        );
+        let mut plan = sandbox::Confinement::plan(input, sandbox::host_env());
         plan.required = self.config.require_confinement;
         Ok(importer.confined(plan))
     }

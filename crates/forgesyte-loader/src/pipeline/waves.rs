@@ -121,6 +121,7 @@ impl Loader {
                     interpreter,
                     &limits,
                     self.config.runner_user,
+                    self.config.confine,
                 );
             }
         }

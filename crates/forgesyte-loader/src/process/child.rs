@@ -246,7 +246,10 @@ impl Child {
     /// (at most `timeout`, the fork included) for its hello.
     pub(crate) fn fork(
         zygote: &Arc<Zygote>,
-        argv: &[OsString],
+        (argv, env): (
+            &[OsString],
+            Option<&std::collections::BTreeMap<String, String>>,
+        ),
         opts: &SpawnOptions<'_>,
         timeout: Duration,
     ) -> Result<Child, SpawnError> {
@@ -267,6 +270,7 @@ impl Child {
                 argv,
                 [stdin.into(), stdout.into(), stderr.into()],
                 runner_shm,
+                env,
                 timeout,
             )
             .map_err(SpawnError::Start)?;
@@ -530,6 +534,56 @@ fn start_threads(
             Err(SpawnError::Start(e))
         }
     }
+}
+
+/// Marks close-on-exec every descriptor above 2 that this process holds:
+/// at a server's start, those it inherited (a supervisor's socket, a
+/// shell's open file), which no runner, zygote or other child it starts
+/// may get (Landlock rules paths, not descriptors already open). Returns
+/// how many it marked. Call it first thing, before any other thread or any
+/// descriptor meant for a child exists.
+///
+/// # Errors
+///
+/// When `/proc/self/fd` cannot be listed or a descriptor's flags cannot be
+/// set.
+#[allow(unsafe_code)]
+pub fn close_inherited_on_exec() -> std::io::Result<usize> {
+    use rustix::fs::{CWD, Dir, Mode, OFlags, openat};
+    use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+    use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+    let listing = openat(
+        CWD,
+        "/proc/self/fd",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let own = listing.as_raw_fd();
+    let mut dir = Dir::new(listing)?;
+    let mut marked = 0;
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .ok()
+            .and_then(|name| name.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if fd <= 2 || fd == own {
+            continue;
+        }
+        // SAFETY: `fd` was listed open just now, and nothing closes it
+        // meanwhile: the caller runs this before any other thread exists.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let flags = fcntl_getfd(fd)?;
+        if !flags.contains(FdFlags::CLOEXEC) {
+            fcntl_setfd(fd, flags | FdFlags::CLOEXEC)?;
+            marked += 1;
+        }
+    }
+    Ok(marked)
 }
 
 /// Has `command`'s process inherit the descriptor `fd` at its number (it

@@ -43,6 +43,7 @@ mod wire_error;
 mod workers;
 mod zygote;
 
+pub use child::close_inherited_on_exec;
 pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::ZYGOTE_ENV;
 
@@ -397,9 +398,11 @@ impl ProcessImporter {
                 let mut argv = python_runner_args(plugin_dir, entry, *installed);
                 argv.extend(common);
                 if zygote::enabled() {
-                    let key = zygote::ZygoteKey::new(interpreter, &self.limits, run_as);
+                    let key =
+                        zygote::ZygoteKey::new(interpreter, &self.limits, run_as, plan.is_some());
+                    let env = plan.as_ref().map(|plan| &plan.env);
                     match zygote::zygote_for(&key)
-                        .map(|z| Child::fork(&z, &argv, &opts, self.limits.init_timeout))
+                        .map(|z| Child::fork(&z, (&argv, env), &opts, self.limits.init_timeout))
                     {
                         Ok(Err(SpawnError::Start(e))) | Err(e) => tracing::debug!(
                             plugin = %self.plugin,
@@ -448,7 +451,7 @@ fn came_back_unconfined(why: &str) -> ImportError {
 }
 
 /// Starts the Python zygote that the runners of `interpreter` under
-/// `limits` (run as `run_as`) will be forked from, unless it runs already
+/// `limits` (run as `run_as`, `confined` or not) will be forked from, unless it runs already
 /// or zygotes are off: for a load pass to call before its dependency and
 /// integrity checks, so that the zygote's interpreter start (the longest
 /// part of a Python plugin's start-up) overlaps them. A zygote that cannot
@@ -457,11 +460,12 @@ pub(crate) fn prestart_python_zygote(
     interpreter: &Path,
     limits: &ProcessLimits,
     run_as: Option<crate::sandbox::RunAs>,
+    confined: bool,
 ) {
     if !zygote::enabled() {
         return;
     }
-    let key = zygote::ZygoteKey::new(interpreter, limits, run_as);
+    let key = zygote::ZygoteKey::new(interpreter, limits, run_as, confined);
     if let Err(e) = zygote::zygote_for(&key) {
         tracing::debug!(
             interpreter = %interpreter.display(),

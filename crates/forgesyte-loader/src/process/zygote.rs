@@ -51,6 +51,16 @@ use super::child::spawn_supervised;
 /// runner is then a fresh interpreter of its own.
 pub const ZYGOTE_ENV: &str = "FORGESYTE_PYTHON_ZYGOTE";
 
+/// `0` in the server's environment: a zygote makes no network namespace
+/// for its confined runners to share (each makes one of its own). The
+/// zygote reads it (`python/runner/zygote.py`).
+const SHARED_NETNS_ENV: &str = "FORGESYTE_PYTHON_SHARED_NETNS";
+
+/// The most descriptors a spawn message carries: stdin, stdout, stderr, the
+/// shared-memory socket, the environment's memory file (`zygote.py`
+/// receives as many).
+const MAX_SPAWN_FDS: usize = 5;
+
 /// Largest control message the zygote sends (it accepts 1 MiB).
 const MESSAGE_BYTES: usize = 64 * 1024;
 
@@ -69,6 +79,10 @@ pub(crate) struct ZygoteKey {
     pub(crate) few_arenas: bool,
     /// The user it (and so every runner it forks) runs as.
     pub(crate) run_as: Option<crate::sandbox::RunAs>,
+    /// Its runners are confined: it starts with the variables every runner
+    /// keeps, not the server's whole environment (a runner could read the
+    /// block it was started with), and makes itself not dumpable.
+    pub(crate) confined: bool,
 }
 
 impl ZygoteKey {
@@ -77,11 +91,13 @@ impl ZygoteKey {
         interpreter: &std::path::Path,
         limits: &super::ProcessLimits,
         run_as: Option<crate::sandbox::RunAs>,
+        confined: bool,
     ) -> Self {
         ZygoteKey {
             interpreter: interpreter.to_path_buf(),
             few_arenas: limits.memory_limit_mib > 0,
             run_as,
+            confined,
         }
     }
 }
@@ -195,7 +211,17 @@ impl Zygote {
         }
         command
             .args(super::python_invocation(key.run_as))
-            .arg("--zygote")
+            .arg("--zygote");
+        if key.confined {
+            command
+                .arg("--confined")
+                .env_clear()
+                .envs(crate::sandbox::runtime_env());
+            if let Some(value) = std::env::var_os(SHARED_NETNS_ENV) {
+                command.env(SHARED_NETNS_ENV, value);
+            }
+        }
+        command
             .envs(super::child::runner_env(key.few_arenas))
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
@@ -267,13 +293,18 @@ impl Zygote {
 
     /// Forks a runner with arguments `argv` and the given stdio (the
     /// runner's ends of its pipes) and, with `shm`, its end of a
-    /// shared-memory socket and the threshold; waits at most `timeout` for
-    /// its pid.
+    /// shared-memory socket and the threshold, and with `env`, the values
+    /// of its confined environment; waits at most `timeout` for its pid.
+    ///
+    /// The values go in a sealed memory file that only the forked runner
+    /// reads: the zygote's memory, which every later runner starts from,
+    /// never holds them.
     pub(crate) fn spawn(
         self: &Arc<Self>,
         argv: &[OsString],
         stdio: [OwnedFd; 3],
         shm: Option<(OwnedFd, u64)>,
+        env: Option<&std::collections::BTreeMap<String, String>>,
         timeout: Duration,
     ) -> io::Result<ForkedChild> {
         let argv: Vec<String> = argv
@@ -303,6 +334,11 @@ impl Zygote {
         if let Some((socket, threshold)) = shm {
             message["shm_threshold"] = json!(threshold);
             fds.push(socket);
+        }
+        if let Some(env) = env {
+            let values = serde_json::to_vec(env).map_err(io::Error::other)?;
+            message["env_fd"] = json!(true);
+            fds.push(forgesyte_protocol::wire::shm::sealed(&values)?);
         }
         let message = message.to_string();
         // The whole spawn, the request's send included, within `timeout`: a
@@ -453,7 +489,7 @@ fn send_on(
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
     loop {
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SPAWN_FDS))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
             return Err(io::Error::other("too many descriptors for one message"));
@@ -575,7 +611,8 @@ mod tests {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let spawner = Arc::clone(&zygote);
         std::thread::spawn(move || {
-            let spawned = spawner.spawn(&["x".into()], stdio, None, Duration::from_millis(300));
+            let spawned =
+                spawner.spawn(&["x".into()], stdio, None, None, Duration::from_millis(300));
             let _ = done_tx.send(spawned.map(|child| child.id()));
         });
         // On a thread: a spawn that waits for good fails this test, not hangs it.

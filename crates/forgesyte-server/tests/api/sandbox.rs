@@ -21,7 +21,7 @@ use super::support::{Forgesyte, PluginsDir};
 
 /// A plugin directory `name` holding the Python fixture `snoop`, with
 /// `extra` manifest fields, and a `secret.txt` of its own.
-fn python_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
+pub(super) fn python_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
     plugins.python(name, "snoop");
     add_manifest_fields(&plugins.path().join(name), extra);
 }
@@ -29,7 +29,7 @@ fn python_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
 /// A plugin directory `name` holding the `faulty` native fixture (its sandbox
 /// probes), isolated, with `extra` manifest fields, and a `secret.txt` of
 /// its own.
-fn native_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
+pub(super) fn native_snoop(plugins: &PluginsDir, name: &str, extra: Value) {
     plugins.library(
         name,
         forgesyte_tests::zoo::FAULTY_LIBRARY,
@@ -49,7 +49,7 @@ fn add_manifest_fields(dir: &Path, extra: Value) {
 
 /// Calls `tool` of `plugin` with `args`: `Ok(result)` or `Err((error_type,
 /// error))`.
-fn call(
+pub(super) fn call(
     server: &Forgesyte,
     plugin: &str,
     tool: &str,
@@ -198,7 +198,7 @@ fn attack(
 /// What the `open` variants declare: the network, a variable, and a file
 /// outside the plugin directory (written here: a rule allows what exists
 /// when the runner starts).
-fn declares(plugins: &PluginsDir) -> Value {
+pub(super) fn declares(plugins: &PluginsDir) -> Value {
     std::fs::write(plugins.path().join("declared.txt"), "declared\n").unwrap();
     json!({
         "network": true,

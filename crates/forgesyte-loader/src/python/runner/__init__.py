@@ -79,7 +79,7 @@ def start(argv):
     is a runner's command line. Called by the host's bootstrap right after
     the import, before anything else touches the process's descriptors."""
     if argv[:1] == ["--zygote"]:
-        zygote_main()
+        zygote_main(confined=argv[1:2] == ["--confined"])
         return
     try:
         proto_fds = take_stdio()

@@ -108,10 +108,10 @@ class Handover(object):
     descriptors (in, out) and, in a runner its zygote forked, what the
     zygote prepared for it."""
 
-    __slots__ = ("proto_fds", "parent_death_signal", "shm", "netns", "confine_tools")
+    __slots__ = ("proto_fds", "parent_death_signal", "shm", "netns", "confine_tools", "env")
 
     def __init__(self, proto_fds, parent_death_signal=False, shm=None, netns=None,
-                 confine_tools=None):
+                 confine_tools=None, env=None):
         self.proto_fds = proto_fds
         # The kernel SIGKILLs this process when the zygote dies: then no
         # thread needs to watch the parent.
@@ -125,3 +125,6 @@ class Handover(object):
         # (libc, its ``syscall`` set up, this kernel's Landlock ABI), made
         # once in the zygote before the fork, or None.
         self.confine_tools = confine_tools
+        # The values of the confined environment (name -> value) that the
+        # zygote's spawn passed; None: this process's own environment.
+        self.env = env

@@ -72,9 +72,11 @@ def unconfined(report):
     return "; ".join(parts) if parts else None
 
 
-def confine(plan, shared=None, tools=None):
+def confine(plan, shared=None, tools=None, given_env=None):
     """Applies the host's sandbox ``plan`` to this process, before any
-    plugin code runs: the environment replaced by ``plan["env"]``, no
+    plugin code runs: the environment reduced to the variables
+    ``plan["env"]`` names (their values ``given_env``'s, from a zygote's
+    spawn, else this process's own, as the host started it), no
     network unless ``plan["network"]``, and Landlock rules that
     allow reading ``plan["read"]`` (and what the interpreter itself needs),
     writing ``plan["write"]``, and using the devices ``plan["devices"]``.
@@ -95,12 +97,14 @@ def confine(plan, shared=None, tools=None):
     libc, syscall, abi = tools
     report = {}
     env = plan.get("env")
-    if isinstance(env, dict):
+    if isinstance(env, list):
+        source = given_env if isinstance(given_env, dict) else dict(os.environ)
+        values = {str(k): str(source[k]) for k in env if k in source}
         # Not ``os.environ.clear()``: its ``popitem`` lists the environment
         # again for every variable (0.6 ms for 40 of them, 0.1 ms so).
         for key in list(os.environ):
             del os.environ[key]
-        os.environ.update({str(k): str(v) for k, v in env.items()})
+        os.environ.update(values)
         report["env"] = "scrubbed"
     network = bool(plan.get("network"))
     try:

@@ -105,7 +105,7 @@ def main(argv, handover):
     confinement = None
     if args.confine is not None:
         try:
-            confinement = confine(args.confine, handover.netns, handover.confine_tools)
+            confinement = confine(args.confine, handover.netns, handover.confine_tools, handover.env)
         except Exception as e:
             diag("cannot confine the runner: %s: %s" % (type(e).__name__, e))
             exit_now(EXIT_SETUP)

@@ -19,9 +19,15 @@ SHARED_NETNS_ENV = "FORGESYTE_PYTHON_SHARED_NETNS"
 # The zygote's control messages (one JSON object per SEQPACKET message) are
 # at most this big.
 ZYGOTE_MESSAGE_BYTES = 1 << 20
-# ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, ``prctl(PR_SET_NAME, ...)``.
+# The most descriptors a spawn carries: stdin, stdout, stderr, the
+# shared-memory socket, the confined environment's memory file (the host's
+# ``MAX_SPAWN_FDS``).
+MAX_SPAWN_FDS = 5
+# ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, ``prctl(PR_SET_NAME, ...)``,
+# ``prctl(PR_SET_DUMPABLE, ...)``.
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
+_PR_SET_DUMPABLE = 4
 
 
 class _Zygote(object):
@@ -124,7 +130,7 @@ class _Zygote(object):
         fd_size = struct.calcsize("i")
         try:
             data, ancdata, flags, _ = self.ctl.recvmsg(
-                ZYGOTE_MESSAGE_BYTES, socket.CMSG_SPACE(4 * fd_size))
+                ZYGOTE_MESSAGE_BYTES, socket.CMSG_SPACE(MAX_SPAWN_FDS * fd_size))
         except InterruptedError:
             return
         except OSError as e:
@@ -165,7 +171,8 @@ class _Zygote(object):
         rid = message["id"]
         argv = [str(a) for a in message["argv"]]
         threshold = message.get("shm_threshold")
-        expected = 3 if threshold is None else 4
+        env_fd = bool(message.get("env_fd"))
+        expected = 3 + (threshold is not None) + env_fd
         if len(fds) != expected:
             self.send({"op": "spawn_failed", "id": rid,
                        "error": "%d descriptors came with the request, %d expected" % (len(fds), expected)})
@@ -182,7 +189,7 @@ class _Zygote(object):
             self.send({"op": "spawn_failed", "id": rid, "error": "fork: %s" % e})
             return
         if pid == 0:
-            self.become_runner(argv, fds, threshold)  # never returns
+            self.become_runner(argv, fds, threshold, env_fd)  # never returns
         try:
             # Both sides set the group, so no signal to it can come first.
             os.setpgid(pid, pid)
@@ -229,7 +236,7 @@ class _Zygote(object):
         finally:
             os.close(own)
 
-    def become_runner(self, argv, fds, shm_threshold=None):
+    def become_runner(self, argv, fds, shm_threshold=None, env_fd=False):
         handover = Handover(None, netns=self.netns, confine_tools=self.confine_tools)
         try:
             self.signal.set_wakeup_fd(-1)
@@ -247,6 +254,13 @@ class _Zygote(object):
                     self.libc.prctl(_PR_SET_NAME, name, 0, 0, 0)
             if os.getppid() != self.pid:
                 os._exit(0)  # the zygote died already
+            if env_fd:
+                # The values of its confined environment: read here, in the
+                # runner only (the zygote never reads them).
+                fd = fds.pop()
+                with os.fdopen(fd, "rb") as f:
+                    f.seek(0)  # the host wrote it: its offset is at the end
+                    handover.env = json.loads(f.read(ZYGOTE_MESSAGE_BYTES).decode("utf-8"))
             if len(fds) == 4:
                 # The shared-memory socket stays where it is (above 2).
                 handover.shm = (fds.pop(), int(shm_threshold))
@@ -297,11 +311,18 @@ class _Zygote(object):
             self.reported.discard(pid)
 
 
-def zygote_main():
+def zygote_main(confined=False):
+    """The zygote; ``confined``: of confined runners (the host started it
+    with their runtime's variables only)."""
     base.plugin_name = "zygote"
     try:
         zygote = _Zygote()
     except Exception as e:
         diag("cannot set up: %s" % e)
         exit_now(EXIT_SETUP)
+    if confined and zygote.libc is not None:
+        # Not dumpable: its memory (what every later runner starts from)
+        # and its /proc files are root's, closed to the runners of a user
+        # that is not root, whether or not Landlock rules them.
+        zygote.libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     zygote.serve()
