@@ -229,6 +229,9 @@ impl Supervisor {
             if now.saturating_duration_since(state.healthy_since) >= policy.healthy_reset {
                 state.consecutive = 0;
             }
+            // Down from now on: the wait for a restart, and a restart that
+            // fails, are no health (a success sets it again).
+            state.healthy_since = now;
             while state
                 .restarts
                 .front()

@@ -353,6 +353,33 @@ fn a_failed_restart_counts_as_another_crash() {
     assert_eq!((status.state, status.restart_count), (S::Initialized, 3));
 }
 
+/// The streak starts again after a plugin was up for the healthy reset,
+/// but the wait for a restart is no health: restarts that fail after a
+/// crash of a long-healthy plugin still double their delay.
+#[test]
+fn failed_restarts_of_a_long_healthy_plugin_still_back_off() {
+    let policy = SupervisionPolicy {
+        backoff_base: ms(100),
+        backoff_cap: Duration::from_secs(10),
+        healthy_reset: Duration::from_secs(1),
+        max_restarts: 10,
+        window: Duration::from_secs(3600),
+    };
+    let mut h = Harness::new(policy);
+    // Up past the healthy reset, then it crashes, and 3 restarts fail.
+    h.clock.advance(Duration::from_secs(5));
+    h.runner.fail_next.store(3, Ordering::SeqCst);
+    h.crash();
+    h.clock.advance(Duration::from_secs(5));
+    // The first start, then attempts 100, 100 + 200, 300 + 400 and
+    // 700 + 800 ms after the crash at 5 s; the fourth one holds.
+    assert_eq!(
+        h.attempts(),
+        [ms(0), ms(5100), ms(5300), ms(5700), ms(6500)]
+    );
+    assert_eq!(h.status().state, S::Initialized);
+}
+
 #[test]
 fn a_restart_checks_the_files_before_and_after_it_starts_a_runner() {
     let policy = SupervisionPolicy {
