@@ -331,6 +331,49 @@ fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
     assert!(!tools.is_empty());
 }
 
+/// A runner that lives on but stops reading its requests (its plugin put a
+/// pipe of its own in place of the request pipe): the next call finds the
+/// pipe closed, and the runner is killed as a protocol fault, its plugin
+/// FAILED with why, not left INITIALIZED to time out every later call.
+#[test]
+fn a_runner_that_stops_reading_its_requests_is_killed_as_a_protocol_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_fixture(root, "faulty", "faulty");
+    let registry = Registry::new();
+    let loader = loader(root, &registry);
+    check(&registry, "faulty", S::Initialized, None);
+    let pid = loader.handle("faulty").and_then(|h| h.pid()).unwrap();
+    let replaced = call(&loader, "faulty", "deaf", json!({})).unwrap();
+    assert!(
+        replaced["replaced"]
+            .as_array()
+            .is_some_and(|fds| !fds.is_empty()),
+        "{replaced}"
+    );
+    // The request that was waiting when the pipe was replaced is read
+    // still; the one after finds no reader.
+    let mut failed = None;
+    for _ in 0..3 {
+        if let Err(e) = call(&loader, "faulty", "ok", json!({})) {
+            failed = Some(e);
+            break;
+        }
+    }
+    assert!(failed.is_some(), "every call answered");
+    check(
+        &registry,
+        "faulty",
+        S::Failed,
+        Some("stopped reading its requests"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "runner {pid} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn python_faults_are_that_plugins_state_never_the_hosts() {
     let dir = tempfile::tempdir().unwrap();

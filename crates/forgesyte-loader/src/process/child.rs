@@ -407,12 +407,26 @@ impl Child {
             Ok(reply) => Ok(reply),
             Err(RequestError::TimedOut) => Err(None),
             Err(RequestError::Closed(Some(report))) => Err(Some(report)),
-            // The process is dying: its death report follows.
-            Err(RequestError::Closed(None)) => {
-                Err(Some(self.wait_dead(DEATH_SYNC).unwrap_or_else(|| {
-                    Arc::new(ExitReport::protocol("the plugin process is gone"))
-                })))
-            }
+            // The process is dying: its death report follows. One that
+            // lives on has closed its end of the request pipe (a plugin
+            // may close or replace any descriptor): it can never be asked
+            // anything again, so it is killed as a protocol fault.
+            Err(RequestError::Closed(None)) => Err(Some(
+                self.wait_dead(DEATH_SYNC)
+                    .or_else(|| {
+                        self.kill(KillReason {
+                            cause: CrashCause::Protocol {
+                                detail: "stopped reading its requests (its request pipe is closed)"
+                                    .into(),
+                            },
+                            registry_reason: None,
+                        });
+                        self.wait_dead(DEATH_SYNC)
+                    })
+                    .unwrap_or_else(|| {
+                        Arc::new(ExitReport::protocol("the plugin process is gone"))
+                    }),
+            )),
         }
     }
 
