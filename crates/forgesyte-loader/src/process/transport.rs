@@ -314,8 +314,19 @@ impl Transport {
     }
 
     /// Reads answers from `reader` and routes them until the stream ends
-    /// (`None`) or the runner breaks the protocol (`Some(what it did)`).
+    /// (`None`) or the runner breaks the protocol (`Some(what it did)`);
+    /// then the shared-memory socket is done with: whatever the runner
+    /// sent on it without the frame that would have used it (a crash
+    /// mid-transfer) is closed, and nothing more is taken.
     pub(crate) fn read_answers(&self, reader: impl Read) -> Option<String> {
+        let end = self.route_answers(reader);
+        if let Some(link) = &self.shm {
+            shm::discard(link.socket.as_fd());
+        }
+        end
+    }
+
+    fn route_answers(&self, reader: impl Read) -> Option<String> {
         let mut reader = io::BufReader::with_capacity(64 * 1024, reader);
         match read_body(&mut reader, self.max_answer_bytes) {
             Ok(body) => {
@@ -646,6 +657,58 @@ mod tests {
             runner.join().unwrap(),
             "the request's attachment was not shared"
         );
+    }
+
+    /// A runner that dies between sending descriptors and the frame that
+    /// would use them leaves them queued on the host's end of the socket:
+    /// the end of its answers closes them (a pipe's end here, whose reader
+    /// then sees its end), and takes no more.
+    #[test]
+    fn what_a_dead_runner_left_on_the_shared_memory_socket_is_closed() {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+        let (host_end, runner_end) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let (_req_r, req_w) = pipe().unwrap();
+        let (ans_r, mut ans_w) = pipe().unwrap();
+        let (stranded_r, stranded_w) = pipe().unwrap();
+        write_frame(&mut ans_w, &hello(), &[]).unwrap();
+        let stranded: OwnedFd = stranded_w.into();
+        let count = 1u32.to_le_bytes();
+        let fds = [stranded.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(
+            &runner_end,
+            &[std::io::IoSlice::new(&count)],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        drop((stranded, ans_w));
+        let (mut transport, _greeting) = Transport::new(req_w, 1 << 30).unwrap();
+        transport.offer_shm(host_end, 1000);
+        assert_eq!(transport.read_answers(ans_r), None);
+        // Without waiting: a pipe end still open somewhere would block.
+        rustix::io::ioctl_fionbio(&stranded_r, true).unwrap();
+        let mut end = [0u8; 1];
+        assert_eq!(
+            (&stranded_r).read(&mut end).map_err(|e| e.kind()),
+            Ok(0),
+            "still open"
+        );
+        let late = rustix::net::sendmsg(
+            &runner_end,
+            &[std::io::IoSlice::new(&count)],
+            &mut rustix::net::SendAncillaryBuffer::default(),
+            rustix::net::SendFlags::NOSIGNAL,
+        );
+        assert!(late.is_err(), "the socket still takes messages");
     }
 
     #[test]

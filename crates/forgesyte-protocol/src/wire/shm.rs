@@ -387,6 +387,44 @@ pub fn receive(
     Ok(())
 }
 
+/// Ends `socket`, the end of a peer that is gone: shuts it down both ways,
+/// so nothing more arrives, and closes every descriptor still queued on it
+/// (memory files a peer sent without the frame that would have used them:
+/// a crash mid-transfer, or on purpose, pin their pages until then).
+/// Returns how many it closed.
+pub fn discard(socket: BorrowedFd<'_>) -> usize {
+    let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
+    let mut closed = 0;
+    loop {
+        let mut space =
+            [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SHARED_PER_FRAME))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut count = [0u8; 4];
+        match rustix::net::recvmsg(
+            socket,
+            &mut [IoSliceMut::new(&mut count)],
+            &mut control,
+            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut got = 0;
+                for message in control.drain() {
+                    if let RecvAncillaryMessage::ScmRights(received) = message {
+                        // Dropped: closed.
+                        got += received.count();
+                    }
+                }
+                closed += got;
+                if msg.bytes == 0 && got == 0 {
+                    return closed; // the end: nothing is queued
+                }
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return closed,
+        }
+    }
+}
+
 /// Receives one descriptor message of exactly `expected` descriptors,
 /// without waiting (close-on-exec).
 fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, String> {
@@ -484,6 +522,34 @@ mod tests {
             assert_eq!(frame.attachment(0), Some(&data[..]), "{size}");
             assert_eq!(frame.is_shared(0), shared, "{size} / {threshold}");
         }
+    }
+
+    #[test]
+    fn discard_closes_what_a_gone_peer_left_queued_and_takes_no_more() {
+        let (ours, theirs) = pair();
+        // Two messages of descriptors no frame will claim: pipe ends, so
+        // their closing shows (the pipe's reader sees its end).
+        let (read, write) = std::io::pipe().unwrap();
+        let write: OwnedFd = write.into();
+        let second = write.try_clone().unwrap();
+        for fd in [write, second] {
+            let out = Outgoing {
+                indices: vec![0],
+                fds: vec![fd],
+            };
+            out.send(theirs.as_fd()).unwrap();
+        }
+        assert_eq!(discard(ours.as_fd()), 2);
+        let mut end = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &read, &mut end).unwrap(), 0);
+        // Shut down: the peer can send nothing more.
+        let (_, late) = std::io::pipe().unwrap();
+        let out = Outgoing {
+            indices: vec![0],
+            fds: vec![late.into()],
+        };
+        assert!(out.send(theirs.as_fd()).is_err());
+        assert_eq!(discard(ours.as_fd()), 0);
     }
 
     /// The mappings of memory files in this process (`/proc/self/maps`):
