@@ -99,7 +99,32 @@ pub(crate) struct Session {
 }
 
 /// A frame and the JSON arguments in force when it arrived.
-type Frame = (Arc<Map<String, Value>>, Charged);
+type Frame = (Arc<StreamArgs>, Charged);
+
+/// A stream's JSON arguments (its last text message) and their room in
+/// `--body-memory`, held as long as a frame that uses them waits or runs:
+/// every frame waiting under `block` may hold arguments of its own.
+#[derive(Debug, Default)]
+struct StreamArgs {
+    map: Map<String, Value>,
+    _room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl StreamArgs {
+    /// The arguments of a text message, charged to the body budget; or
+    /// why not (no room, too many values, not `{"args": {...}}`).
+    fn of_text(text: &str, session: &Session) -> Result<StreamArgs, RunError> {
+        let room = session.state.body_budget().charge(text.len())?;
+        let request = parse_json_body(
+            text.as_bytes(),
+            crate::body::max_json_values(session.body_limit),
+        )?;
+        Ok(StreamArgs {
+            map: request.args,
+            _room: Some(room),
+        })
+    }
+}
 
 /// A frame's bytes with their room in `--body-memory` (the run route's
 /// budget, which stream frames share), held until the plugin returns or
@@ -277,7 +302,7 @@ async fn read(
     frames: &mut u64,
 ) {
     let mut closing = session.closing.clone();
-    let mut args = Arc::new(Map::new());
+    let mut args = Arc::new(StreamArgs::default());
     let idle_timeout = session.idle_timeout;
     let mut pings = Pings::default();
     loop {
@@ -320,15 +345,12 @@ async fn read(
                 // before the next one (already buffered) can replace it.
                 tokio::task::yield_now().await;
             }
-            Some(Ok(Message::Text(text))) => match parse_json_body(
-                text.as_str().as_bytes(),
-                crate::body::max_json_values(session.body_limit),
-            ) {
-                Ok(request) => args = Arc::new(request.args),
+            Some(Ok(Message::Text(text))) => match StreamArgs::of_text(text.as_str(), session) {
+                Ok(given) => args = Arc::new(given),
                 Err(e) => {
                     let answer = json!({
                         "ok": false,
-                        "error_type": "InvalidBody",
+                        "error_type": e.error_type(),
                         "detail": format!("A text message must be {{\"args\": {{...}}}}: {e}"),
                     });
                     // The answers' room is full while the client reads
@@ -469,7 +491,7 @@ async fn work(
         let result = match charged {
             Charged::Held(bytes, room) => {
                 let input = RunInput {
-                    args: Map::clone(&args),
+                    args: args.map.clone(),
                     binary: Vec::new(),
                     unnamed: Some(bytes),
                 };

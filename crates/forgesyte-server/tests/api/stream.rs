@@ -464,16 +464,19 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     );
     assert!(plain.json()["detail"].is_string(), "{}", plain.text());
 
-    // A malformed text message is answered without a seq; the stream goes on.
+    // A malformed text message is answered without a seq, with the run
+    // route's error type for such a body; the stream goes on.
     let mut socket = open(&server, &target("alpha", "frame", ""));
-    socket.send(Message::text("not json")).unwrap();
-    let refused = answer(&mut socket);
-    assert_eq!(
-        (refused["ok"].as_bool(), refused["error_type"].as_str()),
-        (Some(false), Some("InvalidBody")),
-        "{refused}"
-    );
-    assert!(refused.get("seq").is_none(), "{refused}");
+    for (text, error_type) in [("not json", "MalformedBody"), ("[1]", "InvalidBody")] {
+        socket.send(Message::text(text)).unwrap();
+        let refused = answer(&mut socket);
+        assert_eq!(
+            (refused["ok"].as_bool(), refused["error_type"].as_str()),
+            (Some(false), Some(error_type)),
+            "{refused}"
+        );
+        assert!(refused.get("seq").is_none(), "{refused}");
+    }
     send_frame(&mut socket, frame(100));
     let ok = answer(&mut socket);
     assert_eq!(
@@ -720,6 +723,58 @@ fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
     let metrics = server.get("/metrics").text();
     let line = r#"forgesyte_tool_calls_total{plugin="alpha",tool="frame",outcome="rejected"} 2"#;
     assert!(metrics.contains(line), "no {line} in\n{metrics}");
+}
+
+/// A text message's arguments take room in `--body-memory` for as long
+/// as a frame that uses them waits or runs (each frame waiting under
+/// `block` may hold arguments of its own): one that finds no room is
+/// answered `ServerBusy`, and the room comes back with the frames.
+#[test]
+fn stream_arguments_take_room_while_frames_use_them() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        "1048576",
+        "--body-memory",
+        "1048576",
+    ]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("alpha", "frame", "?policy=block&queue=4"));
+    let pad = |c: &str| c.repeat(400 << 10);
+    // 400 KiB of arguments held by the running frame, 400 KiB by the
+    // waiting one: the third 400 KiB finds no room.
+    send_args(&mut socket, json!({"ms": 1500, "pad": pad("x")}));
+    send_frame(&mut socket, frame(5));
+    send_args(&mut socket, json!({"ms": 0, "pad": pad("y")}));
+    send_frame(&mut socket, frame(5));
+    send_args(&mut socket, json!({"ms": 0, "pad": pad("z")}));
+    let refused = answer(&mut socket);
+    assert_eq!(
+        (refused["ok"].as_bool(), refused["error_type"].as_str()),
+        (Some(false), Some("ServerBusy")),
+        "{refused}"
+    );
+    assert!(refused.get("seq").is_none(), "{refused}");
+    for seq in 0..2 {
+        let done = answer(&mut socket);
+        assert_eq!(
+            (done["seq"].as_u64(), &done["ok"]),
+            (Some(seq), &json!(true)),
+            "{done}"
+        );
+    }
+    // Both frames answered: their arguments' room is back.
+    send_args(&mut socket, json!({"ms": 0, "pad": pad("w")}));
+    send_frame(&mut socket, frame(5));
+    let next = answer(&mut socket);
+    assert_eq!(
+        (next["seq"].as_u64(), &next["ok"]),
+        (Some(2), &json!(true)),
+        "{next}"
+    );
 }
 
 #[test]
