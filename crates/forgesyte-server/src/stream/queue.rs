@@ -134,6 +134,26 @@ impl<T> FrameQueue<T> {
         }
     }
 
+    /// Under `latest`, drops the waiting frame now (counted), as the next
+    /// [`push`](Self::push) would: called before the newer frame takes its
+    /// room in the body budget, so that the room of the frame it replaces
+    /// is given back first. Nothing under `block`.
+    pub(crate) fn drop_waiting_for_newer(&self) {
+        if self.policy != Policy::Latest {
+            return;
+        }
+        let dropped = {
+            let mut state = self.state();
+            if state.frames.len() < self.policy.capacity() {
+                return;
+            }
+            state.frames.pop_front()
+        };
+        if dropped.is_some() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The oldest waiting frame; waits for one. `None` once the queue is
     /// closed.
     pub(crate) async fn pop(&self) -> Option<(u64, T)> {

@@ -330,6 +330,7 @@ async fn read(
                 // and so does the idle timeout (a client that sends but
                 // never reads keeps the worker waiting to hand over an
                 // answer, and this wait with it).
+                queue.drop_waiting_for_newer();
                 let charged = match session.state.body_budget().charge(bytes.len()) {
                     Ok(room) => Charged::Held(bytes, room),
                     Err(busy) => Charged::Refused(busy),

@@ -725,6 +725,44 @@ fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
     assert!(metrics.contains(line), "no {line} in\n{metrics}");
 }
 
+/// Under `latest`, the waiting frame a newer one replaces gives its room
+/// back before the newer one takes its own: with room for two frames, one
+/// running and one waiting, a third replaces the second and runs.
+#[test]
+fn under_latest_a_replaced_frame_gives_its_room_to_the_newer_one() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        "1048576",
+        "--body-memory",
+        "1048576",
+    ]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    send_args(&mut socket, json!({"ms": 1000}));
+    for _ in 0..3 {
+        send_frame(&mut socket, frame(400 << 10));
+    }
+    let answers = answers_until(&mut socket, 2);
+    let seen: Vec<_> = answers
+        .iter()
+        .map(|a| (a["seq"].as_u64(), a["ok"].as_bool(), a["dropped"].as_u64()))
+        .collect();
+    // (Frame 1 was dropped while frame 0 ran: both answers count it.)
+    assert_eq!(
+        seen,
+        [
+            (Some(0), Some(true), Some(1)),
+            (Some(2), Some(true), Some(1))
+        ],
+        "{:?}",
+        answers.iter().map(|a| &a["error_type"]).collect::<Vec<_>>()
+    );
+}
+
 /// A text message's arguments take room in `--body-memory` for as long
 /// as a frame that uses them waits or runs (each frame waiting under
 /// `block` may hold arguments of its own): one that finds no room is
