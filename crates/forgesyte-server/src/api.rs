@@ -251,16 +251,21 @@ pub(crate) async fn run_tool(
 ) -> Result<Response, ApiError> {
     let mut request_bytes = 0;
     let limit = state.body_limit();
-    // The body takes room from the server's budget for bodies as it arrives
-    // (see `body::receive`); the room goes with the call.
-    let received = match body::receive(state.body_budget(), &headers, body, limit).await {
-        Ok((bytes, room)) => {
-            request_bytes = bytes.len();
-            body::read(&headers, bytes, limit)
-                .await
-                .map(|input| (input, room))
-        }
+    // A call refused whatever its body holds is refused before the body is
+    // read (see `tools::refused_before_its_body`). The body takes room from
+    // the server's budget for bodies as it arrives (see `body::receive`);
+    // the room goes with the call.
+    let received = match tools::refused_before_its_body(&state, &plugin, &tool) {
         Err(e) => Err(e),
+        Ok(()) => match body::receive(state.body_budget(), &headers, body, limit).await {
+            Ok((bytes, room)) => {
+                request_bytes = bytes.len();
+                body::read(&headers, bytes, limit)
+                    .await
+                    .map(|input| (input, room))
+            }
+            Err(e) => Err(e),
+        },
     };
     let outcome = match received {
         Ok((input, room)) => {

@@ -300,6 +300,19 @@ impl AppState {
         })
     }
 
+    /// Whether `plugin` has its limit of tool calls in progress (a
+    /// [`begin_call`](Self::begin_call) now would be refused).
+    pub(crate) fn calls_full(&self, plugin: &str) -> bool {
+        let slots = self
+            .inner
+            .call_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        slots
+            .get(plugin)
+            .is_some_and(|taken| *taken >= self.inner.max_calls_per_plugin)
+    }
+
     /// The bound on one plugin's tool calls in progress.
     pub(crate) fn max_calls_per_plugin(&self) -> usize {
         self.inner.max_calls_per_plugin

@@ -461,6 +461,26 @@ impl<T: Send + 'static> Drop for FinishOnDrop<T> {
     }
 }
 
+/// Why a call of `tool` of `plugin` is refused whatever its body holds,
+/// checked before the body is read: an unknown plugin or tool (404), a
+/// plugin that cannot run tools, or one at its limit of calls in progress
+/// (503). A body would take room in the budget, and a slow client the body
+/// read timeout, for an answer known at once. The call itself checks again
+/// (the state may change while the body arrives).
+pub(crate) fn refused_before_its_body(
+    state: &AppState,
+    plugin: &str,
+    tool: &str,
+) -> Result<(), RunError> {
+    live_handle(state, plugin, tool)?;
+    if state.calls_full(plugin) {
+        return Err(RunError::TooManyCalls {
+            limit: state.max_calls_per_plugin(),
+        });
+    }
+    Ok(())
+}
+
 /// The live handle of `plugin` when it is registered, runnable and offers
 /// `tool`: what a tool call checks before it runs (the run route per call,
 /// the stream route before its upgrade).

@@ -549,3 +549,59 @@ fn json_arguments_of_more_values_than_a_body_may_hold_are_refused_before_parsing
     let health = server.get("/v1/plugins/alpha/health").json();
     assert_eq!(health["success_count"], 2, "{health}");
 }
+
+/// A call refused whatever its body holds is answered before its body is
+/// read: an unknown plugin or tool (404), and a plugin at its limit of calls
+/// in progress (503 `TooManyCalls`) answer a client that sent only the
+/// head (and a long body to come) at once, not after the body read timeout.
+#[test]
+fn calls_refused_whatever_their_body_answer_before_the_body_is_read() {
+    let dir = PluginsDir::new();
+    dir.good("slow", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--max-calls-per-plugin",
+        "1",
+        "--body-read-timeout",
+        "30",
+    ]);
+    server.wait_loaded();
+    let busy = send_call(&server, "slow", r#"{"args": {"ms": 8000}}"#);
+    wait_in_flight(&server, "slow", 1, Duration::from_secs(5));
+    for (plugin, tool, status, error_type) in [
+        ("nobody", "sleep", 404, "PluginNotFound"),
+        ("slow", "nothing", 404, "UnknownTool"),
+        ("slow", "sleep", 503, "TooManyCalls"),
+    ] {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let head = format!(
+            "POST /v1/plugins/{plugin}/tools/{tool}/run HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{{\"args\": "
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains(error_type) {
+            match std::io::Read::read(&mut stream, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")) && answer.contains(error_type),
+            "{plugin}/{tool}: {answer}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{plugin}/{tool}: answered after {:?}",
+            started.elapsed()
+        );
+    }
+    drop(busy);
+}
