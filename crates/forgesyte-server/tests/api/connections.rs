@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use forgesyte_server::{Server, ServerConfig, build_loader};
 
-use crate::support::{Forgesyte, Reply, http, try_http};
+use crate::support::{Forgesyte, PluginsDir, Reply, http, try_http};
 
-/// A running server over an empty plugins directory; stops when dropped.
+/// A running server over its plugins directory; stops when dropped.
 struct Running {
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _plugins: tempfile::TempDir,
+    _plugins: PluginsDir,
 }
 
 impl Drop for Running {
@@ -26,8 +26,12 @@ impl Drop for Running {
     }
 }
 
+/// A running server over an empty plugins directory.
 async fn start(configure: impl FnOnce(&mut ServerConfig)) -> Running {
-    let plugins = tempfile::tempdir().unwrap();
+    start_over(PluginsDir::new(), configure).await
+}
+
+async fn start_over(plugins: PluginsDir, configure: impl FnOnce(&mut ServerConfig)) -> Running {
     let mut config = ServerConfig::default();
     config.bind = "127.0.0.1:0".into();
     config.plugins_dir = plugins.path().to_path_buf();
@@ -372,14 +376,23 @@ fn out_of_file_descriptors_the_binary_backs_off_and_keeps_accepting() {
 /// would be complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_arriving_is_answered_408() {
-    let server = start(|c| c.body_read_timeout = Duration::from_secs(1)).await;
+    // A plugin and tool that exist: a call to one that does not is
+    // answered 404 before its body is read.
+    let plugins = PluginsDir::new();
+    plugins.good("p", serde_json::json!({}));
+    let server = start_over(plugins, |c| c.body_read_timeout = Duration::from_secs(1)).await;
     let addr = server.addr;
     let (elapsed, response) = blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http(addr, "GET", "/v1/plugins/p/health", b"").status != 200 {
+            assert!(Instant::now() < deadline, "p never loaded");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut stream = connect(addr);
         let started = Instant::now();
         stream
             .write_all(
-                b"POST /v1/plugins/p/tools/t/run HTTP/1.1\r\nhost: x\r\n\
+                b"POST /v1/plugins/p/tools/sleep/run HTTP/1.1\r\nhost: x\r\n\
                   content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"args\": ",
             )
             .unwrap();
