@@ -34,9 +34,10 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufReader, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use std::time::Duration;
@@ -166,6 +167,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let protocol_fds = [requests.as_raw_fd(), out.as_raw_fd()];
     let out = Arc::new(Mutex::new(out));
     let shared_memory = match take_shm_socket() {
         Ok(link) => {
@@ -178,6 +180,13 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    let shm_fd = shm_link().map(|(socket, _)| socket.as_raw_fd());
+    if let Err(e) = protect_in_forks(protocol_fds.into_iter().chain(shm_fd)) {
+        eprintln!(
+            "forgesyte-runner[{}]: processes the plugin forks keep the protocol: {e}",
+            args.plugin
+        );
+    }
     if args.memory_limit_mib > 0
         && let Err(e) = limit_memory(args.memory_limit_mib)
     {
@@ -446,6 +455,69 @@ fn handle(
 
 /// The shared-memory socket and threshold the host passed, once taken.
 static SHM: OnceLock<Option<(OwnedFd, u64)>> = OnceLock::new();
+
+/// The protocol's descriptors (requests, answers, the shared-memory socket;
+/// `-1`: none), which a process forked in this runner gets `/dev/null` in
+/// place of ([`protect_in_forks`]).
+static PROTOCOL_FDS: [AtomicI32; 3] = [const { AtomicI32::new(-1) }; 3];
+
+/// Makes every process forked in this runner let go of the protocol at
+/// once, with or without exec (a plugin's worker process, as Python's
+/// `multiprocessing` makes): in the child, each protocol descriptor is
+/// `/dev/null`. Else a process the plugin forked keeps the answers open
+/// after the runner dies, and the host, which sees a runner's death by
+/// their end, waits for the call's time limit instead; and it could read
+/// requests or write answers. (The Python runner's `protect_in_forks` does
+/// the same.)
+#[allow(unsafe_code)]
+fn protect_in_forks(fds: impl IntoIterator<Item = RawFd>) -> io::Result<()> {
+    for (slot, fd) in PROTOCOL_FDS.iter().zip(fds) {
+        slot.store(fd, Ordering::Relaxed);
+    }
+    unsafe extern "C" {
+        fn pthread_atfork(
+            prepare: Option<unsafe extern "C" fn()>,
+            parent: Option<unsafe extern "C" fn()>,
+            child: Option<unsafe extern "C" fn()>,
+        ) -> std::ffi::c_int;
+    }
+    // SAFETY: glibc's `pthread_atfork`, declared with its C signature;
+    // `release_protocol` is a plain function that lives as long as the
+    // process and does only what a child of a multithreaded fork may
+    // (system calls: `open`, `dup3`; no allocation, no lock).
+    let rc = unsafe { pthread_atfork(None, None, Some(release_protocol)) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// The child side of [`protect_in_forks`]: `/dev/null` in place of each
+/// protocol descriptor (close-on-exec, as they were).
+#[allow(unsafe_code)]
+unsafe extern "C" fn release_protocol() {
+    use std::os::fd::FromRawFd;
+    let Ok(null) = rustix::fs::open(
+        "/dev/null",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return;
+    };
+    for slot in &PROTOCOL_FDS {
+        let fd = slot.load(Ordering::Relaxed);
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: `fd` is one of the runner's protocol descriptors, open
+        // in this child (a fork copies them all). It is replaced in place,
+        // `dup3` onto its number, never closed: the `OwnedFd` is a handle
+        // for that call only and is never dropped.
+        let mut target = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let _ = rustix::io::dup3(&null, &mut target, rustix::io::DupFlags::CLOEXEC);
+    }
+}
 
 fn shm_link() -> Option<&'static (OwnedFd, u64)> {
     SHM.get().and_then(Option::as_ref)

@@ -321,24 +321,40 @@ fn runners_run_with_no_new_privs() {
 
 /// A runner that dies while a process its plugin forked without exec (as
 /// a `multiprocessing` worker is) lives on is seen dead at once, whoever
-/// forked the runner and even when that process left the runner's process
-/// group: the forked process no longer holds the runner's stdout, whose
+/// forked the runner (Python runners, and the native runner) and even when
+/// that process left the runner's process group: the forked process no longer holds the runner's stdout, whose
 /// end is how the host sees the death (it waited for the call's time
 /// limit before).
 #[test]
 fn a_runner_whose_forked_process_outlives_it_is_seen_dead_at_once() {
-    for zygote in ["1", "0"] {
+    for zygote in ["1", "0", "native"] {
         let dir = PluginsDir::new();
-        dir.python("faulty", "faulty");
-        let server = Forgesyte::start_with_env(
-            &["--plugins", dir.path_str(), "--call-timeout", "30"],
-            &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
-        );
+        if zygote == "native" {
+            // The native runner: a library that forks without exec.
+            dir.library(
+                "faulty",
+                forgesyte_tests::zoo::FAULTY_LIBRARY,
+                serde_json::json!({"isolation": "process"}),
+            );
+        } else {
+            dir.python("faulty", "faulty");
+        }
+        let env: &[(&str, &str)] = match zygote {
+            "native" => &[],
+            _ => &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+        };
+        let server =
+            Forgesyte::start_with_env(&["--plugins", dir.path_str(), "--call-timeout", "30"], env);
         server.wait_loaded();
-        for body in [
-            r#"{"args": {"s": 10}}"#,
-            r#"{"args": {"s": 10, "setsid": true}}"#,
-        ] {
+        let bodies: &[&str] = if zygote == "native" {
+            &[r#"{"args": {"s": 10}}"#]
+        } else {
+            &[
+                r#"{"args": {"s": 10}}"#,
+                r#"{"args": {"s": 10, "setsid": true}}"#,
+            ]
+        };
+        for body in bodies {
             let started = Instant::now();
             let crash = server.run("faulty", "forkexit", body);
             let took = started.elapsed();
