@@ -15,9 +15,8 @@
 //! a fallback. Stopping asks first (the runner's stdin is closed) and kills
 //! after [`STOP_GRACE`], on a thread of its own, never the caller's.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,14 +33,11 @@ use std::os::fd::OwnedFd;
 
 use super::exit::{classify, signal_name};
 use super::os_process::OsProcess;
+use super::stderr::StderrLog;
 use super::transport::{Reply, RequestError, Transport};
 use super::zygote::Zygote;
 use crate::host::{ExitCallback, ExitReport};
 
-/// Lines of stderr kept for crash reports.
-pub(crate) const STDERR_TAIL_LINES: usize = 20;
-/// Longest stderr line kept whole (longer ones are split).
-const MAX_LINE_BYTES: u64 = 4096;
 /// How long a process whose protocol pipe closed may take to exit before
 /// it is killed.
 const EXIT_GRACE: Duration = Duration::from_millis(300);
@@ -124,9 +120,9 @@ struct Shared {
     kill_reason: Mutex<Option<KillReason>>,
     exit: Mutex<ExitState>,
     exited: Condvar,
-    stderr_tail: Mutex<VecDeque<String>>,
-    stderr_done: Mutex<bool>,
-    stderr_closed: Condvar,
+    /// What the stderr thread keeps; that thread holds this alone (a
+    /// process the plugin started may keep stderr open long after).
+    stderr: Arc<StderrLog>,
     retired: AtomicBool,
 }
 
@@ -319,9 +315,7 @@ impl Child {
             kill_reason: Mutex::new(None),
             exit: Mutex::new(ExitState::default()),
             exited: Condvar::new(),
-            stderr_tail: Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)),
-            stderr_done: Mutex::new(false),
-            stderr_closed: Condvar::new(),
+            stderr: Arc::new(StderrLog::new(opts.plugin, pid)),
             retired: AtomicBool::new(false),
         });
         start_threads(&shared, stdout, stderr)?;
@@ -526,10 +520,10 @@ fn start_threads(
     stdout: impl Read + Send + 'static,
     stderr: impl Read + Send + 'static,
 ) -> Result<(), SpawnError> {
-    let for_stderr = Arc::clone(shared);
+    let for_stderr = Arc::clone(&shared.stderr);
     let stderr_thread = std::thread::Builder::new()
         .name(format!("forgesyte-stderr-{}", shared.pid))
-        .spawn(move || read_stderr(&for_stderr, stderr));
+        .spawn(move || for_stderr.read(stderr));
     let for_reader = Arc::clone(shared);
     let reader_thread = std::thread::Builder::new()
         .name(format!("forgesyte-reader-{}", shared.pid))
@@ -773,20 +767,7 @@ fn reap(shared: &Shared) -> std::io::Result<ExitStatus> {
 fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
     // The last lines (the abort message, the allocation failure) arrive just
     // as the process dies.
-    {
-        let deadline = Instant::now() + STDERR_GRACE;
-        let mut done = shared.stderr_done.lock();
-        while !*done {
-            if shared
-                .stderr_closed
-                .wait_until(&mut done, deadline)
-                .timed_out()
-            {
-                break;
-            }
-        }
-    }
-    let stderr_tail: Vec<String> = shared.stderr_tail.lock().iter().cloned().collect();
+    let stderr_tail = shared.stderr.tail_after(STDERR_GRACE);
     let kill_reason = shared.kill_reason.lock().take();
     let (cause, registry_reason) = match kill_reason {
         Some(k) => (k.cause, k.registry_reason),
@@ -851,87 +832,6 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
     shared.transport.fail_all(&report);
 }
 
-/// The stderr thread: every line to the log, tagged with the plugin, and
-/// the last [`STDERR_TAIL_LINES`] kept for crash reports.
-fn read_stderr(shared: &Shared, stderr: impl Read) {
-    let mut reader = BufReader::new(stderr);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader
-            .by_ref()
-            .take(MAX_LINE_BYTES)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line);
-                let text = text.trim_end();
-                if text.is_empty() {
-                    continue;
-                }
-                let (tags, text) = forgesyte_protocol::wire::LogTags::split(text);
-                if text.is_empty() {
-                    continue;
-                }
-                log_stderr_line(&shared.plugin, shared.pid, tags, text);
-                let mut tail = shared.stderr_tail.lock();
-                if tail.len() == STDERR_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(text.to_owned());
-            }
-        }
-    }
-    *shared.stderr_done.lock() = true;
-    shared.stderr_closed.notify_all();
-}
-
-/// The level a runner gave a line: the Python runner writes each `logging`
-/// record as `LEVEL logger: message`; any other line is `INFO`.
-fn stderr_level(text: &str) -> (tracing::Level, &str) {
-    let levels = [
-        ("CRITICAL ", tracing::Level::ERROR),
-        ("ERROR ", tracing::Level::ERROR),
-        ("WARNING ", tracing::Level::WARN),
-        ("INFO ", tracing::Level::INFO),
-        ("DEBUG ", tracing::Level::DEBUG),
-    ];
-    levels
-        .iter()
-        .find_map(|(prefix, level)| text.strip_prefix(prefix).map(|rest| (*level, rest)))
-        .unwrap_or((tracing::Level::INFO, text))
-}
-
-/// Logs one stderr line of a plugin's runner, tagged with the plugin, at
-/// the level the line carries, with the `request_id` and `trace_id` of the
-/// call it was made in when the runner tagged it (`tags`, taken off the
-/// line, `PROTOCOL.md` §8; the runner's word: a plugin could write such a
-/// tag itself).
-fn log_stderr_line(
-    plugin: &str,
-    pid: u32,
-    tags: Option<forgesyte_protocol::wire::LogTags>,
-    text: &str,
-) {
-    const TARGET: &str = "forgesyte_loader::plugin_stderr";
-    let tags = tags.unwrap_or_default();
-    let request_id = tags.request_id.as_deref();
-    let trace_id = tags.trace_id.as_deref();
-    match stderr_level(text) {
-        (tracing::Level::ERROR, line) => {
-            tracing::error!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
-        }
-        (tracing::Level::WARN, line) => {
-            tracing::warn!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
-        }
-        (tracing::Level::DEBUG, line) => {
-            tracing::debug!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
-        }
-        (_, line) => tracing::info!(target: TARGET, plugin, pid, request_id, trace_id, "{line}"),
-    }
-}
-
 /// `64 MiB`, `512 KiB`, `100 bytes`.
 pub(crate) fn fmt_bytes(bytes: u64) -> String {
     const MIB: u64 = 1024 * 1024;
@@ -947,23 +847,6 @@ pub(crate) fn fmt_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::fmt_bytes;
-
-    #[test]
-    fn python_logging_lines_keep_their_level() {
-        use super::stderr_level;
-        use tracing::Level;
-        assert_eq!(
-            stderr_level("WARNING ocr: low confidence"),
-            (Level::WARN, "ocr: low confidence")
-        );
-        assert_eq!(stderr_level("CRITICAL x: y"), (Level::ERROR, "x: y"));
-        assert_eq!(stderr_level("DEBUG x: y"), (Level::DEBUG, "x: y"));
-        assert_eq!(
-            stderr_level("thread 'main' panicked"),
-            (Level::INFO, "thread 'main' panicked")
-        );
-        assert_eq!(stderr_level("WARNINGS"), (Level::INFO, "WARNINGS"));
-    }
 
     #[test]
     fn byte_counts_read_well() {

@@ -38,6 +38,7 @@ mod exit;
 mod os_process;
 mod runner;
 mod spares;
+mod stderr;
 mod transport;
 mod wire_error;
 mod workers;
