@@ -238,14 +238,13 @@ impl Child {
         )
     }
 
-    /// Has `zygote` fork a Python runner with arguments `argv` and waits
-    /// (at most `timeout`, the fork included) for its hello.
+    /// Has `zygote` fork a Python runner with arguments `argv` (and, when
+    /// confined, the values of its environment `env`) and waits (at most
+    /// `timeout`, the fork included) for its hello.
     pub(crate) fn fork(
         zygote: &Arc<Zygote>,
-        (argv, env): (
-            &[OsString],
-            Option<&std::collections::BTreeMap<String, String>>,
-        ),
+        argv: &[OsString],
+        env: Option<&std::collections::BTreeMap<String, String>>,
         opts: &SpawnOptions<'_>,
         timeout: Duration,
     ) -> Result<Child, SpawnError> {

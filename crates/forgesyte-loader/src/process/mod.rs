@@ -403,7 +403,7 @@ impl ProcessImporter {
                         zygote::ZygoteKey::new(interpreter, &self.limits, run_as, plan.is_some());
                     let env = plan.as_ref().map(|plan| &plan.env);
                     match zygote::zygote_for(&key)
-                        .map(|z| Child::fork(&z, (&argv, env), &opts, self.limits.init_timeout))
+                        .map(|z| Child::fork(&z, &argv, env, &opts, self.limits.init_timeout))
                     {
                         Ok(Err(SpawnError::Start(e))) | Err(e) => tracing::debug!(
                             plugin = %self.plugin,
@@ -452,10 +452,11 @@ fn came_back_unconfined(why: &str) -> ImportError {
 }
 
 /// Starts the Python zygote that the runners of `interpreter` under
-/// `limits` (run as `run_as`, `confined` or not) will be forked from, unless it runs already
-/// or zygotes are off: for a load pass to call before its dependency and
-/// integrity checks, so that the zygote's interpreter start (the longest
-/// part of a Python plugin's start-up) overlaps them. A zygote that cannot
+/// `limits` (run as `run_as`, `confined` or not) will be forked from,
+/// unless it runs already or zygotes are off: for a load pass to call
+/// before its dependency and integrity checks, so that the zygote's
+/// interpreter start (the longest part of a Python plugin's start-up)
+/// overlaps them. A zygote that cannot
 /// start is only logged: the runner's own spawn tries again, and reports.
 pub(crate) fn prestart_python_zygote(
     interpreter: &Path,

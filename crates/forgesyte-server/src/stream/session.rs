@@ -352,7 +352,9 @@ async fn read(
                     let answer = json!({
                         "ok": false,
                         "error_type": e.error_type(),
-                        "detail": format!("A text message must be {{\"args\": {{...}}}}: {e}"),
+                        "detail": format!(
+                            "A text message {{\"args\": {{...}}}} was refused (the arguments in force stay): {e}"
+                        ),
                     });
                     // The answers' room is full while the client reads
                     // nothing: as above.

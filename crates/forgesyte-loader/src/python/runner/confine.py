@@ -97,8 +97,11 @@ def confine(plan, shared=None, tools=None, given_env=None):
     libc, syscall, abi = tools
     report = {}
     env = plan.get("env")
-    if isinstance(env, list):
-        source = given_env if isinstance(given_env, dict) else dict(os.environ)
+    if isinstance(env, (list, dict)):
+        if isinstance(env, dict):  # a plan that carries the values themselves
+            source = env
+        else:
+            source = given_env if isinstance(given_env, dict) else dict(os.environ)
         values = {str(k): str(source[k]) for k in env if k in source}
         # Not ``os.environ.clear()``: its ``popitem`` lists the environment
         # again for every variable (0.6 ms for 40 of them, 0.1 ms so).
