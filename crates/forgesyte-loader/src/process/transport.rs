@@ -573,17 +573,22 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn shared_attachments_go_both_ways_once_the_hello_accepts_them() {
-        use forgesyte_protocol::wire::capability;
+    /// A shared-memory socket pair: the host's end, the runner's.
+    fn shm_pair() -> (OwnedFd, OwnedFd) {
         use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
-        let (host_end, runner_end) = socketpair(
+        socketpair(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
             SocketFlags::CLOEXEC,
             None,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn shared_attachments_go_both_ways_once_the_hello_accepts_them() {
+        use forgesyte_protocol::wire::capability;
+        let (host_end, runner_end) = shm_pair();
         let (mut req_r, req_w) = pipe().unwrap();
         let (ans_r, mut ans_w) = pipe().unwrap();
         let runner = thread::spawn(move || {
@@ -665,14 +670,7 @@ mod tests {
     /// then sees its end), and takes no more.
     #[test]
     fn what_a_dead_runner_left_on_the_shared_memory_socket_is_closed() {
-        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
-        let (host_end, runner_end) = socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let (host_end, runner_end) = shm_pair();
         let (_req_r, req_w) = pipe().unwrap();
         let (ans_r, mut ans_w) = pipe().unwrap();
         let (stranded_r, stranded_w) = pipe().unwrap();

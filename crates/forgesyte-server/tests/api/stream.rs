@@ -677,8 +677,9 @@ fn an_idle_stream_is_closed_with_1000_and_a_busy_one_stays_open() {
     assert_eq!(close_of(&mut slow).0, 1000);
 }
 
-#[test]
-fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
+/// A server with plugin `alpha` whose bodies and frames share 1 MiB in all
+/// (`--body-memory`), and may each be 1 MiB (`--body-limit`).
+fn alpha_with_one_mib_of_body_memory() -> (PluginsDir, Forgesyte) {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
     let server = Forgesyte::start(&[
@@ -690,6 +691,12 @@ fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
         "1048576",
     ]);
     server.wait_loaded();
+    (dir, server)
+}
+
+#[test]
+fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
+    let (_dir, server) = alpha_with_one_mib_of_body_memory();
     let mut socket = open(&server, &target("alpha", "frame", "?policy=block&queue=4"));
     // The first frame holds 600 KiB of the 1 MiB while its call lasts: the
     // next two find no room, and are answered at their turn without a call.
@@ -730,17 +737,7 @@ fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
 /// running and one waiting, a third replaces the second and runs.
 #[test]
 fn under_latest_a_replaced_frame_gives_its_room_to_the_newer_one() {
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let server = Forgesyte::start(&[
-        "--plugins",
-        dir.path_str(),
-        "--body-limit",
-        "1048576",
-        "--body-memory",
-        "1048576",
-    ]);
-    server.wait_loaded();
+    let (_dir, server) = alpha_with_one_mib_of_body_memory();
     let mut socket = open(&server, &target("alpha", "frame", ""));
     send_args(&mut socket, json!({"ms": 1000}));
     for _ in 0..3 {
@@ -769,17 +766,7 @@ fn under_latest_a_replaced_frame_gives_its_room_to_the_newer_one() {
 /// answered `ServerBusy`, and the room comes back with the frames.
 #[test]
 fn stream_arguments_take_room_while_frames_use_them() {
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let server = Forgesyte::start(&[
-        "--plugins",
-        dir.path_str(),
-        "--body-limit",
-        "1048576",
-        "--body-memory",
-        "1048576",
-    ]);
-    server.wait_loaded();
+    let (_dir, server) = alpha_with_one_mib_of_body_memory();
     let mut socket = open(&server, &target("alpha", "frame", "?policy=block&queue=4"));
     let pad = |c: &str| c.repeat(400 << 10);
     // 400 KiB of arguments held by the running frame, 400 KiB by the
