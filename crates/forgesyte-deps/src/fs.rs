@@ -81,6 +81,14 @@ pub trait FileSystem: Send + Sync + Debug {
     /// tell "larger than `limit`" without reading a huge file.
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>>;
 
+    /// The file's bytes as a stream, at most `limit + 1` of them, for a
+    /// reader that needs them once and in order (a digest), without
+    /// holding them all. The default reads them whole, through
+    /// [`read`](Self::read).
+    fn reader(&self, path: &Path, limit: u64) -> io::Result<Box<dyn io::Read + '_>> {
+        Ok(Box::new(io::Cursor::new(self.read(path, limit)?)))
+    }
+
     /// The directory's entries, sorted by name.
     fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
 
@@ -127,6 +135,11 @@ impl FileSystem for RealFs {
     /// manifest): `read_to_end` into an empty vector probes with 32 bytes
     /// and then doubles, six `read`s for a 469-byte manifest. A larger file
     /// gets the rest in one buffer sized from its length.
+    fn reader(&self, path: &Path, limit: u64) -> io::Result<Box<dyn io::Read + '_>> {
+        let (file, _) = open_regular(path)?;
+        Ok(Box::new(file.take(limit.saturating_add(1))))
+    }
+
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         let (file, meta) = open_regular(path)?;
         let mut reader = file.take(limit.saturating_add(1));
@@ -193,6 +206,18 @@ mod tests {
         assert_eq!(RealFs.read(&p, 100).unwrap(), b"hello world");
         assert_eq!(RealFs.read(&p, 4).unwrap(), b"hello");
         assert_eq!(RealFs.read(&p, u64::MAX).unwrap(), b"hello world");
+        // The stream gives the same bytes, as bounded.
+        let streamed = |limit| {
+            let mut bytes = Vec::new();
+            RealFs
+                .reader(&p, limit)
+                .unwrap()
+                .read_to_end(&mut bytes)
+                .unwrap();
+            bytes
+        };
+        assert_eq!(streamed(100), b"hello world");
+        assert_eq!(streamed(4), b"hello");
         // What is not a regular file is refused at once: a FIFO (whose
         // open would wait for a writer), a device.
         let fifo = dir.path().join("fifo");
@@ -211,6 +236,10 @@ mod tests {
                 "{}: {err}",
                 odd.display()
             );
+            let Err(err) = RealFs.reader(odd, 4) else {
+                panic!("{}: a stream of what is not a regular file", odd.display());
+            };
+            assert!(err.to_string().contains("not a regular file"), "{err}");
         }
         let err = RealFs.read(&dir.path().join("missing"), 4).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);

@@ -64,18 +64,26 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// The digest of one file, read through `fs`.
+/// The digest of one file (at most 4 GiB), read through `fs` as a stream:
+/// a large library is hashed without being held in memory.
 pub fn file_digest(fs: &dyn FileSystem, path: &Path) -> io::Result<String> {
-    Ok(sha256_hex(&read_hashed(fs, path)?))
+    let mut hasher = Sha256::new();
+    let hashed = io::copy(&mut fs.reader(path, MAX_HASHED_BYTES)?, &mut hasher)?;
+    if hashed > MAX_HASHED_BYTES {
+        return Err(too_large());
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn too_large() -> io::Error {
+    io::Error::other(format!("larger than the {MAX_HASHED_BYTES}-byte limit"))
 }
 
 /// The bytes of one file to be hashed (at most 4 GiB), read through `fs`.
 pub fn read_hashed(fs: &dyn FileSystem, path: &Path) -> io::Result<Vec<u8>> {
     let bytes = fs.read(path, MAX_HASHED_BYTES)?;
     if bytes.len() as u64 > MAX_HASHED_BYTES {
-        return Err(io::Error::other(format!(
-            "larger than the {MAX_HASHED_BYTES}-byte limit"
-        )));
+        return Err(too_large());
     }
     Ok(bytes)
 }
