@@ -230,7 +230,7 @@ impl Child {
             )));
         };
         Self::start(
-            OsProcess::Direct(process),
+            OsProcess::direct(process),
             (stdin, stdout, stderr),
             shm,
             opts,

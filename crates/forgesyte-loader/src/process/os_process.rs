@@ -5,7 +5,8 @@
 //! Either way a runner leads its own process group, and the group goes with
 //! it: a runner that ends (or is killed) takes the processes a plugin
 //! started. The group is signalled only while the runner is not reaped, so
-//! the signal never reaches a recycled pid or group.
+//! the signal never reaches a recycled pid or group: a runner the host
+//! reaped keeps its exit status here, and its pid is not asked about again.
 
 use std::io;
 use std::process::ExitStatus;
@@ -15,16 +16,24 @@ use super::zygote::{ForkedChild, kill_group};
 /// A runner process.
 #[derive(Debug)]
 pub(crate) enum OsProcess {
-    /// Forked by the host.
-    Direct(std::process::Child),
+    /// Forked by the host, and its exit status once the host reaped it.
+    /// Its pid is asked about only before: once reaped, the pid may be
+    /// another child's (a later runner's), whose group must not be
+    /// signalled.
+    Direct(std::process::Child, Option<ExitStatus>),
     /// Forked by a Python zygote.
     Forked(ForkedChild),
 }
 
 impl OsProcess {
+    /// A runner the host started.
+    pub(crate) fn direct(child: std::process::Child) -> OsProcess {
+        OsProcess::Direct(child, None)
+    }
+
     pub(crate) fn id(&self) -> u32 {
         match self {
-            OsProcess::Direct(child) => child.id(),
+            OsProcess::Direct(child, _) => child.id(),
             OsProcess::Forked(child) => child.id(),
         }
     }
@@ -33,17 +42,22 @@ impl OsProcess {
     /// is killed before it is reaped); `Ok(None)` while it runs.
     pub(crate) fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         match self {
+            OsProcess::Direct(_, Some(status)) => Ok(Some(*status)),
             // Reaped only once seen ended and its group killed: a runner
             // that ends between a look and a reap is not reaped with its
             // group left running (the next look kills the group first).
-            OsProcess::Direct(child) => match direct_state(child.id()) {
-                Ended::No => Ok(None),
-                Ended::NotReaped => {
-                    kill_group(child.id());
-                    child.try_wait()
-                }
-                Ended::Reaped => child.try_wait(),
-            },
+            OsProcess::Direct(child, reaped) => {
+                let status = match direct_state(child.id()) {
+                    Ended::No => return Ok(None),
+                    Ended::NotReaped => {
+                        kill_group(child.id());
+                        child.try_wait()?
+                    }
+                    Ended::Reaped => child.try_wait()?,
+                };
+                *reaped = status;
+                Ok(status)
+            }
             OsProcess::Forked(child) => child.try_wait(),
         }
     }
@@ -51,7 +65,12 @@ impl OsProcess {
     /// Waits for the runner to end.
     pub(crate) fn wait(&mut self) -> io::Result<ExitStatus> {
         match self {
-            OsProcess::Direct(child) => child.wait(),
+            OsProcess::Direct(_, Some(status)) => Ok(*status),
+            OsProcess::Direct(child, reaped) => {
+                let status = child.wait()?;
+                *reaped = Some(status);
+                Ok(status)
+            }
             OsProcess::Forked(child) => child.wait(),
         }
     }
@@ -62,7 +81,8 @@ impl OsProcess {
     /// reaps it only once the host has recorded the report.
     pub(crate) fn is_running(&self) -> bool {
         match self {
-            OsProcess::Direct(child) => matches!(direct_state(child.id()), Ended::No),
+            OsProcess::Direct(_, Some(_)) => false,
+            OsProcess::Direct(child, None) => matches!(direct_state(child.id()), Ended::No),
             OsProcess::Forked(child) => {
                 matches!(child.try_wait(), Ok(None)) && !forked_has_ended(child.id())
             }
@@ -73,7 +93,8 @@ impl OsProcess {
     /// reaped (or, forked by a zygote, reported ended).
     pub(crate) fn kill(&mut self) {
         match self {
-            OsProcess::Direct(child) => {
+            OsProcess::Direct(_, Some(_)) => {}
+            OsProcess::Direct(child, None) => {
                 if !matches!(direct_state(child.id()), Ended::Reaped) {
                     kill_group(child.id());
                 }
