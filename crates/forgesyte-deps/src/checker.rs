@@ -18,6 +18,10 @@ use crate::libs::{LibraryProbe, SystemLibraries};
 use crate::python::{PythonProbe, SystemPython};
 use crate::requirements::{Dependency, GpuRequirement, Requirements};
 
+/// The most bytes of package names one interpreter run is asked about (its
+/// arguments): a pass with more asks in several runs.
+const MAX_ASKED_BYTES: usize = 64 * 1024;
+
 /// The answer to "may this plugin load?" (the seed's dict).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DependencyReport {
@@ -211,10 +215,26 @@ impl DependencyChecker {
                 .filter(|p| seen.insert(p.clone()))
                 .collect()
         };
-        if pending.is_empty() {
-            return;
+        // Runs of at most `MAX_ASKED_BYTES` of names: the names are the
+        // run's arguments, which the kernel bounds (`E2BIG`).
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for package in pending {
+            if bytes + package.len() > MAX_ASKED_BYTES && !batch.is_empty() {
+                if self
+                    .ask_python(interpreter, std::mem::take(&mut batch))
+                    .is_err()
+                {
+                    return;
+                }
+                bytes = 0;
+            }
+            bytes += package.len() + 1;
+            batch.push(package);
         }
-        let _ = self.ask_python(interpreter, pending);
+        if !batch.is_empty() {
+            let _ = self.ask_python(interpreter, batch);
+        }
     }
 
     /// [`prefetch_python`](Self::prefetch_python) for a load pass's pending
@@ -765,6 +785,26 @@ mod tests {
         assert_eq!(world.python.calls(), 2);
         checker.check(&r, Path::new(DIR), &BTreeMap::new());
         assert_eq!(world.python.calls(), 2);
+    }
+
+    /// Many packages are asked in several runs, each of at most
+    /// `MAX_ASKED_BYTES` of names (the kernel bounds a run's arguments),
+    /// every one answered once.
+    #[test]
+    fn a_pass_of_many_packages_asks_in_runs_of_bounded_arguments() {
+        let world = FakeWorld::new();
+        world.python.add(PY, &["numpy"]);
+        let checker = world.checker();
+        let names: Vec<String> = (0..3000).map(|i| format!("{:0>60}", i)).collect();
+        checker.prefetch_python(Path::new(PY), names.clone());
+        let asked = world.python.asked();
+        assert!(asked.len() >= 3, "{} runs", asked.len());
+        for (_, run) in &asked {
+            let bytes: usize = run.iter().map(|n| n.len() + 1).sum();
+            assert!(bytes <= MAX_ASKED_BYTES, "a run of {bytes} bytes of names");
+        }
+        let all: Vec<String> = asked.into_iter().flat_map(|(_, run)| run).collect();
+        assert_eq!(all, names);
     }
 
     #[test]

@@ -173,6 +173,11 @@ fn valid_plugin_name(name: &str) -> bool {
 /// are under 100 bytes).
 const MAX_PYTHON_NAME: usize = 255;
 
+/// The most dependencies a manifest may list: the `py:` packages of a load
+/// pass are asked of each interpreter in shared runs, which one plugin's
+/// endless list must not make time out for every plugin on it.
+pub(crate) const MAX_DEPENDENCIES: usize = 256;
+
 /// A Python package name: `[A-Za-z0-9_.-]+`, no empty dotted part (so no
 /// leading, trailing or doubled `.`). `-` is allowed for distribution
 /// names (`opencv-python`), looked up by their installed metadata.
@@ -309,6 +314,15 @@ fn parse_dependencies(v: &Value, bare: BareDependency) -> Result<Vec<Dependency>
             ),
         )
     })?;
+    if list.len() > MAX_DEPENDENCIES {
+        return Err(invalid(
+            "dependencies",
+            format!(
+                "{} dependencies, more than the {MAX_DEPENDENCIES} a manifest may list",
+                list.len()
+            ),
+        ));
+    }
     list.iter()
         .enumerate()
         .map(|(i, item)| {
@@ -740,6 +754,19 @@ mod tests {
             other => panic!("expected InvalidField, got {other:?}"),
         }
         check_invalid(json!({"dependencies": ["foo:x"]}), "dependencies[0]", "py:");
+        let many: Vec<String> = (0..=MAX_DEPENDENCIES).map(|i| format!("py:p{i}")).collect();
+        check_invalid(
+            json!({ "dependencies": many }),
+            "dependencies",
+            "257 dependencies, more than the 256",
+        );
+        let most = &many[..MAX_DEPENDENCIES];
+        assert_eq!(
+            Requirements::from_manifest(&json!({ "dependencies": most }))
+                .map(|r| r.dependencies.len())
+                .ok(),
+            Some(MAX_DEPENDENCIES)
+        );
         assert!(valid_python_name("torch_2.cuda-x.A9"));
         assert!(valid_python_name("9x"));
         assert!(!valid_python_name(""));
