@@ -533,6 +533,39 @@ fn duplicate_names_never_overwrite() {
     );
 }
 
+/// A broken manifest that claims a valid plugin's name does not take it,
+/// whatever the order of their directories: the valid plugin loads under
+/// its name, and the broken one is FAILED under its directory's name with
+/// its own error (not as a duplicate).
+#[test]
+fn a_broken_manifest_never_takes_a_valid_plugins_name() {
+    let s = Setup::new();
+    s.plugin(
+        "a_broken",
+        r#"{"name": "target", "version": []}"#,
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "b_target",
+        &manifest("target", json!({})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "c_broken",
+        r#"{"name": "target", "version": {}}"#,
+        FakeBehavior::Good,
+    );
+    s.load();
+    s.check("target", S::Initialized, &[]);
+    for broken in ["a_broken", "c_broken"] {
+        s.check(
+            broken,
+            S::Failed,
+            &["ManifestError", "invalid field 'version'"],
+        );
+    }
+}
+
 #[test]
 fn missing_dependencies_are_all_named() {
     let s = Setup::new();

@@ -93,6 +93,12 @@ impl Loader {
         claims: Vec<Claim<'a>>,
         pending: &mut BTreeMap<String, Pending>,
     ) -> Vec<(String, &'a Path, Instant)> {
+        // Valid manifests claim their names first: a broken one that asks
+        // for a valid plugin's name never takes it (it is registered under
+        // its directory's key instead, with its own error).
+        let (mut claims, broken): (Vec<_>, Vec<_>) =
+            claims.into_iter().partition(|c| c.outcome.is_ok());
+        claims.extend(broken);
         let names: Vec<(String, PluginInfo)> = claims
             .iter()
             .map(|c| (c.wanted.clone(), c.info.clone()))
@@ -110,6 +116,8 @@ impl Loader {
                 registered_until = i + 1;
                 match self.claim(&c.wanted, &c.dir_key, c.dir, c.info) {
                     Ok(name) => (name, c.outcome),
+                    // A broken manifest keeps its own error.
+                    Err((name, _)) if c.outcome.is_err() => (name, c.outcome),
                     Err((name, existing)) => (
                         name,
                         Err(PluginError::from(ManifestError::DuplicateName {
