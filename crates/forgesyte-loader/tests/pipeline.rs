@@ -381,6 +381,11 @@ fn a_manifest_linked_out_of_its_directory_is_not_read() {
     .unwrap();
     std::os::unix::fs::symlink("real.json", dir.path().join("inner").join("manifest.json"))
         .unwrap();
+    // Links that lead nowhere: not "out of the directory", but what they are.
+    for (name, target) in [("dangling", "nowhere.json"), ("looping", "manifest.json")] {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+        std::os::unix::fs::symlink(target, dir.path().join(name).join("manifest.json")).unwrap();
+    }
     let registry = Registry::new();
     let loader = Loader::new(
         registry.clone(),
@@ -388,6 +393,18 @@ fn a_manifest_linked_out_of_its_directory_is_not_read() {
         LoaderConfig::default(),
     );
     loader.load_all(dir.path());
+    for (name, why) in [
+        ("dangling", "No such file or directory"),
+        ("looping", "Too many levels of symbolic links"),
+    ] {
+        let status = registry.get_status(name).unwrap();
+        assert_eq!(status.state, S::Failed, "{name}");
+        let reason = status.reason.unwrap_or_default();
+        assert!(
+            reason.contains("a link that cannot be followed") && reason.contains(why),
+            "{name}: {reason}"
+        );
+    }
     let status = registry.get_status("leak").unwrap();
     assert_eq!(status.state, S::Failed);
     let reason = status.reason.unwrap_or_default();

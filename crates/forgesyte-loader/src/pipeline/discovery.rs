@@ -165,9 +165,17 @@ impl Loader {
                 .and_then(|dir| self.resolved_inside(dir, &path))
                 .is_some_and(|(_, inside)| inside)
         };
-        if self.fs.is_symlink(&path).unwrap_or(false) && !inside_its_dir() {
-            let source = std::io::Error::other("it links out of the plugin directory");
-            return Err(bad(None, ManifestError::Io { path, source }));
+        if self.fs.is_symlink(&path).unwrap_or(false) {
+            // A link that leads nowhere (dangling, or a loop) says so.
+            if let Err(e) = self.fs.canonicalize(&path) {
+                let source =
+                    std::io::Error::new(e.kind(), format!("a link that cannot be followed: {e}"));
+                return Err(bad(None, ManifestError::Io { path, source }));
+            }
+            if !inside_its_dir() {
+                let source = std::io::Error::other("it links out of the plugin directory");
+                return Err(bad(None, ManifestError::Io { path, source }));
+            }
         }
         let bytes = match self.fs.read(&path, limit) {
             Ok(bytes) => bytes,
