@@ -386,7 +386,9 @@ impl Events {
         let mut wake = self.wake.subscribe();
         wake.mark_changed();
         let mut pending = VecDeque::new();
-        let last = match last_event_id.map(|id| id.trim().parse::<u64>()) {
+        // An empty `Last-Event-ID` is none (the SSE rule).
+        let last_event_id = last_event_id.map(str::trim).filter(|id| !id.is_empty());
+        let last = match last_event_id.map(str::parse::<u64>) {
             None => {
                 let last = self.last_id();
                 pending.push_back(Pending::Marker(marker("hello", last, "subscribed")));
@@ -663,6 +665,12 @@ mod tests {
         let mut resumed = Box::pin(hub.subscribe(Some("4")));
         assert!(next_text(&mut resumed).await.starts_with("id: 5\n"));
         assert!(next_text(&mut resumed).await.starts_with("id: 6\n"));
+        // An empty id is no id: a fresh subscription.
+        for empty in ["", " "] {
+            let mut fresh = Box::pin(hub.subscribe(Some(empty)));
+            let hello = next_text(&mut fresh).await;
+            assert!(hello.contains("event: hello\n"), "{empty:?}: {hello}");
+        }
         for (id, why) in [
             ("1", "events were missed"),
             ("99", "events were missed"),

@@ -86,6 +86,10 @@ async fn rescan_to_the_end(
 async fn rescan_when_free(state: &AppState, trigger: &str) {
     let deadline = tokio::time::Instant::now() + WAIT_FOR_CLAIM;
     let guard = loop {
+        if state.loader().is_shutting_down() {
+            tracing::info!(%trigger, "Rescan ({trigger}) dropped: the server is shutting down");
+            return;
+        }
         match state.begin_admin() {
             Ok(guard) => break guard,
             Err(e) if tokio::time::Instant::now() < deadline => {

@@ -199,6 +199,15 @@ impl Server {
                 }
             }
         };
+        // A reload that began before the shutdown ends before the instances
+        // go (one that constructs or retires plugins meanwhile would race
+        // the drop); none can begin after it (`AppState::begin_admin`).
+        let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+        if !state.admin_ended(deadline).await {
+            tracing::warn!(
+                "A reload still runs after the shutdown grace; dropping the instances anyway"
+            );
+        }
         state.loader().drop_instances();
         tracing::info!("Plugin instances dropped; bye");
         result

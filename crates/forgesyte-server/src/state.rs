@@ -344,6 +344,13 @@ impl AppState {
                 what: "The startup load pass",
             });
         }
+        // Shutting down: no pass may construct or retire plugins while the
+        // server lets its instances go.
+        if self.loader().is_shutting_down() {
+            return Err(ApiError::Busy {
+                what: "The server's shutdown",
+            });
+        }
         self.inner
             .admin_busy
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -374,6 +381,20 @@ impl Drop for CallSlot {
                 slots.remove(&self.plugin);
             }
         }
+    }
+}
+
+impl AppState {
+    /// Waits, until `deadline` at most, for the admin operation in progress
+    /// (a reload or rescan) to end; `true` when none runs.
+    pub(crate) async fn admin_ended(&self, deadline: tokio::time::Instant) -> bool {
+        while self.inner.admin_busy.load(Ordering::Acquire) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
     }
 }
 

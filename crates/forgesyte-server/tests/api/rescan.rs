@@ -624,3 +624,50 @@ fn a_rescan_whose_admin_client_hung_up_still_finishes_its_work() {
     assert!(!metrics.contains(r#"plugin="slow""#), "{metrics}");
     assert_eq!(call.join().unwrap().status, 200);
 }
+
+/// A `SIGHUP` that comes once the shutdown began starts no rescan (a pass
+/// would construct or retire plugins while the server drops them): the
+/// server says it dropped it, and exits as usual.
+#[test]
+fn a_sighup_during_shutdown_starts_no_rescan() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str(), "--shutdown-grace", "2"]);
+    server.wait_loaded();
+    // A plugin added after the start: a rescan would find it.
+    dir.good("beta", json!({}));
+    // A request in flight keeps the drain (and the process) going a while.
+    let addr = server.addr;
+    let slow = std::thread::spawn(move || {
+        crate::support::try_http(
+            addr,
+            "POST",
+            "/v1/plugins/alpha/tools/sleep/run",
+            br#"{"args": {"ms": 1500}}"#,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = server.pid().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    wait_for(
+        "the shutdown's start",
+        Duration::from_secs(10),
+        &server,
+        || server.log().contains("Shutting down").then_some(()),
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status();
+    server.wait_exit(Duration::from_secs(20));
+    let _ = slow.join();
+    let log = server.log();
+    assert!(!log.contains("Rescan (SIGHUP): "), "{log}");
+    assert!(
+        log.contains("Rescan (SIGHUP) dropped: the server is shutting down"),
+        "{log}"
+    );
+}
