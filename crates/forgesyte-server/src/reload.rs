@@ -206,11 +206,10 @@ pub(crate) async fn reload_plugin(
     // client hangs up mid-reload (its handler dropped).
     let (loader, events, key) = (Arc::clone(state.loader()), state.clone(), name.clone());
     let outcome = tokio::spawn(async move {
-        let outcome = tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            loader.reload(&key)
-        })
-        .await?;
+        // The claim is held until the event is out: the next admin
+        // operation's event comes after this one's.
+        let (outcome, _guard) =
+            tokio::task::spawn_blocking(move || (loader.reload(&key), guard)).await?;
         Ok::<_, tokio::task::JoinError>(outcome.map(|outcome| {
             tracing::debug!(plugin = %outcome.name, state = %outcome.state.as_str(), reason = ?outcome.reason, "Reload finished");
             let outcome = ReloadOutcome::from(outcome);

@@ -52,14 +52,13 @@ async fn rescan_to_the_end(
     trigger: &str,
 ) -> Result<ReloadReport, ApiError> {
     let loader = Arc::clone(state.loader());
-    let report = tokio::task::spawn_blocking(move || {
-        let _guard = guard;
-        loader.rescan()
-    })
-    .await
-    .map_err(|e| ApiError::Internal {
-        context: format!("rescan of the plugins directory failed: {e}"),
-    })?;
+    // The claim is held until the pass's metrics and event are out: the
+    // next admin operation's come after this one's.
+    let (report, _guard) = tokio::task::spawn_blocking(move || (loader.rescan(), guard))
+        .await
+        .map_err(|e| ApiError::Internal {
+            context: format!("rescan of the plugins directory failed: {e}"),
+        })?;
     let summary = report.summary();
     state.metrics().record_load_pass(&report.plugins());
     for removed in &report.removed {
