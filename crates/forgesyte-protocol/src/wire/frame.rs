@@ -13,7 +13,7 @@
 //! Hostile bytes: whatever a peer sends, a reader holds at most `limit`
 //! bytes for a frame (reserved once, so a peer that announces `limit` and
 //! sends less costs that much until the stream ends), and [`Frame::parse`]
-//! allocates nothing beyond the body's size. Property tests beside this
+//! allocates at most a table of [`MAX_ATTACHMENTS`] parts beyond it. Property tests beside this
 //! code check both, and that arbitrary bytes end in a [`FrameError`].
 
 use std::io::{self, Read, Write};
@@ -22,6 +22,12 @@ use std::sync::Arc;
 
 /// Bytes of the fixed part of a body (`header_len` and `count`).
 const FIXED: usize = 8;
+
+/// The most attachments one frame may carry (`PROTOCOL.md` §2): each takes
+/// a table entry of some 24 bytes in memory for its 4 on the wire, so a
+/// frame of nothing but empty attachments would otherwise make a reader
+/// hold six times the frame's size.
+pub const MAX_ATTACHMENTS: usize = 65_536;
 
 /// One frame read from a stream: the JSON header and the attachments, as
 /// ranges into one buffer (the body is read with a single allocation), or,
@@ -86,6 +92,11 @@ impl Frame {
                     body.len()
                 ),
             })?;
+        if count > MAX_ATTACHMENTS {
+            return Err(FrameError::Malformed {
+                detail: format!("{count} attachments in one frame (at most {MAX_ATTACHMENTS})"),
+            });
+        }
         let header = table_end..table_end.saturating_add(header_len);
         let mut at = header.end;
         let mut attachments = Vec::with_capacity(count);
@@ -241,6 +252,15 @@ pub fn write_frame_parts(
 ) -> io::Result<()> {
     const GATHER: usize = 64 * 1024;
     let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB");
+    if attachments.len() > MAX_ATTACHMENTS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} attachments in one frame (at most {MAX_ATTACHMENTS})",
+                attachments.len()
+            ),
+        ));
+    }
     let sizes = attachments
         .iter()
         .map(|a| u32::try_from(a.len()).map_err(|_| too_big()))
@@ -356,6 +376,31 @@ mod tests {
         assert_eq!(frame.header(), br#"{"a":1}"#);
         assert_eq!(frame.attachments().collect::<Vec<_>>(), [&b"xy"[..], b""]);
         assert_eq!(frame.attachment(2), None);
+    }
+
+    #[test]
+    fn a_frame_of_more_attachments_than_the_most_is_malformed() {
+        // Well formed but for its count: only empty attachments.
+        let body = |count: usize| {
+            let mut body = Vec::new();
+            body.extend_from_slice(&0u32.to_le_bytes());
+            body.extend_from_slice(&u32::try_from(count).unwrap().to_le_bytes());
+            body.resize(FIXED + 4 * count, 0);
+            body
+        };
+        let most = Frame::parse(body(MAX_ATTACHMENTS)).unwrap();
+        assert_eq!(most.attachments().count(), MAX_ATTACHMENTS);
+        // Nor does a writer frame more.
+        let empties = vec![&b""[..]; MAX_ATTACHMENTS + 1];
+        let refused = write_frame(&mut Vec::new(), b"{}", &empties).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidInput, "{refused}");
+        assert!(write_frame(&mut Vec::new(), b"{}", &empties[1..]).is_ok());
+        match Frame::parse(body(MAX_ATTACHMENTS + 1)) {
+            Err(FrameError::Malformed { detail }) => {
+                assert!(detail.contains("at most 65536"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
