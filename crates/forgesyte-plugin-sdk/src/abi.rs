@@ -143,7 +143,18 @@ fn guarded(out: *mut FsBuffer, body: impl FnOnce() -> Outcome) -> FsStatus {
         unsafe { out.write(buf) };
         status
     }))
-    .unwrap_or(STATUS_PANIC)
+    .unwrap_or_else(|payload| {
+        contained(Err(payload));
+        STATUS_PANIC
+    })
+}
+
+/// Lets go of a caught panic's payload without dropping it: its `Drop`
+/// could panic again, outside any guard, and unwind into the host.
+fn contained(caught: std::thread::Result<()>) {
+    if let Err(payload) = caught {
+        let _leaked = std::mem::ManuallyDrop::new(payload);
+    }
 }
 
 /// Borrows `len` bytes at `ptr`; null with a zero length is the empty slice.
@@ -435,11 +446,11 @@ pub unsafe extern "C" fn __destroy<P: Plugin>(instance: *mut c_void) {
         return;
     }
     // A panicking `Drop` cannot be reported here; it is contained.
-    let _ = catch_unwind(AssertUnwindSafe(|| {
+    contained(catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: the caller hands back sole ownership of the box made by
         // `__create::<P>`.
         drop(unsafe { Box::from_raw(instance.cast::<Instance<P>>()) });
-    }));
+    })));
 }
 
 /// `free_buffer` of every vtable; use the vtable, not this.
@@ -452,11 +463,11 @@ pub unsafe extern "C" fn __free_buffer(buf: FsBuffer) {
     if buf.ptr.is_null() || buf.len > buf.cap {
         return;
     }
-    let _ = catch_unwind(AssertUnwindSafe(|| {
+    contained(catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: the caller returns parts made by `FsBuffer::from_vec` in
         // this library, with this allocator, exactly once.
         drop(unsafe { Vec::from_raw_parts(buf.ptr, buf.len, buf.cap) });
-    }));
+    })));
 }
 
 /// `free_results` of [`vtable_for`]: frees a result list's array (not the
@@ -470,12 +481,12 @@ pub unsafe extern "C" fn __free_results(list: FsResultList) {
     if list.ptr.is_null() || list.len > list.cap {
         return;
     }
-    let _ = catch_unwind(AssertUnwindSafe(|| {
+    contained(catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: the caller returns parts made by `FsResultList::from_vec`
         // in this library, with this allocator, exactly once. The elements
         // have no destructor: their buffers are not touched.
         drop(unsafe { Vec::from_raw_parts(list.ptr, list.len, list.cap) });
-    }));
+    })));
 }
 
 #[cfg(test)]

@@ -57,14 +57,24 @@ pub fn log(message: &str) {
 #[doc(hidden)]
 #[allow(unsafe_code)]
 pub unsafe fn __set_from_host(json: *const u8, len: usize) {
-    let context = if json.is_null() || len == 0 {
+    // A length no slice may have is no context (as a null pointer is).
+    let context = if json.is_null() || len == 0 || len > isize::MAX as usize {
         None
     } else {
-        // SAFETY: the caller's contract: `len` readable bytes at `json`.
+        // SAFETY: the caller's contract: `len` readable bytes at `json`;
+        // not null, and within `isize::MAX` (checked above).
         let bytes = unsafe { std::slice::from_raw_parts(json, len) };
         serde_json::from_slice::<CallContext>(bytes).ok()
     };
-    CURRENT.with(|c| *c.borrow_mut() = context);
+    // No unwinding out of an `extern "C"` function: a context that cannot
+    // be stored (this thread's locals being torn down) is dropped.
+    let caught = std::panic::catch_unwind(|| {
+        let _ = CURRENT.try_with(|c| *c.borrow_mut() = context);
+    });
+    if let Err(payload) = caught {
+        // Not dropped: its `Drop` could panic again, unguarded.
+        let _leaked = std::mem::ManuallyDrop::new(payload);
+    }
 }
 
 #[cfg(test)]
@@ -89,6 +99,10 @@ mod tests {
         // Garbage clears too.
         // SAFETY: a live byte string and its length.
         unsafe { __set_from_host(b"[1]".as_ptr(), 3) };
+        assert_eq!(current_call(), None);
+        // A length no slice may have is no context, read of nothing.
+        // SAFETY: the length is refused before the pointer is read.
+        unsafe { __set_from_host(json.as_ptr(), usize::MAX) };
         assert_eq!(current_call(), None);
     }
 }
