@@ -81,7 +81,9 @@
 //! | [`STATUS_BAD_REQUEST`] | the host broke the contract where it can be checked: a null pointer, bytes that are not UTF-8 or not the expected JSON | `"BadRequest"` |
 //!
 //! When `out` itself is null the status is [`STATUS_BAD_REQUEST`] and nothing
-//! is written (a null `out_binary` likewise).
+//! is written. When `out_binary` is null (and `out` is not), the status is
+//! [`STATUS_BAD_REQUEST`] too, its error is written to `out` (the host frees
+//! it as any other), and nothing to `out_binary`.
 //!
 //! # Rules
 //!
