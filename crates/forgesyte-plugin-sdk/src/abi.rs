@@ -425,13 +425,19 @@ unsafe fn borrow_array<'a, T>(ptr: *const T, len: usize) -> Result<&'a [T], Fail
             )))
         };
     }
+    if !ptr.is_aligned() {
+        return Err(Failure::bad_request(format!(
+            "binary is not aligned for its entries ({} bytes)",
+            std::mem::align_of::<T>()
+        )));
+    }
     if len > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
         return Err(Failure::bad_request(format!(
             "binary length {len} is too large"
         )));
     }
-    // SAFETY: non-null, total size within `isize::MAX`; the caller
-    // guarantees the entries are readable and unchanged for `'a`.
+    // SAFETY: non-null, aligned, total size within `isize::MAX`; the
+    // caller guarantees the entries are readable and unchanged for `'a`.
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
@@ -968,6 +974,27 @@ mod tests {
             assert!(message.contains("null pointer"), "{body}");
             assert!(list.ptr.is_null());
         }
+        // A misaligned binary array: refused, nothing read.
+        let entries = [FsBinaryArg {
+            pointer: slice(text.as_ptr(), 2),
+            bytes: slice(text.as_ptr(), 1),
+        }; 2];
+        let misaligned = entries
+            .as_ptr()
+            .cast::<u8>()
+            .wrapping_add(1)
+            .cast::<FsBinaryArg>();
+        let mut list = FsResultList::empty();
+        let (status, body) = raw_call_binary(vt, instance, misaligned, 1, &mut list);
+        assert_eq!(status, STATUS_BAD_REQUEST, "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not aligned"),
+            "{body}"
+        );
+        assert!(list.ptr.is_null());
         // A null `out_binary`.
         let (status, _) = raw_call_binary(vt, instance, std::ptr::null(), 0, std::ptr::null_mut());
         assert_eq!(status, STATUS_BAD_REQUEST);
