@@ -275,7 +275,11 @@ impl AdminGate {
             return Err(ApiError::AdminDisabled);
         }
         let peer = peer.map(client_key);
-        if let Some(f) = self.failures().get(&peer) {
+        // One critical section from the look-up to the count: concurrent
+        // guesses from one address cannot all pass the look-up before any
+        // of them is counted (the comparison is a few hundred nanoseconds).
+        let mut failures = self.failures();
+        if let Some(f) = failures.get(&peer) {
             let elapsed = now.saturating_duration_since(f.since);
             if f.count >= MAX_FAILURES && elapsed < FAILURE_WINDOW {
                 let left = FAILURE_WINDOW - elapsed;
@@ -286,11 +290,11 @@ impl AdminGate {
         }
         match authorize(self.token.as_ref(), headers) {
             Ok(()) => {
-                self.failures().remove(&peer);
+                failures.remove(&peer);
                 Ok(())
             }
             Err(ApiError::Forbidden) => {
-                self.record_failure(peer, now);
+                record_failure(&mut failures, peer, now);
                 Err(ApiError::Forbidden)
             }
             Err(other) => Err(other),
@@ -302,33 +306,37 @@ impl AdminGate {
     fn failures(&self) -> MutexGuard<'_, HashMap<Option<IpAddr>, Failures>> {
         self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
 
-    fn record_failure(&self, peer: Option<IpAddr>, now: Instant) {
-        let mut failures = self.failures();
-        let expired = |f: &Failures| now.saturating_duration_since(f.since) >= FAILURE_WINDOW;
-        if !failures.contains_key(&peer) && failures.len() >= MAX_TRACKED {
-            failures.retain(|_, f| !expired(f));
-            if failures.len() >= MAX_TRACKED
-                && let Some(oldest) = failures
-                    .iter()
-                    .min_by_key(|(_, f)| f.since)
-                    .map(|(k, _)| *k)
-            {
-                failures.remove(&oldest);
-            }
+/// Counts a wrong token against `peer`, in the map the caller holds.
+fn record_failure(
+    failures: &mut HashMap<Option<IpAddr>, Failures>,
+    peer: Option<IpAddr>,
+    now: Instant,
+) {
+    let expired = |f: &Failures| now.saturating_duration_since(f.since) >= FAILURE_WINDOW;
+    if !failures.contains_key(&peer) && failures.len() >= MAX_TRACKED {
+        failures.retain(|_, f| !expired(f));
+        if failures.len() >= MAX_TRACKED
+            && let Some(oldest) = failures
+                .iter()
+                .min_by_key(|(_, f)| f.since)
+                .map(|(k, _)| *k)
+        {
+            failures.remove(&oldest);
         }
-        let entry = failures.entry(peer).or_insert(Failures {
+    }
+    let entry = failures.entry(peer).or_insert(Failures {
+        count: 0,
+        since: now,
+    });
+    if expired(entry) {
+        *entry = Failures {
             count: 0,
             since: now,
-        });
-        if expired(entry) {
-            *entry = Failures {
-                count: 0,
-                since: now,
-            };
-        }
-        entry.count += 1;
+        };
     }
+    entry.count += 1;
 }
 
 #[cfg(test)]
@@ -436,6 +444,35 @@ mod gate_tests {
                 ),
                 "attempt {i}"
             );
+        }
+    }
+
+    #[test]
+    fn concurrent_guesses_from_one_address_get_no_more_than_their_share() {
+        // Guesses that arrive together must not all pass the look-up
+        // before any of them is counted. Many rounds, since each is a race.
+        const THREADS: usize = 16;
+        let now = Instant::now();
+        for round in 0..200u32 {
+            let gate = gate();
+            let peer = Some(IpAddr::from(round.to_be_bytes()));
+            let start = std::sync::Barrier::new(THREADS);
+            let checked = std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            gate.check(&bearer("guess"), peer, now)
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|t| t.join().unwrap())
+                    .filter(|answer| matches!(answer, Err(ApiError::Forbidden)))
+                    .count()
+            });
+            assert_eq!(checked, MAX_FAILURES as usize, "round {round}");
         }
     }
 
