@@ -80,6 +80,7 @@
 mod admin;
 mod answer;
 mod api;
+mod base64_arg;
 mod body;
 mod body_pace;
 mod check;

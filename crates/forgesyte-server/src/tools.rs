@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 
 use forgesyte_loader::{CallContext, Isolation, PluginHandle, ToolOutput};
 
+use crate::base64_arg::decode_in_place;
 use crate::body::{RunInput, binary_arguments};
 use crate::error::RunError;
 use crate::metrics::{Outcome, UNKNOWN_TOOL};
@@ -516,7 +517,7 @@ pub(crate) fn live_handle(
 /// multipart parts by name, an octet-stream body as the tool's one declared
 /// binary argument (the body's own buffer: no copy), and, for a plugin that
 /// takes bytes (`takes_binary`: a runner, a native ABI-3 library), base64
-/// strings of declared binary arguments decoded once so that they reach it
+/// strings of declared binary arguments decoded in place (`base64_arg`) so that they reach it
 /// as bytes. A binary argument's place in the JSON holds `null`.
 fn arguments(
     input: RunInput,
@@ -559,11 +560,14 @@ fn arguments(
     }
     if takes_binary {
         for name in declared {
-            if let Some(Value::String(text)) = args.get(name) {
-                let bytes = decode_base64(base64_text(text)).map_err(|e| RunError::NotBase64 {
-                    name: name.clone(),
-                    message: e.to_string(),
-                })?;
+            if let Some(Value::String(text)) = args.get_mut(name) {
+                // Decoded into the text's own buffer (the argument is replaced
+                // by `null` below).
+                let bytes =
+                    decode_in_place(std::mem::take(text)).map_err(|e| RunError::NotBase64 {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    })?;
                 binary.push((name.clone(), bytes.into()));
             }
         }
@@ -577,32 +581,6 @@ fn arguments(
     Ok((Value::Object(args), attachments))
 }
 
-/// Decodes standard base64 in one pass; base64 wrapped in lines (MIME,
-/// the `base64` command, Python's `encodebytes`) is decoded again without
-/// its whitespace, so only such text pays a second pass.
-fn decode_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
-    use base64::Engine as _;
-    let engine = &base64::engine::general_purpose::STANDARD;
-    engine.decode(text).or_else(|first| {
-        if text.bytes().any(|b| b.is_ascii_whitespace()) {
-            let joined: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-            engine.decode(joined)
-        } else {
-            Err(first)
-        }
-    })
-}
-
-/// The base64 of a binary argument sent as a JSON string: surrounding
-/// whitespace and a `data:<type>;base64,` URL prefix are dropped.
-fn base64_text(text: &str) -> &str {
-    let text = text.trim();
-    match text.split_once(";base64,") {
-        Some((prefix, data)) if prefix.starts_with("data:") => data,
-        _ => text,
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -611,7 +589,7 @@ fn ms(d: Duration) -> f64 {
 mod tests {
     use axum::http::{HeaderMap, HeaderValue};
 
-    use super::{FinishOnDrop, arguments, base64_text, call_context};
+    use super::{FinishOnDrop, arguments, call_context};
     use crate::body::RunInput;
     use axum::body::Bytes;
     use serde_json::json;
@@ -642,8 +620,6 @@ mod tests {
         let (args, binary) = arguments(input(&text), &declared, false).unwrap();
         assert_eq!(args, text);
         assert!(binary.is_empty());
-        assert_eq!(base64_text("data:x;base64,QQ=="), "QQ==");
-        assert_eq!(base64_text("QQ=="), "QQ==");
         let bad = json!({"image": "not base64!"});
         assert!(arguments(input(&bad), &declared, true).is_err());
         // Base64 wrapped in lines, as `base64` and MIME write it.

@@ -1,0 +1,176 @@
+//! The base64 text of a binary argument sent in JSON, decoded into the
+//! buffer that held the text.
+//!
+//! A decoded argument is never longer than its text (three bytes for every
+//! four symbols), so the text is decoded a chunk at a time and each chunk's
+//! bytes are written over text already read: the argument never exists
+//! twice, and a JSON body's peak stays the text the body budget charged
+//! (`--body-memory`), not text plus bytes. `base64`'s own decoders need a
+//! separate output, hence this loop around [`Engine::decode_slice`].
+
+use base64::engine::general_purpose::STANDARD;
+use base64::{DecodeError, DecodeSliceError, Engine as _};
+
+/// Symbols decoded per step: a multiple of 4, so only the last chunk may
+/// end in a partial quad or padding, as the whole text may.
+const CHUNK: usize = 4096;
+
+/// Decodes standard base64 in `text`, after [`base64_text`] drops
+/// surrounding whitespace and a `data:` URL prefix; whitespace inside
+/// (base64 wrapped in lines: MIME, the `base64` command, Python's
+/// `encodebytes`) is skipped. An error's offsets count symbols, whitespace
+/// not included.
+pub(crate) fn decode_in_place(text: String) -> Result<Vec<u8>, DecodeError> {
+    let data = base64_text(&text);
+    // `data` is a slice of `text`: its place in the buffer.
+    let start = data.as_ptr() as usize - text.as_ptr() as usize;
+    let end = start + data.len();
+    let mut buf = text.into_bytes();
+    let mut symbols = [0u8; CHUNK];
+    let mut bytes = [0u8; CHUNK / 4 * 3];
+    let (mut read, mut written, mut seen) = (start, 0, 0);
+    loop {
+        let mut n = 0;
+        while n < CHUNK && read < end {
+            let b = buf[read];
+            read += 1;
+            if !b.is_ascii_whitespace() {
+                symbols[n] = b;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        let decoded = match STANDARD.decode_slice(&symbols[..n], &mut bytes) {
+            Ok(decoded) => decoded,
+            Err(DecodeSliceError::DecodeError(e)) => return Err(shifted(e, seen)),
+            // `bytes` holds what a full chunk decodes to.
+            Err(DecodeSliceError::OutputSliceTooSmall) => {
+                return Err(DecodeError::InvalidLength(seen + n));
+            }
+        };
+        // `written + decoded <= (seen + n) / 4 * 3 < read`: the text under
+        // it has been read.
+        buf[written..written + decoded].copy_from_slice(&bytes[..decoded]);
+        written += decoded;
+        seen += n;
+        if n < CHUNK {
+            break;
+        }
+    }
+    buf.truncate(written);
+    // Gives the text's excess back (the allocator shrinks in place).
+    buf.shrink_to_fit();
+    Ok(buf)
+}
+
+/// An error of one chunk, its offsets made the whole text's.
+fn shifted(e: DecodeError, seen: usize) -> DecodeError {
+    match e {
+        DecodeError::InvalidByte(at, byte) => DecodeError::InvalidByte(seen + at, byte),
+        DecodeError::InvalidLength(at) => DecodeError::InvalidLength(seen + at),
+        DecodeError::InvalidLastSymbol {
+            offset,
+            symbol,
+            symbol_value,
+        } => DecodeError::InvalidLastSymbol {
+            offset: seen + offset,
+            symbol,
+            symbol_value,
+        },
+        DecodeError::InvalidPadding => DecodeError::InvalidPadding,
+    }
+}
+
+/// The base64 of a binary argument sent as a JSON string: surrounding
+/// whitespace and a `data:<type>;base64,` URL prefix are dropped.
+pub(crate) fn base64_text(text: &str) -> &str {
+    let text = text.trim();
+    match text.split_once(";base64,") {
+        Some((prefix, data)) if prefix.starts_with("data:") => data,
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use proptest::prelude::*;
+
+    use super::{base64_text, decode_in_place};
+
+    #[test]
+    fn the_prefix_and_surrounding_whitespace_are_dropped() {
+        assert_eq!(base64_text("data:x;base64,QQ=="), "QQ==");
+        assert_eq!(base64_text(" QQ==\n"), "QQ==");
+        assert_eq!(
+            decode_in_place(" data:image/png;base64,AP8= ".into()).unwrap(),
+            b"\x00\xff"
+        );
+    }
+
+    #[test]
+    fn the_bytes_are_decoded_into_the_texts_own_buffer() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let text = STANDARD.encode(&data);
+        let at = text.as_ptr();
+        let decoded = decode_in_place(text).unwrap();
+        assert_eq!(decoded, data);
+        assert_eq!(decoded.as_ptr(), at, "decoded into another buffer");
+    }
+
+    #[test]
+    fn errors_name_the_offset_in_the_whole_text() {
+        // A bad symbol in the third chunk, after line breaks.
+        let mut text = "QUJD\n".repeat(3 * super::CHUNK / 4);
+        text.push_str("QU!D");
+        assert_eq!(
+            decode_in_place(text).unwrap_err(),
+            base64::DecodeError::InvalidByte(3 * super::CHUNK + 2, b'!')
+        );
+        // Padding before the end, and a length no text may have.
+        let text = format!("{}QQ==QUJD", "QUJD".repeat(super::CHUNK / 4));
+        assert!(decode_in_place(text).is_err());
+        let text = format!("{}Q", "QUJD".repeat(super::CHUNK / 4));
+        assert_eq!(
+            decode_in_place(text).unwrap_err(),
+            STANDARD
+                .decode(format!("{}Q", "QUJD".repeat(super::CHUNK / 4)))
+                .unwrap_err()
+        );
+        assert!(decode_in_place("QQ\n=!".into()).is_err());
+    }
+
+    proptest! {
+        /// Whatever the data and however the text is wrapped, the bytes
+        /// are the data; and text that is not base64 fails as the crate's
+        /// own decoder fails on it, whitespace removed.
+        #[test]
+        fn decodes_as_the_crate_does(
+            data in proptest::collection::vec(any::<u8>(), 0..20_000),
+            width in prop_oneof![Just(0usize), 1usize..200],
+            noise in proptest::option::of((0usize..30_000, any::<u8>())),
+        ) {
+            let mut text = STANDARD.encode(&data);
+            if width > 0 {
+                let lines: Vec<String> = text
+                    .as_bytes()
+                    .chunks(width)
+                    .map(|l| String::from_utf8_lossy(l).into_owned())
+                    .collect();
+                text = lines.join("\r\n");
+            }
+            if let Some((at, byte)) = noise
+                && byte.is_ascii()
+                && at <= text.len()
+            {
+                text.insert(at, char::from(byte));
+            }
+            let joined: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+            let expected = STANDARD.decode(base64_text(&joined));
+            prop_assert_eq!(decode_in_place(text), expected);
+        }
+    }
+}
