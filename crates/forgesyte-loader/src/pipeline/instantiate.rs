@@ -447,6 +447,12 @@ impl Loader {
         // Resolving the path is the look-up: a library that resolves is
         // there (no separate `exists`).
         let resolved = self.check_contained(&p.dir, &inside, &entry)?;
+        // The path as named is what is opened, not the resolved one: the
+        // library's `$ORIGIN`, its pin and the reasons stay those of the
+        // plugin's directory. A link swapped between the check and the
+        // open needs write access to that directory, which could replace
+        // the library itself; a checked (signed or pinned) library is
+        // loaded from the bytes that were checked, whatever the link.
         if resolved || !bare || self.fs.exists(&inside) {
             return Ok(inside);
         }
