@@ -17,7 +17,8 @@ use crate::host::{Importer, PluginInstance, PluginLibrary, ToolInfo};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FakeBehavior {
     /// Opens, constructs, and offers the tools `echo` (returns its args),
-    /// `fail` (returns an error) and `panic` (a caught panic).
+    /// `fail` (returns an error) and `panic` (a caught panic; after
+    /// `after_ms` milliseconds when its arguments say so).
     Good,
     /// Opening fails: the ABI version is wrong.
     WrongAbi,
@@ -132,9 +133,19 @@ impl PluginInstance for FakeInstance {
                 error_type: Some("InvalidInput".into()),
                 message: "fake failure".into(),
             }),
-            "panic" => Err(ToolError::Panicked {
-                message: "fake panic".into(),
-            }),
+            "panic" => {
+                // `{"after_ms": N}`: a call still running when its caller
+                // gives up on it, that panics after.
+                let after = serde_json::from_slice::<serde_json::Value>(args)
+                    .ok()
+                    .and_then(|v| v.get("after_ms").and_then(serde_json::Value::as_u64));
+                if let Some(ms) = after {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+                Err(ToolError::Panicked {
+                    message: "fake panic".into(),
+                })
+            }
             other => Err(ToolError::UnknownTool {
                 plugin: String::new(),
                 tool: other.into(),

@@ -91,6 +91,22 @@ impl CallTicket {
     }
 }
 
+/// A call marked running and not recorded yet: dropped, it is finished
+/// (no longer in flight, not counted) unless its ticket was settled.
+struct Running<'a> {
+    handle: &'a PluginHandle,
+    ticket: &'a CallTicket,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if self.ticket.settle() {
+            let slot = &self.handle.inner.slot;
+            let _ = slot.registry.finish(&slot.name);
+        }
+    }
+}
+
 /// A cheap, cloneable handle on a loaded plugin instance.
 ///
 /// Every call goes through the registry: the state moves to RUNNING while the
@@ -284,12 +300,29 @@ impl PluginHandle {
             ticket.settle();
             return Err(self.not_runnable());
         }
+        // Until the call is recorded below, it is finished (no longer in
+        // flight, not counted) however this function is left: an early
+        // return, or a panic of the host's own.
+        let running = Running {
+            handle: self,
+            ticket,
+        };
+        if self.inner.slot.is_retired() {
+            // A handle taken before a reload or rescan replaced this
+            // instance: the name (and its counts) are the new one's.
+            drop(running);
+            return Err(CallError::NotRunnable {
+                name: name.clone(),
+                state: registry.get_status(name).map(|s| s.state),
+                reason: Some(
+                    "the plugin was reloaded while this call waited to start; send it again"
+                        .to_owned(),
+                ),
+            });
+        }
         let args = match serde_json::to_vec(args) {
             Ok(bytes) => bytes,
             Err(e) => {
-                if ticket.settle() {
-                    let _ = registry.finish(name);
-                }
                 return Err(ToolError::InvalidArgs {
                     message: e.to_string(),
                 }
@@ -325,14 +358,18 @@ impl PluginHandle {
                 other => other,
             });
         let elapsed = started.elapsed();
-        // Bookkeeping errors (the plugin was reloaded meanwhile) are not the
-        // caller's problem: the outcome of the call stands.
-        if let Err(e) = &outcome
-            && e.is_fault()
-        {
-            self.fault(&instance, e);
-        }
+        // Recorded by whoever settles first: a call its caller timed out
+        // (`fail_timeout`) was counted, and its plugin marked, then; what
+        // it does after (a panic, say) changes neither. Bookkeeping errors
+        // (the plugin was reloaded meanwhile) are not the caller's problem:
+        // the outcome of the call stands.
+        let _recorded_below = std::mem::ManuallyDrop::new(running);
         if ticket.settle() {
+            if let Err(e) = &outcome
+                && e.is_fault()
+            {
+                self.fault(&instance, e);
+            }
             let _ = registry.end_call(name, elapsed, outcome.is_ok());
         }
         outcome.map_err(CallError::from)

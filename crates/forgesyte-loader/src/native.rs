@@ -673,6 +673,18 @@ fn take_results(
     if list.ptr.is_null() {
         return Ok(Vec::new());
     }
+    // What no slice may be: refused (the list is left to the plugin)
+    // rather than read, or a capacity that panics.
+    let room =
+        isize::MAX as usize / std::mem::size_of::<forgesyte_protocol::abi::FsBinaryResult>().max(1);
+    if list.len > room || !list.ptr.is_aligned() {
+        return Err(ToolError::Protocol {
+            detail: format!(
+                "its list of binary results cannot be read ({} results at {:p})",
+                list.len, list.ptr
+            ),
+        });
+    }
     let mut taken = Vec::with_capacity(list.len);
     // SAFETY: the plugin wrote `len` initialised results at `ptr` (the SDK's
     // `FsResultList::from_vec`), which stay valid until `free_results`.

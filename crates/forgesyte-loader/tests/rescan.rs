@@ -1,6 +1,7 @@
 //! `Loader::rescan` over the fake world: a removed plugin is retired after
 //! its call in flight, a new one is added, an unchanged failed one retried,
-//! and an unreadable plugins directory retires nothing.
+//! and an unreadable plugins directory retires nothing; a call through a
+//! handle a reload replaced, and one that panics after it timed out.
 
 use std::time::{Duration, Instant};
 
@@ -129,4 +130,58 @@ fn a_duplicate_takes_its_name_when_a_rescan_finds_it_free() {
         loader.plugin_dir("ocr"),
         Some(std::path::PathBuf::from("/plugins/ocr-v2"))
     );
+}
+
+#[test]
+fn a_handle_taken_before_a_reload_runs_nothing_of_the_old_instance() {
+    let s = Setup::new();
+    s.plugin("alpha", &manifest("alpha", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    let old = loader.handle("alpha").unwrap();
+    // A fault fails it; a reload then retires this instance for a new one.
+    assert!(old.call("panic", &json!({})).is_err());
+    s.check("alpha", S::Failed, &[]);
+    assert!(loader.reload("alpha").is_some());
+    s.check("alpha", S::Initialized, &[]);
+    let counts = |s: &Setup| {
+        let status = s.registry.get_status("alpha").unwrap();
+        (status.success_count, status.error_count, status.in_flight)
+    };
+    let before = counts(&s);
+    // A call that took the handle before the reload (queued, say) is
+    // refused: it would run the retired instance under the new one's name.
+    match old.call("echo", &json!({"x": 1})) {
+        Err(forgesyte_loader::CallError::NotRunnable { reason, .. }) => {
+            let reason = reason.unwrap_or_default();
+            assert!(reason.contains("reloaded"), "{reason}");
+        }
+        other => panic!("the retired instance ran: {other:?}"),
+    }
+    assert_eq!(counts(&s), before, "counted on the new instance");
+    let new = loader.handle("alpha").unwrap();
+    assert_eq!(new.call("echo", &json!({"x": 1})).unwrap(), json!({"x": 1}));
+}
+
+#[test]
+fn a_call_timed_out_that_panics_later_changes_neither_reason_nor_counts() {
+    let s = Setup::new();
+    s.plugin("alpha", &manifest("alpha", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    let handle = loader.handle("alpha").unwrap();
+    let ticket = forgesyte_loader::CallTicket::new();
+    let context = forgesyte_loader::CallContext::default();
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| {
+            handle.call_ticketed("panic", &json!({"after_ms": 300}), &[], &context, &ticket)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let reason = handle
+            .fail_timeout("panic", Duration::from_millis(50), &ticket)
+            .expect("the call was still running");
+        assert!(call.join().unwrap().is_err());
+        let status = s.registry.get_status("alpha").unwrap();
+        assert_eq!(status.state, S::Failed);
+        assert_eq!(status.reason.as_deref(), Some(reason.as_str()), "replaced");
+        assert_eq!((status.error_count, status.in_flight), (1, 0));
+    });
 }
