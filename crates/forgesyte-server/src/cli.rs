@@ -209,7 +209,8 @@ pub(crate) struct ServeArgs {
     /// it for this long is closed (code 1000), in seconds; 0: never.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_STREAM_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_STREAM_IDLE_TIMEOUT), value_parser = parse_seconds_or_never)]
     pub(crate) stream_idle_timeout: Seconds,
-    /// Time an idle keep-alive connection stays open after a response, in seconds.
+    /// Time an idle keep-alive connection stays open after a response, and
+    /// the longest a client may read nothing of an answer, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_IDLE_TIMEOUT), value_parser = parse_seconds_arg)]
     pub(crate) idle_timeout: Seconds,
     /// Connections served at once (at most half the soft file-descriptor

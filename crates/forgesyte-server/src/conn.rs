@@ -19,6 +19,11 @@
 //!   timer hyper arms fires `header_read_timeout` after the connection was
 //!   accepted (first request) or after the first byte of a later request
 //!   arrived, and `idle_timeout` after a response when no byte came since.
+//!   hyper arms no timer while it writes, so a client that stops reading
+//!   (pipelined requests for large answers, never read) would hold its
+//!   connection, and a place under the cap, for ever: a write that takes
+//!   no byte for `idle_timeout` fails instead ([`TimedStream`]), and hyper
+//!   closes the connection.
 //! - **The cap.** A semaphore of `max_connections` permits is taken before
 //!   a connection is served. Beyond it, [`PROBE_RESERVE`] more connections
 //!   are served probes only (`/livez`, `/readyz`, `/v1/health`), every
@@ -217,7 +222,15 @@ where
         // Any value: the timer decides the deadline.
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(keep_alive)
-        .serve_connection(TokioIo::new(TimedStream { stream, clock }), service)
+        .serve_connection(
+            TokioIo::new(TimedStream {
+                stream,
+                clock,
+                write_stall: limits.idle_timeout,
+                stalled: None,
+            }),
+            service,
+        )
 }
 
 /// `service` with the client's address in every request's extensions.
@@ -335,11 +348,47 @@ impl ReadClock {
     }
 }
 
-/// A TCP stream that tells its [`ReadClock`] when bytes arrive.
+/// A TCP stream that tells its [`ReadClock`] when bytes arrive, and fails
+/// a write that has taken no byte for `write_stall` (a client that stopped
+/// reading), so hyper closes its connection.
 #[derive(Debug)]
 pub(crate) struct TimedStream {
     stream: TcpStream,
     clock: ReadClock,
+    write_stall: Duration,
+    /// Since the first write that found the socket full, until one takes
+    /// bytes again.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TimedStream {
+    /// A write's (or flush's) outcome, with the stall accounted: a pending
+    /// write past `write_stall` since the socket filled is `TimedOut`.
+    fn watch_stall<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.write_stall;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client read nothing of the response for {} s",
+                    limit.as_secs_f64()
+                ),
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl AsyncRead for TimedStream {
@@ -363,11 +412,13 @@ impl AsyncWrite for TimedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.watch_stall(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.watch_stall(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -379,7 +430,8 @@ impl AsyncWrite for TimedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.watch_stall(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

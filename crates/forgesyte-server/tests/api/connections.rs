@@ -570,3 +570,38 @@ fn twenty_five_thousand_idle_connections_do_not_starve_the_server() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_loses_its_connection_after_the_idle_timeout() {
+    let server = start(|c| {
+        c.header_read_timeout = Duration::from_secs(10);
+        c.idle_timeout = Duration::from_secs(1);
+        c.max_connections = 1;
+    })
+    .await;
+    let addr = server.addr;
+    let (served, reader) = blocking(move || {
+        // Pipelined requests for far more than the socket buffers hold,
+        // never read: hyper's write waits, and no read timer is armed.
+        let mut reader = connect(addr);
+        let request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+        reader.write_all(&request).unwrap();
+        let started = Instant::now();
+        loop {
+            let reply = try_http(addr, "GET", "/v1/plugins", b"");
+            if let Ok(reply) = reply
+                && reply.status == 200
+            {
+                return (started.elapsed(), reader);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(8),
+                "the only place under the cap stayed taken by a client that reads nothing"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await;
+    assert!(served >= Duration::from_millis(500), "{served:?}");
+    drop(reader);
+}
