@@ -4,7 +4,8 @@
 //! `network`, `filesystem`, `env`), the plan the host hands a runner
 //! ([`Confinement`], passed as `--confine JSON`), and its application in the
 //! native runner ([`apply`]: Landlock through the `landlock` crate, a network
-//! namespace through `unshare`). The Python runner applies the same plan
+//! namespace through `unshare`, a seccomp filter for what neither rules:
+//! [`seccomp`]). The Python runner applies the same plan
 //! itself (`confine` in `python/runner/confine.py`), so both runtimes get one policy.
 //!
 //! The plan allows reading the plugin directory, its declared models and
@@ -23,6 +24,9 @@ use std::path::{Path, PathBuf};
 use forgesyte_errors::ManifestError;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+mod seccomp;
+pub use seccomp::{SYSCALLS_IPC, SYSCALLS_NO_SOCKETS};
 
 /// What a manifest asks of its runner's sandbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -237,18 +241,36 @@ pub struct Confinement {
     pub required: bool,
 }
 
+/// The parts every confined runner reports (the Python runner's too); a
+/// runner that leaves one out ignored that part of its plan.
+pub const REPORTED_PARTS: [&str; 6] = [
+    "env",
+    "network",
+    "filesystem",
+    "capabilities",
+    "memory",
+    "syscalls",
+];
+
 /// What of a runner's confinement `report` (its hello's `confinement`)
-/// is not enforced, in one line (`part: unconfined: why; ...`); `None`
-/// when every part is. No report at all is unconfined as a whole.
+/// is not enforced, in one line (`part: unconfined: why; ...`, a part of
+/// [`REPORTED_PARTS`] left out: `part: not reported`), parts in the order
+/// of their names; `None` when every part is. No report at all is unconfined as a whole.
 pub fn unconfined(report: Option<&BTreeMap<String, String>>) -> Option<String> {
     let Some(report) = report else {
         return Some("it reported no confinement".to_owned());
     };
-    let parts: Vec<String> = report
+    let missing = REPORTED_PARTS
+        .iter()
+        .filter(|part| !report.contains_key(**part))
+        .map(|part| format!("{part}: not reported"));
+    let mut parts: Vec<String> = report
         .iter()
         .filter(|(_, value)| value.starts_with("unconfined"))
         .map(|(part, value)| format!("{part}: {value}"))
+        .chain(missing)
         .collect();
+    parts.sort();
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
@@ -526,7 +548,8 @@ fn scratch_dir_in(tmp: &Path, plugin: &str, owner: Option<RunAs>) -> std::io::Re
 
 /// Applies `plan` to this process (the native runner, before it opens the
 /// plugin's library): a network namespace of its own unless the plan keeps
-/// the network, then Landlock. The environment is the host's to set (it
+/// the network, then Landlock, capabilities dropped, not dumpable, and the
+/// seccomp filter. The environment is the host's to set (it
 /// starts the native runner with the plan's environment). Returns what was
 /// enforced, part by part.
 #[allow(unsafe_code)]
@@ -567,6 +590,9 @@ pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
     }
     report.insert("capabilities".to_owned(), drop_capabilities());
     report.insert("memory".to_owned(), not_dumpable());
+    // Last: nothing above makes a socket, and the runner reads its
+    // shared-memory socket (already open) only later.
+    report.insert("syscalls".to_owned(), seccomp::install(plan.network));
     report
 }
 

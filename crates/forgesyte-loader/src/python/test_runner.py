@@ -1502,6 +1502,226 @@ class UnitTests(unittest.TestCase):
 
 
 
+# The machines the runner has a seccomp filter for (``confine._seccomp``);
+# elsewhere the tests that install it are skipped.
+MACHINE = os.uname().machine if hasattr(os, "uname") else platform.machine()
+SECCOMP_HERE = sys.platform.startswith("linux") and MACHINE in ("x86_64", "aarch64", "arm64")
+NO_SECCOMP_HERE = "no seccomp filter on this machine (%s, %s)" % (sys.platform, MACHINE)
+if not SECCOMP_HERE:
+    print("SeccompTests: the filter's own tests are skipped: " + NO_SECCOMP_HERE, file=sys.stderr)
+
+
+def run_bpf(program, arch, nr, arg0):
+    """What a classic BPF ``program`` (``(code, jt, jf, k)`` tuples) returns
+    for a call, run as the kernel would (the few opcodes the filter uses)."""
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        if code == 0x20:  # ld [k]
+            acc = {0: nr, 4: arch, 16: arg0}[k]
+        elif code == 0x06:  # ret k
+            return k
+        elif code in (0x15, 0x35):  # jeq k, jge k
+            taken = acc == k if code == 0x15 else acc >= k
+            pc += jt if taken else jf
+        else:
+            raise AssertionError("opcode %#x" % code)
+
+
+class SeccompTests(unittest.TestCase):
+    """The seccomp filter of a confined runner (``confine._seccomp``): the
+    program it installs, the same as the native runner's
+    (``sandbox::seccomp``), and what a process it filters can no longer do.
+    What the kernel enforces is tried in a forked child: a filter cannot be
+    taken off again."""
+
+    ALLOW, DENY = 0x7FFF0000, 0x00050000 | 13
+
+    def test_the_program_is_the_native_runners_instruction_for_instruction(self):
+        from runner.confine import _seccomp_program
+
+        ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+        ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220, 240, 241, 242, 243, 244, 245)
+        # x86_64 without the network: 29 instructions, every jump to the
+        # deny (the last) counted from the one after it.
+        expected = [(ld, 0, 0, 4), (jeq, 0, 26, 0xC000003E), (ld, 0, 0, 0),
+                    (jge, 24, 0, 0x40000000)]
+        expected += [(jeq, 23 - i, 0, nr) for i, nr in enumerate(ipc)]
+        expected += [(jeq, 1, 0, 41), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
+                     (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
+        self.assertEqual(_seccomp_program("x86_64", False), expected)
+        # With the network: no socket part.
+        expected = [(ld, 0, 0, 4), (jeq, 0, 21, 0xC000003E), (ld, 0, 0, 0), (jge, 19, 0, 0x40000000)]
+        expected += [(jeq, 18 - i, 0, nr) for i, nr in enumerate(ipc)]
+        expected += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
+        self.assertEqual(_seccomp_program("x86_64", True), expected)
+        # aarch64: no x32; its own numbers.
+        expected = [(ld, 0, 0, 4), (jeq, 0, 25, 0xC00000B7), (ld, 0, 0, 0)]
+        expected += [(jeq, 23 - i, 0, nr) for i, nr in enumerate(range(180, 198))]
+        expected += [(jeq, 1, 0, 198), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
+                     (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
+        self.assertEqual(_seccomp_program("aarch64", False), expected)
+        self.assertEqual(_seccomp_program("arm64", False), expected)
+        self.assertIsNone(_seccomp_program("riscv64", False))
+
+    def test_the_program_refuses_exactly_what_it_says(self):
+        from runner.confine import _seccomp_program
+
+        machines = {
+            # AUDIT_ARCH, IPC calls, socket, read, socketpair
+            "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220]
+                       + list(range(240, 246)), 41, 0, 53),
+            "aarch64": (0xC00000B7, list(range(180, 198)), 198, 63, 199),
+        }
+        for machine, (arch, ipc, socket_nr, read_nr, socketpair_nr) in machines.items():
+            for network in (False, True):
+                p = _seccomp_program(machine, network)
+                where = (machine, network)
+                for nr in ipc:
+                    self.assertEqual(run_bpf(p, arch, nr, 0), self.DENY, (where, nr))
+                for nr in (read_nr, socketpair_nr, 0, 400):
+                    self.assertEqual(run_bpf(p, arch, nr, 1), self.ALLOW, (where, nr))
+                self.assertEqual(run_bpf(p, arch, socket_nr, 2), self.ALLOW, where)  # AF_INET
+                self.assertEqual(run_bpf(p, arch, socket_nr, 10), self.ALLOW, where)  # AF_INET6
+                sockets = self.ALLOW if network else self.DENY
+                self.assertEqual(run_bpf(p, arch, socket_nr, 1), sockets, where)  # AF_UNIX
+                self.assertEqual(run_bpf(p, arch, socket_nr, 16), sockets, where)  # AF_NETLINK
+                # Another architecture's calls (i386's), whatever they are.
+                self.assertEqual(run_bpf(p, 0x40000003, read_nr, 0), self.DENY, where)
+                x32 = self.DENY if machine == "x86_64" else self.ALLOW
+                self.assertEqual(run_bpf(p, arch, 0x40000000 | read_nr, 0), x32, where)
+
+    def test_no_filter_for_another_architecture_is_said(self):
+        from runner.confine import _seccomp
+
+        self.assertEqual(_seccomp(None, False, "riscv64"),
+                         "unconfined: no seccomp filter for this architecture (riscv64)")
+
+    def filtered(self, install, network):
+        """In a forked child: ``install()`` (what it returns is ``said``),
+        then each check; returns what the child reported, a check's
+        outcome "ok" or [exception type, errno]."""
+        import ctypes
+        import errno
+        import socket
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        syscall = libc.syscall
+        syscall.restype = ctypes.c_long
+
+        def shmget():
+            shm = libc.shmget(ctypes.c_int(0), ctypes.c_size_t(4096), ctypes.c_int(0o600))
+            if shm < 0:
+                raise OSError(ctypes.get_errno(), "shmget")
+            libc.shmctl(ctypes.c_int(shm), ctypes.c_int(0), None)  # IPC_RMID: not left behind
+
+        def mq_open():
+            nr = {"x86_64": 240}.get(MACHINE, 180)
+            name = ctypes.create_string_buffer(b"/forgesyte-test-none")
+            if syscall(ctypes.c_long(nr), name, ctypes.c_int(os.O_RDONLY), ctypes.c_int(0), None) < 0:
+                error = ctypes.get_errno()
+                if error != errno.ENOENT:  # none there: not refused
+                    raise OSError(error, "mq_open")
+
+        def x32_getpid():
+            if syscall(ctypes.c_long(0x40000000 | 39)) < 0:
+                error = ctypes.get_errno()
+                if error != errno.ENOSYS:  # no x32 in this kernel: not refused
+                    raise OSError(error, "x32 getpid")
+
+        checks = [
+            ("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()),
+            ("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()),
+            ("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()),
+            ("socketpair", lambda: [s.close() for s in socket.socketpair()]),
+            ("shmget", shmget),
+            ("mq_open", mq_open),
+        ]
+        if MACHINE == "x86_64":
+            checks.append(("x32", x32_getpid))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                said = {"said": install(libc, network)}
+                for name, check in checks:
+                    try:
+                        check()
+                        said[name] = "ok"
+                    except OSError as e:
+                        said[name] = [type(e).__name__, e.errno]
+                os.write(w, json.dumps(said).encode("utf-8"))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(status, 0, "the child failed")
+        return json.loads(data.decode("utf-8"))
+
+    @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
+    def test_without_the_network_no_unix_or_netlink_socket_and_no_ipc(self):
+        from runner import confine
+
+        refused = ["PermissionError", 13]
+        said = self.filtered(confine._seccomp, False)
+        self.assertEqual(said.pop("said"), confine.SYSCALLS_NO_SOCKETS)
+        self.assertEqual(said, dict({"unix": refused, "netlink": refused, "udp": "ok",
+                                     "socketpair": "ok", "shmget": refused, "mq_open": refused},
+                                    **({"x32": refused} if MACHINE == "x86_64" else {})))
+
+    @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
+    def test_with_the_network_sockets_are_made_and_ipc_still_refused(self):
+        from runner import confine
+
+        refused = ["PermissionError", 13]
+        said = self.filtered(confine._seccomp, True)
+        self.assertEqual(said.pop("said"), confine.SYSCALLS_IPC)
+        self.assertEqual(said, dict({"unix": "ok", "netlink": "ok", "udp": "ok",
+                                     "socketpair": "ok", "shmget": refused, "mq_open": refused},
+                                    **({"x32": refused} if MACHINE == "x86_64" else {})))
+
+    @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
+    def test_confine_installs_it_last_and_reports_it(self):
+        from runner import confine
+
+        def confined(libc, network):  # its own libc, as a runner started alone
+            return confine.confine({"network": network, "env": [], "read": [], "write": []})
+
+        said = self.filtered(confined, False)
+        report = said.pop("said")
+        self.assertEqual(report["syscalls"], confine.SYSCALLS_NO_SOCKETS, report)
+        self.assertEqual(list(report)[-1], "syscalls", report)
+        self.assertEqual(said["unix"], ["PermissionError", 13])
+        self.assertEqual(said["shmget"], ["PermissionError", 13])
+
+    def test_a_confined_zygote_that_cannot_be_made_not_dumpable_does_not_serve(self):
+        import socket
+
+        # No ctypes, so no prctl: it says so and exits 71 (EXIT_SETUP)
+        # rather than serve runners from a dumpable zygote.
+        ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ours.close)
+        code = ("import sys; sys.modules['ctypes'] = None; sys.path.insert(0, %r); "
+                "import runner as r; r.start(['--zygote', '--confined'])" % HERE)
+        proc = subprocess.Popen([PYTHON, "-c", code], stdin=its, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        its.close()
+        try:
+            _, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            self.fail("the zygote serves")
+        self.assertEqual(proc.returncode, base.EXIT_SETUP, err)
+        self.assertIn(b"cannot make itself not dumpable: no ctypes", err)
+
+
 class SharedMemoryTests(unittest.TestCase):
     """The Wire's shared memory (PROTOCOL.md §3.1), between two Wires over
     pipes and a SEQPACKET socket pair: large attachments travel as sealed

@@ -100,6 +100,7 @@ fn attack(
     assert_eq!(confinement["network"], network, "{shown}");
     assert_eq!(confinement["scopes"], SCOPES, "{shown}");
     assert_eq!(confinement["env"], "scrubbed", "{shown}");
+    assert_eq!(confinement["syscalls"], SYSCALLS_NO_SOCKETS, "{shown}");
     // No capability left, whoever the runner runs as (a root server's
     // runners without --runner-user are root).
     let root = rustix::process::geteuid().is_root();
@@ -212,6 +213,8 @@ pub(super) fn declares(plugins: &PluginsDir) -> Value {
 const OWN_NETWORK: &str = "isolated: a network namespace of its own";
 const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
 const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
+const SYSCALLS_NO_SOCKETS: &str =
+    "filtered: no new Unix or netlink socket, no System V IPC, no POSIX message queue";
 
 /// The snoop's variables, and the policy that grants the `open` variants
 /// (unsigned) what their manifests ask for.
@@ -288,9 +291,10 @@ fn a_python_plugin_is_confined_without_the_zygote() {
 }
 
 /// Two Python runners the same zygote forked into the same network
-/// namespace: neither may connect to the other's abstract Unix socket nor
-/// signal it. With `--confine off` both go through (what shows the test can
-/// see them).
+/// namespace: neither may make an abstract Unix socket (nor any Unix
+/// socket: the seccomp filter) or a netlink one to reach the other by, nor
+/// signal it. With `--confine off` all of it goes through (what shows the
+/// test can see them).
 #[test]
 fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
     for confine in ["on", "off"] {
@@ -303,24 +307,30 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
         );
         server.wait_loaded();
         let name = format!("forgesyte-sandbox-test-{}-{confine}", std::process::id());
-        let a = call(&server, "snoop-a", "listen", json!({ "name": name })).unwrap();
+        let a = call(&server, "snoop-a", "pid", json!({})).unwrap();
+        let listen = call(&server, "snoop-a", "listen", json!({ "name": name }));
         let reach = call(&server, "snoop-b", "reach", json!({ "name": name }));
+        let netlink = call(&server, "snoop-b", "netlink", json!({}));
         let signal = call(&server, "snoop-b", "signal", json!({"pid": a["pid"]}));
         if confine == "off" {
+            assert_eq!(listen.unwrap()["pid"], a["pid"]);
             assert_eq!(reach.unwrap()["connected"], true);
+            assert_eq!(netlink.unwrap()["opened"], true);
             assert_eq!(signal.unwrap()["signalled"], true);
             continue;
         }
-        assert_eq!(
-            status(&server, "snoop-b")["confinement"]["network"],
-            SHARED_NETWORK
-        );
-        let (kind, error) = reach.unwrap_err();
-        assert_eq!(kind, "PermissionError", "{error}");
-        let (kind, error) = signal.unwrap_err();
-        assert_eq!(kind, "PermissionError", "{error}");
-        // Its own socket it still reaches.
-        call(&server, "snoop-a", "reach", json!({ "name": name })).unwrap();
+        let confinement = &status(&server, "snoop-b")["confinement"];
+        assert_eq!(confinement["network"], SHARED_NETWORK);
+        assert_eq!(confinement["syscalls"], SYSCALLS_NO_SOCKETS);
+        for (what, refused) in [
+            ("listen", listen),
+            ("reach", reach),
+            ("netlink", netlink),
+            ("signal", signal),
+        ] {
+            let (kind, error) = refused.unwrap_err();
+            assert_eq!(kind, "PermissionError", "{what}: {error}");
+        }
     }
 }
 

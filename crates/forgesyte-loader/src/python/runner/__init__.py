@@ -58,7 +58,8 @@ zygote)::
     tools     the plugin's tool list and schemas
     loading   importing the plugin's code, finding its class
     api       ``import forgesyte_runner``; logging records on stderr
-    confine   the sandbox: environment, network, Landlock, capabilities
+    confine   the sandbox: environment, network, Landlock, capabilities,
+              not dumpable, a seccomp filter
     zygote    the pre-started interpreter that forks runners
 
 The host imports this package from its private cache of these files, or,

@@ -1,8 +1,9 @@
 """Confinement (``--confine PLAN``): the host's sandbox applied to this
 process before any plugin code runs, the same policy as the native
 runner's (``forgesyte_loader::sandbox``): the environment replaced, no
-network, Landlock rules, capabilities dropped, not dumpable. Each part is
-reported as enforced or "unconfined: why", never silently skipped."""
+network, Landlock rules, capabilities dropped, not dumpable, a seccomp
+filter. Each part is reported as enforced or "unconfined: why", never
+silently skipped."""
 
 import os
 import struct
@@ -61,15 +62,24 @@ def confine_tools(libc):
     return libc, syscall, abi
 
 
+# The parts every confined runner reports (the native runner's
+# ``sandbox::REPORTED_PARTS``); a runner that leaves one out ignored that
+# part of its plan.
+REPORTED_PARTS = ("env", "network", "filesystem", "capabilities", "memory", "syscalls")
+
+
 def unconfined(report):
     """What of a confinement ``report`` (the hello's ``confinement``) is
-    not enforced, in one line ("part: unconfined: why; ..."), or None when
-    every part is; no report at all is unconfined as a whole."""
+    not enforced, in one line ("part: unconfined: why; ...", a part of
+    ``REPORTED_PARTS`` left out: "part: not reported"), in the order of
+    the lines; or None when every part is. No report at all is unconfined
+    as a whole. The native runner's rule (``sandbox::unconfined``)."""
     if report is None:
         return "it reported no confinement"
-    parts = ["%s: %s" % (part, value) for part, value in sorted(report.items())
+    parts = ["%s: %s" % (part, value) for part, value in report.items()
              if str(value).startswith("unconfined")]
-    return "; ".join(parts) if parts else None
+    parts += ["%s: not reported" % part for part in REPORTED_PARTS if part not in report]
+    return "; ".join(sorted(parts)) if parts else None
 
 
 def confine(plan, shared=None, tools=None, given_env=None):
@@ -79,7 +89,8 @@ def confine(plan, shared=None, tools=None, given_env=None):
     spawn, else this process's own, as the host started it), no
     network unless ``plan["network"]``, and Landlock rules that
     allow reading ``plan["read"]`` (and what the interpreter itself needs),
-    writing ``plan["write"]``, and using the devices ``plan["devices"]``.
+    writing ``plan["write"]``, and using the devices ``plan["devices"]``;
+    last, a seccomp filter (``_seccomp``) refuses what those leave open.
     Returns what was applied (the hello's ``confinement``): each part either
     enforced or "unconfined: why", never silently skipped.
 
@@ -128,6 +139,7 @@ def confine(plan, shared=None, tools=None, given_env=None):
     report["filesystem"] = _landlock(libc, syscall, abi, plan, network, report)
     report["capabilities"] = _drop_all_capabilities(libc)
     report["memory"] = _not_dumpable(libc)
+    report["syscalls"] = _seccomp(libc, network)
     return report
 
 
@@ -150,6 +162,99 @@ def _not_dumpable(libc):
                   ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
         return "unconfined: cannot make it not dumpable (%s)" % os.strerror(ctypes.get_errno())
     return MEMORY_PRIVATE
+
+
+# What the hello says of a runner filtered by ``_seccomp`` (as the native
+# runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
+# with it.
+SYSCALLS_NO_SOCKETS = "filtered: no new Unix or netlink socket, no System V IPC, no POSIX message queue"
+SYSCALLS_IPC = "filtered: no System V IPC, no POSIX message queue"
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+# Classic BPF (``linux/filter.h``): the few instructions the filter uses.
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_EACCES = 0x00050000 | 13  # SECCOMP_RET_ERRNO | EACCES
+_AF_UNIX, _AF_NETLINK = 1, 16
+_X32_SYSCALL_BIT = 0x40000000
+# Per machine (``os.uname().machine``): its AUDIT_ARCH, whether it has x32
+# calls to refuse, its System V IPC and POSIX message-queue calls (in
+# ascending order) and its ``socket`` call.
+_SECCOMP_ARCHES = {
+    "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
+                                  240, 241, 242, 243, 244, 245), 41),
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)), 198),
+}
+_SECCOMP_ARCHES["arm64"] = _SECCOMP_ARCHES["aarch64"]
+
+
+def _seccomp_program(machine, network):
+    """The filter's program for ``machine``, a list of ``(code, jt, jf, k)``
+    (``struct sock_filter``), or None for a machine it has none for;
+    ``network``: whether the plan keeps the network (then ``socket()`` is
+    not filtered). Instruction for instruction the native runner's
+    (``sandbox::seccomp::program``):
+
+    - load the architecture (seccomp_data offset 4); not this machine's: deny
+    - load the call's number (offset 0); on x86_64 an x32 call: deny
+    - each System V IPC and POSIX message-queue call: deny
+    - without the network, ``socket`` whose domain (args[0]'s low half,
+      offset 16) is ``AF_UNIX`` or ``AF_NETLINK``: deny
+    - anything else: allow; deny is ``EACCES``, the program's last
+      instruction."""
+    arch = _SECCOMP_ARCHES.get(machine)
+    if arch is None:
+        return None
+    audit_arch, x32, ipc, socket = arch
+    deny = None  # a jump to the deny, resolved below
+    p = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 0, deny, audit_arch), (_BPF_LD_W_ABS, 0, 0, 0)]
+    if x32:
+        p.append((_BPF_JGE_K, deny, 0, _X32_SYSCALL_BIT))
+    p.extend((_BPF_JEQ_K, deny, 0, nr) for nr in sorted(ipc))
+    if not network:
+        p += [(_BPF_JEQ_K, 1, 0, socket),  # socket(): its domain, else allowed
+              (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+              (_BPF_LD_W_ABS, 0, 0, 16),
+              (_BPF_JEQ_K, deny, 0, _AF_UNIX),
+              (_BPF_JEQ_K, deny, 0, _AF_NETLINK)]
+    p += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_EACCES)]
+    last = len(p) - 1
+    return [(code, last - i - 1 if jt is deny else jt, last - i - 1 if jf is deny else jf, k)
+            for i, (code, jt, jf, k) in enumerate(p)]
+
+
+def _seccomp(libc, network, machine=None):
+    """Installs the seccomp filter (``_seccomp_program``) on this thread,
+    and so on the threads and processes it starts later (``confine`` runs
+    before the runner starts any), after ``no_new_privs``, which a filter
+    needs without ``CAP_SYS_ADMIN``. It refuses, with ``EACCES``, what
+    Landlock and the network namespace do not rule: System V IPC and POSIX
+    message queues (no files), and, without the network, new Unix sockets
+    (Landlock rules no ``connect()`` to one that has a path: a root runner
+    would reach ``/run/docker.sock``) and netlink ones (between runners of
+    a zygote's shared namespace); ``socketpair()`` stays allowed, and so do
+    the sockets the runner was handed. Returns what the hello's ``syscalls``
+    says."""
+    import ctypes
+
+    if machine is None:
+        machine = os.uname().machine
+    program = _seccomp_program(machine, network)
+    if program is None:
+        return "unconfined: no seccomp filter for this architecture (%s)" % machine
+    code = b"".join(struct.pack("=HBBI", *insn) for insn in program)
+    filters = ctypes.create_string_buffer(code, len(code))
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}:
+    # native alignment pads the pointer as C does.
+    fprog = ctypes.create_string_buffer(
+        struct.pack("@HP", len(program), ctypes.addressof(filters)), struct.calcsize("@HP"))
+    if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0 \
+            or libc.prctl(ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER), fprog,
+                          ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        return "unconfined: no seccomp filter (%s)" % os.strerror(ctypes.get_errno())
+    # ``filters`` lived until here, past the call: the kernel has its copy.
+    del filters
+    return SYSCALLS_IPC if network else SYSCALLS_NO_SOCKETS
 
 
 _CAP_NET_ADMIN = 12

@@ -320,9 +320,17 @@ def zygote_main(confined=False):
     except Exception as e:
         diag("cannot set up: %s" % e)
         exit_now(EXIT_SETUP)
-    if confined and zygote.libc is not None:
+    if confined:
         # Not dumpable: its memory (what every later runner starts from)
         # and its /proc files are root's, closed to the runners of a user
-        # that is not root, whether or not Landlock rules them.
-        zygote.libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        # that is not root, whether or not Landlock rules them. A zygote
+        # that cannot be does not serve.
+        if zygote.libc is None:
+            diag("cannot make itself not dumpable: no ctypes")
+            exit_now(EXIT_SETUP)
+        import ctypes
+
+        if zygote.libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            diag("cannot make itself not dumpable: %s" % os.strerror(ctypes.get_errno()))
+            exit_now(EXIT_SETUP)
     zygote.serve()

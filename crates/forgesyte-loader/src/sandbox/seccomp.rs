@@ -1,0 +1,291 @@
+//! The seccomp filter of a confined runner: what Landlock and the network
+//! namespace do not rule. Landlock governs no `connect()` to a Unix socket
+//! that has a path (a root runner would reach `/run/docker.sock`), netlink
+//! lets runners of one network namespace (a zygote's) talk to each other,
+//! and System V IPC and POSIX message queues are no files. So the filter
+//! refuses, with `EACCES`, every System V IPC and message-queue call, and,
+//! unless the plan keeps the network, `socket()` of the Unix and netlink
+//! families (`socketpair()` stays allowed); a foreign architecture's calls
+//! (x32, a 32-bit `int 0x80`) are refused as a whole.
+//!
+//! Hand-assembled rather than built with a crate: the Python runner,
+//! standard library only, must install the very same program
+//! (`runner/confine.py`), and a dozen instructions written out in both
+//! places are easier to keep identical than a crate's output.
+
+use std::io;
+
+/// What the hello's `syscalls` says of a runner filtered without network
+/// (the Python runner says the same).
+pub const SYSCALLS_NO_SOCKETS: &str =
+    "filtered: no new Unix or netlink socket, no System V IPC, no POSIX message queue";
+/// ... and of one whose plan keeps the network.
+pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue";
+
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xC000_003E;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xC000_00B7;
+
+/// The System V IPC and POSIX message-queue calls, in ascending order.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn ipc_calls() -> [u32; 18] {
+    let mut calls = [
+        libc::SYS_shmget,
+        libc::SYS_shmat,
+        libc::SYS_shmctl,
+        libc::SYS_shmdt,
+        libc::SYS_semget,
+        libc::SYS_semop,
+        libc::SYS_semctl,
+        libc::SYS_semtimedop,
+        libc::SYS_msgget,
+        libc::SYS_msgsnd,
+        libc::SYS_msgrcv,
+        libc::SYS_msgctl,
+        libc::SYS_mq_open,
+        libc::SYS_mq_unlink,
+        libc::SYS_mq_timedsend,
+        libc::SYS_mq_timedreceive,
+        libc::SYS_mq_notify,
+        libc::SYS_mq_getsetattr,
+    ]
+    .map(|nr| nr as u32);
+    calls.sort_unstable();
+    calls
+}
+
+const DENY: u32 = libc::SECCOMP_RET_ERRNO | libc::EACCES as u32;
+const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+
+fn load(offset: u32) -> libc::sock_filter {
+    stmt((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, offset)
+}
+
+fn ret(k: u32) -> libc::sock_filter {
+    stmt((libc::BPF_RET | libc::BPF_K) as u16, k)
+}
+
+fn stmt(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jump(op: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter {
+        code: (libc::BPF_JMP | op | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// The program (see the module doc); `network`: whether the plan keeps
+/// the network (then sockets are not filtered).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
+    // seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low half on
+    // these little-endian machines: a socket's domain is an int).
+    let mut p = vec![load(4)];
+    // A foreign architecture: to the deny at the end (patched below).
+    p.push(jump(libc::BPF_JEQ, AUDIT_ARCH, 0, u8::MAX));
+    p.push(load(0));
+    if cfg!(target_arch = "x86_64") {
+        p.push(jump(libc::BPF_JGE, 0x4000_0000, u8::MAX, 0));
+    }
+    for nr in ipc_calls() {
+        p.push(jump(libc::BPF_JEQ, nr, u8::MAX, 0));
+    }
+    if !network {
+        // socket(): its domain, else allowed.
+        p.push(jump(libc::BPF_JEQ, libc::SYS_socket as u32, 1, 0));
+        p.push(ret(ALLOW));
+        p.push(load(16));
+        p.push(jump(libc::BPF_JEQ, libc::AF_UNIX as u32, u8::MAX, 0));
+        p.push(jump(libc::BPF_JEQ, libc::AF_NETLINK as u32, u8::MAX, 0));
+    }
+    p.push(ret(ALLOW));
+    p.push(ret(DENY));
+    // Every jump marked u8::MAX goes to the deny, the last instruction.
+    let last = p.len() - 1;
+    for (i, insn) in p.iter_mut().enumerate() {
+        let to_deny = u8::try_from(last.saturating_sub(i + 1)).unwrap_or(u8::MAX);
+        if insn.jt == u8::MAX {
+            insn.jt = to_deny;
+        }
+        if insn.jf == u8::MAX {
+            insn.jf = to_deny;
+        }
+    }
+    p
+}
+
+/// Installs the filter on this thread (and so on the threads and processes
+/// it starts later: the runner installs it before it starts any), after
+/// `no_new_privs`, which a filter needs without `CAP_SYS_ADMIN`. What the
+/// hello's `syscalls` says.
+pub(crate) fn install(network: bool) -> String {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        match install_program(&program(network), network) {
+            Ok(said) => said.to_owned(),
+            Err(e) => format!("unconfined: no seccomp filter ({e})"),
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = network;
+        format!(
+            "unconfined: no seccomp filter for this architecture ({})",
+            std::env::consts::ARCH
+        )
+    }
+}
+
+/// [`install`] of a program built already (it allocates nothing: a test
+/// runs it in a forked child).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[allow(unsafe_code)]
+fn install_program(program: &[libc::sock_filter], network: bool) -> io::Result<&'static str> {
+    let len =
+        u16::try_from(program.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prctl` with these options takes integers, and for
+    // PR_SET_SECCOMP a pointer to `fprog`, which points into `program`;
+    // both live until the call returns (the kernel copies the program).
+    let failed = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                &fprog as *const libc::sock_fprog,
+                0,
+                0,
+            ) != 0
+    };
+    if failed {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(if network {
+        SYSCALLS_IPC
+    } else {
+        SYSCALLS_NO_SOCKETS
+    })
+}
+
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod tests {
+    use super::*;
+
+    /// Runs the program over a call as the kernel would (the few opcodes
+    /// it uses): what it returns.
+    fn run(program: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let insn = program[pc];
+            let code = u32::from(insn.code);
+            pc += 1;
+            if code == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS {
+                acc = match insn.k {
+                    0 => nr,
+                    4 => arch,
+                    16 => arg0,
+                    other => panic!("load of offset {other}"),
+                };
+            } else if code == libc::BPF_RET | libc::BPF_K {
+                return insn.k;
+            } else {
+                let taken = match code & !libc::BPF_K {
+                    c if c == libc::BPF_JMP | libc::BPF_JEQ => acc == insn.k,
+                    c if c == libc::BPF_JMP | libc::BPF_JGE => acc >= insn.k,
+                    c => panic!("opcode {c:#x}"),
+                };
+                pc += usize::from(if taken { insn.jt } else { insn.jf });
+            }
+        }
+    }
+
+    #[test]
+    fn the_program_refuses_exactly_what_it_says() {
+        let socket = libc::SYS_socket as u32;
+        let unix = libc::AF_UNIX as u32;
+        let netlink = libc::AF_NETLINK as u32;
+        let inet = libc::AF_INET as u32;
+        for network in [false, true] {
+            let p = program(network);
+            for nr in ipc_calls() {
+                assert_eq!(run(&p, AUDIT_ARCH, nr, 0), DENY, "call {nr}");
+            }
+            for other in [0, libc::SYS_read as u32, libc::SYS_socketpair as u32, 400] {
+                assert_eq!(run(&p, AUDIT_ARCH, other, unix), ALLOW, "call {other}");
+            }
+            assert_eq!(run(&p, AUDIT_ARCH, socket, inet), ALLOW);
+            let sockets = if network { ALLOW } else { DENY };
+            assert_eq!(run(&p, AUDIT_ARCH, socket, unix), sockets);
+            assert_eq!(run(&p, AUDIT_ARCH, socket, netlink), sockets);
+            // Another architecture's calls, whatever they are.
+            assert_eq!(run(&p, 0x4000_0003, libc::SYS_read as u32, 0), DENY);
+            if cfg!(target_arch = "x86_64") {
+                assert_eq!(run(&p, AUDIT_ARCH, 0x4000_0000 | socket, inet), DENY);
+            }
+        }
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_filtered_process_cannot_make_unix_sockets_nor_use_system_v_ipc() {
+        // In a child: the filter stays with the process that installs it.
+        // The program is built first: the child of a threaded process
+        // allocates nothing.
+        let program = program(false);
+        // SAFETY: (a test) the child only makes system calls and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            let code = (|| {
+                if !matches!(install_program(&program, false), Ok(SYSCALLS_NO_SOCKETS)) {
+                    return 10;
+                }
+                // SAFETY: (a test) plain system calls with integer arguments.
+                unsafe {
+                    let errno = || io::Error::last_os_error().raw_os_error();
+                    if libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 11;
+                    }
+                    if libc::shmget(libc::IPC_PRIVATE, 4096, 0o600) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 12;
+                    }
+                    let mut pair = [0; 2];
+                    if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) != 0
+                    {
+                        return 13;
+                    }
+                    if libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) < 0 {
+                        return 14;
+                    }
+                }
+                0
+            })();
+            // SAFETY: (a test) ends the child without running the parent's
+            // destructors or test harness.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: (a test) waits for the child just forked.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "the child's step that failed");
+    }
+}
