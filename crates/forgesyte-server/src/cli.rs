@@ -60,7 +60,7 @@ pub(crate) enum Command {
     /// serve it.
     New(NewArgs),
     /// Write DIR/forgesyte.lock: the SHA-256 of every plugin's code (a
-    /// native plugin's library, a Python plugin's *.py tree). A load of
+    /// native plugin's library, a Python plugin's *.py and *.so tree). A load of
     /// DIR then refuses (FAILED, IntegrityError) a listed plugin whose
     /// code no longer matches.
     Lock(LockArgs),
@@ -94,8 +94,9 @@ pub(crate) struct KeygenArgs {
     /// Directory the key files are written to (created if missing).
     #[arg(long, value_name = "DIR")]
     pub(crate) out: PathBuf,
-    /// File name of the keys: NAME.key and NAME.pub.
-    #[arg(long, value_name = "NAME", default_value = "forgesyte")]
+    /// File name of the keys: NAME.key and NAME.pub (one file name, no
+    /// path: the same rule as a plugin's name).
+    #[arg(long, value_name = "NAME", default_value = "forgesyte", value_parser = scaffold::python_name)]
     pub(crate) name: String,
     /// Store the secret key without a password (for automation; keep
     /// the file private).

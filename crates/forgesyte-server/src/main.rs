@@ -112,7 +112,12 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("forgesyte: {e:#}");
-                    ExitCode::FAILURE
+                    // A configuration refused before the start: as `check`.
+                    if e.is::<RefusedConfig>() {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             }
         }
@@ -263,10 +268,25 @@ fn blocking_threads() -> anyhow::Result<usize> {
     }
 }
 
+/// A configuration `serve` refuses to start with (exit code 2, as
+/// `check`'s): a trusted key that cannot be used.
+#[derive(Debug)]
+struct RefusedConfig(String);
+
+impl std::fmt::Display for RefusedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RefusedConfig {}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     forgesyte_loader::process::set_shm_threshold(args.shm_threshold);
     let (mut config, admin_token_file) = args.config();
-    config.trusted_keys().map_err(anyhow::Error::msg)?;
+    config
+        .trusted_keys()
+        .map_err(|e| anyhow::Error::new(RefusedConfig(e.to_string())))?;
     config.admin_token = admin_token(admin_token_env(), admin_token_file.as_deref())?;
     match &config.admin_token {
         Some(_) => tracing::info!("Admin routes enabled (bearer token)"),

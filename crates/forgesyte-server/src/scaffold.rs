@@ -89,7 +89,7 @@ pub(crate) fn rust_name(name: &str) -> Result<String, String> {
         ));
     }
     let crate_name = name.replace('-', "_");
-    if RESERVED.contains(&crate_name.as_str()) {
+    if RESERVED.contains(&crate_name.as_str()) || crate_name == "Self" {
         return Err(format!(
             "'{name}' cannot name a Rust plugin: '{crate_name}' is a Rust keyword or a \
              standard crate"
@@ -211,6 +211,14 @@ pub(crate) fn create(
     sdk: &Sdk,
 ) -> Result<Created, ScaffoldError> {
     let dir = parent.join(name);
+    // A link of that name is never followed (its target may be anywhere)
+    // nor removed.
+    if dir
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
+        return Err(ScaffoldError::Exists(dir));
+    }
     let existed = match std::fs::read_dir(&dir) {
         Ok(mut entries) => match entries.next() {
             None => true,
@@ -316,7 +324,10 @@ pub(crate) fn library_file(name: &str) -> String {
     format!("lib{}.so", name.replace(['-', '.'], "_"))
 }
 
-/// The plugin type's name: `image-stats` → `ImageStats`, `ocr` → `Ocr`.
+/// The plugin type's name: `image-stats` → `ImageStatsPlugin`, `ocr` →
+/// `OcrPlugin`. Always suffixed: a bare `Value`, `Result`, `String` or
+/// `Self` would clash with the template's imports, the prelude or a
+/// keyword.
 pub(crate) fn type_name(name: &str) -> String {
     let camel: String = name
         .split(['-', '_', '.'])
@@ -328,15 +339,8 @@ pub(crate) fn type_name(name: &str) -> String {
             })
         })
         .collect();
-    // `Plugin` is the SDK's trait, imported by the template.
-    if camel.is_empty()
-        || camel == "Plugin"
-        || !camel.starts_with(|c: char| c.is_ascii_alphabetic())
-    {
-        format!("My{camel}")
-    } else {
-        camel
-    }
+    // A Rust NAME starts with a letter (`rust_name`).
+    format!("{camel}Plugin")
 }
 
 /// The `[dependencies]` line of the SDK.
@@ -494,10 +498,19 @@ mod tests {
 
     #[test]
     fn types_and_libraries() {
-        assert_eq!(type_name("image-stats"), "ImageStats");
-        assert_eq!(type_name("ocr"), "Ocr");
-        assert_eq!(type_name("plugin"), "MyPlugin");
-        assert_eq!(type_name("a_b-c"), "ABC");
+        assert_eq!(type_name("image-stats"), "ImageStatsPlugin");
+        assert_eq!(type_name("ocr"), "OcrPlugin");
+        assert_eq!(type_name("plugin"), "PluginPlugin");
+        assert_eq!(type_name("a_b-c"), "ABCPlugin");
+        // Names that would clash with the template's imports or the prelude.
+        for (name, ty) in [
+            ("value", "ValuePlugin"),
+            ("result", "ResultPlugin"),
+            ("string", "StringPlugin"),
+        ] {
+            assert_eq!(type_name(name), ty);
+        }
+        assert!(rust_name("Self").is_err());
         assert_eq!(library_file("image-stats"), "libimage_stats.so");
     }
 
@@ -530,7 +543,7 @@ mod tests {
         assert!(cargo.contains("forgesyte-plugin-sdk = { path = \"/sdk\" }"));
         assert!(cargo.contains("name = \"image-stats\""));
         let lib = &rust.iter().find(|(f, _)| *f == "src/lib.rs").unwrap().1;
-        assert!(lib.contains("export_plugin!(ImageStats)"));
+        assert!(lib.contains("export_plugin!(ImageStatsPlugin)"));
         let manifest = &rust.iter().find(|(f, _)| *f == "manifest.json").unwrap().1;
         assert!(manifest.contains("\"entrypoint\": \"libimage_stats.so\""));
         let versioned = render(Lang::Rust, "x", &Sdk::Version(SDK_VERSION));
@@ -556,6 +569,27 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(tmp.path().join("file")).unwrap(),
             "x"
+        );
+        // A link of that name: to an empty directory elsewhere (never
+        // written through), or to nothing (never removed).
+        std::fs::create_dir(tmp.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), tmp.path().join("linked"))
+            .unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), tmp.path().join("dangling"))
+            .unwrap();
+        for name in ["linked", "dangling"] {
+            let err = create(Lang::Python, name, tmp.path(), &sdk).unwrap_err();
+            assert!(matches!(err, ScaffoldError::Exists(_)), "{name}: {err}");
+            assert!(
+                tmp.path().join(name).symlink_metadata().is_ok(),
+                "{name} removed"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("elsewhere"))
+                .unwrap()
+                .count(),
+            0
         );
     }
 

@@ -184,10 +184,10 @@ fn the_rust_scaffold_builds_against_the_workspace_sdk_and_serves() {
     );
     let lib_rs = std::fs::read_to_string(dir.join("src/lib.rs")).unwrap();
     assert!(
-        lib_rs.contains("forgesyte_plugin_sdk::export_plugin!(HelloRs);"),
+        lib_rs.contains("forgesyte_plugin_sdk::export_plugin!(HelloRsPlugin);"),
         "{lib_rs}"
     );
-    assert!(lib_rs.contains("impl Plugin for HelloRs"), "{lib_rs}");
+    assert!(lib_rs.contains("impl Plugin for HelloRsPlugin"), "{lib_rs}");
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["name"], "hello-rs");

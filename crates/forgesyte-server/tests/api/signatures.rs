@@ -357,15 +357,40 @@ fn keygen_wants_a_password_or_unencrypted_and_a_bad_trust_store_is_a_usage_error
     assert!(!keys.path().join("forgesyte.key").exists());
     std::fs::write(keys.path().join("broken.pub"), "not a key\n").unwrap();
     let plugins = PluginsDir::new();
-    let (code, _, err) = forgesyte(&["check", "--trusted-keys", out_dir, plugins.path_str()]);
+    // `check` and `serve` alike refuse to start.
+    for command in ["check", "serve"] {
+        let (code, _, err) = match command {
+            "check" => forgesyte(&["check", "--trusted-keys", out_dir, plugins.path_str()]),
+            _ => forgesyte(&[
+                "serve",
+                "--trusted-keys",
+                out_dir,
+                "--plugins",
+                plugins.path_str(),
+                "--bind",
+                "127.0.0.1:0",
+            ]),
+        };
+        assert_eq!(code, 2, "{command}: {err}");
+        assert!(
+            err.contains(&format!(
+                "trusted key {}",
+                keys.path().join("broken.pub").display()
+            )),
+            "{command}: {err}"
+        );
+    }
+    // A key's file name is one name, never a path.
+    let (code, _, err) = forgesyte(&[
+        "keygen",
+        "--out",
+        out_dir,
+        "--name",
+        "../escaped",
+        "--unencrypted",
+    ]);
     assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains(&format!(
-            "trusted key {}",
-            keys.path().join("broken.pub").display()
-        )),
-        "{err}"
-    );
+    assert!(!keys.path().join("../escaped.pub").exists());
 }
 
 /// The trust store is read again by every rescan: a key taken out of it
