@@ -10,6 +10,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::cuda::CudaProbe;
+
+/// Interpreters a load pass's prefetch asks at once.
+const PREFETCH_AT_ONCE: usize = 8;
 use crate::env::{EnvProbe, ProcessEnv};
 use crate::exec::{ExecutableProbe, SystemPath};
 use crate::fs::{FileSystem, RealFs};
@@ -239,8 +242,8 @@ impl DependencyChecker {
 
     /// [`prefetch_python`](Self::prefetch_python) for a load pass's pending
     /// plugins: their packages grouped by [`Requirements::python`], one
-    /// interpreter run per interpreter. Plugins without an interpreter are
-    /// skipped.
+    /// interpreter run per interpreter, up to eight interpreters at once.
+    /// Plugins without an interpreter are skipped.
     pub fn prefetch_python_for<'a>(
         &self,
         requirements: impl IntoIterator<Item = &'a Requirements>,
@@ -254,10 +257,19 @@ impl DependencyChecker {
                     .extend(req.python_packages().map(str::to_string));
             }
         }
-        for (interpreter, packages) in by_interpreter {
-            if !packages.is_empty() {
-                self.prefetch_python(interpreter, packages);
-            }
+        // Interpreters are asked at once, a few at a time: each may take
+        // its whole time limit (a slow or hung one), and the pass waits for
+        // all of them.
+        let asks: Vec<(&Path, Vec<String>)> = by_interpreter
+            .into_iter()
+            .filter(|(_, packages)| !packages.is_empty())
+            .collect();
+        for batch in asks.chunks(PREFETCH_AT_ONCE) {
+            std::thread::scope(|scope| {
+                for (interpreter, packages) in batch {
+                    scope.spawn(move || self.prefetch_python(interpreter, packages.clone()));
+                }
+            });
         }
     }
 
@@ -805,6 +817,36 @@ mod tests {
         }
         let all: Vec<String> = asked.into_iter().flat_map(|(_, run)| run).collect();
         assert_eq!(all, names);
+    }
+
+    /// Each plugin's own virtualenv: their interpreters are asked at once,
+    /// so slow ones cost the pass one wait, not one each.
+    #[test]
+    fn interpreters_are_asked_at_once() {
+        let world = FakeWorld::new();
+        let delay = std::time::Duration::from_millis(400);
+        let reqs: Vec<Requirements> = (0..3)
+            .map(|i| {
+                let py = format!("/venv{i}/bin/python");
+                world.python.add(&py, &["numpy"]).slow(&py, delay);
+                py_req(json!({"dependencies": ["numpy"]}), Some(&py))
+            })
+            .collect();
+        let checker = world.checker();
+        let started = std::time::Instant::now();
+        checker.prefetch_python_for(&reqs);
+        let took = started.elapsed();
+        assert_eq!(world.python.calls(), 3);
+        assert!(took < delay * 5 / 2, "asked one after another: {took:?}");
+        for r in &reqs {
+            assert!(
+                checker
+                    .check(r, Path::new(DIR), &BTreeMap::new())
+                    .missing
+                    .is_empty()
+            );
+        }
+        assert_eq!(world.python.calls(), 3, "answered from the prefetch");
     }
 
     #[test]

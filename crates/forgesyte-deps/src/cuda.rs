@@ -4,7 +4,10 @@
 //! `cudarc` panics when it is asked to load a driver library that is not
 //! there, so the probe asks [`cudarc::driver::sys::is_culib_present`] first
 //! and runs everything under `catch_unwind`: on a machine without CUDA the
-//! answer is a report that says so, never a panic.
+//! answer is a report that says so, never a panic. A driver whose
+//! initialisation hangs (a known failure of broken drivers) cannot hold up
+//! the load pass either: the probe runs on a thread of its own, and after
+//! [`PROBE_TIMEOUT`] the answer is "no GPU", cached like any other.
 #![allow(unsafe_code)]
 
 use std::panic::{self, AssertUnwindSafe};
@@ -13,6 +16,10 @@ use std::sync::OnceLock;
 use cudarc::driver::{result, sys};
 
 use crate::gpu::{GpuDevice, GpuProbe, GpuReport};
+
+/// How long the probe may take before its answer is "no GPU" (its thread
+/// is left to finish or hang: a thread in a driver call cannot be stopped).
+pub(crate) const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Reason given when the driver library cannot be loaded.
 const NO_DRIVER: &str = "CUDA driver library (libcuda.so) not found";
@@ -33,7 +40,7 @@ impl CudaProbe {
     /// The machine's GPUs, probed on first call and cached for the process.
     pub fn report(&self) -> &'static GpuReport {
         static REPORT: OnceLock<GpuReport> = OnceLock::new();
-        REPORT.get_or_init(probe_guarded)
+        REPORT.get_or_init(|| probe_within(PROBE_TIMEOUT, probe_guarded))
     }
 }
 
@@ -53,6 +60,28 @@ pub fn cuda_driver_library_present() -> bool {
         unsafe { sys::is_culib_present() }
     })
     .unwrap_or(false)
+}
+
+/// `probe`'s report, or "no GPU" when it takes longer than `limit` (or its
+/// thread cannot be started).
+fn probe_within(limit: std::time::Duration, probe: fn() -> GpuReport) -> GpuReport {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = std::thread::Builder::new()
+        .name("forgesyte-gpu-probe".into())
+        .spawn(move || {
+            let _ = tx.send(probe());
+        });
+    if let Err(e) = started {
+        return GpuReport::unavailable(format!("CUDA probe not run: no thread ({e})"));
+    }
+    rx.recv_timeout(limit).unwrap_or_else(|_| {
+        let reason = format!(
+            "CUDA probe gave no answer within {} s (the driver's initialisation hangs)",
+            limit.as_secs()
+        );
+        tracing::error!(%reason, "GPU probe");
+        GpuReport::unavailable(reason)
+    })
 }
 
 fn probe_guarded() -> GpuReport {
@@ -164,5 +193,26 @@ mod tests {
         let b = CudaProbe::new().report();
         assert!(std::ptr::eq(a, b));
         assert_eq!(CudaProbe::new().probe(), *a);
+    }
+
+    #[test]
+    fn a_probe_that_hangs_is_no_gpu_after_the_limit() {
+        use std::time::{Duration, Instant};
+        fn hangs() -> GpuReport {
+            std::thread::sleep(Duration::from_secs(3600));
+            GpuReport::unavailable("never")
+        }
+        let started = Instant::now();
+        let report = probe_within(Duration::from_millis(200), hangs);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(!report.available);
+        let reason = report.reason.unwrap_or_default();
+        assert!(
+            reason.contains("CUDA") && reason.contains("no answer"),
+            "{reason}"
+        );
+        // A probe that answers is answered.
+        let report = probe_within(Duration::from_secs(5), || GpuReport::unavailable("fake"));
+        assert_eq!(report.reason.as_deref(), Some("fake"));
     }
 }

@@ -616,6 +616,8 @@ struct PythonState {
     failures: BTreeMap<PathBuf, String>,
     /// Every question asked, in order.
     asked: Vec<(PathBuf, Vec<String>)>,
+    /// Interpreter → how long each run takes.
+    delays: BTreeMap<PathBuf, std::time::Duration>,
 }
 
 /// Python interpreters by path, each with a set of packages, counting the
@@ -666,6 +668,16 @@ impl FakePython {
         self.clone()
     }
 
+    /// Makes every run of `interpreter` take `delay` first (a slow start,
+    /// a hung one up to its time limit).
+    pub fn slow(&self, interpreter: impl AsRef<Path>, delay: std::time::Duration) -> Self {
+        self.state
+            .lock()
+            .delays
+            .insert(interpreter.as_ref().to_path_buf(), delay);
+        self.clone()
+    }
+
     /// Removes an injected failure.
     pub fn heal(&self, interpreter: impl AsRef<Path>) -> Self {
         self.state.lock().failures.remove(interpreter.as_ref());
@@ -690,6 +702,10 @@ impl PythonProbe for FakePython {
             return Ok(Vec::new());
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
+        let delay = self.state.lock().delays.get(interpreter).copied();
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+        }
         let mut state = self.state.lock();
         state
             .asked
