@@ -30,6 +30,13 @@ pub(crate) struct Part {
 /// Splits `body` at `boundary` into parts, in order; at most `max_parts`
 /// (one more is an error naming the limit). `Err` says what is malformed.
 pub(crate) fn split(body: &Bytes, boundary: &str, max_parts: usize) -> Result<Vec<Part>, String> {
+    // RFC 2046 §5.1.1: 1 to 70 characters.
+    if boundary.is_empty() || boundary.len() > 70 {
+        return Err(format!(
+            "the boundary must be 1 to 70 characters, not {}",
+            boundary.len()
+        ));
+    }
     let delimiter = format!("--{boundary}");
     let delimiter = delimiter.as_bytes();
     let next_delimiter = memmem::Finder::new(&[b"\r\n", delimiter].concat()).into_owned();
@@ -96,7 +103,8 @@ fn disposition(head: &str) -> Result<(Option<String>, bool), String> {
         }
         for (key, value) in parameters(value) {
             match key.to_ascii_lowercase().as_str() {
-                "name" => found.0 = Some(value),
+                // An empty name names no field.
+                "name" => found.0 = Some(value).filter(|name| !name.is_empty()),
                 "filename" | "filename*" => found.1 = true,
                 _ => {}
             }
@@ -197,5 +205,16 @@ mod tests {
             assert!(err.contains(why), "{err} lacks {why}");
         }
         assert_eq!(split(&Bytes::from_static(b"--b--"), "b", 1), Ok(Vec::new()));
+        // A boundary no sender may use.
+        let body = Bytes::from_static(b"--\r\n\r\nhi\r\n----\r\n");
+        for boundary in [String::new(), "b".repeat(71)] {
+            let err = split(&body, &boundary, 8).unwrap_err();
+            assert!(err.contains("1 to 70 characters"), "{err}");
+        }
+        // An empty field name names no field.
+        let body = Bytes::from_static(
+            b"--b\r\nContent-Disposition: form-data; name=\"\"\r\n\r\nhi\r\n--b--",
+        );
+        assert_eq!(split(&body, "b", 8).unwrap()[0].name, None);
     }
 }

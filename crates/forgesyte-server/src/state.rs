@@ -288,11 +288,17 @@ impl AppState {
             .call_slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let taken = slots.entry(plugin.to_owned()).or_insert(0);
-        if *taken >= self.inner.max_calls_per_plugin {
+        let taken = slots.get(plugin).copied().unwrap_or(0);
+        if taken >= self.inner.max_calls_per_plugin {
+            // Refused: no entry is left behind (only a slot's drop removes one).
             return None;
         }
-        *taken += 1;
+        match slots.get_mut(plugin) {
+            Some(count) => *count += 1,
+            None => {
+                slots.insert(plugin.to_owned(), 1);
+            }
+        }
         drop(slots);
         Some(CallSlot {
             inner: Arc::clone(&self.inner),
@@ -405,5 +411,30 @@ pub(crate) struct AdminGuard(Arc<Inner>);
 impl Drop for AdminGuard {
     fn drop(&mut self) {
         self.0.admin_busy.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_refused_call_leaves_no_slot_entry_behind() {
+        let config = ServerConfig {
+            max_calls_per_plugin: 0,
+            ..ServerConfig::default()
+        };
+        let state = AppState::new(Arc::new(crate::build_loader(&[])), &config);
+        for i in 0..100 {
+            assert!(state.begin_call(&format!("plugin-{i}")).is_none());
+        }
+        let slots = state
+            .inner
+            .call_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        assert!(slots.is_empty(), "{} entries", slots.len());
     }
 }
