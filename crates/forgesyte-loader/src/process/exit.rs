@@ -16,6 +16,9 @@ const ALLOCATION_FAILURE_MARKERS: &[&str] = &[
     "Cannot allocate memory",
 ];
 
+/// How many of the last stderr lines may carry the allocation failure.
+const ALLOCATION_FAILURE_LINES: usize = 3;
+
 /// The conventional name of signal `number` on Linux (`SIGSEGV`), or
 /// `SIG<number>` for one without a name.
 pub(crate) fn signal_name(number: i32) -> String {
@@ -58,21 +61,28 @@ pub(crate) fn signal_name(number: i32) -> String {
 
 /// Why a process that the host did not kill on purpose ended.
 ///
-/// With a memory limit set, an abnormal end whose stderr tail carries an
-/// allocation-failure message is reported as
+/// With a memory limit set, an abort, a kill or the Python runner's
+/// memory exit code whose last stderr lines carry an allocation-failure
+/// message is reported as
 /// [`CrashCause::MemoryLimit`]: under `RLIMIT_AS` an allocation fails
 /// (instead of the kernel's OOM killer stepping in) and Rust's default
 /// handler prints that message and aborts. This is a heuristic: a plugin
 /// that catches the failure and dies some other way is reported by its
 /// signal or exit code.
 pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[String]) -> CrashCause {
-    let abnormal = !status.success();
-    if abnormal
-        && memory_limit_mib > 0
-        && stderr
-            .iter()
-            .any(|line| ALLOCATION_FAILURE_MARKERS.iter().any(|m| line.contains(m)))
-    {
+    // How a failed allocation ends a process: an abort (Rust's handler,
+    // C++'s `std::terminate`), the kernel's kill, or the Python runner's
+    // own exit code for a `MemoryError` (`EXIT_MEMORY`, 70); and the
+    // message is among its last lines, not anywhere in the tail (a plugin
+    // may log "CUDA out of memory, retrying" and crash later for another
+    // reason).
+    let ends_like_it = matches!(status.signal(), Some(6 | 9)) || status.code() == Some(70);
+    let said_so = stderr
+        .iter()
+        .rev()
+        .take(ALLOCATION_FAILURE_LINES)
+        .any(|line| ALLOCATION_FAILURE_MARKERS.iter().any(|m| line.contains(m)));
+    if memory_limit_mib > 0 && ends_like_it && said_so {
         return CrashCause::MemoryLimit {
             limit_mib: memory_limit_mib,
         };
@@ -136,6 +146,35 @@ mod tests {
         assert_eq!(
             classify(exited(0), 128, &tail),
             CrashCause::Exit { code: 0 }
+        );
+        // The Python runner's MemoryError exit.
+        let python = vec!["MemoryError: out of memory in tool 'grow'".to_owned()];
+        assert_eq!(
+            classify(exited(70), 128, &python),
+            CrashCause::MemoryLimit { limit_mib: 128 }
+        );
+        // A crash of another kind, or a message long before the end, is
+        // what it is.
+        let logged = vec![
+            "CUDA out of memory, retrying on the CPU".to_owned(),
+            "step 1".to_owned(),
+            "step 2".to_owned(),
+            "step 3".to_owned(),
+        ];
+        assert_eq!(
+            classify(signalled(11), 128, &tail),
+            CrashCause::Signal {
+                name: "SIGSEGV".into(),
+                number: 11
+            }
+        );
+        assert_eq!(classify(exited(3), 128, &python), CrashCause::Exit { code: 3 });
+        assert_eq!(
+            classify(signalled(6), 128, &logged),
+            CrashCause::Signal {
+                name: "SIGABRT".into(),
+                number: 6
+            }
         );
     }
 }
