@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 /// Finds executables the way a shell does.
 pub trait ExecutableProbe: Send + Sync + Debug {
     /// The executable's path, or `None`. A name containing `/` is taken as a
-    /// path; any other name is searched on `PATH`.
+    /// path, when absolute (a relative one would depend on the server's
+    /// working directory); any other name is searched on `PATH`.
     fn find(&self, name: &str) -> Option<PathBuf>;
 }
 
-/// Searches the process's `PATH` (empty entries, meaning the working
-/// directory, are skipped on purpose).
+/// Searches the process's `PATH` (relative entries, `.` or empty ones
+/// meaning the working directory, are skipped on purpose: what a plugin
+/// finds must not depend on where the server was started).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemPath;
 
@@ -22,11 +24,11 @@ impl ExecutableProbe for SystemPath {
         }
         if name.contains('/') {
             let path = PathBuf::from(name);
-            return is_executable(&path).then_some(path);
+            return (path.is_absolute() && is_executable(&path)).then_some(path);
         }
         let path_var = std::env::var_os("PATH")?;
         std::env::split_paths(&path_var)
-            .filter(|dir| !dir.as_os_str().is_empty())
+            .filter(|dir| dir.is_absolute())
             .map(|dir| dir.join(name))
             .find(|candidate| is_executable(candidate))
     }
@@ -84,5 +86,10 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(SystemPath.find(name), Some(file.clone()));
         assert_eq!(SystemPath.find(dir.path().to_str().unwrap()), None);
+        // The same executable named relative to the working directory.
+        let cwd = std::env::current_dir().unwrap();
+        let relative = "../".repeat(cwd.components().count()) + name.trim_start_matches('/');
+        assert!(is_executable(Path::new(&relative)), "{relative}");
+        assert_eq!(SystemPath.find(&relative), None);
     }
 }
