@@ -443,25 +443,30 @@ fn message(
                 "  cargo build --manifest-path {}",
                 shell(&dir.join("Cargo.toml"))
             );
+            // `--lib-path` is a list split at ':': a directory whose path
+            // holds one cannot be named there, so the library is copied.
+            let library = target.join(library_file(name));
+            let lib_path = if target.to_string_lossy().contains(':') {
+                let _ = writeln!(out, "  cp {} {}", shell(&library), shell(dir));
+                String::new()
+            } else {
+                format!(" --lib-path {}", shell(&target))
+            };
+            let _ = writeln!(out, "  forgesyte check {}{lib_path}", shell(parent));
             let _ = writeln!(
                 out,
-                "  forgesyte check {} --lib-path {}",
-                shell(parent),
-                shell(&target)
-            );
-            let _ = writeln!(
-                out,
-                "  forgesyte serve --plugins {} --lib-path {}",
-                shell(parent),
-                shell(&target)
+                "  forgesyte serve --plugins {}{lib_path}",
+                shell(parent)
             );
             let _ = writeln!(out, "  {curl}");
-            let _ = writeln!(
-                out,
-                "\n(Or copy {} into {} and leave out --lib-path.)",
-                shell(&target.join(library_file(name))),
-                shell(dir)
-            );
+            if !lib_path.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "\n(Or copy {} into {} and leave out --lib-path.)",
+                    shell(&library),
+                    shell(dir)
+                );
+            }
         }
     }
     out
@@ -619,6 +624,26 @@ mod tests {
         }
         assert!(dir.join("src/lib.rs").is_file());
         assert!(dir.join(".gitignore").is_file());
+        // A parent whose path holds ':' (which --lib-path splits at): the
+        // library is copied instead.
+        let parent = tmp.path().join("a:b");
+        let created = create(Lang::Rust, "ocr", &parent, &Sdk::Path("/sdk".into())).unwrap();
+        let dir = parent.join("ocr");
+        assert!(
+            !created.message.contains("--lib-path"),
+            "{}",
+            created.message
+        );
+        for line in [
+            format!("cp {} {}", q(&dir.join("target/debug/libocr.so")), q(&dir)),
+            format!("forgesyte check {}\n", q(&parent)),
+        ] {
+            assert!(
+                created.message.contains(&line),
+                "{line}\n{}",
+                created.message
+            );
+        }
     }
 
     #[test]

@@ -168,7 +168,10 @@ mod tests {
                 number: 11
             }
         );
-        assert_eq!(classify(exited(3), 128, &python), CrashCause::Exit { code: 3 });
+        assert_eq!(
+            classify(exited(3), 128, &python),
+            CrashCause::Exit { code: 3 }
+        );
         assert_eq!(
             classify(signalled(6), 128, &logged),
             CrashCause::Signal {
