@@ -94,11 +94,16 @@ fn passes(state: &AppState, name: &str, available: bool) -> bool {
 /// The readiness checks over the current state, in a fixed order.
 pub(crate) fn ready_checks(state: &AppState) -> Vec<ReadyCheck> {
     let loading = state.is_loading();
+    let failed = state.load_failed();
     let mut checks = vec![ReadyCheck {
         name: "load-pass".into(),
-        ok: !loading,
+        ok: !loading && !failed,
         detail: if loading {
             "the startup load pass is running".into()
+        } else if failed {
+            "the startup load pass failed before it reached every plugin (see the log); \
+             a rescan (SIGHUP, or POST /v1/plugins/reload) runs it again"
+                .into()
         } else {
             "finished".into()
         },
@@ -170,7 +175,11 @@ pub(crate) async fn readyz(State(state): State<AppState>, uri: Uri) -> Response 
     let verbose = wants_verbose(&uri);
     // Ready and not asked for them, the common case: no check is written
     // out (none fails).
-    let checks = if !verbose && !state.is_loading() && plugin_counts(&state).required_available {
+    let checks = if !verbose
+        && !state.is_loading()
+        && !state.load_failed()
+        && plugin_counts(&state).required_available
+    {
         Vec::new()
     } else {
         ready_checks(&state)
@@ -212,6 +221,22 @@ pub(crate) async fn readyz(State(state): State<AppState>, uri: Uri) -> Response 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_load_pass_that_failed_is_not_ready_until_a_rescan_ends() {
+        let state = AppState::new(
+            std::sync::Arc::new(crate::build_loader(&[])),
+            &crate::ServerConfig::default(),
+        );
+        let load_pass = |state: &AppState| ready_checks(state).remove(0);
+        assert!(load_pass(&state).ok);
+        state.set_load_failed(true);
+        let check = load_pass(&state);
+        assert!(!check.ok);
+        assert!(check.detail.contains("failed"), "{}", check.detail);
+        state.set_load_failed(false);
+        assert!(load_pass(&state).ok);
+    }
 
     #[test]
     fn verbose_is_a_flag_or_a_truthy_value() {

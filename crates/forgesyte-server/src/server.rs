@@ -234,6 +234,7 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
     tokio::spawn(async move {
         let dir = plugins_dir.clone();
         let pass = tokio::task::spawn_blocking(move || loader.load_all(&dir)).await;
+        state.set_load_failed(pass.is_err());
         state.set_loading(false);
         if let Ok(report) = &pass {
             state.metrics().record_load_pass(report);

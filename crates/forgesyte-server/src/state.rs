@@ -44,6 +44,9 @@ struct Inner {
     body_pace: crate::body_pace::BodyPace,
     stream_idle_timeout: Duration,
     loading: AtomicBool,
+    /// The startup load pass ended in a panic, and no rescan has ended
+    /// since: plugins it did not reach are missing.
+    load_failed: AtomicBool,
     admin: AdminGate,
     /// An admin operation (reload) is running.
     admin_busy: AtomicBool,
@@ -106,6 +109,7 @@ impl AppState {
                 },
                 stream_idle_timeout: config.stream_idle_timeout,
                 loading: AtomicBool::new(false),
+                load_failed: AtomicBool::new(false),
                 admin: AdminGate::new(config.admin_token.clone()),
                 admin_busy: AtomicBool::new(false),
                 list_cache: ArcSwapOption::empty(),
@@ -175,6 +179,17 @@ impl AppState {
     /// Marks the start or the end of a load pass.
     pub fn set_loading(&self, loading: bool) {
         self.inner.loading.store(loading, Ordering::Release);
+    }
+
+    /// Whether the startup load pass ended in a panic and no rescan has
+    /// ended since (`GET /readyz` is not ready).
+    pub(crate) fn load_failed(&self) -> bool {
+        self.inner.load_failed.load(Ordering::Acquire)
+    }
+
+    /// Records how the last load pass (the startup one, or a rescan) ended.
+    pub(crate) fn set_load_failed(&self, failed: bool) {
+        self.inner.load_failed.store(failed, Ordering::Release);
     }
 
     /// The `GET /v1/plugins` body: every status, sorted by name.
