@@ -6,63 +6,61 @@
 //! bytes are written over text already read: the argument never exists
 //! twice, and a JSON body's peak stays the text the body budget charged
 //! (`--body-memory`), not text plus bytes. `base64`'s own decoders need a
-//! separate output, hence this loop around [`Engine::decode_slice`].
+//! separate output, hence this loop around [`Engine::decode_slice`], through
+//! a 48 KiB buffer.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::{DecodeError, DecodeSliceError, Engine as _};
 
 /// Symbols decoded per step: a multiple of 4, so only the last chunk may
 /// end in a partial quad or padding, as the whole text may.
-const CHUNK: usize = 4096;
+const CHUNK: usize = 64 * 1024;
 
 /// Decodes standard base64 in `text`, after [`base64_text`] drops
 /// surrounding whitespace and a `data:` URL prefix; whitespace inside
 /// (base64 wrapped in lines: MIME, the `base64` command, Python's
-/// `encodebytes`) is skipped. An error's offsets count symbols, whitespace
-/// not included.
+/// `encodebytes`) is dropped first, in place. An error's offsets count
+/// symbols, whitespace not included.
 pub(crate) fn decode_in_place(text: String) -> Result<Vec<u8>, DecodeError> {
     let data = base64_text(&text);
     // `data` is a slice of `text`: its place in the buffer.
     let start = data.as_ptr() as usize - text.as_ptr() as usize;
-    let end = start + data.len();
+    let len = data.len();
     let mut buf = text.into_bytes();
-    let mut symbols = [0u8; CHUNK];
-    let mut bytes = [0u8; CHUNK / 4 * 3];
-    let (mut read, mut written, mut seen) = (start, 0, 0);
-    loop {
-        let mut n = 0;
-        while n < CHUNK && read < end {
-            let b = buf[read];
-            read += 1;
-            if !b.is_ascii_whitespace() {
-                symbols[n] = b;
-                n += 1;
-            }
-        }
-        if n == 0 {
-            break;
-        }
-        let decoded = match STANDARD.decode_slice(&symbols[..n], &mut bytes) {
+    buf.truncate(start + len);
+    buf.drain(..start);
+    if has_whitespace(&buf) {
+        buf.retain(|b| !b.is_ascii_whitespace());
+    }
+    let mut bytes = vec![0u8; CHUNK / 4 * 3];
+    let (mut read, mut written) = (0, 0);
+    while read < buf.len() {
+        let end = buf.len().min(read + CHUNK);
+        let decoded = match STANDARD.decode_slice(&buf[read..end], &mut bytes) {
             Ok(decoded) => decoded,
-            Err(DecodeSliceError::DecodeError(e)) => return Err(shifted(e, seen)),
+            Err(DecodeSliceError::DecodeError(e)) => return Err(shifted(e, read)),
             // `bytes` holds what a full chunk decodes to.
             Err(DecodeSliceError::OutputSliceTooSmall) => {
-                return Err(DecodeError::InvalidLength(seen + n));
+                return Err(DecodeError::InvalidLength(end));
             }
         };
-        // `written + decoded <= (seen + n) / 4 * 3 < read`: the text under
-        // it has been read.
+        // `written + decoded <= end / 4 * 3 < end`: the text under it has
+        // been read.
         buf[written..written + decoded].copy_from_slice(&bytes[..decoded]);
         written += decoded;
-        seen += n;
-        if n < CHUNK {
-            break;
-        }
+        read = end;
     }
     buf.truncate(written);
     // Gives the text's excess back (the allocator shrinks in place).
     buf.shrink_to_fit();
     Ok(buf)
+}
+
+/// Whether `text` holds a byte [`u8::is_ascii_whitespace`] names (a
+/// vectorised scan: most base64 is one line).
+fn has_whitespace(text: &[u8]) -> bool {
+    memchr::memchr3(b' ', b'\n', b'\r', text).is_some()
+        || memchr::memchr2(b'\t', 0x0C, text).is_some()
 }
 
 /// An error of one chunk, its offsets made the whole text's.
