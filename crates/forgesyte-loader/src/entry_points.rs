@@ -5,12 +5,15 @@
 //! [`discover`] asks the interpreter once, with a small standard-library
 //! script, for every entry point of the group: its name and value
 //! (`module:attr`), the distribution that declares it, and the directory of
-//! its module, found **without importing the module** (the top-level
+//! its module, found **without importing anything** (the top-level
 //! package is looked up with `importlib.util.find_spec`, submodules with
-//! `importlib.machinery.PathFinder` in their parent's directories; only
-//! when that fails, `find_spec` of the dotted name, which imports the
-//! parent packages). Whether that directory holds a `manifest.json` is
-//! reported too. Nothing of a plugin's own module runs: the loader then
+//! `importlib.machinery.PathFinder` in their parent's directories; a
+//! package that builds its `__path__` as it is imported is not found).
+//! Whether that directory holds a `manifest.json` is reported too. Each
+//! distribution is read on its own: one whose metadata cannot be read is an
+//! error of its own (when it declares the group), one that declares more
+//! than 64 entry points of the group is one error, and at most 1,024 are
+//! read in all. Nothing of a plugin's own module runs: the loader then
 //! loads each entry point as a Python plugin whose directory is the
 //! module's directory (see [`Loader`](crate::Loader) and
 //! [`LoaderConfig::python_entry_points`](crate::LoaderConfig::python_entry_points)).
@@ -61,45 +64,71 @@ def normalized(name):
     return re.sub(r"[-_.]+", "-", name or "").lower()
 
 
+# Read at most: a distribution declaring more of the group, or more in all,
+# is an error of its own, not a server made of thousands of runners.
+MAX_PER_DIST = 64
+MAX_TOTAL = 1024
+
+
+def failed(name, dist, error):
+    return {"name": name, "value": "", "module": None, "attr": None, "dist": dist,
+            "version": None, "module_dir": None, "location": None,
+            "has_manifest": False, "error": error}
+
+
 def found():
-    """(entry point, its distribution or None) for the group."""
-    try:
-        eps = metadata.entry_points(group=GROUP)  # 3.10 and later
-    except TypeError:
-        eps = None
-    if eps is not None:
-        return [(ep, getattr(ep, "dist", None)) for ep in eps]
-    # 3.8 and 3.9: entry_points() is a dict that drops the distributions;
-    # walk them instead, the first of a name on sys.path winning (as 3.10's
-    # entry_points does).
-    pairs, seen = [], set()
+    """(entry point, its distribution) for the group, and the errors of
+    distributions that could not be read. Each distribution is read on its
+    own, the first of a name on sys.path winning (as importlib.metadata's
+    entry_points does): one whose metadata is broken (a malformed line in
+    any group of its entry_points.txt) is its own error when it declares
+    the group, and nobody's when it does not."""
+    pairs, errors, seen = [], [], set()
     for dist in metadata.distributions():
-        key = normalized(dist.metadata["Name"])
-        if key in seen:
+        try:
+            name = dist.metadata["Name"]
+            key = normalized(name)
+            if key in seen:
+                continue
+            seen.add(key)
+            eps = [ep for ep in dist.entry_points if ep.group == GROUP]
+        except BaseException as e:
+            try:
+                text = dist.read_text("entry_points.txt") or ""
+            except BaseException:
+                text = ""
+            if "[" + GROUP + "]" in text:
+                label = str(getattr(dist, "_path", "a distribution"))
+                errors.append(failed(os.path.basename(label).split("-")[0], None,
+                                     "its entry points cannot be read: %s: %s" % (type(e).__name__, e)))
+            else:
+                sys.stderr.write("forgesyte: skipped a distribution whose metadata cannot be read: %s\n" % e)
             continue
-        seen.add(key)
-        for ep in dist.entry_points:
-            if ep.group == GROUP:
-                pairs.append((ep, dist))
-    return pairs
+        if len(eps) > MAX_PER_DIST:
+            errors.append(failed(name, name, "it declares %d entry points of group %s, more than %d"
+                                 % (len(eps), GROUP, MAX_PER_DIST)))
+            continue
+        if len(pairs) + len(eps) > MAX_TOTAL:
+            errors.append(failed(name, name, "more than %d entry points of group %s are installed; "
+                                 "this distribution's are not read" % (MAX_TOTAL, GROUP)))
+            continue
+        pairs.extend((ep, dist) for ep in eps)
+    return pairs, errors
 
 
 def locate(module):
-    """The module's spec, found without importing the module itself."""
+    """The module's spec, found without importing anything: a package that
+    builds its __path__ at import time is not found (importing its parents
+    could run, hang or end this process, for every entry point)."""
     parts = module.split(".")
     # A top-level name: find_spec imports nothing.
     spec = importlib.util.find_spec(parts[0])
     for i in range(1, len(parts)):
         if spec is None or not spec.submodule_search_locations:
-            spec = None
-            break
+            return None
         spec = importlib.machinery.PathFinder.find_spec(
             ".".join(parts[: i + 1]), list(spec.submodule_search_locations)
         )
-    if spec is None and len(parts) > 1:
-        # A package that builds its __path__ at import time: this imports
-        # the parent packages (never the module itself).
-        spec = importlib.util.find_spec(module)
     return spec
 
 
@@ -129,7 +158,9 @@ def describe(ep, dist):
         item["error"] = "%s: %s" % (type(e).__name__, e)
         return item
     if spec is None:
-        item["error"] = "ModuleNotFoundError: No module named %r" % module
+        item["error"] = ("ModuleNotFoundError: No module named %r (found without importing "
+                         "anything: a package that builds its __path__ as it is imported is not "
+                         "found)" % module)
         return item
     if spec.origin and os.path.isabs(spec.origin) and os.path.isfile(spec.origin):
         directory = os.path.dirname(os.path.abspath(spec.origin))
@@ -146,9 +177,13 @@ def describe(ep, dist):
     return item
 
 
-items, seen = [], set()
-for ep, dist in found():
-    item = describe(ep, dist)
+pairs, items = found()
+seen = set()
+for ep, dist in pairs:
+    try:
+        item = describe(ep, dist)
+    except BaseException as e:  # an entry point's own oddity stays its own
+        item = failed(str(getattr(ep, "name", "?")), None, "%s: %s" % (type(e).__name__, e))
     key = (item["name"], item["value"], normalized(item["dist"]))
     if key not in seen:
         seen.add(key)

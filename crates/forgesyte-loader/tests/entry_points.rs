@@ -572,3 +572,74 @@ fn an_installed_packages_files_do_not_shadow_the_standard_library() {
     assert_eq!(state, S::Initialized, "{reason}");
     assert_eq!(hello(&loader, "shadow")["message"], "Hi, ForgeSyte!");
 }
+
+/// One distribution that cannot be read, or that declares far too many
+/// entry points, is an error of its own: every other installed plugin is
+/// still discovered and loads.
+#[test]
+fn a_broken_or_huge_distribution_costs_only_itself() {
+    let site = Site::new();
+    site.package(
+        "goodpkg",
+        "1.0",
+        "goodpkg",
+        &[("plugin.py", &plugin_py("Good"))],
+        &[("good", "goodpkg.plugin:Plugin")],
+    )
+    .package("hugepkg", "1.0", "hugepkg", &[], &[]);
+    let many: String = (0..65)
+        .map(|i| format!("huge-{i} = hugepkg.plugin:Plugin\n"))
+        .collect();
+    let info = |dist: &str| site.site.join(format!("{dist}-1.0.dist-info"));
+    std::fs::write(
+        info("hugepkg").join("entry_points.txt"),
+        format!("[forgesyte.plugins]\n{many}"),
+    )
+    .unwrap();
+    // A malformed line in another group, in a package that is no plugin,
+    // and in one that declares the group.
+    for (dist, group) in [
+        ("toolpkg", "[console_scripts]"),
+        ("brokenplug", "[forgesyte.plugins]"),
+    ] {
+        std::fs::create_dir_all(info(dist)).unwrap();
+        std::fs::write(
+            info(dist).join("METADATA"),
+            format!("Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            info(dist).join("entry_points.txt"),
+            format!("{group}\nbroken\n"),
+        )
+        .unwrap();
+    }
+    let found = entry_points::discover(&site.python).unwrap();
+    let named = |name: &str| found.iter().find(|ep| ep.name == name);
+    assert!(
+        named("good").is_some_and(|ep| ep.error.is_none()),
+        "{found:#?}"
+    );
+    let huge = named("hugepkg").expect("the huge distribution's error");
+    assert!(
+        huge.error
+            .as_deref()
+            .is_some_and(|e| e.contains("65 entry points")),
+        "{huge:?}"
+    );
+    let broken = named("brokenplug").expect("the broken plugin distribution's error");
+    assert!(
+        broken
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot be read")),
+        "{broken:?}"
+    );
+    assert!(named("toolpkg").is_none(), "{found:#?}");
+    assert_eq!(found.len(), 3, "{found:#?}");
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    assert_eq!(status(&registry, "good"), (S::Initialized, String::new()));
+    assert_eq!(status(&registry, "hugepkg").0, S::Failed);
+}
