@@ -30,6 +30,8 @@
 //!   other route answering 503 with `Retry-After`, one request each; beyond
 //!   those, a connection is accepted and closed at once (it costs nothing
 //!   to hold).
+//! - **Requests a web page sent.** [`crate::origin`]'s rules are checked
+//!   as each request enters, before routing.
 //! - **Accept errors.** Running out of file descriptors (`EMFILE`,
 //!   `ENFILE`) or memory never ends the loop: it logs, waits
 //!   [`ACCEPT_BACKOFF`] and accepts again.
@@ -115,6 +117,9 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
     let service = TowerToHyperService::new(router);
+    let loopback = listener
+        .local_addr()
+        .is_ok_and(|addr| addr.ip().is_loopback());
     let mut last_warned: Option<Instant> = None;
     tokio::pin!(stop);
     loop {
@@ -141,7 +146,7 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         // Every request knows its client's address (axum's `ConnectInfo`):
         // the admin routes log it and count wrong tokens by it.
-        let service = with_peer(service.clone(), peer);
+        let service = with_peer(service.clone(), peer, loopback);
         if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
             let connection = connection(stream, service, limits, true).with_upgrades();
             let stop_seen = stop_seen.clone();
@@ -233,9 +238,15 @@ where
         )
 }
 
-/// `service` with the client's address in every request's extensions.
-fn with_peer<S>(inner: S, peer: SocketAddr) -> WithPeer<S> {
-    WithPeer { inner, peer }
+/// `service` with the client's address in every request's extensions, and
+/// what a web page may not make it do refused first ([`crate::origin`]);
+/// `loopback`: whether the server listens on a loopback address.
+fn with_peer<S>(inner: S, peer: SocketAddr, loopback: bool) -> WithPeer<S> {
+    WithPeer {
+        inner,
+        peer,
+        loopback,
+    }
 }
 
 /// See [`with_peer`].
@@ -243,20 +254,47 @@ fn with_peer<S>(inner: S, peer: SocketAddr) -> WithPeer<S> {
 struct WithPeer<S> {
     inner: S,
     peer: SocketAddr,
+    loopback: bool,
 }
 
 impl<S> hyper::service::Service<Request<Incoming>> for WithPeer<S>
 where
-    S: hyper::service::Service<Request<Incoming>>,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>>,
 {
-    type Response = S::Response;
+    type Response = Response<Body>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = futures_util::future::Either<
+        S::Future,
+        std::future::Ready<Result<Response<Body>, S::Error>>,
+    >;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        if let Some(detail) =
+            crate::origin::refusal(request.method(), request.headers(), self.loopback)
+        {
+            tracing::warn!(peer = %self.peer, "{detail}");
+            return futures_util::future::Either::Right(std::future::ready(Ok(refused(&detail))));
+        }
         request.extensions_mut().insert(ConnectInfo(self.peer));
-        self.inner.call(request)
+        futures_util::future::Either::Left(self.inner.call(request))
     }
+}
+
+/// 403 with the detail, closing the connection.
+fn refused(detail: &str) -> Response<Body> {
+    let body = serde_json::json!({ "detail": detail }).to_string();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// 503 with `Retry-After`, closing the connection: the answer beyond the cap.

@@ -92,6 +92,7 @@ mod events;
 mod extract;
 mod form;
 mod metrics;
+mod origin;
 mod pool;
 mod probes;
 mod reload;

@@ -129,7 +129,7 @@ async fn a_client_trickling_headers_is_cut_off_after_the_header_read_timeout() {
         let mut stream = connect(addr);
         let started = Instant::now();
         stream
-            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             .unwrap();
         // One header byte every 200 ms: never a complete head.
         while started.elapsed() < Duration::from_secs(6) {
@@ -151,7 +151,7 @@ async fn a_client_trickling_headers_is_cut_off_after_the_header_read_timeout() {
     let elapsed = blocking(move || {
         let mut stream = connect(addr);
         stream
-            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .unwrap();
         read_response(&mut stream);
         stream.write_all(b"GET /livez HTTP/1.1\r\n").unwrap();
@@ -187,7 +187,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let elapsed = blocking(move || {
         let mut stream = connect(addr);
         stream
-            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .unwrap();
         let response = read_response(&mut stream);
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -215,12 +215,12 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     blocking(move || {
         let mut stream = connect(addr);
         stream
-            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .unwrap();
         read_response(&mut stream);
         assert!(!closed_within(&mut stream, Duration::from_millis(1500)));
         stream
-            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .unwrap();
         let response = read_response(&mut stream);
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -262,7 +262,7 @@ async fn beyond_the_connection_cap_probes_answer_tools_get_503_then_connections_
         let reserve: Vec<TcpStream> = (0..RESERVE).map(|_| connect(addr)).collect();
         std::thread::sleep(Duration::from_millis(200));
         let mut extra = connect(addr);
-        let _ = extra.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = extra.write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         assert!(closed_within(&mut extra, Duration::from_millis(500)));
         drop(reserve);
 
@@ -392,7 +392,7 @@ async fn a_body_that_stops_arriving_is_answered_408() {
         let started = Instant::now();
         stream
             .write_all(
-                b"POST /v1/plugins/p/tools/sleep/run HTTP/1.1\r\nhost: x\r\n\
+                b"POST /v1/plugins/p/tools/sleep/run HTTP/1.1\r\nhost: 127.0.0.1\r\n\
                   content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"args\": ",
             )
             .unwrap();
@@ -584,7 +584,7 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_idle_timeout
         // Pipelined requests for far more than the socket buffers hold,
         // never read: hyper's write waits, and no read timer is armed.
         let mut reader = connect(addr);
-        let request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+        let request = b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(2000);
         reader.write_all(&request).unwrap();
         let started = Instant::now();
         loop {
@@ -604,4 +604,53 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_idle_timeout
     .await;
     assert!(served >= Duration::from_millis(500), "{served:?}");
     drop(reader);
+}
+
+/// What a web page may not make the server do: a write (or a WebSocket)
+/// from another origin or marked cross-site, and any request by a name
+/// rebound to the loopback address; curl-like clients, the server's own
+/// pages and plain reads go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_other_origins_and_rebound_names_are_refused() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    let answers = blocking(move || {
+        let ask = |head: String| {
+            let mut stream = connect(addr);
+            stream.write_all(head.as_bytes()).unwrap();
+            let response = read_response(&mut stream);
+            let status: u16 = response[9..12].parse().unwrap();
+            (status, response)
+        };
+        let host = format!("Host: {addr}\r\n");
+        let run = "POST /v1/plugins/none/tools/none/run HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n";
+        [
+            ask(format!("{run}{host}Origin: http://evil.example\r\n\r\n{{}}")),
+            ask(format!("{run}{host}Sec-Fetch-Site: cross-site\r\n\r\n{{}}")),
+            ask(format!("{run}{host}Origin: http://{addr}\r\n\r\n{{}}")),
+            ask(format!("{run}{host}\r\n{{}}")),
+            ask(format!(
+                "GET /v1/plugins/none/tools/none/stream HTTP/1.1\r\n{host}Origin: http://evil.example\r\n\
+                 Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )),
+            ask("GET /v1/plugins HTTP/1.1\r\nHost: rebind.attacker.example:8000\r\n\r\n".to_owned()),
+            ask(format!("GET /v1/plugins HTTP/1.1\r\nHost: localhost:{}\r\n\r\n", addr.port())),
+        ]
+    })
+    .await;
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    // Refused, refused, its own page (the plugin is unknown: 404), no page
+    // (404), refused, refused, a loopback name (200).
+    assert_eq!(
+        statuses,
+        [403, 403, 404, 404, 403, 403, 200],
+        "{answers:#?}"
+    );
+    assert!(answers[0].1.contains("another origin"), "{}", answers[0].1);
+    assert!(
+        answers[5].1.contains("is not this server's"),
+        "{}",
+        answers[5].1
+    );
 }

@@ -142,7 +142,7 @@ fn binary_arguments_and_results_round_trip_byte_exact_through_every_body() {
         .set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .unwrap();
     let head = format!(
-        "POST /v1/plugins/v3/tools/noop_bytes/run HTTP/1.1\r\nHost: x\r\n\
+        "POST /v1/plugins/v3/tools/noop_bytes/run HTTP/1.1\r\nHost: 127.0.0.1\r\n\
          Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
         LIMIT + 1
     );

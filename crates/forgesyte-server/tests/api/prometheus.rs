@@ -272,7 +272,7 @@ fn a_call_whose_client_hung_up_is_counted() {
     let body = r#"{"args": {"ms": 300}}"#;
     let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
     let request = format!(
-        "POST /v1/plugins/alpha/tools/sleep/run HTTP/1.1\r\nHost: x\r\n\
+        "POST /v1/plugins/alpha/tools/sleep/run HTTP/1.1\r\nHost: 127.0.0.1\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );

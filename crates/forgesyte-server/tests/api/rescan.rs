@@ -599,7 +599,7 @@ fn a_rescan_whose_admin_client_hung_up_still_finishes_its_work() {
     // The rescan waits for slow's call; its client goes meanwhile.
     let mut client = std::net::TcpStream::connect(server.addr).unwrap();
     let request = format!(
-        "POST /v1/plugins/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+        "POST /v1/plugins/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
          Content-Length: 0\r\n\r\n"
     );
     client.write_all(request.as_bytes()).unwrap();

@@ -18,7 +18,7 @@ use crate::support::{Forgesyte, PluginsDir, Reply, http, http_with};
 fn send_call(server: &Forgesyte, plugin: &str, body: &str) -> TcpStream {
     let mut stream = TcpStream::connect(server.addr).unwrap();
     let request = format!(
-        "POST /v1/plugins/{plugin}/tools/sleep/run HTTP/1.1\r\nHost: x\r\n\
+        "POST /v1/plugins/{plugin}/tools/sleep/run HTTP/1.1\r\nHost: 127.0.0.1\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -245,7 +245,7 @@ fn request_bodies_fill_a_bounded_room() {
     let partial = |len: usize, sent: usize| {
         let mut stream = TcpStream::connect(server.addr).unwrap();
         let head = format!(
-            "POST /v1/plugins/alpha/tools/echo/run HTTP/1.1\r\nHost: x\r\n\
+            "POST /v1/plugins/alpha/tools/echo/run HTTP/1.1\r\nHost: 127.0.0.1\r\n\
              Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
         );
         stream.write_all(head.as_bytes()).unwrap();
@@ -341,7 +341,7 @@ fn bodies_trickled_below_the_minimum_rate_give_their_room_back() {
             let mut stream = TcpStream::connect(server.addr).unwrap();
             stream
                 .write_all(
-                    b"POST /v1/plugins/alpha/tools/echo/run HTTP/1.1\r\nHost: x\r\n\
+                    b"POST /v1/plugins/alpha/tools/echo/run HTTP/1.1\r\nHost: 127.0.0.1\r\n\
                       Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n",
                 )
                 .unwrap();
@@ -579,7 +579,7 @@ fn calls_refused_whatever_their_body_answer_before_the_body_is_read() {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let head = format!(
-            "POST /v1/plugins/{plugin}/tools/{tool}/run HTTP/1.1\r\nHost: x\r\n\
+            "POST /v1/plugins/{plugin}/tools/{tool}/run HTTP/1.1\r\nHost: 127.0.0.1\r\n\
              Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{{\"args\": "
         );
         stream.write_all(head.as_bytes()).unwrap();
