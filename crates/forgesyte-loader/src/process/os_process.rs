@@ -132,7 +132,7 @@ fn direct_state(pid: u32) -> Ended {
 /// (so not reaped: its pid is still its own), has ended: a zombie, or gone.
 /// When `/proc` cannot tell (hidden by `hidepid`, say), the zygote's report
 /// alone decides: not ended.
-fn forked_has_ended(pid: u32) -> bool {
+pub(super) fn forked_has_ended(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rsplit_once(')')

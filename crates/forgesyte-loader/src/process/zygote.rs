@@ -107,7 +107,7 @@ pub(crate) fn zygote_for(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
     static ZYGOTES: OnceLock<Mutex<HashMap<ZygoteKey, Arc<Zygote>>>> = OnceLock::new();
     let mut zygotes = ZYGOTES.get_or_init(Default::default).lock();
     if let Some(zygote) = zygotes.get(key)
-        && !zygote.is_dead()
+        && !zygote.is_unusable()
     {
         return Ok(Arc::clone(zygote));
     }
@@ -175,9 +175,21 @@ pub(crate) struct Zygote {
     /// waited on a zygote waiting on it, from about 560 exits at once.)
     reaps: std::sync::mpsc::Sender<u32>,
     state: Mutex<State>,
+    /// A spawn found it not forking within [`FORK_TIMEOUT`] (stopped,
+    /// stuck): later runners get a new zygote; its own runners stay.
+    wedged: std::sync::atomic::AtomicBool,
     /// Kept so the process is reaped when the zygote ends.
     process: Mutex<std::process::Child>,
 }
+
+/// How long a spawn waits for the zygote to take its request and fork,
+/// whatever the runner's own start-up time: a healthy zygote forks in
+/// milliseconds, and one that does not is wedged (see [`Zygote::wedged`]).
+pub(crate) const FORK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a runner that has ended may wait for its zygote to report its
+/// exit status before it is taken as ended without one.
+const UNREPORTED_EXIT: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for Zygote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -283,12 +295,30 @@ impl Zygote {
             control: Mutex::new(control),
             reaps,
             state: Mutex::new(State::default()),
+            wedged: std::sync::atomic::AtomicBool::new(false),
             process: Mutex::new(process),
         }))
     }
 
     fn is_dead(&self) -> bool {
         self.state.lock().dead.is_some()
+    }
+
+    /// Whether a later runner needs another zygote: this one ended, or
+    /// did not fork in time.
+    fn is_unusable(&self) -> bool {
+        self.wedged.load(std::sync::atomic::Ordering::Acquire) || self.is_dead()
+    }
+
+    /// Marks it wedged (see [`Zygote::wedged`]).
+    fn wedge(&self) {
+        if !self.wedged.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::warn!(
+                pid = self.pid,
+                "the Python zygote did not fork within {} s; later runners get a new one",
+                FORK_TIMEOUT.as_secs()
+            );
+        }
     }
 
     /// Forks a runner with arguments `argv` and the given stdio (the
@@ -341,11 +371,16 @@ impl Zygote {
             fds.push(forgesyte_protocol::wire::shm::sealed(&values)?);
         }
         let message = message.to_string();
-        // The whole spawn, the request's send included, within `timeout`: a
-        // zygote that reads nothing (stopped, or stuck) fails the spawn.
+        // The fork, the request's send included, within `FORK_TIMEOUT` (or
+        // the spawn's own, shorter, limit): a zygote that reads nothing
+        // (stopped, or stuck) fails the spawn, and is not asked again.
+        let timeout = timeout.min(FORK_TIMEOUT);
         let deadline = Instant::now() + timeout;
         if let Err(e) = self.send(message.as_bytes(), &fds, deadline) {
             self.state.lock().spawning.remove(&id);
+            if e.kind() == io::ErrorKind::TimedOut {
+                self.wedge();
+            }
             return Err(e);
         }
         // The runner holds its ends now; the host's copies close here, so
@@ -360,6 +395,7 @@ impl Zygote {
             Ok(Ok(spawned)) => spawned,
             Ok(Err(e)) => return Err(io::Error::other(e)),
             Err(_) => {
+                self.wedge();
                 return Err(io::Error::other(format!(
                     "the Python zygote (pid {}) did not fork within {timeout:?}",
                     self.pid
@@ -567,12 +603,32 @@ impl ForkedChild {
         }
     }
 
-    /// Waits for the runner to end.
+    /// Waits for the runner to end: for its zygote's report, or, when the
+    /// runner has ended (a zombie, or gone) and its zygote has not said so
+    /// for [`UNREPORTED_EXIT`] (a zygote stopped or stuck), without its
+    /// status: a runner's end is never waited for longer than that.
     pub(crate) fn wait(&self) -> io::Result<ExitStatus> {
         let mut status = self.slot.status.lock();
+        let mut ended_since: Option<Instant> = None;
         loop {
             match &*status {
-                None => self.slot.ended.wait(&mut status),
+                None => {
+                    let _ = self.slot.ended.wait_for(&mut status, UNREPORTED_EXIT / 4);
+                    if status.is_some() {
+                        continue;
+                    }
+                    if !super::os_process::forked_has_ended(self.pid) {
+                        ended_since = None;
+                        continue;
+                    }
+                    let since = *ended_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= UNREPORTED_EXIT {
+                        return Err(io::Error::other(format!(
+                            "it ended, and its Python zygote (pid {}) did not report how",
+                            self.zygote.pid
+                        )));
+                    }
+                }
                 Some(Ok(s)) => return Ok(*s),
                 Some(Err(why)) => return Err(io::Error::other(why.clone())),
             }

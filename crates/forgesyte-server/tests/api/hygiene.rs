@@ -290,6 +290,63 @@ fn python_plugins_come_back_when_their_zygote_is_killed() {
     );
 }
 
+/// A zygote that stops forking (stopped, stuck) costs one spawn its fork
+/// timeout (that runner starts on its own), and is not asked again: the
+/// next runner comes from a new zygote, not after another wait on it.
+#[test]
+fn a_stopped_zygote_is_given_up_after_one_spawn() {
+    let dir = PluginsDir::new();
+    dir.python("py-a", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let stopped = zygote_pid(server.pid()).expect("a zygote");
+    signal(&stopped.to_string(), "-STOP");
+    let parent = |pid: u32| -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut parents = Vec::new();
+    let mut runner = runner_pid(server.pid(), "py-a").expect("a runner");
+    for restart in 1..=2u64 {
+        signal(&runner.to_string(), "-KILL");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let again = loop {
+            let health = server.get("/v1/plugins/py-a/health").json();
+            if health["state"] == "INITIALIZED"
+                && health["restart_count"] == restart
+                && let Some(pid) = runner_pid(server.pid(), "py-a").filter(|&pid| pid != runner)
+            {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not back: {health}\nlog:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        parents.push(parent(again));
+        runner = again;
+    }
+    signal(&stopped.to_string(), "-CONT");
+    assert!(
+        server.log().contains("did not fork within"),
+        "{}",
+        server.log()
+    );
+    // The first restart's runner started on its own (the server's child);
+    // the second's from a new zygote, neither the server nor the stopped one.
+    assert_eq!(parents[0], server.pid(), "{parents:?}");
+    assert_ne!(
+        parents[1],
+        server.pid(),
+        "{parents:?}: asked the stopped zygote again"
+    );
+    assert_ne!(parents[1], stopped, "{parents:?}");
+}
+
 /// The server's Python zygote: its child whose command line says
 /// `--zygote`.
 fn zygote_pid(server: u32) -> Option<u32> {

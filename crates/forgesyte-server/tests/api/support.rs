@@ -660,7 +660,12 @@ pub(crate) fn runner_pid(server_pid: u32, plugin: &str) -> Option<u32> {
                 .any(|w| w[0] == b"--plugin" && w[1] == plugin.as_bytes());
             let forked = std::fs::read(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) == comm);
-            named || (forked && !children.contains(pid))
+            // A zombie (a runner a stopped zygote never reaped) runs nothing.
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+            });
+            (named || (forked && !children.contains(pid))) && !zombie
         })
 }
 
