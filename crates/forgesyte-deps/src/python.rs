@@ -127,7 +127,10 @@ impl PythonProbe for SystemPython {
             return Ok(Vec::new());
         }
         let who = interpreter.display();
-        let mut args = vec![OsStr::new("-B"), OsStr::new("-c"), OsStr::new(FIND_SCRIPT)];
+        // No user site directory (`pip install --user`): the runners never
+        // see one (a confined runner's HOME is its scratch directory), so a
+        // package found only there would pass the check and fail to import.
+        let mut args = vec![OsStr::new("-sB"), OsStr::new("-c"), OsStr::new(FIND_SCRIPT)];
         args.extend(packages.iter().map(OsStr::new));
         let out = run_python_as(interpreter, &args, self.timeout, self.run_as)?;
         let text = String::from_utf8_lossy(&out);

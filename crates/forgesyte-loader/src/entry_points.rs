@@ -293,7 +293,12 @@ pub fn discover_with_timeout(
     let who = interpreter.display();
     let out = forgesyte_deps::run_python(
         interpreter,
-        &[std::ffi::OsStr::new("-c"), std::ffi::OsStr::new(SCRIPT)],
+        // No user site directory, as the runners and the dependency check.
+        &[
+            std::ffi::OsStr::new("-s"),
+            std::ffi::OsStr::new("-c"),
+            std::ffi::OsStr::new(SCRIPT),
+        ],
         timeout,
     )?;
     let text = String::from_utf8_lossy(&out);

@@ -815,3 +815,51 @@ fn a_python_plugin_gets_its_checked_models() {
     );
     assert_eq!(got["models"], json!({"weights": path}));
 }
+
+/// A package only in the user site directory (`pip install --user`,
+/// `PYTHONUSERBASE`) is missing for the dependency check as for the
+/// runner, which never sees it: the plugin is UNAVAILABLE naming it, not
+/// passed by the check and then FAILED by its import (or loaded only where
+/// the runner is not confined).
+#[test]
+fn a_package_in_the_user_site_only_is_missing_for_the_check_and_the_runner_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("userbase");
+    let python = dir.path().join("python");
+    std::fs::write(
+        &python,
+        format!(
+            "#!/bin/sh\nPYTHONUSERBASE={} exec python3 \"$@\"\n",
+            base.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let site = std::process::Command::new(&python)
+        .args(["-c", "import site; print(site.getusersitepackages())"])
+        .output()
+        .unwrap();
+    let site = PathBuf::from(String::from_utf8(site.stdout).unwrap().trim());
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("ubdep.py"), "VALUE = 1\n").unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(plugins.join("ub")).unwrap();
+    std::fs::write(
+        plugins.join("ub/plugin.py"),
+        "import ubdep\n\nclass Plugin:\n    name = 'ub'\n    tools = {}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        plugins.join("ub/manifest.json"),
+        json!({"name": "ub", "version": "1.0.0", "dependencies": ["ubdep"]}).to_string(),
+    )
+    .unwrap();
+    let registry = Registry::new();
+    let _loader = loader_with_python(&plugins, &registry, Some(python));
+    check(
+        &registry,
+        "ub",
+        S::Unavailable,
+        Some("Missing dependencies: ubdep"),
+    );
+}

@@ -21,8 +21,14 @@ use std::sync::OnceLock;
 
 use super::RUNNER_MODULES;
 
+/// `-s -u` as one argument: no user site directory (`~/.local`,
+/// `PYTHONUSERBASE`), as in the dependency check and the entry-point
+/// discovery (`forgesyte_deps`'s `-s`), so a package is found by all three
+/// or by none; and unbuffered output.
+const USER_SITE_OFF_UNBUFFERED: &str = "-su";
+
 /// The interpreter arguments that start the runner (its own arguments
-/// follow): `-u -c CODE`, CODE importing the cached runner package or
+/// follow): `-su -c CODE`, CODE importing the cached runner package or
 /// carrying its sources.
 pub fn runner_invocation() -> [OsString; 3] {
     static CODE: OnceLock<String> = OnceLock::new();
@@ -34,15 +40,20 @@ pub fn runner_invocation() -> [OsString; 3] {
                 source_code().to_owned()
             })
     });
-    // Unbuffered, so print() from a plugin reaches the log now.
-    ["-u".into(), "-c".into(), code.into()]
+    // Unbuffered, so print() from a plugin reaches the log now; no user
+    // site directory (see `USER_SITE_OFF`).
+    [USER_SITE_OFF_UNBUFFERED.into(), "-c".into(), code.into()]
 }
 
 /// The interpreter's arguments that run the runner from its sources,
 /// without the cache: for runners that run as another user
 /// (`--runner-user`), who cannot read this user's private cache.
 pub fn runner_source_invocation() -> [OsString; 3] {
-    ["-u".into(), "-c".into(), source_code().into()]
+    [
+        USER_SITE_OFF_UNBUFFERED.into(),
+        "-c".into(),
+        source_code().into(),
+    ]
 }
 
 /// The name the runner package is imported under from its sources.
