@@ -10,8 +10,8 @@
 //! `$XDG_CACHE_HOME/forgesyte/python` (else `~/.cache/forgesyte/python`),
 //! created `0700`, and used only when it is a directory owned by this user
 //! that nobody else can write to; the package's files in it are checked
-//! against the ones this binary ships before each use, and rewritten when
-//! they differ.
+//! against the ones this binary ships before each interpreter start, and
+//! rewritten when they differ or are gone.
 
 use std::ffi::OsString;
 use std::hash::{Hash, Hasher};
@@ -31,15 +31,16 @@ const USER_SITE_OFF_UNBUFFERED: &str = "-su";
 /// follow): `-su -c CODE`, CODE importing the cached runner package or
 /// carrying its sources.
 pub fn runner_invocation() -> [OsString; 3] {
-    static CODE: OnceLock<String> = OnceLock::new();
-    let code = CODE.get_or_init(|| {
-        cache_dir()
-            .and_then(|dir| bootstrap(&dir).map_err(|e| format!("{}: {e}", dir.display())))
-            .unwrap_or_else(|why| {
-                tracing::debug!("the Python runner is not cached ({why}): run from source");
-                source_code().to_owned()
-            })
-    });
+    // Checked (and rewritten where it differs) at every interpreter start,
+    // a zygote's or a runner's: a cache that a cleaner removed, or that
+    // was tampered with, since the last start is written again, not
+    // imported as it is (a few small reads).
+    let code = cache_dir()
+        .and_then(|dir| bootstrap(&dir).map_err(|e| format!("{}: {e}", dir.display())))
+        .unwrap_or_else(|why| {
+            tracing::debug!("the Python runner is not cached ({why}): run from source");
+            source_code().to_owned()
+        });
     // Unbuffered, so print() from a plugin reaches the log now; no user
     // site directory (see `USER_SITE_OFF`).
     [USER_SITE_OFF_UNBUFFERED.into(), "-c".into(), code.into()]

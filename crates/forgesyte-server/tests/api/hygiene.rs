@@ -290,6 +290,42 @@ fn python_plugins_come_back_when_their_zygote_is_killed() {
     );
 }
 
+/// The runner's bytecode cache removed under a running server (a cache
+/// cleaner): the next interpreter start writes it again, so a plugin whose
+/// zygote died comes back instead of failing every start until a restart.
+#[test]
+fn a_removed_runner_cache_is_written_again_at_the_next_start() {
+    let dir = PluginsDir::new();
+    dir.python("py-a", "echo");
+    let cache = tempfile::tempdir().unwrap();
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("XDG_CACHE_HOME", cache.path().to_str().unwrap())],
+    );
+    server.wait_loaded();
+    let written = cache.path().join("forgesyte");
+    assert!(written.is_dir(), "the cache was not used");
+    std::fs::remove_dir_all(&written).unwrap();
+    let zygote = zygote_pid(server.pid()).expect("a zygote");
+    signal(&zygote.to_string(), "-KILL");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = server.get("/v1/plugins/py-a/health").json();
+        if health["state"] == "INITIALIZED" && health["restart_count"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back: {health}\nlog:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(written.is_dir(), "the cache was not written again");
+    let reply = server.run("py-a", "echo", r#"{"args": {"n": 2}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
 /// A zygote that stops forking (stopped, stuck) costs one spawn its fork
 /// timeout (that runner starts on its own), and is not asked again: the
 /// next runner comes from a new zygote, not after another wait on it.
