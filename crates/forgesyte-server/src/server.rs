@@ -170,9 +170,14 @@ impl Server {
             serving.await;
             Ok::<(), io::Error>(())
         });
+        // One grace for the whole shutdown, the drain and a reload still
+        // running together (a deployment's grace period is sized on it).
+        let mut grace_ends = None;
         let result = tokio::select! {
             ended = &mut server => flatten(ended),
             () = shutdown => {
+                let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+                grace_ends = Some(deadline);
                 tracing::info!(grace_s = config.shutdown_grace.as_secs_f64(), "Shutting down: no new connections, waiting for in-flight requests");
                 // From here on a plugin process that ends is recorded, never
                 // restarted; the plugins keep serving the calls in flight.
@@ -189,7 +194,7 @@ impl Server {
                     state.streams().drained().await;
                     ended
                 };
-                match tokio::time::timeout(config.shutdown_grace, drained).await {
+                match tokio::time::timeout_at(deadline, drained).await {
                     Ok(ended) => flatten(ended),
                     Err(_) => {
                         tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), "In-flight requests did not finish in time; stopping anyway");
@@ -202,7 +207,8 @@ impl Server {
         // A reload that began before the shutdown ends before the instances
         // go (one that constructs or retires plugins meanwhile would race
         // the drop); none can begin after it (`AppState::begin_admin`).
-        let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+        let deadline =
+            grace_ends.unwrap_or_else(|| tokio::time::Instant::now() + config.shutdown_grace);
         if !state.admin_ended(deadline).await {
             tracing::warn!(
                 "A reload still runs after the shutdown grace; dropping the instances anyway"

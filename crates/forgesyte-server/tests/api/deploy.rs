@@ -198,6 +198,20 @@ fn check_deployment(
     }
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // The pod's grace covers the preStop pause and the server's one
+    // shutdown grace (the drain and a reload in progress together).
+    let pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name}: no preStop pause before SIGTERM"));
+    let grace = config["shutdown-grace"]
+        .as_integer()
+        .and_then(|g| u64::try_from(g).ok())
+        .unwrap_or_else(|| panic!("{name}: no shutdown-grace in {config}"));
+    let pod_grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    assert!(
+        pod_grace > pause + grace,
+        "{name}: terminationGracePeriodSeconds {pod_grace} <= preStop {pause} + shutdown-grace {grace}"
+    );
 
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true", "{name}");
