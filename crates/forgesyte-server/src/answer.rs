@@ -236,6 +236,11 @@ fn raw(success: &RunSuccess, mut binary: Vec<(String, Bytes)>) -> Response {
         HeaderValue::from_static("application/octet-stream"),
     );
     headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    // A plugin's bytes: never sniffed into HTML by a browser.
+    headers.insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     let mut set = |name: &'static str, value: String| {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(HeaderName::from_static(name), value);

@@ -72,8 +72,20 @@ pub(crate) async fn openapi_json(Extension(docs): Extension<&'static Published>)
     tag = "server",
     responses((status = 200, description = "HTML documentation", content_type = "text/html"))
 )]
-pub(crate) async fn docs_page(Extension(docs): Extension<&'static Published>) -> Html<Bytes> {
-    Html(docs.page().clone())
+pub(crate) async fn docs_page(Extension(docs): Extension<&'static Published>) -> Response {
+    // The page is inline style and text only: nothing else may load or run.
+    (
+        [
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; \
+                 form-action 'none'; frame-ancestors 'none'",
+            ),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        Html(docs.page().clone()),
+    )
+        .into_response()
 }
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}\

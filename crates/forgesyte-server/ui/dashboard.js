@@ -252,10 +252,12 @@ function renderJournal() {
 function renderChart() {
   const chart = $('latency');
   const width = 600, height = 120, now = Date.now();
-  const drawn = [...series.entries()].filter(([name, points]) => points.length && plugins.has(name)).slice(0, COLORS.length);
+  const shown = [...series.entries()].filter(([name, points]) => points.length && plugins.has(name));
+  const drawn = shown.slice(0, COLORS.length);
   const max = Math.max(0.001, ...drawn.flatMap(([, points]) => points.map((p) => p.ms)));
   const parts = [svg('line', { x1: 0, y1: height - 1, x2: width, y2: height - 1, stroke: '#d0d7de' })];
-  const legend = [el('span', { class: 'muted', text: `top ${max.toFixed(2)} ms · last ${Math.round(span() / 1000)} s` })];
+  const hidden = shown.length - drawn.length;
+  const legend = [el('span', { class: 'muted', text: `top ${max.toFixed(2)} ms · last ${Math.round(span() / 1000)} s${hidden > 0 ? ` · ${hidden} more plugin(s) not drawn` : ''}` })];
   drawn.forEach(([name, points], i) => {
     const color = COLORS[i];
     const coords = points.map((p) => {
@@ -435,8 +437,12 @@ function connect() {
   }
   source.addEventListener('load', (event) => {
     const d = JSON.parse(event.data);
+    // A pass that failed part-way has no counts (null).
+    const counts = d.loaded == null
+      ? 'failed part-way (see the server log); a rescan runs it again'
+      : `${d.loaded} loaded, ${d.failed} failed, ${d.unavailable} unavailable (${Number(d.elapsed_ms || 0).toFixed(0)} ms)`;
     $('load').textContent = d.phase === 'finished'
-      ? `Load pass finished: ${d.loaded} loaded, ${d.failed} failed, ${d.unavailable} unavailable (${d.elapsed_ms.toFixed(0)} ms)`
+      ? `Load pass finished: ${counts}`
       : `Loading: ${d.settled} of ${d.registered} plugins settled`;
     if (d.phase !== 'progress') logEvent('load', d.phase);
   });

@@ -210,6 +210,8 @@ fn binary_results_answer_as_json_multipart_or_raw_bytes_by_accept() {
             reply.header("content-type"),
             Some("application/octet-stream")
         );
+        // A plugin's bytes are never sniffed into a page.
+        assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
         assert!(reply.body == data, "{plugin}: the raw bytes differ");
         assert_eq!(reply.header("x-forgesyte-pointer"), Some("/data"));
         let answer: Value =

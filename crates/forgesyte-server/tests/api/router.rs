@@ -536,6 +536,13 @@ async fn openapi_and_docs_are_served() {
             .starts_with("text/html")
     );
     assert!(docs.text().contains("/v1/plugins/{name}/tools/{tool}/run"));
+    assert_eq!(docs.header("x-content-type-options"), Some("nosniff"));
+    assert!(
+        docs.header("content-security-policy")
+            .is_some_and(|csp| csp.starts_with("default-src 'none'")),
+        "{:?}",
+        docs.header("content-security-policy")
+    );
 }
 
 // ------------------------------------------------------- hostile names
