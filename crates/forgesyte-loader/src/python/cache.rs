@@ -9,7 +9,8 @@
 //! Python plugin's start-up. The cache directory is
 //! `$XDG_CACHE_HOME/forgesyte/python` (else `~/.cache/forgesyte/python`),
 //! created `0700`, and used only when it is a directory owned by this user
-//! that nobody else can write to; the package's files in it are checked
+//! that nobody else can write to, under directories nobody else can change
+//! (root's or this user's; writable by others only when sticky, as `/tmp`); the package's files in it are checked
 //! against the ones this binary ships before each interpreter start, and
 //! rewritten when they differ or are gone.
 
@@ -147,9 +148,38 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Checks that no directory above `dir` lets another user swap what lies
+/// under it: each is root's or this user's, and writable by others only
+/// with the sticky bit (`/tmp`), where nobody may rename another's entries.
+/// (`XDG_CACHE_HOME=/srv/shared/cache`, in a directory another user may
+/// write to, would let that user put their own package in the cache's
+/// place after it was checked.)
+fn safe_ancestors(dir: &Path) -> std::io::Result<()> {
+    let me = rustix::process::geteuid().as_raw();
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = match std::fs::metadata(ancestor) {
+            Ok(meta) => meta,
+            // Not there yet: `private_dir` makes it, as this user's.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let owner_ok = meta.uid() == me || meta.uid() == 0;
+        let others_write = meta.mode() & 0o022 != 0;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if !owner_ok || (others_write && !sticky) {
+            return Err(std::io::Error::other(format!(
+                "{} may be changed by another user",
+                ancestor.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Writes the runner package into `dir` (the files that are not there
 /// already, or differ) and returns the code that imports it and starts it.
 fn bootstrap(dir: &Path) -> std::io::Result<String> {
+    safe_ancestors(dir)?;
     private_dir(dir)?;
     let module = module_name();
     let package = dir.join(&module);
@@ -244,6 +274,16 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(bootstrap(&dir).is_err());
         assert!(!dir.join(module_name()).exists());
+        // Nor one under a directory others may write to (no sticky bit).
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let under = open.join("cache/forgesyte/python");
+        assert!(bootstrap(&under).is_err());
+        assert!(!under.exists());
+        // With the sticky bit (as /tmp), nobody renames another's entries.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        bootstrap(&under).unwrap();
         // Nor a package directory others can write to in a private cache.
         let dir = tmp.path().join("private");
         bootstrap(&dir).unwrap();
