@@ -66,7 +66,7 @@ const OUTPUT_LIMIT: u64 = 4 << 20;
 /// The longest stderr line quoted in an error.
 const QUOTE_LIMIT: usize = 200;
 
-/// Runs the interpreter (through [`run_python`]): `INTERPRETER -B -c SCRIPT
+/// Runs the interpreter (through [`run_python`]): `INTERPRETER -sB -c SCRIPT
 /// pkg1 pkg2 …`, working directory `/`, stdin closed, stdout and stderr
 /// captured, the process environment inherited (so `PYTHONPATH` and
 /// virtual environments work).
@@ -472,11 +472,11 @@ mod tests {
                 short.display()
             ))
         );
-        // The arguments: -B -c SCRIPT then the packages, in order.
+        // The arguments: -sB -c SCRIPT then the packages, in order.
         let echo = script(
             d,
             "echo",
-            r#"[ "$1" = -B ] && [ "$2" = -c ] && [ "$(pwd)" = / ] || exit 9; shift 3; [ "$*" = "a b.c" ] || exit 8; echo '[true, false]'"#,
+            r#"[ "$1" = -sB ] && [ "$2" = -c ] && [ "$(pwd)" = / ] || exit 9; shift 3; [ "$*" = "a b.c" ] || exit 8; echo '[true, false]'"#,
         );
         assert_eq!(
             find(SystemPython::new(), &echo, &["a", "b.c"]),

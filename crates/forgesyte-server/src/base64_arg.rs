@@ -32,6 +32,13 @@ pub(crate) fn decode_in_place(text: String) -> Result<Vec<u8>, DecodeError> {
     if has_whitespace(&buf) {
         buf.retain(|b| !b.is_ascii_whitespace());
     }
+    // Chunks are decoded one by one, and a chunk may end in padding: so
+    // padding anywhere but in the last chunk is refused here, as the whole
+    // text's decoder refuses it (at the first `=`).
+    let last_chunk = buf.len().saturating_sub(1) / CHUNK * CHUNK;
+    if let Some(at) = memchr::memchr(b'=', &buf[..last_chunk]) {
+        return Err(DecodeError::InvalidByte(at, b'='));
+    }
     let mut bytes = vec![0u8; CHUNK / 4 * 3];
     let (mut read, mut written) = (0, 0);
     while read < buf.len() {
@@ -128,9 +135,15 @@ mod tests {
             decode_in_place(text).unwrap_err(),
             base64::DecodeError::InvalidByte(3 * super::CHUNK + 2, b'!')
         );
-        // Padding before the end, and a length no text may have.
+        // Padding before the end (at a chunk's end, too), and a length no
+        // text may have.
         let text = format!("{}QQ==QUJD", "QUJD".repeat(super::CHUNK / 4));
         assert!(decode_in_place(text).is_err());
+        let text = format!("{}QQ==QUJD", "QUJD".repeat(super::CHUNK / 4 - 1));
+        assert_eq!(
+            decode_in_place(text.clone()).unwrap_err(),
+            STANDARD.decode(text).unwrap_err()
+        );
         let text = format!("{}Q", "QUJD".repeat(super::CHUNK / 4));
         assert_eq!(
             decode_in_place(text).unwrap_err(),
@@ -142,14 +155,16 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
         /// Whatever the data and however the text is wrapped, the bytes
         /// are the data; and text that is not base64 fails as the crate's
         /// own decoder fails on it, whitespace removed.
         #[test]
         fn decodes_as_the_crate_does(
-            data in proptest::collection::vec(any::<u8>(), 0..20_000),
+            // Up to three chunks, so their seams are crossed.
+            data in proptest::collection::vec(any::<u8>(), 0..3 * super::CHUNK / 4 * 3),
             width in prop_oneof![Just(0usize), 1usize..200],
-            noise in proptest::option::of((0usize..30_000, any::<u8>())),
+            noise in proptest::option::of((0usize..4 * super::CHUNK, prop_oneof![Just(b'='), any::<u8>()])),
         ) {
             let mut text = STANDARD.encode(&data);
             if width > 0 {

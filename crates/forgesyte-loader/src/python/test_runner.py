@@ -1542,23 +1542,24 @@ class SeccompTests(unittest.TestCase):
         from runner.confine import _seccomp_program
 
         ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-        ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220, 240, 241, 242, 243, 244, 245)
-        # x86_64 without the network: 29 instructions, every jump to the
+        io_uring = (425, 426, 427)
+        ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220, 240, 241, 242, 243, 244, 245) + io_uring
+        # x86_64 without the network: 32 instructions, every jump to the
         # deny (the last) counted from the one after it.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 26, 0xC000003E), (ld, 0, 0, 0),
-                    (jge, 24, 0, 0x40000000)]
-        expected += [(jeq, 23 - i, 0, nr) for i, nr in enumerate(ipc)]
+        expected = [(ld, 0, 0, 4), (jeq, 0, 29, 0xC000003E), (ld, 0, 0, 0),
+                    (jge, 27, 0, 0x40000000)]
+        expected += [(jeq, 26 - i, 0, nr) for i, nr in enumerate(ipc)]
         expected += [(jeq, 1, 0, 41), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
                      (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
         self.assertEqual(_seccomp_program("x86_64", False), expected)
         # With the network: no socket part.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 21, 0xC000003E), (ld, 0, 0, 0), (jge, 19, 0, 0x40000000)]
-        expected += [(jeq, 18 - i, 0, nr) for i, nr in enumerate(ipc)]
+        expected = [(ld, 0, 0, 4), (jeq, 0, 24, 0xC000003E), (ld, 0, 0, 0), (jge, 22, 0, 0x40000000)]
+        expected += [(jeq, 21 - i, 0, nr) for i, nr in enumerate(ipc)]
         expected += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
         self.assertEqual(_seccomp_program("x86_64", True), expected)
         # aarch64: no x32; its own numbers.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 25, 0xC00000B7), (ld, 0, 0, 0)]
-        expected += [(jeq, 23 - i, 0, nr) for i, nr in enumerate(range(180, 198))]
+        expected = [(ld, 0, 0, 4), (jeq, 0, 28, 0xC00000B7), (ld, 0, 0, 0)]
+        expected += [(jeq, 26 - i, 0, nr) for i, nr in enumerate(tuple(range(180, 198)) + io_uring)]
         expected += [(jeq, 1, 0, 198), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
                      (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
         self.assertEqual(_seccomp_program("aarch64", False), expected)
@@ -1571,8 +1572,8 @@ class SeccompTests(unittest.TestCase):
         machines = {
             # AUDIT_ARCH, IPC calls, socket, read, socketpair
             "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220]
-                       + list(range(240, 246)), 41, 0, 53),
-            "aarch64": (0xC00000B7, list(range(180, 198)), 198, 63, 199),
+                       + list(range(240, 246)) + [425, 426, 427], 41, 0, 53),
+            "aarch64": (0xC00000B7, list(range(180, 198)) + [425, 426, 427], 198, 63, 199),
         }
         for machine, (arch, ipc, socket_nr, read_nr, socketpair_nr) in machines.items():
             for network in (False, True):
@@ -1624,6 +1625,13 @@ class SeccompTests(unittest.TestCase):
                 if error != errno.ENOENT:  # none there: not refused
                     raise OSError(error, "mq_open")
 
+        def io_uring_setup():
+            # Null parameters: EFAULT where io_uring may be set up.
+            if syscall(ctypes.c_long(425), ctypes.c_uint(1), None) < 0:
+                error = ctypes.get_errno()
+                if error not in (errno.EFAULT, errno.ENOSYS):  # not refused
+                    raise OSError(error, "io_uring_setup")
+
         def x32_getpid():
             if syscall(ctypes.c_long(0x40000000 | 39)) < 0:
                 error = ctypes.get_errno()
@@ -1637,6 +1645,7 @@ class SeccompTests(unittest.TestCase):
             ("socketpair", lambda: [s.close() for s in socket.socketpair()]),
             ("shmget", shmget),
             ("mq_open", mq_open),
+            ("io_uring", io_uring_setup),
         ]
         if MACHINE == "x86_64":
             checks.append(("x32", x32_getpid))
@@ -1672,7 +1681,8 @@ class SeccompTests(unittest.TestCase):
         said = self.filtered(confine._seccomp, False)
         self.assertEqual(said.pop("said"), confine.SYSCALLS_NO_SOCKETS)
         self.assertEqual(said, dict({"unix": refused, "netlink": refused, "udp": "ok",
-                                     "socketpair": "ok", "shmget": refused, "mq_open": refused},
+                                     "socketpair": "ok", "shmget": refused, "mq_open": refused,
+                                     "io_uring": refused},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
@@ -1683,7 +1693,8 @@ class SeccompTests(unittest.TestCase):
         said = self.filtered(confine._seccomp, True)
         self.assertEqual(said.pop("said"), confine.SYSCALLS_IPC)
         self.assertEqual(said, dict({"unix": "ok", "netlink": "ok", "udp": "ok",
-                                     "socketpair": "ok", "shmget": refused, "mq_open": refused},
+                                     "socketpair": "ok", "shmget": refused, "mq_open": refused,
+                                     "io_uring": refused},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)

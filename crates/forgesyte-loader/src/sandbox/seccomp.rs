@@ -3,7 +3,8 @@
 //! that has a path (a root runner would reach `/run/docker.sock`), netlink
 //! lets runners of one network namespace (a zygote's) talk to each other,
 //! and System V IPC and POSIX message queues are no files. So the filter
-//! refuses, with `EACCES`, every System V IPC and message-queue call, and,
+//! refuses, with `EACCES`, every System V IPC, message-queue and io_uring
+//! call (an io_uring operation, a socket among them, passes no filter), and,
 //! unless the plan keeps the network, `socket()` of the Unix and netlink
 //! families (`socketpair()` stays allowed); a foreign architecture's calls
 //! (x32, a 32-bit `int 0x80`) are refused as a whole.
@@ -17,19 +18,20 @@ use std::io;
 
 /// What the hello's `syscalls` says of a runner filtered without network
 /// (the Python runner says the same).
-pub const SYSCALLS_NO_SOCKETS: &str =
-    "filtered: no new Unix or netlink socket, no System V IPC, no POSIX message queue";
+pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new Unix or netlink socket, no System V IPC, \
+     no POSIX message queue, no io_uring";
 /// ... and of one whose plan keeps the network.
-pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue";
+pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring";
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
 #[cfg(target_arch = "aarch64")]
 const AUDIT_ARCH: u32 = 0xC000_00B7;
 
-/// The System V IPC and POSIX message-queue calls, in ascending order.
+/// The System V IPC, POSIX message-queue and io_uring calls (an io_uring
+/// operation, a socket among them, passes no filter), in ascending order.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn ipc_calls() -> [u32; 18] {
+fn ipc_calls() -> [u32; 21] {
     let mut calls = [
         libc::SYS_shmget,
         libc::SYS_shmat,
@@ -49,6 +51,9 @@ fn ipc_calls() -> [u32; 18] {
         libc::SYS_mq_timedreceive,
         libc::SYS_mq_notify,
         libc::SYS_mq_getsetattr,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
     ]
     .map(|nr| nr as u32);
     calls.sort_unstable();
@@ -265,6 +270,12 @@ mod tests {
                         || errno() != Some(libc::EACCES)
                     {
                         return 12;
+                    }
+                    // Null parameters: EFAULT where io_uring may be set up.
+                    if libc::syscall(libc::SYS_io_uring_setup, 1, std::ptr::null_mut::<u8>()) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 15;
                     }
                     let mut pair = [0; 2];
                     if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) != 0

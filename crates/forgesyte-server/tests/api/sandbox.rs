@@ -214,7 +214,7 @@ const OWN_NETWORK: &str = "isolated: a network namespace of its own";
 const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
 const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
 const SYSCALLS_NO_SOCKETS: &str =
-    "filtered: no new Unix or netlink socket, no System V IPC, no POSIX message queue";
+    "filtered: no new Unix or netlink socket, no System V IPC, no POSIX message queue, no io_uring";
 
 /// The snoop's variables, and the policy that grants the `open` variants
 /// (unsigned) what their manifests ask for.
@@ -549,10 +549,10 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
     assert_eq!(uid_of(pid), Some(nobody));
     let python_pid = super::support::runner_pid(server.pid(), "snoop").expect("the Python runner");
     assert_eq!(uid_of(u64::from(python_pid)), Some(nobody));
-    // The dependency check (`-B -c SCRIPT json`) ran it, as nobody, like
+    // The dependency check (`-sB -c SCRIPT json`) ran it, as nobody, like
     // the runner's zygote did.
     let runs = std::fs::read_to_string(&runs).unwrap();
-    assert!(runs.lines().any(|l| l == format!("{nobody} -B")), "{runs}");
+    assert!(runs.lines().any(|l| l == format!("{nobody} -sB")), "{runs}");
     assert!(
         runs.lines().all(|l| l.starts_with(&format!("{nobody} "))),
         "{runs}"

@@ -167,8 +167,9 @@ def _not_dumpable(libc):
 # What the hello says of a runner filtered by ``_seccomp`` (as the native
 # runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
 # with it.
-SYSCALLS_NO_SOCKETS = "filtered: no new Unix or netlink socket, no System V IPC, no POSIX message queue"
-SYSCALLS_IPC = "filtered: no System V IPC, no POSIX message queue"
+SYSCALLS_NO_SOCKETS = ("filtered: no new Unix or netlink socket, no System V IPC, no POSIX message "
+                       "queue, no io_uring")
+SYSCALLS_IPC = "filtered: no System V IPC, no POSIX message queue, no io_uring"
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # Classic BPF (``linux/filter.h``): the few instructions the filter uses.
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
@@ -176,13 +177,16 @@ _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_EACCES = 0x00050000 | 13  # SECCOMP_RET_ERRNO | EACCES
 _AF_UNIX, _AF_NETLINK = 1, 16
 _X32_SYSCALL_BIT = 0x40000000
+# io_uring (``io_uring_setup``, ``_enter``, ``_register``: the same numbers
+# on both machines): its operations (a socket among them) pass no filter.
+_IO_URING = (425, 426, 427)
 # Per machine (``os.uname().machine``): its AUDIT_ARCH, whether it has x32
-# calls to refuse, its System V IPC and POSIX message-queue calls (in
-# ascending order) and its ``socket`` call.
+# calls to refuse, its System V IPC, POSIX message-queue and io_uring calls
+# (in ascending order) and its ``socket`` call.
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
-                                  240, 241, 242, 243, 244, 245), 41),
-    "aarch64": (0xC00000B7, False, tuple(range(180, 198)), 198),
+                                  240, 241, 242, 243, 244, 245) + _IO_URING, 41),
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING, 198),
 }
 _SECCOMP_ARCHES["arm64"] = _SECCOMP_ARCHES["aarch64"]
 
@@ -196,7 +200,7 @@ def _seccomp_program(machine, network):
 
     - load the architecture (seccomp_data offset 4); not this machine's: deny
     - load the call's number (offset 0); on x86_64 an x32 call: deny
-    - each System V IPC and POSIX message-queue call: deny
+    - each System V IPC, POSIX message-queue and io_uring call: deny
     - without the network, ``socket`` whose domain (args[0]'s low half,
       offset 16) is ``AF_UNIX`` or ``AF_NETLINK``: deny
     - anything else: allow; deny is ``EACCES``, the program's last
@@ -228,7 +232,8 @@ def _seccomp(libc, network, machine=None):
     before the runner starts any), after ``no_new_privs``, which a filter
     needs without ``CAP_SYS_ADMIN``. It refuses, with ``EACCES``, what
     Landlock and the network namespace do not rule: System V IPC and POSIX
-    message queues (no files), and, without the network, new Unix sockets
+    message queues (no files), io_uring (whose operations, a socket among
+    them, pass no filter), and, without the network, new Unix sockets
     (Landlock rules no ``connect()`` to one that has a path: a root runner
     would reach ``/run/docker.sock``) and netlink ones (between runners of
     a zygote's shared namespace); ``socketpair()`` stays allowed, and so do
@@ -238,6 +243,10 @@ def _seccomp(libc, network, machine=None):
 
     if machine is None:
         machine = os.uname().machine
+        # A 32-bit interpreter on a 64-bit kernel: another architecture's
+        # calls, which a 64-bit program would refuse all of.
+        if struct.calcsize("P") != 8:
+            machine += " (a 32-bit interpreter)"
     program = _seccomp_program(machine, network)
     if program is None:
         return "unconfined: no seccomp filter for this architecture (%s)" % machine
