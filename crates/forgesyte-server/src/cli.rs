@@ -232,6 +232,25 @@ pub(crate) struct ServeArgs {
     /// as SIGHUP does: for plugin development.
     #[arg(long, env = "FORGESYTE_WATCH", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) watch: bool,
+    /// Names the server is reached by besides its own address, such as a
+    /// proxy's public name (comma-separated, or repeat the option): a
+    /// server listening on a loopback address answers requests for them,
+    /// and their pages may run tools and reload.
+    #[arg(long = "public-host", value_name = "NAMES", env = "FORGESYTE_PUBLIC_HOST", value_delimiter = ',', value_parser = parse_public_host)]
+    pub(crate) public_hosts: Vec<String>,
+}
+
+/// A `--public-host` name: a host name or address, without scheme, port or
+/// path, compared in lowercase and without a trailing dot.
+fn parse_public_host(text: &str) -> Result<String, String> {
+    let name = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']');
+    if name.is_empty() || !name.chars().all(allowed) || name.contains("://") {
+        return Err(format!(
+            "'{text}' is not a host name (a name such as forgesyte.example.com, or an address)"
+        ));
+    }
+    Ok(name)
 }
 
 #[derive(Debug, Args)]
@@ -515,6 +534,7 @@ impl ServeArgs {
         config.max_connections = self.max_connections;
         config.max_calls_per_plugin = self.max_calls_per_plugin;
         config.watch = self.watch;
+        config.public_hosts = self.public_hosts;
         (config, self.admin_token_file)
     }
 }

@@ -91,6 +91,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Time an idle keep-alive connection stays open after a response.
     pub idle_timeout: Duration,
+    /// Names the server is reached by besides its own address (a proxy's
+    /// public name; lowercase, no port): see `crate::origin`.
+    pub public_hosts: Vec<String>,
     /// Longest wait for the next piece of a request's body (a client that
     /// stops sending mid-body is answered 408).
     pub body_read_timeout: Duration,
@@ -224,6 +227,7 @@ impl Default for ServerConfig {
             body_min_rate: DEFAULT_BODY_MIN_RATE,
             stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            public_hosts: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admin_token: None,
             max_calls_per_plugin: DEFAULT_MAX_CALLS_PER_PLUGIN,

@@ -109,6 +109,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    public_hosts: Vec<String>,
     stop: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -117,9 +118,12 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
     let service = TowerToHyperService::new(router);
-    let loopback = listener
-        .local_addr()
-        .is_ok_and(|addr| addr.ip().is_loopback());
+    let guard = crate::origin::Guard {
+        loopback: listener
+            .local_addr()
+            .is_ok_and(|addr| addr.ip().is_loopback()),
+        public_hosts: public_hosts.into(),
+    };
     let mut last_warned: Option<Instant> = None;
     tokio::pin!(stop);
     loop {
@@ -146,7 +150,7 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         // Every request knows its client's address (axum's `ConnectInfo`):
         // the admin routes log it and count wrong tokens by it.
-        let service = with_peer(service.clone(), peer, loopback);
+        let service = with_peer(service.clone(), peer, guard.clone());
         if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
             let connection = connection(stream, service, limits, true).with_upgrades();
             let stop_seen = stop_seen.clone();
@@ -239,14 +243,9 @@ where
 }
 
 /// `service` with the client's address in every request's extensions, and
-/// what a web page may not make it do refused first ([`crate::origin`]);
-/// `loopback`: whether the server listens on a loopback address.
-fn with_peer<S>(inner: S, peer: SocketAddr, loopback: bool) -> WithPeer<S> {
-    WithPeer {
-        inner,
-        peer,
-        loopback,
-    }
+/// what a web page may not make it do refused first ([`crate::origin`]).
+fn with_peer<S>(inner: S, peer: SocketAddr, guard: crate::origin::Guard) -> WithPeer<S> {
+    WithPeer { inner, peer, guard }
 }
 
 /// See [`with_peer`].
@@ -254,7 +253,7 @@ fn with_peer<S>(inner: S, peer: SocketAddr, loopback: bool) -> WithPeer<S> {
 struct WithPeer<S> {
     inner: S,
     peer: SocketAddr,
-    loopback: bool,
+    guard: crate::origin::Guard,
 }
 
 impl<S> hyper::service::Service<Request<Incoming>> for WithPeer<S>
@@ -270,7 +269,7 @@ where
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         if let Some(detail) =
-            crate::origin::refusal(request.method(), request.headers(), self.loopback)
+            crate::origin::refusal(request.method(), request.headers(), &self.guard)
         {
             tracing::warn!(peer = %self.peer, "{detail}");
             return futures_util::future::Either::Right(std::future::ready(Ok(refused(&detail))));

@@ -14,24 +14,51 @@
 //!   `Sec-Fetch-Site` says `cross-site`.
 //! - **A server listening on a loopback address answers loopback names
 //!   only**: `Host` must be `localhost`, `127.0.0.1` (or any `127.x`) or
-//!   `[::1]`, with any port; a rebound name is refused (403).
+//!   `[::1]`, with any port, or one of the `--public-host` names (a proxy's
+//!   public name, when the proxy passes the client's `Host` on); a rebound
+//!   name is refused (403).
 //!
-//! Checked where each connection's requests enter (`conn::WithPeer`),
-//! before routing. Knows nothing of plugins or routes.
+//! An `Origin` is also this server's when its host is a `--public-host`
+//! name (a proxy that rewrites `Host` to the server's own address leaves
+//! `Origin` as the browser sent it). Checked where each connection's
+//! requests enter (`conn::WithPeer`), before routing. Knows nothing of
+//! plugins or routes.
 
 use axum::http::{HeaderMap, Method, header};
 
-/// Why `request` is refused (the answer's detail), or `None`.
-/// `loopback`: whether the server listens on a loopback address.
-pub(crate) fn refusal(method: &Method, headers: &HeaderMap, loopback: bool) -> Option<String> {
+/// What a connection's requests are checked against.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Guard {
+    /// The server listens on a loopback address.
+    pub(crate) loopback: bool,
+    /// `--public-host` names: lowercase, without port or trailing dot.
+    pub(crate) public_hosts: std::sync::Arc<[String]>,
+}
+
+impl Guard {
+    /// Whether `name` (a host, no port) is a `--public-host` name.
+    fn is_public(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.');
+        self.public_hosts
+            .iter()
+            .any(|public| public.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Why a request is refused (the answer's detail), or `None`.
+pub(crate) fn refusal(method: &Method, headers: &HeaderMap, guard: &Guard) -> Option<String> {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if loopback && !host.is_empty() && !is_loopback_name(host) {
+    if guard.loopback
+        && !host.is_empty()
+        && !is_loopback_name(host)
+        && !guard.is_public(host_name(host))
+    {
         return Some(format!(
             "Host '{}' is not this server's: a server listening on a loopback address answers \
-             localhost, 127.0.0.1 and [::1] only",
+             localhost, 127.0.0.1, [::1] and its --public-host names only",
             host.escape_debug()
         ));
     }
@@ -55,14 +82,29 @@ pub(crate) fn refusal(method: &Method, headers: &HeaderMap, loopback: bool) -> O
         .to_str()
         .ok()
         .and_then(authority)
-        .is_some_and(|(authority, https)| same_authority(authority, https, host));
+        .is_some_and(|(authority, https)| {
+            same_authority(authority, https, host) || guard.is_public(host_name(authority))
+        });
     (!same).then(|| {
         format!(
             "refused: a request from the page of another origin ({}); only this server's own \
-             pages, or clients that are no web page, may run tools and reload",
+             pages (and those of its --public-host names), or clients that are no web page, \
+             may run tools and reload",
             String::from_utf8_lossy(origin.as_bytes()).escape_debug()
         )
     })
+}
+
+/// The host of `HOST[:PORT]` (`[::1]:8000` → `[::1]`).
+fn host_name(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(rest) => rest
+            .find(']')
+            .map_or(authority, |end| &authority[..end + 2]),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(name, _)| name),
+    }
 }
 
 /// `http://HOST[:PORT]` → (`HOST[:PORT]`, false); `https://…` → (…, true);
@@ -90,11 +132,12 @@ fn same_authority(authority: &str, https: bool, host: &str) -> bool {
 
 /// Whether a `Host` value names the loopback interface.
 fn is_loopback_name(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        // `[::1]:8000`
-        Some(rest) => rest.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
+    let name = host_name(host);
+    let name = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name)
+        .trim_end_matches('.');
     name.eq_ignore_ascii_case("localhost")
         || name
             .parse::<std::net::IpAddr>()
@@ -106,6 +149,13 @@ mod tests {
     use axum::http::HeaderValue;
 
     use super::*;
+
+    fn guard(loopback: bool, public: &[&str]) -> Guard {
+        Guard {
+            loopback,
+            public_hosts: public.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -121,45 +171,62 @@ mod tests {
         let from = |origin| headers(&[("host", "127.0.0.1:8000"), ("origin", origin)]);
         // No Origin: curl, SDKs.
         assert_eq!(
-            refusal(&post, &headers(&[("host", "127.0.0.1:8000")]), true),
+            refusal(
+                &post,
+                &headers(&[("host", "127.0.0.1:8000")]),
+                &guard(true, &[])
+            ),
             None
         );
         // The server's own pages.
-        assert_eq!(refusal(&post, &from("http://127.0.0.1:8000"), true), None);
+        assert_eq!(
+            refusal(&post, &from("http://127.0.0.1:8000"), &guard(true, &[])),
+            None
+        );
         // Behind a proxy that ends TLS, the page is https and the Host the
         // same name: one origin (the scheme is the proxy's).
-        assert_eq!(refusal(&post, &from("https://127.0.0.1:8000"), true), None);
+        assert_eq!(
+            refusal(&post, &from("https://127.0.0.1:8000"), &guard(true, &[])),
+            None
+        );
         for other in [
             "http://evil.example",
             "null",
             "http://127.0.0.1:9000",
             "http://127.0.0.1:8000/x",
         ] {
-            let why = refusal(&post, &from(other), true).expect(other);
+            let why = refusal(&post, &from(other), &guard(true, &[])).expect(other);
             assert!(why.contains("another origin"), "{why}");
         }
         // A read from another origin: the browser does not let it read the
         // answer (no CORS), and it changes nothing.
         assert_eq!(
-            refusal(&Method::GET, &from("http://evil.example"), true),
+            refusal(
+                &Method::GET,
+                &from("http://evil.example"),
+                &guard(true, &[])
+            ),
             None
         );
         // A WebSocket is a read by method and refused all the same.
         let mut upgrade = from("http://evil.example");
         upgrade.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(refusal(&Method::GET, &upgrade, true).is_some());
+        assert!(refusal(&Method::GET, &upgrade, &guard(true, &[])).is_some());
         // A fetch that says it is cross-site, Origin or not.
         let cross = headers(&[("host", "127.0.0.1:8000"), ("sec-fetch-site", "cross-site")]);
-        assert!(refusal(&post, &cross, true).is_some());
+        assert!(refusal(&post, &cross, &guard(true, &[])).is_some());
         let same = headers(&[
             ("host", "127.0.0.1:8000"),
             ("sec-fetch-site", "same-origin"),
         ]);
-        assert_eq!(refusal(&post, &same, true), None);
+        assert_eq!(refusal(&post, &same, &guard(true, &[])), None);
         // Default ports written or not, names in any case.
         let host = |h| headers(&[("host", h), ("origin", "http://LocalHost")]);
-        assert_eq!(refusal(&post, &host("localhost:80"), true), None);
-        assert_eq!(refusal(&post, &host("localhost"), true), None);
+        assert_eq!(
+            refusal(&post, &host("localhost:80"), &guard(true, &[])),
+            None
+        );
+        assert_eq!(refusal(&post, &host("localhost"), &guard(true, &[])), None);
     }
 
     #[test]
@@ -173,7 +240,11 @@ mod tests {
             "127.1.2.3",
             "[::1]",
         ] {
-            assert_eq!(refusal(&get, &headers(&[("host", ok)]), true), None, "{ok}");
+            assert_eq!(
+                refusal(&get, &headers(&[("host", ok)]), &guard(true, &[])),
+                None,
+                "{ok}"
+            );
         }
         for rebound in [
             "rebind.attacker.example:8000",
@@ -181,7 +252,8 @@ mod tests {
             "[::2]:80",
             "evil",
         ] {
-            let why = refusal(&get, &headers(&[("host", rebound)]), true).expect(rebound);
+            let why =
+                refusal(&get, &headers(&[("host", rebound)]), &guard(true, &[])).expect(rebound);
             assert!(why.contains("is not this server's"), "{why}");
         }
         // A server on another address answers any name (a proxy's, a
@@ -190,9 +262,38 @@ mod tests {
             refusal(
                 &get,
                 &headers(&[("host", "forgesyte.svc.cluster.local")]),
-                false
+                &guard(false, &[])
             ),
             None
         );
+    }
+
+    #[test]
+    fn public_host_names_are_this_servers_behind_a_proxy() {
+        let post = Method::POST;
+        let behind = guard(true, &["forgesyte.example.com"]);
+        // A proxy that passes the client's Host on.
+        let passed = headers(&[
+            ("host", "forgesyte.example.com"),
+            ("origin", "https://forgesyte.example.com"),
+        ]);
+        assert_eq!(refusal(&post, &passed, &behind), None);
+        assert!(refusal(&post, &passed, &guard(true, &[])).is_some());
+        // A proxy that rewrites Host to the server's own address.
+        let rewritten = headers(&[
+            ("host", "127.0.0.1:8000"),
+            ("origin", "https://FORGESYTE.example.com."),
+        ]);
+        assert_eq!(refusal(&post, &rewritten, &behind), None);
+        // Another name, behind the same proxy, is not.
+        let other = headers(&[
+            ("host", "127.0.0.1:8000"),
+            ("origin", "https://evil.example"),
+        ]);
+        assert!(refusal(&post, &other, &behind).is_some());
+        assert!(refusal(&Method::GET, &headers(&[("host", "evil.example")]), &behind).is_some());
+        assert_eq!(host_name("[::1]:8000"), "[::1]");
+        assert_eq!(host_name("a.example:1"), "a.example");
+        assert_eq!(host_name("a.example"), "a.example");
     }
 }

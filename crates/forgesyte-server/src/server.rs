@@ -163,9 +163,15 @@ impl Server {
                 "The connection cap is lowered to half the file-descriptor limit (raise `ulimit -n` for more)"
             );
         }
-        let serving = conn::serve(listener, app(state.clone()), limits, async {
-            let _ = stop_rx.await;
-        });
+        let serving = conn::serve(
+            listener,
+            app(state.clone()),
+            limits,
+            config.public_hosts.clone(),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
         let mut server = tokio::spawn(async move {
             serving.await;
             Ok::<(), io::Error>(())

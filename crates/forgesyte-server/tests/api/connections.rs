@@ -653,4 +653,27 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
         "{}",
         answers[5].1
     );
+
+    // Behind a proxy whose public name is given: its Host and its pages'
+    // Origin are the server's own.
+    let server = start(|c| c.public_hosts = vec!["forgesyte.example.com".to_owned()]).await;
+    let addr = server.addr;
+    let statuses = blocking(move || {
+        let ask = |head: &str| {
+            let mut stream = connect(addr);
+            stream.write_all(head.as_bytes()).unwrap();
+            let response = read_response(&mut stream);
+            response[9..12].parse::<u16>().unwrap()
+        };
+        [
+            ask("GET /v1/plugins HTTP/1.1\r\nHost: forgesyte.example.com\r\n\r\n"),
+            ask(&format!(
+                "POST /v1/plugins/none/tools/none/run HTTP/1.1\r\nHost: {addr}\r\n\
+                 Origin: https://forgesyte.example.com\r\nContent-Length: 2\r\n\r\n{{}}"
+            )),
+            ask("GET /v1/plugins HTTP/1.1\r\nHost: other.example.com\r\n\r\n"),
+        ]
+    })
+    .await;
+    assert_eq!(statuses, [200, 404, 403]);
 }
