@@ -130,15 +130,24 @@ fn direct_state(pid: u32) -> Ended {
 
 /// Whether process `pid`, a zygote's runner whose exit is not reported yet
 /// (so not reaped: its pid is still its own), has ended: a zombie, or gone.
-/// When `/proc` cannot tell (hidden by `hidepid`, say), the zygote's report
-/// alone decides: not ended.
+/// When `/proc` does not show it (gone, or hidden by `hidepid`), whether any
+/// process still has the pid (`kill(pid, 0)`); when `/proc` cannot be
+/// read, the zygote's report alone decides: not ended.
 pub(super) fn forked_has_ended(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state == "Z" || state == "X"),
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        // Not there, or hidden (`hidepid`): gone only when no process has
+        // the pid (a zombie's is still its own until it is reaped).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .is_none_or(|pid| {
+                rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH)
+            }),
+        Err(_) => false,
     }
 }
 

@@ -178,6 +178,10 @@ pub(crate) struct Zygote {
     /// A spawn found it not forking within [`FORK_TIMEOUT`] (stopped,
     /// stuck): later runners get a new zygote; its own runners stay.
     wedged: std::sync::atomic::AtomicBool,
+    /// It has forked a runner: its interpreter is up, and [`FORK_TIMEOUT`]
+    /// applies to its spawns (the first waits the spawn's own time limit,
+    /// its interpreter's start-up included).
+    forked: std::sync::atomic::AtomicBool,
     /// Kept so the process is reaped when the zygote ends.
     process: Mutex<std::process::Child>,
 }
@@ -296,6 +300,7 @@ impl Zygote {
             reaps,
             state: Mutex::new(State::default()),
             wedged: std::sync::atomic::AtomicBool::new(false),
+            forked: std::sync::atomic::AtomicBool::new(false),
             process: Mutex::new(process),
         }))
     }
@@ -318,6 +323,24 @@ impl Zygote {
                 "the Python zygote did not fork within {} s; later runners get a new one",
                 FORK_TIMEOUT.as_secs()
             );
+        }
+        self.let_go_if_idle();
+    }
+
+    /// A wedged zygote with no runner left and no spawn waiting is let go:
+    /// its control socket is shut down, so it exits once it reads again,
+    /// and the threads that serve it end. (Its runners, while it has any,
+    /// need it: they die with it.)
+    fn let_go_if_idle(&self) {
+        if !self.wedged.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let idle = {
+            let state = self.state.lock();
+            state.children.is_empty() && state.spawning.is_empty()
+        };
+        if idle && let Some(control) = self.control.try_lock() {
+            let _ = rustix::net::shutdown(&*control, rustix::net::Shutdown::Both);
         }
     }
 
@@ -374,7 +397,11 @@ impl Zygote {
         // The fork, the request's send included, within `FORK_TIMEOUT` (or
         // the spawn's own, shorter, limit): a zygote that reads nothing
         // (stopped, or stuck) fails the spawn, and is not asked again.
-        let timeout = timeout.min(FORK_TIMEOUT);
+        let timeout = if self.forked.load(std::sync::atomic::Ordering::Acquire) {
+            timeout.min(FORK_TIMEOUT)
+        } else {
+            timeout
+        };
         let deadline = Instant::now() + timeout;
         if let Err(e) = self.send(message.as_bytes(), &fds, deadline) {
             self.state.lock().spawning.remove(&id);
@@ -485,6 +512,8 @@ impl Zygote {
     fn handle(&self, said: Said) {
         match said {
             Said::Spawned { id, pid } => {
+                self.forked
+                    .store(true, std::sync::atomic::Ordering::Release);
                 let mut state = self.state.lock();
                 let slot = Arc::new(ExitSlot::default());
                 state.children.insert(pid, Arc::clone(&slot));
@@ -508,6 +537,7 @@ impl Zygote {
                 kill_group(pid);
                 // Gone only with the zygote, which reaps nothing then.
                 let _ = self.reaps.send(pid);
+                self.let_go_if_idle();
             }
         }
     }

@@ -367,6 +367,15 @@ fn a_stopped_zygote_is_given_up_after_one_spawn() {
         runner = again;
     }
     signal(&stopped.to_string(), "-CONT");
+    // Continued, with no runner left, it is let go: it exits.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ended(stopped) {
+        assert!(
+            Instant::now() < deadline,
+            "the wedged zygote {stopped} lives on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         server.log().contains("did not fork within"),
         "{}",
