@@ -10,9 +10,6 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::cuda::CudaProbe;
-
-/// Interpreters a load pass's prefetch asks at once.
-const PREFETCH_AT_ONCE: usize = 8;
 use crate::env::{EnvProbe, ProcessEnv};
 use crate::exec::{ExecutableProbe, SystemPath};
 use crate::fs::{FileSystem, RealFs};
@@ -20,6 +17,9 @@ use crate::gpu::{self, GpuProbe, GpuReport};
 use crate::libs::{LibraryProbe, SystemLibraries};
 use crate::python::{PythonProbe, SystemPython};
 use crate::requirements::{Dependency, GpuRequirement, Requirements};
+
+/// Interpreters a load pass's prefetch asks at once.
+const PREFETCH_AT_ONCE: usize = 8;
 
 /// The most bytes of package names one interpreter run is asked about (its
 /// arguments): a pass with more asks in several runs.

@@ -37,13 +37,14 @@ impl CudaProbe {
         CudaProbe::default()
     }
 
-    /// The machine's GPUs, probed on first call and cached for the process.
+    /// The machine's GPUs, probed on first call and cached for the process
+    /// (a probe that gave no answer in time answers "no GPU" until its
+    /// answer comes: see [`Probing`]).
     pub fn report(&self) -> &'static GpuReport {
-        static REPORT: OnceLock<GpuReport> = OnceLock::new();
-        REPORT.get_or_init(|| probe_within(PROBE_TIMEOUT, probe_guarded))
+        static PROBING: Probing = Probing::new();
+        PROBING.report(PROBE_TIMEOUT, probe_guarded)
     }
 }
-
 impl GpuProbe for CudaProbe {
     fn probe(&self) -> GpuReport {
         self.report().clone()
@@ -62,26 +63,83 @@ pub fn cuda_driver_library_present() -> bool {
     .unwrap_or(false)
 }
 
-/// `probe`'s report, or "no GPU" when it takes longer than `limit` (or its
-/// thread cannot be started).
-fn probe_within(limit: std::time::Duration, probe: fn() -> GpuReport) -> GpuReport {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let started = std::thread::Builder::new()
-        .name("forgesyte-gpu-probe".into())
-        .spawn(move || {
-            let _ = tx.send(probe());
-        });
-    if let Err(e) = started {
-        return GpuReport::unavailable(format!("CUDA probe not run: no thread ({e})"));
+/// The machine's one probe, run on a thread of its own: its answer once it
+/// came; until then (after a first wait of `limit`), a "no GPU" report
+/// saying it gave none, without waiting again. A slow driver (many GPUs,
+/// persistence mode off) is seen at the next check after it answered.
+struct Probing {
+    answer: OnceLock<GpuReport>,
+    pending: parking_lot::Mutex<Option<std::sync::mpsc::Receiver<GpuReport>>>,
+    no_answer: OnceLock<GpuReport>,
+}
+
+impl Probing {
+    const fn new() -> Probing {
+        Probing {
+            answer: OnceLock::new(),
+            pending: parking_lot::Mutex::new(None),
+            no_answer: OnceLock::new(),
+        }
     }
-    rx.recv_timeout(limit).unwrap_or_else(|_| {
-        let reason = format!(
-            "CUDA probe gave no answer within {} s (the driver's initialisation hangs)",
-            limit.as_secs()
-        );
-        tracing::error!(%reason, "GPU probe");
-        GpuReport::unavailable(reason)
-    })
+
+    fn report(
+        &'static self,
+        limit: std::time::Duration,
+        probe: fn() -> GpuReport,
+    ) -> &'static GpuReport {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+        if let Some(answer) = self.answer.get() {
+            return answer;
+        }
+        let mut pending = self.pending.lock();
+        if let Some(answer) = self.answer.get() {
+            return answer;
+        }
+        let ended = || GpuReport::unavailable("CUDA probe ended without an answer");
+        let came = match pending.take() {
+            // Asked before, unanswered then: only what came since.
+            Some(rx) => match rx.try_recv() {
+                Ok(report) => Some(report),
+                Err(TryRecvError::Empty) => {
+                    *pending = Some(rx);
+                    None
+                }
+                Err(TryRecvError::Disconnected) => Some(ended()),
+            },
+            None => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let started = std::thread::Builder::new()
+                    .name("forgesyte-gpu-probe".into())
+                    .spawn(move || {
+                        let _ = tx.send(probe());
+                    });
+                match started {
+                    Err(e) => Some(GpuReport::unavailable(format!(
+                        "CUDA probe not run: no thread ({e})"
+                    ))),
+                    Ok(_) => match rx.recv_timeout(limit) {
+                        Ok(report) => Some(report),
+                        Err(RecvTimeoutError::Timeout) => {
+                            *pending = Some(rx);
+                            None
+                        }
+                        Err(RecvTimeoutError::Disconnected) => Some(ended()),
+                    },
+                }
+            }
+        };
+        match came {
+            Some(report) => self.answer.get_or_init(|| report),
+            None => self.no_answer.get_or_init(|| {
+                let reason = format!(
+                    "CUDA probe gave no answer within {} s (the driver's initialisation hangs)",
+                    limit.as_secs()
+                );
+                tracing::error!(%reason, "GPU probe");
+                GpuReport::unavailable(reason)
+            }),
+        }
+    }
 }
 
 fn probe_guarded() -> GpuReport {
@@ -196,23 +254,50 @@ mod tests {
     }
 
     #[test]
-    fn a_probe_that_hangs_is_no_gpu_after_the_limit() {
+    fn a_probe_that_hangs_is_no_gpu_and_a_late_answer_is_taken() {
         use std::time::{Duration, Instant};
         fn hangs() -> GpuReport {
             std::thread::sleep(Duration::from_secs(3600));
             GpuReport::unavailable("never")
         }
+        let probing: &'static Probing = Box::leak(Box::new(Probing::new()));
         let started = Instant::now();
-        let report = probe_within(Duration::from_millis(200), hangs);
+        let report = probing.report(Duration::from_millis(200), hangs);
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(!report.available);
-        let reason = report.reason.unwrap_or_default();
+        let reason = report.reason.clone().unwrap_or_default();
         assert!(
             reason.contains("CUDA") && reason.contains("no answer"),
             "{reason}"
         );
-        // A probe that answers is answered.
-        let report = probe_within(Duration::from_secs(5), || GpuReport::unavailable("fake"));
-        assert_eq!(report.reason.as_deref(), Some("fake"));
+        // Asked again: no second wait, no second probe.
+        let again = Instant::now();
+        assert!(std::ptr::eq(
+            probing.report(Duration::from_secs(60), hangs),
+            report
+        ));
+        assert!(again.elapsed() < Duration::from_secs(1));
+        // A slow probe's answer is taken once it came.
+        fn slow() -> GpuReport {
+            std::thread::sleep(Duration::from_millis(300));
+            GpuReport::unavailable("late answer")
+        }
+        let probing: &'static Probing = Box::leak(Box::new(Probing::new()));
+        let first = probing.report(Duration::from_millis(50), slow);
+        assert!(
+            first
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no answer"))
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let report = probing.report(Duration::from_millis(50), slow);
+            if report.reason.as_deref() == Some("late answer") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the late answer was never taken");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

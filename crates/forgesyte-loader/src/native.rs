@@ -675,8 +675,11 @@ fn take_results(
     }
     // What no slice may be: refused (the list is left to the plugin)
     // rather than read, or a capacity that panics.
-    let room =
-        isize::MAX as usize / std::mem::size_of::<forgesyte_protocol::abi::FsBinaryResult>().max(1);
+    // The array read, and the vector of taken pairs made from it.
+    let widest = std::mem::size_of::<forgesyte_protocol::abi::FsBinaryResult>()
+        .max(std::mem::size_of::<(PluginBuffer, PluginBuffer)>())
+        .max(1);
+    let room = isize::MAX as usize / widest;
     if list.len > room || !list.ptr.is_aligned() {
         return Err(ToolError::Protocol {
             detail: format!(

@@ -842,6 +842,16 @@ fn a_package_in_the_user_site_only_is_missing_for_the_check_and_the_runner_alike
     let site = PathBuf::from(String::from_utf8(site.stdout).unwrap().trim());
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("ubdep.py"), "VALUE = 1\n").unwrap();
+    // Without -s the interpreter does see it (else this test shows nothing).
+    let seen = std::process::Command::new(&python)
+        .args(["-c", "import ubdep"])
+        .status()
+        .unwrap();
+    assert!(
+        seen.success(),
+        "python3 does not use its user site directory (a virtualenv's interpreter?): this test \
+         needs one that does"
+    );
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(plugins.join("ub")).unwrap();
     std::fs::write(

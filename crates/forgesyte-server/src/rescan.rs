@@ -60,8 +60,11 @@ async fn rescan_to_the_end(
             context: format!("rescan of the plugins directory failed: {e}"),
         })?;
     let summary = report.summary();
-    // A rescan that ended looked at every plugin directory again.
-    state.set_load_failed(false);
+    // A rescan that ended, having listed the plugins directory, looked at
+    // every plugin again.
+    if !report.unlisted {
+        state.set_load_failed(false);
+    }
     state.metrics().record_load_pass(&report.plugins());
     for removed in &report.removed {
         // Unless a plugin of the same name took its place in this rescan.

@@ -55,6 +55,10 @@ pub struct RescanReport {
     pub unchanged: Vec<PluginLoadOutcome>,
     /// Wall time of the whole rescan, in milliseconds.
     pub elapsed_ms: f64,
+    /// The plugins directory could not be listed: nothing of it was
+    /// looked at (installed entry points were).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unlisted: bool,
 }
 
 impl RescanReport {
@@ -124,6 +128,7 @@ impl Loader {
         if let (false, Some(dir)) = (listed, &plugins_dir) {
             tracing::warn!(dir = %dir.display(), "Rescan: the plugins directory {} cannot be read; no plugin is retired", dir.display());
         }
+        let unlisted = plugins_dir.is_some() && !listed;
         let found: BTreeSet<PathBuf> = plugins_dir
             .filter(|_| listed)
             .map(|d| self.discover(&d).into_iter().collect())
@@ -136,7 +141,10 @@ impl Loader {
             .map(|(name, e)| (name.clone(), e.dir.clone()))
             .collect();
 
-        let mut report = RescanReport::default();
+        let mut report = RescanReport {
+            unlisted,
+            ..RescanReport::default()
+        };
         let mut kept: Vec<(String, PathBuf)> = Vec::new();
         for (name, dir) in known {
             let gone = if installed.contains(&name) {

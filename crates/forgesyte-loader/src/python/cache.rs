@@ -43,7 +43,7 @@ pub fn runner_invocation() -> [OsString; 3] {
             source_code().to_owned()
         });
     // Unbuffered, so print() from a plugin reaches the log now; no user
-    // site directory (see `USER_SITE_OFF`).
+    // site directory (see `USER_SITE_OFF_UNBUFFERED`).
     [USER_SITE_OFF_UNBUFFERED.into(), "-c".into(), code.into()]
 }
 
@@ -189,7 +189,11 @@ fn bootstrap(dir: &Path) -> std::io::Result<String> {
         if std::fs::read(&path).ok().as_deref() == Some(source.as_bytes()) {
             continue;
         }
-        let temp = package.join(format!("{file}.{}.tmp", std::process::id()));
+        // One temporary file per writer: starts on several threads may
+        // write the cache at once.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temp = package.join(format!("{file}.{}.{n}.tmp", std::process::id()));
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
