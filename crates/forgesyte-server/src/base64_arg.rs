@@ -32,13 +32,6 @@ pub(crate) fn decode_in_place(text: String) -> Result<Vec<u8>, DecodeError> {
     if has_whitespace(&buf) {
         buf.retain(|b| !b.is_ascii_whitespace());
     }
-    // Chunks are decoded one by one, and a chunk may end in padding: so
-    // padding anywhere but in the last chunk is refused here, as the whole
-    // text's decoder refuses it (at the first `=`).
-    let last_chunk = buf.len().saturating_sub(1) / CHUNK * CHUNK;
-    if let Some(at) = memchr::memchr(b'=', &buf[..last_chunk]) {
-        return Err(DecodeError::InvalidByte(at, b'='));
-    }
     let mut bytes = vec![0u8; CHUNK / 4 * 3];
     let (mut read, mut written) = (0, 0);
     while read < buf.len() {
@@ -51,6 +44,14 @@ pub(crate) fn decode_in_place(text: String) -> Result<Vec<u8>, DecodeError> {
                 return Err(DecodeError::InvalidLength(end));
             }
         };
+        // A chunk may end in padding, the text only in its last: padding
+        // before it is refused as the whole text's decoder refuses it, at
+        // the first `=` (after any bad symbol before it, which the chunk's
+        // decoder named first).
+        if end < buf.len() && buf[end - 1] == b'=' {
+            let at = memchr::memchr(b'=', &buf[read..end]).unwrap_or(end - 1 - read);
+            return Err(DecodeError::InvalidByte(read + at, b'='));
+        }
         // `written + decoded <= end / 4 * 3 < end`: the text under it has
         // been read.
         buf[written..written + decoded].copy_from_slice(&bytes[..decoded]);
@@ -152,6 +153,19 @@ mod tests {
                 .unwrap_err()
         );
         assert!(decode_in_place("QQ\n=!".into()).is_err());
+        // A bad symbol before padding in the same early chunk is the one
+        // named, as the crate's decoder names it.
+        let mut text = "QUJD".repeat(super::CHUNK / 2);
+        text.replace_range(4..5, "!");
+        text.replace_range(100..101, "=");
+        assert_eq!(
+            decode_in_place(text.clone()).unwrap_err(),
+            STANDARD.decode(&text).unwrap_err()
+        );
+        assert_eq!(
+            decode_in_place(text).unwrap_err(),
+            base64::DecodeError::InvalidByte(4, b'!')
+        );
     }
 
     proptest! {
@@ -164,7 +178,11 @@ mod tests {
             // Up to three chunks, so their seams are crossed.
             data in proptest::collection::vec(any::<u8>(), 0..3 * super::CHUNK / 4 * 3),
             width in prop_oneof![Just(0usize), 1usize..200],
-            noise in proptest::option::of((0usize..4 * super::CHUNK, prop_oneof![Just(b'='), any::<u8>()])),
+            // Up to two bad bytes: the first is the one named.
+            noise in proptest::collection::vec(
+                (0usize..4 * super::CHUNK, prop_oneof![Just(b'='), any::<u8>()]),
+                0..3,
+            ),
         ) {
             let mut text = STANDARD.encode(&data);
             if width > 0 {
@@ -175,11 +193,10 @@ mod tests {
                     .collect();
                 text = lines.join("\r\n");
             }
-            if let Some((at, byte)) = noise
-                && byte.is_ascii()
-                && at <= text.len()
-            {
-                text.insert(at, char::from(byte));
+            for (at, byte) in noise {
+                if byte.is_ascii() && at <= text.len() {
+                    text.insert(at, char::from(byte));
+                }
             }
             let joined: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
             let expected = STANDARD.decode(base64_text(&joined));

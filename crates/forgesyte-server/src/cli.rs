@@ -233,19 +233,35 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "FORGESYTE_WATCH", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) watch: bool,
     /// Names the server is reached by besides its own address, such as a
-    /// proxy's public name (comma-separated, or repeat the option): a
-    /// server listening on a loopback address answers requests for them,
-    /// and their pages may run tools and reload.
+    /// proxy's public name, without scheme or port (comma-separated, or
+    /// repeat the option): requests for them are answered on a loopback
+    /// address, and their pages may run tools and reload.
     #[arg(long = "public-host", value_name = "NAMES", env = "FORGESYTE_PUBLIC_HOST", value_delimiter = ',', value_parser = parse_public_host)]
     pub(crate) public_hosts: Vec<String>,
 }
 
 /// A `--public-host` name: a host name or address, without scheme, port or
 /// path, compared in lowercase and without a trailing dot.
+/// An IPv6 address is kept in brackets, as `Host` and `Origin` write it;
+/// a port is refused (neither rule compares it, and `name:8443` would
+/// match no request).
 fn parse_public_host(text: &str) -> Result<String, String> {
     let name = text.trim().trim_end_matches('.').to_ascii_lowercase();
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']');
-    if name.is_empty() || !name.chars().all(allowed) || name.contains("://") {
+    let unbracketed = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(&name);
+    if unbracketed.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok(format!("[{unbracketed}]"));
+    }
+    if name.contains(':') && !name.contains("://") {
+        return Err(format!(
+            "'{text}' has a port: give the name alone (a page of that name on any port is the \
+             server's own)"
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-');
+    if name.is_empty() || !name.chars().all(allowed) {
         return Err(format!(
             "'{text}' is not a host name (a name such as forgesyte.example.com, or an address)"
         ));
@@ -549,6 +565,32 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn public_host_names_are_names_or_addresses_without_a_port() {
+        assert_eq!(
+            parse_public_host(" Forgesyte.Example.com. "),
+            Ok("forgesyte.example.com".into())
+        );
+        assert_eq!(parse_public_host("192.0.2.7"), Ok("192.0.2.7".into()));
+        assert_eq!(parse_public_host("2001:db8::1"), Ok("[2001:db8::1]".into()));
+        assert_eq!(
+            parse_public_host("[2001:DB8::1]"),
+            Ok("[2001:db8::1]".into())
+        );
+        for bad in [
+            "forgesyte.example.com:8443",
+            "[2001:db8::1]:8443",
+            "https://forgesyte.example.com",
+            "example.com/path",
+            "",
+            "a b",
+        ] {
+            let refused = parse_public_host(bad);
+            assert!(refused.is_err(), "{bad}: {refused:?}");
+        }
+        assert!(parse_public_host("example.com:8443").is_err_and(|e| e.contains("port")),);
     }
 
     /// `serve` and `check` with no options give exactly the

@@ -118,12 +118,7 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
     let service = TowerToHyperService::new(router);
-    let guard = crate::origin::Guard {
-        loopback: listener
-            .local_addr()
-            .is_ok_and(|addr| addr.ip().is_loopback()),
-        public_hosts: public_hosts.into(),
-    };
+    let public_hosts: Arc<[String]> = public_hosts.into();
     let mut last_warned: Option<Instant> = None;
     tokio::pin!(stop);
     loop {
@@ -150,7 +145,16 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         // Every request knows its client's address (axum's `ConnectInfo`):
         // the admin routes log it and count wrong tokens by it.
-        let service = with_peer(service.clone(), peer, guard.clone());
+        // The loopback rule is the connection's: a server bound to
+        // `0.0.0.0` that a rebound page reaches on 127.0.0.1 is a loopback
+        // server for it.
+        let guard = crate::origin::Guard {
+            loopback: stream
+                .local_addr()
+                .is_ok_and(|addr| addr.ip().to_canonical().is_loopback()),
+            public_hosts: Arc::clone(&public_hosts),
+        };
+        let service = with_peer(service.clone(), peer, guard);
         if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
             let connection = connection(stream, service, limits, true).with_upgrades();
             let stop_seen = stop_seen.clone();
@@ -242,8 +246,9 @@ where
         )
 }
 
-/// `service` with the client's address in every request's extensions, and
-/// what a web page may not make it do refused first ([`crate::origin`]).
+/// `service` with the client's address and the connection's
+/// [`crate::origin::Guard`] in every request's extensions (the router's
+/// [`crate::origin::GuardLayer`] checks the request against it).
 fn with_peer<S>(inner: S, peer: SocketAddr, guard: crate::origin::Guard) -> WithPeer<S> {
     WithPeer { inner, peer, guard }
 }
@@ -262,28 +267,21 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = futures_util::future::Either<
-        S::Future,
-        std::future::Ready<Result<Response<Body>, S::Error>>,
-    >;
+    type Future = S::Future;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
-        if let Some(detail) =
-            crate::origin::refusal(request.method(), request.headers(), &self.guard)
-        {
-            tracing::warn!(peer = %self.peer, "{detail}");
-            return futures_util::future::Either::Right(std::future::ready(Ok(refused(&detail))));
-        }
-        request.extensions_mut().insert(ConnectInfo(self.peer));
-        futures_util::future::Either::Left(self.inner.call(request))
+        let extensions = request.extensions_mut();
+        extensions.insert(ConnectInfo(self.peer));
+        extensions.insert(self.guard.clone());
+        self.inner.call(request)
     }
 }
 
-/// 403 with the detail, closing the connection.
-fn refused(detail: &str) -> Response<Body> {
+/// A JSON `{"detail": …}` answer that closes the connection.
+pub(crate) fn closing(status: StatusCode, detail: &str) -> Response<Body> {
     let body = serde_json::json!({ "detail": detail }).to_string();
     let mut response = Response::new(Body::from(body));
-    *response.status_mut() = StatusCode::FORBIDDEN;
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONNECTION,
@@ -298,19 +296,13 @@ fn refused(detail: &str) -> Response<Body> {
 
 /// 503 with `Retry-After`, closing the connection: the answer beyond the cap.
 fn busy() -> Response<Body> {
-    let body = r#"{"detail":"Too many connections; retry later"}"#;
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let headers = response.headers_mut();
-    headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    headers.insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
+    let mut response = closing(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Too many connections; retry later",
     );
-    headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     response
 }
 

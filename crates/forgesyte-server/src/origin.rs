@@ -12,7 +12,7 @@
 //!   `HEAD` or `OPTIONS`, or that asks for a WebSocket, is refused (403)
 //!   when its `Origin` is not the request's own `Host`, or when
 //!   `Sec-Fetch-Site` says `cross-site`.
-//! - **A server listening on a loopback address answers loopback names
+//! - **A connection to a loopback address is answered for loopback names
 //!   only**: `Host` must be `localhost`, `127.0.0.1` (or any `127.x`) or
 //!   `[::1]`, with any port, or one of the `--public-host` names (a proxy's
 //!   public name, when the proxy passes the client's `Host` on); a rebound
@@ -20,16 +20,31 @@
 //!
 //! An `Origin` is also this server's when its host is a `--public-host`
 //! name (a proxy that rewrites `Host` to the server's own address leaves
-//! `Origin` as the browser sent it). Checked where each connection's
-//! requests enter (`conn::WithPeer`), before routing. Knows nothing of
-//! plugins or routes.
+//! `Origin` as the browser sent it). The loopback rule is each
+//! connection's: one that arrived on a loopback address, also at a server
+//! bound to `0.0.0.0` (a rebound page reaches it on 127.0.0.1). Each
+//! connection's [`Guard`] travels in its requests' extensions
+//! (`conn::WithPeer`); [`GuardLayer`], innermost in the router's stack,
+//! refuses, so a refused request has its id, its log line and its count
+//! like any other answer. Knows nothing of plugins or routes.
 
-use axum::http::{HeaderMap, Method, header};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use axum::response::Response;
+use tower::{Layer, Service};
+
+/// At most one warning per this long for refused requests (any page the
+/// user visits can send them in a loop); the others are debug lines.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What a connection's requests are checked against.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Guard {
-    /// The server listens on a loopback address.
+    /// The connection came to a loopback address.
     pub(crate) loopback: bool,
     /// `--public-host` names: lowercase, without port or trailing dot.
     pub(crate) public_hosts: std::sync::Arc<[String]>,
@@ -45,6 +60,81 @@ impl Guard {
     }
 }
 
+/// The router's layer that refuses what [`refusal`] names (403), for the
+/// requests that carry their connection's [`Guard`] (all that came in
+/// over a connection; none in tests that call the router directly).
+/// A plain tower layer, as `metrics::http::TrackLayer`: it is on the path
+/// of every request.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct GuardLayer;
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = Guarded<S>;
+
+    fn layer(&self, inner: S) -> Guarded<S> {
+        Guarded { inner }
+    }
+}
+
+/// The service of [`GuardLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct Guarded<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Guarded<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future =
+        futures_util::future::Either<std::future::Ready<Result<Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let detail = request
+            .extensions()
+            .get::<Guard>()
+            .and_then(|guard| refusal(request.method(), request.headers(), guard));
+        match detail {
+            None => futures_util::future::Either::Right(self.inner.call(request)),
+            Some(detail) => {
+                let peer = request
+                    .extensions()
+                    .get::<ConnectInfo<std::net::SocketAddr>>()
+                    .map(|ConnectInfo(peer)| peer.to_string())
+                    .unwrap_or_default();
+                if warn_now() {
+                    tracing::warn!(%peer, "{detail} (one such line per {} s)", WARN_EVERY.as_secs());
+                } else {
+                    tracing::debug!(%peer, "{detail}");
+                }
+                futures_util::future::Either::Left(std::future::ready(Ok(crate::conn::closing(
+                    StatusCode::FORBIDDEN,
+                    &detail,
+                ))))
+            }
+        }
+    }
+}
+
+/// Whether a refusal is logged as a warning: the first in [`WARN_EVERY`].
+fn warn_now() -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    now >= last.saturating_add(WARN_EVERY.as_secs())
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Why a request is refused (the answer's detail), or `None`.
 pub(crate) fn refusal(method: &Method, headers: &HeaderMap, guard: &Guard) -> Option<String> {
     let host = headers
@@ -57,8 +147,9 @@ pub(crate) fn refusal(method: &Method, headers: &HeaderMap, guard: &Guard) -> Op
         && !guard.is_public(host_name(host))
     {
         return Some(format!(
-            "Host '{}' is not this server's: a server listening on a loopback address answers \
-             localhost, 127.0.0.1, [::1] and its --public-host names only",
+            "Host '{}' is not this server's: on a loopback address it answers localhost, \
+             127.0.0.1, [::1] and its --public-host names only (a proxy that passes its own Host \
+             on needs that name in --public-host)",
             host.escape_debug()
         ));
     }

@@ -131,7 +131,9 @@ pub fn app(state: AppState) -> Router {
                 .layer(Extension(published()))
                 // Innermost, after routing (so it sees the matched route
                 // template) for every route and the fallback.
-                .layer(metrics::http::TrackLayer::new(state.clone())),
+                .layer(metrics::http::TrackLayer::new(state.clone()))
+                // Inside it, so a refusal is counted as any answer is.
+                .layer(crate::origin::GuardLayer),
         )
         .with_state(state)
 }

@@ -648,6 +648,12 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
         "{answers:#?}"
     );
     assert!(answers[0].1.contains("another origin"), "{}", answers[0].1);
+    // A refusal is an answer like any other: it has its id.
+    assert!(
+        answers[0].1.to_ascii_lowercase().contains("x-request-id:"),
+        "{}",
+        answers[0].1
+    );
     assert!(
         answers[5].1.contains("is not this server's"),
         "{}",
@@ -676,4 +682,23 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
     })
     .await;
     assert_eq!(statuses, [200, 404, 403]);
+
+    // Bound to every address, a connection that came to 127.0.0.1 (a
+    // rebound page's) has the loopback rule.
+    let server = start(|c| c.bind = "0.0.0.0:0".into()).await;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
+    let statuses = blocking(move || {
+        let ask = |head: &str| {
+            let mut stream = connect(loopback);
+            stream.write_all(head.as_bytes()).unwrap();
+            let response = read_response(&mut stream);
+            response[9..12].parse::<u16>().unwrap()
+        };
+        [
+            ask("GET /v1/plugins HTTP/1.1\r\nHost: rebind.attacker.example\r\n\r\n"),
+            ask("GET /v1/plugins HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        ]
+    })
+    .await;
+    assert_eq!(statuses, [403, 200]);
 }
