@@ -1511,7 +1511,7 @@ if not SECCOMP_HERE:
     print("SeccompTests: the filter's own tests are skipped: " + NO_SECCOMP_HERE, file=sys.stderr)
 
 
-def run_bpf(program, arch, nr, arg0):
+def run_bpf(program, arch, nr, arg0, arg1=0):
     """What a classic BPF ``program`` (``(code, jt, jf, k)`` tuples) returns
     for a call, run as the kernel would (the few opcodes the filter uses)."""
     pc, acc = 0, 0
@@ -1519,7 +1519,9 @@ def run_bpf(program, arch, nr, arg0):
         code, jt, jf, k = program[pc]
         pc += 1
         if code == 0x20:  # ld [k]
-            acc = {0: nr, 4: arch, 16: arg0}[k]
+            acc = {0: nr, 4: arch, 16: arg0, 24: arg1}[k]
+        elif code == 0x54:  # and k
+            acc &= k
         elif code == 0x06:  # ret k
             return k
         elif code in (0x15, 0x35):  # jeq k, jge k
@@ -1541,16 +1543,23 @@ class SeccompTests(unittest.TestCase):
     def test_the_program_is_the_native_runners_instruction_for_instruction(self):
         from runner.confine import _seccomp_program
 
-        ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+        ld, jeq, jge, ret, and_ = 0x20, 0x15, 0x35, 0x06, 0x54
         io_uring = (425, 426, 427)
         ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220, 240, 241, 242, 243, 244, 245) + io_uring
-        # x86_64 without the network: 32 instructions, every jump to the
+
+        def sockets(socketpair, socket):
+            # socketpair() of a stream or sequenced packets (the type's flags
+            # masked off), socket() of a domain but Unix and netlink.
+            return [(jeq, 0, 5, socketpair), (ld, 0, 0, 24), (and_, 0, 0, 0xF), (jeq, 1, 0, 1),
+                    (jeq, 0, 7, 5), (ret, 0, 0, self.ALLOW),
+                    (jeq, 1, 0, socket), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
+                    (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
+        # x86_64 without the network: 38 instructions, every jump to the
         # deny (the last) counted from the one after it.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 29, 0xC000003E), (ld, 0, 0, 0),
-                    (jge, 27, 0, 0x40000000)]
-        expected += [(jeq, 26 - i, 0, nr) for i, nr in enumerate(ipc)]
-        expected += [(jeq, 1, 0, 41), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
-                     (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
+        expected = [(ld, 0, 0, 4), (jeq, 0, 35, 0xC000003E), (ld, 0, 0, 0),
+                    (jge, 33, 0, 0x40000000)]
+        expected += [(jeq, 32 - i, 0, nr) for i, nr in enumerate(ipc)]
+        expected += sockets(53, 41)
         self.assertEqual(_seccomp_program("x86_64", False), expected)
         # With the network: no socket part.
         expected = [(ld, 0, 0, 4), (jeq, 0, 24, 0xC000003E), (ld, 0, 0, 0), (jge, 22, 0, 0x40000000)]
@@ -1558,10 +1567,9 @@ class SeccompTests(unittest.TestCase):
         expected += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
         self.assertEqual(_seccomp_program("x86_64", True), expected)
         # aarch64: no x32; its own numbers.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 28, 0xC00000B7), (ld, 0, 0, 0)]
-        expected += [(jeq, 26 - i, 0, nr) for i, nr in enumerate(tuple(range(180, 198)) + io_uring)]
-        expected += [(jeq, 1, 0, 198), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
-                     (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
+        expected = [(ld, 0, 0, 4), (jeq, 0, 34, 0xC00000B7), (ld, 0, 0, 0)]
+        expected += [(jeq, 32 - i, 0, nr) for i, nr in enumerate(tuple(range(180, 198)) + io_uring)]
+        expected += sockets(199, 198)
         self.assertEqual(_seccomp_program("aarch64", False), expected)
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
@@ -1582,7 +1590,13 @@ class SeccompTests(unittest.TestCase):
                 for nr in ipc:
                     self.assertEqual(run_bpf(p, arch, nr, 0), self.DENY, (where, nr))
                 for nr in (read_nr, socketpair_nr, 0, 400):
-                    self.assertEqual(run_bpf(p, arch, nr, 1), self.ALLOW, (where, nr))
+                    self.assertEqual(run_bpf(p, arch, nr, 1, 1), self.ALLOW, (where, nr))
+                # socketpair(AF_UNIX, type | SOCK_CLOEXEC): streams and
+                # sequenced packets always, datagrams (raw is one) with the
+                # network only.
+                for kind, allowed in ((1, True), (5, True), (2, network), (3, network)):
+                    said = run_bpf(p, arch, socketpair_nr, 1, kind | 0o2000000)
+                    self.assertEqual(said, self.ALLOW if allowed else self.DENY, (where, kind))
                 self.assertEqual(run_bpf(p, arch, socket_nr, 2), self.ALLOW, where)  # AF_INET
                 self.assertEqual(run_bpf(p, arch, socket_nr, 10), self.ALLOW, where)  # AF_INET6
                 sockets = self.ALLOW if network else self.DENY
@@ -1643,6 +1657,8 @@ class SeccompTests(unittest.TestCase):
             ("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()),
             ("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()),
             ("socketpair", lambda: [s.close() for s in socket.socketpair()]),
+            ("dgram_pair", lambda: [s.close() for s in socket.socketpair(
+                socket.AF_UNIX, socket.SOCK_DGRAM)]),
             ("shmget", shmget),
             ("mq_open", mq_open),
             ("io_uring", io_uring_setup),
@@ -1681,7 +1697,8 @@ class SeccompTests(unittest.TestCase):
         said = self.filtered(confine._seccomp, False)
         self.assertEqual(said.pop("said"), confine.SYSCALLS_NO_SOCKETS)
         self.assertEqual(said, dict({"unix": refused, "netlink": refused, "udp": "ok",
-                                     "socketpair": "ok", "shmget": refused, "mq_open": refused,
+                                     "socketpair": "ok", "dgram_pair": refused,
+                                     "shmget": refused, "mq_open": refused,
                                      "io_uring": refused},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
@@ -1693,7 +1710,8 @@ class SeccompTests(unittest.TestCase):
         said = self.filtered(confine._seccomp, True)
         self.assertEqual(said.pop("said"), confine.SYSCALLS_IPC)
         self.assertEqual(said, dict({"unix": "ok", "netlink": "ok", "udp": "ok",
-                                     "socketpair": "ok", "shmget": refused, "mq_open": refused,
+                                     "socketpair": "ok", "dgram_pair": "ok",
+                                     "shmget": refused, "mq_open": refused,
                                      "io_uring": refused},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 

@@ -6,8 +6,11 @@
 //! refuses, with `EACCES`, every System V IPC, message-queue and io_uring
 //! call (an io_uring operation, a socket among them, passes no filter), and,
 //! unless the plan keeps the network, `socket()` of the Unix and netlink
-//! families (`socketpair()` stays allowed); a foreign architecture's calls
-//! (x32, a 32-bit `int 0x80`) are refused as a whole.
+//! families and `socketpair()` of datagrams (a datagram pair's socket can
+//! be disconnected, bound to a path and sent to any socket that has one:
+//! a Unix socket in all but name; pairs of streams and sequenced packets
+//! stay allowed); a foreign architecture's calls (x32, a 32-bit
+//! `int 0x80`) are refused as a whole.
 //!
 //! Hand-assembled rather than built with a crate: the Python runner,
 //! standard library only, must install the very same program
@@ -61,6 +64,8 @@ fn ipc_calls() -> [u32; 21] {
 }
 
 const DENY: u32 = libc::SECCOMP_RET_ERRNO | libc::EACCES as u32;
+/// A socket's type is its low bits; the rest are flags (`SOCK_CLOEXEC` …).
+const SOCK_TYPE_MASK: u32 = 0xF;
 const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
 
 fn load(offset: u32) -> libc::sock_filter {
@@ -93,8 +98,9 @@ fn jump(op: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 /// the network (then sockets are not filtered).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
-    // seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low half on
-    // these little-endian machines: a socket's domain is an int).
+    // seccomp_data: nr at 0, arch at 4, args[0] at 16, args[1] at 24
+    // (their low halves on these little-endian machines: a socket's
+    // domain and type are ints).
     let mut p = vec![load(4)];
     // A foreign architecture: to the deny at the end (patched below).
     p.push(jump(libc::BPF_JEQ, AUDIT_ARCH, 0, u8::MAX));
@@ -106,6 +112,16 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, nr, u8::MAX, 0));
     }
     if !network {
+        // socketpair(): its type (args[1], flags masked off), else on.
+        p.push(jump(libc::BPF_JEQ, libc::SYS_socketpair as u32, 0, 5));
+        p.push(load(24));
+        p.push(stmt(
+            (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16,
+            SOCK_TYPE_MASK,
+        ));
+        p.push(jump(libc::BPF_JEQ, libc::SOCK_STREAM as u32, 1, 0));
+        p.push(jump(libc::BPF_JEQ, libc::SOCK_SEQPACKET as u32, 0, u8::MAX));
+        p.push(ret(ALLOW));
         // socket(): its domain, else allowed.
         p.push(jump(libc::BPF_JEQ, libc::SYS_socket as u32, 1, 0));
         p.push(ret(ALLOW));
@@ -192,6 +208,11 @@ mod tests {
     /// Runs the program over a call as the kernel would (the few opcodes
     /// it uses): what it returns.
     fn run(program: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
+        run2(program, arch, nr, arg0, 0)
+    }
+
+    /// [`run`] with a second argument.
+    fn run2(program: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32, arg1: u32) -> u32 {
         let (mut pc, mut acc) = (0usize, 0u32);
         loop {
             let insn = program[pc];
@@ -202,8 +223,11 @@ mod tests {
                     0 => nr,
                     4 => arch,
                     16 => arg0,
+                    24 => arg1,
                     other => panic!("load of offset {other}"),
                 };
+            } else if code == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K {
+                acc &= insn.k;
             } else if code == libc::BPF_RET | libc::BPF_K {
                 return insn.k;
             } else {
@@ -229,12 +253,32 @@ mod tests {
                 assert_eq!(run(&p, AUDIT_ARCH, nr, 0), DENY, "call {nr}");
             }
             for other in [0, libc::SYS_read as u32, libc::SYS_socketpair as u32, 400] {
-                assert_eq!(run(&p, AUDIT_ARCH, other, unix), ALLOW, "call {other}");
+                let stream = libc::SOCK_STREAM as u32;
+                assert_eq!(
+                    run2(&p, AUDIT_ARCH, other, unix, stream),
+                    ALLOW,
+                    "call {other}"
+                );
             }
             assert_eq!(run(&p, AUDIT_ARCH, socket, inet), ALLOW);
             let sockets = if network { ALLOW } else { DENY };
             assert_eq!(run(&p, AUDIT_ARCH, socket, unix), sockets);
             assert_eq!(run(&p, AUDIT_ARCH, socket, netlink), sockets);
+            // socketpair(AF_UNIX, type | SOCK_CLOEXEC): streams and
+            // sequenced packets always, datagrams (raw is one) with the
+            // network only.
+            let pair = libc::SYS_socketpair as u32;
+            let cloexec = libc::SOCK_CLOEXEC as u32;
+            for (kind, always) in [
+                (libc::SOCK_STREAM, true),
+                (libc::SOCK_SEQPACKET, true),
+                (libc::SOCK_DGRAM, false),
+                (libc::SOCK_RAW, false),
+            ] {
+                let said = run2(&p, AUDIT_ARCH, pair, unix, kind as u32 | cloexec);
+                let expected = if always || network { ALLOW } else { DENY };
+                assert_eq!(said, expected, "socketpair of type {kind}");
+            }
             // Another architecture's calls, whatever they are.
             assert_eq!(run(&p, 0x4000_0003, libc::SYS_read as u32, 0), DENY);
             if cfg!(target_arch = "x86_64") {
@@ -281,6 +325,11 @@ mod tests {
                     if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) != 0
                     {
                         return 13;
+                    }
+                    if libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 16;
                     }
                     if libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) < 0 {
                         return 14;

@@ -292,8 +292,8 @@ fn a_python_plugin_is_confined_without_the_zygote() {
 
 /// Two Python runners the same zygote forked into the same network
 /// namespace: neither may make an abstract Unix socket (nor any Unix
-/// socket: the seccomp filter) or a netlink one to reach the other by, nor
-/// signal it. With `--confine off` all of it goes through (what shows the
+/// socket, nor a datagram pair: the seccomp filter) or a netlink one to
+/// reach the other by, nor signal it. With `--confine off` all of it goes through (what shows the
 /// test can see them).
 #[test]
 fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
@@ -311,11 +311,13 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
         let listen = call(&server, "snoop-a", "listen", json!({ "name": name }));
         let reach = call(&server, "snoop-b", "reach", json!({ "name": name }));
         let netlink = call(&server, "snoop-b", "netlink", json!({}));
+        let dgram = call(&server, "snoop-b", "dgram_pair", json!({}));
         let signal = call(&server, "snoop-b", "signal", json!({"pid": a["pid"]}));
         if confine == "off" {
             assert_eq!(listen.unwrap()["pid"], a["pid"]);
             assert_eq!(reach.unwrap()["connected"], true);
             assert_eq!(netlink.unwrap()["opened"], true);
+            assert_eq!(dgram.unwrap()["made"], true);
             assert_eq!(signal.unwrap()["signalled"], true);
             continue;
         }
@@ -326,6 +328,7 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
             ("listen", listen),
             ("reach", reach),
             ("netlink", netlink),
+            ("dgram_pair", dgram),
             ("signal", signal),
         ] {
             let (kind, error) = refused.unwrap_err();

@@ -172,21 +172,23 @@ SYSCALLS_NO_SOCKETS = ("filtered: no new Unix or netlink socket, no System V IPC
 SYSCALLS_IPC = "filtered: no System V IPC, no POSIX message queue, no io_uring"
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # Classic BPF (``linux/filter.h``): the few instructions the filter uses.
-_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K, _BPF_AND_K = 0x20, 0x15, 0x35, 0x06, 0x54
 _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_EACCES = 0x00050000 | 13  # SECCOMP_RET_ERRNO | EACCES
 _AF_UNIX, _AF_NETLINK = 1, 16
+# A socket's type (its low bits; the rest are flags): the pairs allowed.
+_SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_SEQPACKET = 0xF, 1, 5
 _X32_SYSCALL_BIT = 0x40000000
 # io_uring (``io_uring_setup``, ``_enter``, ``_register``: the same numbers
 # on both machines): its operations (a socket among them) pass no filter.
 _IO_URING = (425, 426, 427)
 # Per machine (``os.uname().machine``): its AUDIT_ARCH, whether it has x32
 # calls to refuse, its System V IPC, POSIX message-queue and io_uring calls
-# (in ascending order) and its ``socket`` call.
+# (in ascending order), its ``socket`` and its ``socketpair`` call.
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
-                                  240, 241, 242, 243, 244, 245) + _IO_URING, 41),
-    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING, 198),
+                                  240, 241, 242, 243, 244, 245) + _IO_URING, 41, 53),
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING, 198, 199),
 }
 _SECCOMP_ARCHES["arm64"] = _SECCOMP_ARCHES["aarch64"]
 
@@ -201,21 +203,31 @@ def _seccomp_program(machine, network):
     - load the architecture (seccomp_data offset 4); not this machine's: deny
     - load the call's number (offset 0); on x86_64 an x32 call: deny
     - each System V IPC, POSIX message-queue and io_uring call: deny
-    - without the network, ``socket`` whose domain (args[0]'s low half,
-      offset 16) is ``AF_UNIX`` or ``AF_NETLINK``: deny
+    - without the network, ``socketpair`` whose type (args[1]'s low half,
+      offset 24, its flags masked off) is not ``SOCK_STREAM`` or
+      ``SOCK_SEQPACKET``: deny (a datagram pair's socket can be
+      disconnected, bound to a path and sent to any socket that has one:
+      a Unix socket in all but name); ``socket`` whose domain (args[0]'s
+      low half, offset 16) is ``AF_UNIX`` or ``AF_NETLINK``: deny
     - anything else: allow; deny is ``EACCES``, the program's last
       instruction."""
     arch = _SECCOMP_ARCHES.get(machine)
     if arch is None:
         return None
-    audit_arch, x32, ipc, socket = arch
+    audit_arch, x32, ipc, socket, socketpair = arch
     deny = None  # a jump to the deny, resolved below
     p = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 0, deny, audit_arch), (_BPF_LD_W_ABS, 0, 0, 0)]
     if x32:
         p.append((_BPF_JGE_K, deny, 0, _X32_SYSCALL_BIT))
     p.extend((_BPF_JEQ_K, deny, 0, nr) for nr in sorted(ipc))
     if not network:
-        p += [(_BPF_JEQ_K, 1, 0, socket),  # socket(): its domain, else allowed
+        p += [(_BPF_JEQ_K, 0, 5, socketpair),  # socketpair(): its type, else on
+              (_BPF_LD_W_ABS, 0, 0, 24),
+              (_BPF_AND_K, 0, 0, _SOCK_TYPE_MASK),
+              (_BPF_JEQ_K, 1, 0, _SOCK_STREAM),
+              (_BPF_JEQ_K, 0, deny, _SOCK_SEQPACKET),
+              (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+              (_BPF_JEQ_K, 1, 0, socket),  # socket(): its domain, else allowed
               (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
               (_BPF_LD_W_ABS, 0, 0, 16),
               (_BPF_JEQ_K, deny, 0, _AF_UNIX),
@@ -236,8 +248,9 @@ def _seccomp(libc, network, machine=None):
     them, pass no filter), and, without the network, new Unix sockets
     (Landlock rules no ``connect()`` to one that has a path: a root runner
     would reach ``/run/docker.sock``) and netlink ones (between runners of
-    a zygote's shared namespace); ``socketpair()`` stays allowed, and so do
-    the sockets the runner was handed. Returns what the hello's ``syscalls``
+    a zygote's shared namespace); ``socketpair()`` of streams and sequenced
+    packets stays allowed (not of datagrams), and so do the sockets the
+    runner was handed. Returns what the hello's ``syscalls``
     says."""
     import ctypes
 
