@@ -102,17 +102,54 @@ impl ZygoteKey {
     }
 }
 
-/// The zygote of `key`, started if there is none or the last one died.
+/// How many zygotes of one key may end before they forked (one that cannot
+/// set itself up: no `ctypes`, a refused `prctl`, a broken interpreter)
+/// before that key's runners are started on their own, without asking for
+/// another: each costs a spawn an interpreter's start.
+const UNFORKED_ENDS: u32 = 3;
+
+/// The zygotes of each key, and how many of each ended before they forked.
+#[derive(Default)]
+struct Zygotes {
+    live: HashMap<ZygoteKey, Arc<Zygote>>,
+    unforked_ends: HashMap<ZygoteKey, u32>,
+}
+
+/// The zygote of `key`, started if there is none or the last one died
+/// (unless [`UNFORKED_ENDS`] of them ended before they forked).
 pub(crate) fn zygote_for(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
-    static ZYGOTES: OnceLock<Mutex<HashMap<ZygoteKey, Arc<Zygote>>>> = OnceLock::new();
+    static ZYGOTES: OnceLock<Mutex<Zygotes>> = OnceLock::new();
     let mut zygotes = ZYGOTES.get_or_init(Default::default).lock();
-    if let Some(zygote) = zygotes.get(key)
-        && !zygote.is_unusable()
+    let Zygotes {
+        live,
+        unforked_ends,
+    } = &mut *zygotes;
+    if let Some(zygote) = live.get(key) {
+        if !zygote.is_unusable() {
+            return Ok(Arc::clone(zygote));
+        }
+        if let Some(why) = zygote.ended_unforked() {
+            let ends = unforked_ends.entry(key.clone()).or_insert(0);
+            *ends += 1;
+            if *ends == UNFORKED_ENDS {
+                tracing::warn!(
+                    interpreter = %key.interpreter.display(),
+                    "{UNFORKED_ENDS} Python zygotes ended before they forked (the last: {why}); \
+                     the runners of this interpreter start on their own"
+                );
+            }
+        }
+        live.remove(key);
+    }
+    if let Some(&ends) = unforked_ends.get(key)
+        && ends >= UNFORKED_ENDS
     {
-        return Ok(Arc::clone(zygote));
+        return Err(io::Error::other(format!(
+            "{ends} Python zygotes of this interpreter ended before they forked"
+        )));
     }
     let zygote = Zygote::start(key)?;
-    zygotes.insert(key.clone(), Arc::clone(&zygote));
+    live.insert(key.clone(), Arc::clone(&zygote));
     Ok(zygote)
 }
 
@@ -187,7 +224,8 @@ pub(crate) struct Zygote {
 }
 
 /// How long a spawn waits for the zygote to take its request and fork,
-/// whatever the runner's own start-up time: a healthy zygote forks in
+/// whatever the runner's own start-up time, per spawn waiting before it
+/// (the zygote forks one at a time): a healthy zygote forks in
 /// milliseconds, and one that does not is wedged (see [`Zygote::wedged`]).
 pub(crate) const FORK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -309,22 +347,41 @@ impl Zygote {
         self.state.lock().dead.is_some()
     }
 
+    /// Why it ended, when it did before it ever forked.
+    fn ended_unforked(&self) -> Option<String> {
+        if self.forked.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.state.lock().dead.clone()
+    }
+
     /// Whether a later runner needs another zygote: this one ended, or
     /// did not fork in time.
     fn is_unusable(&self) -> bool {
         self.wedged.load(std::sync::atomic::Ordering::Acquire) || self.is_dead()
     }
 
-    /// Marks it wedged (see [`Zygote::wedged`]).
-    fn wedge(&self) {
+    /// Marks it wedged (see [`Zygote::wedged`]); `why` completes "the
+    /// Python zygote …" in the warning.
+    fn wedge(&self, why: &str) {
         if !self.wedged.swap(true, std::sync::atomic::Ordering::AcqRel) {
             tracing::warn!(
                 pid = self.pid,
-                "the Python zygote did not fork within {} s; later runners get a new one",
-                FORK_TIMEOUT.as_secs()
+                "the Python zygote {why}; later runners get a new one"
             );
         }
         self.let_go_if_idle();
+    }
+
+    /// Runner `pid` ended and the zygote did not say how: it is no longer
+    /// the zygote's (which, stopped or stuck, is wedged, and let go once it
+    /// has no runner left).
+    fn lost_report(&self, pid: u32) {
+        self.state.lock().children.remove(&pid);
+        self.wedge(&format!(
+            "did not report the end of runner {pid} within {} s",
+            UNREPORTED_EXIT.as_secs()
+        ));
     }
 
     /// A wedged zygote with no runner left and no spawn waiting is let go:
@@ -372,15 +429,16 @@ impl Zygote {
             })
             .collect::<io::Result<_>>()?;
         let (tx, rx) = sync_channel(1);
-        let id = {
+        let (id, ahead) = {
             let mut state = self.state.lock();
             if let Some(why) = &state.dead {
                 return Err(io::Error::other(why.clone()));
             }
             state.next_id += 1;
             let id = state.next_id;
+            let ahead = state.spawning.len();
             state.spawning.insert(id, tx);
-            id
+            (id, ahead)
         };
         let mut message = json!({"op": "spawn", "id": id, "argv": argv});
         let mut fds: Vec<OwnedFd> = stdio.into();
@@ -394,11 +452,14 @@ impl Zygote {
             fds.push(forgesyte_protocol::wire::shm::sealed(&values)?);
         }
         let message = message.to_string();
-        // The fork, the request's send included, within `FORK_TIMEOUT` (or
-        // the spawn's own, shorter, limit): a zygote that reads nothing
-        // (stopped, or stuck) fails the spawn, and is not asked again.
+        // The fork, the request's send included, within `FORK_TIMEOUT` for
+        // it and for each spawn ahead of it (the zygote forks one at a
+        // time), or the spawn's own, shorter, limit: a zygote that reads
+        // nothing (stopped, or stuck) fails the spawn, and is not asked
+        // again.
         let timeout = if self.forked.load(std::sync::atomic::Ordering::Acquire) {
-            timeout.min(FORK_TIMEOUT)
+            let turns = u32::try_from(ahead).unwrap_or(u32::MAX).saturating_add(1);
+            timeout.min(FORK_TIMEOUT.saturating_mul(turns))
         } else {
             timeout
         };
@@ -406,7 +467,7 @@ impl Zygote {
         if let Err(e) = self.send(message.as_bytes(), &fds, deadline) {
             self.state.lock().spawning.remove(&id);
             if e.kind() == io::ErrorKind::TimedOut {
-                self.wedge();
+                self.wedge(&format!("took no request within {timeout:?}"));
             }
             return Err(e);
         }
@@ -422,7 +483,7 @@ impl Zygote {
             Ok(Ok(spawned)) => spawned,
             Ok(Err(e)) => return Err(io::Error::other(e)),
             Err(_) => {
-                self.wedge();
+                self.wedge(&format!("did not fork within {timeout:?}"));
                 return Err(io::Error::other(format!(
                     "the Python zygote (pid {}) did not fork within {timeout:?}",
                     self.pid
@@ -653,6 +714,9 @@ impl ForkedChild {
                     }
                     let since = *ended_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= UNREPORTED_EXIT {
+                        // The slot's lock is held under no other.
+                        drop(status);
+                        self.zygote.lost_report(self.pid);
                         return Err(io::Error::other(format!(
                             "it ended, and its Python zygote (pid {}) did not report how",
                             self.zygote.pid
@@ -678,6 +742,38 @@ impl ForkedChild {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A zygote that ends before it forks (one that cannot set itself up)
+    /// is started again [`UNFORKED_ENDS`] times at most: then its key's
+    /// runners start on their own, not each after another zygote's start.
+    #[test]
+    fn zygotes_that_end_before_they_fork_are_not_started_for_ever() {
+        let key = ZygoteKey {
+            interpreter: PathBuf::from("/bin/false"),
+            few_arenas: false,
+            run_as: None,
+            confined: false,
+        };
+        let mut started = 0;
+        let refused = loop {
+            match zygote_for(&key) {
+                Ok(zygote) => {
+                    started += 1;
+                    assert!(started <= UNFORKED_ENDS, "started {started} zygotes");
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !zygote.is_dead() {
+                        assert!(Instant::now() < deadline, "/bin/false lives on");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert_eq!(started, UNFORKED_ENDS);
+        assert!(refused.contains("ended before they forked"), "{refused}");
+        // And for good.
+        assert!(zygote_for(&key).is_err());
+    }
 
     /// A spawn through a zygote that reads nothing fails within the spawn's
     /// time limit, its request included (the send waited for good).

@@ -33,9 +33,13 @@ const USER_SITE_OFF_UNBUFFERED: &str = "-su";
 /// carrying its sources.
 pub fn runner_invocation() -> [OsString; 3] {
     // Checked (and rewritten where it differs) at every interpreter start,
-    // a zygote's or a runner's: a cache that a cleaner removed, or that
-    // was tampered with, since the last start is written again, not
-    // imported as it is (a few small reads).
+    // a zygote's or a runner's: a cache that a cleaner removed, or whose
+    // sources were changed, since the last start is written again, not
+    // imported as it is (a few small reads). Its bytecode (`__pycache__`)
+    // is not checked: Python takes it while its header matches the
+    // source's time and size, and checking it would cost the compile the
+    // cache saves. Only this user writes the private directory, and no
+    // confined runner may (Landlock).
     let code = cache_dir()
         .and_then(|dir| bootstrap(&dir).map_err(|e| format!("{}: {e}", dir.display())))
         .unwrap_or_else(|why| {
@@ -154,9 +158,21 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 /// (`XDG_CACHE_HOME=/srv/shared/cache`, in a directory another user may
 /// write to, would let that user put their own package in the cache's
 /// place after it was checked.)
+///
+/// Both the directories named and those the names lead to are checked: a
+/// link among them (`~/.cache` → `/data/shared/u-cache`) puts the cache
+/// under its target's directories.
 fn safe_ancestors(dir: &Path) -> std::io::Result<()> {
     let me = rustix::process::geteuid().as_raw();
-    for ancestor in dir.ancestors().skip(1) {
+    let mut ancestors: Vec<PathBuf> = dir.ancestors().skip(1).map(Path::to_path_buf).collect();
+    // The nearest that is there, resolved: it (unless it is `dir`, which
+    // `private_dir` checks through its link) and the directories above it.
+    if let Some(there) = dir.ancestors().find(|a| a.exists()) {
+        let real = there.canonicalize()?;
+        let skip = usize::from(there == dir);
+        ancestors.extend(real.ancestors().skip(skip).map(Path::to_path_buf));
+    }
+    for ancestor in &ancestors {
         let meta = match std::fs::metadata(ancestor) {
             Ok(meta) => meta,
             // Not there yet: `private_dir` makes it, as this user's.
@@ -288,6 +304,20 @@ mod tests {
         // With the sticky bit (as /tmp), nobody renames another's entries.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         bootstrap(&under).unwrap();
+        // Nor one whose name leads through a link to under such a
+        // directory (`~/.cache` a link into a shared directory).
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let target = open.join("u-cache");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let home = tmp.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::symlink(&target, home.join(".cache")).unwrap();
+        for linked in [home.join(".cache"), home.join(".cache/forgesyte/python")] {
+            let refused = bootstrap(&linked);
+            assert!(refused.is_err(), "{}", linked.display());
+        }
+        assert!(!target.join("forgesyte").exists());
         // Nor a package directory others can write to in a private cache.
         let dir = tmp.path().join("private");
         bootstrap(&dir).unwrap();
