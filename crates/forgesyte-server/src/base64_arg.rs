@@ -36,22 +36,28 @@ pub(crate) fn decode_in_place(text: String) -> Result<Vec<u8>, DecodeError> {
     let (mut read, mut written) = (0, 0);
     while read < buf.len() {
         let end = buf.len().min(read + CHUNK);
+        // A chunk may end in padding, the text only in its last: padding
+        // before it is refused as the whole text's decoder refuses it, at
+        // the first `=`, unless the chunk's decoder found a bad symbol
+        // before it (its complaints about the padded quad itself, the last
+        // symbol's bits or the padding, are the whole text's `=`).
+        let padded_early = end < buf.len() && buf[end - 1] == b'=';
+        let early_padding = || {
+            let at = memchr::memchr(b'=', &buf[read..end]).unwrap_or(end - 1 - read);
+            DecodeError::InvalidByte(read + at, b'=')
+        };
         let decoded = match STANDARD.decode_slice(&buf[read..end], &mut bytes) {
+            Ok(_) if padded_early => return Err(early_padding()),
             Ok(decoded) => decoded,
+            Err(DecodeSliceError::DecodeError(
+                DecodeError::InvalidLastSymbol { .. } | DecodeError::InvalidPadding,
+            )) if padded_early => return Err(early_padding()),
             Err(DecodeSliceError::DecodeError(e)) => return Err(shifted(e, read)),
             // `bytes` holds what a full chunk decodes to.
             Err(DecodeSliceError::OutputSliceTooSmall) => {
                 return Err(DecodeError::InvalidLength(end));
             }
         };
-        // A chunk may end in padding, the text only in its last: padding
-        // before it is refused as the whole text's decoder refuses it, at
-        // the first `=` (after any bad symbol before it, which the chunk's
-        // decoder named first).
-        if end < buf.len() && buf[end - 1] == b'=' {
-            let at = memchr::memchr(b'=', &buf[read..end]).unwrap_or(end - 1 - read);
-            return Err(DecodeError::InvalidByte(read + at, b'='));
-        }
         // `written + decoded <= end / 4 * 3 < end`: the text under it has
         // been read.
         buf[written..written + decoded].copy_from_slice(&bytes[..decoded]);
@@ -166,6 +172,15 @@ mod tests {
             decode_in_place(text).unwrap_err(),
             base64::DecodeError::InvalidByte(4, b'!')
         );
+        // An early chunk ending in padding whose last symbol has bits left
+        // over (`QR==`): the chunk's decoder names the symbol, the whole
+        // text's the `=`, as here.
+        for end in ["QR==", "QUJ="] {
+            let mut text = "QUJD".repeat(super::CHUNK / 2);
+            text.replace_range(super::CHUNK - 4..super::CHUNK, end);
+            let expected = STANDARD.decode(&text).unwrap_err();
+            assert_eq!(decode_in_place(text).unwrap_err(), expected, "{end}");
+        }
     }
 
     proptest! {

@@ -251,8 +251,9 @@ fn parse_public_host(text: &str) -> Result<String, String> {
         .strip_prefix('[')
         .and_then(|n| n.strip_suffix(']'))
         .unwrap_or(&name);
-    if unbracketed.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Ok(format!("[{unbracketed}]"));
+    // As a browser writes it: compressed (`2001:0DB8:0::1` → `[2001:db8::1]`).
+    if let Ok(address) = unbracketed.parse::<std::net::Ipv6Addr>() {
+        return Ok(format!("[{address}]"));
     }
     if name.contains(':') && !name.contains("://") {
         return Err(format!(
@@ -577,6 +578,10 @@ mod tests {
         assert_eq!(parse_public_host("2001:db8::1"), Ok("[2001:db8::1]".into()));
         assert_eq!(
             parse_public_host("[2001:DB8::1]"),
+            Ok("[2001:db8::1]".into())
+        );
+        assert_eq!(
+            parse_public_host("2001:0DB8:0:0::1"),
             Ok("[2001:db8::1]".into())
         );
         for bad in [

@@ -28,9 +28,10 @@
 //! refuses, so a refused request has its id, its log line and its count
 //! like any other answer. Knows nothing of plugins or routes.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
@@ -122,14 +123,15 @@ where
     }
 }
 
-/// Whether a refusal is logged as a warning: the first in [`WARN_EVERY`].
+/// Whether a refusal is logged as a warning: the first in [`WARN_EVERY`]
+/// (on the monotonic clock: a wall clock set back silences nothing).
 fn warn_now() -> bool {
+    static START: OnceLock<Instant> = OnceLock::new();
+    // Seconds since the first refusal, plus one: 0 is "never warned".
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
     let last = LAST.load(Ordering::Relaxed);
-    now >= last.saturating_add(WARN_EVERY.as_secs())
+    (last == 0 || now >= last.saturating_add(WARN_EVERY.as_secs()))
         && LAST
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()

@@ -102,10 +102,10 @@ impl ZygoteKey {
     }
 }
 
-/// How many zygotes of one key may end before they forked (one that cannot
-/// set itself up: no `ctypes`, a refused `prctl`, a broken interpreter)
-/// before that key's runners are started on their own, without asking for
-/// another: each costs a spawn an interpreter's start.
+/// How many zygotes of one key may end in a row before they forked (one
+/// that cannot set itself up: no `ctypes`, a refused `prctl`, a broken
+/// interpreter) before that key's runners are started on their own,
+/// without asking for another: each costs a spawn an interpreter's start.
 const UNFORKED_ENDS: u32 = 3;
 
 /// The zygotes of each key, and how many of each ended before they forked.
@@ -125,6 +125,10 @@ pub(crate) fn zygote_for(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
         unforked_ends,
     } = &mut *zygotes;
     if let Some(zygote) = live.get(key) {
+        if zygote.forked.load(std::sync::atomic::Ordering::Acquire) {
+            // Only ends one after another count.
+            unforked_ends.remove(key);
+        }
         if !zygote.is_unusable() {
             return Ok(Arc::clone(zygote));
         }
@@ -347,9 +351,13 @@ impl Zygote {
         self.state.lock().dead.is_some()
     }
 
-    /// Why it ended, when it did before it ever forked.
+    /// Why it ended, when it did before it ever forked, of itself (not one
+    /// the host gave up: its first spawn's time limit may be shorter than
+    /// its interpreter's start on a loaded machine).
     fn ended_unforked(&self) -> Option<String> {
-        if self.forked.load(std::sync::atomic::Ordering::Acquire) {
+        if self.forked.load(std::sync::atomic::Ordering::Acquire)
+            || self.wedged.load(std::sync::atomic::Ordering::Acquire)
+        {
             return None;
         }
         self.state.lock().dead.clone()
@@ -714,13 +722,22 @@ impl ForkedChild {
                     }
                     let since = *ended_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= UNREPORTED_EXIT {
+                        let why = format!(
+                            "it ended, and its Python zygote (pid {}) did not report how",
+                            self.zygote.pid
+                        );
+                        // Recorded ended, and what is left of its group
+                        // killed, while its pid is still the runner's (an
+                        // unreaped zombie): the zygote given up below may
+                        // be killed, the runner reaped by another and its
+                        // pid reused, and nothing signals it after this.
+                        kill_only_group(self.pid);
+                        *status = Some(Err(why.clone()));
+                        self.slot.ended.notify_all();
                         // The slot's lock is held under no other.
                         drop(status);
                         self.zygote.lost_report(self.pid);
-                        return Err(io::Error::other(format!(
-                            "it ended, and its Python zygote (pid {}) did not report how",
-                            self.zygote.pid
-                        )));
+                        return Err(io::Error::other(why));
                     }
                 }
                 Some(Ok(s)) => return Ok(*s),

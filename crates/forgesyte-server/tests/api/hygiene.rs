@@ -328,16 +328,20 @@ fn a_removed_runner_cache_is_written_again_at_the_next_start() {
 
 /// A zygote that stops (stopped, stuck) is given up, and let go:
 /// - a runner of it that ended, unreported, is seen as ended within 2 s,
-///   and the zygote, which has no runner left, is killed although it never
-///   runs again (it and the threads that serve it lived on);
+///   what it started is killed, and the zygote, which has no runner left,
+///   is killed although it never runs again (it and the threads that serve
+///   it lived on);
 /// - a spawn through it costs the fork timeout once (that runner starts on
 ///   its own), and later runners come from a new zygote.
 #[test]
 fn a_stopped_zygote_is_given_up_and_let_go() {
     let dir = PluginsDir::new();
-    dir.python("py-a", "echo");
+    dir.python("py-a", "faulty");
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
+    let reply = server.run("py-a", "spawn", r#"{"args": {}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let sleeper = u32::try_from(reply.json()["result"]["pid"].as_u64().unwrap()).unwrap();
     let parent = |pid: u32| -> u32 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         stat.rsplit_once(')')
@@ -366,10 +370,13 @@ fn a_stopped_zygote_is_given_up_and_let_go() {
     let again = restarted("py-a", runner, 1);
     assert_ne!(parent(again), first, "asked the stopped zygote again");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !ended(first) {
+    while !ended(first) || !ended(sleeper) {
         assert!(
             Instant::now() < deadline,
-            "the stopped zygote {first}, with no runner left, lives on\nlog:\n{}",
+            "the stopped zygote {first} (ended: {}), with no runner left, or the process {sleeper} \
+             its runner started (ended: {}) lives on\nlog:\n{}",
+            ended(first),
+            ended(sleeper),
             server.log()
         );
         std::thread::sleep(Duration::from_millis(50));
