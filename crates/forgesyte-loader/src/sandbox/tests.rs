@@ -1,0 +1,291 @@
+//! The sandbox module's unit tests (beside it, out of its file).
+
+use super::*;
+use serde_json::json;
+
+fn spec(v: Value) -> Result<SandboxSpec, String> {
+    let Value::Object(obj) = v else {
+        return Err("not an object".into());
+    };
+    parse_spec(&obj).map_err(|e| e.to_string())
+}
+
+#[test]
+fn widening_is_named_part_by_part_and_granted_by_policy() {
+    let dir = Path::new("/p/ocr");
+    let asks = |spec: &SandboxSpec, models: &[PathBuf], env_deps: &[String]| {
+        PlanInput {
+            plugin_dir: dir,
+            scratch: Path::new("/tmp/s"),
+            spec,
+            models,
+            lib_paths: &[],
+            env_deps,
+            gpu: true,
+        }
+        .widening()
+    };
+    assert!(asks(&SandboxSpec::default(), &[], &[]).is_empty());
+    // What the runner has anyway asks nothing more.
+    let anyway = spec(json!({
+        "env": ["PATH", "LC_ALL"],
+        "filesystem": {"read": ["weights", "./a/b"]}
+    }))
+    .unwrap();
+    assert!(asks(&anyway, &[dir.join("models/m.onnx")], &[]).is_empty());
+    let wide = spec(json!({
+        "network": true,
+        "env": ["B", "A"],
+        "filesystem": {"read": ["/srv/m", "../other"], "write": ["out"]}
+    }))
+    .unwrap();
+    // An absolute model path is itself (`dir.join` keeps it).
+    let models = [
+        PathBuf::from("/etc"),
+        dir.join("m/../../x"),
+        dir.join("m/ok"),
+    ];
+    assert_eq!(
+        asks(&wide, &models, &["SECRET".to_owned(), "A".to_owned()]),
+        [
+            "the network",
+            "the environment variables A, B, SECRET",
+            "reading /srv/m, ../other, /etc, /p/ocr/m/../../x",
+            "writing out"
+        ]
+    );
+    for (policy, unsigned, signed) in [
+        (SandboxWidening::Allow, true, true),
+        (SandboxWidening::Signed, false, true),
+        (SandboxWidening::Deny, false, false),
+    ] {
+        assert_eq!(policy.grants(false), unsigned, "{policy:?}");
+        assert_eq!(policy.grants(true), signed, "{policy:?}");
+    }
+    // A link inside the directory is judged by where it leads.
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = tmp.path().join("p");
+    std::fs::create_dir(&plugin).unwrap();
+    std::fs::create_dir(plugin.join("data")).unwrap();
+    std::os::unix::fs::symlink("/", plugin.join("root")).unwrap();
+    std::os::unix::fs::symlink("data", plugin.join("mine")).unwrap();
+    let links = spec(json!({"filesystem": {"read": ["root", "mine", "data"]}})).unwrap();
+    let linked_asks = PlanInput {
+        plugin_dir: &plugin,
+        scratch: Path::new("/tmp/s"),
+        spec: &links,
+        models: &[plugin.join("root/etc")],
+        lib_paths: &[],
+        env_deps: &[],
+        gpu: false,
+    }
+    .widening();
+    assert_eq!(
+        linked_asks,
+        [format!(
+            "reading root, {}",
+            plugin.join("root/etc").display()
+        )]
+    );
+    assert_eq!(SandboxWidening::default(), SandboxWidening::Signed);
+    assert_eq!("deny".parse(), Ok(SandboxWidening::Deny));
+    assert!("sometimes".parse::<SandboxWidening>().is_err());
+}
+
+#[test]
+fn the_manifest_fields_parse_and_bad_types_are_named() {
+    assert_eq!(spec(json!({})), Ok(SandboxSpec::default()));
+    let s = spec(
+        json!({"network": true, "filesystem": {"read": ["models"], "write": ["/data"]},
+                         "env": ["API_KEY"]}),
+    )
+    .unwrap_or_default();
+    assert!(s.network);
+    assert_eq!(s.read, ["models"]);
+    assert_eq!(s.write, ["/data"]);
+    assert_eq!(s.env, ["API_KEY"]);
+    for (bad, field) in [
+        (json!({"network": "yes"}), "network"),
+        (json!({"filesystem": []}), "filesystem"),
+        (json!({"filesystem": {"exec": []}}), "filesystem.exec"),
+        (json!({"filesystem": {"read": [""]}}), "filesystem.read"),
+        (json!({"env": "HOME"}), "env"),
+        (json!({"env": [1]}), "env"),
+    ] {
+        let err = spec(bad.clone()).err().unwrap_or_default();
+        assert!(err.contains(&format!("'{field}'")), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn the_plan_keeps_declared_variables_only() {
+    let dir = Path::new("/plugins/ocr");
+    let scratch = Path::new("/tmp/s/ocr");
+    let spec = SandboxSpec {
+        env: vec!["API_KEY".into()],
+        read: vec!["extra".into()],
+        ..SandboxSpec::default()
+    };
+    let plan = Confinement::plan(
+        PlanInput {
+            plugin_dir: dir,
+            scratch,
+            spec: &spec,
+            models: &[],
+            lib_paths: &[],
+            env_deps: &["CUDA_HOME".into()],
+            gpu: false,
+        },
+        [
+            ("PATH", "/usr/bin"),
+            ("API_KEY", "k"),
+            ("CUDA_HOME", "/cuda"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("LC_ALL", "C"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let names: Vec<&str> = plan.env.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["API_KEY", "CUDA_HOME", "HOME", "LC_ALL", "PATH", "TMPDIR"]
+    );
+    assert_eq!(
+        plan.env.get("TMPDIR").map(String::as_str),
+        Some("/tmp/s/ocr")
+    );
+    assert!(plan.read.contains(&dir.to_path_buf()));
+    assert!(plan.read.contains(&dir.join("extra")));
+    assert!(
+        !plan
+            .read
+            .iter()
+            .any(|p| p == Path::new("/etc") || p == Path::new("/tmp"))
+    );
+    assert_eq!(plan.write, [scratch.to_path_buf()]);
+    assert!(!plan.network);
+    assert!(!plan.devices.iter().any(|d| d.starts_with("/dev/nvidia")));
+    // On the command line: the names of the variables, not their values.
+    let arg = plan.to_arg();
+    assert!(!arg.contains("/cuda") && !arg.contains("/usr/bin"), "{arg}");
+    let shown: serde_json::Value = serde_json::from_str(&arg).unwrap_or_default();
+    assert_eq!(shown["env"], serde_json::json!(names));
+    let back: Confinement = serde_json::from_str(&arg).unwrap_or_default();
+    assert_eq!(
+        back,
+        Confinement {
+            env: BTreeMap::new(),
+            ..plan
+        }
+    );
+}
+
+#[test]
+fn scratch_names_are_one_safe_component() {
+    for (name, last) in [
+        ("ocr", "ocr"),
+        ("../x", ".._x"),
+        ("..", "_"),
+        ("a/b", "a_b"),
+    ] {
+        let dir = scratch_dir(name, None).unwrap_or_default();
+        assert_eq!(
+            dir.file_name().and_then(|n| n.to_str()),
+            Some(last),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_link_planted_where_a_scratch_directory_goes_is_not_followed() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let me = rustix::process::geteuid().as_raw();
+    let root = tmp.path().join(format!("forgesyte-scratch-{me}"));
+    std::fs::create_dir(&root).unwrap();
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(&victim, root.join("ocr")).unwrap();
+    let err = scratch_dir_in(tmp.path(), "ocr", None).unwrap_err();
+    assert!(err.to_string().contains("not followed"), "{err}");
+    let meta = std::fs::metadata(&victim).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o755, "the link's target was changed");
+    // The same for the first level.
+    std::fs::remove_file(root.join("ocr")).unwrap();
+    std::fs::remove_dir(&root).unwrap();
+    std::os::unix::fs::symlink(&victim, &root).unwrap();
+    assert!(scratch_dir_in(tmp.path(), "ocr", None).is_err());
+    assert!(
+        !victim.join("ocr").exists(),
+        "a directory was made through the link"
+    );
+    // A real directory is made private and used.
+    std::fs::remove_file(&root).unwrap();
+    let dir = scratch_dir_in(tmp.path(), "ocr", None).unwrap();
+    assert_eq!(dir, root.join("ocr"));
+    for path in [&root, &dir] {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o777),
+            (me, 0o700),
+            "{}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn a_scratch_directory_another_user_made_first_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not run: making a directory another user owns needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let runner = RunAs {
+        uid: 65534,
+        gid: 65534,
+    };
+    let root = tmp.path().join("forgesyte-scratch-65534");
+    std::fs::create_dir(&root).unwrap();
+    // Made first by a third user, who could plant links in it.
+    std::os::unix::fs::chown(&root, Some(4242), Some(4242)).unwrap();
+    let err = scratch_dir_in(tmp.path(), "ocr", Some(runner)).unwrap_err();
+    assert!(err.to_string().contains("another user (uid 4242)"), "{err}");
+    assert_eq!(std::fs::metadata(&root).unwrap().uid(), 4242);
+    // Made by this server: handed to the runner's user.
+    std::fs::remove_dir(&root).unwrap();
+    let dir = scratch_dir_in(tmp.path(), "ocr", Some(runner)).unwrap();
+    for path in [&root, &dir] {
+        let meta = std::fs::metadata(path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (65534, 65534),
+            "{}",
+            path.display()
+        );
+    }
+}
+
+/// What is not enforced, in one line; a report without any such part
+/// passes, and no report at all is unconfined as a whole. The cases are
+/// shared with the Python runner's `unconfined` (`test_runner.py`): the
+/// two runners refuse by one rule.
+#[test]
+fn unconfined_names_every_part_not_enforced() {
+    let cases: Vec<Value> =
+        serde_json::from_str(include_str!("../../../tests/fixtures/unconfined.json")).unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let report: Option<BTreeMap<String, String>> =
+            serde_json::from_value(case["report"].clone()).unwrap();
+        assert_eq!(
+            unconfined(report.as_ref()).as_deref(),
+            case["unconfined"].as_str(),
+            "{case}"
+        );
+    }
+}
