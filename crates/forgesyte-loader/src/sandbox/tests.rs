@@ -277,7 +277,7 @@ fn a_scratch_directory_another_user_made_first_is_refused() {
 #[test]
 fn unconfined_names_every_part_not_enforced() {
     let cases: Vec<Value> =
-        serde_json::from_str(include_str!("../../../tests/fixtures/unconfined.json")).unwrap();
+        serde_json::from_str(include_str!("../../../../tests/fixtures/unconfined.json")).unwrap();
     assert!(cases.len() >= 5);
     for case in cases {
         let report: Option<BTreeMap<String, String>> =
