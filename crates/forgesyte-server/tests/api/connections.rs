@@ -665,12 +665,7 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
     let server = start(|c| c.public_hosts = vec!["forgesyte.example.com".to_owned()]).await;
     let addr = server.addr;
     let statuses = blocking(move || {
-        let ask = |head: &str| {
-            let mut stream = connect(addr);
-            stream.write_all(head.as_bytes()).unwrap();
-            let response = read_response(&mut stream);
-            response[9..12].parse::<u16>().unwrap()
-        };
+        let ask = |head: &str| status_of(addr, head);
         [
             ask("GET /v1/plugins HTTP/1.1\r\nHost: forgesyte.example.com\r\n\r\n"),
             ask(&format!(
@@ -688,12 +683,7 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
     let server = start(|c| c.bind = "0.0.0.0:0".into()).await;
     let loopback = SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
     let statuses = blocking(move || {
-        let ask = |head: &str| {
-            let mut stream = connect(loopback);
-            stream.write_all(head.as_bytes()).unwrap();
-            let response = read_response(&mut stream);
-            response[9..12].parse::<u16>().unwrap()
-        };
+        let ask = |head: &str| status_of(loopback, head);
         [
             ask("GET /v1/plugins HTTP/1.1\r\nHost: rebind.attacker.example\r\n\r\n"),
             ask("GET /v1/plugins HTTP/1.1\r\nHost: localhost\r\n\r\n"),
@@ -701,4 +691,12 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
     })
     .await;
     assert_eq!(statuses, [403, 200]);
+}
+
+/// The status of the answer to `head`, sent on a connection of its own.
+fn status_of(addr: SocketAddr, head: &str) -> u16 {
+    let mut stream = connect(addr);
+    stream.write_all(head.as_bytes()).unwrap();
+    let response = read_response(&mut stream);
+    response[9..12].parse().unwrap()
 }
