@@ -39,7 +39,7 @@ impl CudaProbe {
 
     /// The machine's GPUs, probed on first call and cached for the process
     /// (a probe that gave no answer in time answers "no GPU" until its
-    /// answer comes: see [`Probing`]).
+    /// answer comes: see `Probing`).
     pub fn report(&self) -> &'static GpuReport {
         static PROBING: Probing = Probing::new();
         PROBING.report(PROBE_TIMEOUT, probe_guarded)

@@ -5,7 +5,7 @@
 //! ([`Confinement`], passed as `--confine JSON`), and its application in the
 //! native runner ([`apply`]: Landlock through the `landlock` crate, a network
 //! namespace through `unshare`, a seccomp filter for what neither rules:
-//! [`seccomp`]). The Python runner applies the same plan
+//! `sandbox/seccomp.rs`). The Python runner applies the same plan
 //! itself (`confine` in `python/runner/confine.py`), so both runtimes get one policy.
 //!
 //! The plan allows reading the plugin directory, its declared models and
