@@ -287,6 +287,45 @@ mod tests {
         }
     }
 
+    /// The Python runner's program (`confine.py`'s `_seccomp_program`) is
+    /// this one, instruction for instruction, with and without network.
+    #[test]
+    fn the_python_runners_program_is_this_one() {
+        let python = std::path::Path::new("python3");
+        let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/src/python");
+        let code = format!(
+            "import json, sys; sys.path.insert(0, {runner:?}); \
+             from runner.confine import _seccomp_program as p; \
+             print(json.dumps([p({:?}, n) for n in (False, True)]))",
+            std::env::consts::ARCH
+        );
+        let out = match std::process::Command::new(python)
+            .args(["-c", &code])
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => panic!(
+                "{}: {e} (Python 3 is on every machine here)",
+                python.display()
+            ),
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let theirs: Vec<Vec<(u16, u8, u8, u32)>> = serde_json::from_slice(&out.stdout).unwrap();
+        let ours: Vec<Vec<(u16, u8, u8, u32)>> = [false, true]
+            .map(|network| {
+                program(network)
+                    .iter()
+                    .map(|i| (i.code, i.jt, i.jf, i.k))
+                    .collect()
+            })
+            .into();
+        assert_eq!(theirs, ours);
+    }
+
     #[test]
     #[allow(unsafe_code)]
     fn a_filtered_process_cannot_make_unix_sockets_nor_use_system_v_ipc() {
