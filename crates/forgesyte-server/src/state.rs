@@ -303,13 +303,13 @@ impl AppState {
             .call_slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let taken = slots.get(plugin).copied().unwrap_or(0);
-        if taken >= self.inner.max_calls_per_plugin {
-            // Refused: no entry is left behind (only a slot's drop removes one).
-            return None;
-        }
+        let limit = self.inner.max_calls_per_plugin;
+        // One look-up; a refusal leaves no entry behind (only a slot's
+        // drop removes one).
         match slots.get_mut(plugin) {
-            Some(count) => *count += 1,
+            Some(taken) if *taken >= limit => return None,
+            Some(taken) => *taken += 1,
+            None if limit == 0 => return None,
             None => {
                 slots.insert(plugin.to_owned(), 1);
             }
