@@ -166,11 +166,15 @@ fn safe_ancestors(dir: &Path) -> std::io::Result<()> {
     let me = rustix::process::geteuid().as_raw();
     let mut ancestors: Vec<PathBuf> = dir.ancestors().skip(1).map(Path::to_path_buf).collect();
     // The nearest that is there, resolved: it (unless it is `dir`, which
-    // `private_dir` checks through its link) and the directories above it.
+    // `private_dir` checks through its link) and the directories above it,
+    // when a link made them others than those named (this runs at every
+    // interpreter start).
     if let Some(there) = dir.ancestors().find(|a| a.exists()) {
         let real = there.canonicalize()?;
-        let skip = usize::from(there == dir);
-        ancestors.extend(real.ancestors().skip(skip).map(Path::to_path_buf));
+        if real != there {
+            let skip = usize::from(there == dir);
+            ancestors.extend(real.ancestors().skip(skip).map(Path::to_path_buf));
+        }
     }
     for ancestor in &ancestors {
         let meta = match std::fs::metadata(ancestor) {
