@@ -223,7 +223,9 @@ impl DependencyChecker {
         let mut batch = Vec::new();
         let mut bytes = 0;
         for package in pending {
-            if bytes + package.len() > MAX_ASKED_BYTES && !batch.is_empty() {
+            // Each argument costs its bytes and its terminating NUL.
+            let cost = package.len() + 1;
+            if bytes + cost > MAX_ASKED_BYTES && !batch.is_empty() {
                 if self
                     .ask_python(interpreter, std::mem::take(&mut batch))
                     .is_err()
@@ -232,7 +234,7 @@ impl DependencyChecker {
                 }
                 bytes = 0;
             }
-            bytes += package.len() + 1;
+            bytes += cost;
             batch.push(package);
         }
         if !batch.is_empty() {
