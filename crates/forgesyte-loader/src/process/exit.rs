@@ -19,6 +19,10 @@ const ALLOCATION_FAILURE_MARKERS: &[&str] = &[
 /// How many of the last stderr lines may carry the allocation failure.
 const ALLOCATION_FAILURE_LINES: usize = 3;
 
+/// The Python runner's exit code for a `MemoryError` (`EXIT_MEMORY` in
+/// `python/runner/base.py`).
+const PYTHON_EXIT_MEMORY: i32 = 70;
+
 /// The conventional name of signal `number` on Linux (`SIGSEGV`), or
 /// `SIG<number>` for one without a name.
 pub(crate) fn signal_name(number: i32) -> String {
@@ -72,11 +76,12 @@ pub(crate) fn signal_name(number: i32) -> String {
 pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[String]) -> CrashCause {
     // How a failed allocation ends a process: an abort (Rust's handler,
     // C++'s `std::terminate`), the kernel's kill, or the Python runner's
-    // own exit code for a `MemoryError` (`EXIT_MEMORY`, 70); and the
+    // own exit code for a `MemoryError`; and the
     // message is among its last lines, not anywhere in the tail (a plugin
     // may log "CUDA out of memory, retrying" and crash later for another
     // reason).
-    let ends_like_it = matches!(status.signal(), Some(6 | 9)) || status.code() == Some(70);
+    let ends_like_it = matches!(status.signal(), Some(libc::SIGABRT | libc::SIGKILL))
+        || status.code() == Some(PYTHON_EXIT_MEMORY);
     let said_so = stderr
         .iter()
         .rev()
@@ -147,7 +152,13 @@ mod tests {
             classify(exited(0), 128, &tail),
             CrashCause::Exit { code: 0 }
         );
-        // The Python runner's MemoryError exit.
+        // The Python runner's MemoryError exit, the code its base module
+        // exits with.
+        let (_, base) = crate::python::RUNNER_MODULES
+            .iter()
+            .find(|(file, _)| *file == "base.py")
+            .expect("the runner's base module");
+        assert!(base.contains(&format!("\nEXIT_MEMORY = {PYTHON_EXIT_MEMORY}\n")));
         let python = vec!["MemoryError: out of memory in tool 'grow'".to_owned()];
         assert_eq!(
             classify(exited(70), 128, &python),
