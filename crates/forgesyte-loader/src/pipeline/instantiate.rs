@@ -260,6 +260,7 @@ impl Loader {
                 None,
             ))
         })?;
+        self.refuse_own_interpreter(p, &interpreter)?;
         self.check_dependencies(p, &self.requirements(p), known)?;
         // Last step before the runner is started.
         let target = Target::PythonTree(p.dir.clone());
@@ -280,6 +281,39 @@ impl Loader {
         let check = Arc::new(self.rechecker(p, &target, signed)?);
         let handle = self.instantiate_isolated(p, importer, (code, config), &check)?;
         Self::recheck_started(&check, handle)
+    }
+
+    /// Under `--require-confinement`, a Python plugin runs on the
+    /// operator's interpreter only: one its manifest names (a virtualenv's
+    /// `python`, with the `.pth` files of its site-packages) is the
+    /// plugin's own code, which starts before the runner can confine
+    /// itself, and which the dependency check would run unconfined. Checked
+    /// before that check runs anything.
+    fn refuse_own_interpreter(&self, p: &Pending, interpreter: &Path) -> Result<(), PluginError> {
+        let Some(named) = p.manifest.python.as_deref() else {
+            return Ok(());
+        };
+        if !self.config.require_confinement {
+            return Ok(());
+        }
+        let operators = python::resolve_interpreter(
+            None,
+            self.config.python.as_deref(),
+            &p.dir,
+            self.fs.as_ref(),
+            std::env::var_os("PATH"),
+        );
+        if operators.is_ok_and(|operators| operators == interpreter) {
+            return Ok(());
+        }
+        Err(ImportError::NotConfined {
+            detail: format!(
+                "the plugin's manifest names its own Python interpreter ({named}), which starts \
+                 (and with it its site-packages' .pth files) before its runner can confine \
+                 itself; serve it with the server's interpreter (--python) instead"
+            ),
+        }
+        .into())
     }
 
     /// Confines the plugin's runners when the host confines runners (its

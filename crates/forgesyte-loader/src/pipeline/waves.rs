@@ -30,10 +30,11 @@ impl Loader {
         // Under `require_signed` the operator's interpreters only: one a
         // manifest names is the plugin's own file, which then runs only
         // once the plugin's signature verified, by its own dependency check
-        // (one run per plugin).
+        // (one run per plugin). Under `require_confinement` such a plugin
+        // is refused before its check (`refuse_own_interpreter`).
         let requirements: Vec<_> = pending.values().map(|p| self.requirements(p)).collect();
         self.prestart_zygotes(pending.values().zip(&requirements));
-        if self.config.require_signed {
+        if self.config.require_signed || self.config.require_confinement {
             let operators: Vec<_> = pending
                 .values()
                 .zip(&requirements)

@@ -729,6 +729,66 @@ fn require_confinement_refuses_every_plugin_that_would_run_unconfined() {
     );
 }
 
+/// `--require-confinement` and an interpreter the manifest names: the
+/// plugin's own (`python.sh` in its directory, which records that it ran)
+/// is FAILED with a reason naming it, and never runs, not even for the
+/// dependency check; a manifest naming the server's own interpreter is
+/// served. Without the requirement the same plugin runs on its own
+/// interpreter (so the record's absence means what it says).
+#[test]
+fn require_confinement_refuses_an_interpreter_the_manifest_names() {
+    let python3 = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("python3"))
+        .find(|candidate| candidate.exists())
+        .expect("python3 on PATH");
+    let python3 = python3.to_str().unwrap();
+    let plugins = PluginsDir::new();
+    python_snoop(
+        &plugins,
+        "own",
+        json!({"python": "python.sh", "dependencies": ["json"]}),
+    );
+    // Outside the plugin directory, whose changes the server reloads.
+    let records = tempfile::tempdir().unwrap();
+    let ran = records.path().join("interpreter-ran");
+    let own = plugins.path().join("own").join("python.sh");
+    std::fs::write(
+        &own,
+        format!(
+            "#!/bin/sh\ntouch '{}'\nexec python3 \"$@\"\n",
+            ran.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&own, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    python_snoop(&plugins, "operators", json!({"python": python3}));
+    let args = ["--plugins", plugins.path_str(), "--python", python3];
+    let server = Forgesyte::start(&[&args[..], &["--require-confinement"]].concat());
+    server.wait_loaded();
+    let health = status(&server, "own");
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert_eq!(
+        health["reason"],
+        "ImportError: confinement is required (--require-confinement) and the plugin's \
+         manifest names its own Python interpreter (python.sh), which starts (and with it its \
+         site-packages' .pth files) before its runner can confine itself; serve it with the \
+         server's interpreter (--python) instead",
+        "{health}"
+    );
+    assert!(!ran.exists(), "the refused plugin's interpreter ran");
+    let health = status(&server, "operators");
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    drop(server);
+
+    let server = Forgesyte::start(&args);
+    server.wait_loaded();
+    let health = status(&server, "own");
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert!(ran.exists(), "the plugin's own interpreter did not run");
+}
+
 /// Starts its first argument (looked up on `PATH` when bare) with the rest
 /// as its arguments, under a seccomp filter that fails Landlock's first
 /// system call (`landlock_create_ruleset`, 444 on x86-64 and arm64) with
