@@ -82,18 +82,21 @@
 //! The registry knows nothing of who listens; the server builds its event
 //! stream (`GET /v1/events`) on it.
 //!
-//! # Snapshots: readers never wait on writers
+//! # Snapshots: readers never wait on a writer's work
 //!
-//! Each plugin's entry is immutable and published in its own
-//! [`arc_swap::ArcSwap`] slot; the sorted map from names to slots is itself
-//! behind an `ArcSwap` and replaced only when a plugin is registered. A
-//! reader loads what it needs without taking any lock. [`Registry::snapshot`]
+//! Each plugin's entry is immutable and published in its own slot (a
+//! read-write lock around an `Arc`, held for one `Arc` clone or one
+//! pointer swap, never while anything is built or dropped); the sorted map
+//! from names to slots is behind an [`arc_swap::ArcSwap`] and replaced only
+//! when a plugin is registered. A reader never takes the write lock; at
+//! most it waits on a slot for a write's pointer swap, never for its work.
+//! [`Registry::snapshot`]
 //! collects every plugin's current entry (one `Arc` clone each) into an
 //! immutable [`Snapshot`]: later writes do not change it, and each plugin in
 //! it is whole (all its fields come from one write).
 //!
-//! Writers serialise on exactly one mutex (one lock, so no lock order to
-//! get wrong). A write clones the affected entry (cheap: its big parts sit
+//! Writers serialise on exactly one mutex (and take a slot's lock inside
+//! it only to swap its pointer, so there is one lock order). A write clones the affected entry (cheap: its big parts sit
 //! behind `Arc`), edits the clone and stores it in that plugin's slot, so
 //! its cost does not grow with the number of plugins (a tool call's
 //! bookkeeping on a host with 1,000 plugins costs what it costs with one);

@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use arc_swap::ArcSwap;
 use chrono::Utc;
 
-use super::{Entry, Inner, Registry};
+use super::{Entry, Inner, Registry, Slot};
 use crate::{Change, ChangeKind, PluginInfo, PluginLifecycleState};
 
 impl Registry {
@@ -30,7 +29,7 @@ impl Registry {
                 break;
             }
             let entry = Entry::new(info.clone(), Utc::now());
-            plugins.insert(Arc::from(name), Arc::new(ArcSwap::from_pointee(entry)));
+            plugins.insert(Arc::from(name), Arc::new(Slot::new(entry)));
             registered += 1;
         }
         if registered == 0 {
