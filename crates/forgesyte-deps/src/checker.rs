@@ -15,7 +15,7 @@ use crate::exec::{ExecutableProbe, SystemPath};
 use crate::fs::{FileSystem, RealFs};
 use crate::gpu::{self, GpuProbe, GpuReport};
 use crate::libs::{LibraryProbe, SystemLibraries};
-use crate::python::{PythonProbe, SystemPython};
+use crate::python::{PythonAnswer, PythonProbe, SystemPython};
 use crate::requirements::{Dependency, GpuRequirement, Requirements};
 
 /// Interpreters a load pass's prefetch asks at once.
@@ -92,6 +92,8 @@ pub struct DependencyChecker {
 #[derive(Debug, Default)]
 struct PassCache {
     found: HashMap<Probe, bool>,
+    /// The Python probe's answers: (interpreter, query) → answer.
+    python: HashMap<(PathBuf, String), PythonAnswer>,
     gpu: Option<GpuReport>,
     /// Interpreters that could not answer this pass, with why.
     python_errors: HashMap<PathBuf, String>,
@@ -103,8 +105,6 @@ enum Probe {
     Bin(String),
     Env(String),
     Path(PathBuf),
-    /// A Python package (as written) under an interpreter.
-    Py(PathBuf, String),
 }
 
 impl DependencyChecker {
@@ -146,9 +146,13 @@ impl DependencyChecker {
         let mut missing = Vec::new();
         let mut packages_seen = HashSet::new();
         for dep in &req.dependencies {
-            if let Dependency::Py { package, .. } = dep {
-                // `torch` and `py:torch` are one requirement: name it once.
-                if !packages_seen.insert(package.as_str()) {
+            if let Dependency::Py {
+                package, version, ..
+            } = dep
+            {
+                // `torch` and `py:torch` are one requirement: name it once
+                // (`torch>=2` and `torch<3` are two).
+                if !packages_seen.insert((package.as_str(), version.as_ref())) {
                     continue;
                 }
             }
@@ -212,8 +216,8 @@ impl DependencyChecker {
                 .into_iter()
                 .filter(|p| {
                     !cache
-                        .found
-                        .contains_key(&Probe::Py(interpreter.to_path_buf(), p.clone()))
+                        .python
+                        .contains_key(&(interpreter.to_path_buf(), p.clone()))
                 })
                 .filter(|p| seen.insert(p.clone()))
                 .collect()
@@ -256,7 +260,7 @@ impl DependencyChecker {
                 by_interpreter
                     .entry(interpreter)
                     .or_default()
-                    .extend(req.python_packages().map(str::to_string));
+                    .extend(req.python_queries());
             }
         }
         // Interpreters are asked at once, a few at a time: each may take
@@ -324,13 +328,23 @@ impl DependencyChecker {
             Dependency::Env(name) => {
                 self.cached(Probe::Env(name.clone()), || self.env.var(name).is_some())
             }
-            Dependency::Py { package, .. } => {
+            Dependency::Py { version, .. } => {
                 let Some(interpreter) = python else {
                     return Some(format!("{dep} (no Python interpreter)"));
                 };
-                match self.python_package(interpreter, package) {
-                    Ok(found) => found,
-                    Err(why) => {
+                let query = dep.python_query().unwrap_or_default();
+                match (self.python_package(interpreter, &query), version) {
+                    (Ok(PythonAnswer::Found), _) => true,
+                    (Ok(PythonAnswer::Version(installed)), Some(version)) => {
+                        return match version.matches(&installed) {
+                            Ok(true) => None,
+                            Ok(false) => Some(format!("{dep} ({installed} installed)")),
+                            Err(why) => Some(format!("{dep} ({why})")),
+                        };
+                    }
+                    (Ok(PythonAnswer::Version(_)), None) => true,
+                    (Ok(PythonAnswer::Missing), _) => false,
+                    (Err(why), _) => {
                         let who = interpreter.display().to_string();
                         // The probe's message begins with the interpreter; say it once.
                         let why = why
@@ -357,24 +371,28 @@ impl DependencyChecker {
     /// Whether `interpreter` has `package`: from the pass cache, from the
     /// error remembered for the interpreter, or (a package nobody
     /// prefetched) one run for this package alone.
-    fn python_package(&self, interpreter: &Path, package: &str) -> Result<bool, String> {
+    fn python_package(&self, interpreter: &Path, query: &str) -> Result<PythonAnswer, String> {
         {
             let cache = self.cache.lock();
-            let key = Probe::Py(interpreter.to_path_buf(), package.to_string());
-            if let Some(found) = cache.found.get(&key) {
-                return Ok(*found);
+            let key = (interpreter.to_path_buf(), query.to_string());
+            if let Some(found) = cache.python.get(&key) {
+                return Ok(found.clone());
             }
             if let Some(err) = cache.python_errors.get(interpreter) {
                 return Err(err.clone());
             }
         }
-        let found = self.ask_python(interpreter, vec![package.to_string()])?;
-        Ok(found.first().copied().unwrap_or(false))
+        let found = self.ask_python(interpreter, vec![query.to_string()])?;
+        Ok(found.into_iter().next().unwrap_or(PythonAnswer::Missing))
     }
 
     /// One run of the Python probe (no lock held); answers are cached, an
     /// error is remembered for the interpreter for the pass.
-    fn ask_python(&self, interpreter: &Path, packages: Vec<String>) -> Result<Vec<bool>, String> {
+    fn ask_python(
+        &self,
+        interpreter: &Path,
+        packages: Vec<String>,
+    ) -> Result<Vec<PythonAnswer>, String> {
         let answer = match self.python.find(interpreter, &packages) {
             Ok(found) if found.len() == packages.len() => Ok(found),
             Ok(found) => Err(format!(
@@ -390,8 +408,8 @@ impl DependencyChecker {
             Ok(found) => {
                 for (package, found) in packages.into_iter().zip(found) {
                     cache
-                        .found
-                        .insert(Probe::Py(interpreter.to_path_buf(), package), *found);
+                        .python
+                        .insert((interpreter.to_path_buf(), package), found.clone());
                 }
             }
             Err(e) => {
@@ -726,6 +744,7 @@ mod tests {
                 Dependency::Py {
                     package: "numpy".into(),
                     bare: false,
+                    version: None,
                 },
             ],
             gpu: GpuRequirement::None,
@@ -769,6 +788,42 @@ mod tests {
     }
 
     #[test]
+    fn python_versions_checked_in_the_same_run() {
+        let world = FakeWorld::new();
+        world
+            .python
+            .add_version(PY, "numpy", "1.26.4")
+            .add_version(PY, "odd", "not-a-version")
+            .add(PY, &["cv2"]);
+        let checker = world.checker();
+        let r = py_req(
+            json!({"dependencies": [
+                "numpy>=1.24, <2", "numpy>=2", "py:numpy>=2", "numpy", "cv2>=4", "odd>=1", "torch==2.*"
+            ]}),
+            Some(PY),
+        );
+        checker.prefetch_python(Path::new(PY), r.python_queries());
+        assert_eq!(world.python.calls(), 1, "one run asks names and versions");
+        let report = checker.check(&r, Path::new(DIR), &BTreeMap::new());
+        assert_eq!(world.python.calls(), 1);
+        // `py:numpy>=2` is `numpy>=2`, named once; a module with no
+        // distribution of that name (`cv2`) has no version.
+        assert_eq!(report.missing.len(), 4, "{:?}", report.missing);
+        assert_eq!(
+            report.missing[..2],
+            ["numpy>=2 (1.26.4 installed)", "cv2>=4"]
+        );
+        assert!(
+            report.missing[2].starts_with(
+                "odd>=1 (installed version \"not-a-version\" is not a PEP 440 version: "
+            ),
+            "{:?}",
+            report.missing
+        );
+        assert_eq!(report.missing[3], "torch==2.*");
+    }
+
+    #[test]
     fn prefetch_then_check_costs_one_run() {
         let world = FakeWorld::new();
         world.python.add(PY, &["numpy", "torch"]);
@@ -777,7 +832,7 @@ mod tests {
             json!({"dependencies": ["torch.cuda", "py:numpy", "lib:c", "cv2", "numpy", "torch.cuda"]}),
             Some(PY),
         );
-        checker.prefetch_python(Path::new(PY), r.python_packages().map(str::to_string));
+        checker.prefetch_python(Path::new(PY), r.python_queries());
         assert_eq!(world.python.calls(), 1);
         assert_eq!(
             world.python.asked()[0].1,
@@ -925,9 +980,9 @@ mod tests {
     struct OddProbe;
 
     impl PythonProbe for OddProbe {
-        fn find(&self, interpreter: &Path, _: &[String]) -> Result<Vec<bool>, String> {
+        fn find(&self, interpreter: &Path, _: &[String]) -> Result<Vec<PythonAnswer>, String> {
             if interpreter == Path::new("/short") {
-                Ok(vec![true])
+                Ok(vec![PythonAnswer::Found])
             } else {
                 Err("boom".into())
             }

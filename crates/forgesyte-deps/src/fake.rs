@@ -32,7 +32,7 @@ use crate::exec::ExecutableProbe;
 use crate::fs::{DirEntry, FileSystem, FsMetadata};
 use crate::gpu::{GpuDevice, GpuProbe, GpuReport};
 use crate::libs::LibraryProbe;
-use crate::python::PythonProbe;
+use crate::python::{PythonAnswer, PythonProbe};
 
 /// How many symbolic links one resolution may follow (Linux's limit).
 const MAX_LINKS: usize = 40;
@@ -618,6 +618,8 @@ struct PythonState {
     asked: Vec<(PathBuf, Vec<String>)>,
     /// Interpreter → how long each run takes.
     delays: BTreeMap<PathBuf, std::time::Duration>,
+    /// (Interpreter, package) → its installed version.
+    versions: BTreeMap<(PathBuf, String), String>,
 }
 
 /// Python interpreters by path, each with a set of packages, counting the
@@ -648,6 +650,17 @@ impl FakePython {
             .entry(interpreter.as_ref().to_path_buf())
             .or_default()
             .extend(packages.iter().map(|p| p.to_string()));
+        self.clone()
+    }
+
+    /// Installs `package` at `version` in `interpreter` (added when new):
+    /// found as a package, and its version answers a `=NAME` query.
+    pub fn add_version(&self, interpreter: impl AsRef<Path>, package: &str, version: &str) -> Self {
+        self.add(&interpreter, &[package]);
+        self.state.lock().versions.insert(
+            (interpreter.as_ref().to_path_buf(), package.to_owned()),
+            version.to_owned(),
+        );
         self.clone()
     }
 
@@ -697,7 +710,7 @@ impl FakePython {
 }
 
 impl PythonProbe for FakePython {
-    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<bool>, String> {
+    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<PythonAnswer>, String> {
         if packages.is_empty() {
             return Ok(Vec::new());
         }
@@ -719,7 +732,15 @@ impl PythonProbe for FakePython {
         };
         Ok(packages
             .iter()
-            .map(|p| installed.contains(p.split('.').next().unwrap_or(p)))
+            .map(|p| match p.strip_prefix('=') {
+                Some(name) if installed.contains(name) => state
+                    .versions
+                    .get(&(interpreter.to_path_buf(), name.to_owned()))
+                    .map_or(PythonAnswer::Missing, |v| PythonAnswer::Version(v.clone())),
+                Some(_) => PythonAnswer::Missing,
+                None if installed.contains(p.split('.').next().unwrap_or(p)) => PythonAnswer::Found,
+                None => PythonAnswer::Missing,
+            })
             .collect())
     }
 }
@@ -938,9 +959,10 @@ mod tests {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let py = FakePython::new().add("/venv/bin/python", &["torch", "numpy"]);
         let venv = Path::new("/venv/bin/python");
+        let (yes, no) = (PythonAnswer::Found, PythonAnswer::Missing);
         assert_eq!(
             py.find(venv, &names(&["torch.cuda", "json", "numpy"])),
-            Ok(vec![true, false, true])
+            Ok(vec![yes.clone(), no.clone(), yes.clone()])
         );
         assert_eq!(py.find(venv, &[]), Ok(vec![]), "nothing to ask: no run");
         assert_eq!(py.calls(), 1);
@@ -959,7 +981,7 @@ mod tests {
         py.heal(venv);
         assert_eq!(
             py.find(venv, &names(&["torch", "numpy"])),
-            Ok(vec![false, true])
+            Ok(vec![no, yes])
         );
         assert_eq!(py.calls(), 4);
         assert_eq!(

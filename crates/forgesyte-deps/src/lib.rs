@@ -119,5 +119,7 @@ pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport};
 pub use libs::{LibraryProbe, SystemLibraries};
-pub use python::{PythonProbe, SystemPython, run_python, run_python_as};
-pub use requirements::{BareDependency, Dependency, GpuRequirement, Requirements, json_type_name};
+pub use python::{PythonAnswer, PythonProbe, SystemPython, run_python, run_python_as};
+pub use requirements::{
+    BareDependency, Dependency, GpuRequirement, PyVersionReq, Requirements, json_type_name,
+};

@@ -9,23 +9,39 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// What an interpreter answered for one query of [`PythonProbe::find`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PythonAnswer {
+    /// Not found: no such module or distribution (or, for a version query,
+    /// no version recorded).
+    Missing,
+    /// Found (a package query).
+    Found,
+    /// The installed distribution's version as its metadata gives it (a
+    /// `=NAME` query).
+    Version(String),
+}
+
 /// Asks a Python interpreter which packages it could import.
 pub trait PythonProbe: Send + Sync + Debug {
     /// For each of `packages`, in order, whether `interpreter` can import
     /// it, found **without importing it**: the top-level package (`torch`
     /// for `torch.cuda`) is looked up with `importlib.util.find_spec`, as
     /// the seed did; a name with `-` (a distribution's, `opencv-python`) by
-    /// its installed metadata.
+    /// its installed metadata. A query `=NAME` asks for the version of the
+    /// installed distribution `NAME` instead (from its metadata, also
+    /// without importing anything).
     ///
     /// `Err` when the interpreter could not answer (it does not start,
     /// fails, times out, or answers nonsense); the message begins with the
     /// interpreter's path (`/usr/bin/python3: timed out after 10 s`). An
     /// empty `packages` answers `Ok(vec![])`.
-    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<bool>, String>;
+    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<PythonAnswer>, String>;
 }
 
 /// The script the interpreter runs: package names in `sys.argv[1:]`, one
-/// JSON list of booleans out. The working directory's entry (`''`) is
+/// JSON list out, a boolean per name (a string, or `false`, per `=NAME`
+/// version query). The working directory's entry (`''`) is
 /// dropped from `sys.path` so nothing is found by accident where it runs.
 ///
 /// A name is found as a module (a dotted one through namespace packages,
@@ -57,7 +73,15 @@ def found(name):
         return True
     except Exception:
         return False
-sys.stdout.write(json.dumps([found(n) for n in sys.argv[1:]]))
+def answer(query):
+    if not query.startswith("="):
+        return found(query)
+    try:
+        from importlib import metadata
+        return metadata.version(query[1:]) or False
+    except Exception:
+        return False
+sys.stdout.write(json.dumps([answer(q) for q in sys.argv[1:]]))
 "#;
 
 /// The longest stdout or stderr read from the interpreter.
@@ -122,7 +146,7 @@ impl Default for SystemPython {
 }
 
 impl PythonProbe for SystemPython {
-    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<bool>, String> {
+    fn find(&self, interpreter: &Path, packages: &[String]) -> Result<Vec<PythonAnswer>, String> {
         if packages.is_empty() {
             return Ok(Vec::new());
         }
@@ -134,20 +158,38 @@ impl PythonProbe for SystemPython {
         args.extend(packages.iter().map(OsStr::new));
         let out = run_python_as(interpreter, &args, self.timeout, self.run_as)?;
         let text = String::from_utf8_lossy(&out);
-        match serde_json::from_str::<Vec<bool>>(text.trim()) {
-            Ok(found) if found.len() == packages.len() => Ok(found),
-            Ok(found) => Err(format!(
+        let answers = serde_json::from_str::<Vec<serde_json::Value>>(text.trim())
+            .ok()
+            .and_then(|values| {
+                values
+                    .into_iter()
+                    .map(|value| match value {
+                        serde_json::Value::Bool(false) => Some(PythonAnswer::Missing),
+                        serde_json::Value::Bool(true) => Some(PythonAnswer::Found),
+                        serde_json::Value::String(version) if version.len() <= MAX_VERSION => {
+                            Some(PythonAnswer::Version(version))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+        match answers {
+            Some(found) if found.len() == packages.len() => Ok(found),
+            Some(found) => Err(format!(
                 "{who}: answered {} results for {} packages",
                 found.len(),
                 packages.len()
             )),
-            Err(_) => Err(format!(
+            None => Err(format!(
                 "{who}: unexpected output {:?}",
                 shorten(text.trim(), QUOTE_LIMIT)
             )),
         }
     }
 }
+
+/// The longest version string taken from an interpreter's answer.
+const MAX_VERSION: usize = 256;
 
 /// `search_path` (`PYTHONPATH`: entries separated by `:`) with each
 /// relative entry made absolute against `cwd`; an empty entry between two,
@@ -418,9 +460,14 @@ mod tests {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                _ => return answer,
+                _ => return answer.map(|found| found.iter().map(present).collect()),
             }
         }
+    }
+
+    /// A module query's answer as a boolean.
+    fn present(answer: &PythonAnswer) -> bool {
+        *answer != PythonAnswer::Missing
     }
 
     #[test]

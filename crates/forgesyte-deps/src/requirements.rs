@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr as _;
 
 use forgesyte_errors::ManifestError;
 use serde_json::Value;
@@ -22,8 +23,10 @@ pub enum Dependency {
     /// An environment variable that must be set.
     Env(String),
     /// A Python package the plugin's interpreter can import (found without
-    /// importing it; `torch.cuda` asks for `torch`). A bare name means this
-    /// under [`BareDependency::Py`].
+    /// importing it; `torch.cuda` asks for `torch`), or with a version
+    /// requirement (`numpy>=1.24`) an installed distribution of that name
+    /// whose version matches. A bare name means this under
+    /// [`BareDependency::Py`].
     Py {
         /// The package name as written (`[A-Za-z0-9_.-]+`, dotted parts
         /// non-empty).
@@ -31,6 +34,8 @@ pub enum Dependency {
         /// Whether it was written without the `py:` prefix (then it is
         /// shown without one).
         bare: bool,
+        /// The PEP 440 version requirement, if any.
+        version: Option<PyVersionReq>,
     },
     /// Another plugin, optionally of a version matching `req`.
     Plugin {
@@ -39,6 +44,31 @@ pub enum Dependency {
         /// The semver requirement on its version.
         req: Option<semver::VersionReq>,
     },
+}
+
+/// A Python package's version requirement (PEP 440 specifiers, as in a
+/// PEP 508 requirement: `>=1.24`, `~=2.1, !=2.1.3`, `==1.*`), checked
+/// against the version of the installed distribution of the package's name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PyVersionReq(pep440_rs::VersionSpecifiers);
+
+impl PyVersionReq {
+    /// Whether `installed` (a version as the distribution's metadata gives
+    /// it) matches; `Err` naming it when it is no PEP 440 version.
+    /// Pre-releases match as pip matches an installed one: when the
+    /// requirement admits them or names one.
+    pub fn matches(&self, installed: &str) -> Result<bool, String> {
+        let version = pep440_rs::Version::from_str(installed.trim()).map_err(|e| {
+            format!("installed version {installed:?} is not a PEP 440 version: {e}")
+        })?;
+        Ok(self.0.contains(&version))
+    }
+}
+
+impl fmt::Display for PyVersionReq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
 }
 
 /// What a bare `dependencies` entry (one without a `KIND:` prefix) means
@@ -90,7 +120,8 @@ impl Dependency {
                 Ok(Dependency::Env(name))
             }
             "py" => {
-                let package = check_name(name, "package")?;
+                let (package, version) = split_python_requirement(name)?;
+                let package = check_name(package, "package")?;
                 // Every plugin's packages go to one interpreter run (its
                 // arguments): one name past the kernel's limit for an
                 // argument failed that run for all of them.
@@ -109,6 +140,7 @@ impl Dependency {
                 Ok(Dependency::Py {
                     package,
                     bare: is_bare,
+                    version,
                 })
             }
             "plugin" => {
@@ -138,6 +170,32 @@ impl Dependency {
     }
 }
 
+impl Dependency {
+    /// What the Python probe is asked for a Python package: its name
+    /// (whether it can be imported), or `=NAME` for one with a version
+    /// requirement (the installed distribution's version); `None` for
+    /// other kinds.
+    pub fn python_query(&self) -> Option<String> {
+        match self {
+            Dependency::Py {
+                package,
+                version: None,
+                ..
+            } => Some(package.clone()),
+            Dependency::Py {
+                package,
+                version: Some(_),
+                ..
+            } => Some(format!("{VERSION_QUERY}{package}")),
+            _ => None,
+        }
+    }
+}
+
+/// Marks a query for the installed version of a distribution (a package
+/// name never starts with it).
+pub(crate) const VERSION_QUERY: char = '=';
+
 impl fmt::Display for Dependency {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -146,12 +204,18 @@ impl fmt::Display for Dependency {
             Dependency::Env(name) => write!(f, "env:{name}"),
             Dependency::Py {
                 package,
-                bare: true,
-            } => write!(f, "{package}"),
-            Dependency::Py {
-                package,
-                bare: false,
-            } => write!(f, "py:{package}"),
+                bare,
+                version,
+            } => {
+                if !bare {
+                    f.write_str("py:")?;
+                }
+                f.write_str(package)?;
+                match version {
+                    Some(version) => write!(f, "{version}"),
+                    None => Ok(()),
+                }
+            }
             Dependency::Plugin { name, req: None } => write!(f, "plugin:{name}"),
             Dependency::Plugin {
                 name,
@@ -159,6 +223,60 @@ impl fmt::Display for Dependency {
             } => write!(f, "plugin:{name}@{req}"),
         }
     }
+}
+
+/// Splits a Python dependency (what follows `py:`, or a bare one) into its
+/// package name and its version requirement: `numpy`, `numpy>=1.24`,
+/// `numpy >= 1.24, < 2`, `numpy (>=1.24)`, `ultralytics[export]>=8` (the
+/// extras are not checked: what a package's extras install is not
+/// recorded under its name). Environment markers (`; python_version …`)
+/// and URL requirements (`name @ url`) are refused. What is not a
+/// requirement is left whole for the name check, which says what is
+/// wrong with it.
+fn split_python_requirement(text: &str) -> Result<(&str, Option<PyVersionReq>), String> {
+    if text.contains(';') {
+        return Err(format!(
+            "environment markers are not supported in {text:?}: list the package without `; …`"
+        ));
+    }
+    let name_end = text
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        .unwrap_or(text.len());
+    let (name, rest) = text.split_at(name_end);
+    let mut spec = rest.trim_start();
+    if let Some(extras) = spec.strip_prefix('[') {
+        let Some((extras, after)) = extras.split_once(']') else {
+            return Err(format!("unclosed extras `[` in {text:?}"));
+        };
+        if !extras
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ',' | ' '))
+        {
+            return Err(format!("invalid extras [{extras}] in {text:?}"));
+        }
+        spec = after.trim_start();
+    }
+    if spec.is_empty() {
+        return Ok((name, None));
+    }
+    let starts_spec = spec.starts_with(['<', '>', '=', '!', '~', '(']);
+    if !starts_spec {
+        // Not a requirement: the name check names the fault.
+        return Ok((text, None));
+    }
+    let spec = match spec.strip_prefix('(') {
+        Some(inner) => inner
+            .strip_suffix(')')
+            .ok_or_else(|| format!("unclosed `(` in {text:?}"))?,
+        None => spec,
+    };
+    let specifiers = pep440_rs::VersionSpecifiers::from_str(spec.trim()).map_err(|e| {
+        format!("invalid version requirement {spec:?} for Python package {name:?}: {e}")
+    })?;
+    if specifiers.is_empty() {
+        return Err(format!("an empty version requirement in {text:?}"));
+    }
+    Ok((name, Some(PyVersionReq(specifiers))))
 }
 
 /// The SPEC §3 plugin-name rule: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
@@ -274,13 +392,14 @@ impl Requirements {
         self.dependencies.is_empty() && self.gpu == GpuRequirement::None && self.models.is_empty()
     }
 
-    /// The Python packages among the dependencies, in manifest order (what
-    /// to hand to [`DependencyChecker::prefetch_python`](crate::DependencyChecker::prefetch_python)).
-    pub fn python_packages(&self) -> impl Iterator<Item = &str> {
-        self.dependencies.iter().filter_map(|d| match d {
-            Dependency::Py { package, .. } => Some(package.as_str()),
-            _ => None,
-        })
+    /// What the interpreter is asked for the Python packages among the
+    /// dependencies, in manifest order (what to hand to
+    /// [`DependencyChecker::prefetch_python`](crate::DependencyChecker::prefetch_python)):
+    /// see [`Dependency::python_query`].
+    pub fn python_queries(&self) -> impl Iterator<Item = String> + '_ {
+        self.dependencies
+            .iter()
+            .filter_map(Dependency::python_query)
     }
 }
 
@@ -681,25 +800,28 @@ mod tests {
             [
                 Dependency::Py {
                     package: "torch".into(),
-                    bare: true
+                    bare: true,
+                    version: None,
                 },
                 Dependency::Py {
                     package: "numpy".into(),
-                    bare: false
+                    bare: false,
+                    version: None,
                 },
                 Dependency::Lib("z".into()),
                 Dependency::Bin("sh".into()),
             ]
         );
         assert_eq!(py.python, None, "never read from the manifest");
-        assert_eq!(py.python_packages().collect::<Vec<_>>(), ["torch", "numpy"]);
+        assert_eq!(py.python_queries().collect::<Vec<_>>(), ["torch", "numpy"]);
         let native = parse(manifest.clone());
         assert_eq!(native.dependencies[0], Dependency::Lib("torch".into()));
         assert_eq!(
             native.dependencies[1],
             Dependency::Py {
                 package: "numpy".into(),
-                bare: false
+                bare: false,
+                version: None,
             },
             "py: works in any manifest"
         );
@@ -731,6 +853,57 @@ mod tests {
     }
 
     #[test]
+    fn python_version_requirements() {
+        let r = Requirements::from_manifest_as(
+            &json!({"dependencies": [
+                "numpy>=1.24",
+                "py:numpy >= 1.24 , < 2",
+                "ultralytics[export, onnx]~=8.1",
+                "torch (==2.*)",
+                "zope.interface!=5.0",
+            ]}),
+            BareDependency::Py,
+        )
+        .unwrap();
+        let shown: Vec<String> = r.dependencies.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "numpy>=1.24",
+                "py:numpy>=1.24, <2",
+                "ultralytics~=8.1",
+                "torch==2.*",
+                "zope.interface!=5.0",
+            ]
+        );
+        assert_eq!(
+            r.python_queries().collect::<Vec<_>>(),
+            [
+                "=numpy",
+                "=numpy",
+                "=ultralytics",
+                "=torch",
+                "=zope.interface"
+            ]
+        );
+        let Dependency::Py {
+            version: Some(version),
+            ..
+        } = &r.dependencies[1]
+        else {
+            panic!("{:?}", r.dependencies[1]);
+        };
+        assert_eq!(version.matches("1.26.4"), Ok(true));
+        assert_eq!(version.matches("2.0.0"), Ok(false));
+        assert_eq!(version.matches("1.23"), Ok(false));
+        assert!(
+            version
+                .matches("not a version")
+                .is_err_and(|e| e.contains("\"not a version\" is not a PEP 440 version")),
+        );
+    }
+
+    #[test]
     fn bad_python_package_names() {
         for (dep, needle) in [
             ("py:", "needs a package name"),
@@ -740,6 +913,22 @@ mod tests {
             ("py:a..b", "invalid Python package name"),
             ("py:to/rch", "invalid Python package name"),
             ("py:torch@1", "invalid Python package name"),
+            ("numpy @ https://x/numpy.whl", "unknown dependency kind"),
+            ("py:numpy@1", "invalid Python package name"),
+            (
+                "py:numpy>=1; python_version < '3.9'",
+                "environment markers are not supported",
+            ),
+            (
+                "py:numpy>=",
+                "invalid version requirement \">=\" for Python package \"numpy\"",
+            ),
+            ("py:numpy>=1.0 <2", "invalid version requirement"),
+            ("py:numpy=>1", "invalid version requirement"),
+            ("py:numpy (>=1", "unclosed `(`"),
+            ("py:numpy[gpu>=1", "unclosed extras"),
+            ("py:numpy[g/pu]>=1", "invalid extras [g/pu]"),
+            ("py:>=1", "needs a package name"),
         ] {
             check_invalid(json!({"dependencies": [dep]}), "dependencies[0]", needle);
         }

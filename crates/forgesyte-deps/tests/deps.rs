@@ -509,6 +509,19 @@ mod real_python {
     /// `find`, retried while another thread's fork still holds a freshly
     /// written wrapper script open (`ETXTBSY`).
     fn find(interpreter: &Path, packages: &[&str]) -> Result<Vec<bool>, String> {
+        answers(interpreter, packages).map(|found| {
+            found
+                .iter()
+                .map(|a| *a != forgesyte_deps::PythonAnswer::Missing)
+                .collect()
+        })
+    }
+
+    /// The probe's answers, retried like [`find`].
+    fn answers(
+        interpreter: &Path,
+        packages: &[&str],
+    ) -> Result<Vec<forgesyte_deps::PythonAnswer>, String> {
         let packages = names(packages);
         for _ in 0..20 {
             match SystemPython::new().find(interpreter, &packages) {
@@ -597,6 +610,93 @@ mod real_python {
         assert_eq!(
             report.reason.as_deref(),
             Some("Missing dependencies: forgesyte_surely_missing_pkg")
+        );
+        assert!(!marker.exists(), "the package was imported");
+    }
+
+    /// Version requirements through a real interpreter: the version comes
+    /// from a distribution's metadata (a `.dist-info` on `PYTHONPATH`, the
+    /// package never imported), and every unmet one is named with what is
+    /// installed.
+    #[cfg(unix)]
+    #[test]
+    fn version_requirements_are_checked_against_installed_metadata() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("site");
+        let pkg = site.join("forgesyte_versioned");
+        std::fs::create_dir_all(&pkg).unwrap();
+        let marker = dir.path().join("imported");
+        std::fs::write(
+            pkg.join("__init__.py"),
+            format!(
+                "open({:?}, 'w').write('imported')\n",
+                marker.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let dist = site.join("forgesyte_versioned-1.4.2.dist-info");
+        std::fs::create_dir_all(&dist).unwrap();
+        std::fs::write(
+            dist.join("METADATA"),
+            "Metadata-Version: 2.1\nName: forgesyte-versioned\nVersion: 1.4.2\n",
+        )
+        .unwrap();
+        let wrapper = dir.path().join("python");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nPYTHONPATH={} exec {} \"$@\"\n",
+                site.display(),
+                python3().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        assert_eq!(
+            answers(
+                &wrapper,
+                &[
+                    "=forgesyte-versioned",
+                    "=forgesyte_versioned",
+                    "=forgesyte-nothing"
+                ]
+            ),
+            Ok(vec![
+                forgesyte_deps::PythonAnswer::Version("1.4.2".into()),
+                forgesyte_deps::PythonAnswer::Version("1.4.2".into()),
+                forgesyte_deps::PythonAnswer::Missing,
+            ])
+        );
+        let manifest = json!({"dependencies": [
+            "forgesyte-versioned>=1.4, <2",
+            "forgesyte_versioned ~= 1.4.0",
+            "forgesyte-versioned[extra]==1.4.*",
+            "forgesyte-versioned>=2",
+            "py:forgesyte-versioned!=1.4.2",
+            "forgesyte-nothing>=1",
+        ]});
+        let mut req = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
+        req.python = Some(wrapper.clone());
+        let checker = DependencyChecker::system(vec![]);
+        let mut report = DependencyReport::ok();
+        for _ in 0..20 {
+            checker.clear_cache();
+            checker.prefetch_python_for([&req]);
+            report = checker.check(&req, Path::new(PLUGIN_DIR), &BTreeMap::new());
+            if !report.missing.iter().any(|m| m.contains("Text file busy")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            report.missing,
+            [
+                "forgesyte-versioned>=2 (1.4.2 installed)",
+                "py:forgesyte-versioned!=1.4.2 (1.4.2 installed)",
+                "forgesyte-nothing>=1",
+            ]
         );
         assert!(!marker.exists(), "the package was imported");
     }

@@ -227,7 +227,7 @@ impl Loader {
     /// a native manifest).
     pub(super) fn requirements(&self, p: &Pending) -> forgesyte_deps::Requirements {
         let mut req = p.manifest.requirements.clone();
-        if p.manifest.runtime == Runtime::Python || req.python_packages().next().is_some() {
+        if p.manifest.runtime == Runtime::Python || req.python_queries().next().is_some() {
             req.python = self.interpreter(p).ok();
         }
         req
