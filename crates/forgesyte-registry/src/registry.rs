@@ -190,7 +190,9 @@ impl Registry {
         true
     }
 
-    /// `LOADED -> INITIALIZED`: the plugin's instance was created.
+    /// `LOADED -> INITIALIZED`: the plugin's instance was created (then
+    /// `RUNNING` when calls counted before a restart are still in flight:
+    /// the last to end moves it back).
     ///
     /// Only legal from `LOADED`. (`RUNNING -> INITIALIZED` is legal in the
     /// state machine but happens only when the last call in flight ends,
@@ -210,6 +212,12 @@ impl Registry {
                 });
             }
             entry.move_to(PluginLifecycleState::Initialized, None, now);
+            // A call counted before a crash may still be on its way out
+            // (or, stalled before it reached the runner, about to run on
+            // the new one): the state says so until the last one ends.
+            if entry.in_flight > 0 {
+                entry.move_to(PluginLifecycleState::Running, None, now);
+            }
             Ok(())
         })
     }

@@ -725,3 +725,39 @@ fn for_each_state_visits_every_plugin_in_name_order_with_its_state() {
         assert_eq!(snapshot.state(name), Some(*state));
     }
 }
+
+/// A call counted before a crash that is still in flight when the restart
+/// ends: the restarted plugin shows `RUNNING`, not an idle `INITIALIZED`,
+/// until that call ends.
+#[test]
+fn a_restart_that_ends_with_a_call_in_flight_is_running() {
+    let registry = registry_with("p", Initialized);
+    registry.mark_running("p").unwrap();
+    registry
+        .mark_crashed(
+            "p",
+            "CrashError: exited with code 3",
+            crate::ExitInfo::default(),
+        )
+        .unwrap();
+    registry.mark_restarting("p").unwrap();
+    registry.mark_initialized("p").unwrap();
+    let status = registry.get_status("p").unwrap();
+    assert_eq!((status.state, status.in_flight), (Running, 1));
+    registry
+        .end_call("p", Duration::from_millis(1), false)
+        .unwrap();
+    let status = registry.get_status("p").unwrap();
+    assert_eq!((status.state, status.in_flight), (Initialized, 0));
+    // With none in flight, a restart ends INITIALIZED as before.
+    registry
+        .mark_crashed(
+            "p",
+            "CrashError: exited with code 3",
+            crate::ExitInfo::default(),
+        )
+        .unwrap();
+    registry.mark_restarting("p").unwrap();
+    registry.mark_initialized("p").unwrap();
+    assert_eq!(registry.get_state("p"), Some(Initialized));
+}
