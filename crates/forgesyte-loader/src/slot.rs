@@ -49,16 +49,32 @@ impl Slot {
     /// a restart that ends as the plugin is retired either is refused here
     /// or puts in the instance that `retire` then hands out to be stopped,
     /// never a runner left running for a plugin let go.
+    /// `then` runs under the lock once the instance is in place (the
+    /// restart's registry writes), so a retirement waits for them and a
+    /// reload's writes, which follow its retirement, come after.
     pub(crate) fn replace_unless_retired(
         &self,
         instance: Arc<dyn PluginInstance>,
+        then: impl FnOnce(),
     ) -> Result<(), Arc<dyn PluginInstance>> {
         let mut current = self.instance.write();
         if self.is_retired() {
             return Err(instance);
         }
         *current = instance;
+        then();
         Ok(())
+    }
+
+    /// Runs `write` (a supervisor's registry writes) unless the plugin is
+    /// retired, under the instance's lock, which [`Slot::retire`] takes to
+    /// set the flag: a reload or retirement either waits for `write` and
+    /// overwrites what it wrote, or comes first and `write` never runs;
+    /// never a supervisor's late write over a reload's state. `None` when
+    /// retired.
+    pub(crate) fn unless_retired<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+        let _current = self.instance.read();
+        (!self.is_retired()).then(write)
     }
 
     /// Marks the plugin as let go by the loader; the instance in place then,
@@ -101,13 +117,18 @@ mod tests {
     #[test]
     fn a_retired_slot_refuses_a_restarted_instance_and_retire_hands_out_the_last() {
         let slot = Slot::new("p".into(), Registry::new(), Arc::new(Named(1)));
-        assert!(slot.replace_unless_retired(Arc::new(Named(2))).is_ok());
+        assert!(
+            slot.replace_unless_retired(Arc::new(Named(2)), || {})
+                .is_ok()
+        );
+        assert_eq!(slot.unless_retired(|| 7), Some(7));
         // Retire hands out the instance in place: the restarted one.
         assert_eq!(slot.retire().pid(), Some(2));
         assert!(slot.is_retired());
         let refused = slot
-            .replace_unless_retired(Arc::new(Named(3)))
+            .replace_unless_retired(Arc::new(Named(3)), || unreachable!("not run when retired"))
             .expect_err("a retired slot takes no new instance");
+        assert_eq!(slot.unless_retired(|| 7), None);
         assert_eq!(refused.pid(), Some(3));
         assert_eq!(slot.current().pid(), Some(2));
     }

@@ -264,18 +264,34 @@ impl Supervisor {
                 report.reason
             ),
         };
-        if registry
-            .mark_crashed(name, reason.clone(), exit_info(report))
-            .is_err()
-        {
+        // Under the slot's lock: a reload that retires the slot meanwhile
+        // comes before these writes (which then do not happen) or after
+        // them (and writes its own state over them).
+        let recorded = self.slot.unless_retired(|| {
+            if registry
+                .mark_crashed(name, reason.clone(), exit_info(report))
+                .is_err()
+            {
+                return false;
+            }
+            let retry = decision
+                .as_ref()
+                .ok()
+                .map(|(delay, _)| clock.wall() + *delay);
+            let _ = registry.set_next_retry(name, retry);
+            // A shutdown that cleared the retry time before this set it.
+            if retry.is_some() && self.supervision.shutdown.is_set() {
+                let _ = registry.set_next_retry(name, None);
+            }
+            true
+        });
+        if recorded != Some(true) {
             return;
         }
         tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
         let Ok((delay, generation)) = decision else {
-            let _ = registry.set_next_retry(name, None);
             return;
         };
-        let _ = registry.set_next_retry(name, Some(clock.wall() + delay));
         tracing::warn!(plugin = %name, delay_ms = delay.as_millis() as u64, "Restarting plugin {name} in {}", fmt_duration(delay));
         let weak = Arc::downgrade(self);
         let cancelled = Box::new({
@@ -302,8 +318,9 @@ impl Supervisor {
         if self.restarts_stopped() || self.state.lock().generation != generation {
             return;
         }
-        // Refused when someone else moved the plugin (a reload): not ours any more.
-        if registry.mark_restarting(name).is_err() {
+        // Refused when someone else moved the plugin (a reload): not ours
+        // any more; under the slot's lock, as in `ended`.
+        if self.slot.unless_retired(|| registry.mark_restarting(name)) != Some(Ok(())) {
             return;
         }
         let clock = &self.supervision.clock;
@@ -338,15 +355,12 @@ impl Supervisor {
                 self.watch(&instance);
                 // Retired meanwhile: the new runner is let go (dropped, it
                 // stops) and the plugin's state is the loader's.
-                if self
-                    .slot
-                    .replace_unless_retired(Arc::clone(&instance))
-                    .is_err()
-                {
-                    return;
-                }
-                let _ = registry.set_confinement(name, instance.confinement());
-                if registry.mark_initialized(name).is_ok() {
+                let mut initialized = false;
+                let replaced = self.slot.replace_unless_retired(Arc::clone(&instance), || {
+                    let _ = registry.set_confinement(name, instance.confinement());
+                    initialized = registry.mark_initialized(name).is_ok();
+                });
+                if replaced.is_ok() && initialized {
                     tracing::info!(plugin = %name, restart = count, "✓ Restarted plugin: {name}");
                 }
             }
