@@ -193,7 +193,7 @@ pub(crate) fn check_json_values(bytes: &[u8], max: usize) -> Result<(), RunError
 /// another (`[[[]]]`) are not counted, but the parser nests at most 128
 /// deep. One pass, which skips what has none of `"` `,` `:` (a base64
 /// string) at `memchr`'s speed.
-fn json_values(bytes: &[u8]) -> usize {
+pub(crate) fn json_values(bytes: &[u8]) -> usize {
     let mut values = 1usize;
     let mut in_string = false;
     for at in memchr::memchr3_iter(b'"', b',', b':', bytes) {

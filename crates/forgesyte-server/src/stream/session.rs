@@ -114,7 +114,12 @@ impl StreamArgs {
     /// The arguments of a text message, charged to the body budget; or
     /// why not (no room, too many values, not `{"args": {...}}`).
     fn of_text(text: &str, session: &Session) -> Result<StreamArgs, RunError> {
-        let room = session.state.body_budget().charge(text.len())?;
+        // What they take parsed, not their text's size: a value's text may
+        // be two bytes (`0,`), its parsed form up to `PARSED_VALUE_BYTES`.
+        let parsed = crate::body::json_values(text.as_bytes())
+            .saturating_mul(crate::body::PARSED_VALUE_BYTES)
+            .saturating_add(text.len());
+        let room = session.state.body_budget().charge(parsed)?;
         let request = parse_json_body(
             text.as_bytes(),
             crate::body::max_json_values(session.body_limit),
@@ -311,7 +316,12 @@ async fn read(
             Waited::Closing => break,
             Waited::Idle => return say_idle(&out, session).await,
         };
-        activity.touch();
+        // Frames and text messages are activity; pings and pongs are not:
+        // a client could otherwise hold a half-sent message (memory the
+        // budget does not see) or arguments' room for ever by pinging.
+        if matches!(message, Some(Ok(Message::Binary(_) | Message::Text(_)))) {
+            activity.touch();
+        }
         match message {
             None => return,
             // Read on: the next read sends the close reply and ends.
@@ -456,7 +466,7 @@ async fn unless<T>(
 /// Closes an idle stream: nothing moved for the session's idle timeout.
 async fn say_idle(out: &mpsc::Sender<Out>, session: &Session) {
     let secs = session.idle_timeout.map_or(0.0, |t| t.as_secs_f64());
-    let reason = format!("idle: no message and no answer for {secs} s");
+    let reason = format!("idle: no frame, no text message and no answer for {secs} s");
     say_close(out, close::IDLE, &reason).await;
 }
 

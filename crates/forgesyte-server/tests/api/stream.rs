@@ -659,6 +659,31 @@ fn an_idle_stream_is_closed_with_1000_and_a_busy_one_stays_open() {
         "closed after {waited:?}"
     );
 
+    // Pings are no activity: a client that only pings (as one holding a
+    // half-sent message would) is closed all the same.
+    let started = std::time::Instant::now();
+    let mut pinging = open(&server, &target("alpha", "frame", ""));
+    let closed = loop {
+        if pinging.send(Message::Ping(vec![1; 8].into())).is_err() {
+            break None;
+        }
+        match read_message(&mut pinging) {
+            Ok(Message::Close(frame)) => {
+                break frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "pings kept the stream open"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let (code, reason) = closed.expect("a close frame");
+    assert_eq!(code, 1000, "{reason}");
+    assert!(reason.starts_with("idle"), "{reason}");
+
     // A frame every 0.4 s for 2.4 s keeps a stream open; so does a frame
     // in the plugin for longer than the timeout (its stream waits on it).
     let mut slow = open(&server, &target("slow", "frame", ""));
@@ -730,6 +755,29 @@ fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
     let metrics = server.get("/metrics").text();
     let line = r#"forgesyte_tool_calls_total{plugin="alpha",tool="frame",outcome="rejected"} 2"#;
     assert!(metrics.contains(line), "no {line} in\n{metrics}");
+}
+
+/// A text message's arguments take room for what they hold parsed, not for
+/// their text: 6,000 numbers are 12 KB of text and some 750 KiB parsed, so
+/// with them in force a 400 KiB frame finds no room in 1 MiB.
+#[test]
+fn stream_arguments_take_room_for_what_they_hold_parsed() {
+    let (_dir, server) = alpha_with_one_mib_of_body_memory();
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    send_args(&mut socket, json!({"a": vec![0; 6_000]}));
+    send_frame(&mut socket, frame(400 << 10));
+    let busy = answer(&mut socket);
+    assert_eq!(
+        (&busy["ok"], &busy["error_type"]),
+        (&json!(false), &json!("ServerBusy")),
+        "{}",
+        busy["detail"]
+    );
+    // Replaced by small ones, their room is back.
+    send_args(&mut socket, json!({}));
+    send_frame(&mut socket, frame(400 << 10));
+    let next = answer(&mut socket);
+    assert_eq!(next["ok"], true, "{}", next["detail"]);
 }
 
 /// Under `latest`, the waiting frame a newer one replaces gives its room
