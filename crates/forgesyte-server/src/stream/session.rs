@@ -38,8 +38,8 @@ use crate::tools;
 /// Answers made but not yet written, at most.
 const ANSWERS_IN_FLIGHT: usize = 2;
 
-/// How long a closing message may wait for the writer (a client that reads
-/// nothing never takes it).
+/// How long the side of a stream that did not end first (the worker after
+/// the reader, the conversation after the writer) may still take.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// How long the writer may still take to deliver the last answers and the
 /// close when the stream has no idle timeout.
@@ -141,11 +141,31 @@ enum Charged {
     Refused(RunError),
 }
 
-/// What the writer sends.
-#[derive(Debug)]
-enum Out {
-    Text(String),
-    Close(u16, String),
+/// Where the reader and the worker leave what the writer sends: answers
+/// through a channel of [`ANSWERS_IN_FLIGHT`]; the close aside (the first
+/// one said wins), which the writer sends after the last answer once the
+/// conversation is over, however long a slow client takes to read the
+/// answers before it (within the writer's own time limit). A close that
+/// waited for room among the answers was lost when a slow client's answer
+/// held the writer past that wait.
+#[derive(Debug, Clone)]
+struct Outbox {
+    answers: mpsc::Sender<String>,
+    close: CloseSlot,
+}
+
+/// The close said (code, reason), shared by the outbox and the writer,
+/// which holds no sender of the answers (their end is its cue).
+type CloseSlot = Arc<std::sync::Mutex<Option<(u16, String)>>>;
+
+impl Outbox {
+    /// An outbox, the writer's end of its answers, and its close.
+    fn new() -> (Outbox, mpsc::Receiver<String>, CloseSlot) {
+        let (answers, receiver) = mpsc::channel(ANSWERS_IN_FLIGHT);
+        let close = CloseSlot::default();
+        let slot = Arc::clone(&close);
+        (Outbox { answers, close }, receiver, slot)
+    }
 }
 
 /// How a stream ended, for the log.
@@ -214,7 +234,7 @@ impl Activity {
 /// fails, or the server shuts down.
 pub(crate) async fn run(socket: WebSocket, session: Session) {
     let (sink, mut incoming) = socket.split();
-    let (out, answers) = mpsc::channel(ANSWERS_IN_FLIGHT);
+    let (out, answers, close) = Outbox::new();
     let queue = FrameQueue::new(session.policy);
     let mut counts = Counts::default();
     let activity = Activity::new();
@@ -253,7 +273,7 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
     // forever on a client that reads nothing; the conversation `CLOSE_WAIT`.
     let said_close = {
         let flush = session.idle_timeout.unwrap_or(WRITER_FLUSH).max(CLOSE_WAIT);
-        let writing = write(sink, answers, session.idle_timeout);
+        let writing = write(sink, answers, &close, session.idle_timeout);
         tokio::pin!(conversation, writing);
         tokio::select! {
             () = &mut conversation => {
@@ -302,7 +322,7 @@ async fn read(
     incoming: &mut SplitStream<WebSocket>,
     session: &Session,
     queue: &FrameQueue<Frame>,
-    out: mpsc::Sender<Out>,
+    out: Outbox,
     activity: &Activity,
     frames: &mut u64,
 ) {
@@ -314,7 +334,7 @@ async fn read(
         let message = match unless(incoming.next(), &mut closing, activity, idle_timeout).await {
             Waited::Done(message) => message,
             Waited::Closing => break,
-            Waited::Idle => return say_idle(&out, session).await,
+            Waited::Idle => return say_idle(&out, session),
         };
         // Frames and text messages are activity; pings and pongs are not:
         // a client could otherwise hold a half-sent message (memory the
@@ -328,7 +348,7 @@ async fn read(
             Some(Ok(Message::Close(_))) => {}
             Some(Err(e)) => {
                 if let Some((code, reason)) = refusal(e, session.body_limit) {
-                    say_close(&out, code, &reason).await;
+                    say_close(&out, code, &reason);
                 }
                 return;
             }
@@ -350,7 +370,7 @@ async fn read(
                     Waited::Done(true) => {}
                     Waited::Done(false) => return,
                     Waited::Closing => break,
-                    Waited::Idle => return say_idle(&out, session).await,
+                    Waited::Idle => return say_idle(&out, session),
                 }
                 // The worker runs in this task: let it take the frame
                 // before the next one (already buffered) can replace it.
@@ -368,12 +388,12 @@ async fn read(
                     });
                     // The answers' room is full while the client reads
                     // nothing: as above.
-                    let sent = out.send(Out::Text(answer.to_string()));
+                    let sent = out.answers.send(answer.to_string());
                     match unless(sent, &mut closing, activity, idle_timeout).await {
                         Waited::Done(Ok(())) => {}
                         Waited::Done(Err(_)) => return,
                         Waited::Closing => break,
-                        Waited::Idle => return say_idle(&out, session).await,
+                        Waited::Idle => return say_idle(&out, session),
                     }
                 }
             },
@@ -381,13 +401,13 @@ async fn read(
             Some(Ok(Message::Ping(_))) => {
                 if !pings.allow(Instant::now()) {
                     let reason = format!("more than {MAX_PINGS_PER_SECOND} pings in a second");
-                    return say_close(&out, close::POLICY_VIOLATION, &reason).await;
+                    return say_close(&out, close::POLICY_VIOLATION, &reason);
                 }
             }
             Some(Ok(Message::Pong(_))) => {}
         }
     }
-    say_close(&out, close::GOING_AWAY, "the server is shutting down").await;
+    say_close(&out, close::GOING_AWAY, "the server is shutting down");
 }
 
 /// The client's pings of the current second.
@@ -464,17 +484,22 @@ async fn unless<T>(
 }
 
 /// Closes an idle stream: nothing moved for the session's idle timeout.
-async fn say_idle(out: &mpsc::Sender<Out>, session: &Session) {
+fn say_idle(out: &Outbox, session: &Session) {
     let secs = session.idle_timeout.map_or(0.0, |t| t.as_secs_f64());
     let reason = format!("idle: no frame, no text message and no answer for {secs} s");
-    say_close(out, close::IDLE, &reason).await;
+    say_close(out, close::IDLE, &reason);
 }
 
-/// Asks the writer to close with `code` and `reason`, waiting at most
-/// [`CLOSE_WAIT`] for room.
-async fn say_close(out: &mpsc::Sender<Out>, code: u16, reason: &str) {
-    let message = Out::Close(code, close_reason(reason));
-    let _ = tokio::time::timeout(CLOSE_WAIT, out.send(message)).await;
+/// Asks the writer to close with `code` and `reason` after the answers
+/// (unless a close was said already).
+fn say_close(out: &Outbox, code: u16, reason: &str) {
+    let mut close = out
+        .close
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if close.is_none() {
+        *close = Some((code, close_reason(reason)));
+    }
 }
 
 /// `reason` cut to what a close frame carries (123 bytes), on a character
@@ -495,7 +520,7 @@ fn close_reason(reason: &str) -> String {
 async fn work(
     session: &Session,
     queue: &FrameQueue<Frame>,
-    out: mpsc::Sender<Out>,
+    out: Outbox,
     activity: &Activity,
     answered: &mut u64,
 ) {
@@ -536,10 +561,10 @@ async fn work(
                 answer.len(),
                 session.answer_limit
             );
-            say_close(&out, close::PLUGIN_FAILED, &reason).await;
+            say_close(&out, close::PLUGIN_FAILED, &reason);
             return;
         }
-        if out.send(Out::Text(answer)).await.is_err() {
+        if out.answers.send(answer).await.is_err() {
             return;
         }
         activity.touch();
@@ -559,7 +584,7 @@ async fn work(
                 _ => error.to_string(),
             };
             let reason = format!("{why}: {}: {reason}", error.error_type());
-            say_close(&out, code, &reason).await;
+            say_close(&out, code, &reason);
             return;
         }
     }
@@ -645,33 +670,35 @@ fn answer(
     })
 }
 
-/// Sends the answers in order; a close message is the last thing sent.
-/// An answer the client does not take within `timeout` (the idle timeout)
-/// ends the writer, and so the stream: a client that stops reading is
-/// disconnected whatever it keeps sending (under `latest` its frames never
-/// wait, so its reader never idles). `true` if it sent a close message.
+/// Sends the answers in order, then the close said, if any, once the
+/// answers end (the conversation is over). An answer the client does not
+/// take within `timeout` (the idle timeout) ends the writer, and so the
+/// stream: a client that stops reading is disconnected whatever it keeps
+/// sending (under `latest` its frames never wait, so its reader never
+/// idles). `true` if it sent a close message.
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
-    mut answers: mpsc::Receiver<Out>,
+    mut answers: mpsc::Receiver<String>,
+    close: &CloseSlot,
     timeout: Option<Duration>,
 ) -> bool {
-    while let Some(out) = answers.recv().await {
-        match out {
-            Out::Text(text) => {
-                if !sent_within(timeout, sink.send(Message::Text(text.into()))).await {
-                    return false;
-                }
-            }
-            Out::Close(code, reason) => {
-                let frame = CloseFrame {
-                    code,
-                    reason: reason.into(),
-                };
-                return sent_within(timeout, sink.send(Message::Close(Some(frame)))).await;
-            }
+    while let Some(text) = answers.recv().await {
+        if !sent_within(timeout, sink.send(Message::Text(text.into()))).await {
+            return false;
         }
     }
-    false
+    let said = close
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let Some((code, reason)) = said else {
+        return false;
+    };
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    sent_within(timeout, sink.send(Message::Close(Some(frame)))).await
 }
 
 /// Whether `sending` succeeded within `timeout` (`None`: however long).

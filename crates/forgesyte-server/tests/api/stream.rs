@@ -907,3 +907,56 @@ fn an_answer_larger_than_a_stream_may_send_closes_it_with_1011() {
     assert_eq!(code, 1011, "{reason}");
     assert!(reason.contains("answer too big"), "{reason}");
 }
+
+/// A client that reads slowly still gets the close after its answers: its
+/// socket takes 64 KiB at a time, and it reads an answer (3 MiB each) every
+/// 1.5 s; the plugin crashes while answers wait for it, and the crash's
+/// answer and the 1011 close come after them (the close once waited a
+/// second for room among the answers, and was lost).
+#[test]
+fn a_slow_reader_gets_the_close_after_its_answers() {
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let stream = TcpStream::connect(server.addr).unwrap();
+    rustix::net::sockopt::set_socket_recv_buffer_size(&stream, 64 << 10).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let target = target("py", "checksum", "?policy=block&queue=8");
+    let (mut socket, _) =
+        tungstenite::client::client(format!("ws://{}{target}", server.addr), stream).unwrap();
+    send_args(&mut socket, json!({"pad": 3 << 20}));
+    for n in 0..4 {
+        send_frame(&mut socket, frame(10 + n));
+    }
+    send_args(&mut socket, json!({"exit": true}));
+    send_frame(&mut socket, frame(20));
+    let mut answers = Vec::new();
+    let close = loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        match read_message(&mut socket) {
+            Ok(Message::Text(text)) => {
+                let a: Value = serde_json::from_str(text.as_str()).unwrap();
+                answers.push((a["seq"].as_u64(), a["ok"].as_bool()));
+            }
+            Ok(Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(e) => panic!("no close after {answers:?}: {e}"),
+        }
+        assert!(answers.len() <= 5, "{answers:?}");
+    };
+    assert_eq!(
+        answers,
+        [
+            (Some(0), Some(true)),
+            (Some(1), Some(true)),
+            (Some(2), Some(true)),
+            (Some(3), Some(true)),
+            (Some(4), Some(false)),
+        ]
+    );
+    let close = close.expect("a close frame with its code");
+    assert_eq!(u16::from(close.code), 1011, "{}", close.reason);
+}
