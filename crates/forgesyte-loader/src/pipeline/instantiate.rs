@@ -56,6 +56,9 @@ impl Loader {
     ) -> Result<Step, PluginError> {
         // First step: the signature (and, when required, its policy).
         let signed = self.check_signature(p)?;
+        // Before any dependency check runs an interpreter the manifest
+        // names (a native plugin's `py:` dependencies are asked of it too).
+        self.refuse_own_interpreter(p)?;
         if p.manifest.runtime == Runtime::Python {
             return self
                 .instantiate_python(p, known, &signed)
@@ -260,7 +263,6 @@ impl Loader {
                 None,
             ))
         })?;
-        self.refuse_own_interpreter(p, &interpreter)?;
         self.check_dependencies(p, &self.requirements(p), known)?;
         // Last step before the runner is started.
         let target = Target::PythonTree(p.dir.clone());
@@ -283,19 +285,25 @@ impl Loader {
         Self::recheck_started(&check, handle)
     }
 
-    /// Under `--require-confinement`, a Python plugin runs on the
-    /// operator's interpreter only: one its manifest names (a virtualenv's
-    /// `python`, with the `.pth` files of its site-packages) is the
-    /// plugin's own code, which starts before the runner can confine
-    /// itself, and which the dependency check would run unconfined. Checked
-    /// before that check runs anything.
-    fn refuse_own_interpreter(&self, p: &Pending, interpreter: &Path) -> Result<(), PluginError> {
+    /// Under `--require-confinement`, a plugin's Python packages are asked
+    /// of, and a Python plugin runs on, the operator's interpreter only: one
+    /// its manifest names (a virtualenv's `python`, with the `.pth` files
+    /// of its site-packages) is the plugin's own code, which starts before
+    /// a runner can confine itself, and which the dependency check would
+    /// run unconfined. Checked before that check runs anything, for every
+    /// runtime (a native manifest's `py:` dependencies use its `python`
+    /// too); a named interpreter that does not exist runs nothing and is
+    /// left to the check to report.
+    fn refuse_own_interpreter(&self, p: &Pending) -> Result<(), PluginError> {
         let Some(named) = p.manifest.python.as_deref() else {
             return Ok(());
         };
         if !self.config.require_confinement {
             return Ok(());
         }
+        let Ok(interpreter) = self.interpreter(p) else {
+            return Ok(());
+        };
         let operators = python::resolve_interpreter(
             None,
             self.config.python.as_deref(),
@@ -308,9 +316,10 @@ impl Loader {
         }
         Err(ImportError::NotConfined {
             detail: format!(
-                "the plugin's manifest names its own Python interpreter ({named}), which starts \
-                 (and with it its site-packages' .pth files) before its runner can confine \
-                 itself; serve it with the server's interpreter (--python) instead"
+                "the plugin's manifest names its own Python interpreter ({named}), which would \
+                 run unconfined (its dependency check, and a runner's start with its \
+                 site-packages' .pth files, come before any confinement); serve it with the \
+                 server's interpreter (--python) instead"
             ),
         }
         .into())

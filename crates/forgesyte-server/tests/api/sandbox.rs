@@ -764,6 +764,27 @@ fn require_confinement_refuses_an_interpreter_the_manifest_names() {
     .unwrap();
     std::fs::set_permissions(&own, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     python_snoop(&plugins, "operators", json!({"python": python3}));
+    // A native plugin's `py:` dependencies are asked of its manifest's
+    // interpreter too.
+    plugins.good(
+        "native",
+        json!({"isolation": "process", "python": "python.sh", "dependencies": ["py:json"]}),
+    );
+    let native_ran = records.path().join("native-interpreter-ran");
+    let native_own = plugins.path().join("native").join("python.sh");
+    std::fs::write(
+        &native_own,
+        format!(
+            "#!/bin/sh\ntouch '{}'\nexec python3 \"$@\"\n",
+            native_ran.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &native_own,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let args = ["--plugins", plugins.path_str(), "--python", python3];
     let server = Forgesyte::start(&[&args[..], &["--require-confinement"]].concat());
     server.wait_loaded();
@@ -772,12 +793,24 @@ fn require_confinement_refuses_an_interpreter_the_manifest_names() {
     assert_eq!(
         health["reason"],
         "ImportError: confinement is required (--require-confinement) and the plugin's \
-         manifest names its own Python interpreter (python.sh), which starts (and with it its \
-         site-packages' .pth files) before its runner can confine itself; serve it with the \
-         server's interpreter (--python) instead",
+         manifest names its own Python interpreter (python.sh), which would run unconfined (its \
+         dependency check, and a runner's start with its site-packages' .pth files, come before \
+         any confinement); serve it with the server's interpreter (--python) instead",
         "{health}"
     );
     assert!(!ran.exists(), "the refused plugin's interpreter ran");
+    let health = status(&server, "native");
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("names its own Python interpreter (python.sh)")),
+        "{health}"
+    );
+    assert!(
+        !native_ran.exists(),
+        "the refused native plugin's interpreter ran"
+    );
     let health = status(&server, "operators");
     assert_eq!(health["state"], "INITIALIZED", "{health}");
     drop(server);
@@ -787,6 +820,11 @@ fn require_confinement_refuses_an_interpreter_the_manifest_names() {
     let health = status(&server, "own");
     assert_eq!(health["state"], "INITIALIZED", "{health}");
     assert!(ran.exists(), "the plugin's own interpreter did not run");
+    assert_eq!(status(&server, "native")["state"], "INITIALIZED");
+    assert!(
+        native_ran.exists(),
+        "the native plugin's interpreter did not run"
+    );
 }
 
 /// Starts its first argument (looked up on `PATH` when bare) with the rest
