@@ -114,16 +114,25 @@ impl StreamArgs {
     /// The arguments of a text message, charged to the body budget; or
     /// why not (no room, too many values, not `{"args": {...}}`).
     fn of_text(text: &str, session: &Session) -> Result<StreamArgs, RunError> {
-        // What they take parsed, not their text's size: a value's text may
-        // be two bytes (`0,`), its parsed form up to `PARSED_VALUE_BYTES`.
-        let parsed = crate::body::json_values(text.as_bytes())
+        // Too many values is `TooManyValues` (no retry helps), before any
+        // room is asked for; then room for what they take parsed, not their
+        // text's size (a value's text may be two bytes, `0,`; parsed, up to
+        // `PARSED_VALUE_BYTES`), at most the body limit, which the budget
+        // always holds.
+        let max_values = crate::body::max_json_values(session.body_limit);
+        let values = crate::body::json_values(text.as_bytes());
+        if values > max_values {
+            return Err(RunError::TooManyValues {
+                values,
+                max: max_values,
+            });
+        }
+        let parsed = values
             .saturating_mul(crate::body::PARSED_VALUE_BYTES)
-            .saturating_add(text.len());
+            .saturating_add(text.len())
+            .min(session.body_limit);
         let room = session.state.body_budget().charge(parsed)?;
-        let request = parse_json_body(
-            text.as_bytes(),
-            crate::body::max_json_values(session.body_limit),
-        )?;
+        let request = parse_json_body(text.as_bytes(), max_values)?;
         Ok(StreamArgs {
             map: request.args,
             _room: Some(room),

@@ -773,6 +773,11 @@ fn stream_arguments_take_room_for_what_they_hold_parsed() {
         "{}",
         busy["detail"]
     );
+    // More values than a body may hold is too large, not busy: no retry
+    // would help (the arguments in force stay).
+    send_args(&mut socket, json!({"a": vec![0; 10_000]}));
+    let refused = answer(&mut socket);
+    assert_eq!(refused["error_type"], "PayloadTooLarge", "{refused}");
     // Replaced by small ones, their room is back.
     send_args(&mut socket, json!({}));
     send_frame(&mut socket, frame(400 << 10));
