@@ -334,7 +334,13 @@ impl DependencyChecker {
                 };
                 let query = dep.python_query().unwrap_or_default();
                 match (self.python_package(interpreter, &query), version) {
-                    (Ok(PythonAnswer::Found), _) => true,
+                    (Ok(PythonAnswer::Found), None) => true,
+                    (Ok(PythonAnswer::Found), Some(_)) => {
+                        return Some(format!(
+                            "{dep} (a module of that name is found, but no installed \
+                             distribution is named so: write the name pip installs it under)"
+                        ));
+                    }
                     (Ok(PythonAnswer::Version(installed)), Some(version)) => {
                         return match version.matches(&installed) {
                             Ok(true) => None,
@@ -807,11 +813,15 @@ mod tests {
         let report = checker.check(&r, Path::new(DIR), &BTreeMap::new());
         assert_eq!(world.python.calls(), 1);
         // `py:numpy>=2` is `numpy>=2`, named once; a module with no
-        // distribution of that name (`cv2`) has no version.
+        // distribution of that name (`cv2`) has no version to check.
         assert_eq!(report.missing.len(), 4, "{:?}", report.missing);
         assert_eq!(
             report.missing[..2],
-            ["numpy>=2 (1.26.4 installed)", "cv2>=4"]
+            [
+                "numpy>=2 (1.26.4 installed)",
+                "cv2>=4 (a module of that name is found, but no installed distribution is named \
+                 so: write the name pip installs it under)"
+            ]
         );
         assert!(
             report.missing[2].starts_with(

@@ -736,7 +736,7 @@ impl PythonProbe for FakePython {
                 Some(name) if installed.contains(name) => state
                     .versions
                     .get(&(interpreter.to_path_buf(), name.to_owned()))
-                    .map_or(PythonAnswer::Missing, |v| PythonAnswer::Version(v.clone())),
+                    .map_or(PythonAnswer::Found, |v| PythonAnswer::Version(v.clone())),
                 Some(_) => PythonAnswer::Missing,
                 None if installed.contains(p.split('.').next().unwrap_or(p)) => PythonAnswer::Found,
                 None => PythonAnswer::Missing,

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 /// What an interpreter answered for one query of [`PythonProbe::find`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PythonAnswer {
-    /// Not found: no such module or distribution (or, for a version query,
-    /// no version recorded).
+    /// Not found: no such module or distribution.
     Missing,
-    /// Found (a package query).
+    /// Found (a package query; for a version query, a module of that name
+    /// but no installed distribution to read its version from).
     Found,
     /// The installed distribution's version as its metadata gives it (a
     /// `=NAME` query).
@@ -40,8 +40,9 @@ pub trait PythonProbe: Send + Sync + Debug {
 }
 
 /// The script the interpreter runs: package names in `sys.argv[1:]`, one
-/// JSON list out, a boolean per name (a string, or `false`, per `=NAME`
-/// version query). The working directory's entry (`''`) is
+/// JSON list out, a boolean per name; per `=NAME` version query the
+/// version (cut to 200 characters), else whether a module of that name is
+/// found (`true`: a module, but no distribution to read a version from). The working directory's entry (`''`) is
 /// dropped from `sys.path` so nothing is found by accident where it runs.
 ///
 /// A name is found as a module (a dotted one through namespace packages,
@@ -78,7 +79,13 @@ def answer(query):
         return found(query)
     try:
         from importlib import metadata
-        return metadata.version(query[1:]) or False
+        version = metadata.version(query[1:])
+        if version:
+            return version if len(version) <= 200 else version[:200] + "..."
+    except Exception:
+        pass
+    try:
+        return "-" not in query and module_found(query[1:])
     except Exception:
         return False
 sys.stdout.write(json.dumps([answer(q) for q in sys.argv[1:]]))

@@ -90,6 +90,12 @@ impl Dependency {
     /// field.
     pub(crate) fn parse(s: &str, bare: BareDependency) -> Result<Self, String> {
         let s = s.trim();
+        if s.contains("://") {
+            return Err(format!(
+                "URL requirements (NAME @ URL) are not supported: {s:?}; install the package \
+                 and name it"
+            ));
+        }
         let bare_prefix = match bare {
             BareDependency::Lib => "lib",
             BareDependency::Py => "py",
@@ -271,7 +277,10 @@ fn split_python_requirement(text: &str) -> Result<(&str, Option<PyVersionReq>), 
         None => spec,
     };
     let specifiers = pep440_rs::VersionSpecifiers::from_str(spec.trim()).map_err(|e| {
-        format!("invalid version requirement {spec:?} for Python package {name:?}: {e}")
+        // Its first line: the rest draws a caret under the text.
+        let e = e.to_string();
+        let why = e.lines().next().unwrap_or_default().trim_end_matches(':');
+        format!("invalid version requirement {spec:?} for Python package {name:?}: {why}")
     })?;
     if specifiers.is_empty() {
         return Err(format!("an empty version requirement in {text:?}"));
@@ -904,6 +913,26 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_version_requirement_is_named_on_one_line() {
+        match Requirements::from_manifest_as(
+            &json!({"dependencies": ["numpy>=", "torch"]}),
+            BareDependency::Py,
+        ) {
+            Err(ManifestError::InvalidField { field, message }) => {
+                assert_eq!(field, "dependencies[0]");
+                assert!(!message.contains('\n'), "{message}");
+                assert!(
+                    message.starts_with(
+                        "invalid version requirement \">=\" for Python package \"numpy\": "
+                    ),
+                    "{message}"
+                );
+            }
+            other => panic!("expected InvalidField, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn bad_python_package_names() {
         for (dep, needle) in [
             ("py:", "needs a package name"),
@@ -913,7 +942,11 @@ mod tests {
             ("py:a..b", "invalid Python package name"),
             ("py:to/rch", "invalid Python package name"),
             ("py:torch@1", "invalid Python package name"),
-            ("numpy @ https://x/numpy.whl", "unknown dependency kind"),
+            (
+                "numpy @ https://x/numpy.whl",
+                "URL requirements (NAME @ URL) are not supported",
+            ),
+            ("py:numpy @ https://x/numpy.whl", "URL requirements"),
             ("py:numpy@1", "invalid Python package name"),
             (
                 "py:numpy>=1; python_version < '3.9'",

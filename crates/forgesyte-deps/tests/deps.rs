@@ -660,13 +660,16 @@ mod real_python {
                 &[
                     "=forgesyte-versioned",
                     "=forgesyte_versioned",
-                    "=forgesyte-nothing"
+                    "=forgesyte-nothing",
+                    "=json"
                 ]
             ),
             Ok(vec![
                 forgesyte_deps::PythonAnswer::Version("1.4.2".into()),
                 forgesyte_deps::PythonAnswer::Version("1.4.2".into()),
                 forgesyte_deps::PythonAnswer::Missing,
+                // A module, no distribution: no version to read.
+                forgesyte_deps::PythonAnswer::Found,
             ])
         );
         let manifest = json!({"dependencies": [

@@ -392,8 +392,16 @@ impl PluginHandle {
                 }
             }
             _ => {
-                tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
-                let _ = self.inner.slot.registry.mark_failed(name, reason);
+                // Under the slot's lock: a reload that retired it meanwhile
+                // keeps its own state (see `Slot::unless_retired`).
+                let registry = &self.inner.slot.registry;
+                let marked = self
+                    .inner
+                    .slot
+                    .unless_retired(|| registry.mark_failed(name, reason.clone()).is_ok());
+                if marked == Some(true) {
+                    tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+                }
             }
         }
     }
@@ -428,9 +436,12 @@ impl PluginHandle {
             return None;
         }
         let registry = &self.inner.slot.registry;
-        if !self.inner.slot.is_retired() {
+        let marked = self
+            .inner
+            .slot
+            .unless_retired(|| registry.mark_failed(name, reason.clone()).is_ok());
+        if marked == Some(true) {
             tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
-            let _ = registry.mark_failed(name, reason.clone());
         }
         let _ = registry.end_call(name, after, false);
         Some(reason)

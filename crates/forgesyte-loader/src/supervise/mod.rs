@@ -307,7 +307,8 @@ impl Supervisor {
             clock.run_after(delay, format!("forgesyte-restart-{name}"), cancelled, task);
         if let Err(e) = scheduled {
             tracing::error!(plugin = %name, error = %e, "cannot start the restart thread; {name} stays FAILED");
-            let _ = registry.set_next_retry(name, None);
+            self.slot
+                .unless_retired(|| registry.set_next_retry(name, None));
         }
     }
 
