@@ -41,7 +41,7 @@ pub trait PythonProbe: Send + Sync + Debug {
 
 /// The script the interpreter runs: package names in `sys.argv[1:]`, one
 /// JSON list out, a boolean per name; per `=NAME` version query the
-/// version (cut to 200 characters), else whether a module of that name is
+/// version (cut to 200 bytes), else whether a module of that name is
 /// found (`true`: a module, but no distribution to read a version from). The working directory's entry (`''`) is
 /// dropped from `sys.path` so nothing is found by accident where it runs.
 ///
@@ -81,7 +81,8 @@ def answer(query):
         from importlib import metadata
         version = metadata.version(query[1:])
         if version:
-            return version if len(version) <= 200 else version[:200] + "..."
+            cut = version.encode("utf-8")[:200].decode("utf-8", "ignore")
+            return version if cut == version else cut + "..."
     except Exception:
         pass
     try:

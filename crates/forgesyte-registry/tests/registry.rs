@@ -408,6 +408,10 @@ impl Model {
                     return Err(Refusal::Illegal(plugin.state, Initialized));
                 }
                 plugin.move_to(Initialized, None);
+                // Calls counted before a restart still in flight.
+                if plugin.in_flight > 0 {
+                    plugin.move_to(Running, None);
+                }
             }
             Op::MarkRunning(_) => {
                 if !matches!(plugin.state, Initialized | Running) {

@@ -63,6 +63,39 @@ impl BodyBudget {
         self.take(bytes.div_ceil(1024))
     }
 
+    /// Room for `bytes` bytes, taken first from `held` (room its caller
+    /// is giving up: a stream's arguments being replaced), the rest from
+    /// the budget; on `BodiesInFlight`, `held` is handed back untouched.
+    /// What `held` has beyond `bytes` is given back.
+    pub(crate) fn charge_from(
+        &self,
+        bytes: usize,
+        held: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<
+        tokio::sync::OwnedSemaphorePermit,
+        (RunError, Option<tokio::sync::OwnedSemaphorePermit>),
+    > {
+        let kib = bytes.div_ceil(1024);
+        let Some(mut held) = held else {
+            return self.take(kib).map_err(|e| (e, None));
+        };
+        let have = held.num_permits();
+        if kib <= have {
+            // The excess goes back to the budget as it drops.
+            if let Some(rest) = held.split(have - kib) {
+                drop(rest);
+            }
+            return Ok(held);
+        }
+        match self.take(kib - have) {
+            Ok(more) => {
+                held.merge(more);
+                Ok(held)
+            }
+            Err(e) => Err((e, Some(held))),
+        }
+    }
+
     /// `kib` more KiB of room, or `BodiesInFlight`.
     fn take(&self, kib: usize) -> Result<tokio::sync::OwnedSemaphorePermit, RunError> {
         u32::try_from(kib)

@@ -292,18 +292,18 @@ impl Loader {
     /// a runner can confine itself, and which the dependency check would
     /// run unconfined. Checked before that check runs anything, for every
     /// runtime (a native manifest's `py:` dependencies use its `python`
-    /// too); a named interpreter that does not exist runs nothing and is
-    /// left to the check to report.
+    /// too; one without them never runs it); the reason names the server's
+    /// interpreter.
     fn refuse_own_interpreter(&self, p: &Pending) -> Result<(), PluginError> {
         let Some(named) = p.manifest.python.as_deref() else {
             return Ok(());
         };
-        if !self.config.require_confinement {
+        // A native plugin without Python packages never runs it.
+        let runs = p.manifest.runtime == Runtime::Python
+            || p.manifest.requirements.python_queries().next().is_some();
+        if !self.config.require_confinement || !runs {
             return Ok(());
         }
-        let Ok(interpreter) = self.interpreter(p) else {
-            return Ok(());
-        };
         let operators = python::resolve_interpreter(
             None,
             self.config.python.as_deref(),
@@ -311,15 +311,31 @@ impl Loader {
             self.fs.as_ref(),
             std::env::var_os("PATH"),
         );
-        if operators.is_ok_and(|operators| operators == interpreter) {
+        // The same file by another name (a link) is the operator's too. One
+        // that cannot be found now is refused as well: found later (a copy
+        // in progress), it would run.
+        let same = |a: &Path, b: &Path| {
+            a == b
+                || matches!(
+                    (self.fs.canonicalize(a), self.fs.canonicalize(b)),
+                    (Ok(a), Ok(b)) if a == b
+                )
+        };
+        if let (Ok(interpreter), Ok(operators)) = (self.interpreter(p), &operators)
+            && same(&interpreter, operators)
+        {
             return Ok(());
         }
+        let theirs = operators.map_or_else(
+            |wanted| format!("--python; none found now: {wanted}"),
+            |path| format!("{}, or --python", path.display()),
+        );
         Err(ImportError::NotConfined {
             detail: format!(
                 "the plugin's manifest names its own Python interpreter ({named}), which would \
                  run unconfined (its dependency check, and a runner's start with its \
                  site-packages' .pth files, come before any confinement); serve it with the \
-                 server's interpreter (--python) instead"
+                 server's interpreter ({theirs}) instead"
             ),
         }
         .into())

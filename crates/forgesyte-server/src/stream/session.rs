@@ -111,9 +111,16 @@ struct StreamArgs {
 }
 
 impl StreamArgs {
-    /// The arguments of a text message, charged to the body budget; or
-    /// why not (no room, too many values, not `{"args": {...}}`).
-    fn of_text(text: &str, session: &Session) -> Result<StreamArgs, RunError> {
+    /// The arguments of a text message, charged to the body budget, first
+    /// from `held` (the room of the arguments they replace, when no frame
+    /// holds those: replacing arguments never needs room for both); or why
+    /// not (no room, too many values, not `{"args": {...}}`), with `held`
+    /// handed back.
+    fn of_text(
+        text: &str,
+        session: &Session,
+        held: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<StreamArgs, (RunError, Option<tokio::sync::OwnedSemaphorePermit>)> {
         // Too many values is `TooManyValues` (no retry helps), before any
         // room is asked for; then room for what they take parsed, not their
         // text's size (a value's text may be two bytes, `0,`; parsed, up to
@@ -122,17 +129,23 @@ impl StreamArgs {
         let max_values = crate::body::max_json_values(session.body_limit);
         let values = crate::body::json_values(text.as_bytes());
         if values > max_values {
-            return Err(RunError::TooManyValues {
+            let too_many = RunError::TooManyValues {
                 values,
                 max: max_values,
-            });
+            };
+            return Err((too_many, held));
         }
+        // Parsed before any room changes hands: a malformed text leaves
+        // the arguments in force as they were.
+        let request = match parse_json_body(text.as_bytes(), max_values) {
+            Ok(request) => request,
+            Err(e) => return Err((e, held)),
+        };
         let parsed = values
             .saturating_mul(crate::body::PARSED_VALUE_BYTES)
             .saturating_add(text.len())
             .min(session.body_limit);
-        let room = session.state.body_budget().charge(parsed)?;
-        let request = parse_json_body(text.as_bytes(), max_values)?;
+        let room = session.state.body_budget().charge_from(parsed, held)?;
         Ok(StreamArgs {
             map: request.args,
             _room: Some(room),
@@ -385,27 +398,35 @@ async fn read(
                 // before the next one (already buffered) can replace it.
                 tokio::task::yield_now().await;
             }
-            Some(Ok(Message::Text(text))) => match StreamArgs::of_text(text.as_str(), session) {
-                Ok(given) => args = Arc::new(given),
-                Err(e) => {
-                    let answer = json!({
-                        "ok": false,
-                        "error_type": e.error_type(),
-                        "detail": format!(
-                            "A text message {{\"args\": {{...}}}} was refused (the arguments in force stay): {e}"
-                        ),
-                    });
-                    // The answers' room is full while the client reads
-                    // nothing: as above.
-                    let sent = out.answers.send(answer.to_string());
-                    match unless(sent, &mut closing, activity, idle_timeout).await {
-                        Waited::Done(Ok(())) => {}
-                        Waited::Done(Err(_)) => return,
-                        Waited::Closing => break,
-                        Waited::Idle => return say_idle(&out, session),
+            Some(Ok(Message::Text(text))) => {
+                // The arguments in force give up their room to the new ones
+                // when no waiting or running frame holds them.
+                let held = Arc::get_mut(&mut args).and_then(|a| a._room.take());
+                match StreamArgs::of_text(text.as_str(), session, held) {
+                    Ok(given) => args = Arc::new(given),
+                    Err((e, held)) => {
+                        if let Some(a) = Arc::get_mut(&mut args) {
+                            a._room = held;
+                        }
+                        let answer = json!({
+                            "ok": false,
+                            "error_type": e.error_type(),
+                            "detail": format!(
+                                "A text message {{\"args\": {{...}}}} was refused (the arguments in force stay): {e}"
+                            ),
+                        });
+                        // The answers' room is full while the client reads
+                        // nothing: as above.
+                        let sent = out.answers.send(answer.to_string());
+                        match unless(sent, &mut closing, activity, idle_timeout).await {
+                            Waited::Done(Ok(())) => {}
+                            Waited::Done(Err(_)) => return,
+                            Waited::Closing => break,
+                            Waited::Idle => return say_idle(&out, session),
+                        }
                     }
                 }
-            },
+            }
             // Pings are answered by the WebSocket layer, within a rate.
             Some(Ok(Message::Ping(_))) => {
                 if !pings.allow(Instant::now()) {

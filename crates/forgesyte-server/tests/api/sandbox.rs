@@ -792,10 +792,13 @@ fn require_confinement_refuses_an_interpreter_the_manifest_names() {
     assert_eq!(health["state"], "FAILED", "{health}");
     assert_eq!(
         health["reason"],
-        "ImportError: confinement is required (--require-confinement) and the plugin's \
-         manifest names its own Python interpreter (python.sh), which would run unconfined (its \
-         dependency check, and a runner's start with its site-packages' .pth files, come before \
-         any confinement); serve it with the server's interpreter (--python) instead",
+        format!(
+            "ImportError: confinement is required (--require-confinement) and the plugin's \
+             manifest names its own Python interpreter (python.sh), which would run unconfined \
+             (its dependency check, and a runner's start with its site-packages' .pth files, \
+             come before any confinement); serve it with the server's interpreter ({python3}, \
+             or --python) instead"
+        ),
         "{health}"
     );
     assert!(!ran.exists(), "the refused plugin's interpreter ran");

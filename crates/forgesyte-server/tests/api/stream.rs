@@ -783,6 +783,20 @@ fn stream_arguments_take_room_for_what_they_hold_parsed() {
     send_frame(&mut socket, frame(400 << 10));
     let next = answer(&mut socket);
     assert_eq!(next["ok"], true, "{}", next["detail"]);
+    // Arguments of 600 KiB replaced by others of 600 KiB: the new ones
+    // take the old ones' room (1 MiB holds no two), and a frame of 300 KiB
+    // still fits beside them.
+    let big = "x".repeat(600 << 10);
+    send_args(&mut socket, json!({"s": big}));
+    send_args(&mut socket, json!({"s": big}));
+    send_frame(&mut socket, frame(300 << 10));
+    let next = answer(&mut socket);
+    assert_eq!(
+        (&next["seq"], &next["ok"]),
+        (&json!(2), &json!(true)),
+        "{}",
+        next["detail"]
+    );
 }
 
 /// Under `latest`, the waiting frame a newer one replaces gives its room
