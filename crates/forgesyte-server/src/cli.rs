@@ -206,8 +206,9 @@ pub(crate) struct ServeArgs {
     /// slower client is answered 408); 0: no minimum.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MIN_RATE", default_value_t = DEFAULT_BODY_MIN_RATE, value_parser = parse_rate)]
     pub(crate) body_min_rate: u64,
-    /// A WebSocket stream with no message from its client and no answer to
-    /// it for this long is closed (code 1000), in seconds; 0: never.
+    /// A WebSocket stream with no frame or text message from its client
+    /// (pings do not count) and no answer to it for this long is closed
+    /// (code 1000), in seconds; 0: never.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_STREAM_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_STREAM_IDLE_TIMEOUT), value_parser = parse_seconds_or_never)]
     pub(crate) stream_idle_timeout: Seconds,
     /// Time an idle keep-alive connection stays open after a response, and

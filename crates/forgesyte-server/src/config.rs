@@ -101,8 +101,9 @@ pub struct ServerConfig {
     /// body read timeout (one more second per `body_min_rate` bytes that
     /// arrive); a slower body is answered 408. Zero: no minimum.
     pub body_min_rate: u64,
-    /// A WebSocket stream with no message from its client and no answer to
-    /// it for this long is closed (1000); zero: never.
+    /// A WebSocket stream with no frame or text message from its client
+    /// (pings do not count) and no answer to it for this long is closed
+    /// (1000); zero: never.
     pub stream_idle_timeout: Duration,
     /// Connections served at once; at most half the soft file-descriptor
     /// limit is applied. A few more are served the probe routes only.
