@@ -380,7 +380,6 @@ impl PluginHandle {
     /// the call returned; one whose process is alive (a caught panic, a
     /// broken answer) is killed, so that it restarts clean.
     fn fault(&self, instance: &Arc<dyn PluginInstance>, error: &ToolError) {
-        let name = &self.inner.slot.name;
         if self.inner.slot.is_retired() {
             return;
         }
@@ -391,18 +390,22 @@ impl PluginHandle {
                     instance.kill(&reason);
                 }
             }
-            _ => {
-                // Under the slot's lock: a reload that retired it meanwhile
-                // keeps its own state (see `Slot::unless_retired`).
-                let registry = &self.inner.slot.registry;
-                let marked = self
-                    .inner
-                    .slot
-                    .unless_retired(|| registry.mark_failed(name, reason.clone()).is_ok());
-                if marked == Some(true) {
-                    tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
-                }
-            }
+            _ => self.mark_failed_unless_retired(&reason),
+        }
+    }
+
+    /// Marks the plugin FAILED with `reason`, under the slot's lock: a
+    /// reload that retired it meanwhile keeps its own state (see
+    /// `Slot::unless_retired`).
+    fn mark_failed_unless_retired(&self, reason: &str) {
+        let name = &self.inner.slot.name;
+        let registry = &self.inner.slot.registry;
+        let marked = self
+            .inner
+            .slot
+            .unless_retired(|| registry.mark_failed(name, reason).is_ok());
+        if marked == Some(true) {
+            tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
         }
     }
 
@@ -435,15 +438,8 @@ impl PluginHandle {
         if !ticket.settle() {
             return None;
         }
-        let registry = &self.inner.slot.registry;
-        let marked = self
-            .inner
-            .slot
-            .unless_retired(|| registry.mark_failed(name, reason.clone()).is_ok());
-        if marked == Some(true) {
-            tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
-        }
-        let _ = registry.end_call(name, after, false);
+        self.mark_failed_unless_retired(&reason);
+        let _ = self.inner.slot.registry.end_call(name, after, false);
         Some(reason)
     }
 
