@@ -546,10 +546,46 @@ mod real_python {
         );
     }
 
+    /// An executable `python` in `dir` that runs the real interpreter with
+    /// `site` as its `PYTHONPATH`.
+    #[cfg(unix)]
+    fn python_on(dir: &Path, site: &Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let wrapper = dir.join("python");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nPYTHONPATH={} exec {} \"$@\"\n",
+                site.display(),
+                python3().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        wrapper
+    }
+
+    /// `req` checked by the real checker after a prefetch, as the loader
+    /// does, retried while another thread's fork still holds a freshly
+    /// written wrapper open (`ETXTBSY`).
+    fn checked(req: &Requirements) -> DependencyReport {
+        let checker = DependencyChecker::system(vec![]);
+        let mut report = DependencyReport::ok();
+        for _ in 0..20 {
+            checker.clear_cache();
+            checker.prefetch_python_for([req]);
+            report = checker.check(req, Path::new(PLUGIN_DIR), &BTreeMap::new());
+            if !report.missing.iter().any(|m| m.contains("Text file busy")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        report
+    }
+
     #[cfg(unix)]
     #[test]
     fn packages_are_found_without_being_imported() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let site = dir.path().join("site");
         let pkg = site.join("forgesyte_boom");
@@ -564,17 +600,7 @@ mod real_python {
         )
         .unwrap();
         std::fs::write(pkg.join("sub.py"), "raise RuntimeError('nor this')\n").unwrap();
-        let wrapper = dir.path().join("python");
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nPYTHONPATH={} exec {} \"$@\"\n",
-                site.display(),
-                python3().display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let wrapper = python_on(dir.path(), &site);
 
         assert_eq!(
             find(
@@ -595,17 +621,7 @@ mod real_python {
             json!({"dependencies": ["forgesyte_boom", "forgesyte_surely_missing_pkg", "py:json"]});
         let mut req = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
         req.python = Some(wrapper.clone());
-        let checker = DependencyChecker::system(vec![]);
-        let mut report = DependencyReport::ok();
-        for _ in 0..20 {
-            checker.clear_cache();
-            checker.prefetch_python_for([&req]);
-            report = checker.check(&req, Path::new(PLUGIN_DIR), &BTreeMap::new());
-            if !report.missing.iter().any(|m| m.contains("Text file busy")) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let report = checked(&req);
         assert_eq!(report.missing, ["forgesyte_surely_missing_pkg"]);
         assert_eq!(
             report.reason.as_deref(),
@@ -621,7 +637,6 @@ mod real_python {
     #[cfg(unix)]
     #[test]
     fn version_requirements_are_checked_against_installed_metadata() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let site = dir.path().join("site");
         let pkg = site.join("forgesyte_versioned");
@@ -642,17 +657,7 @@ mod real_python {
             "Metadata-Version: 2.1\nName: forgesyte-versioned\nVersion: 1.4.2\n",
         )
         .unwrap();
-        let wrapper = dir.path().join("python");
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nPYTHONPATH={} exec {} \"$@\"\n",
-                site.display(),
-                python3().display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let wrapper = python_on(dir.path(), &site);
 
         assert_eq!(
             answers(
@@ -682,17 +687,7 @@ mod real_python {
         ]});
         let mut req = Requirements::from_manifest_as(&manifest, BareDependency::Py).unwrap();
         req.python = Some(wrapper.clone());
-        let checker = DependencyChecker::system(vec![]);
-        let mut report = DependencyReport::ok();
-        for _ in 0..20 {
-            checker.clear_cache();
-            checker.prefetch_python_for([&req]);
-            report = checker.check(&req, Path::new(PLUGIN_DIR), &BTreeMap::new());
-            if !report.missing.iter().any(|m| m.contains("Text file busy")) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let report = checked(&req);
         assert_eq!(
             report.missing,
             [

@@ -732,16 +732,20 @@ fn for_each_state_visits_every_plugin_in_name_order_with_its_state() {
 #[test]
 fn a_restart_that_ends_with_a_call_in_flight_is_running() {
     let registry = registry_with("p", Initialized);
+    // A crash, then the supervisor's restart up to the new instance.
+    let crash_and_restart = || {
+        registry
+            .mark_crashed(
+                "p",
+                "CrashError: exited with code 3",
+                crate::ExitInfo::default(),
+            )
+            .unwrap();
+        registry.mark_restarting("p").unwrap();
+        registry.mark_initialized("p").unwrap();
+    };
     registry.mark_running("p").unwrap();
-    registry
-        .mark_crashed(
-            "p",
-            "CrashError: exited with code 3",
-            crate::ExitInfo::default(),
-        )
-        .unwrap();
-    registry.mark_restarting("p").unwrap();
-    registry.mark_initialized("p").unwrap();
+    crash_and_restart();
     let status = registry.get_status("p").unwrap();
     assert_eq!((status.state, status.in_flight), (Running, 1));
     registry
@@ -750,14 +754,6 @@ fn a_restart_that_ends_with_a_call_in_flight_is_running() {
     let status = registry.get_status("p").unwrap();
     assert_eq!((status.state, status.in_flight), (Initialized, 0));
     // With none in flight, a restart ends INITIALIZED as before.
-    registry
-        .mark_crashed(
-            "p",
-            "CrashError: exited with code 3",
-            crate::ExitInfo::default(),
-        )
-        .unwrap();
-    registry.mark_restarting("p").unwrap();
-    registry.mark_initialized("p").unwrap();
+    crash_and_restart();
     assert_eq!(registry.get_state("p"), Some(Initialized));
 }

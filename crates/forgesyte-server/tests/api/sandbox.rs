@@ -753,16 +753,7 @@ fn require_confinement_refuses_an_interpreter_the_manifest_names() {
     // Outside the plugin directory, whose changes the server reloads.
     let records = tempfile::tempdir().unwrap();
     let ran = records.path().join("interpreter-ran");
-    let own = plugins.path().join("own").join("python.sh");
-    std::fs::write(
-        &own,
-        format!(
-            "#!/bin/sh\ntouch '{}'\nexec python3 \"$@\"\n",
-            ran.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&own, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    recording_python(&plugins.path().join("own").join("python.sh"), &ran);
     python_snoop(&plugins, "operators", json!({"python": python3}));
     // A native plugin's `py:` dependencies are asked of its manifest's
     // interpreter too.
@@ -771,20 +762,10 @@ fn require_confinement_refuses_an_interpreter_the_manifest_names() {
         json!({"isolation": "process", "python": "python.sh", "dependencies": ["py:json"]}),
     );
     let native_ran = records.path().join("native-interpreter-ran");
-    let native_own = plugins.path().join("native").join("python.sh");
-    std::fs::write(
-        &native_own,
-        format!(
-            "#!/bin/sh\ntouch '{}'\nexec python3 \"$@\"\n",
-            native_ran.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &native_own,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    recording_python(
+        &plugins.path().join("native").join("python.sh"),
+        &native_ran,
+    );
     let args = ["--plugins", plugins.path_str(), "--python", python3];
     let server = Forgesyte::start(&[&args[..], &["--require-confinement"]].concat());
     server.wait_loaded();
@@ -828,6 +809,17 @@ fn require_confinement_refuses_an_interpreter_the_manifest_names() {
         native_ran.exists(),
         "the native plugin's interpreter did not run"
     );
+}
+
+/// An executable `sh` script `path` that creates `marker` (it ran), then
+/// runs `python3` from `PATH` with its arguments.
+fn recording_python(path: &Path, marker: &Path) {
+    let script = format!(
+        "#!/bin/sh\ntouch '{}'\nexec python3 \"$@\"\n",
+        marker.display()
+    );
+    std::fs::write(path, script).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
 /// Starts its first argument (looked up on `PATH` when bare) with the rest
