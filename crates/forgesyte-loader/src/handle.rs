@@ -72,7 +72,16 @@ fn reason_suffix(reason: &Option<String>) -> String {
 /// counted (an error) and no longer in flight at once, and a thread that
 /// returns long after, or never, changes nothing.
 #[derive(Debug, Clone, Default)]
-pub struct CallTicket(Arc<std::sync::atomic::AtomicBool>);
+pub struct CallTicket(Arc<TicketState>);
+
+#[derive(Debug, Default)]
+struct TicketState {
+    settled: std::sync::atomic::AtomicBool,
+    /// The instance the call was made on (an isolated plugin's runner):
+    /// the one a time-out kills, not whichever a restart put in place
+    /// since.
+    instance: std::sync::OnceLock<std::sync::Weak<dyn PluginInstance>>,
+}
 
 impl CallTicket {
     /// A call not settled yet.
@@ -82,12 +91,25 @@ impl CallTicket {
 
     /// Settles the call: true for the first caller only.
     fn settle(&self) -> bool {
-        !self.0.swap(true, std::sync::atomic::Ordering::AcqRel)
+        !self
+            .0
+            .settled
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Whether the call is settled (returned, or given up on).
     fn is_settled(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
+        self.0.settled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records the instance the call runs on.
+    fn ran_on(&self, instance: &Arc<dyn PluginInstance>) {
+        let _ = self.0.instance.set(Arc::downgrade(instance));
+    }
+
+    /// The instance the call ran on, if it reached one and it lives.
+    fn instance(&self) -> Option<Arc<dyn PluginInstance>> {
+        self.0.instance.get().and_then(std::sync::Weak::upgrade)
     }
 }
 
@@ -330,6 +352,7 @@ impl PluginHandle {
             }
         };
         let instance = self.inner.slot.current();
+        ticket.ran_on(&instance);
         let started = Instant::now();
         let outcome = instance
             .call_output(tool, &args, attachments, context)
@@ -416,9 +439,11 @@ impl PluginHandle {
     /// (unless this handle was let go: a reload's new instance is not at
     /// fault) and the call is counted now (an error) and no longer in
     /// flight: its thread's return, if it comes, records nothing. An
-    /// isolated plugin's process is killed (and restarted by its
+    /// isolated plugin's process, the one the call went to (not one a
+    /// restart started since), is killed (and restarted by its
     /// supervisor); its call returns `TimedOut` and is recorded then.
-    /// Returns the reason.
+    /// Returns the reason; `None` too for an isolated call that has
+    /// reached no runner yet.
     pub fn fail_timeout(&self, tool: &str, after: Duration, ticket: &CallTicket) -> Option<String> {
         let reason = PluginError::Timeout(TimeoutError {
             operation: format!("tool '{tool}'"),
@@ -432,7 +457,11 @@ impl PluginHandle {
             if ticket.is_settled() {
                 return None;
             }
-            self.inner.slot.current().kill(&reason);
+            // The runner the call went to: a restart since may have put
+            // another in place, which has nothing to do with this call. A
+            // call that reached none yet (or whose runner is gone) is left
+            // to end by itself (its runner's death, or its own limit).
+            ticket.instance()?.kill(&reason);
             return Some(reason);
         }
         if !ticket.settle() {
@@ -469,5 +498,125 @@ impl PluginHandle {
             state: status.as_ref().map(|s| s.state),
             reason: status.and_then(|s| s.reason),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::mpsc;
+
+    use forgesyte_registry::PluginInfo;
+    use parking_lot::Mutex;
+
+    use super::*;
+
+    /// An isolated "runner" whose call of `wait` blocks until the test
+    /// releases it, and which counts the kills it gets.
+    #[derive(Debug)]
+    struct Runner {
+        tools: Vec<ToolInfo>,
+        entered: Mutex<Option<mpsc::Sender<()>>>,
+        release: Mutex<Option<mpsc::Receiver<()>>>,
+        kills: AtomicU32,
+    }
+
+    impl Runner {
+        fn new() -> (Arc<Self>, mpsc::Receiver<()>, mpsc::Sender<()>) {
+            let (entered_tx, entered_rx) = mpsc::channel();
+            let (release_tx, release_rx) = mpsc::channel();
+            let runner = Arc::new(Runner {
+                tools: vec![ToolInfo {
+                    id: "wait".into(),
+                    title: "wait".into(),
+                    description: String::new(),
+                    input_schema: serde_json::json!({}),
+                    output_schema: serde_json::json!({}),
+                }],
+                entered: Mutex::new(Some(entered_tx)),
+                release: Mutex::new(Some(release_rx)),
+                kills: AtomicU32::new(0),
+            });
+            (runner, entered_rx, release_tx)
+        }
+    }
+
+    impl PluginInstance for Runner {
+        fn tools(&self) -> &[ToolInfo] {
+            &self.tools
+        }
+
+        fn call(&self, _tool: &str, _args: &[u8]) -> Result<Vec<u8>, ToolError> {
+            let release = self.release.lock().take();
+            if let Some(tx) = self.entered.lock().take() {
+                let _ = tx.send(());
+            }
+            if let Some(rx) = release {
+                let _ = rx.recv();
+            }
+            Ok(b"null".to_vec())
+        }
+
+        fn kill(&self, _reason: &str) -> bool {
+            self.kills.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+    }
+
+    #[test]
+    fn a_timed_out_isolated_call_kills_its_own_runner_not_a_newer_one() {
+        let registry = Registry::new();
+        registry.register("p", PluginInfo::default()).unwrap();
+        registry.mark_initialized("p").unwrap();
+        let (old, entered, release) = Runner::new();
+        let slot = Arc::new(Slot::new(
+            "p".into(),
+            registry.clone(),
+            Arc::clone(&old) as Arc<dyn PluginInstance>,
+        ));
+        let handle = PluginHandle {
+            inner: Arc::new(Inner {
+                tools: old.shared_tools(),
+                slot: Arc::clone(&slot),
+                call_timeout: Some(Duration::from_secs(1)),
+                isolation: Isolation::Process,
+                supervisor: None,
+            }),
+        };
+        let ticket = CallTicket::new();
+        let call = {
+            let (handle, ticket) = (handle.clone(), ticket.clone());
+            std::thread::spawn(move || {
+                handle
+                    .call_ticketed(
+                        "wait",
+                        &serde_json::json!({}),
+                        &[],
+                        &CallContext::default(),
+                        &ticket,
+                    )
+                    .map(|o| o.result)
+            })
+        };
+        entered.recv().unwrap();
+        // A restart put another runner in place while the call waits on
+        // the first.
+        let (new, _entered, _release) = Runner::new();
+        slot.replace_unless_retired(Arc::clone(&new) as Arc<dyn PluginInstance>, || {})
+            .unwrap();
+
+        let reason = handle.fail_timeout("wait", Duration::from_secs(1), &ticket);
+        assert!(reason.is_some_and(|r| r.contains("Timeout")));
+        assert_eq!(old.kills.load(Ordering::SeqCst), 1, "the call's runner");
+        assert_eq!(new.kills.load(Ordering::SeqCst), 0, "not the newer one");
+
+        release.send(()).unwrap();
+        assert_eq!(call.join().unwrap().unwrap(), serde_json::Value::Null);
+        // A call that has returned is not timed out: nothing is killed.
+        assert_eq!(
+            handle.fail_timeout("wait", Duration::from_secs(1), &ticket),
+            None
+        );
+        assert_eq!(old.kills.load(Ordering::SeqCst), 1);
     }
 }

@@ -403,7 +403,9 @@ async fn a_body_that_stops_arriving_is_answered_408() {
     assert!(response.starts_with("HTTP/1.1 408"), "{response}");
     assert!(response.contains("BodyTimeout"), "{response}");
     assert!(
-        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        // The upper bound is loose (a loaded 2-core machine once took
+        // over 5 s): it only tells this time-out from the longer ones.
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(20),
         "answered after {elapsed:?}"
     );
     let reply = blocking(move || http(addr, "GET", "/livez", b"")).await;
