@@ -299,26 +299,88 @@ impl PlanInput<'_> {
     /// `writing R`); empty when nothing. Its `env:` dependencies and its
     /// `models` outside its directory count too: both widen its sandbox as
     /// `env` and `filesystem.read` do. Variables every runner keeps
-    /// (`PATH`, `LC_*` ...) and reads inside its own directory do not; a
-    /// path that exists is judged by where it resolves (a link inside the
-    /// directory to `/` is outside: the runners follow links when they
-    /// make their rules), one that does not by its text.
+    /// (`PATH`, `LC_*` ...) and reads inside its own directory do not. A
+    /// path is judged by where it resolves (a link inside the directory to
+    /// `/` is outside), which is also the path the plan gives the runners;
+    /// one that does not resolve (missing, or a link that leads nowhere
+    /// yet) is judged by its text, and the plan leaves it out: it allows
+    /// nothing, whatever appears there later. [`Confinement::plan_checked`]
+    /// gives this and the plan from one look at the filesystem.
     pub fn widening(&self) -> Vec<String> {
-        let dir = self.plugin_dir;
-        let real_dir = std::fs::canonicalize(dir);
-        let inside = |path: &Path| match (std::fs::canonicalize(path), &real_dir) {
-            (Ok(real), Ok(real_dir)) => real.starts_with(real_dir),
-            _ => inside_by_text(path, dir),
+        self.resolve().widening(self)
+    }
+
+    /// The manifest's paths, each with where it resolves now (`None`: it
+    /// does not).
+    fn resolve(&self) -> Resolved {
+        let resolve = |path: &Path| std::fs::canonicalize(path).ok();
+        let joined = |p: &String| {
+            let path = Path::new(p);
+            if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                self.plugin_dir.join(path)
+            }
         };
+        Resolved {
+            dir: resolve(self.plugin_dir),
+            reads: self
+                .spec
+                .read
+                .iter()
+                .map(|p| (p.clone(), resolve(&joined(p))))
+                .collect(),
+            writes: self
+                .spec
+                .write
+                .iter()
+                .map(|p| resolve(&joined(p)))
+                .collect(),
+            models: self
+                .models
+                .iter()
+                .map(|m| (m.clone(), resolve(m)))
+                .collect(),
+        }
+    }
+}
+
+/// A plugin's manifest paths as one look at the filesystem found them: the
+/// plan and the widening check are made from the same answers, so a link
+/// that changes in between cannot make them disagree.
+struct Resolved {
+    /// The plugin directory, resolved.
+    dir: Option<PathBuf>,
+    /// `filesystem.read` as written, and where each resolves.
+    reads: Vec<(String, Option<PathBuf>)>,
+    /// Where each `filesystem.write` resolves.
+    writes: Vec<Option<PathBuf>>,
+    /// Each model path, and where it resolves.
+    models: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+impl Resolved {
+    /// Whether `path` (resolved to `real`, or not) is inside the plugin
+    /// directory.
+    fn inside(&self, path: &Path, real: Option<&PathBuf>, dir: &Path) -> bool {
+        match (real, &self.dir) {
+            (Some(real), Some(real_dir)) => real.starts_with(real_dir),
+            _ => inside_by_text(path, dir),
+        }
+    }
+
+    /// See [`PlanInput::widening`].
+    fn widening(&self, input: &PlanInput<'_>) -> Vec<String> {
+        let dir = input.plugin_dir;
         let mut asks = Vec::new();
-        if self.spec.network {
+        if input.spec.network {
             asks.push("the network".to_owned());
         }
-        let mut env: Vec<&str> = self
+        let mut env: Vec<&str> = input
             .spec
             .env
             .iter()
-            .chain(self.env_deps)
+            .chain(input.env_deps)
             .map(String::as_str)
             .filter(|name| !kept_anyway(name))
             .collect();
@@ -328,23 +390,22 @@ impl PlanInput<'_> {
             asks.push(format!("the environment variables {}", env.join(", ")));
         }
         let reads: Vec<String> = self
-            .spec
-            .read
+            .reads
             .iter()
-            .filter(|p| !inside(&dir.join(p)))
-            .cloned()
+            .filter(|(p, real)| !self.inside(&dir.join(p), real.as_ref(), dir))
+            .map(|(p, _)| p.clone())
             .chain(
                 self.models
                     .iter()
-                    .filter(|m| !inside(m))
-                    .map(|m| m.display().to_string()),
+                    .filter(|(m, real)| !self.inside(m, real.as_ref(), dir))
+                    .map(|(m, _)| m.display().to_string()),
             )
             .collect();
         if !reads.is_empty() {
             asks.push(format!("reading {}", reads.join(", ")));
         }
-        if !self.spec.write.is_empty() {
-            asks.push(format!("writing {}", self.spec.write.join(", ")));
+        if !input.spec.write.is_empty() {
+            asks.push(format!("writing {}", input.spec.write.join(", ")));
         }
         asks
     }
@@ -383,30 +444,46 @@ fn inside_by_text(path: &Path, dir: &Path) -> bool {
 
 impl Confinement {
     /// The plan for one plugin, its environment taken from `host_env` (the
-    /// server's).
+    /// server's). See [`Confinement::plan_checked`].
     pub fn plan(
         input: PlanInput<'_>,
         host_env: impl IntoIterator<Item = (String, String)>,
     ) -> Confinement {
-        let inside = |p: &String| {
-            let path = Path::new(p);
-            if path.is_absolute() {
-                path.to_path_buf()
-            } else {
-                input.plugin_dir.join(path)
-            }
-        };
-        let mut read: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
-        read.push(input.plugin_dir.to_path_buf());
-        read.extend(input.models.iter().cloned());
-        read.extend(input.lib_paths.iter().cloned());
-        read.extend(input.spec.read.iter().map(inside));
-        let mut write = vec![input.scratch.to_path_buf()];
-        write.extend(input.spec.write.iter().map(inside));
-        let mut devices: Vec<PathBuf> = DEVICES.iter().map(PathBuf::from).collect();
+        Self::plan_checked(input, host_env).0
+    }
+
+    /// The plan for one plugin, and what it asks beyond the default
+    /// sandbox ([`PlanInput::widening`]), from one look at the filesystem.
+    /// Every path of the plan is where it resolves now, with no link left
+    /// in it: the runners open each without following links (a path a
+    /// plugin turned into a link since, in a directory it may write, allows
+    /// nothing), at every start, restarts included. A manifest path that
+    /// does not resolve is left out (it allows nothing until the plugin is
+    /// loaded again); the host's own paths (system, devices, `--lib-path`)
+    /// that do not are kept as written, for a device that appears later.
+    pub fn plan_checked(
+        input: PlanInput<'_>,
+        host_env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Confinement, Vec<String>) {
+        let resolved = input.resolve();
+        let asks = resolved.widening(&input);
+        let host = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut read: Vec<PathBuf> = SYSTEM_READ.iter().map(|p| host(Path::new(p))).collect();
+        read.push(
+            resolved
+                .dir
+                .clone()
+                .unwrap_or_else(|| input.plugin_dir.to_path_buf()),
+        );
+        read.extend(resolved.models.iter().filter_map(|(_, real)| real.clone()));
+        read.extend(input.lib_paths.iter().map(|p| host(p)));
+        read.extend(resolved.reads.iter().filter_map(|(_, real)| real.clone()));
+        let mut write = vec![host(input.scratch)];
+        write.extend(resolved.writes.iter().flatten().cloned());
+        let mut devices: Vec<PathBuf> = DEVICES.iter().map(|p| host(Path::new(p))).collect();
         if input.gpu {
-            devices.extend(GPU_DEVICES.iter().map(PathBuf::from));
-            devices.extend((0..16).map(|i| PathBuf::from(format!("/dev/nvidia{i}"))));
+            devices.extend(GPU_DEVICES.iter().map(|p| host(Path::new(p))));
+            devices.extend((0..16).map(|i| host(Path::new(&format!("/dev/nvidia{i}")))));
         }
         let keep = |name: &str| {
             kept_anyway(name)
@@ -418,14 +495,15 @@ impl Confinement {
         let scratch = input.scratch.to_string_lossy().into_owned();
         env.insert("TMPDIR".into(), scratch.clone());
         env.insert("HOME".into(), scratch);
-        Confinement {
+        let plan = Confinement {
             read,
             write,
             devices,
             network: input.spec.network,
             env,
             required: false,
-        }
+        };
+        (plan, asks)
     }
 
     /// The plan as the runner's `--confine` argument: its environment as
@@ -689,12 +767,8 @@ fn scope() -> bool {
 fn landlock(plan: &Confinement) -> Result<(String, bool), landlock::RulesetError> {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
-        path_beneath_rules,
     };
     let abi = ABI::V5;
-    let existing = |paths: &[PathBuf]| -> Vec<PathBuf> {
-        paths.iter().filter(|p| p.exists()).cloned().collect()
-    };
     let mut ruleset = Ruleset::default().handle_access(AccessFs::from_all(abi))?;
     if !plan.network {
         ruleset = ruleset.handle_access(AccessNet::from_all(abi))?;
@@ -702,15 +776,17 @@ fn landlock(plan: &Confinement) -> Result<(String, bool), landlock::RulesetError
     let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate | AccessFs::IoctlDev;
     let status = ruleset
         .create()?
-        .add_rules(path_beneath_rules(
-            existing(&plan.read),
+        .add_rules(rules_without_links(
+            &plan.read,
             AccessFs::from_read(abi),
+            abi,
         ))?
-        .add_rules(path_beneath_rules(
-            existing(&plan.write),
+        .add_rules(rules_without_links(
+            &plan.write,
             AccessFs::from_all(abi),
+            abi,
         ))?
-        .add_rules(path_beneath_rules(existing(&plan.devices), device))?
+        .add_rules(rules_without_links(&plan.devices, device, abi))?
         .restrict_self()?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => (
@@ -725,6 +801,39 @@ fn landlock(plan: &Confinement) -> Result<(String, bool), landlock::RulesetError
             "unconfined: this kernel does not enforce Landlock".to_owned(),
             false,
         ),
+    })
+}
+
+/// Landlock rules allowing `access` beneath each of `paths` (a plan's,
+/// which the host resolved: no link in them), each opened without following
+/// a link (`openat2`, `RESOLVE_NO_SYMLINKS`): a path that became a link
+/// since its plan was made (a plugin may make links where it may write)
+/// allows nothing, not what the link leads to. A path that is not there
+/// allows nothing either. A file gets the rights that apply to files.
+fn rules_without_links(
+    paths: &[PathBuf],
+    access: landlock::BitFlags<landlock::AccessFs>,
+    abi: landlock::ABI,
+) -> impl Iterator<Item = Result<landlock::PathBeneath<std::os::fd::OwnedFd>, landlock::RulesetError>> + '_
+{
+    use rustix::fs::{CWD, FileType, Mode, OFlags, ResolveFlags};
+    paths.iter().filter_map(move |path| {
+        let fd = rustix::fs::openat2(
+            CWD,
+            path,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS,
+        )
+        .ok()?;
+        let is_dir = rustix::fs::fstat(&fd)
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+        let access = if is_dir {
+            access
+        } else {
+            access & landlock::AccessFs::from_file(abi)
+        };
+        Some(Ok(landlock::PathBeneath::new(fd, access)))
     })
 }
 

@@ -383,7 +383,7 @@ impl Loader {
             env_deps: &env_deps,
             gpu: req.gpu != forgesyte_deps::GpuRequirement::None,
         };
-        let asks = input.widening();
+        let (mut plan, asks) = sandbox::Confinement::plan_checked(input, sandbox::host_env());
         // A signed plugin's manifest is the signed one (`check_signature`).
         let policy = self.config.sandbox_widening;
         if !asks.is_empty() && !policy.grants(!signed.is_empty()) {
@@ -393,7 +393,6 @@ impl Loader {
             }
             .into());
         }
-        let mut plan = sandbox::Confinement::plan(input, sandbox::host_env());
         plan.required = self.config.require_confinement;
         Ok(importer.confined(plan))
     }

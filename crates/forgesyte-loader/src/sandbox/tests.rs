@@ -92,6 +92,60 @@ fn widening_is_named_part_by_part_and_granted_by_policy() {
     assert!("sometimes".parse::<SandboxWidening>().is_err());
 }
 
+/// The plan holds where each manifest path resolves when it is made (a
+/// link is replaced by its target), and leaves out one that does not
+/// resolve (a link leading nowhere yet); the runners then open the plan's
+/// paths without following links, so a path that became a link allows
+/// nothing.
+#[test]
+fn the_plan_holds_resolved_paths_and_runners_follow_no_link_in_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real_tmp = std::fs::canonicalize(tmp.path()).unwrap();
+    let plugin = tmp.path().join("p");
+    std::fs::create_dir_all(plugin.join("data")).unwrap();
+    std::os::unix::fs::symlink("data", plugin.join("mine")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("later"), plugin.join("dangling")).unwrap();
+    let links = spec(json!({"filesystem": {"read": ["mine", "dangling"]}})).unwrap();
+    let (plan, asks) = Confinement::plan_checked(
+        PlanInput {
+            plugin_dir: &plugin,
+            scratch: tmp.path(),
+            spec: &links,
+            models: &[],
+            lib_paths: &[],
+            env_deps: &[],
+            gpu: false,
+        },
+        std::iter::empty(),
+    );
+    assert!(asks.is_empty(), "{asks:?}");
+    assert!(
+        plan.read.contains(&real_tmp.join("p/data")),
+        "{:?}",
+        plan.read
+    );
+    assert!(
+        !plan
+            .read
+            .iter()
+            .any(|p| p.ends_with("mine") || p.ends_with("dangling") || p.ends_with("later")),
+        "{:?}",
+        plan.read
+    );
+
+    let file = real_tmp.join("file");
+    std::fs::write(&file, "x").unwrap();
+    let link = real_tmp.join("link");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let abi = landlock::ABI::V5;
+    let access = landlock::AccessFs::from_read(abi);
+    let opened = |paths: &[PathBuf]| rules_without_links(paths, access, abi).count();
+    assert_eq!(opened(std::slice::from_ref(&file)), 1);
+    assert_eq!(opened(std::slice::from_ref(&real_tmp)), 1);
+    assert_eq!(opened(std::slice::from_ref(&link)), 0, "a link is not followed");
+    assert_eq!(opened(&[link.join("x"), real_tmp.join("missing")]), 0);
+}
+
 #[test]
 fn the_manifest_fields_parse_and_bad_types_are_named() {
     assert_eq!(spec(json!({})), Ok(SandboxSpec::default()));
@@ -137,7 +191,7 @@ fn the_plan_keeps_declared_variables_only() {
             gpu: false,
         },
         [
-            ("PATH", "/usr/bin"),
+            ("PATH", "/opt/path-value/bin"),
             ("API_KEY", "k"),
             ("CUDA_HOME", "/cuda"),
             ("AWS_SECRET_ACCESS_KEY", "s"),
@@ -155,7 +209,8 @@ fn the_plan_keeps_declared_variables_only() {
         Some("/tmp/s/ocr")
     );
     assert!(plan.read.contains(&dir.to_path_buf()));
-    assert!(plan.read.contains(&dir.join("extra")));
+    // A manifest path that is not there allows nothing.
+    assert!(!plan.read.contains(&dir.join("extra")));
     assert!(
         !plan
             .read
@@ -167,7 +222,10 @@ fn the_plan_keeps_declared_variables_only() {
     assert!(!plan.devices.iter().any(|d| d.starts_with("/dev/nvidia")));
     // On the command line: the names of the variables, not their values.
     let arg = plan.to_arg();
-    assert!(!arg.contains("/cuda") && !arg.contains("/usr/bin"), "{arg}");
+    assert!(
+        !arg.contains("/cuda") && !arg.contains("/opt/path-value"),
+        "{arg}"
+    );
     let shown: serde_json::Value = serde_json::from_str(&arg).unwrap_or_default();
     assert_eq!(shown["env"], serde_json::json!(names));
     let back: Confinement = serde_json::from_str(&arg).unwrap_or_default();

@@ -276,6 +276,81 @@ fn an_unsigned_plugin_may_not_widen_its_own_sandbox_by_default() {
     }
 }
 
+/// A manifest's read path that is a link leading nowhere when the plugin
+/// loads (into its own scratch directory) asks nothing and allows nothing:
+/// not once the plugin made the link lead to a file outside, and not in the
+/// runner its restart starts either (which, when the plan kept the path as
+/// written and each start followed it, read the file).
+#[test]
+fn a_link_a_plugin_aims_after_its_load_allows_nothing() {
+    let plugins = PluginsDir::new();
+    let name = format!("aim-{}", std::process::id());
+    let scratch = forgesyte_loader::sandbox::scratch_dir(&name, None).unwrap();
+    let aim = scratch.join("l");
+    let _ = std::fs::remove_file(&aim);
+    python_snoop(&plugins, &name, json!({"filesystem": {"read": ["data"]}}));
+    let dir = plugins.path().join(&name);
+    std::os::unix::fs::symlink(&aim, dir.join("data")).unwrap();
+    let outside = plugins.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret.txt"), "outside\n").unwrap();
+    let server = Forgesyte::start(&["--plugins", plugins.path_str()]);
+    server.wait_loaded();
+    let shown = status(&server, &name);
+    assert_eq!(shown["state"], "INITIALIZED", "{shown}");
+
+    let through_link = dir.join("data/secret.txt");
+    let read = |path: &Path| {
+        call(
+            &server,
+            &name,
+            "read",
+            json!({"path": path.to_str().unwrap()}),
+        )
+    };
+    let linked = call(
+        &server,
+        &name,
+        "link",
+        json!({"name": "l", "target": outside.to_str().unwrap()}),
+    );
+    assert!(linked.is_ok(), "{linked:?}");
+    for path in [&through_link, &outside.join("secret.txt")] {
+        let denied = read(path);
+        assert!(
+            matches!(&denied, Err((kind, _)) if kind == "PermissionError"),
+            "{}: {denied:?}",
+            path.display()
+        );
+    }
+
+    // Restarted, with the link in place.
+    let crashed = server.run(&name, "exit", r#"{"args": {}}"#);
+    assert_eq!(crashed.status, 502, "{}", crashed.json());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let shown = status(&server, &name);
+        if shown["state"] == "INITIALIZED" && shown["restart_count"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not restarted: {shown}\nlog:\n{}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for path in [&through_link, &outside.join("secret.txt")] {
+        let denied = read(path);
+        assert!(
+            matches!(&denied, Err((kind, _)) if kind == "PermissionError"),
+            "after the restart, {}: {denied:?}",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(&aim);
+}
+
 #[test]
 fn a_python_plugin_is_confined_through_the_zygote() {
     let (plugins, server) = python_server("1");

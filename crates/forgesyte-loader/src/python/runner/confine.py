@@ -350,6 +350,30 @@ _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1, 2
 _SCOPES = "abstract Unix sockets and signals: its own processes only"
 
 
+_SYS_OPENAT2 = 437  # the same number on every architecture
+_RESOLVE_NO_SYMLINKS = 0x04
+_AT_FDCWD = -100
+
+
+def _open_path(syscall, path, strict):
+    """An ``O_PATH`` descriptor of ``path``; ``strict``: without following
+    a link anywhere in it (``openat2``, ``RESOLVE_NO_SYMLINKS``), so a plan
+    path a plugin turned into a link since the host resolved it (where it
+    may write) allows nothing rather than what the link leads to. The
+    native runner's ``rules_without_links``."""
+    import ctypes
+
+    if not strict:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    how = ctypes.create_string_buffer(
+        struct.pack("=QQQ", os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS), 24)
+    fd = syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD),
+                 ctypes.c_char_p(os.fsencode(path)), how, ctypes.c_size_t(24))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "openat2(%s)" % path)
+    return fd
+
+
 def _landlock(libc, syscall, abi, plan, network, report):
     import ctypes
     import stat
@@ -379,15 +403,18 @@ def _landlock(libc, syscall, abi, plan, network, report):
     file_only = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
     read = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
     device = _FS_READ_FILE | _FS_WRITE_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
-    rules = [(p, read) for p in list(plan.get("read") or []) + _runtime_paths()]
-    rules += [(p, fs_all) for p in plan.get("write") or []]
-    rules += [(p, device) for p in plan.get("devices") or []]
+    # The plan's paths (the host resolved them: no link in them) are
+    # opened without following links, the interpreter's own following them.
+    rules = [(p, read, True) for p in plan.get("read") or []]
+    rules += [(p, read, False) for p in _runtime_paths()]
+    rules += [(p, fs_all, True) for p in plan.get("write") or []]
+    rules += [(p, device, True) for p in plan.get("devices") or []]
     try:
-        for path, access in rules:
+        for path, access, strict in rules:
             try:
-                fd = os.open(str(path), os.O_PATH | os.O_CLOEXEC)
+                fd = _open_path(syscall, str(path), strict)
             except OSError:
-                continue  # not there: nothing to allow
+                continue  # not there (or a link now): nothing to allow
             try:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     access &= file_only
