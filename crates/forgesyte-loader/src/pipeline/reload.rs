@@ -32,16 +32,23 @@ impl Loader {
     ///   needs a restart of the host);
     /// - an in-process plugin that is FAILED or UNAVAILABLE: is retried.
     ///
+    /// The trusted keys are read again first: when one changed, every
+    /// plugin it signed is checked again too (and loaded again, in-process
+    /// ones included), as a rescan would.
+    ///
     /// `None` when no plugin of that name is registered.
     pub fn reload(&self, name: &str) -> Option<PluginLoadOutcome> {
         if !self.entries.read().contains_key(name) {
             return None;
         }
-        // Its signature is checked against the keys as they are now.
-        self.reread_trusted_keys();
+        // Its signature is checked against the keys as they are now; so
+        // are the others' that a changed key signed.
+        let resigned = self.reread_keys_for_reload();
         self.fresh_stamps.lock().clear();
+        let mut names = vec![name.to_owned()];
+        names.extend(resigned.iter().filter(|n| *n != name).cloned());
         let outcome = self
-            .reload_names(&[name.to_owned()], &BTreeSet::new())
+            .reload_names(&names, &resigned)
             .plugins
             .into_iter()
             .find(|o| o.name == name);
@@ -60,11 +67,11 @@ impl Loader {
     /// [`load_all`](Self::load_all).
     pub fn reload_all(&self) -> LoadReport {
         let started = Instant::now();
-        self.reread_trusted_keys();
+        let resigned = self.reread_keys_for_reload();
         self.fresh_stamps.lock().clear();
         let (new_entry_points, _gone) = self.rescan_entry_points();
         let names: Vec<String> = self.entries.read().keys().cloned().collect();
-        let mut report = self.reload_names(&names, &BTreeSet::new());
+        let mut report = self.reload_names(&names, &resigned);
         let plugins_dir = self.plugins_dir.read().clone();
         let mut new: Vec<PathBuf> = Vec::new();
         if let Some(plugins_dir) = plugins_dir {

@@ -288,6 +288,24 @@ impl Loader {
         changed
     }
 
+    /// Re-reads the trusted keys (see [`Self::reread_trusted_keys`]) for a
+    /// reload: the registered plugins signed by a key that changed, which
+    /// the reload checks again with the plugins it was asked for, in-process
+    /// ones included. The rescan after it compares with these keys, so a
+    /// reload that left them out would keep a revoked key's plugins
+    /// running for good.
+    pub(super) fn reread_keys_for_reload(&self) -> BTreeSet<String> {
+        let changed = self.reread_trusted_keys();
+        if changed.is_empty() {
+            return BTreeSet::new();
+        }
+        let names: Vec<String> = self.entries.read().keys().cloned().collect();
+        names
+            .into_iter()
+            .filter(|name| self.signed_by_one_of(name, &changed))
+            .collect()
+    }
+
     /// Whether `name`'s signature names one of `keys` (or names no key: a
     /// signature that could not be read, checked again with the rest).
     fn signed_by_one_of(&self, name: &str, keys: &BTreeSet<String>) -> bool {

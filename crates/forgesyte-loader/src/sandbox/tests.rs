@@ -142,7 +142,11 @@ fn the_plan_holds_resolved_paths_and_runners_follow_no_link_in_them() {
     let opened = |paths: &[PathBuf]| rules_without_links(paths, access, abi).count();
     assert_eq!(opened(std::slice::from_ref(&file)), 1);
     assert_eq!(opened(std::slice::from_ref(&real_tmp)), 1);
-    assert_eq!(opened(std::slice::from_ref(&link)), 0, "a link is not followed");
+    assert_eq!(
+        opened(std::slice::from_ref(&link)),
+        0,
+        "a link is not followed"
+    );
     assert_eq!(opened(&[link.join("x"), real_tmp.join("missing")]), 0);
 }
 

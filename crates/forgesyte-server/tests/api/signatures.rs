@@ -449,6 +449,58 @@ fn a_rescan_reads_the_trusted_keys_again_and_checks_signed_plugins_again() {
     assert_eq!(health("n-signed")["signature"]["status"], "signed");
 }
 
+/// A reload (here of one other plugin) reads the trusted keys again, and
+/// checks again every plugin a key that changed signed, the in-process
+/// one included: a revoked key's plugins are FAILED then. Before, the
+/// reload took the new keys without checking them, so the next rescan,
+/// which compares with the keys as last read, found nothing changed and
+/// left them running, signed.
+#[test]
+fn a_reload_after_a_revocation_checks_what_the_key_signed() {
+    let s = every_status();
+    let token = "a-long-enough-admin-token";
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            s.plugins.path_str(),
+            "--trusted-keys",
+            s.trusted.to_str().unwrap(),
+            "--require-signed",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    let health = |name: &str| server.get(&format!("/v1/plugins/{name}/health")).json();
+    for name in ["n-signed", "p-signed"] {
+        assert_eq!(health(name)["state"], "INITIALIZED", "{name}");
+    }
+    std::fs::remove_file(s.trusted.join("author.pub")).unwrap();
+    let header = format!("Bearer {token}");
+    let reply = crate::support::try_http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/p-unsigned/reload",
+        &[("authorization", header.as_str())],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    crate::rescan::hangup(&server);
+    let limit = std::time::Duration::from_secs(20);
+    crate::rescan::wait_for("the revocation", limit, &server, || {
+        ["n-signed", "p-signed"]
+            .iter()
+            .all(|name| health(name)["state"] == "FAILED")
+            .then_some(())
+    });
+    for name in ["n-signed", "p-signed"] {
+        let shown = health(name);
+        assert_eq!(shown["signature"]["status"], "invalid", "{shown}");
+        let refused = server.run(name, "echo", r#"{"args": {}}"#);
+        assert_ne!(refused.status, 200, "{name}: {}", refused.text());
+    }
+}
+
 #[test]
 fn require_signed_refuses_an_isolated_library_that_loads_what_it_ships_beside_it() {
     // A library with `$ORIGIN` in its run path starts from its file and
