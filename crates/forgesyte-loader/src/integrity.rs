@@ -122,22 +122,34 @@ pub fn loadable_files(
     match Target::of(dir, manifest) {
         Target::PythonTree(tree) => collect_py(fs, &tree, "", &mut files)?,
         Target::File(library) => {
-            let rel = library
-                .strip_prefix(dir)
-                .ok()
-                .and_then(Path::to_str)
-                .filter(|rel| !rel.contains('\n'))
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{} cannot be listed", library.display()),
-                    )
-                })?
-                .to_owned();
+            let rel = listed_name(dir, &library).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} cannot be listed", library.display()),
+                )
+            })?;
             files.insert(rel, library);
         }
     }
     Ok(files)
+}
+
+/// How `path` (inside `dir`) is named in a listing: its components from
+/// `dir` joined by `/`, without `.` or empty ones (a manifest may write
+/// `lib//x.so` or `./x.so`, which the signed list's parser refuses); `None`
+/// outside `dir`, through `..`, not UTF-8 or holding a newline.
+pub fn listed_name(dir: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(dir).ok()?;
+    let mut parts = Vec::new();
+    for component in rel.components() {
+        match component {
+            std::path::Component::Normal(name) => parts.push(name.to_str()?),
+            std::path::Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    let name = parts.join("/");
+    (!name.is_empty() && !name.contains('\n')).then_some(name)
 }
 
 /// The digest of each file of `files` (relative path → path), by the same
@@ -426,6 +438,21 @@ mod tests {
     use forgesyte_deps::RealFs;
 
     const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn a_listed_name_is_normalised_and_stays_inside() {
+        let dir = Path::new("/p/x");
+        for (path, name) in [
+            ("/p/x/lib//libx.so", Some("lib/libx.so")),
+            ("/p/x/./libx.so", Some("libx.so")),
+            ("/p/x/libx.so", Some("libx.so")),
+            ("/p/x/lib/../../y.so", None),
+            ("/q/libx.so", None),
+            ("/p/x", None),
+        ] {
+            assert_eq!(listed_name(dir, Path::new(path)).as_deref(), name, "{path}");
+        }
+    }
 
     #[test]
     fn pins_are_64_hex_digits() {

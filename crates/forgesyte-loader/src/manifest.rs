@@ -387,7 +387,7 @@ fn from_value_asking(
     };
     let requirements = Requirements::from_manifest_as(&raw, bare)?;
     let sandbox = crate::sandbox::parse_spec(obj)?;
-    Ok(Manifest {
+    let manifest = Manifest {
         name,
         version,
         description,
@@ -404,7 +404,36 @@ fn from_value_asking(
         sandbox,
         raw: Arc::new(raw),
         source_sha256: None,
-    })
+    };
+    if manifest.runtime == Runtime::Python
+        && let PythonEntry::File { file, .. } = manifest.python_entry()
+    {
+        check_python_file(&file)?;
+    }
+    Ok(manifest)
+}
+
+/// A Python plugin's entry file must be one its source tree covers (the
+/// tree's pin and its signed list: every `*.py` file, `__pycache__` and
+/// dot-names left out): else the code that runs would be outside both.
+fn check_python_file(file: &str) -> Result<(), ManifestError> {
+    let hidden = Path::new(file).components().any(|c| match c {
+        Component::Normal(name) => {
+            let name = name.to_string_lossy();
+            name.starts_with('.') || name == "__pycache__"
+        }
+        _ => false,
+    });
+    if !file.ends_with(".py") || hidden {
+        return Err(ManifestError::InvalidField {
+            field: "entrypoint".into(),
+            message: format!(
+                "a Python plugin's entry file must be a *.py file outside __pycache__ and \
+                 dot-directories, which its pin and signature cover: {file:?}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn parse_limits(value: Option<&Value>) -> Result<Limits, ManifestError> {

@@ -475,3 +475,43 @@ proptest! {
         }
     }
 }
+
+/// A Python plugin's entry file is one its pin and signed list cover: a
+/// `*.py` file outside `__pycache__` and dot-directories. Another (run as
+/// source all the same) would be code no digest covers.
+#[test]
+fn a_python_entry_file_outside_the_covered_tree_is_refused() {
+    for entry in [
+        "plugin.py",
+        "src/plugin.py",
+        "plugin.py:Plugin",
+        "./main.py:Main",
+    ] {
+        let m = from_value_in(
+            json!({"runtime": "python", "entrypoint": entry}),
+            "x",
+            false,
+        );
+        assert!(m.is_ok(), "{entry}: {m:?}");
+    }
+    for entry in [
+        ".plugin.py:Plugin",
+        "main",
+        "lib/plugin.txt",
+        ".hidden/plugin.py",
+        "__pycache__/plugin.py",
+    ] {
+        let err = from_value_in(
+            json!({"runtime": "python", "entrypoint": entry}),
+            "x",
+            false,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("entry file must be a *.py file"),
+            "{entry}: {err}"
+        );
+    }
+}

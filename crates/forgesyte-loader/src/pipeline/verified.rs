@@ -157,10 +157,7 @@ impl Loader {
         signed: &BTreeMap<String, String>,
         pinned: Option<String>,
     ) -> Result<Opening, PluginError> {
-        let rel = library
-            .strip_prefix(&p.dir)
-            .ok()
-            .map(|rel| rel.to_string_lossy().into_owned());
+        let rel = integrity::listed_name(&p.dir, library);
         let expected = rel
             .as_ref()
             .and_then(|rel| signed.get(rel).cloned())
