@@ -443,7 +443,8 @@ fn runners_run_with_no_new_privs() {
 /// forked the runner (Python runners, and the native runner) and even when
 /// that process left the runner's process group: the forked process no longer holds the runner's stdout, whose
 /// end is how the host sees the death (it waited for the call's time
-/// limit before).
+/// limit before), and one that keeps a copy of it (under another number)
+/// does not hold the death up past a short grace either.
 #[test]
 fn a_runner_whose_forked_process_outlives_it_is_seen_dead_at_once() {
     for zygote in ["1", "0", "native"] {
@@ -471,6 +472,10 @@ fn a_runner_whose_forked_process_outlives_it_is_seen_dead_at_once() {
             &[
                 r#"{"args": {"s": 10}}"#,
                 r#"{"args": {"s": 10, "setsid": true}}"#,
+                // It keeps the runner's protocol pipe open, out of reach
+                // of the fork hook and the group kill: the runner's end
+                // (its pidfd) is seen, not the pipe's.
+                r#"{"args": {"s": 10, "setsid": true, "dup": true}}"#,
             ]
         };
         for body in bodies {
