@@ -526,20 +526,31 @@ fn python_crashes_at_call_time_are_precise() {
         "huge",
         json!({"runtime": "python", "limits": {"max_response_mb": 16}}),
     );
+    // Without the field, the host's default (64 MiB), which the host
+    // tells the runner.
+    copy_fixture(dir.path(), "faulty", "huge-default");
+    write_manifest(dir.path(), "huge-default", json!({"runtime": "python"}));
     let registry = Registry::new();
     let loader = loader(dir.path(), &registry);
-    // A result over the manifest's `max_response_mb` is refused by the
-    // runner before it is sent: a tool error, the plugin stays healthy.
-    match call(&loader, "huge", "huge", json!({"mb": 40})) {
-        Err(CallError::Tool(ToolError::Failed {
-            error_type,
-            message,
-        })) => {
-            assert_eq!(error_type.as_deref(), Some("ResultTooLarge"), "{message}");
+    // A result over the answer limit is refused by the runner before it is
+    // sent: a tool error, the plugin stays healthy (over the host's default
+    // it was an answer the host killed the runner for).
+    for (plugin, mb) in [("huge", 40), ("huge-default", 70)] {
+        match call(&loader, plugin, "huge", json!({ "mb": mb })) {
+            Err(CallError::Tool(ToolError::Failed {
+                error_type,
+                message,
+            })) => {
+                assert_eq!(
+                    error_type.as_deref(),
+                    Some("ResultTooLarge"),
+                    "{plugin}: {message}"
+                );
+            }
+            other => panic!("{plugin}: {other:?}"),
         }
-        other => panic!("{other:?}"),
+        check(&registry, plugin, S::Initialized, None);
     }
-    check(&registry, "huge", S::Initialized, None);
     for (tool, reason) in cases {
         check(&registry, tool, S::Initialized, None);
         let outcome = call(&loader, tool, tool, json!({"mb": 40}));

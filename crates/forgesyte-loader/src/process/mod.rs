@@ -398,6 +398,12 @@ impl ProcessImporter {
             } => {
                 let mut argv = python_runner_args(plugin_dir, entry, *installed);
                 argv.extend(common);
+                // A result over the host's limit is then a tool error, not
+                // an answer the host kills the runner for.
+                argv.extend([
+                    "--max-response-bytes".into(),
+                    self.limits.max_response_bytes.to_string().into(),
+                ]);
                 if zygote::enabled() {
                     let key =
                         zygote::ZygoteKey::new(interpreter, &self.limits, run_as, plan.is_some());

@@ -5,7 +5,8 @@ import os
 
 USAGE = (
     "usage: runner --plugin NAME --plugin-dir DIR "
-    "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N]"
+    "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N] "
+    "[--max-response-bytes N]"
 )
 
 
@@ -21,6 +22,8 @@ class Args(object):
         self.module = None
         self.class_name = None
         self.memory_limit_mb = 0
+        # The most bytes an answer may have (0: the protocol's own cap).
+        self.max_response_bytes = 0
         # The sandbox the host asks for (``--confine JSON``), None: none.
         self.confine = None
         # An installed package is importable already: its directory must not
@@ -72,6 +75,11 @@ def parse_args(argv):
             if not (v.isascii() and v.isdigit()):
                 raise UsageError("--memory-limit-mb: not a number: %r" % v)
             args.memory_limit_mb = int(v)
+        elif arg == "--max-response-bytes":
+            v = value()
+            if not (v.isascii() and v.isdigit()):
+                raise UsageError("--max-response-bytes: not a number: %r" % v)
+            args.max_response_bytes = int(v)
         elif arg == "--confine":
             try:
                 confine = json.loads(value())
