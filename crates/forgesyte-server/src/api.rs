@@ -71,7 +71,7 @@ pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
     let counts = crate::probes::plugin_counts(&state);
     let status = if state.is_loading() {
         "loading"
-    } else if counts.required_available {
+    } else if counts.required_available && !state.load_failed() {
         "ok"
     } else {
         "degraded"

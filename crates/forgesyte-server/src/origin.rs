@@ -139,9 +139,12 @@ fn warn_now() -> bool {
 
 /// Why a request is refused (the answer's detail), or `None`.
 pub(crate) fn refusal(method: &Method, headers: &HeaderMap, guard: &Guard) -> Option<String> {
+    // A Host that is there but not readable (not ASCII) is no name this
+    // server answers to: it is refused as any other name is (it counted as
+    // no Host before). A request with no Host at all (HTTP/1.0) passes.
     let host = headers
         .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"))
         .unwrap_or("");
     if guard.loopback
         && !host.is_empty()
@@ -349,6 +352,16 @@ mod tests {
                 refusal(&get, &headers(&[("host", rebound)]), &guard(true, &[])).expect(rebound);
             assert!(why.contains("is not this server's"), "{why}");
         }
+        // A Host that is not ASCII is no name this server answers to (it
+        // passed as no Host at all); no Host (HTTP/1.0) passes.
+        let mut odd = HeaderMap::new();
+        odd.insert(
+            header::HOST,
+            HeaderValue::from_bytes(b"evil\xe9.com").unwrap(),
+        );
+        let why = refusal(&get, &odd, &guard(true, &[])).expect("an unreadable Host");
+        assert!(why.contains("is not this server's"), "{why}");
+        assert_eq!(refusal(&get, &HeaderMap::new(), &guard(true, &[])), None);
         // A server on another address answers any name (a proxy's, a
         // Service's).
         assert_eq!(

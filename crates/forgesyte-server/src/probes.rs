@@ -101,8 +101,9 @@ pub(crate) fn ready_checks(state: &AppState) -> Vec<ReadyCheck> {
         detail: if loading {
             "the startup load pass is running".into()
         } else if failed {
-            "the startup load pass failed before it reached every plugin (see the log); \
-             a rescan (SIGHUP, or POST /v1/plugins/reload) runs it again"
+            "the startup load pass failed: it stopped before it reached every plugin, or it \
+             could not list the plugins directory and loaded nothing (see the log); a rescan \
+             (SIGHUP, or POST /v1/plugins/reload) runs it again"
                 .into()
         } else {
             "finished".into()

@@ -245,8 +245,23 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
     let state = state.clone();
     tokio::spawn(async move {
         let dir = plugins_dir.clone();
-        let pass = tokio::task::spawn_blocking(move || loader.load_all(&dir)).await;
-        state.set_load_failed(pass.is_err());
+        let pass = tokio::task::spawn_blocking(move || {
+            let report = loader.load_all(&dir);
+            // A plugins directory that cannot be listed (a mount gone
+            // wrong) with nothing loaded from elsewhere is a failed pass:
+            // not ready, and `degraded`, rather than ready serving nothing.
+            let unlisted = std::fs::read_dir(&dir).is_err() && report.plugins.is_empty();
+            (report, unlisted)
+        })
+        .await
+        .map(|(report, unlisted)| {
+            if unlisted {
+                tracing::error!(dir = %plugins_dir.display(), "The plugins directory {} cannot be listed and no plugin was loaded: not ready until a rescan lists it", plugins_dir.display());
+            }
+            (report, unlisted)
+        });
+        state.set_load_failed(pass.as_ref().map_or(true, |(_, unlisted)| *unlisted));
+        let pass = pass.map(|(report, _)| report);
         state.set_loading(false);
         if let Ok(report) = &pass {
             state.metrics().record_load_pass(report);

@@ -365,14 +365,27 @@ fn sigterm_waits_for_an_in_flight_call() {
     assert_eq!(reply.json()["result"], json!({"slept_ms": 700}));
 }
 
+/// A plugins directory that cannot be listed (a mount gone wrong): the
+/// server serves, but says it is `degraded` and not ready (it was ready,
+/// serving nothing, and went into rotation so), naming why.
 #[test]
-fn a_missing_plugins_directory_still_serves() {
+fn a_missing_plugins_directory_still_serves_and_is_not_ready() {
     // (Health while plugins are still loading: `startup` tests, in-process.)
     let server = Forgesyte::start(&["--plugins", "/nonexistent/forgesyte-plugins"]);
     let health = server.wait_loaded();
-    assert_eq!(health["status"], "ok");
+    assert_eq!(health["status"], "degraded", "{health}");
     assert_eq!(health["plugins_total"], 0);
     assert_eq!(server.get("/v1/plugins").json(), json!([]));
+    let ready = server.get("/readyz?verbose");
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(
+        ready
+            .text()
+            .contains("could not list the plugins directory"),
+        "{}",
+        ready.text()
+    );
+    assert_eq!(server.get("/livez").status, 200);
 }
 
 #[test]
