@@ -16,6 +16,57 @@ pub(crate) const STDERR_TAIL_LINES: usize = 20;
 /// Longest stderr line kept whole (longer ones are split).
 const MAX_LINE_BYTES: u64 = 4096;
 
+/// How fast a runner's stderr reaches the host's log, on average (bytes a
+/// second), and the burst it may write at once: past them its lines are
+/// still read (and kept for the crash report's tail) but not logged, and
+/// the log says how many were left out. Without a bound a plugin writing
+/// 200 MB to stderr wrote 200 MB into the server's log.
+const LOG_BYTES_PER_SEC: f64 = 64.0 * 1024.0;
+const LOG_BURST_BYTES: f64 = 1024.0 * 1024.0;
+
+/// The stderr log budget of one runner (a token bucket of bytes).
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    at: Instant,
+    /// Lines and bytes left out since the last that was logged.
+    dropped: (u64, u64),
+}
+
+impl Budget {
+    fn new(now: Instant) -> Budget {
+        Budget {
+            tokens: LOG_BURST_BYTES,
+            at: now,
+            dropped: (0, 0),
+        }
+    }
+
+    /// Whether a line of `bytes` may be logged at `now` (it is counted as
+    /// left out if not).
+    fn admit(&mut self, bytes: usize, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * LOG_BYTES_PER_SEC;
+        self.tokens = (self.tokens + earned).min(LOG_BURST_BYTES);
+        self.at = now;
+        #[allow(clippy::cast_precision_loss)] // a line is at most 4 KiB
+        let cost = bytes as f64;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            true
+        } else {
+            self.dropped.0 += 1;
+            self.dropped.1 += bytes as u64;
+            false
+        }
+    }
+
+    /// The lines and bytes left out since the last call, if any.
+    fn take_dropped(&mut self) -> Option<(u64, u64)> {
+        let dropped = std::mem::take(&mut self.dropped);
+        (dropped.0 > 0).then_some(dropped)
+    }
+}
+
 /// One runner's stderr, as its reading thread keeps it.
 #[derive(Debug)]
 pub(crate) struct StderrLog {
@@ -42,6 +93,7 @@ impl StderrLog {
     pub(crate) fn read(&self, stderr: impl Read) {
         let mut reader = BufReader::new(stderr);
         let mut line = Vec::new();
+        let mut budget = Budget::new(Instant::now());
         loop {
             line.clear();
             match reader
@@ -60,7 +112,13 @@ impl StderrLog {
                     if text.is_empty() {
                         continue;
                     }
-                    log_stderr_line(&self.plugin, self.pid, tags, text);
+                    let had_dropped = budget.dropped.0 > 0;
+                    if budget.admit(text.len(), Instant::now()) {
+                        self.report_dropped(&mut budget);
+                        log_stderr_line(&self.plugin, self.pid, tags, text);
+                    } else if !had_dropped {
+                        tracing::warn!(plugin = %self.plugin, pid = self.pid, "Plugin {} writes to stderr faster than the log takes ({} KiB/s): its lines are left out of the log until it slows down", self.plugin, LOG_BYTES_PER_SEC / 1024.0);
+                    }
                     let mut tail = self.tail.lock();
                     if tail.len() == STDERR_TAIL_LINES {
                         tail.pop_front();
@@ -69,8 +127,16 @@ impl StderrLog {
                 }
             }
         }
+        self.report_dropped(&mut budget);
         *self.done.lock() = true;
         self.closed.notify_all();
+    }
+
+    /// Logs how much of its stderr was left out, if any.
+    fn report_dropped(&self, budget: &mut Budget) {
+        if let Some((lines, bytes)) = budget.take_dropped() {
+            tracing::warn!(plugin = %self.plugin, pid = self.pid, lines, bytes, "Plugin {}: {lines} lines ({bytes} bytes) of its stderr were left out of the log", self.plugin);
+        }
     }
 
     /// The last lines, once stderr has ended or `grace` has passed (the
@@ -136,6 +202,31 @@ fn log_stderr_line(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stderr_reaches_the_log_within_its_budget_and_what_is_left_out_is_counted() {
+        use super::{Budget, LOG_BURST_BYTES, LOG_BYTES_PER_SEC};
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let mut budget = Budget::new(start);
+        // The burst passes whole, then nothing more at the same instant.
+        let line = 4096;
+        let burst = (LOG_BURST_BYTES as usize) / line;
+        assert!((0..burst).all(|_| budget.admit(line, start)));
+        assert!(!budget.admit(line, start));
+        assert!(!budget.admit(10, start));
+        assert_eq!(budget.take_dropped(), Some((2, 4106)));
+        assert_eq!(budget.take_dropped(), None);
+        // A second later, a second's worth passes again.
+        let later = start + Duration::from_secs(1);
+        let per_second = (LOG_BYTES_PER_SEC as usize) / line;
+        assert!((0..per_second).all(|_| budget.admit(line, later)));
+        assert!(!budget.admit(line, later));
+        // Never more than the burst after a long silence.
+        let much_later = start + Duration::from_secs(3600);
+        assert!((0..burst).all(|_| budget.admit(line, much_later)));
+        assert!(!budget.admit(line, much_later));
+    }
+
     #[test]
     fn python_logging_lines_keep_their_level() {
         use super::stderr_level;

@@ -10,7 +10,7 @@ import traceback
 import types
 
 from . import api
-from .base import EXIT_MEMORY, EXIT_PROTOCOL, diag, exit_now, out_of_memory
+from .base import EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory
 from .errors import python_error, wire_error
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
@@ -105,7 +105,9 @@ class Runner(object):
         # manifest's ``limits.max_response_mb`` or the host's default),
         # frame and shared attachments together: a result over it fails as
         # a tool error here rather than the host killing the runner for it.
-        self.max_response = min(args.max_response_bytes or MAX_FRAME_BYTES, MAX_FRAME_BYTES)
+        given = getattr(args, "max_response_bytes", 0)
+        self.max_response = min(given or MAX_FRAME_BYTES, MAX_FRAME_BYTES)
+        self.max_response_given = bool(given)
         self.create_lock = threading.Lock()
         # Long-lived threads take turns reading requests (see `serve`): a
         # new thread per call, or a hand-off per call, cost more than the
@@ -359,6 +361,13 @@ class Runner(object):
             except BaseException as e:
                 self.init_failed(rid, python_error(e))
                 return
+            if not self.max_response_given:
+                # Started without the host's limit (by hand, by a test):
+                # the manifest's, when it gives one.
+                limits = manifest.get("limits") if isinstance(manifest, dict) else None
+                mb = limits.get("max_response_mb") if isinstance(limits, dict) else None
+                if isinstance(mb, int) and not isinstance(mb, bool) and mb > 0:
+                    self.max_response = min(mb * MIB, MAX_FRAME_BYTES)
             self.tools = table
             self.instance = instance
         self.answer({"type": "created", "id": rid, "tools": specs})
