@@ -10,7 +10,10 @@ use serde_json::Value;
 /// "output_schema"}`; schemas are JSON Schema objects (free-form JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolSpec {
-    /// The id clients call it by (`/v1/plugins/{name}/tools/{id}/run`).
+    /// The id clients call it by (`/v1/plugins/{name}/tools/{id}/run`):
+    /// not empty, `.` or `..`, which no URL can carry as a path segment
+    /// (browsers and clients resolve them away).
+    #[serde(deserialize_with = "tool_id")]
     pub id: String,
     /// Short human-readable name.
     #[serde(default)]
@@ -24,6 +27,16 @@ pub struct ToolSpec {
     /// JSON Schema of the result.
     #[serde(default = "any_object", alias = "outputs")]
     pub output_schema: Value,
+}
+
+fn tool_id<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    let id = String::deserialize(deserializer)?;
+    if matches!(id.as_str(), "" | "." | "..") {
+        return Err(serde::de::Error::custom(format!(
+            "a tool id may not be {id:?}: no URL path segment can carry it"
+        )));
+    }
+    Ok(id)
 }
 
 fn any_object() -> Value {
@@ -86,5 +99,22 @@ mod tests {
         let back: ToolSpec = serde_json::from_value(serde_json::to_value(&built).unwrap()).unwrap();
         assert_eq!(back, built);
         assert_eq!(back.title, "OCR");
+    }
+
+    #[test]
+    fn a_tool_id_no_url_can_carry_is_refused() {
+        for id in ["", ".", ".."] {
+            let err = serde_json::from_value::<ToolSpec>(json!({ "id": id }))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("a tool id may not be"), "{id:?}: {err}");
+        }
+        for id in ["...", ".ocr", "a.b"] {
+            assert!(
+                serde_json::from_value::<ToolSpec>(json!({ "id": id })).is_ok(),
+                "{id}"
+            );
+        }
     }
 }

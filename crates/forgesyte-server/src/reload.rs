@@ -205,6 +205,7 @@ pub(crate) async fn reload_plugin(
     // In a task of its own, so that the event is published even if the
     // client hangs up mid-reload (its handler dropped).
     let (loader, events, key) = (Arc::clone(state.loader()), state.clone(), name.clone());
+    let for_metrics = state.clone();
     let outcome = tokio::spawn(async move {
         // The claim is held until the event is out: the next admin
         // operation's event comes after this one's.
@@ -212,6 +213,7 @@ pub(crate) async fn reload_plugin(
             tokio::task::spawn_blocking(move || (loader.reload(&key), guard)).await?;
         Ok::<_, tokio::task::JoinError>(outcome.map(|outcome| {
             tracing::debug!(plugin = %outcome.name, state = %outcome.state.as_str(), reason = ?outcome.reason, "Reload finished");
+            crate::rescan::forget_gone_tools(&for_metrics, &[outcome.name.as_str()]);
             let outcome = ReloadOutcome::from(outcome);
             events
                 .events()

@@ -72,6 +72,14 @@ async fn rescan_to_the_end(
             state.metrics().forget_plugin(&removed.name);
         }
     }
+    let reloaded: Vec<&str> = report
+        .changed
+        .iter()
+        .chain(&report.retried)
+        .chain(&report.added)
+        .map(|outcome| outcome.name.as_str())
+        .collect();
+    forget_gone_tools(state, &reloaded);
     let report = ReloadReport::from(report);
     tracing::info!(
         %trigger,
@@ -83,6 +91,18 @@ async fn rescan_to_the_end(
     );
     state.events().reload_finished(trigger, &report);
     Ok(report)
+}
+
+/// Drops the metric series of the tools that `plugins` (loaded again) no
+/// longer offer, for each that is live now (one that failed keeps its
+/// series: its tools may come back).
+pub(crate) fn forget_gone_tools(state: &AppState, plugins: &[&str]) {
+    for name in plugins {
+        if let Some(handle) = state.loader().handle(name) {
+            let live: Vec<&str> = handle.tools().iter().map(|t| t.id.as_str()).collect();
+            state.metrics().forget_gone_tools(name, &live);
+        }
+    }
 }
 
 /// Waits (bounded) for the admin claim, then rescans; for the triggers

@@ -358,7 +358,7 @@ function toolCard(name, tool) {
       result.textContent = 'Request failed: ' + e.message;
     }
   });
-  return el('div', { class: 'tool', 'data-tool': tool.id },
+  return el('div', { class: 'tool', 'data-tool': tool.id, 'data-spec': JSON.stringify(tool) },
     el('h3', {}, el('code', { text: tool.id }), tool.title && tool.title !== tool.id ? ' ' + tool.title : null),
     tool.description ? el('p', { text: tool.description }) : null,
     el('details', {}, el('summary', { text: 'Input schema' }), el('pre', { text: JSON.stringify(tool.input_schema, null, 2) })),
@@ -381,7 +381,14 @@ async function loadTools(name) {
   const meta = el('p', { class: 'muted', text: [p.description, p.version && 'version ' + p.version].filter(Boolean).join(' · ') });
   try {
     const tools = await getJSON(pluginPath(name) + '/tools');
-    cell.replaceChildren(meta, ...(tools.length ? tools.map((t) => toolCard(name, t)) : [el('p', { text: 'No tools.' })]));
+    // A card whose tool is unchanged is kept as it is (moved, not rebuilt):
+    // its typed arguments stay, and a run from it still in flight (the
+    // call that made the plugin fail, whose event comes before its answer)
+    // writes its answer where it can be seen.
+    const kept = new Map();
+    for (const card of cell.querySelectorAll(':scope > .tool')) kept.set(card.dataset.spec, card);
+    const card = (t) => kept.get(JSON.stringify(t)) || toolCard(name, t);
+    cell.replaceChildren(meta, ...(tools.length ? tools.map(card) : [el('p', { text: 'No tools.' })]));
   } catch (e) {
     cell.replaceChildren(meta, el('p', { class: 'muted', text: 'No tools to show: ' + e.message }));
   }

@@ -418,17 +418,7 @@ impl Metrics {
             .remove(plugin)
             .unwrap_or_default();
         for tool in tools {
-            for outcome in Outcome::ALL {
-                self.calls.remove(&CallLabels {
-                    plugin: plugin.to_owned(),
-                    tool: Text(tool.clone()),
-                    outcome,
-                });
-            }
-            self.call_seconds.remove(&ToolLabels {
-                plugin: plugin.to_owned(),
-                tool: Text(tool),
-            });
+            self.remove_tool_series(plugin, tool);
         }
         let labels = PluginLabels {
             plugin: plugin.to_owned(),
@@ -437,6 +427,53 @@ impl Metrics {
         self.bytes_out.remove(&labels);
         // The next scrape encodes afresh.
         self.scraped.store(None);
+    }
+
+    /// Removes the series of `plugin`'s tools that its live instance no
+    /// longer offers (`live`, its tool ids), once a reload or rescan
+    /// changed it: a renamed or dropped tool's series would otherwise stay
+    /// in every scrape until the server restarts.
+    pub(crate) fn forget_gone_tools(&self, plugin: &str, live: &[&str]) {
+        let gone: Vec<String> = {
+            let mut seen = self
+                .tools_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let Some(tools) = seen.get_mut(plugin) else {
+                return;
+            };
+            let gone: Vec<String> = tools
+                .iter()
+                .filter(|tool| *tool != UNKNOWN_TOOL && !live.contains(&tool.as_str()))
+                .cloned()
+                .collect();
+            for tool in &gone {
+                tools.remove(tool);
+            }
+            gone
+        };
+        if gone.is_empty() {
+            return;
+        }
+        for tool in gone {
+            self.remove_tool_series(plugin, tool);
+        }
+        self.scraped.store(None);
+    }
+
+    /// Removes the call and latency series of one tool of `plugin`.
+    fn remove_tool_series(&self, plugin: &str, tool: String) {
+        for outcome in Outcome::ALL {
+            self.calls.remove(&CallLabels {
+                plugin: plugin.to_owned(),
+                tool: Text(tool.clone()),
+                outcome,
+            });
+        }
+        self.call_seconds.remove(&ToolLabels {
+            plugin: plugin.to_owned(),
+            tool: Text(tool),
+        });
     }
 
     /// Records one HTTP request under its route.
@@ -635,6 +672,28 @@ mod tests {
                 .contains(&r#"forgesyte_tool_calls_total{plugin="gone",tool="a",outcome="ok"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_series_of_tools_a_reloaded_plugin_no_longer_offers_are_dropped() {
+        let metrics = Metrics::new(loader());
+        for tool in ["old", "kept", UNKNOWN_TOOL] {
+            metrics.record_call("p", tool, Outcome::ok, Some(Duration::from_millis(2)));
+        }
+        metrics.record_call("q", "old", Outcome::ok, None);
+        let _ = metrics.scrape().unwrap();
+        metrics.forget_gone_tools("p", &["kept", "new"]);
+        let text = String::from_utf8_lossy(&metrics.scrape().unwrap()).into_owned();
+        assert!(!text.contains(r#"plugin="p",tool="old""#), "{text}");
+        for kept in [
+            r#"forgesyte_tool_calls_total{plugin="p",tool="kept",outcome="ok"} 1"#.to_owned(),
+            format!(
+                r#"forgesyte_tool_calls_total{{plugin="p",tool="{UNKNOWN_TOOL}",outcome="ok"}} 1"#
+            ),
+            r#"forgesyte_tool_calls_total{plugin="q",tool="old",outcome="ok"} 1"#.to_owned(),
+        ] {
+            assert!(samples(&text).contains(&kept.as_str()), "{kept} in {text}");
+        }
     }
 
     #[test]

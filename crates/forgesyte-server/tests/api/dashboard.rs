@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::support::{Forgesyte, PluginsDir, http};
+use crate::support::{Forgesyte, PluginsDir};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -349,15 +349,29 @@ fn the_dashboard_shows_states_and_follows_changes_live() {
         std::thread::sleep(Duration::from_millis(2300));
     }
 
-    // A fault appears without navigation: the page object survives.
+    // A fault appears without navigation: the page object survives. It is
+    // a run from the try-it form, whose answer stays in view: the fault's
+    // event comes before the answer, and the card it was sent from is
+    // kept, not rebuilt (the answer went to a card no longer on the page).
     browser.script("window.__sameDocument = 42;", json!([]));
-    let reply = http(
-        server.addr,
-        "POST",
-        "/v1/plugins/victim/tools/panic/run",
-        b"{}",
+    browser.script(
+        "document.querySelector(\"tr[data-plugin='victim'] button.open\").click();",
+        json!([]),
     );
-    assert_eq!(reply.status, 502, "{}", reply.text());
+    let panic_card = "tr[data-details='victim'] .tool[data-tool='panic']";
+    browser.wait_text(&format!("{panic_card} h3"), "the victim's tools", |t| {
+        t.contains("panic")
+    });
+    browser.script(
+        &format!("document.querySelector(\"{panic_card} button.run\").click();"),
+        json!([]),
+    );
+    let answer = browser.wait_text(
+        &format!("{panic_card} pre.result"),
+        "the fault's answer in the form",
+        |t| t.starts_with("502"),
+    );
+    assert!(answer.contains("ToolPanic"), "{answer}");
     browser.wait_text(&badge("victim"), "the fault", |t| t == "FAILED");
     browser.wait_text("tr[data-plugin='victim'] .reason", "its reason", |t| {
         t.starts_with("ToolPanic")
