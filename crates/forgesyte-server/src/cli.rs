@@ -236,7 +236,9 @@ pub(crate) struct ServeArgs {
     /// Names the server is reached by besides its own address, such as a
     /// proxy's public name, without scheme or port (comma-separated, or
     /// repeat the option): requests for them are answered on a loopback
-    /// address, and their pages may run tools and reload.
+    /// address, and their pages may run tools and reload. Once given, a
+    /// connection to any address answers only these names, IP addresses
+    /// and localhost (against DNS rebinding).
     #[arg(long = "public-host", value_name = "NAMES", env = "FORGESYTE_PUBLIC_HOST", value_delimiter = ',', value_parser = parse_public_host)]
     pub(crate) public_hosts: Vec<String>,
 }

@@ -146,6 +146,23 @@ pub(crate) fn refusal(method: &Method, headers: &HeaderMap, guard: &Guard) -> Op
         .get(header::HOST)
         .map(|v| v.to_str().unwrap_or("\u{fffd}"))
         .unwrap_or("");
+    // On another address the rule applies once the operator named the
+    // server's names (`--public-host`): then only those, IP addresses
+    // (which no page can rebind) and localhost (a container's published
+    // port) are answered; a DNS-rebound page's own name is not.
+    if !guard.loopback
+        && !guard.public_hosts.is_empty()
+        && !host.is_empty()
+        && !is_loopback_name(host)
+        && !guard.is_public(host_name(host))
+        && !is_ip_literal(host)
+    {
+        return Some(format!(
+            "Host '{}' is not this server's: with --public-host it answers those names, \
+             IP addresses and localhost only",
+            host.escape_debug()
+        ));
+    }
     if guard.loopback
         && !host.is_empty()
         && !is_loopback_name(host)
@@ -226,18 +243,27 @@ fn same_authority(authority: &str, https: bool, host: &str) -> bool {
     !host.is_empty() && strip(authority) == strip(host)
 }
 
-/// Whether a `Host` value names the loopback interface.
-fn is_loopback_name(host: &str) -> bool {
+/// A `Host` value's name, without port, brackets or trailing dot.
+fn bare_name(host: &str) -> &str {
     let name = host_name(host);
-    let name = name
-        .strip_prefix('[')
+    name.strip_prefix('[')
         .and_then(|n| n.strip_suffix(']'))
         .unwrap_or(name)
-        .trim_end_matches('.');
+        .trim_end_matches('.')
+}
+
+/// Whether a `Host` value names the loopback interface.
+fn is_loopback_name(host: &str) -> bool {
+    let name = bare_name(host);
     name.eq_ignore_ascii_case("localhost")
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a `Host` value is an IP address (with or without a port).
+fn is_ip_literal(host: &str) -> bool {
+    bare_name(host).parse::<std::net::IpAddr>().is_ok()
 }
 
 #[cfg(test)]
@@ -363,7 +389,7 @@ mod tests {
         assert!(why.contains("is not this server's"), "{why}");
         assert_eq!(refusal(&get, &HeaderMap::new(), &guard(true, &[])), None);
         // A server on another address answers any name (a proxy's, a
-        // Service's).
+        // Service's)...
         assert_eq!(
             refusal(
                 &get,
@@ -372,6 +398,30 @@ mod tests {
             ),
             None
         );
+        // ... until the operator names its names: then those, IP
+        // addresses and localhost only (a container's published port,
+        // which a rebound page reaches under its own name).
+        let named = guard(false, &["forgesyte.example"]);
+        for ok in [
+            "forgesyte.example:8000",
+            "FORGESYTE.example",
+            "10.0.0.5:8000",
+            "[2001:db8::1]:80",
+            "localhost:8000",
+        ] {
+            assert_eq!(
+                refusal(&get, &headers(&[("host", ok)]), &named),
+                None,
+                "{ok}"
+            );
+        }
+        for rebound in [
+            "rebind.attacker.example:8000",
+            "forgesyte.svc.cluster.local",
+        ] {
+            let why = refusal(&get, &headers(&[("host", rebound)]), &named).expect(rebound);
+            assert!(why.contains("with --public-host"), "{why}");
+        }
     }
 
     #[test]
