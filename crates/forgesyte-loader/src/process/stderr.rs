@@ -23,6 +23,10 @@ const MAX_LINE_BYTES: u64 = 4096;
 /// 200 MB to stderr wrote 200 MB into the server's log.
 const LOG_BYTES_PER_SEC: f64 = 64.0 * 1024.0;
 const LOG_BURST_BYTES: f64 = 1024.0 * 1024.0;
+/// What one log record costs besides its line (time, target, plugin, pid):
+/// a plugin writing one-byte lines must not get a million records a
+/// second out of the budget.
+const LOG_RECORD_BYTES: usize = 128;
 
 /// The stderr log budget of one runner (a token bucket of bytes).
 #[derive(Debug)]
@@ -113,7 +117,9 @@ impl StderrLog {
                         continue;
                     }
                     let had_dropped = budget.dropped.0 > 0;
-                    if budget.admit(text.len(), Instant::now()) {
+                    // The line as written (its tags included, which the
+                    // record logs too) and what each record adds.
+                    if budget.admit(line.len() + LOG_RECORD_BYTES, Instant::now()) {
                         self.report_dropped(&mut budget);
                         log_stderr_line(&self.plugin, self.pid, tags, text);
                     } else if !had_dropped {
@@ -135,7 +141,7 @@ impl StderrLog {
     /// Logs how much of its stderr was left out, if any.
     fn report_dropped(&self, budget: &mut Budget) {
         if let Some((lines, bytes)) = budget.take_dropped() {
-            tracing::warn!(plugin = %self.plugin, pid = self.pid, lines, bytes, "Plugin {}: {lines} lines ({bytes} bytes) of its stderr were left out of the log", self.plugin);
+            tracing::warn!(plugin = %self.plugin, pid = self.pid, lines, bytes, "Plugin {}: {lines} lines of its stderr were left out of the log ({bytes} bytes, counting {LOG_RECORD_BYTES} a record)", self.plugin);
         }
     }
 
