@@ -490,7 +490,13 @@ mod tests {
                 .prop_map(|error| Response::ImportFailed { error }),
             (
                 any::<u64>(),
-                prop::collection::vec(strategies::text(), 0..3)
+                prop::collection::vec(
+                    // A tool id is never "", "." or ".." (`tool::tool_id`).
+                    strategies::text().prop_filter("a tool id a URL can carry", |t| {
+                        !matches!(t.as_str(), "" | "." | "..")
+                    }),
+                    0..3
+                )
             )
                 .prop_map(|(id, ids)| Response::Created {
                     id,
