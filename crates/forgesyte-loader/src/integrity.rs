@@ -16,8 +16,9 @@
 //!   (hidden files and directories) and `__pycache__` directories are
 //!   skipped; a symbolic link to a file is hashed as the file it points to;
 //!   a tree holding a symbolic link to a directory (other than
-//!   `__pycache__`), a path that is not UTF-8 or one that contains a
-//!   newline cannot be pinned (an error).
+//!   `__pycache__`), a `*.py` or `*.so` link that leads to no file, a path
+//!   that is not UTF-8 or one that contains a newline cannot be pinned (an
+//!   error).
 //!
 //! Digests are written as 64 hexadecimal digits; the host compares them in
 //! lowercase.
@@ -220,8 +221,21 @@ fn collect_py(
         }
         // Everything Python runs from the tree: sources, and extension
         // modules (the runner never reads a plugin's bytecode).
-        if (name.ends_with(".py") || name.ends_with(".so")) && fs.metadata(&entry.path)?.is_file {
-            files.insert(rel, entry.path.clone());
+        if name.ends_with(".py") || name.ends_with(".so") {
+            let meta = fs.metadata(&entry.path)?;
+            if meta.is_file {
+                files.insert(rel, entry.path.clone());
+            } else if meta.is_symlink {
+                // A link that leads to no file now: what appears behind it
+                // later is code Python imports and no digest covers.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{rel} is a link that leads to no file: Python would import what appears \
+                         behind it later, which no digest covers (remove it, or copy the file in)"
+                    ),
+                ));
+            }
         }
     }
     Ok(())
@@ -507,6 +521,19 @@ mod tests {
         std::fs::remove_file(root.join("numpy")).unwrap();
         std::os::unix::fs::symlink(".stash", root.join("__pycache__")).unwrap();
         assert!(python_tree_listing(&RealFs, root).is_ok());
+        // A link to a file is listed as the file; one that leads nowhere
+        // (yet) cannot be listed: what appeared there later would be
+        // imported unlisted.
+        std::os::unix::fs::symlink(".stash/numpy/__init__.py", root.join("helper.py")).unwrap();
+        let listing = python_tree_listing(&RealFs, root).unwrap();
+        assert!(listing.contains("  helper.py\n"), "{listing}");
+        std::os::unix::fs::symlink(root.join("later.py"), root.join("dangling.py")).unwrap();
+        let err = python_tree_listing(&RealFs, root).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("dangling.py is a link that leads to no file"),
+            "{err}"
+        );
     }
 
     #[test]
