@@ -526,13 +526,7 @@ mod tests {
             let (entered_tx, entered_rx) = mpsc::channel();
             let (release_tx, release_rx) = mpsc::channel();
             let runner = Arc::new(Runner {
-                tools: vec![ToolInfo {
-                    id: "wait".into(),
-                    title: "wait".into(),
-                    description: String::new(),
-                    input_schema: serde_json::json!({}),
-                    output_schema: serde_json::json!({}),
-                }],
+                tools: vec![ToolInfo::new("wait")],
                 entered: Mutex::new(Some(entered_tx)),
                 release: Mutex::new(Some(release_rx)),
                 kills: AtomicU32::new(0),

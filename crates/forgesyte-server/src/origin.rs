@@ -150,24 +150,15 @@ pub(crate) fn refusal(method: &Method, headers: &HeaderMap, guard: &Guard) -> Op
     // server's names (`--public-host`): then only those, IP addresses
     // (which no page can rebind) and localhost (a container's published
     // port) are answered; a DNS-rebound page's own name is not.
-    if !guard.loopback
-        && !guard.public_hosts.is_empty()
-        && !host.is_empty()
-        && !is_loopback_name(host)
-        && !guard.is_public(host_name(host))
-        && !is_ip_literal(host)
-    {
+    let foreign = !host.is_empty() && !is_loopback_name(host) && !guard.is_public(host_name(host));
+    if foreign && !guard.loopback && !guard.public_hosts.is_empty() && !is_ip_literal(host) {
         return Some(format!(
             "Host '{}' is not this server's: with --public-host it answers those names, \
              IP addresses and localhost only",
             host.escape_debug()
         ));
     }
-    if guard.loopback
-        && !host.is_empty()
-        && !is_loopback_name(host)
-        && !guard.is_public(host_name(host))
-    {
+    if foreign && guard.loopback {
         return Some(format!(
             "Host '{}' is not this server's: on a loopback address it answers localhost, \
              127.0.0.1, [::1] and its --public-host names only (a proxy that passes its own Host \

@@ -251,15 +251,12 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
             // wrong) with nothing loaded from elsewhere is a failed pass:
             // not ready, and `degraded`, rather than ready serving nothing.
             let unlisted = std::fs::read_dir(&dir).is_err() && report.plugins.is_empty();
-            (report, unlisted)
-        })
-        .await
-        .map(|(report, unlisted)| {
             if unlisted {
-                tracing::error!(dir = %plugins_dir.display(), "The plugins directory {} cannot be listed and no plugin was loaded: not ready until a rescan lists it", plugins_dir.display());
+                tracing::error!(dir = %dir.display(), "The plugins directory {} cannot be listed and no plugin was loaded: not ready until a rescan lists it", dir.display());
             }
             (report, unlisted)
-        });
+        })
+        .await;
         state.set_load_failed(pass.as_ref().map_or(true, |(_, unlisted)| *unlisted));
         let pass = pass.map(|(report, _)| report);
         state.set_loading(false);

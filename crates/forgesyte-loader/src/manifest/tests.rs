@@ -481,17 +481,20 @@ proptest! {
 /// source all the same) would be code no digest covers.
 #[test]
 fn a_python_entry_file_outside_the_covered_tree_is_refused() {
+    let parse = |entry: &str| {
+        from_value_in(
+            json!({"runtime": "python", "entrypoint": entry}),
+            "x",
+            false,
+        )
+    };
     for entry in [
         "plugin.py",
         "src/plugin.py",
         "plugin.py:Plugin",
         "./main.py:Main",
     ] {
-        let m = from_value_in(
-            json!({"runtime": "python", "entrypoint": entry}),
-            "x",
-            false,
-        );
+        let m = parse(entry);
         assert!(m.is_ok(), "{entry}: {m:?}");
     }
     for entry in [
@@ -501,14 +504,10 @@ fn a_python_entry_file_outside_the_covered_tree_is_refused() {
         ".hidden/plugin.py",
         "__pycache__/plugin.py",
     ] {
-        let err = from_value_in(
-            json!({"runtime": "python", "entrypoint": entry}),
-            "x",
-            false,
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+        let err = parse(entry)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(
             err.contains("entry file must be a *.py file"),
             "{entry}: {err}"

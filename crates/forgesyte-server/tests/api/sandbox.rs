@@ -315,39 +315,28 @@ fn a_link_a_plugin_aims_after_its_load_allows_nothing() {
         json!({"name": "l", "target": outside.to_str().unwrap()}),
     );
     assert!(linked.is_ok(), "{linked:?}");
-    for path in [&through_link, &outside.join("secret.txt")] {
-        let denied = read(path);
-        assert!(
-            matches!(&denied, Err((kind, _)) if kind == "PermissionError"),
-            "{}: {denied:?}",
-            path.display()
-        );
-    }
+    let both_denied = |when: &str| {
+        for path in [&through_link, &outside.join("secret.txt")] {
+            let denied = read(path);
+            assert!(
+                matches!(&denied, Err((kind, _)) if kind == "PermissionError"),
+                "{when}, {}: {denied:?}",
+                path.display()
+            );
+        }
+    };
+    both_denied("before the restart");
 
     // Restarted, with the link in place.
     let crashed = server.run(&name, "exit", r#"{"args": {}}"#);
     assert_eq!(crashed.status, 502, "{}", crashed.json());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    let limit = std::time::Duration::from_secs(30);
+    crate::rescan::wait_for("the restart", limit, &server, || {
         let shown = status(&server, &name);
-        if shown["state"] == "INITIALIZED" && shown["restart_count"].as_u64().unwrap_or(0) >= 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not restarted: {shown}\nlog:\n{}",
-            server.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    for path in [&through_link, &outside.join("secret.txt")] {
-        let denied = read(path);
-        assert!(
-            matches!(&denied, Err((kind, _)) if kind == "PermissionError"),
-            "after the restart, {}: {denied:?}",
-            path.display()
-        );
-    }
+        (shown["state"] == "INITIALIZED" && shown["restart_count"].as_u64().unwrap_or(0) >= 1)
+            .then_some(())
+    });
+    both_denied("after the restart");
     let _ = std::fs::remove_file(&aim);
 }
 
