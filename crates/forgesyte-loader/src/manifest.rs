@@ -120,7 +120,8 @@ pub struct Limits {
     /// process, in MiB (`0`: none).
     pub memory_mb: Option<u64>,
     /// `limits.max_response_mb`: the largest answer frame an isolated
-    /// plugin's process may send, in MiB.
+    /// plugin's process may send, in MiB; it may lower the host's limit,
+    /// not raise it.
     pub max_response_mb: Option<u64>,
 }
 

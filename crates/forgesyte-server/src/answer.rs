@@ -28,7 +28,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
-use crate::error::RunFailure;
+use crate::budget::AnswerBudget;
+use crate::error::{RunError, RunFailure};
 use crate::respond::{json, json_bytes};
 use crate::tools::RunSuccess;
 
@@ -143,16 +144,27 @@ pub(crate) fn with_base64(mut success: RunSuccess, binary: Vec<(String, Bytes)>)
     success
 }
 
-/// The answer to a success in `representation`.
+/// The answer to a success in `representation`, its bytes holding room
+/// in `budget` until they are sent (`AnswersInFlight` or `AnswerTooLarge`
+/// when there is none for them: the answer is dropped).
 pub(crate) fn respond(
     success: RunSuccess,
     binary: Vec<(String, Bytes)>,
     representation: Representation,
-) -> Response {
+    budget: &AnswerBudget,
+) -> Result<Response, RunError> {
     match representation {
-        Representation::Json => json(StatusCode::OK, &with_base64(success, binary)),
-        Representation::Multipart => multipart(&success, binary),
-        Representation::Raw => raw(&success, binary),
+        Representation::Json => match serde_json::to_vec(&with_base64(success, binary)) {
+            Ok(body) => {
+                let room = budget.charge(body.len())?;
+                Ok(json_bytes(StatusCode::OK, AnswerBudget::hold(body, room)))
+            }
+            Err(e) => Err(RunError::Internal {
+                message: format!("serialising a response: {e}"),
+            }),
+        },
+        Representation::Multipart => multipart(&success, binary, budget),
+        Representation::Raw => raw(&success, binary, budget),
     }
 }
 
@@ -160,14 +172,17 @@ fn encoded_pointer(pointer: &str) -> String {
     utf8_percent_encode(pointer, POINTER_ESCAPES).to_string()
 }
 
-fn multipart(success: &RunSuccess, binary: Vec<(String, Bytes)>) -> Response {
+fn multipart(
+    success: &RunSuccess,
+    binary: Vec<(String, Bytes)>,
+    budget: &AnswerBudget,
+) -> Result<Response, RunError> {
     let head = match serde_json::to_vec(success) {
         Ok(head) => Bytes::from(head),
         Err(e) => {
-            return json_bytes(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!(r#"{{"detail":"serialising a response: {e}"}}"#),
-            );
+            return Err(RunError::Internal {
+                message: format!("serialising a response: {e}"),
+            });
         }
     };
     let boundary =
@@ -187,8 +202,12 @@ fn multipart(success: &RunSuccess, binary: Vec<(String, Bytes)>) -> Response {
         )));
         chunks.push(bytes);
     }
-    chunks.push(Bytes::from(format!("\r\n--{boundary}--\r\n")));
-    let length: usize = chunks.iter().map(Bytes::len).sum();
+    let closing = format!("\r\n--{boundary}--\r\n");
+    let length: usize = chunks.iter().map(Bytes::len).sum::<usize>() + closing.len();
+    // The room goes with the last part: hyper takes it after all the
+    // others, and it is dropped with the rest if the client leaves first.
+    let room = budget.charge(length)?;
+    chunks.push(AnswerBudget::hold(closing, room));
     let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
     let mut response = (StatusCode::OK, Body::from_stream(stream)).into_response();
     let headers = response.headers_mut();
@@ -196,7 +215,7 @@ fn multipart(success: &RunSuccess, binary: Vec<(String, Bytes)>) -> Response {
         headers.insert(CONTENT_TYPE, value);
     }
     headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
-    response
+    Ok(response)
 }
 
 /// A boundary that occurs in none of `parts` (RFC 2046: at most 70
@@ -224,12 +243,21 @@ fn boundary<'a>(parts: impl Iterator<Item = &'a [u8]> + Clone) -> String {
     }
 }
 
-fn raw(success: &RunSuccess, mut binary: Vec<(String, Bytes)>) -> Response {
+fn raw(
+    success: &RunSuccess,
+    mut binary: Vec<(String, Bytes)>,
+    budget: &AnswerBudget,
+) -> Result<Response, RunError> {
     let Some((pointer, bytes)) = binary.pop() else {
-        return not_acceptable(success, "the result has no binary result".into());
+        return Ok(not_acceptable(
+            success,
+            "the result has no binary result".into(),
+        ));
     };
     let length = bytes.len();
-    let mut response = (StatusCode::OK, Body::from(bytes)).into_response();
+    let room = budget.charge(length)?;
+    let mut response =
+        (StatusCode::OK, Body::from(AnswerBudget::hold(bytes, room))).into_response();
     let headers = response.headers_mut();
     headers.insert(
         CONTENT_TYPE,
@@ -260,7 +288,7 @@ fn raw(success: &RunSuccess, mut binary: Vec<(String, Bytes)>) -> Response {
         Ok(text) => set(RESULT_HEADER, text),
         Err(_) => set(RESULT_OMITTED_HEADER, "unserialisable".into()),
     }
-    response
+    Ok(response)
 }
 
 #[cfg(test)]
@@ -359,7 +387,13 @@ mod tests {
                 result,
                 processing_time_ms: 1.0,
             };
-            raw(&success, vec![("/b".into(), Bytes::from_static(b"x"))])
+            let budget = AnswerBudget::new(1024, Some(4096));
+            raw(
+                &success,
+                vec![("/b".into(), Bytes::from_static(b"x"))],
+                &budget,
+            )
+            .unwrap()
         };
         let plain = with(json!({"s": "fine"}));
         assert!(plain.headers().contains_key(RESULT_HEADER));
@@ -372,6 +406,41 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn every_representation_holds_room_until_its_body_is_dropped() {
+        use Representation::*;
+        let budget = AnswerBudget::new(1024, Some(64 << 10));
+        let success = RunSuccess {
+            ok: true,
+            plugin_id: "p".into(),
+            tool_name: "t".into(),
+            result: json!({"b": null}),
+            processing_time_ms: 1.0,
+        };
+        let binary = vec![("/b".to_owned(), Bytes::from(vec![1u8; 36 << 10]))];
+        for representation in [Json, Multipart, Raw] {
+            let answer = respond(success.clone(), binary.clone(), representation, &budget);
+            let answer = answer.unwrap();
+            let free = budget.available_kib();
+            assert!(free <= 64 - 36, "{representation:?}: {free} KiB free");
+            let second = respond(success.clone(), binary.clone(), representation, &budget);
+            assert_eq!(
+                second.unwrap_err(),
+                RunError::AnswersInFlight { budget_mib: 0 },
+                "{representation:?}"
+            );
+            drop(answer);
+            assert_eq!(budget.available_kib(), 64, "{representation:?}");
+        }
+        // 60 KiB are 80 KiB as base64: more than the whole budget as JSON,
+        // not as raw bytes.
+        let large = vec![("/b".to_owned(), Bytes::from(vec![1u8; 60 << 10]))];
+        let err = respond(success.clone(), large.clone(), Json, &budget).unwrap_err();
+        assert!(matches!(err, RunError::AnswerTooLarge { .. }), "{err:?}");
+        assert!(respond(success, large, Raw, &budget).is_ok());
+        assert_eq!(budget.available_kib(), 64);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use crate::budget::BodyBudget;
 use crate::error::{MALFORMED_ARGS_PART, MALFORMED_MULTIPART, RunError};
 
 /// Body of a tool run. An empty body means `{"args": {}}`.
@@ -25,90 +26,6 @@ pub struct RunRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub args: Map<String, Value>,
-}
-
-/// The memory all tool calls' request bodies and streams' frames may hold
-/// at once (room is counted in KiB, taken as bytes arrive: see [`receive`]). Without a bound, clients (who need no token to send bodies) could make
-/// the server hold a body at the limit per connection: 24 connections
-/// sending 32 MiB bodies they never finished took it from 6 MiB to 784 MiB.
-#[derive(Debug)]
-pub(crate) struct BodyBudget {
-    room: std::sync::Arc<tokio::sync::Semaphore>,
-    kib: usize,
-}
-
-impl BodyBudget {
-    /// The budget for bodies of at most `body_limit` bytes: `memory` bytes,
-    /// else eight bodies at the limit, at least 256 MiB; never less than one
-    /// body at the limit (a body that could never fit would be told to
-    /// retry for ever).
-    pub(crate) fn new(body_limit: usize, memory: Option<usize>) -> Self {
-        let kib = memory
-            .unwrap_or_else(|| body_limit.saturating_mul(8).max(256 << 20))
-            .max(body_limit)
-            .div_ceil(1024)
-            .min(tokio::sync::Semaphore::MAX_PERMITS);
-        BodyBudget {
-            room: std::sync::Arc::new(tokio::sync::Semaphore::new(kib)),
-            kib,
-        }
-    }
-
-    /// Room for `bytes` bytes already received (a stream's frame), or
-    /// `BodiesInFlight`.
-    pub(crate) fn charge(
-        &self,
-        bytes: usize,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, RunError> {
-        self.take(bytes.div_ceil(1024))
-    }
-
-    /// Room for `bytes` bytes, taken first from `held` (room its caller
-    /// is giving up: a stream's arguments being replaced), the rest from
-    /// the budget; on `BodiesInFlight`, `held` is handed back untouched.
-    /// What `held` has beyond `bytes` is given back.
-    pub(crate) fn charge_from(
-        &self,
-        bytes: usize,
-        held: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> Result<
-        tokio::sync::OwnedSemaphorePermit,
-        (RunError, Option<tokio::sync::OwnedSemaphorePermit>),
-    > {
-        let kib = bytes.div_ceil(1024);
-        let Some(mut held) = held else {
-            return self.take(kib).map_err(|e| (e, None));
-        };
-        let have = held.num_permits();
-        if kib <= have {
-            // The excess goes back to the budget as it drops.
-            if let Some(rest) = held.split(have - kib) {
-                drop(rest);
-            }
-            return Ok(held);
-        }
-        match self.take(kib - have) {
-            Ok(more) => {
-                held.merge(more);
-                Ok(held)
-            }
-            Err(e) => Err((e, Some(held))),
-        }
-    }
-
-    /// `kib` more KiB of room, or `BodiesInFlight`.
-    fn take(&self, kib: usize) -> Result<tokio::sync::OwnedSemaphorePermit, RunError> {
-        u32::try_from(kib)
-            .ok()
-            .and_then(|n| {
-                std::sync::Arc::clone(&self.room)
-                    .try_acquire_many_owned(n)
-                    .ok()
-            })
-            .ok_or(RunError::BodiesInFlight {
-                budget_mib: self.kib / 1024,
-            })
-    }
 }
 
 /// Reads a tool call's request body, at most `limit` bytes, taking room
@@ -443,7 +360,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_takes_room_for_its_bytes_and_gives_it_back() {
         let budget = BodyBudget::new(4096, Some(8192));
-        assert_eq!(budget.room.available_permits(), 8);
+        assert_eq!(budget.available_kib(), 8);
         // Many small pieces: joined once, charged by the KiB.
         let pieces = vec![&b"x"[..]; 3000];
         let (bytes, room) = receive(&budget, &HeaderMap::new(), streamed(pieces), 4096)
@@ -451,7 +368,7 @@ mod tests {
             .unwrap();
         assert_eq!(bytes.len(), 3000);
         assert!(bytes.iter().all(|&b| b == b'x'));
-        assert_eq!(budget.room.available_permits(), 5);
+        assert_eq!(budget.available_kib(), 5);
         // Another body finds 5 KiB: 4 KiB fit, a second 4 KiB do not.
         let (_, second) = receive(&budget, &HeaderMap::new(), streamed(vec![&[0; 4096]]), 4096)
             .await
@@ -461,7 +378,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, RunError::BodiesInFlight { budget_mib: 0 });
         drop((room, second));
-        assert_eq!(budget.room.available_permits(), 8);
+        assert_eq!(budget.available_kib(), 8);
         // Over the limit as it arrives, or as stated: 413.
         let err = receive(
             &budget,
@@ -481,9 +398,9 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err, RunError::PayloadTooLarge { limit: 4096 });
-        assert_eq!(budget.room.available_permits(), 8);
+        assert_eq!(budget.available_kib(), 8);
         // Never less room than one body at the limit.
-        assert_eq!(BodyBudget::new(1 << 20, Some(1024)).kib, 1024);
+        assert_eq!(BodyBudget::new(1 << 20, Some(1024)).available_kib(), 1024);
     }
 
     fn headers(content_type: &str) -> HeaderMap {

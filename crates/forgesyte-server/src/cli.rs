@@ -13,8 +13,8 @@ use forgesyte_loader::sandbox::RunAs;
 use forgesyte_server::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE, DEFAULT_BODY_READ_TIMEOUT,
     DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
-    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
-    DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
+    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_RESPONSE,
+    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
 };
 
 use crate::scaffold;
@@ -185,6 +185,17 @@ pub(crate) struct ServeArgs {
     /// limit, at least 256 MiB); beyond it a call answers 503 `ServerBusy`.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MEMORY", value_parser = parse_bytes)]
     pub(crate) body_memory: Option<usize>,
+    /// The largest answer a plugin runner (isolated native or Python) may
+    /// send, in bytes; a manifest's `limits.max_response_mb` may lower it
+    /// for its plugin, never raise it.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_MAX_RESPONSE", default_value_t = DEFAULT_MAX_RESPONSE, value_parser = parse_bytes_u64)]
+    pub(crate) max_response: u64,
+    /// Memory the answers of tool calls may hold in all while they wait to
+    /// be sent, in bytes (default: eight answers of `--max-response`, at
+    /// least 256 MiB); beyond it an answer is dropped and the call answers
+    /// 503 `ServerBusy`.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_ANSWER_MEMORY", value_parser = parse_bytes)]
+    pub(crate) answer_memory: Option<usize>,
     /// Attachments of at least this many bytes travel to and from plugin
     /// runners through shared memory (sealed memfds) instead of the pipe; 0
     /// keeps them all in the pipe.
@@ -519,6 +530,11 @@ pub(crate) fn parse_bytes(text: &str) -> Result<usize, String> {
     }
 }
 
+/// A number of bytes at least 1, as a `u64`.
+pub(crate) fn parse_bytes_u64(text: &str) -> Result<u64, String> {
+    parse_bytes(text).map(|n| u64::try_from(n).unwrap_or(u64::MAX))
+}
+
 /// Bytes a second, `0` allowed ("no minimum").
 pub(crate) fn parse_rate(text: &str) -> Result<u64, String> {
     text.trim()
@@ -545,6 +561,8 @@ impl ServeArgs {
         config.call_timeout = self.call_timeout.0;
         config.body_limit = self.body_limit;
         config.body_memory = self.body_memory;
+        config.max_response = self.max_response;
+        config.answer_memory = self.answer_memory;
         config.shutdown_grace = self.shutdown_grace.0;
         config.header_read_timeout = self.header_read_timeout.0;
         config.idle_timeout = self.idle_timeout.0;

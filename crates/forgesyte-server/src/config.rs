@@ -22,6 +22,10 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default request body limit in bytes (`--body-limit`, `FORGESYTE_BODY_LIMIT`): 32 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 
+/// Default largest answer of a plugin runner, in bytes (`--max-response`):
+/// the loader's own default.
+pub const DEFAULT_MAX_RESPONSE: u64 = 64 * 1024 * 1024;
+
 /// Default bound on waiting for in-flight requests at shutdown
 /// (`--shutdown-grace`, `FORGESYTE_SHUTDOWN_GRACE`).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -84,6 +88,14 @@ pub struct ServerConfig {
     /// `FORGESYTE_BODY_MEMORY`); `None`: eight bodies at the limit, at least
     /// 256 MiB.
     pub body_memory: Option<usize>,
+    /// The largest answer a plugin runner may send, in bytes, and the most
+    /// a manifest's `limits.max_response_mb` may raise it to
+    /// (`--max-response`, `FORGESYTE_MAX_RESPONSE`; default 64 MiB).
+    pub max_response: u64,
+    /// Memory the answers of tool calls may hold in all while they wait to
+    /// be sent (`--answer-memory`, `FORGESYTE_ANSWER_MEMORY`); `None`:
+    /// eight answers of `max_response`, at least 256 MiB.
+    pub answer_memory: Option<usize>,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// Time a client has to send a request's complete headers, from the
@@ -206,6 +218,7 @@ impl ServerConfig {
             // at it (it was the loader's 60 s whatever `--call-timeout` said).
             process: forgesyte_loader::process::ProcessLimits {
                 call_timeout: self.call_timeout,
+                max_response_bytes: self.max_response,
                 ..forgesyte_loader::process::ProcessLimits::default()
             },
             ..LoaderConfig::default()
@@ -222,6 +235,8 @@ impl Default for ServerConfig {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             body_limit: DEFAULT_BODY_LIMIT,
             body_memory: None,
+            max_response: DEFAULT_MAX_RESPONSE,
+            answer_memory: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
@@ -285,9 +300,11 @@ mod tests {
             runner_args: vec!["__runner".into()],
             python: Some("/opt/py/bin/python3".into()),
             python_entry_points: true,
+            max_response: 3 << 20,
             ..ServerConfig::default()
         };
         let loader = config.loader_config();
+        assert_eq!(loader.process.max_response_bytes, 3 << 20);
         assert_eq!(loader.lib_paths, [PathBuf::from("/opt/lib")]);
         assert!(loader.preflight);
         assert_eq!(loader.default_isolation, Isolation::Process);

@@ -252,7 +252,8 @@ impl IntoResponse for ApiError {
             ApiError::Run {
                 error: RunError::TooManyCalls { .. }
                     | RunError::NotStarted { .. }
-                    | RunError::BodiesInFlight { .. },
+                    | RunError::BodiesInFlight { .. }
+                    | RunError::AnswersInFlight { .. },
                 ..
             }
         ) {
@@ -424,6 +425,23 @@ pub enum RunError {
         /// The memory for request bodies, in MiB.
         budget_mib: usize,
     },
+    /// The tool ran, but the answers waiting to be sent to their clients
+    /// fill the memory set aside for them; this one was dropped (503,
+    /// `ServerBusy`, with `Retry-After`).
+    #[error("answers waiting to be sent fill their {budget_mib} MiB")]
+    AnswersInFlight {
+        /// The memory for answers, in MiB.
+        budget_mib: usize,
+    },
+    /// The tool ran, but its encoded answer is larger than all the memory
+    /// set aside for answers; it was dropped (422, `ResultTooLarge`).
+    #[error("an answer of {bytes} bytes, more than the {budget_mib} MiB for answers")]
+    AnswerTooLarge {
+        /// The encoded answer's size.
+        bytes: usize,
+        /// The memory for answers, in MiB.
+        budget_mib: usize,
+    },
     /// The plugin already has its limit of tool calls in progress; the call
     /// never ran (503, `TooManyCalls`, with `Retry-After`).
     #[error("{limit} tool calls of the plugin in progress")]
@@ -447,14 +465,16 @@ impl RunError {
             RunError::NotRunnable { .. }
             | RunError::TooManyCalls { .. }
             | RunError::NotStarted { .. }
-            | RunError::BodiesInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | RunError::BodiesInFlight { .. }
+            | RunError::AnswersInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RunError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             RunError::InvalidBody { .. }
             | RunError::InvalidForm { .. }
             | RunError::BodyMismatch { .. }
             | RunError::NotBase64 { .. }
             | RunError::InvalidArgs { .. }
-            | RunError::ToolFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            | RunError::ToolFailed { .. }
+            | RunError::AnswerTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             RunError::PayloadTooLarge { .. } | RunError::TooManyValues { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -484,7 +504,10 @@ impl RunError {
             RunError::Timeout { .. } => "Timeout",
             RunError::QueueTimeout { .. } => "QueueTimeout",
             RunError::TooManyCalls { .. } => "TooManyCalls",
-            RunError::NotStarted { .. } | RunError::BodiesInFlight { .. } => "ServerBusy",
+            RunError::NotStarted { .. }
+            | RunError::BodiesInFlight { .. }
+            | RunError::AnswersInFlight { .. } => "ServerBusy",
+            RunError::AnswerTooLarge { .. } => "ResultTooLarge",
             RunError::Internal { .. } => "InternalError",
         }
     }
@@ -570,6 +593,12 @@ impl RunError {
             ),
             RunError::BodiesInFlight { budget_mib } => format!(
                 "The request bodies of tool calls in progress fill the {budget_mib} MiB set aside for them; tool '{t}' of plugin '{p}' did not run, retry later"
+            ),
+            RunError::AnswersInFlight { budget_mib } => format!(
+                "Tool '{t}' of plugin '{p}' ran, but the answers waiting to be sent fill the {budget_mib} MiB set aside for them; its answer was dropped, retry later"
+            ),
+            RunError::AnswerTooLarge { bytes, budget_mib } => format!(
+                "Tool '{t}' of plugin '{p}' ran, but its answer ({bytes} bytes as encoded) is larger than the {budget_mib} MiB set aside for answers (--answer-memory); a binary result takes less as multipart/mixed or application/octet-stream than as base64 in JSON"
             ),
             RunError::Internal { .. } => "Internal Server Error".to_owned(),
         }

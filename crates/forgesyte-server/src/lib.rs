@@ -83,6 +83,7 @@ mod api;
 mod base64_arg;
 mod body;
 mod body_pace;
+mod budget;
 mod check;
 mod config;
 mod conn;
@@ -114,8 +115,8 @@ pub use check::{CheckError, CheckReport, check};
 pub use config::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE, DEFAULT_BODY_READ_TIMEOUT,
     DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
-    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_PLUGINS_DIR,
-    DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
+    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_RESPONSE,
+    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
 };
 pub use error::{ApiError, ErrorDetail, NotRunnable, RunError, RunFailure};
 pub use probes::{LiveResponse, ReadyCheck, ReadyResponse};

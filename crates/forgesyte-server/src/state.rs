@@ -40,7 +40,8 @@ struct Inner {
     body_limit: usize,
     /// The request bodies of tool calls held at once, in KiB (see
     /// [`crate::body::reserve`]).
-    body_budget: crate::body::BodyBudget,
+    body_budget: crate::budget::BodyBudget,
+    answer_budget: crate::budget::AnswerBudget,
     body_pace: crate::body_pace::BodyPace,
     stream_idle_timeout: Duration,
     loading: AtomicBool,
@@ -102,7 +103,11 @@ impl AppState {
                 registry,
                 call_timeout: config.call_timeout,
                 body_limit: config.body_limit,
-                body_budget: crate::body::BodyBudget::new(config.body_limit, config.body_memory),
+                body_budget: crate::budget::BodyBudget::new(config.body_limit, config.body_memory),
+                answer_budget: crate::budget::AnswerBudget::new(
+                    usize::try_from(config.max_response).unwrap_or(usize::MAX),
+                    config.answer_memory,
+                ),
                 body_pace: crate::body_pace::BodyPace {
                     timeout: config.body_read_timeout,
                     min_rate: config.body_min_rate,
@@ -150,8 +155,13 @@ impl AppState {
     }
 
     /// What is left of the memory for tool calls' request bodies.
-    pub(crate) fn body_budget(&self) -> &crate::body::BodyBudget {
+    pub(crate) fn body_budget(&self) -> &crate::budget::BodyBudget {
         &self.inner.body_budget
+    }
+
+    /// What is left of the memory for answers waiting to be sent.
+    pub(crate) fn answer_budget(&self) -> &crate::budget::AnswerBudget {
+        &self.inner.answer_budget
     }
 
     /// Longest wait for the next piece of a request's body.

@@ -71,7 +71,7 @@ impl Loader {
         let pinned = self.check_integrity(p, &target)?;
         let config = self.instance_config(p);
         if self.isolation_of(p) == Isolation::Process {
-            let limits = self.config.process.with_manifest(&p.manifest.limits);
+            let limits = self.runner_limits(p);
             let importer =
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
                     .with_runner_args(self.config.runner_args.clone());
@@ -272,7 +272,7 @@ impl Loader {
             PythonEntry::File { file, .. } => manifest::join_inside(&p.dir, file),
             PythonEntry::Module { .. } => p.dir.clone(),
         };
-        let limits = self.config.process.with_manifest(&p.manifest.limits);
+        let limits = self.runner_limits(p);
         let mut importer =
             ProcessImporter::python(interpreter, p.dir.clone(), entry, p.name.clone(), limits);
         if self.entry_points.read().contains_key(&p.name) {
@@ -550,6 +550,22 @@ impl Loader {
             .unwrap_or_else(|_| dir.to_path_buf());
         let inside = real.starts_with(&root);
         Some((real, inside))
+    }
+
+    /// The limits of `p`'s runners: the host's, as its manifest sets them
+    /// (logged when it asks for a larger answer than the host allows).
+    fn runner_limits(&self, p: &Pending) -> process::ProcessLimits {
+        let host = &self.config.process;
+        if let Some(asked) = host.response_above_host(&p.manifest.limits) {
+            tracing::warn!(
+                plugin = %p.name,
+                "limits.max_response_mb asks for {asked} MiB, more than the server allows \
+                 (--max-response, {} MiB): its answers may be {} MiB at most",
+                host.max_response_bytes >> 20,
+                host.max_response_bytes >> 20,
+            );
+        }
+        host.with_manifest(&p.manifest.limits)
     }
 
     fn instance_config(&self, p: &Pending) -> Vec<u8> {

@@ -87,8 +87,9 @@ pub struct ProcessLimits {
     /// The runner's address-space limit in MiB, `RLIMIT_AS`
     /// (`limits.memory_mb`; default 512; 0: none).
     pub memory_limit_mib: u64,
-    /// The largest answer frame accepted, in bytes
-    /// (`limits.max_response_mb`; default 64 MiB).
+    /// The largest answer frame accepted, in bytes (default 64 MiB; the
+    /// host's value is also the most a manifest's `limits.max_response_mb`
+    /// may ask for: see [`ProcessLimits::with_manifest`]).
     pub max_response_bytes: u64,
 }
 
@@ -104,7 +105,12 @@ impl Default for ProcessLimits {
 }
 
 impl ProcessLimits {
-    /// These defaults, overridden by what the manifest sets.
+    /// These defaults, overridden by what the manifest sets; but a
+    /// manifest's `max_response_mb` may only lower the host's answer limit,
+    /// never raise it: the host holds every answer in its own memory, so
+    /// how large one may be is the operator's to say
+    /// ([`ProcessLimits::response_above_host`] tells which manifests ask
+    /// for more).
     pub fn with_manifest(&self, limits: &Limits) -> Self {
         ProcessLimits {
             init_timeout: limits.init_timeout.unwrap_or(self.init_timeout),
@@ -112,8 +118,18 @@ impl ProcessLimits {
             memory_limit_mib: limits.memory_mb.unwrap_or(self.memory_limit_mib),
             max_response_bytes: limits
                 .max_response_mb
-                .map_or(self.max_response_bytes, |mb| mb.saturating_mul(MIB)),
+                .map_or(self.max_response_bytes, |mb| {
+                    mb.saturating_mul(MIB).min(self.max_response_bytes)
+                }),
         }
+    }
+
+    /// The answer limit in MiB that `limits` asks for, when it is more
+    /// than these limits allow (and so is not granted).
+    pub fn response_above_host(&self, limits: &Limits) -> Option<u64> {
+        limits
+            .max_response_mb
+            .filter(|mb| mb.saturating_mul(MIB) > self.max_response_bytes)
     }
 }
 
@@ -919,6 +935,29 @@ fn tool_crash(report: &crate::host::ExitReport) -> ToolError {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn a_manifest_may_lower_the_hosts_answer_limit_never_raise_it() {
+        let host = ProcessLimits {
+            max_response_bytes: 64 * MIB,
+            ..ProcessLimits::default()
+        };
+        let asking = |mb| Limits {
+            max_response_mb: Some(mb),
+            ..Limits::default()
+        };
+        assert_eq!(host.with_manifest(&asking(2)).max_response_bytes, 2 * MIB);
+        assert_eq!(host.response_above_host(&asking(2)), None);
+        assert_eq!(host.with_manifest(&asking(64)).max_response_bytes, 64 * MIB);
+        assert_eq!(
+            host.with_manifest(&asking(4096)).max_response_bytes,
+            64 * MIB
+        );
+        assert_eq!(host.response_above_host(&asking(4096)), Some(4096));
+        let none = Limits::default();
+        assert_eq!(host.with_manifest(&none).max_response_bytes, 64 * MIB);
+        assert_eq!(host.response_above_host(&none), None);
+    }
 
     /// A runner that takes one call at a time (no `concurrent_calls`):
     /// `sleep` sleeps `{"ms": N}` and answers with its pid.

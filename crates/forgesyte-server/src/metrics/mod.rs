@@ -124,6 +124,11 @@ impl Outcome {
             | RunError::BodyTimedOut
             | RunError::BodyTooSlow { .. } => Outcome::bad_request,
             RunError::Internal { .. } => Outcome::internal,
+            // Never a call's own end: an answer dropped for want of room
+            // comes after its call was counted (`ok`); as outcomes they
+            // would be these.
+            RunError::AnswersInFlight { .. } => Outcome::rejected,
+            RunError::AnswerTooLarge { .. } => Outcome::tool_error,
         })
     }
 

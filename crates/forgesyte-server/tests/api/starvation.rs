@@ -605,3 +605,118 @@ fn calls_refused_whatever_their_body_answer_before_the_body_is_read() {
     }
     drop(busy);
 }
+
+/// The answer on `stream` of a request sent on it: its status line and its
+/// body (read by its `Content-Length`).
+fn read_answer(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    use std::io::Read as _;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or_else(|| panic!("no length in {head}"));
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    (head.lines().next().unwrap_or_default().to_owned(), body)
+}
+
+/// The answers of calls cannot make the server hold memory without bound
+/// either: an answer takes room from `--answer-memory` when it is ready and
+/// gives it back once its client has read it all. Past it a call answers
+/// 503 `ServerBusy` (the tool ran; its answer is dropped), and an answer
+/// larger than all of it 422 `ResultTooLarge`.
+#[test]
+fn answers_waiting_for_their_clients_fill_a_bounded_room() {
+    const MIB: usize = 1 << 20;
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        &(32 * MIB).to_string(),
+        "--answer-memory",
+        &(40 * MIB).to_string(),
+        // The budget is never less than one answer at this limit.
+        "--max-response",
+        &(16 * MIB).to_string(),
+    ]);
+    server.wait_loaded();
+    let target = "/v1/plugins/alpha/tools/echo_bytes/run";
+    let raw = [
+        ("content-type", "application/octet-stream"),
+        ("accept", "application/octet-stream"),
+    ];
+    let data = vec![7u8; 24 * MIB];
+    // A client that reads none of its 24 MiB answer: the kernel's buffers
+    // take a few MiB of it, the server holds the rest, and the room of all.
+    let mut slow = TcpStream::connect(server.addr).unwrap();
+    let head = format!(
+        "POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n\
+         Accept: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&data).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered(&slow).is_none() {
+        assert!(Instant::now() < deadline, "the slow call never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(answered(&slow).unwrap().starts_with("HTTP/1.1 200"));
+    let busy = http_with(server.addr, "POST", target, &raw, &data);
+    assert_eq!(busy.status, 503, "{}", busy.text());
+    let body = busy.json();
+    assert_eq!(body["error_type"], "ServerBusy", "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("ran, but the answers waiting to be sent fill the 40 MiB"),
+        "{body}"
+    );
+    assert_eq!(busy.header("retry-after"), Some("1"));
+    // Smaller answers still fit beside it.
+    let small = http_with(server.addr, "POST", target, &raw, &data[..MIB]);
+    assert_eq!((small.status, small.body.len()), (200, MIB));
+    // The slow client reads its answer, byte-exact: the room comes back.
+    let (status, answer) = read_answer(&mut slow);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(answer == data, "the slow client's answer differs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let served = loop {
+        let reply = http_with(server.addr, "POST", target, &raw, &data);
+        if reply.status == 200 || Instant::now() > deadline {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert!(served.body == data);
+    // 30 MiB are 40 MiB as base64 in JSON: more than all the room.
+    let json_answer = [
+        ("content-type", "application/octet-stream"),
+        ("accept", "application/json"),
+    ];
+    let large = vec![1u8; 30 * MIB];
+    let large = http_with(server.addr, "POST", target, &json_answer, &large);
+    assert_eq!(large.status, 422, "{}", large.text());
+    let body = large.json();
+    assert_eq!(body["error_type"], "ResultTooLarge", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("--answer-memory"),
+        "{body}"
+    );
+    // Every call ran: the plugin is counted as it was.
+    let health = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(health["success_count"], 5, "{health}");
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+}
