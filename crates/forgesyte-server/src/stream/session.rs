@@ -173,8 +173,22 @@ enum Charged {
 /// held the writer past that wait.
 #[derive(Debug, Clone)]
 struct Outbox {
-    answers: mpsc::Sender<String>,
+    answers: mpsc::Sender<Outgoing>,
     close: CloseSlot,
+}
+
+/// An answer on its way to the writer, with its room in `--answer-memory`
+/// (held until it is written); the host's own short answers hold none.
+#[derive(Debug)]
+struct Outgoing {
+    text: String,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl From<String> for Outgoing {
+    fn from(text: String) -> Self {
+        Outgoing { text, room: None }
+    }
 }
 
 /// The close said (code, reason), shared by the outbox and the writer,
@@ -183,7 +197,7 @@ type CloseSlot = Arc<std::sync::Mutex<Option<(u16, String)>>>;
 
 impl Outbox {
     /// An outbox, the writer's end of its answers, and its close.
-    fn new() -> (Outbox, mpsc::Receiver<String>, CloseSlot) {
+    fn new() -> (Outbox, mpsc::Receiver<Outgoing>, CloseSlot) {
         let (answers, receiver) = mpsc::channel(ANSWERS_IN_FLIGHT);
         let close = CloseSlot::default();
         let slot = Arc::clone(&close);
@@ -418,7 +432,7 @@ async fn read(
                         });
                         // The answers' room is full while the client reads
                         // nothing: as above.
-                        let sent = out.answers.send(answer.to_string());
+                        let sent = out.answers.send(answer.to_string().into());
                         match unless(sent, &mut closing, activity, idle_timeout).await {
                             Waited::Done(Ok(())) => {}
                             Waited::Done(Err(_)) => return,
@@ -585,7 +599,7 @@ async fn work(
             return;
         }
         let elapsed = started.elapsed();
-        let answer = answer(seq, &result, elapsed, queue.dropped(), session);
+        let answer = answer_to(seq, &result, elapsed, queue.dropped(), session);
         if answer.len() > session.answer_limit {
             let reason = format!(
                 "answer too big: the answer to frame {seq} has {} bytes, a stream's answers at most {}",
@@ -595,7 +609,20 @@ async fn work(
             say_close(&out, close::PLUGIN_FAILED, &reason);
             return;
         }
-        if out.answers.send(answer).await.is_err() {
+        // The answer holds room in `--answer-memory` until it is written;
+        // without room the frame is answered `ServerBusy` instead (its
+        // call ran and was counted).
+        let outgoing = match session.state.answer_budget().charge(answer.len()) {
+            Ok(room) => Outgoing {
+                text: answer,
+                room: Some(room),
+            },
+            Err(busy) => {
+                let dropped = queue.dropped();
+                answer_to(seq, &Err(busy), elapsed, dropped, session).into()
+            }
+        };
+        if out.answers.send(outgoing).await.is_err() {
             return;
         }
         activity.touch();
@@ -662,7 +689,7 @@ struct Answer<'a> {
 }
 
 /// The answer to frame `seq`.
-fn answer(
+fn answer_to(
     seq: u64,
     result: &Result<tools::RunSuccess, RunError>,
     elapsed: Duration,
@@ -709,14 +736,17 @@ fn answer(
 /// idles). `true` if it sent a close message.
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
-    mut answers: mpsc::Receiver<String>,
+    mut answers: mpsc::Receiver<Outgoing>,
     close: &CloseSlot,
     timeout: Option<Duration>,
 ) -> bool {
-    while let Some(text) = answers.recv().await {
+    while let Some(Outgoing { text, room }) = answers.recv().await {
         if !sent_within(timeout, sink.send(Message::Text(text.into()))).await {
             return false;
         }
+        // Written (into the socket, or the connection's bounded write
+        // buffer): its room comes back.
+        drop(room);
     }
     let said = close
         .lock()

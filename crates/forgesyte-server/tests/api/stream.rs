@@ -979,3 +979,64 @@ fn a_slow_reader_gets_the_close_after_its_answers() {
     let close = close.expect("a close frame with its code");
     assert_eq!(u16::from(close.code), 1011, "{}", close.reason);
 }
+
+/// A stream's answers hold room in `--answer-memory` until they are
+/// written: while a client that reads nothing holds one, another stream's
+/// answer finds no room and its frame is answered `ServerBusy` (its call
+/// ran); once the first client has read its answer, the room is back.
+#[test]
+fn stream_answers_hold_the_answer_memory_until_they_are_written() {
+    const MIB: usize = 1 << 20;
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let eight = (8 * MIB).to_string();
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        &eight,
+        "--max-response",
+        &eight,
+        "--answer-memory",
+        &eight,
+    ]);
+    server.wait_loaded();
+    // 5 MiB come back as about 6.7 MiB of base64: one such answer fits.
+    let data = frame(5 * MIB);
+    let mut slow = open(&server, &target("alpha", "frame", ""));
+    send_frame(&mut slow, data.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let mut other = open(&server, &target("alpha", "frame", ""));
+    send_frame(&mut other, data.clone());
+    let busy = answer(&mut other);
+    assert_eq!(
+        (&busy["ok"], &busy["error_type"]),
+        (&json!(false), &json!("ServerBusy")),
+        "{busy}"
+    );
+    let detail = busy["detail"].as_str().unwrap();
+    assert!(detail.contains("answers waiting to be sent"), "{busy}");
+    // The slow client reads its answer, byte-exact; then the room is back.
+    let first = answer(&mut slow);
+    assert_eq!(first["ok"], true);
+    assert!(
+        first["result"]["data"] == base64(&data),
+        "the answer differs"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        send_frame(&mut other, data.clone());
+        let next = answer(&mut other);
+        if next["ok"] == true {
+            assert!(next["result"]["data"] == base64(&data));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{next}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let health = server.get("/v1/plugins/alpha/health").json();
+    assert!(
+        health["success_count"].as_u64() >= Some(3),
+        "the busy frame's call ran too: {health}"
+    );
+}
