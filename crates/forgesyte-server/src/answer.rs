@@ -411,7 +411,8 @@ mod tests {
     #[test]
     fn every_representation_holds_room_until_its_body_is_dropped() {
         use Representation::*;
-        let budget = AnswerBudget::new(1024, Some(64 << 10));
+        const K: usize = 1024;
+        let budget = AnswerBudget::new(K, Some(512 * K));
         let success = RunSuccess {
             ok: true,
             plugin_id: "p".into(),
@@ -419,28 +420,28 @@ mod tests {
             result: json!({"b": null}),
             processing_time_ms: 1.0,
         };
-        let binary = vec![("/b".to_owned(), Bytes::from(vec![1u8; 36 << 10]))];
+        let binary = vec![("/b".to_owned(), Bytes::from(vec![1u8; 288 * K]))];
         for representation in [Json, Multipart, Raw] {
             let answer = respond(success.clone(), binary.clone(), representation, &budget);
             let answer = answer.unwrap();
             let free = budget.available_kib();
-            assert!(free <= 64 - 36, "{representation:?}: {free} KiB free");
+            assert!(free <= 512 - 288, "{representation:?}: {free} KiB free");
             let second = respond(success.clone(), binary.clone(), representation, &budget);
             assert_eq!(
                 second.unwrap_err(),
-                RunError::AnswersInFlight { budget_mib: 0 },
+                RunError::AnswersInFlight { budget_kib: 512 },
                 "{representation:?}"
             );
             drop(answer);
-            assert_eq!(budget.available_kib(), 64, "{representation:?}");
+            assert_eq!(budget.available_kib(), 512, "{representation:?}");
         }
-        // 60 KiB are 80 KiB as base64: more than the whole budget as JSON,
-        // not as raw bytes.
-        let large = vec![("/b".to_owned(), Bytes::from(vec![1u8; 60 << 10]))];
+        // 480 KiB are 640 KiB as base64: more than the whole budget as
+        // JSON, not as raw bytes.
+        let large = vec![("/b".to_owned(), Bytes::from(vec![1u8; 480 * K]))];
         let err = respond(success.clone(), large.clone(), Json, &budget).unwrap_err();
         assert!(matches!(err, RunError::AnswerTooLarge { .. }), "{err:?}");
         assert!(respond(success, large, Raw, &budget).is_ok());
-        assert_eq!(budget.available_kib(), 64);
+        assert_eq!(budget.available_kib(), 512);
     }
 
     #[test]

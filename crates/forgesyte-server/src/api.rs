@@ -237,7 +237,7 @@ pub(crate) async fn plugin_tools(
         (status = 404, description = "Unknown plugin or tool", body = RunFailure),
         (status = 413, description = "The body is larger than the limit, or its JSON arguments hold more values than a body may (the body limit / 128)", body = RunFailure),
         (status = 408, description = "The body stopped arriving for longer than the body read timeout (`--body-read-timeout`), or arrived slower than the minimum rate (`--body-min-rate`)", body = RunFailure),
-        (status = 422, description = "The body has the wrong shape, or the tool returned an error, or its answer is larger than all the memory for answers waiting to be sent (`ResultTooLarge`, `--answer-memory`; the tool ran)", body = RunFailure),
+        (status = 422, description = "The body has the wrong shape, or the tool returned an error, or its answer is larger than all the memory for answers waiting to be sent (`AnswerTooLarge`, `--answer-memory`; the tool ran)", body = RunFailure),
         (status = 502, description = "The tool panicked or broke the protocol; the plugin is now FAILED", body = RunFailure),
         (status = 503, description = "The plugin cannot run tools (state and reason in the body; `PluginNotRunnable`), or it has its limit of tool calls in progress and this one did not run (`TooManyCalls`, with `Retry-After`), or no thread to run it was free within its time limit, or its body found no room in `--body-memory` (`ServerBusy`, with `Retry-After`), or it ran and its answer found no room in `--answer-memory` (`ServerBusy`, with `Retry-After`; the answer was dropped)", body = RunFailure),
         (status = 504, description = "The tool ran past its time limit; the plugin is now FAILED (`Timeout`). Or the call waited its time limit behind the plugin's call in progress (a plugin that takes one call at a time) and never ran; the plugin is unaffected (`QueueTimeout`)", body = RunFailure),
@@ -291,6 +291,7 @@ pub(crate) async fn run_tool(
         Err(error) => Err(error),
     };
     let response = response.unwrap_or_else(|error| {
+        state.metrics().record_dropped_answer(&error);
         ApiError::Run {
             plugin: plugin.clone(),
             tool,

@@ -376,7 +376,7 @@ mod tests {
         let err = receive(&budget, &HeaderMap::new(), streamed(vec![&[0; 2048]]), 4096)
             .await
             .unwrap_err();
-        assert_eq!(err, RunError::BodiesInFlight { budget_mib: 0 });
+        assert_eq!(err, RunError::BodiesInFlight { budget_kib: 8 });
         drop((room, second));
         assert_eq!(budget.available_kib(), 8);
         // Over the limit as it arrives, or as stated: 413.

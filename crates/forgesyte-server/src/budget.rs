@@ -35,10 +35,6 @@ impl Room {
         let n = u32::try_from(kib).ok()?;
         Arc::clone(&self.free).try_acquire_many_owned(n).ok()
     }
-
-    fn mib(&self) -> usize {
-        self.kib / 1024
-    }
 }
 
 /// The memory all tool calls' request bodies and streams' frames may hold
@@ -58,9 +54,11 @@ impl BodyBudget {
     /// body at the limit (a body that could never fit would be told to
     /// retry for ever).
     pub(crate) fn new(body_limit: usize, memory: Option<usize>) -> Self {
-        let bytes = memory
-            .unwrap_or_else(|| body_limit.saturating_mul(8).max(256 << 20))
-            .max(body_limit);
+        let bytes = at_least(
+            memory.unwrap_or_else(|| body_limit.saturating_mul(8).max(256 << 20)),
+            body_limit,
+            "--body-memory is less than --body-limit",
+        );
         BodyBudget {
             room: Room::new(bytes),
         }
@@ -105,7 +103,7 @@ impl BodyBudget {
     /// `kib` more KiB of room, or `BodiesInFlight`.
     pub(crate) fn take(&self, kib: usize) -> Result<OwnedSemaphorePermit, RunError> {
         self.room.take(kib).ok_or(RunError::BodiesInFlight {
-            budget_mib: self.room.mib(),
+            budget_kib: self.room.kib,
         })
     }
 
@@ -115,6 +113,12 @@ impl BodyBudget {
         self.room.free.available_permits()
     }
 }
+
+/// Answers of at most this many bytes take no room in the answer budget:
+/// a socket's send buffer takes them whole (it is at least this large on
+/// Linux), so they are not held waiting for a slow client, and a budget
+/// that slow clients filled with large answers still lets small ones out.
+pub(crate) const UNCHARGED_ANSWER: usize = 64 * 1024;
 
 /// The memory the answers of tool calls may hold while they wait to be
 /// sent. An answer is produced whole (a plugin's result, then its JSON or
@@ -133,9 +137,11 @@ impl AnswerBudget {
     /// `max_response` bytes (the largest a runner may send), at least
     /// 256 MiB; never less than one such answer.
     pub(crate) fn new(max_response: usize, memory: Option<usize>) -> Self {
-        let bytes = memory
-            .unwrap_or_else(|| max_response.saturating_mul(8).max(256 << 20))
-            .max(max_response);
+        let bytes = at_least(
+            memory.unwrap_or_else(|| max_response.saturating_mul(8).max(256 << 20)),
+            max_response,
+            "--answer-memory is less than --max-response",
+        );
         AnswerBudget {
             room: Room::new(bytes),
         }
@@ -143,17 +149,23 @@ impl AnswerBudget {
 
     /// Room for an answer of `bytes` bytes: `AnswersInFlight` when the
     /// answers waiting to be sent leave too little now, `AnswerTooLarge`
-    /// when it could never fit (retrying would not help).
+    /// when it could never fit (retrying would not help). An answer of at
+    /// most [`UNCHARGED_ANSWER`] bytes takes none: the socket's buffer
+    /// takes it whole, and a full budget must not refuse every answer.
     pub(crate) fn charge(&self, bytes: usize) -> Result<OwnedSemaphorePermit, RunError> {
-        let kib = bytes.div_ceil(1024);
+        let kib = if bytes <= UNCHARGED_ANSWER {
+            0
+        } else {
+            bytes.div_ceil(1024)
+        };
         if kib > self.room.kib {
             return Err(RunError::AnswerTooLarge {
                 bytes,
-                budget_mib: self.room.mib(),
+                budget_kib: self.room.kib,
             });
         }
         self.room.take(kib).ok_or(RunError::AnswersInFlight {
-            budget_mib: self.room.mib(),
+            budget_kib: self.room.kib,
         })
     }
 
@@ -171,6 +183,16 @@ impl AnswerBudget {
     pub(crate) fn available_kib(&self) -> usize {
         self.room.free.available_permits()
     }
+}
+
+/// `bytes`, raised to `floor` with a warning (`what`) when it is less: a
+/// budget that one body or answer at the limit could never fit in would
+/// tell its client to retry for ever.
+fn at_least(bytes: usize, floor: usize, what: &str) -> usize {
+    if bytes < floor {
+        tracing::warn!("{what}: {floor} bytes apply ({bytes} asked)");
+    }
+    bytes.max(floor)
 }
 
 /// Bytes and the room they hold.
@@ -191,30 +213,34 @@ mod tests {
 
     #[test]
     fn an_answer_holds_its_room_until_its_last_copy_is_dropped() {
-        let budget = AnswerBudget::new(4096, Some(8192));
-        assert_eq!(budget.available_kib(), 8);
-        let room = budget.charge(5000).unwrap();
-        assert_eq!(budget.available_kib(), 3);
-        let held = AnswerBudget::hold(vec![7u8; 5000], room);
+        const K: usize = 1024;
+        let budget = AnswerBudget::new(256 * K, Some(400 * K));
+        assert_eq!(budget.available_kib(), 400);
+        let room = budget.charge(300 * K).unwrap();
+        assert_eq!(budget.available_kib(), 100);
+        let held = AnswerBudget::hold(vec![7u8; 300 * K], room);
         let part = held.slice(10..20);
         drop(held);
-        assert_eq!(budget.available_kib(), 3, "a slice still holds it");
+        assert_eq!(budget.available_kib(), 100, "a slice still holds it");
         assert_eq!(&part[..], &[7u8; 10]);
         // Too little room now: busy; more than the whole budget: too large.
         assert_eq!(
-            budget.charge(4000).unwrap_err(),
-            RunError::AnswersInFlight { budget_mib: 0 }
+            budget.charge(200 * K).unwrap_err(),
+            RunError::AnswersInFlight { budget_kib: 400 }
         );
         assert_eq!(
-            budget.charge(9000).unwrap_err(),
+            budget.charge(401 * K).unwrap_err(),
             RunError::AnswerTooLarge {
-                bytes: 9000,
-                budget_mib: 0
+                bytes: 401 * K,
+                budget_kib: 400
             }
         );
+        // A small answer takes no room: a full budget still lets it out.
+        let _small = budget.charge(UNCHARGED_ANSWER).unwrap();
+        assert_eq!(budget.available_kib(), 100);
         drop(part);
-        assert_eq!(budget.available_kib(), 8);
-        assert!(budget.charge(8192).is_ok());
+        assert_eq!(budget.available_kib(), 400);
+        assert!(budget.charge(400 * K).is_ok());
     }
 
     #[test]

@@ -11,10 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use forgesyte_loader::Isolation;
 use forgesyte_loader::sandbox::RunAs;
 use forgesyte_server::{
-    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE, DEFAULT_BODY_READ_TIMEOUT,
-    DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION,
-    DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_RESPONSE,
-    DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
+    DEFAULT_ANSWER_MIN_RATE, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE,
+    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_RESPONSE, DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT,
+    ServerConfig,
 };
 
 use crate::scaffold;
@@ -217,6 +218,13 @@ pub(crate) struct ServeArgs {
     /// slower client is answered 408); 0: no minimum.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MIN_RATE", default_value_t = DEFAULT_BODY_MIN_RATE, value_parser = parse_rate)]
     pub(crate) body_min_rate: u64,
+    /// Bytes a second a client must average reading a response the socket
+    /// could not take at once, after a grace of the idle timeout plus a
+    /// second per this many bytes read (a slower client's connection is
+    /// closed, and its answer's room in --answer-memory comes back); 0: no
+    /// minimum.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_ANSWER_MIN_RATE", default_value_t = DEFAULT_ANSWER_MIN_RATE, value_parser = parse_rate)]
+    pub(crate) answer_min_rate: u64,
     /// A WebSocket stream with no frame or text message from its client
     /// (pings do not count) and no answer to it for this long is closed
     /// (code 1000), in seconds; 0: never.
@@ -568,6 +576,7 @@ impl ServeArgs {
         config.idle_timeout = self.idle_timeout.0;
         config.body_read_timeout = self.body_read_timeout.0;
         config.body_min_rate = self.body_min_rate;
+        config.answer_min_rate = self.answer_min_rate;
         config.stream_idle_timeout = self.stream_idle_timeout.0;
         config.max_connections = self.max_connections;
         config.max_calls_per_plugin = self.max_calls_per_plugin;

@@ -40,6 +40,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// `FORGESYTE_BODY_READ_TIMEOUT`).
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default bytes a second a client must average reading a large response
+/// once the idle timeout's grace is over (`--answer-min-rate`,
+/// `FORGESYTE_ANSWER_MIN_RATE`): 16 KiB, as for request bodies.
+pub const DEFAULT_ANSWER_MIN_RATE: u64 = 16 * 1024;
+
 /// Default bytes a second a request body must average once the body read
 /// timeout's grace is over (`--body-min-rate`, `FORGESYTE_BODY_MIN_RATE`):
 /// 16 KiB (128 kbit/s, slower than nearly any client's uplink): a 5 MiB
@@ -113,6 +118,13 @@ pub struct ServerConfig {
     /// body read timeout (one more second per `body_min_rate` bytes that
     /// arrive); a slower body is answered 408. Zero: no minimum.
     pub body_min_rate: u64,
+    /// Bytes a second a client must average reading a response the socket
+    /// could not take at once, after a grace of the idle timeout (one more
+    /// second per `answer_min_rate` bytes it read); a slower client's
+    /// connection is closed, and the answer's room in `answer_memory`
+    /// comes back. Zero: no minimum (a client that reads nothing at all is
+    /// still let go at the idle timeout).
+    pub answer_min_rate: u64,
     /// A WebSocket stream with no frame or text message from its client
     /// (pings do not count) and no answer to it for this long is closed
     /// (1000); zero: never.
@@ -241,6 +253,7 @@ impl Default for ServerConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             body_min_rate: DEFAULT_BODY_MIN_RATE,
+            answer_min_rate: DEFAULT_ANSWER_MIN_RATE,
             stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             public_hosts: Vec::new(),

@@ -80,8 +80,12 @@ const PROBE_PATHS: [&str; 3] = ["/livez", "/readyz", "/v1/health"];
 pub(crate) struct Limits {
     /// Time to send a request's complete headers.
     pub(crate) header_read_timeout: Duration,
-    /// Time an idle keep-alive connection stays open.
+    /// Time an idle keep-alive connection stays open, and a write may
+    /// take no byte; the grace of a slow reader.
     pub(crate) idle_timeout: Duration,
+    /// Bytes a second a client must average reading a response the socket
+    /// could not take at once, after that grace (0: no minimum).
+    pub(crate) answer_min_rate: u64,
     /// Connections served at once (the probe reserve aside).
     pub(crate) max_connections: usize,
 }
@@ -241,6 +245,8 @@ where
                 clock,
                 write_stall: limits.idle_timeout,
                 stalled: None,
+                min_rate: limits.answer_min_rate,
+                slow: None,
             }),
             service,
         )
@@ -379,7 +385,10 @@ impl ReadClock {
 
 /// A TCP stream that tells its [`ReadClock`] when bytes arrive, and fails
 /// a write that has taken no byte for `write_stall` (a client that stopped
-/// reading), so hyper closes its connection.
+/// reading), or whose client reads what the socket could not take at once
+/// slower than `min_rate` on average after that grace (a client that
+/// trickles), so hyper closes its connection and the answer it held (and
+/// its room in `--answer-memory`) is let go.
 #[derive(Debug)]
 pub(crate) struct TimedStream {
     stream: TcpStream,
@@ -388,9 +397,50 @@ pub(crate) struct TimedStream {
     /// Since the first write that found the socket full, until one takes
     /// bytes again.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes a second a slow reader must average (0: no minimum).
+    min_rate: u64,
+    /// Since a write first found the socket full, and the bytes written
+    /// since; until hyper has written all it had (its flush).
+    slow: Option<(Instant, u64)>,
 }
 
 impl TimedStream {
+    /// A write's outcome, with the stall and the slow reader accounted.
+    fn watch_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match &polled {
+            Poll::Ready(Ok(n)) => {
+                if let Some((_, written)) = &mut self.slow {
+                    *written += u64::try_from(*n).unwrap_or(u64::MAX);
+                }
+                self.watch_stall(cx, polled)
+            }
+            Poll::Ready(Err(_)) => polled,
+            Poll::Pending => {
+                let now = Instant::now();
+                let (since, written) = *self.slow.get_or_insert((now, 0));
+                if self.min_rate > 0 {
+                    let allowed = self.write_stall
+                        + Duration::from_secs_f64(written as f64 / self.min_rate as f64);
+                    if now.duration_since(since) > allowed {
+                        self.slow = None;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "the client read the response slower than {} bytes a second",
+                                self.min_rate
+                            ),
+                        )));
+                    }
+                }
+                self.watch_stall(cx, polled)
+            }
+        }
+    }
+
     /// A write's (or flush's) outcome, with the stall accounted: a pending
     /// write past `write_stall` since the socket filled is `TimedOut`.
     fn watch_stall<T>(
@@ -442,11 +492,16 @@ impl AsyncWrite for TimedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.watch_stall(cx, polled)
+        self.watch_write(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        // hyper flushes once it has written all it had: a slow reader's
+        // account starts again at the next write the socket cannot take.
+        if polled.is_ready() {
+            self.slow = None;
+        }
         self.watch_stall(cx, polled)
     }
 
@@ -460,7 +515,7 @@ impl AsyncWrite for TimedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.watch_stall(cx, polled)
+        self.watch_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

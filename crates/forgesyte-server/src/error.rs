@@ -420,27 +420,29 @@ pub enum RunError {
     /// The request bodies of calls in progress fill the memory set aside for
     /// them; this call's body was not read and the call never ran (503,
     /// `ServerBusy`, with `Retry-After`).
-    #[error("request bodies in progress fill their {budget_mib} MiB")]
+    #[error("request bodies in progress fill their {}", Kib(*budget_kib))]
     BodiesInFlight {
-        /// The memory for request bodies, in MiB.
-        budget_mib: usize,
+        /// The memory for request bodies, in KiB.
+        budget_kib: usize,
     },
     /// The tool ran, but the answers waiting to be sent to their clients
     /// fill the memory set aside for them; this one was dropped (503,
     /// `ServerBusy`, with `Retry-After`).
-    #[error("answers waiting to be sent fill their {budget_mib} MiB")]
+    #[error("answers waiting to be sent fill their {}", Kib(*budget_kib))]
     AnswersInFlight {
-        /// The memory for answers, in MiB.
-        budget_mib: usize,
+        /// The memory for answers, in KiB.
+        budget_kib: usize,
     },
     /// The tool ran, but its encoded answer is larger than all the memory
-    /// set aside for answers; it was dropped (422, `ResultTooLarge`).
-    #[error("an answer of {bytes} bytes, more than the {budget_mib} MiB for answers")]
+    /// set aside for answers; it was dropped (422, `AnswerTooLarge`: the
+    /// host's limit, where a Python runner's `ResultTooLarge` is the
+    /// tool's error).
+    #[error("an answer of {bytes} bytes, more than the {} for answers", Kib(*budget_kib))]
     AnswerTooLarge {
         /// The encoded answer's size.
         bytes: usize,
-        /// The memory for answers, in MiB.
-        budget_mib: usize,
+        /// The memory for answers, in KiB.
+        budget_kib: usize,
     },
     /// The plugin already has its limit of tool calls in progress; the call
     /// never ran (503, `TooManyCalls`, with `Retry-After`).
@@ -507,7 +509,7 @@ impl RunError {
             RunError::NotStarted { .. }
             | RunError::BodiesInFlight { .. }
             | RunError::AnswersInFlight { .. } => "ServerBusy",
-            RunError::AnswerTooLarge { .. } => "ResultTooLarge",
+            RunError::AnswerTooLarge { .. } => "AnswerTooLarge",
             RunError::Internal { .. } => "InternalError",
         }
     }
@@ -591,14 +593,17 @@ impl RunError {
             RunError::TooManyCalls { limit } => format!(
                 "Plugin '{p}' has {limit} tool calls in progress, its limit; tool '{t}' did not run, retry later"
             ),
-            RunError::BodiesInFlight { budget_mib } => format!(
-                "The request bodies of tool calls in progress fill the {budget_mib} MiB set aside for them; tool '{t}' of plugin '{p}' did not run, retry later"
+            RunError::BodiesInFlight { budget_kib } => format!(
+                "The request bodies of tool calls in progress fill the {} set aside for them; tool '{t}' of plugin '{p}' did not run, retry later",
+                Kib(*budget_kib)
             ),
-            RunError::AnswersInFlight { budget_mib } => format!(
-                "Tool '{t}' of plugin '{p}' ran, but the answers waiting to be sent fill the {budget_mib} MiB set aside for them; its answer was dropped, retry later"
+            RunError::AnswersInFlight { budget_kib } => format!(
+                "Tool '{t}' of plugin '{p}' ran, but the answers waiting to be sent fill the {} set aside for them; its answer was dropped, retry later",
+                Kib(*budget_kib)
             ),
-            RunError::AnswerTooLarge { bytes, budget_mib } => format!(
-                "Tool '{t}' of plugin '{p}' ran, but its answer ({bytes} bytes as encoded) is larger than the {budget_mib} MiB set aside for answers (--answer-memory); a binary result takes less as multipart/mixed or application/octet-stream than as base64 in JSON"
+            RunError::AnswerTooLarge { bytes, budget_kib } => format!(
+                "Tool '{t}' of plugin '{p}' ran, but its answer ({bytes} bytes as encoded) is larger than the {} set aside for answers (--answer-memory); a binary result takes less as multipart/mixed or application/octet-stream than as base64 in JSON",
+                Kib(*budget_kib)
             ),
             RunError::Internal { .. } => "Internal Server Error".to_owned(),
         }
@@ -678,8 +683,29 @@ impl From<CallError> for RunError {
     }
 }
 
+/// A size in KiB as a person reads it: `512 KiB`, `8 MiB`, `8.9 MiB`.
+struct Kib(usize);
+
+impl std::fmt::Display for Kib {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            kib if kib < 1024 => write!(f, "{kib} KiB"),
+            kib if kib % 1024 == 0 => write!(f, "{} MiB", kib / 1024),
+            kib => write!(f, "{:.1} MiB", kib as f64 / 1024.0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_read_as_a_person_reads_them() {
+        use super::Kib;
+        assert_eq!(Kib(512).to_string(), "512 KiB");
+        assert_eq!(Kib(8 * 1024).to_string(), "8 MiB");
+        assert_eq!(Kib(9113).to_string(), "8.9 MiB");
+    }
+
     use super::*;
 
     #[test]

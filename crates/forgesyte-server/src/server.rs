@@ -153,6 +153,7 @@ impl Server {
         let limits = conn::Limits {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
+            answer_min_rate: config.answer_min_rate,
             max_connections: conn::effective_max_connections(config.max_connections, nofile),
         };
         if limits.max_connections < config.max_connections {

@@ -234,6 +234,11 @@ struct LoadLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
 /// Builds each latency histogram of a family with the same buckets.
 #[derive(Debug, Clone, Copy)]
 struct LatencyBuckets;
@@ -261,6 +266,7 @@ pub(crate) struct Metrics {
     load_passes: Counter,
     load_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     load_plugins: Family<LoadLabels, Gauge>,
+    answers_dropped: Family<DropLabels, Counter>,
     /// The tool label values each plugin's series were made with: what
     /// [`Metrics::forget_plugin`] removes (`prometheus-client` cannot list
     /// a family's label sets).
@@ -336,6 +342,13 @@ impl Metrics {
             "Plugins of the last load pass by outcome (loaded, failed, unavailable)",
             load_plugins.clone(),
         );
+        let answers_dropped = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "answers_dropped",
+            "Answers of tool calls that ran, dropped for want of room in --answer-memory \
+             (no_room: retry later; too_large: larger than all of it); the calls count as ok",
+            answers_dropped.clone(),
+        );
         registry.register(
             "build",
             "The server's version",
@@ -353,6 +366,7 @@ impl Metrics {
             load_passes,
             load_seconds,
             load_plugins,
+            answers_dropped,
             tools_seen: Mutex::default(),
             scraped: ArcSwapOption::empty(),
             started: Instant::now(),
@@ -410,6 +424,19 @@ impl Metrics {
         };
         self.bytes_in.get_or_create(&labels).inc_by(request);
         self.bytes_out.get_or_create(&labels).inc_by(response);
+    }
+
+    /// Counts an answer dropped for want of room (`error`: the answer
+    /// budget's refusal; any other error is not an answer's).
+    pub(crate) fn record_dropped_answer(&self, error: &RunError) {
+        let reason = match error {
+            RunError::AnswersInFlight { .. } => "no_room",
+            RunError::AnswerTooLarge { .. } => "too_large",
+            _ => return,
+        };
+        self.answers_dropped
+            .get_or_create(&DropLabels { reason })
+            .inc();
     }
 
     /// Removes every series of `plugin` (its calls, latencies and bytes),

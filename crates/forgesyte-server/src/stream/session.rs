@@ -618,6 +618,7 @@ async fn work(
                 room: Some(room),
             },
             Err(busy) => {
+                session.state.metrics().record_dropped_answer(&busy);
                 let dropped = queue.dropped();
                 answer_to(seq, &Err(busy), elapsed, dropped, session).into()
             }

@@ -634,7 +634,7 @@ fn read_answer(stream: &mut TcpStream) -> (String, Vec<u8>) {
 /// either: an answer takes room from `--answer-memory` when it is ready and
 /// gives it back once its client has read it all. Past it a call answers
 /// 503 `ServerBusy` (the tool ran; its answer is dropped), and an answer
-/// larger than all of it 422 `ResultTooLarge`.
+/// larger than all of it 422 `AnswerTooLarge`.
 #[test]
 fn answers_waiting_for_their_clients_fill_a_bounded_room() {
     const MIB: usize = 1 << 20;
@@ -710,13 +710,121 @@ fn answers_waiting_for_their_clients_fill_a_bounded_room() {
     let large = http_with(server.addr, "POST", target, &json_answer, &large);
     assert_eq!(large.status, 422, "{}", large.text());
     let body = large.json();
-    assert_eq!(body["error_type"], "ResultTooLarge", "{body}");
+    assert_eq!(body["error_type"], "AnswerTooLarge", "{body}");
     assert!(
         body["detail"].as_str().unwrap().contains("--answer-memory"),
         "{body}"
     );
-    // Every call ran: the plugin is counted as it was.
+    // Every call ran: the plugin is counted as it was, and the dropped
+    // answers by why.
     let health = server.get("/v1/plugins/alpha/health").json();
     assert_eq!(health["success_count"], 5, "{health}");
     assert_eq!(health["state"], "INITIALIZED", "{health}");
+    let metrics = server.get("/metrics").text();
+    for line in [
+        r#"forgesyte_answers_dropped_total{reason="no_room"} 1"#,
+        r#"forgesyte_answers_dropped_total{reason="too_large"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+}
+
+/// A client that keeps reading its answer, but slower than
+/// `--answer-min-rate`, does not hold the answer's room for as long as it
+/// likes: once the idle timeout's grace (plus a second per rate's worth of
+/// bytes it read) is over, its connection is closed and the room comes
+/// back. (Reading 1 MiB a second, often enough that no write ever stalls
+/// for the idle timeout, it held a 24 MiB answer's room for about 20 s.)
+#[test]
+fn a_client_that_reads_its_answer_too_slowly_is_let_go() {
+    const MIB: usize = 1 << 20;
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        &(32 * MIB).to_string(),
+        "--answer-memory",
+        &(40 * MIB).to_string(),
+        "--max-response",
+        &(16 * MIB).to_string(),
+        "--idle-timeout",
+        "3",
+        "--answer-min-rate",
+        &(4 * MIB).to_string(),
+    ]);
+    server.wait_loaded();
+    let target = "/v1/plugins/alpha/tools/echo_bytes/run";
+    let raw = [
+        ("content-type", "application/octet-stream"),
+        ("accept", "application/octet-stream"),
+    ];
+    let data = vec![7u8; 24 * MIB];
+    let mut slow = TcpStream::connect(server.addr).unwrap();
+    let head = format!(
+        "POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n\
+         Accept: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&data).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered(&slow).is_none() {
+        assert!(Instant::now() < deadline, "the slow call never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 1 MiB a second, until the room came back; then what the server
+    // wrote before it let go, at once.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = std::thread::spawn({
+        let done = std::sync::Arc::clone(&done);
+        move || {
+            use std::io::Read as _;
+            slow.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            let (mut read, mut this_second) = (0usize, 0usize);
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                match slow.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => (read, this_second) = (read + n, this_second + n),
+                }
+                if this_second >= MIB && !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    this_second = 0;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            (read, started.elapsed())
+        }
+    });
+    let busy = http_with(server.addr, "POST", target, &raw, &data);
+    assert_eq!(
+        busy.status,
+        503,
+        "the slow answer holds its room: {}",
+        busy.text()
+    );
+    let started = Instant::now();
+    let served = loop {
+        let reply = http_with(server.addr, "POST", target, &raw, &data);
+        if reply.status == 200 || started.elapsed() > Duration::from_secs(30) {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let came_back = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert!(served.body == data);
+    assert!(
+        came_back < Duration::from_secs(12),
+        "the room came back only after {came_back:?}"
+    );
+    let (read, took) = trickle.join().unwrap();
+    assert!(
+        read < data.len(),
+        "the slow client read all {read} bytes in {took:?}: never let go"
+    );
 }
