@@ -114,10 +114,10 @@ impl BodyBudget {
     }
 }
 
-/// Answers of at most this many bytes take no room in the answer budget:
-/// a socket's send buffer takes them whole (it is at least this large on
-/// Linux), so they are not held waiting for a slow client, and a budget
-/// that slow clients filled with large answers still lets small ones out.
+/// Answers of at most this many bytes take no room in the answer budget,
+/// so a budget that slow clients filled with large answers still lets
+/// small ones out. What they hold waiting is bounded by the connection
+/// cap instead (one answer a connection, four a stream).
 pub(crate) const UNCHARGED_ANSWER: usize = 64 * 1024;
 
 /// The memory the answers of tool calls may hold while they wait to be

@@ -23,7 +23,9 @@
 //!   (pipelined requests for large answers, never read) would hold its
 //!   connection, and a place under the cap, for ever: a write that takes
 //!   no byte for `idle_timeout` fails instead ([`TimedStream`]), and hyper
-//!   closes the connection.
+//!   closes the connection. So does a write whose client takes the
+//!   response slower than `--answer-min-rate` once that grace is over
+//!   ([`SlowRead`]): an answer it holds holds room in `--answer-memory`.
 //! - **The cap.** A semaphore of `max_connections` permits is taken before
 //!   a connection is served. Beyond it, [`PROBE_RESERVE`] more connections
 //!   are served probes only (`/livez`, `/readyz`, `/v1/health`), every
@@ -399,9 +401,47 @@ pub(crate) struct TimedStream {
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes a second a slow reader must average (0: no minimum).
     min_rate: u64,
-    /// Since a write first found the socket full, and the bytes written
-    /// since; until hyper has written all it had (its flush).
-    slow: Option<(Instant, u64)>,
+    /// The current response's account of writes that found the socket
+    /// full, if one did.
+    slow: Option<SlowRead>,
+}
+
+/// How a response's client has kept up since a write first found the
+/// socket full: the time writes waited (paused while hyper had nothing to
+/// write: between a stream's messages, a multipart answer's batches, an
+/// event stream's events) against the bytes its side took meanwhile. One
+/// account per response (per request head hyper waited for), and one for
+/// a whole upgraded connection.
+#[derive(Debug)]
+struct SlowRead {
+    /// The response it counts: the clock's arming when it began.
+    response: u64,
+    /// Time writes waited, over the finished stretches.
+    waited: Duration,
+    /// When the current stretch began; `None` while paused.
+    since: Option<Instant>,
+    /// Bytes written since it began.
+    written: u64,
+    /// The socket's send queue (written, not yet taken by the client's
+    /// side) when it began.
+    queued: u64,
+}
+
+/// Bytes written to `stream` that its peer's side has not taken yet (sent
+/// and unacknowledged, or not sent): `SIOCOUTQ`; 0 when it cannot be read.
+#[allow(unsafe_code)]
+fn send_queue(stream: &TcpStream) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `TIOCOUTQ` (`SIOCOUTQ` for a socket) writes one `c_int` to
+    // the pointer given, which points to a live local; the descriptor is
+    // the stream's own, open while it is borrowed.
+    let done = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    if done == 0 {
+        u64::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 impl TimedStream {
@@ -413,32 +453,68 @@ impl TimedStream {
     ) -> Poll<io::Result<usize>> {
         match &polled {
             Poll::Ready(Ok(n)) => {
-                if let Some((_, written)) = &mut self.slow {
-                    *written += u64::try_from(*n).unwrap_or(u64::MAX);
+                if let Some(slow) = &mut self.slow {
+                    slow.written = slow
+                        .written
+                        .saturating_add(u64::try_from(*n).unwrap_or(u64::MAX));
                 }
                 self.watch_stall(cx, polled)
             }
             Poll::Ready(Err(_)) => polled,
+            Poll::Pending if self.min_rate == 0 => self.watch_stall(cx, polled),
             Poll::Pending => {
-                let now = Instant::now();
-                let (since, written) = *self.slow.get_or_insert((now, 0));
-                if self.min_rate > 0 {
-                    let allowed = self.write_stall
-                        + Duration::from_secs_f64(written as f64 / self.min_rate as f64);
-                    if now.duration_since(since) > allowed {
-                        self.slow = None;
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!(
-                                "the client read the response slower than {} bytes a second",
-                                self.min_rate
-                            ),
-                        )));
-                    }
+                if self.too_slow() {
+                    self.slow = None;
+                    tracing::info!(
+                        min_rate = self.min_rate,
+                        "closing a connection whose client reads its response slower than \
+                         --answer-min-rate"
+                    );
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the client read the response slower than {} bytes a second",
+                            self.min_rate
+                        ),
+                    )));
                 }
                 self.watch_stall(cx, polled)
             }
         }
+    }
+
+    /// A write found the socket full: whether its client has taken the
+    /// response slower than `min_rate` since the account began, after the
+    /// grace of `write_stall` plus a second per `min_rate` bytes it took.
+    /// Judged on the bytes the client's side really took (what was written
+    /// less what the send queue grew by), not on the writes alone, which
+    /// lag behind when a write is polled before the socket said it had
+    /// room.
+    fn too_slow(&mut self) -> bool {
+        let now = Instant::now();
+        let response = self.clock.lock().armed;
+        let slow = match &mut self.slow {
+            Some(slow) if slow.response == response => slow,
+            other => other.insert(SlowRead {
+                response,
+                waited: Duration::ZERO,
+                since: None,
+                written: 0,
+                queued: send_queue(&self.stream),
+            }),
+        };
+        let since = *slow.since.get_or_insert(now);
+        let waited = slow.waited.saturating_add(now.duration_since(since));
+        if waited <= self.write_stall {
+            return false;
+        }
+        let taken = slow
+            .written
+            .saturating_add(slow.queued)
+            .saturating_sub(send_queue(&self.stream));
+        let earned = Duration::try_from_secs_f64(taken as f64 / self.min_rate as f64)
+            .unwrap_or(Duration::MAX);
+        waited > self.write_stall.saturating_add(earned)
     }
 
     /// A write's (or flush's) outcome, with the stall accounted: a pending
@@ -497,10 +573,14 @@ impl AsyncWrite for TimedStream {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_flush(cx);
-        // hyper flushes once it has written all it had: a slow reader's
-        // account starts again at the next write the socket cannot take.
-        if polled.is_ready() {
-            self.slow = None;
+        // hyper flushes once it has written all it had: the slow
+        // reader's account pauses until a write finds the socket full
+        // again (a new response starts a new one).
+        if polled.is_ready()
+            && let Some(slow) = &mut self.slow
+            && let Some(since) = slow.since.take()
+        {
+            slow.waited = slow.waited.saturating_add(since.elapsed());
         }
         self.watch_stall(cx, polled)
     }
@@ -586,6 +666,69 @@ impl hyper::rt::Sleep for RequestSleep {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client reading slower than the minimum rate is let go even when
+    /// the response comes in many small writes, each flushed (a multipart
+    /// answer of many parts, an event stream): the account pauses at a
+    /// flush, it does not start again. (It used to start again at every
+    /// flush, and such a reader was never judged.)
+    #[tokio::test]
+    async fn a_slow_reader_of_many_flushed_writes_is_let_go() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // 4 KiB every 20 ms (200 KiB a second), from a small buffer.
+        let reader = std::thread::spawn(move || {
+            use std::io::Read as _;
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            rustix::net::sockopt::set_socket_recv_buffer_size(&client, 4096).unwrap();
+            let mut client = client;
+            let mut buf = [0u8; 4096];
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(20) {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        rustix::net::sockopt::set_socket_send_buffer_size(&stream, 16384).unwrap();
+        let mut timed = TimedStream {
+            stream,
+            clock: ReadClock::new(),
+            // Far longer than the socket's wake-ups take at this rate: the
+            // stall timer alone never fires.
+            write_stall: Duration::from_secs(3),
+            stalled: None,
+            min_rate: 1024 * 1024,
+            slow: None,
+        };
+        let started = Instant::now();
+        let chunk = [7u8; 2048];
+        let ended = loop {
+            let wrote = tokio::time::timeout(Duration::from_secs(5), async {
+                timed.write_all(&chunk).await?;
+                timed.flush().await
+            })
+            .await;
+            match wrote {
+                Ok(Ok(())) if started.elapsed() < Duration::from_secs(15) => {}
+                other => break other,
+            }
+        };
+        let took = started.elapsed();
+        drop(timed);
+        reader.join().unwrap();
+        match ended {
+            Ok(Err(e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+                assert!(e.to_string().contains("slower than"), "{e}");
+                assert!(took < Duration::from_secs(12), "let go only after {took:?}");
+            }
+            other => panic!("never let go ({took:?}): {other:?}"),
+        }
+    }
 
     #[test]
     fn the_cap_leaves_half_the_descriptors() {
