@@ -21,6 +21,18 @@ struct Room {
 }
 
 impl Room {
+    /// The room for things of at most `limit` bytes each: `memory` bytes,
+    /// else eight at the limit, at least 256 MiB; never less than one at
+    /// the limit (one that could never fit would be told to retry for
+    /// ever): a `memory` below it is raised, with a warning (`what`).
+    fn for_limit(limit: usize, memory: Option<usize>, what: &str) -> Self {
+        let bytes = memory.unwrap_or_else(|| limit.saturating_mul(8).max(256 << 20));
+        if bytes < limit {
+            tracing::warn!("{what}: {limit} bytes apply ({bytes} asked)");
+        }
+        Room::new(bytes.max(limit))
+    }
+
     /// Room for `bytes` bytes (rounded up to the KiB).
     fn new(bytes: usize) -> Self {
         let kib = bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS);
@@ -54,13 +66,12 @@ impl BodyBudget {
     /// body at the limit (a body that could never fit would be told to
     /// retry for ever).
     pub(crate) fn new(body_limit: usize, memory: Option<usize>) -> Self {
-        let bytes = at_least(
-            memory.unwrap_or_else(|| body_limit.saturating_mul(8).max(256 << 20)),
-            body_limit,
-            "--body-memory is less than --body-limit",
-        );
         BodyBudget {
-            room: Room::new(bytes),
+            room: Room::for_limit(
+                body_limit,
+                memory,
+                "--body-memory is less than --body-limit",
+            ),
         }
     }
 
@@ -137,13 +148,12 @@ impl AnswerBudget {
     /// `max_response` bytes (the largest a runner may send), at least
     /// 256 MiB; never less than one such answer.
     pub(crate) fn new(max_response: usize, memory: Option<usize>) -> Self {
-        let bytes = at_least(
-            memory.unwrap_or_else(|| max_response.saturating_mul(8).max(256 << 20)),
-            max_response,
-            "--answer-memory is less than --max-response",
-        );
         AnswerBudget {
-            room: Room::new(bytes),
+            room: Room::for_limit(
+                max_response,
+                memory,
+                "--answer-memory is less than --max-response",
+            ),
         }
     }
 
@@ -183,16 +193,6 @@ impl AnswerBudget {
     pub(crate) fn available_kib(&self) -> usize {
         self.room.free.available_permits()
     }
-}
-
-/// `bytes`, raised to `floor` with a warning (`what`) when it is less: a
-/// budget that one body or answer at the limit could never fit in would
-/// tell its client to retry for ever.
-fn at_least(bytes: usize, floor: usize, what: &str) -> usize {
-    if bytes < floor {
-        tracing::warn!("{what}: {floor} bytes apply ({bytes} asked)");
-    }
-    bytes.max(floor)
 }
 
 /// Bytes and the room they hold.

@@ -557,12 +557,11 @@ impl Loader {
     fn runner_limits(&self, p: &Pending) -> process::ProcessLimits {
         let host = &self.config.process;
         if let Some(asked) = host.response_above_host(&p.manifest.limits) {
+            let allowed = host.max_response_bytes >> 20;
             tracing::warn!(
                 plugin = %p.name,
                 "limits.max_response_mb asks for {asked} MiB, more than the server allows \
-                 (--max-response, {} MiB): its answers may be {} MiB at most",
-                host.max_response_bytes >> 20,
-                host.max_response_bytes >> 20,
+                 (--max-response, {allowed} MiB): its answers may be {allowed} MiB at most",
             );
         }
         host.with_manifest(&p.manifest.limits)

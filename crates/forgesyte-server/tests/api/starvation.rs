@@ -630,6 +630,79 @@ fn read_answer(stream: &mut TcpStream) -> (String, Vec<u8>) {
     (head.lines().next().unwrap_or_default().to_owned(), body)
 }
 
+/// The run target of `alpha`'s `echo_bytes` (its binary `data` back).
+const ECHO_BYTES: &str = "/v1/plugins/alpha/tools/echo_bytes/run";
+
+/// Headers of an `echo_bytes` call sent and answered as raw bytes.
+const RAW: [(&str, &str); 2] = [
+    ("content-type", "application/octet-stream"),
+    ("accept", "application/octet-stream"),
+];
+
+const MIB: usize = 1 << 20;
+
+/// A server with plugin `alpha` whose answers share 40 MiB
+/// (`--answer-memory`; `--max-response` 16 MiB, as the budget is never
+/// less than one answer at it), bodies up to 32 MiB, and `extra` options.
+fn alpha_with_40_mib_for_answers(extra: &[&str]) -> (PluginsDir, Forgesyte) {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let (body_limit, memory, max_response) = (
+        (32 * MIB).to_string(),
+        (40 * MIB).to_string(),
+        (16 * MIB).to_string(),
+    );
+    let mut args = vec![
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        &body_limit,
+        "--answer-memory",
+        &memory,
+        "--max-response",
+        &max_response,
+    ];
+    args.extend_from_slice(extra);
+    let server = Forgesyte::start(&args);
+    server.wait_loaded();
+    (dir, server)
+}
+
+/// Sends `data` to `echo_bytes` for a raw answer, and waits until the
+/// answer's head has come: the call ran, its answer holds its room, and
+/// nothing of it is read yet.
+fn echo_bytes_unread(server: &Forgesyte, data: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    let head = format!(
+        "POST {ECHO_BYTES} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n\
+         Accept: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(data).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered(&stream).is_none() {
+        assert!(Instant::now() < deadline, "the unread call never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(answered(&stream).unwrap().starts_with("HTTP/1.1 200"));
+    stream
+}
+
+/// Calls `echo_bytes` with `data` for a raw answer until one is 200 or
+/// `within` has passed (the room held by another answer coming back);
+/// the last reply.
+fn echo_bytes_once_room_is_back(server: &Forgesyte, data: &[u8], within: Duration) -> Reply {
+    let started = Instant::now();
+    loop {
+        let reply = http_with(server.addr, "POST", ECHO_BYTES, &RAW, data);
+        if reply.status == 200 || started.elapsed() > within {
+            return reply;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The answers of calls cannot make the server hold memory without bound
 /// either: an answer takes room from `--answer-memory` when it is ready and
 /// gives it back once its client has read it all. Past it a call answers
@@ -637,44 +710,12 @@ fn read_answer(stream: &mut TcpStream) -> (String, Vec<u8>) {
 /// larger than all of it 422 `AnswerTooLarge`.
 #[test]
 fn answers_waiting_for_their_clients_fill_a_bounded_room() {
-    const MIB: usize = 1 << 20;
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let server = Forgesyte::start(&[
-        "--plugins",
-        dir.path_str(),
-        "--body-limit",
-        &(32 * MIB).to_string(),
-        "--answer-memory",
-        &(40 * MIB).to_string(),
-        // The budget is never less than one answer at this limit.
-        "--max-response",
-        &(16 * MIB).to_string(),
-    ]);
-    server.wait_loaded();
-    let target = "/v1/plugins/alpha/tools/echo_bytes/run";
-    let raw = [
-        ("content-type", "application/octet-stream"),
-        ("accept", "application/octet-stream"),
-    ];
+    let (_dir, server) = alpha_with_40_mib_for_answers(&[]);
     let data = vec![7u8; 24 * MIB];
     // A client that reads none of its 24 MiB answer: the kernel's buffers
     // take a few MiB of it, the server holds the rest, and the room of all.
-    let mut slow = TcpStream::connect(server.addr).unwrap();
-    let head = format!(
-        "POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n\
-         Accept: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-        data.len()
-    );
-    slow.write_all(head.as_bytes()).unwrap();
-    slow.write_all(&data).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while answered(&slow).is_none() {
-        assert!(Instant::now() < deadline, "the slow call never answered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(answered(&slow).unwrap().starts_with("HTTP/1.1 200"));
-    let busy = http_with(server.addr, "POST", target, &raw, &data);
+    let mut slow = echo_bytes_unread(&server, &data);
+    let busy = http_with(server.addr, "POST", ECHO_BYTES, &RAW, &data);
     assert_eq!(busy.status, 503, "{}", busy.text());
     let body = busy.json();
     assert_eq!(body["error_type"], "ServerBusy", "{body}");
@@ -685,20 +726,13 @@ fn answers_waiting_for_their_clients_fill_a_bounded_room() {
     );
     assert_eq!(busy.header("retry-after"), Some("1"));
     // Smaller answers still fit beside it.
-    let small = http_with(server.addr, "POST", target, &raw, &data[..MIB]);
+    let small = http_with(server.addr, "POST", ECHO_BYTES, &RAW, &data[..MIB]);
     assert_eq!((small.status, small.body.len()), (200, MIB));
     // The slow client reads its answer, byte-exact: the room comes back.
     let (status, answer) = read_answer(&mut slow);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     assert!(answer == data, "the slow client's answer differs");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let served = loop {
-        let reply = http_with(server.addr, "POST", target, &raw, &data);
-        if reply.status == 200 || Instant::now() > deadline {
-            break reply;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let served = echo_bytes_once_room_is_back(&server, &data, Duration::from_secs(20));
     assert_eq!(served.status, 200, "{}", served.text());
     assert!(served.body == data);
     // 30 MiB are 40 MiB as base64 in JSON: more than all the room.
@@ -707,7 +741,7 @@ fn answers_waiting_for_their_clients_fill_a_bounded_room() {
         ("accept", "application/json"),
     ];
     let large = vec![1u8; 30 * MIB];
-    let large = http_with(server.addr, "POST", target, &json_answer, &large);
+    let large = http_with(server.addr, "POST", ECHO_BYTES, &json_answer, &large);
     assert_eq!(large.status, 422, "{}", large.text());
     let body = large.json();
     assert_eq!(body["error_type"], "AnswerTooLarge", "{body}");
@@ -737,43 +771,11 @@ fn answers_waiting_for_their_clients_fill_a_bounded_room() {
 /// for the idle timeout, it held a 24 MiB answer's room for about 20 s.)
 #[test]
 fn a_client_that_reads_its_answer_too_slowly_is_let_go() {
-    const MIB: usize = 1 << 20;
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let server = Forgesyte::start(&[
-        "--plugins",
-        dir.path_str(),
-        "--body-limit",
-        &(32 * MIB).to_string(),
-        "--answer-memory",
-        &(40 * MIB).to_string(),
-        "--max-response",
-        &(16 * MIB).to_string(),
-        "--idle-timeout",
-        "3",
-        "--answer-min-rate",
-        &(4 * MIB).to_string(),
-    ]);
-    server.wait_loaded();
-    let target = "/v1/plugins/alpha/tools/echo_bytes/run";
-    let raw = [
-        ("content-type", "application/octet-stream"),
-        ("accept", "application/octet-stream"),
-    ];
+    let min_rate = (4 * MIB).to_string();
+    let (_dir, server) =
+        alpha_with_40_mib_for_answers(&["--idle-timeout", "3", "--answer-min-rate", &min_rate]);
     let data = vec![7u8; 24 * MIB];
-    let mut slow = TcpStream::connect(server.addr).unwrap();
-    let head = format!(
-        "POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n\
-         Accept: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-        data.len()
-    );
-    slow.write_all(head.as_bytes()).unwrap();
-    slow.write_all(&data).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while answered(&slow).is_none() {
-        assert!(Instant::now() < deadline, "the slow call never answered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut slow = echo_bytes_unread(&server, &data);
     // 1 MiB a second, until the room came back; then what the server
     // wrote before it let go, at once.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -799,7 +801,7 @@ fn a_client_that_reads_its_answer_too_slowly_is_let_go() {
             (read, started.elapsed())
         }
     });
-    let busy = http_with(server.addr, "POST", target, &raw, &data);
+    let busy = http_with(server.addr, "POST", ECHO_BYTES, &RAW, &data);
     assert_eq!(
         busy.status,
         503,
@@ -807,13 +809,7 @@ fn a_client_that_reads_its_answer_too_slowly_is_let_go() {
         busy.text()
     );
     let started = Instant::now();
-    let served = loop {
-        let reply = http_with(server.addr, "POST", target, &raw, &data);
-        if reply.status == 200 || started.elapsed() > Duration::from_secs(30) {
-            break reply;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let served = echo_bytes_once_room_is_back(&server, &data, Duration::from_secs(30));
     let came_back = started.elapsed();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(served.status, 200, "{}", served.text());
