@@ -135,8 +135,20 @@ impl Browser {
             .next()?
             .as_str()?
             .to_owned();
-        let text = self.session_call("GET", &format!("/element/{element}/text"), Value::Null);
-        text.as_str().map(str::to_owned)
+        // The page may redraw the element between the two commands: a
+        // stale element (404) reads as "not there yet", like a missing one.
+        let (status, text) = webdriver(
+            self.addr,
+            "GET",
+            &format!("/session/{}/element/{element}/text", self.session),
+            &Value::Null,
+        )
+        .ok()?;
+        if status == 404 && text["value"]["error"] == "stale element reference" {
+            return None;
+        }
+        assert_eq!(status, 200, "GET element text: {text}");
+        text["value"].as_str().map(str::to_owned)
     }
 
     /// Waits (bounded) until the text of `css` satisfies `ok`; that text.
