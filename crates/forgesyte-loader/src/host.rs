@@ -10,6 +10,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use forgesyte_errors::{CrashCause, CrashError, ImportError, InitError, ToolError};
 
@@ -197,6 +198,14 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// grace if it has not; returns at once (the grace runs elsewhere). A
     /// no-op in the host's own process.
     fn stop(&self) {}
+
+    /// Waits up to `timeout` for the instance's process to have ended (and
+    /// what it started, its process group, to be killed): whether it has.
+    /// `true` at once in the host's own process.
+    fn wait_stopped(&self, timeout: Duration) -> bool {
+        let _ = timeout;
+        true
+    }
 }
 
 /// `args` (JSON) with each attachment put at its pointer as a base64 string.

@@ -97,5 +97,5 @@ fn after_shutdown_a_crash_is_recorded_and_never_restarted() {
     );
     assert_eq!(status.restart_count, 0);
 
-    loader.drop_instances();
+    assert!(loader.drop_instances(Duration::from_secs(5)));
 }

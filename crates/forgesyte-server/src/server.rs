@@ -17,6 +17,11 @@ use crate::conn;
 use crate::router::app;
 use crate::state::AppState;
 
+/// How long a stopping server waits for its plugins' processes to end
+/// (each has 2 s to exit on its own before it is killed) and for their
+/// process groups to be killed, which only the server does.
+const RUNNERS_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -221,7 +226,16 @@ impl Server {
                 "A reload still runs after the shutdown grace; dropping the instances anyway"
             );
         }
-        state.loader().drop_instances();
+        let loader = Arc::clone(state.loader());
+        let stopped = tokio::task::spawn_blocking(move || loader.drop_instances(RUNNERS_STOP))
+            .await
+            .unwrap_or(false);
+        if !stopped {
+            tracing::warn!(
+                wait_s = RUNNERS_STOP.as_secs_f64(),
+                "Plugin processes still ran after the wait for them; what they started may outlive the server"
+            );
+        }
         tracing::info!("Plugin instances dropped; bye");
         result
     }

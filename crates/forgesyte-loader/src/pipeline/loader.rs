@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use forgesyte_deps::{DependencyChecker, FileSystem, RealFs};
 use forgesyte_registry::Registry;
@@ -217,13 +217,24 @@ impl Loader {
     }
 
     /// Drops every instance handle the loader holds (libraries stay mapped;
-    /// isolated plugins' processes are stopped).
-    pub fn drop_instances(&self) {
-        for entry in self.entries.write().values_mut() {
-            if let Some(handle) = entry.handle.take() {
-                retire_isolated(&handle);
-            }
-        }
+    /// isolated plugins' processes are stopped), and waits, at most
+    /// `timeout` in all, until those processes have ended and their process
+    /// groups are killed: a host that exited first would leave what the
+    /// plugins started running (a runner's group is killed by its host).
+    /// Whether all of them ended in time.
+    pub fn drop_instances(&self, timeout: Duration) -> bool {
+        let retired: Vec<_> = self
+            .entries
+            .write()
+            .values_mut()
+            .filter_map(|entry| entry.handle.take())
+            .filter(|handle| handle.isolation() == Isolation::Process)
+            .map(|handle| handle.retire())
+            .collect();
+        let deadline = Instant::now() + timeout;
+        retired.iter().all(|instance| {
+            instance.wait_stopped(deadline.saturating_duration_since(Instant::now()))
+        })
     }
 }
 

@@ -903,6 +903,11 @@ impl PluginInstance for ProcessInstance {
         // it to exit (it reads the end of its input) with the same grace.
         self.child.stop();
     }
+
+    fn wait_stopped(&self, timeout: Duration) -> bool {
+        self.child.wait_dead(timeout).is_some()
+    }
+
     fn pid(&self) -> Option<u32> {
         Some(self.child.pid())
     }

@@ -1545,7 +1545,9 @@ class SeccompTests(unittest.TestCase):
 
         ld, jeq, jge, ret, and_ = 0x20, 0x15, 0x35, 0x06, 0x54
         io_uring = (425, 426, 427)
-        ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220, 240, 241, 242, 243, 244, 245) + io_uring
+        # System V IPC, message queues, setpgid and setsid (109, 112), io_uring.
+        ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 109, 112, 220, 240, 241, 242, 243, 244,
+               245) + io_uring
 
         def sockets(socketpair, socket):
             # socketpair() of a stream or sequenced packets (the type's flags
@@ -1554,21 +1556,22 @@ class SeccompTests(unittest.TestCase):
                     (jeq, 0, 7, 5), (ret, 0, 0, self.ALLOW),
                     (jeq, 1, 0, socket), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
                     (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
-        # x86_64 without the network: 38 instructions, every jump to the
+        # x86_64 without the network: 40 instructions, every jump to the
         # deny (the last) counted from the one after it.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 35, 0xC000003E), (ld, 0, 0, 0),
-                    (jge, 33, 0, 0x40000000)]
-        expected += [(jeq, 32 - i, 0, nr) for i, nr in enumerate(ipc)]
+        expected = [(ld, 0, 0, 4), (jeq, 0, 37, 0xC000003E), (ld, 0, 0, 0),
+                    (jge, 35, 0, 0x40000000)]
+        expected += [(jeq, 34 - i, 0, nr) for i, nr in enumerate(ipc)]
         expected += sockets(53, 41)
         self.assertEqual(_seccomp_program("x86_64", False), expected)
         # With the network: no socket part.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 24, 0xC000003E), (ld, 0, 0, 0), (jge, 22, 0, 0x40000000)]
-        expected += [(jeq, 21 - i, 0, nr) for i, nr in enumerate(ipc)]
+        expected = [(ld, 0, 0, 4), (jeq, 0, 26, 0xC000003E), (ld, 0, 0, 0), (jge, 24, 0, 0x40000000)]
+        expected += [(jeq, 23 - i, 0, nr) for i, nr in enumerate(ipc)]
         expected += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
         self.assertEqual(_seccomp_program("x86_64", True), expected)
         # aarch64: no x32; its own numbers.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 34, 0xC00000B7), (ld, 0, 0, 0)]
-        expected += [(jeq, 32 - i, 0, nr) for i, nr in enumerate(tuple(range(180, 198)) + io_uring)]
+        expected = [(ld, 0, 0, 4), (jeq, 0, 36, 0xC00000B7), (ld, 0, 0, 0)]
+        aarch64 = (154, 157) + tuple(range(180, 198)) + io_uring  # setpgid, setsid first
+        expected += [(jeq, 34 - i, 0, nr) for i, nr in enumerate(aarch64)]
         expected += sockets(199, 198)
         self.assertEqual(_seccomp_program("aarch64", False), expected)
         self.assertEqual(_seccomp_program("arm64", False), expected)
@@ -1579,9 +1582,10 @@ class SeccompTests(unittest.TestCase):
 
         machines = {
             # AUDIT_ARCH, IPC calls, socket, read, socketpair
-            "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220]
+            "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 109, 112, 220]
                        + list(range(240, 246)) + [425, 426, 427], 41, 0, 53),
-            "aarch64": (0xC00000B7, list(range(180, 198)) + [425, 426, 427], 198, 63, 199),
+            "aarch64": (0xC00000B7, [154, 157] + list(range(180, 198)) + [425, 426, 427], 198, 63,
+                        199),
         }
         for machine, (arch, ipc, socket_nr, read_nr, socketpair_nr) in machines.items():
             for network in (False, True):
@@ -1662,6 +1666,9 @@ class SeccompTests(unittest.TestCase):
             ("shmget", shmget),
             ("mq_open", mq_open),
             ("io_uring", io_uring_setup),
+            # The forked child leads no group: unfiltered, both succeed.
+            ("setsid", os.setsid),
+            ("setpgid", lambda: os.setpgid(0, 0)),
         ]
         if MACHINE == "x86_64":
             checks.append(("x32", x32_getpid))
@@ -1690,7 +1697,7 @@ class SeccompTests(unittest.TestCase):
         return json.loads(data.decode("utf-8"))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
-    def test_without_the_network_no_unix_or_netlink_socket_and_no_ipc(self):
+    def test_without_the_network_no_unix_or_netlink_socket_no_ipc_no_new_group(self):
         from runner import confine
 
         refused = ["PermissionError", 13]
@@ -1699,7 +1706,7 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(said, dict({"unix": refused, "netlink": refused, "udp": "ok",
                                      "socketpair": "ok", "dgram_pair": refused,
                                      "shmget": refused, "mq_open": refused,
-                                     "io_uring": refused},
+                                     "io_uring": refused, "setsid": refused, "setpgid": refused},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
@@ -1712,7 +1719,7 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(said, dict({"unix": "ok", "netlink": "ok", "udp": "ok",
                                      "socketpair": "ok", "dgram_pair": "ok",
                                      "shmget": refused, "mq_open": refused,
-                                     "io_uring": refused},
+                                     "io_uring": refused, "setsid": refused, "setpgid": refused},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)

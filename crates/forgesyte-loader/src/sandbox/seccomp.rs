@@ -2,9 +2,13 @@
 //! namespace do not rule. Landlock governs no `connect()` to a Unix socket
 //! that has a path (a root runner would reach `/run/docker.sock`), netlink
 //! lets runners of one network namespace (a zygote's) talk to each other,
-//! and System V IPC and POSIX message queues are no files. So the filter
-//! refuses, with `EACCES`, every System V IPC, message-queue and io_uring
-//! call (an io_uring operation, a socket among them, passes no filter), and,
+//! and System V IPC and POSIX message queues are no files; and a process
+//! that starts a session or a process group of its own (`setsid`,
+//! `setpgid`) is out of reach of the kill of its runner's group, and so
+//! outlives the runner. So the filter refuses, with `EACCES`, every System
+//! V IPC, message-queue and io_uring call (an io_uring operation, a socket
+//! among them, passes no filter), `setsid` and `setpgid` (the runner leads
+//! its group before it confines itself), and,
 //! unless the plan keeps the network, `socket()` of the Unix and netlink
 //! families and `socketpair()` of datagrams (a datagram pair's socket can
 //! be disconnected, bound to a path and sent to any socket that has one:
@@ -22,19 +26,23 @@ use std::io;
 /// What the hello's `syscalls` says of a runner filtered without network
 /// (the Python runner says the same).
 pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new Unix or netlink socket, no System V IPC, \
-     no POSIX message queue, no io_uring";
+     no POSIX message queue, no io_uring, no new session or process group";
 /// ... and of one whose plan keeps the network.
-pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring";
+pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring, \
+     no new session or process group";
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
 #[cfg(target_arch = "aarch64")]
 const AUDIT_ARCH: u32 = 0xC000_00B7;
 
-/// The System V IPC, POSIX message-queue and io_uring calls (an io_uring
-/// operation, a socket among them, passes no filter), in ascending order.
+/// The calls refused whatever they are given, in ascending order: System
+/// V IPC, POSIX message queues, io_uring (an io_uring operation, a socket
+/// among them, passes no filter), and a new session or process group
+/// (`setsid`, `setpgid`: a process that leaves its runner's group outlives
+/// the runner's end).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn ipc_calls() -> [u32; 21] {
+fn denied_calls() -> [u32; 23] {
     let mut calls = [
         libc::SYS_shmget,
         libc::SYS_shmat,
@@ -57,6 +65,8 @@ fn ipc_calls() -> [u32; 21] {
         libc::SYS_io_uring_setup,
         libc::SYS_io_uring_enter,
         libc::SYS_io_uring_register,
+        libc::SYS_setsid,
+        libc::SYS_setpgid,
     ]
     .map(|nr| nr as u32);
     calls.sort_unstable();
@@ -108,7 +118,7 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
     if cfg!(target_arch = "x86_64") {
         p.push(jump(libc::BPF_JGE, 0x4000_0000, u8::MAX, 0));
     }
-    for nr in ipc_calls() {
+    for nr in denied_calls() {
         p.push(jump(libc::BPF_JEQ, nr, u8::MAX, 0));
     }
     if !network {
@@ -249,7 +259,7 @@ mod tests {
         let inet = libc::AF_INET as u32;
         for network in [false, true] {
             let p = program(network);
-            for nr in ipc_calls() {
+            for nr in denied_calls() {
                 assert_eq!(run(&p, AUDIT_ARCH, nr, 0), DENY, "call {nr}");
             }
             for other in [0, libc::SYS_read as u32, libc::SYS_socketpair as u32, 400] {
@@ -328,7 +338,7 @@ mod tests {
 
     #[test]
     #[allow(unsafe_code)]
-    fn a_filtered_process_cannot_make_unix_sockets_nor_use_system_v_ipc() {
+    fn a_filtered_process_cannot_make_unix_sockets_nor_use_system_v_ipc_nor_leave_its_group() {
         // In a child: the filter stays with the process that installs it.
         // The program is built first: the child of a threaded process
         // allocates nothing.
@@ -372,6 +382,13 @@ mod tests {
                     }
                     if libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) < 0 {
                         return 14;
+                    }
+                    // Not a group leader: both would succeed unfiltered.
+                    if libc::setsid() != -1 || errno() != Some(libc::EACCES) {
+                        return 17;
+                    }
+                    if libc::setpgid(0, 0) != -1 || errno() != Some(libc::EACCES) {
+                        return 18;
                     }
                 }
                 0

@@ -507,3 +507,62 @@ fn a_runner_whose_forked_process_outlives_it_is_seen_dead_at_once() {
         }
     }
 }
+
+/// A process a confined plugin starts cannot leave its runner's process
+/// group (`setsid` is refused), so it ends with the runner even when it is
+/// nobody's child (forked twice) and the runner dies of its own accord:
+/// forked by a zygote or started by the server alike, and with the
+/// server's stop. Another plugin's end leaves it alone.
+#[test]
+fn a_process_a_confined_plugin_detaches_ends_with_its_runner() {
+    for zygote in ["1", "0"] {
+        let dir = PluginsDir::new();
+        dir.python("faulty", "faulty");
+        dir.python("other", "faulty");
+        let mut server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str()],
+            &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+        );
+        server.wait_loaded();
+        let detach = |plugin: &str| {
+            let answer = server.run(plugin, "detach", r#"{"args": {"s": 120}}"#);
+            assert_eq!(answer.status, 200, "{}", answer.text());
+            let said = answer.json()["result"].clone();
+            assert!(
+                said["setsid"].as_str().unwrap_or("").starts_with("refused"),
+                "FORGESYTE_PYTHON_ZYGOTE={zygote}: {said}"
+            );
+            let pid = u32::try_from(said["pid"].as_u64().unwrap()).unwrap();
+            assert!(!ended(pid), "the detached process {pid} is not running");
+            pid
+        };
+        let mine = detach("faulty");
+        let theirs = detach("other");
+        let crash = server.run("other", "exit", "{}");
+        assert_eq!(crash.status, 502, "{}", crash.text());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ended(theirs) {
+            assert!(
+                Instant::now() < deadline,
+                "FORGESYTE_PYTHON_ZYGOTE={zygote}: the process {theirs} its crashed runner \
+                 detached still runs"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            !ended(mine),
+            "FORGESYTE_PYTHON_ZYGOTE={zygote}: another plugin's crash ended {mine}"
+        );
+        // A server that stops (SIGTERM) stops its runners, and so the
+        // processes they started.
+        assert!(server.terminate().success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ended(mine) {
+            assert!(
+                Instant::now() < deadline,
+                "FORGESYTE_PYTHON_ZYGOTE={zygote}: {mine} outlived the server's stop"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -168,8 +168,9 @@ def _not_dumpable(libc):
 # runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
 # with it.
 SYSCALLS_NO_SOCKETS = ("filtered: no new Unix or netlink socket, no System V IPC, no POSIX message "
-                       "queue, no io_uring")
-SYSCALLS_IPC = "filtered: no System V IPC, no POSIX message queue, no io_uring"
+                       "queue, no io_uring, no new session or process group")
+SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no new session or "
+                "process group")
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # Classic BPF (``linux/filter.h``): the few instructions the filter uses.
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K, _BPF_AND_K = 0x20, 0x15, 0x35, 0x06, 0x54
@@ -183,12 +184,14 @@ _X32_SYSCALL_BIT = 0x40000000
 # on both machines): its operations (a socket among them) pass no filter.
 _IO_URING = (425, 426, 427)
 # Per machine (``os.uname().machine``): its AUDIT_ARCH, whether it has x32
-# calls to refuse, its System V IPC, POSIX message-queue and io_uring calls
-# (in ascending order), its ``socket`` and its ``socketpair`` call.
+# calls to refuse, the calls it refuses whatever they are given (System V
+# IPC, POSIX message queues, io_uring, then ``setpgid`` and ``setsid``: a
+# process that leaves its runner's group outlives the runner's end), its
+# ``socket`` and its ``socketpair`` call.
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
-                                  240, 241, 242, 243, 244, 245) + _IO_URING, 41, 53),
-    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING, 198, 199),
+                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112), 41, 53),
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157), 198, 199),
 }
 _SECCOMP_ARCHES["arm64"] = _SECCOMP_ARCHES["aarch64"]
 
@@ -202,7 +205,8 @@ def _seccomp_program(machine, network):
 
     - load the architecture (seccomp_data offset 4); not this machine's: deny
     - load the call's number (offset 0); on x86_64 an x32 call: deny
-    - each System V IPC, POSIX message-queue and io_uring call: deny
+    - each System V IPC, POSIX message-queue and io_uring call, ``setsid``
+      and ``setpgid``: deny
     - without the network, ``socketpair`` whose type (args[1]'s low half,
       offset 24, its flags masked off) is not ``SOCK_STREAM`` or
       ``SOCK_SEQPACKET``: deny (a datagram pair's socket can be
@@ -245,7 +249,10 @@ def _seccomp(libc, network, machine=None):
     needs without ``CAP_SYS_ADMIN``. It refuses, with ``EACCES``, what
     Landlock and the network namespace do not rule: System V IPC and POSIX
     message queues (no files), io_uring (whose operations, a socket among
-    them, pass no filter), and, without the network, new Unix sockets
+    them, pass no filter), a new session or process group (``setsid``,
+    ``setpgid``: a process out of its runner's group would outlive the
+    runner; the runner leads its group before it confines itself), and,
+    without the network, new Unix sockets
     (Landlock rules no ``connect()`` to one that has a path: a root runner
     would reach ``/run/docker.sock``) and netlink ones (between runners of
     a zygote's shared namespace); ``socketpair()`` of streams and sequenced
