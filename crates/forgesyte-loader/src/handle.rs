@@ -474,10 +474,8 @@ impl PluginHandle {
 
     /// Lets the handle go: no more restarts or fault handling, and an
     /// isolated plugin's process is asked to exit (killed after a short
-    /// grace; calls still in flight fail). Returns at once.
-    /// Lets the plugin go: no call reaches its instance any more, and an
-    /// isolated one's process is asked to stop. The last instance, for a
-    /// caller that waits for its end.
+    /// grace; calls still in flight fail). Returns at once, with the last
+    /// instance, for a caller that waits for its end.
     pub(crate) fn retire(&self) -> Arc<dyn PluginInstance> {
         let last = self.inner.slot.retire();
         if self.inner.isolation == Isolation::Process {

@@ -96,5 +96,5 @@ pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{
     LoadReport, Loader, LoaderConfig, PluginLoadOutcome, RescanReport, RetiredPlugin,
 };
-pub use process::{ProcessImporter, ProcessLimits};
+pub use process::{ProcessImporter, ProcessLimits, RUNNER_STOP_WAIT};
 pub use supervise::SupervisionPolicy;

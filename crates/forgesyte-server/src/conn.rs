@@ -238,8 +238,10 @@ where
     };
     http1::Builder::new()
         .timer(timer)
-        // Any value: the timer decides the deadline.
-        .header_read_timeout(limits.header_read_timeout)
+        // Any value: the timer decides the deadline. hyper adds it to the
+        // present moment, so not the configured one (an embedder's
+        // `Duration::MAX` would overflow there).
+        .header_read_timeout(Duration::from_secs(1))
         .keep_alive(keep_alive)
         .serve_connection(
             TokioIo::new(TimedStream {
@@ -378,11 +380,20 @@ impl ReadClock {
     fn deadline(&self, header: Duration, idle: Duration) -> Instant {
         let state = self.lock();
         match (state.after_response, state.first_byte) {
-            (false, _) => state.waiting_since + header,
-            (true, Some(first)) => first + header,
-            (true, None) => state.waiting_since + idle,
+            (false, _) => later(state.waiting_since, header),
+            (true, Some(first)) => later(first, header),
+            (true, None) => later(state.waiting_since, idle),
         }
     }
+}
+
+/// `at + wait`, or a century after `at` where that is past what an
+/// `Instant` holds (an embedder's `Duration::MAX`: the CLI takes at most
+/// 1e9 s).
+fn later(at: Instant, wait: Duration) -> Instant {
+    at.checked_add(wait)
+        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(at)
 }
 
 /// A TCP stream that tells its [`ReadClock`] when bytes arrive, and fails
@@ -756,5 +767,12 @@ mod tests {
         clock.read_some();
         let first = clock.lock().first_byte.unwrap_or(since);
         assert_eq!(clock.deadline(header, idle), first + header);
+    }
+
+    #[test]
+    fn a_wait_past_what_an_instant_holds_is_a_century() {
+        let clock = ReadClock::new();
+        let deadline = clock.deadline(Duration::MAX, Duration::MAX);
+        assert!(deadline > Instant::now() + Duration::from_secs(99 * 365 * 24 * 3600));
     }
 }

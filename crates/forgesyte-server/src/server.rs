@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use forgesyte_deps::DependencyChecker;
 use forgesyte_loader::{Loader, LoaderConfig};
@@ -16,11 +17,6 @@ use crate::config::ServerConfig;
 use crate::conn;
 use crate::router::app;
 use crate::state::AppState;
-
-/// How long a stopping server waits for its plugins' processes to end
-/// (each has 2 s to exit on its own before it is killed) and for their
-/// process groups to be killed, which only the server does.
-const RUNNERS_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -226,14 +222,26 @@ impl Server {
                 "A reload still runs after the shutdown grace; dropping the instances anyway"
             );
         }
+        // The plugins' processes end, and their groups are killed (only
+        // the server does that), before the server exits. On a thread of
+        // its own: the blocking pool may be full of calls that never end.
+        let wait = forgesyte_loader::RUNNER_STOP_WAIT;
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let loader = Arc::clone(state.loader());
-        let stopped = tokio::task::spawn_blocking(move || loader.drop_instances(RUNNERS_STOP))
-            .await
-            .unwrap_or(false);
+        let stopper = std::thread::Builder::new()
+            .name("forgesyte-stop-plugins".into())
+            .spawn(move || {
+                let _ = tx.send(loader.drop_instances(wait));
+            });
+        let stopped = stopper.is_ok()
+            && matches!(
+                tokio::time::timeout(wait + Duration::from_secs(6), rx).await,
+                Ok(Ok(true))
+            );
         if !stopped {
             tracing::warn!(
-                wait_s = RUNNERS_STOP.as_secs_f64(),
-                "Plugin processes still ran after the wait for them; what they started may outlive the server"
+                wait_s = wait.as_secs_f64(),
+                "Plugin processes did not all end in time; what they started may outlive the server"
             );
         }
         tracing::info!("Plugin instances dropped; bye");

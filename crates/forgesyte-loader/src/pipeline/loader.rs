@@ -218,10 +218,12 @@ impl Loader {
 
     /// Drops every instance handle the loader holds (libraries stay mapped;
     /// isolated plugins' processes are stopped), and waits, at most
-    /// `timeout` in all, until those processes have ended and their process
-    /// groups are killed: a host that exited first would leave what the
-    /// plugins started running (a runner's group is killed by its host).
-    /// Whether all of them ended in time.
+    /// `timeout` in all ([`crate::RUNNER_STOP_WAIT`] covers every grace),
+    /// until those processes have ended and their process groups are
+    /// killed: a host that exited first would leave what the plugins
+    /// started running (a runner's group is killed by its host). One still
+    /// running then is killed, with its group. Whether all of them ended in
+    /// time.
     pub fn drop_instances(&self, timeout: Duration) -> bool {
         let retired: Vec<_> = self
             .entries
@@ -232,9 +234,14 @@ impl Loader {
             .map(|handle| handle.retire())
             .collect();
         let deadline = Instant::now() + timeout;
-        retired.iter().all(|instance| {
-            instance.wait_stopped(deadline.saturating_duration_since(Instant::now()))
-        })
+        let mut all = true;
+        for instance in &retired {
+            if !instance.wait_stopped(deadline.saturating_duration_since(Instant::now())) {
+                all = false;
+                instance.kill("not ended in time as the host stops");
+            }
+        }
+        all
     }
 }
 

@@ -51,6 +51,13 @@ pub(crate) const DEATH_SYNC: Duration = Duration::from_secs(5);
 /// before it is killed.
 pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// The longest a runner asked to stop takes to be recorded ended, its
+/// process group killed: half its 2 s grace for a request being written,
+/// the grace, 0.3 s for a closed pipe, 0.5 s for its last stderr lines
+/// and, forked by a zygote that does not report its exit, 2 s more (a test
+/// checks the sum of the constants).
+pub const RUNNER_STOP_WAIT: Duration = Duration::from_secs(6);
+
 /// Why the host is killing the process, recorded before the signal so the
 /// death is reported for what it is rather than as a `SIGKILL`.
 #[derive(Debug, Clone)]
@@ -916,6 +923,20 @@ pub(crate) fn fmt_bytes(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_stop_wait_covers_every_grace_a_stop_can_take() {
+        use super::*;
+        let longest = STOP_GRACE / 2
+            + STOP_GRACE
+            + EXIT_GRACE
+            + STDERR_GRACE
+            + crate::process::zygote::UNREPORTED_EXIT;
+        assert!(
+            RUNNER_STOP_WAIT >= longest,
+            "{RUNNER_STOP_WAIT:?} < {longest:?}"
+        );
+    }
+
     use super::fmt_bytes;
 
     #[test]

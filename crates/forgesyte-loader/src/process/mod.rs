@@ -44,7 +44,7 @@ mod wire_error;
 mod workers;
 mod zygote;
 
-pub use child::close_inherited_on_exec;
+pub use child::{RUNNER_STOP_WAIT, close_inherited_on_exec};
 pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::ZYGOTE_ENV;
 

@@ -187,6 +187,12 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             args.plugin
         );
     }
+    if let Err(e) = shrug_off_group_signals() {
+        eprintln!(
+            "forgesyte-runner[{}]: a signal to its process group may end it: {e}",
+            args.plugin
+        );
+    }
     if args.memory_limit_mib > 0
         && let Err(e) = limit_memory(args.memory_limit_mib)
     {
@@ -491,6 +497,31 @@ fn protect_in_forks(fds: impl IntoIterator<Item = RawFd>) -> io::Result<()> {
     } else {
         Err(io::Error::from_raw_os_error(rc))
     }
+}
+
+/// A handler that does nothing for SIGTERM, SIGHUP and SIGINT: the host
+/// stops a runner by closing its input and kills it with SIGKILL, and a
+/// program the plugin starts may signal its whole process group, which is
+/// the runner's (a confined runner's processes cannot leave it: coreutils'
+/// `timeout` sends SIGTERM to its group when time runs out). A handler, not
+/// `SIG_IGN`: a program the plugin execs starts with the default.
+#[allow(unsafe_code)]
+fn shrug_off_group_signals() -> io::Result<()> {
+    extern "C" fn shrug(_signal: libc::c_int) {}
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        // SAFETY: a `sigaction` of all zeroes is a valid one (no flags, an
+        // empty mask); its handler is set to a function that does nothing
+        // and lives as long as the process.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = shrug as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        // SAFETY: `action` is a valid `sigaction` that outlives the call; no
+        // old action is asked for.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The child side of [`protect_in_forks`]: `/dev/null` in place of each

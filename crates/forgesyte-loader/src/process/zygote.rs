@@ -235,7 +235,7 @@ pub(crate) const FORK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a runner that has ended may wait for its zygote to report its
 /// exit status before it is taken as ended without one.
-const UNREPORTED_EXIT: Duration = Duration::from_secs(2);
+pub(crate) const UNREPORTED_EXIT: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for Zygote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -597,13 +597,15 @@ impl Zygote {
             }
             Said::Exit { pid, status } => {
                 let slot = self.state.lock().children.remove(&pid);
+                // What is left of its group goes first (the pid is not
+                // reaped yet, so it is still this runner's), then the end
+                // is recorded (whoever waits for it finds the group
+                // killed; no signal goes to the pid after this), then the
+                // zygote may reap it and free the pid.
+                kill_group(pid);
                 if let Some(slot) = slot {
-                    // Recorded first (no signal goes to the pid after this),
-                    // then what is left of its group goes, then the zygote
-                    // may reap it and free the pid.
                     slot.set(Ok(ExitStatus::from_raw(status)));
                 }
-                kill_group(pid);
                 // Gone only with the zygote, which reaps nothing then.
                 let _ = self.reaps.send(pid);
                 self.let_go_if_idle();

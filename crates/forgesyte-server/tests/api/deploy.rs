@@ -198,8 +198,9 @@ fn check_deployment(
     }
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
-    // The pod's grace covers the preStop pause and the server's one
-    // shutdown grace (the drain and a reload in progress together).
+    // The pod's grace covers the preStop pause, the server's one shutdown
+    // grace (the drain and a reload in progress together) and the wait for
+    // its plugins' processes to end.
     let pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         .as_u64()
         .unwrap_or_else(|| panic!("{name}: no preStop pause before SIGTERM"));
@@ -208,9 +209,11 @@ fn check_deployment(
         .and_then(|g| u64::try_from(g).ok())
         .unwrap_or_else(|| panic!("{name}: no shutdown-grace in {config}"));
     let pod_grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    let runners = forgesyte_loader::RUNNER_STOP_WAIT.as_secs();
     assert!(
-        pod_grace > pause + grace,
-        "{name}: terminationGracePeriodSeconds {pod_grace} <= preStop {pause} + shutdown-grace {grace}"
+        pod_grace > pause + grace + runners,
+        "{name}: terminationGracePeriodSeconds {pod_grace} <= preStop {pause} + shutdown-grace \
+         {grace} + the runners' stop {runners}"
     );
 
     let annotations = &pod["metadata"]["annotations"];

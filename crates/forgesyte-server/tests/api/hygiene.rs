@@ -463,8 +463,19 @@ fn a_runner_whose_forked_process_outlives_it_is_seen_dead_at_once() {
             "native" => &[],
             _ => &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
         };
-        let server =
-            Forgesyte::start_with_env(&["--plugins", dir.path_str(), "--call-timeout", "30"], env);
+        // Unconfined: a confined runner's processes cannot leave its group
+        // (`setsid` is refused), which the cases below need.
+        let server = Forgesyte::start_with_env(
+            &[
+                "--plugins",
+                dir.path_str(),
+                "--call-timeout",
+                "30",
+                "--confine",
+                "off",
+            ],
+            env,
+        );
         server.wait_loaded();
         let bodies: &[&str] = if zygote == "native" {
             &[r#"{"args": {"s": 10}}"#]
@@ -564,5 +575,33 @@ fn a_process_a_confined_plugin_detaches_ends_with_its_runner() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A program a plugin starts may signal its whole process group (coreutils'
+/// `timeout` sends SIGTERM to its own, which in a confined runner is the
+/// runner's, since no process there may start one of its own): SIGTERM,
+/// SIGHUP and SIGINT leave the runner serving, native and Python alike.
+#[test]
+fn a_runner_shrugs_off_signals_sent_to_its_process_group() {
+    let dir = PluginsDir::new();
+    dir.library(
+        "native",
+        forgesyte_tests::zoo::FAULTY_LIBRARY,
+        json!({"isolation": "process"}),
+    );
+    dir.python("py", "faulty");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    for plugin in ["native", "py"] {
+        let before = runner_pid(server.pid(), plugin).expect("a runner");
+        let answer = server.run(plugin, "signal_group", "{}");
+        assert_eq!(answer.status, 200, "{plugin}: {}", answer.text());
+        assert_eq!(answer.json()["result"]["survived"], true, "{plugin}");
+        assert_eq!(server.run(plugin, "ok", "{}").status, 200, "{plugin}");
+        let health = server.get(&format!("/v1/plugins/{plugin}/health")).json();
+        assert_eq!(health["state"], "INITIALIZED", "{plugin}: {health}");
+        assert_eq!(health["restart_count"], 0, "{plugin}: {health}");
+        assert_eq!(runner_pid(server.pid(), plugin), Some(before), "{plugin}");
     }
 }

@@ -69,6 +69,23 @@ def watch_parent():
     threading.Thread(target=loop, name="forgesyte-parent-watch", daemon=True).start()
 
 
+def shrug_off_group_signals():
+    """A handler that does nothing for SIGTERM, SIGHUP and SIGINT: the
+    host stops a runner by closing its input and kills it with SIGKILL, and
+    a program a plugin starts may signal its whole process group, which is
+    the runner's (a confined runner's processes cannot leave it: coreutils'
+    ``timeout`` sends SIGTERM to its group when time runs out). A handler,
+    not ``SIG_IGN``: a program the plugin execs starts with the default."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _shrug)
+
+
+def _shrug(signum, frame):
+    pass
+
+
 def main(argv, handover):
     """Runs the runner of ``argv`` (its command line) with what
     ``handover`` (a ``base.Handover``) gives it; never returns."""
@@ -112,6 +129,7 @@ def main(argv, handover):
     elif handover.netns is not None:
         os.close(handover.netns)
     protect_in_forks([fd_in, fd_out] + ([shm[0].fileno()] if shm is not None else []))
+    shrug_off_group_signals()
     if not handover.parent_death_signal:
         watch_parent()
     api.setup_logging()
