@@ -461,8 +461,10 @@ fn giving_up_on_an_isolated_call_that_returned_meanwhile_kills_nothing() {
 fn restarts_follow_the_backoff_and_stop_after_max() {
     let mut s = Setup::new();
     s.config.supervision = SupervisionPolicy {
-        backoff_base: Duration::from_millis(100),
-        backoff_cap: Duration::from_millis(300),
+        // Long enough that the FAILED state, read right after each crash,
+        // is still there on a loaded machine.
+        backoff_base: Duration::from_millis(500),
+        backoff_cap: Duration::from_millis(1500),
         healthy_reset: Duration::from_secs(60),
         max_restarts: 3,
         window: Duration::from_secs(60),
@@ -474,7 +476,7 @@ fn restarts_follow_the_backoff_and_stop_after_max() {
     let mut pid = handle.pid().unwrap();
 
     // Crash 1 by a tool, crash 2 by a kill between calls, crash 3 by a tool.
-    for (round, expected_ms) in [(1u64, 100u64), (2, 200), (3, 300)] {
+    for (round, expected_ms) in [(1u64, 500u64), (2, 1000), (3, 1500)] {
         if round == 2 {
             kill(pid);
             wait_for(r, "flaky", S::Failed, Duration::from_secs(2));
@@ -498,7 +500,7 @@ fn restarts_follow_the_backoff_and_stop_after_max() {
             handle.call("ok", &json!({})),
             Err(CallError::NotRunnable { .. })
         ));
-        wait_for(r, "flaky", S::Initialized, Duration::from_secs(3));
+        wait_for(r, "flaky", S::Initialized, Duration::from_secs(10));
         let waited = failed_at.elapsed();
         assert!(
             waited >= Duration::from_millis(expected_ms - 10),
@@ -653,11 +655,23 @@ fn chaos_kills_under_traffic_reconcile() {
                 }
             });
         }
-        let (handles, stop, kills) = (&handles, &stop, &kills);
+        let (handles, stop, kills, names) = (&handles, &stop, &kills, &names);
         scope.spawn(move || {
             let mut i = 7u64;
             let started = Instant::now();
-            while started.elapsed() < Duration::from_millis(1500) {
+            // At least 1.5 s, and until 10 restarts (a kill that finds a
+            // runner restarting hits a dead pid and restarts nothing; a
+            // loaded machine restarts slower), at most 20 s.
+            let restarts = || -> u64 {
+                names
+                    .iter()
+                    .filter_map(|name| r.get_status(name))
+                    .map(|status| status.restart_count)
+                    .sum()
+            };
+            while started.elapsed() < Duration::from_millis(1500)
+                || (restarts() < 10 && started.elapsed() < Duration::from_secs(20))
+            {
                 std::thread::sleep(Duration::from_millis(60));
                 i = i
                     .wrapping_mul(6364136223846793005)

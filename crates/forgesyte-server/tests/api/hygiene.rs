@@ -41,10 +41,10 @@ fn ctrl_c_reaches_the_server_only_which_drains_isolated_calls() {
             addr,
             "POST",
             "/v1/plugins/iso/tools/sleep/run",
-            br#"{"args": {"ms": 1500}}"#,
+            br#"{"args": {"ms": 3000}}"#,
         )
     });
-    std::thread::sleep(Duration::from_millis(400));
+    crate::rescan::wait_running(&server, "iso");
     // What a terminal does on Ctrl-C: SIGINT to its foreground process
     // group, which is the server's (and, before this fix, its runners').
     signal(&format!("-{}", server.pid()), "-INT");

@@ -269,7 +269,9 @@ fn a_call_whose_client_hung_up_is_counted() {
     dir.good("alpha", json!({}));
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
-    let body = r#"{"args": {"ms": 300}}"#;
+    // Long enough for the poll below to see it in flight on a loaded
+    // machine.
+    let body = r#"{"args": {"ms": 2000}}"#;
     let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
     let request = format!(
         "POST /v1/plugins/alpha/tools/sleep/run HTTP/1.1\r\nHost: 127.0.0.1\r\n\

@@ -71,7 +71,7 @@ fn sleep_call(server: &Forgesyte, plugin: &str, ms: u64) -> std::thread::JoinHan
 }
 
 /// Waits for `plugin` to be RUNNING (a call in flight).
-fn wait_running(server: &Forgesyte, plugin: &str) {
+pub(crate) fn wait_running(server: &Forgesyte, plugin: &str) {
     wait_for(
         "the call in flight",
         Duration::from_secs(10),
@@ -398,7 +398,7 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
     );
     server.wait_loaded();
-    let call = sleep_call(&server, "slow", 3000);
+    let call = sleep_call(&server, "slow", 6000);
     wait_running(&server, "slow");
     std::fs::remove_dir_all(dir.path().join("slow")).unwrap();
     let started = Instant::now();
@@ -412,7 +412,7 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
     assert_eq!(report["removed"][0]["calls_cut_off"], 0, "{report}");
     assert_eq!(call.join().unwrap().status, 504);
     // The name taken again, and a call of the new plugin running while the
-    // old call's thread returns (3 s after it began): without its ticket
+    // old call's thread returns (6 s after it began): without its ticket
     // settled, that return took the new call's place in flight.
     // (Its own limit: the server's 1 s would cut its call short.)
     dir.good("slow", json!({"limits": {"call_timeout_s": 10}}));
@@ -421,13 +421,14 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
     let reply = served(&server, "slow", "echo");
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(
-        started.elapsed() < Duration::from_millis(2500),
+        started.elapsed() < Duration::from_millis(5000),
         "{:?}",
         started.elapsed()
     );
-    let new_call = sleep_call(&server, "slow", 4000);
+    let new_call = sleep_call(&server, "slow", 8000);
+    wait_running(&server, "slow");
     // After the old thread's return: the new call is still the one in flight.
-    std::thread::sleep(Duration::from_millis(3500).saturating_sub(started.elapsed()));
+    std::thread::sleep(Duration::from_millis(6500).saturating_sub(started.elapsed()));
     let during = state_of(&server, "slow").unwrap();
     assert_eq!(
         (&during["state"], &during["in_flight"]),
@@ -646,7 +647,7 @@ fn a_sighup_during_shutdown_starts_no_rescan() {
             br#"{"args": {"ms": 1500}}"#,
         )
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_running(&server, "alpha");
     let pid = server.pid().to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])

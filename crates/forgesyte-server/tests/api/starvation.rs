@@ -412,9 +412,10 @@ fn a_queued_call_whose_client_hung_up_never_runs_and_is_counted_rejected() {
         &[("FORGESYTE_BLOCKING_THREADS", "1")],
     );
     server.wait_loaded();
-    // Long enough for a few tries at queueing on a loaded machine.
+    // Long enough for a few tries at queueing on a loaded machine (the
+    // loop below tries for up to 10 s).
     let busy: Vec<TcpStream> = (0..=lanes)
-        .map(|_| send_call(&server, "slow", r#"{"args": {"ms": 4000}}"#))
+        .map(|_| send_call(&server, "slow", r#"{"args": {"ms": 12000}}"#))
         .collect();
     wait_in_flight(&server, "slow", lanes as u64 + 1, Duration::from_secs(10));
     // The client hangs up only once its call holds its slot, so queued
@@ -467,7 +468,7 @@ fn a_queued_call_whose_client_hung_up_never_runs_and_is_counted_rejected() {
     );
     crate::rescan::wait_for(
         "the hung-up call counted rejected (besides the probe)",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         &server,
         || {
             server
@@ -486,7 +487,7 @@ fn a_queued_call_whose_client_hung_up_never_runs_and_is_counted_rejected() {
     // The busy calls all ran; the hung-up one is not among them.
     crate::rescan::wait_for(
         "the busy calls to end",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         &server,
         || {
             let health = server.get("/v1/plugins/slow/health").json();

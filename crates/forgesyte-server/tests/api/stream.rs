@@ -1005,7 +1005,17 @@ fn stream_answers_hold_the_answer_memory_until_they_are_written() {
     let data = frame(5 * MIB);
     let mut slow = open(&server, &target("alpha", "frame", ""));
     send_frame(&mut slow, data.clone());
-    std::thread::sleep(Duration::from_secs(1));
+    // Its call ran (the answer is encoded and takes its room right after).
+    crate::rescan::wait_for(
+        "the first frame's call",
+        Duration::from_secs(20),
+        &server,
+        || {
+            let health = server.get("/v1/plugins/alpha/health").json();
+            (health["success_count"].as_u64() >= Some(1)).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
     let mut other = open(&server, &target("alpha", "frame", ""));
     send_frame(&mut other, data.clone());
     let busy = answer(&mut other);
