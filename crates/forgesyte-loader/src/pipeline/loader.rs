@@ -15,7 +15,7 @@ use super::config::LoaderConfig;
 use super::pass_cache::PassCache;
 use crate::entry_points::EntryPoint;
 use crate::handle::PluginHandle;
-use crate::host::Importer;
+use crate::host::{Importer, PluginInstance};
 use crate::manifest::{Isolation, Manifest, Runtime};
 use crate::native::NativeImporter;
 use crate::supervise::{Clock, ShutdownFlag, SystemClock};
@@ -89,6 +89,10 @@ pub struct Loader {
     /// The keys signatures are checked against: the configured ones, read
     /// again from their directory by every rescan (`rescan.rs`).
     pub(super) trusted_keys: RwLock<crate::signature::TrustedKeys>,
+    /// Isolated instances a reload or rescan let go whose processes may
+    /// still be stopping: [`drop_instances`](Self::drop_instances) waits
+    /// for them too. Pruned of ended ones at every addition.
+    pub(super) stopping: Mutex<Vec<Arc<dyn PluginInstance>>>,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -136,6 +140,7 @@ impl Loader {
             fresh_stamps: Mutex::new(HashMap::new()),
             pass: PassCache::default(),
             checked_bytes: Arc::default(),
+            stopping: Mutex::new(Vec::new()),
         }
     }
 
@@ -225,7 +230,7 @@ impl Loader {
     /// running then is killed, with its group. Whether all of them ended in
     /// time.
     pub fn drop_instances(&self, timeout: Duration) -> bool {
-        let retired: Vec<_> = self
+        let mut retired: Vec<_> = self
             .entries
             .write()
             .values_mut()
@@ -233,6 +238,7 @@ impl Loader {
             .filter(|handle| handle.isolation() == Isolation::Process)
             .map(|handle| handle.retire())
             .collect();
+        retired.append(&mut self.stopping.lock());
         let deadline = Instant::now() + timeout;
         let mut all = true;
         for instance in &retired {
@@ -252,6 +258,20 @@ impl Drop for Loader {
             if let Some(handle) = &entry.handle {
                 retire_isolated(handle);
             }
+        }
+    }
+}
+
+impl Loader {
+    /// Lets `handle` go (see [`PluginHandle::retire`]); an isolated
+    /// instance is kept until its process has ended, so that a stopping
+    /// host waits for it.
+    pub(super) fn retire(&self, handle: &PluginHandle) {
+        let last = handle.retire();
+        if handle.isolation() == Isolation::Process {
+            let mut stopping = self.stopping.lock();
+            stopping.retain(|instance| !instance.wait_stopped(Duration::ZERO));
+            stopping.push(last);
         }
     }
 }

@@ -125,7 +125,7 @@ impl Loader {
                     self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                     continue;
                 }
-                handle.retire();
+                self.retire(handle);
             }
             if let Some(e) = self.entries.write().get_mut(name) {
                 e.handle = None;

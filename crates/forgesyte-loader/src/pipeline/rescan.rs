@@ -429,7 +429,7 @@ impl Loader {
             + Duration::from_secs(1);
         let calls_cut_off = self.retiring_calls_left(name, started + wait);
         if let Some(handle) = handle {
-            handle.retire();
+            self.retire(&handle);
             // An isolated plugin's calls cut off end with its process, which
             // `retire` stops (within its stop grace): they end on this
             // entry, before the name is free for another plugin.

@@ -605,3 +605,35 @@ fn a_runner_shrugs_off_signals_sent_to_its_process_group() {
         assert_eq!(runner_pid(server.pid(), plugin), Some(before), "{plugin}");
     }
 }
+
+/// A server stopping right after a rescan let a plugin go, while that
+/// plugin's runner is still stopping (its `on_unload` takes 1.5 s), waits
+/// for that runner too: what the plugin started ends with it.
+#[test]
+fn a_server_stopping_after_a_rescan_waits_for_the_runners_it_let_go() {
+    let dir = PluginsDir::new();
+    dir.python("slow-unload", "faulty");
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let answer = server.run("slow-unload", "detach", r#"{"args": {"s": 120}}"#);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let pid = u32::try_from(answer.json()["result"]["pid"].as_u64().unwrap()).unwrap();
+    assert!(!ended(pid));
+    std::fs::remove_dir_all(dir.path().join("slow-unload")).unwrap();
+    crate::rescan::hangup(&server);
+    crate::rescan::wait_for(
+        "the plugin let go",
+        Duration::from_secs(10),
+        &server,
+        || (server.get("/v1/plugins/slow-unload/health").status == 404).then_some(()),
+    );
+    assert!(server.terminate().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ended(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "{pid}, started by a plugin a rescan let go, outlived the server's stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
