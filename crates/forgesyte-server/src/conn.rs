@@ -392,13 +392,16 @@ impl ReadClock {
 /// 1e9 s).
 fn later(at: Instant, wait: Duration) -> Instant {
     at.checked_add(wait)
-        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .or_else(|| at.checked_add(FAR_FUTURE))
         .unwrap_or(at)
 }
 
+/// A century: where a wait past what an `Instant` holds ends.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// A TCP stream that tells its [`ReadClock`] when bytes arrive, and fails
-/// a write that has taken no byte for `write_stall` (a client that stopped
-/// reading), or whose client reads what the socket could not take at once
+/// a write during which the client's side has taken no byte for
+/// `write_stall` (a client that stopped reading), or whose client reads what the socket could not take at once
 /// slower than `min_rate` on average after that grace (a client that
 /// trickles), so hyper closes its connection and the answer it held (and
 /// its room in `--answer-memory`) is let go.
@@ -409,12 +412,24 @@ pub(crate) struct TimedStream {
     write_stall: Duration,
     /// Since the first write that found the socket full, until one takes
     /// bytes again.
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: Option<Stall>,
     /// Bytes a second a slow reader must average (0: no minimum).
     min_rate: u64,
     /// The current response's account of writes that found the socket
     /// full, if one did.
     slow: Option<SlowRead>,
+}
+
+/// A write waiting for room: the end of its current period of
+/// `write_stall`, and the socket's send queue when that period began. A
+/// period in which the client's side took bytes (the queue shrank) is
+/// followed by another: the socket frees room for a write only once about
+/// half its queue is taken, which a client that reads steadily but slowly
+/// may take longer than `write_stall` to do.
+#[derive(Debug)]
+struct Stall {
+    ends: Pin<Box<tokio::time::Sleep>>,
+    queued: u64,
 }
 
 /// How a response's client has kept up since a write first found the
@@ -540,20 +555,33 @@ impl TimedStream {
             return polled;
         }
         let limit = self.write_stall;
-        let stalled = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        if stalled.as_mut().poll(cx).is_ready() {
-            self.stalled = None;
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "the client read nothing of the response for {} s",
-                    limit.as_secs_f64()
-                ),
-            )));
+        let stream = &self.stream;
+        let stall = self.stalled.get_or_insert_with(|| Stall {
+            ends: Box::pin(tokio::time::sleep(limit)),
+            queued: send_queue(stream),
+        });
+        loop {
+            if stall.ends.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let queued = send_queue(stream);
+            if queued >= stall.queued {
+                break;
+            }
+            // The client took bytes in this period: another one.
+            stall.queued = queued;
+            let now = tokio::time::Instant::now();
+            let ends = now.checked_add(limit).unwrap_or(now + FAR_FUTURE);
+            stall.ends.as_mut().reset(ends);
         }
-        Poll::Pending
+        self.stalled = None;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the client read nothing of the response for {} s",
+                limit.as_secs_f64()
+            ),
+        )))
     }
 }
 
@@ -739,6 +767,65 @@ mod tests {
             }
             other => panic!("never let go ({took:?}): {other:?}"),
         }
+    }
+
+    /// A client that keeps taking bytes, however slowly, has not stalled:
+    /// with no minimum rate, a write that waits longer than the stall
+    /// limit for room (the socket frees room only once about half its
+    /// queue is taken) goes on while the client's side takes bytes.
+    #[tokio::test]
+    async fn a_client_that_keeps_reading_slowly_has_not_stalled() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // 4 KiB every 50 ms (80 KiB a second), from a small buffer.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reading = std::sync::Arc::clone(&done);
+        let reader = std::thread::spawn(move || {
+            use std::io::Read as _;
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            rustix::net::sockopt::set_socket_recv_buffer_size(&client, 4096).unwrap();
+            let mut client = client;
+            let mut buf = [0u8; 4096];
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(20)
+                && !reading.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut timed = TimedStream {
+            stream,
+            clock: ReadClock::new(),
+            write_stall: Duration::from_secs(1),
+            stalled: None,
+            min_rate: 0,
+            slow: None,
+        };
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            loop {
+                timed.write_all(&chunk).await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), io::Error>(())
+        });
+        // The send queue fills in a moment; draining half of it at this
+        // rate takes far longer than the 1 s stall limit.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(
+            !writer.is_finished(),
+            "the writer ended: {:?}",
+            writer.await
+        );
+        writer.abort();
+        let _ = writer.await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        reader.join().unwrap();
     }
 
     #[test]
