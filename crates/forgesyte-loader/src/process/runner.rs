@@ -507,7 +507,6 @@ fn protect_in_forks(fds: impl IntoIterator<Item = RawFd>) -> io::Result<()> {
 /// `SIG_IGN`: a program the plugin execs starts with the default.
 #[allow(unsafe_code)]
 fn shrug_off_group_signals() -> io::Result<()> {
-    extern "C" fn shrug(_signal: libc::c_int) {}
     for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
         // SAFETY: a `sigaction` of all zeroes is a valid one (no flags, an
         // empty mask); its handler is set to a function that does nothing
@@ -522,6 +521,34 @@ fn shrug_off_group_signals() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The do-nothing handler of [`shrug_off_group_signals`].
+extern "C" fn shrug(_signal: libc::c_int) {}
+
+/// In a process the plugin forks without exec: the default action back
+/// for the signals [`shrug_off_group_signals`] gave a do-nothing handler,
+/// where that handler is still in place (a worker pool stops its forked
+/// workers with SIGTERM). Only `sigaction`, which a child of a
+/// multithreaded fork may call.
+#[allow(unsafe_code)]
+fn default_group_signals() {
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        // SAFETY: all zeroes is a valid `sigaction`; `sigaction` writes the
+        // current action into `current`, a live local, and reads `default`,
+        // another; both are plain system calls.
+        unsafe {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &raw mut current) != 0
+                || current.sa_sigaction != shrug as extern "C" fn(libc::c_int) as libc::sighandler_t
+            {
+                continue;
+            }
+            let mut default: libc::sigaction = std::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(signal, &raw const default, std::ptr::null_mut());
+        }
+    }
 }
 
 /// The child side of [`protect_in_forks`]: `/dev/null` in place of each
@@ -548,6 +575,7 @@ unsafe extern "C" fn release_protocol() {
         let mut target = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let _ = rustix::io::dup3(&null, &mut target, rustix::io::DupFlags::CLOEXEC);
     }
+    default_group_signals();
 }
 
 fn shm_link() -> Option<&'static (OwnedFd, u64)> {

@@ -581,7 +581,8 @@ fn a_process_a_confined_plugin_detaches_ends_with_its_runner() {
 /// A program a plugin starts may signal its whole process group (coreutils'
 /// `timeout` sends SIGTERM to its own, which in a confined runner is the
 /// runner's, since no process there may start one of its own): SIGTERM,
-/// SIGHUP and SIGINT leave the runner serving, native and Python alike.
+/// SIGHUP and SIGINT leave the runner serving, native and Python alike;
+/// a process it forks without exec still ends on SIGTERM.
 #[test]
 fn a_runner_shrugs_off_signals_sent_to_its_process_group() {
     let dir = PluginsDir::new();
@@ -598,6 +599,11 @@ fn a_runner_shrugs_off_signals_sent_to_its_process_group() {
         let answer = server.run(plugin, "signal_group", "{}");
         assert_eq!(answer.status, 200, "{plugin}: {}", answer.text());
         assert_eq!(answer.json()["result"]["survived"], true, "{plugin}");
+        // What it forks without exec gets the default actions back: a
+        // worker pool stops its workers with SIGTERM.
+        let answer = server.run(plugin, "fork_terminate", "{}");
+        assert_eq!(answer.status, 200, "{plugin}: {}", answer.text());
+        assert_eq!(answer.json()["result"]["terminated_by"], 15, "{plugin}");
         assert_eq!(server.run(plugin, "ok", "{}").status, 200, "{plugin}");
         let health = server.get(&format!("/v1/plugins/{plugin}/health")).json();
         assert_eq!(health["state"], "INITIALIZED", "{plugin}: {health}");

@@ -75,11 +75,24 @@ def shrug_off_group_signals():
     a program a plugin starts may signal its whole process group, which is
     the runner's (a confined runner's processes cannot leave it: coreutils'
     ``timeout`` sends SIGTERM to its group when time runs out). A handler,
-    not ``SIG_IGN``: a program the plugin execs starts with the default."""
+    not ``SIG_IGN``: a program the plugin execs starts with the default,
+    and a process it forks without exec (``multiprocessing``'s workers,
+    which ``terminate()`` stops with SIGTERM) is given the default back."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    for sig in signals:
         signal.signal(sig, _shrug)
+
+    def after_fork_in_child():
+        for sig in signals:
+            try:
+                if signal.getsignal(sig) is _shrug:
+                    signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # not the main thread: left as it is
+
+    os.register_at_fork(after_in_child=after_fork_in_child)
 
 
 def _shrug(signum, frame):
