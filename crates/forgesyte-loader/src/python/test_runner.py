@@ -1544,38 +1544,50 @@ class SeccompTests(unittest.TestCase):
         from runner.confine import _seccomp_program
 
         ld, jeq, jge, ret, and_ = 0x20, 0x15, 0x35, 0x06, 0x54
+        enosys = 0x00050000 | 38
         io_uring = (425, 426, 427)
         # System V IPC, message queues, setpgid and setsid (109, 112), io_uring.
         ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 109, 112, 220, 240, 241, 242, 243, 244,
                245) + io_uring
 
-        def sockets(socketpair, socket):
-            # socketpair() of a stream or sequenced packets (the type's flags
-            # masked off), socket() of a domain but Unix and netlink.
-            return [(jeq, 0, 5, socketpair), (ld, 0, 0, 24), (and_, 0, 0, 0xF), (jeq, 1, 0, 1),
-                    (jeq, 0, 7, 5), (ret, 0, 0, self.ALLOW),
-                    (jeq, 1, 0, socket), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
-                    (jeq, 2, 0, 1), (jeq, 1, 0, 16), (ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
-        # x86_64 without the network: 40 instructions, every jump to the
-        # deny (the last) counted from the one after it.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 37, 0xC000003E), (ld, 0, 0, 0),
-                    (jge, 35, 0, 0x40000000)]
-        expected += [(jeq, 34 - i, 0, nr) for i, nr in enumerate(ipc)]
-        expected += sockets(53, 41)
-        self.assertEqual(_seccomp_program("x86_64", False), expected)
+        def program(audit_arch, x32, calls, clone, sockets):
+            """Every jump to the deny (the last instruction) or to the ENOSYS
+            return (the one before) counted from the one after it."""
+            n = 3 + x32 + 6 + len(calls) + (11 if sockets else 0) + 3
+            deny = lambda i: n - 1 - i - 1  # noqa: E731
+            p = [(ld, 0, 0, 4), (jeq, 0, deny(1), audit_arch), (ld, 0, 0, 0)]
+            if x32:
+                p.append((jge, deny(3), 0, 0x40000000))
+            i = len(p)
+            p += [(jeq, deny(i) - 1, 0, 435), (jeq, 0, 4, clone), (ld, 0, 0, 16),
+                  (and_, 0, 0, 0x8000), (jeq, deny(i + 4), 0, 0x8000), (ret, 0, 0, self.ALLOW)]
+            p += [(jeq, deny(len(p) + j), 0, nr) for j, nr in enumerate(calls)]
+            if sockets:
+                socketpair, socket = sockets
+                # socketpair() of a stream or sequenced packets (the type's
+                # flags masked off), socket() of a domain but Unix and netlink.
+                p += [(jeq, 0, 5, socketpair), (ld, 0, 0, 24), (and_, 0, 0, 0xF), (jeq, 1, 0, 1),
+                      (jeq, 0, 8, 5), (ret, 0, 0, self.ALLOW),
+                      (jeq, 1, 0, socket), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
+                      (jeq, 3, 0, 1), (jeq, 2, 0, 16)]
+            p += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, enosys), (ret, 0, 0, self.DENY)]
+            self.assertEqual(len(p), n)
+            return p
+
+        self.assertEqual(_seccomp_program("x86_64", False),
+                         program(0xC000003E, True, ipc, 56, (53, 41)))
         # With the network: no socket part.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 26, 0xC000003E), (ld, 0, 0, 0), (jge, 24, 0, 0x40000000)]
-        expected += [(jeq, 23 - i, 0, nr) for i, nr in enumerate(ipc)]
-        expected += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, self.DENY)]
-        self.assertEqual(_seccomp_program("x86_64", True), expected)
-        # aarch64: no x32; its own numbers.
-        expected = [(ld, 0, 0, 4), (jeq, 0, 36, 0xC00000B7), (ld, 0, 0, 0)]
-        aarch64 = (154, 157) + tuple(range(180, 198)) + io_uring  # setpgid, setsid first
-        expected += [(jeq, 34 - i, 0, nr) for i, nr in enumerate(aarch64)]
-        expected += sockets(199, 198)
+        self.assertEqual(_seccomp_program("x86_64", True),
+                         program(0xC000003E, True, ipc, 56, None))
+        # aarch64: no x32; its own numbers (setpgid, setsid first).
+        aarch64 = (154, 157) + tuple(range(180, 198)) + io_uring
+        expected = program(0xC00000B7, False, aarch64, 220, (199, 198))
         self.assertEqual(_seccomp_program("aarch64", False), expected)
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
+        # Two places in step: the x86_64 program without the network, as
+        # the native runner builds it, is 47 instructions.
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 47)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
@@ -1606,6 +1618,12 @@ class SeccompTests(unittest.TestCase):
                 sockets = self.ALLOW if network else self.DENY
                 self.assertEqual(run_bpf(p, arch, socket_nr, 1), sockets, where)  # AF_UNIX
                 self.assertEqual(run_bpf(p, arch, socket_nr, 16), sockets, where)  # AF_NETLINK
+                # clone3: ENOSYS; clone: refused with CLONE_PARENT only.
+                clone_nr = {"x86_64": 56, "aarch64": 220}[machine]
+                self.assertEqual(run_bpf(p, arch, 435, 0), 0x00050000 | 38, where)
+                self.assertEqual(run_bpf(p, arch, clone_nr, 0x8000 | 17), self.DENY, where)
+                self.assertEqual(run_bpf(p, arch, clone_nr, 17), self.ALLOW, where)
+                self.assertEqual(run_bpf(p, arch, clone_nr, 0x3d0f00), self.ALLOW, where)
                 # Another architecture's calls (i386's), whatever they are.
                 self.assertEqual(run_bpf(p, 0x40000003, read_nr, 0), self.DENY, where)
                 x32 = self.DENY if machine == "x86_64" else self.ALLOW
@@ -1650,6 +1668,13 @@ class SeccompTests(unittest.TestCase):
                 if error not in (errno.EFAULT, errno.ENOSYS):  # not refused
                     raise OSError(error, "io_uring_setup")
 
+        def clone3():
+            # Null arguments: EFAULT where clone3 is let through.
+            if syscall(ctypes.c_long(435), None, ctypes.c_size_t(0)) < 0:
+                error = ctypes.get_errno()
+                if error != errno.EFAULT:
+                    raise OSError(error, "clone3")
+
         def x32_getpid():
             if syscall(ctypes.c_long(0x40000000 | 39)) < 0:
                 error = ctypes.get_errno()
@@ -1669,6 +1694,7 @@ class SeccompTests(unittest.TestCase):
             # The forked child leads no group: unfiltered, both succeed.
             ("setsid", os.setsid),
             ("setpgid", lambda: os.setpgid(0, 0)),
+            ("clone3", clone3),
         ]
         if MACHINE == "x86_64":
             checks.append(("x32", x32_getpid))
@@ -1706,7 +1732,8 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(said, dict({"unix": refused, "netlink": refused, "udp": "ok",
                                      "socketpair": "ok", "dgram_pair": refused,
                                      "shmget": refused, "mq_open": refused,
-                                     "io_uring": refused, "setsid": refused, "setpgid": refused},
+                                     "io_uring": refused, "setsid": refused, "setpgid": refused,
+                                     "clone3": ["OSError", 38]},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
@@ -1719,7 +1746,8 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(said, dict({"unix": "ok", "netlink": "ok", "udp": "ok",
                                      "socketpair": "ok", "dgram_pair": "ok",
                                      "shmget": refused, "mq_open": refused,
-                                     "io_uring": refused, "setsid": refused, "setpgid": refused},
+                                     "io_uring": refused, "setsid": refused, "setpgid": refused,
+                                     "clone3": ["OSError", 38]},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)

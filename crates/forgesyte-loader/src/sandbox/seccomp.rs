@@ -8,7 +8,11 @@
 //! outlives the runner. So the filter refuses, with `EACCES`, every System
 //! V IPC, message-queue and io_uring call (an io_uring operation, a socket
 //! among them, passes no filter), `setsid` and `setpgid` (the runner leads
-//! its group before it confines itself), and,
+//! its group before it confines itself), `clone` with `CLONE_PARENT` (a
+//! child of the runner's parent, the zygote or the server, which never
+//! reaps it: a plugin could fill the process table with zombies), with
+//! `ENOSYS` `clone3` (its flags are behind a pointer no filter reads;
+//! glibc then uses `clone`), and,
 //! unless the plan keeps the network, `socket()` of the Unix and netlink
 //! families and `socketpair()` of datagrams (a datagram pair's socket can
 //! be disconnected, bound to a path and sent to any socket that has one:
@@ -74,6 +78,11 @@ fn denied_calls() -> [u32; 23] {
 }
 
 const DENY: u32 = libc::SECCOMP_RET_ERRNO | libc::EACCES as u32;
+/// `clone3`'s answer: "no such call", so that glibc falls back to `clone`,
+/// whose flags a filter can read (`clone3`'s are behind a pointer).
+const NO_CLONE3: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+/// A jump marked with this goes to the `NO_CLONE3` return (patched).
+const TO_NO_CLONE3: u8 = u8::MAX - 1;
 /// A socket's type is its low bits; the rest are flags (`SOCK_CLOEXEC` …).
 const SOCK_TYPE_MASK: u32 = 0xF;
 const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
@@ -118,6 +127,23 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
     if cfg!(target_arch = "x86_64") {
         p.push(jump(libc::BPF_JGE, 0x4000_0000, u8::MAX, 0));
     }
+    // clone3(): ENOSYS. clone() with CLONE_PARENT: deny (a child whose
+    // parent is the runner's parent, the zygote or the server, which
+    // never reaps it), else allowed.
+    p.push(jump(
+        libc::BPF_JEQ,
+        libc::SYS_clone3 as u32,
+        TO_NO_CLONE3,
+        0,
+    ));
+    p.push(jump(libc::BPF_JEQ, libc::SYS_clone as u32, 0, 4));
+    p.push(load(16));
+    p.push(stmt(
+        (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16,
+        libc::CLONE_PARENT as u32,
+    ));
+    p.push(jump(libc::BPF_JEQ, libc::CLONE_PARENT as u32, u8::MAX, 0));
+    p.push(ret(ALLOW));
     for nr in denied_calls() {
         p.push(jump(libc::BPF_JEQ, nr, u8::MAX, 0));
     }
@@ -140,16 +166,19 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, libc::AF_NETLINK as u32, u8::MAX, 0));
     }
     p.push(ret(ALLOW));
+    p.push(ret(NO_CLONE3));
     p.push(ret(DENY));
-    // Every jump marked u8::MAX goes to the deny, the last instruction.
+    // Every jump marked u8::MAX goes to the deny, the last instruction;
+    // one marked TO_NO_CLONE3 to the ENOSYS return before it.
     let last = p.len() - 1;
     for (i, insn) in p.iter_mut().enumerate() {
-        let to_deny = u8::try_from(last.saturating_sub(i + 1)).unwrap_or(u8::MAX);
-        if insn.jt == u8::MAX {
-            insn.jt = to_deny;
-        }
-        if insn.jf == u8::MAX {
-            insn.jf = to_deny;
+        let to = |target: usize| u8::try_from(target.saturating_sub(i + 1)).unwrap_or(u8::MAX);
+        for offset in [&mut insn.jt, &mut insn.jf] {
+            if *offset == u8::MAX {
+                *offset = to(last);
+            } else if *offset == TO_NO_CLONE3 {
+                *offset = to(last - 1);
+            }
         }
     }
     p
@@ -289,6 +318,13 @@ mod tests {
                 let expected = if always || network { ALLOW } else { DENY };
                 assert_eq!(said, expected, "socketpair of type {kind}");
             }
+            // clone3: ENOSYS; clone: refused with CLONE_PARENT only.
+            let clone = libc::SYS_clone as u32;
+            let parent = libc::CLONE_PARENT as u32;
+            assert_eq!(run(&p, AUDIT_ARCH, libc::SYS_clone3 as u32, 0), NO_CLONE3);
+            assert_eq!(run(&p, AUDIT_ARCH, clone, parent | 17), DENY);
+            assert_eq!(run(&p, AUDIT_ARCH, clone, 0x3d0f00), ALLOW); // a thread's
+            assert_eq!(run(&p, AUDIT_ARCH, clone, 17), ALLOW); // fork()'s
             // Another architecture's calls, whatever they are.
             assert_eq!(run(&p, 0x4000_0003, libc::SYS_read as u32, 0), DENY);
             if cfg!(target_arch = "x86_64") {
@@ -389,6 +425,18 @@ mod tests {
                     }
                     if libc::setpgid(0, 0) != -1 || errno() != Some(libc::EACCES) {
                         return 18;
+                    }
+                    // Null arguments: EFAULT if it were let through.
+                    if libc::syscall(libc::SYS_clone3, std::ptr::null_mut::<u8>(), 0) != -1
+                        || errno() != Some(libc::ENOSYS)
+                    {
+                        return 19;
+                    }
+                    let flags = libc::c_long::from(libc::CLONE_PARENT | libc::SIGCHLD);
+                    if libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 20;
                     }
                 }
                 0

@@ -547,6 +547,15 @@ fn a_process_a_confined_plugin_detaches_ends_with_its_runner() {
             assert!(!ended(pid), "the detached process {pid} is not running");
             pid
         };
+        // No child for the runner's parent either (which would never
+        // reap it): EACCES.
+        let clone = server.run("faulty", "clone_parent", "{}");
+        assert_eq!(clone.status, 200, "{}", clone.text());
+        assert_eq!(
+            clone.json()["result"]["errno"],
+            13,
+            "FORGESYTE_PYTHON_ZYGOTE={zygote}"
+        );
         let mine = detach("faulty");
         let theirs = detach("other");
         let crash = server.run("other", "exit", "{}");

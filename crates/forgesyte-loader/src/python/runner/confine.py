@@ -176,6 +176,11 @@ _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K, _BPF_AND_K = 0x20, 0x15, 0x35, 0x06, 0x54
 _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_EACCES = 0x00050000 | 13  # SECCOMP_RET_ERRNO | EACCES
+# clone3's answer: ENOSYS, so that glibc falls back to clone, whose flags a
+# filter can read (clone3's are behind a pointer).
+_SECCOMP_RET_ENOSYS = 0x00050000 | 38
+_CLONE_PARENT = 0x8000
+_CLONE3 = 435  # the same number on both machines
 _AF_UNIX, _AF_NETLINK = 1, 16
 # A socket's type (its low bits; the rest are flags): the pairs allowed.
 _SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_SEQPACKET = 0xF, 1, 5
@@ -187,11 +192,13 @@ _IO_URING = (425, 426, 427)
 # calls to refuse, the calls it refuses whatever they are given (System V
 # IPC, POSIX message queues, io_uring, then ``setpgid`` and ``setsid``: a
 # process that leaves its runner's group outlives the runner's end), its
-# ``socket`` and its ``socketpair`` call.
+# ``socket``, its ``socketpair`` and its ``clone`` call.
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
-                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112), 41, 53),
-    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157), 198, 199),
+                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112), 41, 53,
+               56),
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157), 198, 199,
+                220),
 }
 _SECCOMP_ARCHES["arm64"] = _SECCOMP_ARCHES["aarch64"]
 
@@ -205,6 +212,9 @@ def _seccomp_program(machine, network):
 
     - load the architecture (seccomp_data offset 4); not this machine's: deny
     - load the call's number (offset 0); on x86_64 an x32 call: deny
+    - ``clone3``: ENOSYS (the return before the deny); ``clone`` whose
+      flags (args[0]'s low half) hold ``CLONE_PARENT``: deny, any other
+      ``clone``: allow
     - each System V IPC, POSIX message-queue and io_uring call, ``setsid``
       and ``setpgid``: deny
     - without the network, ``socketpair`` whose type (args[1]'s low half,
@@ -218,11 +228,18 @@ def _seccomp_program(machine, network):
     arch = _SECCOMP_ARCHES.get(machine)
     if arch is None:
         return None
-    audit_arch, x32, ipc, socket, socketpair = arch
+    audit_arch, x32, ipc, socket, socketpair, clone = arch
     deny = None  # a jump to the deny, resolved below
+    enosys = ()  # a jump to the ENOSYS return, resolved below
     p = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 0, deny, audit_arch), (_BPF_LD_W_ABS, 0, 0, 0)]
     if x32:
         p.append((_BPF_JGE_K, deny, 0, _X32_SYSCALL_BIT))
+    p += [(_BPF_JEQ_K, enosys, 0, _CLONE3),
+          (_BPF_JEQ_K, 0, 4, clone),  # clone(): its flags, else on
+          (_BPF_LD_W_ABS, 0, 0, 16),
+          (_BPF_AND_K, 0, 0, _CLONE_PARENT),
+          (_BPF_JEQ_K, deny, 0, _CLONE_PARENT),
+          (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
     p.extend((_BPF_JEQ_K, deny, 0, nr) for nr in sorted(ipc))
     if not network:
         p += [(_BPF_JEQ_K, 0, 5, socketpair),  # socketpair(): its type, else on
@@ -236,10 +253,18 @@ def _seccomp_program(machine, network):
               (_BPF_LD_W_ABS, 0, 0, 16),
               (_BPF_JEQ_K, deny, 0, _AF_UNIX),
               (_BPF_JEQ_K, deny, 0, _AF_NETLINK)]
-    p += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_EACCES)]
+    p += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_ENOSYS),
+          (_BPF_RET_K, 0, 0, _SECCOMP_RET_EACCES)]
     last = len(p) - 1
-    return [(code, last - i - 1 if jt is deny else jt, last - i - 1 if jf is deny else jf, k)
-            for i, (code, jt, jf, k) in enumerate(p)]
+
+    def to(i, offset):
+        if offset is deny:
+            return last - i - 1
+        if offset is enosys:
+            return last - i - 2
+        return offset
+
+    return [(code, to(i, jt), to(i, jf), k) for i, (code, jt, jf, k) in enumerate(p)]
 
 
 def _seccomp(libc, network, machine=None):
@@ -251,7 +276,9 @@ def _seccomp(libc, network, machine=None):
     message queues (no files), io_uring (whose operations, a socket among
     them, pass no filter), a new session or process group (``setsid``,
     ``setpgid``: a process out of its runner's group would outlive the
-    runner; the runner leads its group before it confines itself), and,
+    runner; the runner leads its group before it confines itself),
+    ``clone`` with ``CLONE_PARENT`` (a child of the runner's parent, which
+    never reaps it), ``clone3`` with ENOSYS (glibc then uses ``clone``), and,
     without the network, new Unix sockets
     (Landlock rules no ``connect()`` to one that has a path: a root runner
     would reach ``/run/docker.sock``) and netlink ones (between runners of
