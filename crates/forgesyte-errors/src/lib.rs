@@ -23,6 +23,9 @@
 //! Dependency errors are the exception: their reason is the seed's
 //! `Missing dependencies: a, b` line, which operators already grep for.
 //!
+//! Sizes in messages, here and in every layer, read as [`Kib`] prints them
+//! (`512 KiB`, `8.9 MiB`).
+//!
 //! `Display` is always a single readable line, and it already contains the
 //! text of the cause, so that [`reason()`](PluginError::reason) is complete
 //! on its own. Print `Display` *or* walk the chain, not both.
@@ -82,11 +85,13 @@
 //! code: it is plain data, usable by every other crate (the plugin SDK
 //! included).
 
+mod size;
 mod tool;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use size::Kib;
 pub use tool::{JsonError, ToolError};
 
 /// Any error the host reports about a plugin.

@@ -705,6 +705,31 @@ impl hyper::rt::Sleep for RequestSleep {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A client of `addr` with a 4 KiB receive buffer that reads 4 KiB,
+    /// then waits `pause`, until the end of the stream, 20 s, or `done`.
+    fn slow_reader(
+        addr: std::net::SocketAddr,
+        pause: Duration,
+        done: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            rustix::net::sockopt::set_socket_recv_buffer_size(&client, 4096).unwrap();
+            let mut client = client;
+            let mut buf = [0u8; 4096];
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(20) && !done.load(Ordering::SeqCst) {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => std::thread::sleep(pause),
+                }
+            }
+        })
+    }
 
     /// A client reading slower than the minimum rate is let go even when
     /// the response comes in many small writes, each flushed (a multipart
@@ -717,20 +742,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         // 4 KiB every 20 ms (200 KiB a second), from a small buffer.
-        let reader = std::thread::spawn(move || {
-            use std::io::Read as _;
-            let client = std::net::TcpStream::connect(addr).unwrap();
-            rustix::net::sockopt::set_socket_recv_buffer_size(&client, 4096).unwrap();
-            let mut client = client;
-            let mut buf = [0u8; 4096];
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(20) {
-                match client.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
+        let reader = slow_reader(addr, Duration::from_millis(20), Arc::default());
         let (stream, _) = listener.accept().await.unwrap();
         rustix::net::sockopt::set_socket_send_buffer_size(&stream, 16384).unwrap();
         let mut timed = TimedStream {
@@ -779,24 +791,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         // 4 KiB every 50 ms (80 KiB a second), from a small buffer.
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reading = std::sync::Arc::clone(&done);
-        let reader = std::thread::spawn(move || {
-            use std::io::Read as _;
-            let client = std::net::TcpStream::connect(addr).unwrap();
-            rustix::net::sockopt::set_socket_recv_buffer_size(&client, 4096).unwrap();
-            let mut client = client;
-            let mut buf = [0u8; 4096];
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(20)
-                && !reading.load(std::sync::atomic::Ordering::SeqCst)
-            {
-                match client.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        });
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = slow_reader(addr, Duration::from_millis(50), Arc::clone(&done));
         let (stream, _) = listener.accept().await.unwrap();
         let mut timed = TimedStream {
             stream,
@@ -824,7 +820,7 @@ mod tests {
         );
         writer.abort();
         let _ = writer.await;
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        done.store(true, Ordering::SeqCst);
         reader.join().unwrap();
     }
 

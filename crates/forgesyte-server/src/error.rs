@@ -13,7 +13,7 @@ use axum::Json;
 use axum::http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use forgesyte_errors::ToolError;
+use forgesyte_errors::{Kib, ToolError};
 use forgesyte_loader::CallError;
 use forgesyte_registry::PluginLifecycleState;
 use serde::{Deserialize, Serialize};
@@ -683,29 +683,8 @@ impl From<CallError> for RunError {
     }
 }
 
-/// A size in KiB as a person reads it: `512 KiB`, `8 MiB`, `8.9 MiB`.
-struct Kib(usize);
-
-impl std::fmt::Display for Kib {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            kib if kib < 1024 => write!(f, "{kib} KiB"),
-            kib if kib % 1024 == 0 => write!(f, "{} MiB", kib / 1024),
-            kib => write!(f, "{:.1} MiB", kib as f64 / 1024.0),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn sizes_read_as_a_person_reads_them() {
-        use super::Kib;
-        assert_eq!(Kib(512).to_string(), "512 KiB");
-        assert_eq!(Kib(8 * 1024).to_string(), "8 MiB");
-        assert_eq!(Kib(9113).to_string(), "8.9 MiB");
-    }
-
     use super::*;
 
     #[test]

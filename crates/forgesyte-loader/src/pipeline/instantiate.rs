@@ -557,12 +557,12 @@ impl Loader {
     fn runner_limits(&self, p: &Pending) -> process::ProcessLimits {
         let host = &self.config.process;
         if let Some(asked) = host.response_above_host(&p.manifest.limits) {
-            let allowed = in_mib(host.max_response_bytes);
+            let allowed = forgesyte_errors::Kib::of_bytes(host.max_response_bytes);
             tracing::warn!(
                 plugin = %p.name,
                 max_response_bytes = host.max_response_bytes,
                 "limits.max_response_mb asks for {asked} MiB, more than the server allows \
-                 (--max-response, {allowed} MiB): its answers may be {allowed} MiB at most",
+                 (--max-response, {allowed}): its answers may be {allowed} at most",
             );
         }
         host.with_manifest(&p.manifest.limits)
@@ -605,25 +605,4 @@ fn sandbox_parts(dir: &Path, manifest: &Manifest) -> (Vec<PathBuf>, Vec<String>)
         })
         .collect();
     (models, env_deps)
-}
-
-/// `bytes` in MiB to a tenth ("64", "1.9"), as the server's messages give
-/// sizes: a limit rounded down to whole MiB misstates it.
-fn in_mib(bytes: u64) -> String {
-    #[allow(clippy::cast_precision_loss)] // a tenth of a MiB is all it shows
-    let mib = format!("{:.1}", bytes as f64 / f64::from(1u32 << 20));
-    match mib.strip_suffix(".0") {
-        Some(whole) => whole.to_owned(),
-        None => mib,
-    }
-}
-
-#[cfg(test)]
-mod mib_tests {
-    #[test]
-    fn sizes_read_in_mib_to_a_tenth() {
-        assert_eq!(super::in_mib(64 << 20), "64");
-        assert_eq!(super::in_mib(2_000_000), "1.9");
-        assert_eq!(super::in_mib(16_000_000), "15.3");
-    }
 }

@@ -507,12 +507,12 @@ fn protect_in_forks(fds: impl IntoIterator<Item = RawFd>) -> io::Result<()> {
 /// `SIG_IGN`: a program the plugin execs starts with the default.
 #[allow(unsafe_code)]
 fn shrug_off_group_signals() -> io::Result<()> {
-    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+    for signal in GROUP_SIGNALS {
         // SAFETY: a `sigaction` of all zeroes is a valid one (no flags, an
         // empty mask); its handler is set to a function that does nothing
         // and lives as long as the process.
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = shrug as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_sigaction = shrug_handler();
         action.sa_flags = libc::SA_RESTART;
         // SAFETY: `action` is a valid `sigaction` that outlives the call; no
         // old action is asked for.
@@ -523,8 +523,17 @@ fn shrug_off_group_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// The signals a program may send its whole group that a runner shrugs
+/// off.
+const GROUP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
+
 /// The do-nothing handler of [`shrug_off_group_signals`].
 extern "C" fn shrug(_signal: libc::c_int) {}
+
+/// [`shrug`] as `sigaction` holds it.
+fn shrug_handler() -> libc::sighandler_t {
+    shrug as extern "C" fn(libc::c_int) as libc::sighandler_t
+}
 
 /// In a process the plugin forks without exec: the default action back
 /// for the signals [`shrug_off_group_signals`] gave a do-nothing handler,
@@ -533,14 +542,14 @@ extern "C" fn shrug(_signal: libc::c_int) {}
 /// multithreaded fork may call.
 #[allow(unsafe_code)]
 fn default_group_signals() {
-    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+    for signal in GROUP_SIGNALS {
         // SAFETY: all zeroes is a valid `sigaction`; `sigaction` writes the
         // current action into `current`, a live local, and reads `default`,
         // another; both are plain system calls.
         unsafe {
             let mut current: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(signal, std::ptr::null(), &raw mut current) != 0
-                || current.sa_sigaction != shrug as extern "C" fn(libc::c_int) as libc::sighandler_t
+                || current.sa_sigaction != shrug_handler()
             {
                 continue;
             }

@@ -20,6 +20,21 @@ fn ended(pid: u32) -> bool {
     }
 }
 
+/// Waits (at most `limit`) until process `pid` has ended; `what` says, if
+/// it has not, what outlived what.
+fn wait_ended(pid: u32, limit: Duration, what: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !ended(pid) {
+        assert!(Instant::now() < deadline, "{}", what());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pid a tool answered as `result.pid`.
+fn result_pid(reply: &crate::support::Reply) -> u32 {
+    u32::try_from(reply.json()["result"]["pid"].as_u64().unwrap()).unwrap()
+}
+
 fn signal(target: &str, sig: &str) {
     let status = std::process::Command::new("kill")
         .args([sig, "--", target])
@@ -67,14 +82,9 @@ fn ctrl_c_reaches_the_server_only_which_drains_isolated_calls() {
         !log.contains("✗ Plugin FAILED"),
         "a plugin failed during shutdown:\n{log}"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !ended(runner) {
-        assert!(
-            Instant::now() < deadline,
-            "runner {runner} outlived the server"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ended(runner, Duration::from_secs(5), || {
+        format!("runner {runner} outlived the server")
+    });
 }
 
 #[test]
@@ -166,18 +176,15 @@ fn a_python_plugins_own_processes_end_with_its_crashed_runner() {
         server.wait_loaded();
         let reply = server.run("faulty", "spawn", r#"{"args": {}}"#);
         assert_eq!(reply.status, 200, "{}", reply.text());
-        let sleeper = u32::try_from(reply.json()["result"]["pid"].as_u64().unwrap()).unwrap();
+        let sleeper = result_pid(&reply);
         assert!(!ended(sleeper));
         let crash = server.run("faulty", "exit", r#"{"args": {}}"#);
         assert_eq!(crash.status, 502, "{}", crash.text());
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while !ended(sleeper) {
-            assert!(
-                Instant::now() < deadline,
+        wait_ended(sleeper, Duration::from_secs(3), || {
+            format!(
                 "FORGESYTE_PYTHON_ZYGOTE={zygote}: the plugin's process {sleeper} outlived its runner"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            )
+        });
     }
 }
 
@@ -192,19 +199,16 @@ fn a_python_plugins_own_processes_end_when_its_zygote_dies() {
     server.wait_loaded();
     let reply = server.run("faulty", "spawn", r#"{"args": {}}"#);
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let sleeper = u32::try_from(reply.json()["result"]["pid"].as_u64().unwrap()).unwrap();
+    let sleeper = result_pid(&reply);
     assert!(!ended(sleeper));
     let zygote = zygote_pid(server.pid()).expect("a zygote");
     signal(&zygote.to_string(), "-KILL");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !ended(sleeper) {
-        assert!(
-            Instant::now() < deadline,
+    wait_ended(sleeper, Duration::from_secs(5), || {
+        format!(
             "the plugin's process {sleeper} outlived its zygote; log:\n{}",
             server.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        )
+    });
 }
 
 /// With the zygote off, each Python runner is a child of the server, its
@@ -341,7 +345,7 @@ fn a_stopped_zygote_is_given_up_and_let_go() {
     server.wait_loaded();
     let reply = server.run("py-a", "spawn", r#"{"args": {}}"#);
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let sleeper = u32::try_from(reply.json()["result"]["pid"].as_u64().unwrap()).unwrap();
+    let sleeper = result_pid(&reply);
     let parent = |pid: u32| -> u32 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         stat.rsplit_once(')')
@@ -560,15 +564,12 @@ fn a_process_a_confined_plugin_detaches_ends_with_its_runner() {
         let theirs = detach("other");
         let crash = server.run("other", "exit", "{}");
         assert_eq!(crash.status, 502, "{}", crash.text());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ended(theirs) {
-            assert!(
-                Instant::now() < deadline,
+        wait_ended(theirs, Duration::from_secs(10), || {
+            format!(
                 "FORGESYTE_PYTHON_ZYGOTE={zygote}: the process {theirs} its crashed runner \
-                 detached still runs"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                detached still runs"
+            )
+        });
         assert!(
             !ended(mine),
             "FORGESYTE_PYTHON_ZYGOTE={zygote}: another plugin's crash ended {mine}"
@@ -576,14 +577,9 @@ fn a_process_a_confined_plugin_detaches_ends_with_its_runner() {
         // A server that stops (SIGTERM) stops its runners, and so the
         // processes they started.
         assert!(server.terminate().success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ended(mine) {
-            assert!(
-                Instant::now() < deadline,
-                "FORGESYTE_PYTHON_ZYGOTE={zygote}: {mine} outlived the server's stop"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ended(mine, Duration::from_secs(10), || {
+            format!("FORGESYTE_PYTHON_ZYGOTE={zygote}: {mine} outlived the server's stop")
+        });
     }
 }
 
@@ -632,7 +628,7 @@ fn a_server_stopping_after_a_rescan_waits_for_the_runners_it_let_go() {
     server.wait_loaded();
     let answer = server.run("slow-unload", "detach", r#"{"args": {"s": 120}}"#);
     assert_eq!(answer.status, 200, "{}", answer.text());
-    let pid = u32::try_from(answer.json()["result"]["pid"].as_u64().unwrap()).unwrap();
+    let pid = result_pid(&answer);
     assert!(!ended(pid));
     std::fs::remove_dir_all(dir.path().join("slow-unload")).unwrap();
     crate::rescan::hangup(&server);
@@ -643,12 +639,7 @@ fn a_server_stopping_after_a_rescan_waits_for_the_runners_it_let_go() {
         || (server.get("/v1/plugins/slow-unload/health").status == 404).then_some(()),
     );
     assert!(server.terminate().success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ended(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "{pid}, started by a plugin a rescan let go, outlived the server's stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ended(pid, Duration::from_secs(10), || {
+        format!("{pid}, started by a plugin a rescan let go, outlived the server's stop")
+    });
 }
