@@ -1,6 +1,7 @@
 //! The memory clients can make the server hold, bounded: the request
-//! bodies of tool calls in progress and the frames of open streams
-//! (`--body-memory`), and the answers of tool calls waiting to be sent
+//! bodies of tool calls in progress and the frames of open streams, from
+//! their first byte (`--body-memory`, and beside it a reserve of one body
+//! at the limit for frames arriving while it is full), and the answers of tool calls waiting to be sent
 //! (`--answer-memory`). Room is counted in KiB in a semaphore and taken
 //! without waiting: a request that finds none is answered 503 at once
 //! (waiting would hold the very memory the bound is for). A leaf: it knows
@@ -58,6 +59,11 @@ impl Room {
 #[derive(Debug)]
 pub(crate) struct BodyBudget {
     room: Room,
+    /// Room for one body at the limit beside the budget, for the messages
+    /// streams are receiving while the budget is full (see
+    /// [`crate::stream`]'s ledger): such a frame arrives whole and is
+    /// answered `ServerBusy`, rather than ending its stream.
+    reserve: Room,
 }
 
 impl BodyBudget {
@@ -72,13 +78,13 @@ impl BodyBudget {
                 memory,
                 "--body-memory is less than --body-limit",
             ),
+            reserve: Room::new(body_limit),
         }
     }
 
-    /// Room for `bytes` bytes already received (a stream's frame), or
-    /// `BodiesInFlight`.
-    pub(crate) fn charge(&self, bytes: usize) -> Result<OwnedSemaphorePermit, RunError> {
-        self.take(bytes.div_ceil(1024))
+    /// `kib` KiB of the arrival reserve, if they are free now.
+    pub(crate) fn take_reserve(&self, kib: usize) -> Option<OwnedSemaphorePermit> {
+        self.reserve.take(kib)
     }
 
     /// Room for `bytes` bytes, taken first from `held` (room its caller

@@ -13,19 +13,22 @@
 //! this module never touches a plugin handle's call, the registry's
 //! records or the metrics itself.
 
+mod metered;
 mod queue;
 mod session;
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{RawQuery, State};
-use axum::http::header::RETRY_AFTER;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{FromRequestParts, RawQuery, State};
+use axum::http::header::{self, RETRY_AFTER};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument as _;
 
 use crate::body::binary_arguments;
@@ -114,7 +117,7 @@ pub(crate) async fn stream_tool(
     ApiPath(ToolPath { name: plugin, tool }): ApiPath<ToolPath>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Upgrade, UpgradeRefused>,
 ) -> Response {
     let handle = match tools::live_handle(&state, &plugin, &tool) {
         Ok(handle) => handle,
@@ -142,12 +145,7 @@ pub(crate) async fn stream_tool(
     };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
-        Err(rejection) => {
-            let detail = ErrorDetail {
-                detail: rejection.body_text(),
-            };
-            return (rejection.status(), Json(detail)).into_response();
-        }
+        Err(refused) => return refused.into_response(),
     };
     let Some(permit) = state.streams().admit() else {
         let detail = ErrorDetail {
@@ -174,22 +172,125 @@ pub(crate) async fn stream_tool(
         answer_limit,
         idle_timeout,
     };
-    let span = tracing::Span::current();
-    upgrade
-        .max_message_size(body_limit)
-        .max_frame_size(body_limit)
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(body_limit))
+        .max_frame_size(Some(body_limit))
         // What waits to be written when the client reads nothing: an answer
         // and the pongs of its pings (tungstenite, unbounded by default,
         // queued one per ping).
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER.saturating_add(answer_limit))
-        .on_upgrade(move |socket| {
-            async move {
-                session::run(socket, session).await;
-                drop(permit);
-            }
-            .instrument(span)
-        })
+        .max_write_buffer_size(WRITE_BUFFER.saturating_add(answer_limit));
+    let span = tracing::Span::current();
+    let Upgrade { key, on_upgrade } = upgrade;
+    tokio::spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the stream's connection was not upgraded");
+                    return;
+                }
+            };
+            // Every byte the client sends is charged as it is read.
+            let ledger = metered::Ledger::new(session.state.clone());
+            let io = metered::Metered::new(TokioIo::new(upgraded), Arc::clone(&ledger));
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            session::run(socket, session, &ledger).await;
+            drop(permit);
+        }
+        .instrument(span),
+    );
+    switching_protocols(&key)
+}
+
+/// A WebSocket upgrade request (RFC 6455 §4.2.1, HTTP/1.1): its key, and
+/// the connection to take over once answered. The route upgrades by hand
+/// rather than with axum's `WebSocketUpgrade`, which hides the connection:
+/// a stream's reads are charged to the body budget beneath the WebSocket
+/// layer ([`metered`]).
+pub(crate) struct Upgrade {
+    key: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+/// Why a request cannot be upgraded: its status and detail (JSON, as
+/// every refusal of the API).
+#[derive(Debug)]
+pub(crate) struct UpgradeRefused(StatusCode, &'static str);
+
+impl IntoResponse for UpgradeRefused {
+    fn into_response(self) -> Response {
+        let detail = ErrorDetail {
+            detail: self.1.to_owned(),
+        };
+        (self.0, Json(detail)).into_response()
+    }
+}
+
+impl<S: Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = UpgradeRefused;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let refused = |detail| UpgradeRefused(StatusCode::BAD_REQUEST, detail);
+        if parts.method != Method::GET {
+            return Err(UpgradeRefused(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket upgrade is a GET request",
+            ));
+        }
+        let headers = &parts.headers;
+        if !has_token(headers, &header::CONNECTION, "upgrade") {
+            return Err(refused(
+                "not a WebSocket upgrade request: the Connection header does not name `upgrade`",
+            ));
+        }
+        if !has_token(headers, &header::UPGRADE, "websocket") {
+            return Err(refused(
+                "not a WebSocket upgrade request: the Upgrade header does not name `websocket`",
+            ));
+        }
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return Err(refused("the Sec-WebSocket-Version header is not 13"));
+        }
+        let key = headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .cloned()
+            .ok_or_else(|| refused("the Sec-WebSocket-Key header is missing"))?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(UpgradeRefused(
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded",
+            ))?;
+        Ok(Upgrade { key, on_upgrade })
+    }
+}
+
+/// Whether one of `name`'s comma-separated values is `token` (any case).
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
+/// The 101 answer to an upgrade request with `key`.
+fn switching_protocols(key: &HeaderValue) -> Response {
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
 }
 
 /// What a stream's connection writes out in one go, in bytes (axum's

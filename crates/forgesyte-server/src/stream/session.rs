@@ -20,15 +20,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use forgesyte_loader::CallContext;
 
+use super::metered::{Ledger, Metered};
 use super::queue::{FrameQueue, Policy};
 use crate::body::{RunInput, parse_json_body};
 use crate::error::RunError;
@@ -72,6 +76,8 @@ pub(crate) mod close {
     pub(crate) const INVALID_PAYLOAD: u16 = 1007;
     /// A frame was larger than the body limit.
     pub(crate) const TOO_BIG: u16 = 1009;
+    /// A frame arrived while the memory for bodies and frames was full.
+    pub(crate) const TRY_AGAIN_LATER: u16 = 1013;
     /// The plugin crashed (or ran past its time limit) mid-stream, or an
     /// answer was larger than a stream may send.
     pub(crate) const PLUGIN_FAILED: u16 = 1011;
@@ -267,9 +273,14 @@ impl Activity {
     }
 }
 
+/// An upgraded connection: the WebSocket protocol over reads charged to
+/// the stream's [`Ledger`].
+pub(crate) type WebSocket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgraded>>>;
+
 /// Runs the stream over `socket` until the client closes it, the plugin
-/// fails, or the server shuts down.
-pub(crate) async fn run(socket: WebSocket, session: Session) {
+/// fails, or the server shuts down; `ledger` is what its reads are charged
+/// to.
+pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
     let (sink, mut incoming) = socket.split();
     let (out, answers, close) = Outbox::new();
     let queue = FrameQueue::new(session.policy);
@@ -277,7 +288,7 @@ pub(crate) async fn run(socket: WebSocket, session: Session) {
     let activity = Activity::new();
     let conversation = async {
         let reading = read(
-            &mut incoming,
+            (&mut incoming, ledger),
             &session,
             &queue,
             out.clone(),
@@ -356,7 +367,7 @@ async fn linger(incoming: &mut SplitStream<WebSocket>) {
 
 /// The client's messages: text sets the arguments, binary is a frame.
 async fn read(
-    incoming: &mut SplitStream<WebSocket>,
+    (incoming, ledger): (&mut SplitStream<WebSocket>, &Ledger),
     session: &Session,
     queue: &FrameQueue<Frame>,
     out: Outbox,
@@ -368,10 +379,26 @@ async fn read(
     let idle_timeout = session.idle_timeout;
     let mut pings = Pings::default();
     loop {
-        let message = match unless(incoming.next(), &mut closing, activity, idle_timeout).await {
-            Waited::Done(message) => message,
+        let next = async {
+            tokio::select! {
+                message = incoming.next() => Ok(message),
+                refused = ledger.refused() => Err(refused),
+            }
+        };
+        let message = match unless(next, &mut closing, activity, idle_timeout).await {
+            Waited::Done(Ok(message)) => message,
+            Waited::Done(Err(busy)) => {
+                let reason = format!("no room for a frame as it arrived: {busy}");
+                return say_close(&out, close::TRY_AGAIN_LATER, &reason);
+            }
             Waited::Closing => break,
             Waited::Idle => return say_idle(&out, session),
+        };
+        // What was read passes to the message (a frame's room), or is
+        // given back.
+        let claimed = match &message {
+            Some(Ok(Message::Binary(bytes))) => ledger.claim(bytes.len()),
+            _ => ledger.claim(0),
         };
         // Frames and text messages are activity; pings and pongs are not:
         // a client could otherwise hold a half-sent message (memory the
@@ -398,9 +425,13 @@ async fn read(
                 // never reads keeps the worker waiting to hand over an
                 // answer, and this wait with it).
                 queue.drop_waiting_for_newer();
-                let charged = match session.state.body_budget().charge(bytes.len()) {
+                let charged = match session
+                    .state
+                    .body_budget()
+                    .charge_from(bytes.len(), claimed)
+                {
                     Ok(room) => Charged::Held(bytes, room),
-                    Err(busy) => Charged::Refused(busy),
+                    Err((busy, _)) => Charged::Refused(busy),
                 };
                 let frame = (Arc::clone(&args), charged);
                 match unless(queue.push(seq, frame), &mut closing, activity, idle_timeout).await {
@@ -449,7 +480,8 @@ async fn read(
                     return say_close(&out, close::POLICY_VIOLATION, &reason);
                 }
             }
-            Some(Ok(Message::Pong(_))) => {}
+            // Raw frames are what a reader of frames gets, never this one.
+            Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
         }
     }
     say_close(&out, close::GOING_AWAY, "the server is shutting down");
@@ -481,21 +513,17 @@ impl Pings {
 
 /// The close code and reason for a client's message that broke the
 /// WebSocket rules (`None`: the connection itself failed, nothing to say).
-fn refusal(error: axum::Error, body_limit: usize) -> Option<(u16, String)> {
-    match error
-        .into_inner()
-        .downcast::<tungstenite::Error>()
-        .map(|e| *e)
-    {
-        Ok(tungstenite::Error::Capacity(_)) => Some((
+fn refusal(error: tungstenite::Error, body_limit: usize) -> Option<(u16, String)> {
+    match error {
+        tungstenite::Error::Capacity(_) => Some((
             close::TOO_BIG,
             format!("a frame is larger than the limit of {body_limit} bytes"),
         )),
-        Ok(tungstenite::Error::Utf8(_)) => Some((
+        tungstenite::Error::Utf8(_) => Some((
             close::INVALID_PAYLOAD,
             "a text message is not valid UTF-8".to_owned(),
         )),
-        Ok(tungstenite::Error::Protocol(e)) => {
+        tungstenite::Error::Protocol(e) => {
             Some((close::PROTOCOL_ERROR, format!("protocol error: {e}")))
         }
         _ => None,
@@ -757,7 +785,7 @@ async fn write(
         return false;
     };
     let frame = CloseFrame {
-        code,
+        code: code.into(),
         reason: reason.into(),
     };
     sent_within(timeout, sink.send(Message::Close(Some(frame)))).await
@@ -766,7 +794,7 @@ async fn write(
 /// Whether `sending` succeeded within `timeout` (`None`: however long).
 async fn sent_within(
     timeout: Option<Duration>,
-    sending: impl Future<Output = Result<(), axum::Error>>,
+    sending: impl Future<Output = Result<(), tungstenite::Error>>,
 ) -> bool {
     match timeout {
         Some(limit) => matches!(tokio::time::timeout(limit, sending).await, Ok(Ok(()))),

@@ -757,6 +757,129 @@ fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
     assert!(metrics.contains(line), "no {line} in\n{metrics}");
 }
 
+/// The head of a binary frame of `len` bytes from a client (masked, with
+/// a zero key: the payload goes as it is).
+fn frame_head(len: u64) -> Vec<u8> {
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&len.to_be_bytes());
+    head.extend_from_slice(&[0; 4]);
+    head
+}
+
+/// A frame takes room in `--body-memory` from its first byte: a client's
+/// half-sent frames hold the budget (a tool call finds none), and a stream
+/// whose frame finds no room, in the budget or in the reserve beside it
+/// (one body at the limit), is closed with 1013 and what it sends dropped.
+/// A frame that arrives whole in the reserve is answered `ServerBusy`.
+#[test]
+fn a_half_sent_frame_holds_its_room_and_one_without_room_closes_with_1013() {
+    use std::io::Write as _;
+    let (_dir, server) = alpha_with_one_mib_of_body_memory();
+    let stream = target("alpha", "frame", "");
+    let half = |socket: &mut Socket| {
+        let raw = socket.get_mut();
+        raw.write_all(&frame_head(1 << 20)).unwrap();
+        raw.write_all(&frame(900 << 10)).unwrap();
+    };
+    let call = || {
+        crate::support::http_with(
+            server.addr,
+            "POST",
+            "/v1/plugins/alpha/tools/frame/run",
+            &[("Content-Type", "application/octet-stream")],
+            &frame(200 << 10),
+        )
+    };
+    let mut a = open(&server, &stream);
+    half(&mut a);
+    // Once the server has read them, A's 900 KiB hold the budget's room.
+    wait_for(
+        "a call refused for want of room",
+        Duration::from_secs(15),
+        &server,
+        || {
+            let answer = call();
+            (answer.status == 503 && answer.text().contains("ServerBusy")).then_some(())
+        },
+    );
+    // Two more half-sent frames: one fits in the rest of the budget and the
+    // reserve, the other finds no room (whichever the server reads last).
+    let mut others = [open(&server, &stream), open(&server, &stream)];
+    for socket in &mut others {
+        half(socket);
+        socket
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+    }
+    let mut closed = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while closed.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neither stream was closed; log:\n{}",
+            server.log()
+        );
+        for (i, socket) in others.iter_mut().enumerate() {
+            match read_message(socket) {
+                Ok(Message::Close(Some(frame))) => {
+                    closed.push((i, u16::from(frame.code), frame.reason.to_string()))
+                }
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                other => panic!("stream {i}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    let (refused, code, reason) = closed.remove(0);
+    assert_eq!(code, 1013, "{reason}");
+    assert!(reason.contains("no room"), "{reason}");
+    let [first, second] = others;
+    let (survivor, gone) = if refused == 0 {
+        (second, first)
+    } else {
+        (first, second)
+    };
+    // The refused stream holds what it took of the reserve until it ends.
+    drop(gone);
+    wait_for(
+        "the refused stream's end",
+        Duration::from_secs(15),
+        &server,
+        || server.log().contains("Stream closed").then_some(()),
+    );
+    // A's frame ends: its last bytes come from the reserve, and the frame
+    // is answered busy (the budget is full), its stream open.
+    a.get_mut()
+        .write_all(&frame((1 << 20) - (900 << 10)))
+        .unwrap();
+    let busy = answer(&mut a);
+    assert_eq!(
+        (busy["seq"].as_u64(), busy["error_type"].as_str()),
+        (Some(0), Some("ServerBusy")),
+        "{busy}"
+    );
+    // The other half-sent frame's stream goes: its room comes back.
+    drop(survivor);
+    send_frame(&mut a, frame(300 << 10));
+    let next = answer(&mut a);
+    assert_eq!(
+        (next["seq"].as_u64(), &next["ok"]),
+        (Some(1), &json!(true)),
+        "{next}"
+    );
+    wait_for(
+        "a call with room again",
+        Duration::from_secs(15),
+        &server,
+        || (call().status == 200).then_some(()),
+    );
+}
+
 /// A text message's arguments take room for what they hold parsed, not for
 /// their text: 6,000 numbers are 12 KB of text and some 750 KiB parsed, so
 /// with them in force a 400 KiB frame finds no room in 1 MiB.

@@ -1,0 +1,207 @@
+//! What a stream's client has sent that no message has taken yet, charged
+//! to `--body-memory` as it arrives.
+//!
+//! The WebSocket layer gathers a message (a frame, up to the body limit)
+//! before the session sees it: without this, a client could make the server
+//! hold a message at the limit per open stream (each stream's partial
+//! message for up to the idle timeout), which the budget never saw.
+//! [`Metered`] sits under the WebSocket layer and charges every byte read
+//! to the stream's [`Ledger`]: first from the body budget, then, when it
+//! has no room, from the arrival reserve (room for one body at the limit,
+//! shared by all streams), so that a frame that arrives while the budget is
+//! full can still be answered `ServerBusy` rather than end its stream. When
+//! neither has room, the stream is refused: its reader is told
+//! ([`Ledger::refused`]), and what the client sends from then on is read
+//! and dropped, never gathered. When a message comes out, its room passes
+//! to it ([`Ledger::claim`]) and what else was charged is given back: what
+//! the WebSocket layer still holds then is at most the rest of one read (its
+//! read buffer), bounded per connection as hyper's are.
+//!
+//! A leaf of the stream module: it knows the budgets, not the protocol.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use crate::error::RunError;
+use crate::state::AppState;
+
+/// The bytes of one stream read and not yet taken by a message, and their
+/// room.
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    state: AppState,
+    held: Mutex<Held>,
+    refused: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Bytes read since the last message came out.
+    bytes: usize,
+    /// Their room in the body budget.
+    room: Option<OwnedSemaphorePermit>,
+    /// Their room in the arrival reserve, when the budget had none.
+    reserve: Option<OwnedSemaphorePermit>,
+    /// Why the stream was refused, until its reader takes it.
+    refusal: Option<RunError>,
+    /// Refused: reads are dropped from then on.
+    draining: bool,
+}
+
+impl Ledger {
+    pub(crate) fn new(state: AppState) -> Arc<Ledger> {
+        Arc::new(Ledger {
+            state,
+            held: Mutex::new(Held::default()),
+            refused: Notify::new(),
+        })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Charges `n` bytes just read; `false` when there is no room for them
+    /// (the stream is then refused, and its reader told).
+    fn read(&self, n: usize) -> bool {
+        let mut held = self.held();
+        if held.draining {
+            return false;
+        }
+        held.bytes = held.bytes.saturating_add(n);
+        let have = permits(held.room.as_ref()) + permits(held.reserve.as_ref());
+        let need = held.bytes.div_ceil(1024);
+        if need <= have {
+            return true;
+        }
+        let more = need - have;
+        let budget = self.state.body_budget();
+        match budget.take(more) {
+            Ok(room) => merge(&mut held.room, room),
+            Err(busy) => match budget.take_reserve(more) {
+                Some(room) => merge(&mut held.reserve, room),
+                None => {
+                    held.refusal = Some(busy);
+                    held.draining = true;
+                    self.refused.notify_one();
+                    return false;
+                }
+            },
+        }
+        true
+    }
+
+    /// A message of `len` bytes came out of what was read: its room (what
+    /// the budget gave for up to `len` bytes; the reserve's is given back,
+    /// so the message may find none and be answered busy), and the rest
+    /// given back.
+    pub(crate) fn claim(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        let mut held = self.held();
+        if held.draining {
+            return None;
+        }
+        held.bytes = 0;
+        held.reserve = None;
+        let mut room = held.room.take()?;
+        let keep = len.div_ceil(1024);
+        let have = room.num_permits();
+        if have > keep {
+            drop(room.split(have - keep));
+        }
+        (keep > 0).then_some(room)
+    }
+
+    /// Returns, with why, once the stream was refused for want of room.
+    pub(crate) async fn refused(&self) -> RunError {
+        loop {
+            if let Some(why) = self.held().refusal.take() {
+                return why;
+            }
+            self.refused.notified().await;
+        }
+    }
+}
+
+fn permits(room: Option<&OwnedSemaphorePermit>) -> usize {
+    room.map_or(0, OwnedSemaphorePermit::num_permits)
+}
+
+fn merge(into: &mut Option<OwnedSemaphorePermit>, more: OwnedSemaphorePermit) {
+    match into {
+        Some(room) => room.merge(more),
+        None => *into = Some(more),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection whose reads are charged to a [`Ledger`]; writes pass
+    /// through.
+    pub(crate) struct Metered<IO> {
+        #[pin]
+        io: IO,
+        ledger: Arc<Ledger>,
+    }
+}
+
+impl<IO> Metered<IO> {
+    pub(crate) fn new(io: IO, ledger: Arc<Ledger>) -> Self {
+        Metered { io, ledger }
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for Metered<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        loop {
+            let before = buf.filled().len();
+            std::task::ready!(this.io.as_mut().poll_read(cx, buf))?;
+            let read = buf.filled().len() - before;
+            if read == 0 || this.ledger.read(read) {
+                return Poll::Ready(Ok(()));
+            }
+            // Refused: what came is dropped, and so is all that follows,
+            // until the client's end (or the stream's, which its reader
+            // decides). The WebSocket layer is never handed it.
+            buf.set_filled(before);
+        }
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for Metered<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
