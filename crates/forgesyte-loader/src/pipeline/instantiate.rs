@@ -74,7 +74,8 @@ impl Loader {
             let limits = self.runner_limits(p);
             let importer =
                 ProcessImporter::new(self.runner(&library_path)?, p.name.clone(), limits)
-                    .with_runner_args(self.config.runner_args.clone());
+                    .with_runner_args(self.config.runner_args.clone())
+                    .counted_in(Arc::clone(&self.runners));
             let importer = self.confine(p, importer, &signed)?;
             // A checked library (signed, or pinned) reaches its runners as
             // the bytes that were checked, as an in-process one is loaded;
@@ -274,7 +275,8 @@ impl Loader {
         };
         let limits = self.runner_limits(p);
         let mut importer =
-            ProcessImporter::python(interpreter, p.dir.clone(), entry, p.name.clone(), limits);
+            ProcessImporter::python(interpreter, p.dir.clone(), entry, p.name.clone(), limits)
+                .counted_in(Arc::clone(&self.runners));
         if self.entry_points.read().contains_key(&p.name) {
             importer = importer.installed();
         }
@@ -450,7 +452,8 @@ impl Loader {
         let mut limits = self.config.process.with_manifest(&p.manifest.limits);
         limits.memory_limit_mib = p.manifest.limits.memory_mb.unwrap_or(0);
         let importer = ProcessImporter::new(self.runner(library_path)?, p.name.clone(), limits)
-            .with_runner_args(self.config.runner_args.clone());
+            .with_runner_args(self.config.runner_args.clone())
+            .counted_in(Arc::clone(&self.runners));
         let instance = importer.open(library_path)?.instantiate(config)?;
         drop(instance);
         tracing::info!(plugin = %p.name, "Preflight passed: {}", p.name);

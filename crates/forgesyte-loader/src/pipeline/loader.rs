@@ -93,6 +93,10 @@ pub struct Loader {
     /// still be stopping: [`drop_instances`](Self::drop_instances) waits
     /// for them too. Pruned of ended ones at every addition.
     pub(super) stopping: Mutex<Vec<Arc<dyn PluginInstance>>>,
+    /// Every runner this loader's plugins started that has not ended (in a
+    /// load pass, a reload, a restart, serving or stopping): what
+    /// [`drop_instances`](Self::drop_instances) ends last.
+    pub(super) runners: Arc<crate::process::Runners>,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -136,6 +140,7 @@ impl Loader {
             entry_points_error: RwLock::new(None),
             clock: Arc::new(SystemClock),
             shutdown: ShutdownFlag::default(),
+            runners: Arc::default(),
             stamps: RwLock::new(BTreeMap::new()),
             fresh_stamps: Mutex::new(HashMap::new()),
             pass: PassCache::default(),
@@ -227,9 +232,12 @@ impl Loader {
     /// until those processes have ended and their process groups are
     /// killed: a host that exited first would leave what the plugins
     /// started running (a runner's group is killed by its host). One still
-    /// running then is killed, with its group. Whether all of them ended in
-    /// time.
+    /// running then is killed, with its group. Runners that were still
+    /// starting (a load pass, a reload or a restart in progress) are killed
+    /// at the end, with their groups, and none starts from the call on.
+    /// Whether all of them ended in time.
     pub fn drop_instances(&self, timeout: Duration) -> bool {
+        self.runners.close();
         let mut retired: Vec<_> = self
             .entries
             .write()
@@ -247,7 +255,11 @@ impl Loader {
                 instance.kill("not ended in time as the host stops");
             }
         }
-        all
+        // What no handle holds: runners still constructing their plugin,
+        // and those let go that the lists above missed. (A killed runner's
+        // end is processed within moments: a second is left for it.)
+        let last = deadline.max(Instant::now() + Duration::from_secs(1));
+        self.runners.end_all("the host is stopping", last) && all
     }
 }
 

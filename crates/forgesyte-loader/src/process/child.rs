@@ -88,6 +88,65 @@ pub(crate) struct SpawnOptions<'a> {
     pub(crate) plugin: &'a str,
     pub(crate) memory_limit_mib: u64,
     pub(crate) max_response_bytes: u64,
+    /// Where the runner is counted from its start, if anywhere.
+    pub(crate) runners: Option<&'a Runners>,
+}
+
+/// Every runner of a host that has not ended, whatever it is doing
+/// (constructing its plugin in a load pass, a reload or a restart, serving,
+/// or being let go): what a stopping host ends, with its process group. A
+/// runner is counted from its start, before its plugin's code runs; once
+/// [`closed`](Runners::close), none starts (one that started meanwhile is
+/// killed at once): a load pass or a restart still running when the host
+/// stops could otherwise start runners after the host has let its own
+/// go, and what their plugins start would outlive it.
+#[derive(Debug, Default)]
+pub(crate) struct Runners {
+    live: Mutex<(bool, Vec<std::sync::Weak<Shared>>)>,
+}
+
+impl Runners {
+    /// Counts `shared`; `false` once closed.
+    fn admit(&self, shared: &Arc<Shared>) -> bool {
+        let mut live = self.live.lock();
+        if live.0 {
+            return false;
+        }
+        // The ended ones go (a host starts runners for as long as it runs).
+        live.1.retain(|runner| {
+            runner
+                .upgrade()
+                .is_some_and(|r| r.exit.lock().report.is_none())
+        });
+        live.1.push(Arc::downgrade(shared));
+        true
+    }
+
+    /// Closes: no runner starts from now on.
+    pub(crate) fn close(&self) {
+        self.live.lock().0 = true;
+    }
+
+    /// Kills every runner not ended yet (with its group, as any runner's
+    /// end) and waits until `deadline` for their ends to be processed;
+    /// whether all were.
+    pub(crate) fn end_all(&self, reason: &str, deadline: Instant) -> bool {
+        let live: Vec<Arc<Shared>> = self
+            .live
+            .lock()
+            .1
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for runner in &live {
+            if runner.exit.lock().report.is_none() {
+                kill(runner, KillReason::host(reason));
+            }
+        }
+        live.iter().all(|runner| {
+            wait_dead(runner, deadline.saturating_duration_since(Instant::now())).is_some()
+        })
+    }
 }
 
 /// Why a runner did not get as far as its hello.
@@ -325,6 +384,15 @@ impl Child {
             retired: AtomicBool::new(false),
         });
         start_threads(&shared, stdout, stderr)?;
+        if let Some(runners) = opts.runners
+            && !runners.admit(&shared)
+        {
+            kill(&shared, KillReason::host("the host is stopping"));
+            let _ = wait_dead(&shared, DEATH_SYNC);
+            return Err(SpawnError::Start(std::io::Error::other(
+                "the host is stopping: no runner starts",
+            )));
+        }
         let failed = |shared: &Arc<Shared>, reason: KillReason| {
             kill(shared, reason);
             match wait_dead(shared, DEATH_SYNC) {

@@ -61,6 +61,7 @@ use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
 
 use std::process::Command;
 
+pub(crate) use self::child::Runners;
 use self::child::{Child, KillReason, SpawnError, SpawnOptions};
 use self::transport::Reply;
 use self::wire_error::WireErrorExt;
@@ -212,6 +213,8 @@ pub struct ProcessImporter {
     /// of the file (a restart too).
     library_fd: Option<(PathBuf, Arc<OwnedFd>)>,
     run_as: Option<crate::sandbox::RunAs>,
+    /// Where its runners are counted (the loader's), if anywhere.
+    runners: Option<Arc<Runners>>,
 }
 
 impl ProcessImporter {
@@ -232,6 +235,7 @@ impl ProcessImporter {
             confinement: None,
             library_fd: None,
             run_as: None,
+            runners: None,
         }
     }
 
@@ -256,6 +260,7 @@ impl ProcessImporter {
             confinement: None,
             library_fd: None,
             run_as: None,
+            runners: None,
         }
     }
 
@@ -307,6 +312,13 @@ impl ProcessImporter {
         self
     }
 
+    /// Counts its runners in `runners` from their start: a host that
+    /// stops ends them all, whatever they are doing.
+    pub(crate) fn counted_in(mut self, runners: Arc<Runners>) -> Self {
+        self.runners = Some(runners);
+        self
+    }
+
     /// The limits its runners get.
     pub fn limits(&self) -> &ProcessLimits {
         &self.limits
@@ -341,6 +353,7 @@ impl ProcessImporter {
             plugin: &self.plugin,
             memory_limit_mib: self.limits.memory_limit_mib,
             max_response_bytes: self.limits.max_response_bytes,
+            runners: self.runners.as_deref(),
         };
         let mut common = vec![
             OsString::from("--memory-limit-mb"),
@@ -1012,6 +1025,7 @@ while True:
                 plugin: "serial",
                 memory_limit_mib: 0,
                 max_response_bytes: MIB,
+                runners: None,
             },
             limits.init_timeout,
         )

@@ -643,3 +643,75 @@ fn a_server_stopping_after_a_rescan_waits_for_the_runners_it_let_go() {
         format!("{pid}, started by a plugin a rescan let go, outlived the server's stop")
     });
 }
+
+/// The processes whose command line is `args` (joined by NULs, as
+/// `/proc/PID/cmdline` holds them).
+fn processes_running(args: &[&str]) -> Vec<u32> {
+    let wanted: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .filter(|pid| !ended(*pid))
+        .collect()
+}
+
+/// A server stopped (SIGTERM) while a Python plugin is still being
+/// constructed (its `__init__` started a process, then waits) ends that
+/// runner and what it started: a runner counts from its start, not from
+/// its plugin's registration, and none starts once the server stops.
+#[test]
+fn a_server_stopped_while_a_plugin_is_constructed_ends_what_it_started() {
+    for zygote in ["1", "0"] {
+        let dir = PluginsDir::new();
+        let marker = format!("{}.{zygote}7", std::process::id());
+        let plugin = dir.path().join("slow-init");
+        std::fs::create_dir_all(&plugin).unwrap();
+        std::fs::write(
+            plugin.join("manifest.json"),
+            json!({"name": "slow-init", "version": "1.0.0", "runtime": "python",
+                   "limits": {"init_timeout_s": 60}})
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            plugin.join("plugin.py"),
+            format!(
+                "import subprocess, time\n\
+                 class Plugin:\n\
+                 \x20   def __init__(self):\n\
+                 \x20       subprocess.Popen([\"sleep\", \"{marker}\"])\n\
+                 \x20       time.sleep(60)\n"
+            ),
+        )
+        .unwrap();
+        let mut server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str()],
+            &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let started = loop {
+            let found = processes_running(&["sleep", &marker]);
+            if let [pid] = found[..] {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "FORGESYTE_PYTHON_ZYGOTE={zygote}: the plugin started no process ({found:?}); \
+                 log:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(server.terminate().success());
+        wait_ended(started, Duration::from_secs(10), || {
+            format!(
+                "FORGESYTE_PYTHON_ZYGOTE={zygote}: {started}, started by a plugin being \
+                 constructed, outlived the server's stop"
+            )
+        });
+    }
+}
