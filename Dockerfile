@@ -24,10 +24,10 @@ COPY . .
 RUN cargo build --release --locked -p forgesyte-server --bin forgesyte \
  && install -D -m 0755 target/release/forgesyte /out/forgesyte
 
-# ---- runtime: the binary, python3, nothing else ----------------------------
+# ---- runtime: the binary, python3, tini, nothing else ----------------------------
 FROM ${RUNTIME_BASE} AS runtime
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 tini \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 forgesyte \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
@@ -45,5 +45,10 @@ EXPOSE 8000
 # is the orchestrator's /readyz).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2)"]
-ENTRYPOINT ["/usr/local/bin/forgesyte"]
+# tini is the container's first process, not the server: the processes of a
+# plugin's runner that ended (its group killed) are handed to the first
+# process, which must reap them; the server reaps only its own children, so
+# as PID 1 it gathered zombies. tini passes signals on to the server and
+# ends with it.
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/forgesyte"]
 CMD ["serve", "--bind", "0.0.0.0:8000", "--plugins", "/plugins"]

@@ -382,8 +382,15 @@ fn the_kubernetes_manifests_and_the_dockerfile_match_the_binary() {
             .unwrap_or_else(|e| panic!("{instruction} is not in exec form ({e}): {rest}"))
     };
     let entrypoint = exec_form("ENTRYPOINT");
-    assert!(entrypoint[0].ends_with("forgesyte"), "{entrypoint:?}");
-    let command: Vec<String> = entrypoint[1..]
+    // An init first: as PID 1 the server would inherit, and never reap,
+    // the processes of runners that ended.
+    assert_eq!(entrypoint[..2], ["/usr/bin/tini", "--"], "{entrypoint:?}");
+    let installs = stage
+        .iter()
+        .any(|(i, rest)| i == "RUN" && rest.contains("install") && rest.contains(" tini"));
+    assert!(installs, "the runtime stage installs no tini");
+    assert!(entrypoint[2].ends_with("forgesyte"), "{entrypoint:?}");
+    let command: Vec<String> = entrypoint[3..]
         .iter()
         .cloned()
         .chain(exec_form("CMD"))
