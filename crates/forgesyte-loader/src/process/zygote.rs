@@ -436,6 +436,20 @@ impl Zygote {
                 })
             })
             .collect::<io::Result<_>>()?;
+        // Everything that can fail before the spawn is counted as one in
+        // progress: one left counted would keep a wedged zygote from being
+        // let go, and loosen every later spawn's fork timeout.
+        let mut message = json!({"op": "spawn", "argv": argv});
+        let mut fds: Vec<OwnedFd> = stdio.into();
+        if let Some((socket, threshold)) = shm {
+            message["shm_threshold"] = json!(threshold);
+            fds.push(socket);
+        }
+        if let Some(env) = env {
+            let values = serde_json::to_vec(env).map_err(io::Error::other)?;
+            message["env_fd"] = json!(true);
+            fds.push(forgesyte_protocol::wire::shm::sealed(&values)?);
+        }
         let (tx, rx) = sync_channel(1);
         let (id, ahead) = {
             let mut state = self.state.lock();
@@ -448,17 +462,7 @@ impl Zygote {
             state.spawning.insert(id, tx);
             (id, ahead)
         };
-        let mut message = json!({"op": "spawn", "id": id, "argv": argv});
-        let mut fds: Vec<OwnedFd> = stdio.into();
-        if let Some((socket, threshold)) = shm {
-            message["shm_threshold"] = json!(threshold);
-            fds.push(socket);
-        }
-        if let Some(env) = env {
-            let values = serde_json::to_vec(env).map_err(io::Error::other)?;
-            message["env_fd"] = json!(true);
-            fds.push(forgesyte_protocol::wire::shm::sealed(&values)?);
-        }
+        message["id"] = json!(id);
         let message = message.to_string();
         // The fork, the request's send included, within `FORK_TIMEOUT` for
         // it and for each spawn ahead of it (the zygote forks one at a
