@@ -357,11 +357,8 @@ impl PluginHandle {
         let outcome = instance
             .call_output(tool, &args, attachments, context)
             .and_then(|output| {
-                let mut result = serde_json::from_slice::<Value>(&output.json).map_err(|e| {
-                    ToolError::Protocol {
-                        detail: format!("result is not valid JSON: {e}"),
-                    }
-                })?;
+                let mut result =
+                    serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
                 for (pointer, _) in &output.binary {
                     forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
                         .map_err(|e| ToolError::Protocol {
@@ -500,6 +497,27 @@ impl PluginHandle {
             state: status.as_ref().map(|s| s.state),
             reason: status.and_then(|s| s.reason),
         }
+    }
+}
+
+/// Why a tool's result could not be read. A result nested deeper than
+/// serde_json reads (128 arrays and objects) is valid JSON the tool
+/// returned: a tool error of that call (a client could otherwise make an
+/// echoing tool's plugin FAILED, and its other calls fail, with one deep
+/// request), not a broken plugin. Anything else is a protocol fault.
+fn result_error(e: serde_json::Error) -> ToolError {
+    // serde_json names it only in its message.
+    if e.to_string().starts_with("recursion limit exceeded") {
+        return ToolError::Failed {
+            error_type: Some("ResultTooDeep".to_owned()),
+            message: format!(
+                "the tool's result nests arrays and objects more than 128 levels deep, \
+                 deeper than the host reads ({e})"
+            ),
+        };
+    }
+    ToolError::Protocol {
+        detail: format!("result is not valid JSON: {e}"),
     }
 }
 

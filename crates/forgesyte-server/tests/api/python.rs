@@ -393,3 +393,42 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
         assert_eq!(reply.json()["result"], json!({"ok": true}));
     }
 }
+
+/// A result nested deeper than the host reads (200 lists, serde_json reads
+/// 128) is that call's tool error, `ResultTooDeep`: the plugin is not
+/// broken, and nothing restarts (it was a protocol fault: the plugin
+/// FAILED, its runner killed with its other calls).
+#[test]
+fn a_result_nested_too_deep_is_a_tool_error_not_a_fault() {
+    let dir = PluginsDir::new();
+    dir.python("deep", "faulty");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let reply = server.run("deep", "deep", r#"{"args": {"n": 200}}"#);
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(
+        reply.json()["error_type"],
+        "ResultTooDeep",
+        "{}",
+        reply.text()
+    );
+    let health = server.get("/v1/plugins/deep/health").json();
+    assert_eq!(
+        (
+            &health["state"],
+            &health["restart_count"],
+            &health["error_count"]
+        ),
+        (&json!("INITIALIZED"), &json!(0), &json!(1)),
+        "{health}"
+    );
+    let reply = server.run("deep", "deep", r#"{"args": {"n": 100}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let mut depth = 0;
+    let mut value = &reply.json()["result"]["d"];
+    while let Some([inner]) = value.as_array().map(Vec::as_slice) {
+        depth += 1;
+        value = inner;
+    }
+    assert_eq!(depth, 100, "{}", reply.text());
+}
