@@ -152,6 +152,14 @@ pub enum ToolError {
         /// The limit that was exceeded, waiting.
         after: Duration,
     },
+    /// The host stopped the plugin's process while the call was in flight
+    /// (a reload or rescan let that instance go, or the server stopped):
+    /// not a fault of the plugin; the call's result is lost.
+    #[error("the host stopped the plugin's process while the call ran: {reason}")]
+    Stopped {
+        /// How the process ended.
+        reason: String,
+    },
 }
 
 impl ToolError {
@@ -166,6 +174,7 @@ impl ToolError {
             ToolError::Crashed(_) => "CrashError",
             ToolError::TimedOut { .. } => "TimeoutError",
             ToolError::QueueTimedOut { .. } => "QueueTimeout",
+            ToolError::Stopped { .. } => "PluginStopped",
         }
     }
 

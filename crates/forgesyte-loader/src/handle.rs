@@ -392,7 +392,21 @@ impl PluginHandle {
             }
             let _ = registry.end_call(name, elapsed, outcome.is_ok());
         }
-        outcome.map_err(CallError::from)
+        outcome.map_err(|e| match e {
+            // Its runner was let go by a reload or rescan, or the host is
+            // stopping: the plugin is not at fault, and a call sent again
+            // reaches the instance in its place.
+            ToolError::Stopped { .. } => CallError::NotRunnable {
+                name: name.clone(),
+                state: registry.get_status(name).map(|s| s.state),
+                reason: Some(
+                    "the host stopped the plugin's process while this call ran (a reload, a \
+                     rescan or the server's stop): its result is lost; send it again"
+                        .to_owned(),
+                ),
+            },
+            e => CallError::from(e),
+        })
     }
 
     /// A call faulted. In-process the plugin is marked FAILED. An isolated

@@ -246,7 +246,9 @@ pub struct ExitReport {
     /// tool 'x'`).
     pub reason: String,
     /// The crash, when a process ended (`None` when a restart failed in
-    /// another way, e.g. the constructor returned an error).
+    /// another way, e.g. the constructor returned an error, and in what
+    /// the calls in flight of a process the host let go are told: theirs
+    /// is no crash).
     pub crash: Option<CrashError>,
     /// The signal that ended the process, by name.
     pub signal: Option<String>,

@@ -974,7 +974,16 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         }
     }
     shared.exited.notify_all();
-    shared.transport.fail_all(&report);
+    if retired {
+        // The calls still in flight went to a process the host let go (a
+        // reload, a rescan, the host's stop): theirs is no crash.
+        shared.transport.fail_all(&Arc::new(ExitReport {
+            crash: None,
+            ..(*report).clone()
+        }));
+    } else {
+        shared.transport.fail_all(&report);
+    }
 }
 
 /// `64 MiB`, `512 KiB`, `100 bytes`.

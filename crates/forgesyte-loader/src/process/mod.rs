@@ -54,7 +54,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forgesyte_errors::{CrashCause, ImportError, InitError, PluginError, TimeoutError, ToolError};
+use forgesyte_errors::{ImportError, InitError, PluginError, TimeoutError, ToolError};
 use parking_lot::Mutex;
 
 use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
@@ -937,15 +937,14 @@ impl PluginInstance for ProcessInstance {
     }
 }
 
+/// What a call in flight gets when its runner ended: the crash, or, for a
+/// runner the host let go (its report carries no crash), `Stopped`.
 fn tool_crash(report: &crate::host::ExitReport) -> ToolError {
     match &report.crash {
         Some(crash) => ToolError::Crashed(crash.clone()),
-        None => ToolError::Crashed(forgesyte_errors::CrashError {
-            cause: CrashCause::Protocol {
-                detail: report.reason.clone(),
-            },
-            stderr_tail: Vec::new(),
-        }),
+        None => ToolError::Stopped {
+            reason: report.reason.clone(),
+        },
     }
 }
 

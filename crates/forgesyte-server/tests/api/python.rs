@@ -432,3 +432,62 @@ fn a_result_nested_too_deep_is_a_tool_error_not_a_fault() {
     }
     assert_eq!(depth, 100, "{}", reply.text());
 }
+
+/// A call in flight when a reload lets its runner go is told so (503
+/// `PluginNotRunnable`, send it again), not answered as a crash that made
+/// the plugin FAILED: the plugin is INITIALIZED in its new runner.
+#[test]
+fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    let token = "a-long-enough-admin-token";
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    let addr = server.addr;
+    let call = std::thread::spawn(move || {
+        http_with(
+            addr,
+            "POST",
+            "/v1/plugins/echo/tools/sleep/run",
+            &[("Content-Type", "application/json")],
+            br#"{"args": {"ms": 5000}}"#,
+        )
+    });
+    crate::rescan::wait_for(
+        "the call in flight",
+        std::time::Duration::from_secs(10),
+        &server,
+        || {
+            let health = server.get("/v1/plugins/echo/health").json();
+            (health["in_flight"] == 1).then_some(())
+        },
+    );
+    let bearer = format!("Bearer {token}");
+    let reload = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/echo/reload",
+        &[("authorization", bearer.as_str())],
+        b"",
+    );
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    let answer = call.join().unwrap();
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    let body = answer.json();
+    assert_eq!(body["error_type"], "PluginNotRunnable", "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("stopped the plugin's process")),
+        "{body}"
+    );
+    let health = server.get("/v1/plugins/echo/health").json();
+    assert_eq!(
+        (&health["state"], &health["restart_count"]),
+        (&json!("INITIALIZED"), &json!(0)),
+        "{health}"
+    );
+}
