@@ -28,13 +28,30 @@ const LOG_BURST_BYTES: f64 = 1024.0 * 1024.0;
 /// second out of the budget.
 const LOG_RECORD_BYTES: usize = 128;
 
+/// While a runner's lines are being left out, how often the log says how
+/// many (and once more when its stderr slows down or ends).
+const DROPPED_REPORT_EVERY: Duration = Duration::from_secs(10);
+
 /// The stderr log budget of one runner (a token bucket of bytes).
 #[derive(Debug)]
 struct Budget {
     tokens: f64,
     at: Instant,
-    /// Lines and bytes left out since the last that was logged.
+    /// Lines and bytes left out since the last report of them.
     dropped: (u64, u64),
+    /// Since when lines are being left out (until the bucket is full
+    /// again), and when that was last reported.
+    dropping: Option<Instant>,
+}
+
+/// What to do with one line.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Log it; say first how many lines were left out, when that is due.
+    Log(Option<(u64, u64)>),
+    /// Leave it out; `true` for the first line left out in a while (the log
+    /// says that lines are being left out).
+    Drop(bool),
 }
 
 impl Budget {
@@ -43,28 +60,48 @@ impl Budget {
             tokens: LOG_BURST_BYTES,
             at: now,
             dropped: (0, 0),
+            dropping: None,
         }
     }
 
-    /// Whether a line of `bytes` may be logged at `now` (it is counted as
-    /// left out if not).
-    fn admit(&mut self, bytes: usize, now: Instant) -> bool {
+    /// What to do with a line of `bytes` at `now`. Leaving lines out starts
+    /// with one notice and ends when the bucket has filled again (the
+    /// plugin slowed down); between, what was left out is reported at most
+    /// every [`DROPPED_REPORT_EVERY`]: a plugin writing just above the rate
+    /// got two warnings for every line of its own that passed.
+    fn admit(&mut self, bytes: usize, now: Instant) -> Verdict {
         let earned = now.saturating_duration_since(self.at).as_secs_f64() * LOG_BYTES_PER_SEC;
         self.tokens = (self.tokens + earned).min(LOG_BURST_BYTES);
         self.at = now;
         #[allow(clippy::cast_precision_loss)] // a line is at most 4 KiB
         let cost = bytes as f64;
-        if self.tokens >= cost {
-            self.tokens -= cost;
-            true
-        } else {
+        if self.tokens < cost {
             self.dropped.0 += 1;
             self.dropped.1 += bytes as u64;
-            false
+            let first = self.dropping.is_none();
+            if first {
+                self.dropping = Some(now);
+            }
+            return Verdict::Drop(first);
         }
+        let ended = self.dropping.is_some() && self.tokens >= LOG_BURST_BYTES;
+        self.tokens -= cost;
+        let due = self
+            .dropping
+            .is_some_and(|since| now.saturating_duration_since(since) >= DROPPED_REPORT_EVERY);
+        if ended {
+            self.dropping = None;
+        } else if due {
+            self.dropping = Some(now);
+        }
+        Verdict::Log(if ended || due {
+            self.take_dropped()
+        } else {
+            None
+        })
     }
 
-    /// The lines and bytes left out since the last call, if any.
+    /// The lines and bytes left out since the last report, if any.
     fn take_dropped(&mut self) -> Option<(u64, u64)> {
         let dropped = std::mem::take(&mut self.dropped);
         (dropped.0 > 0).then_some(dropped)
@@ -98,6 +135,10 @@ impl StderrLog {
         let mut reader = BufReader::new(stderr);
         let mut line = Vec::new();
         let mut budget = Budget::new(Instant::now());
+        // The tags and level of a line cut at MAX_LINE_BYTES: its pieces
+        // after the first are logged with them (a long traceback stays one
+        // record's level and call).
+        let mut cut: Option<(forgesyte_protocol::wire::LogTags, tracing::Level)> = None;
         loop {
             line.clear();
             match reader
@@ -107,23 +148,34 @@ impl StderrLog {
             {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
+                    let whole = line.ends_with(b"\n");
                     let text = String::from_utf8_lossy(&line);
                     let text = text.trim_end();
+                    let (tags, level, text) = match cut.take() {
+                        Some((tags, level)) => (tags, level, text),
+                        None => {
+                            let (tags, text) = forgesyte_protocol::wire::LogTags::split(text);
+                            let (level, text) = stderr_level(text);
+                            (tags.unwrap_or_default(), level, text)
+                        }
+                    };
+                    if !whole {
+                        cut = Some((tags.clone(), level));
+                    }
                     if text.is_empty() {
                         continue;
                     }
-                    let (tags, text) = forgesyte_protocol::wire::LogTags::split(text);
-                    if text.is_empty() {
-                        continue;
-                    }
-                    let had_dropped = budget.dropped.0 > 0;
                     // The line as written (its tags included, which the
                     // record logs too) and what each record adds.
-                    if budget.admit(line.len() + LOG_RECORD_BYTES, Instant::now()) {
-                        self.report_dropped(&mut budget);
-                        log_stderr_line(&self.plugin, self.pid, tags, text);
-                    } else if !had_dropped {
-                        tracing::warn!(plugin = %self.plugin, pid = self.pid, "Plugin {} writes to stderr faster than the log takes ({} KiB/s): its lines are left out of the log until it slows down", self.plugin, LOG_BYTES_PER_SEC / 1024.0);
+                    match budget.admit(line.len() + LOG_RECORD_BYTES, Instant::now()) {
+                        Verdict::Log(dropped) => {
+                            self.report_dropped(dropped);
+                            log_stderr_line(&self.plugin, self.pid, &tags, level, text);
+                        }
+                        Verdict::Drop(true) => {
+                            tracing::warn!(plugin = %self.plugin, pid = self.pid, "Plugin {} writes to stderr faster than the log takes ({} KiB/s): its lines are left out of the log until it slows down", self.plugin, LOG_BYTES_PER_SEC / 1024.0);
+                        }
+                        Verdict::Drop(false) => {}
                     }
                     let mut tail = self.tail.lock();
                     if tail.len() == STDERR_TAIL_LINES {
@@ -133,14 +185,14 @@ impl StderrLog {
                 }
             }
         }
-        self.report_dropped(&mut budget);
+        self.report_dropped(budget.take_dropped());
         *self.done.lock() = true;
         self.closed.notify_all();
     }
 
     /// Logs how much of its stderr was left out, if any.
-    fn report_dropped(&self, budget: &mut Budget) {
-        if let Some((lines, bytes)) = budget.take_dropped() {
+    fn report_dropped(&self, dropped: Option<(u64, u64)>) {
+        if let Some((lines, bytes)) = dropped {
             tracing::warn!(plugin = %self.plugin, pid = self.pid, lines, bytes, "Plugin {}: {lines} lines of its stderr were left out of the log ({bytes} bytes, counting {LOG_RECORD_BYTES} a record)", self.plugin);
         }
     }
@@ -185,24 +237,24 @@ fn stderr_level(text: &str) -> (tracing::Level, &str) {
 fn log_stderr_line(
     plugin: &str,
     pid: u32,
-    tags: Option<forgesyte_protocol::wire::LogTags>,
-    text: &str,
+    tags: &forgesyte_protocol::wire::LogTags,
+    level: tracing::Level,
+    line: &str,
 ) {
     const TARGET: &str = "forgesyte_loader::plugin_stderr";
-    let tags = tags.unwrap_or_default();
     let request_id = tags.request_id.as_deref();
     let trace_id = tags.trace_id.as_deref();
-    match stderr_level(text) {
-        (tracing::Level::ERROR, line) => {
+    match level {
+        tracing::Level::ERROR => {
             tracing::error!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
         }
-        (tracing::Level::WARN, line) => {
+        tracing::Level::WARN => {
             tracing::warn!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
         }
-        (tracing::Level::DEBUG, line) => {
+        tracing::Level::DEBUG => {
             tracing::debug!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
         }
-        (_, line) => tracing::info!(target: TARGET, plugin, pid, request_id, trace_id, "{line}"),
+        _ => tracing::info!(target: TARGET, plugin, pid, request_id, trace_id, "{line}"),
     }
 }
 
@@ -210,27 +262,35 @@ fn log_stderr_line(
 mod tests {
     #[test]
     fn stderr_reaches_the_log_within_its_budget_and_what_is_left_out_is_counted() {
-        use super::{Budget, LOG_BURST_BYTES, LOG_BYTES_PER_SEC};
+        use super::{Budget, DROPPED_REPORT_EVERY, LOG_BURST_BYTES, LOG_BYTES_PER_SEC, Verdict};
         use std::time::{Duration, Instant};
         let start = Instant::now();
         let mut budget = Budget::new(start);
-        // The burst passes whole, then nothing more at the same instant.
+        // The burst passes whole, then nothing more at the same instant:
+        // one notice, at the first line left out.
         let line = 4096;
         let burst = (LOG_BURST_BYTES as usize) / line;
-        assert!((0..burst).all(|_| budget.admit(line, start)));
-        assert!(!budget.admit(line, start));
-        assert!(!budget.admit(10, start));
-        assert_eq!(budget.take_dropped(), Some((2, 4106)));
-        assert_eq!(budget.take_dropped(), None);
-        // A second later, a second's worth passes again.
+        assert!((0..burst).all(|_| budget.admit(line, start) == Verdict::Log(None)));
+        assert_eq!(budget.admit(line, start), Verdict::Drop(true));
+        assert_eq!(budget.admit(10, start), Verdict::Drop(false));
+        // A second later, a second's worth passes again, with no report:
+        // still writing faster than the log takes, lines alternate between
+        // passing and left out without a warning for each.
         let later = start + Duration::from_secs(1);
         let per_second = (LOG_BYTES_PER_SEC as usize) / line;
-        assert!((0..per_second).all(|_| budget.admit(line, later)));
-        assert!(!budget.admit(line, later));
-        // Never more than the burst after a long silence.
-        let much_later = start + Duration::from_secs(3600);
-        assert!((0..burst).all(|_| budget.admit(line, much_later)));
-        assert!(!budget.admit(line, much_later));
+        assert!((0..per_second).all(|_| budget.admit(line, later) == Verdict::Log(None)));
+        assert_eq!(budget.admit(line, later), Verdict::Drop(false));
+        // The count comes every DROPPED_REPORT_EVERY while it goes on...
+        let report = start + DROPPED_REPORT_EVERY;
+        assert_eq!(budget.admit(line, report), Verdict::Log(Some((3, 8202))));
+        assert_eq!(budget.admit(10, report), Verdict::Log(None));
+        // ... and once the plugin slowed down (the bucket full again),
+        // leaving lines out starts with a notice again.
+        let much_later = report + Duration::from_secs(3600);
+        assert_eq!(budget.admit(line, much_later), Verdict::Log(None));
+        assert!((1..burst).all(|_| budget.admit(line, much_later) == Verdict::Log(None)));
+        assert_eq!(budget.admit(line, much_later), Verdict::Drop(true));
+        assert_eq!(budget.take_dropped(), Some((1, 4096)));
     }
 
     #[test]

@@ -91,6 +91,24 @@ fn a_python_plugin_sees_the_request_id_and_traceparent_and_logs_with_them() {
     );
     assert_eq!(line["level"], "WARN", "{line}");
 
+    // A record longer than a stderr line is kept whole (4 KiB) is logged in
+    // pieces, each with the record's level and call.
+    let long = format!("{}-end-of-long", "x".repeat(6000));
+    let reply = run_with(
+        &server,
+        "traced",
+        "whoami",
+        &json!({"args": {"say": long}}).to_string(),
+        &[("x-request-id", "abc-long")],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let last = log_line(&server, |m| m.ends_with("-end-of-long"));
+    assert_eq!(
+        (&last["level"], &last["fields"]["request_id"]),
+        (&json!("WARN"), &json!("abc-long")),
+        "{last}"
+    );
+
     // An invalid traceparent is ignored: the id alone goes on.
     let reply = run_with(
         &server,
