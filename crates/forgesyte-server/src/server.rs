@@ -273,7 +273,9 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
             // A plugins directory that cannot be listed (a mount gone
             // wrong) with nothing loaded from elsewhere is a failed pass:
             // not ready, and `degraded`, rather than ready serving nothing.
-            let unlisted = std::fs::read_dir(&dir).is_err() && report.plugins.is_empty();
+            // Asked only of a pass that found nothing: the pass listed the
+            // directory already.
+            let unlisted = report.plugins.is_empty() && std::fs::read_dir(&dir).is_err();
             if unlisted {
                 tracing::error!(dir = %dir.display(), "The plugins directory {} cannot be listed and no plugin was loaded: not ready until a rescan lists it", dir.display());
             }

@@ -517,7 +517,9 @@ fn refusal(error: tungstenite::Error, body_limit: usize) -> Option<(u16, String)
     match error {
         tungstenite::Error::Capacity(_) => Some((
             close::TOO_BIG,
-            format!("a frame is larger than the limit of {body_limit} bytes"),
+            format!(
+                "a message (a frame, or a text message) is larger than the limit of {body_limit} bytes"
+            ),
         )),
         tungstenite::Error::Utf8(_) => Some((
             close::INVALID_PAYLOAD,
