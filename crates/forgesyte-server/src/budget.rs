@@ -50,6 +50,11 @@ impl Room {
     }
 }
 
+/// What the arrival reserve holds beyond one body at the limit: a frame's
+/// head and the WebSocket layer's read ahead (its 128 KiB read buffer), so
+/// that a frame of exactly the limit fits.
+const RESERVE_SLACK: usize = 128 * 1024 + 1024;
+
 /// The memory all tool calls' request bodies and streams' frames may hold
 /// at once (room is counted in KiB, taken as bytes arrive: see
 /// [`crate::body::receive`]). Without a bound, clients (who need no token
@@ -78,7 +83,7 @@ impl BodyBudget {
                 memory,
                 "--body-memory is less than --body-limit",
             ),
-            reserve: Room::new(body_limit),
+            reserve: Room::new(body_limit.saturating_add(RESERVE_SLACK)),
         }
     }
 

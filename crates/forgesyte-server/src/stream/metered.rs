@@ -7,8 +7,8 @@
 //! message for up to the idle timeout), which the budget never saw.
 //! [`Metered`] sits under the WebSocket layer and charges every byte read
 //! to the stream's [`Ledger`]: first from the body budget, then, when it
-//! has no room, from the arrival reserve (room for one body at the limit,
-//! shared by all streams), so that a frame that arrives while the budget is
+//! has no room, from the arrival reserve (room for one body at the limit
+//! and what its reading brings beside it, shared by all streams), so that a frame that arrives while the budget is
 //! full can still be answered `ServerBusy` rather than end its stream. When
 //! neither has room, the stream is refused: its reader is told
 //! ([`Ledger::refused`]), and what the client sends from then on is read
@@ -114,6 +114,11 @@ impl Ledger {
             drop(room.split(have - keep));
         }
         (keep > 0).then_some(room)
+    }
+
+    /// Whether the stream was refused (what it reads is dropped).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.held().draining
     }
 
     /// Returns, with why, once the stream was refused for want of room.

@@ -52,6 +52,8 @@ const WRITER_FLUSH: Duration = Duration::from_secs(60);
 /// How long a closed stream's connection may still be read (and what it
 /// brings dropped) for the client's close reply: see [`linger`].
 const LINGER: Duration = Duration::from_secs(5);
+/// How long a stream closed for want of room lingers (see [`linger`]).
+const REFUSED_LINGER: Duration = Duration::from_secs(1);
 
 /// The longest close reason a WebSocket close frame carries, in bytes.
 const MAX_CLOSE_REASON: usize = 123;
@@ -336,7 +338,7 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
     // The server closed: the client's reply is awaited. (A client that
     // closed first had its reply; one that took no close is not waited for.)
     if said_close {
-        linger(&mut incoming).await;
+        linger(&mut incoming, ledger).await;
     }
     tracing::info!(
         plugin = %crate::error::Shown(&session.plugin),
@@ -354,15 +356,26 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
 /// is answered by the kernel with a reset, which can destroy the close
 /// frame (its code and reason) before the client reads it: a client that
 /// pinged on after its limit saw "connection reset" instead of 1008.
-async fn linger(incoming: &mut SplitStream<WebSocket>) {
+///
+/// What is read meanwhile gives its room back as its messages end. A
+/// stream closed for want of room ([`Ledger::refused`]) drops all it reads,
+/// the client's close reply too: it lingers [`REFUSED_LINGER`] only, so
+/// its slot and the room its unfinished frame held come back soon.
+async fn linger(incoming: &mut SplitStream<WebSocket>, ledger: &Ledger) {
     let drained = async {
         while let Some(Ok(message)) = incoming.next().await {
             if matches!(message, Message::Close(_)) {
                 break;
             }
+            drop(ledger.claim(0));
         }
     };
-    let _ = tokio::time::timeout(LINGER, drained).await;
+    let limit = if ledger.is_draining() {
+        REFUSED_LINGER
+    } else {
+        LINGER
+    };
+    let _ = tokio::time::timeout(limit, drained).await;
 }
 
 /// The client's messages: text sets the arguments, binary is a frame.
@@ -395,10 +408,13 @@ async fn read(
             Waited::Idle => return say_idle(&out, session),
         };
         // What was read passes to the message (a frame's room), or is
-        // given back.
+        // given back. Only at the end of a data message: a ping or pong may
+        // come between the fragments of one, which the WebSocket layer
+        // still holds (what they cost stays counted until then).
         let claimed = match &message {
             Some(Ok(Message::Binary(bytes))) => ledger.claim(bytes.len()),
-            _ => ledger.claim(0),
+            Some(Ok(Message::Text(_))) => ledger.claim(0),
+            _ => None,
         };
         // Frames and text messages are activity; pings and pongs are not:
         // a client could otherwise hold a half-sent message (memory the

@@ -760,7 +760,12 @@ fn stream_frames_share_the_body_memory_and_one_without_room_is_answered_busy() {
 /// The head of a binary frame of `len` bytes from a client (masked, with
 /// a zero key: the payload goes as it is).
 fn frame_head(len: u64) -> Vec<u8> {
-    let mut head = vec![0x82, 0x80 | 127];
+    fragment_head(len, true)
+}
+
+/// [`frame_head`], of the first fragment of a message unless `fin`.
+fn fragment_head(len: u64, fin: bool) -> Vec<u8> {
+    let mut head = vec![if fin { 0x82 } else { 0x02 }, 0x80 | 127];
     head.extend_from_slice(&len.to_be_bytes());
     head.extend_from_slice(&[0; 4]);
     head
@@ -878,6 +883,34 @@ fn a_half_sent_frame_holds_its_room_and_one_without_room_closes_with_1013() {
         &server,
         || (call().status == 200).then_some(()),
     );
+}
+
+/// A ping between the fragments of a message does not give back the room
+/// of what came of it so far: the WebSocket layer still holds it.
+#[test]
+fn a_ping_between_fragments_keeps_the_room_of_the_message_so_far() {
+    use std::io::Write as _;
+    let (_dir, server) = alpha_with_one_mib_of_body_memory();
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    let raw = socket.get_mut();
+    raw.write_all(&fragment_head(900 << 10, false)).unwrap();
+    raw.write_all(&frame(900 << 10)).unwrap();
+    // A ping (masked, empty).
+    raw.write_all(&[0x89, 0x80, 0, 0, 0, 0]).unwrap();
+    let call = || {
+        crate::support::http_with(
+            server.addr,
+            "POST",
+            "/v1/plugins/alpha/tools/frame/run",
+            &[("Content-Type", "application/octet-stream")],
+            &frame(200 << 10),
+        )
+    };
+    // The pong says the ping was read, after the fragment.
+    assert!(matches!(read_message(&mut socket), Ok(Message::Pong(_))));
+    let answer = call();
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert!(answer.text().contains("ServerBusy"), "{}", answer.text());
 }
 
 /// A text message's arguments take room for what they hold parsed, not for
