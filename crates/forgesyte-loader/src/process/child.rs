@@ -475,6 +475,16 @@ impl Child {
             Ok(reply) => Ok(reply),
             Err(RequestError::TimedOut) => Err(None),
             Err(RequestError::Closed(Some(report))) => Err(Some(report)),
+            // A runner the host let go has its request pipe closed by the
+            // host: the call never reached it.
+            Err(RequestError::Closed(None)) if self.shared.retired.load(Ordering::SeqCst) => {
+                Err(Some(Arc::new(ExitReport {
+                    reason: "let go by the host before the call reached it".into(),
+                    crash: None,
+                    signal: None,
+                    code: None,
+                })))
+            }
             // The process is dying: its death report follows. One that
             // lives on has closed its end of the request pipe (a plugin
             // may close or replace any descriptor): it can never be asked
@@ -974,16 +984,30 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         }
     }
     shared.exited.notify_all();
-    if retired {
-        // The calls still in flight went to a process the host let go (a
-        // reload, a rescan, the host's stop): theirs is no crash.
-        shared.transport.fail_all(&Arc::new(ExitReport {
-            crash: None,
-            ..(*report).clone()
-        }));
-    } else {
-        shared.transport.fail_all(&report);
+    shared.transport.fail_all(&for_calls(shared, report));
+}
+
+/// What the calls in flight of a runner are told of its end: a runner the
+/// host let go (a reload, a rescan, the host's stop) that ended as let go
+/// (it exited with code 0 once its input closed, or the host killed it)
+/// ended no call by a crash of its own: its report then carries none (the
+/// calls are `Stopped`). One that crashed in its last moments (a signal,
+/// its memory limit, an exit code) did.
+fn for_calls(shared: &Shared, report: Arc<ExitReport>) -> Arc<ExitReport> {
+    let let_go = shared.retired.load(Ordering::SeqCst)
+        && report.crash.as_ref().is_some_and(|crash| {
+            matches!(
+                crash.cause,
+                CrashCause::Exit { code: 0 } | CrashCause::Killed { .. }
+            )
+        });
+    if !let_go {
+        return report;
     }
+    Arc::new(ExitReport {
+        crash: None,
+        ..(*report).clone()
+    })
 }
 
 /// `64 MiB`, `512 KiB`, `100 bytes`.

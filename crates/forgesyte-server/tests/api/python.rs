@@ -433,13 +433,15 @@ fn a_result_nested_too_deep_is_a_tool_error_not_a_fault() {
     assert_eq!(depth, 100, "{}", reply.text());
 }
 
-/// A call in flight when a reload lets its runner go is told so (503
-/// `PluginNotRunnable`, send it again), not answered as a crash that made
-/// the plugin FAILED: the plugin is INITIALIZED in its new runner.
-#[test]
-fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
-    let dir = PluginsDir::new();
-    dir.python("echo", "echo");
+/// Calls `tool` of `plugin` with `body` on a thread of its own, reloads the
+/// plugin once the call is in flight, and returns the call's answer; the
+/// plugin is INITIALIZED after, never restarted.
+fn reloaded_during_a_call(
+    dir: &PluginsDir,
+    plugin: &str,
+    tool: &str,
+    body: &'static str,
+) -> crate::support::Reply {
     let token = "a-long-enough-admin-token";
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str()],
@@ -447,34 +449,51 @@ fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
     );
     server.wait_loaded();
     let addr = server.addr;
+    let target = format!("/v1/plugins/{plugin}/tools/{tool}/run");
     let call = std::thread::spawn(move || {
         http_with(
             addr,
             "POST",
-            "/v1/plugins/echo/tools/sleep/run",
+            &target,
             &[("Content-Type", "application/json")],
-            br#"{"args": {"ms": 5000}}"#,
+            body.as_bytes(),
         )
     });
+    let health = format!("/v1/plugins/{plugin}/health");
     crate::rescan::wait_for(
         "the call in flight",
         std::time::Duration::from_secs(10),
         &server,
-        || {
-            let health = server.get("/v1/plugins/echo/health").json();
-            (health["in_flight"] == 1).then_some(())
-        },
+        || (server.get(&health).json()["in_flight"] == 1).then_some(()),
     );
     let bearer = format!("Bearer {token}");
     let reload = http_with(
         server.addr,
         "POST",
-        "/v1/plugins/echo/reload",
+        &format!("/v1/plugins/{plugin}/reload"),
         &[("authorization", bearer.as_str())],
         b"",
     );
     assert_eq!(reload.status, 200, "{}", reload.text());
     let answer = call.join().unwrap();
+    let health = server.get(&health).json();
+    assert_eq!(
+        (&health["state"], &health["restart_count"]),
+        (&json!("INITIALIZED"), &json!(0)),
+        "{health}"
+    );
+    answer
+}
+
+/// A call in flight when a reload lets its runner go is told so (503
+/// `PluginNotRunnable`, send it again), not answered as a crash that made
+/// the plugin FAILED. One that crashes the runner while it is being let
+/// go (its `on_unload` takes 1.5 s) is answered as the crash it is.
+#[test]
+fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    let answer = reloaded_during_a_call(&dir, "echo", "sleep", r#"{"args": {"ms": 5000}}"#);
     assert_eq!(answer.status, 503, "{}", answer.text());
     let body = answer.json();
     assert_eq!(body["error_type"], "PluginNotRunnable", "{body}");
@@ -484,10 +503,15 @@ fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
             .is_some_and(|d| d.contains("stopped the plugin's process")),
         "{body}"
     );
-    let health = server.get("/v1/plugins/echo/health").json();
-    assert_eq!(
-        (&health["state"], &health["restart_count"]),
-        (&json!("INITIALIZED"), &json!(0)),
-        "{health}"
+    let dir = PluginsDir::new();
+    dir.python("slow-unload", "faulty");
+    let crash =
+        reloaded_during_a_call(&dir, "slow-unload", "exit", r#"{"args": {"after_s": 0.5}}"#);
+    assert_eq!(crash.status, 502, "{}", crash.text());
+    assert_eq!(crash.json()["error_type"], "CrashError", "{}", crash.text());
+    assert!(
+        crash.text().contains("exited with code 3"),
+        "{}",
+        crash.text()
     );
 }
