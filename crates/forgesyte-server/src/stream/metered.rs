@@ -116,6 +116,35 @@ impl Ledger {
         (keep > 0).then_some(room)
     }
 
+    /// `n` bytes read are gone (a ping's or pong's frame, which the
+    /// WebSocket layer answered and dropped): their room is given back,
+    /// the reserve's first. What a message still being gathered holds
+    /// stays counted.
+    pub(crate) fn release(&self, n: usize) {
+        let mut held = self.held();
+        if held.draining {
+            return;
+        }
+        held.bytes = held.bytes.saturating_sub(n);
+        let need = held.bytes.div_ceil(1024);
+        let mut excess =
+            (permits(held.room.as_ref()) + permits(held.reserve.as_ref())).saturating_sub(need);
+        let held = &mut *held;
+        for room in [&mut held.reserve, &mut held.room] {
+            let Some(permit) = room.as_mut() else {
+                continue;
+            };
+            let have = permit.num_permits();
+            let give = excess.min(have);
+            if give == have {
+                *room = None;
+            } else if give > 0 {
+                drop(permit.split(give));
+            }
+            excess -= give;
+        }
+    }
+
     /// Whether the stream was refused (what it reads is dropped).
     pub(crate) fn is_draining(&self) -> bool {
         self.held().draining
@@ -208,5 +237,80 @@ impl<IO: AsyncWrite> AsyncWrite for Metered<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+
+    const K: usize = 1024;
+
+    /// A ledger over 64 KiB of body memory (bodies of at most 64 KiB: the
+    /// reserve holds 64 KiB and its slack beside).
+    fn ledger() -> Arc<Ledger> {
+        let config = ServerConfig {
+            body_limit: 64 * K,
+            body_memory: Some(64 * K),
+            ..ServerConfig::default()
+        };
+        Ledger::new(AppState::new(Arc::new(crate::build_loader(&[])), &config))
+    }
+
+    fn free_kib(ledger: &Ledger) -> usize {
+        ledger.state.body_budget().available_kib()
+    }
+
+    #[test]
+    fn reads_take_room_as_they_come_and_a_message_takes_its_own() {
+        let ledger = ledger();
+        assert!(ledger.read(10 * K));
+        assert!(ledger.read(20 * K));
+        assert_eq!(free_kib(&ledger), 34);
+        // A ping's frame read since is given back; the message so far
+        // stays counted.
+        assert!(ledger.read(106));
+        assert_eq!(free_kib(&ledger), 33);
+        ledger.release(106);
+        assert_eq!(free_kib(&ledger), 34);
+        // The message came out (25 KiB of the 30 read): its room passes
+        // to it, the rest comes back.
+        let room = ledger.claim(25 * K).expect("its room");
+        assert_eq!(room.num_permits(), 25);
+        assert_eq!(free_kib(&ledger), 39);
+        drop(room);
+        assert_eq!(free_kib(&ledger), 64);
+    }
+
+    #[test]
+    fn past_the_budget_the_reserve_then_a_refusal_that_drops_what_follows() {
+        let ledger = ledger();
+        assert!(ledger.read(60 * K));
+        // 4 KiB of budget left, too little: the reserve takes the 60 more.
+        assert!(ledger.read(60 * K));
+        assert_eq!(free_kib(&ledger), 4);
+        // Given back by a ping's release: the reserve's first.
+        ledger.release(30 * K);
+        assert_eq!(free_kib(&ledger), 4);
+        ledger.release(60 * K);
+        assert_eq!(free_kib(&ledger), 34);
+        // The reserve (64 KiB and its 129 KiB of slack) runs out too:
+        // refused.
+        assert!(ledger.read(30 * K));
+        assert!(ledger.read(150 * K));
+        assert_eq!(free_kib(&ledger), 4);
+        assert!(!ledger.read(100 * K));
+        assert!(ledger.is_draining());
+        assert!(ledger.claim(10).is_none(), "refused: no message comes out");
+        let refusal = ledger.held().refusal.clone().expect("why it was refused");
+        assert!(
+            matches!(refusal, RunError::BodiesInFlight { .. }),
+            "{refusal:?}"
+        );
+        // Its room comes back with the ledger (the stream's end).
+        let state = ledger.state.clone();
+        drop(ledger);
+        assert_eq!(state.body_budget().available_kib(), 64);
     }
 }

@@ -364,10 +364,11 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
 async fn linger(incoming: &mut SplitStream<WebSocket>, ledger: &Ledger) {
     let drained = async {
         while let Some(Ok(message)) = incoming.next().await {
-            if matches!(message, Message::Close(_)) {
-                break;
+            match message {
+                Message::Close(_) => break,
+                Message::Binary(_) | Message::Text(_) => drop(ledger.claim(0)),
+                control => ledger.release(control_frame_bytes(&control)),
             }
-            drop(ledger.claim(0));
         }
     };
     let limit = if ledger.is_draining() {
@@ -375,7 +376,26 @@ async fn linger(incoming: &mut SplitStream<WebSocket>, ledger: &Ledger) {
     } else {
         LINGER
     };
-    let _ = tokio::time::timeout(limit, drained).await;
+    // Refused while it lingers: a second more at most.
+    let refused = async {
+        ledger.refused().await;
+        tokio::time::sleep(REFUSED_LINGER).await;
+    };
+    tokio::select! {
+        () = drained => {}
+        () = tokio::time::sleep(limit) => {}
+        () = refused => {}
+    }
+}
+
+/// What a control message (ping, pong) took on the wire: its payload and
+/// a client frame's head (2 bytes and the 4-byte mask: a control frame's
+/// payload is at most 125 bytes).
+fn control_frame_bytes(message: &Message) -> usize {
+    match message {
+        Message::Ping(payload) | Message::Pong(payload) => payload.len() + 6,
+        _ => 0,
+    }
 }
 
 /// The client's messages: text sets the arguments, binary is a frame.
@@ -414,6 +434,10 @@ async fn read(
         let claimed = match &message {
             Some(Ok(Message::Binary(bytes))) => ledger.claim(bytes.len()),
             Some(Ok(Message::Text(_))) => ledger.claim(0),
+            Some(Ok(message)) => {
+                ledger.release(control_frame_bytes(message));
+                None
+            }
             _ => None,
         };
         // Frames and text messages are activity; pings and pongs are not:

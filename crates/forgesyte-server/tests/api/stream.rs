@@ -913,6 +913,33 @@ fn a_ping_between_fragments_keeps_the_room_of_the_message_so_far() {
     assert!(answer.text().contains("ServerBusy"), "{}", answer.text());
 }
 
+/// Pongs a client sends unasked take no room once read (the WebSocket
+/// layer drops them): 1.5 MiB of them leave a 1 MiB budget free.
+#[test]
+fn unasked_pongs_take_no_room() {
+    use std::io::Write as _;
+    let (_dir, server) = alpha_with_one_mib_of_body_memory();
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    let mut pong = vec![0x8A, 0x80 | 125, 0, 0, 0, 0];
+    pong.extend_from_slice(&[b'p'; 125]);
+    let pongs: Vec<u8> = pong.repeat((3 << 19) / 131);
+    socket.get_mut().write_all(&pongs).unwrap();
+    // The pong to a ping after them says every pong before it was read.
+    socket
+        .get_mut()
+        .write_all(&[0x89, 0x80, 0, 0, 0, 0])
+        .unwrap();
+    assert!(matches!(read_message(&mut socket), Ok(Message::Pong(_))));
+    let call = crate::support::http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/alpha/tools/frame/run",
+        &[("Content-Type", "application/octet-stream")],
+        &frame(900 << 10),
+    );
+    assert_eq!(call.status, 200, "{}", call.text());
+}
+
 /// A text message's arguments take room for what they hold parsed, not for
 /// their text: 6,000 numbers are 12 KB of text and some 750 KiB parsed, so
 /// with them in force a 400 KiB frame finds no room in 1 MiB.
