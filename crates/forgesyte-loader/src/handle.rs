@@ -383,14 +383,20 @@ impl PluginHandle {
         // it does after (a panic, say) changes neither. Bookkeeping errors
         // (the plugin was reloaded meanwhile) are not the caller's problem:
         // the outcome of the call stands.
-        let _recorded_below = std::mem::ManuallyDrop::new(running);
-        if ticket.settle() {
-            if let Err(e) = &outcome
-                && e.is_fault()
-            {
-                self.fault(&instance, e);
+        if matches!(outcome, Err(ToolError::Stopped { .. })) {
+            // The host let the runner go: neither the plugin's doing nor
+            // its new instance's, so not counted (finished uncounted).
+            drop(running);
+        } else {
+            let _recorded_below = std::mem::ManuallyDrop::new(running);
+            if ticket.settle() {
+                if let Err(e) = &outcome
+                    && e.is_fault()
+                {
+                    self.fault(&instance, e);
+                }
+                let _ = registry.end_call(name, elapsed, outcome.is_ok());
             }
-            let _ = registry.end_call(name, elapsed, outcome.is_ok());
         }
         outcome.map_err(|e| match e {
             // Its runner was let go by a reload or rescan, or the host is

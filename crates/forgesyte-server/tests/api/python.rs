@@ -441,7 +441,7 @@ fn reloaded_during_a_call(
     plugin: &str,
     tool: &str,
     body: &'static str,
-) -> crate::support::Reply {
+) -> (crate::support::Reply, Value) {
     let token = "a-long-enough-admin-token";
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str()],
@@ -482,7 +482,7 @@ fn reloaded_during_a_call(
         (&json!("INITIALIZED"), &json!(0)),
         "{health}"
     );
-    answer
+    (answer, health)
 }
 
 /// A call in flight when a reload lets its runner go is told so (503
@@ -493,7 +493,10 @@ fn reloaded_during_a_call(
 fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
     let dir = PluginsDir::new();
     dir.python("echo", "echo");
-    let answer = reloaded_during_a_call(&dir, "echo", "sleep", r#"{"args": {"ms": 5000}}"#);
+    let (answer, health) =
+        reloaded_during_a_call(&dir, "echo", "sleep", r#"{"args": {"ms": 5000}}"#);
+    // Not counted: neither the plugin's doing nor its new instance's.
+    assert_eq!(health["error_count"], 0, "{health}");
     assert_eq!(answer.status, 503, "{}", answer.text());
     let body = answer.json();
     assert_eq!(body["error_type"], "PluginNotRunnable", "{body}");
@@ -505,7 +508,7 @@ fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
     );
     let dir = PluginsDir::new();
     dir.python("slow-unload", "faulty");
-    let crash =
+    let (crash, _) =
         reloaded_during_a_call(&dir, "slow-unload", "exit", r#"{"args": {"after_s": 0.5}}"#);
     assert_eq!(crash.status, 502, "{}", crash.text());
     assert_eq!(crash.json()["error_type"], "CrashError", "{}", crash.text());
