@@ -62,7 +62,8 @@
 //! - **the host's own findings**, which have no underlying error:
 //!   [`ImportError::Incompatible`], [`ImportError::InvalidInterface`],
 //!   [`ImportError::SharedLibraryShadowed`], [`ImportError::NotConfined`],
-//!   [`InitError::Protocol`], [`ToolError::Protocol`],
+//!   [`InitError::Protocol`], [`ToolError::Protocol`], [`ToolError::Stopped`],
+//!   [`ToolError::Failed`] of `ResultTooDeep`,
 //!   [`CrashCause::Protocol`], [`CrashCause::Killed`], [`CrashCause::Lost`]
 //!   and the manifest
 //!   checks ([`ManifestError::InvalidField`], ...), and the integrity

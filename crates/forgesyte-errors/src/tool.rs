@@ -63,8 +63,9 @@ impl Eq for JsonError {}
 /// ([`ToolError::Panicked`], [`ToolError::Protocol`],
 /// [`ToolError::InvalidJson`], and for a plugin in
 /// its own process [`ToolError::Crashed`] and [`ToolError::TimedOut`])
-/// marks it FAILED. [`ToolError::QueueTimedOut`] is neither: the call
-/// never reached the plugin. Use [`ToolError::is_fault`] rather than
+/// marks it FAILED. [`ToolError::QueueTimedOut`] and [`ToolError::Stopped`]
+/// are neither: the call never reached the plugin, or the host itself
+/// ended its process. Use [`ToolError::is_fault`] rather than
 /// matching.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -87,7 +88,9 @@ pub enum ToolError {
     },
     /// The tool ran and returned an error.
     ///
-    /// Text: the plugin's message crossed the C ABI or the runner's pipe.
+    /// Text: the plugin's message crossed the C ABI or the runner's pipe,
+    /// or the host's finding about a result the tool returned
+    /// (`ResultTooDeep`).
     #[error("{message}")]
     Failed {
         /// The plugin's own error class, if it gave one.
@@ -129,7 +132,8 @@ pub enum ToolError {
         source: JsonError,
     },
     /// The plugin's process died (or was killed) while the call was in
-    /// flight. The [`CrashError`] is the
+    /// flight (one the host let go that exited with 0, or that the host
+    /// killed, is [`ToolError::Stopped`]). The [`CrashError`] is the
     /// [`source`](std::error::Error::source).
     #[error("{0}")]
     Crashed(#[source] CrashError),
@@ -152,12 +156,13 @@ pub enum ToolError {
         /// The limit that was exceeded, waiting.
         after: Duration,
     },
-    /// The host stopped the plugin's process while the call was in flight
-    /// (a reload or rescan let that instance go, or the server stopped):
-    /// not a fault of the plugin; the call's result is lost.
+    /// The host stopped the plugin's process while the call was in flight,
+    /// or before the call reached it (a reload or rescan let that instance
+    /// go, or the server stopped): not a fault of the plugin; the call's
+    /// result is lost.
     #[error("the host stopped the plugin's process while the call ran: {reason}")]
     Stopped {
-        /// How the process ended.
+        /// How the process ended, or why the call never reached it.
         reason: String,
     },
 }

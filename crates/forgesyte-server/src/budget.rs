@@ -93,7 +93,8 @@ impl BodyBudget {
     }
 
     /// Room for `bytes` bytes, taken first from `held` (room its caller
-    /// is giving up: a stream's arguments being replaced), the rest from
+    /// already holds: a stream's arguments being replaced, or the room a
+    /// frame took as it arrived, `Ledger::claim`), the rest from
     /// the budget; on `BodiesInFlight`, `held` is handed back untouched.
     /// What `held` has beyond `bytes` is given back.
     pub(crate) fn charge_from(

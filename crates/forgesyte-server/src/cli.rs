@@ -183,7 +183,9 @@ pub(crate) struct ServeArgs {
     pub(crate) body_limit: usize,
     /// Memory the request bodies of tool calls in progress and the frames of
     /// open streams may hold in all, in bytes (default: eight bodies at the
-    /// limit, at least 256 MiB); beyond it a call answers 503 `ServerBusy`.
+    /// limit, at least 256 MiB; stream frames still arriving may also use a
+    /// reserve of one body at the limit beside it); beyond it a call
+    /// answers 503 `ServerBusy`.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MEMORY", value_parser = parse_bytes)]
     pub(crate) body_memory: Option<usize>,
     /// The largest answer a plugin runner (isolated native or Python) may

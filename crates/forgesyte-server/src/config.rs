@@ -90,8 +90,9 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// Memory the request bodies of tool calls in progress and the frames of
     /// open streams may hold in all (`--body-memory`,
-    /// `FORGESYTE_BODY_MEMORY`); `None`: eight bodies at the limit, at least
-    /// 256 MiB.
+    /// `FORGESYTE_BODY_MEMORY`; stream frames still arriving may also use a
+    /// reserve of one body at the limit beside it); `None`: eight bodies at
+    /// the limit, at least 256 MiB.
     pub body_memory: Option<usize>,
     /// The largest answer a plugin runner may send, in bytes, and the most
     /// a manifest's `limits.max_response_mb` may raise it to

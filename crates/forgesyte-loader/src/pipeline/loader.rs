@@ -228,7 +228,8 @@ impl Loader {
 
     /// Drops every instance handle the loader holds (libraries stay mapped;
     /// isolated plugins' processes are stopped), and waits, at most
-    /// `timeout` in all ([`crate::RUNNER_STOP_WAIT`] covers every grace),
+    /// `timeout` in all ([`crate::RUNNER_STOP_WAIT`] covers every grace,
+    /// and a second more for the runners killed at its end),
     /// until those processes have ended and their process groups are
     /// killed: a host that exited first would leave what the plugins
     /// started running (a runner's group is killed by its host). One still

@@ -95,7 +95,8 @@ pub(crate) struct SpawnOptions<'a> {
 /// Every runner of a host that has not ended, whatever it is doing
 /// (constructing its plugin in a load pass, a reload or a restart, serving,
 /// or being let go): what a stopping host ends, with its process group. A
-/// runner is counted from its start, before its plugin's code runs; once
+/// runner is counted as soon as it is spawned, before the host sends it
+/// anything; once
 /// [`closed`](Runners::close), none starts (one that started meanwhile is
 /// killed at once): a load pass or a restart still running when the host
 /// stops could otherwise start runners after the host has let its own

@@ -436,8 +436,8 @@ impl Zygote {
                 })
             })
             .collect::<io::Result<_>>()?;
-        // Everything that can fail before the spawn is counted as one in
-        // progress: one left counted would keep a wedged zygote from being
+        // Everything that can fail is done before the spawn is counted as
+        // one in progress: one left counted would keep a wedged zygote from being
         // let go, and loosen every later spawn's fork timeout.
         let mut message = json!({"op": "spawn", "argv": argv});
         let mut fds: Vec<OwnedFd> = stdio.into();

@@ -91,9 +91,10 @@ impl Streams {
 /// default) a frame that arrives while one waits replaces it (the replaced
 /// one is dropped and counted); under `policy=block` up to `queue` frames
 /// wait (default 4, at most 64) and the server then stops reading. A plugin
-/// crash closes the stream with 1011, a frame larger than the body limit
-/// with 1009, a server shutdown or the plugin's removal by a rescan with
-/// 1001.
+/// crash closes the stream with 1011, a frame or text message larger than
+/// the body limit with 1009, what the client sent finding no room in
+/// `--body-memory` or its arrival reserve with 1013, a server shutdown or
+/// the plugin's removal by a rescan with 1001.
 #[utoipa::path(
     get,
     path = "/v1/plugins/{name}/tools/{tool}/stream",
@@ -293,7 +294,7 @@ fn switching_protocols(key: &HeaderValue) -> Response {
     response
 }
 
-/// What a stream's connection writes out in one go, in bytes (axum's
+/// What a stream's connection writes out in one go, in bytes (tungstenite's
 /// default).
 const WRITE_BUFFER: usize = 128 * 1024;
 

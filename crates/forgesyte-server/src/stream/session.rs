@@ -11,9 +11,8 @@
 //! holds is bounded: the queue's frames, one frame in the plugin, a few
 //! answers and the socket's buffers.
 //!
-//! It knows the WebSocket messages of the stream protocol (PROTOCOL.md of
-//! the server, README "Live streams"), not how the route was checked or
-//! admitted.
+//! It knows the WebSocket messages of the stream protocol (README "Live
+//! streams"), not how the route was checked or admitted.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,9 +75,11 @@ pub(crate) mod close {
     pub(crate) const POLICY_VIOLATION: u16 = 1008;
     /// A text message was not UTF-8.
     pub(crate) const INVALID_PAYLOAD: u16 = 1007;
-    /// A frame was larger than the body limit.
+    /// A message (a frame or a text message) was larger than the body
+    /// limit.
     pub(crate) const TOO_BIG: u16 = 1009;
-    /// A frame arrived while the memory for bodies and frames was full.
+    /// What the client sent (of any message) found no room as it arrived,
+    /// in the body budget or the arrival reserve beside it.
     pub(crate) const TRY_AGAIN_LATER: u16 = 1013;
     /// The plugin crashed (or ran past its time limit) mid-stream, or an
     /// answer was larger than a stream may send.
@@ -94,7 +95,8 @@ pub(crate) struct Session {
     /// The upgrade request's id and trace context, for every call.
     pub(crate) context: CallContext,
     pub(crate) policy: Policy,
-    /// Frames larger than this close the stream with 1009.
+    /// Messages (frames or text) larger than this close the stream with
+    /// 1009.
     pub(crate) body_limit: usize,
     /// Answers larger than this close the stream with 1011 (see
     /// `super::answer_limit`).
@@ -421,7 +423,7 @@ async fn read(
         let message = match unless(next, &mut closing, activity, idle_timeout).await {
             Waited::Done(Ok(message)) => message,
             Waited::Done(Err(busy)) => {
-                let reason = format!("no room for a frame as it arrived: {busy}");
+                let reason = format!("no room for what the client sent as it arrived: {busy}");
                 return say_close(&out, close::TRY_AGAIN_LATER, &reason);
             }
             Waited::Closing => break,
@@ -441,8 +443,8 @@ async fn read(
             _ => None,
         };
         // Frames and text messages are activity; pings and pongs are not:
-        // a client could otherwise hold a half-sent message (memory the
-        // budget does not see) or arguments' room for ever by pinging.
+        // a client could otherwise hold a half-sent message's room (charged
+        // as it arrives) or arguments' room for ever by pinging.
         if matches!(message, Some(Ok(Message::Binary(_) | Message::Text(_)))) {
             activity.touch();
         }
