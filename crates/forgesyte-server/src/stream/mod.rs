@@ -260,6 +260,11 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
             .get(header::SEC_WEBSOCKET_KEY)
             .cloned()
             .ok_or_else(|| refused("the Sec-WebSocket-Key header is missing"))?;
+        if !valid_key(&key) {
+            return Err(refused(
+                "the Sec-WebSocket-Key header is not 16 bytes in base64 (RFC 6455 §4.1)",
+            ));
+        }
         let on_upgrade = parts
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
@@ -269,6 +274,14 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
             ))?;
         Ok(Upgrade { key, on_upgrade })
     }
+}
+
+/// Whether `key` is a WebSocket key: 16 bytes in base64 (RFC 6455 §4.1).
+fn valid_key(key: &HeaderValue) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .is_ok_and(|bytes| bytes.len() == 16)
 }
 
 /// Whether one of `name`'s comma-separated values is `token` (any case).
@@ -361,6 +374,16 @@ mod tests {
             unknown.as_ref().is_err_and(|e| e.contains("size")),
             "{unknown:?}"
         );
+    }
+
+    #[test]
+    fn a_key_is_sixteen_bytes_in_base64() {
+        let key = |k: &'static str| valid_key(&HeaderValue::from_static(k));
+        // RFC 6455's own example.
+        assert!(key("dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in ["", "abc", "not base64!!", "dGhlIHNhbXBsZSBub25jZQ", "YWJj"] {
+            assert!(!key(bad), "{bad:?}");
+        }
     }
 
     #[tokio::test]

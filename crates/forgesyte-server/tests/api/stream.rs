@@ -455,6 +455,25 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
             None => assert!(body["detail"].is_string(), "{target}: {body}"),
         }
     }
+    // A key that is not 16 bytes in base64 is refused (RFC 6455 §4.2.1).
+    let bad_key = crate::support::http_with(
+        server.addr,
+        "GET",
+        &target("alpha", "frame", ""),
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "not-a-key"),
+        ],
+        b"",
+    );
+    assert_eq!(bad_key.status, 400, "{}", bad_key.text());
+    assert!(
+        bad_key.text().contains("Sec-WebSocket-Key"),
+        "{}",
+        bad_key.text()
+    );
     // A plain GET (no upgrade) is refused too, in JSON.
     let plain = server.get(&target("alpha", "frame", ""));
     assert!(
