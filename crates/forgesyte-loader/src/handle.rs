@@ -383,26 +383,13 @@ impl PluginHandle {
         // it does after (a panic, say) changes neither. Bookkeeping errors
         // (the plugin was reloaded meanwhile) are not the caller's problem:
         // the outcome of the call stands.
-        if matches!(outcome, Err(ToolError::Stopped { .. })) {
-            // The host let the runner go: neither the plugin's doing nor
-            // its new instance's, so not counted (finished uncounted).
-            drop(running);
-        } else {
-            let _recorded_below = std::mem::ManuallyDrop::new(running);
-            if ticket.settle() {
-                if let Err(e) = &outcome
-                    && e.is_fault()
-                {
-                    self.fault(&instance, e);
-                }
-                let _ = registry.end_call(name, elapsed, outcome.is_ok());
-            }
-        }
-        outcome.map_err(|e| match e {
+        if let Err(ToolError::Stopped { .. }) = outcome {
             // Its runner was let go by a reload or rescan, or the host is
-            // stopping: the plugin is not at fault, and a call sent again
-            // reaches the instance in its place.
-            ToolError::Stopped { .. } => CallError::NotRunnable {
+            // stopping: neither the plugin's doing nor its new instance's,
+            // so not counted (`running` finishes it uncounted), and a call
+            // sent again reaches the instance in its place.
+            drop(running);
+            return Err(CallError::NotRunnable {
                 name: name.clone(),
                 state: registry.get_status(name).map(|s| s.state),
                 reason: Some(
@@ -410,9 +397,18 @@ impl PluginHandle {
                      rescan or the server's stop): its result is lost; send it again"
                         .to_owned(),
                 ),
-            },
-            e => CallError::from(e),
-        })
+            });
+        }
+        let _recorded_below = std::mem::ManuallyDrop::new(running);
+        if ticket.settle() {
+            if let Err(e) = &outcome
+                && e.is_fault()
+            {
+                self.fault(&instance, e);
+            }
+            let _ = registry.end_call(name, elapsed, outcome.is_ok());
+        }
+        outcome.map_err(CallError::from)
     }
 
     /// A call faulted. In-process the plugin is marked FAILED. An isolated

@@ -260,7 +260,7 @@ impl Loader {
         // and those let go that the lists above missed. (A killed runner's
         // end is processed within moments: a second is left for it.)
         let last = deadline.max(Instant::now() + Duration::from_secs(1));
-        self.runners.end_all("the host is stopping", last) && all
+        self.runners.end_all(last) && all
     }
 }
 

@@ -103,45 +103,56 @@ pub(crate) struct SpawnOptions<'a> {
 /// go, and what their plugins start would outlive it.
 #[derive(Debug, Default)]
 pub(crate) struct Runners {
-    live: Mutex<(bool, Vec<std::sync::Weak<Shared>>)>,
+    live: Mutex<Live>,
 }
+
+/// What [`Runners`] holds under its lock.
+#[derive(Debug, Default)]
+struct Live {
+    closed: bool,
+    runners: Vec<std::sync::Weak<Shared>>,
+}
+
+/// Why the host kills the runners it still has when it stops (and one that
+/// starts after).
+const HOST_STOPPING: &str = "the host is stopping";
 
 impl Runners {
     /// Counts `shared`; `false` once closed.
     fn admit(&self, shared: &Arc<Shared>) -> bool {
         let mut live = self.live.lock();
-        if live.0 {
+        if live.closed {
             return false;
         }
         // The ended ones go (a host starts runners for as long as it runs).
-        live.1.retain(|runner| {
+        live.runners.retain(|runner| {
             runner
                 .upgrade()
                 .is_some_and(|r| r.exit.lock().report.is_none())
         });
-        live.1.push(Arc::downgrade(shared));
+        live.runners.push(Arc::downgrade(shared));
         true
     }
 
     /// Closes: no runner starts from now on.
     pub(crate) fn close(&self) {
-        self.live.lock().0 = true;
+        self.live.lock().closed = true;
     }
 
     /// Kills every runner not ended yet (with its group, as any runner's
     /// end) and waits until `deadline` for their ends to be processed;
     /// whether all were.
-    pub(crate) fn end_all(&self, reason: &str, deadline: Instant) -> bool {
+    pub(crate) fn end_all(&self, deadline: Instant) -> bool {
         let live: Vec<Arc<Shared>> = self
             .live
             .lock()
-            .1
+            .runners
             .iter()
             .filter_map(std::sync::Weak::upgrade)
             .collect();
         for runner in &live {
             if runner.exit.lock().report.is_none() {
-                kill(runner, KillReason::host(reason));
+                kill(runner, KillReason::host(HOST_STOPPING));
             }
         }
         live.iter().all(|runner| {
@@ -388,11 +399,11 @@ impl Child {
         if let Some(runners) = opts.runners
             && !runners.admit(&shared)
         {
-            kill(&shared, KillReason::host("the host is stopping"));
+            kill(&shared, KillReason::host(HOST_STOPPING));
             let _ = wait_dead(&shared, DEATH_SYNC);
-            return Err(SpawnError::Start(std::io::Error::other(
-                "the host is stopping: no runner starts",
-            )));
+            return Err(SpawnError::Start(std::io::Error::other(format!(
+                "{HOST_STOPPING}: no runner starts"
+            ))));
         }
         let failed = |shared: &Arc<Shared>, reason: KillReason| {
             kill(shared, reason);

@@ -8,8 +8,9 @@
 //! [`Metered`] sits under the WebSocket layer and charges every byte read
 //! to the stream's [`Ledger`]: first from the body budget, then, when it
 //! has no room, from the arrival reserve (room for one body at the limit
-//! and what its reading brings beside it, shared by all streams), so that a frame that arrives while the budget is
-//! full can still be answered `ServerBusy` rather than end its stream. When
+//! and what its reading brings beside it, shared by all streams), so that
+//! a frame that arrives while the budget is full can still be answered
+//! `ServerBusy` rather than end its stream. When
 //! neither has room, the stream is refused: its reader is told
 //! ([`Ledger::refused`]), and what the client sends from then on is read
 //! and dropped, never gathered. When a message comes out, its room passes

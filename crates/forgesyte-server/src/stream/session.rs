@@ -366,11 +366,10 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
 async fn linger(incoming: &mut SplitStream<WebSocket>, ledger: &Ledger) {
     let drained = async {
         while let Some(Ok(message)) = incoming.next().await {
-            match message {
-                Message::Close(_) => break,
-                Message::Binary(_) | Message::Text(_) => drop(ledger.claim(0)),
-                control => ledger.release(control_frame_bytes(&control)),
+            if matches!(message, Message::Close(_)) {
+                break;
             }
+            drop(settle(ledger, &message));
         }
     };
     let limit = if ledger.is_draining() {
@@ -390,13 +389,23 @@ async fn linger(incoming: &mut SplitStream<WebSocket>, ledger: &Ledger) {
     }
 }
 
-/// What a control message (ping, pong) took on the wire: its payload and
-/// a client frame's head (2 bytes and the 4-byte mask: a control frame's
-/// payload is at most 125 bytes).
-fn control_frame_bytes(message: &Message) -> usize {
+/// What was read passes to `message`, once the WebSocket layer has it
+/// whole: a frame takes the room of its bytes (returned), a text message
+/// gives all back (its arguments are charged for what they hold parsed),
+/// a ping or pong gives back exactly what its frame took on the wire (its
+/// payload and a client frame's head: 2 bytes and the 4-byte mask, a
+/// control frame's payload being at most 125 bytes). Only at the end of a
+/// data message is the rest given back: a ping or pong may come between
+/// the fragments of one, which the WebSocket layer still holds.
+fn settle(ledger: &Ledger, message: &Message) -> Option<tokio::sync::OwnedSemaphorePermit> {
     match message {
-        Message::Ping(payload) | Message::Pong(payload) => payload.len() + 6,
-        _ => 0,
+        Message::Binary(bytes) => ledger.claim(bytes.len()),
+        Message::Text(_) => ledger.claim(0),
+        Message::Ping(payload) | Message::Pong(payload) => {
+            ledger.release(payload.len() + 6);
+            None
+        }
+        Message::Close(_) | Message::Frame(_) => None,
     }
 }
 
@@ -430,16 +439,9 @@ async fn read(
             Waited::Idle => return say_idle(&out, session),
         };
         // What was read passes to the message (a frame's room), or is
-        // given back. Only at the end of a data message: a ping or pong may
-        // come between the fragments of one, which the WebSocket layer
-        // still holds (what they cost stays counted until then).
+        // given back.
         let claimed = match &message {
-            Some(Ok(Message::Binary(bytes))) => ledger.claim(bytes.len()),
-            Some(Ok(Message::Text(_))) => ledger.claim(0),
-            Some(Ok(message)) => {
-                ledger.release(control_frame_bytes(message));
-                None
-            }
+            Some(Ok(message)) => settle(ledger, message),
             _ => None,
         };
         // Frames and text messages are activity; pings and pongs are not:

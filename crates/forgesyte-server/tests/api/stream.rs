@@ -782,6 +782,21 @@ fn frame_head(len: u64) -> Vec<u8> {
     fragment_head(len, true)
 }
 
+/// A client's ping (masked, empty).
+const PING: [u8; 6] = [0x89, 0x80, 0, 0, 0, 0];
+
+/// A run of alpha's `frame` tool with `bytes` bytes as its
+/// `application/octet-stream` body (the run route, beside the streams).
+fn run_frame(server: &Forgesyte, bytes: usize) -> crate::support::Reply {
+    crate::support::http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/alpha/tools/frame/run",
+        &[("Content-Type", "application/octet-stream")],
+        &frame(bytes),
+    )
+}
+
 /// [`frame_head`], of the first fragment of a message unless `fin`.
 fn fragment_head(len: u64, fin: bool) -> Vec<u8> {
     let mut head = vec![if fin { 0x82 } else { 0x02 }, 0x80 | 127];
@@ -805,15 +820,7 @@ fn a_half_sent_frame_holds_its_room_and_one_without_room_closes_with_1013() {
         raw.write_all(&frame_head(1 << 20)).unwrap();
         raw.write_all(&frame(900 << 10)).unwrap();
     };
-    let call = || {
-        crate::support::http_with(
-            server.addr,
-            "POST",
-            "/v1/plugins/alpha/tools/frame/run",
-            &[("Content-Type", "application/octet-stream")],
-            &frame(200 << 10),
-        )
-    };
+    let call = || run_frame(&server, 200 << 10);
     let mut a = open(&server, &stream);
     half(&mut a);
     // Once the server has read them, A's 900 KiB hold the budget's room.
@@ -914,17 +921,8 @@ fn a_ping_between_fragments_keeps_the_room_of_the_message_so_far() {
     let raw = socket.get_mut();
     raw.write_all(&fragment_head(900 << 10, false)).unwrap();
     raw.write_all(&frame(900 << 10)).unwrap();
-    // A ping (masked, empty).
-    raw.write_all(&[0x89, 0x80, 0, 0, 0, 0]).unwrap();
-    let call = || {
-        crate::support::http_with(
-            server.addr,
-            "POST",
-            "/v1/plugins/alpha/tools/frame/run",
-            &[("Content-Type", "application/octet-stream")],
-            &frame(200 << 10),
-        )
-    };
+    raw.write_all(&PING).unwrap();
+    let call = || run_frame(&server, 200 << 10);
     // The pong says the ping was read, after the fragment.
     assert!(matches!(read_message(&mut socket), Ok(Message::Pong(_))));
     let answer = call();
@@ -944,18 +942,9 @@ fn unasked_pongs_take_no_room() {
     let pongs: Vec<u8> = pong.repeat((3 << 19) / 131);
     socket.get_mut().write_all(&pongs).unwrap();
     // The pong to a ping after them says every pong before it was read.
-    socket
-        .get_mut()
-        .write_all(&[0x89, 0x80, 0, 0, 0, 0])
-        .unwrap();
+    socket.get_mut().write_all(&PING).unwrap();
     assert!(matches!(read_message(&mut socket), Ok(Message::Pong(_))));
-    let call = crate::support::http_with(
-        server.addr,
-        "POST",
-        "/v1/plugins/alpha/tools/frame/run",
-        &[("Content-Type", "application/octet-stream")],
-        &frame(900 << 10),
-    );
+    let call = run_frame(&server, 900 << 10);
     assert_eq!(call.status, 200, "{}", call.text());
 }
 
