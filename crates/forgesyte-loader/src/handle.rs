@@ -28,6 +28,19 @@ pub enum CallError {
         /// Its reason, if any.
         reason: Option<String>,
     },
+    /// The call reached an instance the host let go before it answered: a
+    /// reload or rescan replaced it, or the server is stopping. Not the
+    /// plugin's fault and not counted; its result, if any, is lost. Sent
+    /// again, it reaches the instance in its place.
+    #[error("the call to plugin '{name}' did not finish: {reason}")]
+    Interrupted {
+        /// The plugin.
+        name: String,
+        /// Its state now (the state of the instance in its place).
+        state: Option<PluginLifecycleState>,
+        /// What happened to the call.
+        reason: String,
+    },
     /// The tool did not produce a result.
     #[error(transparent)]
     Tool(#[from] ToolError),
@@ -333,13 +346,11 @@ impl PluginHandle {
             // A handle taken before a reload or rescan replaced this
             // instance: the name (and its counts) are the new one's.
             drop(running);
-            return Err(CallError::NotRunnable {
+            return Err(CallError::Interrupted {
                 name: name.clone(),
                 state: registry.get_status(name).map(|s| s.state),
-                reason: Some(
-                    "the plugin was reloaded while this call waited to start; send it again"
-                        .to_owned(),
-                ),
+                reason: "the plugin was reloaded while this call waited to start; send it again"
+                    .to_owned(),
             });
         }
         let args = match serde_json::to_vec(args) {
@@ -389,14 +400,12 @@ impl PluginHandle {
             // so not counted (`running` finishes it uncounted), and a call
             // sent again reaches the instance in its place.
             drop(running);
-            return Err(CallError::NotRunnable {
+            return Err(CallError::Interrupted {
                 name: name.clone(),
                 state: registry.get_status(name).map(|s| s.state),
-                reason: Some(
-                    "the host stopped the plugin's process while this call ran (a reload, a \
-                     rescan or the server's stop): its result is lost; send it again"
-                        .to_owned(),
-                ),
+                reason: "the host stopped the plugin's process while this call ran (a reload, a \
+                         rescan or the server's stop): its result is lost; send it again"
+                    .to_owned(),
             });
         }
         let _recorded_below = std::mem::ManuallyDrop::new(running);

@@ -155,9 +155,9 @@ fn a_handle_taken_before_a_reload_runs_nothing_of_the_old_instance() {
     // A call that took the handle before the reload (queued, say) is
     // refused: it would run the retired instance under the new one's name.
     match old.call("echo", &json!({"x": 1})) {
-        Err(forgesyte_loader::CallError::NotRunnable { reason, .. }) => {
-            let reason = reason.unwrap_or_default();
+        Err(forgesyte_loader::CallError::Interrupted { reason, state, .. }) => {
             assert!(reason.contains("reloaded"), "{reason}");
+            assert_eq!(state, Some(S::Initialized), "the new instance's state");
         }
         other => panic!("the retired instance ran: {other:?}"),
     }

@@ -305,6 +305,18 @@ pub enum RunError {
         /// Its reason, if any.
         reason: Option<String>,
     },
+    /// The call reached a plugin process the host let go before it answered
+    /// (a reload, a rescan, the server's stop): 503, `PluginNotRunnable`,
+    /// with the plugin's state now and what happened in `reason`. Not the
+    /// plugin's fault; sent again, the call reaches the instance in its
+    /// place.
+    #[error("the call did not finish: the host let the plugin's process go; send it again")]
+    Interrupted {
+        /// The plugin's state now.
+        state: Option<PluginLifecycleState>,
+        /// What happened to the call.
+        reason: String,
+    },
     /// The body is not JSON (400, `MalformedBody`).
     #[error("{message}")]
     MalformedBody {
@@ -465,6 +477,7 @@ impl RunError {
         match self {
             RunError::PluginNotFound | RunError::UnknownTool => StatusCode::NOT_FOUND,
             RunError::NotRunnable { .. }
+            | RunError::Interrupted { .. }
             | RunError::TooManyCalls { .. }
             | RunError::NotStarted { .. }
             | RunError::BodiesInFlight { .. }
@@ -492,7 +505,7 @@ impl RunError {
         match self {
             RunError::PluginNotFound => "PluginNotFound",
             RunError::UnknownTool => "UnknownTool",
-            RunError::NotRunnable { .. } => "PluginNotRunnable",
+            RunError::NotRunnable { .. } | RunError::Interrupted { .. } => "PluginNotRunnable",
             RunError::MalformedBody { .. } => "MalformedBody",
             RunError::InvalidBody { .. }
             | RunError::InvalidForm { .. }
@@ -526,6 +539,9 @@ impl RunError {
                 state_name(*state),
                 reason_suffix(reason.as_deref())
             ),
+            RunError::Interrupted { reason, .. } => {
+                format!("Tool '{t}' of plugin '{p}' did not finish: {reason}")
+            }
             // A multipart body (or its `args` part) says what it is in its
             // message; any other malformed body was meant to be JSON.
             RunError::MalformedBody { message }
@@ -610,7 +626,8 @@ impl RunError {
     }
 
     /// The failure body of SPEC §5, plus `plugin_id`, `tool_name`, and for
-    /// [`RunError::NotRunnable`] the plugin's `state` and `reason`.
+    /// [`RunError::NotRunnable`] and [`RunError::Interrupted`] the plugin's
+    /// `state` and `reason`.
     pub fn failure(&self, plugin: &str, tool: &str) -> RunFailure {
         RunFailure {
             ok: false,
@@ -623,6 +640,10 @@ impl RunError {
                 RunError::NotRunnable { state, reason } => Some(NotRunnable {
                     state: state.map(PluginStateJson::from),
                     reason: reason.clone(),
+                }),
+                RunError::Interrupted { state, reason } => Some(NotRunnable {
+                    state: state.map(PluginStateJson::from),
+                    reason: Some(reason.clone()),
                 }),
                 _ => None,
             },
@@ -675,6 +696,7 @@ impl From<CallError> for RunError {
     fn from(e: CallError) -> Self {
         match e {
             CallError::NotRunnable { state, reason, .. } => RunError::NotRunnable { state, reason },
+            CallError::Interrupted { state, reason, .. } => RunError::Interrupted { state, reason },
             CallError::Tool(tool) => tool.into(),
             other => RunError::Internal {
                 message: other.to_string(),
@@ -874,6 +896,27 @@ mod tests {
         assert_eq!(
             body["detail"],
             "Plugin 'p' is FAILED and cannot run tools: ImportError: gone"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_call_says_so_and_names_the_state_it_left() {
+        let run = RunError::from(CallError::Interrupted {
+            name: "p".into(),
+            state: Some(PluginLifecycleState::Initialized),
+            reason: "the host stopped the plugin's process while this call ran".into(),
+        });
+        assert_eq!(run.status().as_u16(), 503);
+        let body = run.body("p", "t");
+        assert_eq!(body["error_type"], "PluginNotRunnable");
+        assert_eq!(body["state"], "INITIALIZED");
+        let error = body["error"].as_str().unwrap();
+        assert!(!error.contains("cannot run tools"), "{error}");
+        assert!(error.contains("send it again"), "{error}");
+        assert_eq!(
+            body["detail"],
+            "Tool 't' of plugin 'p' did not finish: the host stopped the plugin's process \
+             while this call ran"
         );
     }
 

@@ -109,7 +109,7 @@ impl Outcome {
             RunError::Fault { .. } => Outcome::fault,
             RunError::Timeout { .. } => Outcome::timeout,
             RunError::PluginNotFound | RunError::UnknownTool => return None,
-            RunError::NotRunnable { .. } => Outcome::not_runnable,
+            RunError::NotRunnable { .. } | RunError::Interrupted { .. } => Outcome::not_runnable,
             RunError::TooManyCalls { .. }
             | RunError::QueueTimeout { .. }
             | RunError::NotStarted { .. }

@@ -506,6 +506,18 @@ fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
             .is_some_and(|d| d.contains("stopped the plugin's process")),
         "{body}"
     );
+    // It says what happened, and the state the new instance is in: not that
+    // a RUNNING plugin "cannot run tools".
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish") && !e.contains("cannot run tools")),
+        "{body}"
+    );
+    assert!(
+        matches!(body["state"].as_str(), Some("INITIALIZED" | "RUNNING")),
+        "{body}"
+    );
     let dir = PluginsDir::new();
     dir.python("slow-unload", "faulty");
     let (crash, _) =
