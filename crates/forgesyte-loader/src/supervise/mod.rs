@@ -163,6 +163,9 @@ struct State {
 enum NoRestart {
     Budget,
     Shutdown,
+    /// A rescan is retiring the plugin (its directory is gone): it waits
+    /// for the plugin's calls in flight, then stops its process.
+    Retiring,
 }
 
 impl Supervisor {
@@ -241,6 +244,13 @@ impl Supervisor {
             }
             if self.supervision.shutdown.is_set() {
                 Err(NoRestart::Shutdown)
+            } else if self
+                .slot
+                .registry
+                .retiring_in_flight(&self.slot.name)
+                .is_some()
+            {
+                Err(NoRestart::Retiring)
             } else if state.restarts.len() >= policy.max_restarts as usize {
                 Err(NoRestart::Budget)
             } else {
@@ -261,6 +271,10 @@ impl Supervisor {
             ),
             Err(NoRestart::Shutdown) => format!(
                 "{}; not restarted: the host is shutting down",
+                report.reason
+            ),
+            Err(NoRestart::Retiring) => format!(
+                "{}; not restarted: its directory is gone and it is being retired",
                 report.reason
             ),
         };

@@ -460,6 +460,23 @@ fn a_retired_or_dropped_plugin_is_not_restarted() {
 }
 
 #[test]
+fn a_plugin_a_rescan_retires_is_not_restarted_while_its_calls_are_waited_for() {
+    let mut h = Harness::new(SupervisionPolicy {
+        backoff_base: ms(100),
+        ..SupervisionPolicy::default()
+    });
+    // A rescan found its directory gone: out of the registry's list, its
+    // calls in flight waited for before the slot is retired.
+    h.registry.retire(NAME).unwrap();
+    h.crash();
+    // (Its state is no longer readable: a retiring plugin is out of the
+    // list. What shows is that no restart waits, or ever runs.)
+    assert!(h.clock.waiting().is_empty(), "nothing scheduled");
+    h.clock.advance(Duration::from_secs(3600));
+    assert_eq!(h.attempts(), [ms(0)], "never restarted");
+}
+
+#[test]
 fn once_the_host_shuts_down_an_exit_is_recorded_but_never_restarted() {
     let mut h = Harness::new(SupervisionPolicy {
         backoff_base: ms(100),
