@@ -187,6 +187,11 @@ impl<IO> Metered<IO> {
     pub(crate) fn new(io: IO, ledger: Arc<Ledger>) -> Self {
         Metered { io, ledger }
     }
+
+    /// The connection beneath, whose reads are charged to nothing.
+    pub(crate) fn get_mut(&mut self) -> &mut IO {
+        &mut self.io
+    }
 }
 
 impl<IO: AsyncRead> AsyncRead for Metered<IO> {

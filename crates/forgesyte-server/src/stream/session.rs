@@ -53,6 +53,9 @@ const WRITER_FLUSH: Duration = Duration::from_secs(60);
 const LINGER: Duration = Duration::from_secs(5);
 /// How long a stream closed for want of room lingers (see [`linger`]).
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
+/// How long a lingering connection whose WebSocket layer gave up may stay
+/// silent before it is dropped (see [`linger`]).
+const LINGER_QUIET: Duration = Duration::from_millis(250);
 
 /// The longest close reason a WebSocket close frame carries, in bytes.
 const MAX_CLOSE_REASON: usize = 123;
@@ -285,7 +288,7 @@ pub(crate) type WebSocket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgr
 /// fails, or the server shuts down; `ledger` is what its reads are charged
 /// to.
 pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
-    let (sink, mut incoming) = socket.split();
+    let (mut sink, mut incoming) = socket.split();
     let (out, answers, close) = Outbox::new();
     let queue = FrameQueue::new(session.policy);
     let mut counts = Counts::default();
@@ -325,7 +328,7 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
     // forever on a client that reads nothing; the conversation `CLOSE_WAIT`.
     let said_close = {
         let flush = session.idle_timeout.unwrap_or(WRITER_FLUSH).max(CLOSE_WAIT);
-        let writing = write(sink, answers, &close, session.idle_timeout);
+        let writing = write(&mut sink, answers, &close, session.idle_timeout);
         tokio::pin!(conversation, writing);
         tokio::select! {
             () = &mut conversation => {
@@ -339,8 +342,8 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
     };
     // The server closed: the client's reply is awaited. (A client that
     // closed first had its reply; one that took no close is not waited for.)
-    if said_close {
-        linger(&mut incoming, ledger).await;
+    if said_close && let Ok(socket) = incoming.reunite(sink) {
+        linger(socket, ledger).await;
     }
     tracing::info!(
         plugin = %crate::error::Shown(&session.plugin),
@@ -363,14 +366,26 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
 /// stream closed for want of room ([`Ledger::refused`]) drops all it reads,
 /// the client's close reply too: it lingers [`REFUSED_LINGER`] only, so
 /// its slot and the room its unfinished frame held come back soon.
-async fn linger(incoming: &mut SplitStream<WebSocket>, ledger: &Ledger) {
+///
+/// A stream the WebSocket layer ended (a message over the limit, a
+/// protocol error: closed with 1009, 1007 or 1002) is read no more by that
+/// layer: the rest of what the client sends (the rest of a frame far over
+/// the limit, which the client is still writing) is read from the
+/// connection beneath and dropped, uncharged, until it ends or stays silent
+/// for [`LINGER_QUIET`].
+async fn linger(mut socket: WebSocket, ledger: &Ledger) {
     let drained = async {
-        while let Some(Ok(message)) = incoming.next().await {
-            if matches!(message, Message::Close(_)) {
-                break;
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(_))) => return,
+                Some(Ok(message)) => drop(settle(ledger, &message)),
+                Some(Err(_)) | None => break,
             }
-            drop(settle(ledger, &message));
         }
+        // What the WebSocket layer gathered is given back (nothing more
+        // comes out of it).
+        drop(ledger.claim(0));
+        discard(socket.get_mut().get_mut()).await;
     };
     let limit = if ledger.is_draining() {
         REFUSED_LINGER
@@ -386,6 +401,18 @@ async fn linger(incoming: &mut SplitStream<WebSocket>, ledger: &Ledger) {
         () = drained => {}
         () = tokio::time::sleep(limit) => {}
         () = refused => {}
+    }
+}
+
+/// Reads `io` and drops what comes, until its end, an error, or
+/// [`LINGER_QUIET`] without a byte.
+async fn discard<IO: tokio::io::AsyncRead + Unpin>(io: &mut IO) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0; 64 * 1024];
+    while let Ok(Ok(read)) = tokio::time::timeout(LINGER_QUIET, io.read(&mut buf)).await {
+        if read == 0 {
+            return;
+        }
     }
 }
 
@@ -810,7 +837,7 @@ fn answer_to(
 /// sending (under `latest` its frames never wait, so its reader never
 /// idles). `true` if it sent a close message.
 async fn write(
-    mut sink: SplitSink<WebSocket, Message>,
+    sink: &mut SplitSink<WebSocket, Message>,
     mut answers: mpsc::Receiver<Outgoing>,
     close: &CloseSlot,
     timeout: Option<Duration>,

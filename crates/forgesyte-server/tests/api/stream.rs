@@ -533,6 +533,41 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     assert_eq!(code, 1001, "{reason}");
 }
 
+/// A client sending a message far over the body limit writes all of it and
+/// then reads the 1009 close: the server reads the rest of the message and
+/// drops it (its WebSocket layer gave up on the stream at the message's
+/// head). Dropping the connection with the rest unread had the kernel
+/// answer with a reset: the client's write failed, and the close was lost.
+#[test]
+fn a_message_far_over_the_limit_is_read_to_its_end_and_answered_1009() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "4096"]);
+    server.wait_loaded();
+    // More than the connection's socket buffers hold on loopback.
+    let big = vec![7u8; 32 << 20];
+    for message in [
+        Message::Binary(big.clone().into()),
+        Message::text(String::from_utf8(big).unwrap()),
+    ] {
+        let mut socket = open(&server, &target("alpha", "frame", ""));
+        socket
+            .get_ref()
+            .set_write_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let kind = if message.is_binary() {
+            "binary"
+        } else {
+            "text"
+        };
+        if let Err(e) = socket.send(message) {
+            panic!("{kind}: the client could not send its message: {e}");
+        }
+        let (code, reason) = close_of(&mut socket);
+        assert_eq!(code, 1009, "{kind}: {reason}");
+    }
+}
+
 /// A server of `alpha` with room for one connection, whose streams idle
 /// out after 1 s (the directory first: the server is dropped before it).
 fn one_slot_server() -> (PluginsDir, Forgesyte) {
