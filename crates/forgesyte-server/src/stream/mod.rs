@@ -110,6 +110,7 @@ impl Streams {
         (status = 400, description = "A bad `policy` or `queue`, or not a WebSocket upgrade request", body = ErrorDetail),
         (status = 404, description = "Unknown plugin or tool", body = RunFailure),
         (status = 422, description = "The tool does not declare exactly one binary argument (`NotStreamable`)", body = RunFailure),
+        (status = 426, description = "A WebSocket version other than 13 (the answer's `Sec-WebSocket-Version` says 13), or a connection that cannot be upgraded", body = ErrorDetail),
         (status = 503, description = "The plugin cannot run tools (`PluginNotRunnable`), or the server has its limit of open streams", body = RunFailure),
     )
 )]
@@ -224,7 +225,19 @@ impl IntoResponse for UpgradeRefused {
         let detail = ErrorDetail {
             detail: self.1.to_owned(),
         };
-        (self.0, Json(detail)).into_response()
+        let mut response = (self.0, Json(detail)).into_response();
+        if self.0 == StatusCode::UPGRADE_REQUIRED {
+            // RFC 9110 §15.5.22: the protocol to upgrade to; RFC 6455
+            // §4.2.2: the version this server speaks.
+            let headers = response.headers_mut();
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
     }
 }
 
@@ -254,7 +267,10 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
             .get(header::SEC_WEBSOCKET_VERSION)
             .is_none_or(|v| v.as_bytes() != b"13")
         {
-            return Err(refused("the Sec-WebSocket-Version header is not 13"));
+            return Err(UpgradeRefused(
+                StatusCode::UPGRADE_REQUIRED,
+                "the Sec-WebSocket-Version header is not 13, the version this server speaks",
+            ));
         }
         let key = headers
             .get(header::SEC_WEBSOCKET_KEY)

@@ -474,6 +474,27 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
         "{}",
         bad_key.text()
     );
+    // Another version is answered 426 with the one the server speaks
+    // (RFC 6455 §4.2.2).
+    let old_version = crate::support::http_with(
+        server.addr,
+        "GET",
+        &target("alpha", "frame", ""),
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "8"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        b"",
+    );
+    assert_eq!(old_version.status, 426, "{}", old_version.text());
+    assert_eq!(
+        old_version.header("sec-websocket-version"),
+        Some("13"),
+        "{:?}",
+        old_version.headers
+    );
     // A plain GET (no upgrade) is refused too, in JSON.
     let plain = server.get(&target("alpha", "frame", ""));
     assert!(
