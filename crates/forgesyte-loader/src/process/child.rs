@@ -139,6 +139,11 @@ impl Runners {
         self.live.lock().closed = true;
     }
 
+    /// Whether [`close`](Self::close) was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.live.lock().closed
+    }
+
     /// Kills every runner not ended yet (with its group, as any runner's
     /// end) and waits until `deadline` for their ends to be processed;
     /// whether all were.
@@ -180,6 +185,9 @@ pub(crate) enum SpawnError {
     /// Confinement is required and the runner reported itself unconfined
     /// (it was stopped): which parts, and why.
     Unconfined(String),
+    /// The host is stopping ([`Runners::close`]): no runner starts (one
+    /// started meanwhile was killed).
+    Stopping,
 }
 
 #[derive(Default)]
@@ -401,9 +409,7 @@ impl Child {
         {
             kill(&shared, KillReason::host(HOST_STOPPING));
             let _ = wait_dead(&shared, DEATH_SYNC);
-            return Err(SpawnError::Start(std::io::Error::other(format!(
-                "{HOST_STOPPING}: no runner starts"
-            ))));
+            return Err(SpawnError::Stopping);
         }
         let failed = |shared: &Arc<Shared>, reason: KillReason| {
             kill(shared, reason);

@@ -349,6 +349,13 @@ impl ProcessImporter {
     }
 
     fn launch(&self, library: &Path) -> Result<Child, SpawnError> {
+        if self
+            .runners
+            .as_deref()
+            .is_some_and(child::Runners::is_closed)
+        {
+            return Err(SpawnError::Stopping);
+        }
         let opts = SpawnOptions {
             plugin: &self.plugin,
             memory_limit_mib: self.limits.memory_limit_mib,
@@ -548,6 +555,10 @@ impl Importer for ProcessImporter {
             },
             SpawnError::TimedOut => ImportError::TimedOut(self.handshake_timeout()),
             SpawnError::Unconfined(why) => came_back_unconfined(&why),
+            SpawnError::Stopping => ImportError::Open {
+                path: path.to_path_buf(),
+                detail: STOPPING.to_owned(),
+            },
         })?;
         Ok(Arc::new(ProcessLibrary {
             importer: self.clone(),
@@ -596,6 +607,9 @@ impl PluginLibrary for ProcessLibrary {
                 SpawnError::TimedOut => InitError::TimedOut(self.importer.handshake_timeout()),
                 SpawnError::Unconfined(why) => InitError::Failed {
                     message: came_back_unconfined(&why).to_string(),
+                },
+                SpawnError::Stopping => InitError::Failed {
+                    message: STOPPING.to_owned(),
                 },
             })?,
         };
@@ -937,6 +951,9 @@ impl PluginInstance for ProcessInstance {
     }
 }
 
+/// Why no runner started: the host is stopping.
+const STOPPING: &str = "the host is stopping: no runner starts";
+
 /// What a call in flight gets when its runner ended: the crash, or, for a
 /// runner the host let go (its report carries no crash), `Stopped`.
 fn tool_crash(report: &crate::host::ExitReport) -> ToolError {
@@ -952,6 +969,24 @@ fn tool_crash(report: &crate::host::ExitReport) -> ToolError {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn a_stopping_host_starts_no_runner_and_says_so() {
+        let runners = Arc::new(Runners::default());
+        runners.close();
+        // A runner that does not exist: were it started, the error would
+        // be that it cannot be.
+        let importer = ProcessImporter::new(
+            "/nonexistent/forgesyte-runner",
+            "p",
+            ProcessLimits::default(),
+        )
+        .counted_in(runners);
+        assert!(matches!(
+            importer.launch(Path::new("/nonexistent/lib.so")),
+            Err(SpawnError::Stopping)
+        ));
+    }
 
     #[test]
     fn a_manifest_may_lower_the_hosts_answer_limit_never_raise_it() {
