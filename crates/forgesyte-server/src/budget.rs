@@ -53,7 +53,7 @@ impl Room {
 /// What the arrival reserve holds beyond one body at the limit: a frame's
 /// head and the WebSocket layer's read ahead (its 128 KiB read buffer), so
 /// that a frame of exactly the limit fits.
-const RESERVE_SLACK: usize = 128 * 1024 + 1024;
+pub(crate) const RESERVE_SLACK: usize = 128 * 1024 + 1024;
 
 /// The memory all tool calls' request bodies and streams' frames may hold
 /// at once (room is counted in KiB, taken as bytes arrive: see

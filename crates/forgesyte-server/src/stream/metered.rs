@@ -67,8 +67,23 @@ impl Ledger {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Charges `n` bytes just read; `false` when there is no room for them
-    /// (the stream is then refused, and its reader told).
+    /// The most one stream may hold read and not yet taken by a message:
+    /// a message at the limit, its fragments' heads and the read ahead
+    /// need at most the limit and [`RESERVE_SLACK`](crate::budget::RESERVE_SLACK)
+    /// with fragments of 14 bytes or more; twice the limit leaves room for
+    /// any fragmenting a client means. More is a client filling the budget
+    /// with what never becomes a message (empty fragments, pongs with
+    /// padded lengths).
+    fn most_held(&self) -> usize {
+        self.state
+            .body_limit()
+            .saturating_mul(2)
+            .saturating_add(crate::budget::RESERVE_SLACK)
+    }
+
+    /// Charges `n` bytes just read; `false` when there is no room for them,
+    /// or the stream holds more than [`most_held`](Self::most_held) (the
+    /// stream is then refused, and its reader told).
     fn read(&self, n: usize) -> bool {
         let mut held = self.held();
         if held.draining {
@@ -86,15 +101,23 @@ impl Ledger {
             Ok(room) => merge(&mut held.room, room),
             Err(busy) => match budget.take_reserve(more) {
                 Some(room) => merge(&mut held.reserve, room),
-                None => {
-                    held.refusal = Some(busy);
-                    held.draining = true;
-                    self.refused.notify_one();
-                    return false;
-                }
+                None => return self.refuse(&mut held, busy),
             },
         }
+        let most = self.most_held();
+        if held.bytes > most {
+            return self.refuse(&mut held, RunError::PayloadTooLarge { limit: most });
+        }
         true
+    }
+
+    /// Refuses the stream for `why`: its reader is told, and what it reads
+    /// from now on is dropped.
+    fn refuse(&self, held: &mut Held, why: RunError) -> bool {
+        held.refusal = Some(why);
+        held.draining = true;
+        self.refused.notify_one();
+        false
     }
 
     /// A message of `len` bytes came out of what was read: its room (what
@@ -287,6 +310,24 @@ mod tests {
         assert_eq!(free_kib(&ledger), 39);
         drop(room);
         assert_eq!(free_kib(&ledger), 64);
+    }
+
+    #[test]
+    fn a_stream_holding_more_than_twice_the_limit_unfinished_is_refused() {
+        let config = ServerConfig {
+            body_limit: 64 * K,
+            body_memory: Some(1024 * K),
+            ..ServerConfig::default()
+        };
+        let ledger = Ledger::new(AppState::new(Arc::new(crate::build_loader(&[])), &config));
+        // Twice the limit and the slack (257 KiB) of empty fragments'
+        // heads, say: room enough in the budget, but never a message.
+        assert!(ledger.read(250 * K));
+        assert!(ledger.read(7 * K));
+        assert!(!ledger.read(1));
+        assert!(ledger.is_draining());
+        let refusal = ledger.held().refusal.clone().expect("why it was refused");
+        assert_eq!(refusal, RunError::PayloadTooLarge { limit: 257 * K });
     }
 
     #[test]

@@ -458,6 +458,11 @@ async fn read(
         };
         let message = match unless(next, &mut closing, activity, idle_timeout).await {
             Waited::Done(Ok(message)) => message,
+            Waited::Done(Err(RunError::PayloadTooLarge { limit })) => {
+                let reason =
+                    format!("the client sent {limit} bytes and more without finishing a message");
+                return say_close(&out, close::TOO_BIG, &reason);
+            }
             Waited::Done(Err(busy)) => {
                 let reason = format!("no room for what the client sent as it arrived: {busy}");
                 return say_close(&out, close::TRY_AGAIN_LATER, &reason);

@@ -589,6 +589,34 @@ fn a_message_far_over_the_limit_is_read_to_its_end_and_answered_1009() {
     }
 }
 
+/// A client that sends what never becomes a message (a message of empty
+/// fragments without end) is closed with 1009 once its stream holds more
+/// than twice the body limit and the read ahead: one stream cannot fill the
+/// body memory so.
+#[test]
+fn endless_empty_fragments_close_the_stream_with_1009() {
+    use std::io::Write as _;
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "4096"]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    socket
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    // An empty first fragment, then 30,000 empty continuations of 6 bytes
+    // each (180 KB; twice the limit and the read ahead is 137 KiB).
+    let mut bytes = vec![0x02, 0x80, 0, 0, 0, 0];
+    for _ in 0..30_000 {
+        bytes.extend_from_slice(&[0x00, 0x80, 0, 0, 0, 0]);
+    }
+    socket.get_mut().write_all(&bytes).unwrap();
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1009, "{reason}");
+    assert!(reason.contains("without finishing a message"), "{reason}");
+}
+
 /// A server of `alpha` with room for one connection, whose streams idle
 /// out after 1 s (the directory first: the server is dropped before it).
 fn one_slot_server() -> (PluginsDir, Forgesyte) {
