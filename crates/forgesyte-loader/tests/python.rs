@@ -827,6 +827,60 @@ fn a_python_plugin_gets_its_checked_models() {
     assert_eq!(got["models"], json!({"weights": path}));
 }
 
+/// A plugin that declares `requires_gpu` runs without the host's
+/// address-space limit unless its manifest sets one (a GPU driver reserves
+/// far more address space than it uses: 512 MiB failed every torch
+/// plugin); the others get the host's (`--memory-limit`).
+#[test]
+fn a_gpu_plugin_has_no_address_space_limit_unless_its_manifest_sets_one() {
+    require_python();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (name, fields) in [
+        ("plain", json!({})),
+        ("gpu", json!({"requires_gpu": true})),
+        (
+            "gpu-capped",
+            json!({"requires_gpu": true, "limits": {"memory_mb": 400}}),
+        ),
+    ] {
+        copy_fixture(root, "snoop", name);
+        let mut manifest = json!({"version": "1.0.0", "runtime": "python"});
+        for (key, value) in fields.as_object().unwrap() {
+            manifest[key] = value.clone();
+        }
+        write_manifest(root, name, manifest);
+    }
+    let device = forgesyte_deps::GpuDevice {
+        ordinal: 0,
+        name: "Fake H200".into(),
+        total_memory_mb: 141_312,
+        compute_capability: (9, 0),
+    };
+    let checker = DependencyChecker::builder()
+        .gpu(Arc::new(FakeGpu::with_devices(vec![device])))
+        .build();
+    let config = LoaderConfig {
+        process: ProcessLimits {
+            memory_limit_mib: 300,
+            ..ProcessLimits::default()
+        },
+        ..LoaderConfig::default()
+    };
+    let registry = Registry::new();
+    let loader = Loader::new(registry.clone(), Arc::new(checker), config);
+    loader.load_all(root);
+    for (name, mib) in [
+        ("plain", json!(300)),
+        ("gpu", Value::Null),
+        ("gpu-capped", json!(400)),
+    ] {
+        check(&registry, name, S::Initialized, None);
+        let got = call(&loader, name, "address_space", json!({})).unwrap();
+        assert_eq!(got["mib"], mib, "{name}: {got}");
+    }
+}
+
 /// A package only in the user site directory (`pip install --user`,
 /// `PYTHONUSERBASE`) is missing for the dependency check as for the
 /// runner, which never sees it: the plugin is UNAVAILABLE naming it, not

@@ -13,9 +13,9 @@ use forgesyte_loader::sandbox::RunAs;
 use forgesyte_server::{
     DEFAULT_ANSWER_MIN_RATE, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE,
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CALLS_PER_PLUGIN, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_RESPONSE, DEFAULT_PLUGINS_DIR, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT,
-    ServerConfig,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_INIT_TIMEOUT, DEFAULT_ISOLATION, DEFAULT_MAX_CALLS_PER_PLUGIN,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_RESPONSE, DEFAULT_MEMORY_LIMIT_MIB, DEFAULT_PLUGINS_DIR,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_STREAM_IDLE_TIMEOUT, ServerConfig,
 };
 
 use crate::scaffold;
@@ -383,6 +383,19 @@ pub(crate) struct LoaderArgs {
     /// warning, when it does not.
     #[arg(long, value_name = "USER", env = "FORGESYTE_RUNNER_USER", value_parser = parse_runner_user)]
     pub(crate) runner_user: Option<RunAs>,
+    /// Time a plugin runner (isolated native or Python) has to start, and
+    /// again to construct its plugin, in seconds, when the plugin's
+    /// manifest sets no `limits.init_timeout_s` (a plugin that imports
+    /// torch or loads weights at construction may need more).
+    #[arg(long, value_name = "SECS", env = "FORGESYTE_INIT_TIMEOUT", default_value_t = Seconds(DEFAULT_INIT_TIMEOUT), value_parser = parse_seconds_arg)]
+    pub(crate) init_timeout: Seconds,
+    /// Address-space limit (`RLIMIT_AS`) of each plugin runner, in MiB,
+    /// when the plugin's manifest sets no `limits.memory_mb`; 0: none. A
+    /// plugin that declares `requires_gpu` gets none unless its manifest
+    /// sets one (a GPU driver reserves far more address space than it
+    /// uses).
+    #[arg(long, value_name = "MIB", env = "FORGESYTE_MEMORY_LIMIT", default_value_t = DEFAULT_MEMORY_LIMIT_MIB, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub(crate) memory_limit: u64,
 }
 
 /// A `--runner-user`: a user name, or a numeric uid, that exists.
@@ -443,6 +456,8 @@ impl LoaderArgs {
         }
         config.trusted_keys_dir = self.trusted_keys.filter(|p| !p.as_os_str().is_empty());
         config.require_signed = self.require_signed;
+        config.init_timeout = self.init_timeout.0;
+        config.memory_limit_mib = self.memory_limit;
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);

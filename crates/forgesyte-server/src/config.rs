@@ -26,6 +26,17 @@ pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 /// the loader's own default.
 pub const DEFAULT_MAX_RESPONSE: u64 = 64 * 1024 * 1024;
 
+/// Default time a plugin runner has to start, and again to construct its
+/// plugin (`--init-timeout`, `FORGESYTE_INIT_TIMEOUT`); a manifest's
+/// `limits.init_timeout_s` wins. The loader's own default.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default address-space limit of a plugin runner, in MiB (`--memory-limit`,
+/// `FORGESYTE_MEMORY_LIMIT`; 0: none); a manifest's `limits.memory_mb`
+/// wins, and a plugin that declares `requires_gpu` gets none unless its
+/// manifest sets one. The loader's own default.
+pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 512;
+
 /// Default bound on waiting for in-flight requests at shutdown
 /// (`--shutdown-grace`, `FORGESYTE_SHUTDOWN_GRACE`).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -86,6 +97,15 @@ pub struct ServerConfig {
     pub lib_paths: Vec<PathBuf>,
     /// Time limit of one tool call when the manifest sets none.
     pub call_timeout: Duration,
+    /// Time a plugin runner (isolated native or Python) has to start, and
+    /// again to construct its plugin, when the manifest sets no
+    /// `limits.init_timeout_s` (`--init-timeout`).
+    pub init_timeout: Duration,
+    /// Address-space limit (`RLIMIT_AS`) of a plugin runner in MiB, when
+    /// the manifest sets no `limits.memory_mb`; 0: none (`--memory-limit`).
+    /// A plugin that declares `requires_gpu` gets none unless its manifest
+    /// sets one.
+    pub memory_limit_mib: u64,
     /// Largest accepted request body, in bytes.
     pub body_limit: usize,
     /// Memory the request bodies of tool calls in progress and the frames of
@@ -230,9 +250,10 @@ impl ServerConfig {
             // The same limit for a plugin in a runner: its process is killed
             // at it (it was the loader's 60 s whatever `--call-timeout` said).
             process: forgesyte_loader::process::ProcessLimits {
+                init_timeout: self.init_timeout,
                 call_timeout: self.call_timeout,
+                memory_limit_mib: self.memory_limit_mib,
                 max_response_bytes: self.max_response,
-                ..forgesyte_loader::process::ProcessLimits::default()
             },
             ..LoaderConfig::default()
         }
@@ -246,6 +267,8 @@ impl Default for ServerConfig {
             bind: DEFAULT_BIND.to_owned(),
             lib_paths: Vec::new(),
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            init_timeout: DEFAULT_INIT_TIMEOUT,
+            memory_limit_mib: DEFAULT_MEMORY_LIMIT_MIB,
             body_limit: DEFAULT_BODY_LIMIT,
             body_memory: None,
             max_response: DEFAULT_MAX_RESPONSE,
@@ -302,6 +325,11 @@ mod tests {
         assert_eq!(config.runner, None);
         assert!(!config.python_entry_points);
         assert!(!config.watch);
+        // The runners' limits are the loader's own defaults.
+        let loader = forgesyte_loader::process::ProcessLimits::default();
+        assert_eq!(config.init_timeout, loader.init_timeout);
+        assert_eq!(config.memory_limit_mib, loader.memory_limit_mib);
+        assert_eq!(config.max_response, loader.max_response_bytes);
     }
 
     #[test]
@@ -315,10 +343,14 @@ mod tests {
             python: Some("/opt/py/bin/python3".into()),
             python_entry_points: true,
             max_response: 3 << 20,
+            init_timeout: Duration::from_secs(90),
+            memory_limit_mib: 0,
             ..ServerConfig::default()
         };
         let loader = config.loader_config();
         assert_eq!(loader.process.max_response_bytes, 3 << 20);
+        assert_eq!(loader.process.init_timeout, Duration::from_secs(90));
+        assert_eq!(loader.process.memory_limit_mib, 0);
         assert_eq!(loader.lib_paths, [PathBuf::from("/opt/lib")]);
         assert!(loader.preflight);
         assert_eq!(loader.default_isolation, Isolation::Process);

@@ -556,7 +556,10 @@ impl Loader {
     }
 
     /// The limits of `p`'s runners: the host's, as its manifest sets them
-    /// (logged when it asks for a larger answer than the host allows).
+    /// (logged when it asks for a larger answer than the host allows). A
+    /// plugin that declares `requires_gpu` has no address-space limit
+    /// unless its manifest sets one: a GPU driver reserves far more
+    /// address space than it uses (CUDA maps tens of GiB at its start).
     fn runner_limits(&self, p: &Pending) -> process::ProcessLimits {
         let host = &self.config.process;
         if let Some(asked) = host.response_above_host(&p.manifest.limits) {
@@ -568,7 +571,13 @@ impl Loader {
                  (--max-response, {allowed}): its answers may be {allowed} at most",
             );
         }
-        host.with_manifest(&p.manifest.limits)
+        let mut limits = host.with_manifest(&p.manifest.limits);
+        if p.manifest.limits.memory_mb.is_none()
+            && p.manifest.requirements.gpu != forgesyte_deps::GpuRequirement::None
+        {
+            limits.memory_limit_mib = 0;
+        }
+        limits
     }
 
     fn instance_config(&self, p: &Pending) -> Vec<u8> {

@@ -394,6 +394,48 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
     }
 }
 
+/// The runners' limits for manifests that set none are the operator's:
+/// `--init-timeout` (a constructor that hangs is FAILED after it, not after
+/// 5 s) and `--memory-limit` (the runner's address space); a manifest's
+/// own `limits` still win.
+#[test]
+fn the_operator_sets_the_runners_init_timeout_and_memory_limit() {
+    let dir = PluginsDir::new();
+    // The fixture's own limits (10 s to construct) are dropped.
+    dir.python("init-hang", "faulty")
+        .manifest_fields("init-hang", json!({"limits": {}}));
+    dir.python("snoop", "snoop");
+    dir.python("capped", "snoop")
+        .manifest_fields("capped", json!({"limits": {"memory_mb": 400}}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--init-timeout",
+        "1",
+        "--memory-limit",
+        "300",
+    ]);
+    server.wait_loaded();
+    let health = server.get("/v1/plugins/init-hang/health").json();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("timed out after 1 s")),
+        "{health}"
+    );
+    for (name, mib) in [("snoop", 300), ("capped", 400)] {
+        let reply = server.run(name, "address_space", "{}");
+        assert_eq!(reply.status, 200, "{name}: {}", reply.text());
+        assert_eq!(
+            reply.json()["result"]["mib"],
+            mib,
+            "{name}: {}",
+            reply.text()
+        );
+    }
+}
+
 /// A result nested deeper than the host reads (200 lists, serde_json reads
 /// 128) is that call's tool error, `ResultTooDeep`: the plugin is not
 /// broken, and nothing restarts (it was a protocol fault: the plugin
