@@ -876,6 +876,10 @@ class BasePluginShapeTests(RunnerTestCase):
         self.assertEqual(header["result"], {"keys": ["a", "z"]})
         header, _ = self.p.run("later", {"value": [1]})
         self.assertEqual(header["result"], {"value": [1]})
+        # A function of the class's body as the handler is called as the
+        # instance's method.
+        header, _ = self.p.run("double", {"n": 4})
+        self.assertEqual(header["result"], {"n": 8})
         header, _ = self.p.run("add", {"a": 2, "c": 3})
         self.assertEqual(header["type"], "tool_failed")
         self.assertEqual(header["error"]["kind"], "Failed")

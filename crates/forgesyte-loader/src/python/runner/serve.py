@@ -61,6 +61,17 @@ def _call_shape(fn, args):
     return None
 
 
+def _as_method(instance, fn):
+    """``fn`` bound to ``instance`` when it is a function of the body of the
+    instance's class (``"handler": Plugin.detect``: the function, not the
+    method); else ``fn`` as it is (a function of a module)."""
+    name = getattr(fn, "__name__", None)
+    for klass in type(instance).__mro__:
+        if klass.__dict__.get(name) is fn:
+            return fn.__get__(instance, type(instance))
+    return fn
+
+
 def bind_and_call(fn, args):
     """Calls a tool handler the way ForgeSyte plugins write them: with the
     arguments as keywords (``def detect(self, frame_base64, device="cpu")``)
@@ -435,6 +446,8 @@ class Runner(object):
             handler = getattr(instance, tool, None)
             if not callable(handler):
                 raise AttributeError("tool '%s' has no handler and the plugin no run_tool()" % tool)
+        elif type(handler) is types.FunctionType:
+            handler = _as_method(instance, handler)
         return bind_and_call(handler, args)
 
     def send_result(self, rid, result):
