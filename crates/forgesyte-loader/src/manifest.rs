@@ -105,7 +105,12 @@ pub fn is_module_path(entry: &str) -> bool {
         .any(|ext| module.ends_with(ext) || module.contains(&format!("{ext}.")));
     // One bare word (`ocr`) is too ambiguous to call a module path.
     let dotted = module.contains('.') || class.is_some();
-    !library_like && dotted && module.split('.').all(ident) && class.is_none_or(ident)
+    // After the colon an attribute path, as an entry point may name one
+    // (`module:Outer.Plugin`).
+    !library_like
+        && dotted
+        && module.split('.').all(ident)
+        && class.is_none_or(|c| c.split('.').all(ident))
 }
 
 /// Per-plugin limits from the manifest's `limits` object. `None` means

@@ -43,6 +43,17 @@ fn the_runtime_is_declared_or_follows_the_entrypoint_or_plugin_py() {
             module("forgesyte_ocr.plugin", Some("OCRPlugin"))
         )
     );
+    // An attribute path after the colon, as entry points may name one.
+    assert_eq!(
+        runtime_of(
+            json!({"entrypoint": "forgesyte_ocr.plugin:Outer.Plugin"}),
+            false
+        ),
+        (
+            Runtime::Python,
+            module("forgesyte_ocr.plugin", Some("Outer.Plugin"))
+        )
+    );
     assert_eq!(
         runtime_of(json!({}), true),
         (Runtime::Python, file("plugin.py"))

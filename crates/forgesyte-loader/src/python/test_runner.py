@@ -44,7 +44,7 @@ SOURCE_CODE_FILE = os.environ.get("FORGESYTE_TEST_RUNNER_SOURCE")
 
 sys.path.insert(0, HERE)
 # Importing the package touches no descriptors (``start`` does).
-from runner import base, errors, results, serve, tools, wire  # noqa: E402
+from runner import base, errors, loading, results, serve, tools, wire  # noqa: E402
 
 
 def frame(header, attachments=()):
@@ -1242,6 +1242,21 @@ class UnitTests(unittest.TestCase):
         self.assertGreaterEqual(len(cases), 5)
         for case in cases:
             self.assertEqual(unconfined(case["report"]), case["unconfined"], case)
+
+    def test_an_entry_point_may_name_an_attribute_path(self):
+        import types
+
+        module = types.ModuleType("pkg.plugin")
+
+        class Outer:
+            class Plugin:
+                pass
+
+        module.Outer = Outer
+        self.assertIs(loading.find_class(module, "Outer.Plugin"), Outer.Plugin)
+        missing = loading.find_class(module, "Outer.Nope")
+        self.assertEqual(missing["error_type"], "AttributeError", missing)
+        self.assertIn("No 'Outer.Nope' class found", missing["message"], missing)
 
     def test_handler_shapes_are_remembered_per_kind_of_callable(self):
         # A classmethod object and the method made from it share their

@@ -145,7 +145,13 @@ def _plugin_shaped(cls):
 def find_class(module, class_name):
     """The plugin class, or a WireError dict."""
     if class_name:
-        cls = getattr(module, class_name, None)
+        # An attribute path, as an entry point may name one
+        # (``module:Outer.Plugin``).
+        cls = module
+        for part in class_name.split("."):
+            cls = getattr(cls, part, None)
+            if cls is None:
+                break
         if cls is None:
             return wire_error(
                 "Python", "No '%s' class found in module" % class_name, error_type="AttributeError"
