@@ -353,6 +353,17 @@ pub enum RunError {
         /// The decoder's message.
         message: String,
     },
+    /// A declared binary argument sent in JSON as something other than
+    /// text (an object, an array, a number, a boolean) (422,
+    /// `InvalidArgs`): the host refused it, the tool never ran.
+    #[error("argument '{name}' is binary, and was sent as {found}")]
+    NotBinary {
+        /// The argument.
+        name: String,
+        /// What it was sent as: `an object`, `an array`, `a number`, `a
+        /// boolean`.
+        found: &'static str,
+    },
     /// The body is larger than the limit (413, `PayloadTooLarge`).
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge {
@@ -487,6 +498,7 @@ impl RunError {
             | RunError::InvalidForm { .. }
             | RunError::BodyMismatch { .. }
             | RunError::NotBase64 { .. }
+            | RunError::NotBinary { .. }
             | RunError::InvalidArgs { .. }
             | RunError::ToolFailed { .. }
             | RunError::AnswerTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -510,7 +522,7 @@ impl RunError {
             RunError::InvalidBody { .. }
             | RunError::InvalidForm { .. }
             | RunError::BodyMismatch { .. } => "InvalidBody",
-            RunError::NotBase64 { .. } => "InvalidArgs",
+            RunError::NotBase64 { .. } | RunError::NotBinary { .. } => "InvalidArgs",
             RunError::PayloadTooLarge { .. } | RunError::TooManyValues { .. } => "PayloadTooLarge",
             RunError::BodyTimedOut | RunError::BodyTooSlow { .. } => "BodyTimeout",
             RunError::InvalidArgs { .. } => "InvalidArgs",
@@ -564,6 +576,12 @@ impl RunError {
             }
             RunError::NotBase64 { name, message } => format!(
                 "Argument '{}' of tool '{t}' of plugin '{p}' is binary and its text is not valid base64: {message}",
+                Shown(name)
+            ),
+            RunError::NotBinary { name, found } => format!(
+                "Argument '{}' of tool '{t}' of plugin '{p}' is binary, and was sent as {found} \
+                 in JSON: send its bytes as base64 text in JSON, as a file part of \
+                 multipart/form-data, or as an application/octet-stream body",
                 Shown(name)
             ),
             RunError::PayloadTooLarge { limit } => {

@@ -560,15 +560,25 @@ fn arguments(
     }
     if takes_binary {
         for name in declared {
-            if let Some(Value::String(text)) = args.get_mut(name) {
-                // Decoded into the text's own buffer (the argument is replaced
-                // by `null` below).
-                let bytes =
-                    decode_in_place(std::mem::take(text)).map_err(|e| RunError::NotBase64 {
+            match args.get_mut(name) {
+                Some(Value::String(text)) => {
+                    // Decoded into the text's own buffer (the argument is
+                    // replaced by `null` below).
+                    let bytes =
+                        decode_in_place(std::mem::take(text)).map_err(|e| RunError::NotBase64 {
+                            name: name.clone(),
+                            message: e.to_string(),
+                        })?;
+                    binary.push((name.clone(), bytes.into()));
+                }
+                // Absent, or `null`: not given.
+                None | Some(Value::Null) => {}
+                Some(other) => {
+                    return Err(RunError::NotBinary {
                         name: name.clone(),
-                        message: e.to_string(),
-                    })?;
-                binary.push((name.clone(), bytes.into()));
+                        found: forgesyte_deps::json_type_name(other),
+                    });
+                }
             }
         }
     }

@@ -119,6 +119,7 @@ impl Outcome {
             | RunError::InvalidForm { .. }
             | RunError::BodyMismatch { .. }
             | RunError::NotBase64 { .. }
+            | RunError::NotBinary { .. }
             | RunError::PayloadTooLarge { .. }
             | RunError::TooManyValues { .. }
             | RunError::BodyTimedOut

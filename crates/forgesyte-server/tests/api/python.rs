@@ -245,6 +245,36 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
         ),
         "{detail}"
     );
+    // So is a binary argument sent as JSON other than text, in the body
+    // or in a multipart body's `args`: the tool never saw it, and it is not
+    // the plugin's error.
+    let errors_before = server.get("/v1/plugins/py/health").json()["error_count"].clone();
+    let reply = server.run("py", "checksum", r#"{"args": {"data": {"x": 1}}}"#);
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(
+        reply.json()["error_type"],
+        "InvalidArgs",
+        "{}",
+        reply.text()
+    );
+    assert!(
+        reply.json()["detail"].as_str().is_some_and(|d| d.starts_with(
+            "Argument 'data' of tool 'checksum' of plugin 'py' is binary, and was sent as an object in JSON"
+        )),
+        "{}",
+        reply.text()
+    );
+    let reply = server.run("py", "checksum", r#"{"args": {"data": 12345}}"#);
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert!(
+        reply.text().contains("sent as a number"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        server.get("/v1/plugins/py/health").json()["error_count"],
+        errors_before
+    );
     // A multipart body of the wrong shape says so.
     let (content_type, body) = multipart(&json!({"data": "x"}), b"abc");
     let reply = http_with(
