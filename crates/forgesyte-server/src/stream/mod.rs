@@ -253,6 +253,16 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
             ));
         }
         let headers = &parts.headers;
+        // A body would be read as the client's first frames (chunked), or
+        // left unread before them (a length): the stream would be garbled,
+        // or deaf to the client, from its start.
+        let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|length| length.as_bytes() != b"0");
+        if has_body {
+            return Err(refused("a WebSocket upgrade request has no body"));
+        }
         if !has_token(headers, &header::CONNECTION, "upgrade") {
             return Err(refused(
                 "not a WebSocket upgrade request: the Connection header does not name `upgrade`",

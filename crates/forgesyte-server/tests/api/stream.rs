@@ -474,6 +474,38 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
         "{}",
         bad_key.text()
     );
+    // An upgrade request with a body is refused: the body would be read
+    // as the stream's first frames, or leave the stream deaf.
+    let with_body = crate::support::http_with(
+        server.addr,
+        "GET",
+        &target("alpha", "frame", ""),
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        b"hello",
+    );
+    assert_eq!(with_body.status, 400, "{}", with_body.text());
+    assert!(with_body.text().contains("no body"), "{}", with_body.text());
+    {
+        use std::io::{Read as _, Write as _};
+        let mut raw = TcpStream::connect(server.addr).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            target("alpha", "frame", ""),
+            server.addr
+        );
+        raw.write_all(request.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        raw.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 400", "{}", String::from_utf8_lossy(&head));
+    }
     // Another version is answered 426 with the one the server speaks
     // (RFC 6455 §4.2.2).
     let old_version = crate::support::http_with(
