@@ -132,12 +132,7 @@ pub(crate) async fn stream_tool(
             .into_response();
         }
     };
-    let binary = handle
-        .tools()
-        .iter()
-        .find(|t| t.id == tool)
-        .map(|t| binary_arguments(&t.input_schema).len())
-        .unwrap_or(0);
+    let binary = binary_count(&handle, &tool);
     if binary != 1 {
         return not_streamable(&plugin, &tool, binary);
     }
@@ -362,6 +357,15 @@ fn policy_of(query: Option<&str>) -> Result<Policy, String> {
         }
     }
     Policy::parse(policy, queue)
+}
+
+/// How many binary arguments `tool` of the live instance declares.
+fn binary_count(handle: &forgesyte_loader::PluginHandle, tool: &str) -> usize {
+    handle
+        .tools()
+        .iter()
+        .find(|t| t.id == tool)
+        .map_or(0, |t| binary_arguments(&t.input_schema).len())
 }
 
 /// 422: the tool does not take exactly one binary argument.

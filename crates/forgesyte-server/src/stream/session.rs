@@ -752,6 +752,12 @@ async fn work(
             say_close(&out, code, &reason);
             return;
         }
+        if let Err(error) = &result
+            && let Some(reason) = no_longer_streamable(session, error)
+        {
+            say_close(&out, close::GOING_AWAY, &reason);
+            return;
+        }
     }
 }
 
@@ -769,6 +775,20 @@ fn ends_stream(error: &RunError) -> Option<(u16, &'static str)> {
         RunError::UnknownTool => Some((close::GOING_AWAY, "tool removed")),
         _ => None,
     }
+}
+
+/// Why the stream ends when a frame did not fit its tool
+/// (`BodyMismatch`) because the tool no longer declares exactly one binary
+/// argument (a reload changed it): no later frame could fit either.
+fn no_longer_streamable(session: &Session, error: &RunError) -> Option<String> {
+    if !matches!(error, RunError::BodyMismatch { .. }) {
+        return None;
+    }
+    let handle = tools::live_handle(&session.state, &session.plugin, &session.tool).ok()?;
+    let binary = super::binary_count(&handle, &session.tool);
+    (binary != 1).then(|| {
+        format!("tool no longer streamable: it declares {binary} binary arguments, not one")
+    })
 }
 
 /// Whether the registry no longer has the session's plugin, or the plugin

@@ -386,6 +386,42 @@ fn a_stream_of_a_plugin_a_rescan_removed_closes_with_1001() {
     assert_eq!(answer(&mut socket)["ok"], true);
 }
 
+/// A reload that leaves the tool without exactly one binary argument closes
+/// its open stream at the next frame with 1001 (every later frame would be
+/// refused: it answered each so and stayed open).
+#[test]
+fn a_stream_whose_tool_a_reload_made_unstreamable_closes_with_1001() {
+    let dir = PluginsDir::new();
+    let tools = |data: Value| {
+        json!({"tools": [{"id": "frame", "description": "Takes a frame.",
+            "input_schema": {"type": "object", "properties": {"data": data}}}]})
+    };
+    dir.python("mt", "manifest_tools")
+        .manifest_fields("mt", tools(json!({"type": "string", "format": "binary"})));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("mt", "frame", ""));
+    send_frame(&mut socket, frame(4));
+    assert_eq!(answer(&mut socket)["ok"], true);
+
+    dir.manifest_fields("mt", tools(json!({"type": "string"})));
+    hangup(&server);
+    wait_for("mt reloaded", Duration::from_secs(20), &server, || {
+        let listed = server.get("/v1/plugins/mt/tools").json();
+        (listed.to_string().contains("\"frame\"") && !listed.to_string().contains("binary"))
+            .then_some(())
+    });
+    send_frame(&mut socket, frame(4));
+    let refused = answer(&mut socket);
+    assert_eq!(refused["error_type"], "InvalidBody", "{refused}");
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1001, "{reason}");
+    assert!(
+        reason.starts_with("tool no longer streamable: it declares 0 binary arguments"),
+        "{reason}"
+    );
+}
+
 #[test]
 fn a_python_runner_that_exits_mid_stream_closes_it_with_1011_and_restarts() {
     let dir = PluginsDir::new();
