@@ -221,7 +221,7 @@ pub(crate) async fn plugin_tools(
     params(
         ("name" = String, Path, description = "Plugin name (registry key)"),
         ("tool" = String, Path, description = "Tool id"),
-        ("x-request-id" = Option<String>, Header, description = "The request's id, kept (else one is made); answered in `x-request-id`, passed to a plugin in a runner with the call and named in the plugin's log lines of the call"),
+        ("x-request-id" = Option<String>, Header, description = "The request's id, kept when it is 1 to 128 visible ASCII characters other than a quote and a backslash (else one is made); answered in `x-request-id`, passed to a plugin in a runner with the call and named in the plugin's log lines of the call"),
         ("traceparent" = Option<String>, Header, description = "A W3C trace context (`00-<32 hex>-<16 hex>-<2 hex>`), passed to a plugin in a runner with the call; an invalid one is ignored"),
         ("accept" = Option<String>, Header, description = "How binary results come back: `application/json` (default: base64 strings at their places in `result`), `multipart/mixed` (the JSON answer, then one part per binary result named by its JSON Pointer), or `application/octet-stream` (the one binary result's bytes; the JSON answer in `X-Forgesyte-Result`)"),
     ),

@@ -115,8 +115,10 @@ pub fn app(state: AppState) -> Router {
         .layer(
             tower::ServiceBuilder::new()
                 // Outermost first: the id is set (kept when the client sent
-                // one) before the request's span opens, so every log line of
-                // the request carries it, and copied onto the answer.
+                // one that fits) before the request's span opens, so every
+                // log line of the request carries it, and copied onto the
+                // answer.
+                .map_request(drop_unfit_request_id)
                 .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), RequestIds))
                 .layer(
                     TraceLayer::new_for_http()
@@ -151,6 +153,29 @@ fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &traci
         }
         class => tracing::error!(classification = %class, latency_ms, "response failed"),
     }
+}
+
+/// A client's request id is kept when it is 1 to 128 visible ASCII
+/// characters other than `"` and `\\` (a UUID, a trace id, `job-42/7`);
+/// another is dropped, and one is made in its place. The id is written
+/// into every log line of the request (and handed to plugins): spaces
+/// would let a client forge a line's fields (`x plugin=other`), and its
+/// length was the client's to choose.
+fn drop_unfit_request_id<B>(mut request: axum::http::Request<B>) -> axum::http::Request<B> {
+    let fits = |id: &[u8]| {
+        (1..=128).contains(&id.len())
+            && id
+                .iter()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\'))
+    };
+    if request
+        .headers()
+        .get(&REQUEST_ID)
+        .is_some_and(|id| !fits(id.as_bytes()))
+    {
+        request.headers_mut().remove(&REQUEST_ID);
+    }
+    request
 }
 
 /// The header that carries a request's id, in and out.
@@ -431,6 +456,36 @@ mod tests {
         assert_eq!(ids[0][..16], ids[1][..16], "one process half");
         let counter = |id: &str| u64::from_str_radix(&id[16..], 16).unwrap();
         assert!(counter(&ids[1]) > counter(&ids[0]), "{ids:?}");
+    }
+
+    /// A client's request id is kept when it fits a log line's field, else
+    /// dropped (and one made in its place).
+    #[test]
+    fn a_request_id_that_could_forge_log_fields_is_dropped() {
+        let long = "x".repeat(129);
+        for (id, kept) in [
+            ("trace-me-42", true),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                true,
+            ),
+            ("job/42:7=a", true),
+            ("zz1 plugin=forged", false),
+            ("say \"hi\"", false),
+            ("tab\there", false),
+            (long.as_str(), false),
+        ] {
+            let request = Request::builder()
+                .header("x-request-id", id)
+                .body(())
+                .unwrap();
+            let request = super::drop_unfit_request_id(request);
+            assert_eq!(
+                request.headers().contains_key("x-request-id"),
+                kept,
+                "{id:?}"
+            );
+        }
     }
 
     /// A plugin's health is served from its cache until the registry

@@ -257,6 +257,20 @@ fn json_logs_carry_each_requests_id() {
     .unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header("x-request-id"), Some("trace-me-42"));
+    // One that could forge a log line's fields is replaced.
+    let forged = try_http_with(
+        server.addr,
+        "GET",
+        "/v1/health",
+        &[("x-request-id", "zz1 plugin=forged")],
+        b"",
+    )
+    .unwrap();
+    let id = forged.header("x-request-id").expect("an x-request-id");
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a new id: {id}"
+    );
     let log = server.log();
     let lines: Vec<serde_json::Value> = log
         .lines()
