@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use crate::budget::BodyBudget;
-use crate::error::{MALFORMED_ARGS_PART, MALFORMED_MULTIPART, RunError};
+use crate::error::{MALFORMED_ARGS_PART, MALFORMED_MULTIPART, RunError, UNREADABLE_BODY};
 
 /// Body of a tool run. An empty body means `{"args": {}}`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
@@ -106,7 +106,7 @@ fn body_error(e: &axum::Error) -> RunError {
         source = error.source();
     }
     RunError::MalformedBody {
-        message: format!("Failed to read the request body: {e}"),
+        message: format!("{UNREADABLE_BODY}: {e}"),
     }
 }
 

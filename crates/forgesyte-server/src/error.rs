@@ -281,6 +281,9 @@ impl IntoResponse for ApiError {
 pub(crate) const MALFORMED_MULTIPART: &str = "malformed multipart body";
 /// How the message of a multipart `args` part that is not JSON begins.
 pub(crate) const MALFORMED_ARGS_PART: &str = "the 'args' part";
+/// How the message of a body that could not be read begins (its chunked
+/// framing broken, the connection failing): whatever its type.
+pub(crate) const UNREADABLE_BODY: &str = "Failed to read the request body";
 
 /// Why a tool run (`POST /v1/plugins/{name}/tools/{tool}/run`) failed.
 ///
@@ -555,10 +558,12 @@ impl RunError {
                 format!("Tool '{t}' of plugin '{p}' did not finish: {reason}")
             }
             // A multipart body (or its `args` part) says what it is in its
-            // message; any other malformed body was meant to be JSON.
+            // message, and so does a body that could not be read; any other
+            // malformed body was meant to be JSON.
             RunError::MalformedBody { message }
                 if message.starts_with(MALFORMED_MULTIPART)
-                    || message.starts_with(MALFORMED_ARGS_PART) =>
+                    || message.starts_with(MALFORMED_ARGS_PART)
+                    || message.starts_with(UNREADABLE_BODY) =>
             {
                 format!("Request body is malformed: {message}")
             }
@@ -736,6 +741,16 @@ mod tests {
         assert!(
             detail.starts_with("Request body is malformed: malformed multipart body"),
             "{detail}"
+        );
+        let unreadable = RunError::MalformedBody {
+            message: format!("{UNREADABLE_BODY}: error reading a body from connection"),
+        };
+        assert!(
+            unreadable
+                .detail("p", "t")
+                .starts_with("Request body is malformed: Failed to read the request body"),
+            "{}",
+            unreadable.detail("p", "t")
         );
         let json = RunError::MalformedBody {
             message: "expected value at line 1 column 1".into(),
