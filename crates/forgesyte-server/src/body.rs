@@ -41,6 +41,23 @@ pub(crate) async fn receive(
     limit: usize,
 ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), RunError> {
     use http_body_util::BodyExt as _;
+    // The HTTP layer undoes `chunked` only: a body sent with another coding
+    // (`gzip, chunked`) would reach the plugin still encoded.
+    if let Some(coding) = headers
+        .get_all(axum::http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|c| !c.eq_ignore_ascii_case("chunked"))
+    {
+        return Err(RunError::MalformedBody {
+            message: format!(
+                "{UNREADABLE_BODY}: its Transfer-Encoding {:?} is not supported (only chunked; \
+                 send the body as it is)",
+                crate::error::Shown(coding).to_string()
+            ),
+        });
+    }
     let stated = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
@@ -401,6 +418,33 @@ mod tests {
         assert_eq!(budget.available_kib(), 8);
         // Never less room than one body at the limit.
         assert_eq!(BodyBudget::new(1 << 20, Some(1024)).available_kib(), 1024);
+    }
+
+    /// A transfer coding the HTTP layer does not undo is refused before
+    /// the body is read: the plugin would get the bytes still encoded.
+    #[tokio::test]
+    async fn a_body_in_a_coding_other_than_chunked_is_refused() {
+        let budget = BodyBudget::new(4096, Some(8192));
+        for (coding, refused) in [
+            ("chunked", false),
+            ("Chunked", false),
+            ("gzip, chunked", true),
+            ("deflate", true),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                axum::http::header::TRANSFER_ENCODING,
+                HeaderValue::from_static(coding),
+            );
+            let got = receive(&budget, &h, streamed(vec![&b"abc"[..]]), 4096).await;
+            match (got, refused) {
+                (Ok((bytes, _)), false) => assert_eq!(&bytes[..], b"abc"),
+                (Err(RunError::MalformedBody { message }), true) => {
+                    assert!(message.contains("Transfer-Encoding"), "{message}");
+                }
+                (other, _) => panic!("{coding}: {other:?}"),
+            }
+        }
     }
 
     fn headers(content_type: &str) -> HeaderMap {
