@@ -212,6 +212,35 @@ fn an_entrypoint_of_a_file_and_a_class_runs_that_class() {
     );
 }
 
+/// An entrypoint may name an attribute path after the colon
+/// (`module:Outer.Plugin`), as Python's entry points may.
+#[test]
+fn an_entrypoint_of_a_module_and_an_attribute_path_runs_that_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("nested");
+    std::fs::create_dir_all(&plugin).unwrap();
+    std::fs::write(
+        plugin.join("nested_mod.py"),
+        "class Outer:\n    class Plugin:\n        tools = {}\n\n        \
+         def run_tool(self, tool_name, args):\n            return {\"class\": \"Outer.Plugin\"}\n",
+    )
+    .unwrap();
+    write_manifest(
+        dir.path(),
+        "nested",
+        json!({"version": "1.0.0", "runtime": "python", "entrypoint": "nested_mod:Outer.Plugin",
+               "tools": [{"id": "which", "description": "Which class ran.",
+                          "input_schema": {"type": "object"}}]}),
+    );
+    let registry = Registry::new();
+    let loader = loader(dir.path(), &registry);
+    check(&registry, "nested", S::Initialized, None);
+    assert_eq!(
+        call(&loader, "nested", "which", json!({})).unwrap(),
+        json!({"class": "Outer.Plugin"})
+    );
+}
+
 /// An interpreter that logs when each of its runs starts (`zygote` or
 /// `check`) and when a package check ends (`checked`), taking half a
 /// second over the check; written to `path`.

@@ -32,6 +32,12 @@ class Args(object):
         self.installed = False
 
 
+def _dotted(name):
+    """Whether ``name`` is identifiers joined by dots: a module path, or an
+    attribute path (``Outer.Plugin``, as an entry point may name one)."""
+    return all(part.isidentifier() for part in name.split("."))
+
+
 def parse_args(argv):
     args = Args()
     it = iter(argv)
@@ -57,15 +63,13 @@ def parse_args(argv):
                 raise UsageError("--module given twice")
             spec = value()
             dotted, sep, cls = spec.partition(":")
-            if not dotted or (sep and not cls) or not all(
-                part.isidentifier() for part in dotted.split(".")
-            ) or (cls and not cls.isidentifier()):
+            if not dotted or (sep and not cls) or not _dotted(dotted) or (cls and not _dotted(cls)):
                 raise UsageError("--module: not a DOTTED[:CLASS] name: %r" % spec)
             args.module = dotted
             module_class = cls or None
         elif arg == "--class":
             cls = value()
-            if not cls.isidentifier():
+            if not _dotted(cls):
                 raise UsageError("--class: not a class name: %r" % cls)
             args.class_name = cls
         elif arg == "--installed":
