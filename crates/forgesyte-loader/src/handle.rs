@@ -36,7 +36,8 @@ pub enum CallError {
     Interrupted {
         /// The plugin.
         name: String,
-        /// Its state now (the state of the instance in its place).
+        /// Its state when the call ended (a reload may still be building
+        /// the instance in its place).
         state: Option<PluginLifecycleState>,
         /// What happened to the call.
         reason: String,

@@ -48,7 +48,8 @@ pub(crate) async fn receive(
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("?").split(','))
         .map(str::trim)
-        .find(|c| !c.eq_ignore_ascii_case("chunked"))
+        // Empty items are no coding (RFC 9110 §5.6.1).
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
     {
         return Err(RunError::MalformedBody {
             message: format!(
@@ -428,6 +429,7 @@ mod tests {
         for (coding, refused) in [
             ("chunked", false),
             ("Chunked", false),
+            (", chunked", false),
             ("gzip, chunked", true),
             ("deflate", true),
         ] {

@@ -310,12 +310,13 @@ pub enum RunError {
     },
     /// The call reached a plugin process the host let go before it answered
     /// (a reload, a rescan, the server's stop): 503, `PluginNotRunnable`,
-    /// with the plugin's state now and what happened in `reason`. Not the
+    /// with the plugin's state as the call ended and what happened in
+    /// `reason`. Not the
     /// plugin's fault; sent again, the call reaches the instance in its
     /// place.
     #[error("the call did not finish: the host let the plugin's process go; send it again")]
     Interrupted {
-        /// The plugin's state now.
+        /// The plugin's state as the call ended.
         state: Option<PluginLifecycleState>,
         /// What happened to the call.
         reason: String,
