@@ -400,7 +400,9 @@ async fn a_body_that_stops_arriving_is_answered_408() {
     let addr = server.addr;
     let (elapsed, response) = blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http(addr, "GET", "/v1/plugins/p/health", b"").status != 200 {
+        // Constructed, not only registered (health answers 200 for a
+        // LOADED plugin, whose call would be 503 before its body is read).
+        while http(addr, "GET", "/v1/plugins/p/health", b"").json()["state"] != "INITIALIZED" {
             assert!(Instant::now() < deadline, "p never loaded");
             std::thread::sleep(Duration::from_millis(20));
         }
