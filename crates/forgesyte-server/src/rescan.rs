@@ -13,8 +13,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify_debouncer_mini::notify::RecursiveMode;
-use notify_debouncer_mini::{DebounceEventResult, new_debouncer};
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
@@ -166,28 +166,22 @@ fn start_sighup(_state: &AppState) {}
 /// [`WATCH_SETTLE`], one rescan runs.
 fn start_watch(state: &AppState, plugins_dir: &Path) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let debounced = new_debouncer(
-        WATCH_SETTLE,
-        move |result: DebounceEventResult| match result {
-            Ok(events) => {
-                if events.iter().any(|e| relevant(&e.path)) {
-                    let _ = tx.send(());
-                }
+    let watching =
+        notify::recommended_watcher(move |result: notify::Result<notify::Event>| match result {
+            Ok(event) if changes(&event.kind) && event.paths.iter().any(|p| relevant(p)) => {
+                let _ = tx.send(());
             }
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "Watching the plugins directory: {e}"),
-        },
-    );
-    let mut debouncer = match debounced {
-        Ok(debouncer) => debouncer,
+        });
+    let mut watcher = match watching {
+        Ok(watcher) => watcher,
         Err(e) => {
             tracing::error!(error = %e, "--watch: cannot watch for file changes: {e}");
             return;
         }
     };
-    if let Err(e) = debouncer
-        .watcher()
-        .watch(plugins_dir, RecursiveMode::Recursive)
-    {
+    if let Err(e) = watcher.watch(plugins_dir, RecursiveMode::Recursive) {
         tracing::error!(dir = %plugins_dir.display(), error = %e, "--watch: cannot watch {}: {e}", plugins_dir.display());
         return;
     }
@@ -195,8 +189,8 @@ fn start_watch(state: &AppState, plugins_dir: &Path) {
     let state = state.clone();
     let dir: PathBuf = plugins_dir.to_path_buf();
     tokio::spawn(async move {
-        // Dropping the debouncer stops the watching: it lives here.
-        let _debouncer = debouncer;
+        // Dropping the watcher stops the watching: it lives here.
+        let _watcher = watcher;
         while rx.recv().await.is_some() {
             // A rebuild writes in several steps: wait until it settles.
             while let Ok(Some(())) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {}
@@ -204,6 +198,19 @@ fn start_watch(state: &AppState, plugins_dir: &Path) {
             rescan_when_free(&state, "watch").await;
         }
     });
+}
+
+/// Whether an event changed something: the watcher also reports files
+/// opened and closed unwritten, and a rescan opens every plugin's files,
+/// so each rescan set off the next (an idle `--watch` server rescanned
+/// twice a second).
+fn changes(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(access) => {
+            matches!(access, AccessKind::Close(AccessMode::Write))
+        }
+        _ => true,
+    }
 }
 
 /// Whether a change of `path` can matter to a plugin (caches do not).
@@ -219,7 +226,28 @@ fn relevant(path: &Path) -> bool {
 mod tests {
     use std::path::Path;
 
-    use super::relevant;
+    use super::{changes, relevant};
+
+    #[test]
+    fn opening_and_reading_files_are_not_changes() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind,
+        };
+        assert!(!changes(&EventKind::Access(AccessKind::Open(
+            AccessMode::Read
+        ))));
+        assert!(!changes(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!changes(&EventKind::Access(AccessKind::Read)));
+        assert!(changes(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(changes(&EventKind::Create(CreateKind::File)));
+        assert!(changes(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
+    }
 
     #[test]
     fn caches_are_not_changes() {

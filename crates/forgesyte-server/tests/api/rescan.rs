@@ -549,6 +549,11 @@ fn watch_picks_up_a_new_plugin_without_a_signal() {
     wait_for("the watcher", Duration::from_secs(10), &server, || {
         server.log().contains("for plugin changes").then_some(())
     });
+    // Idle, it does not rescan (a rescan's own reads of the plugins' files
+    // set off the next: an idle server rescanned twice a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let rescans = |server: &Forgesyte| server.log().matches("Rescan (watch)").count();
+    assert_eq!(rescans(&server), 0, "{}", server.log());
     dir.good("gamma", json!({}));
     let reply = wait_for("gamma served", Duration::from_secs(20), &server, || {
         let reply = served(&server, "gamma", "echo");
@@ -560,6 +565,8 @@ fn watch_picks_up_a_new_plugin_without_a_signal() {
         "{}",
         server.log()
     );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(rescans(&server), 1, "{}", server.log());
 }
 
 #[test]
