@@ -394,7 +394,7 @@ pub(crate) struct LoaderArgs {
     /// plugin that declares `requires_gpu` gets none unless its manifest
     /// sets one (a GPU driver reserves far more address space than it
     /// uses).
-    #[arg(long, value_name = "MIB", env = "FORGESYTE_MEMORY_LIMIT", default_value_t = DEFAULT_MEMORY_LIMIT_MIB, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    #[arg(long, value_name = "MIB", env = "FORGESYTE_MEMORY_LIMIT", default_value_t = DEFAULT_MEMORY_LIMIT_MIB, value_parser = parse_mib)]
     pub(crate) memory_limit: u64,
 }
 
@@ -532,6 +532,17 @@ pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err(format!("'{text}' is less than a nanosecond")),
         Ok(d) => Ok(d),
         Err(e) => Err(format!("'{text}': {e}")),
+    }
+}
+
+/// A number of MiB for a memory limit: 0 (none) to 1 TiB, as a manifest's
+/// `limits.memory_mb`.
+pub(crate) fn parse_mib(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(n) if n <= 1_048_576 => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a whole number of MiB from 0 (no limit) to 1048576"
+        )),
     }
 }
 
@@ -719,6 +730,17 @@ mod tests {
         assert_eq!(parse_count("50"), Ok(50));
         assert!(parse_count("0").is_err());
         assert!(parse_count("-3").is_err());
+        assert_eq!(parse_mib("0"), Ok(0));
+        assert_eq!(parse_mib("8192"), Ok(8192));
+        for bad in ["1.5", "abc", "-5", "1048577"] {
+            assert_eq!(
+                parse_mib(bad),
+                Err(format!(
+                    "'{bad}' is not a whole number of MiB from 0 (no limit) to 1048576"
+                )),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -8,12 +8,13 @@ use forgesyte_errors::CrashCause;
 
 /// Lines of a dying process's stderr that say an allocation failed: Rust's
 /// default allocation-error hook (`memory allocation of N bytes failed`),
-/// C++'s `std::bad_alloc`, and the usual C wording.
+/// C++'s `std::bad_alloc`, the usual C wording, and Python's.
 const ALLOCATION_FAILURE_MARKERS: &[&str] = &[
     "memory allocation of",
     "std::bad_alloc",
     "out of memory",
     "Cannot allocate memory",
+    "MemoryError",
 ];
 
 /// How many of the last stderr lines may carry the allocation failure.
@@ -22,6 +23,11 @@ const ALLOCATION_FAILURE_LINES: usize = 3;
 /// The Python runner's exit code for a `MemoryError` (`EXIT_MEMORY` in
 /// `python/runner/base.py`).
 const PYTHON_EXIT_MEMORY: i32 = 70;
+
+/// The Python runner's exit code when it could not set itself up
+/// (`EXIT_SETUP`): under a memory limit too low for the interpreter, a
+/// `MemoryError` there ends it so.
+const PYTHON_EXIT_SETUP: i32 = 71;
 
 /// The conventional name of signal `number` on Linux (`SIGSEGV`), or
 /// `SIG<number>` for one without a name.
@@ -81,7 +87,7 @@ pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[Stri
     // may log "CUDA out of memory, retrying" and crash later for another
     // reason).
     let ends_like_it = matches!(status.signal(), Some(libc::SIGABRT | libc::SIGKILL))
-        || status.code() == Some(PYTHON_EXIT_MEMORY);
+        || matches!(status.code(), Some(PYTHON_EXIT_MEMORY | PYTHON_EXIT_SETUP));
     let said_so = stderr
         .iter()
         .rev()
@@ -159,6 +165,15 @@ mod tests {
             .find(|(file, _)| *file == "base.py")
             .expect("the runner's base module");
         assert!(base.contains(&format!("\nEXIT_MEMORY = {PYTHON_EXIT_MEMORY}\n")));
+        assert!(base.contains(&format!("\nEXIT_SETUP = {PYTHON_EXIT_SETUP}\n")));
+        // Its setup failing for want of memory (a limit too low for the
+        // interpreter).
+        let setup =
+            vec!["forgesyte-python-runner[p]: cannot confine the runner: MemoryError: ".to_owned()];
+        assert_eq!(
+            classify(exited(71), 16, &setup),
+            CrashCause::MemoryLimit { limit_mib: 16 }
+        );
         let python = vec!["MemoryError: out of memory in tool 'grow'".to_owned()];
         assert_eq!(
             classify(exited(70), 128, &python),
