@@ -81,7 +81,7 @@ impl CheckReport {
                 p.name,
                 p.state.as_str(),
                 version(p),
-                p.reason.as_deref().unwrap_or_default()
+                crate::controls::Escaped(p.reason.as_deref().unwrap_or_default())
             );
             let _ = writeln!(out, "{}", line.trim_end());
         }
@@ -176,6 +176,22 @@ mod tests {
         assert_eq!(
             lines[3],
             "3 plugins: 1 loaded, 1 failed, 1 unavailable (1.0 ms)"
+        );
+    }
+
+    /// A reason a plugin wrote (an exception's message) stays on its
+    /// plugin's line, and cannot drive the terminal.
+    #[test]
+    fn a_reason_with_control_characters_stays_on_its_line() {
+        let mut report = report();
+        report.plugins[0].reason = Some("x\nforged  INITIALIZED  1.0\x1b[2J".into());
+        let text = report.to_text();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(
+            text.lines()
+                .next()
+                .is_some_and(|l| l.ends_with("x\\nforged  INITIALIZED  1.0\\u{1b}[2J")),
+            "{text}"
         );
     }
 

@@ -87,6 +87,7 @@ mod budget;
 mod check;
 mod config;
 mod conn;
+pub mod controls;
 mod docs;
 mod error;
 mod events;

@@ -60,6 +60,7 @@ use crate::cli::{CheckArgs, Cli, Command, LogFormat, NewArgs, RUNNER_SUBCOMMAND,
 mod admin_env;
 mod cli;
 mod config_file;
+mod log_fields;
 mod scaffold;
 
 /// How long the runtime waits, after the server stopped, for tool calls
@@ -72,7 +73,12 @@ fn init_logging(default: &str, format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => {
+            use tracing_subscriber::field::MakeExt as _;
+            logs.with_ansi(std::io::stderr().is_terminal())
+                .fmt_fields(log_fields::EscapedFields.delimited(" "))
+                .init();
+        }
         LogFormat::Json => logs.json().with_current_span(true).init(),
     }
 }

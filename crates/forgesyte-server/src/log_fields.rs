@@ -1,0 +1,152 @@
+//! The fields of the text log format: one record per line, whatever its
+//! fields hold.
+//!
+//! Much of what the log says comes from plugins: a failure's reason (an
+//! exception's message), a crash's stderr tail, the lines a runner writes.
+//! `tracing-subscriber`'s own text fields write a field's value as it is
+//! (and escape only some terminal controls, in the message only): a reason
+//! holding a newline started a forged log line, and one holding `ESC [2J`
+//! cleared the operator's terminal. Here every control character of every
+//! field, the message included, is written escaped (`\n`, `\r`, `\t`,
+//! `\u{1b}`). The JSON format needs none of this (its strings are escaped).
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::Writer;
+
+/// The text format's fields, each `name=value` (the message's value
+/// alone), a string as it is and any other value as its `Debug` form, as
+/// `tracing-subscriber` writes them, with control characters escaped (see
+/// the module's documentation). Delimit them with
+/// [`tracing_subscriber::field::MakeExt::delimited`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EscapedFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for EscapedFields {
+    type Visitor = EscapedVisitor<'a>;
+
+    fn make_visitor(&self, writer: Writer<'a>) -> Self::Visitor {
+        EscapedVisitor {
+            writer,
+            result: Ok(()),
+        }
+    }
+}
+
+/// The visitor of [`EscapedFields`].
+pub(crate) struct EscapedVisitor<'a> {
+    writer: Writer<'a>,
+    result: fmt::Result,
+}
+
+impl EscapedVisitor<'_> {
+    fn write(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        let named = if name == "message" {
+            Ok(())
+        } else {
+            write!(self.writer, "{}=", name.strip_prefix("r#").unwrap_or(name))
+        };
+        self.result = named.and_then(|()| write!(Escaping(&mut self.writer), "{value:?}"));
+    }
+}
+
+impl Visit for EscapedVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        // A string as it is, not quoted (its `Debug` form).
+        self.write(field, &format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.write(field, value);
+    }
+}
+
+impl VisitOutput<fmt::Result> for EscapedVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for EscapedVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        &mut self.writer
+    }
+}
+
+/// Writes through to a log record, control characters escaped.
+struct Escaping<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Escaping<'_, '_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        forgesyte_server::controls::write_escaped(self.0, text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::field::MakeExt as _;
+
+    /// What the text format writes for one event, with these fields.
+    fn logged(emit: impl FnOnce()) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = Arc::clone(&out);
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(super::EscapedFields.delimited(" "))
+            .with_writer(move || Writer(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = out.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut out) = self.0.lock() {
+                out.extend_from_slice(data);
+            }
+            Ok(data.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_plugins_reason_cannot_start_a_line_or_drive_the_terminal() {
+        let reason =
+            "InitError: RuntimeError: x\n2026-12-04T17:18:51Z  INFO forged\x1b[2K\r\0\u{9b}";
+        let text = logged(|| {
+            tracing::error!(plugin = %"evil", %reason, "✗ Plugin FAILED: {}\nnext", "evil");
+        });
+        assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+        assert!(text.ends_with('\n'), "{text:?}");
+        assert!(
+            text.contains(
+                "✗ Plugin FAILED: evil\\nnext plugin=evil reason=InitError: RuntimeError: \
+                 x\\n2026-12-04T17:18:51Z  INFO forged\\u{1b}[2K\\r\\u{0}\\u{9b}"
+            ),
+            "{text:?}"
+        );
+        assert!(!text.contains('\x1b') && !text.contains('\r') && !text.contains('\0'));
+        // Debug values keep their form (a string's quotes), escaped too;
+        // a string field is written as it is.
+        let text = logged(|| tracing::info!(value = ?"tab\there", name = "a\tb", "done"));
+        assert!(
+            text.contains(r#"done value="tab\there" name=a\tb"#),
+            "{text:?}"
+        );
+    }
+}
