@@ -212,6 +212,27 @@ impl PluginHandle {
         }
     }
 
+    /// Records the first construction as INITIALIZED (the load pass does,
+    /// once its wave is done), unless its instance already ended: then the
+    /// supervisor owns the state (FAILED, or LOADED while a restart builds
+    /// its runner, which a load pass marked INITIALIZED with the dead
+    /// runner still in the slot). `None` when nothing was written. Under
+    /// the slot's lock, as the supervisor's own writes.
+    pub(crate) fn mark_first_initialized(
+        &self,
+    ) -> Option<Result<(), forgesyte_registry::RegistryError>> {
+        let slot = &self.inner.slot;
+        slot.unless_retired(|| {
+            let ended = self
+                .inner
+                .supervisor
+                .as_ref()
+                .is_some_and(|s| !s.never_ended());
+            (!ended).then(|| slot.registry.mark_initialized(&slot.name))
+        })
+        .flatten()
+    }
+
     /// The sandbox its runner reported (see [`crate::sandbox`]); `None`
     /// in process or unconfined.
     pub fn confinement(&self) -> Option<std::collections::BTreeMap<String, String>> {

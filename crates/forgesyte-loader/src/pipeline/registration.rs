@@ -191,17 +191,24 @@ impl Loader {
     pub(super) fn mark_loaded(&self, p: &Pending, handle: PluginHandle) {
         let _ = self.registry.set_confinement(&p.name, handle.confinement());
         if let Some(entry) = self.entries.write().get_mut(&p.name) {
-            entry.handle = Some(handle);
+            entry.handle = Some(handle.clone());
         }
-        match self.registry.mark_initialized(&p.name) {
-            Ok(()) => tracing::info!(
+        match handle.mark_first_initialized() {
+            // Its runner ended while the rest of its wave was constructed:
+            // its supervisor has recorded that, and restarts it.
+            None => {
+                tracing::debug!(plugin = %p.name, "its first runner already ended: the state is its supervisor's")
+            }
+            Some(Ok(())) => tracing::info!(
                 plugin = %p.name,
                 version = %p.manifest.version,
                 "✓ Loaded plugin: {} ({})",
                 p.name,
                 p.manifest.version
             ),
-            Err(e) => tracing::error!(plugin = %p.name, error = %e, "registry refused INITIALIZED"),
+            Some(Err(e)) => {
+                tracing::error!(plugin = %p.name, error = %e, "registry refused INITIALIZED");
+            }
         }
     }
 

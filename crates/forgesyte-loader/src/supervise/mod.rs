@@ -188,6 +188,13 @@ impl Supervisor {
         supervisor
     }
 
+    /// Whether no instance it watches has ended yet: until then the first
+    /// construction's load pass may record INITIALIZED; after, the state
+    /// is this supervisor's (FAILED, a restart under way).
+    pub(crate) fn never_ended(&self) -> bool {
+        self.state.lock().generation == 0
+    }
+
     /// The host is shutting down (the shared flag is set): a restart that
     /// waits is dropped, so the plugin no longer shows a retry time.
     pub(crate) fn stop_restarts(&self) {

@@ -436,6 +436,32 @@ fn a_restart_checks_the_files_before_and_after_it_starts_a_runner() {
     assert_eq!(h.starts().len(), 4);
 }
 
+/// The load pass records the first construction INITIALIZED once its
+/// whole wave is constructed; a runner that ended meanwhile is its
+/// supervisor's: the load pass writes nothing, and does not mark a plugin
+/// INITIALIZED whose restart is building a runner, the dead one still in
+/// the slot.
+#[test]
+fn a_load_pass_leaves_the_state_of_a_runner_that_ended_to_its_supervisor() {
+    let mut h = Harness::new(SupervisionPolicy {
+        backoff_base: ms(100),
+        ..SupervisionPolicy::default()
+    });
+    let supervisor = h.supervisor.clone().unwrap();
+    let handle = crate::PluginHandle::isolated(Arc::clone(&h.slot), ms(1000), supervisor);
+    h.crash();
+    // The restart's first step (FAILED -> LOADED) while it builds a runner.
+    h.registry.mark_restarting(NAME).unwrap();
+    assert_eq!(h.status().state, S::Loaded);
+    assert!(handle.mark_first_initialized().is_none());
+    assert_eq!(h.status().state, S::Loaded, "left to the restart");
+    // A runner that never ended is the load pass's to record.
+    let h = Harness::new(SupervisionPolicy::default());
+    let handle =
+        crate::PluginHandle::isolated(Arc::clone(&h.slot), ms(1000), h.supervisor.clone().unwrap());
+    assert!(handle.mark_first_initialized().is_some());
+}
+
 #[test]
 fn a_retired_or_dropped_plugin_is_not_restarted() {
     let policy = SupervisionPolicy {
