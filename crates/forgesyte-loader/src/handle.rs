@@ -368,12 +368,9 @@ impl PluginHandle {
             // A handle taken before a reload or rescan replaced this
             // instance: the name (and its counts) are the new one's.
             drop(running);
-            return Err(CallError::Interrupted {
-                name: name.clone(),
-                state: registry.get_status(name).map(|s| s.state),
-                reason: "the plugin was reloaded while this call waited to start; send it again"
-                    .to_owned(),
-            });
+            return Err(self.interrupted(
+                "the plugin was reloaded while this call waited to start; send it again",
+            ));
         }
         let args = match serde_json::to_vec(args) {
             Ok(bytes) => bytes,
@@ -422,13 +419,10 @@ impl PluginHandle {
             // so not counted (`running` finishes it uncounted), and a call
             // sent again reaches the instance in its place.
             drop(running);
-            return Err(CallError::Interrupted {
-                name: name.clone(),
-                state: registry.get_status(name).map(|s| s.state),
-                reason: "the host stopped the plugin's process while this call ran (a reload, a \
-                         rescan or the server's stop): its result is lost; send it again"
-                    .to_owned(),
-            });
+            return Err(self.interrupted(
+                "the host stopped the plugin's process while this call ran (a reload, a rescan \
+                 or the server's stop): its result is lost; send it again",
+            ));
         }
         let _recorded_below = std::mem::ManuallyDrop::new(running);
         if ticket.settle() {
@@ -533,6 +527,17 @@ impl PluginHandle {
     pub(crate) fn stop_restarts(&self) {
         if let Some(supervisor) = &self.inner.supervisor {
             supervisor.stop_restarts();
+        }
+    }
+
+    /// A call that did not finish because the host let its instance go:
+    /// `reason`, and the plugin's state as it ended.
+    fn interrupted(&self, reason: &str) -> CallError {
+        let slot = &self.inner.slot;
+        CallError::Interrupted {
+            name: slot.name.clone(),
+            state: slot.registry.get_status(&slot.name).map(|s| s.state),
+            reason: reason.to_owned(),
         }
     }
 

@@ -486,8 +486,9 @@ fn parse_limits(value: Option<&Value>) -> Result<Limits, ManifestError> {
     })
 }
 
-/// The largest memory or response limit a manifest may ask for (1 TiB).
-const MAX_MIB: u64 = 1024 * 1024;
+/// The largest memory or response limit a manifest may ask for (1 TiB),
+/// and so the server's `--memory-limit`.
+pub const MAX_MIB: u64 = 1024 * 1024;
 
 fn opt_bool(obj: &serde_json::Map<String, Value>, key: &str) -> Result<bool, ManifestError> {
     match obj.get(key) {

@@ -538,10 +538,11 @@ pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
 /// A number of MiB for a memory limit: 0 (none) to 1 TiB, as a manifest's
 /// `limits.memory_mb`.
 pub(crate) fn parse_mib(text: &str) -> Result<u64, String> {
+    use forgesyte_loader::manifest::MAX_MIB;
     match text.trim().parse::<u64>() {
-        Ok(n) if n <= 1_048_576 => Ok(n),
+        Ok(n) if n <= MAX_MIB => Ok(n),
         _ => Err(format!(
-            "'{text}' is not a whole number of MiB from 0 (no limit) to 1048576"
+            "'{text}' is not a whole number of MiB from 0 (no limit) to {MAX_MIB}"
         )),
     }
 }

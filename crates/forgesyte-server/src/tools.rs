@@ -169,17 +169,7 @@ async fn run_unrecorded(
     let limit = handle
         .call_timeout()
         .unwrap_or_else(|| state.call_timeout());
-    let declared: Vec<String> = handle
-        .tools()
-        .iter()
-        .find(|t| t.id == tool)
-        .map(|t| {
-            binary_arguments(&t.input_schema)
-                .into_iter()
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
+    let declared = declared_binary(&handle, tool);
     let (args, attachments) = arguments(input, &declared, handle.takes_binary())?;
     let started = Instant::now();
     let start = Start::default();
@@ -519,9 +509,20 @@ pub(crate) fn live_handle(
 /// takes bytes (`takes_binary`: a runner, a native ABI-3 library), base64
 /// strings of declared binary arguments decoded in place (`base64_arg`) so that they reach it
 /// as bytes. A binary argument's place in the JSON holds `null`.
+/// The binary arguments `tool` of `handle`'s live instance declares (none
+/// when it lists no such tool).
+pub(crate) fn declared_binary<'h>(handle: &'h PluginHandle, tool: &str) -> Vec<&'h str> {
+    handle
+        .tools()
+        .iter()
+        .find(|t| t.id == tool)
+        .map(|t| binary_arguments(&t.input_schema))
+        .unwrap_or_default()
+}
+
 fn arguments(
     input: RunInput,
-    declared: &[String],
+    declared: &[&str],
     takes_binary: bool,
 ) -> Result<(Value, Vec<(String, Bytes)>), RunError> {
     let RunInput {
@@ -534,14 +535,14 @@ fn arguments(
             // The body (or a stream's frame) is the argument: the same name
             // in `args` too is one argument given twice, as multipart
             // refuses a part named like an `args` key.
-            [one] if args.get(one).is_some_and(|v| !v.is_null()) => {
+            [one] if args.get(*one).is_some_and(|v| !v.is_null()) => {
                 return Err(RunError::BodyMismatch {
                     message: format!(
                         "argument '{one}' is given twice: as the binary body (or frame) and in args"
                     ),
                 });
             }
-            [one] => binary.push((one.clone(), bytes)),
+            [one] => binary.push(((*one).to_owned(), bytes)),
             [] => {
                 return Err(RunError::BodyMismatch {
                     message: "the tool declares no binary argument: send JSON".into(),
@@ -560,22 +561,22 @@ fn arguments(
     }
     if takes_binary {
         for name in declared {
-            match args.get_mut(name) {
+            match args.get_mut(*name) {
                 Some(Value::String(text)) => {
                     // Decoded into the text's own buffer (the argument is
                     // replaced by `null` below).
                     let bytes =
                         decode_in_place(std::mem::take(text)).map_err(|e| RunError::NotBase64 {
-                            name: name.clone(),
+                            name: (*name).to_owned(),
                             message: e.to_string(),
                         })?;
-                    binary.push((name.clone(), bytes.into()));
+                    binary.push(((*name).to_owned(), bytes.into()));
                 }
                 // Absent, or `null`: not given.
                 None | Some(Value::Null) => {}
                 Some(other) => {
                     return Err(RunError::NotBinary {
-                        name: name.clone(),
+                        name: (*name).to_owned(),
                         found: forgesyte_deps::json_type_name(other),
                     });
                 }
@@ -606,7 +607,7 @@ mod tests {
 
     #[test]
     fn binary_arguments_are_passed_on_without_copies_and_base64_is_decoded_once() {
-        let declared = ["image".to_owned()];
+        let declared = ["image"];
         // An octet-stream body is the declared argument: the same buffer.
         let body = Bytes::from(vec![1u8, 2, 3]);
         let input = RunInput {

@@ -31,7 +31,6 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument as _;
 
-use crate::body::binary_arguments;
 use crate::error::{ApiError, ErrorDetail, RunFailure, Shown};
 use crate::extract::{ApiPath, ToolPath};
 use crate::state::AppState;
@@ -132,7 +131,7 @@ pub(crate) async fn stream_tool(
             .into_response();
         }
     };
-    let binary = binary_count(&handle, &tool);
+    let binary = tools::declared_binary(&handle, &tool).len();
     if binary != 1 {
         return not_streamable(&plugin, &tool, binary);
     }
@@ -357,15 +356,6 @@ fn policy_of(query: Option<&str>) -> Result<Policy, String> {
         }
     }
     Policy::parse(policy, queue)
-}
-
-/// How many binary arguments `tool` of the live instance declares.
-fn binary_count(handle: &forgesyte_loader::PluginHandle, tool: &str) -> usize {
-    handle
-        .tools()
-        .iter()
-        .find(|t| t.id == tool)
-        .map_or(0, |t| binary_arguments(&t.input_schema).len())
 }
 
 /// 422: the tool does not take exactly one binary argument.

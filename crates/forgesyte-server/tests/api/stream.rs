@@ -622,6 +622,16 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     assert_eq!(code, 1001, "{reason}");
 }
 
+/// A server of `alpha` whose bodies and frames may be 4 KiB (the directory
+/// first: the server is dropped before it).
+fn alpha_with_a_4_kib_body_limit() -> (PluginsDir, Forgesyte) {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "4096"]);
+    server.wait_loaded();
+    (dir, server)
+}
+
 /// A client sending a message far over the body limit writes all of it and
 /// then reads the 1009 close: the server reads the rest of the message and
 /// drops it (its WebSocket layer gave up on the stream at the message's
@@ -629,10 +639,7 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
 /// answer with a reset: the client's write failed, and the close was lost.
 #[test]
 fn a_message_far_over_the_limit_is_read_to_its_end_and_answered_1009() {
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "4096"]);
-    server.wait_loaded();
+    let (_dir, server) = alpha_with_a_4_kib_body_limit();
     // More than the connection's socket buffers hold on loopback.
     let big = vec![7u8; 32 << 20];
     for message in [
@@ -664,10 +671,7 @@ fn a_message_far_over_the_limit_is_read_to_its_end_and_answered_1009() {
 #[test]
 fn endless_empty_fragments_close_the_stream_with_1009() {
     use std::io::Write as _;
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--body-limit", "4096"]);
-    server.wait_loaded();
+    let (_dir, server) = alpha_with_a_4_kib_body_limit();
     let mut socket = open(&server, &target("alpha", "frame", ""));
     socket
         .get_ref()
