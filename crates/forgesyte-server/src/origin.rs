@@ -18,6 +18,11 @@
 //!   public name, when the proxy passes the client's `Host` on); a rebound
 //!   name is refused (403).
 //!
+//! Before either rule, a request whose `Host` is malformed is a bad request
+//! (400, RFC 9112 §3.2): two `Host` headers, or none in HTTP/1.1; a target
+//! in absolute form (`GET http://host/path`) names the host instead of
+//! `Host`.
+//!
 //! An `Origin` is also this server's when its host is a `--public-host`
 //! name (a proxy that rewrites `Host` to the server's own address leaves
 //! `Origin` as the browser sent it). The loopback rule is each
@@ -34,7 +39,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use axum::http::{HeaderMap, Method, Request, StatusCode, Uri, Version, header};
 use axum::response::Response;
 use tower::{Layer, Service};
 
@@ -97,10 +102,20 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let detail = request
-            .extensions()
-            .get::<Guard>()
-            .and_then(|guard| refusal(request.method(), request.headers(), guard));
+        let Some(guard) = request.extensions().get::<Guard>() else {
+            return futures_util::future::Either::Right(self.inner.call(request));
+        };
+        if let Some(detail) = bad_host(request.version(), request.uri(), request.headers()) {
+            return futures_util::future::Either::Left(std::future::ready(Ok(
+                crate::conn::closing(StatusCode::BAD_REQUEST, detail),
+            )));
+        }
+        let detail = refusal_at(
+            request.method(),
+            request.uri().authority().map(|a| a.as_str()),
+            request.headers(),
+            guard,
+        );
         match detail {
             None => futures_util::future::Either::Right(self.inner.call(request)),
             Some(detail) => {
@@ -137,15 +152,45 @@ fn warn_now() -> bool {
             .is_ok()
 }
 
-/// Why a request is refused (the answer's detail), or `None`.
+/// Why a request's `Host` makes it malformed (400, RFC 9112 §3.2), or
+/// `None`: more than one `Host` header, or none in an HTTP/1.1 request
+/// whose target is not in absolute form (`GET http://host/path`). Which
+/// host a well-formed request names is [`refusal_at`]'s question.
+pub(crate) fn bad_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<&'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Some("Bad request: more than one Host header");
+    }
+    (first.is_none() && uri.authority().is_none() && version == Version::HTTP_11)
+        .then_some("Bad request: an HTTP/1.1 request needs a Host header")
+}
+
+/// Why a request is refused (the answer's detail), or `None`: the request's
+/// `Host` header names the host it asks for.
+#[cfg(test)]
 pub(crate) fn refusal(method: &Method, headers: &HeaderMap, guard: &Guard) -> Option<String> {
+    refusal_at(method, None, headers, guard)
+}
+
+/// [`refusal`] for a request whose target may be in absolute form: then
+/// its authority (`target`) is the host asked for and `Host` is ignored
+/// (RFC 9112 §3.2.2).
+pub(crate) fn refusal_at(
+    method: &Method,
+    target: Option<&str>,
+    headers: &HeaderMap,
+    guard: &Guard,
+) -> Option<String> {
     // A Host that is there but not readable (not ASCII) is no name this
     // server answers to: it is refused as any other name is (it counted as
     // no Host before). A request with no Host at all (HTTP/1.0) passes.
-    let host = headers
-        .get(header::HOST)
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"))
-        .unwrap_or("");
+    let host = target.unwrap_or_else(|| {
+        headers
+            .get(header::HOST)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+            .unwrap_or("")
+    });
     // On another address the rule applies once the operator named the
     // server's names (`--public-host`): then only those, IP addresses
     // (which no page can rebind) and localhost (a container's published
@@ -340,6 +385,45 @@ mod tests {
             None
         );
         assert_eq!(refusal(&post, &host("localhost"), &guard(true, &[])), None);
+    }
+
+    #[test]
+    fn a_request_needs_exactly_one_host_unless_its_target_names_it() {
+        let origin_form: Uri = "/v1/plugins".parse().unwrap();
+        let absolute: Uri = "http://localhost:8000/v1/plugins".parse().unwrap();
+        let one = headers(&[("host", "localhost")]);
+        let mut two = headers(&[("host", "localhost")]);
+        two.append(header::HOST, HeaderValue::from_static("evil.example"));
+        let none = HeaderMap::new();
+        assert_eq!(bad_host(Version::HTTP_11, &origin_form, &one), None);
+        assert_eq!(bad_host(Version::HTTP_11, &absolute, &none), None);
+        // HTTP/1.0 had no Host.
+        assert_eq!(bad_host(Version::HTTP_10, &origin_form, &none), None);
+        let why = bad_host(Version::HTTP_11, &origin_form, &none).expect("no Host");
+        assert!(why.contains("needs a Host"), "{why}");
+        for version in [Version::HTTP_10, Version::HTTP_11] {
+            let why = bad_host(version, &absolute, &two).expect("two Hosts");
+            assert!(why.contains("more than one Host"), "{why}");
+        }
+    }
+
+    #[test]
+    fn an_absolute_target_names_the_host_and_host_is_ignored() {
+        let get = Method::GET;
+        let localhost = headers(&[("host", "localhost:8000")]);
+        let why = refusal_at(
+            &get,
+            Some("rebind.attacker.example:8000"),
+            &localhost,
+            &guard(true, &[]),
+        )
+        .expect("a rebound name in the target");
+        assert!(why.contains("rebind.attacker.example"), "{why}");
+        let rebound = headers(&[("host", "rebind.attacker.example")]);
+        assert_eq!(
+            refusal_at(&get, Some("127.0.0.1:8000"), &rebound, &guard(true, &[])),
+            None
+        );
     }
 
     #[test]

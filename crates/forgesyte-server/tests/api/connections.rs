@@ -715,6 +715,46 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
     assert_eq!(statuses, [403, 200]);
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request
+/// with two, is a bad request; a target in absolute form names the host
+/// in place of `Host` (so a rebound name there is refused although `Host`
+/// says localhost); HTTP/1.0 needs no `Host`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_doubled_host_is_a_bad_request() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    let answers = blocking(move || {
+        let ask = |head: &str| {
+            let mut stream = connect(addr);
+            stream.write_all(head.as_bytes()).unwrap();
+            read_response(&mut stream)
+        };
+        [
+            ask("GET /v1/plugins HTTP/1.1\r\n\r\n"),
+            ask("GET /v1/plugins HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n"),
+            ask(
+                "GET http://rebind.attacker.example/v1/plugins HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            ),
+            ask("GET http://localhost/v1/plugins HTTP/1.1\r\n\r\n"),
+            ask("GET /v1/plugins HTTP/1.0\r\n\r\n"),
+        ]
+    })
+    .await;
+    let statuses: Vec<&str> = answers.iter().map(|a| &a[9..12]).collect();
+    assert_eq!(
+        statuses,
+        ["400", "400", "403", "200", "200"],
+        "{answers:#?}"
+    );
+    assert!(answers[0].contains("needs a Host header"), "{}", answers[0]);
+    assert!(answers[1].contains("more than one Host"), "{}", answers[1]);
+    assert!(
+        answers[2].contains("rebind.attacker.example"),
+        "{}",
+        answers[2]
+    );
+}
+
 /// The status of the answer to `head`, sent on a connection of its own.
 fn status_of(addr: SocketAddr, head: &str) -> u16 {
     let mut stream = connect(addr);
