@@ -93,6 +93,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(events::events))
         .routes(routes!(ui::dashboard_root))
         .routes(routes!(ui::dashboard_ui))
+        .routes(routes!(ui::favicon))
         .routes(routes!(metrics::http::scrape))
 }
 

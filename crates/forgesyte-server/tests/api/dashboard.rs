@@ -441,4 +441,9 @@ async fn the_page_is_served_at_root_and_ui_with_a_same_origin_policy() {
         assert!(reply.text().contains("new EventSource('/v1/events')"));
     }
     assert_eq!(root.body, ui.body);
+    // The icon every browser asks for beside the page: none, and no 404.
+    let icon = crate::support::get(&host.app, "/favicon.ico").await;
+    assert_eq!(icon.status, 204);
+    assert!(icon.body.is_empty());
+    assert_eq!(icon.header("cache-control"), Some("public, max-age=86400"));
 }
