@@ -339,11 +339,17 @@ impl Events {
 
     /// The startup load pass ended with these counts (`None` when it
     /// failed as a whole).
+    /// `elapsed_ms` is the loader's own measure of the pass, which starts
+    /// a hair after this hub's: the event carries the larger of the two, so
+    /// it never reads less than the `progress` event before it.
     pub(crate) fn load_finished(&self, counts: Option<(usize, usize, usize)>, elapsed_ms: f64) {
-        let (registered, settled) = {
+        let (registered, settled, elapsed_ms) = {
             let mut load = self.load();
             load.running = false;
-            (load.registered, load.settled)
+            let ours = load
+                .started
+                .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
+            (load.registered, load.settled, elapsed_ms.max(ours))
         };
         self.publish(
             "load",
@@ -699,7 +705,9 @@ mod tests {
         registry
             .end_call("p", Duration::from_millis(1), true)
             .unwrap();
-        hub.load_finished(Some((1, 0, 0)), 5.0);
+        std::thread::sleep(Duration::from_millis(2));
+        // The loader's own measure starts later than the hub's.
+        hub.load_finished(Some((1, 0, 0)), 0.5);
         registry.mark_failed("p", "ToolPanic: boom").unwrap();
         let events = match hub.since(0, 64) {
             Since::Events(events) => events,
@@ -729,6 +737,8 @@ mod tests {
             ]
         );
         assert_eq!(kinds[5].1["loaded"], 1);
+        let elapsed = |i: usize| kinds[i].1["elapsed_ms"].as_f64().unwrap();
+        assert!(elapsed(5) >= 2.0 && elapsed(5) >= elapsed(4), "{kinds:?}");
     }
 
     #[test]
