@@ -85,17 +85,32 @@ fn reason_suffix(reason: &Option<String>) -> String {
 /// call in the registry; the other records nothing. So a call timed out is
 /// counted (an error) and no longer in flight at once, and a thread that
 /// returns long after, or never, changes nothing.
+///
+/// A call is *started* once its thread has marked it running: given up on
+/// before that, it is not the plugin's (no plugin code ran), so nothing is
+/// counted and the plugin is not marked, and the thread, should it mark
+/// the call running after all, undoes its own mark. Without that step a
+/// thread that stalled before its mark, across a reload, left the new
+/// instance with a call in flight that nobody would finish.
 #[derive(Debug, Clone, Default)]
 pub struct CallTicket(Arc<TicketState>);
 
 #[derive(Debug, Default)]
 struct TicketState {
-    settled: std::sync::atomic::AtomicBool,
+    /// [`NEW`], [`STARTED`] or [`SETTLED`].
+    phase: std::sync::atomic::AtomicU8,
     /// The instance the call was made on (an isolated plugin's runner):
     /// the one a time-out kills, not whichever a restart put in place
     /// since.
     instance: std::sync::OnceLock<std::sync::Weak<dyn PluginInstance>>,
 }
+
+/// A ticket's call has not been marked running yet.
+const NEW: u8 = 0;
+/// Its call was marked running (it is in flight in the registry).
+const STARTED: u8 = 1;
+/// Its call was recorded, or given up on.
+const SETTLED: u8 = 2;
 
 impl CallTicket {
     /// A call not settled yet.
@@ -103,17 +118,31 @@ impl CallTicket {
         Self::default()
     }
 
+    /// The call's thread marked it running: false when it was given up on
+    /// before (then the thread undoes its mark).
+    fn start(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .phase
+            .compare_exchange(NEW, STARTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Settles the call: true for the first caller only.
     fn settle(&self) -> bool {
-        !self
-            .0
-            .settled
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        self.give_up() != SETTLED
+    }
+
+    /// Settles the call, returning the phase it was in.
+    fn give_up(&self) -> u8 {
+        self.0
+            .phase
+            .swap(SETTLED, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Whether the call is settled (returned, or given up on).
     fn is_settled(&self) -> bool {
-        self.0.settled.load(std::sync::atomic::Ordering::Acquire)
+        self.0.phase.load(std::sync::atomic::Ordering::Acquire) == SETTLED
     }
 
     /// Records the instance the call runs on.
@@ -357,6 +386,15 @@ impl PluginHandle {
             ticket.settle();
             return Err(self.not_runnable());
         }
+        if !ticket.start() {
+            // Given up on before its mark (`fail_timeout` recorded nothing
+            // then): the mark is this thread's to undo. The name may be a
+            // reloaded instance's by now, marked by this thread all the same.
+            let _ = registry.finish(name);
+            return Err(
+                self.interrupted("the call did not start within its time limit; send it again")
+            );
+        }
         // Until the call is recorded below, it is finished (no longer in
         // flight, not counted) however this function is left: an early
         // return, or a panic of the host's own.
@@ -476,8 +514,9 @@ impl PluginHandle {
     /// call's thread cannot be stopped, so the plugin is marked FAILED
     /// (unless this handle was let go: a reload's new instance is not at
     /// fault) and the call is counted now (an error) and no longer in
-    /// flight: its thread's return, if it comes, records nothing. An
-    /// isolated plugin's process, the one the call went to (not one a
+    /// flight: its thread's return, if it comes, records nothing. A call
+    /// not yet marked running is given up on without either (no plugin
+    /// code ran). An isolated plugin's process, the one the call went to (not one a
     /// restart started since), is killed (and restarted by its
     /// supervisor); its call returns `TimedOut` and is recorded then.
     /// Returns the reason; `None` too for an isolated call that has
@@ -502,12 +541,17 @@ impl PluginHandle {
             ticket.instance()?.kill(&reason);
             return Some(reason);
         }
-        if !ticket.settle() {
-            return None;
+        match ticket.give_up() {
+            SETTLED => None,
+            // Not marked running yet: no plugin code ran, so the plugin is
+            // neither blamed nor counted (its thread undoes a late mark).
+            NEW => Some(reason),
+            _ => {
+                self.mark_failed_unless_retired(&reason);
+                let _ = self.inner.slot.registry.end_call(name, after, false);
+                Some(reason)
+            }
         }
-        self.mark_failed_unless_retired(&reason);
-        let _ = self.inner.slot.registry.end_call(name, after, false);
-        Some(reason)
     }
 
     /// Lets the handle go: no more restarts or fault handling, and an
@@ -627,6 +671,65 @@ mod tests {
             self.kills.fetch_add(1, Ordering::SeqCst);
             true
         }
+    }
+
+    /// The race of a call whose thread stalls before it marks the call
+    /// running: its caller gives up on it, a reload retires the handle,
+    /// then the thread marks the (reloaded) name running. It must undo its
+    /// own mark: nothing else would finish that call.
+    #[test]
+    fn a_call_given_up_on_before_it_started_leaves_nothing_in_flight() {
+        let registry = Registry::new();
+        registry.register("p", PluginInfo::default()).unwrap();
+        registry.mark_initialized("p").unwrap();
+        let (runner, _entered, _release) = Runner::new();
+        let handle = PluginHandle {
+            inner: Arc::new(Inner {
+                tools: runner.shared_tools(),
+                slot: Arc::new(Slot::new(
+                    "p".into(),
+                    registry.clone(),
+                    runner as Arc<dyn PluginInstance>,
+                )),
+                call_timeout: Some(Duration::from_millis(10)),
+                isolation: Isolation::InProcess,
+                supervisor: None,
+            }),
+        };
+        let ticket = CallTicket::new();
+        let reason = handle.fail_timeout("wait", Duration::from_millis(10), &ticket);
+        assert!(reason.is_some_and(|r| r.contains("Timeout")));
+        // No plugin code ran: not blamed, not counted.
+        let status = registry.get_status("p").unwrap();
+        assert_eq!(status.state, PluginLifecycleState::Initialized);
+        assert_eq!((status.error_count, status.in_flight), (0, 0));
+
+        handle.retire();
+        let late = handle.call_ticketed(
+            "wait",
+            &serde_json::json!({}),
+            &[],
+            &CallContext::default(),
+            &ticket,
+        );
+        assert!(
+            matches!(late, Err(CallError::Interrupted { .. })),
+            "{late:?}"
+        );
+        let status = registry.get_status("p").unwrap();
+        assert_eq!(status.state, PluginLifecycleState::Initialized);
+        assert_eq!((status.error_count, status.in_flight), (0, 0));
+        // Given up on once started, the call is the plugin's: FAILED.
+        let ticket = CallTicket::new();
+        assert!(ticket.start());
+        registry.mark_running("p").unwrap();
+        assert!(
+            handle
+                .fail_timeout("wait", Duration::from_millis(10), &ticket)
+                .is_some()
+        );
+        let status = registry.get_status("p").unwrap();
+        assert_eq!((status.error_count, status.in_flight), (1, 0));
     }
 
     #[test]

@@ -184,6 +184,9 @@ fn a_call_timed_out_that_panics_later_changes_neither_reason_nor_counts() {
             assert!(Instant::now() < deadline, "the call never started");
             std::thread::sleep(Duration::from_millis(5));
         }
+        // Past its ticket's start, just after the mark (a call given up on
+        // before it is not the plugin's).
+        std::thread::sleep(Duration::from_millis(50));
         let reason = handle
             .fail_timeout("panic", Duration::from_millis(50), &ticket)
             .expect("the call was still running");
