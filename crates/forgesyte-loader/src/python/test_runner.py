@@ -239,7 +239,7 @@ class HandshakeTests(RunnerTestCase):
         self.assertEqual(created["id"], 1)
         tools = {t["id"]: t for t in created["tools"]}
         self.assertEqual(sorted(tools), ["binary", "bytes", "checksum", "echo", "echo_bytes", "fail",
-                                         "noop_bytes", "sleep"])
+                                         "maybe_bytes", "noop_bytes", "sleep"])
         for spec in tools.values():
             self.assertEqual(set(spec), {"id", "title", "description", "input_schema", "output_schema"})
             self.assertEqual(spec["title"], spec["id"])
@@ -279,6 +279,24 @@ class PackageTests(unittest.TestCase):
                              timeout=TIMEOUT).stdout
         self.assertEqual(json.loads(out), modules)
         self.assertGreater(len(modules), 5)
+
+
+class BinaryPropertiesTests(unittest.TestCase):
+    def test_bytes_and_optional_bytes_are_binary(self):
+        from runner.tools import binary_properties
+        schema = {"type": "object", "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "mask": {"type": "string", "contentEncoding": "base64"},
+            "name": {"type": "string"},
+            # pydantic's Optional[bytes] and bytes | None.
+            "thumb": {"anyOf": [{"type": "string", "format": "binary"}, {"type": "null"}]},
+            "alt": {"oneOf": [{"type": "null"}, {"type": "string", "contentEncoding": "base64"}]},
+            # Bytes or text is not bytes.
+            "either": {"anyOf": [{"type": "string", "format": "binary"}, {"type": "string"}]},
+            "none": {"anyOf": [{"type": "null"}]},
+        }}
+        self.assertEqual(sorted(binary_properties(schema)), ["alt", "image", "mask", "thumb"])
+        self.assertEqual(binary_properties({"type": "object"}), [])
 
 
 class TracebackTests(RunnerTestCase):

@@ -205,6 +205,36 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
             assert_eq!(result["data"], base64(&data), "{plugin} {size}");
         }
     }
+    // pydantic's Optional[bytes] (`anyOf` bytes or null) is a binary
+    // argument too: bytes from base64, from an octet-stream body, and null
+    // when not given.
+    for (content_type, body, expected) in [
+        (
+            "application/json",
+            br#"{"args": {"data": "AAECAw=="}}"#.to_vec(),
+            json!({"len": 4, "type": "bytes"}),
+        ),
+        (
+            "application/octet-stream",
+            b"\x00\x01\x02".to_vec(),
+            json!({"len": 3, "type": "bytes"}),
+        ),
+        (
+            "application/json",
+            br#"{"args": {"data": null}}"#.to_vec(),
+            json!({"len": null, "type": "NoneType"}),
+        ),
+    ] {
+        let reply = http_with(
+            server.addr,
+            "POST",
+            "/v1/plugins/py/tools/maybe_bytes/run",
+            &[("Content-Type", content_type)],
+            &body,
+        );
+        assert_eq!(reply.status, 200, "{content_type}: {}", reply.text());
+        assert_eq!(reply.json()["result"], expected, "{content_type}");
+    }
     // An octet-stream body needs exactly one declared binary argument.
     let reply = http_with(
         server.addr,

@@ -161,14 +161,31 @@ def collect_tools(instance, manifest):
     return specs, table
 
 
+def _is_binary(spec):
+    return isinstance(spec, dict) and (
+        spec.get("format") == "binary" or spec.get("contentEncoding") == "base64")
+
+
+def _is_optional_binary(spec):
+    """``anyOf`` / ``oneOf`` of bytes and ``{"type": "null"}`` (pydantic's
+    ``Optional[bytes]``)."""
+    for key in ("anyOf", "oneOf"):
+        alternatives = spec.get(key)
+        if isinstance(alternatives, list) and any(_is_binary(a) for a in alternatives) and all(
+                _is_binary(a) or (isinstance(a, dict) and a.get("type") == "null")
+                for a in alternatives):
+            return True
+    return False
+
+
 def binary_properties(schema):
-    """Top-level properties the input schema declares binary."""
+    """Top-level properties the input schema declares binary (the host's
+    ``body::binary_arguments``)."""
     props = schema.get("properties") if isinstance(schema, dict) else None
     if not isinstance(props, dict):
         return []
     return [
         name
         for name, spec in props.items()
-        if isinstance(spec, dict)
-        and (spec.get("format") == "binary" or spec.get("contentEncoding") == "base64")
+        if isinstance(spec, dict) and (_is_binary(spec) or _is_optional_binary(spec))
     ]
