@@ -13,10 +13,14 @@
 //! reaps it: a plugin could fill the process table with zombies), with
 //! `ENOSYS` `clone3` (its flags are behind a pointer no filter reads;
 //! glibc then uses `clone`), and,
-//! unless the plan keeps the network, `socket()` of the Unix and netlink
-//! families and `socketpair()` of datagrams (a datagram pair's socket can
-//! be disconnected, bound to a path and sent to any socket that has one:
-//! a Unix socket in all but name; pairs of streams and sequenced packets
+//! unless the plan keeps the network, every `socket()` but IPv4 and IPv6
+//! ones of TCP or UDP (protocol 0, 6 or 17), which Landlock and the
+//! network namespace rule: no Unix, netlink or vsock socket (vsock is no
+//! namespace's), and no MPTCP (protocol 262), SCTP or ping socket, whose
+//! connections and listeners Landlock's TCP rights do not cover; and
+//! `socketpair()` of datagrams (a datagram pair's socket can be
+//! disconnected, bound to a path and sent to any socket that has one: a
+//! Unix socket in all but name; pairs of streams and sequenced packets
 //! stay allowed); a foreign architecture's calls (x32, a 32-bit
 //! `int 0x80`) are refused as a whole.
 //!
@@ -29,8 +33,8 @@ use std::io;
 
 /// What the hello's `syscalls` says of a runner filtered without network
 /// (the Python runner says the same).
-pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new Unix or netlink socket, no System V IPC, \
-     no POSIX message queue, no io_uring, no new session or process group";
+pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket but TCP or UDP over IP, no System V \
+     IPC, no POSIX message queue, no io_uring, no new session or process group";
 /// ... and of one whose plan keeps the network.
 pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring, \
      no new session or process group";
@@ -158,12 +162,17 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, libc::SOCK_STREAM as u32, 1, 0));
         p.push(jump(libc::BPF_JEQ, libc::SOCK_SEQPACKET as u32, 0, u8::MAX));
         p.push(ret(ALLOW));
-        // socket(): its domain, else allowed.
+        // socket(): IPv4 or IPv6 of TCP or UDP only (args[0], args[2]),
+        // else allowed.
         p.push(jump(libc::BPF_JEQ, libc::SYS_socket as u32, 1, 0));
         p.push(ret(ALLOW));
         p.push(load(16));
-        p.push(jump(libc::BPF_JEQ, libc::AF_UNIX as u32, u8::MAX, 0));
-        p.push(jump(libc::BPF_JEQ, libc::AF_NETLINK as u32, u8::MAX, 0));
+        p.push(jump(libc::BPF_JEQ, libc::AF_INET as u32, 1, 0));
+        p.push(jump(libc::BPF_JEQ, libc::AF_INET6 as u32, 0, u8::MAX));
+        p.push(load(32));
+        p.push(jump(libc::BPF_JEQ, 0, 2, 0));
+        p.push(jump(libc::BPF_JEQ, libc::IPPROTO_TCP as u32, 1, 0));
+        p.push(jump(libc::BPF_JEQ, libc::IPPROTO_UDP as u32, 0, u8::MAX));
     }
     p.push(ret(ALLOW));
     p.push(ret(NO_CLONE3));
@@ -252,6 +261,12 @@ mod tests {
 
     /// [`run`] with a second argument.
     fn run2(program: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32, arg1: u32) -> u32 {
+        run3(program, arch, nr, [arg0, arg1, 0])
+    }
+
+    /// [`run`] with three arguments.
+    fn run3(program: &[libc::sock_filter], arch: u32, nr: u32, args: [u32; 3]) -> u32 {
+        let [arg0, arg1, arg2] = args;
         let (mut pc, mut acc) = (0usize, 0u32);
         loop {
             let insn = program[pc];
@@ -263,6 +278,7 @@ mod tests {
                     4 => arch,
                     16 => arg0,
                     24 => arg1,
+                    32 => arg2,
                     other => panic!("load of offset {other}"),
                 };
             } else if code == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K {
@@ -303,6 +319,26 @@ mod tests {
             let sockets = if network { ALLOW } else { DENY };
             assert_eq!(run(&p, AUDIT_ARCH, socket, unix), sockets);
             assert_eq!(run(&p, AUDIT_ARCH, socket, netlink), sockets);
+            // IP sockets of TCP and UDP always; vsock, MPTCP (262), SCTP
+            // (132), ping (ICMP, 1) with the network only.
+            let stream = libc::SOCK_STREAM as u32;
+            let inet6 = libc::AF_INET6 as u32;
+            for (domain, protocol, always) in [
+                (inet, 0, true),
+                (inet6, 0, true),
+                (inet, 6, true),
+                (inet6, 17, true),
+                (inet, 262, false),
+                (inet6, 262, false),
+                (inet, 132, false),
+                (inet, 1, false),
+                (libc::AF_VSOCK as u32, 0, false),
+                (libc::AF_PACKET as u32, 0, false),
+            ] {
+                let said = run3(&p, AUDIT_ARCH, socket, [domain, stream, protocol]);
+                let expected = if always || network { ALLOW } else { DENY };
+                assert_eq!(said, expected, "socket({domain}, _, {protocol})");
+            }
             // socketpair(AF_UNIX, type | SOCK_CLOEXEC): streams and
             // sequenced packets always, datagrams (raw is one) with the
             // network only.
@@ -418,6 +454,17 @@ mod tests {
                     }
                     if libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) < 0 {
                         return 14;
+                    }
+                    // MPTCP: a TCP Landlock does not rule.
+                    if libc::socket(libc::AF_INET, libc::SOCK_STREAM, 262) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 21;
+                    }
+                    if libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 22;
                     }
                     // Not a group leader: both would succeed unfiltered.
                     if libc::setsid() != -1 || errno() != Some(libc::EACCES) {

@@ -213,8 +213,8 @@ pub(super) fn declares(plugins: &PluginsDir) -> Value {
 const OWN_NETWORK: &str = "isolated: a network namespace of its own";
 const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
 const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
-const SYSCALLS_NO_SOCKETS: &str = "filtered: no new Unix or netlink socket, no System V IPC, no POSIX message queue, no io_uring, \
-     no new session or process group";
+const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket but TCP or UDP over IP, no System V IPC, no POSIX message queue, \
+     no io_uring, no new session or process group";
 
 /// The snoop's variables, and the policy that grants the `open` variants
 /// (unsigned) what their manifests ask for.
@@ -377,7 +377,27 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
         let netlink = call(&server, "snoop-b", "netlink", json!({}));
         let dgram = call(&server, "snoop-b", "dgram_pair", json!({}));
         let signal = call(&server, "snoop-b", "signal", json!({"pid": a["pid"]}));
+        // MPTCP (IPPROTO_MPTCP, 262) and vsock (AF_VSOCK, 40): sockets
+        // Landlock's TCP rights and the namespace do not rule. Unconfined
+        // they open where the kernel has them.
+        let mptcp = call(
+            &server,
+            "snoop-b",
+            "socket",
+            json!({"family": libc::AF_INET, "type": libc::SOCK_STREAM, "proto": 262}),
+        );
+        let vsock = call(
+            &server,
+            "snoop-b",
+            "socket",
+            json!({"family": libc::AF_VSOCK, "type": libc::SOCK_STREAM, "proto": 0}),
+        );
         if confine == "off" {
+            for (what, opened) in [("mptcp", mptcp), ("vsock", vsock)] {
+                if let Err((kind, error)) = opened {
+                    assert_ne!(kind, "PermissionError", "{what} unconfined: {error}");
+                }
+            }
             assert_eq!(listen.unwrap()["pid"], a["pid"]);
             assert_eq!(reach.unwrap()["connected"], true);
             assert_eq!(netlink.unwrap()["opened"], true);
@@ -394,6 +414,8 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
             ("netlink", netlink),
             ("dgram_pair", dgram),
             ("signal", signal),
+            ("mptcp", mptcp),
+            ("vsock", vsock),
         ] {
             let (kind, error) = refused.unwrap_err();
             assert_eq!(kind, "PermissionError", "{what}: {error}");

@@ -167,8 +167,8 @@ def _not_dumpable(libc):
 # What the hello says of a runner filtered by ``_seccomp`` (as the native
 # runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
 # with it.
-SYSCALLS_NO_SOCKETS = ("filtered: no new Unix or netlink socket, no System V IPC, no POSIX message "
-                       "queue, no io_uring, no new session or process group")
+SYSCALLS_NO_SOCKETS = ("filtered: no new socket but TCP or UDP over IP, no System V IPC, no POSIX "
+                       "message queue, no io_uring, no new session or process group")
 SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no new session or "
                 "process group")
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
@@ -181,7 +181,10 @@ _SECCOMP_RET_EACCES = 0x00050000 | 13  # SECCOMP_RET_ERRNO | EACCES
 _SECCOMP_RET_ENOSYS = 0x00050000 | 38
 _CLONE_PARENT = 0x8000
 _CLONE3 = 435  # the same number on both machines
-_AF_UNIX, _AF_NETLINK = 1, 16
+# The sockets a runner without the network may make: IP of TCP or UDP
+# (protocol 0 is the type's own: TCP for streams, UDP for datagrams).
+_AF_INET, _AF_INET6 = 2, 10
+_IPPROTO_TCP, _IPPROTO_UDP = 6, 17
 # A socket's type (its low bits; the rest are flags): the pairs allowed.
 _SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_SEQPACKET = 0xF, 1, 5
 _X32_SYSCALL_BIT = 0x40000000
@@ -222,7 +225,10 @@ def _seccomp_program(machine, network):
       ``SOCK_SEQPACKET``: deny (a datagram pair's socket can be
       disconnected, bound to a path and sent to any socket that has one:
       a Unix socket in all but name); ``socket`` whose domain (args[0]'s
-      low half, offset 16) is ``AF_UNIX`` or ``AF_NETLINK``: deny
+      low half, offset 16) is not ``AF_INET`` or ``AF_INET6``, or whose
+      protocol (args[2]'s, offset 32) is not 0, TCP or UDP: deny (no Unix,
+      netlink or vsock socket, no MPTCP, SCTP or ping socket, which
+      Landlock's TCP rights do not rule)
     - anything else: allow; deny is ``EACCES``, the program's last
       instruction."""
     arch = _SECCOMP_ARCHES.get(machine)
@@ -248,11 +254,15 @@ def _seccomp_program(machine, network):
               (_BPF_JEQ_K, 1, 0, _SOCK_STREAM),
               (_BPF_JEQ_K, 0, deny, _SOCK_SEQPACKET),
               (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
-              (_BPF_JEQ_K, 1, 0, socket),  # socket(): its domain, else allowed
+              (_BPF_JEQ_K, 1, 0, socket),  # socket(): IP of TCP or UDP, else allowed
               (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
               (_BPF_LD_W_ABS, 0, 0, 16),
-              (_BPF_JEQ_K, deny, 0, _AF_UNIX),
-              (_BPF_JEQ_K, deny, 0, _AF_NETLINK)]
+              (_BPF_JEQ_K, 1, 0, _AF_INET),
+              (_BPF_JEQ_K, 0, deny, _AF_INET6),
+              (_BPF_LD_W_ABS, 0, 0, 32),
+              (_BPF_JEQ_K, 2, 0, 0),
+              (_BPF_JEQ_K, 1, 0, _IPPROTO_TCP),
+              (_BPF_JEQ_K, 0, deny, _IPPROTO_UDP)]
     p += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_ENOSYS),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_EACCES)]
     last = len(p) - 1
