@@ -59,6 +59,23 @@ pub(crate) async fn receive(
             ),
         });
     }
+    // Nor does it undo a content coding: a gzip body would reach the plugin
+    // compressed (and a JSON one read as broken JSON).
+    if let Some(coding) = headers
+        .get_all(axum::http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+    {
+        return Err(RunError::MalformedBody {
+            message: format!(
+                "{UNREADABLE_BODY}: its Content-Encoding {:?} is not supported (send the body \
+                 uncompressed)",
+                crate::error::Shown(coding).to_string()
+            ),
+        });
+    }
     let stated = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
@@ -330,14 +347,20 @@ async fn multipart(
             input.binary.push((name, data));
         }
     }
-    if let Some((name, _)) = input
-        .binary
-        .iter()
-        .find(|(name, _)| input.args.contains_key(name))
-    {
-        return Err(RunError::InvalidForm {
-            message: format!("argument '{name}' is given both as a part and in 'args'"),
-        });
+    // `null` in `args` is no value (as for a stream's arguments): the part
+    // takes its place.
+    for (name, _) in &input.binary {
+        match input.args.get(name) {
+            Some(Value::Null) => {
+                input.args.remove(name);
+            }
+            Some(_) => {
+                return Err(RunError::InvalidForm {
+                    message: format!("argument '{name}' is given both as a part and in 'args'"),
+                });
+            }
+            None => {}
+        }
     }
     Ok(input)
 }
@@ -464,6 +487,32 @@ mod tests {
                 (Ok((bytes, _)), false) => assert_eq!(&bytes[..], b"abc"),
                 (Err(RunError::MalformedBody { message }), true) => {
                     assert!(message.contains("Transfer-Encoding"), "{message}");
+                }
+                (other, _) => panic!("{coding}: {other:?}"),
+            }
+        }
+    }
+
+    /// Nor is a content coding undone: a compressed body is refused.
+    #[tokio::test]
+    async fn a_compressed_body_is_refused() {
+        let budget = BodyBudget::new(4096, Some(8192));
+        for (coding, refused) in [
+            ("identity", false),
+            ("", false),
+            ("gzip", true),
+            ("identity, br", true),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                axum::http::header::CONTENT_ENCODING,
+                HeaderValue::from_static(coding),
+            );
+            let got = receive(&budget, &h, streamed(vec![&b"abc"[..]]), 4096).await;
+            match (got, refused) {
+                (Ok((bytes, _)), false) => assert_eq!(&bytes[..], b"abc"),
+                (Err(RunError::MalformedBody { message }), true) => {
+                    assert!(message.contains("Content-Encoding"), "{message}");
                 }
                 (other, _) => panic!("{coding}: {other:?}"),
             }

@@ -325,6 +325,37 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
         reply.json()["detail"],
         "Multipart request body is invalid: argument 'data' is given both as a part and in 'args'",
     );
+    // `null` in `args` is no value: the part is the argument.
+    let (content_type, body) = multipart(&json!({"data": null}), b"abc");
+    let reply = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/py/tools/checksum/run",
+        &[("Content-Type", &content_type)],
+        &body,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["result"]["len"], 3, "{}", reply.text());
+    // A compressed body is refused, not handed on compressed.
+    let reply = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/py/tools/checksum/run",
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Encoding", "gzip"),
+        ],
+        b"\x1f\x8b\x08\x00",
+    );
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let detail = reply.json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        detail.contains("Content-Encoding \"gzip\" is not supported"),
+        "{detail}"
+    );
 }
 
 /// `--shm-threshold` moves attachments between the pipe and shared memory
