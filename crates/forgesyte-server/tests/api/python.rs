@@ -358,6 +358,45 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
     );
 }
 
+/// A binary result just under `--max-response` through shared memory: the
+/// runner counts the header's `shm` field as the host does, so each size
+/// is answered in full or refused as too large (422 `ResultTooLarge`),
+/// never a protocol fault that fails the plugin.
+#[test]
+fn a_shared_result_at_the_response_limit_is_whole_or_too_large_never_a_fault() {
+    const LIMIT: usize = 1 << 20;
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--max-response",
+        &LIMIT.to_string(),
+    ]);
+    server.wait_loaded();
+    let mut statuses = std::collections::BTreeSet::new();
+    for size in (LIMIT - 160..=LIMIT).step_by(3) {
+        let reply = http_with(
+            server.addr,
+            "POST",
+            "/v1/plugins/py/tools/echo_bytes/run",
+            &[("Content-Type", "application/octet-stream")],
+            &frame(size),
+        );
+        match reply.status {
+            200 => {}
+            422 => assert_eq!(reply.json()["error_type"], "ResultTooLarge", "{size}"),
+            other => panic!("{size}: {other} {}", reply.text()),
+        }
+        statuses.insert(reply.status);
+    }
+    // Both sides of the limit were tried.
+    assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [200, 422]);
+    let health = server.get("/v1/plugins/py/health").json();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert_eq!(health["restart_count"], 0, "{health}");
+}
+
 /// `--shm-threshold` moves attachments between the pipe and shared memory
 /// (0: always the pipe; 1: every non-empty one shared; the default in
 /// between), never changes a byte: sizes around the default threshold,

@@ -470,7 +470,9 @@ class Runner(object):
             self.tool_failed(rid, python_error(e, kind="Failed"))
             return
         data = [b for _, b in blobs]
-        size = frame_size(header, data)
+        # With the shared-memory field its header may get: the host counts
+        # the frame as sent.
+        size = frame_size(header, data) + self.wire.shm_field_size(data)
         if size > self.max_response:
             self.tool_failed(rid, wire_error(
                 "Failed",

@@ -304,6 +304,17 @@ class Wire(object):
             return header, attachments, []
         return _with_shm_field(header, indices), attachments, fds
 
+    def shm_field_size(self, attachments):
+        """The most bytes ``_share`` adds to a header carrying
+        ``attachments`` (its ``shm`` field): what the host counts in the
+        frame's size, as it counts the shared attachments' bytes."""
+        if self.shm is None:
+            return 0
+        threshold = self.shm[1]
+        indices = [i for i, data in enumerate(attachments)
+                   if len(data) != 0 and len(data) >= threshold][:SHM_MAX_PER_FRAME]
+        return len(_with_shm_field(b"{}", indices)) - 2 if indices else 0
+
     def send_frame(self, header, attachments=()):
         if not attachments:
             # The common answer: prefix and header in one write, without
