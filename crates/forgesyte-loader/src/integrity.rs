@@ -93,9 +93,18 @@ pub fn read_hashed(fs: &dyn FileSystem, path: &Path) -> io::Result<Vec<u8>> {
 /// documentation](self)): one `<digest>  <relative path>` line per `*.py`
 /// file, sorted by path.
 pub fn python_tree_listing(fs: &dyn FileSystem, dir: &Path) -> io::Result<String> {
+    Ok(format_listing(&python_tree_digests(fs, dir)?))
+}
+
+/// The digest of each file of a Python source tree (as its
+/// [listing](python_tree_listing) has them), by relative path.
+pub fn python_tree_digests(
+    fs: &dyn FileSystem,
+    dir: &Path,
+) -> io::Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
     collect_py(fs, dir, "", &mut files)?;
-    Ok(format_listing(&hash_files(fs, &files)?))
+    hash_files(fs, &files)
 }
 
 /// The digest of a Python source tree: SHA-256 of its

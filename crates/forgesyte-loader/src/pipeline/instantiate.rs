@@ -283,6 +283,10 @@ impl Loader {
         let importer = self.confine(p, importer, signed)?;
         let config = self.instance_config(p);
         let check = Arc::new(self.rechecker(p, &target, signed)?);
+        let importer = match check.sources()? {
+            Some(sources) => importer.verified_sources(&sources),
+            None => importer,
+        };
         let handle = self.instantiate_isolated(p, importer, (code, config), &check)?;
         Self::recheck_started(&check, handle)
     }

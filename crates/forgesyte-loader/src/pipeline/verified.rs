@@ -263,6 +263,51 @@ impl FileCheck {
         self.signed.is_empty() && self.pins.is_empty()
     }
 
+    /// A signed or pinned Python plugin's sources as its runner must find
+    /// them (relative path → SHA-256; `None` when nothing is signed or
+    /// pinned, or for a native plugin): hashed once more and held against
+    /// the signed digests and the pins themselves, never against the disk
+    /// a second time, so that a file swapped in for this hashing only is
+    /// refused here, and one swapped in after it is refused by the runner,
+    /// whenever it imports it (a module imported lazily, inside a call,
+    /// included).
+    pub(super) fn sources(&self) -> Result<Option<BTreeMap<String, String>>, PluginError> {
+        let Target::PythonTree(tree) = &self.target else {
+            return Ok(None);
+        };
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let unreadable = |e: std::io::Error| IntegrityError::ChangedSinceCheck {
+            subject: "the plugin's files".to_owned(),
+            detail: format!("they cannot be hashed: {e}"),
+        };
+        let digests = integrity::python_tree_digests(self.fs.as_ref(), tree).map_err(unreadable)?;
+        if !self.signed.is_empty()
+            && let Some((rel, now)) = digests
+                .iter()
+                .find(|(rel, now)| self.signed.get(*rel) != Some(*now))
+        {
+            return Err(IntegrityError::ChangedSinceCheck {
+                subject: rel.clone(),
+                detail: match self.signed.get(rel) {
+                    Some(signed) => format!("sha256 now {now}, signed {signed}"),
+                    None => "it appeared, and the signed list does not hold it".to_owned(),
+                },
+            }
+            .into());
+        }
+        let digest = integrity::sha256_hex(integrity::format_listing(&digests).as_bytes());
+        if let Some((what, pin)) = self.pins.iter().find(|(_, pin)| *pin != digest) {
+            return Err(IntegrityError::ChangedSinceCheck {
+                subject: self.target.describe(&self.dir),
+                detail: format!("sha256 now {digest}, pinned by {what} {pin}"),
+            }
+            .into());
+        }
+        Ok(Some(digests))
+    }
+
     /// Checks the files.
     pub(super) fn run(&self) -> Result<(), PluginError> {
         let fs = self.fs.as_ref();

@@ -167,12 +167,21 @@ enum Launch {
         plugin_dir: PathBuf,
         entry: PythonEntry,
         installed: bool,
+        /// A signed or pinned plugin's checked sources (`--sources`, a JSON
+        /// object of relative path → SHA-256): the runner imports no
+        /// module of the plugin's tree whose bytes differ or that it lacks.
+        sources: Option<Arc<str>>,
     },
 }
 
 /// The Python runner's arguments naming the plugin's code (absolute
 /// paths: the runner may change directory).
-fn python_runner_args(plugin_dir: &Path, entry: &PythonEntry, installed: bool) -> Vec<OsString> {
+fn python_runner_args(
+    plugin_dir: &Path,
+    entry: &PythonEntry,
+    installed: bool,
+    sources: Option<&str>,
+) -> Vec<OsString> {
     let plugin_dir = std::path::absolute(plugin_dir).unwrap_or_else(|_| plugin_dir.to_owned());
     let mut argv = vec!["--plugin-dir".into(), plugin_dir.clone().into_os_string()];
     match entry {
@@ -194,6 +203,10 @@ fn python_runner_args(plugin_dir: &Path, entry: &PythonEntry, installed: bool) -
     }
     if installed {
         argv.push("--installed".into());
+    }
+    if let Some(sources) = sources {
+        argv.push("--sources".into());
+        argv.push(sources.into());
     }
     argv
 }
@@ -254,6 +267,7 @@ impl ProcessImporter {
                 plugin_dir: plugin_dir.into(),
                 entry,
                 installed: false,
+                sources: None,
             },
             plugin: plugin.into(),
             limits,
@@ -270,6 +284,20 @@ impl ProcessImporter {
     pub fn installed(mut self) -> Self {
         if let Launch::Python { installed, .. } = &mut self.launch {
             *installed = true;
+        }
+        self
+    }
+
+    /// A signed or pinned Python plugin's checked sources (relative path
+    /// → SHA-256, as its check computed and verified them): its runners
+    /// (at every restart too) import no module of its tree whose bytes
+    /// differ from them, nor one they do not list. (Python runners only.)
+    pub fn verified_sources(
+        mut self,
+        digests: &std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        if let Launch::Python { sources, .. } = &mut self.launch {
+            *sources = serde_json::to_string(digests).ok().map(Arc::from);
         }
         self
     }
@@ -431,8 +459,10 @@ impl ProcessImporter {
                 plugin_dir,
                 entry,
                 installed,
+                sources,
             } => {
-                let mut argv = python_runner_args(plugin_dir, entry, *installed);
+                let mut argv =
+                    python_runner_args(plugin_dir, entry, *installed, sources.as_deref());
                 argv.extend(common);
                 // A result over the host's limit is then a tool error, not
                 // an answer the host kills the runner for.

@@ -1423,6 +1423,28 @@ class UnitTests(unittest.TestCase):
         args = parse_args(["--file", "plugin.py", "--plugin-dir", "/plugins/p"])
         self.assertEqual((args.file, args.plugin_dir), ("/plugins/p/plugin.py", "/plugins/p"))
 
+    def test_checked_sources_are_a_json_object_of_digests(self):
+        from runner.args import UsageError, parse_args
+
+        args = parse_args(["--file", "/p/plugin.py", "--sources", '{"plugin.py": "ab"}'])
+        self.assertEqual(args.sources, {"plugin.py": "ab"})
+        self.assertIsNone(parse_args(["--file", "/p/plugin.py"]).sources)
+        for bad in ("[1]", '{"plugin.py": 1}', "{"):
+            with self.assertRaises(UsageError):
+                parse_args(["--file", "/p/plugin.py", "--sources", bad])
+
+    def test_a_checked_module_must_be_the_checked_bytes(self):
+        import hashlib
+
+        from runner.loading import _Checked
+
+        checked = _Checked("/p", {"pkg/m.py": hashlib.sha256(b"x = 1\n").hexdigest()})
+        checked.check("/p/pkg/m.py", b"x = 1\n")
+        with self.assertRaisesRegex(ImportError, "pkg/m.py changed since"):
+            checked.check("/p/pkg/m.py", b"x = 2\n")
+        with self.assertRaisesRegex(ImportError, "other.py is not among"):
+            checked.check("/p/other.py", b"")
+
     def test_no_landlock_names_the_error_of_its_probe_not_a_later_one(self):
         import errno as errno_codes
 
@@ -1548,7 +1570,7 @@ if not SECCOMP_HERE:
     print("SeccompTests: the filter's own tests are skipped: " + NO_SECCOMP_HERE, file=sys.stderr)
 
 
-def run_bpf(program, arch, nr, arg0, arg1=0):
+def run_bpf(program, arch, nr, arg0, arg1=0, arg2=0):
     """What a classic BPF ``program`` (``(code, jt, jf, k)`` tuples) returns
     for a call, run as the kernel would (the few opcodes the filter uses)."""
     pc, acc = 0, 0
@@ -1556,7 +1578,7 @@ def run_bpf(program, arch, nr, arg0, arg1=0):
         code, jt, jf, k = program[pc]
         pc += 1
         if code == 0x20:  # ld [k]
-            acc = {0: nr, 4: arch, 16: arg0, 24: arg1}[k]
+            acc = {0: nr, 4: arch, 16: arg0, 24: arg1, 32: arg2}[k]
         elif code == 0x54:  # and k
             acc &= k
         elif code == 0x06:  # ret k
@@ -1590,7 +1612,7 @@ class SeccompTests(unittest.TestCase):
         def program(audit_arch, x32, calls, clone, sockets):
             """Every jump to the deny (the last instruction) or to the ENOSYS
             return (the one before) counted from the one after it."""
-            n = 3 + x32 + 6 + len(calls) + (11 if sockets else 0) + 3
+            n = 3 + x32 + 6 + len(calls) + (15 if sockets else 0) + 3
             deny = lambda i: n - 1 - i - 1  # noqa: E731
             p = [(ld, 0, 0, 4), (jeq, 0, deny(1), audit_arch), (ld, 0, 0, 0)]
             if x32:
@@ -1602,11 +1624,13 @@ class SeccompTests(unittest.TestCase):
             if sockets:
                 socketpair, socket = sockets
                 # socketpair() of a stream or sequenced packets (the type's
-                # flags masked off), socket() of a domain but Unix and netlink.
+                # flags masked off), socket() of IPv4 or IPv6 (2, 10) of
+                # protocol 0, TCP or UDP (6, 17) only.
                 p += [(jeq, 0, 5, socketpair), (ld, 0, 0, 24), (and_, 0, 0, 0xF), (jeq, 1, 0, 1),
-                      (jeq, 0, 8, 5), (ret, 0, 0, self.ALLOW),
+                      (jeq, 0, 12, 5), (ret, 0, 0, self.ALLOW),
                       (jeq, 1, 0, socket), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
-                      (jeq, 3, 0, 1), (jeq, 2, 0, 16)]
+                      (jeq, 1, 0, 2), (jeq, 0, 6, 10), (ld, 0, 0, 32),
+                      (jeq, 2, 0, 0), (jeq, 1, 0, 6), (jeq, 0, 2, 17)]
             p += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, enosys), (ret, 0, 0, self.DENY)]
             self.assertEqual(len(p), n)
             return p
@@ -1623,8 +1647,8 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
         # Two places in step: the x86_64 program without the network, as
-        # the native runner builds it, is 47 instructions.
-        self.assertEqual(len(_seccomp_program("x86_64", False)), 47)
+        # the native runner builds it, is 51 instructions.
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 51)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
@@ -1655,6 +1679,15 @@ class SeccompTests(unittest.TestCase):
                 sockets = self.ALLOW if network else self.DENY
                 self.assertEqual(run_bpf(p, arch, socket_nr, 1), sockets, where)  # AF_UNIX
                 self.assertEqual(run_bpf(p, arch, socket_nr, 16), sockets, where)  # AF_NETLINK
+                self.assertEqual(run_bpf(p, arch, socket_nr, 40), sockets, where)  # AF_VSOCK
+                # IP of TCP and UDP always; MPTCP (262), SCTP (132) and ping
+                # (ICMP, 1) with the network only.
+                for domain, protocol in ((2, 6), (10, 6), (2, 17), (10, 0)):
+                    said = run_bpf(p, arch, socket_nr, domain, 1, protocol)
+                    self.assertEqual(said, self.ALLOW, (where, domain, protocol))
+                for domain, protocol in ((2, 262), (10, 262), (2, 132), (2, 1)):
+                    said = run_bpf(p, arch, socket_nr, domain, 1, protocol)
+                    self.assertEqual(said, sockets, (where, domain, protocol))
                 # clone3: ENOSYS; clone: refused with CLONE_PARENT only.
                 clone_nr = {"x86_64": 56, "aarch64": 220}[machine]
                 self.assertEqual(run_bpf(p, arch, 435, 0), 0x00050000 | 38, where)
@@ -1722,6 +1755,8 @@ class SeccompTests(unittest.TestCase):
             ("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()),
             ("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()),
             ("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()),
+            # MPTCP, which Landlock's TCP rights do not rule.
+            ("mptcp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262).close()),
             ("socketpair", lambda: [s.close() for s in socket.socketpair()]),
             ("dgram_pair", lambda: [s.close() for s in socket.socketpair(
                 socket.AF_UNIX, socket.SOCK_DGRAM)]),
@@ -1767,7 +1802,7 @@ class SeccompTests(unittest.TestCase):
         said = self.filtered(confine._seccomp, False)
         self.assertEqual(said.pop("said"), confine.SYSCALLS_NO_SOCKETS)
         self.assertEqual(said, dict({"unix": refused, "netlink": refused, "udp": "ok",
-                                     "socketpair": "ok", "dgram_pair": refused,
+                                     "mptcp": refused, "socketpair": "ok", "dgram_pair": refused,
                                      "shmget": refused, "mq_open": refused,
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
                                      "clone3": ["OSError", 38]},
@@ -1780,6 +1815,8 @@ class SeccompTests(unittest.TestCase):
         refused = ["PermissionError", 13]
         said = self.filtered(confine._seccomp, True)
         self.assertEqual(said.pop("said"), confine.SYSCALLS_IPC)
+        # Made where the kernel has MPTCP, never refused by the filter.
+        self.assertNotEqual(said.pop("mptcp"), refused)
         self.assertEqual(said, dict({"unix": "ok", "netlink": "ok", "udp": "ok",
                                      "socketpair": "ok", "dgram_pair": "ok",
                                      "shmget": refused, "mq_open": refused,

@@ -551,3 +551,89 @@ fn require_signed_refuses_an_isolated_library_that_loads_what_it_ships_beside_it
         "{p:#}"
     );
 }
+
+/// A signed or pinned Python plugin imports only its checked sources,
+/// whenever it imports them: a helper module swapped after the load (and
+/// imported lazily, inside a call) or one added beside the checked ones is
+/// refused by the runner (a tool error naming the file), never run; the
+/// checked helper still runs. Before, the host checked the files once,
+/// after the runner started, and a module imported later ran whatever was
+/// on disk then.
+#[test]
+fn a_signed_or_pinned_python_plugin_imports_only_its_checked_sources() {
+    let plugins = PluginsDir::new();
+    let root = plugins.path().to_path_buf();
+    let lazy = |name: &str, extra: serde_json::Value| {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut manifest = json!({"name": name, "runtime": "python"});
+        for (k, v) in extra.as_object().unwrap() {
+            manifest[k] = v.clone();
+        }
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        std::fs::write(
+            dir.join("plugin.py"),
+            "class Plugin:\n    name = 'lazy'\n    tools = {'who': {'description': 'd'}, 'extra': {'description': 'd'}}\n    \
+             def run_tool(self, tool, args):\n        \
+             if tool == 'who':\n            import helper\n            return {'who': helper.WHO}\n        \
+             import added\n        return {'who': added.WHO}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("helper.py"), "WHO = 'checked'\n").unwrap();
+        dir
+    };
+    let signed = lazy("signed", json!({}));
+    let pinned = lazy("pinned", json!({}));
+    let keys = tempfile::tempdir().unwrap();
+    keygen(keys.path(), "author");
+    sign(&signed, &keys.path().join("author.key"));
+    // The pin: SHA-256 of the tree's listing (README, "Integrity").
+    let digest = |file: &str| crate::python::sha256(&std::fs::read(pinned.join(file)).unwrap());
+    let listing = format!(
+        "{}  helper.py\n{}  plugin.py\n",
+        digest("helper.py"),
+        digest("plugin.py")
+    );
+    let pin = crate::python::sha256(listing.as_bytes());
+    std::fs::write(
+        pinned.join("manifest.json"),
+        json!({"name": "pinned", "runtime": "python", "sha256": pin}).to_string(),
+    )
+    .unwrap();
+    let trusted = trust_only_author(keys.path());
+    let server = Forgesyte::start(&[
+        "--plugins",
+        plugins.path_str(),
+        "--trusted-keys",
+        trusted.to_str().unwrap(),
+    ]);
+    server.wait_loaded();
+    for name in ["signed", "pinned"] {
+        let health = server.get(&format!("/v1/plugins/{name}/health")).json();
+        assert_eq!(health["state"], "INITIALIZED", "{health}");
+        // Swapped after the load, then imported for the first time.
+        let dir = root.join(name);
+        std::fs::write(dir.join("helper.py"), "WHO = 'swapped'\n").unwrap();
+        std::fs::write(dir.join("added.py"), "WHO = 'added'\n").unwrap();
+        for (tool, file, why) in [
+            ("who", "helper.py", "changed since"),
+            (
+                "extra",
+                "added.py",
+                "is not among the plugin's checked files",
+            ),
+        ] {
+            let reply = server.run(name, tool, r#"{"args": {}}"#);
+            assert_eq!(reply.status, 422, "{name} {tool}: {}", reply.text());
+            let body = reply.json();
+            assert_eq!(body["error_type"], "ImportError", "{body}");
+            let detail = body["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains(file) && detail.contains(why), "{detail}");
+        }
+        // Put back as checked, it runs.
+        std::fs::write(dir.join("helper.py"), "WHO = 'checked'\n").unwrap();
+        let reply = server.run(name, "who", r#"{"args": {}}"#);
+        assert_eq!(reply.status, 200, "{name}: {}", reply.text());
+        assert_eq!(reply.json()["result"]["who"], "checked");
+    }
+}

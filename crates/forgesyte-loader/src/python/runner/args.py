@@ -6,7 +6,7 @@ import os
 USAGE = (
     "usage: runner --plugin NAME --plugin-dir DIR "
     "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N] "
-    "[--max-response-bytes N]"
+    "[--max-response-bytes N] [--sources JSON]"
 )
 
 
@@ -30,6 +30,9 @@ class Args(object):
         # go first on sys.path, where its files would shadow the standard
         # library (a package's own ``statistics.py``, say).
         self.installed = False
+        # A signed or pinned plugin's checked sources (``--sources JSON``:
+        # relative path -> SHA-256), None: not checked.
+        self.sources = None
 
 
 def _dotted(name):
@@ -92,6 +95,15 @@ def parse_args(argv):
             if not isinstance(confine, dict):
                 raise UsageError("--confine: not a JSON object")
             args.confine = confine
+        elif arg == "--sources":
+            try:
+                sources = json.loads(value())
+            except ValueError as e:
+                raise UsageError("--sources: not JSON: %s" % e)
+            if not isinstance(sources, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in sources.items()):
+                raise UsageError("--sources: not a JSON object of strings")
+            args.sources = sources
         else:
             raise UsageError("unexpected argument %r" % arg)
     if (args.file is None) == (args.module is None):

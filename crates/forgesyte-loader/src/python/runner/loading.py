@@ -24,16 +24,72 @@ def _sanitize(name):
     return _NOT_WORD.sub("_", name) or "plugin"
 
 
+class _Checked(object):
+    """A signed or pinned plugin's checked files (``--sources``: path
+    relative to ``root`` -> SHA-256): the bytes a module of the tree is
+    loaded from must be those the host checked, whenever it is imported
+    (the host checks the files once, before the runner starts; a module
+    imported later, or swapped while the runner imported it, is checked
+    here, on the bytes Python runs)."""
+
+    def __init__(self, root, sources):
+        self.root = root
+        self.sources = sources
+
+    def check(self, path, data):
+        """Raises ImportError unless ``data``, read from ``path``, are the
+        checked bytes of that file."""
+        import hashlib
+
+        rel = os.path.relpath(os.path.abspath(path), self.root).replace(os.sep, "/")
+        expected = self.sources.get(rel)
+        if expected is None:
+            raise ImportError(
+                "%s is not among the plugin's checked files: it appeared after the plugin's "
+                "signature or pin was checked, and is not imported" % rel, path=path)
+        now = hashlib.sha256(data).hexdigest()
+        if now != expected:
+            raise ImportError(
+                "%s changed since the plugin's signature or pin was checked (sha256 now %s, "
+                "checked %s): it is not imported" % (rel, now, expected), path=path)
+
+
 class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
     """Loads a module of the plugin's directory from its source: never from
     bytecode in ``__pycache__``, which signatures and integrity pins do not
     cover and which Python runs in the source's place when its header
-    matches the source's time and size; and writes none there."""
+    matches the source's time and size; and writes none there. With
+    ``checked`` (a :class:`_Checked`), the source's bytes must be the
+    checked ones."""
+
+    def __init__(self, fullname, path, checked=None):
+        super().__init__(fullname, path)
+        self.checked = checked
 
     def path_stats(self, path):
         # ``SourceLoader.get_code`` reads (and later writes) bytecode only
         # when it knows the source's time.
         raise OSError("a plugin's bytecode is never read")
+
+    def get_data(self, path):
+        data = super().get_data(path)
+        if self.checked is not None:
+            self.checked.check(path, data)
+        return data
+
+
+class _CheckedExtensionLoader(importlib.machinery.ExtensionFileLoader):
+    """An extension module of a signed or pinned plugin's tree: its file is
+    hashed just before it is loaded."""
+
+    def __init__(self, fullname, path, checked):
+        super().__init__(fullname, path)
+        self.checked = checked
+
+    def create_module(self, spec):
+        with open(self.path, "rb") as f:
+            self.checked.check(self.path, f.read())
+        return super().create_module(spec)
 
 
 class _SourceOnlyFinder(object):
@@ -44,8 +100,9 @@ class _SourceOnlyFinder(object):
     source is refused. Modules elsewhere (the standard library, the
     plugin's dependencies) load as Python loads them."""
 
-    def __init__(self, root):
+    def __init__(self, root, checked=None):
         self.root = root
+        self.checked = checked
 
     def find_spec(self, name, path=None, target=None):
         machinery = importlib.machinery
@@ -62,15 +119,18 @@ class _SourceOnlyFinder(object):
                 "since pins and signatures cover sources only" % (name, clean(origin)),
                 name=name, path=origin)
         if isinstance(spec.loader, machinery.SourceFileLoader):
-            spec.loader = _SourceOnlyLoader(name, origin)
+            spec.loader = _SourceOnlyLoader(name, origin, self.checked)
+        elif isinstance(spec.loader, machinery.ExtensionFileLoader) and self.checked is not None:
+            spec.loader = _CheckedExtensionLoader(name, origin, self.checked)
         return spec  # an extension module: covered by pins and signatures
 
 
-def _source_only_under(root):
+def _source_only_under(root, checked=None):
     """Modules found under ``root`` (the plugin directory or installed
     package, subpackages included) load from sources and extension modules
-    only, never from bytecode: see :class:`_SourceOnlyFinder`."""
-    finder = _SourceOnlyFinder(root)
+    only, never from bytecode, and with ``checked`` only from the checked
+    bytes: see :class:`_SourceOnlyFinder`."""
+    finder = _SourceOnlyFinder(root, checked)
     path_finder = importlib.machinery.PathFinder
     at = sys.meta_path.index(path_finder) if path_finder in sys.meta_path else 0
     sys.meta_path.insert(at, finder)
@@ -83,9 +143,12 @@ def import_plugin(args):
         # Neither the runner's own directory nor, under ``-c``, the working
         # directory ("") may shadow plugin modules.
         del sys.path[0]
+    checked = None
     if args.plugin_dir:
         root = os.path.abspath(args.plugin_dir)
-        _source_only_under(root)
+        if args.sources is not None:
+            checked = _Checked(root, args.sources)
+        _source_only_under(root, checked)
         if not args.installed:
             sys.path.insert(0, root)
     if args.file is not None:
@@ -100,7 +163,7 @@ def import_plugin(args):
         name = "plugin_" + _sanitize(args.plugin)
         try:
             spec = importlib.util.spec_from_file_location(
-                name, path, loader=_SourceOnlyLoader(name, path))
+                name, path, loader=_SourceOnlyLoader(name, path, checked))
             if spec is None or spec.loader is None:
                 return wire_error("Python", "cannot load %s as Python" % path,
                                   error_type="ImportError", path=path)
