@@ -240,6 +240,25 @@ impl Loader {
     /// The interpreter of a Python plugin (see
     /// [`python::resolve_interpreter`]).
     pub(super) fn interpreter(&self, p: &Pending) -> Result<PathBuf, String> {
+        // Under `--require-confinement` a plugin's own interpreter is let
+        // through only when it is the operator's file
+        // (`refuse_own_interpreter`), and then the operator's path is what
+        // runs: the plugin's name for it (a link in its directory) could
+        // lead elsewhere by the time it is started.
+        if self.config.require_confinement {
+            return python::resolve_interpreter(
+                None,
+                self.config.python.as_deref(),
+                &p.dir,
+                self.fs.as_ref(),
+                std::env::var_os("PATH"),
+            );
+        }
+        self.named_interpreter(p)
+    }
+
+    /// The interpreter the plugin's manifest names, else the operator's.
+    fn named_interpreter(&self, p: &Pending) -> Result<PathBuf, String> {
         python::resolve_interpreter(
             p.manifest.python.as_deref(),
             self.config.python.as_deref(),
@@ -310,13 +329,7 @@ impl Loader {
         if !self.config.require_confinement || !runs {
             return Ok(());
         }
-        let operators = python::resolve_interpreter(
-            None,
-            self.config.python.as_deref(),
-            &p.dir,
-            self.fs.as_ref(),
-            std::env::var_os("PATH"),
-        );
+        let operators = self.interpreter(p);
         // The same file by another name (a link) is the operator's too. One
         // that cannot be found now is refused as well: found later (a copy
         // in progress), it would run.
@@ -327,7 +340,7 @@ impl Loader {
                     (Ok(a), Ok(b)) if a == b
                 )
         };
-        if let (Ok(interpreter), Ok(operators)) = (self.interpreter(p), &operators)
+        if let (Ok(interpreter), Ok(operators)) = (self.named_interpreter(p), &operators)
             && same(&interpreter, operators)
         {
             return Ok(());

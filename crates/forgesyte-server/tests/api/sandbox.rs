@@ -897,6 +897,53 @@ fn require_confinement_refuses_an_interpreter_the_manifest_names() {
     );
 }
 
+/// `--require-confinement` and a manifest's interpreter that is a link in
+/// the plugin's directory to the operator's: served, and started by the
+/// operator's path, never by the link's (which could lead elsewhere by the
+/// time it is started: a review swapped it between the check and the
+/// start). The operator's interpreter here is a script that records the
+/// name it was started by.
+#[test]
+fn require_confinement_runs_the_operators_path_not_a_link_to_it() {
+    let records = tempfile::tempdir().unwrap();
+    let operators = records.path().join("python.sh");
+    let names = records.path().join("started-as");
+    std::fs::write(
+        &operators,
+        format!(
+            "#!/bin/sh
+echo \"$0\" >> '{}'
+exec python3 \"$@\"
+",
+            names.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &operators,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "linked", json!({"python": "py"}));
+    std::os::unix::fs::symlink(&operators, plugins.path().join("linked").join("py")).unwrap();
+    let server = Forgesyte::start(&[
+        "--plugins",
+        plugins.path_str(),
+        "--python",
+        operators.to_str().unwrap(),
+        "--require-confinement",
+    ]);
+    server.wait_loaded();
+    let health = status(&server, "linked");
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    let started = std::fs::read_to_string(&names).unwrap();
+    assert!(!started.is_empty());
+    for name in started.lines() {
+        assert_eq!(name, operators.to_str().unwrap(), "{started}");
+    }
+}
+
 /// An executable `sh` script `path` that creates `marker` (it ran), then
 /// runs `python3` from `PATH` with its arguments.
 fn recording_python(path: &Path, marker: &Path) {
