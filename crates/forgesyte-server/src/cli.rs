@@ -171,7 +171,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "DIR", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
     pub(crate) plugins: PathBuf,
     /// Address to listen on (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR", env = "FORGESYTE_BIND", default_value = DEFAULT_BIND)]
+    #[arg(long, value_name = "ADDR", env = "FORGESYTE_BIND", default_value = DEFAULT_BIND, value_parser = parse_bind)]
     pub(crate) bind: String,
     #[command(flatten)]
     pub(crate) loader: LoaderArgs,
@@ -202,7 +202,7 @@ pub(crate) struct ServeArgs {
     /// Attachments of at least this many bytes travel to and from plugin
     /// runners through shared memory (sealed memfds) instead of the pipe; 0
     /// keeps them all in the pipe.
-    #[arg(long, value_name = "BYTES", env = "FORGESYTE_SHM_THRESHOLD", default_value_t = forgesyte_loader::process::shm_threshold())]
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_SHM_THRESHOLD", default_value_t = forgesyte_loader::process::shm_threshold(), value_parser = parse_bytes_or_zero)]
     pub(crate) shm_threshold: u64,
     /// How long shutdown waits for in-flight requests, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value_t = Seconds(DEFAULT_SHUTDOWN_GRACE), value_parser = parse_seconds_arg)]
@@ -559,6 +559,39 @@ pub(crate) fn parse_seconds_or_never(text: &str) -> Result<Seconds, String> {
     parse_seconds_arg(text)
 }
 
+/// A listen address: `HOST:PORT` (`127.0.0.1:8000`, `[::]:8000`,
+/// `localhost:8000`), checked when parsed, so that a bad one is refused
+/// naming its flag, variable or config key (exit 2) instead of failing the
+/// start.
+pub(crate) fn parse_bind(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(text.to_owned());
+    }
+    let fits = text.rsplit_once(':').is_some_and(|(host, port)| {
+        port.parse::<u16>().is_ok()
+            && !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+    });
+    if fits {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "'{text}' is not an address to listen on: give HOST:PORT, such as 127.0.0.1:8000, \
+             0.0.0.0:8000 or [::]:8000 (port 0 picks a free port)"
+        ))
+    }
+}
+
+/// A number of bytes, 0 included.
+pub(crate) fn parse_bytes_or_zero(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("'{text}' is not a number of bytes"))
+}
+
 pub(crate) fn parse_bytes(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(0) => Err("it must be at least 1 byte".into()),
@@ -625,6 +658,38 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_listen_address_is_host_and_port() {
+        for ok in [
+            "127.0.0.1:8000",
+            "0.0.0.0:0",
+            "[::]:8000",
+            "[::1]:65535",
+            "localhost:8000",
+            " forgesyte.svc:80 ",
+        ] {
+            assert_eq!(parse_bind(ok).as_deref(), Ok(ok.trim()), "{ok}");
+        }
+        for bad in [
+            "8000",
+            ":8000",
+            "0.0.0.0",
+            "127.0.0.1:99999",
+            "http://localhost:8000",
+            "",
+            "host:port",
+        ] {
+            let why = parse_bind(bad).expect_err(bad);
+            assert!(why.contains("HOST:PORT"), "{why}");
+        }
+        assert_eq!(parse_bytes_or_zero("0"), Ok(0));
+        assert!(
+            parse_bytes_or_zero("-1")
+                .unwrap_err()
+                .contains("number of bytes")
+        );
     }
 
     #[test]

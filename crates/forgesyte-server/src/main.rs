@@ -265,12 +265,22 @@ const BLOCKING_THREADS_ENV: &str = "FORGESYTE_BLOCKING_THREADS";
 /// The bound on blocking threads: `FORGESYTE_BLOCKING_THREADS`, else
 /// tokio's default, 512.
 fn blocking_threads() -> anyhow::Result<usize> {
-    match std::env::var(BLOCKING_THREADS_ENV) {
-        Err(_) => Ok(512),
-        Ok(value) => match value.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => anyhow::bail!("{BLOCKING_THREADS_ENV} must be a positive number, not {value:?}"),
-        },
+    blocking_threads_from(std::env::var(BLOCKING_THREADS_ENV).ok().as_deref())
+}
+
+/// The most blocking threads asked for that are taken (tokio adds its
+/// workers to the bound, which must not overflow).
+const MAX_BLOCKING_THREADS: usize = 100_000;
+
+fn blocking_threads_from(value: Option<&str>) -> anyhow::Result<usize> {
+    let Some(value) = value else {
+        return Ok(512);
+    };
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_BLOCKING_THREADS).contains(&n) => Ok(n),
+        _ => anyhow::bail!(
+            "{BLOCKING_THREADS_ENV} must be a number from 1 to {MAX_BLOCKING_THREADS}, not {value:?}"
+        ),
     }
 }
 
@@ -373,5 +383,24 @@ fn run_check(args: CheckArgs) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::from(report.exit_code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocking_threads_are_bounded() {
+        assert_eq!(blocking_threads_from(None).unwrap(), 512);
+        assert_eq!(blocking_threads_from(Some(" 8 ")).unwrap(), 8);
+        assert_eq!(
+            blocking_threads_from(Some("100000")).unwrap(),
+            MAX_BLOCKING_THREADS
+        );
+        for bad in ["0", "-1", "x", "100001", "18446744073709551615"] {
+            let why = blocking_threads_from(Some(bad)).unwrap_err().to_string();
+            assert!(why.contains("from 1 to 100000"), "{why}");
+        }
     }
 }

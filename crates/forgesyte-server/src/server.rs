@@ -23,7 +23,7 @@ use crate::state::AppState;
 #[non_exhaustive]
 pub enum ServeError {
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address asked for.
         addr: String,
@@ -32,7 +32,7 @@ pub enum ServeError {
         source: io::Error,
     },
     /// Accepting or serving connections failed.
-    #[error("server error: {source}")]
+    #[error("server error")]
     Serve {
         /// Why.
         #[source]
