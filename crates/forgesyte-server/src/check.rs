@@ -21,6 +21,33 @@ pub enum CheckError {
         /// The directory given.
         path: PathBuf,
     },
+    /// The plugins directory cannot be listed (no permission to read it):
+    /// a check that found no plugin there would pass a directory `serve`
+    /// never gets ready on.
+    #[error("plugins directory '{}' cannot be listed: {source}", path.display())]
+    Unreadable {
+        /// The directory given.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl CheckError {
+    /// The error of a plugins directory `dir` that cannot be checked, if any.
+    pub fn of_dir(dir: &Path) -> Option<CheckError> {
+        if !dir.is_dir() {
+            return Some(CheckError::NotADirectory {
+                path: dir.to_path_buf(),
+            });
+        }
+        std::fs::read_dir(dir)
+            .err()
+            .map(|source| CheckError::Unreadable {
+                path: dir.to_path_buf(),
+                source,
+            })
+    }
 }
 
 /// What a check found: every plugin's status after one load pass, sorted by
@@ -117,12 +144,11 @@ impl CheckReport {
 ///
 /// # Errors
 ///
-/// [`CheckError::NotADirectory`] when `dir` is not a directory.
+/// [`CheckError::NotADirectory`] when `dir` is not a directory,
+/// [`CheckError::Unreadable`] when it cannot be listed.
 pub fn check(dir: &Path, config: &ServerConfig) -> Result<CheckReport, CheckError> {
-    if !dir.is_dir() {
-        return Err(CheckError::NotADirectory {
-            path: dir.to_path_buf(),
-        });
+    if let Some(e) = CheckError::of_dir(dir) {
+        return Err(e);
     }
     let loader = build_loader_from(config);
     Ok(CheckReport::from_loader(&loader, dir))

@@ -189,7 +189,10 @@ fn run_lock(dir: &Path) -> ExitCode {
             bytes.push(b'\n');
             let tmp = dir.join(format!(".{}.tmp", integrity::LOCK_FILE));
             std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path).inspect_err(|_| {
+                // Not left behind beside the plugins.
+                let _ = std::fs::remove_file(&tmp);
+            })
         });
     if let Err(e) = written {
         eprintln!("forgesyte lock: cannot write {}: {e}", path.display());
@@ -352,11 +355,8 @@ fn run_check(args: CheckArgs) -> ExitCode {
     let entry_points_only = config.python_entry_points
         && args.dir == Path::new(DEFAULT_PLUGINS_DIR)
         && !args.dir.exists();
-    if !args.dir.is_dir() && !entry_points_only {
-        eprintln!(
-            "forgesyte check: {}",
-            CheckError::NotADirectory { path: args.dir }
-        );
+    if let Some(e) = CheckError::of_dir(&args.dir).filter(|_| !entry_points_only) {
+        eprintln!("forgesyte check: {e}");
         return ExitCode::from(2);
     }
     let loader = build_loader_from(&config);

@@ -68,6 +68,12 @@ pub(crate) struct Created {
 /// `NAME` for `--python`: the manifest's name rule,
 /// `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
 pub(crate) fn python_name(name: &str) -> Result<String, String> {
+    // The operator's lock file lives beside the plugins, under this name.
+    if name == forgesyte_loader::integrity::LOCK_FILE {
+        return Err(format!(
+            "'{name}' cannot name a plugin: it is the name of the plugins directory's lock file"
+        ));
+    }
     if is_valid_name(name) {
         Ok(name.to_owned())
     } else {
@@ -481,7 +487,16 @@ mod tests {
         assert!(python_name("ocr").is_ok());
         assert!(python_name("my.plugin-2").is_ok());
         assert!(python_name("9lives").is_ok());
-        for bad in ["", "-x", ".x", "a b", "a/b", "ü", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "a b",
+            "a/b",
+            "ü",
+            &"x".repeat(65),
+            "forgesyte.lock",
+        ] {
             assert!(python_name(bad).is_err(), "{bad:?}");
         }
         assert!(rust_name("image-stats").is_ok());

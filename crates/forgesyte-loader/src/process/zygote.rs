@@ -64,9 +64,21 @@ const MAX_SPAWN_FDS: usize = 5;
 /// Largest control message the zygote sends (it accepts 1 MiB).
 const MESSAGE_BYTES: usize = 64 * 1024;
 
-/// Whether Python runners are forked by a zygote (the default).
+/// Whether Python runners are forked by a zygote (the default): not when
+/// [`ZYGOTE_ENV`] says `0`, `false`, `no` or `off` (as the other boolean
+/// variables do).
 pub(crate) fn enabled() -> bool {
-    std::env::var_os(ZYGOTE_ENV).is_none_or(|v| v != "0")
+    enabled_by(std::env::var_os(ZYGOTE_ENV).as_deref())
+}
+
+fn enabled_by(value: Option<&std::ffi::OsStr>) -> bool {
+    let off = |v: &std::ffi::OsStr| {
+        let v = v.to_string_lossy();
+        ["0", "false", "no", "off"]
+            .iter()
+            .any(|no| v.trim().eq_ignore_ascii_case(no))
+    };
+    !value.is_some_and(off)
 }
 
 /// How a zygote is set up: its runners inherit it.
@@ -765,6 +777,18 @@ impl ForkedChild {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_zygote_is_off_by_any_word_for_no() {
+        use std::ffi::OsStr;
+        assert!(enabled_by(None));
+        for on in ["1", "yes", "true", "", "abc"] {
+            assert!(enabled_by(Some(OsStr::new(on))), "{on:?}");
+        }
+        for off in ["0", "false", "No", "OFF", " off "] {
+            assert!(!enabled_by(Some(OsStr::new(off))), "{off:?}");
+        }
+    }
 
     /// A zygote that ends before it forks (one that cannot set itself up)
     /// is started again [`UNFORKED_ENDS`] times at most: then its key's

@@ -246,8 +246,9 @@ struct LatencyBuckets;
 
 impl MetricConstructor<Histogram> for LatencyBuckets {
     fn new_metric(&self) -> Histogram {
-        // 100 µs to 26 s, ×4 per bucket.
-        Histogram::new(exponential_buckets(0.000_1, 4.0, 10))
+        // 100 µs to 105 s, ×4 per bucket: past the default call time
+        // limit (60 s), so a slow call's time has a bucket of its own.
+        Histogram::new(exponential_buckets(0.000_1, 4.0, 11))
     }
 }
 
@@ -651,6 +652,29 @@ mod tests {
     /// A tool's name is the plugin's choice: quotes, backslashes and line
     /// breaks in it are escaped, so it neither breaks the scrape nor adds
     /// series.
+    /// Calls up to the default time limit (60 s) fall in a bucket below
+    /// `+Inf`.
+    #[test]
+    fn call_times_up_to_the_default_limit_have_a_bucket() {
+        let metrics = Metrics::new(loader());
+        metrics.record_call("p", "t", Outcome::ok, Some(Duration::from_secs(59)));
+        let text = metrics.encode().unwrap();
+        let finite: Vec<&str> = samples(&text)
+            .into_iter()
+            .filter(|l| l.starts_with("forgesyte_tool_call_duration_seconds_bucket"))
+            .filter(|l| !l.contains("le=\"+Inf\""))
+            .collect();
+        let last = finite.last().expect("finite buckets");
+        assert!(last.ends_with(" 1"), "{last}");
+        let le: f64 = last
+            .split("le=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|v| v.parse().ok())
+            .expect("a bound");
+        assert!((60.0..=120.0).contains(&le), "{le}");
+    }
+
     #[test]
     fn tool_names_are_escaped_in_label_values() {
         let metrics = Metrics::new(loader());

@@ -241,3 +241,48 @@ fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(other.path().join("forgesyte.lock").is_file(), "{out}{err}");
 }
+
+/// `check` of a plugins directory it cannot list fails (exit 2, naming
+/// it), as `serve` never gets ready on it; it used to pass with "0
+/// plugins". Root lists any directory, so as root the check runs as
+/// `nobody` (`setpriv`, util-linux, on every machine here).
+#[test]
+fn check_of_a_directory_it_cannot_list_fails() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = parent.path().join("plugins");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut binary = env!("CARGO_BIN_EXE_forgesyte").to_owned();
+    // SAFETY: (a test) geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut command = if root {
+        // A copy nobody may run, wherever the build is.
+        let copy = parent.path().join("forgesyte");
+        std::fs::copy(&binary, &copy).unwrap();
+        binary = copy.to_str().unwrap().to_owned();
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            &binary,
+        ]);
+        c
+    } else {
+        std::process::Command::new(&binary)
+    };
+    let output = command
+        .args(["check", dir.to_str().unwrap()])
+        .env_remove("FORGESYTE_PLUGINS_DIR")
+        .output()
+        .expect("setpriv (util-linux) to run the check as nobody");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be listed"), "{stderr}");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
