@@ -80,6 +80,28 @@ fn reason_suffix(reason: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// A pointer of `binary` (binary results, by JSON pointer) that another
+/// one names too, or lies inside: their bytes would overwrite each other.
+fn overlapping_pointer<B>(binary: &[(String, B)]) -> Option<&str> {
+    if binary.len() < 2 {
+        return None;
+    }
+    let all: std::collections::HashSet<&str> = binary.iter().map(|(p, _)| p.as_str()).collect();
+    if all.len() < binary.len() {
+        let mut seen = std::collections::HashSet::new();
+        return binary
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .find(|p| !seen.insert(*p));
+    }
+    binary.iter().map(|(p, _)| p.as_str()).find(|pointer| {
+        // Each '/' ends an ancestor: "" (the whole result) at the first.
+        pointer
+            .char_indices()
+            .any(|(i, c)| c == '/' && all.contains(&pointer[..i]))
+    })
+}
+
 /// One call's claim on its own outcome: whoever settles it first (the call
 /// returning, or [`PluginHandle::fail_timeout`] giving up on it) records the
 /// call in the registry; the other records nothing. So a call timed out is
@@ -427,6 +449,13 @@ impl PluginHandle {
             .and_then(|output| {
                 let mut result =
                     serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
+                overlapping_pointer(&output.binary).map_or(Ok(()), |pointer| {
+                    Err(ToolError::Protocol {
+                        detail: format!(
+                            "two binary results at {pointer:?} (one in the place of another)"
+                        ),
+                    })
+                })?;
                 for (pointer, _) in &output.binary {
                     forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
                         .map_err(|e| ToolError::Protocol {
@@ -671,6 +700,21 @@ mod tests {
             self.kills.fetch_add(1, Ordering::SeqCst);
             true
         }
+    }
+
+    #[test]
+    fn binary_results_in_one_anothers_place_are_found() {
+        let of = |pointers: &[&str]| {
+            let binary: Vec<(String, ())> =
+                pointers.iter().map(|p| ((*p).to_owned(), ())).collect();
+            overlapping_pointer(&binary).map(str::to_owned)
+        };
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&["/a"]), None);
+        assert_eq!(of(&["/a", "/b", "/a0", "/a-b/c", "/ab"]), None);
+        assert_eq!(of(&["/1", "/1"]).as_deref(), Some("/1"));
+        assert_eq!(of(&["/a/b", "/a-b/c", "/a"]).as_deref(), Some("/a/b"));
+        assert_eq!(of(&["", "/x"]).as_deref(), Some("/x"));
     }
 
     /// The race of a call whose thread stalls before it marks the call

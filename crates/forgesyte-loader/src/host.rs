@@ -20,6 +20,19 @@ use crate::CallContext;
 /// manifest): the boundary's own tool spec.
 pub use forgesyte_protocol::ToolSpec as ToolInfo;
 
+/// A plugin's tool list that names a tool twice is broken: a call could
+/// reach either, and its schema (which arguments are binary) would be the
+/// first one's. The construction fails with a protocol error naming it.
+pub(crate) fn refuse_duplicate_tools(tools: &[ToolInfo]) -> Result<(), InitError> {
+    let mut seen = std::collections::HashSet::new();
+    match tools.iter().find(|t| !seen.insert(t.id.as_str())) {
+        Some(tool) => Err(InitError::Protocol {
+            detail: format!("the tool list names tool '{}' twice", tool.id),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Opens plugin libraries.
 pub trait Importer: Send + Sync + std::fmt::Debug {
     /// Opens the library at `path` and checks it speaks the host's ABI.
@@ -271,5 +284,19 @@ impl ExitReport {
             signal: None,
             code: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_list_naming_a_tool_twice_is_refused() {
+        let list = |ids: &[&str]| ids.iter().map(|id| ToolInfo::new(*id)).collect::<Vec<_>>();
+        assert!(refuse_duplicate_tools(&list(&[])).is_ok());
+        assert!(refuse_duplicate_tools(&list(&["a", "b"])).is_ok());
+        let err = refuse_duplicate_tools(&list(&["a", "b", "a"])).unwrap_err();
+        assert!(err.to_string().contains("names tool 'a' twice"), "{err}");
     }
 }

@@ -474,6 +474,7 @@ impl PluginLibrary for NativeLibrary {
                 what: "tool list".into(),
                 source: e,
             })?;
+        crate::host::refuse_duplicate_tools(&instance.tools)?;
         Ok(Box::new(instance))
     }
 }

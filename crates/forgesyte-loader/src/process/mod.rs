@@ -686,6 +686,7 @@ impl PluginLibrary for ProcessLibrary {
                 return Err(InitError::TimedOut(timeout));
             }
         };
+        crate::host::refuse_duplicate_tools(&tools)?;
         let serial = (!child.hello().can(capability::CONCURRENT_CALLS)).then(|| Mutex::new(()));
         Ok(Box::new(ProcessInstance {
             child,

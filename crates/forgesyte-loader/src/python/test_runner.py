@@ -281,6 +281,16 @@ class PackageTests(unittest.TestCase):
         self.assertGreater(len(modules), 5)
 
 
+class ResultKeyTests(unittest.TestCase):
+    def test_keys_json_writes_alike_are_a_result_error_not_a_lost_value(self):
+        from runner.results import ResultError, to_wire
+
+        self.assertEqual(to_wire({1: "a", "2": b"b"}), ({"1": "a", "2": None}, [("/2", b"b")]))
+        for twice in ({1: b"one", "1": b"uno"}, {"x": {True: 1, "true": 2}}):
+            with self.assertRaisesRegex(ResultError, "twice"):
+                to_wire(twice)
+
+
 class BinaryPropertiesTests(unittest.TestCase):
     def test_bytes_and_optional_bytes_are_binary(self):
         from runner.tools import binary_properties

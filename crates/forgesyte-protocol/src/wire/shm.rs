@@ -460,9 +460,12 @@ fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, 
     {
         return Err("a truncated descriptor message".into());
     }
-    if msg.bytes != 4 || u32::from_le_bytes(count) as usize != expected || fds.len() != expected {
+    let counted = u32::from_le_bytes(count) as usize;
+    if msg.bytes != 4 || counted != expected || fds.len() != expected {
         return Err(format!(
-            "{expected} shared attachments announced, {} descriptors came",
+            "{expected} shared attachments announced in the frame; the descriptor message \
+             counts {counted} ({} bytes) and carries {} descriptors",
+            msg.bytes,
             fds.len()
         ));
     }

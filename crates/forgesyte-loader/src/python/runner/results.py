@@ -156,6 +156,13 @@ def to_wire(value):
             out = {}
             for k, v in x.items():
                 key = _json_key(k, path)
+                if key in out:
+                    # 1 and "1" are one JSON key: one value would be lost.
+                    raise ResultError(
+                        "ValueError",
+                        "tool result has the key %s twice (keys of different types that JSON "
+                        "writes alike)%s" % (json.dumps(key), _where(path)),
+                    )
                 out[key] = convert(v, path + "/" + _escape(key), in_model)
             return out
         if isinstance(x, (list, tuple)):
