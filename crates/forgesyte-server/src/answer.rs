@@ -15,8 +15,9 @@
 //!   406 with a JSON failure when the result has not exactly one binary
 //!   result and the client accepts nothing else.
 //!
-//! Media ranges are tried by `q` (highest first, then in the order given);
-//! `q=0` excludes one. The bytes go out as they came from the plugin
+//! Each representation takes the weight of the most specific media range
+//! that matches it (`q=0` excludes it, whatever a wildcard says; wildcards
+//! select JSON only); the highest weight wins, then the range given first. The bytes go out as they came from the plugin
 //! (shared, never copied into another buffer). A leaf: it knows HTTP media
 //! types and the answer's shape, nothing of plugins.
 
@@ -66,6 +67,7 @@ pub(crate) enum Representation {
 /// has `binary` binary results; `Err` (406) when only raw bytes are
 /// acceptable and there are not exactly one.
 pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representation, String> {
+    // (essence, weight, position), `q=0` ranges included: they exclude.
     let mut ranges: Vec<(String, f32, usize)> = Vec::new();
     for value in headers.get_all(ACCEPT) {
         let Ok(text) = value.to_str() else { continue };
@@ -89,30 +91,52 @@ pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representa
                 });
             if let Some(q) = q
                 && !essence.is_empty()
-                && q > 0.0
             {
                 ranges.push((essence, q, ranges.len()));
             }
         }
     }
-    ranges.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)));
-    let mut raw_asked = false;
-    for (essence, _, _) in &ranges {
-        match essence.as_str() {
-            "application/json" | "*/*" | "application/*" => return Ok(Representation::Json),
-            "multipart/mixed" | "multipart/*" => return Ok(Representation::Multipart),
-            "application/octet-stream" if binary == 1 => return Ok(Representation::Raw),
-            "application/octet-stream" => raw_asked = true,
-            _ => {}
-        }
-    }
-    if raw_asked {
-        return Err(format!(
+    // Each representation's weight is the most specific range's that
+    // matches it (RFC 9110 §12.5.1: `application/json;q=0` excludes JSON
+    // whatever `*/*` says); wildcards select JSON, the default, only.
+    let weight = |types: &[&str]| -> Option<(f32, usize)> {
+        ranges
+            .iter()
+            .filter_map(|(essence, q, at)| {
+                let specific = types.iter().position(|t| t == essence)?;
+                Some((specific, *q, *at))
+            })
+            .min_by_key(|(specific, _, at)| (*specific, *at))
+            .map(|(_, q, at)| (q, at))
+    };
+    let raw = weight(&["application/octet-stream"]);
+    let raw_asked = raw.is_some_and(|(q, _)| q > 0.0) && binary != 1;
+    let chosen = [
+        (
+            Representation::Json,
+            weight(&["application/json", "application/*", "*/*"]),
+        ),
+        (
+            Representation::Multipart,
+            weight(&["multipart/mixed", "multipart/*"]),
+        ),
+        (Representation::Raw, raw.filter(|_| binary == 1)),
+    ]
+    .into_iter()
+    .filter_map(|(representation, weight)| weight.map(|(q, at)| (representation, q, at)))
+    .filter(|(_, q, _)| *q > 0.0)
+    // The highest weight; of equal ones, the range given first.
+    .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)));
+    match chosen {
+        Some((representation, _, _)) => Ok(representation),
+        None if raw_asked => Err(format!(
             "the result has {binary} binary results; application/octet-stream answers exactly \
              one: accept application/json (base64 in the JSON) or multipart/mixed"
-        ));
+        )),
+        // Nothing this route makes is asked for: the header is disregarded
+        // (RFC 9110 §12.5.1 allows it), and JSON answers.
+        None => Ok(Representation::Json),
     }
-    Ok(Representation::Json)
 }
 
 /// The 406 answer for a success the client cannot take (`detail` from
@@ -352,6 +376,31 @@ mod tests {
             negotiate(&accept("application/json;q=0, multipart/mixed"), 0),
             Ok(Multipart)
         );
+        // The most specific range decides: JSON excluded although `*/*`
+        // would take it.
+        assert_eq!(
+            negotiate(
+                &accept("application/json;q=0, */*;q=0.5, multipart/mixed;q=0.1"),
+                1
+            ),
+            Ok(Multipart)
+        );
+        assert_eq!(
+            negotiate(&accept("*/*;q=0.1, application/octet-stream;q=0.2"), 1),
+            Ok(Raw)
+        );
+        assert_eq!(negotiate(&accept("multipart/*;q=0, */*"), 1), Ok(Json));
+        // Equal weights: the range given first.
+        assert_eq!(
+            negotiate(&accept("multipart/mixed, application/json"), 1),
+            Ok(Multipart)
+        );
+        assert_eq!(
+            negotiate(&accept("application/json, multipart/mixed"), 1),
+            Ok(Json)
+        );
+        // Nothing acceptable: the header is disregarded.
+        assert_eq!(negotiate(&accept("*/*;q=0"), 1), Ok(Json));
     }
 
     #[test]
