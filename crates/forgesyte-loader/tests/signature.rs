@@ -215,7 +215,7 @@ fn a_manifest_that_widened_its_sandbox_until_the_signature_check_is_refused() {
 }
 
 #[test]
-fn a_python_source_swapped_while_its_runner_starts_is_caught_and_the_runner_stopped() {
+fn a_python_source_swapped_before_its_runner_starts_is_caught_and_never_runs() {
     let (_tmp, dir, trusted) = signed_python_plugin(
         "swapped",
         r#"{"name": "swapped", "runtime": "python", "filesystem": {"write": ["."]}}"#,
@@ -233,12 +233,10 @@ fn a_python_source_swapped_while_its_runner_starts_is_caught_and_the_runner_stop
         ),
         "{reason}"
     );
-    // The runner imported the swapped file before the re-check caught it
-    // (the documented limit for code the host does not load itself); it
-    // is not kept.
-    assert!(
-        dir.join("ran").exists(),
-        "the swap did not reach the runner"
-    );
+    // The sources the runner is handed are hashed once more and held
+    // against the signature: the swap is caught there, before any runner
+    // starts, so the swapped code never ran (it used to run in the runner
+    // before the re-check after its start caught it).
+    assert!(!dir.join("ran").exists(), "the swapped code ran");
     assert!(loader.handle("swapped").is_none());
 }
