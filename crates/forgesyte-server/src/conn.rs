@@ -794,10 +794,13 @@ mod tests {
         let done = Arc::new(AtomicBool::new(false));
         let reader = slow_reader(addr, Duration::from_millis(50), Arc::clone(&done));
         let (stream, _) = listener.accept().await.unwrap();
+        // A 2 s stall limit: forty of the reader's pauses (at 1 s, a reader
+        // thread held off the CPU for a second by a loaded CI machine's
+        // other tests failed this once).
         let mut timed = TimedStream {
             stream,
             clock: ReadClock::new(),
-            write_stall: Duration::from_secs(1),
+            write_stall: Duration::from_secs(2),
             stalled: None,
             min_rate: 0,
             slow: None,
@@ -811,8 +814,8 @@ mod tests {
             Ok::<(), io::Error>(())
         });
         // The send queue fills in a moment; draining half of it at this
-        // rate takes far longer than the 1 s stall limit.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // rate takes far longer than the 2 s stall limit.
+        tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(
             !writer.is_finished(),
             "the writer ended: {:?}",
