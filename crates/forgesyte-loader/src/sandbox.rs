@@ -359,7 +359,48 @@ struct Resolved {
     models: Vec<(PathBuf, Option<PathBuf>)>,
 }
 
+/// What a plugin's manifest asks beyond the default sandbox
+/// ([`Confinement::plan_checked`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Asks {
+    /// Each widening, in words ([`PlanInput::widening`]): granted to whom
+    /// the server's policy says.
+    pub widening: Vec<String>,
+    /// The manifest's paths written inside the plugin's directory that
+    /// lead out of it through a link (`data/settings.cfg` → `/etc/shadow`):
+    /// granted only by `--sandbox-widening allow`. A signature covers the
+    /// manifest's text, never where a link in the directory leads, which
+    /// anyone who can write there may change after signing.
+    pub links_out: Vec<String>,
+}
+
 impl Resolved {
+    /// See [`Asks::links_out`].
+    fn links_out(&self, input: &PlanInput<'_>) -> Vec<String> {
+        let dir = input.plugin_dir;
+        let out = |written: &Path, real: Option<&PathBuf>| {
+            inside_by_text(written, dir) && !self.inside(written, real, dir)
+        };
+        let reads = self
+            .reads
+            .iter()
+            .filter(|(p, real)| out(&dir.join(p), real.as_ref()))
+            .map(|(p, _)| format!("reading {p}"));
+        let writes = input
+            .spec
+            .write
+            .iter()
+            .zip(&self.writes)
+            .filter(|(p, real)| out(&dir.join(p), real.as_ref()))
+            .map(|(p, _)| format!("writing {p}"));
+        let models = self
+            .models
+            .iter()
+            .filter(|(m, real)| out(m, real.as_ref()))
+            .map(|(m, _)| format!("reading {}", m.display()));
+        reads.chain(writes).chain(models).collect()
+    }
+
     /// Whether `path` (resolved to `real`, or not) is inside the plugin
     /// directory.
     fn inside(&self, path: &Path, real: Option<&PathBuf>, dir: &Path) -> bool {
@@ -464,9 +505,12 @@ impl Confinement {
     pub fn plan_checked(
         input: PlanInput<'_>,
         host_env: impl IntoIterator<Item = (String, String)>,
-    ) -> (Confinement, Vec<String>) {
+    ) -> (Confinement, Asks) {
         let resolved = input.resolve();
-        let asks = resolved.widening(&input);
+        let asks = Asks {
+            widening: resolved.widening(&input),
+            links_out: resolved.links_out(&input),
+        };
         let host = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         let mut read: Vec<PathBuf> = SYSTEM_READ.iter().map(|p| host(Path::new(p))).collect();
         read.push(

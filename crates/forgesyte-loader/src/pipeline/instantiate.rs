@@ -405,10 +405,23 @@ impl Loader {
         let (mut plan, asks) = sandbox::Confinement::plan_checked(input, sandbox::host_env());
         // A signed plugin's manifest is the signed one (`check_signature`).
         let policy = self.config.sandbox_widening;
-        if !asks.is_empty() && !policy.grants(!signed.is_empty()) {
+        if !asks.widening.is_empty() && !policy.grants(!signed.is_empty()) {
             return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
-                asks: asks.join("; "),
+                asks: asks.widening.join("; "),
                 grants: policy.grants_whom().to_owned(),
+            }
+            .into());
+        }
+        // Its signature says nothing of where its links lead.
+        if !asks.links_out.is_empty() && policy != sandbox::SandboxWidening::Allow {
+            return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
+                asks: format!(
+                    "{}, which lead out of the plugin's directory through a link",
+                    asks.links_out.join("; ")
+                ),
+                grants: "only with --sandbox-widening allow (a signature covers the \
+                         manifest's text, not where a link in the plugin's directory leads)"
+                    .to_owned(),
             }
             .into());
         }

@@ -118,7 +118,7 @@ fn the_plan_holds_resolved_paths_and_runners_follow_no_link_in_them() {
         },
         std::iter::empty(),
     );
-    assert!(asks.is_empty(), "{asks:?}");
+    assert_eq!(asks, Asks::default());
     assert!(
         plan.read.contains(&real_tmp.join("p/data")),
         "{:?}",
@@ -350,4 +350,44 @@ fn unconfined_names_every_part_not_enforced() {
             "{case}"
         );
     }
+}
+
+/// A manifest path written inside the plugin's directory that leads out of
+/// it through a link is a link out (granted by `allow` only, whoever signed
+/// the manifest); a link that stays inside is not, nor a path written
+/// outside (a plain widening).
+#[test]
+fn a_path_inside_by_name_and_outside_through_a_link_is_a_link_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = tmp.path().join("p");
+    std::fs::create_dir_all(plugin.join("data")).unwrap();
+    std::fs::write(tmp.path().join("secret"), "s").unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("secret"), plugin.join("data/settings.cfg"))
+        .unwrap();
+    std::os::unix::fs::symlink("data", plugin.join("mine")).unwrap();
+    std::os::unix::fs::symlink(tmp.path(), plugin.join("out")).unwrap();
+    let outside = tmp.path().join("secret").to_str().unwrap().to_owned();
+    let manifest = spec(json!({"filesystem": {
+        "read": ["data/settings.cfg", "mine", outside],
+        "write": ["out"]
+    }}))
+    .unwrap();
+    let (_, asks) = Confinement::plan_checked(
+        PlanInput {
+            plugin_dir: &plugin,
+            scratch: tmp.path(),
+            spec: &manifest,
+            models: &[],
+            lib_paths: &[],
+            env_deps: &[],
+            gpu: false,
+        },
+        std::iter::empty(),
+    );
+    assert_eq!(asks.links_out, ["reading data/settings.cfg", "writing out"]);
+    assert!(
+        asks.widening.iter().any(|w| w.contains(&outside)),
+        "{:?}",
+        asks.widening
+    );
 }

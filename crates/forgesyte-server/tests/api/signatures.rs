@@ -637,3 +637,58 @@ fn a_signed_or_pinned_python_plugin_imports_only_its_checked_sources() {
         assert_eq!(reply.json()["result"]["who"], "checked");
     }
 }
+
+/// A signed manifest's path inside the plugin's directory that a link
+/// turned into a way out after signing (`data/settings.cfg` → a file
+/// outside) is refused, naming it: the signature covers the manifest's
+/// text, not where the link leads. The same manifest with the file in
+/// place is served.
+#[test]
+fn a_signed_path_that_a_link_leads_out_of_the_plugin_is_refused() {
+    let plugins = PluginsDir::new();
+    let root = plugins.path().to_path_buf();
+    let keys = tempfile::tempdir().unwrap();
+    keygen(keys.path(), "author");
+    let outside = keys.path().join("secret.txt");
+    std::fs::write(&outside, "secret").unwrap();
+    for name in ["reader", "linked"] {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::write(
+            dir.join("manifest.json"),
+            json!({"name": name, "runtime": "python",
+                   "filesystem": {"read": ["data/settings.cfg"]}})
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("plugin.py"),
+            "class Plugin:\n    name = 'r'\n    tools = {}\n    def run_tool(self, tool, args):\n        return {}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("data/settings.cfg"), "mode = 1\n").unwrap();
+        sign(&dir, &keys.path().join("author.key"));
+    }
+    let link = root.join("linked/data/settings.cfg");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let trusted = trust_only_author(keys.path());
+    let server = Forgesyte::start(&[
+        "--plugins",
+        plugins.path_str(),
+        "--trusted-keys",
+        trusted.to_str().unwrap(),
+    ]);
+    server.wait_loaded();
+    let reader = server.get("/v1/plugins/reader/health").json();
+    assert_eq!(reader["state"], "INITIALIZED", "{reader}");
+    let linked = server.get("/v1/plugins/linked/health").json();
+    assert_eq!(linked["state"], "FAILED", "{linked}");
+    assert_eq!(linked["signature"]["status"], "signed", "{linked}");
+    let reason = linked["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("reading data/settings.cfg, which lead out of the plugin's directory")
+            && reason.contains("--sandbox-widening allow"),
+        "{reason}"
+    );
+}
