@@ -228,9 +228,11 @@ fn collect_py(
             collect_py(fs, &entry.path, &format!("{rel}/"), files)?;
             continue;
         }
-        // Everything Python runs from the tree: sources, and extension
-        // modules (the runner never reads a plugin's bytecode).
-        if name.ends_with(".py") || name.ends_with(".so") {
+        // Everything Python runs from the tree: sources, extension modules
+        // (the runner never reads a plugin's bytecode), and the versioned
+        // shared libraries extension modules load beside them
+        // (`libfast.so.1`).
+        if name.ends_with(".py") || name.ends_with(".so") || is_versioned_library(name) {
             let meta = fs.metadata(&entry.path)?;
             if meta.is_file {
                 files.insert(rel, entry.path.clone());
@@ -248,6 +250,17 @@ fn collect_py(
         }
     }
     Ok(())
+}
+
+/// `NAME.so.1`, `NAME.so.1.2.3`: a shared library's versioned file name.
+fn is_versioned_library(name: &str) -> bool {
+    name.split_once(".so.").is_some_and(|(stem, version)| {
+        !stem.is_empty()
+            && !version.is_empty()
+            && version
+                .split('.')
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// What a plugin's pin covers.
@@ -595,6 +608,19 @@ mod tests {
                 .contains(&format!(
                     "{EMPTY}  pkg/fast.cpython-311-x86_64-linux-gnu.so\n"
                 ))
+        );
+        // So are the versioned libraries extension modules load beside
+        // them; names that only look alike are not.
+        let before = python_tree_digest(&RealFs, root).unwrap();
+        for other in ["pkg/notes.so.txt", "pkg/x.so.", "pkg/.so.1"] {
+            std::fs::write(root.join(other), "x").unwrap();
+        }
+        assert_eq!(python_tree_digest(&RealFs, root).unwrap(), before);
+        std::fs::write(root.join("pkg/libfast.so.1.2"), "").unwrap();
+        assert!(
+            python_tree_listing(&RealFs, root)
+                .unwrap()
+                .contains(&format!("{EMPTY}  pkg/libfast.so.1.2\n"))
         );
     }
 
