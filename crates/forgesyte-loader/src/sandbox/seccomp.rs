@@ -14,10 +14,11 @@
 //! `ENOSYS` `clone3` (its flags are behind a pointer no filter reads;
 //! glibc then uses `clone`), and,
 //! unless the plan keeps the network, every `socket()` but IPv4 and IPv6
-//! ones of TCP or UDP (protocol 0, 6 or 17), which Landlock and the
-//! network namespace rule: no Unix, netlink or vsock socket (vsock is no
-//! namespace's), and no MPTCP (protocol 262), SCTP or ping socket, whose
-//! connections and listeners Landlock's TCP rights do not cover; and
+//! streams of TCP and datagrams of UDP (protocol 0 or the type's own),
+//! which Landlock and the network namespace rule: no Unix, netlink or vsock
+//! socket (vsock is no namespace's), and no MPTCP (protocol 262), SCTP
+//! (sequenced packets, whose protocol 0 is SCTP), DCCP or ping socket,
+//! whose connections and listeners Landlock's TCP rights do not cover; and
 //! `socketpair()` of datagrams (a datagram pair's socket can be
 //! disconnected, bound to a path and sent to any socket that has one: a
 //! Unix socket in all but name; pairs of streams and sequenced packets
@@ -162,17 +163,28 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, libc::SOCK_STREAM as u32, 1, 0));
         p.push(jump(libc::BPF_JEQ, libc::SOCK_SEQPACKET as u32, 0, u8::MAX));
         p.push(ret(ALLOW));
-        // socket(): IPv4 or IPv6 of TCP or UDP only (args[0], args[2]),
-        // else allowed.
+        // socket(): IPv4 or IPv6 (args[0]) streams of TCP or datagrams of
+        // UDP (args[1] without its flags, args[2]; protocol 0 is the type's
+        // default, which for other types is SCTP or DCCP), else allowed.
+        // The last jumps land on the ALLOW after this part.
         p.push(jump(libc::BPF_JEQ, libc::SYS_socket as u32, 1, 0));
         p.push(ret(ALLOW));
         p.push(load(16));
         p.push(jump(libc::BPF_JEQ, libc::AF_INET as u32, 1, 0));
         p.push(jump(libc::BPF_JEQ, libc::AF_INET6 as u32, 0, u8::MAX));
+        p.push(load(24));
+        p.push(stmt(
+            (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16,
+            SOCK_TYPE_MASK,
+        ));
+        p.push(jump(libc::BPF_JEQ, libc::SOCK_STREAM as u32, 0, 3));
         p.push(load(32));
-        p.push(jump(libc::BPF_JEQ, 0, 2, 0));
-        p.push(jump(libc::BPF_JEQ, libc::IPPROTO_TCP as u32, 1, 0));
-        p.push(jump(libc::BPF_JEQ, libc::IPPROTO_UDP as u32, 0, u8::MAX));
+        p.push(jump(libc::BPF_JEQ, libc::IPPROTO_TCP as u32, 5, 0));
+        p.push(jump(libc::BPF_JEQ, 0, 4, u8::MAX));
+        p.push(jump(libc::BPF_JEQ, libc::SOCK_DGRAM as u32, 0, u8::MAX));
+        p.push(load(32));
+        p.push(jump(libc::BPF_JEQ, libc::IPPROTO_UDP as u32, 1, 0));
+        p.push(jump(libc::BPF_JEQ, 0, 0, u8::MAX));
     }
     p.push(ret(ALLOW));
     p.push(ret(NO_CLONE3));
@@ -315,29 +327,43 @@ mod tests {
                     "call {other}"
                 );
             }
-            assert_eq!(run(&p, AUDIT_ARCH, socket, inet), ALLOW);
+            assert_eq!(
+                run2(&p, AUDIT_ARCH, socket, inet, libc::SOCK_STREAM as u32),
+                ALLOW
+            );
             let sockets = if network { ALLOW } else { DENY };
             assert_eq!(run(&p, AUDIT_ARCH, socket, unix), sockets);
             assert_eq!(run(&p, AUDIT_ARCH, socket, netlink), sockets);
-            // IP sockets of TCP and UDP always; vsock, MPTCP (262), SCTP
-            // (132), ping (ICMP, 1) with the network only.
+            // IP streams of TCP and datagrams of UDP always (flags on the
+            // type ignored); vsock, MPTCP (262), SCTP (132, or sequenced
+            // packets of protocol 0), DCCP (type 6), ping (ICMP, 1) and UDP
+            // streams with the network only.
             let stream = libc::SOCK_STREAM as u32;
+            let dgram = libc::SOCK_DGRAM as u32;
+            let seqpacket = libc::SOCK_SEQPACKET as u32;
+            let flags = (libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u32;
             let inet6 = libc::AF_INET6 as u32;
-            for (domain, protocol, always) in [
-                (inet, 0, true),
-                (inet6, 0, true),
-                (inet, 6, true),
-                (inet6, 17, true),
-                (inet, 262, false),
-                (inet6, 262, false),
-                (inet, 132, false),
-                (inet, 1, false),
-                (libc::AF_VSOCK as u32, 0, false),
-                (libc::AF_PACKET as u32, 0, false),
+            for (domain, kind, protocol, always) in [
+                (inet, stream, 0, true),
+                (inet6, stream | flags, 0, true),
+                (inet, stream, 6, true),
+                (inet6, dgram, 17, true),
+                (inet, dgram | flags, 0, true),
+                (inet, stream, 262, false),
+                (inet6, stream, 262, false),
+                (inet, stream, 132, false),
+                (inet, seqpacket, 0, false),
+                (inet6, seqpacket, 132, false),
+                (inet, 6, 0, false),
+                (inet, dgram, 1, false),
+                (inet, stream, 17, false),
+                (inet, dgram, 6, false),
+                (libc::AF_VSOCK as u32, stream, 0, false),
+                (libc::AF_PACKET as u32, dgram, 0, false),
             ] {
-                let said = run3(&p, AUDIT_ARCH, socket, [domain, stream, protocol]);
+                let said = run3(&p, AUDIT_ARCH, socket, [domain, kind, protocol]);
                 let expected = if always || network { ALLOW } else { DENY };
-                assert_eq!(said, expected, "socket({domain}, _, {protocol})");
+                assert_eq!(said, expected, "socket({domain}, {kind:#x}, {protocol})");
             }
             // socketpair(AF_UNIX, type | SOCK_CLOEXEC): streams and
             // sequenced packets always, datagrams (raw is one) with the
@@ -455,11 +481,16 @@ mod tests {
                     if libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) < 0 {
                         return 14;
                     }
-                    // MPTCP: a TCP Landlock does not rule.
+                    // MPTCP: a TCP Landlock does not rule; nor SCTP.
                     if libc::socket(libc::AF_INET, libc::SOCK_STREAM, 262) != -1
                         || errno() != Some(libc::EACCES)
                     {
                         return 21;
+                    }
+                    if libc::socket(libc::AF_INET, libc::SOCK_SEQPACKET, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 23;
                     }
                     if libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) != -1
                         || errno() != Some(libc::EACCES)

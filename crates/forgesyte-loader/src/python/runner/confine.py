@@ -186,7 +186,7 @@ _CLONE3 = 435  # the same number on both machines
 _AF_INET, _AF_INET6 = 2, 10
 _IPPROTO_TCP, _IPPROTO_UDP = 6, 17
 # A socket's type (its low bits; the rest are flags): the pairs allowed.
-_SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_SEQPACKET = 0xF, 1, 5
+_SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_DGRAM, _SOCK_SEQPACKET = 0xF, 1, 2, 5
 _X32_SYSCALL_BIT = 0x40000000
 # io_uring (``io_uring_setup``, ``_enter``, ``_register``: the same numbers
 # on both machines): its operations (a socket among them) pass no filter.
@@ -225,9 +225,10 @@ def _seccomp_program(machine, network):
       ``SOCK_SEQPACKET``: deny (a datagram pair's socket can be
       disconnected, bound to a path and sent to any socket that has one:
       a Unix socket in all but name); ``socket`` whose domain (args[0]'s
-      low half, offset 16) is not ``AF_INET`` or ``AF_INET6``, or whose
-      protocol (args[2]'s, offset 32) is not 0, TCP or UDP: deny (no Unix,
-      netlink or vsock socket, no MPTCP, SCTP or ping socket, which
+      low half, offset 16) is not ``AF_INET`` or ``AF_INET6``, or that is
+      neither a stream (its type, offset 24, flags masked off) of protocol
+      (offset 32) 0 or TCP nor a datagram of 0 or UDP: deny (no Unix,
+      netlink or vsock socket, no MPTCP, SCTP, DCCP or ping socket, which
       Landlock's TCP rights do not rule)
     - anything else: allow; deny is ``EACCES``, the program's last
       instruction."""
@@ -254,15 +255,21 @@ def _seccomp_program(machine, network):
               (_BPF_JEQ_K, 1, 0, _SOCK_STREAM),
               (_BPF_JEQ_K, 0, deny, _SOCK_SEQPACKET),
               (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
-              (_BPF_JEQ_K, 1, 0, socket),  # socket(): IP of TCP or UDP, else allowed
-              (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+              (_BPF_JEQ_K, 1, 0, socket),  # socket(): IP streams of TCP,
+              (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),  # datagrams of UDP
               (_BPF_LD_W_ABS, 0, 0, 16),
               (_BPF_JEQ_K, 1, 0, _AF_INET),
               (_BPF_JEQ_K, 0, deny, _AF_INET6),
+              (_BPF_LD_W_ABS, 0, 0, 24),
+              (_BPF_AND_K, 0, 0, _SOCK_TYPE_MASK),
+              (_BPF_JEQ_K, 0, 3, _SOCK_STREAM),
               (_BPF_LD_W_ABS, 0, 0, 32),
-              (_BPF_JEQ_K, 2, 0, 0),
-              (_BPF_JEQ_K, 1, 0, _IPPROTO_TCP),
-              (_BPF_JEQ_K, 0, deny, _IPPROTO_UDP)]
+              (_BPF_JEQ_K, 5, 0, _IPPROTO_TCP),
+              (_BPF_JEQ_K, 4, deny, 0),
+              (_BPF_JEQ_K, 0, deny, _SOCK_DGRAM),
+              (_BPF_LD_W_ABS, 0, 0, 32),
+              (_BPF_JEQ_K, 1, 0, _IPPROTO_UDP),
+              (_BPF_JEQ_K, 0, deny, 0)]
     p += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_ENOSYS),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_EACCES)]
     last = len(p) - 1
