@@ -303,7 +303,12 @@ impl Loader {
         let config = self.instance_config(p);
         let check = Arc::new(self.rechecker(p, &target, signed)?);
         let importer = match check.sources()? {
-            Some(sources) => importer.verified_sources(&sources),
+            Some(sources) => importer.verified_sources(&sources).map_err(|e| {
+                PluginError::from(forgesyte_errors::IntegrityError::ChangedSinceCheck {
+                    subject: "the plugin's files".to_owned(),
+                    detail: format!("their digests cannot be handed to the runner: {e}"),
+                })
+            })?,
             None => importer,
         };
         let handle = self.instantiate_isolated(p, importer, (code, config), &check)?;

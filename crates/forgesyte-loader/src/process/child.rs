@@ -330,7 +330,10 @@ impl Child {
     pub(crate) fn fork(
         zygote: &Arc<Zygote>,
         argv: &[OsString],
-        env: Option<&std::collections::BTreeMap<String, String>>,
+        (env, sources): (
+            Option<&std::collections::BTreeMap<String, String>>,
+            Option<&std::os::fd::OwnedFd>,
+        ),
         opts: &SpawnOptions<'_>,
         timeout: Duration,
     ) -> Result<Child, SpawnError> {
@@ -351,7 +354,7 @@ impl Child {
                 argv,
                 [stdin.into(), stdout.into(), stderr.into()],
                 runner_shm,
-                env,
+                (env, sources),
                 timeout,
             )
             .map_err(SpawnError::Start)?;

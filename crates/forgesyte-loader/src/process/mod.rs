@@ -167,21 +167,19 @@ enum Launch {
         plugin_dir: PathBuf,
         entry: PythonEntry,
         installed: bool,
-        /// A signed or pinned plugin's checked sources (`--sources`, a JSON
-        /// object of relative path → SHA-256): the runner imports no
-        /// module of the plugin's tree whose bytes differ or that it lacks.
-        sources: Option<Arc<str>>,
+        /// A signed or pinned plugin's checked sources (a JSON object of
+        /// relative path → SHA-256) in a sealed memory file, handed to each
+        /// runner (`--sources-fd`; too big for a command line: a plugin
+        /// bundling its dependencies lists thousands of files): the runner
+        /// imports no module of the plugin's tree whose bytes differ or
+        /// that it lacks.
+        sources: Option<Arc<OwnedFd>>,
     },
 }
 
 /// The Python runner's arguments naming the plugin's code (absolute
 /// paths: the runner may change directory).
-fn python_runner_args(
-    plugin_dir: &Path,
-    entry: &PythonEntry,
-    installed: bool,
-    sources: Option<&str>,
-) -> Vec<OsString> {
+fn python_runner_args(plugin_dir: &Path, entry: &PythonEntry, installed: bool) -> Vec<OsString> {
     let plugin_dir = std::path::absolute(plugin_dir).unwrap_or_else(|_| plugin_dir.to_owned());
     let mut argv = vec!["--plugin-dir".into(), plugin_dir.clone().into_os_string()];
     match entry {
@@ -203,10 +201,6 @@ fn python_runner_args(
     }
     if installed {
         argv.push("--installed".into());
-    }
-    if let Some(sources) = sources {
-        argv.push("--sources".into());
-        argv.push(sources.into());
     }
     argv
 }
@@ -292,14 +286,19 @@ impl ProcessImporter {
     /// → SHA-256, as its check computed and verified them): its runners
     /// (at every restart too) import no module of its tree whose bytes
     /// differ from them, nor one they do not list. (Python runners only.)
+    ///
+    /// # Errors
+    ///
+    /// When the memory file cannot be made.
     pub fn verified_sources(
         mut self,
         digests: &std::collections::BTreeMap<String, String>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         if let Launch::Python { sources, .. } = &mut self.launch {
-            *sources = serde_json::to_string(digests).ok().map(Arc::from);
+            let json = serde_json::to_vec(digests).map_err(std::io::Error::other)?;
+            *sources = Some(Arc::new(forgesyte_protocol::wire::shm::sealed(&json)?));
         }
-        self
+        Ok(self)
     }
 
     /// Arguments put before the runner's own (`--library ...`): for a host
@@ -461,8 +460,8 @@ impl ProcessImporter {
                 installed,
                 sources,
             } => {
-                let mut argv =
-                    python_runner_args(plugin_dir, entry, *installed, sources.as_deref());
+                let mut argv = python_runner_args(plugin_dir, entry, *installed);
+                let sources = sources.as_deref();
                 argv.extend(common);
                 // A result over the host's limit is then a tool error, not
                 // an answer the host kills the runner for.
@@ -474,9 +473,9 @@ impl ProcessImporter {
                     let key =
                         zygote::ZygoteKey::new(interpreter, &self.limits, run_as, plan.is_some());
                     let env = plan.as_ref().map(|plan| &plan.env);
-                    match zygote::zygote_for(&key)
-                        .map(|z| Child::fork(&z, &argv, env, &opts, self.limits.init_timeout))
-                    {
+                    match zygote::zygote_for(&key).map(|z| {
+                        Child::fork(&z, &argv, (env, sources), &opts, self.limits.init_timeout)
+                    }) {
                         Ok(Err(SpawnError::Start(e))) | Err(e) => tracing::debug!(
                             plugin = %self.plugin,
                             "no Python zygote ({e}): starting the runner on its own"
@@ -486,6 +485,11 @@ impl ProcessImporter {
                 }
                 let mut command = Command::new(interpreter);
                 command.args(python_invocation(run_as)).args(argv);
+                if let Some(fd) = sources {
+                    // At the same number in the runner (`pass_fd`).
+                    command.arg("--sources-fd").arg(fd.as_raw_fd().to_string());
+                    child::pass_fd(&mut command, fd.as_raw_fd());
+                }
                 confine_env(&mut command);
                 Child::spawn(command, &opts, self.limits.init_timeout)
             }

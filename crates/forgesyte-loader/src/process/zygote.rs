@@ -57,9 +57,9 @@ pub const ZYGOTE_ENV: &str = "FORGESYTE_PYTHON_ZYGOTE";
 const SHARED_NETNS_ENV: &str = "FORGESYTE_PYTHON_SHARED_NETNS";
 
 /// The most descriptors a spawn message carries: stdin, stdout, stderr, the
-/// shared-memory socket, the environment's memory file (`zygote.py`
-/// receives as many).
-const MAX_SPAWN_FDS: usize = 5;
+/// shared-memory socket, the checked sources' and the environment's memory
+/// files (`zygote.py` receives as many).
+const MAX_SPAWN_FDS: usize = 6;
 
 /// Largest control message the zygote sends (it accepts 1 MiB).
 const MESSAGE_BYTES: usize = 64 * 1024;
@@ -434,7 +434,10 @@ impl Zygote {
         argv: &[OsString],
         stdio: [OwnedFd; 3],
         shm: Option<(OwnedFd, u64)>,
-        env: Option<&std::collections::BTreeMap<String, String>>,
+        (env, sources): (
+            Option<&std::collections::BTreeMap<String, String>>,
+            Option<&OwnedFd>,
+        ),
         timeout: Duration,
     ) -> io::Result<ForkedChild> {
         let argv: Vec<String> = argv
@@ -456,6 +459,12 @@ impl Zygote {
         if let Some((socket, threshold)) = shm {
             message["shm_threshold"] = json!(threshold);
             fds.push(socket);
+        }
+        // The checked sources' memory file (a copy of its descriptor),
+        // then the environment's: the zygote takes them from the end.
+        if let Some(sources) = sources {
+            message["sources_fd"] = json!(true);
+            fds.push(sources.try_clone()?);
         }
         if let Some(env) = env {
             let values = serde_json::to_vec(env).map_err(io::Error::other)?;
@@ -840,8 +849,13 @@ mod tests {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let spawner = Arc::clone(&zygote);
         std::thread::spawn(move || {
-            let spawned =
-                spawner.spawn(&["x".into()], stdio, None, None, Duration::from_millis(300));
+            let spawned = spawner.spawn(
+                &["x".into()],
+                stdio,
+                None,
+                (None, None),
+                Duration::from_millis(300),
+            );
             let _ = done_tx.send(spawned.map(|child| child.id()));
         });
         // On a thread: a spawn that waits for good fails this test, not hangs it.

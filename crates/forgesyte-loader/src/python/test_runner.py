@@ -1433,15 +1433,23 @@ class UnitTests(unittest.TestCase):
         args = parse_args(["--file", "plugin.py", "--plugin-dir", "/plugins/p"])
         self.assertEqual((args.file, args.plugin_dir), ("/plugins/p/plugin.py", "/plugins/p"))
 
-    def test_checked_sources_are_a_json_object_of_digests(self):
+    def test_checked_sources_come_in_a_memory_file_of_json_digests(self):
         from runner.args import UsageError, parse_args
 
-        args = parse_args(["--file", "/p/plugin.py", "--sources", '{"plugin.py": "ab"}'])
+        def memory_file(data):
+            fd = os.memfd_create("sources")
+            os.write(fd, data)  # its offset is at the end, as the host leaves it
+            return str(fd)
+
+        args = parse_args(["--file", "/p/plugin.py", "--sources-fd",
+                           memory_file(b'{"plugin.py": "ab"}')])
         self.assertEqual(args.sources, {"plugin.py": "ab"})
         self.assertIsNone(parse_args(["--file", "/p/plugin.py"]).sources)
-        for bad in ("[1]", '{"plugin.py": 1}', "{"):
+        for bad in (b"[1]", b'{"plugin.py": 1}', b"{"):
             with self.assertRaises(UsageError):
-                parse_args(["--file", "/p/plugin.py", "--sources", bad])
+                parse_args(["--file", "/p/plugin.py", "--sources-fd", memory_file(bad)])
+        with self.assertRaises(UsageError):
+            parse_args(["--file", "/p/plugin.py", "--sources-fd", "x"])
 
     def test_a_checked_module_must_be_the_checked_bytes(self):
         import hashlib
@@ -1454,6 +1462,34 @@ class UnitTests(unittest.TestCase):
             checked.check("/p/pkg/m.py", b"x = 2\n")
         with self.assertRaisesRegex(ImportError, "other.py is not among"):
             checked.check("/p/other.py", b"")
+
+    def test_a_checked_tree_is_checked_by_any_name_and_runs_no_zip(self):
+        import hashlib
+        import tempfile
+        import zipfile
+
+        from runner.loading import _Checked, _SourceOnlyFinder, _SourceOnlyLoader
+
+        with tempfile.TemporaryDirectory() as tmp:
+            real = os.path.join(tmp, "real", "plugin")
+            os.makedirs(real)
+            os.symlink(os.path.join(tmp, "real"), os.path.join(tmp, "link"))
+            root = os.path.join(tmp, "link", "plugin")
+            with open(os.path.join(real, "helper_x.py"), "w") as f:
+                f.write("WHO = 'swapped'\n")
+            with zipfile.ZipFile(os.path.join(real, "vendor.zip"), "w") as z:
+                z.writestr("zipped_x.py", "WHO = 'zip'\n")
+            checked = _Checked(root, {"helper_x.py": hashlib.sha256(b"WHO = 'checked'\n").hexdigest()})
+            finder = _SourceOnlyFinder(root, checked)
+            # Found under the resolved name of the plugin's directory: still
+            # checked, and refused (its bytes changed).
+            spec = finder.find_spec("helper_x", [real])
+            self.assertIsInstance(spec.loader, _SourceOnlyLoader)
+            with self.assertRaisesRegex(ImportError, "helper_x.py changed since"):
+                spec.loader.get_data(spec.origin)
+            # A zip archive of the tree: no checked bytes, not imported.
+            with self.assertRaisesRegex(ImportError, "does not cover"):
+                finder.find_spec("zipped_x", [os.path.join(root, "vendor.zip")])
 
     def test_no_landlock_names_the_error_of_its_probe_not_a_later_one(self):
         import errno as errno_codes
@@ -1622,7 +1658,7 @@ class SeccompTests(unittest.TestCase):
         def program(audit_arch, x32, calls, clone, sockets):
             """Every jump to the deny (the last instruction) or to the ENOSYS
             return (the one before) counted from the one after it."""
-            n = 3 + x32 + 6 + len(calls) + (15 if sockets else 0) + 3
+            n = 3 + x32 + 6 + len(calls) + (21 if sockets else 0) + 3
             deny = lambda i: n - 1 - i - 1  # noqa: E731
             p = [(ld, 0, 0, 4), (jeq, 0, deny(1), audit_arch), (ld, 0, 0, 0)]
             if x32:
@@ -1634,13 +1670,14 @@ class SeccompTests(unittest.TestCase):
             if sockets:
                 socketpair, socket = sockets
                 # socketpair() of a stream or sequenced packets (the type's
-                # flags masked off), socket() of IPv4 or IPv6 (2, 10) of
-                # protocol 0, TCP or UDP (6, 17) only.
+                # flags masked off), socket() of IPv4 or IPv6 (2, 10): a
+                # stream of protocol 0 or TCP (6), a datagram of 0 or UDP (17).
                 p += [(jeq, 0, 5, socketpair), (ld, 0, 0, 24), (and_, 0, 0, 0xF), (jeq, 1, 0, 1),
-                      (jeq, 0, 12, 5), (ret, 0, 0, self.ALLOW),
+                      (jeq, 0, 18, 5), (ret, 0, 0, self.ALLOW),
                       (jeq, 1, 0, socket), (ret, 0, 0, self.ALLOW), (ld, 0, 0, 16),
-                      (jeq, 1, 0, 2), (jeq, 0, 6, 10), (ld, 0, 0, 32),
-                      (jeq, 2, 0, 0), (jeq, 1, 0, 6), (jeq, 0, 2, 17)]
+                      (jeq, 1, 0, 2), (jeq, 0, 12, 10), (ld, 0, 0, 24), (and_, 0, 0, 0xF),
+                      (jeq, 0, 3, 1), (ld, 0, 0, 32), (jeq, 5, 0, 6), (jeq, 4, 6, 0),
+                      (jeq, 0, 5, 2), (ld, 0, 0, 32), (jeq, 1, 0, 17), (jeq, 0, 2, 0)]
             p += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, enosys), (ret, 0, 0, self.DENY)]
             self.assertEqual(len(p), n)
             return p
@@ -1657,8 +1694,8 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
         # Two places in step: the x86_64 program without the network, as
-        # the native runner builds it, is 51 instructions.
-        self.assertEqual(len(_seccomp_program("x86_64", False)), 51)
+        # the native runner builds it, is 57 instructions.
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 57)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
@@ -1684,20 +1721,25 @@ class SeccompTests(unittest.TestCase):
                 for kind, allowed in ((1, True), (5, True), (2, network), (3, network)):
                     said = run_bpf(p, arch, socketpair_nr, 1, kind | 0o2000000)
                     self.assertEqual(said, self.ALLOW if allowed else self.DENY, (where, kind))
-                self.assertEqual(run_bpf(p, arch, socket_nr, 2), self.ALLOW, where)  # AF_INET
-                self.assertEqual(run_bpf(p, arch, socket_nr, 10), self.ALLOW, where)  # AF_INET6
+                self.assertEqual(run_bpf(p, arch, socket_nr, 2, 1), self.ALLOW, where)  # AF_INET
+                self.assertEqual(run_bpf(p, arch, socket_nr, 10, 2), self.ALLOW, where)  # AF_INET6
                 sockets = self.ALLOW if network else self.DENY
                 self.assertEqual(run_bpf(p, arch, socket_nr, 1), sockets, where)  # AF_UNIX
                 self.assertEqual(run_bpf(p, arch, socket_nr, 16), sockets, where)  # AF_NETLINK
                 self.assertEqual(run_bpf(p, arch, socket_nr, 40), sockets, where)  # AF_VSOCK
-                # IP of TCP and UDP always; MPTCP (262), SCTP (132) and ping
-                # (ICMP, 1) with the network only.
-                for domain, protocol in ((2, 6), (10, 6), (2, 17), (10, 0)):
-                    said = run_bpf(p, arch, socket_nr, domain, 1, protocol)
-                    self.assertEqual(said, self.ALLOW, (where, domain, protocol))
-                for domain, protocol in ((2, 262), (10, 262), (2, 132), (2, 1)):
-                    said = run_bpf(p, arch, socket_nr, domain, 1, protocol)
-                    self.assertEqual(said, sockets, (where, domain, protocol))
+                # IP streams of TCP and datagrams of UDP always (type flags
+                # ignored); MPTCP (262), SCTP (132, or sequenced packets of
+                # protocol 0), DCCP (type 6) and ping (ICMP, 1) with the
+                # network only.
+                flags = 0o2000000 | 0o4000
+                for domain, kind, protocol in ((2, 1, 6), (10, 1 | flags, 0), (2, 2, 17),
+                                               (10, 2 | flags, 0)):
+                    said = run_bpf(p, arch, socket_nr, domain, kind, protocol)
+                    self.assertEqual(said, self.ALLOW, (where, domain, kind, protocol))
+                for domain, kind, protocol in ((2, 1, 262), (10, 1, 262), (2, 1, 132), (2, 5, 0),
+                                               (2, 6, 0), (2, 2, 1), (2, 1, 17), (2, 2, 6)):
+                    said = run_bpf(p, arch, socket_nr, domain, kind, protocol)
+                    self.assertEqual(said, sockets, (where, domain, kind, protocol))
                 # clone3: ENOSYS; clone: refused with CLONE_PARENT only.
                 clone_nr = {"x86_64": 56, "aarch64": 220}[machine]
                 self.assertEqual(run_bpf(p, arch, 435, 0), 0x00050000 | 38, where)

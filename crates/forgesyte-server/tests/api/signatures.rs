@@ -692,3 +692,58 @@ fn a_signed_path_that_a_link_leads_out_of_the_plugin_is_refused() {
         "{reason}"
     );
 }
+
+/// A pinned Python plugin of 2,000 source files starts, with its zygote
+/// and without: its checked sources reach the runner in a memory file (on
+/// the command line, 90 bytes a file, they passed Linux's 128 KiB limit on
+/// one argument near 1,400 files, and the runner could not start).
+#[test]
+fn a_pinned_python_plugin_of_thousands_of_files_starts() {
+    let plugins = PluginsDir::new();
+    let dir = plugins.path().join("big");
+    std::fs::create_dir_all(dir.join("vendored")).unwrap();
+    std::fs::write(
+        dir.join("plugin.py"),
+        "import vendored.m1999\nclass Plugin:\n    name = 'big'\n    tools = {'n': {'description': 'd'}}\n    \
+         def run_tool(self, tool, args):\n        return {'n': vendored.m1999.N}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("vendored/__init__.py"), "").unwrap();
+    for i in 0..2000 {
+        std::fs::write(dir.join(format!("vendored/m{i}.py")), format!("N = {i}\n")).unwrap();
+    }
+    let mut listing: Vec<(String, String)> = Vec::new();
+    listing.push(("plugin.py".into(), String::new()));
+    listing.push(("vendored/__init__.py".into(), String::new()));
+    for i in 0..2000 {
+        listing.push((format!("vendored/m{i}.py"), String::new()));
+    }
+    listing.sort();
+    let text: String = listing
+        .iter()
+        .map(|(rel, _)| {
+            format!(
+                "{}  {rel}\n",
+                crate::python::sha256(&std::fs::read(dir.join(rel)).unwrap())
+            )
+        })
+        .collect();
+    let pin = crate::python::sha256(text.as_bytes());
+    std::fs::write(
+        dir.join("manifest.json"),
+        json!({"name": "big", "runtime": "python", "sha256": pin}).to_string(),
+    )
+    .unwrap();
+    for zygote in ["1", "0"] {
+        let server = Forgesyte::start_with_env(
+            &["--plugins", plugins.path_str()],
+            &[("FORGESYTE_PYTHON_ZYGOTE", zygote)],
+        );
+        server.wait_loaded();
+        let health = server.get("/v1/plugins/big/health").json();
+        assert_eq!(health["state"], "INITIALIZED", "zygote {zygote}: {health}");
+        let reply = server.run("big", "n", r#"{"args": {}}"#);
+        assert_eq!(reply.status, 200, "zygote {zygote}: {}", reply.text());
+        assert_eq!(reply.json()["result"]["n"], 1999);
+    }
+}

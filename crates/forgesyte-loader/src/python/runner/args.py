@@ -6,7 +6,7 @@ import os
 USAGE = (
     "usage: runner --plugin NAME --plugin-dir DIR "
     "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N] "
-    "[--max-response-bytes N] [--sources JSON]"
+    "[--max-response-bytes N] [--sources-fd N]"
 )
 
 
@@ -30,8 +30,8 @@ class Args(object):
         # go first on sys.path, where its files would shadow the standard
         # library (a package's own ``statistics.py``, say).
         self.installed = False
-        # A signed or pinned plugin's checked sources (``--sources JSON``:
-        # relative path -> SHA-256), None: not checked.
+        # A signed or pinned plugin's checked sources (``--sources-fd N``: a
+        # memory file of JSON, relative path -> SHA-256), None: not checked.
         self.sources = None
 
 
@@ -39,6 +39,32 @@ def _dotted(name):
     """Whether ``name`` is identifiers joined by dots: a module path, or an
     attribute path (``Outer.Plugin``, as an entry point may name one)."""
     return all(part.isidentifier() for part in name.split("."))
+
+
+def _read_sources(fd_text):
+    """The checked sources in memory file ``fd_text`` (a descriptor
+    number): a JSON object of relative path -> SHA-256. Read from offset 0
+    whatever its offset (the descriptor is shared with the host and the
+    plugin's earlier runners); closed after."""
+    if not (fd_text.isascii() and fd_text.isdigit()):
+        raise UsageError("--sources-fd: not a descriptor number: %r" % fd_text)
+    fd = int(fd_text)
+    try:
+        chunks, offset = [], 0
+        while True:
+            chunk = os.pread(fd, 1 << 20, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        os.close(fd)
+        sources = json.loads(b"".join(chunks).decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError("--sources-fd: cannot read the checked sources: %s" % e)
+    if not isinstance(sources, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in sources.items()):
+        raise UsageError("--sources-fd: not a JSON object of strings")
+    return sources
 
 
 def parse_args(argv):
@@ -95,15 +121,8 @@ def parse_args(argv):
             if not isinstance(confine, dict):
                 raise UsageError("--confine: not a JSON object")
             args.confine = confine
-        elif arg == "--sources":
-            try:
-                sources = json.loads(value())
-            except ValueError as e:
-                raise UsageError("--sources: not JSON: %s" % e)
-            if not isinstance(sources, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in sources.items()):
-                raise UsageError("--sources: not a JSON object of strings")
-            args.sources = sources
+        elif arg == "--sources-fd":
+            args.sources = _read_sources(value())
         else:
             raise UsageError("unexpected argument %r" % arg)
     if (args.file is None) == (args.module is None):

@@ -25,7 +25,7 @@ def _sanitize(name):
 
 
 class _Checked(object):
-    """A signed or pinned plugin's checked files (``--sources``: path
+    """A signed or pinned plugin's checked files (``--sources-fd``: path
     relative to ``root`` -> SHA-256): the bytes a module of the tree is
     loaded from must be those the host checked, whenever it is imported
     (the host checks the files once, before the runner starts; a module
@@ -34,20 +34,48 @@ class _Checked(object):
 
     def __init__(self, root, sources):
         self.root = root
+        self.real_root = os.path.realpath(root)
         self.sources = sources
+
+    def under(self, path):
+        """Whether ``path`` is in the tree: by its name, or where it
+        resolves (a plugin that puts ``os.path.realpath(__file__)``'s
+        directory on ``sys.path`` imports its modules by their resolved
+        names when the plugins directory is reached through a link)."""
+        return (os.path.abspath(path).startswith(self.root + os.sep)
+                or os.path.realpath(path).startswith(self.real_root + os.sep))
+
+    def _rel(self, path):
+        where = os.path.abspath(path)
+        if where.startswith(self.root + os.sep):
+            return os.path.relpath(where, self.root).replace(os.sep, "/")
+        return os.path.relpath(os.path.realpath(path), self.real_root).replace(os.sep, "/")
 
     def check(self, path, data):
         """Raises ImportError unless ``data``, read from ``path``, are the
         checked bytes of that file."""
         import hashlib
 
-        rel = os.path.relpath(os.path.abspath(path), self.root).replace(os.sep, "/")
+        self._compare(path, hashlib.sha256(data).hexdigest())
+
+    def check_file(self, f, path):
+        """:meth:`check` of the open file ``f`` (read from its start, a
+        MiB at a time: an extension module may be large)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+        self._compare(path, digest.hexdigest())
+
+    def _compare(self, path, now):
+        rel = self._rel(path)
         expected = self.sources.get(rel)
         if expected is None:
             raise ImportError(
                 "%s is not among the plugin's checked files: it appeared after the plugin's "
                 "signature or pin was checked, and is not imported" % rel, path=path)
-        now = hashlib.sha256(data).hexdigest()
         if now != expected:
             raise ImportError(
                 "%s changed since the plugin's signature or pin was checked (sha256 now %s, "
@@ -88,7 +116,7 @@ class _CheckedExtensionLoader(importlib.machinery.ExtensionFileLoader):
 
     def create_module(self, spec):
         with open(self.path, "rb") as f:
-            self.checked.check(self.path, f.read())
+            self.checked.check_file(f, self.path)
         return super().create_module(spec)
 
 
@@ -110,8 +138,10 @@ class _SourceOnlyFinder(object):
         origin = getattr(spec, "origin", None)
         if not isinstance(origin, str):
             return spec  # not found, or a namespace package
-        where = os.path.abspath(origin)
-        if not where.startswith(self.root + os.sep):
+        if self.checked is not None:
+            if not self.checked.under(origin):
+                return spec
+        elif not os.path.abspath(origin).startswith(self.root + os.sep):
             return spec
         if isinstance(spec.loader, machinery.SourcelessFileLoader):
             raise ImportError(
@@ -122,6 +152,14 @@ class _SourceOnlyFinder(object):
             spec.loader = _SourceOnlyLoader(name, origin, self.checked)
         elif isinstance(spec.loader, machinery.ExtensionFileLoader) and self.checked is not None:
             spec.loader = _CheckedExtensionLoader(name, origin, self.checked)
+        elif (self.checked is not None
+              and not isinstance(spec.loader, machinery.ExtensionFileLoader)):
+            # A zip archive's module, say: no listed file's bytes.
+            raise ImportError(
+                "%s comes from %s, which the plugin's signature or pin does not cover "
+                "(a module of a signed or pinned plugin is a .py file or an extension "
+                "module of its tree): it is not imported" % (name, clean(origin)),
+                name=name, path=origin)
         return spec  # an extension module: covered by pins and signatures
 
 

@@ -20,9 +20,9 @@ SHARED_NETNS_ENV = "FORGESYTE_PYTHON_SHARED_NETNS"
 # at most this big.
 ZYGOTE_MESSAGE_BYTES = 1 << 20
 # The most descriptors a spawn carries: stdin, stdout, stderr, the
-# shared-memory socket, the confined environment's memory file (the host's
-# ``MAX_SPAWN_FDS``).
-MAX_SPAWN_FDS = 5
+# shared-memory socket, the checked sources' and the confined environment's
+# memory files (the host's ``MAX_SPAWN_FDS``).
+MAX_SPAWN_FDS = 6
 # ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, ``prctl(PR_SET_NAME, ...)``,
 # ``prctl(PR_SET_DUMPABLE, ...)``.
 _PR_SET_PDEATHSIG = 1
@@ -172,7 +172,8 @@ class _Zygote(object):
         argv = [str(a) for a in message["argv"]]
         threshold = message.get("shm_threshold")
         env_fd = bool(message.get("env_fd"))
-        expected = 3 + (threshold is not None) + env_fd
+        sources_fd = bool(message.get("sources_fd"))
+        expected = 3 + (threshold is not None) + env_fd + sources_fd
         if len(fds) != expected:
             self.send({"op": "spawn_failed", "id": rid,
                        "error": "%d descriptors came with the request, %d expected" % (len(fds), expected)})
@@ -189,7 +190,7 @@ class _Zygote(object):
             self.send({"op": "spawn_failed", "id": rid, "error": "fork: %s" % e})
             return
         if pid == 0:
-            self.become_runner(argv, fds, threshold, env_fd)  # never returns
+            self.become_runner(argv, fds, threshold, env_fd, sources_fd)  # never returns
         try:
             # Both sides set the group, so no signal to it can come first.
             os.setpgid(pid, pid)
@@ -236,7 +237,7 @@ class _Zygote(object):
         finally:
             os.close(own)
 
-    def become_runner(self, argv, fds, shm_threshold=None, env_fd=False):
+    def become_runner(self, argv, fds, shm_threshold=None, env_fd=False, sources_fd=False):
         handover = Handover(None, netns=self.netns, confine_tools=self.confine_tools)
         try:
             self.signal.set_wakeup_fd(-1)
@@ -261,6 +262,10 @@ class _Zygote(object):
                 with os.fdopen(fd, "rb") as f:
                     f.seek(0)  # the host wrote it: its offset is at the end
                     handover.env = json.loads(f.read(ZYGOTE_MESSAGE_BYTES).decode("utf-8"))
+            if sources_fd:
+                # The checked sources' memory file stays where it is (above
+                # 2); the runner reads it as a runner started on its own does.
+                argv = argv + ["--sources-fd", str(fds.pop())]
             if len(fds) == 4:
                 # The shared-memory socket stays where it is (above 2).
                 handover.shm = (fds.pop(), int(shm_threshold))
