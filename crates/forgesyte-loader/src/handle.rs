@@ -82,24 +82,30 @@ fn reason_suffix(reason: &Option<String>) -> String {
 
 /// A pointer of `binary` (binary results, by JSON pointer) that another
 /// one names too, or lies inside: their bytes would overwrite each other.
+/// Pointers are compared as the places they name (each token decoded as
+/// `place` decodes it: `/~2` and `/~02` both name the key `~2`).
 fn overlapping_pointer<B>(binary: &[(String, B)]) -> Option<&str> {
     if binary.len() < 2 {
         return None;
     }
-    let all: std::collections::HashSet<&str> = binary.iter().map(|(p, _)| p.as_str()).collect();
-    if all.len() < binary.len() {
-        let mut seen = std::collections::HashSet::new();
-        return binary
-            .iter()
-            .map(|(p, _)| p.as_str())
-            .find(|p| !seen.insert(*p));
-    }
-    binary.iter().map(|(p, _)| p.as_str()).find(|pointer| {
-        // Each '/' ends an ancestor: "" (the whole result) at the first.
+    let tokens = |pointer: &str| -> Vec<String> {
         pointer
-            .char_indices()
-            .any(|(i, c)| c == '/' && all.contains(&pointer[..i]))
-    })
+            .split('/')
+            .skip(1)
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect()
+    };
+    let places: Vec<Vec<String>> = binary.iter().map(|(p, _)| tokens(p)).collect();
+    let mut seen: std::collections::HashSet<&[String]> = std::collections::HashSet::new();
+    for (i, place) in places.iter().enumerate() {
+        if !seen.insert(place) {
+            return Some(&binary[i].0);
+        }
+    }
+    places
+        .iter()
+        .position(|place| (0..place.len()).any(|k| seen.contains(&place[..k])))
+        .map(|i| binary[i].0.as_str())
 }
 
 /// One call's claim on its own outcome: whoever settles it first (the call
@@ -545,7 +551,8 @@ impl PluginHandle {
     /// fault) and the call is counted now (an error) and no longer in
     /// flight: its thread's return, if it comes, records nothing. A call
     /// not yet marked running is given up on without either (no plugin
-    /// code ran). An isolated plugin's process, the one the call went to (not one a
+    /// code ran) and `None` comes back: its thread's answer says it did not
+    /// start. An isolated plugin's process, the one the call went to (not one a
     /// restart started since), is killed (and restarted by its
     /// supervisor); its call returns `TimedOut` and is recorded then.
     /// Returns the reason; `None` too for an isolated call that has
@@ -573,8 +580,11 @@ impl PluginHandle {
         match ticket.give_up() {
             SETTLED => None,
             // Not marked running yet: no plugin code ran, so the plugin is
-            // neither blamed nor counted (its thread undoes a late mark).
-            NEW => Some(reason),
+            // neither blamed nor counted, and the caller takes what its
+            // thread answers (`Interrupted`, "did not start within its
+            // time limit", once it undoes a late mark): not a timeout of
+            // the plugin's.
+            NEW => None,
             _ => {
                 self.mark_failed_unless_retired(&reason);
                 let _ = self.inner.slot.registry.end_call(name, after, false);
@@ -715,6 +725,10 @@ mod tests {
         assert_eq!(of(&["/1", "/1"]).as_deref(), Some("/1"));
         assert_eq!(of(&["/a/b", "/a-b/c", "/a"]).as_deref(), Some("/a/b"));
         assert_eq!(of(&["", "/x"]).as_deref(), Some("/x"));
+        // The same place spelled twice.
+        assert_eq!(of(&["/~2", "/~02"]).as_deref(), Some("/~02"));
+        assert_eq!(of(&["/a~0/b", "/a~"]).as_deref(), Some("/a~0/b"));
+        assert_eq!(of(&["/x~1y", "/x/y"]), None);
     }
 
     /// The race of a call whose thread stalls before it marks the call
@@ -741,9 +755,12 @@ mod tests {
             }),
         };
         let ticket = CallTicket::new();
-        let reason = handle.fail_timeout("wait", Duration::from_millis(10), &ticket);
-        assert!(reason.is_some_and(|r| r.contains("Timeout")));
-        // No plugin code ran: not blamed, not counted.
+        // No plugin code ran: not a timeout of the plugin's, nor blamed,
+        // nor counted; the caller takes the thread's answer.
+        assert_eq!(
+            handle.fail_timeout("wait", Duration::from_millis(10), &ticket),
+            None
+        );
         let status = registry.get_status("p").unwrap();
         assert_eq!(status.state, PluginLifecycleState::Initialized);
         assert_eq!((status.error_count, status.in_flight), (0, 0));
@@ -763,7 +780,8 @@ mod tests {
         let status = registry.get_status("p").unwrap();
         assert_eq!(status.state, PluginLifecycleState::Initialized);
         assert_eq!((status.error_count, status.in_flight), (0, 0));
-        // Given up on once started, the call is the plugin's: FAILED.
+        // Given up on once started, the call is the plugin's: counted (the
+        // handle is retired, so its plugin is not marked FAILED here).
         let ticket = CallTicket::new();
         assert!(ticket.start());
         registry.mark_running("p").unwrap();

@@ -573,7 +573,7 @@ pub(crate) fn parse_bind(text: &str) -> Result<String, String> {
             && !host.is_empty()
             && host
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
     });
     if fits {
         Ok(text.to_owned())
@@ -669,6 +669,7 @@ mod tests {
             "[::1]:65535",
             "localhost:8000",
             " forgesyte.svc:80 ",
+            "my_service:8000",
         ] {
             assert_eq!(parse_bind(ok).as_deref(), Ok(ok.trim()), "{ok}");
         }

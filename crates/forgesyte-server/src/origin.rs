@@ -110,12 +110,14 @@ where
                 crate::conn::closing(StatusCode::BAD_REQUEST, detail),
             )));
         }
-        let detail = refusal_at(
-            request.method(),
-            request.uri().authority().map(|a| a.as_str()),
-            request.headers(),
-            guard,
-        );
+        // The target's host and port: userinfo (`user@`) is no part of
+        // the host (`http://localhost@evil.example/` asks for evil.example).
+        let target = request.uri().authority().map(|a| {
+            a.as_str()
+                .rsplit_once('@')
+                .map_or(a.as_str(), |(_, host)| host)
+        });
+        let detail = refusal_at(request.method(), target, request.headers(), guard);
         match detail {
             None => futures_util::future::Either::Right(self.inner.call(request)),
             Some(detail) => {

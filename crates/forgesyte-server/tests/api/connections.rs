@@ -737,13 +737,18 @@ async fn a_missing_or_doubled_host_is_a_bad_request() {
             ),
             ask("GET http://localhost/v1/plugins HTTP/1.1\r\n\r\n"),
             ask("GET /v1/plugins HTTP/1.0\r\n\r\n"),
+            // Userinfo is no part of the host.
+            ask(
+                "GET http://localhost:80@rebind.attacker.example/v1/plugins HTTP/1.1\r\n\
+                 Host: localhost\r\n\r\n",
+            ),
         ]
     })
     .await;
     let statuses: Vec<&str> = answers.iter().map(|a| &a[9..12]).collect();
     assert_eq!(
         statuses,
-        ["400", "400", "403", "200", "200"],
+        ["400", "400", "403", "200", "200", "403"],
         "{answers:#?}"
     );
     assert!(answers[0].contains("needs a Host header"), "{}", answers[0]);
