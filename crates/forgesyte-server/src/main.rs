@@ -68,7 +68,27 @@ mod scaffold;
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
 
 fn init_logging(default: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // A `RUST_LOG` that does not parse is said (once logging is up), not
+    // silently replaced by the default.
+    let (filter, refused) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            EnvFilter::new(default),
+            std::env::var("RUST_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (v, e)),
+        ),
+    };
+    init_subscriber(filter, format);
+    if let Some((value, e)) = refused {
+        tracing::warn!(
+            "RUST_LOG={value:?} is not a log filter ({e}): logging at the default level, {default}"
+        );
+    }
+}
+
+fn init_subscriber(filter: EnvFilter, format: LogFormat) {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -286,3 +286,36 @@ fn check_of_a_directory_it_cannot_list_fails() {
     assert!(stderr.contains("cannot be listed"), "{stderr}");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// A `RUST_LOG` that is not a log filter is said at start, with the level
+/// the server logs at instead; it used to be dropped silently.
+#[test]
+fn an_invalid_rust_log_is_said_not_ignored() {
+    use std::io::BufRead as _;
+    let plugins = tempfile::tempdir().unwrap();
+    let mut child = crate::support::forgesyte_command()
+        .args(["serve", "--bind", "127.0.0.1:0", "--plugins"])
+        .arg(plugins.path())
+        .env("RUST_LOG", "not a filter[[[")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains(r#"RUST_LOG="not a filter[[[" is not a log filter"#)
+            && seen.contains("logging at the default level, info"),
+        "{seen}"
+    );
+}
