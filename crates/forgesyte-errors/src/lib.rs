@@ -204,6 +204,16 @@ pub enum ImportError {
         /// Where the library was looked for.
         path: PathBuf,
     },
+    /// A library named by its bare file name is in neither the plugin's
+    /// directory nor any `--lib-path` directory.
+    #[error("library not found: {path}, nor in the --lib-path directories {}", searched.join(", "))]
+    LibraryNotFoundInPath {
+        /// The path in the plugin's directory.
+        path: PathBuf,
+        /// The `--lib-path` directories looked in, as the reason shows
+        /// them (`DIR (missing)` for one that does not exist).
+        searched: Vec<String>,
+    },
     /// The file exists but is not a loadable shared object.
     ///
     /// The detail is text: `dlerror()`'s message or the ELF check's.

@@ -469,6 +469,32 @@ fn bare_library_names_are_found_on_the_lib_path() {
     s.check("ocr", S::Initialized, &[]);
 }
 
+/// A bare library name found nowhere: the reason names the plugin's
+/// directory and every `--lib-path` directory looked in, marking one that
+/// does not exist.
+#[test]
+fn a_library_found_nowhere_names_where_it_was_looked_for() {
+    let s = Setup::new();
+    s.world.fs.add_file(
+        "/plugins/ocr/manifest.json",
+        r#"{"name": "ocr", "entrypoint": "libocr.so"}"#,
+    );
+    s.world.fs.add_dir("/build");
+    let loader = s.loader_with(LoaderConfig {
+        lib_paths: vec!["/build".into(), "/nowhere".into()],
+        ..LoaderConfig::default()
+    });
+    loader.load_all("/plugins".as_ref());
+    s.check(
+        "ocr",
+        S::Failed,
+        &[
+            "ImportError: library not found: /plugins/ocr/libocr.so",
+            "nor in the --lib-path directories /build, /nowhere (missing)",
+        ],
+    );
+}
+
 #[test]
 fn discovery_is_sorted_and_skips_dirs_without_manifest() {
     let s = Setup::new();

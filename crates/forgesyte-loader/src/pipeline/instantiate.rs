@@ -558,7 +558,23 @@ impl Loader {
                 return Ok(candidate);
             }
         }
-        Err(ImportError::LibraryNotFound { path: inside }.into())
+        if self.config.lib_paths.is_empty() {
+            return Err(ImportError::LibraryNotFound { path: inside }.into());
+        }
+        let searched = self
+            .config
+            .lib_paths
+            .iter()
+            .map(|dir| match self.fs.exists(dir) {
+                true => dir.display().to_string(),
+                false => format!("{} (missing)", dir.display()),
+            })
+            .collect();
+        Err(ImportError::LibraryNotFoundInPath {
+            path: inside,
+            searched,
+        }
+        .into())
     }
 
     /// Fails when `path` resolves outside `dir`; whether it resolved (`false`:
