@@ -28,6 +28,45 @@ pub(super) struct Claim<'a> {
 }
 
 impl Loader {
+    /// Of valid manifests that claim the same name, those signed by a
+    /// trusted key claim it first: a directory that sorts first (or
+    /// appeared later) cannot take a signed plugin's name and make it the
+    /// duplicate, under `--require-signed` FAILED for good. Otherwise the
+    /// order stays the directories'. Only claims of a name claimed twice
+    /// are checked (the signature check hashes the plugin's files; it runs
+    /// again at instantiation).
+    fn signed_first(&self, claims: &mut Vec<Claim<'_>>) {
+        let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for c in claims.iter() {
+            *counts.entry(c.wanted.as_str()).or_default() += 1;
+        }
+        let contested: std::collections::HashSet<String> = counts
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        if contested.is_empty() {
+            return;
+        }
+        let keys = self.trusted_keys.read();
+        let mut keyed: Vec<(bool, Claim<'_>)> = claims
+            .drain(..)
+            .map(|c| {
+                let late = contested.contains(&c.wanted)
+                    && c.outcome.as_ref().is_ok_and(|manifest| {
+                        crate::signature::check(self.fs.as_ref(), c.dir, manifest, &keys)
+                            .info
+                            .status
+                            != crate::signature::SignatureState::Signed
+                    });
+                (late, c)
+            })
+            .collect();
+        // Stable: the order of the directories otherwise.
+        keyed.sort_by_key(|(late, _)| *late);
+        claims.extend(keyed.into_iter().map(|(_, c)| c));
+    }
+
     /// What registering the plugin of `dir` needs: the name it wants, its
     /// registry info and its manifest (or why it has none).
     pub(super) fn claim_of<'a>(
@@ -98,6 +137,7 @@ impl Loader {
         // its directory's key instead, with its own error).
         let (mut claims, broken): (Vec<_>, Vec<_>) =
             claims.into_iter().partition(|c| c.outcome.is_ok());
+        self.signed_first(&mut claims);
         claims.extend(broken);
         let names: Vec<(String, PluginInfo)> = claims
             .iter()

@@ -747,3 +747,66 @@ fn a_pinned_python_plugin_of_thousands_of_files_starts() {
         assert_eq!(reply.json()["result"]["n"], 1999);
     }
 }
+
+/// An unsigned directory that sorts first and claims a signed plugin's
+/// name does not take it: the signed plugin claims its name first, and the
+/// impostor is the duplicate (it used to serve under the name, and under
+/// `--require-signed` to make the signed plugin FAILED as the duplicate).
+#[test]
+fn an_unsigned_directory_cannot_take_a_signed_plugins_name() {
+    let plugins = PluginsDir::new();
+    let root = plugins.path().to_path_buf();
+    let keys = tempfile::tempdir().unwrap();
+    keygen(keys.path(), "author");
+    for (dir, who) in [("victim", "signed"), ("aaa", "impostor")] {
+        let dir = root.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("manifest.json"),
+            json!({"name": "victim", "runtime": "python"}).to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("plugin.py"),
+            format!(
+                "class Plugin:\n    name = 'victim'\n    tools = {{'who': {{'description': 'd'}}}}\n    \
+                 def run_tool(self, tool, args):\n        return {{'who': '{who}'}}\n"
+            ),
+        )
+        .unwrap();
+    }
+    sign(&root.join("victim"), &keys.path().join("author.key"));
+    let trusted = trust_only_author(keys.path());
+    for require in [false, true] {
+        let mut args = vec![
+            "--plugins",
+            plugins.path_str(),
+            "--trusted-keys",
+            trusted.to_str().unwrap(),
+        ];
+        if require {
+            args.push("--require-signed");
+        }
+        let server = Forgesyte::start(&args);
+        server.wait_loaded();
+        let health = server.get("/v1/plugins/victim/health").json();
+        assert_eq!(health["state"], "INITIALIZED", "{require}: {health}");
+        assert_eq!(health["signature"]["status"], "signed", "{health}");
+        let reply = server.run("victim", "who", r#"{"args": {}}"#);
+        assert_eq!(reply.json()["result"]["who"], "signed", "{}", reply.text());
+        let list = server.get("/v1/plugins").json();
+        let duplicate = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] != "victim")
+            .unwrap_or_else(|| panic!("no entry for the impostor: {list}"));
+        assert_eq!(duplicate["state"], "FAILED", "{duplicate}");
+        assert!(
+            duplicate["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("duplicate plugin name")),
+            "{duplicate}"
+        );
+    }
+}
