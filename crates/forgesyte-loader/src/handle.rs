@@ -731,29 +731,29 @@ mod tests {
         assert_eq!(of(&["/x~1y", "/x/y"]), None);
     }
 
+    /// A registry holding plugin `p`, INITIALIZED.
+    fn registry_with_p() -> Registry {
+        let registry = Registry::new();
+        registry.register("p", PluginInfo::default()).unwrap();
+        registry.mark_initialized("p").unwrap();
+        registry
+    }
+
     /// The race of a call whose thread stalls before it marks the call
     /// running: its caller gives up on it, a reload retires the handle,
     /// then the thread marks the (reloaded) name running. It must undo its
     /// own mark: nothing else would finish that call.
     #[test]
     fn a_call_given_up_on_before_it_started_leaves_nothing_in_flight() {
-        let registry = Registry::new();
-        registry.register("p", PluginInfo::default()).unwrap();
-        registry.mark_initialized("p").unwrap();
+        let registry = registry_with_p();
         let (runner, _entered, _release) = Runner::new();
-        let handle = PluginHandle {
-            inner: Arc::new(Inner {
-                tools: runner.shared_tools(),
-                slot: Arc::new(Slot::new(
-                    "p".into(),
-                    registry.clone(),
-                    runner as Arc<dyn PluginInstance>,
-                )),
-                call_timeout: Some(Duration::from_millis(10)),
-                isolation: Isolation::InProcess,
-                supervisor: None,
-            }),
-        };
+        let runner = Arc::try_unwrap(runner).expect("the only reference");
+        let handle = PluginHandle::new(
+            "p".into(),
+            registry.clone(),
+            Box::new(runner),
+            Some(Duration::from_millis(10)),
+        );
         let ticket = CallTicket::new();
         // No plugin code ran: not a timeout of the plugin's, nor blamed,
         // nor counted; the caller takes the thread's answer.
@@ -796,9 +796,7 @@ mod tests {
 
     #[test]
     fn a_timed_out_isolated_call_kills_its_own_runner_not_a_newer_one() {
-        let registry = Registry::new();
-        registry.register("p", PluginInfo::default()).unwrap();
-        registry.mark_initialized("p").unwrap();
+        let registry = registry_with_p();
         let (old, entered, release) = Runner::new();
         let slot = Arc::new(Slot::new(
             "p".into(),

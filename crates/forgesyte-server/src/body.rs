@@ -28,6 +28,23 @@ pub struct RunRequest {
     pub args: Map<String, Value>,
 }
 
+/// The first coding `header` (a comma-separated list, as `Transfer-Encoding`
+/// and `Content-Encoding` are) names other than `undone`, the one the
+/// server undoes; an unreadable value counts as `?`. Empty items are no
+/// coding (RFC 9110 §5.6.1).
+fn coding_other_than<'a>(
+    headers: &'a HeaderMap,
+    header: axum::http::HeaderName,
+    undone: &str,
+) -> Option<&'a str> {
+    headers
+        .get_all(header)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(undone))
+}
+
 /// Reads a tool call's request body, at most `limit` bytes, taking room
 /// for it from `budget` as its bytes arrive (by the KiB): a body announced
 /// but never sent holds none, so slow clients cannot lock the others out
@@ -43,13 +60,8 @@ pub(crate) async fn receive(
     use http_body_util::BodyExt as _;
     // The HTTP layer undoes `chunked` only: a body sent with another coding
     // (`gzip, chunked`) would reach the plugin still encoded.
-    if let Some(coding) = headers
-        .get_all(axum::http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .map(str::trim)
-        // Empty items are no coding (RFC 9110 §5.6.1).
-        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+    if let Some(coding) =
+        coding_other_than(headers, axum::http::header::TRANSFER_ENCODING, "chunked")
     {
         return Err(RunError::MalformedBody {
             message: format!(
@@ -61,12 +73,8 @@ pub(crate) async fn receive(
     }
     // Nor does it undo a content coding: a gzip body would reach the plugin
     // compressed (and a JSON one read as broken JSON).
-    if let Some(coding) = headers
-        .get_all(axum::http::header::CONTENT_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .map(str::trim)
-        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+    if let Some(coding) =
+        coding_other_than(headers, axum::http::header::CONTENT_ENCODING, "identity")
     {
         return Err(RunError::MalformedBody {
             message: format!(

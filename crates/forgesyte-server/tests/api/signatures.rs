@@ -83,6 +83,32 @@ fn marker_plugin(root: &Path, name: &str) -> PathBuf {
     dir
 }
 
+/// A Python plugin in `dir` (made if missing): `manifest.json` and
+/// `plugin.py` holding `source`.
+fn python_plugin(dir: &Path, manifest: &Value, source: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::write(dir.join("plugin.py"), source).unwrap();
+}
+
+/// The pin of a Python tree in `dir` holding `files` (relative paths):
+/// SHA-256 of its listing, one `sha256  path` line per file, sorted by path
+/// (README, "Integrity").
+fn tree_pin(dir: &Path, files: &[String]) -> String {
+    let mut files = files.to_vec();
+    files.sort();
+    let listing: String = files
+        .iter()
+        .map(|rel| {
+            format!(
+                "{}  {rel}\n",
+                crate::python::sha256(&std::fs::read(dir.join(rel)).unwrap())
+            )
+        })
+        .collect();
+    crate::python::sha256(listing.as_bytes())
+}
+
 struct Signed {
     plugins: PluginsDir,
     keys: tempfile::TempDir,
@@ -563,38 +589,25 @@ fn require_signed_refuses_an_isolated_library_that_loads_what_it_ships_beside_it
 fn a_signed_or_pinned_python_plugin_imports_only_its_checked_sources() {
     let plugins = PluginsDir::new();
     let root = plugins.path().to_path_buf();
-    let lazy = |name: &str, extra: serde_json::Value| {
+    let lazy = |name: &str| {
         let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut manifest = json!({"name": name, "runtime": "python"});
-        for (k, v) in extra.as_object().unwrap() {
-            manifest[k] = v.clone();
-        }
-        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
-        std::fs::write(
-            dir.join("plugin.py"),
+        python_plugin(
+            &dir,
+            &json!({"name": name, "runtime": "python"}),
             "class Plugin:\n    name = 'lazy'\n    tools = {'who': {'description': 'd'}, 'extra': {'description': 'd'}}\n    \
              def run_tool(self, tool, args):\n        \
              if tool == 'who':\n            import helper\n            return {'who': helper.WHO}\n        \
              import added\n        return {'who': added.WHO}\n",
-        )
-        .unwrap();
+        );
         std::fs::write(dir.join("helper.py"), "WHO = 'checked'\n").unwrap();
         dir
     };
-    let signed = lazy("signed", json!({}));
-    let pinned = lazy("pinned", json!({}));
+    let signed = lazy("signed");
+    let pinned = lazy("pinned");
     let keys = tempfile::tempdir().unwrap();
     keygen(keys.path(), "author");
     sign(&signed, &keys.path().join("author.key"));
-    // The pin: SHA-256 of the tree's listing (README, "Integrity").
-    let digest = |file: &str| crate::python::sha256(&std::fs::read(pinned.join(file)).unwrap());
-    let listing = format!(
-        "{}  helper.py\n{}  plugin.py\n",
-        digest("helper.py"),
-        digest("plugin.py")
-    );
-    let pin = crate::python::sha256(listing.as_bytes());
+    let pin = tree_pin(&pinned, &["helper.py".into(), "plugin.py".into()]);
     std::fs::write(
         pinned.join("manifest.json"),
         json!({"name": "pinned", "runtime": "python", "sha256": pin}).to_string(),
@@ -653,19 +666,13 @@ fn a_signed_path_that_a_link_leads_out_of_the_plugin_is_refused() {
     std::fs::write(&outside, "secret").unwrap();
     for name in ["reader", "linked"] {
         let dir = root.join(name);
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        std::fs::write(
-            dir.join("manifest.json"),
-            json!({"name": name, "runtime": "python",
-                   "filesystem": {"read": ["data/settings.cfg"]}})
-            .to_string(),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("plugin.py"),
+        python_plugin(
+            &dir,
+            &json!({"name": name, "runtime": "python",
+                    "filesystem": {"read": ["data/settings.cfg"]}}),
             "class Plugin:\n    name = 'r'\n    tools = {}\n    def run_tool(self, tool, args):\n        return {}\n",
-        )
-        .unwrap();
+        );
+        std::fs::create_dir_all(dir.join("data")).unwrap();
         std::fs::write(dir.join("data/settings.cfg"), "mode = 1\n").unwrap();
         sign(&dir, &keys.path().join("author.key"));
     }
@@ -712,23 +719,11 @@ fn a_pinned_python_plugin_of_thousands_of_files_starts() {
     for i in 0..2000 {
         std::fs::write(dir.join(format!("vendored/m{i}.py")), format!("N = {i}\n")).unwrap();
     }
-    let mut listing: Vec<(String, String)> = Vec::new();
-    listing.push(("plugin.py".into(), String::new()));
-    listing.push(("vendored/__init__.py".into(), String::new()));
-    for i in 0..2000 {
-        listing.push((format!("vendored/m{i}.py"), String::new()));
-    }
-    listing.sort();
-    let text: String = listing
-        .iter()
-        .map(|(rel, _)| {
-            format!(
-                "{}  {rel}\n",
-                crate::python::sha256(&std::fs::read(dir.join(rel)).unwrap())
-            )
-        })
+    let files: Vec<String> = ["plugin.py".to_owned(), "vendored/__init__.py".to_owned()]
+        .into_iter()
+        .chain((0..2000).map(|i| format!("vendored/m{i}.py")))
         .collect();
-    let pin = crate::python::sha256(text.as_bytes());
+    let pin = tree_pin(&dir, &files);
     std::fs::write(
         dir.join("manifest.json"),
         json!({"name": "big", "runtime": "python", "sha256": pin}).to_string(),
@@ -760,20 +755,14 @@ fn an_unsigned_directory_cannot_take_a_signed_plugins_name() {
     keygen(keys.path(), "author");
     for (dir, who) in [("victim", "signed"), ("aaa", "impostor")] {
         let dir = root.join(dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("manifest.json"),
-            json!({"name": "victim", "runtime": "python"}).to_string(),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("plugin.py"),
-            format!(
+        python_plugin(
+            &dir,
+            &json!({"name": "victim", "runtime": "python"}),
+            &format!(
                 "class Plugin:\n    name = 'victim'\n    tools = {{'who': {{'description': 'd'}}}}\n    \
                  def run_tool(self, tool, args):\n        return {{'who': '{who}'}}\n"
             ),
-        )
-        .unwrap();
+        );
     }
     sign(&root.join("victim"), &keys.path().join("author.key"));
     let trusted = trust_only_author(keys.path());
