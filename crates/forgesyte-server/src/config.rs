@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use forgesyte_deps::ExecutableProbe;
 use forgesyte_loader::signature::TrustedKeys;
 use forgesyte_loader::{Isolation, LoaderConfig};
 
@@ -221,6 +222,33 @@ impl ServerConfig {
         }
     }
 
+    /// Why [`runner`](Self::runner) cannot be started, when it cannot be:
+    /// `serve` and `check` refuse such a configuration (exit code 2) rather
+    /// than fail every isolated plugin with a reason about its library. A
+    /// name without `/` is looked for on `PATH`, as the loader's spawn does;
+    /// a path is taken as it is (relative to the working directory).
+    pub fn runner_problem(&self) -> Option<String> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+
+        let runner = self.runner.as_deref()?;
+        let shown = runner.display();
+        if !runner.as_os_str().as_bytes().contains(&b'/') {
+            let found = runner
+                .to_str()
+                .and_then(|name| forgesyte_deps::SystemPath.find(name));
+            return found
+                .is_none()
+                .then(|| format!("--runner {shown}: no executable of that name on PATH"));
+        }
+        match std::fs::metadata(runner) {
+            Err(e) => Some(format!("--runner {shown}: {e}")),
+            Ok(meta) if !meta.is_file() => Some(format!("--runner {shown}: not a file")),
+            Ok(meta) => (meta.permissions().mode() & 0o111 == 0)
+                .then(|| format!("--runner {shown}: not executable")),
+        }
+    }
+
     /// The loader settings these server settings imply.
     pub fn loader_config(&self) -> LoaderConfig {
         LoaderConfig {
@@ -304,6 +332,40 @@ impl Default for ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runner_that_cannot_be_started_is_named_with_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_executable = dir.path().join("runner.txt");
+        std::fs::write(&not_executable, "").unwrap();
+        let problem = |runner: &std::path::Path| {
+            let config = ServerConfig {
+                runner: Some(runner.to_path_buf()),
+                ..ServerConfig::default()
+            };
+            config.runner_problem()
+        };
+        let missing = problem(&dir.path().join("nonexistent")).unwrap();
+        assert!(
+            missing.starts_with("--runner ") && missing.contains("No such file"),
+            "{missing}"
+        );
+        assert!(problem(dir.path()).unwrap().ends_with(": not a file"));
+        assert!(
+            problem(&not_executable)
+                .unwrap()
+                .ends_with(": not executable")
+        );
+        let unknown = problem(std::path::Path::new("forgesyte-no-such-runner")).unwrap();
+        assert!(
+            unknown.ends_with("no executable of that name on PATH"),
+            "{unknown}"
+        );
+        // This test's own executable, and a name found on PATH, are fine.
+        assert_eq!(problem(&std::env::current_exe().unwrap()), None);
+        assert_eq!(problem(std::path::Path::new("sh")), None);
+        assert_eq!(ServerConfig::default().runner_problem(), None);
+    }
 
     #[test]
     fn defaults_are_the_documented_ones() {

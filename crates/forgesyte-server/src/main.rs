@@ -308,7 +308,8 @@ fn blocking_threads_from(value: Option<&str>) -> anyhow::Result<usize> {
 }
 
 /// A configuration `serve` refuses to start with (exit code 2, as
-/// `check`'s): a trusted key that cannot be used.
+/// `check`'s): a trusted key that cannot be used, a `--runner` that cannot
+/// be started.
 #[derive(Debug)]
 struct RefusedConfig(String);
 
@@ -326,6 +327,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config
         .trusted_keys()
         .map_err(|e| anyhow::Error::new(RefusedConfig(e.to_string())))?;
+    if let Some(why) = config.runner_problem() {
+        return Err(anyhow::Error::new(RefusedConfig(why)));
+    }
     config.admin_token = admin_token(admin_token_env(), admin_token_file.as_deref())?;
     match &config.admin_token {
         Some(_) => tracing::info!("Admin routes enabled (bearer token)"),
@@ -366,7 +370,11 @@ fn run_check(args: CheckArgs) -> ExitCode {
     let json = args.json;
     let mut config = ServerConfig::default();
     args.loader.apply(&mut config);
-    if let Err(e) = config.trusted_keys() {
+    if let Some(e) = config
+        .trusted_keys()
+        .err()
+        .or_else(|| config.runner_problem())
+    {
         eprintln!("forgesyte check: {e}");
         return ExitCode::from(2);
     }

@@ -681,28 +681,6 @@ fn the_hidden_runner_subcommand_is_the_plugin_runner() {
     assert!(!String::from_utf8_lossy(&help.stdout).contains("__runner"));
 }
 
-#[test]
-fn a_runner_that_does_not_exist_fails_isolated_plugins_with_a_reason() {
-    let dir = crashy_dir();
-    let (code, list, err) = check_json(
-        &[
-            dir.path_str(),
-            "--isolation",
-            "process",
-            "--runner",
-            "/nonexistent/forgesyte-runner",
-        ],
-        &[],
-    );
-    assert_eq!(code, Some(1), "{err}");
-    let list = list.unwrap();
-    for plugin in list.as_array().unwrap() {
-        assert_eq!(plugin["state"], "FAILED", "{plugin}");
-        let reason = plugin["reason"].as_str().unwrap();
-        assert!(reason.contains("/nonexistent/forgesyte-runner"), "{reason}");
-    }
-}
-
 // ------------------------------------------------------------------ check
 
 fn check(args: &[&str]) -> (i32, String, String) {

@@ -319,3 +319,31 @@ fn an_invalid_rust_log_is_said_not_ignored() {
         "{seen}"
     );
 }
+
+/// A `--runner` that cannot be started refuses `serve` and `check` at once
+/// (exit code 2, naming the option and why); it used to fail every
+/// isolated plugin with a reason about its library.
+#[test]
+fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
+    let plugins = tempfile::tempdir().unwrap();
+    // `check` first: without the refusal it exits 0, where `serve` would
+    // keep serving.
+    for args in [
+        &["check"][..],
+        &["serve", "--bind", "127.0.0.1:0", "--plugins"][..],
+    ] {
+        let output = crate::support::forgesyte_command()
+            .args(args)
+            .arg(plugins.path())
+            .args(["--runner", "/nonexistent/forgesyte-runner"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("--runner /nonexistent/forgesyte-runner: No such file"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
