@@ -577,6 +577,67 @@ class ContextTests(RunnerTestCase):
         self.assertEqual(self.p.wait(), 65)
 
 
+class AsyncPluginTests(RunnerTestCase):
+    """Coroutines of a plugin (``async def`` hooks and tools) all run on
+    the runner's one event loop: what ``on_load()`` made there serves every
+    later call. Each call on a fresh loop (``asyncio.run``) used to fail
+    concurrent calls with "bound to a different event loop", or deadlock
+    them until the host's timeout."""
+
+    SOURCE = (
+        "import asyncio, sys\n"
+        "from forgesyte_runner import current_call\n"
+        "class Plugin:\n"
+        "    tools = {'locked': {'description': 'under the lock'},\n"
+        "             'leave': {'description': 'sys.exit'}}\n"
+        "    async def on_load(self):\n"
+        "        self.lock = asyncio.Lock()\n"
+        "        self.inside = 0\n"
+        "    async def run_tool(self, tool, args):\n"
+        "        if tool == 'leave':\n"
+        "            sys.exit(3)\n"
+        "        async with self.lock:\n"
+        "            self.inside += 1\n"
+        "            alone = self.inside == 1\n"
+        "            await asyncio.sleep(0.005)\n"
+        "            self.inside -= 1\n"
+        "        call = current_call()\n"
+        "        return {'alone': alone, 'request_id': call.request_id if call else None}\n"
+    )
+
+    def setUp(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "plugin.py")
+        with open(path, "w") as f:
+            f.write(self.SOURCE)
+        self.p = Proc(self, args=["--plugin", "asyncish", "--plugin-dir", d, "--file", path])
+        self.p.start()
+
+    def test_concurrent_calls_share_what_on_load_made_and_see_their_context(self):
+        ids = []
+        for n in range(20):
+            rid = self.p.next_id
+            self.p.next_id += 1
+            self.p.send({"op": "call", "id": rid, "tool": "locked", "args": {},
+                         "context": {"request_id": "req-%d" % n}})
+            ids.append(rid)
+        answers = {}
+        for _ in ids:
+            header = self.p.recv_header()
+            answers[header["id"]] = header
+        for n, rid in enumerate(ids):
+            self.assertEqual(answers[rid].get("result"), {"alone": True, "request_id": "req-%d" % n},
+                             answers[rid])
+
+    def test_sys_exit_in_a_coroutine_is_its_error_and_the_loop_goes_on(self):
+        header, _ = self.p.run("leave")
+        self.assertEqual(header["type"], "tool_failed", header)
+        self.assertEqual((header["error"]["error_type"], header["error"]["message"]), ("SystemExit", "3"))
+        header, _ = self.p.run("locked")
+        self.assertEqual(header.get("result"), {"alone": True, "request_id": None}, header)
+
+
 class LifecycleTests(RunnerTestCase):
     def test_closing_stdin_exits_0_promptly_after_on_unload(self):
         p = self.start("echo")

@@ -97,11 +97,64 @@ def bind_and_call(fn, args):
     return fn(**args)  # None: the call's own TypeError says what is wrong
 
 
+# The runner's one event loop, for every coroutine a plugin returns (an
+# ``async def`` tool, handler or hook): started on a thread of its own by
+# the first. One loop, not ``asyncio.run`` per call: what ``on_load()``
+# made (an ``asyncio.Lock``, a client session) is bound to the loop it was
+# made on, and every later call must run there to use it (each call on a
+# fresh loop raised "bound to a different event loop", or deadlocked).
+_LOOP = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop():
+    """The runner's event loop, started on its thread by the first caller;
+    None when no thread can be had (memory): the caller then runs its
+    coroutine on a loop of its own."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            import asyncio
+
+            loop = asyncio.new_event_loop()
+            try:
+                threading.Thread(target=loop.run_forever, name="forgesyte-asyncio",
+                                 daemon=True).start()
+            except RuntimeError:
+                loop.close()
+                return None
+            _LOOP = loop
+        return _LOOP
+
+
+async def _in_call(coroutine, call):
+    # A task starts from its loop thread's context: the call's context is
+    # set again in the task's own, so its log records and
+    # ``current_call()`` (and the tasks it starts) see the call.
+    api.CALL.set(call)
+    try:
+        return False, await coroutine
+    except (SystemExit, KeyboardInterrupt) as e:
+        # Out of a task these two stop the loop itself: the caller raises
+        # them instead (``sys.exit()`` in a tool is that tool's error).
+        return True, e
+
+
 def await_result(result):
+    """``result``, or what it returns when it is a coroutine, run to its
+    end on the runner's event loop (``_event_loop``) while this thread
+    waits; its exception is raised here."""
     if isinstance(result, types.CoroutineType):
         import asyncio
 
-        return asyncio.run(result)
+        loop = _event_loop()
+        if loop is None:
+            return asyncio.run(result)
+        future = asyncio.run_coroutine_threadsafe(_in_call(result, api.CALL.get()), loop)
+        escaped, value = future.result()
+        if escaped:
+            raise value
+        return value
     return result
 
 
