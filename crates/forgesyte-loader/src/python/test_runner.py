@@ -638,6 +638,27 @@ class AsyncPluginTests(RunnerTestCase):
         self.assertEqual(header.get("result"), {"alone": True, "request_id": None}, header)
 
 
+class EventLoopUnitTests(unittest.TestCase):
+    def test_a_forked_child_runs_coroutines_on_a_loop_of_its_own(self):
+        async def seven():
+            return 7
+
+        self.assertEqual(serve.await_result(seven()), 7)  # the loop's thread runs
+        pid = os.fork()
+        if pid == 0:
+            # The child has the loop but not its thread: without its own,
+            # this waits for ever (the alarm ends it, code 2).
+            import signal
+            signal.alarm(5)
+            try:
+                os._exit(0 if serve.await_result(seven()) == 7 else 1)
+            except BaseException:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        self.assertTrue(os.WIFEXITED(status), status)  # not killed by the alarm
+        self.assertEqual(os.WEXITSTATUS(status), 0)
+
+
 class LifecycleTests(RunnerTestCase):
     def test_closing_stdin_exits_0_promptly_after_on_unload(self):
         p = self.start("echo")

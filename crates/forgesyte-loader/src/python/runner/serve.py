@@ -4,6 +4,7 @@ dispatched to ``run_tool`` or the tool's handler and its result answered."""
 
 import base64
 import errno
+import os
 import threading
 import time
 import traceback
@@ -125,6 +126,15 @@ def _event_loop():
                 return None
             _LOOP = loop
         return _LOOP
+
+
+def _forget_loop_in_child():
+    # A process the plugin forks has the loop but not its thread.
+    global _LOOP, _LOOP_LOCK
+    _LOOP, _LOOP_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_loop_in_child)
 
 
 async def _in_call(coroutine, call):
