@@ -320,7 +320,12 @@ pub(crate) struct LoaderArgs {
         long = "lib-path",
         value_name = "DIRS",
         env = "FORGESYTE_LIB_PATH",
-        value_delimiter = ':'
+        value_delimiter = ':',
+        // An empty element (`/a::/b`, a trailing `:`) is skipped, not refused.
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::OsStringValueParser::new(),
+            PathBuf::from
+        )
     )]
     pub(crate) lib_paths: Vec<PathBuf>,
     /// Construct every in-process plugin once in a throw-away runner

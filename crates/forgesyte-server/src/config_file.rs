@@ -109,6 +109,29 @@ pub(crate) struct Layered {
     file: Option<(PathBuf, Source)>,
 }
 
+/// `command` with the environment variable of each option (its own and
+/// its subcommands') that is set but empty taken as unset: the option then
+/// has its file value or default. Shells, env files and container
+/// managers write a variable with no value (`FORGESYTE_PYTHON=`,
+/// `-e FORGESYTE_LIB_PATH=$MAYBE`); every option's parser refused the
+/// empty value, naming a flag nobody typed.
+fn without_empty_env(command: Command) -> Command {
+    fn unset_empty(command: Command) -> Command {
+        command.mut_args(|arg| {
+            let empty = arg
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|value| value.is_empty());
+            if empty {
+                arg.env(None::<&'static str>)
+            } else {
+                arg
+            }
+        })
+    }
+    unset_empty(command).mut_subcommands(unset_empty)
+}
+
 /// Parses `argv` (program name first) against `command`. When the matched
 /// subcommand has a [`CONFIG_ARG`] option and it is set (flag or env), the
 /// file's keys must be long options of subcommand `keys_of`; each fills
@@ -119,6 +142,7 @@ pub(crate) fn layer(
     argv: Vec<OsString>,
     keys_of: &str,
 ) -> Result<Layered, ConfigError> {
+    command = without_empty_env(command);
     command.build();
     let first = command.clone().try_get_matches_from(&argv)?;
     let mut layered = Layered {

@@ -347,3 +347,43 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
         );
     }
 }
+
+/// An option's environment variable set to the empty string reads as
+/// unset (the file's value, else the default), and an empty element of
+/// `--lib-path` is skipped: each was refused, naming a flag nobody typed
+/// ("a value is required for '--python <PATH>'").
+#[test]
+fn an_empty_environment_variable_reads_as_unset() {
+    let file = ConfigFile::new("call-timeout = 9\n");
+    let path = file.path();
+    let (code, out, err) = run_forgesyte(
+        &["config", "--print"],
+        &[
+            ("FORGESYTE_CONFIG", path.as_str()),
+            ("FORGESYTE_PYTHON", ""),
+            ("FORGESYTE_PLUGINS_DIR", ""),
+            ("FORGESYTE_CALL_TIMEOUT", ""),
+            ("FORGESYTE_PREFLIGHT", ""),
+            ("FORGESYTE_LIB_PATH", "/opt/a::/opt/b:"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(line(&out, "plugins"), "plugins = \"./plugins\"  # default");
+    assert_eq!(line(&out, "preflight"), "preflight = false  # default");
+    assert_eq!(
+        line(&out, "call-timeout"),
+        format!("call-timeout = 9  # file {path}")
+    );
+    assert!(out.contains("# python is not set"), "{out}");
+    // `check` loads with it (the empty elements skipped).
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({}));
+    let (code, out, err) = run_forgesyte(
+        &["check", plugins.path_str()],
+        &[
+            ("FORGESYTE_LIB_PATH", ":/opt/a::"),
+            ("FORGESYTE_RUNNER", ""),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
