@@ -107,6 +107,19 @@ pub(crate) struct Layered {
     sources: Option<BTreeMap<String, Source>>,
     /// The config file read, and where its path came from.
     file: Option<(PathBuf, Source)>,
+    /// The options' environment variables that were set but empty, and so
+    /// read as unset (see `without_empty_env`).
+    pub(crate) empty_env: Vec<String>,
+}
+
+impl Layered {
+    /// One line per variable of [`empty_env`](Self::empty_env): what a
+    /// command says of it (a warning, a comment of `config --print`).
+    pub(crate) fn empty_env_lines(&self) -> impl Iterator<Item = String> + '_ {
+        self.empty_env
+            .iter()
+            .map(|name| format!("{name} is set but empty: read as unset"))
+    }
 }
 
 /// `command` with the environment variable of each option (its own and
@@ -115,21 +128,27 @@ pub(crate) struct Layered {
 /// managers write a variable with no value (`FORGESYTE_PYTHON=`,
 /// `-e FORGESYTE_LIB_PATH=$MAYBE`); every option's parser refused the
 /// empty value, naming a flag nobody typed.
-fn without_empty_env(command: Command) -> Command {
-    fn unset_empty(command: Command) -> Command {
+/// Also returns the names of those variables, each once, for a warning.
+fn without_empty_env(command: Command) -> (Command, Vec<String>) {
+    fn unset_empty(command: Command, names: &mut Vec<String>) -> Command {
         command.mut_args(|arg| {
-            let empty = arg
+            let Some(name) = arg
                 .get_env()
-                .and_then(std::env::var_os)
-                .is_some_and(|value| value.is_empty());
-            if empty {
-                arg.env(None::<&'static str>)
-            } else {
-                arg
+                .filter(|name| std::env::var_os(name).is_some_and(|value| value.is_empty()))
+            else {
+                return arg;
+            };
+            let name = name.to_string_lossy().into_owned();
+            if !names.contains(&name) {
+                names.push(name);
             }
+            arg.env(None::<&'static str>)
         })
     }
-    unset_empty(command).mut_subcommands(unset_empty)
+    let mut names = Vec::new();
+    let command =
+        unset_empty(command, &mut names).mut_subcommands(|sub| unset_empty(sub, &mut names));
+    (command, names)
 }
 
 /// Parses `argv` (program name first) against `command`. When the matched
@@ -142,7 +161,8 @@ pub(crate) fn layer(
     argv: Vec<OsString>,
     keys_of: &str,
 ) -> Result<Layered, ConfigError> {
-    command = without_empty_env(command);
+    let empty_env;
+    (command, empty_env) = without_empty_env(command);
     command.build();
     let first = command.clone().try_get_matches_from(&argv)?;
     let mut layered = Layered {
@@ -151,6 +171,7 @@ pub(crate) fn layer(
         keys_of: keys_of.to_owned(),
         sources: None,
         file: None,
+        empty_env,
     };
     let Some((sub, sub_matches)) = layered.matches.subcommand() else {
         return Ok(layered);
@@ -363,6 +384,9 @@ impl Layered {
             }
             None => writeln!(out, "# config file: none (--config, FORGESYTE_CONFIG)"),
         };
+        for line in self.empty_env_lines() {
+            let _ = writeln!(out, "# {line}");
+        }
         for arg in file_keys(keys) {
             let (Some(key), id) = (arg.get_long(), arg.get_id().as_str()) else {
                 continue;

@@ -375,7 +375,17 @@ fn an_empty_environment_variable_reads_as_unset() {
         format!("call-timeout = 9  # file {path}")
     );
     assert!(out.contains("# python is not set"), "{out}");
-    // `check` loads with it (the empty elements skipped).
+    // Said, once each, not silently dropped.
+    for name in [
+        "FORGESYTE_PYTHON",
+        "FORGESYTE_PLUGINS_DIR",
+        "FORGESYTE_CALL_TIMEOUT",
+        "FORGESYTE_PREFLIGHT",
+    ] {
+        let said = format!("# {name} is set but empty: read as unset\n");
+        assert_eq!(out.matches(&said).count(), 1, "{name}: {out}");
+    }
+    // `check` loads with it (the empty elements skipped), and says so.
     let plugins = PluginsDir::new();
     plugins.good("alpha", json!({}));
     let (code, out, err) = run_forgesyte(
@@ -386,4 +396,8 @@ fn an_empty_environment_variable_reads_as_unset() {
         ],
     );
     assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("forgesyte check: FORGESYTE_RUNNER is set but empty: read as unset"),
+        "{err}"
+    );
 }
