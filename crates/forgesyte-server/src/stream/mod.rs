@@ -240,11 +240,11 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let refused = |detail| UpgradeRefused(StatusCode::BAD_REQUEST, detail);
+        // The route is a GET route, which takes HEAD too: HEAD answers as
+        // a GET without the upgrade would (400), not 405 (which would owe
+        // an `Allow` naming GET, the method it was answered for).
         if parts.method != Method::GET {
-            return Err(UpgradeRefused(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "a WebSocket upgrade is a GET request",
-            ));
+            return Err(refused("a WebSocket upgrade is a GET request"));
         }
         let headers = &parts.headers;
         // A body would be read as the client's first frames (chunked), or

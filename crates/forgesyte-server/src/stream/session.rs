@@ -599,7 +599,7 @@ fn refusal(error: tungstenite::Error, body_limit: usize) -> Option<(u16, String)
         )),
         tungstenite::Error::Utf8(_) => Some((
             close::INVALID_PAYLOAD,
-            "a text message is not valid UTF-8".to_owned(),
+            "a text message, or a close frame's reason, is not valid UTF-8".to_owned(),
         )),
         tungstenite::Error::Protocol(e) => {
             Some((close::PROTOCOL_ERROR, format!("protocol error: {e}")))

@@ -510,6 +510,13 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
         "{}",
         bad_key.text()
     );
+    // HEAD answers as GET without the upgrade does (400), never a 405
+    // without `Allow`; a plain GET is the reference.
+    let get =
+        crate::support::http_with(server.addr, "GET", &target("alpha", "frame", ""), &[], b"");
+    let head =
+        crate::support::http_with(server.addr, "HEAD", &target("alpha", "frame", ""), &[], b"");
+    assert_eq!((get.status, head.status), (400, 400), "{}", get.text());
     // An upgrade request with a body is refused: the body would be read
     // as the stream's first frames, or leave the stream deaf.
     let with_body = crate::support::http_with(
@@ -597,19 +604,36 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     let (code, reason) = close_of(&mut socket);
     assert_eq!(code, 1009, "{reason}");
 
-    // A text message that is not UTF-8 closes it with 1007, a reserved
-    // opcode with 1002 (not a dropped connection).
-    use tungstenite::protocol::frame::Frame;
-    use tungstenite::protocol::frame::coding::{Data, OpCode};
-    for (opcode, expected) in [
-        (OpCode::Data(Data::Text), 1007),
-        (OpCode::Data(Data::Reserved(3)), 1002),
+    // A text message that is not UTF-8 closes it with 1007, and so does a
+    // close frame whose reason is not (said as such); a reserved opcode
+    // with 1002 (not a dropped connection).
+    use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+    use tungstenite::protocol::frame::{Frame, FrameHeader};
+    for (opcode, payload, expected, said) in [
+        (
+            OpCode::Data(Data::Text),
+            &[0xff, 0xfe][..],
+            1007,
+            "a text message",
+        ),
+        (
+            OpCode::Control(Control::Close),
+            &[0x03, 0xe8, 0xff][..],
+            1007,
+            "a close frame's reason",
+        ),
+        (OpCode::Data(Data::Reserved(3)), &[0xff, 0xfe][..], 1002, ""),
     ] {
         let mut socket = open(&server, &target("alpha", "frame", ""));
-        let bad = Frame::message(vec![0xff, 0xfe], opcode, true);
+        let header = FrameHeader {
+            opcode,
+            ..FrameHeader::default()
+        };
+        let bad = Frame::from_payload(header, payload.to_vec().into());
         socket.send(Message::Frame(bad)).unwrap();
         let (code, reason) = close_of(&mut socket);
         assert_eq!(code, expected, "{opcode:?}: {reason}");
+        assert!(reason.contains(said), "{opcode:?}: {reason}");
     }
 
     // A shutdown closes open streams with 1001, and the server exits 0.

@@ -375,7 +375,7 @@ pub(crate) fn try_http_with(
         if raw.is_empty() {
             return Err(write);
         }
-        return parse_reply(&raw);
+        return parse_reply(&raw, method);
     }
     let mut raw = Vec::new();
     match stream.read_to_end(&mut raw) {
@@ -384,10 +384,12 @@ pub(crate) fn try_http_with(
         Err(e) if !raw.is_empty() => eprintln!("read after answer: {e}"),
         Err(e) => return Err(e),
     }
-    parse_reply(&raw)
+    parse_reply(&raw, method)
 }
 
-fn parse_reply(raw: &[u8]) -> std::io::Result<Reply> {
+/// The reply of a request of `method` (a HEAD reply has no body, whatever
+/// its `Content-Length` says).
+fn parse_reply(raw: &[u8], method: &str) -> std::io::Result<Reply> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     let split = raw
         .windows(4)
@@ -409,7 +411,9 @@ fn parse_reply(raw: &[u8]) -> std::io::Result<Reply> {
     let chunked = headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked {
+    let body = if method == "HEAD" {
+        Vec::new()
+    } else if chunked {
         dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
     } else {
         match headers.iter().find(|(n, _)| n == "content-length") {
