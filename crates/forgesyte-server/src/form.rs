@@ -71,7 +71,17 @@ pub(crate) fn split(body: &Bytes, boundary: &str, max_parts: usize) -> Result<Ve
             0
         } else {
             let window = &body[at..body.len().min(at + MAX_HEADER_BYTES + 4)];
-            memmem::find(window, b"\r\n\r\n").ok_or("part headers without an end")? + 2
+            match memmem::find(window, b"\r\n\r\n") {
+                Some(end) => end + 2,
+                // Cut at the limit, not at the body's end: they may end
+                // further on, and the limit is what refuses them.
+                None if window.len() < body.len() - at => {
+                    return Err(format!(
+                        "a part's headers are longer than {MAX_HEADER_BYTES} bytes"
+                    ));
+                }
+                None => return Err("part headers without an end".into()),
+            }
         };
         let head = std::str::from_utf8(&body[at..at + head_len])
             .map_err(|_| "part headers are not UTF-8")?;
@@ -216,5 +226,23 @@ mod tests {
             b"--b\r\nContent-Disposition: form-data; name=\"\"\r\n\r\nhi\r\n--b--",
         );
         assert_eq!(split(&body, "b", 8).unwrap()[0].name, None);
+    }
+
+    #[test]
+    fn headers_over_the_limit_are_named_as_such_not_as_endless() {
+        let head = |pad: usize, end: &str| {
+            let text = format!(
+                "--b\r\nContent-Disposition: form-data; name=\"a\"\r\nX-Pad: {}{end}",
+                "x".repeat(pad)
+            );
+            Bytes::from(text.into_bytes())
+        };
+        let err = split(&head(9000, "\r\n\r\nv\r\n--b--"), "b", 8).unwrap_err();
+        assert_eq!(err, "a part's headers are longer than 8192 bytes");
+        // Under the limit they are read; cut short, they have no end.
+        let parts = split(&head(8000, "\r\n\r\nv\r\n--b--"), "b", 8).unwrap();
+        assert_eq!(&parts[0].data[..], b"v");
+        let err = split(&head(10, ""), "b", 8).unwrap_err();
+        assert_eq!(err, "part headers without an end");
     }
 }
