@@ -287,10 +287,31 @@ pub(crate) async fn read(
         }),
         // JSON, or no type at all (curl -d sends form-urlencoded: JSON
         // clients that forget the header keep working).
-        _ => parse_json_body(&bytes, max_values).map(|RunRequest { args }| RunInput {
-            args,
-            ..RunInput::default()
-        }),
+        _ => parse_json_body(&bytes, max_values)
+            .map(|RunRequest { args }| RunInput {
+                args,
+                ..RunInput::default()
+            })
+            .map_err(|e| hint_other_type(e, &essence)),
+    }
+}
+
+/// A body of another declared type (`image/png`, `image/jpeg` …) that is
+/// not JSON: its error says how it was read and how a frame is sent.
+fn hint_other_type(error: RunError, essence: &str) -> RunError {
+    let json_like = essence.is_empty()
+        || essence == "application/json"
+        || essence.ends_with("+json")
+        || essence == "text/plain"
+        || essence == "application/x-www-form-urlencoded";
+    match error {
+        RunError::MalformedBody { message } if !json_like => RunError::MalformedBody {
+            message: format!(
+                "{message} (a body of Content-Type {essence} is read as JSON: send a frame as \
+                 application/octet-stream, or as a file part of multipart/form-data)"
+            ),
+        },
+        other => other,
     }
 }
 
@@ -624,6 +645,37 @@ mod tests {
                 read(&headers(ct), Bytes::from_static(b"garbage"), 1 << 20).await,
                 Err(RunError::MalformedBody { .. })
             ));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_of_another_type_that_is_not_json_says_how_to_send_a_frame() {
+        let png = Bytes::from_static(b"\x89PNG\r\n\x1a\n");
+        let Err(RunError::MalformedBody { message }) =
+            read(&headers("image/png"), png.clone(), 1 << 20).await
+        else {
+            panic!("an image read as JSON is malformed");
+        };
+        assert!(
+            message.ends_with(
+                "(a body of Content-Type image/png is read as JSON: send a frame as \
+                 application/octet-stream, or as a file part of multipart/form-data)"
+            ),
+            "{message}"
+        );
+        // JSON's own types, and none, keep the parser's message alone.
+        for ct in [
+            "",
+            "application/json",
+            "application/problem+json",
+            "text/plain",
+        ] {
+            let Err(RunError::MalformedBody { message }) =
+                read(&headers(ct), png.clone(), 1 << 20).await
+            else {
+                panic!("{ct}: malformed");
+            };
+            assert!(!message.contains("Content-Type"), "{ct}: {message}");
         }
     }
 
