@@ -411,12 +411,16 @@ fn value_of(arg: &Arg, matches: &ArgMatches) -> Option<String> {
     }
     let raw = matches.try_get_raw(id).ok().flatten()?;
     let text = is_text(arg.get_value_parser());
-    let mut values = raw.map(|v| toml_value(&v.to_string_lossy(), text));
     if matches!(arg.get_action(), ArgAction::Append) {
-        Some(format!("[{}]", values.collect::<Vec<_>>().join(", ")))
-    } else {
-        values.next()
+        // An empty element of a list (`/a::/b`) is skipped where it is used
+        // (or refused by its parser): it is not shown either.
+        let values: Vec<String> = raw
+            .filter(|v| !v.is_empty())
+            .map(|v| toml_value(&v.to_string_lossy(), text))
+            .collect();
+        return Some(format!("[{}]", values.join(", ")));
     }
+    raw.map(|v| toml_value(&v.to_string_lossy(), text)).next()
 }
 
 fn is_text(parser: &ValueParser) -> bool {

@@ -375,6 +375,11 @@ fn an_empty_environment_variable_reads_as_unset() {
         format!("call-timeout = 9  # file {path}")
     );
     assert!(out.contains("# python is not set"), "{out}");
+    // What is used: the empty elements are not.
+    assert_eq!(
+        line(&out, "lib-path"),
+        "lib-path = [\"/opt/a\", \"/opt/b\"]  # env FORGESYTE_LIB_PATH"
+    );
     // Said, once each, not silently dropped.
     for name in [
         "FORGESYTE_PYTHON",
