@@ -589,13 +589,22 @@ class AsyncPluginTests(RunnerTestCase):
         "from forgesyte_runner import current_call\n"
         "class Plugin:\n"
         "    tools = {'locked': {'description': 'under the lock'},\n"
-        "             'leave': {'description': 'sys.exit'}}\n"
+        "             'leave': {'description': 'sys.exit'},\n"
+        "             'leave_in_task': {'description': 'sys.exit in a task it awaits'},\n"
+        "             'leave_behind': {'description': 'sys.exit in a task it leaves'}}\n"
         "    async def on_load(self):\n"
         "        self.lock = asyncio.Lock()\n"
         "        self.inside = 0\n"
         "    async def run_tool(self, tool, args):\n"
         "        if tool == 'leave':\n"
         "            sys.exit(3)\n"
+        "        async def leave(code):\n"
+        "            sys.exit(code)\n"
+        "        if tool == 'leave_in_task':\n"
+        "            await asyncio.gather(leave(4))\n"
+        "        if tool == 'leave_behind':\n"
+        "            asyncio.ensure_future(leave(5))\n"
+        "            return 'left'\n"
         "        async with self.lock:\n"
         "            self.inside += 1\n"
         "            alone = self.inside == 1\n"
@@ -631,11 +640,20 @@ class AsyncPluginTests(RunnerTestCase):
                              answers[rid])
 
     def test_sys_exit_in_a_coroutine_is_its_error_and_the_loop_goes_on(self):
-        header, _ = self.p.run("leave")
-        self.assertEqual(header["type"], "tool_failed", header)
-        self.assertEqual((header["error"]["error_type"], header["error"]["message"]), ("SystemExit", "3"))
-        header, _ = self.p.run("locked")
-        self.assertEqual(header.get("result"), {"alone": True, "request_id": None}, header)
+        # In the call's coroutine, or in a task it awaits: the call's error.
+        # In a task it started and left: its call answered. A SystemExit
+        # out of a task left the loop's thread (and so every later
+        # coroutine call waited for ever).
+        for tool, answer in [("leave", ("SystemExit", "3")), ("leave_in_task", ("SystemExit", "4")),
+                             ("leave_behind", "left")]:
+            header, _ = self.p.run(tool)
+            if isinstance(answer, tuple):
+                self.assertEqual(header["type"], "tool_failed", header)
+                self.assertEqual((header["error"]["error_type"], header["error"]["message"]), answer)
+            else:
+                self.assertEqual(header.get("result"), answer, header)
+            header, _ = self.p.run("locked")
+            self.assertEqual(header.get("result"), {"alone": True, "request_id": None}, (tool, header))
 
 
 class EventLoopUnitTests(unittest.TestCase):

@@ -119,13 +119,28 @@ def _event_loop():
 
             loop = asyncio.new_event_loop()
             try:
-                threading.Thread(target=loop.run_forever, name="forgesyte-asyncio",
+                threading.Thread(target=_run_loop, args=(loop,), name="forgesyte-asyncio",
                                  daemon=True).start()
             except RuntimeError:
                 loop.close()
                 return None
             _LOOP = loop
         return _LOOP
+
+
+def _run_loop(loop):
+    """Runs ``loop`` for the runner's life. ``SystemExit`` and
+    ``KeyboardInterrupt`` raised in a task a plugin started (``gather``,
+    ``wait_for``, ``create_task``) leave ``run_forever`` after the task took
+    them (the coroutines awaiting it get them): the loop is run again, or
+    every coroutine call after it would wait for ever."""
+    while True:
+        try:
+            loop.run_forever()
+            return
+        except (SystemExit, KeyboardInterrupt) as e:
+            diag("a task of the plugin raised %s out of the event loop; it runs on"
+                 % type(e).__name__)
 
 
 def _forget_loop_in_child():
