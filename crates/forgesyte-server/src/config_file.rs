@@ -91,6 +91,57 @@ pub(crate) enum ConfigError {
         key: String,
         message: String,
     },
+    /// An option's variable that is set to the empty string, which its
+    /// parser refused: said as the variable, not as a flag nobody typed.
+    /// An empty value is not read as unset: `FORGESYTE_REQUIRE_SIGNED=`
+    /// must not turn a requirement off.
+    #[error("{name} is set but empty (it sets {option}): give it a value, or unset it")]
+    EmptyEnv { name: String, option: String },
+}
+
+/// When parsing failed on an option of the command run (or a global one)
+/// whose environment variable is set but empty: that variable's error.
+fn empty_env_behind(
+    command: &Command,
+    argv: &[OsString],
+    error: &clap::Error,
+) -> Option<ConfigError> {
+    let said = error.to_string();
+    let run = argv
+        .iter()
+        .skip(1)
+        .find_map(|a| a.to_str().and_then(|a| command.find_subcommand(a)));
+    command
+        .get_arguments()
+        .chain(run.into_iter().flat_map(Command::get_arguments))
+        .find_map(|arg| {
+            let name = arg.get_env()?;
+            if !std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+                return None;
+            }
+            // How clap names it: `'--python <PATH>'`, or a positional's
+            // `'[DIR]'`.
+            let (option, named) = match arg.get_long() {
+                Some(long) => {
+                    let option = format!("--{long}");
+                    let named = said.contains(&format!("'{option}"));
+                    (option, named)
+                }
+                None => {
+                    let value = arg
+                        .get_value_names()
+                        .and_then(|names| names.first())
+                        .map_or_else(|| arg.get_id().to_string(), ToString::to_string);
+                    let named = said.contains(&format!("'[{value}]'"))
+                        || said.contains(&format!("'<{value}>'"));
+                    (value, named)
+                }
+            };
+            named.then(|| ConfigError::EmptyEnv {
+                name: name.to_string_lossy().into_owned(),
+                option,
+            })
+        })
 }
 
 /// The command line parsed with the config file's values layered in.
@@ -107,48 +158,6 @@ pub(crate) struct Layered {
     sources: Option<BTreeMap<String, Source>>,
     /// The config file read, and where its path came from.
     file: Option<(PathBuf, Source)>,
-    /// The options' environment variables that were set but empty, and so
-    /// read as unset (see `without_empty_env`).
-    pub(crate) empty_env: Vec<String>,
-}
-
-impl Layered {
-    /// One line per variable of [`empty_env`](Self::empty_env): what a
-    /// command says of it (a warning, a comment of `config --print`).
-    pub(crate) fn empty_env_lines(&self) -> impl Iterator<Item = String> + '_ {
-        self.empty_env
-            .iter()
-            .map(|name| format!("{name} is set but empty: read as unset"))
-    }
-}
-
-/// `command` with the environment variable of each option (its own and
-/// its subcommands') that is set but empty taken as unset: the option then
-/// has its file value or default. Shells, env files and container
-/// managers write a variable with no value (`FORGESYTE_PYTHON=`,
-/// `-e FORGESYTE_LIB_PATH=$MAYBE`); every option's parser refused the
-/// empty value, naming a flag nobody typed.
-/// Also returns the names of those variables, each once, for a warning.
-fn without_empty_env(command: Command) -> (Command, Vec<String>) {
-    fn unset_empty(command: Command, names: &mut Vec<String>) -> Command {
-        command.mut_args(|arg| {
-            let Some(name) = arg
-                .get_env()
-                .filter(|name| std::env::var_os(name).is_some_and(|value| value.is_empty()))
-            else {
-                return arg;
-            };
-            let name = name.to_string_lossy().into_owned();
-            if !names.contains(&name) {
-                names.push(name);
-            }
-            arg.env(None::<&'static str>)
-        })
-    }
-    let mut names = Vec::new();
-    let command =
-        unset_empty(command, &mut names).mut_subcommands(|sub| unset_empty(sub, &mut names));
-    (command, names)
 }
 
 /// Parses `argv` (program name first) against `command`. When the matched
@@ -161,17 +170,17 @@ pub(crate) fn layer(
     argv: Vec<OsString>,
     keys_of: &str,
 ) -> Result<Layered, ConfigError> {
-    let empty_env;
-    (command, empty_env) = without_empty_env(command);
     command.build();
-    let first = command.clone().try_get_matches_from(&argv)?;
+    let first = match command.clone().try_get_matches_from(&argv) {
+        Ok(first) => first,
+        Err(e) => return Err(empty_env_behind(&command, &argv, &e).unwrap_or(e.into())),
+    };
     let mut layered = Layered {
         matches: first,
         command,
         keys_of: keys_of.to_owned(),
         sources: None,
         file: None,
-        empty_env,
     };
     let Some((sub, sub_matches)) = layered.matches.subcommand() else {
         return Ok(layered);
@@ -384,9 +393,6 @@ impl Layered {
             }
             None => writeln!(out, "# config file: none (--config, FORGESYTE_CONFIG)"),
         };
-        for line in self.empty_env_lines() {
-            let _ = writeln!(out, "# {line}");
-        }
         for arg in file_keys(keys) {
             let (Some(key), id) = (arg.get_long(), arg.get_id().as_str()) else {
                 continue;

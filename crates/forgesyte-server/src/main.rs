@@ -133,9 +133,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             init_logging("info", cli.log_format);
-            for line in layered.empty_env_lines() {
-                tracing::warn!("{line}");
-            }
             match serve(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -152,9 +149,6 @@ fn main() -> ExitCode {
         }
         Command::Check(args) => {
             init_logging("off", cli.log_format);
-            for line in layered.empty_env_lines() {
-                eprintln!("forgesyte check: {line}");
-            }
             run_check(args)
         }
         Command::New(args) => run_new(args),

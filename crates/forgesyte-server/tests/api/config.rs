@@ -348,61 +348,57 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
     }
 }
 
-/// An option's environment variable set to the empty string reads as
-/// unset (the file's value, else the default), and an empty element of
-/// `--lib-path` is skipped: each was refused, naming a flag nobody typed
-/// ("a value is required for '--python <PATH>'").
+/// An option's environment variable set to the empty string is refused
+/// naming the variable (it was refused naming a flag nobody typed: "a
+/// value is required for '--python <PATH>'"), never read as unset: an
+/// empty `FORGESYTE_REQUIRE_SIGNED` must not turn the requirement off. An
+/// empty element of `--lib-path` is skipped.
 #[test]
-fn an_empty_environment_variable_reads_as_unset() {
-    let file = ConfigFile::new("call-timeout = 9\n");
-    let path = file.path();
+fn an_empty_environment_variable_is_refused_naming_it() {
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({}));
+    for (command, name, option) in [
+        (&["config", "--print"][..], "FORGESYTE_PYTHON", "--python"),
+        (
+            &["config", "--print"][..],
+            "FORGESYTE_REQUIRE_SIGNED",
+            "--require-signed",
+        ),
+        (
+            &["config", "--print"][..],
+            "FORGESYTE_CALL_TIMEOUT",
+            "--call-timeout",
+        ),
+        (
+            &["check", plugins.path_str()][..],
+            "FORGESYTE_RUNNER_USER",
+            "--runner-user",
+        ),
+        (&["lock"][..], "FORGESYTE_PLUGINS_DIR", "DIR"),
+    ] {
+        let (code, out, err) = run_forgesyte(command, &[(name, "")]);
+        assert_eq!(code, 2, "{name}: {out}{err}");
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "forgesyte: {name} is set but empty (it sets {option}): give it a value, or unset it"
+            ),
+            "{name}"
+        );
+    }
+    // Empty elements of the library path are skipped, and not shown.
     let (code, out, err) = run_forgesyte(
         &["config", "--print"],
-        &[
-            ("FORGESYTE_CONFIG", path.as_str()),
-            ("FORGESYTE_PYTHON", ""),
-            ("FORGESYTE_PLUGINS_DIR", ""),
-            ("FORGESYTE_CALL_TIMEOUT", ""),
-            ("FORGESYTE_PREFLIGHT", ""),
-            ("FORGESYTE_LIB_PATH", "/opt/a::/opt/b:"),
-        ],
+        &[("FORGESYTE_LIB_PATH", "/opt/a::/opt/b:")],
     );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(line(&out, "plugins"), "plugins = \"./plugins\"  # default");
-    assert_eq!(line(&out, "preflight"), "preflight = false  # default");
-    assert_eq!(
-        line(&out, "call-timeout"),
-        format!("call-timeout = 9  # file {path}")
-    );
-    assert!(out.contains("# python is not set"), "{out}");
-    // What is used: the empty elements are not.
     assert_eq!(
         line(&out, "lib-path"),
         "lib-path = [\"/opt/a\", \"/opt/b\"]  # env FORGESYTE_LIB_PATH"
     );
-    // Said, once each, not silently dropped.
-    for name in [
-        "FORGESYTE_PYTHON",
-        "FORGESYTE_PLUGINS_DIR",
-        "FORGESYTE_CALL_TIMEOUT",
-        "FORGESYTE_PREFLIGHT",
-    ] {
-        let said = format!("# {name} is set but empty: read as unset\n");
-        assert_eq!(out.matches(&said).count(), 1, "{name}: {out}");
-    }
-    // `check` loads with it (the empty elements skipped), and says so.
-    let plugins = PluginsDir::new();
-    plugins.good("alpha", json!({}));
     let (code, out, err) = run_forgesyte(
         &["check", plugins.path_str()],
-        &[
-            ("FORGESYTE_LIB_PATH", ":/opt/a::"),
-            ("FORGESYTE_RUNNER", ""),
-        ],
+        &[("FORGESYTE_LIB_PATH", ":/opt/a::")],
     );
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        err.contains("forgesyte check: FORGESYTE_RUNNER is set but empty: read as unset"),
-        "{err}"
-    );
 }
