@@ -4,7 +4,6 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use forgesyte_deps::ExecutableProbe;
 use forgesyte_loader::signature::TrustedKeys;
 use forgesyte_loader::{Isolation, LoaderConfig};
 
@@ -225,27 +224,43 @@ impl ServerConfig {
     /// Why [`runner`](Self::runner) cannot be started, when it cannot be:
     /// `serve` and `check` refuse such a configuration (exit code 2) rather
     /// than fail every isolated plugin with a reason about its library. A
-    /// name without `/` is looked for on `PATH`, as the loader's spawn does;
-    /// a path is taken as it is (relative to the working directory).
+    /// name without `/` is looked for on `PATH` as the loader's spawn does
+    /// (`execvp`: a relative entry from the working directory, an empty one
+    /// is the working directory); a path is taken as it is. Under
+    /// [`runner_user`](Self::runner_user) the file and the directories
+    /// above it must let that user execute and search them (by their mode
+    /// bits; ACLs are not read).
     pub fn runner_problem(&self) -> Option<String> {
         use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::PermissionsExt;
 
         let runner = self.runner.as_deref()?;
         let shown = runner.display();
-        if !runner.as_os_str().as_bytes().contains(&b'/') {
-            let found = runner
-                .to_str()
-                .and_then(|name| forgesyte_deps::SystemPath.find(name));
-            return found
-                .is_none()
-                .then(|| format!("--runner {shown}: no executable of that name on PATH"));
-        }
-        match std::fs::metadata(runner) {
+        let user = self.runner_user;
+        let cwd = std::env::current_dir().unwrap_or_default();
+        let path = if runner.as_os_str().as_bytes().contains(&b'/') {
+            runner.to_path_buf()
+        } else {
+            match on_path(runner, std::env::var_os("PATH"), &cwd, user) {
+                Some(path) => path,
+                None => {
+                    return Some(format!(
+                        "--runner {shown}: no executable of that name on PATH"
+                    ));
+                }
+            }
+        };
+        match std::fs::metadata(&path) {
             Err(e) => Some(format!("--runner {shown}: {e}")),
             Ok(meta) if !meta.is_file() => Some(format!("--runner {shown}: not a file")),
-            Ok(meta) => (meta.permissions().mode() & 0o111 == 0)
-                .then(|| format!("--runner {shown}: not executable")),
+            Ok(_) if executable_by(&path, user) => None,
+            Ok(_) => Some(match user {
+                Some(user) => format!(
+                    "--runner {shown}: not executable by the runner user (uid {}, gid {}): \
+                     the file, or a directory above it, does not let that user in",
+                    user.uid, user.gid
+                ),
+                None => format!("--runner {shown}: not executable"),
+            }),
         }
     }
 
@@ -329,9 +344,120 @@ impl Default for ServerConfig {
     }
 }
 
+/// The first file named `name` in the directories of `path_var` that
+/// [`executable_by`] `user`, as `execvp` looks: a relative entry is taken
+/// from `cwd`, an empty one is `cwd` itself.
+fn on_path(
+    name: &std::path::Path,
+    path_var: Option<OsString>,
+    cwd: &std::path::Path,
+    user: Option<forgesyte_loader::sandbox::RunAs>,
+) -> Option<PathBuf> {
+    let path_var = path_var?;
+    std::env::split_paths(&path_var)
+        .map(|dir| cwd.join(dir).join(name))
+        .find(|candidate| candidate.is_file() && executable_by(candidate, user))
+}
+
+/// Whether `path` (a file) may be executed by `user`: its execute bit for
+/// that user and the search bit of every directory above it (root: any
+/// execute bit, any directory). `None`: by this process, as the kernel
+/// decides (`access`, groups and ACLs included).
+fn executable_by(path: &std::path::Path, user: Option<forgesyte_loader::sandbox::RunAs>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+
+    let Some(user) = user else {
+        return rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok();
+    };
+    let allows = |meta: &std::fs::Metadata| {
+        let mode = meta.mode();
+        if user.uid == 0 {
+            return meta.is_dir() || mode & 0o111 != 0;
+        }
+        let shift = if meta.uid() == user.uid {
+            6
+        } else if meta.gid() == user.gid {
+            3
+        } else {
+            0
+        };
+        (mode >> shift) & 1 != 0
+    };
+    std::fs::canonicalize(path).is_ok_and(|real| {
+        real.ancestors()
+            .all(|p| std::fs::metadata(p).is_ok_and(|meta| allows(&meta)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runner_name_is_found_on_path_as_execvp_finds_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let cwd = tempfile::tempdir().unwrap();
+        std::fs::create_dir(cwd.path().join("bin")).unwrap();
+        for file in ["bin/relative", "here"] {
+            let path = cwd.path().join(file);
+            std::fs::write(&path, "").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let find = |name: &str, path_var: &str| {
+            on_path(
+                std::path::Path::new(name),
+                Some(path_var.into()),
+                cwd.path(),
+                None,
+            )
+        };
+        // A relative entry, and an empty one (the working directory).
+        assert_eq!(
+            find("relative", "/nowhere:bin"),
+            Some(cwd.path().join("bin/relative"))
+        );
+        assert_eq!(find("here", "/nowhere:"), Some(cwd.path().join("here")));
+        assert_eq!(find("here", "/nowhere:bin"), None);
+        assert_eq!(
+            on_path(std::path::Path::new("here"), None, cwd.path(), None),
+            None
+        );
+    }
+
+    #[test]
+    fn a_runner_user_must_be_let_in_by_the_file_and_its_directories() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let runner = dir.path().join("runner");
+        std::fs::write(&runner, "").unwrap();
+        let meta = std::fs::metadata(&runner).unwrap();
+        // Neither the file's owner nor its group: the "other" bits.
+        let stranger = forgesyte_loader::sandbox::RunAs {
+            uid: meta.uid().wrapping_add(4242),
+            gid: meta.gid().wrapping_add(4242),
+        };
+        let owner = forgesyte_loader::sandbox::RunAs {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        };
+        let root = forgesyte_loader::sandbox::RunAs { uid: 0, gid: 0 };
+        let set = |path: &std::path::Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        set(dir.path(), 0o711);
+        set(&runner, 0o700);
+        assert!(executable_by(&runner, Some(owner)));
+        assert!(!executable_by(&runner, Some(stranger)));
+        set(&runner, 0o701);
+        assert!(executable_by(&runner, Some(stranger)));
+        // A directory above it that the user may not search.
+        set(dir.path(), 0o700);
+        assert!(!executable_by(&runner, Some(stranger)));
+        assert!(executable_by(&runner, Some(root)));
+        set(&runner, 0o600);
+        assert!(!executable_by(&runner, Some(root)));
+        set(dir.path(), 0o700);
+    }
 
     #[test]
     fn a_runner_that_cannot_be_started_is_named_with_why() {
