@@ -300,7 +300,7 @@ pub(crate) async fn read(
 /// not JSON: its error says how it was read and how a frame is sent.
 fn hint_other_type(error: RunError, essence: &str) -> RunError {
     let json_like = essence.is_empty()
-        || essence == "application/json"
+        || essence.ends_with("/json")
         || essence.ends_with("+json")
         || essence == "text/plain"
         || essence == "application/x-www-form-urlencoded";
@@ -667,6 +667,7 @@ mod tests {
         for ct in [
             "",
             "application/json",
+            "text/json",
             "application/problem+json",
             "text/plain",
         ] {
