@@ -16,10 +16,13 @@ pub struct LoaderConfig {
     pub lib_paths: Vec<PathBuf>,
     /// Cap on `manifest.json` size.
     pub max_manifest_bytes: u64,
-    /// Worker threads for a load pass (at least 1). With more than one, a
-    /// wave's checks and constructions run on a pool of this many while the
-    /// calling thread opens its in-process libraries; with one, all of it
-    /// runs on the calling thread.
+    /// Threads of a load pass, its calling thread included (at least 1;
+    /// default: the cores this process may use). With more than one, a
+    /// wave's checks and constructions run on a pool of one fewer while
+    /// the calling thread opens its in-process libraries (a wave of runner
+    /// processes gets a waiting thread per runner, up to a bound), and
+    /// manifests are read on a pool of this many; with one, all of it runs
+    /// on the calling thread.
     pub threads: usize,
     /// Where a plugin runs when its manifest has no `isolation`
     /// (default in-process).

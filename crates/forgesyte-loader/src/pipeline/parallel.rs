@@ -19,20 +19,19 @@ pub(super) fn par_map<'a, T: Sync, R: Send>(
     f: impl Fn(&T) -> R + Sync,
 ) -> Vec<(&'a T, Result<R, String>)> {
     let one = |item: &'a T| (item, catch_panic(|| f(item)));
-    match load_pool(threads.clamp(1, items.len().max(1)), 0) {
+    // The calling thread only waits: a pool of one thread is no faster.
+    let threads = threads.min(items.len());
+    match (threads > 1).then(|| load_pool(threads, 0)).flatten() {
         Some(pool) => pool.install(|| items.par_iter().map(one).collect()),
         None => items.iter().map(one).collect(),
     }
 }
 
-/// A pass's pool of `threads` threads; `None` for one thread, or when no
-/// pool can be started (said in the log): the work then runs on the
-/// calling thread. Each thread first grows its malloc heap by
-/// `heap_reserve` bytes (see [`reserve_heap`]).
+/// A pass's pool of `threads` threads; `None` when no pool can be started
+/// (said in the log): the work then runs on the calling thread. Each
+/// thread first grows its malloc heap by `heap_reserve` bytes (see
+/// [`reserve_heap`]).
 fn load_pool(threads: usize, heap_reserve: usize) -> Option<rayon::ThreadPool> {
-    if threads <= 1 {
-        return None;
-    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("forgesyte-load-{i}"))
@@ -86,11 +85,18 @@ pub(super) enum Stage<R, S> {
 }
 
 /// [`par_map`] in three stages: `first` and `last` run on a pool of up to
-/// `threads` threads, `serial` between them on the calling thread, one item
+/// `workers` threads, `serial` between them on the calling thread, one item
 /// at a time, in the order `first` hands them over, while the pool goes on
 /// with other items' `first` and `last` (a `last` is queued behind the
-/// `first`s not yet started). With one thread (or one item) the three run
+/// `first`s not yet started). With no worker (or one item) the three run
 /// in turn on the calling thread, item after item.
+///
+/// The calling thread is busy with `serial` the whole time, so CPU work
+/// wants one worker fewer than cores: a worker more spins for work
+/// (rayon's idle rounds) on the core the calling thread needs, and being
+/// on that core makes each `mprotect` of the dynamic loader's a TLB
+/// shoot-down (a 1,000-plugin pass took 6% longer with 2 workers than with
+/// 1 on two cores, BENCHMARKS.md "Stop 42").
 ///
 /// For work under a process-wide lock (the dynamic loader's): on one
 /// thread it rarely waits for that lock, and the rest of the work overlaps
@@ -98,7 +104,7 @@ pub(super) enum Stage<R, S> {
 /// Results come back as [`par_map`]'s do: in input order, each with its
 /// input, a panic in any stage caught for its item alone.
 pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
-    threads: usize,
+    workers: usize,
     items: &[T],
     first: impl Fn(&T) -> Stage<R, S> + Sync,
     serial: impl Fn(&T, S) -> Stage<R, U>,
@@ -110,10 +116,17 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
         return Vec::new();
     }
     let mut results: Vec<Option<Result<R, String>>> = items.iter().map(|_| None).collect();
-    // No pool (one thread, or none to be had): the three stages in turn on
-    // this thread, one item at a time.
-    let threads = threads.clamp(1, items.len());
-    match load_pool(threads, items.len() * HEAP_PER_ITEM / threads) {
+    // No pool (no worker, one item, or none to be had): the three stages
+    // in turn on this thread, one item at a time.
+    let workers = if items.len() > 1 {
+        workers.min(items.len())
+    } else {
+        0
+    };
+    let pool = (workers > 0)
+        .then(|| load_pool(workers, items.len() * HEAP_PER_ITEM / workers))
+        .flatten();
+    match pool {
         Some(pool) => {
             // Unbounded: a bound made every item's hand-over a wake-up
             // (about 8% of a 1,000-plugin pass). What waits here is small,
@@ -201,7 +214,7 @@ mod tests {
     #[test]
     fn the_pipeline_runs_its_middle_stage_on_the_calling_thread_and_keeps_results_with_inputs() {
         let items: Vec<u32> = (0..60).collect();
-        for threads in [1, 2, 7] {
+        for threads in [0, 1, 2, 7] {
             let serial_threads = parking_lot::Mutex::new(std::collections::HashSet::new());
             let results = par_map_pipeline(
                 threads,

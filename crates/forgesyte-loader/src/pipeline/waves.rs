@@ -56,12 +56,14 @@ impl Loader {
             // core: those get a thread each, up to a bound, so N runners
             // start together rather than a core's worth at a time.
             let waiting = members.iter().filter(|p| self.runs_in_a_process(p)).count();
-            let threads = self.config.threads.max(waiting.min(MAX_WAITING_THREADS));
             // In-process libraries are opened on this thread, one at a time
             // (the dynamic loader's lock), while the pool checks the next
-            // plugins and constructs the opened ones (`par_map_pipeline`).
+            // plugins and constructs the opened ones (`par_map_pipeline`):
+            // this thread is one of the pass's `threads`.
+            let workers =
+                (self.config.threads.saturating_sub(1)).max(waiting.min(MAX_WAITING_THREADS));
             let results = par_map_pipeline(
-                threads,
+                workers,
                 &members,
                 |p| match self.check_and_start(p, &known) {
                     Ok(Step::Started(handle)) => Stage::Done(Ok(handle)),
