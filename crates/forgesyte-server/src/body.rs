@@ -261,6 +261,15 @@ pub(crate) struct RunInput {
     pub(crate) unnamed: Option<Bytes>,
 }
 
+/// Whether a request's headers announce a body: chunked, or a
+/// `Content-Length` other than 0.
+pub(crate) fn announces_a_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+        || headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
+
 /// Reads a run body of at most `body_limit` bytes according to its
 /// `Content-Type`.
 pub(crate) async fn read(

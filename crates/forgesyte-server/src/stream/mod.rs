@@ -250,11 +250,7 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
         // A body would be read as the client's first frames (chunked), or
         // left unread before them (a length): the stream would be garbled,
         // or deaf to the client, from its start.
-        let has_body = headers.contains_key(header::TRANSFER_ENCODING)
-            || headers
-                .get(header::CONTENT_LENGTH)
-                .is_some_and(|length| length.as_bytes() != b"0");
-        if has_body {
+        if crate::body::announces_a_body(headers) {
             return Err(refused("a WebSocket upgrade request has no body"));
         }
         if !has_token(headers, &header::CONNECTION, "upgrade") {
