@@ -99,3 +99,58 @@ fn after_shutdown_a_crash_is_recorded_and_never_restarted() {
 
     assert!(loader.drop_instances(Duration::from_secs(5)));
 }
+
+/// A shutdown kills the runners still constructing their plugin (here a
+/// constructor that hangs, with a 30 s limit), so a load pass or a reload
+/// in progress ends at once rather than at its plugin's time limit, which
+/// held a stopping server for its whole grace (found by review); no runner
+/// starts after it.
+#[test]
+fn a_shutdown_ends_the_constructions_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = json!({
+        "name": "hung",
+        "version": "1.0.0",
+        "entrypoint": "libfixture_faulty.so",
+        "isolation": "process",
+        "config": {"fault_at_init": "hang"},
+    });
+    std::fs::create_dir_all(dir.path().join("hung")).unwrap();
+    std::fs::write(
+        dir.path().join("hung").join("manifest.json"),
+        manifest.to_string(),
+    )
+    .unwrap();
+    let lib_dir = Path::new(zoo::FAULTY_LIBRARY).parent().unwrap();
+    let config = LoaderConfig {
+        lib_paths: vec![lib_dir.to_path_buf()],
+        runner: Some(RUNNER.into()),
+        process: ProcessLimits {
+            init_timeout: Duration::from_secs(30),
+            ..ProcessLimits::default()
+        },
+        ..LoaderConfig::default()
+    };
+    let registry = Registry::new();
+    let checker = Arc::new(DependencyChecker::system(Vec::new()));
+    let loader = Loader::new(registry.clone(), checker, config);
+    std::thread::scope(|scope| {
+        let pass = scope.spawn(|| loader.load_all(dir.path()));
+        // Its runner started, or about to: either way it ends now.
+        std::thread::sleep(Duration::from_millis(500));
+        let stopped = std::time::Instant::now();
+        loader.shutdown();
+        let report = pass.join().unwrap();
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "the pass ended {:?} after the shutdown",
+            stopped.elapsed()
+        );
+        assert_eq!(report.loaded(), 0, "{report:?}");
+    });
+    let status = registry.get_status("hung").unwrap();
+    assert_eq!(status.state, S::Failed, "{status:?}");
+    let reason = status.reason.unwrap_or_default();
+    assert!(reason.contains("the host is stopping"), "{reason}");
+    assert!(loader.drop_instances(Duration::from_secs(5)));
+}

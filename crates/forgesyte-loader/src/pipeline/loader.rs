@@ -208,11 +208,15 @@ impl Loader {
 
     /// The host is shutting down: from now on an isolated plugin whose
     /// process ends is recorded (FAILED, `not restarted: the host is
-    /// shutting down`) but never restarted, and restarts already waiting
-    /// are dropped. Plugins keep serving calls until
+    /// shutting down`) but never restarted, restarts already waiting are
+    /// dropped, no runner starts, and the runners still constructing their
+    /// plugin (a load pass, a reload or a restart in progress) are killed,
+    /// so that a hung construction does not hold the stop for its time
+    /// limit. Plugins constructed keep serving calls until
     /// [`drop_instances`](Self::drop_instances). Cannot be undone.
     pub fn shutdown(&self) {
         self.shutdown.set();
+        self.runners.stop_starting();
         for entry in self.entries.read().values() {
             if let Some(handle) = &entry.handle {
                 handle.stop_restarts();

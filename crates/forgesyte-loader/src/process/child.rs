@@ -139,6 +139,29 @@ impl Runners {
         self.live.lock().closed = true;
     }
 
+    /// The host begins to stop: closes (no runner starts from now on) and
+    /// kills, with their groups, the runners still constructing their
+    /// plugin (a load pass, a reload or a restart in progress), whose
+    /// construction would otherwise hold the stop for as long as its own
+    /// time limit. Those that serve keep serving the calls in flight.
+    /// Waits for nothing.
+    pub(crate) fn stop_starting(&self) {
+        let mut live = self.live.lock();
+        live.closed = true;
+        let starting: Vec<Arc<Shared>> = live
+            .runners
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|runner| !runner.constructed.load(Ordering::SeqCst))
+            .collect();
+        drop(live);
+        for runner in &starting {
+            if runner.exit.lock().report.is_none() {
+                kill(runner, KillReason::host(HOST_STOPPING));
+            }
+        }
+    }
+
     /// Whether [`close`](Self::close) was called.
     pub(crate) fn is_closed(&self) -> bool {
         self.live.lock().closed
@@ -210,6 +233,9 @@ struct Shared {
     /// process the plugin started may keep stderr open long after).
     stderr: Arc<StderrLog>,
     retired: AtomicBool,
+    /// Its plugin is constructed ([`Child::constructed`]): it serves, or
+    /// will, rather than starts.
+    constructed: AtomicBool,
 }
 
 /// The environment variables every runner (and every zygote) is started
@@ -405,6 +431,7 @@ impl Child {
             exited: Condvar::new(),
             stderr: Arc::new(StderrLog::new(opts.plugin, pid)),
             retired: AtomicBool::new(false),
+            constructed: AtomicBool::new(false),
         });
         start_threads(&shared, stdout, stderr)?;
         if let Some(runners) = opts.runners
@@ -466,6 +493,12 @@ impl Child {
     /// at once. No exit callbacks run: the host let it go.
     pub(crate) fn stop(&self) {
         retire(&self.shared);
+    }
+
+    /// Its plugin is constructed: a host that begins to stop
+    /// ([`Runners::stop_starting`]) leaves it serving.
+    pub(crate) fn constructed(&self) {
+        self.shared.constructed.store(true, Ordering::SeqCst);
     }
 
     /// What the runner said about itself.

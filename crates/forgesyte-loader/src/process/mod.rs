@@ -691,6 +691,7 @@ impl PluginLibrary for ProcessLibrary {
             }
         };
         crate::host::refuse_duplicate_tools(&tools)?;
+        child.constructed();
         let serial = (!child.hello().can(capability::CONCURRENT_CALLS)).then(|| Mutex::new(()));
         Ok(Box::new(ProcessInstance {
             child,
