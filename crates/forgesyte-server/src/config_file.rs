@@ -99,8 +99,17 @@ pub(crate) enum ConfigError {
     EmptyEnv { name: String, option: String },
 }
 
-/// When parsing failed on an option of the command run (or a global one)
-/// whose environment variable is set but empty: that variable's error.
+/// `command` and its subcommands without their environment variables.
+fn without_env(command: Command) -> Command {
+    fn strip(command: Command) -> Command {
+        command.mut_args(|arg| arg.env(None::<&'static str>))
+    }
+    strip(command).mut_subcommands(strip)
+}
+
+/// When parsing failed on the empty value of an option of the command run
+/// (or a global one) that its environment variable set (the option not
+/// given on the command line): that variable's error.
 fn empty_env_behind(
     command: &Command,
     argv: &[OsString],
@@ -119,24 +128,38 @@ fn empty_env_behind(
             if !std::env::var_os(name).is_some_and(|v| v.is_empty()) {
                 return None;
             }
-            // How clap names it: `'--python <PATH>'`, or a positional's
-            // `'[DIR]'`.
-            let (option, named) = match arg.get_long() {
+            // How clap names it (`'--python <PATH>'`, a positional's
+            // `'[DIR]'`), in its errors of an empty value.
+            let (option, shown) = match arg.get_long() {
                 Some(long) => {
                     let option = format!("--{long}");
-                    let named = said.contains(&format!("'{option}"));
-                    (option, named)
+                    let given = argv.iter().any(|a| {
+                        a.to_str()
+                            .is_some_and(|a| a == option || a.starts_with(&format!("{option}=")))
+                    });
+                    if given {
+                        return None; // the command line's value, not the variable's
+                    }
+                    (
+                        option.clone(),
+                        vec![format!("'{option} "), format!("'{option}'")],
+                    )
                 }
                 None => {
                     let value = arg
                         .get_value_names()
                         .and_then(|names| names.first())
                         .map_or_else(|| arg.get_id().to_string(), ToString::to_string);
-                    let named = said.contains(&format!("'[{value}]'"))
-                        || said.contains(&format!("'<{value}>'"));
-                    (value, named)
+                    (
+                        value.clone(),
+                        vec![format!("'[{value}]'"), format!("'<{value}>'")],
+                    )
                 }
             };
+            let named = shown.iter().any(|shown| {
+                said.contains(&format!("a value is required for {shown}"))
+                    || said.contains(&format!("invalid value '' for {shown}"))
+            });
             named.then(|| ConfigError::EmptyEnv {
                 name: name.to_string_lossy().into_owned(),
                 option,
@@ -170,6 +193,12 @@ pub(crate) fn layer(
     argv: Vec<OsString>,
     keys_of: &str,
 ) -> Result<Layered, ConfigError> {
+    // A file key's value is checked alone, through the parser of the
+    // options the keys are, whatever the environment holds: the variables
+    // of options the command run lacks (`FORGESYTE_BIND` under `check`)
+    // must not decide it.
+    let mut key_checker = without_env(command.clone());
+    key_checker.build();
     command.build();
     let first = match command.clone().try_get_matches_from(&argv) {
         Ok(first) => first,
@@ -237,7 +266,7 @@ pub(crate) fn layer(
         // options the keys are): its error is this key's.
         let mut alone = vec![argv.first().cloned().unwrap_or_default(), keys_of.into()];
         alone.extend(args.iter().cloned());
-        if let Err(e) = layered.command.clone().try_get_matches_from(alone) {
+        if let Err(e) = key_checker.clone().try_get_matches_from(alone) {
             return Err(bad(first_line(&e)));
         }
         // The matched subcommand's option of that id (`check` has the

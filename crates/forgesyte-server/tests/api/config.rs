@@ -386,6 +386,34 @@ fn an_empty_environment_variable_is_refused_naming_it() {
             "{name}"
         );
     }
+    // A variable the command line overrides, or that the command run has
+    // no option for, is not the error: the command line's own errors are
+    // said, and `check --config` reads its file.
+    for (command, name, said) in [
+        (
+            &["serve", "--bind", "nonsense"][..],
+            "FORGESYTE_BIND",
+            "invalid value 'nonsense' for '--bind",
+        ),
+        (
+            &["serve", "--pyhton", "/usr/bin/python3"][..],
+            "FORGESYTE_PYTHON",
+            "unexpected argument '--pyhton'",
+        ),
+    ] {
+        let (code, out, err) = run_forgesyte(command, &[(name, "")]);
+        assert_eq!(code, 2, "{name}: {out}{err}");
+        assert!(err.contains(said), "{name}: {err}");
+    }
+    let file = ConfigFile::new(&format!(
+        "plugins = {}\nisolation = \"process\"\n",
+        toml::Value::String(plugins.path_str().to_owned())
+    ));
+    let (code, out, err) = run_forgesyte(
+        &["check", "--config", &file.path()],
+        &[("FORGESYTE_BIND", ""), ("FORGESYTE_SHUTDOWN_GRACE", "")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
     // Empty elements of the library path are skipped, and not shown.
     let (code, out, err) = run_forgesyte(
         &["config", "--print"],
