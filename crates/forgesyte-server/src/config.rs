@@ -383,9 +383,18 @@ fn executable_by(path: &std::path::Path, user: Option<forgesyte_loader::sandbox:
         };
         (mode >> shift) & 1 != 0
     };
+    // The directories of the path as given (a link's own directory must
+    // be searched too), and those of where its links lead.
+    let given = std::env::current_dir().unwrap_or_default().join(path);
+    let directories_allow = |p: &std::path::Path| {
+        p.ancestors()
+            .skip(1)
+            .all(|dir| std::fs::metadata(dir).is_ok_and(|meta| allows(&meta)))
+    };
     std::fs::canonicalize(path).is_ok_and(|real| {
-        real.ancestors()
-            .all(|p| std::fs::metadata(p).is_ok_and(|meta| allows(&meta)))
+        directories_allow(&given)
+            && directories_allow(&real)
+            && std::fs::metadata(&real).is_ok_and(|meta| allows(&meta))
     })
 }
 
@@ -456,7 +465,19 @@ mod tests {
         assert!(executable_by(&runner, Some(root)));
         set(&runner, 0o600);
         assert!(!executable_by(&runner, Some(root)));
-        set(dir.path(), 0o700);
+        // A link in a directory the user may not search, to a runner it
+        // may run: the kernel searches the link's directory too.
+        let open = tempfile::tempdir().unwrap();
+        set(open.path(), 0o711);
+        let target = open.path().join("runner");
+        std::fs::write(&target, "").unwrap();
+        set(&target, 0o755);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(executable_by(&target, Some(stranger)));
+        assert!(!executable_by(&link, Some(stranger)));
+        set(dir.path(), 0o711);
+        assert!(executable_by(&link, Some(stranger)));
     }
 
     #[test]
