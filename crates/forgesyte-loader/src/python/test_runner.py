@@ -591,7 +591,8 @@ class AsyncPluginTests(RunnerTestCase):
         "    tools = {'locked': {'description': 'under the lock'},\n"
         "             'leave': {'description': 'sys.exit'},\n"
         "             'leave_in_task': {'description': 'sys.exit in a task it awaits'},\n"
-        "             'leave_behind': {'description': 'sys.exit in a task it leaves'}}\n"
+        "             'leave_behind': {'description': 'sys.exit in a task it leaves'},\n"
+        "             'stop': {'description': 'stops the event loop'}}\n"
         "    async def on_load(self):\n"
         "        self.lock = asyncio.Lock()\n"
         "        self.inside = 0\n"
@@ -605,6 +606,9 @@ class AsyncPluginTests(RunnerTestCase):
         "        if tool == 'leave_behind':\n"
         "            asyncio.ensure_future(leave(5))\n"
         "            return 'left'\n"
+        "        if tool == 'stop':\n"
+        "            asyncio.get_running_loop().stop()\n"
+        "            return 'stopped'\n"
         "        async with self.lock:\n"
         "            self.inside += 1\n"
         "            alone = self.inside == 1\n"
@@ -642,10 +646,10 @@ class AsyncPluginTests(RunnerTestCase):
     def test_sys_exit_in_a_coroutine_is_its_error_and_the_loop_goes_on(self):
         # In the call's coroutine, or in a task it awaits: the call's error.
         # In a task it started and left: its call answered. A SystemExit
-        # out of a task left the loop's thread (and so every later
-        # coroutine call waited for ever).
+        # out of a task, or a plugin's loop.stop(), left the loop's thread
+        # (and so every later coroutine call waited for ever).
         for tool, answer in [("leave", ("SystemExit", "3")), ("leave_in_task", ("SystemExit", "4")),
-                             ("leave_behind", "left")]:
+                             ("leave_behind", "left"), ("stop", "stopped")]:
             header, _ = self.p.run(tool)
             if isinstance(answer, tuple):
                 self.assertEqual(header["type"], "tool_failed", header)

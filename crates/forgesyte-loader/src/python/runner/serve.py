@@ -129,18 +129,27 @@ def _event_loop():
 
 
 def _run_loop(loop):
-    """Runs ``loop`` for the runner's life. ``SystemExit`` and
-    ``KeyboardInterrupt`` raised in a task a plugin started (``gather``,
-    ``wait_for``, ``create_task``) leave ``run_forever`` after the task took
-    them (the coroutines awaiting it get them): the loop is run again, or
-    every coroutine call after it would wait for ever."""
-    while True:
+    """Runs ``loop`` for the runner's life, or every coroutine call after
+    it stopped would wait for ever. ``SystemExit`` and ``KeyboardInterrupt``
+    raised in a task a plugin started (``gather``, ``wait_for``,
+    ``create_task``) leave ``run_forever`` after the task took them (the
+    coroutines awaiting it get them), and a plugin may call
+    ``loop.stop()``: the loop is run again. A loop the plugin closed is
+    forgotten: the next coroutine starts another."""
+    global _LOOP
+    while not loop.is_closed():
         try:
             loop.run_forever()
-            return
+            diag("the plugin stopped the event loop; it runs on")
         except (SystemExit, KeyboardInterrupt) as e:
             diag("a task of the plugin raised %s out of the event loop; it runs on"
                  % type(e).__name__)
+        except Exception as e:  # closed between two runs
+            if not loop.is_closed():
+                diag("the event loop failed (%s: %s); it runs on" % (type(e).__name__, e))
+    with _LOOP_LOCK:
+        if _LOOP is loop:
+            _LOOP = None
 
 
 def _forget_loop_in_child():
