@@ -255,13 +255,10 @@ pub(crate) async fn run_tool(
     // read (see `tools::refused_before_its_body`). The body takes room from
     // the server's budget for bodies as it arrives (see `body::receive`);
     // the room goes with the call.
-    // Whether the answer goes before the body was read to its end.
-    let mut body_left = true;
     let received = match tools::refused_before_its_body(&state, &plugin, &tool) {
         Err(e) => Err(e),
         Ok(()) => match body::receive(state.body_budget(), &headers, body, limit).await {
             Ok((bytes, room)) => {
-                body_left = false;
                 request_bytes = bytes.len();
                 body::read(&headers, bytes, limit)
                     .await
@@ -293,7 +290,7 @@ pub(crate) async fn run_tool(
         },
         Err(error) => Err(error),
     };
-    let mut response = response.unwrap_or_else(|error| {
+    let response = response.unwrap_or_else(|error| {
         state.metrics().record_dropped_answer(&error);
         ApiError::Run {
             plugin: plugin.clone(),
@@ -302,16 +299,6 @@ pub(crate) async fn run_tool(
         }
         .into_response()
     });
-    if body_left && body::announces_a_body(&headers) {
-        // The rest of the body is not read: the connection closes after
-        // this answer (only what had already arrived is drained), and the
-        // client is told so, not left to find it out on its next request
-        // (RFC 9112 §9.6).
-        response.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            axum::http::HeaderValue::from_static("close"),
-        );
-    }
     // Per plugin only for registered plugins: the label stays bounded.
     if state.registry().contains(&plugin) {
         // A streamed (multipart) body states its length in its header.

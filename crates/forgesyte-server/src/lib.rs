@@ -107,6 +107,7 @@ mod state;
 mod stream;
 mod tools;
 mod ui;
+mod unread;
 mod wire;
 
 pub use admin::AdminToken;

@@ -127,6 +127,9 @@ pub fn app(state: AppState) -> Router {
                         .on_failure(log_failure),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+                // Around the request body as it arrives: an answer that
+                // leaves it unread says `Connection: close`.
+                .layer(crate::unread::CloseUnreadLayer)
                 .layer(MapRequestBodyLayer::new(move |body| {
                     crate::body_pace::PacedBody::new(body, body_pace)
                 }))

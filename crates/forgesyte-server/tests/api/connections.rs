@@ -768,11 +768,12 @@ fn status_of(addr: SocketAddr, head: &str) -> u16 {
     response[9..12].parse().unwrap()
 }
 
-/// A call answered before its body was read (an unknown plugin here) tells
-/// the client the connection closes: the unread rest of the body is not
-/// drained, so the server closes it, and a client that sent its headers
-/// before its body lost its next request on that connection without a
-/// word (found by review). A call that read its body keeps the connection.
+/// An answer given before the request's body was read (a call to an
+/// unknown plugin, a fallback, a route that reads no body) tells the client
+/// the connection closes: the unread rest of the body is not drained, so
+/// the server closes it, and a client that sent its headers before its
+/// body lost its next request on that connection without a word (found by
+/// review). A request without a body keeps the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
     let server = start(|_| {}).await;
@@ -784,19 +785,29 @@ async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
                  Content-Length: {length}\r\n\r\n"
             )
         };
-        // The headers alone: the answer comes before the body.
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .write_all(head("/v1/plugins/nope/tools/x/run", 11).as_bytes())
-            .unwrap();
-        let response = read_response(&mut stream);
-        assert!(response.starts_with("HTTP/1.1 404"), "{response}");
-        assert!(
-            response
-                .to_ascii_lowercase()
-                .contains("\r\nconnection: close\r\n"),
-            "{response}"
-        );
+        // The headers alone: the answer comes before the body, on the run
+        // route, the fallbacks and a route that reads no body.
+        for (method, target, status) in [
+            ("POST", "/v1/plugins/nope/tools/x/run", "404"),
+            ("POST", "/v1/nothing", "404"),
+            ("PUT", "/v1/plugins/nope/tools/x/run", "405"),
+            ("GET", "/v1/health", "200"),
+        ] {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            let request = head(target, 11).replacen("POST", method, 1);
+            stream.write_all(request.as_bytes()).unwrap();
+            let response = read_response(&mut stream);
+            assert!(
+                response.starts_with(&format!("HTTP/1.1 {status}")),
+                "{method} {target}: {response}"
+            );
+            assert!(
+                response
+                    .to_ascii_lowercase()
+                    .contains("\r\nconnection: close\r\n"),
+                "{method} {target}: {response}"
+            );
+        }
         // A request with no body, refused alike, keeps the connection.
         let mut stream = TcpStream::connect(addr).unwrap();
         for _ in 0..2 {
