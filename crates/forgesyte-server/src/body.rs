@@ -262,12 +262,19 @@ pub(crate) struct RunInput {
 }
 
 /// Whether a request's headers announce a body: chunked, or a
-/// `Content-Length` other than 0.
+/// `Content-Length` that is not zero (`0`, `00`; one that is not a number
+/// announces one).
 pub(crate) fn announces_a_body(headers: &HeaderMap) -> bool {
     headers.contains_key(axum::http::header::TRANSFER_ENCODING)
         || headers
             .get(axum::http::header::CONTENT_LENGTH)
-            .is_some_and(|length| length.as_bytes() != b"0")
+            .is_some_and(|length| {
+                length
+                    .to_str()
+                    .ok()
+                    .and_then(|l| l.trim().parse::<u64>().ok())
+                    != Some(0)
+            })
 }
 
 /// Reads a run body of at most `body_limit` bytes according to its

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use axum::http::{HeaderValue, Request, Response, header};
+use axum::http::{HeaderValue, Request, Response, Version, header};
 use http_body::{Body, Frame, SizeHint};
 
 /// The layer (see the module's doc).
@@ -41,6 +41,7 @@ pub(crate) struct CloseUnread<S> {
 impl<S, B, R> tower::Service<Request<B>> for CloseUnread<S>
 where
     S: tower::Service<Request<Tracked<B>>, Response = Response<R>>,
+    B: Body,
 {
     type Response = Response<R>;
     type Error = S::Error;
@@ -51,8 +52,13 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let ended = crate::body::announces_a_body(request.headers())
-            .then(|| Arc::new(AtomicBool::new(false)));
+        // HTTP/1.0 is left to hyper, which writes its own `Connection`
+        // value there (`close` would be joined to its `keep-alive`); a
+        // body already known to be empty has nothing to leave unread.
+        let ended = (request.version() != Version::HTTP_10
+            && crate::body::announces_a_body(request.headers())
+            && !request.body().is_end_stream())
+        .then(|| Arc::new(AtomicBool::new(false)));
         let request = request.map(|inner| Tracked {
             inner,
             ended: ended.clone(),

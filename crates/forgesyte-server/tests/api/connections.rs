@@ -808,12 +808,16 @@ async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
                 "{method} {target}: {response}"
             );
         }
-        // A request with no body, refused alike, keeps the connection.
+        // A request with no body, refused alike, keeps the connection, and
+        // so does a length of zero written `00`.
         let mut stream = TcpStream::connect(addr).unwrap();
-        for _ in 0..2 {
-            stream
-                .write_all(head("/v1/plugins/nope/tools/x/run", 0).as_bytes())
-                .unwrap();
+        for request in [
+            head("/v1/plugins/nope/tools/x/run", 0),
+            head("/v1/plugins/nope/tools/x/run", 0)
+                .replace("Content-Length: 0", "Content-Length: 00"),
+            head("/v1/plugins/nope/tools/x/run", 0),
+        ] {
+            stream.write_all(request.as_bytes()).unwrap();
             let response = read_response(&mut stream);
             assert!(response.starts_with("HTTP/1.1 404"), "{response}");
             assert!(
@@ -821,6 +825,14 @@ async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
                 "{response}"
             );
         }
+        // HTTP/1.0 is hyper's: never `close` joined to its `keep-alive`.
+        let mut stream = TcpStream::connect(addr).unwrap();
+        let request = head("/v1/plugins/nope/tools/x/run", 11)
+            .replace("HTTP/1.1", "HTTP/1.0")
+            .replace("\r\n\r\n", "\r\nConnection: keep-alive\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let response = read_response(&mut stream).to_ascii_lowercase();
+        assert!(!response.contains("close, keep-alive"), "{response}");
     })
     .await
     .unwrap();
