@@ -649,7 +649,7 @@ class AsyncPluginTests(RunnerTestCase):
         # out of a task, or a plugin's loop.stop(), left the loop's thread
         # (and so every later coroutine call waited for ever).
         for tool, answer in [("leave", ("SystemExit", "3")), ("leave_in_task", ("SystemExit", "4")),
-                             ("leave_behind", "left"), ("stop", "stopped")]:
+                             ("leave_behind", "left"), ("stop", "stopped"), ("stop", "stopped")]:
             header, _ = self.p.run(tool)
             if isinstance(answer, tuple):
                 self.assertEqual(header["type"], "tool_failed", header)
@@ -658,6 +658,10 @@ class AsyncPluginTests(RunnerTestCase):
                 self.assertEqual(header.get("result"), answer, header)
             header, _ = self.p.run("locked")
             self.assertEqual(header.get("result"), {"alone": True, "request_id": None}, (tool, header))
+        # Said once, however often a plugin stops the loop.
+        self.p.close_stdin()
+        self.assertEqual(self.p.wait(), 0)
+        self.assertEqual(self.p.stderr.count("the plugin stopped the event loop"), 1, self.p.stderr)
 
 
 class EventLoopUnitTests(unittest.TestCase):

@@ -137,10 +137,13 @@ def _run_loop(loop):
     ``loop.stop()``: the loop is run again. A loop the plugin closed is
     forgotten: the next coroutine starts another."""
     global _LOOP
+    said = False  # a plugin that stops the loop over and over is said once
     while not loop.is_closed():
         try:
             loop.run_forever()
-            diag("the plugin stopped the event loop; it runs on")
+            if not said:
+                said = True
+                diag("the plugin stopped the event loop; it runs on (said once)")
         except (SystemExit, KeyboardInterrupt) as e:
             diag("a task of the plugin raised %s out of the event loop; it runs on"
                  % type(e).__name__)
