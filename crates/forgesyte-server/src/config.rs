@@ -237,18 +237,13 @@ impl ServerConfig {
         let shown = runner.display();
         let user = self.runner_user;
         let cwd = std::env::current_dir().unwrap_or_default();
-        let path = if runner.as_os_str().as_bytes().contains(&b'/') {
-            runner.to_path_buf()
-        } else {
-            match on_path(runner, std::env::var_os("PATH"), &cwd, user) {
-                Some(path) => path,
-                None => {
-                    return Some(format!(
-                        "--runner {shown}: no executable of that name on PATH"
-                    ));
-                }
-            }
-        };
+        if !runner.as_os_str().as_bytes().contains(&b'/') {
+            // What it finds is a file that user may execute.
+            return on_path(runner, std::env::var_os("PATH"), &cwd, user)
+                .is_none()
+                .then(|| format!("--runner {shown}: no executable of that name on PATH"));
+        }
+        let path = cwd.join(runner);
         match std::fs::metadata(&path) {
             Err(e) => Some(format!("--runner {shown}: {e}")),
             Ok(meta) if !meta.is_file() => Some(format!("--runner {shown}: not a file")),
@@ -359,10 +354,10 @@ fn on_path(
         .find(|candidate| candidate.is_file() && executable_by(candidate, user))
 }
 
-/// Whether `path` (a file) may be executed by `user`: its execute bit for
-/// that user and the search bit of every directory above it (root: any
-/// execute bit, any directory). `None`: by this process, as the kernel
-/// decides (`access`, groups and ACLs included).
+/// Whether `path` (a file, absolute) may be executed by `user`: its
+/// execute bit for that user and the search bit of every directory above
+/// it (root: any execute bit, any directory). `None`: by this process, as
+/// the kernel decides (`access`, groups and ACLs included).
 fn executable_by(path: &std::path::Path, user: Option<forgesyte_loader::sandbox::RunAs>) -> bool {
     use std::os::unix::fs::MetadataExt;
 
@@ -385,14 +380,13 @@ fn executable_by(path: &std::path::Path, user: Option<forgesyte_loader::sandbox:
     };
     // The directories of the path as given (a link's own directory must
     // be searched too), and those of where its links lead.
-    let given = std::env::current_dir().unwrap_or_default().join(path);
     let directories_allow = |p: &std::path::Path| {
         p.ancestors()
             .skip(1)
             .all(|dir| std::fs::metadata(dir).is_ok_and(|meta| allows(&meta)))
     };
     std::fs::canonicalize(path).is_ok_and(|real| {
-        directories_allow(&given)
+        directories_allow(path)
             && directories_allow(&real)
             && std::fs::metadata(&real).is_ok_and(|meta| allows(&meta))
     })
