@@ -146,20 +146,22 @@ impl Runners {
     /// time limit. Those that serve keep serving the calls in flight.
     /// Waits for nothing.
     pub(crate) fn stop_starting(&self) {
-        let mut live = self.live.lock();
-        live.closed = true;
-        let starting: Vec<Arc<Shared>> = live
+        self.close();
+        for runner in self.counted() {
+            if !runner.constructed.load(Ordering::SeqCst) {
+                end_for_the_host(&runner);
+            }
+        }
+    }
+
+    /// The runners counted that are still held somewhere.
+    fn counted(&self) -> Vec<Arc<Shared>> {
+        self.live
+            .lock()
             .runners
             .iter()
             .filter_map(std::sync::Weak::upgrade)
-            .filter(|runner| !runner.constructed.load(Ordering::SeqCst))
-            .collect();
-        drop(live);
-        for runner in &starting {
-            if runner.exit.lock().report.is_none() {
-                kill(runner, KillReason::host(HOST_STOPPING));
-            }
-        }
+            .collect()
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -171,21 +173,20 @@ impl Runners {
     /// end) and waits until `deadline` for their ends to be processed;
     /// whether all were.
     pub(crate) fn end_all(&self, deadline: Instant) -> bool {
-        let live: Vec<Arc<Shared>> = self
-            .live
-            .lock()
-            .runners
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect();
+        let live = self.counted();
         for runner in &live {
-            if runner.exit.lock().report.is_none() {
-                kill(runner, KillReason::host(HOST_STOPPING));
-            }
+            end_for_the_host(runner);
         }
         live.iter().all(|runner| {
             wait_dead(runner, deadline.saturating_duration_since(Instant::now())).is_some()
         })
+    }
+}
+
+/// Kills `runner` as the host stops, unless it has ended.
+fn end_for_the_host(runner: &Arc<Shared>) {
+    if runner.exit.lock().report.is_none() {
+        kill(runner, KillReason::host(HOST_STOPPING));
     }
 }
 
