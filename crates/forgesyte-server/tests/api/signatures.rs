@@ -44,6 +44,18 @@ fn sign(dir: &Path, key: &Path) {
     assert!(out.contains("Signed "), "{out}");
 }
 
+/// A server of `plugins` trusting the keys of `trusted`, its load over.
+fn serve_trusting(plugins: &str, trusted: &Path) -> Forgesyte {
+    let server = Forgesyte::start(&[
+        "--plugins",
+        plugins,
+        "--trusted-keys",
+        trusted.to_str().unwrap(),
+    ]);
+    server.wait_loaded();
+    server
+}
+
 /// `KEYS/trusted`, a trust store holding the key pair `author`'s public
 /// key (made in `KEYS` by `keygen`) and no other.
 fn trust_only_author(keys: &Path) -> PathBuf {
@@ -341,13 +353,7 @@ fn a_refused_plugins_own_interpreter_never_runs() {
 #[test]
 fn serve_shows_the_signature_in_health_and_list() {
     let s = every_status();
-    let server = Forgesyte::start(&[
-        "--plugins",
-        s.plugins.path_str(),
-        "--trusted-keys",
-        s.trusted.to_str().unwrap(),
-    ]);
-    server.wait_loaded();
+    let server = serve_trusting(s.plugins.path_str(), &s.trusted);
     let health = server.get("/v1/plugins/n-signed/health").json();
     assert_eq!(
         health["signature"],
@@ -614,13 +620,7 @@ fn a_signed_or_pinned_python_plugin_imports_only_its_checked_sources() {
     )
     .unwrap();
     let trusted = trust_only_author(keys.path());
-    let server = Forgesyte::start(&[
-        "--plugins",
-        plugins.path_str(),
-        "--trusted-keys",
-        trusted.to_str().unwrap(),
-    ]);
-    server.wait_loaded();
+    let server = serve_trusting(plugins.path_str(), &trusted);
     for name in ["signed", "pinned"] {
         let health = server.get(&format!("/v1/plugins/{name}/health")).json();
         assert_eq!(health["state"], "INITIALIZED", "{health}");
@@ -680,13 +680,7 @@ fn a_signed_path_that_a_link_leads_out_of_the_plugin_is_refused() {
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(&outside, &link).unwrap();
     let trusted = trust_only_author(keys.path());
-    let server = Forgesyte::start(&[
-        "--plugins",
-        plugins.path_str(),
-        "--trusted-keys",
-        trusted.to_str().unwrap(),
-    ]);
-    server.wait_loaded();
+    let server = serve_trusting(plugins.path_str(), &trusted);
     let reader = server.get("/v1/plugins/reader/health").json();
     assert_eq!(reader["state"], "INITIALIZED", "{reader}");
     let linked = server.get("/v1/plugins/linked/health").json();
