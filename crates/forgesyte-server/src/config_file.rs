@@ -193,12 +193,6 @@ pub(crate) fn layer(
     argv: Vec<OsString>,
     keys_of: &str,
 ) -> Result<Layered, ConfigError> {
-    // A file key's value is checked alone, through the parser of the
-    // options the keys are, whatever the environment holds: the variables
-    // of options the command run lacks (`FORGESYTE_BIND` under `check`)
-    // must not decide it.
-    let mut key_checker = without_env(command.clone());
-    key_checker.build();
     command.build();
     let first = match command.clone().try_get_matches_from(&argv) {
         Ok(first) => first,
@@ -243,6 +237,12 @@ pub(crate) fn layer(
 
     let mut extra: Vec<OsString> = Vec::new();
     let mut from_file = Vec::new();
+    // A file key's value is checked alone, through the parser of the
+    // options the keys are, whatever the environment holds: the variables
+    // of options the command run lacks (`FORGESYTE_BIND` under `check`)
+    // must not decide it. Made for the first key (a start without a file
+    // makes none).
+    let mut key_checker: Option<Command> = None;
     for (key, value) in &table {
         let path = file.as_ref().map(|(p, _)| p.clone()).unwrap_or_default();
         let arg = file_keys(key_command)
@@ -266,7 +266,12 @@ pub(crate) fn layer(
         // options the keys are): its error is this key's.
         let mut alone = vec![argv.first().cloned().unwrap_or_default(), keys_of.into()];
         alone.extend(args.iter().cloned());
-        if let Err(e) = key_checker.clone().try_get_matches_from(alone) {
+        let checker = key_checker.get_or_insert_with(|| {
+            let mut checker = without_env(layered.command.clone());
+            checker.build();
+            checker
+        });
+        if let Err(e) = checker.clone().try_get_matches_from(alone) {
             return Err(bad(first_line(&e)));
         }
         // The matched subcommand's option of that id (`check` has the
