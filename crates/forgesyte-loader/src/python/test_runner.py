@@ -1712,6 +1712,17 @@ class UnitTests(unittest.TestCase):
                                                            "format": {"type": "string"}}})
         schema = {"properties": {"a": {}}, "required": ["a"]}
         self.assertEqual(n(schema), schema)
+        # ForgeSyte's "bytes" in a property map is a binary property, and
+        # binary_properties finds it; in a JSON Schema it is left alone.
+        moderation = n({"image_bytes": {"type": "bytes"},
+                        "options": {"type": "object", "optional": True}, "raw": "bytes"})
+        self.assertEqual(moderation, {"type": "object", "properties": {
+            "image_bytes": {"type": "string", "format": "binary"},
+            "options": {"type": "object", "optional": True},
+            "raw": {"type": "string", "format": "binary"}}})
+        self.assertEqual(tools.binary_properties(moderation), ["image_bytes", "raw"])
+        schema = {"type": "object", "properties": {"a": {"type": "bytes"}}}
+        self.assertEqual(n(schema), schema)
 
 
 

@@ -30,7 +30,10 @@ def normalize_schema(schema):
     """A JSON Schema for a tool's inputs or outputs. ForgeSyte plugins and
     manifests also write a bare property map (``{"image_base64": "string"}``
     or ``{"frame_base64": {"type": "string"}}``) or a list of input names;
-    those become ``{"type": "object", "properties": {...}}``."""
+    those become ``{"type": "object", "properties": {...}}``. In such a map
+    the type ``bytes`` (``{"image_bytes": {"type": "bytes"}}``, as
+    ForgeSyte's moderation plugin writes it; not a JSON Schema type) is a
+    binary property: ``{"type": "string", "format": "binary"}``."""
     if schema is None:
         return dict(ANY_OBJECT)
     if isinstance(schema, type):
@@ -52,7 +55,10 @@ def normalize_schema(schema):
         ):
             props = {}
             for name, spec in schema.items():
-                props[name] = {"type": spec} if isinstance(spec, str) else spec
+                spec = {"type": spec} if isinstance(spec, str) else spec
+                if spec.get("type") == "bytes":
+                    spec = dict(spec, type="string", format="binary")
+                props[name] = spec
             return {"type": "object", "properties": props}
         return schema
     return schema
