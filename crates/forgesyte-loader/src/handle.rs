@@ -635,8 +635,8 @@ impl PluginHandle {
     }
 }
 
-/// Why a tool's result could not be read. A result nested deeper than
-/// serde_json reads (128 arrays and objects) is valid JSON the tool
+/// Why a tool's result could not be read. A result nested as deep as
+/// serde_json refuses (128 arrays and objects) is valid JSON the tool
 /// returned: a tool error of that call (a client could otherwise make an
 /// echoing tool's plugin FAILED, and its other calls fail, with one deep
 /// request), not a broken plugin. Anything else is a protocol fault.
@@ -646,7 +646,7 @@ fn result_error(e: serde_json::Error) -> ToolError {
         return ToolError::Failed {
             error_type: Some("ResultTooDeep".to_owned()),
             message: format!(
-                "the tool's result nests arrays and objects more than 128 levels deep, \
+                "the tool's result nests arrays and objects 128 or more levels deep, \
                  deeper than the host reads ({e})"
             ),
         };

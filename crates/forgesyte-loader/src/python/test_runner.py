@@ -1091,6 +1091,36 @@ class BasePluginShapeTests(RunnerTestCase):
         header, _ = self.p.run("add", {"a": 2})
         self.assertEqual(header["result"], {"sum": 2})
 
+    def test_results_the_host_cannot_read_are_tool_errors(self):
+        """Each of these ended the runner (a protocol fault, or out of
+        memory), which made the plugin FAILED; each is the call's error."""
+        header, _ = self.p.run("convert", {"kind": "deep", "depth": 127})
+        self.assertEqual(header["type"], "result", header)
+        for kind, depth in (("deep", 128), ("holds_itself", 0)):
+            header, _ = self.p.run("convert", {"kind": kind, "depth": depth})
+            self.assertEqual(header["type"], "tool_failed", header)
+            self.assertEqual(header["error"]["error_type"], "ResultTooDeep", header)
+            self.assertIn("128 or more levels deep", header["error"]["message"])
+        header, _ = self.p.run("convert", {"kind": "many_bytes"})
+        self.assertEqual(header["error"]["error_type"], "ResultTooLarge", header)
+        self.assertIn("70000 bytes values; at most 65536", header["error"]["message"])
+        header, _ = self.p.run("convert", {"kind": "unprintable_exit"})
+        self.assertEqual(header["type"], "tool_failed", header)
+        self.assertEqual(header["error"]["message"], "<unprintable Unprintable>")
+        header, _ = self.p.run("add", {"a": 3})
+        self.assertEqual(header["result"], {"sum": 3})
+
+    def test_an_error_over_the_answer_limit_is_cut_to_fit(self):
+        p = self.start("handlers")
+        p.start({"name": "handlers", "limits": {"max_response_mb": 1}})
+        header, _ = p.run("convert", {"kind": "huge_error"})
+        self.assertEqual(header["type"], "tool_failed", header)
+        self.assertEqual(header["error"]["error_type"], "ValueError")
+        self.assertEqual(header["error"]["traceback"], [])
+        self.assertIn("characters cut)", header["error"]["message"])
+        header, _ = p.run("add", {"a": 4})
+        self.assertEqual(header["result"], {"sum": 4})
+
     def test_dataclass_fields_are_converted_in_place_not_deep_copied(self):
         header, _ = self.p.run("convert", {"kind": "dataclass_view"})
         self.assertEqual(header["type"], "result", header)
@@ -2085,6 +2115,38 @@ class SharedMemoryTests(unittest.TestCase):
         del attachments
         gc.collect()
         self.assertEqual(self.memfds(), 0, "an untaken attachment kept its descriptor")
+
+    def test_a_result_file_never_takes_a_closed_stdout_or_stderr(self):
+        """A plugin that closed fd 1 and writes to it from a thread: the
+        result's memory file is not made there, and what such a write put
+        in the file before it moved is gone."""
+        saved = os.dup(1)
+        real_create = os.memfd_create
+
+        def create_then_plugin_writes(*args):
+            fd = real_create(*args)
+            if fd <= 2:
+                os.write(fd, b"CWRITE 221\n")  # the plugin's thread, just then
+            return fd
+
+        try:
+            os.close(1)
+            os.memfd_create = create_then_plugin_writes
+            try:
+                fd = wire._sealed(b"result bytes")
+            finally:
+                os.memfd_create = real_create
+            low = os.open(os.devnull, os.O_WRONLY)  # fd 1 is free again
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        os.close(low)
+        try:
+            self.assertGreater(fd, 2)
+            self.assertEqual(low, 1, "the file's first descriptor was left open")
+            self.assertEqual(os.pread(fd, 100, 0), b"result bytes")
+        finally:
+            os.close(fd)
 
     def test_a_shm_field_without_descriptors_is_a_protocol_error(self):
         sender, receiver = self.wires(1000)

@@ -30,7 +30,7 @@ def capped(text):
 def _exception_message(exc):
     try:
         return str(exc)
-    except Exception:
+    except BaseException:  # even SystemExit from a plugin's __str__
         return "<unprintable %s>" % exc.__class__.__name__
 
 
@@ -54,12 +54,33 @@ def python_error(exc, kind="Python"):
     """A WireError for a Python exception."""
     error = {
         "kind": kind,
-        "error_type": exc.__class__.__name__,
+        "error_type": capped(clean(exc.__class__.__name__)),
         "message": capped(clean(_exception_message(exc))),
         "traceback": traceback_lines(exc),
     }
     if isinstance(exc, ImportError) and getattr(exc, "name", None):
-        error["name"] = clean(exc.name)
+        error["name"] = capped(clean(exc.name))
+    return error
+
+
+# What an error keeps of its message when the whole error does not fit in
+# the answer limit: characters, each at most 6 bytes encoded.
+FITTED_CHARS = 16 * 1024
+
+
+def fitted(error, size, limit):
+    """``error`` (a WireError), whose answer encodes to ``size`` bytes,
+    made to fit in ``limit``: without its traceback, its message and names
+    cut to ``FITTED_CHARS``. (A message of 64 Ki characters of 4 bytes each
+    and ten traceback lines as long made a 2.9 MB error answer, over a
+    1 MiB limit, and the host killed the runner for it.)"""
+    if size <= limit:
+        return error
+    error = dict(error, traceback=[])
+    for key in ("message", "error_type", "name"):
+        value = error.get(key)
+        if isinstance(value, str) and len(value) > FITTED_CHARS:
+            error[key] = "%s… (%d characters cut)" % (value[:FITTED_CHARS], len(value) - FITTED_CHARS)
     return error
 
 

@@ -132,13 +132,18 @@ def _pydantic_leaf(value):
     return pydantic_encoder(value)
 
 
+# Arrays and objects nested this deep the host does not read (serde_json's
+# limit): a result as deep is the call's error, ``ResultTooDeep``.
+MAX_DEPTH = 128
+
+
 def to_wire(value):
     """Converts a tool's result to (JSON value, [(pointer, bytes)]): bytes
     anywhere are taken out as attachments (``null`` stays in their place).
     Raises ResultError."""
     blobs = []
 
-    def convert(x, path, in_model):
+    def convert(x, path, in_model, depth=0):
         if x is None or isinstance(x, (str, bool, int)):
             return x
         if isinstance(x, float):
@@ -152,6 +157,16 @@ def to_wire(value):
         if isinstance(x, (bytes, bytearray, memoryview)):
             blobs.append((path, x if type(x) is bytes else bytes(x)))
             return None
+        if isinstance(x, (dict, list, tuple)) and depth + 1 >= MAX_DEPTH:
+            # Counted here, not left to the interpreter's recursion limit,
+            # which the plugin sets: a result that holds itself under a
+            # raised limit took memory as the square of its depth (each
+            # level's path longer) until the runner ran out.
+            raise ResultError(
+                "ResultTooDeep",
+                "the tool's result nests arrays and objects %d or more levels deep, deeper "
+                "than the host reads (or contains itself)%s" % (MAX_DEPTH, _where(path)),
+            )
         if isinstance(x, dict):
             out = {}
             for k, v in x.items():
@@ -163,18 +178,18 @@ def to_wire(value):
                         "tool result has the key %s twice (keys of different types that JSON "
                         "writes alike)%s" % (json.dumps(key), _where(path)),
                     )
-                out[key] = convert(v, path + "/" + _escape(key), in_model)
+                out[key] = convert(v, path + "/" + _escape(key), in_model, depth + 1)
             return out
         if isinstance(x, (list, tuple)):
-            return [convert(v, "%s/%d" % (path, i), in_model) for i, v in enumerate(x)]
+            return [convert(v, "%s/%d" % (path, i), in_model, depth + 1) for i, v in enumerate(x)]
         kind = type(x)
         # pydantic v2 models: python-mode dump keeps bytes as bytes (they
         # become attachments); other field values go through pydantic.
         if callable(getattr(kind, "model_dump", None)) and hasattr(kind, "model_fields"):
-            return convert(x.model_dump(), path, True)
+            return convert(x.model_dump(), path, True, depth)
         # pydantic v1 models.
         if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
-            return convert(x.dict(), path, True)
+            return convert(x.dict(), path, True, depth)
         if hasattr(kind, "__dataclass_fields__"):
             import dataclasses  # loaded already: the plugin made the class
 
@@ -182,17 +197,17 @@ def to_wire(value):
             # deep-copies every value (a numpy array in full; a memoryview
             # cannot be copied at all).
             fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
-            return convert(fields, path, in_model)
+            return convert(fields, path, in_model, depth)
         # numpy scalars and arrays, without importing numpy.
         if kind.__module__ == "numpy" and callable(getattr(x, "tolist", None)):
-            return convert(x.tolist(), path, in_model)
+            return convert(x.tolist(), path, in_model, depth)
         if in_model:
             try:
                 leaf = _pydantic_leaf(x)
             except Exception:
                 leaf = x
             if leaf is not x and type(leaf) is not kind:
-                return convert(leaf, path, False)
+                return convert(leaf, path, False, depth)
         raise ResultError(
             "TypeError",
             "tool result of type %s is not JSON-serialisable%s" % (kind.__name__, _where(path)),

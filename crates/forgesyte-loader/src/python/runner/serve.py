@@ -12,11 +12,11 @@ import types
 
 from . import api
 from .base import EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory
-from .errors import python_error, wire_error
+from .errors import fitted, python_error, wire_error
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
 from .tools import collect_tools
-from .wire import MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
+from .wire import MAX_ATTACHMENTS, MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
 
 # How long on_unload() may run at the end of stdin: under the host's 2 s
 # between closing stdin and SIGKILL (PROTOCOL.md §8, Stop), so a runner
@@ -242,10 +242,21 @@ class Runner(object):
         self.wire.send_frame(header, attachments)
 
     def tool_failed(self, rid, error):
-        self.answer({"type": "tool_failed", "id": rid, "error": error})
+        self.failed("tool_failed", rid, error)
 
     def init_failed(self, rid, error):
-        self.answer({"type": "init_failed", "id": rid, "error": error})
+        self.failed("init_failed", rid, error)
+
+    def failed(self, kind, rid, error):
+        """An error answer, cut to fit the answer limit (the host ends a
+        runner whose answer is over it)."""
+        message = {"type": kind, "id": rid, "error": error}
+        try:
+            size = len(encode(message))
+        except (ValueError, UnicodeEncodeError):
+            size = 0  # answer() says why it cannot be sent
+        message["error"] = fitted(error, size, self.max_response - 1024)
+        self.answer(message)
 
     # -- serving --------------------------------------------------------
 
@@ -560,6 +571,13 @@ class Runner(object):
             self.tool_failed(rid, python_error(e, kind="Failed"))
             return
         data = [b for _, b in blobs]
+        if len(data) > MAX_ATTACHMENTS:
+            self.tool_failed(rid, wire_error(
+                "Failed",
+                "the result holds %d bytes values; at most %d fit in one answer"
+                % (len(data), MAX_ATTACHMENTS),
+                error_type="ResultTooLarge"))
+            return
         # With the shared-memory field its header may get: the host counts
         # the frame as sent.
         size = frame_size(header, data) + self.wire.shm_field_size(data)

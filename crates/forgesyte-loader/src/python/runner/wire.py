@@ -15,6 +15,9 @@ from .base import MIB, exit_now
 MAX_REQUEST_BYTES = 1 << 31
 # The largest body a frame can announce (its length is a u32).
 MAX_FRAME_BYTES = (1 << 32) - 1
+# The most attachments of one frame the host reads (its
+# ``wire::frame::MAX_ATTACHMENTS``); a frame with more is a protocol fault.
+MAX_ATTACHMENTS = 65536
 # Request bodies up to this size are read into one buffer allocated up
 # front; larger ones grow as bytes arrive, so a garbage length does not
 # allocate gigabytes before the stream ends.
@@ -118,8 +121,25 @@ def shm_socket(passed=None):
 
 
 def _sealed(data):
-    """A sealed, close-on-exec memory file holding ``data``."""
+    """A sealed, close-on-exec memory file holding ``data``.
+
+    A plugin that closed fd 1 or 2 would otherwise get the file there (the
+    lowest free number), and its own writes to stdout or stderr, from any
+    thread, would land in the result before the seal: the file is moved
+    above 2 and emptied first, whatever reached it in between."""
     fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    if fd <= 2:
+        try:
+            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        finally:
+            os.close(fd)
+        fd = high
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
     try:
         view = memoryview(data).cast("B")
         while view:
