@@ -18,6 +18,12 @@ use crate::libs::{LibraryProbe, SystemLibraries};
 use crate::python::{PythonAnswer, PythonProbe, SystemPython};
 use crate::requirements::{Dependency, GpuRequirement, Requirements};
 
+/// The plugins a `plugin:NAME@REQ` dependency may name, by name: each
+/// one's version as semver, or why it has none (`Err(None)`: no version;
+/// `Err(Some(text))`: a version that is not semver, which no requirement
+/// matches, not even `>=0.0.0`).
+pub type KnownPlugins = BTreeMap<String, Result<semver::Version, Option<String>>>;
+
 /// Interpreters a load pass's prefetch asks at once.
 const PREFETCH_AT_ONCE: usize = 8;
 
@@ -141,7 +147,7 @@ impl DependencyChecker {
         &self,
         req: &Requirements,
         plugin_dir: &Path,
-        known_plugins: &BTreeMap<String, semver::Version>,
+        known_plugins: &KnownPlugins,
     ) -> DependencyReport {
         let mut missing = Vec::new();
         let mut packages_seen = HashSet::new();
@@ -316,7 +322,7 @@ impl DependencyChecker {
         &self,
         dep: &Dependency,
         python: Option<&Path>,
-        known_plugins: &BTreeMap<String, semver::Version>,
+        known_plugins: &KnownPlugins,
     ) -> Option<String> {
         let present = match dep {
             Dependency::Lib(name) => self.cached(Probe::Lib(name.clone()), || {
@@ -364,8 +370,12 @@ impl DependencyChecker {
             Dependency::Plugin { name, req } => {
                 return match (known_plugins.get(name), req) {
                     (None, _) => Some(dep.to_string()),
-                    (Some(version), Some(req)) if !req.matches(version) => {
+                    (Some(Ok(version)), Some(req)) if !req.matches(version) => {
                         Some(format!("{dep} (found {version})"))
+                    }
+                    (Some(Err(None)), Some(_)) => Some(format!("{dep} (it has no version)")),
+                    (Some(Err(Some(text))), Some(_)) => {
+                        Some(format!("{dep} (its version {:?} is not semver)", text))
                     }
                     (Some(_), _) => None,
                 };
@@ -596,14 +606,24 @@ mod tests {
     #[test]
     fn plugin_dependencies_use_semver() {
         let checker = DependencyChecker::fake();
-        let known = BTreeMap::from([("base".to_string(), semver::Version::new(1, 4, 0))]);
-        let r = req(
-            json!({"dependencies": ["plugin:base", "plugin:base@^1.2", "plugin:base@^2", "plugin:other@1"]}),
-        );
+        let known = BTreeMap::from([
+            ("base".to_string(), Ok(semver::Version::new(1, 4, 0))),
+            ("odd".to_string(), Err(Some("v1.2".to_string()))),
+            ("bare".to_string(), Err(None)),
+        ]);
+        let r = req(json!({"dependencies": [
+            "plugin:base", "plugin:base@^1.2", "plugin:base@^2", "plugin:other@1",
+            "plugin:odd", "plugin:odd@^1", "plugin:bare", "plugin:bare@>=0.0.0"
+        ]}));
         let report = checker.check(&r, Path::new(DIR), &known);
         assert_eq!(
             report.missing,
-            ["plugin:base@^2 (found 1.4.0)", "plugin:other@^1"]
+            [
+                "plugin:base@^2 (found 1.4.0)",
+                "plugin:other@^1",
+                "plugin:odd@^1 (its version \"v1.2\" is not semver)",
+                "plugin:bare@>=0.0.0 (it has no version)"
+            ]
         );
     }
 

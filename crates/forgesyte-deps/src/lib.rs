@@ -112,7 +112,7 @@ mod libs;
 mod python;
 mod requirements;
 
-pub use checker::{DependencyChecker, DependencyCheckerBuilder, DependencyReport};
+pub use checker::{DependencyChecker, DependencyCheckerBuilder, DependencyReport, KnownPlugins};
 pub use cuda::{CudaProbe, cuda_driver_library_present};
 pub use env::{EnvProbe, ProcessEnv};
 pub use exec::{ExecutableProbe, SystemPath};

@@ -25,7 +25,7 @@ fn check_with(
     checker: &DependencyChecker,
     manifest: &Value,
     plugin_dir: &Path,
-    known: &BTreeMap<String, semver::Version>,
+    known: &forgesyte_deps::KnownPlugins,
 ) -> DependencyReport {
     let req = Requirements::from_manifest(manifest).expect("valid manifest");
     let report = checker.check(&req, plugin_dir, known);
@@ -198,8 +198,8 @@ mod green {
     #[test]
     fn plugin_versions_checked_with_semver() {
         let known = BTreeMap::from([
-            ("base".to_string(), semver::Version::new(1, 4, 0)),
-            ("ocr".to_string(), semver::Version::new(2, 0, 1)),
+            ("base".to_string(), Ok(semver::Version::new(1, 4, 0))),
+            ("ocr".to_string(), Ok(semver::Version::new(2, 0, 1))),
         ]);
         let manifest = json!({"dependencies": ["plugin:base", "plugin:ocr@^2", "plugin:base@^2", "plugin:nope"]});
         let report = check_with(
@@ -873,7 +873,7 @@ impl Case {
         json!({"dependencies": deps, "requires_gpu": gpu, "models": models})
     }
 
-    fn build(&self) -> (FakeWorld, BTreeMap<String, semver::Version>) {
+    fn build(&self) -> (FakeWorld, forgesyte_deps::KnownPlugins) {
         let w = &self.world;
         let fake = FakeWorld::new();
         for (i, lib) in LIBS.iter().enumerate() {
@@ -917,14 +917,14 @@ impl Case {
             .iter()
             .zip(&w.plugins)
             .filter_map(|(name, v)| {
-                v.map(|(maj, min)| (name.to_string(), semver::Version::new(maj, min, 0)))
+                v.map(|(maj, min)| (name.to_string(), Ok(semver::Version::new(maj, min, 0))))
             })
             .collect();
         (fake, known)
     }
 
     /// What a correct checker reports missing, worked out independently.
-    fn expected_missing(&self, known: &BTreeMap<String, semver::Version>) -> Vec<String> {
+    fn expected_missing(&self, known: &forgesyte_deps::KnownPlugins) -> Vec<String> {
         let w = &self.world;
         let mut out: Vec<String> = Vec::new();
         for d in &self.deps {
@@ -942,7 +942,7 @@ impl Case {
                     };
                     match (known.get(PLUGINS[*p]), &req) {
                         (None, _) => Some(shown),
-                        (Some(v), Some(req)) if !req.matches(v) => {
+                        (Some(Ok(v)), Some(req)) if !req.matches(v) => {
                             Some(format!("{shown} (found {v})"))
                         }
                         _ => None,

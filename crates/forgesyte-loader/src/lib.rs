@@ -87,7 +87,7 @@ pub mod fake;
 pub use entry_points::EntryPoint;
 /// Who a tool call is for (request id, W3C `traceparent`), passed to a
 /// plugin in a runner with the call: see [`PluginHandle::call_in`].
-pub use forgesyte_protocol::wire::CallContext;
+pub use forgesyte_protocol::wire::{CallContext, fit_request_id};
 pub use handle::{CallError, CallTicket, PluginHandle, ToolOutput};
 pub use host::{
     CallOutput, ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo,

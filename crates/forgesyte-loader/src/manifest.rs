@@ -283,6 +283,18 @@ pub fn parse_asking(
             path: path.to_path_buf(),
         });
     }
+    // Editors on Windows save one; the parser's "expected value" at
+    // column 1 would not say so.
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        return Err(ManifestError::InvalidJson {
+            path: path.to_path_buf(),
+            line: 1,
+            column: 1,
+            message: "the file starts with a UTF-8 byte order mark (BOM): save it as UTF-8 \
+                      without one"
+                .into(),
+        });
+    }
     let raw: Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json {
         path: path.to_path_buf(),
         source: e,

@@ -276,6 +276,15 @@ impl NativeLibrary {
         // SAFETY: `abi_version` is the first field of every ABI version's
         // vtable, so reading it is valid whatever version the plugin speaks.
         let plugin_abi = unsafe { (*ptr).abi_version };
+        if plugin_abi == ABI_VERSION_1 || plugin_abi == ABI_VERSION {
+            let null = null_functions(ptr, plugin_abi);
+            if !null.is_empty() {
+                return Err(ImportError::InvalidInterface {
+                    path: path.to_path_buf(),
+                    detail: format!("vtable function field(s) null: {}", null.join(", ")),
+                });
+            }
+        }
         let vtable = match plugin_abi {
             // SAFETY: a version-1 library's pointee is a `PluginVTableV1` (the
             // prefix of today's table) in a static of a library that is never
@@ -939,6 +948,44 @@ fn classify_open_error(path: &Path, message: &str) -> ImportError {
 }
 
 mod mapped;
+/// The function fields of the vtable at `ptr` (of ABI version `abi`, 1 or
+/// 3) that are null, by name. Each is read as a raw pointer at its offset:
+/// the table's fields are Rust function types, which may not be null, so
+/// a null one must be found before the table is read through a reference
+/// (a C plugin's table with a null `create` crashed the host).
+fn null_functions(ptr: *const PluginVTable, abi: u32) -> Vec<&'static str> {
+    use std::mem::offset_of;
+    let mut fields = vec![
+        ("create", offset_of!(PluginVTableV1, create)),
+        ("tools", offset_of!(PluginVTableV1, tools)),
+        ("call", offset_of!(PluginVTableV1, call)),
+        ("destroy", offset_of!(PluginVTableV1, destroy)),
+        ("free_buffer", offset_of!(PluginVTableV1, free_buffer)),
+    ];
+    if abi == ABI_VERSION {
+        fields.push(("call_binary", offset_of!(PluginVTable, call_binary)));
+        fields.push(("free_results", offset_of!(PluginVTable, free_results)));
+    }
+    fields
+        .into_iter()
+        .filter(|&(_, offset)| {
+            // SAFETY: `ptr` is the non-null table of a library of ABI
+            // version `abi`, so it holds at least the fields listed for that
+            // version (version 1's table is the prefix of version 3's, at
+            // the same offsets); each is pointer-sized, read unaligned as a
+            // raw pointer, which any bits are.
+            let field = unsafe {
+                ptr.cast::<u8>()
+                    .add(offset)
+                    .cast::<*const c_void>()
+                    .read_unaligned()
+            };
+            field.is_null()
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
 mod origin;
 mod pread;
 

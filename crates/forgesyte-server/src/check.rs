@@ -11,6 +11,9 @@ use crate::config::ServerConfig;
 use crate::server::build_loader_from;
 use crate::wire::PluginStatusJson;
 
+/// The widest a column of [`CheckReport::to_text`] is padded to.
+const MAX_COLUMN: usize = 40;
+
 /// Why `check` could not run at all (a usage error: exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -86,26 +89,28 @@ impl CheckReport {
 
     /// One line per plugin (`name  STATE  version  reason`, aligned), then
     /// a summary line.
+    ///
+    /// A column is as wide as its longest value up to [`MAX_COLUMN`]
+    /// characters (a longer value overflows it: a manifest's version may be
+    /// any string, and a padding width past 65,535 made `format!` panic).
+    /// Names and versions are escaped as reasons are: no control character
+    /// of a manifest or a directory's name reaches the terminal.
     pub fn to_text(&self) -> String {
-        let version = |p: &PluginStatus| p.version.clone().unwrap_or_else(|| "-".into());
-        let name_w = self
-            .plugins
-            .iter()
-            .map(|p| p.name.chars().count())
-            .max()
-            .unwrap_or(0);
-        let version_w = self
-            .plugins
-            .iter()
-            .map(|p| version(p).chars().count())
-            .max()
-            .unwrap_or(0);
+        let version = |p: &PluginStatus| match &p.version {
+            Some(v) => crate::controls::Escaped(v).to_string(),
+            None => "-".into(),
+        };
+        let width =
+            |values: &mut dyn Iterator<Item = usize>| values.max().unwrap_or(0).min(MAX_COLUMN);
+        let name = |p: &PluginStatus| crate::controls::Escaped(&p.name).to_string();
+        let name_w = width(&mut self.plugins.iter().map(|p| name(p).chars().count()));
+        let version_w = width(&mut self.plugins.iter().map(|p| version(p).chars().count()));
         let state_w = "INITIALIZED".len().max("UNAVAILABLE".len());
         let mut out = String::new();
         for p in &self.plugins {
             let line = format!(
                 "{:name_w$}  {:state_w$}  {:version_w$}  {}",
-                p.name,
+                name(p),
                 p.state.as_str(),
                 version(p),
                 crate::controls::Escaped(p.reason.as_deref().unwrap_or_default())
@@ -218,6 +223,30 @@ mod tests {
                 .next()
                 .is_some_and(|l| l.ends_with("x\\nforged  INITIALIZED  1.0\\u{1b}[2J")),
             "{text}"
+        );
+    }
+
+    /// A version of any length (a width past 65,535 made `format!` panic
+    /// and `check` lost its whole report) or with control characters.
+    #[test]
+    fn a_huge_or_forged_version_keeps_the_report_whole() {
+        let mut report = report();
+        report.plugins[0].version = Some("x".repeat(100_000));
+        report.plugins[1].version = Some("1.0\n✗ Plugin FAILED: ok\x1b[31m".into());
+        let text = report.to_text();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(text.contains(&"x".repeat(100_000)));
+        assert!(
+            text.lines()
+                .nth(1)
+                .is_some_and(|l| l.contains("1.0\\n✗ Plugin FAILED: ok\\u{1b}[31m")),
+            "{text}"
+        );
+        // The other columns stay aligned to at most 40 characters.
+        assert!(
+            text.lines()
+                .nth(2)
+                .is_some_and(|l| l.starts_with("nogpu   UNAVAILABLE  "))
         );
     }
 

@@ -159,23 +159,17 @@ fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &traci
     }
 }
 
-/// A client's request id is kept when it is 1 to 128 visible ASCII
-/// characters other than `"` and `\\` (a UUID, a trace id, `job-42/7`);
-/// another is dropped, and one is made in its place. The id is written
-/// into every log line of the request (and handed to plugins): spaces
-/// would let a client forge a line's fields (`x plugin=other`), and its
-/// length was the client's to choose.
+/// A client's request id is kept when it fits
+/// ([`forgesyte_loader::fit_request_id`]: 1 to 128 visible ASCII
+/// characters other than `"` and `\\`); another is dropped, and one is
+/// made in its place. The id is written into every log line of the request
+/// (and handed to plugins): spaces would let a client forge a line's
+/// fields (`x plugin=other`), and its length was the client's to choose.
 fn drop_unfit_request_id<B>(mut request: axum::http::Request<B>) -> axum::http::Request<B> {
-    let fits = |id: &[u8]| {
-        (1..=128).contains(&id.len())
-            && id
-                .iter()
-                .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\'))
-    };
     if request
         .headers()
         .get(&REQUEST_ID)
-        .is_some_and(|id| !fits(id.as_bytes()))
+        .is_some_and(|id| !forgesyte_loader::fit_request_id(id.as_bytes()))
     {
         request.headers_mut().remove(&REQUEST_ID);
     }

@@ -137,6 +137,13 @@ fn bad_json_names_the_position() {
     );
     check("   \n", Err("manifest /p/x/manifest.json is empty"));
     check(
+        "\u{feff}{\"name\": \"x\"}",
+        Err(
+            "invalid JSON in /p/x/manifest.json at line 1, column 1: the file starts with a \
+             UTF-8 byte order mark (BOM): save it as UTF-8 without one",
+        ),
+    );
+    check(
         "[1]",
         Err("invalid field '(root)': expected a JSON object, found an array"),
     );

@@ -446,3 +446,43 @@ proptest! {
         }
     }
 }
+
+/// A table with null function fields is named field by field, read as raw
+/// pointers (a C plugin's null `create` crashed the host); the fields a
+/// version's table lacks are not read.
+#[test]
+fn null_function_fields_of_a_table_are_named() {
+    use std::mem::{offset_of, size_of};
+    // Zeroed, aligned as the table is, never called: only read as pointers.
+    let mut raw = vec![0_usize; size_of::<PluginVTable>().div_ceil(size_of::<usize>())];
+    let table = raw.as_mut_ptr().cast::<PluginVTable>();
+    assert_eq!(
+        super::null_functions(table, ABI_VERSION),
+        [
+            "create",
+            "tools",
+            "call",
+            "destroy",
+            "free_buffer",
+            "call_binary",
+            "free_results"
+        ]
+    );
+    assert_eq!(
+        super::null_functions(table, ABI_VERSION_1),
+        ["create", "tools", "call", "destroy", "free_buffer"]
+    );
+    for field in [
+        offset_of!(PluginVTable, create),
+        offset_of!(PluginVTable, tools),
+        offset_of!(PluginVTable, destroy),
+        offset_of!(PluginVTable, free_buffer),
+        offset_of!(PluginVTable, call_binary),
+        offset_of!(PluginVTable, free_results),
+    ] {
+        raw[field / size_of::<usize>()] = 1;
+    }
+    let table = raw.as_mut_ptr().cast::<PluginVTable>();
+    assert_eq!(super::null_functions(table, ABI_VERSION), ["call"]);
+    assert_eq!(super::null_functions(table, ABI_VERSION_1), ["call"]);
+}

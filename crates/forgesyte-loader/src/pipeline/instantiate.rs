@@ -52,7 +52,7 @@ impl Loader {
     pub(super) fn check_and_start(
         &self,
         p: &Pending,
-        known: &BTreeMap<String, semver::Version>,
+        known: &forgesyte_deps::KnownPlugins,
     ) -> Result<Step, PluginError> {
         // First step: the signature (and, when required, its policy).
         let signed = self.check_signature(p)?;
@@ -216,7 +216,7 @@ impl Loader {
         &self,
         p: &Pending,
         req: &forgesyte_deps::Requirements,
-        known: &BTreeMap<String, semver::Version>,
+        known: &forgesyte_deps::KnownPlugins,
     ) -> Result<(), PluginError> {
         let report = self.checker.check(req, &p.dir, known);
         if let Some(mut err) = report.into_error() {
@@ -274,7 +274,7 @@ impl Loader {
     fn instantiate_python(
         &self,
         p: &Pending,
-        known: &BTreeMap<String, semver::Version>,
+        known: &forgesyte_deps::KnownPlugins,
         signed: &BTreeMap<String, String>,
     ) -> Result<PluginHandle, PluginError> {
         let interpreter = self.interpreter(p).map_err(|wanted| {

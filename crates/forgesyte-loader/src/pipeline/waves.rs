@@ -144,18 +144,18 @@ impl Loader {
             .unwrap_or(self.config.default_isolation)
     }
 
-    /// Versions of the plugins available now, for `plugin:` requirements.
-    fn known_plugins(&self) -> BTreeMap<String, semver::Version> {
+    /// Versions of the plugins available now, for `plugin:` requirements
+    /// (one that is not semver is said to be, never read as 0.0.0).
+    fn known_plugins(&self) -> forgesyte_deps::KnownPlugins {
         self.registry
             .list_all()
             .into_iter()
             .filter(|s| s.state.is_available())
             .map(|s| {
-                let version = s
-                    .version
-                    .as_deref()
-                    .and_then(lenient_version)
-                    .unwrap_or_else(|| semver::Version::new(0, 0, 0));
+                let version = match s.version {
+                    Some(text) => lenient_version(&text).ok_or(Some(text)),
+                    None => Err(None),
+                };
                 (s.name, version)
             })
             .collect()

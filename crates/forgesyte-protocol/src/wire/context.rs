@@ -68,6 +68,25 @@ pub fn valid_traceparent(text: &str) -> bool {
     }
 }
 
+/// Whether `id` is a request id the host writes into log lines as it is:
+/// 1 to 128 visible ASCII characters other than `"` and `\\` (a UUID, a
+/// trace id, `job-42/7`). Spaces would let whoever chose it forge a line's
+/// fields (`x plugin=other`).
+pub fn fit_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\'))
+}
+
+/// Whether `id` is a trace id: 32 lower-case hex digits.
+fn fit_trace_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The trace id of a valid `traceparent`.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     valid_traceparent(traceparent).then(|| &traceparent[3..35])
@@ -93,7 +112,10 @@ pub const LOG_TAG_PREFIX: &str = "@call ";
 impl LogTags {
     /// The tags of a stderr line and the rest of the line, or `None` and
     /// the whole line when it carries none (no prefix, or a prefix not
-    /// followed by a JSON object of string fields and a space).
+    /// followed by a JSON object of string fields and a space). A tag
+    /// whose value does not fit ([`fit_request_id`], a trace id of 32 hex
+    /// digits) is dropped: the plugin's process writes these, and its
+    /// values go into the host's log lines as they are.
     pub fn split(line: &str) -> (Option<LogTags>, &str) {
         // An object only (serde would take an array for a struct too).
         let Some(rest) = line
@@ -104,7 +126,9 @@ impl LogTags {
         };
         let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<LogTags>();
         match stream.next() {
-            Some(Ok(tags)) => {
+            Some(Ok(mut tags)) => {
+                tags.request_id = tags.request_id.filter(|id| fit_request_id(id.as_bytes()));
+                tags.trace_id = tags.trace_id.filter(|id| fit_trace_id(id));
                 let end = stream.byte_offset();
                 match rest[end..].strip_prefix(' ') {
                     Some(text) => (Some(tags), text),
@@ -176,16 +200,26 @@ mod tests {
 
     #[test]
     fn tagged_log_lines_split_into_tags_and_text() {
-        let (tags, text) =
-            LogTags::split(r#"@call {"request_id":"a b} \"c\"","trace_id":"t"} INFO x: hi"#);
+        let (tags, text) = LogTags::split(
+            r#"@call {"request_id":"job-42/7","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"} INFO x: hi"#,
+        );
         assert_eq!(
             tags,
             Some(LogTags {
-                request_id: Some("a b} \"c\"".into()),
-                trace_id: Some("t".into()),
+                request_id: Some("job-42/7".into()),
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             })
         );
         assert_eq!(text, "INFO x: hi");
+        // Values that would add fields to the host's log line (a space, a
+        // quote), or are no trace id, are dropped; the line stays.
+        let (tags, text) = LogTags::split(
+            r#"@call {"request_id":"r1 plugin=evil","trace_id":"zz\r\u0007"} ERROR hello"#,
+        );
+        assert_eq!(tags, Some(LogTags::default()));
+        assert_eq!(text, "ERROR hello");
+        let (tags, _) = LogTags::split(r#"@call {"request_id":"a b} \"c\"","trace_id":"t"} x"#);
+        assert_eq!(tags, Some(LogTags::default()));
         assert_eq!(
             LogTags::split(r#"@call {"request_id":"a"}"#),
             (

@@ -15,7 +15,7 @@ pub mod message;
 #[cfg(feature = "shm")]
 pub mod shm;
 
-pub use self::context::{CallContext, LOG_TAG_PREFIX, LogTags, valid_traceparent};
+pub use self::context::{CallContext, LOG_TAG_PREFIX, LogTags, fit_request_id, valid_traceparent};
 pub use self::frame::{
     Frame, FrameError, MAX_FRAME_BYTES, read_body, read_frame, write_frame, write_frame_parts,
 };
