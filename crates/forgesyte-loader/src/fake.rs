@@ -28,6 +28,8 @@ pub enum FakeBehavior {
     InitError(String),
     /// The constructor panics with this message.
     InitPanic(String),
+    /// The constructor takes this long, then constructs as [`Good`](Self::Good).
+    InitSlow(std::time::Duration),
 }
 
 /// An importer whose libraries are entries of a table.
@@ -100,6 +102,10 @@ impl PluginLibrary for FakeLibrary {
             FakeBehavior::InitPanic(message) => Err(InitError::Panicked {
                 message: message.clone(),
             }),
+            FakeBehavior::InitSlow(pause) => {
+                std::thread::sleep(*pause);
+                FakeLibrary(FakeBehavior::Good).instantiate(_config)
+            }
             _ => Ok(Box::new(FakeInstance {
                 tools: ["echo", "fail", "panic"]
                     .into_iter()

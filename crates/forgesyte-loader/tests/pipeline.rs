@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use forgesyte_deps::fake::{FakeFs, FakeWorld};
 use forgesyte_deps::{DirEntry, FileSystem, FsMetadata};
@@ -183,6 +184,50 @@ fn import_and_init_failures_keep_their_reasons() {
         &["ImportError: library not found", "/plugins/nolib/lib.so"],
     );
     assert!(loader.handle("abi").is_none());
+}
+
+/// An in-process constructor that does not return within its limit is
+/// its plugin's failure; the rest of the pass loads and the pass ends (it
+/// held every other plugin of the pass, and the server never got ready).
+#[test]
+fn a_constructor_that_never_returns_fails_its_plugin_alone() {
+    let s = Setup::new();
+    let limited = |name: &str| manifest(name, json!({"limits": {"init_timeout_s": 0.3}}));
+    s.plugin(
+        "hangs",
+        &limited("hangs"),
+        FakeBehavior::InitSlow(Duration::from_secs(3600)),
+    )
+    .plugin(
+        "slow",
+        &limited("slow"),
+        FakeBehavior::InitSlow(Duration::from_millis(50)),
+    )
+    .plugin("good", &manifest("good", json!({})), FakeBehavior::Good)
+    .plugin(
+        "also-good",
+        &manifest("also-good", json!({})),
+        FakeBehavior::Good,
+    );
+    let started = std::time::Instant::now();
+    let loader = s.load();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    s.check(
+        "hangs",
+        S::Failed,
+        &[
+            "InitError: timed out after 300 ms during construction in process",
+            "init_timeout_s",
+        ],
+    );
+    assert!(loader.handle("hangs").is_none());
+    for name in ["slow", "good", "also-good"] {
+        s.check(name, S::Initialized, &[]);
+    }
 }
 
 #[test]

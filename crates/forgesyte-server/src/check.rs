@@ -90,7 +90,7 @@ impl CheckReport {
     /// One line per plugin (`name  STATE  version  reason`, aligned), then
     /// a summary line.
     ///
-    /// A column is as wide as its longest value up to [`MAX_COLUMN`]
+    /// A column is as wide as its longest value up to 40
     /// characters (a longer value overflows it: a manifest's version may be
     /// any string, and a padding width past 65,535 made `format!` panic).
     /// Names and versions are escaped as reasons are: no control character

@@ -26,7 +26,7 @@ pub(super) enum Step {
     /// Started in its runner process (a Python or isolated plugin).
     Started(PluginHandle),
     /// An in-process plugin whose checks passed: what is left is
-    /// [`Loader::open_library`], then [`Loader::construct`].
+    /// [`Loader::open_library`], then [`construct`] (on a crew thread, `detached`).
     ToOpen(Checked),
 }
 
@@ -138,21 +138,6 @@ impl Loader {
         } = checked;
         let library = self.load_library(&library_path, opening)?;
         Ok(Opened { library, config })
-    }
-
-    /// Constructs an in-process plugin whose library is open.
-    pub(super) fn construct(
-        &self,
-        p: &Pending,
-        opened: Opened,
-    ) -> Result<PluginHandle, PluginError> {
-        let instance = opened.library.instantiate(&opened.config)?;
-        Ok(PluginHandle::new(
-            p.name.clone(),
-            self.registry.clone(),
-            instance,
-            p.manifest.limits.call_timeout,
-        ))
     }
 
     /// The runner binary, or an import error saying none was found.
@@ -668,4 +653,17 @@ fn sandbox_parts(dir: &Path, manifest: &Manifest) -> (Vec<PathBuf>, Vec<String>)
         })
         .collect();
     (models, env_deps)
+}
+
+/// Constructs in-process plugin `name`, whose library is open, with its
+/// manifest's `call_timeout`. Owns all it needs: it runs on a thread that
+/// may be left behind (`pipeline::detached`).
+pub(super) fn construct(
+    name: String,
+    registry: forgesyte_registry::Registry,
+    opened: Opened,
+    call_timeout: Option<std::time::Duration>,
+) -> Result<PluginHandle, PluginError> {
+    let instance = opened.library.instantiate(&opened.config)?;
+    Ok(PluginHandle::new(name, registry, instance, call_timeout))
 }

@@ -6,9 +6,12 @@
 //!
 //! - [`config`] and [`report`]: the settings and what a pass reports
 //!   (leaves);
+//! - [`threads`]: panics caught per item, heaps grown once (leaf);
+//! - [`detached`]: a crew of threads for work that may never end (an
+//!   in-process constructor), never joined;
 //! - [`parallel`]: `par_map` on a rayon pool, and `par_map_pipeline`, its
-//!   three-stage form with a middle stage on the calling thread; panics
-//!   caught per item (leaf);
+//!   three-stage form with a middle stage on the calling thread and its
+//!   last on the crew, each waited for at most its limit;
 //! - [`pass_cache`]: what a pass looks up once (canonical parents, lock
 //!   files) (leaf);
 //! - [`loader`]: the [`Loader`] and its per-plugin state;
@@ -23,6 +26,7 @@
 //!   of both; [`stamp`]: the change stamp it compares (leaf).
 
 mod config;
+mod detached;
 mod discovery;
 mod instantiate;
 mod load;
@@ -34,6 +38,7 @@ mod reload;
 mod report;
 mod rescan;
 mod stamp;
+mod threads;
 mod verified;
 mod waves;
 

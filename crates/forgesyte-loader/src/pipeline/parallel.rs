@@ -1,11 +1,14 @@
 //! [`par_map`]: the pipeline's parallel primitive, and
 //! [`par_map_pipeline`], the same in three stages, the middle one on one
-//! thread.
+//! thread, the last on a crew of threads (`detached`) waited for at most
+//! each job's limit.
 
-use std::any::Any;
-use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
+
+use super::detached::{Crew, Detached, Event};
+use super::threads::{catch_panic, reserve_heap};
 
 /// Maps `f` over `items` on a local rayon pool of up to `threads` threads.
 ///
@@ -50,32 +53,6 @@ fn load_pool(threads: usize, heap_reserve: usize) -> Option<rayon::ThreadPool> {
 /// reservation (366 `mprotect`s); with 24 KiB neither did.
 const HEAP_PER_ITEM: usize = 24 * 1024;
 
-/// The most [`reserve_heap`] grows one thread's heap by.
-const MAX_HEAP_RESERVE: usize = 32 * 1024 * 1024;
-
-/// Grows this thread's malloc heap by about `bytes` up front, and frees it
-/// again (the pages are never touched, so they cost no memory).
-///
-/// glibc gives each thread's arena a heap that it makes writable page by
-/// page as it grows, one `mprotect` each time, and every `mprotect` holds
-/// the process's memory-map lock for writing. While the pool constructs
-/// plugins beside the opening thread, those `mprotect`s (about 2,000 per
-/// thread in a 1,000-plugin pass) stopped the opening thread's `dlopen`
-/// at every page fault of its own (measured in BENCHMARKS.md, "Stop 25").
-/// A heap that shrinks stays writable (glibc remembers how far it made it
-/// writable), so growing it once here, in blocks just under malloc's
-/// `mmap` threshold, leaves the pass's allocations nothing to `mprotect`.
-/// With another allocator this is a few allocations that do nothing.
-/// Hand-written: no crate reserves an arena's heap.
-fn reserve_heap(bytes: usize) {
-    /// Under glibc's default `mmap` threshold (128 KiB): taken from the heap.
-    const BLOCK: usize = 120 * 1024;
-    let blocks: Vec<Vec<u8>> = (0..bytes.min(MAX_HEAP_RESERVE).div_ceil(BLOCK))
-        .map(|_| Vec::with_capacity(BLOCK))
-        .collect();
-    drop(std::hint::black_box(blocks));
-}
-
 /// What a stage of [`par_map_pipeline`] made of an item.
 pub(super) enum Stage<R, S> {
     /// Its result: the item goes no further.
@@ -84,12 +61,20 @@ pub(super) enum Stage<R, S> {
     Next(S),
 }
 
-/// [`par_map`] in three stages: `first` and `last` run on a pool of up to
-/// `workers` threads, `serial` between them on the calling thread, one item
-/// at a time, in the order `first` hands them over, while the pool goes on
-/// with other items' `first` and `last` (a `last` is queued behind the
-/// `first`s not yet started). With no worker (or one item) the three run
-/// in turn on the calling thread, item after item.
+/// [`par_map`] in three stages: `first` runs on a pool of up to `workers`
+/// threads, `serial` on the calling thread, one item at a time, in the
+/// order `first` hands them over, while the pool goes on with other items'
+/// `first`; `last`, called on the calling thread too, packs the rest of an
+/// item's work into a [`Detached`] job that a [`Crew`] of up to `workers`
+/// threads (at least 1) runs. With no worker (or one item) `first` and
+/// `serial` run in turn on the calling thread, item after item.
+///
+/// The calling thread waits for each detached job at most its limit from
+/// its start: a job still running then gets `overdue(item, limit)` as its
+/// result, its thread is left to it, and the crew gets a thread more for
+/// the jobs queued behind it. (Construction of in-process plugins is such
+/// work: a constructor that never returned held the whole pass, every
+/// other plugin of it unloaded and the server never ready.)
 ///
 /// The calling thread is busy with `serial` the whole time, so CPU work
 /// wants one worker fewer than cores: a worker more spins for work
@@ -103,12 +88,13 @@ pub(super) enum Stage<R, S> {
 /// it instead of queueing for it (measured in BENCHMARKS.md, "Stop 23").
 /// Results come back as [`par_map`]'s do: in input order, each with its
 /// input, a panic in any stage caught for its item alone.
-pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
+pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
     workers: usize,
     items: &[T],
     first: impl Fn(&T) -> Stage<R, S> + Sync,
     serial: impl Fn(&T, S) -> Stage<R, U>,
-    last: impl Fn(&T, U) -> R + Sync,
+    last: impl Fn(&T, U) -> Detached<R>,
+    overdue: impl Fn(&T, Duration) -> R,
 ) -> Vec<(&T, Result<R, String>)> {
     use std::sync::mpsc::channel;
 
@@ -116,25 +102,40 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
         return Vec::new();
     }
     let mut results: Vec<Option<Result<R, String>>> = items.iter().map(|_| None).collect();
-    // No pool (no worker, one item, or none to be had): the three stages
-    // in turn on this thread, one item at a time.
+    // No pool (no worker, one item, or none to be had): the first two
+    // stages in turn on this thread, one item at a time.
     let workers = if items.len() > 1 {
         workers.min(items.len())
     } else {
         0
     };
+    let heap_reserve = items.len() * HEAP_PER_ITEM / workers.max(1);
     let pool = (workers > 0)
-        .then(|| load_pool(workers, items.len() * HEAP_PER_ITEM / workers))
+        .then(|| load_pool(workers, heap_reserve))
         .flatten();
+    // Unbounded: a bound made every item's hand-over a wake-up (about 8% of
+    // a 1,000-plugin pass). What waits here is small, but for a signed or
+    // pinned library's bytes, which have a budget of their own
+    // (`verified.rs`).
+    let (to_results, events) = channel::<Event<R>>();
+    // Started with the first detached job: a pass of runner processes only
+    // starts no thread for it.
+    let mut crew: Option<Crew<R>> = None;
+    let mut limits: Vec<Option<Duration>> = items.iter().map(|_| None).collect();
+    let mut detach = |i: usize, u: U, results: &mut Vec<Option<Result<R, String>>>| {
+        match catch_panic(|| last(&items[i], u)) {
+            Ok(job) => {
+                limits[i] = Some(job.limit);
+                crew.get_or_insert_with(|| Crew::new(workers, heap_reserve, to_results.clone()))
+                    .submit(i, job.work);
+            }
+            Err(panic) => results[i] = Some(Err(panic)),
+        }
+    };
     match pool {
         Some(pool) => {
-            // Unbounded: a bound made every item's hand-over a wake-up
-            // (about 8% of a 1,000-plugin pass). What waits here is small,
-            // but for a signed or pinned library's bytes, which have a
-            // budget of their own (`verified.rs`).
             let (to_serial, for_serial) = channel::<(usize, S)>();
-            let (to_results, finished) = channel::<(usize, Result<R, String>)>();
-            let (first, last) = (&first, &last);
+            let first = &first;
             pool.in_place_scope(|scope| {
                 for (i, item) in items.iter().enumerate() {
                     let (to_serial, to_results) = (to_serial.clone(), to_results.clone());
@@ -142,8 +143,10 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
                         // The receivers live until every task has ended.
                         let _ = match catch_panic(|| first(item)) {
                             Ok(Stage::Next(s)) => to_serial.send((i, s)).map_err(drop),
-                            Ok(Stage::Done(r)) => to_results.send((i, Ok(r))).map_err(drop),
-                            Err(panic) => to_results.send((i, Err(panic))).map_err(drop),
+                            Ok(Stage::Done(r)) => {
+                                to_results.send(Event::Done(i, Ok(r))).map_err(drop)
+                            }
+                            Err(panic) => to_results.send(Event::Done(i, Err(panic))).map_err(drop),
                         };
                     });
                 }
@@ -151,34 +154,31 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
                 // Ends once every `first` has ended (their senders dropped).
                 for (i, s) in for_serial {
                     match catch_panic(|| serial(&items[i], s)) {
-                        Ok(Stage::Next(u)) => {
-                            let to_results = to_results.clone();
-                            scope.spawn(move |_| {
-                                let _ = to_results.send((i, catch_panic(|| last(&items[i], u))));
-                            });
-                        }
+                        Ok(Stage::Next(u)) => detach(i, u, &mut results),
                         Ok(Stage::Done(r)) => results[i] = Some(Ok(r)),
                         Err(panic) => results[i] = Some(Err(panic)),
                     }
                 }
             });
-            drop(to_results);
-            for (i, result) in finished {
-                results[i] = Some(result);
-            }
         }
         None => {
             for (i, item) in items.iter().enumerate() {
-                results[i] = Some(catch_panic(|| match first(item) {
-                    Stage::Done(r) => r,
-                    Stage::Next(s) => match serial(item, s) {
-                        Stage::Done(r) => r,
-                        Stage::Next(u) => last(item, u),
-                    },
-                }));
+                let staged = catch_panic(|| match first(item) {
+                    Stage::Done(r) => Stage::Done(r),
+                    Stage::Next(s) => serial(item, s),
+                });
+                match staged {
+                    Ok(Stage::Next(u)) => detach(i, u, &mut results),
+                    Ok(Stage::Done(r)) => results[i] = Some(Ok(r)),
+                    Err(panic) => results[i] = Some(Err(panic)),
+                }
             }
         }
     }
+    drop(to_results);
+    collect(&events, &mut results, &limits, crew.as_mut(), |i, limit| {
+        overdue(&items[i], limit)
+    });
     items
         .iter()
         .zip(results)
@@ -191,20 +191,64 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send, S: Send, U: Send>(
         .collect()
 }
 
-/// Runs `f`, turning a panic into its message.
-fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    // The loader's own state is not borrowed across `f` (locks are taken and
-    // released inside it), so nothing is left half-updated by an unwind.
-    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| panic_message(&*payload))
-}
+/// Takes [`par_map_pipeline`]'s results as they come, until every item
+/// has one: a detached job (`limits[i]` set) still running past its limit
+/// from its start gets `overdue(i, limit)` (and the crew a thread more for
+/// what waits behind it); what it returns later is dropped.
+fn collect<R: Send + 'static>(
+    events: &std::sync::mpsc::Receiver<Event<R>>,
+    results: &mut [Option<Result<R, String>>],
+    limits: &[Option<Duration>],
+    mut crew: Option<&mut Crew<R>>,
+    overdue: impl Fn(usize, Duration) -> R,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
 
-/// The message of a panic payload (`panic!` with a literal or a format).
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic with a non-string payload".to_owned())
+    let mut started: Vec<Option<Instant>> = results.iter().map(|_| None).collect();
+    let mut open = results.iter().filter(|r| r.is_none()).count();
+    while open > 0 {
+        // The first deadline of a job that started and has no result.
+        let deadline = started
+            .iter()
+            .zip(limits)
+            .zip(results.iter())
+            .filter_map(|((start, limit), result)| match (start, limit, result) {
+                (Some(start), Some(limit), None) => Some(*start + *limit),
+                _ => None,
+            })
+            .min();
+        let event = match deadline {
+            Some(deadline) => {
+                events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            }
+            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match event {
+            Ok(Event::Started(i, at)) => started[i] = Some(at),
+            Ok(Event::Done(i, result)) => {
+                if results[i].is_none() {
+                    results[i] = Some(result);
+                    open -= 1;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                for i in 0..results.len() {
+                    if let (Some(start), Some(limit), None) = (started[i], limits[i], &results[i])
+                        && now >= start + limit
+                    {
+                        results[i] = Some(Ok(overdue(i, limit)));
+                        open -= 1;
+                        if let Some(crew) = crew.as_deref_mut() {
+                            crew.add_thread();
+                        }
+                    }
+                }
+            }
+            // Every sender gone: nothing more can come.
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -232,12 +276,16 @@ mod tests {
                         _ => Stage::Next(s + n),
                     }
                 },
-                |&n, u| {
-                    if n == 11 {
-                        panic!("last {n}");
-                    }
-                    u * 2
+                |&n, u| Detached {
+                    work: Box::new(move || {
+                        if n == 11 {
+                            panic!("last {n}");
+                        }
+                        u * 2
+                    }),
+                    limit: Duration::from_secs(60),
                 },
+                |&n, _| panic!("item {n} was not overdue"),
             );
             let inputs: Vec<u32> = results.iter().map(|(n, _)| **n).collect();
             assert_eq!(inputs, items, "threads {threads}");
@@ -256,6 +304,47 @@ mod tests {
                 serial_threads.into_inner(),
                 std::collections::HashSet::from([std::thread::current().id()]),
                 "threads {threads}: the middle stage runs on the calling thread"
+            );
+        }
+    }
+
+    /// A last stage that never ends is its item's `overdue` result after
+    /// its limit; the items queued behind it on the crew still run, and
+    /// the pass returns.
+    #[test]
+    fn a_last_stage_that_never_ends_is_overdue_and_holds_up_nothing_else() {
+        let items: Vec<u32> = (0..8).collect();
+        for threads in [0, 1, 3] {
+            let started = Instant::now();
+            let results = par_map_pipeline(
+                threads,
+                &items,
+                |&n| Stage::<u32, u32>::Next(n),
+                |_, s| Stage::Next(s),
+                |&n, u| Detached {
+                    work: Box::new(move || {
+                        if n == 2 {
+                            // Never ends while the test runs.
+                            std::thread::sleep(Duration::from_secs(3600));
+                        }
+                        u + 100
+                    }),
+                    limit: Duration::from_millis(200),
+                },
+                |&n, limit| {
+                    assert_eq!(limit, Duration::from_millis(200));
+                    n + 1000
+                },
+            );
+            let got: Vec<u32> = results.into_iter().map(|(_, r)| r.unwrap()).collect();
+            assert_eq!(
+                got,
+                [100, 101, 1002, 103, 104, 105, 106, 107],
+                "threads {threads}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "threads {threads}"
             );
         }
     }

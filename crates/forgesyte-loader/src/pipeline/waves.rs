@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use forgesyte_deps::Dependency;
 use forgesyte_errors::{DependencyError, InitError};
 
+use super::detached::Detached;
 use super::instantiate::Step;
 use super::loader::{Loader, Pending};
 use super::parallel::{Stage, par_map_pipeline};
@@ -74,7 +75,8 @@ impl Loader {
                     Ok(opened) => Stage::Next(opened),
                     Err(err) => Stage::Done(Err(err)),
                 },
-                |p, opened| self.construct(p, opened),
+                |p, opened| self.construction(p, opened),
+                |_, limit| Err(construction_overdue(limit)),
             );
             for (p, result) in results {
                 let result =
@@ -130,6 +132,33 @@ impl Loader {
         }
     }
 
+    /// The construction of in-process plugin `p`, whose library is open,
+    /// as work for a thread of its own, with its time limit (the
+    /// manifest's `limits.init_timeout_s`, else the default, as for a
+    /// runner's construction).
+    fn construction(
+        &self,
+        p: &Pending,
+        opened: super::instantiate::Opened,
+    ) -> Detached<Result<crate::PluginHandle, forgesyte_errors::PluginError>> {
+        let limit = self
+            .config
+            .process
+            .with_manifest(&p.manifest.limits)
+            .init_timeout;
+        let (name, registry, call_timeout) = (
+            p.name.clone(),
+            self.registry.clone(),
+            p.manifest.limits.call_timeout,
+        );
+        Detached {
+            work: Box::new(move || {
+                super::instantiate::construct(name, registry, opened, call_timeout)
+            }),
+            limit,
+        }
+    }
+
     /// Whether `p` runs in a runner process (a Python plugin, or a native
     /// one isolated).
     fn runs_in_a_process(&self, p: &Pending) -> bool {
@@ -160,6 +189,20 @@ impl Loader {
             })
             .collect()
     }
+}
+
+/// Why an in-process plugin whose constructor ran past `limit` is FAILED.
+/// Its thread cannot be stopped: it is left in the plugin's code, and an
+/// instance it returns later is dropped.
+fn construction_overdue(limit: std::time::Duration) -> forgesyte_errors::PluginError {
+    InitError::TimedOut(forgesyte_errors::TimeoutError {
+        operation: "construction in process (the constructor's thread cannot be stopped and \
+                    is left running; raise limits.init_timeout_s, or run the plugin with \
+                    \"isolation\": \"process\")"
+            .to_owned(),
+        after: limit,
+    })
+    .into()
 }
 
 /// A plugin's version as a `plugin:NAME@REQ` dependency compares it:
