@@ -387,6 +387,10 @@ fn run_check(args: CheckArgs) -> ExitCode {
         eprintln!("forgesyte check: {e}");
         return ExitCode::from(2);
     }
+    // The report is this command's stdout, nothing else: what a plugin
+    // prints while it loads in this process (a constructor's `printf`)
+    // goes to stderr (it made `check --json` unreadable).
+    let mut report_out = keep_stdout_for_report();
     let loader = build_loader_from(&config);
     let report = CheckReport::from_loader(&loader, &args.dir);
     let not_discovered = loader
@@ -404,14 +408,32 @@ fn run_check(args: CheckArgs) -> ExitCode {
             None => text,
         }
     };
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(text.as_bytes());
-    let _ = stdout.flush();
+    match report_out.as_mut() {
+        Some(out) => {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+    }
     if not_discovered.is_some() {
         ExitCode::FAILURE
     } else {
         ExitCode::from(report.exit_code())
     }
+}
+
+/// The process's stdout, kept for the report, with fd 1 made a copy of
+/// stderr for everything else; `None` (stdout left as it is) when the
+/// descriptors cannot be copied.
+fn keep_stdout_for_report() -> Option<std::fs::File> {
+    use std::os::fd::AsFd as _;
+    let kept = rustix::io::fcntl_dupfd_cloexec(std::io::stdout().as_fd(), 3).ok()?;
+    rustix::stdio::dup2_stdout(std::io::stderr().as_fd()).ok()?;
+    Some(std::fs::File::from(kept))
 }
 
 #[cfg(test)]

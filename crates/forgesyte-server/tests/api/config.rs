@@ -430,3 +430,53 @@ fn an_empty_environment_variable_is_refused_naming_it() {
     );
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// `check` of in-process plugins: one whose constructor prints to stdout
+/// leaves the JSON report readable (the print goes to stderr), and one
+/// whose constructor never returns is FAILED after its `init_timeout_s`
+/// while the others load, and the command ends (it never did).
+#[test]
+fn check_survives_constructors_that_print_or_never_return() {
+    let plugins = PluginsDir::new();
+    plugins
+        .library(
+            "prints",
+            forgesyte_tests::zoo::FAULTY_LIBRARY,
+            json!({"isolation": "in-process", "config": {"fault_at_init": "stdout_spam"}}),
+        )
+        .library(
+            "hangs",
+            forgesyte_tests::zoo::FAULTY_LIBRARY,
+            json!({"isolation": "in-process", "config": {"fault_at_init": "hang"},
+                   "limits": {"init_timeout_s": 0.5}}),
+        )
+        .good("fine", json!({}));
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &[]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    let start: String = out.chars().take(300).collect();
+    assert_eq!(code, 1, "{start}…");
+    let report: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("stdout is not the JSON report ({e}): {start:?}…"));
+    let state = |name: &str| {
+        report
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing: {report}"))
+    };
+    assert_eq!(state("prints")["state"], "INITIALIZED", "{report}");
+    assert_eq!(state("fine")["state"], "INITIALIZED", "{report}");
+    let hangs = state("hangs");
+    assert_eq!(hangs["state"], "FAILED", "{report}");
+    assert!(
+        hangs["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("timed out after 500 ms during construction in process")),
+        "{hangs}"
+    );
+    assert!(
+        err.contains("garbage line"),
+        "the print went nowhere: {err}"
+    );
+}
