@@ -212,6 +212,38 @@ fn an_entrypoint_of_a_file_and_a_class_runs_that_class() {
     );
 }
 
+/// A `plugin.py` that links out of its plugin directory is refused before
+/// anything runs, as a native library's link is; one that links inside it
+/// loads.
+#[test]
+fn a_plugin_py_linked_out_of_its_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let escape = copy_fixture(&plugins, "echo", "escape");
+    let inside = copy_fixture(&plugins, "echo", "inside");
+    let elsewhere = copy_fixture(dir.path(), "echo", "elsewhere");
+    std::fs::remove_file(escape.join("plugin.py")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("plugin.py"), escape.join("plugin.py")).unwrap();
+    std::fs::rename(inside.join("plugin.py"), inside.join("real.py")).unwrap();
+    std::os::unix::fs::symlink("real.py", inside.join("plugin.py")).unwrap();
+    let echo: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("echo/manifest.json")).unwrap())
+            .unwrap();
+    write_manifest(&plugins, "escape", echo.clone());
+    write_manifest(&plugins, "inside", echo);
+    let registry = Registry::new();
+    let _loader = loader(&plugins, &registry);
+    check(
+        &registry,
+        "escape",
+        S::Failed,
+        Some(
+            "ManifestError: field 'entrypoint' points outside the plugin directory: plugin.py -> ",
+        ),
+    );
+    check(&registry, "inside", S::Initialized, None);
+}
+
 /// An entrypoint may name an attribute path after the colon
 /// (`module:Outer.Plugin`), as Python's entry points may.
 #[test]

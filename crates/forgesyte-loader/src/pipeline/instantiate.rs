@@ -274,7 +274,14 @@ impl Loader {
         self.check_integrity(p, &target)?;
         let entry = p.manifest.python_entry();
         let code = match &entry {
-            PythonEntry::File { file, .. } => manifest::join_inside(&p.dir, file),
+            PythonEntry::File { file, .. } => {
+                let code = manifest::join_inside(&p.dir, file);
+                // A `plugin.py` that is a link out of its directory: refused
+                // as a native library's is (confined, it failed with a bare
+                // PermissionError; unconfined, it ran code from elsewhere).
+                self.check_contained(&p.dir, &code, file)?;
+                code
+            }
             PythonEntry::Module { .. } => p.dir.clone(),
         };
         let limits = self.runner_limits(p);
