@@ -1715,6 +1715,31 @@ class UnitTests(unittest.TestCase):
         self.assertTrue(lines[1].startswith("ERROR x: two | lines | Traceback"), lines[1])
         self.assertTrue(lines[1].endswith("ZeroDivisionError: division by zero"), lines[1])
 
+    def test_a_record_that_cannot_be_formatted_is_one_line_at_its_level_with_the_calls_tags(self):
+        code = (
+            "import logging\n"
+            "from runner import api\n"
+            "api.setup_logging()\n"
+            "api.CALL.set(api.CallContext('req-1', None))\n"
+            "log = logging.getLogger('p')\n"
+            "log.warning('bad %d', 's')\n"
+            "class Loud:\n"
+            "    def __str__(self): raise ValueError('no')\n"
+            "    def __repr__(self): raise ValueError('no')\n"
+            "log.error(Loud())\n"
+            "log.info('odd extra', extra={'request_id': 5})\n"
+        )
+        proc = subprocess.run([PYTHON, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=TIMEOUT)
+        lines = proc.stderr.decode().splitlines()
+        tag = '@call {"request_id":"req-1"} '
+        self.assertEqual(len(lines), 3, lines)
+        self.assertEqual(lines[0], tag + "WARNING p: <message 'bad %d' with arguments ('s',) cannot "
+                         "be formatted: TypeError: %d format: a real number is required, not str>")
+        self.assertEqual(lines[1], tag + "ERROR p: <message <unprintable Loud> with arguments () "
+                         "cannot be formatted: ValueError: no>")
+        self.assertEqual(lines[2], tag + "INFO p: odd extra")
+
     def test_split_body(self):
         body = frame({"a": 1}, [b"xy", b""])[4:]
         header, attachments = wire.split_body(bytearray(body))

@@ -117,12 +117,19 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            text = self.format(record)
+            try:
+                text = self.format(record)
+            except Exception as e:  # a %-format that does not fit its args, a __str__ that raises
+                text = "%s %s: %s" % (record.levelname, record.name, _unformattable(record, e))
             lines = [l.rstrip() for l in text.splitlines() if l.strip()]
             line = " | ".join(lines) + "\n"
             tags = {}
+            call = CALL.get()
             for key in ("request_id", "trace_id"):
                 value = getattr(record, key, None)
+                if not isinstance(value, str):
+                    # An ``extra`` of another type does not hide the call's.
+                    value = getattr(call, key, None) if call is not None else None
                 if isinstance(value, str):
                     tags[key] = value
             if tags:
@@ -133,6 +140,21 @@ class _StderrHandler(logging.Handler):
                 view = view[os.write(2, view):]
         except Exception:
             self.handleError(record)
+
+
+def _unformattable(record, error):
+    """What a record whose message cannot be made says instead: one line at
+    its level, with its call's tags (``logging`` printed a traceback of some
+    40 untagged lines, the level lost)."""
+
+    def shown(value, how=repr):
+        try:
+            return how(value)
+        except Exception:
+            return "<unprintable %s>" % type(value).__name__
+
+    return "<message %s with arguments %s cannot be formatted: %s: %s>" % (
+        shown(record.msg), shown(record.args), type(error).__name__, shown(error, str))
 
 
 def setup_logging():
