@@ -613,9 +613,12 @@ impl RunError {
             // The tool's own message, as the seed's server answered an
             // exception (`detail` is `str(e)`; `error_type` names its class).
             RunError::ToolFailed { message, .. } => message.clone(),
+            // "During", not "of": a runner's crash ends every call it had in
+            // flight, and any one of them (or none) may have caused it.
             RunError::Fault { message, .. } => {
                 format!(
-                    "Tool '{t}' of plugin '{p}' faulted and the plugin is now FAILED: {message}"
+                    "Plugin '{p}' faulted during this call of tool '{t}' and is now FAILED: \
+                     {message}"
                 )
             }
             RunError::Timeout { after, .. } => format!(
