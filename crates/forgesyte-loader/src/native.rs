@@ -479,9 +479,16 @@ impl PluginLibrary for NativeLibrary {
         }
         instance.tools = serde_json::from_slice::<Vec<ToolInfo>>(&body)
             .map(Arc::from)
-            .map_err(|e| InitError::InvalidJson {
-                what: "tool list".into(),
-                source: e,
+            .map_err(|e| match e.classify() {
+                // Valid JSON that is no list of tools (an object, an empty
+                // id): said so, not "not valid JSON".
+                serde_json::error::Category::Data => InitError::Protocol {
+                    detail: format!("tool list is not a list of tools: {e}"),
+                },
+                _ => InitError::InvalidJson {
+                    what: "tool list".into(),
+                    source: e,
+                },
             })?;
         crate::host::refuse_duplicate_tools(&instance.tools)?;
         Ok(Box::new(instance))
