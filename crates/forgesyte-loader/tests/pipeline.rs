@@ -228,6 +228,62 @@ fn a_constructor_that_never_returns_fails_its_plugin_alone() {
     for name in ["slow", "good", "also-good"] {
         s.check(name, S::Initialized, &[]);
     }
+    // Reloaded while its constructor still runs: not constructed again
+    // (each reload left one more thread behind), said at once.
+    let started = std::time::Instant::now();
+    loader.reload("hangs");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    s.check(
+        "hangs",
+        S::Failed,
+        &[
+            "InitError: its constructor of an earlier load",
+            "has not returned",
+        ],
+    );
+    // A slow constructor reloaded after it returned is constructed again.
+    loader.reload("slow");
+    s.check("slow", S::Initialized, &[]);
+}
+
+/// Constructions queued behind one that hangs each get a thread after a
+/// short wait, not after the hung one's limit: a pass of several hung
+/// constructors takes about one limit, not one per hung plugin.
+#[test]
+fn hung_constructors_are_waited_for_together() {
+    let s = Setup::new();
+    let limited = |name: &str| manifest(name, json!({"limits": {"init_timeout_s": 1}}));
+    for name in ["h1", "h2", "h3", "h4"] {
+        s.plugin(
+            name,
+            &limited(name),
+            FakeBehavior::InitSlow(Duration::from_secs(3600)),
+        );
+    }
+    for name in ["g1", "g2", "g3"] {
+        s.plugin(name, &manifest(name, json!({})), FakeBehavior::Good);
+    }
+    let started = std::time::Instant::now();
+    let _loader = s.load();
+    let took = started.elapsed();
+    for name in ["h1", "h2", "h3", "h4"] {
+        s.check(
+            name,
+            S::Failed,
+            &["timed out after 1 s during construction in process"],
+        );
+    }
+    for name in ["g1", "g2", "g3"] {
+        s.check(name, S::Initialized, &[]);
+    }
+    assert!(
+        took < Duration::from_millis(2500),
+        "{took:?}: one limit after another"
+    );
 }
 
 #[test]

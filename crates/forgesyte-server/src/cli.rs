@@ -389,9 +389,10 @@ pub(crate) struct LoaderArgs {
     #[arg(long, value_name = "USER", env = "FORGESYTE_RUNNER_USER", value_parser = parse_runner_user)]
     pub(crate) runner_user: Option<RunAs>,
     /// Time a plugin runner (isolated native or Python) has to start, and
-    /// again to construct its plugin, in seconds, when the plugin's
-    /// manifest sets no `limits.init_timeout_s` (a plugin that imports
-    /// torch or loads weights at construction may need more).
+    /// again to construct its plugin, and an in-process plugin's
+    /// constructor has to return, in seconds, when the plugin's manifest
+    /// sets no `limits.init_timeout_s` (a plugin that imports torch or
+    /// loads weights at construction may need more).
     #[arg(long, value_name = "SECS", env = "FORGESYTE_INIT_TIMEOUT", default_value_t = Seconds(DEFAULT_INIT_TIMEOUT), value_parser = parse_seconds_arg)]
     pub(crate) init_timeout: Seconds,
     /// Address-space limit (`RLIMIT_AS`) of each plugin runner, in MiB,

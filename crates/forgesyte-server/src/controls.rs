@@ -7,14 +7,29 @@
 use std::fmt;
 
 /// Writes `text` to `out` with every control character escaped: `\n`,
-/// `\r`, `\t`, and any other as `\u{1b}` (C0, DEL and C1 alike).
+/// `\r`, `\t`, and any other as `\u{1b}` (C0, DEL and C1 alike); so are
+/// the line and paragraph separators and the bidirectional controls
+/// (U+202E reorders what a terminal shows of the rest of its line).
 ///
 /// # Errors
 ///
 /// What `out` answers.
 pub fn write_escaped(out: &mut dyn fmt::Write, text: &str) -> fmt::Result {
+    let harmful = |c: char| {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{061c}'
+                    | '\u{200e}'
+                    | '\u{200f}'
+                    | '\u{2028}'
+                    | '\u{2029}'
+                    | '\u{202a}'..='\u{202e}'
+                    | '\u{2066}'..='\u{2069}'
+            )
+    };
     let mut rest = text;
-    while let Some(at) = rest.find(char::is_control) {
+    while let Some(at) = rest.find(harmful) {
         out.write_str(&rest[..at])?;
         let control = rest[at..].chars().next().unwrap_or('\0');
         match control {
@@ -49,5 +64,9 @@ mod tests {
             "a\\nb\\r\\tc\\u{1b}[2J\\u{0}\\u{7f}\\u{9b}é✓"
         );
         assert_eq!(Escaped("plain").to_string(), "plain");
+        assert_eq!(
+            Escaped("v1\u{202e}gpj.exe\u{2066}x\u{2028}y").to_string(),
+            "v1\\u{202e}gpj.exe\\u{2066}x\\u{2028}y"
+        );
     }
 }

@@ -25,6 +25,10 @@ pub(super) struct Detached<R> {
     pub(super) limit: Duration,
 }
 
+/// The most threads a crew starts: as many constructors as hang hold one
+/// each, and a pass of thousands must not start thousands.
+const MAX_THREADS: usize = 64;
+
 /// Work for a crew thread.
 pub(super) type Job<R> = Box<dyn FnOnce() -> R + Send>;
 
@@ -71,20 +75,24 @@ impl<R: Send + 'static> Crew<R> {
     }
 
     /// Queues `job` as item `index`, starting a thread for it when fewer
-    /// than wanted run. Without a thread to be had (said in the log) the
-    /// job runs here, on the calling thread.
+    /// than wanted run.
     pub(super) fn submit(&mut self, index: usize, job: Job<R>) {
-        if self.started < self.wanted && !self.add_thread() && self.started == 0 {
-            let _ = self.events.send(Event::Started(index, Instant::now()));
-            let _ = self.events.send(Event::Done(index, catch_panic(job)));
-            return;
+        if self.started < self.wanted {
+            // Without a thread (said in the log) the job waits in the queue
+            // for one: never on the calling thread, which it could hold for
+            // good.
+            self.add_thread();
         }
         // The crew holds the receiver too, so the send cannot fail.
         let _ = self.jobs.send((index, job));
     }
 
-    /// Starts one more thread; false when none can be started.
+    /// Starts one more thread; false when none can be started, or
+    /// [`MAX_THREADS`] are.
     pub(super) fn add_thread(&mut self) -> bool {
+        if self.started >= MAX_THREADS {
+            return false;
+        }
         let (queue, events, reserve) = (
             Arc::clone(&self.queue),
             self.events.clone(),

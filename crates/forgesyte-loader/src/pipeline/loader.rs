@@ -97,6 +97,10 @@ pub struct Loader {
     /// load pass, a reload, a restart, serving or stopping): what
     /// [`drop_instances`](Self::drop_instances) ends last.
     pub(super) runners: Arc<crate::process::Runners>,
+    /// In-process plugins whose constructor a pass gave up on and that has
+    /// not returned, by registry key: such a plugin is not constructed
+    /// again until it does (each reload left one more thread behind).
+    pub(super) stuck: Mutex<BTreeMap<String, super::waves::Stuck>>,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -141,6 +145,7 @@ impl Loader {
             clock: Arc::new(SystemClock),
             shutdown: ShutdownFlag::default(),
             runners: Arc::default(),
+            stuck: Mutex::default(),
             stamps: RwLock::new(BTreeMap::new()),
             fresh_stamps: Mutex::new(HashMap::new()),
             pass: PassCache::default(),

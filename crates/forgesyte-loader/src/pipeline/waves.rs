@@ -3,7 +3,10 @@
 //! parallel (in-process libraries opened on one thread, constructed in
 //! parallel); cycles named.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use forgesyte_deps::Dependency;
 use forgesyte_errors::{DependencyError, InitError};
@@ -63,6 +66,9 @@ impl Loader {
             // this thread is one of the pass's `threads`.
             let workers =
                 (self.config.threads.saturating_sub(1)).max(waiting.min(MAX_WAITING_THREADS));
+            // The constructions of this wave still running, by plugin: the
+            // flag falls when its constructor returns.
+            let running: RefCell<HashMap<String, Arc<AtomicBool>>> = RefCell::default();
             let results = par_map_pipeline(
                 workers,
                 &members,
@@ -75,8 +81,8 @@ impl Loader {
                     Ok(opened) => Stage::Next(opened),
                     Err(err) => Stage::Done(Err(err)),
                 },
-                |p, opened| self.construction(p, opened),
-                |_, limit| Err(construction_overdue(limit)),
+                |p, opened| self.construction(p, opened, &running),
+                |p, limit, started| Err(self.construction_overdue(p, limit, started, &running)),
             );
             for (p, result) in results {
                 let result =
@@ -136,16 +142,38 @@ impl Loader {
     /// as work for a thread of its own, with its time limit (the
     /// manifest's `limits.init_timeout_s`, else the default, as for a
     /// runner's construction).
+    ///
+    /// A plugin whose constructor of an earlier pass has not returned is
+    /// not constructed again: its error, at once.
     fn construction(
         &self,
         p: &Pending,
         opened: super::instantiate::Opened,
+        running: &RefCell<HashMap<String, Arc<AtomicBool>>>,
     ) -> Detached<Result<crate::PluginHandle, forgesyte_errors::PluginError>> {
         let limit = self
             .config
             .process
             .with_manifest(&p.manifest.limits)
             .init_timeout;
+        if let Some(given_up) = self.still_constructing(&p.name) {
+            let error = InitError::Failed {
+                message: format!(
+                    "its constructor of an earlier load, given up on {} s ago, has not returned; \
+                     it is not constructed again until that one returns (a thread cannot be \
+                     stopped: restart the server to end it)",
+                    given_up.as_secs()
+                ),
+            };
+            return Detached {
+                work: Box::new(move || Err(error.into())),
+                limit,
+            };
+        }
+        let flag = Arc::new(AtomicBool::new(true));
+        running
+            .borrow_mut()
+            .insert(p.name.clone(), Arc::clone(&flag));
         let (name, registry, call_timeout) = (
             p.name.clone(),
             self.registry.clone(),
@@ -153,10 +181,57 @@ impl Loader {
         );
         Detached {
             work: Box::new(move || {
+                let _returned = Returned(flag);
                 super::instantiate::construct(name, registry, opened, call_timeout)
             }),
             limit,
         }
+    }
+
+    /// Why in-process plugin `p`'s construction is given up on after
+    /// `limit`: it ran that long (`started`; then it is remembered as stuck
+    /// until it returns), or it waited that long for a thread.
+    fn construction_overdue(
+        &self,
+        p: &Pending,
+        limit: std::time::Duration,
+        started: bool,
+        running: &RefCell<HashMap<String, Arc<AtomicBool>>>,
+    ) -> forgesyte_errors::PluginError {
+        let operation = if started {
+            if let Some(flag) = running.borrow_mut().remove(&p.name) {
+                self.stuck.lock().insert(
+                    p.name.clone(),
+                    Stuck {
+                        given_up: std::time::Instant::now(),
+                        running: flag,
+                    },
+                );
+            }
+            "construction in process (the constructor's thread cannot be stopped and is left \
+             running; raise limits.init_timeout_s, or run the plugin with \"isolation\": \
+             \"process\")"
+        } else {
+            "the wait for a thread to construct it in process (every construction thread is \
+             held by a constructor that has not returned)"
+        };
+        InitError::TimedOut(forgesyte_errors::TimeoutError {
+            operation: operation.to_owned(),
+            after: limit,
+        })
+        .into()
+    }
+
+    /// How long ago a pass gave up on `name`'s constructor, when it has
+    /// not returned since.
+    fn still_constructing(&self, name: &str) -> Option<std::time::Duration> {
+        let mut stuck = self.stuck.lock();
+        let still = stuck.get(name)?;
+        if still.running.load(Ordering::Acquire) {
+            return Some(still.given_up.elapsed());
+        }
+        stuck.remove(name);
+        None
     }
 
     /// Whether `p` runs in a runner process (a Python plugin, or a native
@@ -191,18 +266,22 @@ impl Loader {
     }
 }
 
-/// Why an in-process plugin whose constructor ran past `limit` is FAILED.
-/// Its thread cannot be stopped: it is left in the plugin's code, and an
-/// instance it returns later is dropped.
-fn construction_overdue(limit: std::time::Duration) -> forgesyte_errors::PluginError {
-    InitError::TimedOut(forgesyte_errors::TimeoutError {
-        operation: "construction in process (the constructor's thread cannot be stopped and \
-                    is left running; raise limits.init_timeout_s, or run the plugin with \
-                    \"isolation\": \"process\")"
-            .to_owned(),
-        after: limit,
-    })
-    .into()
+/// An in-process constructor a pass gave up on (`Loader::stuck`): when,
+/// and whether it is still running.
+#[derive(Debug)]
+pub(super) struct Stuck {
+    given_up: std::time::Instant,
+    running: Arc<AtomicBool>,
+}
+
+/// Lowers its flag when the constructor it is held by returns (or
+/// panics).
+struct Returned(Arc<AtomicBool>);
+
+impl Drop for Returned {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// A plugin's version as a `plugin:NAME@REQ` dependency compares it:
