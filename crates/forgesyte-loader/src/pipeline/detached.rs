@@ -1,16 +1,26 @@
 //! Work that may never return, run where nobody waits for it forever: an
 //! in-process plugin's constructor is plugin code on a thread of this
 //! process, which nothing can stop. A load pass hands such work to a
-//! [`Crew`] of threads it never joins, and waits for each piece at most
-//! its [`Detached::limit`] from its start (see `par_map_pipeline`): one
-//! constructor that hangs is that plugin's failure, the rest of the pass
-//! goes on, and the thread stays behind, still in the plugin's code (a
-//! constructor that returns late has its instance dropped there).
+//! [`Crew`] of threads it never joins, and [`collect`] waits for each piece
+//! at most its [`Detached::limit`] from its start: one constructor that
+//! hangs is that plugin's failure, the rest of the pass goes on, and the
+//! thread stays behind, still in the plugin's code (a constructor that
+//! returns late has its instance dropped there).
+//!
+//! How many threads: the pass's `workers`, one more for each job that has
+//! run [`GROW_AFTER`] while others wait (so constructors that hang are
+//! waited for together, not one limit after another), at most
+//! [`MAX_LIVE`] running jobs not given up on, and [`MAX_THREADS`] threads
+//! in all (the ones left in given-up jobs count). A job waits for a thread
+//! without a deadline while one can come; when none can (every thread held
+//! by a given-up job at the cap, or none can be started), the jobs still
+//! waiting are given up at once and never run.
 //!
 //! Hand-written: rayon's pools and scopes, like `std::thread::scope`, join
 //! every job before they return, which is exactly what must not happen.
 
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -25,15 +35,19 @@ pub(super) struct Detached<R> {
     pub(super) limit: Duration,
 }
 
-/// The most threads a crew starts: as many constructors as hang hold one
-/// each, and a pass of thousands must not start thousands.
-const MAX_THREADS: usize = 64;
-
 /// Work for a crew thread.
 pub(super) type Job<R> = Box<dyn FnOnce() -> R + Send>;
 
-/// The jobs waiting for a crew thread, shared by its threads.
-type Queue<R> = Arc<Mutex<Receiver<(usize, Job<R>)>>>;
+/// Why [`collect`] gave up on a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum GaveUp {
+    /// It ran this long (its limit) and has not returned; its thread is
+    /// left to it.
+    Ran(Duration),
+    /// It never started, and never will: no thread could be had, for this
+    /// reason.
+    NoThread(String),
+}
 
 /// What a crew thread says of the work it took, by the work's index.
 pub(super) enum Event<R> {
@@ -43,54 +57,106 @@ pub(super) enum Event<R> {
     Done(usize, Result<R, String>),
 }
 
-/// Threads that run [`Job`]s from one queue and report [`Event`]s. Started
-/// on demand, up to a number; [`Crew::add_thread`] starts one more, for
-/// a thread held by work that did not end in time. The threads end when the
-/// crew is dropped and their current work (if it ever does) ends.
+/// How long a job runs before the jobs waiting behind it get one more
+/// thread.
+pub(super) const GROW_AFTER: Duration = Duration::from_millis(50);
+
+/// The most jobs that run at once, given-up ones not counted.
+const MAX_LIVE: usize = 16;
+
+/// The most threads a crew starts, the ones held by given-up jobs
+/// counted: a pass of thousands of hanging constructors must not start
+/// thousands.
+const MAX_THREADS: usize = 64;
+
+/// Whether a queued job has started; a job is started or cancelled, once.
+#[derive(Debug, Default, Clone)]
+struct Ticket(Arc<AtomicU8>);
+
+impl Ticket {
+    const STARTED: u8 = 1;
+    const CANCELLED: u8 = 2;
+
+    fn moved(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(0, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// The jobs waiting for a crew thread, shared by its threads.
+type Queue<R> = Arc<Mutex<Receiver<(usize, Ticket, Job<R>)>>>;
+
+/// Threads that run [`Job`]s from one queue and report [`Event`]s. The
+/// threads end when the crew is dropped and their current work (if it ever
+/// does) ends; a job cancelled before it started is skipped.
 pub(super) struct Crew<R> {
-    jobs: Sender<(usize, Job<R>)>,
+    jobs: Sender<(usize, Ticket, Job<R>)>,
     queue: Queue<R>,
     events: Sender<Event<R>>,
-    /// Threads started, and how many to start before work waits for one.
+    /// Threads started.
     started: usize,
+    /// How many threads to start before jobs wait for one.
     wanted: usize,
+    /// Why the last thread could not be started, if it could not.
+    cannot_start: Option<String>,
     /// What each thread reserves of its malloc heap before it takes work.
     heap_reserve: usize,
+    /// Each submitted job's ticket, by index.
+    tickets: Vec<Option<Ticket>>,
 }
 
 impl<R: Send + 'static> Crew<R> {
-    /// A crew of up to `wanted` threads (at least 1), none started yet,
-    /// reporting to `events`; each thread reserves `heap_reserve` bytes of
-    /// heap first (`parallel::reserve_heap`).
-    pub(super) fn new(wanted: usize, heap_reserve: usize, events: Sender<Event<R>>) -> Self {
+    /// A crew of `wanted` threads (at least 1) to begin with, none started
+    /// yet, for `items` jobs at most, reporting to `events`; each thread
+    /// reserves `heap_reserve` bytes of heap first
+    /// (`threads::reserve_heap`).
+    pub(super) fn new(
+        wanted: usize,
+        items: usize,
+        heap_reserve: usize,
+        events: Sender<Event<R>>,
+    ) -> Self {
         let (jobs, queue) = channel();
         Crew {
             jobs,
             queue: Arc::new(Mutex::new(queue)),
             events,
             started: 0,
-            wanted: wanted.max(1),
+            wanted: wanted.clamp(1, MAX_LIVE),
+            cannot_start: None,
             heap_reserve,
+            tickets: vec![None; items],
         }
     }
 
-    /// Queues `job` as item `index`, starting a thread for it when fewer
-    /// than wanted run.
+    /// Queues `job` as item `index`, starting a thread for it while fewer
+    /// than wanted run. Never runs it on the calling thread, which it
+    /// could hold for good.
     pub(super) fn submit(&mut self, index: usize, job: Job<R>) {
         if self.started < self.wanted {
-            // Without a thread (said in the log) the job waits in the queue
-            // for one: never on the calling thread, which it could hold for
-            // good.
             self.add_thread();
         }
+        let ticket = Ticket::default();
+        if let Some(slot) = self.tickets.get_mut(index) {
+            *slot = Some(ticket.clone());
+        }
         // The crew holds the receiver too, so the send cannot fail.
-        let _ = self.jobs.send((index, job));
+        let _ = self.jobs.send((index, ticket, job));
     }
 
-    /// Starts one more thread; false when none can be started, or
-    /// [`MAX_THREADS`] are.
-    pub(super) fn add_thread(&mut self) -> bool {
-        if self.started >= MAX_THREADS {
+    /// Cancels job `index` if it has not started: then it never runs.
+    fn cancel(&self, index: usize) -> bool {
+        self.tickets
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|ticket| ticket.moved(Ticket::CANCELLED))
+    }
+
+    /// Starts one more thread, unless [`MAX_THREADS`] are started or one
+    /// could not be (then not tried again: said once in the log).
+    fn add_thread(&mut self) -> bool {
+        if self.started >= MAX_THREADS || self.cannot_start.is_some() {
             return false;
         }
         let (queue, events, reserve) = (
@@ -108,15 +174,33 @@ impl<R: Send + 'static> Crew<R> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start a construction thread");
+                self.cannot_start = Some(e.to_string());
                 false
             }
+        }
+    }
+
+    /// Why no job waiting can ever start, if none can: every thread is
+    /// held by a job given up on (`given_up_running` of them) and no thread
+    /// can be added.
+    fn starved(&self, given_up_running: usize) -> Option<String> {
+        if given_up_running < self.started {
+            return None;
+        }
+        match &self.cannot_start {
+            Some(why) => Some(format!("no construction thread could be started: {why}")),
+            None if self.started >= MAX_THREADS => Some(format!(
+                "all {MAX_THREADS} construction threads are held by constructors that have not \
+                 returned"
+            )),
+            None => None,
         }
     }
 }
 
 /// A crew thread: takes jobs until the crew is gone.
 fn serve<R: Send + 'static>(
-    queue: &Mutex<Receiver<(usize, Job<R>)>>,
+    queue: &Mutex<Receiver<(usize, Ticket, Job<R>)>>,
     events: &Sender<Event<R>>,
     heap_reserve: usize,
 ) {
@@ -125,9 +209,12 @@ fn serve<R: Send + 'static>(
         // The lock is held only while waiting for a job: a thread in a job
         // that never ends holds nothing the others need.
         let next = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok((index, job)) = next else {
+        let Ok((index, ticket, job)) = next else {
             return;
         };
+        if !ticket.moved(Ticket::STARTED) {
+            continue; // given up on before it started
+        }
         let _ = events.send(Event::Started(index, Instant::now()));
         // Nobody listening any more (the pass gave up on it and ended): the
         // result, an instance constructed late, is dropped here.
@@ -135,62 +222,243 @@ fn serve<R: Send + 'static>(
     }
 }
 
+/// Where a detached job stands, for [`collect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Queued, not started.
+    Waiting,
+    /// Running since then; `grown`: the crew got a thread for the queue
+    /// behind it.
+    Running { since: Instant, grown: bool },
+    /// Given up on while it ran; not returned yet.
+    GivenUp,
+    /// Returned, or given up on before it started.
+    Ended,
+}
+
+/// Takes the pass's results from `events` until every item has one.
+/// `limits[i]` is set for the detached jobs submitted to `crew`: such a job
+/// still running its limit after its start gets `gave_up(i,
+/// GaveUp::Ran(limit))`, and one that can never start `gave_up(i,
+/// GaveUp::NoThread(why))`; what it returns later is dropped. Grows the
+/// crew as the module says.
+pub(super) fn collect<R: Send + 'static>(
+    events: &Receiver<Event<R>>,
+    results: &mut [Option<Result<R, String>>],
+    limits: &[Option<Duration>],
+    mut crew: Option<&mut Crew<R>>,
+    gave_up: impl Fn(usize, GaveUp) -> R,
+) {
+    let mut stages: Vec<Option<Stage>> = limits
+        .iter()
+        .zip(results.iter())
+        .map(|(limit, result)| (limit.is_some() && result.is_none()).then_some(Stage::Waiting))
+        .collect();
+    let mut open = results.iter().filter(|r| r.is_none()).count();
+    let mut watched: Vec<usize> = (0..stages.len()).filter(|&i| stages[i].is_some()).collect();
+    let take = |event: Event<R>,
+                results: &mut [Option<Result<R, String>>],
+                stages: &mut [Option<Stage>],
+                open: &mut usize| match event {
+        Event::Started(i, since) => {
+            if stages[i] == Some(Stage::Waiting) {
+                stages[i] = Some(Stage::Running {
+                    since,
+                    grown: false,
+                });
+            }
+        }
+        Event::Done(i, result) => {
+            stages[i] = stages[i].map(|_| Stage::Ended);
+            if results[i].is_none() {
+                results[i] = Some(result);
+                *open -= 1;
+            }
+        }
+    };
+    while open > 0 {
+        // What has come, first: the rest is worked out once per wait, not
+        // once per event (a 1,000-plugin pass sends 2,000).
+        while let Ok(event) = events.try_recv() {
+            take(event, results, &mut stages, &mut open);
+        }
+        if open == 0 {
+            break;
+        }
+        watched.retain(|&i| !matches!(stages[i], Some(Stage::Ended) | None));
+        let now = Instant::now();
+        let mut waiting = Vec::new();
+        let (mut live, mut given_up, mut slow) = (0, 0, 0);
+        let mut next: Option<Instant> = None;
+        for &i in &watched {
+            let limit = limits[i].unwrap_or_default();
+            match stages[i] {
+                Some(Stage::Waiting) => waiting.push(i),
+                Some(Stage::Running { since, grown }) => {
+                    if now >= since + limit {
+                        results[i] = Some(Ok(gave_up(i, GaveUp::Ran(limit))));
+                        open -= 1;
+                        stages[i] = Some(Stage::GivenUp);
+                        given_up += 1;
+                        continue;
+                    }
+                    live += 1;
+                    next = next.into_iter().chain([since + limit]).min();
+                    if grown {
+                        slow += 1;
+                    } else if now >= since + GROW_AFTER {
+                        stages[i] = Some(Stage::Running { since, grown: true });
+                        slow += 1;
+                    } else {
+                        next = next.into_iter().chain([since + GROW_AFTER]).min();
+                    }
+                }
+                Some(Stage::GivenUp) => given_up += 1,
+                Some(Stage::Ended) | None => {}
+            }
+        }
+        if let Some(crew) = crew.as_deref_mut()
+            && !waiting.is_empty()
+        {
+            // Threads for the waiting: the wanted ones, and one for each
+            // slow job, those left in given-up jobs aside.
+            let want = (crew.wanted + slow).min(MAX_LIVE);
+            let free = crew.started.saturating_sub(live + given_up);
+            let mut short = want.saturating_sub(live + free).min(waiting.len());
+            while short > 0 && crew.add_thread() {
+                short -= 1;
+            }
+            if let Some(why) = crew.starved(given_up) {
+                for &i in &waiting {
+                    if crew.cancel(i) {
+                        results[i] = Some(Ok(gave_up(i, GaveUp::NoThread(why.clone()))));
+                        open -= 1;
+                        stages[i] = Some(Stage::Ended);
+                    }
+                }
+            }
+        }
+        if open == 0 {
+            break;
+        }
+        let event = match next {
+            Some(deadline) => events.recv_timeout(deadline.saturating_duration_since(now)),
+            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match event {
+            Ok(event) => take(event, results, &mut stages, &mut open),
+            Err(RecvTimeoutError::Timeout) => {}
+            // Every sender gone: nothing more can come.
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_job_that_never_ends_holds_up_only_itself() {
-        let (events, received) = channel();
-        let mut crew = Crew::<u32>::new(1, 0, events);
-        let gate = Arc::new(Mutex::new(()));
-        let held = gate.lock().unwrap();
-        let stuck = Arc::clone(&gate);
-        crew.submit(
-            0,
-            Box::new(move || {
-                drop(stuck.lock());
-                0
-            }),
-        );
-        crew.submit(1, Box::new(|| 1));
-        // Item 0 starts and hangs; item 1 waits for a thread until one more
-        // is added for it.
-        let Ok(Event::Started(0, _)) = received.recv_timeout(Duration::from_secs(10)) else {
-            panic!("item 0 did not start");
-        };
-        assert!(received.recv_timeout(Duration::from_millis(100)).is_err());
-        assert!(crew.add_thread());
-        let mut seen = Vec::new();
-        while seen.len() < 2 {
-            match received.recv_timeout(Duration::from_secs(10)) {
-                Ok(Event::Started(i, _)) => seen.push(format!("started {i}")),
-                Ok(Event::Done(i, result)) => seen.push(format!("done {i} {result:?}")),
-                Err(e) => panic!("{e}: {seen:?}"),
-            }
+    /// Runs `jobs` (limit, work) on a crew of `wanted` threads; the
+    /// results in order, and how long it took.
+    fn run(wanted: usize, jobs: Vec<(Duration, Job<u32>)>) -> (Vec<Result<u32, String>>, Duration) {
+        let started = Instant::now();
+        let (to_results, events) = channel();
+        let mut crew = Crew::new(wanted, jobs.len(), 0, to_results);
+        let limits: Vec<Option<Duration>> = jobs.iter().map(|(limit, _)| Some(*limit)).collect();
+        for (i, (_, job)) in jobs.into_iter().enumerate() {
+            crew.submit(i, job);
         }
-        assert_eq!(seen, ["started 1", "done 1 Ok(1)"]);
-        drop(held);
-        let Ok(Event::Done(0, Ok(0))) = received.recv_timeout(Duration::from_secs(10)) else {
-            panic!("item 0 never ended");
-        };
+        let mut results: Vec<Option<Result<u32, String>>> = limits.iter().map(|_| None).collect();
+        collect(
+            &events,
+            &mut results,
+            &limits,
+            Some(&mut crew),
+            |i, why| match why {
+                GaveUp::Ran(_) => 1000 + u32::try_from(i).unwrap(),
+                GaveUp::NoThread(_) => 2000 + u32::try_from(i).unwrap(),
+            },
+        );
+        (
+            results.into_iter().map(Option::unwrap).collect(),
+            started.elapsed(),
+        )
     }
 
+    fn hangs() -> Job<u32> {
+        Box::new(|| {
+            std::thread::sleep(Duration::from_secs(3600));
+            0
+        })
+    }
+
+    /// Hung jobs on one wanted thread are waited for together, and the
+    /// quick ones queued behind them all run (none given up for waiting).
+    #[test]
+    fn hung_jobs_are_waited_for_together_and_the_queue_behind_them_runs() {
+        let limit = Duration::from_millis(600);
+        let mut jobs: Vec<(Duration, Job<u32>)> = (0..6).map(|_| (limit, hangs())).collect();
+        jobs.extend((6..9_u32).map(|i| (limit, Box::new(move || i) as Job<u32>)));
+        let (results, took) = run(1, jobs);
+        assert_eq!(
+            results,
+            [1000, 1001, 1002, 1003, 1004, 1005, 6, 7, 8].map(Ok),
+            "{took:?}"
+        );
+        // One limit and a growth step per hung job, not one limit each.
+        assert!(took < limit * 3, "{took:?}");
+    }
+
+    /// A panic is its item's alone.
     #[test]
     fn a_panic_is_the_items_alone() {
-        let (events, received) = channel();
-        let mut crew = Crew::<u32>::new(2, 0, events);
-        crew.submit(3, Box::new(|| panic!("boom")));
-        crew.submit(4, Box::new(|| 4));
-        let mut done: Vec<(usize, Result<u32, String>)> = Vec::new();
-        while done.len() < 2 {
-            match received.recv_timeout(Duration::from_secs(10)) {
-                Ok(Event::Done(i, r)) => done.push((i, r)),
-                Ok(Event::Started(..)) => {}
-                Err(e) => panic!("{e}: {done:?}"),
-            }
-        }
-        done.sort_by_key(|(i, _)| *i);
-        assert_eq!(done, [(3, Err("boom".to_owned())), (4, Ok(4))]);
+        let limit = Duration::from_secs(30);
+        let (results, _) = run(
+            2,
+            vec![
+                (limit, Box::new(|| panic!("boom"))),
+                (limit, Box::new(|| 4)),
+            ],
+        );
+        assert_eq!(results, [Err("boom".to_owned()), Ok(4)]);
+    }
+
+    /// With every thread held by a given-up job and no thread to add, the
+    /// jobs still waiting are given up at once and never run.
+    #[test]
+    fn jobs_no_thread_can_take_are_given_up_and_never_run() {
+        let (to_results, events) = channel();
+        let mut crew = Crew::<u32>::new(1, 3, 0, to_results);
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        crew.submit(0, hangs());
+        let flag = Arc::clone(&ran);
+        crew.submit(
+            1,
+            Box::new(move || {
+                flag.store(true, Ordering::SeqCst);
+                1
+            }),
+        );
+        // No thread can be added from here on.
+        crew.cannot_start = Some("out of threads".to_owned());
+        let limits = [Some(Duration::from_millis(200)); 2];
+        let mut results = vec![None, None];
+        collect(
+            &events,
+            &mut results,
+            &limits,
+            Some(&mut crew),
+            |i, why| match (i, why) {
+                (0, GaveUp::Ran(_)) => 100,
+                (1, GaveUp::NoThread(why)) => {
+                    assert!(why.contains("out of threads"), "{why}");
+                    101
+                }
+                (i, why) => panic!("{i}: {why:?}"),
+            },
+        );
+        assert_eq!(results, [Some(Ok(100)), Some(Ok(101))]);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!ran.load(Ordering::SeqCst), "a job given up on ran later");
     }
 }

@@ -3,11 +3,11 @@
 //! thread, the last on a crew of threads (`detached`) waited for at most
 //! each job's limit.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rayon::prelude::*;
 
-use super::detached::{Crew, Detached, Event};
+use super::detached::{Crew, Detached, Event, GaveUp, collect};
 use super::threads::{catch_panic, reserve_heap};
 
 /// Maps `f` over `items` on a local rayon pool of up to `threads` threads.
@@ -70,10 +70,10 @@ pub(super) enum Stage<R, S> {
 /// `serial` run in turn on the calling thread, item after item.
 ///
 /// The calling thread waits for each detached job at most its limit from
-/// its start: a job still running then gets `overdue(item, limit, true)`
-/// as its result, and its thread is left to it; one that waited its limit
-/// for a thread and never started gets `overdue(item, limit, false)`. A job
-/// that waits for a thread gets one more after a while (see `collect`). (Construction of in-process plugins is such
+/// its start: a job still running then gets `gave_up(item,
+/// GaveUp::Ran(limit))` as its result, and its thread is left to it; one
+/// that can never get a thread, `gave_up(item, GaveUp::NoThread(why))`
+/// (see `detached::collect`, which also grows the crew). (Construction of in-process plugins is such
 /// work: a constructor that never returned held the whole pass, every
 /// other plugin of it unloaded and the server never ready.)
 ///
@@ -95,7 +95,7 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
     first: impl Fn(&T) -> Stage<R, S> + Sync,
     serial: impl Fn(&T, S) -> Stage<R, U>,
     last: impl Fn(&T, U) -> Detached<R>,
-    overdue: impl Fn(&T, Duration, bool) -> R,
+    gave_up: impl Fn(&T, GaveUp) -> R,
 ) -> Vec<(&T, Result<R, String>)> {
     use std::sync::mpsc::channel;
 
@@ -122,13 +122,15 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
     // Started with the first detached job: a pass of runner processes only
     // starts no thread for it.
     let mut crew: Option<Crew<R>> = None;
-    let mut clocks: Vec<Option<Clock>> = items.iter().map(|_| None).collect();
+    let mut limits: Vec<Option<Duration>> = items.iter().map(|_| None).collect();
     let mut detach = |i: usize, u: U, results: &mut Vec<Option<Result<R, String>>>| {
         match catch_panic(|| last(&items[i], u)) {
             Ok(job) => {
-                clocks[i] = Some(Clock::queued(job.limit));
-                crew.get_or_insert_with(|| Crew::new(workers, heap_reserve, to_results.clone()))
-                    .submit(i, job.work);
+                limits[i] = Some(job.limit);
+                crew.get_or_insert_with(|| {
+                    Crew::new(workers, items.len(), heap_reserve, to_results.clone())
+                })
+                .submit(i, job.work);
             }
             Err(panic) => results[i] = Some(Err(panic)),
         }
@@ -177,13 +179,9 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
         }
     }
     drop(to_results);
-    collect(
-        &events,
-        &mut results,
-        &mut clocks,
-        crew.as_mut(),
-        |i, limit, started| overdue(&items[i], limit, started),
-    );
+    collect(&events, &mut results, &limits, crew.as_mut(), |i, why| {
+        gave_up(&items[i], why)
+    });
     items
         .iter()
         .zip(results)
@@ -194,136 +192,6 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
             )
         })
         .collect()
-}
-
-/// Takes [`par_map_pipeline`]'s results as they come, until every item
-/// has one. A detached job (`clocks[i]` set) gets `overdue(i, limit,
-/// true)` when it runs past its limit from its start, and `overdue(i,
-/// limit, false)` when it waited its limit for a thread and never started;
-/// what it returns later is dropped. A job queued [`GROW_AFTER`] while
-/// every crew thread is busy gets one more thread (at most one per
-/// [`GROW_AFTER`]): a constructor that hangs, or takes long, holds up only
-/// itself, not the queue behind it.
-fn collect<R: Send + 'static>(
-    events: &std::sync::mpsc::Receiver<Event<R>>,
-    results: &mut [Option<Result<R, String>>],
-    clocks: &mut [Option<Clock>],
-    mut crew: Option<&mut Crew<R>>,
-    overdue: impl Fn(usize, Duration, bool) -> R,
-) {
-    use std::sync::mpsc::RecvTimeoutError;
-
-    // Detached jobs without a result.
-    let mut pending: Vec<usize> = (0..results.len())
-        .filter(|&i| clocks[i].is_some() && results[i].is_none())
-        .collect();
-    let mut open = results.iter().filter(|r| r.is_none()).count();
-    let mut grow_after = Instant::now();
-    while open > 0 {
-        // What has come, first: the deadlines below are worked out once per
-        // wait, not once per event (a 1,000-plugin pass sends 2,000).
-        while let Ok(event) = events.try_recv() {
-            take(event, results, clocks, &mut open);
-        }
-        if open == 0 {
-            break;
-        }
-        pending.retain(|&i| results[i].is_none());
-        let clock = |i: usize| clocks[i].as_ref();
-        let ends = pending
-            .iter()
-            .filter_map(|&i| clock(i))
-            .map(Clock::deadline);
-        let oldest_waiting = pending
-            .iter()
-            .filter_map(|&i| clock(i))
-            .filter(|c| c.started.is_none())
-            .map(|c| c.queued)
-            .min();
-        let grow = oldest_waiting
-            .filter(|_| crew.is_some())
-            .map(|queued| (queued + GROW_AFTER).max(grow_after));
-        let event = match ends.chain(grow).min() {
-            Some(deadline) => {
-                events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            }
-            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match event {
-            Ok(event) => take(event, results, clocks, &mut open),
-            Err(RecvTimeoutError::Timeout) => {
-                let now = Instant::now();
-                for &i in &pending {
-                    if let Some(clock) = clocks[i].as_ref()
-                        && results[i].is_none()
-                        && now >= clock.deadline()
-                    {
-                        results[i] = Some(Ok(overdue(i, clock.limit, clock.started.is_some())));
-                        open -= 1;
-                    }
-                }
-                if let (Some(queued), Some(crew)) = (oldest_waiting, crew.as_deref_mut())
-                    && now >= queued + GROW_AFTER
-                    && now >= grow_after
-                {
-                    crew.add_thread();
-                    grow_after = now + GROW_AFTER;
-                }
-            }
-            // Every sender gone: nothing more can come.
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
-    }
-}
-
-/// One event of [`collect`]'s: a job's start, or an item's result (a
-/// second one, from a job given up on, is dropped).
-fn take<R>(
-    event: Event<R>,
-    results: &mut [Option<Result<R, String>>],
-    clocks: &mut [Option<Clock>],
-    open: &mut usize,
-) {
-    match event {
-        Event::Started(i, at) => {
-            if let Some(clock) = clocks[i].as_mut() {
-                clock.started = Some(at);
-            }
-        }
-        Event::Done(i, result) => {
-            if results[i].is_none() {
-                results[i] = Some(result);
-                *open -= 1;
-            }
-        }
-    }
-}
-
-/// How long a detached job may wait for a crew thread before the crew
-/// gets one more for it.
-const GROW_AFTER: Duration = Duration::from_millis(50);
-
-/// A detached job's time: its limit, when it was queued, when it started.
-struct Clock {
-    limit: Duration,
-    queued: Instant,
-    started: Option<Instant>,
-}
-
-impl Clock {
-    fn queued(limit: Duration) -> Clock {
-        Clock {
-            limit,
-            queued: Instant::now(),
-            started: None,
-        }
-    }
-
-    /// When it is overdue: its limit from its start, or, not started, from
-    /// when it was queued.
-    fn deadline(&self) -> Instant {
-        self.started.unwrap_or(self.queued) + self.limit
-    }
 }
 
 #[cfg(test)]
@@ -360,7 +228,7 @@ mod tests {
                     }),
                     limit: Duration::from_secs(60),
                 },
-                |&n, _, _| panic!("item {n} was not overdue"),
+                |&n, why| panic!("item {n} was given up on: {why:?}"),
             );
             let inputs: Vec<u32> = results.iter().map(|(n, _)| **n).collect();
             assert_eq!(inputs, items, "threads {threads}");
@@ -390,7 +258,7 @@ mod tests {
     fn a_last_stage_that_never_ends_is_overdue_and_holds_up_nothing_else() {
         let items: Vec<u32> = (0..8).collect();
         for threads in [0, 1, 3] {
-            let started = Instant::now();
+            let started = std::time::Instant::now();
             let results = par_map_pipeline(
                 threads,
                 &items,
@@ -406,9 +274,8 @@ mod tests {
                     }),
                     limit: Duration::from_millis(200),
                 },
-                |&n, limit, started| {
-                    assert_eq!(limit, Duration::from_millis(200));
-                    assert!(started, "item {n} never started");
+                |&n, why| {
+                    assert_eq!(why, GaveUp::Ran(Duration::from_millis(200)));
                     n + 1000
                 },
             );
@@ -423,30 +290,6 @@ mod tests {
                 "threads {threads}"
             );
         }
-    }
-
-    /// A detached job that never gets a thread is overdue as one that
-    /// never started, its limit after it was queued.
-    #[test]
-    fn a_job_that_never_starts_is_overdue_as_never_started() {
-        let (to_results, events) = std::sync::mpsc::channel::<Event<u32>>();
-        let mut results = vec![None, Some(Ok(7))];
-        let mut clocks = vec![Some(Clock::queued(Duration::from_millis(100))), None];
-        let started = Instant::now();
-        collect(
-            &events,
-            &mut results,
-            &mut clocks,
-            None,
-            |i, limit, started| {
-                assert_eq!((i, limit), (0, Duration::from_millis(100)));
-                assert!(!started);
-                42
-            },
-        );
-        drop(to_results);
-        assert!(started.elapsed() >= Duration::from_millis(100));
-        assert_eq!(results, [Some(Ok(42)), Some(Ok(7))]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use forgesyte_deps::Dependency;
 use forgesyte_errors::{DependencyError, InitError};
 
-use super::detached::Detached;
+use super::detached::{Detached, GaveUp};
 use super::instantiate::Step;
 use super::loader::{Loader, Pending};
 use super::parallel::{Stage, par_map_pipeline};
@@ -77,12 +77,17 @@ impl Loader {
                     Ok(Step::ToOpen(checked)) => Stage::Next(checked),
                     Err(err) => Stage::Done(Err(err)),
                 },
-                |_, checked| match self.open_library(checked) {
-                    Ok(opened) => Stage::Next(opened),
+                |p, checked| match self.refuse_while_constructing(p) {
+                    // Before its library is opened again (each open of a
+                    // refused reload left one more copy mapped).
                     Err(err) => Stage::Done(Err(err)),
+                    Ok(()) => match self.open_library(checked) {
+                        Ok(opened) => Stage::Next(opened),
+                        Err(err) => Stage::Done(Err(err)),
+                    },
                 },
                 |p, opened| self.construction(p, opened, &running),
-                |p, limit, started| Err(self.construction_overdue(p, limit, started, &running)),
+                |p, why| Err(self.construction_given_up(p, why, &running)),
             );
             for (p, result) in results {
                 let result =
@@ -141,10 +146,8 @@ impl Loader {
     /// The construction of in-process plugin `p`, whose library is open,
     /// as work for a thread of its own, with its time limit (the
     /// manifest's `limits.init_timeout_s`, else the default, as for a
-    /// runner's construction).
-    ///
-    /// A plugin whose constructor of an earlier pass has not returned is
-    /// not constructed again: its error, at once.
+    /// runner's construction). Its flag in `running` falls when the
+    /// constructor returns.
     fn construction(
         &self,
         p: &Pending,
@@ -156,20 +159,6 @@ impl Loader {
             .process
             .with_manifest(&p.manifest.limits)
             .init_timeout;
-        if let Some(given_up) = self.still_constructing(&p.name) {
-            let error = InitError::Failed {
-                message: format!(
-                    "its constructor of an earlier load, given up on {} s ago, has not returned; \
-                     it is not constructed again until that one returns (a thread cannot be \
-                     stopped: restart the server to end it)",
-                    given_up.as_secs()
-                ),
-            };
-            return Detached {
-                work: Box::new(move || Err(error.into())),
-                limit,
-            };
-        }
         let flag = Arc::new(AtomicBool::new(true));
         running
             .borrow_mut()
@@ -188,50 +177,63 @@ impl Loader {
         }
     }
 
-    /// Why in-process plugin `p`'s construction is given up on after
-    /// `limit`: it ran that long (`started`; then it is remembered as stuck
-    /// until it returns), or it waited that long for a thread.
-    fn construction_overdue(
+    /// Why in-process plugin `p`'s construction was given up on: it ran
+    /// its limit (then it is remembered as stuck until it returns), or no
+    /// thread could ever run it.
+    fn construction_given_up(
         &self,
         p: &Pending,
-        limit: std::time::Duration,
-        started: bool,
+        why: GaveUp,
         running: &RefCell<HashMap<String, Arc<AtomicBool>>>,
     ) -> forgesyte_errors::PluginError {
-        let operation = if started {
-            if let Some(flag) = running.borrow_mut().remove(&p.name) {
-                self.stuck.lock().insert(
-                    p.name.clone(),
-                    Stuck {
-                        given_up: std::time::Instant::now(),
-                        running: flag,
-                    },
-                );
+        match why {
+            GaveUp::Ran(limit) => {
+                if let Some(flag) = running.borrow_mut().remove(&p.name) {
+                    self.stuck.lock().insert(
+                        p.name.clone(),
+                        Stuck {
+                            given_up: std::time::Instant::now(),
+                            running: flag,
+                        },
+                    );
+                }
+                InitError::TimedOut(forgesyte_errors::TimeoutError {
+                    operation: "construction in process (the constructor's thread cannot be \
+                                stopped and is left running; raise limits.init_timeout_s, or run \
+                                the plugin with \"isolation\": \"process\")"
+                        .to_owned(),
+                    after: limit,
+                })
+                .into()
             }
-            "construction in process (the constructor's thread cannot be stopped and is left \
-             running; raise limits.init_timeout_s, or run the plugin with \"isolation\": \
-             \"process\")"
-        } else {
-            "the wait for a thread to construct it in process (every construction thread is \
-             held by a constructor that has not returned)"
-        };
-        InitError::TimedOut(forgesyte_errors::TimeoutError {
-            operation: operation.to_owned(),
-            after: limit,
-        })
-        .into()
+            GaveUp::NoThread(why) => InitError::Failed {
+                message: format!("not constructed: {why}"),
+            }
+            .into(),
+        }
     }
 
-    /// How long ago a pass gave up on `name`'s constructor, when it has
-    /// not returned since.
-    fn still_constructing(&self, name: &str) -> Option<std::time::Duration> {
+    /// An in-process plugin whose constructor a pass gave up on, and that
+    /// has not returned since, is not opened or constructed again: its
+    /// error (one stuck thread per plugin at most).
+    fn refuse_while_constructing(&self, p: &Pending) -> Result<(), forgesyte_errors::PluginError> {
         let mut stuck = self.stuck.lock();
-        let still = stuck.get(name)?;
-        if still.running.load(Ordering::Acquire) {
-            return Some(still.given_up.elapsed());
+        let Some(still) = stuck.get(&p.name) else {
+            return Ok(());
+        };
+        if !still.running.load(Ordering::Acquire) {
+            stuck.remove(&p.name);
+            return Ok(());
         }
-        stuck.remove(name);
-        None
+        Err(InitError::Failed {
+            message: format!(
+                "its constructor of an earlier load, given up on {} s ago, has not returned; it \
+                 is not constructed again until that one returns (a thread cannot be stopped: \
+                 restart the server to end it)",
+                still.given_up.elapsed().as_secs()
+            ),
+        }
+        .into())
     }
 
     /// Whether `p` runs in a runner process (a Python plugin, or a native
