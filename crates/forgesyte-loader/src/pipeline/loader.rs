@@ -100,7 +100,7 @@ pub struct Loader {
     /// In-process plugins whose constructor a pass gave up on and that has
     /// not returned, by registry key: such a plugin is not constructed
     /// again until it does (each reload left one more thread behind).
-    pub(super) stuck: Mutex<BTreeMap<String, super::waves::Stuck>>,
+    pub(super) stuck: Mutex<BTreeMap<String, super::construction::Stuck>>,
 }
 
 /// A manifest that was read and validated, waiting to be loaded.

@@ -19,6 +19,8 @@
 //! - [`registration`]: registry keys, final states, outcomes;
 //! - [`instantiate`]: one plugin from dependencies to a [`crate::PluginHandle`];
 //! - [`waves`]: dependency order and the parallel waves;
+//! - [`construction`]: an in-process constructor as a crew job under its
+//!   deadline, and the plugins whose given-up constructor still runs;
 //! - [`verified`]: signatures and checked bytes at load (used by
 //!   `instantiate`);
 //! - [`load`]: a load pass; [`reload`]: a reload pass; [`rescan`]: the
@@ -26,6 +28,7 @@
 //!   of both; [`stamp`]: the change stamp it compares (leaf).
 
 mod config;
+mod construction;
 mod detached;
 mod discovery;
 mod instantiate;
