@@ -65,17 +65,18 @@ pub(super) enum Stage<R, S> {
 /// threads, `serial` on the calling thread, one item at a time, in the
 /// order `first` hands them over, while the pool goes on with other items'
 /// `first`; `last`, called on the calling thread too, packs the rest of an
-/// item's work into a [`Detached`] job that a [`Crew`] of up to `workers`
-/// threads (at least 1) runs. With no worker (or one item) `first` and
-/// `serial` run in turn on the calling thread, item after item.
+/// item's work into a [`Detached`] job that a [`Crew`] runs, which starts
+/// with `workers` threads (at least 1). With no worker (or one item)
+/// `first` and `serial` run in turn on the calling thread, item after item.
 ///
 /// The calling thread waits for each detached job at most its limit from
 /// its start: a job still running then gets `gave_up(item,
 /// GaveUp::Ran(limit))` as its result, and its thread is left to it; one
 /// that can never get a thread, `gave_up(item, GaveUp::NoThread(why))`
-/// (see `detached::collect`, which also grows the crew). (Construction of in-process plugins is such
-/// work: a constructor that never returned held the whole pass, every
-/// other plugin of it unloaded and the server never ready.)
+/// (see `detached::collect`, which also grows the crew). Construction of
+/// in-process plugins is such work: a constructor that never returned held
+/// the whole pass, every other plugin of it unloaded and the server never
+/// ready.
 ///
 /// The calling thread is busy with `serial` the whole time, so CPU work
 /// wants one worker fewer than cores: a worker more spins for work
