@@ -156,6 +156,33 @@ fn good_plugins_are_callable_through_the_c_abi() {
     }
 }
 
+/// The plugin directory a plugin is handed is absolute, as the SDK says,
+/// when the plugins directory was given relative to the working directory
+/// (it was handed on as given).
+#[test]
+fn the_plugin_dir_handed_to_a_plugin_is_absolute() {
+    let cwd = std::env::current_dir().unwrap();
+    // The zoo spelled from the working directory: up to `/`, then down.
+    let up = cwd.components().count() - 1;
+    let relative = std::iter::repeat_n("..", up)
+        .collect::<std::path::PathBuf>()
+        .join(
+            std::path::Path::new(zoo::ZOO_DIR)
+                .strip_prefix("/")
+                .unwrap(),
+        );
+    assert!(relative.is_relative());
+    let registry = Registry::new();
+    let checker = Arc::new(DependencyChecker::system(Vec::new()));
+    let loader = Loader::new(registry.clone(), checker, LoaderConfig::default());
+    loader.load_all(&relative);
+    let good = loader.handle(zoo::GOOD_NAME).unwrap();
+    let config = good.call("config", &json!({})).unwrap();
+    let dir = config["plugin_dir"].as_str().unwrap();
+    assert!(std::path::Path::new(dir).is_absolute(), "{dir}");
+    assert!(dir.ends_with("/good"), "{dir}");
+}
+
 #[test]
 fn tool_error_counts_and_tool_panic_is_a_fault() {
     let (loader, registry) = load_zoo();

@@ -80,34 +80,6 @@ fn reason_suffix(reason: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
-/// A pointer of `binary` (binary results, by JSON pointer) that another
-/// one names too, or lies inside: their bytes would overwrite each other.
-/// Pointers are compared as the places they name (each token decoded as
-/// `place` decodes it: `/~2` and `/~02` both name the key `~2`).
-fn overlapping_pointer<B>(binary: &[(String, B)]) -> Option<&str> {
-    if binary.len() < 2 {
-        return None;
-    }
-    let tokens = |pointer: &str| -> Vec<String> {
-        pointer
-            .split('/')
-            .skip(1)
-            .map(|t| t.replace("~1", "/").replace("~0", "~"))
-            .collect()
-    };
-    let places: Vec<Vec<String>> = binary.iter().map(|(p, _)| tokens(p)).collect();
-    let mut seen: std::collections::HashSet<&[String]> = std::collections::HashSet::new();
-    for (i, place) in places.iter().enumerate() {
-        if !seen.insert(place) {
-            return Some(&binary[i].0);
-        }
-    }
-    places
-        .iter()
-        .position(|place| (0..place.len()).any(|k| seen.contains(&place[..k])))
-        .map(|i| binary[i].0.as_str())
-}
-
 /// One call's claim on its own outcome: whoever settles it first (the call
 /// returning, or [`PluginHandle::fail_timeout`] giving up on it) records the
 /// call in the registry; the other records nothing. So a call timed out is
@@ -455,13 +427,16 @@ impl PluginHandle {
             .and_then(|output| {
                 let mut result =
                     serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
-                overlapping_pointer(&output.binary).map_or(Ok(()), |pointer| {
-                    Err(ToolError::Protocol {
-                        detail: format!(
-                            "two binary results at {pointer:?} (one in the place of another)"
-                        ),
-                    })
-                })?;
+                forgesyte_protocol::wire::attach::overlapping(&output.binary).map_or(
+                    Ok(()),
+                    |pointer| {
+                        Err(ToolError::Protocol {
+                            detail: format!(
+                                "two binary results at {pointer:?} (one in the place of another)"
+                            ),
+                        })
+                    },
+                )?;
                 for (pointer, _) in &output.binary {
                     forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
                         .map_err(|e| ToolError::Protocol {
@@ -710,25 +685,6 @@ mod tests {
             self.kills.fetch_add(1, Ordering::SeqCst);
             true
         }
-    }
-
-    #[test]
-    fn binary_results_in_one_anothers_place_are_found() {
-        let of = |pointers: &[&str]| {
-            let binary: Vec<(String, ())> =
-                pointers.iter().map(|p| ((*p).to_owned(), ())).collect();
-            overlapping_pointer(&binary).map(str::to_owned)
-        };
-        assert_eq!(of(&[]), None);
-        assert_eq!(of(&["/a"]), None);
-        assert_eq!(of(&["/a", "/b", "/a0", "/a-b/c", "/ab"]), None);
-        assert_eq!(of(&["/1", "/1"]).as_deref(), Some("/1"));
-        assert_eq!(of(&["/a/b", "/a-b/c", "/a"]).as_deref(), Some("/a/b"));
-        assert_eq!(of(&["", "/x"]).as_deref(), Some("/x"));
-        // The same place spelled twice.
-        assert_eq!(of(&["/~2", "/~02"]).as_deref(), Some("/~02"));
-        assert_eq!(of(&["/a~0/b", "/a~"]).as_deref(), Some("/a~0/b"));
-        assert_eq!(of(&["/x~1y", "/x/y"]), None);
     }
 
     /// A registry holding plugin `p`, INITIALIZED.

@@ -343,8 +343,22 @@ pub unsafe extern "C" fn __call_binary<P: Plugin>(
             call = call.with_binary(pointer, bytes);
         }
         let output = run_call(instance, call)?;
-        let json = serde_json::to_vec(&output.json)
-            .map_err(|e| Failure::new(STATUS_ERROR, "InvalidOutput", e.to_string()))?;
+        // The places the host would refuse (a fault that makes the plugin
+        // FAILED) are the tool's error here, as ABI 1's `into_json` makes
+        // them: a pointer with no place in the result, or two results in
+        // one place. Each place gets the `null` the host puts there anyway.
+        let invalid = |detail: String| Failure::new(STATUS_ERROR, "InvalidOutput", detail);
+        if let Some(pointer) = forgesyte_protocol::wire::attach::overlapping(&output.binary) {
+            return Err(invalid(format!(
+                "two binary results at {pointer:?} (one in the place of another)"
+            )));
+        }
+        let mut value = output.json;
+        for (pointer, _) in &output.binary {
+            forgesyte_protocol::wire::attach::place(&mut value, pointer, Value::Null)
+                .map_err(|e| invalid(format!("a binary result has no place in the result: {e}")))?;
+        }
+        let json = serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))?;
         results = output.binary;
         Ok(json)
     });
@@ -519,7 +533,7 @@ mod tests {
         }
 
         fn tools(&self) -> Vec<ToolSpec> {
-            ["echo", "fail", "panic", "dir", "bytes"]
+            ["echo", "fail", "panic", "dir", "bytes", "placed"]
                 .into_iter()
                 .map(ToolSpec::new)
                 .collect()
@@ -529,6 +543,16 @@ mod tests {
         /// string `text`) back as binary result `/data`, with its length
         /// and the address the tool saw it at.
         fn call(&self, call: Call<'_>) -> Result<Output, ToolError> {
+            if call.tool() == "placed" {
+                // `{"json": J, "at": [pointers]}`: J with a binary result
+                // `x` at each pointer.
+                let args = call.args();
+                let mut output = Output::json(args["json"].clone());
+                for pointer in args["at"].as_array().into_iter().flatten() {
+                    output = output.with_binary(pointer.as_str().unwrap_or("?"), b"x".to_vec());
+                }
+                return Ok(output);
+            }
             if call.tool() != "bytes" {
                 let tool = call.tool();
                 return self.run(tool, call.into_json_args()?).map(Output::json);
@@ -654,7 +678,7 @@ mod tests {
             .iter()
             .map(|t| t["id"].as_str().unwrap())
             .collect();
-        assert_eq!(ids, ["echo", "fail", "panic", "dir", "bytes"]);
+        assert_eq!(ids, ["echo", "fail", "panic", "dir", "bytes", "placed"]);
         assert_eq!(tools[0]["input_schema"], json!({"type": "object"}));
 
         assert_eq!(
@@ -906,6 +930,36 @@ mod tests {
             call(vt, instance, b"bytes", br#"{"text": "hi"}"#).1["data"],
             json!("aGk=")
         );
+        // SAFETY: created above, no call running.
+        unsafe { (vt.destroy)(instance) };
+    }
+
+    /// Binary results the host would refuse as a protocol fault (the
+    /// plugin then FAILED) are the tool's `InvalidOutput` error, as through
+    /// ABI 1; good ones leave with a `null` at their places.
+    #[test]
+    fn binary_results_without_a_place_are_the_tools_error() {
+        let vt = vtable();
+        let (_, _, instance) = create(vt, &config(Value::Null));
+        let placed = |json: Value, at: Value| {
+            let args = serde_json::to_vec(&json!({"json": json, "at": at})).unwrap();
+            call_binary(vt, instance, b"placed", &args, &[])
+        };
+        for (json, at) in [
+            (json!({"a": 1}), json!(["/missing/x"])),
+            (json!({"m": null}), json!(["/m", "/m"])),
+            (json!({"a": [0]}), json!(["/a/5"])),
+            (json!({"a": 1}), json!(["nope"])),
+            (json!({"a": {"b": null}}), json!(["/a", "/a/b"])),
+        ] {
+            let (status, body, results) = placed(json.clone(), at.clone());
+            assert_eq!(status, STATUS_ERROR, "{json} {at}: {body}");
+            assert_eq!(body["error_type"], "InvalidOutput", "{json} {at}: {body}");
+            assert!(results.is_empty(), "{json} {at}");
+        }
+        let (status, body, results) = placed(json!({"a": 1}), json!(["/m", "/a"]));
+        assert_eq!((status, body), (STATUS_OK, json!({"a": null, "m": null})));
+        assert_eq!(results.len(), 2);
         // SAFETY: created above, no call running.
         unsafe { (vt.destroy)(instance) };
     }

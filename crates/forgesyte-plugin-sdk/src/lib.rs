@@ -107,7 +107,9 @@
 //! crate-type = ["cdylib", "rlib"]   # rlib: so `cargo test` can unit-test it
 //!
 //! [dependencies]
-//! forgesyte-plugin-sdk = "0.1"
+//! # Not on a registry yet: a path to the crate (`forgesyte new --rust`
+//! # writes it).
+//! forgesyte-plugin-sdk = { path = "/path/to/forgesyte/crates/forgesyte-plugin-sdk" }
 //! serde_json = "1"
 //! ```
 //!

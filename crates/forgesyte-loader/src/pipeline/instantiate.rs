@@ -624,6 +624,11 @@ impl Loader {
     }
 
     fn instance_config(&self, p: &Pending) -> Vec<u8> {
+        // Absolute, as the SDK promises: a plugins directory given as
+        // `./plugins` made them relative to the server's working directory,
+        // which a plugin that changes its own, or a subprocess, does not
+        // share. (Not canonical: links stay as the operator laid them out.)
+        let dir = std::path::absolute(&p.dir).unwrap_or_else(|_| p.dir.clone());
         let models: BTreeMap<&str, PathBuf> = p
             .manifest
             .requirements
@@ -632,13 +637,13 @@ impl Loader {
             .map(|(name, path)| {
                 (
                     name.as_str(),
-                    DependencyChecker::resolve_model_path(&p.dir, path),
+                    DependencyChecker::resolve_model_path(&dir, path),
                 )
             })
             .collect();
         let config = serde_json::json!({
             "manifest": &*p.manifest.raw,
-            "plugin_dir": p.dir,
+            "plugin_dir": dir,
             "models": models,
         });
         serde_json::to_vec(&config).unwrap_or_default()

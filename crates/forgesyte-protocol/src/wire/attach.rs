@@ -68,9 +68,58 @@ pub fn place(root: &mut Value, pointer: &str, value: Value) -> Result<(), Pointe
     }
 }
 
+/// A pointer of `binary` (binary results, by JSON pointer) that another
+/// one names too, or lies inside: their bytes would overwrite each other.
+/// Pointers are compared as the places they name (each token decoded as
+/// [`place`] decodes it: `/~2` and `/~02` both name the key `~2`). The
+/// host refuses such results; the SDK finds them first.
+pub fn overlapping<B>(binary: &[(String, B)]) -> Option<&str> {
+    if binary.len() < 2 {
+        return None;
+    }
+    let tokens = |pointer: &str| -> Vec<String> {
+        pointer
+            .split('/')
+            .skip(1)
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect()
+    };
+    let places: Vec<Vec<String>> = binary.iter().map(|(p, _)| tokens(p)).collect();
+    let mut seen: std::collections::HashSet<&[String]> = std::collections::HashSet::new();
+    for (i, place) in places.iter().enumerate() {
+        if !seen.insert(place) {
+            return Some(&binary[i].0);
+        }
+    }
+    places
+        .iter()
+        .position(|place| (0..place.len()).any(|k| seen.contains(&place[..k])))
+        .map(|i| binary[i].0.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binary_results_in_one_anothers_place_are_found() {
+        let of = |pointers: &[&str]| {
+            let binary: Vec<(String, ())> =
+                pointers.iter().map(|p| ((*p).to_owned(), ())).collect();
+            overlapping(&binary).map(str::to_owned)
+        };
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&["/a"]), None);
+        assert_eq!(of(&["/a", "/b", "/a0", "/a-b/c", "/ab"]), None);
+        assert_eq!(of(&["/1", "/1"]).as_deref(), Some("/1"));
+        assert_eq!(of(&["/a/b", "/a-b/c", "/a"]).as_deref(), Some("/a/b"));
+        assert_eq!(of(&["", "/x"]).as_deref(), Some("/x"));
+        // The same place spelled twice.
+        assert_eq!(of(&["/~2", "/~02"]).as_deref(), Some("/~02"));
+        assert_eq!(of(&["/a~0/b", "/a~"]).as_deref(), Some("/a~0/b"));
+        assert_eq!(of(&["/x~1y", "/x/y"]), None);
+    }
+
     use crate::wire::strategies;
     use proptest::prelude::*;
     use serde_json::json;
