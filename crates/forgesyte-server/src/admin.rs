@@ -225,8 +225,13 @@ mod tests {
 /// Whose wrong tokens an address's are: an IPv4 address's own (an
 /// IPv4-mapped IPv6 address is its IPv4 address); an IPv6 address's /64,
 /// since one client holds a whole /64 and could try 5 tokens a minute from
-/// each of its addresses.
+/// each of its addresses; every loopback address one key, for the same
+/// reason (any local process can send from all of 127.0.0.0/8 and `::1`).
 fn client_key(ip: IpAddr) -> IpAddr {
+    const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    if ip.is_loopback() || ip.to_canonical().is_loopback() {
+        return LOOPBACK;
+    }
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -317,10 +322,12 @@ fn record_failure(
     let expired = |f: &Failures| now.saturating_duration_since(f.since) >= FAILURE_WINDOW;
     if !failures.contains_key(&peer) && failures.len() >= MAX_TRACKED {
         failures.retain(|_, f| !expired(f));
+        // The oldest address not locked goes first: forgetting a locked one
+        // would unlock it.
         if failures.len() >= MAX_TRACKED
             && let Some(oldest) = failures
                 .iter()
-                .min_by_key(|(_, f)| f.since)
+                .min_by_key(|(_, f)| (f.count >= MAX_FAILURES, f.since))
                 .map(|(k, _)| *k)
         {
             failures.remove(&oldest);
@@ -493,6 +500,56 @@ mod gate_tests {
         assert!(matches!(
             AdminGate::new(None).check(&bearer("x"), None, now),
             Err(ApiError::AdminDisabled)
+        ));
+    }
+
+    /// Any local process sends from all of 127.0.0.0/8 and `::1`: one
+    /// client (1,000 guesses from 200 loopback addresses got no 429).
+    #[test]
+    fn every_loopback_address_is_one_client() {
+        let gate = gate();
+        let now = Instant::now();
+        for i in 0..MAX_FAILURES {
+            let ip = IpAddr::from([127, 9, i as u8, 1]);
+            let _ = gate.check(&bearer("guess"), Some(ip), now);
+        }
+        for local in [IpAddr::from([127, 200, 0, 7]), "::1".parse().unwrap()] {
+            assert!(
+                matches!(
+                    gate.check(&bearer("guess"), Some(local), now),
+                    Err(ApiError::TooManyAttempts { .. })
+                ),
+                "{local}"
+            );
+        }
+        assert!(
+            gate.check(
+                &bearer("the-right-token-123"),
+                Some(IpAddr::from([10, 0, 0, 9])),
+                now
+            )
+            .is_ok()
+        );
+    }
+
+    /// Room for a new address is never made by forgetting a locked one
+    /// (which would unlock it).
+    #[test]
+    fn a_locked_address_is_not_forgotten_to_make_room() {
+        let gate = gate();
+        let t0 = Instant::now();
+        let locked = Some(IpAddr::from([10, 1, 1, 1]));
+        for _ in 0..MAX_FAILURES {
+            let _ = gate.check(&bearer("guess"), locked, t0);
+        }
+        let later = t0 + Duration::from_secs(1);
+        for i in 0..(MAX_TRACKED as u32 + 100) {
+            let peer = Some(IpAddr::from((0x0b00_0000 + i).to_be_bytes()));
+            let _ = gate.check(&bearer("guess"), peer, later);
+        }
+        assert!(matches!(
+            gate.check(&bearer("the-right-token-123"), locked, later),
+            Err(ApiError::TooManyAttempts { .. })
         ));
     }
 

@@ -239,11 +239,8 @@ impl IntoResponse for ApiError {
             other if status.is_server_error() => {
                 tracing::warn!(status = status.as_u16(), "{other}");
             }
-            ApiError::Unauthorized { .. }
-            | ApiError::Forbidden
-            | ApiError::TooManyAttempts { .. } => {
-                tracing::warn!(status = status.as_u16(), "admin route refused: {self}");
-            }
+            // An admin refusal was logged where it was made, with its
+            // address, throttled (`reload::admit`).
             other => tracing::debug!(status = status.as_u16(), "{other}"),
         }
         let mut response = (status, Json(self.body())).into_response();

@@ -105,6 +105,7 @@ mod server;
 pub mod signing;
 mod state;
 mod stream;
+mod throttle;
 mod tools;
 mod ui;
 mod unread;

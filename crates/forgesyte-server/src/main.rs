@@ -330,7 +330,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(why) = config.runner_problem() {
         return Err(anyhow::Error::new(RefusedConfig(why)));
     }
-    config.admin_token = admin_token(admin_token_env(), admin_token_file.as_deref())?;
+    // An empty or unreadable token is a configuration refused, exit 2.
+    config.admin_token = admin_token(admin_token_env(), admin_token_file.as_deref())
+        .map_err(|e| anyhow::Error::new(RefusedConfig(format!("{e:#}"))))?;
     match &config.admin_token {
         Some(_) => tracing::info!("Admin routes enabled (bearer token)"),
         None => tracing::info!(

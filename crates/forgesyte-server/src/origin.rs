@@ -33,19 +33,16 @@
 //! refuses, so a refused request has its id, its log line and its count
 //! like any other answer. Knows nothing of plugins or routes.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Method, Request, StatusCode, Uri, Version, header};
 use axum::response::Response;
 use tower::{Layer, Service};
 
-/// At most one warning per this long for refused requests (any page the
-/// user visits can send them in a loop); the others are debug lines.
-const WARN_EVERY: Duration = Duration::from_secs(10);
+/// At most one warning per 10 s for refused requests (any page the user
+/// visits can send them in a loop); the others are debug lines.
+static WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::new(10);
 
 /// What a connection's requests are checked against.
 #[derive(Debug, Clone, Default)]
@@ -126,8 +123,8 @@ where
                     .get::<ConnectInfo<std::net::SocketAddr>>()
                     .map(|ConnectInfo(peer)| peer.to_string())
                     .unwrap_or_default();
-                if warn_now() {
-                    tracing::warn!(%peer, "{detail} (one such line per {} s)", WARN_EVERY.as_secs());
+                if WARNINGS.warn_now() {
+                    tracing::warn!(%peer, "{detail} (one such line per {} s)", WARNINGS.period_s);
                 } else {
                     tracing::debug!(%peer, "{detail}");
                 }
@@ -138,20 +135,6 @@ where
             }
         }
     }
-}
-
-/// Whether a refusal is logged as a warning: the first in [`WARN_EVERY`]
-/// (on the monotonic clock: a wall clock set back silences nothing).
-fn warn_now() -> bool {
-    static START: OnceLock<Instant> = OnceLock::new();
-    // Seconds since the first refusal, plus one: 0 is "never warned".
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
-    let last = LAST.load(Ordering::Relaxed);
-    (last == 0 || now >= last.saturating_add(WARN_EVERY.as_secs()))
-        && LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
 }
 
 /// Why a request's `Host` makes it malformed (400, RFC 9112 §3.2), or

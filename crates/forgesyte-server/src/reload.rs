@@ -165,14 +165,25 @@ impl ReloadReport {
 }
 
 /// Checks an admin request's token (and its address's recent wrong ones),
-/// logging a refusal with the caller's address.
+/// logging a refusal with the caller's address: as a warning once per
+/// 10 s, the others as debug lines (any client can send them in a loop).
 fn admit(state: &AppState, headers: &HeaderMap, peer: Peer) -> Result<(), ApiError> {
+    static WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::new(10);
     state
         .admin()
         .check(headers, peer.ip(), std::time::Instant::now())
         .inspect_err(|e| {
-            if !matches!(e, ApiError::AdminDisabled) {
-                tracing::warn!(%peer, "Admin: request from {peer} refused: {e}");
+            if matches!(e, ApiError::AdminDisabled) {
+                return;
+            }
+            if WARNINGS.warn_now() {
+                tracing::warn!(
+                    %peer,
+                    "Admin: request from {peer} refused: {e} (one such line per {} s)",
+                    WARNINGS.period_s
+                );
+            } else {
+                tracing::debug!(%peer, "Admin: request from {peer} refused: {e}");
             }
         })
 }

@@ -565,7 +565,7 @@ fn an_empty_admin_token_file_stops_the_server_at_startup() {
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("is empty"), "{err}");
 }
 

@@ -353,6 +353,35 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
 /// value is required for '--python <PATH>'"), never read as unset: an
 /// empty `FORGESYTE_REQUIRE_SIGNED` must not turn the requirement off. An
 /// empty element of `--lib-path` is skipped.
+/// An admin token that is empty, blank or unreadable refuses `serve` with
+/// exit code 2, as every configuration refused at start (it was 1).
+#[test]
+fn an_empty_or_unreadable_admin_token_refuses_serve_with_exit_code_2() {
+    let plugins = PluginsDir::new();
+    let serve = [
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--plugins",
+        plugins.path_str(),
+    ];
+    for (value, said) in [("", "is empty"), ("   ", "is empty")] {
+        let (code, out, err) = run_forgesyte(&serve, &[("FORGESYTE_ADMIN_TOKEN", value)]);
+        assert_eq!(code, 2, "{value:?}: {out}{err}");
+        assert!(
+            err.contains(&format!(
+                "the admin token from FORGESYTE_ADMIN_TOKEN {said}"
+            )),
+            "{err}"
+        );
+    }
+    let mut with_file = serve.to_vec();
+    with_file.extend(["--admin-token-file", "/nonexistent/forgesyte-token"]);
+    let (code, out, err) = run_forgesyte(&with_file, &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("cannot read the admin token file"), "{err}");
+}
+
 #[test]
 fn an_empty_environment_variable_is_refused_naming_it() {
     let plugins = PluginsDir::new();
