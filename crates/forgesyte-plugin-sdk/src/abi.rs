@@ -956,6 +956,14 @@ mod tests {
             assert_eq!(status, STATUS_ERROR, "{json} {at}: {body}");
             assert_eq!(body["error_type"], "InvalidOutput", "{json} {at}: {body}");
             assert!(results.is_empty(), "{json} {at}");
+            // The same through ABI 1's `call` (base64 at the places).
+            let args = serde_json::to_vec(&json!({"json": json, "at": at})).unwrap();
+            let (status, body) = call(vt, instance, b"placed", &args);
+            assert_eq!(status, STATUS_ERROR, "ABI 1: {json} {at}: {body}");
+            assert_eq!(
+                body["error_type"], "InvalidOutput",
+                "ABI 1: {json} {at}: {body}"
+            );
         }
         let (status, body, results) = placed(json!({"a": 1}), json!(["/m", "/a"]));
         assert_eq!((status, body), (STATUS_OK, json!({"a": null, "m": null})));

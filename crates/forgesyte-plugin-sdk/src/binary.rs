@@ -139,6 +139,14 @@ impl Output {
     /// The JSON with each binary result put at its place as a base64
     /// string: what a caller that takes JSON only (ABI 1's `call`) gets.
     pub fn into_json(self) -> Result<Value, ToolError> {
+        // Refused as ABI 3's `call_binary` refuses it: one result would be
+        // lost in the other's place.
+        if let Some(pointer) = forgesyte_protocol::wire::attach::overlapping(&self.binary) {
+            return Err(ToolError::new(
+                "InvalidOutput",
+                format!("two binary results at {pointer:?} (one in the place of another)"),
+            ));
+        }
         let mut json = self.json;
         for (pointer, bytes) in &self.binary {
             forgesyte_protocol::wire::attach::place(&mut json, pointer, base64(bytes).into())

@@ -284,6 +284,23 @@ impl AdminGate {
         // guesses from one address cannot all pass the look-up before any
         // of them is counted (the comparison is a few hundred nanoseconds).
         let mut failures = self.failures();
+        if !failures.contains_key(&peer) && failures.len() >= MAX_TRACKED {
+            let expired = |f: &Failures| now.saturating_duration_since(f.since) >= FAILURE_WINDOW;
+            failures.retain(|_, f| !expired(f));
+            // Every client remembered is locked: a new one is refused as
+            // locked until the first lock ends (forgetting a locked one
+            // would unlock it; not counting the new one would let it guess
+            // freely). Fails closed, for the right token too.
+            if failures.len() >= MAX_TRACKED
+                && let Some(first) = failures.values().map(|f| f.since).min()
+                && failures.values().all(|f| f.count >= MAX_FAILURES)
+            {
+                let left = FAILURE_WINDOW.saturating_sub(now.saturating_duration_since(first));
+                return Err(ApiError::TooManyAttempts {
+                    retry_after_s: left.as_secs() + u64::from(left.subsec_nanos() > 0),
+                });
+            }
+        }
         if let Some(f) = failures.get(&peer) {
             let elapsed = now.saturating_duration_since(f.since);
             if f.count >= MAX_FAILURES && elapsed < FAILURE_WINDOW {
@@ -306,6 +323,14 @@ impl AdminGate {
         }
     }
 
+    /// The wrong tokens `peer`'s client presented in its current window.
+    pub(crate) fn failures_of(&self, peer: Option<IpAddr>, now: Instant) -> u32 {
+        self.failures()
+            .get(&peer.map(client_key))
+            .filter(|f| now.saturating_duration_since(f.since) < FAILURE_WINDOW)
+            .map_or(0, |f| f.count)
+    }
+
     /// The map (a panic while it was held leaves it usable: its entries
     /// are only counts).
     fn failures(&self) -> MutexGuard<'_, HashMap<Option<IpAddr>, Failures>> {
@@ -322,8 +347,8 @@ fn record_failure(
     let expired = |f: &Failures| now.saturating_duration_since(f.since) >= FAILURE_WINDOW;
     if !failures.contains_key(&peer) && failures.len() >= MAX_TRACKED {
         failures.retain(|_, f| !expired(f));
-        // The oldest address not locked goes first: forgetting a locked one
-        // would unlock it.
+        // The oldest address not locked goes: forgetting a locked one would
+        // unlock it (`check` refuses a new client when all are locked).
         if failures.len() >= MAX_TRACKED
             && let Some(oldest) = failures
                 .iter()
@@ -551,6 +576,36 @@ mod gate_tests {
             gate.check(&bearer("the-right-token-123"), locked, later),
             Err(ApiError::TooManyAttempts { .. })
         ));
+    }
+
+    /// With every client remembered locked, a new one is refused as
+    /// locked (the right token too) rather than one of them forgotten.
+    #[test]
+    fn a_new_client_is_refused_while_every_client_remembered_is_locked() {
+        let gate = gate();
+        let now = Instant::now();
+        for i in 0..MAX_TRACKED as u32 {
+            let peer = Some(IpAddr::from((0x0b00_0000 + i).to_be_bytes()));
+            for _ in 0..MAX_FAILURES {
+                let _ = gate.check(&bearer("guess"), peer, now);
+            }
+        }
+        let first = Some(IpAddr::from(0x0b00_0000_u32.to_be_bytes()));
+        let new = Some(IpAddr::from([10, 9, 9, 9]));
+        let later = now + Duration::from_secs(1);
+        match gate.check(&bearer("the-right-token-123"), new, later) {
+            Err(ApiError::TooManyAttempts { retry_after_s }) => assert_eq!(retry_after_s, 59),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            gate.check(&bearer("the-right-token-123"), first, later),
+            Err(ApiError::TooManyAttempts { .. })
+        ));
+        // Once the locks end, the new client is served.
+        assert!(
+            gate.check(&bearer("the-right-token-123"), new, now + FAILURE_WINDOW)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -165,23 +165,29 @@ impl ReloadReport {
 }
 
 /// Checks an admin request's token (and its address's recent wrong ones),
-/// logging a refusal with the caller's address: as a warning once per
-/// 10 s, the others as debug lines (any client can send them in a loop).
+/// logging a refusal with the caller's address. Warnings, bounded (any
+/// client can send refusals in a loop): a client's first wrong token of its
+/// window and the one that locks it out; a request without a token once
+/// per 10 s. The rest (further wrong tokens, the 429s of a lockout) are
+/// debug lines.
 fn admit(state: &AppState, headers: &HeaderMap, peer: Peer) -> Result<(), ApiError> {
-    static WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::new(10);
+    static NO_TOKEN: crate::throttle::Throttle = crate::throttle::Throttle::new(10);
+    let now = std::time::Instant::now();
     state
         .admin()
-        .check(headers, peer.ip(), std::time::Instant::now())
+        .check(headers, peer.ip(), now)
         .inspect_err(|e| {
-            if matches!(e, ApiError::AdminDisabled) {
-                return;
-            }
-            if WARNINGS.warn_now() {
-                tracing::warn!(
-                    %peer,
-                    "Admin: request from {peer} refused: {e} (one such line per {} s)",
-                    WARNINGS.period_s
-                );
+            let warn = match e {
+                ApiError::AdminDisabled => return,
+                ApiError::Forbidden => {
+                    let count = state.admin().failures_of(peer.ip(), now);
+                    count <= 1 || count == crate::admin::MAX_FAILURES
+                }
+                ApiError::Unauthorized { .. } => NO_TOKEN.warn_now(),
+                _ => false,
+            };
+            if warn {
+                tracing::warn!(%peer, "Admin: request from {peer} refused: {e}");
             } else {
                 tracing::debug!(%peer, "Admin: request from {peer} refused: {e}");
             }

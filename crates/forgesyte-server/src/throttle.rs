@@ -1,7 +1,8 @@
 //! Warnings a client can make the server write in a loop (a web page's
-//! refused requests, an admin route without its token): the first of each
-//! kind in a period is a warning, the rest debug lines, so no client fills
-//! the log (a flood of refused admin requests wrote 42 MB a second).
+//! refused requests, admin requests without a token): the first in a
+//! period is a warning, the rest debug lines, so no client fills the log
+//! (a flood of refused admin requests wrote 42 MB a second). One throttle
+//! per kind of refusal; each user says what it covers.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
