@@ -38,10 +38,11 @@
 //!   `ENFILE`) or memory never ends the loop: it logs, waits
 //!   [`ACCEPT_BACKOFF`] and accepts again.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -63,6 +64,59 @@ use tokio::sync::{Semaphore, watch};
 
 /// Connections beyond the cap that are still served the probe routes.
 pub(crate) const PROBE_RESERVE: usize = 16;
+
+/// Places of the probe reserve one client may hold (a quarter): a client
+/// that reopens each connection the moment it is closed kept the cap and
+/// the whole reserve full, and the probes failed with the rest.
+const RESERVE_PER_CLIENT: usize = 4;
+
+/// The probe reserve's places held, by client: an IPv4 address, an IPv6
+/// address's /64 (which one holder has whole). Loopback addresses are each
+/// their own client, so a local health check keeps its places beside a
+/// remote client's (a local process that sends from many loopback addresses
+/// can still fill the reserve).
+#[derive(Debug, Default)]
+struct ReserveShares(Mutex<HashMap<IpAddr, usize>>);
+
+/// One reserve place held by a client, given back when dropped.
+struct ReserveShare {
+    shares: Arc<ReserveShares>,
+    client: IpAddr,
+}
+
+impl ReserveShares {
+    /// A place for `peer`'s client, unless it holds [`RESERVE_PER_CLIENT`].
+    fn take(self: &Arc<Self>, peer: IpAddr) -> Option<ReserveShare> {
+        let client = match peer.to_canonical() {
+            IpAddr::V6(v6) if !v6.is_loopback() => {
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)))
+            }
+            other => other,
+        };
+        let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = held.entry(client).or_default();
+        if *count >= RESERVE_PER_CLIENT {
+            return None;
+        }
+        *count += 1;
+        Some(ReserveShare {
+            shares: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+impl Drop for ReserveShare {
+    fn drop(&mut self) {
+        let mut held = self.shares.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.client);
+            }
+        }
+    }
+}
 
 /// The wait before accepting again after an accept error that is not the
 /// peer's (out of file descriptors or memory).
@@ -123,6 +177,7 @@ pub(crate) async fn serve(
     let (stopping, stop_seen) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
+    let shares = Arc::new(ReserveShares::default());
     let service = TowerToHyperService::new(router);
     let public_hosts: Arc<[String]> = public_hosts.into();
     let mut last_warned: Option<Instant> = None;
@@ -168,7 +223,9 @@ pub(crate) async fn serve(
                 drain_on_stop(connection, stop_seen).await;
                 drop(permit);
             });
-        } else if let Ok(permit) = Arc::clone(&reserve).try_acquire_owned() {
+        } else if let Some(share) = shares.take(peer.ip())
+            && let Ok(permit) = Arc::clone(&reserve).try_acquire_owned()
+        {
             let main = service;
             let probes_only = service_fn(move |request: Request<Incoming>| {
                 let main = main.clone();
@@ -188,7 +245,7 @@ pub(crate) async fn serve(
             let watched = graceful.watch(connection);
             tokio::spawn(async move {
                 let _ = watched.await;
-                drop(permit);
+                drop((permit, share));
             });
         } else {
             tracing::debug!("Connection cap reached; closing a new connection");
@@ -705,6 +762,31 @@ impl hyper::rt::Sleep for RequestSleep {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client holds at most a quarter of the probe reserve; an IPv6
+    /// client's /64 is one client, each loopback address its own; a place
+    /// given back can be taken again.
+    #[test]
+    fn a_client_holds_at_most_its_share_of_the_probe_reserve() {
+        let shares = Arc::new(ReserveShares::default());
+        let one: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut held: Vec<ReserveShare> = (0..RESERVE_PER_CLIENT)
+            .map(|_| shares.take(one).unwrap())
+            .collect();
+        assert!(shares.take(one).is_none());
+        // The same client over IPv6 (mapped), and another /64 address.
+        assert!(shares.take("::ffff:192.0.2.7".parse().unwrap()).is_none());
+        let v6a: IpAddr = "2001:db8:0:7::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:0:7:ffff::2".parse().unwrap();
+        let _v6: Vec<ReserveShare> = (0..RESERVE_PER_CLIENT)
+            .map(|_| shares.take(v6a).unwrap())
+            .collect();
+        assert!(shares.take(v6b).is_none());
+        // Loopback addresses are their own clients.
+        assert!(shares.take("127.0.0.2".parse().unwrap()).is_some());
+        held.pop();
+        assert!(shares.take(one).is_some());
+    }
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -86,6 +86,18 @@ fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     false
 }
 
+/// A connection to `addr` from the local address `source` (a loopback
+/// address other than 127.0.0.1 is another client).
+fn connect_from(source: std::net::Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &SocketAddr::from((source, 0))).unwrap();
+    connect(&fd, &addr).unwrap();
+    let stream = TcpStream::from(fd);
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
 /// Reads one response with a `Content-Length` off a keep-alive connection.
 fn read_response(stream: &mut TcpStream) -> String {
     stream
@@ -258,10 +270,28 @@ async fn beyond_the_connection_cap_probes_answer_tools_get_503_then_connections_
             assert_ne!(reply.status, 503, "{probe}: {}", reply.text());
         }
 
-        // The reserve full too: a new connection is closed at once.
-        let reserve: Vec<TcpStream> = (0..RESERVE).map(|_| connect(addr)).collect();
+        // One client holds a quarter of the reserve at most: one that
+        // reopens its connections cannot keep the probes out.
+        let mut reserve: Vec<TcpStream> = (0..RESERVE).map(|_| connect(addr)).collect();
         std::thread::sleep(Duration::from_millis(200));
         let mut extra = connect(addr);
+        let _ = extra.write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+        assert!(closed_within(&mut extra, Duration::from_millis(500)));
+        let mut other = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr);
+        other
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let answer = read_response(&mut other);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        drop(other);
+        // The reserve full, from clients with their shares: a new
+        // connection is closed at once.
+        for last in 2..5 {
+            let source = std::net::Ipv4Addr::new(127, 0, 0, last);
+            reserve.extend((0..RESERVE / 4).map(|_| connect_from(source, addr)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let mut extra = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 9), addr);
         let _ = extra.write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         assert!(closed_within(&mut extra, Duration::from_millis(500)));
         drop(reserve);
