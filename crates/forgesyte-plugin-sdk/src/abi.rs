@@ -342,23 +342,12 @@ pub unsafe extern "C" fn __call_binary<P: Plugin>(
             let bytes = unsafe { borrow_bytes(entry.bytes.ptr, entry.bytes.len, "bytes") }?;
             call = call.with_binary(pointer, bytes);
         }
-        let output = run_call(instance, call)?;
-        // The places the host would refuse (a fault that makes the plugin
-        // FAILED) are the tool's error here, as ABI 1's `into_json` makes
-        // them: a pointer with no place in the result, or two results in
-        // one place. Each place gets the `null` the host puts there anyway.
-        let invalid = |detail: String| Failure::new(STATUS_ERROR, "InvalidOutput", detail);
-        if let Some(pointer) = forgesyte_protocol::wire::attach::overlapping(&output.binary) {
-            return Err(invalid(format!(
-                "two binary results at {pointer:?} (one in the place of another)"
-            )));
-        }
-        let mut value = output.json;
-        for (pointer, _) in &output.binary {
-            forgesyte_protocol::wire::attach::place(&mut value, pointer, Value::Null)
-                .map_err(|e| invalid(format!("a binary result has no place in the result: {e}")))?;
-        }
-        let json = serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))?;
+        // Each place gets the `null` the host puts there anyway.
+        let output = run_call(instance, call)?
+            .placed(|_| Value::Null)
+            .map_err(|e| Failure::new(STATUS_ERROR, e.error_type, e.message))?;
+        let json = serde_json::to_vec(&output.json)
+            .map_err(|e| Failure::new(STATUS_ERROR, "InvalidOutput", e.to_string()))?;
         results = output.binary;
         Ok(json)
     });

@@ -139,9 +139,18 @@ impl Output {
     /// The JSON with each binary result put at its place as a base64
     /// string: what a caller that takes JSON only (ABI 1's `call`) gets.
     pub fn into_json(self) -> Result<Value, ToolError> {
-        // Refused as ABI 3's `call_binary` refuses it: one result would be
-        // lost in the other's place.
-        if let Some(pointer) = forgesyte_protocol::wire::attach::overlapping(&self.binary) {
+        self.placed(|bytes| base64(bytes).into())
+            .map(|output| output.json)
+    }
+
+    /// This output with `value_of(bytes)` in its JSON at each binary
+    /// result's place. The places the host would refuse (a fault that
+    /// makes the plugin FAILED) are the tool's `InvalidOutput` error
+    /// instead, through either ABI: two results in one place (one would be
+    /// lost), or one with no place in the result.
+    pub(crate) fn placed(self, value_of: impl Fn(&[u8]) -> Value) -> Result<Output, ToolError> {
+        use forgesyte_protocol::wire::attach;
+        if let Some(pointer) = attach::overlapping(&self.binary) {
             return Err(ToolError::new(
                 "InvalidOutput",
                 format!("two binary results at {pointer:?} (one in the place of another)"),
@@ -149,10 +158,17 @@ impl Output {
         }
         let mut json = self.json;
         for (pointer, bytes) in &self.binary {
-            forgesyte_protocol::wire::attach::place(&mut json, pointer, base64(bytes).into())
-                .map_err(|e| ToolError::new("InvalidOutput", e.to_string()))?;
+            attach::place(&mut json, pointer, value_of(bytes)).map_err(|e| {
+                ToolError::new(
+                    "InvalidOutput",
+                    format!("a binary result has no place in the result: {e}"),
+                )
+            })?;
         }
-        Ok(json)
+        Ok(Output {
+            json,
+            binary: self.binary,
+        })
     }
 }
 
