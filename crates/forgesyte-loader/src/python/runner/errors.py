@@ -20,11 +20,11 @@ def clean(text):
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def capped(text):
-    """``text`` cut to ``MAX_ERROR_CHARS`` characters, saying so."""
-    if len(text) <= MAX_ERROR_CHARS:
+def capped(text, limit=MAX_ERROR_CHARS):
+    """``text`` cut to ``limit`` characters, saying so."""
+    if len(text) <= limit:
         return text
-    return "%s… (%d characters cut)" % (text[:MAX_ERROR_CHARS], len(text) - MAX_ERROR_CHARS)
+    return "%s… (%d characters cut)" % (text[:limit], len(text) - limit)
 
 
 def _exception_message(exc):
@@ -79,8 +79,8 @@ def fitted(error, size, limit):
     error = dict(error, traceback=[])
     for key in ("message", "error_type", "name"):
         value = error.get(key)
-        if isinstance(value, str) and len(value) > FITTED_CHARS:
-            error[key] = "%s… (%d characters cut)" % (value[:FITTED_CHARS], len(value) - FITTED_CHARS)
+        if isinstance(value, str):
+            error[key] = capped(value, FITTED_CHARS)
     return error
 
 
