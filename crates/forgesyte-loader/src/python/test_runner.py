@@ -1694,6 +1694,14 @@ class UnitTests(unittest.TestCase):
             with self.assertRaises(results.PointerError, msg=pointer):
                 place({"list": [0], "n": 1}, pointer, None)
 
+    def _logged(self, code):
+        """The stderr lines of ``code`` run in a fresh interpreter (the
+        runner's logging set up there); it prints nothing on stdout."""
+        proc = subprocess.run([PYTHON, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=TIMEOUT)
+        self.assertEqual(proc.stdout, b"")
+        return proc.stderr.decode().splitlines()
+
     def test_log_records_are_one_stderr_line(self):
         code = (
             "import logging\n"
@@ -1706,10 +1714,7 @@ class UnitTests(unittest.TestCase):
             "except ZeroDivisionError:\n"
             "    logging.getLogger('x').exception('two\\nlines')\n"
         )
-        proc = subprocess.run([PYTHON, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=TIMEOUT)
-        lines = proc.stderr.decode().splitlines()
-        self.assertEqual(proc.stdout, b"")
+        lines = self._logged(code)
         self.assertEqual(lines[0], "INFO ocr.engine: loaded eng")
         self.assertEqual(len(lines), 2, lines)
         self.assertTrue(lines[1].startswith("ERROR x: two | lines | Traceback"), lines[1])
@@ -1729,9 +1734,7 @@ class UnitTests(unittest.TestCase):
             "log.error(Loud())\n"
             "log.info('odd extra', extra={'request_id': 5})\n"
         )
-        proc = subprocess.run([PYTHON, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=TIMEOUT)
-        lines = proc.stderr.decode().splitlines()
+        lines = self._logged(code)
         tag = '@call {"request_id":"req-1"} '
         self.assertEqual(len(lines), 3, lines)
         self.assertEqual(lines[0], tag + "WARNING p: <message 'bad %d' with arguments ('s',) cannot "
