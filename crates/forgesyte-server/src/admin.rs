@@ -232,16 +232,7 @@ fn client_key(ip: IpAddr) -> IpAddr {
     if ip.is_loopback() || ip.to_canonical().is_loopback() {
         return LOOPBACK;
     }
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
-            }
-        },
-    }
+    crate::conn::client_of(ip)
 }
 
 /// The admin routes' gate: the token and the count of wrong tokens per

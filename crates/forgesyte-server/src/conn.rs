@@ -78,6 +78,20 @@ const RESERVE_PER_CLIENT: usize = 4;
 #[derive(Debug, Default)]
 struct ReserveShares(Mutex<HashMap<IpAddr, usize>>);
 
+/// The client an address belongs to: an IPv4 address (an IPv4-mapped
+/// IPv6 address is its IPv4 address), or an IPv6 address's /64, which one
+/// holder has whole; the IPv6 loopback address its own. What a client may
+/// hold or try is counted by this (the probe reserve's places here, wrong
+/// admin tokens in `admin`).
+pub(crate) fn client_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) if !v6.is_loopback() => {
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)))
+        }
+        other => other,
+    }
+}
+
 /// One reserve place held by a client, given back when dropped.
 struct ReserveShare {
     shares: Arc<ReserveShares>,
@@ -87,12 +101,7 @@ struct ReserveShare {
 impl ReserveShares {
     /// A place for `peer`'s client, unless it holds [`RESERVE_PER_CLIENT`].
     fn take(self: &Arc<Self>, peer: IpAddr) -> Option<ReserveShare> {
-        let client = match peer.to_canonical() {
-            IpAddr::V6(v6) if !v6.is_loopback() => {
-                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)))
-            }
-            other => other,
-        };
+        let client = client_of(peer);
         let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let count = held.entry(client).or_default();
         if *count >= RESERVE_PER_CLIENT {
