@@ -68,14 +68,12 @@ def python_error(exc, kind="Python"):
 FITTED_CHARS = 16 * 1024
 
 
-def fitted(error, size, limit):
-    """``error`` (a WireError), whose answer encodes to ``size`` bytes,
-    made to fit in ``limit``: without its traceback, its message and names
-    cut to ``FITTED_CHARS``. (A message of 64 Ki characters of 4 bytes each
-    and ten traceback lines as long made a 2.9 MB error answer, over a
-    1 MiB limit, and the host killed the runner for it.)"""
-    if size <= limit:
-        return error
+def fitted(error):
+    """``error`` (a WireError) whose answer is over the answer limit, made
+    to fit: without its traceback, its message and names cut to
+    ``FITTED_CHARS``. (A message of 64 Ki characters of 4 bytes each and
+    ten traceback lines as long made a 2.9 MB error answer, over a 1 MiB
+    limit, and the host killed the runner for it.)"""
     error = dict(error, traceback=[])
     for key in ("message", "error_type", "name"):
         value = error.get(key)

@@ -252,10 +252,15 @@ class Runner(object):
         runner whose answer is over it)."""
         message = {"type": kind, "id": rid, "error": error}
         try:
-            size = len(encode(message))
+            header = encode(message)
         except (ValueError, UnicodeEncodeError):
-            size = 0  # answer() says why it cannot be sent
-        message["error"] = fitted(error, size, self.max_response - 1024)
+            header = None  # answer() says why it cannot be sent
+        if header is not None and len(header) <= self.max_response - 1024:
+            # Encoded once: the answer as it is.
+            self.wire.send_frame(header, ())
+            return
+        if header is not None:
+            message["error"] = fitted(error)
         self.answer(message)
 
     # -- serving --------------------------------------------------------
