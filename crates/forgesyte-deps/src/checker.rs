@@ -370,6 +370,8 @@ impl DependencyChecker {
             Dependency::Plugin { name, req } => {
                 return match (known_plugins.get(name), req) {
                     (None, _) => Some(dep.to_string()),
+                    // `*` asks for the plugin in any version, or none.
+                    (Some(_), Some(req)) if req.comparators.is_empty() => None,
                     (Some(Ok(version)), Some(req)) if !req.matches(version) => {
                         Some(format!("{dep} (found {version})"))
                     }
@@ -613,7 +615,8 @@ mod tests {
         ]);
         let r = req(json!({"dependencies": [
             "plugin:base", "plugin:base@^1.2", "plugin:base@^2", "plugin:other@1",
-            "plugin:odd", "plugin:odd@^1", "plugin:bare", "plugin:bare@>=0.0.0"
+            "plugin:odd", "plugin:odd@^1", "plugin:bare", "plugin:bare@>=0.0.0",
+            "plugin:odd@*", "plugin:bare@*", "plugin:other@*"
         ]}));
         let report = checker.check(&r, Path::new(DIR), &known);
         assert_eq!(
@@ -622,7 +625,8 @@ mod tests {
                 "plugin:base@^2 (found 1.4.0)",
                 "plugin:other@^1",
                 "plugin:odd@^1 (its version \"v1.2\" is not semver)",
-                "plugin:bare@>=0.0.0 (it has no version)"
+                "plugin:bare@>=0.0.0 (it has no version)",
+                "plugin:other@*"
             ]
         );
     }

@@ -855,6 +855,37 @@ fn load_from_path_loads_one_directory() {
     assert_eq!(missing.state, S::Failed);
 }
 
+/// A plugin whose manifest has no version (shown as the seed's
+/// "unknown") satisfies `plugin:NAME@*` and is said to have no version by
+/// any other requirement.
+#[test]
+fn a_plugin_without_a_version_satisfies_only_the_star_requirement() {
+    let s = Setup::new();
+    s.plugin(
+        "a_bare",
+        &manifest("bare", json!({"version": null})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "b_any",
+        &manifest("any", json!({"dependencies": ["plugin:bare@*"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "c_some",
+        &manifest("some", json!({"dependencies": ["plugin:bare@>=0.0.0"]})),
+        FakeBehavior::Good,
+    );
+    s.load();
+    s.check("bare", S::Initialized, &[]);
+    s.check("any", S::Initialized, &[]);
+    s.check(
+        "some",
+        S::Unavailable,
+        &["plugin:bare@>=0.0.0 (it has no version)"],
+    );
+}
+
 #[test]
 fn manifest_is_kept_with_unknown_fields() {
     let s = Setup::new();

@@ -161,6 +161,8 @@ impl Loader {
             .filter(|s| s.state.is_available())
             .map(|s| {
                 let version = match s.version {
+                    // What a manifest without a version shows (the seed's).
+                    Some(text) if text == "unknown" => Err(None),
                     Some(text) => lenient_version(&text).ok_or(Some(text)),
                     None => Err(None),
                 };
