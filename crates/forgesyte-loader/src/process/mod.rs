@@ -18,13 +18,15 @@
 //!   in memory). A call past its timeout kills the runner. A runner that did
 //!   not announce `concurrent_calls` gets one call at a time: a call waits
 //!   at most its timeout for its turn, then fails alone
-//!   ([`ToolError::QueueTimedOut`], the runner untouched: it never saw
+//!   ([`forgesyte_errors::ToolError::QueueTimedOut`], the runner untouched: it never saw
 //!   the call).
 //!
 //! The wire protocol is `forgesyte_protocol::wire` (specified in its
 //! `PROTOCOL.md`); the runner's side is [`runner_main`]; the host's side is
-//! `transport` (routing over any pair of streams) and `child` (the
-//! process: spawning, stopping, reaping). Faults come back as typed errors with a precise reason
+//! `transport` (routing over any pair of streams), `child` (one runner:
+//! its reader, stopping, reaping), `spawn` (the OS hygiene of every child
+//! process the host starts) and `instance` (a constructed plugin's calls).
+//! Faults come back as typed errors with a precise reason
 //! (`killed by signal SIGSEGV (11)`, `exited with code 3`, `exceeded memory
 //! limit 512 MiB`, `timed out after 5 s during init`, a protocol violation)
 //! and the last lines the plugin wrote to stderr. Every stderr line is also
@@ -35,16 +37,19 @@
 
 mod child;
 mod exit;
+mod instance;
 mod os_process;
 mod runner;
 mod spares;
+mod spawn;
 mod stderr;
 mod transport;
 mod wire_error;
 mod workers;
 mod zygote;
 
-pub use child::{RUNNER_STOP_WAIT, close_inherited_on_exec};
+pub use child::RUNNER_STOP_WAIT;
+pub use spawn::close_inherited_on_exec;
 pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::ZYGOTE_ENV;
 
@@ -54,7 +59,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forgesyte_errors::{ImportError, InitError, PluginError, TimeoutError, ToolError};
+use forgesyte_errors::{ImportError, InitError, PluginError, TimeoutError};
 use parking_lot::Mutex;
 
 use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
@@ -65,10 +70,10 @@ pub(crate) use self::child::Runners;
 use self::child::{Child, KillReason, SpawnError, SpawnOptions};
 use self::transport::Reply;
 use self::wire_error::WireErrorExt;
-use crate::CallContext;
-use crate::host::{CallOutput, ExitCallback, Importer, PluginInstance, PluginLibrary, ToolInfo};
+use crate::host::{Importer, PluginInstance, PluginLibrary};
 use crate::manifest::{Limits, PythonEntry};
 
+pub use self::instance::ProcessInstance;
 pub use self::runner::runner_main;
 
 /// File name of the runner binary this crate builds.
@@ -448,7 +453,7 @@ impl ProcessImporter {
                     .args(common);
                 if let Some(fd) = library_fd {
                     command.arg("--library-fd").arg(fd.to_string());
-                    child::pass_fd(&mut command, fd);
+                    spawn::pass_fd(&mut command, fd);
                 }
                 confine_env(&mut command);
                 Child::spawn(command, &opts, self.limits.init_timeout)
@@ -488,7 +493,7 @@ impl ProcessImporter {
                 if let Some(fd) = sources {
                     // At the same number in the runner (`pass_fd`).
                     command.arg("--sources-fd").arg(fd.as_raw_fd().to_string());
-                    child::pass_fd(&mut command, fd.as_raw_fd());
+                    spawn::pass_fd(&mut command, fd.as_raw_fd());
                 }
                 confine_env(&mut command);
                 Child::spawn(command, &opts, self.limits.init_timeout)
@@ -711,299 +716,13 @@ fn init_crash(report: &crate::host::ExitReport) -> InitError {
     }
 }
 
-/// A plugin instance in a runner process. Dropping it stops the process
-/// (asked first, killed after a grace).
-#[derive(Debug)]
-pub struct ProcessInstance {
-    child: Child,
-    tools: Vec<ToolInfo>,
-    call_timeout: Duration,
-    /// Held around each call when the runner runs one call at a time;
-    /// waited for at most the call timeout.
-    serial: Option<Mutex<()>>,
-}
-
-impl ProcessInstance {
-    /// The runtime the runner announced (`native`, `python`, …) and its
-    /// version.
-    pub fn runtime(&self) -> (&str, &str) {
-        let hello = self.child.hello();
-        (&hello.runtime, &hello.runtime_version)
-    }
-
-    /// The sandbox its runner reported (`filesystem`, `network`, `env`:
-    /// what is enforced, or `unconfined: why`); `None` when it was started
-    /// unconfined.
-    pub fn confinement(&self) -> Option<&std::collections::BTreeMap<String, String>> {
-        self.child.hello().confinement.as_ref()
-    }
-
-    /// Runs `tool` with the JSON `args` and binary `attachments`, placed at
-    /// the JSON Pointers of `pointers` (see `PROTOCOL.md`). The result's own
-    /// attachments come back as base64 strings at their places, the
-    /// representation of bytes in JSON answers ([`Self::call_output`] keeps
-    /// them as bytes).
-    pub fn call_with(
-        &self,
-        tool: &str,
-        args: &[u8],
-        attachments: &[(&str, &[u8])],
-    ) -> Result<Vec<u8>, ToolError> {
-        self.call_in(tool, args, attachments, &CallContext::default())
-    }
-
-    /// [`call_with`](Self::call_with) with the call's `context` (request
-    /// id, `traceparent`), sent in the call's `context` field unless empty.
-    pub fn call_in(
-        &self,
-        tool: &str,
-        args: &[u8],
-        attachments: &[(&str, &[u8])],
-        context: &CallContext,
-    ) -> Result<Vec<u8>, ToolError> {
-        self.call_output(tool, args, attachments, context)?
-            .into_json()
-    }
-
-    /// [`call_in`](Self::call_in) with the result's attachments kept as
-    /// bytes beside the JSON: slices of the answer frame, shared, not
-    /// copied. A count of pointers that differs from the frame's count of
-    /// attachments is a protocol error.
-    pub fn call_output(
-        &self,
-        tool: &str,
-        args: &[u8],
-        attachments: &[(&str, &[u8])],
-        context: &CallContext,
-    ) -> Result<CallOutput, ToolError> {
-        let head = |id: u64| {
-            let mut head = format!(r#"{{"op":"call","id":{id},"tool":"#).into_bytes();
-            // A string always serialises.
-            let _ = serde_json::to_writer(&mut head, tool);
-            if !attachments.is_empty() {
-                head.extend_from_slice(br#","attachments":"#);
-                let pointers: Vec<&str> = attachments.iter().map(|(p, _)| *p).collect();
-                let _ = serde_json::to_writer(&mut head, &pointers);
-            }
-            if !context.is_empty() {
-                head.extend_from_slice(br#","context":"#);
-                // Strings only: always serialises.
-                let _ = serde_json::to_writer(&mut head, context);
-            }
-            head.extend_from_slice(br#","args":"#);
-            head
-        };
-        if serde_json::from_slice::<serde::de::IgnoredAny>(args).is_err() {
-            return Err(ToolError::InvalidArgs {
-                message: "the arguments are not JSON".into(),
-            });
-        }
-        let hello = self.child.hello();
-        if !attachments.is_empty() && !hello.can(capability::ATTACHMENTS) {
-            return Err(ToolError::InvalidArgs {
-                message: format!(
-                    "the plugin's runner ({} {}) does not accept binary attachments",
-                    hello.runtime, hello.runtime_version
-                ),
-            });
-        }
-        let bytes: Vec<&[u8]> = attachments.iter().map(|(_, b)| *b).collect();
-        // A runner that did not announce concurrent calls gets one at a
-        // time: queued in the pipe, a call's timeout would run while it
-        // waits behind another. The wait for the turn is bounded by the
-        // call's timeout too; past it the call fails alone, never sent. It
-        // is not `TimedOut` (a fault: the process is killed): the runner is
-        // busy with another call, which has a deadline of its own.
-        let _one_at_a_time = match &self.serial {
-            None => None,
-            Some(serial) => match serial.try_lock_for(self.call_timeout) {
-                Some(turn) => Some(turn),
-                None => {
-                    return Err(ToolError::QueueTimedOut {
-                        after: self.call_timeout,
-                    });
-                }
-            },
-        };
-        let reply = self
-            .child
-            .request(head, &[args, b"}"], &bytes, self.call_timeout);
-        match reply {
-            Ok(Reply::Answer(
-                Response::Result {
-                    result,
-                    attachments,
-                    ..
-                },
-                frame,
-            )) => with_attachments(result.get(), attachments, frame),
-            Ok(Reply::Answer(Response::ToolFailed { error, .. }, _)) => Err(error.into_tool()),
-            Ok(Reply::Answer(other, _)) => Err(ToolError::Protocol {
-                detail: format!(
-                    "unexpected '{}' answer to a tool call",
-                    forgesyte_protocol::wire::response_kind(&other)
-                ),
-            }),
-            Ok(Reply::Greeting(_)) => Err(ToolError::Protocol {
-                detail: "a second greeting".into(),
-            }),
-            Ok(Reply::Died(report)) | Err(Some(report)) => Err(tool_crash(&report)),
-            Err(None) => {
-                let after = self.call_timeout;
-                let reason = PluginError::Timeout(TimeoutError {
-                    operation: format!("tool '{tool}'"),
-                    after,
-                })
-                .reason();
-                self.child.kill(KillReason::host(reason));
-                let _ = self.child.wait_dead(child::DEATH_SYNC);
-                Err(ToolError::TimedOut { after })
-            }
-        }
-    }
-}
-
-/// A result's JSON and its attachments as shared slices of `frame`.
-fn with_attachments(
-    result: &str,
-    pointers: Vec<String>,
-    frame: forgesyte_protocol::wire::Frame,
-) -> Result<CallOutput, ToolError> {
-    if pointers.len() != frame.attachment_count() {
-        return Err(ToolError::Protocol {
-            detail: format!(
-                "{} attachment places for {} attachments",
-                pointers.len(),
-                frame.attachment_count()
-            ),
-        });
-    }
-    let json = result.as_bytes().to_vec();
-    if pointers.is_empty() {
-        return Ok(CallOutput::json(json));
-    }
-    let frame = Arc::new(frame);
-    let binary = pointers
-        .into_iter()
-        .enumerate()
-        .map(|(index, pointer)| {
-            let part = FramePart {
-                frame: Some(Arc::clone(&frame)),
-                index,
-            };
-            (pointer, bytes::Bytes::from_owner(part))
-        })
-        .collect();
-    Ok(CallOutput { json, binary })
-}
-
-/// Attachment `index` of a shared frame, as bytes that own (a share of)
-/// the frame.
-struct FramePart {
-    /// `None` only while it drops.
-    frame: Option<Arc<forgesyte_protocol::wire::Frame>>,
-    index: usize,
-}
-
-impl AsRef<[u8]> for FramePart {
-    fn as_ref(&self) -> &[u8] {
-        self.frame
-            .as_deref()
-            .and_then(|frame| frame.attachment(self.index))
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for FramePart {
-    /// The last part of a frame drops the frame where that costs least
-    /// ([`spares::drop_frame`]): an HTTP answer's bytes are let go on the
-    /// async runtime's threads.
-    fn drop(&mut self) {
-        if let Some(frame) = self.frame.take().and_then(|f| Arc::try_unwrap(f).ok()) {
-            spares::drop_frame(frame);
-        }
-    }
-}
-
-impl PluginInstance for ProcessInstance {
-    fn tools(&self) -> &[ToolInfo] {
-        &self.tools
-    }
-
-    fn confinement(&self) -> Option<std::collections::BTreeMap<String, String>> {
-        ProcessInstance::confinement(self).cloned()
-    }
-
-    fn call(&self, tool: &str, args: &[u8]) -> Result<Vec<u8>, ToolError> {
-        ProcessInstance::call_with(self, tool, args, &[])
-    }
-
-    fn call_with(
-        &self,
-        tool: &str,
-        args: &[u8],
-        attachments: &[(&str, &[u8])],
-    ) -> Result<Vec<u8>, ToolError> {
-        ProcessInstance::call_with(self, tool, args, attachments)
-    }
-
-    fn call_output(
-        &self,
-        tool: &str,
-        args: &[u8],
-        attachments: &[(&str, &[u8])],
-        context: &CallContext,
-    ) -> Result<CallOutput, ToolError> {
-        ProcessInstance::call_output(self, tool, args, attachments, context)
-    }
-
-    fn takes_binary(&self) -> bool {
-        self.child.hello().can(capability::ATTACHMENTS)
-    }
-
-    fn stop(&self) {
-        // Dropping the last owner of the child stops it; before that, ask
-        // it to exit (it reads the end of its input) with the same grace.
-        self.child.stop();
-    }
-
-    fn wait_stopped(&self, timeout: Duration) -> bool {
-        self.child.wait_dead(timeout).is_some()
-    }
-
-    fn pid(&self) -> Option<u32> {
-        Some(self.child.pid())
-    }
-
-    fn on_exit(&self, callback: ExitCallback) -> bool {
-        self.child.on_exit(callback);
-        true
-    }
-
-    fn kill(&self, reason: &str) -> bool {
-        self.child.kill(KillReason::host(reason));
-        let _ = self.child.wait_dead(child::DEATH_SYNC);
-        true
-    }
-}
-
 /// Why no runner started: the host is stopping.
 const STOPPING: &str = "the host is stopping: no runner starts";
-
-/// What a call in flight gets when its runner ended: the crash, or, for a
-/// runner the host let go (its report carries no crash), `Stopped`.
-fn tool_crash(report: &crate::host::ExitReport) -> ToolError {
-    match &report.crash {
-        Some(crash) => ToolError::Crashed(crash.clone()),
-        None => ToolError::Stopped {
-            reason: report.reason.clone(),
-        },
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use forgesyte_errors::ToolError;
     use std::time::Instant;
 
     #[test]

@@ -45,7 +45,7 @@ use rustix::net::{
 use serde::Deserialize;
 use serde_json::json;
 
-use super::child::spawn_supervised;
+use super::spawn::spawn_supervised;
 
 /// The environment variable that turns the zygote off (`0`): every Python
 /// runner is then a fresh interpreter of its own.

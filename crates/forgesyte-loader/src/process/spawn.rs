@@ -1,0 +1,177 @@
+//! How the host starts a child process (a runner, or a Python zygote):
+//! the OS hygiene every one gets, whatever it runs.
+//!
+//! - Descriptors the server inherited are closed on exec
+//!   ([`close_inherited_on_exec`], once at start); a descriptor meant for
+//!   a child is passed at its number ([`pass_fd`]).
+//! - Each child leads its own process group, runs with `no_new_privs`, and
+//!   gets `SIGKILL` when the server ends: forked from one long-lived
+//!   thread ([`spawn_supervised`]), because the parent-death signal follows
+//!   the thread that forked.
+//!
+//! What a runner does once started (its pipes, its death) is `child`'s.
+
+use std::process::{Command, Stdio};
+
+/// Marks close-on-exec every descriptor above 2 that this process holds:
+/// at a server's start, those it inherited (a supervisor's socket, a
+/// shell's open file), which no runner, zygote or other child it starts
+/// may get (Landlock rules paths, not descriptors already open). Returns
+/// how many it marked. Call it first thing, before any other thread or any
+/// descriptor meant for a child exists.
+///
+/// # Errors
+///
+/// When `/proc/self/fd` cannot be listed or a descriptor's flags cannot be
+/// set.
+#[allow(unsafe_code)]
+pub fn close_inherited_on_exec() -> std::io::Result<usize> {
+    use rustix::fs::{CWD, Dir, Mode, OFlags, openat};
+    use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+    use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+    let listing = openat(
+        CWD,
+        "/proc/self/fd",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let own = listing.as_raw_fd();
+    let mut dir = Dir::new(listing)?;
+    let mut marked = 0;
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .ok()
+            .and_then(|name| name.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if fd <= 2 || fd == own {
+            continue;
+        }
+        // SAFETY: `fd` was listed open just now, and nothing closes it
+        // meanwhile: the caller runs this before any other thread exists.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let flags = fcntl_getfd(fd)?;
+        if !flags.contains(FdFlags::CLOEXEC) {
+            fcntl_setfd(fd, flags | FdFlags::CLOEXEC)?;
+            marked += 1;
+        }
+    }
+    Ok(marked)
+}
+
+/// Has `command`'s process inherit the descriptor `fd` at its number (it
+/// is closed on exec otherwise). The caller keeps `fd` open until the
+/// spawn has returned.
+#[allow(unsafe_code)]
+pub(crate) fn pass_fd(command: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec in the child, where
+    // only async-signal-safe work is allowed: `fcntl` is a plain system
+    // call on a descriptor the child inherited (open in the parent until
+    // the spawn returns, as the caller promises), and errors are not built
+    // by allocation.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            Ok(())
+        });
+    }
+}
+
+/// Starts a runner command: its stdio piped, as [`spawn_supervised`].
+pub(crate) fn spawn_runner(mut command: Command) -> std::io::Result<std::process::Child> {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn_supervised(command)
+}
+
+/// Starts a command in a process group of its own, with `SIGKILL` as its
+/// parent-death signal. The fork happens on one long-lived thread, because
+/// the parent-death signal fires when the *thread* that forked ends, and
+/// callers may be short-lived pool threads. (Without that thread, the
+/// command is started here, without the signal: the runners' own parent
+/// watch still ends them with the server.)
+pub(crate) fn spawn_supervised(mut command: Command) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc::{Sender, channel};
+    use std::sync::{Mutex as StdMutex, OnceLock};
+
+    type Job = (Command, Sender<std::io::Result<std::process::Child>>);
+    static SPAWNER: OnceLock<StdMutex<Sender<Job>>> = OnceLock::new();
+
+    command.process_group(0);
+    set_no_new_privs(&mut command);
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = channel::<Job>();
+        let started = std::thread::Builder::new()
+            .name("forgesyte-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    set_parent_death_signal(&mut command);
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!("cannot start the runner spawner thread: {e}");
+        }
+        StdMutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = channel();
+    let sent = spawner
+        .lock()
+        .map_err(|_| std::io::Error::other("the runner spawner is broken"))?
+        .send((command, reply_tx));
+    match sent {
+        Ok(()) => reply_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the runner spawner is gone"))?,
+        // No spawner thread: fork here, without the parent-death signal
+        // (it would fire when this thread ends).
+        Err(std::sync::mpsc::SendError((mut command, _))) => command.spawn(),
+    }
+}
+
+/// Sets `no_new_privs` in the child before it runs anything: neither the
+/// runner nor anything it (or a plugin) executes can gain privileges
+/// through set-uid binaries or file capabilities. Inherited across fork and
+/// exec, so it holds for a zygote's runners too.
+#[allow(unsafe_code)]
+fn set_no_new_privs(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec in the child, where
+    // only async-signal-safe work is allowed: `prctl` is a plain system
+    // call, and its error is returned without allocating.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::thread::set_no_new_privs(true)?;
+            Ok(())
+        });
+    }
+}
+
+/// Makes the child get `SIGKILL` when its parent ends; a child whose parent
+/// is already gone by then exits at once.
+#[allow(unsafe_code)]
+fn set_parent_death_signal(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs between fork and exec in the child, where
+    // only async-signal-safe work is allowed: `prctl` and `getppid` are
+    // plain system calls, and the error is built without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(3 /* ESRCH */));
+            }
+            Ok(())
+        });
+    }
+}
