@@ -49,13 +49,16 @@ use forgesyte_protocol::abi::{
     ABI_VERSION, ABI_VERSION_1, CALL_CONTEXT_SYMBOL_C, CallContextFn, ENTRY_SYMBOL, ENTRY_SYMBOL_C,
     FsBinaryArg, FsBuffer, FsResultList, FsSlice, FsStatus, PluginBuffer, PluginVTable,
     PluginVTableV1, STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_OK, STATUS_PANIC, STATUS_UNKNOWN_TOOL,
-    SUPPORTED_ABI_VERSIONS,
 };
-use forgesyte_protocol::fingerprint::{self, Fingerprint, FingerprintError};
+use forgesyte_protocol::fingerprint::Fingerprint;
 use forgesyte_protocol::wire::CallContext;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 
 use crate::host::{CallOutput, Importer, PluginInstance, PluginLibrary, ToolInfo};
+
+pub use self::elf::inspect;
+use self::elf::{Elf, check_elf, open_regular, vet_fingerprint};
+pub(crate) use self::origin::names_origin;
 
 /// `RTLD_NODELETE` (glibc and musl): keep the library mapped after `dlclose`.
 const RTLD_NODELETE: i32 = 0x1000;
@@ -338,93 +341,6 @@ impl NativeLibrary {
     pub fn fingerprint(&self) -> Option<&Fingerprint> {
         self.fingerprint.as_ref()
     }
-}
-
-/// Checks a plugin library **without opening it**: the file exists, is a
-/// complete 64-bit ELF shared object, and its build fingerprint (if it has
-/// one) matches this host's ABI version and target. Returns the fingerprint,
-/// or `None` for a library without one (see the [module
-/// documentation](self) for what is an error and what is only logged).
-pub fn inspect(path: &Path) -> Result<Option<Fingerprint>, ImportError> {
-    let (file, meta) = open_regular(path, path)?;
-    let elf = check_elf(file, meta.len(), path, false)?;
-    vet_fingerprint(path, elf.fingerprint, &Fingerprint::current())
-}
-
-/// Whether the library in `bytes` finds libraries beside its file through
-/// `$ORIGIN` in its run path (which a memory file of it would not).
-pub(crate) fn names_origin(bytes: &[u8]) -> bool {
-    origin::names_origin(bytes)
-}
-
-/// What the ELF check read of a library.
-struct Elf {
-    /// Its fingerprint record: `None` when it has no fingerprint section.
-    fingerprint: Option<Result<Fingerprint, FingerprintError>>,
-    /// The libraries it names and the `$ORIGIN` entries of its run path,
-    /// when it has any (`origin::read`).
-    origin_path: Option<origin::OriginPath>,
-}
-
-/// Decides what a library's fingerprint record (`found`: `None` when the
-/// file has no fingerprint section) means for a host whose own is `host`.
-fn vet_fingerprint(
-    path: &Path,
-    found: Option<Result<Fingerprint, FingerprintError>>,
-    host: &Fingerprint,
-) -> Result<Option<Fingerprint>, ImportError> {
-    let plugin = match found {
-        None => {
-            tracing::debug!(
-                path = %path.display(),
-                "no {} section: the ABI version is checked after opening",
-                fingerprint::SECTION
-            );
-            return Ok(None);
-        }
-        Some(Err(err @ FingerprintError::UnknownFormat { .. })) => {
-            tracing::warn!(
-                path = %path.display(),
-                "{err}: the ABI version is checked after opening"
-            );
-            return Ok(None);
-        }
-        Some(Err(err)) => {
-            return Err(ImportError::InvalidInterface {
-                path: path.to_path_buf(),
-                detail: format!("damaged {} section: {err}", fingerprint::SECTION),
-            });
-        }
-        Some(Ok(plugin)) => plugin,
-    };
-    if plugin.abi_version != host.abi_version
-        && !SUPPORTED_ABI_VERSIONS.contains(&plugin.abi_version)
-    {
-        return Err(ImportError::AbiMismatch {
-            path: path.to_path_buf(),
-            host: host.abi_version,
-            plugin: plugin.abi_version,
-        });
-    }
-    if plugin.target != host.target {
-        return Err(ImportError::Incompatible {
-            path: path.to_path_buf(),
-            detail: format!(
-                "built for target '{}', this host is '{}'",
-                plugin.target, host.target
-            ),
-        });
-    }
-    if plugin.sdk_version != host.sdk_version || plugin.rustc_version != host.rustc_version {
-        tracing::warn!(
-            path = %path.display(),
-            plugin = %plugin,
-            host = %host,
-            "plugin built with another SDK or compiler version; compatible (same ABI {})",
-            host.abi_version
-        );
-    }
-    Ok(Some(plugin))
 }
 
 impl PluginLibrary for NativeLibrary {
@@ -779,146 +695,6 @@ fn c_str(ptr: *const std::ffi::c_char) -> String {
         .into_owned()
 }
 
-/// The regular file at `load` (named `path` in errors), opened, and its
-/// metadata (one `fstat`): missing, or anything but a regular file, is
-/// [`ImportError::LibraryNotFound`].
-fn open_regular(
-    load: &Path,
-    path: &Path,
-) -> Result<(std::fs::File, std::fs::Metadata), ImportError> {
-    let not_found = || ImportError::LibraryNotFound {
-        path: path.to_path_buf(),
-    };
-    let io = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::NotFound => not_found(),
-        _ => ImportError::Open {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        },
-    };
-    // Not a regular file (a FIFO, whose open would wait for a writer, a
-    // device): refused without waiting, as not found.
-    forgesyte_deps::open_regular(load).map_err(|e| match e.kind() {
-        std::io::ErrorKind::InvalidInput => not_found(),
-        _ => io(e),
-    })
-}
-
-/// Reads the ELF headers without running anything, so that files `dlopen`
-/// would crash on (a truncated library makes glibc's loader touch mapped
-/// pages past the end of the file: SIGBUS) are rejected with a reason; then
-/// reads the fingerprint section and, with `origin` (a library about to be
-/// opened), its `$ORIGIN` run path, if any.
-fn check_elf(
-    file: std::fs::File,
-    file_len: u64,
-    path: &Path,
-    origin: bool,
-) -> Result<Elf, ImportError> {
-    use object::elf::{ET_DYN, FileHeader64, PT_LOAD};
-    use object::read::elf::{FileHeader as _, ProgramHeader as _};
-
-    let not_a_library = |detail: String| ImportError::NotALibrary {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let data = object::ReadCache::new(pread::PreadFile::new(file, file_len));
-    let header = FileHeader64::<object::Endianness>::parse(&data)
-        .map_err(|e| not_a_library(format!("not a 64-bit ELF file ({e})")))?;
-    let endian = header
-        .endian()
-        .map_err(|e| not_a_library(format!("bad ELF header ({e})")))?;
-    if header.e_type(endian) != ET_DYN {
-        return Err(not_a_library("ELF file is not a shared object".into()));
-    }
-    let segments = header.program_headers(endian, &data).map_err(|e| {
-        not_a_library(format!(
-            "truncated or corrupt: program headers unreadable ({e})"
-        ))
-    })?;
-    for segment in segments {
-        if segment.p_type(endian) != PT_LOAD {
-            continue;
-        }
-        let end = segment
-            .p_offset(endian)
-            .checked_add(segment.p_filesz(endian));
-        if end.is_none_or(|end| end > file_len) {
-            return Err(not_a_library(format!(
-                "truncated or corrupt: a loadable segment ends past the end of the {file_len}-byte file"
-            )));
-        }
-    }
-    let origin_path = if origin {
-        origin::read(&data, endian, segments)
-    } else {
-        None
-    };
-    Ok(Elf {
-        fingerprint: fingerprint_record(&data, header, endian, path),
-        origin_path,
-    })
-}
-
-/// The fingerprint record of the ELF file in `data`: `None` when it has no
-/// fingerprint section (or no readable section table).
-fn fingerprint_record<'data>(
-    data: impl object::ReadRef<'data>,
-    header: &object::elf::FileHeader64<object::Endianness>,
-    endian: object::Endianness,
-    path: &Path,
-) -> Option<Result<Fingerprint, FingerprintError>> {
-    use object::read::elf::{FileHeader as _, SectionHeader as _};
-
-    // `dlopen` never reads section headers; a library whose table is
-    // unreadable loads fine, so that alone is no reason to refuse it.
-    // The section table and its name table are read in one piece each
-    // (looking names up one by one costs a read per section).
-    let table = (|| -> Result<_, String> {
-        let sections = header
-            .section_headers(endian, data)
-            .map_err(|e| e.to_string())?;
-        let index = header.shstrndx(endian, data).map_err(|e| e.to_string())?;
-        let (offset, size) = sections
-            .get(index as usize)
-            .and_then(|names| names.file_range(endian))
-            .ok_or("no section name table")?;
-        let names = data
-            .read_bytes_at(offset, size)
-            .map_err(|()| "section name table past the end of the file")?;
-        Ok((sections, names))
-    })();
-    let (sections, names) = match table {
-        Ok(table) => table,
-        Err(e) => {
-            tracing::debug!(path = %path.display(), "section headers unreadable: {e}");
-            return None;
-        }
-    };
-    let wanted = fingerprint::SECTION.as_bytes();
-    let section = sections.iter().find(|section| {
-        names
-            .get(section.sh_name(endian) as usize..)
-            .and_then(|rest| rest.split(|&b| b == 0).next())
-            == Some(wanted)
-    })?;
-    // Only the first record is read: a corrupt size cannot make us read
-    // (or allocate) more than that.
-    let Some((offset, size)) = section.file_range(endian) else {
-        // SHT_NOBITS: no bytes in the file.
-        return Some(Err(FingerprintError::TooShort { len: 0 }));
-    };
-    let len = size.min(fingerprint::RECORD_LEN as u64);
-    Some(match data.read_bytes_at(offset, len) {
-        Ok(bytes) => Fingerprint::parse(bytes),
-        Err(()) => Err(FingerprintError::Malformed {
-            detail: format!(
-                "section of {size} bytes at offset {offset} lies past the end of the file"
-            ),
-        }),
-    })
-}
-
 /// The error and its sources on one line (libloading keeps dlerror's text in
 /// the source).
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -954,7 +730,6 @@ fn classify_open_error(path: &Path, message: &str) -> ImportError {
     }
 }
 
-mod mapped;
 /// The function fields of the vtable at `ptr` (of ABI version `abi`, 1 or
 /// 3) that are null, by name. Each is read as a raw pointer at its offset:
 /// the table's fields are Rust function types, which may not be null, so
@@ -993,6 +768,8 @@ fn null_functions(ptr: *const PluginVTable, abi: u32) -> Vec<&'static str> {
         .collect()
 }
 
+mod elf;
+mod mapped;
 mod origin;
 mod pread;
 

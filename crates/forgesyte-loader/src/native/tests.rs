@@ -2,6 +2,7 @@
 //! once, ELF checks.
 
 use super::*;
+use forgesyte_protocol::fingerprint::{self, FingerprintError};
 use proptest::prelude::*;
 
 /// A hand-written ABI-3 table whose `call_binary` returns the binary
