@@ -119,7 +119,10 @@ pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport};
 pub use libs::{LibraryProbe, SystemLibraries};
-pub use python::{PythonAnswer, PythonProbe, SystemPython, run_python, run_python_as};
+pub use python::{
+    ANSWER_MARKER, PythonAnswer, PythonProbe, SystemPython, run_python, run_python_as,
+    script_answer,
+};
 pub use requirements::{
     BareDependency, Dependency, GpuRequirement, PyVersionReq, Requirements, json_type_name,
 };

@@ -89,8 +89,43 @@ def answer(query):
         return "-" not in query and module_found(query[1:])
     except Exception:
         return False
-sys.stdout.write(json.dumps([answer(q) for q in sys.argv[1:]]))
+sys.stdout.write("\x1eforgesyte-answer\x1e" + json.dumps([answer(q) for q in sys.argv[1:]]))
 "#;
+
+/// What the host's Python scripts print just before their JSON answer, so
+/// that whatever else reaches stdout (a `.pth` file or `sitecustomize`
+/// printing as the interpreter starts, an `atexit` hook as it ends) is told
+/// apart from it. In the scripts' Python source it is written
+/// `"\x1eforgesyte-answer\x1e"`.
+pub const ANSWER_MARKER: &str = "\x1eforgesyte-answer\x1e";
+
+/// The JSON answer that a host script run by `who` printed after the last
+/// [`ANSWER_MARKER`] in `out`; output before the marker or after the
+/// answer is ignored.
+///
+/// # Errors
+///
+/// No marker, or no JSON of type `T` after it: `WHO: unexpected output …`
+/// quoting the output.
+pub fn script_answer<T: serde::de::DeserializeOwned>(
+    who: &std::path::Path,
+    out: &[u8],
+) -> Result<T, String> {
+    let text = String::from_utf8_lossy(out);
+    let unexpected = |why: &str| {
+        format!(
+            "{}: unexpected output{why} {:?}",
+            who.display(),
+            shorten(text.trim(), QUOTE_LIMIT)
+        )
+    };
+    let at = text.rfind(ANSWER_MARKER).ok_or_else(|| unexpected(""))?;
+    serde_json::Deserializer::from_str(&text[at + ANSWER_MARKER.len()..])
+        .into_iter::<T>()
+        .next()
+        .ok_or_else(|| unexpected(" (no answer)"))?
+        .map_err(|e| unexpected(&format!(" ({e})")))
+}
 
 /// The longest stdout or stderr read from the interpreter.
 const OUTPUT_LIMIT: u64 = 4 << 20;
@@ -165,34 +200,30 @@ impl PythonProbe for SystemPython {
         let mut args = vec![OsStr::new("-sB"), OsStr::new("-c"), OsStr::new(FIND_SCRIPT)];
         args.extend(packages.iter().map(OsStr::new));
         let out = run_python_as(interpreter, &args, self.timeout, self.run_as)?;
-        let text = String::from_utf8_lossy(&out);
-        let answers = serde_json::from_str::<Vec<serde_json::Value>>(text.trim())
-            .ok()
-            .and_then(|values| {
-                values
-                    .into_iter()
-                    .map(|value| match value {
-                        serde_json::Value::Bool(false) => Some(PythonAnswer::Missing),
-                        serde_json::Value::Bool(true) => Some(PythonAnswer::Found),
-                        serde_json::Value::String(version) if version.len() <= MAX_VERSION => {
-                            Some(PythonAnswer::Version(version))
-                        }
-                        _ => None,
-                    })
-                    .collect::<Option<Vec<_>>>()
-            });
-        match answers {
-            Some(found) if found.len() == packages.len() => Ok(found),
-            Some(found) => Err(format!(
+        let values = script_answer::<Vec<serde_json::Value>>(interpreter, &out)?;
+        let found = values
+            .iter()
+            .map(|value| match value {
+                serde_json::Value::Bool(false) => Some(PythonAnswer::Missing),
+                serde_json::Value::Bool(true) => Some(PythonAnswer::Found),
+                serde_json::Value::String(version) if version.len() <= MAX_VERSION => {
+                    Some(PythonAnswer::Version(version.clone()))
+                }
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                let text = serde_json::Value::from(values).to_string();
+                format!("{who}: unexpected answer {:?}", shorten(&text, QUOTE_LIMIT))
+            })?;
+        if found.len() != packages.len() {
+            return Err(format!(
                 "{who}: answered {} results for {} packages",
                 found.len(),
                 packages.len()
-            )),
-            None => Err(format!(
-                "{who}: unexpected output {:?}",
-                shorten(text.trim(), QUOTE_LIMIT)
-            )),
+            ));
         }
+        Ok(found)
     }
 }
 
@@ -519,7 +550,7 @@ mod tests {
             find(SystemPython::new(), &chatty, &["json"]),
             Err(format!("{}: unexpected output \"hello\"", chatty.display()))
         );
-        let short = script(d, "short", "echo '[true]'");
+        let short = script(d, "short", "printf '\\036forgesyte-answer\\036[true]'");
         assert_eq!(
             find(SystemPython::new(), &short, &["a", "b"]),
             Err(format!(
@@ -531,10 +562,21 @@ mod tests {
         let echo = script(
             d,
             "echo",
-            r#"[ "$1" = -sB ] && [ "$2" = -c ] && [ "$(pwd)" = / ] || exit 9; shift 3; [ "$*" = "a b.c" ] || exit 8; echo '[true, false]'"#,
+            r#"[ "$1" = -sB ] && [ "$2" = -c ] && [ "$(pwd)" = / ] || exit 9; shift 3; [ "$*" = "a b.c" ] || exit 8; printf '\036forgesyte-answer\036[true, false]'"#,
         );
         assert_eq!(
             find(SystemPython::new(), &echo, &["a", "b.c"]),
+            Ok(vec![true, false])
+        );
+        // What else reaches stdout (a `.pth` file printing as the
+        // interpreter starts, an `atexit` hook as it ends) is not the answer.
+        let noisy = script(
+            d,
+            "noisy",
+            r#"echo '[false, false]'; printf '\036forgesyte-answer\036[true, false]'; echo ' bye [1]'"#,
+        );
+        assert_eq!(
+            find(SystemPython::new(), &noisy, &["a", "b.c"]),
             Ok(vec![true, false])
         );
     }
@@ -594,7 +636,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Not `exec`: the `sleep` grandchild keeps the pipes open after the
         // shell is killed, and must not hold the call up either.
-        let hangs = script(dir.path(), "hangs", "sleep 3; echo '[true]'");
+        let hangs = script(
+            dir.path(),
+            "hangs",
+            "sleep 3; printf '\\036forgesyte-answer\\036[true]'",
+        );
         let started = Instant::now();
         let err = find(
             SystemPython::with_timeout(Duration::from_millis(300)),
@@ -625,7 +671,10 @@ mod tests {
         let leaves = script(
             dir.path(),
             "leaves",
-            &format!("sleep 30 & echo $! > {}; echo '[true]'", pid_file.display()),
+            &format!(
+                "sleep 30 & echo $! > {}; printf '\\036forgesyte-answer\\036[true]'",
+                pid_file.display()
+            ),
         );
         let started = Instant::now();
         assert_eq!(

@@ -22,7 +22,9 @@
 //! process environment inherited (so `PYTHONPATH` and virtual environments
 //! count), in a process group of its own that is killed after
 //! [`DISCOVERY_TIMEOUT`]. Whatever packages print while their parents are
-//! imported goes to stderr: the answer has stdout to itself.
+//! imported goes to stderr, and the answer follows
+//! [`forgesyte_deps::ANSWER_MARKER`]: what a `.pth` file or
+//! `sitecustomize` prints as the interpreter starts is told apart.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,11 +37,8 @@ pub const GROUP: &str = "forgesyte.plugins";
 /// How long [`discover`] lets the interpreter run before it kills it.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The longest stderr line quoted in an error.
-const QUOTE_LIMIT: usize = 300;
-
-/// The discovery script: one JSON object on (the real) stdout,
-/// `{"python": VERSION, "entry_points": [...]}`.
+/// The discovery script: one JSON object on (the real) stdout after the
+/// answer marker, `{"python": VERSION, "entry_points": [...]}`.
 const SCRIPT: &str = r#"import os, sys
 # Under -c the working directory ("") comes first: nothing may be found there.
 if sys.path and sys.path[0] in ("", "."):
@@ -96,7 +95,11 @@ def found():
             try:
                 text = dist.read_text("entry_points.txt") or ""
             except BaseException:
-                text = ""
+                try:  # not UTF-8: is the group there at all?
+                    with open(os.path.join(str(dist._path), "entry_points.txt"), "rb") as f:
+                        text = f.read(1 << 20).decode("utf-8", "replace")
+                except BaseException:
+                    text = ""
             if "[" + GROUP + "]" in text:
                 label = str(getattr(dist, "_path", "a distribution"))
                 errors.append(failed(os.path.basename(label).split("-")[0], None,
@@ -126,8 +129,11 @@ def locate(module):
     for i in range(1, len(parts)):
         if spec is None or not spec.submodule_search_locations:
             return None
+        # The part's own name: a dotted one under a namespace package makes
+        # PathFinder read the parent from sys.modules (KeyError: nothing
+        # was imported).
         spec = importlib.machinery.PathFinder.find_spec(
-            ".".join(parts[: i + 1]), list(spec.submodule_search_locations)
+            parts[i], list(spec.submodule_search_locations)
         )
     return spec
 
@@ -188,7 +194,8 @@ for ep, dist in pairs:
     if key not in seen:
         seen.add(key)
         items.append(item)
-_out.write(json.dumps({"python": sys.version.split()[0], "entry_points": items}))
+_out.write("\x1eforgesyte-answer\x1e"
+           + json.dumps({"python": sys.version.split()[0], "entry_points": items}))
 _out.flush()
 "#;
 
@@ -290,7 +297,6 @@ pub fn discover_with_timeout(
     interpreter: &Path,
     timeout: Duration,
 ) -> Result<Vec<EntryPoint>, String> {
-    let who = interpreter.display();
     let out = forgesyte_deps::run_python(
         interpreter,
         // No user site directory, as the runners and the dependency check.
@@ -301,25 +307,9 @@ pub fn discover_with_timeout(
         ],
         timeout,
     )?;
-    let text = String::from_utf8_lossy(&out);
-    let mut found = serde_json::from_str::<Answer>(text.trim())
-        .map_err(|e| {
-            format!(
-                "{who}: unexpected output ({e}): {:?}",
-                shorten(text.trim(), QUOTE_LIMIT)
-            )
-        })?
-        .entry_points;
+    let mut found = forgesyte_deps::script_answer::<Answer>(interpreter, &out)?.entry_points;
     found.sort_by(|a, b| (&a.name, &a.value, &a.dist).cmp(&(&b.name, &b.value, &b.dist)));
     Ok(found)
-}
-
-/// `s` cut to at most `max` characters, with `…` when cut.
-fn shorten(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
 }
 
 #[cfg(test)]

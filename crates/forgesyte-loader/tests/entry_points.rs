@@ -641,5 +641,147 @@ fn a_broken_or_huge_distribution_costs_only_itself() {
     let loader = site.loader(&registry, site.config());
     loader.load_all(&site.plugins);
     assert_eq!(status(&registry, "good"), (S::Initialized, String::new()));
-    assert_eq!(status(&registry, "hugepkg").0, S::Failed);
+    // Each FAILED with the discovery's own reason.
+    let (state, reason) = status(&registry, "hugepkg");
+    assert_eq!(state, S::Failed);
+    assert!(
+        reason.starts_with("ManifestError: invalid field 'entry point': distribution hugepkg: it declares 65 entry points"),
+        "{reason}"
+    );
+    let (state, reason) = status(&registry, "brokenplug");
+    assert_eq!(state, S::Failed);
+    assert!(
+        reason.contains("its entry points cannot be read"),
+        "{reason}"
+    );
+}
+
+/// A distribution whose `entry_points.txt` is not UTF-8 but declares the
+/// group is FAILED under its own name, not left out.
+#[test]
+fn a_distribution_whose_entry_points_are_not_utf8_is_failed_not_lost() {
+    let site = Site::new();
+    site.package(
+        "latinpkg",
+        "1.0",
+        "latinpkg",
+        &[("plugin.py", &plugin_py("Hola"))],
+        &[],
+    );
+    std::fs::write(
+        site.site
+            .join("latinpkg-1.0.dist-info")
+            .join("entry_points.txt"),
+        b"[forgesyte.plugins]\nlatin\xe9 = latinpkg.plugin:Plugin\n",
+    )
+    .unwrap();
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    let (state, reason) = status(&registry, "latinpkg");
+    assert_eq!(state, S::Failed, "{reason}");
+    assert!(
+        reason.contains("its entry points cannot be read: UnicodeDecodeError"),
+        "{reason}"
+    );
+}
+
+/// A module under nested namespace packages (no `__init__.py` at any
+/// level) is found without importing anything, and its shipped manifest
+/// is read; one that only its package's import would find is FAILED with
+/// an `ImportError` saying so, never loaded from site-packages with a
+/// made-up manifest.
+#[test]
+fn nested_namespace_modules_are_found_and_unfindable_ones_fail() {
+    let site = Site::new();
+    let sub = site.site.join("nsroot").join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join("plugin.py"), plugin_py("Namespaced")).unwrap();
+    std::fs::write(
+        sub.join("manifest.json"),
+        r#"{"name": "ns-shipped", "version": "7.7.0"}"#,
+    )
+    .unwrap();
+    let dynamic = site.site.join("dynp");
+    std::fs::create_dir_all(dynamic.join("_impl")).unwrap();
+    std::fs::write(
+        dynamic.join("__init__.py"),
+        "import os\n__path__ = [os.path.join(os.path.dirname(__file__), '_impl')]\n",
+    )
+    .unwrap();
+    std::fs::write(dynamic.join("_impl").join("plugin.py"), plugin_py("Dyn")).unwrap();
+    for (dist, value) in [
+        ("nsp", "nsroot.sub.plugin:Plugin"),
+        ("dynp", "dynp.plugin:Plugin"),
+    ] {
+        let info = site.site.join(format!("{dist}-1.0.dist-info"));
+        std::fs::create_dir_all(&info).unwrap();
+        std::fs::write(
+            info.join("METADATA"),
+            format!("Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            info.join("entry_points.txt"),
+            format!("[forgesyte.plugins]\n{dist} = {value}\n"),
+        )
+        .unwrap();
+    }
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    let (state, reason) = status(&registry, "ns-shipped");
+    assert_eq!(state, S::Initialized, "{reason}");
+    assert_eq!(loader.plugin_dir("ns-shipped"), Some(sub));
+    assert_eq!(
+        hello(&loader, "ns-shipped")["message"],
+        "Namespaced, ForgeSyte!"
+    );
+    let (state, reason) = status(&registry, "dynp");
+    assert_eq!(state, S::Failed, "{reason}");
+    assert!(
+        reason.starts_with("ImportError: ModuleNotFoundError: No module named 'dynp.plugin'"),
+        "{reason}"
+    );
+    assert!(reason.contains("builds its __path__"), "{reason}");
+}
+
+/// What the interpreter prints on stdout around the discovery's answer (a
+/// `sitecustomize` as it starts, an `atexit` hook as it ends) is not taken
+/// for the answer: the discovery and the dependency check still work.
+#[test]
+fn output_of_the_interpreters_start_and_exit_does_not_break_discovery() {
+    let site = Site::new();
+    std::fs::write(
+        site.site.join("sitecustomize.py"),
+        "import atexit, sys\nsys.stdout.write('notice from site\\n')\n\
+         atexit.register(lambda: sys.stdout.write('bye [1, 2]'))\n",
+    )
+    .unwrap();
+    site.package(
+        "chatpkg",
+        "1.0",
+        "chatpkg",
+        &[
+            ("plugin.py", &plugin_py("Chat")),
+            (
+                "manifest.json",
+                r#"{"name": "chat", "version": "1.0.0", "dependencies": ["json", "no_such_pkg_x"]}"#,
+            ),
+        ],
+        &[("chat", "chatpkg.plugin:Plugin")],
+    );
+    let found = entry_points::discover(&site.python).unwrap();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    assert_eq!(loader.entry_points_error(), None);
+    assert_eq!(
+        status(&registry, "chat"),
+        (
+            S::Unavailable,
+            "Missing dependencies: no_such_pkg_x".to_owned()
+        )
+    );
 }

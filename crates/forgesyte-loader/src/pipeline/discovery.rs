@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use forgesyte_errors::ManifestError;
+use forgesyte_errors::{ImportError, LoadError, ManifestError, PluginError};
 use serde_json::{Value, json};
 
 use super::loader::Loader;
@@ -12,10 +12,12 @@ use crate::entry_points::{self, EntryPoint};
 use crate::manifest::{self, MANIFEST_FILE, Manifest, Runtime};
 use crate::python;
 
-/// A manifest that could not be validated, and the JSON it held, if any.
+/// A manifest that could not be validated, and the JSON it held, if any;
+/// or an installed plugin whose entry point could not be resolved (its
+/// module not found: an `ImportError`).
 pub(super) struct BadManifest {
     pub(super) raw: Option<Value>,
-    pub(super) error: ManifestError,
+    pub(super) error: PluginError,
 }
 
 impl BadManifest {
@@ -110,8 +112,7 @@ impl Loader {
     ) -> Option<Stamped> {
         let path = dir.join(MANIFEST_FILE);
         let read = self.read_manifest_bytes(&path);
-        let missing =
-            matches!(&read, Err(bad) if matches!(bad.error, ManifestError::NotFound { .. }));
+        let missing = matches!(&read, Err(bad) if matches!(bad.error, PluginError::Manifest(ManifestError::NotFound { .. })));
         (!missing || no_manifest == NoManifest::Fail)
             .then(|| self.stamp_and_parse(dir, &path, read, lock))
     }
@@ -315,6 +316,9 @@ impl Loader {
         &self,
         ep: &EntryPoint,
     ) -> Result<Manifest, Box<BadManifest>> {
+        if let Some(error) = &ep.error {
+            return Err(unresolved(ep, error));
+        }
         let mut source_sha256 = None;
         let mut raw = match (&ep.module_dir, ep.has_manifest) {
             (Some(dir), true) => {
@@ -379,7 +383,47 @@ pub(super) fn manifest_panicked(dir: &Path, panic: String) -> Box<BadManifest> {
 }
 
 pub(super) fn bad(raw: Option<Value>, error: ManifestError) -> Box<BadManifest> {
-    Box::new(BadManifest { raw, error })
+    Box::new(BadManifest {
+        raw,
+        error: error.into(),
+    })
+}
+
+/// Why an installed plugin whose entry point the discovery could not
+/// resolve (`error`) is FAILED: its module not found, or what its parent
+/// package raised, is an `ImportError` as a runner's would be
+/// (`ImportError: ModuleNotFoundError: No module named …`); a declaration
+/// that cannot be read or used is a `ManifestError` naming the entry
+/// point.
+fn unresolved(ep: &EntryPoint, error: &str) -> Box<BadManifest> {
+    let exception = error.split_once(": ").filter(|(kind, _)| {
+        !kind.is_empty()
+            && kind
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    });
+    let error = match (&ep.module, exception) {
+        (Some(_), Some((kind, message))) => LoadError::from(ImportError::Python {
+            error_type: kind.to_owned(),
+            message: message.to_owned(),
+            traceback: Vec::new(),
+        })
+        .into(),
+        _ => {
+            // A distribution's own error has no entry point to describe.
+            let who = match (&ep.dist, ep.value.is_empty()) {
+                (Some(dist), true) => format!("distribution {dist}"),
+                (None, true) => format!("distribution {}", ep.name),
+                (_, false) => ep.describe(),
+            };
+            ManifestError::InvalidField {
+                field: "entry point".into(),
+                message: format!("{who}: {error}"),
+            }
+            .into()
+        }
+    };
+    Box::new(BadManifest { raw: None, error })
 }
 
 pub(super) fn dir_name(dir: &Path) -> String {

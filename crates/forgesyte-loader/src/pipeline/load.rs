@@ -181,7 +181,7 @@ impl Loader {
                     version: ep.version.clone(),
                     source: Some(dir.clone()),
                 };
-                let reason = PluginError::from(error).reason();
+                let reason = error.reason();
                 (claimed, info, raw.map(Arc::new), false, Err(reason))
             }
         };

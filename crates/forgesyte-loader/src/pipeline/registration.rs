@@ -100,7 +100,6 @@ impl Loader {
                     version: None,
                     source,
                 };
-                let err = PluginError::from(err);
                 (claimed, info, raw.map(Arc::new), false, Err(err))
             }
         };

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forgesyte_errors::{ManifestError, PluginError};
+use forgesyte_errors::ManifestError;
 use forgesyte_registry::PluginInfo;
 use serde_json::Value;
 
@@ -189,7 +189,7 @@ impl Loader {
                         e.optional = false;
                         e.placement = None;
                     }
-                    self.record_failure(name, &PluginError::from(error));
+                    self.record_failure(name, &error);
                     self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                 }
             }
