@@ -260,7 +260,15 @@ fn discover_reports_every_entry_point_without_importing_it() {
 #[test]
 fn installed_packages_become_plugins_and_failures_stay_theirs() {
     let site = Site::new();
-    site.standard();
+    // Beside the standard packages, one whose plugin is named like the key
+    // a duplicate once took (`NAME.duplicate`): it keeps its name.
+    site.standard().package(
+        "legitpkg",
+        "1.0",
+        "legitpkg",
+        &[("plugin.py", &plugin_py("Legit"))],
+        &[("mypkg-hello.duplicate", "legitpkg.plugin:Plugin")],
+    );
     let registry = Registry::new();
     let loader = site.loader(&registry, site.config());
     let report = loader.load_all(&site.plugins);
@@ -271,12 +279,17 @@ fn installed_packages_become_plugins_and_failures_stay_theirs() {
         [
             "broken",
             "dirplug",
-            "dirplug.duplicate",
+            "dirplug~duplicate",
             "mypkg-hello",
             "mypkg-hello.duplicate",
+            "mypkg-hello~duplicate",
             "plain"
         ],
         "{report:#?}"
+    );
+    assert_eq!(
+        hello(&loader, "mypkg-hello.duplicate")["message"],
+        "Legit, ForgeSyte!"
     );
 
     // 1. manifest.json beside the module: its name and version win, the
@@ -335,7 +348,7 @@ fn installed_packages_become_plugins_and_failures_stay_theirs() {
     //    register in the order of their names ("my-plugin" before
     //    "mypkg-hello"), so the later one is FAILED under a key of its own,
     //    both sources named; the first is untouched.
-    let (state, reason) = status(&registry, "mypkg-hello.duplicate");
+    let (state, reason) = status(&registry, "mypkg-hello~duplicate");
     assert_eq!(state, S::Failed);
     for part in [
         "ManifestError: duplicate plugin name 'mypkg-hello'",
@@ -344,7 +357,7 @@ fn installed_packages_become_plugins_and_failures_stay_theirs() {
     ] {
         assert!(reason.contains(part), "{part:?} not in {reason:?}");
     }
-    assert!(loader.handle("mypkg-hello.duplicate").is_none());
+    assert!(loader.handle("mypkg-hello~duplicate").is_none());
 
     // 5. An entry point named like a directory plugin: the directory wins.
     assert_eq!(
@@ -356,7 +369,7 @@ fn installed_packages_become_plugins_and_failures_stay_theirs() {
         loader.plugin_dir("dirplug").unwrap(),
         site.plugins.join("dirplug")
     );
-    let (state, reason) = status(&registry, "dirplug.duplicate");
+    let (state, reason) = status(&registry, "dirplug~duplicate");
     assert_eq!(state, S::Failed);
     assert!(
         reason.contains("duplicate plugin name 'dirplug'"),
@@ -454,7 +467,7 @@ fn reload_all_loads_entry_points_installed_since() {
         hello(&loader, "mypkg-hello")["message"],
         "Hello, ForgeSyte!"
     );
-    assert_eq!(status(&registry, "mypkg-hello.duplicate").0, S::Failed);
+    assert_eq!(status(&registry, "mypkg-hello~duplicate").0, S::Failed);
     assert_eq!(registry.list_all().len(), 7, "{:#?}", registry.list_all());
     // And one plugin alone.
     let one = loader.reload("plain").unwrap();

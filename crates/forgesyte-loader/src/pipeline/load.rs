@@ -150,7 +150,7 @@ impl Loader {
     /// ones go to `pending`.
     ///
     /// A name that is taken is never overwritten: the plugin is registered
-    /// under a key derived from the entry point's name (`NAME.duplicate`
+    /// under a key derived from the entry point's name (`NAME~duplicate`
     /// when that is the taken name) and FAILED with a reason that names
     /// both sources.
     fn register_entry_point(
@@ -244,21 +244,5 @@ impl Loader {
             Some(dir) => dir.display().to_string(),
             None => "(registered earlier)".to_owned(),
         }
-    }
-
-    /// Registers a plugin whose name `wanted` is taken under a key derived
-    /// from `key` (`key`, else `key.duplicate`, `key.duplicate2`, …).
-    fn register_duplicate(&self, wanted: &str, key: &str, info: PluginInfo) -> String {
-        let mut candidate = if key == wanted {
-            format!("{key}.duplicate")
-        } else {
-            key.to_owned()
-        };
-        let mut n = 1;
-        while self.registry.register(&candidate, info.clone()).is_err() {
-            n += 1;
-            candidate = format!("{key}.duplicate{n}");
-        }
-        candidate
     }
 }

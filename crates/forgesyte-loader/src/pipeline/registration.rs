@@ -191,9 +191,28 @@ impl Loader {
         finals
     }
 
+    /// Registers a plugin whose name `wanted` is taken under `key` (its
+    /// directory's or entry point's) when that differs, else (or when that
+    /// is taken too) under `KEY~duplicate`, `KEY~duplicate2`, …, and
+    /// returns the key. `~` is in no plugin's name, so such a key never
+    /// holds a name another plugin may ask for (a `NAME.duplicate` did, and
+    /// a plugin of that name was then FAILED as the duplicate).
+    pub(super) fn register_duplicate(&self, wanted: &str, key: &str, info: PluginInfo) -> String {
+        if key != wanted && self.registry.register(key, info.clone()).is_ok() {
+            return key.to_owned();
+        }
+        let mut candidate = format!("{key}~duplicate");
+        let mut n = 1;
+        while self.registry.register(&candidate, info.clone()).is_err() {
+            n += 1;
+            candidate = format!("{key}~duplicate{n}");
+        }
+        candidate
+    }
+
     /// Registers under `wanted`; if that name is taken, registers under a
-    /// key derived from the directory instead and returns `Err` with it and
-    /// the directory that holds the name.
+    /// key derived from the directory instead ([`Self::register_duplicate`])
+    /// and returns `Err` with it and the directory that holds the name.
     fn claim(
         &self,
         wanted: &str,
@@ -207,16 +226,7 @@ impl Loader {
         let existing = self
             .plugin_dir(wanted)
             .unwrap_or_else(|| PathBuf::from("(registered earlier)"));
-        let mut candidate = if dir_key == wanted {
-            format!("{dir_key}.duplicate")
-        } else {
-            dir_key.to_owned()
-        };
-        let mut n = 1;
-        while self.registry.register(&candidate, info.clone()).is_err() {
-            n += 1;
-            candidate = format!("{dir_key}.duplicate{n}");
-        }
+        let candidate = self.register_duplicate(wanted, dir_key, info);
         tracing::error!(
             name = wanted,
             dir = %dir.display(),
