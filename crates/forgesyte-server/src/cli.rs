@@ -140,6 +140,11 @@ pub(crate) struct NewArgs {
     /// The plugins directory the plugin's own directory is created in.
     #[arg(id = "dir", long = "dir", value_name = "PARENT", env = "FORGESYTE_PLUGINS_DIR", default_value = DEFAULT_PLUGINS_DIR)]
     pub(crate) parent: PathBuf,
+    /// The address `serve` listens on, for the `curl` command printed: as
+    /// `serve` takes it (flag, `FORGESYTE_BIND`, the config file's `bind`,
+    /// 127.0.0.1:8000).
+    #[arg(long, value_name = "ADDR", env = "FORGESYTE_BIND", default_value = DEFAULT_BIND, value_parser = parse_bind)]
+    pub(crate) bind: String,
     /// The `forgesyte-plugin-sdk` crate a Rust plugin depends on, by path
     /// (default: the one of the workspace this forgesyte was built in).
     #[arg(long, value_name = "DIR", conflicts_with = "python")]

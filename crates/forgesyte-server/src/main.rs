@@ -267,7 +267,13 @@ fn run_new(args: NewArgs) -> ExitCode {
             scaffold::Sdk::Path,
         ),
     };
-    match scaffold::create(lang, &name, &args.parent, &sdk) {
+    match scaffold::create(
+        lang,
+        &name,
+        &args.parent,
+        &sdk,
+        &scaffold::server_url(&args.bind),
+    ) {
         Ok(created) => {
             let mut stdout = std::io::stdout().lock();
             let _ = stdout.write_all(created.message.as_bytes());

@@ -215,6 +215,7 @@ pub(crate) fn create(
     name: &str,
     parent: &Path,
     sdk: &Sdk,
+    url: &str,
 ) -> Result<Created, ScaffoldError> {
     let dir = parent.join(name);
     // A link of that name is never followed (its target may be anywhere)
@@ -250,7 +251,7 @@ pub(crate) fn create(
         return Err(e);
     }
     Ok(Created {
-        message: message(lang, name, parent, &dir, &files, sdk),
+        message: message(lang, name, parent, &dir, &files, sdk, url),
     })
 }
 
@@ -395,6 +396,34 @@ fn shell(path: &Path) -> String {
     }
 }
 
+/// The URL a client on this host reaches a server listening on `bind` at
+/// (`serve --bind`): an unspecified address (`0.0.0.0`, `[::]`) is called
+/// on loopback, and port 0 (a free port, which the server logs) is shown
+/// as `PORT`.
+pub(crate) fn server_url(bind: &str) -> String {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let (host, port) = match bind.parse::<SocketAddr>() {
+        Ok(addr) => {
+            let ip = match addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ip => ip,
+            };
+            let host = match ip {
+                IpAddr::V4(ip) => ip.to_string(),
+                IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            (host, addr.port().to_string())
+        }
+        Err(_) => match bind.rsplit_once(':') {
+            Some((host, port)) => (host.to_owned(), port.to_owned()),
+            None => (bind.to_owned(), "8000".to_owned()),
+        },
+    };
+    let port = if port == "0" { "PORT".to_owned() } else { port };
+    format!("http://{host}:{port}")
+}
+
 fn message(
     lang: Lang,
     name: &str,
@@ -402,6 +431,7 @@ fn message(
     dir: &Path,
     files: &[(&'static str, String)],
     sdk: &Sdk,
+    url: &str,
 ) -> String {
     let mut out = String::new();
     let what = match lang {
@@ -413,7 +443,7 @@ fn message(
         let _ = writeln!(out, "  {}", shell(&dir.join(file)));
     }
     let curl = format!(
-        "curl -s -X POST http://127.0.0.1:8000/v1/plugins/{name}/tools/hello/run \
+        "curl -s -X POST {url}/v1/plugins/{name}/tools/hello/run \
          -H 'Content-Type: application/json' -d '{{\"args\": {{\"name\": \"ForgeSyte\"}}}}'"
     );
     match lang {
@@ -481,6 +511,23 @@ fn message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DEFAULT_URL: &str = "http://127.0.0.1:8000";
+
+    #[test]
+    fn the_url_is_the_one_a_client_here_calls_the_server_at() {
+        for (bind, url) in [
+            ("127.0.0.1:8000", DEFAULT_URL),
+            ("0.0.0.0:9000", "http://127.0.0.1:9000"),
+            ("[::]:8080", "http://[::1]:8080"),
+            ("[::1]:81", "http://[::1]:81"),
+            ("10.0.0.7:80", "http://10.0.0.7:80"),
+            ("localhost:47203", "http://localhost:47203"),
+            ("127.0.0.1:0", "http://127.0.0.1:PORT"),
+        ] {
+            assert_eq!(server_url(bind), url, "{bind}");
+        }
+    }
 
     #[test]
     fn names_follow_the_manifest_rule_and_cargos() {
@@ -576,15 +623,15 @@ mod tests {
         let sdk = Sdk::Version(SDK_VERSION);
         // An empty directory is fine.
         std::fs::create_dir(tmp.path().join("empty")).unwrap();
-        create(Lang::Python, "empty", tmp.path(), &sdk).unwrap();
+        create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_URL).unwrap();
         for file in ["manifest.json", "plugin.py", "README.md"] {
             assert!(tmp.path().join("empty").join(file).is_file(), "{file}");
         }
-        let err = create(Lang::Python, "empty", tmp.path(), &sdk).unwrap_err();
+        let err = create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_URL).unwrap_err();
         assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
         assert!(err.to_string().contains("already exists"), "{err}");
         std::fs::write(tmp.path().join("file"), "x").unwrap();
-        let err = create(Lang::Rust, "file", tmp.path(), &sdk).unwrap_err();
+        let err = create(Lang::Rust, "file", tmp.path(), &sdk, DEFAULT_URL).unwrap_err();
         assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
         assert_eq!(
             std::fs::read_to_string(tmp.path().join("file")).unwrap(),
@@ -598,7 +645,7 @@ mod tests {
         std::os::unix::fs::symlink(tmp.path().join("nowhere"), tmp.path().join("dangling"))
             .unwrap();
         for name in ["linked", "dangling"] {
-            let err = create(Lang::Python, name, tmp.path(), &sdk).unwrap_err();
+            let err = create(Lang::Python, name, tmp.path(), &sdk, DEFAULT_URL).unwrap_err();
             assert!(matches!(err, ScaffoldError::Exists(_)), "{name}: {err}");
             assert!(
                 tmp.path().join(name).symlink_metadata().is_ok(),
@@ -617,7 +664,14 @@ mod tests {
     fn the_messages_name_the_exact_commands() {
         let tmp = tempfile::tempdir().unwrap();
         let parent = tmp.path().join("my plugins");
-        let created = create(Lang::Rust, "ocr", &parent, &Sdk::Path("/sdk".into())).unwrap();
+        let created = create(
+            Lang::Rust,
+            "ocr",
+            &parent,
+            &Sdk::Path("/sdk".into()),
+            DEFAULT_URL,
+        )
+        .unwrap();
         let q = |p: &Path| shell(p);
         let dir = parent.join("ocr");
         let target = dir.join("target/debug");
@@ -642,7 +696,14 @@ mod tests {
         // A parent whose path holds ':' (which --lib-path splits at): the
         // library is copied instead.
         let parent = tmp.path().join("a:b");
-        let created = create(Lang::Rust, "ocr", &parent, &Sdk::Path("/sdk".into())).unwrap();
+        let created = create(
+            Lang::Rust,
+            "ocr",
+            &parent,
+            &Sdk::Path("/sdk".into()),
+            DEFAULT_URL,
+        )
+        .unwrap();
         let dir = parent.join("ocr");
         assert!(
             !created.message.contains("--lib-path"),

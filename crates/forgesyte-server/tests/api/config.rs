@@ -192,8 +192,9 @@ fn check_loads_with_the_config_files_loader_options_and_plugins_directory() {
 #[test]
 fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
     // `lock` pins, and `new` scaffolds into, the file's `plugins` when no
-    // directory is given; the file's other keys (`bind`) are left to
-    // `serve`, and a directory given beats the file's.
+    // directory is given, and a directory given beats the file's. `new`
+    // prints its `curl` for the file's `bind` (the address `serve` will
+    // listen on there), unless `FORGESYTE_BIND` says otherwise.
     let plugins = PluginsDir::new();
     plugins.good("alpha", json!({}));
     let file = ConfigFile::new(&format!(
@@ -218,6 +219,22 @@ fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
             .join("manifest.json")
             .is_file(),
         "{out}{err}"
+    );
+    assert!(
+        out.contains("curl -s -X POST http://127.0.0.1:9/v1/plugins/from-file/tools/hello/run"),
+        "{out}"
+    );
+    let (code, out, err) = run_forgesyte(
+        &["new", "--python", "from-env"],
+        &[
+            ("FORGESYTE_CONFIG", file.path().as_str()),
+            ("FORGESYTE_BIND", "0.0.0.0:47203"),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("curl -s -X POST http://127.0.0.1:47203/v1/plugins/from-env/"),
+        "{out}"
     );
 
     let other = tempfile::tempdir().unwrap();
