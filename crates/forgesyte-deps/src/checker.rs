@@ -140,9 +140,10 @@ impl DependencyChecker {
     /// Relative model paths are resolved against `plugin_dir` (never the
     /// working directory); `plugin:` dependencies are checked against
     /// `known_plugins` (name → version); `py:` dependencies against
-    /// `req.python` (missing, as `NAME (no Python interpreter)`, when it is
-    /// `None`; as `NAME (cannot ask INTERPRETER: WHY)` when the interpreter
-    /// could not answer this pass).
+    /// `req.python` (missing, as `NAME (python interpreter WANTED)` when
+    /// it is `None` and `req.python_wanted` says which was looked for, else
+    /// `NAME (no Python interpreter)`; as `NAME (cannot ask INTERPRETER:
+    /// WHY)` when the interpreter could not answer this pass).
     pub fn check(
         &self,
         req: &Requirements,
@@ -162,7 +163,7 @@ impl DependencyChecker {
                     continue;
                 }
             }
-            if let Some(item) = self.check_dependency(dep, req.python.as_deref(), known_plugins) {
+            if let Some(item) = self.check_dependency(dep, req, known_plugins) {
                 missing.push(item);
             }
         }
@@ -321,7 +322,7 @@ impl DependencyChecker {
     fn check_dependency(
         &self,
         dep: &Dependency,
-        python: Option<&Path>,
+        req: &Requirements,
         known_plugins: &KnownPlugins,
     ) -> Option<String> {
         let present = match dep {
@@ -335,8 +336,11 @@ impl DependencyChecker {
                 self.cached(Probe::Env(name.clone()), || self.env.var(name).is_some())
             }
             Dependency::Py { version, .. } => {
-                let Some(interpreter) = python else {
-                    return Some(format!("{dep} (no Python interpreter)"));
+                let Some(interpreter) = req.python.as_deref() else {
+                    return Some(match &req.python_wanted {
+                        Some(wanted) => format!("{dep} (python interpreter {wanted})"),
+                        None => format!("{dep} (no Python interpreter)"),
+                    });
                 };
                 let query = dep.python_query().unwrap_or_default();
                 match (self.python_package(interpreter, &query), version) {
@@ -780,6 +784,7 @@ mod tests {
             gpu: GpuRequirement::None,
             models: vec![("m".into(), "/m".into())],
             python: Some("/py".into()),
+            python_wanted: None,
         };
         assert_eq!(
             checker.check(&r, Path::new("/"), &BTreeMap::new()),
@@ -956,6 +961,17 @@ mod tests {
         // Nothing to prefetch either.
         world.checker().prefetch_python_for([&r]);
         assert_eq!(world.python.calls(), 0);
+        // The interpreter the loader looked for, when it says.
+        let mut r = r;
+        r.python_wanted = Some("/nonexistent/py".into());
+        check_req(
+            &world,
+            &r,
+            &[
+                "torch (python interpreter /nonexistent/py)",
+                "py:numpy (python interpreter /nonexistent/py)",
+            ],
+        );
     }
 
     #[test]

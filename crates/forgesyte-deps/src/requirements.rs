@@ -352,6 +352,10 @@ pub struct Requirements {
     /// as the loader resolved it. Never read from the manifest here: `None`
     /// after parsing, and then every `py:` dependency is missing.
     pub python: Option<PathBuf>,
+    /// When [`python`](Self::python) is `None` because the loader found no
+    /// interpreter: the one it looked for (`/opt/py/bin/python3`, `python3
+    /// (on PATH)`), named in each `py:` dependency's entry.
+    pub python_wanted: Option<String>,
 }
 
 impl Requirements {
@@ -392,6 +396,7 @@ impl Requirements {
                 .transpose()?
                 .unwrap_or_default(),
             python: None,
+            python_wanted: None,
         })
     }
 

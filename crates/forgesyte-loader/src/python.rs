@@ -72,9 +72,13 @@ pub fn resolve_interpreter(
         (None, None) => PathBuf::from(DEFAULT_INTERPRETER),
     };
     let bare = wanted.components().count() == 1 && !wanted.is_absolute();
+    let is_file = |path: &Path| fs.metadata(path).is_ok_and(|m| m.is_file);
     if !bare {
-        return if fs.exists(&wanted) {
+        return if is_file(&wanted) {
             Ok(wanted)
+        } else if fs.exists(&wanted) {
+            // A directory (`"python": "."`), a device: no interpreter.
+            Err(format!("{} (not a file)", wanted.display()))
         } else {
             Err(wanted.display().to_string())
         };
@@ -83,7 +87,7 @@ pub fn resolve_interpreter(
         .iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join(&wanted))
-        .find(|candidate| fs.exists(candidate))
+        .find(|candidate| is_file(candidate))
         .ok_or_else(|| format!("{} (on PATH)", wanted.display()))
 }
 
@@ -120,6 +124,18 @@ mod tests {
         assert_eq!(
             resolve_interpreter(None, None, dir, &fs, Some("/nowhere".into())),
             Err("python3 (on PATH)".into())
+        );
+        // A directory is no interpreter: named as such, and passed over on
+        // PATH.
+        fs.add_dir("/p/ocr/pydir");
+        fs.add_dir("/early/python3");
+        assert_eq!(
+            resolve_interpreter(Some("pydir"), None, dir, &fs, path.clone()),
+            Err("/p/ocr/pydir (not a file)".into())
+        );
+        assert_eq!(
+            resolve_interpreter(None, None, dir, &fs, Some("/early:/usr/bin".into())),
+            Ok(PathBuf::from("/usr/bin/python3"))
         );
     }
 

@@ -855,6 +855,28 @@ fn load_from_path_loads_one_directory() {
     assert_eq!(missing.state, S::Failed);
 }
 
+/// A native plugin's `py:` dependency names the interpreter it was to be
+/// asked of when there is none (the fake file system has no `python3`).
+#[test]
+fn a_native_plugins_py_dependency_names_the_missing_interpreter() {
+    let s = Setup::new();
+    s.plugin(
+        "native_py",
+        &manifest("native-py", json!({"dependencies": ["py:numpy"]})),
+        FakeBehavior::Good,
+    );
+    let loader = s.loader_with(LoaderConfig {
+        python: Some("/nonexistent/py".into()),
+        ..LoaderConfig::default()
+    });
+    loader.load_all("/plugins".as_ref());
+    s.check(
+        "native-py",
+        S::Unavailable,
+        &["Missing dependencies: py:numpy (python interpreter /nonexistent/py)"],
+    );
+}
+
 /// A plugin whose manifest has no version (shown as the seed's
 /// "unknown") satisfies `plugin:NAME@*` and is said to have no version by
 /// any other requirement.

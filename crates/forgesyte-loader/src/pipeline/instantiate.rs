@@ -217,7 +217,10 @@ impl Loader {
     pub(super) fn requirements(&self, p: &Pending) -> forgesyte_deps::Requirements {
         let mut req = p.manifest.requirements.clone();
         if p.manifest.runtime == Runtime::Python || req.python_queries().next().is_some() {
-            req.python = self.interpreter(p).ok();
+            match self.interpreter(p) {
+                Ok(interpreter) => req.python = Some(interpreter),
+                Err(wanted) => req.python_wanted = Some(wanted),
+            }
         }
         req
     }

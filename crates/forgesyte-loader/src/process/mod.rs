@@ -502,10 +502,11 @@ impl ProcessImporter {
     }
 
     fn start_error(&self, e: &std::io::Error) -> String {
-        format!(
-            "cannot start the plugin runner {}: {e}",
-            self.program().display()
-        )
+        let what = match self.launch {
+            Launch::Native { .. } => "the plugin runner",
+            Launch::Python { .. } => "the Python interpreter",
+        };
+        format!("cannot start {what} {}: {e}", self.program().display())
     }
 
     fn version_mismatch(&self, runner: u32) -> ImportError {
