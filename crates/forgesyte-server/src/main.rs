@@ -89,9 +89,14 @@ fn init_logging(default: &str, format: LogFormat) {
 }
 
 fn init_subscriber(filter: EnvFilter, format: LogFormat) {
+    // A log line that cannot be written (stderr's pipe closed: a log
+    // shipper gone, journald restarting) is lost, never reported: the
+    // report is an `eprintln!`, which panics on the same closed pipe and
+    // took the server down.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => {
             use tracing_subscriber::field::MakeExt as _;

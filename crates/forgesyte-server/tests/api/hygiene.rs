@@ -715,3 +715,71 @@ fn a_server_stopped_while_a_plugin_is_constructed_ends_what_it_started() {
         });
     }
 }
+
+/// A server whose stderr pipe is closed (its log shipper gone) keeps
+/// serving and stops cleanly: a log line it cannot write is lost. It used
+/// to panic on its first log line (exit code 101).
+#[test]
+fn a_closed_stderr_pipe_loses_log_lines_not_the_server() {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({}));
+    let mut child = crate::support::forgesyte_command()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--plugins",
+            plugins.path_str(),
+        ])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The read end closed before the server writes a line.
+    drop(child.stderr.take());
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("forgesyte listening on http://")
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("no listening line: {line:?} ({:?})", child.wait())
+        })
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = crate::support::http(addr, "GET", "/v1/health", b"");
+        assert_eq!(health.status, 200, "{}", health.text());
+        if health.json()["status"] == "ok" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", health.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Calls and a failing one, which log.
+    let run = crate::support::http(
+        addr,
+        "POST",
+        "/v1/plugins/alpha/tools/echo/run",
+        br#"{"args": {"x": 1}}"#,
+    );
+    assert_eq!(run.status, 200, "{}", run.text());
+    let missing = crate::support::http(addr, "POST", "/v1/plugins/ghost/tools/x/run", b"{}");
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    signal(&child.id().to_string(), "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
