@@ -26,6 +26,29 @@ pub struct GpuReport {
     pub reason: Option<String>,
 }
 
+/// A [`GpuProbe`] that reports no GPU, for a reason it is given, without
+/// probing anything (no CUDA driver is loaded): for a host told to run no
+/// GPU plugins.
+#[derive(Debug, Clone)]
+pub struct NoGpu {
+    reason: String,
+}
+
+impl NoGpu {
+    /// No GPU, for `reason`.
+    pub fn new(reason: impl Into<String>) -> Self {
+        NoGpu {
+            reason: reason.into(),
+        }
+    }
+}
+
+impl GpuProbe for NoGpu {
+    fn probe(&self) -> GpuReport {
+        GpuReport::unavailable(self.reason.clone())
+    }
+}
+
 impl GpuReport {
     /// A report of no usable GPU, for the given reason.
     pub fn unavailable(reason: impl Into<String>) -> Self {

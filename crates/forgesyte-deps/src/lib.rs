@@ -117,7 +117,7 @@ pub use cuda::{CudaProbe, cuda_driver_library_present};
 pub use env::{EnvProbe, ProcessEnv};
 pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};
-pub use gpu::{GpuDevice, GpuProbe, GpuReport};
+pub use gpu::{GpuDevice, GpuProbe, GpuReport, NoGpu};
 pub use libs::{LibraryProbe, SystemLibraries};
 pub use python::{
     ANSWER_MARKER, PythonAnswer, PythonProbe, SystemPython, run_python, run_python_as,

@@ -377,6 +377,12 @@ pub(crate) struct LoaderArgs {
     /// refuses before any of the plugin's code is opened or imported).
     #[arg(long, env = "FORGESYTE_REQUIRE_CONFINEMENT", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) require_confinement: bool,
+    /// This server runs no GPU plugins (a CPU pool beside a GPU one,
+    /// serving the same plugins): a plugin that declares `requires_gpu` is
+    /// UNAVAILABLE without any GPU probe (no CUDA driver is loaded) and
+    /// does not count for readiness, as if it were `optional`.
+    #[arg(long, env = "FORGESYTE_NO_GPU", value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) no_gpu: bool,
     /// Whose manifests may widen their confined runner's sandbox (`network`,
     /// `env`, `filesystem`): `signed` (plugins signed by a trusted key, the
     /// default), `allow` (every plugin) or `deny` (none). A plugin whose
@@ -449,6 +455,7 @@ impl LoaderArgs {
         config.python_entry_points = self.python_entry_points;
         config.confine = self.confine;
         config.require_confinement = self.require_confinement;
+        config.no_gpu = self.no_gpu;
         config.sandbox_widening = self.sandbox_widening;
         config.runner_user = match self.runner_user {
             Some(user) if !rustix::process::geteuid().is_root() => {

@@ -189,6 +189,10 @@ pub struct ServerConfig {
     /// every part of its sandbox (`--require-confinement`,
     /// `FORGESYTE_REQUIRE_CONFINEMENT`).
     pub require_confinement: bool,
+    /// This server runs no GPU plugins (`--no-gpu`, `FORGESYTE_NO_GPU`):
+    /// no GPU probe; a plugin that requires a GPU is UNAVAILABLE and does
+    /// not count for readiness.
+    pub no_gpu: bool,
     /// Whose manifests may widen their runner's sandbox
     /// (`--sandbox-widening`, `FORGESYTE_SANDBOX_WIDENING`; `signed` by
     /// default).
@@ -271,6 +275,7 @@ impl ServerConfig {
             python_entry_points: self.python_entry_points,
             confine: self.confine,
             require_confinement: self.require_confinement,
+            no_gpu: self.no_gpu,
             sandbox_widening: self.sandbox_widening,
             runner_user: self.runner_user,
             // A trust store that became unreadable since startup checked
@@ -330,6 +335,7 @@ impl Default for ServerConfig {
             python_entry_points: false,
             confine: true,
             require_confinement: false,
+            no_gpu: false,
             sandbox_widening: forgesyte_loader::sandbox::SandboxWidening::default(),
             runner_user: None,
             watch: false,

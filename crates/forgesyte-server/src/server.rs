@@ -61,12 +61,15 @@ pub fn build_loader_from(config: &ServerConfig) -> Loader {
         Some(user) => forgesyte_deps::SystemPython::new().as_user(user.uid, user.gid),
         None => forgesyte_deps::SystemPython::new(),
     };
-    let checker = Arc::new(
-        DependencyChecker::builder()
-            .library_paths(config.lib_paths.clone())
-            .python(Arc::new(python))
-            .build(),
-    );
+    let mut checker = DependencyChecker::builder()
+        .library_paths(config.lib_paths.clone())
+        .python(Arc::new(python));
+    if config.no_gpu {
+        checker = checker.gpu(Arc::new(forgesyte_deps::NoGpu::new(
+            "this server runs no GPU plugins (--no-gpu)",
+        )));
+    }
+    let checker = Arc::new(checker.build());
     Loader::new(Registry::new(), checker, config.loader_config())
 }
 

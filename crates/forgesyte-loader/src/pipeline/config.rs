@@ -70,6 +70,11 @@ pub struct LoaderConfig {
     /// its sandbox (which then refuses before any plugin code is opened or
     /// imported) (`--require-confinement`, `FORGESYTE_REQUIRE_CONFINEMENT`).
     pub require_confinement: bool,
+    /// This host runs no GPU plugins (`--no-gpu`): a plugin that declares
+    /// `requires_gpu` does not count for readiness, as if it were
+    /// `optional` (its GPU check is the checker's: the server gives it a
+    /// GPU probe that reports none, [`forgesyte_deps::NoGpu`]).
+    pub no_gpu: bool,
     /// The user isolated and Python runners run as (`--runner-user`; only
     /// a root host can drop to it); `None`: the host's own.
     pub runner_user: Option<crate::sandbox::RunAs>,
@@ -104,6 +109,7 @@ impl Default for LoaderConfig {
             python_entry_points: false,
             confine: true,
             require_confinement: false,
+            no_gpu: false,
             runner_user: None,
             trusted_keys: TrustedKeys::default(),
             require_signed: false,

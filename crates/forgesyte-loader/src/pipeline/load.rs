@@ -121,7 +121,7 @@ impl Loader {
                     |panic| (pass_started, Err(manifest_panicked(dir, panic))),
                     |(started, result, _)| (started, result),
                 );
-                Self::claim_of(dir, result, started)
+                self.claim_of(dir, result, started)
             })
             .collect();
         for (name, dir, started) in self.register_claims(claims, &mut pending) {
@@ -170,7 +170,8 @@ impl Loader {
                     source: Some(dir.clone()),
                 };
                 let raw = Some(Arc::clone(&m.raw));
-                (m.name.clone(), info, raw, m.optional, Ok(m))
+                let optional = self.optional_here(&m);
+                (m.name.clone(), info, raw, optional, Ok(m))
             }
             Err(bad) => {
                 let claimed = bad.claimed_name_or(&ep_key);

@@ -206,9 +206,18 @@ impl Loader {
         self.entry_points_error.read().clone()
     }
 
-    /// Whether the manifest of `name` marks it optional.
+    /// Whether `name` does not count for readiness: its manifest marks it
+    /// optional, or it requires a GPU on a host that runs no GPU plugins
+    /// ([`LoaderConfig::no_gpu`](super::LoaderConfig::no_gpu)).
     pub fn is_optional(&self, name: &str) -> bool {
         self.entries.read().get(name).is_some_and(|e| e.optional)
+    }
+
+    /// What [`is_optional`](Self::is_optional) says of a plugin of
+    /// manifest `m`.
+    pub(super) fn optional_here(&self, m: &crate::manifest::Manifest) -> bool {
+        m.optional
+            || (self.config.no_gpu && m.requirements.gpu != forgesyte_deps::GpuRequirement::None)
     }
 
     /// The host is shutting down: from now on an isolated plugin whose

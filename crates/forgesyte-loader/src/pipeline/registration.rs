@@ -70,6 +70,7 @@ impl Loader {
     /// What registering the plugin of `dir` needs: the name it wants, its
     /// registry info and its manifest (or why it has none).
     pub(super) fn claim_of<'a>(
+        &self,
         dir: &'a Path,
         result: Result<Manifest, Box<BadManifest>>,
         started: Instant,
@@ -87,7 +88,7 @@ impl Loader {
                     m.name.clone(),
                     info,
                     Some(Arc::clone(&m.raw)),
-                    m.optional,
+                    self.optional_here(&m),
                     Ok(m),
                 )
             }

@@ -167,7 +167,7 @@ impl Loader {
                     }
                     if let Some(e) = self.entries.write().get_mut(name) {
                         e.raw = Some(Arc::clone(&m.raw));
-                        e.optional = m.optional;
+                        e.optional = self.optional_here(&m);
                         e.placement = Some((m.runtime, m.declared_isolation));
                     }
                     pending.insert(

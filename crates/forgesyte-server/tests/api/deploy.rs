@@ -469,6 +469,59 @@ fn the_scrape_path_is_routed() {
     }
 }
 
+/// A CPU server run from the same plugins as a GPU one (`--no-gpu`, as
+/// the CPU Deployment runs) is ready beside a plugin that requires a GPU:
+/// that plugin is UNAVAILABLE, saying why, and does not count. Without the
+/// option, on a machine with no GPU, it keeps the server out of service.
+#[test]
+fn a_server_without_gpu_plugins_is_ready_beside_one() {
+    use crate::support::PluginsDir;
+    use serde_json::json;
+    let plugins = PluginsDir::new();
+    plugins
+        .good("alpha", json!({}))
+        .good("gpu-one", json!({"requires_gpu": true}));
+    let cpu = Forgesyte::start(&["--plugins", plugins.path_str(), "--no-gpu"]);
+    cpu.wait_loaded();
+    let health = cpu.get("/v1/plugins/gpu-one/health").json();
+    assert_eq!(health["state"], "UNAVAILABLE", "{health}");
+    let reason = health["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("Missing dependencies: gpu")
+            && reason.contains("this server runs no GPU plugins (--no-gpu)"),
+        "{reason}"
+    );
+    let ready = cpu.get("/readyz?verbose");
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    let checks = ready.json()["checks"].clone();
+    let gpu_check = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "plugin:gpu-one")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        gpu_check["detail"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("(optional: does not block readiness)")),
+        "{gpu_check}"
+    );
+    assert_eq!(cpu.run("alpha", "echo", r#"{"args": {}}"#).status, 200);
+    drop(cpu);
+
+    let plain = Forgesyte::start(&["--plugins", plugins.path_str()]);
+    plain.wait_loaded();
+    let state = plain.get("/v1/plugins/gpu-one/health").json()["state"].clone();
+    if state == "UNAVAILABLE" {
+        assert_eq!(plain.get("/readyz").status, 503);
+    } else {
+        // A machine with a usable GPU: the plugin is served.
+        assert_eq!(state, "INITIALIZED");
+        println!("this machine has a GPU: the plugin requiring one is served");
+    }
+}
+
 /// `deploy/build-image.sh` with fake engines first on `PATH` (so no real
 /// one is ever started): it skips an engine whose `info` fails, builds with
 /// the first working one, and exits 3 naming why when none works.
