@@ -194,9 +194,6 @@ struct Inner {
     /// Name, registry, the live instance and the retirement flag, shared
     /// with the supervisor.
     slot: Arc<Slot>,
-    /// The tools of the first instance (a restart runs the same library with
-    /// the same configuration).
-    tools: Arc<[ToolInfo]>,
     call_timeout: Option<Duration>,
     isolation: Isolation,
     /// Kept alive by the handle: once every handle is gone, nothing
@@ -214,7 +211,6 @@ impl PluginHandle {
     ) -> Self {
         PluginHandle {
             inner: Arc::new(Inner {
-                tools: instance.shared_tools(),
                 slot: Arc::new(Slot::new(name, registry, Arc::from(instance))),
                 call_timeout,
                 isolation: Isolation::InProcess,
@@ -232,7 +228,6 @@ impl PluginHandle {
     ) -> Self {
         PluginHandle {
             inner: Arc::new(Inner {
-                tools: slot.current().shared_tools(),
                 slot,
                 call_timeout: Some(call_timeout),
                 isolation: Isolation::Process,
@@ -273,14 +268,21 @@ impl PluginHandle {
         &self.inner.slot.name
     }
 
-    /// The tools the loaded plugin offers.
-    pub fn tools(&self) -> &[ToolInfo] {
-        &self.inner.tools
+    /// The tools the plugin's live instance offers: after a restart, the
+    /// restarted instance's (a runner whose tools depend on what it found
+    /// when it started may list others).
+    pub fn tools(&self) -> Arc<[ToolInfo]> {
+        self.inner.slot.current().shared_tools()
     }
 
-    /// Whether the plugin offers `tool`.
+    /// Whether the plugin's live instance offers `tool`.
     pub fn has_tool(&self, tool: &str) -> bool {
-        self.tools().iter().any(|t| t.id == tool)
+        self.inner
+            .slot
+            .current()
+            .tools()
+            .iter()
+            .any(|t| t.id == tool)
     }
 
     /// The per-call time limit: the manifest's `limits.call_timeout_s` if it
@@ -761,7 +763,6 @@ mod tests {
         ));
         let handle = PluginHandle {
             inner: Arc::new(Inner {
-                tools: old.shared_tools(),
                 slot: Arc::clone(&slot),
                 call_timeout: Some(Duration::from_secs(1)),
                 isolation: Isolation::Process,

@@ -351,11 +351,12 @@ fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
     let loader = loader(dir.path(), &registry);
     check(&registry, "echo", S::Initialized, None);
     let handle = loader.handle("echo").unwrap();
-    let ids: Vec<&str> = handle.tools().iter().map(|t| t.id.as_str()).collect();
+    let tools = handle.tools();
+    let ids: Vec<&str> = tools.iter().map(|t| t.id.as_str()).collect();
     for tool in ["echo", "sleep", "fail", "bytes", "binary"] {
         assert!(ids.contains(&tool), "{ids:?}");
     }
-    let binary = handle.tools().iter().find(|t| t.id == "binary").unwrap();
+    let binary = tools.iter().find(|t| t.id == "binary").unwrap();
     assert_eq!(
         binary.input_schema["properties"]["data"]["format"],
         "binary"
@@ -998,4 +999,97 @@ fn a_package_in_the_user_site_only_is_missing_for_the_check_and_the_runner_alike
         S::Unavailable,
         Some("Missing dependencies: ubdep"),
     );
+}
+
+/// The tools served after a restart are the restarted instance's: a
+/// plugin whose constructor lists other tools the second time it runs (it
+/// marks its first start in its home, the runner's scratch directory) is
+/// listed and called with its new list. The first list used to stay: a
+/// listed tool answered "not found", an offered one was refused.
+#[test]
+fn a_restarted_instances_tools_are_the_ones_served() {
+    require_python();
+    let root = tempfile::tempdir().unwrap();
+    // A name of its own: the scratch directory is kept by name.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("shifty-{}-{nanos}", std::process::id());
+    let dir = root.path().join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("plugin.py"),
+        r#"import os
+
+
+class Plugin:
+    def __init__(self):
+        marker = os.path.join(os.path.expanduser("~"), "started-before")
+        again = os.path.exists(marker)
+        open(marker, "w").close()
+        self.tools = {
+            "boom": {"handler": self.boom},
+            ("second" if again else "first"): {"handler": self.hello},
+        }
+
+    def hello(self, args):
+        return {"hello": True}
+
+    def boom(self, args):
+        os._exit(3)
+
+    def run_tool(self, tool_name, args):
+        return self.tools[tool_name]["handler"](args)
+"#,
+    )
+    .unwrap();
+    write_manifest(root.path(), &name, json!({"version": "1.0.0"}));
+    let registry = Registry::new();
+    let checker = DependencyChecker::builder()
+        .gpu(Arc::new(FakeGpu::none("no GPU")))
+        .build();
+    let config = LoaderConfig {
+        supervision: SupervisionPolicy {
+            max_restarts: 3,
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_millis(10),
+            ..SupervisionPolicy::default()
+        },
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::new(registry.clone(), Arc::new(checker), config);
+    loader.load_all(root.path());
+    check(&registry, &name, S::Initialized, None);
+    let handle = loader.handle(&name).unwrap();
+    let ids = |handle: &forgesyte_loader::PluginHandle| -> Vec<String> {
+        handle.tools().iter().map(|t| t.id.clone()).collect()
+    };
+    assert_eq!(ids(&handle), ["boom", "first"]);
+    assert_eq!(
+        call(&loader, &name, "first", json!({})).unwrap(),
+        json!({"hello": true})
+    );
+    assert!(call(&loader, &name, "boom", json!({})).is_err());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while registry
+        .get_status(&name)
+        .is_none_or(|s| s.restart_count < 1 || s.state != S::Initialized)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not restarted: {:?}",
+            registry.get_status(&name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ids(&handle), ["boom", "second"]);
+    assert_eq!(
+        call(&loader, &name, "second", json!({})).unwrap(),
+        json!({"hello": true})
+    );
+    match call(&loader, &name, "first", json!({})) {
+        Err(CallError::Tool(ToolError::UnknownTool { tool, .. })) => assert_eq!(tool, "first"),
+        other => panic!("{other:?}"),
+    }
 }

@@ -99,7 +99,8 @@ async fn rescan_to_the_end(
 pub(crate) fn forget_gone_tools(state: &AppState, plugins: &[&str]) {
     for name in plugins {
         if let Some(handle) = state.loader().handle(name) {
-            let live: Vec<&str> = handle.tools().iter().map(|t| t.id.as_str()).collect();
+            let tools = handle.tools();
+            let live: Vec<&str> = tools.iter().map(|t| t.id.as_str()).collect();
             state.metrics().forget_gone_tools(name, &live);
         }
     }

@@ -169,7 +169,8 @@ async fn run_unrecorded(
     let limit = handle
         .call_timeout()
         .unwrap_or_else(|| state.call_timeout());
-    let declared = declared_binary(&handle, tool);
+    let tools = handle.tools();
+    let declared = declared_binary(&tools, tool);
     let (args, attachments) = arguments(input, &declared, handle.takes_binary())?;
     let started = Instant::now();
     let start = Start::default();
@@ -494,7 +495,11 @@ pub(crate) fn live_handle(
     let Some(handle) = state.loader().handle(plugin) else {
         return Err(RunError::NotRunnable {
             state: Some(plugin_state),
-            reason: Some("the plugin has no live instance".into()),
+            // Between the retirement of its instance and its new one's
+            // construction (a reload; calls of the old one still running).
+            reason: Some(
+                "the plugin has no live instance: it is being reloaded; retry shortly".into(),
+            ),
         });
     };
     if !handle.has_tool(tool) {
@@ -503,23 +508,25 @@ pub(crate) fn live_handle(
     Ok(handle)
 }
 
-/// The JSON arguments and the binary ones (as `(JSON Pointer, bytes)`):
-/// multipart parts by name, an octet-stream body as the tool's one declared
-/// binary argument (the body's own buffer: no copy), and, for a plugin that
-/// takes bytes (`takes_binary`: a runner, a native ABI-3 library), base64
-/// strings of declared binary arguments decoded in place (`base64_arg`) so that they reach it
-/// as bytes. A binary argument's place in the JSON holds `null`.
-/// The binary arguments `tool` of `handle`'s live instance declares (none
-/// when it lists no such tool).
-pub(crate) fn declared_binary<'h>(handle: &'h PluginHandle, tool: &str) -> Vec<&'h str> {
-    handle
-        .tools()
+/// The binary arguments `tool` declares in `tools` (a live instance's,
+/// [`PluginHandle::tools`]; none when it lists no such tool).
+pub(crate) fn declared_binary<'t>(
+    tools: &'t [forgesyte_loader::ToolInfo],
+    tool: &str,
+) -> Vec<&'t str> {
+    tools
         .iter()
         .find(|t| t.id == tool)
         .map(|t| binary_arguments(&t.input_schema))
         .unwrap_or_default()
 }
 
+/// The JSON arguments and the binary ones (as `(JSON Pointer, bytes)`):
+/// multipart parts by name, an octet-stream body as the tool's one declared
+/// binary argument (the body's own buffer: no copy), and, for a plugin that
+/// takes bytes (`takes_binary`: a runner, a native ABI-3 library), base64
+/// strings of declared binary arguments decoded in place (`base64_arg`) so that they reach it
+/// as bytes. A binary argument's place in the JSON holds `null`.
 fn arguments(
     input: RunInput,
     declared: &[&str],

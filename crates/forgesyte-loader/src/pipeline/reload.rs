@@ -130,6 +130,13 @@ impl Loader {
             if let Some(e) = self.entries.write().get_mut(name) {
                 e.handle = None;
             }
+            // LOADED at once when no call is in flight (the manifest's info
+            // follows), so a plugin that has no instance does not show an
+            // available state meanwhile; with calls in flight it stays
+            // RUNNING until they end (RUNNING cannot go back to LOADED).
+            if self.registry.in_flight(name).is_some_and(|n| n == 0) {
+                let _ = self.registry.mark_loaded(name, None);
+            }
             self.wait_idle(name);
             let manifest = self
                 .reread_manifest(name, &entry.dir)

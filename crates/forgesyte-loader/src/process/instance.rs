@@ -22,7 +22,7 @@ use crate::host::{CallOutput, ExitCallback, PluginInstance, ToolInfo};
 #[derive(Debug)]
 pub struct ProcessInstance {
     pub(super) child: Child,
-    pub(super) tools: Vec<ToolInfo>,
+    pub(super) tools: Arc<[ToolInfo]>,
     pub(super) call_timeout: Duration,
     /// Held around each call when the runner runs one call at a time;
     /// waited for at most the call timeout.
@@ -234,6 +234,10 @@ impl Drop for FramePart {
 impl PluginInstance for ProcessInstance {
     fn tools(&self) -> &[ToolInfo] {
         &self.tools
+    }
+
+    fn shared_tools(&self) -> Arc<[ToolInfo]> {
+        Arc::clone(&self.tools)
     }
 
     fn confinement(&self) -> Option<std::collections::BTreeMap<String, String>> {

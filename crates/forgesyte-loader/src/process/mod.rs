@@ -701,7 +701,7 @@ impl PluginLibrary for ProcessLibrary {
         let serial = (!child.hello().can(capability::CONCURRENT_CALLS)).then(|| Mutex::new(()));
         Ok(Box::new(ProcessInstance {
             child,
-            tools,
+            tools: Arc::from(tools),
             call_timeout: limits.call_timeout,
             serial,
         }))

@@ -371,7 +371,7 @@ impl Supervisor {
             Ok(instance) => {
                 let instance: Arc<dyn PluginInstance> = Arc::from(instance);
                 if instance.tools() != self.slot.current().tools() {
-                    tracing::warn!(plugin = %name, "the restarted instance lists other tools than the first; the first list stays in use");
+                    tracing::warn!(plugin = %name, "the restarted instance of {name} lists other tools than before: its list is served from now on");
                 }
                 self.state.lock().healthy_since = clock.now();
                 self.watch(&instance);

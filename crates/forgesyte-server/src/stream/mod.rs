@@ -131,7 +131,7 @@ pub(crate) async fn stream_tool(
             .into_response();
         }
     };
-    let binary = tools::declared_binary(&handle, &tool).len();
+    let binary = tools::declared_binary(&handle.tools(), &tool).len();
     if binary != 1 {
         return not_streamable(&plugin, &tool, binary);
     }

@@ -785,7 +785,7 @@ fn no_longer_streamable(session: &Session, error: &RunError) -> Option<String> {
         return None;
     }
     let handle = tools::live_handle(&session.state, &session.plugin, &session.tool).ok()?;
-    let binary = tools::declared_binary(&handle, &session.tool).len();
+    let binary = tools::declared_binary(&handle.tools(), &session.tool).len();
     (binary != 1).then(|| {
         format!("tool no longer streamable: it declares {binary} binary arguments, not one")
     })
