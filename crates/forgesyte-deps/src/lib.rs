@@ -120,8 +120,8 @@ pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport, NoGpu};
 pub use libs::{LibraryProbe, SystemLibraries};
 pub use python::{
-    ANSWER_MARKER, PythonAnswer, PythonProbe, SystemPython, run_python, run_python_as,
-    script_answer,
+    ANSWER_MARKER, MIN_PYTHON, PythonAnswer, PythonProbe, SystemPython, python_version_gate,
+    run_python, run_python_as, script_answer,
 };
 pub use requirements::{
     BareDependency, Dependency, GpuRequirement, PyVersionReq, Requirements, json_type_name,

@@ -92,6 +92,26 @@ def answer(query):
 sys.stdout.write("\x1eforgesyte-answer\x1e" + json.dumps([answer(q) for q in sys.argv[1:]]))
 "#;
 
+/// The oldest Python the host's scripts and its Python runner run on.
+pub const MIN_PYTHON: (u32, u32) = (3, 8);
+
+/// The lines that begin every piece of Python code the host hands an
+/// interpreter (`-c`: the dependency check, the entry-point discovery, the
+/// runner): an interpreter older than [`MIN_PYTHON`] (Python 2 reads this
+/// much too) exits at once with code 78 and one sentence on stderr,
+/// `ForgeSyte needs Python 3.8 or newer; /usr/bin/python2 is Python 2.7`,
+/// instead of failing somewhere in the code that follows.
+pub fn python_version_gate() -> String {
+    let (major, minor) = MIN_PYTHON;
+    format!(
+        "import sys\n\
+         if sys.version_info < ({major}, {minor}):\n    \
+         sys.stderr.write('ForgeSyte needs Python {major}.{minor} or newer; '\n        \
+         '%s is Python %d.%d\\n' % ((sys.executable or 'this interpreter',) + tuple(sys.version_info[:2])))\n    \
+         sys.exit(78)\n"
+    )
+}
+
 /// What the host's Python scripts print just before their JSON answer, so
 /// that whatever else reaches stdout (a `.pth` file or `sitecustomize`
 /// printing as the interpreter starts, an `atexit` hook as it ends) is told
@@ -112,19 +132,24 @@ pub fn script_answer<T: serde::de::DeserializeOwned>(
     out: &[u8],
 ) -> Result<T, String> {
     let text = String::from_utf8_lossy(out);
-    let unexpected = |why: &str| {
+    // Quoted in an error: the answer when there is one (never the marker),
+    // else the whole output.
+    let unexpected = |why: &str, quoted: &str| {
         format!(
             "{}: unexpected output{why} {:?}",
             who.display(),
-            shorten(text.trim(), QUOTE_LIMIT)
+            shorten(quoted.trim(), QUOTE_LIMIT)
         )
     };
-    let at = text.rfind(ANSWER_MARKER).ok_or_else(|| unexpected(""))?;
-    serde_json::Deserializer::from_str(&text[at + ANSWER_MARKER.len()..])
+    let at = text
+        .rfind(ANSWER_MARKER)
+        .ok_or_else(|| unexpected("", &text))?;
+    let answer = &text[at + ANSWER_MARKER.len()..];
+    serde_json::Deserializer::from_str(answer)
         .into_iter::<T>()
         .next()
-        .ok_or_else(|| unexpected(" (no answer)"))?
-        .map_err(|e| unexpected(&format!(" ({e})")))
+        .ok_or_else(|| unexpected(" (no answer)", answer))?
+        .map_err(|e| unexpected(&format!(" ({e})"), answer))
 }
 
 /// The longest stdout or stderr read from the interpreter.
@@ -197,7 +222,8 @@ impl PythonProbe for SystemPython {
         // No user site directory (`pip install --user`): the runners never
         // see one (a confined runner's HOME is its scratch directory), so a
         // package found only there would pass the check and fail to import.
-        let mut args = vec![OsStr::new("-sB"), OsStr::new("-c"), OsStr::new(FIND_SCRIPT)];
+        let code = format!("{}{FIND_SCRIPT}", python_version_gate());
+        let mut args = vec![OsStr::new("-sB"), OsStr::new("-c"), OsStr::new(&code)];
         args.extend(packages.iter().map(OsStr::new));
         let out = run_python_as(interpreter, &args, self.timeout, self.run_as)?;
         let values = script_answer::<Vec<serde_json::Value>>(interpreter, &out)?;
@@ -437,6 +463,39 @@ fn shorten(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
+    /// The gate lets this machine's Python 3 through, and stops an
+    /// interpreter older than its minimum (here the tuple compared made one
+    /// no Python has reached) with exit code 78 and a sentence naming both
+    /// versions.
+    #[test]
+    fn the_version_gate_stops_an_older_python_with_its_version() {
+        let run = |code: String| {
+            std::process::Command::new("python3")
+                .args(["-c", &code])
+                .output()
+                .expect("python3 runs")
+        };
+        let passed = run(format!("{}print('past the gate')", python_version_gate()));
+        assert!(passed.status.success(), "{passed:?}");
+        assert_eq!(String::from_utf8_lossy(&passed.stdout), "past the gate\n");
+        let (major, minor) = MIN_PYTHON;
+        let future = python_version_gate().replace(&format!("({major}, {minor})"), "(99, 0)");
+        assert_ne!(
+            future,
+            python_version_gate(),
+            "the minimum is written as a tuple"
+        );
+        let stopped = run(format!("{future}print('past the gate')"));
+        assert_eq!(stopped.status.code(), Some(78), "{stopped:?}");
+        assert!(stopped.stdout.is_empty(), "{stopped:?}");
+        let said = String::from_utf8_lossy(&stopped.stderr);
+        assert!(
+            said.starts_with("ForgeSyte needs Python 3.8 or newer; ")
+                && said.contains(" is Python 3."),
+            "{said}"
+        );
+    }
+
     #[test]
     fn empty_question_needs_no_interpreter() {
         assert_eq!(
@@ -578,6 +637,19 @@ mod tests {
         assert_eq!(
             find(SystemPython::new(), &noisy, &["a", "b.c"]),
             Ok(vec![true, false])
+        );
+        // An answer that is no answer is quoted without the marker.
+        let odd = script(
+            d,
+            "odd",
+            r#"echo 'noise'; printf '\036forgesyte-answer\036{"oops": 1}'"#,
+        );
+        assert_eq!(
+            find(SystemPython::new(), &odd, &["a"]),
+            Err(format!(
+                "{}: unexpected output (invalid type: map, expected a sequence at line 1 column 0) \"{{\\\"oops\\\": 1}}\"",
+                odd.display()
+            ))
         );
     }
 

@@ -84,8 +84,11 @@ def found():
     the group, and nobody's when it does not."""
     pairs, errors, seen = [], [], set()
     for dist in metadata.distributions():
+        name = None
         try:
-            name = dist.metadata["Name"]
+            # A distribution whose metadata has no Name goes by its
+            # directory's (`pkg-1.0.dist-info`: pkg).
+            name = dist.metadata["Name"] or label_of(dist)
             key = normalized(name)
             if key in seen:
                 continue
@@ -101,8 +104,8 @@ def found():
                 except BaseException:
                     text = ""
             if "[" + GROUP + "]" in text:
-                label = str(getattr(dist, "_path", "a distribution"))
-                errors.append(failed(os.path.basename(label).split("-")[0], None,
+                label = name or label_of(dist)
+                errors.append(failed(label, label,
                                      "its entry points cannot be read: %s: %s" % (type(e).__name__, e)))
             else:
                 sys.stderr.write("forgesyte: skipped a distribution whose metadata cannot be read: %s\n" % e)
@@ -117,6 +120,12 @@ def found():
             continue
         pairs.extend((ep, dist) for ep in eps)
     return pairs, errors
+
+
+def label_of(dist):
+    """A distribution's name from its metadata directory's."""
+    path = getattr(dist, "_path", None)
+    return os.path.basename(str(path)).split("-")[0] if path is not None else "distribution"
 
 
 def locate(module):
@@ -173,7 +182,8 @@ def describe(ep, dist):
     elif spec.submodule_search_locations:
         directory = os.path.abspath(list(spec.submodule_search_locations)[0])
     else:
-        item["error"] = "module %s has no file (origin %r)" % (module, spec.origin)
+        # Found, but not as a file (in a zip archive, built in): it loads
+        # by name; it has no directory of its own, nor a manifest.
         return item
     item["module_dir"] = directory
     # A top-level single-file module lies in a sys.path entry itself
@@ -303,7 +313,10 @@ pub fn discover_with_timeout(
         &[
             std::ffi::OsStr::new("-s"),
             std::ffi::OsStr::new("-c"),
-            std::ffi::OsStr::new(SCRIPT),
+            std::ffi::OsStr::new(&format!(
+                "{}{SCRIPT}",
+                forgesyte_deps::python_version_gate()
+            )),
         ],
         timeout,
     )?;

@@ -48,10 +48,15 @@ pub const RUNNER_MODULES: &[(&str, &str)] = runner_modules![
 /// The interpreter used when neither the manifest nor the host names one.
 pub const DEFAULT_INTERPRETER: &str = "python3";
 
+/// What [`resolve_interpreter`]'s error ends with when the path names
+/// something that is not a file (a directory).
+pub const NOT_A_FILE: &str = " (not a file)";
+
 /// The interpreter of a Python plugin in `dir`: the manifest's `python`
 /// (relative to `dir`, or absolute), else `configured` (`--python`,
 /// `FORGESYTE_PYTHON`), else [`DEFAULT_INTERPRETER`]; a bare name is looked
-/// up on `path_var` (`PATH`). `Err` names what was looked for.
+/// up on `path_var` (`PATH`), where only a file counts. `Err` names what
+/// was looked for, ending with [`NOT_A_FILE`] when it is no file.
 pub fn resolve_interpreter(
     manifest_python: Option<&str>,
     configured: Option<&Path>,
@@ -78,7 +83,7 @@ pub fn resolve_interpreter(
             Ok(wanted)
         } else if fs.exists(&wanted) {
             // A directory (`"python": "."`), a device: no interpreter.
-            Err(format!("{} (not a file)", wanted.display()))
+            Err(format!("{}{NOT_A_FILE}", wanted.display()))
         } else {
             Err(wanted.display().to_string())
         };

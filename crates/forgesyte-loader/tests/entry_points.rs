@@ -414,6 +414,21 @@ fn a_discovery_that_fails_is_a_warning_and_the_directories_still_load() {
     assert_eq!(names, ["dirplug"]);
     let error = loader.entry_points_error().expect("the reason is kept");
     assert!(error.contains("no-such-python"), "{error}");
+    assert!(error.ends_with(" not found"), "{error}");
+    // A directory as the interpreter is said to be no file.
+    let config = LoaderConfig {
+        python: Some(site.root.clone()),
+        ..site.config()
+    };
+    let loader = site.loader(&Registry::new(), config);
+    loader.load_all(&site.plugins);
+    assert_eq!(
+        loader.entry_points_error(),
+        Some(format!(
+            "python interpreter {} (not a file)",
+            site.root.display()
+        ))
+    );
 
     // An interpreter that answers nonsense, and one that hangs.
     let nonsense = site.root.join("nonsense");
@@ -796,5 +811,69 @@ fn output_of_the_interpreters_start_and_exit_does_not_break_discovery() {
             S::Unavailable,
             "Missing dependencies: no_such_pkg_x".to_owned()
         )
+    );
+}
+
+/// A plugin module installed in a zip archive on `sys.path` is found
+/// (though not as a file of its own) and loads by name; it has no
+/// directory of its own, so no shipped manifest. A distribution whose
+/// metadata has no `Name` goes by its directory's name.
+#[test]
+fn a_zipped_module_loads_and_a_nameless_distribution_is_named() {
+    let site = Site::new();
+    let zip = site.site.join("zplug.zip");
+    let made = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import zipfile\nwith zipfile.ZipFile({:?}, 'w') as z:\n    \
+             z.writestr('zpkg/__init__.py', '')\n    z.writestr('zpkg/plug.py', {:?})\n",
+            zip.display().to_string(),
+            plugin_py("Zipped")
+        ))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::write(
+        site.site.join("sitecustomize.py"),
+        format!(
+            "import sys\nsys.path.append({:?})\n",
+            zip.display().to_string()
+        ),
+    )
+    .unwrap();
+    for (dir, metadata, entry_points) in [
+        (
+            "zdist-1.0.dist-info",
+            "Metadata-Version: 2.1\nName: zdist\nVersion: 1.0\n",
+            "[forgesyte.plugins]\nzplug = zpkg.plug:Plugin\n".to_owned(),
+        ),
+        (
+            "nameless-2.0.dist-info",
+            "Metadata-Version: 2.1\nVersion: 2.0\n",
+            format!(
+                "[forgesyte.plugins]\n{}",
+                (0..65)
+                    .map(|i| format!("n{i} = nopkg.plugin:Plugin\n"))
+                    .collect::<String>()
+            ),
+        ),
+    ] {
+        let info = site.site.join(dir);
+        std::fs::create_dir_all(&info).unwrap();
+        std::fs::write(info.join("METADATA"), metadata).unwrap();
+        std::fs::write(info.join("entry_points.txt"), entry_points).unwrap();
+    }
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    assert_eq!(loader.entry_points_error(), None);
+    let (state, reason) = status(&registry, "zplug");
+    assert_eq!(state, S::Initialized, "{reason}");
+    assert_eq!(hello(&loader, "zplug")["message"], "Zipped, ForgeSyte!");
+    let (state, reason) = status(&registry, "nameless");
+    assert_eq!(state, S::Failed, "{reason}");
+    assert!(
+        reason.contains("distribution nameless: it declares 65 entry points"),
+        "{reason}"
     );
 }

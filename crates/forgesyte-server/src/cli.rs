@@ -142,8 +142,9 @@ pub(crate) struct NewArgs {
     pub(crate) parent: PathBuf,
     /// The address `serve` listens on, for the `curl` command printed: as
     /// `serve` takes it (flag, `FORGESYTE_BIND`, the config file's `bind`,
-    /// 127.0.0.1:8000).
-    #[arg(long, value_name = "ADDR", env = "FORGESYTE_BIND", default_value = DEFAULT_BIND, value_parser = parse_bind)]
+    /// 127.0.0.1:8000). One `serve` would refuse is not `new`'s error: the
+    /// curl then calls 127.0.0.1:8000, and `new` says so.
+    #[arg(long, value_name = "ADDR", env = "FORGESYTE_BIND", default_value = DEFAULT_BIND)]
     pub(crate) bind: String,
     /// The `forgesyte-plugin-sdk` crate a Rust plugin depends on, by path
     /// (default: the one of the workspace this forgesyte was built in).

@@ -49,8 +49,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use forgesyte_server::{
-    CheckError, CheckReport, DEFAULT_PLUGINS_DIR, Server, ServerConfig, build_loader_from,
-    shutdown_signal,
+    CheckError, CheckReport, DEFAULT_BIND, DEFAULT_PLUGINS_DIR, Server, ServerConfig,
+    build_loader_from, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -272,12 +272,22 @@ fn run_new(args: NewArgs) -> ExitCode {
             scaffold::Sdk::Path,
         ),
     };
+    let bind = match cli::parse_bind(&args.bind) {
+        Ok(bind) => bind,
+        Err(e) => {
+            eprintln!(
+                "forgesyte new: --bind (or FORGESYTE_BIND, or the config file's bind): {e}; the \
+                 curl below calls {DEFAULT_BIND}"
+            );
+            DEFAULT_BIND.to_owned()
+        }
+    };
     match scaffold::create(
         lang,
         &name,
         &args.parent,
         &sdk,
-        &scaffold::server_url(&args.bind),
+        &scaffold::server_url(&bind),
     ) {
         Ok(created) => {
             let mut stdout = std::io::stdout().lock();

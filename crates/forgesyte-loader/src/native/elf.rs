@@ -122,7 +122,7 @@ pub(super) fn open_regular(
 /// pages past the end of the file: SIGBUS) are rejected with a reason; then
 /// reads the fingerprint section and, with `origin` (a library about to be
 /// opened), its `$ORIGIN` run path, if any.
-pub(crate) fn check_elf(
+pub(super) fn check_elf(
     file: std::fs::File,
     file_len: u64,
     path: &Path,

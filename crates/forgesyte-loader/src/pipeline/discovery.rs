@@ -228,7 +228,15 @@ impl Loader {
             self.fs.as_ref(),
             std::env::var_os("PATH"),
         )
-        .map_err(|wanted| format!("python interpreter {wanted} not found"))
+        .map_err(|wanted| {
+            // `X (not a file)` says what is wrong already.
+            let missing = if wanted.ends_with(python::NOT_A_FILE) {
+                ""
+            } else {
+                " not found"
+            };
+            format!("python interpreter {wanted}{missing}")
+        })
         .and_then(|interpreter| entry_points::discover(&interpreter));
         match found {
             Ok(found) => {

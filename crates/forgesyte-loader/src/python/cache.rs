@@ -62,23 +62,6 @@ pub fn runner_source_invocation() -> [OsString; 3] {
     ]
 }
 
-/// The oldest Python the runner runs on (README: 3.8).
-const MIN_PYTHON: (u32, u32) = (3, 8);
-
-/// The first lines of the runner's `-c` code: an older interpreter (which
-/// reads this much even when it cannot compile the runner's modules) exits
-/// at once, naming its version, instead of failing in the runner's code.
-fn version_gate() -> String {
-    let (major, minor) = MIN_PYTHON;
-    format!(
-        "import sys\n\
-         if sys.version_info < ({major}, {minor}):\n    \
-         sys.stderr.write('the ForgeSyte Python runner needs Python {major}.{minor} or newer; '\n        \
-         '%s is Python %d.%d\\n' % ((sys.executable or 'this interpreter',) + tuple(sys.version_info[:2])))\n    \
-         sys.exit(78)\n"
-    )
-}
-
 /// The name the runner package is imported under from its sources.
 const SOURCE_PACKAGE: &str = "_forgesyte_runner";
 
@@ -104,7 +87,7 @@ fn source_code() -> &'static str {
         let packed = base64::engine::general_purpose::STANDARD.encode(
             miniz_oxide::deflate::compress_to_vec_zlib(json.as_bytes(), 9),
         );
-        let gate = version_gate();
+        let gate = forgesyte_deps::python_version_gate();
         format!(
             r#"{gate}def _load(packed, name={SOURCE_PACKAGE:?}):
     import base64, importlib.util, json, zlib
@@ -253,7 +236,7 @@ fn bootstrap(dir: &Path) -> std::io::Result<String> {
     // still holds for everything else, plugins included): the cache is
     // this directory's whole point. The package imports all its modules
     // at once, so all of them are compiled here.
-    let gate = version_gate();
+    let gate = forgesyte_deps::python_version_gate();
     Ok(format!(
         "{gate}w = sys.dont_write_bytecode; sys.dont_write_bytecode = False; \
          sys.path.insert(0, {dir}); import {module} as r; del sys.path[0]; \
@@ -272,35 +255,6 @@ fn module_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The gate lets this machine's Python 3 through, and stops an
-    /// interpreter older than its minimum (here the tuple compared made one
-    /// no Python has reached) with exit code 78 and a sentence naming both
-    /// versions.
-    #[test]
-    fn the_version_gate_stops_an_older_python_with_its_version() {
-        let run = |code: String| {
-            std::process::Command::new("python3")
-                .args(["-c", &code])
-                .output()
-                .expect("python3 runs")
-        };
-        let passed = run(format!("{}print('past the gate')", version_gate()));
-        assert!(passed.status.success(), "{passed:?}");
-        assert_eq!(String::from_utf8_lossy(&passed.stdout), "past the gate\n");
-        let (major, minor) = MIN_PYTHON;
-        let future = version_gate().replace(&format!("({major}, {minor})"), "(99, 0)");
-        assert_ne!(future, version_gate(), "the minimum is written as a tuple");
-        let stopped = run(format!("{future}print('past the gate')"));
-        assert_eq!(stopped.status.code(), Some(78), "{stopped:?}");
-        assert!(stopped.stdout.is_empty(), "{stopped:?}");
-        let said = String::from_utf8_lossy(&stopped.stderr);
-        assert!(
-            said.starts_with("the ForgeSyte Python runner needs Python 3.8 or newer; ")
-                && said.contains(" is Python 3."),
-            "{said}"
-        );
-    }
 
     #[test]
     fn the_runner_is_written_once_and_rewritten_when_it_differs() {

@@ -236,6 +236,30 @@ fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
         out.contains("curl -s -X POST http://127.0.0.1:47203/v1/plugins/from-env/"),
         "{out}"
     );
+    // An address `serve` would refuse is not `new`'s error: it scaffolds,
+    // and its curl calls the default address, saying so.
+    let scaffolds = tempfile::tempdir().unwrap();
+    for bad in ["", ":8000"] {
+        let name = format!("bad-bind-{}", bad.len());
+        let (code, out, err) = run_forgesyte(
+            &[
+                "new",
+                "--python",
+                &name,
+                "--dir",
+                scaffolds.path().to_str().unwrap(),
+            ],
+            &[("FORGESYTE_BIND", bad)],
+        );
+        assert_eq!(code, 0, "{bad:?}: {out}{err}");
+        assert!(
+            out.contains(&format!(
+                "curl -s -X POST http://127.0.0.1:8000/v1/plugins/{name}/"
+            )),
+            "{out}"
+        );
+        assert!(err.contains("the curl below calls 127.0.0.1:8000"), "{err}");
+    }
 
     let other = tempfile::tempdir().unwrap();
     let other_s = other.path().to_str().unwrap();
