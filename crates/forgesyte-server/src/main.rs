@@ -344,6 +344,16 @@ impl std::error::Error for RefusedConfig {}
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     forgesyte_loader::process::set_shm_threshold(args.shm_threshold);
+    // Before any thread or child: the connection cap is half of it.
+    match forgesyte_loader::process::raise_open_file_limit() {
+        Ok(Some((from, to))) => tracing::info!(
+            from,
+            to,
+            "Open-file limit raised from {from} to {to} (the hard limit); plugins get {from}"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit to the hard limit: {e}"),
+    }
     let (mut config, admin_token_file) = args.config();
     config
         .trusted_keys()

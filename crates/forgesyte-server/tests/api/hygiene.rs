@@ -783,3 +783,85 @@ fn a_closed_stderr_pipe_loses_log_lines_not_the_server() {
     };
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// The soft limit of open files in `/proc/PID/limits`.
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("{limits}"));
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// `serve` raises its soft open-file limit to the hard limit (a
+/// container's soft 1,024 capped its connections at 512), and a plugin
+/// runner gets the limit the server started with back.
+#[test]
+fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+    let hard: u64 = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).and_then(|h| h.parse().ok()))
+        .expect("a finite hard limit of open files");
+    let soft = (hard / 2).min(1024);
+    assert!(soft < hard, "hard limit {hard}");
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    let logdir = tempfile::tempdir().unwrap();
+    let log = logdir.path().join("stderr.log");
+    let mut child = std::process::Command::new("prlimit")
+        .arg(format!("--nofile={soft}:"))
+        .arg(env!("CARGO_BIN_EXE_forgesyte"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--plugins",
+            dir.path_str(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("prlimit (util-linux) runs");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("forgesyte listening on http://")
+        .unwrap_or_else(|| panic!("{line:?}: {}", std::fs::read_to_string(&log).unwrap()))
+        .parse()
+        .unwrap();
+    let server = child.id();
+    assert_eq!(soft_open_files(server), hard);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let runner = loop {
+        let ready = crate::support::http(addr, "GET", "/readyz", b"").status == 200;
+        if let (true, Some(pid)) = (ready, runner_pid(server, "echo")) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(soft_open_files(runner), soft);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(&format!("Open-file limit raised from {soft} to {hard}")),
+        "{logged}"
+    );
+    signal(&server.to_string(), "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
