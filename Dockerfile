@@ -34,11 +34,15 @@ RUN apt-get update \
       --shell /usr/sbin/nologin forgesyte \
  && mkdir -p /plugins /etc/forgesyte
 COPY --from=builder /out/forgesyte /usr/local/bin/forgesyte
+# The defaults (listen on 0.0.0.0:8000, plugins from /plugins, JSON logs)
+# are a config file, not flags or variables baked in: `docker run -e
+# FORGESYTE_BIND=…` or a mounted file of your own can change any of them.
+COPY deploy/forgesyte.toml /etc/forgesyte/forgesyte.toml
 # Bytecode (plugins' and the cached Python runner's) goes under /tmp, never
 # into the plugin tree, which may be read-only.
 ENV XDG_CACHE_HOME=/tmp/cache \
     PYTHONPYCACHEPREFIX=/tmp/pycache \
-    FORGESYTE_LOG_FORMAT=json
+    FORGESYTE_CONFIG=/etc/forgesyte/forgesyte.toml
 USER 10001:10001
 EXPOSE 8000
 # python3 is in the image anyway: it asks /livez (liveness only; readiness
@@ -51,4 +55,4 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
 # as PID 1 it gathered zombies. tini passes signals on to the server and
 # ends with it.
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/forgesyte"]
-CMD ["serve", "--bind", "0.0.0.0:8000", "--plugins", "/plugins"]
+CMD ["serve"]

@@ -284,15 +284,31 @@ fn runtime_stage() -> Vec<(String, String)> {
     all[last_from..].to_vec()
 }
 
-/// `ENV` of the runtime stage: the `FORGESYTE_*` variables.
+/// `ENV` of the runtime stage: the `FORGESYTE_*` variables. A path the
+/// stage `COPY`s a file of the repository to (the image's config file) is
+/// that file's path in the repository, so the binary here reads it.
 fn image_env(stage: &[(String, String)]) -> Vec<(String, String)> {
+    let copied: BTreeMap<&str, PathBuf> = stage
+        .iter()
+        .filter(|(i, rest)| i == "COPY" && !rest.starts_with("--from"))
+        .filter_map(|(_, rest)| {
+            let (from, to) = rest.split_once(' ')?;
+            Some((to.trim(), repo().join(from)))
+        })
+        .collect();
     stage
         .iter()
         .filter(|(i, _)| i == "ENV")
         .flat_map(|(_, rest)| rest.split_whitespace())
         .filter_map(|pair| pair.split_once('='))
         .filter(|(k, _)| k.starts_with("FORGESYTE_"))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .map(|(k, v)| {
+            let v = v.trim_matches('"');
+            let v = copied
+                .get(v)
+                .map_or_else(|| v.to_owned(), |p| p.display().to_string());
+            (k.to_owned(), v)
+        })
         .collect()
 }
 
@@ -396,6 +412,13 @@ fn the_kubernetes_manifests_and_the_dockerfile_match_the_binary() {
         .chain(exec_form("CMD"))
         .collect();
     let config = effective(&command, &image_env, "Dockerfile CMD");
+    // The image's defaults are its config file's, below anything given to
+    // a container: no option in the command, no other variable.
+    assert_eq!(command, ["serve"], "{command:?}");
+    let names: Vec<&str> = image_env.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["FORGESYTE_CONFIG"], "{image_env:?}");
+    assert_eq!(config["plugins"].as_str(), Some("/plugins"), "{config}");
+    assert_eq!(config["log-format"].as_str(), Some("json"), "{config}");
     let port = port_of(&config["bind"]);
     let exposed: Vec<&str> = stage
         .iter()
