@@ -322,9 +322,10 @@ fn blocking_threads_from(value: Option<&str>) -> anyhow::Result<usize> {
     };
     match value.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_BLOCKING_THREADS).contains(&n) => Ok(n),
-        _ => anyhow::bail!(
+        // A usage error, exit code 2 as every other option's.
+        _ => Err(anyhow::Error::new(RefusedConfig(format!(
             "{BLOCKING_THREADS_ENV} must be a number from 1 to {MAX_BLOCKING_THREADS}, not {value:?}"
-        ),
+        )))),
     }
 }
 
@@ -482,8 +483,10 @@ mod tests {
             MAX_BLOCKING_THREADS
         );
         for bad in ["0", "-1", "x", "100001", "18446744073709551615"] {
-            let why = blocking_threads_from(Some(bad)).unwrap_err().to_string();
-            assert!(why.contains("from 1 to 100000"), "{why}");
+            let why = blocking_threads_from(Some(bad)).unwrap_err();
+            // Refused as a configuration: exit code 2.
+            assert!(why.is::<RefusedConfig>(), "{why}");
+            assert!(why.to_string().contains("from 1 to 100000"), "{why}");
         }
     }
 }
