@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, Method, Request};
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, Method, Request};
 use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
 
@@ -22,25 +22,33 @@ use crate::state::AppState;
 /// The content type of the OpenMetrics text format.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Every metric in the OpenMetrics text format, for Prometheus. Needs no
-/// token.
+/// Every metric in the OpenMetrics text format, for Prometheus, or in the
+/// Prometheus text format (0.0.4) when the request's `Accept` asks for
+/// `text/plain` and not OpenMetrics. Needs no token.
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "server",
     responses((
         status = 200,
-        description = "Prometheus metrics (OpenMetrics text format): plugin states, tool calls by outcome, latencies, runner memory and CPU, HTTP requests by route, load passes, build info. The README lists every metric",
+        description = "Prometheus metrics (OpenMetrics text format; the Prometheus text format 0.0.4 for `Accept: text/plain`): plugin states, tool calls by outcome, latencies, runner memory and CPU, HTTP requests by route, load passes, build info. The README lists every metric",
         content_type = "application/openmetrics-text"
     ))
 )]
-pub(crate) async fn scrape(State(state): State<AppState>) -> Response {
+pub(crate) async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let text = super::text::wanted(headers.get(ACCEPT).and_then(|v| v.to_str().ok()));
     match state.metrics().scrape() {
         Ok(body) => {
+            let (body, content_type) = if text {
+                let converted = super::text::from_openmetrics(&String::from_utf8_lossy(&body));
+                (bytes::Bytes::from(converted), super::text::CONTENT_TYPE)
+            } else {
+                (body, OPENMETRICS)
+            };
             let mut response = body.into_response();
             response
                 .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
             response
         }
         Err(e) => ApiError::Internal {

@@ -28,6 +28,7 @@
 pub(crate) mod http;
 mod plugins;
 mod proc;
+mod text;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -178,6 +178,51 @@ fn prometheus_sees_the_calls_and_states() {
     assert!(text.ends_with("# EOF\n"), "{text}");
     assert!(!text.contains("4711"), "a raw path became a label:\n{text}");
 
+    // The Prometheus text format for a client that asks for it, which
+    // promtool (of the same Debian package) reads and lints clean.
+    let plain = crate::support::http_with(
+        server.addr,
+        "GET",
+        "/metrics",
+        &[("accept", "text/plain; version=0.0.4")],
+        b"",
+    );
+    assert_eq!(
+        plain.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let plain = plain.text();
+    assert!(!plain.contains("# EOF"), "{plain}");
+    assert!(
+        plain.contains("# TYPE forgesyte_tool_calls_total counter\n")
+            && plain.contains(
+                "forgesyte_tool_calls_total{plugin=\"alpha\",tool=\"echo\",outcome=\"ok\"} 5\n"
+            ),
+        "{plain}"
+    );
+    let promtool = binary.with_file_name("promtool");
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (Debian package `prometheus`)", promtool.display()));
+    {
+        use std::io::Write as _;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(plain.as_bytes())
+            .unwrap();
+    }
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool check metrics: {checked:?}\n{plain}"
+    );
+
     let prometheus = Prometheus::start(&binary, server.addr);
     prometheus.wait_until("two successful scrapes", || {
         prometheus

@@ -1,0 +1,149 @@
+//! The Prometheus text format (version 0.0.4) of the metrics, for a
+//! scraper that asks for it (`Accept: text/plain`) rather than for
+//! OpenMetrics: `promtool check metrics`, agents that read only the older
+//! format.
+//!
+//! `prometheus-client` encodes OpenMetrics only; the two formats differ in
+//! a few lines, rewritten here from its output rather than encoded twice:
+//! no `# EOF` and no `# UNIT`; a counter family is named by its `_total`
+//! sample, an info family by its `_info` sample (as a gauge); `unknown` is
+//! `untyped`; `_created` samples and exemplars are left out; a help text
+//! does not escape `"`.
+
+use std::collections::HashMap;
+
+/// The content type of the Prometheus text format.
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a request's `Accept` header asks for the Prometheus text format:
+/// it names `text/plain` and not OpenMetrics (Prometheus itself asks for
+/// OpenMetrics first; no header, or `*/*`, gets OpenMetrics).
+pub(crate) fn wanted(accept: Option<&str>) -> bool {
+    accept.is_some_and(|accept| {
+        let accept = accept.to_ascii_lowercase();
+        accept.contains("text/plain") && !accept.contains("application/openmetrics-text")
+    })
+}
+
+/// `openmetrics` (an OpenMetrics text exposition) in the Prometheus text
+/// format.
+pub(crate) fn from_openmetrics(openmetrics: &str) -> String {
+    let kinds: HashMap<&str, &str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .collect();
+    let renamed = |family: &str| -> String {
+        match kinds.get(family).copied() {
+            Some("counter") if !family.ends_with("_total") => format!("{family}_total"),
+            Some("info") => format!("{family}_info"),
+            _ => family.to_owned(),
+        }
+    };
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some((family, help)) = line.strip_prefix("# HELP ").and_then(|r| r.split_once(' ')) {
+            out.push_str(&format!(
+                "# HELP {} {}\n",
+                renamed(family),
+                help.replace("\\\"", "\"")
+            ));
+            continue;
+        }
+        if let Some((family, kind)) = line.strip_prefix("# TYPE ").and_then(|r| r.split_once(' ')) {
+            let kind = match kind {
+                "info" | "stateset" => "gauge",
+                "unknown" => "untyped",
+                "gaugehistogram" => "histogram",
+                other => other,
+            };
+            out.push_str(&format!("# TYPE {} {kind}\n", renamed(family)));
+            continue;
+        }
+        if line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let name = line
+            .split(|c: char| c == '{' || c == ' ')
+            .next()
+            .unwrap_or_default();
+        if name
+            .strip_suffix("_created")
+            .is_some_and(|family| kinds.get(family) == Some(&"counter"))
+        {
+            continue;
+        }
+        // An exemplar (` # {…} value`) after the sample: not in this format.
+        let sample = match line.find(" # {") {
+            Some(at) => &line[..at],
+            None => line,
+        };
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_becomes_the_prometheus_text_format() {
+        let openmetrics = "\
+# HELP forgesyte_tool_calls Tool calls by \\\"outcome\\\".
+# TYPE forgesyte_tool_calls counter
+forgesyte_tool_calls_total{plugin=\"a\",outcome=\"ok\"} 3
+forgesyte_tool_calls_created{plugin=\"a\",outcome=\"ok\"} 1700000000.0
+# HELP forgesyte_build The server's version.
+# TYPE forgesyte_build info
+forgesyte_build_info{version=\"0.1.0\"} 1
+# HELP forgesyte_call_seconds Call latency.
+# TYPE forgesyte_call_seconds histogram
+# UNIT forgesyte_call_seconds seconds
+forgesyte_call_seconds_bucket{le=\"0.1\"} 2 # {trace_id=\"x\"} 0.05
+forgesyte_call_seconds_sum 0.1
+forgesyte_call_seconds_count 2
+# HELP odd Something.
+# TYPE odd unknown
+odd 1
+# EOF
+";
+        assert_eq!(
+            from_openmetrics(openmetrics),
+            "\
+# HELP forgesyte_tool_calls_total Tool calls by \"outcome\".
+# TYPE forgesyte_tool_calls_total counter
+forgesyte_tool_calls_total{plugin=\"a\",outcome=\"ok\"} 3
+# HELP forgesyte_build_info The server's version.
+# TYPE forgesyte_build_info gauge
+forgesyte_build_info{version=\"0.1.0\"} 1
+# HELP forgesyte_call_seconds Call latency.
+# TYPE forgesyte_call_seconds histogram
+forgesyte_call_seconds_bucket{le=\"0.1\"} 2
+forgesyte_call_seconds_sum 0.1
+forgesyte_call_seconds_count 2
+# HELP odd Something.
+# TYPE odd untyped
+odd 1
+"
+        );
+    }
+
+    #[test]
+    fn only_a_request_for_text_without_openmetrics_gets_text() {
+        assert!(!wanted(None));
+        assert!(!wanted(Some("*/*")));
+        assert!(wanted(Some("text/plain")));
+        assert!(wanted(Some("text/plain;version=0.0.4")));
+        assert!(!wanted(Some(
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+        )));
+        assert!(!wanted(Some("application/json")));
+    }
+}
