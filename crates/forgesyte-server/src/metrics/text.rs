@@ -68,10 +68,7 @@ pub(crate) fn from_openmetrics(openmetrics: &str) -> String {
             out.push('\n');
             continue;
         }
-        let name = line
-            .split(|c: char| c == '{' || c == ' ')
-            .next()
-            .unwrap_or_default();
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
         if name
             .strip_suffix("_created")
             .is_some_and(|family| kinds.get(family) == Some(&"counter"))
