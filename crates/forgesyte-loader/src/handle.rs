@@ -424,39 +424,42 @@ impl PluginHandle {
         let instance = self.inner.slot.current();
         ticket.ran_on(&instance);
         let started = Instant::now();
-        let outcome = instance
-            .call_output(tool, &args, attachments, context)
-            .and_then(|output| {
-                let mut result =
-                    serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
-                forgesyte_protocol::wire::attach::overlapping(&output.binary).map_or(
-                    Ok(()),
-                    |pointer| {
-                        Err(ToolError::Protocol {
-                            detail: format!(
-                                "two binary results at {pointer:?} (one in the place of another)"
-                            ),
-                        })
-                    },
-                )?;
-                for (pointer, _) in &output.binary {
-                    forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
-                        .map_err(|e| ToolError::Protocol {
-                            detail: format!("a binary result has no place in the result: {e}"),
-                        })?;
-                }
-                Ok(ToolOutput {
-                    result,
-                    binary: output.binary,
-                })
-            })
-            .map_err(|e| match e {
-                ToolError::UnknownTool { tool, .. } => ToolError::UnknownTool {
-                    plugin: name.clone(),
-                    tool,
+        let called = || instance.call_output(tool, &args, attachments, context);
+        // An in-process plugin's log lines name it (`plugin_log`).
+        let outcome = match self.inner.isolation {
+            Isolation::InProcess => crate::plugin_log::as_plugin(&self.inner.slot.name, called),
+            Isolation::Process => called(),
+        }
+        .and_then(|output| {
+            let mut result = serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
+            forgesyte_protocol::wire::attach::overlapping(&output.binary).map_or(
+                Ok(()),
+                |pointer| {
+                    Err(ToolError::Protocol {
+                        detail: format!(
+                            "two binary results at {pointer:?} (one in the place of another)"
+                        ),
+                    })
                 },
-                other => other,
-            });
+            )?;
+            for (pointer, _) in &output.binary {
+                forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
+                    .map_err(|e| ToolError::Protocol {
+                        detail: format!("a binary result has no place in the result: {e}"),
+                    })?;
+            }
+            Ok(ToolOutput {
+                result,
+                binary: output.binary,
+            })
+        })
+        .map_err(|e| match e {
+            ToolError::UnknownTool { tool, .. } => ToolError::UnknownTool {
+                plugin: name.clone(),
+                tool,
+            },
+            other => other,
+        });
         let elapsed = started.elapsed();
         // Recorded by whoever settles first: a call its caller timed out
         // (`fail_timeout`) was counted, and its plugin marked, then; what

@@ -75,6 +75,7 @@ pub mod integrity;
 pub mod manifest;
 pub mod native;
 mod pipeline;
+pub mod plugin_log;
 pub mod process;
 pub mod python;
 pub mod sandbox;

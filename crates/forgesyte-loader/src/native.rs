@@ -47,8 +47,9 @@ use std::sync::Arc;
 use forgesyte_errors::{ImportError, InitError, ToolError};
 use forgesyte_protocol::abi::{
     ABI_VERSION, ABI_VERSION_1, CALL_CONTEXT_SYMBOL_C, CallContextFn, ENTRY_SYMBOL, ENTRY_SYMBOL_C,
-    FsBinaryArg, FsBuffer, FsResultList, FsSlice, FsStatus, PluginBuffer, PluginVTable,
-    PluginVTableV1, STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_OK, STATUS_PANIC, STATUS_UNKNOWN_TOOL,
+    FsBinaryArg, FsBuffer, FsResultList, FsSlice, FsStatus, LOG_SINK_SYMBOL_C, LogSinkFn,
+    PluginBuffer, PluginVTable, PluginVTableV1, STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_OK,
+    STATUS_PANIC, STATUS_UNKNOWN_TOOL,
 };
 use forgesyte_protocol::fingerprint::Fingerprint;
 use forgesyte_protocol::wire::CallContext;
@@ -310,6 +311,15 @@ impl NativeLibrary {
         let call_context = unsafe { library.get::<CallContextFn>(CALL_CONTEXT_SYMBOL_C) }
             .ok()
             .map(|sym| *sym);
+        if let Some(host_log) = crate::plugin_log::sink() {
+            // SAFETY: the symbol, when present, is the SDK's log-sink
+            // setter with exactly this signature (`abi::LogSinkFn`); the
+            // host's function stays valid for the process's life.
+            if let Ok(set) = unsafe { library.get::<LogSinkFn>(LOG_SINK_SYMBOL_C) } {
+                // SAFETY: as above; called once, before any construction.
+                unsafe { set(Some(host_log)) };
+            }
+        }
         // The handle is given up, never closed: the library is mapped for
         // good (RTLD_NODELETE), so `dlclose` would only take the dynamic
         // loader's lock again to lower a count, and a load pass constructs

@@ -9,7 +9,10 @@
 //! sees its own call's context. Knows nothing of the host's log.
 
 use std::cell::RefCell;
+use std::io::Write as _;
+use std::sync::OnceLock;
 
+use forgesyte_protocol::abi::LogLineFn;
 use forgesyte_protocol::wire::{LOG_TAG_PREFIX, LogTags};
 
 pub use forgesyte_protocol::wire::CallContext;
@@ -18,17 +21,24 @@ thread_local! {
     static CURRENT: RefCell<Option<CallContext>> = const { RefCell::new(None) };
 }
 
+/// Where [`log`] writes when the host gave it a function (an in-process
+/// plugin: the host's log); else stderr.
+static LOG_SINK: OnceLock<LogLineFn> = OnceLock::new();
+
 /// The context of the call running on this thread (`None` outside a call,
 /// on another thread, or when the request had neither an id nor a trace).
 pub fn current_call() -> Option<CallContext> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
-/// Writes `message` as one line to stderr, tagged with the current call's
-/// request id and trace id when there is one (the host's tag format: the
-/// host of an isolated plugin logs the line with `request_id` and
-/// `trace_id` fields; in process the tag stays in the text). Newlines in
-/// `message` are replaced by spaces, so it stays one line.
+/// Writes `message` as one line to the host's log, tagged with the current
+/// call's request id and trace id when there is one: in process through
+/// the function the host handed the library (`abi::LOG_SINK_SYMBOL`),
+/// which logs it as a record with the plugin's name and those ids; in a
+/// runner (or under a host without that function) to stderr, which the
+/// runner's host logs the same way. Newlines in `message` are replaced by
+/// spaces, so it stays one line. A line that cannot be written (stderr
+/// closed) is lost.
 pub fn log(message: &str) {
     let message = message.replace(['\n', '\r'], " ");
     let line = match current_call() {
@@ -44,7 +54,25 @@ pub fn log(message: &str) {
         }
         None => message,
     };
-    eprintln!("{line}");
+    match LOG_SINK.get() {
+        // SAFETY: the host's function (`__set_log_sink`), which copies the
+        // `len` bytes at the pointer, live for the call.
+        #[allow(unsafe_code)]
+        Some(sink) => unsafe { sink(line.as_ptr(), line.len()) },
+        None => {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
+    }
+}
+
+/// Takes the host's log function (the first one given; none leaves
+/// [`log`] on stderr). Called by the symbol
+/// [`export_plugin!`](crate::export_plugin) exports, not by plugins.
+#[doc(hidden)]
+pub fn __set_log_sink(sink: Option<LogLineFn>) {
+    if let Some(sink) = sink {
+        let _ = LOG_SINK.set(sink);
+    }
 }
 
 /// Sets (or, for a null pointer, clears) this thread's call context from
@@ -104,5 +132,37 @@ mod tests {
         // SAFETY: the length is refused before the pointer is read.
         unsafe { __set_from_host(json.as_ptr(), usize::MAX) };
         assert_eq!(current_call(), None);
+    }
+
+    static LOGGED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    #[allow(unsafe_code)]
+    unsafe extern "C" fn collect(line: *const u8, len: usize) {
+        // SAFETY: the SDK's call: `len` bytes at `line`, live for the call.
+        let bytes = unsafe { std::slice::from_raw_parts(line, len) };
+        if let Ok(mut logged) = LOGGED.lock() {
+            logged.push(String::from_utf8_lossy(bytes).into_owned());
+        }
+    }
+
+    /// Once the host handed a log function, `log` writes there, one line
+    /// tagged with the call; the first function given stays.
+    #[test]
+    #[allow(unsafe_code)]
+    fn log_writes_to_the_hosts_function_once_given() {
+        __set_log_sink(None);
+        __set_log_sink(Some(collect));
+        let json = br#"{"request_id":"r-1"}"#;
+        // SAFETY: a live byte string and its length.
+        unsafe { __set_from_host(json.as_ptr(), json.len()) };
+        log("two\nlines");
+        // SAFETY: null clears.
+        unsafe { __set_from_host(std::ptr::null(), 0) };
+        log("outside");
+        let logged = LOGGED.lock().map(|l| l.clone()).unwrap_or_default();
+        assert_eq!(
+            logged,
+            [r#"@call {"request_id":"r-1"} two lines"#, "outside"]
+        );
     }
 }

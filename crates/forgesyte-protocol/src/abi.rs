@@ -160,6 +160,29 @@ pub const CALL_CONTEXT_SYMBOL_C: &[u8] = b"forgesyte_plugin_call_context\0";
 /// The plugin copies what it needs; the bytes are the host's.
 pub type CallContextFn = unsafe extern "C" fn(json: *const u8, len: usize);
 
+/// Name of the optional symbol through which the host hands an in-process
+/// plugin the function its log lines go to ([`LogLineFn`]) instead of the
+/// server's stderr, so that they reach the host's log as records (JSON ones
+/// under `--log-format json`) tagged with the plugin: a [`LogSinkFn`].
+/// Libraries built with an SDK that has it export it (`export_plugin!`);
+/// older ones write to stderr as before. Not part of the vtable, so
+/// [`ABI_VERSION`] is unchanged. A runner process (an isolated plugin)
+/// never calls it: there stderr is the host's channel.
+pub const LOG_SINK_SYMBOL: &str = "forgesyte_plugin_log_sink";
+
+/// [`LOG_SINK_SYMBOL`], NUL-terminated.
+pub const LOG_SINK_SYMBOL_C: &[u8] = b"forgesyte_plugin_log_sink\0";
+
+/// The host's function for one log line of a plugin: UTF-8, `len` bytes at
+/// `line`, no newline, tagged as on stderr when it was written during a
+/// call (`@call {"request_id":…} …`, see `wire::LogTags`). The host copies
+/// it; callable from any thread.
+pub type LogLineFn = unsafe extern "C" fn(line: *const u8, len: usize);
+
+/// The signature of [`LOG_SINK_SYMBOL`]: the host calls it once, after
+/// opening the library and before constructing any instance.
+pub type LogSinkFn = unsafe extern "C" fn(sink: Option<LogLineFn>);
+
 /// Outcome of a call across the boundary; one of the `STATUS_*` constants.
 pub type FsStatus = i32;
 

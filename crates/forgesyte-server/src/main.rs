@@ -138,6 +138,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             init_logging("info", cli.log_format);
+            // In-process plugins' SDK log lines become records of the log
+            // (JSON ones under --log-format json), not bare stderr lines.
+            forgesyte_loader::plugin_log::route_in_process_logs();
             match serve(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

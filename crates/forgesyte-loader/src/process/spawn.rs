@@ -27,7 +27,7 @@ static INHERITED_NOFILE: AtomicU64 = AtomicU64::new(u64::MAX);
 /// the connections a server takes at 512): returns the limit before and
 /// after, `None` when there is nothing to raise (already at the hard
 /// limit, or the hard limit is unlimited). Every child the host starts
-/// afterwards ([`spawn_supervised`]) gets the limit it started with back,
+/// afterwards (`spawn_supervised`) gets the limit it started with back,
 /// so plugins run with what the operator set. Call it once, at start.
 ///
 /// # Errors

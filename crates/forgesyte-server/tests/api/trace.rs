@@ -208,9 +208,37 @@ fn a_native_plugin_sees_the_request_id_and_traceparent_in_process_and_isolated()
         assert_eq!(result["request_id"], made.as_str(), "{plugin}: {result}");
         assert_eq!(result["trace_id"], Value::Null, "{plugin}: {result}");
     }
-    // The isolated plugin's line through the SDK's `log` is logged with
-    // the call's fields.
-    let line = log_line(&server, |m| m.contains("the context tool ran"));
-    assert_eq!(line["fields"]["request_id"], "req-isolated", "{line}");
-    assert_eq!(line["fields"]["trace_id"], TRACE_ID, "{line}");
+    // Each plugin's line through the SDK's `log` is a record of the log
+    // with the call's fields and the plugin's name: the isolated one's
+    // through its runner's stderr, the in-process one's through the log
+    // function the host handed its library (it was a bare text line on the
+    // server's stderr, in the middle of the JSON records).
+    for plugin in ["native", "isolated"] {
+        let id = format!("req-{plugin}");
+        let line = log_line(&server, |m| m.contains("the context tool ran"));
+        let line = if line["fields"]["request_id"] == id.as_str() {
+            line
+        } else {
+            let log = server.log();
+            log.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|l| {
+                    l["fields"]["request_id"] == id.as_str()
+                        && l["fields"]["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("the context tool ran"))
+                })
+                .unwrap_or_else(|| panic!("no line of {plugin} in:\n{log}"))
+        };
+        assert_eq!(line["fields"]["trace_id"], TRACE_ID, "{line}");
+        assert_eq!(line["fields"]["plugin"], plugin, "{line}");
+        assert_eq!(line["target"], "forgesyte_loader::plugin_stderr", "{line}");
+    }
+    let log = server.log();
+    for text in log.lines().filter(|l| l.contains("the context tool ran")) {
+        assert!(
+            serde_json::from_str::<Value>(text).is_ok(),
+            "not a JSON record: {text}"
+        );
+    }
 }
