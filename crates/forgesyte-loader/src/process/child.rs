@@ -844,8 +844,13 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         crash: Some(crash.clone()),
     });
     let retired = shared.retired.load(Ordering::SeqCst);
+    // Ended by the host's stop (a construction a shutdown cut off): no
+    // fault, and no ERROR line for every rollout to alert on.
+    let stopping = matches!(&crash.cause, CrashCause::Killed { reason } if reason == HOST_STOPPING);
     if retired {
         tracing::debug!(plugin = %shared.plugin, pid = shared.pid, "plugin process {} ended", shared.pid);
+    } else if stopping {
+        tracing::info!(plugin = %shared.plugin, pid = shared.pid, "plugin process {} of {} ended: {HOST_STOPPING}", shared.pid, shared.plugin);
     } else {
         tracing::error!(
             plugin = %shared.plugin,
