@@ -3,8 +3,10 @@
 //!
 //! It hashes the manifest's bytes and, for every file under the directory
 //! (a few levels deep, caches and virtual environments skipped), its
-//! relative path, size, modification time and inode, so a library rebuilt
-//! in place, replaced by a rename, or a Python source edited all change it;
+//! relative path, size, modification and change time and inode, so a
+//! library rebuilt in place, replaced by a rename, or a Python source
+//! edited all change it (a `chmod` too: the change time is what catches
+//! bytes replaced with their old modification time kept);
 //! so does the lock file (`forgesyte.lock`) beside the directory.
 //! Reads the real filesystem; knows nothing of manifests' meaning, the
 //! registry or the loader.
