@@ -877,6 +877,51 @@ fn a_native_plugins_py_dependency_names_the_missing_interpreter() {
     );
 }
 
+/// On a host that runs no GPU plugins, a plugin that requires a GPU does
+/// not count for readiness, nor does one that needs such a plugin through
+/// its `plugin:` dependencies (directly or through another); any other
+/// plugin that is not available still counts.
+#[test]
+fn no_gpu_leaves_gpu_plugins_and_their_dependents_out_of_readiness() {
+    for no_gpu in [true, false] {
+        let s = Setup::new();
+        s.plugin(
+            "a_gpu",
+            &manifest("gpu", json!({"requires_gpu": {"min_memory_mb": 1024}})),
+            FakeBehavior::Good,
+        )
+        .plugin(
+            "b_uses",
+            &manifest("uses", json!({"dependencies": ["plugin:gpu@^1"]})),
+            FakeBehavior::Good,
+        )
+        .plugin(
+            "c_far",
+            &manifest("far", json!({"dependencies": ["plugin:uses"]})),
+            FakeBehavior::Good,
+        )
+        .plugin(
+            "d_other",
+            &manifest(
+                "other",
+                json!({"dependencies": ["lib:definitely_missing_xyz"]}),
+            ),
+            FakeBehavior::Good,
+        );
+        let loader = s.loader_with(LoaderConfig {
+            no_gpu,
+            ..LoaderConfig::default()
+        });
+        loader.load_all("/plugins".as_ref());
+        for name in ["gpu", "uses", "far"] {
+            s.check(name, S::Unavailable, &[]);
+            assert_eq!(loader.is_optional(name), no_gpu, "{name}, no_gpu {no_gpu}");
+        }
+        s.check("other", S::Unavailable, &["definitely_missing_xyz"]);
+        assert!(!loader.is_optional("other"));
+    }
+}
+
 /// A plugin whose manifest has no version (shown as the seed's
 /// "unknown") satisfies `plugin:NAME@*` and is said to have no version by
 /// any other requirement.

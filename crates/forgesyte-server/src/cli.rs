@@ -381,7 +381,8 @@ pub(crate) struct LoaderArgs {
     /// This server runs no GPU plugins (a CPU pool beside a GPU one,
     /// serving the same plugins): a plugin that declares `requires_gpu` is
     /// UNAVAILABLE without any GPU probe (no CUDA driver is loaded) and
-    /// does not count for readiness, as if it were `optional`.
+    /// does not count for readiness, as if it were `optional`, nor does one
+    /// that needs such a plugin through its `plugin:` dependencies.
     #[arg(long, env = "FORGESYTE_NO_GPU", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) no_gpu: bool,
     /// Whose manifests may widen their confined runner's sandbox (`network`,

@@ -53,6 +53,46 @@ impl Entry {
     }
 }
 
+/// Whether the plugin of `entry` depends, directly or through others, on
+/// a plugin whose manifest requires a GPU (read from the manifests as
+/// registered; a cycle is walked once).
+fn needs_a_gpu_plugin(entries: &BTreeMap<String, Entry>, entry: &Entry) -> bool {
+    fn plugin_deps(entry: &Entry) -> Vec<&str> {
+        entry
+            .raw
+            .as_deref()
+            .and_then(|raw| raw.get("dependencies"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter_map(|d| d.trim().strip_prefix("plugin:"))
+            .map(|d| d.split('@').next().unwrap_or(d).trim())
+            .collect()
+    }
+    fn requires_gpu(entry: &Entry) -> bool {
+        match entry.raw.as_deref().and_then(|raw| raw.get("requires_gpu")) {
+            Some(Value::Bool(gpu)) => *gpu,
+            Some(Value::Object(_)) => true,
+            _ => false,
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut next = plugin_deps(entry);
+    while let Some(name) = next.pop() {
+        if !seen.insert(name) {
+            continue;
+        }
+        if let Some(dep) = entries.get(name) {
+            if requires_gpu(dep) {
+                return true;
+            }
+            next.extend(plugin_deps(dep));
+        }
+    }
+    false
+}
+
 /// Loads plugin directories into a [`Registry`] and owns the live instances.
 #[derive(Debug)]
 pub struct Loader {
@@ -207,10 +247,15 @@ impl Loader {
     }
 
     /// Whether `name` does not count for readiness: its manifest marks it
-    /// optional, or it requires a GPU on a host that runs no GPU plugins
-    /// ([`LoaderConfig::no_gpu`](super::LoaderConfig::no_gpu)).
+    /// optional, or, on a host that runs no GPU plugins
+    /// ([`LoaderConfig::no_gpu`](super::LoaderConfig::no_gpu)), it requires
+    /// a GPU itself or through its `plugin:` dependencies.
     pub fn is_optional(&self, name: &str) -> bool {
-        self.entries.read().get(name).is_some_and(|e| e.optional)
+        let entries = self.entries.read();
+        let Some(entry) = entries.get(name) else {
+            return false;
+        };
+        entry.optional || (self.config.no_gpu && needs_a_gpu_plugin(&entries, entry))
     }
 
     /// What [`is_optional`](Self::is_optional) says of a plugin of
