@@ -75,15 +75,37 @@ pub(crate) fn from_openmetrics(openmetrics: &str) -> String {
         {
             continue;
         }
-        // An exemplar (` # {…} value`) after the sample: not in this format.
-        let sample = match line.find(" # {") {
-            Some(at) => &line[..at],
-            None => line,
-        };
-        out.push_str(sample);
+        out.push_str(without_exemplar(line));
         out.push('\n');
     }
     out
+}
+
+/// A sample line without its exemplar (` # {…} value` after the value: not
+/// in this format). Looked for only after the label set, whose values a
+/// plugin names (a tool called `a # {b`).
+fn without_exemplar(line: &str) -> &str {
+    let mut after_labels = line.find([' ', '{']).unwrap_or(line.len());
+    if line[after_labels..].starts_with('{') {
+        let mut quoted = false;
+        let mut escaped = false;
+        for (at, c) in line[after_labels..].char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                '}' if !quoted => {
+                    after_labels += at + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    match line[after_labels..].find(" # ") {
+        Some(at) => &line[..after_labels + at],
+        None => line,
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +152,22 @@ forgesyte_call_seconds_count 2
 odd 1
 "
         );
+    }
+
+    #[test]
+    fn a_label_value_is_never_taken_for_an_exemplar() {
+        for line in [
+            r#"forgesyte_tool_calls_total{plugin="p",tool="a # {b"} 1"#,
+            r#"forgesyte_tool_calls_total{plugin="p",tool="q\" # {}"} 2"#,
+            "plain_metric 3",
+        ] {
+            assert_eq!(without_exemplar(line), line);
+        }
+        assert_eq!(
+            without_exemplar(r#"x_bucket{le="0.1",tool="a # {b"} 2 # {trace_id="t"} 0.05"#),
+            r#"x_bucket{le="0.1",tool="a # {b"} 2"#
+        );
+        assert_eq!(without_exemplar("y 1 # {a=\"b\"} 1"), "y 1");
     }
 
     #[test]
