@@ -109,6 +109,7 @@ pub mod fake;
 mod fs;
 mod gpu;
 mod libs;
+mod limits;
 mod python;
 mod requirements;
 
@@ -119,6 +120,7 @@ pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport, NoGpu};
 pub use libs::{LibraryProbe, SystemLibraries};
+pub use limits::{raise_open_file_limit, restore_open_file_limit};
 pub use python::{
     ANSWER_MARKER, MIN_PYTHON, PythonAnswer, PythonProbe, SystemPython, python_version_gate,
     run_python, run_python_as, script_answer,

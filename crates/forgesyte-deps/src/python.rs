@@ -324,13 +324,15 @@ pub fn run_python_as(
     if let (Some(path), Ok(cwd)) = (std::env::var_os("PYTHONPATH"), std::env::current_dir()) {
         command.env("PYTHONPATH", absolute_search_path(&path, &cwd));
     }
-    let mut child = command
+    command
         .args(args)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
+        .process_group(0);
+    crate::restore_open_file_limit(&mut command);
+    let mut child = command
         .spawn()
         .map_err(|e| format!("{who}: cannot start: {e}"))?;
     let stdout = read_in_background(child.stdout.take());

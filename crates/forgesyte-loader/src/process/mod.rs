@@ -49,7 +49,8 @@ mod workers;
 mod zygote;
 
 pub use child::RUNNER_STOP_WAIT;
-pub use spawn::{close_inherited_on_exec, raise_open_file_limit};
+pub use forgesyte_deps::raise_open_file_limit;
+pub use spawn::close_inherited_on_exec;
 pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::ZYGOTE_ENV;
 

@@ -10,72 +10,11 @@
 //!   the thread that forked.
 //!
 //! - A child gets back the open-file limit the server started with, when
-//!   the server raised its own ([`raise_open_file_limit`]).
+//!   the server raised its own (`forgesyte_deps::raise_open_file_limit`).
 //!
 //! What a runner does once started (its pipes, its death) is `child`'s.
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// The soft open-file limit this process started with, when
-/// [`raise_open_file_limit`] raised it (`u64::MAX`: never raised): every
-/// child gets it back.
-static INHERITED_NOFILE: AtomicU64 = AtomicU64::new(u64::MAX);
-
-/// Raises this process's soft open-file limit (`RLIMIT_NOFILE`) to its
-/// hard limit, as servers do (a container runtime's soft 1,024 would cap
-/// the connections a server takes at 512): returns the limit before and
-/// after, `None` when there is nothing to raise (already at the hard
-/// limit, or the hard limit is unlimited). Every child the host starts
-/// afterwards (`spawn_supervised`) gets the limit it started with back,
-/// so plugins run with what the operator set. Call it once, at start.
-///
-/// # Errors
-///
-/// When `setrlimit` refuses.
-pub fn raise_open_file_limit() -> std::io::Result<Option<(u64, u64)>> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
-        return Ok(None);
-    };
-    if soft >= hard {
-        return Ok(None);
-    }
-    setrlimit(
-        Resource::Nofile,
-        rustix::process::Rlimit {
-            current: Some(hard),
-            maximum: Some(hard),
-        },
-    )?;
-    INHERITED_NOFILE.store(soft, Ordering::Relaxed);
-    Ok(Some((soft, hard)))
-}
-
-/// Gives a child the soft open-file limit the server started with, when
-/// [`raise_open_file_limit`] raised it.
-#[allow(unsafe_code)]
-fn restore_open_file_limit(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let soft = INHERITED_NOFILE.load(Ordering::Relaxed);
-    if soft == u64::MAX {
-        return;
-    }
-    // SAFETY: the closure runs between fork and exec in the child, where
-    // only async-signal-safe work is allowed: `getrlimit` and `setrlimit`
-    // are plain system calls, and the error is returned without
-    // allocating.
-    unsafe {
-        command.pre_exec(move || {
-            use rustix::process::{Resource, getrlimit, setrlimit};
-            let mut limit = getrlimit(Resource::Nofile);
-            limit.current = Some(soft);
-            setrlimit(Resource::Nofile, limit)?;
-            Ok(())
-        });
-    }
-}
 
 /// Marks close-on-exec every descriptor above 2 that this process holds:
 /// at a server's start, those it inherited (a supervisor's socket, a
@@ -172,7 +111,7 @@ pub(crate) fn spawn_supervised(mut command: Command) -> std::io::Result<std::pro
 
     command.process_group(0);
     set_no_new_privs(&mut command);
-    restore_open_file_limit(&mut command);
+    forgesyte_deps::restore_open_file_limit(&mut command);
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = channel::<Job>();
         let started = std::thread::Builder::new()

@@ -796,7 +796,8 @@ fn soft_open_files(pid: u32) -> u64 {
 
 /// `serve` raises its soft open-file limit to the hard limit (a
 /// container's soft 1,024 capped its connections at 512), and a plugin
-/// runner gets the limit the server started with back.
+/// runner gets the limit the server started with back, as does every run
+/// of the plugin's interpreter (the dependency check's too).
 #[test]
 fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
     use std::io::BufRead as _;
@@ -810,9 +811,21 @@ fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
     let soft = (hard / 2).min(1024);
     assert!(soft < hard, "hard limit {hard}");
     let dir = PluginsDir::new();
-    dir.python("echo", "echo");
+    dir.python("echo", "echo")
+        .manifest_fields("echo", json!({"dependencies": ["json"]}));
     let logdir = tempfile::tempdir().unwrap();
     let log = logdir.path().join("stderr.log");
+    // The interpreter, through a wrapper that writes down its limit.
+    let limits = logdir.path().join("limits.txt");
+    let python = logdir.path().join("python");
+    forgesyte_tests::write_script(
+        &python,
+        &format!(
+            "echo \"$(ulimit -Sn) $1\" >> {}\nexec python3 \"$@\"",
+            limits.display()
+        ),
+    )
+    .unwrap();
     let mut child = std::process::Command::new("prlimit")
         .arg(format!("--nofile={soft}:"))
         .arg(env!("CARGO_BIN_EXE_forgesyte"))
@@ -823,6 +836,8 @@ fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
             "--plugins",
             dir.path_str(),
         ])
+        .arg("--python")
+        .arg(&python)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -853,6 +868,15 @@ fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(soft_open_files(runner), soft);
+    // The dependency check (`-sB`) and the runner's zygote (`-su`) ran it.
+    let runs = std::fs::read_to_string(&limits).unwrap();
+    assert!(
+        runs.lines().any(|l| l.ends_with(" -sB")) && runs.lines().any(|l| l.ends_with(" -su")),
+        "{runs}"
+    );
+    for run in runs.lines() {
+        assert!(run.starts_with(&format!("{soft} ")), "{runs}");
+    }
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged.contains(&format!("Open-file limit raised from {soft} to {hard}")),
