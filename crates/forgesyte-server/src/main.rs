@@ -57,6 +57,16 @@ use tracing_subscriber::EnvFilter;
 use crate::admin_env::{admin_token, admin_token_env, take_admin_token_env};
 use crate::cli::{CheckArgs, Cli, Command, LogFormat, NewArgs, RUNNER_SUBCOMMAND, ServeArgs};
 
+/// `eprintln!` that never panics: a line that cannot be written (stderr's
+/// pipe closed) is lost, and the exit code stays the one the command
+/// chose (`eprintln!` panicked: exit code 101).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod admin_env;
 mod cli;
 mod config_file;
@@ -121,13 +131,13 @@ fn main() -> ExitCode {
     // Before any thread: what this process inherited open (beyond stdio)
     // is no plugin runner's to inherit.
     if let Err(e) = forgesyte_loader::process::close_inherited_on_exec() {
-        eprintln!("forgesyte: cannot mark inherited descriptors close-on-exec: {e}");
+        say!("forgesyte: cannot mark inherited descriptors close-on-exec: {e}");
     }
     let layered = match config_file::layer(Cli::command(), std::env::args_os().collect(), "serve") {
         Ok(layered) => layered,
         Err(config_file::ConfigError::Usage(e)) => e.exit(),
         Err(e) => {
-            eprintln!("forgesyte: {e}");
+            say!("forgesyte: {e}");
             return ExitCode::from(2);
         }
     };
@@ -145,7 +155,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
-                    eprintln!("forgesyte: {e:#}");
+                    say!("forgesyte: {e:#}");
                     // A configuration refused before the start: as `check`.
                     if e.is::<RefusedConfig>() {
                         ExitCode::from(2)
@@ -195,7 +205,7 @@ fn print_config(layered: &config_file::Layered) -> ExitCode {
 fn run_lock(dir: &Path) -> ExitCode {
     use forgesyte_loader::integrity;
     if !dir.is_dir() {
-        eprintln!(
+        say!(
             "forgesyte lock: {}",
             CheckError::NotADirectory {
                 path: dir.to_path_buf()
@@ -206,7 +216,7 @@ fn run_lock(dir: &Path) -> ExitCode {
     let outcome = match integrity::lock_dir(&forgesyte_deps::RealFs, dir) {
         Ok(outcome) => outcome,
         Err(e) => {
-            eprintln!("forgesyte lock: cannot list {}: {e}", dir.display());
+            say!("forgesyte lock: cannot list {}: {e}", dir.display());
             return ExitCode::FAILURE;
         }
     };
@@ -223,7 +233,7 @@ fn run_lock(dir: &Path) -> ExitCode {
             })
         });
     if let Err(e) = written {
-        eprintln!("forgesyte lock: cannot write {}: {e}", path.display());
+        say!("forgesyte lock: cannot write {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
     let mut stdout = std::io::stdout().lock();
@@ -239,7 +249,7 @@ fn run_lock(dir: &Path) -> ExitCode {
     );
     let _ = stdout.flush();
     for (name, why) in &outcome.skipped {
-        eprintln!("forgesyte lock: {name} not locked: {why}");
+        say!("forgesyte lock: {name} not locked: {why}");
     }
     if outcome.skipped.is_empty() {
         ExitCode::SUCCESS
@@ -261,7 +271,7 @@ fn run_new(args: NewArgs) -> ExitCode {
             match dir.canonicalize().ok().filter(|d| scaffold::is_sdk(d)) {
                 Some(dir) => scaffold::Sdk::Path(dir),
                 None => {
-                    eprintln!(
+                    say!(
                         "forgesyte new: --sdk {}: not the forgesyte-plugin-sdk crate (its \
                          Cargo.toml was not found there)",
                         dir.display()
@@ -278,7 +288,7 @@ fn run_new(args: NewArgs) -> ExitCode {
     let bind = match cli::parse_bind(&args.bind) {
         Ok(bind) => bind,
         Err(e) => {
-            eprintln!(
+            say!(
                 "forgesyte new: --bind (or FORGESYTE_BIND, or the config file's bind): {e}; the \
                  curl below calls {DEFAULT_BIND}"
             );
@@ -299,7 +309,7 @@ fn run_new(args: NewArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("forgesyte new: {e}");
+            say!("forgesyte new: {e}");
             ExitCode::FAILURE
         }
     }
@@ -412,7 +422,7 @@ fn run_check(args: CheckArgs) -> ExitCode {
         .err()
         .or_else(|| config.runner_problem())
     {
-        eprintln!("forgesyte check: {e}");
+        say!("forgesyte check: {e}");
         return ExitCode::from(2);
     }
     // Installed plugins alone need no plugins directory: the default one
@@ -421,7 +431,7 @@ fn run_check(args: CheckArgs) -> ExitCode {
         && args.dir == Path::new(DEFAULT_PLUGINS_DIR)
         && !args.dir.exists();
     if let Some(e) = CheckError::of_dir(&args.dir).filter(|_| !entry_points_only) {
-        eprintln!("forgesyte check: {e}");
+        say!("forgesyte check: {e}");
         return ExitCode::from(2);
     }
     // The report is this command's stdout, nothing else: what a plugin
@@ -435,7 +445,7 @@ fn run_check(args: CheckArgs) -> ExitCode {
         .map(|reason| format!("entry points (forgesyte.plugins) not discovered: {reason}"));
     let text = if json {
         if let Some(line) = &not_discovered {
-            eprintln!("forgesyte check: {line}");
+            say!("forgesyte check: {line}");
         }
         report.to_json() + "\n"
     } else {

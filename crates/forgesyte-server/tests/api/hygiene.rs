@@ -735,11 +735,9 @@ fn a_closed_stderr_pipe_loses_log_lines_not_the_server() {
         ])
         .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(closed_pipe())
         .spawn()
         .unwrap();
-    // The read end closed before the server writes a line.
-    drop(child.stderr.take());
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
@@ -888,4 +886,42 @@ fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
         assert!(Instant::now() < deadline, "no exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A `serve` that refuses its configuration with its stderr pipe closed
+/// still exits with the refusal's code (2), not a panic's (101).
+#[test]
+fn a_refused_start_with_a_closed_stderr_keeps_its_exit_code() {
+    use std::process::Stdio;
+    let plugins = PluginsDir::new();
+    let mut child = crate::support::forgesyte_command()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--plugins",
+            plugins.path_str(),
+        ])
+        .env("FORGESYTE_BLOCKING_THREADS", "0")
+        .stdout(Stdio::null())
+        .stderr(closed_pipe())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(2), "{status:?}");
+}
+
+/// The write end of a pipe whose read end is closed already: every write
+/// to it fails (EPIPE) from the child's first line on.
+fn closed_pipe() -> std::process::Stdio {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    writer.into()
 }
