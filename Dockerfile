@@ -36,13 +36,15 @@ RUN apt-get update \
 COPY --from=builder /out/forgesyte /usr/local/bin/forgesyte
 # The defaults (listen on 0.0.0.0:8000, plugins from /plugins, JSON logs)
 # are a config file, not flags or variables baked in: `docker run -e
-# FORGESYTE_BIND=…` or a mounted file of your own can change any of them.
-COPY deploy/forgesyte.toml /etc/forgesyte/forgesyte.toml
+# FORGESYTE_LOG_FORMAT=text`, a flag, or a file of your own (`serve
+# --config FILE`) can change any of them. Outside /etc/forgesyte, which a
+# volume of your own (trusted keys, a config) may hide.
+COPY deploy/forgesyte.toml /usr/local/share/forgesyte/forgesyte.toml
 # Bytecode (plugins' and the cached Python runner's) goes under /tmp, never
 # into the plugin tree, which may be read-only.
 ENV XDG_CACHE_HOME=/tmp/cache \
     PYTHONPYCACHEPREFIX=/tmp/pycache \
-    FORGESYTE_CONFIG=/etc/forgesyte/forgesyte.toml
+    FORGESYTE_CONFIG=/usr/local/share/forgesyte/forgesyte.toml
 USER 10001:10001
 EXPOSE 8000
 # python3 is in the image anyway: it asks /livez (liveness only; readiness
