@@ -123,9 +123,16 @@ def found():
 
 
 def label_of(dist):
-    """A distribution's name from its metadata directory's."""
+    """A distribution's name from its metadata directory's
+    (`pkg-1.0.dist-info`, `pkg.egg-info`: pkg)."""
     path = getattr(dist, "_path", None)
-    return os.path.basename(str(path)).split("-")[0] if path is not None else "distribution"
+    if path is None:
+        return "distribution"
+    base = os.path.basename(str(path))
+    for suffix in (".dist-info", ".egg-info"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    return base.split("-")[0]
 
 
 def locate(module):
