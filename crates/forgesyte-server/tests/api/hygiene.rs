@@ -771,14 +771,7 @@ fn a_closed_stderr_pipe_loses_log_lines_not_the_server() {
     let missing = crate::support::http(addr, "POST", "/v1/plugins/ghost/tools/x/run", b"{}");
     assert_eq!(missing.status, 404, "{}", missing.text());
     signal(&child.id().to_string(), "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
@@ -881,11 +874,7 @@ fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
         "{logged}"
     );
     signal(&server.to_string(), "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    exit_within(&mut child, Duration::from_secs(20));
 }
 
 /// A `serve` that refuses its configuration with its stderr pipe closed
@@ -907,14 +896,7 @@ fn a_refused_start_with_a_closed_stderr_keeps_its_exit_code() {
         .stderr(closed_pipe())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "{status:?}");
 }
 
@@ -924,4 +906,16 @@ fn closed_pipe() -> std::process::Stdio {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     writer.into()
+}
+
+/// `child`'s exit status, waited for at most `limit`.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "no exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
