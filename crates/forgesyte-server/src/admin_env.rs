@@ -56,7 +56,7 @@ pub(crate) fn take_admin_token_env() {
         // `remove_var` leaves the bytes in the block the process started
         // with, which `/proc/PID/environ` shows to processes of this user.
         if let Err(e) = wipe_initial_env("FORGESYTE_ADMIN_TOKEN") {
-            say!(
+            forgesyte_server::say!(
                 "forgesyte: cannot wipe the admin token from the process's environment block: {e}"
             );
         }

@@ -77,6 +77,18 @@
 //! [`forgesyte_registry::Registry`] (lock-free snapshots) and maps outcomes
 //! to status codes in exactly one place ([`ApiError`]).
 
+/// `eprintln!` that never panics: a line that cannot be written (stderr's
+/// pipe closed) is lost, and the command keeps the exit code it chose
+/// (`eprintln!` panicked: exit code 101). For the `forgesyte` binary's own
+/// lines.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod admin;
 mod answer;
 mod api;

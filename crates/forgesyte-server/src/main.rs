@@ -57,15 +57,7 @@ use tracing_subscriber::EnvFilter;
 use crate::admin_env::{admin_token, admin_token_env, take_admin_token_env};
 use crate::cli::{CheckArgs, Cli, Command, LogFormat, NewArgs, RUNNER_SUBCOMMAND, ServeArgs};
 
-/// `eprintln!` that never panics: a line that cannot be written (stderr's
-/// pipe closed) is lost, and the exit code stays the one the command
-/// chose (`eprintln!` panicked: exit code 101).
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
+use forgesyte_server::say;
 
 mod admin_env;
 mod cli;

@@ -26,7 +26,7 @@ pub fn keygen(out: &Path, name: &str, unencrypted: bool) -> u8 {
         match password_from_env() {
             Some(password) => Some(password),
             None => {
-                eprintln!(
+                crate::say!(
                     "forgesyte keygen: set {PASSWORD_ENV} to encrypt the secret key, or pass --unencrypted"
                 );
                 return 2;
@@ -34,7 +34,7 @@ pub fn keygen(out: &Path, name: &str, unencrypted: bool) -> u8 {
         }
     };
     if let Err(e) = std::fs::create_dir_all(out) {
-        eprintln!("forgesyte keygen: cannot create {}: {e}", out.display());
+        crate::say!("forgesyte keygen: cannot create {}: {e}", out.display());
         return 1;
     }
     match signature::keys::keygen(out, name, password) {
@@ -48,7 +48,7 @@ pub fn keygen(out: &Path, name: &str, unencrypted: bool) -> u8 {
             0
         }
         Err(e) => {
-            eprintln!("forgesyte keygen: {e}");
+            crate::say!("forgesyte keygen: {e}");
             1
         }
     }
@@ -61,7 +61,7 @@ pub fn sign(dir: &Path, key: &Path) -> u8 {
         .join(forgesyte_loader::manifest::MANIFEST_FILE)
         .is_file()
     {
-        eprintln!(
+        crate::say!(
             "forgesyte sign: {} is not a plugin directory (no manifest.json)",
             dir.display()
         );
@@ -70,7 +70,7 @@ pub fn sign(dir: &Path, key: &Path) -> u8 {
     let secret = match signature::keys::read_secret_key(key, password_from_env()) {
         Ok(secret) => secret,
         Err(e) => {
-            eprintln!("forgesyte sign: {e}");
+            crate::say!("forgesyte sign: {e}");
             return 1;
         }
     };
@@ -90,7 +90,7 @@ pub fn sign(dir: &Path, key: &Path) -> u8 {
             0
         }
         Err(e) => {
-            eprintln!("forgesyte sign: {e}");
+            crate::say!("forgesyte sign: {e}");
             1
         }
     }

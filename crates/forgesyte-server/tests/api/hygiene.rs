@@ -898,6 +898,15 @@ fn a_refused_start_with_a_closed_stderr_keeps_its_exit_code() {
         .unwrap();
     let status = exit_within(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "{status:?}");
+    // `sign` refusing a key that is not there, too.
+    let mut child = crate::support::forgesyte_command()
+        .args(["sign", "/nonexistent/plugin", "--key", "/nonexistent/key"])
+        .stdout(Stdio::null())
+        .stderr(closed_pipe())
+        .spawn()
+        .unwrap();
+    let status = exit_within(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "{status:?}");
 }
 
 /// The write end of a pipe whose read end is closed already: every write
