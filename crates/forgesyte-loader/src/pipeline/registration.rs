@@ -294,7 +294,13 @@ impl Loader {
                     .registry
                     .mark_failed_with_details(name, reason.clone(), traceback);
             }
-            tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+            if self.is_shutting_down() {
+                // A construction the host's stop cut off: no fault of the
+                // plugin's, and no ERROR line for every rollout to alert on.
+                tracing::info!(plugin = %name, %reason, "Plugin {name} not loaded: the host is stopping");
+            } else {
+                tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+            }
         }
     }
 
