@@ -62,6 +62,12 @@ pub trait PluginLibrary: Send + Sync + std::fmt::Debug {
     /// Constructs an instance from its configuration JSON
     /// (`{"manifest", "plugin_dir", "models"}`).
     fn instantiate(&self, config: &[u8]) -> Result<Box<dyn PluginInstance>, InitError>;
+
+    /// Says which plugin the library is about to be constructed for: the
+    /// name its log lines carry when no call or construction of it runs
+    /// on the thread that logs (a thread it started, its `Drop`). Nothing
+    /// by default.
+    fn constructed_for(&self, _plugin: &str) {}
 }
 
 /// What a tool call produced: the result JSON and its binary results, each

@@ -149,6 +149,9 @@ pub struct NativeLibrary {
     /// have it export it; see `CALL_CONTEXT_SYMBOL`).
     call_context: Option<CallContextFn>,
     fingerprint: Option<Fingerprint>,
+    /// Where the library's SDK `log` lines go, when the host routes them
+    /// (`plugin_log`).
+    log: Option<&'static crate::plugin_log::LibraryLog>,
 }
 
 impl fmt::Debug for NativeLibrary {
@@ -311,15 +314,23 @@ impl NativeLibrary {
         let call_context = unsafe { library.get::<CallContextFn>(CALL_CONTEXT_SYMBOL_C) }
             .ok()
             .map(|sym| *sym);
-        if let Some(host_log) = crate::plugin_log::sink() {
-            // SAFETY: the symbol, when present, is the SDK's log-sink
-            // setter with exactly this signature (`abi::LogSinkFn`); the
-            // host's function stays valid for the process's life.
-            if let Ok(set) = unsafe { library.get::<LogSinkFn>(LOG_SINK_SYMBOL_C) } {
+        // Only for a library built with the SDK (its fingerprint section
+        // says so, and `export_plugin!` emits both): a symbol of that name
+        // in another library may be anything (a C plugin's data), and
+        // calling it crashed the server.
+        let log = fingerprint
+            .as_ref()
+            .and_then(|_| crate::plugin_log::LibraryLog::for_new_library())
+            .and_then(|(host_log, log)| {
+                // SAFETY: the symbol, in an SDK-built library, is the SDK's
+                // log-sink setter with exactly this signature
+                // (`abi::LogSinkFn`); the host's function and the context
+                // stay valid for the process's life (never freed).
+                let set = unsafe { library.get::<LogSinkFn>(LOG_SINK_SYMBOL_C) }.ok()?;
                 // SAFETY: as above; called once, before any construction.
-                unsafe { set(Some(host_log)) };
-            }
-        }
+                unsafe { set(Some(host_log), log.as_context()) };
+                Some(log)
+            });
         // The handle is given up, never closed: the library is mapped for
         // good (RTLD_NODELETE), so `dlclose` would only take the dynamic
         // loader's lock again to lower a count, and a load pass constructs
@@ -332,6 +343,7 @@ impl NativeLibrary {
             vtable,
             call_context,
             fingerprint,
+            log,
         })
     }
 
@@ -354,6 +366,12 @@ impl NativeLibrary {
 }
 
 impl PluginLibrary for NativeLibrary {
+    fn constructed_for(&self, plugin: &str) {
+        if let Some(log) = self.log {
+            log.constructed_for(plugin);
+        }
+    }
+
     fn instantiate(&self, config: &[u8]) -> Result<Box<dyn PluginInstance>, InitError> {
         let v1 = self.vtable.v1();
         let mut handle: *mut c_void = std::ptr::null_mut();

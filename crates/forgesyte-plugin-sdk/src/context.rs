@@ -22,8 +22,9 @@ thread_local! {
 }
 
 /// Where [`log`] writes when the host gave it a function (an in-process
-/// plugin: the host's log); else stderr.
-static LOG_SINK: OnceLock<LogLineFn> = OnceLock::new();
+/// plugin: the host's log), and the context the host hands back with each
+/// line (an address, kept as a number to live in a static); else stderr.
+static LOG_SINK: OnceLock<(LogLineFn, usize)> = OnceLock::new();
 
 /// The context of the call running on this thread (`None` outside a call,
 /// on another thread, or when the request had neither an id nor a trace).
@@ -55,23 +56,36 @@ pub fn log(message: &str) {
         None => message,
     };
     match LOG_SINK.get() {
-        // SAFETY: the host's function (`__set_log_sink`), which copies the
-        // `len` bytes at the pointer, live for the call.
+        // SAFETY: the host's function and context (`__set_log_sink`); the
+        // function copies the `len` bytes at the pointer, live for the
+        // call.
         #[allow(unsafe_code)]
-        Some(sink) => unsafe { sink(line.as_ptr(), line.len()) },
+        Some(&(sink, context)) => unsafe {
+            sink(
+                context as *const std::ffi::c_void,
+                line.as_ptr(),
+                line.len(),
+            )
+        },
         None => {
             let _ = writeln!(std::io::stderr(), "{line}");
         }
     }
 }
 
-/// Takes the host's log function (the first one given; none leaves
-/// [`log`] on stderr). Called by the symbol
+/// Takes the host's log function and its context (the first given; none
+/// leaves [`log`] on stderr). Called by the symbol
 /// [`export_plugin!`](crate::export_plugin) exports, not by plugins.
+///
+/// # Safety
+///
+/// `sink` is the host's, callable with `context` from any thread for as
+/// long as the library is loaded.
 #[doc(hidden)]
-pub fn __set_log_sink(sink: Option<LogLineFn>) {
+#[allow(unsafe_code)]
+pub unsafe fn __set_log_sink(sink: Option<LogLineFn>, context: *const std::ffi::c_void) {
     if let Some(sink) = sink {
-        let _ = LOG_SINK.set(sink);
+        let _ = LOG_SINK.set((sink, context as usize));
     }
 }
 
@@ -137,7 +151,8 @@ mod tests {
     static LOGGED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
     #[allow(unsafe_code)]
-    unsafe extern "C" fn collect(line: *const u8, len: usize) {
+    unsafe extern "C" fn collect(context: *const std::ffi::c_void, line: *const u8, len: usize) {
+        assert_eq!(context as usize, 42, "the context handed back");
         // SAFETY: the SDK's call: `len` bytes at `line`, live for the call.
         let bytes = unsafe { std::slice::from_raw_parts(line, len) };
         if let Ok(mut logged) = LOGGED.lock() {
@@ -150,8 +165,11 @@ mod tests {
     #[test]
     #[allow(unsafe_code)]
     fn log_writes_to_the_hosts_function_once_given() {
-        __set_log_sink(None);
-        __set_log_sink(Some(collect));
+        // SAFETY: `collect` takes any context and copies the line.
+        unsafe {
+            __set_log_sink(None, std::ptr::null());
+            __set_log_sink(Some(collect), 42 as *const std::ffi::c_void);
+        }
         let json = br#"{"request_id":"r-1"}"#;
         // SAFETY: a live byte string and its length.
         unsafe { __set_from_host(json.as_ptr(), json.len()) };

@@ -173,15 +173,20 @@ pub const LOG_SINK_SYMBOL: &str = "forgesyte_plugin_log_sink";
 /// [`LOG_SINK_SYMBOL`], NUL-terminated.
 pub const LOG_SINK_SYMBOL_C: &[u8] = b"forgesyte_plugin_log_sink\0";
 
-/// The host's function for one log line of a plugin: UTF-8, `len` bytes at
-/// `line`, no newline, tagged as on stderr when it was written during a
-/// call (`@call {"request_id":…} …`, see `wire::LogTags`). The host copies
-/// it; callable from any thread.
-pub type LogLineFn = unsafe extern "C" fn(line: *const u8, len: usize);
+/// The host's function for one log line of a plugin: `context` as the
+/// host handed it with the function, then UTF-8, `len` bytes at `line`, no
+/// newline, tagged as on stderr when it was written during a call (`@call
+/// {"request_id":…} …`, see `wire::LogTags`). The host copies it; callable
+/// from any thread, for as long as the library is loaded.
+pub type LogLineFn =
+    unsafe extern "C" fn(context: *const core::ffi::c_void, line: *const u8, len: usize);
 
 /// The signature of [`LOG_SINK_SYMBOL`]: the host calls it once, after
-/// opening the library and before constructing any instance.
-pub type LogSinkFn = unsafe extern "C" fn(sink: Option<LogLineFn>);
+/// opening the library and before constructing any instance, with its
+/// function and the context the library hands back with every line (the
+/// host's record of which library, and so which plugin, logs).
+pub type LogSinkFn =
+    unsafe extern "C" fn(sink: Option<LogLineFn>, context: *const core::ffi::c_void);
 
 /// Outcome of a call across the boundary; one of the `STATUS_*` constants.
 pub type FsStatus = i32;

@@ -679,6 +679,7 @@ pub(super) fn construct(
     opened: Opened,
     call_timeout: Option<std::time::Duration>,
 ) -> Result<PluginHandle, PluginError> {
+    opened.library.constructed_for(&name);
     let instance =
         crate::plugin_log::as_plugin(&name, || opened.library.instantiate(&opened.config))?;
     Ok(PluginHandle::new(name, registry, instance, call_timeout))

@@ -241,4 +241,34 @@ fn a_native_plugin_sees_the_request_id_and_traceparent_in_process_and_isolated()
             "not a JSON record: {text}"
         );
     }
+    // In process, a line from a thread the plugin started still names it
+    // (the library's plugin), and a long WARNING line keeps its level and
+    // is cut into records of at most 4 KiB, as a runner's stderr is.
+    let reply = run_with(&server, "native", "log_more", r#"{"args": {}}"#, &[]);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let line = log_line(&server, |m| m.contains("from a thread of its own"));
+    assert_eq!(line["fields"]["plugin"], "native", "{line}");
+    let _ = log_line(&server, |m| m.starts_with("faulty: long x"));
+    let log = server.log();
+    let long: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| {
+            l["fields"]["plugin"] == "native"
+                && l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("faulty: long x") || m.starts_with("xxxx"))
+        })
+        .collect();
+    assert_eq!(long.len(), 3, "{long:#?}");
+    for record in &long {
+        assert_eq!(record["level"], "WARN", "{record}");
+        assert!(
+            record["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .len()
+                <= 4096
+        );
+    }
 }
