@@ -56,6 +56,8 @@
 //!   open);
 //! - `dashboard`: the dashboard page in headless Chromium (through
 //!   chromedriver) against the binary;
+//! - `handmade`: a library written against the C ABI by hand (`cc`), and
+//!   what of the SDK's the server never calls in it;
 //! - `examples`: the shipped Python examples served from their directories
 //!   and, the packaged one, installed and found through its entry point;
 //! - `stream`: WebSocket streams of frames (order, byte-exact answers in
@@ -86,6 +88,8 @@ mod deploy;
 mod events;
 #[path = "api/examples.rs"]
 mod examples;
+#[path = "api/handmade.rs"]
+mod handmade;
 #[path = "api/hygiene.rs"]
 mod hygiene;
 #[path = "api/installed.rs"]
