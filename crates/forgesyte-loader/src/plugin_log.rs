@@ -220,43 +220,45 @@ impl LibraryLog {
     /// library's budget, for the plugin this thread runs, else the one the
     /// library was constructed for.
     fn log(&self, text: &str) {
-        let verdict = self
-            .budget
-            .lock()
-            .admit(text.len() + LOG_RECORD_BYTES, Instant::now());
         let plugin = PLUGIN
             .try_with(|p| p.borrow().clone())
             .ok()
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| self.plugin.lock().clone());
         let plugin = (!plugin.is_empty()).then_some(plugin.as_str());
-        match verdict {
-            Verdict::Log(dropped) => {
-                if let Some((lines, bytes)) = dropped {
-                    tracing::warn!(
-                        plugin,
-                        lines,
-                        bytes,
-                        "Plugin {}: {lines} of its log lines were left out of the log ({bytes} bytes, counting {LOG_RECORD_BYTES} a record)",
-                        plugin.unwrap_or("?")
-                    );
-                }
-                let (tags, line) = LogTags::split(text);
-                let (level, line) = stderr_level(line);
-                let tags = tags.unwrap_or_default();
-                for piece in pieces(line) {
+        let (tags, line) = LogTags::split(text);
+        let (level, line) = stderr_level(line);
+        let tags = tags.unwrap_or_default();
+        // Each piece is a record, charged as the stderr reader charges one
+        // (a line longer than the burst still has its first pieces logged).
+        for piece in pieces(line) {
+            let verdict = self
+                .budget
+                .lock()
+                .admit(piece.len() + LOG_RECORD_BYTES, Instant::now());
+            match verdict {
+                Verdict::Log(dropped) => {
+                    if let Some((lines, bytes)) = dropped {
+                        tracing::warn!(
+                            plugin,
+                            lines,
+                            bytes,
+                            "Plugin {}: {lines} of its log lines were left out of the log ({bytes} bytes, counting {LOG_RECORD_BYTES} a record)",
+                            plugin.unwrap_or("?")
+                        );
+                    }
                     log_plugin_line(plugin, None, &tags, level, piece);
                 }
+                Verdict::Drop(true) => {
+                    tracing::warn!(
+                        plugin,
+                        "Plugin {} logs faster than the log takes ({} KiB/s): its lines are left out of the log until it slows down",
+                        plugin.unwrap_or("?"),
+                        LOG_BYTES_PER_SEC / 1024.0
+                    );
+                }
+                Verdict::Drop(false) => {}
             }
-            Verdict::Drop(true) => {
-                tracing::warn!(
-                    plugin,
-                    "Plugin {} logs faster than the log takes ({} KiB/s): its lines are left out of the log until it slows down",
-                    plugin.unwrap_or("?"),
-                    LOG_BYTES_PER_SEC / 1024.0
-                );
-            }
-            Verdict::Drop(false) => {}
         }
     }
 }

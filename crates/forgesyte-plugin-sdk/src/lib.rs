@@ -177,7 +177,7 @@ macro_rules! export_plugin {
         /// while the library is loaded.
         #[allow(unsafe_code)]
         #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn forgesyte_plugin_log_sink(
+        pub unsafe extern "C" fn forgesyte_plugin_host_log(
             sink: Option<$crate::abi::LogLineFn>,
             context: *const ::core::ffi::c_void,
         ) {

@@ -167,11 +167,14 @@ pub type CallContextFn = unsafe extern "C" fn(json: *const u8, len: usize);
 /// Libraries built with an SDK that has it export it (`export_plugin!`);
 /// older ones write to stderr as before. Not part of the vtable, so
 /// [`ABI_VERSION`] is unchanged. A runner process (an isolated plugin)
-/// never calls it: there stderr is the host's channel.
-pub const LOG_SINK_SYMBOL: &str = "forgesyte_plugin_log_sink";
+/// never calls it: there stderr is the host's channel. A symbol's name
+/// is never given another signature: a change of signature is a new name
+/// (a draft of this one, `forgesyte_plugin_log_sink`, took the function
+/// alone, and is never looked up).
+pub const LOG_SINK_SYMBOL: &str = "forgesyte_plugin_host_log";
 
 /// [`LOG_SINK_SYMBOL`], NUL-terminated.
-pub const LOG_SINK_SYMBOL_C: &[u8] = b"forgesyte_plugin_log_sink\0";
+pub const LOG_SINK_SYMBOL_C: &[u8] = b"forgesyte_plugin_host_log\0";
 
 /// The host's function for one log line of a plugin: `context` as the
 /// host handed it with the function, then UTF-8, `len` bytes at `line`, no

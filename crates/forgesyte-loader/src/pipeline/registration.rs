@@ -294,9 +294,18 @@ impl Loader {
                     .registry
                     .mark_failed_with_details(name, reason.clone(), traceback);
             }
-            if self.is_shutting_down() {
-                // A construction the host's stop cut off: no fault of the
-                // plugin's, and no ERROR line for every rollout to alert on.
+            // A runner the host's stop killed while it constructed: no
+            // fault of the plugin's, and no ERROR line for every rollout to
+            // alert on. A plugin that failed for its own reason says so at
+            // ERROR, whenever it is recorded.
+            let stopped = matches!(
+                &report.crash,
+                Some(forgesyte_errors::CrashError {
+                    cause: forgesyte_errors::CrashCause::Killed { reason },
+                    ..
+                }) if reason == crate::process::HOST_STOPPING
+            );
+            if stopped {
                 tracing::info!(plugin = %name, %reason, "Plugin {name} not loaded: the host is stopping");
             } else {
                 tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");

@@ -116,7 +116,8 @@ struct Live {
 
 /// Why the host kills the runners it still has when it stops (and one that
 /// starts after).
-const HOST_STOPPING: &str = "the host is stopping";
+/// Why the host kills a runner it stops with.
+pub(crate) const HOST_STOPPING: &str = "the host is stopping";
 
 impl Runners {
     /// Counts `shared`; `false` once closed.

@@ -67,8 +67,8 @@ use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
 
 use std::process::Command;
 
-pub(crate) use self::child::Runners;
 use self::child::{Child, KillReason, SpawnError, SpawnOptions};
+pub(crate) use self::child::{HOST_STOPPING, Runners};
 use self::transport::Reply;
 use self::wire_error::WireErrorExt;
 use crate::host::{Importer, PluginInstance, PluginLibrary};

@@ -24,7 +24,7 @@ static const struct table TABLE = {
     (void *)nothing, (void *)nothing, (void *)nothing, (void *)nothing, (void *)nothing,
 };
 const struct table *forgesyte_plugin_entry(void) { return &TABLE; }
-const char forgesyte_plugin_log_sink[] = "not a function";
+const char forgesyte_plugin_host_log[] = "not a function";
 "#;
 
 /// The server calls the log-sink setter only in a library the SDK built

@@ -928,3 +928,38 @@ fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A stop during the load pass: a runner the stop kills while its plugin
+/// constructs is logged at INFO (no fault of the plugin's), while a plugin
+/// of the same pass that failed for its own reason is still an ERROR.
+#[test]
+fn a_stop_during_the_load_pass_blames_only_what_it_cut_off() {
+    let plugins = PluginsDir::new();
+    plugins.zoo(forgesyte_tests::zoo::ERR_INIT).library(
+        "init-hang",
+        forgesyte_tests::zoo::FAULTY_LIBRARY,
+        json!({"isolation": "process", "config": {"fault_at_init": "hang"},
+               "limits": {"init_timeout_s": 20.0}}),
+    );
+    let mut server = Forgesyte::start(&["--plugins", plugins.path_str()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while runner_pid(server.pid(), "init-hang").is_none() {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The in-process err-init has failed by now (its constructor returns
+    // an error at once); its state waits for the pass's wave to end.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.terminate().code(), Some(0));
+    let log = server.log();
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{log}"))
+            .to_owned()
+    };
+    assert!(line("Plugin FAILED: err-init").contains("ERROR"), "{log}");
+    let stopped = line("Plugin init-hang not loaded: the host is stopping");
+    assert!(stopped.contains("INFO"), "{stopped}");
+    assert!(!log.contains("Plugin FAILED: init-hang"), "{log}");
+}
