@@ -243,7 +243,7 @@ impl LibraryLog {
                             plugin,
                             lines,
                             bytes,
-                            "Plugin {}: {lines} of its log lines were left out of the log ({bytes} bytes, counting {LOG_RECORD_BYTES} a record)",
+                            "Plugin {}: {lines} of its log records were left out of the log (pieces of at most 4 KiB of its lines; {bytes} bytes, counting {LOG_RECORD_BYTES} a record)",
                             plugin.unwrap_or("?")
                         );
                     }

@@ -287,13 +287,7 @@ fn run_new(args: NewArgs) -> ExitCode {
             DEFAULT_BIND.to_owned()
         }
     };
-    match scaffold::create(
-        lang,
-        &name,
-        &args.parent,
-        &sdk,
-        &scaffold::server_url(&bind),
-    ) {
+    match scaffold::create(lang, &name, &args.parent, &sdk, &bind) {
         Ok(created) => {
             let mut stdout = std::io::stdout().lock();
             let _ = stdout.write_all(created.message.as_bytes());

@@ -215,7 +215,7 @@ pub(crate) fn create(
     name: &str,
     parent: &Path,
     sdk: &Sdk,
-    url: &str,
+    bind: &str,
 ) -> Result<Created, ScaffoldError> {
     let dir = parent.join(name);
     // A link of that name is never followed (its target may be anywhere)
@@ -251,7 +251,7 @@ pub(crate) fn create(
         return Err(e);
     }
     Ok(Created {
-        message: message(lang, name, parent, &dir, &files, sdk, url),
+        message: message(lang, name, parent, &dir, &files, sdk, bind),
     })
 }
 
@@ -431,8 +431,16 @@ fn message(
     dir: &Path,
     files: &[(&'static str, String)],
     sdk: &Sdk,
-    url: &str,
+    bind: &str,
 ) -> String {
+    let url = server_url(bind);
+    // The address goes on the printed `serve` line unless it is the
+    // default: the pair works as printed, wherever `bind` came from.
+    let bind_flag = if bind == forgesyte_server::DEFAULT_BIND {
+        String::new()
+    } else {
+        format!(" --bind {bind}")
+    };
     let mut out = String::new();
     let what = match lang {
         Lang::Python => "Python",
@@ -450,7 +458,11 @@ fn message(
         Lang::Python => {
             let _ = writeln!(out, "\nCheck it, serve it, call its tool:");
             let _ = writeln!(out, "  forgesyte check {}", shell(parent));
-            let _ = writeln!(out, "  forgesyte serve --plugins {}", shell(parent));
+            let _ = writeln!(
+                out,
+                "  forgesyte serve --plugins {}{bind_flag}",
+                shell(parent)
+            );
             let _ = writeln!(out, "  {curl}");
         }
         Lang::Rust => {
@@ -491,7 +503,7 @@ fn message(
             let _ = writeln!(out, "  forgesyte check {}{lib_path}", shell(parent));
             let _ = writeln!(
                 out,
-                "  forgesyte serve --plugins {}{lib_path}",
+                "  forgesyte serve --plugins {}{lib_path}{bind_flag}",
                 shell(parent)
             );
             let _ = writeln!(out, "  {curl}");
@@ -513,6 +525,7 @@ mod tests {
     use super::*;
 
     const DEFAULT_URL: &str = "http://127.0.0.1:8000";
+    const DEFAULT_BIND: &str = forgesyte_server::DEFAULT_BIND;
 
     #[test]
     fn the_url_is_the_one_a_client_here_calls_the_server_at() {
@@ -623,15 +636,15 @@ mod tests {
         let sdk = Sdk::Version(SDK_VERSION);
         // An empty directory is fine.
         std::fs::create_dir(tmp.path().join("empty")).unwrap();
-        create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_URL).unwrap();
+        create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_BIND).unwrap();
         for file in ["manifest.json", "plugin.py", "README.md"] {
             assert!(tmp.path().join("empty").join(file).is_file(), "{file}");
         }
-        let err = create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_URL).unwrap_err();
+        let err = create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
         assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
         assert!(err.to_string().contains("already exists"), "{err}");
         std::fs::write(tmp.path().join("file"), "x").unwrap();
-        let err = create(Lang::Rust, "file", tmp.path(), &sdk, DEFAULT_URL).unwrap_err();
+        let err = create(Lang::Rust, "file", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
         assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
         assert_eq!(
             std::fs::read_to_string(tmp.path().join("file")).unwrap(),
@@ -645,7 +658,7 @@ mod tests {
         std::os::unix::fs::symlink(tmp.path().join("nowhere"), tmp.path().join("dangling"))
             .unwrap();
         for name in ["linked", "dangling"] {
-            let err = create(Lang::Python, name, tmp.path(), &sdk, DEFAULT_URL).unwrap_err();
+            let err = create(Lang::Python, name, tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
             assert!(matches!(err, ScaffoldError::Exists(_)), "{name}: {err}");
             assert!(
                 tmp.path().join(name).symlink_metadata().is_ok(),
@@ -669,7 +682,7 @@ mod tests {
             "ocr",
             &parent,
             &Sdk::Path("/sdk".into()),
-            DEFAULT_URL,
+            DEFAULT_BIND,
         )
         .unwrap();
         let q = |p: &Path| shell(p);
@@ -701,7 +714,7 @@ mod tests {
             "ocr",
             &parent,
             &Sdk::Path("/sdk".into()),
-            DEFAULT_URL,
+            DEFAULT_BIND,
         )
         .unwrap();
         let dir = parent.join("ocr");

@@ -294,17 +294,11 @@ impl Loader {
                     .registry
                     .mark_failed_with_details(name, reason.clone(), traceback);
             }
-            // A runner the host's stop killed while it constructed: no
-            // fault of the plugin's, and no ERROR line for every rollout to
-            // alert on. A plugin that failed for its own reason says so at
-            // ERROR, whenever it is recorded.
-            let stopped = matches!(
-                &report.crash,
-                Some(forgesyte_errors::CrashError {
-                    cause: forgesyte_errors::CrashCause::Killed { reason },
-                    ..
-                }) if reason == crate::process::HOST_STOPPING
-            );
+            // A runner the host's stop killed while it constructed, or
+            // refused to start: no fault of the plugin's, and no ERROR line
+            // for every rollout to alert on. A plugin that failed for its
+            // own reason says so at ERROR, whenever it is recorded.
+            let stopped = self.is_shutting_down() && reason.contains(crate::process::HOST_STOPPING);
             if stopped {
                 tracing::info!(plugin = %name, %reason, "Plugin {name} not loaded: the host is stopping");
             } else {

@@ -115,8 +115,7 @@ struct Live {
 }
 
 /// Why the host kills the runners it still has when it stops (and one that
-/// starts after).
-/// Why the host kills a runner it stops with.
+/// starts after); the start of why it refuses to start one then.
 pub(crate) const HOST_STOPPING: &str = "the host is stopping";
 
 impl Runners {

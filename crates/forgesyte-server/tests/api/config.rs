@@ -224,6 +224,13 @@ fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
         out.contains("curl -s -X POST http://127.0.0.1:9/v1/plugins/from-file/tools/hello/run"),
         "{out}"
     );
+    // The printed serve line listens there too, however the address came.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("  forgesyte serve --plugins ")
+                && l.ends_with(" --bind 127.0.0.1:9")),
+        "{out}"
+    );
     let (code, out, err) = run_forgesyte(
         &["new", "--python", "from-env"],
         &[
@@ -236,6 +243,7 @@ fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
         out.contains("curl -s -X POST http://127.0.0.1:47203/v1/plugins/from-env/"),
         "{out}"
     );
+    assert!(out.contains(" --bind 0.0.0.0:47203\n"), "{out}");
     // An address `serve` would refuse is not `new`'s error: it scaffolds,
     // and its curl calls the default address, saying so.
     let scaffolds = tempfile::tempdir().unwrap();

@@ -930,17 +930,25 @@ fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process
 }
 
 /// A stop during the load pass: a runner the stop kills while its plugin
-/// constructs is logged at INFO (no fault of the plugin's), while a plugin
-/// of the same pass that failed for its own reason is still an ERROR.
+/// constructs, or refuses to start (a plugin of a later wave), is logged
+/// at INFO (no fault of the plugin's), while a plugin of the same pass
+/// that failed for its own reason is still an ERROR.
 #[test]
 fn a_stop_during_the_load_pass_blames_only_what_it_cut_off() {
     let plugins = PluginsDir::new();
-    plugins.zoo(forgesyte_tests::zoo::ERR_INIT).library(
-        "init-hang",
-        forgesyte_tests::zoo::FAULTY_LIBRARY,
-        json!({"isolation": "process", "config": {"fault_at_init": "hang"},
-               "limits": {"init_timeout_s": 20.0}}),
-    );
+    plugins
+        .zoo(forgesyte_tests::zoo::ERR_INIT)
+        .library(
+            "init-hang",
+            forgesyte_tests::zoo::FAULTY_LIBRARY,
+            json!({"isolation": "process", "config": {"fault_at_init": "hang"},
+                   "limits": {"init_timeout_s": 20.0}}),
+        )
+        .good("base", json!({}))
+        .good(
+            "later",
+            json!({"isolation": "process", "dependencies": ["plugin:base"]}),
+        );
     let mut server = Forgesyte::start(&["--plugins", plugins.path_str()]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while runner_pid(server.pid(), "init-hang").is_none() {
@@ -962,4 +970,6 @@ fn a_stop_during_the_load_pass_blames_only_what_it_cut_off() {
     let stopped = line("Plugin init-hang not loaded: the host is stopping");
     assert!(stopped.contains("INFO"), "{stopped}");
     assert!(!log.contains("Plugin FAILED: init-hang"), "{log}");
+    // The later wave's runner is refused, not failed.
+    assert!(!log.contains("Plugin FAILED: later"), "{log}");
 }
