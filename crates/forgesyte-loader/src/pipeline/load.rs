@@ -170,8 +170,7 @@ impl Loader {
                     source: Some(dir.clone()),
                 };
                 let raw = Some(Arc::clone(&m.raw));
-                let optional = self.optional_here(&m);
-                (m.name.clone(), info, raw, optional, Ok(m))
+                (m.name.clone(), info, raw, m.optional, Ok(m))
             }
             Err(bad) => {
                 let claimed = bad.claimed_name_or(&ep_key);

@@ -29,66 +29,68 @@ pub(super) struct Entry {
     pub(super) handle: Option<PluginHandle>,
     /// The manifest's runtime and declared isolation, when it was valid.
     pub(super) placement: Option<(Runtime, Option<Isolation>)>,
+    /// Whether the manifest, when it was valid, requires a GPU, and the
+    /// plugins its `plugin:` dependencies name: what `--no-gpu` readiness
+    /// walks ([`needs_a_gpu`]).
+    pub(super) requires_gpu: bool,
+    pub(super) plugin_deps: Vec<String>,
 }
 
 impl Entry {
-    /// A just-registered plugin's entry: no instance yet, and its placement
-    /// when its manifest was valid.
+    /// A just-registered plugin's entry: no instance yet, and what its
+    /// manifest says when it was valid.
     pub(super) fn registered<E>(
         dir: PathBuf,
         raw: Option<Arc<Value>>,
         optional: bool,
         manifest: &Result<Manifest, E>,
     ) -> Entry {
-        Entry {
+        let mut entry = Entry {
             dir,
             raw,
             optional,
             handle: None,
-            placement: manifest
-                .as_ref()
-                .ok()
-                .map(|m| (m.runtime, m.declared_isolation)),
-        }
+            placement: None,
+            requires_gpu: false,
+            plugin_deps: Vec::new(),
+        };
+        entry.describe(manifest.as_ref().ok());
+        entry
+    }
+
+    /// Takes what the loader keeps of `manifest` (`None`: not valid).
+    pub(super) fn describe(&mut self, manifest: Option<&Manifest>) {
+        self.placement = manifest.map(|m| (m.runtime, m.declared_isolation));
+        self.requires_gpu =
+            manifest.is_some_and(|m| m.requirements.gpu != forgesyte_deps::GpuRequirement::None);
+        self.plugin_deps = manifest
+            .into_iter()
+            .flat_map(|m| &m.requirements.dependencies)
+            .filter_map(|d| match d {
+                forgesyte_deps::Dependency::Plugin { name, .. } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
     }
 }
 
-/// Whether the plugin of `entry` depends, directly or through others, on
-/// a plugin whose manifest requires a GPU (read from the manifests as
-/// registered; a cycle is walked once).
-fn needs_a_gpu_plugin(entries: &BTreeMap<String, Entry>, entry: &Entry) -> bool {
-    fn plugin_deps(entry: &Entry) -> Vec<&str> {
-        entry
-            .raw
-            .as_deref()
-            .and_then(|raw| raw.get("dependencies"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .filter_map(|d| d.trim().strip_prefix("plugin:"))
-            .map(|d| d.split('@').next().unwrap_or(d).trim())
-            .collect()
-    }
-    fn requires_gpu(entry: &Entry) -> bool {
-        match entry.raw.as_deref().and_then(|raw| raw.get("requires_gpu")) {
-            Some(Value::Bool(gpu)) => *gpu,
-            Some(Value::Object(_)) => true,
-            _ => false,
-        }
-    }
+/// Whether the plugin of `entry` requires a GPU, itself or through the
+/// plugins its `plugin:` dependencies name (directly or through others; a
+/// cycle is walked once).
+fn needs_a_gpu(entries: &BTreeMap<String, Entry>, entry: &Entry) -> bool {
     let mut seen = std::collections::BTreeSet::new();
-    let mut next = plugin_deps(entry);
-    while let Some(name) = next.pop() {
-        if !seen.insert(name) {
-            continue;
+    let mut next = vec![entry];
+    while let Some(entry) = next.pop() {
+        if entry.requires_gpu {
+            return true;
         }
-        if let Some(dep) = entries.get(name) {
-            if requires_gpu(dep) {
-                return true;
-            }
-            next.extend(plugin_deps(dep));
-        }
+        next.extend(
+            entry
+                .plugin_deps
+                .iter()
+                .filter(|name| seen.insert(name.as_str()))
+                .filter_map(|name| entries.get(name)),
+        );
     }
     false
 }
@@ -255,14 +257,7 @@ impl Loader {
         let Some(entry) = entries.get(name) else {
             return false;
         };
-        entry.optional || (self.config.no_gpu && needs_a_gpu_plugin(&entries, entry))
-    }
-
-    /// What [`is_optional`](Self::is_optional) says of a plugin of
-    /// manifest `m`.
-    pub(super) fn optional_here(&self, m: &crate::manifest::Manifest) -> bool {
-        m.optional
-            || (self.config.no_gpu && m.requirements.gpu != forgesyte_deps::GpuRequirement::None)
+        entry.optional || (self.config.no_gpu && needs_a_gpu(&entries, entry))
     }
 
     /// The host is shutting down: from now on an isolated plugin whose

@@ -88,7 +88,7 @@ impl Loader {
                     m.name.clone(),
                     info,
                     Some(Arc::clone(&m.raw)),
-                    self.optional_here(&m),
+                    m.optional,
                     Ok(m),
                 )
             }

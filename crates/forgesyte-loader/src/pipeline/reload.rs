@@ -174,8 +174,8 @@ impl Loader {
                     }
                     if let Some(e) = self.entries.write().get_mut(name) {
                         e.raw = Some(Arc::clone(&m.raw));
-                        e.optional = self.optional_here(&m);
-                        e.placement = Some((m.runtime, m.declared_isolation));
+                        e.optional = m.optional;
+                        e.describe(Some(&m));
                     }
                     pending.insert(
                         name.clone(),
@@ -194,7 +194,7 @@ impl Loader {
                     if let Some(e) = self.entries.write().get_mut(name) {
                         e.raw = raw.map(Arc::new);
                         e.optional = false;
-                        e.placement = None;
+                        e.describe(None);
                     }
                     self.record_failure(name, &error);
                     self.finish_outcome(name, &entry.dir, started, &mut outcomes);
