@@ -320,16 +320,18 @@ impl NativeLibrary {
         // calling it crashed the server.
         let log = fingerprint
             .as_ref()
-            .and_then(|_| crate::plugin_log::LibraryLog::for_new_library())
-            .and_then(|(host_log, log)| {
-                // SAFETY: the symbol, in an SDK-built library, is the SDK's
-                // log-sink setter with exactly this signature
-                // (`abi::LogSinkFn`); the host's function and the context
-                // stay valid for the process's life (never freed).
-                let set = unsafe { library.get::<LogSinkFn>(LOG_SINK_SYMBOL_C) }.ok()?;
-                // SAFETY: as above; called once, before any construction.
+            .filter(|_| crate::plugin_log::routed())
+            // SAFETY: the symbol, in an SDK-built library, is the SDK's
+            // log-sink setter with exactly this signature (`abi::LogSinkFn`).
+            .and_then(|_| unsafe { library.get::<LogSinkFn>(LOG_SINK_SYMBOL_C) }.ok())
+            .map(|set| {
+                // A context only for a library that takes it.
+                let (host_log, log) = crate::plugin_log::LibraryLog::for_new_library();
+                // SAFETY: as above; called once, before any construction; the
+                // host's function and the context stay valid for the
+                // process's life (never freed).
                 unsafe { set(Some(host_log), log.as_context()) };
-                Some(log)
+                log
             });
         // The handle is given up, never closed: the library is mapped for
         // good (RTLD_NODELETE), so `dlclose` would only take the dynamic

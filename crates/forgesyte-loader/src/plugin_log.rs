@@ -180,6 +180,11 @@ pub fn route_in_process_logs() {
     ROUTED.store(true, Ordering::Relaxed);
 }
 
+/// Whether libraries opened now are handed the host's log.
+pub(crate) fn routed() -> bool {
+    ROUTED.load(Ordering::Relaxed)
+}
+
 /// The log of one opened in-process library: the plugin it was
 /// constructed for, and its budget. Made once per opened library and never
 /// freed, as the library is never unmapped (`RTLD_NODELETE`): its threads
@@ -191,16 +196,14 @@ pub(crate) struct LibraryLog {
 }
 
 impl LibraryLog {
-    /// The host's log function and a new library's context for it, when
-    /// the host routes in-process logs.
-    pub(crate) fn for_new_library() -> Option<(LogLineFn, &'static LibraryLog)> {
-        ROUTED.load(Ordering::Relaxed).then(|| {
-            let log: &'static LibraryLog = Box::leak(Box::new(LibraryLog {
-                plugin: Mutex::new(String::new()),
-                budget: Mutex::new(Budget::new(Instant::now())),
-            }));
-            (host_log_line as LogLineFn, log)
-        })
+    /// The host's log function and a new library's context for it (never
+    /// freed), for a library that takes them.
+    pub(crate) fn for_new_library() -> (LogLineFn, &'static LibraryLog) {
+        let log: &'static LibraryLog = Box::leak(Box::new(LibraryLog {
+            plugin: Mutex::new(String::new()),
+            budget: Mutex::new(Budget::new(Instant::now())),
+        }));
+        (host_log_line as LogLineFn, log)
     }
 
     /// The context pointer the library is handed.
