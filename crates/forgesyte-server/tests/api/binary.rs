@@ -403,15 +403,8 @@ fn environment_variables_configure_serve() {
         .spawn()
         .unwrap();
     let guard = KillOnDrop(&mut child);
-    let stdout = guard.0.stdout.take().unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("forgesyte listening on http://")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .parse()
-        .unwrap();
+    let addr = crate::support::listening_addr(guard.0.stdout.take().unwrap())
+        .unwrap_or_else(|line| panic!("{line:?}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while http(addr, "GET", "/v1/health", b"").json()["status"] == "loading" {
         assert!(Instant::now() < deadline);

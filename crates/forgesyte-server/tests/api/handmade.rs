@@ -2,8 +2,6 @@
 //! not with the SDK): the server loads it as it is, and never calls what
 //! only the SDK exports by name in it.
 
-use std::time::{Duration, Instant};
-
 use serde_json::json;
 
 use crate::support::{Forgesyte, PluginsDir};
@@ -49,17 +47,10 @@ fn a_symbol_named_like_the_sdks_log_sink_is_not_called_in_a_handmade_library() {
     .unwrap();
     plugins.good("alpha", json!({}));
     let server = Forgesyte::start(&["--plugins", plugins.path_str()]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let health = loop {
-        let health = server.get("/v1/plugins/handmade/health");
-        assert_eq!(health.status, 200, "{}\n{}", health.text(), server.log());
-        let json = health.json();
-        if json["state"] != "LOADED" {
-            break json;
-        }
-        assert!(Instant::now() < deadline, "{json}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    server.wait_loaded();
+    let health = server.get("/v1/plugins/handmade/health");
+    assert_eq!(health.status, 200, "{}\n{}", health.text(), server.log());
+    let health = health.json();
     // Its construction fails (no instance), the server lives on.
     assert_eq!(health["state"], "FAILED", "{health}");
     assert!(

@@ -721,7 +721,6 @@ fn a_server_stopped_while_a_plugin_is_constructed_ends_what_it_started() {
 /// to panic on its first log line (exit code 101).
 #[test]
 fn a_closed_stderr_pipe_loses_log_lines_not_the_server() {
-    use std::io::BufRead as _;
     use std::process::Stdio;
     let plugins = PluginsDir::new();
     plugins.good("alpha", json!({}));
@@ -738,18 +737,11 @@ fn a_closed_stderr_pipe_loses_log_lines_not_the_server() {
         .stderr(closed_pipe())
         .spawn()
         .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = line
-        .trim()
-        .strip_prefix("forgesyte listening on http://")
-        .unwrap_or_else(|| {
+    let addr =
+        crate::support::listening_addr(child.stdout.take().unwrap()).unwrap_or_else(|line| {
             let _ = child.kill();
             panic!("no listening line: {line:?} ({:?})", child.wait())
-        })
-        .parse()
-        .unwrap();
+        });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let health = crate::support::http(addr, "GET", "/v1/health", b"");
@@ -791,7 +783,6 @@ fn soft_open_files(pid: u32) -> u64 {
 /// of the plugin's interpreter (the dependency check's too).
 #[test]
 fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
-    use std::io::BufRead as _;
     use std::process::Stdio;
     let hard: u64 = std::fs::read_to_string("/proc/self/limits")
         .unwrap()
@@ -834,15 +825,8 @@ fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("prlimit (util-linux) runs");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = line
-        .trim()
-        .strip_prefix("forgesyte listening on http://")
-        .unwrap_or_else(|| panic!("{line:?}: {}", std::fs::read_to_string(&log).unwrap()))
-        .parse()
-        .unwrap();
+    let addr = crate::support::listening_addr(child.stdout.take().unwrap())
+        .unwrap_or_else(|line| panic!("{line:?}: {}", std::fs::read_to_string(&log).unwrap()));
     let server = child.id();
     assert_eq!(soft_open_files(server), hard);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -448,6 +448,18 @@ fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
 
 // ------------------------------------------------------------ the binary
 
+/// The address a `forgesyte serve` says it listens on: the first line of
+/// its `stdout`, `forgesyte listening on http://ADDR`; `Err` with the line
+/// read when it is not that.
+pub(crate) fn listening_addr(stdout: impl std::io::Read) -> Result<SocketAddr, String> {
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    line.trim()
+        .strip_prefix("forgesyte listening on http://")
+        .and_then(|addr| addr.parse().ok())
+        .ok_or(line)
+}
+
 /// A running `forgesyte serve`; killed when dropped (also when a test fails).
 pub(crate) struct Forgesyte {
     child: Child,
