@@ -89,6 +89,17 @@ macro_rules! say {
     }};
 }
 
+/// `println!` that never panics: [`say!`]'s counterpart on stdout, for
+/// what a command reports as done (`keygen`, `sign`). A closed stdout
+/// loses the line, and the command keeps its exit code.
+#[macro_export]
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod admin;
 mod answer;
 mod api;

@@ -39,9 +39,9 @@ pub fn keygen(out: &Path, name: &str, unencrypted: bool) -> u8 {
     }
     match signature::keys::keygen(out, name, password) {
         Ok((key, public, id)) => {
-            println!("Key id {id}");
-            println!("Secret key: {} (keep it private)", key.display());
-            println!(
+            crate::tell!("Key id {id}");
+            crate::tell!("Secret key: {} (keep it private)", key.display());
+            crate::tell!(
                 "Public key: {} (copy it into the server's --trusted-keys directory)",
                 public.display()
             );
@@ -77,9 +77,9 @@ pub fn sign(dir: &Path, key: &Path) -> u8 {
     match signature::sign_dir(&forgesyte_deps::RealFs, dir, &secret) {
         Ok(outcome) => {
             for file in &outcome.files {
-                println!("  {file}");
+                crate::tell!("  {file}");
             }
-            println!(
+            crate::tell!(
                 "Signed {} ({} files) with key {}: {} and {}",
                 dir.display(),
                 outcome.files.len(),

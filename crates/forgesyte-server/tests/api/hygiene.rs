@@ -893,6 +893,46 @@ fn a_refused_start_with_a_closed_stderr_keeps_its_exit_code() {
     assert_eq!(status.code(), Some(2), "{status:?}");
 }
 
+/// `keygen` and `sign` with their stdout pipe closed do their work and
+/// exit 0: what they report as done is lost, not the work (a `println!`
+/// panicked after the keys were written: exit code 101).
+#[test]
+fn keygen_and_sign_with_a_closed_stdout_exit_0() {
+    use std::process::Stdio;
+    let plugins = PluginsDir::new();
+    plugins.good("signed_quietly", json!({}));
+    let plugin = plugins.path().join("signed_quietly");
+    let keys = plugins.path().join("keys");
+    let run = |args: &[&str]| {
+        let mut child = crate::support::forgesyte_command()
+            .args(args)
+            .stdout(closed_pipe())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        exit_within(&mut child, Duration::from_secs(20))
+    };
+    let status = run(&[
+        "keygen",
+        "--out",
+        keys.to_str().unwrap(),
+        "--name",
+        "quiet",
+        "--unencrypted",
+    ]);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let key = keys.join("quiet.key");
+    assert!(key.is_file() && keys.join("quiet.pub").is_file());
+    let status = run(&[
+        "sign",
+        plugin.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(plugin.join("forgesyte.sig.list.minisig").is_file());
+}
+
 /// The write end of a pipe whose read end is closed already: every write
 /// to it fails (EPIPE) from the child's first line on.
 fn closed_pipe() -> std::process::Stdio {
