@@ -40,6 +40,7 @@ COPY --from=builder /out/forgesyte /usr/local/bin/forgesyte
 # --config FILE`) can change any of them. Outside /etc/forgesyte, which a
 # volume of your own (trusted keys, a config) may hide.
 COPY deploy/forgesyte.toml /usr/local/share/forgesyte/forgesyte.toml
+COPY deploy/healthcheck.py /usr/local/share/forgesyte/healthcheck.py
 # Bytecode (plugins' and the cached Python runner's) goes under /tmp, never
 # into the plugin tree, which may be read-only.
 ENV XDG_CACHE_HOME=/tmp/cache \
@@ -48,9 +49,11 @@ ENV XDG_CACHE_HOME=/tmp/cache \
 USER 10001:10001
 EXPOSE 8000
 # python3 is in the image anyway: it asks /livez (liveness only; readiness
-# is the orchestrator's /readyz).
+# is the orchestrator's /readyz) of the address `forgesyte config --print`
+# reports, so FORGESYTE_BIND or a config file of your own moves it too
+# (a --bind flag on the command line does not: see the script).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2)"]
+  CMD ["python3", "/usr/local/share/forgesyte/healthcheck.py"]
 # tini is the container's first process, not the server: the processes of a
 # plugin's runner that ended (its group killed) are handed to the first
 # process, which must reap them; the server reaps only its own children, so

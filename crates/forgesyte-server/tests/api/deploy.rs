@@ -284,18 +284,23 @@ fn runtime_stage() -> Vec<(String, String)> {
     all[last_from..].to_vec()
 }
 
-/// `ENV` of the runtime stage: the `FORGESYTE_*` variables. A path the
-/// stage `COPY`s a file of the repository to (the image's config file) is
-/// that file's path in the repository, so the binary here reads it.
-fn image_env(stage: &[(String, String)]) -> Vec<(String, String)> {
-    let copied: BTreeMap<&str, PathBuf> = stage
+/// The files of the repository the stage `COPY`s: image path → path here.
+fn copied(stage: &[(String, String)]) -> BTreeMap<&str, PathBuf> {
+    stage
         .iter()
         .filter(|(i, rest)| i == "COPY" && !rest.starts_with("--from"))
         .filter_map(|(_, rest)| {
             let (from, to) = rest.split_once(' ')?;
             Some((to.trim(), repo().join(from)))
         })
-        .collect();
+        .collect()
+}
+
+/// `ENV` of the runtime stage: the `FORGESYTE_*` variables. A path the
+/// stage `COPY`s a file of the repository to (the image's config file) is
+/// that file's path in the repository, so the binary here reads it.
+fn image_env(stage: &[(String, String)]) -> Vec<(String, String)> {
+    let copied = copied(stage);
     stage
         .iter()
         .filter(|(i, _)| i == "ENV")
@@ -436,14 +441,19 @@ fn the_kubernetes_manifests_and_the_dockerfile_match_the_binary() {
         .map(|(_, u)| u.split(':').next().unwrap_or_default().to_owned())
         .expect("a USER");
     assert!(user != "0" && user != "root", "runs as {user}");
-    if let Some((_, check)) = stage.iter().find(|(i, _)| i == "HEALTHCHECK") {
-        let path = check
-            .split(&format!("127.0.0.1:{port}"))
-            .nth(1)
-            .and_then(|rest| rest.split(['\'', '"']).next())
-            .unwrap_or_else(|| panic!("HEALTHCHECK does not ask 127.0.0.1:{port}: {check}"));
-        needs.probe_paths.insert(path.to_owned());
-    }
+    // The HEALTHCHECK runs a script the stage copies in (run below).
+    let check: Vec<String> = stage
+        .iter()
+        .find(|(i, _)| i == "HEALTHCHECK")
+        .and_then(|(_, rest)| rest.split_once("CMD "))
+        .and_then(|(_, command)| serde_json::from_str(command).ok())
+        .expect("a HEALTHCHECK whose CMD is in exec form");
+    let copied = copied(&stage);
+    let script = check
+        .iter()
+        .find_map(|arg| copied.get(arg.as_str()))
+        .unwrap_or_else(|| panic!("HEALTHCHECK runs no file the image copies in: {check:?}"))
+        .clone();
 
     // The probe paths answer on a server run with the ConfigMap (its
     // plugins directory replaced, its address by the helper's --bind).
@@ -462,6 +472,40 @@ fn the_kubernetes_manifests_and_the_dockerfile_match_the_binary() {
         );
     }
     assert!(needs.probe_paths.contains("/livez") && needs.probe_paths.contains("/readyz"));
+    // The health check asks the address the configuration gives: the
+    // image's file, or FORGESYTE_BIND over it (an unspecified address on
+    // loopback); healthy while the server answers there, not elsewhere.
+    let health = |bind: &str| {
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(env!("CARGO_BIN_EXE_forgesyte"))
+            .envs(image_env.iter().map(|(k, v)| (k, v)))
+            .env("FORGESYTE_BIND", bind)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let serving = server.addr.port();
+    assert_eq!(
+        health(&format!("0.0.0.0:{serving}")),
+        (Some(0), String::new())
+    );
+    assert_eq!(
+        health(&format!("127.0.0.1:{serving}")),
+        (Some(0), String::new())
+    );
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let elsewhere = free.local_addr().unwrap().port();
+    drop(free);
+    let (code, stderr) = health(&format!("0.0.0.0:{elsewhere}"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{elsewhere}/livez")),
+        "{stderr}"
+    );
     // One scrape path for all (checked against the router by
     // `the_scrape_path_is_routed`).
     assert_eq!(needs.scrape_paths.len(), 1, "{:?}", needs.scrape_paths);
