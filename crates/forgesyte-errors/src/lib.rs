@@ -281,6 +281,17 @@ pub enum ImportError {
         /// Why it would run unconfined, and what to do.
         detail: String,
     },
+    /// The plugin's directory has a path that is not valid UTF-8: a
+    /// plugin is given its directory (and its models' paths) as JSON text,
+    /// which cannot hold it.
+    #[error(
+        "the plugin's directory {} is not valid UTF-8, and a plugin is given its directory as JSON text: rename it (or a directory above it)",
+        path.display()
+    )]
+    PathNotUtf8 {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The versioned entry symbol is missing: not a ForgeSyte plugin.
     #[error("entry symbol '{symbol}' not found in {path} (not built with forgesyte-plugin-sdk?)")]
     MissingEntrySymbol {

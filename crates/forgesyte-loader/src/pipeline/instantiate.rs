@@ -69,7 +69,7 @@ impl Loader {
         // Last step before anything of the plugin is opened or started.
         let target = Target::File(library_path.clone());
         let pinned = self.check_integrity(p, &target)?;
-        let config = self.instance_config(p);
+        let config = self.instance_config(p)?;
         if self.isolation_of(p) == Isolation::Process {
             let limits = self.runner_limits(p);
             let importer =
@@ -295,7 +295,7 @@ impl Loader {
             importer = importer.installed();
         }
         let importer = self.confine(p, importer, signed)?;
-        let config = self.instance_config(p);
+        let config = self.instance_config(p)?;
         let check = Arc::new(self.rechecker(p, &target, signed)?);
         let importer = match check.sources()? {
             Some(sources) => importer.verified_sources(&sources).map_err(|e| {
@@ -626,30 +626,36 @@ impl Loader {
         limits
     }
 
-    fn instance_config(&self, p: &Pending) -> Vec<u8> {
+    /// The configuration a plugin is constructed with: its manifest, its
+    /// directory and its models' paths, as JSON. Refused when the
+    /// directory's path is not UTF-8 (JSON text cannot hold it).
+    fn instance_config(&self, p: &Pending) -> Result<Vec<u8>, PluginError> {
         // Absolute, as the SDK promises: a plugins directory given as
         // `./plugins` made them relative to the server's working directory,
         // which a plugin that changes its own, or a subprocess, does not
         // share. (Not canonical: links stay as the operator laid them out.)
         let dir = std::path::absolute(&p.dir).unwrap_or_else(|_| p.dir.clone());
-        let models: BTreeMap<&str, PathBuf> = p
+        let Some(dir_text) = dir.to_str() else {
+            return Err(ImportError::PathNotUtf8 { path: dir }.into());
+        };
+        // Under a UTF-8 directory, from the manifest's JSON strings (or
+        // absolute ones of its own): UTF-8 as well.
+        let models: BTreeMap<&str, String> = p
             .manifest
             .requirements
             .models
             .iter()
             .map(|(name, path)| {
-                (
-                    name.as_str(),
-                    DependencyChecker::resolve_model_path(&dir, path),
-                )
+                let path = DependencyChecker::resolve_model_path(&dir, path);
+                (name.as_str(), path.to_string_lossy().into_owned())
             })
             .collect();
         let config = serde_json::json!({
             "manifest": &*p.manifest.raw,
-            "plugin_dir": dir,
+            "plugin_dir": dir_text,
             "models": models,
         });
-        serde_json::to_vec(&config).unwrap_or_default()
+        Ok(serde_json::to_vec(&config).unwrap_or_default())
     }
 }
 

@@ -933,6 +933,47 @@ fn keygen_and_sign_with_a_closed_stdout_exit_0() {
     assert!(plugin.join("forgesyte.sig.list.minisig").is_file());
 }
 
+/// Plugins under a directory whose path is not UTF-8 are FAILED with a
+/// reason of the host's, naming the directory: they are given their
+/// directory as JSON text. (The host panicked building that text, and the
+/// reason blamed the plugin: "plugin panicked during construction".)
+#[test]
+fn plugins_under_a_path_that_is_not_utf8_fail_with_the_hosts_reason() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let plugins = PluginsDir::new();
+    plugins.good("native", json!({})).python("py", "echo");
+    let odd = plugins.path().join(std::ffi::OsStr::from_bytes(b"nu\xff"));
+    std::fs::create_dir(&odd).unwrap();
+    for name in ["native", "py"] {
+        std::fs::rename(plugins.path().join(name), odd.join(name)).unwrap();
+    }
+    let out = crate::support::forgesyte_command()
+        .arg("check")
+        .arg(&odd)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for name in ["native", "py"] {
+        let plugin = report
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"));
+        assert_eq!(plugin["state"], "FAILED", "{plugin}");
+        let reason = plugin["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("ImportError: the plugin's directory")
+                && reason.contains("is not valid UTF-8"),
+            "{reason}"
+        );
+    }
+}
+
 /// The write end of a pipe whose read end is closed already: every write
 /// to it fails (EPIPE) from the child's first line on.
 fn closed_pipe() -> std::process::Stdio {
