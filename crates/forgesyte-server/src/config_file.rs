@@ -236,6 +236,9 @@ pub(crate) fn layer(
     };
 
     let mut extra: Vec<OsString> = Vec::new();
+    // The positional `DIR`'s value from the file: last, after `--`, so
+    // that a value such as `--json` is a directory, never an option.
+    let mut positional: Vec<OsString> = Vec::new();
     let mut from_file = Vec::new();
     // A file key's value is checked alone, through the parser of the
     // options the keys are, whatever the environment holds: the variables
@@ -303,9 +306,24 @@ pub(crate) fn layer(
             Some(ValueSource::CommandLine | ValueSource::EnvVariable) => {}
             _ => {
                 from_file.push(id.to_owned());
-                extra.extend(args);
+                let is_positional = sub_command
+                    .get_arguments()
+                    .any(|a| a.get_id() == id && a.is_positional());
+                if is_positional {
+                    positional.extend(args);
+                } else {
+                    extra.extend(args);
+                }
             }
         }
+    }
+    if !positional.is_empty() {
+        // After the command line's own `--` if it has one (nothing
+        // positional follows it: `DIR` was not given), else after one.
+        if !argv.iter().any(|a| a == "--") {
+            extra.push("--".into());
+        }
+        extra.extend(positional);
     }
 
     let mut sources = BTreeMap::new();
@@ -354,11 +372,25 @@ fn source_of(command: &Command, matches: &ArgMatches, id: &str) -> Source {
     }
 }
 
+/// The most a config file may hold: far above any real one (a few dozen
+/// keys), far below what would exhaust memory (`--config /dev/zero`).
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::io::Read as _;
+    let read = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+        .map_err(read)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(read(std::io::Error::other(format!(
+            "larger than {MAX_CONFIG_BYTES} bytes"
+        ))));
+    }
     text.parse::<toml::Table>()
         .map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
@@ -376,11 +408,12 @@ fn cli_args(key: &str, arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>, 
         };
     }
     let values = match value {
-        toml::Value::Array(items) if matches!(arg.get_action(), ArgAction::Append) => {
-            items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?
-        }
+        toml::Value::Array(items) if matches!(arg.get_action(), ArgAction::Append) => items
+            .iter()
+            .map(|item| scalar(arg, item))
+            .collect::<Result<Vec<_>, _>>()?,
         toml::Value::Array(_) => return Err("takes one value, not an array".into()),
-        other => vec![scalar(other)?],
+        other => vec![scalar(arg, other)?],
     };
     Ok(values
         .into_iter()
@@ -388,12 +421,25 @@ fn cli_args(key: &str, arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>, 
         .collect())
 }
 
-fn scalar(value: &toml::Value) -> Result<String, String> {
+/// One value of option `arg` as its command-line text. A boolean is only
+/// an on/off option's value and a number never a path's: `python = true`
+/// must not become the program `true`.
+fn scalar(arg: &Arg, value: &toml::Value) -> Result<String, String> {
+    let of_type = |parser: ValueParser| arg.get_value_parser().type_id() == parser.type_id();
+    let takes_bool = of_type(ValueParser::bool());
+    let takes_path = of_type(ValueParser::path_buf());
     match value {
         toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(_) | toml::Value::Float(_) if takes_path => {
+            Err(format!("must be a string (a path), not the number {value}"))
+        }
         toml::Value::Integer(i) => Ok(i.to_string()),
         toml::Value::Float(f) => Ok(f.to_string()),
-        toml::Value::Boolean(b) => Ok(b.to_string()),
+        toml::Value::Boolean(b) if takes_bool => Ok(b.to_string()),
+        toml::Value::Boolean(_) if takes_path => {
+            Err("must be a string (a path), not a boolean".to_owned())
+        }
+        toml::Value::Boolean(_) => Err("must be a string or a number, not a boolean".to_owned()),
         other => Err(format!(
             "must be a string, a number or a boolean, not a {}",
             other.type_str()
@@ -590,6 +636,11 @@ mod tests {
             ("preflight = \"yes\"", "preflight", "true or false"),
             ("bind = [\"a\", \"b\"]", "bind", "not an array"),
             ("plugins = { dir = \"x\" }", "plugins", "not a table"),
+            // Not taken as text: `python = true` ran the program `true`.
+            ("python = true", "python", "a path), not a boolean"),
+            ("plugins = 42", "plugins", "not the number 42"),
+            ("lib-path = [\"/a\", 1]", "lib-path", "not the number 1"),
+            ("max-connections = true", "max-connections", "not a boolean"),
         ] {
             let case = file(text);
             let path = case.file.to_str().unwrap();
@@ -607,6 +658,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not valid TOML"), "{err}");
+
+        // Endless (a device) or too large: refused, not read to the end.
+        let err = layered(&["serve", "--config", "/dev/zero"]).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        let huge = case.file.with_file_name("huge.toml");
+        std::fs::write(&huge, format!("# {}\n", "x".repeat(2 << 20))).unwrap();
+        let err = layered(&["serve", "--config", huge.to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.to_string().contains("larger than 1048576 bytes"),
+            "{err}"
+        );
 
         let missing = case.file.with_file_name("missing.toml");
         let err = layered(&["serve", "--config", missing.to_str().unwrap()]).unwrap_err();
@@ -731,6 +793,29 @@ mod tests {
         let (search, source, _, _) = parse(&["--search", "from-flag"]);
         assert_eq!(search, "from-flag");
         assert_eq!(source, Source::Flag);
+    }
+
+    /// A file's `plugins` given to `check` (a positional `DIR`) is a
+    /// directory whatever it reads like, never an option (`--json` turned
+    /// JSON output on, `--require-signed` signatures).
+    #[test]
+    fn the_files_plugins_directory_is_never_read_as_an_option() {
+        for dir in ["--json", "--require-signed", "-x"] {
+            let case = file(&format!("plugins = \"{dir}\"\n"));
+            let path = case.file.to_str().unwrap();
+            for args in [
+                vec!["check", "--config", path],
+                vec!["check", "--config", path, "--"],
+            ] {
+                let layered = layered(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                let (_, matches) = layered.matches.subcommand().unwrap();
+                let given = matches.get_one::<PathBuf>(DIR_ARG).unwrap();
+                assert_eq!(given, &PathBuf::from(dir), "{args:?}");
+                for flag in ["json", "require_signed"] {
+                    assert_eq!(matches.get_one::<bool>(flag), Some(&false), "{args:?}");
+                }
+            }
+        }
     }
 
     #[test]
