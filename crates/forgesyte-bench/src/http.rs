@@ -181,7 +181,7 @@ pub(crate) struct LoadResult {
     pub(crate) connections: usize,
     /// Connections that could not be opened (each retried).
     pub(crate) connect_errors: u64,
-    /// Length of the measured window, in seconds (up to the last answer).
+    /// Length of the measured window, in seconds.
     pub(crate) seconds: f64,
     /// Per label.
     pub(crate) labels: BTreeMap<String, LabelResult>,
@@ -193,9 +193,16 @@ impl LoadResult {
         self.labels.get(label).cloned().unwrap_or_default()
     }
 
-    /// Requests lost to errors or timeouts, all labels.
+    /// Requests lost to errors or timeouts, all labels, and connections
+    /// that could not be opened (fewer connections would make a figure
+    /// look better or worse, never pass it silently).
     pub(crate) fn unanswered(&self) -> u64 {
-        self.labels.values().map(|l| l.errors + l.timeouts).sum()
+        self.connect_errors
+            + self
+                .labels
+                .values()
+                .map(|l| l.errors + l.timeouts)
+                .sum::<u64>()
     }
 }
 
@@ -285,10 +292,10 @@ pub(crate) async fn run(
             let _ = into.histogram.add(&part.histogram);
         }
     }
-    let seconds = Instant::now()
-        .saturating_duration_since(measure_from)
-        .as_secs_f64()
-        .max(1e-9);
+    // The requests counted are those started in the measured window, so
+    // the window is the divisor: not the time to the last answer, which
+    // adds one latency and flattered the slower side of a comparison.
+    let seconds = spec.duration.as_secs_f64().max(1e-9);
     let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let labels = merged
         .into_iter()
