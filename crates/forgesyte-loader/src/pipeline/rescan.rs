@@ -164,6 +164,21 @@ impl Loader {
         let mut retried: Vec<String> = Vec::new();
         let mut unchanged: Vec<(String, PathBuf)> = Vec::new();
         for (name, dir) in kept {
+            // A directory that cannot be listed now tells nothing of its
+            // plugins: a live one stays as it is (stamped as before), not
+            // reloaded as changed. (Each had read as changed, its manifest
+            // not found: every plugin torn down by a moment's `mv plugins
+            // plugins.old`.) A FAILED or UNAVAILABLE one is retried as ever.
+            if unlisted
+                && !installed.contains(&name)
+                && !self
+                    .registry
+                    .get_state(&name)
+                    .is_some_and(|s| s.is_terminal())
+            {
+                unchanged.push((name, dir));
+                continue;
+            }
             let now = stamp(&dir, self.config.max_manifest_bytes);
             // What a reload of it does not stamp again, keeps this stamp.
             self.fresh_stamps.lock().insert(dir.clone(), now);

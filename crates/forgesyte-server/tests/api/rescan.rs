@@ -316,6 +316,38 @@ fn a_changed_in_process_library_serves_under_a_new_file_identity() {
 /// of it runs past the reload's wait: the old instance is let go, so the
 /// plugin is FAILED saying why (not INITIALIZED with no instance, which
 /// answered 503 for good), and the next rescan loads it.
+/// A rescan while the plugins directory is moved away a moment (a deploy's
+/// `mv`, a network file system's hiccup) leaves every live plugin as it is:
+/// each had read as changed, its manifest not found, and was torn down.
+#[test]
+fn a_plugins_directory_moved_away_a_moment_tears_nothing_down() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).python("py", "echo");
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    for name in ["alpha", "py"] {
+        std::fs::rename(dir.path().join(name), plugins.join(name)).unwrap();
+    }
+    let server = Forgesyte::start_with_env(
+        &["--plugins", plugins.to_str().unwrap()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let moved = dir.path().join("plugins.moved");
+    std::fs::rename(&plugins, &moved).unwrap();
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!([]), "{report}");
+    assert_eq!(report["removed"], json!([]), "{report}");
+    for name in ["alpha", "py"] {
+        let health = state_of(&server, name).unwrap();
+        assert_eq!(health["state"], "INITIALIZED", "{health}");
+    }
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+    std::fs::rename(&moved, &plugins).unwrap();
+    let report = reload(&server);
+    assert_eq!(report["unchanged"], json!(["alpha", "py"]), "{report}");
+}
+
 #[test]
 fn a_plugin_changed_during_a_long_call_is_failed_then_loaded_by_the_next_rescan() {
     let dir = PluginsDir::new();
