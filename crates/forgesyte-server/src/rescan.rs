@@ -67,10 +67,11 @@ async fn rescan_to_the_end(
     }
     state.metrics().record_load_pass(&report.plugins());
     for removed in &report.removed {
-        // Unless a plugin of the same name took its place in this rescan.
-        if !state.registry().contains(&removed.name) {
-            state.metrics().forget_plugin(&removed.name);
-        }
+        // Also when a plugin of the same name took its place in this
+        // rescan (a directory renamed): that one counts from zero, as its
+        // status does. (Its calls in the moment between its registration
+        // and this line are in its status, not in these series.)
+        state.metrics().forget_plugin(&removed.name);
     }
     let reloaded: Vec<&str> = report
         .changed

@@ -348,6 +348,43 @@ fn a_plugins_directory_moved_away_a_moment_tears_nothing_down() {
     assert_eq!(report["unchanged"], json!(["alpha", "py"]), "{report}");
 }
 
+/// A plugin whose directory is renamed is removed and added again in one
+/// rescan: its metric series count from zero, as its status does (they
+/// kept counting on, out of step with it).
+#[test]
+fn a_plugin_removed_and_added_in_one_rescan_counts_from_zero() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    for _ in 0..3 {
+        assert_eq!(served(&server, "alpha", "echo").status, 200);
+    }
+    let ok = r#"forgesyte_tool_calls_total{plugin="alpha",tool="echo",outcome="ok"}"#;
+    let count = |server: &Forgesyte| {
+        let metrics = server.get("/metrics").text();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(ok)?.trim().parse::<u64>().ok())
+    };
+    assert_eq!(count(&server), Some(3));
+    std::fs::rename(dir.path().join("alpha"), dir.path().join("alpha-moved")).unwrap();
+    let report = reload(&server);
+    assert_eq!(report["added"], json!(["alpha"]), "{report}");
+    assert_eq!(report["removed"][0]["name"], "alpha", "{report}");
+    assert_eq!(count(&server), None);
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+    // Scrapes are encoded at most once per tick.
+    wait_for("the new count", Duration::from_secs(5), &server, || {
+        (count(&server) == Some(1)).then_some(())
+    });
+    let health = state_of(&server, "alpha").unwrap();
+    assert_eq!(health["success_count"], 1, "{health}");
+}
+
 #[test]
 fn a_plugin_changed_during_a_long_call_is_failed_then_loaded_by_the_next_rescan() {
     let dir = PluginsDir::new();
