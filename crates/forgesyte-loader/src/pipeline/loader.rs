@@ -336,14 +336,17 @@ impl Drop for Loader {
 impl Loader {
     /// Lets `handle` go (see [`PluginHandle::retire`]); an isolated
     /// instance is kept until its process has ended, so that a stopping
-    /// host waits for it.
-    pub(super) fn retire(&self, handle: &PluginHandle) {
+    /// host waits for it. Returns that instance (`None` in process), for a
+    /// caller that must wait for its end.
+    pub(super) fn retire(&self, handle: &PluginHandle) -> Option<Arc<dyn PluginInstance>> {
         let last = handle.retire();
         if handle.isolation() == Isolation::Process {
             let mut stopping = self.stopping.lock();
             stopping.retain(|instance| !instance.wait_stopped(Duration::ZERO));
-            stopping.push(last);
+            stopping.push(Arc::clone(&last));
+            return Some(last);
         }
+        None
     }
 }
 

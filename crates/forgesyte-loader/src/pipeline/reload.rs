@@ -116,6 +116,7 @@ impl Loader {
             let Some(entry) = self.entries.read().get(name).cloned() else {
                 continue;
             };
+            let mut retired = None;
             if let Some(handle) = &entry.handle {
                 if handle.isolation() == Isolation::InProcess
                     && self.registry.is_available(name)
@@ -125,7 +126,7 @@ impl Loader {
                     self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                     continue;
                 }
-                self.retire(handle);
+                retired = self.retire(handle);
             }
             if let Some(e) = self.entries.write().get_mut(name) {
                 e.handle = None;
@@ -138,6 +139,15 @@ impl Loader {
                 let _ = self.registry.mark_loaded(name, None);
             }
             self.wait_idle(name);
+            // The old runner ends (its `on_unload` run, at most 1.5 s) before
+            // the new one starts: a plugin that holds what only one may hold
+            // (a lock, a port, a device, GPU memory) and frees it there
+            // could not construct beside it.
+            if let Some(old) = retired
+                && !old.wait_stopped(crate::RUNNER_STOP_WAIT)
+            {
+                tracing::warn!(plugin = %name, "Plugin {name}: its old runner had not ended after {} s; starting the new one anyway", crate::RUNNER_STOP_WAIT.as_secs());
+            }
             let manifest = self
                 .reread_manifest(name, &entry.dir)
                 .and_then(|m| self.check_reload_name(name, m));

@@ -385,6 +385,35 @@ fn a_plugin_removed_and_added_in_one_rescan_counts_from_zero() {
     assert_eq!(health["success_count"], 1, "{health}");
 }
 
+/// A reload lets the old runner end (its `on_unload` run) before the new
+/// one is constructed: a plugin that holds what only one may hold, freed
+/// in `on_unload`, reloads (by name and by a rescan of its changed files).
+/// The new runner was constructed at once and failed, `BlockingIOError`.
+#[test]
+fn a_reloaded_python_plugin_is_constructed_after_the_old_one_unloaded() {
+    let dir = PluginsDir::new();
+    dir.python("exclusive", "exclusive");
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    assert_eq!(served(&server, "exclusive", "ping").status, 200);
+    let reply = admin_post(server.addr, "/v1/plugins/exclusive/reload");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let health = state_of(&server, "exclusive").unwrap();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert_eq!(served(&server, "exclusive", "ping").status, 200);
+    let plugin = dir.path().join("exclusive/plugin.py");
+    let source = std::fs::read_to_string(&plugin).unwrap();
+    std::fs::write(&plugin, format!("{source}\n# changed\n")).unwrap();
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["exclusive"]), "{report}");
+    let health = state_of(&server, "exclusive").unwrap();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert_eq!(served(&server, "exclusive", "ping").status, 200);
+}
+
 #[test]
 fn a_plugin_changed_during_a_long_call_is_failed_then_loaded_by_the_next_rescan() {
     let dir = PluginsDir::new();
