@@ -455,6 +455,12 @@ fn first_line(e: &clap::Error) -> String {
 }
 
 impl Layered {
+    /// Where the matched subcommand's option `id` came from (`None`: the
+    /// subcommand reads no config file, or has no such option).
+    pub(crate) fn source(&self, id: &str) -> Option<&Source> {
+        self.sources.as_ref()?.get(id)
+    }
+
     /// The effective configuration of the matched subcommand as TOML, one
     /// `key = value  # source` line per file key (an unset option is a
     /// comment), under a header naming the config file. `None` when the

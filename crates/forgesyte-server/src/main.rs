@@ -49,8 +49,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use forgesyte_server::{
-    CheckError, CheckReport, DEFAULT_BIND, DEFAULT_PLUGINS_DIR, Server, ServerConfig,
-    build_loader_from, shutdown_signal,
+    CheckError, CheckReport, DEFAULT_BIND, Server, ServerConfig, build_loader_from, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -159,7 +158,13 @@ fn main() -> ExitCode {
         }
         Command::Check(args) => {
             init_logging("off", cli.log_format);
-            run_check(args)
+            // A directory named (flag, variable, file) must exist; the
+            // default one may be missing beside installed plugins.
+            let named = !matches!(
+                layered.source("dir"),
+                None | Some(config_file::Source::Default)
+            );
+            run_check(args, named)
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
@@ -399,7 +404,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// When they could not (`--python-entry-points` and no interpreter, or one
 /// that fails or hangs), the reason ends the summary line (stderr with
 /// `--json`) and the exit code is 1: there may be plugins it did not see.
-fn run_check(args: CheckArgs) -> ExitCode {
+fn run_check(args: CheckArgs, dir_named: bool) -> ExitCode {
     let json = args.json;
     let mut config = ServerConfig::default();
     args.loader.apply(&mut config);
@@ -412,10 +417,9 @@ fn run_check(args: CheckArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     // Installed plugins alone need no plugins directory: the default one
-    // may be missing then, as for `serve`. One named is checked.
-    let entry_points_only = config.python_entry_points
-        && args.dir == Path::new(DEFAULT_PLUGINS_DIR)
-        && !args.dir.exists();
+    // may be missing then, as for `serve`. One named is checked (even when
+    // named as `./plugins`).
+    let entry_points_only = config.python_entry_points && !dir_named && !args.dir.exists();
     if let Some(e) = CheckError::of_dir(&args.dir).filter(|_| !entry_points_only) {
         say!("forgesyte check: {e}");
         return ExitCode::from(2);

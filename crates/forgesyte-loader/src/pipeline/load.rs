@@ -34,7 +34,16 @@ impl Loader {
         // The baseline of the next rescan.
         self.restamp();
         report.elapsed_ms = ms(started.elapsed());
-        report.log_summary("Loaded", Some(plugins_dir));
+        let dir = plugins_dir.display();
+        let from = match (
+            entry_points.is_empty(),
+            self.fs.read_dir(plugins_dir).is_ok(),
+        ) {
+            (true, _) => dir.to_string(),
+            (false, true) => format!("{dir} and installed packages"),
+            (false, false) => "installed packages".to_owned(),
+        };
+        report.log_summary("Loaded", Some(&from));
         report
     }
 

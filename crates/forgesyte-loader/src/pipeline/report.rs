@@ -1,7 +1,7 @@
 //! What a load or reload pass reports: [`PluginLoadOutcome`] per plugin
 //! and the [`LoadReport`] of the pass.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use forgesyte_registry::PluginLifecycleState;
@@ -52,10 +52,8 @@ impl LoadReport {
     }
 
     /// The pass's one-line summary in the log (`verb`: "Loaded", "Reloaded").
-    pub(super) fn log_summary(&self, verb: &str, from: Option<&Path>) {
-        let from = from
-            .map(|dir| format!(" from {}", dir.display()))
-            .unwrap_or_default();
+    pub(super) fn log_summary(&self, verb: &str, from: Option<&str>) {
+        let from = from.map(|what| format!(" from {what}")).unwrap_or_default();
         tracing::info!(
             loaded = self.loaded(),
             failed = self.failed(),

@@ -241,6 +241,11 @@ struct DropLabels {
     reason: &'static str,
 }
 
+impl DropLabels {
+    /// Every reason an answer is dropped for: no room now, too large ever.
+    const REASONS: [&'static str; 2] = ["no_room", "too_large"];
+}
+
 /// Builds each latency histogram of a family with the same buckets.
 #[derive(Debug, Clone, Copy)]
 struct LatencyBuckets;
@@ -346,6 +351,11 @@ impl Metrics {
             load_plugins.clone(),
         );
         let answers_dropped = Family::<DropLabels, Counter>::default();
+        // Both series from the start, at zero: a counter that first
+        // appears at 1 is a drop `increase()` and `rate()` never see.
+        for reason in DropLabels::REASONS {
+            let _ = answers_dropped.get_or_create(&DropLabels { reason });
+        }
         registry.register(
             "answers_dropped",
             "Answers of tool calls that ran, dropped for want of room in --answer-memory \
@@ -433,8 +443,8 @@ impl Metrics {
     /// budget's refusal; any other error is not an answer's).
     pub(crate) fn record_dropped_answer(&self, error: &RunError) {
         let reason = match error {
-            RunError::AnswersInFlight { .. } => "no_room",
-            RunError::AnswerTooLarge { .. } => "too_large",
+            RunError::AnswersInFlight { .. } => DropLabels::REASONS[0],
+            RunError::AnswerTooLarge { .. } => DropLabels::REASONS[1],
             _ => return,
         };
         self.answers_dropped
@@ -619,6 +629,18 @@ mod tests {
     /// The sample lines of `text` (no comments).
     fn samples(text: &str) -> Vec<&str> {
         text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    /// Both dropped-answer series are scraped from the start, at zero: the
+    /// first drop is an increase a query sees.
+    #[test]
+    fn dropped_answers_are_counted_from_zero() {
+        let metrics = Metrics::new(loader());
+        let text = metrics.encode().unwrap();
+        for reason in ["no_room", "too_large"] {
+            let series = format!("forgesyte_answers_dropped_total{{reason=\"{reason}\"}} 0");
+            assert!(samples(&text).contains(&series.as_str()), "{text}");
+        }
     }
 
     #[test]

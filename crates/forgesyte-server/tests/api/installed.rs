@@ -166,6 +166,21 @@ fn check_lists_installed_plugins_with_the_flag_or_the_variable() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not exist"), "{err}");
+    // Named, even as the default's own words: checked.
+    let output = crate::support::forgesyte_command()
+        .current_dir(scratch.path())
+        .args([
+            "check",
+            "--python-entry-points",
+            "--python",
+            &python,
+            "./plugins",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
 }
 
 #[test]
