@@ -32,6 +32,14 @@ pub(crate) fn admin_token(
     };
     let token = AdminToken::new(&text)
         .with_context(|| format!("the admin token from {source} is empty"))?;
+    // No client can send a line break (or another control character) in
+    // an `Authorization` header: the routes would be enabled and locked.
+    if text.trim().chars().any(|c| c.is_control() && c != '\t') {
+        anyhow::bail!(
+            "the admin token from {source} holds a control character (a line break?), which no \
+             client can send in an Authorization header: make it one line of text"
+        );
+    }
     if token.is_short() {
         tracing::warn!(
             "The admin token from {source} is shorter than 16 characters; use a long random one"
@@ -145,6 +153,10 @@ mod tests {
         assert!(admin_token(Some("  ".into()), None).is_err());
         std::fs::write(&file, "\n").unwrap();
         assert!(admin_token(None, Some(&file)).is_err());
+        // A line inside it: a token no client can present.
+        std::fs::write(&file, "first-line\nsecond-line\n").unwrap();
+        let err = admin_token(None, Some(&file)).unwrap_err();
+        assert!(format!("{err:#}").contains("control character"), "{err:#}");
         let missing = dir.path().join("missing");
         let err = admin_token(None, Some(&missing)).unwrap_err();
         assert!(format!("{err:#}").contains("admin token file"), "{err:#}");

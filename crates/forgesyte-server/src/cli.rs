@@ -370,7 +370,7 @@ pub(crate) struct LoaderArgs {
     /// to what they need (Landlock), writes to their scratch directory only,
     /// no network unless the manifest says `"network": true`, and only the
     /// environment variables they declare (`on` or `off`).
-    #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), hide_possible_values = true)]
     pub(crate) confine: bool,
     /// Refuse (FAILED) every plugin that would run unconfined: in-process
     /// plugins, every plugin with `--confine off`, and a plugin whose
@@ -420,6 +420,11 @@ pub(crate) struct LoaderArgs {
 /// A `--runner-user`: a user name, or a numeric uid, that exists.
 pub(crate) fn parse_runner_user(text: &str) -> Result<RunAs, String> {
     use nix::unistd::{Uid, User};
+    let text = text.trim();
+    // -1 as an id means "leave it as it is" to setresuid(2): not a user.
+    if text.parse::<u32>() == Ok(u32::MAX) {
+        return Err(format!("{text} is no user id (-1 leaves the id as it is)"));
+    }
     let found = match text.parse::<u32>() {
         Ok(uid) => User::from_uid(Uid::from_raw(uid)),
         Err(_) => User::from_name(text),
@@ -968,5 +973,13 @@ mod tests {
             parse_runner_user("no-such-user-here").unwrap_err(),
             "no user no-such-user-here"
         );
+        // setresuid's "unchanged": every runner failed to start with it.
+        assert!(
+            parse_runner_user("4294967295")
+                .unwrap_err()
+                .contains("no user id")
+        );
+        // Spaces around a number, as the numeric options take them.
+        assert_eq!(parse_runner_user(" 4242424 ").unwrap().uid, 4_242_424);
     }
 }

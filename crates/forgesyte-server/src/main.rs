@@ -313,7 +313,12 @@ const BLOCKING_THREADS_ENV: &str = "FORGESYTE_BLOCKING_THREADS";
 /// The bound on blocking threads: `FORGESYTE_BLOCKING_THREADS`, else
 /// tokio's default, 512.
 fn blocking_threads() -> anyhow::Result<usize> {
-    blocking_threads_from(std::env::var(BLOCKING_THREADS_ENV).ok().as_deref())
+    // Not UTF-8: refused as any other value it cannot be (it was ignored).
+    let value = std::env::var_os(BLOCKING_THREADS_ENV).map(|v| {
+        v.into_string()
+            .unwrap_or_else(|v| v.to_string_lossy().into_owned())
+    });
+    blocking_threads_from(value.as_deref())
 }
 
 /// The most blocking threads asked for that are taken (tokio adds its

@@ -2067,6 +2067,14 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(said["unix"], ["PermissionError", 13])
         self.assertEqual(said["shmget"], ["PermissionError", 13])
 
+    def test_the_shared_namespace_is_turned_off_by_every_boolean_word(self):
+        # As every FORGESYTE_* boolean: `false` left the namespace shared.
+        from runner import zygote
+        for off in ("0", "false", "FALSE", "no", "off", " Off "):
+            self.assertTrue(zygote._says_off(off), off)
+        for on in (None, "", "1", "true", "yes", "on", "shared"):
+            self.assertFalse(zygote._says_off(on), on)
+
     def test_a_confined_zygote_that_cannot_be_made_not_dumpable_does_not_serve(self):
         import socket
 

@@ -14,8 +14,16 @@ from .base import EXIT_PROTOCOL, EXIT_SETUP, Handover, diag, exit_now, take_stdi
 from .confine import CLONE_NEWNET, confine_tools
 from .main import main
 
-# ``0`` in the zygote's environment: no shared network namespace.
+# ``0`` (or ``false``, ``no``, ``off``) in the zygote's environment: no
+# shared network namespace.
 SHARED_NETNS_ENV = "FORGESYTE_PYTHON_SHARED_NETNS"
+
+
+def _says_off(value):
+    """Whether a boolean variable's value turns its feature off, as every
+    FORGESYTE_* boolean reads it: ``0``, ``false``, ``no`` or ``off``, in
+    any case (``false`` left the namespace shared)."""
+    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
 # The zygote's control messages (one JSON object per SEQPACKET message) are
 # at most this big.
 ZYGOTE_MESSAGE_BYTES = 1 << 20
@@ -210,7 +218,7 @@ class _Zygote(object):
         import ctypes
 
         libc = self.libc
-        if libc is None or self.confine_tools is None or os.environ.get(SHARED_NETNS_ENV) == "0":
+        if libc is None or self.confine_tools is None or _says_off(os.environ.get(SHARED_NETNS_ENV)):
             return None
         _, _, abi = self.confine_tools
         if abi < 6:
