@@ -97,6 +97,14 @@ pub(crate) enum ConfigError {
     /// must not turn a requirement off.
     #[error("{name} is set but empty (it sets {option}): give it a value, or unset it")]
     EmptyEnv { name: String, option: String },
+    /// An option's variable whose value its parser refused: said as the
+    /// variable (clap names the flag, which nobody typed).
+    #[error("{name} (it sets {option}): {message}")]
+    BadEnv {
+        name: String,
+        option: String,
+        message: String,
+    },
 }
 
 /// `command` and its subcommands without their environment variables.
@@ -107,14 +115,10 @@ fn without_env(command: Command) -> Command {
     strip(command).mut_subcommands(strip)
 }
 
-/// When parsing failed on the empty value of an option of the command run
-/// (or a global one) that its environment variable set (the option not
-/// given on the command line): that variable's error.
-fn empty_env_behind(
-    command: &Command,
-    argv: &[OsString],
-    error: &clap::Error,
-) -> Option<ConfigError> {
+/// When parsing failed on the value of an option of the command run (or a
+/// global one) that its environment variable set (the option not given on
+/// the command line): that variable's error, empty or refused.
+fn env_behind(command: &Command, argv: &[OsString], error: &clap::Error) -> Option<ConfigError> {
     let said = error.to_string();
     let run = argv
         .iter()
@@ -125,9 +129,7 @@ fn empty_env_behind(
         .chain(run.into_iter().flat_map(Command::get_arguments))
         .find_map(|arg| {
             let name = arg.get_env()?;
-            if !std::env::var_os(name).is_some_and(|v| v.is_empty()) {
-                return None;
-            }
+            let empty = std::env::var_os(name)?.is_empty();
             // How clap names it (`'--python <PATH>'`, a positional's
             // `'[DIR]'`), in its errors of an empty value.
             let (option, shown) = match arg.get_long() {
@@ -156,15 +158,51 @@ fn empty_env_behind(
                     )
                 }
             };
-            let named = shown.iter().any(|shown| {
-                said.contains(&format!("a value is required for {shown}"))
-                    || said.contains(&format!("invalid value '' for {shown}"))
-            });
-            named.then(|| ConfigError::EmptyEnv {
-                name: name.to_string_lossy().into_owned(),
+            let name = name.to_string_lossy().into_owned();
+            if empty {
+                let named = shown.iter().any(|shown| {
+                    said.contains(&format!("a value is required for {shown}"))
+                        || said.contains(&format!("invalid value '' for {shown}"))
+                });
+                return named.then_some(ConfigError::EmptyEnv { name, option });
+            }
+            let refused = matches!(
+                error.kind(),
+                clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
+            ) && shown
+                .iter()
+                .any(|shown| said.contains(&format!("for {shown}")));
+            refused.then(|| ConfigError::BadEnv {
+                name,
                 option,
+                message: first_line(error),
             })
         })
+}
+
+/// `command` with the variable of every global option given on the
+/// command line taken away: the flag wins, and clap, which reads a global
+/// option's variable again under the subcommand, refused a bad variable
+/// behind a good flag (`FORGESYTE_LOG_FORMAT=xml … --log-format json`).
+fn flags_beat_global_env(command: Command, argv: &[OsString]) -> Command {
+    let given: Vec<String> = command
+        .get_arguments()
+        .filter(|arg| arg.is_global_set() && arg.get_env().is_some())
+        .filter_map(|arg| {
+            let option = format!("--{}", arg.get_long()?);
+            argv.iter()
+                .skip(1)
+                .take_while(|a| *a != "--")
+                .any(|a| {
+                    a.to_str()
+                        .is_some_and(|a| a == option || a.starts_with(&format!("{option}=")))
+                })
+                .then(|| arg.get_id().to_string())
+        })
+        .collect();
+    given.into_iter().fold(command, |command, id| {
+        command.mut_arg(id, |arg| arg.env(None::<&'static str>))
+    })
 }
 
 /// The command line parsed with the config file's values layered in.
@@ -189,14 +227,15 @@ pub(crate) struct Layered {
 /// the option of the same name where neither the command line nor the
 /// environment set it.
 pub(crate) fn layer(
-    mut command: Command,
+    command: Command,
     argv: Vec<OsString>,
     keys_of: &str,
 ) -> Result<Layered, ConfigError> {
+    let mut command = flags_beat_global_env(command, &argv);
     command.build();
     let first = match command.clone().try_get_matches_from(&argv) {
         Ok(first) => first,
-        Err(e) => return Err(empty_env_behind(&command, &argv, &e).unwrap_or(e.into())),
+        Err(e) => return Err(env_behind(&command, &argv, &e).unwrap_or(e.into())),
     };
     let mut layered = Layered {
         matches: first,

@@ -509,6 +509,47 @@ fn an_empty_environment_variable_is_refused_naming_it() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// A variable whose value its option refuses is named in the error (clap
+/// names the flag nobody typed); a flag given beats its variable, a global
+/// one (`--log-format`) too: its bad variable refused a good flag.
+#[test]
+fn a_refused_environment_variable_is_named_and_a_flag_beats_it() {
+    let plugins = PluginsDir::new();
+    for (command, name, value, option) in [
+        (
+            &["config", "--print"][..],
+            "FORGESYTE_CALL_TIMEOUT",
+            "abc",
+            "--call-timeout",
+        ),
+        (
+            &["check", plugins.path_str()][..],
+            "FORGESYTE_LOG_FORMAT",
+            "xml",
+            "--log-format",
+        ),
+    ] {
+        let (code, out, err) = run_forgesyte(command, &[(name, value)]);
+        assert_eq!(code, 2, "{name}: {out}{err}");
+        assert!(
+            err.starts_with(&format!(
+                "forgesyte: {name} (it sets {option}): invalid value '{value}'"
+            )),
+            "{name}: {err}"
+        );
+    }
+    for command in [
+        &["check", plugins.path_str(), "--log-format", "json"][..],
+        &["--log-format", "json", "check", plugins.path_str()][..],
+        &["check", "--log-format=json", plugins.path_str()][..],
+    ] {
+        for value in ["xml", ""] {
+            let (code, out, err) = run_forgesyte(command, &[("FORGESYTE_LOG_FORMAT", value)]);
+            assert_eq!(code, 0, "{command:?} with {value:?}: {out}{err}");
+        }
+    }
+}
+
 /// `check` of in-process plugins: one whose constructor prints to stdout
 /// leaves the JSON report readable (the print goes to stderr), and one
 /// whose constructor never returns is FAILED after its `init_timeout_s`
