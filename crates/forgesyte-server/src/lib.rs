@@ -132,6 +132,7 @@ mod throttle;
 mod tools;
 mod ui;
 mod unread;
+mod watch;
 mod wire;
 
 pub use admin::AdminToken;

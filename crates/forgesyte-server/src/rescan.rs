@@ -1,6 +1,6 @@
 //! The rescan of the plugins directory ([`forgesyte_loader::Loader::rescan`])
 //! and its three triggers: `POST /v1/plugins/reload` ([`crate::reload`]),
-//! `SIGHUP`, and `serve --watch` (file-change notification, debounced).
+//! `SIGHUP`, and `serve --watch` ([`crate::watch`]).
 //!
 //! [`rescan`] is the one function all three run; its result is the
 //! serialisable [`ReloadReport`], logged here (and publishable elsewhere).
@@ -9,24 +9,16 @@
 //! operation runs waits for it, then rescans once. Knows the state and the
 //! loader's rescan; nothing of routes, requests or the token.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-
-use notify::event::{AccessKind, AccessMode, EventKind};
-use notify::{RecursiveMode, Watcher as _};
-use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::reload::ReloadReport;
 use crate::state::{AdminGuard, AppState};
 
-/// How long file changes must have settled before `--watch` rescans.
-pub(crate) const WATCH_SETTLE: Duration = Duration::from_millis(300);
 /// How long a signal or file change waits for a busy admin claim.
 const WAIT_FOR_CLAIM: Duration = Duration::from_secs(600);
-/// Changed paths `--watch` ignores: caches that running plugins write.
-const IGNORED: [&str; 3] = ["__pycache__", ".pytest_cache", ".git"];
 
 /// Runs the loader's rescan on the blocking pool under `guard` (released
 /// when it ends), logs its result and publishes it on the event stream
@@ -109,7 +101,7 @@ pub(crate) fn forget_gone_tools(state: &AppState, plugins: &[&str]) {
 
 /// Waits (bounded) for the admin claim, then rescans; for the triggers
 /// that have no client to answer 409 to.
-async fn rescan_when_free(state: &AppState, trigger: &str) {
+pub(crate) async fn rescan_when_free(state: &AppState, trigger: &str) {
     let deadline = tokio::time::Instant::now() + WAIT_FOR_CLAIM;
     let guard = loop {
         if state.loader().is_shutting_down() {
@@ -134,11 +126,11 @@ async fn rescan_when_free(state: &AppState, trigger: &str) {
 }
 
 /// Starts the `SIGHUP` listener and, with `watch`, the watcher of
-/// `plugins_dir`. Both live as long as the runtime.
+/// `plugins_dir` ([`crate::watch`]). Both live as long as the runtime.
 pub(crate) fn start(state: &AppState, plugins_dir: &Path, watch: bool) {
     start_sighup(state);
     if watch {
-        start_watch(state, plugins_dir);
+        crate::watch::start(state, plugins_dir);
     }
 }
 
@@ -163,102 +155,3 @@ fn start_sighup(state: &AppState) {
 
 #[cfg(not(unix))]
 fn start_sighup(_state: &AppState) {}
-
-/// Watches `plugins_dir` (recursively); once changes have settled for
-/// [`WATCH_SETTLE`], one rescan runs.
-fn start_watch(state: &AppState, plugins_dir: &Path) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let watching =
-        notify::recommended_watcher(move |result: notify::Result<notify::Event>| match result {
-            Ok(event) if changes(&event.kind) && event.paths.iter().any(|p| relevant(p)) => {
-                let _ = tx.send(());
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "Watching the plugins directory: {e}"),
-        });
-    let mut watcher = match watching {
-        Ok(watcher) => watcher,
-        Err(e) => {
-            tracing::error!(error = %e, "--watch: cannot watch for file changes: {e}");
-            return;
-        }
-    };
-    if let Err(e) = watcher.watch(plugins_dir, RecursiveMode::Recursive) {
-        tracing::error!(dir = %plugins_dir.display(), error = %e, "--watch: cannot watch {}: {e}", plugins_dir.display());
-        return;
-    }
-    tracing::info!(dir = %plugins_dir.display(), "Watching {} for plugin changes", plugins_dir.display());
-    let state = state.clone();
-    let dir: PathBuf = plugins_dir.to_path_buf();
-    tokio::spawn(async move {
-        // Dropping the watcher stops the watching: it lives here.
-        let _watcher = watcher;
-        while rx.recv().await.is_some() {
-            // A rebuild writes in several steps: wait until it settles.
-            while let Ok(Some(())) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {}
-            tracing::info!(dir = %dir.display(), "Files changed under {}: rescanning", dir.display());
-            rescan_when_free(&state, "watch").await;
-        }
-    });
-}
-
-/// Whether an event changed something: the watcher also reports files
-/// opened and closed unwritten, and a rescan opens every plugin's files,
-/// so each rescan set off the next (an idle `--watch` server rescanned
-/// twice a second).
-fn changes(kind: &EventKind) -> bool {
-    match kind {
-        EventKind::Access(access) => {
-            matches!(access, AccessKind::Close(AccessMode::Write))
-        }
-        _ => true,
-    }
-}
-
-/// Whether a change of `path` can matter to a plugin (caches do not).
-fn relevant(path: &Path) -> bool {
-    let cache = path.components().any(|c| match c {
-        Component::Normal(name) => IGNORED.iter().any(|i| name == *i),
-        _ => false,
-    });
-    !cache && path.extension().is_none_or(|e| e != "pyc")
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::{changes, relevant};
-
-    #[test]
-    fn opening_and_reading_files_are_not_changes() {
-        use notify::event::{
-            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind,
-        };
-        assert!(!changes(&EventKind::Access(AccessKind::Open(
-            AccessMode::Read
-        ))));
-        assert!(!changes(&EventKind::Access(AccessKind::Close(
-            AccessMode::Read
-        ))));
-        assert!(!changes(&EventKind::Access(AccessKind::Read)));
-        assert!(changes(&EventKind::Access(AccessKind::Close(
-            AccessMode::Write
-        ))));
-        assert!(changes(&EventKind::Create(CreateKind::File)));
-        assert!(changes(&EventKind::Modify(ModifyKind::Data(
-            DataChange::Any
-        ))));
-    }
-
-    #[test]
-    fn caches_are_not_changes() {
-        assert!(relevant(Path::new("/p/alpha/libalpha.so")));
-        assert!(relevant(Path::new("/p/alpha/manifest.json")));
-        assert!(relevant(Path::new("/p/beta/plugin.py")));
-        assert!(!relevant(Path::new(
-            "/p/beta/__pycache__/plugin.cpython-311.pyc"
-        )));
-        assert!(!relevant(Path::new("/p/beta/plugin.pyc")));
-    }
-}

@@ -528,6 +528,8 @@ impl Loader {
     /// Where the plugin's library is: inside its directory (no escape by `..`
     /// or symlink), else on the configured library path.
     fn resolve_library(&self, p: &Pending) -> Result<PathBuf, PluginError> {
+        // Found on `--lib-path` below, or not at all this time.
+        self.outside_libraries.lock().remove(&p.name);
         let entry = p
             .manifest
             .entrypoint
@@ -550,6 +552,12 @@ impl Loader {
         for lib_dir in &self.config.lib_paths {
             let candidate = lib_dir.join(&entry);
             if self.fs.exists(&candidate) {
+                // Outside the directory's change stamp: its identity is
+                // what the next rescan compares.
+                let identity = super::loader::file_identity(&candidate);
+                self.outside_libraries
+                    .lock()
+                    .insert(p.name.clone(), (candidate.clone(), identity));
                 return Ok(candidate);
             }
         }

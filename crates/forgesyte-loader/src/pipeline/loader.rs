@@ -2,7 +2,7 @@
 //! retirement of isolated plugins when it lets them go.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,33 @@ pub struct Loader {
     /// not returned, by registry key: such a plugin is not constructed
     /// again until it does (each reload left one more thread behind).
     pub(super) stuck: Mutex<BTreeMap<String, super::construction::Stuck>>,
+    /// Libraries found on `--lib-path` (outside their plugin's directory,
+    /// so outside its change stamp), by plugin: the path and the file's
+    /// identity when it was resolved. A rescan or a reload by name that
+    /// finds the file changed loads the plugin again (a rebuild was never
+    /// picked up without a restart).
+    pub(super) outside_libraries: Mutex<BTreeMap<String, (PathBuf, Option<FileIdentity>)>>,
+}
+
+/// What tells one version of a file from the next: device, inode, size,
+/// modification and change times (a rebuild in place or by a rename
+/// changes one of them).
+pub(super) type FileIdentity = (u64, u64, u64, i64, i64, i64, i64);
+
+/// The [`FileIdentity`] of `path` (links followed); `None` when it cannot
+/// be read.
+pub(super) fn file_identity(path: &Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 /// A manifest that was read and validated, waiting to be loaded.
@@ -193,6 +220,7 @@ impl Loader {
             pass: PassCache::default(),
             checked_bytes: Arc::default(),
             stopping: Mutex::new(Vec::new()),
+            outside_libraries: Mutex::default(),
         }
     }
 
@@ -334,6 +362,15 @@ impl Drop for Loader {
 }
 
 impl Loader {
+    /// Whether the library plugin `name` was last loaded from, found on
+    /// `--lib-path`, is another file (or the same file changed) now.
+    pub(super) fn outside_library_changed(&self, name: &str) -> bool {
+        let outside = self.outside_libraries.lock();
+        outside
+            .get(name)
+            .is_some_and(|(path, loaded)| file_identity(path) != *loaded)
+    }
+
     /// Lets `handle` go (see [`PluginHandle::retire`]); an isolated
     /// instance is kept until its process has ended, so that a stopping
     /// host waits for it. Returns that instance (`None` in process), for a

@@ -43,10 +43,15 @@ impl Loader {
         }
         // Its signature is checked against the keys as they are now; so
         // are the others' that a changed key signed.
-        let resigned = self.reread_keys_for_reload();
+        let mut resigned = self.reread_keys_for_reload();
         self.fresh_stamps.lock().clear();
         let mut names = vec![name.to_owned()];
         names.extend(resigned.iter().filter(|n| *n != name).cloned());
+        // A library on `--lib-path` that was rebuilt: loaded again, as a
+        // changed one in its directory would be by a rescan.
+        if self.outside_library_changed(name) {
+            resigned.insert(name.to_owned());
+        }
         let outcome = self
             .reload_names(&names, &resigned)
             .plugins

@@ -187,6 +187,7 @@ impl Loader {
             // is checked (and loaded) again.
             if old_stamps.get(&name).is_none_or(|old| *old != now)
                 || (!changed_keys.is_empty() && self.signed_by_one_of(&name, &changed_keys))
+                || self.outside_library_changed(&name)
             {
                 changed.push(name);
             } else if self

@@ -613,6 +613,65 @@ fn a_library_link_retargeted_to_a_new_build_serves_the_new_build() {
     assert_eq!(reply.json()["result"], json!({"ok": true}));
 }
 
+/// A library found on `--lib-path` (outside its plugin's directory, as
+/// the Rust scaffold builds it) that is rebuilt is loaded again by a
+/// rescan and by a reload by name: neither saw it, and the old build was
+/// served until a restart.
+#[test]
+fn a_rebuilt_library_on_the_lib_path_is_loaded_again() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).good("beta", json!({}));
+    let libs = tempfile::tempdir().unwrap();
+    for name in ["alpha", "beta"] {
+        let plugin = dir.path().join(name);
+        std::fs::remove_file(plugin.join(good_library_name())).unwrap();
+        let lib = libs.path().join(format!("lib{name}.so"));
+        std::fs::copy(forgesyte_tests::zoo::GOOD_LIBRARY, &lib).unwrap();
+        crate::support::merge_manifest(&plugin, &json!({"entrypoint": format!("lib{name}.so")}));
+    }
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            dir.path_str(),
+            "--lib-path",
+            libs.path().to_str().unwrap(),
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    for name in ["alpha", "beta"] {
+        assert_eq!(served(&server, name, "echo").status, 200);
+        assert_eq!(served(&server, name, "ok").status, 404);
+    }
+    // Nothing rebuilt: a rescan leaves both alone.
+    let report = reload(&server);
+    assert_eq!(report["unchanged"], json!(["alpha", "beta"]), "{report}");
+    // Rebuilt (by a rename, as a build does): a rescan loads alpha again,
+    // a reload by name beta.
+    for name in ["alpha", "beta"] {
+        replace_by_rename(
+            forgesyte_tests::zoo::FAULTY_LIBRARY,
+            &libs.path().join(format!("lib{name}.so")),
+        );
+    }
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["alpha", "beta"]), "{report}");
+    for name in ["alpha", "beta"] {
+        let reply = served(&server, name, "ok");
+        assert_eq!(reply.status, 200, "{name}: {}", reply.text());
+    }
+    replace_by_rename(
+        forgesyte_tests::zoo::GOOD_LIBRARY,
+        &libs.path().join("libbeta.so"),
+    );
+    let reply = admin_post(server.addr, "/v1/plugins/beta/reload");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(served(&server, "beta", "echo").status, 200);
+    assert_eq!(served(&server, "beta", "ok").status, 404);
+    let report = reload(&server);
+    assert_eq!(report["unchanged"], json!(["alpha", "beta"]), "{report}");
+}
+
 #[test]
 fn a_library_refused_after_it_was_mapped_loads_once_it_is_fixed() {
     // A library without the entry symbol is mapped (and stays mapped:
@@ -665,6 +724,58 @@ fn watch_picks_up_a_new_plugin_without_a_signal() {
     );
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(rescans(&server), 1, "{}", server.log());
+}
+
+/// `--watch` follows its plugins directory when it appears later or is
+/// replaced (`mv plugins.new plugins`), and a plugin directory linked in
+/// after the start: each went unwatched for good (a watch follows the
+/// inode it was added on, and links made later were not followed).
+#[test]
+fn watch_follows_a_late_or_replaced_directory_and_plugins_linked_in_later() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}))
+        .good("beta", json!({}))
+        .python("py", "echo");
+    let plugins = dir.path().join("plugins");
+    let server = Forgesyte::start(&["--plugins", plugins.to_str().unwrap(), "--watch"]);
+    server.wait_loaded();
+    wait_for(
+        "the watcher's wait",
+        Duration::from_secs(10),
+        &server,
+        || {
+            server
+                .log()
+                .contains("watching for it to appear")
+                .then_some(())
+        },
+    );
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::rename(dir.path().join("alpha"), plugins.join("alpha")).unwrap();
+    wait_served(&server, "alpha", "echo");
+
+    let fresh = dir.path().join("plugins.new");
+    std::fs::create_dir(&fresh).unwrap();
+    std::fs::rename(dir.path().join("beta"), fresh.join("beta")).unwrap();
+    std::fs::rename(&plugins, dir.path().join("plugins.old")).unwrap();
+    std::fs::rename(&fresh, &plugins).unwrap();
+    wait_served(&server, "beta", "echo");
+    wait_for("alpha gone", Duration::from_secs(20), &server, || {
+        state_of(&server, "alpha").is_none().then_some(())
+    });
+    // Still watched after the replacement: a plugin added to it is seen.
+    std::os::unix::fs::symlink(dir.path().join("py"), plugins.join("py")).unwrap();
+    wait_served(&server, "py", "echo");
+    // And a change inside the directory linked in.
+    let source = dir.path().join("py/plugin.py");
+    let text = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, format!("{text}\n# changed\n")).unwrap();
+    wait_for("py reloaded", Duration::from_secs(20), &server, || {
+        server
+            .log()
+            .contains("Rescan (watch): 0 added, 1 changed")
+            .then_some(())
+    });
 }
 
 #[test]

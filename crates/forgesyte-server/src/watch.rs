@@ -1,0 +1,248 @@
+//! `serve --watch`: file-change notification of the plugins directory,
+//! debounced into one rescan ([`crate::rescan::rescan_when_free`]).
+//!
+//! What is watched (recursively) are the *roots*: the plugins directory,
+//! and the directory each symbolic link directly in it leads to (a plugin
+//! directory linked in). Every [`RESYNC`] the roots are worked out again
+//! and compared with what is watched, by device and inode: a plugins
+//! directory replaced (`mv plugins.new plugins`), one that did not exist
+//! yet at the start, or a plugin linked in or re-linked since is watched
+//! from then on, and one rescan runs. (A watch follows the inode it was
+//! added on, and the watcher never follows a link made after it started:
+//! each of those went unwatched for good.) Knows the rescan trigger and
+//! the file system; nothing of routes or the loader.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use crate::state::AppState;
+
+/// How long file changes must have settled before `--watch` rescans.
+pub(crate) const WATCH_SETTLE: Duration = Duration::from_millis(300);
+/// How often the watched roots are compared with what they should be.
+pub(crate) const RESYNC: Duration = Duration::from_secs(2);
+/// Changed paths `--watch` ignores: caches that running plugins write.
+const IGNORED: [&str; 3] = ["__pycache__", ".pytest_cache", ".git"];
+
+/// Watched roots, each with the (device, inode) its watch was added on.
+type Roots = BTreeMap<PathBuf, (u64, u64)>;
+
+/// Starts watching `plugins_dir`; the watch lives as long as the runtime.
+pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let handler = move |result: notify::Result<notify::Event>| match result {
+        Ok(event) if changes(&event.kind) && event.paths.iter().any(|p| relevant(p)) => {
+            let _ = tx.send(());
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "Watching the plugins directory: {e}"),
+    };
+    // Links are the roots' business (see the module's doc), not the
+    // watcher's: it follows those it finds when a watch is added only.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let watcher = match RecommendedWatcher::new(handler, config) {
+        Ok(watcher) => Arc::new(Mutex::new(watcher)),
+        Err(e) => {
+            tracing::error!(error = %e, "--watch: cannot watch for file changes: {e}");
+            return;
+        }
+    };
+    let dir = plugins_dir.to_path_buf();
+    let mut roots = Roots::new();
+    // The first watches: nothing moved yet (the load pass runs anyway).
+    let _ = resync(&watcher, &dir, &mut roots);
+    if roots.contains_key(&dir) {
+        tracing::info!(dir = %dir.display(), "Watching {} for plugin changes", dir.display());
+    } else {
+        tracing::warn!(dir = %dir.display(), "--watch: {} cannot be watched now; watching for it to appear", dir.display());
+    }
+    let state = state.clone();
+    let roots = Arc::new(Mutex::new(roots));
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(RESYNC);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                changed = rx.recv() => {
+                    if changed.is_none() {
+                        break;
+                    }
+                    // A rebuild writes in several steps: wait until it settles.
+                    while let Ok(Some(())) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {}
+                    tracing::info!(dir = %dir.display(), "Files changed under {}: rescanning", dir.display());
+                    crate::rescan::rescan_when_free(&state, "watch").await;
+                }
+                _ = every.tick() => {
+                    let (watcher, roots, at) = (Arc::clone(&watcher), Arc::clone(&roots), dir.clone());
+                    let moved = tokio::task::spawn_blocking(move || {
+                        let mut roots = roots.lock().unwrap_or_else(PoisonError::into_inner);
+                        resync(&watcher, &at, &mut roots)
+                    })
+                    .await
+                    .unwrap_or(false);
+                    if moved {
+                        tracing::info!(dir = %dir.display(), "The plugins directory {} or a directory linked into it was replaced or appeared: rescanning", dir.display());
+                        crate::rescan::rescan_when_free(&state, "watch").await;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Brings the watches in line with [`wanted`] roots of `plugins_dir`:
+/// whether any root was added or dropped.
+fn resync(watcher: &Mutex<RecommendedWatcher>, plugins_dir: &Path, roots: &mut Roots) -> bool {
+    let wanted = wanted(plugins_dir);
+    let mut watcher = watcher.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut moved = false;
+    roots.retain(|path, id| {
+        let keep = wanted.get(path) == Some(id);
+        if !keep {
+            // Its inode may be gone already: nothing left to unwatch.
+            let _ = watcher.unwatch(path);
+            moved = true;
+        }
+        keep
+    });
+    for (path, id) in wanted {
+        if roots.contains_key(&path) {
+            continue;
+        }
+        match watcher.watch(&path, RecursiveMode::Recursive) {
+            Ok(()) => {
+                roots.insert(path, id);
+                moved = true;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "--watch: cannot watch {}: {e}", path.display());
+            }
+        }
+    }
+    moved
+}
+
+/// The roots `plugins_dir` needs now: itself (if it can be read), and the
+/// directory each symbolic link directly in it leads to.
+fn wanted(plugins_dir: &Path) -> Roots {
+    let identity = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    let mut roots = Roots::new();
+    let Ok(dir) = std::fs::metadata(plugins_dir) else {
+        return roots;
+    };
+    let Ok(entries) = std::fs::read_dir(plugins_dir) else {
+        return roots;
+    };
+    roots.insert(plugins_dir.to_path_buf(), identity(&dir));
+    for entry in entries.flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_symlink()) {
+            continue;
+        }
+        if let Ok(target) = std::fs::canonicalize(entry.path())
+            && let Ok(meta) = std::fs::metadata(&target)
+            && meta.is_dir()
+        {
+            roots.insert(target, identity(&meta));
+        }
+    }
+    roots
+}
+
+/// Whether an event changed something: the watcher also reports files
+/// opened and closed unwritten, and a rescan opens every plugin's files,
+/// so each rescan set off the next (an idle `--watch` server rescanned
+/// twice a second).
+fn changes(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(access) => {
+            matches!(access, AccessKind::Close(AccessMode::Write))
+        }
+        _ => true,
+    }
+}
+
+/// Whether a change of `path` can matter to a plugin (caches do not).
+fn relevant(path: &Path) -> bool {
+    let cache = path.components().any(|c| match c {
+        Component::Normal(name) => IGNORED.iter().any(|i| name == *i),
+        _ => false,
+    });
+    !cache && path.extension().is_none_or(|e| e != "pyc")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::{changes, relevant, wanted};
+
+    #[test]
+    fn opening_and_reading_files_are_not_changes() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind,
+        };
+        assert!(!changes(&EventKind::Access(AccessKind::Open(
+            AccessMode::Read
+        ))));
+        assert!(!changes(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!changes(&EventKind::Access(AccessKind::Read)));
+        assert!(changes(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(changes(&EventKind::Create(CreateKind::File)));
+        assert!(changes(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
+    }
+
+    #[test]
+    fn caches_are_not_changes() {
+        assert!(relevant(Path::new("/p/alpha/libalpha.so")));
+        assert!(relevant(Path::new("/p/alpha/manifest.json")));
+        assert!(relevant(Path::new("/p/beta/plugin.py")));
+        assert!(!relevant(Path::new(
+            "/p/beta/__pycache__/plugin.cpython-311.pyc"
+        )));
+        assert!(!relevant(Path::new("/p/beta/plugin.pyc")));
+    }
+
+    /// The roots: the plugins directory and what its links lead to (a
+    /// directory, not a file), each by its identity; none while the
+    /// directory is missing.
+    #[test]
+    fn the_roots_are_the_directory_and_the_directories_linked_in() {
+        let scratch = tempfile::tempdir().unwrap();
+        let plugins = scratch.path().join("plugins");
+        assert!(wanted(&plugins).is_empty());
+        std::fs::create_dir(&plugins).unwrap();
+        std::fs::create_dir(plugins.join("plain")).unwrap();
+        let elsewhere = scratch.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, plugins.join("linked")).unwrap();
+        std::fs::write(scratch.path().join("file"), "x").unwrap();
+        std::os::unix::fs::symlink(scratch.path().join("file"), plugins.join("to-a-file")).unwrap();
+        let roots = wanted(&plugins);
+        let paths: Vec<_> = roots.keys().cloned().collect();
+        let elsewhere = std::fs::canonicalize(&elsewhere).unwrap();
+        assert_eq!(paths.len(), 2, "{paths:?}");
+        assert!(
+            paths.contains(&plugins) && paths.contains(&elsewhere),
+            "{paths:?}"
+        );
+        // Replaced: the same path, another identity.
+        let before = roots[&plugins];
+        std::fs::rename(&plugins, scratch.path().join("old")).unwrap();
+        std::fs::create_dir(&plugins).unwrap();
+        assert_ne!(wanted(&plugins)[&plugins], before);
+    }
+}
