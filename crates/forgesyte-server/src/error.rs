@@ -244,8 +244,21 @@ impl IntoResponse for ApiError {
             other => tracing::debug!(status = status.as_u16(), "{other}"),
         }
         let mut response = (status, Json(self.body())).into_response();
+        // A plugin being constructed or reloaded (LOADED, or an available
+        // state with no live instance yet) is runnable in a moment: say
+        // when to try again, as for the other passing refusals.
+        let in_a_moment = |state: &Option<PluginLifecycleState>| {
+            matches!(
+                state,
+                Some(
+                    PluginLifecycleState::Loaded
+                        | PluginLifecycleState::Initialized
+                        | PluginLifecycleState::Running
+                )
+            )
+        };
         if matches!(
-            self,
+            &self,
             ApiError::Run {
                 error: RunError::TooManyCalls { .. }
                     | RunError::NotStarted { .. }
@@ -253,7 +266,8 @@ impl IntoResponse for ApiError {
                     | RunError::AnswersInFlight { .. },
                 ..
             }
-        ) {
+        ) || matches!(&self, ApiError::Run { error: RunError::NotRunnable { state, .. }, .. } if in_a_moment(state))
+        {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));

@@ -14,10 +14,13 @@ use serde_json::Value;
 use super::discovery::{BadManifest, NoManifest, bad};
 use super::loader::{Loader, Pending};
 use super::report::{LoadReport, PluginLoadOutcome, ms};
+use crate::handle::PluginHandle;
 use crate::manifest::{Isolation, Manifest};
 
-/// How long a reload waits for calls in flight on a plugin to end.
-const RELOAD_IDLE_WAIT: Duration = Duration::from_secs(5);
+/// How long a reload waits for calls in flight on a plugin to end, past
+/// their time limit (by then the host has given up on each: a timed-out
+/// call is settled).
+const PAST_THE_CALL_LIMIT: Duration = Duration::from_secs(1);
 
 impl Loader {
     /// Reloads one plugin (the server's `POST /v1/plugins/{name}/reload`):
@@ -122,6 +125,16 @@ impl Loader {
                 continue;
             };
             let mut retired = None;
+            // Its calls in flight are waited for up to their time limit and
+            // a second, as a removal waits (a fixed 10 s failed a healthy
+            // plugin whose call was within its limit).
+            let idle_by = started
+                + entry
+                    .handle
+                    .as_ref()
+                    .and_then(PluginHandle::call_timeout)
+                    .unwrap_or(self.config.call_timeout)
+                + PAST_THE_CALL_LIMIT;
             if let Some(handle) = &entry.handle {
                 if handle.isolation() == Isolation::InProcess
                     && self.registry.is_available(name)
@@ -143,7 +156,7 @@ impl Loader {
             if self.registry.in_flight(name).is_some_and(|n| n == 0) {
                 let _ = self.registry.mark_loaded(name, None);
             }
-            self.wait_idle(name);
+            self.wait_idle(name, idle_by);
             // The old runner ends (its `on_unload` run, at most 1.5 s) before
             // the new one starts: a plugin that holds what only one may hold
             // (a lock, a port, a device, GPU memory) and frees it there
@@ -170,7 +183,7 @@ impl Loader {
                     let mut loaded =
                         (!busy()).then(|| self.registry.mark_loaded(name, Some(info.clone())));
                     if !matches!(loaded, Some(Ok(()))) {
-                        self.wait_idle(name);
+                        self.wait_idle(name, idle_by);
                         loaded = (!busy()).then(|| self.registry.mark_loaded(name, Some(info)));
                     }
                     if !matches!(loaded, Some(Ok(()))) {
@@ -178,9 +191,10 @@ impl Loader {
                         // is would look available and have none. FAILED says
                         // so, and the next rescan or reload loads it again.
                         let reason = format!(
-                            "not reloaded: a call was still running after the reload waited {} s \
-                             for its calls to end; reload it again (the next rescan does)",
-                            RELOAD_IDLE_WAIT.as_secs() * 2
+                            "not reloaded: a call was still running after the reload waited {:.0} s \
+                             (its call time limit and a second) for its calls to end; reload it \
+                             again (the next rescan does)",
+                            idle_by.saturating_duration_since(started).as_secs_f64()
                         );
                         tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
                         let _ = self.registry.mark_failed(name, reason);
@@ -249,11 +263,14 @@ impl Loader {
         Err(bad(raw, error))
     }
 
-    /// Waits (bounded) until no call is in flight on `name` (counted, not
-    /// by its state: a FAILED plugin may still have calls running).
-    fn wait_idle(&self, name: &str) {
-        let deadline = Instant::now() + RELOAD_IDLE_WAIT;
-        while self.registry.in_flight(name).is_some_and(|n| n > 0) && Instant::now() < deadline {
+    /// Waits until no call is in flight on `name` (counted, not by its
+    /// state: a FAILED plugin may still have calls running), at most until
+    /// `deadline`.
+    fn wait_idle(&self, name: &str, deadline: Instant) {
+        while !self.is_shutting_down()
+            && self.registry.in_flight(name).is_some_and(|n| n > 0)
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
     }

@@ -414,8 +414,13 @@ fn a_reloaded_python_plugin_is_constructed_after_the_old_one_unloaded() {
     assert_eq!(served(&server, "exclusive", "ping").status, 200);
 }
 
+/// An in-process plugin changed during a long call is reloaded once the
+/// call has ended (within its time limit): the reload waits for it, new
+/// calls meanwhile are told to come back (503, `Retry-After`). It waited
+/// a fixed 10 s and left the plugin FAILED, though the call ended well
+/// within its 60 s limit.
 #[test]
-fn a_plugin_changed_during_a_long_call_is_failed_then_loaded_by_the_next_rescan() {
+fn a_plugin_changed_during_a_long_call_is_reloaded_once_the_call_ends() {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
     let server = Forgesyte::start_with_env(
@@ -423,27 +428,30 @@ fn a_plugin_changed_during_a_long_call_is_failed_then_loaded_by_the_next_rescan(
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
     );
     server.wait_loaded();
-    let call = sleep_call(&server, "alpha", 16000);
+    let call = sleep_call(&server, "alpha", 12_000);
     wait_running(&server, "alpha");
     let library = dir.path().join("alpha").join(good_library_name());
     replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
-    let report = reload(&server);
-    assert_eq!(report["changed"], json!(["alpha"]), "{report}");
-    let health = state_of(&server, "alpha").unwrap();
-    assert_eq!(health["state"], "FAILED", "{health}");
-    assert!(
-        health["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("not reloaded: a call was still running")),
-        "{health}"
+    let addr = server.addr;
+    let rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
+    let refused = wait_for("a call refused", Duration::from_secs(10), &server, || {
+        let reply = served(&server, "alpha", "echo");
+        (reply.status == 503).then_some(reply)
+    });
+    assert_eq!(
+        refused.header("retry-after"),
+        Some("1"),
+        "{}",
+        refused.text()
     );
     let done = call.join().unwrap();
     assert_eq!(done.status, 200, "{}", done.text());
-    let report = reload(&server);
-    assert_eq!(report["retried"], json!(["alpha"]), "{report}");
+    let report = rescan.join().unwrap();
+    assert_eq!(report.status, 200, "{}", report.text());
+    let report = report.json();
+    assert_eq!(report["changed"], json!(["alpha"]), "{report}");
     let health = state_of(&server, "alpha").unwrap();
     assert_eq!(health["state"], "INITIALIZED", "{health}");
-    assert_eq!(health["in_flight"], 0, "{health}");
     assert_eq!(served(&server, "alpha", "echo").status, 200);
 }
 
