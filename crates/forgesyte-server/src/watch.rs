@@ -22,6 +22,8 @@ use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
+use forgesyte_loader::manifest::{MANIFEST_FILE, PLUGIN_PY};
+
 use crate::state::AppState;
 
 /// How long file changes must have settled before `--watch` rescans.
@@ -131,7 +133,7 @@ fn resync(watcher: &Mutex<RecommendedWatcher>, plugins_dir: &Path, roots: &mut R
 }
 
 /// The roots `plugins_dir` needs now: itself (if it can be read), and the
-/// directory each symbolic link directly in it leads to.
+/// plugin directory each symbolic link directly in it leads to.
 fn wanted(plugins_dir: &Path) -> Roots {
     let identity = |m: &std::fs::Metadata| (m.dev(), m.ino());
     let mut roots = Roots::new();
@@ -146,9 +148,15 @@ fn wanted(plugins_dir: &Path) -> Roots {
         if !entry.file_type().is_ok_and(|t| t.is_symlink()) {
             continue;
         }
+        // Only a plugin directory (a manifest or a `plugin.py` in it): a
+        // link to `/` or a home directory is no plugin, and watching it
+        // whole would walk and hold the whole tree.
         if let Ok(target) = std::fs::canonicalize(entry.path())
             && let Ok(meta) = std::fs::metadata(&target)
             && meta.is_dir()
+            && [MANIFEST_FILE, PLUGIN_PY]
+                .iter()
+                .any(|file| target.join(file).is_file())
         {
             roots.insert(target, identity(&meta));
         }
@@ -228,7 +236,10 @@ mod tests {
         std::fs::create_dir(plugins.join("plain")).unwrap();
         let elsewhere = scratch.path().join("elsewhere");
         std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("manifest.json"), "{}").unwrap();
         std::os::unix::fs::symlink(&elsewhere, plugins.join("linked")).unwrap();
+        // A link to a directory that is no plugin's (`/`): not watched.
+        std::os::unix::fs::symlink("/", plugins.join("root")).unwrap();
         std::fs::write(scratch.path().join("file"), "x").unwrap();
         std::os::unix::fs::symlink(scratch.path().join("file"), plugins.join("to-a-file")).unwrap();
         let roots = wanted(&plugins);
