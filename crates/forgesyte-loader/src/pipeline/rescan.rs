@@ -153,7 +153,12 @@ impl Loader {
                 listed && !found.contains(&dir)
             };
             if gone {
-                report.removed.push(self.retire_plugin(&name, dir));
+                let why = if installed.contains(&name) {
+                    "its entry point is no longer installed"
+                } else {
+                    "its directory is gone"
+                };
+                report.removed.push(self.retire_plugin(&name, dir, why));
             } else {
                 kept.push((name, dir));
             }
@@ -216,7 +221,11 @@ impl Loader {
                 && !self.registry.contains(&m.name)
             {
                 tracing::info!(plugin = %name, now = %m.name, "Plugin {name} is now named {}: loaded under that name", m.name);
-                report.removed.push(self.retire_plugin(name, dir));
+                report.removed.push(self.retire_plugin(
+                    name,
+                    dir,
+                    "its manifest names another plugin now",
+                ));
             }
         }
         let renamed: BTreeSet<&str> = report.removed.iter().map(|r| r.name.as_str()).collect();
@@ -427,7 +436,7 @@ impl Loader {
     /// time limit), then its process is stopped
     /// (isolated, Python) or its instance dropped (in-process: the library
     /// stays mapped), and its name is freed.
-    fn retire_plugin(&self, name: &str, dir: PathBuf) -> RetiredPlugin {
+    fn retire_plugin(&self, name: &str, dir: PathBuf, why: &str) -> RetiredPlugin {
         let started = Instant::now();
         let entry = self.entries.write().remove(name);
         self.entry_points.write().remove(name);
@@ -457,7 +466,7 @@ impl Loader {
         if calls_cut_off > 0 {
             tracing::warn!(plugin = %name, calls_cut_off, "Plugin {name} retired with {calls_cut_off} call(s) still in flight after {:.1} s", wait.as_secs_f64());
         }
-        tracing::info!(plugin = %name, dir = %dir.display(), calls_in_flight, "Plugin {name} retired: its directory is gone");
+        tracing::info!(plugin = %name, dir = %dir.display(), calls_in_flight, "Plugin {name} retired: {why}");
         RetiredPlugin {
             name: name.to_owned(),
             dir,
