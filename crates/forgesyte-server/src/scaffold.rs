@@ -236,7 +236,7 @@ pub(crate) fn create(
         Err(_) if dir.symlink_metadata().is_ok() => return Err(ScaffoldError::Exists(dir)),
         Err(source) => return Err(ScaffoldError::Io { path: dir, source }),
     };
-    let files = render(lang, name, sdk);
+    let files = render(lang, name, sdk, bind);
     let written = write_all(&dir, &files);
     if let Err(e) = written {
         // Leave nothing half-made behind.
@@ -276,11 +276,14 @@ fn write_all(dir: &Path, files: &[(&'static str, String)]) -> Result<(), Scaffol
     Ok(())
 }
 
-/// The files of a scaffold (relative paths) and their text.
-pub(crate) fn render(lang: Lang, name: &str, sdk: &Sdk) -> Vec<(&'static str, String)> {
+/// The files of a scaffold (relative paths) and their text; its README's
+/// commands serve on `bind`, as the printed ones do.
+pub(crate) fn render(lang: Lang, name: &str, sdk: &Sdk, bind: &str) -> Vec<(&'static str, String)> {
     let fill = |template: &str| {
         template
             .replace("{{name}}", name)
+            .replace("{{url}}", &server_url(bind))
+            .replace("{{bind_flag}}", &bind_flag(bind))
             .replace("{{library}}", &library_file(name))
             .replace("{{type}}", &type_name(name))
             .replace("{{sdk_dependency}}", &sdk_dependency(sdk))
@@ -424,6 +427,17 @@ pub(crate) fn server_url(bind: &str) -> String {
     format!("http://{host}:{port}")
 }
 
+/// ` --bind ADDR` for a `serve` line, unless `bind` is the default: the
+/// `serve` and `curl` lines work as printed, wherever `bind` came from.
+fn bind_flag(bind: &str) -> String {
+    if bind == forgesyte_server::DEFAULT_BIND {
+        String::new()
+    } else {
+        // Quoted for a shell where needed: `[::]:9001` is a glob to zsh.
+        format!(" --bind {}", shell(Path::new(bind)))
+    }
+}
+
 fn message(
     lang: Lang,
     name: &str,
@@ -434,13 +448,7 @@ fn message(
     bind: &str,
 ) -> String {
     let url = server_url(bind);
-    // The address goes on the printed `serve` line unless it is the
-    // default: the pair works as printed, wherever `bind` came from.
-    let bind_flag = if bind == forgesyte_server::DEFAULT_BIND {
-        String::new()
-    } else {
-        format!(" --bind {bind}")
-    };
+    let bind_flag = bind_flag(bind);
     let mut out = String::new();
     let what = match lang {
         Lang::Python => "Python",
@@ -604,7 +612,12 @@ mod tests {
     #[test]
     fn templates_are_filled_and_valid() {
         for lang in [Lang::Python, Lang::Rust] {
-            for (file, text) in render(lang, "image-stats", &Sdk::Path("/sdk".into())) {
+            for (file, text) in render(
+                lang,
+                "image-stats",
+                &Sdk::Path("/sdk".into()),
+                forgesyte_server::DEFAULT_BIND,
+            ) {
                 assert!(!text.contains("{{"), "{file}: {text}");
                 if file.ends_with(".json") {
                     let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -618,7 +631,12 @@ mod tests {
                 }
             }
         }
-        let rust = render(Lang::Rust, "image-stats", &Sdk::Path("/sdk".into()));
+        let rust = render(
+            Lang::Rust,
+            "image-stats",
+            &Sdk::Path("/sdk".into()),
+            DEFAULT_BIND,
+        );
         let cargo = &rust.iter().find(|(f, _)| *f == "Cargo.toml").unwrap().1;
         assert!(cargo.contains("forgesyte-plugin-sdk = { path = \"/sdk\" }"));
         assert!(cargo.contains("name = \"image-stats\""));
@@ -626,7 +644,7 @@ mod tests {
         assert!(lib.contains("export_plugin!(ImageStatsPlugin)"));
         let manifest = &rust.iter().find(|(f, _)| *f == "manifest.json").unwrap().1;
         assert!(manifest.contains("\"entrypoint\": \"libimage_stats.so\""));
-        let versioned = render(Lang::Rust, "x", &Sdk::Version(SDK_VERSION));
+        let versioned = render(Lang::Rust, "x", &Sdk::Version(SDK_VERSION), DEFAULT_BIND);
         assert!(versioned[0].1.contains("forgesyte-plugin-sdk = \"0.1\""));
     }
 
@@ -731,6 +749,35 @@ mod tests {
                 created.message.contains(&line),
                 "{line}\n{}",
                 created.message
+            );
+        }
+    }
+
+    /// The README a scaffold writes serves and calls where the printed
+    /// commands do (it said 127.0.0.1:8000 whatever `--bind` was).
+    #[test]
+    fn the_readme_serves_on_the_address_given() {
+        for lang in [Lang::Python, Lang::Rust] {
+            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), "0.0.0.0:9123");
+            let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
+            assert!(readme.contains("--bind 0.0.0.0:9123"), "{readme}");
+            assert!(
+                readme.contains(
+                    "curl -s -X POST http://127.0.0.1:9123/v1/plugins/ocr/tools/hello/run"
+                ),
+                "{readme}"
+            );
+            assert!(!readme.contains("8000"), "{readme}");
+            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), "[::]:9001");
+            let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
+            assert!(readme.contains("--bind '[::]:9001'"), "{readme}");
+            assert!(readme.contains("http://[::1]:9001/v1/plugins/ocr"), "{readme}");
+            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), DEFAULT_BIND);
+            let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
+            assert!(!readme.contains("--bind"), "{readme}");
+            assert!(
+                readme.contains("http://127.0.0.1:8000/v1/plugins/ocr"),
+                "{readme}"
             );
         }
     }
