@@ -771,7 +771,10 @@ mod tests {
             let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), "[::]:9001");
             let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
             assert!(readme.contains("--bind '[::]:9001'"), "{readme}");
-            assert!(readme.contains("http://[::1]:9001/v1/plugins/ocr"), "{readme}");
+            assert!(
+                readme.contains("http://[::1]:9001/v1/plugins/ocr"),
+                "{readme}"
+            );
             let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), DEFAULT_BIND);
             let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
             assert!(!readme.contains("--bind"), "{readme}");

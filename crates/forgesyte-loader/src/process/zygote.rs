@@ -592,7 +592,10 @@ impl Zygote {
         for &pid in children.keys() {
             kill_only_group(pid);
         }
-        let _ = self.process.lock().kill();
+        // And what the zygote started itself, in its own group (it leads
+        // one): an interpreter that is a wrapper script left its children
+        // behind, orphaned, when only its pid was killed.
+        kill_group(self.pid);
         let _ = self.process.lock().wait();
         tracing::debug!(pid = self.pid, "{why}");
         for (_, tx) in spawning {

@@ -974,6 +974,58 @@ fn plugins_under_a_path_that_is_not_utf8_fail_with_the_hosts_reason() {
     }
 }
 
+/// An interpreter that never answers (a wrapper script whose program
+/// hangs) is let go with everything it started: the zygote's own process
+/// group is killed, not only its pid (a child of the script was left
+/// behind, orphaned, for as long as it ran).
+#[test]
+fn a_hung_interpreter_is_let_go_with_what_it_started() {
+    let plugins = PluginsDir::new();
+    plugins.python("py", "echo");
+    let scratch = tempfile::tempdir().unwrap();
+    let pids = scratch.path().join("pids");
+    let python = scratch.path().join("python");
+    forgesyte_tests::write_script(
+        &python,
+        &format!("sleep 300 &\necho $! >> '{}'\nwait", pids.display()),
+    )
+    .unwrap();
+    let (code, out, err) = crate::support::run_forgesyte(
+        &[
+            "check",
+            plugins.path_str(),
+            "--python",
+            python.to_str().unwrap(),
+            "--init-timeout",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    let started = std::fs::read_to_string(&pids).unwrap();
+    let started: Vec<&str> = started.split_whitespace().collect();
+    assert!(!started.is_empty(), "the script never ran");
+    // Killed (a zombie until someone reaps it counts as ended).
+    let alive = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while started.iter().any(|pid| alive(pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<&&str> = started.iter().filter(|pid| alive(pid)).collect();
+    for pid in &left {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", pid])
+            .status();
+    }
+    assert!(left.is_empty(), "left running: {left:?} of {started:?}");
+}
+
 /// The write end of a pipe whose read end is closed already: every write
 /// to it fails (EPIPE) from the child's first line on.
 fn closed_pipe() -> std::process::Stdio {
