@@ -168,7 +168,7 @@ fn main() -> ExitCode {
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
-        Command::Config(_) => print_config(&layered),
+        Command::Config(args) => print_config(&layered, args.serve),
         Command::Keygen(args) => ExitCode::from(forgesyte_server::signing::keygen(
             &args.out,
             &args.name,
@@ -181,18 +181,45 @@ fn main() -> ExitCode {
 }
 
 /// `forgesyte config --print`: the layered configuration of `serve`, and
-/// whether the admin token is set (never the token itself).
-fn print_config(layered: &config_file::Layered) -> ExitCode {
+/// where the admin token comes from (never the token itself). A token
+/// `serve` would refuse (empty, unreadable, more than one line) is named
+/// on stderr with exit code 2, as `serve` would exit.
+fn print_config(layered: &config_file::Layered, serve: cli::ServeArgs) -> ExitCode {
     let Some(mut text) = layered.render() else {
         return ExitCode::from(2);
     };
-    if admin_token_env().is_some() {
-        text.push_str("# admin token: from env FORGESYTE_ADMIN_TOKEN (not shown)\n");
-    }
+    let (_, token_file) = serve.config();
+    let env = admin_token_env();
+    let from_env = env.is_some();
+    let refused = match admin_token(env, token_file.as_deref()) {
+        Ok(Some(_)) if from_env => {
+            text.push_str("# admin token: from env FORGESYTE_ADMIN_TOKEN (not shown)");
+            if token_file.is_some() {
+                text.push_str("; it wins over --admin-token-file");
+            }
+            text.push('\n');
+            None
+        }
+        Ok(Some(_)) => {
+            text.push_str("# admin token: from --admin-token-file (not shown)\n");
+            None
+        }
+        Ok(None) => {
+            text.push_str("# admin token: none (the admin routes are disabled)\n");
+            None
+        }
+        Err(e) => Some(e),
+    };
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(text.as_bytes());
     let _ = stdout.flush();
-    ExitCode::SUCCESS
+    match refused {
+        Some(e) => {
+            say!("forgesyte: serve would refuse this configuration: {e:#}");
+            ExitCode::from(2)
+        }
+        None => ExitCode::SUCCESS,
+    }
 }
 
 /// `forgesyte lock DIR`: hashes every plugin directory of DIR and writes

@@ -403,32 +403,52 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
 /// empty `FORGESYTE_REQUIRE_SIGNED` must not turn the requirement off. An
 /// empty element of `--lib-path` is skipped.
 /// An admin token that is empty, blank or unreadable refuses `serve` with
-/// exit code 2, as every configuration refused at start (it was 1).
+/// exit code 2, as every configuration refused at start (it was 1), and
+/// `config --print` says so the same way (it printed "from env (not
+/// shown)" and exit 0 for a token `serve` refuses).
 #[test]
 fn an_empty_or_unreadable_admin_token_refuses_serve_with_exit_code_2() {
     let plugins = PluginsDir::new();
-    let serve = [
-        "serve",
-        "--bind",
-        "127.0.0.1:0",
-        "--plugins",
-        plugins.path_str(),
-    ];
-    for (value, said) in [("", "is empty"), ("   ", "is empty")] {
-        let (code, out, err) = run_forgesyte(&serve, &[("FORGESYTE_ADMIN_TOKEN", value)]);
-        assert_eq!(code, 2, "{value:?}: {out}{err}");
+    let options = ["--bind", "127.0.0.1:0", "--plugins", plugins.path_str()];
+    for command in [&["serve"][..], &["config", "--print"]] {
+        let serve = [command, &options[..]].concat();
+        for (value, said) in [("", "is empty"), ("   ", "is empty")] {
+            let (code, out, err) = run_forgesyte(&serve, &[("FORGESYTE_ADMIN_TOKEN", value)]);
+            assert_eq!(code, 2, "{command:?} {value:?}: {out}{err}");
+            assert!(
+                err.contains(&format!(
+                    "the admin token from FORGESYTE_ADMIN_TOKEN {said}"
+                )),
+                "{command:?}: {err}"
+            );
+        }
+        let mut with_file = serve.to_vec();
+        with_file.extend(["--admin-token-file", "/nonexistent/forgesyte-token"]);
+        let (code, out, err) = run_forgesyte(&with_file, &[]);
+        assert_eq!(code, 2, "{command:?}: {out}{err}");
         assert!(
-            err.contains(&format!(
-                "the admin token from FORGESYTE_ADMIN_TOKEN {said}"
-            )),
-            "{err}"
+            err.contains("cannot read the admin token file"),
+            "{command:?}: {err}"
         );
     }
-    let mut with_file = serve.to_vec();
-    with_file.extend(["--admin-token-file", "/nonexistent/forgesyte-token"]);
-    let (code, out, err) = run_forgesyte(&with_file, &[]);
-    assert_eq!(code, 2, "{out}{err}");
-    assert!(err.contains("cannot read the admin token file"), "{err}");
+    // Where the token comes from, never the token.
+    let print = ["config", "--print", "--plugins", plugins.path_str()];
+    let token = "a-token-of-some-length-1234";
+    for (env, said) in [
+        (
+            vec![],
+            "# admin token: none (the admin routes are disabled)",
+        ),
+        (
+            vec![("FORGESYTE_ADMIN_TOKEN", token)],
+            "# admin token: from env FORGESYTE_ADMIN_TOKEN (not shown)",
+        ),
+    ] {
+        let (code, out, err) = run_forgesyte(&print, &env);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.lines().any(|l| l == said), "{said}:\n{out}");
+        assert!(!out.contains(token), "{out}");
+    }
 }
 
 #[test]
