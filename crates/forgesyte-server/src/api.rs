@@ -257,7 +257,18 @@ pub(crate) async fn run_tool(
     // the room goes with the call.
     let received = match tools::refused_before_its_body(&state, &plugin, &tool) {
         Err(e) => Err(e),
-        Ok(()) => match body::receive(state.body_budget(), &headers, body, limit).await {
+        Ok(handle) => match body::receive(
+            state.body_budget(),
+            &headers,
+            body,
+            limit,
+            // A frame for a plugin in a child process: received into the
+            // memory file its runner gets.
+            handle.isolation() == forgesyte_loader::Isolation::Process
+                && body::is_octet_stream(&headers),
+        )
+        .await
+        {
             Ok((bytes, room)) => {
                 request_bytes = bytes.len();
                 body::read(&headers, bytes, limit)

@@ -3,7 +3,8 @@
 //! arguments under their field names; an optional `args` part holds the
 //! rest as JSON), and `application/octet-stream` (the tool's one binary
 //! argument). A leaf: it knows HTTP bodies and JSON Schema's spelling of
-//! "binary", nothing of plugins.
+//! "binary", nothing of plugins (its caller says when a body had best be
+//! received into a memory file, the loader's `BodyFile`).
 
 use std::collections::HashSet;
 
@@ -11,6 +12,7 @@ use axum::body::Bytes;
 use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
 use forgesyte_deps::json_type_name;
+use forgesyte_loader::process::BodyFile;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -51,11 +53,17 @@ fn coding_other_than<'a>(
 /// with lengths alone. A body whose `Content-Length` is over the limit is
 /// refused before any of it is read. The room comes back with the bytes;
 /// the caller keeps it for as long as it holds them (the call).
+///
+/// With `into_file` (a body for a plugin in a child process), a body whose
+/// `Content-Length` takes a spare memory file that is ready is received
+/// straight into it (see `forgesyte_loader::process::BodyFile`): the
+/// runner then gets that file, where the bytes were copied into a new one.
 pub(crate) async fn receive(
     budget: &BodyBudget,
     headers: &HeaderMap,
     body: axum::body::Body,
     limit: usize,
+    into_file: bool,
 ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), RunError> {
     use http_body_util::BodyExt as _;
     // The HTTP layer undoes `chunked` only: a body sent with another coding
@@ -97,6 +105,7 @@ pub(crate) async fn receive(
     // pieces costs its bytes, not a handle per piece.
     let mut first: Option<Bytes> = None;
     let mut joined: Vec<u8> = Vec::new();
+    let mut file = stated.filter(|_| into_file).and_then(BodyFile::for_len);
     let mut total = 0usize;
     let mut body = body;
     while let Some(frame) = body.frame().await {
@@ -115,6 +124,16 @@ pub(crate) async fn receive(
         if data.is_empty() {
             continue;
         }
+        if let Some(into) = file.as_mut() {
+            if into.write(&data).is_ok() {
+                continue;
+            }
+            // What the file holds comes back into memory, and the rest
+            // goes there too.
+            if let Some(into) = file.take() {
+                joined = read_back(into, stated, limit)?;
+            }
+        }
         match first.take() {
             None if joined.is_empty() => first = Some(data),
             None => joined.extend_from_slice(&data),
@@ -126,11 +145,33 @@ pub(crate) async fn receive(
             }
         }
     }
+    if let Some(into) = file {
+        match into.finish() {
+            Ok(received) => {
+                tracing::debug!(bytes = total, "a body received into a memory file");
+                return Ok((Bytes::from_owner(received), room));
+            }
+            Err((into, e)) => {
+                tracing::debug!(error = %e, "a body received into a memory file is read back");
+                joined = read_back(into, stated, limit)?;
+            }
+        }
+    }
     let bytes = match first {
         Some(one) => one,
         None => Bytes::from(joined),
     };
     Ok((bytes, room))
+}
+
+/// What `file` holds, read back into memory with room for the body's
+/// stated length; a file that cannot be read is the server's failure.
+fn read_back(file: BodyFile, stated: Option<u64>, limit: usize) -> Result<Vec<u8>, RunError> {
+    let stated = stated.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    file.into_vec(stated.min(limit))
+        .map_err(|e| RunError::Internal {
+            message: format!("cannot read back a body received into a memory file: {e}"),
+        })
 }
 
 /// Why a body could not be read: the body read timeout or the minimum
@@ -285,16 +326,7 @@ pub(crate) async fn read(
     body_limit: usize,
 ) -> Result<RunInput, RunError> {
     let max_values = max_json_values(body_limit);
-    let content_type = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let (content_type, essence) = content_type(headers);
     match essence.as_str() {
         "multipart/form-data" => multipart(content_type, bytes, max_values).await,
         "application/octet-stream" => Ok(RunInput {
@@ -310,6 +342,28 @@ pub(crate) async fn read(
             })
             .map_err(|e| hint_other_type(e, &essence)),
     }
+}
+
+/// The `Content-Type` header (empty when absent or unreadable) and its
+/// essence, lower case, without parameters.
+fn content_type(headers: &HeaderMap) -> (&str, String) {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    (content_type, essence)
+}
+
+/// Whether the body is `application/octet-stream`: the tool's one binary
+/// argument, handed on as it is.
+pub(crate) fn is_octet_stream(headers: &HeaderMap) -> bool {
+    content_type(headers).1 == "application/octet-stream"
 }
 
 /// A body of another declared type (`image/png`, `image/jpeg` …) that is
@@ -470,19 +524,31 @@ mod tests {
         assert_eq!(budget.available_kib(), 8);
         // Many small pieces: joined once, charged by the KiB.
         let pieces = vec![&b"x"[..]; 3000];
-        let (bytes, room) = receive(&budget, &HeaderMap::new(), streamed(pieces), 4096)
+        let (bytes, room) = receive(&budget, &HeaderMap::new(), streamed(pieces), 4096, false)
             .await
             .unwrap();
         assert_eq!(bytes.len(), 3000);
         assert!(bytes.iter().all(|&b| b == b'x'));
         assert_eq!(budget.available_kib(), 5);
         // Another body finds 5 KiB: 4 KiB fit, a second 4 KiB do not.
-        let (_, second) = receive(&budget, &HeaderMap::new(), streamed(vec![&[0; 4096]]), 4096)
-            .await
-            .unwrap();
-        let err = receive(&budget, &HeaderMap::new(), streamed(vec![&[0; 2048]]), 4096)
-            .await
-            .unwrap_err();
+        let (_, second) = receive(
+            &budget,
+            &HeaderMap::new(),
+            streamed(vec![&[0; 4096]]),
+            4096,
+            false,
+        )
+        .await
+        .unwrap();
+        let err = receive(
+            &budget,
+            &HeaderMap::new(),
+            streamed(vec![&[0; 2048]]),
+            4096,
+            false,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err, RunError::BodiesInFlight { budget_kib: 8 });
         drop((room, second));
         assert_eq!(budget.available_kib(), 8);
@@ -492,6 +558,7 @@ mod tests {
             &HeaderMap::new(),
             streamed(vec![&[0; 3000], &[0; 3000]]),
             4096,
+            false,
         )
         .await
         .unwrap_err();
@@ -501,7 +568,7 @@ mod tests {
             axum::http::header::CONTENT_LENGTH,
             HeaderValue::from_static("5000"),
         );
-        let err = receive(&budget, &stated, streamed(vec![]), 4096)
+        let err = receive(&budget, &stated, streamed(vec![]), 4096, false)
             .await
             .unwrap_err();
         assert_eq!(err, RunError::PayloadTooLarge { limit: 4096 });
@@ -527,7 +594,7 @@ mod tests {
                 axum::http::header::TRANSFER_ENCODING,
                 HeaderValue::from_static(coding),
             );
-            let got = receive(&budget, &h, streamed(vec![&b"abc"[..]]), 4096).await;
+            let got = receive(&budget, &h, streamed(vec![&b"abc"[..]]), 4096, false).await;
             match (got, refused) {
                 (Ok((bytes, _)), false) => assert_eq!(&bytes[..], b"abc"),
                 (Err(RunError::MalformedBody { message }), true) => {
@@ -553,7 +620,7 @@ mod tests {
                 axum::http::header::CONTENT_ENCODING,
                 HeaderValue::from_static(coding),
             );
-            let got = receive(&budget, &h, streamed(vec![&b"abc"[..]]), 4096).await;
+            let got = receive(&budget, &h, streamed(vec![&b"abc"[..]]), 4096, false).await;
             match (got, refused) {
                 (Ok((bytes, _)), false) => assert_eq!(&bytes[..], b"abc"),
                 (Err(RunError::MalformedBody { message }), true) => {

@@ -458,19 +458,20 @@ impl<T: Send + 'static> Drop for FinishOnDrop<T> {
 /// plugin that cannot run tools, or one at its limit of calls in progress
 /// (503). A body would take room in the budget, and a slow client the body
 /// read timeout, for an answer known at once. The call itself checks again
-/// (the state may change while the body arrives).
+/// (the state may change while the body arrives). Else the plugin's live
+/// handle, which says where its body had best be received.
 pub(crate) fn refused_before_its_body(
     state: &AppState,
     plugin: &str,
     tool: &str,
-) -> Result<(), RunError> {
-    live_handle(state, plugin, tool)?;
+) -> Result<PluginHandle, RunError> {
+    let handle = live_handle(state, plugin, tool)?;
     if state.calls_full(plugin) {
         return Err(RunError::TooManyCalls {
             limit: state.max_calls_per_plugin(),
         });
     }
-    Ok(())
+    Ok(handle)
 }
 
 /// The live handle of `plugin` when it is registered, runnable and offers

@@ -39,6 +39,7 @@ mod child;
 mod exit;
 mod instance;
 mod os_process;
+mod received;
 mod runner;
 mod spares;
 mod spawn;
@@ -50,6 +51,7 @@ mod zygote;
 
 pub use child::RUNNER_STOP_WAIT;
 pub use forgesyte_deps::raise_open_file_limit;
+pub use received::{BodyFile, ReceivedBody};
 pub use spawn::close_inherited_on_exec;
 pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::ZYGOTE_ENV;

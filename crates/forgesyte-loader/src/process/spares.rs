@@ -87,6 +87,10 @@ fn class(len: u64) -> Option<u64> {
 /// class is asked of the filler), else a fresh file (and a spare of its
 /// class is asked for the next attachment of that size).
 pub(crate) fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
+    // A body received straight into a memory file is that file already.
+    if let Some(file) = super::received::file_of(bytes) {
+        return file;
+    }
     let Some(capacity) = class(bytes.len() as u64) else {
         return shm::sealed(bytes);
     };
@@ -98,6 +102,32 @@ pub(crate) fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
     // memory bandwidth and a core from the copy on a small machine.
     want(capacity);
     sealed
+}
+
+/// A ready spare for `len` bytes and its capacity, for a body received
+/// straight into it (`received.rs`); `None` when its size takes none or
+/// none is ready (one is then asked for the next).
+pub(super) fn take_for(len: u64) -> Option<(OwnedFd, u64)> {
+    let capacity = class(len)?;
+    match take(capacity) {
+        Some(fd) => Some((fd, capacity)),
+        None => {
+            want(capacity);
+            None
+        }
+    }
+}
+
+/// Asks for a spare to replace one of `capacity` taken by [`take_for`],
+/// once its body is in (as [`sealed`] asks after its copy).
+pub(super) fn refill(capacity: u64) {
+    want(capacity);
+}
+
+/// Closes `fd`, a memory file of at least [`SPARE_MIN_BYTES`], on the
+/// filler thread (the close of its last copy frees its pages).
+pub(super) fn close_later(fd: OwnedFd) {
+    drop_later(Box::new(fd));
 }
 
 /// A ready spare of `capacity`, if any.
@@ -133,7 +163,7 @@ fn frees_slowly(len: usize) -> bool {
 
 /// Drops `thing` on the filler thread (started if need be), or here when
 /// there is none: for what frees a memory file's pages.
-fn drop_later(thing: Box<dyn Send>) {
+pub(super) fn drop_later(thing: Box<dyn Send>) {
     let shared = shared();
     let mut stock = shared.stock.lock();
     if stock.start_filler() {

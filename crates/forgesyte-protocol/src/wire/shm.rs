@@ -203,9 +203,17 @@ pub fn seal_spare(fd: OwnedFd, bytes: &[u8]) -> io::Result<OwnedFd> {
             Err(e) => return Err(e.into()),
         }
     }
-    rustix::fs::ftruncate(&fd, bytes.len() as u64)?;
-    rustix::fs::fcntl_add_seals(&fd, required_seals() | SealFlags::SEAL)?;
+    seal_written(&fd, bytes.len() as u64)?;
     Ok(fd)
+}
+
+/// Seals a [`spare`] its holder wrote `len` bytes into from offset 0 (the
+/// file is cut to them) as [`sealed`] does. The caller must be the spare's
+/// only holder (nobody may have mapped it writable).
+pub fn seal_written(fd: &OwnedFd, len: u64) -> io::Result<()> {
+    rustix::fs::ftruncate(fd, len)?;
+    rustix::fs::fcntl_add_seals(fd, required_seals() | SealFlags::SEAL)?;
+    Ok(())
 }
 
 /// The shared half of one outgoing frame: which attachments go through

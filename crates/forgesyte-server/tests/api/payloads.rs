@@ -153,6 +153,66 @@ fn binary_arguments_and_results_round_trip_byte_exact_through_every_body() {
     assert!(answer.contains("PayloadTooLarge"), "{answer}");
 }
 
+/// A large `application/octet-stream` frame for a plugin in a child
+/// process is received straight into a spare memory file, which its runner
+/// then gets (no copy into a new one), and comes back byte-exact; one for
+/// an in-process plugin is received into memory. The first frame of a
+/// size finds no spare ready (one is made for the next), so frames are
+/// sent until the server's log shows the file path taken for each runner.
+#[test]
+fn octet_stream_frames_for_runners_go_into_the_memory_file_they_get_byte_exact() {
+    let dir = PluginsDir::new();
+    dir.good("v3", json!({}))
+        .good("v3-iso", json!({"isolation": "process"}))
+        .python("py", "echo");
+    let limit = LIMIT.to_string();
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--body-limit", &limit],
+        &[("RUST_LOG", "info,forgesyte_server::body=debug")],
+    );
+    server.wait_loaded();
+    let into_file = |server: &Forgesyte| {
+        server
+            .log()
+            .matches("a body received into a memory file")
+            .count()
+    };
+    let headers = [("Content-Type", "application/octet-stream")];
+    let send = |plugin: &str, seed: u64| {
+        let data = payload(LIMIT, seed);
+        let target = format!("/v1/plugins/{plugin}/tools/echo_bytes/run");
+        let reply = post(&server, &target, &headers, &data);
+        assert_eq!(reply.status, 200, "{plugin}: {}", reply.text());
+        assert!(
+            reply.json()["result"] == json!({"data": base64(&data)}),
+            "{plugin} {seed}: the echo differs"
+        );
+    };
+    for plugin in ["v3-iso", "py"] {
+        let before = into_file(&server);
+        let mut seed = 100;
+        while into_file(&server) == before {
+            assert!(
+                seed < 140,
+                "{plugin}: no frame was received into a memory file"
+            );
+            send(plugin, seed);
+            seed += 1;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // Every later one byte-exact too, whichever way it came.
+        for seed in 200..204 {
+            send(plugin, seed);
+        }
+    }
+    let before = into_file(&server);
+    for seed in 300..304 {
+        send("v3", seed);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(into_file(&server), before, "an in-process plugin's frame");
+}
+
 /// A part's headers (lower-case names) and bytes.
 type MixedPart = (Vec<(String, String)>, Vec<u8>);
 

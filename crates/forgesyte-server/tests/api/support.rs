@@ -483,8 +483,9 @@ impl Forgesyte {
             .arg("serve")
             .args(["--bind", "127.0.0.1:0"])
             .args(args)
-            .envs(env.iter().copied())
+            // `env` may set another filter.
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             // Its own process group, as a shell job: a signal to the group
             // is what a terminal's Ctrl-C does.
             .process_group(0)
