@@ -35,6 +35,17 @@ pub(super) struct Detached<R> {
     pub(super) limit: Duration,
 }
 
+impl<R: 'static> Detached<R> {
+    /// The same work, its result turned by `f` (on the crew's thread).
+    pub(super) fn map<Q>(self, f: impl FnOnce(R) -> Q + Send + 'static) -> Detached<Q> {
+        let work = self.work;
+        Detached {
+            work: Box::new(move || f(work())),
+            limit: self.limit,
+        }
+    }
+}
+
 /// Work for a crew thread.
 pub(super) type Job<R> = Box<dyn FnOnce() -> R + Send>;
 

@@ -119,6 +119,11 @@ impl Loader {
         self.pass.clear();
         let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
         let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
+        // First every old instance is let go, so that the old runners all
+        // end (their `on_unload` runs) at once; then each is waited for. One
+        // after the other, a rescan of N changed plugins kept the first down
+        // for N unload times.
+        let mut letting_go = Vec::with_capacity(names.len());
         for name in names {
             let started = Instant::now();
             let Some(entry) = self.entries.read().get(name).cloned() else {
@@ -156,15 +161,25 @@ impl Loader {
             if self.registry.in_flight(name).is_some_and(|n| n == 0) {
                 let _ = self.registry.mark_loaded(name, None);
             }
+            letting_go.push((name, entry, started, idle_by, retired));
+        }
+        let mut stop_by = Instant::now() + crate::RUNNER_STOP_WAIT;
+        for (name, entry, started, idle_by, retired) in letting_go {
             self.wait_idle(name, idle_by);
             // The old runner ends (its `on_unload` run, at most 1.5 s) before
             // the new one starts: a plugin that holds what only one may hold
             // (a lock, a port, a device, GPU memory) and frees it there
-            // could not construct beside it.
-            if let Some(old) = retired
-                && !old.wait_stopped(crate::RUNNER_STOP_WAIT)
-            {
-                tracing::warn!(plugin = %name, "Plugin {name}: its old runner had not ended after {} s; starting the new one anyway", crate::RUNNER_STOP_WAIT.as_secs());
+            // could not construct beside it. The runners let go together
+            // end together; one whose calls were waited for past that time
+            // gets the whole wait again.
+            if let Some(old) = retired {
+                let now = Instant::now();
+                if now >= stop_by {
+                    stop_by = now + crate::RUNNER_STOP_WAIT;
+                }
+                if !old.wait_stopped(stop_by - now) {
+                    tracing::warn!(plugin = %name, "Plugin {name}: its old runner had not ended after {} s; starting the new one anyway", crate::RUNNER_STOP_WAIT.as_secs_f64());
+                }
             }
             let manifest = self
                 .reread_manifest(name, &entry.dir)

@@ -68,9 +68,20 @@ impl Loader {
                 workers,
                 &members,
                 |p| match self.check_and_start(p, &known) {
-                    Ok(Step::Started(handle)) => Stage::Done(Ok(handle)),
+                    // A plugin in a runner is published as soon as its
+                    // runner is constructed (INITIALIZED), or has failed:
+                    // kept for the end of the wave, every plugin of it
+                    // waited LOADED (503) for its slowest one, a hung
+                    // constructor's whole init timeout.
+                    Ok(Step::Started(handle)) => {
+                        self.mark_loaded(p, handle);
+                        Stage::Done(Ok(None))
+                    }
                     Ok(Step::ToOpen(checked)) => Stage::Next(checked),
-                    Err(err) => Stage::Done(Err(err)),
+                    Err(err) => {
+                        self.record_failure(&p.name, &err);
+                        Stage::Done(Ok(None))
+                    }
                 },
                 |p, checked| match self.refuse_while_constructing(p) {
                     // Before its library is opened again (each open of a
@@ -81,14 +92,16 @@ impl Loader {
                         Err(err) => Stage::Done(Err(err)),
                     },
                 },
-                |p, opened| self.construction(p, opened, &running),
+                |p, opened| self.construction(p, opened, &running).map(|r| r.map(Some)),
                 |p, why| Err(self.construction_given_up(p, why, &running)),
             );
             for (p, result) in results {
                 let result =
                     result.unwrap_or_else(|message| Err(InitError::Panicked { message }.into()));
                 match result {
-                    Ok(handle) => self.mark_loaded(p, handle),
+                    Ok(Some(handle)) => self.mark_loaded(p, handle),
+                    // Published by the stage that made it.
+                    Ok(None) => {}
                     Err(err) => self.record_failure(&p.name, &err),
                 }
                 self.finish_outcome(&p.name, &p.dir, p.started, outcomes);

@@ -566,6 +566,35 @@ fn the_operator_sets_the_runners_init_timeout_and_memory_limit() {
     }
 }
 
+/// A plugin whose runner is constructed serves while another of its load
+/// wave still constructs: it was LOADED (503) until the slowest of the
+/// wave ended, a hung constructor's whole init timeout, at start and on
+/// every rescan that retried the hung one.
+#[test]
+fn a_constructed_plugin_serves_while_another_of_its_wave_still_constructs() {
+    let dir = PluginsDir::new();
+    dir.python("init-hang", "faulty")
+        .manifest_fields("init-hang", json!({"limits": {"init_timeout_s": 20}}));
+    dir.python("snoop", "snoop");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    let since = std::time::Instant::now();
+    loop {
+        let snoop = server.get("/v1/plugins/snoop/health").json();
+        if snoop["state"] == "INITIALIZED" {
+            break;
+        }
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(15),
+            "snoop still not INITIALIZED while init-hang constructs: {snoop}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let hang = server.get("/v1/plugins/init-hang/health").json();
+    assert_eq!(hang["state"], "LOADED", "{hang}");
+    let reply = server.run("snoop", "address_space", "{}");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
 /// A result nested deeper than the host reads (200 lists, serde_json reads
 /// 128) is that call's tool error, `ResultTooDeep`: the plugin is not
 /// broken, and nothing restarts (it was a protocol fault: the plugin
