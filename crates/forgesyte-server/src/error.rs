@@ -236,11 +236,11 @@ impl IntoResponse for ApiError {
             } => {
                 tracing::error!(plugin = %Shown(plugin), tool = %Shown(tool), %message, "internal error running a tool");
             }
-            other if status.is_server_error() => {
-                tracing::warn!(status = status.as_u16(), "{other}");
-            }
-            // An admin refusal was logged where it was made, with its
-            // address, throttled (`reload::admit`).
+            // A plugin's fault (502, 504) is logged where it happens; a
+            // 503 (busy, not ready) is the client's to retry: one line per
+            // request at warn level let any client flood the log. An admin
+            // refusal was logged where it was made, with its address,
+            // throttled (`reload::admit`).
             other => tracing::debug!(status = status.as_u16(), "{other}"),
         }
         let mut response = (status, Json(self.body())).into_response();
@@ -267,6 +267,10 @@ impl IntoResponse for ApiError {
                 ..
             }
         ) || matches!(&self, ApiError::Run { error: RunError::NotRunnable { state, .. }, .. } if in_a_moment(state))
+            || matches!(&self, ApiError::PluginNotRunnable { state, .. } if in_a_moment(state))
+            // A call cut off by its plugin's reload or restart: sent again,
+            // it reaches the instance in its place.
+            || matches!(&self, ApiError::Run { error: RunError::Interrupted { .. }, .. })
         {
             response
                 .headers_mut()

@@ -475,12 +475,13 @@ fn the_kubernetes_manifests_and_the_dockerfile_match_the_binary() {
     // The health check asks the address the configuration gives: the
     // image's file, or FORGESYTE_BIND over it (an unspecified address on
     // loopback); healthy while the server answers there, not elsewhere.
-    let health = |bind: &str| {
+    let health_with = |bind: &str, env: &[(&str, &str)]| {
         let out = std::process::Command::new("python3")
             .arg(&script)
             .arg(env!("CARGO_BIN_EXE_forgesyte"))
             .envs(image_env.iter().map(|(k, v)| (k, v)))
             .env("FORGESYTE_BIND", bind)
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         (
@@ -488,9 +489,20 @@ fn the_kubernetes_manifests_and_the_dockerfile_match_the_binary() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    let health = |bind: &str| health_with(bind, &[]);
     let serving = server.addr.port();
     assert_eq!(
         health(&format!("0.0.0.0:{serving}")),
+        (Some(0), String::new())
+    );
+    // An admin token file gone since the start (`config --print` exits 2:
+    // `serve` would refuse it now) does not make a serving server
+    // unhealthy.
+    assert_eq!(
+        health_with(
+            &format!("0.0.0.0:{serving}"),
+            &[("FORGESYTE_ADMIN_TOKEN_FILE", "/nonexistent/forgesyte-token")]
+        ),
         (Some(0), String::new())
     );
     assert_eq!(

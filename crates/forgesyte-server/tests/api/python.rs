@@ -699,6 +699,8 @@ fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
     // Not counted: neither the plugin's doing nor its new instance's.
     assert_eq!(health["error_count"], 0, "{health}");
     assert_eq!(answer.status, 503, "{}", answer.text());
+    // Sent again, it reaches the new instance: when, the header says.
+    assert_eq!(answer.header("retry-after"), Some("1"), "{}", answer.text());
     let body = answer.json();
     assert_eq!(body["error_type"], "PluginNotRunnable", "{body}");
     assert!(
