@@ -428,6 +428,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     // Blocking threads may still run timed-out tool calls: do not wait for them.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    // The runners have ended (`Server::run`): what the zygotes started goes.
+    forgesyte_loader::process::end_zygotes();
     result.map_err(anyhow::Error::from)
 }
 
@@ -465,6 +467,10 @@ fn run_check(args: CheckArgs, dir_named: bool) -> ExitCode {
     let not_discovered = loader
         .entry_points_error()
         .map(|reason| format!("entry points (forgesyte.plugins) not discovered: {reason}"));
+    // Its runners end with it (as at this process's exit), and what the
+    // zygotes started goes too.
+    drop(loader);
+    forgesyte_loader::process::end_zygotes();
     let text = if json {
         if let Some(line) = &not_discovered {
             say!("forgesyte check: {line}");

@@ -54,7 +54,7 @@ pub use forgesyte_deps::raise_open_file_limit;
 pub use received::{BodyFile, ReceivedBody};
 pub use spawn::close_inherited_on_exec;
 pub use transport::{set_shm_threshold, shm_threshold};
-pub use zygote::ZYGOTE_ENV;
+pub use zygote::{ZYGOTE_ENV, end_zygotes};
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd as _, OwnedFd};

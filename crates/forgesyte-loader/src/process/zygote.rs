@@ -127,11 +127,33 @@ struct Zygotes {
     unforked_ends: HashMap<ZygoteKey, u32>,
 }
 
+/// This process's zygotes.
+fn zygotes() -> &'static Mutex<Zygotes> {
+    static ZYGOTES: OnceLock<Mutex<Zygotes>> = OnceLock::new();
+    ZYGOTES.get_or_init(Default::default)
+}
+
+/// For the host's end, once every runner has ended (a runner dies with
+/// its zygote): kills the process group of every zygote it started (each
+/// leads one). A zygote ends by itself when the host goes, but an
+/// interpreter that is a wrapper script (`python3 "$@"`, no `exec`) left
+/// what it started running, orphaned. A zygote asked for later starts anew.
+pub fn end_zygotes() {
+    let live: Vec<Arc<Zygote>> = zygotes().lock().live.drain().map(|(_, z)| z).collect();
+    for zygote in live {
+        // Under the lock its reader reaps it with: not reaped, its pid
+        // (and group id) is still its own.
+        let mut process = zygote.process.lock();
+        if matches!(process.try_wait(), Ok(None)) {
+            kill_group(zygote.pid);
+        }
+    }
+}
+
 /// The zygote of `key`, started if there is none or the last one died
 /// (unless [`UNFORKED_ENDS`] of them ended before they forked).
 pub(crate) fn zygote_for(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
-    static ZYGOTES: OnceLock<Mutex<Zygotes>> = OnceLock::new();
-    let mut zygotes = ZYGOTES.get_or_init(Default::default).lock();
+    let mut zygotes = zygotes().lock();
     let Zygotes {
         live,
         unforked_ends,

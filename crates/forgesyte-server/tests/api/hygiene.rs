@@ -1002,10 +1002,16 @@ fn a_hung_interpreter_is_let_go_with_what_it_started() {
         &[],
     );
     assert_eq!(code, 1, "{out}{err}");
-    let started = std::fs::read_to_string(&pids).unwrap();
+    assert_all_ended(&pids);
+}
+
+/// Every process whose pid the file `pids` lists has ended within 5 s
+/// (a zombie until someone reaps it counts as ended); those left are
+/// killed, and the test fails naming them.
+fn assert_all_ended(pids: &std::path::Path) {
+    let started = std::fs::read_to_string(pids).unwrap();
     let started: Vec<&str> = started.split_whitespace().collect();
     assert!(!started.is_empty(), "the script never ran");
-    // Killed (a zombie until someone reaps it counts as ended).
     let alive = |pid: &str| {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
             stat.rsplit(')')
@@ -1024,6 +1030,38 @@ fn a_hung_interpreter_is_let_go_with_what_it_started() {
             .status();
     }
     assert!(left.is_empty(), "left running: {left:?} of {started:?}");
+}
+
+/// An interpreter that is a wrapper script (`python3 "$@"`, no `exec`)
+/// leaves nothing it started running when `check` ends or `serve` stops:
+/// the zygote ended with the host, the script's own child (here a `sleep`)
+/// stayed, orphaned.
+#[test]
+fn a_wrapper_interpreters_children_end_with_the_host() {
+    let plugins = PluginsDir::new();
+    plugins.python("py", "echo");
+    let scratch = tempfile::tempdir().unwrap();
+    let pids = scratch.path().join("pids");
+    let python = scratch.path().join("python");
+    forgesyte_tests::write_script(
+        &python,
+        &format!(
+            "sleep 300 &\necho $! >> '{}'\npython3 \"$@\"",
+            pids.display()
+        ),
+    )
+    .unwrap();
+    let args = ["--python", python.to_str().unwrap()];
+    let (code, out, err) =
+        crate::support::run_forgesyte(&[&["check", plugins.path_str()][..], &args].concat(), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_all_ended(&pids);
+    std::fs::remove_file(&pids).unwrap();
+    let mut server = Forgesyte::start(&[&["--plugins", plugins.path_str()][..], &args].concat());
+    server.wait_loaded();
+    assert_eq!(server.run("py", "echo", "{}").status, 200);
+    assert!(server.terminate().success());
+    assert_all_ended(&pids);
 }
 
 /// The write end of a pipe whose read end is closed already: every write
