@@ -552,12 +552,34 @@ impl Confinement {
 
     /// The plan as the runner's `--confine` argument: its environment as
     /// the list of the variables' names, not their values.
+    ///
+    /// A path that is not UTF-8 cannot be written in JSON: it is left out,
+    /// and so allows nothing (the whole plan failed to serialise, and the
+    /// runner refused a plan of `null`: every plugin of the server failed
+    /// over one odd `--lib-path` entry). Written lossily it could name
+    /// another path, and allow that.
     pub fn to_arg(&self) -> String {
-        // Paths that are not UTF-8 are written lossily: such a path is
-        // then not found by the runner and allows nothing.
-        let mut plan = serde_json::to_value(self).unwrap_or_default();
-        if let Some(fields) = plan.as_object_mut() {
-            fields.insert("env".into(), self.env.keys().map(String::as_str).collect());
+        let utf8 = |paths: &[PathBuf]| -> Vec<String> {
+            paths
+                .iter()
+                .filter_map(|p| match p.to_str() {
+                    Some(text) => Some(text.to_owned()),
+                    None => {
+                        tracing::warn!(path = %p.display(), "a path that is not UTF-8 is left out of a runner's sandbox: it allows nothing");
+                        None
+                    }
+                })
+                .collect()
+        };
+        let mut plan = serde_json::json!({
+            "read": utf8(&self.read),
+            "write": utf8(&self.write),
+            "devices": utf8(&self.devices),
+            "network": self.network,
+            "env": self.env.keys().collect::<Vec<_>>(),
+        });
+        if self.required {
+            plan["required"] = true.into();
         }
         plan.to_string()
     }

@@ -356,14 +356,6 @@ pub(crate) fn layer(
             }
         }
     }
-    if !positional.is_empty() {
-        // After the command line's own `--` if it has one (nothing
-        // positional follows it: `DIR` was not given), else after one.
-        if !argv.iter().any(|a| a == "--") {
-            extra.push("--".into());
-        }
-        extra.extend(positional);
-    }
 
     let mut sources = BTreeMap::new();
     for arg in sub_command.get_arguments() {
@@ -374,9 +366,22 @@ pub(crate) fn layer(
         };
         sources.insert(id.to_owned(), source);
     }
-    if !extra.is_empty() {
+    if !extra.is_empty() || !positional.is_empty() {
+        // The file's options go before the command line's own `--` if it
+        // has one (after it they would be read as positional values), its
+        // `DIR` after a `--` (its own, when nothing positional followed
+        // it: `DIR` was not given), so a value such as `--json` is a
+        // directory, never an option.
         let mut argv = argv;
-        argv.extend(extra);
+        let end_of_options = argv.iter().position(|a| a == "--");
+        let at = end_of_options.unwrap_or(argv.len());
+        argv.splice(at..at, extra);
+        if !positional.is_empty() {
+            if end_of_options.is_none() {
+                argv.push("--".into());
+            }
+            argv.extend(positional);
+        }
         layered.matches = layered.command.clone().try_get_matches_from(argv)?;
     }
     layered.sources = Some(sources);
@@ -861,6 +866,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The file's options with a `--` on the command line: they go before
+    /// it (after it, `--init-timeout=5` was an unexpected argument), its
+    /// `DIR` after it, and a `DIR` given after it wins.
+    #[test]
+    fn the_files_options_go_before_the_command_lines_end_of_options() {
+        let case = file("plugins = \"/srv/plugins\"\ninit-timeout = 5\nbind = \"127.0.0.1:9\"\n");
+        let path = case.file.to_str().unwrap();
+        for (args, dir) in [
+            (vec!["check", "--config", path, "--"], "/srv/plugins"),
+            (vec!["check", "--config", path, "--", "-odd"], "-odd"),
+        ] {
+            let layered = layered(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let (_, matches) = layered.matches.subcommand().unwrap();
+            assert_eq!(
+                matches.get_one::<PathBuf>(DIR_ARG),
+                Some(&PathBuf::from(dir)),
+                "{args:?}"
+            );
+            assert_eq!(
+                matches.get_raw("init_timeout").and_then(|mut v| v.next()),
+                Some(std::ffi::OsStr::new("5")),
+                "{args:?}"
+            );
+        }
+        let layered = layered(&["config", "--print", "--config", path, "--"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let printed = layered.render().unwrap();
+        assert!(printed.contains("bind = \"127.0.0.1:9\""), "{printed}");
     }
 
     #[test]

@@ -282,6 +282,7 @@ pub(crate) fn render(lang: Lang, name: &str, sdk: &Sdk, bind: &str) -> Vec<(&'st
     let fill = |template: &str| {
         template
             .replace("{{name}}", name)
+            .replace("{{run_url}}", &run_url(bind, name))
             .replace("{{url}}", &server_url(bind))
             .replace("{{bind_flag}}", &bind_flag(bind))
             .replace("{{library}}", &library_file(name))
@@ -427,6 +428,14 @@ pub(crate) fn server_url(bind: &str) -> String {
     format!("http://{host}:{port}")
 }
 
+/// The URL of the scaffold's `hello` tool as a shell word: quoted when it
+/// needs to be (`http://[::1]:9001/…` is a glob to zsh, and to bash with
+/// `failglob`).
+fn run_url(bind: &str, name: &str) -> String {
+    let url = format!("{}/v1/plugins/{name}/tools/hello/run", server_url(bind));
+    shell(Path::new(&url))
+}
+
 /// ` --bind ADDR` for a `serve` line, unless `bind` is the default: the
 /// `serve` and `curl` lines work as printed, wherever `bind` came from.
 fn bind_flag(bind: &str) -> String {
@@ -447,7 +456,7 @@ fn message(
     sdk: &Sdk,
     bind: &str,
 ) -> String {
-    let url = server_url(bind);
+    let run_url = run_url(bind, name);
     let bind_flag = bind_flag(bind);
     let mut out = String::new();
     let what = match lang {
@@ -459,7 +468,7 @@ fn message(
         let _ = writeln!(out, "  {}", shell(&dir.join(file)));
     }
     let curl = format!(
-        "curl -s -X POST {url}/v1/plugins/{name}/tools/hello/run \
+        "curl -s -X POST {run_url} \
          -H 'Content-Type: application/json' -d '{{\"args\": {{\"name\": \"ForgeSyte\"}}}}'"
     );
     match lang {
@@ -772,7 +781,8 @@ mod tests {
             let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
             assert!(readme.contains("--bind '[::]:9001'"), "{readme}");
             assert!(
-                readme.contains("http://[::1]:9001/v1/plugins/ocr"),
+                readme
+                    .contains("curl -s -X POST 'http://[::1]:9001/v1/plugins/ocr/tools/hello/run'"),
                 "{readme}"
             );
             let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), DEFAULT_BIND);

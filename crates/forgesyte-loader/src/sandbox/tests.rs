@@ -237,6 +237,24 @@ fn the_plan_keeps_declared_variables_only() {
         back,
         Confinement {
             env: BTreeMap::new(),
+            ..plan.clone()
+        }
+    );
+    // A path that is not UTF-8 is left out (allows nothing); the rest of
+    // the plan stands (it was `null`, refused by every runner).
+    use std::os::unix::ffi::OsStrExt as _;
+    let odd = PathBuf::from(std::ffi::OsStr::from_bytes(b"/opt/lib\xff"));
+    let mut with_odd = Confinement {
+        required: true,
+        ..plan.clone()
+    };
+    with_odd.read.push(odd);
+    let back: Confinement = serde_json::from_str(&with_odd.to_arg()).unwrap();
+    assert_eq!(
+        back,
+        Confinement {
+            env: BTreeMap::new(),
+            required: true,
             ..plan
         }
     );
