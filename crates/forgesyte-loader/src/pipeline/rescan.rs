@@ -146,13 +146,36 @@ impl Loader {
             ..RescanReport::default()
         };
         let mut kept: Vec<(String, PathBuf)> = Vec::new();
+        // Directories found that no plugin is registered from, by the name
+        // their manifest gives: where a plugin whose directory is gone may
+        // have moved (read only when one is gone).
+        let mut moved_here: Option<BTreeMap<String, PathBuf>> = None;
+        let mut moved: BTreeSet<String> = BTreeSet::new();
         for (name, dir) in known {
             let gone = if installed.contains(&name) {
                 gone_entry_points.contains(&name)
             } else {
                 listed && !found.contains(&dir)
             };
-            if gone {
+            let moved_to = (gone && !installed.contains(&name))
+                .then(|| {
+                    moved_here
+                        .get_or_insert_with(|| self.unregistered_by_name(&found))
+                        .remove(&name)
+                })
+                .flatten();
+            if let Some(to) = moved_to {
+                // Moved (a rename, a link re-pointed): reloaded from its new
+                // directory as a changed plugin, its calls meanwhile told to
+                // come back (503), never "not found" while its old
+                // instance's calls drain.
+                tracing::info!(plugin = %name, from = %dir.display(), to = %to.display(), "Plugin {name} moved to {}: reloaded from there", to.display());
+                if let Some(e) = self.entries.write().get_mut(&name) {
+                    e.dir = to.clone();
+                }
+                moved.insert(name.clone());
+                kept.push((name, to));
+            } else if gone {
                 let why = if installed.contains(&name) {
                     "its entry point is no longer installed"
                 } else {
@@ -191,6 +214,7 @@ impl Loader {
             // a plugin signed by a key that was added, removed or replaced
             // is checked (and loaded) again.
             if old_stamps.get(&name).is_none_or(|old| *old != now)
+                || moved.contains(&name)
                 || (!changed_keys.is_empty() && self.signed_by_one_of(&name, &changed_keys))
                 || self.outside_library_changed(&name)
             {
@@ -287,6 +311,31 @@ impl Loader {
             report.summary()
         );
         report
+    }
+
+    /// The directories of `found` that no plugin is registered from, by
+    /// the name their manifest gives (one that names a name twice is left
+    /// out: which of them a plugin moved to is not known).
+    fn unregistered_by_name(&self, found: &BTreeSet<PathBuf>) -> BTreeMap<String, PathBuf> {
+        let registered: BTreeSet<PathBuf> = self
+            .entries
+            .read()
+            .values()
+            .map(|e| e.dir.clone())
+            .collect();
+        let mut by_name: BTreeMap<String, Option<PathBuf>> = BTreeMap::new();
+        for dir in found.iter().filter(|d| !registered.contains(*d)) {
+            if let Ok(m) = self.read_manifest(dir) {
+                by_name
+                    .entry(m.name)
+                    .and_modify(|seen| *seen = None)
+                    .or_insert_with(|| Some(dir.clone()));
+            }
+        }
+        by_name
+            .into_iter()
+            .filter_map(|(name, dir)| Some((name, dir?)))
+            .collect()
     }
 
     /// Reads the trust store again (`--trusted-keys`), for this pass and

@@ -348,8 +348,9 @@ fn a_plugins_directory_moved_away_a_moment_tears_nothing_down() {
     assert_eq!(report["unchanged"], json!(["alpha", "py"]), "{report}");
 }
 
-/// A plugin whose directory is renamed is removed and added again in one
-/// rescan: its metric series count from zero, as its status does (they
+/// A plugin removed and added again in one rescan (its directory gone, a
+/// new one named as it appears, beside another of that name, so it is no
+/// move): its metric series count from zero, as its status does (they
 /// kept counting on, out of step with it).
 #[test]
 fn a_plugin_removed_and_added_in_one_rescan_counts_from_zero() {
@@ -371,10 +372,18 @@ fn a_plugin_removed_and_added_in_one_rescan_counts_from_zero() {
             .find_map(|l| l.strip_prefix(ok)?.trim().parse::<u64>().ok())
     };
     assert_eq!(count(&server), Some(3));
-    std::fs::rename(dir.path().join("alpha"), dir.path().join("alpha-moved")).unwrap();
+    // Two new directories name `alpha`: which one it moved to is not
+    // known, so it is retired and the first of them loads as new.
+    std::fs::rename(dir.path().join("alpha"), dir.path().join("alpha-a")).unwrap();
+    dir.good("alpha-b", json!({"name": "alpha"}));
     let report = reload(&server);
-    assert_eq!(report["added"], json!(["alpha"]), "{report}");
     assert_eq!(report["removed"][0]["name"], "alpha", "{report}");
+    assert!(
+        report["added"]
+            .as_array()
+            .is_some_and(|added| added.contains(&json!("alpha"))),
+        "{report}"
+    );
     assert_eq!(count(&server), None);
     assert_eq!(served(&server, "alpha", "echo").status, 200);
     // Scrapes are encoded at most once per tick.
@@ -412,6 +421,50 @@ fn a_reloaded_python_plugin_is_constructed_after_the_old_one_unloaded() {
     let health = state_of(&server, "exclusive").unwrap();
     assert_eq!(health["state"], "INITIALIZED", "{health}");
     assert_eq!(served(&server, "exclusive", "ping").status, 200);
+}
+
+/// A plugin whose directory moved (renamed, or a link re-pointed at a new
+/// version) is reloaded from its new directory as a changed plugin, not
+/// retired and added again: while its old instance's calls drained, every
+/// call to it was 404 "not found" and the rescan waited for them.
+#[test]
+fn a_plugin_moved_to_another_directory_is_reloaded_from_there() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo").good("alpha", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    assert_eq!(served(&server, "echo", "echo").status, 200);
+    for (name, to) in [("echo", "echo-1.1"), ("alpha", "alpha-2")] {
+        std::fs::rename(dir.path().join(name), dir.path().join(to)).unwrap();
+    }
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["alpha", "echo"]), "{report}");
+    assert_eq!(report["removed"], json!([]), "{report}");
+    assert_eq!(report["added"], json!([]), "{report}");
+    for (i, (name, to)) in [("alpha", "alpha-2"), ("echo", "echo-1.1")]
+        .into_iter()
+        .enumerate()
+    {
+        let changed = &report["plugins"][i];
+        assert_eq!(changed["name"], name, "{report}");
+        assert_eq!(
+            changed["dir"].as_str().map(std::path::Path::new),
+            Some(dir.path().join(to).as_path()),
+            "{report}"
+        );
+        let health = state_of(&server, name).unwrap();
+        assert_eq!(health["state"], "INITIALIZED", "{health}");
+    }
+    assert_eq!(served(&server, "echo", "echo").status, 200);
+    // The same plugin: its counts go on.
+    let health = state_of(&server, "echo").unwrap();
+    assert_eq!(health["success_count"], 2, "{health}");
+    // The next rescan finds nothing changed.
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!([]), "{report}");
 }
 
 /// The old runners of the plugins one rescan reloads end together: each
