@@ -233,6 +233,11 @@ impl Loader {
         // under its directory's name (a duplicate, a broken manifest) or
         // renamed. Retired under the old name, its directory loads as new
         // below (a reload by the old name could never take the new one).
+        // A name is free too when the plugin registered under it is renamed
+        // in the same rescan: two plugins that swapped names, or a chain
+        // (a→b, b→c), are all renamed at once (each was FAILED, its name
+        // "already registered", and stayed so).
+        let mut renaming: Vec<(String, PathBuf, String)> = Vec::new();
         for name in changed.iter().chain(&retried) {
             if installed.contains(name) {
                 continue;
@@ -242,15 +247,38 @@ impl Loader {
             };
             if let Ok(m) = self.read_manifest(&dir)
                 && m.name != *name
-                && !self.registry.contains(&m.name)
             {
-                tracing::info!(plugin = %name, now = %m.name, "Plugin {name} is now named {}: loaded under that name", m.name);
-                report.removed.push(self.retire_plugin(
-                    name,
-                    dir,
-                    "its manifest names another plugin now",
-                ));
+                renaming.push((name.clone(), dir, m.name));
             }
+        }
+        // Blocked: a rename to a name that stays registered, its plugin not
+        // renamed, or renamed itself but blocked (the end of a chain).
+        let renamed_from: BTreeSet<&str> =
+            renaming.iter().map(|(old, _, _)| old.as_str()).collect();
+        let mut blocked: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let before = blocked.len();
+            for (old, _, now) in &renaming {
+                if self.registry.contains(now)
+                    && (!renamed_from.contains(now.as_str()) || blocked.contains(now))
+                {
+                    blocked.insert(old.clone());
+                }
+            }
+            if blocked.len() == before {
+                break;
+            }
+        }
+        for (name, dir, now) in renaming {
+            if blocked.contains(&name) {
+                continue;
+            }
+            tracing::info!(plugin = %name, %now, "Plugin {name} is now named {now}: loaded under that name");
+            report.removed.push(self.retire_plugin(
+                &name,
+                dir,
+                "its manifest names another plugin now",
+            ));
         }
         let renamed: BTreeSet<&str> = report.removed.iter().map(|r| r.name.as_str()).collect();
         changed.retain(|n| !renamed.contains(n.as_str()));

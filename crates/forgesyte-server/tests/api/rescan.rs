@@ -467,6 +467,59 @@ fn a_plugin_moved_to_another_directory_is_reloaded_from_there() {
     assert_eq!(report["changed"], json!([]), "{report}");
 }
 
+/// Renames resolved together in one rescan: two plugins that swap names,
+/// and a chain (n1 → n2, n2 → n3), all load under their new names from
+/// their directories. Each was checked against the names registered before
+/// the rescan: FAILED, "already registered", whatever was reloaded.
+#[test]
+fn plugins_that_swap_names_or_rename_in_a_chain_load_under_their_new_names() {
+    let dir = PluginsDir::new();
+    for (at, name) in [
+        ("aaa", "alpha"),
+        ("bbb", "beta"),
+        ("c1", "n1"),
+        ("c2", "n2"),
+    ] {
+        dir.good(at, json!({"name": name}));
+    }
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    for (at, name) in [
+        ("aaa", "beta"),
+        ("bbb", "alpha"),
+        ("c1", "n2"),
+        ("c2", "n3"),
+    ] {
+        dir.manifest_fields(at, json!({"name": name}));
+    }
+    let report = reload(&server);
+    for (at, name) in [
+        ("aaa", "beta"),
+        ("bbb", "alpha"),
+        ("c1", "n2"),
+        ("c2", "n3"),
+    ] {
+        let health = state_of(&server, name).unwrap_or_else(|| panic!("{name}: {report}"));
+        assert_eq!(health["state"], "INITIALIZED", "{name}: {health}\n{report}");
+        let plugin = report["plugins"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["name"] == name))
+            .unwrap_or_else(|| panic!("{name}: {report}"));
+        assert_eq!(
+            plugin["dir"].as_str().map(std::path::Path::new),
+            Some(dir.path().join(at).as_path()),
+            "{report}"
+        );
+    }
+    assert_eq!(state_of(&server, "n1"), None, "{report}");
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!([]), "{report}");
+    assert_eq!(report["removed"], json!([]), "{report}");
+}
+
 /// The old runners of the plugins one rescan reloads end together: each
 /// runs its 0.5 s `on_unload` at once, not one after the other (six took
 /// 3 s, every one of them down meanwhile).
