@@ -129,7 +129,8 @@ fn env_behind(command: &Command, argv: &[OsString], error: &clap::Error) -> Opti
         .chain(run.into_iter().flat_map(Command::get_arguments))
         .find_map(|arg| {
             let name = arg.get_env()?;
-            let empty = std::env::var_os(name)?.is_empty();
+            let value = std::env::var_os(name)?;
+            let empty = value.is_empty();
             // How clap names it (`'--python <PATH>'`, a positional's
             // `'[DIR]'`), in its errors of an empty value.
             let (option, shown) = match arg.get_long() {
@@ -166,12 +167,15 @@ fn env_behind(command: &Command, argv: &[OsString], error: &clap::Error) -> Opti
                 });
                 return named.then_some(ConfigError::EmptyEnv { name, option });
             }
+            // The value refused must be the variable's: a positional typed
+            // on the command line (`check ""`) has no flag to look for.
             let refused = matches!(
                 error.kind(),
                 clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
-            ) && shown
-                .iter()
-                .any(|shown| said.contains(&format!("for {shown}")));
+            ) && said.contains(&format!("'{}'", value.to_string_lossy()))
+                && shown
+                    .iter()
+                    .any(|shown| said.contains(&format!("for {shown}")));
             refused.then(|| ConfigError::BadEnv {
                 name,
                 option,

@@ -568,6 +568,16 @@ fn a_refused_environment_variable_is_named_and_a_flag_beats_it() {
             assert_eq!(code, 0, "{command:?} with {value:?}: {out}{err}");
         }
     }
+    // An empty DIR typed on the command line is its own error, not the
+    // variable's (a valid one was blamed: "FORGESYTE_PLUGINS_DIR (it sets
+    // DIR): …").
+    let (code, out, err) = run_forgesyte(
+        &["check", ""],
+        &[("FORGESYTE_PLUGINS_DIR", plugins.path_str())],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(!err.contains("FORGESYTE_PLUGINS_DIR"), "{err}");
+    assert!(err.contains("DIR"), "{err}");
 }
 
 /// `check` of in-process plugins: one whose constructor prints to stdout
