@@ -65,8 +65,8 @@ const MAX_SPAWN_FDS: usize = 6;
 const MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Whether Python runners are forked by a zygote (the default): not when
-/// [`ZYGOTE_ENV`] says `0`, `false`, `no` or `off` (as the other boolean
-/// variables do).
+/// [`ZYGOTE_ENV`] says `0`, `f`, `false`, `n`, `no` or `off` (as clap reads
+/// the other boolean variables).
 pub(crate) fn enabled() -> bool {
     enabled_by(std::env::var_os(ZYGOTE_ENV).as_deref())
 }
@@ -74,7 +74,7 @@ pub(crate) fn enabled() -> bool {
 fn enabled_by(value: Option<&std::ffi::OsStr>) -> bool {
     let off = |v: &std::ffi::OsStr| {
         let v = v.to_string_lossy();
-        ["0", "false", "no", "off"]
+        ["0", "f", "false", "n", "no", "off"]
             .iter()
             .any(|no| v.trim().eq_ignore_ascii_case(no))
     };
@@ -819,7 +819,7 @@ mod tests {
         for on in ["1", "yes", "true", "", "abc"] {
             assert!(enabled_by(Some(OsStr::new(on))), "{on:?}");
         }
-        for off in ["0", "false", "No", "OFF", " off "] {
+        for off in ["0", "false", "No", "OFF", " off ", "n", "F"] {
             assert!(!enabled_by(Some(OsStr::new(off))), "{off:?}");
         }
     }

@@ -21,9 +21,9 @@ SHARED_NETNS_ENV = "FORGESYTE_PYTHON_SHARED_NETNS"
 
 def _says_off(value):
     """Whether a boolean variable's value turns its feature off, as every
-    FORGESYTE_* boolean reads it: ``0``, ``false``, ``no`` or ``off``, in
-    any case (``false`` left the namespace shared)."""
-    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
+    FORGESYTE_* boolean reads it: ``0``, ``f``, ``false``, ``n``, ``no`` or
+    ``off``, in any case (``false`` left the namespace shared)."""
+    return value is not None and value.strip().lower() in ("0", "f", "false", "n", "no", "off")
 # The zygote's control messages (one JSON object per SEQPACKET message) are
 # at most this big.
 ZYGOTE_MESSAGE_BYTES = 1 << 20
