@@ -205,6 +205,18 @@ impl Loader {
                         // Its instance is let go already: a plugin left as it
                         // is would look available and have none. FAILED says
                         // so, and the next rescan or reload loads it again.
+                        // The wait ends early when the host stops: no fault
+                        // of the plugin's, and no ERROR line to alert on.
+                        if self.is_shutting_down() {
+                            let reason = format!(
+                                "not reloaded: {} while its calls were running",
+                                crate::process::HOST_STOPPING
+                            );
+                            tracing::info!(plugin = %name, %reason, "Plugin {name} not reloaded: the host is stopping");
+                            let _ = self.registry.mark_failed(name, reason);
+                            self.finish_outcome(name, &entry.dir, started, &mut outcomes);
+                            continue;
+                        }
                         let reason = format!(
                             "not reloaded: a call was still running after the reload waited {:.0} s \
                              (its call time limit and a second) for its calls to end; reload it \

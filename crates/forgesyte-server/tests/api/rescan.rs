@@ -467,6 +467,36 @@ fn a_plugin_moved_to_another_directory_is_reloaded_from_there() {
     assert_eq!(report["changed"], json!([]), "{report}");
 }
 
+/// A reload waiting for an in-process plugin's call when the host stops
+/// ends its wait and says so, at info level: not an ERROR "Plugin FAILED"
+/// blaming a call that ran past the wait, for every stop to alert on.
+#[test]
+fn a_reload_cut_short_by_the_stop_blames_no_plugin() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let mut server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--call-timeout", "60"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let _call = sleep_call(&server, "alpha", 6_000);
+    wait_running(&server, "alpha");
+    let library = dir.path().join("alpha").join(good_library_name());
+    replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
+    let addr = server.addr;
+    let _rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
+    wait_for(
+        "the reload waiting",
+        Duration::from_secs(10),
+        &server,
+        || (served(&server, "alpha", "echo").status == 503).then_some(()),
+    );
+    server.terminate();
+    let log = server.log();
+    assert!(log.contains("not reloaded: the host is stopping"), "{log}");
+    assert!(!log.contains("Plugin FAILED: alpha"), "{log}");
+}
+
 /// Renames resolved together in one rescan: two plugins that swap names,
 /// and a chain (n1 → n2, n2 → n3), all load under their new names from
 /// their directories. Each was checked against the names registered before
