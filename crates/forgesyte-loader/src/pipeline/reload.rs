@@ -83,12 +83,7 @@ impl Loader {
         let plugins_dir = self.plugins_dir.read().clone();
         let mut new: Vec<PathBuf> = Vec::new();
         if let Some(plugins_dir) = plugins_dir {
-            let known: BTreeSet<PathBuf> = self
-                .entries
-                .read()
-                .values()
-                .map(|e| e.dir.clone())
-                .collect();
+            let known = self.registered_dirs();
             new = self
                 .discover(&plugins_dir)
                 .into_iter()

@@ -299,12 +299,7 @@ impl Loader {
             }
         }
 
-        let known_dirs: BTreeSet<PathBuf> = self
-            .entries
-            .read()
-            .values()
-            .map(|e| e.dir.clone())
-            .collect();
+        let known_dirs = self.registered_dirs();
         let new_dirs: Vec<PathBuf> = found
             .into_iter()
             .filter(|d| !known_dirs.contains(d))
@@ -341,16 +336,20 @@ impl Loader {
         report
     }
 
+    /// The directories plugins are registered from.
+    pub(super) fn registered_dirs(&self) -> BTreeSet<PathBuf> {
+        self.entries
+            .read()
+            .values()
+            .map(|e| e.dir.clone())
+            .collect()
+    }
+
     /// The directories of `found` that no plugin is registered from, by
     /// the name their manifest gives (one that names a name twice is left
     /// out: which of them a plugin moved to is not known).
     fn unregistered_by_name(&self, found: &BTreeSet<PathBuf>) -> BTreeMap<String, PathBuf> {
-        let registered: BTreeSet<PathBuf> = self
-            .entries
-            .read()
-            .values()
-            .map(|e| e.dir.clone())
-            .collect();
+        let registered = self.registered_dirs();
         let mut by_name: BTreeMap<String, Option<PathBuf>> = BTreeMap::new();
         for dir in found.iter().filter(|d| !registered.contains(*d)) {
             if let Ok(m) = self.read_manifest(dir) {
