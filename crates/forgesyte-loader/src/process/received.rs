@@ -5,8 +5,8 @@
 //! with 3 GB/s of memory bandwidth, the whole of an isolated call's excess
 //! over the bare receive (BENCHMARKS.md "Stop 45"). Here each piece, still
 //! hot from the socket, is written into the pages of a spare
-//! ([`super::spares`], allocated in advance), the file is sealed once the
-//! body is complete, and [`super::spares::sealed`] hands the runner that
+//! (`spares`, allocated in advance), the file is sealed once the
+//! body is complete, and `spares::sealed` hands the runner that
 //! file when the call's attachment is these very bytes ([`file_of`]). The
 //! wire does not change: the runner gets a new sealed file, as always.
 //!
@@ -150,7 +150,7 @@ impl Drop for BodyFile {
 
 /// A body received into a sealed memory file: its bytes, mapped read-only
 /// (no page is touched until read), and the file, which
-/// [`super::spares::sealed`] hands a runner instead of copying the bytes
+/// `spares::sealed` hands a runner instead of copying the bytes
 /// into a new one.
 pub struct ReceivedBody {
     /// `None` once dropped.
