@@ -257,26 +257,24 @@ pub(crate) async fn run_tool(
     // the room goes with the call.
     let received = match tools::refused_before_its_body(&state, &plugin, &tool) {
         Err(e) => Err(e),
-        Ok(handle) => match body::receive(
-            state.body_budget(),
-            &headers,
-            body,
-            limit,
+        Ok(handle) => {
             // A frame for a plugin in a child process: received into the
-            // memory file its runner gets.
-            handle.isolation() == forgesyte_loader::Isolation::Process
-                && body::is_octet_stream(&headers),
-        )
-        .await
-        {
-            Ok((bytes, room)) => {
-                request_bytes = bytes.len();
-                body::read(&headers, bytes, limit)
-                    .await
-                    .map(|input| (input, room))
+            // memory file its runner gets. The handle goes before the body
+            // arrives: held, it kept an instance a reload had let go alive
+            // for as long as a slow client took to upload.
+            let into_file = handle.isolation() == forgesyte_loader::Isolation::Process
+                && body::is_octet_stream(&headers);
+            drop(handle);
+            match body::receive(state.body_budget(), &headers, body, limit, into_file).await {
+                Ok((bytes, room)) => {
+                    request_bytes = bytes.len();
+                    body::read(&headers, bytes, limit)
+                        .await
+                        .map(|input| (input, room))
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
     };
     let outcome = match received {
         Ok((input, room)) => {

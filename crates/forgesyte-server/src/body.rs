@@ -105,7 +105,24 @@ pub(crate) async fn receive(
     // pieces costs its bytes, not a handle per piece.
     let mut first: Option<Bytes> = None;
     let mut joined: Vec<u8> = Vec::new();
-    let mut file = stated.filter(|_| into_file).and_then(BodyFile::for_len);
+    // A spare's pages are the body's from the moment it is taken, all of
+    // them, however little has arrived: its capacity is charged at once
+    // (a body announced and never sent pinned up to 32 MiB uncounted).
+    // Without room for it, the body is received into memory, charged as
+    // it arrives.
+    let mut file = None;
+    if let Some(len) = stated.filter(|_| into_file)
+        && let Some(capacity) = BodyFile::capacity_for(len)
+    {
+        let kib = usize::try_from(capacity.div_ceil(1024)).unwrap_or(usize::MAX);
+        if let Ok(held) = budget.take(kib)
+            && let Some(spare) = BodyFile::for_len(len)
+        {
+            room.merge(held);
+            charged_kib = kib;
+            file = Some(spare);
+        }
+    }
     let mut total = 0usize;
     let mut body = body;
     while let Some(frame) = body.frame().await {
@@ -516,6 +533,52 @@ mod tests {
                 .into_iter()
                 .map(|p| Ok::<_, std::io::Error>(Bytes::from_static(p))),
         ))
+    }
+
+    /// A body received into a spare memory file is charged the spare's
+    /// whole capacity as it is taken (its pages are all allocated, however
+    /// little arrives; slow uploads pinned 1.6 GiB uncounted); without
+    /// room for that, it is received into memory, charged as it arrives.
+    #[tokio::test]
+    async fn a_body_into_a_memory_file_is_charged_its_whole_spare_at_once() {
+        const MIB: usize = 1 << 20;
+        // 1 MiB + 5: a spare of 2 MiB (2048 KiB); in memory 1025 KiB.
+        let len = MIB + 5;
+        let data: &'static [u8] = Box::leak(vec![7u8; len].into_boxed_slice());
+        let mut stated = HeaderMap::new();
+        stated.insert(axum::http::header::CONTENT_LENGTH, HeaderValue::from(len));
+        let budget = BodyBudget::new(4 * MIB, Some(8 * MIB));
+        let since = std::time::Instant::now();
+        loop {
+            let (bytes, room) = receive(&budget, &stated, streamed(vec![data]), 4 * MIB, true)
+                .await
+                .unwrap();
+            assert!(bytes == data);
+            let charged = 8 * 1024 - budget.available_kib();
+            drop((bytes, room));
+            if charged == 2048 {
+                break;
+            }
+            // The first body of a size finds no spare ready: in memory.
+            assert_eq!(charged, 1025);
+            assert!(
+                since.elapsed() < std::time::Duration::from_secs(10),
+                "no body went into a spare"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // A budget without room for the spare: in memory, as it arrives.
+        let small = BodyBudget::new(MIB + MIB / 4, Some(MIB + MIB / 2));
+        assert_eq!(small.available_kib(), 1536);
+        for _ in 0..5 {
+            let (bytes, room) = receive(&small, &stated, streamed(vec![data]), 2 * MIB, true)
+                .await
+                .unwrap();
+            assert!(bytes == data);
+            assert_eq!(1536 - small.available_kib(), 1025);
+            drop((bytes, room));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]

@@ -314,6 +314,19 @@ impl Loader {
         started: Instant,
         outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
     ) {
+        self.finish_outcome_ended(name, dir, started, Instant::now(), outcomes);
+    }
+
+    /// [`Self::finish_outcome`] of a plugin whose load ended at `ended`
+    /// (published before its outcome is written).
+    pub(super) fn finish_outcome_ended(
+        &self,
+        name: &str,
+        dir: &Path,
+        started: Instant,
+        ended: Instant,
+        outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
+    ) {
         let (state, reason) = self
             .registry
             .state_and_reason(name)
@@ -325,7 +338,7 @@ impl Loader {
                 dir: dir.to_path_buf(),
                 state,
                 reason,
-                elapsed_ms: ms(started.elapsed()),
+                elapsed_ms: ms(ended.saturating_duration_since(started)),
             },
         );
     }

@@ -64,6 +64,15 @@ impl Loader {
             let workers =
                 (self.config.threads.saturating_sub(1)).max(waiting.min(MAX_WAITING_THREADS));
             let running = Running::default();
+            // When each plugin published from the pool ended, for its
+            // outcome's time (written at the end of the wave).
+            let published = parking_lot::Mutex::new(BTreeMap::new());
+            let publish = |name: &str| {
+                published
+                    .lock()
+                    .insert(name.to_owned(), std::time::Instant::now());
+                Stage::Done(Ok(None))
+            };
             let results = par_map_pipeline(
                 workers,
                 &members,
@@ -75,12 +84,12 @@ impl Loader {
                     // constructor's whole init timeout.
                     Ok(Step::Started(handle)) => {
                         self.mark_loaded(p, handle);
-                        Stage::Done(Ok(None))
+                        publish(&p.name)
                     }
                     Ok(Step::ToOpen(checked)) => Stage::Next(checked),
                     Err(err) => {
                         self.record_failure(&p.name, &err);
-                        Stage::Done(Ok(None))
+                        publish(&p.name)
                     }
                 },
                 |p, checked| match self.refuse_while_constructing(p) {
@@ -95,6 +104,7 @@ impl Loader {
                 |p, opened| self.construction(p, opened, &running).map(|r| r.map(Some)),
                 |p, why| Err(self.construction_given_up(p, why, &running)),
             );
+            let published = published.into_inner();
             for (p, result) in results {
                 let result =
                     result.unwrap_or_else(|message| Err(InitError::Panicked { message }.into()));
@@ -104,7 +114,11 @@ impl Loader {
                     Ok(None) => {}
                     Err(err) => self.record_failure(&p.name, &err),
                 }
-                self.finish_outcome(&p.name, &p.dir, p.started, outcomes);
+                let ended = published
+                    .get(&p.name)
+                    .copied()
+                    .unwrap_or_else(std::time::Instant::now);
+                self.finish_outcome_ended(&p.name, &p.dir, p.started, ended, outcomes);
             }
         }
         for (name, (hop, cycle)) in cyclic {

@@ -42,16 +42,26 @@ impl BodyFile {
     /// MiB) and one of its size is ready; else `None` (receive it into
     /// memory), and a spare of its size is asked for the next body.
     pub fn for_len(len: u64) -> Option<BodyFile> {
-        let threshold = super::transport::shm_threshold();
-        if threshold == 0 || len < threshold {
-            return None;
-        }
+        BodyFile::capacity_for(len)?;
         let (fd, capacity) = spares::take_for(len)?;
         Some(BodyFile {
             fd: Some(fd),
             capacity,
             written: 0,
         })
+    }
+
+    /// The bytes of the spare a body of `len` bytes would take, when it
+    /// would take one: what it holds from [`BodyFile::for_len`] until its
+    /// body is dropped, all of it allocated, however little of the body
+    /// has arrived. A caller that bounds the memory of bodies charges this
+    /// first.
+    pub fn capacity_for(len: u64) -> Option<u64> {
+        let threshold = super::transport::shm_threshold();
+        if threshold == 0 || len < threshold {
+            return None;
+        }
+        spares::class(len)
     }
 
     /// Appends `piece`. An error (the piece would pass the file's capacity,
@@ -134,6 +144,7 @@ impl BodyFile {
             }
         }
         spares::close_later(fd);
+        spares::refill(self.capacity);
         Ok(bytes)
     }
 }
@@ -141,9 +152,10 @@ impl BodyFile {
 impl Drop for BodyFile {
     fn drop(&mut self) {
         // A body abandoned half-way (the client went away): its pages are
-        // freed off the request's path.
+        // freed off the request's path, and another spare is made.
         if let Some(fd) = self.fd.take() {
             spares::close_later(fd);
+            spares::refill(self.capacity);
         }
     }
 }

@@ -76,7 +76,7 @@ fn shared() -> &'static Shared {
 
 /// The capacity of the spare an attachment of `len` bytes takes: whole
 /// MiB; `None` when it takes none (too small or too large).
-fn class(len: u64) -> Option<u64> {
+pub(super) fn class(len: u64) -> Option<u64> {
     (SPARE_MIN_BYTES..=STOCK_MAX_BYTES)
         .contains(&len)
         .then(|| len.div_ceil(MIB) * MIB)

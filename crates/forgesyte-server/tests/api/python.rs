@@ -593,6 +593,38 @@ fn a_constructed_plugin_serves_while_another_of_its_wave_still_constructs() {
     assert_eq!(hang["state"], "LOADED", "{hang}");
     let reply = server.run("snoop", "address_space", "{}");
     assert_eq!(reply.status, 200, "{}", reply.text());
+    drop(server);
+    // A rescan of both: each outcome's time is its own, not the wave's.
+    dir.manifest_fields("init-hang", json!({"limits": {"init_timeout_s": 3}}));
+    let token = "python-reload-token-0123456789";
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    // snoop changed, init-hang retried: one wave.
+    let plugin = dir.path().join("snoop").join("plugin.py");
+    let source = std::fs::read_to_string(&plugin).unwrap();
+    std::fs::write(&plugin, format!("{source}\n# changed\n")).unwrap();
+    let bearer = format!("Bearer {token}");
+    let reload = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/reload",
+        &[("authorization", bearer.as_str())],
+        b"",
+    );
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    let report = reload.json();
+    let elapsed = |name: &str| {
+        report["plugins"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["name"] == name))
+            .and_then(|p| p["elapsed_ms"].as_f64())
+            .unwrap_or_else(|| panic!("{name}: {report}"))
+    };
+    assert!(elapsed("init-hang") >= 3000.0, "{report}");
+    assert!(elapsed("snoop") < 2500.0, "{report}");
 }
 
 /// A result nested deeper than the host reads (200 lists, serde_json reads
