@@ -252,19 +252,32 @@ enum Stage {
 /// still running its limit after its start gets `gave_up(i,
 /// GaveUp::Ran(limit))`, and one that can never start `gave_up(i,
 /// GaveUp::NoThread(why))`; what it returns later is dropped. Grows the
-/// crew as the module says.
+/// crew as the module says. `started` are the jobs whose start was already
+/// taken from `events` (with their instant); every result that is not a
+/// panic goes through `done` as it comes, given-up ones too.
 pub(super) fn collect<R: Send + 'static>(
     events: &Receiver<Event<R>>,
     results: &mut [Option<Result<R, String>>],
     limits: &[Option<Duration>],
     mut crew: Option<&mut Crew<R>>,
+    started: &[(usize, Instant)],
+    done: impl Fn(usize, R) -> R,
     gave_up: impl Fn(usize, GaveUp) -> R,
 ) {
+    let gave_up = |i: usize, why: GaveUp| done(i, gave_up(i, why));
     let mut stages: Vec<Option<Stage>> = limits
         .iter()
         .zip(results.iter())
         .map(|(limit, result)| (limit.is_some() && result.is_none()).then_some(Stage::Waiting))
         .collect();
+    for &(i, since) in started {
+        if let Some(stage @ Some(Stage::Waiting)) = stages.get_mut(i) {
+            *stage = Some(Stage::Running {
+                since,
+                grown: false,
+            });
+        }
+    }
     let mut open = results.iter().filter(|r| r.is_none()).count();
     let mut watched: Vec<usize> = (0..stages.len()).filter(|&i| stages[i].is_some()).collect();
     let take = |event: Event<R>,
@@ -282,7 +295,7 @@ pub(super) fn collect<R: Send + 'static>(
         Event::Done(i, result) => {
             stages[i] = stages[i].map(|_| Stage::Ended);
             if results[i].is_none() {
-                results[i] = Some(result);
+                results[i] = Some(result.map(|r| done(i, r)));
                 *open -= 1;
             }
         }
@@ -385,6 +398,8 @@ mod tests {
             &mut results,
             &limits,
             Some(&mut crew),
+            &[],
+            |_, r| r,
             |i, why| match why {
                 GaveUp::Ran(_) => 1000 + u32::try_from(i).unwrap(),
                 GaveUp::NoThread(_) => 2000 + u32::try_from(i).unwrap(),
@@ -459,6 +474,8 @@ mod tests {
             &mut results,
             &limits,
             Some(&mut crew),
+            &[],
+            |_, r| r,
             |i, why| match (i, why) {
                 (0, GaveUp::Ran(_)) => 100,
                 (1, GaveUp::NoThread(why)) => {

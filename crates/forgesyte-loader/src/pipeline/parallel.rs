@@ -46,6 +46,10 @@ fn load_pool(threads: usize, heap_reserve: usize) -> Option<rayon::ThreadPool> {
         .ok()
 }
 
+/// How often [`par_map_pipeline`]'s calling thread, waiting for its next
+/// `serial` item, passes the detached jobs' results on.
+const POLL: Duration = Duration::from_millis(20);
+
 /// How much heap [`par_map_pipeline`] reserves per item, spread over its
 /// threads: a constructed in-process plugin (its instance, tool list and
 /// handle) keeps 8 to 16 KiB on the heap of the thread that built it. With
@@ -89,13 +93,19 @@ pub(super) enum Stage<R, S> {
 /// thread it rarely waits for that lock, and the rest of the work overlaps
 /// it instead of queueing for it (measured in BENCHMARKS.md, "Stop 23").
 /// Results come back as [`par_map`]'s do: in input order, each with its
-/// input, a panic in any stage caught for its item alone.
+/// input, a panic in any stage caught for its item alone. Every result but
+/// a panic goes through `done`, on the calling thread, as soon as it has
+/// come (between `serial`'s items, and every [`POLL`] while `serial` waits
+/// for `first`s): what a caller publishes there is not held for the pass's
+/// slowest item. A detached job given up on gets its result once `serial`
+/// is done with (its limit is watched from then).
 pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
     workers: usize,
     items: &[T],
     first: impl Fn(&T) -> Stage<R, S> + Sync,
     serial: impl Fn(&T, S) -> Stage<R, U>,
     last: impl Fn(&T, U) -> Detached<R>,
+    done: impl Fn(&T, R) -> R,
     gave_up: impl Fn(&T, GaveUp) -> R,
 ) -> Vec<(&T, Result<R, String>)> {
     use std::sync::mpsc::channel;
@@ -124,6 +134,24 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
     // starts no thread for it.
     let mut crew: Option<Crew<R>> = None;
     let mut limits: Vec<Option<Duration>> = items.iter().map(|_| None).collect();
+    // The starts of detached jobs taken from `events` before `collect`.
+    let mut started: Vec<(usize, std::time::Instant)> = Vec::new();
+    let done = |i: usize, r: R| done(&items[i], r);
+    // What has come on `events` while `serial` runs: results through
+    // `done`, starts kept for `collect`.
+    let drain = |results: &mut Vec<Option<Result<R, String>>>,
+                 started: &mut Vec<(usize, std::time::Instant)>| {
+        while let Ok(event) = events.try_recv() {
+            match event {
+                Event::Started(i, since) => started.push((i, since)),
+                Event::Done(i, result) => {
+                    if results[i].is_none() {
+                        results[i] = Some(result.map(|r| done(i, r)));
+                    }
+                }
+            }
+        }
+    };
     let mut detach = |i: usize, u: U, results: &mut Vec<Option<Result<R, String>>>| {
         match catch_panic(|| last(&items[i], u)) {
             Ok(job) => {
@@ -156,12 +184,17 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
                 }
                 drop(to_serial);
                 // Ends once every `first` has ended (their senders dropped).
-                for (i, s) in for_serial {
-                    match catch_panic(|| serial(&items[i], s)) {
-                        Ok(Stage::Next(u)) => detach(i, u, &mut results),
-                        Ok(Stage::Done(r)) => results[i] = Some(Ok(r)),
-                        Err(panic) => results[i] = Some(Err(panic)),
+                loop {
+                    match for_serial.recv_timeout(POLL) {
+                        Ok((i, s)) => match catch_panic(|| serial(&items[i], s)) {
+                            Ok(Stage::Next(u)) => detach(i, u, &mut results),
+                            Ok(Stage::Done(r)) => results[i] = Some(Ok(done(i, r))),
+                            Err(panic) => results[i] = Some(Err(panic)),
+                        },
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                     }
+                    drain(&mut results, &mut started);
                 }
             });
         }
@@ -173,16 +206,23 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
                 });
                 match staged {
                     Ok(Stage::Next(u)) => detach(i, u, &mut results),
-                    Ok(Stage::Done(r)) => results[i] = Some(Ok(r)),
+                    Ok(Stage::Done(r)) => results[i] = Some(Ok(done(i, r))),
                     Err(panic) => results[i] = Some(Err(panic)),
                 }
+                drain(&mut results, &mut started);
             }
         }
     }
     drop(to_results);
-    collect(&events, &mut results, &limits, crew.as_mut(), |i, why| {
-        gave_up(&items[i], why)
-    });
+    collect(
+        &events,
+        &mut results,
+        &limits,
+        crew.as_mut(),
+        &started,
+        done,
+        |i, why| gave_up(&items[i], why),
+    );
     items
         .iter()
         .zip(results)
@@ -229,6 +269,7 @@ mod tests {
                     }),
                     limit: Duration::from_secs(60),
                 },
+                |_, r| r,
                 |&n, why| panic!("item {n} was given up on: {why:?}"),
             );
             let inputs: Vec<u32> = results.iter().map(|(n, _)| **n).collect();
@@ -275,6 +316,7 @@ mod tests {
                     }),
                     limit: Duration::from_millis(200),
                 },
+                |_, r| r,
                 |&n, why| {
                     assert_eq!(why, GaveUp::Ran(Duration::from_millis(200)));
                     n + 1000
@@ -290,6 +332,58 @@ mod tests {
                 started.elapsed() < Duration::from_secs(30),
                 "threads {threads}"
             );
+        }
+    }
+
+    /// Every result goes through `done` as soon as it has come: those of
+    /// detached jobs while another item's `first` still runs (they waited
+    /// for the slowest item of the pass).
+    #[test]
+    fn results_are_done_as_they_come_not_when_the_slowest_item_ends() {
+        let items: Vec<u32> = (0..6).collect();
+        // A pool with a thread to spare beside the slow `first` (a wave
+        // gets one per runner).
+        for threads in [2, 4] {
+            let started = std::time::Instant::now();
+            let done_at = parking_lot::Mutex::new(std::collections::BTreeMap::new());
+            let results = par_map_pipeline(
+                threads,
+                &items,
+                |&n| {
+                    if n == 0 {
+                        // A runner that takes its time to construct.
+                        std::thread::sleep(Duration::from_millis(1500));
+                        return Stage::<u32, u32>::Done(n);
+                    }
+                    Stage::Next(n)
+                },
+                |_, s| Stage::Next(s),
+                |&n, u| Detached {
+                    work: Box::new(move || {
+                        if n == 5 {
+                            std::thread::sleep(Duration::from_secs(3600));
+                        }
+                        u + 100
+                    }),
+                    limit: Duration::from_millis(300),
+                },
+                |&n, r| {
+                    done_at.lock().insert(n, started.elapsed());
+                    r + 1
+                },
+                |&n, _| n + 1000,
+            );
+            let got: Vec<u32> = results.into_iter().map(|(_, r)| r.unwrap()).collect();
+            assert_eq!(got, [1, 102, 103, 104, 105, 1006], "threads {threads}");
+            let done_at = done_at.into_inner();
+            // (Item 5 is given up on once `serial` is done with.)
+            for n in 1..=4 {
+                assert!(
+                    done_at[&n] < Duration::from_millis(1200),
+                    "threads {threads}: item {n} done at {:?}",
+                    done_at[&n]
+                );
+            }
         }
     }
 

@@ -6,13 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use forgesyte_deps::Dependency;
-use forgesyte_errors::{DependencyError, InitError};
+use forgesyte_errors::{DependencyError, InitError, PluginError};
 
 use super::construction::Running;
 use super::instantiate::Step;
 use super::loader::{Loader, Pending};
 use super::parallel::{Stage, par_map_pipeline};
 use super::report::PluginLoadOutcome;
+use crate::PluginHandle;
 use crate::manifest::{Isolation, Runtime};
 
 /// At most this many threads of a load pass wait for runner processes.
@@ -64,33 +65,34 @@ impl Loader {
             let workers =
                 (self.config.threads.saturating_sub(1)).max(waiting.min(MAX_WAITING_THREADS));
             let running = Running::default();
-            // When each plugin published from the pool ended, for its
-            // outcome's time (written at the end of the wave).
+            // Each plugin is published (INITIALIZED, or its failure) as
+            // soon as its load ends: one in a runner from the pool thread
+            // that started it, an in-process one on this thread as its
+            // construction's result comes (`par_map_pipeline`'s `done`).
+            // Kept for the end of the wave, every plugin of it waited
+            // LOADED (503) for its slowest one, a hung constructor's whole
+            // init timeout. When each ended is kept for its outcome's time
+            // (written at the end of the wave).
             let published = parking_lot::Mutex::new(BTreeMap::new());
-            let publish = |name: &str| {
+            let publish = |p: &Pending, result: Result<Option<PluginHandle>, PluginError>| {
+                match result {
+                    Ok(Some(handle)) => self.mark_loaded(p, handle),
+                    // Published already.
+                    Ok(None) => return Ok(None),
+                    Err(err) => self.record_failure(&p.name, &err),
+                }
                 published
                     .lock()
-                    .insert(name.to_owned(), std::time::Instant::now());
-                Stage::Done(Ok(None))
+                    .insert(p.name.clone(), std::time::Instant::now());
+                Ok(None)
             };
             let results = par_map_pipeline(
                 workers,
                 &members,
                 |p| match self.check_and_start(p, &known) {
-                    // A plugin in a runner is published as soon as its
-                    // runner is constructed (INITIALIZED), or has failed:
-                    // kept for the end of the wave, every plugin of it
-                    // waited LOADED (503) for its slowest one, a hung
-                    // constructor's whole init timeout.
-                    Ok(Step::Started(handle)) => {
-                        self.mark_loaded(p, handle);
-                        publish(&p.name)
-                    }
+                    Ok(Step::Started(handle)) => Stage::Done(publish(p, Ok(Some(handle)))),
                     Ok(Step::ToOpen(checked)) => Stage::Next(checked),
-                    Err(err) => {
-                        self.record_failure(&p.name, &err);
-                        publish(&p.name)
-                    }
+                    Err(err) => Stage::Done(publish(p, Err(err))),
                 },
                 |p, checked| match self.refuse_while_constructing(p) {
                     // Before its library is opened again (each open of a
@@ -102,19 +104,16 @@ impl Loader {
                     },
                 },
                 |p, opened| self.construction(p, opened, &running).map(|r| r.map(Some)),
+                |p, result| publish(p, result),
                 |p, why| Err(self.construction_given_up(p, why, &running)),
             );
-            let published = published.into_inner();
             for (p, result) in results {
                 let result =
                     result.unwrap_or_else(|message| Err(InitError::Panicked { message }.into()));
-                match result {
-                    Ok(Some(handle)) => self.mark_loaded(p, handle),
-                    // Published by the stage that made it.
-                    Ok(None) => {}
-                    Err(err) => self.record_failure(&p.name, &err),
-                }
+                // Published as it came, but for a panic.
+                let _ = publish(p, result);
                 let ended = published
+                    .lock()
                     .get(&p.name)
                     .copied()
                     .unwrap_or_else(std::time::Instant::now);

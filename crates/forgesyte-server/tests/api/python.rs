@@ -627,6 +627,43 @@ fn a_constructed_plugin_serves_while_another_of_its_wave_still_constructs() {
     assert!(elapsed("snoop") < 2500.0, "{report}");
 }
 
+/// The same for in-process plugins: one constructed serves while an
+/// in-process constructor of its wave hangs, and while a runner of its
+/// wave still constructs (the pass's own thread waits for runners' starts
+/// before it waits for constructions).
+#[test]
+fn an_in_process_plugin_serves_while_others_of_its_wave_still_construct() {
+    let dir = PluginsDir::new();
+    dir.python("init-hang", "faulty")
+        .manifest_fields("init-hang", json!({"limits": {"init_timeout_s": 20}}))
+        .library(
+            "hangs",
+            forgesyte_tests::zoo::FAULTY_LIBRARY,
+            json!({"isolation": "in-process", "config": {"fault_at_init": "hang"},
+                   "limits": {"init_timeout_s": 20}}),
+        )
+        .good("fine", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    let since = std::time::Instant::now();
+    loop {
+        let fine = server.get("/v1/plugins/fine/health").json();
+        if fine["state"] == "INITIALIZED" {
+            break;
+        }
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(15),
+            "fine still not INITIALIZED while others construct: {fine}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for name in ["init-hang", "hangs"] {
+        let health = server.get(&format!("/v1/plugins/{name}/health")).json();
+        assert_eq!(health["state"], "LOADED", "{health}");
+    }
+    let reply = server.run("fine", "echo", r#"{"args": {"x": 1}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
 /// A result nested deeper than the host reads (200 lists, serde_json reads
 /// 128) is that call's tool error, `ResultTooDeep`: the plugin is not
 /// broken, and nothing restarts (it was a protocol fault: the plugin
