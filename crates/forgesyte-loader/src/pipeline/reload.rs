@@ -135,31 +135,36 @@ impl Loader {
                     .and_then(PluginHandle::call_timeout)
                     .unwrap_or(self.config.call_timeout)
                 + PAST_THE_CALL_LIMIT;
+            // An in-process instance is let go at its turn below, once the
+            // plugins before it have drained: let go here, it was down (503)
+            // for another plugin's calls, up to their time limit. A runner
+            // is let go here, so that the old runners end together.
+            let mut in_process = false;
             if let Some(handle) = &entry.handle {
-                if handle.isolation() == Isolation::InProcess
-                    && self.registry.is_available(name)
-                    && !replace.contains(name)
-                {
-                    tracing::info!(plugin = %name, "Plugin {name} kept as it is: in-process libraries are never unloaded");
-                    self.finish_outcome(name, &entry.dir, started, &mut outcomes);
-                    continue;
+                if handle.isolation() == Isolation::InProcess {
+                    if self.registry.is_available(name) && !replace.contains(name) {
+                        tracing::info!(plugin = %name, "Plugin {name} kept as it is: in-process libraries are never unloaded");
+                        self.finish_outcome(name, &entry.dir, started, &mut outcomes);
+                        continue;
+                    }
+                    in_process = true;
+                } else {
+                    retired = self.retire(handle);
+                    self.without_instance(name);
                 }
-                retired = self.retire(handle);
             }
-            if let Some(e) = self.entries.write().get_mut(name) {
-                e.handle = None;
-            }
-            // LOADED at once when no call is in flight (the manifest's info
-            // follows), so a plugin that has no instance does not show an
-            // available state meanwhile; with calls in flight it stays
-            // RUNNING until they end (RUNNING cannot go back to LOADED).
-            if self.registry.in_flight(name).is_some_and(|n| n == 0) {
-                let _ = self.registry.mark_loaded(name, None);
-            }
-            letting_go.push((name, entry, started, idle_by, retired));
+            letting_go.push((name, entry, started, idle_by, retired, in_process));
         }
         let mut stop_by = Instant::now() + crate::RUNNER_STOP_WAIT;
-        for (name, entry, started, idle_by, retired) in letting_go {
+        for (name, entry, started, idle_by, retired, in_process) in letting_go {
+            if in_process {
+                if let Some(handle) = &entry.handle {
+                    let _ = self.retire(handle);
+                }
+                self.without_instance(name);
+            } else if entry.handle.is_none() {
+                self.without_instance(name);
+            }
             self.wait_idle(name, idle_by);
             // The old runner ends (its `on_unload` run, at most 1.5 s) before
             // the new one starts: a plugin that holds what only one may hold
@@ -256,6 +261,20 @@ impl Loader {
         LoadReport {
             plugins: outcomes.into_values().collect(),
             elapsed_ms: 0.0,
+        }
+    }
+
+    /// Plugin `name` has no instance from now on: its handle is taken out
+    /// and it is LOADED at once when no call is in flight (the manifest's
+    /// info follows), so a plugin without an instance does not show an
+    /// available state meanwhile; with calls in flight it stays RUNNING
+    /// until they end (RUNNING cannot go back to LOADED).
+    fn without_instance(&self, name: &str) {
+        if let Some(e) = self.entries.write().get_mut(name) {
+            e.handle = None;
+        }
+        if self.registry.in_flight(name).is_some_and(|n| n == 0) {
+            let _ = self.registry.mark_loaded(name, None);
         }
     }
 

@@ -429,7 +429,9 @@ impl Loader {
         let added: BTreeSet<&str> = report
             .added
             .iter()
-            .filter(|o| o.state == PluginLifecycleState::Initialized)
+            // Serving since it was published, it may be RUNNING a call by
+            // the end of its wave.
+            .filter(|o| o.state.is_available())
             .map(|o| o.name.as_str())
             .collect();
         if added.is_empty() {

@@ -62,8 +62,11 @@ impl Loader {
             // (the dynamic loader's lock), while the pool checks the next
             // plugins and constructs the opened ones (`par_map_pipeline`):
             // this thread is one of the pass's `threads`.
-            let workers =
-                (self.config.threads.saturating_sub(1)).max(waiting.min(MAX_WAITING_THREADS));
+            // The waiting threads come on top of the working ones: in
+            // their place, a runner that takes its time held the only
+            // worker of a 2-core host, and the wave's other checks waited
+            // for it (and the constructions' crew had one thread).
+            let workers = self.config.threads.saturating_sub(1) + waiting.min(MAX_WAITING_THREADS);
             let running = Running::default();
             // Each plugin is published (INITIALIZED, or its failure) as
             // soon as its load ends: one in a runner from the pool thread

@@ -630,14 +630,21 @@ fn a_constructed_plugin_serves_while_another_of_its_wave_still_constructs() {
 /// The same for in-process plugins: one constructed serves while an
 /// in-process constructor of its wave hangs, and while a runner of its
 /// wave still constructs (the pass's own thread waits for runners' starts
-/// before it waits for constructions).
+/// before it waits for constructions). Both sort before it: the runner
+/// held the only worker of a 2-core host, and the hung constructor the
+/// only construction thread.
 #[test]
 fn an_in_process_plugin_serves_while_others_of_its_wave_still_construct() {
     let dir = PluginsDir::new();
+    // The fixture hangs in a directory named init-hang; named aaa-hang, it
+    // sorts first in its wave.
     dir.python("init-hang", "faulty")
-        .manifest_fields("init-hang", json!({"limits": {"init_timeout_s": 20}}))
+        .manifest_fields(
+            "init-hang",
+            json!({"name": "aaa-hang", "limits": {"init_timeout_s": 20}}),
+        )
         .library(
-            "hangs",
+            "a-hangs",
             forgesyte_tests::zoo::FAULTY_LIBRARY,
             json!({"isolation": "in-process", "config": {"fault_at_init": "hang"},
                    "limits": {"init_timeout_s": 20}}),
@@ -656,7 +663,7 @@ fn an_in_process_plugin_serves_while_others_of_its_wave_still_construct() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    for name in ["init-hang", "hangs"] {
+    for name in ["aaa-hang", "a-hangs"] {
         let health = server.get(&format!("/v1/plugins/{name}/health")).json();
         assert_eq!(health["state"], "LOADED", "{health}");
     }

@@ -467,6 +467,83 @@ fn a_plugin_moved_to_another_directory_is_reloaded_from_there() {
     assert_eq!(report["changed"], json!([]), "{report}");
 }
 
+/// A dependency added by a rescan that is serving a call when its wave
+/// ends (it serves from the moment it is constructed) still has its
+/// waiting dependents loaded: only INITIALIZED counted, and RUNNING left
+/// them UNAVAILABLE until another rescan.
+#[test]
+fn a_new_dependency_busy_when_its_wave_ends_still_has_its_dependents_loaded() {
+    let dir = PluginsDir::new();
+    dir.good("dependent", json!({"dependencies": ["plugin:newdep"]}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--call-timeout", "60"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    assert_eq!(
+        state_of(&server, "dependent").unwrap()["state"],
+        "UNAVAILABLE"
+    );
+    // newdep, and beside it in its wave a constructor that takes 2 s.
+    dir.python("newdep", "echo").library(
+        "zslow",
+        forgesyte_tests::zoo::FAULTY_LIBRARY,
+        json!({"isolation": "in-process", "config": {"fault_at_init": "hang"},
+               "limits": {"init_timeout_s": 2}}),
+    );
+    let addr = server.addr;
+    let rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
+    wait_for("newdep serving", Duration::from_secs(10), &server, || {
+        state_of(&server, "newdep").filter(|s| s["state"] == "INITIALIZED")
+    });
+    let call = sleep_call(&server, "newdep", 4_000);
+    let report = rescan.join().unwrap().json();
+    assert_eq!(call.join().unwrap().status, 200);
+    let health = state_of(&server, "dependent").unwrap();
+    assert_eq!(health["state"], "INITIALIZED", "{health}\n{report}");
+}
+
+/// In one rescan of two changed in-process plugins, the one whose call is
+/// still running does not take the other down: the other is let go at its
+/// turn (it answered 503 for the whole of the first one's call).
+#[test]
+fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).good("beta", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--call-timeout", "60"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let call = sleep_call(&server, "alpha", 4_000);
+    wait_running(&server, "alpha");
+    for name in ["alpha", "beta"] {
+        let library = dir.path().join(name).join(good_library_name());
+        replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
+    }
+    let addr = server.addr;
+    let rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
+    // alpha drains; beta serves meanwhile.
+    wait_for("alpha refused", Duration::from_secs(10), &server, || {
+        (served(&server, "alpha", "echo").status == 503).then_some(())
+    });
+    let (mut ok, mut refused) = (0, 0);
+    while !call.is_finished() {
+        match served(&server, "beta", "echo").status {
+            200 => ok += 1,
+            _ => refused += 1,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(call.join().unwrap().status, 200);
+    let report = rescan.join().unwrap().json();
+    assert_eq!(report["changed"], json!(["alpha", "beta"]), "{report}");
+    assert!(
+        ok > 10 && refused <= 2,
+        "beta: {ok} answered, {refused} refused"
+    );
+}
+
 /// A reload waiting for an in-process plugin's call when the host stops
 /// ends its wait and says so, at info level: not an ERROR "Plugin FAILED"
 /// blaming a call that ran past the wait, for every stop to alert on.
