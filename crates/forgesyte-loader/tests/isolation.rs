@@ -979,3 +979,38 @@ fn wait_gone(pid: u32) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// With one load thread (one core), a wave that mixes a runner taking its
+/// time to construct and an in-process plugin still checks, opens and
+/// publishes the in-process one at once: the runner's wait held the only
+/// pool worker, and the in-process plugin's check queued behind it.
+#[test]
+fn with_one_load_thread_a_slow_runner_holds_up_no_in_process_plugin() {
+    let mut s = Setup::new();
+    s.config.threads = 1;
+    s.plugin(
+        "a-slow",
+        json!({"config": {"fault_at_init": "hang"}, "limits": {"init_timeout_s": 3}}),
+    );
+    s.plugin("b-in-host", json!({"isolation": "in-process"}));
+    let registry = s.registry.clone();
+    let config = s.config.clone();
+    let path = s.path().to_path_buf();
+    let pass = std::thread::spawn(move || {
+        let checker = Arc::new(DependencyChecker::system(Vec::new()));
+        let loader = Loader::new(registry, checker, config);
+        loader.load_all(&path);
+        loader
+    });
+    let took = wait_for(
+        &s.registry,
+        "b-in-host",
+        S::Initialized,
+        Duration::from_secs(10),
+    );
+    assert!(took < Duration::from_millis(2_500), "{took:?}");
+    assert_eq!(s.registry.get_state("a-slow"), Some(S::Loaded));
+    let loader = pass.join().unwrap();
+    check(&s.registry, "a-slow", S::Failed, &["timed out after 3 s"]);
+    drop(loader);
+}

@@ -126,14 +126,13 @@ impl Loader {
             };
             let mut retired = None;
             // Its calls in flight are waited for up to their time limit and
-            // a second, as a removal waits (a fixed 10 s failed a healthy
-            // plugin whose call was within its limit).
-            let idle_by = started
-                + entry
-                    .handle
-                    .as_ref()
-                    .and_then(PluginHandle::call_timeout)
-                    .unwrap_or(self.config.call_timeout)
+            // a second from when it is let go, as a removal waits (a fixed
+            // 10 s failed a healthy plugin whose call was within its limit).
+            let drain = entry
+                .handle
+                .as_ref()
+                .and_then(PluginHandle::call_timeout)
+                .unwrap_or(self.config.call_timeout)
                 + PAST_THE_CALL_LIMIT;
             // An in-process instance is let go at its turn below, once the
             // plugins before it have drained: let go here, it was down (503)
@@ -153,15 +152,21 @@ impl Loader {
                     self.without_instance(name);
                 }
             }
-            letting_go.push((name, entry, started, idle_by, retired, in_process));
+            letting_go.push((name, entry, started, started + drain, retired, in_process));
         }
         let mut stop_by = Instant::now() + crate::RUNNER_STOP_WAIT;
-        for (name, entry, started, idle_by, retired, in_process) in letting_go {
+        for (name, entry, started, mut idle_by, retired, in_process) in letting_go {
+            // When its instance was let go: its calls' time limit counts
+            // from then (an in-process one let go at its turn took calls
+            // until then, and had its whole wait to come).
+            let mut let_go = started;
             if in_process {
                 if let Some(handle) = &entry.handle {
                     let _ = self.retire(handle);
                 }
                 self.without_instance(name);
+                let_go = Instant::now();
+                idle_by = let_go + idle_by.saturating_duration_since(started);
             } else if entry.handle.is_none() {
                 self.without_instance(name);
             }
@@ -221,7 +226,7 @@ impl Loader {
                             "not reloaded: a call was still running after the reload waited {:.0} s \
                              (its call time limit and a second) for its calls to end; reload it \
                              again (the next rescan does)",
-                            idle_by.saturating_duration_since(started).as_secs_f64()
+                            idle_by.saturating_duration_since(let_go).as_secs_f64()
                         );
                         tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
                         let _ = self.registry.mark_failed(name, reason);

@@ -66,7 +66,13 @@ impl Loader {
             // their place, a runner that takes its time held the only
             // worker of a 2-core host, and the wave's other checks waited
             // for it (and the constructions' crew had one thread).
-            let workers = self.config.threads.saturating_sub(1) + waiting.min(MAX_WAITING_THREADS);
+            // A wave that mixes both keeps a worker for the checks of its
+            // other plugins even with one thread (`threads: 1`, one core).
+            let mut working = self.config.threads.saturating_sub(1);
+            if waiting > 0 && waiting < members.len() {
+                working = working.max(1);
+            }
+            let workers = working + waiting.min(MAX_WAITING_THREADS);
             let running = Running::default();
             // Each plugin is published (INITIALIZED, or its failure) as
             // soon as its load ends: one in a runner from the pool thread

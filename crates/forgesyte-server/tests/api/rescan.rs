@@ -505,11 +505,15 @@ fn a_new_dependency_busy_when_its_wave_ends_still_has_its_dependents_loaded() {
 
 /// In one rescan of two changed in-process plugins, the one whose call is
 /// still running does not take the other down: the other is let go at its
-/// turn (it answered 503 for the whole of the first one's call).
+/// turn (it answered 503 for the whole of the first one's call), and its
+/// own calls begun meanwhile are waited for their whole time limit from
+/// then (counted from the rescan's start, it was FAILED "a call was still
+/// running" at once).
 #[test]
 fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
     let dir = PluginsDir::new();
-    dir.good("alpha", json!({})).good("beta", json!({}));
+    dir.good("alpha", json!({}))
+        .good("beta", json!({"limits": {"call_timeout_s": 3}}));
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str(), "--call-timeout", "60"],
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
@@ -527,11 +531,17 @@ fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
     wait_for("alpha refused", Duration::from_secs(10), &server, || {
         (served(&server, "alpha", "echo").status == 503).then_some(())
     });
+    let since = Instant::now();
     let (mut ok, mut refused) = (0, 0);
+    let mut beta_call = None;
     while !call.is_finished() {
         match served(&server, "beta", "echo").status {
             200 => ok += 1,
             _ => refused += 1,
+        }
+        // A call of beta's own, ending after alpha's but within its 3 s.
+        if beta_call.is_none() && since.elapsed() > Duration::from_millis(2_000) {
+            beta_call = Some(sleep_call(&server, "beta", 2_500));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -542,6 +552,10 @@ fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
         ok > 10 && refused <= 2,
         "beta: {ok} answered, {refused} refused"
     );
+    let beta_call = beta_call.expect("beta's call was made").join().unwrap();
+    assert_eq!(beta_call.status, 200, "{}", beta_call.text());
+    let health = state_of(&server, "beta").unwrap();
+    assert_eq!(health["state"], "INITIALIZED", "{health}\n{report}");
 }
 
 /// A reload waiting for an in-process plugin's call when the host stops
