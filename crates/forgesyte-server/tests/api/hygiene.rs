@@ -983,13 +983,7 @@ fn a_hung_interpreter_is_let_go_with_what_it_started() {
     let plugins = PluginsDir::new();
     plugins.python("py", "echo");
     let scratch = tempfile::tempdir().unwrap();
-    let pids = scratch.path().join("pids");
-    let python = scratch.path().join("python");
-    forgesyte_tests::write_script(
-        &python,
-        &format!("sleep 300 &\necho $! >> '{}'\nwait", pids.display()),
-    )
-    .unwrap();
+    let (python, pids) = wrapper_interpreter(scratch.path(), "wait");
     let (code, out, err) = crate::support::run_forgesyte(
         &[
             "check",
@@ -1003,6 +997,23 @@ fn a_hung_interpreter_is_let_go_with_what_it_started() {
     );
     assert_eq!(code, 1, "{out}{err}");
     assert_all_ended(&pids);
+}
+
+/// An interpreter in `dir` that is a shell script: it starts a `sleep`,
+/// writes its pid to the file it returns beside the script, then runs
+/// `then` (`wait`: it hangs; `python3 "$@"`: a wrapper without `exec`).
+fn wrapper_interpreter(
+    dir: &std::path::Path,
+    then: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pids = dir.join("pids");
+    let python = dir.join("python");
+    forgesyte_tests::write_script(
+        &python,
+        &format!("sleep 300 &\necho $! >> '{}'\n{then}", pids.display()),
+    )
+    .unwrap();
+    (python, pids)
 }
 
 /// Every process whose pid the file `pids` lists has ended within 5 s
@@ -1041,16 +1052,7 @@ fn a_wrapper_interpreters_children_end_with_the_host() {
     let plugins = PluginsDir::new();
     plugins.python("py", "echo");
     let scratch = tempfile::tempdir().unwrap();
-    let pids = scratch.path().join("pids");
-    let python = scratch.path().join("python");
-    forgesyte_tests::write_script(
-        &python,
-        &format!(
-            "sleep 300 &\necho $! >> '{}'\npython3 \"$@\"",
-            pids.display()
-        ),
-    )
-    .unwrap();
+    let (python, pids) = wrapper_interpreter(scratch.path(), "python3 \"$@\"");
     let args = ["--python", python.to_str().unwrap()];
     let (code, out, err) =
         crate::support::run_forgesyte(&[&["check", plugins.path_str()][..], &args].concat(), &[]);

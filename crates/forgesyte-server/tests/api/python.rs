@@ -566,6 +566,23 @@ fn the_operator_sets_the_runners_init_timeout_and_memory_limit() {
     }
 }
 
+/// Waits until plugin `name` is INITIALIZED, for at most 15 s (the others
+/// of its wave hang for longer).
+fn wait_initialized_within_15_s(server: &Forgesyte, name: &str) {
+    let since = std::time::Instant::now();
+    loop {
+        let health = server.get(&format!("/v1/plugins/{name}/health")).json();
+        if health["state"] == "INITIALIZED" {
+            return;
+        }
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(15),
+            "{name} still not INITIALIZED while others of its wave construct: {health}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A plugin whose runner is constructed serves while another of its load
 /// wave still constructs: it was LOADED (503) until the slowest of the
 /// wave ended, a hung constructor's whole init timeout, at start and on
@@ -577,18 +594,7 @@ fn a_constructed_plugin_serves_while_another_of_its_wave_still_constructs() {
         .manifest_fields("init-hang", json!({"limits": {"init_timeout_s": 20}}));
     dir.python("snoop", "snoop");
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
-    let since = std::time::Instant::now();
-    loop {
-        let snoop = server.get("/v1/plugins/snoop/health").json();
-        if snoop["state"] == "INITIALIZED" {
-            break;
-        }
-        assert!(
-            since.elapsed() < std::time::Duration::from_secs(15),
-            "snoop still not INITIALIZED while init-hang constructs: {snoop}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_initialized_within_15_s(&server, "snoop");
     let hang = server.get("/v1/plugins/init-hang/health").json();
     assert_eq!(hang["state"], "LOADED", "{hang}");
     let reply = server.run("snoop", "address_space", "{}");
@@ -651,18 +657,7 @@ fn an_in_process_plugin_serves_while_others_of_its_wave_still_construct() {
         )
         .good("fine", json!({}));
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
-    let since = std::time::Instant::now();
-    loop {
-        let fine = server.get("/v1/plugins/fine/health").json();
-        if fine["state"] == "INITIALIZED" {
-            break;
-        }
-        assert!(
-            since.elapsed() < std::time::Duration::from_secs(15),
-            "fine still not INITIALIZED while others construct: {fine}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_initialized_within_15_s(&server, "fine");
     for name in ["aaa-hang", "a-hangs"] {
         let health = server.get(&format!("/v1/plugins/{name}/health")).json();
         assert_eq!(health["state"], "LOADED", "{health}");
