@@ -22,6 +22,11 @@ use crate::manifest::{Isolation, Manifest};
 /// call is settled).
 const PAST_THE_CALL_LIMIT: Duration = Duration::from_secs(1);
 
+/// How long a reload waits, once an old runner has ended, for the calls it
+/// cut off to be answered (their count to fall) before it shows the plugin
+/// LOADED.
+const CUT_CALLS_END: Duration = Duration::from_millis(200);
+
 impl Loader {
     /// Reloads one plugin (the server's `POST /v1/plugins/{name}/reload`):
     /// re-reads its manifest, re-checks its dependencies, and
@@ -154,7 +159,19 @@ impl Loader {
             }
             letting_go.push((name, entry, started, started + drain, retired, in_process));
         }
+        // The old runners end first, together, and the calls they had in
+        // flight (cut: "send it again") with them; then each shows LOADED.
+        // Left for its turn, one whose cut call ended showed INITIALIZED
+        // without an instance while in-process plugins before it drained.
         let mut stop_by = Instant::now() + crate::RUNNER_STOP_WAIT;
+        for (name, _, _, _, retired, _) in &letting_go {
+            if let Some(old) = retired
+                && old.wait_stopped(stop_by.saturating_duration_since(Instant::now()))
+            {
+                self.wait_idle(name, Instant::now() + CUT_CALLS_END);
+                self.without_instance(name);
+            }
+        }
         for (name, entry, started, mut idle_by, retired, in_process) in letting_go {
             // When its instance was let go: its calls' time limit counts
             // from then (an in-process one let go at its turn took calls
@@ -182,6 +199,7 @@ impl Loader {
                 if now >= stop_by {
                     stop_by = now + crate::RUNNER_STOP_WAIT;
                 }
+                // Most often it ended above already.
                 if !old.wait_stopped(stop_by - now) {
                     tracing::warn!(plugin = %name, "Plugin {name}: its old runner had not ended after {} s; starting the new one anyway", crate::RUNNER_STOP_WAIT.as_secs_f64());
                 }

@@ -558,6 +558,47 @@ fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
     assert_eq!(health["state"], "INITIALIZED", "{health}\n{report}");
 }
 
+/// A Python plugin whose call a rescan cut off shows LOADED while an
+/// in-process plugin before it drains, not INITIALIZED without an
+/// instance (every call answered "no live instance" meanwhile).
+#[test]
+fn a_runner_let_go_by_a_rescan_shows_loaded_until_its_turn() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).python("py", "echo");
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--call-timeout", "60"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let alpha_call = sleep_call(&server, "alpha", 4_000);
+    let py_call = sleep_call(&server, "py", 10_000);
+    wait_running(&server, "alpha");
+    wait_running(&server, "py");
+    let library = dir.path().join("alpha").join(good_library_name());
+    replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
+    let plugin = dir.path().join("py").join("plugin.py");
+    let source = std::fs::read_to_string(&plugin).unwrap();
+    std::fs::write(&plugin, format!("{source}\n# changed\n")).unwrap();
+    let addr = server.addr;
+    let rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
+    // py's call is cut off; alpha's goes on.
+    assert_eq!(py_call.join().unwrap().status, 503);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut seen = Vec::new();
+    while !alpha_call.is_finished() {
+        if let Some(health) = state_of(&server, "py") {
+            seen.push(health["state"].as_str().unwrap_or("?").to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|s| s == "LOADED"), "{seen:?}");
+    assert_eq!(alpha_call.join().unwrap().status, 200);
+    let report = rescan.join().unwrap().json();
+    assert_eq!(report["changed"], json!(["alpha", "py"]), "{report}");
+    assert_eq!(state_of(&server, "py").unwrap()["state"], "INITIALIZED");
+}
+
 /// A reload waiting for an in-process plugin's call when the host stops
 /// ends its wait and says so, at info level: not an ERROR "Plugin FAILED"
 /// blaming a call that ran past the wait, for every stop to alert on.
