@@ -42,8 +42,8 @@ impl BodyFile {
     /// MiB) and one of its size is ready; else `None` (receive it into
     /// memory), and a spare of its size is asked for the next body.
     pub fn for_len(len: u64) -> Option<BodyFile> {
-        BodyFile::capacity_for(len)?;
-        let (fd, capacity) = spares::take_for(len)?;
+        let capacity = BodyFile::capacity_for(len)?;
+        let fd = spares::take_ready(capacity)?;
         Some(BodyFile {
             fd: Some(fd),
             capacity,
@@ -117,7 +117,7 @@ impl BodyFile {
         });
         match sealed {
             Ok(mapping) => {
-                spares::refill(self.capacity);
+                spares::want(self.capacity);
                 Ok(ReceivedBody::new(mapping, fd))
             }
             Err(e) => {
@@ -144,7 +144,7 @@ impl BodyFile {
             }
         }
         spares::close_later(fd);
-        spares::refill(self.capacity);
+        spares::want(self.capacity);
         Ok(bytes)
     }
 }
@@ -155,7 +155,7 @@ impl Drop for BodyFile {
         // freed off the request's path, and another spare is made.
         if let Some(fd) = self.fd.take() {
             spares::close_later(fd);
-            spares::refill(self.capacity);
+            spares::want(self.capacity);
         }
     }
 }

@@ -104,24 +104,15 @@ pub(crate) fn sealed(bytes: &[u8]) -> io::Result<OwnedFd> {
     sealed
 }
 
-/// A ready spare for `len` bytes and its capacity, for a body received
-/// straight into it (`received.rs`); `None` when its size takes none or
-/// none is ready (one is then asked for the next).
-pub(super) fn take_for(len: u64) -> Option<(OwnedFd, u64)> {
-    let capacity = class(len)?;
-    match take(capacity) {
-        Some(fd) => Some((fd, capacity)),
-        None => {
-            want(capacity);
-            None
-        }
+/// A ready spare of `capacity` (a size class, [`class`]), for a body
+/// received straight into it (`received.rs`); `None` when none is ready
+/// (one is then asked for the next).
+pub(super) fn take_ready(capacity: u64) -> Option<OwnedFd> {
+    let spare = take(capacity);
+    if spare.is_none() {
+        want(capacity);
     }
-}
-
-/// Asks for a spare to replace one of `capacity` taken by [`take_for`],
-/// once its body is in (as [`sealed`] asks after its copy).
-pub(super) fn refill(capacity: u64) {
-    want(capacity);
+    spare
 }
 
 /// Closes `fd`, a memory file of at least [`SPARE_MIN_BYTES`], on the
@@ -141,8 +132,9 @@ fn take(capacity: u64) -> Option<OwnedFd> {
         .map(|(_, fd)| fd)
 }
 
-/// Asks the filler for a spare of `capacity` (starting it the first time).
-fn want(capacity: u64) {
+/// Asks the filler for a spare of `capacity` (starting it the first time):
+/// after an attachment's copy, or to replace a spare a body took.
+pub(super) fn want(capacity: u64) {
     let shared = shared();
     let mut stock = shared.stock.lock();
     if !stock.wanted.contains(&capacity) {
