@@ -136,11 +136,7 @@ fn env_behind(command: &Command, argv: &[OsString], error: &clap::Error) -> Opti
             let (option, shown) = match arg.get_long() {
                 Some(long) => {
                     let option = format!("--{long}");
-                    let given = argv.iter().any(|a| {
-                        a.to_str()
-                            .is_some_and(|a| a == option || a.starts_with(&format!("{option}=")))
-                    });
-                    if given {
+                    if given_on_command_line(argv, &option) {
                         return None; // the command line's value, not the variable's
                     }
                     (
@@ -184,6 +180,15 @@ fn env_behind(command: &Command, argv: &[OsString], error: &clap::Error) -> Opti
         })
 }
 
+/// Whether `option` (`--name`) is given in `argv` (program name first),
+/// as `--name` or `--name=…`, before an end of options (`--`).
+fn given_on_command_line(argv: &[OsString], option: &str) -> bool {
+    argv.iter().skip(1).take_while(|a| *a != "--").any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == option || a.starts_with(&format!("{option}=")))
+    })
+}
+
 /// `command` with the variable of every global option given on the
 /// command line taken away: the flag wins, and clap, which reads a global
 /// option's variable again under the subcommand, refused a bad variable
@@ -192,17 +197,11 @@ fn flags_beat_global_env(command: Command, argv: &[OsString]) -> Command {
     let given: Vec<String> = command
         .get_arguments()
         .filter(|arg| arg.is_global_set() && arg.get_env().is_some())
-        .filter_map(|arg| {
-            let option = format!("--{}", arg.get_long()?);
-            argv.iter()
-                .skip(1)
-                .take_while(|a| *a != "--")
-                .any(|a| {
-                    a.to_str()
-                        .is_some_and(|a| a == option || a.starts_with(&format!("{option}=")))
-                })
-                .then(|| arg.get_id().to_string())
+        .filter(|arg| {
+            arg.get_long()
+                .is_some_and(|long| given_on_command_line(argv, &format!("--{long}")))
         })
+        .map(|arg| arg.get_id().to_string())
         .collect();
     given.into_iter().fold(command, |command, id| {
         command.mut_arg(id, |arg| arg.env(None::<&'static str>))

@@ -168,7 +168,7 @@ fn main() -> ExitCode {
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
-        Command::Config(args) => print_config(&layered, args.serve),
+        Command::Config(args) => print_config(&layered, args.serve.admin_token_file.as_deref()),
         Command::Keygen(args) => ExitCode::from(forgesyte_server::signing::keygen(
             &args.out,
             &args.name,
@@ -184,14 +184,13 @@ fn main() -> ExitCode {
 /// where the admin token comes from (never the token itself). A token
 /// `serve` would refuse (empty, unreadable, more than one line) is named
 /// on stderr with exit code 2, as `serve` would exit.
-fn print_config(layered: &config_file::Layered, serve: cli::ServeArgs) -> ExitCode {
+fn print_config(layered: &config_file::Layered, token_file: Option<&Path>) -> ExitCode {
     let Some(mut text) = layered.render() else {
         return ExitCode::from(2);
     };
-    let (_, token_file) = serve.config();
     let env = admin_token_env();
     let from_env = env.is_some();
-    let refused = match admin_token(env, token_file.as_deref()) {
+    let refused = match admin_token(env, token_file) {
         Ok(Some(_)) if from_env => {
             text.push_str("# admin token: from env FORGESYTE_ADMIN_TOKEN (not shown)");
             if token_file.is_some() {
