@@ -137,19 +137,16 @@ fn check_lists_installed_plugins_with_the_flag_or_the_variable() {
     // Installed plugins alone: no plugins directory is needed (the default,
     // ./plugins, does not exist where the test runs), as for `serve`; a
     // directory named must exist.
-    let mut command = crate::support::forgesyte_command();
     let scratch = tempfile::tempdir().unwrap();
-    let output = command
-        .current_dir(scratch.path())
-        .args([
-            "check",
-            "--python-entry-points",
-            "--python",
-            &python,
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    // `check` of installed plugins, run where ./plugins does not exist.
+    let check_in_scratch = |last: &str| {
+        crate::support::forgesyte_command()
+            .current_dir(scratch.path())
+            .args(["check", "--python-entry-points", "--python", &python, last])
+            .output()
+            .unwrap()
+    };
+    let output = check_in_scratch("--json");
     let out = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{out}");
     let list: Value = serde_json::from_str(&out).unwrap();
@@ -167,17 +164,7 @@ fn check_lists_installed_plugins_with_the_flag_or_the_variable() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not exist"), "{err}");
     // Named, even as the default's own words: checked.
-    let output = crate::support::forgesyte_command()
-        .current_dir(scratch.path())
-        .args([
-            "check",
-            "--python-entry-points",
-            "--python",
-            &python,
-            "./plugins",
-        ])
-        .output()
-        .unwrap();
+    let output = check_in_scratch("./plugins");
     let err = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{err}");
     assert!(err.contains("does not exist"), "{err}");
