@@ -157,22 +157,29 @@ impl Loader {
                     self.without_instance(name);
                 }
             }
-            letting_go.push((name, entry, started, started + drain, retired, in_process));
+            letting_go.push((name, entry, started, drain, retired, in_process));
         }
-        // The old runners end first, together, and the calls they had in
-        // flight (cut: "send it again") with them; then each shows LOADED.
-        // Left for its turn, one whose cut call ended showed INITIALIZED
-        // without an instance while in-process plugins before it drained.
-        let mut stop_by = Instant::now() + crate::RUNNER_STOP_WAIT;
-        for (name, _, _, _, retired, _) in &letting_go {
-            if let Some(old) = retired
-                && old.wait_stopped(stop_by.saturating_duration_since(Instant::now()))
-            {
-                self.wait_idle(name, Instant::now() + CUT_CALLS_END);
-                self.without_instance(name);
+        // The old runners end first, together (each its `on_unload` run, at
+        // most 1.5 s), before any new one starts: a plugin that holds what
+        // only one may hold (a lock, a port, a device, GPU memory) and frees
+        // it there could not construct beside it. The calls they had in
+        // flight (cut: "send it again") end with them; then each shows
+        // LOADED. Left for its turn, one whose cut call ended showed
+        // INITIALIZED without an instance while in-process plugins before it
+        // drained.
+        let stop_by = Instant::now() + crate::RUNNER_STOP_WAIT;
+        for (name, _, _, _, retired, _) in &mut letting_go {
+            let Some(old) = retired.take() else {
+                continue;
+            };
+            if !old.wait_stopped(stop_by.saturating_duration_since(Instant::now())) {
+                tracing::warn!(plugin = %name, "Plugin {name}: its old runner had not ended after {} s; starting the new one anyway", crate::RUNNER_STOP_WAIT.as_secs_f64());
+                continue;
             }
+            self.wait_idle(name, Instant::now() + CUT_CALLS_END);
+            self.without_instance(name);
         }
-        for (name, entry, started, mut idle_by, retired, in_process) in letting_go {
+        for (name, entry, started, drain, _, in_process) in letting_go {
             // When its instance was let go: its calls' time limit counts
             // from then (an in-process one let go at its turn took calls
             // until then, and had its whole wait to come).
@@ -183,27 +190,11 @@ impl Loader {
                 }
                 self.without_instance(name);
                 let_go = Instant::now();
-                idle_by = let_go + idle_by.saturating_duration_since(started);
             } else if entry.handle.is_none() {
                 self.without_instance(name);
             }
+            let idle_by = let_go + drain;
             self.wait_idle(name, idle_by);
-            // The old runner ends (its `on_unload` run, at most 1.5 s) before
-            // the new one starts: a plugin that holds what only one may hold
-            // (a lock, a port, a device, GPU memory) and frees it there
-            // could not construct beside it. The runners let go together
-            // end together; one whose calls were waited for past that time
-            // gets the whole wait again.
-            if let Some(old) = retired {
-                let now = Instant::now();
-                if now >= stop_by {
-                    stop_by = now + crate::RUNNER_STOP_WAIT;
-                }
-                // Most often it ended above already.
-                if !old.wait_stopped(stop_by - now) {
-                    tracing::warn!(plugin = %name, "Plugin {name}: its old runner had not ended after {} s; starting the new one anyway", crate::RUNNER_STOP_WAIT.as_secs_f64());
-                }
-            }
             let manifest = self
                 .reread_manifest(name, &entry.dir)
                 .and_then(|m| self.check_reload_name(name, m));
@@ -244,7 +235,7 @@ impl Loader {
                             "not reloaded: a call was still running after the reload waited {:.0} s \
                              (its call time limit and a second) for its calls to end; reload it \
                              again (the next rescan does)",
-                            idle_by.saturating_duration_since(let_go).as_secs_f64()
+                            drain.as_secs_f64()
                         );
                         tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
                         let _ = self.registry.mark_failed(name, reason);
