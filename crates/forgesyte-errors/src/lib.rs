@@ -660,12 +660,21 @@ impl IntegrityError {
 
 /// An operation on a plugin exceeded its time limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("timed out after {} during {operation}", fmt_duration(*after))]
+#[error("timed out after {} during {operation}{}", fmt_duration(*after), remedy_suffix(.remedy))]
 pub struct TimeoutError {
     /// What was running (`"init"`, `"tool 'ocr'"`, ...).
     pub operation: String,
     /// The limit that was exceeded.
     pub after: Duration,
+    /// Where the limit is set, for the person who reads the reason
+    /// (`"raise limits.init_timeout_s …"`); shown after a `; `.
+    pub remedy: Option<String>,
+}
+
+fn remedy_suffix(remedy: &Option<String>) -> String {
+    remedy
+        .as_deref()
+        .map_or_else(String::new, |remedy| format!("; {remedy}"))
 }
 
 impl TimeoutError {

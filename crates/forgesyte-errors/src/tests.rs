@@ -121,10 +121,21 @@ fn timeout_and_crash_read_well() {
         TimeoutError {
             operation: "init".into(),
             after: Duration::from_secs(5),
+            remedy: None,
         }
         .into(),
         "TimeoutError",
         "TimeoutError: timed out after 5 s during init",
+    );
+    check(
+        InitError::TimedOut(TimeoutError {
+            operation: "init".into(),
+            after: Duration::from_millis(1500),
+            remedy: Some("raise limits.init_timeout_s".into()),
+        })
+        .into(),
+        "InitError",
+        "InitError: timed out after 1.5 s during init; raise limits.init_timeout_s",
     );
     check(
         CrashError {
@@ -156,6 +167,7 @@ fn process_faults_read_well() {
         InitError::TimedOut(TimeoutError {
             operation: "init".into(),
             after: Duration::from_secs(5),
+            remedy: None,
         })
         .into(),
         "InitError",
@@ -309,6 +321,7 @@ fn process_faults_have_their_crash_or_timeout_as_source() {
     let timeout = TimeoutError {
         operation: "init".into(),
         after: Duration::from_secs(5),
+        remedy: None,
     };
     let crashes: [PluginError; 3] = [
         ImportError::Crashed(crash.clone()).into(),

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forgesyte_errors::{PluginError, TimeoutError, ToolError};
+use forgesyte_errors::{PluginError, ToolError};
 use forgesyte_registry::{PluginLifecycleState, Registry};
 use serde_json::Value;
 
@@ -538,11 +538,8 @@ impl PluginHandle {
     /// Returns the reason; `None` too for an isolated call that has
     /// reached no runner yet.
     pub fn fail_timeout(&self, tool: &str, after: Duration, ticket: &CallTicket) -> Option<String> {
-        let reason = PluginError::Timeout(TimeoutError {
-            operation: format!("tool '{tool}'"),
-            after,
-        })
-        .reason();
+        let reason =
+            PluginError::Timeout(crate::manifest::Limits::call_timed_out(tool, after)).reason();
         let name = &self.inner.slot.name;
         if self.inner.isolation == Isolation::Process {
             // A call that returned meanwhile stands: its runner, and the

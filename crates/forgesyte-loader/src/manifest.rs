@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use forgesyte_deps::{BareDependency, Requirements, json_type_name};
-use forgesyte_errors::ManifestError;
+use forgesyte_errors::{ManifestError, TimeoutError};
 use serde_json::Value;
 
 /// The file name the loader looks for in each plugin directory.
@@ -128,6 +128,35 @@ pub struct Limits {
     /// plugin's process may send, in MiB; it may lower the host's limit,
     /// not raise it.
     pub max_response_mb: Option<u64>,
+}
+
+impl Limits {
+    /// A construction (`operation`: `init`, `handshake`, …) past its
+    /// limit, with where that limit is set.
+    pub(crate) fn init_timed_out(operation: &str, after: Duration) -> TimeoutError {
+        TimeoutError {
+            operation: operation.to_owned(),
+            after,
+            remedy: Some(
+                "the limit is the manifest's limits.init_timeout_s, else the server's \
+                 --init-timeout"
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// A call of `tool` past its limit, with where that limit is set.
+    pub(crate) fn call_timed_out(tool: &str, after: Duration) -> TimeoutError {
+        TimeoutError {
+            operation: format!("tool '{tool}'"),
+            after,
+            remedy: Some(
+                "the limit is the manifest's limits.call_timeout_s, else the server's \
+                 --call-timeout"
+                    .to_owned(),
+            ),
+        }
+    }
 }
 
 /// A validated manifest.

@@ -180,7 +180,10 @@ fn every_fault_at_construction_fails_only_that_plugin() {
         r,
         "init-hang",
         S::Failed,
-        &["InitError: timed out after 500 ms during init"],
+        &[
+            "InitError: timed out after 500 ms during init; the limit is the manifest's \
+             limits.init_timeout_s, else the server's --init-timeout",
+        ],
     );
     check(
         r,
@@ -380,7 +383,10 @@ fn every_fault_at_tool_time_gives_its_reason() {
         r,
         "t-hang",
         S::Failed,
-        &["TimeoutError: timed out after 300 ms during tool 'hang'"],
+        &[
+            "TimeoutError: timed out after 300 ms during tool 'hang'; the limit is the \
+             manifest's limits.call_timeout_s, else the server's --call-timeout",
+        ],
     );
     assert_eq!(
         r.journal("t-hang")
@@ -866,7 +872,10 @@ fn misbehaving_runners_are_reported_precisely() {
         (
             "silent",
             "exec sleep 10",
-            &["ImportError: timed out after 300 ms during handshake"],
+            &[
+                "ImportError: timed out after 300 ms during handshake",
+                "limits.init_timeout_s, else the server's --init-timeout",
+            ],
         ),
         (
             "closer",

@@ -221,7 +221,7 @@ fn a_constructor_that_never_returns_fails_its_plugin_alone() {
         S::Failed,
         &[
             "InitError: timed out after 300 ms during construction in process",
-            "init_timeout_s",
+            "limits.init_timeout_s, else the server's --init-timeout",
         ],
     );
     assert!(loader.handle("hangs").is_none());

@@ -73,11 +73,14 @@ impl Loader {
                     );
                 }
                 InitError::TimedOut(forgesyte_errors::TimeoutError {
-                    operation: "construction in process (the constructor's thread cannot be \
-                                stopped and is left running; raise limits.init_timeout_s, or run \
-                                the plugin with \"isolation\": \"process\")"
-                        .to_owned(),
+                    operation: "construction in process".to_owned(),
                     after: limit,
+                    remedy: Some(
+                        "the constructor's thread cannot be stopped and is left running; the \
+                         limit is the manifest's limits.init_timeout_s, else the server's \
+                         --init-timeout; or run the plugin with \"isolation\": \"process\""
+                            .to_owned(),
+                    ),
                 })
                 .into()
             }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use forgesyte_errors::{PluginError, TimeoutError, ToolError};
+use forgesyte_errors::{PluginError, ToolError};
 use forgesyte_protocol::wire::{Response, capability};
 use parking_lot::Mutex;
 
@@ -156,11 +156,9 @@ impl ProcessInstance {
             Ok(Reply::Died(report)) | Err(Some(report)) => Err(tool_crash(&report)),
             Err(None) => {
                 let after = self.call_timeout;
-                let reason = PluginError::Timeout(TimeoutError {
-                    operation: format!("tool '{tool}'"),
-                    after,
-                })
-                .reason();
+                let reason =
+                    PluginError::Timeout(crate::manifest::Limits::call_timed_out(tool, after))
+                        .reason();
                 self.child.kill(KillReason::host(reason));
                 let _ = self.child.wait_dead(child::DEATH_SYNC);
                 Err(ToolError::TimedOut { after })

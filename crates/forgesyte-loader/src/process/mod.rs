@@ -521,10 +521,7 @@ impl ProcessImporter {
     }
 
     fn handshake_timeout(&self) -> TimeoutError {
-        TimeoutError {
-            operation: "handshake".into(),
-            after: self.limits.init_timeout,
-        }
+        crate::manifest::Limits::init_timed_out("handshake", self.limits.init_timeout)
     }
 }
 
@@ -688,10 +685,7 @@ impl PluginLibrary for ProcessLibrary {
             }
             Ok(Reply::Died(report)) | Err(Some(report)) => return Err(init_crash(&report)),
             Err(None) => {
-                let timeout = TimeoutError {
-                    operation: "init".into(),
-                    after: limits.init_timeout,
-                };
+                let timeout = crate::manifest::Limits::init_timed_out("init", limits.init_timeout);
                 child.kill(KillReason::host(
                     PluginError::from(InitError::TimedOut(timeout.clone())).reason(),
                 ));
