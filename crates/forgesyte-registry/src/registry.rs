@@ -396,10 +396,32 @@ impl Registry {
     /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
     /// from `RUNNING`.
     pub fn mark_loaded(&self, name: &str, info: Option<PluginInfo>) -> Result<(), RegistryError> {
+        self.mark_loaded_because(name, info, None)
+    }
+
+    /// [`mark_loaded`](Registry::mark_loaded) with the `reason` the plugin
+    /// shows while `LOADED` (a reload in progress: why it answers no
+    /// calls); a `Some` reason replaces the reason of a plugin already
+    /// `LOADED`, `None` keeps it.
+    ///
+    /// # Errors
+    ///
+    /// As [`mark_loaded`](Registry::mark_loaded).
+    pub fn mark_loaded_because(
+        &self,
+        name: &str,
+        info: Option<PluginInfo>,
+        reason: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let reason: Option<Arc<str>> = reason.map(Arc::from);
         self.update(name, |entry, now| {
-            if entry.state != PluginLifecycleState::Loaded {
+            if entry.state == PluginLifecycleState::Loaded {
+                if reason.is_some() {
+                    entry.reason = reason.clone();
+                }
+            } else {
                 let next = entry.state.transition(PluginLifecycleState::Loaded)?;
-                entry.move_to(next, None, now);
+                entry.move_to(next, reason.clone(), now);
             }
             entry.next_retry_at = None;
             if let Some(info) = info {

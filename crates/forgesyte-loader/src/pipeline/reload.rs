@@ -27,6 +27,11 @@ const PAST_THE_CALL_LIMIT: Duration = Duration::from_secs(1);
 /// LOADED.
 const CUT_CALLS_END: Duration = Duration::from_millis(200);
 
+/// The reason a plugin shows while LOADED in a reload or rescan, between
+/// its old instance and its new one.
+pub(crate) const RELOADING: &str =
+    "being reloaded: its calls answer 503 (send them again) until its new instance is ready";
+
 impl Loader {
     /// Reloads one plugin (the server's `POST /v1/plugins/{name}/reload`):
     /// re-reads its manifest, re-checks its dependencies, and
@@ -209,11 +214,16 @@ impl Loader {
                     // call that took the handle before it was retired may
                     // have begun after the first wait, so wait once more.
                     let busy = || self.registry.in_flight(name).is_some_and(|n| n > 0);
-                    let mut loaded =
-                        (!busy()).then(|| self.registry.mark_loaded(name, Some(info.clone())));
+                    let mut loaded = (!busy()).then(|| {
+                        self.registry
+                            .mark_loaded_because(name, Some(info.clone()), Some(RELOADING))
+                    });
                     if !matches!(loaded, Some(Ok(()))) {
                         self.wait_idle(name, idle_by);
-                        loaded = (!busy()).then(|| self.registry.mark_loaded(name, Some(info)));
+                        loaded = (!busy()).then(|| {
+                            self.registry
+                                .mark_loaded_because(name, Some(info), Some(RELOADING))
+                        });
                     }
                     if !matches!(loaded, Some(Ok(()))) {
                         // Its instance is let go already: a plugin left as it
@@ -288,7 +298,9 @@ impl Loader {
             e.handle = None;
         }
         if self.registry.in_flight(name).is_some_and(|n| n == 0) {
-            let _ = self.registry.mark_loaded(name, None);
+            let _ = self
+                .registry
+                .mark_loaded_because(name, None, Some(RELOADING));
         }
     }
 

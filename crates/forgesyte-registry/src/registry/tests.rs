@@ -302,6 +302,34 @@ fn mark_loaded_reloads_clears_reason_keeps_metrics() {
         Some("2.0.0")
     );
 
+    // A reload's reason, shown while LOADED; kept by a plain mark_loaded,
+    // cleared by INITIALIZED.
+    let reloading = "being reloaded: calls answer 503";
+    registry
+        .mark_loaded_because("p", None, Some(reloading))
+        .unwrap();
+    assert_eq!(
+        registry.get_status("p").unwrap().reason.as_deref(),
+        Some(reloading)
+    );
+    registry.mark_loaded("p", None).unwrap();
+    assert_eq!(
+        registry.get_status("p").unwrap().reason.as_deref(),
+        Some(reloading)
+    );
+    registry.mark_initialized("p").unwrap();
+    assert_eq!(registry.get_status("p").unwrap().reason, None);
+    let failed = registry_with("f", Initialized);
+    failed.mark_failed("f", "CrashError").unwrap();
+    failed
+        .mark_loaded_because("f", None, Some(reloading))
+        .unwrap();
+    let status = failed.get_status("f").unwrap();
+    assert_eq!(
+        (status.state, status.reason.as_deref()),
+        (Loaded, Some(reloading))
+    );
+
     for state in [Initialized, Unavailable] {
         let registry = registry_with("q", state);
         registry.mark_loaded("q", None).unwrap();

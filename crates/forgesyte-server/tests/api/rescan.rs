@@ -587,12 +587,21 @@ fn a_runner_let_go_by_a_rescan_shows_loaded_until_its_turn() {
     let mut seen = Vec::new();
     while !alpha_call.is_finished() {
         if let Some(health) = state_of(&server, "py") {
-            seen.push(health["state"].as_str().unwrap_or("?").to_owned());
+            seen.push(format!(
+                "{} {}",
+                health["state"].as_str().unwrap_or("?"),
+                health["reason"].as_str().unwrap_or("(no reason)")
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!seen.is_empty());
-    assert!(seen.iter().all(|s| s == "LOADED"), "{seen:?}");
+    // Its reason says why it answers no calls.
+    assert!(
+        seen.iter()
+            .all(|s| s.starts_with("LOADED being reloaded: its calls answer 503")),
+        "{seen:?}"
+    );
     assert_eq!(alpha_call.join().unwrap().status, 200);
     let report = rescan.join().unwrap().json();
     assert_eq!(report["changed"], json!(["alpha", "py"]), "{report}");
