@@ -130,11 +130,11 @@ struct CallFacts {
     elapsed: Option<Duration>,
 }
 
-/// Whether `plugin` offers `tool` by its live instance or its manifest's
-/// `tools[].id` (for a plugin that is not runnable).
+/// Whether `plugin` offers `tool` by its live instance (or, in a reload,
+/// its last one) or, when it has had none, its manifest's `tools[].id`.
 fn declares_tool(state: &AppState, plugin: &str, tool: &str) -> bool {
-    if let Some(handle) = state.loader().handle(plugin) {
-        return handle.has_tool(tool);
+    if let Some(offered) = state.loader().offers_tool(plugin, tool) {
+        return offered;
     }
     state.loader().manifest(plugin).is_some_and(|manifest| {
         manifest

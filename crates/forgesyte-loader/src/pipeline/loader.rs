@@ -27,6 +27,9 @@ pub(super) struct Entry {
     pub(super) raw: Option<Arc<Value>>,
     pub(super) optional: bool,
     pub(super) handle: Option<PluginHandle>,
+    /// The tool ids of its last instance, kept while it has none (a
+    /// reload between the old instance and the new one).
+    pub(super) last_tools: Option<Arc<[String]>>,
     /// The manifest's runtime and declared isolation, when it was valid.
     pub(super) placement: Option<(Runtime, Option<Isolation>)>,
     /// Whether the manifest, when it was valid, requires a GPU, and the
@@ -50,6 +53,7 @@ impl Entry {
             raw,
             optional,
             handle: None,
+            last_tools: None,
             placement: None,
             requires_gpu: false,
             plugin_deps: Vec::new(),
@@ -237,6 +241,18 @@ impl Loader {
     /// A handle on the loaded instance of `name`, if it was instantiated.
     pub fn handle(&self, name: &str) -> Option<PluginHandle> {
         self.entries.read().get(name)?.handle.clone()
+    }
+
+    /// Whether `tool` is a tool of `name`'s live instance, or, while it
+    /// has none (a reload in progress), of its last one; `None` when it
+    /// has had no instance (or is not registered).
+    pub fn offers_tool(&self, name: &str, tool: &str) -> Option<bool> {
+        let entries = self.entries.read();
+        let entry = entries.get(name)?;
+        match &entry.handle {
+            Some(handle) => Some(handle.has_tool(tool)),
+            None => Some(entry.last_tools.as_deref()?.iter().any(|t| t == tool)),
+        }
     }
 
     /// What runs `name` and where, from its manifest and the loader's

@@ -294,8 +294,10 @@ impl Loader {
     /// available state meanwhile; with calls in flight it stays RUNNING
     /// until they end (RUNNING cannot go back to LOADED).
     fn without_instance(&self, name: &str) {
-        if let Some(e) = self.entries.write().get_mut(name) {
-            e.handle = None;
+        if let Some(e) = self.entries.write().get_mut(name)
+            && let Some(handle) = e.handle.take()
+        {
+            e.last_tools = Some(handle.tools().iter().map(|t| t.id.clone()).collect());
         }
         if self.registry.in_flight(name).is_some_and(|n| n == 0) {
             let _ = self

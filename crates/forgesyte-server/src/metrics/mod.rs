@@ -51,7 +51,8 @@ use forgesyte_loader::{LoadReport, Loader};
 use crate::error::RunError;
 
 /// The tool label of a call to a tool the plugin cannot be asked about (a
-/// plugin that is not runnable and has no live instance).
+/// plugin that is not runnable and never had an instance, nor a manifest
+/// that lists its tools).
 pub(crate) const UNKNOWN_TOOL: &str = "_unknown";
 
 /// The route label of a request no route matched.

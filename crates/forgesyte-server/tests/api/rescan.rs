@@ -584,6 +584,18 @@ fn a_runner_let_go_by_a_rescan_shows_loaded_until_its_turn() {
     // py's call is cut off; alpha's goes on.
     assert_eq!(py_call.join().unwrap().status, 503);
     std::thread::sleep(Duration::from_millis(500));
+    // A call refused meanwhile is counted under its tool: its instance is
+    // gone, its last one's tools are known.
+    let refused = served(&server, "py", "echo");
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let scrape = server.get("/metrics").text();
+    assert!(
+        scrape.contains(
+            r#"forgesyte_tool_calls_total{plugin="py",tool="echo",outcome="not_runnable"} 1"#
+        ),
+        "{scrape}"
+    );
+    assert!(!scrape.contains(r#"tool="_unknown""#), "{scrape}");
     let mut seen = Vec::new();
     while !alpha_call.is_finished() {
         if let Some(health) = state_of(&server, "py") {
