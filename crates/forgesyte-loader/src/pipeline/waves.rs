@@ -107,6 +107,13 @@ impl Loader {
                     // Before its library is opened again (each open of a
                     // refused reload left one more copy mapped).
                     Err(err) => Stage::Done(Err(err)),
+                    // A pass (a rescan) still going when the host stops
+                    // maps no more libraries: nothing would serve them, and
+                    // their constructors would run during the stop.
+                    Ok(()) if self.is_shutting_down() => Stage::Done(Err(InitError::Failed {
+                        message: format!("not loaded: {}", crate::process::HOST_STOPPING),
+                    }
+                    .into())),
                     Ok(()) => match self.open_library(checked) {
                         Ok(opened) => Stage::Next(opened),
                         Err(err) => Stage::Done(Err(err)),

@@ -650,6 +650,40 @@ fn a_reload_cut_short_by_the_stop_blames_no_plugin() {
     assert!(!log.contains("Plugin FAILED: alpha"), "{log}");
 }
 
+/// A rescan still going when the host stops opens no more libraries: the
+/// plugin it adds after its wait is not loaded, and says why at info level.
+#[test]
+fn a_rescan_cut_short_by_the_stop_opens_no_library() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let mut server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--call-timeout", "60"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let _call = sleep_call(&server, "alpha", 6_000);
+    wait_running(&server, "alpha");
+    let library = dir.path().join("alpha").join(good_library_name());
+    replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
+    dir.good("beta", json!({}));
+    let addr = server.addr;
+    let _rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
+    wait_for(
+        "the rescan waiting",
+        Duration::from_secs(10),
+        &server,
+        || (served(&server, "alpha", "echo").status == 503).then_some(()),
+    );
+    server.terminate();
+    let log = server.log();
+    assert!(
+        log.contains("Plugin beta not loaded: the host is stopping"),
+        "{log}"
+    );
+    assert!(!log.contains("Loaded plugin: beta"), "{log}");
+    assert!(!log.contains("Plugin FAILED: beta"), "{log}");
+}
+
 /// Renames resolved together in one rescan: two plugins that swap names,
 /// and a chain (n1 → n2, n2 → n3), all load under their new names from
 /// their directories. Each was checked against the names registered before
