@@ -247,81 +247,100 @@ enum Stage {
     Ended,
 }
 
-/// Takes the pass's results from `events` until every item has one.
-/// `limits[i]` is set for the detached jobs submitted to `crew`: such a job
-/// still running its limit after its start gets `gave_up(i,
-/// GaveUp::Ran(limit))`, and one that can never start `gave_up(i,
-/// GaveUp::NoThread(why))`; what it returns later is dropped. Grows the
-/// crew as the module says. `started` are the jobs whose start was already
-/// taken from `events` (with their instant); every result that is not a
-/// panic goes through `done` as it comes, given-up ones too.
-pub(super) fn collect<R: Send + 'static>(
-    events: &Receiver<Event<R>>,
-    results: &mut [Option<Result<R, String>>],
-    limits: &[Option<Duration>],
-    mut crew: Option<&mut Crew<R>>,
-    started: &[(usize, Instant)],
-    done: impl Fn(usize, R) -> R,
-    gave_up: impl Fn(usize, GaveUp) -> R,
-) {
-    let gave_up = |i: usize, why: GaveUp| done(i, gave_up(i, why));
-    let mut stages: Vec<Option<Stage>> = limits
-        .iter()
-        .zip(results.iter())
-        .map(|(limit, result)| (limit.is_some() && result.is_none()).then_some(Stage::Waiting))
-        .collect();
-    for &(i, since) in started {
-        if let Some(stage @ Some(Stage::Waiting)) = stages.get_mut(i) {
-            *stage = Some(Stage::Running {
-                since,
-                grown: false,
-            });
+/// Where each detached job of a pass stands: what [`collect`] watches, and
+/// what the pass's own thread watches between its opens (so that a job
+/// past its limit is given up on, and the crew grows, while the pass is
+/// still opening libraries or waiting for runners to start).
+#[derive(Debug)]
+pub(super) struct Watch {
+    stages: Vec<Option<Stage>>,
+    limits: Vec<Duration>,
+    /// The jobs submitted and not ended, by index.
+    watched: Vec<usize>,
+}
+
+impl Watch {
+    /// A watch over `items` items, none submitted yet.
+    pub(super) fn new(items: usize) -> Self {
+        Watch {
+            stages: vec![None; items],
+            limits: vec![Duration::ZERO; items],
+            watched: Vec::new(),
         }
     }
-    let mut open = results.iter().filter(|r| r.is_none()).count();
-    let mut watched: Vec<usize> = (0..stages.len()).filter(|&i| stages[i].is_some()).collect();
-    let take = |event: Event<R>,
-                results: &mut [Option<Result<R, String>>],
-                stages: &mut [Option<Stage>],
-                open: &mut usize| match event {
-        Event::Started(i, since) => {
-            if stages[i] == Some(Stage::Waiting) {
-                stages[i] = Some(Stage::Running {
-                    since,
-                    grown: false,
-                });
+
+    /// Item `i` was submitted to the crew, to be given up on `limit` after
+    /// its start.
+    pub(super) fn submitted(&mut self, i: usize, limit: Duration) {
+        if let (Some(stage), Some(slot)) = (self.stages.get_mut(i), self.limits.get_mut(i)) {
+            *stage = Some(Stage::Waiting);
+            *slot = limit;
+            self.watched.push(i);
+        }
+    }
+
+    /// Takes one event of the crew or the pass; `true` when it gave item
+    /// `i` its result (through `done`, but for a panic). A result that
+    /// comes after its item was given up on is dropped.
+    pub(super) fn take<R>(
+        &mut self,
+        event: Event<R>,
+        results: &mut [Option<Result<R, String>>],
+        done: &impl Fn(usize, R) -> R,
+    ) -> bool {
+        match event {
+            Event::Started(i, since) => {
+                if let Some(stage @ Some(Stage::Waiting)) = self.stages.get_mut(i) {
+                    *stage = Some(Stage::Running {
+                        since,
+                        grown: false,
+                    });
+                }
+                false
+            }
+            Event::Done(i, result) => {
+                if let Some(stage) = self.stages.get_mut(i) {
+                    *stage = stage.map(|_| Stage::Ended);
+                }
+                match results.get_mut(i) {
+                    Some(slot @ None) => {
+                        *slot = Some(result.map(|r| done(i, r)));
+                        true
+                    }
+                    _ => false,
+                }
             }
         }
-        Event::Done(i, result) => {
-            stages[i] = stages[i].map(|_| Stage::Ended);
-            if results[i].is_none() {
-                results[i] = Some(result.map(|r| done(i, r)));
-                *open -= 1;
-            }
-        }
-    };
-    while open > 0 {
-        // What has come, first: the rest is worked out once per wait, not
-        // once per event (a 1,000-plugin pass sends 2,000).
-        while let Ok(event) = events.try_recv() {
-            take(event, results, &mut stages, &mut open);
-        }
-        if open == 0 {
-            break;
-        }
-        watched.retain(|&i| !matches!(stages[i], Some(Stage::Ended) | None));
-        let now = Instant::now();
+    }
+
+    /// At `now`: gives up on the jobs past their limit (`gave_up(i,
+    /// GaveUp::Ran(limit))`, its result through `done` already), grows the
+    /// crew for the jobs waiting behind slow ones, and gives up on the
+    /// waiting jobs no thread can ever take. Returns how many items it gave
+    /// a result, and when the next job is due (its limit, or its growth
+    /// step), if any.
+    pub(super) fn check<R: Send + 'static>(
+        &mut self,
+        now: Instant,
+        results: &mut [Option<Result<R, String>>],
+        crew: Option<&mut Crew<R>>,
+        gave_up: &impl Fn(usize, GaveUp) -> R,
+    ) -> (usize, Option<Instant>) {
+        let stages = &mut self.stages;
+        self.watched
+            .retain(|&i| !matches!(stages[i], Some(Stage::Ended) | None));
+        let mut ended = 0;
         let mut waiting = Vec::new();
         let (mut live, mut given_up, mut slow) = (0, 0, 0);
         let mut next: Option<Instant> = None;
-        for &i in &watched {
-            let limit = limits[i].unwrap_or_default();
+        for &i in &self.watched {
+            let limit = self.limits[i];
             match stages[i] {
                 Some(Stage::Waiting) => waiting.push(i),
                 Some(Stage::Running { since, grown }) => {
                     if now >= since + limit {
                         results[i] = Some(Ok(gave_up(i, GaveUp::Ran(limit))));
-                        open -= 1;
+                        ended += 1;
                         stages[i] = Some(Stage::GivenUp);
                         given_up += 1;
                         continue;
@@ -341,7 +360,7 @@ pub(super) fn collect<R: Send + 'static>(
                 Some(Stage::Ended) | None => {}
             }
         }
-        if let Some(crew) = crew.as_deref_mut()
+        if let Some(crew) = crew
             && !waiting.is_empty()
         {
             // Threads for the waiting: the wanted ones, and one for each
@@ -356,12 +375,45 @@ pub(super) fn collect<R: Send + 'static>(
                 for &i in &waiting {
                     if crew.cancel(i) {
                         results[i] = Some(Ok(gave_up(i, GaveUp::NoThread(why.clone()))));
-                        open -= 1;
+                        ended += 1;
                         stages[i] = Some(Stage::Ended);
                     }
                 }
             }
         }
+        (ended, next)
+    }
+}
+
+/// Takes the pass's results from `events` until every item has one.
+/// The jobs `watch` was told of were submitted to `crew`: such a job
+/// still running its limit after its start gets `gave_up(i,
+/// GaveUp::Ran(limit))`, and one that can never start `gave_up(i,
+/// GaveUp::NoThread(why))`; what it returns later is dropped. Grows the
+/// crew as the module says. Every result that is not a panic goes through
+/// `done` as it comes, given-up ones too.
+pub(super) fn collect<R: Send + 'static>(
+    events: &Receiver<Event<R>>,
+    results: &mut [Option<Result<R, String>>],
+    watch: &mut Watch,
+    mut crew: Option<&mut Crew<R>>,
+    done: impl Fn(usize, R) -> R,
+    gave_up: impl Fn(usize, GaveUp) -> R,
+) {
+    let gave_up = |i: usize, why: GaveUp| done(i, gave_up(i, why));
+    let mut open = results.iter().filter(|r| r.is_none()).count();
+    while open > 0 {
+        // What has come, first: the rest is worked out once per wait, not
+        // once per event (a 1,000-plugin pass sends 2,000).
+        while let Ok(event) = events.try_recv() {
+            open -= usize::from(watch.take(event, results, &done));
+        }
+        if open == 0 {
+            break;
+        }
+        let now = Instant::now();
+        let (ended, next) = watch.check(now, results, crew.as_deref_mut(), &gave_up);
+        open -= ended;
         if open == 0 {
             break;
         }
@@ -370,7 +422,7 @@ pub(super) fn collect<R: Send + 'static>(
             None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match event {
-            Ok(event) => take(event, results, &mut stages, &mut open),
+            Ok(event) => open -= usize::from(watch.take(event, results, &done)),
             Err(RecvTimeoutError::Timeout) => {}
             // Every sender gone: nothing more can come.
             Err(RecvTimeoutError::Disconnected) => return,
@@ -388,17 +440,17 @@ mod tests {
         let started = Instant::now();
         let (to_results, events) = channel();
         let mut crew = Crew::new(wanted, jobs.len(), 0, to_results);
-        let limits: Vec<Option<Duration>> = jobs.iter().map(|(limit, _)| Some(*limit)).collect();
-        for (i, (_, job)) in jobs.into_iter().enumerate() {
+        let mut watch = Watch::new(jobs.len());
+        let mut results: Vec<Option<Result<u32, String>>> = jobs.iter().map(|_| None).collect();
+        for (i, (limit, job)) in jobs.into_iter().enumerate() {
             crew.submit(i, job);
+            watch.submitted(i, limit);
         }
-        let mut results: Vec<Option<Result<u32, String>>> = limits.iter().map(|_| None).collect();
         collect(
             &events,
             &mut results,
-            &limits,
+            &mut watch,
             Some(&mut crew),
-            &[],
             |_, r| r,
             |i, why| match why {
                 GaveUp::Ran(_) => 1000 + u32::try_from(i).unwrap(),
@@ -467,14 +519,15 @@ mod tests {
         );
         // No thread can be added from here on.
         crew.cannot_start = Some("out of threads".to_owned());
-        let limits = [Some(Duration::from_millis(200)); 2];
+        let mut watch = Watch::new(2);
+        watch.submitted(0, Duration::from_millis(200));
+        watch.submitted(1, Duration::from_millis(200));
         let mut results = vec![None, None];
         collect(
             &events,
             &mut results,
-            &limits,
+            &mut watch,
             Some(&mut crew),
-            &[],
             |_, r| r,
             |i, why| match (i, why) {
                 (0, GaveUp::Ran(_)) => 100,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rayon::prelude::*;
 
-use super::detached::{Crew, Detached, Event, GaveUp, collect};
+use super::detached::{Crew, Detached, Event, GaveUp, Watch, collect};
 use super::threads::{catch_panic, reserve_heap};
 
 /// Maps `f` over `items` on a local rayon pool of up to `threads` threads.
@@ -97,8 +97,9 @@ pub(super) enum Stage<R, S> {
 /// a panic goes through `done`, on the calling thread, as soon as it has
 /// come (between `serial`'s items, and every [`POLL`] while `serial` waits
 /// for `first`s): what a caller publishes there is not held for the pass's
-/// slowest item. A detached job given up on gets its result once `serial`
-/// is done with (its limit is watched from then).
+/// slowest item. The detached jobs are watched there too (their limits,
+/// the crew's growth: `detached::Watch`), so a job past its limit is given
+/// up on while `serial` still has items to do, not once it is done.
 pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
     workers: usize,
     items: &[T],
@@ -133,33 +134,35 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
     // Started with the first detached job: a pass of runner processes only
     // starts no thread for it.
     let mut crew: Option<Crew<R>> = None;
-    let mut limits: Vec<Option<Duration>> = items.iter().map(|_| None).collect();
-    // The starts of detached jobs taken from `events` before `collect`.
-    let mut started: Vec<(usize, std::time::Instant)> = Vec::new();
+    let mut watch = Watch::new(items.len());
     let done = |i: usize, r: R| done(&items[i], r);
-    // What has come on `events` while `serial` runs: results through
-    // `done`, starts kept for `collect`.
+    let give_up = |i: usize, why: GaveUp| gave_up(&items[i], why);
+    // What has come on `events` while `serial` runs (results through
+    // `done`), and the detached jobs past their limit given up on, their
+    // crew grown, as `collect` does: a constructor that hangs is given up
+    // on at its limit, not once every library is opened and every runner
+    // started.
     let drain = |results: &mut Vec<Option<Result<R, String>>>,
-                 started: &mut Vec<(usize, std::time::Instant)>| {
+                 watch: &mut Watch,
+                 crew: &mut Option<Crew<R>>| {
         while let Ok(event) = events.try_recv() {
-            match event {
-                Event::Started(i, since) => started.push((i, since)),
-                Event::Done(i, result) => {
-                    if results[i].is_none() {
-                        results[i] = Some(result.map(|r| done(i, r)));
-                    }
-                }
-            }
+            watch.take(event, results, &done);
         }
+        let give_up = |i: usize, why: GaveUp| done(i, give_up(i, why));
+        watch.check(std::time::Instant::now(), results, crew.as_mut(), &give_up);
     };
-    let mut detach = |i: usize, u: U, results: &mut Vec<Option<Result<R, String>>>| {
+    let detach = |i: usize,
+                  u: U,
+                  results: &mut Vec<Option<Result<R, String>>>,
+                  watch: &mut Watch,
+                  crew: &mut Option<Crew<R>>| {
         match catch_panic(|| last(&items[i], u)) {
             Ok(job) => {
-                limits[i] = Some(job.limit);
                 crew.get_or_insert_with(|| {
                     Crew::new(workers, items.len(), heap_reserve, to_results.clone())
                 })
                 .submit(i, job.work);
+                watch.submitted(i, job.limit);
             }
             Err(panic) => results[i] = Some(Err(panic)),
         }
@@ -187,14 +190,16 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
                 loop {
                     match for_serial.recv_timeout(POLL) {
                         Ok((i, s)) => match catch_panic(|| serial(&items[i], s)) {
-                            Ok(Stage::Next(u)) => detach(i, u, &mut results),
+                            Ok(Stage::Next(u)) => {
+                                detach(i, u, &mut results, &mut watch, &mut crew);
+                            }
                             Ok(Stage::Done(r)) => results[i] = Some(Ok(done(i, r))),
                             Err(panic) => results[i] = Some(Err(panic)),
                         },
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                     }
-                    drain(&mut results, &mut started);
+                    drain(&mut results, &mut watch, &mut crew);
                 }
             });
         }
@@ -205,11 +210,11 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
                     Stage::Next(s) => serial(item, s),
                 });
                 match staged {
-                    Ok(Stage::Next(u)) => detach(i, u, &mut results),
+                    Ok(Stage::Next(u)) => detach(i, u, &mut results, &mut watch, &mut crew),
                     Ok(Stage::Done(r)) => results[i] = Some(Ok(done(i, r))),
                     Err(panic) => results[i] = Some(Err(panic)),
                 }
-                drain(&mut results, &mut started);
+                drain(&mut results, &mut watch, &mut crew);
             }
         }
     }
@@ -217,11 +222,10 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
     collect(
         &events,
         &mut results,
-        &limits,
+        &mut watch,
         crew.as_mut(),
-        &started,
         done,
-        |i, why| gave_up(&items[i], why),
+        give_up,
     );
     items
         .iter()
@@ -337,7 +341,8 @@ mod tests {
 
     /// Every result goes through `done` as soon as it has come: those of
     /// detached jobs while another item's `first` still runs (they waited
-    /// for the slowest item of the pass).
+    /// for the slowest item of the pass), and a detached job's given up on
+    /// at its limit.
     #[test]
     fn results_are_done_as_they_come_not_when_the_slowest_item_ends() {
         let items: Vec<u32> = (0..6).collect();
@@ -376,8 +381,9 @@ mod tests {
             let got: Vec<u32> = results.into_iter().map(|(_, r)| r.unwrap()).collect();
             assert_eq!(got, [1, 102, 103, 104, 105, 1006], "threads {threads}");
             let done_at = done_at.into_inner();
-            // (Item 5 is given up on once `serial` is done with.)
-            for n in 1..=4 {
+            // Item 5, past its limit, is given up on then too, not once
+            // `serial` is done with (`first` of item 0 holds that back).
+            for n in 1..=5 {
                 assert!(
                     done_at[&n] < Duration::from_millis(1200),
                     "threads {threads}: item {n} done at {:?}",

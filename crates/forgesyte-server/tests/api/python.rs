@@ -666,6 +666,49 @@ fn an_in_process_plugin_serves_while_others_of_its_wave_still_construct() {
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
 
+/// An in-process constructor that hangs is FAILED at its time limit while
+/// a runner of its wave still constructs: the pass's own thread, waiting
+/// for the runners' starts, watches the constructions too (it gave up on
+/// them only once every runner had started).
+#[test]
+fn a_hung_in_process_constructor_fails_at_its_limit_while_a_runner_still_constructs() {
+    let dir = PluginsDir::new();
+    dir.python("init-hang", "faulty")
+        .manifest_fields(
+            "init-hang",
+            json!({"name": "aaa-hang", "limits": {"init_timeout_s": 30}}),
+        )
+        .library(
+            "a-hangs",
+            forgesyte_tests::zoo::FAULTY_LIBRARY,
+            json!({"isolation": "in-process", "config": {"fault_at_init": "hang"},
+                   "limits": {"init_timeout_s": 1}}),
+        )
+        .good("fine", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    wait_initialized_within_15_s(&server, "fine");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let failed = loop {
+        let health = server.get("/v1/plugins/a-hangs/health").json();
+        if health["state"] == "FAILED" {
+            break health;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a-hangs not FAILED while the runner constructs: {health}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("timed out after 1 s during construction in process"),
+        "{failed}"
+    );
+    // The runner is still in its 30 s construction.
+    let runner = server.get("/v1/plugins/aaa-hang/health").json();
+    assert_eq!(runner["state"], "LOADED", "{runner}");
+}
+
 /// A result nested deeper than the host reads (200 lists, serde_json reads
 /// 128) is that call's tool error, `ResultTooDeep`: the plugin is not
 /// broken, and nothing restarts (it was a protocol fault: the plugin
