@@ -684,6 +684,46 @@ fn a_rescan_cut_short_by_the_stop_opens_no_library() {
     assert!(!log.contains("Plugin FAILED: beta"), "{log}");
 }
 
+/// Two directories that give one name: a rescan leaves it with the
+/// directory registered first (a later copy never takes a working plugin's
+/// place); a restart gives it to the first directory by path. README,
+/// "Hot reload".
+#[test]
+fn a_name_claimed_by_a_second_directory_stays_with_the_first_until_a_restart() {
+    let dir = PluginsDir::new();
+    dir.good("zz", json!({"name": "x"}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    dir.good("aa", json!({"name": "x"}));
+    let reload = admin_post(server.addr, "/v1/plugins/reload");
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    let served_by = |server: &Forgesyte, serving: &str, refused: &str| {
+        let x = state_of(server, "x").unwrap();
+        assert_eq!(x["state"], "INITIALIZED", "{x}");
+        assert_eq!(
+            x["description"],
+            format!("good library as {serving}"),
+            "{x}"
+        );
+        let other = state_of(server, refused).unwrap();
+        assert_eq!(other["state"], "FAILED", "{other}");
+        let reason = other["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("duplicate plugin name 'x': already registered from")
+                && reason.ends_with(serving),
+            "{other}"
+        );
+    };
+    served_by(&server, "zz", "aa");
+    drop(server);
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    served_by(&server, "aa", "zz");
+}
+
 /// Renames resolved together in one rescan: two plugins that swap names,
 /// and a chain (n1 → n2, n2 → n3), all load under their new names from
 /// their directories. Each was checked against the names registered before
