@@ -666,8 +666,9 @@ pub struct TimeoutError {
     pub operation: String,
     /// The limit that was exceeded.
     pub after: Duration,
-    /// Where the limit is set, for the person who reads the reason
-    /// (`"raise limits.init_timeout_s …"`); shown after a `; `.
+    /// Where the limit is set, for the person who reads the reason (`"the
+    /// limit is the manifest's limits.init_timeout_s, else …"`); shown
+    /// after a `; `.
     pub remedy: Option<String>,
 }
 

@@ -130,6 +130,10 @@ pub struct Limits {
     pub max_response_mb: Option<u64>,
 }
 
+/// Where a construction's time limit is set, as its time-out's reason says.
+pub(crate) const INIT_TIMEOUT_SET_BY: &str =
+    "the limit is the manifest's limits.init_timeout_s, else the server's --init-timeout";
+
 impl Limits {
     /// A construction (`operation`: `init`, `handshake`, …) past its
     /// limit, with where that limit is set.
@@ -137,11 +141,7 @@ impl Limits {
         TimeoutError {
             operation: operation.to_owned(),
             after,
-            remedy: Some(
-                "the limit is the manifest's limits.init_timeout_s, else the server's \
-                 --init-timeout"
-                    .to_owned(),
-            ),
+            remedy: Some(INIT_TIMEOUT_SET_BY.to_owned()),
         }
     }
 

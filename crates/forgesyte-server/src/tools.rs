@@ -130,8 +130,9 @@ struct CallFacts {
     elapsed: Option<Duration>,
 }
 
-/// Whether `plugin` offers `tool` by its live instance (or, in a reload,
-/// its last one) or, when it has had none, its manifest's `tools[].id`.
+/// Whether `plugin` offers `tool` by its live instance, else (none: a
+/// reload, a failed one) by its last instance's tools or its manifest's
+/// `tools[].id`.
 fn declares_tool(state: &AppState, plugin: &str, tool: &str) -> bool {
     if let Some(offered) = state.loader().offers_tool(plugin, tool) {
         return offered;

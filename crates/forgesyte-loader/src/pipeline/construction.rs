@@ -43,9 +43,18 @@ impl Loader {
             self.registry.clone(),
             p.manifest.limits.call_timeout,
         );
+        let shutdown = self.shutdown.clone();
         Detached {
             work: Box::new(move || {
                 let _returned = Returned(flag);
+                // Queued when the host began to stop: not constructed
+                // during the stop (nothing would serve it).
+                if shutdown.is_set() {
+                    return Err(InitError::Failed {
+                        message: format!("not loaded: {}", crate::process::HOST_STOPPING),
+                    }
+                    .into());
+                }
                 super::instantiate::construct(name, registry, opened, call_timeout)
             }),
             limit,
@@ -75,12 +84,11 @@ impl Loader {
                 InitError::TimedOut(forgesyte_errors::TimeoutError {
                     operation: "construction in process".to_owned(),
                     after: limit,
-                    remedy: Some(
-                        "the constructor's thread cannot be stopped and is left running; the \
-                         limit is the manifest's limits.init_timeout_s, else the server's \
-                         --init-timeout; or run the plugin with \"isolation\": \"process\""
-                            .to_owned(),
-                    ),
+                    remedy: Some(format!(
+                        "the constructor's thread cannot be stopped and is left running; {}; or \
+                         run the plugin with \"isolation\": \"process\"",
+                        crate::manifest::INIT_TIMEOUT_SET_BY
+                    )),
                 })
                 .into()
             }

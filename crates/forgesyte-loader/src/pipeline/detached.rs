@@ -5,7 +5,9 @@
 //! at most its [`Detached::limit`] from its start: one constructor that
 //! hangs is that plugin's failure, the rest of the pass goes on, and the
 //! thread stays behind, still in the plugin's code (a constructor that
-//! returns late has its instance dropped there).
+//! returns late has its instance dropped there). The limits are watched by
+//! a [`Watch`], which the pass's own thread also runs between the items of
+//! its serial stage, before [`collect`].
 //!
 //! How many threads: the pass's `workers`, one more for each job that has
 //! run [`GROW_AFTER`] while others wait (so constructors that hang are
@@ -49,7 +51,7 @@ impl<R: 'static> Detached<R> {
 /// Work for a crew thread.
 pub(super) type Job<R> = Box<dyn FnOnce() -> R + Send>;
 
-/// Why [`collect`] gave up on a job.
+/// Why a [`Watch`] gave up on a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum GaveUp {
     /// It ran this long (its limit) and has not returned; its thread is
@@ -80,17 +82,24 @@ const MAX_LIVE: usize = 16;
 /// thousands.
 const MAX_THREADS: usize = 64;
 
-/// Whether a queued job has started; a job is started or cancelled, once.
+/// Where a job stands between its crew thread and the pass: queued, then
+/// started or cancelled (once), and a started one then finished or given
+/// up on (once): a job given up on drops its late result on its own
+/// thread, never on the pass's.
 #[derive(Debug, Default, Clone)]
 struct Ticket(Arc<AtomicU8>);
 
 impl Ticket {
+    const QUEUED: u8 = 0;
     const STARTED: u8 = 1;
     const CANCELLED: u8 = 2;
+    const FINISHED: u8 = 3;
+    const GIVEN_UP: u8 = 4;
 
-    fn moved(&self, to: u8) -> bool {
+    /// Moves `from` → `to`; `false` when it was not at `from`.
+    fn moved(&self, from: u8, to: u8) -> bool {
         self.0
-            .compare_exchange(0, to, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 }
@@ -158,10 +167,21 @@ impl<R: Send + 'static> Crew<R> {
 
     /// Cancels job `index` if it has not started: then it never runs.
     fn cancel(&self, index: usize) -> bool {
+        self.move_ticket(index, Ticket::QUEUED, Ticket::CANCELLED)
+    }
+
+    /// Gives up on running job `index` unless it has just finished (its
+    /// result is then on its way): what it returns later is dropped on
+    /// its thread.
+    fn give_up(&self, index: usize) -> bool {
+        self.move_ticket(index, Ticket::STARTED, Ticket::GIVEN_UP)
+    }
+
+    fn move_ticket(&self, index: usize, from: u8, to: u8) -> bool {
         self.tickets
             .get(index)
             .and_then(Option::as_ref)
-            .is_some_and(|ticket| ticket.moved(Ticket::CANCELLED))
+            .is_some_and(|ticket| ticket.moved(from, to))
     }
 
     /// Starts one more thread, unless [`MAX_THREADS`] are started or one
@@ -223,17 +243,21 @@ fn serve<R: Send + 'static>(
         let Ok((index, ticket, job)) = next else {
             return;
         };
-        if !ticket.moved(Ticket::STARTED) {
+        if !ticket.moved(Ticket::QUEUED, Ticket::STARTED) {
             continue; // given up on before it started
         }
         let _ = events.send(Event::Started(index, Instant::now()));
-        // Nobody listening any more (the pass gave up on it and ended): the
-        // result, an instance constructed late, is dropped here.
-        let _ = events.send(Event::Done(index, catch_panic(job)));
+        let result = catch_panic(job);
+        // Given up on meanwhile, or nobody listening any more (the pass
+        // ended): the result, an instance constructed late, is dropped
+        // here, its destructor on this thread, not the pass's.
+        if ticket.moved(Ticket::STARTED, Ticket::FINISHED) {
+            let _ = events.send(Event::Done(index, result));
+        }
     }
 }
 
-/// Where a detached job stands, for [`collect`].
+/// Where a detached job stands, for a [`Watch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// Queued, not started.
@@ -314,18 +338,18 @@ impl Watch {
     }
 
     /// At `now`: gives up on the jobs past their limit (`gave_up(i,
-    /// GaveUp::Ran(limit))`, its result through `done` already), grows the
-    /// crew for the jobs waiting behind slow ones, and gives up on the
-    /// waiting jobs no thread can ever take. Returns how many items it gave
-    /// a result, and when the next job is due (its limit, or its growth
-    /// step), if any.
+    /// GaveUp::Ran(limit))`, then through `done`), grows the crew for the
+    /// jobs waiting behind slow ones, and gives up on the waiting jobs no
+    /// thread can ever take. Returns how many items it gave a result, and
+    /// when the next job is due (its limit, or its growth step), if any.
     pub(super) fn check<R: Send + 'static>(
         &mut self,
         now: Instant,
         results: &mut [Option<Result<R, String>>],
         crew: Option<&mut Crew<R>>,
-        gave_up: &impl Fn(usize, GaveUp) -> R,
+        (done, gave_up): (&impl Fn(usize, R) -> R, &impl Fn(usize, GaveUp) -> R),
     ) -> (usize, Option<Instant>) {
+        let gave_up = |i: usize, why: GaveUp| done(i, gave_up(i, why));
         let stages = &mut self.stages;
         self.watched
             .retain(|&i| !matches!(stages[i], Some(Stage::Ended) | None));
@@ -338,7 +362,12 @@ impl Watch {
             match stages[i] {
                 Some(Stage::Waiting) => waiting.push(i),
                 Some(Stage::Running { since, grown }) => {
-                    if now >= since + limit {
+                    // A job that finished just now is not given up on: its
+                    // result is on its way.
+                    if now >= since + limit
+                        && results[i].is_none()
+                        && crew.as_deref().is_some_and(|crew| crew.give_up(i))
+                    {
                         results[i] = Some(Ok(gave_up(i, GaveUp::Ran(limit))));
                         ended += 1;
                         stages[i] = Some(Stage::GivenUp);
@@ -364,16 +393,19 @@ impl Watch {
             && !waiting.is_empty()
         {
             // Threads for the waiting: the wanted ones, and one for each
-            // slow job, those left in given-up jobs aside.
+            // slow job, those left in given-up jobs aside; none for jobs a
+            // free thread is about to take.
             let want = (crew.wanted + slow).min(MAX_LIVE);
             let free = crew.started.saturating_sub(live + given_up);
-            let mut short = want.saturating_sub(live + free).min(waiting.len());
+            let mut short = want
+                .saturating_sub(live + free)
+                .min(waiting.len().saturating_sub(free));
             while short > 0 && crew.add_thread() {
                 short -= 1;
             }
             if let Some(why) = crew.starved(given_up) {
                 for &i in &waiting {
-                    if crew.cancel(i) {
+                    if results[i].is_none() && crew.cancel(i) {
                         results[i] = Some(Ok(gave_up(i, GaveUp::NoThread(why.clone()))));
                         ended += 1;
                         stages[i] = Some(Stage::Ended);
@@ -400,7 +432,6 @@ pub(super) fn collect<R: Send + 'static>(
     done: impl Fn(usize, R) -> R,
     gave_up: impl Fn(usize, GaveUp) -> R,
 ) {
-    let gave_up = |i: usize, why: GaveUp| done(i, gave_up(i, why));
     let mut open = results.iter().filter(|r| r.is_none()).count();
     while open > 0 {
         // What has come, first: the rest is worked out once per wait, not
@@ -412,7 +443,7 @@ pub(super) fn collect<R: Send + 'static>(
             break;
         }
         let now = Instant::now();
-        let (ended, next) = watch.check(now, results, crew.as_deref_mut(), &gave_up);
+        let (ended, next) = watch.check(now, results, crew.as_deref_mut(), (&done, &gave_up));
         open -= ended;
         if open == 0 {
             break;
@@ -485,6 +516,58 @@ mod tests {
         );
         // One limit and a growth step per hung job, not one limit each.
         assert!(took < limit * 3, "{took:?}");
+    }
+
+    /// What a job given up on returns late is dropped on its own thread,
+    /// never on the thread that watches (the pass's, which opens libraries):
+    /// an instance's destructor is plugin code too.
+    #[test]
+    fn a_late_result_is_dropped_on_its_own_thread() {
+        struct Late(Arc<Mutex<Option<String>>>);
+        impl Drop for Late {
+            fn drop(&mut self) {
+                let name = std::thread::current().name().map(str::to_owned);
+                *self.0.lock().unwrap() = name.or(Some("unnamed".to_owned()));
+            }
+        }
+        let dropped_on = Arc::new(Mutex::new(None));
+        let (to_results, events) = channel();
+        let mut crew = Crew::<Option<Late>>::new(1, 1, 0, to_results);
+        let late = Arc::clone(&dropped_on);
+        crew.submit(
+            0,
+            Box::new(move || {
+                std::thread::sleep(Duration::from_millis(400));
+                Some(Late(late))
+            }),
+        );
+        let mut watch = Watch::new(1);
+        watch.submitted(0, Duration::from_millis(100));
+        let mut results = vec![None];
+        collect(
+            &events,
+            &mut results,
+            &mut watch,
+            Some(&mut crew),
+            |_, r| r,
+            |_, _| None,
+        );
+        assert!(matches!(results[0], Some(Ok(None))));
+        // The watching thread takes what comes late, as the pass's next
+        // wave would.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dropped_on.lock().unwrap().is_none() {
+            if let Ok(event) = events.try_recv() {
+                watch.take(event, &mut results, &|_, r| r);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the late result was never dropped"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let on = dropped_on.lock().unwrap().clone().unwrap();
+        assert!(on.starts_with("forgesyte-construct-"), "dropped on {on}");
     }
 
     /// A panic is its item's alone.

@@ -28,7 +28,8 @@ pub(super) struct Entry {
     pub(super) optional: bool,
     pub(super) handle: Option<PluginHandle>,
     /// The tool ids of its last instance, kept while it has none (a
-    /// reload between the old instance and the new one).
+    /// reload between the old instance and the new one, or after it, when
+    /// the new one failed); cleared when it has one again.
     pub(super) last_tools: Option<Arc<[String]>>,
     /// The manifest's runtime and declared isolation, when it was valid.
     pub(super) placement: Option<(Runtime, Option<Isolation>)>,
@@ -243,15 +244,21 @@ impl Loader {
         self.entries.read().get(name)?.handle.clone()
     }
 
-    /// Whether `tool` is a tool of `name`'s live instance, or, while it
-    /// has none (a reload in progress), of its last one; `None` when it
-    /// has had no instance (or is not registered).
+    /// Whether `tool` is a tool of `name`'s live instance: `Some(true)` or
+    /// `Some(false)`. While it has none (a reload in progress, or one that
+    /// failed), `Some(true)` when its last instance offered it, else `None`
+    /// (ask its manifest); `None` too when it is not registered.
     pub fn offers_tool(&self, name: &str, tool: &str) -> Option<bool> {
         let entries = self.entries.read();
         let entry = entries.get(name)?;
         match &entry.handle {
             Some(handle) => Some(handle.has_tool(tool)),
-            None => Some(entry.last_tools.as_deref()?.iter().any(|t| t == tool)),
+            None => entry
+                .last_tools
+                .as_deref()?
+                .iter()
+                .any(|t| t == tool)
+                .then_some(true),
         }
     }
 

@@ -47,7 +47,8 @@ fn load_pool(threads: usize, heap_reserve: usize) -> Option<rayon::ThreadPool> {
 }
 
 /// How often [`par_map_pipeline`]'s calling thread, waiting for its next
-/// `serial` item, passes the detached jobs' results on.
+/// `serial` item, passes the detached jobs' results on and watches their
+/// limits.
 const POLL: Duration = Duration::from_millis(20);
 
 /// How much heap [`par_map_pipeline`] reserves per item, spread over its
@@ -77,7 +78,7 @@ pub(super) enum Stage<R, S> {
 /// its start: a job still running then gets `gave_up(item,
 /// GaveUp::Ran(limit))` as its result, and its thread is left to it; one
 /// that can never get a thread, `gave_up(item, GaveUp::NoThread(why))`
-/// (see `detached::collect`, which also grows the crew). Construction of
+/// (see `detached::Watch`, which also grows the crew). Construction of
 /// in-process plugins is such work: a constructor that never returned held
 /// the whole pass, every other plugin of it unloaded and the server never
 /// ready.
@@ -148,8 +149,8 @@ pub(super) fn par_map_pipeline<T: Sync, R: Send + 'static, S: Send, U: Send>(
         while let Ok(event) = events.try_recv() {
             watch.take(event, results, &done);
         }
-        let give_up = |i: usize, why: GaveUp| done(i, give_up(i, why));
-        watch.check(std::time::Instant::now(), results, crew.as_mut(), &give_up);
+        let now = std::time::Instant::now();
+        watch.check(now, results, crew.as_mut(), (&done, &give_up));
     };
     let detach = |i: usize,
                   u: U,

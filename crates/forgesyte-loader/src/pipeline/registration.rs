@@ -242,6 +242,7 @@ impl Loader {
         let _ = self.registry.set_confinement(&p.name, handle.confinement());
         if let Some(entry) = self.entries.write().get_mut(&p.name) {
             entry.handle = Some(handle.clone());
+            entry.last_tools = None;
         }
         match handle.mark_first_initialized() {
             // Its runner ended while the rest of its wave was constructed:

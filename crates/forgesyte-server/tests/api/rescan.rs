@@ -564,7 +564,9 @@ fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
 #[test]
 fn a_runner_let_go_by_a_rescan_shows_loaded_until_its_turn() {
     let dir = PluginsDir::new();
-    dir.good("alpha", json!({})).python("py", "echo");
+    dir.good("alpha", json!({}))
+        .python("py", "echo")
+        .manifest_fields("py", json!({"tools": [{"id": "listed-only"}]}));
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str(), "--call-timeout", "60"],
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
@@ -585,16 +587,18 @@ fn a_runner_let_go_by_a_rescan_shows_loaded_until_its_turn() {
     assert_eq!(py_call.join().unwrap().status, 503);
     std::thread::sleep(Duration::from_millis(500));
     // A call refused meanwhile is counted under its tool: its instance is
-    // gone, its last one's tools are known.
-    let refused = served(&server, "py", "echo");
-    assert_eq!(refused.status, 503, "{}", refused.text());
+    // gone, its last one's tools are known, and so are its manifest's.
+    for tool in ["echo", "listed-only"] {
+        let refused = served(&server, "py", tool);
+        assert_eq!(refused.status, 503, "{}", refused.text());
+    }
     let scrape = server.get("/metrics").text();
-    assert!(
-        scrape.contains(
-            r#"forgesyte_tool_calls_total{plugin="py",tool="echo",outcome="not_runnable"} 1"#
-        ),
-        "{scrape}"
-    );
+    for tool in ["echo", "listed-only"] {
+        let counted = format!(
+            r#"forgesyte_tool_calls_total{{plugin="py",tool="{tool}",outcome="not_runnable"}} 1"#
+        );
+        assert!(scrape.contains(&counted), "{counted} not in {scrape}");
+    }
     assert!(!scrape.contains(r#"tool="_unknown""#), "{scrape}");
     let mut seen = Vec::new();
     while !alpha_call.is_finished() {
