@@ -8,6 +8,9 @@ use std::path::Path;
 use anyhow::Context;
 use forgesyte_server::AdminToken;
 
+/// The largest admin token file read.
+const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
 /// The admin token: `FORGESYTE_ADMIN_TOKEN`, else the content of
 /// `token_file`; `None` (routes disabled) when neither is set. A variable
 /// or file that is set but empty is an error: it would silently disable
@@ -24,8 +27,23 @@ pub(crate) fn admin_token(
             (text, "FORGESYTE_ADMIN_TOKEN".to_owned())
         }
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+            // A regular file of one line: a FIFO waited for a writer, and
+            // a link to /dev/zero was read without end, before the server
+            // listened.
+            use forgesyte_deps::FileSystem as _;
+            let cannot = || format!("cannot read the admin token file {}", path.display());
+            let bytes = forgesyte_deps::RealFs
+                .read(path, MAX_TOKEN_FILE_BYTES)
+                .with_context(cannot)?;
+            if bytes.len() as u64 > MAX_TOKEN_FILE_BYTES {
+                anyhow::bail!(
+                    "{}: larger than {MAX_TOKEN_FILE_BYTES} bytes (it should hold the token, one \
+                     line)",
+                    cannot()
+                );
+            }
+            let text = String::from_utf8(bytes)
+                .map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", cannot()))?;
             (text, path.display().to_string())
         }
         (None, None) => return Ok(None),

@@ -424,15 +424,22 @@ fn source_of(command: &Command, matches: &ArgMatches, id: &str) -> Source {
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    use std::io::Read as _;
+    use forgesyte_deps::FileSystem as _;
     let read = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|file| file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+    // A regular file only: a FIFO waited for a writer before the server
+    // started (`serve`, `check` and `config --print` alike).
+    let bytes = forgesyte_deps::RealFs
+        .read(path, MAX_CONFIG_BYTES)
         .map_err(read)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        read(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text: {e}"),
+        ))
+    })?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
         return Err(read(std::io::Error::other(format!(
             "larger than {MAX_CONFIG_BYTES} bytes"

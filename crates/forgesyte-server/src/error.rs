@@ -492,6 +492,9 @@ pub enum RunError {
     TooManyCalls {
         /// The limit per plugin.
         limit: usize,
+        /// Of the calls in progress, the in-process ones past their time
+        /// limit, still running in the plugin's code.
+        abandoned: usize,
     },
     /// A bug in the host (500, `InternalError`); the message is only logged.
     #[error("Internal Server Error")]
@@ -648,8 +651,14 @@ impl RunError {
                 "Tool '{t}' of plugin '{p}' could not start within its time limit of {}s: every thread that runs tool calls was busy; it did not run, the plugin is unaffected, retry later",
                 waited.as_secs_f64()
             ),
-            RunError::TooManyCalls { limit } => format!(
+            RunError::TooManyCalls {
+                limit,
+                abandoned: 0,
+            } => format!(
                 "Plugin '{p}' has {limit} tool calls in progress, its limit; tool '{t}' did not run, retry later"
+            ),
+            RunError::TooManyCalls { limit, abandoned } => format!(
+                "Plugin '{p}' has {limit} tool calls in progress, its limit; tool '{t}' did not run. {abandoned} of them passed their time limit and still run in the plugin's code, which cannot be stopped in process: they free their places only when they return (restart the server to end them, or run the plugin with \"isolation\": \"process\")"
             ),
             RunError::BodiesInFlight { budget_kib } => format!(
                 "The request bodies of tool calls in progress fill the {} set aside for them; tool '{t}' of plugin '{p}' did not run, retry later",

@@ -126,6 +126,7 @@ mod respond;
 mod router;
 mod server;
 pub mod signing;
+mod slots;
 mod state;
 mod stream;
 mod throttle;

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::events::{EVENT_BUFFER, Events};
 use crate::metrics::Metrics;
 use crate::pool::CallPool;
+use crate::slots::{CallSlot, CallSlots};
 use crate::stream::Streams;
 use crate::wire::PluginStatusJson;
 
@@ -61,8 +62,7 @@ struct Inner {
     /// Where tool calls run.
     calls: CallPool,
     /// Tool calls in progress per plugin, and their bound.
-    call_slots: Mutex<HashMap<String, usize>>,
-    max_calls_per_plugin: usize,
+    call_slots: CallSlots,
     /// The event stream's hub (`GET /v1/events`), fed by the registry.
     events: Arc<Events>,
     /// The Prometheus metrics (`GET /metrics`).
@@ -121,8 +121,7 @@ impl AppState {
                 health_cache: RwLock::new(HashMap::new()),
                 started: Instant::now(),
                 calls: CallPool::new(),
-                call_slots: Mutex::new(HashMap::new()),
-                max_calls_per_plugin: config.max_calls_per_plugin,
+                call_slots: CallSlots::new(config.max_calls_per_plugin),
                 events,
                 metrics,
                 // The connection cap as applied (half the descriptor limit at most).
@@ -303,50 +302,15 @@ impl AppState {
     }
 
     /// Claims one of `plugin`'s [`ServerConfig::max_calls_per_plugin`]
-    /// slots for a tool call: `None` when all are taken. The slot is freed
-    /// when the guard is dropped, when the request ends (answered, timed
-    /// out, or its client gone), so a registered plugin's entry exists only
-    /// while it has calls in progress.
-    pub(crate) fn begin_call(&self, plugin: &str) -> Option<CallSlot> {
-        let mut slots = self
-            .inner
-            .call_slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let limit = self.inner.max_calls_per_plugin;
-        // One look-up; a refusal leaves no entry behind (only a slot's
-        // drop removes one).
-        match slots.get_mut(plugin) {
-            Some(taken) if *taken >= limit => return None,
-            Some(taken) => *taken += 1,
-            None if limit == 0 => return None,
-            None => {
-                slots.insert(plugin.to_owned(), 1);
-            }
-        }
-        drop(slots);
-        Some(CallSlot {
-            inner: Arc::clone(&self.inner),
-            plugin: plugin.to_owned(),
-        })
+    /// slots for a tool call (see [`CallSlots::begin`]).
+    pub(crate) fn begin_call(&self, plugin: &str) -> Result<CallSlot, crate::error::RunError> {
+        self.inner.call_slots.begin(plugin)
     }
 
-    /// Whether `plugin` has its limit of tool calls in progress (a
-    /// [`begin_call`](Self::begin_call) now would be refused).
-    pub(crate) fn calls_full(&self, plugin: &str) -> bool {
-        let slots = self
-            .inner
-            .call_slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        slots
-            .get(plugin)
-            .is_some_and(|taken| *taken >= self.inner.max_calls_per_plugin)
-    }
-
-    /// The bound on one plugin's tool calls in progress.
-    pub(crate) fn max_calls_per_plugin(&self) -> usize {
-        self.inner.max_calls_per_plugin
+    /// The refusal a [`begin_call`](Self::begin_call) now would answer:
+    /// `plugin` has its limit of tool calls in progress.
+    pub(crate) fn calls_full(&self, plugin: &str) -> Option<crate::error::RunError> {
+        self.inner.call_slots.full(plugin)
     }
 
     /// The Prometheus metrics.
@@ -392,29 +356,6 @@ impl AppState {
     }
 }
 
-/// One tool call of a plugin in progress; see [`AppState::begin_call`].
-#[derive(Debug)]
-pub(crate) struct CallSlot {
-    inner: Arc<Inner>,
-    plugin: String,
-}
-
-impl Drop for CallSlot {
-    fn drop(&mut self) {
-        let mut slots = self
-            .inner
-            .call_slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(taken) = slots.get_mut(&self.plugin) {
-            *taken = taken.saturating_sub(1);
-            if *taken == 0 {
-                slots.remove(&self.plugin);
-            }
-        }
-    }
-}
-
 impl AppState {
     /// Waits, until `deadline` at most, for the admin operation in progress
     /// (a reload or rescan) to end; `true` when none runs.
@@ -436,30 +377,5 @@ pub(crate) struct AdminGuard(Arc<Inner>);
 impl Drop for AdminGuard {
     fn drop(&mut self) {
         self.0.admin_busy.store(false, Ordering::Release);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::*;
-
-    #[test]
-    fn a_refused_call_leaves_no_slot_entry_behind() {
-        let config = ServerConfig {
-            max_calls_per_plugin: 0,
-            ..ServerConfig::default()
-        };
-        let state = AppState::new(Arc::new(crate::build_loader(&[])), &config);
-        for i in 0..100 {
-            assert!(state.begin_call(&format!("plugin-{i}")).is_none());
-        }
-        let slots = state
-            .inner
-            .call_slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        assert!(slots.is_empty(), "{} entries", slots.len());
     }
 }

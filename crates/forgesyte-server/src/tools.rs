@@ -162,11 +162,8 @@ async fn run_unrecorded(
     // Held by the call until the plugin returns (a client that hangs up
     // does not free it): a flood of calls to one slow plugin queues at
     // most this many, and the rest answer 503 at once.
-    let Some(slot) = state.begin_call(plugin) else {
-        return Err(RunError::TooManyCalls {
-            limit: state.max_calls_per_plugin(),
-        });
-    };
+    let slot = state.begin_call(plugin)?;
+    let abandoner = slot.abandoner();
     let limit = handle
         .call_timeout()
         .unwrap_or_else(|| state.call_timeout());
@@ -222,7 +219,10 @@ async fn run_unrecorded(
         let start = start.clone();
         let handle = handle.clone();
         let tool = tool.to_owned();
-        async move { watch_call(call, started_rx, &start, (&handle, &ticket), &tool, limit).await }
+        async move {
+            let timed = (&handle, &ticket, &abandoner);
+            watch_call(call, started_rx, &start, timed, &tool, limit).await
+        }
     };
     let orphaned = {
         let (state, plugin, tool) = (state.clone(), plugin.to_owned(), tool.to_owned());
@@ -299,7 +299,11 @@ async fn watch_call(
     mut call: std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>,
     mut started_rx: tokio::sync::oneshot::Receiver<Instant>,
     start: &Start,
-    (handle, ticket): (&PluginHandle, &forgesyte_loader::CallTicket),
+    (handle, ticket, abandoner): (
+        &PluginHandle,
+        &forgesyte_loader::CallTicket,
+        &crate::slots::Abandoner,
+    ),
     tool: &str,
     limit: Duration,
 ) -> Ended {
@@ -354,7 +358,11 @@ async fn watch_call(
         // The call's thread cannot be stopped: the plugin is no longer
         // trusted. The thread finishes (or not) in the background.
         None => match handle.fail_timeout(tool, limit, ticket) {
-            Some(reason) => Err(reason),
+            Some(reason) => {
+                // It keeps its slot while it runs on; counted apart.
+                abandoner.abandon();
+                Err(reason)
+            }
             // It returned just as its time ran out: its answer stands.
             None => Ok(call.await),
         },
@@ -467,10 +475,8 @@ pub(crate) fn refused_before_its_body(
     tool: &str,
 ) -> Result<PluginHandle, RunError> {
     let handle = live_handle(state, plugin, tool)?;
-    if state.calls_full(plugin) {
-        return Err(RunError::TooManyCalls {
-            limit: state.max_calls_per_plugin(),
-        });
+    if let Some(full) = state.calls_full(plugin) {
+        return Err(full);
     }
     Ok(handle)
 }

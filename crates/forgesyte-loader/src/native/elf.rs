@@ -93,8 +93,9 @@ pub(super) fn vet_fingerprint(
 }
 
 /// The regular file at `load` (named `path` in errors), opened, and its
-/// metadata (one `fstat`): missing, or anything but a regular file, is
-/// [`ImportError::LibraryNotFound`].
+/// metadata (one `fstat`): missing is [`ImportError::LibraryNotFound`],
+/// anything but a regular file [`ImportError::Open`], "not a regular
+/// file".
 pub(super) fn open_regular(
     load: &Path,
     path: &Path,
@@ -110,11 +111,8 @@ pub(super) fn open_regular(
         },
     };
     // Not a regular file (a FIFO, whose open would wait for a writer, a
-    // device): refused without waiting, as not found.
-    forgesyte_deps::open_regular(load).map_err(|e| match e.kind() {
-        std::io::ErrorKind::InvalidInput => not_found(),
-        _ => io(e),
-    })
+    // device): refused without waiting, and said so.
+    forgesyte_deps::open_regular(load).map_err(io)
 }
 
 /// Reads the ELF headers without running anything, so that files `dlopen`

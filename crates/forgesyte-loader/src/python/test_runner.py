@@ -820,6 +820,16 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(header["error"]["message"], "nope.py not found in %s" % d)
         self.assertEqual(p.wait(5), 0)
 
+    def test_a_plugin_file_that_is_a_fifo_is_said_to_be_one_without_waiting(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        os.mkfifo(os.path.join(d, "plugin.py"))
+        p = Proc(self, args=["--plugin", "x", "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")])
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed")
+        self.assertEqual(header["error"]["message"], "plugin.py is not a regular file in %s" % d)
+        self.assertEqual(p.wait(5), 0)
+
     def test_a_missing_module(self):
         p = Proc(self, args=["--plugin", "x", "--plugin-dir", FIXTURES, "--module", "no_such_pkg.plugin"])
         header = p.recv_header()

@@ -219,14 +219,12 @@ impl TrustedKeys {
 }
 
 /// At most `max + 1` bytes of `path` (so that an oversized file is seen
-/// as such without reading it whole).
+/// as such without reading it whole), if it is a regular file: a FIFO
+/// named `*.pub` waited for a writer, holding the start, or a rescan and
+/// every reload after it, for good.
 fn read_capped(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(max as u64 + 1)
-        .read_to_end(&mut bytes)?;
-    Ok(bytes)
+    use forgesyte_deps::FileSystem as _;
+    forgesyte_deps::RealFs.read(path, max as u64)
 }
 
 /// A new key pair, written as `DIR/NAME.key` (mode 0600, never over an
@@ -380,8 +378,13 @@ mod tests {
         );
         let err = read_secret_key(&public, None).unwrap_err();
         assert!(err.contains(PASSWORD_ENV), "{err}");
-        // An endless file is read no further than the limit.
+        // An endless file (a device) is not read, and a regular file past
+        // the limit is read no further than it.
         let err = read_secret_key(Path::new("/dev/zero"), None).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let big = tmp.path().join("big.key");
+        std::fs::write(&big, vec![b'x'; MAX_SECRET_KEY_BYTES + 10]).unwrap();
+        let err = read_secret_key(&big, None).unwrap_err();
         assert!(err.contains("larger than the"), "{err}");
     }
 }

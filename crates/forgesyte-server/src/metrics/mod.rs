@@ -661,7 +661,10 @@ mod tests {
         };
         assert_eq!(of(fault), Some(Outcome::fault));
         assert_eq!(
-            of(RunError::TooManyCalls { limit: 1 }),
+            of(RunError::TooManyCalls {
+                limit: 1,
+                abandoned: 0,
+            }),
             Some(Outcome::rejected)
         );
         assert_eq!(

@@ -983,7 +983,10 @@ mod tests {
             RunError::InvalidArgs {
                 message: "no".into(),
             },
-            RunError::TooManyCalls { limit: 1 },
+            RunError::TooManyCalls {
+                limit: 1,
+                abandoned: 0,
+            },
             RunError::NotRunnable {
                 state: None,
                 reason: None,

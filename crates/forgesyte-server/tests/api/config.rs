@@ -451,6 +451,38 @@ fn an_empty_or_unreadable_admin_token_refuses_serve_with_exit_code_2() {
     }
 }
 
+/// A FIFO or a device where the admin token file or the configuration
+/// file is expected is refused at once, exit code 2: a FIFO waited for a
+/// writer before the server listened (`serve`, `check`, `config --print`),
+/// and a token file linked to `/dev/zero` was read without end.
+#[test]
+fn a_token_or_config_file_that_is_no_regular_file_is_refused_at_once() {
+    let plugins = PluginsDir::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let fifo = scratch.path().join("fifo");
+    crate::support::make_fifo(&fifo);
+    let fifo = fifo.to_str().unwrap();
+    for (option, file) in [
+        ("--admin-token-file", fifo),
+        ("--admin-token-file", "/dev/zero"),
+        ("--config", fifo),
+    ] {
+        let (code, _, err) = crate::support::run_forgesyte_within(
+            &[
+                "config",
+                "--print",
+                "--plugins",
+                plugins.path_str(),
+                option,
+                file,
+            ],
+            20,
+        );
+        assert_eq!(code, 2, "{option} {file}: {err}");
+        assert!(err.contains("not a regular file"), "{option} {file}: {err}");
+    }
+}
+
 #[test]
 fn an_empty_environment_variable_is_refused_naming_it() {
     let plugins = PluginsDir::new();

@@ -425,6 +425,27 @@ fn keygen_wants_a_password_or_unencrypted_and_a_bad_trust_store_is_a_usage_error
     assert!(!keys.path().join("../escaped.pub").exists());
 }
 
+/// A FIFO named `*.pub` in the trust store is refused at once, as any key
+/// that cannot be read (it waited for a writer: `check` never ended,
+/// `serve` never listened, and at a rescan every later reload was refused
+/// as "another reload is running").
+#[test]
+fn a_fifo_in_the_trust_store_is_refused_without_waiting() {
+    let keys = tempfile::tempdir().unwrap();
+    crate::support::make_fifo(&keys.path().join("jam.pub"));
+    let plugins = PluginsDir::new();
+    let keys_dir = keys.path().to_str().unwrap();
+    let (code, _, err) = crate::support::run_forgesyte_within(
+        &["check", "--trusted-keys", keys_dir, plugins.path_str()],
+        20,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("jam.pub") && err.contains("not a regular file"),
+        "{err}"
+    );
+}
+
 /// The trust store is read again by every rescan: a key taken out of it
 /// revokes what it signed at the next `SIGHUP` (under `--require-signed`
 /// its plugins are FAILED, naming the key), and a key put back restores

@@ -825,3 +825,63 @@ fn a_client_that_reads_its_answer_too_slowly_is_let_go() {
         "the slow client read all {read} bytes in {took:?}: never let go"
     );
 }
+
+/// In-process calls past their time limit keep their slots while they run
+/// on (they cannot be stopped), though the plugin, reloaded, shows no call
+/// in flight: the refusal says so, and what to do, rather than only "2
+/// tool calls in progress" of a plugin that looks idle.
+#[test]
+fn a_refusal_names_the_calls_that_ran_past_their_limit() {
+    let dir = PluginsDir::new();
+    dir.good("slow", json!({}));
+    let token = "a-long-enough-admin-token-for-slots";
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            dir.path_str(),
+            "--max-calls-per-plugin",
+            "2",
+            "--call-timeout",
+            "1",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                http(
+                    addr,
+                    "POST",
+                    "/v1/plugins/slow/tools/sleep/run",
+                    br#"{"args": {"ms": 30000}}"#,
+                )
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.join().unwrap().status, 504);
+    }
+    let bearer = format!("Bearer {token}");
+    let reload = http_with(
+        server.addr,
+        "POST",
+        "/v1/plugins/slow/reload",
+        &[("authorization", bearer.as_str())],
+        b"",
+    );
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    let health = server.get("/v1/plugins/slow/health").json();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    let refused = server.run("slow", "echo", r#"{"args": {}}"#);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let body = refused.json();
+    assert_eq!(body["error_type"], "TooManyCalls", "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("2 of them passed their time limit and still run in the plugin's code")
+            && detail.contains("\"isolation\": \"process\""),
+        "{detail}"
+    );
+}

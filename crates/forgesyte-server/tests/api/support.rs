@@ -603,6 +603,38 @@ pub(crate) fn run_forgesyte(args: &[&str], env: &[(&str, &str)]) -> (i32, String
     )
 }
 
+/// [`run_forgesyte`] that fails the test when the command has not ended
+/// within `secs` seconds (it is killed): for commands that must not wait.
+pub(crate) fn run_forgesyte_within(args: &[&str], secs: u64) -> (i32, String, String) {
+    let mut child = forgesyte_command()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?}: still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A FIFO at `path` (`mkfifo`).
+pub(crate) fn make_fifo(path: &Path) {
+    let made = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
 /// The `forgesyte` binary with no `FORGESYTE_*` variable inherited.
 pub(crate) fn forgesyte_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_forgesyte"));

@@ -192,9 +192,12 @@ def import_plugin(args):
     if args.file is not None:
         path = args.file
         if not os.path.isfile(path):
+            # A FIFO or a device is there, not a file: said so, not "not
+            # found" (its import would wait for a writer, or read forever).
+            what = "is not a regular file" if os.path.exists(path) else "not found"
             return wire_error(
                 "Python",
-                "%s not found in %s" % (os.path.basename(path), args.plugin_dir),
+                "%s %s in %s" % (os.path.basename(path), what, args.plugin_dir),
                 error_type="ImportError",
                 path=path,
             )
