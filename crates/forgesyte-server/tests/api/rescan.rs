@@ -626,38 +626,11 @@ fn a_runner_let_go_by_a_rescan_shows_loaded_until_its_turn() {
 
 /// A reload waiting for an in-process plugin's call when the host stops
 /// ends its wait and says so, at info level: not an ERROR "Plugin FAILED"
-/// blaming a call that ran past the wait, for every stop to alert on.
+/// blaming a call that ran past the wait, for every stop to alert on. And
+/// the rescan opens no more libraries: the plugin it adds after its wait
+/// is not loaded, and says why at info level too.
 #[test]
-fn a_reload_cut_short_by_the_stop_blames_no_plugin() {
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let mut server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str(), "--call-timeout", "60"],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
-    let _call = sleep_call(&server, "alpha", 6_000);
-    wait_running(&server, "alpha");
-    let library = dir.path().join("alpha").join(good_library_name());
-    replace_by_rename(forgesyte_tests::zoo::GOOD_LIBRARY, &library);
-    let addr = server.addr;
-    let _rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
-    wait_for(
-        "the reload waiting",
-        Duration::from_secs(10),
-        &server,
-        || (served(&server, "alpha", "echo").status == 503).then_some(()),
-    );
-    server.terminate();
-    let log = server.log();
-    assert!(log.contains("not reloaded: the host is stopping"), "{log}");
-    assert!(!log.contains("Plugin FAILED: alpha"), "{log}");
-}
-
-/// A rescan still going when the host stops opens no more libraries: the
-/// plugin it adds after its wait is not loaded, and says why at info level.
-#[test]
-fn a_rescan_cut_short_by_the_stop_opens_no_library() {
+fn a_rescan_cut_short_by_the_stop_blames_no_plugin_and_opens_no_library() {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
     let mut server = Forgesyte::start_with_env(
@@ -673,13 +646,15 @@ fn a_rescan_cut_short_by_the_stop_opens_no_library() {
     let addr = server.addr;
     let _rescan = std::thread::spawn(move || admin_post(addr, "/v1/plugins/reload"));
     wait_for(
-        "the rescan waiting",
+        "the reload waiting",
         Duration::from_secs(10),
         &server,
         || (served(&server, "alpha", "echo").status == 503).then_some(()),
     );
     server.terminate();
     let log = server.log();
+    assert!(log.contains("not reloaded: the host is stopping"), "{log}");
+    assert!(!log.contains("Plugin FAILED: alpha"), "{log}");
     assert!(
         log.contains("Plugin beta not loaded: the host is stopping"),
         "{log}"
