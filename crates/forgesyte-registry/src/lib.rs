@@ -144,7 +144,7 @@ mod status;
 
 pub use error::RegistryError;
 pub use observe::{Change, ChangeKind, Observer};
-pub use registry::{CallGuard, Registry, Snapshot};
+pub use registry::{CallGuard, RESTARTING, Registry, Snapshot};
 pub use state::{ParseStateError, PluginLifecycleState};
 pub use status::{
     AVERAGE_WINDOW, ExitInfo, HISTORY_LEN, JOURNAL_LEN, JournalEntry, PluginInfo, PluginStatus,

@@ -214,7 +214,7 @@ mod tests {
                 "p state Some(\"RUNNING\")->INITIALIZED None r0 None call",
                 "p crashed Some(\"INITIALIZED\")->FAILED Some(\"CrashError: killed\") r0 Some(\"killed by signal SIGSEGV (11)\")",
                 "p reason Some(\"FAILED\")->FAILED Some(\"ToolPanic: other\") r0 Some(\"killed by signal SIGSEGV (11)\")",
-                "p restarting Some(\"FAILED\")->LOADED None r1 Some(\"killed by signal SIGSEGV (11)\")",
+                "p restarting Some(\"FAILED\")->LOADED Some(\"being restarted: its process is started again; its calls answer 503 until it is ready\") r1 Some(\"killed by signal SIGSEGV (11)\")",
                 "p state Some(\"LOADED\")->UNAVAILABLE Some(\"Missing dependencies: x\") r1 Some(\"killed by signal SIGSEGV (11)\")",
                 "p state Some(\"UNAVAILABLE\")->LOADED None r1 Some(\"killed by signal SIGSEGV (11)\")",
             ]

@@ -99,6 +99,11 @@ impl fmt::Debug for Registry {
     }
 }
 
+/// The reason of a plugin `LOADED` while its supervisor starts it again
+/// ([`Registry::mark_restarting`]).
+pub const RESTARTING: &str =
+    "being restarted: its process is started again; its calls answer 503 until it is ready";
+
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
@@ -587,7 +592,8 @@ impl Registry {
         })
     }
 
-    /// A supervisor restart begins: `FAILED -> LOADED`, reason cleared,
+    /// A supervisor restart begins: `FAILED -> LOADED`, the reason
+    /// [`RESTARTING`],
     /// `restart_count + 1`, `next_retry_at` cleared, and a journal entry.
     /// Only legal from `FAILED` (a plugin reloaded or retired meanwhile is
     /// left alone).
@@ -604,7 +610,13 @@ impl Registry {
                     to: PluginLifecycleState::Loaded,
                 });
             }
-            entry.move_to(PluginLifecycleState::Loaded, None, now);
+            // Why it answers no calls meanwhile (it was null: LOADED with
+            // no reason while its process started again).
+            entry.move_to(
+                PluginLifecycleState::Loaded,
+                Some(Arc::from(RESTARTING)),
+                now,
+            );
             entry.restart_count = entry.restart_count.saturating_add(1);
             entry.next_retry_at = None;
             let count = entry.restart_count;

@@ -638,7 +638,7 @@ fn crash_restart_and_journal() {
     let status = registry.get_status("p").unwrap();
     assert_eq!((status.state, status.restart_count), (Loaded, 1));
     assert_eq!(status.next_retry_at, None);
-    assert_eq!(status.reason, None);
+    assert_eq!(status.reason.as_deref(), Some(crate::registry::RESTARTING));
     // The exit reason outlives the restart.
     assert!(status.last_exit_reason.is_some());
     // Only from FAILED.
