@@ -64,11 +64,11 @@ impl CallSlots {
             }
         }
         drop(taken);
-        Ok(CallSlot {
+        Ok(CallSlot(Arc::new(SlotState {
             slots: self.clone(),
             plugin: plugin.to_owned(),
-            stage: Arc::new(AtomicU8::new(CallSlot::LIVE)),
-        })
+            stage: AtomicU8::new(CallSlot::LIVE),
+        })))
     }
 
     /// The refusal [`begin`](Self::begin) would answer now, if any.
@@ -86,14 +86,19 @@ impl CallSlots {
     }
 }
 
-/// One tool call of a plugin in progress; see [`CallSlots::begin`].
+/// One tool call of a plugin in progress; see [`CallSlots::begin`]. Its
+/// place is freed when this is dropped (an [`Abandoner`] shares the state,
+/// not the place).
 #[derive(Debug)]
-pub(crate) struct CallSlot {
+pub(crate) struct CallSlot(Arc<SlotState>);
+
+#[derive(Debug)]
+struct SlotState {
     slots: CallSlots,
     plugin: String,
     /// [`CallSlot::LIVE`], then abandoned and/or dropped; moved under the
     /// slots' lock, so the counts always agree with it.
-    stage: Arc<AtomicU8>,
+    stage: AtomicU8,
 }
 
 impl CallSlot {
@@ -105,25 +110,22 @@ impl CallSlot {
     /// passed, it runs on), kept by whoever times the call while the slot
     /// goes with the call.
     pub(crate) fn abandoner(&self) -> Abandoner {
-        Abandoner {
-            slots: self.slots.clone(),
-            plugin: self.plugin.clone(),
-            stage: Arc::clone(&self.stage),
-        }
+        Abandoner(Arc::clone(&self.0))
     }
 }
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
-        let mut taken = self.slots.0.taken();
-        let was = self.stage.swap(Self::DROPPED, Ordering::AcqRel);
-        if let Some(t) = taken.get_mut(&self.plugin) {
+        let slot = &self.0;
+        let mut taken = slot.slots.0.taken();
+        let was = slot.stage.swap(Self::DROPPED, Ordering::AcqRel);
+        if let Some(t) = taken.get_mut(&slot.plugin) {
             t.calls = t.calls.saturating_sub(1);
             if was == Self::ABANDONED {
                 t.abandoned = t.abandoned.saturating_sub(1);
             }
             if t.calls == 0 {
-                taken.remove(&self.plugin);
+                taken.remove(&slot.plugin);
             }
         }
     }
@@ -131,19 +133,16 @@ impl Drop for CallSlot {
 
 /// Marks a call given up on; see [`CallSlot::abandoner`].
 #[derive(Debug)]
-pub(crate) struct Abandoner {
-    slots: CallSlots,
-    plugin: String,
-    stage: Arc<AtomicU8>,
-}
+pub(crate) struct Abandoner(Arc<SlotState>);
 
 impl Abandoner {
     /// The call passed its time limit and runs on in the plugin's code: its
     /// slot is counted as abandoned until the plugin returns. Nothing when
     /// the call has returned already.
     pub(crate) fn abandon(&self) {
-        let mut taken = self.slots.0.taken();
-        if self
+        let slot = &self.0;
+        let mut taken = slot.slots.0.taken();
+        if slot
             .stage
             .compare_exchange(
                 CallSlot::LIVE,
@@ -152,7 +151,7 @@ impl Abandoner {
                 Ordering::Acquire,
             )
             .is_ok()
-            && let Some(t) = taken.get_mut(&self.plugin)
+            && let Some(t) = taken.get_mut(&slot.plugin)
         {
             t.abandoned += 1;
         }
