@@ -13,6 +13,16 @@ use forgesyte_errors::InitError;
 use super::detached::{Detached, GaveUp};
 use super::loader::{Loader, Pending};
 
+/// Why an in-process plugin was not opened or constructed: the host began
+/// to stop while its load pass went on (logged at info, not as a failure
+/// of the plugin's: `record_failure`).
+pub(super) fn not_loaded_host_stopping() -> forgesyte_errors::PluginError {
+    InitError::Failed {
+        message: format!("not loaded: {}", crate::process::HOST_STOPPING),
+    }
+    .into()
+}
+
 /// The constructions of a wave still running, by plugin: each flag falls
 /// when its constructor returns.
 pub(super) type Running = RefCell<HashMap<String, Arc<AtomicBool>>>;
@@ -50,10 +60,7 @@ impl Loader {
                 // Queued when the host began to stop: not constructed
                 // during the stop (nothing would serve it).
                 if shutdown.is_set() {
-                    return Err(InitError::Failed {
-                        message: format!("not loaded: {}", crate::process::HOST_STOPPING),
-                    }
-                    .into());
+                    return Err(not_loaded_host_stopping());
                 }
                 super::instantiate::construct(name, registry, opened, call_timeout)
             }),

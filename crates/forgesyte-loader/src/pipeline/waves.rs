@@ -110,10 +110,9 @@ impl Loader {
                     // A pass (a rescan) still going when the host stops
                     // maps no more libraries: nothing would serve them, and
                     // their constructors would run during the stop.
-                    Ok(()) if self.is_shutting_down() => Stage::Done(Err(InitError::Failed {
-                        message: format!("not loaded: {}", crate::process::HOST_STOPPING),
+                    Ok(()) if self.is_shutting_down() => {
+                        Stage::Done(Err(super::construction::not_loaded_host_stopping()))
                     }
-                    .into())),
                     Ok(()) => match self.open_library(checked) {
                         Ok(opened) => Stage::Next(opened),
                         Err(err) => Stage::Done(Err(err)),
