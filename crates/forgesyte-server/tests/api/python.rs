@@ -569,18 +569,45 @@ fn the_operator_sets_the_runners_init_timeout_and_memory_limit() {
 /// Waits until plugin `name` is INITIALIZED, for at most 15 s (the others
 /// of its wave hang for longer).
 fn wait_initialized_within_15_s(server: &Forgesyte, name: &str) {
+    wait_state_within_15_s(server, name, "INITIALIZED");
+}
+
+/// Waits until plugin `name` is in `state`, for at most 15 s (the others
+/// of its wave hang for longer); its health then.
+fn wait_state_within_15_s(server: &Forgesyte, name: &str, state: &str) -> Value {
     let since = std::time::Instant::now();
     loop {
         let health = server.get(&format!("/v1/plugins/{name}/health")).json();
-        if health["state"] == "INITIALIZED" {
-            return;
+        if health["state"] == state {
+            return health;
         }
         assert!(
             since.elapsed() < std::time::Duration::from_secs(15),
-            "{name} still not INITIALIZED while others of its wave construct: {health}"
+            "{name} still not {state} while others of its wave construct: {health}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// A wave with two constructors that hang, a runner's (`aaa-hang`, named
+/// so to sort first; the fixture hangs in a directory named `init-hang`)
+/// and an in-process one (`a-hangs`), with these init timeouts, and a
+/// good plugin (`fine`) after them.
+fn a_wave_with_two_hung_constructors(runner_limit_s: u64, in_process_limit_s: u64) -> PluginsDir {
+    let dir = PluginsDir::new();
+    dir.python("init-hang", "faulty")
+        .manifest_fields(
+            "init-hang",
+            json!({"name": "aaa-hang", "limits": {"init_timeout_s": runner_limit_s}}),
+        )
+        .library(
+            "a-hangs",
+            forgesyte_tests::zoo::FAULTY_LIBRARY,
+            json!({"isolation": "in-process", "config": {"fault_at_init": "hang"},
+                   "limits": {"init_timeout_s": in_process_limit_s}}),
+        )
+        .good("fine", json!({}));
+    dir
 }
 
 /// A plugin whose runner is constructed serves while another of its load
@@ -612,14 +639,7 @@ fn a_constructed_plugin_serves_while_another_of_its_wave_still_constructs() {
     let plugin = dir.path().join("snoop").join("plugin.py");
     let source = std::fs::read_to_string(&plugin).unwrap();
     std::fs::write(&plugin, format!("{source}\n# changed\n")).unwrap();
-    let bearer = format!("Bearer {token}");
-    let reload = http_with(
-        server.addr,
-        "POST",
-        "/v1/plugins/reload",
-        &[("authorization", bearer.as_str())],
-        b"",
-    );
+    let reload = crate::support::admin_post(server.addr, "/v1/plugins/reload", token);
     assert_eq!(reload.status, 200, "{}", reload.text());
     let report = reload.json();
     let elapsed = |name: &str| {
@@ -641,21 +661,7 @@ fn a_constructed_plugin_serves_while_another_of_its_wave_still_constructs() {
 /// only construction thread.
 #[test]
 fn an_in_process_plugin_serves_while_others_of_its_wave_still_construct() {
-    let dir = PluginsDir::new();
-    // The fixture hangs in a directory named init-hang; named aaa-hang, it
-    // sorts first in its wave.
-    dir.python("init-hang", "faulty")
-        .manifest_fields(
-            "init-hang",
-            json!({"name": "aaa-hang", "limits": {"init_timeout_s": 20}}),
-        )
-        .library(
-            "a-hangs",
-            forgesyte_tests::zoo::FAULTY_LIBRARY,
-            json!({"isolation": "in-process", "config": {"fault_at_init": "hang"},
-                   "limits": {"init_timeout_s": 20}}),
-        )
-        .good("fine", json!({}));
+    let dir = a_wave_with_two_hung_constructors(20, 20);
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     wait_initialized_within_15_s(&server, "fine");
     for name in ["aaa-hang", "a-hangs"] {
@@ -672,33 +678,10 @@ fn an_in_process_plugin_serves_while_others_of_its_wave_still_construct() {
 /// them only once every runner had started).
 #[test]
 fn a_hung_in_process_constructor_fails_at_its_limit_while_a_runner_still_constructs() {
-    let dir = PluginsDir::new();
-    dir.python("init-hang", "faulty")
-        .manifest_fields(
-            "init-hang",
-            json!({"name": "aaa-hang", "limits": {"init_timeout_s": 30}}),
-        )
-        .library(
-            "a-hangs",
-            forgesyte_tests::zoo::FAULTY_LIBRARY,
-            json!({"isolation": "in-process", "config": {"fault_at_init": "hang"},
-                   "limits": {"init_timeout_s": 1}}),
-        )
-        .good("fine", json!({}));
+    let dir = a_wave_with_two_hung_constructors(30, 1);
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     wait_initialized_within_15_s(&server, "fine");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let failed = loop {
-        let health = server.get("/v1/plugins/a-hangs/health").json();
-        if health["state"] == "FAILED" {
-            break health;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a-hangs not FAILED while the runner constructs: {health}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let failed = wait_state_within_15_s(&server, "a-hangs", "FAILED");
     let reason = failed["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("timed out after 1 s during construction in process"),
@@ -781,14 +764,8 @@ fn reloaded_during_a_call(
         &server,
         || (server.get(&health).json()["in_flight"] == 1).then_some(()),
     );
-    let bearer = format!("Bearer {token}");
-    let reload = http_with(
-        server.addr,
-        "POST",
-        &format!("/v1/plugins/{plugin}/reload"),
-        &[("authorization", bearer.as_str())],
-        b"",
-    );
+    let reload =
+        crate::support::admin_post(server.addr, &format!("/v1/plugins/{plugin}/reload"), token);
     assert_eq!(reload.status, 200, "{}", reload.text());
     let answer = call.join().unwrap();
     let health = server.get(&health).json();

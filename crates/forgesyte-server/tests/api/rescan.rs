@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Forgesyte, PluginsDir, Reply, good_library_name, http_with, run_forgesyte};
+use crate::support::{Forgesyte, PluginsDir, Reply, good_library_name, run_forgesyte};
 
 const TOKEN: &str = "rescan-test-token-0123456789";
 
@@ -228,14 +228,7 @@ fn a_changed_python_plugin_restarts_with_its_new_source() {
 /// An admin route: POST `path` to the server at `addr` with the admin
 /// token.
 fn admin_post(addr: std::net::SocketAddr, path: &str) -> Reply {
-    let bearer = format!("Bearer {TOKEN}");
-    http_with(
-        addr,
-        "POST",
-        path,
-        &[("Authorization", bearer.as_str())],
-        b"",
-    )
+    crate::support::admin_post(addr, path, TOKEN)
 }
 
 /// POST /v1/plugins/reload with the admin token: the rescan's report.

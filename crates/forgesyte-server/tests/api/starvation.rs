@@ -863,14 +863,7 @@ fn a_refusal_names_the_calls_that_ran_past_their_limit() {
     for call in calls {
         assert_eq!(call.join().unwrap().status, 504);
     }
-    let bearer = format!("Bearer {token}");
-    let reload = http_with(
-        server.addr,
-        "POST",
-        "/v1/plugins/slow/reload",
-        &[("authorization", bearer.as_str())],
-        b"",
-    );
+    let reload = crate::support::admin_post(server.addr, "/v1/plugins/slow/reload", token);
     assert_eq!(reload.status, 200, "{}", reload.text());
     let health = server.get("/v1/plugins/slow/health").json();
     assert_eq!(health["state"], "INITIALIZED", "{health}");

@@ -329,6 +329,19 @@ pub(crate) fn try_http(
     try_http_with(addr, method, target, &[], body)
 }
 
+/// POST `path`, an admin route, to the server at `addr` with `token` as
+/// its bearer token.
+pub(crate) fn admin_post(addr: SocketAddr, path: &str, token: &str) -> Reply {
+    let bearer = format!("Bearer {token}");
+    http_with(
+        addr,
+        "POST",
+        path,
+        &[("Authorization", bearer.as_str())],
+        b"",
+    )
+}
+
 /// [`http`] with extra request headers.
 pub(crate) fn http_with(
     addr: SocketAddr,
