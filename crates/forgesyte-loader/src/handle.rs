@@ -163,6 +163,15 @@ struct Running<'a> {
     ticket: &'a CallTicket,
 }
 
+/// A call [`PluginHandle::begin`] started, for [`PluginHandle::end`].
+struct Begun<'a> {
+    running: Running<'a>,
+    /// The arguments, encoded.
+    args: Vec<u8>,
+    instance: Arc<dyn PluginInstance>,
+    started: Instant,
+}
+
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         if self.ticket.settle() {
@@ -374,6 +383,75 @@ impl PluginHandle {
         context: &CallContext,
         ticket: &CallTicket,
     ) -> Result<ToolOutput, CallError> {
+        let call = self.begin(tool, args, ticket)?;
+        let called = || {
+            call.instance
+                .call_output(tool, &call.args, attachments, context)
+        };
+        // An in-process plugin's log lines name it (`plugin_log`).
+        let outcome = match self.inner.isolation {
+            Isolation::InProcess => crate::plugin_log::as_plugin(&self.inner.slot.name, called),
+            Isolation::Process => called(),
+        };
+        self.end(call, outcome)
+    }
+
+    /// [`call_ticketed`](Self::call_ticketed) of a call without binary
+    /// arguments, awaited rather than blocking a thread where the plugin's
+    /// instance can take it so (a plugin in a runner process whose request
+    /// pipe has room: the request is written at once, the answer awaited);
+    /// otherwise the call is made on tokio's blocking pool. It must be
+    /// polled inside a tokio runtime whose timers are enabled. Dropped
+    /// before its end, the call is no longer in flight and not counted
+    /// (its answer, if one comes, is dropped).
+    pub async fn call_ticketed_async(
+        &self,
+        tool: &str,
+        args: &Value,
+        context: &CallContext,
+        ticket: &CallTicket,
+    ) -> Result<ToolOutput, CallError> {
+        let mut call = self.begin(tool, args, ticket)?;
+        let instance = Arc::clone(&call.instance);
+        let outcome = match instance.call_async(tool, &call.args, context) {
+            Some(awaited) => awaited.await,
+            None => {
+                let (instance, tool, args, context) = (
+                    Arc::clone(&call.instance),
+                    tool.to_owned(),
+                    std::mem::take(&mut call.args),
+                    context.clone(),
+                );
+                let name = self.inner.slot.name.clone();
+                let isolation = self.inner.isolation;
+                let on_thread = tokio::task::spawn_blocking(move || {
+                    let called = || instance.call_output(&tool, &args, &[], &context);
+                    match isolation {
+                        Isolation::InProcess => crate::plugin_log::as_plugin(&name, called),
+                        Isolation::Process => called(),
+                    }
+                });
+                match on_thread.await {
+                    Ok(outcome) => outcome,
+                    // A panic of host code on that thread goes on here.
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => Err(ToolError::Stopped {
+                        reason: "the host is stopping".into(),
+                    }),
+                }
+            }
+        };
+        self.end(call, outcome)
+    }
+
+    /// A call's start: the tool checked, the plugin marked running under
+    /// `ticket`, the arguments encoded, the instance taken.
+    fn begin<'a>(
+        &'a self,
+        tool: &str,
+        args: &Value,
+        ticket: &'a CallTicket,
+    ) -> Result<Begun<'a>, CallError> {
         let name = &self.inner.slot.name;
         let registry = &self.inner.slot.registry;
         if !self.has_tool(tool) {
@@ -397,9 +475,9 @@ impl PluginHandle {
                 self.interrupted("the call did not start within its time limit; send it again")
             );
         }
-        // Until the call is recorded below, it is finished (no longer in
-        // flight, not counted) however this function is left: an early
-        // return, or a panic of the host's own.
+        // Until the call is recorded by `end`, it is finished (no longer
+        // in flight, not counted) however it is left: an early return, a
+        // panic of the host's own, a future dropped.
         let running = Running {
             handle: self,
             ticket,
@@ -423,43 +501,60 @@ impl PluginHandle {
         };
         let instance = self.inner.slot.current();
         ticket.ran_on(&instance);
-        let started = Instant::now();
-        let called = || instance.call_output(tool, &args, attachments, context);
-        // An in-process plugin's log lines name it (`plugin_log`).
-        let outcome = match self.inner.isolation {
-            Isolation::InProcess => crate::plugin_log::as_plugin(&self.inner.slot.name, called),
-            Isolation::Process => called(),
-        }
-        .and_then(|output| {
-            let mut result = serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
-            forgesyte_protocol::wire::attach::overlapping(&output.binary).map_or(
-                Ok(()),
-                |pointer| {
-                    Err(ToolError::Protocol {
-                        detail: format!(
-                            "two binary results at {pointer:?} (one in the place of another)"
-                        ),
-                    })
-                },
-            )?;
-            for (pointer, _) in &output.binary {
-                forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
-                    .map_err(|e| ToolError::Protocol {
-                        detail: format!("a binary result has no place in the result: {e}"),
-                    })?;
-            }
-            Ok(ToolOutput {
-                result,
-                binary: output.binary,
-            })
+        Ok(Begun {
+            running,
+            args,
+            instance,
+            started: Instant::now(),
         })
-        .map_err(|e| match e {
-            ToolError::UnknownTool { tool, .. } => ToolError::UnknownTool {
-                plugin: name.clone(),
-                tool,
-            },
-            other => other,
-        });
+    }
+
+    /// A call's end: its outcome read and recorded (see `begin`).
+    fn end(
+        &self,
+        call: Begun<'_>,
+        outcome: Result<crate::host::CallOutput, ToolError>,
+    ) -> Result<ToolOutput, CallError> {
+        let name = &self.inner.slot.name;
+        let registry = &self.inner.slot.registry;
+        let Begun {
+            running,
+            instance,
+            started,
+            ..
+        } = call;
+        let outcome = outcome
+            .and_then(|output| {
+                let mut result =
+                    serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
+                forgesyte_protocol::wire::attach::overlapping(&output.binary).map_or(
+                    Ok(()),
+                    |pointer| {
+                        Err(ToolError::Protocol {
+                            detail: format!(
+                                "two binary results at {pointer:?} (one in the place of another)"
+                            ),
+                        })
+                    },
+                )?;
+                for (pointer, _) in &output.binary {
+                    forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
+                        .map_err(|e| ToolError::Protocol {
+                            detail: format!("a binary result has no place in the result: {e}"),
+                        })?;
+                }
+                Ok(ToolOutput {
+                    result,
+                    binary: output.binary,
+                })
+            })
+            .map_err(|e| match e {
+                ToolError::UnknownTool { tool, .. } => ToolError::UnknownTool {
+                    plugin: name.clone(),
+                    tool,
+                },
+                other => other,
+            });
         let elapsed = started.elapsed();
         // Recorded by whoever settles first: a call its caller timed out
         // (`fail_timeout`) was counted, and its plugin marked, then; what
@@ -477,6 +572,7 @@ impl PluginHandle {
                  or the server's stop): its result is lost; send it again",
             ));
         }
+        let ticket = running.ticket;
         let _recorded_below = std::mem::ManuallyDrop::new(running);
         if ticket.settle() {
             if let Err(e) = &outcome
@@ -804,5 +900,116 @@ mod tests {
             None
         );
         assert_eq!(old.kills.load(Ordering::SeqCst), 1);
+    }
+
+    /// An isolated "runner" whose calls are awaited while it holds an
+    /// answer channel, and made on a thread (counted) otherwise.
+    #[derive(Debug)]
+    struct Awaitable {
+        tools: Vec<ToolInfo>,
+        answer: Mutex<Option<tokio::sync::oneshot::Receiver<Vec<u8>>>>,
+        on_thread: AtomicU32,
+    }
+
+    impl PluginInstance for Awaitable {
+        fn tools(&self) -> &[ToolInfo] {
+            &self.tools
+        }
+
+        fn call(&self, _tool: &str, _args: &[u8]) -> Result<Vec<u8>, ToolError> {
+            self.on_thread.fetch_add(1, Ordering::SeqCst);
+            Ok(br#""thread""#.to_vec())
+        }
+
+        fn call_async(
+            self: Arc<Self>,
+            _tool: &str,
+            _args: &[u8],
+            _context: &CallContext,
+        ) -> Option<crate::host::AsyncCall> {
+            let answer = self.answer.lock().take()?;
+            Some(Box::pin(async move {
+                answer
+                    .await
+                    .map(crate::host::CallOutput::json)
+                    .map_err(|_| ToolError::Protocol {
+                        detail: "no answer".into(),
+                    })
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_awaited_call_is_in_flight_until_its_answer_and_recorded_once() {
+        let registry = registry_with_p();
+        let instance = Arc::new(Awaitable {
+            tools: vec![ToolInfo::new("t")],
+            answer: Mutex::new(None),
+            on_thread: AtomicU32::new(0),
+        });
+        let handle = PluginHandle {
+            inner: Arc::new(Inner {
+                slot: Arc::new(Slot::new(
+                    "p".into(),
+                    registry.clone(),
+                    Arc::clone(&instance) as Arc<dyn PluginInstance>,
+                )),
+                call_timeout: Some(Duration::from_secs(10)),
+                isolation: Isolation::Process,
+                supervisor: None,
+            }),
+        };
+        let counts = || {
+            let s = registry.get_status("p").unwrap();
+            (s.state, s.in_flight, s.success_count, s.error_count)
+        };
+        let call = |handle: &PluginHandle| {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                handle
+                    .call_ticketed_async(
+                        "t",
+                        &serde_json::json!({}),
+                        &CallContext::default(),
+                        &CallTicket::new(),
+                    )
+                    .await
+                    .map(|o| o.result)
+            })
+        };
+        let in_flight = || async {
+            while registry.get_status("p").unwrap().in_flight == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        use PluginLifecycleState::{Initialized, Running as Busy};
+
+        // Awaited: in flight (RUNNING) until the answer comes, then counted.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *instance.answer.lock() = Some(rx);
+        let awaited = call(&handle);
+        in_flight().await;
+        assert_eq!(counts(), (Busy, 1, 0, 0));
+        tx.send(br#"{"ok":1}"#.to_vec()).unwrap();
+        assert_eq!(
+            awaited.await.unwrap().unwrap(),
+            serde_json::json!({"ok": 1})
+        );
+        assert_eq!(counts(), (Initialized, 0, 1, 0));
+        assert_eq!(instance.on_thread.load(Ordering::SeqCst), 0);
+
+        // Not takeable awaited: made on a thread, recorded the same way.
+        assert_eq!(call(&handle).await.unwrap().unwrap(), "thread");
+        assert_eq!(counts(), (Initialized, 0, 2, 0));
+        assert_eq!(instance.on_thread.load(Ordering::SeqCst), 1);
+
+        // Dropped before its answer: no longer in flight, not counted.
+        let (_tx, rx) = tokio::sync::oneshot::channel();
+        *instance.answer.lock() = Some(rx);
+        let dropped = call(&handle);
+        in_flight().await;
+        dropped.abort();
+        assert!(dropped.await.unwrap_err().is_cancelled());
+        assert_eq!(counts(), (Initialized, 0, 2, 0));
     }
 }

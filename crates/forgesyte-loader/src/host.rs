@@ -111,6 +111,10 @@ impl CallOutput {
     }
 }
 
+/// A call [`PluginInstance::call_async`] made, awaited for its outcome.
+pub type AsyncCall =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<CallOutput, ToolError>> + Send>>;
+
 /// A live plugin instance; tools may be called from several threads at once.
 pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// The tools the instance offers.
@@ -181,6 +185,23 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// (the default) when they would only be base64-encoded again.
     fn takes_binary(&self) -> bool {
         false
+    }
+
+    /// [`call_output`](Self::call_output) of a call without attachments,
+    /// for a caller that awaits the answer instead of blocking a thread on
+    /// it (a runner-hosted instance: the request is written at once and
+    /// the answer awaited). `None` (the default) when the instance cannot
+    /// take the call that way now, and nothing was done: the caller makes
+    /// it with `call_output` on a thread of its own. The future must be
+    /// polled inside a tokio runtime whose timers are enabled.
+    fn call_async(
+        self: Arc<Self>,
+        tool: &str,
+        args: &[u8],
+        context: &CallContext,
+    ) -> Option<AsyncCall> {
+        let _ = (tool, args, context);
+        None
     }
 
     /// The id of the process the instance lives in, when that is not the

@@ -22,7 +22,9 @@
 //!
 //! This crate is the only one that calls plugin code (through [`native`],
 //! [`process`] or an injected [`Importer`]). It knows nothing about HTTP. It
-//! never unloads a library.
+//! never unloads a library. Its calls block their thread, but for one:
+//! [`PluginHandle::call_ticketed_async`], which awaits a runner's answer
+//! inside a tokio runtime (the only use of tokio here).
 //!
 //! # Process isolation
 //!
@@ -91,7 +93,8 @@ pub use entry_points::EntryPoint;
 pub use forgesyte_protocol::wire::{CallContext, fit_request_id};
 pub use handle::{CallError, CallTicket, PluginHandle, ToolOutput};
 pub use host::{
-    CallOutput, ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary, ToolInfo,
+    AsyncCall, CallOutput, ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary,
+    ToolInfo,
 };
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{

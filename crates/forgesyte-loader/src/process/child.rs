@@ -35,7 +35,7 @@ use super::exit::{classify, signal_name};
 use super::os_process::OsProcess;
 use super::spawn::{pass_fd, spawn_runner};
 use super::stderr::StderrLog;
-use super::transport::{Reply, RequestError, Transport};
+use super::transport::{Reply, RequestError, Sent, Transport};
 use super::zygote::Zygote;
 use crate::host::{ExitCallback, ExitReport};
 
@@ -561,6 +561,45 @@ impl Child {
                         Arc::new(ExitReport::protocol("the plugin process is gone"))
                     }),
             )),
+        }
+    }
+
+    /// [`Transport::try_send`]: a small request sent at once, or `None`
+    /// (nothing sent; [`Self::request`] sends it); a connection already
+    /// ended gives its report.
+    pub(crate) fn try_send(
+        &self,
+        head: impl FnOnce(u64) -> Vec<u8>,
+        tail: &[&[u8]],
+        deadline: Option<Instant>,
+    ) -> Option<Result<Sent, Arc<ExitReport>>> {
+        match self.shared.transport.try_send(head, tail, deadline)? {
+            Ok(sent) => Some(Ok(sent)),
+            Err(RequestError::Closed(Some(report))) => Some(Err(report)),
+            // Half a frame went (a stream that is not a pipe): the stream
+            // is closed, and the runner, reading the end of its input,
+            // exits; `request` finds the closed stream and says how the
+            // runner ended (blocking, which only a thread may).
+            Err(_) => None,
+        }
+    }
+
+    /// The reply to a request [`Self::try_send`] sent, awaited until
+    /// `deadline` (`None`: none): `Err(None)` past it, as for
+    /// [`Self::request`].
+    pub(crate) async fn wait(
+        &self,
+        sent: Sent,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, Option<Arc<ExitReport>>> {
+        match self.shared.transport.wait(sent, deadline).await {
+            Ok(reply) => Ok(reply),
+            Err(RequestError::TimedOut) => Err(None),
+            Err(RequestError::Closed(report)) => {
+                Err(Some(report.unwrap_or_else(|| {
+                    Arc::new(ExitReport::protocol("the plugin process is gone"))
+                })))
+            }
         }
     }
 

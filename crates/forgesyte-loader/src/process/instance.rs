@@ -15,7 +15,7 @@ use super::spares;
 use super::transport::Reply;
 use super::wire_error::WireErrorExt;
 use crate::CallContext;
-use crate::host::{CallOutput, ExitCallback, PluginInstance, ToolInfo};
+use crate::host::{AsyncCall, CallOutput, ExitCallback, PluginInstance, ToolInfo};
 
 /// A plugin instance in a runner process. Dropping it stops the process
 /// (asked first, killed after a grace).
@@ -82,28 +82,7 @@ impl ProcessInstance {
         attachments: &[(&str, &[u8])],
         context: &CallContext,
     ) -> Result<CallOutput, ToolError> {
-        let head = |id: u64| {
-            let mut head = format!(r#"{{"op":"call","id":{id},"tool":"#).into_bytes();
-            // A string always serialises.
-            let _ = serde_json::to_writer(&mut head, tool);
-            if !attachments.is_empty() {
-                head.extend_from_slice(br#","attachments":"#);
-                let pointers: Vec<&str> = attachments.iter().map(|(p, _)| *p).collect();
-                let _ = serde_json::to_writer(&mut head, &pointers);
-            }
-            if !context.is_empty() {
-                head.extend_from_slice(br#","context":"#);
-                // Strings only: always serialises.
-                let _ = serde_json::to_writer(&mut head, context);
-            }
-            head.extend_from_slice(br#","args":"#);
-            head
-        };
-        if serde_json::from_slice::<serde::de::IgnoredAny>(args).is_err() {
-            return Err(ToolError::InvalidArgs {
-                message: "the arguments are not JSON".into(),
-            });
-        }
+        check_args(args)?;
         let hello = self.child.hello();
         if !attachments.is_empty() && !hello.can(capability::ATTACHMENTS) {
             return Err(ToolError::InvalidArgs {
@@ -131,9 +110,74 @@ impl ProcessInstance {
                 }
             },
         };
+        let head = call_head(tool, attachments, context);
         let reply = self
             .child
             .request(head, &[args, b"}"], &bytes, self.call_timeout);
+        if matches!(reply, Err(None)) {
+            self.child.kill(self.timed_out(tool));
+            let _ = self.child.wait_dead(child::DEATH_SYNC);
+        }
+        self.answer(reply)
+    }
+
+    /// [`call_output`](Self::call_output) of a call without attachments,
+    /// for a caller that awaits its answer rather than block a thread on
+    /// it: `None` when it cannot be sent at once (see
+    /// [`Transport::try_send`](super::transport::Transport::try_send)),
+    /// and nothing was sent. The future must be polled inside a tokio
+    /// runtime whose timers are enabled.
+    fn call_awaited(
+        self: Arc<Self>,
+        tool: &str,
+        args: &[u8],
+        context: &CallContext,
+    ) -> Option<AsyncCall> {
+        if self.serial.is_some() {
+            return None;
+        }
+        if let Err(e) = check_args(args) {
+            return Some(Box::pin(std::future::ready(Err(e))));
+        }
+        let deadline = std::time::Instant::now().checked_add(self.call_timeout);
+        let head = call_head(tool, &[], context);
+        let sent = match self.child.try_send(head, &[args, b"}"], deadline)? {
+            Ok(sent) => sent,
+            Err(report) => return Some(Box::pin(std::future::ready(Err(tool_crash(&report))))),
+        };
+        let tool = tool.to_owned();
+        Some(Box::pin(async move {
+            let reply = self.child.wait(sent, deadline).await;
+            if matches!(reply, Err(None)) {
+                self.child.kill(self.timed_out(&tool));
+                // Its death processed before the call returns, as for a
+                // blocked caller; the wait is a thread's.
+                let this = Arc::clone(&self);
+                let _ =
+                    tokio::task::spawn_blocking(move || this.child.wait_dead(child::DEATH_SYNC))
+                        .await;
+            }
+            self.answer(reply)
+        }))
+    }
+
+    /// Why a call of `tool` past the call timeout kills the runner.
+    fn timed_out(&self, tool: &str) -> KillReason {
+        KillReason::host(
+            PluginError::Timeout(crate::manifest::Limits::call_timed_out(
+                tool,
+                self.call_timeout,
+            ))
+            .reason(),
+        )
+    }
+
+    /// What a call's reply means for its caller (`Err(None)`: none came
+    /// within the call timeout, and the runner was killed for it).
+    fn answer(
+        &self,
+        reply: Result<Reply, Option<Arc<crate::host::ExitReport>>>,
+    ) -> Result<CallOutput, ToolError> {
         match reply {
             Ok(Reply::Answer(
                 Response::Result {
@@ -154,16 +198,45 @@ impl ProcessInstance {
                 detail: "a second greeting".into(),
             }),
             Ok(Reply::Died(report)) | Err(Some(report)) => Err(tool_crash(&report)),
-            Err(None) => {
-                let after = self.call_timeout;
-                let reason =
-                    PluginError::Timeout(crate::manifest::Limits::call_timed_out(tool, after))
-                        .reason();
-                self.child.kill(KillReason::host(reason));
-                let _ = self.child.wait_dead(child::DEATH_SYNC);
-                Err(ToolError::TimedOut { after })
-            }
+            Err(None) => Err(ToolError::TimedOut {
+                after: self.call_timeout,
+            }),
         }
+    }
+}
+
+/// The arguments of a call, refused unless JSON.
+fn check_args(args: &[u8]) -> Result<(), ToolError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(args)
+        .map(drop)
+        .map_err(|_| ToolError::InvalidArgs {
+            message: "the arguments are not JSON".into(),
+        })
+}
+
+/// A call request's header up to its `args` (which follow it, then `}`),
+/// given its id.
+fn call_head<'a>(
+    tool: &'a str,
+    attachments: &'a [(&str, &[u8])],
+    context: &'a CallContext,
+) -> impl FnOnce(u64) -> Vec<u8> + 'a {
+    move |id: u64| {
+        let mut head = format!(r#"{{"op":"call","id":{id},"tool":"#).into_bytes();
+        // A string always serialises.
+        let _ = serde_json::to_writer(&mut head, tool);
+        if !attachments.is_empty() {
+            head.extend_from_slice(br#","attachments":"#);
+            let pointers: Vec<&str> = attachments.iter().map(|(p, _)| *p).collect();
+            let _ = serde_json::to_writer(&mut head, &pointers);
+        }
+        if !context.is_empty() {
+            head.extend_from_slice(br#","context":"#);
+            // Strings only: always serialises.
+            let _ = serde_json::to_writer(&mut head, context);
+        }
+        head.extend_from_slice(br#","args":"#);
+        head
     }
 }
 
@@ -267,6 +340,15 @@ impl PluginInstance for ProcessInstance {
 
     fn takes_binary(&self) -> bool {
         self.child.hello().can(capability::ATTACHMENTS)
+    }
+
+    fn call_async(
+        self: Arc<Self>,
+        tool: &str,
+        args: &[u8],
+        context: &CallContext,
+    ) -> Option<AsyncCall> {
+        ProcessInstance::call_awaited(self, tool, args, context)
     }
 
     fn stop(&self) {

@@ -71,12 +71,61 @@ pub(crate) enum RequestError {
     Closed(Option<Arc<ExitReport>>),
 }
 
+/// Where a request's reply goes: a thread blocked on a channel
+/// ([`Transport::request`]) or a task awaiting it ([`Transport::try_send`]).
+#[derive(Debug)]
+enum Waiter {
+    Blocked(SyncSender<Reply>),
+    Awaiting(tokio::sync::oneshot::Sender<Reply>),
+}
+
+impl Waiter {
+    /// Hands over `reply`; a caller that gave up meanwhile is nobody to
+    /// tell.
+    fn send(self, reply: Reply) {
+        match self {
+            Waiter::Blocked(tx) => {
+                let _ = tx.try_send(reply);
+            }
+            Waiter::Awaiting(tx) => {
+                let _ = tx.send(reply);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Waiters {
     closed: Option<Arc<ExitReport>>,
     next_id: u64,
-    map: HashMap<u64, SyncSender<Reply>>,
+    map: HashMap<u64, Waiter>,
 }
+
+impl Waiters {
+    /// A fresh id with `waiter` registered under it; the report of a
+    /// connection already closed instead.
+    fn register(&mut self, waiter: Waiter) -> Result<u64, RequestError> {
+        if let Some(report) = &self.closed {
+            return Err(RequestError::Closed(Some(Arc::clone(report))));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.map.insert(id, waiter);
+        Ok(id)
+    }
+}
+
+/// A request sent by [`Transport::try_send`], whose reply is awaited.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    id: u64,
+    reply: tokio::sync::oneshot::Receiver<Reply>,
+}
+
+/// The largest frame [`Transport::try_send`] writes: a pipe takes a write
+/// of at most `PIPE_BUF` bytes whole or not at all, so a frame that finds
+/// no room is not half sent.
+const ATOMIC_FRAME: usize = 4096;
 
 /// The request stream: a pipe (or anything with a descriptor that
 /// `poll(2)` understands), switched to non-blocking mode by
@@ -138,7 +187,7 @@ impl Transport {
         rustix::io::ioctl_fionbio(&writer, true)?;
         let (tx, rx) = sync_channel(1);
         let mut map = HashMap::new();
-        map.insert(HELLO_ID, tx);
+        map.insert(HELLO_ID, Waiter::Blocked(tx));
         let transport = Transport {
             writer: Mutex::new(Some(Box::new(writer))),
             waiters: Mutex::new(Waiters {
@@ -181,17 +230,8 @@ impl Transport {
         attachments: &[&[u8]],
         timeout: Duration,
     ) -> Result<Reply, RequestError> {
-        let (id, rx) = {
-            let mut waiters = self.waiters.lock();
-            if let Some(report) = &waiters.closed {
-                return Err(RequestError::Closed(Some(Arc::clone(report))));
-            }
-            let id = waiters.next_id;
-            waiters.next_id += 1;
-            let (tx, rx) = sync_channel(1);
-            waiters.map.insert(id, tx);
-            (id, rx)
-        };
+        let (tx, rx) = sync_channel(1);
+        let id = self.waiters.lock().register(Waiter::Blocked(tx))?;
         // `None`: too far away to matter (no deadline).
         let deadline = Instant::now().checked_add(timeout);
         let head = head(id);
@@ -274,6 +314,90 @@ impl Transport {
                 Err(RequestError::TimedOut)
             }
             Err(RecvTimeoutError::Disconnected) => Err(RequestError::Closed(self.closed())),
+        }
+    }
+
+    /// Sends a request of no attachments at once, without blocking, for a
+    /// caller that awaits its reply ([`Self::wait`]): `None` when it
+    /// cannot go at once (its frame is over [`ATOMIC_FRAME`] bytes,
+    /// another caller is writing, the pipe has no room for it, or the
+    /// stream is closed or failing), and nothing was sent: the caller
+    /// sends it with [`Self::request`], which waits for room and reports
+    /// a closed stream. `head` and `tail` as there.
+    pub(crate) fn try_send(
+        &self,
+        head: impl FnOnce(u64) -> Vec<u8>,
+        tail: &[&[u8]],
+        deadline: Option<Instant>,
+    ) -> Option<Result<Sent, RequestError>> {
+        if tail.iter().map(|part| part.len()).sum::<usize>() >= ATOMIC_FRAME {
+            return None;
+        }
+        let mut writer = self.writer.try_lock()?;
+        let stream = writer.as_mut()?;
+        let (tx, reply) = tokio::sync::oneshot::channel();
+        let id = match self.waiters.lock().register(Waiter::Awaiting(tx)) {
+            Ok(id) => id,
+            Err(e) => return Some(Err(e)),
+        };
+        let head = head(id);
+        let mut header = Vec::with_capacity(1 + tail.len());
+        header.push(head.as_slice());
+        header.extend_from_slice(tail);
+        let mut frame = Vec::with_capacity(ATOMIC_FRAME);
+        let small =
+            write_frame_parts(&mut frame, &header, &[]).is_ok() && frame.len() <= ATOMIC_FRAME;
+        let written = if small { stream.write(&frame) } else { Ok(0) };
+        match written {
+            Ok(n) if n == frame.len() => Some(Ok(Sent { id, reply })),
+            // Only a stream that is not a pipe writes part of a small
+            // frame: the rest waits for room, until the call's deadline.
+            Ok(n) if n > 0 => {
+                let mut rest = DeadlineWriter {
+                    inner: stream.as_mut(),
+                    deadline,
+                    written: 0,
+                };
+                match rest.write_all(&frame[n..]) {
+                    Ok(()) => Some(Ok(Sent { id, reply })),
+                    Err(_) => {
+                        // Half a frame is in the stream: out of step for good.
+                        writer.take();
+                        self.waiters.lock().map.remove(&id);
+                        Some(Err(RequestError::Closed(None)))
+                    }
+                }
+            }
+            // Nothing went: no room, a frame too large, or an error that
+            // `request` reports with the connection's end.
+            _ => {
+                self.waiters.lock().map.remove(&id);
+                None
+            }
+        }
+    }
+
+    /// Awaits the reply of a request [`Self::try_send`] sent, until
+    /// `deadline` (`None`: none). It must be polled inside a tokio runtime
+    /// whose timers are enabled.
+    pub(crate) async fn wait(
+        &self,
+        sent: Sent,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, RequestError> {
+        let replied = match deadline {
+            None => Ok(sent.reply.await),
+            Some(deadline) => {
+                tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), sent.reply).await
+            }
+        };
+        match replied {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(RequestError::Closed(self.closed())),
+            Err(_) => {
+                self.waiters.lock().map.remove(&sent.id);
+                Err(RequestError::TimedOut)
+            }
         }
     }
 
@@ -376,9 +500,8 @@ impl Transport {
             let mut waiters = self.waiters.lock();
             (waiters.map.remove(&id), id < waiters.next_id)
         };
-        if let Some(tx) = waiter {
-            // The caller may have given up meanwhile: nobody to tell.
-            let _ = tx.try_send(reply);
+        if let Some(waiter) = waiter {
+            waiter.send(reply);
         }
         known
     }
@@ -391,8 +514,8 @@ impl Transport {
             waiters.closed = Some(Arc::clone(report));
             std::mem::take(&mut waiters.map)
         };
-        for (_, tx) in waiters {
-            let _ = tx.try_send(Reply::Died(Arc::clone(report)));
+        for (_, waiter) in waiters {
+            waiter.send(Reply::Died(Arc::clone(report)));
         }
     }
 }
@@ -764,6 +887,110 @@ mod tests {
             let end = reader.join().unwrap().unwrap();
             assert!(end.contains(expected), "{end}");
         }
+    }
+
+    /// A small call request to `echo` with `args`, sent at once.
+    fn send(t: &Transport, args: &str) -> Option<Result<Sent, RequestError>> {
+        t.try_send(
+            |id| format!(r#"{{"op":"call","id":{id},"tool":"echo","args":"#).into_bytes(),
+            &[args.as_bytes(), b"}"],
+            Instant::now().checked_add(LONG),
+        )
+    }
+
+    fn result_of(reply: Result<Reply, RequestError>) -> String {
+        match reply {
+            Ok(Reply::Answer(Response::Result { result, .. }, _)) => result.get().to_owned(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn awaited_requests_get_their_answers_and_big_ones_are_left_to_request() {
+        let (t, greeting, reader) = connect(echo_runner);
+        assert!(greeting.recv_timeout(LONG).is_ok());
+        let deadline = Instant::now().checked_add(LONG);
+        let first = send(&t, "[1]").unwrap().unwrap();
+        // A frame over a pipe's atomic write is not sent this way: nothing
+        // of it reaches the runner, which would pair it with `[1]`.
+        let big = format!("[\"{}\"]", "x".repeat(ATOMIC_FRAME));
+        assert!(send(&t, &big).is_none());
+        assert_eq!(t.waiters.lock().map.len(), 1);
+        let second = send(&t, "[2]").unwrap().unwrap();
+        // Answered in reverse order, each reaches its own task.
+        let (a, b) = tokio::join!(t.wait(second, deadline), t.wait(first, deadline));
+        assert_eq!((result_of(a), result_of(b)), ("[2]".into(), "[1]".into()));
+        // Awaited and blocked callers share the connection.
+        let blocked = {
+            let t = Arc::clone(&t);
+            thread::spawn(move || result_of(call(&t, "[3]", &[])))
+        };
+        while t.waiters.lock().map.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let fourth = send(&t, "[4]").unwrap().unwrap();
+        assert_eq!(result_of(t.wait(fourth, deadline).await), "[4]");
+        assert_eq!(blocked.join().unwrap(), "[3]");
+        t.close_writer();
+        assert_eq!(reader.join().unwrap(), None, "a clean end");
+        // A closed stream is left to `request`, which says how it ended.
+        assert!(send(&t, "{}").is_none());
+        assert!(matches!(
+            call(&t, "{}", &[]),
+            Err(RequestError::Closed(Some(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_awaited_request_sends_nothing_without_room_and_times_out_forgotten() {
+        let (t, greeting, _reader) = connect(|requests, mut answers| {
+            write_frame(&mut answers, &hello(), &[]).unwrap();
+            let _keep = requests; // never read: the pipe fills up
+            thread::sleep(LONG);
+        });
+        assert!(greeting.recv_timeout(LONG).is_ok());
+        // Another caller writing: not sent, nothing registered.
+        {
+            let _writing = t.writer.lock();
+            assert!(send(&t, "{}").is_none());
+        }
+        assert!(t.waiters.lock().map.is_empty());
+        let mut sent = Vec::new();
+        while let Some(next) = send(&t, "{}") {
+            sent.push(next.unwrap());
+            assert!(sent.len() < 100_000, "a pipe that never fills");
+        }
+        // The one that found no room left nothing behind, and the stream
+        // is whole (not closed).
+        assert_eq!(t.waiters.lock().map.len(), sent.len());
+        assert!(t.writer.lock().is_some());
+        let started = Instant::now();
+        let soon = Instant::now().checked_add(Duration::from_millis(50));
+        for request in sent {
+            assert!(matches!(
+                t.wait(request, soon).await,
+                Err(RequestError::TimedOut)
+            ));
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(t.waiters.lock().map.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_awaited_request_learns_of_its_runner_s_death() {
+        let (t, greeting, reader) = connect(|mut requests, mut answers| {
+            write_frame(&mut answers, &hello(), &[]).unwrap();
+            let _ = read_frame(&mut requests, 1 << 20);
+            // Ends without answering.
+        });
+        assert!(greeting.recv_timeout(LONG).is_ok());
+        let sent = send(&t, "{}").unwrap().unwrap();
+        let reply = t.wait(sent, Instant::now().checked_add(LONG)).await;
+        assert!(
+            matches!(&reply, Ok(Reply::Died(report)) if report.reason.ends_with(": ended")),
+            "{reply:?}"
+        );
+        assert_eq!(reader.join().unwrap(), None);
     }
 
     #[test]
