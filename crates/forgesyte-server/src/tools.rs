@@ -185,7 +185,33 @@ async fn run_unrecorded(
         // request id.
         let span = tracing::Span::current();
         let pool = state.calls().clone();
+        // A call to a runner process without binary arguments is written
+        // to its pipe at once and its answer awaited in this task: no
+        // thread is handed it or blocked on it.
+        let awaited = handle.isolation() == Isolation::Process && attachments.is_empty();
         Box::pin(async move {
+            if awaited {
+                use futures_util::FutureExt as _;
+                use tracing::Instrument as _;
+                let call = async move {
+                    let _slot = slot;
+                    let _room = room;
+                    if !start.begin() {
+                        return None;
+                    }
+                    let _ = started_tx.send(Instant::now());
+                    Some(
+                        handle
+                            .call_ticketed_async(&tool, &args, &context, &ticket)
+                            .await,
+                    )
+                };
+                // A panic of host code answers as on the pool's threads.
+                return std::panic::AssertUnwindSafe(call.instrument(span))
+                    .catch_unwind()
+                    .await
+                    .ok();
+            }
             pool.run(move || {
                 // Both held until the plugin returns: its slot, and the
                 // room of its request body (whose bytes the call holds).
