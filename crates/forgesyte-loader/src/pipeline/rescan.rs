@@ -21,6 +21,15 @@ use super::parallel::par_map;
 use super::report::{LoadReport, PluginLoadOutcome, ms};
 use super::stamp::stamp;
 
+/// What [`Loader::plan_moves`] found.
+#[derive(Debug, Default)]
+struct Moves {
+    /// Plugin → the directory it moved to.
+    to: BTreeMap<String, PathBuf>,
+    /// Plugin → the plugin that moved into its directory.
+    displaced: BTreeMap<String, String>,
+}
+
 /// A plugin retired by a rescan (its directory or entry point is gone).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RetiredPlugin {
@@ -145,49 +154,59 @@ impl Loader {
             unlisted,
             ..RescanReport::default()
         };
+        let old_stamps = self.stamps.read().clone();
+        let gone = |name: &str, dir: &PathBuf| {
+            if installed.contains(name) {
+                gone_entry_points.iter().any(|g| g == name)
+            } else {
+                listed && !found.contains(dir)
+            }
+        };
+        // The stamps of the directories still there, taken once: for the
+        // moves below and for what changed.
+        let mut now_stamps: BTreeMap<PathBuf, Option<u64>> = BTreeMap::new();
+        if listed {
+            for (name, dir) in &known {
+                if !installed.contains(name) && !gone(name, dir) {
+                    now_stamps.insert(dir.clone(), stamp(dir, self.config.max_manifest_bytes));
+                }
+            }
+        }
+        let moves = self.plan_moves(&known, &found, &installed, &gone, |name, dir| {
+            now_stamps
+                .get(dir)
+                .is_some_and(|now| old_stamps.get(name).is_none_or(|old| old != now))
+        });
         let mut kept: Vec<(String, PathBuf)> = Vec::new();
-        // Directories found that no plugin is registered from, by the name
-        // their manifest gives: where a plugin whose directory is gone may
-        // have moved (read only when one is gone).
-        let mut moved_here: Option<BTreeMap<String, PathBuf>> = None;
         let mut moved: BTreeSet<String> = BTreeSet::new();
         for (name, dir) in known {
-            let gone = if installed.contains(&name) {
-                gone_entry_points.contains(&name)
-            } else {
-                listed && !found.contains(&dir)
-            };
-            let moved_to = (gone && !installed.contains(&name))
-                .then(|| {
-                    moved_here
-                        .get_or_insert_with(|| self.unregistered_by_name(&found))
-                        .remove(&name)
-                })
-                .flatten();
-            if let Some(to) = moved_to {
-                // Moved (a rename, a link re-pointed): reloaded from its new
-                // directory as a changed plugin, its calls meanwhile told to
-                // come back (503), never "not found" while its old
-                // instance's calls drain.
+            if let Some(to) = moves.to.get(&name) {
+                // Moved (a rename, a link re-pointed, a rotation of
+                // directories): reloaded from its new directory as a
+                // changed plugin, its calls meanwhile told to come back
+                // (503), never "not found" while its old instance's calls
+                // drain.
                 tracing::info!(plugin = %name, from = %dir.display(), to = %to.display(), "Plugin {name} moved to {}: reloaded from there", to.display());
                 if let Some(e) = self.entries.write().get_mut(&name) {
                     e.dir = to.clone();
                 }
                 moved.insert(name.clone());
-                kept.push((name, to));
-            } else if gone {
+                kept.push((name, to.clone()));
+            } else if gone(&name, &dir) {
                 let why = if installed.contains(&name) {
                     "its entry point is no longer installed"
                 } else {
                     "its directory is gone"
                 };
                 report.removed.push(self.retire_plugin(&name, dir, why));
+            } else if let Some(by) = moves.displaced.get(&name) {
+                let why = format!("its directory holds plugin '{by}' now");
+                report.removed.push(self.retire_plugin(&name, dir, &why));
             } else {
                 kept.push((name, dir));
             }
         }
 
-        let old_stamps = self.stamps.read().clone();
         let mut changed: Vec<String> = Vec::new();
         let mut retried: Vec<String> = Vec::new();
         let mut unchanged: Vec<(String, PathBuf)> = Vec::new();
@@ -207,7 +226,10 @@ impl Loader {
                 unchanged.push((name, dir));
                 continue;
             }
-            let now = stamp(&dir, self.config.max_manifest_bytes);
+            let now = match now_stamps.remove(&dir) {
+                Some(now) => now,
+                None => stamp(&dir, self.config.max_manifest_bytes),
+            };
             // What a reload of it does not stamp again, keeps this stamp.
             self.fresh_stamps.lock().insert(dir.clone(), now);
             // A signature is only as good as the keys it is checked against:
@@ -345,23 +367,83 @@ impl Loader {
             .collect()
     }
 
+    /// Which registered plugins moved, and where: a plugin whose
+    /// directory is gone, or whose directory's manifest names another
+    /// plugin now (`renamed_here` says whether a directory changed since
+    /// its plugin's last stamp), moved to the directory whose manifest
+    /// gives its name, if exactly one does among the directories no plugin
+    /// is registered from and those whose plugin was renamed so. So a
+    /// rename (`mv a a-2`), a rotation (`mv b c; mv a b`) and a swap of two
+    /// directories are moves, each plugin keeping its counts. A plugin
+    /// whose directory another one moved into, and that moved nowhere
+    /// itself, is `displaced`: retired, naming the plugin that took its
+    /// place.
+    fn plan_moves(
+        &self,
+        known: &[(String, PathBuf)],
+        found: &BTreeSet<PathBuf>,
+        installed: &BTreeSet<String>,
+        gone: &dyn Fn(&str, &PathBuf) -> bool,
+        renamed_here: impl Fn(&str, &PathBuf) -> bool,
+    ) -> Moves {
+        let from_dirs: Vec<&(String, PathBuf)> =
+            known.iter().filter(|(n, _)| !installed.contains(n)).collect();
+        // Plugins whose directory names another plugin now, with that name.
+        let mut renamed: BTreeMap<&str, (&PathBuf, String)> = BTreeMap::new();
+        for (name, dir) in &from_dirs {
+            if !gone(name, dir)
+                && renamed_here(name, dir)
+                && let Ok(m) = self.read_manifest(dir)
+                && m.name != *name
+            {
+                renamed.insert(name.as_str(), (dir, m.name));
+            }
+        }
+        let movable = |name: &str, dir: &PathBuf| gone(name, dir) || renamed.contains_key(name);
+        if !from_dirs.iter().any(|(n, d)| movable(n, d)) {
+            return Moves::default();
+        }
+        // Where each name is given: the directories no plugin is registered
+        // from, and those renamed; a name given twice is left out (which
+        // of them a plugin moved to is not known).
+        let mut given: BTreeMap<String, Option<PathBuf>> = BTreeMap::new();
+        let mut give = |name: String, dir: &PathBuf| {
+            given
+                .entry(name)
+                .and_modify(|seen| *seen = None)
+                .or_insert_with(|| Some(dir.clone()));
+        };
+        for (name, dir) in self.unregistered_by_name(found) {
+            give(name, &dir);
+        }
+        for (dir, now) in renamed.values() {
+            give(now.clone(), dir);
+        }
+        let mut moves = Moves::default();
+        for (name, dir) in &from_dirs {
+            if movable(name, dir)
+                && let Some(Some(to)) = given.get(name)
+            {
+                moves.to.insert(name.clone(), to.clone());
+            }
+        }
+        for (name, (dir, now)) in &renamed {
+            if !moves.to.contains_key(*name) && moves.to.get(now) == Some(*dir) {
+                moves.displaced.insert((*name).to_owned(), now.clone());
+            }
+        }
+        moves
+    }
+
     /// The directories of `found` that no plugin is registered from, by
     /// the name their manifest gives (one that names a name twice is left
     /// out: which of them a plugin moved to is not known).
-    fn unregistered_by_name(&self, found: &BTreeSet<PathBuf>) -> BTreeMap<String, PathBuf> {
+    fn unregistered_by_name(&self, found: &BTreeSet<PathBuf>) -> Vec<(String, PathBuf)> {
         let registered = self.registered_dirs();
-        let mut by_name: BTreeMap<String, Option<PathBuf>> = BTreeMap::new();
-        for dir in found.iter().filter(|d| !registered.contains(*d)) {
-            if let Ok(m) = self.read_manifest(dir) {
-                by_name
-                    .entry(m.name)
-                    .and_modify(|seen| *seen = None)
-                    .or_insert_with(|| Some(dir.clone()));
-            }
-        }
-        by_name
-            .into_iter()
-            .filter_map(|(name, dir)| Some((name, dir?)))
+        found
+            .iter()
+            .filter(|d| !registered.contains(*d))
+            .filter_map(|dir| Some((self.read_manifest(dir).ok()?.name, dir.clone())))
             .collect()
     }
 

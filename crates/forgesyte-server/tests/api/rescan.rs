@@ -460,6 +460,58 @@ fn a_plugin_moved_to_another_directory_is_reloaded_from_there() {
     assert_eq!(report["changed"], json!([]), "{report}");
 }
 
+/// Directories rotated (`mv b c; mv a b`), then swapped through a third
+/// name, are moves: each plugin is reloaded from its new directory with its
+/// counts kept, and nothing is retired or added (each was a remove and an
+/// add, the counts lost, the plugin 404 meanwhile).
+#[test]
+fn directories_rotated_or_swapped_are_moves_that_keep_their_counts() {
+    let dir = PluginsDir::new();
+    dir.good("a", json!({"name": "alpha"}));
+    dir.python("b", "echo")
+        .manifest_fields("b", json!({"name": "beta"}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let mv = |from: &str, to: &str| {
+        std::fs::rename(dir.path().join(from), dir.path().join(to)).unwrap();
+    };
+    let mut calls = 0;
+    for (moves, expected) in [
+        (&[("b", "c"), ("a", "b")][..], [("alpha", "b"), ("beta", "c")]),
+        (&[("b", "t"), ("c", "b"), ("t", "c")], [("alpha", "c"), ("beta", "b")]),
+    ] {
+        for name in ["alpha", "beta"] {
+            assert_eq!(served(&server, name, "echo").status, 200, "{name}");
+        }
+        calls += 1;
+        for (from, to) in moves {
+            mv(from, to);
+        }
+        let report = reload(&server);
+        assert_eq!(report["changed"], json!(["alpha", "beta"]), "{report}");
+        assert_eq!(report["removed"], json!([]), "{report}");
+        assert_eq!(report["added"], json!([]), "{report}");
+        for (i, (name, at)) in expected.into_iter().enumerate() {
+            let plugin = &report["plugins"][i];
+            assert_eq!(plugin["name"], name, "{report}");
+            assert_eq!(
+                plugin["dir"].as_str().map(Path::new),
+                Some(dir.path().join(at).as_path()),
+                "{report}"
+            );
+            let health = state_of(&server, name).unwrap();
+            assert_eq!(health["state"], "INITIALIZED", "{health}");
+            assert_eq!(health["success_count"], calls, "{name}: {health}");
+        }
+    }
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!([]), "{report}");
+    assert_eq!(report["removed"], json!([]), "{report}");
+}
+
 /// A dependency added by a rescan that is serving a call when its wave
 /// ends (it serves from the moment it is constructed) still has its
 /// waiting dependents loaded: only INITIALIZED counted, and RUNNING left
