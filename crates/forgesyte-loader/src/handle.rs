@@ -163,6 +163,13 @@ struct Running<'a> {
     ticket: &'a CallTicket,
 }
 
+/// A call [`PluginHandle::awaitable`] found awaitable, for
+/// [`PluginHandle::call_ticketed_async`]: its arguments, encoded.
+#[derive(Debug)]
+pub struct Awaitable {
+    args: Vec<u8>,
+}
+
 /// A call [`PluginHandle::begin`] started, for [`PluginHandle::end`].
 struct Begun<'a> {
     running: Running<'a>,
@@ -383,7 +390,7 @@ impl PluginHandle {
         context: &CallContext,
         ticket: &CallTicket,
     ) -> Result<ToolOutput, CallError> {
-        let call = self.begin(tool, args, ticket)?;
+        let call = self.begin(tool, encode(args)?, ticket)?;
         let called = || {
             call.instance
                 .call_output(tool, &call.args, attachments, context)
@@ -393,63 +400,74 @@ impl PluginHandle {
             Isolation::InProcess => crate::plugin_log::as_plugin(&self.inner.slot.name, called),
             Isolation::Process => called(),
         };
-        self.end(call, outcome)
+        let outcome = self.read_output(outcome);
+        self.record(call, outcome, false)
     }
 
-    /// [`call_ticketed`](Self::call_ticketed) of a call without binary
-    /// arguments, awaited rather than blocking a thread where the plugin's
-    /// instance can take it so (a plugin in a runner process whose request
-    /// pipe has room: the request is written at once, the answer awaited);
-    /// otherwise the call is made on tokio's blocking pool. It must be
-    /// polled inside a tokio runtime whose timers are enabled. Dropped
-    /// before its end, the call is no longer in flight and not counted
-    /// (its answer, if one comes, is dropped).
+    /// A call of `tool` with `args` (no binary arguments) that
+    /// [`call_ticketed_async`](Self::call_ticketed_async) awaits without a
+    /// thread of its own, its arguments encoded: the plugin runs in a
+    /// runner process that takes several calls at once, and the request
+    /// can be written whole at once. `None` otherwise: the call is made on
+    /// a thread ([`call_ticketed`](Self::call_ticketed)).
+    pub fn awaitable(&self, tool: &str, args: &Value, context: &CallContext) -> Option<Awaitable> {
+        if self.inner.isolation != Isolation::Process {
+            return None;
+        }
+        let args = serde_json::to_vec(args).ok()?;
+        self.inner
+            .slot
+            .current()
+            .awaitable(tool, &args, context)
+            .then_some(Awaitable { args })
+    }
+
+    /// [`call_ticketed`](Self::call_ticketed) of a call
+    /// [`awaitable`](Self::awaitable) found awaitable: the request is
+    /// written without blocking and the answer awaited. What blocks is
+    /// done on tokio's blocking pool: a call its instance can no longer
+    /// take so (a restart put another in place meanwhile), the kill of a
+    /// runner for a fault and the wait for its death, the reading of a
+    /// result over 64 KiB. It must be polled inside a tokio runtime whose
+    /// timers are enabled. Dropped before its end, the call is no longer in
+    /// flight and not counted, and its answer, if one comes, is dropped.
     pub async fn call_ticketed_async(
         &self,
         tool: &str,
-        args: &Value,
+        call: Awaitable,
         context: &CallContext,
         ticket: &CallTicket,
     ) -> Result<ToolOutput, CallError> {
-        let mut call = self.begin(tool, args, ticket)?;
-        let instance = Arc::clone(&call.instance);
-        let outcome = match instance.call_async(tool, &call.args, context) {
-            Some(awaited) => awaited.await,
-            None => {
-                let (instance, tool, args, context) = (
-                    Arc::clone(&call.instance),
-                    tool.to_owned(),
-                    std::mem::take(&mut call.args),
-                    context.clone(),
-                );
-                let name = self.inner.slot.name.clone();
-                let isolation = self.inner.isolation;
-                let on_thread = tokio::task::spawn_blocking(move || {
-                    let called = || instance.call_output(&tool, &args, &[], &context);
-                    match isolation {
-                        Isolation::InProcess => crate::plugin_log::as_plugin(&name, called),
-                        Isolation::Process => called(),
-                    }
-                });
-                match on_thread.await {
-                    Ok(outcome) => outcome,
-                    // A panic of host code on that thread goes on here.
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    Err(_) => Err(ToolError::Stopped {
-                        reason: "the host is stopping".into(),
-                    }),
-                }
+        /// Results larger than this are read on a thread.
+        const READ_ON_A_THREAD: usize = 64 * 1024;
+        let call = self.begin(tool, call.args, ticket)?;
+        let outcome = Arc::clone(&call.instance)
+            .call_async(tool, &call.args, context)
+            .await;
+        let outcome = match outcome {
+            Ok(output) if output.json.len() > READ_ON_A_THREAD => {
+                let this = self.clone();
+                crate::host::on_blocking_pool(move || this.read_output(Ok(output))).await
             }
+            outcome => self.read_output(outcome),
         };
-        self.end(call, outcome)
+        let kill = match &outcome {
+            Err(e) if e.is_fault() => self.kill_for(e),
+            _ => None,
+        };
+        if let Some(reason) = &kill {
+            let (instance, reason) = (Arc::clone(&call.instance), reason.clone());
+            let _ = crate::host::on_blocking_pool(move || Ok(instance.kill(&reason))).await;
+        }
+        self.record(call, outcome, kill.is_some())
     }
 
     /// A call's start: the tool checked, the plugin marked running under
-    /// `ticket`, the arguments encoded, the instance taken.
+    /// `ticket`, the instance taken.
     fn begin<'a>(
         &'a self,
         tool: &str,
-        args: &Value,
+        args: Vec<u8>,
         ticket: &'a CallTicket,
     ) -> Result<Begun<'a>, CallError> {
         let name = &self.inner.slot.name;
@@ -475,7 +493,7 @@ impl PluginHandle {
                 self.interrupted("the call did not start within its time limit; send it again")
             );
         }
-        // Until the call is recorded by `end`, it is finished (no longer
+        // Until the call is recorded by `record`, it is finished (no longer
         // in flight, not counted) however it is left: an early return, a
         // panic of the host's own, a future dropped.
         let running = Running {
@@ -490,15 +508,6 @@ impl PluginHandle {
                 "the plugin was reloaded while this call waited to start; send it again",
             ));
         }
-        let args = match serde_json::to_vec(args) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                return Err(ToolError::InvalidArgs {
-                    message: e.to_string(),
-                }
-                .into());
-            }
-        };
         let instance = self.inner.slot.current();
         ticket.ran_on(&instance);
         Ok(Begun {
@@ -509,21 +518,13 @@ impl PluginHandle {
         })
     }
 
-    /// A call's end: its outcome read and recorded (see `begin`).
-    fn end(
+    /// What a call's output holds: its JSON result read, its binary
+    /// results' places checked.
+    fn read_output(
         &self,
-        call: Begun<'_>,
         outcome: Result<crate::host::CallOutput, ToolError>,
-    ) -> Result<ToolOutput, CallError> {
-        let name = &self.inner.slot.name;
-        let registry = &self.inner.slot.registry;
-        let Begun {
-            running,
-            instance,
-            started,
-            ..
-        } = call;
-        let outcome = outcome
+    ) -> Result<ToolOutput, ToolError> {
+        outcome
             .and_then(|output| {
                 let mut result =
                     serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
@@ -550,11 +551,29 @@ impl PluginHandle {
             })
             .map_err(|e| match e {
                 ToolError::UnknownTool { tool, .. } => ToolError::UnknownTool {
-                    plugin: name.clone(),
+                    plugin: self.inner.slot.name.clone(),
                     tool,
                 },
                 other => other,
-            });
+            })
+    }
+
+    /// A call's end: its outcome recorded (see `begin`); `killed`: the
+    /// runner a fault asks to kill was killed already.
+    fn record(
+        &self,
+        call: Begun<'_>,
+        outcome: Result<ToolOutput, ToolError>,
+        killed: bool,
+    ) -> Result<ToolOutput, CallError> {
+        let name = &self.inner.slot.name;
+        let registry = &self.inner.slot.registry;
+        let Begun {
+            running,
+            instance,
+            started,
+            ..
+        } = call;
         let elapsed = started.elapsed();
         // Recorded by whoever settles first: a call its caller timed out
         // (`fail_timeout`) was counted, and its plugin marked, then; what
@@ -577,6 +596,7 @@ impl PluginHandle {
         if ticket.settle() {
             if let Err(e) = &outcome
                 && e.is_fault()
+                && !killed
             {
                 self.fault(&instance, e);
             }
@@ -585,22 +605,29 @@ impl PluginHandle {
         outcome.map_err(CallError::from)
     }
 
+    /// The reason to kill a plugin's runner for a faulted call: a runner
+    /// that did not end of it (a crash or a time-out did), of a handle not
+    /// let go. `None` in process.
+    fn kill_for(&self, error: &ToolError) -> Option<String> {
+        (self.inner.isolation == Isolation::Process
+            && !self.inner.slot.is_retired()
+            && !matches!(error, ToolError::Crashed(_) | ToolError::TimedOut { .. }))
+        .then(|| PluginError::Tool(error.clone()).reason())
+    }
+
     /// A call faulted. In-process the plugin is marked FAILED. An isolated
     /// plugin whose process died was marked FAILED by its supervisor before
     /// the call returned; one whose process is alive (a caught panic, a
     /// broken answer) is killed, so that it restarts clean.
     fn fault(&self, instance: &Arc<dyn PluginInstance>, error: &ToolError) {
-        if self.inner.slot.is_retired() {
-            return;
-        }
-        let reason = PluginError::Tool(error.clone()).reason();
         match self.inner.isolation {
             Isolation::Process => {
-                if !matches!(error, ToolError::Crashed(_) | ToolError::TimedOut { .. }) {
+                if let Some(reason) = self.kill_for(error) {
                     instance.kill(&reason);
                 }
             }
-            _ => self.mark_failed_unless_retired(&reason),
+            _ if self.inner.slot.is_retired() => {}
+            _ => self.mark_failed_unless_retired(&PluginError::Tool(error.clone()).reason()),
         }
     }
 
@@ -706,6 +733,16 @@ impl PluginHandle {
             reason: status.and_then(|s| s.reason),
         }
     }
+}
+
+/// A call's arguments, encoded (an error no `Value` gives).
+fn encode(args: &Value) -> Result<Vec<u8>, CallError> {
+    serde_json::to_vec(args).map_err(|e| {
+        ToolError::InvalidArgs {
+            message: e.to_string(),
+        }
+        .into()
+    })
 }
 
 /// Why a tool's result could not be read. A result nested as deep as
@@ -905,13 +942,13 @@ mod tests {
     /// An isolated "runner" whose calls are awaited while it holds an
     /// answer channel, and made on a thread (counted) otherwise.
     #[derive(Debug)]
-    struct Awaitable {
+    struct Awaiting {
         tools: Vec<ToolInfo>,
         answer: Mutex<Option<tokio::sync::oneshot::Receiver<Vec<u8>>>>,
         on_thread: AtomicU32,
     }
 
-    impl PluginInstance for Awaitable {
+    impl PluginInstance for Awaiting {
         fn tools(&self) -> &[ToolInfo] {
             &self.tools
         }
@@ -921,28 +958,38 @@ mod tests {
             Ok(br#""thread""#.to_vec())
         }
 
+        fn awaitable(&self, _tool: &str, _args: &[u8], _context: &CallContext) -> bool {
+            self.answer.lock().is_some()
+        }
+
         fn call_async(
             self: Arc<Self>,
-            _tool: &str,
-            _args: &[u8],
-            _context: &CallContext,
-        ) -> Option<crate::host::AsyncCall> {
-            let answer = self.answer.lock().take()?;
-            Some(Box::pin(async move {
+            tool: &str,
+            args: &[u8],
+            context: &CallContext,
+        ) -> crate::host::AsyncCall {
+            let Some(answer) = self.answer.lock().take() else {
+                // What an instance that cannot await does: a thread's call.
+                let (tool, args, context) = (tool.to_owned(), args.to_vec(), context.clone());
+                return Box::pin(crate::host::on_blocking_pool(move || {
+                    self.call_output(&tool, &args, &[], &context)
+                }));
+            };
+            Box::pin(async move {
                 answer
                     .await
                     .map(crate::host::CallOutput::json)
                     .map_err(|_| ToolError::Protocol {
                         detail: "no answer".into(),
                     })
-            }))
+            })
         }
     }
 
     #[tokio::test]
     async fn an_awaited_call_is_in_flight_until_its_answer_and_recorded_once() {
         let registry = registry_with_p();
-        let instance = Arc::new(Awaitable {
+        let instance = Arc::new(Awaiting {
             tools: vec![ToolInfo::new("t")],
             answer: Mutex::new(None),
             on_thread: AtomicU32::new(0),
@@ -963,13 +1010,17 @@ mod tests {
             let s = registry.get_status("p").unwrap();
             (s.state, s.in_flight, s.success_count, s.error_count)
         };
-        let call = |handle: &PluginHandle| {
+        let context = CallContext::default();
+        let args = serde_json::json!({});
+        // Without an answer channel the fake cannot await its calls.
+        assert!(handle.awaitable("t", &args, &context).is_none());
+        let call = |handle: &PluginHandle, awaitable: Awaitable| {
             let handle = handle.clone();
             tokio::spawn(async move {
                 handle
                     .call_ticketed_async(
                         "t",
-                        &serde_json::json!({}),
+                        awaitable,
                         &CallContext::default(),
                         &CallTicket::new(),
                     )
@@ -987,7 +1038,8 @@ mod tests {
         // Awaited: in flight (RUNNING) until the answer comes, then counted.
         let (tx, rx) = tokio::sync::oneshot::channel();
         *instance.answer.lock() = Some(rx);
-        let awaited = call(&handle);
+        let awaitable = handle.awaitable("t", &args, &context).unwrap();
+        let awaited = call(&handle, awaitable);
         in_flight().await;
         assert_eq!(counts(), (Busy, 1, 0, 0));
         tx.send(br#"{"ok":1}"#.to_vec()).unwrap();
@@ -998,15 +1050,19 @@ mod tests {
         assert_eq!(counts(), (Initialized, 0, 1, 0));
         assert_eq!(instance.on_thread.load(Ordering::SeqCst), 0);
 
-        // Not takeable awaited: made on a thread, recorded the same way.
-        assert_eq!(call(&handle).await.unwrap().unwrap(), "thread");
+        // No longer awaitable when called (another instance in its place,
+        // say): made on a thread, recorded the same way.
+        let stale = Awaitable {
+            args: b"{}".to_vec(),
+        };
+        assert_eq!(call(&handle, stale).await.unwrap().unwrap(), "thread");
         assert_eq!(counts(), (Initialized, 0, 2, 0));
         assert_eq!(instance.on_thread.load(Ordering::SeqCst), 1);
 
         // Dropped before its answer: no longer in flight, not counted.
         let (_tx, rx) = tokio::sync::oneshot::channel();
         *instance.answer.lock() = Some(rx);
-        let dropped = call(&handle);
+        let dropped = call(&handle, handle.awaitable("t", &args, &context).unwrap());
         in_flight().await;
         dropped.abort();
         assert!(dropped.await.unwrap_err().is_cancelled());

@@ -111,6 +111,23 @@ impl CallOutput {
     }
 }
 
+/// Runs `call` on tokio's blocking pool and awaits its outcome; a panic
+/// there goes on in the caller, and a runtime that stops first ends the
+/// call `Stopped`.
+pub(crate) async fn on_blocking_pool<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, ToolError> + Send + 'static,
+) -> Result<T, ToolError> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(outcome) => outcome,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(ToolError::Stopped {
+                reason: "the server stopped while the call waited for a thread".into(),
+            }),
+        },
+    }
+}
+
 /// A call [`PluginInstance::call_async`] made, awaited for its outcome.
 pub type AsyncCall =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<CallOutput, ToolError>> + Send>>;
@@ -187,21 +204,30 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// [`call_output`](Self::call_output) of a call without attachments,
-    /// for a caller that awaits the answer instead of blocking a thread on
-    /// it (a runner-hosted instance: the request is written at once and
-    /// the answer awaited). `None` (the default) when the instance cannot
-    /// take the call that way now, and nothing was done: the caller makes
-    /// it with `call_output` on a thread of its own. The future must be
-    /// polled inside a tokio runtime whose timers are enabled.
-    fn call_async(
-        self: Arc<Self>,
-        tool: &str,
-        args: &[u8],
-        context: &CallContext,
-    ) -> Option<AsyncCall> {
+    /// Whether [`call_async`](Self::call_async) awaits this call (of no
+    /// attachments) without a thread of its own: a runner-hosted instance
+    /// that takes several calls at once, for a request small enough to be
+    /// written whole at once. `false` (the default): `call_async` would
+    /// only make the call on tokio's blocking pool, and a caller with
+    /// threads of its own uses `call_output` there instead.
+    fn awaitable(&self, tool: &str, args: &[u8], context: &CallContext) -> bool {
         let _ = (tool, args, context);
-        None
+        false
+    }
+
+    /// [`call_output`](Self::call_output) of a call without attachments,
+    /// awaited. An instance for which [`awaitable`](Self::awaitable) holds
+    /// writes the request without blocking and awaits the answer; by
+    /// default the call is made on tokio's blocking pool. The future must
+    /// be polled inside a tokio runtime whose timers are enabled.
+    fn call_async(self: Arc<Self>, tool: &str, args: &[u8], context: &CallContext) -> AsyncCall
+    where
+        Self: 'static,
+    {
+        let (tool, args, context) = (tool.to_owned(), args.to_vec(), context.clone());
+        Box::pin(on_blocking_pool(move || {
+            self.call_output(&tool, &args, &[], &context)
+        }))
     }
 
     /// The id of the process the instance lives in, when that is not the

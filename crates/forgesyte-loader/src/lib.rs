@@ -91,7 +91,7 @@ pub use entry_points::EntryPoint;
 /// Who a tool call is for (request id, W3C `traceparent`), passed to a
 /// plugin in a runner with the call: see [`PluginHandle::call_in`].
 pub use forgesyte_protocol::wire::{CallContext, fit_request_id};
-pub use handle::{CallError, CallTicket, PluginHandle, ToolOutput};
+pub use handle::{Awaitable, CallError, CallTicket, PluginHandle, ToolOutput};
 pub use host::{
     AsyncCall, CallOutput, ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary,
     ToolInfo,

@@ -185,12 +185,17 @@ async fn run_unrecorded(
         // request id.
         let span = tracing::Span::current();
         let pool = state.calls().clone();
-        // A call to a runner process without binary arguments is written
-        // to its pipe at once and its answer awaited in this task: no
-        // thread is handed it or blocked on it.
-        let awaited = handle.isolation() == Isolation::Process && attachments.is_empty();
+        // A call to a runner process without binary arguments, small
+        // enough to be written whole at once, is written to its pipe and
+        // its answer awaited in this task: no thread is handed it or
+        // blocked on it.
+        let awaited = if attachments.is_empty() {
+            handle.awaitable(&tool, &args, &context)
+        } else {
+            None
+        };
         Box::pin(async move {
-            if awaited {
+            if let Some(awaited) = awaited {
                 use futures_util::FutureExt as _;
                 use tracing::Instrument as _;
                 let call = async move {
@@ -202,7 +207,7 @@ async fn run_unrecorded(
                     let _ = started_tx.send(Instant::now());
                     Some(
                         handle
-                            .call_ticketed_async(&tool, &args, &context, &ticket)
+                            .call_ticketed_async(&tool, awaited, &context, &ticket)
                             .await,
                     )
                 };

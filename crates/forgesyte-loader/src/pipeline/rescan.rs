@@ -386,8 +386,10 @@ impl Loader {
         gone: &dyn Fn(&str, &PathBuf) -> bool,
         renamed_here: impl Fn(&str, &PathBuf) -> bool,
     ) -> Moves {
-        let from_dirs: Vec<&(String, PathBuf)> =
-            known.iter().filter(|(n, _)| !installed.contains(n)).collect();
+        let from_dirs: Vec<&(String, PathBuf)> = known
+            .iter()
+            .filter(|(n, _)| !installed.contains(n))
+            .collect();
         // Plugins whose directory names another plugin now, with that name.
         let mut renamed: BTreeMap<&str, (&PathBuf, String)> = BTreeMap::new();
         for (name, dir) in &from_dirs {

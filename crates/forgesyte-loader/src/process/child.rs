@@ -35,7 +35,7 @@ use super::exit::{classify, signal_name};
 use super::os_process::OsProcess;
 use super::spawn::{pass_fd, spawn_runner};
 use super::stderr::StderrLog;
-use super::transport::{Reply, RequestError, Sent, Transport};
+use super::transport::{Reply, RequestError, Sent, Transport, TrySend};
 use super::zygote::Zygote;
 use crate::host::{ExitCallback, ExitReport};
 
@@ -531,57 +531,42 @@ impl Child {
             Ok(reply) => Ok(reply),
             Err(RequestError::TimedOut) => Err(None),
             Err(RequestError::Closed(Some(report))) => Err(Some(report)),
-            // A runner the host let go has its request pipe closed by the
-            // host: the call never reached it.
-            Err(RequestError::Closed(None)) if self.shared.retired.load(Ordering::SeqCst) => {
-                Err(Some(Arc::new(ExitReport {
-                    reason: "let go by the host before the call reached it".into(),
-                    crash: None,
-                    signal: None,
-                    code: None,
-                })))
-            }
-            // The process is dying: its death report follows. One that
-            // lives on has closed its end of the request pipe (a plugin
-            // may close or replace any descriptor): it can never be asked
-            // anything again, so it is killed as a protocol fault.
-            Err(RequestError::Closed(None)) => Err(Some(
-                self.wait_dead(DEATH_SYNC)
-                    .or_else(|| {
-                        self.kill(KillReason {
-                            cause: CrashCause::Protocol {
-                                detail: "stopped reading its requests (its request pipe is closed)"
-                                    .into(),
-                            },
-                            registry_reason: None,
-                        });
-                        self.wait_dead(DEATH_SYNC)
-                    })
-                    .unwrap_or_else(|| {
-                        Arc::new(ExitReport::protocol("the plugin process is gone"))
-                    }),
-            )),
+            Err(RequestError::Closed(None)) => Err(Some(self.closed_report())),
         }
     }
 
-    /// [`Transport::try_send`]: a small request sent at once, or `None`
-    /// (nothing sent; [`Self::request`] sends it); a connection already
-    /// ended gives its report.
-    pub(crate) fn try_send(
-        &self,
-        head: impl FnOnce(u64) -> Vec<u8>,
-        tail: &[&[u8]],
-        deadline: Option<Instant>,
-    ) -> Option<Result<Sent, Arc<ExitReport>>> {
-        match self.shared.transport.try_send(head, tail, deadline)? {
-            Ok(sent) => Some(Ok(sent)),
-            Err(RequestError::Closed(Some(report))) => Some(Err(report)),
-            // Half a frame went (a stream that is not a pipe): the stream
-            // is closed, and the runner, reading the end of its input,
-            // exits; `request` finds the closed stream and says how the
-            // runner ended (blocking, which only a thread may).
-            Err(_) => None,
+    /// How the process ended, for a request that found its stream closed
+    /// with no report yet. A runner the host let go has its request pipe
+    /// closed by the host: the call never reached it. Else the process is
+    /// dying and its death report follows; one that lives on has closed
+    /// its end of the request pipe (a plugin may close or replace any
+    /// descriptor): it can never be asked anything again, so it is killed
+    /// as a protocol fault. Blocks until the death is processed.
+    pub(crate) fn closed_report(&self) -> Arc<ExitReport> {
+        if self.shared.retired.load(Ordering::SeqCst) {
+            return Arc::new(ExitReport {
+                reason: "let go by the host before the call reached it".into(),
+                crash: None,
+                signal: None,
+                code: None,
+            });
         }
+        self.wait_dead(DEATH_SYNC)
+            .or_else(|| {
+                self.kill(KillReason {
+                    cause: CrashCause::Protocol {
+                        detail: "stopped reading its requests (its request pipe is closed)".into(),
+                    },
+                    registry_reason: None,
+                });
+                self.wait_dead(DEATH_SYNC)
+            })
+            .unwrap_or_else(|| Arc::new(ExitReport::protocol("the plugin process is gone")))
+    }
+
+    /// [`Transport::try_send`].
+    pub(crate) fn try_send(&self, head: impl FnOnce(u64) -> Vec<u8>, tail: &[&[u8]]) -> TrySend {
+        self.shared.transport.try_send(head, tail)
     }
 
     /// The reply to a request [`Self::try_send`] sent, awaited until

@@ -4,7 +4,7 @@
 //! constructing the plugin are the importer's (`super`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use forgesyte_errors::{PluginError, ToolError};
 use forgesyte_protocol::wire::{Response, capability};
@@ -12,10 +12,12 @@ use parking_lot::Mutex;
 
 use super::child::{self, Child, KillReason};
 use super::spares;
-use super::transport::Reply;
+use super::transport::{ATOMIC_FRAME, Reply, TrySend};
 use super::wire_error::WireErrorExt;
 use crate::CallContext;
-use crate::host::{AsyncCall, CallOutput, ExitCallback, PluginInstance, ToolInfo};
+use crate::host::{
+    AsyncCall, CallOutput, ExitCallback, PluginInstance, ToolInfo, on_blocking_pool,
+};
 
 /// A plugin instance in a runner process. Dropping it stops the process
 /// (asked first, killed after a grace).
@@ -121,44 +123,84 @@ impl ProcessInstance {
         self.answer(reply)
     }
 
+    /// Whether [`call_awaited`](Self::call_awaited) takes this call (of no
+    /// attachments) without a thread: the runner takes several calls at
+    /// once, and the request frame can be written whole at once.
+    fn awaits(&self, tool: &str, args: &[u8], context: &CallContext) -> bool {
+        // The head with the longest id there is, the length's fields, `}`.
+        let frame = 12 + call_head(tool, &[], context)(u64::MAX).len() + args.len() + 1;
+        self.serial.is_none() && frame <= ATOMIC_FRAME
+    }
+
     /// [`call_output`](Self::call_output) of a call without attachments,
-    /// for a caller that awaits its answer rather than block a thread on
-    /// it: `None` when it cannot be sent at once (see
-    /// [`Transport::try_send`](super::transport::Transport::try_send)),
-    /// and nothing was sent. The future must be polled inside a tokio
-    /// runtime whose timers are enabled.
-    fn call_awaited(
+    /// awaited: the request written without blocking (another caller
+    /// writing, or a pipe without room, is waited out by the task, within
+    /// the call timeout), the answer awaited. A call it cannot take so
+    /// ([`Self::awaits`]) is made on tokio's blocking pool, as is what
+    /// blocks: the kill of a runner past the call timeout and the wait for
+    /// its death, and the report of a runner whose pipe closed. It must be
+    /// polled inside a tokio runtime whose timers are enabled.
+    async fn call_awaited(
         self: Arc<Self>,
-        tool: &str,
-        args: &[u8],
-        context: &CallContext,
-    ) -> Option<AsyncCall> {
-        if self.serial.is_some() {
-            return None;
+        tool: String,
+        args: Vec<u8>,
+        context: CallContext,
+    ) -> Result<CallOutput, ToolError> {
+        /// How long a task yields between tries while another caller
+        /// writes, before it sleeps between them.
+        const YIELDING: Duration = Duration::from_micros(200);
+        if !self.awaits(&tool, &args, &context) {
+            return on_blocking_pool(move || self.call_output(&tool, &args, &[], &context)).await;
         }
-        if let Err(e) = check_args(args) {
-            return Some(Box::pin(std::future::ready(Err(e))));
-        }
-        let deadline = std::time::Instant::now().checked_add(self.call_timeout);
-        let head = call_head(tool, &[], context);
-        let sent = match self.child.try_send(head, &[args, b"}"], deadline)? {
-            Ok(sent) => sent,
-            Err(report) => return Some(Box::pin(std::future::ready(Err(tool_crash(&report))))),
-        };
-        let tool = tool.to_owned();
-        Some(Box::pin(async move {
-            let reply = self.child.wait(sent, deadline).await;
-            if matches!(reply, Err(None)) {
-                self.child.kill(self.timed_out(&tool));
-                // Its death processed before the call returns, as for a
-                // blocked caller; the wait is a thread's.
-                let this = Arc::clone(&self);
-                let _ =
-                    tokio::task::spawn_blocking(move || this.child.wait_dead(child::DEATH_SYNC))
+        check_args(&args)?;
+        let deadline = Instant::now().checked_add(self.call_timeout);
+        let mut busy_since = None;
+        let sent = loop {
+            match self
+                .child
+                .try_send(call_head(&tool, &[], &context), &[&args, b"}"])
+            {
+                TrySend::Sent(sent) => break Some(sent),
+                TrySend::Closed(Some(report)) => return Err(tool_crash(&report)),
+                TrySend::Closed(None) => {
+                    let this = Arc::clone(&self);
+                    return on_blocking_pool(move || Err(tool_crash(&this.child.closed_report())))
                         .await;
+                }
+                // Never for a call that `awaits` allowed.
+                TrySend::TooLarge => {
+                    return on_blocking_pool(move || self.call_output(&tool, &args, &[], &context))
+                        .await;
+                }
+                TrySend::Busy => {
+                    let now = Instant::now();
+                    if deadline.is_some_and(|d| now >= d) {
+                        break None;
+                    }
+                    if now.duration_since(*busy_since.get_or_insert(now)) < YIELDING {
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
             }
-            self.answer(reply)
-        }))
+        };
+        let reply = match sent {
+            Some(sent) => self.child.wait(sent, deadline).await,
+            None => Err(None),
+        };
+        if matches!(reply, Err(None)) {
+            // Killed, its death processed before the call returns, as for
+            // a blocked caller: a thread's work.
+            let this = Arc::clone(&self);
+            let reason = self.timed_out(&tool);
+            let _ = on_blocking_pool(move || {
+                this.child.kill(reason);
+                Ok(this.child.wait_dead(child::DEATH_SYNC))
+            })
+            .await;
+        }
+        self.answer(reply)
     }
 
     /// Why a call of `tool` past the call timeout kills the runner.
@@ -342,13 +384,12 @@ impl PluginInstance for ProcessInstance {
         self.child.hello().can(capability::ATTACHMENTS)
     }
 
-    fn call_async(
-        self: Arc<Self>,
-        tool: &str,
-        args: &[u8],
-        context: &CallContext,
-    ) -> Option<AsyncCall> {
-        ProcessInstance::call_awaited(self, tool, args, context)
+    fn awaitable(&self, tool: &str, args: &[u8], context: &CallContext) -> bool {
+        self.awaits(tool, args, context)
+    }
+
+    fn call_async(self: Arc<Self>, tool: &str, args: &[u8], context: &CallContext) -> AsyncCall {
+        Box::pin(self.call_awaited(tool.to_owned(), args.to_vec(), context.clone()))
     }
 
     fn stop(&self) {

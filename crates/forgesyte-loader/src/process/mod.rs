@@ -723,6 +723,9 @@ mod tests {
     use forgesyte_errors::ToolError;
     use std::time::Instant;
 
+    use crate::CallContext;
+    use transport::ATOMIC_FRAME;
+
     #[test]
     fn a_stopping_host_starts_no_runner_and_says_so() {
         let runners = Arc::new(Runners::default());
@@ -783,7 +786,7 @@ def read_exact(n):
         data += chunk
     return data
 send({"type": "hello", "protocol": 2, "runtime": "serial", "runtime_version": "1",
-      "pid": os.getpid(), "capabilities": ["attachments"]})
+      "pid": os.getpid(), "capabilities": ["attachments"] + sys.argv[1:]})
 while True:
     (length,) = struct.unpack("<I", read_exact(4))
     body = read_exact(length)
@@ -798,6 +801,14 @@ while True:
 "#;
 
     fn serial_instance(call_timeout: Duration) -> Box<dyn PluginInstance> {
+        fake_runner_instance(call_timeout, &[])
+    }
+
+    /// The runner above, announcing `capabilities` besides `attachments`.
+    fn fake_runner_instance(
+        call_timeout: Duration,
+        capabilities: &[&str],
+    ) -> Box<dyn PluginInstance> {
         let limits = ProcessLimits {
             init_timeout: Duration::from_secs(10),
             call_timeout,
@@ -805,7 +816,7 @@ while True:
             max_response_bytes: MIB,
         };
         let mut command = Command::new("python3");
-        command.arg("-c").arg(SERIAL_RUNNER);
+        command.arg("-c").arg(SERIAL_RUNNER).args(capabilities);
         let child = Child::spawn(
             command,
             &SpawnOptions {
@@ -862,5 +873,46 @@ while True:
         assert_eq!(first.join().expect("first"), Ok(answer.clone()));
         assert_eq!(second.join().expect("second"), Ok(answer.clone()));
         assert_eq!(sleep(&*instance, 0), Ok(answer));
+    }
+
+    #[tokio::test]
+    async fn an_awaited_call_answers_or_kills_its_runner_past_its_timeout() {
+        let context = CallContext::default();
+        let serial = serial_instance(Duration::from_secs(5));
+        assert!(
+            !serial.awaitable("sleep", b"{}", &context),
+            "one call at a time"
+        );
+        let timeout = Duration::from_millis(300);
+        let instance: Arc<dyn PluginInstance> = Arc::from(fake_runner_instance(
+            timeout,
+            &[capability::CONCURRENT_CALLS],
+        ));
+        assert!(instance.awaitable("sleep", br#"{"ms":0}"#, &context));
+        let spaces = vec![b' '; ATOMIC_FRAME];
+        assert!(!instance.awaitable("sleep", &spaces, &context), "too large");
+        let call = |args: &'static [u8]| Arc::clone(&instance).call_async("sleep", args, &context);
+        let output = call(br#"{"ms":0}"#).await.unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&output.json).unwrap();
+        assert_eq!(answer, serde_json::json!({"pid": instance.pid()}));
+        assert!(matches!(
+            call(b"{").await,
+            Err(ToolError::InvalidArgs { .. })
+        ));
+        // Past its timeout: the runner is killed, and dead when the call
+        // returns.
+        let started = Instant::now();
+        assert_eq!(
+            call(br#"{"ms":5000}"#).await,
+            Err(ToolError::TimedOut { after: timeout })
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(instance.wait_stopped(Duration::ZERO), "not dead yet");
+        // A call to the dead runner gets its end.
+        let after = call(br#"{"ms":0}"#).await;
+        assert!(
+            matches!(&after, Err(ToolError::Crashed(c)) if c.to_string().contains("timed out after 300 ms")),
+            "{after:?}"
+        );
     }
 }

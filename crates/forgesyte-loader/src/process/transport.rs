@@ -122,10 +122,35 @@ pub(crate) struct Sent {
     reply: tokio::sync::oneshot::Receiver<Reply>,
 }
 
+/// What [`Transport::try_send`] did.
+#[derive(Debug)]
+pub(crate) enum TrySend {
+    /// The request went whole.
+    Sent(Sent),
+    /// Nothing went: another caller is writing, or the pipe has no room.
+    Busy,
+    /// Nothing went: the frame is too large to go whole at once.
+    TooLarge,
+    /// Nothing went: the connection is closed (how it ended, if known).
+    Closed(Option<Arc<ExitReport>>),
+}
+
+/// Takes an awaited request's waiter out, however its wait ends.
+struct Forget<'a> {
+    transport: &'a Transport,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.transport.waiters.lock().map.remove(&self.id);
+    }
+}
+
 /// The largest frame [`Transport::try_send`] writes: a pipe takes a write
 /// of at most `PIPE_BUF` bytes whole or not at all, so a frame that finds
 /// no room is not half sent.
-const ATOMIC_FRAME: usize = 4096;
+pub(crate) const ATOMIC_FRAME: usize = libc::PIPE_BUF;
 
 /// The request stream: a pipe (or anything with a descriptor that
 /// `poll(2)` understands), switched to non-blocking mode by
@@ -318,27 +343,27 @@ impl Transport {
     }
 
     /// Sends a request of no attachments at once, without blocking, for a
-    /// caller that awaits its reply ([`Self::wait`]): `None` when it
-    /// cannot go at once (its frame is over [`ATOMIC_FRAME`] bytes,
-    /// another caller is writing, the pipe has no room for it, or the
-    /// stream is closed or failing), and nothing was sent: the caller
-    /// sends it with [`Self::request`], which waits for room and reports
-    /// a closed stream. `head` and `tail` as there.
-    pub(crate) fn try_send(
-        &self,
-        head: impl FnOnce(u64) -> Vec<u8>,
-        tail: &[&[u8]],
-        deadline: Option<Instant>,
-    ) -> Option<Result<Sent, RequestError>> {
+    /// caller that awaits its reply ([`Self::wait`]). Nothing is sent
+    /// unless it all is: [`TrySend::Busy`] when another caller is writing
+    /// or the pipe has no room for the frame (try again later),
+    /// [`TrySend::TooLarge`] for a frame over [`ATOMIC_FRAME`] bytes (send
+    /// it with [`Self::request`]), [`TrySend::Closed`] when the stream is
+    /// closed or failing. `head` and `tail` as for [`Self::request`].
+    pub(crate) fn try_send(&self, head: impl FnOnce(u64) -> Vec<u8>, tail: &[&[u8]]) -> TrySend {
         if tail.iter().map(|part| part.len()).sum::<usize>() >= ATOMIC_FRAME {
-            return None;
+            return TrySend::TooLarge;
         }
-        let mut writer = self.writer.try_lock()?;
-        let stream = writer.as_mut()?;
+        let Some(mut writer) = self.writer.try_lock() else {
+            return TrySend::Busy;
+        };
+        let Some(stream) = writer.as_mut() else {
+            return TrySend::Closed(self.closed());
+        };
         let (tx, reply) = tokio::sync::oneshot::channel();
         let id = match self.waiters.lock().register(Waiter::Awaiting(tx)) {
             Ok(id) => id,
-            Err(e) => return Some(Err(e)),
+            Err(RequestError::Closed(report)) => return TrySend::Closed(report),
+            Err(RequestError::TimedOut) => return TrySend::Busy,
         };
         let head = head(id);
         let mut header = Vec::with_capacity(1 + tail.len());
@@ -347,57 +372,52 @@ impl Transport {
         let mut frame = Vec::with_capacity(ATOMIC_FRAME);
         let small =
             write_frame_parts(&mut frame, &header, &[]).is_ok() && frame.len() <= ATOMIC_FRAME;
-        let written = if small { stream.write(&frame) } else { Ok(0) };
-        match written {
-            Ok(n) if n == frame.len() => Some(Ok(Sent { id, reply })),
-            // Only a stream that is not a pipe writes part of a small
-            // frame: the rest waits for room, until the call's deadline.
-            Ok(n) if n > 0 => {
-                let mut rest = DeadlineWriter {
-                    inner: stream.as_mut(),
-                    deadline,
-                    written: 0,
-                };
-                match rest.write_all(&frame[n..]) {
-                    Ok(()) => Some(Ok(Sent { id, reply })),
-                    Err(_) => {
-                        // Half a frame is in the stream: out of step for good.
-                        writer.take();
-                        self.waiters.lock().map.remove(&id);
-                        Some(Err(RequestError::Closed(None)))
-                    }
+        let outcome = if !small {
+            TrySend::TooLarge
+        } else {
+            match stream.write(&frame) {
+                Ok(n) if n == frame.len() => return TrySend::Sent(Sent { id, reply }),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => TrySend::Busy,
+                // Part of a frame: only a stream that is not a pipe does
+                // that (every runner's is one). Out of step for good.
+                Ok(n) if n > 0 => {
+                    writer.take();
+                    TrySend::Closed(None)
                 }
+                // The end of the connection, which `request` reports.
+                _ => TrySend::Closed(None),
             }
-            // Nothing went: no room, a frame too large, or an error that
-            // `request` reports with the connection's end.
-            _ => {
-                self.waiters.lock().map.remove(&id);
-                None
-            }
-        }
+        };
+        self.waiters.lock().map.remove(&id);
+        outcome
     }
 
     /// Awaits the reply of a request [`Self::try_send`] sent, until
     /// `deadline` (`None`: none). It must be polled inside a tokio runtime
-    /// whose timers are enabled.
+    /// whose timers are enabled. Dropped before its end, the request is
+    /// forgotten (its answer, if one comes, dropped); its deadline is then
+    /// no longer watched.
     pub(crate) async fn wait(
         &self,
         sent: Sent,
         deadline: Option<Instant>,
     ) -> Result<Reply, RequestError> {
+        let Sent { id, reply } = sent;
+        let forget = Forget {
+            transport: self,
+            id,
+        };
         let replied = match deadline {
-            None => Ok(sent.reply.await),
+            None => Ok(reply.await),
             Some(deadline) => {
-                tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), sent.reply).await
+                tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), reply).await
             }
         };
+        drop(forget);
         match replied {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(RequestError::Closed(self.closed())),
-            Err(_) => {
-                self.waiters.lock().map.remove(&sent.id);
-                Err(RequestError::TimedOut)
-            }
+            Err(_) => Err(RequestError::TimedOut),
         }
     }
 
@@ -889,13 +909,19 @@ mod tests {
         }
     }
 
-    /// A small call request to `echo` with `args`, sent at once.
-    fn send(t: &Transport, args: &str) -> Option<Result<Sent, RequestError>> {
+    /// A small call request to `echo` with `args`, tried at once.
+    fn send(t: &Transport, args: &str) -> TrySend {
         t.try_send(
             |id| format!(r#"{{"op":"call","id":{id},"tool":"echo","args":"#).into_bytes(),
             &[args.as_bytes(), b"}"],
-            Instant::now().checked_add(LONG),
         )
+    }
+
+    fn sent(t: &Transport, args: &str) -> Sent {
+        match send(t, args) {
+            TrySend::Sent(sent) => sent,
+            other => panic!("{args}: {other:?}"),
+        }
     }
 
     fn result_of(reply: Result<Reply, RequestError>) -> String {
@@ -910,13 +936,16 @@ mod tests {
         let (t, greeting, reader) = connect(echo_runner);
         assert!(greeting.recv_timeout(LONG).is_ok());
         let deadline = Instant::now().checked_add(LONG);
-        let first = send(&t, "[1]").unwrap().unwrap();
+        let first = sent(&t, "[1]");
         // A frame over a pipe's atomic write is not sent this way: nothing
-        // of it reaches the runner, which would pair it with `[1]`.
-        let big = format!("[\"{}\"]", "x".repeat(ATOMIC_FRAME));
-        assert!(send(&t, &big).is_none());
+        // of it reaches the runner, which would pair it with `[1]`. Its
+        // arguments alone, or with the rest of the frame.
+        for len in [ATOMIC_FRAME, ATOMIC_FRAME - 20] {
+            let big = format!("[\"{}\"]", "x".repeat(len));
+            assert!(matches!(send(&t, &big), TrySend::TooLarge), "{len}");
+        }
         assert_eq!(t.waiters.lock().map.len(), 1);
-        let second = send(&t, "[2]").unwrap().unwrap();
+        let second = sent(&t, "[2]");
         // Answered in reverse order, each reaches its own task.
         let (a, b) = tokio::join!(t.wait(second, deadline), t.wait(first, deadline));
         assert_eq!((result_of(a), result_of(b)), ("[2]".into(), "[1]".into()));
@@ -928,51 +957,72 @@ mod tests {
         while t.waiters.lock().map.is_empty() {
             tokio::task::yield_now().await;
         }
-        let fourth = send(&t, "[4]").unwrap().unwrap();
+        let fourth = sent(&t, "[4]");
         assert_eq!(result_of(t.wait(fourth, deadline).await), "[4]");
         assert_eq!(blocked.join().unwrap(), "[3]");
         t.close_writer();
         assert_eq!(reader.join().unwrap(), None, "a clean end");
-        // A closed stream is left to `request`, which says how it ended.
-        assert!(send(&t, "{}").is_none());
-        assert!(matches!(
-            call(&t, "{}", &[]),
-            Err(RequestError::Closed(Some(_)))
-        ));
+        assert!(matches!(send(&t, "{}"), TrySend::Closed(Some(_))));
     }
 
     #[tokio::test]
     async fn an_awaited_request_sends_nothing_without_room_and_times_out_forgotten() {
-        let (t, greeting, _reader) = connect(|requests, mut answers| {
+        let (go, started) = std::sync::mpsc::channel::<usize>();
+        let (t, greeting, _reader) = connect(move |mut requests, mut answers| {
             write_frame(&mut answers, &hello(), &[]).unwrap();
-            let _keep = requests; // never read: the pipe fills up
+            // Reads nothing until told how many requests the pipe took,
+            // then answers each (every one a whole frame), then no more.
+            let Ok(count) = started.recv() else { return };
+            for _ in 0..count {
+                let frame = read_frame(&mut requests, 1 << 20).unwrap();
+                let request: Request = serde_json::from_slice(frame.header()).unwrap();
+                let Request::Call { id, args, .. } = request else {
+                    panic!("not a call")
+                };
+                let header = serde_json::to_vec(&Response::Result {
+                    id,
+                    result: args,
+                    attachments: vec![],
+                })
+                .unwrap();
+                write_frame(&mut answers, &header, &[]).unwrap();
+            }
+            let _keep = requests;
             thread::sleep(LONG);
         });
         assert!(greeting.recv_timeout(LONG).is_ok());
         // Another caller writing: not sent, nothing registered.
         {
             let _writing = t.writer.lock();
-            assert!(send(&t, "{}").is_none());
+            assert!(matches!(send(&t, "{}"), TrySend::Busy));
         }
         assert!(t.waiters.lock().map.is_empty());
-        let mut sent = Vec::new();
-        while let Some(next) = send(&t, "{}") {
-            sent.push(next.unwrap());
-            assert!(sent.len() < 100_000, "a pipe that never fills");
-        }
+        let mut requests = Vec::new();
+        let full = loop {
+            match send(&t, &format!("[{}]", requests.len())) {
+                TrySend::Sent(sent) => requests.push(sent),
+                other => break other,
+            }
+            assert!(requests.len() < 100_000, "a pipe that never fills");
+        };
         // The one that found no room left nothing behind, and the stream
-        // is whole (not closed).
-        assert_eq!(t.waiters.lock().map.len(), sent.len());
+        // is whole (not closed): the runner reads every frame sent, and
+        // each answer reaches its request.
+        assert!(matches!(full, TrySend::Busy), "{full:?}");
+        assert_eq!(t.waiters.lock().map.len(), requests.len());
         assert!(t.writer.lock().is_some());
-        let started = Instant::now();
-        let soon = Instant::now().checked_add(Duration::from_millis(50));
-        for request in sent {
-            assert!(matches!(
-                t.wait(request, soon).await,
-                Err(RequestError::TimedOut)
-            ));
+        go.send(requests.len()).unwrap();
+        let deadline = Instant::now().checked_add(LONG);
+        for (i, request) in requests.into_iter().enumerate() {
+            assert_eq!(result_of(t.wait(request, deadline).await), format!("[{i}]"));
         }
-        assert!(started.elapsed() < Duration::from_secs(5));
+        // Unanswered past its deadline: forgotten.
+        let late = sent(&t, "{}");
+        let soon = Instant::now().checked_add(Duration::from_millis(50));
+        assert!(matches!(
+            t.wait(late, soon).await,
+            Err(RequestError::TimedOut)
+        ));
         assert!(t.waiters.lock().map.is_empty());
     }
 
@@ -984,8 +1034,8 @@ mod tests {
             // Ends without answering.
         });
         assert!(greeting.recv_timeout(LONG).is_ok());
-        let sent = send(&t, "{}").unwrap().unwrap();
-        let reply = t.wait(sent, Instant::now().checked_add(LONG)).await;
+        let request = sent(&t, "{}");
+        let reply = t.wait(request, Instant::now().checked_add(LONG)).await;
         assert!(
             matches!(&reply, Ok(Reply::Died(report)) if report.reason.ends_with(": ended")),
             "{reply:?}"

@@ -480,8 +480,14 @@ fn directories_rotated_or_swapped_are_moves_that_keep_their_counts() {
     };
     let mut calls = 0;
     for (moves, expected) in [
-        (&[("b", "c"), ("a", "b")][..], [("alpha", "b"), ("beta", "c")]),
-        (&[("b", "t"), ("c", "b"), ("t", "c")], [("alpha", "c"), ("beta", "b")]),
+        (
+            &[("b", "c"), ("a", "b")][..],
+            [("alpha", "b"), ("beta", "c")],
+        ),
+        (
+            &[("b", "t"), ("c", "b"), ("t", "c")],
+            [("alpha", "c"), ("beta", "b")],
+        ),
     ] {
         for name in ["alpha", "beta"] {
             assert_eq!(served(&server, name, "echo").status, 200, "{name}");
