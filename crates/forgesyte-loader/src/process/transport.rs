@@ -135,6 +135,10 @@ pub(crate) enum TrySend {
     Closed(Option<Arc<ExitReport>>),
 }
 
+/// How long [`Transport::try_send`] waits for a writer another caller
+/// holds before it gives up (`Busy`).
+const WRITER_WAIT: Duration = Duration::from_micros(50);
+
 /// Takes an awaited request's waiter out, however its wait ends.
 struct Forget<'a> {
     transport: &'a Transport,
@@ -353,7 +357,11 @@ impl Transport {
         if tail.iter().map(|part| part.len()).sum::<usize>() >= ATOMIC_FRAME {
             return TrySend::TooLarge;
         }
-        let Some(mut writer) = self.writer.try_lock() else {
+        // Another awaited request holds the writer for one write: worth
+        // waiting for on this thread (a task that yields waits behind every
+        // task ready). One held longer (a blocked caller's large frame) is
+        // waited out by the task.
+        let Some(mut writer) = self.writer.try_lock_for(WRITER_WAIT) else {
             return TrySend::Busy;
         };
         let Some(stream) = writer.as_mut() else {
