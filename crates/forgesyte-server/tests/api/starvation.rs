@@ -116,10 +116,14 @@ fn calls_whose_clients_hung_up_keep_their_slot_until_the_plugin_returns() {
 fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
     // One blocking thread, so the per-core lanes and it are all busy with
     // the slow plugin's calls (20 s each, within their 30 s limit); the quick plugin's
-    // call (1 s limit) waits for a thread past its limit.
+    // call (1 s limit) waits for a thread past its limit. Calls to plugins
+    // in runner processes need none and are answered.
     let dir = PluginsDir::new();
     dir.good("slow", json!({"limits": {"call_timeout_s": 30}}));
     dir.good("quick", json!({}));
+    // Calls to runner processes take no thread: awaited by their request.
+    dir.good("isolated", json!({"isolation": "process"}));
+    dir.python("py", "echo");
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str(), "--call-timeout", "1"],
         &[("FORGESYTE_BLOCKING_THREADS", "1")],
@@ -157,6 +161,10 @@ fn a_call_that_finds_no_free_thread_answers_503_and_leaves_its_plugin_alone() {
     assert_eq!(reply.header("retry-after"), Some("1"));
     let health = server.get("/v1/plugins/quick/health").json();
     assert_eq!(health["state"], "INITIALIZED", "{health}");
+    for runner in ["isolated", "py"] {
+        let reply = server.run(runner, "echo", r#"{"args": {"x": 1}}"#);
+        assert_eq!(reply.status, 200, "{runner}: {}", reply.text());
+    }
     // Their clients hang up: the calls still waiting for a thread are
     // cancelled, the running ones run out.
     drop(busy);
