@@ -170,7 +170,7 @@ pub struct Awaitable {
     args: Vec<u8>,
 }
 
-/// A call [`PluginHandle::begin`] started, for [`PluginHandle::end`].
+/// A call [`PluginHandle::begin`] started, for [`PluginHandle::record`].
 struct Begun<'a> {
     running: Running<'a>,
     /// The arguments, encoded.
@@ -414,7 +414,11 @@ impl PluginHandle {
         if self.inner.isolation != Isolation::Process {
             return None;
         }
-        let args = serde_json::to_vec(args).ok()?;
+        // Arguments a request frame cannot hold are not encoded whole
+        // (a large JSON body would be encoded twice).
+        let mut capped = Capped(Vec::new());
+        serde_json::to_writer(&mut capped, args).ok()?;
+        let args = capped.0;
         self.inner
             .slot
             .current()
@@ -735,6 +739,24 @@ impl PluginHandle {
     }
 }
 
+/// Bytes written up to `PIPE_BUF`, the most a request frame that is
+/// written whole at once holds; a write past it fails.
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + bytes.len() > libc::PIPE_BUF {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A call's arguments, encoded (an error no `Value` gives).
 fn encode(args: &Value) -> Result<Vec<u8>, CallError> {
     serde_json::to_vec(args).map_err(|e| {
@@ -1014,6 +1036,12 @@ mod tests {
         let args = serde_json::json!({});
         // Without an answer channel the fake cannot await its calls.
         assert!(handle.awaitable("t", &args, &context).is_none());
+        // Nor arguments no request frame written at once holds.
+        let (_tx, rx) = tokio::sync::oneshot::channel();
+        *instance.answer.lock() = Some(rx);
+        let big = serde_json::json!({"x": "y".repeat(libc::PIPE_BUF)});
+        assert!(handle.awaitable("t", &big, &context).is_none());
+        *instance.answer.lock() = None;
         let call = |handle: &PluginHandle, awaitable: Awaitable| {
             let handle = handle.clone();
             tokio::spawn(async move {

@@ -150,7 +150,7 @@ impl ProcessInstance {
         /// writes, before it sleeps between them.
         const YIELDING: Duration = Duration::from_micros(200);
         if !self.awaits(&tool, &args, &context) {
-            return on_blocking_pool(move || self.call_output(&tool, &args, &[], &context)).await;
+            return self.call_on_thread(tool, args, context).await;
         }
         check_args(&args)?;
         let deadline = Instant::now().checked_add(self.call_timeout);
@@ -168,10 +168,7 @@ impl ProcessInstance {
                         .await;
                 }
                 // Never for a call that `awaits` allowed.
-                TrySend::TooLarge => {
-                    return on_blocking_pool(move || self.call_output(&tool, &args, &[], &context))
-                        .await;
-                }
+                TrySend::TooLarge => return self.call_on_thread(tool, args, context).await,
                 TrySend::Busy => {
                     let now = Instant::now();
                     if deadline.is_some_and(|d| now >= d) {
@@ -201,6 +198,16 @@ impl ProcessInstance {
             .await;
         }
         self.answer(reply)
+    }
+
+    /// [`call_output`](Self::call_output) on tokio's blocking pool.
+    async fn call_on_thread(
+        self: Arc<Self>,
+        tool: String,
+        args: Vec<u8>,
+        context: CallContext,
+    ) -> Result<CallOutput, ToolError> {
+        on_blocking_pool(move || self.call_output(&tool, &args, &[], &context)).await
     }
 
     /// Why a call of `tool` past the call timeout kills the runner.
