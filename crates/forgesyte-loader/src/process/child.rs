@@ -793,8 +793,12 @@ impl<R: Read + std::os::fd::AsFd> Read for WatchedPipe<R> {
 
 /// The reader thread: routes answers until the stream ends or breaks, then
 /// processes the death.
-fn read_answers(shared: &Arc<Shared>, stdout: impl Read) {
-    if let Some(detail) = shared.transport.read_answers(stdout) {
+fn read_answers(shared: &Arc<Shared>, mut stdout: impl Read) {
+    // The pipe stays open until the runner is killed: closed first, a
+    // runner blocked writing an answer over the limit would end of the
+    // closed pipe (exit 0) before the kill, and the violation would be
+    // lost (its death read "exited with code 0").
+    if let Some(detail) = shared.transport.read_answers(&mut stdout) {
         kill(
             shared,
             KillReason {
@@ -803,6 +807,7 @@ fn read_answers(shared: &Arc<Shared>, stdout: impl Read) {
             },
         );
     }
+    drop(stdout);
     let status = reap(shared);
     process_death(shared, status);
 }
