@@ -91,6 +91,14 @@ impl Loader {
         read
     }
 
+    /// The manifest of `dir`, read and parsed with no change stamp taken
+    /// (its directory not walked): a look at what it says.
+    pub(super) fn peek_manifest(&self, dir: &Path) -> Result<Manifest, Box<BadManifest>> {
+        let path = dir.join(MANIFEST_FILE);
+        let read = self.read_manifest_bytes(&path);
+        self.parse_manifest(dir, &path, read)
+    }
+
     /// [`read_manifest`](Self::read_manifest) without recording the
     /// change stamp: it comes back with the manifest. `lock` is the lock
     /// file beside `dir` ([`lock_beside`](super::stamp::lock_beside)),

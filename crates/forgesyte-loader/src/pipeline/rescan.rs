@@ -368,11 +368,12 @@ impl Loader {
     }
 
     /// Which registered plugins moved, and where: a plugin whose
-    /// directory is gone, or whose directory's manifest names another
-    /// plugin now (`renamed_here` says whether a directory changed since
-    /// its plugin's last stamp), moved to the directory whose manifest
-    /// gives its name, if exactly one does among the directories no plugin
-    /// is registered from and those whose plugin was renamed so. So a
+    /// directory is gone, or (available) whose directory's manifest names
+    /// another plugin now (`renamed_here` says whether a directory changed
+    /// since its plugin's last stamp: only those manifests are read),
+    /// moved to the directory whose manifest gives its name, if exactly
+    /// one does among the directories no plugin is registered from and
+    /// those whose plugin was renamed so. So a
     /// rename (`mv a a-2`), a rotation (`mv b c; mv a b`) and a swap of two
     /// directories are moves, each plugin keeping its counts. A plugin
     /// whose directory another one moved into, and that moved nowhere
@@ -391,11 +392,19 @@ impl Loader {
             .filter(|(n, _)| !installed.contains(n))
             .collect();
         // Plugins whose directory names another plugin now, with that name.
+        // Not a FAILED or UNAVAILABLE one (a duplicate registered under its
+        // directory's name, a broken manifest): those are retried, and
+        // renamed or not by what their manifest says then, whatever else
+        // changed in their directory.
         let mut renamed: BTreeMap<&str, (&PathBuf, String)> = BTreeMap::new();
         for (name, dir) in &from_dirs {
             if !gone(name, dir)
                 && renamed_here(name, dir)
-                && let Ok(m) = self.read_manifest(dir)
+                && !self
+                    .registry
+                    .get_state(name)
+                    .is_some_and(|s| s.is_terminal())
+                && let Ok(m) = self.peek_manifest(dir)
                 && m.name != *name
             {
                 renamed.insert(name.as_str(), (dir, m.name));
@@ -437,9 +446,8 @@ impl Loader {
         moves
     }
 
-    /// The directories of `found` that no plugin is registered from, by
-    /// the name their manifest gives (one that names a name twice is left
-    /// out: which of them a plugin moved to is not known).
+    /// The directories of `found` that no plugin is registered from, with
+    /// the name their manifest gives.
     fn unregistered_by_name(&self, found: &BTreeSet<PathBuf>) -> Vec<(String, PathBuf)> {
         let registered = self.registered_dirs();
         found

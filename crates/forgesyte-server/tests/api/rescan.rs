@@ -518,6 +518,50 @@ fn directories_rotated_or_swapped_are_moves_that_keep_their_counts() {
     assert_eq!(report["removed"], json!([]), "{report}");
 }
 
+/// A chain whose last name stays where it is: `c1` names `n2` now and
+/// `c2` names `n3`, which `c3` still serves. `n2` moves into `c1` (its
+/// counts kept), `n1`, whose directory it took, is retired, `c2` is a
+/// duplicate of `n3` (FAILED under its directory's name) and `n3` is left
+/// alone.
+#[test]
+fn a_chain_ending_on_a_plugin_that_stays_moves_what_it_can() {
+    let dir = PluginsDir::new();
+    for (at, name) in [("c1", "n1"), ("c2", "n2"), ("c3", "n3")] {
+        dir.good(at, json!({"name": name}));
+    }
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    assert_eq!(served(&server, "n2", "echo").status, 200);
+    dir.manifest_fields("c1", json!({"name": "n2"}));
+    dir.manifest_fields("c2", json!({"name": "n3"}));
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["n2"]), "{report}");
+    assert_eq!(report["removed"][0]["name"], "n1", "{report}");
+    assert_eq!(
+        report["removed"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    assert_eq!(report["added"], json!(["c2"]), "{report}");
+    assert_eq!(report["unchanged"], json!(["n3"]), "{report}");
+    let n2 = state_of(&server, "n2").unwrap();
+    assert_eq!(n2["state"], "INITIALIZED", "{n2}");
+    assert_eq!(n2["success_count"], 1, "{n2}");
+    let c2 = state_of(&server, "c2").unwrap();
+    assert_eq!(c2["state"], "FAILED", "{c2}");
+    assert!(
+        c2["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("duplicate plugin name 'n3'")),
+        "{c2}"
+    );
+    assert_eq!(state_of(&server, "n1"), None, "{report}");
+    assert_eq!(served(&server, "n3", "echo").status, 200);
+}
+
 /// A dependency added by a rescan that is serving a call when its wave
 /// ends (it serves from the moment it is constructed) still has its
 /// waiting dependents loaded: only INITIALIZED counted, and RUNNING left
@@ -755,9 +799,10 @@ fn a_name_claimed_by_a_second_directory_stays_with_the_first_until_a_restart() {
 }
 
 /// Renames resolved together in one rescan: two plugins that swap names,
-/// and a chain (n1 → n2, n2 → n3), all load under their new names from
-/// their directories. Each was checked against the names registered before
-/// the rescan: FAILED, "already registered", whatever was reloaded.
+/// and a chain (n1 → n2, n2 → n3), all serve under their new names from
+/// their directories (the swap and `n2` as moves, `n1` retired, `n3`
+/// added). Checked one by one against the names registered before the
+/// rescan, each had been FAILED, "already registered".
 #[test]
 fn plugins_that_swap_names_or_rename_in_a_chain_load_under_their_new_names() {
     let dir = PluginsDir::new();
