@@ -444,9 +444,10 @@ impl PluginHandle {
     ) -> Result<ToolOutput, CallError> {
         /// Results larger than this are read on a thread.
         const READ_ON_A_THREAD: usize = 64 * 1024;
-        let call = self.begin(tool, call.args, ticket)?;
+        let mut call = self.begin(tool, call.args, ticket)?;
+        let args = std::mem::take(&mut call.args);
         let outcome = Arc::clone(&call.instance)
-            .call_async(tool, &call.args, context)
+            .call_async(tool, args, context)
             .await;
         let outcome = match outcome {
             Ok(output) if output.json.len() > READ_ON_A_THREAD => {

@@ -128,6 +128,17 @@ pub(crate) async fn on_blocking_pool<T: Send + 'static>(
     }
 }
 
+/// `instance`'s [`call_output`](PluginInstance::call_output) of a call
+/// without attachments, made on tokio's blocking pool and awaited.
+pub(crate) async fn call_on_thread<I: PluginInstance + ?Sized + 'static>(
+    instance: Arc<I>,
+    tool: String,
+    args: Vec<u8>,
+    context: CallContext,
+) -> Result<CallOutput, ToolError> {
+    on_blocking_pool(move || instance.call_output(&tool, &args, &[], &context)).await
+}
+
 /// A call [`PluginInstance::call_async`] made, awaited for its outcome.
 pub type AsyncCall =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<CallOutput, ToolError>> + Send>>;
@@ -220,14 +231,11 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     /// writes the request without blocking and awaits the answer; by
     /// default the call is made on tokio's blocking pool. The future must
     /// be polled inside a tokio runtime whose timers are enabled.
-    fn call_async(self: Arc<Self>, tool: &str, args: &[u8], context: &CallContext) -> AsyncCall
+    fn call_async(self: Arc<Self>, tool: &str, args: Vec<u8>, context: &CallContext) -> AsyncCall
     where
         Self: 'static,
     {
-        let (tool, args, context) = (tool.to_owned(), args.to_vec(), context.clone());
-        Box::pin(on_blocking_pool(move || {
-            self.call_output(&tool, &args, &[], &context)
-        }))
+        Box::pin(call_on_thread(self, tool.to_owned(), args, context.clone()))
     }
 
     /// The id of the process the instance lives in, when that is not the

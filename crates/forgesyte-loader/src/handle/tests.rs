@@ -195,15 +195,17 @@ impl PluginInstance for Awaiting {
     fn call_async(
         self: Arc<Self>,
         tool: &str,
-        args: &[u8],
+        args: Vec<u8>,
         context: &CallContext,
     ) -> crate::host::AsyncCall {
         let Some(answer) = self.answer.lock().take() else {
             // What an instance that cannot await does: a thread's call.
-            let (tool, args, context) = (tool.to_owned(), args.to_vec(), context.clone());
-            return Box::pin(crate::host::on_blocking_pool(move || {
-                self.call_output(&tool, &args, &[], &context)
-            }));
+            return Box::pin(crate::host::call_on_thread(
+                self,
+                tool.to_owned(),
+                args,
+                context.clone(),
+            ));
         };
         Box::pin(async move {
             answer

@@ -16,7 +16,7 @@ use super::transport::{ATOMIC_FRAME, Reply, TrySend};
 use super::wire_error::WireErrorExt;
 use crate::CallContext;
 use crate::host::{
-    AsyncCall, CallOutput, ExitCallback, PluginInstance, ToolInfo, on_blocking_pool,
+    AsyncCall, CallOutput, ExitCallback, PluginInstance, ToolInfo, call_on_thread, on_blocking_pool,
 };
 
 /// A plugin instance in a runner process. Dropping it stops the process
@@ -150,7 +150,7 @@ impl ProcessInstance {
         /// writes, before it sleeps between them.
         const YIELDING: Duration = Duration::from_micros(200);
         if !self.awaits(&tool, &args, &context) {
-            return self.call_on_thread(tool, args, context).await;
+            return call_on_thread(self, tool, args, context).await;
         }
         check_args(&args)?;
         let deadline = Instant::now().checked_add(self.call_timeout);
@@ -168,7 +168,7 @@ impl ProcessInstance {
                         .await;
                 }
                 // Never for a call that `awaits` allowed.
-                TrySend::TooLarge => return self.call_on_thread(tool, args, context).await,
+                TrySend::TooLarge => return call_on_thread(self, tool, args, context).await,
                 TrySend::Busy => {
                     let now = Instant::now();
                     if deadline.is_some_and(|d| now >= d) {
@@ -198,16 +198,6 @@ impl ProcessInstance {
             .await;
         }
         self.answer(reply)
-    }
-
-    /// [`call_output`](Self::call_output) on tokio's blocking pool.
-    async fn call_on_thread(
-        self: Arc<Self>,
-        tool: String,
-        args: Vec<u8>,
-        context: CallContext,
-    ) -> Result<CallOutput, ToolError> {
-        on_blocking_pool(move || self.call_output(&tool, &args, &[], &context)).await
     }
 
     /// Why a call of `tool` past the call timeout kills the runner.
@@ -395,8 +385,8 @@ impl PluginInstance for ProcessInstance {
         self.awaits(tool, args, context)
     }
 
-    fn call_async(self: Arc<Self>, tool: &str, args: &[u8], context: &CallContext) -> AsyncCall {
-        Box::pin(self.call_awaited(tool.to_owned(), args.to_vec(), context.clone()))
+    fn call_async(self: Arc<Self>, tool: &str, args: Vec<u8>, context: &CallContext) -> AsyncCall {
+        Box::pin(self.call_awaited(tool.to_owned(), args, context.clone()))
     }
 
     fn stop(&self) {

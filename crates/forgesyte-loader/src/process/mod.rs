@@ -891,7 +891,7 @@ while True:
         assert!(instance.awaitable("sleep", br#"{"ms":0}"#, &context));
         let spaces = vec![b' '; ATOMIC_FRAME];
         assert!(!instance.awaitable("sleep", &spaces, &context), "too large");
-        let call = |args: &'static [u8]| Arc::clone(&instance).call_async("sleep", args, &context);
+        let call = |args: &[u8]| Arc::clone(&instance).call_async("sleep", args.to_vec(), &context);
         let output = call(br#"{"ms":0}"#).await.unwrap();
         let answer: serde_json::Value = serde_json::from_slice(&output.json).unwrap();
         assert_eq!(answer, serde_json::json!({"pid": instance.pid()}));

@@ -139,15 +139,18 @@ pub(crate) enum TrySend {
 /// holds before it gives up (`Busy`).
 const WRITER_WAIT: Duration = Duration::from_micros(50);
 
-/// Takes an awaited request's waiter out, however its wait ends.
+/// Takes an awaited request's waiter out, however its wait ends, unless
+/// its answer came (`id` then `None`: whoever answered took it out).
 struct Forget<'a> {
     transport: &'a Transport,
-    id: u64,
+    id: Option<u64>,
 }
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        self.transport.waiters.lock().map.remove(&self.id);
+        if let Some(id) = self.id {
+            self.transport.waiters.lock().map.remove(&id);
+        }
     }
 }
 
@@ -411,9 +414,9 @@ impl Transport {
         deadline: Option<Instant>,
     ) -> Result<Reply, RequestError> {
         let Sent { id, reply } = sent;
-        let forget = Forget {
+        let mut forget = Forget {
             transport: self,
-            id,
+            id: Some(id),
         };
         let replied = match deadline {
             None => Ok(reply.await),
@@ -421,9 +424,13 @@ impl Transport {
                 tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), reply).await
             }
         };
-        drop(forget);
         match replied {
-            Ok(Ok(reply)) => Ok(reply),
+            // Its waiter was taken out by whoever answered (`deliver`,
+            // `fail_all`): no lock to take again.
+            Ok(Ok(reply)) => {
+                forget.id = None;
+                Ok(reply)
+            }
             Ok(Err(_)) => Err(RequestError::Closed(self.closed())),
             Err(_) => Err(RequestError::TimedOut),
         }
