@@ -21,9 +21,10 @@
 //! `shared_memory` (the descriptors go first, under the writer lock, then
 //! the frame), and maps the ones the runner sends back. A memory file that
 //! cannot be made, or a descriptor message that cannot be sent, leaves the
-//! attachments inline. Once descriptors went out, a frame that is not
-//! written whole closes the request stream (the runner would pair the next
-//! frame with them). The host keeps no descriptor past the call: its own
+//! attachments inline. A frame that is not written whole (descriptors
+//! sent or not) takes the request stream out of use for good: the runner
+//! would read the next frame out of step, or pair it with the descriptors.
+//! It stays open until it is closed (`Transport::set_aside`). The host keeps no descriptor past the call: its own
 //! are closed once sent (those of 1 MiB or more once the answer came, off
 //! the call's path: [`super::spares::Retire`]), the runner's once mapped,
 //! and a mapping lives as long as the answer's frame. Attachments from 1 MiB are written into
@@ -194,6 +195,10 @@ struct ShmLink {
 /// One connection to a runner.
 pub(crate) struct Transport {
     writer: Mutex<Option<Box<dyn RequestStream>>>,
+    /// The request stream after part of a frame went out: no longer
+    /// written to, still open until [`Transport::close_writer`] (see
+    /// [`Transport::set_aside`]).
+    out_of_step: Mutex<Option<Box<dyn RequestStream>>>,
     waiters: Mutex<Waiters>,
     max_answer_bytes: u64,
     shm: Option<ShmLink>,
@@ -222,6 +227,7 @@ impl Transport {
         map.insert(HELLO_ID, Waiter::Blocked(tx));
         let transport = Transport {
             writer: Mutex::new(Some(Box::new(writer))),
+            out_of_step: Mutex::new(None),
             waiters: Mutex::new(Waiters {
                 closed: None,
                 next_id: HELLO_ID + 1,
@@ -306,7 +312,7 @@ impl Transport {
                             if w.written > 0 || sent_fds {
                                 // Half a frame is in the pipe: the stream is
                                 // out of step for good.
-                                writer.take();
+                                self.set_aside(&mut writer);
                             }
                             Err(RequestError::TimedOut)
                         }
@@ -392,7 +398,7 @@ impl Transport {
                 // Part of a frame: only a stream that is not a pipe does
                 // that (every runner's is one). Out of step for good.
                 Ok(n) if n > 0 => {
-                    writer.take();
+                    self.set_aside(&mut writer);
                     TrySend::Closed(None)
                 }
                 // The end of the connection, which `request` reports.
@@ -452,10 +458,23 @@ impl Transport {
         self.waiters.lock().closed.clone()
     }
 
-    /// Closes the request stream: the runner reads the end of its input,
-    /// which asks it to exit.
+    /// Takes the request stream out of use for good once part of a frame
+    /// went out (the runner would read the next frame out of step), but
+    /// keeps it open until [`close_writer`](Self::close_writer): closed
+    /// now, the runner could read the end of its input and exit before the
+    /// caller kills it for what went wrong, and its death would be told as
+    /// an exit of its own.
+    fn set_aside(&self, writer: &mut Option<Box<dyn RequestStream>>) {
+        if let Some(stream) = writer.take() {
+            *self.out_of_step.lock() = Some(stream);
+        }
+    }
+
+    /// Closes the request stream (one set aside too): the runner reads the
+    /// end of its input, which asks it to exit.
     pub(crate) fn close_writer(&self) {
         self.writer.lock().take();
+        self.out_of_step.lock().take();
     }
 
     /// [`close_writer`](Self::close_writer), unless a request is still
@@ -466,6 +485,7 @@ impl Transport {
         match self.writer.try_lock_for(wait) {
             Some(mut writer) => {
                 writer.take();
+                self.out_of_step.lock().take();
                 true
             }
             None => false,

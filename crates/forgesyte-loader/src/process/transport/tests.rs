@@ -495,8 +495,73 @@ fn a_runner_that_stops_reading_cannot_hold_a_request_past_its_timeout() {
         assert!(took < Duration::from_secs(3), "{which}: {took:?}");
     }
     assert!(t.waiters.lock().map.is_empty());
-    // Half a frame went out: the stream is closed, not reused.
+    // Half a frame went out: the stream is not reused.
     assert!(t.writer.lock().is_none());
+}
+
+/// What a runner finds in its request pipe once it reads all there is.
+#[derive(Debug, PartialEq)]
+enum Drained {
+    /// Nothing more for now: the host's end is open.
+    Open,
+    /// The end of its input.
+    End,
+}
+
+fn drain(requests: &mut PipeReader) -> Drained {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match requests.read(&mut buf) {
+            Ok(0) => return Drained::End,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Open,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn a_stream_out_of_step_stays_open_until_it_is_closed() {
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let (t, greeting, _reader) = connect(move |mut requests, mut answers| {
+        write_frame(&mut answers, &hello(), &[]).unwrap();
+        rustix::io::ioctl_fionbio(&requests, true).unwrap();
+        // Reads nothing until the request timed out, then all there is,
+        // twice: before and after the host closes its end.
+        for _ in 0..2 {
+            if go_rx.recv().is_err() {
+                return;
+            }
+            let _ = seen_tx.send(drain(&mut requests));
+        }
+        thread::sleep(LONG);
+    });
+    assert!(greeting.recv_timeout(LONG).is_ok());
+    let big = vec![7u8; 4 << 20];
+    let r = t.request(
+        |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
+        &[],
+        &[&big],
+        Duration::from_millis(200),
+    );
+    assert!(matches!(r, Err(RequestError::TimedOut)), "{r:?}");
+    // Part of the frame is in the pipe: no request is written after it,
+    // and the runner does not read the end of its input (it would exit
+    // before the caller kills it for its time-out).
+    assert!(t.writer.lock().is_none());
+    go_tx.send(()).unwrap();
+    assert_eq!(seen_rx.recv_timeout(LONG).unwrap(), Drained::Open);
+    let next = t.request(
+        |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
+        &[],
+        &[],
+        Duration::from_millis(200),
+    );
+    assert!(matches!(next, Err(RequestError::Closed(_))), "{next:?}");
+    t.close_writer();
+    go_tx.send(()).unwrap();
+    assert_eq!(seen_rx.recv_timeout(LONG).unwrap(), Drained::End);
 }
 
 #[test]
