@@ -298,9 +298,7 @@ impl Transport {
                     } else {
                         (head.as_slice(), attachments)
                     };
-                    let mut header = Vec::with_capacity(1 + tail.len());
-                    header.push(first);
-                    header.extend_from_slice(tail);
+                    let header = header_parts(first, tail);
                     let mut w = DeadlineWriter {
                         inner: w.as_mut(),
                         deadline,
@@ -383,9 +381,7 @@ impl Transport {
             Err(RequestError::TimedOut) => return TrySend::Busy,
         };
         let head = head(id);
-        let mut header = Vec::with_capacity(1 + tail.len());
-        header.push(head.as_slice());
-        header.extend_from_slice(tail);
+        let header = header_parts(&head, tail);
         let mut frame = Vec::with_capacity(ATOMIC_FRAME);
         let small =
             write_frame_parts(&mut frame, &header, &[]).is_ok() && frame.len() <= ATOMIC_FRAME;
@@ -573,6 +569,15 @@ impl Transport {
             waiter.send(Reply::Died(Arc::clone(report)));
         }
     }
+}
+
+/// A request's header as the parts it is written from: `head`, then
+/// `tail`.
+fn header_parts<'a>(head: &'a [u8], tail: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    let mut header = Vec::with_capacity(1 + tail.len());
+    header.push(head);
+    header.extend_from_slice(tail);
+    header
 }
 
 /// A non-blocking stream written with a deadline: a write that would block
