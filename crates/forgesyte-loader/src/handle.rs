@@ -428,12 +428,14 @@ impl PluginHandle {
 
     /// [`call_ticketed`](Self::call_ticketed) of a call
     /// [`awaitable`](Self::awaitable) found awaitable: the request is
-    /// written without blocking and the answer awaited. What blocks is
-    /// done on tokio's blocking pool: a call its instance can no longer
-    /// take so (a restart put another in place meanwhile), the kill of a
-    /// runner for a fault and the wait for its death, the reading of a
-    /// result over 64 KiB. It must be polled inside a tokio runtime whose
-    /// timers are enabled. Dropped before its end, the call is no longer in
+    /// written without blocking and the answer awaited, and a runner
+    /// killed for a fault is awaited dead. Two things go to tokio's
+    /// blocking pool, never waiting for it without bound: a call its
+    /// instance can no longer take so (a restart put another in place
+    /// meanwhile; no thread within the call timeout: `QueueTimedOut`, the
+    /// call never made), and the reading of a result over 64 KiB (no
+    /// thread within 100 ms: read in the task). It must be polled inside a
+    /// tokio runtime whose timers are enabled. Dropped before its end, the call is no longer in
     /// flight and not counted, and its answer, if one comes, is dropped.
     pub async fn call_ticketed_async(
         &self,
@@ -442,8 +444,10 @@ impl PluginHandle {
         context: &CallContext,
         ticket: &CallTicket,
     ) -> Result<ToolOutput, CallError> {
-        /// Results larger than this are read on a thread.
+        /// Results larger than this are read on a thread...
         const READ_ON_A_THREAD: usize = 64 * 1024;
+        /// ... found within this long.
+        const READ_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
         let mut call = self.begin(tool, call.args, ticket)?;
         let args = std::mem::take(&mut call.args);
         let outcome = Arc::clone(&call.instance)
@@ -452,7 +456,13 @@ impl PluginHandle {
         let outcome = match outcome {
             Ok(output) if output.json.len() > READ_ON_A_THREAD => {
                 let this = self.clone();
-                crate::host::on_blocking_pool(move || this.read_output(Ok(output))).await
+                let read = move || this.read_output(Ok(output));
+                // Every thread of the pool busy: read here rather than
+                // wait for one without bound.
+                match crate::host::on_blocking_pool_within(READ_PATIENCE, read).await {
+                    Ok(outcome) => outcome,
+                    Err(read) => read(),
+                }
             }
             outcome => self.read_output(outcome),
         };
@@ -461,8 +471,7 @@ impl PluginHandle {
             _ => None,
         };
         if let Some(reason) = &kill {
-            let (instance, reason) = (Arc::clone(&call.instance), reason.clone());
-            let _ = crate::host::on_blocking_pool(move || Ok(instance.kill(&reason))).await;
+            Arc::clone(&call.instance).kill_async(reason.clone()).await;
         }
         self.record(call, outcome, kill.is_some())
     }

@@ -117,7 +117,53 @@ impl CallOutput {
 pub(crate) async fn on_blocking_pool<T: Send + 'static>(
     call: impl FnOnce() -> Result<T, ToolError> + Send + 'static,
 ) -> Result<T, ToolError> {
-    match tokio::task::spawn_blocking(call).await {
+    joined(tokio::task::spawn_blocking(call).await)
+}
+
+/// [`on_blocking_pool`] for `work` that must not wait past `patience` for a
+/// thread of the pool (every one busy: slow calls can take them all): then
+/// it is handed back, never to run there (`Err(work)`), for the caller to
+/// run it itself or give up.
+pub(crate) async fn on_blocking_pool_within<T, W>(
+    patience: Duration,
+    work: W,
+) -> Result<Result<T, ToolError>, W>
+where
+    T: Send + 'static,
+    W: FnOnce() -> Result<T, ToolError> + Send + 'static,
+{
+    let slot = Arc::new(parking_lot::Mutex::new(Some(work)));
+    let theirs = Arc::clone(&slot);
+    let mut ran = tokio::task::spawn_blocking(move || {
+        let work = theirs.lock().take();
+        work.map(|work| work())
+    });
+    let finished = match tokio::time::timeout(patience, &mut ran).await {
+        Ok(finished) => finished,
+        Err(_) => {
+            let back = slot.lock().take();
+            if let Some(work) = back {
+                return Err(work);
+            }
+            ran.await // a thread took it meanwhile
+        }
+    };
+    Ok(joined(finished.map(|outcome| {
+        // `None` only for work handed back, which returned above.
+        outcome.unwrap_or_else(|| {
+            Err(ToolError::Stopped {
+                reason: "the call was handed back by the thread pool".into(),
+            })
+        })
+    })))
+}
+
+/// The outcome of work on tokio's blocking pool: a panic there goes on in
+/// the caller, and a runtime that stopped first ends the call `Stopped`.
+fn joined<T>(
+    finished: Result<Result<T, ToolError>, tokio::task::JoinError>,
+) -> Result<T, ToolError> {
+    match finished {
         Ok(outcome) => outcome,
         Err(e) => match e.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),
@@ -142,6 +188,9 @@ pub(crate) async fn call_on_thread<I: PluginInstance + ?Sized + 'static>(
 /// A call [`PluginInstance::call_async`] made, awaited for its outcome.
 pub type AsyncCall =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<CallOutput, ToolError>> + Send>>;
+
+/// A kill [`PluginInstance::kill_async`] made, awaited for its end.
+pub type AsyncKill = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
 /// A live plugin instance; tools may be called from several threads at once.
 pub trait PluginInstance: Send + Sync + std::fmt::Debug {
@@ -268,6 +317,20 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// [`kill`](Self::kill), awaited. A runner-hosted instance kills at
+    /// once and awaits the death without a thread; by default `kill` runs
+    /// on tokio's blocking pool.
+    fn kill_async(self: Arc<Self>, reason: String) -> AsyncKill
+    where
+        Self: 'static,
+    {
+        Box::pin(async move {
+            on_blocking_pool(move || Ok(self.kill(&reason)))
+                .await
+                .unwrap_or(false)
+        })
+    }
+
     /// Asks the instance's process to exit, and kills it after a short
     /// grace if it has not; returns at once (the grace runs elsewhere). A
     /// no-op in the host's own process.
@@ -348,9 +411,63 @@ impl ExitReport {
     }
 }
 
+/// A tokio runtime (one worker) whose blocking pool has one thread, taken
+/// until the returned sender is dropped or sends (at most 30 s): what
+/// every blocking thread busy with slow calls looks like to a task.
+#[cfg(test)]
+pub(crate) fn starved_runtime() -> (tokio::runtime::Runtime, std::sync::mpsc::Sender<()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (taken, is_taken) = std::sync::mpsc::channel();
+    runtime.spawn_blocking(move || {
+        taken.send(()).unwrap();
+        let _ = released.recv_timeout(Duration::from_secs(30));
+    });
+    is_taken.recv().unwrap();
+    (runtime, release)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_no_thread_takes_in_time_is_handed_back_never_run_there() {
+        let (runtime, release) = starved_runtime();
+        let ran = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let work = {
+            let ran = Arc::clone(&ran);
+            move || {
+                ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(std::thread::current().id())
+            }
+        };
+        let started = std::time::Instant::now();
+        let back = runtime.block_on(on_blocking_pool_within(Duration::from_millis(100), work));
+        let elapsed = started.elapsed();
+        let Err(work) = back else {
+            panic!("the pool's only thread is taken")
+        };
+        assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+        // Freed, the pool's thread finds nothing left to do.
+        release.send(()).unwrap();
+        runtime.block_on(async {
+            let more = on_blocking_pool_within(Duration::from_secs(30), || Ok(()));
+            assert!(matches!(more.await, Ok(Ok(()))));
+        });
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(work(), Ok(std::thread::current().id()));
+        // With a thread free, the work runs there.
+        let there = runtime.block_on(on_blocking_pool_within(Duration::from_secs(30), || {
+            Ok(std::thread::current().id())
+        }));
+        assert!(matches!(there, Ok(Ok(id)) if id != std::thread::current().id()));
+    }
 
     #[test]
     fn a_tool_list_naming_a_tool_twice_is_refused() {

@@ -93,8 +93,8 @@ pub use entry_points::EntryPoint;
 pub use forgesyte_protocol::wire::{CallContext, fit_request_id};
 pub use handle::{Awaitable, CallError, CallTicket, PluginHandle, ToolOutput};
 pub use host::{
-    AsyncCall, CallOutput, ExitCallback, ExitReport, Importer, PluginInstance, PluginLibrary,
-    ToolInfo,
+    AsyncCall, AsyncKill, CallOutput, ExitCallback, ExitReport, Importer, PluginInstance,
+    PluginLibrary, ToolInfo,
 };
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{

@@ -301,3 +301,46 @@ async fn an_awaited_call_is_in_flight_until_its_answer_and_recorded_once() {
     assert!(dropped.await.unwrap_err().is_cancelled());
     assert_eq!(counts(), (Initialized, 0, 2, 0));
 }
+
+#[test]
+fn an_awaited_call_s_large_result_needs_no_free_thread() {
+    // Every thread of the blocking pool busy (slow in-process calls): a
+    // result over 64 KiB is read in the task rather than waiting for one.
+    let (runtime, release) = crate::host::starved_runtime();
+    let registry = registry_with_p();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let instance = Arc::new(Awaiting {
+        tools: vec![ToolInfo::new("t")],
+        answer: Mutex::new(Some(rx)),
+        on_thread: AtomicU32::new(0),
+    });
+    let handle = PluginHandle {
+        inner: Arc::new(Inner {
+            slot: Arc::new(Slot::new(
+                "p".into(),
+                registry.clone(),
+                Arc::clone(&instance) as Arc<dyn PluginInstance>,
+            )),
+            call_timeout: Some(Duration::from_secs(10)),
+            isolation: Isolation::Process,
+            supervisor: None,
+        }),
+    };
+    let context = CallContext::default();
+    let awaitable = handle
+        .awaitable("t", &serde_json::json!({}), &context)
+        .unwrap();
+    let large = "x".repeat(100 * 1024);
+    tx.send(serde_json::to_vec(&large).unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    let result =
+        runtime.block_on(handle.call_ticketed_async("t", awaitable, &context, &CallTicket::new()));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(result.unwrap().result, serde_json::Value::String(large));
+    assert_eq!(registry.get_status("p").unwrap().success_count, 1);
+    drop(release);
+}

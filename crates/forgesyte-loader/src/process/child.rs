@@ -231,6 +231,8 @@ struct Shared {
     kill_reason: Mutex<Option<KillReason>>,
     exit: Mutex<ExitState>,
     exited: Condvar,
+    /// [`Self::exited`] for tasks ([`Child::dead`]).
+    died: tokio::sync::Notify,
     /// What the stderr thread keeps; that thread holds this alone (a
     /// process the plugin started may keep stderr open long after).
     stderr: Arc<StderrLog>,
@@ -431,6 +433,7 @@ impl Child {
             kill_reason: Mutex::new(None),
             exit: Mutex::new(ExitState::default()),
             exited: Condvar::new(),
+            died: tokio::sync::Notify::new(),
             stderr: Arc::new(StderrLog::new(opts.plugin, pid)),
             retired: AtomicBool::new(false),
             constructed: AtomicBool::new(false),
@@ -543,25 +546,40 @@ impl Child {
     /// descriptor): it can never be asked anything again, so it is killed
     /// as a protocol fault. Blocks until the death is processed.
     pub(crate) fn closed_report(&self) -> Arc<ExitReport> {
-        if self.shared.retired.load(Ordering::SeqCst) {
-            return Arc::new(ExitReport {
+        if let Some(report) = self.let_go_report() {
+            return report;
+        }
+        self.wait_dead(DEATH_SYNC)
+            .or_else(|| {
+                self.kill(stopped_reading());
+                self.wait_dead(DEATH_SYNC)
+            })
+            .unwrap_or_else(gone)
+    }
+
+    /// [`Self::closed_report`], awaited (no thread blocks on the death).
+    pub(crate) async fn closed_report_awaited(&self) -> Arc<ExitReport> {
+        if let Some(report) = self.let_go_report() {
+            return report;
+        }
+        if let Some(report) = self.dead(DEATH_SYNC).await {
+            return report;
+        }
+        self.kill(stopped_reading());
+        self.dead(DEATH_SYNC).await.unwrap_or_else(gone)
+    }
+
+    /// The report of a runner the host let go, whose request pipe the host
+    /// closed: the call never reached it.
+    fn let_go_report(&self) -> Option<Arc<ExitReport>> {
+        self.shared.retired.load(Ordering::SeqCst).then(|| {
+            Arc::new(ExitReport {
                 reason: "let go by the host before the call reached it".into(),
                 crash: None,
                 signal: None,
                 code: None,
-            });
-        }
-        self.wait_dead(DEATH_SYNC)
-            .or_else(|| {
-                self.kill(KillReason {
-                    cause: CrashCause::Protocol {
-                        detail: "stopped reading its requests (its request pipe is closed)".into(),
-                    },
-                    registry_reason: None,
-                });
-                self.wait_dead(DEATH_SYNC)
             })
-            .unwrap_or_else(|| Arc::new(ExitReport::protocol("the plugin process is gone")))
+        })
     }
 
     /// [`Transport::try_send`].
@@ -580,11 +598,7 @@ impl Child {
         match self.shared.transport.wait(sent, deadline).await {
             Ok(reply) => Ok(reply),
             Err(RequestError::TimedOut) => Err(None),
-            Err(RequestError::Closed(report)) => {
-                Err(Some(report.unwrap_or_else(|| {
-                    Arc::new(ExitReport::protocol("the plugin process is gone"))
-                })))
-            }
+            Err(RequestError::Closed(report)) => Err(Some(report.unwrap_or_else(gone))),
         }
     }
 
@@ -596,6 +610,25 @@ impl Child {
     /// Waits up to `timeout` for the death to be processed.
     pub(crate) fn wait_dead(&self, timeout: Duration) -> Option<Arc<ExitReport>> {
         wait_dead(&self.shared, timeout)
+    }
+
+    /// [`Self::wait_dead`], awaited. It must be polled inside a tokio
+    /// runtime whose timers are enabled.
+    pub(crate) async fn dead(&self, timeout: Duration) -> Option<Arc<ExitReport>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Listening before looking: a death processed in between still
+            // wakes this task.
+            let mut died = std::pin::pin!(self.shared.died.notified());
+            died.as_mut().enable();
+            let report = self.shared.exit.lock().report.clone();
+            if report.is_some() {
+                return report;
+            }
+            if tokio::time::timeout_at(deadline, died).await.is_err() {
+                return self.shared.exit.lock().report.clone();
+            }
+        }
     }
 
     /// Runs `callback` once when the process has died (at once if it has);
@@ -657,6 +690,21 @@ fn retire(shared: &Arc<Shared>) {
             shared.transport.close_writer();
         }
     }
+}
+
+/// Why a runner that lives on with its request pipe closed is killed.
+fn stopped_reading() -> KillReason {
+    KillReason {
+        cause: CrashCause::Protocol {
+            detail: "stopped reading its requests (its request pipe is closed)".into(),
+        },
+        registry_reason: None,
+    }
+}
+
+/// The report of a runner whose death was never processed.
+fn gone() -> Arc<ExitReport> {
+    Arc::new(ExitReport::protocol("the plugin process is gone"))
 }
 
 fn retired_reason() -> KillReason {
@@ -911,6 +959,7 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         }
     }
     shared.exited.notify_all();
+    shared.died.notify_waiters();
     shared.transport.fail_all(&for_calls(shared, report));
 }
 

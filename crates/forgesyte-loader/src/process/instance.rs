@@ -16,7 +16,8 @@ use super::transport::{ATOMIC_FRAME, Reply, TrySend};
 use super::wire_error::WireErrorExt;
 use crate::CallContext;
 use crate::host::{
-    AsyncCall, CallOutput, ExitCallback, PluginInstance, ToolInfo, call_on_thread, on_blocking_pool,
+    AsyncCall, AsyncKill, CallOutput, ExitCallback, PluginInstance, ToolInfo,
+    on_blocking_pool_within,
 };
 
 /// A plugin instance in a runner process. Dropping it stops the process
@@ -135,11 +136,11 @@ impl ProcessInstance {
     /// [`call_output`](Self::call_output) of a call without attachments,
     /// awaited: the request written without blocking (another caller
     /// writing, or a pipe without room, is waited out by the task, within
-    /// the call timeout), the answer awaited. A call it cannot take so
-    /// ([`Self::awaits`]) is made on tokio's blocking pool, as is what
-    /// blocks: the kill of a runner past the call timeout and the wait for
-    /// its death, and the report of a runner whose pipe closed. It must be
-    /// polled inside a tokio runtime whose timers are enabled.
+    /// the call timeout), the answer awaited; a runner killed past the call
+    /// timeout, or found with its pipe closed, is awaited dead. A call it
+    /// cannot take so ([`Self::awaits`]) is made on tokio's blocking pool
+    /// ([`Self::on_thread`]). It must be polled inside a tokio runtime
+    /// whose timers are enabled.
     async fn call_awaited(
         self: Arc<Self>,
         tool: String,
@@ -150,7 +151,7 @@ impl ProcessInstance {
         /// writes, before it sleeps between them.
         const YIELDING: Duration = Duration::from_micros(200);
         if !self.awaits(&tool, &args, &context) {
-            return call_on_thread(self, tool, args, context).await;
+            return self.on_thread(tool, args, context).await;
         }
         check_args(&args)?;
         let deadline = Instant::now().checked_add(self.call_timeout);
@@ -163,12 +164,10 @@ impl ProcessInstance {
                 TrySend::Sent(sent) => break Some(sent),
                 TrySend::Closed(Some(report)) => return Err(tool_crash(&report)),
                 TrySend::Closed(None) => {
-                    let this = Arc::clone(&self);
-                    return on_blocking_pool(move || Err(tool_crash(&this.child.closed_report())))
-                        .await;
+                    return Err(tool_crash(&*self.child.closed_report_awaited().await));
                 }
                 // Never for a call that `awaits` allowed.
-                TrySend::TooLarge => return call_on_thread(self, tool, args, context).await,
+                TrySend::TooLarge => return self.on_thread(tool, args, context).await,
                 TrySend::Busy => {
                     let now = Instant::now();
                     if deadline.is_some_and(|d| now >= d) {
@@ -188,16 +187,28 @@ impl ProcessInstance {
         };
         if matches!(reply, Err(None)) {
             // Killed, its death processed before the call returns, as for
-            // a blocked caller: a thread's work.
-            let this = Arc::clone(&self);
-            let reason = self.timed_out(&tool);
-            let _ = on_blocking_pool(move || {
-                this.child.kill(reason);
-                Ok(this.child.wait_dead(child::DEATH_SYNC))
-            })
-            .await;
+            // a blocked caller.
+            self.child.kill(self.timed_out(&tool));
+            let _ = self.child.dead(child::DEATH_SYNC).await;
         }
         self.answer(reply)
+    }
+
+    /// The call made on tokio's blocking pool, if a thread of it takes it
+    /// within the call timeout; else never made (`QueueTimedOut`), as a
+    /// call the server's pool cannot start.
+    async fn on_thread(
+        self: Arc<Self>,
+        tool: String,
+        args: Vec<u8>,
+        context: CallContext,
+    ) -> Result<CallOutput, ToolError> {
+        let limit = self.call_timeout;
+        let call = move || self.call_output(&tool, &args, &[], &context);
+        match on_blocking_pool_within(limit, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ToolError::QueueTimedOut { after: limit }),
+        }
     }
 
     /// Why a call of `tool` past the call timeout kills the runner.
@@ -412,6 +423,14 @@ impl PluginInstance for ProcessInstance {
         self.child.kill(KillReason::host(reason));
         let _ = self.child.wait_dead(child::DEATH_SYNC);
         true
+    }
+
+    fn kill_async(self: Arc<Self>, reason: String) -> AsyncKill {
+        self.child.kill(KillReason::host(&reason));
+        Box::pin(async move {
+            let _ = self.child.dead(child::DEATH_SYNC).await;
+            true
+        })
     }
 }
 

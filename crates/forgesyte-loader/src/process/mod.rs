@@ -915,4 +915,31 @@ while True:
             "{after:?}"
         );
     }
+
+    #[test]
+    fn an_awaited_call_needs_no_free_thread_to_time_out_and_kill() {
+        // Every thread of the blocking pool busy (slow in-process calls):
+        // the kill past the timeout and the wait for the death wait for
+        // none of them.
+        let (runtime, release) = crate::host::starved_runtime();
+        let timeout = Duration::from_millis(300);
+        let instance: Arc<dyn PluginInstance> = Arc::from(fake_runner_instance(
+            timeout,
+            &[capability::CONCURRENT_CALLS],
+        ));
+        let context = CallContext::default();
+        let call = |args: &[u8]| Arc::clone(&instance).call_async("sleep", args.to_vec(), &context);
+        let started = Instant::now();
+        assert_eq!(
+            runtime.block_on(call(br#"{"ms":5000}"#)),
+            Err(ToolError::TimedOut { after: timeout })
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(instance.wait_stopped(Duration::ZERO), "not dead yet");
+        drop(release);
+    }
 }

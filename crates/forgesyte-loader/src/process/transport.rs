@@ -136,9 +136,27 @@ pub(crate) enum TrySend {
     Closed(Option<Arc<ExitReport>>),
 }
 
-/// How long [`Transport::try_send`] waits for a writer another caller
-/// holds before it gives up (`Busy`).
+/// How long [`Transport::try_send`] waits for a writer another awaited
+/// request holds before it gives up (`Busy`); a blocked caller's request
+/// ([`Transport::request`], which may hold it until its deadline) is not
+/// waited for.
 const WRITER_WAIT: Duration = Duration::from_micros(50);
+
+/// Marks the writer held by [`Transport::request`] while it lives.
+struct HeldByRequest<'a>(&'a AtomicBool);
+
+impl<'a> HeldByRequest<'a> {
+    fn new(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        HeldByRequest(flag)
+    }
+}
+
+impl Drop for HeldByRequest<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 /// Takes an awaited request's waiter out, however its wait ends, unless
 /// its answer came (`id` then `None`: whoever answered took it out).
@@ -199,6 +217,8 @@ pub(crate) struct Transport {
     /// written to, still open until [`Transport::close_writer`] (see
     /// [`Transport::set_aside`]).
     out_of_step: Mutex<Option<Box<dyn RequestStream>>>,
+    /// The writer is held by [`Transport::request`] ([`HeldByRequest`]).
+    held_by_request: AtomicBool,
     waiters: Mutex<Waiters>,
     max_answer_bytes: u64,
     shm: Option<ShmLink>,
@@ -228,6 +248,7 @@ impl Transport {
         let transport = Transport {
             writer: Mutex::new(Some(Box::new(writer))),
             out_of_step: Mutex::new(None),
+            held_by_request: AtomicBool::new(false),
             waiters: Mutex::new(Waiters {
                 closed: None,
                 next_id: HELLO_ID + 1,
@@ -286,6 +307,7 @@ impl Transport {
             None => Err(RequestError::TimedOut),
             Some(mut writer) => match writer.as_mut() {
                 Some(w) => {
+                    let _held = HeldByRequest::new(&self.held_by_request);
                     // Descriptors first; if they cannot go, all goes inline.
                     let sent_fds = match &self.shm {
                         Some(link) if !outgoing.is_empty() => {
@@ -366,9 +388,15 @@ impl Transport {
         }
         // Another awaited request holds the writer for one write: worth
         // waiting for on this thread (a task that yields waits behind every
-        // task ready). One held longer (a blocked caller's large frame) is
-        // waited out by the task.
-        let Some(mut writer) = self.writer.try_lock_for(WRITER_WAIT) else {
+        // task ready). One a blocked caller holds (its frame may take until
+        // its deadline to write) is waited out by the task, never on the
+        // thread.
+        let writer = match self.writer.try_lock() {
+            Some(writer) => Some(writer),
+            None if self.held_by_request.load(Ordering::Acquire) => None,
+            None => self.writer.try_lock_for(WRITER_WAIT),
+        };
+        let Some(mut writer) = writer else {
             return TrySend::Busy;
         };
         let Some(stream) = writer.as_mut() else {

@@ -597,3 +597,43 @@ fn closing_the_writer_need_not_wait_for_a_blocked_request() {
     assert!(t.close_writer_within(Duration::from_secs(1)));
     assert!(t.writer.lock().is_none());
 }
+
+#[test]
+fn an_awaited_request_does_not_wait_on_its_thread_for_a_blocked_caller_s_write() {
+    let (t, greeting, _reader) = connect(|requests, mut answers| {
+        write_frame(&mut answers, &hello(), &[]).unwrap();
+        let _keep = requests; // never read
+        thread::sleep(LONG);
+    });
+    assert!(greeting.recv_timeout(LONG).is_ok());
+    let writing = {
+        let t = Arc::clone(&t);
+        thread::spawn(move || {
+            let big = vec![7u8; 4 << 20];
+            t.request(
+                |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
+                &[],
+                &[&big],
+                Duration::from_secs(3),
+            )
+        })
+    };
+    while !t.held_by_request.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
+    // Each try gives up at once: waiting WRITER_WAIT on the thread for a
+    // write that may last until its deadline would take 100 ms at least.
+    let tries = 2000;
+    let started = Instant::now();
+    for _ in 0..tries {
+        let sent = t.try_send(
+            |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
+            &[],
+        );
+        assert!(matches!(sent, TrySend::Busy));
+    }
+    let took = started.elapsed();
+    assert!(took < WRITER_WAIT * tries / 2, "{took:?}");
+    assert!(t.waiters.lock().map.len() <= 1, "only the blocked request");
+    drop(writing); // it ends at its deadline
+}
