@@ -565,7 +565,7 @@ impl Child {
         if let Some(report) = self.dead(DEATH_SYNC).await {
             return report;
         }
-        self.kill(stopped_reading());
+        self.kill_from_task(stopped_reading());
         self.dead(DEATH_SYNC).await.unwrap_or_else(gone)
     }
 
@@ -605,6 +605,23 @@ impl Child {
     /// Kills the process, recording why first (the first reason wins).
     pub(crate) fn kill(&self, reason: KillReason) {
         kill(&self.shared, reason);
+    }
+
+    /// The process's lock, as the reaper holds it while it waits.
+    #[cfg(test)]
+    pub(crate) fn hold_process(&self) -> parking_lot::MutexGuard<'_, OsProcess> {
+        self.shared.process.lock()
+    }
+
+    /// [`Self::kill`] for a task, which must not block: the process's lock
+    /// is waited for 10 ms at most. Held longer, it is held by the reaper
+    /// waiting for a death it has already asked for (`SIGKILL` sent: a
+    /// process stuck in the kernel can take long to die), and the kill is
+    /// left to it.
+    pub(crate) fn kill_from_task(&self, reason: KillReason) {
+        if let Some(mut process) = self.shared.process.try_lock_for(Duration::from_millis(10)) {
+            kill_locked(&self.shared, &mut process, reason);
+        }
     }
 
     /// Waits up to `timeout` for the death to be processed.
@@ -762,7 +779,10 @@ fn start_threads(
 /// reported for what it was: a crash stays a crash, even if a timeout
 /// fires just after.
 fn kill(shared: &Shared, reason: KillReason) {
-    let mut process = shared.process.lock();
+    kill_locked(shared, &mut shared.process.lock(), reason);
+}
+
+fn kill_locked(shared: &Shared, process: &mut OsProcess, reason: KillReason) {
     if process.is_running() {
         shared.kill_reason.lock().get_or_insert(reason);
     }

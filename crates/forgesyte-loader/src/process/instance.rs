@@ -188,7 +188,7 @@ impl ProcessInstance {
         if matches!(reply, Err(None)) {
             // Killed, its death processed before the call returns, as for
             // a blocked caller.
-            self.child.kill(self.timed_out(&tool));
+            self.child.kill_from_task(self.timed_out(&tool));
             let _ = self.child.dead(child::DEATH_SYNC).await;
         }
         self.answer(reply)
@@ -426,7 +426,7 @@ impl PluginInstance for ProcessInstance {
     }
 
     fn kill_async(self: Arc<Self>, reason: String) -> AsyncKill {
-        self.child.kill(KillReason::host(&reason));
+        self.child.kill_from_task(KillReason::host(&reason));
         Box::pin(async move {
             let _ = self.child.dead(child::DEATH_SYNC).await;
             true

@@ -917,6 +917,55 @@ while True:
     }
 
     #[test]
+    fn a_task_s_kill_does_not_wait_for_a_reaper_holding_the_process() {
+        let mut command = Command::new("python3");
+        command
+            .arg("-c")
+            .arg(SERIAL_RUNNER)
+            .arg(capability::CONCURRENT_CALLS);
+        let options = SpawnOptions {
+            plugin: "serial",
+            memory_limit_mib: 0,
+            max_response_bytes: MIB,
+            runners: None,
+        };
+        let child = Arc::new(Child::spawn(command, &options, Duration::from_secs(10)).unwrap());
+        let reason = || KillReason::host("killed by the test");
+        // The reaper's wait for a death holds the process's lock.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let child = Arc::clone(&child);
+            std::thread::spawn(move || {
+                let _process = child.hold_process();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv_timeout(Duration::from_secs(30));
+            })
+        };
+        held_rx.recv().unwrap();
+        let started = Instant::now();
+        child.kill_from_task(reason());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            child.wait_dead(Duration::from_millis(200)).is_none(),
+            "left to the reaper"
+        );
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        child.kill_from_task(reason());
+        let report = child.wait_dead(Duration::from_secs(10)).expect("killed");
+        assert!(
+            report.reason.contains("killed by the test"),
+            "{}",
+            report.reason
+        );
+    }
+
+    #[test]
     fn an_awaited_call_needs_no_free_thread_to_time_out_and_kill() {
         // Every thread of the blocking pool busy (slow in-process calls):
         // the kill past the timeout and the wait for the death wait for
