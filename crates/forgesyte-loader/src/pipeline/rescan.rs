@@ -373,7 +373,7 @@ impl Loader {
     /// since its plugin's last stamp: only those manifests are read),
     /// moved to the directory whose manifest gives its name, if exactly
     /// one does among the directories no plugin is registered from and
-    /// those whose plugin was renamed so. So a
+    /// those whose plugin, in any state, was renamed so. So a
     /// rename (`mv a a-2`), a rotation (`mv b c; mv a b`) and a swap of two
     /// directories are moves, each plugin keeping its counts. A plugin
     /// whose directory another one moved into, and that moved nowhere
@@ -391,26 +391,39 @@ impl Loader {
             .iter()
             .filter(|(n, _)| !installed.contains(n))
             .collect();
-        // Plugins whose directory names another plugin now, with that name.
-        // Not a FAILED or UNAVAILABLE one (a duplicate registered under its
-        // directory's name, a broken manifest): those are retried, and
-        // renamed or not by what their manifest says then, whatever else
-        // changed in their directory.
-        let mut renamed: BTreeMap<&str, (&PathBuf, String)> = BTreeMap::new();
+        // Plugins whose directory names another plugin now, with that name:
+        // their directories are offered to plugins that move. A FAILED or
+        // UNAVAILABLE one is left out when it is registered under a name
+        // its manifest did not give (a duplicate registered under its
+        // directory's name, a broken manifest), whose manifest named
+        // another plugin all along.
+        let mut offers: BTreeMap<&str, (&PathBuf, String)> = BTreeMap::new();
+        let mut terminal = BTreeSet::new();
         for (name, dir) in &from_dirs {
-            if !gone(name, dir)
-                && renamed_here(name, dir)
-                && !self
-                    .registry
-                    .get_state(name)
-                    .is_some_and(|s| s.is_terminal())
-                && let Ok(m) = self.peek_manifest(dir)
+            if gone(name, dir) || !renamed_here(name, dir) {
+                continue;
+            }
+            let is_terminal = self
+                .registry
+                .get_state(name)
+                .is_some_and(|s| s.is_terminal());
+            if is_terminal && !self.registered_under_its_manifest_name(name) {
+                continue;
+            }
+            if let Ok(m) = self.peek_manifest(dir)
                 && m.name != *name
             {
-                renamed.insert(name.as_str(), (dir, m.name));
+                offers.insert(name.as_str(), (dir, m.name));
+                if is_terminal {
+                    terminal.insert(name.as_str());
+                }
             }
         }
-        let movable = |name: &str, dir: &PathBuf| gone(name, dir) || renamed.contains_key(name);
+        // Of those, the ones that move themselves: not a FAILED or
+        // UNAVAILABLE one, which is retried, and renamed or not by what its
+        // manifest says then.
+        let renamed = |name: &str| offers.contains_key(name) && !terminal.contains(name);
+        let movable = |name: &str, dir: &PathBuf| gone(name, dir) || renamed(name);
         if !from_dirs.iter().any(|(n, d)| movable(n, d)) {
             return Moves::default();
         }
@@ -427,7 +440,7 @@ impl Loader {
         for (name, dir) in self.unregistered_by_name(found) {
             give(name, &dir);
         }
-        for (dir, now) in renamed.values() {
+        for (dir, now) in offers.values() {
             give(now.clone(), dir);
         }
         let mut moves = Moves::default();
@@ -438,12 +451,25 @@ impl Loader {
                 moves.to.insert(name.clone(), to.clone());
             }
         }
-        for (name, (dir, now)) in &renamed {
+        for (name, (dir, now)) in &offers {
             if !moves.to.contains_key(*name) && moves.to.get(now) == Some(*dir) {
                 moves.displaced.insert((*name).to_owned(), now.clone());
             }
         }
         moves
+    }
+
+    /// Whether `name` is registered under the name its manifest gave (not
+    /// under its directory's: a duplicate, a manifest that could not be
+    /// read).
+    fn registered_under_its_manifest_name(&self, name: &str) -> bool {
+        self.entries.read().get(name).is_some_and(|e| {
+            e.raw
+                .as_ref()
+                .and_then(|raw| raw.get("name"))
+                .and_then(serde_json::Value::as_str)
+                == Some(name)
+        })
     }
 
     /// The directories of `found` that no plugin is registered from, with

@@ -518,6 +518,71 @@ fn directories_rotated_or_swapped_are_moves_that_keep_their_counts() {
     assert_eq!(report["removed"], json!([]), "{report}");
 }
 
+/// A rotation where the plugin whose directory is taken is UNAVAILABLE (a
+/// missing dependency): the available one still moves, its counts kept,
+/// and the unavailable one, displaced, is registered again from its new
+/// directory (the available one was retired and added again, 404 until
+/// the end of the rescan).
+#[test]
+fn a_plugin_moves_into_the_directory_of_an_unavailable_one() {
+    let dir = PluginsDir::new();
+    dir.good("a", json!({"name": "alpha"}));
+    dir.good(
+        "b",
+        json!({"name": "beta", "dependencies": ["bin:forgesyte-no-such-program"]}),
+    );
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    assert_eq!(state_of(&server, "beta").unwrap()["state"], "UNAVAILABLE");
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+    for (from, to) in [("b", "c"), ("a", "b")] {
+        std::fs::rename(dir.path().join(from), dir.path().join(to)).unwrap();
+    }
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["alpha"]), "{report}");
+    assert_eq!(report["removed"][0]["name"], "beta", "{report}");
+    assert_eq!(report["added"], json!(["beta"]), "{report}");
+    let alpha = state_of(&server, "alpha").unwrap();
+    assert_eq!(alpha["state"], "INITIALIZED", "{alpha}");
+    assert_eq!(alpha["success_count"], 1, "{alpha}");
+    let beta = state_of(&server, "beta").unwrap();
+    assert_eq!(beta["state"], "UNAVAILABLE", "{beta}");
+    let dir_of = |report: &Value, name: &str| {
+        report["plugins"]
+            .as_array()
+            .and_then(|plugins| plugins.iter().find(|p| p["name"] == name))
+            .and_then(|p| p["dir"].as_str())
+            .map(std::path::PathBuf::from)
+    };
+    assert_eq!(
+        dir_of(&report, "beta"),
+        Some(dir.path().join("c")),
+        "{report}"
+    );
+    // Swapped (through a third name): the same.
+    for (from, to) in [("b", "t"), ("c", "b"), ("t", "c")] {
+        std::fs::rename(dir.path().join(from), dir.path().join(to)).unwrap();
+    }
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["alpha"]), "{report}");
+    assert_eq!(report["added"], json!(["beta"]), "{report}");
+    assert_eq!(
+        dir_of(&report, "alpha"),
+        Some(dir.path().join("c")),
+        "{report}"
+    );
+    assert_eq!(
+        dir_of(&report, "beta"),
+        Some(dir.path().join("b")),
+        "{report}"
+    );
+    let alpha = state_of(&server, "alpha").unwrap();
+    assert_eq!(alpha["success_count"], 1, "{alpha}");
+}
+
 /// A chain whose last name stays where it is: `c1` names `n2` now and
 /// `c2` names `n3`, which `c3` still serves. `n2` moves into `c1` (its
 /// counts kept), `n1`, whose directory it took, is retired, `c2` is a
