@@ -328,10 +328,13 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
     // forever on a client that reads nothing; the conversation `CLOSE_WAIT`.
     let said_close = {
         let flush = session.idle_timeout.unwrap_or(WRITER_FLUSH).max(CLOSE_WAIT);
-        let writing = write(&mut sink, answers, &close, session.idle_timeout);
+        let writing = write(&mut sink, answers, &close, (session.idle_timeout, ledger));
         tokio::pin!(conversation, writing);
         tokio::select! {
             () = &mut conversation => {
+                // Closed for want of room: the room it holds comes back
+                // soon, not once a client that reads nothing idled out.
+                let flush = if ledger.is_draining() { REFUSED_LINGER } else { flush };
                 tokio::time::timeout(flush, writing).await.unwrap_or(false)
             }
             said = &mut writing => {
@@ -507,7 +510,13 @@ async fn read(
                     .charge_from(bytes.len(), claimed)
                 {
                     Ok(room) => Charged::Held(bytes, room),
-                    Err((busy, _)) => Charged::Refused(busy),
+                    // Its bytes go now, not once the push (which may wait
+                    // for room under `block`) is done: they are counted
+                    // nowhere.
+                    Err((busy, _)) => {
+                        drop(bytes);
+                        Charged::Refused(busy)
+                    }
                 };
                 let frame = (Arc::clone(&args), charged);
                 match unless(queue.push(seq, frame), &mut closing, activity, idle_timeout).await {
@@ -537,6 +546,9 @@ async fn read(
                                 "A text message {{\"args\": {{...}}}} was refused (the arguments in force stay): {e}"
                             ),
                         });
+                        // Its bytes (up to the body limit, their room given
+                        // back) go before the wait below.
+                        drop(text);
                         // The answers' room is full while the client reads
                         // nothing: as above.
                         let sent = out.answers.send(answer.to_string().into());
@@ -706,6 +718,9 @@ async fn work(
         }
         let elapsed = started.elapsed();
         let answer = answer_to(seq, &result, elapsed, queue.dropped(), session);
+        // The result (its binary results base64 strings in it) goes now:
+        // only the answer's text, counted, waits for the writer below.
+        let error = result.err();
         if answer.len() > session.answer_limit {
             let reason = format!(
                 "answer too big: the answer to frame {seq} has {} bytes, a stream's answers at most {}",
@@ -734,7 +749,7 @@ async fn work(
         }
         activity.touch();
         *answered += 1;
-        if let Err(error) = &result
+        if let Some(error) = &error
             && let Some((code, why)) = ends_stream(error)
         {
             let reason = match error {
@@ -752,7 +767,7 @@ async fn work(
             say_close(&out, code, &reason);
             return;
         }
-        if let Err(error) = &result
+        if let Some(error) = &error
             && let Some(reason) = no_longer_streamable(session, error)
         {
             say_close(&out, close::GOING_AWAY, &reason);
@@ -865,10 +880,19 @@ async fn write(
     sink: &mut SplitSink<WebSocket, Message>,
     mut answers: mpsc::Receiver<Outgoing>,
     close: &CloseSlot,
-    timeout: Option<Duration>,
+    (idle_timeout, ledger): (Option<Duration>, &Ledger),
 ) -> bool {
+    // Each send waits for the client up to the idle timeout; once the
+    // stream is closed for want of room, [`REFUSED_LINGER`].
+    let timeout = || {
+        if ledger.is_draining() {
+            Some(REFUSED_LINGER)
+        } else {
+            idle_timeout
+        }
+    };
     while let Some(Outgoing { text, room }) = answers.recv().await {
-        if !sent_within(timeout, sink.send(Message::Text(text.into()))).await {
+        if !sent_within(timeout(), sink.send(Message::Text(text.into()))).await {
             return false;
         }
         // Written (into the socket, or the connection's bounded write
@@ -886,7 +910,7 @@ async fn write(
         code: code.into(),
         reason: reason.into(),
     };
-    sent_within(timeout, sink.send(Message::Close(Some(frame)))).await
+    sent_within(timeout(), sink.send(Message::Close(Some(frame)))).await
 }
 
 /// Whether `sending` succeeded within `timeout` (`None`: however long).
