@@ -204,7 +204,9 @@ pub fn shm_threshold() -> u64 {
 /// The host's end of a runner's shared-memory socket.
 #[derive(Debug)]
 struct ShmLink {
-    socket: OwnedFd,
+    /// Closed (`None`) once the runner's answers end: its queue, and every
+    /// descriptor still in it, goes with it.
+    socket: Mutex<Option<OwnedFd>>,
     threshold: u64,
     /// The runner's hello announced `shared_memory`.
     accepted: AtomicBool,
@@ -265,7 +267,7 @@ impl Transport {
     /// bytes; used for requests once the hello accepts it.
     pub(crate) fn offer_shm(&mut self, socket: OwnedFd, threshold: u64) {
         self.shm = Some(ShmLink {
-            socket,
+            socket: Mutex::new(Some(socket)),
             threshold,
             accepted: AtomicBool::new(false),
         });
@@ -311,7 +313,10 @@ impl Transport {
                     // Descriptors first; if they cannot go, all goes inline.
                     let sent_fds = match &self.shm {
                         Some(link) if !outgoing.is_empty() => {
-                            outgoing.send(link.socket.as_fd()).is_ok()
+                            let socket = link.socket.lock();
+                            socket
+                                .as_ref()
+                                .is_some_and(|s| outgoing.send(s.as_fd()).is_ok())
                         }
                         _ => false,
                     };
@@ -518,13 +523,18 @@ impl Transport {
 
     /// Reads answers from `reader` and routes them until the stream ends
     /// (`None`) or the runner breaks the protocol (`Some(what it did)`);
-    /// then the shared-memory socket is done with: whatever the runner
-    /// sent on it without the frame that would have used it (a crash
-    /// mid-transfer) is closed, and nothing more is taken.
+    /// then the shared-memory socket is done with: shut down, and closed,
+    /// so that whatever the runner sent on it without the frame that would
+    /// have used it (a crash mid-transfer, or on purpose) is closed, and
+    /// nothing more is taken. (Reading the queue empty is not enough: an
+    /// empty message reads as its end, and a pending error of a peer that
+    /// died with data unread as a failure.)
     pub(crate) fn read_answers(&self, reader: impl Read) -> Option<String> {
         let end = self.route_answers(reader);
-        if let Some(link) = &self.shm {
-            shm::discard(link.socket.as_fd());
+        if let Some(link) = &self.shm
+            && let Some(socket) = link.socket.lock().take()
+        {
+            shm::discard(socket.as_fd());
         }
         end
     }
@@ -547,7 +557,6 @@ impl Transport {
             }
             Err(e) => return frame_violation(e, self.max_answer_bytes),
         }
-        let socket = self.shm.as_ref().map(|l| l.socket.as_fd());
         loop {
             let mut frame = match read_frame(&mut reader, self.max_answer_bytes) {
                 Ok(frame) => frame,
@@ -555,7 +564,15 @@ impl Transport {
             };
             // Its shared attachments (sent before the frame): mapped, and
             // their descriptors closed, whatever follows.
-            if let Err(e) = shm::receive(&mut frame, socket, self.max_answer_bytes) {
+            let received = match &self.shm {
+                Some(link) => {
+                    let socket = link.socket.lock();
+                    let socket = socket.as_ref().map(AsFd::as_fd);
+                    shm::receive(&mut frame, socket, self.max_answer_bytes)
+                }
+                None => shm::receive(&mut frame, None, self.max_answer_bytes),
+            };
+            if let Err(e) = received {
                 return Some(format!("malformed answer: {e}"));
             }
             let response = match serde_json::from_slice::<Response>(frame.header()) {

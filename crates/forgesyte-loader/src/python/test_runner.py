@@ -2162,6 +2162,27 @@ class SharedMemoryTests(unittest.TestCase):
         gc.collect()
         self.assertEqual(self.memfds(), 0, "an untaken attachment kept its descriptor")
 
+    def test_files_made_for_a_frame_are_closed_when_a_later_one_fails(self):
+        sender, _receiver = self.wires(1000)
+        big = b"x" * 2000
+        real_sealed = wire._sealed
+        made = []
+
+        def sealed_then_out_of_memory(data):
+            if made:
+                raise MemoryError()
+            made.append(real_sealed(data))
+            return made[-1]
+
+        wire._sealed = sealed_then_out_of_memory
+        try:
+            with self.assertRaises(MemoryError):
+                sender._share(b'{"op":"call","id":1}', [big, big])
+        finally:
+            wire._sealed = real_sealed
+        self.assertEqual(len(made), 1)
+        self.assertEqual(self.memfds(), 0, "the first file was left open")
+
     def test_a_result_file_never_takes_a_closed_stdout_or_stderr(self):
         """A plugin that closed fd 1 and writes to it from a thread: the
         result's memory file is not made there, and what such a write put

@@ -65,8 +65,12 @@ unsafe impl Send for Mapping {}
 #[allow(unsafe_code)]
 unsafe impl Sync for Mapping {}
 
+/// `statfs`'s `f_type` of tmpfs, where every memory file not of huge pages
+/// lives (`linux/magic.h`).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
 impl Mapping {
-    /// Maps `fd` read-only after checking its seals; the descriptor is
+    /// Maps `fd` read-only after checking its seals and its file system; the descriptor is
     /// closed (the mapping keeps the file alive). At most `limit` bytes.
     pub fn of_sealed(fd: OwnedFd, limit: u64) -> Result<Mapping, String> {
         let seals = rustix::fs::fcntl_get_seals(&fd)
@@ -74,6 +78,18 @@ impl Mapping {
         if !seals.contains(required_seals()) {
             return Err(format!(
                 "a shared attachment's memory file is not sealed against writes and resizing (seals {seals:?})"
+            ));
+        }
+        // A memory file of hugetlbfs would be mapped in whole huge pages,
+        // and a size that is not one (1 byte) could never be unmapped.
+        let filesystem = rustix::fs::fstatfs(&fd)
+            .map_err(|e| format!("cannot read a shared attachment's file system: {e}"))?
+            .f_type;
+        // `f_type`'s type is the architecture's (`i64` here, `u32` on some).
+        #[allow(clippy::useless_conversion)]
+        if i64::from(filesystem) != TMPFS_MAGIC {
+            return Err(format!(
+                "a shared attachment's memory file is not of tmpfs (file system {filesystem:#x}: a huge-page memory file?)"
             ));
         }
         let size = rustix::fs::fstat(&fd)
@@ -403,6 +419,7 @@ pub fn receive(
 pub fn discard(socket: BorrowedFd<'_>) -> usize {
     let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
     let mut closed = 0;
+    let mut reset = false;
     loop {
         let mut space =
             [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SHARED_PER_FRAME))];
@@ -428,6 +445,9 @@ pub fn discard(socket: BorrowedFd<'_>) -> usize {
                 }
             }
             Err(rustix::io::Errno::INTR) => {}
+            // A peer that died with data of ours unread leaves this error,
+            // told once, before what it queued.
+            Err(rustix::io::Errno::CONNRESET) if !reset => reset = true,
             Err(_) => return closed,
         }
     }
@@ -439,6 +459,7 @@ fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, 
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SHARED_PER_FRAME))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut count = [0u8; 4];
+    let mut reset = false;
     let msg = loop {
         match rustix::net::recvmsg(
             socket,
@@ -448,6 +469,10 @@ fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, 
         ) {
             Ok(msg) => break msg,
             Err(rustix::io::Errno::INTR) => {}
+            // A peer that died with data of ours unread (after it sent its
+            // last answer whole) leaves this error, told once, before what
+            // it queued.
+            Err(rustix::io::Errno::CONNRESET) if !reset => reset = true,
             Err(rustix::io::Errno::AGAIN) => {
                 return Err(
                     "shared attachments announced, but their descriptors did not come first".into(),
@@ -561,6 +586,58 @@ mod tests {
         };
         assert!(out.send(theirs.as_fd()).is_err());
         assert_eq!(discard(ours.as_fd()), 0);
+    }
+
+    #[test]
+    fn a_huge_page_memory_file_is_refused() {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        let fd = rustix::fs::memfd_create(
+            "forgesyte-test-huge",
+            MemfdFlags::HUGETLB | MemfdFlags::ALLOW_SEALING | MemfdFlags::CLOEXEC,
+        )
+        .expect("this kernel makes huge-page memory files (hugetlbfs)");
+        rustix::fs::ftruncate(&fd, 2 << 20).unwrap();
+        rustix::fs::fcntl_add_seals(&fd, required_seals() | SealFlags::SEAL).unwrap();
+        let refused = Mapping::of_sealed(fd, 1 << 30)
+            .map(|m| m.len())
+            .unwrap_err();
+        assert!(refused.contains("not of tmpfs"), "{refused}");
+    }
+
+    #[test]
+    fn a_peer_that_died_with_our_data_unread_still_has_its_descriptors_taken() {
+        let (ours, theirs) = pair();
+        // Ours to it, never read: its end's close then leaves ECONNRESET
+        // pending on ours, told before what it queued.
+        Outgoing::prepare(&[&[1u8; 100][..]], 1)
+            .send(ours.as_fd())
+            .unwrap();
+        let data = vec![0x5Au8; 100_000];
+        let out = Outgoing::prepare(&[&data], 64 * 1024);
+        let header = out.header(br#"{"op":"call","id":2}"#);
+        out.send(theirs.as_fd()).unwrap();
+        drop(theirs);
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, &header, &out.inline(&[&data])).unwrap();
+        let mut frame = read_frame(&mut bytes.as_slice(), 1 << 30).unwrap();
+        receive(&mut frame, Some(ours.as_fd()), 1 << 30).unwrap();
+        assert_eq!(frame.attachment(0), Some(&data[..]));
+        // And what it queued after its last frame is closed.
+        let (ours, theirs) = pair();
+        Outgoing::prepare(&[&[1u8; 100][..]], 1)
+            .send(ours.as_fd())
+            .unwrap();
+        let (read, write) = std::io::pipe().unwrap();
+        Outgoing {
+            indices: vec![0],
+            fds: vec![write.into()],
+        }
+        .send(theirs.as_fd())
+        .unwrap();
+        drop(theirs);
+        assert_eq!(discard(ours.as_fd()), 1);
+        let mut end = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &read, &mut end).unwrap(), 0);
     }
 
     /// The mappings of memory files in this process (`/proc/self/maps`):

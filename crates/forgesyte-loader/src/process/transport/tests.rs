@@ -216,6 +216,14 @@ fn what_a_dead_runner_left_on_the_shared_memory_socket_is_closed() {
     let (stranded_r, stranded_w) = pipe().unwrap();
     write_frame(&mut ans_w, &hello(), &[]).unwrap();
     let stranded: OwnedFd = stranded_w.into();
+    // An empty message first: draining the queue would stop there.
+    rustix::net::sendmsg(
+        &runner_end,
+        &[],
+        &mut rustix::net::SendAncillaryBuffer::default(),
+        rustix::net::SendFlags::empty(),
+    )
+    .unwrap();
     let count = 1u32.to_le_bytes();
     let fds = [stranded.as_fd()];
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];

@@ -309,17 +309,24 @@ class Wire(object):
         threshold = self.shm[1]
         indices, fds = [], []
         attachments = list(attachments)
-        for i, data in enumerate(attachments):
-            if len(fds) == SHM_MAX_PER_FRAME:
-                break
-            if len(data) == 0 or len(data) < threshold:
-                continue
-            try:
-                fds.append(_sealed(data))
-            except (OSError, AttributeError, ValueError, TypeError):
-                continue
-            indices.append(i)
-            attachments[i] = b""
+        try:
+            for i, data in enumerate(attachments):
+                if len(fds) == SHM_MAX_PER_FRAME:
+                    break
+                if len(data) == 0 or len(data) < threshold:
+                    continue
+                try:
+                    fds.append(_sealed(data))
+                except (OSError, AttributeError, ValueError, TypeError):
+                    continue
+                indices.append(i)
+                attachments[i] = b""
+        except BaseException:
+            # (A MemoryError, say.) The files made so far are closed, not
+            # kept open with their bytes until the runner exits.
+            for fd in fds:
+                os.close(fd)
+            raise
         if not fds:
             return header, attachments, []
         return _with_shm_field(header, indices), attachments, fds
