@@ -709,12 +709,18 @@ impl PluginHandle {
 
     /// Lets the handle go: no more restarts or fault handling, and an
     /// isolated plugin's process is asked to exit (killed after a short
-    /// grace; calls still in flight fail). Returns at once, with the last
-    /// instance, for a caller that waits for its end.
+    /// grace; calls still in flight fail). Returns with the last instance,
+    /// for a caller that waits for its end: at once, unless a restart was
+    /// under way; its runner is then killed (if still constructing) and
+    /// the restart waited for (`Supervisor::cancel_attempt`), so no runner
+    /// of it outlives the let-go.
     pub(crate) fn retire(&self) -> Arc<dyn PluginInstance> {
         let last = self.inner.slot.retire();
         if self.inner.isolation == Isolation::Process {
             last.stop();
+            if let Some(supervisor) = &self.inner.supervisor {
+                supervisor.cancel_attempt();
+            }
         }
         last
     }

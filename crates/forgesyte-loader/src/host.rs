@@ -55,6 +55,12 @@ pub trait Importer: Send + Sync + std::fmt::Debug {
     fn prefetch(&self, path: &Path) {
         let _ = path;
     }
+
+    /// Kills the processes this importer started that have not yet
+    /// constructed their plugin (a restart in progress as the plugin is let
+    /// go), so that what builds them fails at once. The default (an
+    /// importer that starts no process) does nothing.
+    fn stop_starting(&self) {}
 }
 
 /// An opened plugin library. Libraries are never unloaded.

@@ -8,9 +8,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use forgesyte_registry::Registry;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::host::PluginInstance;
 
@@ -26,6 +27,8 @@ pub(crate) struct Slot {
     /// Set when the loader lets the plugin go (reload, shutdown): no more
     /// restarts, no more registry changes from faults.
     retired: AtomicBool,
+    /// Held by a restart while it builds a new instance ([`Slot::building`]).
+    building: Mutex<()>,
 }
 
 impl Slot {
@@ -35,6 +38,7 @@ impl Slot {
             registry,
             instance: RwLock::new(instance),
             retired: AtomicBool::new(false),
+            building: Mutex::new(()),
         }
     }
 
@@ -88,6 +92,18 @@ impl Slot {
     /// Whether the loader let the plugin go.
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Held by a restart from before its new instance is started until
+    /// it is in place or, refused, stopped: see [`Slot::wait_built`].
+    pub(crate) fn building(&self) -> MutexGuard<'_, ()> {
+        self.building.lock()
+    }
+
+    /// Waits up to `timeout` for a restart under way to end (its instance
+    /// in place, or refused and stopped); whether none is under way.
+    pub(crate) fn wait_built(&self, timeout: Duration) -> bool {
+        self.building.try_lock_for(timeout).is_some()
     }
 }
 

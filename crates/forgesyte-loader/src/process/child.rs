@@ -155,6 +155,20 @@ impl Runners {
         }
     }
 
+    /// Kills, with their groups, the runners of `plugin` still
+    /// constructing it (a restart in progress as the plugin is let go), for
+    /// `reason`.
+    pub(crate) fn stop_starting_of(&self, plugin: &str, reason: &str) {
+        for runner in self.counted() {
+            if runner.plugin == plugin
+                && !runner.constructed.load(Ordering::SeqCst)
+                && runner.exit.lock().report.is_none()
+            {
+                kill(&runner, KillReason::host(reason));
+            }
+        }
+    }
+
     /// The runners counted that are still held somewhere.
     fn counted(&self) -> Vec<Arc<Shared>> {
         self.live

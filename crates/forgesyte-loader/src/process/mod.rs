@@ -568,6 +568,12 @@ pub(crate) fn python_invocation(run_as: Option<crate::sandbox::RunAs>) -> [OsStr
 }
 
 impl Importer for ProcessImporter {
+    fn stop_starting(&self) {
+        if let Some(runners) = &self.runners {
+            runners.stop_starting_of(&self.plugin, "let go by the host while it restarted");
+        }
+    }
+
     fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
         if let Launch::Native { .. } = self.launch {
             if !path.is_file() {
@@ -914,6 +920,35 @@ while True:
             matches!(&after, Err(ToolError::Crashed(c)) if c.to_string().contains("timed out after 300 ms")),
             "{after:?}"
         );
+    }
+
+    #[test]
+    fn a_plugin_s_runners_still_starting_are_killed_and_no_other() {
+        let runners = Arc::new(Runners::default());
+        let start = |plugin: &'static str| {
+            let mut command = Command::new("python3");
+            command.arg("-c").arg(SERIAL_RUNNER);
+            let options = SpawnOptions {
+                plugin,
+                memory_limit_mib: 0,
+                max_response_bytes: MIB,
+                runners: Some(&runners),
+            };
+            Child::spawn(command, &options, Duration::from_secs(10)).unwrap()
+        };
+        let (ours, other) = (start("ours"), start("other"));
+        runners.stop_starting_of("ours", "let go by the test");
+        let report = ours.wait_dead(Duration::from_secs(10)).expect("killed");
+        assert!(
+            report.reason.contains("let go by the test"),
+            "{}",
+            report.reason
+        );
+        assert!(
+            other.wait_dead(Duration::from_millis(300)).is_none(),
+            "another plugin's"
+        );
+        other.kill(KillReason::host("the test is over"));
     }
 
     #[test]

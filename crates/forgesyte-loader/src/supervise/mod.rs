@@ -205,9 +205,33 @@ impl Supervisor {
         &self.supervision.policy
     }
 
-    /// Neither a restart nor its scheduling may happen.
+    /// Neither a restart nor its scheduling may happen: the plugin is let
+    /// go, or being retired (a rescan drains its calls: another plugin may
+    /// have its directory now), or the host is shutting down.
     fn restarts_stopped(&self) -> bool {
-        self.slot.is_retired() || self.supervision.shutdown.is_set()
+        self.slot.is_retired()
+            || self.supervision.shutdown.is_set()
+            || self
+                .slot
+                .registry
+                .retiring_in_flight(&self.slot.name)
+                .is_some()
+    }
+
+    /// The plugin is let go (its slot retired): a restart under way has
+    /// its runner killed if it has not constructed the plugin yet, and is
+    /// waited for until it has ended (its instance, refused, stopped), at
+    /// most [`RUNNER_STOP_WAIT`] + 1 s. So the runner that replaces it (a
+    /// reload's) starts once this one has ended, as after any let-go.
+    pub(crate) fn cancel_attempt(&self) {
+        self.restart.importer.stop_starting();
+        if !self
+            .slot
+            .wait_built(crate::RUNNER_STOP_WAIT + Duration::from_secs(1))
+        {
+            let name = &self.slot.name;
+            tracing::warn!(plugin = %name, "Plugin {name}: a restart under way had not ended; going on without it");
+        }
     }
 
     /// Asks `instance` to report its end to this supervisor.
@@ -337,6 +361,9 @@ impl Supervisor {
     fn attempt(self: &Arc<Self>, generation: u64) {
         let name = &self.slot.name;
         let registry = &self.slot.registry;
+        // Held until the new instance is in place, or refused and stopped:
+        // a let-go meanwhile waits for it (`cancel_attempt`).
+        let _building = self.slot.building();
         if self.restarts_stopped() || self.state.lock().generation != generation {
             return;
         }
@@ -361,6 +388,13 @@ impl Supervisor {
                     .map_err(PluginError::from)
             })
             .and_then(|library| {
+                // Let go while its runner started: it is not asked to
+                // construct the plugin (dropped, it stops).
+                if self.slot.is_retired() {
+                    return Err(PluginError::from(LoadError::Init(InitError::Failed {
+                        message: "let go by the host while it restarted".into(),
+                    })));
+                }
                 library
                     .instantiate(&restart.config)
                     .map_err(PluginError::from)
@@ -382,8 +416,17 @@ impl Supervisor {
                     let _ = registry.set_confinement(name, instance.confinement());
                     initialized = registry.mark_initialized(name).is_ok();
                 });
-                if replaced.is_ok() && initialized {
-                    tracing::info!(plugin = %name, restart = count, "✓ Restarted plugin: {name}");
+                match replaced {
+                    Ok(()) if initialized => {
+                        tracing::info!(plugin = %name, restart = count, "✓ Restarted plugin: {name}");
+                    }
+                    Ok(()) => {}
+                    // Let go meanwhile: ended before the let-go's waiter
+                    // goes on (a reload's runner starts after it).
+                    Err(refused) => {
+                        refused.stop();
+                        let _ = refused.wait_stopped(crate::RUNNER_STOP_WAIT);
+                    }
                 }
             }
             Err(error) => self.ended(generation, &report_of(&error)),

@@ -70,6 +70,21 @@ struct FakeRunner {
     /// Fake time of every start, failed ones included.
     attempts: Mutex<Vec<Duration>>,
     fail_next: AtomicU32,
+    /// While set, the next start says so on its sender and waits (10 s at
+    /// most) for its receiver: [`Importer::stop_starting`] ends the wait,
+    /// and the start fails ("killed").
+    gate: Mutex<Option<Gate>>,
+    /// What ends a gated start's wait.
+    stop: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Set by a start as it returns.
+    returned: std::sync::atomic::AtomicBool,
+}
+
+/// See [`FakeRunner::gate`].
+#[derive(Debug)]
+struct Gate {
+    entered: std::sync::mpsc::Sender<()>,
+    stopped: std::sync::mpsc::Receiver<()>,
 }
 
 #[derive(Debug)]
@@ -82,6 +97,10 @@ impl Importer for FakeRunnerImporter {
     fn open(&self, _path: &std::path::Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
         Ok(Arc::new(FakeRunnerLibrary(Arc::clone(&self.0))))
     }
+
+    fn stop_starting(&self) {
+        self.0.stop.lock().take();
+    }
 }
 
 impl PluginLibrary for FakeRunnerLibrary {
@@ -89,6 +108,18 @@ impl PluginLibrary for FakeRunnerLibrary {
         let runner = &self.0;
         let now = runner.clock.elapsed();
         runner.attempts.lock().push(now);
+        let gate = runner.gate.lock().take();
+        if let Some(gate) = gate {
+            gate.entered.send(()).unwrap();
+            let waited = gate.stopped.recv_timeout(Duration::from_secs(10));
+            if waited != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                runner.returned.store(true, Ordering::SeqCst);
+                return Err(InitError::Failed {
+                    message: "killed".into(),
+                });
+            }
+        }
+        let _returned = Returned(&runner.returned);
         let failing = runner
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -107,6 +138,15 @@ impl PluginLibrary for FakeRunnerLibrary {
             tools: Vec::new(),
             state,
         }))
+    }
+}
+
+/// Sets its flag when dropped (a start returned).
+struct Returned<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Returned<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -135,6 +175,9 @@ impl Harness {
             started: Mutex::new(Vec::new()),
             attempts: Mutex::new(Vec::new()),
             fail_next: AtomicU32::new(0),
+            gate: Mutex::new(None),
+            stop: Mutex::new(None),
+            returned: std::sync::atomic::AtomicBool::new(false),
         });
         let registry = Registry::new();
         registry.register(NAME, PluginInfo::default()).unwrap();
@@ -483,6 +526,39 @@ fn a_retired_or_dropped_plugin_is_not_restarted() {
     h.supervisor = None;
     h.clock.advance(Duration::from_secs(1));
     assert_eq!((h.clock.cancelled(), h.attempts().len()), (1, 1));
+}
+
+/// A plugin let go (a reload) while a restart builds its runner: the
+/// runner is killed and the restart has ended when the let-go returns, so
+/// the reload's own runner never starts beside it.
+#[test]
+fn a_restart_under_way_ends_before_the_let_go_returns() {
+    let mut h = Harness::new(SupervisionPolicy {
+        backoff_base: ms(100),
+        ..SupervisionPolicy::default()
+    });
+    let supervisor = h.supervisor.clone().unwrap();
+    let handle = crate::PluginHandle::isolated(Arc::clone(&h.slot), ms(1000), supervisor);
+    let (entered, building) = std::sync::mpsc::channel();
+    let (stop, stopped) = std::sync::mpsc::channel();
+    *h.runner.gate.lock() = Some(Gate { entered, stopped });
+    *h.runner.stop.lock() = Some(stop);
+    h.runner.returned.store(false, Ordering::SeqCst);
+    h.crash();
+    let clock = Arc::clone(&h.clock);
+    let restarting = std::thread::spawn(move || clock.advance(Duration::from_secs(1)));
+    building
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the restart builds its runner");
+    let last = handle.retire();
+    assert!(
+        h.runner.returned.load(Ordering::SeqCst),
+        "the let-go returned while the restart still built its runner"
+    );
+    restarting.join().unwrap();
+    assert_eq!(last.pid(), Some(100), "the dead first process");
+    assert_eq!(h.starts().len(), 1, "no second process");
+    assert_eq!(h.attempts().len(), 2);
 }
 
 #[test]
