@@ -94,7 +94,10 @@ struct LoadProgress {
     running: bool,
     started: Option<Instant>,
     registered: usize,
-    settled: usize,
+    /// The plugins that left LOADED during the pass, each once (a crash
+    /// out of LOADED counts; a restart's way back through LOADED does not
+    /// count again).
+    settled: std::collections::HashSet<String>,
     last_sent: Option<Instant>,
 }
 
@@ -284,11 +287,13 @@ impl Events {
         }
         match change.kind {
             ChangeKind::Registered => load.registered += 1,
-            ChangeKind::State
+            ChangeKind::State | ChangeKind::Crashed
                 if change.from == Some(PluginLifecycleState::Loaded)
                     && change.to != PluginLifecycleState::Loaded =>
             {
-                load.settled += 1;
+                if !load.settled.insert(change.plugin.to_owned()) {
+                    return;
+                }
             }
             _ => return,
         }
@@ -296,12 +301,12 @@ impl Events {
         let due = load
             .last_sent
             .is_none_or(|sent| now.duration_since(sent) >= PROGRESS_EVERY);
-        if due || load.settled == load.registered {
+        if due || load.settled.len() == load.registered {
             load.last_sent = Some(now);
             let event = LoadEvent {
                 phase: "progress",
                 registered: load.registered,
-                settled: load.settled,
+                settled: load.settled.len(),
                 loaded: None,
                 failed: None,
                 unavailable: None,
@@ -349,7 +354,7 @@ impl Events {
             let ours = load
                 .started
                 .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
-            (load.registered, load.settled, elapsed_ms.max(ours))
+            (load.registered, load.settled.len(), elapsed_ms.max(ours))
         };
         self.publish(
             "load",
@@ -739,6 +744,61 @@ mod tests {
         assert_eq!(kinds[5].1["loaded"], 1);
         let elapsed = |i: usize| kinds[i].1["elapsed_ms"].as_f64().unwrap();
         assert!(elapsed(5) >= 2.0 && elapsed(5) >= elapsed(4), "{kinds:?}");
+    }
+
+    /// A plugin whose runner dies while it is LOADED (a crash in its
+    /// constructor) is settled; one restarted during the pass (back
+    /// through LOADED) is settled once.
+    #[test]
+    fn load_progress_counts_each_plugin_once_crashes_included() {
+        use forgesyte_registry::{ExitInfo, PluginInfo, Registry};
+        let crash = |registry: &Registry| {
+            registry
+                .mark_crashed("p", "CrashError: boom", ExitInfo::default())
+                .unwrap();
+        };
+        let crashed_loaded = |registry: &Registry| crash(registry);
+        let restarted = |registry: &Registry| {
+            registry.mark_initialized("p").unwrap();
+            crash(registry);
+            registry.mark_restarting("p").unwrap();
+            registry.mark_initialized("p").unwrap();
+        };
+        for (what, pass) in [
+            (
+                "crashed while LOADED",
+                &crashed_loaded as &dyn Fn(&Registry),
+            ),
+            ("restarted during the pass", &restarted),
+        ] {
+            let hub = Events::starting_at(64, 1);
+            let registry = Registry::new();
+            registry.add_observer(hub.observer());
+            hub.load_started();
+            registry.register("p", PluginInfo::default()).unwrap();
+            pass(&registry);
+            hub.load_finished(Some((1, 0, 0)), 1.0);
+            let events = match hub.since(1, 64) {
+                Since::Events(events) => events,
+                Since::Gap { .. } => panic!("gap"),
+            };
+            let settled: Vec<serde_json::Value> = events
+                .iter()
+                .filter(|e| e.kind == "load")
+                .map(|e| serde_json::from_str::<serde_json::Value>(&e.data).unwrap())
+                .map(|l| json!([l["phase"], l["settled"]]))
+                .collect();
+            // (The registration's progress, 0 of 1, comes first.)
+            assert_eq!(
+                settled,
+                [
+                    json!(["progress", 0]),
+                    json!(["progress", 1]),
+                    json!(["finished", 1])
+                ],
+                "{what}"
+            );
+        }
     }
 
     #[test]
