@@ -265,9 +265,11 @@ impl NativeLibrary {
         // SAFETY: the symbol, when present, is the SDK's entry function with
         // exactly this signature (SPEC §6); a foreign symbol of the same name
         // is caught by the ABI version check below at worst.
-        let entry: Entry = unsafe { library.get::<Entry>(ENTRY_SYMBOL_C) }
-            .map(|sym| *sym)
-            .map_err(|_| ImportError::MissingEntrySymbol {
+        // One that resolves to null (an absolute symbol of value 0) is none.
+        let entry: Entry = unsafe { library.get::<Option<Entry>>(ENTRY_SYMBOL_C) }
+            .ok()
+            .and_then(|sym| *sym)
+            .ok_or_else(|| ImportError::MissingEntrySymbol {
                 path: path.to_path_buf(),
                 symbol: ENTRY_SYMBOL.to_owned(),
             })?;
@@ -308,22 +310,28 @@ impl NativeLibrary {
                 });
             }
         };
-        // SAFETY: the symbol, when present, is the SDK's context setter with
-        // exactly this signature (`abi::CallContextFn`); the library stays
-        // mapped (RTLD_NODELETE), so the pointer outlives every use.
-        let call_context = unsafe { library.get::<CallContextFn>(CALL_CONTEXT_SYMBOL_C) }
-            .ok()
-            .map(|sym| *sym);
-        // Only for a library built with the SDK (its fingerprint section
-        // says so, and `export_plugin!` emits both): a symbol of that name
-        // in another library may be anything (a C plugin's data), and
-        // calling it crashed the server.
-        let log = fingerprint
-            .as_ref()
-            .filter(|_| crate::plugin_log::routed())
+        // The SDK's optional setters are looked up only in a library built
+        // with the SDK (its fingerprint section says so, and
+        // `export_plugin!` emits them): a symbol of one of their names in
+        // another library may be anything (a C plugin's data), and calling
+        // it crashed the server (the log sink's at load, the call
+        // context's at the first call). One that resolves to null is none.
+        let sdk_built = fingerprint.is_some();
+        // SAFETY: the symbol, in an SDK-built library, is the SDK's context
+        // setter with exactly this signature (`abi::CallContextFn`); the
+        // library stays mapped (RTLD_NODELETE), so the pointer outlives
+        // every use.
+        let call_context = sdk_built
+            .then(|| unsafe { library.get::<Option<CallContextFn>>(CALL_CONTEXT_SYMBOL_C) })
+            .and_then(Result::ok)
+            .and_then(|sym| *sym);
+        let log = sdk_built
+            .then_some(())
+            .filter(|()| crate::plugin_log::routed())
             // SAFETY: the symbol, in an SDK-built library, is the SDK's
             // log-sink setter with exactly this signature (`abi::LogSinkFn`).
-            .and_then(|_| unsafe { library.get::<LogSinkFn>(LOG_SINK_SYMBOL_C) }.ok())
+            .and_then(|()| unsafe { library.get::<Option<LogSinkFn>>(LOG_SINK_SYMBOL_C) }.ok())
+            .and_then(|sym| *sym)
             .map(|set| {
                 // A context only for a library that takes it.
                 let (host_log, log) = crate::plugin_log::LibraryLog::for_new_library();
@@ -651,7 +659,9 @@ fn take_results(
             ),
         });
     }
-    let mut taken = Vec::with_capacity(list.len);
+    // Not reserved from the plugin's count: one that is absurd but under
+    // `room` would reserve terabytes before anything is read.
+    let mut taken = Vec::new();
     // SAFETY: the plugin wrote `len` initialised results at `ptr` (the SDK's
     // `FsResultList::from_vec`), which stay valid until `free_results`.
     let items = unsafe { std::slice::from_raw_parts(list.ptr, list.len) };

@@ -101,7 +101,12 @@
 //! - **Concurrency.** `call`, `call_binary` and `tools` may run concurrently
 //!   from several threads on the same instance. `create` may run
 //!   concurrently for different instances. `destroy` must not overlap any
-//!   other call on that instance.
+//!   other call on that instance, and may run on another thread than its
+//!   `create`. `free_buffer` and `free_results` may be called from any
+//!   thread, at the same time as any other function, and after `destroy`
+//!   of the instance whose buffers they free (the host's answers hold
+//!   binary results until they are written): a plugin's buffers come from
+//!   an allocator that allows it, not a per-thread or per-instance pool.
 //! - **Lifetime.** The host never unloads (`dlclose`) a plugin library while
 //!   anything from it may still run, and in practice never unloads it at
 //!   all: thread-local destructors and detached threads make unloading
@@ -249,7 +254,8 @@ impl FsBuffer {
     /// The buffer must be empty or come from a plugin's `out` and not have
     /// been freed yet.
     pub unsafe fn to_vec(&self) -> Vec<u8> {
-        if self.ptr.is_null() || self.len == 0 {
+        // A length no slice may have (a hostile or broken plugin): empty.
+        if self.ptr.is_null() || self.len == 0 || self.len > isize::MAX as usize {
             return Vec::new();
         }
         // SAFETY: the caller guarantees `ptr` points to `len` initialized
@@ -503,7 +509,8 @@ impl PluginBuffer {
 
     /// The bytes (empty for an empty buffer).
     pub fn as_bytes(&self) -> &[u8] {
-        if self.buf.ptr.is_null() || self.buf.len == 0 {
+        // A length no slice may have (a hostile or broken plugin): empty.
+        if self.buf.ptr.is_null() || self.buf.len == 0 || self.buf.len > isize::MAX as usize {
             return &[];
         }
         // SAFETY: `new`'s contract: `len` initialised bytes at `ptr`, valid
@@ -688,5 +695,23 @@ mod tests {
             assert!(empty.is_empty());
         }
         assert_eq!(FREED.load(Ordering::SeqCst), before + 1);
+    }
+
+    unsafe extern "C" fn free_nothing(_: FsBuffer) {}
+
+    #[test]
+    fn a_length_no_slice_may_have_reads_as_empty() {
+        let mut byte = 7u8;
+        let absurd = FsBuffer {
+            ptr: &mut byte,
+            len: isize::MAX as usize + 1,
+            cap: 0,
+        };
+        // SAFETY: the bytes are never read (the length is refused first),
+        // and `free_nothing` frees nothing.
+        assert!(unsafe { absurd.to_vec() }.is_empty());
+        // SAFETY: as above.
+        let buffer = unsafe { PluginBuffer::with_free(absurd, free_nothing) };
+        assert!(buffer.as_bytes().is_empty());
     }
 }
