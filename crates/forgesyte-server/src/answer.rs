@@ -300,10 +300,13 @@ fn raw(
     };
     set(POINTER_HEADER, encoded_pointer(&pointer));
     set(TIME_HEADER, success.processing_time_ms.to_string());
-    match serde_json::to_string(success) {
-        Ok(text) if text.len() > MAX_RESULT_HEADER => {
-            set(RESULT_OMITTED_HEADER, "too-large".into());
-        }
+    // Written up to the limit only: a result of tens of MiB is not
+    // serialised whole just to learn it does not fit.
+    let mut capped = Capped(Vec::new());
+    let text = serde_json::to_writer(&mut capped, success)
+        .map(|()| String::from_utf8_lossy(&capped.0).into_owned());
+    match text {
+        Err(e) if e.is_io() => set(RESULT_OMITTED_HEADER, "too-large".into()),
         // Visible ASCII and spaces only: a header value cannot hold DEL,
         // which JSON leaves as it is.
         Ok(text) if !text.bytes().all(|b| (b' '..=b'~').contains(&b)) => {
@@ -313,6 +316,23 @@ fn raw(
         Err(_) => set(RESULT_OMITTED_HEADER, "unserialisable".into()),
     }
     Ok(response)
+}
+
+/// Bytes written up to [`MAX_RESULT_HEADER`]; a write past it fails.
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RESULT_HEADER {
+            return Err(std::io::Error::other("over the header's limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -454,6 +474,15 @@ mod tests {
                 "not-ascii",
                 "{text:?}"
             );
+        }
+        // The whole answer at the limit fits; past it, too large.
+        let empty_len = with(json!("")).headers()[RESULT_HEADER].len();
+        let fits = with(json!("a".repeat(MAX_RESULT_HEADER - empty_len)));
+        assert_eq!(fits.headers()[RESULT_HEADER].len(), MAX_RESULT_HEADER);
+        for over in [1, 10 << 20] {
+            let big = with(json!("a".repeat(MAX_RESULT_HEADER - empty_len + over)));
+            assert!(!big.headers().contains_key(RESULT_HEADER), "{over}");
+            assert_eq!(big.headers()[RESULT_OMITTED_HEADER], "too-large", "{over}");
         }
     }
 

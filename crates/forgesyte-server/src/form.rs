@@ -6,7 +6,8 @@
 //!
 //! The body must open with the delimiter (a preamble before it is allowed)
 //! and end with the closing one (an epilogue after it is ignored). Part
-//! headers are at most [`MAX_HEADER_BYTES`] long. Whatever the bytes,
+//! headers are at most [`MAX_HEADER_BYTES`] long, field names
+//! [`MAX_FIELD_NAME_BYTES`]. Whatever the bytes,
 //! splitting ends in parts or an error, never a panic (the body module's
 //! property tests drive it with arbitrary bodies).
 
@@ -15,6 +16,12 @@ use memchr::memmem;
 
 /// Longest header block of one part.
 pub(crate) const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// Longest field name of a part: each one is copied (an argument's key, a
+/// JSON Pointer) outside the body's room in `--body-memory`, so the parts
+/// limit alone would let a body of long names hold twice or three times
+/// its room.
+pub(crate) const MAX_FIELD_NAME_BYTES: usize = 1024;
 
 /// One part of the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +120,12 @@ fn disposition(head: &str) -> Result<(Option<String>, bool), String> {
         }
         for (key, value) in parameters(value) {
             match key.to_ascii_lowercase().as_str() {
+                "name" if value.len() > MAX_FIELD_NAME_BYTES => {
+                    return Err(format!(
+                        "a part's field name has {} bytes, at most {MAX_FIELD_NAME_BYTES}",
+                        value.len()
+                    ));
+                }
                 // An empty name names no field.
                 "name" => found.0 = Some(value).filter(|name| !name.is_empty()),
                 "filename" | "filename*" => found.1 = true,
@@ -226,6 +239,23 @@ mod tests {
             b"--b\r\nContent-Disposition: form-data; name=\"\"\r\n\r\nhi\r\n--b--",
         );
         assert_eq!(split(&body, "b", 8).unwrap()[0].name, None);
+        // A field name at the limit is taken, one longer is refused.
+        let named = |len: usize| {
+            Bytes::from(format!(
+                "--b\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\nhi\r\n--b--",
+                "n".repeat(len)
+            ))
+        };
+        let parts = split(&named(MAX_FIELD_NAME_BYTES), "b", 8).unwrap();
+        assert_eq!(
+            parts[0].name.as_ref().map(String::len),
+            Some(MAX_FIELD_NAME_BYTES)
+        );
+        let err = split(&named(MAX_FIELD_NAME_BYTES + 1), "b", 8).unwrap_err();
+        assert!(
+            err.contains("field name has 1025 bytes, at most 1024"),
+            "{err}"
+        );
     }
 
     #[test]
