@@ -1505,6 +1505,17 @@ class UnitTests(unittest.TestCase):
         short = errors.python_error(ValueError("short"))
         self.assertEqual(short["message"], "short")
 
+    def test_an_error_whose_traceback_cannot_be_formatted_is_still_told(self):
+        # The standard library's formatting raises TypeError for a
+        # SyntaxError whose offset is a string: the runner's thread died of
+        # it, and with it the call (or the whole runner).
+        try:
+            raise SyntaxError("bad", ("f.py", 1, "x", "yy"))
+        except SyntaxError as e:
+            error = errors.python_error(e)
+        self.assertEqual(error["error_type"], "SyntaxError")
+        self.assertEqual(error["traceback"], ["SyntaxError: bad (f.py, line 1)"])
+
     def runner_with(self, instance=None, tools=None):
         """A Runner over no wire, with exit_now, diag and out_of_memory of
         `serve` replaced (restored at the test's end): each raises
@@ -2084,6 +2095,26 @@ class SeccompTests(unittest.TestCase):
             self.assertTrue(zygote._says_off(off), off)
         for on in (None, "", "1", "true", "yes", "on", "shared"):
             self.assertFalse(zygote._says_off(on), on)
+
+    def test_a_zygote_ends_with_the_protocol_code_at_any_bad_control_message(self):
+        import socket
+
+        code = "import sys; sys.path.insert(0, %r); import runner as r; r.start(['--zygote'])" % HERE
+        for message in (b'{"op":"reap","pid":"x"}', b'{"op":"reap","pid":1e400}', b"[" * 200000):
+            ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.addCleanup(ours.close)
+            proc = subprocess.Popen([PYTHON, "-c", code], stdin=its, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            its.close()
+            ours.send(message)
+            try:
+                _, err = proc.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                self.fail("the zygote serves on after %r" % message[:40])
+            self.assertEqual(proc.returncode, base.EXIT_PROTOCOL, (message[:40], err[-300:]))
+            self.assertIn(b"a bad control message", err)
 
     def test_a_confined_zygote_that_cannot_be_made_not_dumpable_does_not_serve(self):
         import socket

@@ -79,13 +79,15 @@ def take_stdio():
     """Moves the protocol off fds 0 and 1: returns the private (in, out)
     descriptors, both close-on-exec. fd 1 becomes a copy of stderr, fd 0
     reads /dev/null."""
+    out = os.dup(1)
+    os.set_inheritable(out, False)
+    os.dup2(2, 1)
+    # Flushed once fd 1 is the log: what start-up code (a ``.pth`` file,
+    # ``sitecustomize``) left buffered goes there, not into the protocol.
     try:
         sys.stdout.flush()
     except Exception:
         pass
-    out = os.dup(1)
-    os.set_inheritable(out, False)
-    os.dup2(2, 1)
     inp = os.dup(0)
     os.set_inheritable(inp, False)
     null = os.open(os.devnull, os.O_RDONLY)

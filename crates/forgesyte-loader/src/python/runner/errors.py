@@ -50,13 +50,24 @@ def traceback_lines(exc):
     return [capped(clean(l)) for l in lines[-TRACEBACK_LINES:]]
 
 
+def _traceback_or_line(exc):
+    """``traceback_lines(exc)``, or one line when the traceback cannot be
+    formatted (the standard library raises for a SyntaxError whose
+    details are not what it expects, an offset given as a string): the
+    error is still told, never a second one raised."""
+    try:
+        return traceback_lines(exc)
+    except BaseException:
+        return [capped(clean("%s: %s" % (exc.__class__.__name__, _exception_message(exc))))]
+
+
 def python_error(exc, kind="Python"):
     """A WireError for a Python exception."""
     error = {
         "kind": kind,
         "error_type": capped(clean(exc.__class__.__name__)),
         "message": capped(clean(_exception_message(exc))),
-        "traceback": traceback_lines(exc),
+        "traceback": _traceback_or_line(exc),
     }
     if isinstance(exc, ImportError) and getattr(exc, "name", None):
         error["name"] = capped(clean(exc.name))

@@ -12,7 +12,7 @@ import types
 
 from . import api
 from .base import EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory
-from .errors import fitted, python_error, wire_error
+from .errors import _exception_message, fitted, python_error, wire_error
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
 from .tools import collect_tools
@@ -416,8 +416,12 @@ class Runner(object):
                 finally:
                     api.CALL.reset(token)
         except BaseException as e:  # a bug of the runner's own
-            diag("internal error: %s" % "".join(traceback.format_exception(type(e), e, e.__traceback__)))
-            error = wire_error("Protocol", "python runner: %s: %s" % (type(e).__name__, e))
+            try:
+                told = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            except BaseException:  # an error whose traceback cannot be formatted
+                told = "%s: %s" % (type(e).__name__, _exception_message(e))
+            diag("internal error: %s" % told)
+            error = wire_error("Protocol", "python runner: %s: %s" % (type(e).__name__, _exception_message(e)))
             if request["op"] == "create":
                 self.init_failed(rid, error)
             else:

@@ -166,8 +166,10 @@ class _Zygote(object):
                 self.spawn(message, fds)
             else:
                 raise ValueError("unknown op %r" % (op,))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            diag("zygote: a bad control message: %s" % e)
+        # (Any error of the message's: a number too large for an int, JSON
+        # nested past the recursion limit, ...)
+        except Exception as e:
+            diag("zygote: a bad control message: %s: %s" % (type(e).__name__, e))
             exit_now(EXIT_PROTOCOL)
         finally:
             # The runner has its copies (or there is none): a copy left
