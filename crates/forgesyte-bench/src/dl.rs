@@ -63,19 +63,23 @@ pub(crate) fn construct_all(
         let entry = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL_C) }
             .with_context(|| format!("dlsym in {}", path.display()))?;
         let vtable_ptr = entry();
-        // SAFETY: the entry returns null or a pointer to a `static` vtable
-        // that lives as long as the library, which is never unloaded
-        // (`RTLD_NODELETE`); only `abi_version` is read before it is checked.
-        let Some(vtable) = (unsafe { vtable_ptr.as_ref() }) else {
+        if vtable_ptr.is_null() {
             anyhow::bail!("{}: the entry returned null", path.display());
-        };
-        if vtable.abi_version != ABI_VERSION {
+        }
+        // SAFETY: a pointer to a `static` vtable that lives as long as the
+        // library, never unloaded (`RTLD_NODELETE`); `abi_version` is the
+        // first field of every version's table, so it alone is read before
+        // the version is known (a reference to the whole table would claim
+        // fields an older table does not have).
+        let abi_version = unsafe { (*vtable_ptr).abi_version };
+        if abi_version != ABI_VERSION {
             anyhow::bail!(
-                "{}: ABI {} (this benchmark speaks {ABI_VERSION})",
+                "{}: ABI {abi_version} (this benchmark speaks {ABI_VERSION})",
                 path.display(),
-                vtable.abi_version
             );
         }
+        // SAFETY: as above, and the table is this version's, whole.
+        let vtable = unsafe { &*vtable_ptr };
         let mut instance: *mut c_void = std::ptr::null_mut();
         let mut out = FsBuffer::empty();
         // SAFETY: `config` is readable for its length; `instance` and `out`
