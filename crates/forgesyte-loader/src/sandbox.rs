@@ -700,32 +700,13 @@ fn scratch_dir_in(tmp: &Path, plugin: &str, owner: Option<RunAs>) -> std::io::Re
 pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
     let mut report = BTreeMap::new();
     report.insert("env".to_owned(), "scrubbed".to_owned());
-    let network = if plan.network {
-        "allowed".to_owned()
-    } else {
-        // SAFETY: `NEWNET` leaves the file descriptor table alone (the
-        // hazard `unshare_unsafe` names is `FILES`); it runs before the
-        // runner starts any thread.
-        match unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) } {
-            Ok(()) => "isolated: a network namespace of its own".to_owned(),
-            Err(e) => format!("unconfined: no network namespace ({e})"),
-        }
-    };
-    report.insert("network".to_owned(), network);
+    // SAFETY: `NEWNET` leaves the file descriptor table alone (the hazard
+    // `unshare_unsafe` names is `FILES`); it runs before the runner starts
+    // any thread.
+    let namespace = (!plan.network)
+        .then(|| unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) });
     let filesystem = match landlock(plan) {
-        Ok((text, tcp_denied)) => {
-            if tcp_denied
-                && report
-                    .get("network")
-                    .is_some_and(|n| n.starts_with("unconfined"))
-            {
-                report.insert(
-                    "network".to_owned(),
-                    "isolated: Landlock denies TCP bind and connect".to_owned(),
-                );
-            }
-            text
-        }
+        Ok(text) => text,
         Err(e) => format!("unconfined: {e}"),
     };
     report.insert("filesystem".to_owned(), filesystem);
@@ -736,9 +717,27 @@ pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
     report.insert("memory".to_owned(), not_dumpable());
     // Last: nothing above makes a socket, and the runner reads its
     // shared-memory socket (already open) only later.
-    report.insert("syscalls".to_owned(), seccomp::install(plan.network));
+    let syscalls = seccomp::install(plan.network);
+    let filtered = !syscalls.starts_with("unconfined");
+    report.insert("syscalls".to_owned(), syscalls);
+    let network = match namespace {
+        None => "allowed".to_owned(),
+        Some(Ok(())) => "isolated: a network namespace of its own".to_owned(),
+        // Landlock's TCP rights alone are no isolation (TCP Fast Open's
+        // `sendto`, a `listen` without `bind`, UDP): no socket at all is.
+        Some(Err(_)) if filtered => NETWORK_NO_SOCKETS.to_owned(),
+        Some(Err(e)) => format!("unconfined: no network namespace ({e})"),
+    };
+    report.insert("network".to_owned(), network);
     report
 }
+
+/// What the hello's `network` says of a runner without the network that
+/// could not make a network namespace (a runner of another user: that needs
+/// `CAP_SYS_ADMIN`) but whose seccomp filter refuses every new socket (the
+/// Python runner says the same).
+pub const NETWORK_NO_SOCKETS: &str =
+    "isolated: no network namespace (it may not make one), and no new socket (the seccomp filter)";
 
 /// What the hello's `memory` says of a runner that made itself not
 /// dumpable (the Python runner says the same).
@@ -830,7 +829,7 @@ fn scope() -> bool {
 
 /// The Landlock part of [`apply`]: what is enforced, and whether TCP is
 /// denied.
-fn landlock(plan: &Confinement) -> Result<(String, bool), landlock::RulesetError> {
+fn landlock(plan: &Confinement) -> Result<String, landlock::RulesetError> {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
     };
@@ -855,19 +854,13 @@ fn landlock(plan: &Confinement) -> Result<(String, bool), landlock::RulesetError
         .add_rules(rules_without_links(&plan.devices, device, abi))?
         .restrict_self()?;
     Ok(match status.ruleset {
-        RulesetStatus::FullyEnforced => (
-            "confined: Landlock, fully enforced".to_owned(),
-            !plan.network,
-        ),
-        RulesetStatus::PartiallyEnforced => (
-            "confined: Landlock, partly enforced (an older kernel ABI)".to_owned(),
-            false,
-        ),
-        RulesetStatus::NotEnforced => (
-            "unconfined: this kernel does not enforce Landlock".to_owned(),
-            false,
-        ),
-    })
+        RulesetStatus::FullyEnforced => "confined: Landlock, fully enforced",
+        RulesetStatus::PartiallyEnforced => {
+            "confined: Landlock, partly enforced (an older kernel ABI)"
+        }
+        RulesetStatus::NotEnforced => "unconfined: this kernel does not enforce Landlock",
+    }
+    .to_owned())
 }
 
 /// Landlock rules allowing `access` beneath each of `paths` (a plan's,

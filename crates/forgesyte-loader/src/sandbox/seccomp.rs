@@ -13,12 +13,11 @@
 //! reaps it: a plugin could fill the process table with zombies), with
 //! `ENOSYS` `clone3` (its flags are behind a pointer no filter reads;
 //! glibc then uses `clone`), and,
-//! unless the plan keeps the network, every `socket()` but IPv4 and IPv6
-//! streams of TCP and datagrams of UDP (protocol 0 or the type's own),
-//! which Landlock and the network namespace rule: no Unix, netlink or vsock
-//! socket (vsock is no namespace's), and no MPTCP (protocol 262), SCTP
-//! (sequenced packets, whose protocol 0 is SCTP), DCCP or ping socket,
-//! whose connections and listeners Landlock's TCP rights do not cover; and
+//! unless the plan keeps the network, every `socket()`, of any family: no
+//! Unix, netlink or vsock socket (vsock is no namespace's), and no IP one
+//! either (outside a network namespace, a runner that cannot make one,
+//! Landlock's TCP rights leave a connect through TCP Fast Open's
+//! `sendto`, a `listen` without `bind` and all of UDP open); and
 //! `socketpair()` of datagrams (a datagram pair's socket can be
 //! disconnected, bound to a path and sent to any socket that has one: a
 //! Unix socket in all but name; pairs of streams and sequenced packets
@@ -34,8 +33,8 @@ use std::io;
 
 /// What the hello's `syscalls` says of a runner filtered without network
 /// (the Python runner says the same).
-pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket but TCP or UDP over IP, no System V \
-     IPC, no POSIX message queue, no io_uring, no new session or process group";
+pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (pairs of streams or packets only), no \
+     System V IPC, no POSIX message queue, no io_uring, no new session or process group";
 /// ... and of one whose plan keeps the network.
 pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring, \
      no new session or process group";
@@ -163,28 +162,8 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, libc::SOCK_STREAM as u32, 1, 0));
         p.push(jump(libc::BPF_JEQ, libc::SOCK_SEQPACKET as u32, 0, u8::MAX));
         p.push(ret(ALLOW));
-        // socket(): IPv4 or IPv6 (args[0]) streams of TCP or datagrams of
-        // UDP (args[1] without its flags, args[2]; protocol 0 is the type's
-        // default, which for other types is SCTP or DCCP), else allowed.
-        // The last jumps land on the ALLOW after this part.
-        p.push(jump(libc::BPF_JEQ, libc::SYS_socket as u32, 1, 0));
-        p.push(ret(ALLOW));
-        p.push(load(16));
-        p.push(jump(libc::BPF_JEQ, libc::AF_INET as u32, 1, 0));
-        p.push(jump(libc::BPF_JEQ, libc::AF_INET6 as u32, 0, u8::MAX));
-        p.push(load(24));
-        p.push(stmt(
-            (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16,
-            SOCK_TYPE_MASK,
-        ));
-        p.push(jump(libc::BPF_JEQ, libc::SOCK_STREAM as u32, 0, 3));
-        p.push(load(32));
-        p.push(jump(libc::BPF_JEQ, libc::IPPROTO_TCP as u32, 5, 0));
-        p.push(jump(libc::BPF_JEQ, 0, 4, u8::MAX));
-        p.push(jump(libc::BPF_JEQ, libc::SOCK_DGRAM as u32, 0, u8::MAX));
-        p.push(load(32));
-        p.push(jump(libc::BPF_JEQ, libc::IPPROTO_UDP as u32, 1, 0));
-        p.push(jump(libc::BPF_JEQ, 0, 0, u8::MAX));
+        // socket(): none, of any family.
+        p.push(jump(libc::BPF_JEQ, libc::SYS_socket as u32, u8::MAX, 0));
     }
     p.push(ret(ALLOW));
     p.push(ret(NO_CLONE3));
@@ -327,28 +306,27 @@ mod tests {
                     "call {other}"
                 );
             }
+            let sockets = if network { ALLOW } else { DENY };
             assert_eq!(
                 run2(&p, AUDIT_ARCH, socket, inet, libc::SOCK_STREAM as u32),
-                ALLOW
+                sockets
             );
-            let sockets = if network { ALLOW } else { DENY };
             assert_eq!(run(&p, AUDIT_ARCH, socket, unix), sockets);
             assert_eq!(run(&p, AUDIT_ARCH, socket, netlink), sockets);
-            // IP streams of TCP and datagrams of UDP always (flags on the
-            // type ignored); vsock, MPTCP (262), SCTP (132, or sequenced
-            // packets of protocol 0), DCCP (type 6), ping (ICMP, 1) and UDP
-            // streams with the network only.
+            // Every socket, IP ones too (TCP, UDP, MPTCP (262), SCTP (132,
+            // or sequenced packets of protocol 0), DCCP (type 6), ping
+            // (ICMP, 1), vsock, packet), with the network only.
             let stream = libc::SOCK_STREAM as u32;
             let dgram = libc::SOCK_DGRAM as u32;
             let seqpacket = libc::SOCK_SEQPACKET as u32;
             let flags = (libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u32;
             let inet6 = libc::AF_INET6 as u32;
             for (domain, kind, protocol, always) in [
-                (inet, stream, 0, true),
-                (inet6, stream | flags, 0, true),
-                (inet, stream, 6, true),
-                (inet6, dgram, 17, true),
-                (inet, dgram | flags, 0, true),
+                (inet, stream, 0, false),
+                (inet6, stream | flags, 0, false),
+                (inet, stream, 6, false),
+                (inet6, dgram, 17, false),
+                (inet, dgram | flags, 0, false),
                 (inet, stream, 262, false),
                 (inet6, stream, 262, false),
                 (inet, stream, 132, false),
@@ -436,7 +414,7 @@ mod tests {
 
     #[test]
     #[allow(unsafe_code)]
-    fn a_filtered_process_cannot_make_unix_sockets_nor_use_system_v_ipc_nor_leave_its_group() {
+    fn a_filtered_process_cannot_make_sockets_nor_use_system_v_ipc_nor_leave_its_group() {
         // In a child: the filter stays with the process that installs it.
         // The program is built first: the child of a threaded process
         // allocates nothing.
@@ -478,10 +456,18 @@ mod tests {
                     {
                         return 16;
                     }
-                    if libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) < 0 {
+                    // No IP socket either: outside a namespace, Landlock's
+                    // TCP rights leave UDP, TCP Fast Open and MPTCP open.
+                    if libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
                         return 14;
                     }
-                    // MPTCP: a TCP Landlock does not rule; nor SCTP.
+                    if libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 24;
+                    }
                     if libc::socket(libc::AF_INET, libc::SOCK_STREAM, 262) != -1
                         || errno() != Some(libc::EACCES)
                     {

@@ -213,8 +213,8 @@ pub(super) fn declares(plugins: &PluginsDir) -> Value {
 const OWN_NETWORK: &str = "isolated: a network namespace of its own";
 const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
 const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
-const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket but TCP or UDP over IP, no System V IPC, no POSIX message queue, \
-     no io_uring, no new session or process group";
+const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (pairs of streams or packets only), no System V IPC, no POSIX \
+     message queue, no io_uring, no new session or process group";
 
 /// The snoop's variables, and the policy that grants the `open` variants
 /// (unsigned) what their manifests ask for.
@@ -607,11 +607,19 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
     for plugin in ["native", "snoop"] {
         let shown = status(&server, plugin);
         assert_eq!(shown["state"], "INITIALIZED", "{shown}\n{}", server.log());
-        // Without CAP_SYS_ADMIN no network namespace: Landlock's TCP rule
-        // is what isolates it.
+        // Without CAP_SYS_ADMIN no network namespace: the seccomp filter,
+        // which refuses every new socket, is what isolates it (Landlock's
+        // TCP rights alone leave TCP Fast Open and UDP open).
         assert_eq!(
-            shown["confinement"]["network"], "isolated: Landlock denies TCP bind and connect",
+            shown["confinement"]["network"],
+            "isolated: no network namespace (it may not make one), and no new socket (the seccomp filter)",
             "{shown}"
+        );
+        let (kind, error) = call(&server, plugin, "connect", json!({"port": 9})).unwrap_err();
+        assert!(
+            ["Denied", "PermissionError", "OSError"].contains(&kind.as_str())
+                && error.contains("denied"),
+            "{plugin}: {kind}: {error}"
         );
         let private = plugins.path().join(plugin).join("root-only.txt");
         let (_, error) = call(

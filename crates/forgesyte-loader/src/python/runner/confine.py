@@ -140,7 +140,19 @@ def confine(plan, shared=None, tools=None, given_env=None):
     report["capabilities"] = _drop_all_capabilities(libc)
     report["memory"] = _not_dumpable(libc)
     report["syscalls"] = _seccomp(libc, network)
+    if not network and report["network"].startswith("unconfined") \
+            and not report["syscalls"].startswith("unconfined"):
+        # Landlock's TCP rights alone are no isolation (TCP Fast Open's
+        # ``sendto``, a ``listen`` without ``bind``, UDP): no socket is.
+        report["network"] = NETWORK_NO_SOCKETS
     return report
+
+
+# What the hello's ``network`` says of a runner without the network that
+# could not make a network namespace but whose seccomp filter refuses every
+# new socket (the native runner's ``sandbox::NETWORK_NO_SOCKETS``).
+NETWORK_NO_SOCKETS = ("isolated: no network namespace (it may not make one), "
+                      "and no new socket (the seccomp filter)")
 
 
 # What the hello says of a runner that made itself not dumpable (the native
@@ -167,8 +179,8 @@ def _not_dumpable(libc):
 # What the hello says of a runner filtered by ``_seccomp`` (as the native
 # runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
 # with it.
-SYSCALLS_NO_SOCKETS = ("filtered: no new socket but TCP or UDP over IP, no System V IPC, no POSIX "
-                       "message queue, no io_uring, no new session or process group")
+SYSCALLS_NO_SOCKETS = ("filtered: no new socket (pairs of streams or packets only), no System V IPC, "
+                       "no POSIX message queue, no io_uring, no new session or process group")
 SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no new session or "
                 "process group")
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
@@ -181,12 +193,8 @@ _SECCOMP_RET_EACCES = 0x00050000 | 13  # SECCOMP_RET_ERRNO | EACCES
 _SECCOMP_RET_ENOSYS = 0x00050000 | 38
 _CLONE_PARENT = 0x8000
 _CLONE3 = 435  # the same number on both machines
-# The sockets a runner without the network may make: IP of TCP or UDP
-# (protocol 0 is the type's own: TCP for streams, UDP for datagrams).
-_AF_INET, _AF_INET6 = 2, 10
-_IPPROTO_TCP, _IPPROTO_UDP = 6, 17
 # A socket's type (its low bits; the rest are flags): the pairs allowed.
-_SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_DGRAM, _SOCK_SEQPACKET = 0xF, 1, 2, 5
+_SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_SEQPACKET = 0xF, 1, 5
 _X32_SYSCALL_BIT = 0x40000000
 # io_uring (``io_uring_setup``, ``_enter``, ``_register``: the same numbers
 # on both machines): its operations (a socket among them) pass no filter.
@@ -224,12 +232,10 @@ def _seccomp_program(machine, network):
       offset 24, its flags masked off) is not ``SOCK_STREAM`` or
       ``SOCK_SEQPACKET``: deny (a datagram pair's socket can be
       disconnected, bound to a path and sent to any socket that has one:
-      a Unix socket in all but name); ``socket`` whose domain (args[0]'s
-      low half, offset 16) is not ``AF_INET`` or ``AF_INET6``, or that is
-      neither a stream (its type, offset 24, flags masked off) of protocol
-      (offset 32) 0 or TCP nor a datagram of 0 or UDP: deny (no Unix,
-      netlink or vsock socket, no MPTCP, SCTP, DCCP or ping socket, which
-      Landlock's TCP rights do not rule)
+      a Unix socket in all but name); ``socket``, of any family: deny (no
+      Unix, netlink or vsock socket, and no IP one: outside a network
+      namespace Landlock's TCP rights leave TCP Fast Open's ``sendto``,
+      a ``listen`` without ``bind`` and all of UDP open)
     - anything else: allow; deny is ``EACCES``, the program's last
       instruction."""
     arch = _SECCOMP_ARCHES.get(machine)
@@ -255,21 +261,7 @@ def _seccomp_program(machine, network):
               (_BPF_JEQ_K, 1, 0, _SOCK_STREAM),
               (_BPF_JEQ_K, 0, deny, _SOCK_SEQPACKET),
               (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
-              (_BPF_JEQ_K, 1, 0, socket),  # socket(): IP streams of TCP,
-              (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),  # datagrams of UDP
-              (_BPF_LD_W_ABS, 0, 0, 16),
-              (_BPF_JEQ_K, 1, 0, _AF_INET),
-              (_BPF_JEQ_K, 0, deny, _AF_INET6),
-              (_BPF_LD_W_ABS, 0, 0, 24),
-              (_BPF_AND_K, 0, 0, _SOCK_TYPE_MASK),
-              (_BPF_JEQ_K, 0, 3, _SOCK_STREAM),
-              (_BPF_LD_W_ABS, 0, 0, 32),
-              (_BPF_JEQ_K, 5, 0, _IPPROTO_TCP),
-              (_BPF_JEQ_K, 4, deny, 0),
-              (_BPF_JEQ_K, 0, deny, _SOCK_DGRAM),
-              (_BPF_LD_W_ABS, 0, 0, 32),
-              (_BPF_JEQ_K, 1, 0, _IPPROTO_UDP),
-              (_BPF_JEQ_K, 0, deny, 0)]
+              (_BPF_JEQ_K, deny, 0, socket)]  # socket(): none, of any family
     p += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_ENOSYS),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_EACCES)]
     last = len(p) - 1
@@ -482,8 +474,6 @@ def _landlock(libc, syscall, abi, plan, network, report):
             raise OSError(ctypes.get_errno(), "landlock_restrict_self: %s" % os.strerror(ctypes.get_errno()))
     finally:
         os.close(ruleset)
-    if net and report.get("network", "").startswith("unconfined"):
-        report["network"] = "isolated: Landlock denies TCP bind and connect"
     if abi >= 6:
         report["scopes"] = _SCOPES
     return "confined: Landlock ABI %d" % abi
