@@ -65,7 +65,7 @@ impl Loader {
                 .map(Step::Started);
         }
         self.check_dependencies(p, &self.requirements(p), known)?;
-        let library_path = self.resolve_library(p)?;
+        let library_path = self.resolve_library(p, !signed.is_empty())?;
         // Last step before anything of the plugin is opened or started.
         let target = Target::File(library_path.clone());
         let pinned = self.check_integrity(p, &target)?;
@@ -527,7 +527,7 @@ impl Loader {
 
     /// Where the plugin's library is: inside its directory (no escape by `..`
     /// or symlink), else on the configured library path.
-    fn resolve_library(&self, p: &Pending) -> Result<PathBuf, PluginError> {
+    fn resolve_library(&self, p: &Pending, signed: bool) -> Result<PathBuf, PluginError> {
         // Found on `--lib-path` below, or not at all this time.
         self.outside_libraries.lock().remove(&p.name);
         let entry = p
@@ -546,7 +546,11 @@ impl Loader {
         // open needs write access to that directory, which could replace
         // the library itself; a checked (signed or pinned) library is
         // loaded from the bytes that were checked, whatever the link.
-        if resolved || !bare || self.fs.exists(&inside) {
+        // A signed plugin's library is one of its signed files, in its
+        // directory: never one found on `--lib-path` (gone from the
+        // directory since its signature was checked, a library of the same
+        // name there would be loaded unchecked).
+        if resolved || !bare || signed || self.fs.exists(&inside) {
             return Ok(inside);
         }
         for lib_dir in &self.config.lib_paths {

@@ -158,18 +158,23 @@ impl Loader {
         pinned: Option<String>,
     ) -> Result<Opening, PluginError> {
         let rel = integrity::listed_name(&p.dir, library);
-        let expected = rel
-            .as_ref()
-            .and_then(|rel| signed.get(rel).cloned())
-            .or(pinned);
-        let Some(expected) = expected else {
-            return Ok(Opening::Path);
-        };
+        let listed = rel.as_ref().and_then(|rel| signed.get(rel).cloned());
         let subject = rel.unwrap_or_else(|| library.display().to_string());
         let changed = |detail: String| IntegrityError::ChangedSinceCheck {
             subject: subject.clone(),
             detail,
         };
+        // A signed plugin's library is always among its signed files.
+        if !signed.is_empty() && listed.is_none() {
+            return Err(changed("it is not among the files its signature lists".to_owned()).into());
+        }
+        // Every digest it was checked against, signed and pinned: each one
+        // checked at its own moment, the bytes loaded must match both (a
+        // file swapped between the checks passed each).
+        let expected: Vec<String> = listed.into_iter().chain(pinned).collect();
+        if expected.is_empty() {
+            return Ok(Opening::Path);
+        }
         // Its size now; a file that grew meanwhile is held in full once
         // read.
         let size = self.fs.metadata(library).map_or(0, |m| m.len);
@@ -178,8 +183,8 @@ impl Loader {
             .map_err(|e| changed(format!("cannot read it again: {e}")))?;
         reserved.grow_to(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
         let now = integrity::sha256_hex(&bytes);
-        if !now.eq_ignore_ascii_case(&expected) {
-            return Err(changed(format!("sha256 now {now}, checked {expected}")).into());
+        if let Some(checked) = expected.iter().find(|e| !now.eq_ignore_ascii_case(e)) {
+            return Err(changed(format!("sha256 now {now}, checked {checked}")).into());
         }
         Ok(Opening::Bytes(bytes, reserved))
     }
