@@ -196,9 +196,8 @@ pub(crate) fn refusal_at(
             host.escape_debug()
         ));
     }
-    let upgrade = headers
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    // As the stream route reads it: `websocket` among any `Upgrade` value.
+    let upgrade = crate::stream::has_token(headers, &header::UPGRADE, "websocket");
     let writes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if !writes && !upgrade {
         return None;
@@ -354,6 +353,13 @@ mod tests {
         // A WebSocket is a read by method and refused all the same.
         let mut upgrade = from("http://evil.example");
         upgrade.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(refusal(&Method::GET, &upgrade, &guard(true, &[])).is_some());
+        // However the request names it among its Upgrade values, as the
+        // stream route accepts it.
+        upgrade.insert(header::UPGRADE, HeaderValue::from_static("foo, WebSocket"));
+        assert!(refusal(&Method::GET, &upgrade, &guard(true, &[])).is_some());
+        upgrade.insert(header::UPGRADE, HeaderValue::from_static("foo"));
+        upgrade.append(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(refusal(&Method::GET, &upgrade, &guard(true, &[])).is_some());
         // A fetch that says it is cross-site, Origin or not.
         let cross = headers(&[("host", "127.0.0.1:8000"), ("sec-fetch-site", "cross-site")]);

@@ -301,7 +301,7 @@ fn valid_key(key: &HeaderValue) -> bool {
 }
 
 /// Whether one of `name`'s comma-separated values is `token` (any case).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
