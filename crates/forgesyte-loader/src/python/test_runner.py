@@ -1505,6 +1505,27 @@ class UnitTests(unittest.TestCase):
         short = errors.python_error(ValueError("short"))
         self.assertEqual(short["message"], "short")
 
+    def test_a_checked_plugins_loader_checks_its_sources_not_its_data_files(self):
+        import hashlib
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as root:
+            source = os.path.join(root, "plugin.py")
+            data = os.path.join(root, "model.json")
+            with open(source, "wb") as f:
+                f.write(b"X = 1\n")
+            with open(data, "wb") as f:
+                f.write(b"{}")
+            checked = loading._Checked(root, {"plugin.py": hashlib.sha256(b"X = 1\n").hexdigest()})
+            loader = loading._SourceOnlyLoader("plugin_x", source, checked)
+            self.assertEqual(loader.get_data(source), b"X = 1\n")
+            # pkgutil.get_data(__name__, "model.json") reads through it.
+            self.assertEqual(loader.get_data(data), b"{}")
+            with open(source, "wb") as f:
+                f.write(b"X = 2\n")
+            with self.assertRaises(ImportError):
+                loader.get_data(source)
+
     def test_an_error_whose_traceback_cannot_be_formatted_is_still_told(self):
         # The standard library's formatting raises TypeError for a
         # SyntaxError whose offset is a string: the runner's thread died of

@@ -101,7 +101,10 @@ class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
 
     def get_data(self, path):
         data = super().get_data(path)
-        if self.checked is not None:
+        # Its module's source only: a data file read through the loader
+        # (``pkgutil.get_data``, ``importlib.resources``) is no code, and
+        # need not be among the checked files, as for an unchecked plugin.
+        if self.checked is not None and path == self.path:
             self.checked.check(path, data)
         return data
 
