@@ -1870,9 +1870,10 @@ class SeccompTests(unittest.TestCase):
         ld, jeq, jge, ret, and_ = 0x20, 0x15, 0x35, 0x06, 0x54
         enosys = 0x00050000 | 38
         io_uring = (425, 426, 427)
-        # System V IPC, message queues, setpgid and setsid (109, 112), io_uring.
-        ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 109, 112, 220, 240, 241, 242, 243, 244,
-               245) + io_uring
+        # System V IPC, message queues, truncate (76), setpgid and setsid
+        # (109, 112), io_uring.
+        ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220, 240, 241, 242, 243,
+               244, 245) + io_uring
 
         def program(audit_arch, x32, calls, clone, sockets):
             """Every jump to the deny (the last instruction) or to the ENOSYS
@@ -1901,25 +1902,25 @@ class SeccompTests(unittest.TestCase):
         # With the network: no socket part.
         self.assertEqual(_seccomp_program("x86_64", True),
                          program(0xC000003E, True, ipc, 56, None))
-        # aarch64: no x32; its own numbers (setpgid, setsid first).
-        aarch64 = (154, 157) + tuple(range(180, 198)) + io_uring
+        # aarch64: no x32; its own numbers (truncate, setpgid, setsid first).
+        aarch64 = (45, 154, 157) + tuple(range(180, 198)) + io_uring
         expected = program(0xC00000B7, False, aarch64, 220, (199, 198))
         self.assertEqual(_seccomp_program("aarch64", False), expected)
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
         # Two places in step: the x86_64 program without the network, as
-        # the native runner builds it, is 43 instructions.
-        self.assertEqual(len(_seccomp_program("x86_64", False)), 43)
+        # the native runner builds it, is 44 instructions.
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 44)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
 
         machines = {
             # AUDIT_ARCH, IPC calls, socket, read, socketpair
-            "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 109, 112, 220]
+            "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220]
                        + list(range(240, 246)) + [425, 426, 427], 41, 0, 53),
-            "aarch64": (0xC00000B7, [154, 157] + list(range(180, 198)) + [425, 426, 427], 198, 63,
-                        199),
+            "aarch64": (0xC00000B7, [45, 154, 157] + list(range(180, 198)) + [425, 426, 427], 198,
+                        63, 199),
         }
         for machine, (arch, ipc, socket_nr, read_nr, socketpair_nr) in machines.items():
             for network in (False, True):

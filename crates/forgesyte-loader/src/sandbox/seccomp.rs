@@ -34,10 +34,11 @@ use std::io;
 /// What the hello's `syscalls` says of a runner filtered without network
 /// (the Python runner says the same).
 pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (pairs of streams or packets only), no \
-     System V IPC, no POSIX message queue, no io_uring, no new session or process group";
+     System V IPC, no POSIX message queue, no io_uring, no new session or process group, no \
+     truncate() by path";
 /// ... and of one whose plan keeps the network.
 pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring, \
-     no new session or process group";
+     no new session or process group, no truncate() by path";
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -50,7 +51,7 @@ const AUDIT_ARCH: u32 = 0xC000_00B7;
 /// (`setsid`, `setpgid`: a process that leaves its runner's group outlives
 /// the runner's end).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn denied_calls() -> [u32; 23] {
+fn denied_calls() -> [u32; 24] {
     let mut calls = [
         libc::SYS_shmget,
         libc::SYS_shmat,
@@ -75,6 +76,9 @@ fn denied_calls() -> [u32; 23] {
         libc::SYS_io_uring_register,
         libc::SYS_setsid,
         libc::SYS_setpgid,
+        // By path: Landlock rules it only from ABI 3 (Linux 6.2); before,
+        // any file the runner's user may write could be emptied.
+        libc::SYS_truncate,
     ]
     .map(|nr| nr as u32);
     calls.sort_unstable();
@@ -482,6 +486,12 @@ mod tests {
                         || errno() != Some(libc::EACCES)
                     {
                         return 22;
+                    }
+                    // A path that is not there: ENOENT if it were let through.
+                    if libc::truncate(c"/nonexistent-forgesyte-test".as_ptr(), 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 25;
                     }
                     // Not a group leader: both would succeed unfiltered.
                     if libc::setsid() != -1 || errno() != Some(libc::EACCES) {

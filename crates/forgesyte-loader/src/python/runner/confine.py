@@ -180,9 +180,10 @@ def _not_dumpable(libc):
 # runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
 # with it.
 SYSCALLS_NO_SOCKETS = ("filtered: no new socket (pairs of streams or packets only), no System V IPC, "
-                       "no POSIX message queue, no io_uring, no new session or process group")
+                       "no POSIX message queue, no io_uring, no new session or process group, no "
+                       "truncate() by path")
 SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no new session or "
-                "process group")
+                "process group, no truncate() by path")
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # Classic BPF (``linux/filter.h``): the few instructions the filter uses.
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K, _BPF_AND_K = 0x20, 0x15, 0x35, 0x06, 0x54
@@ -206,10 +207,10 @@ _IO_URING = (425, 426, 427)
 # ``socket``, its ``socketpair`` and its ``clone`` call.
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
-                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112), 41, 53,
-               56),
-    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157), 198, 199,
-                220),
+                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112) + (76,),
+               41, 53, 56),
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157) + (45,), 198,
+                199, 220),
 }
 _SECCOMP_ARCHES["arm64"] = _SECCOMP_ARCHES["aarch64"]
 
@@ -226,8 +227,9 @@ def _seccomp_program(machine, network):
     - ``clone3``: ENOSYS (the return before the deny); ``clone`` whose
       flags (args[0]'s low half) hold ``CLONE_PARENT``: deny, any other
       ``clone``: allow
-    - each System V IPC, POSIX message-queue and io_uring call, ``setsid``
-      and ``setpgid``: deny
+    - each System V IPC, POSIX message-queue and io_uring call, ``setsid``,
+      ``setpgid`` and ``truncate`` (by path; Landlock rules it only from
+      ABI 3): deny
     - without the network, ``socketpair`` whose type (args[1]'s low half,
       offset 24, its flags masked off) is not ``SOCK_STREAM`` or
       ``SOCK_SEQPACKET``: deny (a datagram pair's socket can be
