@@ -367,8 +367,11 @@ pub struct Asks {
     /// the server's policy says.
     pub widening: Vec<String>,
     /// The manifest's paths written inside the plugin's directory that
-    /// lead out of it through a link (`data/settings.cfg` → `/etc/shadow`):
-    /// granted only by `--sandbox-widening allow`. A signature covers the
+    /// lead out of it through a link (`data/settings.cfg` → `/etc/shadow`),
+    /// and those written under one of its write grants that resolve
+    /// elsewhere (a link the runner may have made there:
+    /// `/var/cache/ocr/models` → `/`): granted only by
+    /// `--sandbox-widening allow`. A signature covers the
     /// manifest's text, never where a link in the directory leads, which
     /// anyone who can write there may change after signing.
     pub links_out: Vec<String>,
@@ -378,8 +381,29 @@ impl Resolved {
     /// See [`Asks::links_out`].
     fn links_out(&self, input: &PlanInput<'_>) -> Vec<String> {
         let dir = input.plugin_dir;
+        let joined = |p: &str| -> PathBuf {
+            let path = Path::new(p);
+            if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                dir.join(path)
+            }
+        };
+        // Where the runner may write, and so make links: its directory's
+        // paths are judged above; any other path written under one of its
+        // write grants that resolves elsewhere leads through a link it may
+        // have made (`/var/cache/ocr/models` → `/`).
+        let writable: Vec<PathBuf> = input.spec.write.iter().map(|p| joined(p)).collect();
         let out = |written: &Path, real: Option<&PathBuf>| {
-            inside_by_text(written, dir) && !self.inside(written, real, dir)
+            if inside_by_text(written, dir) {
+                return !self.inside(written, real, dir);
+            }
+            real.is_some_and(|real| {
+                real.as_path() != written
+                    && writable
+                        .iter()
+                        .any(|w| written != w.as_path() && inside_by_text(written, w))
+            })
         };
         let reads = self
             .reads

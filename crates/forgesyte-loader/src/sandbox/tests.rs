@@ -350,6 +350,41 @@ fn a_scratch_directory_another_user_made_first_is_refused() {
     }
 }
 
+/// A path outside the plugin's directory, under one of its write grants,
+/// that resolves elsewhere leads through a link the runner may have made
+/// there: a link out. One that resolves to itself is a plain widening.
+#[test]
+fn a_path_under_a_write_grant_that_a_link_leads_elsewhere_is_a_link_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = tmp.path().join("p");
+    std::fs::create_dir_all(&plugin).unwrap();
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(cache.join("plain")).unwrap();
+    std::os::unix::fs::symlink("/", cache.join("models")).unwrap();
+    let text = |p: &Path| p.to_str().unwrap().to_owned();
+    let manifest = spec(json!({"filesystem": {
+        "read": [text(&cache.join("models")), text(&cache.join("plain"))],
+        "write": [text(&cache)]
+    }}))
+    .unwrap();
+    let (_, asks) = Confinement::plan_checked(
+        PlanInput {
+            plugin_dir: &plugin,
+            scratch: tmp.path(),
+            spec: &manifest,
+            models: &[],
+            lib_paths: &[],
+            env_deps: &[],
+            gpu: false,
+        },
+        std::iter::empty(),
+    );
+    assert_eq!(
+        asks.links_out,
+        [format!("reading {}", cache.join("models").display())]
+    );
+}
+
 /// What is not enforced, in one line; a report without any such part
 /// passes, and no report at all is unconfined as a whole. The cases are
 /// shared with the Python runner's `unconfined` (`test_runner.py`): the
