@@ -146,20 +146,26 @@ impl From<RescanReport> for ReloadReport {
 }
 
 impl ReloadReport {
-    /// The report of a reload of one plugin.
-    pub(crate) fn of_one(outcome: ReloadOutcome) -> ReloadReport {
-        let is = |state: PluginStateJson| usize::from(outcome.state == state);
+    /// The report of a reload of one plugin (first), with the others it
+    /// loaded again.
+    pub(crate) fn of(outcomes: &[ReloadOutcome]) -> ReloadReport {
+        let count = |states: &[PluginStateJson]| {
+            outcomes
+                .iter()
+                .filter(|o| states.contains(&o.state))
+                .count()
+        };
         ReloadReport {
-            loaded: is(PluginStateJson::Initialized) + is(PluginStateJson::Running),
-            failed: is(PluginStateJson::Failed),
-            unavailable: is(PluginStateJson::Unavailable),
-            elapsed_ms: outcome.elapsed_ms,
-            changed: vec![outcome.name.clone()],
+            loaded: count(&[PluginStateJson::Initialized, PluginStateJson::Running]),
+            failed: count(&[PluginStateJson::Failed]),
+            unavailable: count(&[PluginStateJson::Unavailable]),
+            elapsed_ms: outcomes.iter().map(|o| o.elapsed_ms).fold(0.0, f64::max),
+            changed: outcomes.iter().map(|o| o.name.clone()).collect(),
             added: Vec::new(),
             retried: Vec::new(),
             unchanged: Vec::new(),
             removed: Vec::new(),
-            plugins: vec![outcome],
+            plugins: outcomes.to_vec(),
         }
     }
 }
@@ -226,16 +232,23 @@ pub(crate) async fn reload_plugin(
     let outcome = tokio::spawn(async move {
         // The claim is held until the event is out: the next admin
         // operation's event comes after this one's.
-        let (outcome, _guard) =
-            tokio::task::spawn_blocking(move || (loader.reload(&key), guard)).await?;
-        Ok::<_, tokio::task::JoinError>(outcome.map(|outcome| {
-            tracing::debug!(plugin = %outcome.name, state = %outcome.state.as_str(), reason = ?outcome.reason, "Reload finished");
-            crate::rescan::forget_gone_tools(&for_metrics, &[outcome.name.as_str()]);
-            let outcome = ReloadOutcome::from(outcome);
+        let (outcomes, _guard) =
+            tokio::task::spawn_blocking(move || (loader.reload_with_others(&key), guard)).await?;
+        Ok::<_, tokio::task::JoinError>(outcomes.and_then(|outcomes| {
+            // The named plugin's first, then those a changed trusted key
+            // signed, reloaded with it: each one's gone tools forgotten,
+            // all in the event.
+            let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
+            crate::rescan::forget_gone_tools(&for_metrics, &names);
+            let outcomes: Vec<ReloadOutcome> = outcomes
+                .into_iter()
+                .inspect(|o| tracing::debug!(plugin = %o.name, state = %o.state.as_str(), reason = ?o.reason, "Reload finished"))
+                .map(ReloadOutcome::from)
+                .collect();
             events
                 .events()
-                .reload_finished("admin", &ReloadReport::of_one(outcome.clone()));
-            outcome
+                .reload_finished("admin", &ReloadReport::of(&outcomes));
+            outcomes.into_iter().next()
         }))
     })
     .await
@@ -276,4 +289,33 @@ pub(crate) async fn reload_all(
     tracing::info!(%peer, "Admin: rescan of the plugins directory requested by {peer}");
     let report = crate::rescan::rescan(&state, guard, "admin").await?;
     Ok(json(StatusCode::OK, &report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_report_counts_the_named_plugin_and_those_reloaded_with_it() {
+        let outcome = |name: &str, state, elapsed_ms| ReloadOutcome {
+            name: name.into(),
+            dir: format!("/plugins/{name}"),
+            state,
+            reason: None,
+            elapsed_ms,
+        };
+        let outcomes = [
+            outcome("named", PluginStateJson::Initialized, 3.0),
+            outcome("signed-too", PluginStateJson::Failed, 7.0),
+            outcome("busy", PluginStateJson::Running, 1.0),
+        ];
+        let report = ReloadReport::of(&outcomes);
+        assert_eq!(
+            (report.loaded, report.failed, report.unavailable),
+            (2, 1, 0)
+        );
+        assert_eq!(report.changed, ["named", "signed-too", "busy"]);
+        assert_eq!(report.plugins, outcomes);
+        assert_eq!(report.elapsed_ms, 7.0);
+    }
 }

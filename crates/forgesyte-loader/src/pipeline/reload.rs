@@ -51,6 +51,15 @@ impl Loader {
     ///
     /// `None` when no plugin of that name is registered.
     pub fn reload(&self, name: &str) -> Option<PluginLoadOutcome> {
+        self.reload_with_others(name)
+            .and_then(|outcomes| outcomes.into_iter().next())
+    }
+
+    /// [`reload`](Self::reload), with the outcomes of the other plugins it
+    /// loaded again (those a changed trusted key signed) after the named
+    /// one's, which comes first. `None` when no plugin of that name is
+    /// registered.
+    pub fn reload_with_others(&self, name: &str) -> Option<Vec<PluginLoadOutcome>> {
         if !self.entries.read().contains_key(name) {
             return None;
         }
@@ -65,15 +74,16 @@ impl Loader {
         if self.outside_library_changed(name) {
             resigned.insert(name.to_owned());
         }
-        let outcome = self
+        let (mut outcomes, others): (Vec<_>, Vec<_>) = self
             .reload_names(&names, &resigned)
             .plugins
             .into_iter()
-            .find(|o| o.name == name);
+            .partition(|o| o.name == name);
+        outcomes.extend(others);
         // What it was loaded from is what the next rescan compares with:
         // else that rescan would find it changed and restart it again.
         self.restamp();
-        outcome
+        (outcomes.first().is_some_and(|o| o.name == name)).then_some(outcomes)
     }
 
     /// Reloads every registered plugin as [`reload`](Self::reload) does, in
