@@ -218,12 +218,15 @@ impl PluginInstance for Awaiting {
     }
 }
 
-#[tokio::test]
-async fn an_awaited_call_is_in_flight_until_its_answer_and_recorded_once() {
-    let registry = registry_with_p();
+/// An isolated plugin `p` of `registry` on an [`Awaiting`] instance (its
+/// answer channel `answer`), and its handle.
+fn awaiting(
+    registry: &Registry,
+    answer: Option<tokio::sync::oneshot::Receiver<Vec<u8>>>,
+) -> (Arc<Awaiting>, PluginHandle) {
     let instance = Arc::new(Awaiting {
         tools: vec![ToolInfo::new("t")],
-        answer: Mutex::new(None),
+        answer: Mutex::new(answer),
         on_thread: AtomicU32::new(0),
     });
     let handle = PluginHandle {
@@ -238,6 +241,13 @@ async fn an_awaited_call_is_in_flight_until_its_answer_and_recorded_once() {
             supervisor: None,
         }),
     };
+    (instance, handle)
+}
+
+#[tokio::test]
+async fn an_awaited_call_is_in_flight_until_its_answer_and_recorded_once() {
+    let registry = registry_with_p();
+    let (instance, handle) = awaiting(&registry, None);
     let counts = || {
         let s = registry.get_status("p").unwrap();
         (s.state, s.in_flight, s.success_count, s.error_count)
@@ -309,23 +319,7 @@ fn an_awaited_call_s_large_result_needs_no_free_thread() {
     let (runtime, release) = crate::host::starved_runtime();
     let registry = registry_with_p();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let instance = Arc::new(Awaiting {
-        tools: vec![ToolInfo::new("t")],
-        answer: Mutex::new(Some(rx)),
-        on_thread: AtomicU32::new(0),
-    });
-    let handle = PluginHandle {
-        inner: Arc::new(Inner {
-            slot: Arc::new(Slot::new(
-                "p".into(),
-                registry.clone(),
-                Arc::clone(&instance) as Arc<dyn PluginInstance>,
-            )),
-            call_timeout: Some(Duration::from_secs(10)),
-            isolation: Isolation::Process,
-            supervisor: None,
-        }),
-    };
+    let (_instance, handle) = awaiting(&registry, Some(rx));
     let context = CallContext::default();
     let awaitable = handle
         .awaitable("t", &serde_json::json!({}), &context)

@@ -572,8 +572,15 @@ fn a_stream_out_of_step_stays_open_until_it_is_closed() {
     assert_eq!(seen_rx.recv_timeout(LONG).unwrap(), Drained::End);
 }
 
-#[test]
-fn closing_the_writer_need_not_wait_for_a_blocked_request() {
+/// A transport to a runner that greets and never reads, and a thread
+/// writing it a 4 MiB request (blocked: the pipe fills up) for at most
+/// `timeout`.
+fn blocked_request(
+    timeout: Duration,
+) -> (
+    Arc<Transport>,
+    thread::JoinHandle<Result<Reply, RequestError>>,
+) {
     let (t, greeting, _reader) = connect(|requests, mut answers| {
         write_frame(&mut answers, &hello(), &[]).unwrap();
         let _keep = requests; // never read
@@ -588,10 +595,16 @@ fn closing_the_writer_need_not_wait_for_a_blocked_request() {
                 |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
                 &[],
                 &[&big],
-                Duration::from_millis(1500),
+                timeout,
             )
         })
     };
+    (t, writing)
+}
+
+#[test]
+fn closing_the_writer_need_not_wait_for_a_blocked_request() {
+    let (t, writing) = blocked_request(Duration::from_millis(1500));
     thread::sleep(Duration::from_millis(200));
     // The blocked write holds the writer: a retire does not wait for it.
     let started = Instant::now();
@@ -608,24 +621,7 @@ fn closing_the_writer_need_not_wait_for_a_blocked_request() {
 
 #[test]
 fn an_awaited_request_does_not_wait_on_its_thread_for_a_blocked_caller_s_write() {
-    let (t, greeting, _reader) = connect(|requests, mut answers| {
-        write_frame(&mut answers, &hello(), &[]).unwrap();
-        let _keep = requests; // never read
-        thread::sleep(LONG);
-    });
-    assert!(greeting.recv_timeout(LONG).is_ok());
-    let writing = {
-        let t = Arc::clone(&t);
-        thread::spawn(move || {
-            let big = vec![7u8; 4 << 20];
-            t.request(
-                |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
-                &[],
-                &[&big],
-                Duration::from_secs(3),
-            )
-        })
-    };
+    let (t, writing) = blocked_request(Duration::from_secs(3));
     while !t.held_by_request.load(Ordering::Acquire) {
         thread::yield_now();
     }
