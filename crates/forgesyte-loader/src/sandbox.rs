@@ -164,7 +164,10 @@ pub const SYSTEM_READ: &[&str] = &[
     "/etc/ld.so.conf.d",
     "/etc/localtime",
     "/etc/timezone",
-    "/etc/ssl",
+    // Not all of `/etc/ssl`: `/etc/ssl/private` holds the host's TLS keys,
+    // which a root runner (no capabilities, but root's files) could read.
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
     "/etc/ca-certificates",
     "/etc/alternatives",
     "/etc/nsswitch.conf",

@@ -141,6 +141,12 @@ fn attack(
             json!({"path": "/etc/shadow"}),
             "/etc/shadow".to_owned(),
         ),
+        // The host's TLS keys: `/etc/ssl` is readable, not its `private`.
+        (
+            "read",
+            json!({"path": "/etc/ssl/private"}),
+            "/etc/ssl/private".to_owned(),
+        ),
         ("read", p(&others), others.display().to_string()),
         ("read", p(&declared), declared.display().to_string()),
         ("write", p(&outside), outside.display().to_string()),
@@ -168,7 +174,15 @@ fn attack(
         "{kind}: {error}"
     );
 
-    // What it may do: its own files, its scratch directory.
+    // What it may do: its own files, its scratch directory, the system's
+    // certificates.
+    call(
+        server,
+        confined,
+        "read",
+        json!({"path": "/etc/ssl/certs/ca-certificates.crt"}),
+    )
+    .unwrap();
     let own_text = call(server, confined, "read", p(&own)).unwrap();
     assert!(
         own_text["text"].as_str().unwrap().starts_with("secret of"),
