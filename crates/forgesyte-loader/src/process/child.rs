@@ -164,7 +164,7 @@ impl Runners {
                 && !runner.constructed.load(Ordering::SeqCst)
                 && runner.exit.lock().report.is_none()
             {
-                kill(&runner, KillReason::host(reason));
+                kill_unless_reaping(&runner, KillReason::host(reason));
             }
         }
     }
@@ -201,7 +201,7 @@ impl Runners {
 /// Kills `runner` as the host stops, unless it has ended.
 fn end_for_the_host(runner: &Arc<Shared>) {
     if runner.exit.lock().report.is_none() {
-        kill(runner, KillReason::host(HOST_STOPPING));
+        kill_unless_reaping(runner, KillReason::host(HOST_STOPPING));
     }
 }
 
@@ -633,9 +633,7 @@ impl Child {
     /// process stuck in the kernel can take long to die), and the kill is
     /// left to it.
     pub(crate) fn kill_from_task(&self, reason: KillReason) {
-        if let Some(mut process) = self.shared.process.try_lock_for(Duration::from_millis(10)) {
-            kill_locked(&self.shared, &mut process, reason);
-        }
+        kill_unless_reaping(&self.shared, reason);
     }
 
     /// Waits up to `timeout` for the death to be processed.
@@ -794,6 +792,17 @@ fn start_threads(
 /// fires just after.
 fn kill(shared: &Shared, reason: KillReason) {
     kill_locked(shared, &mut shared.process.lock(), reason);
+}
+
+/// [`kill`] that waits 10 ms at most for the process's lock: held longer,
+/// the reaper holds it, waiting for a death it has already asked for
+/// (`SIGKILL` sent: a process stuck in the kernel can take long to die),
+/// and the kill is left to it. For whoever must not block on a death: a
+/// task, a stopping host.
+fn kill_unless_reaping(shared: &Shared, reason: KillReason) {
+    if let Some(mut process) = shared.process.try_lock_for(Duration::from_millis(10)) {
+        kill_locked(shared, &mut process, reason);
+    }
 }
 
 fn kill_locked(shared: &Shared, process: &mut OsProcess, reason: KillReason) {

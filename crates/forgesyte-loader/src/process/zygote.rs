@@ -631,13 +631,30 @@ impl Zygote {
     fn handle(&self, said: Said) {
         match said {
             Said::Spawned { id, pid } => {
+                // No pid of a process the zygote could not have forked:
+                // the host signals the pids it records (1 would mean every
+                // process).
+                if pid <= 1 || pid == std::process::id() || pid == self.pid {
+                    if let Some(tx) = self.state.lock().spawning.remove(&id) {
+                        let _ = tx.send(Err(format!(
+                            "the Python zygote named pid {pid} as its new runner's"
+                        )));
+                    }
+                    return;
+                }
                 self.forked
                     .store(true, std::sync::atomic::Ordering::Release);
                 let mut state = self.state.lock();
                 let slot = Arc::new(ExitSlot::default());
                 state.children.insert(pid, Arc::clone(&slot));
-                if let Some(tx) = state.spawning.remove(&id) {
-                    let _ = tx.send(Ok((pid, slot)));
+                match state.spawning.remove(&id) {
+                    Some(tx) => {
+                        let _ = tx.send(Ok((pid, slot)));
+                    }
+                    // Forked after its spawn gave up (its time limit): no
+                    // one would ever own or stop it. Killed, while unreaped
+                    // (its exit, to come, is handled as any runner's).
+                    None => kill_group(pid),
                 }
             }
             Said::SpawnFailed { id, error } => {
@@ -646,16 +663,19 @@ impl Zygote {
                 }
             }
             Said::Exit { pid, status } => {
-                let slot = self.state.lock().children.remove(&pid);
+                // Only a runner of this zygote that the host has not seen
+                // end (a pid it does not know, or knows ended and reaped,
+                // may be anyone's by now): nothing is signalled otherwise.
+                let Some(slot) = self.state.lock().children.remove(&pid) else {
+                    return;
+                };
                 // What is left of its group goes first (the pid is not
                 // reaped yet, so it is still this runner's), then the end
                 // is recorded (whoever waits for it finds the group
                 // killed; no signal goes to the pid after this), then the
                 // zygote may reap it and free the pid.
                 kill_group(pid);
-                if let Some(slot) = slot {
-                    slot.set(Ok(ExitStatus::from_raw(status)));
-                }
+                slot.set(Ok(ExitStatus::from_raw(status)));
                 // Gone only with the zygote, which reaps nothing then.
                 let _ = self.reaps.send(pid);
                 self.let_go_if_idle();
@@ -723,6 +743,10 @@ pub(crate) fn kill_group(pid: u32) {
 
 /// `SIGKILL` to process group `pid`; the pid, when it is one.
 fn kill_only_group(pid: u32) -> Option<rustix::process::Pid> {
+    // Never init's (`kill(-1)` is every process) nor the host's own.
+    if pid <= 1 || pid == std::process::id() {
+        return None;
+    }
     let pid = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)?;
@@ -889,6 +913,58 @@ mod tests {
             panic!("the spawn did not fail within its time limit: {spawned:?}");
         };
         assert!(err.to_string().contains("took no request"), "{err}");
+        let _ = zygote.process.lock().kill();
+        let _ = zygote.process.lock().wait();
+    }
+
+    /// The host signals only pids it knows are this zygote's unreaped
+    /// runners: not one named in an exit it does not know (perhaps reaped,
+    /// and anyone's by now), never 1 (`kill(-1)`: every process) or its own;
+    /// and a runner forked after its spawn gave up is killed, not left
+    /// running with no owner.
+    #[test]
+    fn only_the_zygote_s_own_unreaped_runners_are_signalled() {
+        let (ours, _theirs) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let process = Command::new("sleep").arg("30").spawn().unwrap();
+        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
+        let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
+        zygote.handle(Said::Exit {
+            pid: stranger.id(),
+            status: 0,
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            matches!(stranger.try_wait(), Ok(None)),
+            "a process not the zygote's was killed"
+        );
+        // A spawn told pid 1 fails, and nothing records it.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        zygote.state.lock().spawning.insert(7, tx);
+        zygote.handle(Said::Spawned { id: 7, pid: 1 });
+        assert!(matches!(rx.try_recv(), Ok(Err(e)) if e.contains("pid 1")));
+        assert!(!zygote.state.lock().children.contains_key(&1));
+        // Forked after its spawn gave up: killed.
+        let mut late = Command::new("sleep").arg("30").spawn().unwrap();
+        zygote.handle(Said::Spawned {
+            id: 8,
+            pid: late.id(),
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(late.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !matches!(late.try_wait(), Ok(None)),
+            "the late runner lives on"
+        );
+        let _ = stranger.kill();
+        let _ = stranger.wait();
         let _ = zygote.process.lock().kill();
         let _ = zygote.process.lock().wait();
     }
