@@ -571,6 +571,53 @@ fn a_bad_shipped_manifest_or_entry_point_value_fails_that_plugin_alone() {
     assert_eq!(hello(&loader, "good")["message"], "Good, ForgeSyte!");
 }
 
+/// Names asked for by valid manifests, installed ones included, are taken
+/// first: a broken directory manifest that asks for an installed plugin's
+/// name does not take it, nor does a directory duplicate's fallback key
+/// (its directory's name) take the name an installed plugin asks for.
+#[test]
+fn installed_plugins_keep_their_names_from_broken_and_duplicate_directories() {
+    let site = Site::new();
+    for (name, ep) in [("vispkg", "vision"), ("ocrpkg", "ocr")] {
+        site.package(
+            name,
+            "1.0",
+            name,
+            &[("plugin.py", &plugin_py("Installed"))],
+            &[(ep, &format!("{name}.plugin:Plugin"))],
+        );
+    }
+    let write = |dir: &str, manifest: &str| {
+        let dir = site.plugins.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        std::fs::write(dir.join("plugin.py"), plugin_py("Directory")).unwrap();
+    };
+    write("a_broken", r#"{"name": "vision", "version": []}"#);
+    write("b_first", r#"{"name": "dup", "version": "1.0.0"}"#);
+    write("ocr", r#"{"name": "dup", "version": "1.0.0"}"#);
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    for installed in ["vision", "ocr"] {
+        assert_eq!(
+            status(&registry, installed),
+            (S::Initialized, String::new()),
+            "{installed}"
+        );
+        assert_eq!(
+            hello(&loader, installed)["message"],
+            "Installed, ForgeSyte!"
+        );
+    }
+    let (state, reason) = status(&registry, "a_broken");
+    assert_eq!(state, S::Failed);
+    assert!(reason.contains("invalid field 'version'"), "{reason}");
+    let (state, reason) = status(&registry, "ocr~duplicate");
+    assert_eq!(state, S::Failed);
+    assert!(reason.contains("duplicate plugin name 'dup'"), "{reason}");
+}
+
 /// An installed package's files never shadow the standard library: its
 /// directory is not put first on the runner's `sys.path`.
 #[test]

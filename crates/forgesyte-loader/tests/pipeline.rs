@@ -682,6 +682,35 @@ fn duplicate_names_never_overwrite() {
     );
 }
 
+/// A duplicate's fallback key is never a name another valid manifest of
+/// the pass asks for: `ocr`'s directory holds a second `dup`, and
+/// `victim`'s manifest asks for `ocr`, later in the pass.
+#[test]
+fn a_duplicate_never_takes_a_name_a_later_plugin_asks_for() {
+    let s = Setup::new();
+    s.plugin("a1", &manifest("dup", json!({})), FakeBehavior::Good)
+        .plugin("ocr", &manifest("dup", json!({})), FakeBehavior::Good)
+        .plugin("victim", &manifest("ocr", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    for k in ["ocr", "victim", "ocr~duplicate", "dup", "a1"] {
+        eprintln!(
+            "DBG {k}: {:?} {:?}",
+            s.registry.get_status(k).map(|x| (x.state, x.reason)),
+            loader.plugin_dir(k)
+        );
+    }
+    s.check("ocr", S::Initialized, &[]);
+    assert_eq!(
+        loader.plugin_dir("ocr").unwrap(),
+        std::path::PathBuf::from("/plugins/victim")
+    );
+    s.check(
+        "ocr~duplicate",
+        S::Failed,
+        &["duplicate plugin name 'dup'", "/plugins/a1"],
+    );
+}
+
 /// A broken manifest that claims a valid plugin's name does not take it,
 /// whatever the order of their directories: the valid plugin loads under
 /// its name, and the broken one is FAILED under its directory's name with

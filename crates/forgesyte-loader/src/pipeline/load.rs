@@ -123,7 +123,7 @@ impl Loader {
         // them all as LOADED while the rest of the pass runs.
         let mut outcomes: BTreeMap<String, PluginLoadOutcome> = BTreeMap::new();
         let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
-        let claims = parsed
+        let claims: Vec<super::registration::Claim<'_>> = parsed
             .into_iter()
             .map(|(dir, parsed)| {
                 let (started, result) = parsed.map_or_else(
@@ -133,14 +133,47 @@ impl Loader {
                 self.claim_of(dir, result, started)
             })
             .collect();
-        for (name, dir, started) in self.register_claims(claims, &mut pending) {
+        // Valid manifests take their names first, directories then entry
+        // points (each in sorted order), then broken ones: a broken
+        // manifest never takes a valid plugin's name, an installed one's
+        // included. The names valid manifests ask for are reserved: a
+        // duplicate's fallback key (its directory's or entry point's) is
+        // never one of them.
+        let (valid, broken): (Vec<super::registration::Claim<'_>>, Vec<_>) = claims
+            .into_iter()
+            .partition(super::registration::Claim::is_valid);
+        let installed: Vec<_> = entry_points
+            .iter()
+            .map(|ep| (ep, Instant::now(), self.entry_point_manifest(ep)))
+            .collect();
+        let asked: BTreeSet<String> = valid
+            .iter()
+            .map(|c| c.wanted().to_owned())
+            .chain(
+                installed
+                    .iter()
+                    .filter_map(|(_, _, r)| r.as_ref().ok().map(|m| m.name.clone())),
+            )
+            .collect();
+        let (valid_installed, broken_installed): (Vec<_>, Vec<_>) =
+            installed.into_iter().partition(|(_, _, r)| r.is_ok());
+        for (name, dir, started) in self.register_claims(valid, &asked, &mut pending) {
             self.finish_outcome(&name, dir, started, &mut outcomes);
         }
-        // Entry points after every directory, in their sorted order.
-        for ep in entry_points {
-            let started = Instant::now();
-            let result = self.entry_point_manifest(ep);
-            if let Some(name) = self.register_entry_point(ep, result, started, &mut pending) {
+        for (ep, started, result) in valid_installed {
+            if let Some(name) =
+                self.register_entry_point(ep, result, (started, &asked), &mut pending)
+            {
+                self.finish_outcome(&name, &ep.plugin_dir(), started, &mut outcomes);
+            }
+        }
+        for (name, dir, started) in self.register_claims(broken, &asked, &mut pending) {
+            self.finish_outcome(&name, dir, started, &mut outcomes);
+        }
+        for (ep, started, result) in broken_installed {
+            if let Some(name) =
+                self.register_entry_point(ep, result, (started, &asked), &mut pending)
+            {
                 self.finish_outcome(&name, &ep.plugin_dir(), started, &mut outcomes);
             }
         }
@@ -166,7 +199,7 @@ impl Loader {
         &self,
         ep: &EntryPoint,
         result: Result<Manifest, Box<BadManifest>>,
-        started: Instant,
+        (started, asked): (Instant, &BTreeSet<String>),
         pending: &mut BTreeMap<String, Pending>,
     ) -> Option<String> {
         let dir = ep.plugin_dir();
@@ -198,7 +231,7 @@ impl Loader {
             (wanted, outcome)
         } else {
             let existing = self.source_of(&wanted);
-            let name = self.register_duplicate(&wanted, &ep_key, info);
+            let name = self.register_duplicate(&wanted, &ep_key, info, asked);
             tracing::error!(
                 name = %wanted,
                 entry_point = %ep.name,

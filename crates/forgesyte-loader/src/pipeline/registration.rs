@@ -1,7 +1,7 @@
 //! Registration: a plugin's key in the registry (duplicates never
 //! overwrite), and recording each plugin's final state and outcome.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +25,18 @@ pub(super) struct Claim<'a> {
     optional: bool,
     outcome: Result<Manifest, PluginError>,
     started: Instant,
+}
+
+impl Claim<'_> {
+    /// Whether its manifest is valid.
+    pub(super) fn is_valid(&self) -> bool {
+        self.outcome.is_ok()
+    }
+
+    /// The name its manifest asks for.
+    pub(super) fn wanted(&self) -> &str {
+        &self.wanted
+    }
 }
 
 impl Loader {
@@ -130,6 +142,7 @@ impl Loader {
     pub(super) fn register_claims<'a>(
         &self,
         claims: Vec<Claim<'a>>,
+        asked: &BTreeSet<String>,
         pending: &mut BTreeMap<String, Pending>,
     ) -> Vec<(String, &'a Path, Instant)> {
         // Valid manifests claim their names first: a broken one that asks
@@ -154,7 +167,7 @@ impl Loader {
             } else {
                 // Taken: the run of free names ends here.
                 registered_until = i + 1;
-                match self.claim(&c.wanted, &c.dir_key, c.dir, c.info) {
+                match self.claim(&c.wanted, (&c.dir_key, asked), c.dir, c.info) {
                     Ok(name) => (name, c.outcome),
                     // A broken manifest keeps its own error.
                     Err((name, _)) if c.outcome.is_err() => (name, c.outcome),
@@ -193,13 +206,24 @@ impl Loader {
     }
 
     /// Registers a plugin whose name `wanted` is taken under `key` (its
-    /// directory's or entry point's) when that differs, else (or when that
-    /// is taken too) under `KEY~duplicate`, `KEY~duplicate2`, …, and
-    /// returns the key. `~` is in no plugin's name, so such a key never
-    /// holds a name another plugin may ask for (a `NAME.duplicate` did, and
-    /// a plugin of that name was then FAILED as the duplicate).
-    pub(super) fn register_duplicate(&self, wanted: &str, key: &str, info: PluginInfo) -> String {
-        if key != wanted && self.registry.register(key, info.clone()).is_ok() {
+    /// directory's or entry point's) when that differs and no valid
+    /// manifest of the pass asks for it (`asked`), else (or when that is
+    /// taken too) under `KEY~duplicate`, `KEY~duplicate2`, …, and returns
+    /// the key. `~` is in no plugin's name, so such a key never holds a
+    /// name another plugin may ask for (a `NAME.duplicate` did, and a
+    /// plugin of that name was then FAILED as the duplicate; a directory
+    /// key asked for by a plugin registered later in the pass did too).
+    pub(super) fn register_duplicate(
+        &self,
+        wanted: &str,
+        key: &str,
+        info: PluginInfo,
+        asked: &BTreeSet<String>,
+    ) -> String {
+        if key != wanted
+            && !asked.contains(key)
+            && self.registry.register(key, info.clone()).is_ok()
+        {
             return key.to_owned();
         }
         let mut candidate = format!("{key}~duplicate");
@@ -217,7 +241,7 @@ impl Loader {
     fn claim(
         &self,
         wanted: &str,
-        dir_key: &str,
+        (dir_key, asked): (&str, &BTreeSet<String>),
         dir: &Path,
         info: PluginInfo,
     ) -> Result<String, (String, PathBuf)> {
@@ -227,7 +251,7 @@ impl Loader {
         let existing = self
             .plugin_dir(wanted)
             .unwrap_or_else(|| PathBuf::from("(registered earlier)"));
-        let candidate = self.register_duplicate(wanted, dir_key, info);
+        let candidate = self.register_duplicate(wanted, dir_key, info, asked);
         tracing::error!(
             name = wanted,
             dir = %dir.display(),
