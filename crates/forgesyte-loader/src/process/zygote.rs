@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::{self, BufRead, BufReader, IoSlice};
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -334,11 +334,10 @@ impl Zygote {
             let pid = zygote.pid;
             std::thread::Builder::new()
                 .name(format!("forgesyte-zygote-stderr-{pid}"))
-                .spawn(move || {
-                    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                        tracing::warn!(target: "forgesyte_loader::plugin_stderr", pid, "{line}");
-                    }
-                })?;
+                // As a runner's: lines cut at 4 KiB, a rate budget, each
+                // at its level (a line without an end grew the host's
+                // memory, and a looping zygote flooded the log).
+                .spawn(move || super::stderr::StderrLog::new("python-zygote", pid).read(stderr))?;
         }
         let for_reader = Arc::clone(&zygote);
         std::thread::Builder::new()
