@@ -489,6 +489,52 @@ fn reload_all_loads_entry_points_installed_since() {
     assert_eq!(one.state, S::Initialized, "{one:#?}");
 }
 
+/// Two distributions declare entry point `ocr`: the second is the
+/// duplicate (`ocr~duplicate`, FAILED). Once the first is uninstalled, a
+/// rescan gives the second its name (it stayed FAILED for good, told that
+/// a rescan would load it under its name).
+#[test]
+fn an_installed_duplicate_takes_its_name_once_it_is_free() {
+    let site = Site::new();
+    for dist in ["adist", "bdist"] {
+        site.package(
+            dist,
+            "1.0",
+            dist,
+            &[("plugin.py", &plugin_py(dist))],
+            &[("ocr", &format!("{dist}.plugin:Plugin"))],
+        );
+    }
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    assert_eq!(status(&registry, "ocr"), (S::Initialized, String::new()));
+    assert_eq!(status(&registry, "ocr~duplicate").0, S::Failed);
+    let holder = hello(&loader, "ocr")["message"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches(", ForgeSyte!")
+        .to_owned();
+    let other = if holder == "adist" { "bdist" } else { "adist" };
+    // `pip uninstall` of the holder.
+    std::fs::remove_dir_all(site.site.join(&holder)).unwrap();
+    std::fs::remove_dir_all(site.site.join(format!("{holder}-1.0.dist-info"))).unwrap();
+    let report = loader.rescan();
+    assert_eq!(
+        status(&registry, "ocr"),
+        (S::Initialized, String::new()),
+        "{report:#?}"
+    );
+    assert_eq!(
+        hello(&loader, "ocr")["message"],
+        format!("{other}, ForgeSyte!")
+    );
+    assert!(
+        registry.get_status("ocr~duplicate").is_none(),
+        "{report:#?}"
+    );
+}
+
 #[test]
 fn the_pre_3_10_api_finds_the_same_entry_points() {
     let site = Site::new();

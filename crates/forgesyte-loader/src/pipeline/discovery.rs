@@ -283,40 +283,65 @@ impl Loader {
     /// ones already registered (version, directory) and returns the new ones
     /// and the registry keys of those no longer installed (none when the
     /// discovery failed: nothing is known to be gone then).
-    pub(super) fn rescan_entry_points(&self) -> (Vec<EntryPoint>, Vec<String>) {
+    ///
+    /// With `rename` (a rescan, which retires what is gone), a duplicate
+    /// whose name is free, or freed by this rescan, is among both: gone
+    /// under its key, new under its name.
+    pub(super) fn rescan_entry_points(&self, rename: bool) -> (Vec<EntryPoint>, Vec<String>) {
         if !self.config.python_entry_points {
             return (Vec::new(), Vec::new());
         }
         let found = self.discover_entry_points();
         let discovered = self.entry_points_error.read().is_none();
         let mut new = Vec::new();
-        let mut moved: Vec<(String, PathBuf)> = Vec::new();
+        let mut matched: Vec<(String, EntryPoint)> = Vec::new();
         let mut gone: Vec<String> = Vec::new();
         {
-            let mut known = self.entry_points.write();
+            let known = self.entry_points.read();
             for ep in found {
-                match known.iter_mut().find(|(_, k)| k.same_declaration(&ep)) {
-                    Some((name, k)) => {
-                        moved.push((name.clone(), ep.plugin_dir()));
-                        *k = ep;
-                    }
+                match known.iter().find(|(_, k)| k.same_declaration(&ep)) {
+                    Some((name, _)) => matched.push((name.clone(), ep)),
                     None => new.push(ep),
                 }
             }
             if discovered {
                 gone = known
                     .keys()
-                    .filter(|name| !moved.iter().any(|(m, _)| m == *name))
+                    .filter(|name| !matched.iter().any(|(m, _)| m == *name))
                     .cloned()
                     .collect();
             }
         }
-        let mut entries = self.entries.write();
-        for (name, dir) in moved {
-            if let Some(entry) = entries.get_mut(&name) {
-                entry.dir = dir;
+        // A duplicate (registered under a key of its own, not the name its
+        // manifest asks for) whose name is free now, or freed by this
+        // rescan: let go under its key and registered again under its name
+        // (a reload keeps a plugin's key, and would refuse the new name).
+        let (renamed, kept): (Vec<_>, Vec<_>) = matched.into_iter().partition(|(name, ep)| {
+            rename
+                && self.entry_point_manifest(ep).is_ok_and(|m| {
+                    m.name != *name && (!self.registry.contains(&m.name) || gone.contains(&m.name))
+                })
+        });
+        for (name, ep) in renamed {
+            tracing::info!(plugin = %name, "Plugin {name}: the name it asks for is free; registered again under it");
+            gone.push(name);
+            new.push(ep);
+        }
+        {
+            let mut entries = self.entries.write();
+            for (name, ep) in &kept {
+                if let Some(entry) = entries.get_mut(name) {
+                    entry.dir = ep.plugin_dir();
+                }
             }
         }
+        let mut known = self.entry_points.write();
+        for (name, ep) in kept {
+            if let Some(k) = known.get_mut(&name) {
+                *k = ep;
+            }
+        }
+        drop(known);
         (new, gone)
     }
 

@@ -97,7 +97,7 @@ impl Loader {
         let started = Instant::now();
         let resigned = self.reread_keys_for_reload();
         self.fresh_stamps.lock().clear();
-        let (new_entry_points, _gone) = self.rescan_entry_points();
+        let (new_entry_points, _gone) = self.rescan_entry_points(false);
         let names: Vec<String> = self.entries.read().keys().cloned().collect();
         let mut report = self.reload_names(&names, &resigned);
         let plugins_dir = self.plugins_dir.read().clone();

@@ -127,7 +127,7 @@ impl Loader {
         let started = Instant::now();
         self.fresh_stamps.lock().clear();
         let changed_keys = self.reread_trusted_keys();
-        let (new_entry_points, gone_entry_points) = self.rescan_entry_points();
+        let (new_entry_points, gone_entry_points) = self.rescan_entry_points(true);
         let plugins_dir = self.plugins_dir.read().clone();
         // Without a listing of the plugins directory (none was loaded, or it
         // cannot be read now) nothing is known to be gone: no retirements.
