@@ -835,6 +835,17 @@ impl ForkedChild {
 mod tests {
     use super::*;
 
+    /// A control socket pair as a zygote's: (the host's end, the zygote's).
+    fn control_pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn the_zygote_is_off_by_any_word_for_no() {
         use std::ffi::OsStr;
@@ -883,13 +894,7 @@ mod tests {
     /// time limit, its request included (the send waited for good).
     #[test]
     fn a_spawn_through_a_zygote_that_reads_nothing_fails_in_time() {
-        let (ours, _theirs) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let (ours, _theirs) = control_pair();
         while rustix::net::send(&ours, b"{}", SendFlags::DONTWAIT).is_ok() {}
         let process = Command::new("sleep").arg("30").spawn().unwrap();
         let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
@@ -923,13 +928,7 @@ mod tests {
     /// running with no owner.
     #[test]
     fn only_the_zygote_s_own_unreaped_runners_are_signalled() {
-        let (ours, _theirs) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let (ours, _theirs) = control_pair();
         let process = Command::new("sleep").arg("30").spawn().unwrap();
         let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
         let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
@@ -973,13 +972,7 @@ mod tests {
     /// write, and every reap is sent once the zygote reads again.
     #[test]
     fn exit_reports_are_handled_while_the_zygote_reads_nothing() {
-        let (ours, theirs) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let (ours, theirs) = control_pair();
         // Its queue full: no more room for a message from the host.
         let mut queued = 0;
         while rustix::net::send(&ours, b"{}", SendFlags::DONTWAIT).is_ok() {

@@ -367,18 +367,7 @@ fn a_path_under_a_write_grant_that_a_link_leads_elsewhere_is_a_link_out() {
         "write": [text(&cache)]
     }}))
     .unwrap();
-    let (_, asks) = Confinement::plan_checked(
-        PlanInput {
-            plugin_dir: &plugin,
-            scratch: tmp.path(),
-            spec: &manifest,
-            models: &[],
-            lib_paths: &[],
-            env_deps: &[],
-            gpu: false,
-        },
-        std::iter::empty(),
-    );
+    let asks = asks_of(&plugin, tmp.path(), &manifest);
     assert_eq!(
         asks.links_out,
         [format!("reading {}", cache.join("models").display())]
@@ -405,6 +394,24 @@ fn unconfined_names_every_part_not_enforced() {
     }
 }
 
+/// What `manifest` of the plugin in `plugin` asks beyond the default
+/// sandbox (no models, library paths, variables or GPU).
+fn asks_of(plugin: &Path, scratch: &Path, manifest: &SandboxSpec) -> Asks {
+    let (_, asks) = Confinement::plan_checked(
+        PlanInput {
+            plugin_dir: plugin,
+            scratch,
+            spec: manifest,
+            models: &[],
+            lib_paths: &[],
+            env_deps: &[],
+            gpu: false,
+        },
+        std::iter::empty(),
+    );
+    asks
+}
+
 /// A manifest path written inside the plugin's directory that leads out of
 /// it through a link is a link out (granted by `allow` only, whoever signed
 /// the manifest); a link that stays inside is not, nor a path written
@@ -425,18 +432,7 @@ fn a_path_inside_by_name_and_outside_through_a_link_is_a_link_out() {
         "write": ["out"]
     }}))
     .unwrap();
-    let (_, asks) = Confinement::plan_checked(
-        PlanInput {
-            plugin_dir: &plugin,
-            scratch: tmp.path(),
-            spec: &manifest,
-            models: &[],
-            lib_paths: &[],
-            env_deps: &[],
-            gpu: false,
-        },
-        std::iter::empty(),
-    );
+    let asks = asks_of(&plugin, tmp.path(), &manifest);
     assert_eq!(asks.links_out, ["reading data/settings.cfg", "writing out"]);
     assert!(
         asks.widening.iter().any(|w| w.contains(&outside)),
