@@ -636,6 +636,20 @@ impl Child {
         kill_unless_reaping(&self.shared, reason);
     }
 
+    /// Kills the process for `reason` and waits up to [`DEATH_SYNC`] for
+    /// its death to be processed (its exit callbacks run).
+    pub(crate) fn kill_and_wait(&self, reason: KillReason) {
+        self.kill(reason);
+        let _ = self.wait_dead(DEATH_SYNC);
+    }
+
+    /// [`Self::kill_and_wait`] for a task: [`Self::kill_from_task`], and
+    /// the death awaited ([`Self::dead`]).
+    pub(crate) async fn kill_and_await(&self, reason: KillReason) {
+        self.kill_from_task(reason);
+        let _ = self.dead(DEATH_SYNC).await;
+    }
+
     /// Waits up to `timeout` for the death to be processed.
     pub(crate) fn wait_dead(&self, timeout: Duration) -> Option<Arc<ExitReport>> {
         wait_dead(&self.shared, timeout)

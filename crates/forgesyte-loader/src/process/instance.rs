@@ -10,7 +10,7 @@ use forgesyte_errors::{PluginError, ToolError};
 use forgesyte_protocol::wire::{Response, capability};
 use parking_lot::Mutex;
 
-use super::child::{self, Child, KillReason};
+use super::child::{Child, KillReason};
 use super::spares;
 use super::transport::{ATOMIC_FRAME, Reply, TrySend};
 use super::wire_error::WireErrorExt;
@@ -118,8 +118,7 @@ impl ProcessInstance {
             .child
             .request(head, &[args, b"}"], &bytes, self.call_timeout);
         if matches!(reply, Err(None)) {
-            self.child.kill(self.timed_out(tool));
-            let _ = self.child.wait_dead(child::DEATH_SYNC);
+            self.child.kill_and_wait(self.timed_out(tool));
         }
         self.answer(reply)
     }
@@ -188,8 +187,7 @@ impl ProcessInstance {
         if matches!(reply, Err(None)) {
             // Killed, its death processed before the call returns, as for
             // a blocked caller.
-            self.child.kill_from_task(self.timed_out(&tool));
-            let _ = self.child.dead(child::DEATH_SYNC).await;
+            self.child.kill_and_await(self.timed_out(&tool)).await;
         }
         self.answer(reply)
     }
@@ -420,15 +418,13 @@ impl PluginInstance for ProcessInstance {
     }
 
     fn kill(&self, reason: &str) -> bool {
-        self.child.kill(KillReason::host(reason));
-        let _ = self.child.wait_dead(child::DEATH_SYNC);
+        self.child.kill_and_wait(KillReason::host(reason));
         true
     }
 
     fn kill_async(self: Arc<Self>, reason: String) -> AsyncKill {
-        self.child.kill_from_task(KillReason::host(&reason));
         Box::pin(async move {
-            let _ = self.child.dead(child::DEATH_SYNC).await;
+            self.child.kill_and_await(KillReason::host(&reason)).await;
             true
         })
     }

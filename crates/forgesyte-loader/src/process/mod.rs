@@ -692,10 +692,9 @@ impl PluginLibrary for ProcessLibrary {
             Ok(Reply::Died(report)) | Err(Some(report)) => return Err(init_crash(&report)),
             Err(None) => {
                 let timeout = crate::manifest::Limits::init_timed_out("init", limits.init_timeout);
-                child.kill(KillReason::host(
+                child.kill_and_wait(KillReason::host(
                     PluginError::from(InitError::TimedOut(timeout.clone())).reason(),
                 ));
-                let _ = child.wait_dead(child::DEATH_SYNC);
                 return Err(InitError::TimedOut(timeout));
             }
         };
