@@ -280,17 +280,11 @@ struct ShmOffer {
 
 impl ShmOffer {
     fn new() -> std::io::Result<Option<ShmOffer>> {
-        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
         let threshold = super::transport::shm_threshold();
         if threshold == 0 {
             return Ok(None);
         }
-        let (host, runner) = socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
+        let (host, runner) = super::seqpacket_pair()?;
         Ok(Some(ShmOffer {
             host,
             runner,

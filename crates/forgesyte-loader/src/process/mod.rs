@@ -558,6 +558,19 @@ pub(crate) fn prestart_python_zygote(
     }
 }
 
+/// A connected pair of Unix sockets of sequenced packets, close-on-exec:
+/// the host's end and the other process's (a runner's shared-memory
+/// socket, a zygote's control socket).
+pub(crate) fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+    Ok(socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
 /// How the interpreter starts the runner: from the cache of this user's, or
 /// from source for a runner that runs as another user (who cannot read it).
 pub(crate) fn python_invocation(run_as: Option<crate::sandbox::RunAs>) -> [OsString; 3] {

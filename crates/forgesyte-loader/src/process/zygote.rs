@@ -38,10 +38,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use rustix::net::{
-    AddressFamily, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags,
-    SocketType,
-};
+use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -291,12 +288,7 @@ enum Said {
 
 impl Zygote {
     fn start(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
-        let (ours, theirs) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
+        let (ours, theirs) = super::seqpacket_pair()?;
         let mut command = Command::new(&key.interpreter);
         if let Some(user) = key.run_as {
             user.set_on(&mut command);
@@ -835,17 +827,6 @@ impl ForkedChild {
 mod tests {
     use super::*;
 
-    /// A control socket pair as a zygote's: (the host's end, the zygote's).
-    fn control_pair() -> (OwnedFd, OwnedFd) {
-        rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap()
-    }
-
     #[test]
     fn the_zygote_is_off_by_any_word_for_no() {
         use std::ffi::OsStr;
@@ -894,7 +875,7 @@ mod tests {
     /// time limit, its request included (the send waited for good).
     #[test]
     fn a_spawn_through_a_zygote_that_reads_nothing_fails_in_time() {
-        let (ours, _theirs) = control_pair();
+        let (ours, _theirs) = crate::process::seqpacket_pair().unwrap();
         while rustix::net::send(&ours, b"{}", SendFlags::DONTWAIT).is_ok() {}
         let process = Command::new("sleep").arg("30").spawn().unwrap();
         let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
@@ -928,7 +909,7 @@ mod tests {
     /// running with no owner.
     #[test]
     fn only_the_zygote_s_own_unreaped_runners_are_signalled() {
-        let (ours, _theirs) = control_pair();
+        let (ours, _theirs) = crate::process::seqpacket_pair().unwrap();
         let process = Command::new("sleep").arg("30").spawn().unwrap();
         let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
         let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
@@ -972,7 +953,7 @@ mod tests {
     /// write, and every reap is sent once the zygote reads again.
     #[test]
     fn exit_reports_are_handled_while_the_zygote_reads_nothing() {
-        let (ours, theirs) = control_pair();
+        let (ours, theirs) = crate::process::seqpacket_pair().unwrap();
         // Its queue full: no more room for a message from the host.
         let mut queued = 0;
         while rustix::net::send(&ours, b"{}", SendFlags::DONTWAIT).is_ok() {

@@ -115,14 +115,7 @@ fn answers_reach_their_callers_whatever_their_order() {
 
 /// A shared-memory socket pair: the host's end, the runner's.
 fn shm_pair() -> (OwnedFd, OwnedFd) {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
-    socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .unwrap()
+    crate::process::seqpacket_pair().unwrap()
 }
 
 #[test]
