@@ -317,7 +317,11 @@ impl Loader {
         // rescan: let go under its key and registered again under its name
         // (a reload keeps a plugin's key, and would refuse the new name).
         let (renamed, kept): (Vec<_>, Vec<_>) = matched.into_iter().partition(|(name, ep)| {
+            // The manifest is read again only for a plugin not registered
+            // under the name its manifest gave (no file read per installed
+            // plugin at every rescan).
             rename
+                && !self.registered_under_its_manifest_name(name)
                 && self.entry_point_manifest(ep).is_ok_and(|m| {
                     m.name != *name && (!self.registry.contains(&m.name) || gone.contains(&m.name))
                 })

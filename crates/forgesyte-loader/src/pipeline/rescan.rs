@@ -462,7 +462,7 @@ impl Loader {
     /// Whether `name` is registered under the name its manifest gave (not
     /// under its directory's: a duplicate, a manifest that could not be
     /// read).
-    fn registered_under_its_manifest_name(&self, name: &str) -> bool {
+    pub(super) fn registered_under_its_manifest_name(&self, name: &str) -> bool {
         self.entries.read().get(name).is_some_and(|e| {
             e.raw
                 .as_ref()
