@@ -317,14 +317,8 @@ impl PlanInput<'_> {
     /// does not).
     fn resolve(&self) -> Resolved {
         let resolve = |path: &Path| std::fs::canonicalize(path).ok();
-        let joined = |p: &String| {
-            let path = Path::new(p);
-            if path.is_absolute() {
-                path.to_path_buf()
-            } else {
-                self.plugin_dir.join(path)
-            }
-        };
+        // (An absolute path replaces the directory it is joined to.)
+        let joined = |p: &String| self.plugin_dir.join(p);
         Resolved {
             dir: resolve(self.plugin_dir),
             reads: self
@@ -384,19 +378,11 @@ impl Resolved {
     /// See [`Asks::links_out`].
     fn links_out(&self, input: &PlanInput<'_>) -> Vec<String> {
         let dir = input.plugin_dir;
-        let joined = |p: &str| -> PathBuf {
-            let path = Path::new(p);
-            if path.is_absolute() {
-                path.to_path_buf()
-            } else {
-                dir.join(path)
-            }
-        };
         // Where the runner may write, and so make links: its directory's
         // paths are judged above; any other path written under one of its
         // write grants that resolves elsewhere leads through a link it may
         // have made (`/var/cache/ocr/models` → `/`).
-        let writable: Vec<PathBuf> = input.spec.write.iter().map(|p| joined(p)).collect();
+        let writable: Vec<PathBuf> = input.spec.write.iter().map(|p| dir.join(p)).collect();
         let out = |written: &Path, real: Option<&PathBuf>| {
             if inside_by_text(written, dir) {
                 return !self.inside(written, real, dir);
