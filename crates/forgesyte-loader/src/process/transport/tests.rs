@@ -42,6 +42,23 @@ fn connect(
     (transport, greeting, reader)
 }
 
+/// A call of tool `x`, no arguments, as request `id`'s header.
+fn call_x(id: u64) -> Vec<u8> {
+    format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes()
+}
+
+/// A transport to a runner that greets, then never reads its requests nor
+/// answers, greeted already; and its reader thread.
+fn silent() -> (Arc<Transport>, thread::JoinHandle<Option<String>>) {
+    let (t, greeting, reader) = connect(|requests, mut answers| {
+        write_frame(&mut answers, &hello(), &[]).unwrap();
+        let _keep = requests; // never read
+        thread::sleep(LONG);
+    });
+    assert!(greeting.recv_timeout(LONG).is_ok());
+    (t, reader)
+}
+
 /// A runner that greets, then answers each call with its args, in
 /// reverse order of every two requests (to check routing by id).
 fn echo_runner(mut requests: PipeReader, mut answers: PipeWriter) {
@@ -443,31 +460,16 @@ async fn an_awaited_request_learns_of_its_runner_s_death() {
 
 #[test]
 fn a_silent_runner_times_out_and_the_waiter_is_forgotten() {
-    let (t, greeting, _reader) = connect(|requests, mut answers| {
-        write_frame(&mut answers, &hello(), &[]).unwrap();
-        let _keep = requests;
-        thread::sleep(LONG);
-    });
-    assert!(greeting.recv_timeout(LONG).is_ok());
-    let r = t.request(
-        |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
-        &[],
-        &[],
-        Duration::from_millis(50),
-    );
+    let (t, _reader) = silent();
+    let r = t.request(call_x, &[], &[], Duration::from_millis(50));
     assert!(matches!(r, Err(RequestError::TimedOut)));
     assert!(t.waiters.lock().map.is_empty());
 }
 
 #[test]
 fn a_runner_that_stops_reading_cannot_hold_a_request_past_its_timeout() {
-    let (t, greeting, _reader) = connect(|requests, mut answers| {
-        write_frame(&mut answers, &hello(), &[]).unwrap();
-        // Never reads: the pipe fills up.
-        let _keep = requests;
-        thread::sleep(LONG);
-    });
-    assert!(greeting.recv_timeout(LONG).is_ok());
+    // Never reads: the pipe fills up.
+    let (t, _reader) = silent();
     // Far bigger than a pipe's buffer. The first caller blocks in its
     // write; the second, with a shorter timeout, waits for the writer
     // lock meanwhile: each comes back after its own timeout.
@@ -477,12 +479,7 @@ fn a_runner_that_stops_reading_cannot_hold_a_request_past_its_timeout() {
         let (t, big, done_tx) = (Arc::clone(&t), big.clone(), done_tx.clone());
         thread::spawn(move || {
             let started = Instant::now();
-            let r = t.request(
-                |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
-                &[],
-                &[&big],
-                Duration::from_millis(timeout_ms),
-            );
+            let r = t.request(call_x, &[], &[&big], Duration::from_millis(timeout_ms));
             let _ = done_tx.send((which, r, started.elapsed()));
         });
         thread::sleep(Duration::from_millis(100));
@@ -540,12 +537,7 @@ fn a_stream_out_of_step_stays_open_until_it_is_closed() {
     });
     assert!(greeting.recv_timeout(LONG).is_ok());
     let big = vec![7u8; 4 << 20];
-    let r = t.request(
-        |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
-        &[],
-        &[&big],
-        Duration::from_millis(200),
-    );
+    let r = t.request(call_x, &[], &[&big], Duration::from_millis(200));
     assert!(matches!(r, Err(RequestError::TimedOut)), "{r:?}");
     // Part of the frame is in the pipe: no request is written after it,
     // and the runner does not read the end of its input (it would exit
@@ -553,12 +545,7 @@ fn a_stream_out_of_step_stays_open_until_it_is_closed() {
     assert!(t.writer.lock().is_none());
     go_tx.send(()).unwrap();
     assert_eq!(seen_rx.recv_timeout(LONG).unwrap(), Drained::Open);
-    let next = t.request(
-        |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
-        &[],
-        &[],
-        Duration::from_millis(200),
-    );
+    let next = t.request(call_x, &[], &[], Duration::from_millis(200));
     assert!(matches!(next, Err(RequestError::Closed(_))), "{next:?}");
     t.close_writer();
     go_tx.send(()).unwrap();
@@ -574,22 +561,12 @@ fn blocked_request(
     Arc<Transport>,
     thread::JoinHandle<Result<Reply, RequestError>>,
 ) {
-    let (t, greeting, _reader) = connect(|requests, mut answers| {
-        write_frame(&mut answers, &hello(), &[]).unwrap();
-        let _keep = requests; // never read
-        thread::sleep(LONG);
-    });
-    assert!(greeting.recv_timeout(LONG).is_ok());
+    let (t, _reader) = silent();
     let writing = {
         let t = Arc::clone(&t);
         thread::spawn(move || {
             let big = vec![7u8; 4 << 20];
-            t.request(
-                |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
-                &[],
-                &[&big],
-                timeout,
-            )
+            t.request(call_x, &[], &[&big], timeout)
         })
     };
     (t, writing)
@@ -623,10 +600,7 @@ fn an_awaited_request_does_not_wait_on_its_thread_for_a_blocked_caller_s_write()
     let tries = 2000;
     let started = Instant::now();
     for _ in 0..tries {
-        let sent = t.try_send(
-            |id| format!(r#"{{"op":"call","id":{id},"tool":"x","args":{{}}}}"#).into_bytes(),
-            &[],
-        );
+        let sent = t.try_send(call_x, &[]);
         assert!(matches!(sent, TrySend::Busy));
     }
     let took = started.elapsed();
