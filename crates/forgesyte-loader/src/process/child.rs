@@ -33,7 +33,7 @@ use std::os::fd::OwnedFd;
 
 use super::exit::{classify, signal_name};
 use super::os_process::OsProcess;
-use super::spawn::{pass_fd, spawn_runner};
+use super::spawn::{pass_fd, spawn_runner, spawn_runner_logging_stdout};
 use super::stderr::StderrLog;
 use super::transport::{Reply, RequestError, Sent, Transport, TrySend};
 use super::zygote::Zygote;
@@ -309,6 +309,49 @@ impl ShmOffer {
     }
 }
 
+/// A runner's protocol pipe of its own, beside its stdio, passed as
+/// `--protocol-fd N`, first on its command line: for a Python runner the
+/// host starts itself, whose interpreter may print as it starts (a `.pth`
+/// file, `sitecustomize`) before the runner has taken fd 1 over. Its fd 1
+/// is then its stderr, the log.
+pub(crate) struct ProtocolPipe {
+    read: std::io::PipeReader,
+    write: std::io::PipeWriter,
+}
+
+impl ProtocolPipe {
+    /// The argument that names the runner's end.
+    pub(crate) const ARG: &str = "--protocol-fd";
+
+    /// A new pipe (close-on-exec, until passed).
+    pub(crate) fn new() -> std::io::Result<ProtocolPipe> {
+        let (read, write) = std::io::pipe()?;
+        Ok(ProtocolPipe { read, write })
+    }
+
+    /// Names the runner's end on `command`'s line (next) and keeps it open
+    /// across its exec, at the same number.
+    pub(crate) fn pass_to(&self, command: &mut Command) {
+        use std::os::fd::AsRawFd;
+        let fd = self.write.as_raw_fd();
+        command.arg(Self::ARG).arg(fd.to_string());
+        pass_fd(command, fd);
+    }
+}
+
+/// The reading end of a runner's pipe, whichever made it.
+fn pipe_file(end: impl Into<OwnedFd>) -> std::fs::File {
+    std::fs::File::from(end.into())
+}
+
+/// Kills and reaps a runner started without all its pipes (never, with
+/// `std`'s spawn), and says so.
+fn pipes_not_set_up(mut process: std::process::Child) -> std::io::Error {
+    let _ = process.kill();
+    let _ = process.wait();
+    std::io::Error::other("the runner's pipes were not set up")
+}
+
 /// A running runner process. Dropping it retires the process (killed, no
 /// exit callbacks).
 pub(crate) struct Child {
@@ -327,9 +370,11 @@ impl std::fmt::Debug for Child {
 
 impl Child {
     /// Starts `command` (a runner with its arguments) and waits (at most
-    /// `timeout`) for its hello.
+    /// `timeout`) for its hello: written to its stdout, or to `protocol`
+    /// when given (already [passed](ProtocolPipe::pass_to) to `command`).
     pub(crate) fn spawn(
         mut command: Command,
+        protocol: Option<ProtocolPipe>,
         opts: &SpawnOptions<'_>,
         timeout: Duration,
     ) -> Result<Child, SpawnError> {
@@ -338,20 +383,28 @@ impl Child {
         if let Some(offer) = &shm {
             offer.pass_to(&mut command);
         }
-        let spawned = spawn_runner(command);
+        let spawned = match protocol {
+            None => spawn_runner(command).and_then(|mut process| {
+                match (process.stdout.take(), process.stderr.take()) {
+                    (Some(stdout), Some(stderr)) => {
+                        Ok((process, pipe_file(stdout), pipe_file(stderr)))
+                    }
+                    _ => Err(pipes_not_set_up(process)),
+                }
+            }),
+            Some(ProtocolPipe { read, write }) => {
+                spawn_runner_logging_stdout(command).map(|(process, stderr)| {
+                    // The runner has its end (or failed to start): ours goes.
+                    drop(write);
+                    (process, pipe_file(read), pipe_file(stderr))
+                })
+            }
+        };
         // The runner has its end (or failed to start): ours goes.
         let shm = shm.map(ShmOffer::host_end);
-        let mut process = spawned.map_err(SpawnError::Start)?;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (
-            process.stdin.take(),
-            process.stdout.take(),
-            process.stderr.take(),
-        ) else {
-            let _ = process.kill();
-            let _ = process.wait();
-            return Err(SpawnError::Start(std::io::Error::other(
-                "the runner's pipes were not set up",
-            )));
+        let (mut process, stdout, stderr) = spawned.map_err(SpawnError::Start)?;
+        let Some(stdin) = process.stdin.take() else {
+            return Err(SpawnError::Start(pipes_not_set_up(process)));
         };
         Self::start(
             OsProcess::direct(process),

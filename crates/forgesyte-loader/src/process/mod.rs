@@ -459,7 +459,7 @@ impl ProcessImporter {
                     spawn::pass_fd(&mut command, fd);
                 }
                 confine_env(&mut command);
-                Child::spawn(command, &opts, self.limits.init_timeout)
+                Child::spawn(command, None, &opts, self.limits.init_timeout)
             }
             Launch::Python {
                 interpreter,
@@ -491,15 +491,20 @@ impl ProcessImporter {
                         Ok(spawned) => return spawned,
                     }
                 }
+                // Not on its stdout: what the interpreter's start prints
+                // (a `.pth` file, `sitecustomize`) goes to the log.
+                let protocol = child::ProtocolPipe::new().map_err(SpawnError::Start)?;
                 let mut command = Command::new(interpreter);
-                command.args(python_invocation(run_as)).args(argv);
+                command.args(python_invocation(run_as));
+                protocol.pass_to(&mut command);
+                command.args(argv);
                 if let Some(fd) = sources {
                     // At the same number in the runner (`pass_fd`).
                     command.arg("--sources-fd").arg(fd.as_raw_fd().to_string());
                     spawn::pass_fd(&mut command, fd.as_raw_fd());
                 }
                 confine_env(&mut command);
-                Child::spawn(command, &opts, self.limits.init_timeout)
+                Child::spawn(command, Some(protocol), &opts, self.limits.init_timeout)
             }
         }
     }
@@ -837,6 +842,7 @@ while True:
         command.arg("-c").arg(SERIAL_RUNNER).args(capabilities);
         let child = Child::spawn(
             command,
+            None,
             &SpawnOptions {
                 plugin: "serial",
                 memory_limit_mib: 0,
@@ -946,7 +952,7 @@ while True:
                 max_response_bytes: MIB,
                 runners: Some(&runners),
             };
-            Child::spawn(command, &options, Duration::from_secs(10)).unwrap()
+            Child::spawn(command, None, &options, Duration::from_secs(10)).unwrap()
         };
         let (ours, other) = (start("ours"), start("other"));
         runners.stop_starting_of("ours", "let go by the test");
@@ -976,7 +982,8 @@ while True:
             max_response_bytes: MIB,
             runners: None,
         };
-        let child = Arc::new(Child::spawn(command, &options, Duration::from_secs(10)).unwrap());
+        let child =
+            Arc::new(Child::spawn(command, None, &options, Duration::from_secs(10)).unwrap());
         let reason = || KillReason::host("killed by the test");
         // The reaper's wait for a death holds the process's lock.
         let (held_tx, held_rx) = std::sync::mpsc::channel();

@@ -95,6 +95,22 @@ pub(crate) fn spawn_runner(mut command: Command) -> std::io::Result<std::process
     spawn_supervised(command)
 }
 
+/// Starts a runner command whose protocol is on a pipe of its own
+/// (`child::ProtocolPipe`): its stdin piped, its stdout and stderr one
+/// pipe, the log, whose reading end comes back; as [`spawn_supervised`].
+pub(crate) fn spawn_runner_logging_stdout(
+    mut command: Command,
+) -> std::io::Result<(std::process::Child, std::io::PipeReader)> {
+    let (log, log_w) = std::io::pipe()?;
+    command
+        .stdin(Stdio::piped())
+        .stdout(log_w.try_clone()?)
+        .stderr(log_w);
+    // The command, with the log's writing ends, is dropped once spawned.
+    let child = spawn_supervised(command)?;
+    Ok((child, log))
+}
+
 /// Starts a command in a process group of its own, with `SIGKILL` as its
 /// parent-death signal. The fork happens on one long-lived thread, because
 /// the parent-death signal fires when the *thread* that forked ends, and

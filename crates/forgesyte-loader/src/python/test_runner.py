@@ -281,6 +281,40 @@ class PackageTests(unittest.TestCase):
         self.assertGreater(len(modules), 5)
 
 
+    def test_a_protocol_fd_first_on_the_line_is_taken_off_it(self):
+        import runner
+        self.assertEqual(runner._protocol_fd(["--protocol-fd", "7", "--plugin", "x"]),
+                         (["--plugin", "x"], 7))
+        # Only first: elsewhere it is an argument like any other.
+        self.assertEqual(runner._protocol_fd(["--plugin", "--protocol-fd", "7"]),
+                         (["--plugin", "--protocol-fd", "7"], None))
+        self.assertEqual(runner._protocol_fd(["--protocol-fd"]), (["--protocol-fd"], None))
+
+    def test_a_runner_given_a_protocol_fd_answers_there_not_on_stdout(self):
+        # As the host starts a runner itself: start-up output on fd 1 (the
+        # log) before the runner runs, the protocol on a pipe of its own.
+        r, w = os.pipe()
+        code = "import os; os.write(1, b'chatter\\n'); " + RUNNER[1]
+        proc = subprocess.Popen(
+            [PYTHON, "-su", "-c", code, "--protocol-fd", str(w), "--plugin", "echo",
+             "--plugin-dir", fixture("echo"), "--file", os.path.join(fixture("echo"), "plugin.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=(w,), env=dict(os.environ, FORGESYTE_PROTOCOL="2"))
+        os.close(w)
+        try:
+            with os.fdopen(r, "rb") as answers:
+                (n,) = struct.unpack("<I", read_exact(answers, 4))
+                body = read_exact(answers, n)
+            header_len, count = struct.unpack("<II", body[:8])
+            hello = json.loads(body[8 + 4 * count:8 + 4 * count + header_len])
+            self.assertEqual(hello.get("type"), "hello", hello)
+        finally:
+            proc.stdin.close()
+            log = proc.stdout.read()
+            proc.stdout.close()
+            proc.wait(TIMEOUT)
+        self.assertIn(b"chatter", log)
+
 class ResultKeyTests(unittest.TestCase):
     def test_keys_json_writes_alike_are_a_result_error_not_a_lost_value(self):
         from runner.results import ResultError, to_wire

@@ -241,6 +241,50 @@ fn the_zygote_can_be_turned_off() {
     }
 }
 
+/// What the interpreter's own start prints (a `sitecustomize`, a `.pth`
+/// file), before the runner has taken fd 1 over, never reaches the
+/// protocol: a runner the server starts itself writes the protocol to a
+/// pipe of its own, and the text reaches the log; a zygote's runners start
+/// after it.
+#[test]
+fn what_the_interpreter_prints_as_it_starts_does_not_break_the_handshake() {
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(
+        site.path().join("sitecustomize.py"),
+        "import os\nprint('sitecustomize says hello')\n\
+         os.write(1, b'\\x00\\x00\\x00\\x10 raw bytes on fd 1\\n')\n",
+    )
+    .unwrap();
+    let pythonpath = site.path().to_str().unwrap();
+    for zygote in ["0", "1"] {
+        let dir = PluginsDir::new();
+        dir.python("echo", "echo");
+        let server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str()],
+            &[
+                ("FORGESYTE_PYTHON_ZYGOTE", zygote),
+                ("PYTHONPATH", pythonpath),
+            ],
+        );
+        server.wait_loaded();
+        let reply = server.run("echo", "echo", r#"{"args": {"n": 1}}"#);
+        assert_eq!(
+            reply.status,
+            200,
+            "FORGESYTE_PYTHON_ZYGOTE={zygote}: {}\nlog:\n{}",
+            reply.text(),
+            server.log()
+        );
+        if zygote == "0" {
+            let log = server.log();
+            assert!(
+                log.contains("sitecustomize says hello") && log.contains("raw bytes on fd 1"),
+                "the runner's start-up output is not in the log:\n{log}"
+            );
+        }
+    }
+}
+
 /// The zygote dies (the OOM killer, say): its runners die with it (their
 /// parent-death signal), each plugin is a crash the supervisor restarts,
 /// through a new zygote, and health answers 200 throughout.

@@ -83,8 +83,24 @@ def start(argv):
         zygote_main(confined=argv[1:2] == ["--confined"])
         return
     try:
-        proto_fds = take_stdio()
+        argv, out = _protocol_fd(argv)
+        proto_fds = take_stdio(out)
     except Exception as e:  # only with broken descriptors
         diag("cannot set up the protocol pipe: %s" % e)
         exit_now(EXIT_SETUP)
     main(argv, Handover(proto_fds))
+
+
+# ``--protocol-fd N`` first on a runner's command line: the descriptor the
+# host reads the protocol from, given to a runner it starts itself (not to
+# one a zygote forks: that one's start-up is over before its fd 1 is the
+# protocol). The interpreter's own start (a ``.pth`` file, a
+# ``sitecustomize`` that prints) writes to fd 1, the log.
+PROTOCOL_FD = "--protocol-fd"
+
+
+def _protocol_fd(argv):
+    """``argv`` without a leading ``--protocol-fd N``, and N (or None)."""
+    if argv[:1] == [PROTOCOL_FD] and len(argv) > 1:
+        return argv[2:], int(argv[1])
+    return argv, None

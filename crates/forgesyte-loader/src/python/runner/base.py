@@ -75,11 +75,15 @@ def out_of_memory(error, where, *args):
         exit_now(EXIT_MEMORY)
 
 
-def take_stdio():
+def take_stdio(out=None):
     """Moves the protocol off fds 0 and 1: returns the private (in, out)
     descriptors, both close-on-exec. fd 1 becomes a copy of stderr, fd 0
-    reads /dev/null."""
-    out = os.dup(1)
+    reads /dev/null. ``out``: the descriptor the protocol is written to
+    when it is not fd 1 (a runner the host started itself writes it to a
+    descriptor of its own, so that what the interpreter's start-up prints
+    cannot reach it)."""
+    if out is None:
+        out = os.dup(1)
     os.set_inheritable(out, False)
     os.dup2(2, 1)
     # Flushed once fd 1 is the log: what start-up code (a ``.pth`` file,
