@@ -61,8 +61,27 @@ impl PyVersionReq {
         let version = pep440_rs::Version::from_str(installed.trim()).map_err(|e| {
             format!("installed version {installed:?} is not a PEP 440 version: {e}")
         })?;
-        Ok(self.0.contains(&version))
+        Ok(self.0.iter().all(|spec| specifier_contains(spec, &version)))
     }
+}
+
+/// Whether `version` matches one specifier. A prefix match (`==V.*`,
+/// `!=V.*`) is PEP 440's: the candidate's release is padded with zeros to
+/// the prefix's length, so `1` is `1.0` and not `1.1.*`; `pep440_rs` 0.7
+/// compares only as many parts as the shorter of the two has (`1` matched
+/// `==1.1.*`). Everything else is `pep440_rs`'s.
+fn specifier_contains(spec: &pep440_rs::VersionSpecifier, version: &pep440_rs::Version) -> bool {
+    use pep440_rs::Operator;
+    let equal = match spec.operator() {
+        Operator::EqualStar => true,
+        Operator::NotEqualStar => false,
+        _ => return spec.contains(version),
+    };
+    let prefix = spec.version();
+    let padded = version.release().iter().chain(std::iter::repeat(&0));
+    let matches = prefix.epoch() == version.epoch()
+        && prefix.release().iter().zip(padded).all(|(p, v)| p == v);
+    matches == equal
 }
 
 impl fmt::Display for PyVersionReq {
@@ -908,6 +927,7 @@ mod tests {
             panic!("{:?}", r.dependencies[1]);
         };
         assert_eq!(version.matches("1.26.4"), Ok(true));
+        assert_eq!(version.matches("1.24"), Ok(true));
         assert_eq!(version.matches("2.0.0"), Ok(false));
         assert_eq!(version.matches("1.23"), Ok(false));
         assert!(
@@ -915,6 +935,38 @@ mod tests {
                 .matches("not a version")
                 .is_err_and(|e| e.contains("\"not a version\" is not a PEP 440 version")),
         );
+    }
+
+    /// Prefix matches against installed versions of fewer, as many and
+    /// more parts; the expected answers are those of `packaging` 25
+    /// (`SpecifierSet(spec).contains(v, prereleases=True)`).
+    #[test]
+    fn prefix_matches_pad_the_installed_release_with_zeros() {
+        for (spec, installed, expected) in [
+            ("==1.1.*", "1", false),
+            ("!=1.1.*", "1", true),
+            ("!=1.2.3.*", "1.2", true),
+            ("==1.0.*", "1", true),
+            ("!=1.0.*", "1", false),
+            ("==1.0.0.0.*", "1", true),
+            ("==1.0.*", "1.0.5", true),
+            ("==1.0.*", "1.1", false),
+            ("==1.2.*", "1.2rc1", true),
+            ("==1.2.*", "1.2.post1", true),
+            ("==2.0.*", "2.0.0+cu121", true),
+            ("!=1.2.*", "1.2.0.dev1", false),
+            ("==1.*", "1!1.0", false),
+            ("==0!1.*", "1.5", true),
+            ("==1.*, !=1.4.*", "1.4", false),
+            ("==1.*, !=1.4.*", "1.5", true),
+        ] {
+            let (_, req) = split_python_requirement(&format!("x{spec}")).unwrap();
+            assert_eq!(
+                req.unwrap().matches(installed),
+                Ok(expected),
+                "{installed} against {spec}"
+            );
+        }
     }
 
     #[test]
