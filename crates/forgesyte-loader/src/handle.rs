@@ -542,16 +542,11 @@ impl PluginHandle {
             .and_then(|output| {
                 let mut result =
                     serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
-                forgesyte_protocol::wire::attach::overlapping(&output.binary).map_or(
-                    Ok(()),
-                    |pointer| {
-                        Err(ToolError::Protocol {
-                            detail: format!(
-                                "two binary results at {pointer:?} (one in the place of another)"
-                            ),
-                        })
-                    },
-                )?;
+                if let Some(conflict) = forgesyte_protocol::wire::attach::conflict(&output.binary) {
+                    return Err(ToolError::Protocol {
+                        detail: conflict.to_string(),
+                    });
+                }
                 for (pointer, _) in &output.binary {
                     forgesyte_protocol::wire::attach::place(&mut result, pointer, Value::Null)
                         .map_err(|e| ToolError::Protocol {

@@ -150,11 +150,8 @@ impl Output {
     /// lost), or one with no place in the result.
     pub(crate) fn placed(self, value_of: impl Fn(&[u8]) -> Value) -> Result<Output, ToolError> {
         use forgesyte_protocol::wire::attach;
-        if let Some(pointer) = attach::overlapping(&self.binary) {
-            return Err(ToolError::new(
-                "InvalidOutput",
-                format!("two binary results at {pointer:?} (one in the place of another)"),
-            ));
+        if let Some(conflict) = attach::conflict(&self.binary) {
+            return Err(ToolError::new("InvalidOutput", conflict.to_string()));
         }
         let mut json = self.json;
         for (pointer, bytes) in &self.binary {

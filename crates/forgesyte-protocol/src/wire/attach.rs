@@ -68,33 +68,98 @@ pub fn place(root: &mut Value, pointer: &str, value: Value) -> Result<(), Pointe
     }
 }
 
+/// The most tokens a binary result's pointer may have: one more than the
+/// deepest JSON a result can be read as (`serde_json` nests at most 128
+/// levels), so a deeper pointer names no place in any result.
+pub const MAX_POINTER_TOKENS: usize = 129;
+
+/// Why two binary results cannot both be placed, or one cannot at all,
+/// found before any is placed ([`conflict`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaceConflict<'a> {
+    /// This pointer names the place of another, or lies inside it: their
+    /// bytes would overwrite each other.
+    Overlapping(&'a str),
+    /// This pointer has more than [`MAX_POINTER_TOKENS`] tokens.
+    TooDeep(&'a str),
+}
+
+impl std::fmt::Display for PlaceConflict<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlaceConflict::Overlapping(pointer) => write!(
+                f,
+                "two binary results at {pointer:?} (one in the place of another)"
+            ),
+            PlaceConflict::TooDeep(pointer) => write!(
+                f,
+                "a binary result's pointer {:?} has more than {MAX_POINTER_TOKENS} tokens",
+                Prefix(pointer)
+            ),
+        }
+    }
+}
+
+/// The start of a pointer too long to quote whole.
+struct Prefix<'a>(&'a str);
+
+impl std::fmt::Debug for Prefix<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 64;
+        match self.0.char_indices().nth(SHOWN) {
+            Some((end, _)) => write!(f, "{:?}…", &self.0[..end]),
+            None => write!(f, "{:?}", self.0),
+        }
+    }
+}
+
 /// A pointer of `binary` (binary results, by JSON pointer) that another
-/// one names too, or lies inside: their bytes would overwrite each other.
-/// Pointers are compared as the places they name (each token decoded as
-/// [`place`] decodes it: `/~2` and `/~02` both name the key `~2`). The
-/// host refuses such results; the SDK finds them first.
-pub fn overlapping<B>(binary: &[(String, B)]) -> Option<&str> {
+/// one names too, or lies inside (their bytes would overwrite each other),
+/// or one too deep to name any place. Pointers are compared as the places
+/// they name (each token decoded as [`place`] decodes it: `/~2` and `/~02`
+/// both name the key `~2`). The host refuses such results; the SDK finds
+/// them first. Of two pointers in one place, the later one is named; of a
+/// place and one inside it, the one inside.
+///
+/// Sorted, the places inside a place follow it at once, so comparing
+/// neighbours finds every overlap: the work is that of the sort, whatever
+/// the pointers hold.
+pub fn conflict<B>(binary: &[(String, B)]) -> Option<PlaceConflict<'_>> {
+    use std::borrow::Cow;
+    if let Some((pointer, _)) = binary
+        .iter()
+        .find(|(p, _)| p.bytes().filter(|&b| b == b'/').count() > MAX_POINTER_TOKENS)
+    {
+        return Some(PlaceConflict::TooDeep(pointer));
+    }
     if binary.len() < 2 {
         return None;
     }
-    let tokens = |pointer: &str| -> Vec<String> {
+    fn tokens(pointer: &str) -> Vec<Cow<'_, str>> {
         pointer
             .split('/')
             .skip(1)
-            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .map(|t| {
+                if t.contains('~') {
+                    Cow::Owned(t.replace("~1", "/").replace("~0", "~"))
+                } else {
+                    Cow::Borrowed(t)
+                }
+            })
             .collect()
-    };
-    let places: Vec<Vec<String>> = binary.iter().map(|(p, _)| tokens(p)).collect();
-    let mut seen: std::collections::HashSet<&[String]> = std::collections::HashSet::new();
-    for (i, place) in places.iter().enumerate() {
-        if !seen.insert(place) {
-            return Some(&binary[i].0);
-        }
     }
-    places
+    let mut places: Vec<(Vec<Cow<'_, str>>, usize)> = binary
         .iter()
-        .position(|place| (0..place.len()).any(|k| seen.contains(&place[..k])))
-        .map(|i| binary[i].0.as_str())
+        .enumerate()
+        .map(|(i, (p, _))| (tokens(p), i))
+        .collect();
+    places.sort_unstable();
+    places
+        .windows(2)
+        .filter(|pair| pair[1].0.starts_with(&pair[0].0))
+        .map(|pair| pair[1].1)
+        .min()
+        .map(|i| PlaceConflict::Overlapping(&binary[i].0))
 }
 
 #[cfg(test)]
@@ -106,7 +171,10 @@ mod tests {
         let of = |pointers: &[&str]| {
             let binary: Vec<(String, ())> =
                 pointers.iter().map(|p| ((*p).to_owned(), ())).collect();
-            overlapping(&binary).map(str::to_owned)
+            conflict(&binary).map(|c| match c {
+                PlaceConflict::Overlapping(p) => p.to_owned(),
+                PlaceConflict::TooDeep(p) => format!("too deep: {p}"),
+            })
         };
         assert_eq!(of(&[]), None);
         assert_eq!(of(&["/a"]), None);
@@ -118,6 +186,32 @@ mod tests {
         assert_eq!(of(&["/~2", "/~02"]).as_deref(), Some("/~02"));
         assert_eq!(of(&["/a~0/b", "/a~"]).as_deref(), Some("/a~0/b"));
         assert_eq!(of(&["/x~1y", "/x/y"]), None);
+        // Deep, but not too deep; then too deep, even alone.
+        let deep = "/a".repeat(MAX_POINTER_TOKENS);
+        assert_eq!(of(&[&deep, "/b"]), None);
+        assert_eq!(of(&["/a", &deep]).as_deref(), Some(deep.as_str()));
+        let too_deep = format!("{deep}/a");
+        assert_eq!(of(&[&too_deep]), Some(format!("too deep: {too_deep}")));
+    }
+
+    /// A hostile runner's pointers cost the sort of them, not the square
+    /// of their depth: a megabyte of slashes is refused at once, and many
+    /// pointers as deep as allowed are compared quickly.
+    #[test]
+    fn hostile_pointers_are_checked_in_little_time() {
+        let slashes = format!("/b{}", "/".repeat(1 << 20));
+        let started = std::time::Instant::now();
+        let binary = vec![("/a".to_owned(), ()), (slashes, ())];
+        assert!(matches!(conflict(&binary), Some(PlaceConflict::TooDeep(_))));
+        let deep: Vec<(String, ())> = (0..10_000)
+            .map(|i| (format!("{}/{i}", "/x".repeat(MAX_POINTER_TOKENS - 1)), ()))
+            .collect();
+        assert_eq!(conflict(&deep), None);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     use crate::wire::strategies;
