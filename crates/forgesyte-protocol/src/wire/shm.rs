@@ -363,8 +363,9 @@ struct ShmField {
 
 /// The indices a header's `shm` field names (none without the field).
 pub fn shared_indices(header: &[u8]) -> Result<Vec<usize>, String> {
-    // Most headers have no such field: look before parsing.
-    if !header.windows(5).any(|w| w == b"\"shm\"") {
+    // Most headers have no such field: look before parsing. A key spelled
+    // with escapes (`"\u0073hm"`) is the same key, and is parsed.
+    if !header.windows(5).any(|w| w == b"\"shm\"") && !header.windows(2).any(|w| w == b"\\u") {
         return Ok(Vec::new());
     }
     serde_json::from_slice::<ShmField>(header)
@@ -809,6 +810,14 @@ mod tests {
         assert_eq!(Outgoing::default().header(b"{}"), b"{}");
         assert_eq!(
             shared_indices(br#"{"a":"\"shm\""}"#).unwrap(),
+            Vec::<usize>::new()
+        );
+        // The same key, escaped: a runner's frame that names shared
+        // attachments so is read as one (its descriptors would otherwise
+        // pair with the next frame's attachments).
+        assert_eq!(shared_indices(br#"{"\u0073hm":[0]}"#).unwrap(), [0]);
+        assert_eq!(
+            shared_indices(br#"{"a":"\u0041"}"#).unwrap(),
             Vec::<usize>::new()
         );
     }
