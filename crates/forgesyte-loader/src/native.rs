@@ -282,6 +282,12 @@ impl NativeLibrary {
                 detail: "entry symbol returned a null vtable".into(),
             });
         }
+        if !ptr.is_aligned() {
+            return Err(ImportError::InvalidInterface {
+                path: path.to_path_buf(),
+                detail: "entry symbol returned a misaligned vtable".into(),
+            });
+        }
         // SAFETY: `abi_version` is the first field of every ABI version's
         // vtable, so reading it is valid whatever version the plugin speaks.
         let plugin_abi = unsafe { (*ptr).abi_version };

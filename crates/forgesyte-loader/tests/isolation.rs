@@ -563,6 +563,34 @@ fn restarts_follow_the_backoff_and_stop_after_max() {
     call(&loader, "flaky", "ok", json!({})).unwrap();
 }
 
+/// A result no answer frame can hold (more binary results than a frame
+/// carries) is the tool's `ResultTooLarge` error, as from a Python runner:
+/// the runner keeps serving and the plugin stays INITIALIZED.
+#[test]
+fn a_result_no_frame_can_hold_is_a_tool_error() {
+    let s = Setup::new();
+    s.plugin("many", json!({}));
+    let loader = s.loader();
+    let pid = loader.handle("many").unwrap().pid().unwrap();
+    match call(&loader, "many", "many_binary", json!({"n": 65_537})) {
+        Err(CallError::Tool(e)) => {
+            assert!(!e.is_fault(), "{e:?}");
+            let text = format!("{e:?}");
+            assert!(
+                text.contains("ResultTooLarge") && text.contains("65537 attachments"),
+                "{text}"
+            );
+        }
+        other => panic!("expected a tool error, got {other:?}"),
+    }
+    assert_eq!(
+        call(&loader, "many", "many_binary", json!({"n": 2})).unwrap(),
+        json!(["", ""])
+    );
+    assert_eq!(loader.handle("many").unwrap().pid(), Some(pid));
+    check(&s.registry, "many", S::Initialized, &[]);
+}
+
 #[test]
 fn several_calls_in_flight_share_one_process() {
     let s = Setup::new();

@@ -81,7 +81,8 @@
 //! | [`STATUS_BAD_REQUEST`] | the host broke the contract where it can be checked: a null pointer, bytes that are not UTF-8 or not the expected JSON | `"BadRequest"` |
 //!
 //! When `out` itself is null the status is [`STATUS_BAD_REQUEST`] and nothing
-//! is written. When `out_binary` is null (and `out` is not), the status is
+//! is written to it (a non-null `out_binary` is set to the empty list, as
+//! on every path of `call_binary`). When `out_binary` is null (and `out` is not), the status is
 //! [`STATUS_BAD_REQUEST`] too, its error is written to `out` (the host frees
 //! it as any other), and nothing to `out_binary`.
 //!

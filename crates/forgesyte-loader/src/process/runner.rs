@@ -628,7 +628,9 @@ fn take_shm_socket() -> io::Result<Option<(OwnedFd, u64)>> {
 
 /// Writes one answer; if the host is gone there is nobody to serve.
 /// Attachments at or above the threshold go through shared memory when the
-/// host offered it.
+/// host offered it. A result no frame can hold (too many binary results,
+/// or over 4 GiB) is answered as the tool's `ResultTooLarge` error, as the
+/// Python runner answers it.
 fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
     let header = match serde_json::to_vec(response) {
         Ok(header) => header,
@@ -637,6 +639,16 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
             std::process::exit(i32::from(EXIT_PROTOCOL));
         }
     };
+    if let (Err(e), Response::Result { id, .. }) = (
+        forgesyte_protocol::wire::frame_length(header.len() as u64, attachments),
+        response,
+    ) {
+        let error = WireError::tool(&ToolError::Failed {
+            error_type: Some("ResultTooLarge".into()),
+            message: format!("the result does not fit in one answer: {e}"),
+        });
+        return send(out, &Response::ToolFailed { id: *id, error }, &[]);
+    }
     let outgoing = shm_link()
         .map(|(_, threshold)| Outgoing::prepare(attachments, *threshold))
         .unwrap_or_default();

@@ -241,16 +241,11 @@ pub fn write_frame(w: &mut impl Write, header: &[u8], attachments: &[&[u8]]) -> 
     write_frame_parts(w, &[header], attachments)
 }
 
-/// [`write_frame`] with a header given in pieces that are written one
-/// after the other (e.g. a message's fields around a large JSON payload
-/// that is not copied into one buffer first). Only small pieces (under
-/// 64 KiB) are gathered into the first write.
-pub fn write_frame_parts(
-    w: &mut impl Write,
-    header: &[&[u8]],
-    attachments: &[&[u8]],
-) -> io::Result<()> {
-    const GATHER: usize = 64 * 1024;
+/// The length field of a frame of a `header_len`-byte header and these
+/// attachments, or why no frame can hold them (`InvalidInput`: more than
+/// [`MAX_ATTACHMENTS`], or over 4 GiB): what [`write_frame`] checks before
+/// it writes anything.
+pub fn frame_length(header_len: u64, attachments: &[&[u8]]) -> io::Result<u32> {
     let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB");
     if attachments.len() > MAX_ATTACHMENTS {
         return Err(io::Error::new(
@@ -261,16 +256,34 @@ pub fn write_frame_parts(
             ),
         ));
     }
+    let total = attachments
+        .iter()
+        .map(|a| a.len() as u64)
+        .fold(
+            FIXED as u64 + 4 * attachments.len() as u64,
+            u64::saturating_add,
+        )
+        .saturating_add(header_len);
+    u32::try_from(total).map_err(|_| too_big())
+}
+
+/// [`write_frame`] with a header given in pieces that are written one
+/// after the other (e.g. a message's fields around a large JSON payload
+/// that is not copied into one buffer first). Only small pieces (under
+/// 64 KiB) are gathered into the first write.
+pub fn write_frame_parts(
+    w: &mut impl Write,
+    header: &[&[u8]],
+    attachments: &[&[u8]],
+) -> io::Result<()> {
+    const GATHER: usize = 64 * 1024;
+    let header_total: u64 = header.iter().map(|p| p.len() as u64).sum();
+    let len = frame_length(header_total, attachments)?;
+    let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB");
     let sizes = attachments
         .iter()
         .map(|a| u32::try_from(a.len()).map_err(|_| too_big()))
         .collect::<io::Result<Vec<u32>>>()?;
-    let header_total: u64 = header.iter().map(|p| p.len() as u64).sum();
-    let total = FIXED as u64
-        + 4 * attachments.len() as u64
-        + header_total
-        + sizes.iter().map(|&s| u64::from(s)).sum::<u64>();
-    let len = u32::try_from(total).map_err(|_| too_big())?;
     let header_len = u32::try_from(header_total).map_err(|_| too_big())?;
     let count = u32::try_from(attachments.len()).map_err(|_| too_big())?;
     let mut first =

@@ -17,7 +17,8 @@ pub mod shm;
 
 pub use self::context::{CallContext, LOG_TAG_PREFIX, LogTags, fit_request_id, valid_traceparent};
 pub use self::frame::{
-    Frame, FrameError, MAX_FRAME_BYTES, read_body, read_frame, write_frame, write_frame_parts,
+    Frame, FrameError, MAX_FRAME_BYTES, frame_length, read_body, read_frame, write_frame,
+    write_frame_parts,
 };
 pub use self::message::{HELLO_ID, Hello, Request, Response, WireError, to_header};
 

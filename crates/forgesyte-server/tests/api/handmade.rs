@@ -61,20 +61,7 @@ const char forgesyte_plugin_call_context[] = "not a function";
 #[test]
 fn symbols_named_like_the_sdks_setters_are_not_called_in_a_handmade_library() {
     let plugins = PluginsDir::new();
-    let dir = plugins.path().join("handmade");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("lib.c"), LIBRARY).unwrap();
-    let built = std::process::Command::new("cc")
-        .current_dir(&dir)
-        .args(["-shared", "-fPIC", "-o", "libhandmade.so", "lib.c"])
-        .status()
-        .expect("cc, to build a library by hand");
-    assert!(built.success());
-    std::fs::write(
-        dir.join("manifest.json"),
-        json!({"name": "handmade", "version": "1.0.0", "entrypoint": "libhandmade.so"}).to_string(),
-    )
-    .unwrap();
+    build(&plugins, "handmade", LIBRARY);
     plugins.good("alpha", json!({}));
     let server = Forgesyte::start(&["--plugins", plugins.path_str()]);
     server.wait_loaded();
@@ -85,6 +72,52 @@ fn symbols_named_like_the_sdks_setters_are_not_called_in_a_handmade_library() {
     let ping = server.run("handmade", "ping", r#"{"args": {}}"#);
     assert_eq!(ping.status, 200, "{}\n{}", ping.text(), server.log());
     assert_eq!(ping.json()["result"], "pong");
+    assert_eq!(server.run("alpha", "echo", r#"{"args": {}}"#).status, 200);
+    assert_eq!(server.get("/v1/health").status, 200);
+}
+
+/// Builds C source `source` into plugin `name`'s library, with its
+/// manifest, in `plugins`.
+fn build(plugins: &PluginsDir, name: &str, source: &str) {
+    let dir = plugins.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("lib.c"), source).unwrap();
+    let built = std::process::Command::new("cc")
+        .current_dir(&dir)
+        .args(["-shared", "-fPIC", "-o", "libhandmade.so", "lib.c"])
+        .status()
+        .expect("cc, to build a library by hand");
+    assert!(built.success());
+    std::fs::write(
+        dir.join("manifest.json"),
+        json!({"name": name, "version": "1.0.0", "entrypoint": "libhandmade.so"}).to_string(),
+    )
+    .unwrap();
+}
+
+/// A library whose entry returns a misaligned table is refused by name
+/// before the host reads the table (in process, such a read is undefined
+/// behaviour); the server and the other plugins are untouched.
+#[test]
+fn a_misaligned_table_is_refused() {
+    let plugins = PluginsDir::new();
+    let source = LIBRARY.replace(
+        "return &TABLE;",
+        "return (const struct table *)((const char *)&TABLE + 1);",
+    );
+    assert_ne!(source, LIBRARY);
+    build(&plugins, "crooked", &source);
+    plugins.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", plugins.path_str()]);
+    server.wait_loaded();
+    let health = server.get("/v1/plugins/crooked/health").json();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("misaligned vtable")),
+        "{health}"
+    );
     assert_eq!(server.run("alpha", "echo", r#"{"args": {}}"#).status, 200);
     assert_eq!(server.get("/v1/health").status, 200);
 }
