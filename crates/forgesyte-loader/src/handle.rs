@@ -600,6 +600,13 @@ impl PluginHandle {
                  or the server's stop): its result is lost; send it again",
             ));
         }
+        if let Err(e @ ToolError::QueueTimedOut { .. }) = outcome {
+            // The call never reached the plugin (it waited its whole limit
+            // for its turn, or for a thread): no outcome of the plugin's,
+            // so neither an error nor a time in its figures.
+            drop(running);
+            return Err(e.into());
+        }
         let ticket = running.ticket;
         let _recorded_below = std::mem::ManuallyDrop::new(running);
         if ticket.settle() {

@@ -338,3 +338,62 @@ fn an_awaited_call_s_large_result_needs_no_free_thread() {
     assert_eq!(registry.get_status("p").unwrap().success_count, 1);
     drop(release);
 }
+
+/// An instance whose every call waited its whole limit for its turn and
+/// was never sent (`QueueTimedOut`), and then answers.
+#[derive(Debug)]
+struct Queued {
+    tools: Vec<ToolInfo>,
+    queued: std::sync::atomic::AtomicBool,
+}
+
+impl PluginInstance for Queued {
+    fn tools(&self) -> &[ToolInfo] {
+        &self.tools
+    }
+
+    fn call(&self, _tool: &str, _args: &[u8]) -> Result<Vec<u8>, ToolError> {
+        if self.queued.swap(false, Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            return Err(ToolError::QueueTimedOut {
+                after: Duration::from_millis(50),
+            });
+        }
+        Ok(b"null".to_vec())
+    }
+}
+
+/// A call that never reached the plugin (it timed out in the queue) is
+/// neither an error of the plugin's nor a time in its figures: the
+/// caller gets `QueueTimedOut`, the counts and timings stay as they were.
+#[test]
+fn a_call_that_never_reached_the_plugin_is_not_counted() {
+    let registry = registry_with_p();
+    let handle = PluginHandle::new(
+        "p".into(),
+        registry.clone(),
+        Box::new(Queued {
+            tools: vec![ToolInfo::new("t")],
+            queued: true.into(),
+        }),
+        None,
+    );
+    let queued = handle.call("t", &serde_json::json!({}));
+    assert!(
+        matches!(
+            queued,
+            Err(CallError::Tool(ToolError::QueueTimedOut { .. }))
+        ),
+        "{queued:?}"
+    );
+    let status = registry.get_status("p").unwrap();
+    assert_eq!(status.state, PluginLifecycleState::Initialized);
+    assert_eq!(
+        (status.error_count, status.success_count, status.in_flight),
+        (0, 0, 0)
+    );
+    assert_eq!(status.last_execution_time_ms, None);
+    handle.call("t", &serde_json::json!({})).unwrap();
+    let status = registry.get_status("p").unwrap();
+    assert_eq!((status.error_count, status.success_count), (0, 1));
+}
