@@ -746,6 +746,9 @@ impl From<ToolError> for RunError {
 impl From<CallError> for RunError {
     fn from(e: CallError) -> Self {
         match e {
+            // No state: the plugin is no longer registered (a rescan
+            // removed it between the route's look-up and the call).
+            CallError::NotRunnable { state: None, .. } => RunError::PluginNotFound,
             CallError::NotRunnable { state, reason, .. } => RunError::NotRunnable { state, reason },
             CallError::Interrupted { state, reason, .. } => RunError::Interrupted { state, reason },
             CallError::Tool(tool) => tool.into(),
@@ -759,6 +762,25 @@ impl From<CallError> for RunError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call that reached a plugin a rescan had just removed (no state
+    /// in the registry) answers as a call to an unknown plugin: 404.
+    #[test]
+    fn a_call_to_a_plugin_removed_meanwhile_is_not_found() {
+        let gone = RunError::from(CallError::NotRunnable {
+            name: "p".into(),
+            state: None,
+            reason: None,
+        });
+        assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+        assert_eq!(gone.error_type(), "PluginNotFound");
+        let failed = RunError::from(CallError::NotRunnable {
+            name: "p".into(),
+            state: Some(forgesyte_registry::PluginLifecycleState::Failed),
+            reason: Some("x".into()),
+        });
+        assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
 
     #[test]
     fn a_malformed_multipart_body_is_not_called_json() {
