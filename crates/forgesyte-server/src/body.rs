@@ -383,14 +383,15 @@ pub(crate) fn is_octet_stream(headers: &HeaderMap) -> bool {
     content_type(headers).1 == "application/octet-stream"
 }
 
-/// A body of another declared type (`image/png`, `image/jpeg` …) that is
-/// not JSON: its error says how it was read and how a frame is sent.
+/// A body of another declared type (`image/png`, `image/jpeg`, or the
+/// `application/x-www-form-urlencoded` that `curl --data-binary @frame.png`
+/// sends without a `-H`) that is not JSON: its error says how it was read
+/// and how a frame is sent.
 fn hint_other_type(error: RunError, essence: &str) -> RunError {
     let json_like = essence.is_empty()
         || essence.ends_with("/json")
         || essence.ends_with("+json")
-        || essence == "text/plain"
-        || essence == "application/x-www-form-urlencoded";
+        || essence == "text/plain";
     match error {
         RunError::MalformedBody { message } if !json_like => RunError::MalformedBody {
             message: format!(
@@ -797,6 +798,20 @@ mod tests {
     #[tokio::test]
     async fn a_body_of_another_type_that_is_not_json_says_how_to_send_a_frame() {
         let png = Bytes::from_static(b"\x89PNG\r\n\x1a\n");
+        // curl's default type for --data-binary, a frame sent without -H.
+        let Err(RunError::MalformedBody { message }) = read(
+            &headers("application/x-www-form-urlencoded"),
+            png.clone(),
+            1 << 20,
+        )
+        .await
+        else {
+            panic!("an image read as JSON is malformed");
+        };
+        assert!(
+            message.contains("send a frame as application/octet-stream"),
+            "{message}"
+        );
         let Err(RunError::MalformedBody { message }) =
             read(&headers("image/png"), png.clone(), 1 << 20).await
         else {

@@ -24,6 +24,18 @@ pub enum CheckError {
         /// The directory given.
         path: PathBuf,
     },
+    /// The directory given is a plugin's own (it holds a manifest), not a
+    /// directory of plugins: nothing in it would load.
+    #[error(
+        "'{}' is a plugin directory (it holds manifest.json), not a directory of plugins: give the \
+         directory that holds it{}",
+        path.display(),
+        path.parent().filter(|p| !p.as_os_str().is_empty()).map(|p| format!(" ('{}')", p.display())).unwrap_or_default()
+    )]
+    PluginDirectory {
+        /// The directory given.
+        path: PathBuf,
+    },
     /// The plugins directory cannot be listed (no permission to read it):
     /// a check that found no plugin there would pass a directory `serve`
     /// never gets ready on.
@@ -44,11 +56,25 @@ impl CheckError {
                 path: dir.to_path_buf(),
             });
         }
+        if let Some(e) = CheckError::plugin_directory(dir) {
+            return Some(e);
+        }
         std::fs::read_dir(dir)
             .err()
             .map(|source| CheckError::Unreadable {
                 path: dir.to_path_buf(),
                 source,
+            })
+    }
+}
+
+impl CheckError {
+    /// [`CheckError::PluginDirectory`] when `dir` holds a plugin manifest.
+    pub fn plugin_directory(dir: &Path) -> Option<CheckError> {
+        dir.join(forgesyte_loader::manifest::MANIFEST_FILE)
+            .is_file()
+            .then(|| CheckError::PluginDirectory {
+                path: dir.to_path_buf(),
             })
     }
 }

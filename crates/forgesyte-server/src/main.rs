@@ -124,9 +124,16 @@ fn main() -> ExitCode {
     if let Err(e) = forgesyte_loader::process::close_inherited_on_exec() {
         say!("forgesyte: cannot mark inherited descriptors close-on-exec: {e}");
     }
-    let layered = match config_file::layer(Cli::command(), std::env::args_os().collect(), "serve") {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let layered = match config_file::layer(Cli::command(), argv.clone(), "serve") {
         Ok(layered) => layered,
-        Err(config_file::ConfigError::Usage(e)) => e.exit(),
+        Err(config_file::ConfigError::Usage(e)) => {
+            if let Some(hint) = directory_hint(&e, &argv) {
+                say!("forgesyte: {hint}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
         Err(e) => {
             say!("forgesyte: {e}");
             return ExitCode::from(2);
@@ -227,13 +234,8 @@ fn print_config(layered: &config_file::Layered, token_file: Option<&Path>) -> Ex
 /// on stderr, left out of the lock file, and makes the exit code 1.
 fn run_lock(dir: &Path) -> ExitCode {
     use forgesyte_loader::integrity;
-    if !dir.is_dir() {
-        say!(
-            "forgesyte lock: {}",
-            CheckError::NotADirectory {
-                path: dir.to_path_buf()
-            }
-        );
+    if let Some(e) = CheckError::of_dir(dir) {
+        say!("forgesyte lock: {e}");
         return ExitCode::from(2);
     }
     let outcome = match integrity::lock_dir(&forgesyte_deps::RealFs, dir) {
@@ -397,6 +399,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(why) = config.runner_problem() {
         return Err(anyhow::Error::new(RefusedConfig(why)));
     }
+    if let Some(e) = CheckError::plugin_directory(&config.plugins_dir) {
+        return Err(anyhow::Error::new(RefusedConfig(e.to_string())));
+    }
     // An empty or unreadable token is a configuration refused, exit 2.
     config.admin_token = admin_token(admin_token_env(), admin_token_file.as_deref())
         .map_err(|e| anyhow::Error::new(RefusedConfig(format!("{e:#}"))))?;
@@ -430,6 +435,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The runners have ended (`Server::run`): what the zygotes started goes.
     forgesyte_loader::process::end_zygotes();
     result.map_err(anyhow::Error::from)
+}
+
+/// The usage error of a plugins directory given the way another command
+/// takes it (`serve` takes `--plugins DIR`; `check` and `lock` take
+/// `DIR`), said plainly: clap's own tip suggests `-- --plugins`.
+fn directory_hint(e: &clap::Error, argv: &[std::ffi::OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let command = argv
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .find(|a| !a.starts_with('-'))?;
+    match command {
+        "check" | "lock" if arg == "--plugins" || arg.starts_with("--plugins=") => Some(format!(
+            "`{command}` takes the plugins directory without --plugins: forgesyte {command} DIR"
+        )),
+        "serve" if !arg.starts_with('-') => Some(format!(
+            "`serve` takes the plugins directory as --plugins DIR (not '{arg}' alone): \
+             forgesyte serve --plugins {arg}"
+        )),
+        _ => None,
+    }
 }
 
 /// `forgesyte check`: what `forgesyte_server::check` does, keeping the
@@ -492,6 +525,12 @@ fn run_check(args: CheckArgs, dir_named: bool) -> ExitCode {
             let _ = stdout.write_all(text.as_bytes());
             let _ = stdout.flush();
         }
+    }
+    if report.plugins.is_empty() && !entry_points_only {
+        say!(
+            "forgesyte check: no plugins in {}: none of its subdirectories holds a manifest.json",
+            args.dir.display()
+        );
     }
     if not_discovered.is_some() {
         ExitCode::FAILURE

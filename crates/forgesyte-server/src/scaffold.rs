@@ -48,6 +48,19 @@ pub(crate) enum ScaffoldError {
         .0.display()
     )]
     Exists(PathBuf),
+    /// Another plugin of the directory has that name already: the new one
+    /// would load as a duplicate, and calls by name would reach the other.
+    #[error(
+        "a plugin named '{name}' is already in {}; nothing was written (choose another NAME \
+         or --dir)",
+        .by.display()
+    )]
+    NameTaken {
+        /// The name asked for.
+        name: String,
+        /// The directory of the plugin that has it.
+        by: PathBuf,
+    },
     /// Writing failed.
     #[error("cannot write {}: {source}", path.display())]
     Io {
@@ -55,6 +68,24 @@ pub(crate) enum ScaffoldError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The directory in `parent` of a plugin whose manifest names it `name`
+/// (read as the load pass reads the name: the manifest's `name` field),
+/// if any. Directories that cannot be read are passed over.
+fn named_already(parent: &Path, name: &str) -> Option<PathBuf> {
+    const MANIFEST_BYTES: u64 = 1 << 20;
+    let entries = std::fs::read_dir(parent).ok()?;
+    entries.flatten().map(|e| e.path()).find(|dir| {
+        use std::io::Read as _;
+        let mut text = Vec::new();
+        std::fs::File::open(dir.join(forgesyte_loader::manifest::MANIFEST_FILE))
+            .and_then(|f| f.take(MANIFEST_BYTES).read_to_end(&mut text))
+            .is_ok_and(|_| {
+                serde_json::from_slice::<serde_json::Value>(&text)
+                    .is_ok_and(|m| m.get("name").and_then(|n| n.as_str()) == Some(name))
+            })
+    })
 }
 
 /// What was written, and what to run next.
@@ -236,6 +267,12 @@ pub(crate) fn create(
         Err(_) if dir.symlink_metadata().is_ok() => return Err(ScaffoldError::Exists(dir)),
         Err(source) => return Err(ScaffoldError::Io { path: dir, source }),
     };
+    if let Some(by) = named_already(parent, name) {
+        return Err(ScaffoldError::NameTaken {
+            name: name.to_owned(),
+            by,
+        });
+    }
     let files = render(lang, name, sdk, bind);
     let written = write_all(&dir, &files);
     if let Err(e) = written {
@@ -496,8 +533,9 @@ fn message(
                         out,
                         "\nNo checkout of forgesyte-plugin-sdk was found, so Cargo.toml asks \
                          for version \"{version}\", which is not on crates.io yet: point it \
-                         at a checkout (`path = \".../crates/forgesyte-plugin-sdk\"`) or \
-                         run `forgesyte new --rust {name} --sdk DIR` again."
+                         at a checkout (`path = \".../crates/forgesyte-plugin-sdk\"`), or \
+                         remove {} and run `forgesyte new --rust {name} --sdk DIR` again.",
+                        shell(dir)
                     );
                 }
             }
@@ -655,6 +693,31 @@ mod tests {
         assert!(manifest.contains("\"entrypoint\": \"libimage_stats.so\""));
         let versioned = render(Lang::Rust, "x", &Sdk::Version(SDK_VERSION), DEFAULT_BIND);
         assert!(versioned[0].1.contains("forgesyte-plugin-sdk = \"0.1\""));
+    }
+
+    /// A name another plugin of the directory has (in its manifest, under
+    /// another directory name) is refused: the new plugin would load as
+    /// a duplicate, and the printed call would reach the other one.
+    #[test]
+    fn a_name_another_plugin_has_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sdk = Sdk::Version(SDK_VERSION);
+        let other = tmp.path().join("packaged");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("manifest.json"), r#"{"name": "text-stats"}"#).unwrap();
+        for lang in [Lang::Python, Lang::Rust] {
+            let err = create(lang, "text-stats", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
+            assert!(matches!(err, ScaffoldError::NameTaken { .. }), "{err}");
+            assert!(
+                err.to_string().contains(&format!(
+                    "a plugin named 'text-stats' is already in {}",
+                    other.display()
+                )),
+                "{err}"
+            );
+            assert!(!tmp.path().join("text-stats").exists());
+        }
+        create(Lang::Python, "text-stats-2", tmp.path(), &sdk, DEFAULT_BIND).unwrap();
     }
 
     #[test]

@@ -281,6 +281,8 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
             let unlisted = report.plugins.is_empty() && std::fs::read_dir(&dir).is_err();
             if unlisted {
                 tracing::error!(dir = %dir.display(), "The plugins directory {} cannot be listed and no plugin was loaded: not ready until a rescan lists it", dir.display());
+            } else if report.plugins.is_empty() {
+                tracing::warn!(dir = %dir.display(), "No plugins in {}: none of its subdirectories holds a manifest.json", dir.display());
             }
             (report, unlisted)
         })

@@ -514,7 +514,17 @@ impl ProcessImporter {
             Launch::Native { .. } => "the plugin runner",
             Launch::Python { .. } => "the Python interpreter",
         };
-        format!("cannot start {what} {}: {e}", self.program().display())
+        match self.run_as {
+            // What the server's user may run, the runner's may not.
+            Some(user) if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
+                "cannot start {what} {} as the runner user (uid {}, gid {}): {e}; that user \
+                 must be able to reach and execute it (and, for Python, read its library)",
+                self.program().display(),
+                user.uid,
+                user.gid
+            ),
+            _ => format!("cannot start {what} {}: {e}", self.program().display()),
+        }
     }
 
     fn version_mismatch(&self, runner: u32) -> ImportError {

@@ -734,6 +734,23 @@ fn check_usage_errors_exit_2() {
     let (code, _, err) = check(&["/nonexistent/forgesyte-plugins"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not exist"), "{err}");
+    // The directory given as another command takes it: said plainly.
+    let (code, _, err) = check(&["--plugins", "/tmp"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`check` takes the plugins directory without --plugins: forgesyte check DIR"),
+        "{err}"
+    );
+    let output = forgesyte_command()
+        .args(["serve", "/nonexistent/p"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("forgesyte serve --plugins /nonexistent/p"),
+        "{err}"
+    );
     let output = forgesyte_command().output().unwrap();
     assert_eq!(
         output.status.code(),

@@ -397,6 +397,50 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
     }
 }
 
+/// A plugin's own directory given where a directory of plugins belongs
+/// (the scaffold's `check ..` run one level too deep) is refused by
+/// `check`, `lock` and `serve`, naming the directory to give instead; a
+/// directory of no plugins is checked with a warning.
+#[test]
+fn a_plugin_directory_given_for_the_plugins_directory_is_refused() {
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({}));
+    let alpha = plugins.path().join("alpha");
+    for args in [
+        &["check"][..],
+        &["lock"][..],
+        &["serve", "--bind", "127.0.0.1:0", "--plugins"][..],
+    ] {
+        let output = crate::support::forgesyte_command()
+            .args(args)
+            .arg(&alpha)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "'{}' is a plugin directory (it holds manifest.json), not a directory of \
+                 plugins: give the directory that holds it ('{}')",
+                alpha.display(),
+                plugins.path().display()
+            )),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!alpha.join("forgesyte.lock").exists());
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) =
+        crate::support::run_forgesyte(&["check", empty.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("no plugins in")
+            && err.contains("none of its subdirectories holds a manifest.json"),
+        "{err}"
+    );
+}
+
 /// An option's environment variable set to the empty string is refused
 /// naming the variable (it was refused naming a flag nobody typed: "a
 /// value is required for '--python <PATH>'"), never read as unset: an

@@ -1097,3 +1097,40 @@ fn runners_that_cannot_enforce_a_required_confinement_refuse_before_plugin_code(
     }
     assert!(mark.exists(), "the plugin was never imported");
 }
+
+/// An interpreter the server's user may run and the runner user may not
+/// is named as such in the plugin's reason, not as a file that cannot be
+/// opened.
+#[test]
+fn an_interpreter_the_runner_user_cannot_run_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: --runner-user needs a server running as root");
+        return;
+    }
+    let plugins = PluginsDir::new();
+    let own = tempfile::tempdir().unwrap();
+    let python = own.path().join("python");
+    std::fs::write(&python, "#!/bin/sh\nexec python3 \"$@\"\n").unwrap();
+    // Root's alone.
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o700)).unwrap();
+    plugins.python("echo", "echo");
+    let manifest = plugins.path().join("echo").join("manifest.json");
+    let mut value: Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    value["python"] = json!(python.to_str().unwrap());
+    std::fs::write(&manifest, value.to_string()).unwrap();
+    let server = Forgesyte::start(&["--plugins", plugins.path_str(), "--runner-user", "nobody"]);
+    server.wait_loaded();
+    let shown = status(&server, "echo");
+    assert_eq!(shown["state"], "FAILED", "{shown}");
+    let reason = shown["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!(
+            "cannot start the Python interpreter {} as the runner user (uid 65534",
+            python.display()
+        )) && reason.contains("Permission denied"),
+        "{reason}\n{}",
+        server.log()
+    );
+}
