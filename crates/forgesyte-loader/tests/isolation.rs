@@ -767,10 +767,21 @@ fn reload_restarts_isolated_and_retries_failed_in_process() {
     assert_ne!(old_pid, new_pid);
     wait_gone(old_pid);
 
-    // An available in-process plugin is kept as it is.
+    // An available in-process plugin is kept as it is, while its
+    // directory is unchanged; edited, it is loaded again, its manifest
+    // read again.
     let outcome = loader.reload("kept").unwrap();
     assert_eq!(outcome.state, S::Initialized);
     assert_eq!(r.get_status("kept").unwrap().success_count, 1);
+    s.plugin(
+        "kept",
+        json!({"isolation": "in-process", "description": "edited by name"}),
+    );
+    let outcome = loader.reload("kept").unwrap();
+    assert_eq!(outcome.state, S::Initialized);
+    let status = r.get_status("kept").unwrap();
+    assert_eq!(status.description.as_deref(), Some("edited by name"));
+    call(&loader, "kept", "ok", json!({})).unwrap();
 
     // A failed one is retried with its new manifest.
     s.plugin("retry", json!({"isolation": "in-process"}));
@@ -780,8 +791,8 @@ fn reload_restarts_isolated_and_retries_failed_in_process() {
 
     // reload_all sees every plugin, and plugins that appeared since.
     s.plugin("newcomer", json!({}));
-    // An available in-process plugin edited on disk: reload_all keeps it
-    // as it is, so the next rescan must still see the edit.
+    // An available in-process plugin edited on disk: reload_all loads it
+    // again too, as a reload by name does.
     s.plugin(
         "kept",
         json!({"isolation": "in-process", "description": "edited"}),
@@ -791,13 +802,20 @@ fn reload_restarts_isolated_and_retries_failed_in_process() {
     assert_eq!(names, ["iso", "kept", "newcomer", "retry"]);
     assert_eq!(report.loaded(), 4, "{report:#?}");
     call(&loader, "newcomer", "ok", json!({})).unwrap();
+    assert_eq!(
+        r.get_status("kept").unwrap().description.as_deref(),
+        Some("edited")
+    );
     // What reload_all loaded is the next rescan's baseline: nothing it
-    // loaded is reloaded again, and the edit it did not load is.
+    // loaded is reloaded again.
     let rescan = loader.rescan();
     let unchanged: Vec<_> = rescan.unchanged.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(unchanged, ["iso", "newcomer", "retry"], "{rescan:#?}");
-    let changed: Vec<_> = rescan.changed.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(changed, ["kept"], "{rescan:#?}");
+    assert_eq!(
+        unchanged,
+        ["iso", "kept", "newcomer", "retry"],
+        "{rescan:#?}"
+    );
+    assert!(rescan.changed.is_empty(), "{rescan:#?}");
 
     // Dropping the loader stops its plugins' processes.
     let pids: Vec<u32> = ["iso", "newcomer"]

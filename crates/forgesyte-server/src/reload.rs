@@ -4,11 +4,11 @@
 //! Both need `Authorization: Bearer <token>` ([`crate::admin`]); they are
 //! disabled (403) when no admin token is configured. A reload re-reads the
 //! manifest, re-checks dependencies, restarts an isolated plugin's process,
-//! and retries a FAILED or UNAVAILABLE in-process plugin. In-process
-//! libraries are never unloaded (a plugin's thread-local destructors and
-//! detached threads could still run code of an unmapped library), so a new
-//! build of an in-process library that was already opened needs a server
-//! restart; a library that never opened is simply opened on retry.
+//! retries a FAILED or UNAVAILABLE in-process plugin, and loads again an
+//! in-process one whose directory changed. In-process libraries are never
+//! unloaded (a plugin's thread-local destructors and detached threads could
+//! still run code of an unmapped library): a new build is opened under a
+//! new file identity beside the old one.
 //!
 //! One admin operation runs at a time: a second one, or one during the
 //! startup load pass, is refused with 409. The loader's reload blocks (it

@@ -39,10 +39,13 @@ impl Loader {
     /// - an isolated plugin: stops its process (calls in flight fail, and
     ///   are waited for) and starts it afresh, whatever its state;
     /// - an in-process plugin that is INITIALIZED or RUNNING: keeps its
-    ///   instance as it is (libraries are never unloaded: thread-local
-    ///   destructors and code of the plugin may still run after its last
-    ///   instance is gone, so `dlclose` is unsound; a new library version
-    ///   needs a restart of the host);
+    ///   instance as it is, unless its directory changed since it was
+    ///   loaded (its manifest edited, its library rebuilt): then, as a
+    ///   rescan does, its instance is let go and it is loaded again, its
+    ///   library under a new file identity (libraries are never unloaded:
+    ///   thread-local destructors and code of the plugin may still run
+    ///   after its last instance is gone, so `dlclose` is unsound; the old
+    ///   one stays mapped);
     /// - an in-process plugin that is FAILED or UNAVAILABLE: is retried.
     ///
     /// The trusted keys are read again first: when one changed, every
@@ -69,9 +72,10 @@ impl Loader {
         self.fresh_stamps.lock().clear();
         let mut names = vec![name.to_owned()];
         names.extend(resigned.iter().filter(|n| *n != name).cloned());
-        // A library on `--lib-path` that was rebuilt: loaded again, as a
-        // changed one in its directory would be by a rescan.
-        if self.outside_library_changed(name) {
+        // A library on `--lib-path` that was rebuilt, or a plugin
+        // directory whose files changed (its manifest edited, its library
+        // rebuilt): loaded again, as a rescan loads a changed one.
+        if self.outside_library_changed(name) || self.directory_changed(name) {
             resigned.insert(name.to_owned());
         }
         let (mut outcomes, others): (Vec<_>, Vec<_>) = self
@@ -86,6 +90,19 @@ impl Loader {
         (outcomes.first().is_some_and(|o| o.name == name)).then_some(outcomes)
     }
 
+    /// Whether plugin directory `name` (not an installed plugin's) has
+    /// changed since its last stamp: what makes a rescan load it again.
+    fn directory_changed(&self, name: &str) -> bool {
+        if self.entry_points.read().contains_key(name) {
+            return false;
+        }
+        let Some(dir) = self.entries.read().get(name).map(|e| e.dir.clone()) else {
+            return false;
+        };
+        let now = super::stamp::stamp(&dir, self.config.max_manifest_bytes);
+        self.stamps.read().get(name).is_none_or(|old| *old != now)
+    }
+
     /// Reloads every registered plugin as [`reload`](Self::reload) does, in
     /// dependency order, and loads plugin directories that appeared under
     /// the directory of the last [`load_all`](Self::load_all) and, with
@@ -95,10 +112,16 @@ impl Loader {
     /// [`load_all`](Self::load_all).
     pub fn reload_all(&self) -> LoadReport {
         let started = Instant::now();
-        let resigned = self.reread_keys_for_reload();
+        let mut resigned = self.reread_keys_for_reload();
         self.fresh_stamps.lock().clear();
         let (new_entry_points, _gone) = self.rescan_entry_points(false);
         let names: Vec<String> = self.entries.read().keys().cloned().collect();
+        resigned.extend(
+            names
+                .iter()
+                .filter(|name| self.outside_library_changed(name) || self.directory_changed(name))
+                .cloned(),
+        );
         let mut report = self.reload_names(&names, &resigned);
         let plugins_dir = self.plugins_dir.read().clone();
         let mut new: Vec<PathBuf> = Vec::new();
