@@ -197,3 +197,35 @@ fn a_call_timed_out_that_panics_later_changes_neither_reason_nor_counts() {
         assert_eq!((status.error_count, status.in_flight), (1, 0));
     });
 }
+
+/// A rescan for a file change (`Retry::Unavailable`, what `--watch` asks)
+/// tries UNAVAILABLE plugins again but leaves an unchanged FAILED one as
+/// it is (its restart budget spent stays spent); an operator's rescan
+/// retries both.
+#[test]
+fn a_rescan_for_a_file_change_retries_no_failed_plugin() {
+    use forgesyte_loader::Retry;
+    let s = Setup::new();
+    s.plugin(
+        "broken",
+        &manifest("broken", json!({})),
+        FakeBehavior::InitError("boom".into()),
+    )
+    .plugin(
+        "waiting",
+        &manifest("waiting", json!({"dependencies": ["plugin:base"]})),
+        FakeBehavior::Good,
+    );
+    let loader = s.load();
+    s.check("broken", S::Failed, &[]);
+    s.check("waiting", S::Unavailable, &["plugin:base"]);
+    let names = |outcomes: &[forgesyte_loader::PluginLoadOutcome]| -> Vec<String> {
+        outcomes.iter().map(|o| o.name.clone()).collect()
+    };
+    let report = loader.rescan_retrying(Retry::Unavailable);
+    assert_eq!(names(&report.retried), ["waiting"], "{report:?}");
+    assert_eq!(names(&report.unchanged), ["broken"], "{report:?}");
+    s.check("broken", S::Failed, &[]);
+    let report = loader.rescan();
+    assert_eq!(names(&report.retried), ["broken", "waiting"], "{report:?}");
+}

@@ -17,6 +17,9 @@ use crate::error::ApiError;
 use crate::reload::ReloadReport;
 use crate::state::{AdminGuard, AppState};
 
+/// The trigger of a rescan for a file change (`serve --watch`).
+pub(crate) const WATCH: &str = "watch";
+
 /// How long a signal or file change waits for a busy admin claim.
 const WAIT_FOR_CLAIM: Duration = Duration::from_secs(600);
 
@@ -46,11 +49,18 @@ async fn rescan_to_the_end(
     let loader = Arc::clone(state.loader());
     // The claim is held until the pass's metrics and event are out: the
     // next admin operation's come after this one's.
-    let (report, _guard) = tokio::task::spawn_blocking(move || (loader.rescan(), guard))
-        .await
-        .map_err(|e| ApiError::Internal {
-            context: format!("rescan of the plugins directory failed: {e}"),
-        })?;
+    // A file change retries no FAILED plugin: an operator's rescan does.
+    let retry = if trigger == WATCH {
+        forgesyte_loader::Retry::Unavailable
+    } else {
+        forgesyte_loader::Retry::Terminal
+    };
+    let (report, _guard) =
+        tokio::task::spawn_blocking(move || (loader.rescan_retrying(retry), guard))
+            .await
+            .map_err(|e| ApiError::Internal {
+                context: format!("rescan of the plugins directory failed: {e}"),
+            })?;
     let summary = report.summary();
     // A rescan that ended, having listed the plugins directory, looked at
     // every plugin again.

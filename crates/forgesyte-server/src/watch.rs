@@ -80,7 +80,7 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
                     // A rebuild writes in several steps: wait until it settles.
                     while let Ok(Some(())) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {}
                     tracing::info!(dir = %dir.display(), "Files changed under {}: rescanning", dir.display());
-                    crate::rescan::rescan_when_free(&state, "watch").await;
+                    crate::rescan::rescan_when_free(&state, crate::rescan::WATCH).await;
                 }
                 _ = every.tick() => {
                     let (watcher, roots, at) = (Arc::clone(&watcher), Arc::clone(&roots), dir.clone());
@@ -92,7 +92,7 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
                     .unwrap_or(false);
                     if moved {
                         tracing::info!(dir = %dir.display(), "The plugins directory {} or a directory linked into it was replaced or appeared: rescanning", dir.display());
-                        crate::rescan::rescan_when_free(&state, "watch").await;
+                        crate::rescan::rescan_when_free(&state, crate::rescan::WATCH).await;
                     }
                 }
             }

@@ -48,4 +48,4 @@ mod waves;
 pub use config::LoaderConfig;
 pub use loader::Loader;
 pub use report::{LoadReport, PluginLoadOutcome};
-pub use rescan::{RescanReport, RetiredPlugin};
+pub use rescan::{RescanReport, RetiredPlugin, Retry};

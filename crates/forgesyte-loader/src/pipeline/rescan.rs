@@ -109,6 +109,20 @@ impl RescanReport {
     }
 }
 
+/// Which unchanged plugins a rescan tries again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// FAILED and UNAVAILABLE ones: an operator's rescan (`SIGHUP`, the
+    /// admin route), after a fix outside the plugins directory.
+    Terminal,
+    /// UNAVAILABLE ones only (a package or a model may have arrived): a
+    /// rescan for a file change elsewhere in the plugins directory. A
+    /// FAILED plugin stays FAILED until its own files change or an operator
+    /// asks, its restart budget with it: a plugin that writes files would
+    /// otherwise retry every crash-looping plugin of the directory.
+    Unavailable,
+}
+
 impl Loader {
     /// Discovers the plugins directory of the last
     /// [`load_all`](Self::load_all) (and the installed Python plugins, when
@@ -124,6 +138,12 @@ impl Loader {
     /// constructed, retirements wait); callers run one rescan (or reload)
     /// at a time.
     pub fn rescan(&self) -> RescanReport {
+        self.rescan_retrying(Retry::Terminal)
+    }
+
+    /// [`rescan`](Self::rescan), trying again the unchanged plugins that
+    /// `retry` says.
+    pub fn rescan_retrying(&self, retry: Retry) -> RescanReport {
         let started = Instant::now();
         self.fresh_stamps.lock().clear();
         let changed_keys = self.reread_trusted_keys();
@@ -241,11 +261,10 @@ impl Loader {
                 || self.outside_library_changed(&name)
             {
                 changed.push(name);
-            } else if self
-                .registry
-                .get_state(&name)
-                .is_some_and(|s| s.is_terminal())
-            {
+            } else if self.registry.get_state(&name).is_some_and(|s| match retry {
+                Retry::Terminal => s.is_terminal(),
+                Retry::Unavailable => s == PluginLifecycleState::Unavailable,
+            }) {
                 retried.push(name);
             } else {
                 unchanged.push((name, dir));

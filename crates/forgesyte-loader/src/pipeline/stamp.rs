@@ -8,8 +8,16 @@
 //! edited all change it (a `chmod` too: the change time is what catches
 //! bytes replaced with their old modification time kept);
 //! so does the lock file (`forgesyte.lock`) beside the directory.
-//! Reads the real filesystem; knows nothing of manifests' meaning, the
-//! registry or the loader.
+//!
+//! What a running plugin writes is not its code: the paths its manifest
+//! grants it to write (`filesystem.write`, inside its directory) and files
+//! and directories that hold runtime output by name (`*.log`, `*.tmp`,
+//! `*.pid`, `*.swp`, `logs/`, `tmp/`, `.cache/`) are not stamped, so a
+//! plugin that writes beside itself is not reloaded (over and over, under
+//! `--watch`) for it.
+//!
+//! Reads the real filesystem; of a manifest it knows only that grant; nothing
+//! of the registry or the loader.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -31,8 +39,9 @@ const MAX_ENTRIES: usize = 5_000;
 const OPEN_DIRECTORY: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::CLOEXEC);
-/// Directories never stamped: caches, environments, build output.
-const SKIPPED: [&str; 7] = [
+/// Directories never stamped: caches, environments, build output, runtime
+/// output.
+const SKIPPED: [&str; 10] = [
     "__pycache__",
     ".venv",
     "venv",
@@ -40,7 +49,12 @@ const SKIPPED: [&str; 7] = [
     "target",
     ".git",
     ".pytest_cache",
+    ".cache",
+    "logs",
+    "tmp",
 ];
+/// Endings of files never stamped: compiled bytecode, runtime output.
+const SKIPPED_ENDINGS: [&str; 5] = [".pyc", ".log", ".tmp", ".pid", ".swp"];
 
 /// The stamp of `dir`, whose manifest is read if it is a regular file of
 /// at most `max_manifest` bytes (else its size, time and inode in the
@@ -76,9 +90,54 @@ pub(super) fn stamp_with(dir: &Path, manifest: Option<&[u8]>, lock: Option<&[u8]
     // The lock file beside the plugin directory pins it too.
     lock.hash(&mut hasher);
     let mut budget = MAX_ENTRIES;
+    let granted = manifest.map(|m| write_grants(dir, m)).unwrap_or_default();
     let opened = rustix::fs::open(dir, OPEN_DIRECTORY, Mode::empty()).ok()?;
-    walk(&opened, "", 0, &mut budget, &mut hasher).ok()?;
+    walk(&opened, "", 0, &granted, &mut budget, &mut hasher).ok()?;
     Some(hasher.finish())
+}
+
+/// The paths, relative to `dir` and without a trailing `/`, that the
+/// manifest (its bytes) grants the plugin to write inside its directory.
+/// Only a manifest that names `write` at all is parsed: the others (most)
+/// cost no parse.
+fn write_grants(dir: &Path, manifest: &[u8]) -> Vec<String> {
+    if !manifest.windows(7).any(|w| w == b"\"write\"") {
+        return Vec::new();
+    }
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(manifest) else {
+        return Vec::new();
+    };
+    let Ok(spec) = crate::sandbox::parse_spec(&fields) else {
+        return Vec::new();
+    };
+    spec.write
+        .iter()
+        .filter_map(|grant| {
+            let path = dir.join(grant);
+            let inside = path.strip_prefix(dir).ok()?;
+            let rel: Vec<String> = inside
+                .components()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(part) => Some(part.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect();
+            // `..` would leave the directory: such a grant is not inside.
+            let escapes = inside
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir));
+            (!rel.is_empty() && !escapes).then(|| rel.join("/"))
+        })
+        .collect()
+}
+
+/// Whether `rel` (a path relative to the plugin directory) is one of
+/// `granted` or lies under one.
+fn is_granted(rel: &str, granted: &[String]) -> bool {
+    granted.iter().any(|g| {
+        rel.strip_prefix(g.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
 }
 
 /// Hashes the entries under the open directory `dir`, in name order.
@@ -92,6 +151,7 @@ fn walk(
     dir: &OwnedFd,
     prefix: &str,
     depth: usize,
+    granted: &[String],
     budget: &mut usize,
     hasher: &mut DefaultHasher,
 ) -> std::io::Result<()> {
@@ -110,14 +170,17 @@ fn walk(
         let name = String::from_utf8_lossy(&raw_name);
         // Skipped before they count: a large cache or environment must not
         // use up the budget of the files that matter.
-        if SKIPPED.contains(&&*name) || name.ends_with(".pyc") {
+        if SKIPPED.contains(&&*name) || SKIPPED_ENDINGS.iter().any(|e| name.ends_with(e)) {
+            continue;
+        }
+        let rel = format!("{prefix}{name}");
+        if is_granted(&rel, granted) {
             continue;
         }
         if *budget == 0 {
             return Ok(());
         }
         *budget -= 1;
-        let rel = format!("{prefix}{name}");
         // Follows links: a library that is a link to a rebuilt file changes.
         // Anything else is looked up without following.
         let follow = matches!(kind, FileType::Symlink | FileType::Unknown);
@@ -138,7 +201,9 @@ fn walk(
                 let walked =
                     rustix::fs::openat(dir, raw_name.as_slice(), OPEN_DIRECTORY, Mode::empty())
                         .map_err(std::io::Error::from)
-                        .and_then(|sub| walk(&sub, &format!("{rel}/"), depth + 1, budget, hasher));
+                        .and_then(|sub| {
+                            walk(&sub, &format!("{rel}/"), depth + 1, granted, budget, hasher)
+                        });
                 if let Err(e) = walked {
                     (&rel, "unreadable", e.raw_os_error()).hash(hasher);
                 }
@@ -188,6 +253,40 @@ mod tests {
         std::fs::write(root.join("manifest.json"), b"{\"name\": \"b\"}").unwrap();
         assert_ne!(stamp(root, 1 << 20), Some(second));
         assert_eq!(stamp(&root.join("missing"), 1 << 20), None);
+    }
+
+    /// What a running plugin writes beside itself (its manifest's write
+    /// grants inside its directory, logs and temporary files by name) does
+    /// not change its stamp; its code beside them still does.
+    #[test]
+    fn what_a_plugin_writes_beside_itself_is_not_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(
+            root.join("manifest.json"),
+            br#"{"name": "a", "filesystem": {"write": ["./cache/", "out.json", "../elsewhere"]}}"#,
+        )
+        .unwrap();
+        std::fs::write(root.join("plugin.py"), b"x = 1\n").unwrap();
+        let first = stamp(root, 1 << 20).unwrap();
+        std::fs::create_dir(root.join("cache")).unwrap();
+        std::fs::write(root.join("cache/weights.bin"), b"w").unwrap();
+        std::fs::write(root.join("out.json"), b"{}").unwrap();
+        std::fs::write(root.join("run.log"), b"line\n").unwrap();
+        std::fs::write(root.join("job.tmp"), b"").unwrap();
+        std::fs::create_dir(root.join("logs")).unwrap();
+        std::fs::write(root.join("logs/today.txt"), b"line\n").unwrap();
+        assert_eq!(stamp(root, 1 << 20), Some(first));
+        // Not a grant: a file whose name only starts like one.
+        std::fs::write(root.join("out.json.bak"), b"{}").unwrap();
+        let second = stamp(root, 1 << 20).unwrap();
+        assert_ne!(second, first);
+        std::fs::write(root.join("plugin.py"), b"x = 22\n").unwrap();
+        assert_ne!(stamp(root, 1 << 20), Some(second));
+        assert_eq!(
+            super::write_grants(root, br#"{"filesystem": {"write": ["/abs/out", "a/../b"]}}"#),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
