@@ -418,11 +418,14 @@ fn from_value_asking(
     let isolation = declared_isolation.unwrap_or_default();
     let optional = opt_bool(obj, "optional")?;
     let preflight = opt_bool(obj, "preflight")?;
+    // A list of tools (each with `id`, or `name`), or an object of tool id
+    // → tool, as ForgeSyte's published manifests write both.
     if let Some(tools) = obj.get("tools")
         && !tools.is_array()
+        && !tools.is_object()
         && !tools.is_null()
     {
-        return Err(wrong_type("tools", "an array", tools));
+        return Err(wrong_type("tools", "an array or an object", tools));
     }
     let limits = parse_limits(obj.get("limits"))?;
     let sha256 = opt_str(obj, "sha256")?

@@ -131,22 +131,35 @@ struct CallFacts {
 }
 
 /// Whether `plugin` offers `tool` by its live instance, else (none: a
-/// reload, a failed one) by its last instance's tools or its manifest's
-/// `tools[].id`.
+/// reload, a failed one) by its last instance's tools or its manifest's.
 fn declares_tool(state: &AppState, plugin: &str, tool: &str) -> bool {
     if let Some(offered) = state.loader().offers_tool(plugin, tool) {
         return offered;
     }
-    state.loader().manifest(plugin).is_some_and(|manifest| {
-        manifest
-            .get("tools")
-            .and_then(Value::as_array)
-            .is_some_and(|tools| {
-                tools
-                    .iter()
-                    .any(|t| t.get("id") == Some(&Value::from(tool)))
-            })
-    })
+    state
+        .loader()
+        .manifest(plugin)
+        .is_some_and(|manifest| manifest_declares(&manifest, tool))
+}
+
+/// Whether a manifest's `tools` names `tool`, in any shape the Python
+/// runner reads them in: a list of tools with `id` (else `name`) or of
+/// bare ids, or an object of id → tool.
+fn manifest_declares(manifest: &Value, tool: &str) -> bool {
+    match manifest.get("tools") {
+        Some(Value::Object(tools)) => tools.contains_key(tool),
+        Some(Value::Array(tools)) => tools.iter().any(|t| match t {
+            Value::String(id) => id == tool,
+            Value::Object(t) => {
+                t.get("id")
+                    .or_else(|| t.get("name"))
+                    .and_then(Value::as_str)
+                    == Some(tool)
+            }
+            _ => false,
+        }),
+        _ => false,
+    }
 }
 
 async fn run_unrecorded(
@@ -646,10 +659,28 @@ fn ms(d: Duration) -> f64 {
 mod tests {
     use axum::http::{HeaderMap, HeaderValue};
 
-    use super::{FinishOnDrop, arguments, call_context};
+    use super::{FinishOnDrop, arguments, call_context, manifest_declares};
     use crate::body::RunInput;
     use axum::body::Bytes;
     use serde_json::json;
+
+    /// A manifest's tools name a tool in every shape ForgeSyte's manifests
+    /// write them (and the Python runner reads): a list of tools by `id` or
+    /// `name`, of bare ids, or an object of id → tool.
+    #[test]
+    fn a_manifest_declares_a_tool_in_every_shape() {
+        for manifest in [
+            json!({"tools": [{"id": "detect"}]}),
+            json!({"tools": [{"name": "detect", "description": "x"}]}),
+            json!({"tools": ["detect"]}),
+            json!({"tools": {"detect": {"description": "x"}}}),
+        ] {
+            assert!(manifest_declares(&manifest, "detect"), "{manifest}");
+            assert!(!manifest_declares(&manifest, "track"), "{manifest}");
+        }
+        assert!(!manifest_declares(&json!({}), "detect"));
+        assert!(!manifest_declares(&json!({"tools": "detect"}), "detect"));
+    }
 
     #[test]
     fn binary_arguments_are_passed_on_without_copies_and_base64_is_decoded_once() {

@@ -532,3 +532,24 @@ fn a_python_entry_file_outside_the_covered_tree_is_refused() {
         );
     }
 }
+
+/// `tools` is a list of tools or an object of id → tool (ForgeSyte's
+/// published manifests write both); anything else is refused by name.
+#[test]
+fn tools_are_a_list_or_an_object() {
+    for tools in [
+        json!([{"id": "a"}]),
+        json!({"a": {"description": "x"}}),
+        json!(null),
+    ] {
+        let raw = json!({"name": "p", "tools": tools});
+        assert!(from_value(raw, "p").is_ok(), "{tools}");
+    }
+    match from_value(json!({"name": "p", "tools": "a"}), "p") {
+        Err(ManifestError::InvalidField { field, message }) => {
+            assert_eq!(field, "tools");
+            assert!(message.contains("an array or an object"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -284,7 +284,10 @@ mod tests {
         std::fs::write(root.join("plugin.py"), b"x = 22\n").unwrap();
         assert_ne!(stamp(root, 1 << 20), Some(second));
         assert_eq!(
-            super::write_grants(root, br#"{"filesystem": {"write": ["/abs/out", "a/../b"]}}"#),
+            super::write_grants(
+                root,
+                br#"{"filesystem": {"write": ["/abs/out", "a/../b"]}}"#
+            ),
             Vec::<String>::new()
         );
     }

@@ -1271,6 +1271,31 @@ class ModuleModeTests(RunnerTestCase):
         header, _ = p.run("add", {"a": 40, "b": 2})
         self.assertEqual(header["result"], {"sum": 42})
 
+    def test_a_plugin_directory_that_is_its_package(self):
+        # The published layout served from its sources: the directory is
+        # the package (``__init__.py``, relative imports), the entrypoint
+        # a module of it.
+        d = os.path.join(tempfile.mkdtemp(), "fs_pkg_demo")
+        self.addCleanup(shutil.rmtree, os.path.dirname(d))
+        os.mkdir(d)
+        with open(os.path.join(d, "__init__.py"), "w") as f:
+            f.write("LOADED_AS = __name__\n")
+        with open(os.path.join(d, "helpers.py"), "w") as f:
+            f.write("def double(x):\n    return 2 * x\n")
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write("from . import LOADED_AS\nfrom .helpers import double\n"
+                    "class Plugin:\n"
+                    "    tools = {'twice': {'handler': 'twice'}}\n"
+                    "    def twice(self, n=0):\n"
+                    "        return {'n': double(n), 'package': LOADED_AS}\n"
+                    "    def run_tool(self, name, args):\n"
+                    "        return getattr(self, name)(**args)\n")
+        p = Proc(self, args=["--plugin", "demo", "--plugin-dir", d,
+                             "--module", "fs_pkg_demo.plugin"])
+        p.start()
+        header, _ = p.run("twice", {"n": 21})
+        self.assertEqual(header["result"], {"n": 42, "package": "fs_pkg_demo"}, header)
+
     def test_module_with_class_flag(self):
         p = Proc(self, args=["--plugin", "echo", "--plugin-dir", fixture("echo"),
                              "--module", "plugin", "--class", "Plugin"])

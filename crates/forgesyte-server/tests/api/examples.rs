@@ -110,6 +110,28 @@ fn the_python_examples_serve_from_their_directories() {
     check_text_stats(&server);
 }
 
+/// The packaged example's package directory (the manifest beside the
+/// module, as published) served as a plugin directory of its own: the
+/// directory is the package its entrypoint names, relative imports and all.
+#[test]
+fn a_package_directory_serves_as_a_plugin_directory() {
+    let plugins = PluginsDir::new();
+    copy_tree(
+        &examples().join("py-forgesyte-packaged/forgesyte_example_text"),
+        &plugins.path().join("forgesyte_example_text"),
+    );
+    let server = Forgesyte::start(&["--plugins", plugins.path_str()]);
+    server.wait_loaded();
+    let list = server.get("/v1/plugins").json();
+    assert_eq!(
+        plugin_named(&list, "text-stats")["state"],
+        "INITIALIZED",
+        "{list:#}\n{}",
+        server.log()
+    );
+    check_text_stats(&server);
+}
+
 #[test]
 fn the_packaged_example_is_found_through_its_entry_point() {
     // "Installed": the package and a `.dist-info` whose entry point is the

@@ -225,6 +225,8 @@ def import_plugin(args):
             error["path"] = clean(_syntax_error_file(e) or path)
             return error
     try:
+        if args.plugin_dir and not args.installed:
+            _package_is_the_directory(os.path.abspath(args.plugin_dir), args.module, checked)
         return importlib.import_module(args.module)
     except MemoryError as e:
         out_of_memory(e, "importing the plugin")
@@ -233,6 +235,29 @@ def import_plugin(args):
         if _syntax_error_file(e):
             error["path"] = clean(_syntax_error_file(e))
         return error
+
+
+def _package_is_the_directory(root, module, checked):
+    """A plugin directory that is itself the package its entrypoint names
+    (``forgesyte_ocr/`` holding ``__init__.py`` and ``manifest.json``, the
+    entrypoint ``forgesyte_ocr.plugin``: the published layout, served from
+    its sources) is imported as that package, from its own directory: on
+    ``sys.path`` it holds the package's modules, not the package, and its
+    parent may be neither readable nor the plugin's."""
+    top = module.split(".", 1)[0]
+    init = os.path.join(root, "__init__.py")
+    if top in sys.modules or os.path.basename(root) != top or not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(
+        top, init, loader=_SourceOnlyLoader(top, init, checked),
+        submodule_search_locations=[root])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[top] = package
+    try:
+        spec.loader.exec_module(package)
+    except BaseException:
+        sys.modules.pop(top, None)
+        raise
 
 
 def _syntax_error_file(exc):
