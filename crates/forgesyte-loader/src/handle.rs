@@ -540,6 +540,18 @@ impl PluginHandle {
     ) -> Result<ToolOutput, ToolError> {
         outcome
             .and_then(|output| {
+                let max = crate::json_text::max_result_values();
+                if let Some(values) = crate::json_text::over(&output.json, max) {
+                    // Parsed, each value would take up to 128 bytes where
+                    // its text takes two: refused before it is.
+                    return Err(ToolError::Failed {
+                        error_type: Some("ResultTooLarge".into()),
+                        message: format!(
+                            "the result holds about {values} JSON values, more than the {max} \
+                             an answer may hold (one per 32 bytes of --max-response)"
+                        ),
+                    });
+                }
                 let mut result =
                     serde_json::from_slice::<Value>(&output.json).map_err(result_error)?;
                 if let Some(conflict) = forgesyte_protocol::wire::attach::conflict(&output.binary) {

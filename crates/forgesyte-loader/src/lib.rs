@@ -74,6 +74,7 @@ pub mod entry_points;
 mod handle;
 mod host;
 pub mod integrity;
+pub mod json_text;
 pub mod manifest;
 pub mod native;
 mod pipeline;

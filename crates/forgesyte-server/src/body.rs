@@ -211,12 +211,11 @@ fn body_error(e: &axum::Error) -> RunError {
     }
 }
 
-/// About how many bytes one JSON value takes once parsed, at most: a
-/// `serde_json::Value` (with `preserve_order`'s maps) in an array with a
-/// vector's spare room, or an object's member. Its text may be two bytes
-/// (`0,`), so the body limit alone let a body parse into some sixty times
-/// its size, room the body budget never counted.
-pub(crate) const PARSED_VALUE_BYTES: usize = 128;
+/// About how many bytes one JSON value takes once parsed, at most
+/// ([`forgesyte_loader::json_text::PARSED_VALUE_BYTES`]): the body limit
+/// alone let a body parse into some sixty times its size, room the body
+/// budget never counted.
+pub(crate) const PARSED_VALUE_BYTES: usize = forgesyte_loader::json_text::PARSED_VALUE_BYTES;
 
 /// The most JSON values a body of at most `body_limit` bytes may hold:
 /// what the limit's bytes hold parsed (at least a few thousand).
@@ -228,40 +227,10 @@ pub(crate) fn max_json_values(body_limit: usize) -> usize {
 /// ([`RunError::TooManyValues`]). Text shorter than `max` bytes is not
 /// looked at (a value takes a byte at least).
 pub(crate) fn check_json_values(bytes: &[u8], max: usize) -> Result<(), RunError> {
-    if bytes.len() < max {
-        return Ok(());
+    match forgesyte_loader::json_text::over(bytes, max) {
+        Some(values) => Err(RunError::TooManyValues { values, max }),
+        None => Ok(()),
     }
-    let values = json_values(bytes);
-    if values > max {
-        return Err(RunError::TooManyValues { values, max });
-    }
-    Ok(())
-}
-
-/// An upper bound of the values in JSON text, about: one, and one per `,`
-/// and `:` outside strings (an array's elements are separated by commas,
-/// an object's members have a colon each). Empty containers nested in one
-/// another (`[[[]]]`) are not counted, but the parser nests at most 128
-/// deep. One pass, which skips what has none of `"` `,` `:` (a base64
-/// string) at `memchr`'s speed.
-pub(crate) fn json_values(bytes: &[u8]) -> usize {
-    let mut values = 1usize;
-    let mut in_string = false;
-    for at in memchr::memchr3_iter(b'"', b',', b':', bytes) {
-        if bytes.get(at) == Some(&b'"') {
-            // A quote ends (or starts) a string unless it is escaped: an
-            // odd number of backslashes before it.
-            let escapes = bytes.get(..at).map_or(0, |before| {
-                before.iter().rev().take_while(|&&b| b == b'\\').count()
-            });
-            if escapes % 2 == 0 {
-                in_string = !in_string;
-            }
-        } else if !in_string {
-            values += 1;
-        }
-    }
-    values
 }
 
 /// A JSON body: empty means no arguments; otherwise it must be
@@ -913,13 +882,6 @@ mod tests {
 
     #[test]
     fn json_values_are_counted_outside_strings_and_bounded_before_parsing() {
-        assert_eq!(json_values(b"[0,0,0]"), 3);
-        assert_eq!(json_values(br#"{"a":1,"b":[1,2]}"#), 5);
-        // Commas and colons in strings are text, escaped quotes too.
-        assert_eq!(json_values(br#"{"s":"a,b:c"}"#), 2);
-        assert_eq!(json_values(br#"{"s":"a\",b"}"#), 2);
-        assert_eq!(json_values(br#"{"s":"a\\","t":1}"#), 4);
-        assert_eq!(json_values(b"\"\"\""), 1);
         // Short text is not looked at; long text of too many values is
         // refused, naming how many.
         assert_eq!(check_json_values(b"[0,0,0,0,0]", 16), Ok(()));

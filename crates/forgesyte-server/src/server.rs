@@ -89,6 +89,11 @@ impl Server {
     ///
     /// [`ServeError::Bind`] when the address cannot be bound.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServeError> {
+        // A result's values are bounded by the answer limit (one per 32
+        // bytes): refused before parsing, a two-byte value is no 128.
+        forgesyte_loader::json_text::set_max_result_values(
+            forgesyte_loader::json_text::max_result_values_for(config.max_response),
+        );
         let loader = Arc::new(build_loader_from(&config));
         Server::bind_with(config, loader).await
     }

@@ -140,7 +140,7 @@ impl StreamArgs {
         // `PARSED_VALUE_BYTES`), at most the body limit, which the budget
         // always holds.
         let max_values = crate::body::max_json_values(session.body_limit);
-        let values = crate::body::json_values(text.as_bytes());
+        let values = forgesyte_loader::json_text::json_values(text.as_bytes());
         if values > max_values {
             let too_many = RunError::TooManyValues {
                 values,

@@ -397,6 +397,43 @@ fn a_shared_result_at_the_response_limit_is_whole_or_too_large_never_a_fault() {
     assert_eq!(health["restart_count"], 0, "{health}");
 }
 
+/// A JSON result of more values than the answer limit allows (one per 32
+/// bytes of `--max-response`, at least 64 Ki) is the tool's error (422
+/// `ResultTooLarge`), refused before the host parses it: 100,000 zeros are
+/// 200 KB of text, and would be some 10 MB parsed. The plugin stays
+/// INITIALIZED, and a result within the bound is answered.
+#[test]
+fn a_result_of_too_many_values_is_refused_before_it_is_parsed() {
+    const LIMIT: usize = 1 << 20;
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--max-response",
+        &LIMIT.to_string(),
+    ]);
+    server.wait_loaded();
+    let zeros = |n: usize| format!(r#"{{"args": {{"z": [{}0]}}}}"#, "0,".repeat(n - 1));
+    let reply = server.run("py", "echo", &zeros(100_000));
+    let text = reply.text();
+    assert_eq!(reply.status, 422, "{}", &text[..text.len().min(300)]);
+    let failure = reply.json();
+    assert_eq!(failure["error_type"], "ResultTooLarge", "{failure}");
+    assert!(
+        failure["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("more than the 65536 an answer may hold")),
+        "{failure}"
+    );
+    let reply = server.run("py", "echo", &zeros(60_000));
+    let text = reply.text();
+    assert_eq!(reply.status, 200, "{}", &text[..text.len().min(300)]);
+    let health = server.get("/v1/plugins/py/health").json();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert_eq!(health["error_count"], 1, "{health}");
+}
+
 /// `--shm-threshold` moves attachments between the pipe and shared memory
 /// (0: always the pipe; 1: every non-empty one shared; the default in
 /// between), never changes a byte: sizes around the default threshold,
