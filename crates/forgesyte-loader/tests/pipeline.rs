@@ -1521,3 +1521,20 @@ fn each_library_opened_by_path_is_prefetched_before_it_is_opened() {
         );
     }
 }
+
+/// A manifest broken in another field still says which version (and
+/// description) is broken: both are shown with the FAILED plugin.
+#[test]
+fn a_broken_manifest_keeps_its_version_and_description() {
+    let s = Setup::new();
+    s.plugin(
+        "broken",
+        r#"{"name": "broken", "version": "2.3.1", "description": "the OCR", "isolation": "nowhere"}"#,
+        FakeBehavior::Good,
+    );
+    s.load();
+    s.check("broken", S::Failed, &["ManifestError", "isolation"]);
+    let status = s.registry.get_status("broken").unwrap();
+    assert_eq!(status.version.as_deref(), Some("2.3.1"));
+    assert_eq!(status.description.as_deref(), Some("the OCR"));
+}

@@ -32,9 +32,19 @@ impl BadManifest {
 
     /// The manifest's `description`, if it has a string one.
     pub(super) fn description(&self) -> Option<String> {
+        self.text_field("description")
+    }
+
+    /// The version the manifest's text gives, if it gives one as a string
+    /// (a broken manifest still says which version is broken).
+    pub(super) fn version(&self) -> Option<String> {
+        self.text_field("version")
+    }
+
+    fn text_field(&self, field: &str) -> Option<String> {
         self.raw
             .as_ref()
-            .and_then(|r| r.get("description"))
+            .and_then(|r| r.get(field))
             .and_then(Value::as_str)
             .map(str::to_owned)
     }

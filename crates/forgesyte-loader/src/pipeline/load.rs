@@ -216,11 +216,11 @@ impl Loader {
             }
             Err(bad) => {
                 let claimed = bad.claimed_name_or(&ep_key);
-                let description = bad.description();
+                let (description, version) = (bad.description(), bad.version());
                 let BadManifest { raw, error } = *bad;
                 let info = PluginInfo {
                     description,
-                    version: ep.version.clone(),
+                    version: version.or_else(|| ep.version.clone()),
                     source: Some(dir.clone()),
                 };
                 let reason = error.reason();

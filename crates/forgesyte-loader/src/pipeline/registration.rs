@@ -106,11 +106,11 @@ impl Loader {
             }
             Err(bad) => {
                 let claimed = bad.claimed_name_or(&dir_key);
-                let description = bad.description();
+                let (description, version) = (bad.description(), bad.version());
                 let BadManifest { raw, error: err } = *bad;
                 let info = PluginInfo {
                     description,
-                    version: None,
+                    version,
                     source,
                 };
                 (claimed, info, raw.map(Arc::new), false, Err(err))
