@@ -381,20 +381,31 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
         &["check"][..],
         &["serve", "--bind", "127.0.0.1:0", "--plugins"][..],
     ] {
-        let output = crate::support::forgesyte_command()
-            .args(args)
-            .arg(plugins.path())
-            .args(["--runner", "/nonexistent/forgesyte-runner"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        let stderr = refused(
+            args,
+            plugins.path(),
+            &["--runner", "/nonexistent/forgesyte-runner"],
+        );
         assert!(
             stderr.contains("--runner /nonexistent/forgesyte-runner: No such file"),
             "{args:?}: {stderr}"
         );
     }
+}
+
+/// Runs `forgesyte ARGS DIR MORE` and returns its stderr, once it has
+/// exited 2 (a configuration refused before any start).
+fn refused(args: &[&str], dir: &std::path::Path, more: &[&str]) -> String {
+    let output = crate::support::forgesyte_command()
+        .args(args)
+        .arg(dir)
+        .args(more)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    stderr
 }
 
 /// A plugin's own directory given where a directory of plugins belongs
@@ -411,14 +422,7 @@ fn a_plugin_directory_given_for_the_plugins_directory_is_refused() {
         &["lock"][..],
         &["serve", "--bind", "127.0.0.1:0", "--plugins"][..],
     ] {
-        let output = crate::support::forgesyte_command()
-            .args(args)
-            .arg(&alpha)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        let stderr = refused(args, &alpha, &[]);
         assert!(
             stderr.contains(&format!(
                 "'{}' is a plugin directory (it holds manifest.json), not a directory of \

@@ -358,6 +358,22 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
     );
 }
 
+/// A server of the Python `echo` fixture as `py`, loaded, with
+/// `--max-response` `limit`; its plugins directory lives as long as the
+/// first.
+fn echo_answering_at_most(limit: usize) -> (PluginsDir, Forgesyte) {
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--max-response",
+        &limit.to_string(),
+    ]);
+    server.wait_loaded();
+    (dir, server)
+}
+
 /// A binary result just under `--max-response` through shared memory: the
 /// runner counts the header's `shm` field as the host does, so each size
 /// is answered in full or refused as too large (422 `ResultTooLarge`),
@@ -365,15 +381,7 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
 #[test]
 fn a_shared_result_at_the_response_limit_is_whole_or_too_large_never_a_fault() {
     const LIMIT: usize = 1 << 20;
-    let dir = PluginsDir::new();
-    dir.python("py", "echo");
-    let server = Forgesyte::start(&[
-        "--plugins",
-        dir.path_str(),
-        "--max-response",
-        &LIMIT.to_string(),
-    ]);
-    server.wait_loaded();
+    let (_dir, server) = echo_answering_at_most(LIMIT);
     let mut statuses = std::collections::BTreeSet::new();
     for size in (LIMIT - 160..=LIMIT).step_by(3) {
         let reply = http_with(
@@ -405,15 +413,7 @@ fn a_shared_result_at_the_response_limit_is_whole_or_too_large_never_a_fault() {
 #[test]
 fn a_result_of_too_many_values_is_refused_before_it_is_parsed() {
     const LIMIT: usize = 1 << 20;
-    let dir = PluginsDir::new();
-    dir.python("py", "echo");
-    let server = Forgesyte::start(&[
-        "--plugins",
-        dir.path_str(),
-        "--max-response",
-        &LIMIT.to_string(),
-    ]);
-    server.wait_loaded();
+    let (_dir, server) = echo_answering_at_most(LIMIT);
     let zeros = |n: usize| format!(r#"{{"args": {{"z": [{}0]}}}}"#, "0,".repeat(n - 1));
     let reply = server.run("py", "echo", &zeros(100_000));
     let text = reply.text();
