@@ -938,7 +938,7 @@ mod tests {
     }
 
     /// Prefix matches against installed versions of fewer, as many and
-    /// more parts; the expected answers are those of `packaging` 25
+    /// more parts; the expected answers are those of `packaging` 26.4
     /// (`SpecifierSet(spec).contains(v, prereleases=True)`).
     #[test]
     fn prefix_matches_pad_the_installed_release_with_zeros() {

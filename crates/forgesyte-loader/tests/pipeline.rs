@@ -1532,9 +1532,19 @@ fn a_broken_manifest_keeps_its_version_and_description() {
         r#"{"name": "broken", "version": "2.3.1", "description": "the OCR", "isolation": "nowhere"}"#,
         FakeBehavior::Good,
     );
-    s.load();
+    let loader = s.load();
     s.check("broken", S::Failed, &["ManifestError", "isolation"]);
     let status = s.registry.get_status("broken").unwrap();
     assert_eq!(status.version.as_deref(), Some("2.3.1"));
     assert_eq!(status.description.as_deref(), Some("the OCR"));
+    // Broken again, as a new version: a reload shows the new one.
+    s.plugin(
+        "broken",
+        r#"{"name": "broken", "version": "3.0.0", "isolation": "elsewhere"}"#,
+        FakeBehavior::Good,
+    );
+    loader.reload("broken").unwrap();
+    let status = s.registry.get_status("broken").unwrap();
+    assert_eq!(status.version.as_deref(), Some("3.0.0"));
+    assert_eq!(status.description, None);
 }

@@ -326,7 +326,7 @@ pub(crate) async fn read(
                 args,
                 ..RunInput::default()
             })
-            .map_err(|e| hint_other_type(e, &essence)),
+            .map_err(|e| hint_other_type(e, &essence, &bytes)),
     }
 }
 
@@ -356,11 +356,20 @@ pub(crate) fn is_octet_stream(headers: &HeaderMap) -> bool {
 /// `application/x-www-form-urlencoded` that `curl --data-binary @frame.png`
 /// sends without a `-H`) that is not JSON: its error says how it was read
 /// and how a frame is sent.
-fn hint_other_type(error: RunError, essence: &str) -> RunError {
+fn hint_other_type(error: RunError, essence: &str, body: &[u8]) -> RunError {
+    // `curl -d '{"args": …}'` sends JSON as a form: a typo in it is told
+    // as JSON's; a form body that is no JSON at all is a frame sent
+    // without its type (`curl --data-binary @frame.png`).
+    let json_form = essence == "application/x-www-form-urlencoded"
+        && body
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| matches!(b, b'{' | b'['));
     let json_like = essence.is_empty()
         || essence.ends_with("/json")
         || essence.ends_with("+json")
-        || essence == "text/plain";
+        || essence == "text/plain"
+        || json_form;
     match error {
         RunError::MalformedBody { message } if !json_like => RunError::MalformedBody {
             message: format!(
@@ -781,6 +790,17 @@ mod tests {
             message.contains("send a frame as application/octet-stream"),
             "{message}"
         );
+        // JSON with a typo sent as a form (`curl -d`): told as JSON's.
+        let Err(RunError::MalformedBody { message }) = read(
+            &headers("application/x-www-form-urlencoded"),
+            Bytes::from_static(b" {\"args\": {bad}}"),
+            1 << 20,
+        )
+        .await
+        else {
+            panic!("a typo is malformed");
+        };
+        assert!(!message.contains("Content-Type"), "{message}");
         let Err(RunError::MalformedBody { message }) =
             read(&headers("image/png"), png.clone(), 1 << 20).await
         else {

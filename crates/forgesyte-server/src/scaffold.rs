@@ -71,7 +71,8 @@ pub(crate) enum ScaffoldError {
 }
 
 /// The directory in `parent` of a plugin whose manifest names it `name`
-/// (read as the load pass reads the name: the manifest's `name` field),
+/// (read as the load pass reads the name: the manifest's `id`, else its
+/// `name`),
 /// if any. Directories that cannot be read are passed over.
 fn named_already(parent: &Path, name: &str) -> Option<PathBuf> {
     const MANIFEST_BYTES: u64 = 1 << 20;
@@ -82,8 +83,14 @@ fn named_already(parent: &Path, name: &str) -> Option<PathBuf> {
         std::fs::File::open(dir.join(forgesyte_loader::manifest::MANIFEST_FILE))
             .and_then(|f| f.take(MANIFEST_BYTES).read_to_end(&mut text))
             .is_ok_and(|_| {
-                serde_json::from_slice::<serde_json::Value>(&text)
-                    .is_ok_and(|m| m.get("name").and_then(|n| n.as_str()) == Some(name))
+                // The name it is served under: `id`, else `name` (a
+                // directory's own name is the `Exists` check's).
+                serde_json::from_slice::<serde_json::Value>(&text).is_ok_and(|m| {
+                    m.get("id")
+                        .or_else(|| m.get("name"))
+                        .and_then(|n| n.as_str())
+                        == Some(name)
+                })
             })
     })
 }
@@ -705,6 +712,17 @@ mod tests {
         let other = tmp.path().join("packaged");
         std::fs::create_dir(&other).unwrap();
         std::fs::write(other.join("manifest.json"), r#"{"name": "text-stats"}"#).unwrap();
+        // Served under its `id`, not its `name`.
+        let by_id = tmp.path().join("published");
+        std::fs::create_dir(&by_id).unwrap();
+        std::fs::write(
+            by_id.join("manifest.json"),
+            r#"{"id": "ocr", "name": "free"}"#,
+        )
+        .unwrap();
+        let err = create(Lang::Python, "ocr", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
+        assert!(matches!(err, ScaffoldError::NameTaken { .. }), "{err}");
+        create(Lang::Python, "free", tmp.path(), &sdk, DEFAULT_BIND).unwrap();
         for lang in [Lang::Python, Lang::Rust] {
             let err = create(lang, "text-stats", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
             assert!(matches!(err, ScaffoldError::NameTaken { .. }), "{err}");

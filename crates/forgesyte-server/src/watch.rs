@@ -39,8 +39,9 @@ type Roots = BTreeMap<PathBuf, (u64, u64)>;
 /// Starts watching `plugins_dir`; the watch lives as long as the runtime.
 pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let below = plugins_dir.to_path_buf();
     let handler = move |result: notify::Result<notify::Event>| match result {
-        Ok(event) if changes(&event.kind) && event.paths.iter().any(|p| relevant(p)) => {
+        Ok(event) if changes(&event.kind) && event.paths.iter().any(|p| relevant(p, &below)) => {
             let _ = tx.send(());
         }
         Ok(_) => {}
@@ -177,13 +178,23 @@ fn changes(kind: &EventKind) -> bool {
     }
 }
 
-/// Whether a change of `path` can matter to a plugin (caches do not).
-fn relevant(path: &Path) -> bool {
+/// Whether a change of `path` (under `plugins_dir`, or under a plugin
+/// directory linked into it) can matter to a plugin: caches do not, nor
+/// what running plugins write by name (logs, temporary files: see
+/// [`forgesyte_loader::runtime_output`]), which no change stamp counts.
+/// Runtime output is judged below the plugins directory only (a plugins
+/// directory under `/tmp` is not all runtime output); under a linked
+/// plugin directory, by the file's name alone.
+fn relevant(path: &Path, plugins_dir: &Path) -> bool {
     let cache = path.components().any(|c| match c {
         Component::Normal(name) => IGNORED.iter().any(|i| name == *i),
         _ => false,
     });
-    !cache && path.extension().is_none_or(|e| e != "pyc")
+    let below = match path.strip_prefix(plugins_dir) {
+        Ok(rel) => rel,
+        Err(_) => Path::new(path.file_name().unwrap_or_default()),
+    };
+    !cache && !forgesyte_loader::runtime_output(below)
 }
 
 #[cfg(test)]
@@ -215,13 +226,23 @@ mod tests {
 
     #[test]
     fn caches_are_not_changes() {
-        assert!(relevant(Path::new("/p/alpha/libalpha.so")));
-        assert!(relevant(Path::new("/p/alpha/manifest.json")));
-        assert!(relevant(Path::new("/p/beta/plugin.py")));
-        assert!(!relevant(Path::new(
-            "/p/beta/__pycache__/plugin.cpython-311.pyc"
-        )));
-        assert!(!relevant(Path::new("/p/beta/plugin.pyc")));
+        let relevant = |path: &str| relevant(Path::new(path), Path::new("/tmp/p"));
+        assert!(relevant("/tmp/p/alpha/libalpha.so"));
+        assert!(relevant("/tmp/p/alpha/manifest.json"));
+        assert!(relevant("/tmp/p/beta/plugin.py"));
+        assert!(!relevant("/tmp/p/beta/__pycache__/plugin.cpython-311.pyc"));
+        assert!(!relevant("/tmp/p/beta/plugin.pyc"));
+        // What running plugins write: logs, temporary files, anything but
+        // code under logs/, tmp/, .cache/ of a plugin (not of the plugins
+        // directory's own path, here under /tmp).
+        assert!(!relevant("/tmp/p/beta/run.log"));
+        assert!(!relevant("/tmp/p/beta/logs/today.txt"));
+        assert!(!relevant("/tmp/p/beta/.cache/hub/weights.bin"));
+        assert!(relevant("/tmp/p/beta/tmp/helper.py"));
+        assert!(relevant("/tmp/p/beta/data.bin"));
+        // Under a plugin directory linked in from elsewhere: by name.
+        assert!(!relevant("/opt/ocr/run.log"));
+        assert!(relevant("/opt/ocr/manifest.json"));
     }
 
     /// The roots: the plugins directory and what its links lead to (a

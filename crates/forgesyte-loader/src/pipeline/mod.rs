@@ -49,3 +49,4 @@ pub use config::LoaderConfig;
 pub use loader::Loader;
 pub use report::{LoadReport, PluginLoadOutcome};
 pub use rescan::{RescanReport, RetiredPlugin, Retry};
+pub use stamp::runtime_output;

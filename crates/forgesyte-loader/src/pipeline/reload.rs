@@ -301,8 +301,15 @@ impl Loader {
                     );
                 }
                 Err(bad) => {
+                    // What the broken text still says of itself is shown,
+                    // not the old manifest's version and description.
+                    let info = PluginInfo {
+                        description: bad.description(),
+                        version: bad.version(),
+                        source: Some(entry.dir.clone()),
+                    };
                     let BadManifest { raw, error } = *bad;
-                    let _ = self.registry.mark_loaded(name, None);
+                    let _ = self.registry.mark_loaded(name, Some(info));
                     let _ = self.registry.set_signature(name, None);
                     if let Some(e) = self.entries.write().get_mut(name) {
                         e.raw = raw.map(Arc::new);

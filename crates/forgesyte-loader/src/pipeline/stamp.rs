@@ -39,9 +39,8 @@ const MAX_ENTRIES: usize = 5_000;
 const OPEN_DIRECTORY: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::CLOEXEC);
-/// Directories never stamped: caches, environments, build output, runtime
-/// output.
-const SKIPPED: [&str; 10] = [
+/// Directories never stamped: caches, environments, build output.
+const SKIPPED: [&str; 7] = [
     "__pycache__",
     ".venv",
     "venv",
@@ -49,12 +48,45 @@ const SKIPPED: [&str; 10] = [
     "target",
     ".git",
     ".pytest_cache",
-    ".cache",
-    "logs",
-    "tmp",
 ];
-/// Endings of files never stamped: compiled bytecode, runtime output.
-const SKIPPED_ENDINGS: [&str; 5] = [".pyc", ".log", ".tmp", ".pid", ".swp"];
+/// Directories of runtime output by name: only the code in them (see
+/// [`is_code`]) is stamped.
+const RUNTIME_DIRS: [&str; 3] = [".cache", "logs", "tmp"];
+/// Endings of files of runtime output, never stamped.
+const RUNTIME_ENDINGS: [&str; 4] = [".log", ".tmp", ".pid", ".swp"];
+
+/// Whether a file of this name is code a plugin loads: Python sources and
+/// extension modules, shared libraries (versioned ones too).
+fn is_code(name: &str) -> bool {
+    name.ends_with(".py")
+        || name.ends_with(".pyd")
+        || name.ends_with(".so")
+        || name.contains(".so.")
+}
+
+/// Whether `path` (relative to a plugins directory) is what running plugins
+/// write by name, and no code: bytecode, a file of a runtime ending, or
+/// one under a directory of runtime output that is not code. A change
+/// there changes no plugin's stamp, so `--watch` need not rescan for it.
+/// (Caches and build output are the watch's own business: a library
+/// rebuilt under `target/` and found on `--lib-path` is reloaded.)
+pub fn runtime_output(path: &Path) -> bool {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy()) else {
+        return false;
+    };
+    if name.ends_with(".pyc") || RUNTIME_ENDINGS.iter().any(|e| name.ends_with(e)) {
+        return true;
+    }
+    let under = |dirs: &[&str]| {
+        path.parent().is_some_and(|parent| {
+            parent.components().any(|c| match c {
+                std::path::Component::Normal(part) => dirs.iter().any(|d| part == *d),
+                _ => false,
+            })
+        })
+    };
+    under(&RUNTIME_DIRS) && !is_code(&name)
+}
 
 /// The stamp of `dir`, whose manifest is read if it is a regular file of
 /// at most `max_manifest` bytes (else its size, time and inode in the
@@ -92,7 +124,12 @@ pub(super) fn stamp_with(dir: &Path, manifest: Option<&[u8]>, lock: Option<&[u8]
     let mut budget = MAX_ENTRIES;
     let granted = manifest.map(|m| write_grants(dir, m)).unwrap_or_default();
     let opened = rustix::fs::open(dir, OPEN_DIRECTORY, Mode::empty()).ok()?;
-    walk(&opened, "", 0, &granted, &mut budget, &mut hasher).ok()?;
+    let walk = Walk {
+        granted: &granted,
+        depth: 0,
+        code_only: false,
+    };
+    walk.run(&opened, "", &mut budget, &mut hasher).ok()?;
     Some(hasher.finish())
 }
 
@@ -140,94 +177,122 @@ fn is_granted(rel: &str, granted: &[String]) -> bool {
     })
 }
 
-/// Hashes the entries under the open directory `dir`, in name order.
-///
-/// Lists with `getdents64` into a buffer on the stack: `std::fs::read_dir`
-/// allocates 32 KiB per directory, and with a stamp per plugin on the
-/// pass's threads those buffers made about 700 of a 1,000-plugin pass's
-/// heap growths (BENCHMARKS.md, "Stop 24"); entries are looked up relative
-/// to the directory's descriptor, not by their whole path.
-fn walk(
-    dir: &OwnedFd,
-    prefix: &str,
+/// Where a walk is: the plugin's write grants, how deep, and whether only
+/// code is stamped here (under runtime output or a write grant: what the
+/// plugin writes there is no change, its code there still is).
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    granted: &'a [String],
     depth: usize,
-    granted: &[String],
-    budget: &mut usize,
-    hasher: &mut DefaultHasher,
-) -> std::io::Result<()> {
-    let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
-    let mut listing = RawDir::new(dir, &mut buf);
-    let mut entries: Vec<(Vec<u8>, FileType)> = Vec::new();
-    while let Some(entry) = listing.next() {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            entries.push((name.to_vec(), entry.file_type()));
-        }
-    }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    for (raw_name, kind) in entries {
-        let name = String::from_utf8_lossy(&raw_name);
-        // Skipped before they count: a large cache or environment must not
-        // use up the budget of the files that matter.
-        if SKIPPED.contains(&&*name) || SKIPPED_ENDINGS.iter().any(|e| name.ends_with(e)) {
-            continue;
-        }
-        let rel = format!("{prefix}{name}");
-        if is_granted(&rel, granted) {
-            continue;
-        }
-        if *budget == 0 {
-            return Ok(());
-        }
-        *budget -= 1;
-        // Follows links: a library that is a link to a rebuilt file changes.
-        // Anything else is looked up without following.
-        let follow = matches!(kind, FileType::Symlink | FileType::Unknown);
-        let flags = if follow {
-            AtFlags::empty()
-        } else {
-            AtFlags::SYMLINK_NOFOLLOW
-        };
-        let Ok(meta) = rustix::fs::statat(dir, raw_name.as_slice(), flags) else {
-            rel.hash(hasher);
-            continue;
-        };
-        if FileType::from_raw_mode(meta.st_mode) == FileType::Directory {
-            if depth < MAX_DEPTH {
-                // A subdirectory that cannot be read counts as such: the
-                // rest of the plugin is still stamped (one unreadable
-                // directory made the whole stamp None, which never changes).
-                let walked =
-                    rustix::fs::openat(dir, raw_name.as_slice(), OPEN_DIRECTORY, Mode::empty())
-                        .map_err(std::io::Error::from)
-                        .and_then(|sub| {
-                            walk(&sub, &format!("{rel}/"), depth + 1, granted, budget, hasher)
-                        });
-                if let Err(e) = walked {
-                    (&rel, "unreadable", e.raw_os_error()).hash(hasher);
-                }
+    code_only: bool,
+}
+
+impl Walk<'_> {
+    /// Hashes the entries under the open directory `dir`, in name order.
+    ///
+    /// Lists with `getdents64` into a buffer on the stack: `std::fs::read_dir`
+    /// allocates 32 KiB per directory, and with a stamp per plugin on the
+    /// pass's threads those buffers made about 700 of a 1,000-plugin pass's
+    /// heap growths (BENCHMARKS.md, "Stop 24"); entries are looked up relative
+    /// to the directory's descriptor, not by their whole path.
+    fn run(
+        self,
+        dir: &OwnedFd,
+        prefix: &str,
+        budget: &mut usize,
+        hasher: &mut DefaultHasher,
+    ) -> std::io::Result<()> {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+        let mut listing = RawDir::new(dir, &mut buf);
+        let mut entries: Vec<(Vec<u8>, FileType)> = Vec::new();
+        while let Some(entry) = listing.next() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                entries.push((name.to_vec(), entry.file_type()));
             }
-            continue;
         }
-        rel.hash(hasher);
-        (
-            meta.st_size,
-            meta.st_mtime,
-            meta.st_mtime_nsec,
-            meta.st_ino,
-            meta.st_dev,
-            meta.st_ctime,
-            meta.st_ctime_nsec,
-        )
-            .hash(hasher);
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        for (raw_name, kind) in entries {
+            let name = String::from_utf8_lossy(&raw_name);
+            // Skipped before they count: a large cache or environment must
+            // not use up the budget of the files that matter.
+            if SKIPPED.contains(&&*name)
+                || name.ends_with(".pyc")
+                || RUNTIME_ENDINGS.iter().any(|e| name.ends_with(e))
+            {
+                continue;
+            }
+            let rel = format!("{prefix}{name}");
+            // Under runtime output or a write grant, only code counts.
+            let code_only =
+                self.code_only || RUNTIME_DIRS.contains(&&*name) || is_granted(&rel, self.granted);
+            // Follows links: a library that is a link to a rebuilt file
+            // changes. Anything else is looked up without following.
+            let follow = matches!(kind, FileType::Symlink | FileType::Unknown);
+            let flags = if follow {
+                AtFlags::empty()
+            } else {
+                AtFlags::SYMLINK_NOFOLLOW
+            };
+            let meta = rustix::fs::statat(dir, raw_name.as_slice(), flags).ok();
+            let is_dir = meta
+                .as_ref()
+                .is_some_and(|m| FileType::from_raw_mode(m.st_mode) == FileType::Directory);
+            if code_only && !is_dir && !is_code(&name) {
+                continue;
+            }
+            if *budget == 0 {
+                return Ok(());
+            }
+            *budget -= 1;
+            let Some(meta) = meta else {
+                rel.hash(hasher);
+                continue;
+            };
+            if is_dir {
+                if self.depth < MAX_DEPTH {
+                    // A subdirectory that cannot be read counts as such: the
+                    // rest of the plugin is still stamped (one unreadable
+                    // directory made the whole stamp None, which never
+                    // changes). A directory under runtime output counts by
+                    // its code only: its own times change with every file
+                    // written in it.
+                    let inner = Walk {
+                        depth: self.depth + 1,
+                        code_only,
+                        ..self
+                    };
+                    let walked =
+                        rustix::fs::openat(dir, raw_name.as_slice(), OPEN_DIRECTORY, Mode::empty())
+                            .map_err(std::io::Error::from)
+                            .and_then(|sub| inner.run(&sub, &format!("{rel}/"), budget, hasher));
+                    if let Err(e) = walked {
+                        (&rel, "unreadable", e.raw_os_error()).hash(hasher);
+                    }
+                }
+                continue;
+            }
+            rel.hash(hasher);
+            (
+                meta.st_size,
+                meta.st_mtime,
+                meta.st_mtime_nsec,
+                meta.st_ino,
+                meta.st_dev,
+                meta.st_ctime,
+                meta.st_ctime_nsec,
+            )
+                .hash(hasher);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::stamp;
+    use std::path::Path;
 
     #[test]
     fn a_changed_manifest_source_or_replaced_file_changes_the_stamp() {
@@ -282,7 +347,37 @@ mod tests {
         let second = stamp(root, 1 << 20).unwrap();
         assert_ne!(second, first);
         std::fs::write(root.join("plugin.py"), b"x = 22\n").unwrap();
-        assert_ne!(stamp(root, 1 << 20), Some(second));
+        let third = stamp(root, 1 << 20).unwrap();
+        assert_ne!(third, second);
+        // Code under runtime output or a write grant still counts: a
+        // package named `logs`, a module planted in the grant.
+        std::fs::write(root.join("logs/__init__.py"), b"").unwrap();
+        let fourth = stamp(root, 1 << 20).unwrap();
+        assert_ne!(fourth, third);
+        std::fs::write(root.join("cache/evil.py"), b"import os\n").unwrap();
+        let fifth = stamp(root, 1 << 20).unwrap();
+        assert_ne!(fifth, fourth);
+        std::fs::write(root.join("cache/libx.so.1"), b"\x7fELF").unwrap();
+        assert_ne!(stamp(root, 1 << 20), Some(fifth));
+        // What the watch leaves out is what the stamp does.
+        for written in [
+            "run.log",
+            "logs/today.txt",
+            "a/tmp/x.bin",
+            ".cache/h/w",
+            "m.pyc",
+        ] {
+            assert!(super::runtime_output(Path::new(written)), "{written}");
+        }
+        for code in [
+            "plugin.py",
+            "logs/__init__.py",
+            "tmp/lib.so",
+            "manifest.json",
+            "data.bin",
+        ] {
+            assert!(!super::runtime_output(Path::new(code)), "{code}");
+        }
         assert_eq!(
             super::write_grants(
                 root,

@@ -518,7 +518,8 @@ impl ProcessImporter {
             // What the server's user may run, the runner's may not.
             Some(user) if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
                 "cannot start {what} {} as the runner user (uid {}, gid {}): {e}; that user \
-                 must be able to reach and execute it (and, for Python, read its library)",
+                 must be able to reach and execute it (and, for Python, read its library), \
+                 and the server to switch to that user",
                 self.program().display(),
                 user.uid,
                 user.gid

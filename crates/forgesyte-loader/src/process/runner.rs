@@ -629,8 +629,8 @@ fn take_shm_socket() -> io::Result<Option<(OwnedFd, u64)>> {
 /// Writes one answer; if the host is gone there is nobody to serve.
 /// Attachments at or above the threshold go through shared memory when the
 /// host offered it. A result no frame can hold (too many binary results,
-/// or over 4 GiB) is answered as the tool's `ResultTooLarge` error, as the
-/// Python runner answers it.
+/// or over 4 GiB in the frame) is answered as the tool's `ResultTooLarge`
+/// error, as the Python runner answers it.
 fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
     let header = match serde_json::to_vec(response) {
         Ok(header) => header,
@@ -639,8 +639,17 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
             std::process::exit(i32::from(EXIT_PROTOCOL));
         }
     };
+    let outgoing = shm_link()
+        .map(|(_, threshold)| Outgoing::prepare(attachments, *threshold))
+        .unwrap_or_default();
+    // What the frame holds: the shared attachments are not in it.
+    let (frame_header, inline) = if outgoing.is_empty() {
+        (header, attachments.to_vec())
+    } else {
+        (outgoing.header(&header), outgoing.inline(attachments))
+    };
     if let (Err(e), Response::Result { id, .. }) = (
-        forgesyte_protocol::wire::frame_length(header.len() as u64, attachments),
+        forgesyte_protocol::wire::frame_length(frame_header.len() as u64, &inline),
         response,
     ) {
         let error = WireError::tool(&ToolError::Failed {
@@ -649,22 +658,18 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
         });
         return send(out, &Response::ToolFailed { id: *id, error }, &[]);
     }
-    let outgoing = shm_link()
-        .map(|(_, threshold)| Outgoing::prepare(attachments, *threshold))
-        .unwrap_or_default();
     let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
-    let sent = match shm_link() {
-        Some((socket, _)) if !outgoing.is_empty() => outgoing.send(socket.as_fd()).is_ok(),
-        _ => false,
-    };
-    let written = if sent {
-        write_frame(
-            &mut *out,
-            &outgoing.header(&header),
-            &outgoing.inline(attachments),
-        )
-    } else {
-        write_frame(&mut *out, &header, attachments)
+    let written = match shm_link() {
+        Some((socket, _)) if !outgoing.is_empty() => match outgoing.send(socket.as_fd()) {
+            Ok(()) => write_frame(&mut *out, &frame_header, &inline),
+            // The descriptors did not go: the frame goes without them,
+            // every attachment in it.
+            Err(_) => match serde_json::to_vec(response) {
+                Ok(header) => write_frame(&mut *out, &header, attachments),
+                Err(e) => Err(std::io::Error::other(e)),
+            },
+        },
+        _ => write_frame(&mut *out, &frame_header, &inline),
     };
     if written.is_err() {
         std::process::exit(0);

@@ -13,7 +13,11 @@ of it and mirrors the native runner (``forgesyte_loader::process::runner``):
    pointed at stderr, so ``print()`` in plugins (and C code writing to fd 1)
    lands in the log instead of corrupting the protocol. stdin gets the same
    treatment (a private descriptor; fd 0 becomes /dev/null), so a plugin
-   that reads stdin cannot steal request bytes.
+   that reads stdin cannot steal request bytes. A runner the host starts
+   itself gets ``--protocol-fd N`` first on its command line: its frames go
+   to descriptor N, and its fd 1 is its stderr from the start, so what the
+   interpreter's own start prints (a ``.pth`` file, ``sitecustomize``)
+   reaches the log too.
 2. Sets ``RLIMIT_AS`` when given ``--memory-limit-mb N`` (N > 0).
 3. Watches its parent every 100 ms; if the host goes, exits 0.
 4. Imports the plugin's code and sends ``hello``, or ``import_failed`` and
@@ -35,8 +39,10 @@ Standard library only; Python 3.8 or later.
 
 Command line::
 
-    runner --plugin NAME --plugin-dir DIR (--file PATH | --module DOTTED[:CLASS])
-           [--class NAME] [--memory-limit-mb N] [--installed] [--confine PLAN]
+    runner [--protocol-fd N] --plugin NAME --plugin-dir DIR
+           (--file PATH | --module DOTTED[:CLASS]) [--class NAME]
+           [--memory-limit-mb N] [--max-response-bytes N] [--sources-fd N]
+           [--installed] [--confine PLAN]
     runner --zygote
 
 ``--file`` loads a seed-layout plugin (``plugin.py`` in the plugin
