@@ -689,6 +689,10 @@ async fn work(
 ) {
     while let Some((seq, (args, charged))) = queue.pop().await {
         let started = Instant::now();
+        let frame_bytes = match &charged {
+            Charged::Held(bytes, _) => bytes.len(),
+            Charged::Refused(_) => 0,
+        };
         let result = match charged {
             Charged::Held(bytes, room) => {
                 let input = RunInput {
@@ -744,6 +748,15 @@ async fn work(
                 answer_to(seq, &Err(busy), elapsed, dropped, session).into()
             }
         };
+        // Counted as a run's body and answer are (per plugin only for
+        // registered plugins: the label stays bounded).
+        if session.state.registry().contains(&session.plugin) {
+            session.state.metrics().record_bytes(
+                &session.plugin,
+                u64::try_from(frame_bytes).unwrap_or(u64::MAX),
+                u64::try_from(outgoing.text.len()).unwrap_or(u64::MAX),
+            );
+        }
         if out.answers.send(outgoing).await.is_err() {
             return;
         }

@@ -185,6 +185,16 @@ fn frames_are_answered_in_order_and_byte_exact_in_process_isolated_and_in_python
             "forgesyte_tool_calls_total{{plugin=\"{plugin}\",tool=\"{tool}\",outcome=\"ok\"}} {FRAMES}"
         );
         assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+        // And its bytes: each frame in, each answer out.
+        let counted = |name: &str| -> u64 {
+            let prefix = format!("forgesyte_{name}_bytes_total{{plugin=\"{plugin}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+        };
+        assert_eq!(counted("tool_request"), sizes.iter().sum::<usize>() as u64);
+        assert!(counted("tool_response") >= FRAMES as u64 * 20, "{metrics}");
     }
 }
 
