@@ -8,10 +8,19 @@
 //! initialisation hangs (a known failure of broken drivers) cannot hold up
 //! the load pass either: the probe runs on a thread of its own, and after
 //! [`PROBE_TIMEOUT`] the answer is "no GPU", cached like any other.
+//!
+//! A server probes in a child process ([`CudaProbe::in_child`]): the
+//! driver library, its constructors and its threads never enter the
+//! server, a driver that crashes (a segfault in `cuInit`, or an error code
+//! newer than `cudarc`'s enum, which is undefined behaviour in Rust) ends
+//! that child only, and one that hangs is killed with it. The child runs
+//! [`probe_here`] and prints its report as JSON.
 #![allow(unsafe_code)]
 
+use std::ffi::OsString;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::OnceLock;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{result, sys};
 
@@ -21,28 +30,92 @@ use crate::gpu::{GpuDevice, GpuProbe, GpuReport};
 /// is left to finish or hang: a thread in a driver call cannot be stopped).
 pub(crate) const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// The most devices probed (a broken driver may count billions).
+const MAX_DEVICES: std::ffi::c_int = 64;
+
 /// Reason given when the driver library cannot be loaded.
 const NO_DRIVER: &str = "CUDA driver library (libcuda.so) not found";
 
 /// The real GPU probe. The machine is probed once per process, on first
 /// use; every later call answers from that result.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CudaProbe {
-    _private: (),
+    /// The command that probes in a child process; `None`: in this one.
+    child: Option<Arc<(PathBuf, Vec<OsString>)>>,
 }
 
 impl CudaProbe {
-    /// A probe; nothing is loaded until the first [`report`](Self::report).
+    /// A probe in this process; nothing is loaded until the first
+    /// [`report`](Self::report).
     pub fn new() -> Self {
         CudaProbe::default()
     }
 
+    /// A probe that runs `program` with `args` (which must run
+    /// [`probe_here`] and print its report as JSON, and nothing else, on
+    /// stdout): killed with its process group after [`PROBE_TIMEOUT`].
+    pub fn in_child(program: impl Into<PathBuf>, args: Vec<OsString>) -> Self {
+        CudaProbe {
+            child: Some(Arc::new((program.into(), args))),
+        }
+    }
+
     /// The machine's GPUs, probed on first call and cached for the process
     /// (a probe that gave no answer in time answers "no GPU" until its
-    /// answer comes: see `Probing`).
+    /// answer comes: see `Probing`). The first probe of the process says
+    /// where it runs.
     pub fn report(&self) -> &'static GpuReport {
         static PROBING: Probing = Probing::new();
-        PROBING.report(PROBE_TIMEOUT, probe_guarded)
+        match &self.child {
+            None => PROBING.report(PROBE_TIMEOUT, probe_guarded),
+            Some(command) => {
+                let command = Arc::clone(command);
+                PROBING.report(PROBE_TIMEOUT, move || {
+                    let report = probe_in_child(&command.0, &command.1, PROBE_TIMEOUT);
+                    log_report(&report);
+                    report
+                })
+            }
+        }
+    }
+}
+
+/// A library search path without its `stubs` directories (the CUDA
+/// toolkit's link-time stubs, not drivers).
+fn without_stubs(path: &std::ffi::OsStr) -> OsString {
+    let kept: Vec<PathBuf> = std::env::split_paths(path)
+        .filter(|dir| dir.file_name().is_none_or(|name| name != "stubs"))
+        .collect();
+    std::env::join_paths(kept).unwrap_or_else(|_| path.to_owned())
+}
+
+/// The probe of this process, as a child process runs it for its parent
+/// ([`CudaProbe::in_child`]): never panics.
+pub fn probe_here() -> GpuReport {
+    probe_guarded()
+}
+
+/// Runs the probe command `program args` and reads its report; a child
+/// that crashes, hangs past `timeout` or prints no report is "no GPU",
+/// saying which. The toolkit's stub driver (`…/stubs/libcuda.so`, which
+/// answers every call "stub library") is taken off its `LD_LIBRARY_PATH`:
+/// on a GPU node where it is on the path, `cudarc` (which tries
+/// `libcuda.so` before `libcuda.so.1`) would find it first.
+pub(crate) fn probe_in_child(
+    program: &std::path::Path,
+    args: &[OsString],
+    timeout: std::time::Duration,
+) -> GpuReport {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    if let Some(path) = std::env::var_os("LD_LIBRARY_PATH") {
+        command.env("LD_LIBRARY_PATH", without_stubs(&path));
+    }
+    match crate::python::run_captured(command, "the CUDA probe", timeout) {
+        Ok(out) => serde_json::from_slice::<GpuReport>(&out).unwrap_or_else(|e| {
+            GpuReport::unavailable(format!("the CUDA probe answered no report: {e}"))
+        }),
+        Err(why) => GpuReport::unavailable(format!("CUDA probe failed: {why}")),
     }
 }
 impl GpuProbe for CudaProbe {
@@ -85,7 +158,7 @@ impl Probing {
     fn report(
         &'static self,
         limit: std::time::Duration,
-        probe: fn() -> GpuReport,
+        probe: impl FnOnce() -> GpuReport + Send + 'static,
     ) -> &'static GpuReport {
         use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
         if let Some(answer) = self.answer.get() {
@@ -154,6 +227,11 @@ fn probe_guarded() -> GpuReport {
             GpuReport::unavailable(format!("CUDA probe failed: {msg}"))
         }
     };
+    log_report(&report);
+    report
+}
+
+fn log_report(report: &GpuReport) {
     tracing::info!(
         available = report.available,
         devices = report.devices.len(),
@@ -161,7 +239,6 @@ fn probe_guarded() -> GpuReport {
         reason = report.reason.as_deref().unwrap_or(""),
         "GPU probe"
     );
-    report
 }
 
 fn probe() -> GpuReport {
@@ -183,7 +260,8 @@ fn probe() -> GpuReport {
     };
     let mut devices = Vec::new();
     let mut failures = Vec::new();
-    for ordinal in 0..count.max(0) {
+    // A broken driver's count is not trusted past what a machine holds.
+    for ordinal in 0..count.clamp(0, MAX_DEVICES) {
         match device(ordinal) {
             Ok(dev) => devices.push(dev),
             Err(e) => failures.push(format!("device {ordinal}: {e}")),
@@ -243,6 +321,59 @@ mod tests {
             assert!(report.devices.is_empty());
             assert_eq!(report.reason.as_deref(), Some(NO_DRIVER));
         }
+    }
+
+    /// A probe in a child process: its report is read from its stdout; a
+    /// child that crashes, hangs or prints no report is "no GPU", saying
+    /// how, and the caller is untouched.
+    #[test]
+    fn a_probe_in_a_child_is_read_and_its_crash_or_hang_is_no_gpu() {
+        use std::time::{Duration, Instant};
+        let run = |script: &str, timeout: Duration| {
+            probe_in_child(
+                std::path::Path::new("/bin/sh"),
+                &["-c".into(), script.into()],
+                timeout,
+            )
+        };
+        let long = Duration::from_secs(10);
+        let report = run(
+            r#"printf '{"available":true,"driver_version":"12.8","devices":[{"ordinal":0,"name":"Fake","total_memory_mb":1024,"compute_capability":[8,6]}],"reason":null}'"#,
+            long,
+        );
+        assert!(report.available, "{report:?}");
+        assert_eq!(report.devices[0].compute_capability, (8, 6));
+        let crashed = run("kill -SEGV $$", long);
+        assert!(!crashed.available);
+        let reason = crashed.reason.unwrap_or_default();
+        assert!(reason.contains("was killed by signal 11"), "{reason}");
+        let garbage = run("echo hello", long);
+        assert!(
+            garbage
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("answered no report")),
+            "{garbage:?}"
+        );
+        let started = Instant::now();
+        let hung = run("sleep 60", Duration::from_millis(300));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            hung.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("timed out")),
+            "{hung:?}"
+        );
+    }
+
+    #[test]
+    fn the_toolkit_s_stub_directories_leave_the_library_path() {
+        assert_eq!(
+            without_stubs(std::ffi::OsStr::new(
+                "/usr/local/cuda/lib64/stubs:/usr/lib/x86_64-linux-gnu:/opt/stubs/"
+            )),
+            OsString::from("/usr/lib/x86_64-linux-gnu")
+        );
     }
 
     #[test]

@@ -114,7 +114,7 @@ mod python;
 mod requirements;
 
 pub use checker::{DependencyChecker, DependencyCheckerBuilder, DependencyReport, KnownPlugins};
-pub use cuda::{CudaProbe, cuda_driver_library_present};
+pub use cuda::{CudaProbe, cuda_driver_library_present, probe_here};
 pub use env::{EnvProbe, ProcessEnv};
 pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};

@@ -312,7 +312,6 @@ pub fn run_python_as(
 ) -> Result<Vec<u8>, String> {
     use std::os::unix::process::CommandExt as _;
     let who = interpreter.display();
-    let deadline = Instant::now() + timeout;
     // It runs in `/`: a relative path means one from here.
     let program = std::path::absolute(interpreter).unwrap_or_else(|_| interpreter.to_path_buf());
     let mut command = Command::new(program);
@@ -324,9 +323,21 @@ pub fn run_python_as(
     if let (Some(path), Ok(cwd)) = (std::env::var_os("PYTHONPATH"), std::env::current_dir()) {
         command.env("PYTHONPATH", absolute_search_path(&path, &cwd));
     }
+    command.args(args).current_dir("/");
+    run_captured(command, &who.to_string(), timeout)
+}
+
+/// Runs `command` as [`run_python_as`] runs an interpreter (stdin closed,
+/// stdout and stderr captured, a process group of its own killed with it
+/// after `timeout`) and returns its stdout; `Err` begins with `who`.
+pub(crate) fn run_captured(
+    mut command: Command,
+    who: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    use std::os::unix::process::CommandExt as _;
+    let deadline = Instant::now() + timeout;
     command
-        .args(args)
-        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -357,9 +368,13 @@ pub fn run_python_as(
             Some(line) => format!(": {line}"),
             None => String::new(),
         };
-        let how = match status.code() {
-            Some(code) => format!("exited with status {code}"),
-            None => "was killed by a signal".to_string(),
+        let how = match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(signal)) => format!("was killed by signal {signal}"),
+            (None, None) => "was killed by a signal".to_string(),
         };
         return Err(format!("{who}: {how}{detail}"));
     }

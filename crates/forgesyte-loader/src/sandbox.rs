@@ -189,12 +189,17 @@ const DEVICES: &[&str] = &[
     "/dev/urandom",
 ];
 
-/// GPU devices, for plugins that need a GPU.
+/// GPU devices, for plugins that need a GPU: the driver's control and
+/// memory devices, the capability devices MIG instances are reached
+/// through (`/dev/nvidia-caps`, and the IMEX channels of multi-node
+/// memory), and the render nodes (video decode, EGL).
 const GPU_DEVICES: &[&str] = &[
     "/dev/nvidiactl",
     "/dev/nvidia-uvm",
     "/dev/nvidia-uvm-tools",
     "/dev/nvidia-modeset",
+    "/dev/nvidia-caps",
+    "/dev/nvidia-caps-imex-channels",
     "/dev/dri",
 ];
 

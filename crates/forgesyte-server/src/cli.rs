@@ -496,6 +496,11 @@ impl LoaderArgs {
                 config.runner_args = vec![RUNNER_SUBCOMMAND.into()];
             }
         }
+        // The GPU probe runs in a child: this executable, behind its own
+        // hidden subcommand.
+        config.gpu_probe = std::env::current_exe()
+            .ok()
+            .map(|exe| (exe, vec![forgesyte_server::GPU_PROBE_SUBCOMMAND.into()]));
     }
 }
 
@@ -749,7 +754,8 @@ mod tests {
     }
 
     /// `serve` and `check` with no options give exactly the
-    /// [`ServerConfig`] defaults (but the runner, which is this executable).
+    /// [`ServerConfig`] defaults (but the runner and the GPU probe, which
+    /// are this executable).
     /// Set `FORGESYTE_*` variables change what is parsed, so this test
     /// expects none to be set.
     #[test]
@@ -757,6 +763,9 @@ mod tests {
         let mut expected = ServerConfig::default();
         expected.runner = std::env::current_exe().ok();
         expected.runner_args = vec![RUNNER_SUBCOMMAND.into()];
+        expected.gpu_probe = std::env::current_exe()
+            .ok()
+            .map(|exe| (exe, vec![forgesyte_server::GPU_PROBE_SUBCOMMAND.into()]));
 
         let cli = Cli::try_parse_from(["forgesyte", "serve"]).unwrap();
         let Command::Serve(args) = cli.command else {

@@ -173,6 +173,11 @@ pub struct ServerConfig {
     /// the runner is a host binary (the `forgesyte` binary sets
     /// `["__runner"]` when it is its own runner).
     pub runner_args: Vec<OsString>,
+    /// The command that probes the machine's GPUs in a child process, its
+    /// report printed as JSON (the `forgesyte` binary sets itself with
+    /// `["__probe-gpu"]`): the CUDA driver library, its threads and its
+    /// crashes stay out of the server. `None`: probed in this process.
+    pub gpu_probe: Option<(PathBuf, Vec<OsString>)>,
     /// The interpreter of Python plugins whose manifest names none
     /// (`--python`, `FORGESYTE_PYTHON`); `None`: `python3` on `PATH`.
     pub python: Option<PathBuf>,
@@ -331,6 +336,7 @@ impl Default for ServerConfig {
             default_isolation: DEFAULT_ISOLATION,
             runner: None,
             runner_args: Vec::new(),
+            gpu_probe: None,
             python: None,
             python_entry_points: false,
             confine: true,

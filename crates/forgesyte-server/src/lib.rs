@@ -151,7 +151,10 @@ pub use error::{ApiError, ErrorDetail, NotRunnable, RunError, RunFailure};
 pub use probes::{LiveResponse, ReadyCheck, ReadyResponse};
 pub use reload::{ReloadOutcome, ReloadReport, RemovedPlugin};
 pub use router::{app, openapi};
-pub use server::{ServeError, Server, build_loader, build_loader_from, serve, shutdown_signal};
+pub use server::{
+    GPU_PROBE_SUBCOMMAND, ServeError, Server, build_loader, build_loader_from, serve,
+    shutdown_signal,
+};
 pub use state::AppState;
 pub use tools::RunSuccess;
 pub use wire::{JournalEntryJson, PluginStateJson, PluginStatusJson, ToolInfoJson};

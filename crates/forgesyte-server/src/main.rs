@@ -119,6 +119,19 @@ fn main() -> ExitCode {
     if args.next_if(|a| a == RUNNER_SUBCOMMAND).is_some() {
         return forgesyte_loader::process::runner_main(args);
     }
+    // The GPU probe's child: the report, as JSON, and nothing else on
+    // stdout (the driver's own noise goes to stderr or nowhere).
+    if args
+        .next_if(|a| a == forgesyte_server::GPU_PROBE_SUBCOMMAND)
+        .is_some()
+    {
+        let report = forgesyte_deps::probe_here();
+        let mut out = std::io::stdout().lock();
+        return match serde_json::to_writer(&mut out, &report).map(|()| out.flush()) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            _ => ExitCode::FAILURE,
+        };
+    }
     // Before any thread: what this process inherited open (beyond stdio)
     // is no plugin runner's to inherit.
     if let Err(e) = forgesyte_loader::process::close_inherited_on_exec() {

@@ -52,6 +52,11 @@ pub fn build_loader(lib_paths: &[PathBuf]) -> Loader {
     Loader::new(Registry::new(), checker, config)
 }
 
+/// The hidden subcommand of the `forgesyte` binary that probes the
+/// machine's GPUs and prints the report as JSON
+/// ([`forgesyte_deps::probe_here`]): [`ServerConfig::gpu_probe`]'s child.
+pub const GPU_PROBE_SUBCOMMAND: &str = "__probe-gpu";
+
 /// A loader over the real filesystem and real plugin libraries, with its
 /// own registry, set up from `config` ([`ServerConfig::loader_config`]:
 /// library search path, preflight, default isolation, runner).
@@ -67,6 +72,11 @@ pub fn build_loader_from(config: &ServerConfig) -> Loader {
     if config.no_gpu {
         checker = checker.gpu(Arc::new(forgesyte_deps::NoGpu::new(
             "this server runs no GPU plugins (--no-gpu)",
+        )));
+    } else if let Some((program, args)) = &config.gpu_probe {
+        checker = checker.gpu(Arc::new(forgesyte_deps::CudaProbe::in_child(
+            program.clone(),
+            args.clone(),
         )));
     }
     let checker = Arc::new(checker.build());

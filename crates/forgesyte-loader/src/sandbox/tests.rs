@@ -440,3 +440,39 @@ fn a_path_inside_by_name_and_outside_through_a_link_is_a_link_out() {
         asks.widening
     );
 }
+
+/// A GPU plugin's runner may reach the driver's devices, MIG's capability
+/// devices among them (a MIG instance is reached through them); a plugin
+/// that needs no GPU reaches none.
+#[test]
+fn a_gpu_plugin_reaches_the_driver_and_mig_devices() {
+    let plan = |gpu: bool| {
+        Confinement::plan(
+            PlanInput {
+                plugin_dir: Path::new("/plugins/yolo"),
+                scratch: Path::new("/tmp/s/yolo"),
+                spec: &SandboxSpec::default(),
+                models: &[],
+                lib_paths: &[],
+                env_deps: &[],
+                gpu,
+            },
+            std::iter::empty(),
+        )
+    };
+    let gpu = plan(true);
+    for device in [
+        "/dev/nvidiactl",
+        "/dev/nvidia-uvm",
+        "/dev/nvidia0",
+        "/dev/nvidia-caps",
+    ] {
+        assert!(gpu.devices.contains(&PathBuf::from(device)), "{device}");
+    }
+    assert!(
+        !plan(false)
+            .devices
+            .iter()
+            .any(|d| d.to_string_lossy().contains("nvidia"))
+    );
+}

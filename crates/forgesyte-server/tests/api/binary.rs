@@ -727,6 +727,22 @@ fn check_exits_1_when_a_plugin_is_not_available() {
     );
 }
 
+/// The GPU probe's child mode prints a report as JSON and nothing else
+/// (no GPU here: a report that says why).
+#[test]
+fn the_gpu_probe_child_prints_its_report_as_json() {
+    let output = forgesyte_command().arg("__probe-gpu").output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert!(report["available"].is_boolean(), "{report}");
+    assert_eq!(
+        report["available"],
+        !report["devices"].as_array().is_none_or(Vec::is_empty),
+        "{report}"
+    );
+}
+
 #[test]
 fn check_usage_errors_exit_2() {
     let (code, _, err) = check(&["--no-such-flag"]);
