@@ -202,9 +202,20 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         );
         return ExitCode::from(EXIT_SETUP);
     }
-    // Before any thread starts (Landlock and the network namespace hold for
-    // this thread and those it starts after) and before the plugin's
-    // library is opened.
+    // Before any thread starts (Landlock, the seccomp filter, the
+    // capabilities and the network namespace hold for this thread and
+    // those it starts after, not for a thread already running) and before
+    // the plugin's library is opened.
+    if args.confine.is_some()
+        && let Some(threads) = threads_but_this_one()
+    {
+        eprintln!(
+            "forgesyte-runner[{}]: cannot confine the runner: {threads} other thread(s) run \
+             already, and would run outside the sandbox",
+            args.plugin
+        );
+        return ExitCode::from(EXIT_SETUP);
+    }
     let confinement = args.confine.as_ref().map(crate::sandbox::apply);
     watch_parent();
     let refused = args
@@ -674,6 +685,14 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
     if written.is_err() {
         std::process::exit(0);
     }
+}
+
+/// How many threads besides the calling one this process has (`None`:
+/// none, or `/proc` cannot say, which the confinement's own steps then
+/// find out).
+fn threads_but_this_one() -> Option<usize> {
+    let threads = std::fs::read_dir("/proc/self/task").ok()?.count();
+    (threads > 1).then(|| threads - 1)
 }
 
 /// The fallback to the parent-death signal: a thread that ends the process

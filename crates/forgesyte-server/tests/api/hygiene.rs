@@ -241,6 +241,44 @@ fn the_zygote_can_be_turned_off() {
     }
 }
 
+/// A thread started before the runner confines itself (by a
+/// `sitecustomize`, or by an at-fork hook it registered in the zygote)
+/// would run outside the sandbox: the runner refuses to go on, and the
+/// plugin is FAILED saying so, whether the server started the runner or
+/// its zygote forked it.
+#[test]
+fn a_thread_started_before_confinement_fails_the_plugin() {
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(
+        site.path().join("sitecustomize.py"),
+        "import os, threading, time\n\
+         def _idle():\n    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\
+         _idle()\n\
+         os.register_at_fork(after_in_child=_idle)\n",
+    )
+    .unwrap();
+    let pythonpath = site.path().to_str().unwrap();
+    for zygote in ["0", "1"] {
+        let dir = PluginsDir::new();
+        dir.python("echo", "echo");
+        let server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str()],
+            &[
+                ("FORGESYTE_PYTHON_ZYGOTE", zygote),
+                ("PYTHONPATH", pythonpath),
+            ],
+        );
+        server.wait_loaded();
+        let health = server.get("/v1/plugins/echo/health").json();
+        assert_eq!(health["state"], "FAILED", "zygote {zygote}: {health}");
+        let log = server.log();
+        assert!(
+            log.contains("thread(s) run already"),
+            "zygote {zygote}: {health}\n{log}"
+        );
+    }
+}
+
 /// What the interpreter's own start prints (a `sitecustomize`, a `.pth`
 /// file), before the runner has taken fd 1 over, never reaches the
 /// protocol: a runner the server starts itself writes the protocol to a

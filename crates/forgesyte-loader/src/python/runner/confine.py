@@ -103,6 +103,15 @@ def confine(plan, shared=None, tools=None, given_env=None):
     else made here."""
     import ctypes
 
+    # Landlock, the seccomp filter, the capabilities and the namespaces
+    # hold for this thread and those it starts after, not for one already
+    # running (a ``.pth`` file, ``sitecustomize`` or an at-fork hook may
+    # have started one): it would run outside the sandbox. Refused.
+    others = len(os.listdir("/proc/self/task")) - 1
+    if others > 0:
+        raise RuntimeError(
+            "%d other thread(s) run already (started by a .pth file, sitecustomize or an "
+            "at-fork hook?), and would run outside the sandbox" % others)
     if tools is None:
         tools = confine_tools(ctypes.CDLL(None, use_errno=True))
     libc, syscall, abi = tools
