@@ -148,7 +148,7 @@ pub(crate) struct NewArgs {
     pub(crate) bind: String,
     /// The `forgesyte-plugin-sdk` crate a Rust plugin depends on, by path
     /// (default: the one of the workspace this forgesyte was built in).
-    #[arg(long, value_name = "DIR", conflicts_with = "python")]
+    #[arg(long, value_name = "DIR", conflicts_with = "new_python")]
     pub(crate) sdk: Option<PathBuf>,
 }
 
@@ -158,11 +158,13 @@ pub(crate) struct NewArgs {
 pub(crate) struct NewKind {
     /// A Python plugin: manifest.json and plugin.py (`class Plugin` with a
     /// `tools` dict and `run_tool`, one tool `hello`).
-    #[arg(long, value_name = "NAME", value_parser = scaffold::python_name)]
+    // Ids of their own: a config file's `python` (serve's interpreter) is
+    // no plugin name.
+    #[arg(id = "new_python", long = "python", value_name = "NAME", value_parser = scaffold::python_name)]
     pub(crate) python: Option<String>,
     /// A Rust plugin: a Cargo project building a cdylib with
     /// forgesyte-plugin-sdk (one tool `hello`), and its manifest.json.
-    #[arg(long, value_name = "NAME", value_parser = scaffold::rust_name)]
+    #[arg(id = "new_rust", long = "rust", value_name = "NAME", value_parser = scaffold::rust_name)]
     pub(crate) rust: Option<String>,
 }
 
@@ -194,11 +196,6 @@ pub(crate) struct ServeArgs {
     /// answers 503 `ServerBusy`.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_BODY_MEMORY", value_parser = parse_bytes)]
     pub(crate) body_memory: Option<usize>,
-    /// The largest answer a plugin runner (isolated native or Python) may
-    /// send, in bytes; a manifest's `limits.max_response_mb` may lower it
-    /// for its plugin, never raise it.
-    #[arg(long, value_name = "BYTES", env = "FORGESYTE_MAX_RESPONSE", default_value_t = DEFAULT_MAX_RESPONSE, value_parser = parse_bytes_u64)]
-    pub(crate) max_response: u64,
     /// Memory the answers of tool calls may hold in all while they wait to
     /// be sent, in bytes (default: eight answers of `--max-response`, at
     /// least 256 MiB); beyond it an answer is dropped and the call answers
@@ -415,6 +412,11 @@ pub(crate) struct LoaderArgs {
     /// uses).
     #[arg(long, value_name = "MIB", env = "FORGESYTE_MEMORY_LIMIT", default_value_t = DEFAULT_MEMORY_LIMIT_MIB, value_parser = parse_mib)]
     pub(crate) memory_limit: u64,
+    /// The largest answer a plugin runner (isolated native or Python) may
+    /// send, in bytes; a manifest's `limits.max_response_mb` may lower it
+    /// for its plugin, never raise it.
+    #[arg(long, value_name = "BYTES", env = "FORGESYTE_MAX_RESPONSE", default_value_t = DEFAULT_MAX_RESPONSE, value_parser = parse_bytes_u64)]
+    pub(crate) max_response: u64,
 }
 
 /// A `--runner-user`: a user name, or a numeric uid, that exists.
@@ -483,6 +485,7 @@ impl LoaderArgs {
         config.require_signed = self.require_signed;
         config.init_timeout = self.init_timeout.0;
         config.memory_limit_mib = self.memory_limit;
+        config.max_response = self.max_response;
         match self.runner.filter(|p| !p.as_os_str().is_empty()) {
             Some(runner) => {
                 config.runner = Some(runner);
@@ -661,7 +664,6 @@ impl ServeArgs {
         config.call_timeout = self.call_timeout.0;
         config.body_limit = self.body_limit;
         config.body_memory = self.body_memory;
-        config.max_response = self.max_response;
         config.answer_memory = self.answer_memory;
         config.shutdown_grace = self.shutdown_grace.0;
         config.header_read_timeout = self.header_read_timeout.0;

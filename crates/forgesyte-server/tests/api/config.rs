@@ -189,6 +189,32 @@ fn check_loads_with_the_config_files_loader_options_and_plugins_directory() {
     assert_eq!(list[0]["name"], "beta", "{list:#}");
 }
 
+/// `check` takes the runners' answer limit (`max-response`) as `serve`
+/// does: a Python plugin whose answers do not fit is FAILED in both. And
+/// `serve`'s `python` key (its interpreter) is no plugin name to `new`.
+#[test]
+fn check_takes_the_answer_limit_and_new_ignores_serve_s_python() {
+    let plugins = PluginsDir::new();
+    plugins.python("py", "echo");
+    let file = ConfigFile::new(&format!(
+        "plugins = {:?}\nmax-response = 500\npython = \"python3\"\n",
+        plugins.path_str()
+    ));
+    let (code, out, err) = run_forgesyte(&["check", "--json", "--config", &file.path()], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["state"], "FAILED", "{list:#}");
+    assert!(
+        list[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("exceeds the limit of 500 bytes")),
+        "{list:#}"
+    );
+    let (code, out, err) = run_forgesyte(&["new", "--rust", "demo", "--config", &file.path()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(plugins.path().join("demo/Cargo.toml").is_file());
+}
+
 #[test]
 fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
     // `lock` pins, and `new` scaffolds into, the file's `plugins` when no
