@@ -188,7 +188,7 @@ fn main() -> ExitCode {
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
-        Command::Config(args) => print_config(&layered, args.serve.admin_token_file.as_deref()),
+        Command::Config(args) => print_config(&layered, args.serve),
         Command::Keygen(args) => ExitCode::from(forgesyte_server::signing::keygen(
             &args.out,
             &args.name,
@@ -204,13 +204,30 @@ fn main() -> ExitCode {
 /// where the admin token comes from (never the token itself). A token
 /// `serve` would refuse (empty, unreadable, more than one line) is named
 /// on stderr with exit code 2, as `serve` would exit.
-fn print_config(layered: &config_file::Layered, token_file: Option<&Path>) -> ExitCode {
+fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
     let Some(mut text) = layered.render() else {
         return ExitCode::from(2);
     };
+    let (config, token_file) = serve.config();
+    let token_file = token_file.as_deref();
+    // What serve checks before it starts, beside the admin token.
+    let mut refusals: Vec<String> = [
+        config.trusted_keys().err().map(|e| e.to_string()),
+        config.runner_problem(),
+        CheckError::plugin_directory(&config.plugins_dir).map(|e| e.to_string()),
+        blocking_threads().err().map(|e| format!("{e:#}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if let Ok(threads) = blocking_threads() {
+        text.push_str(&format!(
+            "# blocking threads: {threads} ({BLOCKING_THREADS_ENV})\n"
+        ));
+    }
     let env = admin_token_env();
     let from_env = env.is_some();
-    let refused = match admin_token(env, token_file) {
+    let token_refused = match admin_token(env, token_file) {
         Ok(Some(_)) if from_env => {
             text.push_str("# admin token: from env FORGESYTE_ADMIN_TOKEN (not shown)");
             if token_file.is_some() {
@@ -232,12 +249,14 @@ fn print_config(layered: &config_file::Layered, token_file: Option<&Path>) -> Ex
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(text.as_bytes());
     let _ = stdout.flush();
-    match refused {
-        Some(e) => {
-            say!("forgesyte: serve would refuse this configuration: {e:#}");
-            ExitCode::from(2)
-        }
-        None => ExitCode::SUCCESS,
+    refusals.extend(token_refused.map(|e| format!("{e:#}")));
+    for why in &refusals {
+        say!("forgesyte: serve would refuse this configuration: {why}");
+    }
+    if refusals.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     }
 }
 

@@ -403,9 +403,11 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
     let plugins = tempfile::tempdir().unwrap();
     // `check` first: without the refusal it exits 0, where `serve` would
     // keep serving.
+    // `config --print` says so too: it shows what `serve` would run with.
     for args in [
         &["check"][..],
         &["serve", "--bind", "127.0.0.1:0", "--plugins"][..],
+        &["config", "--print", "--plugins"][..],
     ] {
         let stderr = refused(
             args,
