@@ -93,6 +93,29 @@ pub(crate) fn take_admin_token_env() {
     let _ = ADMIN_TOKEN_ENV.set(token);
 }
 
+/// The signing key's password (`keygen`, `sign`), which `serve` never
+/// needs: gone from a serving process's environment, its starting block
+/// included, before any runner (confined or not) could inherit it.
+pub(crate) const KEY_PASSWORD_ENV: &str = "FORGESYTE_KEY_PASSWORD";
+
+/// Removes `name` from this process's environment and wipes its value in
+/// the block the process started with. Call before any other thread
+/// exists.
+#[allow(unsafe_code)]
+pub(crate) fn drop_env_secret(name: &str) {
+    if std::env::var_os(name).is_none() {
+        return;
+    }
+    if let Err(e) = wipe_initial_env(name) {
+        forgesyte_server::say!(
+            "forgesyte: cannot wipe {name} from the process's environment block: {e}"
+        );
+    }
+    // SAFETY: called before any thread of this process starts (the caller
+    // promises), so nothing reads the environment while it changes.
+    unsafe { std::env::remove_var(name) };
+}
+
 /// Overwrites with zeros the value of `name` in the environment block the
 /// process was started with (`env_start`..`env_end` of `/proc/self/stat`).
 #[allow(unsafe_code)]

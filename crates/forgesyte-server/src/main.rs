@@ -158,6 +158,8 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
+            // Before the first thread (the logger starts none).
+            admin_env::drop_env_secret(admin_env::KEY_PASSWORD_ENV);
             init_logging("info", cli.log_format);
             // In-process plugins' SDK log lines become records of the log
             // (JSON ones under --log-format json), not bare stderr lines.

@@ -109,6 +109,34 @@ fn no_runner_holds_the_servers_environment_nor_another_plugins_values() {
     }
 }
 
+/// The signing key's password is `keygen`'s and `sign`'s: a serving
+/// process drops it from its environment (its starting block too), so no
+/// runner inherits it, confined or not.
+#[test]
+fn no_runner_gets_the_signing_key_s_password() {
+    const PASSWORD: &str = "the-key-password-no-runner-may-hold";
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "snoop", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", plugins.path_str(), "--confine", "off"],
+        &[
+            ("FORGESYTE_KEY_PASSWORD", PASSWORD),
+            ("FORGESYTE_PYTHON_ZYGOTE", "0"),
+        ],
+    );
+    server.wait_loaded();
+    let (kind, _) = call(
+        &server,
+        "snoop",
+        "env",
+        json!({"name": "FORGESYTE_KEY_PASSWORD"}),
+    )
+    .unwrap_err();
+    assert_eq!(kind, "KeyError");
+    let block = std::fs::read(format!("/proc/{}/environ", server.pid())).unwrap();
+    assert!(!holds(&block, PASSWORD), "the server's starting block");
+}
+
 /// A descriptor the server inherited open (here a pipe end this test
 /// leaves inheritable) reaches no runner, forked by the zygote or not;
 /// the server itself keeps it (the control: the test's pipe did reach the
