@@ -33,11 +33,16 @@ pub trait LibraryProbe: Send + Sync + Debug {
 /// Only when none of them has the library does it ask the dynamic loader
 /// (`dlopen` with `RTLD_LAZY | RTLD_LOCAL`), which runs the library's
 /// initialisers; that last step can be turned off with
-/// [`dlopen_fallback`](Self::dlopen_fallback).
+/// [`dlopen_fallback`](Self::dlopen_fallback), or made in a child process
+/// with [`dlopen_in_child`](Self::dlopen_in_child), which a server does:
+/// a manifest's `lib:` name must not run a library's initialisers (and
+/// keep it mapped) in the server.
 #[derive(Debug)]
 pub struct SystemLibraries {
     extra: Vec<PathBuf>,
     dlopen_fallback: bool,
+    /// The command that tries `dlopen` in a child (`None`: here).
+    dlopen_child: Option<(PathBuf, Vec<std::ffi::OsString>)>,
     ld_cache: Mutex<Option<Arc<Vec<LdCacheEntry>>>>,
     listings: Mutex<HashMap<PathBuf, Arc<Vec<String>>>>,
     dlopen_attempts: AtomicU64,
@@ -55,6 +60,7 @@ impl SystemLibraries {
         SystemLibraries {
             extra: extra_search_paths,
             dlopen_fallback: true,
+            dlopen_child: None,
             ld_cache: Mutex::new(None),
             listings: Mutex::new(HashMap::new()),
             dlopen_attempts: AtomicU64::new(0),
@@ -64,6 +70,20 @@ impl SystemLibraries {
     /// Turns the `dlopen` last resort on (the default) or off.
     pub fn dlopen_fallback(mut self, enabled: bool) -> Self {
         self.dlopen_fallback = enabled;
+        self
+    }
+
+    /// Makes the `dlopen` last resort in a child process: `program` with
+    /// `args` and then the candidate names, which must run
+    /// [`dlopen_first`] on those names and print its answer as JSON (the
+    /// name that opened, or `null`), and nothing else, on stdout. A child
+    /// that crashes or hangs (killed after 10 s) found nothing.
+    pub fn dlopen_in_child(
+        mut self,
+        program: impl Into<PathBuf>,
+        args: Vec<std::ffi::OsString>,
+    ) -> Self {
+        self.dlopen_child = Some((program.into(), args));
         self
     }
 
@@ -168,21 +188,59 @@ impl LibraryProbe for SystemLibraries {
         if !self.dlopen_fallback {
             return None;
         }
-        pattern
-            .dlopen_candidates()
-            .into_iter()
-            .find_map(|candidate| {
-                self.dlopen_attempts.fetch_add(1, Ordering::Relaxed);
-                dlopen::can_open(&candidate).then(|| {
-                    tracing::debug!(library = name, candidate, "library found by dlopen");
-                    PathBuf::from(candidate)
+        let candidates = pattern.dlopen_candidates();
+        let opened = match &self.dlopen_child {
+            None => candidates
+                .iter()
+                .find(|candidate| {
+                    self.dlopen_attempts.fetch_add(1, Ordering::Relaxed);
+                    dlopen::can_open(candidate)
                 })
-            })
+                .cloned(),
+            Some((program, args)) => {
+                self.dlopen_attempts.fetch_add(1, Ordering::Relaxed);
+                dlopen_in_child(program, args, &candidates)
+            }
+        };
+        opened.map(|candidate| {
+            tracing::debug!(library = name, candidate, "library found by dlopen");
+            PathBuf::from(candidate)
+        })
     }
 
     fn refresh(&self) {
         *self.ld_cache.lock() = None;
         self.listings.lock().clear();
+    }
+}
+
+/// The first of `candidates` the dynamic loader opens (kept open: see
+/// `dlopen`), trying no more after it.
+pub fn dlopen_first(candidates: &[String]) -> Option<String> {
+    candidates.iter().find(|c| dlopen::can_open(c)).cloned()
+}
+
+/// [`dlopen_first`] in a child process (`program args CANDIDATES…`).
+fn dlopen_in_child(
+    program: &std::path::Path,
+    args: &[std::ffi::OsString],
+    candidates: &[String],
+) -> Option<String> {
+    let mut command = std::process::Command::new(program);
+    command.args(args).args(candidates);
+    match crate::python::run_captured(
+        command,
+        "the library probe",
+        std::time::Duration::from_secs(10),
+    ) {
+        Ok(out) => serde_json::from_slice::<Option<String>>(&out)
+            .ok()
+            .flatten()
+            .filter(|opened| candidates.contains(opened)),
+        Err(why) => {
+            tracing::warn!(candidates = ?candidates, "cannot ask the dynamic loader for a library: {why}");
+            None
+        }
     }
 }
 
@@ -372,6 +430,43 @@ mod tests {
             Some(dir.path().join("libforgesyte_new.so"))
         );
         assert_eq!(libs.dlopen_attempts(), 0);
+    }
+
+    /// The last resort in a child: the child's answer is taken (only as
+    /// one of the names it was asked about), and a child that crashes or
+    /// answers garbage found nothing; this process opens nothing.
+    #[test]
+    fn the_dlopen_last_resort_can_run_in_a_child() {
+        let answering = |script: &str| {
+            SystemLibraries::default()
+                .dlopen_in_child("/bin/sh", vec!["-c".into(), script.into(), "sh".into()])
+        };
+        // The child is given the candidates as its arguments: it answers the
+        // first (a stem of `libdefinitely_missing_xyz.so*`).
+        let libs = answering(r#"printf '"%s"' "$1""#);
+        let found = libs
+            .find("definitely_missing_xyz")
+            .map(|p| p.display().to_string());
+        assert!(
+            found
+                .as_deref()
+                .is_some_and(|f| f.starts_with("libdefinitely_missing_xyz")),
+            "{found:?}"
+        );
+        assert_eq!(libs.dlopen_attempts(), 1);
+        // Not a name it was asked about; garbage; a crash; none.
+        for script in [
+            r#"printf '"libc.so.6"'"#,
+            "echo garbage",
+            "kill -SEGV $$",
+            "printf null",
+        ] {
+            assert_eq!(
+                answering(script).find("definitely_missing_xyz"),
+                None,
+                "{script}"
+            );
+        }
     }
 
     #[test]

@@ -501,9 +501,12 @@ impl LoaderArgs {
         }
         // The GPU probe runs in a child: this executable, behind its own
         // hidden subcommand.
-        config.gpu_probe = std::env::current_exe()
-            .ok()
+        let exe = std::env::current_exe().ok();
+        config.gpu_probe = exe
+            .clone()
             .map(|exe| (exe, vec![forgesyte_server::GPU_PROBE_SUBCOMMAND.into()]));
+        config.lib_probe =
+            exe.map(|exe| (exe, vec![forgesyte_server::LIB_PROBE_SUBCOMMAND.into()]));
     }
 }
 
@@ -768,6 +771,9 @@ mod tests {
         expected.gpu_probe = std::env::current_exe()
             .ok()
             .map(|exe| (exe, vec![forgesyte_server::GPU_PROBE_SUBCOMMAND.into()]));
+        expected.lib_probe = std::env::current_exe()
+            .ok()
+            .map(|exe| (exe, vec![forgesyte_server::LIB_PROBE_SUBCOMMAND.into()]));
 
         let cli = Cli::try_parse_from(["forgesyte", "serve"]).unwrap();
         let Command::Serve(args) = cli.command else {

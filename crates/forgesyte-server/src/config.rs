@@ -178,6 +178,11 @@ pub struct ServerConfig {
     /// `["__probe-gpu"]`): the CUDA driver library, its threads and its
     /// crashes stay out of the server. `None`: probed in this process.
     pub gpu_probe: Option<(PathBuf, Vec<OsString>)>,
+    /// The command that tries `dlopen` on a `lib:` dependency the file
+    /// search did not find, in a child process (the `forgesyte` binary
+    /// sets itself with `["__probe-lib"]`): a library's initialisers never
+    /// run in the server. `None`: tried in this process.
+    pub lib_probe: Option<(PathBuf, Vec<OsString>)>,
     /// The interpreter of Python plugins whose manifest names none
     /// (`--python`, `FORGESYTE_PYTHON`); `None`: `python3` on `PATH`.
     pub python: Option<PathBuf>,
@@ -337,6 +342,7 @@ impl Default for ServerConfig {
             runner: None,
             runner_args: Vec::new(),
             gpu_probe: None,
+            lib_probe: None,
             python: None,
             python_entry_points: false,
             confine: true,

@@ -119,18 +119,21 @@ fn main() -> ExitCode {
     if args.next_if(|a| a == RUNNER_SUBCOMMAND).is_some() {
         return forgesyte_loader::process::runner_main(args);
     }
-    // The GPU probe's child: the report, as JSON, and nothing else on
-    // stdout (the driver's own noise goes to stderr or nowhere).
+    // The probes' children: the answer, as JSON, and nothing else on
+    // stdout (a driver's or a library's own noise goes to stderr or
+    // nowhere).
     if args
         .next_if(|a| a == forgesyte_server::GPU_PROBE_SUBCOMMAND)
         .is_some()
     {
-        let report = forgesyte_deps::probe_here();
-        let mut out = std::io::stdout().lock();
-        return match serde_json::to_writer(&mut out, &report).map(|()| out.flush()) {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            _ => ExitCode::FAILURE,
-        };
+        return answer_json(&forgesyte_deps::probe_here());
+    }
+    if args
+        .next_if(|a| a == forgesyte_server::LIB_PROBE_SUBCOMMAND)
+        .is_some()
+    {
+        let candidates: Vec<String> = args.filter_map(|a| a.into_string().ok()).collect();
+        return answer_json(&forgesyte_deps::dlopen_first(&candidates));
     }
     // Before any thread: what this process inherited open (beyond stdio)
     // is no plugin runner's to inherit.
@@ -259,6 +262,15 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
+    }
+}
+
+/// Writes `answer` as JSON on stdout: a probe child's whole output.
+fn answer_json(answer: &impl serde::Serialize) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match serde_json::to_writer(&mut out, answer).map(|()| out.flush()) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
     }
 }
 

@@ -57,6 +57,11 @@ pub fn build_loader(lib_paths: &[PathBuf]) -> Loader {
 /// ([`forgesyte_deps::probe_here`]): [`ServerConfig::gpu_probe`]'s child.
 pub const GPU_PROBE_SUBCOMMAND: &str = "__probe-gpu";
 
+/// The hidden subcommand of the `forgesyte` binary that tries `dlopen` on
+/// its arguments and prints the first that opened as JSON (or `null`)
+/// ([`forgesyte_deps::dlopen_first`]): [`ServerConfig::lib_probe`]'s child.
+pub const LIB_PROBE_SUBCOMMAND: &str = "__probe-lib";
+
 /// A loader over the real filesystem and real plugin libraries, with its
 /// own registry, set up from `config` ([`ServerConfig::loader_config`]:
 /// library search path, preflight, default isolation, runner).
@@ -69,6 +74,12 @@ pub fn build_loader_from(config: &ServerConfig) -> Loader {
     let mut checker = DependencyChecker::builder()
         .library_paths(config.lib_paths.clone())
         .python(Arc::new(python));
+    if let Some((program, args)) = &config.lib_probe {
+        checker = checker.libraries(Arc::new(
+            forgesyte_deps::SystemLibraries::new(config.lib_paths.clone())
+                .dlopen_in_child(program.clone(), args.clone()),
+        ));
+    }
     if config.no_gpu {
         checker = checker.gpu(Arc::new(forgesyte_deps::NoGpu::new(
             "this server runs no GPU plugins (--no-gpu)",

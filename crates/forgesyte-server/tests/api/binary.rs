@@ -743,6 +743,29 @@ fn the_gpu_probe_child_prints_its_report_as_json() {
     );
 }
 
+/// The library probe's child mode answers the first of its arguments the
+/// dynamic loader opens, as JSON, or `null`.
+#[test]
+fn the_library_probe_child_answers_the_first_library_that_opens() {
+    let probe = |names: &[&str]| {
+        let output = forgesyte_command()
+            .arg("__probe-lib")
+            .args(names)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    assert_eq!(
+        probe(&["libdefinitely_missing_xyz.so", "libc.so.6"]),
+        "libc.so.6"
+    );
+    assert_eq!(
+        probe(&["libdefinitely_missing_xyz.so"]),
+        serde_json::Value::Null
+    );
+}
+
 #[test]
 fn check_usage_errors_exit_2() {
     let (code, _, err) = check(&["--no-such-flag"]);
