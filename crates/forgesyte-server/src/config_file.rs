@@ -488,7 +488,9 @@ fn scalar(arg: &Arg, value: &toml::Value) -> Result<String, String> {
             Err(format!("must be a string (a path), not the number {value}"))
         }
         toml::Value::Integer(i) => Ok(i.to_string()),
-        toml::Value::Float(f) => Ok(f.to_string()),
+        // As TOML wrote it, a float (`1e3` is `1000.0`, not `1000`): an
+        // option of whole numbers refuses it as its flag would.
+        toml::Value::Float(f) => Ok(format!("{f:?}")),
         toml::Value::Boolean(b) if takes_bool => Ok(b.to_string()),
         toml::Value::Boolean(_) if takes_path => {
             Err("must be a string (a path), not a boolean".to_owned())

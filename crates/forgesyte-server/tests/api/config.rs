@@ -134,6 +134,8 @@ fn bad_files_are_usage_errors_naming_file_and_key() {
         ("max-conections = 5\n", "unknown key `max-conections`"),
         ("idle-timeout = -1\n", "key `idle-timeout`"),
         ("isolation = 3\n", "key `isolation`"),
+        // A float for a whole number, refused as `--body-limit 1e3` is.
+        ("body-limit = 1e3\n", "key `body-limit`"),
         ("bind = \n", "not valid TOML"),
     ] {
         let file = ConfigFile::new(text);
