@@ -30,6 +30,12 @@ use crate::gpu::{GpuDevice, GpuProbe, GpuReport};
 /// is left to finish or hang: a thread in a driver call cannot be stopped).
 pub(crate) const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// How long a probe child may take before it is killed: far longer than
+/// the first wait ([`PROBE_TIMEOUT`]), so that a driver slow to start
+/// (many GPUs, persistence mode off) is seen by a later check, as an
+/// in-process probe's late answer is.
+const CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The most devices probed (a broken driver may count billions).
 const MAX_DEVICES: std::ffi::c_int = 64;
 
@@ -53,7 +59,9 @@ impl CudaProbe {
 
     /// A probe that runs `program` with `args` (which must run
     /// [`probe_here`] and print its report as JSON, and nothing else, on
-    /// stdout): killed with its process group after [`PROBE_TIMEOUT`].
+    /// stdout): killed with its process group after two minutes (a slow
+    /// driver's answer, past the load pass's first 15 s wait, is still
+    /// taken by a later check), and when the thread that started it ends.
     pub fn in_child(program: impl Into<PathBuf>, args: Vec<OsString>) -> Self {
         CudaProbe {
             child: Some(Arc::new((program.into(), args))),
@@ -71,12 +79,28 @@ impl CudaProbe {
             Some(command) => {
                 let command = Arc::clone(command);
                 PROBING.report(PROBE_TIMEOUT, move || {
-                    let report = probe_in_child(&command.0, &command.1, PROBE_TIMEOUT);
+                    let report = probe_in_child(&command.0, &command.1, CHILD_TIMEOUT);
                     log_report(&report);
                     report
                 })
             }
         }
+    }
+}
+
+/// Makes `command`'s process get `SIGKILL` when the thread that starts it
+/// ends (a probe child outlives neither its caller nor the server: one
+/// that hangs in a driver call would stay for ever).
+pub(crate) fn dies_with_its_thread(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs between fork and exec in the child, where
+    // only async-signal-safe work is allowed: `prctl` is a plain system
+    // call, and its error is returned without allocating.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            Ok(())
+        });
     }
 }
 
@@ -108,6 +132,7 @@ pub(crate) fn probe_in_child(
 ) -> GpuReport {
     let mut command = std::process::Command::new(program);
     command.args(args);
+    dies_with_its_thread(&mut command);
     if let Some(path) = std::env::var_os("LD_LIBRARY_PATH") {
         command.env("LD_LIBRARY_PATH", without_stubs(&path));
     }

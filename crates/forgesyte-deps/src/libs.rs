@@ -87,8 +87,8 @@ impl SystemLibraries {
         self
     }
 
-    /// How many times this search fell back to `dlopen` (one per candidate
-    /// name tried).
+    /// How many times this search fell back to `dlopen`: in this process,
+    /// one per candidate name tried; in a child, one per child.
     pub fn dlopen_attempts(&self) -> u64 {
         self.dlopen_attempts.load(Ordering::Relaxed)
     }
@@ -228,6 +228,7 @@ fn dlopen_in_child(
 ) -> Option<String> {
     let mut command = std::process::Command::new(program);
     command.args(args).args(candidates);
+    crate::cuda::dies_with_its_thread(&mut command);
     match crate::python::run_captured(
         command,
         "the library probe",

@@ -126,14 +126,16 @@ fn main() -> ExitCode {
         .next_if(|a| a == forgesyte_server::GPU_PROBE_SUBCOMMAND)
         .is_some()
     {
-        return answer_json(&forgesyte_deps::probe_here());
+        let out = keep_stdout_for_report();
+        answer_json(out, &forgesyte_deps::probe_here());
     }
     if args
         .next_if(|a| a == forgesyte_server::LIB_PROBE_SUBCOMMAND)
         .is_some()
     {
+        let out = keep_stdout_for_report();
         let candidates: Vec<String> = args.filter_map(|a| a.into_string().ok()).collect();
-        return answer_json(&forgesyte_deps::dlopen_first(&candidates));
+        answer_json(out, &forgesyte_deps::dlopen_first(&candidates));
     }
     // Before any thread: what this process inherited open (beyond stdio)
     // is no plugin runner's to inherit.
@@ -159,10 +161,14 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // The signing key's password is `keygen`'s and `sign`'s only: gone from
+    // every other command before it starts a thread or a child (a runner,
+    // a zygote, a probe).
+    if !matches!(cli.command, Command::Keygen(_) | Command::Sign(_)) {
+        admin_env::drop_env_secret(admin_env::KEY_PASSWORD_ENV);
+    }
     match cli.command {
         Command::Serve(args) => {
-            // Before the first thread (the logger starts none).
-            admin_env::drop_env_secret(admin_env::KEY_PASSWORD_ENV);
             init_logging("info", cli.log_format);
             // In-process plugins' SDK log lines become records of the log
             // (JSON ones under --log-format json), not bare stderr lines.
@@ -265,13 +271,27 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
     }
 }
 
-/// Writes `answer` as JSON on stdout: a probe child's whole output.
-fn answer_json(answer: &impl serde::Serialize) -> ExitCode {
-    let mut out = std::io::stdout().lock();
-    match serde_json::to_writer(&mut out, answer).map(|()| out.flush()) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    }
+/// Writes `answer` as JSON to `out` (the stdout kept aside before the
+/// probe: what a driver or a library prints while it is opened went to
+/// stderr) and ends the process at once, exit status 0 when it was
+/// written: no `atexit` handler or destructor of what was opened runs, so
+/// none can crash or hang the answer away.
+#[allow(unsafe_code)]
+fn answer_json(out: Option<std::fs::File>, answer: &impl serde::Serialize) -> ! {
+    let written = match out {
+        Some(mut file) => serde_json::to_writer(&mut file, answer)
+            .map_err(std::io::Error::from)
+            .and_then(|()| file.flush()),
+        None => {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, answer)
+                .map_err(std::io::Error::from)
+                .and_then(|()| out.flush())
+        }
+    };
+    // SAFETY: `_exit` ends the process without running anything more; the
+    // answer is written and flushed, and nothing else is owed.
+    unsafe { libc::_exit(if written.is_ok() { 0 } else { 1 }) }
 }
 
 /// `forgesyte lock DIR`: hashes every plugin directory of DIR and writes

@@ -207,11 +207,10 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     // those it starts after, not for a thread already running) and before
     // the plugin's library is opened.
     if args.confine.is_some()
-        && let Some(threads) = threads_but_this_one()
+        && let Some(why) = other_threads()
     {
         eprintln!(
-            "forgesyte-runner[{}]: cannot confine the runner: {threads} other thread(s) run \
-             already, and would run outside the sandbox",
+            "forgesyte-runner[{}]: cannot confine the runner: {why}",
             args.plugin
         );
         return ExitCode::from(EXIT_SETUP);
@@ -687,12 +686,19 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
     }
 }
 
-/// How many threads besides the calling one this process has (`None`:
-/// none, or `/proc` cannot say, which the confinement's own steps then
-/// find out).
-fn threads_but_this_one() -> Option<usize> {
-    let threads = std::fs::read_dir("/proc/self/task").ok()?.count();
-    (threads > 1).then(|| threads - 1)
+/// Why this process is not its calling thread alone, which confining it
+/// needs (`None`: it is). Not knowing is a reason too: the confinement's
+/// steps succeed whatever other thread runs.
+fn other_threads() -> Option<String> {
+    match std::fs::read_dir("/proc/self/task") {
+        Ok(tasks) => {
+            let others = tasks.count().saturating_sub(1);
+            (others > 0).then(|| {
+                format!("{others} other thread(s) run already, and would run outside the sandbox")
+            })
+        }
+        Err(e) => Some(format!("cannot count its threads (/proc/self/task: {e})")),
+    }
 }
 
 /// The fallback to the parent-death signal: a thread that ends the process

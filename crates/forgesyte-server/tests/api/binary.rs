@@ -764,6 +764,25 @@ fn the_library_probe_child_answers_the_first_library_that_opens() {
         probe(&["libdefinitely_missing_xyz.so"]),
         serde_json::Value::Null
     );
+    // A library that prints as it is opened (and whose destructor would
+    // print at exit): the answer stays the answer alone.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("noisy.c"),
+        "#include <stdio.h>\n\
+         __attribute__((constructor)) static void hi(void) { printf(\"banner\\n\"); }\n\
+         __attribute__((destructor)) static void bye(void) { printf(\"bye\\n\"); }\n",
+    )
+    .unwrap();
+    let built = std::process::Command::new("cc")
+        .current_dir(dir.path())
+        .args(["-shared", "-fPIC", "-o", "libnoisy.so", "noisy.c"])
+        .status()
+        .expect("cc, to build a library");
+    assert!(built.success());
+    let noisy = dir.path().join("libnoisy.so");
+    let noisy = noisy.to_str().unwrap();
+    assert_eq!(probe(&[noisy]), noisy);
 }
 
 #[test]
