@@ -20,8 +20,9 @@
 //! `sendto`, a `listen` without `bind` and all of UDP open); and
 //! `socketpair()` of datagrams (a datagram pair's socket can be
 //! disconnected, bound to a path and sent to any socket that has one: a
-//! Unix socket in all but name; pairs of streams and sequenced packets
-//! stay allowed); a foreign architecture's calls (x32, a 32-bit
+//! Unix socket in all but name) or of another family than `AF_UNIX` (a
+//! socket of that family is made, its module maybe loaded, before the call
+//! fails); Unix pairs of streams and sequenced packets stay allowed; a foreign architecture's calls (x32, a 32-bit
 //! `int 0x80`) are refused as a whole.
 //!
 //! Hand-assembled rather than built with a crate: the Python runner,
@@ -156,8 +157,13 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, nr, u8::MAX, 0));
     }
     if !network {
-        // socketpair(): its type (args[1], flags masked off), else on.
-        p.push(jump(libc::BPF_JEQ, libc::SYS_socketpair as u32, 0, 5));
+        // socketpair(): of Unix sockets only (args[0]: any other family's
+        // pair is a socket of that family made, and its module maybe
+        // loaded, before the call fails), of their type (args[1], flags
+        // masked off); else on.
+        p.push(jump(libc::BPF_JEQ, libc::SYS_socketpair as u32, 0, 7));
+        p.push(load(16));
+        p.push(jump(libc::BPF_JEQ, libc::AF_UNIX as u32, 0, u8::MAX));
         p.push(load(24));
         p.push(stmt(
             (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16,
@@ -361,6 +367,13 @@ mod tests {
                 let said = run2(&p, AUDIT_ARCH, pair, unix, kind as u32 | cloexec);
                 let expected = if always || network { ALLOW } else { DENY };
                 assert_eq!(said, expected, "socketpair of type {kind}");
+            }
+            // Pairs of another family: with the network only (TIPC has
+            // stream pairs; an IP family's are made before they fail).
+            for domain in [inet, inet6, 30 /* AF_TIPC */, netlink] {
+                let said = run2(&p, AUDIT_ARCH, pair, domain, libc::SOCK_STREAM as u32);
+                let expected = if network { ALLOW } else { DENY };
+                assert_eq!(said, expected, "socketpair of family {domain}");
             }
             // clone3: ENOSYS; clone: refused with CLONE_PARENT only.
             let clone = libc::SYS_clone as u32;

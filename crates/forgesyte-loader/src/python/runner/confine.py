@@ -205,6 +205,7 @@ _CLONE_PARENT = 0x8000
 _CLONE3 = 435  # the same number on both machines
 # A socket's type (its low bits; the rest are flags): the pairs allowed.
 _SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_SEQPACKET = 0xF, 1, 5
+_AF_UNIX = 1
 _X32_SYSCALL_BIT = 0x40000000
 # io_uring (``io_uring_setup``, ``_enter``, ``_register``: the same numbers
 # on both machines): its operations (a socket among them) pass no filter.
@@ -239,7 +240,8 @@ def _seccomp_program(machine, network):
     - each System V IPC, POSIX message-queue and io_uring call, ``setsid``,
       ``setpgid`` and ``truncate`` (by path; Landlock rules it only from
       ABI 3): deny
-    - without the network, ``socketpair`` whose type (args[1]'s low half,
+    - without the network, ``socketpair`` of another family than
+      ``AF_UNIX`` (args[0]), or whose type (args[1]'s low half,
       offset 24, its flags masked off) is not ``SOCK_STREAM`` or
       ``SOCK_SEQPACKET``: deny (a datagram pair's socket can be
       disconnected, bound to a path and sent to any socket that has one:
@@ -266,7 +268,9 @@ def _seccomp_program(machine, network):
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
     p.extend((_BPF_JEQ_K, deny, 0, nr) for nr in sorted(ipc))
     if not network:
-        p += [(_BPF_JEQ_K, 0, 5, socketpair),  # socketpair(): its type, else on
+        p += [(_BPF_JEQ_K, 0, 7, socketpair),  # socketpair(): Unix, its type, else on
+              (_BPF_LD_W_ABS, 0, 0, 16),
+              (_BPF_JEQ_K, 0, deny, _AF_UNIX),
               (_BPF_LD_W_ABS, 0, 0, 24),
               (_BPF_AND_K, 0, 0, _SOCK_TYPE_MASK),
               (_BPF_JEQ_K, 1, 0, _SOCK_STREAM),
