@@ -1937,7 +1937,7 @@ class SeccompTests(unittest.TestCase):
         def program(audit_arch, x32, calls, clone, sockets):
             """Every jump to the deny (the last instruction) or to the ENOSYS
             return (the one before) counted from the one after it."""
-            n = 3 + x32 + 6 + len(calls) + (7 if sockets else 0) + 3
+            n = 3 + x32 + 6 + len(calls) + (9 if sockets else 0) + 3
             deny = lambda i: n - 1 - i - 1  # noqa: E731
             p = [(ld, 0, 0, 4), (jeq, 0, deny(1), audit_arch), (ld, 0, 0, 0)]
             if x32:
@@ -1948,10 +1948,12 @@ class SeccompTests(unittest.TestCase):
             p += [(jeq, deny(len(p) + j), 0, nr) for j, nr in enumerate(calls)]
             if sockets:
                 socketpair, socket = sockets
-                # socketpair() of a stream or sequenced packets (the type's
-                # flags masked off); no socket() at all.
-                p += [(jeq, 0, 5, socketpair), (ld, 0, 0, 24), (and_, 0, 0, 0xF), (jeq, 1, 0, 1),
-                      (jeq, 0, 4, 5), (ret, 0, 0, self.ALLOW), (jeq, 2, 0, socket)]
+                # socketpair() of Unix sockets (the family, args[0]), of a
+                # stream or sequenced packets (the type's flags masked off);
+                # no socket() at all.
+                p += [(jeq, 0, 7, socketpair), (ld, 0, 0, 16), (jeq, 0, 8, 1), (ld, 0, 0, 24),
+                      (and_, 0, 0, 0xF), (jeq, 1, 0, 1), (jeq, 0, 4, 5), (ret, 0, 0, self.ALLOW),
+                      (jeq, 2, 0, socket)]
             p += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, enosys), (ret, 0, 0, self.DENY)]
             self.assertEqual(len(p), n)
             return p
@@ -1968,8 +1970,8 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
         # Two places in step: the x86_64 program without the network, as
-        # the native runner builds it, is 44 instructions.
-        self.assertEqual(len(_seccomp_program("x86_64", False)), 44)
+        # the native runner builds it, is 46 instructions.
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 46)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
@@ -1995,6 +1997,11 @@ class SeccompTests(unittest.TestCase):
                 for kind, allowed in ((1, True), (5, True), (2, network), (3, network)):
                     said = run_bpf(p, arch, socketpair_nr, 1, kind | 0o2000000)
                     self.assertEqual(said, self.ALLOW if allowed else self.DENY, (where, kind))
+                # Pairs of another family (AF_INET, AF_INET6, AF_TIPC,
+                # AF_NETLINK): with the network only.
+                for domain in (2, 10, 30, 16):
+                    said = run_bpf(p, arch, socketpair_nr, domain, 1)
+                    self.assertEqual(said, self.ALLOW if network else self.DENY, (where, domain))
                 sockets = self.ALLOW if network else self.DENY
                 self.assertEqual(run_bpf(p, arch, socket_nr, 2, 1), sockets, where)  # AF_INET
                 self.assertEqual(run_bpf(p, arch, socket_nr, 10, 2), sockets, where)  # AF_INET6
