@@ -41,8 +41,12 @@ COPY --from=builder /out/forgesyte /usr/local/bin/forgesyte
 # volume of your own (trusted keys, a config) may hide.
 COPY deploy/forgesyte.toml /usr/local/share/forgesyte/forgesyte.toml
 COPY deploy/healthcheck.py /usr/local/share/forgesyte/healthcheck.py
-# Bytecode (plugins' and the cached Python runner's) goes under /tmp, never
-# into the plugin tree, which may be read-only.
+# The server's cache of the Python runner goes under /tmp (a private 0700
+# directory: where /tmp lets anyone write there without the sticky bit, as
+# a Kubernetes emptyDir does, the runner is served from its sources
+# instead), and bytecode that unconfined runners write (`--confine off`)
+# too, never into the plugin tree, which may be read-only. Confined runners
+# start with the plan's environment only, and write no bytecode at all.
 ENV XDG_CACHE_HOME=/tmp/cache \
     PYTHONPYCACHEPREFIX=/tmp/pycache \
     FORGESYTE_CONFIG=/usr/local/share/forgesyte/forgesyte.toml

@@ -26,6 +26,13 @@ if [ -z "$engine" ]; then
   echo "build-image: no usable podman or docker; the image was not built" >&2
   exit 3
 fi
-echo "build-image: $engine build $* -t $tag ." >&2
-"$engine" build "$@" -t "$tag" -f Dockerfile . || exit 1
+# Podman builds OCI images by default, which have no HEALTHCHECK: the
+# Docker format keeps it.
+format=
+if [ "$engine" = podman ]; then
+  format="--format docker"
+fi
+echo "build-image: $engine build $format $* -t $tag ." >&2
+# shellcheck disable=SC2086 # $format is one option and its value, or none
+"$engine" build $format "$@" -t "$tag" -f Dockerfile . || exit 1
 echo "build-image: built $tag with $engine" >&2

@@ -657,6 +657,6 @@ fn build_image_uses_the_first_working_engine() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         called,
-        format!("podman build -t forgesyte:{version} -f Dockerfile .\n")
+        format!("podman build --format docker -t forgesyte:{version} -f Dockerfile .\n")
     );
 }
