@@ -424,17 +424,18 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
 }
 
 /// Runs `forgesyte ARGS DIR MORE` and returns its stderr, once it has
-/// exited 2 (a configuration refused before any start).
+/// exited 2 (a configuration refused before any start), within 30 s: a
+/// `serve` that did start would otherwise hold the test for ever.
 fn refused(args: &[&str], dir: &std::path::Path, more: &[&str]) -> String {
-    let output = crate::support::forgesyte_command()
-        .args(args)
-        .arg(dir)
-        .args(more)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    let dir = dir.to_str().unwrap();
+    let all: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain([dir])
+        .chain(more.iter().copied())
+        .collect();
+    let (code, _, stderr) = crate::support::run_forgesyte_within(&all, 30);
+    assert_eq!(code, 2, "{args:?}: {stderr}");
     stderr
 }
 
