@@ -241,6 +241,30 @@ fn the_zygote_can_be_turned_off() {
     }
 }
 
+/// A directory holding a `sitecustomize.py` of `code`: on `PYTHONPATH`,
+/// what every interpreter of the server runs as it starts.
+fn site_customized(code: &str) -> tempfile::TempDir {
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("sitecustomize.py"), code).unwrap();
+    site
+}
+
+/// A loaded server of the Python `echo` fixture, its interpreters started
+/// with `site` on `PYTHONPATH`, the zygote on (`"1"`) or off (`"0"`).
+fn echo_under(site: &tempfile::TempDir, zygote: &str) -> (PluginsDir, Forgesyte) {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[
+            ("FORGESYTE_PYTHON_ZYGOTE", zygote),
+            ("PYTHONPATH", site.path().to_str().unwrap()),
+        ],
+    );
+    server.wait_loaded();
+    (dir, server)
+}
+
 /// A thread started before the runner confines itself (by a
 /// `sitecustomize`, or by an at-fork hook it registered in the zygote)
 /// would run outside the sandbox: the runner refuses to go on, and the
@@ -248,27 +272,14 @@ fn the_zygote_can_be_turned_off() {
 /// its zygote forked it.
 #[test]
 fn a_thread_started_before_confinement_fails_the_plugin() {
-    let site = tempfile::tempdir().unwrap();
-    std::fs::write(
-        site.path().join("sitecustomize.py"),
+    let site = site_customized(
         "import os, threading, time\n\
          def _idle():\n    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\
          _idle()\n\
          os.register_at_fork(after_in_child=_idle)\n",
-    )
-    .unwrap();
-    let pythonpath = site.path().to_str().unwrap();
+    );
     for zygote in ["0", "1"] {
-        let dir = PluginsDir::new();
-        dir.python("echo", "echo");
-        let server = Forgesyte::start_with_env(
-            &["--plugins", dir.path_str()],
-            &[
-                ("FORGESYTE_PYTHON_ZYGOTE", zygote),
-                ("PYTHONPATH", pythonpath),
-            ],
-        );
-        server.wait_loaded();
+        let (_dir, server) = echo_under(&site, zygote);
         let health = server.get("/v1/plugins/echo/health").json();
         assert_eq!(health["state"], "FAILED", "zygote {zygote}: {health}");
         let log = server.log();
@@ -286,25 +297,12 @@ fn a_thread_started_before_confinement_fails_the_plugin() {
 /// after it.
 #[test]
 fn what_the_interpreter_prints_as_it_starts_does_not_break_the_handshake() {
-    let site = tempfile::tempdir().unwrap();
-    std::fs::write(
-        site.path().join("sitecustomize.py"),
+    let site = site_customized(
         "import os\nprint('sitecustomize says hello')\n\
          os.write(1, b'\\x00\\x00\\x00\\x10 raw bytes on fd 1\\n')\n",
-    )
-    .unwrap();
-    let pythonpath = site.path().to_str().unwrap();
+    );
     for zygote in ["0", "1"] {
-        let dir = PluginsDir::new();
-        dir.python("echo", "echo");
-        let server = Forgesyte::start_with_env(
-            &["--plugins", dir.path_str()],
-            &[
-                ("FORGESYTE_PYTHON_ZYGOTE", zygote),
-                ("PYTHONPATH", pythonpath),
-            ],
-        );
-        server.wait_loaded();
+        let (_dir, server) = echo_under(&site, zygote);
         let reply = server.run("echo", "echo", r#"{"args": {"n": 1}}"#);
         assert_eq!(
             reply.status,
