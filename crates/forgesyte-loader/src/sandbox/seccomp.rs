@@ -34,7 +34,7 @@ use std::io;
 
 /// What the hello's `syscalls` says of a runner filtered without network
 /// (the Python runner says the same).
-pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (pairs of streams or packets only), no \
+pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (Unix pairs of streams or packets only), no \
      System V IPC, no POSIX message queue, no io_uring, no new session or process group, no \
      truncate() by path";
 /// ... and of one whose plan keeps the network.

@@ -227,7 +227,7 @@ pub(super) fn declares(plugins: &PluginsDir) -> Value {
 const OWN_NETWORK: &str = "isolated: a network namespace of its own";
 const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
 const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
-const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (pairs of streams or packets only), no System V IPC, no POSIX \
+const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (Unix pairs of streams or packets only), no System V IPC, no POSIX \
      message queue, no io_uring, no new session or process group, no truncate() by path";
 
 /// The snoop's variables, and the policy that grants the `open` variants

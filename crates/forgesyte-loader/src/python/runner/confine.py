@@ -188,7 +188,7 @@ def _not_dumpable(libc):
 # What the hello says of a runner filtered by ``_seccomp`` (as the native
 # runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
 # with it.
-SYSCALLS_NO_SOCKETS = ("filtered: no new socket (pairs of streams or packets only), no System V IPC, "
+SYSCALLS_NO_SOCKETS = ("filtered: no new socket (Unix pairs of streams or packets only), no System V IPC, "
                        "no POSIX message queue, no io_uring, no new session or process group, no "
                        "truncate() by path")
 SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no new session or "
