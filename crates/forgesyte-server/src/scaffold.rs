@@ -75,14 +75,18 @@ pub(crate) enum ScaffoldError {
 /// `name`),
 /// if any. Directories that cannot be read are passed over.
 fn named_already(parent: &Path, name: &str) -> Option<PathBuf> {
+    use forgesyte_deps::FileSystem as _;
     const MANIFEST_BYTES: u64 = 1 << 20;
     let entries = std::fs::read_dir(parent).ok()?;
     entries.flatten().map(|e| e.path()).find(|dir| {
-        use std::io::Read as _;
-        let mut text = Vec::new();
-        std::fs::File::open(dir.join(forgesyte_loader::manifest::MANIFEST_FILE))
-            .and_then(|f| f.take(MANIFEST_BYTES).read_to_end(&mut text))
-            .is_ok_and(|_| {
+        // Read as the loader reads a manifest: a regular file only (a FIFO
+        // there would wait for a writer for ever), and bounded.
+        forgesyte_deps::RealFs
+            .read(
+                &dir.join(forgesyte_loader::manifest::MANIFEST_FILE),
+                MANIFEST_BYTES,
+            )
+            .is_ok_and(|text| {
                 // The name it is served under: `id`, else `name` (a
                 // directory's own name is the `Exists` check's).
                 serde_json::from_slice::<serde_json::Value>(&text).is_ok_and(|m| {
@@ -736,6 +740,26 @@ mod tests {
             assert!(!tmp.path().join("text-stats").exists());
         }
         create(Lang::Python, "text-stats-2", tmp.path(), &sdk, DEFAULT_BIND).unwrap();
+        // A sibling whose manifest is a FIFO is passed over, not waited on.
+        let fifo = tmp.path().join("fifo");
+        std::fs::create_dir(&fifo).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(fifo.join("manifest.json"))
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let parent = tmp.path().to_path_buf();
+        std::thread::spawn(move || {
+            let sdk = Sdk::Version(SDK_VERSION);
+            let _ =
+                tx.send(create(Lang::Python, "after-fifo", &parent, &sdk, DEFAULT_BIND).is_ok());
+        });
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(true),
+            "new waited on a FIFO's writer"
+        );
     }
 
     #[test]
