@@ -55,6 +55,12 @@ const RUNTIME_DIRS: [&str; 3] = [".cache", "logs", "tmp"];
 /// Endings of files of runtime output, never stamped.
 const RUNTIME_ENDINGS: [&str; 4] = [".log", ".tmp", ".pid", ".swp"];
 
+/// Whether a file of this name is never stamped, wherever it is: bytecode,
+/// or runtime output by its ending.
+fn unstamped_file(name: &str) -> bool {
+    name.ends_with(".pyc") || RUNTIME_ENDINGS.iter().any(|e| name.ends_with(e))
+}
+
 /// Whether a file of this name is code a plugin loads: Python sources and
 /// extension modules, shared libraries (versioned ones too).
 fn is_code(name: &str) -> bool {
@@ -74,7 +80,7 @@ pub fn runtime_output(path: &Path) -> bool {
     let Some(name) = path.file_name().map(|n| n.to_string_lossy()) else {
         return false;
     };
-    if name.ends_with(".pyc") || RUNTIME_ENDINGS.iter().any(|e| name.ends_with(e)) {
+    if unstamped_file(&name) {
         return true;
     }
     let under = |dirs: &[&str]| {
@@ -217,10 +223,7 @@ impl Walk<'_> {
             let name = String::from_utf8_lossy(&raw_name);
             // Skipped before they count: a large cache or environment must
             // not use up the budget of the files that matter.
-            if SKIPPED.contains(&&*name)
-                || name.ends_with(".pyc")
-                || RUNTIME_ENDINGS.iter().any(|e| name.ends_with(e))
-            {
+            if SKIPPED.contains(&&*name) || unstamped_file(&name) {
                 continue;
             }
             let rel = format!("{prefix}{name}");
