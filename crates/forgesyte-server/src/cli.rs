@@ -499,14 +499,9 @@ impl LoaderArgs {
                 config.runner_args = vec![RUNNER_SUBCOMMAND.into()];
             }
         }
-        // The GPU probe runs in a child: this executable, behind its own
-        // hidden subcommand.
-        let exe = std::env::current_exe().ok();
-        config.gpu_probe = exe
-            .clone()
-            .map(|exe| (exe, vec![forgesyte_server::GPU_PROBE_SUBCOMMAND.into()]));
-        config.lib_probe =
-            exe.map(|exe| (exe, vec![forgesyte_server::LIB_PROBE_SUBCOMMAND.into()]));
+        // The dependency probes run in children: this executable, behind
+        // their hidden subcommands.
+        config.probe_program = std::env::current_exe().ok();
     }
 }
 
@@ -768,12 +763,7 @@ mod tests {
         let mut expected = ServerConfig::default();
         expected.runner = std::env::current_exe().ok();
         expected.runner_args = vec![RUNNER_SUBCOMMAND.into()];
-        expected.gpu_probe = std::env::current_exe()
-            .ok()
-            .map(|exe| (exe, vec![forgesyte_server::GPU_PROBE_SUBCOMMAND.into()]));
-        expected.lib_probe = std::env::current_exe()
-            .ok()
-            .map(|exe| (exe, vec![forgesyte_server::LIB_PROBE_SUBCOMMAND.into()]));
+        expected.probe_program = std::env::current_exe().ok();
 
         let cli = Cli::try_parse_from(["forgesyte", "serve"]).unwrap();
         let Command::Serve(args) = cli.command else {

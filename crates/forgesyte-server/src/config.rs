@@ -173,16 +173,14 @@ pub struct ServerConfig {
     /// the runner is a host binary (the `forgesyte` binary sets
     /// `["__runner"]` when it is its own runner).
     pub runner_args: Vec<OsString>,
-    /// The command that probes the machine's GPUs in a child process, its
-    /// report printed as JSON (the `forgesyte` binary sets itself with
-    /// `["__probe-gpu"]`): the CUDA driver library, its threads and its
-    /// crashes stay out of the server. `None`: probed in this process.
-    pub gpu_probe: Option<(PathBuf, Vec<OsString>)>,
-    /// The command that tries `dlopen` on a `lib:` dependency the file
-    /// search did not find, in a child process (the `forgesyte` binary
-    /// sets itself with `["__probe-lib"]`): a library's initialisers never
-    /// run in the server. `None`: tried in this process.
-    pub lib_probe: Option<(PathBuf, Vec<OsString>)>,
+    /// The `forgesyte` executable that runs the dependency probes in child
+    /// processes, behind its hidden subcommands (the `forgesyte` binary
+    /// sets itself): the GPU probe ([`crate::GPU_PROBE_SUBCOMMAND`]), so the
+    /// CUDA driver library, its threads and its crashes stay out of the
+    /// server, and the `dlopen` last resort of a `lib:` dependency
+    /// ([`crate::LIB_PROBE_SUBCOMMAND`]), so no library's initialisers run
+    /// in it. `None`: both in this process.
+    pub probe_program: Option<PathBuf>,
     /// The interpreter of Python plugins whose manifest names none
     /// (`--python`, `FORGESYTE_PYTHON`); `None`: `python3` on `PATH`.
     pub python: Option<PathBuf>,
@@ -341,8 +339,7 @@ impl Default for ServerConfig {
             default_isolation: DEFAULT_ISOLATION,
             runner: None,
             runner_args: Vec::new(),
-            gpu_probe: None,
-            lib_probe: None,
+            probe_program: None,
             python: None,
             python_entry_points: false,
             confine: true,

@@ -54,12 +54,12 @@ pub fn build_loader(lib_paths: &[PathBuf]) -> Loader {
 
 /// The hidden subcommand of the `forgesyte` binary that probes the
 /// machine's GPUs and prints the report as JSON
-/// ([`forgesyte_deps::probe_here`]): [`ServerConfig::gpu_probe`]'s child.
+/// ([`forgesyte_deps::probe_here`]): run by [`ServerConfig::probe_program`].
 pub const GPU_PROBE_SUBCOMMAND: &str = "__probe-gpu";
 
 /// The hidden subcommand of the `forgesyte` binary that tries `dlopen` on
 /// its arguments and prints the first that opened as JSON (or `null`)
-/// ([`forgesyte_deps::dlopen_first`]): [`ServerConfig::lib_probe`]'s child.
+/// ([`forgesyte_deps::dlopen_first`]): run by [`ServerConfig::probe_program`].
 pub const LIB_PROBE_SUBCOMMAND: &str = "__probe-lib";
 
 /// A loader over the real filesystem and real plugin libraries, with its
@@ -74,20 +74,21 @@ pub fn build_loader_from(config: &ServerConfig) -> Loader {
     let mut checker = DependencyChecker::builder()
         .library_paths(config.lib_paths.clone())
         .python(Arc::new(python));
-    if let Some((program, args)) = &config.lib_probe {
+    let program = config.probe_program.as_ref();
+    if let Some(program) = program {
         checker = checker.libraries(Arc::new(
             forgesyte_deps::SystemLibraries::new(config.lib_paths.clone())
-                .dlopen_in_child(program.clone(), args.clone()),
+                .dlopen_in_child(program, vec![LIB_PROBE_SUBCOMMAND.into()]),
         ));
     }
     if config.no_gpu {
         checker = checker.gpu(Arc::new(forgesyte_deps::NoGpu::new(
             "this server runs no GPU plugins (--no-gpu)",
         )));
-    } else if let Some((program, args)) = &config.gpu_probe {
+    } else if let Some(program) = program {
         checker = checker.gpu(Arc::new(forgesyte_deps::CudaProbe::in_child(
-            program.clone(),
-            args.clone(),
+            program,
+            vec![GPU_PROBE_SUBCOMMAND.into()],
         )));
     }
     let checker = Arc::new(checker.build());
