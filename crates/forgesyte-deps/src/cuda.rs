@@ -88,22 +88,6 @@ impl CudaProbe {
     }
 }
 
-/// Makes `command`'s process get `SIGKILL` when the thread that starts it
-/// ends (a probe child outlives neither its caller nor the server: one
-/// that hangs in a driver call would stay for ever).
-pub(crate) fn dies_with_its_thread(command: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: the closure runs between fork and exec in the child, where
-    // only async-signal-safe work is allowed: `prctl` is a plain system
-    // call, and its error is returned without allocating.
-    unsafe {
-        command.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-            Ok(())
-        });
-    }
-}
-
 /// A library search path without its `stubs` directories (the CUDA
 /// toolkit's link-time stubs, not drivers).
 fn without_stubs(path: &std::ffi::OsStr) -> OsString {
@@ -132,7 +116,7 @@ pub(crate) fn probe_in_child(
 ) -> GpuReport {
     let mut command = std::process::Command::new(program);
     command.args(args);
-    dies_with_its_thread(&mut command);
+    crate::die_with_parent_thread(&mut command);
     if let Some(path) = std::env::var_os("LD_LIBRARY_PATH") {
         command.env("LD_LIBRARY_PATH", without_stubs(&path));
     }

@@ -228,7 +228,7 @@ fn dlopen_in_child(
 ) -> Option<String> {
     let mut command = std::process::Command::new(program);
     command.args(args).args(candidates);
-    crate::cuda::dies_with_its_thread(&mut command);
+    crate::die_with_parent_thread(&mut command);
     match crate::python::run_captured(
         command,
         "the library probe",

@@ -3,7 +3,9 @@
 //! connections), and every child it starts gets the limit it started with
 //! back (plugin code runs with what the operator set). Here, below the
 //! loader, so that the dependency check's and the discovery's interpreters
-//! get it back as the loader's runners do.
+//! get it back as the loader's runners do. And the parent-death signal of
+//! a child, for the same children: the loader's runners and zygotes, the
+//! probes' children.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +46,30 @@ pub fn raise_open_file_limit() -> std::io::Result<Option<(u64, u64)>> {
     )?;
     INHERITED_NOFILE.store(soft, Ordering::Relaxed);
     Ok(Some((soft, hard)))
+}
+
+/// Makes `command`'s process get `SIGKILL` when the *thread* that starts
+/// it ends (the kernel's parent-death signal follows the thread that
+/// forked); a child whose parent is already gone by then exits at once.
+/// A caller that returns before the child ends forks from a long-lived
+/// thread (the loader's spawner); one that waits for the child (a probe)
+/// is that thread itself.
+#[allow(unsafe_code)]
+pub fn die_with_parent_thread(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs between fork and exec in the child, where
+    // only async-signal-safe work is allowed: `prctl` and `getppid` are
+    // plain system calls, and the error is built without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(3 /* ESRCH */));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Gives `command`'s process the soft open-file limit this process started

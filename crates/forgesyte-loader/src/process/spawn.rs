@@ -134,7 +134,7 @@ pub(crate) fn spawn_supervised(mut command: Command) -> std::io::Result<std::pro
             .name("forgesyte-spawner".into())
             .spawn(move || {
                 for (mut command, reply) in rx {
-                    set_parent_death_signal(&mut command);
+                    forgesyte_deps::die_with_parent_thread(&mut command);
                     let _ = reply.send(command.spawn());
                 }
             });
@@ -171,26 +171,6 @@ fn set_no_new_privs(command: &mut Command) {
     unsafe {
         command.pre_exec(|| {
             rustix::thread::set_no_new_privs(true)?;
-            Ok(())
-        });
-    }
-}
-
-/// Makes the child get `SIGKILL` when its parent ends; a child whose parent
-/// is already gone by then exits at once.
-#[allow(unsafe_code)]
-fn set_parent_death_signal(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = rustix::process::getpid();
-    // SAFETY: the closure runs between fork and exec in the child, where
-    // only async-signal-safe work is allowed: `prctl` and `getppid` are
-    // plain system calls, and the error is built without allocating.
-    unsafe {
-        command.pre_exec(move || {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-            if rustix::process::getppid() != Some(parent) {
-                return Err(std::io::Error::from_raw_os_error(3 /* ESRCH */));
-            }
             Ok(())
         });
     }
