@@ -723,11 +723,15 @@ pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
     // any thread.
     let namespace = (!plan.network)
         .then(|| unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) });
-    let filesystem = match landlock(plan) {
+    let mut left_out = Vec::new();
+    let filesystem = match landlock(plan, &mut left_out) {
         Ok(text) => text,
         Err(e) => format!("unconfined: {e}"),
     };
     report.insert("filesystem".to_owned(), filesystem);
+    if !left_out.is_empty() {
+        report.insert("unreachable".to_owned(), left_out.join("; "));
+    }
     if scope() {
         report.insert("scopes".to_owned(), SCOPES.to_owned());
     }
@@ -847,7 +851,10 @@ fn scope() -> bool {
 
 /// The Landlock part of [`apply`]: what is enforced, and whether TCP is
 /// denied.
-fn landlock(plan: &Confinement) -> Result<String, landlock::RulesetError> {
+fn landlock(
+    plan: &Confinement,
+    left_out: &mut Vec<String>,
+) -> Result<String, landlock::RulesetError> {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
     };
@@ -863,13 +870,15 @@ fn landlock(plan: &Confinement) -> Result<String, landlock::RulesetError> {
             &plan.read,
             AccessFs::from_read(abi),
             abi,
+            left_out,
         ))?
         .add_rules(rules_without_links(
             &plan.write,
             AccessFs::from_all(abi),
             abi,
+            left_out,
         ))?
-        .add_rules(rules_without_links(&plan.devices, device, abi))?
+        .add_rules(rules_without_links(&plan.devices, device, abi, left_out))?
         .restrict_self()?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => "confined: Landlock, fully enforced",
@@ -887,22 +896,33 @@ fn landlock(plan: &Confinement) -> Result<String, landlock::RulesetError> {
 /// since its plan was made (a plugin may make links where it may write)
 /// allows nothing, not what the link leads to. A path that is not there
 /// allows nothing either. A file gets the rights that apply to files.
-fn rules_without_links(
-    paths: &[PathBuf],
+/// A path left out for another reason than not being there (a link now, a
+/// container refusing `openat2`, no permission) is added to `left_out`,
+/// which the hello reports as `unreachable`: the plugin that then fails
+/// with a bare permission error has its cause in its health.
+fn rules_without_links<'a>(
+    paths: &'a [PathBuf],
     access: landlock::BitFlags<landlock::AccessFs>,
     abi: landlock::ABI,
-) -> impl Iterator<Item = Result<landlock::PathBeneath<std::os::fd::OwnedFd>, landlock::RulesetError>> + '_
+    left_out: &'a mut Vec<String>,
+) -> impl Iterator<Item = Result<landlock::PathBeneath<std::os::fd::OwnedFd>, landlock::RulesetError>> + 'a
 {
     use rustix::fs::{CWD, FileType, Mode, OFlags, ResolveFlags};
     paths.iter().filter_map(move |path| {
-        let fd = rustix::fs::openat2(
+        let fd = match rustix::fs::openat2(
             CWD,
             path,
             OFlags::PATH | OFlags::CLOEXEC,
             Mode::empty(),
             ResolveFlags::NO_SYMLINKS,
-        )
-        .ok()?;
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return None,
+            Err(e) => {
+                left_out.push(unreachable_path(path, e));
+                return None;
+            }
+        };
         let is_dir = rustix::fs::fstat(&fd)
             .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
         let access = if is_dir {
@@ -912,6 +932,17 @@ fn rules_without_links(
         };
         Some(Ok(landlock::PathBeneath::new(fd, access)))
     })
+}
+
+/// How the hello's `unreachable` names a plan path a runner could not open
+/// (the Python runner's `_unreachable` says the same).
+fn unreachable_path(path: &Path, e: rustix::io::Errno) -> String {
+    let why = if e == rustix::io::Errno::LOOP {
+        "a link now, which is not followed".to_owned()
+    } else {
+        std::io::Error::from(e).to_string()
+    };
+    format!("{}: {why}", path.display())
 }
 
 #[cfg(test)]

@@ -1740,6 +1740,52 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(said, "unconfined: this kernel has no Landlock (%s)"
                          % os.strerror(errno_codes.ENOSYS))
 
+    def test_a_plan_path_left_out_for_another_reason_than_absence_is_reported(self):
+        import ctypes
+        import errno as errno_codes
+        import tempfile
+
+        from runner import confine
+
+        self.assertEqual(confine._unreachable("/srv/m", errno_codes.EPERM),
+                         "/srv/m: %s (os error %d)" % (os.strerror(errno_codes.EPERM),
+                                                        errno_codes.EPERM))
+        libc = ctypes.CDLL(None, use_errno=True)
+        syscall, abi = confine._landlock_abi(libc)
+        if abi < 1:
+            reason = "no Landlock on this kernel: the rules are not built"
+            if os.environ.get("CI"):
+                self.fail(reason)
+            self.skipTest(reason)
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        real = os.path.join(root, "real")
+        os.mkdir(real)
+        link = os.path.join(root, "link")
+        os.symlink(real, link)
+        plan = {"read": [real, link, os.path.join(root, "missing"), os.path.join(real, "x", "y")]}
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                report = {}
+                said = confine._landlock(libc, syscall, abi, plan, True, report)
+                os.write(w, json.dumps([said, report]).encode("utf-8"))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            said, report = json.loads(f.read().decode("utf-8"))
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(status, 0, "the child failed")
+        self.assertTrue(said.startswith("confined: Landlock"), said)
+        # The link is named; what is not there is not.
+        self.assertEqual(report.get("unreachable"),
+                         "%s: a link now, which is not followed" % link, report)
+
     def test_an_array_index_too_long_for_int_names_no_element(self):
         for pointer in ("/a/" + "1" * 5000, "/a/" + "1" * 5000 + "/x", "/a/" + "9" * 19):
             with self.assertRaises(results.PointerError, msg=pointer[:10]):

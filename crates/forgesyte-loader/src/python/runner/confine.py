@@ -5,6 +5,7 @@ network, Landlock rules, capabilities dropped, not dumpable, a seccomp
 filter. Each part is reported as enforced or "unconfined: why", never
 silently skipped."""
 
+import errno
 import os
 import struct
 import sys
@@ -376,7 +377,6 @@ def _drop_all_capabilities(libc):
     keeps uid 0 but not root's privileges (kernel modules, ``setns``
     through ``/proc``, ptrace, mounts, other users' files)."""
     import ctypes
-    import errno
 
     header = ctypes.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
     data = ctypes.create_string_buffer(24)
@@ -432,6 +432,16 @@ def _open_path(syscall, path, strict):
     return fd
 
 
+def _unreachable(path, code):
+    """How the hello's ``unreachable`` names a plan path the runner could
+    not open (the native runner's ``unreachable_path``)."""
+    if code == errno.ELOOP:
+        why = "a link now, which is not followed"
+    else:
+        why = "%s (os error %d)" % (os.strerror(code), code)
+    return "%s: %s" % (path, why)
+
+
 def _landlock(libc, syscall, abi, plan, network, report):
     import ctypes
     import stat
@@ -467,12 +477,17 @@ def _landlock(libc, syscall, abi, plan, network, report):
     rules += [(p, read, False) for p in _runtime_paths()]
     rules += [(p, fs_all, True) for p in plan.get("write") or []]
     rules += [(p, device, True) for p in plan.get("devices") or []]
+    left_out = []
     try:
         for path, access, strict in rules:
             try:
                 fd = _open_path(syscall, str(path), strict)
-            except OSError:
-                continue  # not there (or a link now): nothing to allow
+            except OSError as e:
+                # Not there: nothing to allow. Otherwise (a link now, a
+                # container refusing openat2) the health says why.
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    left_out.append(_unreachable(path, e.errno))
+                continue
             try:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     access &= file_only
@@ -489,6 +504,8 @@ def _landlock(libc, syscall, abi, plan, network, report):
             raise OSError(ctypes.get_errno(), "landlock_restrict_self: %s" % os.strerror(ctypes.get_errno()))
     finally:
         os.close(ruleset)
+    if left_out:
+        report["unreachable"] = "; ".join(left_out)
     if abi >= 6:
         report["scopes"] = _SCOPES
     return "confined: Landlock ABI %d" % abi
