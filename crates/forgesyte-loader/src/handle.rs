@@ -416,9 +416,8 @@ impl PluginHandle {
         }
         // Arguments a request frame cannot hold are not encoded whole
         // (a large JSON body would be encoded twice).
-        let mut capped = Capped(Vec::new());
-        serde_json::to_writer(&mut capped, args).ok()?;
-        let args = capped.0;
+        // `PIPE_BUF`: the most a request frame written whole at once holds.
+        let args = crate::json_text::to_vec_capped(args, libc::PIPE_BUF).ok()?;
         self.inner
             .slot
             .current()
@@ -766,24 +765,6 @@ impl PluginHandle {
             state: status.as_ref().map(|s| s.state),
             reason: status.and_then(|s| s.reason),
         }
-    }
-}
-
-/// Bytes written up to `PIPE_BUF`, the most a request frame that is
-/// written whole at once holds; a write past it fails.
-struct Capped(Vec<u8>);
-
-impl std::io::Write for Capped {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + bytes.len() > libc::PIPE_BUF {
-            return Err(std::io::ErrorKind::FileTooLarge.into());
-        }
-        self.0.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -1,9 +1,44 @@
 //! Facts about JSON text read without parsing it: how many values it
 //! holds, so that text which would parse into far more memory than its
 //! size (a request's arguments, a plugin's result) is refused before it is
-//! parsed. A leaf: bytes in, numbers out.
+//! parsed; and JSON text written only up to a limit
+//! ([`to_vec_capped`]). A leaf: bytes in, numbers out.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// `value` as JSON text of at most `limit` bytes, written up to the limit
+/// only: a value of tens of MiB is not serialised whole just to learn it
+/// does not fit. Text that would be longer is an error whose
+/// [`is_io`](serde_json::Error::is_io) is true; an error of the value's
+/// own (`is_io` false) is `serde_json`'s.
+pub fn to_vec_capped<T: serde::Serialize + ?Sized>(
+    value: &T,
+    limit: usize,
+) -> Result<Vec<u8>, serde_json::Error> {
+    struct Capped {
+        text: Vec<u8>,
+        limit: usize,
+    }
+    impl std::io::Write for Capped {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if self.text.len() + bytes.len() > self.limit {
+                return Err(std::io::ErrorKind::FileTooLarge.into());
+            }
+            self.text.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut capped = Capped {
+        text: Vec::new(),
+        limit,
+    };
+    serde_json::to_writer(&mut capped, value)?;
+    Ok(capped.text)
+}
 
 /// About how many bytes one JSON value takes once parsed, at most: a
 /// `serde_json::Value` (with `preserve_order`'s maps) in an array with a
@@ -85,6 +120,19 @@ pub fn json_values(bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_is_written_up_to_its_limit_only() {
+        let value = serde_json::json!({"a": [1, 2, 3]});
+        let whole = serde_json::to_vec(&value).unwrap();
+        assert_eq!(to_vec_capped(&value, whole.len()).unwrap(), whole);
+        let over = to_vec_capped(&value, whole.len() - 1).unwrap_err();
+        assert!(over.is_io(), "{over}");
+        // The value's own error is not the limit's.
+        let map = std::collections::BTreeMap::from([((1, 2), 3)]);
+        let own = to_vec_capped(&map, 1 << 20).unwrap_err();
+        assert!(!own.is_io(), "{own}");
+    }
 
     #[test]
     fn values_are_counted_outside_strings() {

@@ -302,9 +302,8 @@ fn raw(
     set(TIME_HEADER, success.processing_time_ms.to_string());
     // Written up to the limit only: a result of tens of MiB is not
     // serialised whole just to learn it does not fit.
-    let mut capped = Capped(Vec::new());
-    let text = serde_json::to_writer(&mut capped, success)
-        .map(|()| String::from_utf8_lossy(&capped.0).into_owned());
+    let text = forgesyte_loader::json_text::to_vec_capped(success, MAX_RESULT_HEADER)
+        .map(|text| String::from_utf8_lossy(&text).into_owned());
     match text {
         Err(e) if e.is_io() => set(RESULT_OMITTED_HEADER, "too-large".into()),
         // Visible ASCII and spaces only: a header value cannot hold DEL,
@@ -316,23 +315,6 @@ fn raw(
         Err(_) => set(RESULT_OMITTED_HEADER, "unserialisable".into()),
     }
     Ok(response)
-}
-
-/// Bytes written up to [`MAX_RESULT_HEADER`]; a write past it fails.
-struct Capped(Vec<u8>);
-
-impl std::io::Write for Capped {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + buf.len() > MAX_RESULT_HEADER {
-            return Err(std::io::Error::other("over the header's limit"));
-        }
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
