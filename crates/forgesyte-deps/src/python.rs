@@ -9,6 +9,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use forgesyte_errors::shorten;
+
 /// What an interpreter answered for one query of [`PythonProbe::find`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PythonAnswer {
@@ -468,14 +470,6 @@ fn last_line(err: &Option<Vec<u8>>) -> Option<String> {
         .map(|l| shorten(l, QUOTE_LIMIT))
 }
 
-/// `s` cut to at most `max` characters, with `…` when cut.
-fn shorten(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,10 +533,7 @@ mod tests {
     }
 
     #[test]
-    fn shorten_and_last_line() {
-        assert_eq!(shorten("abc", 5), "abc");
-        assert_eq!(shorten("abcdef", 3), "abc…");
-        assert_eq!(shorten("ééé", 2), "éé…");
+    fn last_line_is_the_last_non_blank_one() {
         let err = Some(b"Traceback\n  File x\nValueError: boom\n\n".to_vec());
         assert_eq!(last_line(&err).as_deref(), Some("ValueError: boom"));
         assert_eq!(last_line(&Some(b"\n  \n".to_vec())), None);

@@ -86,12 +86,14 @@
 //! code: it is plain data, usable by every other crate (the plugin SDK
 //! included).
 
+mod quote;
 mod size;
 mod tool;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use quote::shorten;
 pub use size::Kib;
 pub use tool::{JsonError, ToolError};
 

@@ -875,6 +875,43 @@ fn plugin_dependencies_load_in_order_and_name_the_chain() {
     );
 }
 
+/// A dependent quotes its dependency's reason shortened: in a diamond of
+/// dependencies (each layer needs both plugins of the layer below) whole
+/// reasons doubled at every layer, to megabytes at 18 layers.
+#[test]
+fn reasons_quoted_down_a_diamond_of_dependencies_stay_short() {
+    let s = Setup::new();
+    const LAYERS: usize = 16;
+    for layer in 0..LAYERS {
+        for side in ["a", "b"] {
+            let deps = if layer == 0 {
+                json!(["plugin:nothere"])
+            } else {
+                json!([
+                    format!("plugin:l{}a", layer - 1),
+                    format!("plugin:l{}b", layer - 1)
+                ])
+            };
+            let name = format!("l{layer}{side}");
+            s.plugin(
+                &format!("d{layer:02}{side}"),
+                &manifest(&name, json!({ "dependencies": deps })),
+                FakeBehavior::Good,
+            );
+        }
+    }
+    s.load();
+    let top = format!("l{}a", LAYERS - 1);
+    s.check(
+        &top,
+        S::Unavailable,
+        &["plugin:l14a (l14a is UNAVAILABLE: "],
+    );
+    let reason = s.registry.get_status(&top).unwrap().reason.unwrap();
+    assert!(reason.len() < 1_000, "{} bytes: {reason}", reason.len());
+    s.check("l1a", S::Unavailable, &["plugin:nothere"]);
+}
+
 #[test]
 fn load_from_path_loads_one_directory() {
     let s = Setup::new();

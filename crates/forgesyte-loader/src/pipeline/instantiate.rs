@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use forgesyte_deps::{Dependency, DependencyChecker};
-use forgesyte_errors::{DependencyError, ImportError, IntegrityError, ManifestError, PluginError};
+use forgesyte_errors::{
+    DependencyError, ImportError, IntegrityError, ManifestError, PluginError, shorten,
+};
 
 use super::loader::{Loader, Pending};
 use super::verified::{FileCheck, Opening};
@@ -490,6 +492,10 @@ impl Loader {
         Ok(())
     }
 
+    /// The most characters of a dependency's reason that a dependent's
+    /// reason quotes.
+    const QUOTED_REASON_CHARS: usize = 200;
+
     /// Names the chain: a missing `plugin:` dependency that is registered but
     /// not available says which state it is in and why.
     fn explain_plugin_deps(&self, manifest: &Manifest, err: &mut DependencyError) {
@@ -514,10 +520,16 @@ impl Loader {
             let prefix = format!("plugin:{name}");
             for item in &mut err.missing {
                 if item == &prefix || item.starts_with(&format!("{prefix}@")) {
+                    // Quoted shortened: in a diamond of dependencies each
+                    // layer quotes two of the layer below, and whole
+                    // reasons would double in size at every layer.
                     item.push_str(&format!(
                         " ({name} is {}: {})",
                         status.state.as_str(),
-                        status.reason.as_deref().unwrap_or("no reason recorded")
+                        shorten(
+                            status.reason.as_deref().unwrap_or("no reason recorded"),
+                            Self::QUOTED_REASON_CHARS
+                        )
                     ));
                 }
             }
