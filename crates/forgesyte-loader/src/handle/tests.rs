@@ -397,3 +397,24 @@ fn a_call_that_never_reached_the_plugin_is_not_counted() {
     let status = registry.get_status("p").unwrap();
     assert_eq!((status.error_count, status.success_count), (0, 1));
 }
+
+/// A result the host cannot read because of one of its values (nested too
+/// deep, a number past a float's range) is the tool's error; text that is
+/// not JSON is the runner's fault.
+#[test]
+fn a_result_value_the_host_cannot_read_is_the_tool_s_error() {
+    let parse = |text: &str| result_error(serde_json::from_str::<Value>(text).unwrap_err());
+    for (text, kind) in [
+        ("[1e400]", "ValueError"),
+        (&format!("{{\"n\": -{}}}", "9".repeat(400)), "ValueError"),
+        (&"[".repeat(200), "ResultTooDeep"),
+    ] {
+        match parse(text) {
+            ToolError::Failed { error_type, .. } => {
+                assert_eq!(error_type.as_deref(), Some(kind), "{text:.20}")
+            }
+            other => panic!("{text:.20}: {other:?}"),
+        }
+    }
+    assert!(matches!(parse("{\"a\": tru}"), ToolError::Protocol { .. }));
+}

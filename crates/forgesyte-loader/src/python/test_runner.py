@@ -324,6 +324,15 @@ class ResultKeyTests(unittest.TestCase):
             with self.assertRaisesRegex(ResultError, "twice"):
                 to_wire(twice)
 
+    def test_an_integer_beyond_a_float_s_range_is_a_result_error(self):
+        from runner.results import ResultError, to_wire
+
+        # Up to a float's range the host reads it (as a float past 64 bits).
+        self.assertEqual(to_wire({"n": 10 ** 308, "b": True}), ({"n": 10 ** 308, "b": True}, []))
+        for big in (10 ** 309, -(10 ** 309), 10 ** 5000):
+            with self.assertRaisesRegex(ResultError, r"integer of \d+ bits, beyond .* \(at /n\)"):
+                to_wire({"n": big})
+
 
 class BinaryPropertiesTests(unittest.TestCase):
     def test_bytes_and_optional_bytes_are_binary(self):

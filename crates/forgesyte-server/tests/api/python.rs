@@ -768,6 +768,35 @@ fn a_result_nested_too_deep_is_a_tool_error_not_a_fault() {
     assert_eq!(depth, 100, "{}", reply.text());
 }
 
+/// An integer past a float's range (`10 ** 400`), which the host cannot
+/// read, is that call's tool error (422 `ValueError`): the runner was
+/// killed for a protocol fault and the plugin restarted. One in range is
+/// answered (as a float past 64 bits).
+#[test]
+fn an_integer_the_host_cannot_read_is_a_tool_error_not_a_fault() {
+    let dir = PluginsDir::new();
+    dir.python("big", "faulty");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let reply = server.run("big", "bignum", r#"{"args": {"e": 400}}"#);
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(reply.json()["error_type"], "ValueError", "{}", reply.text());
+    let health = server.get("/v1/plugins/big/health").json();
+    assert_eq!(
+        (&health["state"], &health["restart_count"]),
+        (&json!("INITIALIZED"), &json!(0)),
+        "{health}"
+    );
+    let reply = server.run("big", "bignum", r#"{"args": {"e": 300}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["result"]["n"],
+        json!(1e300),
+        "{}",
+        reply.text()
+    );
+}
+
 /// Calls `tool` of `plugin` with `body` on a thread of its own, reloads the
 /// plugin once the call is in flight, and returns the call's answer; the
 /// plugin is INITIALIZED after, never restarted.

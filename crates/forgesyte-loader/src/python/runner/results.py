@@ -5,6 +5,7 @@ into JSON plus attachments."""
 
 import json
 import math
+import sys
 
 _MISSING = object()
 
@@ -144,7 +145,17 @@ def to_wire(value):
     blobs = []
 
     def convert(x, path, in_model, depth=0):
-        if x is None or isinstance(x, (str, bool, int)):
+        if x is None or isinstance(x, (str, bool)):
+            return x
+        if isinstance(x, int):
+            # The host reads an integer beyond 64 bits as a float: one
+            # beyond a float's range it cannot read at all.
+            if abs(x) > sys.float_info.max:
+                raise ResultError(
+                    "ValueError",
+                    "tool result contains an integer of %d bits, beyond the range of "
+                    "the numbers the host reads (about 1.8e308)%s" % (x.bit_length(), _where(path)),
+                )
             return x
         if isinstance(x, float):
             if not math.isfinite(x):
