@@ -229,3 +229,40 @@ fn a_rescan_for_a_file_change_retries_no_failed_plugin() {
     let report = loader.rescan();
     assert_eq!(names(&report.retried), ["broken", "waiting"], "{report:?}");
 }
+
+/// `reload_all` loads the directories that appeared after reloading the
+/// registered plugins: a plugin UNAVAILABLE over a `plugin:` dependency
+/// that appeared is then loaded again (it stayed UNAVAILABLE); one whose
+/// dependency went away is UNAVAILABLE naming it.
+#[test]
+fn reload_all_settles_the_dependents_of_what_it_added() {
+    let s = Setup::new();
+    s.plugin(
+        "app",
+        &manifest("app", json!({"dependencies": ["plugin:base"]})),
+        FakeBehavior::Good,
+    );
+    let loader = s.load();
+    s.check("app", S::Unavailable, &["plugin:base"]);
+    s.plugin("base", &manifest("base", json!({})), FakeBehavior::Good);
+    let report = loader.reload_all();
+    s.check("base", S::Initialized, &[]);
+    s.check("app", S::Initialized, &[]);
+    let app: Vec<S> = report
+        .plugins
+        .iter()
+        .filter(|o| o.name == "app")
+        .map(|o| o.state)
+        .collect();
+    assert_eq!(app, [S::Initialized], "{report:?}");
+
+    s.world.fs.remove("/plugins/base");
+    let report = loader.rescan();
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    s.check(
+        "app",
+        S::Unavailable,
+        &["Missing dependencies: plugin:base"],
+    );
+    assert!(loader.handle("app").is_none(), "its instance was let go");
+}

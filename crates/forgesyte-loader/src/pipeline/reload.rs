@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forgesyte_errors::ManifestError;
-use forgesyte_registry::PluginInfo;
+use forgesyte_registry::{PluginInfo, PluginLifecycleState};
 use serde_json::Value;
 
 use super::discovery::{BadManifest, NoManifest, bad};
@@ -78,11 +78,10 @@ impl Loader {
         if self.outside_library_changed(name) || self.directory_changed(name) {
             resigned.insert(name.to_owned());
         }
-        let (mut outcomes, others): (Vec<_>, Vec<_>) = self
-            .reload_names(&names, &resigned)
-            .plugins
-            .into_iter()
-            .partition(|o| o.name == name);
+        let mut report = self.reload_names(&names, &resigned);
+        report.settle(self.settle_dependents());
+        let (mut outcomes, others): (Vec<_>, Vec<_>) =
+            report.plugins.into_iter().partition(|o| o.name == name);
         outcomes.extend(others);
         // What it was loaded from is what the next rescan compares with:
         // else that rescan would find it changed and restart it again.
@@ -138,8 +137,9 @@ impl Loader {
                 self.load_pass(&new, &new_entry_points, NoManifest::Fail)
                     .plugins,
             );
-            report.plugins.sort_by(|a, b| a.name.cmp(&b.name));
         }
+        report.settle(self.settle_dependents());
+        report.plugins.sort_by(|a, b| a.name.cmp(&b.name));
         // What was loaded is the next rescan's baseline, as after load_all.
         self.restamp();
         report.elapsed_ms = ms(started.elapsed());
@@ -328,6 +328,59 @@ impl Loader {
         }
     }
 
+    /// Loads again, as a reload does, every plugin whose `plugin:`
+    /// dependencies changed availability under it, until none is left
+    /// (each at most once: a dependent's change may unsettle its own
+    /// dependents): an available one whose dependency is no longer
+    /// available (FAILED, UNAVAILABLE, retired, or its directory gone) is
+    /// let go and becomes UNAVAILABLE naming it; one UNAVAILABLE over a
+    /// dependency that is available again is retried. Run after every
+    /// reload and rescan. Their outcomes, in the order they were loaded.
+    pub(super) fn settle_dependents(&self) -> Vec<PluginLoadOutcome> {
+        let mut tried = BTreeSet::new();
+        let mut outcomes = Vec::new();
+        loop {
+            let unsettled: Vec<String> = self
+                .unsettled_dependents()
+                .into_iter()
+                .filter(|name| !tried.contains(name))
+                .collect();
+            if unsettled.is_empty() {
+                return outcomes;
+            }
+            tracing::info!(plugins = ?unsettled, "Plugins whose plugin dependencies changed availability: loading them again");
+            tried.extend(unsettled.iter().cloned());
+            let replace: BTreeSet<String> = unsettled.iter().cloned().collect();
+            outcomes.extend(self.reload_names(&unsettled, &replace).plugins);
+        }
+    }
+
+    /// The registered plugins [`settle_dependents`](Self::settle_dependents)
+    /// loads again: available with a `plugin:` dependency that is not, or
+    /// UNAVAILABLE over one (its reason names it) while all are available.
+    fn unsettled_dependents(&self) -> Vec<String> {
+        let entries = self.entries.read();
+        entries
+            .iter()
+            .filter(|(_, e)| !e.plugin_deps.is_empty())
+            .filter(|(name, e)| {
+                let Some((state, reason)) = self.registry.state_and_reason(name) else {
+                    return false;
+                };
+                let up = e.plugin_deps.iter().all(|d| self.registry.is_available(d));
+                if state.is_available() {
+                    return !up;
+                }
+                state == PluginLifecycleState::Unavailable
+                    && up
+                    && reason.is_some_and(|r| {
+                        e.plugin_deps.iter().any(|d| names_plugin_dependency(&r, d))
+                    })
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Plugin `name` has no instance from now on: its handle is taken out
     /// and it is LOADED at once when no call is in flight (the manifest's
     /// info follows), so a plugin without an instance does not show an
@@ -382,5 +435,38 @@ impl Loader {
         {
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+/// Whether `reason` names the dependency `plugin:{name}` (alone, or with a
+/// version requirement or a note after it), not merely one whose name
+/// begins with `name`.
+pub(super) fn names_plugin_dependency(reason: &str, name: &str) -> bool {
+    let item = format!("plugin:{name}");
+    reason.match_indices(&item).any(|(at, _)| {
+        reason[at + item.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| matches!(c, '@' | ' ' | ',' | ';' | ')'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_reason_names_a_dependency_by_its_whole_name() {
+        use super::names_plugin_dependency as names;
+        assert!(names("Missing dependencies: plugin:a", "a"));
+        assert!(names(
+            "Missing dependencies: plugin:a@^2 (found 1.0.0)",
+            "a"
+        ));
+        assert!(names(
+            "Missing dependencies: plugin:a (a is FAILED: x), plugin:b",
+            "a"
+        ));
+        assert!(names("Missing dependencies: plugin:ab, plugin:a", "a"));
+        assert!(!names("Missing dependencies: plugin:ab", "a"));
+        assert!(!names("Missing dependencies: lib:a", "a"));
     }
 }

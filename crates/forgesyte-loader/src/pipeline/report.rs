@@ -51,6 +51,18 @@ impl LoadReport {
         self.count(PluginLifecycleState::Unavailable)
     }
 
+    /// Takes in the outcomes of plugins loaded again after the pass
+    /// ([`Loader::settle_dependents`](super::loader::Loader)): each
+    /// replaces the plugin's outcome, or is added.
+    pub(super) fn settle(&mut self, settled: Vec<PluginLoadOutcome>) {
+        for outcome in settled {
+            match self.plugins.iter_mut().find(|o| o.name == outcome.name) {
+                Some(slot) => *slot = outcome,
+                None => self.plugins.push(outcome),
+            }
+        }
+    }
+
     /// The pass's one-line summary in the log (`verb`: "Loaded", "Reloaded").
     pub(super) fn log_summary(&self, verb: &str, from: Option<&str>) {
         let from = from.map(|what| format!(" from {what}")).unwrap_or_default();

@@ -56,7 +56,9 @@ pub struct RescanReport {
     pub added: Vec<PluginLoadOutcome>,
     /// Plugins whose files changed, reloaded, with their outcome.
     pub changed: Vec<PluginLoadOutcome>,
-    /// Unchanged plugins that were FAILED or UNAVAILABLE, retried.
+    /// Unchanged plugins that were FAILED or UNAVAILABLE, retried; and
+    /// those whose `plugin:` dependencies changed availability, loaded
+    /// again (one whose dependency went away is UNAVAILABLE, naming it).
     pub retried: Vec<PluginLoadOutcome>,
     /// Plugins whose directory (or entry point) is gone, retired.
     pub removed: Vec<RetiredPlugin>,
@@ -350,11 +352,25 @@ impl Loader {
                 .load_pass(&new_dirs, &new_entry_points, NoManifest::Fail)
                 .plugins;
         }
-        self.retry_for_the_added(&mut report);
+        // Dependents whose dependencies changed availability (a removal,
+        // a failure, one added or fixed) are loaded again.
+        let settled = self.settle_dependents();
+        let settled_names: BTreeSet<String> = settled.iter().map(|o| o.name.clone()).collect();
+        for outcome in settled {
+            let slot = [&mut report.added, &mut report.changed, &mut report.retried]
+                .into_iter()
+                .find_map(|list| list.iter_mut().find(|o| o.name == outcome.name));
+            match slot {
+                Some(slot) => *slot = outcome,
+                None => report.retried.push(outcome),
+            }
+        }
 
         let mut outcomes = BTreeMap::new();
         for (name, dir) in &unchanged {
-            self.finish_outcome(name, dir, started, &mut outcomes);
+            if !settled_names.contains(name) {
+                self.finish_outcome(name, dir, started, &mut outcomes);
+            }
         }
         report.unchanged = outcomes
             .into_values()
@@ -554,52 +570,6 @@ impl Loader {
                 s.status != forgesyte_registry::SignatureState::Unsigned
                     && s.key_id.as_ref().is_none_or(|id| keys.contains(id))
             })
-    }
-
-    /// The changed and retried plugins were loaded before the plugins the
-    /// rescan added: those left UNAVAILABLE over a `plugin:` dependency
-    /// that an added plugin now provides are tried once more, their
-    /// outcomes replaced (a dependent and its new dependency copied in
-    /// together, or the dependency added later, stayed UNAVAILABLE until
-    /// another rescan).
-    fn retry_for_the_added(&self, report: &mut RescanReport) {
-        let added: BTreeSet<&str> = report
-            .added
-            .iter()
-            // Serving since it was published, it may be RUNNING a call by
-            // the end of its wave.
-            .filter(|o| o.state.is_available())
-            .map(|o| o.name.as_str())
-            .collect();
-        if added.is_empty() {
-            return;
-        }
-        let waiting = |o: &PluginLoadOutcome| {
-            o.state == PluginLifecycleState::Unavailable
-                && o.reason.as_deref().is_some_and(|r| {
-                    added
-                        .iter()
-                        .any(|name| r.contains(&format!("plugin:{name}")))
-                })
-        };
-        let again: Vec<String> = report
-            .changed
-            .iter()
-            .chain(&report.retried)
-            .filter(|o| waiting(o))
-            .map(|o| o.name.clone())
-            .collect();
-        if again.is_empty() {
-            return;
-        }
-        let second = self.reload_names(&again, &BTreeSet::new());
-        for outcome in second.plugins {
-            for list in [&mut report.changed, &mut report.retried] {
-                if let Some(slot) = list.iter_mut().find(|o| o.name == outcome.name) {
-                    *slot = outcome.clone();
-                }
-            }
-        }
     }
 
     /// Records the change stamp of every registered plugin, the baseline

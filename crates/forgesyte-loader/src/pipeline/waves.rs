@@ -27,7 +27,17 @@ impl Loader {
         pending: &BTreeMap<String, Pending>,
         outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
     ) {
-        let (waves, cyclic) = dependency_waves(pending);
+        // The registered plugins outside the pass, with their `plugin:`
+        // dependencies: a cycle may run through them (a reloaded plugin
+        // that now depends on a loaded one that depends on it).
+        let outside: BTreeMap<String, Vec<String>> = self
+            .entries
+            .read()
+            .iter()
+            .filter(|(name, _)| !pending.contains_key(*name))
+            .map(|(name, e)| (name.clone(), e.plugin_deps.clone()))
+            .collect();
+        let (waves, cyclic) = dependency_waves(pending, &outside);
         // Every Python package of the pass, asked of each interpreter once.
         // Under `require_signed` the operator's interpreters only: one a
         // manifest names is the plugin's own file, which then runs only
@@ -236,11 +246,18 @@ fn lenient_version(text: &str) -> Option<semver::Version> {
 /// there, the cycle spelt out).
 type Cyclic = (String, (String, String));
 
-/// Orders pending plugins into waves: every plugin's in-pass `plugin:`
-/// dependencies are in earlier waves. Plugins on or behind a cycle are
-/// returned separately with the cycle spelled out (`a -> b -> a`).
-fn dependency_waves(pending: &BTreeMap<String, Pending>) -> (Vec<Vec<String>>, Vec<Cyclic>) {
-    let deps: BTreeMap<&str, BTreeSet<&str>> = pending
+/// Orders pending plugins into waves: every plugin's `plugin:`
+/// dependencies in the pass are in earlier waves. Plugins on or behind a
+/// cycle are returned separately with the cycle spelled out (`a -> b ->
+/// a`). The graph holds the registered plugins `outside` the pass too (name
+/// → the plugins they depend on), so a cycle through them is found; they
+/// are in no wave.
+fn dependency_waves(
+    pending: &BTreeMap<String, Pending>,
+    outside: &BTreeMap<String, Vec<String>>,
+) -> (Vec<Vec<String>>, Vec<Cyclic>) {
+    let known = |name: &str| pending.contains_key(name) || outside.contains_key(name);
+    let mut deps: BTreeMap<&str, BTreeSet<&str>> = pending
         .iter()
         .map(|(name, p)| {
             let inner = p
@@ -249,15 +266,17 @@ fn dependency_waves(pending: &BTreeMap<String, Pending>) -> (Vec<Vec<String>>, V
                 .dependencies
                 .iter()
                 .filter_map(|d| match d {
-                    Dependency::Plugin { name, .. } if pending.contains_key(name) => {
-                        Some(name.as_str())
-                    }
+                    Dependency::Plugin { name, .. } if known(name) => Some(name.as_str()),
                     _ => None,
                 })
                 .collect();
             (name.as_str(), inner)
         })
         .collect();
+    for (name, on) in outside {
+        let inner = on.iter().map(String::as_str).filter(|d| known(d)).collect();
+        deps.insert(name.as_str(), inner);
+    }
     let mut done: BTreeSet<&str> = BTreeSet::new();
     let mut waves = Vec::new();
     loop {
@@ -273,11 +292,17 @@ fn dependency_waves(pending: &BTreeMap<String, Pending>) -> (Vec<Vec<String>>, V
             wave.iter()
                 .filter_map(|n| deps.get_key_value(n.as_str()).map(|(k, _)| *k)),
         );
-        waves.push(wave);
+        let wave: Vec<String> = wave
+            .into_iter()
+            .filter(|n| pending.contains_key(n))
+            .collect();
+        if !wave.is_empty() {
+            waves.push(wave);
+        }
     }
     let cyclic = deps
         .keys()
-        .filter(|n| !done.contains(*n))
+        .filter(|n| pending.contains_key(**n) && !done.contains(*n))
         .map(|n| ((*n).to_owned(), find_cycle(n, &deps, &done)))
         .collect();
     (waves, cyclic)

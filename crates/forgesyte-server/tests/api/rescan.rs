@@ -1440,3 +1440,74 @@ fn a_sighup_during_shutdown_starts_no_rescan() {
         "{log}"
     );
 }
+
+/// The state and reason of plugin `name`.
+fn state_and_reason(server: &Forgesyte, name: &str) -> (String, String) {
+    let health = server.get(&format!("/v1/plugins/{name}/health")).json();
+    (
+        health["state"].as_str().unwrap_or_default().to_owned(),
+        health["reason"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// A plugin follows its `plugin:` dependency through reloads and rescans:
+/// UNAVAILABLE naming it when it breaks or is removed, available again when
+/// it is fixed or comes back, and a cycle made by a reload is refused as at
+/// start-up (the reloaded plugin's cycle ran through a plugin outside the
+/// pass, which was not looked at: both stayed INITIALIZED).
+#[test]
+fn dependents_follow_their_dependency_through_reloads_and_rescans() {
+    let dir = PluginsDir::new();
+    dir.python("base", "echo").python("dep", "echo");
+    dir.manifest_fields("dep", json!({"dependencies": ["plugin:base"]}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    assert_eq!(state_and_reason(&server, "dep").0, "INITIALIZED");
+    let source = dir.path().join("base/plugin.py");
+    let good = std::fs::read_to_string(&source).unwrap();
+
+    // base breaks: its reload makes dep UNAVAILABLE, naming base.
+    std::fs::write(&source, "this is not Python\n").unwrap();
+    let reply = admin_post(server.addr, "/v1/plugins/base/reload");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(state_and_reason(&server, "base").0, "FAILED");
+    let (state, reason) = state_and_reason(&server, "dep");
+    assert_eq!(state, "UNAVAILABLE", "{reason}");
+    assert!(reason.contains("plugin:base (base is FAILED: "), "{reason}");
+
+    // Fixed and reloaded alone: dep is retried.
+    std::fs::write(&source, &good).unwrap();
+    let reply = admin_post(server.addr, "/v1/plugins/base/reload");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(state_and_reason(&server, "base").0, "INITIALIZED");
+    assert_eq!(state_and_reason(&server, "dep").0, "INITIALIZED");
+
+    // base now depends on dep: a cycle, as a restart would find it.
+    dir.manifest_fields("base", json!({"dependencies": ["plugin:dep"]}));
+    let reply = admin_post(server.addr, "/v1/plugins/base/reload");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    for name in ["base", "dep"] {
+        let (state, reason) = state_and_reason(&server, name);
+        assert_eq!(state, "UNAVAILABLE", "{name}: {reason}");
+        assert!(reason.contains("dependency cycle"), "{name}: {reason}");
+    }
+
+    // The cycle undone and base removed: a rescan leaves dep UNAVAILABLE,
+    // naming base; base back, dep is available again.
+    dir.manifest_fields("base", json!({"dependencies": []}));
+    let away = tempfile::tempdir().unwrap();
+    let moved = away.path().join("base");
+    std::fs::rename(dir.path().join("base"), &moved).unwrap();
+    reload(&server);
+    assert!(state_of(&server, "base").is_none());
+    let (state, reason) = state_and_reason(&server, "dep");
+    assert_eq!(state, "UNAVAILABLE", "{reason}");
+    assert!(reason.contains("plugin:base"), "{reason}");
+    std::fs::rename(&moved, dir.path().join("base")).unwrap();
+    reload(&server);
+    assert_eq!(state_and_reason(&server, "base").0, "INITIALIZED");
+    assert_eq!(state_and_reason(&server, "dep").0, "INITIALIZED");
+}
