@@ -24,7 +24,7 @@
 use std::hash::{BuildHasher as _, Hasher as _};
 
 use axum::body::{Body, Bytes};
-use axum::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, VARY};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
@@ -71,8 +71,8 @@ pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representa
     let mut ranges: Vec<(String, f32, usize)> = Vec::new();
     for value in headers.get_all(ACCEPT) {
         let Ok(text) = value.to_str() else { continue };
-        for range in text.split(',') {
-            let mut params = range.split(';');
+        for range in split_unquoted(text, ',') {
+            let mut params = split_unquoted(range, ';');
             let essence = params
                 .next()
                 .unwrap_or_default()
@@ -177,19 +177,45 @@ pub(crate) fn respond(
     representation: Representation,
     budget: &AnswerBudget,
 ) -> Result<Response, RunError> {
-    match representation {
+    let mut response = match representation {
         Representation::Json => match serde_json::to_vec(&with_base64(success, binary)) {
             Ok(body) => {
                 let room = budget.charge(body.len())?;
-                Ok(json_bytes(StatusCode::OK, AnswerBudget::hold(body, room)))
+                json_bytes(StatusCode::OK, AnswerBudget::hold(body, room))
             }
-            Err(e) => Err(RunError::Internal {
-                message: format!("serialising a response: {e}"),
-            }),
+            Err(e) => {
+                return Err(RunError::Internal {
+                    message: format!("serialising a response: {e}"),
+                });
+            }
         },
-        Representation::Multipart => multipart(&success, binary, budget),
-        Representation::Raw => raw(&success, binary, budget),
-    }
+        Representation::Multipart => multipart(&success, binary, budget)?,
+        Representation::Raw => raw(&success, binary, budget)?,
+    };
+    // The representation depends on `Accept` (RFC 9110 §12.5.5).
+    response
+        .headers_mut()
+        .insert(VARY, HeaderValue::from_static("accept"));
+    Ok(response)
+}
+
+/// `text` split at `separator` where it is not inside a quoted string (a
+/// media range's parameter may quote a comma or a semicolon).
+fn split_unquoted(text: &str, separator: char) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    let mut escaped = false;
+    text.split(move |c: char| {
+        if escaped {
+            escaped = false;
+        } else if quoted && c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            quoted = !quoted;
+        } else if c == separator && !quoted {
+            return true;
+        }
+        false
+    })
 }
 
 fn encoded_pointer(pointer: &str) -> String {
@@ -358,6 +384,11 @@ mod tests {
             ),
             Ok(Multipart)
         );
+        // A quoted parameter's comma or semicolon splits nothing.
+        for quoted in [r#"foo="a,b""#, r#"foo="a;q=1""#, r#"foo="a\",b""#] {
+            let header = format!("application/octet-stream;{quoted};q=0.1, multipart/mixed;q=0.5");
+            assert_eq!(negotiate(&accept(&header), 1), Ok(Multipart), "{quoted}");
+        }
         for bad in ["inf", "NaN", "2", "-1", "x"] {
             let header = format!("application/octet-stream;q={bad}, multipart/mixed;q=0.5");
             assert_eq!(negotiate(&accept(&header), 1), Ok(Multipart), "{bad}");
@@ -484,6 +515,7 @@ mod tests {
         for representation in [Json, Multipart, Raw] {
             let answer = respond(success.clone(), binary.clone(), representation, &budget);
             let answer = answer.unwrap();
+            assert_eq!(answer.headers()[VARY], "accept", "{representation:?}");
             let free = budget.available_kib();
             assert!(free <= 512 - 288, "{representation:?}: {free} KiB free");
             let second = respond(success.clone(), binary.clone(), representation, &budget);

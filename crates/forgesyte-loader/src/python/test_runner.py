@@ -1876,6 +1876,21 @@ class UnitTests(unittest.TestCase):
         self.assertTrue(lines[1].startswith("ERROR x: two | lines | Traceback"), lines[1])
         self.assertTrue(lines[1].endswith("ZeroDivisionError: division by zero"), lines[1])
 
+    def test_a_custom_level_is_written_as_the_standard_level_below_it(self):
+        code = (
+            "import logging\n"
+            "from runner import api\n"
+            "api.setup_logging()\n"
+            "logging.addLevelName(25, 'NOTICE')\n"
+            "log = logging.getLogger('p')\n"
+            "log.log(25, 'noted')\n"
+            "log.log(35, 'odd')\n"
+            "log.log(45, 'worse')\n"
+            "log.log(60, 'worst')\n"
+        )
+        self.assertEqual(self._logged(code), [
+            "INFO p: noted", "WARNING p: odd", "ERROR p: worse", "CRITICAL p: worst"])
+
     def test_a_record_that_cannot_be_formatted_is_one_line_at_its_level_with_the_calls_tags(self):
         code = (
             "import logging\n"

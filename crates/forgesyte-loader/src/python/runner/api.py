@@ -103,6 +103,14 @@ class _CallFilter(logging.Filter):
         return True
 
 
+def _standard_level(levelno):
+    """The name of the standard ``logging`` level at or below ``levelno``."""
+    for floor, name in ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO")):
+        if isinstance(levelno, int) and levelno >= floor:
+            return name
+    return "DEBUG"
+
+
 class _StderrHandler(logging.Handler):
     """Each record as one stderr line ``LEVEL name: message``; the host logs
     stderr lines tagged with the plugin's name. Line breaks inside a record
@@ -112,15 +120,19 @@ class _StderrHandler(logging.Handler):
 
     def __init__(self):
         logging.Handler.__init__(self)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(logging.Formatter("%(forgesyte_level)s %(name)s: %(message)s"))
         self.addFilter(_CallFilter())
 
     def emit(self, record):
         try:
+            # The standard level at or below the record's: the host knows
+            # those five (a custom ``NOTICE`` at 25 is INFO, ``Level 35``
+            # WARNING).
+            record.forgesyte_level = _standard_level(record.levelno)
             try:
                 text = self.format(record)
             except Exception as e:  # a %-format that does not fit its args, a __str__ that raises
-                text = "%s %s: %s" % (record.levelname, record.name, _unformattable(record, e))
+                text = "%s %s: %s" % (record.forgesyte_level, record.name, _unformattable(record, e))
             lines = [l.rstrip() for l in text.splitlines() if l.strip()]
             line = " | ".join(lines) + "\n"
             tags = {}
