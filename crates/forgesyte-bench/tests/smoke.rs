@@ -87,10 +87,6 @@ fn the_smoke_run_measures_every_figure_and_loses_no_request() {
             assert_eq!(reason, "smoke mode", "{figure}");
             continue;
         }
-        if id.starts_with("stream_") && reason.starts_with("not available: ") {
-            assert!(reason.contains("404"), "{figure}");
-            continue;
-        }
         let measured = figure["measured"].as_f64();
         assert!(
             measured.is_some_and(|m| m.is_finite() && m > 0.0),

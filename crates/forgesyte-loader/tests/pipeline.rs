@@ -229,11 +229,12 @@ fn a_constructor_that_never_returns_fails_its_plugin_alone() {
         s.check(name, S::Initialized, &[]);
     }
     // Reloaded while its constructor still runs: not constructed again
-    // (each reload left one more thread behind), said at once.
+    // (each reload left one more thread behind), said at once (not after
+    // the constructor's hour; 2 s for a loaded machine).
     let started = std::time::Instant::now();
     loader.reload("hangs");
     assert!(
-        started.elapsed() < Duration::from_millis(250),
+        started.elapsed() < Duration::from_secs(2),
         "{:?}",
         started.elapsed()
     );
@@ -692,13 +693,6 @@ fn a_duplicate_never_takes_a_name_a_later_plugin_asks_for() {
         .plugin("ocr", &manifest("dup", json!({})), FakeBehavior::Good)
         .plugin("victim", &manifest("ocr", json!({})), FakeBehavior::Good);
     let loader = s.load();
-    for k in ["ocr", "victim", "ocr~duplicate", "dup", "a1"] {
-        eprintln!(
-            "DBG {k}: {:?} {:?}",
-            s.registry.get_status(k).map(|x| (x.state, x.reason)),
-            loader.plugin_dir(k)
-        );
-    }
     s.check("ocr", S::Initialized, &[]);
     assert_eq!(
         loader.plugin_dir("ocr").unwrap(),

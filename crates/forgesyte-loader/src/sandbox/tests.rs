@@ -334,7 +334,11 @@ fn a_link_planted_where_a_scratch_directory_goes_is_not_followed() {
 fn a_scratch_directory_another_user_made_first_is_refused() {
     use std::os::unix::fs::MetadataExt;
     if !rustix::process::geteuid().is_root() {
-        eprintln!("not run: making a directory another user owns needs root");
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: making a directory another user owns needs root"
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -260,7 +260,7 @@ fn browser_installed() -> bool {
         missing.join(" and ")
     );
     assert!(std::env::var_os("CI").is_none(), "CI is set, but {why}");
-    eprintln!("skipped: {why}");
+    crate::support::say_skipped(&why);
     false
 }
 

@@ -136,7 +136,7 @@ fn prometheus_sees_the_calls_and_states() {
             std::env::var_os("CI").is_none(),
             "CI is set but `prometheus` is not installed (Debian package `prometheus`; .ci/run installs it)"
         );
-        eprintln!("skipped: `prometheus` is not installed (apt-get install prometheus)");
+        crate::support::say_skipped("`prometheus` is not installed (apt-get install prometheus)");
         return;
     };
     let plugins = PluginsDir::new();

@@ -488,9 +488,9 @@ fn a_confined_runner_reads_no_other_runners_frames_nor_the_servers_memory() {
         assert_eq!(got["dumpable"], 0, "{plugin}");
     }
     if rustix::process::geteuid().is_root() {
-        eprintln!(
+        crate::support::say_skipped(
             "root runs this test: its processes read root's /proc files whatever the \
-             runners' dumpable flag, so only the runners' own word (PR_GET_DUMPABLE) is checked"
+             runners' dumpable flag, so only the runners' own word (PR_GET_DUMPABLE) is checked",
         );
     } else {
         let server_env = std::fs::read(format!("/proc/{}/environ", server.pid()));
@@ -548,7 +548,7 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
     if !rustix::process::geteuid().is_root() {
         // Only root can change a process's user: nothing to test as
         // anyone else (and the option is then ignored, with a warning).
-        eprintln!("SKIPPED: --runner-user needs a server running as root");
+        crate::support::say_skipped("--runner-user needs a server running as root");
         return;
     }
     // The native runner is this `forgesyte` binary: `nobody` must be able
@@ -560,10 +560,10 @@ fn a_root_server_runs_its_runners_as_the_runner_user() {
         .skip(1)
         .find(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 == 0))
     {
-        eprintln!(
-            "SKIPPED: nobody cannot enter {} on the way to the forgesyte binary",
+        crate::support::say_skipped(&format!(
+            "nobody cannot enter {} on the way to the forgesyte binary",
             private.display()
-        );
+        ));
         return;
     }
     let plugins = PluginsDir::new();
@@ -705,9 +705,9 @@ fn no_plugin_process_is_started_with_the_admin_token() {
                     && kind == "PermissionError"
                     && !rustix::process::geteuid().is_root() =>
             {
-                eprintln!(
+                crate::support::say_skipped(&format!(
                     "its own /proc/self/environ is closed to a runner that is not root: {error}"
-                );
+                ));
                 Vec::new()
             }
             Err(other) => panic!("confine {confine}: {other:?}"),
@@ -1105,7 +1105,7 @@ fn runners_that_cannot_enforce_a_required_confinement_refuse_before_plugin_code(
 fn an_interpreter_the_runner_user_cannot_run_is_named() {
     use std::os::unix::fs::PermissionsExt;
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: --runner-user needs a server running as root");
+        crate::support::say_skipped("--runner-user needs a server running as root");
         return;
     }
     let plugins = PluginsDir::new();

@@ -101,9 +101,9 @@ fn no_runner_holds_the_servers_environment_nor_another_plugins_values() {
             }
         }
         if !root {
-            eprintln!(
+            crate::support::say_skipped(
                 "not root: the runners' and the zygote's /proc/PID/environ are closed to this \
-                 test (not dumpable), which is what it checked of them"
+                 test (not dumpable), which is what it checked of them",
             );
         }
     }

@@ -601,6 +601,14 @@ impl Drop for Forgesyte {
     }
 }
 
+/// Says why a test, or a part of one, did not run, on the real stderr:
+/// libtest captures `eprintln!` of a passing test, so the reason was never
+/// seen.
+pub(crate) fn say_skipped(why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 /// `forgesyte ARGS…` (with `env` added) run to its end: exit code (-1 if
 /// killed by a signal), stdout, stderr.
 pub(crate) fn run_forgesyte(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
