@@ -324,6 +324,36 @@ class ResultKeyTests(unittest.TestCase):
             with self.assertRaisesRegex(ResultError, "twice"):
                 to_wire(twice)
 
+    @unittest.skipUnless(interpreter_has("pydantic"), "pydantic is not installed")
+    def test_a_model_s_json_only_serialiser_is_used_and_its_bytes_stay_binary(self):
+        from typing import Annotated
+
+        import pydantic
+
+        from runner.results import ResultError, to_wire
+
+        class Thing:
+            def __init__(self, v):
+                self.v = v
+
+        class Out(pydantic.BaseModel):
+            model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+            t: Annotated[Thing, pydantic.PlainSerializer(lambda t: {"v": t.v}, when_used="json")]
+            frames: list
+            n: int
+
+        self.assertEqual(
+            to_wire({"out": Out(t=Thing(3), frames=[b"a", {"m": b"b"}], n=1)}),
+            ({"out": {"t": {"v": 3}, "frames": [None, {"m": None}], "n": 1}},
+             [("/out/frames/0", b"a"), ("/out/frames/1/m", b"b")]))
+
+        class Opaque(pydantic.BaseModel):
+            model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+            t: Thing
+
+        with self.assertRaisesRegex(ResultError, "type Thing is not JSON-serialisable"):
+            to_wire(Opaque(t=Thing(1)))
+
     def test_an_integer_beyond_a_float_s_range_is_a_result_error(self):
         from runner.results import ResultError, to_wire
 

@@ -119,6 +119,18 @@ def _json_key(key, path):
     )
 
 
+def _bytes_from(python, as_json):
+    """A model's JSON-mode dump with the bytes of its Python-mode dump put
+    back where they were (they are attachments, not base64 text)."""
+    if isinstance(python, (bytes, bytearray, memoryview)):
+        return python
+    if isinstance(python, dict) and isinstance(as_json, dict):
+        return {k: _bytes_from(python[k], v) if k in python else v for k, v in as_json.items()}
+    if isinstance(python, (list, tuple)) and isinstance(as_json, list) and len(python) == len(as_json):
+        return [_bytes_from(p, j) for p, j in zip(python, as_json)]
+    return as_json
+
+
 def _pydantic_leaf(value):
     """pydantic's own JSON form of a field value, for values inside a
     pydantic model (datetimes, enums, UUIDs, ...)."""
@@ -197,7 +209,22 @@ def to_wire(value):
         # pydantic v2 models: python-mode dump keeps bytes as bytes (they
         # become attachments); other field values go through pydantic.
         if callable(getattr(kind, "model_dump", None)) and hasattr(kind, "model_fields"):
-            return convert(x.model_dump(), path, True, depth)
+            dumped = x.model_dump()
+            mark = len(blobs)
+            try:
+                return convert(dumped, path, True, depth)
+            except ResultError as e:
+                if e.error_type != "TypeError":
+                    raise
+                del blobs[mark:]
+                # Serialisers that apply in JSON mode only (``when_used=
+                # "json"``, a model serialiser asking ``info.mode``): its
+                # JSON dump, bytes still taken from the Python one.
+                try:
+                    as_json = x.model_dump(mode="json")
+                except Exception:
+                    raise e
+                return convert(_bytes_from(dumped, as_json), path, False, depth)
         # pydantic v1 models.
         if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
             return convert(x.dict(), path, True, depth)
