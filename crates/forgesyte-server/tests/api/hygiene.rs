@@ -888,23 +888,25 @@ fn serve_raises_its_open_file_limit_and_runners_get_the_old_one() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new("prlimit")
-        .arg(format!("--nofile={soft}:"))
-        .arg(env!("CARGO_BIN_EXE_forgesyte"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--plugins",
-            dir.path_str(),
-        ])
-        .arg("--python")
-        .arg(&python)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("prlimit (util-linux) runs");
+    let mut child = crate::support::Reaped(
+        std::process::Command::new("prlimit")
+            .arg(format!("--nofile={soft}:"))
+            .arg(env!("CARGO_BIN_EXE_forgesyte"))
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--plugins",
+                dir.path_str(),
+            ])
+            .arg("--python")
+            .arg(&python)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("prlimit (util-linux) runs"),
+    );
     let addr = crate::support::listening_addr(child.stdout.take().unwrap())
         .unwrap_or_else(|line| panic!("{line:?}: {}", std::fs::read_to_string(&log).unwrap()));
     let server = child.id();

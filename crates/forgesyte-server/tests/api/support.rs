@@ -601,6 +601,30 @@ impl Drop for Forgesyte {
     }
 }
 
+/// A child process killed and reaped when dropped: a test that fails
+/// before it stops its server leaves none running.
+pub(crate) struct Reaped(pub(crate) std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Says why a test, or a part of one, did not run, on the real stderr:
 /// libtest captures `eprintln!` of a passing test, so the reason was never
 /// seen.
