@@ -68,7 +68,7 @@ pub struct PluginHealth {
     responses((status = 200, description = "The server is up", body = HealthResponse))
 )]
 pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
-    let counts = crate::probes::plugin_counts(&state);
+    let counts = crate::state::plugin_counts(&state);
     let status = if state.is_loading() {
         "loading"
     } else if counts.required_available && !state.load_failed() {

@@ -353,26 +353,9 @@ where
     }
 }
 
-/// A JSON `{"detail": …}` answer that closes the connection.
-pub(crate) fn closing(status: StatusCode, detail: &str) -> Response<Body> {
-    let body = serde_json::json!({ "detail": detail }).to_string();
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
-    );
-    headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
 /// 503 with `Retry-After`, closing the connection: the answer beyond the cap.
 fn busy() -> Response<Body> {
-    let mut response = closing(
+    let mut response = crate::respond::closing(
         StatusCode::SERVICE_UNAVAILABLE,
         "Too many connections; retry later",
     );

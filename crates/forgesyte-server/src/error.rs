@@ -615,7 +615,7 @@ impl RunError {
                 "The JSON arguments hold about {values} values, more than the {max} a body may \
                  hold (each takes about {} bytes once parsed: the body limit divided by that; \
                  send large data as a binary argument, or raise --body-limit)",
-                crate::body::PARSED_VALUE_BYTES
+                forgesyte_loader::json_text::PARSED_VALUE_BYTES
             ),
             RunError::BodyTimedOut => {
                 "The request body stopped arriving before it was complete (body read timeout)"

@@ -104,7 +104,7 @@ where
         };
         if let Some(detail) = bad_host(request.version(), request.uri(), request.headers()) {
             return futures_util::future::Either::Left(std::future::ready(Ok(
-                crate::conn::closing(StatusCode::BAD_REQUEST, detail),
+                crate::respond::closing(StatusCode::BAD_REQUEST, detail),
             )));
         }
         // The target's host and port: userinfo (`user@`) is no part of
@@ -128,7 +128,7 @@ where
                 } else {
                     tracing::debug!(%peer, "{detail}");
                 }
-                futures_util::future::Either::Left(std::future::ready(Ok(crate::conn::closing(
+                futures_util::future::Either::Left(std::future::ready(Ok(crate::respond::closing(
                     StatusCode::FORBIDDEN,
                     &detail,
                 ))))
@@ -197,7 +197,7 @@ pub(crate) fn refusal_at(
         ));
     }
     // As the stream route reads it: `websocket` among any `Upgrade` value.
-    let upgrade = crate::stream::has_token(headers, &header::UPGRADE, "websocket");
+    let upgrade = crate::respond::has_token(headers, &header::UPGRADE, "websocket");
     let writes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if !writes && !upgrade {
         return None;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::respond::json;
-use crate::state::AppState;
+use crate::state::{AppState, passes_readiness, plugin_counts};
 
 /// Answer of `GET /livez`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -53,44 +53,6 @@ pub struct ReadyCheck {
     pub detail: String,
 }
 
-/// The plugins, counted by the readiness rule without copying any
-/// plugin's status (each `GET /v1/health` and `GET /readyz` asks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PluginCounts {
-    /// Plugins registered.
-    pub(crate) total: usize,
-    /// Of those, available (INITIALIZED or RUNNING).
-    pub(crate) available: usize,
-    /// Whether every plugin not marked optional is available.
-    pub(crate) required_available: bool,
-}
-
-/// Counts the plugins by the readiness rule (see the module's
-/// documentation); the loader is asked whether a plugin is optional only
-/// for a plugin that is not available.
-pub(crate) fn plugin_counts(state: &AppState) -> PluginCounts {
-    let mut counts = PluginCounts {
-        total: 0,
-        available: 0,
-        required_available: true,
-    };
-    state.registry().for_each_state(|name, plugin_state| {
-        let available = plugin_state.is_available();
-        counts.total += 1;
-        counts.available += usize::from(available);
-        if counts.required_available && !passes(state, name, available) {
-            counts.required_available = false;
-        }
-    });
-    counts
-}
-
-/// The readiness rule for one plugin: available, or marked optional (the
-/// loader is asked only about a plugin that is not available).
-fn passes(state: &AppState, name: &str, available: bool) -> bool {
-    available || state.loader().is_optional(name)
-}
-
 /// The readiness checks over the current state, in a fixed order.
 pub(crate) fn ready_checks(state: &AppState) -> Vec<ReadyCheck> {
     let loading = state.is_loading();
@@ -112,7 +74,7 @@ pub(crate) fn ready_checks(state: &AppState) -> Vec<ReadyCheck> {
     let snapshot = state.registry().snapshot();
     for status in snapshot.statuses() {
         let available = status.state.is_available();
-        let ok = passes(state, &status.name, available);
+        let ok = passes_readiness(state, &status.name, available);
         let mut detail = status.state.as_str().to_owned();
         if let Some(reason) = &status.reason {
             detail.push_str(": ");

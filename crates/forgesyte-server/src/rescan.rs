@@ -9,13 +9,12 @@
 //! operation runs waits for it, then rescans once. Knows the state and the
 //! loader's rescan; nothing of routes, requests or the token.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::ApiError;
-use crate::reload::ReloadReport;
 use crate::state::{AdminGuard, AppState};
+use crate::wire::ReloadReport;
 
 /// The trigger of a rescan for a file change (`serve --watch`).
 pub(crate) const WATCH: &str = "watch";
@@ -135,17 +134,10 @@ pub(crate) async fn rescan_when_free(state: &AppState, trigger: &str) {
     }
 }
 
-/// Starts the `SIGHUP` listener and, with `watch`, the watcher of
-/// `plugins_dir` ([`crate::watch`]). Both live as long as the runtime.
-pub(crate) fn start(state: &AppState, plugins_dir: &Path, watch: bool) {
-    start_sighup(state);
-    if watch {
-        crate::watch::start(state, plugins_dir);
-    }
-}
-
+/// Starts the `SIGHUP` listener, which lives as long as the runtime
+/// ([`crate::server`] starts it, beside `serve --watch`'s watcher).
 #[cfg(unix)]
-fn start_sighup(state: &AppState) {
+pub(crate) fn start_sighup(state: &AppState) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(stream) => stream,
@@ -164,4 +156,4 @@ fn start_sighup(state: &AppState) {
 }
 
 #[cfg(not(unix))]
-fn start_sighup(_state: &AppState) {}
+pub(crate) fn start_sighup(_state: &AppState) {}

@@ -1,10 +1,15 @@
-//! Building JSON answers.
+//! Building JSON answers, the `{"detail": …}` answer that closes its
+//! connection ([`closing`]), and reading a header's comma-separated tokens
+//! ([`has_token`]).
 //!
-//! A leaf beside [`crate::error`]: the handlers of every route module use
+//! A leaf beside [`crate::error`]: the handlers of every route module,
+//! the connection layer ([`crate::conn`]), the origin guard
+//! ([`crate::origin`]) and the stream's upgrade ([`crate::stream`]) use
 //! it, and it knows none of them.
 
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, StatusCode};
+use axum::body::Body;
+use axum::http::header::{self, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -28,4 +33,31 @@ pub(crate) fn json_bytes(status: StatusCode, body: impl Into<axum::body::Body>) 
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// A JSON `{"detail": …}` answer that closes the connection.
+pub(crate) fn closing(status: StatusCode, detail: &str) -> Response {
+    let body = serde_json::json!({ "detail": detail }).to_string();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Whether one of `name`'s comma-separated values is `token` (any case).
+pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
 }

@@ -177,7 +177,7 @@ impl Server {
         tracing::info!(addr = %local_addr, plugins_dir = %config.plugins_dir.display(), "forgesyte listening on http://{local_addr}");
         start_loading(&state, config.plugins_dir.clone());
         // SIGHUP (and, with --watch, file changes) rescan the plugins directory.
-        crate::rescan::start(&state, &config.plugins_dir, config.watch);
+        start_rescan_triggers(&state, &config.plugins_dir, config.watch);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let nofile = conn::nofile_limit();
@@ -286,6 +286,17 @@ fn flatten(ended: Result<io::Result<()>, tokio::task::JoinError>) -> Result<(), 
         Err(join) => Err(ServeError::Serve {
             source: io::Error::other(join.to_string()),
         }),
+    }
+}
+
+/// Starts the `SIGHUP` listener ([`crate::rescan::start_sighup`]) and,
+/// with `watch`, the watcher of `plugins_dir` ([`crate::watch`]). Both live
+/// as long as the runtime. Here rather than in [`crate::rescan`], which the
+/// watcher calls: the rescan knows none of its triggers' starts.
+fn start_rescan_triggers(state: &AppState, plugins_dir: &std::path::Path, watch: bool) {
+    crate::rescan::start_sighup(state);
+    if watch {
+        crate::watch::start(state, plugins_dir);
     }
 }
 

@@ -1,4 +1,5 @@
-//! [`AppState`]: what every handler shares.
+//! [`AppState`]: what every handler shares, and the readiness count
+//! ([`plugin_counts`]) that `GET /v1/health` and `GET /readyz` both ask.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -368,6 +369,46 @@ impl AppState {
         }
         true
     }
+}
+
+/// The plugins, counted by the readiness rule without copying any
+/// plugin's status (each `GET /v1/health` and `GET /readyz` asks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PluginCounts {
+    /// Plugins registered.
+    pub(crate) total: usize,
+    /// Of those, available (INITIALIZED or RUNNING).
+    pub(crate) available: usize,
+    /// Whether every plugin not marked optional is available.
+    pub(crate) required_available: bool,
+}
+
+/// Counts the plugins by the readiness rule (see [`crate::probes`]); the
+/// loader is asked whether a plugin is optional only for a plugin that is
+/// not available. Here, beside the state, because two handler modules ask
+/// it (`GET /v1/health` in [`crate::api`], `GET /readyz` in
+/// [`crate::probes`]) and handlers never know each other.
+pub(crate) fn plugin_counts(state: &AppState) -> PluginCounts {
+    let mut counts = PluginCounts {
+        total: 0,
+        available: 0,
+        required_available: true,
+    };
+    state.registry().for_each_state(|name, plugin_state| {
+        let available = plugin_state.is_available();
+        counts.total += 1;
+        counts.available += usize::from(available);
+        if counts.required_available && !passes_readiness(state, name, available) {
+            counts.required_available = false;
+        }
+    });
+    counts
+}
+
+/// The readiness rule for one plugin: available, or marked optional (the
+/// loader is asked only about a plugin that is not available).
+pub(crate) fn passes_readiness(state: &AppState, name: &str, available: bool) -> bool {
+    available || state.loader().is_optional(name)
 }
 
 /// Held while an admin operation runs; see [`AppState::begin_admin`].

@@ -5,13 +5,16 @@
 //! the server converts them here (`From`) and derives [`ToSchema`] on the
 //! result, so the OpenAPI document describes exactly what the handlers
 //! serialise. The component names stay `PluginStatus`, `PluginState`,
-//! `JournalEntry` and `ToolInfo`.
+//! `JournalEntry` and `ToolInfo`. The reload reports ([`ReloadReport`],
+//! [`ReloadOutcome`], [`RemovedPlugin`]) live here too: the admin routes
+//! ([`crate::reload`]) answer them and every rescan ([`crate::rescan`])
+//! logs and publishes them.
 //!
 //! This module is a leaf: it depends on the lower crates only.
 
 use std::collections::BTreeMap;
 
-use forgesyte_loader::ToolInfo;
+use forgesyte_loader::{PluginLoadOutcome, RescanReport, RetiredPlugin, ToolInfo};
 use forgesyte_registry::{
     JournalEntry, PluginLifecycleState, PluginStatus, SignatureInfo, SignatureState,
 };
@@ -257,6 +260,146 @@ impl From<&ToolInfo> for ToolInfoJson {
     }
 }
 
+/// What reloading one plugin led to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReloadOutcome {
+    /// The plugin's registry key.
+    pub name: String,
+    /// Its plugin directory.
+    pub dir: String,
+    /// Its state after the reload.
+    pub state: PluginStateJson,
+    /// Why it is FAILED or UNAVAILABLE; null otherwise.
+    #[schema(required = true)]
+    pub reason: Option<String>,
+    /// How long its reload took, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl From<PluginLoadOutcome> for ReloadOutcome {
+    fn from(o: PluginLoadOutcome) -> Self {
+        ReloadOutcome {
+            name: o.name,
+            dir: o.dir.display().to_string(),
+            state: o.state.into(),
+            reason: o.reason,
+            elapsed_ms: o.elapsed_ms,
+        }
+    }
+}
+
+/// A plugin retired by a rescan: its directory (or entry point) is gone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RemovedPlugin {
+    /// Its registry key (now unknown: 404).
+    pub name: String,
+    /// Its plugin directory.
+    pub dir: String,
+    /// Calls that were in flight when it was retired (they were waited for).
+    pub calls_in_flight: u32,
+    /// Calls still in flight when the wait (their time limit and a second)
+    /// gave up: an isolated or Python plugin's ended with its process (they
+    /// failed); an in-process plugin's ran on, recorded nowhere.
+    pub calls_cut_off: u32,
+    /// How long its retirement took, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl From<RetiredPlugin> for RemovedPlugin {
+    fn from(r: RetiredPlugin) -> Self {
+        RemovedPlugin {
+            name: r.name,
+            dir: r.dir.display().to_string(),
+            calls_in_flight: r.calls_in_flight,
+            calls_cut_off: r.calls_cut_off,
+            elapsed_ms: r.elapsed_ms,
+        }
+    }
+}
+
+/// What a rescan of the plugins directory led to (`POST
+/// /v1/plugins/reload`, SIGHUP, `serve --watch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReloadReport {
+    /// Every registered plugin's state after the rescan, sorted by name.
+    pub plugins: Vec<ReloadOutcome>,
+    /// Plugins available after the rescan.
+    pub loaded: usize,
+    /// Plugins FAILED after the rescan.
+    pub failed: usize,
+    /// Plugins UNAVAILABLE after the rescan.
+    pub unavailable: usize,
+    /// Plugins found for the first time (loaded through the load pass).
+    #[serde(default)]
+    pub added: Vec<String>,
+    /// Plugins whose files changed, reloaded (isolated and Python ones
+    /// restarted, in-process ones opened under a new file identity).
+    #[serde(default)]
+    pub changed: Vec<String>,
+    /// Unchanged plugins that were FAILED or UNAVAILABLE, retried.
+    #[serde(default)]
+    pub retried: Vec<String>,
+    /// Unchanged plugins, left as they were.
+    #[serde(default)]
+    pub unchanged: Vec<String>,
+    /// Plugins whose directory is gone, retired after their calls in flight.
+    #[serde(default)]
+    pub removed: Vec<RemovedPlugin>,
+    /// Wall time of the whole rescan, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl From<RescanReport> for ReloadReport {
+    fn from(rescan: RescanReport) -> Self {
+        let all = rescan.plugins();
+        let (loaded, failed, unavailable) = (all.loaded(), all.failed(), all.unavailable());
+        let names = |list: &[forgesyte_loader::PluginLoadOutcome]| -> Vec<String> {
+            list.iter().map(|o| o.name.clone()).collect()
+        };
+        ReloadReport {
+            added: names(&rescan.added),
+            changed: names(&rescan.changed),
+            retried: names(&rescan.retried),
+            unchanged: names(&rescan.unchanged),
+            removed: rescan
+                .removed
+                .into_iter()
+                .map(RemovedPlugin::from)
+                .collect(),
+            plugins: all.plugins.into_iter().map(ReloadOutcome::from).collect(),
+            loaded,
+            failed,
+            unavailable,
+            elapsed_ms: rescan.elapsed_ms,
+        }
+    }
+}
+
+impl ReloadReport {
+    /// The report of a reload of one plugin (first), with the others it
+    /// loaded again.
+    pub(crate) fn of(outcomes: &[ReloadOutcome]) -> ReloadReport {
+        let count = |states: &[PluginStateJson]| {
+            outcomes
+                .iter()
+                .filter(|o| states.contains(&o.state))
+                .count()
+        };
+        ReloadReport {
+            loaded: count(&[PluginStateJson::Initialized, PluginStateJson::Running]),
+            failed: count(&[PluginStateJson::Failed]),
+            unavailable: count(&[PluginStateJson::Unavailable]),
+            elapsed_ms: outcomes.iter().map(|o| o.elapsed_ms).fold(0.0, f64::max),
+            changed: outcomes.iter().map(|o| o.name.clone()).collect(),
+            added: Vec::new(),
+            retried: Vec::new(),
+            unchanged: Vec::new(),
+            removed: Vec::new(),
+            plugins: outcomes.to_vec(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -339,5 +482,29 @@ mod tests {
             assert_eq!(wire, serde_json::to_value(state).unwrap());
             assert_eq!(wire, state.as_str());
         }
+    }
+
+    #[test]
+    fn a_reload_report_counts_the_named_plugin_and_those_reloaded_with_it() {
+        let outcome = |name: &str, state, elapsed_ms| ReloadOutcome {
+            name: name.into(),
+            dir: format!("/plugins/{name}"),
+            state,
+            reason: None,
+            elapsed_ms,
+        };
+        let outcomes = [
+            outcome("named", PluginStateJson::Initialized, 3.0),
+            outcome("signed-too", PluginStateJson::Failed, 7.0),
+            outcome("busy", PluginStateJson::Running, 1.0),
+        ];
+        let report = ReloadReport::of(&outcomes);
+        assert_eq!(
+            (report.loaded, report.failed, report.unavailable),
+            (2, 1, 0)
+        );
+        assert_eq!(report.changed, ["named", "signed-too", "busy"]);
+        assert_eq!(report.plugins, outcomes);
+        assert_eq!(report.elapsed_ms, 7.0);
     }
 }

@@ -23,7 +23,7 @@ use axum::Json;
 use axum::extract::{FromRequestParts, RawQuery, State};
 use axum::http::header::{self, RETRY_AFTER};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -253,12 +253,12 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
         if crate::body::announces_a_body(headers) {
             return Err(refused("a WebSocket upgrade request has no body"));
         }
-        if !has_token(headers, &header::CONNECTION, "upgrade") {
+        if !crate::respond::has_token(headers, &header::CONNECTION, "upgrade") {
             return Err(refused(
                 "not a WebSocket upgrade request: the Connection header does not name `upgrade`",
             ));
         }
-        if !has_token(headers, &header::UPGRADE, "websocket") {
+        if !crate::respond::has_token(headers, &header::UPGRADE, "websocket") {
             return Err(refused(
                 "not a WebSocket upgrade request: the Upgrade header does not name `websocket`",
             ));
@@ -298,16 +298,6 @@ fn valid_key(key: &HeaderValue) -> bool {
     base64::engine::general_purpose::STANDARD
         .decode(key.as_bytes())
         .is_ok_and(|bytes| bytes.len() == 16)
-}
-
-/// Whether one of `name`'s comma-separated values is `token` (any case).
-pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|v| v.trim().eq_ignore_ascii_case(token))
 }
 
 /// The 101 answer to an upgrade request with `key`.
