@@ -111,27 +111,76 @@ pub(crate) fn forget_gone_tools(state: &AppState, plugins: &[&str]) {
 /// Waits (bounded) for the admin claim, then rescans; for the triggers
 /// that have no client to answer 409 to.
 pub(crate) async fn rescan_when_free(state: &AppState, trigger: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT_FOR_CLAIM;
-    let guard = loop {
-        if state.loader().is_shutting_down() {
-            tracing::info!(%trigger, "Rescan ({trigger}) dropped: the server is shutting down");
-            return;
-        }
-        match state.begin_admin() {
-            Ok(guard) => break guard,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::debug!(%trigger, "Rescan waits: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => {
-                tracing::warn!(%trigger, "Rescan ({trigger}) dropped: {e}");
-                return;
-            }
-        }
+    let Some(guard) = claim_when_free(state, "Rescan", trigger).await else {
+        return;
     };
     if let Err(e) = rescan(state, guard, trigger).await {
         tracing::error!(%trigger, "Rescan ({trigger}) failed: {e}");
     }
+}
+
+/// The admin claim, waited for (bounded); `None` when the wait gave up or
+/// the server is stopping (logged: `what` and its `trigger`).
+async fn claim_when_free(state: &AppState, what: &str, trigger: &str) -> Option<AdminGuard> {
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_CLAIM;
+    loop {
+        if state.loader().is_shutting_down() {
+            tracing::info!(%trigger, "{what} ({trigger}) dropped: the server is shutting down");
+            return None;
+        }
+        match state.begin_admin() {
+            Ok(guard) => return Some(guard),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%trigger, "{what} waits: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                tracing::warn!(%trigger, "{what} ({trigger}) dropped: {e}");
+                return None;
+            }
+        }
+    }
+}
+
+/// Starts the settling of dependents after supervisor restarts, for as
+/// long as the runtime lives: a plugin its supervisor brought back
+/// (INITIALIZED after a restart) may have dependents that were checked
+/// while it was down (a crash during the startup pass) and are
+/// UNAVAILABLE over it; they are loaded again
+/// ([`Loader::settle`](forgesyte_loader::Loader::settle)), under the admin
+/// claim as a rescan. Restarts close together wake it once.
+pub(crate) fn start_settling(state: &AppState) {
+    use forgesyte_registry::{Change, ChangeKind, PluginLifecycleState};
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let woken = Arc::clone(&wake);
+    // Under the registry's write lock: a permit stored, nothing more.
+    state
+        .registry()
+        .add_observer(Arc::new(move |change: &Change<'_>| {
+            if change.kind == ChangeKind::State
+                && change.restart_count > 0
+                && change.from == Some(PluginLifecycleState::Loaded)
+                && change.to == PluginLifecycleState::Initialized
+            {
+                woken.notify_one();
+            }
+        }));
+    let state = state.clone();
+    tokio::spawn(async move {
+        loop {
+            wake.notified().await;
+            let Some(guard) = claim_when_free(&state, "Settling dependents", "restart").await
+            else {
+                continue;
+            };
+            let loader = Arc::clone(state.loader());
+            let _ = tokio::task::spawn_blocking(move || {
+                loader.settle();
+                drop(guard);
+            })
+            .await;
+        }
+    });
 }
 
 /// Starts the `SIGHUP` listener, which lives as long as the runtime

@@ -295,6 +295,7 @@ fn flatten(ended: Result<io::Result<()>, tokio::task::JoinError>) -> Result<(), 
 /// watcher calls: the rescan knows none of its triggers' starts.
 fn start_rescan_triggers(state: &AppState, plugins_dir: &std::path::Path, watch: bool) {
     crate::rescan::start_sighup(state);
+    crate::rescan::start_settling(state);
     if watch {
         crate::watch::start(state, plugins_dir);
     }

@@ -328,6 +328,25 @@ impl Loader {
         }
     }
 
+    /// [`settle_dependents`](Self::settle_dependents) outside any reload or
+    /// rescan: after a supervisor restart brought a dependency back. Its
+    /// report lists only the plugins it loaded again (none, mostly). Run it
+    /// where no other pass runs (the server holds its admin claim).
+    pub fn settle(&self) -> LoadReport {
+        let started = Instant::now();
+        self.fresh_stamps.lock().clear();
+        let plugins = self.settle_dependents();
+        let report = LoadReport {
+            plugins,
+            elapsed_ms: ms(started.elapsed()),
+        };
+        if !report.plugins.is_empty() {
+            self.restamp();
+            report.log_summary("Settled", Some("plugins whose dependencies came back"));
+        }
+        report
+    }
+
     /// Loads again, as a reload does, every plugin whose `plugin:`
     /// dependencies changed availability under it, until none is left
     /// (each at most once: a dependent's change may unsettle its own

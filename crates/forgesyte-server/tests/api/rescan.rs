@@ -1511,3 +1511,77 @@ fn dependents_follow_their_dependency_through_reloads_and_rescans() {
     assert_eq!(state_and_reason(&server, "base").0, "INITIALIZED");
     assert_eq!(state_and_reason(&server, "dep").0, "INITIALIZED");
 }
+
+/// Writes Python plugin `name` (runtime python, `source` as its
+/// `plugin.py`) with `extra` manifest fields.
+fn python_plugin(dir: &PluginsDir, name: &str, extra: Value, source: &str) {
+    let path = dir.path().join(name);
+    std::fs::create_dir_all(&path).unwrap();
+    let mut manifest = json!({"name": name, "version": "1.0.0", "runtime": "python"});
+    if let (Some(m), Some(extra)) = (manifest.as_object_mut(), extra.as_object()) {
+        m.extend(extra.clone());
+    }
+    std::fs::write(path.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::write(path.join("plugin.py"), source).unwrap();
+}
+
+/// A dependency that crashes during the start-up pass, before its
+/// dependent's wave, leaves the dependent UNAVAILABLE over it; when its
+/// supervisor brings it back, the dependent is loaded again (it stayed
+/// UNAVAILABLE, with a reason that was no longer true, until a rescan).
+#[test]
+fn a_dependent_checked_while_its_dependency_restarted_is_loaded_again() {
+    let dir = PluginsDir::new();
+    let flags = tempfile::tempdir().unwrap();
+    let crashed = flags.path().join("crashed");
+    let tools = r#"tools = {"ping": {"handler": "ping", "description": "p",
+             "input_schema": {"type": "object"}, "output_schema": {"type": "object"}}}"#;
+    // Crashes once, right after its construction.
+    python_plugin(
+        &dir,
+        "flaky",
+        json!({}),
+        &format!(
+            "import os, threading\nCRASHED = {crashed:?}\nclass Plugin:\n    {tools}\n    \
+             def __init__(self):\n        if not os.path.exists(CRASHED):\n            \
+             threading.Timer(0.05, self.crash).start()\n    def crash(self):\n        \
+             open(CRASHED, 'w').close()\n        os._exit(3)\n    def ping(self, args):\n        \
+             return {{}}\n"
+        ),
+    );
+    // In the same wave: ends once flaky crashed (and the host saw it).
+    python_plugin(
+        &dir,
+        "slow",
+        json!({}),
+        &format!(
+            "import os, time\nCRASHED = {crashed:?}\nclass Plugin:\n    {tools}\n    \
+             def __init__(self):\n        deadline = time.time() + 20\n        \
+             while not os.path.exists(CRASHED) and time.time() < deadline:\n            \
+             time.sleep(0.02)\n        time.sleep(0.3)\n    def ping(self, args):\n        \
+             return {{}}\n"
+        ),
+    );
+    python_plugin(
+        &dir,
+        "user",
+        json!({"dependencies": ["plugin:flaky"]}),
+        &format!("class Plugin:\n    {tools}\n    def ping(self, args):\n        return {{}}\n"),
+    );
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--confine", "off"]);
+    wait_for(
+        "user available after flaky's restart",
+        Duration::from_secs(30),
+        &server,
+        || (state_and_reason(&server, "user").0 == "INITIALIZED").then_some(()),
+    );
+    assert!(crashed.exists(), "flaky never crashed");
+    let health = server.get("/v1/plugins/flaky/health").json();
+    assert_eq!(health["restart_count"], 1, "{health}");
+    // It was checked while flaky was down, and settled after.
+    assert!(
+        server.log().contains("Settled"),
+        "user was never UNAVAILABLE: {}",
+        server.log()
+    );
+}
