@@ -328,10 +328,14 @@ impl Loader {
         }
     }
 
-    /// [`settle_dependents`](Self::settle_dependents) outside any reload or
-    /// rescan: after a supervisor restart brought a dependency back. Its
-    /// report lists only the plugins it loaded again (none, mostly). Run it
-    /// where no other pass runs (the server holds its admin claim).
+    /// Loads again, as every reload and rescan does at its end, the plugins
+    /// whose `plugin:` dependencies changed availability under them (one
+    /// whose dependency is no longer available becomes UNAVAILABLE naming
+    /// it; one UNAVAILABLE over a dependency available again is retried),
+    /// outside any reload or rescan: after a supervisor restart brought a
+    /// dependency back. Its report lists only the plugins it loaded again
+    /// (none, mostly). Run it where no other pass runs (the server holds
+    /// its admin claim).
     pub fn settle(&self) -> LoadReport {
         let started = Instant::now();
         self.fresh_stamps.lock().clear();
