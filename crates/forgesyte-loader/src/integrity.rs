@@ -420,7 +420,12 @@ pub fn lock_dir(fs: &dyn FileSystem, plugins_dir: &Path) -> io::Result<LockOutco
     };
     for entry in fs.read_dir(plugins_dir)? {
         let manifest_path = entry.path.join(MANIFEST_FILE);
-        if !entry.is_dir || !fs.exists(&manifest_path) {
+        // As a load pass: a directory without a manifest is no plugin; one
+        // whose manifest cannot be looked at (no permission) is one that
+        // cannot be locked, said so, not left out in silence.
+        if !entry.is_dir
+            || matches!(fs.metadata(&manifest_path), Err(e) if e.kind() == io::ErrorKind::NotFound)
+        {
             continue;
         }
         let dir_name = entry.name.to_string_lossy().into_owned();

@@ -304,13 +304,25 @@ fn run_lock(dir: &Path) -> ExitCode {
         say!("forgesyte lock: {e}");
         return ExitCode::from(2);
     }
-    let outcome = match integrity::lock_dir(&forgesyte_deps::RealFs, dir) {
+    let mut outcome = match integrity::lock_dir(&forgesyte_deps::RealFs, dir) {
         Ok(outcome) => outcome,
         Err(e) => {
             say!("forgesyte lock: cannot list {}: {e}", dir.display());
-            return ExitCode::FAILURE;
+            return ExitCode::from(2);
         }
     };
+    // A plugin that could not be hashed keeps the pin it had: dropped, it
+    // would load unpinned ("a plugin not listed loads as before").
+    let earlier = integrity::read_lock(&forgesyte_deps::RealFs, dir)
+        .ok()
+        .flatten();
+    let mut kept = Vec::new();
+    for (name, _) in &outcome.skipped {
+        if let Some(line) = earlier.as_ref().and_then(|l| l.plugins.get(name)) {
+            outcome.lock.plugins.insert(name.clone(), line.clone());
+            kept.push(name.clone());
+        }
+    }
     let path = dir.join(integrity::LOCK_FILE);
     let written = serde_json::to_vec_pretty(&outcome.lock)
         .map_err(std::io::Error::other)
@@ -340,7 +352,11 @@ fn run_lock(dir: &Path) -> ExitCode {
     );
     let _ = stdout.flush();
     for (name, why) in &outcome.skipped {
-        say!("forgesyte lock: {name} not locked: {why}");
+        if kept.contains(name) {
+            say!("forgesyte lock: {name} not locked again (it keeps its earlier pin): {why}");
+        } else {
+            say!("forgesyte lock: {name} not locked: {why}");
+        }
     }
     if outcome.skipped.is_empty() {
         ExitCode::SUCCESS

@@ -213,3 +213,33 @@ fn a_pinned_isolated_library_runs_from_the_checked_bytes() {
         }
     }
 }
+
+/// A plugin `lock` cannot hash keeps the pin it had (dropped, it would
+/// load unpinned) and is named, exit 1; one whose manifest cannot be looked
+/// at (a loop of links here; no permission for a server's user) is named
+/// too, where `lock` left it out in silence and exited 0.
+#[test]
+fn a_plugin_lock_cannot_hash_keeps_its_pin_and_is_named() {
+    let dir = PluginsDir::new();
+    dir.good("kept", json!({})).good("fine", json!({}));
+    let root = dir.path();
+    let (code, out, err) = forgesyte(&["lock", dir.path_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let read_lock = || -> Value {
+        serde_json::from_slice(&std::fs::read(root.join("forgesyte.lock")).unwrap()).unwrap()
+    };
+    let pin = read_lock()["plugins"]["kept"].clone();
+    std::fs::remove_file(root.join("kept").join(crate::support::good_library_name())).unwrap();
+    std::fs::create_dir(root.join("looped")).unwrap();
+    std::os::unix::fs::symlink("manifest.json", root.join("looped/manifest.json")).unwrap();
+    let (code, out, err) = forgesyte(&["lock", dir.path_str()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("kept not locked again (it keeps its earlier pin): library"),
+        "{err}"
+    );
+    assert!(err.contains("looped not locked: cannot read"), "{err}");
+    let lock = read_lock();
+    assert_eq!(lock["plugins"]["kept"], pin, "{lock}");
+    assert!(lock["plugins"]["fine"].is_object(), "{lock}");
+}
