@@ -66,10 +66,16 @@ pub(super) enum NoManifest {
 }
 
 impl Loader {
-    /// Plugin directories under `plugins_dir`: sorted, only those with a manifest.
+    /// Plugin directories under `plugins_dir`: sorted, only those with a
+    /// manifest (one that cannot be looked at, for want of permission, is
+    /// kept: its plugin fails naming why, as in a full pass, which reads
+    /// every directory's).
     pub fn discover(&self, plugins_dir: &Path) -> Vec<PathBuf> {
         let mut dirs = self.subdirectories(plugins_dir);
-        dirs.retain(|dir| self.fs.exists(&dir.join(MANIFEST_FILE)));
+        dirs.retain(|dir| {
+            !matches!(self.fs.metadata(&dir.join(MANIFEST_FILE)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+        });
         dirs
     }
 
