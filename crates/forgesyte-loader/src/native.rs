@@ -53,6 +53,7 @@ use forgesyte_protocol::abi::{
 };
 use forgesyte_protocol::fingerprint::Fingerprint;
 use forgesyte_protocol::wire::CallContext;
+use libc::RTLD_NODELETE;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 
 use crate::host::{CallOutput, Importer, PluginInstance, PluginLibrary, ToolInfo};
@@ -60,9 +61,6 @@ use crate::host::{CallOutput, Importer, PluginInstance, PluginLibrary, ToolInfo}
 pub use self::elf::inspect;
 use self::elf::{Elf, check_elf, open_regular, vet_fingerprint};
 pub(crate) use self::origin::names_origin;
-
-/// `RTLD_NODELETE` (glibc and musl): keep the library mapped after `dlclose`.
-const RTLD_NODELETE: i32 = 0x1000;
 
 /// Opens real shared libraries built with `forgesyte-plugin-sdk`.
 #[derive(Debug, Default, Clone, Copy)]

@@ -33,9 +33,6 @@ use std::sync::LazyLock;
 use libloading::os::unix::{Library, RTLD_NOW};
 use parking_lot::{Mutex, MutexGuard};
 
-/// `RTLD_NOLOAD` (glibc and musl): only look for an object already mapped.
-const RTLD_NOLOAD: i32 = 0x4;
-
 /// The names given to `dlopen` and the files (device, inode) mapped.
 #[derive(Debug, Default)]
 struct Mapped {
@@ -114,7 +111,7 @@ pub(super) fn unclaimed_fd_path(fd: OwnedFd) -> std::io::Result<(OwnedFd, PathBu
         // SAFETY: with RTLD_NOLOAD nothing is opened or run: the handle of
         // an object already mapped (its count raised, lowered again when the
         // handle drops) or an error.
-        if unsafe { Library::open(Some(&load), RTLD_NOW | RTLD_NOLOAD) }.is_err() {
+        if unsafe { Library::open(Some(&load), RTLD_NOW | libc::RTLD_NOLOAD) }.is_err() {
             return Ok((fd, load));
         }
         let next = rustix::io::fcntl_dupfd_cloexec(&fd, fd.as_raw_fd() + 1)?;

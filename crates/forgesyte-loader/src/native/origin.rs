@@ -16,7 +16,7 @@
 //! Knows ELF dynamic sections and the dynamic loader's look-up by name;
 //! nothing of plugins beyond the library's path.
 
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ffi::{CStr, c_char};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -29,10 +29,6 @@ use object::elf::{
 };
 use object::read::elf::{Dyn as _, ProgramHeader as _};
 
-/// `RTLD_NOLOAD` (glibc and musl): only look for an object already loaded.
-const RTLD_NOLOAD: i32 = 0x4;
-/// `dlinfo`'s request for the object's `struct link_map` (glibc and musl).
-const RTLD_DI_LINKMAP: c_int = 2;
 /// Dynamic entries read at most: a corrupt section cannot make the check
 /// read more.
 const MAX_DYNAMIC_ENTRIES: usize = 4096;
@@ -52,10 +48,6 @@ const COMPARE_CHUNK: usize = 64 * 1024;
 struct LinkMap {
     l_addr: usize,
     l_name: *const c_char,
-}
-
-unsafe extern "C" {
-    fn dlinfo(handle: *mut c_void, request: c_int, info: *mut c_void) -> c_int;
 }
 
 /// A library's `DT_NEEDED` names and the entries of its run path
@@ -374,7 +366,7 @@ fn loaded_as(name: &str) -> Option<PathBuf> {
     // library already loaded, or an error. (The dynamic loader may open a
     // file of that name on its search path to compare it with the loaded
     // ones: what it hands back is checked to answer to `name` below.)
-    let library = unsafe { Library::open(Some(name), RTLD_NOW | RTLD_NOLOAD) }.ok()?;
+    let library = unsafe { Library::open(Some(name), RTLD_NOW | libc::RTLD_NOLOAD) }.ok()?;
     let handle = library.into_raw();
     let mut map: *const LinkMap = std::ptr::null();
     // SAFETY: `handle` is a live handle from `dlopen`; RTLD_DI_LINKMAP
@@ -382,7 +374,7 @@ fn loaded_as(name: &str) -> Option<PathBuf> {
     // its `l_name` stay valid while the handle holds the object, that is
     // until `from_raw(handle)` below is dropped.
     let file = unsafe {
-        if dlinfo(handle, RTLD_DI_LINKMAP, (&raw mut map).cast()) == 0
+        if libc::dlinfo(handle, libc::RTLD_DI_LINKMAP, (&raw mut map).cast()) == 0
             && !map.is_null()
             && !(*map).l_name.is_null()
         {

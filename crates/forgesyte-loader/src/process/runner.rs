@@ -490,18 +490,11 @@ fn protect_in_forks(fds: impl IntoIterator<Item = RawFd>) -> io::Result<()> {
     for (slot, fd) in PROTOCOL_FDS.iter().zip(fds) {
         slot.store(fd, Ordering::Relaxed);
     }
-    unsafe extern "C" {
-        fn pthread_atfork(
-            prepare: Option<unsafe extern "C" fn()>,
-            parent: Option<unsafe extern "C" fn()>,
-            child: Option<unsafe extern "C" fn()>,
-        ) -> std::ffi::c_int;
-    }
-    // SAFETY: glibc's `pthread_atfork`, declared with its C signature;
+    // SAFETY: glibc's `pthread_atfork` (as `libc` declares it);
     // `release_protocol` is a plain function that lives as long as the
     // process and does only what a child of a multithreaded fork may
     // (system calls: `open`, `dup3`; no allocation, no lock).
-    let rc = unsafe { pthread_atfork(None, None, Some(release_protocol)) };
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(release_protocol)) };
     if rc == 0 {
         Ok(())
     } else {
