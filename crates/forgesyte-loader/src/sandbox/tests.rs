@@ -1,7 +1,9 @@
 //! The sandbox module's unit tests (beside it, out of its file).
 
+use super::apply::rules_without_links;
+use super::scratch::scratch_dir_in;
 use super::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn spec(v: Value) -> Result<SandboxSpec, String> {
     let Value::Object(obj) = v else {
