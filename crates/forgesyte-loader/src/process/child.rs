@@ -14,6 +14,10 @@
 //! *thread* that forked), and the runner itself also watches its parent as
 //! a fallback. Stopping asks first (the runner's stdin is closed) and kills
 //! after [`STOP_GRACE`], on a thread of its own, never the caller's.
+//!
+//! Its protocol output is read through [`super::watched_pipe`]; the host's
+//! count of its runners is [`super::runners`]'s, and its environment
+//! [`super::spawn::runner_env`].
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -25,23 +29,23 @@ use std::time::{Duration, Instant};
 
 use forgesyte_errors::{CrashCause, CrashError, PluginError, fmt_duration};
 use forgesyte_protocol::wire::shm::{SHM_FD_ENV, SHM_THRESHOLD_ENV};
-use forgesyte_protocol::wire::{
-    Greeting, HandshakeError, Hello, PROTOCOL_ENV, PROTOCOL_VERSION, WireError,
-};
+use forgesyte_protocol::wire::{Greeting, HandshakeError, Hello, WireError};
 use parking_lot::{Condvar, Mutex};
 use std::os::fd::OwnedFd;
 
 use super::exit::{classify, signal_name};
 use super::os_process::OsProcess;
-use super::spawn::{pass_fd, spawn_runner, spawn_runner_logging_stdout};
+use super::runners::{HOST_STOPPING, Runners};
+use super::spawn::{pass_fd, runner_env, spawn_runner, spawn_runner_logging_stdout};
 use super::stderr::StderrLog;
 use super::transport::{Reply, RequestError, Sent, Transport, TrySend};
+use super::watched_pipe::WatchedPipe;
 use super::zygote::Zygote;
 use crate::host::{ExitCallback, ExitReport};
 
 /// How long a process whose protocol pipe closed may take to exit before
 /// it is killed.
-const EXIT_GRACE: Duration = Duration::from_millis(300);
+pub(super) const EXIT_GRACE: Duration = Duration::from_millis(300);
 /// How long the death report waits for the last stderr lines.
 const STDERR_GRACE: Duration = Duration::from_millis(500);
 /// How long a caller that killed the process waits for the death to be
@@ -93,118 +97,6 @@ pub(crate) struct SpawnOptions<'a> {
     pub(crate) runners: Option<&'a Runners>,
 }
 
-/// Every runner of a host that has not ended, whatever it is doing
-/// (constructing its plugin in a load pass, a reload or a restart, serving,
-/// or being let go): what a stopping host ends, with its process group. A
-/// runner is counted as soon as it is spawned, before the host sends it
-/// anything; once
-/// [`closed`](Runners::close), none starts (one that started meanwhile is
-/// killed at once): a load pass or a restart still running when the host
-/// stops could otherwise start runners after the host has let its own
-/// go, and what their plugins start would outlive it.
-#[derive(Debug, Default)]
-pub(crate) struct Runners {
-    live: Mutex<Live>,
-}
-
-/// What [`Runners`] holds under its lock.
-#[derive(Debug, Default)]
-struct Live {
-    closed: bool,
-    runners: Vec<std::sync::Weak<Shared>>,
-}
-
-/// Why the host kills the runners it still has when it stops (and one that
-/// starts after); the start of why it refuses to start one then.
-pub(crate) const HOST_STOPPING: &str = "the host is stopping";
-
-impl Runners {
-    /// Counts `shared`; `false` once closed.
-    fn admit(&self, shared: &Arc<Shared>) -> bool {
-        let mut live = self.live.lock();
-        if live.closed {
-            return false;
-        }
-        // The ended ones go (a host starts runners for as long as it runs).
-        live.runners.retain(|runner| {
-            runner
-                .upgrade()
-                .is_some_and(|r| r.exit.lock().report.is_none())
-        });
-        live.runners.push(Arc::downgrade(shared));
-        true
-    }
-
-    /// Closes: no runner starts from now on.
-    pub(crate) fn close(&self) {
-        self.live.lock().closed = true;
-    }
-
-    /// The host begins to stop: closes (no runner starts from now on) and
-    /// kills, with their groups, the runners still constructing their
-    /// plugin (a load pass, a reload or a restart in progress), whose
-    /// construction would otherwise hold the stop for as long as its own
-    /// time limit. Those that serve keep serving the calls in flight.
-    /// Waits for nothing.
-    pub(crate) fn stop_starting(&self) {
-        self.close();
-        for runner in self.counted() {
-            if !runner.constructed.load(Ordering::SeqCst) {
-                end_for_the_host(&runner);
-            }
-        }
-    }
-
-    /// Kills, with their groups, the runners of `plugin` still
-    /// constructing it (a restart in progress as the plugin is let go), for
-    /// `reason`.
-    pub(crate) fn stop_starting_of(&self, plugin: &str, reason: &str) {
-        for runner in self.counted() {
-            if runner.plugin == plugin
-                && !runner.constructed.load(Ordering::SeqCst)
-                && runner.exit.lock().report.is_none()
-            {
-                kill_unless_reaping(&runner, KillReason::host(reason));
-            }
-        }
-    }
-
-    /// The runners counted that are still held somewhere.
-    fn counted(&self) -> Vec<Arc<Shared>> {
-        self.live
-            .lock()
-            .runners
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect()
-    }
-
-    /// Whether [`close`](Self::close) was called.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.live.lock().closed
-    }
-
-    /// Kills every runner not ended yet (with its group, as any runner's
-    /// end) and waits until `deadline` for their ends to be processed;
-    /// whether all were.
-    pub(crate) fn end_all(&self, deadline: Instant) -> bool {
-        let live = self.counted();
-        for runner in &live {
-            end_for_the_host(runner);
-        }
-        live.iter().all(|runner| {
-            wait_dead(runner, deadline.saturating_duration_since(Instant::now())).is_some()
-        })
-    }
-}
-
-/// Kills `runner` as the host stops, unless it has ended.
-fn end_for_the_host(runner: &Arc<Shared>) {
-    if runner.exit.lock().report.is_none() {
-        kill_unless_reaping(runner, KillReason::host(HOST_STOPPING));
-    }
-}
-
 /// Why a runner did not get as far as its hello.
 #[derive(Debug)]
 pub(crate) enum SpawnError {
@@ -230,20 +122,20 @@ pub(crate) enum SpawnError {
 }
 
 #[derive(Default)]
-struct ExitState {
-    report: Option<Arc<ExitReport>>,
+pub(super) struct ExitState {
+    pub(super) report: Option<Arc<ExitReport>>,
     callbacks: Vec<ExitCallback>,
 }
 
 /// What the owner, the reader thread and the stderr thread share.
-struct Shared {
-    plugin: String,
+pub(super) struct Shared {
+    pub(super) plugin: String,
     pid: u32,
     memory_limit_mib: u64,
     transport: Transport,
     process: Mutex<OsProcess>,
     kill_reason: Mutex<Option<KillReason>>,
-    exit: Mutex<ExitState>,
+    pub(super) exit: Mutex<ExitState>,
     exited: Condvar,
     /// [`Self::exited`] for tasks ([`Child::dead`]).
     died: tokio::sync::Notify,
@@ -253,20 +145,7 @@ struct Shared {
     retired: AtomicBool,
     /// Its plugin is constructed ([`Child::constructed`]): it serves, or
     /// will, rather than starts.
-    constructed: AtomicBool,
-}
-
-/// The environment variables every runner (and every zygote) is started
-/// with: the protocol version, and under a memory limit (`limited`) few
-/// malloc arenas (glibc reserves 64 MiB of address space per arena, one
-/// per thread up to 8 per core: under `RLIMIT_AS` that, not the plugin,
-/// would exhaust the limit; glibc reads it once, at the process's start).
-pub(crate) fn runner_env(limited: bool) -> Vec<(&'static str, String)> {
-    let mut env = vec![(PROTOCOL_ENV, PROTOCOL_VERSION.to_string())];
-    if limited {
-        env.push(("MALLOC_ARENA_MAX", "2".to_owned()));
-    }
-    env
+    pub(super) constructed: AtomicBool,
 }
 
 /// A runner's shared-memory socket pair (`PROTOCOL.md` §3.1), made when
@@ -806,7 +685,7 @@ fn retired_reason() -> KillReason {
     }
 }
 
-fn wait_dead(shared: &Shared, timeout: Duration) -> Option<Arc<ExitReport>> {
+pub(super) fn wait_dead(shared: &Shared, timeout: Duration) -> Option<Arc<ExitReport>> {
     let deadline = Instant::now() + timeout;
     let mut exit = shared.exit.lock();
     while exit.report.is_none() {
@@ -860,7 +739,7 @@ fn kill(shared: &Shared, reason: KillReason) {
 /// (`SIGKILL` sent: a process stuck in the kernel can take long to die),
 /// and the kill is left to it. For whoever must not block on a death: a
 /// task, a stopping host.
-fn kill_unless_reaping(shared: &Shared, reason: KillReason) {
+pub(super) fn kill_unless_reaping(shared: &Shared, reason: KillReason) {
     if let Some(mut process) = shared.process.try_lock_for(Duration::from_millis(10)) {
         kill_locked(shared, &mut process, reason);
     }
@@ -871,76 +750,6 @@ fn kill_locked(shared: &Shared, process: &mut OsProcess, reason: KillReason) {
         shared.kill_reason.lock().get_or_insert(reason);
     }
     process.kill();
-}
-
-/// A runner's protocol output, read until it ends, or until
-/// [`EXIT_GRACE`] after the runner itself ended (its pidfd says so): a
-/// process the plugin started outside the runner's group (`setsid` after a
-/// `dup` of the pipe) may hold the pipe open for ever, and then the death
-/// of the runner (a time-out's kill) was never processed: the plugin stayed
-/// INITIALIZED and every call waited out its time. Without a pidfd
-/// (`pidfd_open` refused) it reads as a plain pipe.
-struct WatchedPipe<R> {
-    pipe: R,
-    pidfd: Option<OwnedFd>,
-    ended_at: Option<Instant>,
-}
-
-impl<R: Read + std::os::fd::AsFd> WatchedPipe<R> {
-    fn new(pipe: R, pid: u32) -> Self {
-        let pidfd =
-            rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)).and_then(|pid| {
-                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-            });
-        WatchedPipe {
-            pipe,
-            pidfd,
-            ended_at: None,
-        }
-    }
-}
-
-impl<R: Read + std::os::fd::AsFd> Read for WatchedPipe<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        let Some(pidfd) = &self.pidfd else {
-            return self.pipe.read(buf);
-        };
-        loop {
-            let left = match self.ended_at {
-                Some(at) => {
-                    let left = EXIT_GRACE.saturating_sub(at.elapsed());
-                    if left.is_zero() {
-                        return Err(std::io::Error::other(
-                            "the plugin process ended, but a process it started keeps its \
-                             protocol pipe open",
-                        ));
-                    }
-                    Some(Timespec::try_from(left).unwrap_or(Timespec {
-                        tv_sec: 0,
-                        tv_nsec: 1_000_000,
-                    }))
-                }
-                None => None,
-            };
-            let mut fds = [
-                PollFd::new(&self.pipe, PollFlags::IN),
-                PollFd::new(pidfd, PollFlags::IN),
-            ];
-            let watched = if self.ended_at.is_some() { 1 } else { 2 };
-            match poll(&mut fds[..watched], left.as_ref()) {
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            if !fds[0].revents().is_empty() {
-                return self.pipe.read(buf);
-            }
-            if watched == 2 && !fds[1].revents().is_empty() {
-                self.ended_at = Some(Instant::now());
-            }
-        }
-    }
 }
 
 /// The reader thread: routes answers until the stream ends or breaks, then
@@ -1090,18 +899,6 @@ fn for_calls(shared: &Shared, report: Arc<ExitReport>) -> Arc<ExitReport> {
     })
 }
 
-/// `64 MiB`, `512 KiB`, `100 bytes`.
-pub(crate) fn fmt_bytes(bytes: u64) -> String {
-    const MIB: u64 = 1024 * 1024;
-    if bytes >= MIB && bytes.is_multiple_of(MIB) {
-        format!("{} MiB", bytes / MIB)
-    } else if bytes >= 1024 && bytes.is_multiple_of(1024) {
-        format!("{} KiB", bytes / 1024)
-    } else {
-        format!("{bytes} bytes")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -1116,14 +913,5 @@ mod tests {
             RUNNER_STOP_WAIT >= longest,
             "{RUNNER_STOP_WAIT:?} < {longest:?}"
         );
-    }
-
-    use super::fmt_bytes;
-
-    #[test]
-    fn byte_counts_read_well() {
-        assert_eq!(fmt_bytes(64 * 1024 * 1024), "64 MiB");
-        assert_eq!(fmt_bytes(512 * 1024), "512 KiB");
-        assert_eq!(fmt_bytes(100), "100 bytes");
     }
 }

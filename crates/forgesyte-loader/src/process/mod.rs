@@ -24,8 +24,11 @@
 //! The wire protocol is `forgesyte_protocol::wire` (specified in its
 //! `PROTOCOL.md`); the runner's side is [`runner_main`]; the host's side is
 //! `transport` (routing over any pair of streams), `child` (one runner:
-//! its reader, stopping, reaping), `spawn` (the OS hygiene of every child
-//! process the host starts) and `instance` (a constructed plugin's calls).
+//! its reader, stopping, reaping), `watched_pipe` (its protocol output, read
+//! with an eye on its end), `runners` (every runner of a host not ended:
+//! what a stopping host ends), `spawn` (the OS hygiene and the environment
+//! of every child process the host starts) and `instance` (a constructed
+//! plugin's calls).
 //! Faults come back as typed errors with a precise reason
 //! (`killed by signal SIGSEGV (11)`, `exited with code 3`, `exceeded memory
 //! limit 512 MiB`, `timed out after 5 s during init`, a protocol violation)
@@ -41,10 +44,12 @@ mod instance;
 mod os_process;
 mod received;
 mod runner;
+mod runners;
 mod spares;
 mod spawn;
 mod stderr;
 mod transport;
+mod watched_pipe;
 mod wire_error;
 mod workers;
 mod zygote;
@@ -70,7 +75,7 @@ use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
 use std::process::Command;
 
 use self::child::{Child, KillReason, SpawnError, SpawnOptions};
-pub(crate) use self::child::{HOST_STOPPING, Runners};
+pub(crate) use self::runners::{HOST_STOPPING, Runners};
 use self::transport::Reply;
 use self::wire_error::WireErrorExt;
 use crate::host::{Importer, PluginInstance, PluginLibrary};
@@ -384,11 +389,7 @@ impl ProcessImporter {
     }
 
     fn launch(&self, library: &Path) -> Result<Child, SpawnError> {
-        if self
-            .runners
-            .as_deref()
-            .is_some_and(child::Runners::is_closed)
-        {
+        if self.runners.as_deref().is_some_and(Runners::is_closed) {
             return Err(SpawnError::Stopping);
         }
         let opts = SpawnOptions {
@@ -426,7 +427,7 @@ impl ProcessImporter {
         // sets it itself, from the plan).
         let plan = self.confinement.as_ref().map(|plan| {
             let mut plan = plan.clone();
-            let runtime = child::runner_env(self.limits.memory_limit_mib > 0);
+            let runtime = spawn::runner_env(self.limits.memory_limit_mib > 0);
             plan.env
                 .extend(runtime.into_iter().map(|(k, v)| (k.to_owned(), v)));
             plan

@@ -11,10 +11,15 @@
 //!
 //! - A child gets back the open-file limit the server started with, when
 //!   the server raised its own (`forgesyte_deps::raise_open_file_limit`).
+//! - Every runner and zygote starts with the protocol's version in its
+//!   environment, and few malloc arenas under a memory limit
+//!   ([`runner_env`]).
 //!
 //! What a runner does once started (its pipes, its death) is `child`'s.
 
 use std::process::{Command, Stdio};
+
+use forgesyte_protocol::wire::{PROTOCOL_ENV, PROTOCOL_VERSION};
 
 /// Marks close-on-exec every descriptor above 2 that this process holds:
 /// at a server's start, those it inherited (a supervisor's socket, a
@@ -174,4 +179,17 @@ fn set_no_new_privs(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// The environment variables every runner (and every zygote) is started
+/// with: the protocol version, and under a memory limit (`limited`) few
+/// malloc arenas (glibc reserves 64 MiB of address space per arena, one
+/// per thread up to 8 per core: under `RLIMIT_AS` that, not the plugin,
+/// would exhaust the limit; glibc reads it once, at the process's start).
+pub(crate) fn runner_env(limited: bool) -> Vec<(&'static str, String)> {
+    let mut env = vec![(PROTOCOL_ENV, PROTOCOL_VERSION.to_string())];
+    if limited {
+        env.push(("MALLOC_ARENA_MAX", "2".to_owned()));
+    }
+    env
 }

@@ -678,9 +678,21 @@ fn frame_violation(e: FrameError, limit: u64) -> Option<String> {
         FrameError::Eof => None,
         FrameError::TooLarge { len, .. } => Some(format!(
             "answer frame of {len} bytes exceeds the limit of {}",
-            super::child::fmt_bytes(limit)
+            fmt_bytes(limit)
         )),
         other => Some(other.to_string()),
+    }
+}
+
+/// `64 MiB`, `512 KiB`, `100 bytes`.
+pub(crate) fn fmt_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else if bytes >= 1024 && bytes.is_multiple_of(1024) {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{bytes} bytes")
     }
 }
 

@@ -306,7 +306,7 @@ impl Zygote {
             }
         }
         command
-            .envs(super::child::runner_env(key.few_arenas))
+            .envs(super::spawn::runner_env(key.few_arenas))
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

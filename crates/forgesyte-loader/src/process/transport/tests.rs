@@ -608,3 +608,10 @@ fn an_awaited_request_does_not_wait_on_its_thread_for_a_blocked_caller_s_write()
     assert!(t.waiters.lock().map.len() <= 1, "only the blocked request");
     drop(writing); // it ends at its deadline
 }
+
+#[test]
+fn byte_counts_read_well() {
+    assert_eq!(fmt_bytes(64 * 1024 * 1024), "64 MiB");
+    assert_eq!(fmt_bytes(512 * 1024), "512 KiB");
+    assert_eq!(fmt_bytes(100), "100 bytes");
+}
