@@ -402,7 +402,21 @@ fn run_new(args: NewArgs) -> ExitCode {
             DEFAULT_BIND.to_owned()
         }
     };
-    match scaffold::create(lang, &name, &args.parent, &sdk, &bind) {
+    // Inside a plugin's own directory, the new plugin would be part of that
+    // plugin's tree (its pinned `*.py` digest changed) and nothing would
+    // serve it: the commands printed would be refused.
+    if let Some(e) = CheckError::plugin_directory(&args.parent) {
+        say!("forgesyte new: --dir: {e}");
+        return ExitCode::from(2);
+    }
+    match scaffold::create(
+        lang,
+        &name,
+        &args.parent,
+        &sdk,
+        &bind,
+        args.config.as_deref(),
+    ) {
         Ok(created) => {
             let mut stdout = std::io::stdout().lock();
             let _ = stdout.write_all(created.message.as_bytes());

@@ -258,6 +258,7 @@ pub(crate) fn create(
     parent: &Path,
     sdk: &Sdk,
     bind: &str,
+    config: Option<&Path>,
 ) -> Result<Created, ScaffoldError> {
     let dir = parent.join(name);
     // A link of that name is never followed (its target may be anywhere)
@@ -299,7 +300,7 @@ pub(crate) fn create(
         return Err(e);
     }
     Ok(Created {
-        message: message(lang, name, parent, &dir, &files, sdk, bind),
+        message: message(lang, name, parent, &dir, &files, sdk, bind, config),
     })
 }
 
@@ -503,9 +504,15 @@ fn message(
     files: &[(&'static str, String)],
     sdk: &Sdk,
     bind: &str,
+    config: Option<&Path>,
 ) -> String {
     let run_url = run_url(bind, name);
     let bind_flag = bind_flag(bind);
+    // The config file `new` read is the one `check` and `serve` need too
+    // (its interpreter, library path, keys, isolation).
+    let config = config
+        .map(|file| format!(" --config {}", shell(file)))
+        .unwrap_or_default();
     let mut out = String::new();
     let what = match lang {
         Lang::Python => "Python",
@@ -522,10 +529,10 @@ fn message(
     match lang {
         Lang::Python => {
             let _ = writeln!(out, "\nCheck it, serve it, call its tool:");
-            let _ = writeln!(out, "  forgesyte check {}", shell(parent));
+            let _ = writeln!(out, "  forgesyte check{config} {}", shell(parent));
             let _ = writeln!(
                 out,
-                "  forgesyte serve --plugins {}{bind_flag}",
+                "  forgesyte serve{config} --plugins {}{bind_flag}",
                 shell(parent)
             );
             let _ = writeln!(out, "  {curl}");
@@ -566,10 +573,10 @@ fn message(
             } else {
                 format!(" --lib-path {}", shell(&target))
             };
-            let _ = writeln!(out, "  forgesyte check {}{lib_path}", shell(parent));
+            let _ = writeln!(out, "  forgesyte check{config} {}{lib_path}", shell(parent));
             let _ = writeln!(
                 out,
-                "  forgesyte serve --plugins {}{lib_path}{bind_flag}",
+                "  forgesyte serve{config} --plugins {}{lib_path}{bind_flag}",
                 shell(parent)
             );
             let _ = writeln!(out, "  {curl}");
@@ -724,11 +731,11 @@ mod tests {
             r#"{"id": "ocr", "name": "free"}"#,
         )
         .unwrap();
-        let err = create(Lang::Python, "ocr", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
+        let err = create(Lang::Python, "ocr", tmp.path(), &sdk, DEFAULT_BIND, None).unwrap_err();
         assert!(matches!(err, ScaffoldError::NameTaken { .. }), "{err}");
-        create(Lang::Python, "free", tmp.path(), &sdk, DEFAULT_BIND).unwrap();
+        create(Lang::Python, "free", tmp.path(), &sdk, DEFAULT_BIND, None).unwrap();
         for lang in [Lang::Python, Lang::Rust] {
-            let err = create(lang, "text-stats", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
+            let err = create(lang, "text-stats", tmp.path(), &sdk, DEFAULT_BIND, None).unwrap_err();
             assert!(matches!(err, ScaffoldError::NameTaken { .. }), "{err}");
             assert!(
                 err.to_string().contains(&format!(
@@ -739,7 +746,15 @@ mod tests {
             );
             assert!(!tmp.path().join("text-stats").exists());
         }
-        create(Lang::Python, "text-stats-2", tmp.path(), &sdk, DEFAULT_BIND).unwrap();
+        create(
+            Lang::Python,
+            "text-stats-2",
+            tmp.path(),
+            &sdk,
+            DEFAULT_BIND,
+            None,
+        )
+        .unwrap();
         // A sibling whose manifest is a FIFO is passed over, not waited on.
         let fifo = tmp.path().join("fifo");
         std::fs::create_dir(&fifo).unwrap();
@@ -752,8 +767,17 @@ mod tests {
         let parent = tmp.path().to_path_buf();
         std::thread::spawn(move || {
             let sdk = Sdk::Version(SDK_VERSION);
-            let _ =
-                tx.send(create(Lang::Python, "after-fifo", &parent, &sdk, DEFAULT_BIND).is_ok());
+            let _ = tx.send(
+                create(
+                    Lang::Python,
+                    "after-fifo",
+                    &parent,
+                    &sdk,
+                    DEFAULT_BIND,
+                    None,
+                )
+                .is_ok(),
+            );
         });
         assert_eq!(
             rx.recv_timeout(std::time::Duration::from_secs(10)),
@@ -762,21 +786,44 @@ mod tests {
         );
     }
 
+    /// The config file `new` was given is in the commands it prints: the
+    /// plugin is checked and served with what `new` read.
+    #[test]
+    fn the_printed_commands_keep_the_config_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sdk = Sdk::Version(SDK_VERSION);
+        let config = tmp.path().join("my forgesyte.toml");
+        for (lang, name) in [(Lang::Python, "with-config"), (Lang::Rust, "with_config")] {
+            let created =
+                create(lang, name, tmp.path(), &sdk, DEFAULT_BIND, Some(&config)).unwrap();
+            let quoted = shell(&config);
+            for command in ["forgesyte check", "forgesyte serve"] {
+                assert!(
+                    created
+                        .message
+                        .contains(&format!("{command} --config {quoted} ")),
+                    "{}",
+                    created.message
+                );
+            }
+        }
+    }
+
     #[test]
     fn existing_directories_are_never_written_into() {
         let tmp = tempfile::tempdir().unwrap();
         let sdk = Sdk::Version(SDK_VERSION);
         // An empty directory is fine.
         std::fs::create_dir(tmp.path().join("empty")).unwrap();
-        create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_BIND).unwrap();
+        create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_BIND, None).unwrap();
         for file in ["manifest.json", "plugin.py", "README.md"] {
             assert!(tmp.path().join("empty").join(file).is_file(), "{file}");
         }
-        let err = create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
+        let err = create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_BIND, None).unwrap_err();
         assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
         assert!(err.to_string().contains("already exists"), "{err}");
         std::fs::write(tmp.path().join("file"), "x").unwrap();
-        let err = create(Lang::Rust, "file", tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
+        let err = create(Lang::Rust, "file", tmp.path(), &sdk, DEFAULT_BIND, None).unwrap_err();
         assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
         assert_eq!(
             std::fs::read_to_string(tmp.path().join("file")).unwrap(),
@@ -790,7 +837,7 @@ mod tests {
         std::os::unix::fs::symlink(tmp.path().join("nowhere"), tmp.path().join("dangling"))
             .unwrap();
         for name in ["linked", "dangling"] {
-            let err = create(Lang::Python, name, tmp.path(), &sdk, DEFAULT_BIND).unwrap_err();
+            let err = create(Lang::Python, name, tmp.path(), &sdk, DEFAULT_BIND, None).unwrap_err();
             assert!(matches!(err, ScaffoldError::Exists(_)), "{name}: {err}");
             assert!(
                 tmp.path().join(name).symlink_metadata().is_ok(),
@@ -815,6 +862,7 @@ mod tests {
             &parent,
             &Sdk::Path("/sdk".into()),
             DEFAULT_BIND,
+            None,
         )
         .unwrap();
         let q = |p: &Path| shell(p);
@@ -847,6 +895,7 @@ mod tests {
             &parent,
             &Sdk::Path("/sdk".into()),
             DEFAULT_BIND,
+            None,
         )
         .unwrap();
         let dir = parent.join("ocr");

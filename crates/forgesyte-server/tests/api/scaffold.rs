@@ -93,6 +93,18 @@ fn the_python_scaffold_is_checked_and_served_as_printed() {
     assert!(err.contains("is not a plugin name"), "{err}");
     let (code, _, err) = forgesyte(&["new", "--rust", "has.dot", "--dir", &parent_s]);
     assert_eq!(code, 2, "{err}");
+    // Not inside a plugin's own directory.
+    let inside = parent.join("hello-py");
+    let (code, _, err) = forgesyte(&[
+        "new",
+        "--python",
+        "inner",
+        "--dir",
+        inside.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is a plugin directory"), "{err}");
+    assert!(!inside.join("inner").exists());
 }
 
 /// A very small TOML shape check (no TOML parser in the workspace): every
