@@ -300,7 +300,7 @@ pub(crate) fn create(
         return Err(e);
     }
     Ok(Created {
-        message: message(lang, name, parent, &dir, &files, sdk, bind, config),
+        message: message(lang, name, parent, &files, sdk, bind, config),
     })
 }
 
@@ -500,12 +500,12 @@ fn message(
     lang: Lang,
     name: &str,
     parent: &Path,
-    dir: &Path,
     files: &[(&'static str, String)],
     sdk: &Sdk,
     bind: &str,
     config: Option<&Path>,
 ) -> String {
+    let dir = &parent.join(name);
     let run_url = run_url(bind, name);
     let bind_flag = bind_flag(bind);
     // The config file `new` read is the one `check` and `serve` need too
