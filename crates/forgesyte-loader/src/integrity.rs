@@ -439,6 +439,27 @@ pub fn lock_dir(fs: &dyn FileSystem, plugins_dir: &Path) -> io::Result<LockOutco
     Ok(outcome)
 }
 
+/// What `lock` and `sign` hash of the plugin in `dir`; a native library
+/// that is not in the directory (one the server finds on `--lib-path`) is
+/// an error saying so, the same for both.
+pub fn target_in_dir(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<Target, String> {
+    let target = Target::of(dir, manifest);
+    if let Target::File(path) = &target
+        && !fs.exists(path)
+    {
+        return Err(format!(
+            "library {} is not in the plugin directory (copy it there from where the server \
+             finds it, --lib-path)",
+            target.describe(dir)
+        ));
+    }
+    Ok(target)
+}
+
 fn lock_one(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -451,15 +472,7 @@ fn lock_one(
     let has_plugin_py = || fs.exists(&dir.join(PLUGIN_PY));
     let manifest = manifest::parse_asking(&bytes, manifest_path, dir_name, &has_plugin_py)
         .map_err(|e| e.to_string())?;
-    let target = Target::of(dir, &manifest);
-    if let Target::File(path) = &target
-        && !fs.exists(path)
-    {
-        return Err(format!(
-            "library {} is not in the plugin directory",
-            target.describe(dir)
-        ));
-    }
+    let target = target_in_dir(fs, dir, &manifest)?;
     let sha256 = target
         .digest(fs)
         .map_err(|e| format!("cannot hash {}: {e}", target.describe(dir)))?;

@@ -21,6 +21,14 @@ fn password_from_env() -> Option<String> {
 /// with [`PASSWORD_ENV`]; without it, `unencrypted` must be asked for.
 pub fn keygen(out: &Path, name: &str, unencrypted: bool) -> u8 {
     let password = if unencrypted {
+        // Asked for both: whoever set the password expects it used.
+        if password_from_env().is_some() {
+            crate::say!(
+                "forgesyte keygen: {PASSWORD_ENV} is set, and --unencrypted asks for a key \
+                 without a password: unset {PASSWORD_ENV}, or leave out --unencrypted"
+            );
+            return 2;
+        }
         None
     } else {
         match password_from_env() {

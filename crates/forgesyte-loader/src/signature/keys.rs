@@ -95,7 +95,16 @@ pub fn read_secret_key(path: &Path, password: Option<String>) -> Result<SecretKe
     let bytes = read_capped(path, MAX_SECRET_KEY_BYTES)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let text = text(&bytes, MAX_SECRET_KEY_BYTES, "a secret key")?;
-    let key_box = SecretKeyBox::from_string(&text).map_err(|e| e.to_string())?;
+    // A public key parses as a box too, and then fails as "failed to fill
+    // whole buffer".
+    if text.starts_with("untrusted comment: minisign public key") {
+        return Err(format!(
+            "{} is a public key (the .pub file); sign with the secret key beside it",
+            path.display()
+        ));
+    }
+    let key_box = SecretKeyBox::from_string(&text)
+        .map_err(|e| format!("{} is not a minisign secret key ({e})", path.display()))?;
     let unencrypted = SecretKey::from_unencrypted_box(key_box.clone());
     match (unencrypted, password) {
         (Ok(key), _) => Ok(key),
@@ -376,8 +385,9 @@ mod tests {
             )),
             "{err}"
         );
+        // A public key for a secret one is named so.
         let err = read_secret_key(&public, None).unwrap_err();
-        assert!(err.contains(PASSWORD_ENV), "{err}");
+        assert!(err.contains("is a public key (the .pub file)"), "{err}");
         // An endless file (a device) is not read, and a regular file past
         // the limit is read no further than it.
         let err = read_secret_key(Path::new("/dev/zero"), None).unwrap_err();

@@ -244,6 +244,7 @@ pub fn sign_dir(
     let has_plugin_py = fs.exists(&dir.join(PLUGIN_PY));
     let manifest = manifest::parse_in(&bytes, &manifest_path, &dir_name, has_plugin_py)
         .map_err(|e| e.to_string())?;
+    integrity::target_in_dir(fs, dir, &manifest)?;
     let files = integrity::loadable_files(fs, dir, &manifest)
         .map_err(|e| format!("cannot list the plugin's files: {e}"))?;
     let mut digests = BTreeMap::new();

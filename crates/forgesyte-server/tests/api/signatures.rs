@@ -814,3 +814,50 @@ fn an_unsigned_directory_cannot_take_a_signed_plugins_name() {
         );
     }
 }
+
+/// `sign` says what is wrong as `lock` does: a library that is not in the
+/// plugin's directory (the server finds it on `--lib-path`), and a public
+/// key given as `--key` (it said "failed to fill whole buffer").
+#[test]
+fn sign_names_a_library_outside_the_directory_and_a_public_key() {
+    let plugins = PluginsDir::new();
+    plugins.good("elsewhere", json!({"entrypoint": "libelsewhere.so"}));
+    plugins.good("here", json!({}));
+    let keys = plugins.path().join("keys");
+    keygen(&keys, "author");
+    let run = |plugin: &str, key: &str| {
+        forgesyte(&[
+            "sign",
+            plugins.path().join(plugin).to_str().unwrap(),
+            "--key",
+            keys.join(key).to_str().unwrap(),
+        ])
+    };
+    let (code, out, err) = run("elsewhere", "author.key");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("library libelsewhere.so is not in the plugin directory"),
+        "{err}"
+    );
+    let (code, out, err) = run("here", "author.pub");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("author.pub is a public key (the .pub file)"),
+        "{err}"
+    );
+    // A password set and --unencrypted: which one was meant is not guessed.
+    let (code, _, err) = run_forgesyte(
+        &[
+            "keygen",
+            "--out",
+            keys.to_str().unwrap(),
+            "--name",
+            "both",
+            "--unencrypted",
+        ],
+        &[("FORGESYTE_KEY_PASSWORD", "secret")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is set, and --unencrypted"), "{err}");
+    assert!(!keys.join("both.key").exists());
+}
