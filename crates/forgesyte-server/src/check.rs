@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use forgesyte_loader::Loader;
-use forgesyte_registry::{PluginLifecycleState, PluginStatus};
+use forgesyte_registry::{PluginLifecycleState, PluginStatus, SignatureState};
 
 use crate::config::ServerConfig;
 use crate::server::build_loader_from;
@@ -134,12 +134,27 @@ impl CheckReport {
         let state_w = "INITIALIZED".len().max("UNAVAILABLE".len());
         let mut out = String::new();
         for p in &self.plugins {
+            // A loaded plugin's signature that is modified or invalid is
+            // said on its line too: only `--json` showed it.
+            let note = match (&p.reason, &p.signature) {
+                (Some(reason), _) => reason.clone(),
+                (None, Some(s))
+                    if matches!(s.status, SignatureState::Modified | SignatureState::Invalid) =>
+                {
+                    format!(
+                        "signature {}: {}",
+                        s.status.as_str(),
+                        s.detail.as_deref().unwrap_or("no detail")
+                    )
+                }
+                _ => String::new(),
+            };
             let line = format!(
                 "{:name_w$}  {:state_w$}  {:version_w$}  {}",
                 name(p),
                 p.state.as_str(),
                 version(p),
-                crate::controls::Escaped(p.reason.as_deref().unwrap_or_default())
+                crate::controls::Escaped(&note)
             );
             let _ = writeln!(out, "{}", line.trim_end());
         }
@@ -214,6 +229,22 @@ mod tests {
             plugins: registry.list_all(),
             elapsed_ms: 1.0,
         }
+    }
+
+    #[test]
+    fn a_loaded_plugin_s_modified_signature_is_on_its_line() {
+        let mut report = report();
+        report.plugins[1].signature = Some(forgesyte_registry::SignatureInfo {
+            status: SignatureState::Modified,
+            key_id: Some("ABCD".into()),
+            detail: Some("plugin.py changed after signing".into()),
+        });
+        let text = report.to_text();
+        assert_eq!(
+            text.lines().nth(1),
+            Some("good    INITIALIZED  1.2.0  signature modified: plugin.py changed after signing"),
+            "{text}"
+        );
     }
 
     #[test]
