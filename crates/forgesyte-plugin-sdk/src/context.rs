@@ -84,8 +84,17 @@ pub fn log(message: &str) {
 #[doc(hidden)]
 #[allow(unsafe_code)]
 pub unsafe fn __set_log_sink(sink: Option<LogLineFn>, context: *const std::ffi::c_void) {
-    if let Some(sink) = sink {
-        let _ = LOG_SINK.set((sink, context as usize));
+    if let Some(sink) = sink
+        && LOG_SINK.set((sink, context as usize)).is_ok()
+    {
+        // In the server's process, this library's own standard library
+        // would print a panic (its message, its place, a backtrace)
+        // straight to the server's stderr, outside its log: a message
+        // quoting input could forge the log's lines. Through the host's
+        // log it is one escaped line of the plugin's (the call that
+        // panicked reports the message as its `ToolPanic` too). A hook the
+        // plugin sets later replaces this one.
+        std::panic::set_hook(Box::new(|info| log(&info.to_string())));
     }
 }
 

@@ -161,6 +161,16 @@ fn serve_lists_checks_health_and_runs_tools_over_http() {
     let panic = server.run("beta", "panic", "{}");
     assert_eq!(panic.status, 502, "{}", panic.text());
     assert_eq!(panic.json()["error_type"], "ToolPanic");
+    // The panic is one line of the plugin's in the server's log, not the
+    // plugin's standard library's block on the server's stderr.
+    let log = server.log();
+    assert!(
+        log.lines().any(|l| l.contains("beta")
+            && l.contains("panicked at")
+            && l.contains("fixture tool panic")),
+        "{log}"
+    );
+    assert!(!log.lines().any(|l| l.starts_with("thread '")), "{log}");
     let again = server.run("beta", "echo", "{}");
     assert_eq!(again.status, 503, "{}", again.text());
     let body = again.json();
