@@ -148,7 +148,8 @@ async fn claim_when_free(state: &AppState, what: &str, trigger: &str) -> Option<
 /// while it was down (a crash during the startup pass) and are
 /// UNAVAILABLE over it; they are loaded again
 /// ([`Loader::settle`](forgesyte_loader::Loader::settle)), under the admin
-/// claim as a rescan. Restarts close together wake it once.
+/// claim as a rescan; and the metric series of tools the new instance no
+/// longer lists are forgotten. Restarts close together wake it once.
 pub(crate) fn start_settling(state: &AppState) {
     use forgesyte_registry::{Change, ChangeKind, PluginLifecycleState};
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -179,6 +180,18 @@ pub(crate) fn start_settling(state: &AppState) {
                 drop(guard);
             })
             .await;
+            // A restarted instance may list other tools than the one
+            // before: the metric series of tools gone go, as at a rescan
+            // (an instance naming its tools anew each time added series
+            // at every crash).
+            let names: Vec<String> = state
+                .registry()
+                .list_all()
+                .into_iter()
+                .map(|p| p.name)
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            forget_gone_tools(&state, &names);
         }
     });
 }

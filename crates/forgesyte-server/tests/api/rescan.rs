@@ -1585,3 +1585,49 @@ fn a_dependent_checked_while_its_dependency_restarted_is_loaded_again() {
         server.log()
     );
 }
+
+/// A restarted instance that lists other tools than the one before leaves
+/// no metric series of the tools gone (they stayed until a rescan: an
+/// instance naming its tools anew at each start added series at every
+/// crash).
+#[test]
+fn a_restart_that_changes_the_tools_forgets_the_metrics_of_those_gone() {
+    let dir = PluginsDir::new();
+    let flags = tempfile::tempdir().unwrap();
+    let started = flags.path().join("started");
+    python_plugin(
+        &dir,
+        "shifty",
+        json!({}),
+        &format!(
+            "import os\nSTARTED = {started:?}\nclass Plugin:\n    def __init__(self):\n        \
+             tool = 'new' if os.path.exists(STARTED) else 'old'\n        \
+             open(STARTED, 'a').close()\n        self.tools = {{tool: {{'handler': 'boom', \
+             'description': 'd', 'input_schema': {{'type': 'object'}}, \
+             'output_schema': {{'type': 'object'}}}}}}\n    def boom(self, args):\n        \
+             os._exit(1)\n"
+        ),
+    );
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--confine", "off"]);
+    server.wait_loaded();
+    let crash = server.run("shifty", "old", "{}");
+    assert_eq!(crash.status, 502, "{}", crash.text());
+    let series = |tool: &str| {
+        server
+            .get("/metrics")
+            .text()
+            .lines()
+            .any(|l| l.contains("plugin=\"shifty\"") && l.contains(&format!("tool=\"{tool}\"")))
+    };
+    assert!(series("old"), "the call made no series");
+    wait_for(
+        "the series of the tool gone forgotten after the restart",
+        Duration::from_secs(30),
+        &server,
+        || {
+            let health = server.get("/v1/plugins/shifty/health").json();
+            (health["state"] == "INITIALIZED" && health["restart_count"] == 1 && !series("old"))
+                .then_some(())
+        },
+    );
+}
