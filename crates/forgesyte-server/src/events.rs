@@ -43,6 +43,15 @@ use crate::state::AppState;
 /// How many events the hub keeps for resuming clients.
 pub(crate) const EVENT_BUFFER: usize = 1024;
 
+/// How many bytes of events (their JSON) the hub keeps at most, besides
+/// the newest: a plugin's reason may be 64 KiB, and a reload's event holds
+/// every plugin's, so a count alone let the buffer hold a hundred MiB.
+pub(crate) const EVENT_BUFFER_BYTES: usize = 4 << 20;
+
+/// The most characters of a reason a state, crash or restart event
+/// carries (the health route has the whole reason).
+const EVENT_REASON_CHARS: usize = 1024;
+
 /// At most this many events are taken from the buffer at once per
 /// subscriber (its next read continues where this one ended).
 const BATCH: usize = 64;
@@ -86,6 +95,8 @@ struct Ring {
     next: u64,
     events: VecDeque<Arc<Stored>>,
     capacity: usize,
+    /// The bytes of the events' data held.
+    bytes: usize,
 }
 
 /// Progress of the running load pass, counted from the registry's changes.
@@ -120,7 +131,7 @@ struct PluginEvent<'a> {
     change: &'static str,
     from: Option<&'static str>,
     to: &'static str,
-    reason: Option<&'a str>,
+    reason: Option<std::borrow::Cow<'a, str>>,
     restart_count: u64,
     exit: Option<&'a str>,
     /// Milliseconds since the Unix epoch.
@@ -178,6 +189,7 @@ impl Events {
                 next: first,
                 events: VecDeque::with_capacity(capacity.min(EVENT_BUFFER)),
                 capacity: capacity.max(1),
+                bytes: 0,
             }),
             wake,
             closed: AtomicBool::new(false),
@@ -203,10 +215,17 @@ impl Events {
             let mut ring = self.ring();
             let id = ring.next;
             ring.next += 1;
-            if ring.events.len() == ring.capacity {
-                ring.events.pop_front();
-            }
+            ring.bytes += data.len();
             ring.events.push_back(Arc::new(Stored { id, kind, data }));
+            // The oldest go while there are too many, or too many bytes
+            // (the newest stays, whatever its size).
+            while ring.events.len() > ring.capacity
+                || (ring.bytes > EVENT_BUFFER_BYTES && ring.events.len() > 1)
+            {
+                if let Some(old) = ring.events.pop_front() {
+                    ring.bytes -= old.data.len();
+                }
+            }
             id
         };
         self.wake.send_replace(id);
@@ -267,7 +286,16 @@ impl Events {
                 change: change.kind.as_str(),
                 from: change.from.map(PluginLifecycleState::as_str),
                 to: change.to.as_str(),
-                reason: change.reason,
+                reason: change.reason.map(|reason| {
+                    if reason.len() > EVENT_REASON_CHARS {
+                        std::borrow::Cow::Owned(forgesyte_errors::shorten(
+                            reason,
+                            EVENT_REASON_CHARS,
+                        ))
+                    } else {
+                        std::borrow::Cow::Borrowed(reason)
+                    }
+                }),
                 restart_count: change.restart_count,
                 exit: change.exit,
                 at_ms: now_ms(),
@@ -558,6 +586,44 @@ mod tests {
             Since::Events(events) => events.iter().map(|e| e.id).collect(),
             Since::Gap { last } => panic!("gap at {last}"),
         }
+    }
+
+    /// Large events are bounded by their bytes too (a count alone let
+    /// reasons of 64 KiB fill a hundred MiB); the newest stays, however
+    /// large; a reason in a state event is cut to 1,024 characters.
+    #[test]
+    fn the_buffer_is_bounded_in_bytes_and_reasons_are_cut() {
+        let hub = Events::starting_at(EVENT_BUFFER, 1);
+        let big = "x".repeat(EVENT_BUFFER_BYTES / 4);
+        for _ in 0..10 {
+            hub.publish("reload", &json!({"r": big}));
+        }
+        let ring = hub.ring();
+        assert!(ring.bytes <= EVENT_BUFFER_BYTES, "{}", ring.bytes);
+        assert_eq!(ring.events.len(), 3);
+        assert_eq!(
+            ring.bytes,
+            ring.events.iter().map(|e| e.data.len()).sum::<usize>()
+        );
+        drop(ring);
+        hub.publish("reload", &json!({"r": "y".repeat(EVENT_BUFFER_BYTES * 2)}));
+        assert_eq!(hub.ring().events.len(), 1, "the newest stays alone");
+
+        let registry = forgesyte_registry::Registry::new();
+        registry.add_observer(hub.observer());
+        registry
+            .register("p", forgesyte_registry::PluginInfo::default())
+            .unwrap();
+        registry.mark_failed("p", "z".repeat(70_000)).unwrap();
+        let last = hub.ring().events.back().cloned().unwrap();
+        let event: serde_json::Value = serde_json::from_str(&last.data).unwrap();
+        let reason = event["reason"].as_str().unwrap();
+        assert_eq!(
+            reason.chars().count(),
+            EVENT_REASON_CHARS + 1,
+            "{reason:.20}"
+        );
+        assert!(reason.ends_with('…'));
     }
 
     #[test]
