@@ -47,12 +47,24 @@ impl EscapedVisitor<'_> {
             return;
         }
         let name = field.name();
-        let named = if name == "message" {
-            Ok(())
+        if name == "message" {
+            self.result = write!(Escaping(&mut self.writer), "{value:?}");
+            return;
+        }
+        // A value with a space or an `=` is quoted (its `"` and `\`
+        // escaped): a reason holding ` plugin=victim` read as a field.
+        let mut text = String::new();
+        let _ = write!(text, "{value:?}");
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        self.result = if text.is_empty() || text.contains([' ', '=']) {
+            let quoted = text.replace('\\', "\\\\").replace('"', "\\\"");
+            write!(self.writer, "{name}=\"")
+                .and_then(|()| Escaping(&mut self.writer).write_str(&quoted))
+                .and_then(|()| self.writer.write_char('"'))
         } else {
-            write!(self.writer, "{}=", name.strip_prefix("r#").unwrap_or(name))
+            write!(self.writer, "{name}=")
+                .and_then(|()| Escaping(&mut self.writer).write_str(&text))
         };
-        self.result = named.and_then(|()| write!(Escaping(&mut self.writer), "{value:?}"));
     }
 }
 
@@ -135,8 +147,8 @@ mod tests {
         assert!(text.ends_with('\n'), "{text:?}");
         assert!(
             text.contains(
-                "✗ Plugin FAILED: evil\\nnext plugin=evil reason=InitError: RuntimeError: \
-                 x\\n2026-12-04T17:18:51Z  INFO forged\\u{1b}[2K\\r\\u{0}\\u{9b}"
+                "✗ Plugin FAILED: evil\\nnext plugin=evil reason=\"InitError: RuntimeError: \
+                 x\\n2026-12-04T17:18:51Z  INFO forged\\u{1b}[2K\\r\\u{0}\\u{9b}\""
             ),
             "{text:?}"
         );
@@ -146,6 +158,13 @@ mod tests {
         let text = logged(|| tracing::info!(value = ?"tab\there", name = "a\tb", "done"));
         assert!(
             text.contains(r#"done value="tab\there" name=a\tb"#),
+            "{text:?}"
+        );
+        // A value with a space or `=` is quoted: it cannot pass for fields.
+        let forged = r#"boom" plugin=victim \"#;
+        let text = logged(|| tracing::error!(plugin = "evil", reason = %forged, empty = "", "x"));
+        assert!(
+            text.contains(r#"x plugin=evil reason="boom\" plugin=victim \\" empty="""#),
             "{text:?}"
         );
     }
