@@ -738,7 +738,9 @@ fn check_exits_1_when_a_plugin_is_not_available() {
 }
 
 /// The GPU probe's child mode prints a report as JSON and nothing else
-/// (no GPU here: a report that says why).
+/// (no GPU here: a report that says why). On a machine that has one,
+/// `FORGESYTE_EXPECT_GPU=1` makes the test require that the real probe
+/// found it (without it, a probe that finds nothing passes anywhere).
 #[test]
 fn the_gpu_probe_child_prints_its_report_as_json() {
     let output = forgesyte_command().arg("__probe-gpu").output().unwrap();
@@ -751,6 +753,18 @@ fn the_gpu_probe_child_prints_its_report_as_json() {
         !report["devices"].as_array().is_none_or(Vec::is_empty),
         "{report}"
     );
+    if std::env::var("FORGESYTE_EXPECT_GPU").is_ok_and(|v| !v.is_empty() && v != "0") {
+        assert_eq!(
+            report["available"], true,
+            "FORGESYTE_EXPECT_GPU is set: {report}"
+        );
+        let device = &report["devices"][0];
+        assert!(
+            device["name"].as_str().is_some_and(|n| !n.is_empty())
+                && device["total_memory_mb"].as_u64().is_some_and(|m| m > 0),
+            "{report}"
+        );
+    }
 }
 
 /// The library probe's child mode answers the first of its arguments the
