@@ -325,6 +325,7 @@ class ResultKeyTests(unittest.TestCase):
                 to_wire(twice)
 
     @unittest.skipUnless(interpreter_has("pydantic"), "pydantic is not installed")
+    @unittest.skipIf(sys.version_info < (3, 9), "typing.Annotated needs Python 3.9")
     def test_a_model_s_json_only_serialiser_is_used_and_its_bytes_stay_binary(self):
         from typing import Annotated
 
@@ -336,16 +337,29 @@ class ResultKeyTests(unittest.TestCase):
             def __init__(self, v):
                 self.v = v
 
+        class Inner(pydantic.BaseModel):
+            data: bytes
+            n: int
+
         class Out(pydantic.BaseModel):
             model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
             t: Annotated[Thing, pydantic.PlainSerializer(lambda t: {"v": t.v}, when_used="json")]
+            img: bytes
+            m: dict
             frames: list
-            n: int
+            inner: Inner
 
-        self.assertEqual(
-            to_wire({"out": Out(t=Thing(3), frames=[b"a", {"m": b"b"}], n=1)}),
-            ({"out": {"t": {"v": 3}, "frames": [None, {"m": None}], "n": 1}},
-             [("/out/frames/0", b"a"), ("/out/frames/1/m", b"b")]))
+        # Bytes that are not UTF-8 (an image), which JSON mode refuses, in a
+        # field, a dict with an int key, a list and a nested model.
+        out = Out(t=Thing(3), img=b"\x89PNG\xff", m={1: b"\xfe", "k": 2},
+                  frames=[b"\xfd", {"x": b"\xfc", "y": 1}, 5], inner=Inner(data=b"\xfb", n=2))
+        value, blobs = to_wire({"out": out})
+        self.assertEqual(value, {"out": {
+            "t": {"v": 3}, "img": None, "m": {"1": None, "k": 2},
+            "frames": [None, {"x": None, "y": 1}, 5], "inner": {"data": None, "n": 2}}})
+        self.assertEqual(sorted(blobs), sorted([
+            ("/out/img", b"\x89PNG\xff"), ("/out/m/1", b"\xfe"), ("/out/frames/0", b"\xfd"),
+            ("/out/frames/1/x", b"\xfc"), ("/out/inner/data", b"\xfb")]))
 
         class Opaque(pydantic.BaseModel):
             model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)

@@ -484,8 +484,10 @@ def _landlock(libc, syscall, abi, plan, network, report):
                 fd = _open_path(syscall, str(path), strict)
             except OSError as e:
                 # Not there: nothing to allow. Otherwise (a link now, a
-                # container refusing openat2) the health says why.
-                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                # container refusing openat2) the health says why, for the
+                # plan's paths (as the native runner; the interpreter's
+                # own are not the plugin's to fix).
+                if strict and e.errno not in (errno.ENOENT, errno.ENOTDIR):
                     left_out.append(_unreachable(path, e.errno))
                 continue
             try:

@@ -119,15 +119,66 @@ def _json_key(key, path):
     )
 
 
-def _bytes_from(python, as_json):
-    """A model's JSON-mode dump with the bytes of its Python-mode dump put
-    back where they were (they are attachments, not base64 text)."""
-    if isinstance(python, (bytes, bytearray, memoryview)):
+_BYTES = (bytes, bytearray, memoryview)
+_MISSING = object()
+
+
+def _where_bytes(python):
+    """pydantic's nested ``exclude`` of the places a model's Python-mode dump
+    holds bytes (``True`` at each; keys and list indices as they are), or
+    None where it holds none."""
+    if isinstance(python, _BYTES):
+        return True
+    if isinstance(python, dict):
+        items = python.items()
+    elif isinstance(python, (list, tuple)):
+        items = enumerate(python)
+    else:
+        return None
+    spec = {}
+    for key, value in items:
+        where = _where_bytes(value)
+        if where is not None:
+            spec[key] = where
+    return spec or None
+
+
+def _with_bytes(python, as_json, spec):
+    """A model's JSON-mode dump ``as_json``, made with ``exclude=spec``
+    (JSON mode writes bytes as UTF-8 text, and refuses those that are not),
+    with the bytes of its Python-mode dump ``python`` put back where they
+    were: they are binary results, not text."""
+    if spec is True:
         return python
     if isinstance(python, dict) and isinstance(as_json, dict):
-        return {k: _bytes_from(python[k], v) if k in python else v for k, v in as_json.items()}
-    if isinstance(python, (list, tuple)) and isinstance(as_json, list) and len(python) == len(as_json):
-        return [_bytes_from(p, j) for p, j in zip(python, as_json)]
+        out = dict(as_json)
+        for key, where in spec.items():
+            if where is True:
+                out[key] = python[key]
+                continue
+            # A key JSON mode wrote as text (``1`` as ``"1"``).
+            text = key
+            if key not in as_json and (key is None or isinstance(key, (int, float))):
+                text = _json_key(key, "")
+            inner = as_json.get(text, _MISSING)
+            if inner is _MISSING:
+                out[key] = python[key]
+            else:
+                out[text] = _with_bytes(python[key], inner, where)
+        return out
+    if isinstance(python, (list, tuple)) and isinstance(as_json, list):
+        # Excluded items are not in the JSON dump's list at all.
+        rest = iter(as_json)
+        out = []
+        for index, value in enumerate(python):
+            where = spec.get(index)
+            if where is True:
+                out.append(value)
+            elif where is None:
+                out.append(next(rest, None))
+            else:
+                out.append(_with_bytes(value, next(rest, None), where))
+        return out
     return as_json
 
 
@@ -220,11 +271,13 @@ def to_wire(value):
                 # Serialisers that apply in JSON mode only (``when_used=
                 # "json"``, a model serialiser asking ``info.mode``): its
                 # JSON dump, bytes still taken from the Python one.
+                where = _where_bytes(dumped)
                 try:
-                    as_json = x.model_dump(mode="json")
+                    as_json = x.model_dump(mode="json", exclude=where) if where else \
+                        x.model_dump(mode="json")
                 except Exception:
                     raise e
-                return convert(_bytes_from(dumped, as_json), path, False, depth)
+                return convert(_with_bytes(dumped, as_json, where or {}), path, False, depth)
         # pydantic v1 models.
         if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
             return convert(x.dict(), path, True, depth)
