@@ -24,6 +24,28 @@ use crate::requirements::{Dependency, GpuRequirement, Requirements};
 /// matches, not even `>=0.0.0`).
 pub type KnownPlugins = BTreeMap<String, Result<semver::Version, Option<String>>>;
 
+/// Why a `plugin:` dependency is not met by the available plugins `known`
+/// (the item its reason names: `plugin:a@^2 (found 1.0.0)`), or `None`
+/// when it is met (or `dep` is of another kind).
+pub fn unmet_plugin_dependency(dep: &Dependency, known: &KnownPlugins) -> Option<String> {
+    let Dependency::Plugin { name, req } = dep else {
+        return None;
+    };
+    match (known.get(name), req) {
+        (None, _) => Some(dep.to_string()),
+        // `*` asks for the plugin in any version, or none.
+        (Some(_), Some(req)) if req.comparators.is_empty() => None,
+        (Some(Ok(version)), Some(req)) if !req.matches(version) => {
+            Some(format!("{dep} (found {version})"))
+        }
+        (Some(Err(None)), Some(_)) => Some(format!("{dep} (it has no version)")),
+        (Some(Err(Some(text))), Some(_)) => {
+            Some(format!("{dep} (its version {:?} is not semver)", text))
+        }
+        (Some(_), _) => None,
+    }
+}
+
 /// Interpreters a load pass's prefetch asks at once.
 const PREFETCH_AT_ONCE: usize = 8;
 
@@ -371,21 +393,7 @@ impl DependencyChecker {
                     }
                 }
             }
-            Dependency::Plugin { name, req } => {
-                return match (known_plugins.get(name), req) {
-                    (None, _) => Some(dep.to_string()),
-                    // `*` asks for the plugin in any version, or none.
-                    (Some(_), Some(req)) if req.comparators.is_empty() => None,
-                    (Some(Ok(version)), Some(req)) if !req.matches(version) => {
-                        Some(format!("{dep} (found {version})"))
-                    }
-                    (Some(Err(None)), Some(_)) => Some(format!("{dep} (it has no version)")),
-                    (Some(Err(Some(text))), Some(_)) => {
-                        Some(format!("{dep} (its version {:?} is not semver)", text))
-                    }
-                    (Some(_), _) => None,
-                };
-            }
+            Dependency::Plugin { .. } => return unmet_plugin_dependency(dep, known_plugins),
         };
         (!present).then(|| dep.to_string())
     }

@@ -113,7 +113,10 @@ mod limits;
 mod python;
 mod requirements;
 
-pub use checker::{DependencyChecker, DependencyCheckerBuilder, DependencyReport, KnownPlugins};
+pub use checker::{
+    DependencyChecker, DependencyCheckerBuilder, DependencyReport, KnownPlugins,
+    unmet_plugin_dependency,
+};
 pub use cuda::{CudaProbe, cuda_driver_library_present, probe_here};
 pub use env::{EnvProbe, ProcessEnv};
 pub use exec::{ExecutableProbe, SystemPath};

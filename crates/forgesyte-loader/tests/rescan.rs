@@ -266,3 +266,29 @@ fn reload_all_settles_the_dependents_of_what_it_added() {
     );
     assert!(loader.handle("app").is_none(), "its instance was let go");
 }
+
+/// A dependent UNAVAILABLE because its dependency's version does not meet
+/// its requirement is not loaded again at every reload of another plugin
+/// (its dependency is available, but the requirement is still unmet).
+#[test]
+fn a_dependent_over_an_unmet_version_is_not_reloaded_by_others_reloads() {
+    let s = Setup::new();
+    s.plugin("base", &manifest("base", json!({})), FakeBehavior::Good)
+        .plugin(
+            "app",
+            &manifest("app", json!({"dependencies": ["plugin:base@^2"]})),
+            FakeBehavior::Good,
+        )
+        .plugin("other", &manifest("other", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    s.check("app", S::Unavailable, &["plugin:base@^2 (found 1.2.3)"]);
+    let outcomes = loader.reload_with_others("other").unwrap();
+    let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["other"], "{outcomes:?}");
+    let report = loader.rescan();
+    assert!(
+        report.retried.iter().filter(|o| o.name == "app").count() <= 1,
+        "{report:?}"
+    );
+    s.check("app", S::Unavailable, &["plugin:base@^2 (found 1.2.3)"]);
+}

@@ -43,9 +43,10 @@ use crate::state::AppState;
 /// How many events the hub keeps for resuming clients.
 pub(crate) const EVENT_BUFFER: usize = 1024;
 
-/// How many bytes of events (their JSON) the hub keeps at most, besides
-/// the newest: a plugin's reason may be 64 KiB, and a reload's event holds
-/// every plugin's, so a count alone let the buffer hold a hundred MiB.
+/// How many bytes of events (their JSON) the hub keeps at most, the newest
+/// included, unless the newest alone is larger (it is kept alone then): a
+/// plugin's reason may be 64 KiB, and a reload's event holds every
+/// plugin's, so a count alone let the buffer hold a hundred MiB.
 pub(crate) const EVENT_BUFFER_BYTES: usize = 4 << 20;
 
 /// The most characters of a reason a state, crash or restart event

@@ -154,16 +154,35 @@ pub(crate) fn start_settling(state: &AppState) {
     use forgesyte_registry::{Change, ChangeKind, PluginLifecycleState};
     let wake = Arc::new(tokio::sync::Notify::new());
     let woken = Arc::clone(&wake);
-    // Under the registry's write lock: a permit stored, nothing more.
+    // The plugins a restart began for, until they are INITIALIZED (a
+    // reload of a plugin restarted once is no restart).
+    let restarting = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
+    // Under the registry's write lock: a name kept or a permit stored,
+    // nothing more.
     state
         .registry()
         .add_observer(Arc::new(move |change: &Change<'_>| {
-            if change.kind == ChangeKind::State
-                && change.restart_count > 0
-                && change.from == Some(PluginLifecycleState::Loaded)
-                && change.to == PluginLifecycleState::Initialized
-            {
-                woken.notify_one();
+            let mut restarting = restarting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match change.kind {
+                ChangeKind::Restarting => {
+                    restarting.insert(change.plugin.to_owned());
+                }
+                // Taken out of the set as it is matched.
+                ChangeKind::State
+                    if change.to == PluginLifecycleState::Initialized
+                        && restarting.remove(change.plugin) =>
+                {
+                    woken.notify_one();
+                }
+                // Back to FAILED (the restart failed): a later one says so.
+                ChangeKind::Crashed | ChangeKind::State
+                    if change.to == PluginLifecycleState::Failed =>
+                {
+                    restarting.remove(change.plugin);
+                }
+                _ => {}
             }
         }));
     let state = state.clone();

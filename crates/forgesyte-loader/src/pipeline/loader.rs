@@ -37,7 +37,9 @@ pub(super) struct Entry {
     /// plugins its `plugin:` dependencies name: what `--no-gpu` readiness
     /// walks ([`needs_a_gpu`]).
     pub(super) requires_gpu: bool,
-    pub(super) plugin_deps: Vec<String>,
+    /// Its manifest's `plugin:` dependencies (name and version
+    /// requirement).
+    pub(super) plugin_deps: Vec<forgesyte_deps::Dependency>,
 }
 
 impl Entry {
@@ -71,11 +73,22 @@ impl Entry {
         self.plugin_deps = manifest
             .into_iter()
             .flat_map(|m| &m.requirements.dependencies)
-            .filter_map(|d| match d {
-                forgesyte_deps::Dependency::Plugin { name, .. } => Some(name.clone()),
-                _ => None,
-            })
+            .filter(|d| matches!(d, forgesyte_deps::Dependency::Plugin { .. }))
+            .cloned()
             .collect();
+    }
+
+    /// The names of the plugins its `plugin:` dependencies name.
+    pub(super) fn plugin_dep_names(&self) -> impl Iterator<Item = &str> {
+        self.plugin_deps.iter().filter_map(plugin_dep_name)
+    }
+}
+
+/// The plugin a `plugin:` dependency names (`None` for another kind).
+pub(super) fn plugin_dep_name(dep: &forgesyte_deps::Dependency) -> Option<&str> {
+    match dep {
+        forgesyte_deps::Dependency::Plugin { name, .. } => Some(name),
+        _ => None,
     }
 }
 
@@ -91,9 +104,8 @@ fn needs_a_gpu(entries: &BTreeMap<String, Entry>, entry: &Entry) -> bool {
         }
         next.extend(
             entry
-                .plugin_deps
-                .iter()
-                .filter(|name| seen.insert(name.as_str()))
+                .plugin_dep_names()
+                .filter(|name| seen.insert(*name))
                 .filter_map(|name| entries.get(name)),
         );
     }

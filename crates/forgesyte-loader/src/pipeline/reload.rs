@@ -12,7 +12,7 @@ use forgesyte_registry::{PluginInfo, PluginLifecycleState};
 use serde_json::Value;
 
 use super::discovery::{BadManifest, NoManifest, bad};
-use super::loader::{Loader, Pending};
+use super::loader::{Loader, Pending, plugin_dep_name};
 use super::report::{LoadReport, PluginLoadOutcome, ms};
 use crate::handle::PluginHandle;
 use crate::manifest::{Isolation, Manifest};
@@ -379,9 +379,16 @@ impl Loader {
     }
 
     /// The registered plugins [`settle_dependents`](Self::settle_dependents)
-    /// loads again: available with a `plugin:` dependency that is not, or
-    /// UNAVAILABLE over one (its reason names it) while all are available.
+    /// loads again: an available one with a `plugin:` dependency that is
+    /// no longer met (not available, or of a version its requirement
+    /// refuses), unless that dependency is only down for a restart its
+    /// supervisor has scheduled; and one UNAVAILABLE over a dependency (its
+    /// reason names it) while all of them are met.
     fn unsettled_dependents(&self) -> Vec<String> {
+        let known = self.known_plugins();
+        let unmet = |d: &forgesyte_deps::Dependency| {
+            forgesyte_deps::unmet_plugin_dependency(d, &known).is_some()
+        };
         let entries = self.entries.read();
         entries
             .iter()
@@ -390,18 +397,31 @@ impl Loader {
                 let Some((state, reason)) = self.registry.state_and_reason(name) else {
                     return false;
                 };
-                let up = e.plugin_deps.iter().all(|d| self.registry.is_available(d));
                 if state.is_available() {
-                    return !up;
+                    return e.plugin_deps.iter().any(|d| {
+                        unmet(d) && !plugin_dep_name(d).is_some_and(|dep| self.restart_pending(dep))
+                    });
                 }
                 state == PluginLifecycleState::Unavailable
-                    && up
+                    && !e.plugin_deps.iter().any(unmet)
                     && reason.is_some_and(|r| {
-                        e.plugin_deps.iter().any(|d| names_plugin_dependency(&r, d))
+                        e.plugin_dep_names()
+                            .any(|dep| names_plugin_dependency(&r, dep))
                     })
             })
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    /// Whether plugin `name` is down only until a restart its supervisor
+    /// scheduled (FAILED with a retry time, or LOADED restarting): its
+    /// dependents are left as they are meanwhile.
+    fn restart_pending(&self, name: &str) -> bool {
+        self.registry.get_status(name).is_some_and(|s| {
+            (s.state == PluginLifecycleState::Failed && s.next_retry_at.is_some())
+                || (s.state == PluginLifecycleState::Loaded
+                    && s.reason.as_deref() == Some(forgesyte_registry::RESTARTING))
+        })
     }
 
     /// Plugin `name` has no instance from now on: its handle is taken out

@@ -35,7 +35,12 @@ impl Loader {
             .read()
             .iter()
             .filter(|(name, _)| !pending.contains_key(*name))
-            .map(|(name, e)| (name.clone(), e.plugin_deps.clone()))
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    e.plugin_dep_names().map(str::to_owned).collect(),
+                )
+            })
             .collect();
         let (waves, cyclic) = dependency_waves(pending, &outside);
         // Every Python package of the pass, asked of each interpreter once.
@@ -205,7 +210,7 @@ impl Loader {
 
     /// Versions of the plugins available now, for `plugin:` requirements
     /// (one that is not semver is said to be, never read as 0.0.0).
-    fn known_plugins(&self) -> forgesyte_deps::KnownPlugins {
+    pub(super) fn known_plugins(&self) -> forgesyte_deps::KnownPlugins {
         self.registry
             .list_all()
             .into_iter()

@@ -1505,7 +1505,10 @@ fn dependents_follow_their_dependency_through_reloads_and_rescans() {
     assert!(state_of(&server, "base").is_none());
     let (state, reason) = state_and_reason(&server, "dep");
     assert_eq!(state, "UNAVAILABLE", "{reason}");
-    assert!(reason.contains("plugin:base"), "{reason}");
+    assert!(
+        reason.contains("Missing dependencies: plugin:base") && !reason.contains("cycle"),
+        "{reason}"
+    );
     std::fs::rename(&moved, dir.path().join("base")).unwrap();
     reload(&server);
     assert_eq!(state_and_reason(&server, "base").0, "INITIALIZED");
@@ -1531,6 +1534,23 @@ fn python_plugin(dir: &PluginsDir, name: &str, extra: Value, source: &str) {
 /// UNAVAILABLE, with a reason that was no longer true, until a rescan).
 #[test]
 fn a_dependent_checked_while_its_dependency_restarted_is_loaded_again() {
+    // The scenario needs flaky's crash seen before slow's wave ends and
+    // flaky's restart (1 s later) after it: on a machine too slow for
+    // that, user simply loads after the restart; then it is run again.
+    for attempt in 1..=3 {
+        if dependent_settled_after_a_restart() {
+            return;
+        }
+        crate::support::say_skipped(&format!(
+            "attempt {attempt}: user was never checked while flaky was down; trying again"
+        ));
+    }
+    panic!("in three attempts, user was never checked while flaky was down");
+}
+
+/// One run of the scenario above: whether user was UNAVAILABLE while flaky
+/// was down (then it must have been settled after the restart).
+fn dependent_settled_after_a_restart() -> bool {
     let dir = PluginsDir::new();
     let flags = tempfile::tempdir().unwrap();
     let crashed = flags.path().join("crashed");
@@ -1549,7 +1569,8 @@ fn a_dependent_checked_while_its_dependency_restarted_is_loaded_again() {
              return {{}}\n"
         ),
     );
-    // In the same wave: ends once flaky crashed (and the host saw it).
+    // In the same wave: ends half a second after flaky crashed (the host
+    // sees it at once; the restart comes a second after it).
     python_plugin(
         &dir,
         "slow",
@@ -1558,7 +1579,7 @@ fn a_dependent_checked_while_its_dependency_restarted_is_loaded_again() {
             "import os, time\nCRASHED = {crashed:?}\nclass Plugin:\n    {tools}\n    \
              def __init__(self):\n        deadline = time.time() + 20\n        \
              while not os.path.exists(CRASHED) and time.time() < deadline:\n            \
-             time.sleep(0.02)\n        time.sleep(0.3)\n    def ping(self, args):\n        \
+             time.sleep(0.02)\n        time.sleep(0.5)\n    def ping(self, args):\n        \
              return {{}}\n"
         ),
     );
@@ -1578,12 +1599,12 @@ fn a_dependent_checked_while_its_dependency_restarted_is_loaded_again() {
     assert!(crashed.exists(), "flaky never crashed");
     let health = server.get("/v1/plugins/flaky/health").json();
     assert_eq!(health["restart_count"], 1, "{health}");
-    // It was checked while flaky was down, and settled after.
-    assert!(
-        server.log().contains("Settled"),
-        "user was never UNAVAILABLE: {}",
-        server.log()
-    );
+    if !server.log().contains("Plugin UNAVAILABLE: user") {
+        return false;
+    }
+    // Checked while flaky was down, and settled after its restart.
+    assert!(server.log().contains("Settled"), "{}", server.log());
+    true
 }
 
 /// A restarted instance that lists other tools than the one before leaves
