@@ -252,11 +252,12 @@ fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
         out.contains("curl -s -X POST http://127.0.0.1:9/v1/plugins/from-file/tools/hello/run"),
         "{out}"
     );
-    // The printed serve line listens there too, however the address came.
+    // The printed serve line listens there too, however the address came,
+    // and reads the same config file (given here through the environment).
+    let serve = format!("  forgesyte serve --config {} --plugins ", file.path());
     assert!(
         out.lines()
-            .any(|l| l.starts_with("  forgesyte serve --plugins ")
-                && l.ends_with(" --bind 127.0.0.1:9")),
+            .any(|l| l.starts_with(&serve) && l.ends_with(" --bind 127.0.0.1:9")),
         "{out}"
     );
     let (code, out, err) = run_forgesyte(
