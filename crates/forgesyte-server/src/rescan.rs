@@ -176,10 +176,18 @@ pub(crate) fn start_settling(state: &AppState) {
                 {
                     woken.notify_one();
                 }
-                // Back to FAILED (the restart failed): a later one says so.
+                // Back to FAILED (the restart failed: a later one says so),
+                // UNAVAILABLE (a reload), or registered anew (removed and
+                // added by a rescan): no restart of it ends now.
                 ChangeKind::Crashed | ChangeKind::State
-                    if change.to == PluginLifecycleState::Failed =>
+                    if matches!(
+                        change.to,
+                        PluginLifecycleState::Failed | PluginLifecycleState::Unavailable
+                    ) =>
                 {
+                    restarting.remove(change.plugin);
+                }
+                ChangeKind::Registered => {
                     restarting.remove(change.plugin);
                 }
                 _ => {}

@@ -120,66 +120,69 @@ def _json_key(key, path):
 
 
 _BYTES = (bytes, bytearray, memoryview)
-_MISSING = object()
 
 
-def _where_bytes(python):
+class _NoFallback(Exception):
+    """The JSON-mode fallback does not apply to this model."""
+
+
+def _where_bytes(python, depth=0):
     """pydantic's nested ``exclude`` of the places a model's Python-mode dump
-    holds bytes (``True`` at each; keys and list indices as they are), or
-    None where it holds none."""
+    holds bytes (``True`` at each), or None where it holds none. Only
+    under string keys (field names, dict keys): bytes in a list, or under
+    another key (or pydantic's ``__all__``), raise _NoFallback (excluding
+    by list index costs pydantic the square of the list's length)."""
+    if depth >= MAX_DEPTH:
+        raise _NoFallback()
     if isinstance(python, _BYTES):
         return True
     if isinstance(python, dict):
-        items = python.items()
-    elif isinstance(python, (list, tuple)):
-        items = enumerate(python)
-    else:
-        return None
-    spec = {}
-    for key, value in items:
-        where = _where_bytes(value)
-        if where is not None:
-            spec[key] = where
-    return spec or None
+        spec = {}
+        for key, value in python.items():
+            where = _where_bytes(value, depth + 1)
+            if where is not None:
+                if not isinstance(key, str) or key == "__all__":
+                    raise _NoFallback()
+                spec[key] = where
+        return spec or None
+    if isinstance(python, (list, tuple, set, frozenset)):
+        for value in python:
+            if _where_bytes(value, depth + 1) is not None:
+                raise _NoFallback()
+    return None
 
 
 def _with_bytes(python, as_json, spec):
-    """A model's JSON-mode dump ``as_json``, made with ``exclude=spec``
-    (JSON mode writes bytes as UTF-8 text, and refuses those that are not),
+    """A model's JSON-mode dump ``as_json``, made with ``exclude=spec``,
     with the bytes of its Python-mode dump ``python`` put back where they
-    were: they are binary results, not text."""
+    were (binary results, not text). A JSON dump of another shape (a
+    serialiser that renames or nests) raises _NoFallback."""
     if spec is True:
         return python
-    if isinstance(python, dict) and isinstance(as_json, dict):
-        out = dict(as_json)
-        for key, where in spec.items():
-            if where is True:
-                out[key] = python[key]
-                continue
-            # A key JSON mode wrote as text (``1`` as ``"1"``).
-            text = key
-            if key not in as_json and (key is None or isinstance(key, (int, float))):
-                text = _json_key(key, "")
-            inner = as_json.get(text, _MISSING)
-            if inner is _MISSING:
-                out[key] = python[key]
-            else:
-                out[text] = _with_bytes(python[key], inner, where)
-        return out
-    if isinstance(python, (list, tuple)) and isinstance(as_json, list):
-        # Excluded items are not in the JSON dump's list at all.
-        rest = iter(as_json)
-        out = []
-        for index, value in enumerate(python):
-            where = spec.get(index)
-            if where is True:
-                out.append(value)
-            elif where is None:
-                out.append(next(rest, None))
-            else:
-                out.append(_with_bytes(value, next(rest, None), where))
-        return out
-    return as_json
+    if not isinstance(python, dict) or not isinstance(as_json, dict):
+        raise _NoFallback()
+    excluded = {key for key, where in spec.items() if where is True}
+    if set(as_json) != set(python) - excluded:
+        raise _NoFallback()
+    out = dict(as_json)
+    for key, where in spec.items():
+        out[key] = python[key] if where is True else _with_bytes(python[key], as_json[key], where)
+    return out
+
+
+def _json_mode(model, dumped):
+    """``model`` dumped in JSON mode (serialisers that apply there only),
+    with the bytes of its Python-mode dump ``dumped`` kept as bytes;
+    _NoFallback where that cannot be done."""
+    try:
+        where = _where_bytes(dumped)
+        if not where:
+            return model.model_dump(mode="json")
+        return _with_bytes(dumped, model.model_dump(mode="json", exclude=where), where)
+    except _NoFallback:
+        raise
+    except Exception:
+        raise _NoFallback()
 
 
 def _pydantic_leaf(value):
@@ -271,13 +274,11 @@ def to_wire(value):
                 # Serialisers that apply in JSON mode only (``when_used=
                 # "json"``, a model serialiser asking ``info.mode``): its
                 # JSON dump, bytes still taken from the Python one.
-                where = _where_bytes(dumped)
                 try:
-                    as_json = x.model_dump(mode="json", exclude=where) if where else \
-                        x.model_dump(mode="json")
-                except Exception:
+                    as_json = _json_mode(x, dumped)
+                except _NoFallback:
                     raise e
-                return convert(_with_bytes(dumped, as_json, where or {}), path, False, depth)
+                return convert(as_json, path, False, depth)
         # pydantic v1 models.
         if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
             return convert(x.dict(), path, True, depth)
