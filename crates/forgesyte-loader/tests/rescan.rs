@@ -91,15 +91,7 @@ fn an_unreadable_plugins_directory_retires_nothing_and_failed_plugins_are_retrie
 /// added plugin loaded, and stayed UNAVAILABLE until another rescan).
 #[test]
 fn a_rescan_that_adds_a_dependency_makes_its_dependent_available() {
-    let s = Setup::new();
-    s.plugin(
-        "app",
-        &manifest("app", json!({"dependencies": ["plugin:base"]})),
-        FakeBehavior::Good,
-    );
-    let loader = s.load();
-    s.check("app", S::Unavailable, &["plugin:base"]);
-    s.plugin("base", &manifest("base", json!({})), FakeBehavior::Good);
+    let (s, loader) = a_dependent_whose_dependency_then_appears();
     let report = loader.rescan();
     s.check("base", S::Initialized, &[]);
     s.check("app", S::Initialized, &[]);
@@ -236,15 +228,7 @@ fn a_rescan_for_a_file_change_retries_no_failed_plugin() {
 /// dependency went away is UNAVAILABLE naming it.
 #[test]
 fn reload_all_settles_the_dependents_of_what_it_added() {
-    let s = Setup::new();
-    s.plugin(
-        "app",
-        &manifest("app", json!({"dependencies": ["plugin:base"]})),
-        FakeBehavior::Good,
-    );
-    let loader = s.load();
-    s.check("app", S::Unavailable, &["plugin:base"]);
-    s.plugin("base", &manifest("base", json!({})), FakeBehavior::Good);
+    let (s, loader) = a_dependent_whose_dependency_then_appears();
     let report = loader.reload_all();
     s.check("base", S::Initialized, &[]);
     s.check("app", S::Initialized, &[]);
@@ -291,4 +275,19 @@ fn a_dependent_over_an_unmet_version_is_not_reloaded_by_others_reloads() {
         "{report:?}"
     );
     s.check("app", S::Unavailable, &["plugin:base@^2 (found 1.2.3)"]);
+}
+
+/// `app`, loaded UNAVAILABLE for want of `plugin:base`; then `base`'s
+/// directory appears (not loaded yet).
+fn a_dependent_whose_dependency_then_appears() -> (Setup, forgesyte_loader::Loader) {
+    let s = Setup::new();
+    s.plugin(
+        "app",
+        &manifest("app", json!({"dependencies": ["plugin:base"]})),
+        FakeBehavior::Good,
+    );
+    let loader = s.load();
+    s.check("app", S::Unavailable, &["plugin:base"]);
+    s.plugin("base", &manifest("base", json!({})), FakeBehavior::Good);
+    (s, loader)
 }

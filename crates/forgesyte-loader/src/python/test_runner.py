@@ -315,6 +315,28 @@ class PackageTests(unittest.TestCase):
             proc.wait(TIMEOUT)
         self.assertIn(b"chatter", log)
 
+def in_a_forked_child(test, work):
+    """What ``work()`` returns (JSON), run in a forked child: what it does
+    to its process (a filter, a Landlock domain) stays there. The child
+    failing fails ``test``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, json.dumps(work()).encode("utf-8"))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    test.assertEqual(status, 0, "the child failed")
+    return json.loads(data.decode("utf-8"))
+
+
 class ResultKeyTests(unittest.TestCase):
     def test_keys_json_writes_alike_are_a_result_error_not_a_lost_value(self):
         from runner.results import ResultError, to_wire
@@ -1837,23 +1859,11 @@ class UnitTests(unittest.TestCase):
         link = os.path.join(root, "link")
         os.symlink(real, link)
         plan = {"read": [real, link, os.path.join(root, "missing"), os.path.join(real, "x", "y")]}
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(r)
-                report = {}
-                said = confine._landlock(libc, syscall, abi, plan, True, report)
-                os.write(w, json.dumps([said, report]).encode("utf-8"))
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            said, report = json.loads(f.read().decode("utf-8"))
-        _, status = os.waitpid(pid, 0)
-        self.assertEqual(status, 0, "the child failed")
+        def confined():
+            report = {}
+            return [confine._landlock(libc, syscall, abi, plan, True, report), report]
+
+        said, report = in_a_forked_child(self, confined)
         self.assertTrue(said.startswith("confined: Landlock"), said)
         # The link is named; what is not there is not.
         self.assertEqual(report.get("unreachable"),
@@ -2234,29 +2244,17 @@ class SeccompTests(unittest.TestCase):
         ]
         if MACHINE == "x86_64":
             checks.append(("x32", x32_getpid))
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(r)
-                said = {"said": install(libc, network)}
-                for name, check in checks:
-                    try:
-                        check()
-                        said[name] = "ok"
-                    except OSError as e:
-                        said[name] = [type(e).__name__, e.errno]
-                os.write(w, json.dumps(said).encode("utf-8"))
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        _, status = os.waitpid(pid, 0)
-        self.assertEqual(status, 0, "the child failed")
-        return json.loads(data.decode("utf-8"))
+        def work():
+            said = {"said": install(libc, network)}
+            for name, check in checks:
+                try:
+                    check()
+                    said[name] = "ok"
+                except OSError as e:
+                    said[name] = [type(e).__name__, e.errno]
+            return said
+
+        return in_a_forked_child(self, work)
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
     def test_without_the_network_no_unix_or_netlink_socket_no_ipc_no_new_group(self):
