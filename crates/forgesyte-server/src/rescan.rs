@@ -151,48 +151,10 @@ async fn claim_when_free(state: &AppState, what: &str, trigger: &str) -> Option<
 /// claim as a rescan; and the metric series of tools the new instance no
 /// longer lists are forgotten. Restarts close together wake it once.
 pub(crate) fn start_settling(state: &AppState) {
-    use forgesyte_registry::{Change, ChangeKind, PluginLifecycleState};
     let wake = Arc::new(tokio::sync::Notify::new());
-    let woken = Arc::clone(&wake);
-    // The plugins a restart began for, until they are INITIALIZED (a
-    // reload of a plugin restarted once is no restart).
-    let restarting = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
-    // Under the registry's write lock: a name kept or a permit stored,
-    // nothing more.
     state
         .registry()
-        .add_observer(Arc::new(move |change: &Change<'_>| {
-            let mut restarting = restarting
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match change.kind {
-                ChangeKind::Restarting => {
-                    restarting.insert(change.plugin.to_owned());
-                }
-                // Taken out of the set as it is matched.
-                ChangeKind::State
-                    if change.to == PluginLifecycleState::Initialized
-                        && restarting.remove(change.plugin) =>
-                {
-                    woken.notify_one();
-                }
-                // Back to FAILED (the restart failed: a later one says so),
-                // UNAVAILABLE (a reload), or registered anew (removed and
-                // added by a rescan): no restart of it ends now.
-                ChangeKind::Crashed | ChangeKind::State
-                    if matches!(
-                        change.to,
-                        PluginLifecycleState::Failed | PluginLifecycleState::Unavailable
-                    ) =>
-                {
-                    restarting.remove(change.plugin);
-                }
-                ChangeKind::Registered => {
-                    restarting.remove(change.plugin);
-                }
-                _ => {}
-            }
-        }));
+        .add_observer(Arc::new(settle_observer(Arc::clone(&wake))));
     let state = state.clone();
     tokio::spawn(async move {
         loop {
@@ -223,6 +185,55 @@ pub(crate) fn start_settling(state: &AppState) {
     });
 }
 
+/// The registry observer of [`start_settling`]: wakes its task (a permit
+/// stored in `wake`, nothing more: it runs under the registry's write
+/// lock) when a supervisor restart ends INITIALIZED, and at every crash
+/// (its dependents follow a dependency whose restarts are spent; one whose
+/// restart is scheduled leaves them as they are). A reload of a plugin
+/// restarted once is no restart.
+fn settle_observer(
+    wake: Arc<tokio::sync::Notify>,
+) -> impl Fn(&forgesyte_registry::Change<'_>) + Send + Sync {
+    use forgesyte_registry::{ChangeKind, PluginLifecycleState};
+    // The plugins a restart began for, until it ends.
+    let restarting = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
+    move |change| {
+        let mut restarting = restarting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match change.kind {
+            ChangeKind::Restarting => {
+                restarting.insert(change.plugin.to_owned());
+            }
+            // Taken out of the set as it is matched.
+            ChangeKind::State
+                if change.to == PluginLifecycleState::Initialized
+                    && restarting.remove(change.plugin) =>
+            {
+                wake.notify_one();
+            }
+            ChangeKind::Crashed => {
+                restarting.remove(change.plugin);
+                wake.notify_one();
+            }
+            // Back to FAILED or UNAVAILABLE (a reload), or registered
+            // anew (removed and added by a rescan): no restart of it ends.
+            ChangeKind::State
+                if matches!(
+                    change.to,
+                    PluginLifecycleState::Failed | PluginLifecycleState::Unavailable
+                ) =>
+            {
+                restarting.remove(change.plugin);
+            }
+            ChangeKind::Registered => {
+                restarting.remove(change.plugin);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Starts the `SIGHUP` listener, which lives as long as the runtime
 /// ([`crate::server`] starts it, beside `serve --watch`'s watcher).
 #[cfg(unix)]
@@ -246,3 +257,42 @@ pub(crate) fn start_sighup(state: &AppState) {
 
 #[cfg(not(unix))]
 pub(crate) fn start_sighup(_state: &AppState) {}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use forgesyte_registry::{ExitInfo, PluginInfo, Registry};
+    use futures_util::FutureExt as _;
+
+    /// Whether `wake` held a permit (taken now).
+    fn woken(wake: &tokio::sync::Notify) -> bool {
+        wake.notified().now_or_never().is_some()
+    }
+
+    /// The settle task wakes at a crash and when a restart ends, never for
+    /// a reload of a plugin restarted once.
+    #[test]
+    fn the_settle_task_wakes_at_crashes_and_at_the_end_of_restarts_only() {
+        let registry = Registry::new();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        registry.add_observer(Arc::new(super::settle_observer(Arc::clone(&wake))));
+        registry.register("p", PluginInfo::default()).unwrap();
+        registry.mark_initialized("p").unwrap();
+        assert!(!woken(&wake), "a load is no restart");
+        registry
+            .mark_crashed("p", "CrashError: exited with code 3", ExitInfo::default())
+            .unwrap();
+        assert!(woken(&wake), "a crash wakes it");
+        registry.mark_restarting("p").unwrap();
+        assert!(!woken(&wake), "a restart that begins");
+        registry.mark_initialized("p").unwrap();
+        assert!(woken(&wake), "a restart that ended");
+        // A reload of it later: LOADED, then INITIALIZED again.
+        registry.mark_loaded("p", None).unwrap();
+        registry.mark_initialized("p").unwrap();
+        assert!(!woken(&wake), "a reload is no restart");
+    }
+}
