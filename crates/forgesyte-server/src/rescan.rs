@@ -159,16 +159,19 @@ pub(crate) fn start_settling(state: &AppState) {
     tokio::spawn(async move {
         loop {
             wake.notified().await;
-            let Some(guard) = claim_when_free(&state, "Settling dependents", "restart").await
-            else {
-                continue;
-            };
-            let loader = Arc::clone(state.loader());
-            let _ = tokio::task::spawn_blocking(move || {
-                loader.settle();
-                drop(guard);
-            })
-            .await;
+            // Mostly nothing to settle (a crash whose restart is
+            // scheduled): then the admin claim is not taken, and an admin
+            // request at that moment is not refused 409.
+            if state.loader().has_unsettled_dependents()
+                && let Some(guard) = claim_when_free(&state, "Settling dependents", "restart").await
+            {
+                let loader = Arc::clone(state.loader());
+                let _ = tokio::task::spawn_blocking(move || {
+                    loader.settle();
+                    drop(guard);
+                })
+                .await;
+            }
             // A restarted instance may list other tools than the one
             // before: the metric series of tools gone go, as at a rescan
             // (an instance naming its tools anew each time added series

@@ -351,6 +351,12 @@ impl Loader {
         report
     }
 
+    /// Whether [`settle`](Self::settle) has a plugin to load again: a read
+    /// of the registry, no pass.
+    pub fn has_unsettled_dependents(&self) -> bool {
+        !self.unsettled_dependents().is_empty()
+    }
+
     /// Loads again, as a reload does, every plugin whose `plugin:`
     /// dependencies changed availability under it, until none is left
     /// (each at most once: a dependent's change may unsettle its own
