@@ -98,7 +98,8 @@ pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representa
     }
     // Each representation's weight is the most specific range's that
     // matches it (RFC 9110 §12.5.1: `application/json;q=0` excludes JSON
-    // whatever `*/*` says); wildcards select JSON, the default, only.
+    // whatever `*/*` says); wildcards select JSON, the default, or
+    // multipart where JSON is refused.
     let weight = |types: &[&str]| -> Option<(f32, usize)> {
         ranges
             .iter()
@@ -111,15 +112,17 @@ pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representa
     };
     let raw = weight(&["application/octet-stream"]);
     let raw_asked = raw.is_some_and(|(q, _)| q > 0.0) && binary != 1;
+    let json = weight(&["application/json", "application/*", "*/*"]);
+    // JSON refused (`application/json;q=0, */*`): the wildcard selects
+    // multipart, which holds any result, rather than the JSON refused.
+    let multipart = if json.is_some_and(|(q, _)| q == 0.0) {
+        weight(&["multipart/mixed", "multipart/*", "*/*"])
+    } else {
+        weight(&["multipart/mixed", "multipart/*"])
+    };
     let chosen = [
-        (
-            Representation::Json,
-            weight(&["application/json", "application/*", "*/*"]),
-        ),
-        (
-            Representation::Multipart,
-            weight(&["multipart/mixed", "multipart/*"]),
-        ),
+        (Representation::Json, json),
+        (Representation::Multipart, multipart),
         (Representation::Raw, raw.filter(|_| binary == 1)),
     ]
     .into_iter()
@@ -383,6 +386,18 @@ mod tests {
                 1
             ),
             Ok(Multipart)
+        );
+        // JSON refused, a wildcard allowing the rest: multipart.
+        assert_eq!(
+            negotiate(&accept("application/json;q=0, */*"), 0),
+            Ok(Multipart)
+        );
+        assert_eq!(
+            negotiate(
+                &accept("application/json;q=0, */*;q=0.5, application/octet-stream"),
+                1
+            ),
+            Ok(Raw)
         );
         // A quoted parameter's comma or semicolon splits nothing.
         for quoted in [r#"foo="a,b""#, r#"foo="a;q=1""#, r#"foo="a\",b""#] {
