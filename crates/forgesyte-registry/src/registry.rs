@@ -509,6 +509,24 @@ impl Registry {
         reason: impl Into<String>,
         exit: ExitInfo,
     ) -> Result<(), RegistryError> {
+        self.mark_crashed_until(name, reason, exit, None)
+    }
+
+    /// [`mark_crashed`](Self::mark_crashed), with the time its restart is
+    /// scheduled for (`next_retry_at`) set in the same write: an observer
+    /// told of the crash reads the plugin as FAILED with its retry time,
+    /// never as FAILED for good first.
+    ///
+    /// # Errors
+    ///
+    /// As [`mark_crashed`](Self::mark_crashed).
+    pub fn mark_crashed_until(
+        &self,
+        name: &str,
+        reason: impl Into<String>,
+        exit: ExitInfo,
+        next_retry: Option<std::time::SystemTime>,
+    ) -> Result<(), RegistryError> {
         let reason: Arc<str> = Arc::from(reason.into());
         self.write(name, true, true, |entry, now| {
             let target = PluginLifecycleState::Failed;
@@ -519,7 +537,7 @@ impl Registry {
                 entry.reason = Some(Arc::clone(&reason));
             }
             entry.last_exit_reason = exit.description.map(Arc::from);
-            entry.next_retry_at = None;
+            entry.next_retry_at = next_retry.map(DateTime::<Utc>::from);
             entry.journal_push(JournalEntry {
                 at: rfc3339(now),
                 state: target,

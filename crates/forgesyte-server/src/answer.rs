@@ -17,7 +17,7 @@
 //!
 //! Each representation takes the weight of the most specific media range
 //! that matches it (`q=0` excludes it, whatever a wildcard says; wildcards
-//! select JSON only); the highest weight wins, then the range given first. The bytes go out as they came from the plugin
+//! select JSON, or multipart where JSON is refused); the highest weight wins, then the range given first. The bytes go out as they came from the plugin
 //! (shared, never copied into another buffer). A leaf: it knows HTTP media
 //! types and the answer's shape, nothing of plugins.
 

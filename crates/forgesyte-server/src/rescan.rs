@@ -142,14 +142,16 @@ async fn claim_when_free(state: &AppState, what: &str, trigger: &str) -> Option<
     }
 }
 
-/// Starts the settling of dependents after supervisor restarts, for as
-/// long as the runtime lives: a plugin its supervisor brought back
-/// (INITIALIZED after a restart) may have dependents that were checked
-/// while it was down (a crash during the startup pass) and are
-/// UNAVAILABLE over it; they are loaded again
+/// Starts the settling of dependents after crashes and supervisor
+/// restarts, for as long as the runtime lives: a plugin its supervisor
+/// brought back (INITIALIZED after a restart) may have dependents that
+/// were checked while it was down (a crash during the startup pass) and
+/// are UNAVAILABLE over it, and a plugin whose restarts are spent has
+/// dependents still available over it; they are loaded again
 /// ([`Loader::settle`](forgesyte_loader::Loader::settle)), under the admin
-/// claim as a rescan; and the metric series of tools the new instance no
-/// longer lists are forgotten. Restarts close together wake it once.
+/// claim, once no other pass runs and only when one is unsettled; and the
+/// metric series of tools a new instance no longer lists are forgotten.
+/// Wake-ups close together are taken once.
 pub(crate) fn start_settling(state: &AppState) {
     let wake = Arc::new(tokio::sync::Notify::new());
     state
@@ -159,6 +161,15 @@ pub(crate) fn start_settling(state: &AppState) {
     tokio::spawn(async move {
         loop {
             wake.notified().await;
+            // A pass in progress (the startup pass, a reload, a rescan)
+            // shows plugins half reloaded, which the check below would
+            // misread, and may leave a dependent it loaded before the crash
+            // it is woken for: it is waited for first.
+            let deadline = tokio::time::Instant::now() + WAIT_FOR_CLAIM;
+            while state.is_loading() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = state.admin_ended(deadline).await;
             // Mostly nothing to settle (a crash whose restart is
             // scheduled): then the admin claim is not taken, and an admin
             // request at that moment is not refused 409.
@@ -217,6 +228,11 @@ fn settle_observer(
             }
             ChangeKind::Crashed => {
                 restarting.remove(change.plugin);
+                wake.notify_one();
+            }
+            // A FAILED plugin's reason changed (a restart that could not be
+            // scheduled says so).
+            ChangeKind::Reason if change.to == PluginLifecycleState::Failed => {
                 wake.notify_one();
             }
             // Back to FAILED or UNAVAILABLE (a reload), or registered

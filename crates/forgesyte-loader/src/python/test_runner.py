@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -325,8 +326,11 @@ def in_a_forked_child(test, work):
         code = 1
         try:
             os.close(r)
-            os.write(w, json.dumps(work()).encode("utf-8"))
+            with os.fdopen(w, "wb") as out:
+                out.write(json.dumps(work()).encode("utf-8"))
             code = 0
+        except BaseException:
+            traceback.print_exc()  # the parent's failure says only that it failed
         finally:
             os._exit(code)
     os.close(w)

@@ -313,17 +313,19 @@ impl Supervisor {
         // comes before these writes (which then do not happen) or after
         // them (and writes its own state over them).
         let recorded = self.slot.unless_retired(|| {
-            if registry
-                .mark_crashed(name, reason.clone(), exit_info(report))
-                .is_err()
-            {
-                return false;
-            }
+            // The retry time in the crash's own write: an observer told of
+            // the crash (the server's settling of dependents) never reads
+            // the plugin as FAILED for good in between.
             let retry = decision
                 .as_ref()
                 .ok()
                 .map(|(delay, _)| clock.wall() + *delay);
-            let _ = registry.set_next_retry(name, retry);
+            if registry
+                .mark_crashed_until(name, reason.clone(), exit_info(report), retry)
+                .is_err()
+            {
+                return false;
+            }
             // A shutdown that cleared the retry time before this set it.
             if retry.is_some() && self.supervision.shutdown.is_set() {
                 let _ = registry.set_next_retry(name, None);
@@ -352,8 +354,14 @@ impl Supervisor {
             clock.run_after(delay, format!("forgesyte-restart-{name}"), cancelled, task);
         if let Err(e) = scheduled {
             tracing::error!(plugin = %name, error = %e, "cannot start the restart thread; {name} stays FAILED");
-            self.slot
-                .unless_retired(|| registry.set_next_retry(name, None));
+            // Said in its reason (observers are told: its dependents follow).
+            self.slot.unless_retired(|| {
+                let _ = registry.set_next_retry(name, None);
+                let _ = registry.mark_failed(
+                    name,
+                    format!("{reason}; not restarted: cannot start the restart thread ({e})"),
+                );
+            });
         }
     }
 

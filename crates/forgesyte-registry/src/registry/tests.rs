@@ -785,3 +785,31 @@ fn a_restart_that_ends_with_a_call_in_flight_is_running() {
     crash_and_restart();
     assert_eq!(registry.get_state("p"), Some(Initialized));
 }
+
+/// `mark_crashed_until` writes the crash and its restart's time in one
+/// write: an observer told of the crash reads the retry time already.
+#[test]
+fn a_crash_and_its_retry_time_are_one_write() {
+    let registry = registry_with("p", Initialized);
+    let at = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(86_400);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = registry.clone();
+    let record = std::sync::Arc::clone(&seen);
+    registry.add_observer(std::sync::Arc::new(move |change: &crate::Change<'_>| {
+        if change.kind == crate::ChangeKind::Crashed {
+            // What the observer reads of the plugin as it is told.
+            let status = reader.get_status(change.plugin);
+            record
+                .lock()
+                .unwrap()
+                .push(status.map(|s| (s.state, s.next_retry_at)));
+        }
+    }));
+    registry
+        .mark_crashed_until("p", "CrashError", crate::ExitInfo::default(), Some(at))
+        .unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [Some((Failed, Some("1970-01-02T00:00:00.000Z".to_owned())))]
+    );
+}
