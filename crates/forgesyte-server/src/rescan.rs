@@ -212,6 +212,11 @@ fn settle_observer(
     // The plugins a restart began for, until it ends.
     let restarting = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
     move |change| {
+        // A tool call's two moves: nothing to look at, and no lock taken
+        // on the call path.
+        if change.is_call_bookkeeping() {
+            return;
+        }
         let mut restarting = restarting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -313,5 +318,7 @@ mod tests {
         registry.mark_loaded("p", None).unwrap();
         registry.mark_initialized("p").unwrap();
         assert!(!woken(&wake), "a reload is no restart");
+        drop(registry.begin_call("p").unwrap());
+        assert!(!woken(&wake), "a tool call");
     }
 }
