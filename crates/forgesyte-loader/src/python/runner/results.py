@@ -231,7 +231,7 @@ def to_wire(value):
                     % (x, _where(path)),
                 )
             return x
-        if isinstance(x, (bytes, bytearray, memoryview)):
+        if isinstance(x, _BYTES):
             blobs.append((path, x if type(x) is bytes else bytes(x)))
             return None
         if isinstance(x, (dict, list, tuple)) and depth + 1 >= MAX_DEPTH:
