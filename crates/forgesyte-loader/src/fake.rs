@@ -36,7 +36,7 @@ pub enum FakeBehavior {
 #[derive(Debug, Default)]
 pub struct FakeImporter {
     libraries: Mutex<BTreeMap<PathBuf, FakeBehavior>>,
-    /// Every `prefetch` hint and every `open`, in order.
+    /// Every preparation and every `open`, in order.
     log: Mutex<Vec<(&'static str, PathBuf)>>,
 }
 
@@ -57,7 +57,7 @@ impl FakeImporter {
         self.libraries.lock().insert(path.into(), behavior);
     }
 
-    /// The `prefetch` hints and opens so far, in order: `("prefetch", path)`
+    /// The preparations and opens so far, in order: `("prepare", path)`
     /// and `("open", path)`.
     pub fn log(&self) -> Vec<(&'static str, PathBuf)> {
         self.log.lock().clone()
@@ -65,8 +65,9 @@ impl FakeImporter {
 }
 
 impl Importer for FakeImporter {
-    fn prefetch(&self, path: &Path) {
-        self.log.lock().push(("prefetch", path.to_path_buf()));
+    fn prepare(&self, path: &Path) -> Result<crate::host::Prepared, ImportError> {
+        self.log.lock().push(("prepare", path.to_path_buf()));
+        Ok(crate::host::Prepared::default())
     }
 
     fn open(&self, path: &Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {

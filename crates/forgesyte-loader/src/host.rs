@@ -48,12 +48,27 @@ pub trait Importer: Send + Sync + std::fmt::Debug {
         self.open(path)
     }
 
-    /// A hint that the library at `path` is opened soon: a load pass gives
-    /// it for each library as its checks end, on the pass's pool, so that
-    /// the single thread that opens libraries finds them in memory. Never
-    /// fails; the default does nothing.
-    fn prefetch(&self, path: &Path) {
+    /// The part of opening the library at `path` that the dynamic loader
+    /// does not serialise, done ahead: a load pass runs it for each library
+    /// as its checks end, on the pass's pool, so that the single thread
+    /// that opens libraries ([`open_prepared`](Self::open_prepared)) only
+    /// maps them. The native importer asks the kernel to read the file in
+    /// and reads and checks its ELF headers; an error is the one `open`
+    /// would give. The default prepares nothing.
+    fn prepare(&self, path: &Path) -> Result<Prepared, ImportError> {
         let _ = path;
+        Ok(Prepared::default())
+    }
+
+    /// Opens the library at `path` as [`open`](Self::open) does, with what
+    /// [`prepare`](Self::prepare) found. The default ignores it.
+    fn open_prepared(
+        &self,
+        path: &Path,
+        prepared: Prepared,
+    ) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        let _ = prepared;
+        self.open(path)
     }
 
     /// Kills the processes this importer started that have not yet
@@ -62,6 +77,14 @@ pub trait Importer: Send + Sync + std::fmt::Debug {
     /// importer that starts no process) does nothing.
     fn stop_starting(&self) {}
 }
+
+/// What an [`Importer`] learnt of a library ahead of opening it
+/// ([`Importer::prepare`]), for its [`Importer::open_prepared`]. Opaque,
+/// and only ever a shortcut: the native importer uses its ELF check only
+/// for the very file it then opens (the same device, inode, size and
+/// change time), and checks the file again otherwise.
+#[derive(Debug, Default)]
+pub struct Prepared(pub(crate) Option<Box<crate::native::PreparedElf>>);
 
 /// An opened plugin library. Libraries are never unloaded.
 pub trait PluginLibrary: Send + Sync + std::fmt::Debug {

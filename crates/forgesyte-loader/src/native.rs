@@ -56,7 +56,7 @@ use forgesyte_protocol::wire::CallContext;
 use libc::RTLD_NODELETE;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 
-use crate::host::{CallOutput, Importer, PluginInstance, PluginLibrary, ToolInfo};
+use crate::host::{CallOutput, Importer, PluginInstance, PluginLibrary, Prepared, ToolInfo};
 
 pub use self::elf::inspect;
 use self::elf::{Elf, check_elf, open_regular, vet_fingerprint};
@@ -75,14 +75,55 @@ impl Importer for NativeImporter {
         NativeLibrary::open_bytes(path, bytes).map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
     }
 
-    /// Asks the kernel to read the whole file into the page cache in the
-    /// background (`posix_fadvise(WILLNEED)`): after a restart with a cold
-    /// cache, the opening thread's ELF pre-read and `dlopen` then wait for
-    /// no disk, one library after another (measured in BENCHMARKS.md,
-    /// "Stop 25"). A file already cached costs the call and nothing else.
-    fn prefetch(&self, path: &Path) {
-        if let Ok((file, _)) = forgesyte_deps::open_regular(path) {
-            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
+    /// The file read ahead and its ELF headers checked (`NativeLibrary::prepare`).
+    fn prepare(&self, path: &Path) -> Result<Prepared, ImportError> {
+        NativeLibrary::prepare(path).map(|elf| Prepared(Some(Box::new(elf))))
+    }
+
+    fn open_prepared(
+        &self,
+        path: &Path,
+        prepared: Prepared,
+    ) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        NativeLibrary::open_with(path, prepared.0.map(|elf| *elf))
+            .map(|lib| Arc::new(lib) as Arc<dyn PluginLibrary>)
+    }
+}
+
+/// A library's ELF check made ahead of its opening ([`NativeLibrary::prepare`]),
+/// with the identity of the file it read.
+pub(crate) struct PreparedElf {
+    file: FileIdentity,
+    elf: Elf,
+}
+
+impl fmt::Debug for PreparedElf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedElf")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What tells a file from another, or from itself changed: device, inode,
+/// size, and the change time (which every write and every change of its
+/// metadata moves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
         }
     }
 }
@@ -171,14 +212,36 @@ impl NativeLibrary {
     /// instead, as [`open_bytes`](Self::open_bytes) does, so that what runs
     /// is the file at `path` now, with statics of its own.
     pub fn open(path: &Path) -> Result<Self, ImportError> {
+        Self::open_with(path, None)
+    }
+
+    /// The part of [`open`](Self::open) that needs no lock of the dynamic
+    /// loader's, done ahead (a load pass runs it on its pool): the file
+    /// opened, the kernel asked to read all of it into the page cache in the
+    /// background (`posix_fadvise(WILLNEED)`: after a restart with a cold
+    /// cache the opening thread then waits for no disk, BENCHMARKS.md
+    /// "Stop 25"), its ELF headers read and checked. Nothing is kept open.
+    pub(crate) fn prepare(path: &Path) -> Result<PreparedElf, ImportError> {
+        let (file, meta) = open_regular(path, path)?;
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
+        Ok(PreparedElf {
+            file: FileIdentity::of(&meta),
+            elf: check_elf(&file, meta.len(), path, true)?,
+        })
+    }
+
+    /// [`open`](Self::open), with the ELF check `prepared` made ahead when
+    /// it was made of the file now at `path`, unchanged.
+    fn open_with(path: &Path, prepared: Option<PreparedElf>) -> Result<Self, ImportError> {
         let (file, meta) = open_regular(path, path)?;
         match mapped::claim(path, &meta) {
-            mapped::Claim::Path(unmapped) => Self::map(
-                path,
-                path,
-                check_elf(file, meta.len(), path, true)?,
-                Some(unmapped),
-            ),
+            mapped::Claim::Path(unmapped) => {
+                let elf = match prepared {
+                    Some(prepared) if prepared.file == FileIdentity::of(&meta) => prepared.elf,
+                    _ => check_elf(&file, meta.len(), path, true)?,
+                };
+                Self::map(path, path, elf, Some(unmapped))
+            }
             mapped::Claim::Copy => {
                 tracing::info!(library = %path.display(), "In-process library opened again under a new file identity (a memory file of its bytes): the dynamic loader has mapped this name or file before");
                 let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
@@ -215,7 +278,7 @@ impl NativeLibrary {
         let (file, meta) = open_regular(&load, path)?;
         // The mapping made by dlopen keeps the memory file alive; the
         // descriptors are closed when they drop.
-        let opened = Self::map(&load, path, check_elf(file, meta.len(), path, true)?, None);
+        let opened = Self::map(&load, path, check_elf(&file, meta.len(), path, true)?, None);
         drop(fd);
         opened
     }

@@ -1517,17 +1517,17 @@ fn an_invalid_lock_file_refuses_every_plugin_of_its_directory() {
 }
 
 #[test]
-fn each_library_opened_by_path_is_prefetched_before_it_is_opened() {
+fn each_library_opened_by_path_is_prepared_before_it_is_opened() {
     let s = Setup::new();
     s.plugin("a", &manifest("a", json!({})), FakeBehavior::Good)
         .plugin("b", &manifest("b", json!({})), FakeBehavior::Good)
-        // Its checked bytes are loaded, not its file: nothing to prefetch.
+        // Its checked bytes are loaded, not its file: nothing to prepare.
         .plugin(
             "pinned",
             &manifest("pinned", json!({"sha256": ELF_SHA256})),
             FakeBehavior::Good,
         )
-        // Its dependency check fails: it is never opened, nor prefetched.
+        // Its dependency check fails: it is never opened, nor prepared.
         .plugin(
             "needs",
             &manifest("needs", json!({"dependencies": ["lib:nowhere"]})),
@@ -1539,15 +1539,15 @@ fn each_library_opened_by_path_is_prefetched_before_it_is_opened() {
     for name in ["a", "b"] {
         let lib = std::path::PathBuf::from(format!("/plugins/{name}/lib.so"));
         let at = |what: &str| log.iter().position(|(w, p)| *w == what && *p == lib);
-        let (Some(prefetched), Some(opened)) = (at("prefetch"), at("open")) else {
+        let (Some(prepared), Some(opened)) = (at("prepare"), at("open")) else {
             panic!("{name}: {log:?}");
         };
-        assert!(prefetched < opened, "{name}: {log:?}");
+        assert!(prepared < opened, "{name}: {log:?}");
     }
     for name in ["pinned", "needs"] {
         let lib = std::path::PathBuf::from(format!("/plugins/{name}/lib.so"));
         assert!(
-            !log.iter().any(|(w, p)| *w == "prefetch" && *p == lib),
+            !log.iter().any(|(w, p)| *w == "prepare" && *p == lib),
             "{name}: {log:?}"
         );
     }

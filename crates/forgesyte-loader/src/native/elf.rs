@@ -18,7 +18,7 @@ use super::{origin, pread};
 /// documentation](crate::native) for what is an error and what is only logged).
 pub fn inspect(path: &Path) -> Result<Option<Fingerprint>, ImportError> {
     let (file, meta) = open_regular(path, path)?;
-    let elf = check_elf(file, meta.len(), path, false)?;
+    let elf = check_elf(&file, meta.len(), path, false)?;
     vet_fingerprint(path, elf.fingerprint, &Fingerprint::current())
 }
 
@@ -121,7 +121,7 @@ pub(super) fn open_regular(
 /// reads the fingerprint section and, with `origin` (a library about to be
 /// opened), its `$ORIGIN` run path, if any.
 pub(super) fn check_elf(
-    file: std::fs::File,
+    file: &std::fs::File,
     file_len: u64,
     path: &Path,
     origin: bool,

@@ -205,7 +205,7 @@ pub(crate) fn names_origin(bytes: &[u8]) -> bool {
 fn parse_file<T>(
     path: &Path,
     f: impl FnOnce(
-        &object::ReadCache<super::pread::PreadFile>,
+        &object::ReadCache<super::pread::PreadFile<'_>>,
         object::Endianness,
         &[object::elf::ProgramHeader64<object::Endianness>],
     ) -> Option<T>,
@@ -213,7 +213,7 @@ fn parse_file<T>(
     use object::read::elf::FileHeader as _;
     let file = std::fs::File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
-    let data = object::ReadCache::new(super::pread::PreadFile::new(file, len));
+    let data = object::ReadCache::new(super::pread::PreadFile::new(&file, len));
     let header = object::elf::FileHeader64::<object::Endianness>::parse(&data).ok()?;
     let endian = header.endian().ok()?;
     let segments = header.program_headers(endian, &data).ok()?;
@@ -507,7 +507,7 @@ mod tests {
     fn origin_path(library: &Path) -> Option<OriginPath> {
         let file = std::fs::File::open(library).unwrap();
         let len = file.metadata().unwrap().len();
-        crate::native::check_elf(file, len, library, true)
+        crate::native::check_elf(&file, len, library, true)
             .unwrap()
             .origin_path
     }
@@ -721,7 +721,7 @@ mod tests {
             let library = tmp.path().join("libfuzzed.so");
             std::fs::write(&library, &bytes).unwrap();
             let file = std::fs::File::open(&library).unwrap();
-            if let Ok(elf) = crate::native::check_elf(file, bytes.len() as u64, &library, true)
+            if let Ok(elf) = crate::native::check_elf(&file, bytes.len() as u64, &library, true)
                 && let Some(origin_path) = elf.origin_path
             {
                 // Nothing of these names is loaded: the check passes.

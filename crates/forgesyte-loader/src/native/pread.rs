@@ -11,20 +11,20 @@ use std::os::unix::fs::FileExt;
 
 /// A file of known length, read at a position kept here (no `lseek`).
 #[derive(Debug)]
-pub(super) struct PreadFile {
-    file: File,
+pub(super) struct PreadFile<'a> {
+    file: &'a File,
     len: u64,
     pos: u64,
 }
 
-impl PreadFile {
+impl<'a> PreadFile<'a> {
     /// Reads `file`, `len` bytes long.
-    pub(super) fn new(file: File, len: u64) -> Self {
+    pub(super) fn new(file: &'a File, len: u64) -> Self {
         PreadFile { file, len, pos: 0 }
     }
 }
 
-impl object::read::ReadCacheOps for PreadFile {
+impl object::read::ReadCacheOps for PreadFile<'_> {
     fn len(&mut self) -> Result<u64, ()> {
         Ok(self.len)
     }
@@ -57,7 +57,8 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("f");
         std::fs::write(&path, b"0123456789").expect("write");
-        let mut file = PreadFile::new(File::open(&path).expect("open"), 10);
+        let file = File::open(&path).expect("open");
+        let mut file = PreadFile::new(&file, 10);
         assert_eq!(file.len(), Ok(10));
         assert_eq!(file.seek(4), Ok(4));
         let mut two = [0u8; 2];

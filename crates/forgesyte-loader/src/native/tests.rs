@@ -360,7 +360,7 @@ fn inspect_bytes(bytes: &[u8]) -> Result<Option<Fingerprint>, ImportError> {
     let check = |origin| {
         let file = std::fs::File::open(&path).unwrap();
         let len = file.metadata().unwrap().len();
-        check_elf(file, len, &path, origin).map(|elf| elf.origin_path)
+        check_elf(&file, len, &path, origin).map(|elf| elf.origin_path)
     };
     let (with, without) = (check(true), check(false));
     assert_eq!(with.is_ok(), without.is_ok(), "{with:?} / {without:?}");
@@ -390,6 +390,23 @@ fn the_tiny_library_passes_inspection_with_its_fingerprint() {
     assert_eq!(found, Some(Fingerprint::current()));
     let other = fingerprint::build_record(ABI_VERSION + 1, "0", "r", "t");
     let err = inspect_bytes(&tiny_library(&other)).unwrap_err();
+    assert!(matches!(err, ImportError::AbiMismatch { .. }), "{err}");
+}
+
+/// A library prepared ahead of its opening (`prepare`, on a load pass's
+/// pool) and replaced before it: its opening checks the file it opens, not
+/// the one prepared.
+#[test]
+fn a_library_replaced_after_its_preparation_is_checked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("libreplaced.so");
+    std::fs::write(&path, tiny_library(&this_hosts_record())).unwrap();
+    let prepared = NativeLibrary::prepare(&path).unwrap();
+    let newer = dir.path().join("libreplaced.so.new");
+    let other = fingerprint::build_record(ABI_VERSION + 1, "0", "r", "t");
+    std::fs::write(&newer, tiny_library(&other)).unwrap();
+    std::fs::rename(&newer, &path).unwrap();
+    let err = NativeLibrary::open_with(&path, Some(prepared)).unwrap_err();
     assert!(matches!(err, ImportError::AbiMismatch { .. }), "{err}");
 }
 

@@ -38,6 +38,8 @@ pub(super) enum Step {
 pub(super) struct Checked {
     library_path: PathBuf,
     opening: Opening,
+    /// What the importer did ahead of opening it by its path.
+    prepared: crate::host::Prepared,
     config: Vec<u8>,
 }
 
@@ -119,12 +121,17 @@ impl Loader {
             self.recheck(p, &target, &signed)?;
         }
         let opening = self.check_library(p, &library_path, &signed, pinned)?;
-        if matches!(opening, Opening::Path) {
-            self.importer.prefetch(&library_path);
-        }
+        // Here, on the pass's pool, what opening it needs that the dynamic
+        // loader does not serialise: the one thread that opens libraries
+        // then only maps them.
+        let prepared = match opening {
+            Opening::Path => self.importer.prepare(&library_path)?,
+            Opening::Bytes(..) => crate::host::Prepared::default(),
+        };
         Ok(Step::ToOpen(Checked {
             library_path,
             opening,
+            prepared,
             config,
         }))
     }
@@ -136,9 +143,13 @@ impl Loader {
         let Checked {
             library_path,
             opening,
+            prepared,
             config,
         } = checked;
-        let library = self.load_library(&library_path, opening)?;
+        let library = match opening {
+            Opening::Path => self.importer.open_prepared(&library_path, prepared)?,
+            opening => self.load_library(&library_path, opening)?,
+        };
         Ok(Opened { library, config })
     }
 
