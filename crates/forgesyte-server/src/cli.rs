@@ -255,7 +255,7 @@ pub(crate) struct ServeArgs {
     pub(crate) admin_token_file: Option<PathBuf>,
     /// Rescan the plugins directory when files under it change (debounced),
     /// as SIGHUP does: for plugin development.
-    #[arg(long, env = "FORGESYTE_WATCH", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "FORGESYTE_WATCH", value_parser = parse_switch)]
     pub(crate) watch: bool,
     /// Names the server is reached by besides its own address, such as a
     /// proxy's public name, without scheme or port (comma-separated, or
@@ -334,7 +334,7 @@ pub(crate) struct LoaderArgs {
     /// Construct every in-process plugin once in a throw-away runner
     /// process before loading it, so a plugin that would crash the server
     /// on load is FAILED instead.
-    #[arg(long, env = "FORGESYTE_PREFLIGHT", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "FORGESYTE_PREFLIGHT", value_parser = parse_switch)]
     pub(crate) preflight: bool,
     /// Where plugins whose manifest names no `isolation` run: in the server
     /// process (fastest) or each in a child process (survives crashes).
@@ -352,7 +352,7 @@ pub(crate) struct LoaderArgs {
     /// Also load the installed Python plugins: every entry point of group
     /// `forgesyte.plugins` that the interpreter (`--python`, else `python3`
     /// on `PATH`) sees, after the plugins directory.
-    #[arg(long, env = "FORGESYTE_PYTHON_ENTRY_POINTS", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "FORGESYTE_PYTHON_ENTRY_POINTS", value_parser = parse_switch)]
     pub(crate) python_entry_points: bool,
     /// Directory of trusted minisign public keys (`*.pub`) that plugin
     /// signatures are checked against.
@@ -361,26 +361,26 @@ pub(crate) struct LoaderArgs {
     /// Refuse (FAILED) every plugin whose signature is not `signed` by a
     /// trusted key, before any of its code is opened; by default
     /// signatures are only reported.
-    #[arg(long, env = "FORGESYTE_REQUIRE_SIGNED", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "FORGESYTE_REQUIRE_SIGNED", value_parser = parse_switch)]
     pub(crate) require_signed: bool,
     /// Confine the runners of isolated and Python plugins: read-only access
     /// to what they need (Landlock), writes to their scratch directory only,
     /// no network unless the manifest says `"network": true`, and only the
     /// environment variables they declare (`on` or `off`).
-    #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), hide_possible_values = true)]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) confine: bool,
     /// Refuse (FAILED) every plugin that would run unconfined: in-process
     /// plugins, every plugin with `--confine off`, and a plugin whose
     /// runner could not enforce every part of its sandbox (the runner then
     /// refuses before any of the plugin's code is opened or imported).
-    #[arg(long, env = "FORGESYTE_REQUIRE_CONFINEMENT", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "FORGESYTE_REQUIRE_CONFINEMENT", value_parser = parse_switch)]
     pub(crate) require_confinement: bool,
     /// This server runs no GPU plugins (a CPU pool beside a GPU one,
     /// serving the same plugins): a plugin that declares `requires_gpu` is
     /// UNAVAILABLE without any GPU probe (no CUDA driver is loaded) and
     /// does not count for readiness, as if it were `optional`, nor does one
     /// that needs such a plugin through its `plugin:` dependencies.
-    #[arg(long, env = "FORGESYTE_NO_GPU", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "FORGESYTE_NO_GPU", value_parser = parse_switch)]
     pub(crate) no_gpu: bool,
     /// Whose manifests may widen their confined runner's sandbox (`network`,
     /// `env`, `filesystem`): `signed` (plugins signed by a trusted key, the
@@ -616,6 +616,20 @@ pub(crate) fn parse_bind(text: &str) -> Result<String, String> {
     }
 }
 
+/// A switch given a value (`--confine off`, `FORGESYTE_WATCH=1`): the
+/// words clap's boolish parser takes (`on`/`off`, `true`/`false`,
+/// `yes`/`no`, `1`/`0`, `y`/`n`, `t`/`f`, in any case), refused with a
+/// message that names them (clap's said only "value was not a boolean").
+pub(crate) fn parse_switch(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" | "y" | "t" => Ok(true),
+        "off" | "false" | "no" | "0" | "n" | "f" => Ok(false),
+        _ => Err(format!(
+            "'{text}' is neither on nor off: give on or off (true/false, yes/no and 1/0 work too)"
+        )),
+    }
+}
+
 /// A number of bytes, 0 included.
 pub(crate) fn parse_bytes_or_zero(text: &str) -> Result<u64, String> {
     text.trim()
@@ -688,6 +702,37 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn switches_take_the_usual_words_and_name_them_when_refused() {
+        for on in ["on", "ON", "true", "Yes", "1", "y", "t", " on "] {
+            assert_eq!(parse_switch(on), Ok(true), "{on}");
+        }
+        for off in ["off", "False", "no", "0", "n", "F"] {
+            assert_eq!(parse_switch(off), Ok(false), "{off}");
+        }
+        let err = parse_switch("maybe").unwrap_err();
+        assert!(
+            err.contains("'maybe'") && err.contains("on or off"),
+            "{err}"
+        );
+        // Through clap, as a flag given alone and as a value.
+        let serve = |args: &[&str]| {
+            Cli::try_parse_from([&["forgesyte", "serve", "--plugins", "p"], args].concat())
+        };
+        let Ok(cli) = serve(&["--watch", "--confine", "off"]) else {
+            panic!("--watch --confine off refused");
+        };
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert!(args.watch && !args.loader.confine);
+        let err = serve(&["--confine", "maybe"])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("neither on nor off"), "{err}");
     }
 
     #[test]
