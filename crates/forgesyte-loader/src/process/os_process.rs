@@ -157,10 +157,11 @@ mod tests {
 
     #[test]
     fn a_zombie_or_a_gone_process_has_ended_a_running_one_has_not() {
-        let mut running = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut running = std::process::Command::new("sleep");
+        running.arg("30");
+        // Killed when this test's thread ends, however it ends.
+        forgesyte_deps::die_with_parent_thread(&mut running);
+        let mut running = running.spawn().unwrap();
         let mut zombie = std::process::Command::new("true").spawn().unwrap();
         assert!(!forked_has_ended(running.id()));
         // Not reaped: a zombie until `wait`.

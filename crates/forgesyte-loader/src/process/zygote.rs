@@ -827,6 +827,16 @@ impl ForkedChild {
 mod tests {
     use super::*;
 
+    /// `sleep 30`, a stand-in for a zygote or a runner, killed when the
+    /// test's thread ends however it ends (a failed assertion left it
+    /// running for its 30 s).
+    fn sleeper() -> std::process::Child {
+        let mut command = Command::new("sleep");
+        command.arg("30");
+        forgesyte_deps::die_with_parent_thread(&mut command);
+        command.spawn().unwrap()
+    }
+
     #[test]
     fn the_zygote_is_off_by_any_word_for_no() {
         use std::ffi::OsStr;
@@ -877,7 +887,7 @@ mod tests {
     fn a_spawn_through_a_zygote_that_reads_nothing_fails_in_time() {
         let (ours, _theirs) = crate::process::seqpacket_pair().unwrap();
         while rustix::net::send(&ours, b"{}", SendFlags::DONTWAIT).is_ok() {}
-        let process = Command::new("sleep").arg("30").spawn().unwrap();
+        let process = sleeper();
         let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
         let stdio = [(); 3].map(|()| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
         let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -910,9 +920,9 @@ mod tests {
     #[test]
     fn only_the_zygote_s_own_unreaped_runners_are_signalled() {
         let (ours, _theirs) = crate::process::seqpacket_pair().unwrap();
-        let process = Command::new("sleep").arg("30").spawn().unwrap();
+        let process = sleeper();
         let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
-        let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut stranger = sleeper();
         zygote.handle(Said::Exit {
             pid: stranger.id(),
             status: 0,
@@ -929,7 +939,7 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(Err(e)) if e.contains("pid 1")));
         assert!(!zygote.state.lock().children.contains_key(&1));
         // Forked after its spawn gave up: killed.
-        let mut late = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut late = sleeper();
         zygote.handle(Said::Spawned {
             id: 8,
             pid: late.id(),
@@ -962,7 +972,7 @@ mod tests {
         assert!(queued > 0);
         // Stand-ins for the zygote and its runners: children of this
         // process, not reaped until the end, so their pids stay theirs.
-        let process = Command::new("sleep").arg("30").spawn().unwrap();
+        let process = sleeper();
         let mut runners: Vec<std::process::Child> = (0..20)
             .map(|_| Command::new("true").spawn().unwrap())
             .collect();
