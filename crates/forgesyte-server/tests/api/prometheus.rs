@@ -6,7 +6,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use forgesyte_tests::zoo;
@@ -35,9 +35,10 @@ fn free_port() -> u16 {
 /// A running Prometheus scraping one target; killed when dropped, also
 /// when the test fails.
 struct Prometheus {
-    child: Child,
+    _child: crate::support::Reaped,
     addr: SocketAddr,
-    dir: tempfile::TempDir,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
@@ -53,28 +54,63 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let prometheus = Prometheus { child, addr, dir };
-        prometheus.wait_until("ready", || {
-            crate::support::try_http(addr, "GET", "/-/ready", b"").is_ok_and(|r| r.status == 200)
-        });
-        prometheus
+        // The port is free when chosen, not necessarily when Prometheus
+        // binds it (another test's server may take it in between): a
+        // Prometheus that exits before it is ready is started again on
+        // another port.
+        for attempt in 1..=3 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let log = dir.path().join(format!("prometheus-{attempt}.log"));
+            let mut child = crate::support::Reaped(
+                Command::new(binary)
+                    .arg(format!("--config.file={}", config.display()))
+                    .arg(format!(
+                        "--storage.tsdb.path={}",
+                        dir.path().join(format!("data-{attempt}")).display()
+                    ))
+                    .arg(format!("--web.listen-address={addr}"))
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            );
+            let running = |child: &mut crate::support::Reaped| matches!(child.try_wait(), Ok(None));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // Ready, and what answered is this Prometheus (it still runs).
+            let ready = loop {
+                if !running(&mut child) {
+                    break false;
+                }
+                if crate::support::try_http(addr, "GET", "/-/ready", b"")
+                    .is_ok_and(|r| r.status == 200)
+                {
+                    break running(&mut child);
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "Prometheus: not ready after 60 s; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            if ready {
+                return Prometheus {
+                    _child: child,
+                    addr,
+                    log,
+                    _dir: dir,
+                };
+            }
+            eprintln!(
+                "Prometheus exited before it was ready on {addr} (attempt {attempt}); its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        panic!("Prometheus did not start in 3 attempts (see the logs above)");
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Polls `ok` for up to a minute; fails with Prometheus's log.
@@ -119,13 +155,6 @@ impl Prometheus {
         let samples = self.query(promql);
         assert_eq!(samples.len(), 1, "{promql}: {samples:?}");
         samples[0].1
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
