@@ -47,24 +47,38 @@ impl EscapedVisitor<'_> {
             return;
         }
         let name = field.name();
+        let mut text = String::new();
+        let _ = write!(text, "{value:?}");
         if name == "message" {
-            self.result = write!(Escaping(&mut self.writer), "{value:?}");
+            // A message holding ` name=` (a plugin's stderr line, a reason
+            // quoted in it) is quoted whole: ` plugin=victim` in it would
+            // read as a field.
+            self.result = if holds_a_field(&text) {
+                self.quoted(&text)
+            } else {
+                Escaping(&mut self.writer).write_str(&text)
+            };
             return;
         }
         // A value with a space or an `=` is quoted (its `"` and `\`
         // escaped): a reason holding ` plugin=victim` read as a field.
-        let mut text = String::new();
-        let _ = write!(text, "{value:?}");
         let name = name.strip_prefix("r#").unwrap_or(name);
-        self.result = if text.is_empty() || text.contains([' ', '=']) {
-            let quoted = text.replace('\\', "\\\\").replace('"', "\\\"");
-            write!(self.writer, "{name}=\"")
-                .and_then(|()| Escaping(&mut self.writer).write_str(&quoted))
-                .and_then(|()| self.writer.write_char('"'))
-        } else {
-            write!(self.writer, "{name}=")
-                .and_then(|()| Escaping(&mut self.writer).write_str(&text))
-        };
+        self.result = write!(self.writer, "{name}=").and_then(|()| {
+            if text.is_empty() || text.contains([' ', '=']) {
+                self.quoted(&text)
+            } else {
+                Escaping(&mut self.writer).write_str(&text)
+            }
+        });
+    }
+
+    /// `text` between double quotes, its `"` and `\` escaped, and its
+    /// control characters.
+    fn quoted(&mut self, text: &str) -> fmt::Result {
+        let quoted = text.replace('\\', "\\\\").replace('"', "\\\"");
+        self.writer.write_char('"')?;
+        Escaping(&mut self.writer).write_str(&quoted)?;
+        self.writer.write_char('"')
     }
 }
 
@@ -89,6 +103,19 @@ impl VisitFmt for EscapedVisitor<'_> {
     fn writer(&mut self) -> &mut dyn fmt::Write {
         &mut self.writer
     }
+}
+
+/// Whether `text` holds ` name=`: a space, then a word a field's name could
+/// be, then `=`.
+fn holds_a_field(text: &str) -> bool {
+    text.split(' ').skip(1).any(|word| {
+        word.split_once('=').is_some_and(|(name, _)| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        })
+    })
 }
 
 /// Writes through to a log record, control characters escaped.
@@ -162,6 +189,14 @@ mod tests {
         );
         // A value with a space or `=` is quoted: it cannot pass for fields.
         let forged = r#"boom" plugin=victim \"#;
+        // Nor can a message: one holding ` name=` is quoted whole.
+        let text = logged(|| tracing::info!(plugin = "evil", "{forged}"));
+        assert!(
+            text.contains(r#""boom\" plugin=victim \\" plugin=evil"#),
+            "{text:?}"
+        );
+        let text = logged(|| tracing::info!(plugin = "evil", "RUST_LOG=x a = b =d"));
+        assert!(text.contains("RUST_LOG=x a = b =d plugin=evil"), "{text:?}");
         let text = logged(|| tracing::error!(plugin = "evil", reason = %forged, empty = "", "x"));
         assert!(
             text.contains(r#"x plugin=evil reason="boom\" plugin=victim \\" empty="""#),
