@@ -35,6 +35,29 @@ use sha2::{Digest, Sha256};
 
 use crate::manifest::{self, MANIFEST_FILE, Manifest, PLUGIN_PY, Runtime};
 
+/// Writes `bytes` to `dir/name` by replacing that file: into a new file of
+/// a random name in `dir` (created exclusively, `O_EXCL`, mode 0666 less
+/// the umask), then renamed over `name`. Whatever was at `dir/name` (a
+/// link to a file elsewhere, planted by whoever can write `dir`) is
+/// replaced, never written through; a failed write leaves nothing behind.
+/// Returns the path written.
+///
+/// # Errors
+///
+/// When the file cannot be created, written or renamed into place.
+pub fn write_replacing(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(name);
+    let mut fresh = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)?;
+    io::Write::write_all(&mut fresh, bytes)?;
+    fresh.persist(&path).map_err(|e| e.error)?;
+    Ok(path)
+}
+
 /// The operator's lock file, in the plugins directory.
 pub const LOCK_FILE: &str = "forgesyte.lock";
 
@@ -354,15 +377,17 @@ pub fn read_lock(fs: &dyn FileSystem, plugins_dir: &Path) -> Result<Option<Lock>
             "larger than the {MAX_LOCK_BYTES}-byte limit"
         )));
     }
-    let lock: Lock = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let mut lock: Lock = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if lock.version != LOCK_VERSION {
         return Err(invalid(format!(
             "version {} is not {LOCK_VERSION}, the version this host reads",
             lock.version
         )));
     }
-    for (name, entry) in &lock.plugins {
-        parse_pin(&format!("plugins.{name}.sha256"), &entry.sha256)
+    // Kept as they are compared: in lowercase (an uppercase pin failed
+    // every Python plugin's check after its load).
+    for (name, entry) in &mut lock.plugins {
+        entry.sha256 = parse_pin(&format!("plugins.{name}.sha256"), &entry.sha256)
             .map_err(|e| invalid(e.to_string()))?;
     }
     Ok(Some(lock))

@@ -324,16 +324,14 @@ fn run_lock(dir: &Path) -> ExitCode {
         }
     }
     let path = dir.join(integrity::LOCK_FILE);
+    // Replaced, never written through: a link planted at the lock file's
+    // name (or at a fixed temporary name) made `lock` write wherever it
+    // pointed.
     let written = serde_json::to_vec_pretty(&outcome.lock)
         .map_err(std::io::Error::other)
         .and_then(|mut bytes| {
             bytes.push(b'\n');
-            let tmp = dir.join(format!(".{}.tmp", integrity::LOCK_FILE));
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &path).inspect_err(|_| {
-                // Not left behind beside the plugins.
-                let _ = std::fs::remove_file(&tmp);
-            })
+            integrity::write_replacing(dir, integrity::LOCK_FILE, &bytes)
         });
     if let Err(e) = written {
         say!("forgesyte lock: cannot write {}: {e}", path.display());

@@ -266,25 +266,12 @@ pub fn sign_dir(
         Some(&untrusted),
     )
     .map_err(|e| format!("cannot sign: {e}"))?;
-    // Written beside, then renamed into place: a file the plugin shipped
-    // under that name (a link to the signer's key, say) is replaced, never
-    // written through.
+    // A file the plugin shipped under that name (a link to the signer's
+    // key, say) is replaced, never written through.
     let write = |name: &str, bytes: &[u8]| {
-        let path = dir.join(name);
-        let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-        let fresh = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&fresh)
-            .map_err(fail)?;
-        // Made here: removed if it cannot be put in place.
-        let written = std::io::Write::write_all(&mut file, bytes)
-            .and_then(|()| std::fs::rename(&fresh, &path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&fresh);
-        }
-        written.map_err(fail)
+        crate::integrity::write_replacing(dir, name, bytes)
+            .map(|_| ())
+            .map_err(|e| format!("cannot write {}: {e}", dir.join(name).display()))
     };
     write(LIST_FILE, text.as_bytes())?;
     write(SIG_FILE, signature.into_string().as_bytes())?;

@@ -86,6 +86,64 @@ fn lock_then_modify_then_load_refuses_exactly_the_modified_plugins() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// Links planted at the lock file's name, or at the temporary name it
+/// was once written under, are replaced, never written through; and the
+/// pins of a lock file written in uppercase hold as in lowercase.
+#[test]
+fn lock_replaces_links_at_its_names_and_reads_uppercase_pins() {
+    let dir = PluginsDir::new();
+    dir.good("native-ok", json!({})).python("py-ok", "echo");
+    let root = dir.path();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let victims = ["victim", "victim-tmp"].map(|name| elsewhere.path().join(name));
+    for victim in &victims {
+        std::fs::write(victim, b"precious").unwrap();
+    }
+    let lock_path = root.join("forgesyte.lock");
+    let fixed_tmp = root.join(".forgesyte.lock.tmp");
+    std::os::unix::fs::symlink(&victims[0], &lock_path).unwrap();
+    std::os::unix::fs::symlink(&victims[1], &fixed_tmp).unwrap();
+    let (code, out, err) = forgesyte(&["lock", dir.path_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for victim in &victims {
+        assert_eq!(
+            std::fs::read(victim).unwrap(),
+            b"precious",
+            "{}",
+            victim.display()
+        );
+    }
+    assert!(std::fs::symlink_metadata(&lock_path).unwrap().is_file());
+    let lock: Value = serde_json::from_slice(&std::fs::read(&lock_path).unwrap()).unwrap();
+    assert_eq!(
+        lock["plugins"].as_object().map(serde_json::Map::len),
+        Some(2)
+    );
+    // Nothing of its own left beside the plugins.
+    let left: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(".forgesyte.lock"))
+        .collect();
+    assert_eq!(left, [".forgesyte.lock.tmp"], "{left:?}");
+
+    let text = std::fs::read_to_string(&lock_path).unwrap();
+    let mut upper = text.clone();
+    for name in ["native-ok", "py-ok"] {
+        let pin = lock["plugins"][name]["sha256"].as_str().unwrap();
+        upper = upper.replace(pin, &pin.to_ascii_uppercase());
+    }
+    assert_ne!(upper, text);
+    std::fs::write(&lock_path, upper).unwrap();
+    let (code, out, err) = forgesyte(&["check", "--json", dir.path_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    for name in ["native-ok", "py-ok"] {
+        let status = plugin_named(&list, name);
+        assert_eq!(status["state"], "INITIALIZED", "{status:#}");
+    }
+}
+
 #[test]
 fn lock_names_what_it_cannot_hash_and_refuses_a_missing_directory() {
     let dir = PluginsDir::new();
