@@ -224,10 +224,15 @@ fn settle_observer(
             ChangeKind::Restarting => {
                 restarting.insert(change.plugin.to_owned());
             }
-            // Taken out of the set as it is matched.
+            // Taken out of the set as it is matched. RUNNING at once when
+            // a call still counted in flight (it began before the crash)
+            // outlived the restart: a tool call's own moves are filtered
+            // out above, so this one is from LOADED.
             ChangeKind::State
-                if change.to == PluginLifecycleState::Initialized
-                    && restarting.remove(change.plugin) =>
+                if matches!(
+                    change.to,
+                    PluginLifecycleState::Initialized | PluginLifecycleState::Running
+                ) && restarting.remove(change.plugin) =>
             {
                 wake.notify_one();
             }
@@ -320,5 +325,21 @@ mod tests {
         assert!(!woken(&wake), "a reload is no restart");
         drop(registry.begin_call("p").unwrap());
         assert!(!woken(&wake), "a tool call");
+        // A restart that ends while a call of the crashed instance is
+        // still counted: LOADED to RUNNING.
+        let call = registry.begin_call("p").unwrap();
+        registry
+            .mark_crashed("p", "CrashError: exited with code 3", ExitInfo::default())
+            .unwrap();
+        assert!(woken(&wake), "a crash wakes it");
+        registry.mark_restarting("p").unwrap();
+        registry.mark_initialized("p").unwrap();
+        assert_eq!(
+            registry.get_status("p").map(|s| s.state),
+            Some(forgesyte_registry::PluginLifecycleState::Running)
+        );
+        assert!(woken(&wake), "a restart that ended with a call in flight");
+        drop(call);
+        assert!(!woken(&wake), "that call's end");
     }
 }
