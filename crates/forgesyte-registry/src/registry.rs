@@ -536,7 +536,11 @@ impl Registry {
             } else {
                 entry.reason = Some(Arc::clone(&reason));
             }
-            entry.last_exit_reason = exit.description.map(Arc::from);
+            // How its process last ended, kept when this failure says
+            // nothing of one (a restart whose constructor raised).
+            if let Some(description) = exit.description {
+                entry.last_exit_reason = Some(Arc::from(description));
+            }
             entry.next_retry_at = next_retry.map(DateTime::<Utc>::from);
             entry.journal_push(JournalEntry {
                 at: rfc3339(now),

@@ -452,8 +452,11 @@ impl Model {
                     return Err(Refusal::Illegal(plugin.state, Failed));
                 }
                 // Every crash is journalled, even with an unchanged reason,
-                // and the exit description replaces the last one (None too).
-                plugin.last_exit_reason = EXITS[e].0;
+                // and an exit description replaces the last one (none keeps
+                // it: a failure that says nothing of a process).
+                if let Some(description) = EXITS[e].0 {
+                    plugin.last_exit_reason = Some(description);
+                }
                 plugin.next_retry_at = None;
                 plugin.journal_push(Failed, reason.to_owned(), Some(e));
             }

@@ -306,15 +306,7 @@ impl Loader {
             } else {
                 // A Python plugin's import or constructor raised: the
                 // journal keeps the traceback's last lines.
-                let traceback = match err {
-                    PluginError::Load(forgesyte_errors::LoadError::Import(
-                        forgesyte_errors::ImportError::Python { traceback, .. },
-                    ))
-                    | PluginError::Load(forgesyte_errors::LoadError::Init(
-                        forgesyte_errors::InitError::Python { traceback, .. },
-                    )) => traceback.clone(),
-                    _ => Vec::new(),
-                };
+                let traceback = crate::supervise::python_traceback(err);
                 let _ = self
                     .registry
                     .mark_failed_with_details(name, reason.clone(), traceback);

@@ -240,14 +240,14 @@ impl Supervisor {
         let weak = Arc::downgrade(self);
         instance.on_exit(Box::new(move |report| {
             if let Some(supervisor) = weak.upgrade() {
-                supervisor.ended(generation, report);
+                supervisor.ended(generation, report, exit_info(report));
             }
         }));
     }
 
     /// The instance of `generation` ended: FAILED, then a restart is
     /// scheduled (or not: past the budget, or the host is shutting down).
-    fn ended(self: &Arc<Self>, generation: u64, report: &ExitReport) {
+    fn ended(self: &Arc<Self>, generation: u64, report: &ExitReport, exit: ExitInfo) {
         if self.slot.is_retired() {
             return;
         }
@@ -321,7 +321,7 @@ impl Supervisor {
                 .ok()
                 .map(|(delay, _)| clock.wall() + *delay);
             if registry
-                .mark_crashed_until(name, reason.clone(), exit_info(report), retry)
+                .mark_crashed_until(name, reason.clone(), exit, retry)
                 .is_err()
             {
                 return false;
@@ -335,7 +335,15 @@ impl Supervisor {
         if recorded != Some(true) {
             return;
         }
-        tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+        // A restart the host's stop cut short: no fault of the plugin's,
+        // and no ERROR line for every rollout to alert on (as at load).
+        if matches!(decision, Err(NoRestart::Shutdown))
+            && report.reason.contains(crate::process::HOST_STOPPING)
+        {
+            tracing::info!(plugin = %name, %reason, "Plugin {name} not restarted: the host is stopping");
+        } else {
+            tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+        }
         let Ok((delay, generation)) = decision else {
             return;
         };
@@ -437,7 +445,17 @@ impl Supervisor {
                     }
                 }
             }
-            Err(error) => self.ended(generation, &report_of(&error)),
+            // The journal keeps what the failure left: a crashed runner's
+            // stderr tail, or the traceback of a Python import or
+            // constructor that raised.
+            Err(error) => {
+                let report = report_of(&error);
+                let mut exit = exit_info(&report);
+                if exit.stderr_tail.is_empty() {
+                    exit.stderr_tail = python_traceback(&error);
+                }
+                self.ended(generation, &report, exit);
+            }
         }
     }
 }
@@ -460,6 +478,18 @@ pub(crate) fn report_of(error: &PluginError) -> ExitReport {
         crash: crash.cloned(),
         signal,
         code,
+    }
+}
+
+/// The last lines of the traceback of a Python plugin whose import or
+/// constructor raised (none for any other error).
+pub(crate) fn python_traceback(error: &PluginError) -> Vec<String> {
+    match error {
+        PluginError::Load(LoadError::Import(ImportError::Python { traceback, .. }))
+        | PluginError::Load(LoadError::Init(InitError::Python { traceback, .. })) => {
+            traceback.clone()
+        }
+        _ => Vec::new(),
     }
 }
 

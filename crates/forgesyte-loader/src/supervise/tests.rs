@@ -61,7 +61,8 @@ impl PluginInstance for FakeProcess {
 }
 
 /// Starts fake processes; records the fake time of every attempt; fails
-/// the next `fail_next` starts.
+/// the next `fail_next` starts (a Python constructor that raised with
+/// `raise_next`).
 #[derive(Debug)]
 struct FakeRunner {
     clock: Arc<FakeClock>,
@@ -70,6 +71,7 @@ struct FakeRunner {
     /// Fake time of every start, failed ones included.
     attempts: Mutex<Vec<Duration>>,
     fail_next: AtomicU32,
+    raise_next: std::sync::atomic::AtomicBool,
     /// While set, the next start says so on its sender and waits (10 s at
     /// most) for its receiver: [`Importer::stop_starting`] ends the wait,
     /// and the start fails ("killed").
@@ -124,6 +126,16 @@ impl PluginLibrary for FakeRunnerLibrary {
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
+        if failing && runner.raise_next.load(Ordering::SeqCst) {
+            return Err(InitError::Python {
+                error_type: "OSError".into(),
+                message: "weights not ready".into(),
+                traceback: vec![
+                    "Traceback (most recent call last):".into(),
+                    "OSError: weights not ready".into(),
+                ],
+            });
+        }
         if failing {
             return Err(InitError::Failed {
                 message: "weights not ready".into(),
@@ -175,6 +187,7 @@ impl Harness {
             started: Mutex::new(Vec::new()),
             attempts: Mutex::new(Vec::new()),
             fail_next: AtomicU32::new(0),
+            raise_next: std::sync::atomic::AtomicBool::new(false),
             gate: Mutex::new(None),
             stop: Mutex::new(None),
             returned: std::sync::atomic::AtomicBool::new(false),
@@ -394,6 +407,51 @@ fn a_failed_restart_counts_as_another_crash() {
     assert_eq!(h.starts(), [ms(0), ms(700)]);
     let status = h.status();
     assert_eq!((status.state, status.restart_count), (S::Initialized, 3));
+}
+
+/// A restart whose Python constructor raised: its journal entry keeps the
+/// traceback's last lines, and the status how the process last ended (the
+/// crash's), not nothing.
+#[test]
+fn a_failed_restart_keeps_its_traceback_and_the_last_exit() {
+    let h = Harness::new(SupervisionPolicy {
+        backoff_base: ms(100),
+        ..SupervisionPolicy::default()
+    });
+    h.runner.fail_next.store(1, Ordering::SeqCst);
+    h.runner.raise_next.store(true, Ordering::SeqCst);
+    let state = Arc::clone(&h.runner.started.lock().last().unwrap().2);
+    let callback = state.on_exit.lock().take().unwrap();
+    callback(&ExitReport {
+        reason: "CrashError: exited with code 3".into(),
+        crash: Some(CrashError {
+            cause: CrashCause::Exit { code: 3 },
+            stderr_tail: vec!["bye".into()],
+        }),
+        signal: None,
+        code: Some(3),
+    });
+    h.clock.advance(ms(100));
+    let status = h.status();
+    assert_eq!(status.state, S::Failed);
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("InitError: OSError: weights not ready")
+    );
+    assert_eq!(
+        status.last_exit_reason.as_deref(),
+        Some("exited with code 3")
+    );
+    let journal = h.registry.journal(NAME).unwrap();
+    let last = journal.last().unwrap();
+    assert_eq!(
+        last.stderr_tail,
+        [
+            "Traceback (most recent call last):",
+            "OSError: weights not ready"
+        ],
+        "{journal:#?}"
+    );
 }
 
 /// The streak starts again after a plugin was up for the healthy reset,
