@@ -142,8 +142,10 @@ pub(crate) struct NewArgs {
     pub(crate) parent: PathBuf,
     /// The address `serve` listens on, for the `curl` command printed: as
     /// `serve` takes it (flag, `FORGESYTE_BIND`, the config file's `bind`,
-    /// 127.0.0.1:8000). One `serve` would refuse is not `new`'s error: the
-    /// curl then calls 127.0.0.1:8000, and `new` says so.
+    /// 127.0.0.1:8000). One given here or in `FORGESYTE_BIND` that `serve`
+    /// would refuse is not `new`'s error: the curl then calls
+    /// 127.0.0.1:8000, and `new` says so (a config file with an invalid
+    /// value is refused, exit 2, as by every command).
     #[arg(long, value_name = "ADDR", env = "FORGESYTE_BIND", default_value = DEFAULT_BIND)]
     pub(crate) bind: String,
     /// The `forgesyte-plugin-sdk` crate a Rust plugin depends on, by path
