@@ -317,7 +317,8 @@ pub trait PluginInstance: Send + Sync + std::fmt::Debug {
     }
 
     /// The id of the process the instance lives in, when that is not the
-    /// host's own (process isolation).
+    /// host's own (process isolation), while that process runs (none once
+    /// it is reaped: the number may be another process's).
     fn pid(&self) -> Option<u32> {
         None
     }

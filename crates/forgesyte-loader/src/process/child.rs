@@ -451,9 +451,16 @@ impl Child {
         &self.hello
     }
 
-    /// The runner's process id.
-    pub(crate) fn pid(&self) -> u32 {
-        self.shared.pid
+    /// The runner's process id, until its death is processed: reaped, its
+    /// number may be another process's (a metrics scrape read a stranger's
+    /// memory and CPU time for a plugin FAILED for good).
+    pub(crate) fn live_pid(&self) -> Option<u32> {
+        self.shared
+            .exit
+            .lock()
+            .report
+            .is_none()
+            .then_some(self.shared.pid)
     }
 
     /// Sends a request (see [`Transport::request`]) and waits up to

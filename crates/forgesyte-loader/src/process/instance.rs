@@ -409,7 +409,7 @@ impl PluginInstance for ProcessInstance {
     }
 
     fn pid(&self) -> Option<u32> {
-        Some(self.child.pid())
+        self.child.live_pid()
     }
 
     fn on_exit(&self, callback: ExitCallback) -> bool {

@@ -944,6 +944,8 @@ while True:
         );
         assert!(started.elapsed() < Duration::from_secs(3));
         assert!(instance.wait_stopped(Duration::ZERO), "not dead yet");
+        // Reaped, its number may be another process's by now: none.
+        assert_eq!(instance.pid(), None);
         // A call to the dead runner gets its end.
         let after = call(br#"{"ms":0}"#).await;
         assert!(
