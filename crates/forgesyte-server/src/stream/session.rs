@@ -905,7 +905,13 @@ async fn write(
         }
     };
     while let Some(Outgoing { text, room }) = answers.recv().await {
-        if !sent_within(timeout(), sink.send(Message::Text(text.into()))).await {
+        let sending = async {
+            for frame in fragments(text) {
+                sink.send(frame).await?;
+            }
+            Ok(())
+        };
+        if !sent_within(timeout(), sending).await {
             return false;
         }
         // Written (into the socket, or the connection's bounded write
@@ -926,6 +932,31 @@ async fn write(
     sent_within(timeout(), sink.send(Message::Close(Some(frame)))).await
 }
 
+/// The most bytes of one WebSocket frame of an answer.
+const FRAGMENT: usize = 64 * 1024;
+
+/// An answer as the frames of one text message, each of at most
+/// [`FRAGMENT`] bytes: the connection's write buffer grows to the largest
+/// frame written and never shrinks (tungstenite), so an answer (up to
+/// twice the body limit) written as one frame stayed held until the stream
+/// ended. Split anywhere: UTF-8 is checked per message, not per frame.
+fn fragments(text: String) -> Vec<Message> {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    if text.len() <= FRAGMENT {
+        return vec![Message::Text(text.into())];
+    }
+    let bytes = bytes::Bytes::from(text.into_bytes());
+    let count = bytes.len().div_ceil(FRAGMENT);
+    (0..count)
+        .map(|i| {
+            let part = bytes.slice(i * FRAGMENT..bytes.len().min((i + 1) * FRAGMENT));
+            let opcode = if i == 0 { Data::Text } else { Data::Continue };
+            Message::Frame(Frame::message(part, OpCode::Data(opcode), i + 1 == count))
+        })
+        .collect()
+}
+
 /// Whether `sending` succeeded within `timeout` (`None`: however long).
 async fn sent_within(
     timeout: Option<Duration>,
@@ -940,6 +971,33 @@ async fn sent_within(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long answer goes as frames of at most 64 KiB, one message (a text
+    /// frame, continuations, the last final), split inside characters as
+    /// it falls; a short one as one text message.
+    #[test]
+    fn long_answers_go_as_frames_of_at_most_64_kib() {
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        assert!(
+            matches!(&fragments("short".into())[..], [Message::Text(t)] if t.as_str() == "short")
+        );
+        let text = "é".repeat(100_000); // 200,000 bytes
+        let frames = fragments(text.clone());
+        assert_eq!(frames.len(), 4);
+        let mut joined = Vec::new();
+        for (i, message) in frames.iter().enumerate() {
+            let Message::Frame(frame) = message else {
+                panic!("{message:?}");
+            };
+            let header = frame.header();
+            let opcode = if i == 0 { Data::Text } else { Data::Continue };
+            assert_eq!(header.opcode, OpCode::Data(opcode));
+            assert_eq!(header.is_final, i == 3);
+            assert!(frame.payload().len() <= FRAGMENT);
+            joined.extend_from_slice(frame.payload());
+        }
+        assert_eq!(joined, text.as_bytes());
+    }
 
     #[test]
     fn close_reasons_fit_a_close_frame_on_a_character_boundary() {
