@@ -31,6 +31,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use forgesyte_loader::CallContext;
 
+use forgesyte_registry::PluginLifecycleState;
+
 use super::metered::{Ledger, Metered};
 use super::queue::{FrameQueue, Policy};
 use crate::body::{RunInput, parse_json_body};
@@ -786,7 +788,32 @@ async fn work(
             say_close(&out, close::GOING_AWAY, &reason);
             return;
         }
+        // FAILED through another client's call (a crash of the run route,
+        // an in-process plugin's panic) and not restarted: no later frame
+        // could be answered either.
+        if let Some(RunError::NotRunnable {
+            state: Some(PluginLifecycleState::Failed),
+            reason,
+        }) = &error
+            && failed_for_good(session)
+        {
+            let reason = format!(
+                "plugin failed: PluginNotRunnable: it is FAILED and not restarted: {}",
+                reason.as_deref().unwrap_or("no reason recorded")
+            );
+            say_close(&out, close::PLUGIN_FAILED, &reason);
+            return;
+        }
     }
+}
+
+/// Whether the session's plugin is FAILED with no restart scheduled.
+fn failed_for_good(session: &Session) -> bool {
+    session
+        .state
+        .registry()
+        .get_status(&session.plugin)
+        .is_some_and(|s| s.state == PluginLifecycleState::Failed && s.next_retry_at.is_none())
 }
 
 /// The close code and reason (its start) of the errors that end a stream:

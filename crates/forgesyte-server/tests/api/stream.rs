@@ -1291,6 +1291,29 @@ fn a_ping_flood_closes_the_stream_with_1008_and_a_keep_alive_does_not() {
     );
 }
 
+/// A stream whose plugin another client's call made FAILED for good (an
+/// in-process plugin's panic through the run route) closes with 1011 at
+/// its next frame, after that frame's answer: no later frame could be
+/// answered. It stayed open, answering every frame `PluginNotRunnable`.
+#[test]
+fn a_stream_whose_plugin_another_call_failed_closes_with_1011() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    send_frame(&mut socket, frame(10));
+    assert_eq!(answer(&mut socket)["ok"], true);
+    let panic = server.run("alpha", "panic", "{}");
+    assert_eq!(panic.status, 502, "{}", panic.text());
+    send_frame(&mut socket, frame(10));
+    let refused = answer(&mut socket);
+    assert_eq!(refused["error_type"], "PluginNotRunnable", "{refused}");
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.contains("FAILED and not restarted"), "{reason}");
+}
+
 #[test]
 fn an_answer_larger_than_a_stream_may_send_closes_it_with_1011() {
     let dir = PluginsDir::new();
