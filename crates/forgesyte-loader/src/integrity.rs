@@ -20,6 +20,10 @@
 //!   that is not UTF-8 or one that contains a newline cannot be pinned (an
 //!   error).
 //!
+//! - **A plugin's manifest** (a lock file line's `manifest_sha256`): the
+//!   SHA-256 of `manifest.json`'s bytes, compared with those the load
+//!   parsed.
+//!
 //! Digests are written as 64 hexadecimal digits; the host compares them in
 //! lowercase.
 
@@ -356,6 +360,13 @@ pub struct LockEntry {
     /// `*.py` for a Python source tree. Not used when checking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub of: Option<String>,
+    /// The digest of the plugin's `manifest.json` (its bytes, as
+    /// `sha256sum` prints it): the manifest decides what runs (its
+    /// interpreter, isolation, entrypoint), so a changed one is refused as
+    /// a changed library is. Lock files written before it have none (the
+    /// manifest is then not pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
 }
 
 /// Reads `plugins_dir/forgesyte.lock`: `None` when there is none, an error
@@ -389,6 +400,12 @@ pub fn read_lock(fs: &dyn FileSystem, plugins_dir: &Path) -> Result<Option<Lock>
     for (name, entry) in &mut lock.plugins {
         entry.sha256 = parse_pin(&format!("plugins.{name}.sha256"), &entry.sha256)
             .map_err(|e| invalid(e.to_string()))?;
+        if let Some(pin) = &entry.manifest_sha256 {
+            entry.manifest_sha256 = Some(
+                parse_pin(&format!("plugins.{name}.manifest_sha256"), pin)
+                    .map_err(|e| invalid(e.to_string()))?,
+            );
+        }
     }
     Ok(Some(lock))
 }
@@ -508,6 +525,7 @@ fn lock_one(
     Ok(LockEntry {
         sha256,
         of: Some(of),
+        manifest_sha256: Some(sha256_hex(&bytes)),
     })
 }
 

@@ -58,8 +58,10 @@ impl Loader {
         p: &Pending,
         known: &forgesyte_deps::KnownPlugins,
     ) -> Result<Step, PluginError> {
-        // First step: the signature (and, when required, its policy).
+        // First step: the signature (and, when required, its policy), and
+        // the manifest against its lock file line.
         let signed = self.check_signature(p)?;
+        self.check_manifest_pin(p)?;
         // Before any dependency check runs an interpreter the manifest
         // names (a native plugin's `py:` dependencies are asked of it too).
         self.refuse_own_interpreter(p)?;
@@ -191,21 +193,55 @@ impl Loader {
         if let Some(pin) = &p.manifest.sha256 {
             pins.push(("the manifest".to_owned(), pin.clone()));
         }
+        if let Some((who, line)) = self.lock_line(p)? {
+            pins.push((who, line.sha256));
+        }
+        Ok(pins)
+    }
+
+    /// `p`'s line of the plugins directory's lock file, with how a reason
+    /// names the file (installed entry-point plugins have none).
+    fn lock_line(
+        &self,
+        p: &Pending,
+    ) -> Result<Option<(String, integrity::LockEntry)>, PluginError> {
         let installed = self.entry_points.read().contains_key(&p.name);
         if let (false, Some(parent), Some(dir_name)) =
             (installed, p.dir.parent(), p.dir.file_name())
             && let Some(lock) = self.pass.lock(self.fs.as_ref(), parent)?
             && let Some(line) = lock.plugins.get(&*dir_name.to_string_lossy())
         {
-            pins.push((
-                format!(
-                    "the lock file {}",
-                    parent.join(integrity::LOCK_FILE).display()
-                ),
-                line.sha256.clone(),
-            ));
+            let who = format!(
+                "the lock file {}",
+                parent.join(integrity::LOCK_FILE).display()
+            );
+            return Ok(Some((who, line.clone())));
         }
-        Ok(pins)
+        Ok(None)
+    }
+
+    /// Checks the manifest the load parsed against its lock file line's
+    /// `manifest_sha256`, when it has one: a manifest changed since `lock`
+    /// (a new interpreter, entrypoint or isolation) runs nothing, not even
+    /// the dependency check of an interpreter it names.
+    pub(super) fn check_manifest_pin(&self, p: &Pending) -> Result<(), PluginError> {
+        let Some((who, line)) = self.lock_line(p)? else {
+            return Ok(());
+        };
+        let (Some(expected), Some(actual)) = (line.manifest_sha256, &p.manifest.source_sha256)
+        else {
+            return Ok(());
+        };
+        if &expected == actual {
+            return Ok(());
+        }
+        Err(IntegrityError::Mismatch {
+            subject: manifest::MANIFEST_FILE.to_owned(),
+            actual: actual.clone(),
+            pinned_by: who,
+            expected,
+        }
+        .into())
     }
 
     /// Fails with the dependency error when something `req` asks for is

@@ -49,11 +49,20 @@ impl Loader {
         // once the plugin's signature verified, by its own dependency check
         // (one run per plugin). Under `require_confinement` such a plugin
         // is refused before its check (`refuse_own_interpreter`).
-        let requirements: Vec<_> = pending.values().map(|p| self.requirements(p)).collect();
-        self.prestart_zygotes(pending.values().zip(&requirements));
+        // Not of a plugin whose manifest changed since its lock: the
+        // interpreter it names is the change's to choose.
+        let pending_checked: Vec<&Pending> = pending
+            .values()
+            .filter(|p| self.check_manifest_pin(p).is_ok())
+            .collect();
+        let requirements: Vec<_> = pending_checked
+            .iter()
+            .map(|p| self.requirements(p))
+            .collect();
+        self.prestart_zygotes(pending_checked.iter().copied().zip(&requirements));
         if self.config.require_signed || self.config.require_confinement {
-            let operators: Vec<_> = pending
-                .values()
+            let operators: Vec<_> = pending_checked
+                .iter()
                 .zip(&requirements)
                 .filter(|(p, _)| p.manifest.python.is_none())
                 .map(|(_, req)| req.clone())

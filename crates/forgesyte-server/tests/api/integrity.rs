@@ -86,6 +86,54 @@ fn lock_then_modify_then_load_refuses_exactly_the_modified_plugins() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// A manifest changed since `lock` refuses its plugin before anything it
+/// names runs: here an interpreter of its own beside it (a script that
+/// would leave a mark), which the dependency check would have run.
+#[test]
+fn a_manifest_changed_since_lock_runs_nothing_it_names() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = PluginsDir::new();
+    dir.python("py-ok", "echo").python("py-other", "echo");
+    let root = dir.path();
+    let (code, out, err) = forgesyte(&["lock", dir.path_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lock: Value =
+        serde_json::from_slice(&std::fs::read(root.join("forgesyte.lock")).unwrap()).unwrap();
+    let pinned = lock["plugins"]["py-ok"]["manifest_sha256"]
+        .as_str()
+        .expect("the manifest pinned")
+        .to_owned();
+    let mark = root.join("ran");
+    let interp = root.join("py-ok/interp");
+    std::fs::write(
+        &interp,
+        format!("#!/bin/sh\ntouch {}\nexec python3 \"$@\"\n", mark.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&interp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let manifest_path = root.join("py-ok/manifest.json");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["python"] = json!("interp");
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let now = forgesyte_loader::integrity::sha256_hex(&std::fs::read(&manifest_path).unwrap());
+
+    let (code, out, err) = forgesyte(&["check", "--json", dir.path_str()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let status = plugin_named(&list, "py-ok");
+    assert_eq!(status["state"], "FAILED", "{status:#}");
+    assert_eq!(
+        status["reason"],
+        format!(
+            "IntegrityError: sha256 of manifest.json is {now}, the lock file {} pins {pinned}",
+            root.join("forgesyte.lock").display()
+        )
+    );
+    assert!(!mark.exists(), "the manifest's interpreter ran");
+    assert_eq!(plugin_named(&list, "py-other")["state"], "INITIALIZED");
+}
+
 /// Links planted at the lock file's name, or at the temporary name it
 /// was once written under, are replaced, never written through; and the
 /// pins of a lock file written in uppercase hold as in lowercase.
