@@ -279,7 +279,7 @@ pub(crate) async fn run_tool(
     let outcome = match received {
         Ok((input, room)) => {
             let context = tools::call_context(&headers);
-            tools::run_output(&state, &plugin, &tool, input, context, Some(room)).await
+            tools::run_output(&state, &plugin, &tool, input, context, Some(room.into())).await
         }
         Err(e) => {
             // Counted like the calls made (a 400, 408, 413 or 503 for want

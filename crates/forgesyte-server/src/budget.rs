@@ -61,6 +61,36 @@ pub(crate) const RESERVE_SLACK: usize = 128 * 1024 + 1024;
 /// to send bodies) could make the server hold a body at the limit per
 /// connection: 24 connections sending 32 MiB bodies they never finished
 /// took it from 6 MiB to 784 MiB.
+/// Room in `--body-memory` that a call holds until its plugin returns
+/// (then drops): a request body's, or a stream frame's
+/// ([`crate::stream::FrameRoom`], which passes back to its stream's read
+/// buffer).
+pub(crate) struct CallRoom {
+    _held: Box<dyn Send>,
+}
+
+impl std::fmt::Debug for CallRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallRoom")
+    }
+}
+
+impl From<OwnedSemaphorePermit> for CallRoom {
+    fn from(room: OwnedSemaphorePermit) -> Self {
+        CallRoom {
+            _held: Box::new(room),
+        }
+    }
+}
+
+impl From<crate::stream::FrameRoom> for CallRoom {
+    fn from(room: crate::stream::FrameRoom) -> Self {
+        CallRoom {
+            _held: Box::new(room),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct BodyBudget {
     room: Room,
@@ -94,7 +124,7 @@ impl BodyBudget {
 
     /// Room for `bytes` bytes, taken first from `held` (room its caller
     /// already holds: a stream's arguments being replaced, or the room a
-    /// frame took as it arrived, `Ledger::claim`), the rest from
+    /// text message took as it arrived), the rest from
     /// the budget; on `BodiesInFlight`, `held` is handed back untouched.
     /// What `held` has beyond `bytes` is given back.
     pub(crate) fn charge_from(

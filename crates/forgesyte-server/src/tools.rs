@@ -59,7 +59,7 @@ pub(crate) async fn run(
     state: &AppState,
     plugin: &str,
     tool: &str,
-    (input, room): (RunInput, Option<tokio::sync::OwnedSemaphorePermit>),
+    (input, room): (RunInput, Option<crate::budget::CallRoom>),
     context: CallContext,
 ) -> Result<RunSuccess, RunError> {
     run_output(state, plugin, tool, input, context, room)
@@ -76,7 +76,7 @@ pub(crate) async fn run_output(
     tool: &str,
     input: RunInput,
     context: CallContext,
-    room: Option<tokio::sync::OwnedSemaphorePermit>,
+    room: Option<crate::budget::CallRoom>,
 ) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {
     let mut facts = CallFacts::default();
     let result = run_unrecorded(state, plugin, tool, (input, room), context, &mut facts).await;
@@ -166,7 +166,7 @@ async fn run_unrecorded(
     state: &AppState,
     plugin: &str,
     tool: &str,
-    (input, room): (RunInput, Option<tokio::sync::OwnedSemaphorePermit>),
+    (input, room): (RunInput, Option<crate::budget::CallRoom>),
     context: CallContext,
     facts: &mut CallFacts,
 ) -> Result<(RunSuccess, Vec<(String, Bytes)>), RunError> {

@@ -14,9 +14,21 @@
 //! neither has room, the stream is refused: its reader is told
 //! ([`Ledger::refused`]), and what the client sends from then on is read
 //! and dropped, never gathered. When a message comes out, its room passes
-//! to it ([`Ledger::claim`]) and what else was charged is given back: what
-//! the WebSocket layer still holds then is at most the rest of one read (its
-//! read buffer), bounded per connection as hyper's are.
+//! to it ([`Ledger::claim_frame`]) and what else was charged is given back.
+//!
+//! What the WebSocket layer keeps is charged too: its read buffer grows to
+//! hold a whole message and never shrinks (tungstenite keeps the capacity
+//! of the largest message it gathered until the connection ends: twelve
+//! streams that each received one 16 MiB frame, then only small ones, held
+//! 190 MiB the budget never saw). Beyond the buffer's first
+//! [`READ_BUFFER`] bytes, which every connection has, that capacity keeps
+//! room of its own (`kept`) until the stream ends: a frame's room passes to
+//! it when the frame is done ([`FrameRoom`]), a text message's as it comes
+//! out, and what the stream gathers next fills it before it takes more
+//! (while no frame is in use: a frame shares the buffer's memory, and what
+//! is read meanwhile goes to new memory). When the kept buffer needs more
+//! room than that brings, it takes it from the budget (not the reserve,
+//! which is for what arrives); with none there, the stream is refused.
 //!
 //! A leaf of the stream module: it knows the budgets, not the protocol.
 
@@ -30,6 +42,10 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::error::RunError;
 use crate::state::AppState;
+
+/// The read buffer every connection has, uncharged (tungstenite's
+/// default `read_buffer_size`, which the stream's configuration keeps).
+pub(crate) const READ_BUFFER: usize = 128 * 1024;
 
 /// The bytes of one stream read and not yet taken by a message, and their
 /// room.
@@ -48,6 +64,14 @@ struct Held {
     room: Option<OwnedSemaphorePermit>,
     /// Their room in the arrival reserve, when the budget had none.
     reserve: Option<OwnedSemaphorePermit>,
+    /// Room for what the WebSocket layer's read buffer keeps beyond
+    /// [`READ_BUFFER`] (see the module's documentation).
+    kept: Option<OwnedSemaphorePermit>,
+    /// The KiB `kept` is to hold: the largest message gathered so far,
+    /// beyond [`READ_BUFFER`].
+    keep: usize,
+    /// Frames claimed and still in use ([`FrameRoom`]s alive).
+    frames: usize,
     /// Why the stream was refused, until its reader takes it.
     refusal: Option<RunError>,
     /// Refused: reads are dropped from then on.
@@ -90,7 +114,7 @@ impl Ledger {
             return false;
         }
         held.bytes = held.bytes.saturating_add(n);
-        let have = permits(held.room.as_ref()) + permits(held.reserve.as_ref());
+        let have = permits(held.room.as_ref()) + permits(held.reserve.as_ref()) + held.kept_free();
         let need = held.bytes.div_ceil(1024);
         if need <= have {
             return true;
@@ -120,24 +144,89 @@ impl Ledger {
         false
     }
 
-    /// A message of `len` bytes came out of what was read: its room (what
-    /// the budget gave for up to `len` bytes; the reserve's is given back,
-    /// so the message may find none and be answered busy), and the rest
-    /// given back.
-    pub(crate) fn claim(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+    /// A message that is no frame (a text message; or none, at the
+    /// stream's end) came out of what was read: the read buffer keeps its
+    /// room from what the reads took, the rest is given back.
+    pub(crate) fn claim(&self) {
+        let mut held = self.held();
+        if held.draining {
+            return;
+        }
+        let read = std::mem::take(&mut held.bytes);
+        held.note_kept(read);
+        held.reserve = None;
+        let from_reads = held.room.take();
+        self.settle_kept(&mut held, from_reads);
+    }
+
+    /// A frame of `len` bytes came out of what was read: its room, for up
+    /// to `len` bytes (what the reads took, and the kept buffer's room the
+    /// frame was read into; the reserve's is given back, so the frame may
+    /// find too little and be answered busy: [`FrameRoom::top_up`]); the
+    /// rest is given back. `None` once the stream was refused.
+    pub(crate) fn claim_frame(self: &Arc<Self>, len: usize) -> Option<FrameRoom> {
         let mut held = self.held();
         if held.draining {
             return None;
         }
-        held.bytes = 0;
+        let read = std::mem::take(&mut held.bytes);
+        held.note_kept(read);
         held.reserve = None;
-        let mut room = held.room.take()?;
-        let keep = len.div_ceil(1024);
-        let have = room.num_permits();
-        if have > keep {
-            drop(room.split(have - keep));
+        let want = len.div_ceil(1024);
+        let mut room = take_up_to(&mut held.room, want);
+        let short = want - permits(room.as_ref());
+        if held.frames == 0
+            && let Some(lent) = take_up_to(&mut held.kept, short)
+        {
+            merge(&mut room, lent);
         }
-        (keep > 0).then_some(room)
+        held.room = None;
+        held.frames += 1;
+        Some(FrameRoom {
+            room,
+            ledger: Arc::clone(self),
+        })
+    }
+
+    /// A frame is done with. The last one in use passes its room to the
+    /// kept buffer (the buffer's memory it shared is the buffer's alone
+    /// again), what that does not need is given back; an earlier one gives
+    /// all back (the frames in use since hold room for the buffer's
+    /// memory).
+    fn frame_done(&self, room: Option<OwnedSemaphorePermit>) {
+        let mut held = self.held();
+        held.frames = held.frames.saturating_sub(1);
+        if held.draining || held.frames > 0 {
+            return;
+        }
+        self.settle_kept(&mut held, room);
+    }
+
+    /// Brings the kept buffer's room to what it is to hold, from `from`
+    /// first (the room of what the buffer held), then the budget; the rest
+    /// of `from` is given back. Refuses the stream when
+    /// there is no room anywhere: the memory is held, and only the
+    /// stream's end gives it back. While a frame is in use it waits (the
+    /// frame holds room for the buffer's memory it shares).
+    fn settle_kept(&self, held: &mut Held, mut from: Option<OwnedSemaphorePermit>) {
+        let grow = held.keep.saturating_sub(permits(held.kept.as_ref()));
+        if let Some(room) = take_up_to(&mut from, grow) {
+            merge(&mut held.kept, room);
+        }
+        drop(from);
+        let short = held.keep.saturating_sub(permits(held.kept.as_ref()));
+        if short == 0 || held.frames > 0 {
+            return;
+        }
+        // Not from the reserve: it is for what arrives while the budget
+        // is full (and its room is of another semaphore, which a frame's
+        // room lent from the kept buffer could not be merged with).
+        match self.state.body_budget().take(short) {
+            Ok(room) => merge(&mut held.kept, room),
+            Err(busy) => {
+                self.refuse(held, busy);
+            }
+        }
     }
 
     /// `n` bytes read are gone (a ping's or pong's frame, which the
@@ -150,7 +239,9 @@ impl Ledger {
             return;
         }
         held.bytes = held.bytes.saturating_sub(n);
-        let need = held.bytes.div_ceil(1024);
+        // What the kept buffer covers needs no room of its own (its room
+        // stays until the stream ends).
+        let need = held.bytes.div_ceil(1024).saturating_sub(held.kept_free());
         let mut excess =
             (permits(held.room.as_ref()) + permits(held.reserve.as_ref())).saturating_sub(need);
         let held = &mut *held;
@@ -183,6 +274,70 @@ impl Ledger {
             self.refused.notified().await;
         }
     }
+}
+
+impl Held {
+    /// The kept buffer's room that covers what is read: all of it while no
+    /// frame is in use, none while one is (what is read then goes to new
+    /// memory).
+    fn kept_free(&self) -> usize {
+        if self.frames == 0 {
+            permits(self.kept.as_ref())
+        } else {
+            0
+        }
+    }
+
+    /// A message of `read` bytes was gathered: the read buffer keeps that
+    /// much from now on.
+    fn note_kept(&mut self, read: usize) {
+        self.keep = self
+            .keep
+            .max(read.saturating_sub(READ_BUFFER).div_ceil(1024));
+    }
+}
+
+/// A frame's room in `--body-memory` (see [`Ledger::claim_frame`]), held
+/// until the plugin returns (or the frame is dropped); then it passes to
+/// its stream's read buffer, whose memory the frame shared.
+#[derive(Debug)]
+pub(crate) struct FrameRoom {
+    room: Option<OwnedSemaphorePermit>,
+    ledger: Arc<Ledger>,
+}
+
+impl FrameRoom {
+    /// Room for all of the frame's `bytes`: what it lacks taken from the
+    /// budget; on `BodiesInFlight` the frame is refused (its room passes
+    /// back as it drops).
+    pub(crate) fn top_up(mut self, bytes: usize) -> Result<FrameRoom, RunError> {
+        let short = bytes
+            .div_ceil(1024)
+            .saturating_sub(permits(self.room.as_ref()));
+        if short > 0 {
+            let more = self.ledger.state.body_budget().take(short)?;
+            merge(&mut self.room, more);
+        }
+        Ok(self)
+    }
+}
+
+impl Drop for FrameRoom {
+    fn drop(&mut self) {
+        self.ledger.frame_done(self.room.take());
+    }
+}
+
+/// Up to `kib` of `from`'s room, taken out of it.
+fn take_up_to(from: &mut Option<OwnedSemaphorePermit>, kib: usize) -> Option<OwnedSemaphorePermit> {
+    let have = permits(from.as_ref());
+    if kib == 0 || have == 0 {
+        return None;
+    }
+    if kib >= have {
+        return from.take();
+    }
+    from.as_mut().and_then(|room| room.split(kib))
 }
 
 fn permits(room: Option<&OwnedSemaphorePermit>) -> usize {
@@ -305,11 +460,78 @@ mod tests {
         assert_eq!(free_kib(&ledger), 34);
         // The message came out (25 KiB of the 30 read): its room passes
         // to it, the rest comes back.
-        let room = ledger.claim(25 * K).expect("its room");
-        assert_eq!(room.num_permits(), 25);
+        let room = ledger.claim_frame(25 * K).expect("its room");
+        assert_eq!(permits(room.room.as_ref()), 25);
         assert_eq!(free_kib(&ledger), 39);
         drop(room);
         assert_eq!(free_kib(&ledger), 64);
+    }
+
+    /// The read buffer keeps the capacity of the largest message beyond
+    /// its first 128 KiB: a frame's room passes to it when the frame is
+    /// done, and stays until the stream ends; what the stream reads next
+    /// fills it first.
+    #[test]
+    fn what_the_read_buffer_keeps_of_a_large_message_stays_charged() {
+        let config = ServerConfig {
+            body_limit: 1024 * K,
+            body_memory: Some(4096 * K),
+            ..ServerConfig::default()
+        };
+        let ledger = Ledger::new(AppState::new(Arc::new(crate::build_loader(&[])), &config));
+        assert!(ledger.read(512 * K));
+        let room = ledger.claim_frame(512 * K).expect("its room");
+        assert_eq!(permits(room.room.as_ref()), 512);
+        assert_eq!(free_kib(&ledger), 4096 - 512, "the frame's room alone");
+        // Done with: the buffer keeps 384 KiB of its room.
+        drop(room);
+        assert_eq!(free_kib(&ledger), 4096 - 384, "the buffer's room stays");
+        // A smaller frame fills the kept buffer (no room taken as it is
+        // read) and borrows the buffer's room while it is in use.
+        assert!(ledger.read(300 * K));
+        assert_eq!(free_kib(&ledger), 4096 - 384);
+        let room = ledger.claim_frame(300 * K).expect("its room");
+        assert_eq!(permits(room.room.as_ref()), 300);
+        assert_eq!(free_kib(&ledger), 4096 - 384);
+        // While it is in use, what is read goes to new memory: charged.
+        assert!(ledger.read(100 * K));
+        assert_eq!(free_kib(&ledger), 4096 - 484);
+        ledger.release(100 * K);
+        drop(room);
+        assert_eq!(free_kib(&ledger), 4096 - 384);
+        // A text message larger than all before grows what is kept.
+        assert!(ledger.read(1000 * K));
+        ledger.claim();
+        assert_eq!(free_kib(&ledger), 4096 - 872);
+        // The stream's end gives it all back.
+        let state = ledger.state.clone();
+        drop(ledger);
+        assert_eq!(state.body_budget().available_kib(), 4096);
+    }
+
+    /// Kept buffers take what room the budget has; with none left their
+    /// stream is refused: twelve streams of one large message each hold no
+    /// more than the budget.
+    #[test]
+    fn kept_buffers_without_room_refuse_their_streams() {
+        let config = ServerConfig {
+            body_limit: 1024 * K,
+            body_memory: Some(2048 * K),
+            ..ServerConfig::default()
+        };
+        let state = AppState::new(Arc::new(crate::build_loader(&[])), &config);
+        let streams: Vec<Arc<Ledger>> = (0..12).map(|_| Ledger::new(state.clone())).collect();
+        for ledger in &streams {
+            if ledger.read(1024 * K) {
+                ledger.claim();
+            }
+        }
+        let kept = streams.iter().filter(|l| !l.is_draining()).count();
+        // 896 KiB kept each: two in the budget.
+        assert_eq!(kept, 2);
+        assert_eq!(state.body_budget().available_kib(), 2048 - 2 * 896);
+        drop(streams);
+        assert_eq!(state.body_budget().available_kib(), 2048);
     }
 
     #[test]
@@ -349,7 +571,10 @@ mod tests {
         assert_eq!(free_kib(&ledger), 4);
         assert!(!ledger.read(100 * K));
         assert!(ledger.is_draining());
-        assert!(ledger.claim(10).is_none(), "refused: no message comes out");
+        assert!(
+            ledger.claim_frame(10).is_none(),
+            "refused: no message comes out"
+        );
         let refusal = ledger.held().refusal.clone().expect("why it was refused");
         assert!(
             matches!(refusal, RunError::BodiesInFlight { .. }),

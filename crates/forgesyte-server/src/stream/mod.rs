@@ -36,6 +36,7 @@ use crate::extract::{ApiPath, ToolPath};
 use crate::state::AppState;
 use crate::tools;
 
+pub(crate) use metered::FrameRoom;
 pub(crate) use queue::Policy;
 
 /// Every open stream of the server: at most a fixed number at once, and all

@@ -33,9 +33,10 @@ use forgesyte_loader::CallContext;
 
 use forgesyte_registry::PluginLifecycleState;
 
-use super::metered::{Ledger, Metered};
+use super::metered::{FrameRoom, Ledger, Metered};
 use super::queue::{FrameQueue, Policy};
 use crate::body::{RunInput, parse_json_body};
+use crate::budget::CallRoom;
 use crate::error::RunError;
 use crate::state::AppState;
 use crate::tools;
@@ -175,7 +176,7 @@ impl StreamArgs {
 /// answered (`ServerBusy`) without a call, its bytes let go at once.
 #[derive(Debug)]
 enum Charged {
-    Held(Bytes, tokio::sync::OwnedSemaphorePermit),
+    Held(Bytes, CallRoom),
     Refused(RunError),
 }
 
@@ -289,7 +290,7 @@ pub(crate) type WebSocket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgr
 /// Runs the stream over `socket` until the client closes it, the plugin
 /// fails, or the server shuts down; `ledger` is what its reads are charged
 /// to.
-pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
+pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Arc<Ledger>) {
     let (mut sink, mut incoming) = socket.split();
     let (out, answers, close) = Outbox::new();
     let queue = FrameQueue::new(session.policy);
@@ -378,7 +379,7 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Ledger) {
 /// the limit, which the client is still writing) is read from the
 /// connection beneath and dropped, uncharged, until it ends or stays silent
 /// for [`LINGER_QUIET`].
-async fn linger(mut socket: WebSocket, ledger: &Ledger) {
+async fn linger(mut socket: WebSocket, ledger: &Arc<Ledger>) {
     let drained = async {
         loop {
             match socket.next().await {
@@ -389,7 +390,7 @@ async fn linger(mut socket: WebSocket, ledger: &Ledger) {
         }
         // What the WebSocket layer gathered is given back (nothing more
         // comes out of it).
-        drop(ledger.claim(0));
+        ledger.claim();
         discard(socket.get_mut().get_mut()).await;
     };
     let limit = if ledger.is_draining() {
@@ -429,10 +430,13 @@ async fn discard<IO: tokio::io::AsyncRead + Unpin>(io: &mut IO) {
 /// control frame's payload being at most 125 bytes). Only at the end of a
 /// data message is the rest given back: a ping or pong may come between
 /// the fragments of one, which the WebSocket layer still holds.
-fn settle(ledger: &Ledger, message: &Message) -> Option<tokio::sync::OwnedSemaphorePermit> {
+fn settle(ledger: &Arc<Ledger>, message: &Message) -> Option<FrameRoom> {
     match message {
-        Message::Binary(bytes) => ledger.claim(bytes.len()),
-        Message::Text(_) => ledger.claim(0),
+        Message::Binary(bytes) => ledger.claim_frame(bytes.len()),
+        Message::Text(_) => {
+            ledger.claim();
+            None
+        }
         Message::Ping(payload) | Message::Pong(payload) => {
             ledger.release(payload.len() + 6);
             None
@@ -443,7 +447,7 @@ fn settle(ledger: &Ledger, message: &Message) -> Option<tokio::sync::OwnedSemaph
 
 /// The client's messages: text sets the arguments, binary is a frame.
 async fn read(
-    (incoming, ledger): (&mut SplitStream<WebSocket>, &Ledger),
+    (incoming, ledger): (&mut SplitStream<WebSocket>, &Arc<Ledger>),
     session: &Session,
     queue: &FrameQueue<Frame>,
     out: Outbox,
@@ -506,16 +510,21 @@ async fn read(
                 // never reads keeps the worker waiting to hand over an
                 // answer, and this wait with it).
                 queue.drop_waiting_for_newer();
-                let charged = match session
-                    .state
-                    .body_budget()
-                    .charge_from(bytes.len(), claimed)
-                {
+                let room = match claimed {
+                    Some(room) => room.top_up(bytes.len()).map(CallRoom::from),
+                    // Refused meanwhile: its reader closes the stream.
+                    None => session
+                        .state
+                        .body_budget()
+                        .take(bytes.len().div_ceil(1024))
+                        .map(CallRoom::from),
+                };
+                let charged = match room {
                     Ok(room) => Charged::Held(bytes, room),
                     // Its bytes go now, not once the push (which may wait
                     // for room under `block`) is done: they are counted
                     // nowhere.
-                    Err((busy, _)) => {
+                    Err(busy) => {
                         drop(bytes);
                         Charged::Refused(busy)
                     }

@@ -910,15 +910,24 @@ fn an_idle_stream_is_closed_with_1000_and_a_busy_one_stays_open() {
 /// A server with plugin `alpha` whose bodies and frames share 1 MiB in all
 /// (`--body-memory`), and may each be 1 MiB (`--body-limit`).
 fn alpha_with_one_mib_of_body_memory() -> (PluginsDir, Forgesyte) {
+    alpha_with_body_memory(1 << 20)
+}
+
+/// A server with plugin `alpha` whose bodies and frames share `bytes` in
+/// all (`--body-memory`), and may each be as large (`--body-limit`).
+/// Below 128 KiB a message leaves nothing of its own in the stream's read
+/// buffer (which keeps room for the largest message beyond that).
+fn alpha_with_body_memory(bytes: usize) -> (PluginsDir, Forgesyte) {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
+    let bytes = bytes.to_string();
     let server = Forgesyte::start(&[
         "--plugins",
         dir.path_str(),
         "--body-limit",
-        "1048576",
+        &bytes,
         "--body-memory",
-        "1048576",
+        &bytes,
     ]);
     server.wait_loaded();
     (dir, server)
@@ -1052,7 +1061,7 @@ fn a_half_sent_frame_holds_its_room_and_one_without_room_closes_with_1013() {
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) => {}
-                other => panic!("stream {i}: {other:?}"),
+                other => panic!("stream {i}: {other:?}; log:\n{}", server.log()),
             }
         }
     }
@@ -1094,11 +1103,69 @@ fn a_half_sent_frame_holds_its_room_and_one_without_room_closes_with_1013() {
         (Some(1), &json!(true)),
         "{next}"
     );
+    // A's read buffer keeps what its 1 MiB frame made it (896 KiB past its
+    // first 128 KiB) while the stream is open, and that room with it: the
+    // call still finds too little. A's end gives it back.
+    let kept = call();
+    assert_eq!(kept.status, 503, "{}", kept.text());
+    drop(a);
     wait_for(
         "a call with room again",
         Duration::from_secs(15),
         &server,
         || (call().status == 200).then_some(()),
+    );
+}
+
+/// What a stream's read buffer keeps of its largest frame (tungstenite's
+/// buffer never shrinks) holds room in `--body-memory` until the stream
+/// ends: streams that each received one frame at the limit and stay open
+/// hold no more than the budget, and one that finds no room is closed with
+/// 1013 (their memory was held outside every budget: 218 MiB
+/// for twelve streams of 16 MiB frames).
+#[test]
+fn what_read_buffers_keep_of_large_frames_is_bounded_by_the_budget() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--body-limit",
+        "1048576",
+        "--body-memory",
+        "2097152",
+    ]);
+    server.wait_loaded();
+    let mut open_streams = Vec::new();
+    let mut closed = None;
+    for i in 0..4 {
+        let mut socket = open(&server, &target("alpha", "frame", ""));
+        send_frame(&mut socket, frame(1 << 20));
+        let answer = answer(&mut socket);
+        if answer["ok"] == true {
+            open_streams.push(socket);
+            continue;
+        }
+        assert_eq!(answer["error_type"], "ServerBusy", "stream {i}: {answer}");
+        let (code, reason) = close_of(&mut socket);
+        closed = Some((i, code, reason));
+        break;
+    }
+    // 896 KiB kept each: two in the budget; the third frame arrives
+    // (partly in the reserve), is answered busy, and then its stream's
+    // buffer finds no room.
+    let Some((i, code, reason)) = closed else {
+        panic!("four streams kept 1 MiB frames' buffers in 2 MiB");
+    };
+    assert_eq!((i, code), (2, 1013), "{reason}");
+    assert!(reason.contains("no room"), "{reason}");
+    // Their end gives the room back.
+    drop(open_streams);
+    wait_for(
+        "a call with room again",
+        Duration::from_secs(15),
+        &server,
+        || (run_frame(&server, 1 << 20).status == 200).then_some(()),
     );
 }
 
@@ -1144,10 +1211,12 @@ fn unasked_pongs_take_no_room() {
 /// with them in force a 400 KiB frame finds no room in 1 MiB.
 #[test]
 fn stream_arguments_take_room_for_what_they_hold_parsed() {
-    let (_dir, server) = alpha_with_one_mib_of_body_memory();
+    // Bodies of 256 KiB, 256 KiB in all.
+    let (_dir, server) = alpha_with_body_memory(256 << 10);
     let mut socket = open(&server, &target("alpha", "frame", ""));
-    send_args(&mut socket, json!({"a": vec![0; 6_000]}));
-    send_frame(&mut socket, frame(400 << 10));
+    // 1,500 values hold 190 KiB parsed: a frame of 100 KiB finds no room.
+    send_args(&mut socket, json!({"a": vec![0; 1_500]}));
+    send_frame(&mut socket, frame(100 << 10));
     let busy = answer(&mut socket);
     assert_eq!(
         (&busy["ok"], &busy["error_type"]),
@@ -1157,21 +1226,23 @@ fn stream_arguments_take_room_for_what_they_hold_parsed() {
     );
     // More values than a body may hold is too large, not busy: no retry
     // would help (the arguments in force stay).
-    send_args(&mut socket, json!({"a": vec![0; 10_000]}));
+    // (At least 4,096 values may be sent, whatever the body limit.)
+    send_args(&mut socket, json!({"a": vec![0; 5_000]}));
     let refused = answer(&mut socket);
     assert_eq!(refused["error_type"], "PayloadTooLarge", "{refused}");
     // Replaced by small ones, their room is back.
     send_args(&mut socket, json!({}));
-    send_frame(&mut socket, frame(400 << 10));
+    send_frame(&mut socket, frame(100 << 10));
     let next = answer(&mut socket);
     assert_eq!(next["ok"], true, "{}", next["detail"]);
-    // Arguments of 600 KiB replaced by others of 600 KiB: the new ones
-    // take the old ones' room (1 MiB holds no two), and a frame of 300 KiB
-    // still fits beside them.
-    let big = "x".repeat(600 << 10);
+    // Arguments of 140 KiB replaced by others of 140 KiB: the new ones
+    // take the old ones' room (256 KiB holds no two), and a frame of 75
+    // KiB still fits beside them (and the 13 KiB the read buffer keeps of
+    // a message past 128 KiB).
+    let big = "x".repeat(140 << 10);
     send_args(&mut socket, json!({"s": big}));
     send_args(&mut socket, json!({"s": big}));
-    send_frame(&mut socket, frame(300 << 10));
+    send_frame(&mut socket, frame(75 << 10));
     let next = answer(&mut socket);
     assert_eq!(
         (&next["seq"], &next["ok"]),
@@ -1215,11 +1286,13 @@ fn under_latest_a_replaced_frame_gives_its_room_to_the_newer_one() {
 /// answered `ServerBusy`, and the room comes back with the frames.
 #[test]
 fn stream_arguments_take_room_while_frames_use_them() {
-    let (_dir, server) = alpha_with_one_mib_of_body_memory();
+    // Bodies of 256 KiB, 256 KiB in all; messages under 128 KiB, of which
+    // the read buffer keeps nothing.
+    let (_dir, server) = alpha_with_body_memory(256 << 10);
     let mut socket = open(&server, &target("alpha", "frame", "?policy=block&queue=4"));
-    let pad = |c: &str| c.repeat(400 << 10);
-    // 400 KiB of arguments held by the running frame, 400 KiB by the
-    // waiting one: the third 400 KiB finds no room.
+    let pad = |c: &str| c.repeat(100 << 10);
+    // 100 KiB of arguments held by the running frame, 100 KiB by the
+    // waiting one: the third 100 KiB finds no room.
     send_args(&mut socket, json!({"ms": 1500, "pad": pad("x")}));
     send_frame(&mut socket, frame(5));
     send_args(&mut socket, json!({"ms": 0, "pad": pad("y")}));
