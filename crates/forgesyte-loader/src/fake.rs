@@ -30,6 +30,9 @@ pub enum FakeBehavior {
     InitPanic(String),
     /// The constructor takes this long, then constructs as [`Good`](Self::Good).
     InitSlow(std::time::Duration),
+    /// Constructs as [`Good`](Self::Good); the instance's destructor takes
+    /// this long (a plugin whose `Drop` joins a thread, flushes slowly).
+    DropSlow(std::time::Duration),
 }
 
 /// An importer whose libraries are entries of a table.
@@ -107,7 +110,11 @@ impl PluginLibrary for FakeLibrary {
                 std::thread::sleep(*pause);
                 FakeLibrary(FakeBehavior::Good).instantiate(_config)
             }
-            _ => Ok(Box::new(FakeInstance {
+            other => Ok(Box::new(FakeInstance {
+                drop_takes: match other {
+                    FakeBehavior::DropSlow(pause) => Some(*pause),
+                    _ => None,
+                },
                 tools: ["echo", "fail", "panic"]
                     .into_iter()
                     .map(|id| ToolInfo {
@@ -126,6 +133,16 @@ impl PluginLibrary for FakeLibrary {
 #[derive(Debug)]
 struct FakeInstance {
     tools: Vec<ToolInfo>,
+    /// How long its destructor takes ([`FakeBehavior::DropSlow`]).
+    drop_takes: Option<std::time::Duration>,
+}
+
+impl Drop for FakeInstance {
+    fn drop(&mut self) {
+        if let Some(pause) = self.drop_takes {
+            std::thread::sleep(pause);
+        }
+    }
 }
 
 impl PluginInstance for FakeInstance {

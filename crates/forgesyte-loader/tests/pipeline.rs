@@ -1516,6 +1516,28 @@ fn an_invalid_lock_file_refuses_every_plugin_of_its_directory() {
     );
 }
 
+/// At the host's stop, an in-process plugin whose destructor blocks (here
+/// 5 s) holds the stop no longer than its time limit: destructors run on a
+/// thread of their own, after every runner was asked to stop; they ran
+/// inline, under the loader's map, one plugin after another.
+#[test]
+fn a_destructor_that_blocks_holds_the_stop_no_longer_than_its_limit() {
+    let s = Setup::new();
+    s.plugin(
+        "slow",
+        &manifest("slow", json!({})),
+        FakeBehavior::DropSlow(std::time::Duration::from_secs(5)),
+    )
+    .plugin("quick", &manifest("quick", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    s.check("slow", S::Initialized, &[]);
+    let started = std::time::Instant::now();
+    let all = loader.drop_instances(std::time::Duration::from_millis(500));
+    let took = started.elapsed();
+    assert!(!all, "a destructor still running is not an end in time");
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+}
+
 #[test]
 fn each_library_opened_by_path_is_prepared_before_it_is_opened() {
     let s = Setup::new();

@@ -357,19 +357,27 @@ impl Loader {
     /// running then is killed, with its group. Runners that were still
     /// starting (a load pass, a reload or a restart in progress) are killed
     /// at the end, with their groups, and none starts from the call on.
-    /// Whether all of them ended in time.
+    /// In-process plugins' instances are dropped (their destructors run) on
+    /// a thread of their own once every runner was asked to stop, waited
+    /// for within `timeout` too: one whose destructor blocks holds neither
+    /// the loader's map nor the runners' stop. Whether all of them ended
+    /// in time.
     pub fn drop_instances(&self, timeout: Duration) -> bool {
         self.runners.close();
-        let mut retired: Vec<_> = self
+        let deadline = Instant::now() + timeout;
+        // Taken out under the map's lock, dropped outside it.
+        let handles: Vec<PluginHandle> = self
             .entries
             .write()
             .values_mut()
             .filter_map(|entry| entry.handle.take())
-            .filter(|handle| handle.isolation() == Isolation::Process)
-            .map(|handle| handle.retire())
             .collect();
+        let (isolated, in_process): (Vec<_>, Vec<_>) = handles
+            .into_iter()
+            .partition(|handle| handle.isolation() == Isolation::Process);
+        let mut retired: Vec<_> = isolated.into_iter().map(|handle| handle.retire()).collect();
         retired.append(&mut self.stopping.lock());
-        let deadline = Instant::now() + timeout;
+        let unloaded = drop_on_a_thread(in_process);
         let mut all = true;
         for instance in &retired {
             if !instance.wait_stopped(deadline.saturating_duration_since(Instant::now())) {
@@ -377,11 +385,42 @@ impl Loader {
                 instance.kill("not ended in time as the host stops");
             }
         }
+        if let Some(unloaded) = unloaded
+            && unloaded
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+        {
+            tracing::warn!("In-process plugins' destructors did not end in time as the host stops");
+            all = false;
+        }
         // What no handle holds: runners still constructing their plugin,
         // and those let go that the lists above missed. (A killed runner's
         // end is processed within moments: a second is left for it.)
         let last = deadline.max(Instant::now() + Duration::from_secs(1));
         self.runners.end_all(last) && all
+    }
+}
+
+/// Drops `handles` on a thread of their own; what tells when that is done
+/// (`None`: dropped here, no thread could be started).
+fn drop_on_a_thread(handles: Vec<PluginHandle>) -> Option<std::sync::mpsc::Receiver<()>> {
+    if handles.is_empty() {
+        return None;
+    }
+    let (done, unloaded) = std::sync::mpsc::channel();
+    // Not started: the closure, and the handles with it, are dropped here.
+    let started = std::thread::Builder::new()
+        .name("forgesyte-unload".into())
+        .spawn(move || {
+            drop(handles);
+            let _ = done.send(());
+        });
+    match started {
+        Ok(_) => Some(unloaded),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a thread to unload in-process plugins: unloading them here");
+            None
+        }
     }
 }
 
