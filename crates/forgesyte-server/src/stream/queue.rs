@@ -82,6 +82,9 @@ pub(crate) struct FrameQueue<T> {
 struct State<T> {
     frames: VecDeque<(u64, T)>,
     closed: bool,
+    /// Closed by [`FrameQueue::finish`]: the frame in its call is still
+    /// answered.
+    finishing: bool,
 }
 
 impl<T> FrameQueue<T> {
@@ -92,6 +95,7 @@ impl<T> FrameQueue<T> {
             state: Mutex::new(State {
                 frames: VecDeque::with_capacity(policy.capacity()),
                 closed: false,
+                finishing: false,
             }),
             ready: Notify::new(),
             space: Notify::new(),
@@ -176,18 +180,31 @@ impl<T> FrameQueue<T> {
     /// Closes the queue: waiting frames are discarded, and both sides stop
     /// waiting.
     pub(crate) fn close(&self) {
+        self.close_finishing(false);
+    }
+
+    /// [`close`](Self::close), but the frame already taken (in its call)
+    /// is still answered: [`is_closed`](Self::is_closed) stays `false`.
+    pub(crate) fn finish(&self) {
+        self.close_finishing(true);
+    }
+
+    fn close_finishing(&self, finishing: bool) {
         {
             let mut state = self.state();
             state.closed = true;
+            state.finishing = finishing;
             state.frames.clear();
         }
         self.ready.notify_one();
         self.space.notify_one();
     }
 
-    /// Whether [`FrameQueue::close`] was called.
+    /// Whether [`FrameQueue::close`] was called (its answers are
+    /// discarded).
     pub(crate) fn is_closed(&self) -> bool {
-        self.state().closed
+        let state = self.state();
+        state.closed && !state.finishing
     }
 
     /// Frames dropped so far.
@@ -285,6 +302,13 @@ mod tests {
         assert!(!producer.await.unwrap(), "a push into a closed queue fails");
         assert!(queue.is_closed());
         assert_eq!(queue.pop().await, None);
+        // Finished: closed the same, but the frame in its call is answered.
+        let finished = FrameQueue::new(Policy::Block { queue: 2 });
+        assert!(finished.push(0, ()).await);
+        finished.finish();
+        assert!(!finished.is_closed(), "answers still go");
+        assert!(!finished.push(1, ()).await);
+        assert_eq!(finished.pop().await, None, "what waited is discarded");
         // A consumer waiting on an empty queue is woken by the close too.
         let empty = Arc::new(FrameQueue::<()>::new(Policy::Latest));
         let consumer = {

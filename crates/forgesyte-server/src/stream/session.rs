@@ -313,14 +313,21 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Arc<Ledger
             biased;
             // The plugin failed: the worker has said so and closed.
             () = &mut working => queue.close(),
-            // The client went, or the server is going, or the stream idled
-            // out: the worker gets a moment to finish; a call in flight
-            // runs on without it (its answer discarded), and a worker
-            // waiting to hand an answer to a client that reads nothing is
-            // let go.
+            // The client went, or the stream idled out: the worker gets a
+            // moment to finish; a call in flight runs on without it (its
+            // answer discarded), and a worker waiting to hand an answer to
+            // a client that reads nothing is let go. At the server's stop,
+            // a call in flight is answered as a run route's request is:
+            // within the shutdown's grace (the server waits for its open
+            // streams within it); frames still queued are dropped.
             () = &mut reading => {
-                queue.close();
-                let _ = tokio::time::timeout(CLOSE_WAIT, working).await;
+                if *session.closing.borrow() {
+                    queue.finish();
+                    working.await;
+                } else {
+                    queue.close();
+                    let _ = tokio::time::timeout(CLOSE_WAIT, working).await;
+                }
             }
         }
     };

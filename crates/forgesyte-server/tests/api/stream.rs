@@ -642,12 +642,24 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
         assert!(reason.contains(said), "{opcode:?}: {reason}");
     }
 
-    // A shutdown closes open streams with 1001, and the server exits 0.
+    // A shutdown closes open streams with 1001, and the server exits 0;
+    // a frame in its call then (2.5 s) is answered first, within the
+    // shutdown's grace, as a run route's request is (it was dropped after
+    // a second, unanswered).
     let mut socket = open(&server, &target("alpha", "frame", ""));
     send_frame(&mut socket, frame(1));
     assert_eq!(answer(&mut socket)["ok"], true);
+    send_args(&mut socket, json!({"ms": 2500}));
+    send_frame(&mut socket, frame(1));
+    std::thread::sleep(Duration::from_millis(300));
     let status = server.terminate();
     assert!(status.success(), "{status:?}; log:\n{}", server.log());
+    let last = answer(&mut socket);
+    assert_eq!(
+        (last["seq"].as_u64(), &last["ok"]),
+        (Some(1), &json!(true)),
+        "{last}"
+    );
     let (code, reason) = close_of(&mut socket);
     assert_eq!(code, 1001, "{reason}");
 }
