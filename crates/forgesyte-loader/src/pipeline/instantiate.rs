@@ -118,11 +118,15 @@ impl Loader {
             }
             .into());
         }
+        // A checked library's bytes, read (and compared with their digest)
+        // before its preflight: the preflight's runner constructs exactly
+        // them, as the server then loads them. From its path, a library
+        // swapped after its check and put back before its load ran unseen.
+        let opening = self.check_library(p, &library_path, &signed, pinned)?;
         if self.config.preflight || p.manifest.preflight {
-            self.preflight(p, &library_path, &config)?;
+            self.preflight(p, &library_path, &opening, &config)?;
             self.recheck(p, &target, &signed)?;
         }
-        let opening = self.check_library(p, &library_path, &signed, pinned)?;
         // Here, on the pass's pool, what opening it needs that the dynamic
         // loader does not serialise: the one thread that opens libraries
         // then only maps them.
@@ -526,6 +530,7 @@ impl Loader {
         &self,
         p: &Pending,
         library_path: &Path,
+        opening: &Opening,
         config: &[u8],
     ) -> Result<(), PluginError> {
         let mut limits = self.config.process.with_manifest(&p.manifest.limits);
@@ -533,6 +538,15 @@ impl Loader {
         let importer = ProcessImporter::new(self.runner(library_path)?, p.name.clone(), limits)
             .with_runner_args(self.config.runner_args.clone())
             .counted_in(Arc::clone(&self.runners));
+        // The checked bytes, as the server loads them (one that finds
+        // libraries beside its file, `$ORIGIN`, from its file, as an
+        // isolated plugin's runner does).
+        let importer = match opening {
+            Opening::Bytes(bytes, _) if !crate::native::names_origin(bytes) => {
+                importer.with_library_bytes(library_path, bytes)?
+            }
+            Opening::Bytes(..) | Opening::Path => importer,
+        };
         let instance = importer.open(library_path)?.instantiate(config)?;
         drop(instance);
         tracing::info!(plugin = %p.name, "Preflight passed: {}", p.name);

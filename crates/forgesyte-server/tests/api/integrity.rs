@@ -86,6 +86,51 @@ fn lock_then_modify_then_load_refuses_exactly_the_modified_plugins() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// The preflight of a pinned in-process plugin constructs the checked
+/// bytes (its runner gets them as a memory file, `--library-fd`), as the
+/// server then loads them: from its path, a library swapped after its
+/// check and put back before its load ran unseen. Seen through a runner
+/// that records its arguments.
+#[test]
+fn the_preflight_of_a_pinned_library_runs_the_checked_bytes() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = PluginsDir::new();
+    dir.good("pinned", json!({"preflight": true}))
+        .good("unpinned", json!({"preflight": true}));
+    let library = crate::support::good_library_name();
+    let digest = forgesyte_loader::integrity::file_digest(
+        &forgesyte_deps::RealFs,
+        &dir.path().join("pinned").join(&library),
+    )
+    .unwrap();
+    dir.manifest_fields("pinned", json!({ "sha256": digest }));
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("args");
+    let runner = scratch.path().join("runner");
+    std::fs::write(
+        &runner,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\nexec {} __runner \"$@\"\n",
+            log.display(),
+            env!("CARGO_BIN_EXE_forgesyte")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runner = runner.to_string_lossy().into_owned();
+    let (code, out, err) = forgesyte(&["check", "--runner", &runner, dir.path_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let runs = std::fs::read_to_string(&log).unwrap();
+    let of = |plugin: &str| {
+        runs.lines()
+            .find(|l| l.contains(&format!("/{plugin}/")))
+            .unwrap_or_else(|| panic!("no preflight of {plugin}: {runs}"))
+            .to_owned()
+    };
+    assert!(of("pinned").contains("--library-fd"), "{runs}");
+    assert!(!of("unpinned").contains("--library-fd"), "{runs}");
+}
+
 /// A manifest changed since `lock` refuses its plugin before anything it
 /// names runs: here an interpreter of its own beside it (a script that
 /// would leave a mark), which the dependency check would have run.
