@@ -144,16 +144,16 @@ impl Ledger {
         false
     }
 
-    /// A message that is no frame (a text message; or none, at the
-    /// stream's end) came out of what was read: the read buffer keeps its
-    /// room from what the reads took, the rest is given back.
-    pub(crate) fn claim(&self) {
+    /// A message of `len` bytes that is no frame (a text message; or none,
+    /// at the stream's end) came out of what was read: the read buffer
+    /// keeps its room from what the reads took, the rest is given back.
+    pub(crate) fn claim(&self, len: usize) {
         let mut held = self.held();
         if held.draining {
             return;
         }
-        let read = std::mem::take(&mut held.bytes);
-        held.note_kept(read);
+        held.bytes = 0;
+        held.note_kept(len);
         held.reserve = None;
         let from_reads = held.room.take();
         self.settle_kept(&mut held, from_reads);
@@ -169,8 +169,8 @@ impl Ledger {
         if held.draining {
             return None;
         }
-        let read = std::mem::take(&mut held.bytes);
-        held.note_kept(read);
+        held.bytes = 0;
+        held.note_kept(len);
         held.reserve = None;
         let want = len.div_ceil(1024);
         let mut room = take_up_to(&mut held.room, want);
@@ -288,12 +288,15 @@ impl Held {
         }
     }
 
-    /// A message of `read` bytes was gathered: the read buffer keeps that
-    /// much from now on.
-    fn note_kept(&mut self, read: usize) {
+    /// A message of `len` bytes was gathered: the read buffer keeps room
+    /// for it from now on (its capacity grew to hold it whole). Its length,
+    /// not all that was read since the last message: what was read ahead
+    /// of the next one made a stream of back-to-back messages keep more
+    /// than it holds.
+    fn note_kept(&mut self, len: usize) {
         self.keep = self
             .keep
-            .max(read.saturating_sub(READ_BUFFER).div_ceil(1024));
+            .max(len.saturating_sub(READ_BUFFER).div_ceil(1024));
     }
 }
 
@@ -501,12 +504,28 @@ mod tests {
         assert_eq!(free_kib(&ledger), 4096 - 384);
         // A text message larger than all before grows what is kept.
         assert!(ledger.read(1000 * K));
-        ledger.claim();
+        ledger.claim(1000 * K);
         assert_eq!(free_kib(&ledger), 4096 - 872);
         // The stream's end gives it all back.
         let state = ledger.state.clone();
         drop(ledger);
         assert_eq!(state.body_budget().available_kib(), 4096);
+    }
+
+    /// What was read ahead of the next message is not kept as the last
+    /// one's: back-to-back messages of 140 KiB keep 12 KiB, not what the
+    /// reads brought (a stream of pipelined messages was refused for it).
+    #[test]
+    fn what_is_read_ahead_is_not_kept() {
+        let config = ServerConfig {
+            body_limit: 1024 * K,
+            body_memory: Some(4096 * K),
+            ..ServerConfig::default()
+        };
+        let ledger = Ledger::new(AppState::new(Arc::new(crate::build_loader(&[])), &config));
+        assert!(ledger.read(140 * K + 100 * K));
+        ledger.claim(140 * K);
+        assert_eq!(free_kib(&ledger), 4096 - 12);
     }
 
     /// Kept buffers take what room the budget has; with none left their
@@ -523,7 +542,7 @@ mod tests {
         let streams: Vec<Arc<Ledger>> = (0..12).map(|_| Ledger::new(state.clone())).collect();
         for ledger in &streams {
             if ledger.read(1024 * K) {
-                ledger.claim();
+                ledger.claim(1024 * K);
             }
         }
         let kept = streams.iter().filter(|l| !l.is_draining()).count();

@@ -397,7 +397,7 @@ async fn linger(mut socket: WebSocket, ledger: &Arc<Ledger>) {
         }
         // What the WebSocket layer gathered is given back (nothing more
         // comes out of it).
-        ledger.claim();
+        ledger.claim(0);
         discard(socket.get_mut().get_mut()).await;
     };
     let limit = if ledger.is_draining() {
@@ -440,8 +440,8 @@ async fn discard<IO: tokio::io::AsyncRead + Unpin>(io: &mut IO) {
 fn settle(ledger: &Arc<Ledger>, message: &Message) -> Option<FrameRoom> {
     match message {
         Message::Binary(bytes) => ledger.claim_frame(bytes.len()),
-        Message::Text(_) => {
-            ledger.claim();
+        Message::Text(text) => {
+            ledger.claim(text.len());
             None
         }
         Message::Ping(payload) | Message::Pong(payload) => {
