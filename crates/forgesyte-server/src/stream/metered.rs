@@ -437,12 +437,18 @@ mod tests {
     /// A ledger over 64 KiB of body memory (bodies of at most 64 KiB: the
     /// reserve holds 64 KiB and its slack beside).
     fn ledger() -> Arc<Ledger> {
+        Ledger::new(state(64, 64))
+    }
+
+    /// A server's state with bodies of `limit` KiB, `memory` KiB of them
+    /// in all.
+    fn state(limit: usize, memory: usize) -> AppState {
         let config = ServerConfig {
-            body_limit: 64 * K,
-            body_memory: Some(64 * K),
+            body_limit: limit * K,
+            body_memory: Some(memory * K),
             ..ServerConfig::default()
         };
-        Ledger::new(AppState::new(Arc::new(crate::build_loader(&[])), &config))
+        AppState::new(Arc::new(crate::build_loader(&[])), &config)
     }
 
     fn free_kib(ledger: &Ledger) -> usize {
@@ -476,12 +482,7 @@ mod tests {
     /// fills it first.
     #[test]
     fn what_the_read_buffer_keeps_of_a_large_message_stays_charged() {
-        let config = ServerConfig {
-            body_limit: 1024 * K,
-            body_memory: Some(4096 * K),
-            ..ServerConfig::default()
-        };
-        let ledger = Ledger::new(AppState::new(Arc::new(crate::build_loader(&[])), &config));
+        let ledger = Ledger::new(state(1024, 4096));
         assert!(ledger.read(512 * K));
         let room = ledger.claim_frame(512 * K).expect("its room");
         assert_eq!(permits(room.room.as_ref()), 512);
@@ -517,12 +518,7 @@ mod tests {
     /// reads brought (a stream of pipelined messages was refused for it).
     #[test]
     fn what_is_read_ahead_is_not_kept() {
-        let config = ServerConfig {
-            body_limit: 1024 * K,
-            body_memory: Some(4096 * K),
-            ..ServerConfig::default()
-        };
-        let ledger = Ledger::new(AppState::new(Arc::new(crate::build_loader(&[])), &config));
+        let ledger = Ledger::new(state(1024, 4096));
         assert!(ledger.read(140 * K + 100 * K));
         ledger.claim(140 * K);
         assert_eq!(free_kib(&ledger), 4096 - 12);
@@ -533,12 +529,7 @@ mod tests {
     /// more than the budget.
     #[test]
     fn kept_buffers_without_room_refuse_their_streams() {
-        let config = ServerConfig {
-            body_limit: 1024 * K,
-            body_memory: Some(2048 * K),
-            ..ServerConfig::default()
-        };
-        let state = AppState::new(Arc::new(crate::build_loader(&[])), &config);
+        let state = state(1024, 2048);
         let streams: Vec<Arc<Ledger>> = (0..12).map(|_| Ledger::new(state.clone())).collect();
         for ledger in &streams {
             if ledger.read(1024 * K) {
@@ -555,12 +546,7 @@ mod tests {
 
     #[test]
     fn a_stream_holding_more_than_twice_the_limit_unfinished_is_refused() {
-        let config = ServerConfig {
-            body_limit: 64 * K,
-            body_memory: Some(1024 * K),
-            ..ServerConfig::default()
-        };
-        let ledger = Ledger::new(AppState::new(Arc::new(crate::build_loader(&[])), &config));
+        let ledger = Ledger::new(state(64, 1024));
         // Twice the limit and the slack (257 KiB) of empty fragments'
         // heads, say: room enough in the budget, but never a message.
         assert!(ledger.read(250 * K));

@@ -930,16 +930,23 @@ fn alpha_with_one_mib_of_body_memory() -> (PluginsDir, Forgesyte) {
 /// Below 128 KiB a message leaves nothing of its own in the stream's read
 /// buffer (which keeps room for the largest message beyond that).
 fn alpha_with_body_memory(bytes: usize) -> (PluginsDir, Forgesyte) {
+    alpha_with_bodies_of(bytes, bytes)
+}
+
+/// A server with plugin `alpha` whose bodies and frames may each be
+/// `limit` bytes (`--body-limit`), sharing `memory` in all
+/// (`--body-memory`).
+fn alpha_with_bodies_of(limit: usize, memory: usize) -> (PluginsDir, Forgesyte) {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
-    let bytes = bytes.to_string();
+    let (limit, memory) = (limit.to_string(), memory.to_string());
     let server = Forgesyte::start(&[
         "--plugins",
         dir.path_str(),
         "--body-limit",
-        &bytes,
+        &limit,
         "--body-memory",
-        &bytes,
+        &memory,
     ]);
     server.wait_loaded();
     (dir, server)
@@ -1137,17 +1144,7 @@ fn a_half_sent_frame_holds_its_room_and_one_without_room_closes_with_1013() {
 /// for twelve streams of 16 MiB frames).
 #[test]
 fn what_read_buffers_keep_of_large_frames_is_bounded_by_the_budget() {
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let server = Forgesyte::start(&[
-        "--plugins",
-        dir.path_str(),
-        "--body-limit",
-        "1048576",
-        "--body-memory",
-        "2097152",
-    ]);
-    server.wait_loaded();
+    let (_dir, server) = alpha_with_bodies_of(1 << 20, 2 << 20);
     let mut open_streams = Vec::new();
     let mut closed = None;
     for i in 0..4 {
