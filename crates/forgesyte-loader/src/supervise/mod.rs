@@ -253,6 +253,11 @@ impl Supervisor {
         }
         let policy = *self.policy();
         let clock = &self.supervision.clock;
+        // A call past its time limit killed the runner: the call's doing
+        // (any client's slow input), not a crash of the plugin's. Restarted
+        // with the same backoff, but not counted in the restart budget:
+        // six slow requests in ten minutes left the plugin FAILED for good.
+        let counted = !killed_for_a_timeout(report);
         let decision = {
             let mut state = self.state.lock();
             if state.generation != generation {
@@ -282,7 +287,7 @@ impl Supervisor {
                 .is_some()
             {
                 Err(NoRestart::Retiring)
-            } else if state.restarts.len() >= policy.max_restarts as usize {
+            } else if counted && state.restarts.len() >= policy.max_restarts as usize {
                 Err(NoRestart::Budget)
             } else {
                 let delay = policy.delay(state.consecutive);
@@ -355,7 +360,7 @@ impl Supervisor {
         });
         let task = Box::new(move || {
             if let Some(supervisor) = weak.upgrade() {
-                supervisor.attempt(generation);
+                supervisor.attempt(generation, counted);
             }
         });
         let scheduled =
@@ -374,7 +379,7 @@ impl Supervisor {
     }
 
     /// One restart: a new runner, construction, the instance swapped in.
-    fn attempt(self: &Arc<Self>, generation: u64) {
+    fn attempt(self: &Arc<Self>, generation: u64, counted: bool) {
         let name = &self.slot.name;
         let registry = &self.slot.registry;
         // Held until the new instance is in place, or refused and stopped:
@@ -389,7 +394,9 @@ impl Supervisor {
             return;
         }
         let clock = &self.supervision.clock;
-        self.state.lock().restarts.push_back(clock.now());
+        if counted {
+            self.state.lock().restarts.push_back(clock.now());
+        }
         let count = registry
             .get_status(name)
             .map_or(0, |status| status.restart_count);
@@ -458,6 +465,16 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Whether the host killed the runner because a call ran past its time
+/// limit (`KillReason::host` of a `TimeoutError`).
+fn killed_for_a_timeout(report: &ExitReport) -> bool {
+    matches!(
+        &report.crash,
+        Some(CrashError { cause: CrashCause::Killed { reason }, .. })
+            if reason.starts_with("TimeoutError:")
+    )
 }
 
 /// An exit report for a restart that failed before the plugin was up.

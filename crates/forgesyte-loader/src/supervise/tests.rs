@@ -228,15 +228,20 @@ impl Harness {
     /// Ends the current process with a crash report `CrashError: boom N`.
     fn crash(&mut self) {
         self.crashes += 1;
-        let state = Arc::clone(&self.runner.started.lock().last().unwrap().2);
-        let callback = state.on_exit.lock().take();
-        let callback = callback.expect("the current process is watched");
-        callback(&ExitReport {
+        self.end_with(&ExitReport {
             reason: format!("CrashError: boom {}", self.crashes),
             crash: None,
             signal: Some("SIGSEGV".into()),
             code: None,
         });
+    }
+
+    /// Ends the current process with `report`.
+    fn end_with(&self, report: &ExitReport) {
+        let state = Arc::clone(&self.runner.started.lock().last().unwrap().2);
+        let callback = state.on_exit.lock().take();
+        let callback = callback.expect("the current process is watched");
+        callback(report);
     }
 
     fn status(&self) -> PluginStatus {
@@ -451,6 +456,54 @@ fn a_failed_restart_keeps_its_traceback_and_the_last_exit() {
             "OSError: weights not ready"
         ],
         "{journal:#?}"
+    );
+}
+
+/// A runner the host killed because a call ran past its time limit is
+/// restarted with the backoff, but does not spend the restart budget: any
+/// client's slow input left the plugin FAILED for good after six. Crashes
+/// still spend it.
+#[test]
+fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
+    let mut h = Harness::new(SupervisionPolicy {
+        backoff_base: ms(100),
+        backoff_cap: ms(100),
+        healthy_reset: Duration::from_secs(3600),
+        max_restarts: 2,
+        window: Duration::from_secs(3600),
+    });
+    let reason = "TimeoutError: timed out after 1 s during tool 'slow'";
+    for round in 0..5 {
+        h.end_with(&ExitReport {
+            reason: format!("CrashError: killed by the host: {reason}"),
+            crash: Some(CrashError {
+                cause: CrashCause::Killed {
+                    reason: reason.into(),
+                },
+                stderr_tail: Vec::new(),
+            }),
+            signal: Some("SIGKILL".into()),
+            code: None,
+        });
+        assert_eq!(
+            h.status().next_retry_at,
+            h.retry_at(h.clock.elapsed() + ms(100))
+        );
+        h.clock.advance(ms(100));
+        assert_eq!(h.status().state, S::Initialized, "round {round}");
+    }
+    for _ in 0..2 {
+        h.crash();
+        h.clock.advance(ms(100));
+        assert_eq!(h.status().state, S::Initialized);
+    }
+    h.crash();
+    h.clock.advance(ms(100));
+    let status = h.status();
+    assert_eq!(
+        (status.state, status.next_retry_at.as_deref()),
+        (S::Failed, None),
+        "{status:?}"
     );
 }
 
