@@ -55,42 +55,36 @@ impl Room {
 /// that a frame of exactly the limit fits.
 pub(crate) const RESERVE_SLACK: usize = 128 * 1024 + 1024;
 
+/// Room in `--body-memory` that a call holds until its plugin returns
+/// (then drops): a request body's, or a stream frame's
+/// ([`crate::stream::FrameRoom`], which passes back to its stream's read
+/// buffer). Only held: what it holds goes back as it drops.
+#[derive(Debug)]
+pub(crate) enum CallRoom {
+    /// A run request's body's.
+    Body { _held: OwnedSemaphorePermit },
+    /// A stream frame's.
+    Frame { _held: crate::stream::FrameRoom },
+}
+
+impl From<OwnedSemaphorePermit> for CallRoom {
+    fn from(room: OwnedSemaphorePermit) -> Self {
+        CallRoom::Body { _held: room }
+    }
+}
+
+impl From<crate::stream::FrameRoom> for CallRoom {
+    fn from(room: crate::stream::FrameRoom) -> Self {
+        CallRoom::Frame { _held: room }
+    }
+}
+
 /// The memory all tool calls' request bodies and streams' frames may hold
 /// at once (room is counted in KiB, taken as bytes arrive: see
 /// [`crate::body::receive`]). Without a bound, clients (who need no token
 /// to send bodies) could make the server hold a body at the limit per
 /// connection: 24 connections sending 32 MiB bodies they never finished
 /// took it from 6 MiB to 784 MiB.
-/// Room in `--body-memory` that a call holds until its plugin returns
-/// (then drops): a request body's, or a stream frame's
-/// ([`crate::stream::FrameRoom`], which passes back to its stream's read
-/// buffer).
-pub(crate) struct CallRoom {
-    _held: Box<dyn Send>,
-}
-
-impl std::fmt::Debug for CallRoom {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CallRoom")
-    }
-}
-
-impl From<OwnedSemaphorePermit> for CallRoom {
-    fn from(room: OwnedSemaphorePermit) -> Self {
-        CallRoom {
-            _held: Box::new(room),
-        }
-    }
-}
-
-impl From<crate::stream::FrameRoom> for CallRoom {
-    fn from(room: crate::stream::FrameRoom) -> Self {
-        CallRoom {
-            _held: Box::new(room),
-        }
-    }
-}
-
 #[derive(Debug)]
 pub(crate) struct BodyBudget {
     room: Room,
