@@ -12,21 +12,35 @@
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, X_CONTENT_TYPE_OPTIONS};
 use axum::response::{Html, IntoResponse};
 
+/// The text of the page's `<style>` element (a macro: `concat!` takes
+/// literals, not constants, and the page and its digest must hold the
+/// same text).
+macro_rules! style {
+    () => {
+        concat!("\n", include_str!("../ui/dashboard.css"))
+    };
+}
+
+/// The text of the page's `<script>` element (as [`style!`]).
+macro_rules! script {
+    () => {
+        concat!("\n", include_str!("../ui/dashboard.js"))
+    };
+}
+
 /// The text of the page's `<style>` element.
-const STYLE: &str = concat!("\n", include_str!("../ui/dashboard.css"));
+const STYLE: &str = style!();
 
 /// The text of the page's `<script>` element.
-const SCRIPT: &str = concat!("\n", include_str!("../ui/dashboard.js"));
+const SCRIPT: &str = script!();
 
 /// The page: markup, then its style and script inlined.
 const PAGE: &str = concat!(
     include_str!("../ui/dashboard.html"),
     "<style>",
-    "\n",
-    include_str!("../ui/dashboard.css"),
+    style!(),
     "</style>\n<script>",
-    "\n",
-    include_str!("../ui/dashboard.js"),
+    script!(),
     "</script>\n</body>\n</html>\n"
 );
 

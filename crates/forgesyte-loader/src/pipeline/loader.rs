@@ -402,7 +402,8 @@ impl Loader {
 }
 
 /// Drops `handles` on a thread of their own; what tells when that is done
-/// (`None`: dropped here, no thread could be started).
+/// (`None`: nothing to drop, or dropped here when no thread could be
+/// started).
 fn drop_on_a_thread(handles: Vec<PluginHandle>) -> Option<std::sync::mpsc::Receiver<()>> {
     if handles.is_empty() {
         return None;
