@@ -10,7 +10,10 @@
 //! [`AdminGate`] adds a brake on guessing: an address that presented
 //! [`MAX_FAILURES`] wrong tokens within [`FAILURE_WINDOW`] is answered 429
 //! (with `Retry-After`) until that window has passed, its attempts not even
-//! checked. The bookkeeping is a small map by address, hand-written: the
+//! checked, unless the configured token is strong ([`STRONG_TOKEN_LEN`]
+//! characters or more): then the right token still passes, so wrong tokens
+//! from one client cannot lock the operator out (every loopback client is
+//! one client), and guessing such a token is hopeless at any rate. The bookkeeping is a small map by address, hand-written: the
 //! rate-limiting crates count requests, not failures, and cannot refuse an
 //! address without charging it.
 
@@ -36,6 +39,10 @@ const MAX_TRACKED: usize = 4096;
 
 /// Tokens shorter than this are accepted, with a warning at startup.
 pub(crate) const RECOMMENDED_TOKEN_LEN: usize = 16;
+/// Tokens this long or longer (`openssl rand -hex 16` makes 32 characters)
+/// pass through a lockout: 128 bits of a random token are not guessed at
+/// any request rate, so the lockout need not refuse the right one.
+pub(crate) const STRONG_TOKEN_LEN: usize = 32;
 
 /// The secret that unlocks the admin routes. Its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -53,6 +60,12 @@ impl AdminToken {
     /// Whether the token is shorter than recommended (16 characters).
     pub fn is_short(&self) -> bool {
         self.0.chars().count() < RECOMMENDED_TOKEN_LEN
+    }
+
+    /// Whether the token is long enough (32 characters) to be accepted
+    /// from a client that is locked out.
+    pub fn is_strong(&self) -> bool {
+        self.0.chars().count() >= STRONG_TOKEN_LEN
     }
 
     /// Whether `presented` is this token ([`subtle::ConstantTimeEq`]): the
@@ -287,18 +300,13 @@ impl AdminGate {
                 && failures.values().all(|f| f.count >= MAX_FAILURES)
             {
                 let left = FAILURE_WINDOW.saturating_sub(now.saturating_duration_since(first));
-                return Err(ApiError::TooManyAttempts {
-                    retry_after_s: left.as_secs() + u64::from(left.subsec_nanos() > 0),
-                });
+                return self.locked(headers, left);
             }
         }
         if let Some(f) = failures.get(&peer) {
             let elapsed = now.saturating_duration_since(f.since);
             if f.count >= MAX_FAILURES && elapsed < FAILURE_WINDOW {
-                let left = FAILURE_WINDOW - elapsed;
-                return Err(ApiError::TooManyAttempts {
-                    retry_after_s: left.as_secs() + u64::from(left.subsec_nanos() > 0),
-                });
+                return self.locked(headers, FAILURE_WINDOW - elapsed);
             }
         }
         match authorize(self.token.as_ref(), headers) {
@@ -312,6 +320,21 @@ impl AdminGate {
             }
             Err(other) => Err(other),
         }
+    }
+
+    /// The answer to a client that is locked out for `left` more: 429,
+    /// unless the token is strong and the request presents it. (A wrong
+    /// token is not counted again: the lock stands as it is.)
+    fn locked(&self, headers: &HeaderMap, left: Duration) -> Result<(), ApiError> {
+        if let Some(token) = &self.token
+            && token.is_strong()
+            && authorize(Some(token), headers).is_ok()
+        {
+            return Ok(());
+        }
+        Err(ApiError::TooManyAttempts {
+            retry_after_s: left.as_secs() + u64::from(left.subsec_nanos() > 0),
+        })
     }
 
     /// The wrong tokens `peer`'s client presented in its current window.
@@ -416,6 +439,67 @@ mod gate_tests {
             gate.check(&bearer("guess"), attacker, later),
             Err(ApiError::Forbidden)
         ));
+    }
+
+    #[test]
+    fn a_strong_token_passes_a_lockout_that_still_refuses_guesses() {
+        let strong = "0123456789abcdef0123456789abcdef";
+        assert_eq!(strong.len(), STRONG_TOKEN_LEN);
+        let gate = AdminGate::new(AdminToken::new(strong));
+        let now = Instant::now();
+        // Every loopback address is one client: a local process's guesses
+        // lock out the operator's own loopback client.
+        let guesser = Some(IpAddr::from([127, 0, 0, 2]));
+        let operator = Some(IpAddr::from([127, 0, 0, 1]));
+        for _ in 0..MAX_FAILURES {
+            let _ = gate.check(&bearer("guess"), guesser, now);
+        }
+        let at = now + Duration::from_secs(1);
+        assert!(matches!(
+            gate.check(&bearer("guess"), guesser, at),
+            Err(ApiError::TooManyAttempts { retry_after_s: 59 })
+        ));
+        assert!(matches!(
+            gate.check(&bearer(&strong[1..]), operator, at),
+            Err(ApiError::TooManyAttempts { .. })
+        ));
+        assert!(gate.check(&bearer(strong), operator, at).is_ok());
+        // The right token does not lift the lock: the guesses stay refused
+        // (429, not even checked) until the window ends.
+        assert!(matches!(
+            gate.check(&bearer("guess"), guesser, at),
+            Err(ApiError::TooManyAttempts { .. })
+        ));
+        assert_eq!(gate.failures_of(guesser, at), MAX_FAILURES);
+        // One character shorter is not strong: the lock refuses it too.
+        let weaker = &strong[1..];
+        let gate = AdminGate::new(AdminToken::new(weaker));
+        for _ in 0..MAX_FAILURES {
+            let _ = gate.check(&bearer("guess"), guesser, now);
+        }
+        assert!(matches!(
+            gate.check(&bearer(weaker), operator, at),
+            Err(ApiError::TooManyAttempts { .. })
+        ));
+    }
+
+    #[test]
+    fn a_strong_token_passes_while_every_client_remembered_is_locked() {
+        let strong = "correct horse battery staple, stapled twice";
+        let gate = AdminGate::new(AdminToken::new(strong));
+        let now = Instant::now();
+        for i in 0..MAX_TRACKED as u32 {
+            let peer = Some(IpAddr::from((0x0b00_0000 + i).to_be_bytes()));
+            for _ in 0..MAX_FAILURES {
+                let _ = gate.check(&bearer("guess"), peer, now);
+            }
+        }
+        let new = Some(IpAddr::from([10, 9, 9, 9]));
+        assert!(matches!(
+            gate.check(&bearer("guess"), new, now),
+            Err(ApiError::TooManyAttempts { .. })
+        ));
+        assert!(gate.check(&bearer(strong), new, now).is_ok());
     }
 
     #[test]

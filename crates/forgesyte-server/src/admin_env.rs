@@ -62,6 +62,12 @@ pub(crate) fn admin_token(
         tracing::warn!(
             "The admin token from {source} is shorter than 16 characters; use a long random one"
         );
+    } else if !token.is_strong() {
+        tracing::info!(
+            "The admin token from {source} is shorter than 32 characters: a client locked out \
+             for wrong tokens (every local process is one client) is refused it too; \
+             `openssl rand -hex 16` makes one that is not"
+        );
     }
     Ok(Some(token))
 }
