@@ -65,6 +65,19 @@ impl Loader {
         // Before any dependency check runs an interpreter the manifest
         // names (a native plugin's `py:` dependencies are asked of it too).
         self.refuse_own_interpreter(p)?;
+        // A field other hosts read (a count of worker processes), which
+        // this one does not: said, not ignored in silence.
+        if let Some(workers) = p.manifest.raw.get("workers")
+            && workers.as_u64() != Some(1)
+        {
+            tracing::warn!(
+                plugin = %p.name,
+                "Plugin {}: its manifest's \"workers\": {workers} is not used: a plugin \
+                 runs in one process (a Python plugin's calls on threads of its one runner; \
+                 README, \"Concurrency\")",
+                p.name
+            );
+        }
         if p.manifest.runtime == Runtime::Python {
             return self
                 .instantiate_python(p, known, &signed)

@@ -653,6 +653,18 @@ fn retire(shared: &Arc<Shared>) {
                 // the runner still sees its stdin end and exits on its own.
                 let closed = closed || shared.transport.close_writer_within(STOP_GRACE / 2);
                 if wait_dead(&shared, STOP_GRACE).is_none() {
+                    // Said: otherwise a runner whose `on_unload` held on
+                    // (a hook that ignores its own deadline, a C call
+                    // holding the GIL) vanished from the log without a word.
+                    tracing::warn!(
+                        plugin = %shared.plugin,
+                        pid = shared.pid,
+                        "plugin process {} of {} did not exit within {} s of being let go \
+                         (its on_unload still running?); killed",
+                        shared.pid,
+                        shared.plugin,
+                        STOP_GRACE.as_secs()
+                    );
                     kill(&shared, retired_reason());
                 }
                 if !closed {

@@ -842,6 +842,26 @@ class LifecycleTests(RunnerTestCase):
         p.close_stdin()
         self.assertEqual(p.wait(5), 0)
         self.assertLess(time.monotonic() - started, 3.5)
+        # At WARN in the server's log (its `WARNING ` prefix).
+        time.sleep(0.1)
+        self.assertIn("WARNING forgesyte-python-runner[echo]: on_unload() still running after", p.stderr)
+
+    def test_a_raising_on_unload_is_a_warning(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write("class Plugin:\n"
+                    "    def run_tool(self, name, args):\n"
+                    "        return {}\n"
+                    "    def on_unload(self):\n"
+                    "        raise RuntimeError('weights locked')\n")
+        p = Proc(self, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
+        p.start()
+        p.close_stdin()
+        self.assertEqual(p.wait(5), 0)
+        time.sleep(0.1)
+        self.assertIn("WARNING forgesyte-python-runner[s]: on_unload() failed: RuntimeError: weights locked",
+                      p.stderr)
 
     def test_calls_in_flight_do_not_hold_the_exit(self):
         p = self.start("echo")
@@ -989,6 +1009,72 @@ class ImportAndInitFailureTests(RunnerTestCase):
         header = p.create()
         self.assertEqual(header["type"], "init_failed", header)
         self.assertEqual(header["error"]["error_type"], "UnicodeEncodeError", header)
+
+    def source_plugin(self, source):
+        """A runner of a plugin.py holding ``source``, its hello read."""
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write(source)
+        p = Proc(self, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
+        p.hello()
+        return p
+
+    def test_a_handler_with_nothing_to_call_fails_construction(self):
+        # As ForgeSyte's BasePlugin refuses it: at construction, naming
+        # the tool, not at every call.
+        cases = [
+            ("    tools = {'t': {'handler': 'no_such_method'}}\n",
+             "AttributeError",
+             "the handler of tool 't' names 'no_such_method', which is no method of Plugin"),
+            ("    tools = {'t': {'handler': 'label'}}\n    label = 'not callable'\n",
+             "AttributeError",
+             "the handler of tool 't' names 'label', which is no method of Plugin"),
+            ("    tools = {'t': {'handler': 42}}\n",
+             "TypeError",
+             "the handler of tool 't' must be callable or a method's name, not int"),
+            ("    tools = {'t': {'description': 'no handler'}}\n",
+             "AttributeError",
+             "tool 't' has no handler and the plugin no run_tool()"),
+        ]
+        for body, error_type, message in cases:
+            p = self.source_plugin("class Plugin:\n" + body)
+            header = p.create()
+            self.assertEqual(header["type"], "init_failed", header)
+            self.assertEqual(header["error"]["error_type"], error_type, header)
+            self.assertEqual(header["error"]["message"], message, header)
+
+    def test_handlers_of_the_class_body_are_bound_as_the_class_binds_them(self):
+        p = self.source_plugin(
+            "class Plugin:\n"
+            "    unit = 'px'\n"
+            "    @classmethod\n"
+            "    def measure(cls, n=0):\n"
+            "        return {'n': n, 'unit': cls.unit}\n"
+            "    @staticmethod\n"
+            "    def double(n=0):\n"
+            "        return {'n': 2 * n}\n"
+            "    tools = {'measure': {'handler': measure}, 'double': {'handler': double},\n"
+            "             'by_name': {'handler': 'measure'}}\n")
+        header = p.create()
+        self.assertEqual(header["type"], "created", header)
+        header, _ = p.run("measure", {"n": 3})
+        self.assertEqual(header.get("result"), {"n": 3, "unit": "px"}, header)
+        header, _ = p.run("double", {"n": 3})
+        self.assertEqual(header.get("result"), {"n": 6}, header)
+        header, _ = p.run("by_name", {"n": 1})
+        self.assertEqual(header.get("result"), {"n": 1, "unit": "px"}, header)
+
+    def test_with_run_tool_the_handlers_are_the_plugins_own_business(self):
+        p = self.source_plugin(
+            "class Plugin:\n"
+            "    tools = {'t': {'handler': 'no_such_method'}}\n"
+            "    def run_tool(self, name, args):\n"
+            "        return {'ran': name}\n")
+        header = p.create()
+        self.assertEqual(header["type"], "created", header)
+        header, _ = p.run("t", {})
+        self.assertEqual(header.get("result"), {"ran": "t"}, header)
 
     def test_a_failing_constructor(self):
         p = self.start("bad_init")

@@ -843,6 +843,64 @@ fn reloaded_during_a_call(
     (answer, health)
 }
 
+/// A manifest's `workers` (a count of processes other hosts start) is not
+/// used here: the log says so once per load, and the plugin serves.
+#[test]
+fn a_manifest_s_workers_count_is_said_to_be_unused() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo")
+        .manifest_fields("echo", json!({"workers": 3}))
+        .python("single", "echo")
+        .manifest_fields("single", json!({"workers": 1}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    assert_eq!(server.run("echo", "echo", "{}").status, 200);
+    let log = server.log();
+    let said: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("\"workers\"") && l.contains("is not used"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0].contains("WARN") && said[0].contains("Plugin echo: its manifest's \"workers\": 3"),
+        "{}",
+        said[0]
+    );
+}
+
+/// A runner that does not end within the host's 2 s after a reload let it
+/// go (its `on_unload` holds the interpreter's lock in C) is killed, and
+/// the log says so: it vanished without a word. The reload is not held up.
+#[test]
+fn a_runner_killed_for_outliving_its_stop_is_named_in_the_log() {
+    let dir = PluginsDir::new();
+    dir.python("stuck-unload", "faulty");
+    let token = "a-long-enough-admin-token";
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    let reload = crate::support::admin_post(server.addr, "/v1/plugins/stuck-unload/reload", token);
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    assert_eq!(reload.json()["state"], "INITIALIZED", "{}", reload.text());
+    let said = "did not exit within 2 s of being let go (its on_unload still running?); killed";
+    crate::rescan::wait_for(
+        "the kill logged",
+        std::time::Duration::from_secs(15),
+        &server,
+        || server.log().contains(said).then_some(()),
+    );
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains(said)).unwrap_or_default();
+    assert!(
+        line.contains("WARN") && line.contains("stuck-unload"),
+        "{line}"
+    );
+    let ok = server.run("stuck-unload", "ok", "{}");
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
 /// A call in flight when a reload lets its runner go is told so (503
 /// `PluginNotRunnable`, send it again), not answered as a crash that made
 /// the plugin FAILED. One that crashes the runner while it is being let

@@ -38,9 +38,11 @@ def is_runner_file(filename):
     return any(filename.startswith(d + os.sep) for d in _PACKAGE_DIRS if d)
 
 
-def diag(text):
-    """A diagnostic line of the runner's own on stderr (fd 2)."""
-    line = "forgesyte-python-runner[%s]: %s\n" % (plugin_name, text)
+def diag(text, warning=False):
+    """A diagnostic line of the runner's own on stderr (fd 2); with
+    ``warning``, one the server logs at WARN (as a ``logging`` record's
+    ``WARNING `` prefix says), else at INFO."""
+    line = "%sforgesyte-python-runner[%s]: %s\n" % ("WARNING " if warning else "", plugin_name, text)
     try:
         os.write(2, line.encode("utf-8", "backslashreplace"))
     except OSError:

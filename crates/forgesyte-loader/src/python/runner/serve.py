@@ -15,7 +15,7 @@ from .base import EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory
 from .errors import _exception_message, fitted, python_error, wire_error
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
-from .tools import collect_tools
+from .tools import collect_tools, resolve_handler
 from .wire import MAX_ATTACHMENTS, MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
 
 # How long on_unload() may run at the end of stdin: under the host's 2 s
@@ -60,17 +60,6 @@ def _call_shape(fn, args):
             continue
         return keywords
     return None
-
-
-def _as_method(instance, fn):
-    """``fn`` bound to ``instance`` when it is a function of the body of the
-    instance's class (``"handler": Plugin.detect``: the function, not the
-    method); else ``fn`` as it is (a function of a module)."""
-    name = getattr(fn, "__name__", None)
-    for klass in type(instance).__mro__:
-        if klass.__dict__.get(name) is fn:
-            return fn.__get__(instance, type(instance))
-    return fn
 
 
 def bind_and_call(fn, args):
@@ -437,7 +426,7 @@ class Runner(object):
                 try:
                     await_result(hook())
                 except BaseException as e:
-                    diag("on_unload() failed: %s: %s" % (type(e).__name__, e))
+                    diag("on_unload() failed: %s: %s" % (type(e).__name__, e), warning=True)
 
             try:
                 t = threading.Thread(target=unload, name="forgesyte-unload", daemon=True)
@@ -448,7 +437,7 @@ class Runner(object):
             else:
                 t.join(UNLOAD_GRACE_S)
                 if t.is_alive():
-                    diag("on_unload() still running after %g s; exiting anyway" % UNLOAD_GRACE_S)
+                    diag("on_unload() still running after %g s; exiting anyway" % UNLOAD_GRACE_S, warning=True)
         exit_now(0)
 
     # -- create ---------------------------------------------------------
@@ -550,14 +539,10 @@ class Runner(object):
         if callable(run_tool):
             return run_tool(tool, args)
         handler = entry.get("handler")
-        if isinstance(handler, str):
-            handler = getattr(instance, handler)
-        elif handler is None:
-            handler = getattr(instance, tool, None)
-            if not callable(handler):
-                raise AttributeError("tool '%s' has no handler and the plugin no run_tool()" % tool)
-        elif type(handler) is types.FunctionType:
-            handler = _as_method(instance, handler)
+        if not entry.get("resolved"):
+            # The plugin had a run_tool() at its construction that it has
+            # no longer.
+            handler = resolve_handler(instance, tool, handler)
         return bind_and_call(handler, args)
 
     def send_result(self, rid, result):

@@ -3,6 +3,8 @@ the live instance's ``tools`` (ForgeSyte's ``BasePlugin`` shape) or the
 manifest's, their schemas normalised, and what the runner needs to call
 each one."""
 
+import types
+
 from .base import diag
 from .results import to_wire
 
@@ -123,6 +125,44 @@ def _first(*values):
     return None
 
 
+def _as_method(instance, fn):
+    """``fn`` bound to ``instance`` when it is a function of the body of the
+    instance's class (``"handler": Plugin.detect``: the function, not the
+    method); else ``fn`` as it is (a function of a module)."""
+    name = getattr(fn, "__name__", None)
+    for klass in type(instance).__mro__:
+        if klass.__dict__.get(name) is fn:
+            return fn.__get__(instance, type(instance))
+    return fn
+
+
+def resolve_handler(instance, tid, handler):
+    """What a call of tool ``tid`` calls, for a plugin without
+    ``run_tool()``: its handler, a callable or the name of the instance's
+    method (none: the method named like the tool); a ``staticmethod`` or
+    ``classmethod`` object taken from the class body, or a function of it,
+    bound as the class would bind it. Raises (at construction: an
+    ``InitError`` naming the tool) when there is nothing to call, as
+    ForgeSyte's ``BasePlugin`` refuses a handler that is not callable."""
+    if isinstance(handler, str) or handler is None:
+        name = tid if handler is None else handler
+        found = getattr(instance, name, None)
+        if callable(found):
+            return found
+        if handler is None:
+            raise AttributeError("tool '%s' has no handler and the plugin no run_tool()" % tid)
+        raise AttributeError("the handler of tool '%s' names '%s', which is no method of %s"
+                             % (tid, name, type(instance).__name__))
+    if isinstance(handler, (staticmethod, classmethod)):
+        return handler.__get__(instance, type(instance))
+    if type(handler) is types.FunctionType:
+        return _as_method(instance, handler)
+    if not callable(handler):
+        raise TypeError("the handler of tool '%s' must be callable or a method's name, not %s"
+                        % (tid, type(handler).__name__))
+    return handler
+
+
 def collect_tools(instance, manifest):
     """The instance's tools: (specs for ``created``, id -> dispatch info).
 
@@ -131,6 +171,10 @@ def collect_tools(instance, manifest):
     the manifest's ``tools``. A manifest entry with the same id fills in
     what the instance's entry lacks (e.g. a ``title``)."""
     raw = getattr(instance, "tools", None)
+    # Without run_tool() every tool is called through its handler: each
+    # one is found now, so a handler that names nothing fails construction
+    # instead of every call.
+    resolved = not callable(getattr(instance, "run_tool", None))
     from_manifest = _manifest_tools(manifest)
     entries = _instance_tools(raw) if raw else from_manifest
     by_id = dict(from_manifest)
@@ -162,7 +206,10 @@ def collect_tools(instance, manifest):
         if blobs:
             raise TypeError("the spec of tool %r contains bytes" % tid)
         specs.append(converted)
-        table[tid] = {"handler": meta.get("handler"), "binary": binary_properties(inputs),
+        handler = meta.get("handler")
+        if resolved:
+            handler = resolve_handler(instance, tid, handler)
+        table[tid] = {"handler": handler, "resolved": resolved, "binary": binary_properties(inputs),
                       "zero_copy": meta.get("zero_copy") is True}
     return specs, table
 
