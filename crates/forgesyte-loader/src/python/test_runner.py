@@ -13,6 +13,7 @@ FORGESYTE_TEST_PYTHON names another interpreter to run the runner under
 import base64
 import json
 import collections
+import errno
 import os
 import platform
 import queue
@@ -1651,6 +1652,25 @@ class MemoryLimitTests(RunnerTestCase):
 
 class UnitTests(unittest.TestCase):
     """Pure functions of the runner's modules, imported in this process."""
+
+    def test_errors_the_seccomp_filter_may_cause_say_what_it_refuses(self):
+        from runner.errors import FILTERED_HINT, python_error, with_filter_hint
+
+        def message(exc, filtered=True):
+            return with_filter_hint(python_error(exc, kind="Failed"), exc, filtered)["message"]
+
+        refused = PermissionError(errno.EACCES, "Permission denied")
+        self.assertEqual(message(refused), "[Errno 13] Permission denied (%s)" % FILTERED_HINT)
+        preexec = subprocess.SubprocessError("Exception occurred in preexec_fn.")
+        self.assertTrue(message(preexec).endswith("(%s)" % FILTERED_HINT))
+        # Not under the filter; a path (Landlock's, named already); another
+        # errno; another error: as they are.
+        self.assertEqual(message(refused, filtered=False), "[Errno 13] Permission denied")
+        named = PermissionError(errno.EACCES, "Permission denied", "/etc/shadow")
+        self.assertNotIn(FILTERED_HINT, message(named))
+        self.assertNotIn(FILTERED_HINT, message(PermissionError(errno.EPERM, "Operation not permitted")))
+        self.assertNotIn(FILTERED_HINT, message(subprocess.SubprocessError("other")))
+        self.assertNotIn(FILTERED_HINT, message(ValueError("Exception occurred in preexec_fn.")))
 
     def test_unconfined_names_every_part_not_enforced(self):
         # The cases the native runner's rule is tested with too

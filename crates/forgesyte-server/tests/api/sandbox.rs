@@ -359,6 +359,26 @@ fn a_python_plugin_is_confined_through_the_zygote() {
     let (plugins, server) = python_server("1");
     let pair = ["snoop", "snoop-open"];
     attack(&server, &plugins, pair, "PermissionError", SHARED_NETWORK);
+    spawns_in_its_group_only(&server);
+}
+
+/// A confined Python runner runs programs (`pytesseract` runs
+/// `tesseract`), in its own process group only: a session of its own is
+/// refused by the seccomp filter, and the error, which names no file, says
+/// what the filter refuses (it was a bare `Permission denied`).
+fn spawns_in_its_group_only(server: &Forgesyte) {
+    let done = call(server, "snoop", "spawn", json!({})).unwrap();
+    assert_eq!(done["returncode"], 0, "{done}");
+    let (kind, error) = call(server, "snoop", "spawn", json!({"new_session": true})).unwrap_err();
+    assert_eq!(kind, "PermissionError", "{error}");
+    assert!(
+        error.contains("a confined runner refuses a new session or process group")
+            && error.contains("start_new_session"),
+        "{error}"
+    );
+    // Any other tool error is left as it is.
+    let (_, error) = call(server, "snoop", "read", json!({"path": "/no/such/file"})).unwrap_err();
+    assert!(!error.contains("a confined runner refuses"), "{error}");
 }
 
 #[test]
@@ -533,6 +553,8 @@ fn confine_off_leaves_runners_unconfined() {
         let value = call(&server, plugin, "env", json!({"name": "SNOOP_SECRET"})).unwrap();
         assert_eq!(value["value"], "no");
     }
+    let done = call(&server, "snoop", "spawn", json!({"new_session": true})).unwrap();
+    assert_eq!(done["returncode"], 0, "{done}");
 }
 
 /// The uid in `/proc/PID/status`.

@@ -2,6 +2,7 @@
 Python exception with the last lines of its traceback (the runner's own
 frames left out), or a kind and a message."""
 
+import errno
 import traceback
 
 from .base import is_runner_file
@@ -71,6 +72,36 @@ def python_error(exc, kind="Python"):
     }
     if isinstance(exc, ImportError) and getattr(exc, "name", None):
         error["name"] = capped(clean(exc.name))
+    return error
+
+
+# Said after the message of an error that a confined runner's seccomp
+# filter may have caused (``confine._seccomp``: it refuses with EACCES, and
+# no path comes with such an error, as one would from Landlock).
+FILTERED_HINT = (
+    "a confined runner refuses a new session or process group "
+    "(subprocess's start_new_session, process_group, preexec_fn=os.setpgrp), "
+    "System V IPC, io_uring and, without the network, new Unix sockets: see "
+    "the README, \"Confined runners\"")
+
+
+def filtered_by_seccomp(exc):
+    """Whether ``exc`` looks like a call the seccomp filter refused: a
+    ``PermissionError`` (EACCES) that names no file, or ``subprocess``'s
+    report of a ``preexec_fn`` that raised (``os.setpgrp`` refused in the
+    child)."""
+    if isinstance(exc, PermissionError):
+        return exc.errno == errno.EACCES and exc.filename is None
+    return (type(exc).__module__ == "subprocess" and type(exc).__name__ == "SubprocessError"
+            and "preexec_fn" in _exception_message(exc))
+
+
+def with_filter_hint(error, exc, filtered):
+    """``error`` (a WireError of ``exc``), its message followed by
+    ``FILTERED_HINT`` when the runner is ``filtered`` and ``exc`` looks
+    like one of the filter's refusals."""
+    if filtered and filtered_by_seccomp(exc):
+        error["message"] = "%s (%s)" % (error["message"], FILTERED_HINT)
     return error
 
 

@@ -12,7 +12,7 @@ import types
 
 from . import api
 from .base import EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory
-from .errors import _exception_message, fitted, python_error, wire_error
+from .errors import _exception_message, fitted, python_error, wire_error, with_filter_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
 from .tools import collect_tools, resolve_handler
@@ -199,6 +199,9 @@ class Runner(object):
         self.max_response = min(given or MAX_FRAME_BYTES, MAX_FRAME_BYTES)
         self.max_response_given = bool(given)
         self.create_lock = threading.Lock()
+        # Under the seccomp filter (set by ``main`` once confined): errors
+        # it may have caused say what it refuses.
+        self.filtered = False
         # Long-lived threads take turns reading requests (see `serve`): a
         # new thread per call, or a hand-off per call, cost more than the
         # call itself.
@@ -469,7 +472,7 @@ class Runner(object):
             except MemoryError as e:
                 out_of_memory(e, "constructing the plugin")
             except BaseException as e:
-                self.init_failed(rid, python_error(e))
+                self.init_failed(rid, with_filter_hint(python_error(e), e, self.filtered))
                 return
             if not self.max_response_given:
                 # Started without the host's limit (by hand, by a test):
@@ -530,7 +533,7 @@ class Runner(object):
         except BaseException as e:
             # The tool's own failure (SystemExit from sys.exit() included:
             # it only ends this thread): an error, the plugin stays healthy.
-            self.tool_failed(rid, python_error(e, kind="Failed"))
+            self.tool_failed(rid, with_filter_hint(python_error(e, kind="Failed"), e, self.filtered))
             return
         self.send_result(rid, result)
 
