@@ -12,7 +12,9 @@ use serde_json::Value;
 pub struct ToolSpec {
     /// The id clients call it by (`/v1/plugins/{name}/tools/{id}/run`):
     /// not empty, `.` or `..`, which no URL can carry as a path segment
-    /// (browsers and clients resolve them away).
+    /// (browsers and clients resolve them away), and without control
+    /// characters (a carriage return or a NUL in a metrics label made
+    /// common scrapers refuse the whole scrape; no client types them).
     #[serde(deserialize_with = "tool_id")]
     pub id: String,
     /// Short human-readable name.
@@ -34,6 +36,11 @@ fn tool_id<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, 
     if matches!(id.as_str(), "" | "." | "..") {
         return Err(serde::de::Error::custom(format!(
             "a tool id may not be {id:?}: no URL path segment can carry it"
+        )));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(serde::de::Error::custom(format!(
+            "a tool id may not hold control characters: {id:?}"
         )));
     }
     Ok(id)
@@ -110,7 +117,17 @@ mod tests {
                 .unwrap_or_default();
             assert!(err.contains("a tool id may not be"), "{id:?}: {err}");
         }
-        for id in ["...", ".ocr", "a.b"] {
+        for id in ["a\rb", "a\nb", "nul\0", "tab\t", "\u{85}next-line"] {
+            let err = serde_json::from_value::<ToolSpec>(json!({ "id": id }))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains("a tool id may not hold control characters"),
+                "{id:?}: {err}"
+            );
+        }
+        for id in ["...", ".ocr", "a.b", "détection", "a b", "a\"b\\c"] {
             assert!(
                 serde_json::from_value::<ToolSpec>(json!({ "id": id })).is_ok(),
                 "{id}"
