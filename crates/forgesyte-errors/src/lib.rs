@@ -246,6 +246,17 @@ pub enum ImportError {
         /// What the dynamic loader said.
         detail: String,
     },
+    /// The host could not start the plugin's process for want of its own
+    /// resources (file descriptors, processes, memory): no fault of the
+    /// plugin's. A supervisor's restart that meets it spends none of the
+    /// plugin's restart budget.
+    #[error("cannot start {what}: {detail}")]
+    HostResources {
+        /// What was to start (`the Python interpreter /usr/bin/python3`).
+        what: String,
+        /// What is short, and which limit to raise.
+        detail: String,
+    },
     /// The dynamic loader refused the library for another reason.
     ///
     /// The detail is text (`dlerror()`'s, or what came over the runner's

@@ -40,6 +40,7 @@
 
 mod child;
 mod exit;
+mod headroom;
 mod instance;
 mod os_process;
 mod received;
@@ -392,6 +393,8 @@ impl ProcessImporter {
         if self.runners.as_deref().is_some_and(Runners::is_closed) {
             return Err(SpawnError::Stopping);
         }
+        // Never the descriptors the server's connections need.
+        headroom::check_descriptors().map_err(SpawnError::Start)?;
         let opts = SpawnOptions {
             plugin: &self.plugin,
             memory_limit_mib: self.limits.memory_limit_mib,
@@ -510,7 +513,35 @@ impl ProcessImporter {
         }
     }
 
+    /// What a start that failed with `e` was to run: the runner or the
+    /// interpreter, by path.
+    fn what_starts(&self) -> String {
+        let what = match self.launch {
+            Launch::Native { .. } => "the plugin runner",
+            Launch::Python { .. } => "the Python interpreter",
+        };
+        format!("{what} {}", self.program().display())
+    }
+
+    /// The error of a start that failed with `e`: the host's lack of
+    /// resources ([`ImportError::HostResources`]), or the start's own.
+    fn start_failed(&self, path: &Path, e: &std::io::Error) -> ImportError {
+        match headroom::host_short(e) {
+            Some(detail) => ImportError::HostResources {
+                what: self.what_starts(),
+                detail,
+            },
+            None => ImportError::Open {
+                path: path.to_path_buf(),
+                detail: self.start_error(e),
+            },
+        }
+    }
+
     fn start_error(&self, e: &std::io::Error) -> String {
+        if let Some(short) = headroom::host_short(e) {
+            return format!("cannot start {}: {short}", self.what_starts());
+        }
         let what = match self.launch {
             Launch::Native { .. } => "the plugin runner",
             Launch::Python { .. } => "the Python interpreter",
@@ -616,10 +647,7 @@ impl Importer for ProcessImporter {
             crate::native::inspect(path)?;
         }
         let child = self.spawn(path).map_err(|e| match e {
-            SpawnError::Start(e) => ImportError::Open {
-                path: path.to_path_buf(),
-                detail: self.start_error(&e),
-            },
+            SpawnError::Start(e) => self.start_failed(path, &e),
             SpawnError::Import(wire) => (*wire).into_import(path),
             SpawnError::Version { runner } => self.version_mismatch(runner),
             SpawnError::Died(report) => match &report.crash {

@@ -240,24 +240,32 @@ impl Supervisor {
         let weak = Arc::downgrade(self);
         instance.on_exit(Box::new(move |report| {
             if let Some(supervisor) = weak.upgrade() {
-                supervisor.ended(generation, report, exit_info(report));
+                // A call past its time limit killed the runner: the
+                // call's doing (any client's slow input), not a crash of
+                // the plugin's. Restarted with the same backoff, but not
+                // counted in the restart budget: six slow requests in ten
+                // minutes left the plugin FAILED for good.
+                let counted = !killed_for_a_timeout(report);
+                supervisor.ended(generation, report, exit_info(report), counted);
             }
         }));
     }
 
     /// The instance of `generation` ended: FAILED, then a restart is
     /// scheduled (or not: past the budget, or the host is shutting down).
-    fn ended(self: &Arc<Self>, generation: u64, report: &ExitReport, exit: ExitInfo) {
+    /// `counted`: the end spends the restart budget (the plugin's fault).
+    fn ended(
+        self: &Arc<Self>,
+        generation: u64,
+        report: &ExitReport,
+        exit: ExitInfo,
+        counted: bool,
+    ) {
         if self.slot.is_retired() {
             return;
         }
         let policy = *self.policy();
         let clock = &self.supervision.clock;
-        // A call past its time limit killed the runner: the call's doing
-        // (any client's slow input), not a crash of the plugin's. Restarted
-        // with the same backoff, but not counted in the restart budget:
-        // six slow requests in ten minutes left the plugin FAILED for good.
-        let counted = !killed_for_a_timeout(report);
         let decision = {
             let mut state = self.state.lock();
             if state.generation != generation {
@@ -461,7 +469,15 @@ impl Supervisor {
                 if exit.stderr_tail.is_empty() {
                     exit.stderr_tail = python_traceback(&error);
                 }
-                self.ended(generation, &report, exit);
+                // A runner the host could not start for want of its own
+                // descriptors or processes is tried again at the capped
+                // backoff until they are back: spending the budget on it
+                // left the plugin FAILED for good after the pressure went.
+                let counted = !matches!(
+                    error,
+                    PluginError::Load(LoadError::Import(ImportError::HostResources { .. }))
+                );
+                self.ended(generation, &report, exit, counted);
             }
         }
     }

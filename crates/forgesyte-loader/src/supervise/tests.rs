@@ -71,6 +71,9 @@ struct FakeRunner {
     /// Fake time of every start, failed ones included.
     attempts: Mutex<Vec<Duration>>,
     fail_next: AtomicU32,
+    /// The next this many starts fail for want of the host's resources
+    /// (before any attempt is recorded: the runner never started).
+    short_next: AtomicU32,
     raise_next: std::sync::atomic::AtomicBool,
     /// While set, the next start says so on its sender and waits (10 s at
     /// most) for its receiver: [`Importer::stop_starting`] ends the wait,
@@ -97,6 +100,17 @@ struct FakeRunnerImporter(Arc<FakeRunner>);
 
 impl Importer for FakeRunnerImporter {
     fn open(&self, _path: &std::path::Path) -> Result<Arc<dyn PluginLibrary>, ImportError> {
+        let short = self
+            .0
+            .short_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if short {
+            return Err(ImportError::HostResources {
+                what: "the Python interpreter /usr/bin/python3".into(),
+                detail: "the server is out of file descriptors".into(),
+            });
+        }
         Ok(Arc::new(FakeRunnerLibrary(Arc::clone(&self.0))))
     }
 
@@ -187,6 +201,7 @@ impl Harness {
             started: Mutex::new(Vec::new()),
             attempts: Mutex::new(Vec::new()),
             fail_next: AtomicU32::new(0),
+            short_next: AtomicU32::new(0),
             raise_next: std::sync::atomic::AtomicBool::new(false),
             gate: Mutex::new(None),
             stop: Mutex::new(None),
@@ -499,6 +514,54 @@ fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
     }
     h.crash();
     h.clock.advance(ms(100));
+    let status = h.status();
+    assert_eq!(
+        (status.state, status.next_retry_at.as_deref()),
+        (S::Failed, None),
+        "{status:?}"
+    );
+}
+
+/// Restarts the host could not start for want of its own descriptors or
+/// processes back off to the cap and go on until the resources are back:
+/// they spent the budget, and the plugin stayed FAILED for good after the
+/// pressure went. Its own crashes still spend it.
+#[test]
+fn restarts_the_host_could_not_start_do_not_spend_the_restart_budget() {
+    let mut h = Harness::new(SupervisionPolicy {
+        backoff_base: ms(100),
+        backoff_cap: ms(400),
+        healthy_reset: Duration::from_secs(3600),
+        max_restarts: 2,
+        window: Duration::from_secs(3600),
+    });
+    h.runner.short_next.store(6, Ordering::SeqCst);
+    h.crash();
+    // Tries at 100, 300, 700, 1100, 1500, 1900 ms fail (six, with a
+    // budget of two); 2300 ms holds.
+    for _ in 0..5 {
+        h.clock.advance(ms(400));
+        let status = h.status();
+        assert_eq!(status.state, S::Failed, "{status:?}");
+        assert!(status.next_retry_at.is_some(), "{status:?}");
+        assert_eq!(
+            status.reason.as_deref(),
+            Some(
+                "ImportError: cannot start the Python interpreter /usr/bin/python3: the server \
+                 is out of file descriptors"
+            )
+        );
+    }
+    h.clock.advance(ms(400));
+    let status = h.status();
+    assert_eq!(status.state, S::Initialized, "{status:?}");
+    // The budget spent by the first crash's restart only (one of two):
+    // one crash more restarts, the next is FAILED for good.
+    h.crash();
+    h.clock.advance(ms(400));
+    assert_eq!(h.status().state, S::Initialized);
+    h.crash();
+    h.clock.advance(ms(400));
     let status = h.status();
     assert_eq!(
         (status.state, status.next_retry_at.as_deref()),
