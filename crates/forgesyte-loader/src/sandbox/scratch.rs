@@ -86,11 +86,13 @@ pub(super) fn scratch_dir_in(
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| {
-            std::io::Error::other(format!(
+        .map_err(|e| match e {
+            // What opening it meets, not what it is: said as it is.
+            rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP => std::io::Error::other(format!(
                 "{} is not a directory ({e}); a link there is not followed",
                 shown.display()
-            ))
+            )),
+            other => std::io::Error::other(format!("cannot open {}: {other}", shown.display())),
         })?;
         let stat = rustix::fs::fstat(&fd)?;
         if stat.st_uid != me && stat.st_uid != uid {
