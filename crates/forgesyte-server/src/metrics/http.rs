@@ -116,11 +116,26 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A request's answer, recorded when it is ready.
+    /// A request's answer, recorded when it is ready; a request dropped
+    /// before (its client went away: hyper drops the handler's future) is
+    /// recorded when dropped, with the status `aborted`. Left out, the
+    /// requests clients gave up on were missing from the count and from
+    /// the latency histogram, whose slowest they are.
     pub(crate) struct Tracked<F> {
         #[pin]
         inner: F,
         record: Option<(AppState, Route, Method, Instant)>,
+    }
+
+    impl<F> PinnedDrop for Tracked<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some((state, route, method, started)) = this.record.take() {
+                state
+                    .metrics()
+                    .record_request(route, &method, None, started.elapsed());
+            }
+        }
     }
 }
 
@@ -135,9 +150,12 @@ where
         let output = std::task::ready!(this.inner.poll(cx));
         if let (Ok(response), Some((state, route, method, started))) = (&output, this.record.take())
         {
-            state
-                .metrics()
-                .record_request(route, &method, response.status(), started.elapsed());
+            state.metrics().record_request(
+                route,
+                &method,
+                Some(response.status()),
+                started.elapsed(),
+            );
         }
         Poll::Ready(output)
     }
