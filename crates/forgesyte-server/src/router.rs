@@ -621,6 +621,7 @@ mod tests {
                 elapsed_ms: 3.0,
             }],
             elapsed_ms: 2.0,
+            warning: Some("w".into()),
         };
         let doc = doc();
         for (schema, value) in [

@@ -347,7 +347,17 @@ pub struct ReloadReport {
     pub removed: Vec<RemovedPlugin>,
     /// Wall time of the whole rescan, in milliseconds.
     pub elapsed_ms: f64,
+    /// What the rescan could not do, when something: the plugins directory
+    /// could not be listed (out of descriptors, gone, no permission), so
+    /// nothing in it was looked at. Absent when all went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
+
+/// [`ReloadReport::warning`] of a rescan that could not list the plugins
+/// directory.
+const UNLISTED: &str = "the plugins directory could not be listed (the log says why): nothing \
+                        in it was looked at, so no plugin was added, changed, retried or removed";
 
 impl From<RescanReport> for ReloadReport {
     fn from(rescan: RescanReport) -> Self {
@@ -371,6 +381,7 @@ impl From<RescanReport> for ReloadReport {
             failed,
             unavailable,
             elapsed_ms: rescan.elapsed_ms,
+            warning: rescan.unlisted.then(|| UNLISTED.to_owned()),
         }
     }
 }
@@ -396,6 +407,7 @@ impl ReloadReport {
             unchanged: Vec::new(),
             removed: Vec::new(),
             plugins: outcomes.to_vec(),
+            warning: None,
         }
     }
 }

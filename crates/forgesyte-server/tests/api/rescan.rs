@@ -238,6 +238,34 @@ fn reload(server: &Forgesyte) -> Value {
     reply.json()
 }
 
+/// A rescan that cannot list the plugins directory says so in its answer
+/// (it answered 200 with every list empty, as if nothing had changed), and
+/// retires nothing; once the directory is back, the warning is gone.
+#[test]
+fn a_rescan_that_cannot_list_the_plugins_directory_says_so() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let aside = dir.path().with_extension("aside");
+    std::fs::rename(dir.path(), &aside).unwrap();
+    let report = reload(&server);
+    std::fs::rename(&aside, dir.path()).unwrap();
+    assert!(
+        report["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("could not be listed")),
+        "{report}"
+    );
+    assert_eq!(report["removed"], json!([]), "{report}");
+    assert_eq!(state_of(&server, "alpha").unwrap()["state"], "INITIALIZED");
+    let report = reload(&server);
+    assert_eq!(report.get("warning"), None, "{report}");
+}
+
 #[test]
 fn a_plugin_whose_directory_changed_while_it_loaded_is_reloaded_by_the_next_rescan() {
     // The fixture's constructor writes into its own directory (confinement
