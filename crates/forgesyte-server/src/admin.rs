@@ -10,12 +10,16 @@
 //! [`AdminGate`] adds a brake on guessing: an address that presented
 //! [`MAX_FAILURES`] wrong tokens within [`FAILURE_WINDOW`] is answered 429
 //! (with `Retry-After`) until that window has passed, its attempts not even
-//! checked, unless the configured token is strong ([`STRONG_TOKEN_LEN`]
-//! characters or more): then the right token still passes, so wrong tokens
-//! from one client cannot lock the operator out (every loopback client is
-//! one client), and guessing such a token is hopeless at any rate. The bookkeeping is a small map by address, hand-written: the
-//! rate-limiting crates count requests, not failures, and cannot refuse an
-//! address without charging it.
+//! checked, unless the configured token looks random and long
+//! ([`AdminToken::is_strong`]: [`STRONG_TOKEN_LEN`] characters or more, of
+//! 8 different ones at least, none of them a quarter of the token): then
+//! the right token still passes, so wrong tokens from one client cannot
+//! lock the operator out (every loopback client is one client), and
+//! guessing such a token is hopeless at any rate. Length alone is no
+//! strength (`aaaa…`, `adminadmin…`): such a token keeps the brake. The
+//! bookkeeping is a small map by address, hand-written: the rate-limiting
+//! crates count requests, not failures, and cannot refuse an address
+//! without charging it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,10 +43,13 @@ const MAX_TRACKED: usize = 4096;
 
 /// Tokens shorter than this are accepted, with a warning at startup.
 pub(crate) const RECOMMENDED_TOKEN_LEN: usize = 16;
-/// Tokens this long or longer (`openssl rand -hex 16` makes 32 characters)
-/// pass through a lockout: 128 bits of a random token are not guessed at
-/// any request rate, so the lockout need not refuse the right one.
+/// Tokens this long or longer, and varied ([`AdminToken::is_strong`];
+/// `openssl rand -hex 32` makes 64 characters), pass through a lockout: a
+/// random token that long is not guessed at any request rate, so the
+/// lockout need not refuse the right one.
 pub(crate) const STRONG_TOKEN_LEN: usize = 32;
+/// The fewest different characters of a strong token.
+const STRONG_TOKEN_DISTINCT: usize = 8;
 
 /// The secret that unlocks the admin routes. Its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -62,10 +69,21 @@ impl AdminToken {
         self.0.chars().count() < RECOMMENDED_TOKEN_LEN
     }
 
-    /// Whether the token is long enough (32 characters) to be accepted
-    /// from a client that is locked out.
+    /// Whether the token is long and varied enough to be accepted from a
+    /// client that is locked out: 32 characters or more, at least 8
+    /// different ones, none of them more than a quarter of the token. (A
+    /// random hex token of 32 characters fails this about once in 600;
+    /// one of 64 about once in 200,000.)
     pub fn is_strong(&self) -> bool {
-        self.0.chars().count() >= STRONG_TOKEN_LEN
+        let chars: Vec<char> = self.0.chars().collect();
+        if chars.len() < STRONG_TOKEN_LEN {
+            return false;
+        }
+        let mut counts: HashMap<char, usize> = HashMap::new();
+        for c in &chars {
+            *counts.entry(*c).or_default() += 1;
+        }
+        counts.len() >= STRONG_TOKEN_DISTINCT && counts.values().all(|&n| n <= chars.len() / 4)
     }
 
     /// Whether `presented` is this token ([`subtle::ConstantTimeEq`]): the
@@ -471,16 +489,21 @@ mod gate_tests {
             Err(ApiError::TooManyAttempts { .. })
         ));
         assert_eq!(gate.failures_of(guesser, at), MAX_FAILURES);
-        // One character shorter is not strong: the lock refuses it too.
-        let weaker = &strong[1..];
-        let gate = AdminGate::new(AdminToken::new(weaker));
-        for _ in 0..MAX_FAILURES {
-            let _ = gate.check(&bearer("guess"), guesser, now);
+        // One character shorter is not strong, nor is length without
+        // variety: the lock refuses them too.
+        let repeated = "a".repeat(64);
+        let words = "adminadminadminadminadminadminadmin";
+        for weaker in [&strong[1..], repeated.as_str(), words] {
+            assert!(!AdminToken::new(weaker).unwrap().is_strong(), "{weaker}");
+            let gate = AdminGate::new(AdminToken::new(weaker));
+            for _ in 0..MAX_FAILURES {
+                let _ = gate.check(&bearer("guess"), guesser, now);
+            }
+            assert!(matches!(
+                gate.check(&bearer(weaker), operator, at),
+                Err(ApiError::TooManyAttempts { .. })
+            ));
         }
-        assert!(matches!(
-            gate.check(&bearer(weaker), operator, at),
-            Err(ApiError::TooManyAttempts { .. })
-        ));
     }
 
     #[test]

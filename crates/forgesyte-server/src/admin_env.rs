@@ -64,9 +64,10 @@ pub(crate) fn admin_token(
         );
     } else if !token.is_strong() {
         tracing::info!(
-            "The admin token from {source} is shorter than 32 characters: a client locked out \
-             for wrong tokens (every local process is one client) is refused it too; \
-             `openssl rand -hex 16` makes one that is not"
+            "The admin token from {source} is not long and varied enough to pass a lockout \
+             (32 characters, 8 different ones): a client locked out for wrong tokens (every \
+             local process is one client) is refused it too; `openssl rand -hex 32` makes one \
+             that passes"
         );
     }
     Ok(Some(token))

@@ -68,7 +68,8 @@ impl Loader {
         // A field other hosts read (a count of worker processes), which
         // this one does not: said, not ignored in silence.
         if let Some(workers) = p.manifest.raw.get("workers")
-            && workers.as_u64() != Some(1)
+            && !workers.is_null()
+            && workers.as_f64() != Some(1.0)
         {
             tracing::warn!(
                 plugin = %p.name,

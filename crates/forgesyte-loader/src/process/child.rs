@@ -659,7 +659,7 @@ fn retire(shared: &Arc<Shared>) {
                     tracing::warn!(
                         plugin = %shared.plugin,
                         pid = shared.pid,
-                        "plugin process {} of {} did not exit within {} s of being let go \
+                        "plugin process {} of {} did not exit within {} s of its input's end \
                          (its on_unload still running?); killed",
                         shared.pid,
                         shared.plugin,

@@ -85,13 +85,9 @@ pub(crate) fn host_short(e: &std::io::Error) -> Option<String> {
     {
         return Some(short.to_string());
     }
-    let nofile = || {
-        rustix::process::getrlimit(rustix::process::Resource::Nofile)
-            .current
-            .map_or_else(|| "unlimited".to_owned(), |n| n.to_string())
-    };
-    let nproc = || {
-        rustix::process::getrlimit(rustix::process::Resource::Nproc)
+    use rustix::process::Resource;
+    let limit = |resource| {
+        rustix::process::getrlimit(resource)
             .current
             .map_or_else(|| "unlimited".to_owned(), |n| n.to_string())
     };
@@ -99,7 +95,7 @@ pub(crate) fn host_short(e: &std::io::Error) -> Option<String> {
         rustix::io::Errno::MFILE => Some(format!(
             "the server is out of file descriptors (its limit: {}); raise its open-file limit \
              (`ulimit -n`, systemd's `LimitNOFILE=`)",
-            nofile()
+            limit(Resource::Nofile)
         )),
         rustix::io::Errno::NFILE => Some(
             "the system's table of open files is full (`fs.file-max`); close files elsewhere or \
@@ -107,9 +103,10 @@ pub(crate) fn host_short(e: &std::io::Error) -> Option<String> {
                 .to_owned(),
         ),
         rustix::io::Errno::AGAIN => Some(format!(
-            "no new process may be started: the server's user reached its process limit \
-             (`ulimit -u`: {}) or the system its own (`kernel.pid_max`, a cgroup's `pids.max`)",
-            nproc()
+            "no new process may be started: the server's user (or the runner user) reached \
+             its process limit (the server's `ulimit -u`: {}) or the system its own \
+             (`kernel.pid_max`, a cgroup's `pids.max`)",
+            limit(Resource::Nproc)
         )),
         rustix::io::Errno::NOMEM => {
             Some("the server is out of memory to start a process".to_owned())

@@ -513,8 +513,7 @@ impl ProcessImporter {
         }
     }
 
-    /// What a start that failed with `e` was to run: the runner or the
-    /// interpreter, by path.
+    /// What a start was to run: the runner or the interpreter, by path.
     fn what_starts(&self) -> String {
         let what = match self.launch {
             Launch::Native { .. } => "the plugin runner",
@@ -538,25 +537,19 @@ impl ProcessImporter {
         }
     }
 
+    /// The reason of a start that failed with `e`, as text.
     fn start_error(&self, e: &std::io::Error) -> String {
-        if let Some(short) = headroom::host_short(e) {
-            return format!("cannot start {}: {short}", self.what_starts());
-        }
-        let what = match self.launch {
-            Launch::Native { .. } => "the plugin runner",
-            Launch::Python { .. } => "the Python interpreter",
-        };
-        match self.run_as {
+        let what = self.what_starts();
+        match (headroom::host_short(e), self.run_as) {
+            (Some(short), _) => format!("cannot start {what}: {short}"),
             // What the server's user may run, the runner's may not.
-            Some(user) if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
-                "cannot start {what} {} as the runner user (uid {}, gid {}): {e}; that user \
-                 must be able to reach and execute it (and, for Python, read its library), \
-                 and the server to switch to that user",
-                self.program().display(),
-                user.uid,
-                user.gid
+            (None, Some(user)) if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
+                "cannot start {what} as the runner user (uid {}, gid {}): {e}; that user must \
+                 be able to reach and execute it (and, for Python, read its library), and the \
+                 server to switch to that user",
+                user.uid, user.gid
             ),
-            _ => format!("cannot start {what} {}: {e}", self.program().display()),
+            (None, _) => format!("cannot start {what}: {e}"),
         }
     }
 

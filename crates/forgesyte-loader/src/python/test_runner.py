@@ -1066,6 +1066,50 @@ class ImportAndInitFailureTests(RunnerTestCase):
         header, _ = p.run("by_name", {"n": 1})
         self.assertEqual(header.get("result"), {"n": 1, "unit": "px"}, header)
 
+    def test_a_tool_only_the_manifest_lists_without_a_method_fails_its_calls_only(self):
+        p = self.source_plugin(
+            "class Plugin:\n"
+            "    def detect(self, n=0):\n"
+            "        return {'n': n}\n")
+        header = p.create({"name": "s", "tools": [{"id": "detect"}, {"id": "classify"}]})
+        self.assertEqual(header["type"], "created", header)
+        header, _ = p.run("detect", {"n": 2})
+        self.assertEqual(header.get("result"), {"n": 2}, header)
+        header, _ = p.run("classify", {})
+        self.assertEqual(header["type"], "tool_failed", header)
+        self.assertEqual(header["error"]["error_type"], "AttributeError", header)
+        time.sleep(0.1)
+        self.assertIn("WARNING forgesyte-python-runner[s]: tool 'classify' has no handler", p.stderr)
+
+    def test_a_handler_by_name_is_looked_up_at_each_call(self):
+        # A plugin may rebind a method (a model switched after warm-up).
+        p = self.source_plugin(
+            "class Plugin:\n"
+            "    tools = {'t': {'handler': 'detect'}, 'switch': {'handler': 'switch'}}\n"
+            "    def detect(self):\n"
+            "        return {'model': 'small'}\n"
+            "    def switch(self):\n"
+            "        self.detect = lambda: {'model': 'large'}\n"
+            "        return {}\n")
+        self.assertEqual(p.create()["type"], "created")
+        self.assertEqual(p.run("t", {})[0].get("result"), {"model": "small"})
+        p.run("switch", {})
+        self.assertEqual(p.run("t", {})[0].get("result"), {"model": "large"})
+
+    def test_bare_class_body_methods_as_tools(self):
+        p = self.source_plugin(
+            "class Plugin:\n"
+            "    @classmethod\n"
+            "    def kind(cls):\n"
+            "        return {'cls': cls.__name__}\n"
+            "    @staticmethod\n"
+            "    def one():\n"
+            "        return {'one': 1}\n"
+            "    tools = {'kind': kind, 'one': one}\n")
+        self.assertEqual(p.create()["type"], "created")
+        self.assertEqual(p.run("kind", {})[0].get("result"), {"cls": "Plugin"})
+        self.assertEqual(p.run("one", {})[0].get("result"), {"one": 1})
+
     def test_with_run_tool_the_handlers_are_the_plugins_own_business(self):
         p = self.source_plugin(
             "class Plugin:\n"

@@ -599,8 +599,7 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// The `status` label: `1xx` to `5xx`.
-/// The `status` label: the answer's class, or `aborted` for a request
+/// The `status` label: the answer's class (`1xx` to `5xx`), or `aborted` for a request
 /// whose client went away before its answer was ready.
 fn status_class(status: Option<axum::http::StatusCode>) -> &'static str {
     let Some(status) = status else {

@@ -884,7 +884,7 @@ fn a_runner_killed_for_outliving_its_stop_is_named_in_the_log() {
     let reload = crate::support::admin_post(server.addr, "/v1/plugins/stuck-unload/reload", token);
     assert_eq!(reload.status, 200, "{}", reload.text());
     assert_eq!(reload.json()["state"], "INITIALIZED", "{}", reload.text());
-    let said = "did not exit within 2 s of being let go (its on_unload still running?); killed";
+    let said = "did not exit within 2 s of its input's end (its on_unload still running?); killed";
     crate::rescan::wait_for(
         "the kill logged",
         std::time::Duration::from_secs(15),

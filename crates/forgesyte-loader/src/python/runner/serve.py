@@ -541,12 +541,7 @@ class Runner(object):
         run_tool = getattr(instance, "run_tool", None)
         if callable(run_tool):
             return run_tool(tool, args)
-        handler = entry.get("handler")
-        if not entry.get("resolved"):
-            # The plugin had a run_tool() at its construction that it has
-            # no longer.
-            handler = resolve_handler(instance, tool, handler)
-        return bind_and_call(handler, args)
+        return bind_and_call(resolve_handler(instance, tool, entry.get("handler")), args)
 
     def send_result(self, rid, result):
         try:

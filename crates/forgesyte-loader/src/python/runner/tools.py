@@ -97,7 +97,10 @@ def _instance_tools(raw):
         for tid, meta in raw.items():
             if not isinstance(tid, str):
                 raise TypeError("tool names must be strings, not %s" % type(tid).__name__)
-            if callable(meta) and not isinstance(meta, dict):
+            # (A classmethod object of the class body is not callable, nor
+            # a staticmethod one before Python 3.10.)
+            if (callable(meta) or isinstance(meta, (staticmethod, classmethod))) \
+                    and not isinstance(meta, dict):
                 meta = {"handler": meta}
             if not isinstance(meta, dict):
                 raise TypeError("tool %r must be described by a dict, not %s" % (tid, type(meta).__name__))
@@ -139,11 +142,13 @@ def _as_method(instance, fn):
 def resolve_handler(instance, tid, handler):
     """What a call of tool ``tid`` calls, for a plugin without
     ``run_tool()``: its handler, a callable or the name of the instance's
-    method (none: the method named like the tool); a ``staticmethod`` or
+    method (none: the method named like the tool), looked up at each call
+    (a plugin may rebind its methods); a ``staticmethod`` or
     ``classmethod`` object taken from the class body, or a function of it,
-    bound as the class would bind it. Raises (at construction: an
-    ``InitError`` naming the tool) when there is nothing to call, as
-    ForgeSyte's ``BasePlugin`` refuses a handler that is not callable."""
+    bound as the class would bind it. Raises when there is nothing to
+    call (at construction, for the instance's own ``tools``: an
+    ``InitError`` naming the tool, as ForgeSyte's ``BasePlugin`` refuses a
+    handler that is not callable)."""
     if isinstance(handler, str) or handler is None:
         name = tid if handler is None else handler
         found = getattr(instance, name, None)
@@ -171,10 +176,12 @@ def collect_tools(instance, manifest):
     the manifest's ``tools``. A manifest entry with the same id fills in
     what the instance's entry lacks (e.g. a ``title``)."""
     raw = getattr(instance, "tools", None)
-    # Without run_tool() every tool is called through its handler: each
-    # one is found now, so a handler that names nothing fails construction
-    # instead of every call.
-    resolved = not callable(getattr(instance, "run_tool", None))
+    # Without run_tool() every tool is called through its handler: each of
+    # the instance's own is checked now, so a handler that names nothing
+    # fails construction instead of every call. A tool only the manifest
+    # lists, with no method of its name, is said and fails its calls (the
+    # plugin's other tools serve).
+    dispatched = not callable(getattr(instance, "run_tool", None))
     from_manifest = _manifest_tools(manifest)
     entries = _instance_tools(raw) if raw else from_manifest
     by_id = dict(from_manifest)
@@ -206,10 +213,14 @@ def collect_tools(instance, manifest):
         if blobs:
             raise TypeError("the spec of tool %r contains bytes" % tid)
         specs.append(converted)
-        handler = meta.get("handler")
-        if resolved:
-            handler = resolve_handler(instance, tid, handler)
-        table[tid] = {"handler": handler, "resolved": resolved, "binary": binary_properties(inputs),
+        if dispatched:
+            try:
+                resolve_handler(instance, tid, meta.get("handler"))
+            except (AttributeError, TypeError) as e:
+                if raw:
+                    raise
+                diag("%s: its calls will fail" % e, warning=True)
+        table[tid] = {"handler": meta.get("handler"), "binary": binary_properties(inputs),
                       "zero_copy": meta.get("zero_copy") is True}
     return specs, table
 
