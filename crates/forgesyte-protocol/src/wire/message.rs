@@ -491,9 +491,10 @@ mod tests {
             (
                 any::<u64>(),
                 prop::collection::vec(
-                    // A tool id is never "", "." or ".." (`tool::tool_id`).
+                    // A tool id is never "", "." or "..", nor holds a
+                    // control character (`tool::tool_id`).
                     strategies::text().prop_filter("a tool id a URL can carry", |t| {
-                        !matches!(t.as_str(), "" | "." | "..")
+                        !matches!(t.as_str(), "" | "." | "..") && !t.chars().any(char::is_control)
                     }),
                     0..3
                 )
