@@ -165,6 +165,15 @@ pub enum ToolError {
         /// How the process ended, or why the call never reached it.
         reason: String,
     },
+    /// The plugin answered, but the host could not take the answer for want
+    /// of its own resources (out of file descriptors: the kernel dropped
+    /// the shared attachments the runner sent). Not a fault of the plugin,
+    /// whose process serves on; the call's result is lost.
+    #[error("the host could not take the plugin's answer: {detail}")]
+    HostResources {
+        /// What was short.
+        detail: String,
+    },
 }
 
 impl ToolError {
@@ -180,6 +189,7 @@ impl ToolError {
             ToolError::TimedOut { .. } => "TimeoutError",
             ToolError::QueueTimedOut { .. } => "QueueTimeout",
             ToolError::Stopped { .. } => "PluginStopped",
+            ToolError::HostResources { .. } => "ServerBusy",
         }
     }
 
@@ -237,5 +247,14 @@ mod tests {
             e.to_string(),
             "timed out after 2 s waiting for the plugin's call in progress (it takes one call at a time); the call never reached the plugin"
         );
+    }
+
+    #[test]
+    fn an_answer_the_host_could_not_take_is_no_fault() {
+        let e = ToolError::HostResources {
+            detail: "out of file descriptors".into(),
+        };
+        assert!(!e.is_fault());
+        assert_eq!(e.kind(), "ServerBusy");
     }
 }

@@ -611,7 +611,11 @@ impl PluginHandle {
                  or the server's stop): its result is lost; send it again",
             ));
         }
-        if let Err(e @ ToolError::QueueTimedOut { .. }) = outcome {
+        // (An answer the host could not take for want of descriptors is
+        // no outcome of the plugin's either.)
+        if let Err(e @ (ToolError::QueueTimedOut { .. } | ToolError::HostResources { .. })) =
+            outcome
+        {
             // The call never reached the plugin (it waited its whole limit
             // for its turn, or for a thread): no outcome of the plugin's,
             // so neither an error nor a time in its figures.

@@ -263,7 +263,8 @@ impl IntoResponse for ApiError {
                 error: RunError::TooManyCalls { .. }
                     | RunError::NotStarted { .. }
                     | RunError::BodiesInFlight { .. }
-                    | RunError::AnswersInFlight { .. },
+                    | RunError::AnswersInFlight { .. }
+                    | RunError::AnswerLost { .. },
                 ..
             }
         ) || matches!(&self, ApiError::Run { error: RunError::NotRunnable { state, .. }, .. } if in_a_moment(state))
@@ -475,6 +476,14 @@ pub enum RunError {
         /// The memory for answers, in KiB.
         budget_kib: usize,
     },
+    /// The tool ran, but the host could not take its answer for want of its
+    /// own resources (out of file descriptors); the plugin is unaffected
+    /// (503, `ServerBusy`, with `Retry-After`).
+    #[error("{message}")]
+    AnswerLost {
+        /// What was short.
+        message: String,
+    },
     /// The tool ran, but its encoded answer is larger than all the memory
     /// set aside for answers; it was dropped (422, `AnswerTooLarge`: the
     /// host's limit, where a Python runner's `ResultTooLarge` is the
@@ -514,7 +523,8 @@ impl RunError {
             | RunError::TooManyCalls { .. }
             | RunError::NotStarted { .. }
             | RunError::BodiesInFlight { .. }
-            | RunError::AnswersInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | RunError::AnswersInFlight { .. }
+            | RunError::AnswerLost { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RunError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             RunError::InvalidBody { .. }
             | RunError::InvalidForm { .. }
@@ -555,7 +565,8 @@ impl RunError {
             RunError::TooManyCalls { .. } => "TooManyCalls",
             RunError::NotStarted { .. }
             | RunError::BodiesInFlight { .. }
-            | RunError::AnswersInFlight { .. } => "ServerBusy",
+            | RunError::AnswersInFlight { .. }
+            | RunError::AnswerLost { .. } => "ServerBusy",
             RunError::AnswerTooLarge { .. } => "AnswerTooLarge",
             RunError::Internal { .. } => "InternalError",
         }
@@ -668,6 +679,9 @@ impl RunError {
                 "Tool '{t}' of plugin '{p}' ran, but the answers waiting to be sent fill the {} set aside for them; its answer was dropped, retry later",
                 Kib(*budget_kib)
             ),
+            RunError::AnswerLost { message } => format!(
+                "Tool '{t}' of plugin '{p}' ran, but the server could not take its answer ({message}); retry later"
+            ),
             RunError::AnswerTooLarge { bytes, budget_kib } => format!(
                 "Tool '{t}' of plugin '{p}' ran, but its answer ({bytes} bytes as encoded) is larger than the {} set aside for answers (--answer-memory); a binary result takes less as multipart/mixed or application/octet-stream than as base64 in JSON",
                 Kib(*budget_kib)
@@ -727,6 +741,7 @@ impl From<ToolError> for RunError {
                 after,
                 message: e.to_string(),
             },
+            ToolError::HostResources { detail } => RunError::AnswerLost { message: detail },
             ToolError::Panicked { message } => RunError::Fault {
                 kind: "ToolPanic".into(),
                 message: format!("tool panicked: {message}"),

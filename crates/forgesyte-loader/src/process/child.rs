@@ -413,7 +413,7 @@ impl Child {
                     registry_reason: None,
                 },
             )),
-            Ok(Reply::Answer(..)) => Err(failed(
+            Ok(Reply::Answer(..) | Reply::Unreceived(_)) => Err(failed(
                 &shared,
                 KillReason {
                     cause: CrashCause::Protocol {

@@ -246,6 +246,7 @@ impl ProcessInstance {
                 detail: "a second greeting".into(),
             }),
             Ok(Reply::Died(report)) | Err(Some(report)) => Err(tool_crash(&report)),
+            Ok(Reply::Unreceived(detail)) => Err(ToolError::HostResources { detail }),
             Err(None) => Err(ToolError::TimedOut {
                 after: self.call_timeout,
             }),

@@ -741,6 +741,11 @@ impl PluginLibrary for ProcessLibrary {
                 });
             }
             Ok(Reply::Died(report)) | Err(Some(report)) => return Err(init_crash(&report)),
+            Ok(Reply::Unreceived(detail)) => {
+                return Err(InitError::Failed {
+                    message: format!("the host could not take the plugin's answer: {detail}"),
+                });
+            }
             Err(None) => {
                 let timeout = crate::manifest::Limits::init_timed_out("init", limits.init_timeout);
                 child.kill_and_wait(KillReason::host(

@@ -59,6 +59,10 @@ pub(crate) enum Reply {
     Answer(Response, Frame),
     /// The connection ended before an answer came.
     Died(Arc<ExitReport>),
+    /// The answer came, but this process could not take its shared
+    /// attachments (out of file descriptors, `shm::ReceiveError`): the
+    /// call failed for the host's lack, the runner serves on.
+    Unreceived(String),
 }
 
 /// Why a request got no reply.
@@ -572,8 +576,24 @@ impl Transport {
                 }
                 None => shm::receive(&mut frame, None, self.max_answer_bytes),
             };
-            if let Err(e) = received {
-                return Some(format!("malformed answer: {e}"));
+            match received {
+                Ok(()) => {}
+                // The frame is whole and the stream in step: this answer
+                // is failed, the runner's next ones read on.
+                Err(e @ shm::ReceiveError::OutOfDescriptors) => {
+                    match serde_json::from_slice::<Response>(frame.header()) {
+                        Ok(response) => {
+                            let id = response.id();
+                            if id == HELLO_ID || !self.deliver(id, Reply::Unreceived(e.to_string()))
+                            {
+                                return Some(format!("answer to unknown request id {id}"));
+                            }
+                            continue;
+                        }
+                        Err(parse) => return Some(format!("malformed answer: {parse}")),
+                    }
+                }
+                Err(e) => return Some(format!("malformed answer: {e}")),
             }
             let response = match serde_json::from_slice::<Response>(frame.header()) {
                 Ok(response) => response,

@@ -385,7 +385,7 @@ pub fn receive(
     frame: &mut Frame,
     socket: Option<BorrowedFd<'_>>,
     limit: u64,
-) -> Result<(), String> {
+) -> Result<(), ReceiveError> {
     let indices = shared_indices(frame.header())?;
     if indices.is_empty() {
         return Ok(());
@@ -397,7 +397,8 @@ pub fn receive(
         return Err(format!(
             "{} shared attachments in one frame (at most {MAX_SHARED_PER_FRAME})",
             indices.len()
-        ));
+        )
+        .into());
     }
     if indices.windows(2).any(|w| w[0] >= w[1]) {
         return Err("the 'shm' indices are not in increasing order".into());
@@ -454,9 +455,58 @@ pub fn discard(socket: BorrowedFd<'_>) -> usize {
     }
 }
 
+/// Why [`receive`] took no shared attachments. (Hand-written `Display`:
+/// this crate is a plugin's dependency too, and keeps its own few.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiveError {
+    /// The frame or its descriptor message breaks the protocol: the peer's
+    /// doing.
+    Malformed(String),
+    /// This process is out of file descriptors: the kernel could not
+    /// install the descriptors the peer sent, and closed them. The frame
+    /// itself is whole and the stream in step: the reader may fail this
+    /// one message and read on. No fault of the peer's.
+    OutOfDescriptors,
+}
+
+impl std::fmt::Display for ReceiveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReceiveError::Malformed(message) => f.write_str(message),
+            ReceiveError::OutOfDescriptors => f.write_str(
+                "its shared attachments were lost: this process is out of file descriptors (the \
+                 kernel dropped those sent)",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ReceiveError {}
+
+impl From<String> for ReceiveError {
+    fn from(message: String) -> Self {
+        ReceiveError::Malformed(message)
+    }
+}
+
+impl From<&str> for ReceiveError {
+    fn from(message: &str) -> Self {
+        ReceiveError::Malformed(message.to_owned())
+    }
+}
+
+/// Whether this process has no descriptor free (a `dup` of `fd` is
+/// refused with `EMFILE`).
+fn out_of_descriptors(fd: BorrowedFd<'_>) -> bool {
+    matches!(
+        rustix::io::fcntl_dupfd_cloexec(fd, 0),
+        Err(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
+    )
+}
+
 /// Receives one descriptor message of exactly `expected` descriptors,
 /// without waiting (close-on-exec).
-fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, String> {
+fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, ReceiveError> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SHARED_PER_FRAME))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut count = [0u8; 4];
@@ -479,7 +529,7 @@ fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, 
                     "shared attachments announced, but their descriptors did not come first".into(),
                 );
             }
-            Err(e) => return Err(format!("the shared-memory socket failed: {e}")),
+            Err(e) => return Err(format!("the shared-memory socket failed: {e}").into()),
         }
     };
     let mut fds = Vec::with_capacity(expected);
@@ -492,6 +542,13 @@ fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, 
         .flags
         .intersects(ReturnFlags::CTRUNC | ReturnFlags::TRUNC)
     {
+        // Truncated by the kernel when it could not install them all
+        // (those it did are in `fds`, still held: the test sees the
+        // process as full as the kernel did), or by a peer that sent more
+        // than a frame may carry.
+        if msg.flags.contains(ReturnFlags::CTRUNC) && out_of_descriptors(socket) {
+            return Err(ReceiveError::OutOfDescriptors);
+        }
         return Err("a truncated descriptor message".into());
     }
     let counted = u32::from_le_bytes(count) as usize;
@@ -501,7 +558,8 @@ fn receive_fds(socket: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, 
              counts {counted} ({} bytes) and carries {} descriptors",
             msg.bytes,
             fds.len()
-        ));
+        )
+        .into());
     }
     Ok(fds)
 }
@@ -699,10 +757,12 @@ mod tests {
         let mut bytes = Vec::new();
         write_frame(&mut bytes, br#"{"shm":[0]}"#, &[b""]).unwrap();
         let mut frame = read_frame(&mut bytes.as_slice(), 1 << 20).unwrap();
-        let e = receive(&mut frame, Some(b.as_fd()), 1 << 20).unwrap_err();
+        let e = receive(&mut frame, Some(b.as_fd()), 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did not come"), "{e}");
         // Without a socket offered.
-        let e = receive(&mut frame, None, 1 << 20).unwrap_err();
+        let e = receive(&mut frame, None, 1 << 20).unwrap_err().to_string();
         assert!(e.contains("no shared memory"), "{e}");
         // An unsealed file; bytes in the frame as well; over the limit.
         for (header, inline, sealed_fd, limit, expected) in [
@@ -736,7 +796,9 @@ mod tests {
             let mut bytes = Vec::new();
             write_frame(&mut bytes, header, &[inline]).unwrap();
             let mut frame = read_frame(&mut bytes.as_slice(), 1 << 20).unwrap();
-            let e = receive(&mut frame, Some(b.as_fd()), limit).unwrap_err();
+            let e = receive(&mut frame, Some(b.as_fd()), limit)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(expected), "{e}");
         }
         // Exactly at the limit, the frame's bytes and the shared ones: taken.

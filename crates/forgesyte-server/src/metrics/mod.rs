@@ -132,6 +132,8 @@ impl Outcome {
             // would be these.
             RunError::AnswersInFlight { .. } => Outcome::rejected,
             RunError::AnswerTooLarge { .. } => Outcome::tool_error,
+            // The plugin answered; the host could not take it.
+            RunError::AnswerLost { .. } => Outcome::rejected,
         })
     }
 

@@ -446,6 +446,82 @@ fn runners_leave_the_server_descriptors_for_its_connections() {
     }
 }
 
+/// An answer whose shared attachment the server cannot take, because it
+/// is out of file descriptors (the kernel drops the memory file the runner
+/// sent), is the server's lack: 503 `ServerBusy`, the runner left serving.
+/// It was a protocol violation of the plugin's: its runner killed, the
+/// plugin FAILED and restarted, the restart counted.
+#[test]
+fn an_answer_the_server_has_no_descriptor_for_is_its_lack_not_the_plugin_s() {
+    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
+    let plugins = PluginsDir::new();
+    plugins.python("echo", "echo");
+    // Every binary result through shared memory (the `bytes` tool's three).
+    let server = Forgesyte::start(&["--plugins", plugins.path_str(), "--shm-threshold", "1"]);
+    server.wait_loaded();
+    let pid = Pid::from_raw(i32::try_from(server.pid()).unwrap()).unwrap();
+    let before = prlimit(Some(pid), Resource::Nofile, getrlimit(Resource::Nofile)).unwrap();
+    let request = b"POST /v1/plugins/echo/tools/bytes/run HTTP/1.1\r\nHost: localhost\r\n\
+                    Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+    let mut stream = connect(server.addr);
+    stream.write_all(request).unwrap();
+    let answer = read_response(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // No descriptor free: the kernel gives the lowest free number, under
+    // the limit only, so the limit is that number (a few tries: another of
+    // the server's may come and go as the numbers are read).
+    let mut refused = None;
+    for _ in 0..5 {
+        let open: std::collections::BTreeSet<u64> =
+            std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+        let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+        let lowered = Rlimit {
+            current: Some(lowest_free),
+            maximum: before.maximum,
+        };
+        prlimit(Some(pid), Resource::Nofile, lowered).unwrap();
+        stream.write_all(request).unwrap();
+        let answer = read_response(&mut stream);
+        if answer.starts_with("HTTP/1.1 503") {
+            refused = Some(answer);
+            break;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    prlimit(Some(pid), Resource::Nofile, before).unwrap();
+    let refused = refused.expect("never out of descriptors");
+    assert!(
+        refused.contains("\"error_type\":\"ServerBusy\""),
+        "{refused}"
+    );
+    assert!(refused.contains("out of file descriptors"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+    // The runner serves on: no crash, no restart, nothing counted against it.
+    let health = http(server.addr, "GET", "/v1/plugins/echo/health", b"").json();
+    assert_eq!(
+        (
+            &health["state"],
+            &health["restart_count"],
+            &health["error_count"]
+        ),
+        (
+            &serde_json::json!("INITIALIZED"),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        ),
+        "{health}"
+    );
+    stream.write_all(request).unwrap();
+    let answer = read_response(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 #[test]
 fn out_of_file_descriptors_the_binary_backs_off_and_keeps_accepting() {
     use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
