@@ -56,7 +56,10 @@ except ImportError:  # Python < 3.8, with the backport installed
     import importlib_metadata as metadata
 
 GROUP = "forgesyte.plugins"
-VALUE = re.compile(r"^\s*([\w.]+)\s*(?::\s*([\w.]+)\s*)?(?:\[[^\]]*\]\s*)?$")
+VALUE = re.compile(r"^\s*(\w+(?:\.\w+)*)\s*(?::\s*(\w+(?:\.\w+)*)\s*)?(?:\[[^\]]*\]\s*)?$")
+# The longest name or value read: one of megabytes made the whole answer
+# too large to read, and every installed plugin was gone with it.
+MAX_TEXT = 1024
 
 
 def normalized(name):
@@ -67,12 +70,14 @@ def normalized(name):
 # is an error of its own, not a server made of thousands of runners.
 MAX_PER_DIST = 64
 MAX_TOTAL = 1024
+# What the host logs: distributions skipped, entry points files unread.
+WARNINGS = []
 
 
 def failed(name, dist, error):
     return {"name": name, "value": "", "module": None, "attr": None, "dist": dist,
-            "version": None, "module_dir": None, "location": None,
-            "has_manifest": False, "error": error}
+            "version": None, "module_dir": None, "origin": None, "owns_dir": False,
+            "location": None, "has_manifest": False, "error": error}
 
 
 def found():
@@ -83,7 +88,11 @@ def found():
     any group of its entry_points.txt) is its own error when it declares
     the group, and nobody's when it does not."""
     pairs, errors, seen = [], [], set()
-    for dist in metadata.distributions():
+    # In a stable order: which distributions the limits below leave out
+    # must not depend on the order a file system lists them in.
+    def where(dist):
+        return str(getattr(dist, "_path", ""))
+    for dist in sorted(metadata.distributions(), key=where):
         name = None
         try:
             # A distribution whose metadata has no Name goes by its
@@ -94,6 +103,13 @@ def found():
                 continue
             seen.add(key)
             eps = [ep for ep in dist.entry_points if ep.group == GROUP]
+            # An entry_points.txt that cannot be read (no permission, a
+            # directory, a dangling link) reads as none: said, not lost.
+            if not eps:
+                path = os.path.join(str(getattr(dist, "_path", "")), "entry_points.txt")
+                if os.path.lexists(path) and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                    WARNINGS.append("the entry points of %s (%s) cannot be read: a plugin it "
+                                    "declares is not found" % (name, path))
         except BaseException as e:
             try:
                 text = dist.read_text("entry_points.txt") or ""
@@ -108,7 +124,8 @@ def found():
                 errors.append(failed(label, label,
                                      "its entry points cannot be read: %s: %s" % (type(e).__name__, e)))
             else:
-                sys.stderr.write("forgesyte: skipped a distribution whose metadata cannot be read: %s\n" % e)
+                WARNINGS.append("skipped distribution %s, whose metadata cannot be read: %s: %s"
+                                % (name or label_of(dist), type(e).__name__, e))
             continue
         if len(eps) > MAX_PER_DIST:
             errors.append(failed(name, name, "it declares %d entry points of group %s, more than %d"
@@ -156,8 +173,11 @@ def locate(module):
 
 def describe(ep, dist):
     item = {"name": ep.name, "value": ep.value, "module": None, "attr": None,
-            "dist": None, "version": None, "module_dir": None, "location": None,
-            "has_manifest": False, "error": None}
+            "dist": None, "version": None, "module_dir": None, "origin": None,
+            "owns_dir": False, "location": None, "has_manifest": False, "error": None}
+    if len(ep.name) > MAX_TEXT or len(ep.value) > MAX_TEXT:
+        return failed(ep.name[:64] + "…", None, "its name or value is longer than %d characters"
+                      % MAX_TEXT)
     if dist is not None:
         try:
             item["dist"] = dist.metadata["Name"]
@@ -186,6 +206,7 @@ def describe(ep, dist):
         return item
     if spec.origin and os.path.isabs(spec.origin) and os.path.isfile(spec.origin):
         directory = os.path.dirname(os.path.abspath(spec.origin))
+        item["origin"] = os.path.abspath(spec.origin)
     elif spec.submodule_search_locations:
         directory = os.path.abspath(list(spec.submodule_search_locations)[0])
     else:
@@ -196,6 +217,7 @@ def describe(ep, dist):
     # A top-level single-file module lies in a sys.path entry itself
     # (site-packages): a manifest.json there belongs to nobody.
     shared = "." not in module and spec.submodule_search_locations is None
+    item["owns_dir"] = not shared
     item["has_manifest"] = not shared and os.path.isfile(os.path.join(directory, "manifest.json"))
     return item
 
@@ -212,7 +234,8 @@ for ep, dist in pairs:
         seen.add(key)
         items.append(item)
 _out.write("\x1eforgesyte-answer\x1e"
-           + json.dumps({"python": sys.version.split()[0], "entry_points": items}))
+           + json.dumps({"python": sys.version.split()[0], "entry_points": items,
+                         "warnings": [w[:MAX_TEXT] for w in WARNINGS[:20]]}))
 _out.flush()
 "#;
 
@@ -235,6 +258,14 @@ pub struct EntryPoint {
     /// The directory of the module's file (`None` when it could not be
     /// found: see [`error`](Self::error)).
     pub module_dir: Option<PathBuf>,
+    /// The module's file (`__init__.py` of a package), when it is one.
+    #[serde(default)]
+    pub origin: Option<PathBuf>,
+    /// Whether [`module_dir`](Self::module_dir) is the plugin's own: a
+    /// package's, or a dotted module's; not a `sys.path` entry that a
+    /// top-level single-file module shares with every other package.
+    #[serde(default)]
+    pub owns_dir: bool,
     /// Where the distribution is installed (`site-packages`), if known.
     pub location: Option<PathBuf>,
     /// Whether [`module_dir`](Self::module_dir) holds a `manifest.json`
@@ -291,6 +322,10 @@ impl EntryPoint {
 #[derive(Deserialize)]
 struct Answer {
     entry_points: Vec<EntryPoint>,
+    /// Distributions it could not read (at most 20, each cut to 1,024
+    /// characters): logged, since a plugin they declare is not found.
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 /// The entry points of group [`GROUP`] that `interpreter` sees, sorted by
@@ -327,7 +362,11 @@ pub fn discover_with_timeout(
         ],
         timeout,
     )?;
-    let mut found = forgesyte_deps::script_answer::<Answer>(interpreter, &out)?.entry_points;
+    let answer = forgesyte_deps::script_answer::<Answer>(interpreter, &out)?;
+    for warning in &answer.warnings {
+        tracing::warn!(interpreter = %interpreter.display(), "Entry points: {warning}");
+    }
+    let mut found = answer.entry_points;
     found.sort_by(|a, b| (&a.name, &a.value, &a.dist).cmp(&(&b.name, &b.value, &b.dist)));
     Ok(found)
 }
@@ -345,6 +384,8 @@ mod tests {
             dist: Some("pkg".into()),
             version: Some("1.0".into()),
             module_dir: None,
+            origin: None,
+            owns_dir: false,
             location: Some("/site".into()),
             has_manifest: false,
             error: None,

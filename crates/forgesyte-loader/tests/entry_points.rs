@@ -452,6 +452,73 @@ fn a_discovery_that_fails_is_a_warning_and_the_directories_still_load() {
     );
 }
 
+/// A top-level single-file module shares its directory (`site-packages`)
+/// with every other package: its stamp is its file's, not the whole
+/// directory's. An unrelated package installed beside it made every
+/// rescan reload it ("changed"), and each such plugin walked all of
+/// `site-packages` at every pass. An entry point of a huge or malformed
+/// value fails alone (a megabyte one lost every installed plugin).
+#[test]
+fn a_single_file_module_is_stamped_by_its_file_and_odd_values_fail_alone() {
+    let site = Site::new();
+    std::fs::write(site.site.join("solomod.py"), plugin_py("Solo")).unwrap();
+    let info = site.site.join("solo-1.0.dist-info");
+    std::fs::create_dir_all(&info).unwrap();
+    std::fs::write(
+        info.join("METADATA"),
+        "Metadata-Version: 2.1\nName: solo\nVersion: 1.0\n",
+    )
+    .unwrap();
+    let huge = format!("{}:Plugin", "m".repeat(2000));
+    std::fs::write(
+        info.join("entry_points.txt"),
+        format!("[forgesyte.plugins]\nsolo = solomod:Plugin\ndots = a..b:C\nhuge = {huge}\n"),
+    )
+    .unwrap();
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    assert_eq!(status(&registry, "solo").0, S::Initialized);
+    assert_eq!(hello(&loader, "solo")["message"], "Solo, ForgeSyte!");
+    let (state, reason) = status(&registry, "dots");
+    assert_eq!(state, S::Failed);
+    assert!(reason.contains("is not MODULE[:ATTR]"), "{reason}");
+    let failed: Vec<String> = registry
+        .list_all()
+        .into_iter()
+        .filter(|s| {
+            s.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("longer than 1024"))
+        })
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(failed.len(), 1, "{:#?}", registry.list_all());
+
+    let names = |list: &[forgesyte_loader::PluginLoadOutcome]| -> Vec<String> {
+        list.iter().map(|o| o.name.clone()).collect()
+    };
+    // An unrelated package installed beside it: not a change of its.
+    site.package("otherpkg", "1.0", "otherpkg", &[("x.py", "")], &[]);
+    let report = loader.rescan();
+    assert!(
+        !names(&report.changed).contains(&"solo".to_owned()),
+        "{report:#?}"
+    );
+    assert!(
+        names(&report.unchanged).contains(&"solo".to_owned()),
+        "{report:#?}"
+    );
+    // Its own file edited: changed, reloaded with the new code.
+    std::fs::write(site.site.join("solomod.py"), plugin_py("Solo again")).unwrap();
+    let report = loader.rescan();
+    assert!(
+        names(&report.changed).contains(&"solo".to_owned()),
+        "{report:#?}"
+    );
+    assert_eq!(hello(&loader, "solo")["message"], "Solo again, ForgeSyte!");
+}
+
 #[test]
 fn reload_all_loads_entry_points_installed_since() {
     let site = Site::new();

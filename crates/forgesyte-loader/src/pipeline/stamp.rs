@@ -103,6 +103,29 @@ pub(super) fn stamp(dir: &Path, max_manifest: u64) -> Option<u64> {
     stamp_with(dir, manifest.as_deref(), lock.as_deref())
 }
 
+/// The stamp of one file (its path, size, modification and change time,
+/// inode), for a plugin that is one file in a directory it shares with
+/// others (an installed top-level module in `site-packages`): `None` when
+/// it cannot be looked at; a fixed stamp when there is no file (a module
+/// not found: nothing of it on disk to change).
+pub(super) fn stamp_file(path: Option<&Path>) -> Option<u64> {
+    let mut hasher = DefaultHasher::new();
+    if let Some(path) = path {
+        let st = rustix::fs::stat(path).ok()?;
+        (
+            path,
+            st.st_size,
+            st.st_mtime,
+            st.st_mtime_nsec,
+            st.st_ctime,
+            st.st_ctime_nsec,
+        )
+            .hash(&mut hasher);
+        st.st_ino.hash(&mut hasher);
+    }
+    Some(hasher.finish())
+}
+
 /// The bytes of the lock file (`forgesyte.lock`) in `parent`, which pins
 /// the plugin directories beside it; `None` when it cannot be read (or is
 /// no regular file of at most the lock file's limit).
