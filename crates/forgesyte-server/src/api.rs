@@ -27,8 +27,9 @@ use crate::wire::{JournalEntryJson, PluginStatusJson, ToolInfoJson};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HealthResponse {
     /// `loading` while the startup load pass runs; then `ok` when every
-    /// plugin not marked `optional` is available, else `degraded`. The
-    /// server itself is up in all three cases.
+    /// plugin not marked `optional` is available (and, with
+    /// `--python-entry-points`, the installed plugins could be listed),
+    /// else `degraded`. The server itself is up in all three cases.
     pub status: String,
     /// Plugins that can take tool calls (INITIALIZED or RUNNING).
     pub plugins_loaded: usize,
@@ -71,7 +72,10 @@ pub(crate) async fn server_health(State(state): State<AppState>) -> Response {
     let counts = crate::state::plugin_counts(&state);
     let status = if state.is_loading() {
         "loading"
-    } else if counts.required_available && !state.load_failed() {
+    } else if counts.required_available
+        && !state.load_failed()
+        && state.loader().entry_points_error().is_none()
+    {
         "ok"
     } else {
         "degraded"

@@ -45,7 +45,7 @@ pub struct ReadyResponse {
 /// One readiness check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReadyCheck {
-    /// `load-pass`, or `plugin:NAME`.
+    /// `load-pass`, `entry-points`, or `plugin:NAME`.
     pub name: String,
     /// Whether it passes.
     pub ok: bool,
@@ -71,6 +71,18 @@ pub(crate) fn ready_checks(state: &AppState) -> Vec<ReadyCheck> {
             "finished".into()
         },
     }];
+    // Asked for installed plugins, and their interpreter could not list
+    // them: none of them is there, which health and readiness said nowhere.
+    if let Some(error) = state.loader().entry_points_error() {
+        checks.push(ReadyCheck {
+            name: "entry-points".into(),
+            ok: false,
+            detail: format!(
+                "the installed plugins (--python-entry-points) were not discovered: {error}; a \
+                 rescan (SIGHUP, or POST /v1/plugins/reload) tries again"
+            ),
+        });
+    }
     let snapshot = state.registry().snapshot();
     for status in snapshot.statuses() {
         let available = status.state.is_available();
@@ -141,6 +153,7 @@ pub(crate) async fn readyz(State(state): State<AppState>, uri: Uri) -> Response 
     let checks = if !verbose
         && !state.is_loading()
         && !state.load_failed()
+        && state.loader().entry_points_error().is_none()
         && plugin_counts(&state).required_available
     {
         Vec::new()

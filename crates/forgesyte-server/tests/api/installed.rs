@@ -217,6 +217,43 @@ fn check_says_when_installed_plugins_could_not_be_listed() {
     assert!(err.contains(&missing), "{err}");
 }
 
+/// A server asked for installed plugins whose interpreter cannot list them
+/// says so in health (`degraded`) and readiness (check `entry-points`): it
+/// answered `ok` with none of them there. A plugin directory still loads.
+#[test]
+fn serve_says_when_installed_plugins_could_not_be_listed() {
+    let site = Site::new(false);
+    let plugins = site.plugins();
+    let missing = site.dir.path().join("no-python").display().to_string();
+    let server = Forgesyte::start(&[
+        "--plugins",
+        &plugins,
+        "--python",
+        &missing,
+        "--python-entry-points",
+    ]);
+    server.wait_loaded();
+    let health = server.get("/v1/health").json();
+    assert_eq!(health["status"], "degraded", "{health}");
+    let ready = server.get("/readyz?verbose");
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    let checks = ready.json()["checks"].clone();
+    let check = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "entry-points")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(check["ok"], false, "{checks}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("were not discovered") && d.contains(&missing)),
+        "{checks}"
+    );
+}
+
 #[test]
 fn serve_runs_an_installed_plugins_tool_over_http() {
     let site = Site::new(false);
