@@ -238,6 +238,33 @@ fn reload(server: &Forgesyte) -> Value {
     reply.json()
 }
 
+/// A storm of `SIGHUP`s is merged into a few rescans: each one that came
+/// after a rescan ended started another (763 rescans for 1,000 signals in
+/// a second, and a FAILED plugin constructed at each).
+#[test]
+fn a_storm_of_sighups_is_merged_into_a_few_rescans() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    for _ in 0..200 {
+        hangup(&server);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The last ones' rescan is logged within a second of the storm.
+    let count = |log: &str| log.matches("Rescan (SIGHUP):").count();
+    let log = wait_for("the last rescan", Duration::from_secs(10), &server, || {
+        std::thread::sleep(Duration::from_millis(800));
+        let log = server.log();
+        (count(&log) > 0 && count(&log) == count(&server.log())).then_some(log)
+    });
+    let rescans = count(&log);
+    // About a second and a half of signals, 300 ms merged per rescan.
+    assert!((1..=10).contains(&rescans), "{rescans} rescans:\n{log}");
+    assert!(log.contains("more merged into it"), "{log}");
+    assert_eq!(state_of(&server, "alpha").unwrap()["state"], "INITIALIZED");
+}
+
 /// A rescan that cannot list the plugins directory says so in its answer
 /// (it answered 200 with every list empty, as if nothing had changed), and
 /// retires nothing; once the directory is back, the warning is gone.
