@@ -393,7 +393,13 @@ impl Child {
                 None => SpawnError::TimedOut,
             }
         };
-        match greeting.recv_timeout(timeout) {
+        let deadline = Instant::now().checked_add(timeout);
+        let greeted = match greeting.recv_timeout(timeout) {
+            Err(RecvTimeoutError::Timeout) => super::transport::after_a_stall(&greeting, deadline)
+                .ok_or(RecvTimeoutError::Timeout),
+            other => other,
+        };
+        match greeted {
             Ok(Reply::Greeting(Ok(Greeting::Hello(hello)))) => Ok(Child { shared, hello }),
             Ok(Reply::Greeting(Ok(Greeting::ImportFailed(error)))) => {
                 // The runner exits next; it is let go like any other.

@@ -377,6 +377,9 @@ impl Transport {
         match rx.recv_timeout(left) {
             Ok(reply) => Ok(reply),
             Err(RecvTimeoutError::Timeout) => {
+                if let Some(reply) = after_a_stall(&rx, deadline) {
+                    return Ok(reply);
+                }
                 self.waiters.lock().map.remove(&id);
                 Err(RequestError::TimedOut)
             }
@@ -634,6 +637,27 @@ impl Transport {
             waiter.send(Reply::Died(Arc::clone(report)));
         }
     }
+}
+
+/// How late past its deadline a timed-out wait must wake for the host to
+/// have stalled (a timer on a busy machine wakes within milliseconds).
+const STALLED: Duration = Duration::from_millis(100);
+/// The moment more such a wait gets.
+const STALL_GRACE: Duration = Duration::from_millis(250);
+
+/// The reply of a wait on `rx` that timed out at `deadline`, when it woke
+/// long after it ([`STALLED`]): the host itself was stopped or starved (a
+/// VM paused, `SIGSTOP`, a frozen cgroup), and an answer the runner sent
+/// meanwhile is in the pipe, its reader thread about to hand it on; it
+/// gets [`STALL_GRACE`]. A runner healthy through a 5 s pause of the
+/// server was killed for "no hello within 5 s". A timeout the host waited
+/// out awake is final (`None`).
+pub(crate) fn after_a_stall<T>(rx: &Receiver<T>, deadline: Option<Instant>) -> Option<T> {
+    let late = Instant::now().saturating_duration_since(deadline?);
+    if late < STALLED {
+        return None;
+    }
+    rx.recv_timeout(STALL_GRACE).ok()
 }
 
 /// A request's header as the parts it is written from: `head`, then

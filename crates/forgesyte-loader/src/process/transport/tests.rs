@@ -625,3 +625,21 @@ fn byte_counts_read_well() {
     assert_eq!(fmt_bytes(512 * 1024), "512 KiB");
     assert_eq!(fmt_bytes(100), "100 bytes");
 }
+
+/// A wait that woke long past its deadline (the host was stopped) gets a
+/// moment more for an answer its reader is about to hand on; one that woke
+/// on time does not.
+#[test]
+fn a_wait_that_woke_long_after_its_deadline_gets_a_moment_more() {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<u32>(1);
+    let long_ago = Instant::now().checked_sub(Duration::from_secs(1));
+    let just_now = Some(Instant::now());
+    tx.send(7).unwrap();
+    assert_eq!(super::after_a_stall(&rx, just_now), None, "on time: final");
+    assert_eq!(super::after_a_stall(&rx, long_ago), Some(7));
+    // Late, and still nothing after the grace.
+    let started = Instant::now();
+    assert_eq!(super::after_a_stall(&rx, long_ago), None);
+    assert!(started.elapsed() >= super::STALL_GRACE);
+    assert_eq!(super::after_a_stall(&rx, None), None);
+}
