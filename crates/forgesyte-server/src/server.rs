@@ -232,10 +232,16 @@ impl Server {
                     state.streams().drained().await;
                     ended
                 };
-                match tokio::time::timeout_at(deadline, drained).await {
-                    Ok(ended) => flatten(ended),
-                    Err(_) => {
-                        tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), "In-flight requests did not finish in time; stopping anyway");
+                tokio::select! {
+                    waited = tokio::time::timeout_at(deadline, drained) => match waited {
+                        Ok(ended) => flatten(ended),
+                        Err(_) => {
+                            tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), "In-flight requests did not finish in time; stopping anyway");
+                            server.abort();
+                            Ok(())
+                        }
+                    },
+                    () = HURRY.notified() => {
                         server.abort();
                         Ok(())
                     }
@@ -358,7 +364,12 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
     });
 }
 
-/// A future that completes on SIGINT (Ctrl-C) or SIGTERM.
+/// Set by a second `SIGINT` or `SIGTERM` during the shutdown
+/// ([`shutdown_signal`]): the drain ends at once.
+static HURRY: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// A future that completes on SIGINT (Ctrl-C) or SIGTERM; a second one
+/// afterwards ends [`Server::run`]'s wait for the requests in flight.
 ///
 /// The signal handlers are installed when this function is called (it
 /// must be called inside a tokio runtime), not when the future is first
@@ -393,6 +404,34 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
                 _ = interrupted => tracing::info!("SIGINT received"),
                 _ = terminated => tracing::info!("SIGTERM received"),
             }
+            // A second one (an impatient operator's Ctrl-C, a process
+            // manager's repeat) was ignored without a word: it now ends
+            // the wait for the requests in flight at once.
+            tokio::spawn(async move {
+                loop {
+                    let again = async {
+                        match interrupt.as_mut() {
+                            Some(stream) => stream.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let again_term = async {
+                        match terminate.as_mut() {
+                            Some(stream) => stream.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let name = tokio::select! {
+                        Some(()) = again => "SIGINT",
+                        Some(()) = again_term => "SIGTERM",
+                        else => return,
+                    };
+                    tracing::warn!(
+                        "{name} received again: the server stops now, without waiting for the requests in flight"
+                    );
+                    HURRY.notify_one();
+                }
+            });
         }
     }
     #[cfg(not(unix))]

@@ -1496,6 +1496,56 @@ fn a_sighup_during_shutdown_starts_no_rescan() {
     );
 }
 
+/// A second `SIGTERM` during the shutdown ends the wait for the requests
+/// in flight at once, and says so: it was ignored without a word, the
+/// server waiting out its whole grace.
+#[test]
+fn a_second_sigterm_ends_the_shutdown_grace() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str(), "--shutdown-grace", "30"]);
+    server.wait_loaded();
+    let addr = server.addr;
+    let slow = std::thread::spawn(move || {
+        crate::support::try_http(
+            addr,
+            "POST",
+            "/v1/plugins/alpha/tools/sleep/run",
+            br#"{"args": {"ms": 20000}}"#,
+        )
+    });
+    wait_running(&server, "alpha");
+    let pid = server.pid().to_string();
+    let term = || {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    term();
+    wait_for(
+        "the shutdown's start",
+        Duration::from_secs(10),
+        &server,
+        || server.log().contains("Shutting down").then_some(()),
+    );
+    let second = Instant::now();
+    term();
+    server.wait_exit(Duration::from_secs(15));
+    assert!(
+        second.elapsed() < Duration::from_secs(12),
+        "{:?} after the second SIGTERM",
+        second.elapsed()
+    );
+    let _ = slow.join();
+    let log = server.log();
+    assert!(
+        log.contains("SIGTERM received again: the server stops now"),
+        "{log}"
+    );
+}
+
 /// The state and reason of plugin `name`.
 fn state_and_reason(server: &Forgesyte, name: &str) -> (String, String) {
     let health = server.get(&format!("/v1/plugins/{name}/health")).json();
