@@ -218,6 +218,16 @@ class RunnerTestCase(unittest.TestCase):
         p = Proc(self, name, **kw)
         return p
 
+    def source_plugin(self, source):
+        """A runner of a plugin.py holding ``source``, its hello read."""
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write(source)
+        p = Proc(self, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
+        p.hello()
+        return p
+
 
 class HandshakeTests(RunnerTestCase):
     def test_hello_fields(self):
@@ -848,16 +858,12 @@ class LifecycleTests(RunnerTestCase):
         self.assertIn("WARNING forgesyte-python-runner[echo]: on_unload() still running after", p.stderr)
 
     def test_a_raising_on_unload_is_a_warning(self):
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "plugin.py"), "w") as f:
-            f.write("class Plugin:\n"
-                    "    def run_tool(self, name, args):\n"
-                    "        return {}\n"
-                    "    def on_unload(self):\n"
-                    "        raise RuntimeError('weights locked')\n")
-        p = Proc(self, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
-        p.start()
+        p = self.source_plugin("class Plugin:\n"
+                               "    def run_tool(self, name, args):\n"
+                               "        return {}\n"
+                               "    def on_unload(self):\n"
+                               "        raise RuntimeError('weights locked')\n")
+        self.assertEqual(p.create()["type"], "created")
         p.close_stdin()
         self.assertEqual(p.wait(5), 0)
         time.sleep(0.1)
@@ -995,31 +1001,16 @@ class ImportAndInitFailureTests(RunnerTestCase):
     def test_a_tool_spec_that_is_not_valid_unicode_fails_construction(self):
         # A description made from a file name that is not UTF-8: the
         # runner answers init_failed instead of dying on the answer.
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "plugin.py"), "w") as f:
-            f.write("import os\n"
-                    "class Plugin:\n"
-                    "    def __init__(self):\n"
-                    "        self.tools = {'t': {'handler': self.t,\n"
-                    "                      'description': os.fsdecode(b'model-\\xe9.bin')}}\n"
-                    "    def t(self, **kw):\n"
-                    "        return {}\n")
-        p = Proc(self, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
-        p.hello()
+        p = self.source_plugin("import os\n"
+                               "class Plugin:\n"
+                               "    def __init__(self):\n"
+                               "        self.tools = {'t': {'handler': self.t,\n"
+                               "                      'description': os.fsdecode(b'model-\\xe9.bin')}}\n"
+                               "    def t(self, **kw):\n"
+                               "        return {}\n")
         header = p.create()
         self.assertEqual(header["type"], "init_failed", header)
         self.assertEqual(header["error"]["error_type"], "UnicodeEncodeError", header)
-
-    def source_plugin(self, source):
-        """A runner of a plugin.py holding ``source``, its hello read."""
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "plugin.py"), "w") as f:
-            f.write(source)
-        p = Proc(self, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
-        p.hello()
-        return p
 
     def test_a_handler_with_nothing_to_call_fails_construction(self):
         # As ForgeSyte's BasePlugin refuses it: at construction, naming
