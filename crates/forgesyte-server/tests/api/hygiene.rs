@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Forgesyte, PluginsDir, children_of, runner_pid};
+use crate::support::{Forgesyte, PluginsDir, children_of, runner_pid, signal};
 
 /// Whether process `pid` has ended (gone, or a zombie waiting for its new
 /// parent to reap it).
@@ -33,14 +33,6 @@ fn wait_ended(pid: u32, limit: Duration, what: impl Fn() -> String) {
 /// The pid a tool answered as `result.pid`.
 fn result_pid(reply: &crate::support::Reply) -> u32 {
     u32::try_from(reply.json()["result"]["pid"].as_u64().unwrap()).unwrap()
-}
-
-fn signal(target: &str, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, "--", target])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {sig} {target} failed");
 }
 
 #[test]

@@ -7,7 +7,6 @@
 //! Every wait is a deadline loop.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -38,11 +37,43 @@ pub(crate) fn wait_for<T>(
 }
 
 pub(crate) fn hangup(server: &Forgesyte) {
-    let status = Command::new("kill")
-        .args(["-HUP", &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -HUP failed");
+    crate::support::signal(&server.pid().to_string(), "-HUP");
+}
+
+/// A server of one plugin, `alpha`, under `--shutdown-grace GRACE`, told to
+/// stop (`SIGTERM`) while a call of `ms` to it is in flight: returned once
+/// its shutdown began, with the call's thread.
+fn stopping_with_a_call_in_flight(
+    grace: &str,
+    ms: u64,
+) -> (
+    PluginsDir,
+    Forgesyte,
+    std::thread::JoinHandle<std::io::Result<Reply>>,
+) {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--shutdown-grace", grace]);
+    server.wait_loaded();
+    let addr = server.addr;
+    let body = json!({"args": {"ms": ms}}).to_string();
+    let slow = std::thread::spawn(move || {
+        crate::support::try_http(
+            addr,
+            "POST",
+            "/v1/plugins/alpha/tools/sleep/run",
+            body.as_bytes(),
+        )
+    });
+    wait_running(&server, "alpha");
+    crate::support::signal(&server.pid().to_string(), "-TERM");
+    wait_for(
+        "the shutdown's start",
+        Duration::from_secs(10),
+        &server,
+        || server.log().contains("Shutting down").then_some(()),
+    );
+    (dir, server, slow)
 }
 
 /// Puts a copy of `from` at `to` by a rename, as a build or `install`
@@ -1454,35 +1485,11 @@ fn a_rescan_whose_admin_client_hung_up_still_finishes_its_work() {
 /// server says it dropped it, and exits as usual.
 #[test]
 fn a_sighup_during_shutdown_starts_no_rescan() {
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let mut server = Forgesyte::start(&["--plugins", dir.path_str(), "--shutdown-grace", "2"]);
-    server.wait_loaded();
+    // A request in flight keeps the drain (and the process) going a while.
+    let (dir, mut server, slow) = stopping_with_a_call_in_flight("2", 1500);
     // A plugin added after the start: a rescan would find it.
     dir.good("beta", json!({}));
-    // A request in flight keeps the drain (and the process) going a while.
-    let addr = server.addr;
-    let slow = std::thread::spawn(move || {
-        crate::support::try_http(
-            addr,
-            "POST",
-            "/v1/plugins/alpha/tools/sleep/run",
-            br#"{"args": {"ms": 1500}}"#,
-        )
-    });
-    wait_running(&server, "alpha");
     let pid = server.pid().to_string();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    wait_for(
-        "the shutdown's start",
-        Duration::from_secs(10),
-        &server,
-        || server.log().contains("Shutting down").then_some(()),
-    );
     let _ = std::process::Command::new("kill")
         .args(["-HUP", &pid])
         .status();
@@ -1501,37 +1508,9 @@ fn a_sighup_during_shutdown_starts_no_rescan() {
 /// server waiting out its whole grace.
 #[test]
 fn a_second_sigterm_ends_the_shutdown_grace() {
-    let dir = PluginsDir::new();
-    dir.good("alpha", json!({}));
-    let mut server = Forgesyte::start(&["--plugins", dir.path_str(), "--shutdown-grace", "30"]);
-    server.wait_loaded();
-    let addr = server.addr;
-    let slow = std::thread::spawn(move || {
-        crate::support::try_http(
-            addr,
-            "POST",
-            "/v1/plugins/alpha/tools/sleep/run",
-            br#"{"args": {"ms": 20000}}"#,
-        )
-    });
-    wait_running(&server, "alpha");
-    let pid = server.pid().to_string();
-    let term = || {
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    };
-    term();
-    wait_for(
-        "the shutdown's start",
-        Duration::from_secs(10),
-        &server,
-        || server.log().contains("Shutting down").then_some(()),
-    );
+    let (_dir, mut server, slow) = stopping_with_a_call_in_flight("30", 20_000);
     let second = Instant::now();
-    term();
+    crate::support::signal(&server.pid().to_string(), "-TERM");
     server.wait_exit(Duration::from_secs(15));
     assert!(
         second.elapsed() < Duration::from_secs(12),

@@ -681,6 +681,16 @@ pub(crate) fn make_fifo(path: &Path) {
 }
 
 /// The `forgesyte` binary with no `FORGESYTE_*` variable inherited.
+/// `kill SIG -- TARGET` (a pid, or `-PGID` for a process group), which must
+/// succeed.
+pub(crate) fn signal(target: &str, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, "--", target])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {target} failed");
+}
+
 pub(crate) fn forgesyte_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_forgesyte"));
     for var in [
