@@ -368,6 +368,26 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
 /// ([`shutdown_signal`]): the drain ends at once.
 static HURRY: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
+/// The next `SIGINT` or `SIGTERM` of the two streams (`None`: not
+/// listened for, never comes), by name; `false` when its stream ended
+/// instead (the runtime's signal driver is gone).
+#[cfg(unix)]
+async fn next_stop_signal(
+    interrupt: &mut Option<tokio::signal::unix::Signal>,
+    terminate: &mut Option<tokio::signal::unix::Signal>,
+) -> (&'static str, bool) {
+    async fn next(stream: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+        match stream {
+            Some(stream) => stream.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+    tokio::select! {
+        got = next(interrupt) => ("SIGINT", got.is_some()),
+        got = next(terminate) => ("SIGTERM", got.is_some()),
+    }
+}
+
 /// A future that completes on SIGINT (Ctrl-C) or SIGTERM; a second one
 /// afterwards ends [`Server::run`]'s wait for the requests in flight.
 ///
@@ -388,44 +408,17 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
         let mut interrupt = listen(SignalKind::interrupt(), "SIGINT");
         let mut terminate = listen(SignalKind::terminate(), "SIGTERM");
         async move {
-            let interrupted = async {
-                match interrupt.as_mut() {
-                    Some(stream) => stream.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let terminated = async {
-                match terminate.as_mut() {
-                    Some(stream) => stream.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = interrupted => tracing::info!("SIGINT received"),
-                _ = terminated => tracing::info!("SIGTERM received"),
-            }
+            let (name, _) = next_stop_signal(&mut interrupt, &mut terminate).await;
+            tracing::info!("{name} received");
             // A second one (an impatient operator's Ctrl-C, a process
             // manager's repeat) was ignored without a word: it now ends
             // the wait for the requests in flight at once.
             tokio::spawn(async move {
                 loop {
-                    let again = async {
-                        match interrupt.as_mut() {
-                            Some(stream) => stream.recv().await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    let again_term = async {
-                        match terminate.as_mut() {
-                            Some(stream) => stream.recv().await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    let name = tokio::select! {
-                        Some(()) = again => "SIGINT",
-                        Some(()) = again_term => "SIGTERM",
-                        else => return,
-                    };
+                    let (name, delivered) = next_stop_signal(&mut interrupt, &mut terminate).await;
+                    if !delivered {
+                        return;
+                    }
                     tracing::warn!(
                         "{name} received again: the server stops now, without waiting for the requests in flight"
                     );
