@@ -36,6 +36,17 @@ pub(crate) fn wait_for<T>(
     }
 }
 
+/// `forgesyte serve` of `dir` with the admin routes on ([`TOKEN`]), once
+/// its load pass is over.
+fn serve_with_admin(dir: &PluginsDir) -> Forgesyte {
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    server
+}
+
 pub(crate) fn hangup(server: &Forgesyte) {
     crate::support::signal(&server.pid().to_string(), "-HUP");
 }
@@ -174,11 +185,7 @@ fn a_removed_plugin_with_a_call_in_flight()
 -> (PluginsDir, Forgesyte, std::thread::JoinHandle<Reply>) {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({})).good("slow", json!({}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     assert_eq!(served(&server, "slow", "echo").status, 200);
     let call = sleep_call(&server, "slow", 3000);
     wait_running(&server, "slow");
@@ -303,11 +310,7 @@ fn a_storm_of_sighups_is_merged_into_a_few_rescans() {
 fn a_rescan_that_cannot_list_the_plugins_directory_says_so() {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     let aside = dir.path().with_extension("aside");
     std::fs::rename(dir.path(), &aside).unwrap();
     let report = reload(&server);
@@ -435,11 +438,7 @@ fn a_plugins_directory_moved_away_a_moment_tears_nothing_down() {
 fn a_plugin_removed_and_added_in_one_rescan_counts_from_zero() {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     for _ in 0..3 {
         assert_eq!(served(&server, "alpha", "echo").status, 200);
     }
@@ -481,11 +480,7 @@ fn a_plugin_removed_and_added_in_one_rescan_counts_from_zero() {
 fn a_reloaded_python_plugin_is_constructed_after_the_old_one_unloaded() {
     let dir = PluginsDir::new();
     dir.python("exclusive", "exclusive");
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     assert_eq!(served(&server, "exclusive", "ping").status, 200);
     let reply = admin_post(server.addr, "/v1/plugins/exclusive/reload");
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -510,11 +505,7 @@ fn a_reloaded_python_plugin_is_constructed_after_the_old_one_unloaded() {
 fn a_plugin_moved_to_another_directory_is_reloaded_from_there() {
     let dir = PluginsDir::new();
     dir.python("echo", "echo").good("alpha", json!({}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     assert_eq!(served(&server, "echo", "echo").status, 200);
     for (name, to) in [("echo", "echo-1.1"), ("alpha", "alpha-2")] {
         std::fs::rename(dir.path().join(name), dir.path().join(to)).unwrap();
@@ -556,11 +547,7 @@ fn directories_rotated_or_swapped_are_moves_that_keep_their_counts() {
     dir.good("a", json!({"name": "alpha"}));
     dir.python("b", "echo")
         .manifest_fields("b", json!({"name": "beta"}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     let mv = |from: &str, to: &str| {
         std::fs::rename(dir.path().join(from), dir.path().join(to)).unwrap();
     };
@@ -617,11 +604,7 @@ fn a_plugin_moves_into_the_directory_of_an_unavailable_one() {
         "b",
         json!({"name": "beta", "dependencies": ["bin:forgesyte-no-such-program"]}),
     );
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     assert_eq!(state_of(&server, "beta").unwrap()["state"], "UNAVAILABLE");
     assert_eq!(served(&server, "alpha", "echo").status, 200);
     for (from, to) in [("b", "c"), ("a", "b")] {
@@ -680,11 +663,7 @@ fn a_chain_ending_on_a_plugin_that_stays_moves_what_it_can() {
     for (at, name) in [("c1", "n1"), ("c2", "n2"), ("c3", "n3")] {
         dir.good(at, json!({"name": name}));
     }
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     assert_eq!(served(&server, "n2", "echo").status, 200);
     dir.manifest_fields("c1", json!({"name": "n2"}));
     dir.manifest_fields("c2", json!({"name": "n3"}));
@@ -917,11 +896,7 @@ fn a_rescan_cut_short_by_the_stop_blames_no_plugin_and_opens_no_library() {
 fn a_name_claimed_by_a_second_directory_stays_with_the_first_until_a_restart() {
     let dir = PluginsDir::new();
     dir.good("zz", json!({"name": "x"}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     dir.good("aa", json!({"name": "x"}));
     let reload = admin_post(server.addr, "/v1/plugins/reload");
     assert_eq!(reload.status, 200, "{}", reload.text());
@@ -965,11 +940,7 @@ fn plugins_that_swap_names_or_rename_in_a_chain_load_under_their_new_names() {
     ] {
         dir.good(at, json!({"name": name}));
     }
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     for (at, name) in [
         ("aaa", "beta"),
         ("bbb", "alpha"),
@@ -1013,11 +984,7 @@ fn the_old_runners_of_a_rescan_end_together() {
     for name in &names {
         dir.python(name, "exclusive");
     }
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     for name in &names {
         let plugin = dir.path().join(name).join("plugin.py");
         let source = std::fs::read_to_string(&plugin).unwrap();
@@ -1092,11 +1059,7 @@ fn a_plugin_changed_during_a_long_call_is_reloaded_once_the_call_ends() {
 fn health_says_where_a_reloaded_plugin_runs_now() {
     let dir = PluginsDir::new();
     dir.good("alpha", json!({}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     let reload_alpha = || {
         let report = reload(&server);
         assert_eq!(report["changed"], json!(["alpha"]), "{report}");
@@ -1193,11 +1156,7 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
 fn a_rescan_after_a_reload_by_name_leaves_the_plugin_alone() {
     let dir = PluginsDir::new();
     dir.good("iso", json!({"isolation": "process"}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     let manifest = dir.path().join("iso/manifest.json");
     let mut value: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     value["description"] = json!("changed on disk");
@@ -1544,11 +1503,7 @@ fn dependents_follow_their_dependency_through_reloads_and_rescans() {
     let dir = PluginsDir::new();
     dir.python("base", "echo").python("dep", "echo");
     dir.manifest_fields("dep", json!({"dependencies": ["plugin:base"]}));
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let server = serve_with_admin(&dir);
     assert_eq!(state_and_reason(&server, "dep").0, "INITIALIZED");
     let source = dir.path().join("base/plugin.py");
     let good = std::fs::read_to_string(&source).unwrap();
