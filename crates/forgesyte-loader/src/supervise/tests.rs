@@ -277,6 +277,25 @@ impl Harness {
         Some(wall.to_rfc3339_opts(SecondsFormat::Millis, true))
     }
 
+    /// `restarts` crashes, each restarted after `delay` (the budget still
+    /// allows them), then one more, which leaves the plugin FAILED for
+    /// good: the budget is spent.
+    fn spend_the_budget(&mut self, restarts: usize, delay: Duration) {
+        for _ in 0..restarts {
+            self.crash();
+            self.clock.advance(delay);
+            assert_eq!(self.status().state, S::Initialized);
+        }
+        self.crash();
+        self.clock.advance(delay);
+        let status = self.status();
+        assert_eq!(
+            (status.state, status.next_retry_at.as_deref()),
+            (S::Failed, None),
+            "{status:?}"
+        );
+    }
+
     /// Crashes the plugin and checks that exactly one restart waits, due
     /// `delay` from now, and that nothing happens until it is due; then
     /// lets it come due and checks the plugin is back up. Returns the
@@ -507,19 +526,7 @@ fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
         h.clock.advance(ms(100));
         assert_eq!(h.status().state, S::Initialized, "round {round}");
     }
-    for _ in 0..2 {
-        h.crash();
-        h.clock.advance(ms(100));
-        assert_eq!(h.status().state, S::Initialized);
-    }
-    h.crash();
-    h.clock.advance(ms(100));
-    let status = h.status();
-    assert_eq!(
-        (status.state, status.next_retry_at.as_deref()),
-        (S::Failed, None),
-        "{status:?}"
-    );
+    h.spend_the_budget(2, ms(100));
 }
 
 /// Restarts the host could not start for want of its own descriptors or
@@ -557,17 +564,7 @@ fn restarts_the_host_could_not_start_do_not_spend_the_restart_budget() {
     assert_eq!(status.state, S::Initialized, "{status:?}");
     // The budget spent by the first crash's restart only (one of two):
     // one crash more restarts, the next is FAILED for good.
-    h.crash();
-    h.clock.advance(ms(400));
-    assert_eq!(h.status().state, S::Initialized);
-    h.crash();
-    h.clock.advance(ms(400));
-    let status = h.status();
-    assert_eq!(
-        (status.state, status.next_retry_at.as_deref()),
-        (S::Failed, None),
-        "{status:?}"
-    );
+    h.spend_the_budget(1, ms(400));
 }
 
 /// The streak starts again after a plugin was up for the healthy reset,
