@@ -30,6 +30,9 @@ pub enum FakeBehavior {
     InitPanic(String),
     /// The constructor takes this long, then constructs as [`Good`](Self::Good).
     InitSlow(std::time::Duration),
+    /// Opening fails for want of the host's own resources
+    /// ([`ImportError::HostResources`]), with this detail.
+    HostShort(String),
     /// Constructs as [`Good`](Self::Good); the instance's destructor takes
     /// this long (a plugin whose `Drop` joins a thread, flushes slowly).
     DropSlow(std::time::Duration),
@@ -88,6 +91,10 @@ impl Importer for FakeImporter {
             Some(FakeBehavior::NoEntry) => Err(ImportError::MissingEntrySymbol {
                 path: path.to_path_buf(),
                 symbol: "forgesyte_plugin_entry".into(),
+            }),
+            Some(FakeBehavior::HostShort(detail)) => Err(ImportError::HostResources {
+                what: path.display().to_string(),
+                detail,
             }),
             Some(b) => Ok(Arc::new(FakeLibrary(b))),
         }

@@ -45,6 +45,12 @@ impl Setup {
         self
     }
 
+    /// What importing `dir`'s library does from now on.
+    pub(crate) fn behave(&self, dir: &str, behavior: FakeBehavior) {
+        self.importer
+            .set(format!("/plugins/{dir}/lib.so"), behavior);
+    }
+
     fn loader(&self) -> Loader {
         self.loader_with(LoaderConfig::default())
     }

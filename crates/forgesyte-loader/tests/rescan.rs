@@ -222,6 +222,57 @@ fn a_rescan_for_a_file_change_retries_no_failed_plugin() {
     assert_eq!(names(&report.retried), ["broken", "waiting"], "{report:?}");
 }
 
+/// A plugin the host could not start for want of its own resources is
+/// listed for [`Loader::retry_host_short`], which loads it again once the
+/// resources are back; one that failed for its own reason is not, nor one
+/// whose reason moved on since.
+#[test]
+fn plugins_the_host_was_too_short_to_start_are_retried_until_they_load() {
+    let s = Setup::new();
+    let short = || FakeBehavior::HostShort("the server is out of file descriptors".into());
+    s.plugin("alpha", &manifest("alpha", json!({})), short())
+        .plugin("beta", &manifest("beta", json!({})), short())
+        .plugin(
+            "broken",
+            &manifest("broken", json!({})),
+            FakeBehavior::InitError("boom".into()),
+        );
+    let loader = s.load();
+    s.check(
+        "alpha",
+        S::Failed,
+        &["ImportError: cannot start", "out of file descriptors"],
+    );
+    s.check("broken", S::Failed, &["boom"]);
+    assert_eq!(loader.host_short_plugins(), ["alpha", "beta"]);
+
+    // Still short: tried, and still listed.
+    let outcomes = loader.retry_host_short();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert_eq!(loader.host_short_plugins(), ["alpha", "beta"]);
+
+    // beta now fails for its own reason: dropped from the list.
+    s.behave("alpha", FakeBehavior::Good);
+    s.behave("beta", FakeBehavior::InitError("its own".into()));
+    let outcomes = loader.retry_host_short();
+    let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    s.check("alpha", S::Initialized, &[]);
+    s.check("beta", S::Failed, &["its own"]);
+    assert!(loader.host_short_plugins().is_empty());
+    assert!(loader.retry_host_short().is_empty());
+
+    // Short at its reload, then loaded by a rescan meanwhile: its entry
+    // goes with its reason.
+    s.behave("beta", short());
+    loader.reload("beta");
+    assert_eq!(loader.host_short_plugins(), ["beta"]);
+    s.behave("beta", FakeBehavior::Good);
+    loader.rescan();
+    s.check("beta", S::Initialized, &[]);
+    assert!(loader.host_short_plugins().is_empty());
+}
+
 /// `reload_all` loads the directories that appeared after reloading the
 /// registered plugins: a plugin UNAVAILABLE over a `plugin:` dependency
 /// that appeared is then loaded again (it stayed UNAVAILABLE); one whose

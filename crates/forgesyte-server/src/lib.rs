@@ -116,6 +116,7 @@ mod error;
 mod events;
 mod extract;
 mod form;
+mod host_retry;
 mod metrics;
 mod origin;
 mod pool;

@@ -121,7 +121,11 @@ pub(crate) async fn rescan_when_free(state: &AppState, trigger: &str) {
 
 /// The admin claim, waited for (bounded); `None` when the wait gave up or
 /// the server is stopping (logged: `what` and its `trigger`).
-async fn claim_when_free(state: &AppState, what: &str, trigger: &str) -> Option<AdminGuard> {
+pub(crate) async fn claim_when_free(
+    state: &AppState,
+    what: &str,
+    trigger: &str,
+) -> Option<AdminGuard> {
     let deadline = tokio::time::Instant::now() + WAIT_FOR_CLAIM;
     loop {
         if state.loader().is_shutting_down() {

@@ -302,6 +302,7 @@ fn flatten(ended: Result<io::Result<()>, tokio::task::JoinError>) -> Result<(), 
 fn start_rescan_triggers(state: &AppState, plugins_dir: &std::path::Path, watch: bool) {
     crate::rescan::start_sighup(state);
     crate::rescan::start_settling(state);
+    crate::host_retry::start(state);
     if watch {
         crate::watch::start(state, plugins_dir);
     }

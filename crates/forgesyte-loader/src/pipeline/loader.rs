@@ -166,6 +166,10 @@ pub struct Loader {
     /// finds the file changed loads the plugin again (a rebuild was never
     /// picked up without a restart).
     pub(super) outside_libraries: Mutex<BTreeMap<String, (PathBuf, Option<FileIdentity>)>>,
+    /// Plugins whose last load failed for want of the host's own
+    /// resources, with the reason recorded then (`host_short.rs`): tried
+    /// again by [`retry_host_short`](Self::retry_host_short).
+    pub(super) host_short: Mutex<BTreeMap<String, String>>,
 }
 
 /// What tells one version of a file from the next: device, inode, size,
@@ -238,6 +242,7 @@ impl Loader {
             checked_bytes: Arc::default(),
             stopping: Mutex::new(Vec::new()),
             outside_libraries: Mutex::default(),
+            host_short: Mutex::default(),
         }
     }
 

@@ -31,6 +31,7 @@ mod config;
 mod construction;
 mod detached;
 mod discovery;
+mod host_short;
 mod instantiate;
 mod load;
 mod loader;

@@ -290,6 +290,7 @@ impl Loader {
     /// Records a load failure: UNAVAILABLE for dependencies, FAILED otherwise.
     pub(super) fn record_failure(&self, name: &str, err: &PluginError) {
         let reason = err.reason();
+        self.note_host_short(name, err, &reason);
         if matches!(
             err,
             PluginError::Load(forgesyte_errors::LoadError::Dependency(_))

@@ -11,7 +11,11 @@
 //! system call, not a count of `/proc/self/fd`, which costs a millisecond
 //! per thousand descriptors on every start of a 1,000-plugin pass); every
 //! descriptor below it is open, so the test never refuses a server that
-//! has the room.
+//! has the room. Starts run at once on several threads (a load wave), and
+//! each makes its descriptors only after its check: every start between
+//! its check and the end of its launch holds a [`Starting`], and counts
+//! its [`PER_RUNNER`] as taken in every other start's check (six checks at
+//! once each saw the same free descriptors, and all six took them).
 //!
 //! A runner that cannot start for want of the host's resources (this
 //! refusal, `EMFILE`, `ENFILE`, `EAGAIN` from `fork` under a process
@@ -20,10 +24,26 @@
 //! meets it does not spend the plugin's restart budget.
 
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Descriptors a runner's start takes in the server, at most: its three
 /// pipes, the shared-memory socket, its pidfd, and the spawn's own.
 const PER_RUNNER: u64 = 8;
+
+/// Starts between their check and the end of their launch ([`Starting`]).
+static STARTING: AtomicU64 = AtomicU64::new(0);
+
+/// A start's claim on [`PER_RUNNER`] descriptors, from its check until it
+/// is dropped (its launch made its descriptors, or failed).
+#[derive(Debug)]
+#[must_use = "the claim ends when it is dropped"]
+pub(crate) struct Starting(());
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        STARTING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Descriptors kept free for connections under a limit of `limit`.
 pub(crate) fn reserve(limit: u64) -> u64 {
@@ -34,8 +54,8 @@ pub(crate) fn reserve(limit: u64) -> u64 {
 /// close to its limit.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the server is short of file descriptors: {open} of its limit of {limit} are open, and \
-     {reserved} are kept for connections; raise its open-file limit (`ulimit -n`, systemd's \
+    "the server is short of file descriptors: {open} of its limit of {limit} are open or being \
+     opened, and {reserved} are kept for connections; raise its open-file limit (`ulimit -n`, systemd's \
      `LimitNOFILE=`)"
 )]
 pub(crate) struct ShortOfDescriptors {
@@ -45,35 +65,41 @@ pub(crate) struct ShortOfDescriptors {
 }
 
 /// Whether a runner may start when the lowest free descriptor is
-/// `lowest_free` under a soft limit of `limit`.
-fn room(lowest_free: u64, limit: u64) -> Result<(), ShortOfDescriptors> {
+/// `lowest_free` and `others` other starts are between their check and
+/// their descriptors, under a soft limit of `limit`.
+fn room(lowest_free: u64, others: u64, limit: u64) -> Result<(), ShortOfDescriptors> {
     let reserved = reserve(limit);
-    if lowest_free.saturating_add(reserved + PER_RUNNER) <= limit {
+    let open = lowest_free.saturating_add(others.saturating_mul(PER_RUNNER));
+    if open.saturating_add(reserved + PER_RUNNER) <= limit {
         return Ok(());
     }
     Err(ShortOfDescriptors {
-        open: lowest_free,
+        open,
         limit,
         reserved,
     })
 }
 
-/// `Err` (an [`std::io::Error`] holding a [`ShortOfDescriptors`]) when a
+/// The start's claim, held until its launch made its descriptors; `Err`
+/// (an [`std::io::Error`] holding a [`ShortOfDescriptors`]) when a
 /// runner's start would leave the server fewer free descriptors than its
 /// [`reserve`]. No limit, or no descriptor to duplicate (stderr closed),
 /// passes: the start itself then says what it meets.
-pub(crate) fn check_descriptors() -> std::io::Result<()> {
+pub(crate) fn check_descriptors() -> std::io::Result<Starting> {
+    let others = STARTING.fetch_add(1, Ordering::SeqCst);
+    let starting = Starting(());
     let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current else {
-        return Ok(());
+        return Ok(starting);
     };
     let stderr = std::io::stderr();
     let lowest_free = match rustix::io::fcntl_dupfd_cloexec(stderr.as_fd(), 0) {
         Ok(fd) => u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap_or(u64::MAX),
         // Not one left.
         Err(rustix::io::Errno::MFILE) => limit,
-        Err(_) => return Ok(()),
+        Err(_) => return Ok(starting),
     };
-    room(lowest_free, limit).map_err(std::io::Error::other)
+    room(lowest_free, others, limit).map_err(std::io::Error::other)?;
+    Ok(starting)
 }
 
 /// What of the host's is short when a runner's start failed with `e`, and
@@ -126,25 +152,29 @@ mod tests {
         assert_eq!(reserve(4096), 512);
         assert_eq!(reserve(1 << 20), 1024);
         // 128: 16 kept, 8 for the runner.
-        assert!(room(104, 128).is_ok());
-        let short = room(105, 128).unwrap_err();
+        assert!(room(104, 0, 128).is_ok());
+        let short = room(105, 0, 128).unwrap_err();
         assert_eq!(
             short.to_string(),
-            "the server is short of file descriptors: 105 of its limit of 128 are open, and 16 \
-             are kept for connections; raise its open-file limit (`ulimit -n`, systemd's \
-             `LimitNOFILE=`)"
+            "the server is short of file descriptors: 105 of its limit of 128 are open or being \
+             opened, and 16 are kept for connections; raise its open-file limit (`ulimit -n`, \
+             systemd's `LimitNOFILE=`)"
         );
-        assert!(room(128, 128).is_err());
-        assert!(room(u64::MAX, 128).is_err());
+        assert!(room(128, 0, 128).is_err());
+        assert!(room(u64::MAX, 0, 128).is_err());
+        assert!(room(3, u64::MAX, 128).is_err());
         assert!(
-            room(3, 20).is_err(),
+            room(3, 0, 20).is_err(),
             "a limit under the reserve starts none"
         );
+        // Two other starts on their way: 16 more taken.
+        assert!(room(88, 2, 128).is_ok());
+        assert!(room(89, 2, 128).is_err());
     }
 
     #[test]
     fn the_host_s_shortages_are_named_and_nothing_else() {
-        let refused = std::io::Error::other(room(200, 128).unwrap_err());
+        let refused = std::io::Error::other(room(200, 0, 128).unwrap_err());
         assert!(
             host_short(&refused).is_some_and(|s| s.contains("short of file descriptors")),
             "{refused}"
@@ -169,7 +199,11 @@ mod tests {
     }
 
     #[test]
-    fn this_test_process_has_room() {
-        check_descriptors().unwrap();
+    fn this_test_process_has_room_and_a_start_claims_until_dropped() {
+        let first = check_descriptors().unwrap();
+        let second = check_descriptors().unwrap();
+        // (Other tests of this process may start runners meanwhile.)
+        assert!(STARTING.load(Ordering::SeqCst) >= 2);
+        drop((first, second));
     }
 }

@@ -41,6 +41,7 @@
 mod child;
 mod exit;
 mod headroom;
+pub(crate) use headroom::host_short;
 mod instance;
 mod os_process;
 mod received;
@@ -393,8 +394,9 @@ impl ProcessImporter {
         if self.runners.as_deref().is_some_and(Runners::is_closed) {
             return Err(SpawnError::Stopping);
         }
-        // Never the descriptors the server's connections need.
-        headroom::check_descriptors().map_err(SpawnError::Start)?;
+        // Never the descriptors the server's connections need; claimed
+        // until this start has made its own.
+        let _starting = headroom::check_descriptors().map_err(SpawnError::Start)?;
         let opts = SpawnOptions {
             plugin: &self.plugin,
             memory_limit_mib: self.limits.memory_limit_mib,

@@ -375,7 +375,8 @@ async fn livez_answers_within_100_ms_with_a_thousand_idle_connections() {
 /// rescan that adds six Python plugins starts what fits, and the rest are
 /// FAILED naming the limit, while probes and health answer. (Forty runners
 /// under `ulimit -n 128` took every descriptor, and the server accepted
-/// no connection again.) With the limit back, a rescan loads them.
+/// no connection again.) With the limit back, the server loads them again
+/// by itself (an operator's rescan was needed).
 #[test]
 fn runners_leave_the_server_descriptors_for_its_connections() {
     use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
@@ -430,20 +431,29 @@ fn runners_leave_the_server_descriptors_for_its_connections() {
             reply.text()
         );
     }
-    // The limit back: the next rescan retries and loads them.
+    // The limit back: the server tries them again by itself (its first
+    // waits are 2 s, then 4 s), with no rescan asked for.
     prlimit(Some(pid), Resource::Nofile, before).unwrap();
-    let report = crate::support::admin_post(server.addr, "/v1/plugins/reload", token);
-    assert_eq!(report.status, 200, "{}", report.text());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     for i in 0..=6 {
-        let health = http(
-            server.addr,
-            "GET",
-            &format!("/v1/plugins/py-{i}/health"),
-            b"",
-        )
-        .json();
-        assert_eq!(health["state"], "INITIALIZED", "{health}");
+        loop {
+            let path = format!("/v1/plugins/py-{i}/health");
+            let health = http(server.addr, "GET", &path, b"").json();
+            if health["state"] == "INITIALIZED" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not retried by the server: {health}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
+    let log = server.log();
+    assert!(
+        log.contains("Retried") && log.contains("too short of resources"),
+        "{log}"
+    );
 }
 
 /// An answer whose shared attachment the server cannot take, because it

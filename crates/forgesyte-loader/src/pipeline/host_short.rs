@@ -1,0 +1,102 @@
+//! Plugins whose load failed for want of the host's own resources (file
+//! descriptors, processes, memory: [`ImportError::HostResources`], or a
+//! manifest that could not be read for that reason): no fault of theirs,
+//! so they are not left FAILED until an operator rescans. The loader keeps
+//! each with the reason it recorded; [`Loader::retry_host_short`] loads
+//! again those still FAILED with that reason (the server calls it on a
+//! backoff while any is left). A plugin whose state or reason moved on
+//! since (loaded by a rescan, failed for its own reason) is dropped from
+//! the list, not retried.
+
+use forgesyte_errors::{ImportError, LoadError, ManifestError, PluginError};
+use forgesyte_registry::PluginLifecycleState;
+
+use super::loader::Loader;
+use super::report::PluginLoadOutcome;
+
+/// Whether `err` is a shortage of the host's, not the plugin's fault.
+pub(super) fn is_host_short(err: &PluginError) -> bool {
+    match err {
+        PluginError::Load(LoadError::Import(ImportError::HostResources { .. })) => true,
+        PluginError::Manifest(ManifestError::Io { source, .. }) => {
+            crate::process::host_short(source).is_some()
+        }
+        _ => false,
+    }
+}
+
+impl Loader {
+    /// Records `name`'s load failure for the retry list: kept (with
+    /// `reason`) when `err` is the host's shortage, dropped otherwise. (A
+    /// plugin that loads later, or is retired, is dropped when the list is
+    /// next read: its state no longer matches.)
+    pub(super) fn note_host_short(&self, name: &str, err: &PluginError, reason: &str) {
+        let mut short = self.host_short.lock();
+        if is_host_short(err) {
+            short.insert(name.to_owned(), reason.to_owned());
+        } else {
+            short.remove(name);
+        }
+    }
+
+    /// The plugins FAILED because the host was short of its own resources
+    /// when they loaded, and still FAILED with that reason, sorted by name.
+    pub fn host_short_plugins(&self) -> Vec<String> {
+        let mut short = self.host_short.lock();
+        short.retain(|name, reason| {
+            self.registry
+                .state_and_reason(name)
+                .is_some_and(|(state, now)| {
+                    state == PluginLifecycleState::Failed && now.as_deref() == Some(reason)
+                })
+        });
+        short.keys().cloned().collect()
+    }
+
+    /// Loads again each of [`host_short_plugins`](Self::host_short_plugins)
+    /// (as [`reload`](Self::reload) does, one after another), and returns
+    /// their outcomes. One that is short again stays on the list. Run it
+    /// where no other pass runs (the server holds its admin claim).
+    pub fn retry_host_short(&self) -> Vec<PluginLoadOutcome> {
+        if self.is_shutting_down() {
+            return Vec::new();
+        }
+        self.host_short_plugins()
+            .iter()
+            .filter_map(|name| self.reload(name))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hosts_shortages_are_told_from_the_plugins_failures() {
+        let manifest = |source| {
+            PluginError::Manifest(ManifestError::Io {
+                path: "/plugins/a/manifest.json".into(),
+                source,
+            })
+        };
+        // EMFILE, ENFILE: the host's; EACCES: the plugin directory's.
+        assert!(is_host_short(&manifest(std::io::Error::from_raw_os_error(
+            24
+        ))));
+        assert!(is_host_short(&manifest(std::io::Error::from_raw_os_error(
+            23
+        ))));
+        assert!(!is_host_short(&manifest(
+            std::io::Error::from_raw_os_error(13)
+        )));
+        let import = |e| PluginError::Load(LoadError::Import(e));
+        assert!(is_host_short(&import(ImportError::HostResources {
+            what: "python3".into(),
+            detail: "short".into(),
+        })));
+        assert!(!is_host_short(&import(ImportError::LibraryNotFound {
+            path: "/x.so".into(),
+        })));
+    }
+}
