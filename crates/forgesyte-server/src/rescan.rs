@@ -83,12 +83,14 @@ async fn rescan_to_the_end(
         .collect();
     forget_gone_tools(state, &reloaded);
     let report = ReloadReport::from(report);
+    // Names joined by commas: one type per field in the JSON log.
+    let names = |names: &mut dyn Iterator<Item = &str>| names.collect::<Vec<_>>().join(",");
     tracing::info!(
         %trigger,
-        added = ?report.added,
-        changed = ?report.changed,
-        retried = ?report.retried,
-        removed = ?report.removed.iter().map(|r| &r.name).collect::<Vec<_>>(),
+        added = %names(&mut report.added.iter().map(String::as_str)),
+        changed = %names(&mut report.changed.iter().map(String::as_str)),
+        retried = %names(&mut report.retried.iter().map(String::as_str)),
+        removed = %names(&mut report.removed.iter().map(|r| r.name.as_str())),
         "Rescan ({trigger}): {summary}"
     );
     state.events().reload_finished(trigger, &report);

@@ -216,7 +216,9 @@ impl Server {
             () = shutdown => {
                 let deadline = tokio::time::Instant::now() + config.shutdown_grace;
                 grace_ends = Some(deadline);
-                tracing::info!(grace_s = config.shutdown_grace.as_secs_f64(), "Shutting down: no new connections, waiting for in-flight requests");
+                let calls = calls_in_flight(&state);
+                let stopping_since = tokio::time::Instant::now();
+                tracing::info!(grace_s = config.shutdown_grace.as_secs_f64(), calls_in_flight = calls, "Shutting down: no new connections, waiting for in-flight requests ({calls} tool call(s) in flight)");
                 // From here on a plugin process that ends is recorded, never
                 // restarted; the plugins keep serving the calls in flight.
                 state.loader().shutdown();
@@ -234,14 +236,20 @@ impl Server {
                 };
                 tokio::select! {
                     waited = tokio::time::timeout_at(deadline, drained) => match waited {
-                        Ok(ended) => flatten(ended),
+                        Ok(ended) => {
+                            tracing::info!("In-flight requests finished after {:.1} s", stopping_since.elapsed().as_secs_f64());
+                            flatten(ended)
+                        }
                         Err(_) => {
-                            tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), "In-flight requests did not finish in time; stopping anyway");
+                            let cut = calls_in_flight(&state);
+                            tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), calls_cut_off = cut, "In-flight requests did not finish in time; stopping anyway ({cut} tool call(s) cut off)");
                             server.abort();
                             Ok(())
                         }
                     },
                     () = HURRY.notified() => {
+                        let cut = calls_in_flight(&state);
+                        tracing::info!(calls_cut_off = cut, "Stopped waiting: {cut} tool call(s) cut off");
                         server.abort();
                         Ok(())
                     }
@@ -283,6 +291,16 @@ impl Server {
         tracing::info!("Plugin instances dropped; bye");
         result
     }
+}
+
+/// Tool calls in flight on all plugins now.
+fn calls_in_flight(state: &AppState) -> u64 {
+    state
+        .registry()
+        .list_all()
+        .iter()
+        .map(|p| u64::from(p.in_flight))
+        .sum()
 }
 
 fn flatten(ended: Result<io::Result<()>, tokio::task::JoinError>) -> Result<(), ServeError> {

@@ -296,18 +296,23 @@ impl Loader {
             PluginError::Load(forgesyte_errors::LoadError::Dependency(_))
         ) {
             let _ = self.registry.mark_unavailable(name, reason.clone());
-            tracing::warn!(plugin = %name, %reason, "⊘ Plugin UNAVAILABLE: {name}");
+            if self.failed_alike_before(name) {
+                tracing::info!(plugin = %name, %reason, "Plugin {name} still UNAVAILABLE, for the same reason");
+            } else {
+                tracing::warn!(plugin = %name, %reason, "⊘ Plugin UNAVAILABLE: {name}");
+            }
         } else {
             let report = crate::supervise::report_of(err);
+            // A Python plugin's import or constructor raised: the journal
+            // keeps the traceback's last lines, and the log line shows them.
+            let traceback = crate::supervise::python_traceback(err);
+            let folded = traceback.join(" | ");
             if report.crash.is_some() {
                 // A runner died: the journal keeps its signal or exit code
                 // and stderr tail.
                 let exit = crate::supervise::exit_info(&report);
                 let _ = self.registry.mark_crashed(name, reason.clone(), exit);
             } else {
-                // A Python plugin's import or constructor raised: the
-                // journal keeps the traceback's last lines.
-                let traceback = crate::supervise::python_traceback(err);
                 let _ = self
                     .registry
                     .mark_failed_with_details(name, reason.clone(), traceback);
@@ -319,9 +324,33 @@ impl Loader {
             let stopped = self.is_shutting_down() && reason.contains(crate::process::HOST_STOPPING);
             if stopped {
                 tracing::info!(plugin = %name, %reason, "Plugin {name} not loaded: the host is stopping");
-            } else {
+            } else if self.failed_alike_before(name) {
+                // Every rescan retries it: said at ERROR once, not again
+                // each time for a plugin nobody touched.
+                tracing::info!(plugin = %name, %reason, "Plugin {name} still FAILED, for the same reason");
+            } else if folded.is_empty() {
                 tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+            } else {
+                tracing::error!(plugin = %name, %reason, traceback = %folded, "✗ Plugin FAILED: {name}");
             }
+        }
+    }
+
+    /// Whether `name`'s state just recorded (FAILED or UNAVAILABLE) repeats
+    /// the one before its retry: the same state and reason, then LOADED
+    /// (the retry), then this one.
+    fn failed_alike_before(&self, name: &str) -> bool {
+        let Some(history) = self.registry.history(name) else {
+            return false;
+        };
+        match history.as_slice() {
+            [.., before, retry, now] => {
+                retry.to == PluginLifecycleState::Loaded
+                    && before.to == now.to
+                    && before.reason.is_some()
+                    && before.reason == now.reason
+            }
+            _ => false,
         }
     }
 

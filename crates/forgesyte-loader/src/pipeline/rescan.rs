@@ -381,15 +381,8 @@ impl Loader {
             .collect();
         self.restamp();
         report.elapsed_ms = ms(started.elapsed());
-        tracing::info!(
-            added = report.added.len(),
-            changed = report.changed.len(),
-            retried = report.retried.len(),
-            removed = report.removed.len(),
-            unchanged = report.unchanged.len(),
-            "Rescanned: {}",
-            report.summary()
-        );
+        // The server says it at INFO, with its trigger and the names.
+        tracing::debug!("Rescanned: {}", report.summary());
         report
     }
 

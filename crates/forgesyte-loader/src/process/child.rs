@@ -867,7 +867,11 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
     } else if stopping {
         tracing::info!(plugin = %shared.plugin, pid = shared.pid, "plugin process {} of {} ended: {HOST_STOPPING}", shared.pid, shared.plugin);
     } else {
-        tracing::error!(
+        // Said at ERROR once, by whoever records it: the load pass (a
+        // construction), the supervisor (a crash), each with the reason
+        // and the stderr tail. (A runner that reported its import failed
+        // exits 0 by design; this line called that a crash.)
+        tracing::debug!(
             plugin = %shared.plugin,
             pid = shared.pid,
             reason = %report.reason,

@@ -354,13 +354,25 @@ impl Supervisor {
             && report.reason.contains(crate::process::HOST_STOPPING)
         {
             tracing::info!(plugin = %name, %reason, "Plugin {name} not restarted: the host is stopping");
+        } else if let Ok((delay, _)) = &decision {
+            // One ERROR per crash, saying what comes next: a crash that is
+            // restarted reads apart from the last one (`not restarted: …`).
+            let restarts = self.state.lock().restarts.len();
+            tracing::error!(
+                plugin = %name,
+                %reason,
+                restart_in_ms = delay.as_millis() as u64,
+                "✗ Plugin FAILED: {name}; restarting it in {} (restarts in the last {}: {restarts} of at most {})",
+                fmt_duration(*delay),
+                fmt_duration(policy.window),
+                policy.max_restarts
+            );
         } else {
             tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
         }
         let Ok((delay, generation)) = decision else {
             return;
         };
-        tracing::warn!(plugin = %name, delay_ms = delay.as_millis() as u64, "Restarting plugin {name} in {}", fmt_duration(delay));
         let weak = Arc::downgrade(self);
         let cancelled = Box::new({
             let weak = Weak::clone(&weak);
@@ -408,7 +420,7 @@ impl Supervisor {
         let count = registry
             .get_status(name)
             .map_or(0, |status| status.restart_count);
-        tracing::warn!(plugin = %name, restart = count, "Restarting plugin {name} (restart {count})");
+        tracing::info!(plugin = %name, restart = count, "Restarting plugin {name} (restart {count})");
         let restart = &self.restart;
         let recheck = || restart.recheck.as_ref().map_or(Ok(()), |recheck| recheck());
         let result = recheck()

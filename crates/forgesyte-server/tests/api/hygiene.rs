@@ -1209,3 +1209,77 @@ fn a_stop_during_the_load_pass_blames_only_what_it_cut_off() {
     // The later wave's runner is refused, not failed.
     assert!(!log.contains("Plugin FAILED: later"), "{log}");
 }
+
+/// The log tells each failure once, at the level it deserves: a Python
+/// constructor's ERROR carries its traceback; a rescan that finds a plugin
+/// failing as before says so at INFO, not at ERROR again; a runner that
+/// ended after reporting its import failed is no crash; a crash is one
+/// ERROR saying when the restart comes, and the restart is INFO.
+#[test]
+fn each_failure_is_logged_once_at_its_level() {
+    let token = "a-token-of-well-over-thirty-two-characters";
+    let plugins = PluginsDir::new();
+    plugins
+        .python("bad-init", "bad_init")
+        .python("broken", "broken_plugin")
+        .python("faulty", "faulty");
+    let server = Forgesyte::start_with_env(
+        &["--plugins", plugins.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    for _ in 0..2 {
+        let report = crate::support::admin_post(server.addr, "/v1/plugins/reload", token);
+        assert_eq!(report.status, 200, "{}", report.text());
+    }
+    let crash = crate::support::http(
+        server.addr,
+        "POST",
+        "/v1/plugins/faulty/tools/segfault/run",
+        br#"{"args": {}}"#,
+    );
+    assert_eq!(crash.status, 502, "{}", crash.text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log().contains("✓ Restarted plugin: faulty") {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = server.log();
+    let lines =
+        |needle: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(needle)).collect() };
+    for name in ["bad-init", "broken"] {
+        let failed = lines(&format!("✗ Plugin FAILED: {name}"));
+        assert_eq!(failed.len(), 1, "{name}:\n{log}");
+        assert!(failed[0].contains("ERROR"), "{}", failed[0]);
+        let again = lines(&format!("Plugin {name} still FAILED, for the same reason"));
+        assert_eq!(again.len(), 2, "{name}:\n{log}");
+        assert!(again.iter().all(|l| l.contains("INFO")), "{again:?}");
+    }
+    let failed = lines("✗ Plugin FAILED: bad-init")[0];
+    assert!(
+        failed.contains("traceback=")
+            && failed.contains("plugin.py")
+            && failed.contains("no weights"),
+        "{failed}"
+    );
+    // The runner of `broken` exits 0 once it has said its import failed.
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("ended: exited with code 0")),
+        "{log}"
+    );
+    let crashed = lines("✗ Plugin FAILED: faulty");
+    assert_eq!(crashed.len(), 1, "{log}");
+    assert!(
+        crashed[0].contains("ERROR") && crashed[0].contains("restarting it in 1 s"),
+        "{}",
+        crashed[0]
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("plugin process")),
+        "{log}"
+    );
+    let restart = lines("Restarting plugin faulty (restart 1)");
+    assert!(restart.len() == 1 && restart[0].contains("INFO"), "{log}");
+}

@@ -1460,6 +1460,9 @@ fn a_sighup_during_shutdown_starts_no_rescan() {
         log.contains("Rescan (SIGHUP) dropped: the server is shutting down"),
         "{log}"
     );
+    // The shutdown says what it waited for, and that it ended.
+    assert!(log.contains("(1 tool call(s) in flight)"), "{log}");
+    assert!(log.contains("In-flight requests finished after"), "{log}");
 }
 
 /// A second `SIGTERM` during the shutdown ends the wait for the requests
@@ -1480,6 +1483,10 @@ fn a_second_sigterm_ends_the_shutdown_grace() {
     let log = server.log();
     assert!(
         log.contains("SIGTERM received again: the server stops now"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Stopped waiting: 1 tool call(s) cut off"),
         "{log}"
     );
 }
