@@ -461,6 +461,9 @@ pub fn lock_dir(fs: &dyn FileSystem, plugins_dir: &Path) -> io::Result<LockOutco
         skipped: Vec::new(),
     };
     for entry in fs.read_dir(plugins_dir)? {
+        if hidden(&entry.name) {
+            continue;
+        }
         let manifest_path = entry.path.join(MANIFEST_FILE);
         // As a load pass: a directory without a manifest is no plugin; one
         // whose manifest cannot be looked at (no permission) is one that
@@ -479,6 +482,14 @@ pub fn lock_dir(fs: &dyn FileSystem, plugins_dir: &Path) -> io::Result<LockOutco
         }
     }
     Ok(outcome)
+}
+
+/// Whether an entry of the plugins directory is hidden (`.name`): a
+/// backup copy (`.echo-old`), an editor's or a tool's directory (`.git`,
+/// `.venv`). No plugin: a load pass, a rescan and `lock` all leave it out
+/// (a stale copy sorted first and took its plugin's name).
+pub(crate) fn hidden(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(b".")
 }
 
 /// What `lock` and `sign` hash of the plugin in `dir`; a native library

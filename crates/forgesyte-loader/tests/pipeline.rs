@@ -119,6 +119,37 @@ fn good_plugin_is_initialized_and_callable() {
     assert!(status.last_used.is_some());
 }
 
+/// A hidden directory (`.echo-old`, a backup copy) is no plugin: a load
+/// pass, a rescan and `lock` leave it out. (Sorted first, a stale copy
+/// took its plugin's name, and the real one was FAILED as a duplicate.)
+#[test]
+fn hidden_directories_are_no_plugins() {
+    let s = Setup::new();
+    s.plugin("echo", &manifest("echo", json!({})), FakeBehavior::Good)
+        .plugin(
+            ".echo-old",
+            &manifest("echo", json!({"version": "0.9.0"})),
+            FakeBehavior::Good,
+        );
+    let loader = s.load();
+    s.check("echo", S::Initialized, &[]);
+    let status = s.registry.get_status("echo").unwrap();
+    assert_eq!(status.version.as_deref(), Some("1.2.3"));
+    assert_eq!(
+        s.registry.list_all().len(),
+        1,
+        "{:?}",
+        s.registry.list_all()
+    );
+    assert_eq!(loader.discover("/plugins".as_ref()).len(), 1);
+    let report = loader.rescan();
+    assert!(report.added.is_empty(), "{report:?}");
+    let locked = forgesyte_loader::integrity::lock_dir(&s.world.fs, "/plugins".as_ref()).unwrap();
+    let names: Vec<&String> = locked.lock.plugins.keys().collect();
+    assert_eq!(names, ["echo"]);
+    assert!(locked.skipped.is_empty(), "{:?}", locked.skipped);
+}
+
 #[test]
 fn tool_error_counts_and_panic_fails_the_plugin() {
     let s = Setup::new();

@@ -66,8 +66,8 @@ pub(super) enum NoManifest {
 }
 
 impl Loader {
-    /// Plugin directories under `plugins_dir`: sorted, only those with a
-    /// manifest (one that cannot be looked at, for want of permission, is
+    /// Plugin directories under `plugins_dir`: sorted, hidden ones (`.name`)
+    /// left out, only those with a manifest (one that cannot be looked at, for want of permission, is
     /// kept: its plugin fails naming why, as in a full pass, which reads
     /// every directory's).
     pub fn discover(&self, plugins_dir: &Path) -> Vec<PathBuf> {
@@ -79,7 +79,7 @@ impl Loader {
         dirs
     }
 
-    /// Every directory under `plugins_dir`, sorted: [`discover`](Self::discover)
+    /// Every directory under `plugins_dir` but hidden ones, sorted: [`discover`](Self::discover)
     /// without asking each for its manifest. A full load pass reads the
     /// manifests anyway and leaves out those without one
     /// ([`NoManifest::Skip`]), a `stat` per directory fewer.
@@ -93,7 +93,7 @@ impl Loader {
         };
         let mut dirs: Vec<PathBuf> = entries
             .into_iter()
-            .filter(|e| e.is_dir)
+            .filter(|e| e.is_dir && !crate::integrity::hidden(&e.name))
             .map(|e| e.path)
             .collect();
         dirs.sort();
