@@ -257,17 +257,28 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
         }
         Err(e) => Some(e),
     };
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(text.as_bytes());
-    let _ = stdout.flush();
+    let written = emit(&mut std::io::stdout().lock(), &text, "the configuration");
     refusals.extend(token_refused.map(|e| format!("{e:#}")));
     for why in &refusals {
         say!("forgesyte: serve would refuse this configuration: {why}");
     }
-    if refusals.is_empty() {
+    if refusals.is_empty() && written {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
+    }
+}
+
+/// Writes `text` (`what`) to `out` and flushes it; `false`, said on
+/// stderr, when it could not be written (a full disk, a closed stdout): a
+/// script's `check --json > report.json` must not pass on an empty file.
+fn emit(out: &mut dyn Write, text: &str, what: &str) -> bool {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => true,
+        Err(e) => {
+            say!("forgesyte: cannot write {what}: {e}");
+            false
+        }
     }
 }
 
@@ -609,16 +620,12 @@ fn run_check(args: CheckArgs, dir_named: bool) -> ExitCode {
             None => text,
         }
     };
-    match report_out.as_mut() {
-        Some(out) => {
-            let _ = out.write_all(text.as_bytes());
-            let _ = out.flush();
-        }
-        None => {
-            let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(text.as_bytes());
-            let _ = stdout.flush();
-        }
+    let written = match report_out.as_mut() {
+        Some(out) => emit(out, &text, "the report"),
+        None => emit(&mut std::io::stdout().lock(), &text, "the report"),
+    };
+    if !written {
+        return ExitCode::from(2);
     }
     if report.plugins.is_empty() && !entry_points_only {
         say!(

@@ -710,6 +710,27 @@ fn check_exits_0_when_every_plugin_is_available() {
     );
 }
 
+/// A report that cannot be written (a full disk) is exit code 2, said on
+/// stderr: `check --json > report.json` passed with an empty file. (A
+/// closed stdout is `/dev/null` by the time `main` runs: the Rust runtime
+/// opens it there, and a report to `/dev/null` is written.)
+#[test]
+fn check_exits_2_when_its_report_cannot_be_written() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    for (json, redirect) in [("", ">/dev/full"), ("--json", ">/dev/full")] {
+        let output = std::process::Command::new("sh")
+            .args(["-c", &format!("exec \"$0\" check {json} \"$1\" {redirect}")])
+            .arg(env!("CARGO_BIN_EXE_forgesyte"))
+            .arg(dir.path_str())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{json} {redirect}: {err}");
+        assert!(err.contains("cannot write the report"), "{err}");
+    }
+}
+
 #[test]
 fn check_exits_1_when_a_plugin_is_not_available() {
     let dir = PluginsDir::new();
