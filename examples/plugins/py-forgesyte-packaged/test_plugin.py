@@ -116,6 +116,7 @@ class ToolTests(unittest.TestCase):
             ("top_words", {"text": "a", "n": "3"}, "'n' must be of type integer"),
             ("top_words", {"text": "a", "n": True}, "'n' must be of type integer"),
             ("top_words", {"text": "a", "n": 0}, "'n' must be at least 1"),
+            ("count", {"text": "a" * (1024 * 1024 + 1)}, "over the limit of 1048576"),
             ("nope", {}, "Unknown tool: nope"),
         ]
         for tool, args, message in cases:

@@ -45,8 +45,14 @@ LUMA_WEIGHTS = (299, 587, 114)
 LUMA_SCALE = 1000
 LUMA_BIN_WIDTH = 256 * LUMA_SCALE // HISTOGRAM_BINS  # 16 levels per bin
 
-# Decompression-bomb guard: larger images are refused before inflating.
-MAX_PIXELS = 64 * 1024 * 1024
+# Decompression-bomb guard: an image whose pixel data inflates to more
+# than this is refused before inflating (a tool error), whatever its pixel
+# count: 8 KB of 1-bit PNG can declare 64 Mi pixels. Rows are inflated,
+# unfiltered and counted one at a time, so the plugin holds two rows, not
+# the image; the bound is on time (the filters are undone in Python, about
+# 4 s for 16 MiB of Paeth-filtered rows) and keeps a call well inside the
+# default 60 s call limit even with a few at once.
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
 
 # PNG colour type -> (name, samples per pixel, allowed bit depths).
 PNG_COLOR_TYPES = {
@@ -289,14 +295,15 @@ def analyze_png(data):
     if interlace:
         return _result("png", width, height, channels, color_type, depth,
                        note="Adam7-interlaced PNG: size only, pixels not decoded")
-    if width * height > MAX_PIXELS:
-        raise ValueError("PNG of %dx%d pixels exceeds the limit of %d pixels" % (width, height, MAX_PIXELS))
-
     samples = PNG_COLOR_TYPES[ctype_id][1]
     bits_per_pixel = samples * depth
     stride = (width * bits_per_pixel + 7) // 8
-    raw = inflate(b"".join(idat), height * (stride + 1))
-    rows = unfilter(raw, width, height, stride, max(1, bits_per_pixel // 8))
+    if height * (stride + 1) > MAX_IMAGE_BYTES:
+        raise ValueError(
+            "PNG of %dx%d pixels (%d bits each) decodes to %d bytes, over this plugin's limit of %d"
+            % (width, height, bits_per_pixel, height * (stride + 1), MAX_IMAGE_BYTES))
+    lines = scanlines(b"".join(idat), height, stride + 1)
+    rows = unfilter(lines, stride, max(1, bits_per_pixel // 8))
     counts = luminance_counts(rows, width, depth, ctype_id, palette)
     return _result("png", width, height, channels, color_type, depth, counts)
 
@@ -320,18 +327,27 @@ def parse_ihdr(payload):
     return width, height, depth, ctype, interlace
 
 
-def inflate(compressed, expected):
-    """The zlib stream's first ``expected`` bytes, never inflating more."""
+def scanlines(compressed, height, row_bytes):
+    """The zlib stream's ``height`` scanlines of ``row_bytes`` (filter byte
+    and data), one at a time: never more than a row is inflated ahead."""
     inflater = zlib.decompressobj()
-    try:
-        out = inflater.decompress(compressed, expected)
-    except zlib.error as e:
-        raise ValueError("corrupt PNG: image data does not decompress: %s" % e)
-    if len(out) < expected:
-        raise ValueError(
-            "truncated PNG: image data holds %d bytes, %d expected" % (len(out), expected)
-        )
-    return out
+    pending = b""
+    data = compressed
+    for y in range(height):
+        while len(pending) < row_bytes:
+            try:
+                chunk = inflater.decompress(data, row_bytes - len(pending))
+            except zlib.error as e:
+                raise ValueError("corrupt PNG: image data does not decompress: %s" % e)
+            data = inflater.unconsumed_tail
+            if not chunk:
+                raise ValueError(
+                    "truncated PNG: image data holds %d bytes, %d expected"
+                    % (y * row_bytes + len(pending), height * row_bytes)
+                )
+            pending += chunk
+        yield pending[:row_bytes]
+        pending = pending[row_bytes:]
 
 
 def _paeth(a, b, c):
@@ -342,16 +358,15 @@ def _paeth(a, b, c):
     return b if pb <= pc else c
 
 
-def unfilter(raw, width, height, stride, bpp):
-    """Undoes the per-scanline filters; returns the rows (``bytearray``s of
-    ``stride`` bytes). ``bpp`` is the filter's byte distance: bytes per
-    complete pixel, at least 1."""
-    rows = []
+def unfilter(lines, stride, bpp):
+    """Undoes the per-scanline filters of ``lines`` (each a filter byte and
+    ``stride`` bytes); yields the rows (``bytearray``s of ``stride``
+    bytes), keeping only the previous one. ``bpp`` is the filter's byte
+    distance: bytes per complete pixel, at least 1."""
     prev = bytearray(stride)
-    for y in range(height):
-        start = y * (stride + 1)
-        ftype = raw[start]
-        line = bytearray(raw[start + 1:start + 1 + stride])
+    for y, raw in enumerate(lines):
+        ftype = raw[0]
+        line = bytearray(raw[1:])
         if ftype == 0:  # None
             pass
         elif ftype == 1:  # Sub
@@ -372,18 +387,23 @@ def unfilter(raw, width, height, stride, bpp):
                     line[i] = (line[i] + prev[i]) & 0xFF  # paeth(0, b, 0) == b
         else:
             raise ValueError("corrupt PNG: unknown filter type %d on row %d" % (ftype, y))
-        rows.append(line)
+        yield line
         prev = line
-    return rows
 
 
-def _unpack_bits(line, width, depth):
-    """Sub-byte samples (1, 2 or 4 bits, most significant first) of a row."""
+def _count_bits(line, width, depth, colours):
+    """Counts into ``colours`` the sub-byte samples (1, 2 or 4 bits, most
+    significant first) of a row: by byte value first (C-speed), then each
+    distinct byte's samples; the last byte's padding bits are left out."""
     per_byte = 8 // depth
     mask = (1 << depth) - 1
     shifts = [8 - depth * (k + 1) for k in range(per_byte)]
-    out = [(byte >> s) & mask for byte in line for s in shifts]
-    return out[:width]
+    full = width // per_byte
+    for byte, n in Counter(line[:full]).items():
+        for s in shifts:
+            colours[(byte >> s) & mask] += n
+    for s in shifts[:width - full * per_byte]:
+        colours[(line[full] >> s) & mask] += 1
 
 
 def luminance_counts(rows, width, depth, ctype, palette):
@@ -396,7 +416,7 @@ def luminance_counts(rows, width, depth, ctype, palette):
     colours = Counter()
     if depth < 8:
         for line in rows:
-            colours.update(_unpack_bits(line, width, depth))
+            _count_bits(line, width, depth, colours)
     else:
         step = samples * (depth // 8)  # bytes per pixel; index 0 is the high byte
         for line in rows:

@@ -207,6 +207,23 @@ class MalformedTests(unittest.TestCase):
         self.assertRejected(png[:40], "truncated PNG")
         self.assertRejected(png[:-12], "no IEND")
 
+    def test_a_decompression_bomb_is_refused_before_inflating(self):
+        # 8 KB of 1-bit gray declaring 64 Mi pixels (8 MiB of rows would be
+        # fine; the plugin's limit is on decoded bytes, 16 MiB).
+        width = 8 * 32 * 1024 * 1024 - 8
+        ihdr = struct.pack(">IIBBBBB", width, 1, 1, 0, 0, 0, 0)
+        data = zlib.compress(bytes(width // 8 + 1))
+        bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data)
+                + chunk(b"IEND", b""))
+        self.assertLess(len(bomb), 64 * 1024)
+        self.assertRejected(bomb, "over this plugin's limit")
+
+    def test_rows_short_of_the_declared_height_are_truncated(self):
+        png = make_png(4, 4, 0, 8, [bytes(4)] * 4)
+        ihdr = struct.pack(">IIBBBBB", 4, 5, 8, 0, 0, 0, 0)
+        taller = png[:8] + chunk(b"IHDR", ihdr) + png[8 + 25:]
+        self.assertRejected(taller, "truncated PNG: image data holds 20 bytes, 25 expected")
+
     def test_bad_crc(self):
         png = bytearray(make_png(2, 2, 0, 8, [bytes(2)] * 2))
         png[29] ^= 0xFF  # inside IHDR's CRC (8 + 8 + 13 = 29)

@@ -37,8 +37,10 @@ impl Plugin for ImageStats {
             ToolSpec::new("analyze")
                 .title("Image statistics")
                 .description(
-                    "Width, height, colour type, mean brightness (0-255) and a 16-bin \
-                     luminance histogram of a base64 PNG or JPEG image",
+                    "Width, height, colour type, mean brightness (0-255, Rec. 709 luma as the \
+                     image crate computes it, an integer per pixel) and a 16-bin luminance \
+                     histogram of a base64 PNG or JPEG image of at most 16384 pixels a side and \
+                     64 MiB of pixels",
                 )
                 .inputs(json!({
                     "type": "object",
@@ -106,10 +108,33 @@ pub fn decode_image(encoded: &str) -> Result<DynamicImage, ToolError> {
     load_image(&bytes)
 }
 
-/// Decodes a PNG or JPEG image from its bytes (no copy of them).
+/// The most a decoded image may take (its pixels, as the decoder holds
+/// them): a few hundred bytes of PNG or JPEG can declare 20,000 × 20,000
+/// pixels, and this plugin runs inside the server by default.
+pub const MAX_DECODED_BYTES: u64 = 64 * 1024 * 1024;
+/// The widest and tallest image decoded.
+pub const MAX_SIDE: u32 = 16_384;
+
+/// Decodes a PNG or JPEG image from its bytes (no copy of them), within
+/// [`MAX_DECODED_BYTES`] and [`MAX_SIDE`]: a larger one is refused from its
+/// header, before its pixels are decoded.
 pub fn load_image(bytes: &[u8]) -> Result<DynamicImage, ToolError> {
-    image::load_from_memory(bytes)
-        .map_err(|e| ToolError::invalid_input(format!("not a PNG or JPEG image: {e}")))
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ToolError::invalid_input(format!("not a PNG or JPEG image: {e}")))?;
+    reader.limits(limits);
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(e) => ToolError::invalid_input(format!(
+            "the image is larger than this plugin decodes (at most {MAX_SIDE} pixels a side \
+             and {} MiB of pixels): {e}",
+            MAX_DECODED_BYTES >> 20
+        )),
+        e => ToolError::invalid_input(format!("not a PNG or JPEG image: {e}")),
+    })
 }
 
 /// The statistics `analyze` returns.
@@ -155,6 +180,19 @@ mod tests {
         let ids: Vec<String> = plugin.tools().into_iter().map(|t| t.id).collect();
         assert!(ids.iter().any(|id| id == tool), "{tool} not in {ids:?}");
         plugin.run(tool, args)
+    }
+
+    /// An image wider than the plugin decodes is refused from its header,
+    /// an input error (a few hundred bytes can declare 20,000 × 20,000).
+    #[test]
+    fn a_huge_image_is_refused_before_its_pixels_are_decoded() {
+        let img = image::GrayImage::new(MAX_SIDE + 1, 1);
+        let b64 = encode(DynamicImage::ImageLuma8(img), ImageFormat::Png);
+        let err = run("analyze", json!({ "image_base64": b64 })).unwrap_err();
+        assert!(
+            err.to_string().contains("larger than this plugin decodes"),
+            "{err}"
+        );
     }
 
     #[test]

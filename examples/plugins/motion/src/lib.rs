@@ -109,6 +109,9 @@ impl Plugin for Motion {
                         "bbox": {"type": ["object", "null"], "properties": {
                             "x": {"type": "integer"}, "y": {"type": "integer"},
                             "width": {"type": "integer"}, "height": {"type": "integer"}}},
+                        "threshold": {"type": "integer"},
+                        "width": {"type": "integer"},
+                        "height": {"type": "integer"},
                     },
                 })),
             ToolSpec::new("ping")
@@ -173,9 +176,32 @@ fn decode_image(encoded: &str, field: &str) -> Result<DynamicImage, ToolError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map_err(|e| ToolError::invalid_input(format!("{field} is not base64: {e}")))?;
-    image::load_from_memory(&bytes)
-        .map_err(|e| ToolError::invalid_input(format!("{field} is not a PNG or JPEG image: {e}")))
+    // A few hundred bytes can declare 20,000 × 20,000 pixels: refused
+    // from the header, before the pixels are decoded.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| {
+            ToolError::invalid_input(format!("{field} is not a PNG or JPEG image: {e}"))
+        })?;
+    reader.limits(limits);
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(e) => ToolError::invalid_input(format!(
+            "{field} is larger than this plugin decodes (at most {MAX_SIDE} pixels a side and \
+             {} MiB of pixels): {e}",
+            MAX_DECODED_BYTES >> 20
+        )),
+        e => ToolError::invalid_input(format!("{field} is not a PNG or JPEG image: {e}")),
+    })
 }
+
+/// The most a decoded frame may take (its pixels, as the decoder holds them).
+const MAX_DECODED_BYTES: u64 = 64 * 1024 * 1024;
+/// The widest and tallest frame decoded.
+const MAX_SIDE: u32 = 16_384;
 
 /// The `detect` result for two frames of the same size.
 fn compare(a: &GrayImage, b: &GrayImage, settings: Settings) -> Value {

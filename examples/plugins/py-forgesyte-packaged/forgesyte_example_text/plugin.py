@@ -33,7 +33,7 @@ import dataclasses
 import logging
 import re
 from collections import Counter
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 from . import __version__
 
@@ -66,7 +66,13 @@ logger = logging.getLogger(__name__)
 WORD_RE = re.compile(r"\w+(?:['\u2019]\w+)*")
 MAX_TOP_WORDS = 1000
 
-_TEXT = {"type": "string", "description": "The text to analyse"}
+# The longest text a call takes (a tool error beyond): the plugin's memory
+# grows with the words of a text (`top_words` counts each distinct one),
+# and its runner has 512 MiB by default.
+MAX_TEXT_CHARS = 1024 * 1024
+
+_TEXT = {"type": "string", "description": "The text to analyse",
+         "maxLength": MAX_TEXT_CHARS}
 
 
 @dataclasses.dataclass
@@ -79,8 +85,9 @@ class TopWords:
     distinct_words: int
 
 
-def words_of(text: str) -> List[str]:
-    return WORD_RE.findall(text)
+def words_of(text: str) -> Iterator[str]:
+    """The words of ``text``, one at a time (no list of them all)."""
+    return (m.group() for m in WORD_RE.finditer(text))
 
 
 class Plugin(BasePlugin):
@@ -189,7 +196,7 @@ class Plugin(BasePlugin):
 
     def count(self, text: str) -> Dict[str, int]:
         return {
-            "words": len(words_of(text)),
+            "words": sum(1 for _ in words_of(text)),
             "lines": len(text.splitlines()),
             "chars": len(text),
         }
@@ -232,6 +239,9 @@ def check_args(tool_name: str, schema: Dict[str, Any], args: Any) -> None:
         if expected and (not isinstance(value, expected) or (isinstance(value, bool) and kind != "boolean")):
             raise ValueError("%s: argument '%s' must be of type %s, not %s"
                              % (tool_name, name, kind, type(value).__name__))
+        if "maxLength" in prop and len(value) > prop["maxLength"]:
+            raise ValueError("%s: argument '%s' is %d characters long, over the limit of %d"
+                             % (tool_name, name, len(value), prop["maxLength"]))
         if "minimum" in prop and value < prop["minimum"]:
             raise ValueError("%s: argument '%s' must be at least %s" % (tool_name, name, prop["minimum"]))
         if "maximum" in prop and value > prop["maximum"]:
