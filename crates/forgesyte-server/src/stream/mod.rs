@@ -331,18 +331,34 @@ fn policy_of(query: Option<&str>) -> Result<Policy, String> {
     let (mut policy, mut queue) = (None, None);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "policy" => policy = Some(value),
-            "queue" => queue = Some(value),
+        let (key, value) = (decoded(key)?, decoded(value)?);
+        let slot = match &*key {
+            "policy" => &mut policy,
+            "queue" => &mut queue,
             other => {
                 return Err(format!(
                     "unknown query parameter {:?}: a stream takes `policy` and `queue`",
                     Shown(other).to_string()
                 ));
             }
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("query parameter `{key}` given more than once"));
         }
     }
-    Policy::parse(policy, queue)
+    Policy::parse(policy.as_deref(), queue.as_deref())
+}
+
+/// `text` percent-decoded (a query parameter's name or value).
+fn decoded(text: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map_err(|_| {
+            format!(
+                "query parameter {:?} is not UTF-8 once percent-decoded",
+                Shown(text).to_string()
+            )
+        })
 }
 
 /// 422: the tool does not take exactly one binary argument.
@@ -376,6 +392,16 @@ mod tests {
             Ok(Policy::Block { queue: 8 })
         );
         assert!(policy_of(Some("policy=block&queue=99")).is_err());
+        // Percent-decoded, as any client may encode them; once each.
+        assert_eq!(
+            policy_of(Some("policy=bl%6Fck&queue=%38")),
+            policy_of(Some("policy=block&queue=8"))
+        );
+        assert!(
+            policy_of(Some("policy=latest&policy=block"))
+                .is_err_and(|e| e.contains("more than once"))
+        );
+        assert!(policy_of(Some("policy=%FF")).is_err_and(|e| e.contains("UTF-8")));
         let unknown = policy_of(Some("policy=latest&size=2"));
         assert!(
             unknown.as_ref().is_err_and(|e| e.contains("size")),
