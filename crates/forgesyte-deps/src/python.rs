@@ -6,7 +6,7 @@ use std::fmt::Debug;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use forgesyte_errors::shorten;
@@ -143,9 +143,15 @@ pub fn script_answer<T: serde::de::DeserializeOwned>(
             shorten(quoted.trim(), QUOTE_LIMIT)
         )
     };
-    let at = text
-        .rfind(ANSWER_MARKER)
-        .ok_or_else(|| unexpected("", &text))?;
+    // No marker at all: whatever ran is no Python running the script (a
+    // `--python` that names another program, a wrapper that ignores its
+    // arguments), and the message says so first.
+    let at = text.rfind(ANSWER_MARKER).ok_or_else(|| {
+        unexpected(
+            " (it did not answer as a Python 3 interpreter does: is it one?)",
+            &text,
+        )
+    })?;
     let answer = &text[at + ANSWER_MARKER.len()..];
     serde_json::Deserializer::from_str(answer)
         .into_iter::<T>()
@@ -361,10 +367,13 @@ pub(crate) fn run_captured(
             return Err(format!("{who}: cannot wait for it: {e}"));
         }
     };
-    // The child has exited; its pipes close unless a grandchild holds
-    // them, so the reads are bounded by the same deadline.
-    let out = collect(&stdout, deadline);
-    let err = collect(&stderr, deadline);
+    // The child has exited and its group is killed: its pipes close,
+    // unless a grandchild of a session of its own holds them (a `.pth`
+    // file's daemon). What the child wrote is in by then: after
+    // [`AFTER_EXIT`] the reads end with what they have.
+    let after_exit = deadline.min(Instant::now() + AFTER_EXIT);
+    let out = collect(&stdout, after_exit);
+    let err = collect(&stderr, after_exit);
     if !status.success() {
         let detail = match last_line(&err) {
             Some(line) => format!(": {line}"),
@@ -420,25 +429,57 @@ fn kill_only_group(child: &Child) {
     }
 }
 
-/// Reads a pipe to its end (at most [`OUTPUT_LIMIT`] bytes) on a thread of
-/// its own; the bytes arrive on the returned channel.
-fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    if let Some(pipe) = pipe {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.take(OUTPUT_LIMIT).read_to_end(&mut buf);
-            let _ = tx.send(buf);
-        });
-    }
-    rx
+/// How long, once an interpreter has exited, its pipes are read for what
+/// is left in them before the reads end with what they have: a process
+/// it left behind in a session of its own (a `.pth` file's daemon) may
+/// hold them open for good (discovery waited its whole 15 s for it, and
+/// failed with a complete answer in hand).
+const AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// A pipe read on a thread of its own: the bytes so far, and a message at
+/// its end.
+struct Reading {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    ended: mpsc::Receiver<()>,
 }
 
-/// The bytes a reader collected, or `None` when they did not arrive before
-/// the deadline (or there was no pipe).
-fn collect(rx: &mpsc::Receiver<Vec<u8>>, deadline: Instant) -> Option<Vec<u8>> {
+/// Reads a pipe to its end (at most [`OUTPUT_LIMIT`] bytes) on a thread of
+/// its own. (A pipe a daemon keeps open keeps its thread too, blocked in
+/// its read, until the daemon closes it.)
+fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> Option<Reading> {
+    let (tx, ended) = mpsc::channel();
+    let bytes = Arc::new(Mutex::new(Vec::new()));
+    let mut pipe = pipe?.take(OUTPUT_LIMIT);
+    let into = Arc::clone(&bytes);
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => into
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(());
+    });
+    Some(Reading { bytes, ended })
+}
+
+/// The bytes a reader collected by its pipe's end or `deadline`, whichever
+/// comes first (all it read so far, then); `None` when there was no pipe.
+fn collect(reading: &Option<Reading>, deadline: Instant) -> Option<Vec<u8>> {
+    let reading = reading.as_ref()?;
     let left = deadline.saturating_duration_since(Instant::now());
-    rx.recv_timeout(left.max(Duration::from_millis(100))).ok()
+    let _ = reading.ended.recv_timeout(left);
+    let bytes = reading
+        .bytes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Some(bytes.clone())
 }
 
 /// Waits for the child until `deadline`: `Ok(None)` when it is still running.
@@ -590,6 +631,36 @@ mod tests {
         );
     }
 
+    /// An interpreter that leaves a daemon of its own session behind,
+    /// holding its stdout (a `.pth` file that starts one), is answered
+    /// once it has exited, not at the timeout.
+    #[cfg(unix)]
+    #[test]
+    fn a_daemon_holding_the_output_does_not_hold_the_answer_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let python = script(dir.path(), "py", "exec python3 \"$@\"");
+        let started = Instant::now();
+        let out = run_python(
+            &python,
+            &[
+                OsStr::new("-c"),
+                OsStr::new(
+                    "import subprocess, sys\n\
+                     subprocess.Popen(['sleep', '8'], start_new_session=True)\n\
+                     sys.stdout.write('the answer')\n",
+                ),
+            ],
+            Duration::from_secs(15),
+        )
+        .unwrap();
+        assert_eq!(out, b"the answer");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     #[cfg(unix)]
     #[test]
     fn failures_name_the_interpreter_and_what_happened() {
@@ -615,7 +686,11 @@ mod tests {
         let chatty = script(d, "chatty", "echo hello");
         assert_eq!(
             find(SystemPython::new(), &chatty, &["json"]),
-            Err(format!("{}: unexpected output \"hello\"", chatty.display()))
+            Err(format!(
+                "{}: unexpected output (it did not answer as a Python 3 interpreter does: is it \
+                 one?) \"hello\"",
+                chatty.display()
+            ))
         );
         let short = script(d, "short", "printf '\\036forgesyte-answer\\036[true]'");
         assert_eq!(

@@ -435,6 +435,7 @@ fn a_discovery_that_fails_is_a_warning_and_the_directories_still_load() {
     write_script(&nonsense, "echo 'not json'").unwrap();
     let err = entry_points::discover(&nonsense).unwrap_err();
     assert!(err.contains("unexpected output"), "{err}");
+    assert!(err.contains("is it one?"), "{err}");
     let failing = site.root.join("failing");
     write_script(&failing, "echo 'Fatal Python error: boom' >&2; exit 3").unwrap();
     let err = entry_points::discover(&failing).unwrap_err();

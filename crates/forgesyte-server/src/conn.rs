@@ -224,9 +224,10 @@ pub(crate) async fn serve(
                 .is_ok_and(|addr| addr.ip().to_canonical().is_loopback()),
             public_hosts: Arc::clone(&public_hosts),
         };
-        let service = with_peer(service.clone(), peer, guard);
+        let linger = crate::unread::Linger::default();
+        let service = with_peer(service.clone(), peer, guard, linger.clone());
         if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
-            let connection = connection(stream, service, limits, true).with_upgrades();
+            let connection = connection(stream, service, limits, true, linger).with_upgrades();
             let stop_seen = stop_seen.clone();
             tokio::spawn(async move {
                 drain_on_stop(connection, stop_seen).await;
@@ -250,7 +251,7 @@ pub(crate) async fn serve(
                 header_read_timeout: limits.header_read_timeout.min(RESERVE_HEADER_TIMEOUT),
                 ..limits
             };
-            let connection = connection(stream, probes_only, limits, false);
+            let connection = connection(stream, probes_only, limits, false, linger);
             let watched = graceful.watch(connection);
             tokio::spawn(async move {
                 let _ = watched.await;
@@ -292,6 +293,7 @@ fn connection<S>(
     service: S,
     limits: Limits,
     keep_alive: bool,
+    linger: crate::unread::Linger,
 ) -> http1::Connection<TokioIo<TimedStream>, S>
 where
     S: hyper::service::HttpService<Incoming, ResBody = Body>,
@@ -317,6 +319,7 @@ where
                 stalled: None,
                 min_rate: limits.answer_min_rate,
                 slow: None,
+                linger,
             }),
             service,
         )
@@ -325,8 +328,18 @@ where
 /// `service` with the client's address and the connection's
 /// [`crate::origin::Guard`] in every request's extensions (the router's
 /// [`crate::origin::GuardLayer`] checks the request against it).
-fn with_peer<S>(inner: S, peer: SocketAddr, guard: crate::origin::Guard) -> WithPeer<S> {
-    WithPeer { inner, peer, guard }
+fn with_peer<S>(
+    inner: S,
+    peer: SocketAddr,
+    guard: crate::origin::Guard,
+    linger: crate::unread::Linger,
+) -> WithPeer<S> {
+    WithPeer {
+        inner,
+        peer,
+        guard,
+        linger,
+    }
 }
 
 /// See [`with_peer`].
@@ -335,6 +348,7 @@ struct WithPeer<S> {
     inner: S,
     peer: SocketAddr,
     guard: crate::origin::Guard,
+    linger: crate::unread::Linger,
 }
 
 impl<S> hyper::service::Service<Request<Incoming>> for WithPeer<S>
@@ -349,6 +363,7 @@ where
         let extensions = request.extensions_mut();
         extensions.insert(ConnectInfo(self.peer));
         extensions.insert(self.guard.clone());
+        extensions.insert(self.linger.clone());
         self.inner.call(request)
     }
 }
@@ -467,6 +482,17 @@ pub(crate) struct TimedStream {
     /// The current response's account of writes that found the socket
     /// full, if one did.
     slow: Option<SlowRead>,
+    /// Set when an answer left its request's body unread: the socket
+    /// lingers when this ends ([`crate::unread::linger`]).
+    linger: crate::unread::Linger,
+}
+
+impl Drop for TimedStream {
+    fn drop(&mut self) {
+        if self.linger.is_set() {
+            crate::unread::linger(&self.stream);
+        }
+    }
 }
 
 /// A write waiting for room: the end of its current period of
@@ -828,6 +854,7 @@ mod tests {
             stalled: None,
             min_rate: 1024 * 1024,
             slow: None,
+            linger: crate::unread::Linger::default(),
         };
         let started = Instant::now();
         let chunk = [7u8; 2048];
@@ -878,6 +905,7 @@ mod tests {
             stalled: None,
             min_rate: 0,
             slow: None,
+            linger: crate::unread::Linger::default(),
         };
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 64 * 1024];

@@ -7,6 +7,15 @@
 //! found out on its next request, which was lost without an answer
 //! (RFC 9112 §9.6 asks a server that will close to say so).
 //!
+//! Such an answer also sets the connection's [`Linger`]: once hyper has
+//! written it and let the connection go, [`linger`] reads and drops what
+//! the client still sends (at most [`LINGER_TIME`] and [`LINGER_BYTES`],
+//! or until the client closes its side) before the socket is closed. A
+//! socket closed with unread bytes in its receive queue sends a reset, and
+//! a client that writes its whole body before it reads (Python's
+//! `http.client`, most of them) got a broken pipe instead of the 404 or
+//! 503 the server had answered (nginx's "lingering close").
+//!
 //! Knows nothing of routes: a tower layer around all of them, which wraps
 //! the request body of a request that announces one (`Content-Length`
 //! other than 0, or `Transfer-Encoding`) and marks when it was read to its
@@ -19,6 +28,92 @@ use std::task::{Context, Poll};
 
 use axum::http::{HeaderValue, Request, Response, Version, header};
 use http_body::{Body, Frame, SizeHint};
+
+/// The longest a closed connection's socket reads what its client still
+/// sends.
+pub(crate) const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// The most it reads (then it is closed, reset or not).
+pub(crate) const LINGER_BYTES: u64 = 256 * 1024 * 1024;
+/// The most sockets that linger at once: they are outside the connection
+/// cap (its permit went with the connection), so a client closing
+/// connections fast could otherwise keep a descriptor each for
+/// [`LINGER_TIME`]. Beyond it, a socket is closed at once, as before.
+pub(crate) const MAX_LINGERING: usize = 256;
+
+/// Sockets lingering now.
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One lingering socket's place among [`MAX_LINGERING`], given back when
+/// dropped.
+struct Lingering;
+
+impl Lingering {
+    fn take() -> Option<Lingering> {
+        LINGERING
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_LINGERING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Lingering)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One connection's mark, in each of its requests' extensions: an answer
+/// left the request's body unread, and the socket is to linger when the
+/// connection ends.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Linger(Arc<AtomicBool>);
+
+impl Linger {
+    /// Whether an answer of the connection left a body unread.
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads and drops, on a task of its own, what the client still sends on
+/// `stream` (at most [`LINGER_TIME`] and [`LINGER_BYTES`], or until it
+/// closes its side), on a copy of its descriptor made now: the
+/// connection's own is closed when its caller drops it, and the copy then
+/// keeps the socket open. No runtime, [`MAX_LINGERING`] lingering
+/// already, or no descriptor to copy: nothing (the socket is closed as it
+/// was).
+pub(crate) fn linger(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsFd as _;
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Some(place) = Lingering::take() else {
+        return;
+    };
+    let Ok(copy) = stream.as_fd().try_clone_to_owned() else {
+        return;
+    };
+    // The same open socket: non-blocking already, as tokio needs it.
+    let copy = std::net::TcpStream::from(copy);
+    runtime.spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let _place = place;
+        let Ok(mut stream) = tokio::net::TcpStream::from_std(copy) else {
+            return;
+        };
+        let ends = tokio::time::Instant::now() + LINGER_TIME;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0u64;
+        while read < LINGER_BYTES {
+            match tokio::time::timeout_at(ends, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => read += n as u64,
+                _ => break,
+            }
+        }
+    });
+}
 
 /// The layer (see the module's doc).
 #[derive(Debug, Clone, Copy, Default)]
@@ -52,6 +147,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let linger = request.extensions().get::<Linger>().cloned();
         // HTTP/1.0 is left to hyper, which writes its own `Connection`
         // value there (`close` would be joined to its `keep-alive`); a
         // body already known to be empty has nothing to leave unread.
@@ -66,6 +162,7 @@ where
         Answer {
             inner: self.inner.call(request),
             ended,
+            linger,
         }
     }
 }
@@ -117,6 +214,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         ended: Option<Arc<AtomicBool>>,
+        linger: Option<Linger>,
     }
 }
 
@@ -135,6 +233,9 @@ where
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if let Some(linger) = this.linger {
+                linger.0.store(true, Ordering::Relaxed);
+            }
         }
         Poll::Ready(answer)
     }

@@ -80,6 +80,16 @@ impl Loader {
             );
         }
         if p.manifest.runtime == Runtime::Python {
+            // Native only: a Python plugin always runs in a runner of its
+            // own, whatever this says (SPEC §3).
+            if p.manifest.declared_isolation == Some(Isolation::InProcess) {
+                tracing::warn!(
+                    plugin = %p.name,
+                    "Plugin {}: its manifest's \"isolation\": \"in-process\" is not used: a \
+                     Python plugin always runs in a process of its own",
+                    p.name
+                );
+            }
             return self
                 .instantiate_python(p, known, &signed)
                 .map(Step::Started);

@@ -1031,3 +1031,41 @@ async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
     .await
     .unwrap();
 }
+
+/// An answer given before the request's body was read (an unknown plugin
+/// or tool: 404) reaches a client that writes its whole body before it
+/// reads, as Python's `http.client` does: the server reads and drops the
+/// rest of the body before it closes. (It closed with bytes unread, the
+/// kernel sent a reset, and the client's write failed with a broken pipe,
+/// the answer lost.)
+#[test]
+fn an_early_answer_reaches_a_client_that_sends_its_whole_body_first() {
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", serde_json::json!({}));
+    let server = Forgesyte::start(&["--plugins", plugins.path_str()]);
+    server.wait_loaded();
+    let body = vec![0u8; 8 << 20];
+    for path in [
+        "/v1/plugins/nope/tools/x/run",
+        "/v1/plugins/alpha/tools/nope/run",
+    ] {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
+             Content-Length: {}\r\n\r\n",
+            server.addr,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream
+            .write_all(&body)
+            .unwrap_or_else(|e| panic!("{path}: the body could not be sent: {e}"));
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .unwrap_or_else(|e| panic!("{path}: no answer: {e}"));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 404"), "{path}: {text}");
+        assert!(text.to_lowercase().contains("connection: close"), "{text}");
+    }
+}
