@@ -236,8 +236,20 @@ impl IntoResponse for ApiError {
             } => {
                 tracing::error!(plugin = %Shown(plugin), tool = %Shown(tool), %message, "internal error running a tool");
             }
-            // A plugin's fault (502, 504) is logged where it happens; a
-            // 503 (busy, not ready) is the client's to retry: one line per
+            // A plugin's fault (502) or a call past its limit (504): the
+            // crash is logged where it happens, by its supervisor, with no
+            // request to name; this line, in the request's span, names the
+            // request, the plugin and the tool. At most one per call in
+            // flight when the plugin failed (it is FAILED after: the calls
+            // that follow are 503s), so no client can flood the log with it.
+            ApiError::Run {
+                plugin,
+                tool,
+                error: error @ (RunError::Fault { .. } | RunError::Timeout { .. }),
+            } => {
+                tracing::warn!(plugin = %Shown(plugin), tool = %Shown(tool), status = status.as_u16(), "The call of tool {} failed its plugin {}: {error}", Shown(tool), Shown(plugin));
+            }
+            // A 503 (busy, not ready) is the client's to retry: one line per
             // request at warn level let any client flood the log. An admin
             // refusal was logged where it was made, with its address,
             // throttled (`reload::admit`).

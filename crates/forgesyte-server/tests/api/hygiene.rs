@@ -1214,7 +1214,8 @@ fn a_stop_during_the_load_pass_blames_only_what_it_cut_off() {
 /// constructor's ERROR carries its traceback; a rescan that finds a plugin
 /// failing as before says so at INFO, not at ERROR again; a runner that
 /// ended after reporting its import failed is no crash; a crash is one
-/// ERROR saying when the restart comes, and the restart is INFO.
+/// ERROR saying when the restart comes, the restart is INFO, and the
+/// request the crash cut off is one WARN naming it and its tool.
 #[test]
 fn each_failure_is_logged_once_at_its_level() {
     let token = "a-token-of-well-over-thirty-two-characters";
@@ -1282,4 +1283,12 @@ fn each_failure_is_logged_once_at_its_level() {
     );
     let restart = lines("Restarting plugin faulty (restart 1)");
     assert!(restart.len() == 1 && restart[0].contains("INFO"), "{log}");
+    // The request the crash cut off is named, with its tool.
+    let call = lines("The call of tool segfault failed its plugin faulty");
+    assert_eq!(call.len(), 1, "{log}");
+    assert!(
+        call[0].contains("WARN") && call[0].contains("request_id"),
+        "{}",
+        call[0]
+    );
 }
