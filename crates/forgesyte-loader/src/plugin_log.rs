@@ -152,6 +152,7 @@ pub(crate) fn log_plugin_line(
     const TARGET: &str = "forgesyte_loader::plugin_stderr";
     let request_id = tags.request_id.as_deref();
     let trace_id = tags.trace_id.as_deref();
+    let line = &*not_a_host_marker(line);
     match level {
         tracing::Level::ERROR => {
             tracing::error!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
@@ -163,6 +164,22 @@ pub(crate) fn log_plugin_line(
             tracing::debug!(target: TARGET, plugin, pid, request_id, trace_id, "{line}")
         }
         _ => tracing::info!(target: TARGET, plugin, pid, request_id, trace_id, "{line}"),
+    }
+}
+
+/// The host's own markers, which begin the lines operators and alerts look
+/// for (`✓ Loaded plugin: …`, `✗ Plugin FAILED: …`, `⊘ Plugin UNAVAILABLE:
+/// …`, the Python original's).
+const HOST_MARKERS: [char; 3] = ['✓', '✗', '⊘'];
+
+/// `line`, marked as the plugin's when it begins with one of the host's
+/// markers: a plugin printing `✗ Plugin FAILED: other` read as the host's
+/// word on another plugin to whoever looked for the marker.
+fn not_a_host_marker(line: &str) -> std::borrow::Cow<'_, str> {
+    if line.trim_start().starts_with(HOST_MARKERS) {
+        std::borrow::Cow::Owned(format!("(the plugin's output) {line}"))
+    } else {
+        std::borrow::Cow::Borrowed(line)
     }
 }
 
@@ -329,6 +346,22 @@ unsafe extern "C" fn host_log_line(context: *const c_void, line: *const u8, len:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plugin_line_never_begins_with_a_host_marker() {
+        assert_eq!(
+            not_a_host_marker("✗ Plugin FAILED: good"),
+            "(the plugin's output) ✗ Plugin FAILED: good"
+        );
+        assert_eq!(
+            not_a_host_marker("  ✓ Loaded plugin: x (1)"),
+            "(the plugin's output)   ✓ Loaded plugin: x (1)"
+        );
+        assert!(matches!(
+            not_a_host_marker("model loaded ✓"),
+            std::borrow::Cow::Borrowed("model loaded ✓")
+        ));
+    }
 
     #[test]
     fn the_plugin_is_named_while_it_runs_and_only_then() {
