@@ -261,7 +261,12 @@ impl Loader {
             };
             format!("python interpreter {wanted}{missing}")
         })
-        .and_then(|interpreter| entry_points::discover(&interpreter));
+        // The same interpreter's start as a runner's: an operator who gave
+        // constructions longer (a slow file system) gives this as long.
+        .and_then(|interpreter| {
+            let limit = entry_points::DISCOVERY_TIMEOUT.max(self.config.process.init_timeout);
+            entry_points::discover_with_timeout(&interpreter, limit)
+        });
         match found {
             Ok(found) => {
                 *self.entry_points_error.write() = None;
