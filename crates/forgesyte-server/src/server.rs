@@ -365,6 +365,16 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
             Err(_) => state.events().load_finished(None, 0.0),
         }
         match pass {
+            // A stop during the pass: the plugins it cut off are FAILED
+            // with no fault of theirs, and "ready" would be untrue.
+            Ok(report) if state.loader().is_shutting_down() => tracing::info!(
+                loaded = report.loaded(),
+                elapsed_ms = report.elapsed_ms,
+                "Load pass cut short by the stop: {} loaded, {} not ({:.1} ms)",
+                report.loaded(),
+                report.failed() + report.unavailable(),
+                report.elapsed_ms
+            ),
             Ok(report) => tracing::info!(
                 loaded = report.loaded(),
                 failed = report.failed(),

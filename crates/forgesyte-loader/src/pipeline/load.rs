@@ -43,7 +43,18 @@ impl Loader {
             (false, true) => format!("{dir} and installed packages"),
             (false, false) => "installed packages".to_owned(),
         };
-        report.log_summary("Loaded", Some(&from));
+        if self.is_shutting_down() {
+            // The plugins the stop cut off are FAILED with no fault of
+            // theirs: not counted as failures.
+            tracing::info!(
+                loaded = report.loaded(),
+                "Load pass from {from} cut short by the stop: {} loaded, {} not",
+                report.loaded(),
+                report.failed() + report.unavailable()
+            );
+        } else {
+            report.log_summary("Loaded", Some(&from));
+        }
         report
     }
 

@@ -1208,6 +1208,11 @@ fn a_stop_during_the_load_pass_blames_only_what_it_cut_off() {
     assert!(!log.contains("Plugin FAILED: init-hang"), "{log}");
     // The later wave's runner is refused, not failed.
     assert!(!log.contains("Plugin FAILED: later"), "{log}");
+    // The pass's summaries (when the process lives long enough to write
+    // them) say it was cut short; none counts the plugins cut off as
+    // failed, nor says plugins are ready.
+    assert!(!log.contains("Plugins ready"), "{log}");
+    assert!(!log.contains(" failed, "), "{log}");
 }
 
 /// The log tells each failure once, at the level it deserves: a Python
