@@ -99,7 +99,16 @@ enum Node {
 #[derive(Debug, Default)]
 struct FsState {
     nodes: BTreeMap<PathBuf, Node>,
-    failures: BTreeMap<PathBuf, io::ErrorKind>,
+    failures: BTreeMap<PathBuf, Injected>,
+}
+
+/// A failure injected on a path of a [`FakeFs`].
+#[derive(Debug, Clone, Copy)]
+enum Injected {
+    /// An error of this kind.
+    Kind(io::ErrorKind),
+    /// The OS error of this number.
+    Os(i32),
 }
 
 /// An in-memory filesystem tree with files, directories, symbolic links and
@@ -147,7 +156,17 @@ impl FakeFs {
         self.state
             .lock()
             .failures
-            .insert(lexical(path.as_ref()), kind);
+            .insert(lexical(path.as_ref()), Injected::Kind(kind));
+        self.clone()
+    }
+
+    /// Makes every operation on `path` fail with the OS error `errno`
+    /// (`EMFILE`: the process is out of descriptors).
+    pub fn fail_os(&self, path: impl AsRef<Path>, errno: i32) -> Self {
+        self.state
+            .lock()
+            .failures
+            .insert(lexical(path.as_ref()), Injected::Os(errno));
         self.clone()
     }
 
@@ -187,10 +206,11 @@ impl FakeFs {
 
     fn injected(state: &FsState, key: &Path) -> io::Result<()> {
         match state.failures.get(key) {
-            Some(kind) => Err(io::Error::new(
+            Some(Injected::Kind(kind)) => Err(io::Error::new(
                 *kind,
                 format!("injected failure on {}", key.display()),
             )),
+            Some(Injected::Os(errno)) => Err(io::Error::from_raw_os_error(*errno)),
             None => Ok(()),
         }
     }

@@ -421,6 +421,9 @@ pub struct ExitReport {
     pub signal: Option<String>,
     /// The process's exit code, when it exited on its own.
     pub code: Option<i32>,
+    /// The process, when one ended (to match with the kernel's messages:
+    /// the OOM killer names it).
+    pub pid: Option<u32>,
 }
 
 impl ExitReport {
@@ -437,6 +440,7 @@ impl ExitReport {
             crash: Some(crash),
             signal: None,
             code: None,
+            pid: None,
         }
     }
 }

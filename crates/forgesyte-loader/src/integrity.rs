@@ -224,7 +224,7 @@ fn collect_py(
                 format!("{} is not a UTF-8 name", entry.path.display()),
             ));
         };
-        if name.starts_with('.') {
+        if hidden(&entry.name) {
             continue;
         }
         if name.contains('\n') {
@@ -486,9 +486,10 @@ pub fn lock_dir(fs: &dyn FileSystem, plugins_dir: &Path) -> io::Result<LockOutco
 
 /// Whether an entry of the plugins directory is hidden (`.name`): a
 /// backup copy (`.echo-old`), an editor's or a tool's directory (`.git`,
-/// `.venv`). No plugin: a load pass, a rescan and `lock` all leave it out
-/// (a stale copy sorted first and took its plugin's name).
-pub(crate) fn hidden(name: &std::ffi::OsStr) -> bool {
+/// `.venv`). No plugin: a load pass, a rescan, `lock` and `serve --watch`
+/// all leave it out (a stale copy sorted first and took its plugin's
+/// name); nor is a hidden file of a plugin hashed.
+pub fn hidden(name: &std::ffi::OsStr) -> bool {
     name.as_encoded_bytes().starts_with(b".")
 }
 

@@ -273,6 +273,34 @@ fn plugins_the_host_was_too_short_to_start_are_retried_until_they_load() {
     assert!(loader.host_short_plugins().is_empty());
 }
 
+/// A manifest that could not be read for want of descriptors: the plugin
+/// is FAILED under its directory's name and listed for a retry, which,
+/// once the manifest reads and names another plugin, loads it under that
+/// name (a reload by the directory's name refused it as renamed).
+#[test]
+fn a_manifest_the_host_could_not_read_is_retried_under_its_own_name() {
+    let s = Setup::new();
+    s.plugin("echo-1.2", &manifest("echo", json!({})), FakeBehavior::Good);
+    let emfile = 24;
+    s.world
+        .fs
+        .fail_os("/plugins/echo-1.2/manifest.json", emfile);
+    let loader = s.load();
+    s.check(
+        "echo-1.2",
+        S::Failed,
+        &["ManifestError: cannot read manifest"],
+    );
+    assert_eq!(loader.host_short_plugins(), ["echo-1.2"]);
+    s.world.fs.heal("/plugins/echo-1.2/manifest.json");
+    let outcomes = loader.retry_host_short();
+    let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["echo"], "{outcomes:?}");
+    s.check("echo", S::Initialized, &[]);
+    assert!(s.registry.get_status("echo-1.2").is_none());
+    assert!(loader.host_short_plugins().is_empty());
+}
+
 /// `reload_all` loads the directories that appeared after reloading the
 /// registered plugins: a plugin UNAVAILABLE over a `plugin:` dependency
 /// that appeared is then loaded again (it stayed UNAVAILABLE); one whose

@@ -237,8 +237,16 @@ pub(crate) async fn serve(
             && let Ok(permit) = Arc::clone(&reserve).try_acquire_owned()
         {
             let main = service;
+            let refused = linger.clone();
             let probes_only = service_fn(move |request: Request<Incoming>| {
                 let main = main.clone();
+                // The 503 leaves a body unread: the socket lingers, or the
+                // client that sends before it reads never sees the 503.
+                if !PROBE_PATHS.contains(&request.uri().path())
+                    && crate::body::announces_a_body(request.headers())
+                {
+                    refused.set();
+                }
                 async move {
                     if PROBE_PATHS.contains(&request.uri().path()) {
                         hyper::service::Service::call(&main, request).await

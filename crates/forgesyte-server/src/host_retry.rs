@@ -7,6 +7,7 @@
 //! Each try takes the one admin claim, as a rescan does. Knows the state
 //! and the loader; nothing of routes or requests.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,43 +36,88 @@ pub(crate) fn start(state: &AppState) {
     tokio::spawn(async move {
         loop {
             wake.notified().await;
-            let mut delay = FIRST_RETRY;
-            while !state.loader().host_short_plugins().is_empty() {
-                tokio::time::sleep(delay).await;
-                let Some(guard) = claim_when_free(&state, "Retrying plugins", TRIGGER).await else {
-                    if state.loader().is_shutting_down() {
-                        return;
-                    }
-                    continue;
-                };
-                let loader = Arc::clone(state.loader());
-                let Ok(outcomes) = tokio::task::spawn_blocking(move || {
-                    let outcomes = loader.retry_host_short();
-                    drop(guard);
-                    outcomes
-                })
-                .await
-                else {
-                    return;
-                };
-                let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
-                crate::rescan::forget_gone_tools(&state, &names);
-                let loaded = outcomes.iter().filter(|o| o.state.is_available()).count();
-                let waiting = state.loader().host_short_plugins();
-                delay = delay.saturating_mul(2).min(LONGEST_WAIT);
-                if waiting.is_empty() {
-                    tracing::info!(
-                        trigger = TRIGGER,
-                        loaded,
-                        "Retried {} plugin(s) the host had been too short of resources to start: {loaded} loaded",
-                        outcomes.len()
-                    );
-                } else {
-                    tracing::warn!(trigger = TRIGGER, loaded, waiting = ?waiting, "Retried {} plugin(s) the host had been too short of resources to start: {loaded} loaded, {} still waiting (next try in {} s)", outcomes.len(), waiting.len(), delay.as_secs());
-                }
+            retry_while_short(&state, &wake).await;
+            if state.loader().is_shutting_down() {
+                return;
             }
         }
     });
+}
+
+/// Tries the plugins the host was short for until none is left: each newly
+/// listed one [`FIRST_RETRY`] after it was, then on the backoff.
+async fn retry_while_short(state: &AppState, wake: &tokio::sync::Notify) {
+    let mut delay = FIRST_RETRY;
+    let mut next = tokio::time::Instant::now() + delay;
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let short = state.loader().host_short_plugins();
+        if short.is_empty() {
+            return;
+        }
+        // One that joined the list meanwhile is not kept waiting for the
+        // others' long backoff.
+        if short.iter().any(|name| !known.contains(name)) {
+            delay = FIRST_RETRY;
+            next = next.min(tokio::time::Instant::now() + delay);
+        }
+        known = short.into_iter().collect();
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            // A plugin went FAILED: look at the list again (the time of
+            // the next try stays, or comes nearer).
+            () = wake.notified() => continue,
+        }
+        let Some(guard) = claim_when_free(state, "Retrying plugins", TRIGGER).await else {
+            if state.loader().is_shutting_down() {
+                return;
+            }
+            next = tokio::time::Instant::now() + delay;
+            continue;
+        };
+        let loader = Arc::clone(state.loader());
+        let tried = known.clone();
+        let outcomes = match tokio::task::spawn_blocking(move || {
+            let outcomes = loader.retry_host_short();
+            drop(guard);
+            outcomes
+        })
+        .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                tracing::error!(
+                    trigger = TRIGGER,
+                    "Retrying plugins the host was short for failed: {e}"
+                );
+                Vec::new()
+            }
+        };
+        // A plugin retried under another name (its manifest could not be
+        // read, and names another now) leaves its old name's series.
+        for gone in tried
+            .iter()
+            .filter(|name| state.registry().get_status(name).is_none())
+        {
+            state.metrics().forget_plugin(gone);
+        }
+        let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
+        crate::rescan::forget_gone_tools(state, &names);
+        let loaded = outcomes.iter().filter(|o| o.state.is_available()).count();
+        let waiting = state.loader().host_short_plugins();
+        delay = delay.saturating_mul(2).min(LONGEST_WAIT);
+        next = tokio::time::Instant::now() + delay;
+        if waiting.is_empty() {
+            tracing::info!(
+                trigger = TRIGGER,
+                loaded,
+                "Retried {} plugin(s) the host had been too short of resources to start: {loaded} loaded",
+                outcomes.len()
+            );
+        } else {
+            tracing::warn!(trigger = TRIGGER, loaded, waiting = %waiting.join(","), "Retried {} plugin(s) the host had been too short of resources to start: {loaded} loaded, {} still waiting (next try in {} s)", outcomes.len(), waiting.len(), delay.as_secs());
+        }
+    }
 }
 
 /// Wakes the task whenever a plugin goes FAILED, or a FAILED one's reason

@@ -242,14 +242,14 @@ impl Server {
                         }
                         Err(_) => {
                             let cut = calls_in_flight(&state);
-                            tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), calls_cut_off = cut, "In-flight requests did not finish in time; stopping anyway ({cut} tool call(s) cut off)");
+                            tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), calls_cut_off = cut, "In-flight requests did not finish in time; stopping anyway (tool calls still running: {cut})");
                             server.abort();
                             Ok(())
                         }
                     },
                     () = HURRY.notified() => {
                         let cut = calls_in_flight(&state);
-                        tracing::info!(calls_cut_off = cut, "Stopped waiting: {cut} tool call(s) cut off");
+                        tracing::info!(calls_cut_off = cut, "Stopped waiting for the requests in flight (tool calls still running: {cut})");
                         server.abort();
                         Ok(())
                     }

@@ -37,13 +37,26 @@ pub(crate) const LINGER_BYTES: u64 = 256 * 1024 * 1024;
 /// The most sockets that linger at once: they are outside the connection
 /// cap (its permit went with the connection), so a client closing
 /// connections fast could otherwise keep a descriptor each for
-/// [`LINGER_TIME`]. Beyond it, a socket is closed at once, as before.
+/// [`LINGER_TIME`]. Beyond it, a socket is closed at once, as before. Also
+/// never more than a sixteenth of the open-file limit (the connections take
+/// half of it, and runners keep an eighth free).
 pub(crate) const MAX_LINGERING: usize = 256;
+
+/// [`MAX_LINGERING`], or a sixteenth of the open-file limit when less (at
+/// least 4), taken once.
+fn max_lingering() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        crate::conn::nofile_limit()
+            .and_then(|limit| usize::try_from(limit / 16).ok())
+            .map_or(MAX_LINGERING, |share| share.clamp(4, MAX_LINGERING))
+    })
+}
 
 /// Sockets lingering now.
 static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// One lingering socket's place among [`MAX_LINGERING`], given back when
+/// One lingering socket's place among [`max_lingering`], given back when
 /// dropped.
 struct Lingering;
 
@@ -51,7 +64,7 @@ impl Lingering {
     fn take() -> Option<Lingering> {
         LINGERING
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < MAX_LINGERING).then_some(n + 1)
+                (n < max_lingering()).then_some(n + 1)
             })
             .ok()
             .map(|_| Lingering)
@@ -75,13 +88,18 @@ impl Linger {
     pub(crate) fn is_set(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// An answer of the connection left a body unread.
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Reads and drops, on a task of its own, what the client still sends on
 /// `stream` (at most [`LINGER_TIME`] and [`LINGER_BYTES`], or until it
 /// closes its side), on a copy of its descriptor made now: the
 /// connection's own is closed when its caller drops it, and the copy then
-/// keeps the socket open. No runtime, [`MAX_LINGERING`] lingering
+/// keeps the socket open. No runtime, [`max_lingering`] lingering
 /// already, or no descriptor to copy: nothing (the socket is closed as it
 /// was).
 pub(crate) fn linger(stream: &tokio::net::TcpStream) {
@@ -148,13 +166,15 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let linger = request.extensions().get::<Linger>().cloned();
-        // HTTP/1.0 is left to hyper, which writes its own `Connection`
-        // value there (`close` would be joined to its `keep-alive`); a
-        // body already known to be empty has nothing to leave unread.
-        let ended = (request.version() != Version::HTTP_10
-            && crate::body::announces_a_body(request.headers())
+        // A body already known to be empty has nothing to leave unread.
+        let ended = (crate::body::announces_a_body(request.headers())
             && !request.body().is_end_stream())
         .then(|| Arc::new(AtomicBool::new(false)));
+        // HTTP/1.0's `Connection` value is left to hyper, which writes its
+        // own there (`close` would be joined to its `keep-alive`); the
+        // socket lingers all the same (nginx speaks HTTP/1.0 to the servers
+        // behind it by default, and turned the early 404 into a 502).
+        let http_10 = request.version() == Version::HTTP_10;
         let request = request.map(|inner| Tracked {
             inner,
             ended: ended.clone(),
@@ -163,6 +183,7 @@ where
             inner: self.inner.call(request),
             ended,
             linger,
+            http_10,
         }
     }
 }
@@ -215,6 +236,7 @@ pin_project_lite::pin_project! {
         inner: F,
         ended: Option<Arc<AtomicBool>>,
         linger: Option<Linger>,
+        http_10: bool,
     }
 }
 
@@ -230,11 +252,13 @@ where
         if let (Ok(response), Some(ended)) = (&mut answer, this.ended.as_ref())
             && !ended.load(Ordering::Relaxed)
         {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if !*this.http_10 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             if let Some(linger) = this.linger {
-                linger.0.store(true, Ordering::Relaxed);
+                linger.set();
             }
         }
         Poll::Ready(answer)

@@ -194,7 +194,14 @@ fn relevant(path: &Path, plugins_dir: &Path) -> bool {
         Ok(rel) => rel,
         Err(_) => Path::new(path.file_name().unwrap_or_default()),
     };
-    !cache && !forgesyte_loader::runtime_output(below)
+    // A hidden directory of the plugins directory is no plugin (a backup
+    // copy, `.git`): what changes in it is nothing to rescan for.
+    let in_hidden = path.strip_prefix(plugins_dir).is_ok_and(|rel| {
+        rel.components()
+            .next()
+            .is_some_and(|c| forgesyte_loader::integrity::hidden(c.as_os_str()))
+    });
+    !cache && !in_hidden && !forgesyte_loader::runtime_output(below)
 }
 
 #[cfg(test)]
@@ -239,6 +246,9 @@ mod tests {
         assert!(!relevant("/tmp/p/beta/logs/today.txt"));
         assert!(!relevant("/tmp/p/beta/.cache/hub/weights.bin"));
         assert!(relevant("/tmp/p/beta/tmp/helper.py"));
+        // A hidden directory of the plugins directory is no plugin.
+        assert!(!relevant("/tmp/p/.echo-old/manifest.json"));
+        assert!(!relevant("/tmp/p/.git/index"));
         assert!(relevant("/tmp/p/beta/data.bin"));
         // Under a plugin directory linked in from elsewhere: by name.
         assert!(!relevant("/opt/ocr/run.log"));

@@ -61,10 +61,36 @@ impl Loader {
         if self.is_shutting_down() {
             return Vec::new();
         }
-        self.host_short_plugins()
-            .iter()
-            .filter_map(|name| self.reload(name))
-            .collect()
+        let mut outcomes = Vec::new();
+        for name in self.host_short_plugins() {
+            match self.renamed_since(&name) {
+                // Registered under its directory's name while its manifest
+                // could not be read; readable now, it names another plugin:
+                // let go under the one, loaded as the other (a reload by
+                // the directory's name refused the manifest's own).
+                Some(dir) => {
+                    self.retire_plugin(
+                        &name,
+                        dir.clone(),
+                        "its manifest can be read now, and names another plugin",
+                    );
+                    outcomes.extend(self.load_dirs(&[dir]).plugins);
+                }
+                None => outcomes.extend(self.reload(&name)),
+            }
+        }
+        outcomes
+    }
+
+    /// The directory of `name` when it is a plugin directory whose manifest
+    /// now names another plugin.
+    fn renamed_since(&self, name: &str) -> Option<std::path::PathBuf> {
+        if self.entry_points.read().contains_key(name) {
+            return None;
+        }
+        let dir = self.plugin_dir(name)?;
+        let manifest = self.peek_manifest(&dir).ok()?;
+        (manifest.name != name).then_some(dir)
     }
 }
 

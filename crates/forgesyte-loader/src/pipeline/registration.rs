@@ -290,13 +290,19 @@ impl Loader {
     /// Records a load failure: UNAVAILABLE for dependencies, FAILED otherwise.
     pub(super) fn record_failure(&self, name: &str, err: &PluginError) {
         let reason = err.reason();
+        // A shortage's reason counts what was open, and so differs at each
+        // try of one that lasts: still the same failure.
+        let short_before = self.host_short.lock().get(name).cloned();
+        let short_before = short_before.filter(|_| super::host_short::is_host_short(err));
         self.note_host_short(name, err, &reason);
+        // Asked once the new state is recorded.
+        let repeated = || self.failed_alike_before(name, short_before.clone());
         if matches!(
             err,
             PluginError::Load(forgesyte_errors::LoadError::Dependency(_))
         ) {
             let _ = self.registry.mark_unavailable(name, reason.clone());
-            if self.failed_alike_before(name) {
+            if repeated() {
                 tracing::info!(plugin = %name, %reason, "Plugin {name} still UNAVAILABLE, for the same reason");
             } else {
                 tracing::warn!(plugin = %name, %reason, "⊘ Plugin UNAVAILABLE: {name}");
@@ -324,7 +330,7 @@ impl Loader {
             let stopped = self.is_shutting_down() && reason.contains(crate::process::HOST_STOPPING);
             if stopped {
                 tracing::info!(plugin = %name, %reason, "Plugin {name} not loaded: the host is stopping");
-            } else if self.failed_alike_before(name) {
+            } else if repeated() {
                 // Every rescan retries it: said at ERROR once, not again
                 // each time for a plugin nobody touched.
                 tracing::info!(plugin = %name, %reason, "Plugin {name} still FAILED, for the same reason");
@@ -337,9 +343,10 @@ impl Loader {
     }
 
     /// Whether `name`'s state just recorded (FAILED or UNAVAILABLE) repeats
-    /// the one before its retry: the same state and reason, then LOADED
-    /// (the retry), then this one.
-    fn failed_alike_before(&self, name: &str) -> bool {
+    /// the one before its retry: the same state and reason (or, with
+    /// `short_before`, the shortage of the host's recorded then), then
+    /// LOADED (the retry), then this one.
+    fn failed_alike_before(&self, name: &str, short_before: Option<String>) -> bool {
         let Some(history) = self.registry.history(name) else {
             return false;
         };
@@ -348,7 +355,7 @@ impl Loader {
                 retry.to == PluginLifecycleState::Loaded
                     && before.to == now.to
                     && before.reason.is_some()
-                    && before.reason == now.reason
+                    && (before.reason == now.reason || before.reason == short_before)
             }
             _ => false,
         }

@@ -648,7 +648,7 @@ impl Loader {
     /// time limit), then its process is stopped
     /// (isolated, Python) or its instance dropped (in-process: the library
     /// stays mapped), and its name is freed.
-    fn retire_plugin(&self, name: &str, dir: PathBuf, why: &str) -> RetiredPlugin {
+    pub(super) fn retire_plugin(&self, name: &str, dir: PathBuf, why: &str) -> RetiredPlugin {
         let started = Instant::now();
         let entry = self.entries.write().remove(name);
         self.entry_points.write().remove(name);

@@ -256,6 +256,7 @@ impl Child {
         protocol: Option<ProtocolPipe>,
         opts: &SpawnOptions<'_>,
         timeout: Duration,
+        claim: &mut Option<super::headroom::Starting>,
     ) -> Result<Child, SpawnError> {
         command.envs(runner_env(opts.memory_limit_mib > 0));
         let shm = ShmOffer::new().map_err(SpawnError::Start)?;
@@ -291,6 +292,7 @@ impl Child {
             shm,
             opts,
             timeout,
+            claim,
         )
     }
 
@@ -306,6 +308,7 @@ impl Child {
         ),
         opts: &SpawnOptions<'_>,
         timeout: Duration,
+        claim: &mut Option<super::headroom::Starting>,
     ) -> Result<Child, SpawnError> {
         let started = Instant::now();
         let (stdin, stdin_w) = std::io::pipe().map_err(SpawnError::Start)?;
@@ -334,6 +337,7 @@ impl Child {
             host_shm,
             opts,
             timeout.saturating_sub(started.elapsed()),
+            claim,
         )
     }
 
@@ -349,7 +353,11 @@ impl Child {
         shm: Option<(OwnedFd, u64)>,
         opts: &SpawnOptions<'_>,
         timeout: Duration,
+        claim: &mut Option<super::headroom::Starting>,
     ) -> Result<Child, SpawnError> {
+        // The runner's descriptors are made (its pipes, its socket): the
+        // lowest free descriptor counts them from now on, not its claim.
+        drop(claim.take());
         let pid = process.id();
         let (transport, greeting) = match Transport::new(stdin, opts.max_response_bytes) {
             Ok((mut transport, greeting)) => {
@@ -531,6 +539,7 @@ impl Child {
                 crash: None,
                 signal: None,
                 code: None,
+                pid: None,
             })
         })
     }
@@ -857,6 +866,7 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
             .map(signal_name),
         code: status.and_then(|s| s.code()),
         crash: Some(crash.clone()),
+        pid: Some(shared.pid),
     });
     let retired = shared.retired.load(Ordering::SeqCst);
     // Ended by the host's stop (a construction a shutdown cut off): no

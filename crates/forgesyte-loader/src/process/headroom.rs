@@ -13,9 +13,10 @@
 //! descriptor below it is open, so the test never refuses a server that
 //! has the room. Starts run at once on several threads (a load wave), and
 //! each makes its descriptors only after its check: every start between
-//! its check and the end of its launch holds a [`Starting`], and counts
-//! its [`PER_RUNNER`] as taken in every other start's check (six checks at
-//! once each saw the same free descriptors, and all six took them).
+//! its check and the moment its descriptors exist (`Child::start` drops
+//! it) holds a [`Starting`], and counts its [`PER_RUNNER`] as taken in
+//! every other start's check (six checks at once each saw the same free
+//! descriptors, and all six took them).
 //!
 //! A runner that cannot start for want of the host's resources (this
 //! refusal, `EMFILE`, `ENFILE`, `EAGAIN` from `fork` under a process
@@ -34,15 +35,20 @@ const PER_RUNNER: u64 = 8;
 static STARTING: AtomicU64 = AtomicU64::new(0);
 
 /// A start's claim on [`PER_RUNNER`] descriptors, from its check until it
-/// is dropped (its launch made its descriptors, or failed).
+/// is dropped (its descriptors are made, or its start failed).
 #[derive(Debug)]
 #[must_use = "the claim ends when it is dropped"]
-pub(crate) struct Starting(());
+pub(crate) struct Starting(&'static AtomicU64);
 
 impl Drop for Starting {
     fn drop(&mut self) {
-        STARTING.fetch_sub(1, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// A claim counted in `counter`, and the claims it held before.
+fn claim(counter: &'static AtomicU64) -> (u64, Starting) {
+    (counter.fetch_add(1, Ordering::SeqCst), Starting(counter))
 }
 
 /// Descriptors kept free for connections under a limit of `limit`.
@@ -80,14 +86,13 @@ fn room(lowest_free: u64, others: u64, limit: u64) -> Result<(), ShortOfDescript
     })
 }
 
-/// The start's claim, held until its launch made its descriptors; `Err`
+/// The start's claim, held until its descriptors are made; `Err`
 /// (an [`std::io::Error`] holding a [`ShortOfDescriptors`]) when a
 /// runner's start would leave the server fewer free descriptors than its
 /// [`reserve`]. No limit, or no descriptor to duplicate (stderr closed),
 /// passes: the start itself then says what it meets.
 pub(crate) fn check_descriptors() -> std::io::Result<Starting> {
-    let others = STARTING.fetch_add(1, Ordering::SeqCst);
-    let starting = Starting(());
+    let (others, starting) = claim(&STARTING);
     let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current else {
         return Ok(starting);
     };
@@ -199,11 +204,20 @@ mod tests {
     }
 
     #[test]
-    fn this_test_process_has_room_and_a_start_claims_until_dropped() {
-        let first = check_descriptors().unwrap();
-        let second = check_descriptors().unwrap();
-        // (Other tests of this process may start runners meanwhile.)
-        assert!(STARTING.load(Ordering::SeqCst) >= 2);
-        drop((first, second));
+    fn this_test_process_has_room() {
+        drop(check_descriptors().unwrap());
+    }
+
+    #[test]
+    fn a_claim_counts_until_it_is_dropped() {
+        // A counter of this test's own: other tests start runners.
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let (before, first) = claim(&COUNTER);
+        let (between, second) = claim(&COUNTER);
+        assert_eq!((before, between), (0, 1));
+        drop(first);
+        assert_eq!(COUNTER.load(Ordering::SeqCst), 1);
+        drop(second);
+        assert_eq!(COUNTER.load(Ordering::SeqCst), 0);
     }
 }

@@ -395,8 +395,8 @@ impl ProcessImporter {
             return Err(SpawnError::Stopping);
         }
         // Never the descriptors the server's connections need; claimed
-        // until this start has made its own.
-        let _starting = headroom::check_descriptors().map_err(SpawnError::Start)?;
+        // until this start has made its own (taken by `Child::start`).
+        let mut claim = Some(headroom::check_descriptors().map_err(SpawnError::Start)?);
         let opts = SpawnOptions {
             plugin: &self.plugin,
             memory_limit_mib: self.limits.memory_limit_mib,
@@ -465,7 +465,7 @@ impl ProcessImporter {
                     spawn::pass_fd(&mut command, fd);
                 }
                 confine_env(&mut command);
-                Child::spawn(command, None, &opts, self.limits.init_timeout)
+                Child::spawn(command, None, &opts, self.limits.init_timeout, &mut claim)
             }
             Launch::Python {
                 interpreter,
@@ -488,7 +488,14 @@ impl ProcessImporter {
                         zygote::ZygoteKey::new(interpreter, &self.limits, run_as, plan.is_some());
                     let env = plan.as_ref().map(|plan| &plan.env);
                     match zygote::zygote_for(&key).map(|z| {
-                        Child::fork(&z, &argv, (env, sources), &opts, self.limits.init_timeout)
+                        Child::fork(
+                            &z,
+                            &argv,
+                            (env, sources),
+                            &opts,
+                            self.limits.init_timeout,
+                            &mut claim,
+                        )
                     }) {
                         Ok(Err(SpawnError::Start(e))) | Err(e) => tracing::debug!(
                             plugin = %self.plugin,
@@ -510,7 +517,13 @@ impl ProcessImporter {
                     spawn::pass_fd(&mut command, fd.as_raw_fd());
                 }
                 confine_env(&mut command);
-                Child::spawn(command, Some(protocol), &opts, self.limits.init_timeout)
+                Child::spawn(
+                    command,
+                    Some(protocol),
+                    &opts,
+                    self.limits.init_timeout,
+                    &mut claim,
+                )
             }
         }
     }
@@ -890,6 +903,7 @@ while True:
                 runners: None,
             },
             limits.init_timeout,
+            &mut None,
         )
         .expect("python3 runs the serial runner");
         let library = ProcessLibrary {
@@ -994,7 +1008,7 @@ while True:
                 max_response_bytes: MIB,
                 runners: Some(&runners),
             };
-            Child::spawn(command, None, &options, Duration::from_secs(10)).unwrap()
+            Child::spawn(command, None, &options, Duration::from_secs(10), &mut None).unwrap()
         };
         let (ours, other) = (start("ours"), start("other"));
         runners.stop_starting_of("ours", "let go by the test");
@@ -1024,8 +1038,9 @@ while True:
             max_response_bytes: MIB,
             runners: None,
         };
-        let child =
-            Arc::new(Child::spawn(command, None, &options, Duration::from_secs(10)).unwrap());
+        let child = Arc::new(
+            Child::spawn(command, None, &options, Duration::from_secs(10), &mut None).unwrap(),
+        );
         let reason = || KillReason::host("killed by the test");
         // The reaper's wait for a death holds the process's lock.
         let (held_tx, held_rx) = std::sync::mpsc::channel();

@@ -361,6 +361,7 @@ impl Supervisor {
             tracing::error!(
                 plugin = %name,
                 %reason,
+                pid = report.pid,
                 restart_in_ms = delay.as_millis() as u64,
                 "✗ Plugin FAILED: {name}; restarting it in {} (restarts in the last {}: {restarts} of at most {})",
                 fmt_duration(*delay),
@@ -368,7 +369,7 @@ impl Supervisor {
                 policy.max_restarts
             );
         } else {
-            tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+            tracing::error!(plugin = %name, %reason, pid = report.pid, "✗ Plugin FAILED: {name}");
         }
         let Ok((delay, generation)) = decision else {
             return;
@@ -523,6 +524,7 @@ pub(crate) fn report_of(error: &PluginError) -> ExitReport {
         crash: crash.cloned(),
         signal,
         code,
+        pid: None,
     }
 }
 

@@ -248,6 +248,7 @@ impl Harness {
             crash: None,
             signal: Some("SIGSEGV".into()),
             code: None,
+            pid: None,
         });
     }
 
@@ -469,6 +470,7 @@ fn a_failed_restart_keeps_its_traceback_and_the_last_exit() {
         }),
         signal: None,
         code: Some(3),
+        pid: None,
     });
     h.clock.advance(ms(100));
     let status = h.status();
@@ -518,6 +520,7 @@ fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
             }),
             signal: Some("SIGKILL".into()),
             code: None,
+            pid: None,
         });
         assert_eq!(
             h.status().next_retry_at,

@@ -1044,28 +1044,59 @@ fn an_early_answer_reaches_a_client_that_sends_its_whole_body_first() {
     plugins.good("alpha", serde_json::json!({}));
     let server = Forgesyte::start(&["--plugins", plugins.path_str()]);
     server.wait_loaded();
-    let body = vec![0u8; 8 << 20];
-    for path in [
-        "/v1/plugins/nope/tools/x/run",
-        "/v1/plugins/alpha/tools/nope/run",
+    // HTTP/1.0 too: nginx speaks it to the servers behind it by default,
+    // and answered its client 502.
+    for (path, version) in [
+        ("/v1/plugins/nope/tools/x/run", "1.1"),
+        ("/v1/plugins/alpha/tools/nope/run", "1.1"),
+        ("/v1/plugins/nope/tools/x/run", "1.0"),
     ] {
-        let mut stream = TcpStream::connect(server.addr).unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
-             Content-Length: {}\r\n\r\n",
-            server.addr,
-            body.len()
+        let text = send_whole_body_then_read(server.addr, path, version);
+        assert!(
+            text.starts_with(&format!("HTTP/{version} 404")),
+            "{path} {version}: {text}"
         );
-        stream.write_all(head.as_bytes()).unwrap();
-        stream
-            .write_all(&body)
-            .unwrap_or_else(|e| panic!("{path}: the body could not be sent: {e}"));
-        let mut answer = Vec::new();
-        stream
-            .read_to_end(&mut answer)
-            .unwrap_or_else(|e| panic!("{path}: no answer: {e}"));
-        let text = String::from_utf8_lossy(&answer);
-        assert!(text.starts_with("HTTP/1.1 404"), "{path}: {text}");
-        assert!(text.to_lowercase().contains("connection: close"), "{text}");
+        if version == "1.1" {
+            assert!(text.to_lowercase().contains("connection: close"), "{text}");
+        }
     }
+}
+
+/// A connection beyond the cap gets its 503 even when it sends a large
+/// body before it reads (the refusal is answered outside the router).
+#[test]
+fn a_connection_beyond_the_cap_that_sends_its_whole_body_gets_its_503() {
+    let plugins = PluginsDir::new();
+    let server = Forgesyte::start(&["--plugins", plugins.path_str(), "--max-connections", "2"]);
+    server.wait_loaded();
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    // Until both held connections have been accepted, a third may get in.
+    std::thread::sleep(Duration::from_millis(200));
+    let text = send_whole_body_then_read(server.addr, "/v1/plugins/nope/tools/x/run", "1.1");
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.to_lowercase().contains("retry-after: 1"), "{text}");
+    drop(held);
+}
+
+/// Writes a POST of an 8 MiB body to `path` over HTTP/`version` on a new
+/// connection, all of it before reading, then reads the answer to its end.
+fn send_whole_body_then_read(addr: SocketAddr, path: &str, version: &str) -> String {
+    let body = vec![0u8; 8 << 20];
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "POST {path} HTTP/{version}\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+        .write_all(&body)
+        .unwrap_or_else(|e| panic!("{path}: the body could not be sent: {e}"));
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .unwrap_or_else(|e| panic!("{path}: no answer: {e}"));
+    String::from_utf8_lossy(&answer).into_owned()
 }

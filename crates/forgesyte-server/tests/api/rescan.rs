@@ -1486,7 +1486,7 @@ fn a_second_sigterm_ends_the_shutdown_grace() {
         "{log}"
     );
     assert!(
-        log.contains("Stopped waiting: 1 tool call(s) cut off"),
+        log.contains("Stopped waiting for the requests in flight (tool calls still running: 1)"),
         "{log}"
     );
 }
