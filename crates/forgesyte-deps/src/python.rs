@@ -371,7 +371,9 @@ pub(crate) fn run_captured(
     // unless a grandchild of a session of its own holds them (a `.pth`
     // file's daemon). What the child wrote is in by then: after
     // [`AFTER_EXIT`] the reads end with what they have.
-    let after_exit = deadline.min(Instant::now() + AFTER_EXIT);
+    // (Past the deadline too: a child that exited just before it has its
+    // output read.)
+    let after_exit = Instant::now() + AFTER_EXIT;
     let out = collect(&stdout, after_exit);
     let err = collect(&stderr, after_exit);
     if !status.success() {
