@@ -675,6 +675,11 @@ impl Loader {
             }
         }
         self.registry.forget(name);
+        // Its runner is stopped: what it left in its scratch directory is
+        // not handed to the next plugin of its name.
+        if let Err(e) = crate::sandbox::remove_scratch_dir(name, self.config.runner_user) {
+            tracing::warn!(plugin = %name, error = %e, "Plugin {name} retired: its scratch directory could not be removed: {e}");
+        }
         if calls_cut_off > 0 {
             tracing::warn!(plugin = %name, calls_cut_off, "Plugin {name} retired with {calls_cut_off} call(s) still in flight after {:.1} s", wait.as_secs_f64());
         }

@@ -37,6 +37,82 @@ pub fn scratch_dir(plugin: &str, owner: Option<RunAs>) -> std::io::Result<PathBu
     scratch_dir_in(&std::env::temp_dir(), plugin, owner)
 }
 
+/// Where the scratch directories of the runners of user `uid` are under
+/// `tmp`, and the name of `plugin`'s there (made safe as one path
+/// component).
+fn scratch_path(tmp: &Path, plugin: &str, uid: u32) -> (PathBuf, String) {
+    let name: String = plugin
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name = if name.is_empty() || name.chars().all(|c| c == '.') {
+        "_".to_owned()
+    } else {
+        name
+    };
+    (tmp.join(format!("forgesyte-scratch-{uid}")), name)
+}
+
+/// Removes the scratch directory of `plugin` (of a plugin retired: what
+/// its runner left there is not handed to the next plugin of its name, and
+/// `/tmp` does not grow with every name a plugin ever had). Nothing there
+/// is no error.
+///
+/// # Errors
+///
+/// When it cannot be removed.
+pub fn remove_scratch_dir(plugin: &str, owner: Option<RunAs>) -> std::io::Result<()> {
+    remove_scratch_dir_in(&std::env::temp_dir(), plugin, owner)
+}
+
+/// [`remove_scratch_dir`] under `tmp`. The runners' directory is opened
+/// without following a link, and checked as when it was made; the removal
+/// goes through that handle (`/proc/self/fd/N/NAME`), so a link the runner's
+/// user put in `tmp` in its place leads nowhere, and the standard library's
+/// `remove_dir_all` follows no link below it.
+pub(super) fn remove_scratch_dir_in(
+    tmp: &Path,
+    plugin: &str,
+    owner: Option<RunAs>,
+) -> std::io::Result<()> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    let me = rustix::process::geteuid().as_raw();
+    let uid = owner.map_or(me, |o| o.uid);
+    let (root, name) = scratch_path(tmp, plugin, uid);
+    let root_fd = match rustix::fs::openat(
+        CWD,
+        &root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let stat = rustix::fs::fstat(&root_fd)?;
+    if stat.st_uid != me && stat.st_uid != uid {
+        return Err(std::io::Error::other(format!(
+            "{} belongs to another user (uid {})",
+            root.display(),
+            stat.st_uid
+        )));
+    }
+    let held = PathBuf::from(format!(
+        "/proc/self/fd/{}/{name}",
+        std::os::fd::AsRawFd::as_raw_fd(&root_fd)
+    ));
+    match std::fs::remove_dir_all(&held) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// [`scratch_dir`] under `tmp`.
 ///
 /// The temporary directory is everyone's: another local user may have made
@@ -53,22 +129,7 @@ pub(super) fn scratch_dir_in(
     use rustix::fs::{CWD, Mode, OFlags};
     let me = rustix::process::geteuid().as_raw();
     let uid = owner.map_or(me, |o| o.uid);
-    let name: String = plugin
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let name = if name.is_empty() || name.chars().all(|c| c == '.') {
-        "_".to_owned()
-    } else {
-        name
-    };
-    let root = tmp.join(format!("forgesyte-scratch-{uid}"));
+    let (root, name) = scratch_path(tmp, plugin, uid);
     let dir = root.join(&name);
     // One level: made if missing, opened without following a link, checked
     // and handed to the runner's user through the handle.

@@ -1,7 +1,7 @@
 //! The sandbox module's unit tests (beside it, out of its file).
 
 use super::apply::rules_without_links;
-use super::scratch::scratch_dir_in;
+use super::scratch::{remove_scratch_dir_in, scratch_dir_in};
 use super::*;
 use serde_json::{Value, json};
 
@@ -330,6 +330,38 @@ fn a_link_planted_where_a_scratch_directory_goes_is_not_followed() {
             path.display()
         );
     }
+}
+
+/// A retired plugin's scratch directory goes, with what its runner left;
+/// a link its runner's user planted, in its place or in place of the
+/// runners' directory, is removed or refused, never followed.
+#[test]
+fn a_scratch_directory_is_removed_without_following_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = scratch_dir_in(tmp.path(), "ocr", None).unwrap();
+    std::fs::create_dir(dir.join("cache")).unwrap();
+    std::fs::write(dir.join("cache/secret.txt"), "from the old plugin").unwrap();
+    remove_scratch_dir_in(tmp.path(), "ocr", None).unwrap();
+    assert!(!dir.exists());
+    // Nothing there: no error.
+    remove_scratch_dir_in(tmp.path(), "ocr", None).unwrap();
+    remove_scratch_dir_in(tmp.path(), "never-ran", None).unwrap();
+
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("keep.txt"), "keep").unwrap();
+    // A link in the plugin's place: the link goes, not its target.
+    std::os::unix::fs::symlink(&victim, &dir).unwrap();
+    remove_scratch_dir_in(tmp.path(), "ocr", None).unwrap();
+    assert!(std::fs::symlink_metadata(&dir).is_err());
+    assert!(victim.join("keep.txt").exists());
+    // A link in the runners' directory's place: refused.
+    let root = dir.parent().unwrap().to_path_buf();
+    std::fs::remove_dir(&root).unwrap();
+    std::fs::create_dir(victim.join("ocr")).unwrap();
+    std::os::unix::fs::symlink(&victim, &root).unwrap();
+    assert!(remove_scratch_dir_in(tmp.path(), "ocr", None).is_err());
+    assert!(victim.join("ocr").exists(), "removed through the link");
 }
 
 #[test]

@@ -1698,3 +1698,34 @@ fn a_restart_that_changes_the_tools_forgets_the_metrics_of_those_gone() {
         },
     );
 }
+
+/// A plugin a rescan retires takes its scratch directory with it: what its
+/// runner wrote there is not handed to the next plugin of its name (nor
+/// does `/tmp` keep one directory for every name a plugin ever had).
+#[test]
+fn a_retired_plugin_leaves_no_scratch_directory() {
+    let dir = PluginsDir::new();
+    let name = format!("scratchy-{}", std::process::id());
+    python_plugin(
+        &dir,
+        &name,
+        json!({}),
+        "import os, tempfile\n\
+         class Plugin:\n    \
+         tools = {'w': {'handler': 'w', 'description': 'writes'}}\n    \
+         def w(self, args):\n        \
+         path = os.path.join(tempfile.gettempdir(), 'secret.txt')\n        \
+         open(path, 'w').write('from the old plugin')\n        \
+         return {'dir': tempfile.gettempdir()}\n",
+    );
+    let server = serve_with_admin(&dir);
+    let reply = server.run(&name, "w", r#"{"args": {}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let scratch =
+        std::path::PathBuf::from(reply.json()["result"]["dir"].as_str().unwrap().to_owned());
+    assert!(scratch.join("secret.txt").exists(), "{}", scratch.display());
+    std::fs::remove_dir_all(dir.path().join(&name)).unwrap();
+    let report = admin_post(server.addr, "/v1/plugins/reload");
+    assert_eq!(report.status, 200, "{}", report.text());
+    assert!(!scratch.exists(), "{} is still there", scratch.display());
+}
