@@ -44,6 +44,7 @@ impl Loader {
             .process
             .with_manifest(&p.manifest.limits)
             .init_timeout;
+        self.constructing(&p.name, &opened);
         let flag = Arc::new(AtomicBool::new(true));
         running
             .borrow_mut()

@@ -47,6 +47,8 @@ pub(super) struct Checked {
 pub(super) struct Opened {
     library: Arc<dyn crate::host::PluginLibrary>,
     config: Vec<u8>,
+    /// The file it was opened from by path (not from checked bytes).
+    by_path: Option<PathBuf>,
 }
 
 impl Loader {
@@ -169,18 +171,79 @@ impl Loader {
     /// Opens the library of an in-process plugin that passed its checks:
     /// the part of a load that the dynamic loader serialises (a pass runs
     /// it on one thread).
-    pub(super) fn open_library(&self, checked: Checked) -> Result<Opened, PluginError> {
+    pub(super) fn open_library(&self, name: &str, checked: Checked) -> Result<Opened, PluginError> {
         let Checked {
             library_path,
             opening,
             prepared,
             config,
         } = checked;
-        let library = match opening {
-            Opening::Path => self.importer.open_prepared(&library_path, prepared)?,
-            opening => self.load_library(&library_path, opening)?,
+        let (library, by_path) = match opening {
+            Opening::Path => {
+                let library = match self.failed_library(name, &library_path) {
+                    Some(library) => library,
+                    None => self.importer.open_prepared(&library_path, prepared)?,
+                };
+                (library, Some(library_path))
+            }
+            opening => (self.load_library(&library_path, opening)?, None),
         };
-        Ok(Opened { library, config })
+        Ok(Opened {
+            library,
+            config,
+            by_path,
+        })
+    }
+
+    /// The library of `name`'s last construction, which failed, when it
+    /// was opened from `path` and the file is unchanged since.
+    fn failed_library(
+        &self,
+        name: &str,
+        path: &Path,
+    ) -> Option<Arc<dyn crate::host::PluginLibrary>> {
+        let failed = self.failed_libraries.lock();
+        let kept = failed.get(name)?;
+        (kept.path == path
+            && kept.file.is_some()
+            && kept.file == super::loader::file_identity(path))
+        .then(|| Arc::clone(&kept.library))
+    }
+
+    /// Keeps `opened`'s library for a retry of `name` until its
+    /// construction succeeds ([`Self::constructed`]).
+    pub(super) fn constructing(&self, name: &str, opened: &Opened) {
+        if let Some(path) = &opened.by_path {
+            self.failed_libraries.lock().insert(
+                name.to_owned(),
+                super::loader::FailedLibrary {
+                    path: path.clone(),
+                    file: super::loader::file_identity(path),
+                    library: Arc::clone(&opened.library),
+                },
+            );
+        }
+    }
+
+    /// `name`'s construction succeeded: a later reload maps its library
+    /// afresh.
+    pub(super) fn constructed(&self, name: &str) {
+        self.failed_libraries.lock().remove(name);
+    }
+
+    /// `name`'s load failed with `err`. Only a constructor that returned
+    /// its error has its library kept for a retry: one that panicked, or
+    /// ran past its limit, may have left its statics broken (a poisoned
+    /// lock), and a retry gets a fresh copy, as a reload does.
+    pub(super) fn construction_failed(&self, name: &str, err: &PluginError) {
+        if !matches!(
+            err,
+            PluginError::Load(forgesyte_errors::LoadError::Init(
+                forgesyte_errors::InitError::Failed { .. }
+            ))
+        ) {
+            self.failed_libraries.lock().remove(name);
+        }
     }
 
     /// The runner binary, or an import error saying none was found.

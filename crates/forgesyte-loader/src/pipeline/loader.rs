@@ -170,6 +170,21 @@ pub struct Loader {
     /// resources, with the reason recorded then (`host_short.rs`): tried
     /// again by [`retry_host_short`](Self::retry_host_short).
     pub(super) host_short: Mutex<BTreeMap<String, String>>,
+    /// In-process plugins' libraries opened by path for a construction
+    /// that has not succeeded (yet), by plugin: a retry of one that failed,
+    /// its file unchanged, is constructed again from that mapping
+    /// (`instantiate.rs`), not from one more copy of it (each retry of a
+    /// FAILED plugin mapped another, about 1 MB, for good).
+    pub(super) failed_libraries: Mutex<HashMap<String, FailedLibrary>>,
+}
+
+/// See [`Loader::failed_libraries`].
+#[derive(Debug)]
+pub(super) struct FailedLibrary {
+    /// Where it was opened from, and that file's identity then.
+    pub(super) path: PathBuf,
+    pub(super) file: Option<FileIdentity>,
+    pub(super) library: Arc<dyn crate::host::PluginLibrary>,
 }
 
 /// What tells one version of a file from the next: device, inode, size,
@@ -243,6 +258,7 @@ impl Loader {
             stopping: Mutex::new(Vec::new()),
             outside_libraries: Mutex::default(),
             host_short: Mutex::default(),
+            failed_libraries: Mutex::default(),
         }
     }
 

@@ -675,6 +675,7 @@ impl Loader {
             }
         }
         self.registry.forget(name);
+        self.failed_libraries.lock().remove(name);
         // Its runner is stopped: what it left in its scratch directory is
         // not handed to the next plugin of its name.
         if let Err(e) = crate::sandbox::remove_scratch_dir(name, self.config.runner_user) {

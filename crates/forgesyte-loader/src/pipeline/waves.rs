@@ -109,10 +109,16 @@ impl Loader {
             let published = parking_lot::Mutex::new(BTreeMap::new());
             let publish = |p: &Pending, result: Result<Option<PluginHandle>, PluginError>| {
                 match result {
-                    Ok(Some(handle)) => self.mark_loaded(p, handle),
+                    Ok(Some(handle)) => {
+                        self.constructed(&p.name);
+                        self.mark_loaded(p, handle)
+                    }
                     // Published already.
                     Ok(None) => return Ok(None),
-                    Err(err) => self.record_failure(&p.name, &err),
+                    Err(err) => {
+                        self.construction_failed(&p.name, &err);
+                        self.record_failure(&p.name, &err)
+                    }
                 }
                 published
                     .lock()
@@ -137,7 +143,7 @@ impl Loader {
                     Ok(()) if self.is_shutting_down() => {
                         Stage::Done(Err(super::construction::not_loaded_host_stopping()))
                     }
-                    Ok(()) => match self.open_library(checked) {
+                    Ok(()) => match self.open_library(&p.name, checked) {
                         Ok(opened) => Stage::Next(opened),
                         Err(err) => Stage::Done(Err(err)),
                     },
