@@ -223,9 +223,10 @@ pub(crate) async fn serve(
                 .local_addr()
                 .is_ok_and(|addr| addr.ip().to_canonical().is_loopback()),
             public_hosts: Arc::clone(&public_hosts),
+            linger: crate::unread::Linger::default(),
         };
-        let linger = crate::unread::Linger::default();
-        let service = with_peer(service.clone(), peer, guard, linger.clone());
+        let linger = guard.linger.clone();
+        let service = with_peer(service.clone(), peer, guard);
         if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
             let connection = connection(stream, service, limits, true, linger).with_upgrades();
             let stop_seen = stop_seen.clone();
@@ -336,18 +337,8 @@ where
 /// `service` with the client's address and the connection's
 /// [`crate::origin::Guard`] in every request's extensions (the router's
 /// [`crate::origin::GuardLayer`] checks the request against it).
-fn with_peer<S>(
-    inner: S,
-    peer: SocketAddr,
-    guard: crate::origin::Guard,
-    linger: crate::unread::Linger,
-) -> WithPeer<S> {
-    WithPeer {
-        inner,
-        peer,
-        guard,
-        linger,
-    }
+fn with_peer<S>(inner: S, peer: SocketAddr, guard: crate::origin::Guard) -> WithPeer<S> {
+    WithPeer { inner, peer, guard }
 }
 
 /// See [`with_peer`].
@@ -356,7 +347,6 @@ struct WithPeer<S> {
     inner: S,
     peer: SocketAddr,
     guard: crate::origin::Guard,
-    linger: crate::unread::Linger,
 }
 
 impl<S> hyper::service::Service<Request<Incoming>> for WithPeer<S>
@@ -371,7 +361,6 @@ where
         let extensions = request.extensions_mut();
         extensions.insert(ConnectInfo(self.peer));
         extensions.insert(self.guard.clone());
-        extensions.insert(self.linger.clone());
         self.inner.call(request)
     }
 }

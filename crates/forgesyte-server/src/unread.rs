@@ -77,9 +77,9 @@ impl Drop for Lingering {
     }
 }
 
-/// One connection's mark, in each of its requests' extensions: an answer
-/// left the request's body unread, and the socket is to linger when the
-/// connection ends.
+/// One connection's mark, in each of its requests' extensions (within its
+/// [`crate::origin::Guard`]): an answer left the request's body unread,
+/// and the socket is to linger when the connection ends.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Linger(Arc<AtomicBool>);
 
@@ -165,7 +165,10 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let linger = request.extensions().get::<Linger>().cloned();
+        let linger = request
+            .extensions()
+            .get::<crate::origin::Guard>()
+            .map(|guard| guard.linger.clone());
         // A body already known to be empty has nothing to leave unread.
         let ended = (crate::body::announces_a_body(request.headers())
             && !request.body().is_end_stream())
