@@ -299,6 +299,10 @@ fn a_manifest_the_host_could_not_read_is_retried_under_its_own_name() {
     s.check("echo", S::Initialized, &[]);
     assert!(s.registry.get_status("echo-1.2").is_none());
     assert!(loader.host_short_plugins().is_empty());
+    // Stamped as loaded: the next rescan leaves it alone.
+    let report = loader.rescan();
+    let unchanged: Vec<&str> = report.unchanged.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(unchanged, ["echo"], "{report:?}");
 }
 
 /// `reload_all` loads the directories that appeared after reloading the

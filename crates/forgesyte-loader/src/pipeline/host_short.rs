@@ -62,6 +62,7 @@ impl Loader {
             return Vec::new();
         }
         let mut outcomes = Vec::new();
+        let mut renamed = false;
         for name in self.host_short_plugins() {
             match self.renamed_since(&name) {
                 // Registered under its directory's name while its manifest
@@ -74,10 +75,19 @@ impl Loader {
                         dir.clone(),
                         "its manifest can be read now, and names another plugin",
                     );
+                    self.fresh_stamps.lock().clear();
                     outcomes.extend(self.load_dirs(&[dir]).plugins);
+                    // Stamped as a rescan stamps what it loads (or the next
+                    // rescan reloads it as changed), and its dependents
+                    // settled.
+                    self.restamp();
+                    renamed = true;
                 }
                 None => outcomes.extend(self.reload(&name)),
             }
+        }
+        if renamed {
+            outcomes.extend(self.settle_dependents());
         }
         outcomes
     }
@@ -90,7 +100,9 @@ impl Loader {
         }
         let dir = self.plugin_dir(name)?;
         let manifest = self.peek_manifest(&dir).ok()?;
-        (manifest.name != name).then_some(dir)
+        // A name another plugin holds is not free: left to a rescan, as its
+        // renames are (one blocked stays where it is).
+        (manifest.name != name && !self.registry.contains(&manifest.name)).then_some(dir)
     }
 }
 

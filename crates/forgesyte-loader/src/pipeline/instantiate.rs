@@ -47,8 +47,9 @@ pub(super) struct Checked {
 pub(super) struct Opened {
     library: Arc<dyn crate::host::PluginLibrary>,
     config: Vec<u8>,
-    /// The file it was opened from by path (not from checked bytes).
-    by_path: Option<PathBuf>,
+    /// The file it was opened from by path (not from checked bytes), and
+    /// that file's identity taken before it was opened.
+    by_path: Option<(PathBuf, Option<super::loader::FileIdentity>)>,
 }
 
 impl Loader {
@@ -179,13 +180,16 @@ impl Loader {
             config,
         } = checked;
         let (library, by_path) = match opening {
-            Opening::Path => {
-                let library = match self.failed_library(name, &library_path) {
-                    Some(library) => library,
-                    None => self.importer.open_prepared(&library_path, prepared)?,
-                };
-                (library, Some(library_path))
-            }
+            Opening::Path => match self.failed_library(name, &library_path) {
+                Some((library, file)) => (library, Some((library_path, file))),
+                None => {
+                    // Before it is opened: a file replaced meanwhile then
+                    // reads as changed, never the old mapping as new.
+                    let file = super::loader::file_identity(&library_path);
+                    let library = self.importer.open_prepared(&library_path, prepared)?;
+                    (library, Some((library_path, file)))
+                }
+            },
             opening => (self.load_library(&library_path, opening)?, None),
         };
         Ok(Opened {
@@ -201,24 +205,27 @@ impl Loader {
         &self,
         name: &str,
         path: &Path,
-    ) -> Option<Arc<dyn crate::host::PluginLibrary>> {
+    ) -> Option<(
+        Arc<dyn crate::host::PluginLibrary>,
+        Option<super::loader::FileIdentity>,
+    )> {
         let failed = self.failed_libraries.lock();
         let kept = failed.get(name)?;
         (kept.path == path
             && kept.file.is_some()
             && kept.file == super::loader::file_identity(path))
-        .then(|| Arc::clone(&kept.library))
+        .then(|| (Arc::clone(&kept.library), kept.file))
     }
 
     /// Keeps `opened`'s library for a retry of `name` until its
     /// construction succeeds ([`Self::constructed`]).
     pub(super) fn constructing(&self, name: &str, opened: &Opened) {
-        if let Some(path) = &opened.by_path {
+        if let Some((path, file)) = &opened.by_path {
             self.failed_libraries.lock().insert(
                 name.to_owned(),
                 super::loader::FailedLibrary {
                     path: path.clone(),
-                    file: super::loader::file_identity(path),
+                    file: *file,
                     library: Arc::clone(&opened.library),
                 },
             );

@@ -665,8 +665,9 @@ impl Loader {
             .unwrap_or(self.config.call_timeout)
             + Duration::from_secs(1);
         let calls_cut_off = self.retiring_calls_left(name, started + wait);
+        let mut stopping = None;
         if let Some(handle) = handle {
-            self.retire(&handle);
+            stopping = self.retire(&handle);
             // An isolated plugin's calls cut off end with its process, which
             // `retire` stops (within its stop grace): they end on this
             // entry, before the name is free for another plugin.
@@ -676,10 +677,18 @@ impl Loader {
         }
         self.registry.forget(name);
         self.failed_libraries.lock().remove(name);
-        // Its runner is stopped: what it left in its scratch directory is
-        // not handed to the next plugin of its name.
-        if let Err(e) = crate::sandbox::remove_scratch_dir(name, self.config.runner_user) {
-            tracing::warn!(plugin = %name, error = %e, "Plugin {name} retired: its scratch directory could not be removed: {e}");
+        // What its runner left in its scratch directory is not handed to
+        // the next plugin of its name: removed once the runner has ended
+        // (one still stopping could write on).
+        if stopping
+            .as_ref()
+            .is_none_or(|instance| instance.wait_stopped(crate::RUNNER_STOP_WAIT))
+        {
+            if let Err(e) = crate::sandbox::remove_scratch_dir(name, self.config.runner_user) {
+                tracing::warn!(plugin = %name, error = %e, "Plugin {name} retired: its scratch directory could not be removed: {e}");
+            }
+        } else {
+            tracing::warn!(plugin = %name, "Plugin {name} retired: its runner did not end in time; its scratch directory is kept");
         }
         if calls_cut_off > 0 {
             tracing::warn!(plugin = %name, calls_cut_off, "Plugin {name} retired with {calls_cut_off} call(s) still in flight after {:.1} s", wait.as_secs_f64());

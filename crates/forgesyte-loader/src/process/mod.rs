@@ -504,6 +504,10 @@ impl ProcessImporter {
                         Ok(spawned) => return spawned,
                     }
                 }
+                // A fork that got as far as its start gave its claim up.
+                if claim.is_none() {
+                    claim = Some(headroom::check_descriptors().map_err(SpawnError::Start)?);
+                }
                 // Not on its stdout: what the interpreter's start prints
                 // (a `.pth` file, `sitecustomize`) goes to the log.
                 let protocol = child::ProtocolPipe::new().map_err(SpawnError::Start)?;

@@ -103,10 +103,17 @@ pub(super) fn remove_scratch_dir_in(
             stat.st_uid
         )));
     }
-    let held = PathBuf::from(format!(
-        "/proc/self/fd/{}/{name}",
+    let through = PathBuf::from(format!(
+        "/proc/self/fd/{}",
         std::os::fd::AsRawFd::as_raw_fd(&root_fd)
     ));
+    // No `/proc`: no handle to remove it through (not "nothing there").
+    if !through.is_dir() {
+        return Err(std::io::Error::other(
+            "/proc is not mounted: the scratch directory is not removed",
+        ));
+    }
+    let held = through.join(&name);
     match std::fs::remove_dir_all(&held) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other,
