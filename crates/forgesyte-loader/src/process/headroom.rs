@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// pipes, the shared-memory socket, its pidfd, and the spawn's own.
 const PER_RUNNER: u64 = 8;
 
-/// Starts between their check and the end of their launch ([`Starting`]).
+/// Starts between their check and the moment their descriptors exist
+/// ([`Starting`]).
 static STARTING: AtomicU64 = AtomicU64::new(0);
 
 /// A start's claim on [`PER_RUNNER`] descriptors, from its check until it
