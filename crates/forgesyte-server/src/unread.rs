@@ -42,39 +42,16 @@ pub(crate) const LINGER_BYTES: u64 = 256 * 1024 * 1024;
 /// half of it, and runners keep an eighth free).
 pub(crate) const MAX_LINGERING: usize = 256;
 
-/// [`MAX_LINGERING`], or a sixteenth of the open-file limit when less (at
-/// least 4), taken once.
-fn max_lingering() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        crate::conn::nofile_limit()
+/// The places of the sockets that linger: [`MAX_LINGERING`], or a
+/// sixteenth of the open-file limit when less (at least 4), made once.
+fn lingering() -> &'static Arc<tokio::sync::Semaphore> {
+    static PLACES: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    PLACES.get_or_init(|| {
+        let places = crate::conn::nofile_limit()
             .and_then(|limit| usize::try_from(limit / 16).ok())
-            .map_or(MAX_LINGERING, |share| share.clamp(4, MAX_LINGERING))
+            .map_or(MAX_LINGERING, |share| share.clamp(4, MAX_LINGERING));
+        Arc::new(tokio::sync::Semaphore::new(places))
     })
-}
-
-/// Sockets lingering now.
-static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// One lingering socket's place among [`max_lingering`], given back when
-/// dropped.
-struct Lingering;
-
-impl Lingering {
-    fn take() -> Option<Lingering> {
-        LINGERING
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max_lingering()).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Lingering)
-    }
-}
-
-impl Drop for Lingering {
-    fn drop(&mut self) {
-        LINGERING.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// One connection's mark, in each of its requests' extensions (within its
@@ -99,15 +76,15 @@ impl Linger {
 /// `stream` (at most [`LINGER_TIME`] and [`LINGER_BYTES`], or until it
 /// closes its side), on a copy of its descriptor made now: the
 /// connection's own is closed when its caller drops it, and the copy then
-/// keeps the socket open. No runtime, [`max_lingering`] lingering
-/// already, or no descriptor to copy: nothing (the socket is closed as it
+/// keeps the socket open. No runtime, no place left among
+/// [`lingering`]'s, or no descriptor to copy: nothing (the socket is closed as it
 /// was).
 pub(crate) fn linger(stream: &tokio::net::TcpStream) {
     use std::os::fd::AsFd as _;
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let Some(place) = Lingering::take() else {
+    let Ok(place) = Arc::clone(lingering()).try_acquire_owned() else {
         return;
     };
     let Ok(copy) = stream.as_fd().try_clone_to_owned() else {
