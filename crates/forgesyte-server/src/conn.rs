@@ -241,15 +241,14 @@ pub(crate) async fn serve(
             let refused = linger.clone();
             let probes_only = service_fn(move |request: Request<Incoming>| {
                 let main = main.clone();
+                let probe = PROBE_PATHS.contains(&request.uri().path());
                 // The 503 leaves a body unread: the socket lingers, or the
                 // client that sends before it reads never sees the 503.
-                if !PROBE_PATHS.contains(&request.uri().path())
-                    && crate::body::announces_a_body(request.headers())
-                {
+                if !probe && crate::body::announces_a_body(request.headers()) {
                     refused.set();
                 }
                 async move {
-                    if PROBE_PATHS.contains(&request.uri().path()) {
+                    if probe {
                         hyper::service::Service::call(&main, request).await
                     } else {
                         Ok::<_, Infallible>(busy())
