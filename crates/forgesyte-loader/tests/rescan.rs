@@ -273,6 +273,34 @@ fn plugins_the_host_was_too_short_to_start_are_retried_until_they_load() {
     assert!(loader.host_short_plugins().is_empty());
 }
 
+/// A shortage recorded while the retry task reads the list is not lost:
+/// the entry and the reason it is checked against are recorded together.
+/// (The list, read between the two, dropped the entry as moved on, and
+/// the server never tried that plugin again.)
+#[test]
+fn a_shortage_recorded_while_the_list_is_read_stays_listed() {
+    let s = Setup::new();
+    let short = FakeBehavior::HostShort("the server is out of file descriptors".into());
+    s.plugin("alpha", &manifest("alpha", json!({})), short);
+    let loader = s.load();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = loader.host_short_plugins();
+            }
+        });
+        for i in 0..300 {
+            loader.reload("alpha");
+            if loader.host_short_plugins() != ["alpha"] {
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                panic!("dropped from the list at reload {i}");
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
 /// A manifest that could not be read for want of descriptors: the plugin
 /// is FAILED under its directory's name and listed for a retry, which,
 /// once the manifest reads and names another plugin, loads it under that

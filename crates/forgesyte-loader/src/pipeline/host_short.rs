@@ -8,6 +8,8 @@
 //! since (loaded by a rescan, failed for its own reason) is dropped from
 //! the list, not retried.
 
+use std::collections::BTreeMap;
+
 use forgesyte_errors::{ImportError, LoadError, ManifestError, PluginError};
 use forgesyte_registry::PluginLifecycleState;
 
@@ -25,22 +27,29 @@ pub(super) fn is_host_short(err: &PluginError) -> bool {
     }
 }
 
-impl Loader {
-    /// Records `name`'s load failure for the retry list: kept (with
-    /// `reason`) when `err` is the host's shortage, dropped otherwise. (A
-    /// plugin that loads later, or is retired, is dropped when the list is
-    /// next read: its state no longer matches.)
-    pub(super) fn note_host_short(&self, name: &str, err: &PluginError, reason: &str) {
-        let mut short = self.host_short.lock();
-        if is_host_short(err) {
-            short.insert(name.to_owned(), reason.to_owned());
-        } else {
-            short.remove(name);
-        }
+/// Records `name`'s load failure in the retry list `short`: kept (with
+/// `reason`) when `err` is the host's shortage, dropped otherwise. (A
+/// plugin that loads later, or is retired, is dropped when the list is
+/// next read: its state no longer matches.) The caller holds the list
+/// until the registry records `reason`.
+pub(super) fn note(
+    short: &mut BTreeMap<String, String>,
+    name: &str,
+    err: &PluginError,
+    reason: &str,
+) {
+    if is_host_short(err) {
+        short.insert(name.to_owned(), reason.to_owned());
+    } else {
+        short.remove(name);
     }
+}
 
+impl Loader {
     /// The plugins FAILED because the host was short of its own resources
     /// when they loaded, and still FAILED with that reason, sorted by name.
+    /// (Not to be asked from a registry observer: a failure is recorded
+    /// with the list locked.)
     pub fn host_short_plugins(&self) -> Vec<String> {
         let mut short = self.host_short.lock();
         short.retain(|name, reason| {

@@ -292,9 +292,15 @@ impl Loader {
         let reason = err.reason();
         // A shortage's reason counts what was open, and so differs at each
         // try of one that lasts: still the same failure.
-        let short_before = self.host_short.lock().get(name).cloned();
-        let short_before = short_before.filter(|_| super::host_short::is_host_short(err));
-        self.note_host_short(name, err, &reason);
+        // The list of shortages stays locked until the registry holds the
+        // reason: the retry task, reading it in between, would drop the
+        // entry as moved on, and never try the plugin again.
+        let mut short = self.host_short.lock();
+        let short_before = short
+            .get(name)
+            .cloned()
+            .filter(|_| super::host_short::is_host_short(err));
+        super::host_short::note(&mut short, name, err, &reason);
         // Asked once the new state is recorded.
         let repeated = || self.failed_alike_before(name, short_before.clone());
         if matches!(
@@ -302,6 +308,7 @@ impl Loader {
             PluginError::Load(forgesyte_errors::LoadError::Dependency(_))
         ) {
             let _ = self.registry.mark_unavailable(name, reason.clone());
+            drop(short);
             if repeated() {
                 tracing::info!(plugin = %name, %reason, "Plugin {name} still UNAVAILABLE, for the same reason");
             } else {
@@ -323,6 +330,7 @@ impl Loader {
                     .registry
                     .mark_failed_with_details(name, reason.clone(), traceback);
             }
+            drop(short);
             // A runner the host's stop killed while it constructed, or
             // refused to start: no fault of the plugin's, and no ERROR line
             // for every rollout to alert on. A plugin that failed for its
