@@ -508,8 +508,11 @@ fn restarts_follow_the_backoff_and_stop_after_max() {
         ));
         wait_for(r, "flaky", S::Initialized, Duration::from_secs(10));
         let waited = failed_at.elapsed();
+        // Timed from when this thread saw the crash, which a loaded
+        // machine delays: half a step of slack (the steps are 500 ms
+        // apart, and no backoff is 0).
         assert!(
-            waited >= Duration::from_millis(expected_ms - 10),
+            waited >= Duration::from_millis(expected_ms - 250),
             "round {round}: restarted after {waited:?}, expected at least {expected_ms} ms"
         );
         let status = r.get_status("flaky").unwrap();
@@ -612,7 +615,7 @@ fn several_calls_in_flight_share_one_process() {
     // Eight 300 ms calls one after the other would take 2.4 s.
     let took = started.elapsed();
     assert!(
-        took < Duration::from_millis(1500),
+        took < Duration::from_millis(2000),
         "calls ran one at a time: {took:?}"
     );
     let status = s.registry.get_status("busy").unwrap();
@@ -633,8 +636,9 @@ fn chaos_kills_under_traffic_reconcile() {
         window: Duration::from_secs(60),
     };
     let names = ["chaos-a", "chaos-b", "chaos-c"];
+    // 3 s: a loaded machine's 5 ms call does not reach it.
     for name in names {
-        s.plugin(name, json!({"limits": {"call_timeout_s": 1}}));
+        s.plugin(name, json!({"limits": {"call_timeout_s": 3}}));
     }
     let loader = s.loader();
     let r = &s.registry;
@@ -650,7 +654,7 @@ fn chaos_kills_under_traffic_reconcile() {
     let counts: Vec<Counts> = names.iter().map(|_| Counts::default()).collect();
     let stop = AtomicBool::new(false);
     let kills = AtomicU64::new(0);
-    let limit = Duration::from_secs(1) + Duration::from_millis(800);
+    let limit = Duration::from_secs(3) + Duration::from_millis(800);
     std::thread::scope(|scope| {
         for worker in 0..4u64 {
             let (handles, counts, stop) = (&handles, &counts, &stop);

@@ -229,15 +229,16 @@ fn import_and_init_failures_keep_their_reasons() {
 #[test]
 fn a_constructor_that_never_returns_fails_its_plugin_alone() {
     let s = Setup::new();
-    let limited = |name: &str| manifest(name, json!({"limits": {"init_timeout_s": 0.3}}));
+    let limited = |name: &str, s: f64| manifest(name, json!({"limits": {"init_timeout_s": s}}));
     s.plugin(
         "hangs",
-        &limited("hangs"),
+        &limited("hangs", 0.3),
         FakeBehavior::InitSlow(Duration::from_secs(3600)),
     )
     .plugin(
         "slow",
-        &limited("slow"),
+        // Its own 2 s: 50 ms within 0.3 s is not sure on a loaded machine.
+        &limited("slow", 2.0),
         FakeBehavior::InitSlow(Duration::from_millis(50)),
     )
     .plugin("good", &manifest("good", json!({})), FakeBehavior::Good)

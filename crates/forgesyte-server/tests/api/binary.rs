@@ -238,9 +238,10 @@ fn serve_lists_checks_health_and_runs_tools_over_http() {
 #[test]
 fn timeouts_answer_504_and_fail_the_plugin() {
     let dir = PluginsDir::new();
-    dir.good("slow", json!({"limits": {"call_timeout_s": 0.3}}))
+    // Limits a loaded machine's 1 ms call never reaches.
+    dir.good("slow", json!({"limits": {"call_timeout_s": 1.2}}))
         .good("sleepy", json!({}));
-    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--call-timeout", "0.5"]);
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--call-timeout", "1.5"]);
     server.wait_loaded();
 
     // Fast enough: fine.
@@ -248,19 +249,19 @@ fn timeouts_answer_504_and_fail_the_plugin() {
     assert_eq!(quick.status, 200, "{}", quick.text());
     assert_eq!(quick.json()["result"], json!({"slept_ms": 1}));
 
-    // The manifest's 0.3 s limit.
+    // The manifest's 1.2 s limit.
     let started = Instant::now();
-    let reply = server.run("slow", "sleep", r#"{"args": {"ms": 3000}}"#);
+    let reply = server.run("slow", "sleep", r#"{"args": {"ms": 5000}}"#);
     let took = started.elapsed();
     assert_eq!(reply.status, 504, "{}", reply.text());
     assert!(
-        took < Duration::from_millis(2500),
+        took < Duration::from_millis(4000),
         "answered after {took:?}"
     );
     let body = reply.json();
     assert_eq!(body["ok"], false);
     assert_eq!(body["error_type"], "Timeout");
-    assert!(body["detail"].as_str().unwrap().contains("0.3s"), "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("1.2s"), "{body}");
     let health = server.get("/v1/plugins/slow/health").json();
     assert_eq!(health["state"], "FAILED", "{health}");
     assert!(health["reason"].is_string());
@@ -276,15 +277,15 @@ fn timeouts_answer_504_and_fail_the_plugin() {
     assert_eq!(counts(&health), (json!(0), json!(1), json!(1)), "{health}");
     assert_eq!(server.run("slow", "echo", "{}").status, 503);
 
-    // The server's --call-timeout (0.5 s) when the manifest sets none.
-    let reply = server.run("sleepy", "sleep", r#"{"args": {"ms": 3000}}"#);
+    // The server's --call-timeout (1.5 s) when the manifest sets none.
+    let reply = server.run("sleepy", "sleep", r#"{"args": {"ms": 5000}}"#);
     assert_eq!(reply.status, 504, "{}", reply.text());
-    assert!(reply.json()["detail"].as_str().unwrap().contains("0.5s"));
+    assert!(reply.json()["detail"].as_str().unwrap().contains("1.5s"));
 
     // Health still answers while the abandoned calls sleep on.
     assert_eq!(server.get("/v1/health").status, 200);
     // Once the abandoned call's thread has returned: the same counts.
-    std::thread::sleep(Duration::from_millis(3200).saturating_sub(started.elapsed()));
+    std::thread::sleep(Duration::from_millis(5200).saturating_sub(started.elapsed()));
     let health = server.get("/v1/plugins/slow/health").json();
     assert_eq!(counts(&health), (json!(0), json!(1), json!(1)), "{health}");
 }

@@ -285,10 +285,15 @@ fn a_storm_of_sighups_is_merged_into_a_few_rescans() {
     dir.good("alpha", json!({}));
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
+    let pid = rustix::process::Pid::from_raw(i32::try_from(server.pid()).unwrap()).unwrap();
+    let began = std::time::Instant::now();
     for _ in 0..200 {
-        hangup(&server);
+        // Sent from here: a `kill` process per signal stretched the storm
+        // on a loaded machine, and with it the count of rescans.
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
+    let storm = began.elapsed();
     // The last ones' rescan is logged within a second of the storm.
     let count = |log: &str| log.matches("Rescan (SIGHUP):").count();
     let log = wait_for("the last rescan", Duration::from_secs(10), &server, || {
@@ -297,8 +302,13 @@ fn a_storm_of_sighups_is_merged_into_a_few_rescans() {
         (count(&log) > 0 && count(&log) == count(&server.log())).then_some(log)
     });
     let rescans = count(&log);
-    // About a second and a half of signals, 300 ms merged per rescan.
-    assert!((1..=10).contains(&rescans), "{rescans} rescans:\n{log}");
+    // 300 ms of signals merged per rescan (a second or so of them here);
+    // one rescan per signal was the defect.
+    let most = usize::try_from(storm.as_millis() / 300).unwrap() + 3;
+    assert!(
+        (1..=most).contains(&rescans),
+        "{rescans} rescans in {storm:?}, at most {most}:\n{log}"
+    );
     assert!(log.contains("more merged into it"), "{log}");
     assert_eq!(state_of(&server, "alpha").unwrap()["state"], "INITIALIZED");
 }
@@ -744,7 +754,8 @@ fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
     );
     server.wait_loaded();
-    let call = sleep_call(&server, "alpha", 4_000);
+    let alpha_began = Instant::now();
+    let call = sleep_call(&server, "alpha", 6_000);
     wait_running(&server, "alpha");
     for name in ["alpha", "beta"] {
         let library = dir.path().join(name).join(good_library_name());
@@ -756,7 +767,6 @@ fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
     wait_for("alpha refused", Duration::from_secs(10), &server, || {
         (served(&server, "alpha", "echo").status == 503).then_some(())
     });
-    let since = Instant::now();
     let (mut ok, mut refused) = (0, 0);
     let mut beta_call = None;
     while !call.is_finished() {
@@ -764,8 +774,10 @@ fn an_in_process_plugin_serves_while_another_one_drains_in_the_same_rescan() {
             200 => ok += 1,
             _ => refused += 1,
         }
-        // A call of beta's own, ending after alpha's but within its 3 s.
-        if beta_call.is_none() && since.elapsed() > Duration::from_millis(2_000) {
+        // A call of beta's own, ending after alpha's but within its 3 s
+        // of it, and more than 3 s after the rescan began. (Timed from
+        // alpha's call: the rescan's start may take a while here.)
+        if beta_call.is_none() && alpha_began.elapsed() > Duration::from_millis(4_000) {
             beta_call = Some(sleep_call(&server, "beta", 2_500));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -797,7 +809,9 @@ fn a_runner_let_go_by_a_rescan_shows_loaded_until_its_turn() {
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
     );
     server.wait_loaded();
-    let alpha_call = sleep_call(&server, "alpha", 4_000);
+    // Long enough to outlast, on a loaded machine, the rescan's start,
+    // py's cut-off and the checks below.
+    let alpha_call = sleep_call(&server, "alpha", 8_000);
     let py_call = sleep_call(&server, "py", 10_000);
     wait_running(&server, "alpha");
     wait_running(&server, "py");
@@ -1005,8 +1019,10 @@ fn the_old_runners_of_a_rescan_end_together() {
         assert_eq!(health["state"], "INITIALIZED", "{health}");
     }
     let elapsed = report["elapsed_ms"].as_f64().unwrap();
+    // One after the other, the unloads alone take 3 s; the six new
+    // starts are what a loaded machine stretches.
     assert!(
-        elapsed < 2000.0,
+        elapsed < 2900.0,
         "the rescan took {elapsed} ms: six unloads of 0.5 s one after the other"
     );
 }
@@ -1093,7 +1109,8 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
     let dir = PluginsDir::new();
     dir.good("alpha", json!({})).good("slow", json!({}));
     let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str(), "--call-timeout", "1"],
+        // 2 s: the rescan below must find the call still in flight.
+        &["--plugins", dir.path_str(), "--call-timeout", "2"],
         &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
     );
     server.wait_loaded();
@@ -1103,7 +1120,7 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
     let started = Instant::now();
     let report = reload(&server);
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(4),
         "{:?}",
         started.elapsed()
     );
@@ -1113,7 +1130,7 @@ fn a_removed_plugins_late_call_is_not_charged_to_the_plugin_that_took_its_name()
     // The name taken again, and a call of the new plugin running while the
     // old call's thread returns (6 s after it began): without its ticket
     // settled, that return took the new call's place in flight.
-    // (Its own limit: the server's 1 s would cut its call short.)
+    // (Its own limit: the server's 2 s would cut its call short.)
     dir.good("slow", json!({"limits": {"call_timeout_s": 10}}));
     let report = reload(&server);
     assert_eq!(report["added"], json!(["slow"]), "{report}");

@@ -207,14 +207,16 @@ fn a_python_plugin_runs_its_whole_call_limit_at_once() {
 fn an_in_process_call_past_its_limit_fails_its_plugin_even_when_its_client_hung_up() {
     let dir = PluginsDir::new();
     dir.good("stuck", json!({}));
-    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--call-timeout", "1"]);
+    // 3 s: the call must still be seen in flight before its limit takes
+    // it out.
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--call-timeout", "3"]);
     server.wait_loaded();
     // The call starts (a call whose client hangs up before it started never
     // runs), then its client hangs up.
-    let stream = send_call(&server, "stuck", r#"{"args": {"ms": 4000}}"#);
-    wait_in_flight(&server, "stuck", 1, Duration::from_secs(2));
+    let stream = send_call(&server, "stuck", r#"{"args": {"ms": 8000}}"#);
+    wait_in_flight(&server, "stuck", 1, Duration::from_secs(10));
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let health = server.get("/v1/plugins/stuck/health").json();
         if health["state"] == "FAILED" {

@@ -585,7 +585,9 @@ fn blocked_request(
 #[test]
 fn closing_the_writer_need_not_wait_for_a_blocked_request() {
     let (t, writing) = blocked_request(Duration::from_millis(1500));
-    thread::sleep(Duration::from_millis(200));
+    while !t.held_by_request.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
     // The blocked write holds the writer: a retire does not wait for it.
     let started = Instant::now();
     assert!(!t.close_writer_within(Duration::from_millis(50)));
