@@ -617,15 +617,17 @@ impl Registry {
     /// A supervisor restart begins: `FAILED -> LOADED`, the reason
     /// [`RESTARTING`],
     /// `restart_count + 1`, `next_retry_at` cleared, and a journal entry.
-    /// Only legal from `FAILED` (a plugin reloaded or retired meanwhile is
-    /// left alone).
+    /// Only legal from `FAILED` (a plugin reloaded meanwhile is left
+    /// alone), and never for a plugin being retired: its supervisor's
+    /// timer, firing while a rescan lets it go, would start a runner from
+    /// a directory that may hold another plugin by then.
     ///
     /// # Errors
     ///
-    /// [`RegistryError::NotFound`], or [`RegistryError::IllegalTransition`]
-    /// from any state but `FAILED`.
+    /// [`RegistryError::NotFound`] (also while it is being retired), or
+    /// [`RegistryError::IllegalTransition`] from any state but `FAILED`.
     pub fn mark_restarting(&self, name: &str) -> Result<(), RegistryError> {
-        self.update(name, |entry, now| {
+        self.write(name, false, false, |entry, now| {
             if entry.state != PluginLifecycleState::Failed {
                 return Err(RegistryError::IllegalTransition {
                     from: entry.state,

@@ -650,6 +650,21 @@ fn crash_restart_and_journal() {
         })
     );
 
+    // A plugin being retired is not restarted: its supervisor's timer may
+    // fire while a rescan lets it go (and its directory may hold another
+    // plugin by then).
+    let retiring = registry_with("r", Initialized);
+    retiring.mark_failed("r", "CrashError: exited").unwrap();
+    retiring.retire("r").unwrap();
+    assert!(
+        matches!(
+            retiring.mark_restarting("r"),
+            Err(RegistryError::NotFound { .. })
+        ),
+        "{:?}",
+        retiring.mark_restarting("r")
+    );
+
     registry.mark_failed("p", "InitError: boom").unwrap();
     // Same reason again: no new journal entry.
     registry.mark_failed("p", "InitError: boom").unwrap();
