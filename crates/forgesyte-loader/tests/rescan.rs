@@ -301,6 +301,40 @@ fn a_shortage_recorded_while_the_list_is_read_stays_listed() {
     });
 }
 
+/// A listed plugin that a rescan (or a reload) is loading again stays on
+/// the list meanwhile: read then (the retry task, woken by another's
+/// failure), it was dropped, and its next shortage was logged as a new
+/// failure (an ERROR at every operator rescan) with its backoff reset.
+#[test]
+fn a_listed_plugin_being_reloaded_stays_listed() {
+    use std::sync::{Arc, Mutex};
+    let s = Setup::new();
+    let short = |open: u32| {
+        FakeBehavior::HostShort(format!(
+            "the server is out of file descriptors ({open} open)"
+        ))
+    };
+    s.plugin("alpha", &manifest("alpha", json!({})), short(10))
+        .plugin("beta", &manifest("beta", json!({})), short(10));
+    let loader = Arc::new(s.load());
+    assert_eq!(loader.host_short_plugins(), ["alpha", "beta"]);
+    let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let (weak, into) = (Arc::downgrade(&loader), Arc::clone(&seen));
+    s.registry
+        .add_observer(Arc::new(move |change: &forgesyte_registry::Change<'_>| {
+            if change.plugin == "beta"
+                && change.to == S::Loaded
+                && let Some(loader) = weak.upgrade()
+            {
+                into.lock().unwrap().push(loader.host_short_plugins());
+            }
+        }));
+    s.behave("beta", short(11));
+    loader.reload("beta");
+    assert_eq!(*seen.lock().unwrap(), [["alpha", "beta"]]);
+    assert_eq!(loader.host_short_plugins(), ["alpha", "beta"]);
+}
+
 /// A manifest that could not be read for want of descriptors: the plugin
 /// is FAILED under its directory's name and listed for a retry, which,
 /// once the manifest reads and names another plugin, loads it under that

@@ -49,14 +49,21 @@ impl Loader {
     /// The plugins FAILED because the host was short of its own resources
     /// when they loaded, and still FAILED with that reason, sorted by name.
     /// (Not to be asked from a registry observer: a failure is recorded
-    /// with the list locked.)
+    /// with the list locked.) One being loaded again right now (by a
+    /// rescan, say) stays listed until its load ends: dropped then, its
+    /// next shortage was told as a new failure, and its backoff started
+    /// over.
     pub fn host_short_plugins(&self) -> Vec<String> {
         let mut short = self.host_short.lock();
         short.retain(|name, reason| {
             self.registry
                 .state_and_reason(name)
-                .is_some_and(|(state, now)| {
-                    state == PluginLifecycleState::Failed && now.as_deref() == Some(reason)
+                .is_some_and(|(state, now)| match state {
+                    PluginLifecycleState::Failed => now.as_deref() == Some(reason),
+                    PluginLifecycleState::Loaded => {
+                        now.as_deref() == Some(super::reload::RELOADING)
+                    }
+                    _ => false,
                 })
         });
         short.keys().cloned().collect()
