@@ -12,7 +12,7 @@ use forgesyte_registry::{PluginInfo, PluginLifecycleState};
 use serde_json::Value;
 
 use super::discovery::{BadManifest, NoManifest, bad};
-use super::loader::{Loader, Pending, plugin_dep_name};
+use super::loader::{Entry, Loader, Pending, plugin_dep_name};
 use super::report::{LoadReport, PluginLoadOutcome, ms};
 use crate::handle::PluginHandle;
 use crate::manifest::{Isolation, Manifest};
@@ -391,43 +391,11 @@ impl Loader {
     /// supervisor has scheduled; and one UNAVAILABLE over a dependency (its
     /// reason names it) while all of them are met.
     fn unsettled_dependents(&self) -> Vec<String> {
-        let known = self.known_plugins();
-        let unmet = |d: &forgesyte_deps::Dependency| {
-            forgesyte_deps::unmet_plugin_dependency(d, &known).is_some()
-        };
-        let entries = self.entries.read();
-        entries
-            .iter()
-            .filter(|(_, e)| !e.plugin_deps.is_empty())
-            .filter(|(name, e)| {
-                let Some((state, reason)) = self.registry.state_and_reason(name) else {
-                    return false;
-                };
-                if state.is_available() {
-                    return e.plugin_deps.iter().any(|d| {
-                        unmet(d) && !plugin_dep_name(d).is_some_and(|dep| self.restart_pending(dep))
-                    });
-                }
-                state == PluginLifecycleState::Unavailable
-                    && !e.plugin_deps.iter().any(unmet)
-                    && reason.is_some_and(|r| {
-                        e.plugin_dep_names()
-                            .any(|dep| names_plugin_dependency(&r, dep))
-                    })
-            })
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-
-    /// Whether plugin `name` is down only until a restart its supervisor
-    /// scheduled (FAILED with a retry time, or LOADED restarting): its
-    /// dependents are left as they are meanwhile.
-    fn restart_pending(&self, name: &str) -> bool {
-        self.registry.get_status(name).is_some_and(|s| {
-            (s.state == PluginLifecycleState::Failed && s.next_retry_at.is_some())
-                || (s.state == PluginLifecycleState::Loaded
-                    && s.reason.as_deref() == Some(forgesyte_registry::RESTARTING))
-        })
+        // Every plugin read once: a dependency read unmet, and read again
+        // a moment later no longer restarting (its restart just done),
+        // had a healthy dependent reloaded for nothing.
+        let statuses = self.registry.list_all();
+        unsettled_among(&statuses, &self.entries.read())
     }
 
     /// Plugin `name` has no instance from now on: its handle is taken out
@@ -500,8 +468,105 @@ pub(super) fn names_plugin_dependency(reason: &str, name: &str) -> bool {
     })
 }
 
+/// [`Loader::unsettled_dependents`] among `statuses` (sorted by name, as
+/// the registry lists them) and the loader's `entries`.
+fn unsettled_among(
+    statuses: &[forgesyte_registry::PluginStatus],
+    entries: &BTreeMap<String, Entry>,
+) -> Vec<String> {
+    let known = super::waves::known_of(statuses);
+    let status_of = |name: &str| {
+        statuses
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &statuses[i])
+    };
+    let unmet = |d: &forgesyte_deps::Dependency| {
+        forgesyte_deps::unmet_plugin_dependency(d, &known).is_some()
+    };
+    entries
+        .iter()
+        .filter(|(_, e)| !e.plugin_deps.is_empty())
+        .filter(|(name, e)| {
+            let Some(status) = status_of(name) else {
+                return false;
+            };
+            if status.state.is_available() {
+                return e.plugin_deps.iter().any(|d| {
+                    unmet(d)
+                        && !plugin_dep_name(d)
+                            .and_then(status_of)
+                            .is_some_and(restart_pending)
+                });
+            }
+            status.state == PluginLifecycleState::Unavailable
+                && !e.plugin_deps.iter().any(unmet)
+                && status.reason.as_deref().is_some_and(|r| {
+                    e.plugin_dep_names()
+                        .any(|dep| names_plugin_dependency(r, dep))
+                })
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Whether a plugin is down only until a restart its supervisor scheduled
+/// (FAILED with a retry time, or LOADED restarting): its dependents are
+/// left as they are meanwhile.
+fn restart_pending(s: &forgesyte_registry::PluginStatus) -> bool {
+    (s.state == PluginLifecycleState::Failed && s.next_retry_at.is_some())
+        || (s.state == PluginLifecycleState::Loaded
+            && s.reason.as_deref() == Some(forgesyte_registry::RESTARTING))
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeMap;
+
+    use forgesyte_registry::{PluginInfo, Registry};
+
+    use super::Entry;
+
+    /// The plugins `unsettled_among` finds when `dependent`, INITIALIZED,
+    /// needs `plugin:base`, whose state `base_to` sets.
+    fn unsettled_with(base_to: impl FnOnce(&Registry)) -> Vec<String> {
+        let registry = Registry::new();
+        for name in ["base", "dependent"] {
+            registry.register(name, PluginInfo::default()).unwrap();
+            registry.mark_initialized(name).unwrap();
+        }
+        base_to(&registry);
+        let mut entry = Entry::registered(
+            "/p/dependent".into(),
+            None,
+            false,
+            &Err::<crate::manifest::Manifest, ()>(()),
+        );
+        entry.plugin_deps = vec![forgesyte_deps::Dependency::Plugin {
+            name: "base".into(),
+            req: None,
+        }];
+        let entries = BTreeMap::from([("dependent".to_owned(), entry)]);
+        super::unsettled_among(&registry.list_all(), &entries)
+    }
+
+    /// A dependency down for a restart its supervisor scheduled leaves its
+    /// dependents alone; one down for good has them loaded again. Both read
+    /// from one listing of the registry.
+    #[test]
+    fn a_dependency_restarting_leaves_its_dependents_alone() {
+        assert!(unsettled_with(|_| {}).is_empty());
+        let restarting = unsettled_with(|r| {
+            r.mark_failed("base", "CrashError: exited").unwrap();
+            r.mark_restarting("base").unwrap();
+        });
+        assert!(restarting.is_empty(), "{restarting:?}");
+        let down = unsettled_with(|r| r.mark_failed("base", "InitError: boom").unwrap());
+        assert_eq!(down, ["dependent"]);
+    }
+
     #[test]
     fn a_reason_names_a_dependency_by_its_whole_name() {
         use super::names_plugin_dependency as names;

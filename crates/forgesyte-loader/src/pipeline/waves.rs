@@ -226,21 +226,27 @@ impl Loader {
     /// Versions of the plugins available now, for `plugin:` requirements
     /// (one that is not semver is said to be, never read as 0.0.0).
     pub(super) fn known_plugins(&self) -> forgesyte_deps::KnownPlugins {
-        self.registry
-            .list_all()
-            .into_iter()
-            .filter(|s| s.state.is_available())
-            .map(|s| {
-                let version = match s.version {
-                    // What a manifest without a version shows (the seed's).
-                    Some(text) if text == "unknown" => Err(None),
-                    Some(text) => lenient_version(&text).ok_or(Some(text)),
-                    None => Err(None),
-                };
-                (s.name, version)
-            })
-            .collect()
+        known_of(&self.registry.list_all())
     }
+}
+
+/// The plugins available among `statuses`, with their versions, as
+/// `plugin:` dependencies are checked against them.
+pub(super) fn known_of(
+    statuses: &[forgesyte_registry::PluginStatus],
+) -> forgesyte_deps::KnownPlugins {
+    statuses
+        .iter()
+        .filter(|s| s.state.is_available())
+        .map(|s| {
+            let version = match s.version.as_deref() {
+                // What a manifest without a version shows (the seed's).
+                Some("unknown") | None => Err(None),
+                Some(text) => lenient_version(text).ok_or_else(|| Some(text.to_owned())),
+            };
+            (s.name.clone(), version)
+        })
+        .collect()
 }
 
 /// A plugin's version as a `plugin:NAME@REQ` dependency compares it:
