@@ -99,8 +99,8 @@ pub use host::{
 };
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{
-    LoadReport, Loader, LoaderConfig, PluginLoadOutcome, RescanReport, RetiredPlugin, Retry,
-    runtime_output,
+    LoadReport, Loader, LoaderConfig, PluginLoadOutcome, ReloadRefused, RescanReport,
+    RetiredPlugin, Retry, runtime_output,
 };
 pub use process::{ProcessImporter, ProcessLimits, RUNNER_STOP_WAIT};
 pub use supervise::SupervisionPolicy;

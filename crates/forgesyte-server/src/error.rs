@@ -173,6 +173,15 @@ pub enum ApiError {
         /// Seconds until the address may try again.
         retry_after_s: u64,
     },
+    /// A reload by name of a plugin whose directory has no manifest any
+    /// more (409): moved or removed, it is left as it is.
+    #[error("Plugin '{}' was not reloaded: {detail}", Shown(name))]
+    PluginFilesGone {
+        /// The plugin.
+        name: String,
+        /// Why, and what to do.
+        detail: String,
+    },
     /// Another load pass or reload is running (409).
     #[error("{what} is running; try again when it has finished")]
     Busy {
@@ -201,7 +210,7 @@ impl ApiError {
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadPath { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Busy { .. } => StatusCode::CONFLICT,
+            ApiError::Busy { .. } | ApiError::PluginFilesGone { .. } => StatusCode::CONFLICT,
             ApiError::Run { error, .. } => error.status(),
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }

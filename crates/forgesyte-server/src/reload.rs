@@ -20,6 +20,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use forgesyte_loader::ReloadRefused;
 
 use crate::error::{ApiError, ErrorDetail, Shown};
 use crate::extract::{ApiPath, Peer, PluginPath};
@@ -71,7 +72,7 @@ fn admit(state: &AppState, headers: &HeaderMap, peer: Peer) -> Result<(), ApiErr
         (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = ErrorDetail),
         (status = 429, description = "Too many wrong tokens from this address in the last minute (`Retry-After` says when to try again)", body = ErrorDetail),
         (status = 404, description = "No plugin of that name", body = ErrorDetail),
-        (status = 409, description = "The startup load pass or another reload is running", body = ErrorDetail),
+        (status = 409, description = "The startup load pass or another reload is running, or the plugin's directory has no manifest any more (moved or removed: it is left as it is, and a rescan finds where it went)", body = ErrorDetail),
     )
 )]
 pub(crate) async fn reload_plugin(
@@ -92,7 +93,7 @@ pub(crate) async fn reload_plugin(
         // operation's event comes after this one's.
         let (outcomes, _guard) =
             tokio::task::spawn_blocking(move || (loader.reload_with_others(&key), guard)).await?;
-        Ok::<_, tokio::task::JoinError>(outcomes.and_then(|outcomes| {
+        Ok::<_, tokio::task::JoinError>(outcomes.map(|outcomes| {
             // The named plugin's first, then those a changed trusted key
             // signed, reloaded with it: each one's gone tools forgotten,
             // all in the event.
@@ -116,8 +117,15 @@ pub(crate) async fn reload_plugin(
         context: format!("reload of plugin '{}' failed: {e}", Shown(&name)),
     })?;
     match outcome {
-        Some(outcome) => Ok(json(StatusCode::OK, &outcome)),
-        None => Err(ApiError::PluginNotFound { name }),
+        Ok(Some(outcome)) => Ok(json(StatusCode::OK, &outcome)),
+        Ok(None) | Err(ReloadRefused::NotRegistered) => Err(ApiError::PluginNotFound { name }),
+        Err(refused @ ReloadRefused::FilesGone { .. }) => {
+            tracing::warn!(plugin = %Shown(&name), "Reload of plugin {} refused: {refused}", Shown(&name));
+            Err(ApiError::PluginFilesGone {
+                name,
+                detail: refused.to_string(),
+            })
+        }
     }
 }
 

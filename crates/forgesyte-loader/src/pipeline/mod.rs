@@ -48,6 +48,7 @@ mod waves;
 
 pub use config::LoaderConfig;
 pub use loader::Loader;
+pub use reload::ReloadRefused;
 pub use report::{LoadReport, PluginLoadOutcome};
 pub use rescan::{RescanReport, RetiredPlugin, Retry};
 pub use stamp::runtime_output;

@@ -32,6 +32,25 @@ const CUT_CALLS_END: Duration = Duration::from_millis(200);
 pub(crate) const RELOADING: &str =
     "being reloaded: its calls answer 503 (send them again) until its new instance is ready";
 
+/// Why [`Loader::reload_with_others`] did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadRefused {
+    /// No plugin of that name is registered.
+    #[error("no plugin of that name is registered")]
+    NotRegistered,
+    /// The plugin's directory has no manifest any more: it was moved or
+    /// removed. It is left as it is; a rescan finds where it went, or
+    /// lets it go.
+    #[error(
+        "its directory {} has no manifest any more (moved or removed); it is left as it is: a rescan (POST /v1/plugins/reload) finds where it went, or lets it go",
+        dir.display()
+    )]
+    FilesGone {
+        /// The directory it was loaded from.
+        dir: PathBuf,
+    },
+}
+
 impl Loader {
     /// Reloads one plugin (the server's `POST /v1/plugins/{name}/reload`):
     /// re-reads its manifest, re-checks its dependencies, and
@@ -52,19 +71,33 @@ impl Loader {
     /// plugin it signed is checked again too (and loaded again, in-process
     /// ones included), as a rescan would.
     ///
-    /// `None` when no plugin of that name is registered.
+    /// `None` when no plugin of that name is registered, or when its
+    /// directory's manifest is gone ([`ReloadRefused::FilesGone`]: it is
+    /// left as it is).
     pub fn reload(&self, name: &str) -> Option<PluginLoadOutcome> {
         self.reload_with_others(name)
+            .ok()
             .and_then(|outcomes| outcomes.into_iter().next())
     }
 
     /// [`reload`](Self::reload), with the outcomes of the other plugins it
     /// loaded again (those a changed trusted key signed) after the named
-    /// one's, which comes first. `None` when no plugin of that name is
-    /// registered.
-    pub fn reload_with_others(&self, name: &str) -> Option<Vec<PluginLoadOutcome>> {
-        if !self.entries.read().contains_key(name) {
-            return None;
+    /// one's, which comes first.
+    ///
+    /// # Errors
+    ///
+    /// [`ReloadRefused`]: no plugin of that name is registered, or its
+    /// directory's manifest is gone (moved or removed: a rescan finds
+    /// where it went, or lets it go); nothing is done then (a working
+    /// plugin was FAILED "manifest not found" until the next rescan).
+    pub fn reload_with_others(&self, name: &str) -> Result<Vec<PluginLoadOutcome>, ReloadRefused> {
+        let dir = {
+            let entries = self.entries.read();
+            let entry = entries.get(name).ok_or(ReloadRefused::NotRegistered)?;
+            entry.dir.clone()
+        };
+        if !self.entry_points.read().contains_key(name) && self.manifest_gone(&dir) {
+            return Err(ReloadRefused::FilesGone { dir });
         }
         // Its signature is checked against the keys as they are now; so
         // are the others' that a changed key signed.
@@ -86,7 +119,20 @@ impl Loader {
         // What it was loaded from is what the next rescan compares with:
         // else that rescan would find it changed and restart it again.
         self.restamp();
-        (outcomes.first().is_some_and(|o| o.name == name)).then_some(outcomes)
+        if outcomes.first().is_some_and(|o| o.name == name) {
+            Ok(outcomes)
+        } else {
+            Err(ReloadRefused::NotRegistered)
+        }
+    }
+
+    /// Whether plugin directory `dir` has no manifest any more (the
+    /// directory, or the file, is not there; a link that leads nowhere is
+    /// still a manifest, a bad one).
+    fn manifest_gone(&self, dir: &std::path::Path) -> bool {
+        let manifest = dir.join(crate::manifest::MANIFEST_FILE);
+        matches!(self.fs.metadata(&manifest), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            && !self.fs.is_symlink(&manifest).unwrap_or(false)
     }
 
     /// Whether plugin directory `name` (not an installed plugin's) has

@@ -547,6 +547,43 @@ fn a_plugin_moved_to_another_directory_is_reloaded_from_there() {
     assert_eq!(report["changed"], json!([]), "{report}");
 }
 
+/// A plugin reloaded by name after its directory was moved (or removed)
+/// is left serving, and the answer says a rescan finds it: it was FAILED
+/// "manifest not found" until the next rescan.
+#[test]
+fn a_reload_by_name_of_a_moved_plugin_leaves_it_serving() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo").good("alpha", json!({}));
+    let server = serve_with_admin(&dir);
+    for (name, to) in [("echo", "echo-1.1"), ("alpha", "alpha-2")] {
+        std::fs::rename(dir.path().join(name), dir.path().join(to)).unwrap();
+        let reply = admin_post(server.addr, &format!("/v1/plugins/{name}/reload"));
+        assert_eq!(reply.status, 409, "{}", reply.text());
+        let detail = reply.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            detail.contains("has no manifest any more")
+                && detail.contains("POST /v1/plugins/reload"),
+            "{detail}"
+        );
+        let health = state_of(&server, name).unwrap();
+        assert_eq!(health["state"], "INITIALIZED", "{health}");
+        assert_eq!(served(&server, name, "echo").status, 200);
+    }
+    let report = reload(&server);
+    assert_eq!(report["changed"], json!(["alpha", "echo"]), "{report}");
+    // Removed: the same, until a rescan lets it go.
+    std::fs::remove_dir_all(dir.path().join("alpha-2")).unwrap();
+    let reply = admin_post(server.addr, "/v1/plugins/alpha/reload");
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    assert_eq!(served(&server, "alpha", "echo").status, 200);
+    let report = reload(&server);
+    assert_eq!(report["removed"][0]["name"], "alpha", "{report}");
+    assert!(server.log().contains("Reload of plugin alpha refused"));
+}
+
 /// Directories rotated (`mv b c; mv a b`), then swapped through a third
 /// name, are moves: each plugin is reloaded from its new directory with its
 /// counts kept, and nothing is retired or added (each was a remove and an
