@@ -301,6 +301,9 @@ impl Loader {
             .cloned()
             .filter(|_| super::host_short::is_host_short(err));
         super::host_short::note(&mut short, name, err, &reason);
+        // No runner of its own now: what an earlier one enforced is not
+        // shown as if it held.
+        let _ = self.registry.set_confinement(name, None);
         // Asked once the new state is recorded.
         let repeated = || self.failed_alike_before(name, short_before.clone());
         if matches!(

@@ -584,6 +584,23 @@ fn a_reload_by_name_of_a_moved_plugin_leaves_it_serving() {
     assert!(server.log().contains("Reload of plugin alpha refused"));
 }
 
+/// A plugin whose reload failed has no runner: its health shows no
+/// confinement (it showed the sandbox of the runner it had before).
+#[test]
+fn a_plugin_failed_at_its_reload_shows_no_confinement() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    let server = serve_with_admin(&dir);
+    let health = state_of(&server, "echo").unwrap();
+    assert!(health["confinement"].is_object(), "{health}");
+    std::fs::write(dir.path().join("echo/manifest.json"), "{ not json").unwrap();
+    let reply = admin_post(server.addr, "/v1/plugins/echo/reload");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let health = state_of(&server, "echo").unwrap();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert_eq!(health["confinement"], Value::Null, "{health}");
+}
+
 /// Directories rotated (`mv b c; mv a b`), then swapped through a third
 /// name, are moves: each plugin is reloaded from its new directory with its
 /// counts kept, and nothing is retired or added (each was a remove and an
