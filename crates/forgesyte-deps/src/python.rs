@@ -3,10 +3,8 @@
 
 use std::ffi::OsStr;
 use std::fmt::Debug;
-use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use forgesyte_errors::shorten;
@@ -354,9 +352,11 @@ pub(crate) fn run_captured(
     let mut child = command
         .spawn()
         .map_err(|e| format!("{who}: cannot start: {e}"))?;
-    let stdout = read_in_background(child.stdout.take());
-    let stderr = read_in_background(child.stderr.take());
-    let status = match wait_until(&mut child, deadline) {
+    let mut pipes = [
+        Captured::of(child.stdout.take()),
+        Captured::of(child.stderr.take()),
+    ];
+    let status = match drain_until_exit(&mut child, &mut pipes, deadline) {
         Ok(Some(status)) => status,
         Ok(None) => {
             kill_group(&mut child);
@@ -370,12 +370,13 @@ pub(crate) fn run_captured(
     // The child has exited and its group is killed: its pipes close,
     // unless a grandchild of a session of its own holds them (a `.pth`
     // file's daemon). What the child wrote is in by then: after
-    // [`AFTER_EXIT`] the reads end with what they have.
+    // [`AFTER_EXIT`] the reads end with what they have, and the pipes are
+    // closed here (the daemon keeps no thread or descriptor of ours).
     // (Past the deadline too: a child that exited just before it has its
     // output read.)
     let after_exit = Instant::now() + AFTER_EXIT;
-    let out = collect(&stdout, after_exit);
-    let err = collect(&stderr, after_exit);
+    while drain(&mut pipes, after_exit) {}
+    let [out, err] = pipes.map(|pipe| pipe.bytes);
     if !status.success() {
         let detail = match last_line(&err) {
             Some(line) => format!(": {line}"),
@@ -438,55 +439,87 @@ fn kill_only_group(child: &Child) {
 /// failed with a complete answer in hand).
 const AFTER_EXIT: Duration = Duration::from_millis(500);
 
-/// A pipe read on a thread of its own: the bytes so far, and a message at
-/// its end.
-struct Reading {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    ended: mpsc::Receiver<()>,
+/// One of the child's output pipes, read on the caller's thread: the
+/// bytes so far (at most [`OUTPUT_LIMIT`]), and the pipe while it is open.
+struct Captured {
+    pipe: Option<std::os::fd::OwnedFd>,
+    /// `None` when there was no pipe.
+    bytes: Option<Vec<u8>>,
 }
 
-/// Reads a pipe to its end (at most [`OUTPUT_LIMIT`] bytes) on a thread of
-/// its own. (A pipe a daemon keeps open keeps its thread too, blocked in
-/// its read, until the daemon closes it.)
-fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> Option<Reading> {
-    let (tx, ended) = mpsc::channel();
-    let bytes = Arc::new(Mutex::new(Vec::new()));
-    let mut pipe = pipe?.take(OUTPUT_LIMIT);
-    let into = Arc::clone(&bytes);
-    std::thread::spawn(move || {
+impl Captured {
+    fn of(pipe: Option<impl Into<std::os::fd::OwnedFd>>) -> Captured {
+        let pipe = pipe.map(Into::into);
+        let bytes = pipe.as_ref().map(|_| Vec::new());
+        Captured { pipe, bytes }
+    }
+
+    /// Reads what is there (the pipe was ready); closed at its end, on an
+    /// error, or past [`OUTPUT_LIMIT`].
+    fn read_ready(&mut self) {
+        let (Some(pipe), Some(bytes)) = (&self.pipe, &mut self.bytes) else {
+            return;
+        };
         let mut chunk = [0u8; 8192];
-        loop {
-            match pipe.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => into
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+        match rustix::io::read(pipe, &mut chunk) {
+            Ok(0) | Err(_) => self.pipe = None,
+            Ok(n) => {
+                let room = usize::try_from(OUTPUT_LIMIT)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(bytes.len());
+                bytes.extend_from_slice(&chunk[..n.min(room)]);
+                if n >= room {
+                    self.pipe = None;
+                }
             }
         }
-        let _ = tx.send(());
+    }
+}
+
+/// Waits on the pipes still open, at most until `until` (and at most
+/// 20 ms: the caller looks at its child in between), and reads what is
+/// ready. `false` once every pipe is closed or `until` has passed.
+fn drain(pipes: &mut [Captured; 2], until: Instant) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let now = Instant::now();
+    if now >= until || pipes.iter().all(|p| p.pipe.is_none()) {
+        return false;
+    }
+    let wait = (until - now).min(Duration::from_millis(20));
+    let timeout = Timespec::try_from(wait).unwrap_or(Timespec {
+        tv_sec: 0,
+        tv_nsec: 1_000_000,
     });
-    Some(Reading { bytes, ended })
+    let ready: Vec<bool> = {
+        let mut fds: Vec<PollFd<'_>> = pipes
+            .iter()
+            .filter_map(|p| p.pipe.as_ref())
+            .map(|fd| PollFd::new(fd, PollFlags::IN))
+            .collect();
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            // Nothing to wait on (cannot be): the reads end here.
+            Err(_) => return false,
+        }
+        fds.iter().map(|fd| !fd.revents().is_empty()).collect()
+    };
+    let mut ready = ready.into_iter();
+    for pipe in pipes.iter_mut().filter(|p| p.pipe.is_some()) {
+        if ready.next() == Some(true) {
+            pipe.read_ready();
+        }
+    }
+    true
 }
 
-/// The bytes a reader collected by its pipe's end or `deadline`, whichever
-/// comes first (all it read so far, then); `None` when there was no pipe.
-fn collect(reading: &Option<Reading>, deadline: Instant) -> Option<Vec<u8>> {
-    let reading = reading.as_ref()?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    let _ = reading.ended.recv_timeout(left);
-    let bytes = reading
-        .bytes
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    Some(bytes.clone())
-}
-
-/// Waits for the child until `deadline`: `Ok(None)` when it is still running.
-fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Option<ExitStatus>> {
-    let mut pause = Duration::from_millis(1);
+/// Reads the pipes while the child runs, until it exits (its status) or
+/// `deadline` (`Ok(None)`, still running): a child that fills a pipe
+/// is never left blocked on it.
+fn drain_until_exit(
+    child: &mut Child,
+    pipes: &mut [Captured; 2],
+    deadline: Instant,
+) -> std::io::Result<Option<ExitStatus>> {
     loop {
         if ended(child) {
             // What it left running in its group (a daemon holding its
@@ -495,12 +528,17 @@ fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Option<Ex
             kill_only_group(child);
             return child.wait().map(Some);
         }
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             return Ok(None);
         }
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(Duration::from_millis(20));
+        if !drain(pipes, deadline) {
+            // Both pipes closed: only the child to wait for.
+            std::thread::sleep(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(5)),
+            );
+        }
     }
 }
 
@@ -661,6 +699,47 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// Once the answer is in, the pipes a daemon still holds are closed on
+    /// this side: the daemon's next write finds no reader. (Two threads
+    /// and two descriptors stayed blocked in reads for as long as the
+    /// daemon lived, at each discovery and probe.)
+    #[cfg(unix)]
+    #[test]
+    fn the_pipes_a_daemon_holds_are_let_go_once_the_answer_is_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("no-reader");
+        let daemon = format!(
+            "import sys, time\n\
+             time.sleep(1.5)\n\
+             try:\n\
+             \x20   sys.stdout.write('late'); sys.stdout.flush()\n\
+             except BrokenPipeError:\n\
+             \x20   open({marker:?}, 'w').close()\n",
+            marker = marker.display().to_string()
+        );
+        let code = format!(
+            "import subprocess, sys\n\
+             subprocess.Popen([sys.executable, '-c', {daemon:?}], start_new_session=True)\n\
+             sys.stdout.write('the answer')\n"
+        );
+        let python = script(dir.path(), "py", "exec python3 \"$@\"");
+        let out = run_python(
+            &python,
+            &[OsStr::new("-c"), OsStr::new(&code)],
+            Duration::from_secs(15),
+        )
+        .unwrap();
+        assert_eq!(out, b"the answer");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !marker.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon's write still found a reader"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[cfg(unix)]
