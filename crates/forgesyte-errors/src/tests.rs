@@ -369,6 +369,7 @@ fn text_causes_have_no_source() {
         ToolError::Failed {
             error_type: Some("ValueError".into()),
             message: "x".into(),
+            traceback: Vec::new(),
         }
         .into(),
         ToolError::Protocol { detail: "x".into() }.into(),

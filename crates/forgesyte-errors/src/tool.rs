@@ -97,6 +97,9 @@ pub enum ToolError {
         error_type: Option<String>,
         /// The plugin's own message.
         message: String,
+        /// The last lines of its traceback, for people (a Python plugin's
+        /// exception); empty otherwise.
+        traceback: Vec<String>,
     },
     /// The tool panicked (caught at the ABI boundary).
     ///
@@ -222,14 +225,16 @@ mod tests {
         assert!(
             !ToolError::Failed {
                 error_type: None,
-                message: "bad input".into()
+                message: "bad input".into(),
+                traceback: Vec::new(),
             }
             .is_fault()
         );
         assert_eq!(
             ToolError::Failed {
                 error_type: None,
-                message: "bad input".into()
+                message: "bad input".into(),
+                traceback: Vec::new(),
             }
             .kind(),
             "ToolError"

@@ -163,6 +163,7 @@ impl PluginInstance for FakeInstance {
             "fail" => Err(ToolError::Failed {
                 error_type: Some("InvalidInput".into()),
                 message: "fake failure".into(),
+                traceback: Vec::new(),
             }),
             "panic" => {
                 // `{"after_ms": N}`: a call still running when its caller

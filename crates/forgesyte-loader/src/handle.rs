@@ -544,6 +544,7 @@ impl PluginHandle {
                     // Parsed, each value would take up to 128 bytes where
                     // its text takes two: refused before it is.
                     return Err(ToolError::Failed {
+                        traceback: Vec::new(),
                         error_type: Some("ResultTooLarge".into()),
                         message: format!(
                             "the result holds about {values} JSON values, more than the {max} \
@@ -791,6 +792,7 @@ fn result_error(e: serde_json::Error) -> ToolError {
     // serde_json names it only in its message.
     if e.to_string().starts_with("recursion limit exceeded") {
         return ToolError::Failed {
+            traceback: Vec::new(),
             error_type: Some("ResultTooDeep".to_owned()),
             message: format!(
                 "the tool's result nests arrays and objects 128 or more levels deep, \
@@ -802,6 +804,7 @@ fn result_error(e: serde_json::Error) -> ToolError {
     // not a broken runner (the Python runner refuses such integers first).
     if e.to_string().starts_with("number out of range") {
         return ToolError::Failed {
+            traceback: Vec::new(),
             error_type: Some("ValueError".to_owned()),
             message: format!(
                 "the tool's result holds a number beyond the range the host reads \

@@ -677,6 +677,7 @@ fn outcome(tool: &str, status: FsStatus, body: &[u8]) -> Result<(), ToolError> {
             Err(ToolError::Failed {
                 error_type,
                 message,
+                traceback: Vec::new(),
             })
         }
         STATUS_PANIC => Err(ToolError::Panicked {

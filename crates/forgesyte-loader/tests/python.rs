@@ -378,6 +378,7 @@ fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
         Err(CallError::Tool(ToolError::Failed {
             error_type,
             message,
+            ..
         })) => {
             assert_eq!(error_type.as_deref(), Some("ValueError"));
             assert_eq!(message, "bad input");
@@ -602,6 +603,7 @@ fn python_crashes_at_call_time_are_precise() {
             Err(CallError::Tool(ToolError::Failed {
                 error_type,
                 message,
+                ..
             })) => {
                 assert_eq!(
                     error_type.as_deref(),
@@ -849,6 +851,7 @@ fn numpy_results_through_the_loader() {
         Err(CallError::Tool(ToolError::Failed {
             error_type,
             message,
+            ..
         })) => {
             assert_eq!(error_type.as_deref(), Some("ValueError"), "{message}");
             assert!(message.contains("non-finite number"), "{message}");

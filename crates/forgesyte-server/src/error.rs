@@ -445,6 +445,9 @@ pub enum RunError {
         error_type: Option<String>,
         /// The plugin's message.
         message: String,
+        /// The last lines of its traceback (a Python plugin's exception):
+        /// logged, never answered.
+        traceback: Vec<String>,
     },
     /// The tool panicked or broke the protocol; the plugin is now FAILED
     /// (502, `ToolPanic` / `ProtocolError`).
@@ -750,9 +753,11 @@ impl From<ToolError> for RunError {
             ToolError::Failed {
                 error_type,
                 message,
+                traceback,
             } => RunError::ToolFailed {
                 error_type,
                 message,
+                traceback,
             },
             ToolError::TimedOut { after } => RunError::Timeout {
                 after,
@@ -774,6 +779,7 @@ impl From<ToolError> for RunError {
             other => RunError::ToolFailed {
                 error_type: Some(other.kind().into()),
                 message: other.to_string(),
+                traceback: Vec::new(),
             },
         }
     }
@@ -971,6 +977,7 @@ mod tests {
                 ToolError::Failed {
                     error_type: Some("ValueError".into()),
                     message: "m".into(),
+                    traceback: Vec::new(),
                 },
                 422,
                 "ValueError",
@@ -1076,6 +1083,7 @@ mod tests {
         let body = RunError::ToolFailed {
             error_type: None,
             message: "bad input".into(),
+            traceback: vec!["  File \"plugin.py\", line 3".into()],
         }
         .body("p", "t");
         for field in [

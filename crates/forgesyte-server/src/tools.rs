@@ -81,7 +81,38 @@ pub(crate) async fn run_output(
     let mut facts = CallFacts::default();
     let result = run_unrecorded(state, plugin, tool, (input, room), context, &mut facts).await;
     record(state, (plugin, tool), &result, &facts);
+    if let Err(RunError::ToolFailed {
+        error_type,
+        message,
+        traceback,
+    }) = &result
+        && !traceback.is_empty()
+    {
+        log_raised((plugin, tool), error_type.as_deref(), message, traceback);
+    }
     result
+}
+
+/// A tool that raised an exception (a Python plugin's): its traceback is
+/// for the plugin's author, not the client (it names files and lines), so
+/// the log says it, in the request's span. The first of each plugin in a
+/// minute at WARN, the rest at DEBUG: a client sending bad input in a loop
+/// cannot flood the log.
+fn log_raised(
+    (plugin, tool): (&str, &str),
+    error_type: Option<&str>,
+    message: &str,
+    traceback: &[String],
+) {
+    static RAISED: crate::throttle::Keyed = crate::throttle::Keyed::new(Duration::from_secs(60));
+    let (plugin, tool) = (crate::error::Shown(plugin), crate::error::Shown(tool));
+    let error_type = error_type.unwrap_or("Exception");
+    let folded = traceback.join(" | ");
+    if RAISED.warn_now(&plugin.to_string()) {
+        tracing::warn!(plugin = %plugin, tool = %tool, traceback = %folded, "Tool {tool} of plugin {plugin} raised {error_type}: {message} (its next ones this minute are logged at debug level)");
+    } else {
+        tracing::debug!(plugin = %plugin, tool = %tool, traceback = %folded, "Tool {tool} of plugin {plugin} raised {error_type}: {message}");
+    }
 }
 
 /// Counts a finished call in the metrics (a registered plugin's only).

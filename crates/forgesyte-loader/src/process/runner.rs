@@ -346,6 +346,7 @@ fn serve(
                     error: WireError::tool(&ToolError::Failed {
                         error_type: Some("RunnerOverloaded".into()),
                         message: detail,
+                        traceback: Vec::new(),
                     }),
                 }
             };
@@ -658,6 +659,7 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
         let error = WireError::tool(&ToolError::Failed {
             error_type: Some("ResultTooLarge".into()),
             message: format!("the result does not fit in one answer: {e}"),
+            traceback: Vec::new(),
         });
         return send(out, &Response::ToolFailed { id: *id, error }, &[]);
     }

@@ -152,9 +152,11 @@ impl WireErrorExt for WireError {
             ToolError::Failed {
                 error_type,
                 message,
+                traceback,
             } => {
                 let mut w = WireError::new("Failed", message);
                 w.error_type = error_type.clone();
+                w.traceback = traceback.clone();
                 w
             }
             ToolError::Panicked { message } => WireError::new("Panicked", message),
@@ -178,6 +180,7 @@ impl WireErrorExt for WireError {
             "Failed" => ToolError::Failed {
                 error_type: self.error_type,
                 message: self.message,
+                traceback: self.traceback,
             },
             "Panicked" => ToolError::Panicked {
                 message: self.message,
@@ -260,6 +263,7 @@ mod tests {
             ToolError::Failed {
                 error_type: Some("InvalidInput".into()),
                 message: "bad".into(),
+                traceback: vec!["  File \"plugin.py\", line 9".into()],
             },
             ToolError::UnknownTool {
                 plugin: String::new(),

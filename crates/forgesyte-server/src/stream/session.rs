@@ -1117,6 +1117,7 @@ mod tests {
             RunError::ToolFailed {
                 error_type: None,
                 message: "no".into(),
+                traceback: Vec::new(),
             },
             RunError::InvalidArgs {
                 message: "no".into(),

@@ -152,6 +152,21 @@ fn python_plugins_serve_beside_native_ones_with_the_seeds_reasons() {
         server.get("/v1/plugins/echo/health").json()["state"],
         "INITIALIZED"
     );
+    // Its traceback is the author's: in the log, at WARN the first time in
+    // a minute, then at debug level; never in the answer.
+    assert!(!reply.text().contains("plugin.py"), "{}", reply.text());
+    let again = server.run("echo", "fail", "{}");
+    assert_eq!(again.status, 422, "{}", again.text());
+    let log = server.log();
+    let raised: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Tool fail of plugin echo raised ValueError: bad input"))
+        .collect();
+    assert_eq!(raised.len(), 1, "{log}");
+    assert!(
+        raised[0].contains("WARN") && raised[0].contains("plugin.py\\\", line 141, in fail"),
+        "{log}"
+    );
 }
 
 #[test]
