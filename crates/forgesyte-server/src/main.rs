@@ -110,6 +110,11 @@ fn init_subscriber(filter: EnvFilter, format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before anything writes a file: a write past the file-size limit is
+    // an error (`EFBIG`), not the end of the process (runners too).
+    if let Err(e) = forgesyte_loader::process::shrug_off_file_size_signal() {
+        say!("forgesyte: cannot handle SIGXFSZ: {e}");
+    }
     take_admin_token_env();
     // `forgesyte` doubles as the plugin runner of process isolation and
     // preflight: the loader starts it as `forgesyte __runner --library PATH

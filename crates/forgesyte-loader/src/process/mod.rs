@@ -84,7 +84,7 @@ use crate::host::{Importer, PluginInstance, PluginLibrary};
 use crate::manifest::{Limits, PythonEntry};
 
 pub use self::instance::ProcessInstance;
-pub use self::runner::runner_main;
+pub use self::runner::{runner_main, shrug_off_file_size_signal};
 
 /// File name of the runner binary this crate builds.
 pub const RUNNER_NAME: &str = "forgesyte-runner";

@@ -509,20 +509,38 @@ fn protect_in_forks(fds: impl IntoIterator<Item = RawFd>) -> io::Result<()> {
 /// the runner's (a confined runner's processes cannot leave it: coreutils'
 /// `timeout` sends SIGTERM to its group when time runs out). A handler, not
 /// `SIG_IGN`: a program the plugin execs starts with the default.
-#[allow(unsafe_code)]
 fn shrug_off_group_signals() -> io::Result<()> {
-    for signal in GROUP_SIGNALS {
-        // SAFETY: a `sigaction` of all zeroes is a valid one (no flags, an
-        // empty mask); its handler is set to a function that does nothing
-        // and lives as long as the process.
-        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = shrug_handler();
-        action.sa_flags = libc::SA_RESTART;
-        // SAFETY: `action` is a valid `sigaction` that outlives the call; no
-        // old action is asked for.
-        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    GROUP_SIGNALS.into_iter().try_for_each(shrug_off)
+}
+
+/// A handler that does nothing for `SIGXFSZ`, in the server and its
+/// native runners: a write past the file-size limit (`ulimit -f`,
+/// systemd's `LimitFSIZE=`) into the memory file of a frame then fails
+/// with `EFBIG`, and the frame goes through the pipe instead; the
+/// signal's default action ended the server at one upload (CPython
+/// ignores it for its own runners). A handler, not `SIG_IGN`: a program
+/// the process execs starts with the default.
+///
+/// # Errors
+///
+/// When `sigaction` refuses (it cannot, for this signal).
+pub fn shrug_off_file_size_signal() -> io::Result<()> {
+    shrug_off(libc::SIGXFSZ)
+}
+
+/// Gives `signal` the do-nothing handler [`shrug`].
+#[allow(unsafe_code)]
+fn shrug_off(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: a `sigaction` of all zeroes is a valid one (no flags, an
+    // empty mask); its handler is set to a function that does nothing
+    // and lives as long as the process.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = shrug_handler();
+    action.sa_flags = libc::SA_RESTART;
+    // SAFETY: `action` is a valid `sigaction` that outlives the call; no
+    // old action is asked for.
+    if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -213,6 +213,43 @@ fn octet_stream_frames_for_runners_go_into_the_memory_file_they_get_byte_exact()
     assert_eq!(into_file(&server), before, "an in-process plugin's frame");
 }
 
+/// Under a file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) below a
+/// frame's size, the memory file the server writes the frame into refuses
+/// it, and the frame goes through the pipe: byte-exact, the server up.
+/// (`SIGXFSZ`'s default action ended the server at the first such upload.)
+#[test]
+fn a_file_size_limit_below_a_frame_sends_it_through_the_pipe() {
+    use rustix::process::{Pid, Resource, Rlimit, prlimit};
+    let dir = PluginsDir::new();
+    dir.good("v3-iso", json!({"isolation": "process"}))
+        .python("py", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let pid = Pid::from_raw(i32::try_from(server.pid()).unwrap()).unwrap();
+    let before = prlimit(
+        Some(pid),
+        Resource::Fsize,
+        Rlimit {
+            current: Some(1 << 20),
+            maximum: None,
+        },
+    )
+    .unwrap();
+    let headers = [("Content-Type", "application/octet-stream")];
+    for plugin in ["v3-iso", "py"] {
+        let data = payload(3 << 20, 7);
+        let target = format!("/v1/plugins/{plugin}/tools/echo_bytes/run");
+        let reply = post(&server, &target, &headers, &data);
+        assert_eq!(reply.status, 200, "{plugin}: {}", reply.text());
+        assert!(
+            reply.json()["result"] == json!({"data": base64(&data)}),
+            "{plugin}: the echo differs"
+        );
+    }
+    prlimit(Some(pid), Resource::Fsize, before).unwrap();
+    assert_eq!(server.get("/livez").status, 200);
+}
+
 /// A part's headers (lower-case names) and bytes.
 type MixedPart = (Vec<(String, String)>, Vec<u8>);
 
