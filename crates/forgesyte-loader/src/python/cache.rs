@@ -38,8 +38,9 @@ pub fn runner_invocation() -> [OsString; 3] {
     // imported as it is (a few small reads). Its bytecode (`__pycache__`)
     // is not checked: Python takes it while its header matches the
     // source's time and size, and checking it would cost the compile the
-    // cache saves. Only this user writes the private directory, and no
-    // confined runner may (Landlock).
+    // cache saves; one the import fails on (cut short by a full disk) is
+    // dropped then (`bootstrap`). Only this user writes the private
+    // directory, and no confined runner may (Landlock).
     let code = cache_dir()
         .and_then(|dir| bootstrap(&dir).map_err(|e| format!("{}: {e}", dir.display())))
         .unwrap_or_else(|why| {
@@ -236,11 +237,22 @@ fn bootstrap(dir: &Path) -> std::io::Result<String> {
     // still holds for everything else, plugins included): the cache is
     // this directory's whole point. The package imports all its modules
     // at once, so all of them are compiled here.
+    // A bytecode file cut short (the disk was full as Python wrote it:
+    // it ignores a short write, and the file's header still matches its
+    // source) failed every start after, until someone removed the cache:
+    // then the package's bytecode goes, and it is imported from its
+    // sources, not written again.
     let gate = forgesyte_deps::python_version_gate();
     Ok(format!(
-        "{gate}w = sys.dont_write_bytecode; sys.dont_write_bytecode = False; \
-         sys.path.insert(0, {dir}); import {module} as r; del sys.path[0]; \
-         sys.dont_write_bytecode = w; del w; r.start(sys.argv[1:])"
+        "{gate}w = sys.dont_write_bytecode; sys.dont_write_bytecode = False\n\
+         sys.path.insert(0, {dir})\n\
+         try:\n    import {module} as r\n\
+         except (EOFError, ValueError, TypeError, ImportError):\n    \
+         import os, shutil\n    \
+         for m in [m for m in sys.modules if m.split('.')[0] == '{module}']: del sys.modules[m]\n    \
+         shutil.rmtree(os.path.join({dir}, '{module}', '__pycache__'), ignore_errors=True)\n    \
+         sys.dont_write_bytecode = True\n    import {module} as r\n\
+         del sys.path[0]; sys.dont_write_bytecode = w; del w; r.start(sys.argv[1:])"
     ))
 }
 
@@ -288,6 +300,41 @@ mod tests {
             &std::fs::read_to_string(package.join(file)).unwrap(),
             source
         );
+    }
+
+    /// A bytecode file cut short (a full disk as Python wrote it) is
+    /// dropped and the runner imported from its sources: every start
+    /// failed with "marshal data too short" until the cache was removed.
+    #[test]
+    fn a_bytecode_file_cut_short_is_dropped_and_the_runner_starts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("forgesyte/python");
+        let code = bootstrap(&dir).unwrap();
+        // A runner's command line it refuses after the import: its exit
+        // code says the import went through.
+        let start = || {
+            std::process::Command::new("python3")
+                .args(["-su", "-c", &code, "--protocol-fd", "x"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        };
+        let first = start();
+        let pycache = dir.join(module_name()).join("__pycache__");
+        let mut cut = 0;
+        for entry in std::fs::read_dir(&pycache).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+            cut += 1;
+        }
+        assert!(cut > 3, "{cut} bytecode files");
+        let again = start();
+        let said = String::from_utf8_lossy(&again.stderr);
+        assert_eq!(again.status.code(), first.status.code(), "{said}");
+        assert!(!said.contains("marshal"), "{said}");
+        // Imported from its sources: no bytecode written again.
+        assert!(!pycache.exists() || std::fs::read_dir(&pycache).unwrap().next().is_none());
     }
 
     #[test]
