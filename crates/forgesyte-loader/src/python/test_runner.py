@@ -1072,6 +1072,21 @@ class ImportAndInitFailureTests(RunnerTestCase):
         time.sleep(0.1)
         self.assertIn("WARNING forgesyte-python-runner[s]: tool 'classify' has no handler", p.stderr)
 
+    def test_a_tool_only_the_manifest_lists_beside_the_plugins_own_is_said(self):
+        p = self.source_plugin(
+            "class Plugin:\n"
+            "    def __init__(self):\n"
+            "        self.tools = {'detect': {'handler': self.detect}}\n"
+            "    def detect(self):\n"
+            "        return {}\n")
+        header = p.create({"name": "s", "tools": [{"id": "detect"}, {"id": "goodbye"}]})
+        self.assertEqual([t["id"] for t in header["tools"]], ["detect"], header)
+        header, _ = p.run("goodbye", {})
+        self.assertEqual(header["error"]["kind"], "UnknownTool", header)
+        time.sleep(0.1)
+        self.assertIn("WARNING forgesyte-python-runner[s]: tool 'goodbye' is listed in "
+                      "manifest.json but not in the plugin's tools: it is not served", p.stderr)
+
     def test_a_handler_by_name_is_looked_up_at_each_call(self):
         # A plugin may rebind a method (a model switched after warm-up).
         p = self.source_plugin(

@@ -222,6 +222,13 @@ def collect_tools(instance, manifest):
                 diag("%s: its calls will fail" % e, warning=True)
         table[tid] = {"handler": meta.get("handler"), "binary": binary_properties(inputs),
                       "zero_copy": meta.get("zero_copy") is True}
+    # The instance's own tools are what it serves: one only the manifest
+    # lists beside them is not served (a 404 its author would not expect).
+    if raw:
+        for tid, _ in from_manifest:
+            if tid not in table:
+                diag("tool %r is listed in manifest.json but not in the plugin's tools: "
+                     "it is not served" % tid, warning=True)
     return specs, table
 
 
