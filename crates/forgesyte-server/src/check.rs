@@ -87,15 +87,30 @@ pub struct CheckReport {
     pub plugins: Vec<PluginStatus>,
     /// Wall time of the load pass, in milliseconds.
     pub elapsed_ms: f64,
+    /// What each FAILED plugin's failure left, by name: a Python
+    /// traceback's last lines, a crashed runner's last stderr lines (its
+    /// journal's last entry). Shown under its line.
+    pub details: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl CheckReport {
     /// Loads `dir` with `loader` (the seam for tests) and reads the result.
     pub fn from_loader(loader: &Loader, dir: &Path) -> CheckReport {
         let report = loader.load_all(dir);
+        let registry = loader.registry();
+        let plugins = registry.list_all();
+        let details = plugins
+            .iter()
+            .filter(|p| p.state == PluginLifecycleState::Failed)
+            .filter_map(|p| {
+                let last = registry.journal(&p.name)?.pop()?;
+                (!last.stderr_tail.is_empty()).then(|| (p.name.clone(), last.stderr_tail))
+            })
+            .collect();
         CheckReport {
-            plugins: loader.registry().list_all(),
+            plugins,
             elapsed_ms: report.elapsed_ms,
+            details,
         }
     }
 
@@ -113,8 +128,8 @@ impl CheckReport {
         self.plugins.iter().filter(|p| p.state == state).count()
     }
 
-    /// One line per plugin (`name  STATE  version  reason`, aligned), then
-    /// a summary line.
+    /// One line per plugin (`name  STATE  version  reason`, aligned), each
+    /// FAILED one's details under it (`    | `), then a summary line.
     ///
     /// A column is as wide as its longest value up to 40
     /// characters (a longer value overflows it: a manifest's version may be
@@ -157,6 +172,11 @@ impl CheckReport {
                 crate::controls::Escaped(&note)
             );
             let _ = writeln!(out, "{}", line.trim_end());
+            // A traceback's lines (the file and line that raised), which
+            // only the server's log showed.
+            for detail in self.details.get(&p.name).into_iter().flatten() {
+                let _ = writeln!(out, "    | {}", crate::controls::Escaped(detail));
+            }
         }
         let loaded = self
             .plugins
@@ -228,7 +248,29 @@ mod tests {
         CheckReport {
             plugins: registry.list_all(),
             elapsed_ms: 1.0,
+            details: std::collections::BTreeMap::new(),
         }
+    }
+
+    /// A FAILED plugin's traceback is under its line, escaped, each line
+    /// marked: the file and line that raised, which only the server's log
+    /// showed.
+    #[test]
+    fn a_failed_plugin_s_traceback_is_under_its_line() {
+        let mut report = report();
+        report.details.insert(
+            "broken".into(),
+            vec![
+                "  File \"plugin.py\", line 32, in __init__".into(),
+                "AttributeError: no helo\x1b[2J".into(),
+            ],
+        );
+        let text = report.to_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        assert_eq!(lines[1], "    |   File \"plugin.py\", line 32, in __init__");
+        assert_eq!(lines[2], "    | AttributeError: no helo\\u{1b}[2J");
+        assert!(lines[3].starts_with("good "), "{text}");
     }
 
     #[test]

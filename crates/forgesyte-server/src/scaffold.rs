@@ -536,6 +536,10 @@ fn message(
                 shell(parent)
             );
             let _ = writeln!(out, "  {curl}");
+            let _ = writeln!(
+                out,
+                "\nWith --watch, serve loads plugin.py again each time you save it."
+            );
         }
         Lang::Rust => {
             match sdk {

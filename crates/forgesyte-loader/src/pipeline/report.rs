@@ -71,8 +71,9 @@ impl LoadReport {
             failed = self.failed(),
             unavailable = self.unavailable(),
             elapsed_ms = self.elapsed_ms,
-            "{verb} {} plugins{from} ({} failed, {} unavailable)",
+            "{verb} {} plugin{}{from} ({} failed, {} unavailable)",
             self.loaded(),
+            if self.loaded() == 1 { "" } else { "s" },
             self.failed(),
             self.unavailable()
         );

@@ -46,6 +46,7 @@ fn the_python_scaffold_is_checked_and_served_as_printed() {
         "  curl -s -X POST http://127.0.0.1:8000/v1/plugins/hello-py/tools/hello/run \
          -H 'Content-Type: application/json' -d '{\"args\": {\"name\": \"ForgeSyte\"}}'"
             .to_owned(),
+        "With --watch, serve loads plugin.py again each time you save it.".to_owned(),
     ] {
         assert!(out.lines().any(|l| l == line), "{line:?} not in:\n{out}");
     }
