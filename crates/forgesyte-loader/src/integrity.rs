@@ -50,16 +50,32 @@ use crate::manifest::{self, MANIFEST_FILE, Manifest, PLUGIN_PY, Runtime};
 ///
 /// When the file cannot be created, written or renamed into place.
 pub fn write_replacing(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    write_all_replacing(dir, &[(name, bytes)]).map(|mut paths| paths.remove(0))
+}
+
+/// [`write_replacing`] of several files, each written whole before any
+/// is moved to its name: a full disk leaves all of them as they were (a
+/// new signature list beside the old signature left a plugin `invalid`).
+///
+/// # Errors
+///
+/// The first error writing or moving one (those moved already stay).
+pub fn write_all_replacing(dir: &Path, files: &[(&str, &[u8])]) -> io::Result<Vec<PathBuf>> {
     use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join(name);
-    let mut fresh = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .permissions(std::fs::Permissions::from_mode(0o666))
-        .tempfile_in(dir)?;
-    io::Write::write_all(&mut fresh, bytes)?;
-    fresh.persist(&path).map_err(|e| e.error)?;
-    Ok(path)
+    let mut staged = Vec::with_capacity(files.len());
+    for (name, bytes) in files {
+        let mut fresh = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .permissions(std::fs::Permissions::from_mode(0o666))
+            .tempfile_in(dir)?;
+        io::Write::write_all(&mut fresh, bytes)?;
+        staged.push((dir.join(name), fresh));
+    }
+    staged
+        .into_iter()
+        .map(|(path, fresh)| fresh.persist(&path).map(|_| path).map_err(|e| e.error))
+        .collect()
 }
 
 /// The operator's lock file, in the plugins directory.

@@ -248,9 +248,6 @@ pub fn keygen(
     name: &str,
     password: Option<String>,
 ) -> Result<(PathBuf, PathBuf, String), String> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-
     let pair = match password {
         Some(password) => minisign::KeyPair::generate_encrypted_keypair(Some(password)),
         None => minisign::KeyPair::generate_unencrypted_keypair(),
@@ -270,23 +267,90 @@ pub fn keygen(
             return Err(format!("{} exists; not overwritten", path.display()));
         }
     }
-    let write = |path: &Path, text: &str, mode: u32| -> Result<(), String> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)
-            .and_then(|mut f| f.write_all(text.as_bytes()))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
-    };
-    write(&key_path, &secret, 0o600)?;
-    write(&pub_path, &public, 0o644)?;
+    write_new_pair(
+        dir,
+        [(&key_path, &secret, 0o600), (&pub_path, &public, 0o644)],
+    )?;
     Ok((key_path, pub_path, id))
+}
+
+/// Writes both files whole, or neither: each is written to a temporary
+/// file in `dir` first, then moved to its name (never over an existing
+/// file), and the first is removed again if the second cannot be. A full
+/// disk left half a key pair (an empty `.pub`, or a secret key whose
+/// public half was lost) that blocked the next try.
+fn write_new_pair(dir: &Path, files: [(&Path, &str, u32); 2]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cannot =
+        |path: &Path, e: &dyn std::fmt::Display| format!("cannot write {}: {e}", path.display());
+    let mut staged = Vec::with_capacity(2);
+    for (path, text, mode) in files {
+        let mut file = tempfile::Builder::new()
+            .prefix(".forgesyte-keygen.")
+            .suffix(".tmp")
+            .permissions(std::fs::Permissions::from_mode(mode))
+            .tempfile_in(dir)
+            .map_err(|e| cannot(path, &e))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .and_then(|()| file.as_file().sync_all())
+            .map_err(|e| cannot(path, &e))?;
+        staged.push((path, file));
+    }
+    let mut placed: Vec<&Path> = Vec::with_capacity(2);
+    for (path, file) in staged {
+        if let Err(e) = file.persist_noclobber(path) {
+            for done in placed {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(cannot(path, &e.error));
+        }
+        placed.push(path);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The second file not written: the first is not left behind, and
+    /// nothing of theirs stays in the directory.
+    #[test]
+    fn a_pair_is_written_whole_or_not_at_all() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("k.key");
+        let public = tmp.path().join("missing-dir/k.pub");
+        let err = write_new_pair(
+            tmp.path(),
+            [(&key, "secret", 0o600), (&public, "pub", 0o644)],
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with(&format!("cannot write {}", public.display())),
+            "{err}"
+        );
+        assert!(!key.exists(), "half a pair left");
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        // Whole: both, with their modes.
+        let public = tmp.path().join("k.pub");
+        write_new_pair(
+            tmp.path(),
+            [(&key, "secret", 0o600), (&public, "pub", 0o644)],
+        )
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "secret");
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Never over an existing file.
+        let err = write_new_pair(tmp.path(), [(&key, "other", 0o600), (&public, "x", 0o644)])
+            .unwrap_err();
+        assert!(err.contains("k.key"), "{err}");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "secret");
+    }
 
     #[test]
     fn an_encrypted_key_needs_its_password() {

@@ -268,13 +268,22 @@ pub fn sign_dir(
     .map_err(|e| format!("cannot sign: {e}"))?;
     // A file the plugin shipped under that name (a link to the signer's
     // key, say) is replaced, never written through.
-    let write = |name: &str, bytes: &[u8]| {
-        crate::integrity::write_replacing(dir, name, bytes)
-            .map(|_| ())
-            .map_err(|e| format!("cannot write {}: {e}", dir.join(name).display()))
-    };
-    write(LIST_FILE, text.as_bytes())?;
-    write(SIG_FILE, signature.into_string().as_bytes())?;
+    // Both written whole before either replaces its old one: a full disk
+    // left a new list beside the old signature (the plugin `invalid`).
+    let signature = signature.into_string();
+    crate::integrity::write_all_replacing(
+        dir,
+        &[
+            (LIST_FILE, text.as_bytes()),
+            (SIG_FILE, signature.as_bytes()),
+        ],
+    )
+    .map_err(|e| {
+        format!(
+            "cannot write {} and {SIG_FILE}: {e}",
+            dir.join(LIST_FILE).display()
+        )
+    })?;
     Ok(SignOutcome {
         key_id,
         files: digests.into_keys().collect(),
