@@ -201,6 +201,45 @@ impl fmt::Debug for NativeLibrary {
     }
 }
 
+/// The bytes of the library `file` (of `meta`), read from its start.
+fn read_whole(
+    file: &std::fs::File,
+    meta: &std::fs::Metadata,
+    path: &Path,
+) -> Result<Vec<u8>, ImportError> {
+    use std::os::unix::fs::FileExt as _;
+    let len = usize::try_from(meta.len()).map_err(|e| ImportError::Open {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| ImportError::Open {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    Ok(bytes)
+}
+
+/// Whether `file` (of `len` bytes) lies on a memory filesystem (tmpfs)
+/// with a hole before its end. Relocating a mapping of it writes to a
+/// page of a hole, which the filesystem must allocate: a full tmpfs
+/// cannot, and the dynamic loader died of SIGBUS, the server with it (a
+/// linker writes sparse files; an init container may copy plugins onto a
+/// memory-backed volume). Such a library is loaded from a copy of its
+/// bytes instead (`read` fails with an error, no signal).
+fn holes_on_memory_fs(file: &std::fs::File, len: u64) -> bool {
+    use rustix::fs::{SeekFrom, fstatfs, seek};
+    let on_tmpfs =
+        fstatfs(file).is_ok_and(|fs| i64::from(fs.f_type) == i64::from(libc::TMPFS_MAGIC));
+    // `SEEK_HOLE` moves the file's offset: read again from its start.
+    let hole = on_tmpfs && matches!(seek(file, SeekFrom::Hole(0)), Ok(at) if at < len);
+    if on_tmpfs {
+        let _ = seek(file, SeekFrom::Start(0));
+    }
+    hole
+}
+
 impl NativeLibrary {
     /// Checks the file with [`inspect`], opens it, resolves the entry symbol
     /// and checks the ABI version before anything else of the plugin is
@@ -234,6 +273,10 @@ impl NativeLibrary {
     /// it was made of the file now at `path`, unchanged.
     fn open_with(path: &Path, prepared: Option<PreparedElf>) -> Result<Self, ImportError> {
         let (file, meta) = open_regular(path, path)?;
+        if holes_on_memory_fs(&file, meta.len()) {
+            tracing::info!(library = %path.display(), "In-process library loaded from a memory file of its bytes: it has holes on a memory filesystem (tmpfs), whose mapping a full filesystem would end with SIGBUS");
+            return Self::open_bytes(path, &read_whole(&file, &meta, path)?);
+        }
         match mapped::claim(path, &meta) {
             mapped::Claim::Path(unmapped) => {
                 let elf = match prepared {
@@ -244,14 +287,7 @@ impl NativeLibrary {
             }
             mapped::Claim::Copy => {
                 tracing::info!(library = %path.display(), "In-process library opened again under a new file identity (a memory file of its bytes): the dynamic loader has mapped this name or file before");
-                let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-                std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(|e| {
-                    ImportError::Open {
-                        path: path.to_path_buf(),
-                        detail: e.to_string(),
-                    }
-                })?;
-                Self::open_bytes(path, &bytes)
+                Self::open_bytes(path, &read_whole(&file, &meta, path)?)
             }
         }
     }

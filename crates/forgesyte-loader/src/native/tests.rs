@@ -504,3 +504,28 @@ fn null_function_fields_of_a_table_are_named() {
     assert_eq!(super::null_functions(table, ABI_VERSION), ["call"]);
     assert_eq!(super::null_functions(table, ABI_VERSION_1), ["call"]);
 }
+
+/// A library file with holes on a memory filesystem is told apart (it is
+/// loaded from a copy of its bytes: a mapping of it died of SIGBUS on a
+/// full tmpfs); one without holes is not. A memory file is on the same
+/// filesystem as tmpfs.
+#[test]
+fn a_sparse_file_on_a_memory_filesystem_is_told_apart() {
+    use std::io::Write as _;
+    let memfd = |name: &str| -> std::fs::File {
+        rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)
+            .unwrap()
+            .into()
+    };
+    let mut sparse = memfd("sparse");
+    sparse.write_all(b"\x7fELF").unwrap();
+    sparse.set_len(1 << 20).unwrap();
+    assert!(super::holes_on_memory_fs(&sparse, 1 << 20));
+    // Read from its start afterwards.
+    let mut head = [0u8; 4];
+    std::io::Read::read_exact(&mut sparse, &mut head).unwrap();
+    assert_eq!(&head, b"\x7fELF");
+    let mut dense = memfd("dense");
+    dense.write_all(&vec![1u8; 1 << 16]).unwrap();
+    assert!(!super::holes_on_memory_fs(&dense, 1 << 16));
+}
