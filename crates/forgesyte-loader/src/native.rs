@@ -230,8 +230,7 @@ fn read_whole(
 /// bytes instead (`read` fails with an error, no signal).
 fn holes_on_memory_fs(file: &std::fs::File, len: u64) -> bool {
     use rustix::fs::{SeekFrom, fstatfs, seek};
-    let on_tmpfs =
-        fstatfs(file).is_ok_and(|fs| i64::from(fs.f_type) == i64::from(libc::TMPFS_MAGIC));
+    let on_tmpfs = fstatfs(file).is_ok_and(|fs| fs.f_type == libc::TMPFS_MAGIC);
     // `SEEK_HOLE` moves the file's offset: read again from its start.
     let hole = on_tmpfs && matches!(seek(file, SeekFrom::Hole(0)), Ok(at) if at < len);
     if on_tmpfs {
