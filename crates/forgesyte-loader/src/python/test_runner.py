@@ -971,6 +971,43 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(error["message"], "No module named 'forgesyte_nonexistent_pkg'")
         self.assertEqual(p.wait(5), 0)
 
+    def test_a_relative_import_in_plugin_py_says_how_to_import(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "helpers.py"), "w") as f:
+            f.write("def shout(s):\n    return s.upper()\n")
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write("from .helpers import shout\n")
+        p = Proc(self, args=["--plugin", "x", "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")])
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed")
+        message = header["error"]["message"]
+        self.assertIn("attempted relative import with no known parent package", message)
+        self.assertIn("import a module beside it as `import helpers`", message)
+
+    def test_a_package_only_in_the_user_site_says_so(self):
+        base = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, base)
+        env = {"PYTHONUSERBASE": base}
+        site_dir = subprocess.run(
+            [PYTHON, "-c", "import site; print(site.getusersitepackages())"],
+            env=dict(os.environ, **env), capture_output=True, text=True, check=True).stdout.strip()
+        os.makedirs(os.path.join(site_dir, "forgesyte_user_only_pkg"))
+        with open(os.path.join(site_dir, "forgesyte_user_only_pkg", "__init__.py"), "w") as f:
+            f.write("")
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write("import forgesyte_user_only_pkg\n")
+        # The host starts runners with -s: no user site on sys.path.
+        p = Proc(self, env=dict(env, PYTHONNOUSERSITE="1"),
+                 args=["--plugin", "x", "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")])
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed")
+        message = header["error"]["message"]
+        self.assertIn("No module named 'forgesyte_user_only_pkg'", message)
+        self.assertIn("is installed in the user site-packages (%s)" % site_dir, message)
+
     def test_a_missing_plugin_file(self):
         d = fixture("echo")
         p = Proc(self, args=["--plugin", "x", "--plugin-dir", d, "--file", os.path.join(d, "nope.py")])

@@ -11,7 +11,7 @@ import sys
 
 from . import base
 from .base import diag, out_of_memory
-from .errors import clean, python_error, wire_error
+from .errors import capped, clean, python_error, wire_error
 
 
 # Compiled at import, so once in the zygote: each forked runner compiled it
@@ -221,7 +221,7 @@ def import_plugin(args):
             out_of_memory(e, "importing the plugin")
         except BaseException as e:  # SystemExit too: the plugin fails, not the runner
             sys.modules.pop(name, None)
-            error = python_error(e)
+            error = _with_import_hint(python_error(e), e)
             error["path"] = clean(_syntax_error_file(e) or path)
             return error
     try:
@@ -231,10 +231,56 @@ def import_plugin(args):
     except MemoryError as e:
         out_of_memory(e, "importing the plugin")
     except BaseException as e:
-        error = python_error(e)
+        error = _with_import_hint(python_error(e), e)
         if _syntax_error_file(e):
             error["path"] = clean(_syntax_error_file(e))
         return error
+
+
+# Said after the message of a relative import in a plugin file.
+RELATIVE_IMPORT_HINT = (
+    "plugin.py is imported as a top-level module, its directory first on "
+    "sys.path: import a module beside it as `import helpers`, not "
+    "`from .helpers import ...`")
+
+
+def _with_import_hint(error, exc):
+    """``error`` (of ``exc``) with a hint for the import mistakes authors
+    make: a relative import in plugin.py, and a package installed with
+    ``pip install --user`` (runners read no user site-packages)."""
+    hint = None
+    if isinstance(exc, ImportError) and "no known parent package" in str(exc):
+        hint = RELATIVE_IMPORT_HINT
+    elif isinstance(exc, ModuleNotFoundError) and exc.name:
+        user = _in_user_site(exc.name)
+        if user:
+            hint = ("%r is installed in the user site-packages (%s), which plugin runners "
+                    "do not read: install it into %s, or into a virtual environment "
+                    "the manifest's \"python\" or the server's --python names"
+                    % (exc.name.split(".")[0], user, sys.executable))
+    if hint:
+        error["message"] = capped(clean("%s (%s)" % (error["message"], hint)))
+    return error
+
+
+def _in_user_site(name):
+    """The user site-packages directory when it holds the top-level module
+    or package of ``name``, else None."""
+    import site
+    try:
+        user = site.getusersitepackages()
+    except (AttributeError, OSError):
+        return None
+    top = name.split(".")[0]
+    if not isinstance(user, str) or not top:
+        return None
+    try:
+        found = os.path.isdir(os.path.join(user, top)) or any(
+            entry == top + ".py" or (entry.startswith(top + ".") and entry.endswith(".so"))
+            for entry in os.listdir(user))
+    except OSError:
+        return None
+    return user if found else None
 
 
 def _package_is_the_directory(root, module, checked):
