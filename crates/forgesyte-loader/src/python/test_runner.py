@@ -1008,6 +1008,19 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertIn("No module named 'forgesyte_user_only_pkg'", message)
         self.assertIn("is installed in the user site-packages (%s)" % site_dir, message)
 
+    def test_two_plugin_shaped_classes_and_no_plugin_are_named(self):
+        p = self.source_plugin(
+            "class Helper:\n"
+            "    def run_tool(self, tool_name, args):\n"
+            "        return {}\n"
+            "class MyPlugin:\n"
+            "    def run_tool(self, tool_name, args):\n"
+            "        return {}\n")
+        header = p.create({"name": "s"})
+        self.assertEqual(header["type"], "init_failed", header)
+        self.assertIn("2 plugin-shaped classes (Helper, MyPlugin)", header["error"]["message"])
+        self.assertIn('"plugin:CLASS" for plugin.py', header["error"]["message"])
+
     def test_a_missing_plugin_file(self):
         d = fixture("echo")
         p = Proc(self, args=["--plugin", "x", "--plugin-dir", d, "--file", os.path.join(d, "nope.py")])

@@ -349,6 +349,7 @@ def find_class(module, class_name):
     # there are none, classes it imports.
     values = [v for v in vars(module).values() if isinstance(v, type)]
     own = [v for v in values if v.__module__ == module.__name__]
+    found = []
     for group in (own, values):
         found = [c for c in group if _plugin_shaped(c) and not getattr(c, "__abstractmethods__", None)]
         found = [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]
@@ -357,6 +358,15 @@ def find_class(module, class_name):
             return found[0]
         if len(found) > 1:
             break
+    if len(found) > 1:
+        names = ", ".join(sorted(c.__name__ for c in found))
+        return wire_error(
+            "Python",
+            "No 'Plugin' class found in module, and %d plugin-shaped classes (%s): "
+            "name the plugin's class Plugin, or name it in the manifest's "
+            "\"entrypoint\" (\"MODULE:CLASS\", \"plugin:CLASS\" for plugin.py)"
+            % (len(found), names),
+            error_type="AttributeError")
     return wire_error(
         "Python", "No 'Plugin' class found in module", error_type="AttributeError"
     )
