@@ -207,8 +207,9 @@ pub enum ImportError {
         path: PathBuf,
     },
     /// A library named by its bare file name is in neither the plugin's
-    /// directory nor any `--lib-path` directory.
-    #[error("library not found: {path}, nor in the --lib-path directories {}", searched.join(", "))]
+    /// directory nor any `--lib-path` directory (none given: said so, with
+    /// where a library built elsewhere is found from).
+    #[error("library not found: {path}, {}", lib_path_searched(searched))]
     LibraryNotFoundInPath {
         /// The path in the plugin's directory.
         path: PathBuf,
@@ -774,6 +775,18 @@ fn stderr_suffix(tail: &[String]) -> String {
         String::new()
     } else {
         format!("; stderr: {}", tail.join(" | "))
+    }
+}
+
+/// What [`ImportError::LibraryNotFoundInPath`] says of the `--lib-path`
+/// directories it looked in.
+fn lib_path_searched(searched: &[String]) -> String {
+    if searched.is_empty() {
+        "and no --lib-path was given (a library built elsewhere, such as \
+         target/debug, is found with --lib-path DIR)"
+            .to_owned()
+    } else {
+        format!("nor in the --lib-path directories {}", searched.join(", "))
     }
 }
 

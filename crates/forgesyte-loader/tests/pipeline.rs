@@ -638,6 +638,23 @@ fn a_library_found_nowhere_names_where_it_was_looked_for() {
             "nor in the --lib-path directories /build, /nowhere (missing)",
         ],
     );
+    // No --lib-path at all: said, with how a library built elsewhere is
+    // found.
+    let s = Setup::new();
+    s.world.fs.add_file(
+        "/plugins/ocr/manifest.json",
+        r#"{"name": "ocr", "entrypoint": "libocr.so"}"#,
+    );
+    let loader = s.loader_with(LoaderConfig::default());
+    loader.load_all("/plugins".as_ref());
+    s.check(
+        "ocr",
+        S::Failed,
+        &[
+            "ImportError: library not found: /plugins/ocr/libocr.so, and no --lib-path was given",
+            "is found with --lib-path DIR",
+        ],
+    );
 }
 
 #[test]

@@ -732,9 +732,6 @@ impl Loader {
                 return Ok(candidate);
             }
         }
-        if self.config.lib_paths.is_empty() {
-            return Err(ImportError::LibraryNotFound { path: inside }.into());
-        }
         let searched = self
             .config
             .lib_paths
