@@ -462,6 +462,8 @@ impl Captured {
         };
         let mut chunk = [0u8; 8192];
         match rustix::io::read(pipe, &mut chunk) {
+            // Interrupted: read again at the next poll.
+            Err(rustix::io::Errno::INTR) => {}
             Ok(0) | Err(_) => self.pipe = None,
             Ok(n) => {
                 let room = usize::try_from(OUTPUT_LIMIT)

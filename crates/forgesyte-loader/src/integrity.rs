@@ -53,9 +53,11 @@ pub fn write_replacing(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathB
     write_all_replacing(dir, &[(name, bytes)]).map(|mut paths| paths.remove(0))
 }
 
-/// [`write_replacing`] of several files, each written whole before any
-/// is moved to its name: a full disk leaves all of them as they were (a
-/// new signature list beside the old signature left a plugin `invalid`).
+/// [`write_replacing`] of several files, each written whole (and synced)
+/// before any is moved to its name: a full disk leaves all of them as
+/// they were (a new signature list beside the old signature left a plugin
+/// `invalid`). A rename that fails after an earlier one succeeded (it
+/// needs no space: not for want of it) leaves the earlier ones moved.
 ///
 /// # Errors
 ///
@@ -70,6 +72,7 @@ pub fn write_all_replacing(dir: &Path, files: &[(&str, &[u8])]) -> io::Result<Ve
             .permissions(std::fs::Permissions::from_mode(0o666))
             .tempfile_in(dir)?;
         io::Write::write_all(&mut fresh, bytes)?;
+        fresh.as_file().sync_all()?;
         staged.push((dir.join(name), fresh));
     }
     staged

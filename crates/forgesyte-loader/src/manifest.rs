@@ -463,6 +463,92 @@ fn from_value_asking(
     Ok(manifest)
 }
 
+/// The top-level fields the host reads, and those ForgeSyte's published
+/// manifests carry (a plugin may read any other of its own).
+const KNOWN_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "version",
+    "description",
+    "author",
+    "license",
+    "entrypoint",
+    "library",
+    "type",
+    "capabilities",
+    "tools",
+    "runtime",
+    "python",
+    "dependencies",
+    "requires_gpu",
+    "models",
+    "isolation",
+    "limits",
+    "optional",
+    "preflight",
+    "network",
+    "filesystem",
+    "env",
+    "sha256",
+    "workers",
+    "config",
+];
+
+/// The fields of `limits`.
+const LIMIT_FIELDS: &[&str] = &[
+    "call_timeout_s",
+    "init_timeout_s",
+    "memory_mb",
+    "max_response_mb",
+];
+
+/// The likely typos of manifest `raw`, said at load: a top-level field the
+/// host does not read whose name is close to one it does (`depedencies`:
+/// the dependencies were silently not checked), and any field of `limits`
+/// (the host's own object) it does not read (`call_timeout`: the limit
+/// silently not set), each with the field it may mean. A plugin's fields
+/// of its own, far from every known name, are left alone.
+pub fn unread_field_notes(raw: &Value) -> Vec<String> {
+    // Edits allowed by the known name's length: none for a short one
+    // (`ids`, `types` are a plugin's own), one from 5 characters, two from
+    // 8 (`depedencies`).
+    let closest = |key: &str, known: &[&str]| -> Option<String> {
+        known
+            .iter()
+            .map(|k| (strsim::damerau_levenshtein(key, k), *k))
+            .filter(|(d, k)| *d <= (k.len().saturating_sub(2) / 3).min(2))
+            .min()
+            .map(|(_, k)| k.to_owned())
+    };
+    let Some(obj) = raw.as_object() else {
+        return Vec::new();
+    };
+    let mut notes = Vec::new();
+    for key in obj.keys().filter(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+        if let Some(meant) = closest(key, KNOWN_FIELDS) {
+            notes.push(format!(
+                "field {:?} is not one the host reads (did you mean {meant:?}?)",
+                forgesyte_errors::shorten(key, 60)
+            ));
+        }
+    }
+    if let Some(limits) = obj.get("limits").and_then(Value::as_object) {
+        for key in limits
+            .keys()
+            .filter(|k| !LIMIT_FIELDS.contains(&k.as_str()))
+        {
+            let hint = closest(key, LIMIT_FIELDS)
+                .map_or_else(String::new, |meant| format!(" (did you mean {meant:?}?)"));
+            notes.push(format!(
+                "field {:?} is not a limit the host reads{hint}; it reads {}",
+                format!("limits.{}", forgesyte_errors::shorten(key, 60)),
+                LIMIT_FIELDS.join(", ")
+            ));
+        }
+    }
+    notes
+}
+
 /// A Python plugin's entry file must be one its source tree covers (the
 /// tree's pin and its signed list: every `*.py` file, `__pycache__` and
 /// dot-names left out): else the code that runs would be outside both.

@@ -230,7 +230,10 @@ fn read_whole(
 /// bytes instead (`read` fails with an error, no signal).
 fn holes_on_memory_fs(file: &std::fs::File, len: u64) -> bool {
     use rustix::fs::{SeekFrom, fstatfs, seek};
-    let on_tmpfs = fstatfs(file).is_ok_and(|fs| fs.f_type == libc::TMPFS_MAGIC);
+    // Of different types on 32-bit targets (an unsigned `f_type`).
+    #[allow(clippy::useless_conversion)]
+    let on_tmpfs =
+        fstatfs(file).is_ok_and(|fs| i64::from(fs.f_type) == i64::from(libc::TMPFS_MAGIC));
     // `SEEK_HOLE` moves the file's offset: read again from its start.
     let hole = on_tmpfs && matches!(seek(file, SeekFrom::Hole(0)), Ok(at) if at < len);
     if on_tmpfs {

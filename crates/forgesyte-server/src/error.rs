@@ -173,9 +173,13 @@ pub enum ApiError {
         /// Seconds until the address may try again.
         retry_after_s: u64,
     },
-    /// A reload by name of a plugin whose directory has no manifest any
-    /// more (409): moved or removed, it is left as it is.
-    #[error("Plugin '{}' was not reloaded: {detail}", Shown(name))]
+    /// A reload by name of a serving plugin whose directory has no
+    /// manifest any more (409, the plugin's files in conflict with its
+    /// registration): moved or removed, it is left serving.
+    #[error(
+        "Plugin '{}' was not reloaded: {detail} (POST /v1/plugins/reload rescans)",
+        Shown(name)
+    )]
     PluginFilesGone {
         /// The plugin.
         name: String,

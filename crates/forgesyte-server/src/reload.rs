@@ -119,7 +119,7 @@ pub(crate) async fn reload_plugin(
     match outcome {
         Ok(Some(outcome)) => Ok(json(StatusCode::OK, &outcome)),
         Ok(None) | Err(ReloadRefused::NotRegistered) => Err(ApiError::PluginNotFound { name }),
-        Err(refused @ ReloadRefused::FilesGone { .. }) => {
+        Err(refused) => {
             tracing::warn!(plugin = %Shown(&name), "Reload of plugin {} refused: {refused}", Shown(&name));
             Err(ApiError::PluginFilesGone {
                 name,

@@ -2,7 +2,8 @@
 //! refused requests, admin requests without a token): the first in a
 //! period is a warning, the rest debug lines, so no client fills the log
 //! (a flood of refused admin requests wrote 42 MB a second). One throttle
-//! per kind of refusal; each user says what it covers.
+//! per kind of refusal ([`Keyed`]: per plugin too); each user says what
+//! it covers.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;

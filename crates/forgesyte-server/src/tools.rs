@@ -105,10 +105,14 @@ fn log_raised(
     traceback: &[String],
 ) {
     static RAISED: crate::throttle::Keyed = crate::throttle::Keyed::new(Duration::from_secs(60));
+    let warn = RAISED.warn_now(plugin);
+    if !warn && !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
     let (plugin, tool) = (crate::error::Shown(plugin), crate::error::Shown(tool));
     let error_type = error_type.unwrap_or("Exception");
     let folded = traceback.join(" | ");
-    if RAISED.warn_now(&plugin.to_string()) {
+    if warn {
         tracing::warn!(plugin = %plugin, tool = %tool, traceback = %folded, "Tool {tool} of plugin {plugin} raised {error_type}: {message} (its next ones this minute are logged at debug level)");
     } else {
         tracing::debug!(plugin = %plugin, tool = %tool, traceback = %folded, "Tool {tool} of plugin {plugin} raised {error_type}: {message}");

@@ -553,3 +553,46 @@ fn tools_are_a_list_or_an_object() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Likely typos are said with the field meant: a top-level name close to
+/// one the host reads, and any field of `limits` it does not read. A
+/// plugin's own fields, far from every known name, are left alone, as are
+/// ForgeSyte's published ones.
+#[test]
+fn likely_typos_of_fields_are_noted_with_the_field_meant() {
+    let notes = unread_field_notes(&json!({
+        "name": "x",
+        "depedencies": ["lib:z"],
+        "requires_gpus": true,
+        "limits": {"call_timeout": 30, "memory_mb": 64, "frobnicate": 1},
+        "labels_file": "labels.txt",
+        "author": "a",
+        "capabilities": ["ocr"],
+        "type": "vision"
+    }));
+    assert_eq!(
+        notes,
+        [
+            r#"field "depedencies" is not one the host reads (did you mean "dependencies"?)"#,
+            r#"field "requires_gpus" is not one the host reads (did you mean "requires_gpu"?)"#,
+            r#"field "limits.call_timeout" is not a limit the host reads (did you mean "call_timeout_s"?); it reads call_timeout_s, init_timeout_s, memory_mb, max_response_mb"#,
+            r#"field "limits.frobnicate" is not a limit the host reads; it reads call_timeout_s, init_timeout_s, memory_mb, max_response_mb"#,
+        ]
+    );
+    for own in [
+        "timeout",
+        "ids",
+        "types",
+        "id_map",
+        "name_prefix",
+        "env_vars",
+        "models_dir",
+    ] {
+        assert!(
+            unread_field_notes(&json!({"name": "x", own: 1})).is_empty(),
+            "{own}"
+        );
+    }
+    assert_eq!(unread_field_notes(&json!({"verison": "1"})).len(), 1);
+    assert!(unread_field_notes(&json!([1])).is_empty());
+}

@@ -82,6 +82,9 @@ impl Loader {
                 p.name
             );
         }
+        for note in crate::manifest::unread_field_notes(&p.manifest.raw) {
+            tracing::warn!(plugin = %p.name, "Plugin {}: its manifest's {note}", p.name);
+        }
         if p.manifest.runtime == Runtime::Python {
             // Native only: a Python plugin always runs in a runner of its
             // own, whatever this says (SPEC §3).

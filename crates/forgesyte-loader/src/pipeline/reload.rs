@@ -34,15 +34,16 @@ pub(crate) const RELOADING: &str =
 
 /// Why [`Loader::reload_with_others`] did nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReloadRefused {
     /// No plugin of that name is registered.
     #[error("no plugin of that name is registered")]
     NotRegistered,
-    /// The plugin's directory has no manifest any more: it was moved or
-    /// removed. It is left as it is; a rescan finds where it went, or
-    /// lets it go.
+    /// The directory of a plugin that serves has no manifest any more: it
+    /// was moved or removed. It is left serving; a rescan finds where it
+    /// went, or lets it go.
     #[error(
-        "its directory {} has no manifest any more (moved or removed); it is left as it is: a rescan (POST /v1/plugins/reload) finds where it went, or lets it go",
+        "its directory {} has no manifest any more (moved or removed); it is left serving: a rescan finds where it went, or lets it go",
         dir.display()
     )]
     FilesGone {
@@ -96,7 +97,11 @@ impl Loader {
             let entry = entries.get(name).ok_or(ReloadRefused::NotRegistered)?;
             entry.dir.clone()
         };
-        if !self.entry_points.read().contains_key(name) && self.manifest_gone(&dir) {
+        // Only a plugin that serves is kept as it is: a FAILED or
+        // UNAVAILABLE one is loaded, and fails for its missing manifest
+        // (so a shortage retry lets it go).
+        let serving = self.registry.is_available(name);
+        if serving && !self.entry_points.read().contains_key(name) && self.manifest_gone(&dir) {
             return Err(ReloadRefused::FilesGone { dir });
         }
         // Its signature is checked against the keys as they are now; so

@@ -193,6 +193,14 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             args.plugin
         );
     }
+    // Also here: the standalone runner binaries start here, not in the
+    // server's `main`.
+    if let Err(e) = shrug_off_file_size_signal() {
+        eprintln!(
+            "forgesyte-runner[{}]: a write past the file-size limit may end it: {e}",
+            args.plugin
+        );
+    }
     if args.memory_limit_mib > 0
         && let Err(e) = limit_memory(args.memory_limit_mib)
     {

@@ -247,7 +247,7 @@ fn bootstrap(dir: &Path) -> std::io::Result<String> {
         "{gate}w = sys.dont_write_bytecode; sys.dont_write_bytecode = False\n\
          sys.path.insert(0, {dir})\n\
          try:\n    import {module} as r\n\
-         except (EOFError, ValueError, TypeError, ImportError):\n    \
+         except (EOFError, ValueError, TypeError):\n    \
          import os, shutil\n    \
          for m in [m for m in sys.modules if m.split('.')[0] == '{module}']: del sys.modules[m]\n    \
          shutil.rmtree(os.path.join({dir}, '{module}', '__pycache__'), ignore_errors=True)\n    \

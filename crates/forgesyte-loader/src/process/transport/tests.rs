@@ -585,7 +585,12 @@ fn blocked_request(
 #[test]
 fn closing_the_writer_need_not_wait_for_a_blocked_request() {
     let (t, writing) = blocked_request(Duration::from_millis(1500));
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !t.held_by_request.load(Ordering::Acquire) {
+        assert!(
+            Instant::now() < deadline,
+            "the request never held the writer"
+        );
         thread::yield_now();
     }
     // The blocked write holds the writer: a retire does not wait for it.

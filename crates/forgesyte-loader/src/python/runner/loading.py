@@ -221,7 +221,7 @@ def import_plugin(args):
             out_of_memory(e, "importing the plugin")
         except BaseException as e:  # SystemExit too: the plugin fails, not the runner
             sys.modules.pop(name, None)
-            error = _with_import_hint(python_error(e), e)
+            error = _with_import_hint(python_error(e), e, relative=True)
             error["path"] = clean(_syntax_error_file(e) or path)
             return error
     try:
@@ -231,7 +231,7 @@ def import_plugin(args):
     except MemoryError as e:
         out_of_memory(e, "importing the plugin")
     except BaseException as e:
-        error = _with_import_hint(python_error(e), e)
+        error = _with_import_hint(python_error(e), e, relative=False)
         if _syntax_error_file(e):
             error["path"] = clean(_syntax_error_file(e))
         return error
@@ -244,12 +244,13 @@ RELATIVE_IMPORT_HINT = (
     "`from .helpers import ...`")
 
 
-def _with_import_hint(error, exc):
+def _with_import_hint(error, exc, relative):
     """``error`` (of ``exc``) with a hint for the import mistakes authors
-    make: a relative import in plugin.py, and a package installed with
-    ``pip install --user`` (runners read no user site-packages)."""
+    make: a relative import in plugin.py (``relative``: a plugin file, not
+    a package's module), and a package installed with ``pip install
+    --user`` (runners read no user site-packages)."""
     hint = None
-    if isinstance(exc, ImportError) and "no known parent package" in str(exc):
+    if relative and isinstance(exc, ImportError) and "no known parent package" in str(exc):
         hint = RELATIVE_IMPORT_HINT
     elif isinstance(exc, ModuleNotFoundError) and exc.name:
         user = _in_user_site(exc.name)
