@@ -155,7 +155,7 @@ pub(crate) async fn plugin_health(
             context: format!("serialising a plugin's health: {e}"),
         }
         .into_response(),
-        None => ApiError::PluginNotFound { name }.into_response(),
+        None => ApiError::not_found(&state, name).into_response(),
     }
 }
 
@@ -180,7 +180,7 @@ pub(crate) async fn plugin_manifest(
     if state.registry().contains(&name) {
         Err(ApiError::ManifestUnavailable { name })
     } else {
-        Err(ApiError::PluginNotFound { name })
+        Err(ApiError::not_found(&state, name))
     }
 }
 
@@ -210,7 +210,7 @@ pub(crate) async fn plugin_tools(
             state: Some(status.state),
             reason: status.reason,
         }),
-        None => Err(ApiError::PluginNotFound { name }),
+        None => Err(ApiError::not_found(&state, name)),
     }
 }
 

@@ -98,10 +98,13 @@ pub struct NotRunnable {
 #[non_exhaustive]
 pub enum ApiError {
     /// No plugin of that name is registered (404).
-    #[error("Plugin '{}' not found", Shown(name))]
+    #[error("Plugin '{}' not found{}", Shown(name), held_by_suffix(held_by.as_deref()))]
     PluginNotFound {
         /// The name asked for.
         name: String,
+        /// The plugin a plugin directory of that name holds, under its
+        /// manifest's own name.
+        held_by: Option<String>,
     },
     /// The plugin is registered but its manifest was not valid JSON (404).
     #[error(
@@ -201,7 +204,26 @@ pub enum ApiError {
     },
 }
 
+/// What a 404 adds when a plugin directory of the name asked for holds a
+/// plugin of another name (its manifest's): an author calls the
+/// directory's name.
+fn held_by_suffix(held_by: Option<&str>) -> String {
+    held_by.map_or_else(String::new, |other| {
+        format!(
+            "; the plugin directory of that name holds plugin '{}' (its manifest's name)",
+            Shown(other)
+        )
+    })
+}
+
 impl ApiError {
+    /// [`ApiError::PluginNotFound`] of `name`, saying which plugin a
+    /// plugin directory of that name holds, if one does.
+    pub(crate) fn not_found(state: &crate::state::AppState, name: String) -> ApiError {
+        let held_by = state.loader().plugin_of_directory(&name);
+        ApiError::PluginNotFound { name, held_by }
+    }
+
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -335,9 +357,14 @@ pub(crate) const UNREADABLE_BODY: &str = "Failed to read the request body";
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    /// No plugin of that name (404, `PluginNotFound`).
+    /// No plugin of that name (404, `PluginNotFound`); `held_by`: the
+    /// plugin a plugin directory of that name holds, under its manifest's
+    /// own name.
     #[error("plugin not found")]
-    PluginNotFound,
+    PluginNotFound {
+        /// That plugin's name.
+        held_by: Option<String>,
+    },
     /// The plugin has no tool of that name (404, `UnknownTool`).
     #[error("unknown tool")]
     UnknownTool,
@@ -545,7 +572,7 @@ impl RunError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            RunError::PluginNotFound | RunError::UnknownTool => StatusCode::NOT_FOUND,
+            RunError::PluginNotFound { .. } | RunError::UnknownTool => StatusCode::NOT_FOUND,
             RunError::NotRunnable { .. }
             | RunError::Interrupted { .. }
             | RunError::TooManyCalls { .. }
@@ -575,7 +602,7 @@ impl RunError {
     /// The `error_type` field.
     pub fn error_type(&self) -> &str {
         match self {
-            RunError::PluginNotFound => "PluginNotFound",
+            RunError::PluginNotFound { .. } => "PluginNotFound",
             RunError::UnknownTool => "UnknownTool",
             RunError::NotRunnable { .. } | RunError::Interrupted { .. } => "PluginNotRunnable",
             RunError::MalformedBody { .. } => "MalformedBody",
@@ -605,7 +632,12 @@ impl RunError {
     pub fn detail(&self, plugin: &str, tool: &str) -> String {
         let (p, t) = (Shown(plugin), Shown(tool));
         match self {
-            RunError::PluginNotFound => format!("Plugin '{p}' not found"),
+            RunError::PluginNotFound { held_by } => {
+                format!(
+                    "Plugin '{p}' not found{}",
+                    held_by_suffix(held_by.as_deref())
+                )
+            }
             RunError::UnknownTool => format!("Tool '{t}' not found in plugin '{p}'"),
             RunError::NotRunnable { state, reason } => format!(
                 "Plugin '{p}' is {} and cannot run tools{}",
@@ -794,7 +826,9 @@ impl From<CallError> for RunError {
         match e {
             // No state: the plugin is no longer registered (a rescan
             // removed it between the route's look-up and the call).
-            CallError::NotRunnable { state: None, .. } => RunError::PluginNotFound,
+            CallError::NotRunnable { state: None, .. } => {
+                RunError::PluginNotFound { held_by: None }
+            }
             CallError::NotRunnable { state, reason, .. } => RunError::NotRunnable { state, reason },
             CallError::Interrupted { state, reason, .. } => RunError::Interrupted { state, reason },
             CallError::Tool(tool) => tool.into(),
@@ -899,7 +933,10 @@ mod tests {
 
     #[test]
     fn plain_errors_answer_detail_only() {
-        let e = ApiError::PluginNotFound { name: "x".into() };
+        let e = ApiError::PluginNotFound {
+            name: "x".into(),
+            held_by: None,
+        };
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
         assert_eq!(e.body(), json!({"detail": "Plugin 'x' not found"}));
         assert_eq!(

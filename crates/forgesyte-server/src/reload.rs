@@ -118,7 +118,7 @@ pub(crate) async fn reload_plugin(
     })?;
     match outcome {
         Ok(Some(outcome)) => Ok(json(StatusCode::OK, &outcome)),
-        Ok(None) | Err(ReloadRefused::NotRegistered) => Err(ApiError::PluginNotFound { name }),
+        Ok(None) | Err(ReloadRefused::NotRegistered) => Err(ApiError::not_found(&state, name)),
         Err(refused) => {
             tracing::warn!(plugin = %Shown(&name), "Reload of plugin {} refused: {refused}", Shown(&name));
             Err(ApiError::PluginFilesGone {

@@ -570,7 +570,9 @@ pub(crate) fn live_handle(
 ) -> Result<PluginHandle, RunError> {
     let registry = state.registry();
     let Some(plugin_state) = registry.get_state(plugin) else {
-        return Err(RunError::PluginNotFound);
+        return Err(RunError::PluginNotFound {
+            held_by: state.loader().plugin_of_directory(plugin),
+        });
     };
     if !plugin_state.is_available() {
         let status = registry.get_status(plugin);

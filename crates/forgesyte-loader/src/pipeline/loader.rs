@@ -317,6 +317,20 @@ impl Loader {
         Some(self.entries.read().get(name)?.dir.clone())
     }
 
+    /// The plugin registered from a plugin directory named `dir_name`
+    /// under another name (its manifest's), if one is: what a 404 for the
+    /// directory's name points to.
+    pub fn plugin_of_directory(&self, dir_name: &str) -> Option<String> {
+        self.entries
+            .read()
+            .iter()
+            .find(|(name, e)| {
+                name.as_str() != dir_name
+                    && e.dir.file_name() == Some(std::ffi::OsStr::new(dir_name))
+            })
+            .map(|(name, _)| name.clone())
+    }
+
     /// The entry point `name` was loaded from, when it is an installed
     /// Python plugin ([`LoaderConfig::python_entry_points`]).
     pub fn entry_point(&self, name: &str) -> Option<EntryPoint> {

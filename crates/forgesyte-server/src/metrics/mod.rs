@@ -110,7 +110,7 @@ impl Outcome {
             RunError::ToolFailed { .. } | RunError::InvalidArgs { .. } => Outcome::tool_error,
             RunError::Fault { .. } => Outcome::fault,
             RunError::Timeout { .. } => Outcome::timeout,
-            RunError::PluginNotFound | RunError::UnknownTool => return None,
+            RunError::PluginNotFound { .. } | RunError::UnknownTool => return None,
             RunError::NotRunnable { .. } | RunError::Interrupted { .. } => Outcome::not_runnable,
             RunError::TooManyCalls { .. }
             | RunError::QueueTimeout { .. }
@@ -654,7 +654,7 @@ mod tests {
     fn outcomes_follow_the_run_errors() {
         let of = |e: RunError| Outcome::of(&Err::<(), _>(e));
         assert_eq!(Outcome::of(&Ok::<(), RunError>(())), Some(Outcome::ok));
-        assert_eq!(of(RunError::PluginNotFound), None);
+        assert_eq!(of(RunError::PluginNotFound { held_by: None }), None);
         assert_eq!(of(RunError::UnknownTool), None);
         let timeout = RunError::Timeout {
             after: Duration::from_secs(1),

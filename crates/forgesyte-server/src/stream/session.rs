@@ -784,7 +784,7 @@ async fn work(
             && let Some((code, why)) = ends_stream(error)
         {
             let reason = match error {
-                RunError::PluginNotFound | RunError::UnknownTool => {
+                RunError::PluginNotFound { .. } | RunError::UnknownTool => {
                     // The plugin's own "unknown tool" is a frame's error:
                     // the stream ends only when the host no longer has it.
                     if !gone(session) {
@@ -842,7 +842,7 @@ fn ends_stream(error: &RunError) -> Option<(u16, &'static str)> {
         RunError::Fault { .. } | RunError::Timeout { .. } => {
             Some((close::PLUGIN_FAILED, "plugin failed"))
         }
-        RunError::PluginNotFound => Some((close::GOING_AWAY, "plugin removed")),
+        RunError::PluginNotFound { .. } => Some((close::GOING_AWAY, "plugin removed")),
         RunError::UnknownTool => Some((close::GOING_AWAY, "tool removed")),
         _ => None,
     }
@@ -867,7 +867,7 @@ fn no_longer_streamable(session: &Session, error: &RunError) -> Option<String> {
 fn gone(session: &Session) -> bool {
     matches!(
         tools::live_handle(&session.state, &session.plugin, &session.tool),
-        Err(RunError::PluginNotFound | RunError::UnknownTool)
+        Err(RunError::PluginNotFound { .. } | RunError::UnknownTool)
     )
 }
 
@@ -1106,7 +1106,7 @@ mod tests {
             failed
         );
         assert_eq!(
-            ends_stream(&RunError::PluginNotFound),
+            ends_stream(&RunError::PluginNotFound { held_by: None }),
             Some((close::GOING_AWAY, "plugin removed"))
         );
         assert_eq!(

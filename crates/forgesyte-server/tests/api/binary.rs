@@ -290,6 +290,28 @@ fn timeouts_answer_504_and_fail_the_plugin() {
     assert_eq!(counts(&health), (json!(0), json!(1), json!(1)), "{health}");
 }
 
+/// A plugin directory whose manifest names its plugin otherwise: a 404
+/// for the directory's name says which plugin it holds (an author calls
+/// the directory's name, and got only "not found").
+#[test]
+fn a_404_for_a_directory_s_name_names_the_plugin_it_holds() {
+    let dir = PluginsDir::new();
+    dir.good("hello-dir", json!({"name": "hello_named"}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let said = "Plugin 'hello-dir' not found; the plugin directory of that name holds plugin 'hello_named' (its manifest's name)";
+    let health = server.get("/v1/plugins/hello-dir/health");
+    assert_eq!(health.status, 404, "{}", health.text());
+    assert_eq!(health.json()["detail"], said);
+    let run = server.run("hello-dir", "echo", "{}");
+    assert_eq!(run.status, 404, "{}", run.text());
+    assert_eq!(run.json()["detail"], said, "{}", run.text());
+    assert_eq!(server.run("hello_named", "echo", "{}").status, 200);
+    // A name no directory has: as before.
+    let other = server.get("/v1/plugins/nothing/health");
+    assert_eq!(other.json()["detail"], "Plugin 'nothing' not found");
+}
+
 #[test]
 fn oversized_body_is_413_with_a_small_body_limit() {
     let dir = PluginsDir::new();
