@@ -1137,6 +1137,25 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertIn("WARNING forgesyte-python-runner[s]: tool 'goodbye' is listed in "
                       "manifest.json but not in the plugin's tools: it is not served", p.stderr)
 
+    def test_a_broken_handler_of_a_plugin_with_run_tool_is_said(self):
+        p = self.source_plugin(
+            "class Plugin:\n"
+            "    def __init__(self):\n"
+            "        self.tools = {'hello': {'handler': 'helo'}, 'ok': {'handler': self.ok}}\n"
+            "    def ok(self, args):\n"
+            "        return {}\n"
+            "    def run_tool(self, tool_name, args):\n"
+            "        return {'ran': tool_name}\n")
+        header = p.create({"name": "s"})
+        self.assertEqual(header["type"], "created", header)
+        header, _ = p.run("hello", {})
+        self.assertEqual(header.get("result"), {"ran": "hello"}, header)
+        time.sleep(0.1)
+        self.assertIn("WARNING forgesyte-python-runner[s]: ", p.stderr)
+        self.assertIn("'helo'", p.stderr)
+        self.assertIn("(run_tool dispatches it: its calls may fail)", p.stderr)
+        self.assertNotIn("tool 'ok'", p.stderr)
+
     def test_a_handler_by_name_is_looked_up_at_each_call(self):
         # A plugin may rebind a method (a model switched after warm-up).
         p = self.source_plugin(

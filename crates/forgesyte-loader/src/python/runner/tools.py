@@ -220,6 +220,13 @@ def collect_tools(instance, manifest):
                 if raw:
                     raise
                 diag("%s: its calls will fail" % e, warning=True)
+        elif meta.get("handler") is not None:
+            # run_tool() dispatches: a handler it would call that names
+            # nothing is said now (its calls fail only when they come).
+            try:
+                resolve_handler(instance, tid, meta.get("handler"))
+            except (AttributeError, TypeError) as e:
+                diag("%s (run_tool dispatches it: its calls may fail)" % e, warning=True)
         table[tid] = {"handler": meta.get("handler"), "binary": binary_properties(inputs),
                       "zero_copy": meta.get("zero_copy") is True}
     # The instance's own tools are what it serves: one only the manifest
