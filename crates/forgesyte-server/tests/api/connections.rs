@@ -1070,11 +1070,20 @@ fn a_connection_beyond_the_cap_that_sends_its_whole_body_gets_its_503() {
     let plugins = PluginsDir::new();
     let server = Forgesyte::start(&["--plugins", plugins.path_str(), "--max-connections", "2"]);
     server.wait_loaded();
+    // Each held connection answered once (kept alive): both are in before
+    // the third comes (a fixed wait let a third in on a loaded machine,
+    // answered 404).
     let held: Vec<TcpStream> = (0..2)
-        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .map(|_| {
+            let mut stream = TcpStream::connect(server.addr).unwrap();
+            stream
+                .write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                .unwrap();
+            let answer = read_response(&mut stream);
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            stream
+        })
         .collect();
-    // Until both held connections have been accepted, a third may get in.
-    std::thread::sleep(Duration::from_millis(200));
     let text = send_whole_body_then_read(server.addr, "/v1/plugins/nope/tools/x/run", "1.1");
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.to_lowercase().contains("retry-after: 1"), "{text}");
