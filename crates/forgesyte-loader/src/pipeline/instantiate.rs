@@ -68,34 +68,8 @@ impl Loader {
         // Before any dependency check runs an interpreter the manifest
         // names (a native plugin's `py:` dependencies are asked of it too).
         self.refuse_own_interpreter(p)?;
-        // A field other hosts read (a count of worker processes), which
-        // this one does not: said, not ignored in silence.
-        if let Some(workers) = p.manifest.raw.get("workers")
-            && !workers.is_null()
-            && workers.as_f64() != Some(1.0)
-        {
-            tracing::warn!(
-                plugin = %p.name,
-                "Plugin {}: its manifest's \"workers\": {workers} is not used: a plugin \
-                 runs in one process (a Python plugin's calls on threads of its one runner; \
-                 README, \"Concurrency\")",
-                p.name
-            );
-        }
-        for note in crate::manifest::unread_field_notes(&p.manifest.raw) {
-            tracing::warn!(plugin = %p.name, "Plugin {}: its manifest's {note}", p.name);
-        }
+        self.say_manifest_notes(p);
         if p.manifest.runtime == Runtime::Python {
-            // Native only: a Python plugin always runs in a runner of its
-            // own, whatever this says (SPEC §3).
-            if p.manifest.declared_isolation == Some(Isolation::InProcess) {
-                tracing::warn!(
-                    plugin = %p.name,
-                    "Plugin {}: its manifest's \"isolation\": \"in-process\" is not used: a \
-                     Python plugin always runs in a process of its own",
-                    p.name
-                );
-            }
             return self
                 .instantiate_python(p, known, &signed)
                 .map(Step::Started);
@@ -808,6 +782,59 @@ impl Loader {
     /// The configuration a plugin is constructed with: its manifest, its
     /// directory and its models' paths, as JSON. Refused when the
     /// directory's path is not UTF-8 (JSON text cannot hold it).
+    /// What the host does not use of `p`'s manifest, said rather than
+    /// ignored in silence: a count of worker processes (other hosts read
+    /// it), a Python plugin's `"isolation": "in-process"` (it always runs
+    /// in a runner of its own, SPEC §3), likely typos of fields
+    /// ([`crate::manifest::unread_field_notes`]). At WARN the first time
+    /// for this plugin and manifest, then at debug level: each reload, and
+    /// each rescan that retries a failing plugin, said it all again.
+    fn say_manifest_notes(&self, p: &Pending) {
+        let raw = &p.manifest.raw;
+        let mut notes = Vec::new();
+        if let Some(workers) = raw.get("workers")
+            && !workers.is_null()
+            && workers.as_f64() != Some(1.0)
+        {
+            notes.push(format!(
+                "\"workers\": {workers} is not used: a plugin runs in one process (a Python \
+                 plugin's calls on threads of its one runner; README, \"Concurrency\")"
+            ));
+        }
+        notes.extend(crate::manifest::unread_field_notes(raw));
+        if p.manifest.runtime == Runtime::Python
+            && p.manifest.declared_isolation == Some(Isolation::InProcess)
+        {
+            notes.push(
+                "\"isolation\": \"in-process\" is not used: a Python plugin always runs in \
+                 a process of its own"
+                    .to_owned(),
+            );
+        }
+        if notes.is_empty() {
+            return;
+        }
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&raw.to_string(), &mut hasher);
+        let key = (p.name.clone(), std::hash::Hasher::finish(&hasher));
+        let first = {
+            let mut noted = self.manifest_noted.lock();
+            // Bounded: a long life of edited manifests forgets the oldest
+            // all at once (each is said at WARN once more).
+            if noted.len() >= 4096 {
+                noted.clear();
+            }
+            noted.insert(key)
+        };
+        for note in notes {
+            if first {
+                tracing::warn!(plugin = %p.name, "Plugin {}: its manifest's {note}", p.name);
+            } else {
+                tracing::debug!(plugin = %p.name, "Plugin {}: its manifest's {note}", p.name);
+            }
+        }
+    }
+
     fn instance_config(&self, p: &Pending) -> Result<Vec<u8>, PluginError> {
         // Absolute, as the SDK promises: a plugins directory given as
         // `./plugins` made them relative to the server's working directory,

@@ -170,6 +170,9 @@ pub struct Loader {
     /// resources, with the reason recorded then (`host_short.rs`): tried
     /// again by [`retry_host_short`](Self::retry_host_short).
     pub(super) host_short: Mutex<BTreeMap<String, String>>,
+    /// The plugins (and a hash of their manifests) whose unused manifest
+    /// fields were said at WARN (`instantiate::say_manifest_notes`).
+    pub(super) manifest_noted: Mutex<std::collections::HashSet<(String, u64)>>,
     /// In-process plugins' libraries opened by path for a construction
     /// that has not succeeded (yet), by plugin: a retry of one that failed,
     /// its file unchanged, is constructed again from that mapping
@@ -258,6 +261,7 @@ impl Loader {
             stopping: Mutex::new(Vec::new()),
             outside_libraries: Mutex::default(),
             host_short: Mutex::default(),
+            manifest_noted: Mutex::default(),
             failed_libraries: Mutex::default(),
         }
     }

@@ -865,7 +865,9 @@ fn reloaded_during_a_call(
 }
 
 /// A manifest's `workers` (a count of processes other hosts start) is not
-/// used here: the log says so once per load, and the plugin serves.
+/// used here: the log says so at WARN once per plugin and manifest (each
+/// reload said it again), and the plugin serves; an edited manifest that
+/// still has it is said again.
 #[test]
 fn a_manifest_s_workers_count_is_said_to_be_unused() {
     let dir = PluginsDir::new();
@@ -873,20 +875,37 @@ fn a_manifest_s_workers_count_is_said_to_be_unused() {
         .manifest_fields("echo", json!({"workers": 3}))
         .python("single", "echo")
         .manifest_fields("single", json!({"workers": 1}));
-    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    let token = "a-long-enough-admin-token";
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
     server.wait_loaded();
     assert_eq!(server.run("echo", "echo", "{}").status, 200);
+    for _ in 0..2 {
+        let reload = crate::support::admin_post(server.addr, "/v1/plugins/echo/reload", token);
+        assert_eq!(reload.status, 200, "{}", reload.text());
+    }
+    let said = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("\"workers\"") && l.contains("is not used"))
+            .map(str::to_owned)
+            .collect()
+    };
     let log = server.log();
-    let said: Vec<_> = log
-        .lines()
-        .filter(|l| l.contains("\"workers\"") && l.contains("is not used"))
-        .collect();
-    assert_eq!(said.len(), 1, "{log}");
+    let once = said(&log);
+    assert_eq!(once.len(), 1, "{log}");
     assert!(
-        said[0].contains("WARN") && said[0].contains("Plugin echo: its manifest's \"workers\": 3"),
+        once[0].contains("WARN") && once[0].contains("Plugin echo: its manifest's \"workers\": 3"),
         "{}",
-        said[0]
+        once[0]
     );
+    dir.manifest_fields("echo", json!({"workers": 4}));
+    let reload = crate::support::admin_post(server.addr, "/v1/plugins/echo/reload", token);
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    let again = said(&server.log());
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(again[1].contains("\"workers\": 4"), "{}", again[1]);
 }
 
 /// A runner that does not end within the host's 2 s after a reload let it
