@@ -63,22 +63,39 @@ pub fn write_replacing(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathB
 ///
 /// The first error writing or moving one (those moved already stay).
 pub fn write_all_replacing(dir: &Path, files: &[(&str, &[u8])]) -> io::Result<Vec<PathBuf>> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mut staged = Vec::with_capacity(files.len());
-    for (name, bytes) in files {
-        let mut fresh = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .permissions(std::fs::Permissions::from_mode(0o666))
-            .tempfile_in(dir)?;
-        io::Write::write_all(&mut fresh, bytes)?;
-        fresh.as_file().sync_all()?;
-        staged.push((dir.join(name), fresh));
-    }
+    let staged = files
+        .iter()
+        .map(|(name, bytes)| {
+            Ok((
+                dir.join(name),
+                staged(dir, &format!(".{name}."), 0o666, bytes)?,
+            ))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     staged
         .into_iter()
         .map(|(path, fresh)| fresh.persist(&path).map(|_| path).map_err(|e| e.error))
         .collect()
+}
+
+/// A new file in `dir` named `PREFIXrandom.tmp` (created exclusively,
+/// mode `mode` less the umask) holding `bytes`, synced: the caller moves
+/// it to its name (`persist`); dropped, it is removed.
+pub(crate) fn staged(
+    dir: &Path,
+    prefix: &str,
+    mode: u32,
+    bytes: &[u8],
+) -> io::Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut fresh = tempfile::Builder::new()
+        .prefix(prefix)
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    io::Write::write_all(&mut fresh, bytes)?;
+    fresh.as_file().sync_all()?;
+    Ok(fresh)
 }
 
 /// The operator's lock file, in the plugins directory.

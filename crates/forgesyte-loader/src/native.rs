@@ -208,16 +208,14 @@ fn read_whole(
     path: &Path,
 ) -> Result<Vec<u8>, ImportError> {
     use std::os::unix::fs::FileExt as _;
-    let len = usize::try_from(meta.len()).map_err(|e| ImportError::Open {
+    let cannot = |detail: String| ImportError::Open {
         path: path.to_path_buf(),
-        detail: e.to_string(),
-    })?;
+        detail,
+    };
+    let len = usize::try_from(meta.len()).map_err(|e| cannot(e.to_string()))?;
     let mut bytes = vec![0u8; len];
     file.read_exact_at(&mut bytes, 0)
-        .map_err(|e| ImportError::Open {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| cannot(e.to_string()))?;
     Ok(bytes)
 }
 

@@ -72,11 +72,15 @@ impl Loader {
     /// every directory's).
     pub fn discover(&self, plugins_dir: &Path) -> Vec<PathBuf> {
         let mut dirs = self.subdirectories(plugins_dir);
-        dirs.retain(|dir| {
-            !matches!(self.fs.metadata(&dir.join(MANIFEST_FILE)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound)
-        });
+        dirs.retain(|dir| !self.manifest_not_found(dir));
         dirs
+    }
+
+    /// Whether plugin directory `dir` (or its manifest) is not there: a
+    /// manifest that cannot be looked at, for want of permission, is.
+    pub(super) fn manifest_not_found(&self, dir: &Path) -> bool {
+        matches!(self.fs.metadata(&dir.join(MANIFEST_FILE)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound)
     }
 
     /// Every directory under `plugins_dir` but hidden ones, sorted: [`discover`](Self::discover)

@@ -779,9 +779,6 @@ impl Loader {
         limits
     }
 
-    /// The configuration a plugin is constructed with: its manifest, its
-    /// directory and its models' paths, as JSON. Refused when the
-    /// directory's path is not UTF-8 (JSON text cannot hold it).
     /// What the host does not use of `p`'s manifest, said rather than
     /// ignored in silence: a count of worker processes (other hosts read
     /// it), a Python plugin's `"isolation": "in-process"` (it always runs
@@ -835,6 +832,9 @@ impl Loader {
         }
     }
 
+    /// The configuration a plugin is constructed with: its manifest, its
+    /// directory and its models' paths, as JSON. Refused when the
+    /// directory's path is not UTF-8 (JSON text cannot hold it).
     fn instance_config(&self, p: &Pending) -> Result<Vec<u8>, PluginError> {
         // Absolute, as the SDK promises: a plugins directory given as
         // `./plugins` made them relative to the server's working directory,

@@ -290,12 +290,12 @@ impl Loader {
     /// Records a load failure: UNAVAILABLE for dependencies, FAILED otherwise.
     pub(super) fn record_failure(&self, name: &str, err: &PluginError) {
         let reason = err.reason();
-        // A shortage's reason counts what was open, and so differs at each
-        // try of one that lasts: still the same failure.
         // The list of shortages stays locked until the registry holds the
         // reason: the retry task, reading it in between, would drop the
         // entry as moved on, and never try the plugin again.
         let mut short = self.host_short.lock();
+        // A shortage's reason counts what was open, and so differs at each
+        // try of one that lasts: still the same failure.
         let short_before = short
             .get(name)
             .cloned()

@@ -135,9 +135,11 @@ impl Loader {
     /// directory, or the file, is not there; a link that leads nowhere is
     /// still a manifest, a bad one).
     fn manifest_gone(&self, dir: &std::path::Path) -> bool {
-        let manifest = dir.join(crate::manifest::MANIFEST_FILE);
-        matches!(self.fs.metadata(&manifest), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
-            && !self.fs.is_symlink(&manifest).unwrap_or(false)
+        self.manifest_not_found(dir)
+            && !self
+                .fs
+                .is_symlink(&dir.join(crate::manifest::MANIFEST_FILE))
+                .unwrap_or(false)
     }
 
     /// Whether plugin directory `name` (not an installed plugin's) has

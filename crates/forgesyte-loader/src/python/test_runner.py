@@ -220,13 +220,19 @@ class RunnerTestCase(unittest.TestCase):
 
     def source_plugin(self, source):
         """A runner of a plugin.py holding ``source``, its hello read."""
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "plugin.py"), "w") as f:
-            f.write(source)
-        p = Proc(self, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
+        p = self.source_runner(source)
         p.hello()
         return p
+
+    def source_runner(self, source, others=None, env=None):
+        """A runner of a plugin.py holding ``source`` in a directory of its
+        own, beside ``others`` (file name -> text), nothing read yet."""
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        for name, text in dict(others or {}, **{"plugin.py": source}).items():
+            with open(os.path.join(d, name), "w") as f:
+                f.write(text)
+        return Proc(self, env=env, args=["--plugin", "s", "--plugin-dir", d, "--file", "plugin.py"])
 
 
 class HandshakeTests(RunnerTestCase):
@@ -972,13 +978,8 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(p.wait(5), 0)
 
     def test_a_relative_import_in_plugin_py_says_how_to_import(self):
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "helpers.py"), "w") as f:
-            f.write("def shout(s):\n    return s.upper()\n")
-        with open(os.path.join(d, "plugin.py"), "w") as f:
-            f.write("from .helpers import shout\n")
-        p = Proc(self, args=["--plugin", "x", "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")])
+        p = self.source_runner("from .helpers import shout\n",
+                               others={"helpers.py": "def shout(s):\n    return s.upper()\n"})
         header = p.recv_header()
         self.assertEqual(header["type"], "import_failed")
         message = header["error"]["message"]
@@ -995,13 +996,9 @@ class ImportAndInitFailureTests(RunnerTestCase):
         os.makedirs(os.path.join(site_dir, "forgesyte_user_only_pkg"))
         with open(os.path.join(site_dir, "forgesyte_user_only_pkg", "__init__.py"), "w") as f:
             f.write("")
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "plugin.py"), "w") as f:
-            f.write("import forgesyte_user_only_pkg\n")
         # The host starts runners with -s: no user site on sys.path.
-        p = Proc(self, env=dict(env, PYTHONNOUSERSITE="1"),
-                 args=["--plugin", "x", "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")])
+        p = self.source_runner("import forgesyte_user_only_pkg\n",
+                               env=dict(env, PYTHONNOUSERSITE="1"))
         header = p.recv_header()
         self.assertEqual(header["type"], "import_failed")
         message = header["error"]["message"]

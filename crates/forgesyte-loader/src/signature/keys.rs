@@ -280,19 +280,11 @@ pub fn keygen(
 /// disk left half a key pair (an empty `.pub`, or a secret key whose
 /// public half was lost) that blocked the next try.
 fn write_new_pair(dir: &Path, files: [(&Path, &str, u32); 2]) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt as _;
     let cannot =
         |path: &Path, e: &dyn std::fmt::Display| format!("cannot write {}: {e}", path.display());
     let mut staged = Vec::with_capacity(2);
     for (path, text, mode) in files {
-        let mut file = tempfile::Builder::new()
-            .prefix(".forgesyte-keygen.")
-            .suffix(".tmp")
-            .permissions(std::fs::Permissions::from_mode(mode))
-            .tempfile_in(dir)
-            .map_err(|e| cannot(path, &e))?;
-        std::io::Write::write_all(&mut file, text.as_bytes())
-            .and_then(|()| file.as_file().sync_all())
+        let file = crate::integrity::staged(dir, ".forgesyte-keygen.", mode, text.as_bytes())
             .map_err(|e| cannot(path, &e))?;
         staged.push((path, file));
     }
