@@ -674,7 +674,7 @@ impl IntegrityError {
 
 /// An operation on a plugin exceeded its time limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("timed out after {} during {operation}{}", fmt_duration(*after), remedy_suffix(.remedy))]
+#[error("timed out after {} during {operation}{}{}", fmt_duration(*after), stuck_suffix(.stuck_at), remedy_suffix(.remedy))]
 pub struct TimeoutError {
     /// What was running (`"init"`, `"tool 'ocr'"`, ...).
     pub operation: String,
@@ -684,6 +684,16 @@ pub struct TimeoutError {
     /// limit is the manifest's limits.init_timeout_s, else …"`); shown
     /// after a `; `.
     pub remedy: Option<String>,
+    /// Where the plugin's code was when the limit passed, when its runner
+    /// could say (`/plugins/slow/plugin.py:8 in __init__`); shown after
+    /// `, stuck at `.
+    pub stuck_at: Option<String>,
+}
+
+fn stuck_suffix(stuck_at: &Option<String>) -> String {
+    stuck_at
+        .as_deref()
+        .map_or_else(String::new, |at| format!(", stuck at {at}"))
 }
 
 fn remedy_suffix(remedy: &Option<String>) -> String {

@@ -122,6 +122,7 @@ fn timeout_and_crash_read_well() {
             operation: "init".into(),
             after: Duration::from_secs(5),
             remedy: None,
+            stuck_at: None,
         }
         .into(),
         "TimeoutError",
@@ -132,10 +133,12 @@ fn timeout_and_crash_read_well() {
             operation: "init".into(),
             after: Duration::from_millis(1500),
             remedy: Some("raise limits.init_timeout_s".into()),
+            stuck_at: Some("/p/plugin.py:8 in __init__".into()),
         })
         .into(),
         "InitError",
-        "InitError: timed out after 1.5 s during init; raise limits.init_timeout_s",
+        "InitError: timed out after 1.5 s during init, stuck at /p/plugin.py:8 in __init__; \
+         raise limits.init_timeout_s",
     );
     check(
         CrashError {
@@ -168,6 +171,7 @@ fn process_faults_read_well() {
             operation: "init".into(),
             after: Duration::from_secs(5),
             remedy: None,
+            stuck_at: None,
         })
         .into(),
         "InitError",
@@ -322,6 +326,7 @@ fn process_faults_have_their_crash_or_timeout_as_source() {
         operation: "init".into(),
         after: Duration::from_secs(5),
         remedy: None,
+        stuck_at: None,
     };
     let crashes: [PluginError; 3] = [
         ImportError::Crashed(crash.clone()).into(),

@@ -142,6 +142,7 @@ impl Limits {
             operation: operation.to_owned(),
             after,
             remedy: Some(INIT_TIMEOUT_SET_BY.to_owned()),
+            stuck_at: None,
         }
     }
 
@@ -155,6 +156,7 @@ impl Limits {
                  --call-timeout"
                     .to_owned(),
             ),
+            stuck_at: None,
         }
     }
 }

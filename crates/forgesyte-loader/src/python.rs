@@ -48,6 +48,11 @@ pub const RUNNER_MODULES: &[(&str, &str)] = runner_modules![
 /// The interpreter used when neither the manifest nor the host names one.
 pub const DEFAULT_INTERPRETER: &str = "python3";
 
+/// The signal on which the Python runner writes its threads' stacks to
+/// stderr (`faulthandler`, set up before it imports the plugin; its hello
+/// says it again): sent before a timeout's kill, even one before the hello.
+pub(crate) const STACK_SIGNAL: i32 = libc::SIGUSR2;
+
 /// What [`resolve_interpreter`]'s error ends with when the path names
 /// something that is not a file (a directory).
 pub const NOT_A_FILE: &str = " (not a file)";

@@ -465,6 +465,12 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
         "import-blowup",
         json!({"runtime": "python", "limits": {"memory_mb": 256}}),
     );
+    copy_fixture(root, "faulty", "import-hang");
+    write_manifest(
+        root,
+        "import-hang",
+        json!({"runtime": "python", "limits": {"init_timeout_s": 2}}),
+    );
     let registry = Registry::new();
     let loader = loader(root, &registry);
     for (plugin, reason) in [
@@ -508,6 +514,24 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
         S::Failed,
         Some("timed out after 2 s"),
     );
+    // Where the constructor was stuck, read from the runner's stacks (no
+    // line numbers: the fixture may change).
+    for part in [
+        "during init, stuck at ",
+        "/init-hang/plugin.py:",
+        " in __init__, in ",
+    ] {
+        check(&registry, "init-hang", S::Failed, Some(part));
+    }
+    // And where a module was stuck as it was imported, before any hello.
+    for part in [
+        "ImportError: timed out after 2 s during handshake, stuck at ",
+        "/import-hang/plugin.py:",
+        " in <module>, in ",
+        "threading.py:",
+    ] {
+        check(&registry, "import-hang", S::Failed, Some(part));
+    }
     check(
         &registry,
         "init-raise",
@@ -560,6 +584,14 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
         S::Failed,
         Some("timed out after 2 s during tool 'hang'"),
     );
+    for part in [
+        ", stuck at ",
+        "/faulty/plugin.py:",
+        " in run_tool, in ",
+        " in _fault;",
+    ] {
+        check(&registry, "faulty", S::Failed, Some(part));
+    }
     check(&registry, "bystander", S::Initialized, None);
     assert_eq!(
         call(&loader, "bystander", "echo", json!({"still": "here"})).unwrap(),

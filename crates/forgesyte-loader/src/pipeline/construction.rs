@@ -97,6 +97,7 @@ impl Loader {
                          run the plugin with \"isolation\": \"process\"",
                         crate::manifest::INIT_TIMEOUT_SET_BY
                     )),
+                    stuck_at: None,
                 })
                 .into()
             }

@@ -48,6 +48,11 @@ use crate::host::{ExitCallback, ExitReport};
 pub(super) const EXIT_GRACE: Duration = Duration::from_millis(300);
 /// How long the death report waits for the last stderr lines.
 const STDERR_GRACE: Duration = Duration::from_millis(500);
+/// How long the host waits for a runner's stacks before a timeout's kill
+/// ([`Child::stuck_at`]).
+const STACKS_WAIT: Duration = Duration::from_millis(300);
+/// A stack dump is over when no line came for this long.
+const STACKS_QUIET: Duration = Duration::from_millis(20);
 /// How long a caller that killed the process waits for the death to be
 /// processed.
 pub(crate) const DEATH_SYNC: Duration = Duration::from_secs(5);
@@ -95,6 +100,10 @@ pub(crate) struct SpawnOptions<'a> {
     pub(crate) max_response_bytes: u64,
     /// Where the runner is counted from its start, if anywhere.
     pub(crate) runners: Option<&'a Runners>,
+    /// The signal on which the runner writes its threads' stacks before
+    /// its hello says (the host's Python runner's), for a handshake's
+    /// timeout.
+    pub(crate) stack_signal: Option<i32>,
 }
 
 /// Why a runner did not get as far as its hello.
@@ -111,8 +120,9 @@ pub(crate) enum SpawnError {
     },
     /// The runner died first.
     Died(Arc<ExitReport>),
-    /// No hello in time (the process was killed).
-    TimedOut,
+    /// No hello in time (the process was killed); where the plugin's code
+    /// was stuck, when the runner said.
+    TimedOut(Option<String>),
     /// Confinement is required and the runner reported itself unconfined
     /// (it was stopped): which parts, and why.
     Unconfined(String),
@@ -398,7 +408,7 @@ impl Child {
             kill(shared, reason);
             match wait_dead(shared, DEATH_SYNC) {
                 Some(report) => SpawnError::Died(report),
-                None => SpawnError::TimedOut,
+                None => SpawnError::TimedOut(None),
             }
         };
         let deadline = Instant::now().checked_add(timeout);
@@ -438,12 +448,13 @@ impl Child {
             )),
             Ok(Reply::Died(report)) => Err(SpawnError::Died(report)),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                let stuck_at = stuck_at(&shared, opts.stack_signal);
                 kill(
                     &shared,
                     KillReason::host(format!("no hello within {}", fmt_duration(timeout))),
                 );
                 let _ = wait_dead(&shared, DEATH_SYNC);
-                Err(SpawnError::TimedOut)
+                Err(SpawnError::TimedOut(stuck_at))
             }
         }
     }
@@ -463,6 +474,24 @@ impl Child {
     /// What the runner said about itself.
     pub(crate) fn hello(&self) -> &Hello {
         &self.hello
+    }
+
+    /// Where the plugin's code is stuck (`PATH:LINE in FUNCTION`), for a
+    /// timeout's reason ([`stuck_at`]). The caller kills the runner next.
+    pub(crate) fn stuck_at(&self) -> Option<String> {
+        stuck_at(&self.shared, self.hello.stack_signal)
+    }
+
+    /// [`Self::stuck_at`] for a task. It must be polled inside a tokio
+    /// runtime whose timers are enabled.
+    pub(crate) async fn stuck_at_awaited(&self) -> Option<String> {
+        let deadline = ask_for_stacks(&self.shared, self.hello.stack_signal)?;
+        loop {
+            if let Some(at) = stacks_over(&self.shared, deadline) {
+                return at;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The runner's process id, until its death is processed: reaped, its
@@ -758,6 +787,45 @@ fn start_threads(
             Err(SpawnError::Start(e))
         }
     }
+}
+
+/// Where the plugin's code is stuck (`PATH:LINE in FUNCTION`), for a
+/// timeout's reason: a runner with a stack signal (its hello's, or the
+/// host's Python runner's before its hello) is sent it, and the dump read
+/// from its stderr for [`STACKS_WAIT`] at most.
+fn stuck_at(shared: &Shared, signal: Option<i32>) -> Option<String> {
+    let deadline = ask_for_stacks(shared, signal)?;
+    loop {
+        if let Some(at) = stacks_over(shared, deadline) {
+            return at;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends the runner `signal`, its stderr watched for the dump; when to give
+/// up waiting for it. `None`: none was sent (no signal, none it has a
+/// handler for yet, the runner has ended, or the reaper holds it, dying).
+fn ask_for_stacks(shared: &Shared, signal: Option<i32>) -> Option<Instant> {
+    let signal = signal.filter(|&signal| super::stacks::catches(shared.pid, signal))?;
+    let process = shared.process.try_lock_for(Duration::from_millis(10))?;
+    shared.stderr.watch_stacks();
+    if !process.signal(signal) {
+        shared.stderr.take_stacks();
+        return None;
+    }
+    Some(Instant::now() + STACKS_WAIT)
+}
+
+/// Where the dump says the plugin is, once the dump is over or `deadline`
+/// has passed; `None` while it may go on.
+fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
+    let lines = match shared.stderr.stacks(STACKS_QUIET) {
+        Some(lines) => lines,
+        None if Instant::now() >= deadline => shared.stderr.take_stacks(),
+        None => return None,
+    };
+    Some(super::stacks::stuck_at(&lines))
 }
 
 /// Kills the process and its group, recording why first (the first reason

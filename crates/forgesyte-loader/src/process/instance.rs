@@ -118,7 +118,8 @@ impl ProcessInstance {
             .child
             .request(head, &[args, b"}"], &bytes, self.call_timeout);
         if matches!(reply, Err(None)) {
-            self.child.kill_and_wait(self.timed_out(tool));
+            let stuck_at = self.child.stuck_at();
+            self.child.kill_and_wait(self.timed_out(tool, stuck_at));
         }
         self.answer(reply)
     }
@@ -187,7 +188,10 @@ impl ProcessInstance {
         if matches!(reply, Err(None)) {
             // Killed, its death processed before the call returns, as for
             // a blocked caller.
-            self.child.kill_and_await(self.timed_out(&tool)).await;
+            let stuck_at = self.child.stuck_at_awaited().await;
+            self.child
+                .kill_and_await(self.timed_out(&tool, stuck_at))
+                .await;
         }
         self.answer(reply)
     }
@@ -209,15 +213,12 @@ impl ProcessInstance {
         }
     }
 
-    /// Why a call of `tool` past the call timeout kills the runner.
-    fn timed_out(&self, tool: &str) -> KillReason {
-        KillReason::host(
-            PluginError::Timeout(crate::manifest::Limits::call_timed_out(
-                tool,
-                self.call_timeout,
-            ))
-            .reason(),
-        )
+    /// Why a call of `tool` past the call timeout, its code `stuck_at`
+    /// where the runner said, kills the runner.
+    fn timed_out(&self, tool: &str, stuck_at: Option<String>) -> KillReason {
+        let mut timeout = crate::manifest::Limits::call_timed_out(tool, self.call_timeout);
+        timeout.stuck_at = stuck_at;
+        KillReason::host(PluginError::Timeout(timeout).reason())
     }
 
     /// What a call's reply means for its caller (`Err(None)`: none came

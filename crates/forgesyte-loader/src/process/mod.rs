@@ -49,6 +49,7 @@ mod runner;
 mod runners;
 mod spares;
 mod spawn;
+mod stacks;
 mod stderr;
 mod transport;
 mod watched_pipe;
@@ -402,6 +403,8 @@ impl ProcessImporter {
             memory_limit_mib: self.limits.memory_limit_mib,
             max_response_bytes: self.limits.max_response_bytes,
             runners: self.runners.as_deref(),
+            stack_signal: matches!(self.launch, Launch::Python { .. })
+                .then_some(crate::python::STACK_SIGNAL),
         };
         let mut common = vec![
             OsString::from("--memory-limit-mb"),
@@ -580,8 +583,11 @@ impl ProcessImporter {
         }
     }
 
-    fn handshake_timeout(&self) -> TimeoutError {
-        crate::manifest::Limits::init_timed_out("handshake", self.limits.init_timeout)
+    fn handshake_timeout(&self, stuck_at: Option<String>) -> TimeoutError {
+        let mut timeout =
+            crate::manifest::Limits::init_timed_out("handshake", self.limits.init_timeout);
+        timeout.stuck_at = stuck_at;
+        timeout
     }
 }
 
@@ -669,7 +675,9 @@ impl Importer for ProcessImporter {
                     detail: report.reason.clone(),
                 },
             },
-            SpawnError::TimedOut => ImportError::TimedOut(self.handshake_timeout()),
+            SpawnError::TimedOut(stuck_at) => {
+                ImportError::TimedOut(self.handshake_timeout(stuck_at))
+            }
             SpawnError::Unconfined(why) => came_back_unconfined(&why),
             SpawnError::Stopping => ImportError::Open {
                 path: path.to_path_buf(),
@@ -720,7 +728,9 @@ impl PluginLibrary for ProcessLibrary {
                         message: report.reason.clone(),
                     },
                 },
-                SpawnError::TimedOut => InitError::TimedOut(self.importer.handshake_timeout()),
+                SpawnError::TimedOut(stuck_at) => {
+                    InitError::TimedOut(self.importer.handshake_timeout(stuck_at))
+                }
                 SpawnError::Unconfined(why) => InitError::Failed {
                     message: came_back_unconfined(&why).to_string(),
                 },
@@ -766,7 +776,9 @@ impl PluginLibrary for ProcessLibrary {
                 });
             }
             Err(None) => {
-                let timeout = crate::manifest::Limits::init_timed_out("init", limits.init_timeout);
+                let mut timeout =
+                    crate::manifest::Limits::init_timed_out("init", limits.init_timeout);
+                timeout.stuck_at = child.stuck_at();
                 child.kill_and_wait(KillReason::host(
                     PluginError::from(InitError::TimedOut(timeout.clone())).reason(),
                 ));
@@ -905,6 +917,7 @@ while True:
                 memory_limit_mib: 0,
                 max_response_bytes: MIB,
                 runners: None,
+                stack_signal: None,
             },
             limits.init_timeout,
             &mut None,
@@ -1011,6 +1024,7 @@ while True:
                 memory_limit_mib: 0,
                 max_response_bytes: MIB,
                 runners: Some(&runners),
+                stack_signal: None,
             };
             Child::spawn(command, None, &options, Duration::from_secs(10), &mut None).unwrap()
         };
@@ -1041,6 +1055,7 @@ while True:
             memory_limit_mib: 0,
             max_response_bytes: MIB,
             runners: None,
+            stack_signal: None,
         };
         let child = Arc::new(
             Child::spawn(command, None, &options, Duration::from_secs(10), &mut None).unwrap(),

@@ -89,6 +89,19 @@ impl OsProcess {
         }
     }
 
+    /// `signal` to the runner alone (not its group) while it runs; whether
+    /// it was sent. Only a named signal (`SIGUSR2`, ...) is sent.
+    pub(crate) fn signal(&self, signal: i32) -> bool {
+        use rustix::process::{Pid, Signal, kill_process};
+        let (Some(signal), Some(pid)) = (
+            Signal::from_named_raw(signal),
+            i32::try_from(self.id()).ok().and_then(Pid::from_raw),
+        ) else {
+            return false;
+        };
+        self.is_running() && kill_process(pid, signal).is_ok()
+    }
+
     /// `SIGKILL` to the runner and its process group, unless it has been
     /// reaped (or, forked by a zygote, reported ended).
     pub(crate) fn kill(&mut self) {

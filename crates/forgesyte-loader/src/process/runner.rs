@@ -279,6 +279,8 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 .map(String::from)
                 .collect(),
             confinement,
+            // A native runner has no way to write its threads' stacks.
+            stack_signal: None,
         }),
         &[],
     );

@@ -20,6 +20,9 @@ pub(crate) const STDERR_TAIL_LINES: usize = 20;
 /// Longest stderr line kept whole (longer ones are split).
 const MAX_LINE_BYTES: u64 = 4096;
 
+/// Most lines a stack dump keeps ([`StderrLog::watch_stacks`]).
+const MAX_STACK_LINES: usize = 400;
+
 /// One runner's stderr, as its reading thread keeps it.
 #[derive(Debug)]
 pub(crate) struct StderrLog {
@@ -28,6 +31,18 @@ pub(crate) struct StderrLog {
     tail: Mutex<VecDeque<String>>,
     done: Mutex<bool>,
     closed: Condvar,
+    /// The lines written since [`Self::watch_stacks`], while watched.
+    stacks: Mutex<Option<StackWatch>>,
+}
+
+/// The stack dump a runner was asked for, as its lines come.
+#[derive(Debug)]
+struct StackWatch {
+    lines: Vec<String>,
+    /// A thread's stack has begun.
+    begun: bool,
+    /// When the last line came.
+    last: Instant,
 }
 
 impl StderrLog {
@@ -38,6 +53,7 @@ impl StderrLog {
             tail: Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)),
             done: Mutex::new(false),
             closed: Condvar::new(),
+            stacks: Mutex::new(None),
         }
     }
 
@@ -77,6 +93,20 @@ impl StderrLog {
                     if text.is_empty() {
                         continue;
                     }
+                    // A stack dump the host asked for, before a timeout's
+                    // kill: kept whole, and logged at WARN, whatever level
+                    // the plugin's lines have.
+                    let level = match &mut *self.stacks.lock() {
+                        Some(watch) => {
+                            watch.begun |= super::stacks::is_stack_header(text);
+                            watch.last = Instant::now();
+                            if watch.lines.len() < MAX_STACK_LINES {
+                                watch.lines.push(text.to_owned());
+                            }
+                            level.min(tracing::Level::WARN)
+                        }
+                        None => level,
+                    };
                     // The line as written (its tags included, which the
                     // record logs too) and what each record adds.
                     match budget.admit(line.len() + LOG_RECORD_BYTES, Instant::now()) {
@@ -107,6 +137,40 @@ impl StderrLog {
         if let Some((lines, bytes)) = dropped {
             tracing::warn!(plugin = %self.plugin, pid = self.pid, lines, bytes, "Plugin {}: {lines} lines of its stderr were left out of the log ({bytes} bytes, counting {LOG_RECORD_BYTES} a record)", self.plugin);
         }
+    }
+
+    /// Keeps the lines written from now on, for [`Self::stacks`].
+    pub(crate) fn watch_stacks(&self) {
+        *self.stacks.lock() = Some(StackWatch {
+            lines: Vec::new(),
+            begun: false,
+            last: Instant::now(),
+        });
+    }
+
+    /// The lines written since [`Self::watch_stacks`] once the dump is
+    /// over: a stack has begun and no line came for `quiet`, or stderr has
+    /// ended. `None` while it may go on.
+    pub(crate) fn stacks(&self, quiet: Duration) -> Option<Vec<String>> {
+        let mut watch = self.stacks.lock();
+        let over = watch
+            .as_ref()
+            .is_none_or(|w| w.begun && w.last.elapsed() >= quiet)
+            || *self.done.lock();
+        if over {
+            return Some(watch.take().map(|w| w.lines).unwrap_or_default());
+        }
+        None
+    }
+
+    /// The lines written since [`Self::watch_stacks`], however far the dump
+    /// got, and the watch ended.
+    pub(crate) fn take_stacks(&self) -> Vec<String> {
+        self.stacks
+            .lock()
+            .take()
+            .map(|w| w.lines)
+            .unwrap_or_default()
     }
 
     /// The last lines, once stderr has ended or `grace` has passed (the

@@ -73,6 +73,7 @@ const SOURCE_PACKAGE: &str = "_forgesyte_runner";
 /// imported, which imports all of them at once. The sources travel as one
 /// JSON object (module -> source), zlib-compressed and in base64: about a
 /// third of their size, since one `execve` argument holds at most 128 KiB.
+/// Their comment lines are left empty ([`without_comment_lines`]).
 fn source_code() -> &'static str {
     use base64::Engine as _;
     static CODE: OnceLock<String> = OnceLock::new();
@@ -81,7 +82,10 @@ fn source_code() -> &'static str {
             .iter()
             .map(|(file, source)| {
                 let module = file.strip_suffix(".py").unwrap_or(file);
-                (module.to_owned(), serde_json::Value::from(*source))
+                (
+                    module.to_owned(),
+                    serde_json::Value::from(without_comment_lines(source)),
+                )
             })
             .collect();
         let json = serde_json::Value::Object(sources).to_string();
@@ -120,6 +124,22 @@ _load("{packed}").start(sys.argv[1:])
 "#
         )
     })
+}
+
+/// `source` with each line whose first character past its indentation is
+/// `#` left empty: the lines keep their numbers (a traceback's stay
+/// right), and the carried code is a sixth smaller. Sound while no string
+/// of the runner holds a line that starts so: a test asks Python's own
+/// tokenizer.
+fn without_comment_lines(source: &str) -> String {
+    source
+        .split_inclusive('\n')
+        .map(|line| match line.trim_start().starts_with('#') {
+            true if line.ends_with('\n') => "\n",
+            true => "",
+            false => line,
+        })
+        .collect()
 }
 
 /// The cache directory, if this user has one.
@@ -376,6 +396,53 @@ mod tests {
         let package = dir.join(module_name());
         std::fs::set_permissions(&package, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(bootstrap(&dir).is_err());
+    }
+
+    /// Every line [`without_comment_lines`] empties is a comment by
+    /// Python's tokenizer, none a line of a string.
+    #[test]
+    fn only_comments_are_left_out_of_the_carried_sources() {
+        use std::io::Write as _;
+        let sample = "x = 1\n    # indented\ny = '''\n# in a string\n'''\n";
+        let sources: serde_json::Map<String, serde_json::Value> = RUNNER_MODULES
+            .iter()
+            .map(|(file, source)| ((*file).to_owned(), (*source).into()))
+            .chain([("sample.py".to_owned(), sample.into())])
+            .collect();
+        let check = r##"
+import io, json, sys, tokenize
+for name, text in json.load(sys.stdin).items():
+    lines = text.split("\n")
+    comments = {t.start[0] - 1 for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type == tokenize.COMMENT and lines[t.start[0] - 1].strip().startswith("#")}
+    starting = {i for i, line in enumerate(lines) if line.strip().startswith("#")}
+    for i in sorted(starting - comments):
+        print("%s:%d: %s" % (name, i + 1, lines[i]))
+"##;
+        let mut python = std::process::Command::new("python3")
+            .args(["-c", check])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        python
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(serde_json::Value::Object(sources).to_string().as_bytes())
+            .unwrap();
+        let out = python.wait_with_output().unwrap();
+        assert!(out.status.success());
+        // Only the sample's line in a string: the check sees one.
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "sample.py:4: # in a string\n",
+            "lines in strings that start with '#' would be emptied"
+        );
+        assert_eq!(
+            without_comment_lines("a = 1  # kept\n  # gone\n#gone\nb"),
+            "a = 1  # kept\n\n\nb"
+        );
     }
 
     /// Linux refuses an `execve` argument over 32 pages (`MAX_ARG_STRLEN`).

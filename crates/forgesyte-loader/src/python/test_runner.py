@@ -18,6 +18,7 @@ import os
 import platform
 import queue
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -247,7 +248,39 @@ class HandshakeTests(RunnerTestCase):
         self.assertRegex(hello["runtime_version"], r"^\d+\.\d+\.\d+")
         self.assertEqual(hello["pid"], p.proc.pid)
         self.assertEqual(hello["capabilities"], ["attachments", "concurrent_calls"])
+        self.assertEqual(hello["stack_signal"], int(signal.SIGUSR2))
         self.assertNotIn("id", hello)
+
+    def test_the_stack_signal_writes_where_a_call_is_and_the_runner_goes_on(self):
+        p = self.source_plugin(
+            "import threading\n"
+            "class Plugin:\n"
+            "    tools = {'wait': {'handler': 'wait'}, 'ok': {'handler': 'ok'}}\n"
+            "    gate = threading.Event()\n"
+            "    def wait(self, args):\n"
+            "        self.gate.wait()\n"
+            "        return {'waited': True}\n"
+            "    def ok(self, args):\n"
+            "        Plugin.gate.set()\n"
+            "        return {'ok': True}\n"
+        )
+        created = p.create()
+        self.assertEqual(created["type"], "created", created)
+        waiting = p.call("wait")
+        deadline = time.monotonic() + TIMEOUT
+        dumped = ""
+        while "in wait" not in dumped:
+            self.assertLess(time.monotonic(), deadline, p.stderr)
+            os.kill(p.proc.pid, signal.SIGUSR2)
+            time.sleep(0.1)
+            dumped = p.stderr
+        self.assertIn("(most recent call first):", dumped)
+        self.assertRegex(dumped, r'File ".*plugin\.py", line 6 in wait')
+        # Still serving: the waiting call answers once released.
+        header, _ = p.run("ok")
+        self.assertEqual(header["result"], {"ok": True})
+        header, _ = p.recv()
+        self.assertEqual((header["id"], header["result"]), (waiting, {"waited": True}))
 
     def test_create_lists_the_echo_tools(self):
         p = self.start("echo")

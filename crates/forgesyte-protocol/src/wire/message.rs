@@ -83,6 +83,12 @@ pub struct Hello {
     /// enforced or `unconfined: why`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confinement: Option<BTreeMap<String, String>>,
+    /// The signal on which the runner writes the stacks of its threads to
+    /// its stderr (Python's `faulthandler`), when it has one: the host
+    /// sends it before it kills the runner for a timeout, to say where the
+    /// plugin's code was stuck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_signal: Option<i32>,
 }
 
 impl Hello {
@@ -243,6 +249,8 @@ struct ResponseEnvelope {
     capabilities: Vec<String>,
     #[serde(default)]
     confinement: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    stack_signal: Option<i32>,
     error: Option<WireError>,
     tools: Option<Vec<ToolSpec>>,
     // A present `null` is a result (a tool that returned None), not absent.
@@ -270,6 +278,7 @@ impl<'de> Deserialize<'de> for Response {
                 pid: e.pid.ok_or_else(|| missing("pid"))?,
                 capabilities: e.capabilities,
                 confinement: e.confinement,
+                stack_signal: e.stack_signal,
             }),
             "import_failed" => Response::ImportFailed {
                 error: e.error.ok_or_else(|| missing("error"))?,
@@ -383,6 +392,7 @@ mod tests {
                 pid: 9,
                 capabilities: vec!["attachments".into()],
                 confinement: Some(BTreeMap::from([("network".into(), "allowed".into())])),
+                stack_signal: Some(12),
             }),
             Response::ImportFailed {
                 error: WireError::new("Open", "no"),
@@ -482,6 +492,7 @@ mod tests {
                         pid,
                         capabilities: vec!["attachments".into()],
                         confinement: None,
+                        stack_signal: None,
                     })
                 }
             ),

@@ -14,6 +14,7 @@ fn hello() -> Vec<u8> {
         pid: 1,
         capabilities: vec![],
         confinement: None,
+        stack_signal: None,
     }))
     .unwrap()
 }
@@ -152,6 +153,7 @@ fn shared_attachments_go_both_ways_once_the_hello_accepts_them() {
                 capability::SHARED_MEMORY.into(),
             ],
             confinement: None,
+            stack_signal: None,
         }))
         .unwrap();
         write_frame(&mut ans_w, &hello, &[]).unwrap();

@@ -69,6 +69,24 @@ def watch_parent():
     threading.Thread(target=loop, name="forgesyte-parent-watch", daemon=True).start()
 
 
+def dump_stacks_on_signal():
+    """Has ``faulthandler`` write every thread's stack to stderr on
+    SIGUSR2, from its C signal handler: it works while a plugin's code is
+    stuck in C (a lock, a socket, a C extension's loop) too. The host sends
+    it before it kills the runner for a timeout, and reads where the
+    plugin's code was. Returns the signal's number, for the hello; None
+    when it cannot be set up (the host then says nothing of where)."""
+    import faulthandler
+    import signal
+
+    try:
+        faulthandler.register(signal.SIGUSR2, file=2, all_threads=True, chain=False)
+    except (AttributeError, OSError, RuntimeError, ValueError) as e:
+        diag("cannot set up the stack dump: %s" % e)
+        return None
+    return int(signal.SIGUSR2)
+
+
 def shrug_off_group_signals():
     """A handler that does nothing for SIGTERM, SIGHUP and SIGINT: the
     host stops a runner by closing its input and kills it with SIGKILL, and
@@ -124,6 +142,7 @@ def main(argv, handover):
         threading.stack_size(THREAD_STACK_BYTES)
     except (ValueError, RuntimeError) as e:
         diag("cannot set the threads' stack size: %s" % e)
+    stack_signal = dump_stacks_on_signal()
     if args.memory_limit_mb > 0:
         try:
             limit_memory(args.memory_limit_mb)
@@ -174,5 +193,7 @@ def main(argv, handover):
     }
     if confinement is not None:
         hello["confinement"] = confinement
+    if stack_signal is not None:
+        hello["stack_signal"] = stack_signal
     runner.answer(hello)
     runner.serve()

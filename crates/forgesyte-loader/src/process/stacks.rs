@@ -1,0 +1,249 @@
+//! Where a runner's plugin code is stuck, read from the stacks its threads
+//! wrote to stderr when the host sent the hello's `stack_signal` (Python's
+//! `faulthandler`: a header per thread, then its frames, most recent
+//! first):
+//!
+//! ```text
+//! Current thread 0x00007f3c8a9b4740 (most recent call first):
+//!   File "/usr/lib/python3.11/threading.py", line 324 in wait
+//!   File "/plugins/slow/plugin.py", line 8 in __init__
+//!   File "/root/.cache/forgesyte/python/forgesyte_runner_0123/serve.py", line 90 in create
+//! ```
+//!
+//! The thread that matters is the one the runner called the plugin on: the
+//! first whose frames go from the runner's own files into other code. Its
+//! first frame past the runner's (and the import system's, for a module
+//! stuck as it is imported) is the plugin's entry (`__init__`, the tool,
+//! `<module>`); its innermost frame is where it waits, when that is
+//! elsewhere.
+
+/// Whether process `pid` has a handler for `signal` (its `/proc` status's
+/// `SigCgt` mask): a runner not yet at the point where it sets one (an
+/// interpreter still starting) would be ended by the signal, its death
+/// then read as the signal's rather than the timeout's.
+pub(crate) fn catches(pid: u32, signal: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|status| caught_in(&status, signal))
+}
+
+/// Whether a `/proc/PID/status` text's `SigCgt` mask holds `signal`.
+fn caught_in(status: &str, signal: i32) -> bool {
+    let Some(bit) = u32::try_from(signal).ok().and_then(|s| s.checked_sub(1)) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| bit < 64 && mask & (1 << bit) != 0)
+}
+
+/// Whether `line` starts one thread's stack in a `faulthandler` dump
+/// (`Thread 0x… (most recent call first):`, `Current thread 0x… (…):`, or
+/// `Stack (most recent call first):` for a dump of one thread).
+pub(crate) fn is_stack_header(line: &str) -> bool {
+    line.ends_with("(most recent call first):")
+        && (line.starts_with("Thread ")
+            || line.starts_with("Current thread ")
+            || line.starts_with("Stack "))
+}
+
+/// One frame line: `  File "PATH", line N in FUNCTION`, as `PATH:N in
+/// FUNCTION` with the path, or `None` for any other line.
+fn frame(line: &str) -> Option<(&str, String)> {
+    let rest = line.trim_start().strip_prefix("File \"")?;
+    let (path, rest) = rest.rsplit_once("\", line ")?;
+    let (number, function) = rest.split_once(" in ")?;
+    number.parse::<u32>().ok()?;
+    Some((path, format!("{path}:{number} in {function}")))
+}
+
+/// Whether `path` is a file of the host's Python runner: its cached package
+/// (`…/forgesyte_runner_HASH/serve.py`) or its sources run from the command
+/// line (`<forgesyte_runner/serve.py>`).
+fn is_runner_file(path: &str) -> bool {
+    if path.starts_with("<forgesyte_runner/") {
+        return true;
+    }
+    std::path::Path::new(path)
+        .parent()
+        .and_then(|dir| dir.file_name())
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.starts_with("forgesyte_runner_"))
+}
+
+/// Where the plugin's code is stuck, from a dump's lines: `ENTRY` (the
+/// plugin's frame the runner called), or `ENTRY, in INNERMOST` when it
+/// waits in code below it (a library, the standard library). `None` when
+/// no thread is in code the runner called (no dump came, or it was cut).
+pub(crate) fn stuck_at(lines: &[String]) -> Option<String> {
+    let mut threads: Vec<Vec<(&str, String)>> = Vec::new();
+    for line in lines {
+        if is_stack_header(line) {
+            threads.push(Vec::new());
+        } else if let (Some(thread), Some(frame)) = (threads.last_mut(), frame(line)) {
+            thread.push(frame);
+        }
+    }
+    threads.iter().find_map(|frames| {
+        // Outermost first: past what started the thread, the runner's
+        // frames, then (through the import system's, for a module's code)
+        // the frame the runner called.
+        let mut outer_first = frames.iter().rev().map(|(path, at)| (*path, at));
+        outer_first.find(|(path, _)| is_runner_file(path))?;
+        let (_, entry) =
+            outer_first.find(|(path, _)| !is_runner_file(path) && !is_import_system(path))?;
+        let innermost = &frames[0].1;
+        Some(if innermost == entry {
+            entry.clone()
+        } else {
+            format!("{entry}, in {innermost}")
+        })
+    })
+}
+
+/// Whether `path` is the import system's own (`<frozen importlib._bootstrap>`),
+/// between the runner and a module's code as it is imported.
+fn is_import_system(path: &str) -> bool {
+    path.starts_with("<frozen importlib")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_owned).collect()
+    }
+
+    const RUNNER: &str = "/root/.cache/forgesyte/python/forgesyte_runner_00ff/serve.py";
+
+    #[test]
+    fn the_thread_the_runner_called_the_plugin_on_says_where_it_is() {
+        let dump = lines(&format!(
+            "Thread 0x00007f0000000002 (most recent call first):\n\
+             \x20 File \"{RUNNER}\", line 40 in _idle\n\
+             \x20 File \"/usr/lib/python3.11/threading.py\", line 975 in run\n\
+             \n\
+             Thread 0x00007f0000000003 (most recent call first):\n\
+             \x20 File \"/usr/lib/python3.11/threading.py\", line 324 in wait\n\
+             \x20 File \"/plugins/slow/helper.py\", line 3 in block\n\
+             \x20 File \"/plugins/slow/plugin.py\", line 12 in slow\n\
+             \x20 File \"{RUNNER}\", line 90 in call\n\
+             \x20 File \"{RUNNER}\", line 70 in serve\n\
+             \n\
+             Current thread 0x00007f0000000001 (most recent call first):\n\
+             \x20 File \"/plugins/slow/plugin.py\", line 30 in ticker\n\
+             \x20 File \"/usr/lib/python3.11/threading.py\", line 975 in run\n"
+        ));
+        assert_eq!(
+            stuck_at(&dump).as_deref(),
+            Some(
+                "/plugins/slow/plugin.py:12 in slow, in \
+                 /usr/lib/python3.11/threading.py:324 in wait"
+            )
+        );
+    }
+
+    #[test]
+    fn a_plugin_frame_innermost_is_said_once() {
+        let dump = lines(
+            "Stack (most recent call first):\n\
+             \x20 File \"/p/plugin.py\", line 8 in __init__\n\
+             \x20 File \"<forgesyte_runner/loading.py>\", line 100 in construct\n",
+        );
+        assert_eq!(
+            stuck_at(&dump).as_deref(),
+            Some("/p/plugin.py:8 in __init__")
+        );
+    }
+
+    #[test]
+    fn a_module_stuck_as_it_is_imported_is_its_own_entry() {
+        let dump = lines(
+            "Current thread 0x1 (most recent call first):\n\
+             \x20 File \"/usr/lib/python3.11/socket.py\", line 5 in connect\n\
+             \x20 File \"/p/plugin.py\", line 3 in <module>\n\
+             \x20 File \"<frozen importlib._bootstrap>\", line 241 in _call_with_frames_removed\n\
+             \x20 File \"<frozen importlib._bootstrap_external>\", line 940 in exec_module\n\
+             \x20 File \"<forgesyte_runner/loading.py>\", line 50 in import_plugin\n",
+        );
+        assert_eq!(
+            stuck_at(&dump).as_deref(),
+            Some("/p/plugin.py:3 in <module>, in /usr/lib/python3.11/socket.py:5 in connect")
+        );
+        // A module the plugin imports lazily, stuck: the plugin's frame
+        // stays the entry.
+        let dump = lines(
+            "Current thread 0x1 (most recent call first):\n\
+             \x20 File \"/venv/heavy/__init__.py\", line 9 in <module>\n\
+             \x20 File \"<frozen importlib._bootstrap>\", line 241 in _call_with_frames_removed\n\
+             \x20 File \"/p/plugin.py\", line 12 in __init__\n\
+             \x20 File \"<forgesyte_runner/loading.py>\", line 80 in construct\n",
+        );
+        assert_eq!(
+            stuck_at(&dump).as_deref(),
+            Some("/p/plugin.py:12 in __init__, in /venv/heavy/__init__.py:9 in <module>")
+        );
+    }
+
+    #[test]
+    fn a_plugin_stuck_in_the_runners_own_code_names_both() {
+        let dump = lines(&format!(
+            "Current thread 0x1 (most recent call first):\n\
+             \x20 File \"<forgesyte_runner/api.py>\", line 30 in emit\n\
+             \x20 File \"/p/plugin.py\", line 7 in tool\n\
+             \x20 File \"{RUNNER}\", line 90 in call\n"
+        ));
+        assert_eq!(
+            stuck_at(&dump).as_deref(),
+            Some("/p/plugin.py:7 in tool, in <forgesyte_runner/api.py>:30 in emit")
+        );
+    }
+
+    #[test]
+    fn no_dump_or_only_the_runner_says_nothing() {
+        assert_eq!(stuck_at(&[]), None);
+        assert_eq!(stuck_at(&lines("some line\nTraceback:\n")), None);
+        let idle = lines(&format!(
+            "Current thread 0x1 (most recent call first):\n  File \"{RUNNER}\", line 40 in _idle\n"
+        ));
+        assert_eq!(stuck_at(&idle), None);
+        // Frames with no header first are not a thread's.
+        let headless = lines(&format!(
+            "  File \"/p/plugin.py\", line 8 in x\n  File \"{RUNNER}\", line 40 in call\n"
+        ));
+        assert_eq!(stuck_at(&headless), None);
+    }
+
+    #[test]
+    fn a_handler_is_read_from_the_caught_mask() {
+        let status = "Name:\tpython3\nSigIgn:\t0000000001001000\nSigCgt:\t0000000180000802\n";
+        assert!(caught_in(status, 12), "SIGUSR2 is bit 11");
+        assert!(caught_in(status, 2));
+        assert!(!caught_in(status, 10));
+        assert!(!caught_in(status, 0));
+        assert!(!caught_in("SigCgt:\tzz\n", 12));
+        assert!(!caught_in("Name:\tx\n", 12));
+        // This test's own process catches no SIGUSR2.
+        assert!(!catches(std::process::id(), libc::SIGUSR2));
+    }
+
+    #[test]
+    fn frames_and_runner_files_are_read_exactly() {
+        assert_eq!(
+            frame("  File \"/a b/p.py\", line 7 in f").map(|f| f.1),
+            Some("/a b/p.py:7 in f".to_owned())
+        );
+        assert_eq!(frame("  File \"/p.py\", line x in f"), None);
+        assert_eq!(frame("File"), None);
+        assert!(is_runner_file(RUNNER));
+        assert!(is_runner_file("<forgesyte_runner/tools.py>"));
+        assert!(!is_runner_file("/plugins/forgesyte_runner.py"));
+        assert!(!is_runner_file("/plugins/my_forgesyte_runner_x/p.py"));
+        assert!(is_stack_header(
+            "Current thread 0x1 (most recent call first):"
+        ));
+        assert!(!is_stack_header("Traceback (most recent call last):"));
+    }
+}
