@@ -5,7 +5,11 @@
 //! drains only what has already arrived and then closes such a connection;
 //! without the header, a client that sent its headers before its body
 //! found out on its next request, which was lost without an answer
-//! (RFC 9112 §9.6 asks a server that will close to say so).
+//! (RFC 9112 §9.6 asks a server that will close to say so). Over HTTP/1.0
+//! the answer is marked HTTP/1.0, so hyper leaves its `keep-alive` out and
+//! closes (it said `keep-alive` and closed all the same), and so is an
+//! answer of no known length there (an event stream), which only the close
+//! can end.
 //!
 //! Such an answer also sets the connection's [`Linger`]: once hyper has
 //! written it and let the connection go, [`linger`] reads and drops what
@@ -132,6 +136,7 @@ impl<S, B, R> tower::Service<Request<B>> for CloseUnread<S>
 where
     S: tower::Service<Request<Tracked<B>>, Response = Response<R>>,
     B: Body,
+    R: Body,
 {
     type Response = Response<R>;
     type Error = S::Error;
@@ -150,8 +155,7 @@ where
         let ended = (crate::body::announces_a_body(request.headers())
             && !request.body().is_end_stream())
         .then(|| Arc::new(AtomicBool::new(false)));
-        // HTTP/1.0's `Connection` value is left to hyper, which writes its
-        // own there (`close` would be joined to its `keep-alive`); the
+        // HTTP/1.0's answer is marked HTTP/1.0 instead (see `Answer`); the
         // socket lingers all the same (nginx speaks HTTP/1.0 to the servers
         // behind it by default, and turned the early 404 into a 502).
         let http_10 = request.version() == Version::HTTP_10;
@@ -223,23 +227,37 @@ pin_project_lite::pin_project! {
 impl<F, R, E> std::future::Future for Answer<F>
 where
     F: std::future::Future<Output = Result<Response<R>, E>>,
+    R: Body,
 {
     type Output = Result<Response<R>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut answer = std::task::ready!(this.inner.poll(cx));
-        if let (Ok(response), Some(ended)) = (&mut answer, this.ended.as_ref())
-            && !ended.load(Ordering::Relaxed)
-        {
-            if !*this.http_10 {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let Ok(response) = &mut answer else {
+            return Poll::Ready(answer);
+        };
+        let unread = this
+            .ended
+            .as_ref()
+            .is_some_and(|ended| !ended.load(Ordering::Relaxed));
+        if unread && let Some(linger) = this.linger {
+            linger.set();
+        }
+        if *this.http_10 {
+            // hyper keeps an HTTP/1.0 client's `keep-alive` connection, and
+            // says so, for an answer marked HTTP/1.1 (axum's); one marked
+            // HTTP/1.0 without `keep-alive` it closes, saying nothing,
+            // which is HTTP/1.0's way to say it. So when the connection
+            // cannot go on: the body left unread, or an answer of no known
+            // length (an event stream), which only its close can end.
+            if unread || response.body().size_hint().exact().is_none() {
+                *response.version_mut() = Version::HTTP_10;
             }
-            if let Some(linger) = this.linger {
-                linger.set();
-            }
+        } else if unread {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         Poll::Ready(answer)
     }
