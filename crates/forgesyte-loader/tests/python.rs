@@ -599,6 +599,31 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
     );
 }
 
+/// A plugin that takes SIGUSR2 over (here: to exit at once) is still
+/// killed for its timeout when the host asks its runner where it was
+/// stuck: the death is the timeout's, not a crash (crashes count towards
+/// the restart limit, timeouts do not).
+#[test]
+fn a_plugin_that_dies_of_the_stack_signal_timed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path(), "faulty", "usr2-exit");
+    write_manifest(
+        dir.path(),
+        "usr2-exit",
+        json!({"runtime": "python", "limits": {"call_timeout_s": 1}}),
+    );
+    let registry = Registry::new();
+    let loader = loader(dir.path(), &registry);
+    check(&registry, "usr2-exit", S::Initialized, None);
+    assert!(call(&loader, "usr2-exit", "hang", json!({})).is_err());
+    check(
+        &registry,
+        "usr2-exit",
+        S::Failed,
+        Some("TimeoutError: timed out after 1 s during tool 'hang'"),
+    );
+}
+
 #[test]
 fn python_crashes_at_call_time_are_precise() {
     let cases = [

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use forgesyte_errors::{CrashCause, CrashError, PluginError, fmt_duration};
+use forgesyte_errors::{CrashCause, CrashError, PluginError, TimeoutError, fmt_duration};
 use forgesyte_protocol::wire::shm::{SHM_FD_ENV, SHM_THRESHOLD_ENV};
 use forgesyte_protocol::wire::{Greeting, HandshakeError, Hello, WireError};
 use parking_lot::{Condvar, Mutex};
@@ -37,7 +37,7 @@ use super::exit::{classify, signal_name};
 use super::os_process::OsProcess;
 use super::runners::{HOST_STOPPING, Runners};
 use super::spawn::{pass_fd, runner_env, spawn_runner, spawn_runner_logging_stdout};
-use super::stderr::StderrLog;
+use super::stderr::{STACKS_WAIT, StderrLog};
 use super::transport::{Reply, RequestError, Sent, Transport, TrySend};
 use super::watched_pipe::WatchedPipe;
 use super::zygote::Zygote;
@@ -48,11 +48,6 @@ use crate::host::{ExitCallback, ExitReport};
 pub(super) const EXIT_GRACE: Duration = Duration::from_millis(300);
 /// How long the death report waits for the last stderr lines.
 const STDERR_GRACE: Duration = Duration::from_millis(500);
-/// How long the host waits for a runner's stacks before a timeout's kill
-/// ([`Child::stuck_at`]).
-const STACKS_WAIT: Duration = Duration::from_millis(300);
-/// A stack dump is over when no line came for this long.
-const STACKS_QUIET: Duration = Duration::from_millis(20);
 /// How long a caller that killed the process waits for the death to be
 /// processed.
 pub(crate) const DEATH_SYNC: Duration = Duration::from_secs(5);
@@ -76,6 +71,10 @@ pub(crate) struct KillReason {
     pub(crate) cause: CrashCause,
     /// What the registry says; `None`: derived from the crash report.
     pub(crate) registry_reason: Option<String>,
+    /// Recorded before the host asks the runner for its stacks, to stand if
+    /// the runner dies of the asking (a plugin's own handler of the signal
+    /// may end it); the kill that follows replaces it.
+    pub(crate) provisional: bool,
 }
 
 impl KillReason {
@@ -88,6 +87,18 @@ impl KillReason {
                 reason: reason.clone(),
             },
             registry_reason: Some(reason),
+            provisional: false,
+        }
+    }
+
+    /// The host kills the process for a time limit: the crash report says
+    /// `plain` (other calls' clients read it), the registry `located`
+    /// (where the plugin was stuck: for its operator and author).
+    pub(crate) fn timed_out(plain: String, located: String) -> Self {
+        KillReason {
+            cause: CrashCause::Killed { reason: plain },
+            registry_reason: Some(located),
+            provisional: false,
         }
     }
 }
@@ -435,6 +446,7 @@ impl Child {
                         detail: e.to_string(),
                     },
                     registry_reason: None,
+                    provisional: false,
                 },
             )),
             Ok(Reply::Answer(..) | Reply::Unreceived(_)) => Err(failed(
@@ -444,15 +456,14 @@ impl Child {
                         detail: "answered before its greeting".into(),
                     },
                     registry_reason: None,
+                    provisional: false,
                 },
             )),
             Ok(Reply::Died(report)) => Err(SpawnError::Died(report)),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                let stuck_at = stuck_at(&shared, opts.stack_signal);
-                kill(
-                    &shared,
-                    KillReason::host(format!("no hello within {}", fmt_duration(timeout))),
-                );
+                let reason = KillReason::host(format!("no hello within {}", fmt_duration(timeout)));
+                let stuck_at = stuck_at(&shared, opts.stack_signal, reason.clone());
+                kill(&shared, reason);
                 let _ = wait_dead(&shared, DEATH_SYNC);
                 Err(SpawnError::TimedOut(stuck_at))
             }
@@ -476,22 +487,51 @@ impl Child {
         &self.hello
     }
 
-    /// Where the plugin's code is stuck (`PATH:LINE in FUNCTION`), for a
-    /// timeout's reason ([`stuck_at`]). The caller kills the runner next.
-    pub(crate) fn stuck_at(&self) -> Option<String> {
-        stuck_at(&self.shared, self.hello.stack_signal)
+    /// Kills the runner for `timeout` (`as_error`: the error it is, for its
+    /// reason) once it said where its plugin was stuck ([`stuck_at`]), and
+    /// waits for its death ([`Self::kill_and_wait`]); returns the timeout,
+    /// its `stuck_at` filled when known.
+    pub(crate) fn kill_timed_out(
+        &self,
+        timeout: TimeoutError,
+        as_error: fn(TimeoutError) -> PluginError,
+    ) -> TimeoutError {
+        let plain = as_error(timeout.clone()).reason();
+        let stuck_at = stuck_at(
+            &self.shared,
+            self.hello.stack_signal,
+            KillReason::host(&plain),
+        );
+        let (reason, located) = located_timeout(timeout, stuck_at, plain, as_error);
+        self.kill_and_wait(reason);
+        located
     }
 
-    /// [`Self::stuck_at`] for a task. It must be polled inside a tokio
-    /// runtime whose timers are enabled.
-    pub(crate) async fn stuck_at_awaited(&self) -> Option<String> {
-        let deadline = ask_for_stacks(&self.shared, self.hello.stack_signal)?;
-        loop {
-            if let Some(at) = stacks_over(&self.shared, deadline) {
-                return at;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    /// [`Self::kill_timed_out`] for a task ([`Self::kill_and_await`]). It
+    /// must be polled inside a tokio runtime whose timers are enabled.
+    pub(crate) async fn kill_timed_out_awaited(
+        &self,
+        timeout: TimeoutError,
+        as_error: fn(TimeoutError) -> PluginError,
+    ) -> TimeoutError {
+        let plain = as_error(timeout.clone()).reason();
+        let asked = ask_for_stacks(
+            &self.shared,
+            self.hello.stack_signal,
+            KillReason::host(&plain),
+        );
+        let mut stuck_at = None;
+        if let Some(deadline) = asked {
+            stuck_at = loop {
+                if let Some(at) = stacks_over(&self.shared, deadline) {
+                    break at;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
         }
+        let (reason, located) = located_timeout(timeout, stuck_at, plain, as_error);
+        self.kill_and_await(reason).await;
+        located
     }
 
     /// The runner's process id, until its death is processed: reaped, its
@@ -731,6 +771,7 @@ fn stopped_reading() -> KillReason {
             detail: "stopped reading its requests (its request pipe is closed)".into(),
         },
         registry_reason: None,
+        provisional: false,
     }
 }
 
@@ -745,6 +786,7 @@ fn retired_reason() -> KillReason {
             reason: "retired by the host".into(),
         },
         registry_reason: None,
+        provisional: false,
     }
 }
 
@@ -789,12 +831,27 @@ fn start_threads(
     }
 }
 
+/// The kill reason of a timeout whose plugin was `stuck_at`, and the
+/// timeout with it: the registry's reason says where, the crash report
+/// (which other calls' clients read) says `plain`.
+fn located_timeout(
+    mut timeout: TimeoutError,
+    stuck_at: Option<String>,
+    plain: String,
+    as_error: fn(TimeoutError) -> PluginError,
+) -> (KillReason, TimeoutError) {
+    timeout.stuck_at = stuck_at;
+    let located = as_error(timeout.clone()).reason();
+    (KillReason::timed_out(plain, located), timeout)
+}
+
 /// Where the plugin's code is stuck (`PATH:LINE in FUNCTION`), for a
 /// timeout's reason: a runner with a stack signal (its hello's, or the
 /// host's Python runner's before its hello) is sent it, and the dump read
-/// from its stderr for [`STACKS_WAIT`] at most.
-fn stuck_at(shared: &Shared, signal: Option<i32>) -> Option<String> {
-    let deadline = ask_for_stacks(shared, signal)?;
+/// from its stderr for [`STACKS_WAIT`] at most. `provisional` is the kill's
+/// reason should the runner die of the signal.
+fn stuck_at(shared: &Shared, signal: Option<i32>, provisional: KillReason) -> Option<String> {
+    let deadline = ask_for_stacks(shared, signal, provisional)?;
     loop {
         if let Some(at) = stacks_over(shared, deadline) {
             return at;
@@ -803,26 +860,38 @@ fn stuck_at(shared: &Shared, signal: Option<i32>) -> Option<String> {
     }
 }
 
-/// Sends the runner `signal`, its stderr watched for the dump; when to give
-/// up waiting for it. `None`: none was sent (no signal, none it has a
-/// handler for yet, the runner has ended, or the reaper holds it, dying).
-fn ask_for_stacks(shared: &Shared, signal: Option<i32>) -> Option<Instant> {
+/// Sends the runner `signal`, its stderr watched for the dump, unless
+/// another caller did a moment ago (its dump is shared), `provisional`
+/// recorded first; when to give up waiting for the dump. `None`: none was
+/// asked for (no signal, none the runner has a handler for yet, it has
+/// ended, or the reaper holds it, dying).
+fn ask_for_stacks(
+    shared: &Shared,
+    signal: Option<i32>,
+    provisional: KillReason,
+) -> Option<Instant> {
     let signal = signal.filter(|&signal| super::stacks::catches(shared.pid, signal))?;
     let process = shared.process.try_lock_for(Duration::from_millis(10))?;
-    shared.stderr.watch_stacks();
-    if !process.signal(signal) {
-        shared.stderr.take_stacks();
+    if !process.is_running() {
         return None;
     }
-    Some(Instant::now() + STACKS_WAIT)
+    shared.kill_reason.lock().get_or_insert(KillReason {
+        provisional: true,
+        ..provisional
+    });
+    let (asked, ask) = shared.stderr.watch_stacks();
+    if ask && !process.signal(signal) {
+        return None;
+    }
+    Some(asked + STACKS_WAIT)
 }
 
 /// Where the dump says the plugin is, once the dump is over or `deadline`
 /// has passed; `None` while it may go on.
 fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
-    let lines = match shared.stderr.stacks(STACKS_QUIET) {
+    let lines = match shared.stderr.stacks() {
         Some(lines) => lines,
-        None if Instant::now() >= deadline => shared.stderr.take_stacks(),
+        None if Instant::now() >= deadline => shared.stderr.stacks_so_far(),
         None => return None,
     };
     Some(super::stacks::stuck_at(&lines))
@@ -849,7 +918,10 @@ pub(super) fn kill_unless_reaping(shared: &Shared, reason: KillReason) {
 
 fn kill_locked(shared: &Shared, process: &mut OsProcess, reason: KillReason) {
     if process.is_running() {
-        shared.kill_reason.lock().get_or_insert(reason);
+        let mut recorded = shared.kill_reason.lock();
+        if recorded.as_ref().is_none_or(|r| r.provisional) {
+            *recorded = Some(reason);
+        }
     }
     process.kill();
 }
@@ -867,6 +939,7 @@ fn read_answers(shared: &Arc<Shared>, mut stdout: impl Read) {
             KillReason {
                 cause: CrashCause::Protocol { detail },
                 registry_reason: None,
+                provisional: false,
             },
         );
     }
@@ -897,6 +970,7 @@ fn reap(shared: &Shared) -> std::io::Result<ExitStatus> {
                 detail: "closed its end of the protocol but kept running".into(),
             },
             registry_reason: None,
+            provisional: false,
         },
     );
     shared.process.lock().wait()
@@ -1008,6 +1082,34 @@ fn for_calls(shared: &Shared, report: Arc<ExitReport>) -> Arc<ExitReport> {
 
 #[cfg(test)]
 mod tests {
+    /// The registry hears where a timed-out plugin was stuck; the crash
+    /// report, which other calls' clients read, does not.
+    #[test]
+    fn a_timeouts_location_goes_to_the_registry_alone() {
+        use super::*;
+        let timeout = crate::manifest::Limits::call_timed_out("t", Duration::from_secs(1));
+        let plain = PluginError::Timeout(timeout.clone()).reason();
+        let (reason, located) = located_timeout(
+            timeout,
+            Some("/p/plugin.py:3 in t".into()),
+            plain.clone(),
+            PluginError::Timeout,
+        );
+        assert_eq!(located.stuck_at.as_deref(), Some("/p/plugin.py:3 in t"));
+        let registry = reason.registry_reason.unwrap_or_default();
+        assert!(
+            registry.contains(", stuck at /p/plugin.py:3 in t;"),
+            "{registry}"
+        );
+        assert!(!plain.contains("stuck at"), "{plain}");
+        assert!(
+            matches!(&reason.cause, CrashCause::Killed { reason } if *reason == plain),
+            "{:?}",
+            reason.cause
+        );
+        assert!(!reason.provisional);
+    }
+
     #[test]
     fn the_stop_wait_covers_every_grace_a_stop_can_take() {
         use super::*;

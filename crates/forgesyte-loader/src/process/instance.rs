@@ -118,8 +118,8 @@ impl ProcessInstance {
             .child
             .request(head, &[args, b"}"], &bytes, self.call_timeout);
         if matches!(reply, Err(None)) {
-            let stuck_at = self.child.stuck_at();
-            self.child.kill_and_wait(self.timed_out(tool, stuck_at));
+            self.child
+                .kill_timed_out(self.timeout_of(tool), PluginError::Timeout);
         }
         self.answer(reply)
     }
@@ -188,9 +188,8 @@ impl ProcessInstance {
         if matches!(reply, Err(None)) {
             // Killed, its death processed before the call returns, as for
             // a blocked caller.
-            let stuck_at = self.child.stuck_at_awaited().await;
             self.child
-                .kill_and_await(self.timed_out(&tool, stuck_at))
+                .kill_timed_out_awaited(self.timeout_of(&tool), PluginError::Timeout)
                 .await;
         }
         self.answer(reply)
@@ -213,12 +212,9 @@ impl ProcessInstance {
         }
     }
 
-    /// Why a call of `tool` past the call timeout, its code `stuck_at`
-    /// where the runner said, kills the runner.
-    fn timed_out(&self, tool: &str, stuck_at: Option<String>) -> KillReason {
-        let mut timeout = crate::manifest::Limits::call_timed_out(tool, self.call_timeout);
-        timeout.stuck_at = stuck_at;
-        KillReason::host(PluginError::Timeout(timeout).reason())
+    /// The time limit a call of `tool` passed, which kills the runner.
+    fn timeout_of(&self, tool: &str) -> forgesyte_errors::TimeoutError {
+        crate::manifest::Limits::call_timed_out(tool, self.call_timeout)
     }
 
     /// What a call's reply means for its caller (`Err(None)`: none came

@@ -70,14 +70,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forgesyte_errors::{ImportError, InitError, PluginError, TimeoutError};
+use forgesyte_errors::{ImportError, InitError, TimeoutError};
 use parking_lot::Mutex;
 
 use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
 
 use std::process::Command;
 
-use self::child::{Child, KillReason, SpawnError, SpawnOptions};
+use self::child::{Child, SpawnError, SpawnOptions};
 pub(crate) use self::runners::{HOST_STOPPING, Runners};
 use self::transport::Reply;
 use self::wire_error::WireErrorExt;
@@ -776,12 +776,10 @@ impl PluginLibrary for ProcessLibrary {
                 });
             }
             Err(None) => {
-                let mut timeout =
-                    crate::manifest::Limits::init_timed_out("init", limits.init_timeout);
-                timeout.stuck_at = child.stuck_at();
-                child.kill_and_wait(KillReason::host(
-                    PluginError::from(InitError::TimedOut(timeout.clone())).reason(),
-                ));
+                let timeout = child.kill_timed_out(
+                    crate::manifest::Limits::init_timed_out("init", limits.init_timeout),
+                    |timeout| InitError::TimedOut(timeout).into(),
+                );
                 return Err(InitError::TimedOut(timeout));
             }
         };
@@ -811,6 +809,7 @@ const STOPPING: &str = "the host is stopping: no runner starts";
 
 #[cfg(test)]
 mod tests {
+    use super::child::KillReason;
     use super::*;
     use forgesyte_errors::ToolError;
     use std::time::Instant;

@@ -10,12 +10,14 @@
 //!   File "/root/.cache/forgesyte/python/forgesyte_runner_0123/serve.py", line 90 in create
 //! ```
 //!
-//! The thread that matters is the one the runner called the plugin on: the
-//! first whose frames go from the runner's own files into other code. Its
-//! first frame past the runner's (and the import system's, for a module
-//! stuck as it is imported) is the plugin's entry (`__init__`, the tool,
-//! `<module>`); its innermost frame is where it waits, when that is
-//! elsewhere.
+//! The thread that matters is the one the runner called the plugin on:
+//! its frames go from the runner's own files into the plugin's. Its first
+//! frame past the runner's, the import system's (a module stuck as it is
+//! imported) and the standard library's (the runner's event loop, its own
+//! start) is the plugin's entry (`__init__`, the tool, `<module>`); its
+//! innermost frame is where it waits, when that is elsewhere. When more
+//! than one thread is in the plugin's code (calls in flight together), the
+//! dump cannot tell which is the call that timed out, and says nothing.
 
 /// Whether process `pid` has a handler for `signal` (its `/proc` status's
 /// `SigCgt` mask): a runner not yet at the point where it sets one (an
@@ -59,8 +61,8 @@ fn frame(line: &str) -> Option<(&str, String)> {
 }
 
 /// Whether `path` is a file of the host's Python runner: its cached package
-/// (`…/forgesyte_runner_HASH/serve.py`) or its sources run from the command
-/// line (`<forgesyte_runner/serve.py>`).
+/// (`…/forgesyte_runner_HASH/serve.py`, 16 hex digits) or its sources run
+/// from the command line (`<forgesyte_runner/serve.py>`).
 fn is_runner_file(path: &str) -> bool {
     if path.starts_with("<forgesyte_runner/") {
         return true;
@@ -69,7 +71,16 @@ fn is_runner_file(path: &str) -> bool {
         .parent()
         .and_then(|dir| dir.file_name())
         .and_then(|name| name.to_str())
-        .is_some_and(|name| name.starts_with("forgesyte_runner_"))
+        .and_then(|name| name.strip_prefix("forgesyte_runner_"))
+        .is_some_and(|hash| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Whether `path` is Python's own: the import system and frozen modules
+/// (`<frozen importlib._bootstrap>`, `<frozen runpy>`), or the standard
+/// library (`…/lib/python3.11/threading.py`, but not what is installed
+/// under its `site-packages` or `dist-packages`).
+fn is_pythons_own(path: &str) -> bool {
+    path.starts_with("<frozen ") || (path.contains("/lib/python3") && !path.contains("-packages/"))
 }
 
 /// Where the plugin's code is stuck, from a dump's lines: `ENTRY` (the
@@ -85,27 +96,23 @@ pub(crate) fn stuck_at(lines: &[String]) -> Option<String> {
             thread.push(frame);
         }
     }
-    threads.iter().find_map(|frames| {
+    let mut in_plugin = threads.iter().filter_map(|frames| {
         // Outermost first: past what started the thread, the runner's
-        // frames, then (through the import system's, for a module's code)
-        // the frame the runner called.
+        // frames, then (through Python's own, for a module's code or the
+        // runner's event loop) the plugin's frame the runner called.
         let mut outer_first = frames.iter().rev().map(|(path, at)| (*path, at));
         outer_first.find(|(path, _)| is_runner_file(path))?;
         let (_, entry) =
-            outer_first.find(|(path, _)| !is_runner_file(path) && !is_import_system(path))?;
+            outer_first.find(|(path, _)| !is_runner_file(path) && !is_pythons_own(path))?;
         let innermost = &frames[0].1;
         Some(if innermost == entry {
             entry.clone()
         } else {
             format!("{entry}, in {innermost}")
         })
-    })
-}
-
-/// Whether `path` is the import system's own (`<frozen importlib._bootstrap>`),
-/// between the runner and a module's code as it is imported.
-fn is_import_system(path: &str) -> bool {
-    path.starts_with("<frozen importlib")
+    });
+    let only = in_plugin.next()?;
+    in_plugin.next().is_none().then_some(only)
 }
 
 #[cfg(test)]
@@ -116,10 +123,10 @@ mod tests {
         text.lines().map(str::to_owned).collect()
     }
 
-    const RUNNER: &str = "/root/.cache/forgesyte/python/forgesyte_runner_00ff/serve.py";
+    const RUNNER: &str = "/root/.cache/forgesyte/python/forgesyte_runner_00ff00ff00ff00ff/serve.py";
 
     #[test]
-    fn the_thread_the_runner_called_the_plugin_on_says_where_it_is() {
+    fn the_one_thread_in_the_plugins_code_says_where_it_is() {
         let dump = lines(&format!(
             "Thread 0x00007f0000000002 (most recent call first):\n\
              \x20 File \"{RUNNER}\", line 40 in _idle\n\
@@ -143,6 +150,53 @@ mod tests {
                  /usr/lib/python3.11/threading.py:324 in wait"
             )
         );
+    }
+
+    #[test]
+    fn two_threads_in_the_plugins_code_say_nothing() {
+        let call = |function: &str| {
+            format!(
+                "Thread 0x1 (most recent call first):\n\
+                 \x20 File \"/p/plugin.py\", line 5 in {function}\n\
+                 \x20 File \"{RUNNER}\", line 90 in call\n"
+            )
+        };
+        let dump = lines(&format!("{}{}", call("a"), call("b")));
+        assert_eq!(stuck_at(&dump), None);
+        assert_eq!(
+            stuck_at(&lines(&call("a"))).as_deref(),
+            Some("/p/plugin.py:5 in a")
+        );
+    }
+
+    #[test]
+    fn pythons_own_code_the_runner_runs_is_not_the_plugins() {
+        // The runner's event loop (an async tool ran once), waiting, beside
+        // the call that is stuck; and a runner still starting (confining
+        // itself) with nothing of the plugin's.
+        let dump = lines(&format!(
+            "Thread 0x2 (most recent call first):\n\
+             \x20 File \"/usr/lib/python3.11/selectors.py\", line 468 in select\n\
+             \x20 File \"/usr/lib/python3.11/asyncio/base_events.py\", line 607 in run_forever\n\
+             \x20 File \"{RUNNER}\", line 120 in _run_loop\n\
+             \x20 File \"/usr/lib/python3.11/threading.py\", line 975 in run\n\
+             Current thread 0x1 (most recent call first):\n\
+             \x20 File \"/p/plugin.py\", line 9 in hang\n\
+             \x20 File \"{RUNNER}\", line 90 in call\n"
+        ));
+        assert_eq!(stuck_at(&dump).as_deref(), Some("/p/plugin.py:9 in hang"));
+        let starting = lines(&format!(
+            "Current thread 0x1 (most recent call first):\n\
+             \x20 File \"/usr/lib/python3.11/ctypes/__init__.py\", line 439 in <module>\n\
+             \x20 File \"<frozen importlib._bootstrap>\", line 241 in _call_with_frames_removed\n\
+             \x20 File \"{RUNNER}\", line 30 in confine\n"
+        ));
+        assert_eq!(stuck_at(&starting), None);
+        // What a virtualenv installed is the plugin's side.
+        assert!(!is_pythons_own(
+            "/v/lib/python3.11/site-packages/torch/__init__.py"
+        ));
+        assert!(is_pythons_own("<frozen runpy>"));
     }
 
     #[test]
@@ -241,6 +295,10 @@ mod tests {
         assert!(is_runner_file("<forgesyte_runner/tools.py>"));
         assert!(!is_runner_file("/plugins/forgesyte_runner.py"));
         assert!(!is_runner_file("/plugins/my_forgesyte_runner_x/p.py"));
+        assert!(!is_runner_file("/plugins/forgesyte_runner_x/plugin.py"));
+        assert!(!is_runner_file(
+            "/p/forgesyte_runner_00ff00ff00ff00fg/plugin.py"
+        ));
         assert!(is_stack_header(
             "Current thread 0x1 (most recent call first):"
         ));

@@ -22,6 +22,10 @@ const MAX_LINE_BYTES: u64 = 4096;
 
 /// Most lines a stack dump keeps ([`StderrLog::watch_stacks`]).
 const MAX_STACK_LINES: usize = 400;
+/// How long the host waits for a runner's stacks before a timeout's kill.
+pub(crate) const STACKS_WAIT: Duration = Duration::from_millis(300);
+/// A stack dump is over when no line came for this long.
+const STACKS_QUIET: Duration = Duration::from_millis(20);
 
 /// One runner's stderr, as its reading thread keeps it.
 #[derive(Debug)]
@@ -31,18 +35,26 @@ pub(crate) struct StderrLog {
     tail: Mutex<VecDeque<String>>,
     done: Mutex<bool>,
     closed: Condvar,
-    /// The lines written since [`Self::watch_stacks`], while watched.
+    /// The stack dump last asked for ([`Self::watch_stacks`]).
     stacks: Mutex<Option<StackWatch>>,
 }
 
-/// The stack dump a runner was asked for, as its lines come.
+/// A stack dump the host asked a runner for, as its lines come.
 #[derive(Debug)]
 struct StackWatch {
+    /// When it was asked for.
+    asked: Instant,
+    /// Its lines, from the header of its first stack on.
     lines: Vec<String>,
-    /// A thread's stack has begun.
-    begun: bool,
-    /// When the last line came.
-    last: Instant,
+    /// When its last line came; `None` before its first header.
+    last: Option<Instant>,
+}
+
+impl StackWatch {
+    /// Begun, and no line came for [`STACKS_QUIET`].
+    fn over(&self) -> bool {
+        self.last.is_some_and(|last| last.elapsed() >= STACKS_QUIET)
+    }
 }
 
 impl StderrLog {
@@ -94,19 +106,20 @@ impl StderrLog {
                         continue;
                     }
                     // A stack dump the host asked for, before a timeout's
-                    // kill: kept whole, and logged at WARN, whatever level
-                    // the plugin's lines have.
-                    let level = match &mut *self.stacks.lock() {
-                        Some(watch) => {
-                            watch.begun |= super::stacks::is_stack_header(text);
-                            watch.last = Instant::now();
-                            if watch.lines.len() < MAX_STACK_LINES {
-                                watch.lines.push(text.to_owned());
-                            }
-                            level.min(tracing::Level::WARN)
-                        }
-                        None => level,
-                    };
+                    // kill: kept for the host, logged at WARN past the
+                    // budget (it is bounded, and rare), and left out of the
+                    // tail (it names the plugin's files: other calls'
+                    // crash reports, which clients read, carry the tail).
+                    if self.dumped(text) {
+                        log_plugin_line(
+                            Some(&self.plugin),
+                            Some(self.pid),
+                            &tags,
+                            tracing::Level::WARN,
+                            text,
+                        );
+                        continue;
+                    }
                     // The line as written (its tags included, which the
                     // record logs too) and what each record adds.
                     match budget.admit(line.len() + LOG_RECORD_BYTES, Instant::now()) {
@@ -139,37 +152,54 @@ impl StderrLog {
         }
     }
 
-    /// Keeps the lines written from now on, for [`Self::stacks`].
-    pub(crate) fn watch_stacks(&self) {
-        *self.stacks.lock() = Some(StackWatch {
-            lines: Vec::new(),
-            begun: false,
-            last: Instant::now(),
-        });
-    }
-
-    /// The lines written since [`Self::watch_stacks`] once the dump is
-    /// over: a stack has begun and no line came for `quiet`, or stderr has
-    /// ended. `None` while it may go on.
-    pub(crate) fn stacks(&self, quiet: Duration) -> Option<Vec<String>> {
+    /// Whether `text` is a line of the stack dump being watched, kept if
+    /// so: from its first stack's header until it is over.
+    fn dumped(&self, text: &str) -> bool {
         let mut watch = self.stacks.lock();
-        let over = watch
-            .as_ref()
-            .is_none_or(|w| w.begun && w.last.elapsed() >= quiet)
-            || *self.done.lock();
-        if over {
-            return Some(watch.take().map(|w| w.lines).unwrap_or_default());
+        let Some(watch) = watch.as_mut().filter(|w| !w.over()) else {
+            return false;
+        };
+        if watch.last.is_none() && !super::stacks::is_stack_header(text) {
+            return false;
         }
-        None
+        watch.last = Some(Instant::now());
+        if watch.lines.len() < MAX_STACK_LINES {
+            watch.lines.push(text.to_owned());
+        }
+        true
     }
 
-    /// The lines written since [`Self::watch_stacks`], however far the dump
-    /// got, and the watch ended.
-    pub(crate) fn take_stacks(&self) -> Vec<String> {
+    /// Watches for a stack dump: when it was asked for, and whether the
+    /// caller is to ask (`false`: another caller asked less than
+    /// [`STACKS_WAIT`] ago, and this one shares that dump).
+    pub(crate) fn watch_stacks(&self) -> (Instant, bool) {
+        let mut watch = self.stacks.lock();
+        if let Some(recent) = watch.as_ref().filter(|w| w.asked.elapsed() < STACKS_WAIT) {
+            return (recent.asked, false);
+        }
+        let asked = Instant::now();
+        *watch = Some(StackWatch {
+            asked,
+            lines: Vec::new(),
+            last: None,
+        });
+        (asked, true)
+    }
+
+    /// The dump's lines once it is over, or stderr has ended; `None` while
+    /// it may go on.
+    pub(crate) fn stacks(&self) -> Option<Vec<String>> {
+        let watch = self.stacks.lock();
+        let over = watch.as_ref().is_none_or(StackWatch::over) || *self.done.lock();
+        over.then(|| watch.as_ref().map(|w| w.lines.clone()).unwrap_or_default())
+    }
+
+    /// The dump's lines so far.
+    pub(crate) fn stacks_so_far(&self) -> Vec<String> {
         self.stacks
             .lock()
-            .take()
-            .map(|w| w.lines)
+            .as_ref()
+            .map(|w| w.lines.clone())
             .unwrap_or_default()
     }
 
@@ -186,5 +216,47 @@ impl StderrLog {
         }
         drop(done);
         self.tail.lock().iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dump is kept from its first header on, whatever the plugin wrote
+    /// before it (a spamming plugin left no room for it), and stays out of
+    /// the tail that crash reports carry (it names the plugin's files).
+    #[test]
+    fn a_stack_dump_is_kept_apart_from_the_tail() {
+        let log = StderrLog::new("p", 1);
+        let (_, ask) = log.watch_stacks();
+        assert!(ask);
+        // A second caller a moment later shares the dump.
+        assert!(!log.watch_stacks().1);
+        let mut text = "spam\n".repeat(MAX_STACK_LINES + 10);
+        text.push_str(
+            "Current thread 0x1 (most recent call first):\n  File \"/p/plugin.py\", line 3 in t\n",
+        );
+        log.read(text.as_bytes());
+        let dump = log.stacks().expect("stderr ended: the dump is over");
+        assert_eq!(
+            dump,
+            [
+                "Current thread 0x1 (most recent call first):",
+                "  File \"/p/plugin.py\", line 3 in t"
+            ]
+        );
+        let tail = log.tail_after(Duration::ZERO);
+        assert_eq!(tail.len(), STDERR_TAIL_LINES);
+        assert!(tail.iter().all(|line| line == "spam"), "{tail:?}");
+    }
+
+    /// Unasked, a dump's lines are the plugin's like any others.
+    #[test]
+    fn without_a_watch_a_dump_is_plain_stderr() {
+        let log = StderrLog::new("p", 1);
+        log.read(&b"Current thread 0x1 (most recent call first):\n"[..]);
+        assert_eq!(log.stacks_so_far(), Vec::<String>::new());
+        assert_eq!(log.tail_after(Duration::ZERO).len(), 1);
     }
 }
