@@ -247,9 +247,7 @@ pub(crate) fn parse_json_body(bytes: &[u8], max_values: usize) -> Result<RunRequ
             Ok(value) => RunError::InvalidBody {
                 message: format!("expected a JSON object, found {}", json_type_name(&value)),
             },
-            Err(e) => RunError::MalformedBody {
-                message: e.to_string(),
-            },
+            Err(e) => unparsed(&e, ""),
         });
     }
     // One pass in the common case; a body that is not a `RunRequest` is
@@ -263,16 +261,32 @@ pub(crate) fn parse_json_body(bytes: &[u8], max_values: usize) -> Result<RunRequ
                 Ok(_) => RunError::InvalidBody {
                     message: e.to_string(),
                 },
-                Err(e) => RunError::MalformedBody {
-                    message: e.to_string(),
-                },
+                Err(e) => unparsed(&e, ""),
             }
         } else {
-            RunError::MalformedBody {
-                message: e.to_string(),
-            }
+            unparsed(&e, "")
         }
     })
+}
+
+/// JSON serde could not parse: malformed (400), or nested deeper than the
+/// 128 levels serde reads (422: the text may be valid, its depth is what
+/// is refused; serde's own word was "recursion limit exceeded").
+/// `context` goes before the parser's message.
+fn unparsed(e: &serde_json::Error, context: &str) -> RunError {
+    if e.is_syntax() && e.to_string().starts_with("recursion limit exceeded") {
+        return RunError::InvalidBody {
+            message: format!(
+                "{context}JSON nested deeper than 128 levels (at line {} column {}): \
+                 the server reads no deeper",
+                e.line(),
+                e.column()
+            ),
+        };
+    }
+    RunError::MalformedBody {
+        message: format!("{context}{e}"),
+    }
 }
 
 /// What a run request carries: JSON arguments and raw binary ones (by
@@ -423,10 +437,8 @@ async fn multipart(
             }
             seen_args = true;
             check_json_values(&data, max_values)?;
-            let value: Value =
-                serde_json::from_slice(&data).map_err(|e| RunError::MalformedBody {
-                    message: format!("{MALFORMED_ARGS_PART} is not JSON: {e}"),
-                })?;
+            let value: Value = serde_json::from_slice(&data)
+                .map_err(|e| unparsed(&e, &format!("{MALFORMED_ARGS_PART} is not JSON: ")))?;
             let Value::Object(args) = value else {
                 return Err(RunError::InvalidForm {
                     message: "the 'args' part must be a JSON object".into(),
@@ -953,6 +965,36 @@ mod tests {
                 "{text}: {err:?}"
             );
         }
+    }
+
+    /// Valid JSON nested past serde's 128 levels is refused for its depth
+    /// (422, saying so), not called malformed (found by review: "not
+    /// valid JSON: recursion limit exceeded"); in a multipart `args` part
+    /// too.
+    #[tokio::test]
+    async fn json_nested_too_deep_is_refused_for_its_depth() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let body = format!(r#"{{"args": {{"a": {deep}}}}}"#);
+        let err = parse_json_body(body.as_bytes(), 1 << 20).unwrap_err();
+        assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY, "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("JSON nested deeper than 128 levels"),
+            "{err}"
+        );
+        let shallow = format!(
+            r#"{{"args": {{"a": {}1{}}}}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert!(parse_json_body(shallow.as_bytes(), 1 << 20).is_ok());
+        let args = format!(r#"{{"a": {deep}}}"#);
+        let (content_type, body) = multipart_body(&[("args", None, args.as_bytes())]);
+        let err = read(&headers(&content_type), body, 1 << 20)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY, "{err:?}");
+        assert!(err.to_string().contains("128 levels"), "{err}");
     }
 
     /// `read` on a runtime of its own (a proptest case is synchronous).
