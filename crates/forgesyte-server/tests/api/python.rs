@@ -560,6 +560,17 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
                 .is_some_and(|r| r.contains(reason)),
             "{name}: {health}"
         );
+        if name == "hang" {
+            // Where the tool was stuck: in its health, not in the answer
+            // the client got (the author's files are not the client's).
+            assert!(!reply.text().contains("plugin.py"), "{}", reply.text());
+            assert!(
+                health["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(", stuck at ") && r.contains("plugin.py:")),
+                "{health}"
+            );
+        }
         let reply = server.run("bystander", "echo", r#"{"args": {"still": "here"}}"#);
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
