@@ -65,13 +65,25 @@ fn loader(root: &Path, registry: &Registry) -> Loader {
 
 /// [`loader`] with `python` as the operator's interpreter (`--python`).
 fn loader_with_python(root: &Path, registry: &Registry, python: Option<PathBuf>) -> Loader {
+    loader_with(root, registry, test_config(python))
+}
+
+/// A loader of `config` that has loaded every plugin under `root`.
+fn loader_with(root: &Path, registry: &Registry, config: LoaderConfig) -> Loader {
     require_python();
     let checker = DependencyChecker::builder()
         .gpu(Arc::new(FakeGpu::none(
             "no GPU on this test machine (CUDA absent)",
         )))
         .build();
-    let config = LoaderConfig {
+    let loader = Loader::new(registry.clone(), Arc::new(checker), config);
+    loader.load_all(root);
+    loader
+}
+
+/// The tests' limits and supervision, `python` the operator's interpreter.
+fn test_config(python: Option<PathBuf>) -> LoaderConfig {
+    LoaderConfig {
         process: ProcessLimits {
             init_timeout: Duration::from_secs(10),
             call_timeout: Duration::from_secs(5),
@@ -84,10 +96,7 @@ fn loader_with_python(root: &Path, registry: &Registry, python: Option<PathBuf>)
         },
         python,
         ..LoaderConfig::default()
-    };
-    let loader = Loader::new(registry.clone(), Arc::new(checker), config);
-    loader.load_all(root);
-    loader
+    }
 }
 
 fn check(registry: &Registry, name: &str, state: S, reason: Option<&str>) {
@@ -619,6 +628,65 @@ fn a_plugin_that_dies_of_the_stack_signal_timed_out() {
     check(
         &registry,
         "usr2-exit",
+        S::Failed,
+        Some("TimeoutError: timed out after 1 s during tool 'hang'"),
+    );
+}
+
+/// A timed-out call dropped by its caller while the host waits for the
+/// runner's stacks still kills the runner (found by review: the runner ran
+/// on, and the timeout recorded before the signal would have been the
+/// reason of its next death, whatever that was). The plugin's own handler
+/// of the signal writes no stacks, so the wait lasts its 0.3 s, and marks
+/// when it ran, so the call is dropped inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_call_dropped_as_its_stacks_are_awaited_still_kills_its_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = copy_fixture(dir.path(), "faulty", "usr2-mute");
+    write_manifest(
+        dir.path(),
+        "usr2-mute",
+        json!({"runtime": "python", "limits": {"call_timeout_s": 1}}),
+    );
+    let registry = Registry::new();
+    // Unconfined: the plugin writes its mark beside itself.
+    let loader = {
+        let (root, registry) = (dir.path().to_owned(), registry.clone());
+        let config = LoaderConfig {
+            confine: false,
+            ..test_config(None)
+        };
+        tokio::task::spawn_blocking(move || loader_with(&root, &registry, config))
+            .await
+            .unwrap()
+    };
+    check(&registry, "usr2-mute", S::Initialized, None);
+    let handle = loader.handle("usr2-mute").unwrap();
+    let pid = handle.pid().unwrap();
+    let context = forgesyte_loader::CallContext::default();
+    let awaited = handle
+        .awaitable("hang", &json!({}), &context)
+        .expect("a Python runner's call is awaited");
+    let ticket = forgesyte_loader::CallTicket::default();
+    let seen = plugin.join("usr2-seen");
+    tokio::select! {
+        result = handle.call_ticketed_async("hang", awaited, &context, &ticket) => {
+            panic!("the call ended before the runner was asked for its stacks: {result:?}")
+        }
+        () = async {
+            while !seen.exists() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        } => {}
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "runner {pid} still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check(
+        &registry,
+        "usr2-mute",
         S::Failed,
         Some("TimeoutError: timed out after 1 s during tool 'hang'"),
     );

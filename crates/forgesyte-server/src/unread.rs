@@ -250,8 +250,12 @@ where
             // HTTP/1.0 without `keep-alive` it closes, saying nothing,
             // which is HTTP/1.0's way to say it. So when the connection
             // cannot go on: the body left unread, or an answer of no known
-            // length (an event stream), which only its close can end.
-            if unread || response.body().size_hint().exact().is_none() {
+            // length (an event stream; not a stream whose `Content-Length`
+            // is set, as `multipart/mixed` answers), which only its close
+            // can end.
+            let length_unknown = response.body().size_hint().exact().is_none()
+                && !response.headers().contains_key(header::CONTENT_LENGTH);
+            if unread || length_unknown {
                 *response.version_mut() = Version::HTTP_10;
             }
         } else if unread {
@@ -260,5 +264,66 @@ where
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         Poll::Ready(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::{Body as AxumBody, Bytes};
+    use tower::{Layer as _, ServiceExt as _};
+
+    /// Which answers to an HTTP/1.0 request are marked HTTP/1.0 (hyper then
+    /// closes, saying nothing of `keep-alive`): those of no known length,
+    /// and not a stream whose `Content-Length` is set (a `multipart/mixed`
+    /// answer kept its connection; found by review).
+    #[tokio::test]
+    async fn an_http_10_answer_of_unknown_length_closes_its_connection() {
+        fn stream() -> AxumBody {
+            AxumBody::from_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(
+                Bytes::from_static(b"abc"),
+            )]))
+        }
+        type MakeAnswer = fn() -> Response<AxumBody>;
+        let cases: [(Version, MakeAnswer, Version); 4] = [
+            (
+                Version::HTTP_10,
+                || Response::new(AxumBody::from("abc")),
+                Version::HTTP_11,
+            ),
+            (
+                Version::HTTP_10,
+                || Response::new(stream()),
+                Version::HTTP_10,
+            ),
+            (
+                Version::HTTP_10,
+                || {
+                    let mut answer = Response::new(stream());
+                    answer
+                        .headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+                    answer
+                },
+                Version::HTTP_11,
+            ),
+            (
+                Version::HTTP_11,
+                || Response::new(stream()),
+                Version::HTTP_11,
+            ),
+        ];
+        for (asked, answer, marked) in cases {
+            let service = CloseUnreadLayer.layer(tower::service_fn(
+                move |_: Request<Tracked<AxumBody>>| async move {
+                    Ok::<_, std::convert::Infallible>(answer())
+                },
+            ));
+            let mut request = Request::new(AxumBody::empty());
+            *request.version_mut() = asked;
+            let response = service.oneshot(request).await.unwrap();
+            assert_eq!(response.version(), marked, "asked {asked:?}");
+            assert!(!response.headers().contains_key(header::CONNECTION));
+        }
     }
 }

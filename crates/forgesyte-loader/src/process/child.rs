@@ -509,12 +509,19 @@ impl Child {
 
     /// [`Self::kill_timed_out`] for a task ([`Self::kill_and_await`]). It
     /// must be polled inside a tokio runtime whose timers are enabled.
+    /// Dropped while it waits for the stacks, it kills the runner all the
+    /// same (for the plain timeout): the timeout has passed, and the
+    /// provisional reason recorded must not outlive its runner's kill.
     pub(crate) async fn kill_timed_out_awaited(
         &self,
         timeout: TimeoutError,
         as_error: fn(TimeoutError) -> PluginError,
     ) -> TimeoutError {
         let plain = as_error(timeout.clone()).reason();
+        let mut unkilled = KillOnDrop {
+            shared: &self.shared,
+            reason: Some(KillReason::host(&plain)),
+        };
         let asked = ask_for_stacks(
             &self.shared,
             self.hello.stack_signal,
@@ -530,6 +537,8 @@ impl Child {
             };
         }
         let (reason, located) = located_timeout(timeout, stuck_at, plain, as_error);
+        // Killed at the first poll, before any await.
+        unkilled.reason = None;
         self.kill_and_await(reason).await;
         located
     }
@@ -831,6 +840,21 @@ fn start_threads(
     }
 }
 
+/// Kills the runner for its `reason` when dropped with one
+/// ([`Child::kill_timed_out_awaited`] dropped as it waits).
+struct KillOnDrop<'a> {
+    shared: &'a Shared,
+    reason: Option<KillReason>,
+}
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(reason) = self.reason.take() {
+            kill_unless_reaping(self.shared, reason);
+        }
+    }
+}
+
 /// The kill reason of a timeout whose plugin was `stuck_at`, and the
 /// timeout with it: the registry's reason says where, the crash report
 /// (which other calls' clients read) says `plain`.
@@ -887,14 +911,14 @@ fn ask_for_stacks(
 }
 
 /// Where the dump says the plugin is, once the dump is over or `deadline`
-/// has passed; `None` while it may go on.
+/// has passed (a dump cut short, by the wait or its cap, says nothing);
+/// `None` while it may go on.
 fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
-    let lines = match shared.stderr.stacks() {
-        Some(lines) => lines,
-        None if Instant::now() >= deadline => shared.stderr.stacks_so_far(),
-        None => return None,
-    };
-    Some(super::stacks::stuck_at(&lines))
+    match shared.stderr.stacks() {
+        Some(dump) => Some(dump.and_then(|lines| super::stacks::stuck_at(&lines))),
+        None if Instant::now() >= deadline => Some(None),
+        None => None,
+    }
 }
 
 /// Kills the process and its group, recording why first (the first reason

@@ -42,12 +42,14 @@ fn caught_in(status: &str, signal: i32) -> bool {
 
 /// Whether `line` starts one thread's stack in a `faulthandler` dump
 /// (`Thread 0x… (most recent call first):`, `Current thread 0x… (…):`, or
-/// `Stack (most recent call first):` for a dump of one thread).
+/// `Stack (most recent call first):` for a dump of one thread), wherever
+/// in the line: the dump may begin after an unended line the plugin wrote
+/// (a progress bar's `\r`).
 pub(crate) fn is_stack_header(line: &str) -> bool {
     line.ends_with("(most recent call first):")
-        && (line.starts_with("Thread ")
-            || line.starts_with("Current thread ")
-            || line.starts_with("Stack "))
+        && (line.contains("Thread 0x")
+            || line.contains("Current thread 0x")
+            || line.ends_with("Stack (most recent call first):"))
 }
 
 /// One frame line: `  File "PATH", line N in FUNCTION`, as `PATH:N in
@@ -80,14 +82,21 @@ fn is_runner_file(path: &str) -> bool {
 /// library (`…/lib/python3.11/threading.py`, but not what is installed
 /// under its `site-packages` or `dist-packages`).
 fn is_pythons_own(path: &str) -> bool {
-    path.starts_with("<frozen ") || (path.contains("/lib/python3") && !path.contains("-packages/"))
+    path.starts_with("<frozen ")
+        || ((path.contains("/lib/python3") || path.contains("/lib64/python3"))
+            && !path.contains("-packages/"))
 }
 
-/// Where the plugin's code is stuck, from a dump's lines: `ENTRY` (the
-/// plugin's frame the runner called), or `ENTRY, in INNERMOST` when it
-/// waits in code below it (a library, the standard library). `None` when
-/// no thread is in code the runner called (no dump came, or it was cut).
+/// Where the plugin's code is stuck, from a whole dump's lines: `ENTRY`
+/// (the plugin's frame the runner called), or `ENTRY, in INNERMOST` when
+/// it waits in code below it (a library, the standard library). `None`
+/// when no thread, or more than one, is in code the runner called, or when
+/// a thread's stack was cut (`faulthandler` writes 100 frames, then
+/// `...`): its thread could be the one.
 pub(crate) fn stuck_at(lines: &[String]) -> Option<String> {
+    if lines.iter().any(|line| line.trim() == "...") {
+        return None;
+    }
     let mut threads: Vec<Vec<(&str, String)>> = Vec::new();
     for line in lines {
         if is_stack_header(line) {
@@ -197,6 +206,31 @@ mod tests {
             "/v/lib/python3.11/site-packages/torch/__init__.py"
         ));
         assert!(is_pythons_own("<frozen runpy>"));
+    }
+
+    #[test]
+    fn a_stack_cut_short_or_a_header_after_a_progress_bar() {
+        let deep = lines(&format!(
+            "Thread 0x2 (most recent call first):\n\
+             \x20 File \"/p/plugin.py\", line 3 in deep\n\
+             \x20 ...\n\
+             Current thread 0x1 (most recent call first):\n\
+             \x20 File \"/p/plugin.py\", line 9 in hang\n\
+             \x20 File \"{RUNNER}\", line 90 in call\n"
+        ));
+        assert_eq!(stuck_at(&deep), None);
+        let after_a_bar = lines(&format!(
+            " 45%|####      | 45/100\rCurrent thread 0x1 (most recent call first):\n\
+             \x20 File \"/p/plugin.py\", line 9 in hang\n\
+             \x20 File \"{RUNNER}\", line 90 in call\n"
+        ));
+        assert_eq!(
+            stuck_at(&after_a_bar).as_deref(),
+            Some("/p/plugin.py:9 in hang")
+        );
+        assert!(is_pythons_own(
+            "/usr/lib64/python3.12/asyncio/base_events.py"
+        ));
     }
 
     #[test]

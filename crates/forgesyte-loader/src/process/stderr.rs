@@ -25,7 +25,7 @@ const MAX_STACK_LINES: usize = 400;
 /// How long the host waits for a runner's stacks before a timeout's kill.
 pub(crate) const STACKS_WAIT: Duration = Duration::from_millis(300);
 /// A stack dump is over when no line came for this long.
-const STACKS_QUIET: Duration = Duration::from_millis(20);
+const STACKS_QUIET: Duration = Duration::from_millis(50);
 
 /// One runner's stderr, as its reading thread keeps it.
 #[derive(Debug)]
@@ -51,9 +51,20 @@ struct StackWatch {
 }
 
 impl StackWatch {
-    /// Begun, and no line came for [`STACKS_QUIET`].
+    /// Begun, and no line came for [`STACKS_QUIET`]; or asked for
+    /// [`STACKS_WAIT`] ago, or holding [`MAX_STACK_LINES`] (a plugin that
+    /// keeps writing holds no watch open, its lines logged past the
+    /// budget).
     fn over(&self) -> bool {
         self.last.is_some_and(|last| last.elapsed() >= STACKS_QUIET)
+            || self.asked.elapsed() >= STACKS_WAIT
+            || self.lines.len() >= MAX_STACK_LINES
+    }
+
+    /// Over before the wait ran out or the lines reached their cap: not
+    /// cut.
+    fn whole(&self) -> bool {
+        self.asked.elapsed() < STACKS_WAIT && self.lines.len() < MAX_STACK_LINES
     }
 }
 
@@ -163,9 +174,7 @@ impl StderrLog {
             return false;
         }
         watch.last = Some(Instant::now());
-        if watch.lines.len() < MAX_STACK_LINES {
-            watch.lines.push(text.to_owned());
-        }
+        watch.lines.push(text.to_owned());
         true
     }
 
@@ -186,21 +195,18 @@ impl StderrLog {
         (asked, true)
     }
 
-    /// The dump's lines once it is over, or stderr has ended; `None` while
-    /// it may go on.
-    pub(crate) fn stacks(&self) -> Option<Vec<String>> {
+    /// The dump once it is over, or stderr has ended: its lines, or
+    /// `Some(None)` when it may have been cut (the wait ran out, or its
+    /// lines reached the cap). `None` while it may go on.
+    pub(crate) fn stacks(&self) -> Option<Option<Vec<String>>> {
         let watch = self.stacks.lock();
-        let over = watch.as_ref().is_none_or(StackWatch::over) || *self.done.lock();
-        over.then(|| watch.as_ref().map(|w| w.lines.clone()).unwrap_or_default())
-    }
-
-    /// The dump's lines so far.
-    pub(crate) fn stacks_so_far(&self) -> Vec<String> {
-        self.stacks
-            .lock()
-            .as_ref()
-            .map(|w| w.lines.clone())
-            .unwrap_or_default()
+        let Some(watch) = watch.as_ref() else {
+            return Some(Some(Vec::new()));
+        };
+        if !watch.over() && !*self.done.lock() {
+            return None;
+        }
+        Some(watch.whole().then(|| watch.lines.clone()))
     }
 
     /// The last lines, once stderr has ended or `grace` has passed (the
@@ -238,7 +244,10 @@ mod tests {
             "Current thread 0x1 (most recent call first):\n  File \"/p/plugin.py\", line 3 in t\n",
         );
         log.read(text.as_bytes());
-        let dump = log.stacks().expect("stderr ended: the dump is over");
+        let dump = log
+            .stacks()
+            .expect("stderr ended: the dump is over")
+            .expect("the dump is whole");
         assert_eq!(
             dump,
             [
@@ -256,7 +265,7 @@ mod tests {
     fn without_a_watch_a_dump_is_plain_stderr() {
         let log = StderrLog::new("p", 1);
         log.read(&b"Current thread 0x1 (most recent call first):\n"[..]);
-        assert_eq!(log.stacks_so_far(), Vec::<String>::new());
+        assert_eq!(log.stacks(), Some(Some(Vec::new())));
         assert_eq!(log.tail_after(Duration::ZERO).len(), 1);
     }
 }
