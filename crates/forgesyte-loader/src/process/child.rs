@@ -519,7 +519,7 @@ impl Child {
     ) -> TimeoutError {
         let plain = as_error(timeout.clone()).reason();
         let mut unkilled = KillOnDrop {
-            shared: &self.shared,
+            shared: Arc::clone(&self.shared),
             reason: Some(KillReason::host(&plain)),
         };
         let asked = ask_for_stacks(
@@ -842,15 +842,29 @@ fn start_threads(
 
 /// Kills the runner for its `reason` when dropped with one
 /// ([`Child::kill_timed_out_awaited`] dropped as it waits).
-struct KillOnDrop<'a> {
-    shared: &'a Shared,
+struct KillOnDrop {
+    shared: Arc<Shared>,
     reason: Option<KillReason>,
 }
 
-impl Drop for KillOnDrop<'_> {
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if let Some(reason) = self.reason.take() {
-            kill_unless_reaping(self.shared, reason);
+        let Some(reason) = self.reason.take() else {
+            return;
+        };
+        // Not waited for here (a task may be dropping it): the process's
+        // lock, when another holds it a while, is waited for on a thread
+        // (only the reaper of a death already asked for holds it longer).
+        if let Some(mut process) = self.shared.process.try_lock() {
+            kill_locked(&self.shared, &mut process, reason);
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let killer = std::thread::Builder::new()
+            .name("forgesyte-kill".into())
+            .spawn(move || kill(&shared, reason));
+        if let Err(e) = killer {
+            tracing::warn!(plugin = %self.shared.plugin, "cannot start a thread to kill a timed-out runner: {e}");
         }
     }
 }

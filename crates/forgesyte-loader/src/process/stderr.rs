@@ -21,7 +21,7 @@ pub(crate) const STDERR_TAIL_LINES: usize = 20;
 const MAX_LINE_BYTES: u64 = 4096;
 
 /// Most lines a stack dump keeps ([`StderrLog::watch_stacks`]).
-const MAX_STACK_LINES: usize = 400;
+const MAX_STACK_LINES: usize = 2000;
 /// How long the host waits for a runner's stacks before a timeout's kill.
 pub(crate) const STACKS_WAIT: Duration = Duration::from_millis(300);
 /// A stack dump is over when no line came for this long.
@@ -46,26 +46,36 @@ struct StackWatch {
     asked: Instant,
     /// Its lines, from the header of its first stack on.
     lines: Vec<String>,
-    /// When its last line came; `None` before its first header.
+    /// When its last line came (once logged); `None` before its first
+    /// header.
     last: Option<Instant>,
+    /// It went on past the wait or the cap, or stderr ended in it: what
+    /// was kept may be only part of it.
+    cut: bool,
 }
 
 impl StackWatch {
-    /// Begun, and no line came for [`STACKS_QUIET`]; or asked for
-    /// [`STACKS_WAIT`] ago, or holding [`MAX_STACK_LINES`] (a plugin that
-    /// keeps writing holds no watch open, its lines logged past the
-    /// budget).
-    fn over(&self) -> bool {
+    /// Begun, and no line came for [`STACKS_QUIET`].
+    fn quiet(&self) -> bool {
         self.last.is_some_and(|last| last.elapsed() >= STACKS_QUIET)
-            || self.asked.elapsed() >= STACKS_WAIT
-            || self.lines.len() >= MAX_STACK_LINES
     }
 
-    /// Over before the wait ran out or the lines reached their cap: not
-    /// cut.
-    fn whole(&self) -> bool {
-        self.asked.elapsed() < STACKS_WAIT && self.lines.len() < MAX_STACK_LINES
+    /// Nothing more is to be kept: quiet, cut, or asked for
+    /// [`STACKS_WAIT`] ago.
+    fn over(&self) -> bool {
+        self.quiet() || self.cut || self.asked.elapsed() >= STACKS_WAIT
     }
+}
+
+/// What a line of stderr is to a stack dump being watched.
+enum DumpLine {
+    /// Not the dump's: the plugin's own.
+    Plain,
+    /// The dump's: kept, logged at WARN past the budget, not in the tail.
+    Kept,
+    /// The dump's, past the wait or the cap: not kept, logged within the
+    /// budget, not in the tail either (it names the plugin's files).
+    Overflow,
 }
 
 impl StderrLog {
@@ -121,7 +131,8 @@ impl StderrLog {
                     // budget (it is bounded, and rare), and left out of the
                     // tail (it names the plugin's files: other calls'
                     // crash reports, which clients read, carry the tail).
-                    if self.dumped(text) {
+                    let dump = self.dump_line(text);
+                    if let DumpLine::Kept = dump {
                         log_plugin_line(
                             Some(&self.plugin),
                             Some(self.pid),
@@ -129,6 +140,9 @@ impl StderrLog {
                             tracing::Level::WARN,
                             text,
                         );
+                        // Its time once logged: a slow log sink is not the
+                        // dump's quiet.
+                        self.dump_line_logged();
                         continue;
                     }
                     // The line as written (its tags included, which the
@@ -143,6 +157,9 @@ impl StderrLog {
                         }
                         Verdict::Drop(false) => {}
                     }
+                    if let DumpLine::Overflow = dump {
+                        continue;
+                    }
                     let mut tail = self.tail.lock();
                     if tail.len() == STDERR_TAIL_LINES {
                         tail.pop_front();
@@ -152,6 +169,13 @@ impl StderrLog {
             }
         }
         self.report_dropped(budget.take_dropped());
+        if let Some(watch) = self.stacks.lock().as_mut()
+            && watch.last.is_some()
+            && !watch.quiet()
+        {
+            // Ended in the dump (the runner died in it).
+            watch.cut = true;
+        }
         *self.done.lock() = true;
         self.closed.notify_all();
     }
@@ -163,19 +187,37 @@ impl StderrLog {
         }
     }
 
-    /// Whether `text` is a line of the stack dump being watched, kept if
-    /// so: from its first stack's header until it is over.
-    fn dumped(&self, text: &str) -> bool {
+    /// What `text` is to the stack dump being watched, kept if it is the
+    /// dump's: from its first stack's header until no line came for
+    /// [`STACKS_QUIET`]; past the wait or the cap, the dump is cut.
+    fn dump_line(&self, text: &str) -> DumpLine {
         let mut watch = self.stacks.lock();
-        let Some(watch) = watch.as_mut().filter(|w| !w.over()) else {
-            return false;
+        let Some(watch) = watch.as_mut() else {
+            return DumpLine::Plain;
         };
-        if watch.last.is_none() && !super::stacks::is_stack_header(text) {
-            return false;
+        if watch.quiet() {
+            return DumpLine::Plain;
         }
-        watch.last = Some(Instant::now());
+        let begun = watch.last.is_some();
+        if !begun && (watch.asked.elapsed() >= STACKS_WAIT || !super::stacks::is_stack_header(text))
+        {
+            return DumpLine::Plain;
+        }
+        if watch.cut || watch.asked.elapsed() >= STACKS_WAIT || watch.lines.len() >= MAX_STACK_LINES
+        {
+            watch.cut = true;
+            watch.last = Some(Instant::now());
+            return DumpLine::Overflow;
+        }
         watch.lines.push(text.to_owned());
-        true
+        DumpLine::Kept
+    }
+
+    /// Stamps the kept dump line just logged as the dump's last.
+    fn dump_line_logged(&self) {
+        if let Some(watch) = self.stacks.lock().as_mut() {
+            watch.last = Some(Instant::now());
+        }
     }
 
     /// Watches for a stack dump: when it was asked for, and whether the
@@ -191,13 +233,15 @@ impl StderrLog {
             asked,
             lines: Vec::new(),
             last: None,
+            cut: false,
         });
         (asked, true)
     }
 
     /// The dump once it is over, or stderr has ended: its lines, or
-    /// `Some(None)` when it may have been cut (the wait ran out, or its
-    /// lines reached the cap). `None` while it may go on.
+    /// `Some(None)` when it was cut (past the wait or the cap, or stderr
+    /// ended in it). `None` while it may go on. Whether it was cut is
+    /// decided as its lines come, not when this is asked.
     pub(crate) fn stacks(&self) -> Option<Option<Vec<String>>> {
         let watch = self.stacks.lock();
         let Some(watch) = watch.as_ref() else {
@@ -206,7 +250,10 @@ impl StderrLog {
         if !watch.over() && !*self.done.lock() {
             return None;
         }
-        Some(watch.whole().then(|| watch.lines.clone()))
+        // Begun and not yet quiet when the wait ran out: more of it may be
+        // on its way.
+        let whole = !watch.cut && (watch.last.is_none() || watch.quiet());
+        Some(whole.then(|| watch.lines.clone()))
     }
 
     /// The last lines, once stderr has ended or `grace` has passed (the
@@ -234,20 +281,31 @@ mod tests {
     /// the tail that crash reports carry (it names the plugin's files).
     #[test]
     fn a_stack_dump_is_kept_apart_from_the_tail() {
-        let log = StderrLog::new("p", 1);
+        use std::io::Write as _;
+        let log = std::sync::Arc::new(StderrLog::new("p", 1));
         let (_, ask) = log.watch_stacks();
         assert!(ask);
         // A second caller a moment later shares the dump.
         assert!(!log.watch_stacks().1);
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let reading = {
+            let log = std::sync::Arc::clone(&log);
+            std::thread::spawn(move || log.read(reader))
+        };
         let mut text = "spam\n".repeat(MAX_STACK_LINES + 10);
         text.push_str(
             "Current thread 0x1 (most recent call first):\n  File \"/p/plugin.py\", line 3 in t\n",
         );
-        log.read(text.as_bytes());
-        let dump = log
-            .stacks()
-            .expect("stderr ended: the dump is over")
-            .expect("the dump is whole");
+        writer.write_all(text.as_bytes()).unwrap();
+        // Over once quiet, stderr still open.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let dump = loop {
+            if let Some(dump) = log.stacks() {
+                break dump.expect("the dump is whole");
+            }
+            assert!(Instant::now() < deadline, "the dump never ended");
+            std::thread::sleep(Duration::from_millis(5));
+        };
         assert_eq!(
             dump,
             [
@@ -255,9 +313,36 @@ mod tests {
                 "  File \"/p/plugin.py\", line 3 in t"
             ]
         );
+        // A line after the quiet is the plugin's again.
+        writer.write_all(b"after\n").unwrap();
+        drop(writer);
+        reading.join().unwrap();
         let tail = log.tail_after(Duration::ZERO);
         assert_eq!(tail.len(), STDERR_TAIL_LINES);
-        assert!(tail.iter().all(|line| line == "spam"), "{tail:?}");
+        assert_eq!(tail.last().map(String::as_str), Some("after"));
+        assert!(
+            tail[..STDERR_TAIL_LINES - 1]
+                .iter()
+                .all(|line| line == "spam"),
+            "{tail:?}"
+        );
+    }
+
+    /// A dump stderr ended in (the runner died in it), or past the cap,
+    /// was cut: it says nothing, and its lines stay out of the tail.
+    #[test]
+    fn a_dump_cut_short_is_no_dump() {
+        let header = "Current thread 0x1 (most recent call first):\n";
+        let log = StderrLog::new("p", 1);
+        log.watch_stacks();
+        log.read(header.as_bytes());
+        assert_eq!(log.stacks(), Some(None));
+        let log = StderrLog::new("p", 1);
+        log.watch_stacks();
+        let frames = "  File \"/p/plugin.py\", line 3 in t\n".repeat(MAX_STACK_LINES + 5);
+        log.read(format!("{header}{frames}").as_bytes());
+        assert_eq!(log.stacks(), Some(None));
+        assert!(log.tail_after(Duration::ZERO).is_empty());
     }
 
     /// Unasked, a dump's lines are the plugin's like any others.
