@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use forgesyte_errors::{CrashCause, CrashError, PluginError, TimeoutError, fmt_duration};
+use forgesyte_errors::{CrashCause, CrashError, PluginError, fmt_duration};
 use forgesyte_protocol::wire::shm::{SHM_FD_ENV, SHM_THRESHOLD_ENV};
 use forgesyte_protocol::wire::{Greeting, HandshakeError, Hello, WireError};
 use parking_lot::{Condvar, Mutex};
@@ -37,7 +37,8 @@ use super::exit::{classify, signal_name};
 use super::os_process::OsProcess;
 use super::runners::{HOST_STOPPING, Runners};
 use super::spawn::{pass_fd, runner_env, spawn_runner, spawn_runner_logging_stdout};
-use super::stderr::{STACKS_WAIT, StderrLog};
+use super::stacks::stuck_at;
+use super::stderr::StderrLog;
 use super::transport::{Reply, RequestError, Sent, Transport, TrySend};
 use super::watched_pipe::WatchedPipe;
 use super::zygote::Zygote;
@@ -151,18 +152,18 @@ pub(super) struct ExitState {
 /// What the owner, the reader thread and the stderr thread share.
 pub(super) struct Shared {
     pub(super) plugin: String,
-    pid: u32,
+    pub(super) pid: u32,
     memory_limit_mib: u64,
     transport: Transport,
-    process: Mutex<OsProcess>,
-    kill_reason: Mutex<Option<KillReason>>,
+    pub(super) process: Mutex<OsProcess>,
+    pub(super) kill_reason: Mutex<Option<KillReason>>,
     pub(super) exit: Mutex<ExitState>,
     exited: Condvar,
     /// [`Self::exited`] for tasks ([`Child::dead`]).
     died: tokio::sync::Notify,
     /// What the stderr thread keeps; that thread holds this alone (a
     /// process the plugin started may keep stderr open long after).
-    stderr: Arc<StderrLog>,
+    pub(super) stderr: Arc<StderrLog>,
     retired: AtomicBool,
     /// Its plugin is constructed ([`Child::constructed`]): it serves, or
     /// will, rather than starts.
@@ -255,8 +256,8 @@ fn pipes_not_set_up(mut process: std::process::Child) -> std::io::Error {
 /// A running runner process. Dropping it retires the process (killed, no
 /// exit callbacks).
 pub(crate) struct Child {
-    shared: Arc<Shared>,
-    hello: Hello,
+    pub(super) shared: Arc<Shared>,
+    pub(super) hello: Hello,
 }
 
 impl std::fmt::Debug for Child {
@@ -485,62 +486,6 @@ impl Child {
     /// What the runner said about itself.
     pub(crate) fn hello(&self) -> &Hello {
         &self.hello
-    }
-
-    /// Kills the runner for `timeout` (`as_error`: the error it is, for its
-    /// reason) once it said where its plugin was stuck ([`stuck_at`]), and
-    /// waits for its death ([`Self::kill_and_wait`]); returns the timeout,
-    /// its `stuck_at` filled when known.
-    pub(crate) fn kill_timed_out(
-        &self,
-        timeout: TimeoutError,
-        as_error: fn(TimeoutError) -> PluginError,
-    ) -> TimeoutError {
-        let plain = as_error(timeout.clone()).reason();
-        let stuck_at = stuck_at(
-            &self.shared,
-            self.hello.stack_signal,
-            KillReason::host(&plain),
-        );
-        let (reason, located) = located_timeout(timeout, stuck_at, plain, as_error);
-        self.kill_and_wait(reason);
-        located
-    }
-
-    /// [`Self::kill_timed_out`] for a task ([`Self::kill_and_await`]). It
-    /// must be polled inside a tokio runtime whose timers are enabled.
-    /// Dropped while it waits for the stacks, it kills the runner all the
-    /// same (for the plain timeout): the timeout has passed, and the
-    /// provisional reason recorded must not outlive its runner's kill.
-    pub(crate) async fn kill_timed_out_awaited(
-        &self,
-        timeout: TimeoutError,
-        as_error: fn(TimeoutError) -> PluginError,
-    ) -> TimeoutError {
-        let plain = as_error(timeout.clone()).reason();
-        let mut unkilled = KillOnDrop {
-            shared: Arc::clone(&self.shared),
-            reason: Some(KillReason::host(&plain)),
-        };
-        let asked = ask_for_stacks(
-            &self.shared,
-            self.hello.stack_signal,
-            KillReason::host(&plain),
-        );
-        let mut stuck_at = None;
-        if let Some(deadline) = asked {
-            stuck_at = loop {
-                if let Some(at) = stacks_over(&self.shared, deadline) {
-                    break at;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            };
-        }
-        let (reason, located) = located_timeout(timeout, stuck_at, plain, as_error);
-        // Killed at the first poll, before any await.
-        unkilled.reason = None;
-        self.kill_and_await(reason).await;
-        located
     }
 
     /// The runner's process id, until its death is processed: reaped, its
@@ -840,106 +785,11 @@ fn start_threads(
     }
 }
 
-/// Kills the runner for its `reason` when dropped with one
-/// ([`Child::kill_timed_out_awaited`] dropped as it waits).
-struct KillOnDrop {
-    shared: Arc<Shared>,
-    reason: Option<KillReason>,
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let Some(reason) = self.reason.take() else {
-            return;
-        };
-        // Not waited for here (a task may be dropping it): the process's
-        // lock, when another holds it a while, is waited for on a thread
-        // (only the reaper of a death already asked for holds it longer).
-        if let Some(mut process) = self.shared.process.try_lock() {
-            kill_locked(&self.shared, &mut process, reason);
-            return;
-        }
-        let shared = Arc::clone(&self.shared);
-        let killer = std::thread::Builder::new()
-            .name("forgesyte-kill".into())
-            .spawn(move || kill(&shared, reason));
-        if let Err(e) = killer {
-            tracing::warn!(plugin = %self.shared.plugin, "cannot start a thread to kill a timed-out runner: {e}");
-        }
-    }
-}
-
-/// The kill reason of a timeout whose plugin was `stuck_at`, and the
-/// timeout with it: the registry's reason says where, the crash report
-/// (which other calls' clients read) says `plain`.
-fn located_timeout(
-    mut timeout: TimeoutError,
-    stuck_at: Option<String>,
-    plain: String,
-    as_error: fn(TimeoutError) -> PluginError,
-) -> (KillReason, TimeoutError) {
-    timeout.stuck_at = stuck_at;
-    let located = as_error(timeout.clone()).reason();
-    (KillReason::timed_out(plain, located), timeout)
-}
-
-/// Where the plugin's code is stuck (`PATH:LINE in FUNCTION`), for a
-/// timeout's reason: a runner with a stack signal (its hello's, or the
-/// host's Python runner's before its hello) is sent it, and the dump read
-/// from its stderr for [`STACKS_WAIT`] at most. `provisional` is the kill's
-/// reason should the runner die of the signal.
-fn stuck_at(shared: &Shared, signal: Option<i32>, provisional: KillReason) -> Option<String> {
-    let deadline = ask_for_stacks(shared, signal, provisional)?;
-    loop {
-        if let Some(at) = stacks_over(shared, deadline) {
-            return at;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Sends the runner `signal`, its stderr watched for the dump, unless
-/// another caller did a moment ago (its dump is shared), `provisional`
-/// recorded first; when to give up waiting for the dump. `None`: none was
-/// asked for (no signal, none the runner has a handler for yet, it has
-/// ended, or the reaper holds it, dying).
-fn ask_for_stacks(
-    shared: &Shared,
-    signal: Option<i32>,
-    provisional: KillReason,
-) -> Option<Instant> {
-    let signal = signal.filter(|&signal| super::stacks::catches(shared.pid, signal))?;
-    let process = shared.process.try_lock_for(Duration::from_millis(10))?;
-    if !process.is_running() {
-        return None;
-    }
-    shared.kill_reason.lock().get_or_insert(KillReason {
-        provisional: true,
-        ..provisional
-    });
-    let (asked, ask) = shared.stderr.watch_stacks();
-    if ask && !process.signal(signal) {
-        return None;
-    }
-    Some(asked + STACKS_WAIT)
-}
-
-/// Where the dump says the plugin is, once the dump is over or `deadline`
-/// has passed (a dump cut short, by the wait or its cap, says nothing);
-/// `None` while it may go on.
-fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
-    match shared.stderr.stacks() {
-        Some(dump) => Some(dump.and_then(|lines| super::stacks::stuck_at(&lines))),
-        None if Instant::now() >= deadline => Some(None),
-        None => None,
-    }
-}
-
 /// Kills the process and its group, recording why first (the first reason
 /// wins). A process that has ended already is left as it is, its death
 /// reported for what it was: a crash stays a crash, even if a timeout
 /// fires just after.
-fn kill(shared: &Shared, reason: KillReason) {
+pub(super) fn kill(shared: &Shared, reason: KillReason) {
     kill_locked(shared, &mut shared.process.lock(), reason);
 }
 
@@ -954,7 +804,7 @@ pub(super) fn kill_unless_reaping(shared: &Shared, reason: KillReason) {
     }
 }
 
-fn kill_locked(shared: &Shared, process: &mut OsProcess, reason: KillReason) {
+pub(super) fn kill_locked(shared: &Shared, process: &mut OsProcess, reason: KillReason) {
     if process.is_running() {
         let mut recorded = shared.kill_reason.lock();
         if recorded.as_ref().is_none_or(|r| r.provisional) {
@@ -1120,34 +970,6 @@ fn for_calls(shared: &Shared, report: Arc<ExitReport>) -> Arc<ExitReport> {
 
 #[cfg(test)]
 mod tests {
-    /// The registry hears where a timed-out plugin was stuck; the crash
-    /// report, which other calls' clients read, does not.
-    #[test]
-    fn a_timeouts_location_goes_to_the_registry_alone() {
-        use super::*;
-        let timeout = crate::manifest::Limits::call_timed_out("t", Duration::from_secs(1));
-        let plain = PluginError::Timeout(timeout.clone()).reason();
-        let (reason, located) = located_timeout(
-            timeout,
-            Some("/p/plugin.py:3 in t".into()),
-            plain.clone(),
-            PluginError::Timeout,
-        );
-        assert_eq!(located.stuck_at.as_deref(), Some("/p/plugin.py:3 in t"));
-        let registry = reason.registry_reason.unwrap_or_default();
-        assert!(
-            registry.contains(", stuck at /p/plugin.py:3 in t;"),
-            "{registry}"
-        );
-        assert!(!plain.contains("stuck at"), "{plain}");
-        assert!(
-            matches!(&reason.cause, CrashCause::Killed { reason } if *reason == plain),
-            "{:?}",
-            reason.cause
-        );
-        assert!(!reason.provisional);
-    }
-
     #[test]
     fn the_stop_wait_covers_every_grace_a_stop_can_take() {
         use super::*;

@@ -1,5 +1,8 @@
-//! Where a runner's plugin code is stuck, read from the stacks its threads
-//! wrote to stderr when the host sent the hello's `stack_signal` (Python's
+//! Where a runner's plugin code is stuck, before a timeout's kill: the
+//! runner asked ([`stuck_at`], [`ask_for_stacks`]: the signal, the
+//! provisional reason, the wait on [`StderrLog`](super::stderr::StderrLog)'s
+//! watch), and the dump read ([`read_stuck_at`]). The dump is the stacks
+//! its threads wrote to stderr when the host sent the hello's `stack_signal` (Python's
 //! `faulthandler`: a header per thread, then its frames, most recent
 //! first):
 //!
@@ -18,6 +21,14 @@
 //! innermost frame is where it waits, when that is elsewhere. When more
 //! than one thread is in the plugin's code (calls in flight together), the
 //! dump cannot tell which is the call that timed out, and says nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forgesyte_errors::{PluginError, TimeoutError};
+
+use super::child::{Child, KillReason, Shared, kill, kill_locked};
+use super::stderr::STACKS_WAIT;
 
 /// Whether process `pid` has a handler for `signal` (its `/proc` status's
 /// `SigCgt` mask): a runner not yet at the point where it sets one (an
@@ -93,7 +104,7 @@ fn is_pythons_own(path: &str) -> bool {
 /// when no thread, or more than one, is in code the runner called, or when
 /// a thread's stack was cut (`faulthandler` writes 100 frames, then
 /// `...`): its thread could be the one.
-pub(crate) fn stuck_at(lines: &[String]) -> Option<String> {
+pub(crate) fn read_stuck_at(lines: &[String]) -> Option<String> {
     if lines.iter().any(|line| line.trim() == "...") {
         return None;
     }
@@ -124,9 +135,196 @@ pub(crate) fn stuck_at(lines: &[String]) -> Option<String> {
     in_plugin.next().is_none().then_some(only)
 }
 
+// Asking a runner for its stacks, before a timeout's kill.
+
+/// Kills the runner for its `reason` when dropped with one
+/// ([`Child::kill_timed_out_awaited`](super::child::Child::kill_timed_out_awaited)
+/// dropped as it waits).
+pub(super) struct KillOnDrop {
+    pub(super) shared: Arc<Shared>,
+    pub(super) reason: Option<KillReason>,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let Some(reason) = self.reason.take() else {
+            return;
+        };
+        // Not waited for here (a task may be dropping it): the process's
+        // lock, when another holds it a while, is waited for on a thread
+        // (only the reaper of a death already asked for holds it longer).
+        if let Some(mut process) = self.shared.process.try_lock() {
+            kill_locked(&self.shared, &mut process, reason);
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let killer = std::thread::Builder::new()
+            .name("forgesyte-kill".into())
+            .spawn(move || kill(&shared, reason));
+        if let Err(e) = killer {
+            tracing::warn!(plugin = %self.shared.plugin, "cannot start a thread to kill a timed-out runner: {e}");
+        }
+    }
+}
+
+/// The kill reason of a timeout whose plugin was `stuck_at`, and the
+/// timeout with it: the registry's reason says where, the crash report
+/// (which other calls' clients read) says `plain`.
+pub(super) fn located_timeout(
+    mut timeout: TimeoutError,
+    stuck_at: Option<String>,
+    plain: String,
+    as_error: fn(TimeoutError) -> PluginError,
+) -> (KillReason, TimeoutError) {
+    timeout.stuck_at = stuck_at;
+    let located = as_error(timeout.clone()).reason();
+    (KillReason::timed_out(plain, located), timeout)
+}
+
+/// Where the plugin's code is stuck (`PATH:LINE in FUNCTION`), for a
+/// timeout's reason: a runner with a stack signal (its hello's, or the
+/// host's Python runner's before its hello) is sent it, and the dump read
+/// from its stderr for [`STACKS_WAIT`] at most. `provisional` is the kill's
+/// reason should the runner die of the signal.
+pub(super) fn stuck_at(
+    shared: &Shared,
+    signal: Option<i32>,
+    provisional: KillReason,
+) -> Option<String> {
+    let deadline = ask_for_stacks(shared, signal, provisional)?;
+    loop {
+        if let Some(at) = stacks_over(shared, deadline) {
+            return at;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends the runner `signal`, its stderr watched for the dump, unless
+/// another caller did a moment ago (its dump is shared), `provisional`
+/// recorded first; when to give up waiting for the dump. `None`: none was
+/// asked for (no signal, none the runner has a handler for yet, it has
+/// ended, or the reaper holds it, dying).
+pub(super) fn ask_for_stacks(
+    shared: &Shared,
+    signal: Option<i32>,
+    provisional: KillReason,
+) -> Option<Instant> {
+    let signal = signal.filter(|&signal| catches(shared.pid, signal))?;
+    let process = shared.process.try_lock_for(Duration::from_millis(10))?;
+    if !process.is_running() {
+        return None;
+    }
+    shared.kill_reason.lock().get_or_insert(KillReason {
+        provisional: true,
+        ..provisional
+    });
+    let (asked, ask) = shared.stderr.watch_stacks();
+    if ask && !process.signal(signal) {
+        return None;
+    }
+    Some(asked + STACKS_WAIT)
+}
+
+/// Where the dump says the plugin is, once the dump is over or `deadline`
+/// has passed (a dump cut short, by the wait or its cap, says nothing);
+/// `None` while it may go on.
+pub(super) fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
+    match shared.stderr.stacks() {
+        Some(dump) => Some(dump.and_then(|lines| read_stuck_at(&lines))),
+        None if Instant::now() >= deadline => Some(None),
+        None => None,
+    }
+}
+
+impl Child {
+    /// Kills the runner for `timeout` (`as_error`: the error it is, for its
+    /// reason) once it said where its plugin was stuck ([`stuck_at`]), and
+    /// waits for its death ([`Self::kill_and_wait`]); returns the timeout,
+    /// its `stuck_at` filled when known.
+    pub(crate) fn kill_timed_out(
+        &self,
+        timeout: TimeoutError,
+        as_error: fn(TimeoutError) -> PluginError,
+    ) -> TimeoutError {
+        let plain = as_error(timeout.clone()).reason();
+        let stuck_at = stuck_at(
+            &self.shared,
+            self.hello.stack_signal,
+            KillReason::host(&plain),
+        );
+        let (reason, located) = located_timeout(timeout, stuck_at, plain, as_error);
+        self.kill_and_wait(reason);
+        located
+    }
+
+    /// [`Self::kill_timed_out`] for a task ([`Self::kill_and_await`]). It
+    /// must be polled inside a tokio runtime whose timers are enabled.
+    /// Dropped while it waits for the stacks, it kills the runner all the
+    /// same (for the plain timeout): the timeout has passed, and the
+    /// provisional reason recorded must not outlive its runner's kill.
+    pub(crate) async fn kill_timed_out_awaited(
+        &self,
+        timeout: TimeoutError,
+        as_error: fn(TimeoutError) -> PluginError,
+    ) -> TimeoutError {
+        let plain = as_error(timeout.clone()).reason();
+        let mut unkilled = KillOnDrop {
+            shared: Arc::clone(&self.shared),
+            reason: Some(KillReason::host(&plain)),
+        };
+        let asked = ask_for_stacks(
+            &self.shared,
+            self.hello.stack_signal,
+            KillReason::host(&plain),
+        );
+        let mut stuck_at = None;
+        if let Some(deadline) = asked {
+            stuck_at = loop {
+                if let Some(at) = stacks_over(&self.shared, deadline) {
+                    break at;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+        }
+        let (reason, located) = located_timeout(timeout, stuck_at, plain, as_error);
+        // Killed at the first poll, before any await.
+        unkilled.reason = None;
+        self.kill_and_await(reason).await;
+        located
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The registry hears where a timed-out plugin was stuck; the crash
+    /// report, which other calls' clients read, does not.
+    #[test]
+    fn a_timeouts_location_goes_to_the_registry_alone() {
+        let timeout = crate::manifest::Limits::call_timed_out("t", Duration::from_secs(1));
+        let plain = PluginError::Timeout(timeout.clone()).reason();
+        let (reason, located) = located_timeout(
+            timeout,
+            Some("/p/plugin.py:3 in t".into()),
+            plain.clone(),
+            PluginError::Timeout,
+        );
+        assert_eq!(located.stuck_at.as_deref(), Some("/p/plugin.py:3 in t"));
+        let registry = reason.registry_reason.unwrap_or_default();
+        assert!(
+            registry.contains(", stuck at /p/plugin.py:3 in t;"),
+            "{registry}"
+        );
+        assert!(!plain.contains("stuck at"), "{plain}");
+        assert!(
+            matches!(&reason.cause, forgesyte_errors::CrashCause::Killed { reason } if *reason == plain),
+            "{:?}",
+            reason.cause
+        );
+        assert!(!reason.provisional);
+    }
 
     fn lines(text: &str) -> Vec<String> {
         text.lines().map(str::to_owned).collect()
@@ -153,7 +351,7 @@ mod tests {
              \x20 File \"/usr/lib/python3.11/threading.py\", line 975 in run\n"
         ));
         assert_eq!(
-            stuck_at(&dump).as_deref(),
+            read_stuck_at(&dump).as_deref(),
             Some(
                 "/plugins/slow/plugin.py:12 in slow, in \
                  /usr/lib/python3.11/threading.py:324 in wait"
@@ -171,9 +369,9 @@ mod tests {
             )
         };
         let dump = lines(&format!("{}{}", call("a"), call("b")));
-        assert_eq!(stuck_at(&dump), None);
+        assert_eq!(read_stuck_at(&dump), None);
         assert_eq!(
-            stuck_at(&lines(&call("a"))).as_deref(),
+            read_stuck_at(&lines(&call("a"))).as_deref(),
             Some("/p/plugin.py:5 in a")
         );
     }
@@ -193,14 +391,17 @@ mod tests {
              \x20 File \"/p/plugin.py\", line 9 in hang\n\
              \x20 File \"{RUNNER}\", line 90 in call\n"
         ));
-        assert_eq!(stuck_at(&dump).as_deref(), Some("/p/plugin.py:9 in hang"));
+        assert_eq!(
+            read_stuck_at(&dump).as_deref(),
+            Some("/p/plugin.py:9 in hang")
+        );
         let starting = lines(&format!(
             "Current thread 0x1 (most recent call first):\n\
              \x20 File \"/usr/lib/python3.11/ctypes/__init__.py\", line 439 in <module>\n\
              \x20 File \"<frozen importlib._bootstrap>\", line 241 in _call_with_frames_removed\n\
              \x20 File \"{RUNNER}\", line 30 in confine\n"
         ));
-        assert_eq!(stuck_at(&starting), None);
+        assert_eq!(read_stuck_at(&starting), None);
         // What a virtualenv installed is the plugin's side.
         assert!(!is_pythons_own(
             "/v/lib/python3.11/site-packages/torch/__init__.py"
@@ -218,14 +419,14 @@ mod tests {
              \x20 File \"/p/plugin.py\", line 9 in hang\n\
              \x20 File \"{RUNNER}\", line 90 in call\n"
         ));
-        assert_eq!(stuck_at(&deep), None);
+        assert_eq!(read_stuck_at(&deep), None);
         let after_a_bar = lines(&format!(
             " 45%|####      | 45/100\rCurrent thread 0x1 (most recent call first):\n\
              \x20 File \"/p/plugin.py\", line 9 in hang\n\
              \x20 File \"{RUNNER}\", line 90 in call\n"
         ));
         assert_eq!(
-            stuck_at(&after_a_bar).as_deref(),
+            read_stuck_at(&after_a_bar).as_deref(),
             Some("/p/plugin.py:9 in hang")
         );
         assert!(is_pythons_own(
@@ -241,7 +442,7 @@ mod tests {
              \x20 File \"<forgesyte_runner/loading.py>\", line 100 in construct\n",
         );
         assert_eq!(
-            stuck_at(&dump).as_deref(),
+            read_stuck_at(&dump).as_deref(),
             Some("/p/plugin.py:8 in __init__")
         );
     }
@@ -257,7 +458,7 @@ mod tests {
              \x20 File \"<forgesyte_runner/loading.py>\", line 50 in import_plugin\n",
         );
         assert_eq!(
-            stuck_at(&dump).as_deref(),
+            read_stuck_at(&dump).as_deref(),
             Some("/p/plugin.py:3 in <module>, in /usr/lib/python3.11/socket.py:5 in connect")
         );
         // A module the plugin imports lazily, stuck: the plugin's frame
@@ -270,7 +471,7 @@ mod tests {
              \x20 File \"<forgesyte_runner/loading.py>\", line 80 in construct\n",
         );
         assert_eq!(
-            stuck_at(&dump).as_deref(),
+            read_stuck_at(&dump).as_deref(),
             Some("/p/plugin.py:12 in __init__, in /venv/heavy/__init__.py:9 in <module>")
         );
     }
@@ -284,24 +485,24 @@ mod tests {
              \x20 File \"{RUNNER}\", line 90 in call\n"
         ));
         assert_eq!(
-            stuck_at(&dump).as_deref(),
+            read_stuck_at(&dump).as_deref(),
             Some("/p/plugin.py:7 in tool, in <forgesyte_runner/api.py>:30 in emit")
         );
     }
 
     #[test]
     fn no_dump_or_only_the_runner_says_nothing() {
-        assert_eq!(stuck_at(&[]), None);
-        assert_eq!(stuck_at(&lines("some line\nTraceback:\n")), None);
+        assert_eq!(read_stuck_at(&[]), None);
+        assert_eq!(read_stuck_at(&lines("some line\nTraceback:\n")), None);
         let idle = lines(&format!(
             "Current thread 0x1 (most recent call first):\n  File \"{RUNNER}\", line 40 in _idle\n"
         ));
-        assert_eq!(stuck_at(&idle), None);
+        assert_eq!(read_stuck_at(&idle), None);
         // Frames with no header first are not a thread's.
         let headless = lines(&format!(
             "  File \"/p/plugin.py\", line 8 in x\n  File \"{RUNNER}\", line 40 in call\n"
         ));
-        assert_eq!(stuck_at(&headless), None);
+        assert_eq!(read_stuck_at(&headless), None);
     }
 
     #[test]
