@@ -140,9 +140,9 @@ pub(crate) fn read_stuck_at(lines: &[String]) -> Option<String> {
 /// Kills the runner for its `reason` when dropped with one
 /// ([`Child::kill_timed_out_awaited`](super::child::Child::kill_timed_out_awaited)
 /// dropped as it waits).
-pub(super) struct KillOnDrop {
-    pub(super) shared: Arc<Shared>,
-    pub(super) reason: Option<KillReason>,
+struct KillOnDrop {
+    shared: Arc<Shared>,
+    reason: Option<KillReason>,
 }
 
 impl Drop for KillOnDrop {
@@ -170,7 +170,7 @@ impl Drop for KillOnDrop {
 /// The kill reason of a timeout whose plugin was `stuck_at`, and the
 /// timeout with it: the registry's reason says where, the crash report
 /// (which other calls' clients read) says `plain`.
-pub(super) fn located_timeout(
+fn located_timeout(
     mut timeout: TimeoutError,
     stuck_at: Option<String>,
     plain: String,
@@ -205,7 +205,7 @@ pub(super) fn stuck_at(
 /// recorded first; when to give up waiting for the dump. `None`: none was
 /// asked for (no signal, none the runner has a handler for yet, it has
 /// ended, or the reaper holds it, dying).
-pub(super) fn ask_for_stacks(
+fn ask_for_stacks(
     shared: &Shared,
     signal: Option<i32>,
     provisional: KillReason,
@@ -229,7 +229,7 @@ pub(super) fn ask_for_stacks(
 /// Where the dump says the plugin is, once the dump is over or `deadline`
 /// has passed (a dump cut short, by the wait or its cap, says nothing);
 /// `None` while it may go on.
-pub(super) fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
+fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
     match shared.stderr.stacks() {
         Some(dump) => Some(dump.and_then(|lines| read_stuck_at(&lines))),
         None if Instant::now() >= deadline => Some(None),
