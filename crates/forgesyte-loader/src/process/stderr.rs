@@ -52,12 +52,15 @@ struct StackWatch {
     /// It went on past the wait or the cap, or stderr ended in it: what
     /// was kept may be only part of it.
     cut: bool,
+    /// More of stderr was read already, not yet handled, after its last
+    /// line: the quiet does not count while the reader is behind.
+    pending: bool,
 }
 
 impl StackWatch {
     /// Begun, and no line came for [`STACKS_QUIET`].
     fn quiet(&self) -> bool {
-        self.last.is_some_and(|last| last.elapsed() >= STACKS_QUIET)
+        !self.pending && self.last.is_some_and(|last| last.elapsed() >= STACKS_QUIET)
     }
 
     /// Nothing more is to be kept: quiet, cut, or asked for
@@ -140,9 +143,11 @@ impl StderrLog {
                             tracing::Level::WARN,
                             text,
                         );
-                        // Its time once logged: a slow log sink is not the
-                        // dump's quiet.
-                        self.dump_line_logged();
+                        // Its time once logged, and whether more was read
+                        // already: a slow log sink, or this thread kept
+                        // off the CPU with lines in hand, is not the dump's
+                        // quiet.
+                        self.dump_line_logged(!reader.buffer().is_empty());
                         continue;
                     }
                     // The line as written (its tags included, which the
@@ -214,9 +219,10 @@ impl StderrLog {
     }
 
     /// Stamps the kept dump line just logged as the dump's last.
-    fn dump_line_logged(&self) {
+    fn dump_line_logged(&self, pending: bool) {
         if let Some(watch) = self.stacks.lock().as_mut() {
             watch.last = Some(Instant::now());
+            watch.pending = pending;
         }
     }
 
@@ -234,6 +240,7 @@ impl StderrLog {
             lines: Vec::new(),
             last: None,
             cut: false,
+            pending: false,
         });
         (asked, true)
     }
@@ -343,6 +350,25 @@ mod tests {
         log.read(format!("{header}{frames}").as_bytes());
         assert_eq!(log.stacks(), Some(None));
         assert!(log.tail_after(Duration::ZERO).is_empty());
+    }
+
+    /// The quiet does not count while lines already read wait to be
+    /// handled (the reader kept off the CPU in the middle of a dump).
+    #[test]
+    fn a_dump_with_lines_in_hand_is_not_quiet() {
+        let long_ago = Instant::now()
+            .checked_sub(STACKS_QUIET * 2)
+            .unwrap_or_else(Instant::now);
+        let mut watch = StackWatch {
+            asked: long_ago,
+            lines: vec!["Current thread 0x1 (most recent call first):".into()],
+            last: Some(long_ago),
+            cut: false,
+            pending: true,
+        };
+        assert!(!watch.quiet());
+        watch.pending = false;
+        assert!(watch.quiet());
     }
 
     /// Unasked, a dump's lines are the plugin's like any others.
