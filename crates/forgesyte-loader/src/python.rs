@@ -17,6 +17,7 @@ use forgesyte_deps::FileSystem;
 
 mod cache;
 
+pub(crate) use cache::is_runner_file;
 pub use cache::{runner_invocation, runner_source_invocation};
 
 /// `[(file, its source)]` for files of `python/runner/`.

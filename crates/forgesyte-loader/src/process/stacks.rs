@@ -29,6 +29,7 @@ use forgesyte_errors::{PluginError, TimeoutError};
 
 use super::child::{Child, KillReason, Shared, kill, kill_locked};
 use super::stderr::STACKS_WAIT;
+use crate::python::is_runner_file;
 
 /// Whether process `pid` has a handler for `signal` (its `/proc` status's
 /// `SigCgt` mask): a runner not yet at the point where it sets one (an
@@ -71,21 +72,6 @@ fn frame(line: &str) -> Option<(&str, String)> {
     let (number, function) = rest.split_once(" in ")?;
     number.parse::<u32>().ok()?;
     Some((path, format!("{path}:{number} in {function}")))
-}
-
-/// Whether `path` is a file of the host's Python runner: its cached package
-/// (`…/forgesyte_runner_HASH/serve.py`, 16 hex digits) or its sources run
-/// from the command line (`<forgesyte_runner/serve.py>`).
-fn is_runner_file(path: &str) -> bool {
-    if path.starts_with("<forgesyte_runner/") {
-        return true;
-    }
-    std::path::Path::new(path)
-        .parent()
-        .and_then(|dir| dir.file_name())
-        .and_then(|name| name.to_str())
-        .and_then(|name| name.strip_prefix("forgesyte_runner_"))
-        .is_some_and(|hash| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether `path` is Python's own: the import system and frozen modules

@@ -203,13 +203,11 @@ impl StderrLog {
         if watch.quiet() {
             return DumpLine::Plain;
         }
-        let begun = watch.last.is_some();
-        if !begun && (watch.asked.elapsed() >= STACKS_WAIT || !super::stacks::is_stack_header(text))
-        {
+        let late = watch.asked.elapsed() >= STACKS_WAIT;
+        if watch.last.is_none() && (late || !super::stacks::is_stack_header(text)) {
             return DumpLine::Plain;
         }
-        if watch.cut || watch.asked.elapsed() >= STACKS_WAIT || watch.lines.len() >= MAX_STACK_LINES
-        {
+        if watch.cut || late || watch.lines.len() >= MAX_STACK_LINES {
             watch.cut = true;
             watch.last = Some(Instant::now());
             return DumpLine::Overflow;

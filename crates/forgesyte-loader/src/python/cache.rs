@@ -65,6 +65,26 @@ pub fn runner_source_invocation() -> [OsString; 3] {
 
 /// The name the runner package is imported under from its sources.
 const SOURCE_PACKAGE: &str = "_forgesyte_runner";
+/// What the runner's module files are named from its sources:
+/// `<forgesyte_runner/NAME.py>`.
+const SOURCE_FILE_PREFIX: &str = "<forgesyte_runner/";
+/// The cached package's directory: `forgesyte_runner_HASH` (16 hex digits).
+const CACHED_PACKAGE_PREFIX: &str = "forgesyte_runner_";
+
+/// Whether `path` (a traceback frame's file) is one of the runner's own
+/// modules: in its cached package ([`module_name`]), or run from its
+/// sources ([`SOURCE_FILE_PREFIX`]).
+pub(crate) fn is_runner_file(path: &str) -> bool {
+    if path.starts_with(SOURCE_FILE_PREFIX) {
+        return true;
+    }
+    Path::new(path)
+        .parent()
+        .and_then(|dir| dir.file_name())
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_prefix(CACHED_PACKAGE_PREFIX))
+        .is_some_and(|hash| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+}
 
 /// Code that imports the runner package from its sources, which it
 /// carries, and starts it: a finder on `sys.meta_path` serves the
@@ -111,7 +131,7 @@ fn source_code() -> &'static str {
 
         def exec_module(self, module):
             short = "__init__" if module.__name__ == name else module.__name__[len(name) + 1:]
-            exec(compile(sources[short], "<forgesyte_runner/%s.py>" % short, "exec"), module.__dict__)
+            exec(compile(sources[short], "{SOURCE_FILE_PREFIX}%s.py>" % short, "exec"), module.__dict__)
 
     finder = Finder()
     sys.meta_path.insert(0, finder)
@@ -281,7 +301,7 @@ fn bootstrap(dir: &Path) -> std::io::Result<String> {
 fn module_name() -> String {
     let mut hasher = std::hash::DefaultHasher::new();
     RUNNER_MODULES.hash(&mut hasher);
-    format!("forgesyte_runner_{:016x}", hasher.finish())
+    format!("{CACHED_PACKAGE_PREFIX}{:016x}", hasher.finish())
 }
 
 #[cfg(test)]
@@ -443,6 +463,17 @@ for name, text in json.load(sys.stdin).items():
             without_comment_lines("a = 1  # kept\n  # gone\n#gone\nb"),
             "a = 1  # kept\n\n\nb"
         );
+    }
+
+    /// The names the runner's modules get, cached or from sources, are the
+    /// ones [`is_runner_file`] knows (a timeout's stack dump is read by it).
+    #[test]
+    fn the_runners_own_file_names_are_recognised() {
+        let cached = format!("/home/u/.cache/forgesyte/python/{}/serve.py", module_name());
+        assert!(is_runner_file(&cached), "{cached}");
+        assert!(source_code().contains(&format!("\"{SOURCE_FILE_PREFIX}%s.py>\"")));
+        assert!(is_runner_file("<forgesyte_runner/serve.py>"));
+        assert!(!is_runner_file("/plugins/forgesyte_runner_x/plugin.py"));
     }
 
     /// Linux refuses an `execve` argument over 32 pages (`MAX_ARG_STRLEN`).
