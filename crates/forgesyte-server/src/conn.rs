@@ -335,7 +335,8 @@ where
 
 /// `service` with the client's address and the connection's
 /// [`crate::origin::Guard`] in every request's extensions (the router's
-/// [`crate::origin::GuardLayer`] checks the request against it).
+/// [`crate::origin::GuardLayer`] checks the request against it), and
+/// without a `Content-Length` on a 204 answer ([`without_length_if_empty`]).
 fn with_peer<S>(inner: S, peer: SocketAddr, guard: crate::origin::Guard) -> WithPeer<S> {
     WithPeer { inner, peer, guard }
 }
@@ -354,14 +355,27 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = futures_util::future::MapOk<S::Future, fn(Response<Body>) -> Response<Body>>;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        use futures_util::TryFutureExt as _;
         let extensions = request.extensions_mut();
         extensions.insert(ConnectInfo(self.peer));
         extensions.insert(self.guard.clone());
-        self.inner.call(request)
+        self.inner.call(request).map_ok(without_length_if_empty)
     }
+}
+
+/// A 204 answer without `Content-Length` (RFC 9110 §8.6: a server must
+/// not send one). axum sets `Content-Length: 0` on every answer of an
+/// empty body, and hyper leaves it out of a 204 except in answer to
+/// `HEAD`, where it keeps what it is given (`HEAD /favicon.ico` said
+/// `content-length: 0`).
+fn without_length_if_empty(mut response: Response<Body>) -> Response<Body> {
+    if response.status() == StatusCode::NO_CONTENT {
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    response
 }
 
 /// 503 with `Retry-After`, closing the connection: the answer beyond the cap.

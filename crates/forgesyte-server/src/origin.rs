@@ -144,17 +144,57 @@ where
 }
 
 /// Why a request's `Host` makes it malformed (400, RFC 9112 §3.2), or
-/// `None`: more than one `Host` header, or none in an HTTP/1.1 request
-/// whose target is not in absolute form (`GET http://host/path`). Which
-/// host a well-formed request names is [`refusal_at`]'s question.
+/// `None`: more than one `Host` header, none in an HTTP/1.1 request whose
+/// target is not in absolute form (`GET http://host/path`), or one that is
+/// no host with an optional port where the target does not name the host
+/// ([`is_malformed_host`]). Which host a well-formed request names is
+/// [`refusal_at`]'s question.
 pub(crate) fn bad_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<&'static str> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
         return Some("Bad request: more than one Host header");
     }
-    (first.is_none() && uri.authority().is_none() && version == Version::HTTP_11)
-        .then_some("Bad request: an HTTP/1.1 request needs a Host header")
+    if uri.authority().is_some() {
+        // The target names the host; `Host` is ignored (RFC 9112 §3.2.2).
+        return None;
+    }
+    match first {
+        None => (version == Version::HTTP_11)
+            .then_some("Bad request: an HTTP/1.1 request needs a Host header"),
+        Some(host) => is_malformed_host(host.as_bytes()).then_some(
+            "Bad request: the Host header is no host name or address with an optional port \
+             (RFC 9110 §7.2)",
+        ),
+    }
+}
+
+/// Whether a `Host` value is no `host[:port]` (RFC 9110 §7.2, RFC 3986
+/// §3.2.2): not an authority as the `http` crate reads one (spaces, an
+/// unclosed `[`), user information (`user@host`), or a port that is not a
+/// number up to 65535 (`localhost:abc`, which named localhost before). An
+/// empty value is well formed (RFC 9112 §3.2: a target without a host).
+fn is_malformed_host(value: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(value) else {
+        return true;
+    };
+    if text.is_empty() {
+        return false;
+    }
+    if text.contains('@') {
+        return true;
+    }
+    let Ok(authority) = text.parse::<axum::http::uri::Authority>() else {
+        return true;
+    };
+    match text
+        .get(authority.host().len()..)
+        .and_then(|rest| rest.strip_prefix(':'))
+    {
+        None => text.len() != authority.host().len(),
+        Some("") => false,
+        Some(port) => !port.bytes().all(|b| b.is_ascii_digit()) || port.parse::<u16>().is_err(),
+    }
 }
 
 /// Why a request is refused (the answer's detail), or `None`: the request's
@@ -403,6 +443,50 @@ mod tests {
             let why = bad_host(version, &absolute, &two).expect("two Hosts");
             assert!(why.contains("more than one Host"), "{why}");
         }
+    }
+
+    /// A `Host` value must be a host with an optional port; a target in
+    /// absolute form names the host, and then `Host` is not read.
+    #[test]
+    fn a_host_that_is_no_host_and_port_is_a_bad_request() {
+        let origin_form: Uri = "/v1/plugins".parse().unwrap();
+        let absolute: Uri = "http://localhost:8000/v1/plugins".parse().unwrap();
+        for good in [
+            "localhost",
+            "localhost:8000",
+            "localhost:",
+            "127.0.0.1:080",
+            "[::1]",
+            "[::1]:65535",
+            "forgesyte.example.",
+            "",
+        ] {
+            let host = headers(&[("host", good)]);
+            assert_eq!(
+                bad_host(Version::HTTP_11, &origin_form, &host),
+                None,
+                "{good}"
+            );
+        }
+        for bad in [
+            "localhost:abc",
+            "localhost:65536",
+            "localhost:-1",
+            "localhost:1:2",
+            "user@localhost",
+            "local host",
+            "[::1",
+            "[::1]x",
+            "localhost/x",
+        ] {
+            let host = headers(&[("host", bad)]);
+            let why = bad_host(Version::HTTP_11, &origin_form, &host).expect(bad);
+            assert!(why.contains("no host name"), "{bad}: {why}");
+            assert_eq!(bad_host(Version::HTTP_11, &absolute, &host), None, "{bad}");
+        }
+        let mut odd = HeaderMap::new();
+        odd.insert(header::HOST, HeaderValue::from_bytes(b"h\xe9te").unwrap());
+        assert!(bad_host(Version::HTTP_10, &origin_form, &odd).is_some());
     }
 
     #[test]

@@ -913,7 +913,8 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
 /// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request
 /// with two, is a bad request; a target in absolute form names the host
 /// in place of `Host` (so a rebound name there is refused although `Host`
-/// says localhost); HTTP/1.0 needs no `Host`.
+/// says localhost); HTTP/1.0 needs no `Host`. A `Host` that is no host
+/// and port is a bad request too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_doubled_host_is_a_bad_request() {
     let server = start(|_| {}).await;
@@ -937,15 +938,18 @@ async fn a_missing_or_doubled_host_is_a_bad_request() {
                 "GET http://localhost:80@rebind.attacker.example/v1/plugins HTTP/1.1\r\n\
                  Host: localhost\r\n\r\n",
             ),
+            // No port: it named localhost before.
+            ask("GET /v1/plugins HTTP/1.1\r\nHost: localhost:abc\r\n\r\n"),
         ]
     })
     .await;
     let statuses: Vec<&str> = answers.iter().map(|a| &a[9..12]).collect();
     assert_eq!(
         statuses,
-        ["400", "400", "403", "200", "200", "403"],
+        ["400", "400", "403", "200", "200", "403", "400"],
         "{answers:#?}"
     );
+    assert!(answers[6].contains("no host name"), "{}", answers[6]);
     assert!(answers[0].contains("needs a Host header"), "{}", answers[0]);
     assert!(answers[1].contains("more than one Host"), "{}", answers[1]);
     assert!(
@@ -1079,6 +1083,26 @@ async fn http_10_keep_alive_is_promised_only_where_the_connection_goes_on() {
     })
     .await
     .unwrap();
+}
+
+/// A 204 answer carries no `Content-Length` (RFC 9110 §8.6), in answer to
+/// `HEAD` too, where axum's `content-length: 0` went out; the connection
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_204_answer_has_no_content_length() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    blocking(move || {
+        let mut stream = connect(addr);
+        for method in ["HEAD", "GET", "HEAD"] {
+            let head = format!("{method} /favicon.ico HTTP/1.1\r\nHost: localhost\r\n\r\n");
+            stream.write_all(head.as_bytes()).unwrap();
+            let response = read_response(&mut stream).to_ascii_lowercase();
+            assert!(response.starts_with("http/1.1 204"), "{method}: {response}");
+            assert!(!response.contains("content-length"), "{method}: {response}");
+        }
+    })
+    .await;
 }
 
 /// An answer given before the request's body was read (an unknown plugin
