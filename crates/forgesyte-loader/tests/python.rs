@@ -282,6 +282,42 @@ fn an_entrypoint_of_a_module_and_an_attribute_path_runs_that_class() {
     );
 }
 
+/// The published OCR plugin's sources, served as a plugin directory: the
+/// directory is its package (`fs_ns_pkg`, the top of the entrypoint) and
+/// holds no `__init__.py` (an implicit namespace package), its modules
+/// importing each other by the package's name. It failed with
+/// `No module named 'fs_ns_pkg'`: only a package with `__init__.py` was
+/// imported from its own directory.
+#[test]
+fn a_namespace_package_directory_is_served_from_its_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("fs_ns_pkg");
+    std::fs::create_dir_all(&plugin).unwrap();
+    std::fs::write(plugin.join("engine.py"), "def read(n):\n    return n * 2\n").unwrap();
+    std::fs::write(
+        plugin.join("plugin.py"),
+        "from fs_ns_pkg.engine import read\n\nclass Plugin:\n    name = \"ns-ocr\"\n    \
+         tools = {\"read\": {\"handler\": \"read\", \"description\": \"Reads.\"}}\n\n    \
+         def read(self, n=0):\n        return {\"n\": read(n)}\n\n    \
+         def run_tool(self, tool_name, args):\n        return getattr(self, tool_name)(**args)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        plugin.join("manifest.json"),
+        json!({"name": "ns-ocr", "version": "1.0.0", "entrypoint": "fs_ns_pkg.plugin",
+               "tools": [{"id": "read", "description": "Reads."}]})
+        .to_string(),
+    )
+    .unwrap();
+    let registry = Registry::new();
+    let loader = loader(dir.path(), &registry);
+    check(&registry, "ns-ocr", S::Initialized, None);
+    assert_eq!(
+        call(&loader, "ns-ocr", "read", json!({"n": 21})).unwrap(),
+        json!({"n": 42})
+    );
+}
+
 /// An interpreter that logs when each of its runs starts (`zygote` or
 /// `check`) and when a package check ends (`checked`), taking half a
 /// second over the check; written to `path`.

@@ -637,6 +637,12 @@ fn run_check(args: CheckArgs, dir_named: bool) -> ExitCode {
             "forgesyte check: no plugins in {}: none of its subdirectories holds a manifest.json",
             args.dir.display()
         );
+    } else if report.plugins.is_empty() && not_discovered.is_none() {
+        say!(
+            "forgesyte check: no plugins: no installed package declares a forgesyte.plugins \
+             entry point, and there is no plugins directory {}",
+            args.dir.display()
+        );
     }
     if not_discovered.is_some() {
         ExitCode::FAILURE

@@ -357,7 +357,8 @@ pub struct ReloadReport {
 /// [`ReloadReport::warning`] of a rescan that could not list the plugins
 /// directory.
 const UNLISTED: &str = "the plugins directory could not be listed (the log says why): nothing \
-                        in it was looked at, so no plugin was added, changed, retried or removed";
+                        in it was looked at, so no plugin of it was added, changed, retried or \
+                        removed (installed plugins, with --python-entry-points, were looked at)";
 
 impl From<RescanReport> for ReloadReport {
     fn from(rescan: RescanReport) -> Self {

@@ -1631,6 +1631,32 @@ class ModuleModeTests(RunnerTestCase):
         header, _ = p.run("twice", {"n": 21})
         self.assertEqual(header["result"], {"n": 42, "package": "fs_pkg_demo"}, header)
 
+    def test_a_plugin_directory_that_is_its_namespace_package(self):
+        # The published OCR plugin's sources: no ``__init__.py`` (PEP 420),
+        # its modules importing each other by the package's name. Its
+        # parent is not on sys.path: only the directory, as the package.
+        d = os.path.join(tempfile.mkdtemp(), "fs_ns_demo")
+        self.addCleanup(shutil.rmtree, os.path.dirname(d))
+        os.mkdir(d)
+        with open(os.path.join(d, "helpers.py"), "w") as f:
+            f.write("def double(x):\n    return 2 * x\n")
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write("from fs_ns_demo.helpers import double\n"
+                    "import fs_ns_demo\n"
+                    "class Plugin:\n"
+                    "    tools = {'twice': {'handler': 'twice'}}\n"
+                    "    def twice(self, n=0):\n"
+                    "        return {'n': double(n), 'path': list(fs_ns_demo.__path__)}\n"
+                    "    def run_tool(self, name, args):\n"
+                    "        return getattr(self, name)(**args)\n")
+        p = Proc(self, args=["--plugin", "demo", "--plugin-dir", d,
+                             "--module", "fs_ns_demo.plugin"])
+        p.start()
+        header, _ = p.run("twice", {"n": 21})
+        self.assertEqual(header["result"]["n"], 42, header)
+        self.assertEqual([os.path.realpath(x) for x in header["result"]["path"]],
+                         [os.path.realpath(d)], header)
+
     def test_module_with_class_flag(self):
         p = Proc(self, args=["--plugin", "echo", "--plugin-dir", fixture("echo"),
                              "--module", "plugin", "--class", "Plugin"])

@@ -168,6 +168,24 @@ fn check_lists_installed_plugins_with_the_flag_or_the_variable() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{err}");
     assert!(err.contains("does not exist"), "{err}");
+    // None installed either: said on stderr (it said nothing), exit 0 as
+    // for an empty directory.
+    let empty_site = scratch.path().join("empty-site");
+    std::fs::create_dir_all(&empty_site).unwrap();
+    let bare = scratch.path().join("bare-python");
+    site_python(&bare, &empty_site);
+    let output = crate::support::forgesyte_command()
+        .current_dir(scratch.path())
+        .args(["check", "--python-entry-points", "--python"])
+        .arg(&bare)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("no installed package declares a forgesyte.plugins entry point"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -286,14 +286,23 @@ def _in_user_site(name):
 
 def _package_is_the_directory(root, module, checked):
     """A plugin directory that is itself the package its entrypoint names
-    (``forgesyte_ocr/`` holding ``__init__.py`` and ``manifest.json``, the
-    entrypoint ``forgesyte_ocr.plugin``: the published layout, served from
-    its sources) is imported as that package, from its own directory: on
+    (``forgesyte_ocr/`` holding ``manifest.json``, the entrypoint
+    ``forgesyte_ocr.plugin``: the published layout, served from its
+    sources) is imported as that package, from its own directory: on
     ``sys.path`` it holds the package's modules, not the package, and its
-    parent may be neither readable nor the plugin's."""
-    top = module.split(".", 1)[0]
+    parent may be neither readable nor the plugin's. Without
+    ``__init__.py`` (an implicit namespace package, PEP 420, as the
+    published OCR plugin's) the package is the directory alone."""
+    top, dot, _ = module.partition(".")
+    if top in sys.modules or os.path.basename(root) != top:
+        return
     init = os.path.join(root, "__init__.py")
-    if top in sys.modules or os.path.basename(root) != top or not os.path.isfile(init):
+    if not os.path.isfile(init):
+        if dot and not os.path.exists(init):
+            # No loader: module_from_spec makes it a namespace package.
+            spec = importlib.machinery.ModuleSpec(top, None, is_package=True)
+            spec.submodule_search_locations = [root]
+            sys.modules[top] = importlib.util.module_from_spec(spec)
         return
     spec = importlib.util.spec_from_file_location(
         top, init, loader=_SourceOnlyLoader(top, init, checked),
