@@ -62,6 +62,7 @@
 //! - **the host's own findings**, which have no underlying error:
 //!   [`ImportError::Incompatible`], [`ImportError::InvalidInterface`],
 //!   [`ImportError::SharedLibraryShadowed`], [`ImportError::NotConfined`],
+//!   [`ImportError::NotStarted`] (with the system's words),
 //!   [`InitError::Protocol`], [`ToolError::Protocol`], [`ToolError::Stopped`],
 //!   [`ToolError::Failed`] of `ResultTooDeep`,
 //!   [`CrashCause::Protocol`], [`CrashCause::Killed`], [`CrashCause::Lost`]
@@ -256,6 +257,15 @@ pub enum ImportError {
         /// What was to start (`the Python interpreter /usr/bin/python3`).
         what: String,
         /// What is short, and which limit to raise.
+        detail: String,
+    },
+    /// The host could not start the plugin's process for another reason:
+    /// its program is missing, not executable, or not the runner user's
+    /// to run. The reason names the program, not the plugin's file.
+    #[error("{detail}")]
+    NotStarted {
+        /// What was to start and why it could not (`cannot start the
+        /// Python interpreter /venv/bin/python: Permission denied`).
         detail: String,
     },
     /// The dynamic loader refused the library for another reason.

@@ -318,6 +318,32 @@ fn a_namespace_package_directory_is_served_from_its_sources() {
     );
 }
 
+/// An interpreter the host cannot start (not executable) is named in the
+/// reason, not the plugin's file (it was `ImportError: cannot open
+/// …/plugin.py: cannot start the Python interpreter …`).
+#[test]
+fn an_interpreter_that_cannot_start_is_named_not_the_plugin_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = copy_fixture(dir.path(), "echo", "noexec");
+    std::fs::write(plugin.join("py"), "#!/bin/sh\nexit 0\n").unwrap();
+    write_manifest(
+        dir.path(),
+        "noexec",
+        json!({"version": "1.0.0", "runtime": "python", "python": "py"}),
+    );
+    let registry = Registry::new();
+    let _loader = loader(dir.path(), &registry);
+    let status = registry.get_status("noexec").unwrap();
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("ImportError: cannot start the Python interpreter ")
+            && reason.contains("Permission denied"),
+        "{:?}: {reason}",
+        status.state
+    );
+    assert!(!reason.contains("plugin.py"), "{reason}");
+}
+
 /// An interpreter that logs when each of its runs starts (`zygote` or
 /// `check`) and when a package check ends (`checked`), taking half a
 /// second over the check; written to `path`.

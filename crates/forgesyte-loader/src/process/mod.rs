@@ -545,15 +545,16 @@ impl ProcessImporter {
     }
 
     /// The error of a start that failed with `e`: the host's lack of
-    /// resources ([`ImportError::HostResources`]), or the start's own.
-    fn start_failed(&self, path: &Path, e: &std::io::Error) -> ImportError {
+    /// resources ([`ImportError::HostResources`]), or the start's own
+    /// ([`ImportError::NotStarted`], naming the program: it was `cannot
+    /// open …/plugin.py: cannot start the Python interpreter …`).
+    fn start_failed(&self, e: &std::io::Error) -> ImportError {
         match headroom::host_short(e) {
             Some(detail) => ImportError::HostResources {
                 what: self.what_starts(),
                 detail,
             },
-            None => ImportError::Open {
-                path: path.to_path_buf(),
+            None => ImportError::NotStarted {
                 detail: self.start_error(e),
             },
         }
@@ -665,7 +666,7 @@ impl Importer for ProcessImporter {
             crate::native::inspect(path)?;
         }
         let child = self.spawn(path).map_err(|e| match e {
-            SpawnError::Start(e) => self.start_failed(path, &e),
+            SpawnError::Start(e) => self.start_failed(&e),
             SpawnError::Import(wire) => (*wire).into_import(path),
             SpawnError::Version { runner } => self.version_mismatch(runner),
             SpawnError::Died(report) => match &report.crash {

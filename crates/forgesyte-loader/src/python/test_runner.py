@@ -1115,6 +1115,10 @@ class ImportAndInitFailureTests(RunnerTestCase):
             self.assertEqual(header["type"], "init_failed", header)
             self.assertEqual(header["error"]["error_type"], error_type, header)
             self.assertEqual(header["error"]["message"], message, header)
+            # Raised by the runner, of no frame of the plugin's: the
+            # error's line alone, no heading over no frames.
+            self.assertEqual(header["error"]["traceback"],
+                             ["%s: %s" % (error_type, message)], header)
 
     def test_handlers_of_the_class_body_are_bound_as_the_class_binds_them(self):
         p = self.source_plugin(

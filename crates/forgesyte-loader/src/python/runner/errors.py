@@ -37,13 +37,15 @@ def _exception_message(exc):
 
 def traceback_lines(exc):
     """The last lines of ``exc``'s traceback, without the runner's frames
-    or importlib's."""
+    or importlib's; the exception's lines alone when none is left (an
+    error the runner raised about the plugin: a heading over no frames
+    read as a traceback cut short)."""
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
         if not is_runner_file(f.filename) and not f.filename.startswith("<frozen importlib")
     ]
-    lines = ["Traceback (most recent call last):"]
+    lines = ["Traceback (most recent call last):"] if frames else []
     for chunk in traceback.format_list(frames):
         lines.extend(chunk.rstrip("\n").splitlines())
     for chunk in traceback.format_exception_only(type(exc), exc):
