@@ -264,6 +264,24 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
                 "not a WebSocket upgrade request: the Upgrade header does not name `websocket`",
             ));
         }
+        // RFC 6455 §11.3.1, §11.3.5: each at most once (a second key was
+        // ignored, the accept value made of the first).
+        if headers
+            .get_all(header::SEC_WEBSOCKET_KEY)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            return Err(refused("more than one Sec-WebSocket-Key header"));
+        }
+        if headers
+            .get_all(header::SEC_WEBSOCKET_VERSION)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            return Err(refused("more than one Sec-WebSocket-Version header"));
+        }
         if headers
             .get(header::SEC_WEBSOCKET_VERSION)
             .is_none_or(|v| v.as_bytes() != b"13")

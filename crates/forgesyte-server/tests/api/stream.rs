@@ -520,6 +520,32 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
         "{}",
         bad_key.text()
     );
+    // Each of the key and the version at most once (RFC 6455 §11.3.1,
+    // §11.3.5): a second key was ignored, the accept made of the first.
+    for (name, second) in [
+        ("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA=="),
+        ("Sec-WebSocket-Version", "8"),
+    ] {
+        let twice = crate::support::http_with(
+            server.addr,
+            "GET",
+            &target("alpha", "frame", ""),
+            &[
+                ("Connection", "Upgrade"),
+                ("Upgrade", "websocket"),
+                ("Sec-WebSocket-Version", "13"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                (name, second),
+            ],
+            b"",
+        );
+        assert_eq!(twice.status, 400, "{name}: {}", twice.text());
+        assert!(
+            twice.text().contains(&format!("more than one {name}")),
+            "{}",
+            twice.text()
+        );
+    }
     // HEAD answers as GET without the upgrade does (400), never a 405
     // without `Allow`; a plain GET is the reference.
     let get =
