@@ -271,10 +271,7 @@ impl Registry {
                     name: name.to_owned(),
                 });
             }
-            entry.in_flight -= 1;
-            if entry.in_flight == 0 && entry.state == PluginLifecycleState::Running {
-                entry.move_to(PluginLifecycleState::Initialized, None, now);
-            }
+            entry.call_ended(now);
             Ok(())
         })
     }
@@ -306,10 +303,7 @@ impl Registry {
                 entry.error_count = entry.error_count.saturating_add(1);
             }
             entry.record_time(elapsed, now);
-            entry.in_flight -= 1;
-            if entry.in_flight == 0 && entry.state == PluginLifecycleState::Running {
-                entry.move_to(PluginLifecycleState::Initialized, None, now);
-            }
+            entry.call_ended(now);
             Ok(())
         })
     }
@@ -431,6 +425,38 @@ impl Registry {
             entry.next_retry_at = None;
             if let Some(info) = info {
                 entry.info = Arc::new(info);
+            }
+            Ok(())
+        })
+    }
+
+    /// [`mark_loaded_because`](Registry::mark_loaded_because) `reason` for
+    /// a plugin whose instance a reload let go: at once when no call is in
+    /// flight; else, when it is `RUNNING`, once the last call in flight
+    /// ends (`RUNNING -> INITIALIZED -> LOADED` in that one write), showing
+    /// `reason` meanwhile. Without this, the calls' end left it
+    /// `INITIALIZED` with no instance (available to every list and probe,
+    /// every call answered 503) until the reload came back to it. Another
+    /// state with calls in flight (`FAILED`) is kept.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`], or as
+    /// [`mark_loaded_because`](Registry::mark_loaded_because) when no call
+    /// is in flight.
+    pub fn mark_loaded_when_idle(&self, name: &str, reason: &str) -> Result<(), RegistryError> {
+        let reason: Arc<str> = Arc::from(reason);
+        self.update(name, |entry, now| {
+            if entry.state == PluginLifecycleState::Loaded {
+                entry.reason = Some(Arc::clone(&reason));
+                entry.next_retry_at = None;
+            } else if entry.in_flight == 0 {
+                let next = entry.state.transition(PluginLifecycleState::Loaded)?;
+                entry.move_to(next, Some(Arc::clone(&reason)), now);
+                entry.next_retry_at = None;
+            } else if entry.state == PluginLifecycleState::Running {
+                entry.reason = Some(Arc::clone(&reason));
+                entry.loaded_when_idle = Some(Arc::clone(&reason));
             }
             Ok(())
         })

@@ -220,6 +220,11 @@ pub(crate) struct Entry {
     pub(crate) confinement: Option<Arc<BTreeMap<String, String>>>,
     pub(crate) journal: Arc<VecDeque<JournalEntry>>,
     pub(crate) signature: Option<Arc<SignatureInfo>>,
+    /// The reason to move to `LOADED` with once the calls in flight have
+    /// ended: a reload let the plugin's instance go while they ran
+    /// ([`Registry::mark_loaded_when_idle`](crate::Registry::mark_loaded_when_idle)).
+    /// Dropped by any other move.
+    pub(crate) loaded_when_idle: Option<Arc<str>>,
 }
 
 impl Entry {
@@ -251,6 +256,7 @@ impl Entry {
             confinement: None,
             journal: Arc::new(VecDeque::new()),
             signature: None,
+            loaded_when_idle: None,
         }
     }
 
@@ -283,6 +289,7 @@ impl Entry {
             self.reason = reason;
             return;
         }
+        self.loaded_when_idle = None;
         let history = Arc::make_mut(&mut self.history);
         if history.len() == HISTORY_LEN {
             history.pop_front();
@@ -295,6 +302,20 @@ impl Entry {
         });
         self.state = next;
         self.reason = reason;
+    }
+
+    /// One call in flight ended: the last one out moves `RUNNING` back to
+    /// `INITIALIZED`, and on to `LOADED` when a reload let the instance go
+    /// meanwhile ([`Self::loaded_when_idle`]). Any other state is kept.
+    pub(crate) fn call_ended(&mut self, now: DateTime<Utc>) {
+        self.in_flight -= 1;
+        if self.in_flight == 0 && self.state == PluginLifecycleState::Running {
+            let reload = self.loaded_when_idle.take();
+            self.move_to(PluginLifecycleState::Initialized, None, now);
+            if reload.is_some() {
+                self.move_to(PluginLifecycleState::Loaded, reload, now);
+            }
+        }
     }
 
     /// Records one finished call's duration.

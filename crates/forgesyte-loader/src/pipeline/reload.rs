@@ -452,21 +452,18 @@ impl Loader {
     }
 
     /// Plugin `name` has no instance from now on: its handle is taken out
-    /// and it is LOADED at once when no call is in flight (the manifest's
-    /// info follows), so a plugin without an instance does not show an
-    /// available state meanwhile; with calls in flight it stays RUNNING
-    /// until they end (RUNNING cannot go back to LOADED).
+    /// and it is LOADED (the manifest's info follows), so a plugin without
+    /// an instance does not show an available state meanwhile: at once when
+    /// no call is in flight, else as the last one ends (RUNNING cannot go
+    /// back to LOADED; it showed INITIALIZED, with no instance, until the
+    /// reload came back to it).
     fn without_instance(&self, name: &str) {
         if let Some(e) = self.entries.write().get_mut(name)
             && let Some(handle) = e.handle.take()
         {
             e.last_tools = Some(handle.tools().iter().map(|t| t.id.clone()).collect());
         }
-        if self.registry.in_flight(name).is_some_and(|n| n == 0) {
-            let _ = self
-                .registry
-                .mark_loaded_because(name, None, Some(RELOADING));
-        }
+        let _ = self.registry.mark_loaded_when_idle(name, RELOADING);
     }
 
     /// A reloaded manifest must still name the plugin it was registered as.

@@ -828,3 +828,61 @@ fn a_crash_and_its_retry_time_are_one_write() {
         [Some((Failed, Some("1970-01-02T00:00:00.000Z".to_owned())))]
     );
 }
+
+/// A reload that lets the instance go while calls run: the plugin shows
+/// the reload's reason while they run and is LOADED as the last one ends
+/// (it went back to INITIALIZED, with no instance); at once when none
+/// runs; another move meanwhile (a fault: FAILED) drops the pending move.
+#[test]
+fn a_plugin_let_go_while_calls_run_is_loaded_when_the_last_one_ends() {
+    let reloading = "being reloaded: calls answer 503";
+    let registry = registry_with("p", Running);
+    registry.mark_running("p").unwrap();
+    registry.mark_loaded_when_idle("p", reloading).unwrap();
+    let status = registry.get_status("p").unwrap();
+    assert_eq!(
+        (status.state, status.reason.as_deref(), status.in_flight),
+        (Running, Some(reloading), 2)
+    );
+    registry.finish("p").unwrap();
+    assert_eq!(registry.get_state("p"), Some(Running));
+    registry
+        .end_call("p", Duration::from_millis(3), true)
+        .unwrap();
+    let status = registry.get_status("p").unwrap();
+    assert_eq!(
+        (status.state, status.reason.as_deref(), status.success_count),
+        (Loaded, Some(reloading), 1)
+    );
+    let history = registry.history("p").unwrap();
+    assert_eq!(
+        history.last().map(|t| (t.from, t.to)),
+        Some((Some(Initialized), Loaded))
+    );
+    // The new instance: INITIALIZED, the reason gone.
+    registry.mark_initialized("p").unwrap();
+    assert_eq!(registry.get_status("p").unwrap().reason, None);
+
+    let idle = registry_with("i", Initialized);
+    idle.mark_loaded_when_idle("i", reloading).unwrap();
+    assert_eq!(
+        idle.state_and_reason("i"),
+        Some((Loaded, Some(reloading.into())))
+    );
+
+    let faulted = registry_with("f", Running);
+    faulted.mark_loaded_when_idle("f", reloading).unwrap();
+    faulted.mark_failed("f", "CrashError: boom").unwrap();
+    faulted.finish("f").unwrap();
+    assert_eq!(faulted.get_state("f"), Some(Failed));
+    // Later calls of a new instance end as calls do.
+    let failed = registry_with("g", Running);
+    failed.mark_loaded_when_idle("g", reloading).unwrap();
+    failed.mark_failed("g", "CrashError: boom").unwrap();
+    failed.finish("g").unwrap();
+    failed.mark_loaded("g", None).unwrap();
+    failed.mark_initialized("g").unwrap();
+    failed.mark_running("g").unwrap();
+    failed.finish("g").unwrap();
+    assert_eq!(failed.get_state("g"), Some(Initialized));
+}

@@ -875,6 +875,58 @@ fn reloaded_during_a_call(
     (answer, health)
 }
 
+/// A reload that lets a runner go while a call runs on it (its
+/// `on_unload` taking 1.5 s): once the call has ended, the plugin is
+/// LOADED, being reloaded, until its new instance is up. It showed
+/// INITIALIZED without an instance (no reason, `/readyz` ready, every call
+/// a 503) until its old runner had ended (from a review).
+#[test]
+fn a_plugin_whose_calls_end_during_its_reload_shows_loaded() {
+    let dir = PluginsDir::new();
+    dir.python("slow-unload", "faulty");
+    let token = "a-long-enough-admin-token";
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    let addr = server.addr;
+    let call = std::thread::spawn(move || {
+        http_with(
+            addr,
+            "POST",
+            "/v1/plugins/slow-unload/tools/ok/run",
+            &[("Content-Type", "application/json")],
+            br#"{"args": {"after_s": 0.5}}"#,
+        )
+    });
+    let health = "/v1/plugins/slow-unload/health";
+    crate::rescan::wait_for(
+        "the call in flight",
+        std::time::Duration::from_secs(10),
+        &server,
+        || (server.get(health).json()["in_flight"] == 1).then_some(()),
+    );
+    let reload = std::thread::spawn(move || {
+        crate::support::admin_post(addr, "/v1/plugins/slow-unload/reload", token)
+    });
+    // The reload lets the runner go while the call sleeps; the call ends
+    // about 1 s before the old runner's unload does.
+    let answered = call.join().unwrap();
+    let during = server.get(health).json();
+    let reloaded = reload.join().unwrap();
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    assert!(matches!(answered.status, 200 | 503), "{}", answered.text());
+    assert_eq!(during["state"], "LOADED", "{during}\n{}", server.log());
+    assert!(
+        during["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("being reloaded")),
+        "{during}"
+    );
+    assert_eq!(server.get(health).json()["state"], "INITIALIZED");
+}
+
 /// A manifest's `workers` (a count of processes other hosts start) is not
 /// used here: the log says so at WARN once per plugin and manifest (each
 /// reload said it again), and the plugin serves; an edited manifest that
