@@ -221,6 +221,29 @@ mod tests {
         );
     }
 
+    /// A call's end that takes a plugin a reload let go on to LOADED is told
+    /// as the state machine's move, INITIALIZED -> LOADED (it was told
+    /// RUNNING -> LOADED, which is none).
+    #[test]
+    fn a_call_end_that_loads_a_plugin_let_go_is_told_as_a_legal_move() {
+        let (registry, seen) = observed();
+        registry.register("q", PluginInfo::default()).unwrap();
+        registry.mark_initialized("q").unwrap();
+        registry.mark_running("q").unwrap();
+        registry
+            .mark_loaded_when_idle("q", "being reloaded")
+            .unwrap();
+        registry.finish("q").unwrap();
+        let lines = seen.lock().unwrap().clone();
+        assert_eq!(
+            lines[3..],
+            [
+                "q reason Some(\"RUNNING\")->RUNNING Some(\"being reloaded\") r0 None",
+                "q state Some(\"INITIALIZED\")->LOADED Some(\"being reloaded\") r0 None",
+            ]
+        );
+    }
+
     #[test]
     fn generations_grow_across_threads() {
         let registry = Registry::new();

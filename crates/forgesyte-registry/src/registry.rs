@@ -255,7 +255,8 @@ impl Registry {
     }
 
     /// A tool call ended without being counted: `in_flight -= 1`; the last
-    /// one out moves `RUNNING` back to `INITIALIZED`. A plugin that went
+    /// one out moves `RUNNING` back to `INITIALIZED` (and on to `LOADED`
+    /// after [`mark_loaded_when_idle`](Registry::mark_loaded_when_idle)). A plugin that went
     /// `FAILED` (or anything else) meanwhile keeps its state. The host uses
     /// it for a call that never reached the plugin; a call that ran ends
     /// with [`end_call`](Registry::end_call).
@@ -897,11 +898,24 @@ impl Registry {
             } else {
                 None
             };
+            // The last move the history recorded, when this write recorded
+            // one: a call's end that also took the plugin on to LOADED
+            // (`Entry::call_ended`) moved RUNNING -> INITIALIZED -> LOADED,
+            // and RUNNING -> LOADED is no move of the state machine.
+            let from = if Arc::ptr_eq(&before.history, &after.history) {
+                before.state
+            } else {
+                after
+                    .history
+                    .back()
+                    .and_then(|t| t.from)
+                    .unwrap_or(before.state)
+            };
             if let Some(kind) = kind {
                 observers.tell(&Change {
                     plugin: key,
                     kind,
-                    from: Some(before.state),
+                    from: Some(from),
                     to: after.state,
                     reason: after.reason.as_deref(),
                     restart_count: after.restart_count,

@@ -147,7 +147,7 @@ where
 /// `None`: more than one `Host` header, none in an HTTP/1.1 request whose
 /// target is not in absolute form (`GET http://host/path`), or one that is
 /// no host with an optional port where the target does not name the host
-/// ([`is_malformed_host`]). Which host a well-formed request names is
+/// ([`is_malformed_host`]; a target that names one is held to the same). Which host a well-formed request names is
 /// [`refusal_at`]'s question.
 pub(crate) fn bad_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<&'static str> {
     let mut hosts = headers.get_all(header::HOST).iter();
@@ -155,9 +155,19 @@ pub(crate) fn bad_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Opti
     if hosts.next().is_some() {
         return Some("Bad request: more than one Host header");
     }
-    if uri.authority().is_some() {
-        // The target names the host; `Host` is ignored (RFC 9112 §3.2.2).
-        return None;
+    if let Some(authority) = uri.authority() {
+        // The target names the host; `Host` is ignored (RFC 9112 §3.2.2),
+        // and the target's host is held to the same form (the `http`
+        // crate reads `localhost:abc` as an authority). Userinfo is no
+        // part of the host ([`refusal_at`] reads what follows it).
+        let host = authority
+            .as_str()
+            .rsplit_once('@')
+            .map_or(authority.as_str(), |(_, host)| host);
+        return is_malformed_host(host.as_bytes()).then_some(
+            "Bad request: the request target's host is no host name or address with an \
+             optional port",
+        );
     }
     match first {
         None => (version == Version::HTTP_11)
@@ -483,6 +493,19 @@ mod tests {
             let why = bad_host(Version::HTTP_11, &origin_form, &host).expect(bad);
             assert!(why.contains("no host name"), "{bad}: {why}");
             assert_eq!(bad_host(Version::HTTP_11, &absolute, &host), None, "{bad}");
+        }
+        // A target in absolute form is held to the same form; userinfo
+        // before its host is left to the refusal, which reads past it.
+        let none = HeaderMap::new();
+        for (target, bad) in [
+            ("http://localhost:abc/v1/plugins", true),
+            ("http://localhost:65536/v1/plugins", true),
+            ("http://[::1]:8000/v1/plugins", false),
+            ("http://localhost:80@rebind.example/v1/plugins", false),
+        ] {
+            let uri: Uri = target.parse().unwrap();
+            let why = bad_host(Version::HTTP_11, &uri, &none);
+            assert_eq!(why.is_some(), bad, "{target}: {why:?}");
         }
         let mut odd = HeaderMap::new();
         odd.insert(header::HOST, HeaderValue::from_bytes(b"h\xe9te").unwrap());

@@ -1661,6 +1661,29 @@ class ModuleModeTests(RunnerTestCase):
         self.assertEqual([os.path.realpath(x) for x in header["result"]["path"]],
                          [os.path.realpath(d)], header)
 
+    def test_a_checkout_named_as_its_package_still_imports_the_package_inside(self):
+        # ``nsrepo/`` holding ``nsrepo/plugin.py`` (with or without its
+        # ``__init__.py``): on sys.path it holds the package, and the
+        # directory is not taken for a namespace package of its own name.
+        for with_init in (True, False):
+            d = os.path.join(tempfile.mkdtemp(), "fs_checkout")
+            self.addCleanup(shutil.rmtree, os.path.dirname(d))
+            os.makedirs(os.path.join(d, "fs_checkout"))
+            if with_init:
+                open(os.path.join(d, "fs_checkout", "__init__.py"), "w").close()
+            with open(os.path.join(d, "fs_checkout", "plugin.py"), "w") as f:
+                f.write("class Plugin:\n"
+                        "    tools = {'ok': {'handler': 'ok'}}\n"
+                        "    def ok(self):\n"
+                        "        return {'ok': True}\n"
+                        "    def run_tool(self, name, args):\n"
+                        "        return getattr(self, name)(**args)\n")
+            p = Proc(self, args=["--plugin", "demo", "--plugin-dir", d,
+                                 "--module", "fs_checkout.plugin"])
+            p.start()
+            header, _ = p.run("ok", {})
+            self.assertEqual(header["result"], {"ok": True}, (with_init, header))
+
     def test_module_with_class_flag(self):
         p = Proc(self, args=["--plugin", "echo", "--plugin-dir", fixture("echo"),
                              "--module", "plugin", "--class", "Plugin"])

@@ -293,12 +293,13 @@ def _package_is_the_directory(root, module, checked):
     parent may be neither readable nor the plugin's. Without
     ``__init__.py`` (an implicit namespace package, PEP 420, as the
     published OCR plugin's) the package is the directory alone."""
-    top, dot, _ = module.partition(".")
+    top, _, rest = module.partition(".")
     if top in sys.modules or os.path.basename(root) != top:
         return
     init = os.path.join(root, "__init__.py")
     if not os.path.isfile(init):
-        if dot and not os.path.exists(init):
+        if _holds_module(root, rest.partition(".")[0]) and not os.path.exists(
+                os.path.join(root, top)) and not os.path.exists(init):
             # No loader: module_from_spec makes it a namespace package.
             spec = importlib.machinery.ModuleSpec(top, None, is_package=True)
             spec.submodule_search_locations = [root]
@@ -314,6 +315,23 @@ def _package_is_the_directory(root, module, checked):
     except BaseException:
         sys.modules.pop(top, None)
         raise
+
+
+def _holds_module(root, name):
+    """Whether ``root`` holds module or package ``name`` (``plugin.py``,
+    ``plugin/``, an extension module): the directory is then the namespace
+    package of its entrypoint, not a checkout holding the package (a
+    ``forgesyte_ocr/`` inside) or a manifest naming an installed one."""
+    if not name:
+        return False
+    if os.path.isfile(os.path.join(root, name + ".py")) or os.path.isdir(
+            os.path.join(root, name)):
+        return True
+    try:
+        return any(entry.startswith(name + ".") and entry.endswith(".so")
+                   for entry in os.listdir(root))
+    except OSError:
+        return False
 
 
 def _syntax_error_file(exc):
