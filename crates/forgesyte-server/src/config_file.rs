@@ -541,11 +541,35 @@ impl Layered {
             };
             let source = sources.get(id).cloned().unwrap_or(Source::Unset);
             let _ = match value_of(arg, matches) {
-                Some(value) => writeln!(out, "{key} = {value}  # {source}"),
+                Some(value) => {
+                    let applied = applied_here(key, &value);
+                    writeln!(out, "{key} = {value}  # {source}{applied}")
+                }
                 None => writeln!(out, "# {key} is not set  # {source}"),
             };
         }
         Some(out)
+    }
+}
+
+/// What `serve` applies in place of option `key`'s `value` on this
+/// machine, said after the value's source, or nothing: the connection cap,
+/// lowered to half the open-file limit (`config --print` showed the
+/// configured cap alone, where `serve` logged that it lowered it).
+fn applied_here(key: &str, value: &str) -> String {
+    let Some(configured) = (key == "max-connections")
+        .then(|| value.parse::<usize>().ok())
+        .flatten()
+    else {
+        return String::new();
+    };
+    let applied = forgesyte_server::applied_max_connections(configured);
+    if applied < configured {
+        format!(
+            "; serve applies {applied} here (half the open-file limit: raise `ulimit -n` for more)"
+        )
+    } else {
+        String::new()
     }
 }
 

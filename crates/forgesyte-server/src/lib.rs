@@ -153,8 +153,8 @@ pub use probes::{LiveResponse, ReadyCheck, ReadyResponse};
 pub use reload::{ReloadOutcome, ReloadReport, RemovedPlugin};
 pub use router::{app, openapi};
 pub use server::{
-    GPU_PROBE_SUBCOMMAND, LIB_PROBE_SUBCOMMAND, ServeError, Server, build_loader,
-    build_loader_from, serve, shutdown_signal,
+    GPU_PROBE_SUBCOMMAND, LIB_PROBE_SUBCOMMAND, ServeError, Server, applied_max_connections,
+    build_loader, build_loader_from, serve, shutdown_signal,
 };
 pub use state::AppState;
 pub use tools::RunSuccess;

@@ -417,6 +417,12 @@ async fn next_stop_signal(
     }
 }
 
+/// The connection cap `serve` applies for a `configured` one: at most
+/// half the process's open-file limit (`config --print` says so).
+pub fn applied_max_connections(configured: usize) -> usize {
+    conn::effective_max_connections(configured, conn::nofile_limit())
+}
+
 /// A future that completes on SIGINT (Ctrl-C) or SIGTERM; a second one
 /// afterwards ends [`Server::run`]'s wait for the requests in flight.
 ///

@@ -81,6 +81,23 @@ fn each_layer_beats_the_next_flag_env_file_default() {
     let table: toml::Table = out.parse().unwrap();
     assert_eq!(table["max-connections"].as_integer(), Some(400));
 
+    // A cap `serve` would lower (half the open-file limit) says so.
+    let output = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 256 && exec \"$0\" config --print --max-connections 1000",
+            env!("CARGO_BIN_EXE_forgesyte"),
+        ])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        line(&printed, "max-connections"),
+        "max-connections = 1000  # flag; serve applies 128 here (half the open-file limit: \
+         raise `ulimit -n` for more)",
+        "{printed}"
+    );
+
     // FORGESYTE_CONFIG names the file too.
     let (code, out, err) = run_forgesyte(
         &["config", "--print"],
