@@ -829,19 +829,20 @@ fn an_integer_the_host_cannot_read_is_a_tool_error_not_a_fault() {
     );
 }
 
-/// Calls `tool` of `plugin` with `body` on a thread of its own, reloads the
-/// plugin once the call is in flight, and returns the call's answer; the
-/// plugin is INITIALIZED after, never restarted.
-fn reloaded_during_a_call(
+/// The admin token of the servers [`serving_a_call`] starts.
+const ADMIN_TOKEN: &str = "a-long-enough-admin-token";
+
+/// A server over `dir` (admin token [`ADMIN_TOKEN`]) with a call of `tool`
+/// of `plugin` (`body`) in flight on a thread of its own.
+fn serving_a_call(
     dir: &PluginsDir,
     plugin: &str,
     tool: &str,
     body: &'static str,
-) -> (crate::support::Reply, Value) {
-    let token = "a-long-enough-admin-token";
+) -> (Forgesyte, std::thread::JoinHandle<crate::support::Reply>) {
     let server = Forgesyte::start_with_env(
         &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", token)],
+        &[("FORGESYTE_ADMIN_TOKEN", ADMIN_TOKEN)],
     );
     server.wait_loaded();
     let addr = server.addr;
@@ -862,11 +863,27 @@ fn reloaded_during_a_call(
         &server,
         || (server.get(&health).json()["in_flight"] == 1).then_some(()),
     );
-    let reload =
-        crate::support::admin_post(server.addr, &format!("/v1/plugins/{plugin}/reload"), token);
+    (server, call)
+}
+
+/// Calls `tool` of `plugin` with `body` on a thread of its own, reloads the
+/// plugin once the call is in flight, and returns the call's answer; the
+/// plugin is INITIALIZED after, never restarted.
+fn reloaded_during_a_call(
+    dir: &PluginsDir,
+    plugin: &str,
+    tool: &str,
+    body: &'static str,
+) -> (crate::support::Reply, Value) {
+    let (server, call) = serving_a_call(dir, plugin, tool, body);
+    let reload = crate::support::admin_post(
+        server.addr,
+        &format!("/v1/plugins/{plugin}/reload"),
+        ADMIN_TOKEN,
+    );
     assert_eq!(reload.status, 200, "{}", reload.text());
     let answer = call.join().unwrap();
-    let health = server.get(&health).json();
+    let health = server.get(&format!("/v1/plugins/{plugin}/health")).json();
     assert_eq!(
         (&health["state"], &health["restart_count"]),
         (&json!("INITIALIZED"), &json!(0)),
@@ -884,31 +901,11 @@ fn reloaded_during_a_call(
 fn a_plugin_whose_calls_end_during_its_reload_shows_loaded() {
     let dir = PluginsDir::new();
     dir.python("slow-unload", "faulty");
-    let token = "a-long-enough-admin-token";
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", token)],
-    );
-    server.wait_loaded();
+    let (server, call) = serving_a_call(&dir, "slow-unload", "ok", r#"{"args": {"after_s": 0.5}}"#);
     let addr = server.addr;
-    let call = std::thread::spawn(move || {
-        http_with(
-            addr,
-            "POST",
-            "/v1/plugins/slow-unload/tools/ok/run",
-            &[("Content-Type", "application/json")],
-            br#"{"args": {"after_s": 0.5}}"#,
-        )
-    });
     let health = "/v1/plugins/slow-unload/health";
-    crate::rescan::wait_for(
-        "the call in flight",
-        std::time::Duration::from_secs(10),
-        &server,
-        || (server.get(health).json()["in_flight"] == 1).then_some(()),
-    );
     let reload = std::thread::spawn(move || {
-        crate::support::admin_post(addr, "/v1/plugins/slow-unload/reload", token)
+        crate::support::admin_post(addr, "/v1/plugins/slow-unload/reload", ADMIN_TOKEN)
     });
     // The reload lets the runner go while the call sleeps; the call ends
     // about 1 s before the old runner's unload does.
