@@ -15,6 +15,12 @@ use crate::PluginLifecycleState;
 /// How many transitions each plugin's history keeps.
 pub const HISTORY_LEN: usize = 16;
 
+/// The most characters of a reason a history entry keeps (the status and
+/// the failure journal keep it whole): a reason may be 64 KiB (a Python
+/// error's message), and each of the [`HISTORY_LEN`] entries of every
+/// plugin kept its own copy, up to a MiB a plugin that nothing serves.
+pub const HISTORY_REASON_CHARS: usize = 1024;
+
 /// How many recent execution times the average is taken over.
 pub const AVERAGE_WINDOW: usize = 10;
 
@@ -163,7 +169,8 @@ pub struct Transition {
     pub to: PluginLifecycleState,
     /// When it happened (RFC 3339, UTC, milliseconds).
     pub at: String,
-    /// The reason given with the move (for `FAILED` and `UNAVAILABLE`).
+    /// The reason given with the move (for `FAILED` and `UNAVAILABLE`),
+    /// cut to [`HISTORY_REASON_CHARS`] characters and `…`.
     pub reason: Option<String>,
 }
 
@@ -298,7 +305,9 @@ impl Entry {
             from: Some(self.state),
             to: next,
             at: rfc3339(now),
-            reason: reason.as_deref().map(str::to_owned),
+            reason: reason
+                .as_deref()
+                .map(|reason| forgesyte_errors::shorten(reason, HISTORY_REASON_CHARS)),
         });
         self.state = next;
         self.reason = reason;

@@ -356,11 +356,16 @@ impl Loader {
     /// Whether `name`'s state just recorded (FAILED or UNAVAILABLE) repeats
     /// the one before its retry: the same state and reason (or, with
     /// `short_before`, the shortage of the host's recorded then), then
-    /// LOADED (the retry), then this one.
+    /// LOADED (the retry), then this one. Reasons are compared as the
+    /// history keeps them: their first
+    /// [`HISTORY_REASON_CHARS`](forgesyte_registry::HISTORY_REASON_CHARS).
     fn failed_alike_before(&self, name: &str, short_before: Option<String>) -> bool {
         let Some(history) = self.registry.history(name) else {
             return false;
         };
+        let short_before = short_before.map(|reason| {
+            forgesyte_errors::shorten(&reason, forgesyte_registry::HISTORY_REASON_CHARS)
+        });
         match history.as_slice() {
             [.., before, retry, now] => {
                 retry.to == PluginLifecycleState::Loaded

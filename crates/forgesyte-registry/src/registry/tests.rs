@@ -886,3 +886,17 @@ fn a_plugin_let_go_while_calls_run_is_loaded_when_the_last_one_ends() {
     failed.finish("g").unwrap();
     assert_eq!(failed.get_state("g"), Some(Initialized));
 }
+
+/// A history entry keeps the first [`crate::HISTORY_REASON_CHARS`]
+/// characters of a long reason; the status keeps it whole.
+#[test]
+fn history_entries_keep_a_long_reason_cut() {
+    let registry = registry_with("p", Initialized);
+    let long = "é".repeat(70_000);
+    registry.mark_failed("p", long.clone()).unwrap();
+    assert_eq!(registry.get_status("p").unwrap().reason, Some(long));
+    let kept = registry.history("p").unwrap().last().cloned().unwrap();
+    let reason = kept.reason.unwrap();
+    assert_eq!(reason.chars().count(), crate::HISTORY_REASON_CHARS + 1);
+    assert!(reason.ends_with('…'), "{reason:.10}");
+}
