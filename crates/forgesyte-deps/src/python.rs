@@ -97,14 +97,21 @@ pub const MIN_PYTHON: (u32, u32) = (3, 8);
 
 /// The lines that begin every piece of Python code the host hands an
 /// interpreter (`-c`: the dependency check, the entry-point discovery, the
-/// runner): an interpreter older than [`MIN_PYTHON`] (Python 2 reads this
-/// much too) exits at once with code 78 and one sentence on stderr,
-/// `ForgeSyte needs Python 3.8 or newer; /usr/bin/python2 is Python 2.7`,
-/// instead of failing somewhere in the code that follows.
+/// runner and its zygote). First the working directory leaves `sys.path`:
+/// `-c` puts it first (`''`), before the standard library, so a
+/// `json.py` or `contextvars.py` in the server's working directory was
+/// imported by the runner's own imports, unconfined and before any
+/// signature check (from a review); no `-P` (Python 3.11) or `-I` (which
+/// drops `PYTHONPATH` too) on the oldest supported Python. Then an
+/// interpreter older than [`MIN_PYTHON`] (Python 2 reads this much too)
+/// exits at once with code 78 and one sentence on stderr, `ForgeSyte needs
+/// Python 3.8 or newer; /usr/bin/python2 is Python 2.7`, instead of
+/// failing somewhere in the code that follows.
 pub fn python_version_gate() -> String {
     let (major, minor) = MIN_PYTHON;
     format!(
         "import sys\n\
+         if sys.path and sys.path[0] == '':\n    del sys.path[0]\n\
          if sys.version_info < ({major}, {minor}):\n    \
          sys.stderr.write('ForgeSyte needs Python {major}.{minor} or newer; '\n        \
          '%s is Python %d.%d\\n' % ((sys.executable or 'this interpreter',) + tuple(sys.version_info[:2])))\n    \
@@ -588,6 +595,32 @@ mod tests {
                 && said.contains(" is Python 3."),
             "{said}"
         );
+    }
+
+    /// The working directory is not on `sys.path` after the gate: a module
+    /// there named as one of the standard library's is not imported by
+    /// the code that follows.
+    #[test]
+    fn after_the_gate_the_working_directory_shadows_no_module() {
+        let dir = std::env::temp_dir().join(format!("fs-gate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        std::fs::write(dir.join("json.py"), "raise SystemExit('the shadow ran')\n")
+            .expect("a shadow module");
+        let output = std::process::Command::new("python3")
+            .current_dir(&dir)
+            .args([
+                "-su",
+                "-c",
+                &format!(
+                    "{}import json\nprint(json.dumps(sys.path[0]))",
+                    python_version_gate()
+                ),
+            ])
+            .output()
+            .expect("python3 runs");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(output.status.success(), "{output:?}");
+        assert_ne!(String::from_utf8_lossy(&output.stdout).trim(), "\"\"");
     }
 
     #[test]

@@ -155,13 +155,32 @@ impl TrustedKeys {
             })
             .collect();
         paths.sort();
-        let mut keys = Vec::new();
+        let mut keys: Vec<(String, PublicKey)> = Vec::new();
+        let mut read_from: Vec<PathBuf> = Vec::new();
         for path in paths {
             let bytes = read_capped(&path, MAX_PUBLIC_KEY_BYTES)
                 .map_err(|e| format!("cannot read trusted key {}: {e}", path.display()))?;
             let key = parse_public_key(&bytes)
                 .map_err(|e| format!("trusted key {}: {e}", path.display()))?;
-            keys.push((key_id(key.keynum()), key));
+            let id = key_id(key.keynum());
+            // Two keys of one id: which one a signature is checked with,
+            // and which one a removed file revokes, would depend on the
+            // files' order (a second key under a trusted key's id was
+            // taken silently, and removing the first revoked nothing).
+            // The same key twice is one key.
+            if let Some(at) = keys.iter().position(|(known, _)| *known == id) {
+                if keys[at].1.to_bytes() == key.to_bytes() {
+                    continue;
+                }
+                return Err(format!(
+                    "trusted keys {} and {} have the same key id {id} but are different keys: \
+                     remove the one that is not the signer's",
+                    read_from[at].display(),
+                    path.display()
+                ));
+            }
+            keys.push((id, key));
+            read_from.push(path);
         }
         Ok(TrustedKeys {
             dir: Some(dir.to_path_buf()),
@@ -410,6 +429,47 @@ mod tests {
         assert_eq!(broken.differing_ids(&replaced), [a, b].into());
         assert!(broken.reread().is_some());
         assert!(TrustedKeys::default().reread().is_none());
+    }
+
+    /// Two files of one key id but different keys refuse the store whole,
+    /// naming both (the first by path was used and the second taken
+    /// silently: removing the first revoked nothing); the same key twice
+    /// is one key.
+    #[test]
+    fn two_keys_of_one_id_are_refused_and_one_key_twice_is_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, a_pub, a) = keygen(tmp.path(), "a", None).unwrap();
+        let a_text = std::fs::read_to_string(&a_pub).unwrap();
+        std::fs::write(tmp.path().join("a-copy.pub"), &a_text).unwrap();
+        let store = TrustedKeys::load(tmp.path()).unwrap();
+        assert_eq!(store.ids().collect::<Vec<_>>(), [a.as_str()]);
+        let other = tempfile::tempdir().unwrap();
+        let (_, c_pub, _) = keygen(other.path(), "c", None).unwrap();
+        let raw = |path: &Path| {
+            PublicKeyBox::from_string(&std::fs::read_to_string(path).unwrap())
+                .and_then(PublicKeyBox::into_public_key)
+                .unwrap()
+                .to_bytes()
+        };
+        let mut forged = raw(&c_pub);
+        forged[2..10].copy_from_slice(&raw(&a_pub)[2..10]);
+        let forged = PublicKey::from_bytes(&forged).unwrap();
+        let z_pub = tmp.path().join("z-forged.pub");
+        std::fs::write(
+            &z_pub,
+            format!("untrusted comment: same id\n{}\n", forged.to_base64()),
+        )
+        .unwrap();
+        let err = TrustedKeys::load(tmp.path()).unwrap_err();
+        assert!(
+            err.contains(&format!("the same key id {a}"))
+                && err.contains("a-copy.pub")
+                && err.contains("z-forged.pub"),
+            "{err}"
+        );
+        let (reread, error) = store.reread().unwrap();
+        assert_eq!(reread.ids().count(), 0, "fails closed");
+        assert!(error.is_some());
     }
 
     #[test]

@@ -1054,3 +1054,40 @@ fn a_call_whose_runner_a_reload_lets_go_is_told_so_not_a_crash() {
         crash.text()
     );
 }
+
+/// Modules in the server's working directory are never imported in place
+/// of the standard library's by the host's Python (the zygote, the
+/// runners, the dependency check, the entry-point discovery): `-c` put the
+/// working directory first on `sys.path`, and a `contextvars.py` there ran
+/// in the zygote, unconfined, before any plugin was checked (from a
+/// review).
+#[test]
+fn the_working_directory_shadows_no_module_of_the_hosts_python() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo")
+        .manifest_fields("echo", json!({"dependencies": ["json"]}));
+    let cwd = tempfile::tempdir().unwrap();
+    let marker = cwd.path().join("shadow-ran");
+    for module in ["contextvars", "json", "importlib_metadata", "base64"] {
+        std::fs::write(
+            cwd.path().join(format!("{module}.py")),
+            format!(
+                "open({:?}, 'a').write('{module}\\n')\nraise ImportError('shadowed')\n",
+                marker.display().to_string()
+            ),
+        )
+        .unwrap();
+    }
+    let output = crate::support::forgesyte_command()
+        .current_dir(cwd.path())
+        .args(["check", "--python-entry-points", dir.path_str()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !marker.exists(),
+        "{:?}\n{out}",
+        std::fs::read_to_string(&marker)
+    );
+    assert_eq!(output.status.code(), Some(0), "{out}");
+}
