@@ -90,8 +90,33 @@ impl PassCache {
             return Ok(known.clone());
         }
         let read = integrity::read_lock(fs, dir)?.map(Arc::new);
+        if let Some(lock) = &read {
+            warn_of_pins_without_a_directory(fs, dir, lock);
+        }
         self.locks.lock().insert(dir.to_path_buf(), read.clone());
         Ok(read)
+    }
+}
+
+/// Says (WARN, once a pass) which directories `dir`'s lock pins that are
+/// not there: a plugin directory renamed or removed since `forgesyte lock`
+/// left its pin behind, and a plugin renamed so loads unpinned (pins are
+/// keyed by directory name), which nothing said.
+fn warn_of_pins_without_a_directory(fs: &dyn FileSystem, dir: &Path, lock: &Lock) {
+    let gone: Vec<&str> = lock
+        .plugins
+        .keys()
+        .filter(|name| !fs.metadata(&dir.join(name)).is_ok_and(|m| m.is_dir))
+        .map(String::as_str)
+        .collect();
+    if !gone.is_empty() {
+        tracing::warn!(
+            lock = %dir.join(integrity::LOCK_FILE).display(),
+            "{} pins plugin directories that are not there: {}; a plugin directory renamed \
+             since it was locked loads unpinned: run `forgesyte lock` again",
+            integrity::LOCK_FILE,
+            gone.join(", ")
+        );
     }
 }
 

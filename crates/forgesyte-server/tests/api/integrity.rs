@@ -394,3 +394,26 @@ fn a_plugin_lock_cannot_hash_keeps_its_pin_and_is_named() {
     assert_eq!(lock["plugins"]["kept"], pin, "{lock}");
     assert!(lock["plugins"]["fine"].is_object(), "{lock}");
 }
+
+/// A locked plugin's directory renamed: the plugin loads under its new
+/// directory unpinned (pins are keyed by directory name), and the log says
+/// which pins have no directory (it said nothing; from a review).
+#[test]
+fn a_pin_whose_directory_is_gone_is_named_in_the_log() {
+    let dir = PluginsDir::new();
+    dir.python("py-a", "echo").python("py-b", "echo");
+    let (code, out, err) = forgesyte(&["lock", dir.path_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::fs::rename(dir.path().join("py-b"), dir.path().join("py-b2")).unwrap();
+    let server = crate::support::Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("pins plugin directories that are not there"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        line.contains("WARN") && line.contains("py-b;") && !line.contains("py-a"),
+        "{line}"
+    );
+}
