@@ -12,7 +12,7 @@ use forgesyte_errors::{LoadError, PluginError};
 use parking_lot::{Mutex, RwLock};
 
 use crate::observe::Observers;
-use crate::status::{Entry, rfc3339};
+use crate::status::{Entry, Recorded, rfc3339};
 use crate::{
     Change, ChangeKind, ExitInfo, JournalEntry, Observer, PluginInfo, PluginLifecycleState,
     PluginStatus, RegistryError, Transition,
@@ -569,13 +569,13 @@ impl Registry {
                 entry.last_exit_reason = Some(Arc::from(description));
             }
             entry.next_retry_at = next_retry.map(DateTime::<Utc>::from);
-            entry.journal_push(JournalEntry {
+            entry.journal_push(Recorded {
                 at: rfc3339(now),
                 state: target,
-                reason: Some(reason.to_string()),
+                reason: Some(Arc::clone(&reason)),
                 exit_signal: exit.signal,
                 exit_code: exit.code,
-                stderr_tail: exit.stderr_tail,
+                stderr_tail: Arc::new(exit.stderr_tail),
             });
             Ok(())
         })
@@ -671,13 +671,13 @@ impl Registry {
             entry.restart_count = entry.restart_count.saturating_add(1);
             entry.next_retry_at = None;
             let count = entry.restart_count;
-            entry.journal_push(JournalEntry {
+            entry.journal_push(Recorded {
                 at: rfc3339(now),
                 state: PluginLifecycleState::Loaded,
-                reason: Some(format!("restart {count}")),
+                reason: Some(Arc::from(format!("restart {count}"))),
                 exit_signal: None,
                 exit_code: None,
-                stderr_tail: Vec::new(),
+                stderr_tail: Arc::default(),
             });
             Ok(())
         })
@@ -686,7 +686,9 @@ impl Registry {
     /// The plugin's failure journal (at most [`JOURNAL_LEN`](crate::JOURNAL_LEN)
     /// entries), oldest first.
     pub fn journal(&self, name: &str) -> Option<Vec<JournalEntry>> {
-        self.with_entry(name, |_, entry| entry.journal.iter().cloned().collect())
+        self.with_entry(name, |_, entry| {
+            entry.journal.iter().map(Recorded::to_entry).collect()
+        })
     }
 
     /// The status of one plugin, `None` when it is not registered.
@@ -702,7 +704,7 @@ impl Registry {
         self.with_entry(name, |key, entry| {
             (
                 entry.status(key, now),
-                entry.journal.iter().cloned().collect(),
+                entry.journal.iter().map(Recorded::to_entry).collect(),
             )
         })
     }
@@ -832,13 +834,13 @@ impl Registry {
                 entry.move_to(next, Some(Arc::clone(&reason)), now);
             }
             if changed {
-                entry.journal_push(JournalEntry {
+                entry.journal_push(Recorded {
                     at: rfc3339(now),
                     state: target,
-                    reason: Some(reason.to_string()),
+                    reason: Some(Arc::clone(&reason)),
                     exit_signal: None,
                     exit_code: None,
-                    stderr_tail: details,
+                    stderr_tail: Arc::new(details),
                 });
             }
             Ok(())
@@ -1020,7 +1022,7 @@ impl Snapshot {
     /// One plugin's failure journal, oldest first.
     pub fn journal(&self, name: &str) -> Option<Vec<JournalEntry>> {
         self.entry(name)
-            .map(|(_, entry)| entry.journal.iter().cloned().collect())
+            .map(|(_, entry)| entry.journal.iter().map(Recorded::to_entry).collect())
     }
 
     /// Every plugin's status, sorted by name (uptimes measured at one instant).

@@ -146,6 +146,35 @@ pub struct JournalEntry {
     pub stderr_tail: Vec<String>,
 }
 
+/// A failure journal entry as the registry keeps it: its reason shared
+/// with the status that gave it and with the entries of the same reason
+/// before it, its stderr tail (a Python error's traceback) with those of
+/// the same tail (a plugin that fails alike at every rescan kept up to 20
+/// copies of each, of up to 64 KiB a line); read as a [`JournalEntry`].
+#[derive(Debug, Clone)]
+pub(crate) struct Recorded {
+    pub(crate) at: String,
+    pub(crate) state: PluginLifecycleState,
+    pub(crate) reason: Option<Arc<str>>,
+    pub(crate) exit_signal: Option<String>,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) stderr_tail: Arc<Vec<String>>,
+}
+
+impl Recorded {
+    /// The entry as it is served.
+    pub(crate) fn to_entry(&self) -> JournalEntry {
+        JournalEntry {
+            at: self.at.clone(),
+            state: self.state,
+            reason: self.reason.as_deref().map(str::to_owned),
+            exit_signal: self.exit_signal.clone(),
+            exit_code: self.exit_code,
+            stderr_tail: Vec::clone(&self.stderr_tail),
+        }
+    }
+}
+
 /// How a plugin's process ended, as the host saw it (for
 /// [`Registry::mark_crashed`](crate::Registry::mark_crashed)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -225,7 +254,7 @@ pub(crate) struct Entry {
     pub(crate) last_exit_reason: Option<Arc<str>>,
     pub(crate) next_retry_at: Option<DateTime<Utc>>,
     pub(crate) confinement: Option<Arc<BTreeMap<String, String>>>,
-    pub(crate) journal: Arc<VecDeque<JournalEntry>>,
+    pub(crate) journal: Arc<VecDeque<Recorded>>,
     pub(crate) signature: Option<Arc<SignatureInfo>>,
     /// The reason to move to `LOADED` with once the calls in flight have
     /// ended: a reload let the plugin's instance go while they ran
@@ -268,8 +297,25 @@ impl Entry {
     }
 
     /// Appends to the failure journal, dropping the oldest entry when full.
-    pub(crate) fn journal_push(&mut self, entry: JournalEntry) {
+    pub(crate) fn journal_push(&mut self, mut entry: Recorded) {
         let journal = Arc::make_mut(&mut self.journal);
+        if let Some(reason) = &entry.reason
+            && let Some(same) = journal
+                .iter()
+                .rev()
+                .filter_map(|e| e.reason.as_ref())
+                .find(|kept| !Arc::ptr_eq(kept, reason) && ***kept == **reason)
+        {
+            entry.reason = Some(Arc::clone(same));
+        }
+        if !entry.stderr_tail.is_empty()
+            && let Some(same) = journal.iter().rev().find(|kept| {
+                !Arc::ptr_eq(&kept.stderr_tail, &entry.stderr_tail)
+                    && kept.stderr_tail == entry.stderr_tail
+            })
+        {
+            entry.stderr_tail = Arc::clone(&same.stderr_tail);
+        }
         if journal.len() == JOURNAL_LEN {
             journal.pop_front();
         }

@@ -900,3 +900,57 @@ fn history_entries_keep_a_long_reason_cut() {
     assert_eq!(reason.chars().count(), crate::HISTORY_REASON_CHARS + 1);
     assert!(reason.ends_with('…'), "{reason:.10}");
 }
+
+/// A plugin that fails alike again and again keeps one copy of the reason
+/// in its journal, shared with its status (it kept one per entry: up to
+/// 20 copies of a reason of up to 64 KiB); the journal reads the same.
+#[test]
+fn journal_entries_of_one_reason_share_it() {
+    let registry = registry_with("p", Initialized);
+    let long = "r".repeat(60_000);
+    let tail = vec![
+        "Traceback (most recent call last):".to_owned(),
+        long.clone(),
+    ];
+    for _ in 0..3 {
+        registry
+            .mark_failed_with_details("p", long.clone(), tail.clone())
+            .unwrap();
+        registry.mark_loaded("p", None).unwrap();
+    }
+    registry.mark_failed("p", "another reason").unwrap();
+    let journal = registry.journal("p").unwrap();
+    assert_eq!(journal[2].stderr_tail, tail);
+    let reasons: Vec<Option<&str>> = journal.iter().map(|e| e.reason.as_deref()).collect();
+    assert_eq!(
+        reasons,
+        [
+            Some(long.as_str()),
+            Some(long.as_str()),
+            Some(long.as_str()),
+            Some("another reason")
+        ]
+    );
+    let shared = registry
+        .with_entry("p", |_, entry| {
+            let kept: Vec<_> = entry
+                .journal
+                .iter()
+                .filter_map(|e| e.reason.clone())
+                .collect();
+            let tails: Vec<_> = entry
+                .journal
+                .iter()
+                .map(|e| e.stderr_tail.clone())
+                .collect();
+            kept[..3]
+                .iter()
+                .all(|r| std::sync::Arc::ptr_eq(r, &kept[0]))
+                && !std::sync::Arc::ptr_eq(&kept[3], &kept[0])
+                && tails[..3]
+                    .iter()
+                    .all(|t| std::sync::Arc::ptr_eq(t, &tails[0]))
+        })
+        .unwrap();
+    assert!(shared, "one copy of the repeated reason");
+}
