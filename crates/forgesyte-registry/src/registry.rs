@@ -415,15 +415,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let reason: Option<Arc<str>> = reason.map(Arc::from);
         self.update(name, |entry, now| {
-            if entry.state == PluginLifecycleState::Loaded {
-                if reason.is_some() {
-                    entry.reason = reason.clone();
-                }
-            } else {
-                let next = entry.state.transition(PluginLifecycleState::Loaded)?;
-                entry.move_to(next, reason.clone(), now);
-            }
-            entry.next_retry_at = None;
+            entry.load_because(reason.clone(), now)?;
             if let Some(info) = info {
                 entry.info = Arc::new(info);
             }
@@ -448,13 +440,8 @@ impl Registry {
     pub fn mark_loaded_when_idle(&self, name: &str, reason: &str) -> Result<(), RegistryError> {
         let reason: Arc<str> = Arc::from(reason);
         self.update(name, |entry, now| {
-            if entry.state == PluginLifecycleState::Loaded {
-                entry.reason = Some(Arc::clone(&reason));
-                entry.next_retry_at = None;
-            } else if entry.in_flight == 0 {
-                let next = entry.state.transition(PluginLifecycleState::Loaded)?;
-                entry.move_to(next, Some(Arc::clone(&reason)), now);
-                entry.next_retry_at = None;
+            if entry.state == PluginLifecycleState::Loaded || entry.in_flight == 0 {
+                entry.load_because(Some(Arc::clone(&reason)), now)?;
             } else if entry.state == PluginLifecycleState::Running {
                 entry.reason = Some(Arc::clone(&reason));
                 entry.loaded_when_idle = Some(Arc::clone(&reason));

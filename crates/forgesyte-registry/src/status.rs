@@ -359,6 +359,27 @@ impl Entry {
         self.reason = reason;
     }
 
+    /// To `LOADED` (`reason` replaces the reason of a plugin already there
+    /// when it is `Some`), no retry time left: what
+    /// [`Registry::mark_loaded_because`](crate::Registry::mark_loaded_because)
+    /// does to the entry.
+    pub(crate) fn load_because(
+        &mut self,
+        reason: Option<Arc<str>>,
+        now: DateTime<Utc>,
+    ) -> Result<(), crate::RegistryError> {
+        if self.state == PluginLifecycleState::Loaded {
+            if reason.is_some() {
+                self.reason = reason;
+            }
+        } else {
+            let next = self.state.transition(PluginLifecycleState::Loaded)?;
+            self.move_to(next, reason, now);
+        }
+        self.next_retry_at = None;
+        Ok(())
+    }
+
     /// One call in flight ended: the last one out moves `RUNNING` back to
     /// `INITIALIZED`, and on to `LOADED` when a reload let the instance go
     /// meanwhile ([`Self::loaded_when_idle`]). Any other state is kept.

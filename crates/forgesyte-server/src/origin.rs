@@ -150,11 +150,10 @@ where
 /// ([`is_malformed_host`]; a target that names one is held to the same). Which host a well-formed request names is
 /// [`refusal_at`]'s question.
 pub(crate) fn bad_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<&'static str> {
-    let mut hosts = headers.get_all(header::HOST).iter();
-    let first = hosts.next();
-    if hosts.next().is_some() {
+    if crate::respond::repeated(headers, &header::HOST) {
         return Some("Bad request: more than one Host header");
     }
+    let first = headers.get(header::HOST);
     if let Some(authority) = uri.authority() {
         // The target names the host; `Host` is ignored (RFC 9112 §3.2.2),
         // and the target's host is held to the same form (the `http`

@@ -52,6 +52,12 @@ pub(crate) fn closing(status: StatusCode, detail: &str) -> Response {
     response
 }
 
+/// Whether header `name` is given more than once (a request's `Host`, a
+/// WebSocket key or version: each at most once).
+pub(crate) fn repeated(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(name).iter().nth(1).is_some()
+}
+
 /// Whether one of `name`'s comma-separated values is `token` (any case).
 pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers

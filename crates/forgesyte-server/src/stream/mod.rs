@@ -266,21 +266,19 @@ impl<S: Sync> FromRequestParts<S> for Upgrade {
         }
         // RFC 6455 §11.3.1, §11.3.5: each at most once (a second key was
         // ignored, the accept value made of the first).
-        if headers
-            .get_all(header::SEC_WEBSOCKET_KEY)
-            .iter()
-            .nth(1)
-            .is_some()
-        {
-            return Err(refused("more than one Sec-WebSocket-Key header"));
-        }
-        if headers
-            .get_all(header::SEC_WEBSOCKET_VERSION)
-            .iter()
-            .nth(1)
-            .is_some()
-        {
-            return Err(refused("more than one Sec-WebSocket-Version header"));
+        for (name, twice) in [
+            (
+                header::SEC_WEBSOCKET_KEY,
+                "more than one Sec-WebSocket-Key header",
+            ),
+            (
+                header::SEC_WEBSOCKET_VERSION,
+                "more than one Sec-WebSocket-Version header",
+            ),
+        ] {
+            if crate::respond::repeated(headers, &name) {
+                return Err(refused(twice));
+            }
         }
         if headers
             .get(header::SEC_WEBSOCKET_VERSION)
