@@ -666,25 +666,31 @@ mod tests {
         path
     }
 
-    /// `find`, retried while another test thread's fork still holds the
-    /// freshly written script open (`ETXTBSY`).
+    /// `start()`, retried while another test thread's fork still holds a
+    /// freshly written script open (`ETXTBSY`): that fork ends at its own
+    /// `exec`, so the wait is short.
+    fn when_not_busy<T>(mut start: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+        let mut tries = 0;
+        loop {
+            match start() {
+                Err(e) if e.contains("Text file busy") && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// `find` of a test script, [`when_not_busy`].
     fn find(
         probe: SystemPython,
         interpreter: &Path,
         packages: &[&str],
     ) -> Result<Vec<bool>, String> {
         let packages: Vec<String> = packages.iter().map(|p| p.to_string()).collect();
-        let mut tries = 0;
-        loop {
-            let answer = probe.find(interpreter, &packages);
-            match &answer {
-                Err(e) if e.contains("Text file busy") && tries < 20 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                _ => return answer.map(|found| found.iter().map(present).collect()),
-            }
-        }
+        when_not_busy(|| probe.find(interpreter, &packages))
+            .map(|found| found.iter().map(present).collect())
     }
 
     /// A module query's answer as a boolean.
@@ -715,18 +721,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let python = script(dir.path(), "py", "exec python3 \"$@\"");
         let started = Instant::now();
-        let out = run_python(
-            &python,
-            &[
-                OsStr::new("-c"),
-                OsStr::new(
-                    "import subprocess, sys\n\
-                     subprocess.Popen(['sleep', '8'], start_new_session=True)\n\
-                     sys.stdout.write('the answer')\n",
-                ),
-            ],
-            Duration::from_secs(15),
-        )
+        let out = when_not_busy(|| {
+            run_python(
+                &python,
+                &[
+                    OsStr::new("-c"),
+                    OsStr::new(
+                        "import subprocess, sys\n\
+                         subprocess.Popen(['sleep', '8'], start_new_session=True)\n\
+                         sys.stdout.write('the answer')\n",
+                    ),
+                ],
+                Duration::from_secs(15),
+            )
+        })
         .unwrap();
         assert_eq!(out, b"the answer");
         assert!(
@@ -760,11 +768,13 @@ mod tests {
              sys.stdout.write('the answer')\n"
         );
         let python = script(dir.path(), "py", "exec python3 \"$@\"");
-        let out = run_python(
-            &python,
-            &[OsStr::new("-c"), OsStr::new(&code)],
-            Duration::from_secs(15),
-        )
+        let out = when_not_busy(|| {
+            run_python(
+                &python,
+                &[OsStr::new("-c"), OsStr::new(&code)],
+                Duration::from_secs(15),
+            )
+        })
         .unwrap();
         assert_eq!(out, b"the answer");
         let deadline = Instant::now() + Duration::from_secs(10);
