@@ -313,7 +313,8 @@ fn answer_json(out: Option<std::fs::File>, answer: &impl serde::Serialize) -> ! 
 /// `forgesyte lock DIR`: hashes every plugin directory of DIR and writes
 /// `DIR/forgesyte.lock` (JSON, through a temporary file renamed over it).
 /// One line per plugin on stdout; a plugin that cannot be hashed is named
-/// on stderr, left out of the lock file, and makes the exit code 1.
+/// on stderr, keeps the pin it had (its stdout line says so) or is left out
+/// of the lock file, and makes the exit code 1.
 fn run_lock(dir: &Path) -> ExitCode {
     use forgesyte_loader::integrity;
     if let Some(e) = CheckError::of_dir(dir) {
@@ -356,7 +357,12 @@ fn run_lock(dir: &Path) -> ExitCode {
     let mut stdout = std::io::stdout().lock();
     for (name, line) in &outcome.lock.plugins {
         let of = line.of.as_deref().unwrap_or("");
-        let _ = writeln!(stdout, "{}  {name} ({of})", line.sha256);
+        let kept = if kept.contains(name) {
+            " [earlier pin, kept]"
+        } else {
+            ""
+        };
+        let _ = writeln!(stdout, "{}  {name} ({of}){kept}", line.sha256);
     }
     let _ = writeln!(
         stdout,

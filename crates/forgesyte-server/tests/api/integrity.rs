@@ -390,6 +390,14 @@ fn a_plugin_lock_cannot_hash_keeps_its_pin_and_is_named() {
         "{err}"
     );
     assert!(err.contains("looped not locked: cannot read"), "{err}");
+    // stdout lists the lock file's lines; the kept one says it is old.
+    let kept_line = out.lines().find(|l| l.contains("  kept (")).unwrap_or("");
+    assert!(kept_line.ends_with(" [earlier pin, kept]"), "{out}");
+    let fine_line = out.lines().find(|l| l.contains("  fine (")).unwrap_or("");
+    assert!(
+        !fine_line.is_empty() && !fine_line.contains("kept]"),
+        "{out}"
+    );
     let lock = read_lock();
     assert_eq!(lock["plugins"]["kept"], pin, "{lock}");
     assert!(lock["plugins"]["fine"].is_object(), "{lock}");
