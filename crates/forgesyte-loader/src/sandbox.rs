@@ -280,9 +280,11 @@ impl Resolved {
         // write grants that resolves elsewhere leads through a link it may
         // have made (`/var/cache/ocr/models` → `/`).
         let writable: Vec<PathBuf> = input.spec.write.iter().map(|p| dir.join(p)).collect();
-        let out = |written: &Path, real: Option<&PathBuf>| {
+        // How a path leads out, in words; `None` when it does not.
+        let out = |written: &Path, real: Option<&PathBuf>| -> Option<&'static str> {
             if inside_by_text(written, dir) {
-                return !self.inside(written, real, dir);
+                return (!self.inside(written, real, dir))
+                    .then_some("a link leads it out of the plugin's directory");
             }
             real.is_some_and(|real| {
                 real.as_path() != written
@@ -290,24 +292,22 @@ impl Resolved {
                         .iter()
                         .any(|w| written != w.as_path() && inside_by_text(written, w))
             })
+            .then_some("a link under a path the plugin may write leads it elsewhere")
         };
-        let reads = self
-            .reads
-            .iter()
-            .filter(|(p, real)| out(&dir.join(p), real.as_ref()))
-            .map(|(p, _)| format!("reading {p}"));
+        let reads = self.reads.iter().filter_map(|(p, real)| {
+            out(&dir.join(p), real.as_ref()).map(|how| format!("reading {p} ({how})"))
+        });
         let writes = input
             .spec
             .write
             .iter()
             .zip(&self.writes)
-            .filter(|(p, real)| out(&dir.join(p), real.as_ref()))
-            .map(|(p, _)| format!("writing {p}"));
-        let models = self
-            .models
-            .iter()
-            .filter(|(m, real)| out(m, real.as_ref()))
-            .map(|(m, _)| format!("reading {}", m.display()));
+            .filter_map(|(p, real)| {
+                out(&dir.join(p), real.as_ref()).map(|how| format!("writing {p} ({how})"))
+            });
+        let models = self.models.iter().filter_map(|(m, real)| {
+            out(m, real.as_ref()).map(|how| format!("reading {} ({how})", m.display()))
+        });
         reads.chain(writes).chain(models).collect()
     }
 

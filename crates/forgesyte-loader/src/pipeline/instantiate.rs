@@ -539,10 +539,7 @@ impl Loader {
         // Its signature says nothing of where its links lead.
         if !asks.links_out.is_empty() && policy != sandbox::SandboxWidening::Allow {
             return Err(forgesyte_errors::IntegrityError::SandboxNotGranted {
-                asks: format!(
-                    "{}, which lead out of the plugin's directory through a link",
-                    asks.links_out.join("; ")
-                ),
+                asks: asks.links_out.join("; "),
                 grants: "only with --sandbox-widening allow (a signature covers the \
                          manifest's text, not where a link in the plugin's directory leads)"
                     .to_owned(),

@@ -421,7 +421,10 @@ fn a_path_under_a_write_grant_that_a_link_leads_elsewhere_is_a_link_out() {
     let asks = asks_of(&plugin, tmp.path(), &manifest);
     assert_eq!(
         asks.links_out,
-        [format!("reading {}", cache.join("models").display())]
+        [format!(
+            "reading {} (a link under a path the plugin may write leads it elsewhere)",
+            cache.join("models").display()
+        )]
     );
 }
 
@@ -484,7 +487,13 @@ fn a_path_inside_by_name_and_outside_through_a_link_is_a_link_out() {
     }}))
     .unwrap();
     let asks = asks_of(&plugin, tmp.path(), &manifest);
-    assert_eq!(asks.links_out, ["reading data/settings.cfg", "writing out"]);
+    assert_eq!(
+        asks.links_out,
+        [
+            "reading data/settings.cfg (a link leads it out of the plugin's directory)",
+            "writing out (a link leads it out of the plugin's directory)"
+        ]
+    );
     assert!(
         asks.widening.iter().any(|w| w.contains(&outside)),
         "{:?}",

@@ -709,8 +709,10 @@ fn a_signed_path_that_a_link_leads_out_of_the_plugin_is_refused() {
     assert_eq!(linked["signature"]["status"], "signed", "{linked}");
     let reason = linked["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("reading data/settings.cfg, which lead out of the plugin's directory")
-            && reason.contains("--sandbox-widening allow"),
+        reason.contains(
+            "reading data/settings.cfg (a link leads it out of the plugin's directory), which \
+             this server grants"
+        ) && reason.contains("--sandbox-widening allow"),
         "{reason}"
     );
 }
