@@ -110,9 +110,16 @@ pub(crate) const KEY_PASSWORD_ENV: &str = "FORGESYTE_KEY_PASSWORD";
 /// exists.
 #[allow(unsafe_code)]
 pub(crate) fn drop_env_secret(name: &str) {
-    if std::env::var_os(name).is_none() {
+    use std::os::unix::ffi::OsStringExt as _;
+    let Some(value) = std::env::var_os(name) else {
         return;
-    }
+    };
+    // The one copy of the value this process made: zeroed before it is
+    // freed, so the heap does not keep it (`black_box` keeps the writes).
+    let mut copy = value.into_vec();
+    copy.fill(0);
+    std::hint::black_box(&copy);
+    drop(copy);
     if let Err(e) = wipe_initial_env(name) {
         forgesyte_server::say!(
             "forgesyte: cannot wipe {name} from the process's environment block: {e}"

@@ -135,6 +135,50 @@ fn no_runner_gets_the_signing_key_s_password() {
     assert_eq!(kind, "KeyError");
     let block = std::fs::read(format!("/proc/{}/environ", server.pid())).unwrap();
     assert!(!holds(&block, PASSWORD), "the server's starting block");
+    // Nor its memory: a runner under `--confine off` may read the server's
+    // writable pages where the kernel lets it (the copy made to find the
+    // variable stayed in freed heap).
+    let read = |text| {
+        writable_memory_holds(server.pid(), text)
+            .unwrap_or_else(|e| panic!("cannot read the server's memory: {e}"))
+    };
+    // What the search finds: the plugins directory it was given.
+    assert!(
+        read(plugins.path_str()).is_some(),
+        "the search reads nothing"
+    );
+    assert_eq!(read(PASSWORD), None, "the password in the server's memory");
+}
+
+/// The first writable mapping of `pid` whose bytes hold `text`, read
+/// through `/proc/PID/mem` (this test started the process: a parent may
+/// read its child's memory under the kernel's default ptrace scope).
+fn writable_memory_holds(pid: u32, text: &str) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        if !perms.starts_with("rw") || line.ends_with("[vvar]") {
+            continue;
+        }
+        let mut bytes = vec![0; (end - start) as usize];
+        // A mapping may go between `maps` and this read: skip it.
+        if mem.read_exact_at(&mut bytes, start).is_ok() && holds(&bytes, text) {
+            return Ok(Some(line.to_owned()));
+        }
+    }
+    Ok(None)
 }
 
 /// A descriptor the server inherited open (here a pipe end this test
