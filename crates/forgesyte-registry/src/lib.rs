@@ -147,6 +147,6 @@ pub use observe::{Change, ChangeKind, Observer};
 pub use registry::{CallGuard, RESTARTING, Registry, Snapshot};
 pub use state::{ParseStateError, PluginLifecycleState};
 pub use status::{
-    AVERAGE_WINDOW, ExitInfo, HISTORY_LEN, HISTORY_REASON_CHARS, JOURNAL_LEN, JournalEntry,
-    PluginInfo, PluginStatus, SignatureInfo, SignatureState, Transition,
+    AVERAGE_WINDOW, ExitInfo, HISTORY_LEN, HISTORY_REASON_CHARS, JOURNAL_LEN, JOURNAL_PAST_CHARS,
+    JournalEntry, PluginInfo, PluginStatus, SignatureInfo, SignatureState, Transition,
 };

@@ -16,7 +16,7 @@ use crate::PluginLifecycleState;
 pub const HISTORY_LEN: usize = 16;
 
 /// The most characters of a reason a history entry keeps (the status and
-/// the failure journal keep it whole): a reason may be 64 KiB (a Python
+/// the failure journal's newest entry keep it whole): a reason may be 64 KiB (a Python
 /// error's message), and each of the [`HISTORY_LEN`] entries of every
 /// plugin kept its own copy, up to a MiB a plugin that nothing serves.
 pub const HISTORY_REASON_CHARS: usize = 1024;
@@ -26,6 +26,12 @@ pub const AVERAGE_WINDOW: usize = 10;
 
 /// How many entries each plugin's failure journal keeps.
 pub const JOURNAL_LEN: usize = 20;
+
+/// The most characters of a reason, and of each stderr line, that a
+/// failure journal entry keeps once a newer entry follows it (the newest
+/// keeps them whole, its reason shared with the status): twenty failures
+/// that each gave a different 64 KiB message kept 1.3 MiB a plugin.
+pub const JOURNAL_PAST_CHARS: usize = 1024;
 
 /// Descriptive data a plugin is registered with, stored as given.
 ///
@@ -162,6 +168,36 @@ pub(crate) struct Recorded {
 }
 
 impl Recorded {
+    /// Cuts the newest entry of `journal`, about to have a newer one after
+    /// it, to [`JOURNAL_PAST_CHARS`] (its reason, each stderr line), sharing
+    /// what is cut with an equal older entry's.
+    fn cut_the_newest(journal: &mut VecDeque<Recorded>) {
+        let Some((newest, older)) = journal.make_contiguous().split_last_mut() else {
+            return;
+        };
+        let long = |text: &str| text.chars().nth(JOURNAL_PAST_CHARS).is_some();
+        if let Some(reason) = newest.reason.as_deref()
+            && long(reason)
+        {
+            let cut = forgesyte_errors::shorten(reason, JOURNAL_PAST_CHARS);
+            let same = older
+                .iter()
+                .rev()
+                .filter_map(|e| e.reason.as_ref())
+                .find(|kept| ***kept == *cut);
+            newest.reason = Some(same.map_or_else(|| Arc::from(cut), Arc::clone));
+        }
+        if newest.stderr_tail.iter().any(|line| long(line)) {
+            let cut: Vec<String> = newest
+                .stderr_tail
+                .iter()
+                .map(|line| forgesyte_errors::shorten(line, JOURNAL_PAST_CHARS))
+                .collect();
+            let same = older.iter().rev().find(|e| *e.stderr_tail == cut);
+            newest.stderr_tail = same.map_or_else(|| Arc::new(cut), |e| Arc::clone(&e.stderr_tail));
+        }
+    }
+
     /// The entry as it is served.
     pub(crate) fn to_entry(&self) -> JournalEntry {
         JournalEntry {
@@ -318,6 +354,14 @@ impl Entry {
         }
         if journal.len() == JOURNAL_LEN {
             journal.pop_front();
+        }
+        Recorded::cut_the_newest(journal);
+        // The status and the newest entry hold one copy of their reason.
+        if let (Some(status), Some(newest)) = (&self.reason, &entry.reason)
+            && !Arc::ptr_eq(status, newest)
+            && **status == **newest
+        {
+            self.reason = Some(Arc::clone(newest));
         }
         journal.push_back(entry);
     }

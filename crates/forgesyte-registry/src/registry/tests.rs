@@ -902,10 +902,12 @@ fn history_entries_keep_a_long_reason_cut() {
 }
 
 /// A plugin that fails alike again and again keeps one copy of the reason
-/// in its journal, shared with its status (it kept one per entry: up to
-/// 20 copies of a reason of up to 64 KiB); the journal reads the same.
+/// in its journal's newest entry, shared with its status, and one cut copy
+/// in the older ones (it kept one whole copy per entry: up to 20 of a
+/// reason of up to 64 KiB); the journal reads the same.
 #[test]
 fn journal_entries_of_one_reason_share_it() {
+    use std::sync::Arc;
     let registry = registry_with("p", Initialized);
     let long = "r".repeat(60_000);
     let tail = vec![
@@ -918,18 +920,41 @@ fn journal_entries_of_one_reason_share_it() {
             .unwrap();
         registry.mark_loaded("p", None).unwrap();
     }
-    registry.mark_failed("p", "another reason").unwrap();
+    registry
+        .mark_failed_with_details("p", long.clone(), tail.clone())
+        .unwrap();
+    let newest_is_the_status = registry
+        .with_entry("p", |_, entry| {
+            let newest = entry.journal.back().and_then(|e| e.reason.as_ref());
+            matches!((newest, &entry.reason), (Some(n), Some(s)) if Arc::ptr_eq(n, s))
+        })
+        .unwrap();
+    assert!(
+        newest_is_the_status,
+        "the status and the newest entry share"
+    );
     let journal = registry.journal("p").unwrap();
-    assert_eq!(journal[2].stderr_tail, tail);
+    assert_eq!(journal[3].reason.as_deref(), Some(long.as_str()));
+    assert_eq!(journal[3].stderr_tail, tail);
+    registry.mark_loaded("p", None).unwrap();
+    registry.mark_failed("p", "another reason").unwrap();
+
+    let cut = forgesyte_errors::shorten(&long, crate::JOURNAL_PAST_CHARS);
+    let journal = registry.journal("p").unwrap();
     let reasons: Vec<Option<&str>> = journal.iter().map(|e| e.reason.as_deref()).collect();
     assert_eq!(
         reasons,
         [
-            Some(long.as_str()),
-            Some(long.as_str()),
-            Some(long.as_str()),
+            Some(cut.as_str()),
+            Some(cut.as_str()),
+            Some(cut.as_str()),
+            Some(cut.as_str()),
             Some("another reason")
         ]
+    );
+    assert_eq!(
+        journal[2].stderr_tail,
+        ["Traceback (most recent call last):".to_owned(), cut.clone()]
     );
     let shared = registry
         .with_entry("p", |_, entry| {
@@ -943,14 +968,32 @@ fn journal_entries_of_one_reason_share_it() {
                 .iter()
                 .map(|e| e.stderr_tail.clone())
                 .collect();
-            kept[..3]
-                .iter()
-                .all(|r| std::sync::Arc::ptr_eq(r, &kept[0]))
-                && !std::sync::Arc::ptr_eq(&kept[3], &kept[0])
-                && tails[..3]
-                    .iter()
-                    .all(|t| std::sync::Arc::ptr_eq(t, &tails[0]))
+            kept[..4].iter().all(|r| Arc::ptr_eq(r, &kept[0]))
+                && !Arc::ptr_eq(&kept[4], &kept[0])
+                && tails[..4].iter().all(|t| Arc::ptr_eq(t, &tails[0]))
         })
         .unwrap();
     assert!(shared, "one copy of the repeated reason");
+}
+
+/// Twenty failures that each give a different long reason keep it whole
+/// in the newest entry only.
+#[test]
+fn older_journal_entries_keep_a_cut_reason() {
+    let registry = registry_with("p", Initialized);
+    for n in 0..crate::JOURNAL_LEN {
+        let reason = format!("{n} {}", "x".repeat(60_000));
+        registry.mark_failed("p", reason).unwrap();
+        registry.mark_loaded("p", None).unwrap();
+    }
+    let journal = registry.journal("p").unwrap();
+    assert_eq!(journal.len(), crate::JOURNAL_LEN);
+    let (newest, older) = journal.split_last().unwrap();
+    assert_eq!(newest.reason.as_deref().map(str::len), Some(60_003));
+    for (n, entry) in older.iter().enumerate() {
+        let reason = entry.reason.as_deref().unwrap_or_default();
+        assert_eq!(reason.chars().count(), crate::JOURNAL_PAST_CHARS + 1, "{n}");
+        assert!(reason.starts_with(&format!("{n} x")), "{n}: {reason:.8}");
+        assert!(reason.ends_with('…'), "{n}");
+    }
 }
