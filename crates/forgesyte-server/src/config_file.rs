@@ -566,7 +566,8 @@ fn applied_here(key: &str, value: &str) -> String {
     let applied = forgesyte_server::applied_max_connections(configured);
     if applied < configured {
         format!(
-            "; serve applies {applied} here (half the open-file limit: raise `ulimit -n` for more)"
+            "; serve applies {applied} here (half the hard open-file limit, to which it raises \
+             the soft one: raise `ulimit -Hn` for more)"
         )
     } else {
         String::new()

@@ -418,9 +418,16 @@ async fn next_stop_signal(
 }
 
 /// The connection cap `serve` applies for a `configured` one: at most
-/// half the process's open-file limit (`config --print` says so).
+/// half the open-file limit `serve` runs with, which is the hard limit
+/// (`serve` raises its soft limit to it first; `config --print` said the
+/// soft limit's half, 512 in a container that gives `serve` far more).
 pub fn applied_max_connections(configured: usize) -> usize {
-    conn::effective_max_connections(configured, conn::nofile_limit())
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let serves_with = match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) => Some(soft.max(hard)),
+        (soft, _) => soft,
+    };
+    conn::effective_max_connections(configured, serves_with)
 }
 
 /// A future that completes on SIGINT (Ctrl-C) or SIGTERM; a second one

@@ -93,10 +93,30 @@ fn each_layer_beats_the_next_flag_env_file_default() {
     let printed = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         line(&printed, "max-connections"),
-        "max-connections = 1000  # flag; serve applies 128 here (half the open-file limit: \
-         raise `ulimit -n` for more)",
+        "max-connections = 1000  # flag; serve applies 128 here (half the hard open-file \
+         limit, to which it raises the soft one: raise `ulimit -Hn` for more)",
         "{printed}"
     );
+    // A soft limit alone is no cap: `serve` raises it to the hard one
+    // first (it said 128 here, where `serve` applied the cap whole).
+    let output = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 256 && exec \"$0\" config --print --max-connections 1000",
+            env!("CARGO_BIN_EXE_forgesyte"),
+        ])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    let expected = match hard.map(|h| h / 2).filter(|&half| half < 1000) {
+        Some(half) => format!(
+            "max-connections = 1000  # flag; serve applies {half} here (half the hard \
+             open-file limit, to which it raises the soft one: raise `ulimit -Hn` for more)"
+        ),
+        None => "max-connections = 1000  # flag".to_owned(),
+    };
+    assert_eq!(line(&printed, "max-connections"), expected, "{printed}");
 
     // FORGESYTE_CONFIG names the file too.
     let (code, out, err) = run_forgesyte(
