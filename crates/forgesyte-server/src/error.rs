@@ -808,6 +808,22 @@ impl From<ToolError> for RunError {
                 kind: "ToolPanic".into(),
                 message: format!("tool panicked: {message}"),
             },
+            // Without the runner's last stderr lines: they may be another
+            // caller's (a plugin that prints its arguments), and this
+            // answer goes to whoever made this call. The plugin's status
+            // and failure journal have them, and the server's log.
+            ToolError::Crashed(crash) => RunError::Fault {
+                kind: "CrashError".into(),
+                message: if crash.stderr_tail.is_empty() {
+                    crash.cause.to_string()
+                } else {
+                    format!(
+                        "{}; its last stderr lines are in the server's log and the plugin's \
+                         failure journal",
+                        crash.cause
+                    )
+                },
+            },
             other if other.is_fault() => RunError::Fault {
                 kind: other.kind().into(),
                 message: other.to_string(),
@@ -909,6 +925,21 @@ mod tests {
         }));
         assert_eq!(crash.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(crash.error_type(), "CrashError");
+        // The runner's last stderr lines may be another caller's: this
+        // caller's answer says where they are instead.
+        let printed = RunError::from(ToolError::Crashed(forgesyte_errors::CrashError {
+            cause: forgesyte_errors::CrashCause::Signal {
+                name: "SIGSEGV".into(),
+                number: 11,
+            },
+            stderr_tail: vec!["debug: got {'api_key': 'ALICE-SECRET'}".into()],
+        }));
+        let body = printed.body("p", "t").to_string();
+        assert!(
+            !body.contains("ALICE-SECRET")
+                && body.contains("killed by signal SIGSEGV (11); its last stderr lines are in"),
+            "{body}"
+        );
         // Timed out waiting for its turn: a 504 that does not blame the plugin.
         let queued = RunError::from(ToolError::QueueTimedOut {
             after: Duration::from_secs(2),

@@ -244,8 +244,10 @@ impl Supervisor {
                 // call's doing (any client's slow input), not a crash of
                 // the plugin's. Restarted with the same backoff, but not
                 // counted in the restart budget: six slow requests in ten
-                // minutes left the plugin FAILED for good.
-                let counted = !killed_for_a_timeout(report);
+                // minutes left the plugin FAILED for good. Nor is a runner
+                // lost with its zygote: that spent a restart of every
+                // Python plugin of the zygote at once.
+                let counted = !killed_for_a_timeout(report) && !lost_with_its_zygote(report);
                 supervisor.ended(generation, report, exit_info(report), counted);
             }
         }));
@@ -503,6 +505,18 @@ fn killed_for_a_timeout(report: &ExitReport) -> bool {
         &report.crash,
         Some(CrashError { cause: CrashCause::Killed { reason }, .. })
             if reason.starts_with("TimeoutError:")
+    )
+}
+
+/// Whether the runner ended with the process that forked it (a Python
+/// zygote), not by anything of its own that the host saw.
+fn lost_with_its_zygote(report: &ExitReport) -> bool {
+    matches!(
+        &report.crash,
+        Some(CrashError {
+            cause: CrashCause::Lost { .. },
+            ..
+        })
     )
 }
 

@@ -532,6 +532,38 @@ fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
     h.spend_the_budget(2, ms(100));
 }
 
+/// A runner lost with its Python zygote (killed, or dead of its own) is
+/// restarted with the backoff, but does not spend the restart budget: each
+/// zygote death spent a restart of every Python plugin at once, and five
+/// left them all FAILED for good. Crashes still spend it.
+#[test]
+fn runners_lost_with_their_zygote_do_not_spend_the_restart_budget() {
+    let mut h = Harness::new(SupervisionPolicy {
+        backoff_base: ms(100),
+        backoff_cap: ms(100),
+        healthy_reset: Duration::from_secs(3600),
+        max_restarts: 2,
+        window: Duration::from_secs(3600),
+    });
+    for round in 0..5 {
+        h.end_with(&ExitReport {
+            reason: "CrashError: lost: its Python zygote (pid 7) exited".into(),
+            crash: Some(CrashError {
+                cause: CrashCause::Lost {
+                    detail: "its Python zygote (pid 7) exited".into(),
+                },
+                stderr_tail: Vec::new(),
+            }),
+            signal: None,
+            code: None,
+            pid: None,
+        });
+        h.clock.advance(ms(100));
+        assert_eq!(h.status().state, S::Initialized, "round {round}");
+    }
+    h.spend_the_budget(2, ms(100));
+}
+
 /// Restarts the host could not start for want of its own descriptors or
 /// processes back off to the cap and go on until the resources are back:
 /// they spent the budget, and the plugin stayed FAILED for good after the
