@@ -119,17 +119,30 @@ fn shifted(e: DecodeError, seen: usize) -> DecodeError {
 }
 
 /// The base64 of a binary argument sent as a JSON string: surrounding
-/// whitespace and a `data:<type>;base64,` URL prefix are dropped.
+/// whitespace and a `data:<type>;base64,` URL prefix (in any case, as RFC
+/// 2397 reads it) are dropped.
 pub(crate) fn base64_text(text: &str) -> &str {
     let text = text.trim();
     // Only a text that starts as a data URL is searched (a search of the
-    // whole text cost an 8 MB argument about 3 ms).
-    if !text.starts_with("data:") {
+    // whole text cost an 8 MB argument about 3 ms), up to the comma that
+    // ends its header.
+    let is_data_url = text
+        .get(..5)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("data:"));
+    if !is_data_url {
         return text;
     }
-    match text.split_once(";base64,") {
-        Some((_, data)) => data,
-        None => text,
+    match text.split_once(',') {
+        Some((header, data))
+            if header
+                .len()
+                .checked_sub(7)
+                .and_then(|at| header.get(at..))
+                .is_some_and(|end| end.eq_ignore_ascii_case(";base64")) =>
+        {
+            data
+        }
+        _ => text,
     }
 }
 
@@ -160,6 +173,11 @@ mod tests {
             b"ABCABC"
         );
         assert_eq!(base64_text("x;base64,QQ=="), "x;base64,QQ==");
+        // RFC 2397: the scheme and the marker in any case.
+        assert_eq!(base64_text("DATA:image/png;BASE64,QUFB"), "QUFB");
+        assert_eq!(base64_text("Data:;Base64,QQ=="), "QQ==");
+        // A data URL that is not base64 is left whole (and refused as such).
+        assert_eq!(base64_text("data:text/plain,QQ=="), "data:text/plain,QQ==");
     }
 
     #[test]

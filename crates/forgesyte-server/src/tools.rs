@@ -655,27 +655,31 @@ fn arguments(
             }
         }
     }
-    if takes_binary {
-        for name in declared {
-            match args.get_mut(*name) {
-                Some(Value::String(text)) => {
-                    // Decoded into the text's own buffer (the argument is
-                    // replaced by `null` below).
-                    let bytes =
-                        decode_in_place(std::mem::take(text)).map_err(|e| RunError::NotBase64 {
-                            name: (*name).to_owned(),
-                            message: e.to_string(),
-                        })?;
-                    binary.push(((*name).to_owned(), bytes.into()));
-                }
-                // Absent, or `null`: not given.
-                None | Some(Value::Null) => {}
-                Some(other) => {
-                    return Err(RunError::NotBinary {
+    for name in declared {
+        match args.get_mut(*name) {
+            // A plugin that takes no attachments (an in-process ABI-1
+            // library) gets the text as sent, and decodes it itself.
+            Some(Value::String(_)) if !takes_binary => {}
+            Some(Value::String(text)) => {
+                // Decoded into the text's own buffer (the argument is
+                // replaced by `null` below).
+                let bytes =
+                    decode_in_place(std::mem::take(text)).map_err(|e| RunError::NotBase64 {
                         name: (*name).to_owned(),
-                        found: forgesyte_deps::json_type_name(other),
-                    });
-                }
+                        message: e.to_string(),
+                    })?;
+                binary.push(((*name).to_owned(), bytes.into()));
+            }
+            // Absent, or `null`: not given.
+            None | Some(Value::Null) => {}
+            // Refused whatever the plugin takes: an in-process ABI-1
+            // plugin got an object or a number where the same library
+            // isolated was refused.
+            Some(other) => {
+                return Err(RunError::NotBinary {
+                    name: (*name).to_owned(),
+                    found: forgesyte_deps::json_type_name(other),
+                });
             }
         }
     }
@@ -776,6 +780,18 @@ mod tests {
             };
             let err = arguments(twice, &declared, takes_binary).unwrap_err();
             assert!(err.to_string().contains("given twice"), "{err}");
+        }
+        // JSON other than text or null, refused whichever runtime (an
+        // in-process ABI-1 plugin got it).
+        for takes_binary in [true, false] {
+            for value in [json!({"x": 1}), json!(5), json!([1]), json!(true)] {
+                let err = arguments(input(&json!({ "image": value })), &declared, takes_binary)
+                    .unwrap_err();
+                assert!(
+                    matches!(err, crate::error::RunError::NotBinary { .. }),
+                    "{takes_binary} {value}: {err}"
+                );
+            }
         }
     }
 
