@@ -110,16 +110,22 @@ pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representa
             .min_by_key(|(specific, _, at)| (*specific, *at))
             .map(|(_, q, at)| (q, at))
     };
-    let raw = weight(&["application/octet-stream"]);
-    let raw_asked = raw.is_some_and(|(q, _)| q > 0.0) && binary != 1;
+    let refused = |weight: Option<(f32, usize)>| weight.is_some_and(|(q, _)| q == 0.0);
     let json = weight(&["application/json", "application/*", "*/*"]);
     // JSON refused (`application/json;q=0, */*`): the wildcard selects
     // multipart, which holds any result, rather than the JSON refused.
-    let multipart = if json.is_some_and(|(q, _)| q == 0.0) {
+    let multipart = if refused(json) {
         weight(&["multipart/mixed", "multipart/*", "*/*"])
     } else {
         weight(&["multipart/mixed", "multipart/*"])
     };
+    // Both refused: the wildcards can only mean the raw bytes.
+    let raw = if refused(json) && refused(multipart) {
+        weight(&["application/octet-stream", "application/*", "*/*"])
+    } else {
+        weight(&["application/octet-stream"])
+    };
+    let raw_asked = raw.is_some_and(|(q, _)| q > 0.0) && binary != 1;
     let chosen = [
         (Representation::Json, json),
         (Representation::Multipart, multipart),
@@ -449,6 +455,16 @@ mod tests {
         );
         // Nothing acceptable: the header is disregarded.
         assert_eq!(negotiate(&accept("*/*;q=0"), 1), Ok(Json));
+        // JSON and multipart refused, a wildcard allowing the rest: the
+        // raw bytes where there is one binary result, else 406 (JSON came
+        // back, refused).
+        for header in [
+            "*/*, application/json;q=0, multipart/mixed;q=0",
+            "application/json;q=0, multipart/mixed;q=0, application/*",
+        ] {
+            assert_eq!(negotiate(&accept(header), 1), Ok(Raw), "{header}");
+            assert!(negotiate(&accept(header), 2).is_err(), "{header}");
+        }
     }
 
     #[test]
