@@ -226,16 +226,8 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
     };
     let (config, token_file) = serve.config();
     let token_file = token_file.as_deref();
-    // What serve checks before it starts, beside the admin token.
-    let mut refusals: Vec<String> = [
-        config.trusted_keys().err().map(|e| e.to_string()),
-        config.runner_problem(),
-        CheckError::plugin_directory(&config.plugins_dir).map(|e| e.to_string()),
-        blocking_threads().err().map(|e| format!("{e:#}")),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let mut refusals = refusals_beside_the_token(&config);
+    refusals.extend(CheckError::plugin_directory(&config.plugins_dir).map(|e| e.to_string()));
     if let Ok(threads) = blocking_threads() {
         text.push_str(&format!(
             "# blocking threads: {threads} ({BLOCKING_THREADS_ENV})\n"
@@ -272,6 +264,62 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
     } else {
         ExitCode::from(2)
     }
+}
+
+/// What `serve` checks before it starts, beside the admin token and the
+/// plugins directory.
+fn refusals_beside_the_token(config: &ServerConfig) -> Vec<String> {
+    [
+        config.trusted_keys().err().map(|e| e.to_string()),
+        config.runner_problem(),
+        blocking_threads().err().map(|e| format!("{e:#}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// What `serve` would refuse of the configuration that the environment and
+/// `config_file` give it, for `check`, whose own options are the loader's
+/// only: `check` passed `FORGESYTE_MAX_CONNECTIONS=0` or an unreadable
+/// admin token file, which `serve` then refused. The plugins directory is
+/// left out (`check` names its own).
+fn serve_refusals_for_check(config_file: Option<&Path>) -> Vec<String> {
+    let mut argv: Vec<std::ffi::OsString> = vec![
+        std::env::args_os()
+            .next()
+            .unwrap_or_else(|| "forgesyte".into()),
+        "config".into(),
+        "--print".into(),
+    ];
+    if let Some(file) = config_file {
+        argv.extend(["--config".into(), file.as_os_str().to_owned()]);
+    }
+    let layered = match config_file::layer(Cli::command(), argv, "serve") {
+        Ok(layered) => layered,
+        Err(config_file::ConfigError::Usage(e)) => return vec![first_line(&e.to_string())],
+        Err(e) => return vec![e.to_string()],
+    };
+    let serve = match Cli::from_arg_matches(&layered.matches) {
+        Ok(Cli {
+            command: Command::Config(args),
+            ..
+        }) => args.serve,
+        Ok(_) => return Vec::new(),
+        Err(e) => return vec![first_line(&e.to_string())],
+    };
+    let (config, token_file) = serve.config();
+    let mut refusals = refusals_beside_the_token(&config);
+    if let Err(e) = admin_token(admin_token_env(), token_file.as_deref()) {
+        refusals.push(format!("{e:#}"));
+    }
+    refusals
+}
+
+/// The first line of a parser's error, without clap's `error: `.
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
 /// Writes `text` (`what`) to `out` and flushes it; `false`, said on
@@ -596,6 +644,13 @@ fn run_check(args: CheckArgs, dir_named: bool) -> ExitCode {
         .or_else(|| config.runner_problem())
     {
         say!("forgesyte check: {e}");
+        return ExitCode::from(2);
+    }
+    let refusals = serve_refusals_for_check(args.config.as_deref());
+    for why in &refusals {
+        say!("forgesyte check: serve would refuse this configuration: {why}");
+    }
+    if !refusals.is_empty() {
         return ExitCode::from(2);
     }
     // Installed plugins alone need no plugins directory: the default one

@@ -778,3 +778,34 @@ fn check_survives_constructors_that_print_or_never_return() {
         "the print went nowhere: {err}"
     );
 }
+
+/// `check` refuses (exit 2) what `serve` would refuse of the environment
+/// and the config file, its own options aside: it passed
+/// `FORGESYTE_MAX_CONNECTIONS=0`, a body limit that is no number, and an
+/// unreadable admin token file, and `serve` then refused to start (from a
+/// review).
+#[test]
+fn check_refuses_what_serve_would_refuse() {
+    let dir = PluginsDir::new();
+    dir.good("fine", json!({}));
+    let (code, out, err) = run_forgesyte(&["check", dir.path_str()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    for (var, value, says) in [
+        ("FORGESYTE_MAX_CONNECTIONS", "0", "must be at least 1"),
+        ("FORGESYTE_BODY_LIMIT", "abc", "is not a number of bytes"),
+        ("FORGESYTE_BODY_LIMIT", "", "is set but empty"),
+    ] {
+        let (code, out, err) = run_forgesyte(&["check", dir.path_str()], &[(var, value)]);
+        assert_eq!(code, 2, "{var}={value}: {out}{err}");
+        assert!(
+            err.contains("serve would refuse this configuration") && err.contains(says),
+            "{var}={value}: {err}"
+        );
+    }
+    let file = dir.path().join("server.toml");
+    std::fs::write(&file, "admin-token-file = \"/nonexistent/token\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    let (code, out, err) = run_forgesyte(&["check", "--config", file, dir.path_str()], &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("cannot read the admin token file"), "{err}");
+}
