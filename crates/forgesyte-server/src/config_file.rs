@@ -504,7 +504,7 @@ fn scalar(arg: &Arg, value: &toml::Value) -> Result<String, String> {
 }
 
 /// A clap error's message, one line, without its `error: ` prefix.
-fn first_line(e: &clap::Error) -> String {
+pub(crate) fn first_line(e: &clap::Error) -> String {
     let text = e.to_string();
     let line = text.lines().next().unwrap_or_default();
     line.strip_prefix("error: ").unwrap_or(line).to_owned()
@@ -515,6 +515,21 @@ impl Layered {
     /// subcommand reads no config file, or has no such option).
     pub(crate) fn source(&self, id: &str) -> Option<&Source> {
         self.sources.as_ref()?.get(id)
+    }
+
+    /// The keys of the matched subcommand's options given a value that is
+    /// not UTF-8 (which [`Self::render`] can only comment out).
+    pub(crate) fn not_utf8_keys(&self) -> Vec<&str> {
+        let (Some((_, matches)), Some(keys)) = (
+            self.matches.subcommand(),
+            self.command.find_subcommand(&self.keys_of),
+        ) else {
+            return Vec::new();
+        };
+        file_keys(keys)
+            .filter(|arg| !is_utf8(arg.get_id().as_str(), matches))
+            .filter_map(Arg::get_long)
+            .collect()
     }
 
     /// The effective configuration of the matched subcommand as TOML, one
@@ -541,6 +556,14 @@ impl Layered {
             };
             let source = sources.get(id).cloned().unwrap_or(Source::Unset);
             let _ = match value_of(arg, matches) {
+                // Printed lossy, it read back as another path.
+                Some(value) if !is_utf8(id, matches) => {
+                    writeln!(
+                        out,
+                        "# {key} = {value}  # {source}; not valid UTF-8, which TOML cannot hold \
+                         (nor a plugin's path)"
+                    )
+                }
                 Some(value) => {
                     let applied = applied_here(key, &value);
                     writeln!(out, "{key} = {value}  # {source}{applied}")
@@ -594,6 +617,15 @@ fn value_of(arg: &Arg, matches: &ArgMatches) -> Option<String> {
         return Some(format!("[{}]", values.join(", ")));
     }
     raw.map(|v| toml_value(&v.to_string_lossy(), text)).next()
+}
+
+/// Whether every value option `id` was given is UTF-8.
+fn is_utf8(id: &str, matches: &ArgMatches) -> bool {
+    matches
+        .try_get_raw(id)
+        .ok()
+        .flatten()
+        .is_none_or(|mut raw| raw.all(|v| v.to_str().is_some()))
 }
 
 fn is_text(parser: &ValueParser) -> bool {

@@ -227,6 +227,9 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
     let (config, token_file) = serve.config();
     let token_file = token_file.as_deref();
     let mut refusals = refusals_beside_the_token(&config);
+    refusals.extend(layered.not_utf8_keys().into_iter().map(|key| {
+        format!("{key} is not valid UTF-8 (a config file cannot hold it, nor a plugin's path)")
+    }));
     refusals.extend(CheckError::plugin_directory(&config.plugins_dir).map(|e| e.to_string()));
     if let Ok(threads) = blocking_threads() {
         text.push_str(&format!(
@@ -297,7 +300,7 @@ fn serve_refusals_for_check(config_file: Option<&Path>) -> Vec<String> {
     }
     let layered = match config_file::layer(Cli::command(), argv, "serve") {
         Ok(layered) => layered,
-        Err(config_file::ConfigError::Usage(e)) => return vec![first_line(&e.to_string())],
+        Err(config_file::ConfigError::Usage(e)) => return vec![config_file::first_line(&e)],
         Err(e) => return vec![e.to_string()],
     };
     let serve = match Cli::from_arg_matches(&layered.matches) {
@@ -306,7 +309,7 @@ fn serve_refusals_for_check(config_file: Option<&Path>) -> Vec<String> {
             ..
         }) => args.serve,
         Ok(_) => return Vec::new(),
-        Err(e) => return vec![first_line(&e.to_string())],
+        Err(e) => return vec![config_file::first_line(&e)],
     };
     let (config, token_file) = serve.config();
     let mut refusals = refusals_beside_the_token(&config);
@@ -314,12 +317,6 @@ fn serve_refusals_for_check(config_file: Option<&Path>) -> Vec<String> {
         refusals.push(format!("{e:#}"));
     }
     refusals
-}
-
-/// The first line of a parser's error, without clap's `error: `.
-fn first_line(text: &str) -> String {
-    let line = text.lines().next().unwrap_or_default();
-    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
 /// Writes `text` (`what`) to `out` and flushes it; `false`, said on
@@ -475,6 +472,21 @@ fn run_new(args: NewArgs) -> ExitCode {
     // serve it: the commands printed would be refused.
     if let Some(e) = CheckError::plugin_directory(&args.parent) {
         say!("forgesyte new: --dir: {e}");
+        return ExitCode::from(2);
+    }
+    // A plugin is given its directory as JSON text: one under a path that
+    // is not UTF-8 never loads (it was made, and its commands printed with
+    // a lossy path that names another directory).
+    if std::path::absolute(&args.parent)
+        .unwrap_or_else(|_| args.parent.clone())
+        .to_str()
+        .is_none()
+    {
+        say!(
+            "forgesyte new: --dir: {} is not valid UTF-8, and a plugin is given its directory as \
+             JSON text: a plugin there could never load; choose another directory",
+            args.parent.display()
+        );
         return ExitCode::from(2);
     }
     match scaffold::create(

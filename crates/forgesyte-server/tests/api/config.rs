@@ -809,3 +809,43 @@ fn check_refuses_what_serve_would_refuse() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("cannot read the admin token file"), "{err}");
 }
+
+/// `new --dir` under a path that is not UTF-8 is refused (exit 2): a
+/// plugin there could never load, and the commands it printed named
+/// another directory (a lossy path).
+#[test]
+fn new_refuses_a_directory_that_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let parent = tempfile::tempdir().unwrap();
+    let odd = parent
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"nu\xffdir"));
+    std::fs::create_dir(&odd).unwrap();
+    let output = crate::support::forgesyte_command()
+        .args(["new", "--python", "ok", "--dir"])
+        .arg(&odd)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains("is not valid UTF-8"), "{err}");
+    assert!(!odd.join("ok").exists());
+    // `config --print` cannot write it as TOML: commented out, exit 2
+    // (printed lossy, it read back as another directory).
+    let output = crate::support::forgesyte_command()
+        .args(["config", "--print", "--plugins"])
+        .arg(&odd)
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert_eq!(output.status.code(), Some(2), "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("# plugins = ") && l.contains("not valid UTF-8")),
+        "{out}"
+    );
+    assert!(err.contains("plugins is not valid UTF-8"), "{err}");
+}
