@@ -550,6 +550,16 @@ pub enum RunError {
         /// The memory for answers, in KiB.
         budget_kib: usize,
     },
+    /// A stream's tool ran, but its encoded answer is larger than a
+    /// stream's answers may be (`AnswerTooLarge` in the frame's answer: the
+    /// stream goes on; it was closed 1011, which blames the plugin).
+    #[error("an answer of {bytes} bytes, more than a stream's {limit}")]
+    StreamAnswerTooLarge {
+        /// The encoded answer's size.
+        bytes: usize,
+        /// The most a stream's answer may hold, in bytes.
+        limit: usize,
+    },
     /// The plugin already has its limit of tool calls in progress; the call
     /// never ran (503, `TooManyCalls`, with `Retry-After`).
     #[error("{limit} tool calls of the plugin in progress")]
@@ -588,7 +598,8 @@ impl RunError {
             | RunError::NotBinary { .. }
             | RunError::InvalidArgs { .. }
             | RunError::ToolFailed { .. }
-            | RunError::AnswerTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            | RunError::AnswerTooLarge { .. }
+            | RunError::StreamAnswerTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             RunError::PayloadTooLarge { .. } | RunError::TooManyValues { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -622,7 +633,9 @@ impl RunError {
             | RunError::BodiesInFlight { .. }
             | RunError::AnswersInFlight { .. }
             | RunError::AnswerLost { .. } => "ServerBusy",
-            RunError::AnswerTooLarge { .. } => "AnswerTooLarge",
+            RunError::AnswerTooLarge { .. } | RunError::StreamAnswerTooLarge { .. } => {
+                "AnswerTooLarge"
+            }
             RunError::Internal { .. } => "InternalError",
         }
     }
@@ -745,6 +758,9 @@ impl RunError {
             RunError::AnswerTooLarge { bytes, budget_kib } => format!(
                 "Tool '{t}' of plugin '{p}' ran, but its answer ({bytes} bytes as encoded) is larger than the {} set aside for answers (--answer-memory); a binary result takes less as multipart/mixed or application/octet-stream than as base64 in JSON",
                 Kib(*budget_kib)
+            ),
+            RunError::StreamAnswerTooLarge { bytes, limit } => format!(
+                "Tool '{t}' of plugin '{p}' ran, but its answer ({bytes} bytes as encoded) is larger than a stream's answers may be ({limit} bytes: twice --body-limit, at least 4 MiB); the stream goes on, and the run route takes such an answer"
             ),
             RunError::Internal { .. } => "Internal Server Error".to_owned(),
         }

@@ -265,6 +265,11 @@ pub(crate) fn refusal_at(
             "refused: a request another site's page sent (Sec-Fetch-Site: cross-site)".into(),
         );
     }
+    // Only the first was judged: `Origin: <own>` then `Origin: <another>`
+    // passed. A browser sends one.
+    if crate::respond::repeated(headers, &header::ORIGIN) {
+        return Some("refused: Origin given more than once".into());
+    }
     let origin = headers.get(header::ORIGIN)?;
     let same = origin
         .to_str()
@@ -417,6 +422,15 @@ mod tests {
         upgrade.insert(header::UPGRADE, HeaderValue::from_static("foo"));
         upgrade.append(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(refusal(&Method::GET, &upgrade, &guard(true, &[])).is_some());
+        // Two Origins, the first the server's own: refused (only the
+        // first was judged).
+        let mut twice = from("http://127.0.0.1:8000");
+        twice.append(
+            header::ORIGIN,
+            HeaderValue::from_static("http://evil.example"),
+        );
+        let why = refusal(&post, &twice, &guard(true, &[])).expect("two Origins");
+        assert!(why.contains("more than once"), "{why}");
         // A fetch that says it is cross-site, Origin or not.
         let cross = headers(&[("host", "127.0.0.1:8000"), ("sec-fetch-site", "cross-site")]);
         assert!(refusal(&post, &cross, &guard(true, &[])).is_some());

@@ -131,7 +131,9 @@ impl Outcome {
             // comes after its call was counted (`ok`); as outcomes they
             // would be these.
             RunError::AnswersInFlight { .. } => Outcome::rejected,
-            RunError::AnswerTooLarge { .. } => Outcome::tool_error,
+            RunError::AnswerTooLarge { .. } | RunError::StreamAnswerTooLarge { .. } => {
+                Outcome::tool_error
+            }
             // The plugin answered; the host could not take it.
             RunError::AnswerLost { .. } => Outcome::rejected,
         })

@@ -50,8 +50,14 @@ impl Policy {
             ("block", None) => Ok(Policy::Block {
                 queue: DEFAULT_BLOCK_QUEUE,
             }),
+            // Digits only: `parse` takes a leading `+`.
             ("block", Some(text)) => match text.parse::<usize>() {
-                Ok(queue) if (1..=MAX_BLOCK_QUEUE).contains(&queue) => Ok(Policy::Block { queue }),
+                Ok(queue)
+                    if text.bytes().all(|b| b.is_ascii_digit())
+                        && (1..=MAX_BLOCK_QUEUE).contains(&queue) =>
+                {
+                    Ok(Policy::Block { queue })
+                }
                 _ => Err(format!(
                     "`queue` must be an integer from 1 to {MAX_BLOCK_QUEUE}, not {:?}",
                     crate::error::Shown(text).to_string()
@@ -244,6 +250,8 @@ mod tests {
             (Some("block"), Some("0")),
             (Some("block"), Some("65")),
             (Some("block"), Some("-1")),
+            (Some("block"), Some("+4")),
+            (Some("block"), Some(" 4")),
             (Some("block"), Some("")),
             (Some("latest"), Some("2")),
             (None, Some("2")),

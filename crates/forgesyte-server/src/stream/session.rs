@@ -743,15 +743,19 @@ async fn work(
         // The result (its binary results base64 strings in it) goes now:
         // only the answer's text, counted, waits for the writer below.
         let error = result.err();
-        if answer.len() > session.answer_limit {
-            let reason = format!(
-                "answer too big: the answer to frame {seq} has {} bytes, a stream's answers at most {}",
-                answer.len(),
-                session.answer_limit
-            );
-            say_close(&out, close::PLUGIN_FAILED, &reason);
-            return;
-        }
+        // Too big to send: the frame is answered `AnswerTooLarge` and the
+        // stream goes on, as the run route answers 422 (the stream was
+        // closed 1011, which blames the plugin, and the frame's answer and
+        // those waiting lost, uncounted).
+        let answer = if answer.len() > session.answer_limit {
+            let too_big = RunError::StreamAnswerTooLarge {
+                bytes: answer.len(),
+                limit: session.answer_limit,
+            };
+            answer_to(seq, &Err(too_big), elapsed, queue.dropped(), session)
+        } else {
+            answer
+        };
         // The answer holds room in `--answer-memory` until it is written;
         // without room the frame is answered `ServerBusy` instead (its
         // call ran and was counted).
