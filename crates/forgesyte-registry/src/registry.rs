@@ -684,6 +684,13 @@ impl Registry {
         self.with_entry(name, |key, entry| entry.status(key, now))
     }
 
+    /// How long until the plugin's scheduled restart (zero when it is
+    /// due), `None` when none is scheduled or it is not registered.
+    pub fn restart_in(&self, name: &str) -> Option<std::time::Duration> {
+        let at = self.with_entry(name, |_, entry| entry.next_retry_at)??;
+        Some((at - Utc::now()).to_std().unwrap_or_default())
+    }
+
     /// One plugin's status and failure journal, read from one entry (they
     /// agree), `None` when it is not registered.
     pub fn status_with_journal(&self, name: &str) -> Option<(PluginStatus, Vec<JournalEntry>)> {

@@ -305,12 +305,19 @@ pub(crate) async fn run_tool(
     };
     let response = response.unwrap_or_else(|error| {
         state.metrics().record_dropped_answer(&error);
-        ApiError::Run {
+        let retry = restart_in(&state, &plugin, &error);
+        let mut response = ApiError::Run {
             plugin: plugin.clone(),
             tool,
             error,
         }
-        .into_response()
+        .into_response();
+        if let Some(seconds) = retry {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     });
     // Per plugin only for registered plugins: the label stays bounded.
     if state.registry().contains(&plugin) {
@@ -331,4 +338,22 @@ pub(crate) async fn run_tool(
         );
     }
     Ok(response)
+}
+
+/// For a call refused because its plugin is FAILED with a restart
+/// scheduled: the seconds until that restart (at least 1), for
+/// `Retry-After`. The 503 looked like a plugin FAILED for good.
+fn restart_in(state: &AppState, plugin: &str, error: &crate::error::RunError) -> Option<u64> {
+    use forgesyte_registry::PluginLifecycleState::Failed;
+    if !matches!(
+        error,
+        crate::error::RunError::NotRunnable {
+            state: Some(Failed),
+            ..
+        }
+    ) {
+        return None;
+    }
+    let left = state.registry().restart_in(plugin)?;
+    Some((left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1))
 }

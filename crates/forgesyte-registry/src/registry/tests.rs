@@ -626,6 +626,17 @@ fn crash_restart_and_journal() {
         Some("1970-01-02T00:00:00.000Z")
     );
     assert_eq!(status.restart_count, 0);
+    // Long due: zero left; one a minute ahead: at most a minute.
+    assert_eq!(registry.restart_in("p"), Some(Duration::ZERO));
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(60);
+    registry.set_next_retry("p", Some(ahead)).unwrap();
+    let left = registry.restart_in("p").unwrap();
+    assert!(
+        left > Duration::from_secs(58) && left <= Duration::from_secs(60),
+        "{left:?}"
+    );
+    registry.set_next_retry("p", Some(at)).unwrap();
+    assert_eq!(registry.restart_in("nobody"), None);
 
     // A reload in place of the pending restart clears its time too.
     let reloaded = registry_with("q", Initialized);
