@@ -395,3 +395,21 @@ fn durations_format() {
     assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5 s");
     assert_eq!(fmt_duration(Duration::from_secs(60)), "60 s");
 }
+
+/// A Python error without a message reads as its class alone (it read
+/// `InitError: SystemExit: `).
+#[test]
+fn a_python_error_without_a_message_reads_as_its_class() {
+    let init = PluginError::from(LoadError::Init(InitError::Python {
+        error_type: "SystemExit".into(),
+        message: String::new(),
+        traceback: Vec::new(),
+    }));
+    assert_eq!(init.reason(), "InitError: SystemExit");
+    let import = PluginError::from(LoadError::Import(ImportError::Python {
+        error_type: "ValueError".into(),
+        message: "boom".into(),
+        traceback: Vec::new(),
+    }));
+    assert_eq!(import.reason(), "ImportError: ValueError: boom");
+}

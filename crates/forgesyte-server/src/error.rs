@@ -38,6 +38,16 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
+/// A tool error's `message`, or, when it is empty, its class and that it
+/// said nothing more.
+fn or_class(message: &str, error_type: Option<&str>) -> String {
+    match (message.is_empty(), error_type) {
+        (false, _) => message.to_owned(),
+        (true, Some(class)) if !class.is_empty() => format!("{class} (no message)"),
+        (true, _) => "the tool failed without a message".to_owned(),
+    }
+}
+
 fn state_name(state: Option<PluginLifecycleState>) -> &'static str {
     state.map_or("not loaded", PluginLifecycleState::as_str)
 }
@@ -469,8 +479,9 @@ pub enum RunError {
         message: String,
     },
     /// The tool ran and returned an error (422; `error_type` is the
-    /// plugin's own class, else `ToolError`).
-    #[error("{message}")]
+    /// plugin's own class, else `ToolError`). An empty message reads as
+    /// its class (`sys.exit()` answered `""`).
+    #[error("{}", or_class(message, error_type.as_deref()))]
     ToolFailed {
         /// The plugin's own error class.
         error_type: Option<String>,
@@ -714,7 +725,11 @@ impl RunError {
             }
             // The tool's own message, as the seed's server answered an
             // exception (`detail` is `str(e)`; `error_type` names its class).
-            RunError::ToolFailed { message, .. } => message.clone(),
+            RunError::ToolFailed {
+                message,
+                error_type,
+                ..
+            } => or_class(message, error_type.as_deref()),
             // "During", not "of": a runner's crash ends every call it had in
             // flight, and any one of them (or none) may have caused it.
             RunError::Fault { message, .. } => {
@@ -923,6 +938,30 @@ mod tests {
             "{}",
             json.detail("p", "t")
         );
+    }
+
+    /// `sys.exit()` in a tool answered `"error": ""` and `"detail": ""`.
+    #[test]
+    fn a_tool_error_without_a_message_names_its_class() {
+        let exit = RunError::from(ToolError::Failed {
+            error_type: Some("SystemExit".into()),
+            message: String::new(),
+            traceback: Vec::new(),
+        });
+        assert_eq!(exit.to_string(), "SystemExit (no message)");
+        assert_eq!(exit.detail("p", "t"), "SystemExit (no message)");
+        let bare = RunError::from(ToolError::Failed {
+            error_type: None,
+            message: String::new(),
+            traceback: Vec::new(),
+        });
+        assert_eq!(bare.to_string(), "the tool failed without a message");
+        let said = RunError::from(ToolError::Failed {
+            error_type: Some("ValueError".into()),
+            message: "bad".into(),
+            traceback: Vec::new(),
+        });
+        assert_eq!(said.detail("p", "t"), "bad");
     }
 
     #[test]
