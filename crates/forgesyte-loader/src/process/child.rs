@@ -510,6 +510,9 @@ impl Child {
         attachments: &[&[u8]],
         timeout: Duration,
     ) -> Result<Reply, Option<Arc<ExitReport>>> {
+        if let Some(report) = self.condemned_report() {
+            return Err(Some(report));
+        }
         match self
             .shared
             .transport
@@ -567,9 +570,29 @@ impl Child {
         })
     }
 
-    /// [`Transport::try_send`].
+    /// [`Transport::try_send`], unless the runner is condemned
+    /// ([`Self::condemned_report`]).
     pub(crate) fn try_send(&self, head: impl FnOnce(u64) -> Vec<u8>, tail: &[&[u8]]) -> TrySend {
+        if let Some(report) = self.condemned_report() {
+            return TrySend::Closed(Some(report));
+        }
         self.shared.transport.try_send(head, tail)
+    }
+
+    /// The report of a call that finds its runner condemned: its kill is
+    /// decided (another call ran past its time limit, and the host waits
+    /// for the runner's stacks before it kills it), so the call is not
+    /// sent. It was, and failed as a crash of the runner it never saw.
+    fn condemned_report(&self) -> Option<Arc<ExitReport>> {
+        let kill = self.shared.kill_reason.lock();
+        let cause = &kill.as_ref()?.cause;
+        Some(Arc::new(ExitReport {
+            reason: format!("its runner was being ended ({cause}) before the call reached it"),
+            crash: None,
+            signal: None,
+            code: None,
+            pid: None,
+        }))
     }
 
     /// The reply to a request [`Self::try_send`] sent, awaited until

@@ -1013,6 +1013,71 @@ while True:
         );
     }
 
+    /// A call that finds its runner condemned (its kill decided: the host
+    /// waits for its stacks after another call's timeout) is not sent: it
+    /// fails at once as stopped, not as the runner's crash, and the runner
+    /// got nothing of it.
+    #[test]
+    fn a_call_to_a_condemned_runner_is_not_sent() {
+        let mut command = Command::new("python3");
+        command
+            .arg("-c")
+            .arg(SERIAL_RUNNER)
+            .arg(capability::CONCURRENT_CALLS);
+        let options = SpawnOptions {
+            plugin: "condemned",
+            memory_limit_mib: 0,
+            max_response_bytes: MIB,
+            runners: None,
+            stack_signal: None,
+        };
+        let child =
+            Child::spawn(command, None, &options, Duration::from_secs(10), &mut None).unwrap();
+        let head =
+            |id: u64| format!(r#"{{"op":"call","id":{id},"tool":"sleep","args":"#).into_bytes();
+        let tail: &[&[u8]] = &[br#"{"ms":0}"#, b"}"];
+        let answered = |reply: Result<Reply, Option<Arc<crate::host::ExitReport>>>| {
+            matches!(reply, Ok(Reply::Answer(Response::Result { .. }, _)))
+        };
+        assert!(answered(child.request(
+            head,
+            tail,
+            &[],
+            Duration::from_secs(5)
+        )));
+        *child.shared.kill_reason.lock() = Some(KillReason {
+            provisional: true,
+            ..KillReason::host("TimeoutError: timed out after 1 s during tool 'slow'")
+        });
+        let started = Instant::now();
+        match child.request(head, tail, &[], Duration::from_secs(5)) {
+            Err(Some(report)) => {
+                assert!(report.crash.is_none(), "{report:?}");
+                assert!(
+                    report.reason.contains("before the call reached it")
+                        && report.reason.contains("timed out after 1 s"),
+                    "{}",
+                    report.reason
+                );
+            }
+            other => panic!("{:?}", other.map(|_| "a reply")),
+        }
+        assert!(matches!(
+            child.try_send(head, tail),
+            super::transport::TrySend::Closed(Some(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // Reprieved (a test only): it answers, having seen nothing.
+        *child.shared.kill_reason.lock() = None;
+        assert!(answered(child.request(
+            head,
+            tail,
+            &[],
+            Duration::from_secs(5)
+        )));
+        child.kill(KillReason::host("the test is over"));
+    }
+
     #[test]
     fn a_plugin_s_runners_still_starting_are_killed_and_no_other() {
         let runners = Arc::new(Runners::default());
