@@ -503,11 +503,23 @@ fn scalar(arg: &Arg, value: &toml::Value) -> Result<String, String> {
     }
 }
 
-/// A clap error's message, one line, without its `error: ` prefix.
+/// A clap error's message, one line, without its `error: ` prefix, and
+/// the values it lists when there are some (`--log-format`'s: `text,
+/// json`), which clap writes on a line of their own.
 pub(crate) fn first_line(e: &clap::Error) -> String {
     let text = e.to_string();
     let line = text.lines().next().unwrap_or_default();
-    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("[possible values: "))
+    {
+        Some(values) => format!(
+            "{line} (one of: {})",
+            values.strip_suffix(']').unwrap_or(values)
+        ),
+        None => line.to_owned(),
+    }
 }
 
 impl Layered {

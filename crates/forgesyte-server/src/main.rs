@@ -298,7 +298,34 @@ fn serve_refusals_for_check(config_file: Option<&Path>) -> Vec<String> {
     if let Some(file) = config_file {
         argv.extend(["--config".into(), file.as_os_str().to_owned()]);
     }
-    let layered = match config_file::layer(Cli::command(), argv, "serve") {
+    // The options `check` has are its own, checked with its own flags
+    // beating their variables: their variables are not read again here
+    // (`check --isolation process` with a bad FORGESYTE_ISOLATION passed).
+    let command = Cli::command();
+    let checks: Vec<String> = command
+        .find_subcommand("check")
+        .map(|check| {
+            check
+                .get_arguments()
+                .map(|arg| arg.get_id().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let command = command
+        .mut_arg("log_format", |arg| arg.env(None::<&str>))
+        .mut_subcommand("config", |config| {
+            checks.iter().fold(config, |config, id| {
+                if config
+                    .get_arguments()
+                    .any(|arg| arg.get_id() == id.as_str())
+                {
+                    config.mut_arg(id, |arg| arg.env(None::<&str>))
+                } else {
+                    config
+                }
+            })
+        });
+    let layered = match config_file::layer(command, argv, "serve") {
         Ok(layered) => layered,
         Err(config_file::ConfigError::Usage(e)) => return vec![config_file::first_line(&e)],
         Err(e) => return vec![e.to_string()],
@@ -444,8 +471,9 @@ fn run_new(args: NewArgs) -> ExitCode {
                 Some(dir) => scaffold::Sdk::Path(dir),
                 None => {
                     say!(
-                        "forgesyte new: --sdk {}: not the forgesyte-plugin-sdk crate (its \
-                         Cargo.toml was not found there)",
+                        "forgesyte new: --sdk {}: not the forgesyte-plugin-sdk crate (no \
+                         Cargo.toml there names the package forgesyte-plugin-sdk; give the \
+                         directory crates/forgesyte-plugin-sdk of a forgesyte checkout)",
                         dir.display()
                     );
                     return ExitCode::from(2);

@@ -41,13 +41,18 @@ pub(crate) const SDK_VERSION: &str = "0.1";
 /// Why no scaffold was written.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ScaffoldError {
-    /// The target exists and is not an empty directory.
+    /// The target exists and is not an empty directory (`what` it is).
     #[error(
-        "{} already exists and is not an empty directory; nothing was written \
-         (choose another NAME or --dir, or remove it)",
-        .0.display()
+        "{} already exists and is {what}; nothing was written (choose another NAME or \
+         --dir, or remove it)",
+        .path.display()
     )]
-    Exists(PathBuf),
+    Exists {
+        /// The target.
+        path: PathBuf,
+        /// What it is: a link, a file, a directory that is not empty.
+        what: &'static str,
+    },
     /// Another plugin of the directory has that name already: the new one
     /// would load as a duplicate, and calls by name would reach the other.
     #[error(
@@ -267,16 +272,29 @@ pub(crate) fn create(
         .symlink_metadata()
         .is_ok_and(|m| m.file_type().is_symlink())
     {
-        return Err(ScaffoldError::Exists(dir));
+        return Err(ScaffoldError::Exists {
+            path: dir,
+            what: "a link (never followed)",
+        });
     }
     let existed = match std::fs::read_dir(&dir) {
         Ok(mut entries) => match entries.next() {
             None => true,
-            Some(_) => return Err(ScaffoldError::Exists(dir)),
+            Some(_) => {
+                return Err(ScaffoldError::Exists {
+                    path: dir,
+                    what: "a directory that is not empty",
+                });
+            }
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        // A file, or a link, of that name.
-        Err(_) if dir.symlink_metadata().is_ok() => return Err(ScaffoldError::Exists(dir)),
+        // A file of that name.
+        Err(_) if dir.symlink_metadata().is_ok() => {
+            return Err(ScaffoldError::Exists {
+                path: dir,
+                what: "not a directory",
+            });
+        }
         Err(source) => return Err(ScaffoldError::Io { path: dir, source }),
     };
     if let Some(by) = named_already(parent, name) {
@@ -824,11 +842,16 @@ mod tests {
             assert!(tmp.path().join("empty").join(file).is_file(), "{file}");
         }
         let err = create(Lang::Python, "empty", tmp.path(), &sdk, DEFAULT_BIND, None).unwrap_err();
-        assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
-        assert!(err.to_string().contains("already exists"), "{err}");
+        assert!(matches!(err, ScaffoldError::Exists { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("already exists and is a directory that is not empty"),
+            "{err}"
+        );
         std::fs::write(tmp.path().join("file"), "x").unwrap();
         let err = create(Lang::Rust, "file", tmp.path(), &sdk, DEFAULT_BIND, None).unwrap_err();
-        assert!(matches!(err, ScaffoldError::Exists(_)), "{err}");
+        assert!(matches!(err, ScaffoldError::Exists { .. }), "{err}");
+        assert!(err.to_string().contains("is not a directory"), "{err}");
         assert_eq!(
             std::fs::read_to_string(tmp.path().join("file")).unwrap(),
             "x"
@@ -842,7 +865,8 @@ mod tests {
             .unwrap();
         for name in ["linked", "dangling"] {
             let err = create(Lang::Python, name, tmp.path(), &sdk, DEFAULT_BIND, None).unwrap_err();
-            assert!(matches!(err, ScaffoldError::Exists(_)), "{name}: {err}");
+            assert!(matches!(err, ScaffoldError::Exists { .. }), "{name}: {err}");
+            assert!(err.to_string().contains("is a link"), "{name}: {err}");
             assert!(
                 tmp.path().join(name).symlink_metadata().is_ok(),
                 "{name} removed"

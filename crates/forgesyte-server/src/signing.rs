@@ -42,7 +42,16 @@ pub fn keygen(out: &Path, name: &str, unencrypted: bool) -> u8 {
         }
     };
     if let Err(e) = std::fs::create_dir_all(out) {
-        crate::say!("forgesyte keygen: cannot create {}: {e}", out.display());
+        // `create_dir_all` of a file says "File exists".
+        let why = if out.exists() && !out.is_dir() {
+            "it is not a directory".to_owned()
+        } else {
+            e.to_string()
+        };
+        crate::say!(
+            "forgesyte keygen: --out {}: cannot create the directory: {why}",
+            out.display()
+        );
         return 1;
     }
     match signature::keys::keygen(out, name, password) {

@@ -706,6 +706,11 @@ fn a_refused_environment_variable_is_named_and_a_flag_beats_it() {
             )),
             "{name}: {err}"
         );
+        // A value of a list names the list (clap writes it on a line the
+        // message left out).
+        if name == "FORGESYTE_LOG_FORMAT" {
+            assert!(err.contains("(one of: text, json)"), "{err}");
+        }
     }
     for command in [
         &["check", plugins.path_str(), "--log-format", "json"][..],
@@ -802,6 +807,13 @@ fn check_refuses_what_serve_would_refuse() {
             "{var}={value}: {err}"
         );
     }
+    // `check`'s own options keep their precedence: a flag beats its bad
+    // variable, which is not read again as serve's.
+    let (code, out, err) = run_forgesyte(
+        &["check", "--isolation", "process", dir.path_str()],
+        &[("FORGESYTE_ISOLATION", "bogus")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
     let file = dir.path().join("server.toml");
     std::fs::write(&file, "admin-token-file = \"/nonexistent/token\"\n").unwrap();
     let file = file.to_str().unwrap();

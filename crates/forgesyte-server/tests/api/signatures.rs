@@ -423,6 +423,12 @@ fn keygen_wants_a_password_or_unencrypted_and_a_bad_trust_store_is_a_usage_error
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(!keys.path().join("../escaped.pub").exists());
+    // `--out` naming a file: said so (it read "File exists").
+    let file = keys.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, _, err) = forgesyte(&["keygen", "--out", file.to_str().unwrap(), "--unencrypted"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("it is not a directory"), "{err}");
 }
 
 /// A FIFO named `*.pub` in the trust store is refused at once, as any key
