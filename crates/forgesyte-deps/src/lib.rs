@@ -123,7 +123,10 @@ pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport, NoGpu};
 pub use libs::{LibraryProbe, SystemLibraries, dlopen_first};
-pub use limits::{die_with_parent_thread, raise_open_file_limit, restore_open_file_limit};
+pub use limits::{
+    die_with_parent_thread, open_file_limit_after_raise, raise_open_file_limit,
+    restore_open_file_limit,
+};
 pub use python::{
     ANSWER_MARKER, MIN_PYTHON, PythonAnswer, PythonProbe, SystemPython, python_version_gate,
     run_python, run_python_as, script_answer,

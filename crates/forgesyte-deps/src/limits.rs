@@ -48,6 +48,17 @@ pub fn raise_open_file_limit() -> std::io::Result<Option<(u64, u64)>> {
     Ok(Some((soft, hard)))
 }
 
+/// The open-file limit this process has once [`raise_open_file_limit`]
+/// has run: the hard limit when the soft one is lower, else the soft one
+/// (`None`: unlimited).
+pub fn open_file_limit_after_raise() -> Option<u64> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) => Some(soft.max(hard)),
+        (soft, _) => soft,
+    }
+}
+
 /// Makes `command`'s process get `SIGKILL` when the *thread* that starts
 /// it ends (the kernel's parent-death signal follows the thread that
 /// forked); a child whose parent is already gone by then exits at once.

@@ -601,12 +601,18 @@ impl PluginHandle {
         // it does after (a panic, say) changes neither. Bookkeeping errors
         // (the plugin was reloaded meanwhile) are not the caller's problem:
         // the outcome of the call stands.
-        if let Err(ToolError::Stopped { .. }) = outcome {
+        if let Err(ToolError::Stopped { reason }) = &outcome {
             // Its runner was let go by a reload or rescan, or the host is
-            // stopping: neither the plugin's doing nor its new instance's,
-            // so not counted (`running` finishes it uncounted), and a call
-            // sent again reaches the instance in its place.
+            // stopping, or ending it: neither the plugin's doing nor its
+            // new instance's, so not counted (`running` finishes it
+            // uncounted), and a call sent again reaches the instance in
+            // its place.
             drop(running);
+            if reason.ends_with(crate::process::NOT_REACHED) {
+                return Err(self.interrupted(&format!(
+                    "the call never reached the plugin: {reason}; send it again"
+                )));
+            }
             return Err(self.interrupted(
                 "the host stopped the plugin's process while this call ran (a reload, a rescan \
                  or the server's stop): its result is lost; send it again",

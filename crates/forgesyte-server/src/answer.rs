@@ -119,8 +119,9 @@ pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representa
     } else {
         weight(&["multipart/mixed", "multipart/*"])
     };
-    // Both refused: the wildcards can only mean the raw bytes.
-    let raw = if refused(json) && refused(multipart) {
+    // JSON refused and multipart not acceptable: the wildcards can only
+    // mean the raw bytes (`application/json;q=0, application/*`).
+    let raw = if refused(json) && !multipart.is_some_and(|(q, _)| q > 0.0) {
         weight(&["application/octet-stream", "application/*", "*/*"])
     } else {
         weight(&["application/octet-stream"])
@@ -461,6 +462,7 @@ mod tests {
         for header in [
             "*/*, application/json;q=0, multipart/mixed;q=0",
             "application/json;q=0, multipart/mixed;q=0, application/*",
+            "application/json;q=0, application/*",
         ] {
             assert_eq!(negotiate(&accept(header), 1), Ok(Raw), "{header}");
             assert!(negotiate(&accept(header), 2).is_err(), "{header}");

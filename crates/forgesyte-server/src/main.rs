@@ -227,9 +227,8 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
     let (config, token_file) = serve.config();
     let token_file = token_file.as_deref();
     let mut refusals = refusals_beside_the_token(&config);
-    refusals.extend(layered.not_utf8_keys().into_iter().map(|key| {
-        format!("{key} is not valid UTF-8 (a config file cannot hold it, nor a plugin's path)")
-    }));
+    // Not serve's refusal: what TOML cannot hold, printed as a comment.
+    let unprintable = layered.not_utf8_keys();
     refusals.extend(CheckError::plugin_directory(&config.plugins_dir).map(|e| e.to_string()));
     if let Ok(threads) = blocking_threads() {
         text.push_str(&format!(
@@ -262,7 +261,14 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
     for why in &refusals {
         say!("forgesyte: serve would refuse this configuration: {why}");
     }
-    if refusals.is_empty() && written {
+    for key in &unprintable {
+        say!(
+            "forgesyte: config --print: {key} is not valid UTF-8, which TOML cannot hold: the \
+             printout is no config file of this configuration (and no plugin loads under such \
+             a path)"
+        );
+    }
+    if refusals.is_empty() && unprintable.is_empty() && written {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
@@ -338,8 +344,14 @@ fn serve_refusals_for_check(config_file: Option<&Path>) -> Vec<String> {
         Ok(_) => return Vec::new(),
         Err(e) => return vec![config_file::first_line(&e)],
     };
-    let (config, token_file) = serve.config();
-    let mut refusals = refusals_beside_the_token(&config);
+    // The loader's options (trusted keys, the runner) are `check`'s own,
+    // checked already with its flags: what is left is the server's.
+    let (_, token_file) = serve.config();
+    let mut refusals: Vec<String> = blocking_threads()
+        .err()
+        .map(|e| format!("{e:#}"))
+        .into_iter()
+        .collect();
     if let Err(e) = admin_token(admin_token_env(), token_file.as_deref()) {
         refusals.push(format!("{e:#}"));
     }
@@ -597,10 +609,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("cannot raise the open-file limit to the hard limit: {e}"),
     }
     let (mut config, admin_token_file) = args.config();
-    config
-        .trusted_keys()
-        .map_err(|e| anyhow::Error::new(RefusedConfig(e.to_string())))?;
-    if let Some(why) = config.runner_problem() {
+    if let Some(why) = refusals_beside_the_token(&config).into_iter().next() {
         return Err(anyhow::Error::new(RefusedConfig(why)));
     }
     if let Some(e) = CheckError::plugin_directory(&config.plugins_dir) {

@@ -422,12 +422,7 @@ async fn next_stop_signal(
 /// (`serve` raises its soft limit to it first; `config --print` said the
 /// soft limit's half, 512 in a container that gives `serve` far more).
 pub fn applied_max_connections(configured: usize) -> usize {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    let serves_with = match (limit.current, limit.maximum) {
-        (Some(soft), Some(hard)) => Some(soft.max(hard)),
-        (soft, _) => soft,
-    };
-    conn::effective_max_connections(configured, serves_with)
+    conn::effective_max_connections(configured, forgesyte_deps::open_file_limit_after_raise())
 }
 
 /// A future that completes on SIGINT (Ctrl-C) or SIGTERM; a second one

@@ -53,6 +53,10 @@ const STDERR_GRACE: Duration = Duration::from_millis(500);
 /// processed.
 pub(crate) const DEATH_SYNC: Duration = Duration::from_secs(5);
 
+/// How the reason of a call the host never sent ends (a runner let go, or
+/// condemned): the call's caller is told it never reached the plugin.
+pub(crate) const NOT_REACHED: &str = "before the call reached it";
+
 /// How long a runner asked to stop (its stdin closed) may take to exit
 /// before it is killed.
 pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -561,7 +565,7 @@ impl Child {
     fn let_go_report(&self) -> Option<Arc<ExitReport>> {
         self.shared.retired.load(Ordering::SeqCst).then(|| {
             Arc::new(ExitReport {
-                reason: "let go by the host before the call reached it".into(),
+                reason: format!("let go by the host {NOT_REACHED}"),
                 crash: None,
                 signal: None,
                 code: None,
@@ -587,7 +591,7 @@ impl Child {
         let kill = self.shared.kill_reason.lock();
         let cause = &kill.as_ref()?.cause;
         Some(Arc::new(ExitReport {
-            reason: format!("its runner was being ended ({cause}) before the call reached it"),
+            reason: format!("its runner was being ended ({cause}) {NOT_REACHED}"),
             crash: None,
             signal: None,
             code: None,

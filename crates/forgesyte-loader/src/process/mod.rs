@@ -57,6 +57,7 @@ mod wire_error;
 mod workers;
 mod zygote;
 
+pub(crate) use child::NOT_REACHED;
 pub use child::RUNNER_STOP_WAIT;
 pub use forgesyte_deps::raise_open_file_limit;
 pub use received::{BodyFile, ReceivedBody};

@@ -449,7 +449,9 @@ impl Metrics {
     pub(crate) fn record_dropped_answer(&self, error: &RunError) {
         let reason = match error {
             RunError::AnswersInFlight { .. } => DropLabels::REASONS[0],
-            RunError::AnswerTooLarge { .. } => DropLabels::REASONS[1],
+            RunError::AnswerTooLarge { .. } | RunError::StreamAnswerTooLarge { .. } => {
+                DropLabels::REASONS[1]
+            }
             _ => return,
         };
         self.answers_dropped

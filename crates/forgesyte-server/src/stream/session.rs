@@ -752,6 +752,10 @@ async fn work(
                 bytes: answer.len(),
                 limit: session.answer_limit,
             };
+            // Let go now, not at the end of this pass: it holds more than
+            // a stream's answers may, and no budget counts it.
+            drop(answer);
+            session.state.metrics().record_dropped_answer(&too_big);
             answer_to(seq, &Err(too_big), elapsed, queue.dropped(), session)
         } else {
             answer

@@ -859,5 +859,8 @@ fn new_refuses_a_directory_that_is_not_utf8() {
             .any(|l| l.starts_with("# plugins = ") && l.contains("not valid UTF-8")),
         "{out}"
     );
-    assert!(err.contains("plugins is not valid UTF-8"), "{err}");
+    assert!(
+        err.contains("config --print: plugins is not valid UTF-8, which TOML cannot hold"),
+        "{err}"
+    );
 }
