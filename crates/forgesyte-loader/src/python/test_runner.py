@@ -1970,6 +1970,11 @@ class UnitTests(unittest.TestCase):
             self.assertLess(len(line), errors.MAX_ERROR_CHARS + 100)
         short = errors.python_error(ValueError("short"))
         self.assertEqual(short["message"], "short")
+        # A class name is a name: cut much shorter.
+        named = type("E" * 100000, (Exception,), {})
+        long_type = errors.python_error(named("m"))["error_type"]
+        self.assertTrue(long_type.startswith("E" * errors.MAX_TYPE_CHARS), long_type[:10])
+        self.assertTrue(long_type.endswith("(%d characters cut)" % (100000 - errors.MAX_TYPE_CHARS)))
 
     def test_a_checked_plugins_loader_checks_its_sources_not_its_data_files(self):
         import hashlib

@@ -13,6 +13,10 @@ TRACEBACK_LINES = 10
 # error frame over the host's frame limit, and the host then killed the
 # runner instead of reporting the tool's error.
 MAX_ERROR_CHARS = 64 * 1024
+# The most characters of an exception's class name carried (``error_type``
+# is a name, shown beside the message; one of 100,000 characters was
+# carried as 64 KiB).
+MAX_TYPE_CHARS = 256
 
 
 def clean(text):
@@ -68,7 +72,7 @@ def python_error(exc, kind="Python"):
     """A WireError for a Python exception."""
     error = {
         "kind": kind,
-        "error_type": capped(clean(exc.__class__.__name__)),
+        "error_type": capped(clean(exc.__class__.__name__), MAX_TYPE_CHARS),
         "message": capped(clean(_exception_message(exc))),
         "traceback": _traceback_or_line(exc),
     }
