@@ -608,6 +608,9 @@ fn parse_models(v: &Value) -> Result<Vec<(String, PathBuf)>, ManifestError> {
                 Some(p) if !p.trim().is_empty() && !p.contains('\0') => {
                     Ok((name.clone(), PathBuf::from(p)))
                 }
+                Some(p) if p.contains('\0') => {
+                    Err(invalid(&field, "a path cannot hold a NUL character"))
+                }
                 Some(_) => Err(invalid(&field, "expected a non-empty path")),
                 None => Err(invalid(
                     &field,
@@ -822,6 +825,11 @@ mod tests {
             "found a number",
         );
         check_invalid(json!({"models": {"yolo": ""}}), "models.yolo", "non-empty");
+        check_invalid(
+            json!({"models": {"yolo": "x\u{0}y"}}),
+            "models.yolo",
+            "cannot hold a NUL",
+        );
     }
 
     #[test]

@@ -391,7 +391,7 @@ pub enum ImportError {
     ///
     /// Text: the exception crossed the runner's pipe as its class name and
     /// message.
-    #[error("{error_type}{}", message_suffix(message))]
+    #[error("{error_type}: {message}")]
     Python {
         /// The exception's class name.
         error_type: String,
@@ -451,7 +451,7 @@ pub enum InitError {
     ///
     /// Text: the exception crossed the runner's pipe as its class name and
     /// message.
-    #[error("{error_type}{}", message_suffix(message))]
+    #[error("{error_type}: {message}")]
     Python {
         /// The exception's class name.
         error_type: String,
@@ -787,16 +787,6 @@ fn json_message(e: &serde_json::Error) -> String {
     match text.rfind(" at line ") {
         Some(i) => text[..i].to_owned(),
         None => text,
-    }
-}
-
-/// `: MESSAGE`, or nothing for an empty message (`raise SystemExit`
-/// read `InitError: SystemExit: `).
-fn message_suffix(message: &str) -> String {
-    if message.is_empty() {
-        String::new()
-    } else {
-        format!(": {message}")
     }
 }
 

@@ -396,16 +396,17 @@ fn durations_format() {
     assert_eq!(fmt_duration(Duration::from_secs(60)), "60 s");
 }
 
-/// A Python error without a message reads as its class alone (it read
-/// `InitError: SystemExit: `).
+/// A Python error reads as the seed writes it, `f"InitError: {cls}: {exc}"`,
+/// an empty message included (`InitError: SystemExit: `): the seed's
+/// reasons, exactly.
 #[test]
-fn a_python_error_without_a_message_reads_as_its_class() {
+fn a_python_error_reads_as_the_seed_writes_it() {
     let init = PluginError::from(LoadError::Init(InitError::Python {
         error_type: "SystemExit".into(),
         message: String::new(),
         traceback: Vec::new(),
     }));
-    assert_eq!(init.reason(), "InitError: SystemExit");
+    assert_eq!(init.reason(), "InitError: SystemExit: ");
     let import = PluginError::from(LoadError::Import(ImportError::Python {
         error_type: "ValueError".into(),
         message: "boom".into(),

@@ -924,6 +924,46 @@ fn plugin_dependencies_load_in_order_and_name_the_chain() {
     );
 }
 
+/// A plugin in a dependency cycle names everything else it misses too
+/// (the cycle alone hid a missing library and another missing plugin),
+/// and a plugin that needs itself is a cycle of one.
+#[test]
+fn a_cycle_does_not_hide_the_other_missing_dependencies() {
+    let s = Setup::new();
+    s.plugin(
+        "a_x",
+        &manifest(
+            "x",
+            json!({"dependencies": ["plugin:y", "lib:nothere_zz", "plugin:ghost"]}),
+        ),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "b_y",
+        &manifest("y", json!({"dependencies": ["plugin:x"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "c_v",
+        &manifest("v", json!({"dependencies": ["lib:nothere_zz", "plugin:v"]})),
+        FakeBehavior::Good,
+    );
+    s.load();
+    s.check(
+        "x",
+        S::Unavailable,
+        &[
+            "Missing dependencies: plugin:y (dependency cycle: x -> y -> x), lib:nothere_zz, \
+           plugin:ghost",
+        ],
+    );
+    s.check(
+        "v",
+        S::Unavailable,
+        &["Missing dependencies: lib:nothere_zz, plugin:v (dependency cycle: v -> v)"],
+    );
+}
+
 /// A dependent quotes its dependency's reason shortened: in a diamond of
 /// dependencies (each layer needs both plugins of the layer below) whole
 /// reasons doubled at every layer, to megabytes at 18 layers.
@@ -1442,6 +1482,36 @@ proptest! {
 
 /// Python plugins' packages cost one interpreter round trip per interpreter
 /// per load pass, and a missing interpreter is named.
+/// A Python plugin whose interpreter is missing names every other missing
+/// item too (libraries, models): it named the interpreter alone, and the
+/// rest one fix later. Its packages, which only the interpreter can be
+/// asked of, are not named.
+#[test]
+fn a_missing_interpreter_is_named_with_everything_else_missing() {
+    let s = Setup::new();
+    s.world
+        .fs
+        .add_file(
+            "/plugins/n/manifest.json",
+            json!({
+                "name": "n",
+                "python": ".venv/bin/python",
+                "dependencies": ["torch", "lib:nothere_zz"],
+                "models": {"w": "w.bin"}
+            })
+            .to_string(),
+        )
+        .add_file("/plugins/n/plugin.py", "class Plugin: pass");
+    let _loader = s.load();
+    let reason = s.registry.get_status("n").unwrap().reason.unwrap();
+    assert_eq!(
+        reason,
+        "Missing dependencies: python interpreter /plugins/n/.venv/bin/python, lib:nothere_zz, \
+         w (path: /plugins/n/w.bin)"
+    );
+    assert_eq!(s.registry.get_state("n"), Some(S::Unavailable));
+}
+
 #[test]
 fn python_packages_are_asked_once_per_interpreter_per_pass() {
     let s = Setup::new();

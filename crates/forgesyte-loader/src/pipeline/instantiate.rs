@@ -335,6 +335,70 @@ impl Loader {
         Ok(())
     }
 
+    /// A Python plugin whose interpreter is not there: that, and every
+    /// other missing item of its manifest (libraries, models, plugins),
+    /// which it named only once the interpreter was there. Its packages
+    /// are not named: only the interpreter can be asked of them.
+    fn without_interpreter(
+        &self,
+        p: &Pending,
+        wanted: &str,
+        known: &forgesyte_deps::KnownPlugins,
+    ) -> PluginError {
+        let mut req = self.requirements(p);
+        req.dependencies
+            .retain(|dep| !matches!(dep, Dependency::Py { .. }));
+        let mut err = self.missing_of(p, &req, known);
+        edit_missing(&mut err, |missing| {
+            missing.insert(0, format!("python interpreter {wanted}"));
+        });
+        err.into()
+    }
+
+    /// A plugin in a `plugin:` dependency cycle (through `hop`, `cycle`
+    /// the loop in words): that, and every other missing item of its
+    /// manifest (the cycle alone hid them).
+    pub(super) fn in_a_cycle(
+        &self,
+        p: &Pending,
+        (hop, cycle): (&str, &str),
+        known: &forgesyte_deps::KnownPlugins,
+    ) -> DependencyError {
+        let mut err = self.missing_of(p, &self.requirements(p), known);
+        let plain = format!("plugin:{hop}");
+        edit_missing(&mut err, |missing| {
+            let item = format!("{plain} (dependency cycle: {cycle})");
+            // `plugin:y`, `plugin:y@>=1`, or either explained (`plugin:y
+            // (y is LOADED: …)`).
+            let at = missing.iter().position(|m| {
+                m.strip_prefix(&plain)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['@', ' ']))
+            });
+            match at {
+                Some(at) => missing[at] = item,
+                None => missing.insert(0, item),
+            }
+        });
+        err
+    }
+
+    /// What of `req` is missing (an empty error when nothing is), each
+    /// unavailable plugin it needs explained.
+    fn missing_of(
+        &self,
+        p: &Pending,
+        req: &forgesyte_deps::Requirements,
+        known: &forgesyte_deps::KnownPlugins,
+    ) -> DependencyError {
+        let mut err = self
+            .checker
+            .check(req, &p.dir, known)
+            .into_error()
+            .unwrap_or_else(|| DependencyError::new(Vec::new(), None));
+        self.explain_plugin_deps(&p.manifest, &mut err);
+        err
+    }
+
     /// The plugin's requirements, with the interpreter its Python packages
     /// are asked of (a Python plugin's, or the host's for `py:` entries in
     /// a native manifest).
@@ -389,12 +453,10 @@ impl Loader {
         known: &forgesyte_deps::KnownPlugins,
         signed: &BTreeMap<String, String>,
     ) -> Result<PluginHandle, PluginError> {
-        let interpreter = self.interpreter(p).map_err(|wanted| {
-            PluginError::from(DependencyError::new(
-                vec![format!("python interpreter {wanted}")],
-                None,
-            ))
-        })?;
+        let interpreter = match self.interpreter(p) {
+            Ok(interpreter) => interpreter,
+            Err(wanted) => return Err(self.without_interpreter(p, &wanted, known)),
+        };
         self.check_dependencies(p, &self.requirements(p), known)?;
         // Last step before the runner is started.
         let target = Target::PythonTree(p.dir.clone());
@@ -628,14 +690,11 @@ impl Loader {
     /// Names the chain: a missing `plugin:` dependency that is registered but
     /// not available says which state it is in and why.
     fn explain_plugin_deps(&self, manifest: &Manifest, err: &mut DependencyError) {
-        // The GPU detail is what follows the list of items in the reason
-        // (not what follows its first "; ", which an item may hold).
-        let items = format!("Missing dependencies: {}", err.missing.join(", "));
-        let gpu_detail = err
-            .reason
-            .strip_prefix(&items)
-            .and_then(|rest| rest.strip_prefix("; "))
-            .map(str::to_owned);
+        edit_missing(err, |missing| self.explain_in(manifest, missing));
+    }
+
+    /// See [`Self::explain_plugin_deps`].
+    fn explain_in(&self, manifest: &Manifest, missing: &mut [String]) {
         for dep in &manifest.requirements.dependencies {
             let Dependency::Plugin { name, .. } = dep else {
                 continue;
@@ -647,7 +706,7 @@ impl Loader {
                 continue;
             }
             let prefix = format!("plugin:{name}");
-            for item in &mut err.missing {
+            for item in missing.iter_mut() {
                 if item == &prefix || item.starts_with(&format!("{prefix}@")) {
                     // Quoted shortened: in a diamond of dependencies each
                     // layer quotes two of the layer below, and whole
@@ -663,7 +722,6 @@ impl Loader {
                 }
             }
         }
-        *err = DependencyError::new(std::mem::take(&mut err.missing), gpu_detail);
     }
 
     /// Where the plugin's library is: inside its directory (no escape by `..`
@@ -892,4 +950,18 @@ pub(super) fn construct(
     let instance =
         crate::plugin_log::as_plugin(&name, || opened.library.instantiate(&opened.config))?;
     Ok(PluginHandle::new(name, registry, instance, call_timeout))
+}
+
+/// Changes the list of `err`'s missing items, its reason rebuilt from it
+/// with its GPU detail kept: what follows the list in the reason (not what
+/// follows its first "; ", which an item may hold).
+fn edit_missing(err: &mut DependencyError, edit: impl FnOnce(&mut Vec<String>)) {
+    let items = format!("Missing dependencies: {}", err.missing.join(", "));
+    let gpu_detail = err
+        .reason
+        .strip_prefix(&items)
+        .and_then(|rest| rest.strip_prefix("; "))
+        .map(str::to_owned);
+    edit(&mut err.missing);
+    *err = DependencyError::new(std::mem::take(&mut err.missing), gpu_detail);
 }

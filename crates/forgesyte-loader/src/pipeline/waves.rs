@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use forgesyte_deps::Dependency;
-use forgesyte_errors::{DependencyError, InitError, PluginError};
+use forgesyte_errors::{InitError, PluginError};
 
 use super::construction::Running;
 use super::instantiate::Step;
@@ -165,12 +165,10 @@ impl Loader {
                 self.finish_outcome_ended(&p.name, &p.dir, p.started, ended, outcomes);
             }
         }
+        let known = self.known_plugins();
         for (name, (hop, cycle)) in cyclic {
             if let Some(p) = pending.get(&name) {
-                let err = DependencyError::new(
-                    vec![format!("plugin:{hop} (dependency cycle: {cycle})")],
-                    None,
-                );
+                let err = self.in_a_cycle(p, (&hop, &cycle), &known);
                 self.record_failure(&name, &err.into());
                 self.finish_outcome(&name, &p.dir, p.started, outcomes);
             }

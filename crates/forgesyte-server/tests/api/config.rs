@@ -656,8 +656,20 @@ fn an_empty_environment_variable_is_refused_naming_it() {
         "plugins = {}\nisolation = \"process\"\n",
         toml::Value::String(plugins.path_str().to_owned())
     ));
+    // Serve's own empty variables are serve's refusal, said as such by
+    // `check` (exit 2), never put on a file key; `lock` has no use for
+    // them.
     let (code, out, err) = run_forgesyte(
         &["check", "--config", &file.path()],
+        &[("FORGESYTE_BIND", ""), ("FORGESYTE_SHUTDOWN_GRACE", "")],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("serve would refuse this configuration: FORGESYTE_BIND is set but empty"),
+        "{err}"
+    );
+    let (code, out, err) = run_forgesyte(
+        &["lock", "--config", &file.path()],
         &[("FORGESYTE_BIND", ""), ("FORGESYTE_SHUTDOWN_GRACE", "")],
     );
     assert_eq!(code, 0, "{out}{err}");
