@@ -1014,26 +1014,30 @@ while True:
         );
     }
 
-    /// A call that finds its runner condemned (its kill decided: the host
-    /// waits for its stacks after another call's timeout) is not sent: it
-    /// fails at once as stopped, not as the runner's crash, and the runner
-    /// got nothing of it.
-    #[test]
-    fn a_call_to_a_condemned_runner_is_not_sent() {
+    /// The fake runner, taking several calls at once, started for `plugin`.
+    fn concurrent_child(plugin: &'static str) -> Child {
         let mut command = Command::new("python3");
         command
             .arg("-c")
             .arg(SERIAL_RUNNER)
             .arg(capability::CONCURRENT_CALLS);
         let options = SpawnOptions {
-            plugin: "condemned",
+            plugin,
             memory_limit_mib: 0,
             max_response_bytes: MIB,
             runners: None,
             stack_signal: None,
         };
-        let child =
-            Child::spawn(command, None, &options, Duration::from_secs(10), &mut None).unwrap();
+        Child::spawn(command, None, &options, Duration::from_secs(10), &mut None).unwrap()
+    }
+
+    /// A call that finds its runner condemned (its kill decided: the host
+    /// waits for its stacks after another call's timeout) is not sent: it
+    /// fails at once as stopped, not as the runner's crash, and the runner
+    /// got nothing of it.
+    #[test]
+    fn a_call_to_a_condemned_runner_is_not_sent() {
+        let child = concurrent_child("condemned");
         let head =
             |id: u64| format!(r#"{{"op":"call","id":{id},"tool":"sleep","args":"#).into_bytes();
         let tail: &[&[u8]] = &[br#"{"ms":0}"#, b"}"];
@@ -1111,21 +1115,7 @@ while True:
 
     #[test]
     fn a_task_s_kill_does_not_wait_for_a_reaper_holding_the_process() {
-        let mut command = Command::new("python3");
-        command
-            .arg("-c")
-            .arg(SERIAL_RUNNER)
-            .arg(capability::CONCURRENT_CALLS);
-        let options = SpawnOptions {
-            plugin: "serial",
-            memory_limit_mib: 0,
-            max_response_bytes: MIB,
-            runners: None,
-            stack_signal: None,
-        };
-        let child = Arc::new(
-            Child::spawn(command, None, &options, Duration::from_secs(10), &mut None).unwrap(),
-        );
+        let child = Arc::new(concurrent_child("serial"));
         let reason = || KillReason::host("killed by the test");
         // The reaper's wait for a death holds the process's lock.
         let (held_tx, held_rx) = std::sync::mpsc::channel();

@@ -495,12 +495,10 @@ fn a_failed_restart_keeps_its_traceback_and_the_last_exit() {
     );
 }
 
-/// A runner the host killed because a call ran past its time limit is
-/// restarted with the backoff, but does not spend the restart budget: any
-/// client's slow input left the plugin FAILED for good after six. Crashes
-/// still spend it.
-#[test]
-fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
+/// Ends of `report`'s kind back off (at the 100 ms of this policy) and are
+/// restarted however many come, but do not spend the restart budget, which
+/// crashes still spend.
+fn back_off_without_spending_the_budget(report: &ExitReport) {
     let mut h = Harness::new(SupervisionPolicy {
         backoff_base: ms(100),
         backoff_cap: ms(100),
@@ -508,20 +506,8 @@ fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
         max_restarts: 2,
         window: Duration::from_secs(3600),
     });
-    let reason = "TimeoutError: timed out after 1 s during tool 'slow'";
     for round in 0..5 {
-        h.end_with(&ExitReport {
-            reason: format!("CrashError: killed by the host: {reason}"),
-            crash: Some(CrashError {
-                cause: CrashCause::Killed {
-                    reason: reason.into(),
-                },
-                stderr_tail: Vec::new(),
-            }),
-            signal: Some("SIGKILL".into()),
-            code: None,
-            pid: None,
-        });
+        h.end_with(report);
         assert_eq!(
             h.status().next_retry_at,
             h.retry_at(h.clock.elapsed() + ms(100))
@@ -532,36 +518,44 @@ fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
     h.spend_the_budget(2, ms(100));
 }
 
+/// A runner the host killed because a call ran past its time limit is
+/// restarted with the backoff, but does not spend the restart budget: any
+/// client's slow input left the plugin FAILED for good after six.
+#[test]
+fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
+    let reason = "TimeoutError: timed out after 1 s during tool 'slow'";
+    back_off_without_spending_the_budget(&ExitReport {
+        reason: format!("CrashError: killed by the host: {reason}"),
+        crash: Some(CrashError {
+            cause: CrashCause::Killed {
+                reason: reason.into(),
+            },
+            stderr_tail: Vec::new(),
+        }),
+        signal: Some("SIGKILL".into()),
+        code: None,
+        pid: None,
+    });
+}
+
 /// A runner lost with its Python zygote (killed, or dead of its own) is
 /// restarted with the backoff, but does not spend the restart budget: each
 /// zygote death spent a restart of every Python plugin at once, and five
-/// left them all FAILED for good. Crashes still spend it.
+/// left them all FAILED for good.
 #[test]
 fn runners_lost_with_their_zygote_do_not_spend_the_restart_budget() {
-    let mut h = Harness::new(SupervisionPolicy {
-        backoff_base: ms(100),
-        backoff_cap: ms(100),
-        healthy_reset: Duration::from_secs(3600),
-        max_restarts: 2,
-        window: Duration::from_secs(3600),
+    back_off_without_spending_the_budget(&ExitReport {
+        reason: "CrashError: lost: its Python zygote (pid 7) exited".into(),
+        crash: Some(CrashError {
+            cause: CrashCause::Lost {
+                detail: "its Python zygote (pid 7) exited".into(),
+            },
+            stderr_tail: Vec::new(),
+        }),
+        signal: None,
+        code: None,
+        pid: None,
     });
-    for round in 0..5 {
-        h.end_with(&ExitReport {
-            reason: "CrashError: lost: its Python zygote (pid 7) exited".into(),
-            crash: Some(CrashError {
-                cause: CrashCause::Lost {
-                    detail: "its Python zygote (pid 7) exited".into(),
-                },
-                stderr_tail: Vec::new(),
-            }),
-            signal: None,
-            code: None,
-            pid: None,
-        });
-        h.clock.advance(ms(100));
-        assert_eq!(h.status().state, S::Initialized, "round {round}");
-    }
-    h.spend_the_budget(2, ms(100));
 }
 
 /// Restarts the host could not start for want of its own descriptors or
