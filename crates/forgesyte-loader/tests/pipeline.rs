@@ -1482,6 +1482,26 @@ proptest! {
 
 /// Python plugins' packages cost one interpreter round trip per interpreter
 /// per load pass, and a missing interpreter is named.
+/// A Python plugin without its `plugin.py` is FAILED with the seed's
+/// reason, its directory as the plugins directory was given, and no runner
+/// is started to find that out (the runner named the absolute path).
+#[test]
+fn a_missing_plugin_py_is_named_without_starting_a_runner() {
+    let s = Setup::new();
+    s.world.fs.add_file("/opt/py/bin/python", "");
+    s.world.fs.add_file(
+        "/plugins/nofile/manifest.json",
+        json!({"name": "nofile", "runtime": "python", "python": "/opt/py/bin/python"}).to_string(),
+    );
+    let _loader = s.load();
+    let status = s.registry.get_status("nofile").unwrap();
+    assert_eq!(status.state, S::Failed);
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("ImportError: ImportError: plugin.py not found in /plugins/nofile")
+    );
+}
+
 /// A Python plugin whose interpreter is missing names every other missing
 /// item too (libraries, models): it named the interpreter alone, and the
 /// rest one fix later. Its packages, which only the interpreter can be

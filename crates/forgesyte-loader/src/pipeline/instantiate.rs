@@ -468,7 +468,20 @@ impl Loader {
                 // A `plugin.py` that is a link out of its directory: refused
                 // as a native library's is (confined, it failed with a bare
                 // PermissionError; unconfined, it ran code from elsewhere).
-                self.check_contained(&p.dir, &code, file)?;
+                // Not there: the seed's reason, its directory as given
+                // (the runner's named the absolute path), and no runner
+                // started to find out.
+                if !self.check_contained(&p.dir, &code, file)? {
+                    let name = Path::new(file.as_str())
+                        .file_name()
+                        .map_or_else(|| file.to_string(), |n| n.to_string_lossy().into_owned());
+                    return Err(forgesyte_errors::ImportError::Python {
+                        error_type: "ImportError".into(),
+                        message: format!("{name} not found in {}", p.dir.display()),
+                        traceback: Vec::new(),
+                    }
+                    .into());
+                }
                 code
             }
             PythonEntry::Module { .. } => p.dir.clone(),
