@@ -589,7 +589,7 @@ impl Layered {
 
 /// What `serve` applies in place of option `key`'s `value` on this
 /// machine, said after the value's source, or nothing: the connection cap,
-/// lowered to half the open-file limit (`config --print` showed the
+/// lowered to half the open-file limit `serve` runs with (`config --print` showed the
 /// configured cap alone, where `serve` logged that it lowered it).
 fn applied_here(key: &str, value: &str) -> String {
     let Some(configured) = (key == "max-connections")

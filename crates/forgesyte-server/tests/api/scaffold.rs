@@ -82,7 +82,7 @@ fn the_python_scaffold_is_checked_and_served_as_printed() {
     let (code, _, err) = forgesyte(&["new", "--python", "hello-py", "--dir", &parent_s]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("already exists and is not an empty directory"),
+        err.contains("already exists and is a directory that is not empty"),
         "{err}"
     );
     assert_eq!(
