@@ -71,7 +71,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forgesyte_errors::{ImportError, InitError, TimeoutError};
+use forgesyte_errors::{CrashCause, CrashError, ImportError, InitError, TimeoutError};
 use parking_lot::Mutex;
 
 use forgesyte_protocol::wire::{PROTOCOL_VERSION, Response, capability};
@@ -671,6 +671,18 @@ impl Importer for ProcessImporter {
             SpawnError::Import(wire) => (*wire).into_import(path),
             SpawnError::Version { runner } => self.version_mismatch(runner),
             SpawnError::Died(report) => match &report.crash {
+                // A runner ends by itself before its hello only when it is
+                // not a forgesyte runner (`--runner /bin/true`): said so.
+                Some(CrashError {
+                    cause: CrashCause::Exit { code: 0 },
+                    ..
+                }) if matches!(self.launch, Launch::Native { .. }) => ImportError::NotStarted {
+                    detail: format!(
+                        "{} exited with code 0 before it said its hello: is it a forgesyte \
+                         runner (--runner)?",
+                        self.what_starts()
+                    ),
+                },
                 Some(crash) => ImportError::Crashed(crash.clone()),
                 None => ImportError::Open {
                     path: path.to_path_buf(),

@@ -461,6 +461,28 @@ fn a_runner_that_cannot_be_started_refuses_serve_and_check() {
     }
 }
 
+/// A program that starts but is no runner (`/bin/true`) fails each
+/// isolated plugin saying so: it read `exited with code 0`, with no hint.
+#[test]
+fn a_runner_that_is_no_runner_is_named() {
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({"isolation": "process"}));
+    let (code, out, err) =
+        run_forgesyte(&["check", "--runner", "/bin/true", plugins.path_str()], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("alpha"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(
+            "ImportError: the plugin runner /bin/true exited with code 0 before it said its \
+             hello: is it a forgesyte runner (--runner)?"
+        ),
+        "{out}"
+    );
+}
+
 /// Runs `forgesyte ARGS DIR MORE` and returns its stderr, once it has
 /// exited 2 (a configuration refused before any start), within 30 s: a
 /// `serve` that did start would otherwise hold the test for ever.
