@@ -83,9 +83,16 @@ fn init_logging(default: &str, format: LogFormat) {
     };
     init_subscriber(filter, format);
     if let Some((value, e)) = refused {
-        tracing::warn!(
+        let why = format!(
             "RUST_LOG={value:?} is not a log filter ({e}): logging at the default level, {default}"
         );
+        // A command that logs nothing by default (`check`) says it on
+        // stderr: its WARN went nowhere.
+        if default == "off" {
+            say!("forgesyte: {why}");
+        } else {
+            tracing::warn!("{why}");
+        }
     }
 }
 
@@ -346,7 +353,9 @@ fn serve_refusals_for_check(config_file: Option<&Path>) -> Vec<String> {
     };
     // The loader's options (trusted keys, the runner) are `check`'s own,
     // checked already with its flags: what is left is the server's.
-    let (_, token_file) = serve.config();
+    // Not `serve.config()`: that applies the loader's options again, and
+    // said the root warning twice.
+    let token_file = serve.admin_token_file;
     let mut refusals: Vec<String> = blocking_threads()
         .err()
         .map(|e| format!("{e:#}"))
