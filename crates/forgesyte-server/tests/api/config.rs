@@ -898,3 +898,17 @@ fn new_refuses_a_directory_that_is_not_utf8() {
         "{err}"
     );
 }
+
+/// `check` logs nothing by default: a `RUST_LOG` that does not parse is
+/// said on stderr (its WARN went nowhere).
+#[test]
+fn check_says_a_log_filter_that_does_not_parse() {
+    let plugins = PluginsDir::new();
+    plugins.good("alpha", json!({}));
+    let (code, out, err) = run_forgesyte(&["check", plugins.path_str()], &[("RUST_LOG", "[[[=")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("RUST_LOG=\"[[[=\" is not a log filter"),
+        "{err}"
+    );
+}
