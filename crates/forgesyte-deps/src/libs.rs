@@ -24,6 +24,15 @@ pub trait LibraryProbe: Send + Sync + Debug {
     fn refresh(&self) {}
 }
 
+/// Whether the file at `path` starts as an ELF object does.
+fn is_elf(path: &Path) -> bool {
+    use std::io::Read as _;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut magic))
+        .is_ok_and(|()| magic == *b"\x7fELF")
+}
+
 /// The real library search.
 ///
 /// In order: the extra search paths given to [`new`](Self::new), the
@@ -178,7 +187,8 @@ impl LibraryProbe for SystemLibraries {
         }
         if name.contains('/') {
             let path = PathBuf::from(name);
-            return (path.is_absolute() && path.is_file()).then_some(path);
+            // An ELF file, not any file (`lib:/etc/passwd` was met).
+            return (path.is_absolute() && path.is_file() && is_elf(&path)).then_some(path);
         }
         let pattern = Pattern::new(name);
         if let Some(found) = self.search_files(name, &pattern) {
@@ -484,9 +494,13 @@ mod tests {
     fn paths_and_bad_names() {
         let dir = tempfile::tempdir().unwrap();
         let lib = dir.path().join("libx.so");
-        std::fs::write(&lib, b"x").unwrap();
+        std::fs::write(&lib, b"\x7fELF rest").unwrap();
         let libs = SystemLibraries::default().dlopen_fallback(false);
         assert_eq!(libs.find(lib.to_str().unwrap()), Some(lib.clone()));
+        // A path is met by an ELF file only (`lib:/etc/passwd` was).
+        let text = dir.path().join("passwd");
+        std::fs::write(&text, b"root:x:0:0").unwrap();
+        assert_eq!(libs.find(text.to_str().unwrap()), None);
         assert_eq!(libs.find("relative/libx.so"), None);
         assert_eq!(libs.find(""), None);
         assert_eq!(libs.find("a\0b"), None);
