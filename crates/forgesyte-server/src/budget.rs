@@ -27,11 +27,10 @@ impl Room {
     /// the limit (one that could never fit would be told to retry for
     /// ever): a `memory` below it is raised, with a warning (`what`).
     fn for_limit(limit: usize, memory: Option<usize>, what: &str) -> Self {
-        let bytes = memory.unwrap_or_else(|| limit.saturating_mul(8).max(256 << 20));
-        if bytes < limit {
-            tracing::warn!("{what}: {limit} bytes apply ({bytes} asked)");
+        if let Some(asked) = memory.filter(|&asked| asked < limit) {
+            tracing::warn!("{what}: {limit} bytes apply ({asked} asked)");
         }
-        Room::new(bytes.max(limit))
+        Room::new(applied_memory(limit, memory))
     }
 
     /// Room for `bytes` bytes (rounded up to the KiB).
@@ -48,6 +47,17 @@ impl Room {
         let n = u32::try_from(kib).ok()?;
         Arc::clone(&self.free).try_acquire_many_owned(n).ok()
     }
+}
+
+/// The bytes of memory `serve` sets aside for things of at most `limit`
+/// bytes each (`--body-memory` for bodies of `--body-limit`,
+/// `--answer-memory` for answers of `--max-response`) when `memory` is
+/// asked: that, else eight at the limit, at least 256 MiB; never less than
+/// one at the limit.
+pub fn applied_memory(limit: usize, memory: Option<usize>) -> usize {
+    memory
+        .unwrap_or_else(|| limit.saturating_mul(8).max(256 << 20))
+        .max(limit)
 }
 
 /// What the arrival reserve holds beyond one body at the limit: a frame's

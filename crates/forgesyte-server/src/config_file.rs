@@ -577,23 +577,52 @@ impl Layered {
                     )
                 }
                 Some(value) => {
-                    let applied = applied_here(key, &value);
+                    let applied = applied_here(key, Some(&value), &|other| {
+                        value_of_key(keys, matches, other)
+                    });
                     writeln!(out, "{key} = {value}  # {source}{applied}")
                 }
-                None => writeln!(out, "# {key} is not set  # {source}"),
+                None => {
+                    let applied =
+                        applied_here(key, None, &|other| value_of_key(keys, matches, other));
+                    writeln!(out, "# {key} is not set  # {source}{applied}")
+                }
             };
         }
         Some(out)
     }
 }
 
-/// What `serve` applies in place of option `key`'s `value` on this
-/// machine, said after the value's source, or nothing: the connection cap,
-/// lowered to half the open-file limit `serve` runs with (`config --print` showed the
-/// configured cap alone, where `serve` logged that it lowered it).
-fn applied_here(key: &str, value: &str) -> String {
+/// What `serve` applies in place of option `key`'s `value` (`None`: not
+/// set) on this machine, said after the value's source, or nothing: the
+/// connection cap, lowered to half the open-file limit `serve` runs with
+/// (`config --print` showed the configured cap alone, where `serve` logged
+/// that it lowered it); the memory for bodies and answers, computed from
+/// their limit when not set, and raised to it when set lower. `other`
+/// gives another key's value.
+fn applied_here(key: &str, value: Option<&str>, other: &dyn Fn(&str) -> Option<String>) -> String {
+    let memory_of = |limit_key: &str| -> Option<String> {
+        let limit = other(limit_key)?.parse::<usize>().ok()?;
+        let asked = match value {
+            Some(value) => Some(value.parse::<usize>().ok()?),
+            None => None,
+        };
+        let applied = forgesyte_server::applied_memory(limit, asked);
+        (asked != Some(applied)).then(|| match asked {
+            None => format!(
+                "; serve applies {applied} (8 × {limit_key}, at least 256 MiB, never less than \
+                 {limit_key})"
+            ),
+            Some(_) => format!("; serve applies {applied} here (never less than {limit_key})"),
+        })
+    };
+    match key {
+        "body-memory" => return memory_of("body-limit").unwrap_or_default(),
+        "answer-memory" => return memory_of("max-response").unwrap_or_default(),
+        _ => {}
+    }
     let Some(configured) = (key == "max-connections")
-        .then(|| value.parse::<usize>().ok())
+        .then(|| value.and_then(|v| v.parse::<usize>().ok()))
         .flatten()
     else {
         return String::new();
@@ -629,6 +658,13 @@ fn value_of(arg: &Arg, matches: &ArgMatches) -> Option<String> {
         return Some(format!("[{}]", values.join(", ")));
     }
     raw.map(|v| toml_value(&v.to_string_lossy(), text)).next()
+}
+
+/// The value of file key `key` (a long option of `keys`) in `matches`,
+/// as [`Layered::render`] prints it.
+fn value_of_key(keys: &Command, matches: &ArgMatches, key: &str) -> Option<String> {
+    let arg = file_keys(keys).find(|arg| arg.get_long() == Some(key))?;
+    value_of(arg, matches)
 }
 
 /// Whether every value option `id` was given is UTF-8.

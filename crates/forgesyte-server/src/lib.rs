@@ -140,6 +140,7 @@ mod wire;
 pub use admin::AdminToken;
 pub use api::{HealthResponse, PluginHealth};
 pub use body::RunRequest;
+pub use budget::applied_memory;
 pub use check::{CheckError, CheckReport, check};
 pub use config::{
     DEFAULT_ANSWER_MIN_RATE, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE,

@@ -77,6 +77,20 @@ fn each_layer_beats_the_next_flag_env_file_default() {
     );
     // default
     assert_eq!(line(&out, "body-limit"), "body-limit = 33554432  # default");
+    // What serve computes, and what it raises, said (it printed `not set`
+    // and `1` where serve applied 256 MiB and the body limit).
+    assert!(
+        out.lines().any(|l| l
+            == "# body-memory is not set  # unset; serve applies 268435456 (8 × body-limit, at \
+                least 256 MiB, never less than body-limit)"),
+        "{out}"
+    );
+    let (code, low, err) = run_forgesyte(&["config", "--print", "--body-memory", "1"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        line(&low, "body-memory"),
+        "body-memory = 1  # flag; serve applies 33554432 here (never less than body-limit)"
+    );
     // The output is TOML.
     let table: toml::Table = out.parse().unwrap();
     assert_eq!(table["max-connections"].as_integer(), Some(400));
