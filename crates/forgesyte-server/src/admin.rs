@@ -351,7 +351,7 @@ impl AdminGate {
             return Ok(());
         }
         Err(ApiError::TooManyAttempts {
-            retry_after_s: left.as_secs() + u64::from(left.subsec_nanos() > 0),
+            retry_after_s: crate::respond::seconds_up(left),
         })
     }
 

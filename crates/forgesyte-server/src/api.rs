@@ -355,5 +355,5 @@ fn restart_in(state: &AppState, plugin: &str, error: &crate::error::RunError) ->
         return None;
     }
     let left = state.registry().restart_in(plugin)?;
-    Some((left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1))
+    Some(crate::respond::seconds_up(left).max(1))
 }

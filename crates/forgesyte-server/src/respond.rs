@@ -52,6 +52,12 @@ pub(crate) fn closing(status: StatusCode, detail: &str) -> Response {
     response
 }
 
+/// `left` in whole seconds, rounded up: what a `Retry-After` says (0.2 s
+/// left is 1, never 0).
+pub(crate) fn seconds_up(left: std::time::Duration) -> u64 {
+    left.as_secs() + u64::from(left.subsec_nanos() > 0)
+}
+
 /// Whether header `name` is given more than once (a request's `Host`, a
 /// WebSocket key or version: each at most once).
 pub(crate) fn repeated(headers: &HeaderMap, name: &HeaderName) -> bool {
