@@ -652,3 +652,50 @@ fn a_wait_that_woke_long_after_its_deadline_gets_a_moment_more() {
     assert!(started.elapsed() >= super::STALL_GRACE);
     assert_eq!(super::after_a_stall(&rx, None), None);
 }
+
+/// A runner that greets, then answers each call after as many
+/// milliseconds as its args say.
+fn delaying_runner(mut requests: PipeReader, mut answers: PipeWriter) {
+    write_frame(&mut answers, &hello(), &[]).unwrap();
+    while let Ok(frame) = read_frame(&mut requests, 1 << 20) {
+        let request: Request = serde_json::from_slice(frame.header()).unwrap();
+        let Request::Call { id, args, .. } = request else {
+            panic!("not a call")
+        };
+        let ms: u64 = serde_json::from_str(args.get()).unwrap();
+        thread::sleep(Duration::from_millis(ms));
+        let header = serde_json::to_vec(&Response::Result {
+            id,
+            result: args,
+            attachments: vec![],
+        })
+        .unwrap();
+        write_frame(&mut answers, &header, &[]).unwrap();
+    }
+}
+
+#[test]
+fn a_caller_waits_awake_only_for_a_runner_that_answers_quickly() {
+    let (t, greeting, _reader) = connect(delaying_runner);
+    assert!(greeting.recv_timeout(LONG).is_ok());
+    let answered = |t: &Transport, ms: &str| match call(t, ms, &[]) {
+        Ok(Reply::Answer(Response::Result { result, .. }, _)) => result.get() == ms,
+        other => panic!("{other:?}"),
+    };
+    // Until a call says otherwise, a runner is taken to answer quickly.
+    assert!(t.answers_quickly.load(Ordering::Relaxed));
+    // A call longer than the spin: the caller slept, and the next one
+    // sleeps at once.
+    assert!(answered(&t, "20"));
+    assert!(!t.answers_quickly.load(Ordering::Relaxed));
+    // A quick answer (woken from sleep) makes the next caller spin again;
+    // whether it came within the spin is timing, so the runner's next
+    // answers are waited for until one is seen quick.
+    let quick = (0..200).any(|_| answered(&t, "0") && t.answers_quickly.load(Ordering::Relaxed));
+    assert!(
+        quick,
+        "no answer of a 0 ms call came within {ANSWER_SPIN:?}"
+    );
+    assert!(answered(&t, "20"));
+    assert!(!t.answers_quickly.load(Ordering::Relaxed));
+}
