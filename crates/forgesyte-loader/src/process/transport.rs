@@ -233,7 +233,7 @@ pub(crate) struct Transport {
     max_answer_bytes: u64,
     shm: Option<ShmLink>,
     /// The last answer to a blocked caller came within [`ANSWER_SPIN`]
-    /// (see [`Transport::quick_reply`]).
+    /// (see [`Transport::quick_reply`]); none yet: `false`.
     answers_quickly: AtomicBool,
 }
 
@@ -269,7 +269,8 @@ impl Transport {
             }),
             max_answer_bytes,
             shm: None,
-            answers_quickly: AtomicBool::new(true),
+            // The first request is the construction, rarely quick.
+            answers_quickly: AtomicBool::new(false),
         };
         Ok((transport, rx))
     }
