@@ -160,13 +160,17 @@ pub enum ToolError {
         after: Duration,
     },
     /// The host stopped the plugin's process while the call was in flight,
-    /// or before the call reached it (a reload or rescan let that instance
-    /// go, or the server stopped): not a fault of the plugin; the call's
-    /// result is lost.
-    #[error("the host stopped the plugin's process while the call ran: {reason}")]
+    /// or the call never reached the plugin (a reload or rescan let that
+    /// instance go, the host was ending its process, or the server
+    /// stopped): not a fault of the plugin; the call's result is lost, and
+    /// one that never `reached` the plugin can be sent again as it is.
+    #[error("{}", stopped_message(reason, *reached))]
     Stopped {
         /// How the process ended, or why the call never reached it.
         reason: String,
+        /// Whether the call reached the plugin (`false`: no plugin code
+        /// ran for it).
+        reached: bool,
     },
     /// The plugin answered, but the host could not take the answer for want
     /// of its own resources (out of file descriptors: the kernel dropped
@@ -177,6 +181,15 @@ pub enum ToolError {
         /// What was short.
         detail: String,
     },
+}
+
+/// [`ToolError::Stopped`]'s message.
+fn stopped_message(reason: &str, reached: bool) -> String {
+    if reached {
+        format!("the host stopped the plugin's process while the call ran: {reason}")
+    } else {
+        format!("the call never reached the plugin: {reason}")
+    }
 }
 
 impl ToolError {
@@ -251,6 +264,23 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "timed out after 2 s waiting for the plugin's call in progress (it takes one call at a time); the call never reached the plugin"
+        );
+    }
+
+    #[test]
+    fn a_stopped_call_says_whether_it_reached_the_plugin() {
+        let stopped = |reached| ToolError::Stopped {
+            reason: "its runner was let go by the host".into(),
+            reached,
+        };
+        assert!(!stopped(true).is_fault() && !stopped(false).is_fault());
+        assert_eq!(
+            stopped(true).to_string(),
+            "the host stopped the plugin's process while the call ran: its runner was let go by the host"
+        );
+        assert_eq!(
+            stopped(false).to_string(),
+            "the call never reached the plugin: its runner was let go by the host"
         );
     }
 

@@ -601,17 +601,16 @@ impl PluginHandle {
         // it does after (a panic, say) changes neither. Bookkeeping errors
         // (the plugin was reloaded meanwhile) are not the caller's problem:
         // the outcome of the call stands.
-        if let Err(ToolError::Stopped { reason }) = &outcome {
+        if let Err(stopped @ ToolError::Stopped { reached, .. }) = &outcome {
             // Its runner was let go by a reload or rescan, or the host is
             // stopping, or ending it: neither the plugin's doing nor its
             // new instance's, so not counted (`running` finishes it
             // uncounted), and a call sent again reaches the instance in
             // its place.
             drop(running);
-            if reason.ends_with(crate::process::NOT_REACHED) {
-                return Err(self.interrupted(&format!(
-                    "the call never reached the plugin: {reason}; send it again"
-                )));
+            if !reached {
+                // "the call never reached the plugin: why"
+                return Err(self.interrupted(&format!("{stopped}; send it again")));
             }
             return Err(self.interrupted(
                 "the host stopped the plugin's process while this call ran (a reload, a rescan \

@@ -182,6 +182,7 @@ where
         outcome.unwrap_or_else(|| {
             Err(ToolError::Stopped {
                 reason: "the call was handed back by the thread pool".into(),
+                reached: false,
             })
         })
     })))
@@ -198,6 +199,7 @@ fn joined<T>(
             Ok(panic) => std::panic::resume_unwind(panic),
             Err(_) => Err(ToolError::Stopped {
                 reason: "the server stopped while the call waited for a thread".into(),
+                reached: false,
             }),
         },
     }
@@ -424,6 +426,9 @@ pub struct ExitReport {
     /// The process, when one ended (to match with the kernel's messages:
     /// the OOM killer names it).
     pub pid: Option<u32>,
+    /// A call told of this report was never sent to the process (it was
+    /// let go, or its kill was decided, first).
+    pub unsent: bool,
 }
 
 impl ExitReport {
@@ -441,6 +446,7 @@ impl ExitReport {
             signal: None,
             code: None,
             pid: None,
+            unsent: false,
         }
     }
 }

@@ -53,10 +53,6 @@ const STDERR_GRACE: Duration = Duration::from_millis(500);
 /// processed.
 pub(crate) const DEATH_SYNC: Duration = Duration::from_secs(5);
 
-/// How the reason of a call the host never sent ends (a runner let go, or
-/// condemned): the call's caller is told it never reached the plugin.
-pub(crate) const NOT_REACHED: &str = "before the call reached it";
-
 /// How long a runner asked to stop (its stdin closed) may take to exit
 /// before it is killed.
 pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -565,11 +561,12 @@ impl Child {
     fn let_go_report(&self) -> Option<Arc<ExitReport>> {
         self.shared.retired.load(Ordering::SeqCst).then(|| {
             Arc::new(ExitReport {
-                reason: format!("let go by the host {NOT_REACHED}"),
+                reason: "its runner was let go by the host".into(),
                 crash: None,
                 signal: None,
                 code: None,
                 pid: None,
+                unsent: true,
             })
         })
     }
@@ -591,11 +588,12 @@ impl Child {
         let kill = self.shared.kill_reason.lock();
         let cause = &kill.as_ref()?.cause;
         Some(Arc::new(ExitReport {
-            reason: format!("its runner was being ended ({cause}) {NOT_REACHED}"),
+            reason: format!("its runner was being ended ({cause})"),
             crash: None,
             signal: None,
             code: None,
             pid: None,
+            unsent: true,
         }))
     }
 
@@ -924,6 +922,7 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         code: status.and_then(|s| s.code()),
         crash: Some(crash.clone()),
         pid: Some(shared.pid),
+        unsent: false,
     });
     let retired = shared.retired.load(Ordering::SeqCst);
     // Ended by the host's stop (a construction a shutdown cut off): no

@@ -435,6 +435,7 @@ fn tool_crash(report: &crate::host::ExitReport) -> ToolError {
         Some(crash) => ToolError::Crashed(crash.clone()),
         None => ToolError::Stopped {
             reason: report.reason.clone(),
+            reached: !report.unsent,
         },
     }
 }

@@ -539,6 +539,7 @@ pub(crate) fn report_of(error: &PluginError) -> ExitReport {
         signal,
         code,
         pid: None,
+        unsent: false,
     }
 }
 

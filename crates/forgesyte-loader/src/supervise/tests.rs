@@ -249,6 +249,7 @@ impl Harness {
             signal: Some("SIGSEGV".into()),
             code: None,
             pid: None,
+            unsent: false,
         });
     }
 
@@ -471,6 +472,7 @@ fn a_failed_restart_keeps_its_traceback_and_the_last_exit() {
         signal: None,
         code: Some(3),
         pid: None,
+        unsent: false,
     });
     h.clock.advance(ms(100));
     let status = h.status();
@@ -535,6 +537,7 @@ fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
         signal: Some("SIGKILL".into()),
         code: None,
         pid: None,
+        unsent: false,
     });
 }
 
@@ -555,6 +558,7 @@ fn runners_lost_with_their_zygote_do_not_spend_the_restart_budget() {
         signal: None,
         code: None,
         pid: None,
+        unsent: false,
     });
 }
 
