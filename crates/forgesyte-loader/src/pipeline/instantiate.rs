@@ -365,15 +365,11 @@ impl Loader {
         known: &forgesyte_deps::KnownPlugins,
     ) -> DependencyError {
         let mut err = self.missing_of(p, &self.requirements(p), known);
-        let plain = format!("plugin:{hop}");
         edit_missing(&mut err, |missing| {
-            let item = format!("{plain} (dependency cycle: {cycle})");
+            let item = format!("plugin:{hop} (dependency cycle: {cycle})");
             // `plugin:y`, `plugin:y@>=1`, or either explained (`plugin:y
             // (y is LOADED: …)`).
-            let at = missing.iter().position(|m| {
-                m.strip_prefix(&plain)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['@', ' ']))
-            });
+            let at = missing.iter().position(|m| plugin_item(m, hop).is_some());
             match at {
                 Some(at) => missing[at] = item,
                 None => missing.insert(0, item),
@@ -718,9 +714,9 @@ impl Loader {
             if status.state.is_available() {
                 continue;
             }
-            let prefix = format!("plugin:{name}");
             for item in missing.iter_mut() {
-                if item == &prefix || item.starts_with(&format!("{prefix}@")) {
+                // Not yet explained: `plugin:y` or `plugin:y@>=1`.
+                if plugin_item(item, name).is_some_and(|rest| !rest.starts_with(' ')) {
                     // Quoted shortened: in a diamond of dependencies each
                     // layer quotes two of the layer below, and whole
                     // reasons would double in size at every layer.
@@ -965,6 +961,15 @@ pub(super) fn construct(
     Ok(PluginHandle::new(name, registry, instance, call_timeout))
 }
 
+/// What follows `plugin:NAME` in a missing item that names plugin `name`
+/// (`""`, `@>=1`, or an explanation from ` (`); `None` for any other item
+/// (`plugin:NAMEx`, `py:NAME`).
+fn plugin_item<'a>(item: &'a str, name: &str) -> Option<&'a str> {
+    item.strip_prefix("plugin:")?
+        .strip_prefix(name)
+        .filter(|rest| rest.is_empty() || rest.starts_with(['@', ' ']))
+}
+
 /// Changes the list of `err`'s missing items, its reason rebuilt from it
 /// with its GPU detail kept: what follows the list in the reason (not what
 /// follows its first "; ", which an item may hold).
@@ -977,4 +982,22 @@ fn edit_missing(err: &mut DependencyError, edit: impl FnOnce(&mut Vec<String>)) 
         .map(str::to_owned);
     edit(&mut err.missing);
     *err = DependencyError::new(std::mem::take(&mut err.missing), gpu_detail);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plugin_item;
+
+    #[test]
+    fn a_missing_item_names_a_plugin_bare_with_a_version_or_explained() {
+        assert_eq!(plugin_item("plugin:y", "y"), Some(""));
+        assert_eq!(plugin_item("plugin:y@>=1", "y"), Some("@>=1"));
+        assert_eq!(
+            plugin_item("plugin:y (y is FAILED: boom)", "y"),
+            Some(" (y is FAILED: boom)")
+        );
+        for other in ["plugin:yy", "plugin:x", "py:y", "y", "plugin:"] {
+            assert_eq!(plugin_item(other, "y"), None, "{other}");
+        }
+    }
 }
