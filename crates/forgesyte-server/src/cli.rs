@@ -209,6 +209,13 @@ pub(crate) struct ServeArgs {
     /// keeps them all in the pipe.
     #[arg(long, value_name = "BYTES", env = "FORGESYTE_SHM_THRESHOLD", default_value_t = forgesyte_loader::process::shm_threshold(), value_parser = parse_bytes_or_zero)]
     pub(crate) shm_threshold: u64,
+    /// Keep what plugin runners write to stderr out of every answer: a
+    /// crashed plugin's reason and failure journal say how many of its
+    /// last stderr lines were withheld, and the server's log has them. For
+    /// servers whose read routes any client reaches: otherwise a plugin
+    /// that prints its callers' data shows it to every client.
+    #[arg(long, env = "FORGESYTE_WITHHOLD_STDERR", value_parser = parse_switch)]
+    pub(crate) withhold_stderr: bool,
     /// How long shutdown waits for in-flight requests, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value_t = Seconds(DEFAULT_SHUTDOWN_GRACE), value_parser = parse_seconds_arg)]
     pub(crate) shutdown_grace: Seconds,

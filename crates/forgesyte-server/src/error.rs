@@ -841,12 +841,18 @@ impl From<ToolError> for RunError {
             },
             // Without the runner's last stderr lines: they may be another
             // caller's (a plugin that prints its arguments), and this
-            // answer goes to whoever made this call. The plugin's status
-            // and failure journal have them, and the server's log.
+            // answer goes to whoever made this call. The server's log has
+            // them, and the plugin's status and failure journal unless
+            // withheld (`--withhold-stderr`).
             ToolError::Crashed(crash) => RunError::Fault {
                 kind: "CrashError".into(),
                 message: if crash.stderr_tail.is_empty() {
                     crash.cause.to_string()
+                } else if forgesyte_loader::process::stderr_withheld() {
+                    format!(
+                        "{}; its last stderr lines are in the server's log",
+                        crash.cause
+                    )
                 } else {
                     format!(
                         "{}; its last stderr lines are in the server's log and the plugin's \

@@ -607,6 +607,7 @@ impl std::error::Error for RefusedConfig {}
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     forgesyte_loader::process::set_shm_threshold(args.shm_threshold);
+    forgesyte_loader::process::set_stderr_withheld(args.withhold_stderr);
     // Before any thread or child: the connection cap is half of it.
     match forgesyte_loader::process::raise_open_file_limit() {
         Ok(Some((from, to))) => tracing::info!(

@@ -912,6 +912,8 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         },
     };
     let status = status.ok();
+    // Classified on the whole tail, reported as the host's policy says.
+    let stderr_tail = shared.stderr.for_report(stderr_tail);
     let crash = CrashError { cause, stderr_tail };
     let reason = registry_reason.unwrap_or_else(|| PluginError::Crash(crash.clone()).reason());
     let report = Arc::new(ExitReport {

@@ -61,6 +61,7 @@ pub use child::RUNNER_STOP_WAIT;
 pub use forgesyte_deps::raise_open_file_limit;
 pub use received::{BodyFile, ReceivedBody};
 pub use spawn::close_inherited_on_exec;
+pub use stderr::{set_stderr_withheld, stderr_withheld};
 pub use transport::{set_shm_threshold, shm_threshold};
 pub use zygote::{ZYGOTE_ENV, end_zygotes};
 

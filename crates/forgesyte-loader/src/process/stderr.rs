@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::plugin_log::{
@@ -17,6 +18,36 @@ use parking_lot::{Condvar, Mutex};
 
 /// Lines of stderr kept for crash reports.
 pub(crate) const STDERR_TAIL_LINES: usize = 20;
+
+/// Runners' stderr is kept out of crash reports ([`set_stderr_withheld`]).
+static WITHHELD: AtomicBool = AtomicBool::new(false);
+
+/// Keeps what runners write to stderr out of the crash reports of the
+/// runners that end from now on (`serve --withhold-stderr`): a report's
+/// stderr tail, and so the plugin's reason and failure journal, then say
+/// only how many lines there were, and the host's log has them (at WARN,
+/// as the runner ends). A plugin that prints its callers' data
+/// would otherwise show it to every client of the routes that show
+/// reasons.
+pub fn set_stderr_withheld(withheld: bool) {
+    WITHHELD.store(withheld, Ordering::Relaxed);
+}
+
+/// Whether runners' stderr is kept out of crash reports
+/// ([`set_stderr_withheld`]).
+pub fn stderr_withheld() -> bool {
+    WITHHELD.load(Ordering::Relaxed)
+}
+
+/// What a crash report says of `lines` withheld stderr lines.
+fn withheld_note(lines: usize) -> String {
+    let lines = if lines == 1 {
+        "1 line".to_owned()
+    } else {
+        format!("{lines} lines")
+    };
+    format!("{lines} withheld from the API (the server log has them)")
+}
 /// Longest stderr line kept whole (longer ones are split).
 const MAX_LINE_BYTES: u64 = 4096;
 
@@ -264,6 +295,26 @@ impl StderrLog {
     /// The last lines, once stderr has ended or `grace` has passed (the
     /// last lines, the abort message or the allocation failure, arrive
     /// just as the process dies).
+    /// `tail` (from [`Self::tail_after`]) as the runner's crash report
+    /// shows it: as it is, or, while stderr is withheld
+    /// ([`set_stderr_withheld`]), one line saying how many lines were
+    /// withheld, the lines themselves logged here at WARN (each was logged
+    /// as it came, unless over the log's budget).
+    pub(crate) fn for_report(&self, tail: Vec<String>) -> Vec<String> {
+        if tail.is_empty() || !stderr_withheld() {
+            return tail;
+        }
+        tracing::warn!(
+            plugin = %self.plugin,
+            pid = self.pid,
+            "plugin process {} of {} ended; its last stderr lines, withheld from the API: {}",
+            self.pid,
+            self.plugin,
+            tail.join(" | ")
+        );
+        vec![withheld_note(tail.len())]
+    }
+
     pub(crate) fn tail_after(&self, grace: Duration) -> Vec<String> {
         let deadline = Instant::now() + grace;
         let mut done = self.done.lock();
@@ -280,6 +331,21 @@ impl StderrLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // (Not `for_report` itself: its switch is the process's, and the
+    // other tests' crash reports read it. The API test
+    // `withheld_stderr_reaches_the_log_and_no_answer` runs it.)
+    #[test]
+    fn a_withheld_tail_says_how_many_lines_the_log_has() {
+        assert_eq!(
+            withheld_note(1),
+            "1 line withheld from the API (the server log has them)"
+        );
+        assert_eq!(
+            withheld_note(20),
+            "20 lines withheld from the API (the server log has them)"
+        );
+    }
 
     /// A dump is kept from its first header on, whatever the plugin wrote
     /// before it (a spamming plugin left no room for it), and stays out of

@@ -589,6 +589,72 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
     }
 }
 
+/// `--withhold-stderr`: what a crashed runner last wrote to stderr (here a
+/// caller's secret) reaches the server's log, never an answer: the
+/// plugin's reason, its failure journal and the list say how many lines
+/// were withheld. Without it (the control) they quote
+/// the line; the answer to the call that crashed never does.
+#[test]
+fn withheld_stderr_reaches_the_log_and_no_answer() {
+    const SECRET: &str = "ALICE-SECRET-42";
+    let dir = PluginsDir::new();
+    dir.python("leaky", "faulty");
+    for withhold in [false, true] {
+        let mut args = vec!["--plugins", dir.path_str()];
+        if withhold {
+            args.push("--withhold-stderr");
+        }
+        let server = Forgesyte::start(&args);
+        server.wait_loaded();
+        let reply = server.run(
+            "leaky",
+            "leak",
+            &format!(r#"{{"args": {{"secret": "{SECRET}"}}}}"#),
+        );
+        assert_eq!(reply.status, 502, "{}", reply.text());
+        assert!(!reply.text().contains(SECRET), "{}", reply.text());
+        // Where the lines are: the journal too, unless withheld.
+        assert_eq!(
+            reply.text().contains("failure journal"),
+            !withhold,
+            "{}",
+            reply.text()
+        );
+        let health = crate::binary::wait_health(&server, "leaky", 10, |h| {
+            h["journal"].as_array().is_some_and(|j| !j.is_empty())
+        });
+        let shown = format!("{health}\n{}", server.get("/v1/plugins").text());
+        let crash = &health["journal"][0];
+        assert_eq!(crash["state"], "FAILED", "{health}");
+        let reason = crash["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("exited with code 3"), "{health}");
+        if withhold {
+            assert!(!shown.contains(SECRET), "withheld, yet shown: {shown}");
+            // The fixture's earlier lines count too (the tail keeps 20).
+            let note = " withheld from the API (the server log has them)";
+            assert!(
+                reason.contains("; stderr: ") && reason.ends_with(note),
+                "{health}"
+            );
+            let tail = crash["stderr_tail"].as_array().cloned().unwrap_or_default();
+            assert!(
+                tail.len() == 1 && tail[0].as_str().is_some_and(|t| t.ends_with(note)),
+                "{health}"
+            );
+            let log = server.log();
+            let withheld = log
+                .lines()
+                .find(|l| l.contains("its last stderr lines, withheld from the API: "));
+            assert!(
+                withheld.is_some_and(|l| l.contains(&format!("debug: got {SECRET}"))),
+                "{log}"
+            );
+        } else {
+            assert!(reason.contains(&format!("debug: got {SECRET}")), "{health}");
+        }
+    }
+}
+
 /// The runners' limits for manifests that set none are the operator's:
 /// `--init-timeout` (a constructor that hangs is FAILED after it, not after
 /// 5 s) and `--memory-limit` (the runner's address space); a manifest's

@@ -401,18 +401,8 @@ async fn an_awaited_request_sends_nothing_without_room_and_times_out_forgotten()
         // then answers each (every one a whole frame), then no more.
         let Ok(count) = started.recv() else { return };
         for _ in 0..count {
-            let frame = read_frame(&mut requests, 1 << 20).unwrap();
-            let request: Request = serde_json::from_slice(frame.header()).unwrap();
-            let Request::Call { id, args, .. } = request else {
-                panic!("not a call")
-            };
-            let header = serde_json::to_vec(&Response::Result {
-                id,
-                result: args,
-                attachments: vec![],
-            })
-            .unwrap();
-            write_frame(&mut answers, &header, &[]).unwrap();
+            let (id, args) = next_call(&mut requests).unwrap();
+            answer_with(&mut answers, id, args);
         }
         let _keep = requests;
         thread::sleep(LONG);
@@ -653,24 +643,36 @@ fn a_wait_that_woke_long_after_its_deadline_gets_a_moment_more() {
     assert_eq!(super::after_a_stall(&rx, None), None);
 }
 
+/// The next call a runner reads (its id and args); `None` once the
+/// request stream ends.
+fn next_call(requests: &mut PipeReader) -> Option<(u64, Box<RawValue>)> {
+    let frame = read_frame(requests, 1 << 20).ok()?;
+    let request: Request = serde_json::from_slice(frame.header()).unwrap();
+    let Request::Call { id, args, .. } = request else {
+        panic!("not a call")
+    };
+    Some((id, args))
+}
+
+/// Answers call `id` with `args` as its result.
+fn answer_with(answers: &mut PipeWriter, id: u64, args: Box<RawValue>) {
+    let header = serde_json::to_vec(&Response::Result {
+        id,
+        result: args,
+        attachments: vec![],
+    })
+    .unwrap();
+    write_frame(answers, &header, &[]).unwrap();
+}
+
 /// A runner that greets, then answers each call after as many
 /// milliseconds as its args say.
 fn delaying_runner(mut requests: PipeReader, mut answers: PipeWriter) {
     write_frame(&mut answers, &hello(), &[]).unwrap();
-    while let Ok(frame) = read_frame(&mut requests, 1 << 20) {
-        let request: Request = serde_json::from_slice(frame.header()).unwrap();
-        let Request::Call { id, args, .. } = request else {
-            panic!("not a call")
-        };
+    while let Some((id, args)) = next_call(&mut requests) {
         let ms: u64 = serde_json::from_str(args.get()).unwrap();
         thread::sleep(Duration::from_millis(ms));
-        let header = serde_json::to_vec(&Response::Result {
-            id,
-            result: args,
-            attachments: vec![],
-        })
-        .unwrap();
-        write_frame(&mut answers, &header, &[]).unwrap();
+        answer_with(&mut answers, id, args);
     }
 }
 
