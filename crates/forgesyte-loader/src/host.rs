@@ -432,6 +432,17 @@ pub struct ExitReport {
 }
 
 impl ExitReport {
+    /// `report` as told to a call that was never sent ([`Self::unsent`]).
+    pub(crate) fn for_an_unsent_call(report: Arc<ExitReport>) -> Arc<ExitReport> {
+        if report.unsent {
+            return report;
+        }
+        Arc::new(ExitReport {
+            unsent: true,
+            ..(*report).clone()
+        })
+    }
+
     /// A report for a broken protocol with no process status to show.
     pub(crate) fn protocol(detail: &str) -> Self {
         let crash = CrashError {

@@ -521,7 +521,11 @@ impl Child {
             Ok(reply) => Ok(reply),
             Err(RequestError::TimedOut) => Err(None),
             Err(RequestError::Closed(Some(report))) => Err(Some(report)),
-            Err(RequestError::Closed(None)) => Err(Some(self.closed_report())),
+            // The frame did not go: how the process ended is not how
+            // the call did.
+            Err(RequestError::Closed(None)) => {
+                Err(Some(ExitReport::for_an_unsent_call(self.closed_report())))
+            }
         }
     }
 
@@ -912,8 +916,12 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         },
     };
     let status = status.ok();
+    let retired = shared.retired.load(Ordering::SeqCst);
+    // Ended by the host's stop (a construction a shutdown cut off): no
+    // fault, and no ERROR line for every rollout to alert on.
+    let stopping = matches!(&cause, CrashCause::Killed { reason } if reason == HOST_STOPPING);
     // Classified on the whole tail, reported as the host's policy says.
-    let stderr_tail = shared.stderr.for_report(stderr_tail);
+    let stderr_tail = shared.stderr.for_report(stderr_tail, retired || stopping);
     let crash = CrashError { cause, stderr_tail };
     let reason = registry_reason.unwrap_or_else(|| PluginError::Crash(crash.clone()).reason());
     let report = Arc::new(ExitReport {
@@ -926,10 +934,6 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         pid: Some(shared.pid),
         unsent: false,
     });
-    let retired = shared.retired.load(Ordering::SeqCst);
-    // Ended by the host's stop (a construction a shutdown cut off): no
-    // fault, and no ERROR line for every rollout to alert on.
-    let stopping = matches!(&crash.cause, CrashCause::Killed { reason } if reason == HOST_STOPPING);
     if retired {
         tracing::debug!(plugin = %shared.plugin, pid = shared.pid, "plugin process {} ended", shared.pid);
     } else if stopping {

@@ -164,7 +164,10 @@ impl ProcessInstance {
                 TrySend::Sent(sent) => break Some(sent),
                 TrySend::Closed(Some(report)) => return Err(tool_crash(&report)),
                 TrySend::Closed(None) => {
-                    return Err(tool_crash(&*self.child.closed_report_awaited().await));
+                    let report = self.child.closed_report_awaited().await;
+                    return Err(tool_crash(&crate::host::ExitReport::for_an_unsent_call(
+                        report,
+                    )));
                 }
                 // Never for a call that `awaits` allowed.
                 TrySend::TooLarge => return self.on_thread(tool, args, context).await,

@@ -214,13 +214,27 @@ fn ask_for_stacks(
 
 /// Where the dump says the plugin is, once the dump is over or `deadline`
 /// has passed (a dump cut short, by the wait or its cap, says nothing);
-/// `None` while it may go on.
+/// `None` while it may go on. While stderr is withheld
+/// ([`super::set_stderr_withheld`]) the place, read from stderr, is only
+/// logged, and nothing is said.
 fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
-    match shared.stderr.stacks() {
-        Some(dump) => Some(dump.and_then(|lines| read_stuck_at(&lines))),
-        None if Instant::now() >= deadline => Some(None),
-        None => None,
+    let at = match shared.stderr.stacks() {
+        Some(dump) => dump.and_then(|lines| read_stuck_at(&lines)),
+        None if Instant::now() >= deadline => None,
+        None => return None,
+    };
+    if let Some(place) = &at
+        && super::stderr_withheld()
+    {
+        tracing::warn!(
+            plugin = %shared.plugin,
+            pid = shared.pid,
+            "plugin {} timed out stuck at {place} (withheld from the API)",
+            shared.plugin
+        );
+        return Some(None);
     }
+    Some(at)
 }
 
 impl Child {

@@ -292,29 +292,29 @@ impl StderrLog {
         Some(whole.then(|| watch.lines.clone()))
     }
 
-    /// The last lines, once stderr has ended or `grace` has passed (the
-    /// last lines, the abort message or the allocation failure, arrive
-    /// just as the process dies).
     /// `tail` (from [`Self::tail_after`]) as the runner's crash report
     /// shows it: as it is, or, while stderr is withheld
     /// ([`set_stderr_withheld`]), one line saying how many lines were
-    /// withheld, the lines themselves logged here at WARN (each was logged
-    /// as it came, unless over the log's budget).
-    pub(crate) fn for_report(&self, tail: Vec<String>) -> Vec<String> {
+    /// withheld, the lines themselves logged here: at WARN, or at DEBUG for
+    /// an `ordinary` end (a runner the host let go or stopped), which no
+    /// one is to be alerted of. (Each line was also logged as it came, at
+    /// its level, within the log's budget.)
+    pub(crate) fn for_report(&self, tail: Vec<String>, ordinary: bool) -> Vec<String> {
         if tail.is_empty() || !stderr_withheld() {
             return tail;
         }
-        tracing::warn!(
-            plugin = %self.plugin,
-            pid = self.pid,
-            "plugin process {} of {} ended; its last stderr lines, withheld from the API: {}",
-            self.pid,
-            self.plugin,
-            tail.join(" | ")
-        );
+        let lines = tail.join(" | ");
+        if ordinary {
+            tracing::debug!(plugin = %self.plugin, pid = self.pid, "plugin process {} of {} ended; its last stderr lines, withheld from the API: {lines}", self.pid, self.plugin);
+        } else {
+            tracing::warn!(plugin = %self.plugin, pid = self.pid, "plugin process {} of {} ended; its last stderr lines, withheld from the API: {lines}", self.pid, self.plugin);
+        }
         vec![withheld_note(tail.len())]
     }
 
+    /// The last lines, once stderr has ended or `grace` has passed (the
+    /// last lines, the abort message or the allocation failure, arrive
+    /// just as the process dies).
     pub(crate) fn tail_after(&self, grace: Duration) -> Vec<String> {
         let deadline = Instant::now() + grace;
         let mut done = self.done.lock();

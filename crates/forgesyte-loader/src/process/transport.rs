@@ -111,7 +111,9 @@ impl Waiters {
     /// connection already closed instead.
     fn register(&mut self, waiter: Waiter) -> Result<u64, RequestError> {
         if let Some(report) = &self.closed {
-            return Err(RequestError::Closed(Some(Arc::clone(report))));
+            return Err(RequestError::Closed(Some(ExitReport::for_an_unsent_call(
+                Arc::clone(report),
+            ))));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -306,9 +308,8 @@ impl Transport {
     ) -> Result<Reply, RequestError> {
         let (tx, rx) = sync_channel(1);
         let id = self.waiters.lock().register(Waiter::Blocked(tx))?;
-        let sent_at = Instant::now();
         // `None`: too far away to matter (no deadline).
-        let deadline = sent_at.checked_add(timeout);
+        let deadline = Instant::now().checked_add(timeout);
         let head = head(id);
         // The copies into memory files happen before the writer is taken.
         let outgoing = match &self.shm {
@@ -377,11 +378,14 @@ impl Transport {
             return Err(match e {
                 // The peer is gone (or we let it go): the end of the
                 // connection is being processed and its report follows.
-                RequestError::Closed(_) => RequestError::Closed(self.closed()),
+                RequestError::Closed(_) => {
+                    RequestError::Closed(self.closed().map(ExitReport::for_an_unsent_call))
+                }
                 e => e,
             });
         }
-        if let Some(reply) = self.quick_reply(&rx, sent_at) {
+        let sent_at = Instant::now();
+        if let Some(reply) = self.quick_reply(&rx, sent_at, deadline) {
             return Ok(reply);
         }
         let left = deadline.map_or(Duration::MAX, |d| {
@@ -396,7 +400,13 @@ impl Transport {
                 if let Some(reply) = after_a_stall(&rx, deadline) {
                     return Ok(reply);
                 }
-                self.waiters.lock().map.remove(&id);
+                if self.waiters.lock().map.remove(&id).is_none() {
+                    // Its answer (or the connection's end) was taken out
+                    // for it just now, and is on its way: not lost.
+                    if let Ok(reply) = rx.recv_timeout(STALL_GRACE) {
+                        return Ok(reply);
+                    }
+                }
                 Err(RequestError::TimedOut)
             }
             Err(RecvTimeoutError::Disconnected) => Err(RequestError::Closed(self.closed())),
@@ -404,18 +414,25 @@ impl Transport {
     }
 
     /// The reply of a blocked caller's request, if it comes within
-    /// [`ANSWER_SPIN`] of `sent_at` and this runner's last answer did too
-    /// (else `None` at once): the caller yields its CPU in a loop instead
+    /// [`ANSWER_SPIN`] of `sent_at` (when its frame was written) and before
+    /// `deadline`, and this runner's last answer to a blocked caller came
+    /// so too (else `None` at once): the caller yields its CPU in a loop instead
     /// of sleeping. On a virtual machine, waking a thread whose CPU has
     /// gone idle takes tens of microseconds, and a quick call's answer
     /// crosses three threads (the runner's, the reader's, the caller's):
     /// the caller awake saves one of those wake-ups. A runner whose calls
     /// take longer is never waited for so, so a slow tool costs no
     /// spinning (its first call after a quick one at most `ANSWER_SPIN`).
-    fn quick_reply(&self, rx: &Receiver<Reply>, sent_at: Instant) -> Option<Reply> {
+    fn quick_reply(
+        &self,
+        rx: &Receiver<Reply>,
+        sent_at: Instant,
+        deadline: Option<Instant>,
+    ) -> Option<Reply> {
         if !self.answers_quickly.load(Ordering::Relaxed) {
             return None;
         }
+        let spin_end = deadline.map_or(sent_at + ANSWER_SPIN, |d| d.min(sent_at + ANSWER_SPIN));
         loop {
             match rx.try_recv() {
                 Ok(reply) => {
@@ -425,16 +442,17 @@ impl Transport {
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => {}
             }
-            if sent_at.elapsed() >= ANSWER_SPIN {
-                self.answers_quickly.store(false, Ordering::Relaxed);
+            if Instant::now() >= spin_end {
+                self.note_answer_time(sent_at);
                 return None;
             }
             std::thread::yield_now();
         }
     }
 
-    /// Records whether the answer to a request sent at `sent_at` came
-    /// within [`ANSWER_SPIN`] (see [`Self::quick_reply`]).
+    /// Records whether the answer to a request sent at `sent_at` came (or,
+    /// still awaited, may yet come) within [`ANSWER_SPIN`] (see
+    /// [`Self::quick_reply`]).
     fn note_answer_time(&self, sent_at: Instant) {
         self.answers_quickly
             .store(sent_at.elapsed() < ANSWER_SPIN, Ordering::Relaxed);
@@ -465,7 +483,7 @@ impl Transport {
             return TrySend::Busy;
         };
         let Some(stream) = writer.as_mut() else {
-            return TrySend::Closed(self.closed());
+            return TrySend::Closed(self.closed().map(ExitReport::for_an_unsent_call));
         };
         let (tx, reply) = tokio::sync::oneshot::channel();
         let id = match self.waiters.lock().register(Waiter::Awaiting(tx)) {

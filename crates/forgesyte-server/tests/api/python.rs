@@ -599,6 +599,8 @@ fn withheld_stderr_reaches_the_log_and_no_answer() {
     const SECRET: &str = "ALICE-SECRET-42";
     let dir = PluginsDir::new();
     dir.python("leaky", "faulty");
+    dir.python("hang", "faulty")
+        .manifest_fields("hang", json!({ "limits": {"call_timeout_s": 1} }));
     for withhold in [false, true] {
         let mut args = vec!["--plugins", dir.path_str()];
         if withhold {
@@ -651,6 +653,23 @@ fn withheld_stderr_reaches_the_log_and_no_answer() {
             );
         } else {
             assert!(reason.contains(&format!("debug: got {SECRET}")), "{health}");
+        }
+        // Where a timed-out tool was stuck is read from its stack dump on
+        // stderr: in the reason, or only in the log.
+        let reply = server.run("hang", "hang", "{}");
+        assert_eq!(reply.status, 504, "{}", reply.text());
+        let health = server.get("/v1/plugins/hang/health").json();
+        let reason = health["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("timed out after 1 s"), "{health}");
+        assert_eq!(reason.contains(", stuck at "), !withhold, "{health}");
+        if withhold {
+            let log = server.log();
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("plugin hang timed out stuck at ")
+                        && l.contains("plugin.py:")),
+                "{log}"
+            );
         }
     }
 }
