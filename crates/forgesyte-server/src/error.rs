@@ -848,15 +848,14 @@ impl From<ToolError> for RunError {
                 kind: "CrashError".into(),
                 message: if crash.stderr_tail.is_empty() {
                     crash.cause.to_string()
-                } else if forgesyte_loader::process::stderr_withheld() {
-                    format!(
-                        "{}; its last stderr lines are in the server's log",
-                        crash.cause
-                    )
                 } else {
+                    let journal = if forgesyte_loader::process::stderr_withheld() {
+                        ""
+                    } else {
+                        " and the plugin's failure journal"
+                    };
                     format!(
-                        "{}; its last stderr lines are in the server's log and the plugin's \
-                         failure journal",
+                        "{}; its last stderr lines are in the server's log{journal}",
                         crash.cause
                     )
                 },

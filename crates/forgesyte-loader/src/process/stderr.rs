@@ -303,11 +303,17 @@ impl StderrLog {
         if tail.is_empty() || !stderr_withheld() {
             return tail;
         }
-        let lines = tail.join(" | ");
+        let said = format!(
+            "plugin process {} of {} ended; its last stderr lines, withheld from the API: {}",
+            self.pid,
+            self.plugin,
+            tail.join(" | ")
+        );
+        // (A level is part of the macro: one line each.)
         if ordinary {
-            tracing::debug!(plugin = %self.plugin, pid = self.pid, "plugin process {} of {} ended; its last stderr lines, withheld from the API: {lines}", self.pid, self.plugin);
+            tracing::debug!(plugin = %self.plugin, pid = self.pid, "{said}");
         } else {
-            tracing::warn!(plugin = %self.plugin, pid = self.pid, "plugin process {} of {} ended; its last stderr lines, withheld from the API: {lines}", self.pid, self.plugin);
+            tracing::warn!(plugin = %self.plugin, pid = self.pid, "{said}");
         }
         vec![withheld_note(tail.len())]
     }
