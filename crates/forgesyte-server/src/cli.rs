@@ -214,7 +214,7 @@ pub(crate) struct ServeArgs {
     /// last stderr lines were withheld, and the server's log has them. For
     /// servers whose read routes any client reaches: otherwise a plugin
     /// that prints its callers' data shows it to every client.
-    #[arg(long, env = "FORGESYTE_WITHHOLD_STDERR", value_parser = parse_switch)]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_WITHHOLD_STDERR", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) withhold_stderr: bool,
     /// How long shutdown waits for in-flight requests, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_SHUTDOWN_GRACE", default_value_t = Seconds(DEFAULT_SHUTDOWN_GRACE), value_parser = parse_seconds_arg)]
@@ -264,7 +264,7 @@ pub(crate) struct ServeArgs {
     pub(crate) admin_token_file: Option<PathBuf>,
     /// Rescan the plugins directory when files under it change (debounced),
     /// as SIGHUP does: for plugin development.
-    #[arg(long, env = "FORGESYTE_WATCH", value_parser = parse_switch)]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_WATCH", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) watch: bool,
     /// Names the server is reached by besides its own address, such as a
     /// proxy's public name, without scheme or port (comma-separated, or
@@ -343,7 +343,7 @@ pub(crate) struct LoaderArgs {
     /// Construct every in-process plugin once in a throw-away runner
     /// process before loading it, so a plugin that would crash the server
     /// on load is FAILED instead.
-    #[arg(long, env = "FORGESYTE_PREFLIGHT", value_parser = parse_switch)]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_PREFLIGHT", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) preflight: bool,
     /// Where plugins whose manifest names no `isolation` run: in the server
     /// process (fastest) or each in a child process (survives crashes).
@@ -361,7 +361,7 @@ pub(crate) struct LoaderArgs {
     /// Also load the installed Python plugins: every entry point of group
     /// `forgesyte.plugins` that the interpreter (`--python`, else `python3`
     /// on `PATH`) sees, after the plugins directory.
-    #[arg(long, env = "FORGESYTE_PYTHON_ENTRY_POINTS", value_parser = parse_switch)]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_PYTHON_ENTRY_POINTS", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) python_entry_points: bool,
     /// Directory of trusted minisign public keys (`*.pub`) that plugin
     /// signatures are checked against.
@@ -370,7 +370,7 @@ pub(crate) struct LoaderArgs {
     /// Refuse (FAILED) every plugin whose signature is not `signed` by a
     /// trusted key, before any of its code is opened; by default
     /// signatures are only reported.
-    #[arg(long, env = "FORGESYTE_REQUIRE_SIGNED", value_parser = parse_switch)]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_REQUIRE_SIGNED", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) require_signed: bool,
     /// Confine the runners of isolated and Python plugins: read-only access
     /// to what they need (Landlock), writes to their scratch directory only,
@@ -382,14 +382,14 @@ pub(crate) struct LoaderArgs {
     /// plugins, every plugin with `--confine off`, and a plugin whose
     /// runner could not enforce every part of its sandbox (the runner then
     /// refuses before any of the plugin's code is opened or imported).
-    #[arg(long, env = "FORGESYTE_REQUIRE_CONFINEMENT", value_parser = parse_switch)]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_REQUIRE_CONFINEMENT", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) require_confinement: bool,
     /// This server runs no GPU plugins (a CPU pool beside a GPU one,
     /// serving the same plugins): a plugin that declares `requires_gpu` is
     /// UNAVAILABLE without any GPU probe (no CUDA driver is loaded) and
     /// does not count for readiness, as if it were `optional`, nor does one
     /// that needs such a plugin through its `plugin:` dependencies.
-    #[arg(long, env = "FORGESYTE_NO_GPU", value_parser = parse_switch)]
+    #[arg(long, value_name = "on|off", env = "FORGESYTE_NO_GPU", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) no_gpu: bool,
     /// Whose manifests may widen their confined runner's sandbox (`network`,
     /// `env`, `filesystem`): `signed` (plugins signed by a trusted key, the

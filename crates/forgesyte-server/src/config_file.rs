@@ -131,8 +131,9 @@ fn env_behind(command: &Command, argv: &[OsString], error: &clap::Error) -> Opti
             let name = arg.get_env()?;
             let value = std::env::var_os(name)?;
             let empty = value.is_empty();
-            // How clap names it (`'--python <PATH>'`, a positional's
-            // `'[DIR]'`), in its errors of an empty value.
+            // How clap names it (`'--python <PATH>'`, an on/off option's
+            // `'--watch[=<on|off>]'`, a positional's `'[DIR]'`), in its
+            // errors of an empty value.
             let (option, shown) = match arg.get_long() {
                 Some(long) => {
                     let option = format!("--{long}");
@@ -141,7 +142,11 @@ fn env_behind(command: &Command, argv: &[OsString], error: &clap::Error) -> Opti
                     }
                     (
                         option.clone(),
-                        vec![format!("'{option} "), format!("'{option}'")],
+                        vec![
+                            format!("'{option} "),
+                            format!("'{option}'"),
+                            format!("'{option}["),
+                        ],
                     )
                 }
                 None => {
@@ -479,10 +484,13 @@ fn cli_args(key: &str, arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>, 
 /// an on/off option's value and a number never a path's: `python = true`
 /// must not become the program `true`.
 fn scalar(arg: &Arg, value: &toml::Value) -> Result<String, String> {
-    let of_type = |parser: ValueParser| arg.get_value_parser().type_id() == parser.type_id();
-    let takes_bool = of_type(ValueParser::bool());
-    let takes_path = of_type(ValueParser::path_buf());
+    let takes_path = arg.get_value_parser().type_id() == ValueParser::path_buf().type_id();
+    let takes_bool = takes_bool(arg);
     match value {
+        toml::Value::Boolean(b) if takes_bool => Ok(b.to_string()),
+        // `preflight = "yes"` or `watch = 1`: TOML has booleans, and
+        // `config --print` writes them.
+        other if takes_bool => Err(format!("must be true or false, not {other}")),
         toml::Value::String(s) => Ok(s.clone()),
         toml::Value::Integer(_) | toml::Value::Float(_) if takes_path => {
             Err(format!("must be a string (a path), not the number {value}"))
@@ -491,7 +499,6 @@ fn scalar(arg: &Arg, value: &toml::Value) -> Result<String, String> {
         // As TOML wrote it, a float (`1e3` is `1000.0`, not `1000`): an
         // option of whole numbers refuses it as its flag would.
         toml::Value::Float(f) => Ok(format!("{f:?}")),
-        toml::Value::Boolean(b) if takes_bool => Ok(b.to_string()),
         toml::Value::Boolean(_) if takes_path => {
             Err("must be a string (a path), not a boolean".to_owned())
         }
@@ -501,6 +508,11 @@ fn scalar(arg: &Arg, value: &toml::Value) -> Result<String, String> {
             other.type_str()
         )),
     }
+}
+
+/// Whether option `arg` takes an on/off value (`--confine=off`).
+fn takes_bool(arg: &Arg) -> bool {
+    arg.get_value_parser().type_id() == ValueParser::bool().type_id()
 }
 
 /// A clap error's message, one line, without its `error: ` prefix, and
@@ -641,7 +653,9 @@ fn applied_here(key: &str, value: Option<&str>, other: &dyn Fn(&str) -> Option<S
 /// Option `arg`'s value in `matches` as a TOML value, `None` when unset.
 fn value_of(arg: &Arg, matches: &ArgMatches) -> Option<String> {
     let id = arg.get_id().as_str();
-    if matches!(arg.get_action(), ArgAction::SetTrue)
+    // A flag, or an on/off option (`--confine=off`): `true` or `false`,
+    // as the file writes it, whatever word set it.
+    if (matches!(arg.get_action(), ArgAction::SetTrue) || takes_bool(arg))
         && let Ok(Some(flag)) = matches.try_get_one::<bool>(id)
     {
         return Some(flag.to_string());
@@ -801,6 +815,8 @@ mod tests {
             ("max-connections = 0", "max-connections", "at least 1"),
             ("isolation = \"thread\"", "isolation", "in-process, process"),
             ("preflight = \"yes\"", "preflight", "true or false"),
+            ("confine = \"off\"", "confine", "true or false"),
+            ("watch = 1", "watch", "true or false"),
             ("bind = [\"a\", \"b\"]", "bind", "not an array"),
             ("plugins = { dir = \"x\" }", "plugins", "not a table"),
             // Not taken as text: `python = true` ran the program `true`.

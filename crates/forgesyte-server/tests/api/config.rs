@@ -37,6 +37,59 @@ fn line<'a>(printed: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line for {key} in:\n{printed}"))
 }
 
+/// An on/off option's flag turns it off as well as on (`--preflight=off`
+/// beats `preflight = true` in the file and `FORGESYTE_WATCH=1`); alone,
+/// the flag turns it on; the file takes only `true` or `false`.
+#[test]
+fn an_on_off_flag_turns_off_what_the_file_or_the_environment_turned_on() {
+    let file = ConfigFile::new("preflight = true\nrequire-signed = true\n");
+    let path = file.path();
+    let (code, out, err) = run_forgesyte(
+        &[
+            "config",
+            "--print",
+            "--config",
+            &path,
+            "--preflight=off",
+            "--watch=no",
+            "--no-gpu",
+        ],
+        &[("FORGESYTE_WATCH", "1"), ("FORGESYTE_CONFINE", "off")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(line(&out, "preflight"), "preflight = false  # flag");
+    assert_eq!(line(&out, "watch"), "watch = false  # flag");
+    assert_eq!(line(&out, "no-gpu"), "no-gpu = true  # flag");
+    assert_eq!(
+        line(&out, "require-signed"),
+        format!("require-signed = true  # file {path}")
+    );
+    assert_eq!(
+        line(&out, "confine"),
+        "confine = false  # env FORGESYTE_CONFINE"
+    );
+    // What `config --print` wrote is a config file giving the same values.
+    let again = ConfigFile::new(&out);
+    let (code, reread, err) = run_forgesyte(&["config", "--print", "--config", &again.path()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        line(&reread, "preflight").starts_with("preflight = false  # file"),
+        "{reread}"
+    );
+    assert!(
+        line(&reread, "no-gpu").starts_with("no-gpu = true  # file"),
+        "{reread}"
+    );
+
+    let bad = ConfigFile::new("watch = \"yes\"\n");
+    let (code, _, err) = run_forgesyte(&["config", "--print", "--config", &bad.path()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("key `watch`") && err.contains("true or false"),
+        "{err}"
+    );
+}
+
 #[test]
 fn each_layer_beats_the_next_flag_env_file_default() {
     let file = ConfigFile::new(
