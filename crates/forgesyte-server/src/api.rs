@@ -205,11 +205,16 @@ pub(crate) async fn plugin_tools(
         return Ok(json(StatusCode::OK, &tools));
     }
     match state.registry().get_status(&name) {
-        Some(status) => Err(ApiError::PluginNotRunnable {
-            name,
-            state: Some(status.state),
-            reason: status.reason,
-        }),
+        Some(status) => {
+            let mut response = ApiError::PluginNotRunnable {
+                name: name.clone(),
+                state: Some(status.state),
+                reason: status.reason,
+            }
+            .into_response();
+            tools::retry_at_restart(&state, &name, status.state, &mut response);
+            Ok(response)
+        }
         None => Err(ApiError::not_found(&state, name)),
     }
 }
@@ -305,19 +310,7 @@ pub(crate) async fn run_tool(
     };
     let response = response.unwrap_or_else(|error| {
         state.metrics().record_dropped_answer(&error);
-        let retry = restart_in(&state, &plugin, &error);
-        let mut response = ApiError::Run {
-            plugin: plugin.clone(),
-            tool,
-            error,
-        }
-        .into_response();
-        if let Some(seconds) = retry {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, seconds.into());
-        }
-        response
+        tools::refusal(&state, plugin.clone(), tool, error)
     });
     // Per plugin only for registered plugins: the label stays bounded.
     if state.registry().contains(&plugin) {
@@ -338,22 +331,4 @@ pub(crate) async fn run_tool(
         );
     }
     Ok(response)
-}
-
-/// For a call refused because its plugin is FAILED with a restart
-/// scheduled: the seconds until that restart (at least 1), for
-/// `Retry-After`. The 503 looked like a plugin FAILED for good.
-fn restart_in(state: &AppState, plugin: &str, error: &crate::error::RunError) -> Option<u64> {
-    use forgesyte_registry::PluginLifecycleState::Failed;
-    if !matches!(
-        error,
-        crate::error::RunError::NotRunnable {
-            state: Some(Failed),
-            ..
-        }
-    ) {
-        return None;
-    }
-    let left = state.registry().restart_in(plugin)?;
-    Some(crate::respond::seconds_up(left).max(1))
 }

@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::response::{IntoResponse as _, Response};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -18,7 +19,7 @@ use forgesyte_loader::{CallContext, Isolation, PluginHandle, ToolOutput};
 
 use crate::base64_arg::decode_in_place;
 use crate::body::{RunInput, binary_arguments};
-use crate::error::RunError;
+use crate::error::{ApiError, RunError};
 use crate::metrics::{Outcome, UNKNOWN_TOOL};
 use crate::state::AppState;
 
@@ -595,6 +596,49 @@ pub(crate) fn live_handle(
         return Err(RunError::UnknownTool);
     }
     Ok(handle)
+}
+
+/// The answer to a call (or a stream) of `plugin`'s `tool` refused with
+/// `error`, with `Retry-After` when its plugin is FAILED with a restart
+/// scheduled ([`retry_at_restart`]).
+pub(crate) fn refusal(state: &AppState, plugin: String, tool: String, error: RunError) -> Response {
+    let failed = match &error {
+        RunError::NotRunnable {
+            state: Some(plugin_state),
+            ..
+        } => Some(*plugin_state),
+        _ => None,
+    };
+    let mut response = ApiError::Run {
+        plugin: plugin.clone(),
+        tool,
+        error,
+    }
+    .into_response();
+    if let Some(plugin_state) = failed {
+        retry_at_restart(state, &plugin, plugin_state, &mut response);
+    }
+    response
+}
+
+/// For a 503 of a plugin FAILED with a restart scheduled: `Retry-After`,
+/// the seconds until that restart (at least 1). Without it the 503 read as
+/// a plugin FAILED for good.
+pub(crate) fn retry_at_restart(
+    state: &AppState,
+    plugin: &str,
+    plugin_state: forgesyte_registry::PluginLifecycleState,
+    response: &mut Response,
+) {
+    if plugin_state != forgesyte_registry::PluginLifecycleState::Failed {
+        return;
+    }
+    if let Some(left) = state.registry().restart_in(plugin) {
+        let seconds = crate::respond::seconds_up(left).max(1);
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, seconds.into());
+    }
 }
 
 /// The binary arguments `tool` declares in `tools` (a live instance's,

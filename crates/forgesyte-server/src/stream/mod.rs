@@ -123,14 +123,7 @@ pub(crate) async fn stream_tool(
 ) -> Response {
     let handle = match tools::live_handle(&state, &plugin, &tool) {
         Ok(handle) => handle,
-        Err(error) => {
-            return ApiError::Run {
-                plugin,
-                tool,
-                error,
-            }
-            .into_response();
-        }
+        Err(error) => return tools::refusal(&state, plugin, tool, error),
     };
     let binary = tools::declared_binary(&handle.tools(), &tool).len();
     if binary != 1 {

@@ -976,6 +976,31 @@ fn isolated_plugin_crash_is_502_then_503_then_restarted_while_others_serve() {
                 refused.text()
             );
         }
+        // So does every other route that answers 503 for it: its tool list
+        // and a stream's upgrade.
+        for path in [
+            "/v1/plugins/faulty/tools",
+            "/v1/plugins/faulty/tools/ok/stream",
+        ] {
+            let refused = server.get(path);
+            if refused.status == 503 && refused.json()["state"] == "FAILED" {
+                assert_eq!(
+                    refused.header("retry-after"),
+                    Some("1"),
+                    "{path}: {}",
+                    refused.text()
+                );
+            } else {
+                // Restarted in between: its list, or a request that is no
+                // upgrade refused.
+                assert!(
+                    matches!(refused.status, 200 | 400 | 426),
+                    "{path}: {} {}",
+                    refused.status,
+                    refused.text()
+                );
+            }
+        }
     } else {
         // Only a restart (after its 1 s backoff, on a slow machine) may
         // have ended FAILED already: never a crash left unrecorded.
