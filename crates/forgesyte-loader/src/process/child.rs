@@ -433,11 +433,11 @@ impl Child {
             Ok(Reply::Greeting(Ok(Greeting::Hello(hello)))) => Ok(Child { shared, hello }),
             Ok(Reply::Greeting(Ok(Greeting::ImportFailed(error)))) => {
                 // The runner exits next; it is let go like any other.
-                retire(&shared);
+                retire(&shared, opts.stack_signal);
                 Err(SpawnError::Import(Box::new(error)))
             }
             Ok(Reply::Greeting(Err(HandshakeError::Version { runner, .. }))) => {
-                retire(&shared);
+                retire(&shared, None);
                 Err(SpawnError::Version { runner })
             }
             Ok(Reply::Greeting(Err(e))) => Err(failed(
@@ -474,7 +474,7 @@ impl Child {
     /// Asks the runner to exit and kills it after [`STOP_GRACE`]; returns
     /// at once. No exit callbacks run: the host let it go.
     pub(crate) fn stop(&self) {
-        retire(&self.shared);
+        retire(&self.shared, self.hello.stack_signal);
     }
 
     /// Its plugin is constructed: a host that begins to stop
@@ -692,16 +692,18 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
-        retire(&self.shared);
+        retire(&self.shared, self.hello.stack_signal);
     }
 }
 
 /// Lets the process go: no exit callbacks, its stdin closed (the runner
-/// exits on its own), killed after [`STOP_GRACE`] if it has not. Never
-/// waits: the grace runs on a thread of its own, and a request being
-/// written (to a runner that reads nothing, it holds the writer until its
-/// own deadline) is not waited for: the kill ends that write.
-fn retire(shared: &Arc<Shared>) {
+/// exits on its own), killed after [`STOP_GRACE`] if it has not (asked
+/// first where its code is, with `stack_signal`, as before a timeout's
+/// kill: the log says where its `on_unload` was stuck). Never waits: the
+/// grace runs on a thread of its own, and a request being written (to a
+/// runner that reads nothing, it holds the writer until its own deadline)
+/// is not waited for: the kill ends that write.
+fn retire(shared: &Arc<Shared>, stack_signal: Option<i32>) {
     shared.retired.store(true, Ordering::SeqCst);
     let closed = shared.transport.close_writer_within(Duration::ZERO);
     if shared.exit.lock().report.is_some() {
@@ -720,6 +722,9 @@ fn retire(shared: &Arc<Shared>) {
                 // the runner still sees its stdin end and exits on its own.
                 let closed = closed || shared.transport.close_writer_within(STOP_GRACE / 2);
                 if wait_dead(&shared, STOP_GRACE).is_none() {
+                    let at = stuck_at(&shared, stack_signal, retired_reason())
+                        .map(|at| format!(" (stuck at {at})"))
+                        .unwrap_or_default();
                     // Said: otherwise a runner whose `on_unload` held on
                     // (a hook that ignores its own deadline, a C call
                     // holding the GIL) vanished from the log without a word.
@@ -727,7 +732,7 @@ fn retire(shared: &Arc<Shared>) {
                         plugin = %shared.plugin,
                         pid = shared.pid,
                         "plugin process {} of {} did not exit within {} s of its input's end \
-                         (its on_unload still running?); killed",
+                         (its on_unload still running?); killed{at}",
                         shared.pid,
                         shared.plugin,
                         STOP_GRACE.as_secs()

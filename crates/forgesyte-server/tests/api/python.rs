@@ -1082,6 +1082,13 @@ fn a_runner_killed_for_outliving_its_stop_is_named_in_the_log() {
         line.contains("WARN") && line.contains("stuck-unload"),
         "{line}"
     );
+    // Where: the runner's stack dump, asked for before the kill.
+    assert!(
+        line.contains("; killed (stuck at ")
+            && line.contains("plugin.py:")
+            && line.contains(" in on_unload"),
+        "{line}"
+    );
     let ok = server.run("stuck-unload", "ok", "{}");
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
