@@ -309,6 +309,26 @@ class HandshakeTests(RunnerTestCase):
         self.assertEqual(again["id"], 2)
         self.assertEqual(again["error"]["kind"], "Protocol")
 
+    def test_a_config_that_is_not_an_object_fails_construction(self):
+        # PROTOCOL.md §5.1: ``config`` is an object. A present ``null`` is a
+        # payload, not a missing field (``message.rs``), and the native
+        # runner answers it, as any config that is not an object, with
+        # ``init_failed`` of kind ``Protocol``; so does this runner, and
+        # constructs nothing.
+        for config in (None, 5, "x", [1]):
+            p = self.start("echo")
+            p.hello()
+            p.send({"op": "create", "id": 1, "config": config})
+            refused = p.recv_header()
+            self.assertEqual(refused["type"], "init_failed", config)
+            self.assertEqual(refused["error"]["kind"], "Protocol", config)
+            self.assertIn("'config' is not an object", refused["error"]["message"])
+            # Nothing was constructed: a call is refused, a proper create
+            # still constructs.
+            header, _ = p.run("echo", {"x": 1})
+            self.assertEqual(header["error"]["kind"], "Protocol", header)
+            self.assertEqual(p.create()["type"], "created")
+
     def test_a_call_before_create_is_a_protocol_error(self):
         p = self.start("echo")
         p.hello()
@@ -1288,6 +1308,7 @@ class ProtocolViolationTests(RunnerTestCase):
     def test_missing_fields_exit_65(self):
         for header in ({"op": "call", "id": 1, "args": {}},
                        {"op": "create"},
+                       {"op": "create", "id": 1},
                        {"id": 1},
                        {"op": "call", "id": 1, "tool": "echo"},
                        {"op": "call", "id": -1, "tool": "echo", "args": {}},
@@ -2315,6 +2336,19 @@ class UnitTests(unittest.TestCase):
                         [b"\x89PNG"])
         self.assertEqual(example[:16], bytes.fromhex("60000000500000000100000004000000"))
 
+    def test_a_frame_of_more_than_max_attachments_is_malformed(self):
+        # PROTOCOL.md §2: at most 65,536 attachments (``MAX_ATTACHMENTS``);
+        # a frame of more empty ones is malformed, as the Rust reader says.
+        most = frame(b"{}", [b""] * wire.MAX_ATTACHMENTS)[4:]
+        self.assertEqual(len(wire.split_body(most)[1]), wire.MAX_ATTACHMENTS)
+        with self.assertRaises(wire.ProtocolError) as refused:
+            wire.split_body(frame(b"{}", [b""] * (wire.MAX_ATTACHMENTS + 1))[4:])
+        self.assertIn("at most 65536", str(refused.exception))
+        # A table that does not fit is said as before, whatever its count.
+        with self.assertRaises(wire.ProtocolError) as refused:
+            wire.split_body(struct.pack("<II", 0, wire.MAX_ATTACHMENTS + 1))
+        self.assertIn("in a frame body of 8 bytes", str(refused.exception))
+
     def test_normalize_schema(self):
         n = tools.normalize_schema
         self.assertEqual(n(None), {"type": "object"})
@@ -2333,7 +2367,7 @@ class UnitTests(unittest.TestCase):
         schema = {"properties": {"a": {}}, "required": ["a"]}
         self.assertEqual(n(schema), schema)
         # ForgeSyte's "bytes" in a property map is a binary property, and
-        # binary_properties finds it; in a JSON Schema it is left alone.
+        # binary_properties finds it.
         moderation = n({"image_bytes": {"type": "bytes"},
                         "options": {"type": "object", "optional": True}, "raw": "bytes"})
         self.assertEqual(moderation, {"type": "object", "properties": {
@@ -2341,8 +2375,31 @@ class UnitTests(unittest.TestCase):
             "options": {"type": "object", "optional": True},
             "raw": {"type": "string", "format": "binary"}}})
         self.assertEqual(tools.binary_properties(moderation), ["image_bytes", "raw"])
-        schema = {"type": "object", "properties": {"a": {"type": "bytes"}}}
-        self.assertEqual(n(schema), schema)
+
+    def test_normalize_schema_makes_bytes_binary_in_a_full_schema_s_own_properties(self):
+        n = tools.normalize_schema
+        schema = {"type": "object", "required": ["img"], "properties": {
+            "img": {"type": "bytes", "description": "the image"},
+            "mask": {"type": ["bytes", "null"]},
+            "nested": {"type": "object", "properties": {"raw": {"type": "bytes"}}},
+            "name": {"type": "string"}}}
+        original = json.loads(json.dumps(schema))
+        normalized = n(schema)
+        self.assertEqual(normalized, {"type": "object", "required": ["img"], "properties": {
+            "img": {"type": "string", "format": "binary", "description": "the image"},
+            # Only "bytes" exactly, and only the top-level properties.
+            "mask": {"type": ["bytes", "null"]},
+            "nested": {"type": "object", "properties": {"raw": {"type": "bytes"}}},
+            "name": {"type": "string"}}})
+        self.assertEqual(tools.binary_properties(normalized), ["img"])
+        # The plugin's own dict is not touched.
+        self.assertEqual(schema, original)
+        # Without "bytes" the schema is the plugin's, as it was.
+        plain = {"type": "object", "properties": {"a": {"type": "string"}}}
+        self.assertIs(n(plain), plain)
+        # A schema of keywords only (no "type") is a full schema too.
+        self.assertEqual(n({"properties": {"a": {"type": "bytes"}}}),
+                         {"properties": {"a": {"type": "string", "format": "binary"}}})
 
 
 
@@ -2774,6 +2831,72 @@ class SharedMemoryTests(unittest.TestCase):
             self.assertEqual(os.pread(fd, 100, 0), b"result bytes")
         finally:
             os.close(fd)
+
+    def send_fds(self, sender, fds):
+        """The descriptor message of a frame (§3.1), sent by hand."""
+        import socket
+        sender.shm[0].sendmsg([struct.pack("<I", len(fds))],
+                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
+
+    def sealed_file(self, data, flags=0):
+        import fcntl
+        fd = os.memfd_create("forgesyte-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flags)
+        self.addCleanup(os.close, fd)
+        os.ftruncate(fd, len(data))
+        if data:  # (hugetlbfs has no write)
+            os.pwrite(fd, data, 0)
+        fcntl.fcntl(fd, wire._F_ADD_SEALS, wire._F_SEAL_SEAL | wire._F_SEAL_SHRINK
+                    | wire._F_SEAL_GROW | wire._F_SEAL_WRITE)
+        return fd
+
+    def test_a_memory_file_not_of_tmpfs_is_refused(self):
+        # PROTOCOL.md §3.1: "a file not of `tmpfs` (a huge-page memory file
+        # would be mapped in whole huge pages)" is a malformed frame.
+        sender, receiver = self.wires(1000)
+        real = wire._file_system
+        wire._file_system = lambda fd: 0xEF53  # ext4's
+        try:
+            self.send_fds(sender, [self.sealed_file(b"bytes")])
+            os.write(sender.fd_out, frame(b'{"shm":[0]}', [b""]))
+            with self.assertRaises(wire.ProtocolError) as refused:
+                receiver.read_frame()
+        finally:
+            wire._file_system = real
+        self.assertIn("not of tmpfs", str(refused.exception))
+        # The real look-up: an ordinary memory file is of tmpfs.
+        self.assertEqual(wire._file_system(self.sealed_file(b"x")), wire.TMPFS_MAGIC)
+        # A real huge-page one (hugetlbfs), where this kernel makes them
+        # (the refusal itself is proven above either way; not a skip, which
+        # CI counts as a failure).
+        try:
+            huge = self.sealed_file(b"", os.MFD_HUGETLB)
+        except OSError:
+            return
+        self.send_fds(sender, [huge])
+        os.write(sender.fd_out, frame(b'{"shm":[0]}', [b""]))
+        with self.assertRaises(wire.ProtocolError) as refused:
+            receiver.read_frame()
+        self.assertIn("not of tmpfs", str(refused.exception))
+
+    def test_an_escaped_shm_key_is_the_same_key(self):
+        # A JSON parser reads "\u0073hm" as "shm" (the host's does): its
+        # descriptors are this frame's, not the next one's (the Rust
+        # reader's ``shared_indices``).
+        sender, receiver = self.wires(1000)
+        self.send_fds(sender, [self.sealed_file(b"shared bytes")])
+        os.write(sender.fd_out, frame(b'{"\\u0073hm":[0],"op":"call"}', [b""]))
+        _, attachments = receiver.read_frame()
+        self.assertIsInstance(attachments[0], wire.Shared)
+        self.assertEqual(attachments[0].take(False), b"shared bytes")
+        # "shm" in a value is no field, and needs no descriptors.
+        os.write(sender.fd_out, frame(b'{"a":"\\"shm\\"","b":"\\u0041"}', [b""]))
+        self.assertEqual(receiver.read_frame()[1], [b""])
+        # A field that is not a list of indices is refused, null and 0 too
+        # (as the Rust reader refuses them), spelled either way.
+        for header in (b'{"shm":null}', b'{"shm":0}', b'{"shm":"x"}', b'{"\\u0073hm":{}}'):
+            os.write(sender.fd_out, frame(header, [b""]))
+            with self.assertRaises(wire.ProtocolError, msg=header):
+                receiver.read_frame()
 
     def test_a_shm_field_without_descriptors_is_a_protocol_error(self):
         sender, receiver = self.wires(1000)

@@ -184,6 +184,17 @@ def await_result(result):
     return result
 
 
+def _config_refused(config):
+    """The answer to a ``create`` whose ``config`` is no object (PROTOCOL.md
+    §5.1): ``init_failed`` of kind ``Protocol``, as the native runner
+    answers it (its SDK cannot read such a config), rather than a plugin
+    constructed as if the host had sent ``{}``. A present ``null`` is such
+    a config, not a missing field (that one exits 65)."""
+    kind = "null" if config is None else {bool: "a boolean", str: "a string", list: "an array"}.get(
+        type(config), "a number")
+    return wire_error("Protocol", "'config' is not an object but %s" % kind)
+
+
 class Runner(object):
     def __init__(self, args, wire, module):
         self.args = args
@@ -450,8 +461,11 @@ class Runner(object):
             if self.instance is not None:
                 self.init_failed(rid, wire_error("Protocol", "this runner already holds an instance"))
                 return
-            manifest = config.get("manifest") if isinstance(config, dict) else None
-            api.set_models(config.get("models") if isinstance(config, dict) else None)
+            if not isinstance(config, dict):
+                self.init_failed(rid, _config_refused(config))
+                return
+            manifest = config.get("manifest")
+            api.set_models(config.get("models"))
             try:
                 # Plugin code may run here too: a module's ``__getattr__``, a
                 # metaclass's attribute look-ups.

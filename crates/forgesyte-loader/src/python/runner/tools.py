@@ -28,14 +28,39 @@ def _looks_like_schema(d):
     return all(key in _SCHEMA_KEYWORDS for key in d)
 
 
+def _binary_if_bytes(spec):
+    """A property's schema, with ForgeSyte's type ``bytes`` (not a JSON
+    Schema type) written as the binary string it means: the host and
+    ``binary_properties`` know a binary property by its ``format``. A copy:
+    the plugin's own dict stays as it wrote it."""
+    if isinstance(spec, dict) and spec.get("type") == "bytes":
+        return dict(spec, type="string", format="binary")
+    return spec
+
+
+def _bytes_properties_binary(schema):
+    """A full JSON Schema whose top-level ``properties`` (the arguments the
+    host hands as bytes) have ``bytes`` made binary; the schema itself when
+    none has it (deeper ones are the plugin's business: the host only ever
+    places binary arguments at the top level)."""
+    props = schema.get("properties")
+    if not isinstance(props, dict) or not any(
+            isinstance(spec, dict) and spec.get("type") == "bytes" for spec in props.values()):
+        return schema
+    return dict(schema, properties=dict((name, _binary_if_bytes(spec)) for name, spec in props.items()))
+
+
 def normalize_schema(schema):
     """A JSON Schema for a tool's inputs or outputs. ForgeSyte plugins and
     manifests also write a bare property map (``{"image_base64": "string"}``
     or ``{"frame_base64": {"type": "string"}}``) or a list of input names;
-    those become ``{"type": "object", "properties": {...}}``. In such a map
-    the type ``bytes`` (``{"image_bytes": {"type": "bytes"}}``, as
+    those become ``{"type": "object", "properties": {...}}``. The type
+    ``bytes`` of a property (``{"image_bytes": {"type": "bytes"}}``, as
     ForgeSyte's moderation plugin writes it; not a JSON Schema type) is a
-    binary property: ``{"type": "string", "format": "binary"}``."""
+    binary property, ``{"type": "string", "format": "binary"}``, in such a
+    map and among the top-level ``properties`` of a full JSON Schema alike:
+    a plugin that writes the full form means the same bytes. Only the type
+    ``bytes`` exactly; the plugin's dicts are copied, never changed."""
     if schema is None:
         return dict(ANY_OBJECT)
     if isinstance(schema, type):
@@ -50,17 +75,17 @@ def normalize_schema(schema):
             return dict(ANY_OBJECT)
         return {"type": "object", "properties": dict((n, {}) for n in names)}
     if isinstance(schema, dict):
-        if not schema or _looks_like_schema(schema):
+        if not schema:
             return schema
+        if _looks_like_schema(schema):
+            return _bytes_properties_binary(schema)
         if all(isinstance(v, (dict, str)) for v in schema.values()) and all(
             isinstance(k, str) for k in schema
         ):
             props = {}
             for name, spec in schema.items():
                 spec = {"type": spec} if isinstance(spec, str) else spec
-                if spec.get("type") == "bytes":
-                    spec = dict(spec, type="string", format="binary")
-                props[name] = spec
+                props[name] = _binary_if_bytes(spec)
             return {"type": "object", "properties": props}
         return schema
     return schema

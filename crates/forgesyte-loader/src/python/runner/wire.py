@@ -15,8 +15,9 @@ from .base import MIB, exit_now
 MAX_REQUEST_BYTES = 1 << 31
 # The largest body a frame can announce (its length is a u32).
 MAX_FRAME_BYTES = (1 << 32) - 1
-# The most attachments of one frame the host reads (its
-# ``wire::frame::MAX_ATTACHMENTS``); a frame with more is a protocol fault.
+# The most attachments of one frame (PROTOCOL.md §2, the Rust
+# ``wire::frame::MAX_ATTACHMENTS``): a frame with more is malformed, a
+# request this runner reads (exit 65) as an answer the host reads.
 MAX_ATTACHMENTS = 65536
 # Request bodies up to this size are read into one buffer allocated up
 # front; larger ones grow as bytes arrive, so a garbage length does not
@@ -32,6 +33,9 @@ MEMFD_NAME = "forgesyte-attachment"
 # fcntl seals (linux/fcntl.h), for Pythons whose fcntl module lacks them.
 _F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
 _F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
+# ``statfs``'s ``f_type`` of tmpfs (linux/magic.h): every memory file not
+# of huge pages is on it.
+TMPFS_MAGIC = 0x01021994
 
 # The frame's fixed parts (PROTOCOL.md §2): the length, then the header's
 # length and the attachment count.
@@ -151,6 +155,67 @@ def _sealed(data):
     return fd
 
 
+_fstatfs = []  # libc's ``fstatfs``, once looked up
+
+
+def _file_system(fd):
+    """The ``f_type`` of the file system ``fd`` is on (``fstatfs``, which
+    Python's ``os`` does not offer: through ``ctypes``, which the zygote
+    and confinement load anyway). Raises OSError."""
+    try:
+        import ctypes
+    except ImportError as e:
+        raise OSError("no ctypes to ask for its file system: %s" % e)
+    if not _fstatfs:
+        _fstatfs.append(ctypes.CDLL(None, use_errno=True).fstatfs)
+    # A ``struct statfs`` (120 bytes on x86_64 and aarch64), with room to
+    # spare; ``f_type`` comes first, a ``long`` on both.
+    buf = ctypes.create_string_buffer(256)
+    if _fstatfs[0](ctypes.c_int(fd), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _check_shared_file(fd):
+    """Refuses a shared attachment's file the receiver must not map
+    (PROTOCOL.md §3.1): one not sealed against writes and resizing (its
+    bytes could change under the plugin, its pages vanish), or one not of
+    tmpfs (a huge-page memory file is mapped in whole huge pages). As the
+    Rust reader's ``Mapping::of_sealed``."""
+    seals = fcntl.fcntl(fd, _F_GET_SEALS)
+    need = _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
+    if seals & need != need:
+        raise ProtocolError("malformed frame: a shared attachment is not sealed")
+    filesystem = _file_system(fd)
+    if filesystem != TMPFS_MAGIC:
+        raise ProtocolError(
+            "malformed frame: a shared attachment's memory file is not of tmpfs "
+            "(file system %#x: a huge-page memory file?)" % filesystem)
+
+
+def shared_indices(header):
+    """The indices a header's ``shm`` field names (none without the field),
+    as the Rust reader's ``shared_indices`` finds them. Most headers have
+    no such field and are not parsed for it; but a key spelled with escapes
+    (``"\\u0073hm"``) is the same key to a JSON parser (the host's), so a
+    header with any escape is parsed too: else its descriptors would pair
+    with the next frame's attachments. A field that is not a list
+    (``null`` included) is malformed, as there."""
+    if b'"shm"' not in header and b"\\u" not in header:
+        return []
+    try:
+        message = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("malformed request: %s" % e)
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed request: the header is not a JSON object")
+    indices = message.get("shm", [])
+    if not isinstance(indices, list):
+        raise ProtocolError("malformed frame: bad 'shm' field %r" % (indices,))
+    return indices
+
+
 def _with_shm_field(header, indices):
     field = ('"shm":[%s],' % ",".join(str(i) for i in indices)).encode("ascii")
     return header[:1] + field + header[1:]
@@ -199,23 +264,19 @@ class Wire(object):
             )
         body = self._read_body(length)
         header, attachments = split_body(body)
-        if b'"shm"' in header:
-            self._receive_shared(header, attachments)
+        indices = shared_indices(header)
+        if indices:
+            self._receive_shared(indices, attachments)
         return header, attachments
 
-    def _receive_shared(self, header, attachments):
-        """Replaces the shared attachments the header names by their
-        mappings; their descriptors were sent before the frame."""
+    def _receive_shared(self, indices, attachments):
+        """Replaces the shared attachments ``indices`` names (the header's
+        ``shm``) by their mappings; their descriptors were sent before the
+        frame."""
         import _socket as socket  # see shm_socket
-        try:
-            indices = json.loads(header.decode("utf-8")).get("shm", [])
-        except (UnicodeDecodeError, ValueError, AttributeError) as e:
-            raise ProtocolError("malformed request: %s" % e)
-        if not indices:
-            return
         if self.shm is None:
             raise ProtocolError("malformed frame: shared attachments, but no shared memory was offered")
-        if (not isinstance(indices, list) or len(indices) > SHM_MAX_PER_FRAME
+        if (len(indices) > SHM_MAX_PER_FRAME
                 or not all(type(i) is int and 0 <= i < len(attachments) for i in indices)
                 or any(a >= b for a, b in zip(indices, indices[1:]))):
             raise ProtocolError("malformed frame: bad 'shm' indices %r" % (indices,))
@@ -249,10 +310,7 @@ class Wire(object):
             for i, fd in zip(indices, fds):
                 if len(attachments[i]):
                     raise ProtocolError("malformed frame: shared attachment %d also has bytes in the frame" % i)
-                seals = fcntl.fcntl(fd, _F_GET_SEALS)
-                need = _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
-                if seals & need != need:
-                    raise ProtocolError("malformed frame: a shared attachment is not sealed")
+                _check_shared_file(fd)
                 size = os.fstat(fd).st_size
                 if size == 0:
                     attachments[i] = b""
@@ -405,6 +463,12 @@ def split_body(body):
         raise ProtocolError(
             "malformed frame: %d attachments announced in a frame body of %d bytes" % (count, n)
         )
+    if count > MAX_ATTACHMENTS:
+        # PROTOCOL.md §2, as the Rust reader: a table of that many parts
+        # would hold several times the frame's size.
+        raise ProtocolError(
+            "malformed frame: %d attachments in one frame (at most %d)" % (count, MAX_ATTACHMENTS)
+        )
     sizes = struct.unpack_from("<%dI" % count, body, 8) if count else ()
     at = table_end + header_len
     end = at + sum(sizes)
@@ -450,7 +514,9 @@ def parse_request(header):
     if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < (1 << 64):
         raise ProtocolError("malformed request: 'id' is not an unsigned 64-bit integer")
     if op == "create":
-        if message.get("config") is None:
+        # A present ``null`` is a payload, not a missing field (the host's
+        # ``message.rs``): ``create`` answers a config that is no object.
+        if "config" not in message:
             raise ProtocolError("malformed request: 'create' needs 'config'")
     elif op == "call":
         if not isinstance(message.get("tool"), str):
