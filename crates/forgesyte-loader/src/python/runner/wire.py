@@ -204,13 +204,7 @@ def shared_indices(header):
     (``null`` included) is malformed, as there."""
     if b'"shm"' not in header and b"\\u" not in header:
         return []
-    try:
-        message = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError("malformed request: %s" % e)
-    if not isinstance(message, dict):
-        raise ProtocolError("malformed request: the header is not a JSON object")
-    indices = message.get("shm", [])
+    indices = header_object(header).get("shm", [])
     if not isinstance(indices, list):
         raise ProtocolError("malformed frame: bad 'shm' field %r" % (indices,))
     return indices
@@ -498,15 +492,22 @@ def encode(message):
 _STR_OR_NONE = (str, type(None))
 
 
-def parse_request(header):
-    """The request in a frame header, checked like the host's envelope
-    (``message.rs``): ``op``, ``id`` and the fields of the op."""
+def header_object(header):
+    """A frame header as the JSON object it must be; ProtocolError if it is
+    not one."""
     try:
         message = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError("malformed request: %s" % e)
     if not isinstance(message, dict):
         raise ProtocolError("malformed request: the header is not a JSON object")
+    return message
+
+
+def parse_request(header):
+    """The request in a frame header, checked like the host's envelope
+    (``message.rs``): ``op``, ``id`` and the fields of the op."""
+    message = header_object(header)
     op = message.get("op")
     if not isinstance(op, str):
         raise ProtocolError("malformed request: no 'op'")
