@@ -2851,20 +2851,21 @@ class SharedMemoryTests(unittest.TestCase):
 
     def test_a_memory_file_not_of_tmpfs_is_refused(self):
         # PROTOCOL.md §3.1: "a file not of `tmpfs` (a huge-page memory file
-        # would be mapped in whole huge pages)" is a malformed frame.
+        # would be mapped in whole huge pages)" is a malformed frame. The
+        # runner knows tmpfs as the device of its own memory files.
         sender, receiver = self.wires(1000)
-        real = wire._file_system
-        wire._file_system = lambda fd: 0xEF53  # ext4's
+        real = wire._memory_files_device
+        wire._memory_files_device = lambda: real() + 1  # another device
         try:
             self.send_fds(sender, [self.sealed_file(b"bytes")])
             os.write(sender.fd_out, frame(b'{"shm":[0]}', [b""]))
             with self.assertRaises(wire.ProtocolError) as refused:
                 receiver.read_frame()
         finally:
-            wire._file_system = real
-        self.assertIn("not of tmpfs", str(refused.exception))
-        # The real look-up: an ordinary memory file is of tmpfs.
-        self.assertEqual(wire._file_system(self.sealed_file(b"x")), wire.TMPFS_MAGIC)
+            wire._memory_files_device = real
+        self.assertIn("not a memory file of tmpfs", str(refused.exception))
+        # The real device: an ordinary memory file, sealed, is on it.
+        self.assertEqual(os.fstat(self.sealed_file(b"x")).st_dev, wire._memory_files_device())
         # A real huge-page one (hugetlbfs), where this kernel makes them
         # (the refusal itself is proven above either way; not a skip, which
         # CI counts as a failure).
@@ -2876,7 +2877,7 @@ class SharedMemoryTests(unittest.TestCase):
         os.write(sender.fd_out, frame(b'{"shm":[0]}', [b""]))
         with self.assertRaises(wire.ProtocolError) as refused:
             receiver.read_frame()
-        self.assertIn("not of tmpfs", str(refused.exception))
+        self.assertIn("not a memory file of tmpfs", str(refused.exception))
 
     def test_an_escaped_shm_key_is_the_same_key(self):
         # A JSON parser reads "\u0073hm" as "shm" (the host's does): its
@@ -2897,6 +2898,16 @@ class SharedMemoryTests(unittest.TestCase):
             os.write(sender.fd_out, frame(header, [b""]))
             with self.assertRaises(wire.ProtocolError, msg=header):
                 receiver.read_frame()
+        # Named twice, spelled either way: which one counts? Refused (the
+        # host's parser refuses a field given twice).
+        with self.assertRaises(wire.ProtocolError) as refused:
+            wire.shared_indices(b'{"shm":[0],"\\u0073hm":[]}')
+        self.assertIn("appears twice", str(refused.exception))
+        # A key twice inside the arguments is theirs, not the header's.
+        self.assertEqual(wire.shared_indices(b'{"shm":[0],"args":{"a":1,"a":2}}'), [0])
+        # An escape that cannot spell s, h or m costs no parse (this one,
+        # not JSON, would be refused if it were parsed).
+        self.assertEqual(wire.shared_indices(b'{"a":"\\u00e9", "b": '), [])
 
     def test_a_shm_field_without_descriptors_is_a_protocol_error(self):
         sender, receiver = self.wires(1000)

@@ -364,8 +364,11 @@ struct ShmField {
 /// The indices a header's `shm` field names (none without the field).
 pub fn shared_indices(header: &[u8]) -> Result<Vec<usize>, String> {
     // Most headers have no such field: look before parsing. A key spelled
-    // with escapes (`"\u0073hm"`) is the same key, and is parsed.
-    if !header.windows(5).any(|w| w == b"\"shm\"") && !header.windows(2).any(|w| w == b"\\u") {
+    // with escapes (`"\u0073hm"`) is the same key, and is parsed: a header
+    // with an escape that can spell `s`, `h` or `m` (`\u006.`, `\u007.`);
+    // other escapes (a control character, `\u00e9`) cost no parse.
+    let may_spell = |w: &[u8]| w == b"\\u006" || w == b"\\u007";
+    if !header.windows(5).any(|w| w == b"\"shm\"" || may_spell(w)) {
         return Ok(Vec::new());
     }
     serde_json::from_slice::<ShmField>(header)
@@ -882,5 +885,13 @@ mod tests {
             shared_indices(br#"{"a":"\u0041"}"#).unwrap(),
             Vec::<usize>::new()
         );
+        // An escape that cannot spell a letter of `shm` is not parsed (this
+        // header, not JSON, would be refused if it were).
+        assert_eq!(
+            shared_indices(br#"{"a":"\u00e9\u001f", "b": "#).unwrap(),
+            Vec::<usize>::new()
+        );
+        // Named twice, spelled either way: refused.
+        assert!(shared_indices(br#"{"shm":[0],"\u0073hm":[]}"#).is_err());
     }
 }

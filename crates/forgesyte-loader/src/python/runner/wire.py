@@ -33,9 +33,6 @@ MEMFD_NAME = "forgesyte-attachment"
 # fcntl seals (linux/fcntl.h), for Pythons whose fcntl module lacks them.
 _F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
 _F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
-# ``statfs``'s ``f_type`` of tmpfs (linux/magic.h): every memory file not
-# of huge pages is on it.
-TMPFS_MAGIC = 0x01021994
 
 # The frame's fixed parts (PROTOCOL.md §2): the length, then the header's
 # length and the attachment count.
@@ -155,43 +152,49 @@ def _sealed(data):
     return fd
 
 
-_fstatfs = []  # libc's ``fstatfs``, once looked up
+_memfd_dev = []  # the device of this process's memory files, once found
 
 
-def _file_system(fd):
-    """The ``f_type`` of the file system ``fd`` is on (``fstatfs``, which
-    Python's ``os`` does not offer: through ``ctypes``, which the zygote
-    and confinement load anyway). Raises OSError."""
-    try:
-        import ctypes
-    except ImportError as e:
-        raise OSError("no ctypes to ask for its file system: %s" % e)
-    if not _fstatfs:
-        _fstatfs.append(ctypes.CDLL(None, use_errno=True).fstatfs)
-    # A ``struct statfs`` (120 bytes on x86_64 and aarch64), with room to
-    # spare; ``f_type`` comes first, a ``long`` on both.
-    buf = ctypes.create_string_buffer(256)
-    if _fstatfs[0](ctypes.c_int(fd), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+def _memory_files_device():
+    """The device (``st_dev``) of the files ``memfd_create`` makes: one
+    tmpfs mount of the kernel's own, the same for every process (huge-page
+    memory files are on hugetlbfs, another device)."""
+    if not _memfd_dev:
+        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        try:
+            _memfd_dev.append(os.fstat(fd).st_dev)
+        finally:
+            os.close(fd)
+    return _memfd_dev[0]
 
 
-def _check_shared_file(fd):
+def _check_shared_file(fd, st):
     """Refuses a shared attachment's file the receiver must not map
     (PROTOCOL.md §3.1): one not sealed against writes and resizing (its
-    bytes could change under the plugin, its pages vanish), or one not of
-    tmpfs (a huge-page memory file is mapped in whole huge pages). As the
-    Rust reader's ``Mapping::of_sealed``."""
+    bytes could change under the plugin, its pages vanish), or one that is
+    not a memory file of tmpfs (a huge-page memory file is mapped in whole
+    huge pages). The Rust reader (``Mapping::of_sealed``) asks ``fstatfs``
+    for tmpfs; here the file (``st``, its ``fstat``) must be on the device
+    of this process's own memory files, which a sender makes its files on
+    (§3.1: ``memfd_create``): no ``ctypes``, no ``struct statfs`` layout."""
     seals = fcntl.fcntl(fd, _F_GET_SEALS)
     need = _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
     if seals & need != need:
         raise ProtocolError("malformed frame: a shared attachment is not sealed")
-    filesystem = _file_system(fd)
-    if filesystem != TMPFS_MAGIC:
+    if st.st_dev != _memory_files_device():
         raise ProtocolError(
-            "malformed frame: a shared attachment's memory file is not of tmpfs "
-            "(file system %#x: a huge-page memory file?)" % filesystem)
+            "malformed frame: a shared attachment is not a memory file of tmpfs "
+            "(a huge-page memory file?)")
+
+
+def _top_level_once(seen):
+    """A JSON object hook that notes, in ``seen``, whether each object had
+    a key twice; the document's own object is the last one built."""
+    def pairs(items):
+        built = dict(items)
+        seen.append(len(built) != len(items))
+        return built
+    return pairs
 
 
 def shared_indices(header):
@@ -199,12 +202,23 @@ def shared_indices(header):
     as the Rust reader's ``shared_indices`` finds them. Most headers have
     no such field and are not parsed for it; but a key spelled with escapes
     (``"\\u0073hm"``) is the same key to a JSON parser (the host's), so a
-    header with any escape is parsed too: else its descriptors would pair
-    with the next frame's attachments. A field that is not a list
-    (``null`` included) is malformed, as there."""
-    if b'"shm"' not in header and b"\\u" not in header:
+    header with an escape that can spell one of its letters (``\\u006.``,
+    ``\\u007.``) is parsed too: else its descriptors would pair with the
+    next frame's attachments. A field that is not a list (``null``
+    included), or a header that names a field twice (PROTOCOL.md §5: which
+    ``shm`` would count?), is malformed, as there."""
+    if b'"shm"' not in header and b"\\u006" not in header and b"\\u007" not in header:
         return []
-    indices = header_object(header).get("shm", [])
+    seen = []
+    try:
+        message = json.loads(header.decode("utf-8"), object_pairs_hook=_top_level_once(seen))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("malformed request: %s" % e)
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed request: the header is not a JSON object")
+    if seen[-1]:
+        raise ProtocolError("malformed request: a field of the header appears twice")
+    indices = message.get("shm", [])
     if not isinstance(indices, list):
         raise ProtocolError("malformed frame: bad 'shm' field %r" % (indices,))
     return indices
@@ -304,8 +318,9 @@ class Wire(object):
             for i, fd in zip(indices, fds):
                 if len(attachments[i]):
                     raise ProtocolError("malformed frame: shared attachment %d also has bytes in the frame" % i)
-                _check_shared_file(fd)
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                _check_shared_file(fd, st)
+                size = st.st_size
                 if size == 0:
                     attachments[i] = b""
                 else:
