@@ -730,5 +730,7 @@ mod tests {
             RUNNER_STOP_WAIT >= longest,
             "{RUNNER_STOP_WAIT:?} < {longest:?}"
         );
+        // The stack dump before a stop's kill comes out of the grace.
+        assert!(STOP_GRACE > crate::process::stacks::STUCK_AT_MAX);
     }
 }

@@ -177,9 +177,35 @@ pub(super) fn stuck_at(
     signal: Option<i32>,
     provisional: KillReason,
 ) -> Option<String> {
+    located(shared, signal, provisional, super::stderr_withheld())
+}
+
+/// [`stuck_at`] for the log alone (a runner killed for outliving its
+/// stop): the place is returned even while stderr is withheld, since no
+/// answer carries it.
+pub(super) fn stuck_at_for_log(
+    shared: &Shared,
+    signal: Option<i32>,
+    provisional: KillReason,
+) -> Option<String> {
+    located(shared, signal, provisional, false)
+}
+
+/// The longest [`stuck_at`] takes: the process's lock, then the dump.
+pub(super) const STUCK_AT_MAX: Duration = Duration::from_millis(310);
+
+/// How long [`ask_for_stacks`] waits for the process's lock.
+const LOCK_WAIT: Duration = Duration::from_millis(10);
+
+fn located(
+    shared: &Shared,
+    signal: Option<i32>,
+    provisional: KillReason,
+    withheld: bool,
+) -> Option<String> {
     let deadline = ask_for_stacks(shared, signal, provisional)?;
     loop {
-        if let Some(at) = stacks_over(shared, deadline) {
+        if let Some(at) = stacks_over(shared, deadline, withheld) {
             return at;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -197,7 +223,7 @@ fn ask_for_stacks(
     provisional: KillReason,
 ) -> Option<Instant> {
     let signal = signal.filter(|&signal| catches(shared.pid, signal))?;
-    let process = shared.process.try_lock_for(Duration::from_millis(10))?;
+    let process = shared.process.try_lock_for(LOCK_WAIT)?;
     if !process.is_running() {
         return None;
     }
@@ -214,17 +240,17 @@ fn ask_for_stacks(
 
 /// Where the dump says the plugin is, once the dump is over or `deadline`
 /// has passed (a dump cut short, by the wait or its cap, says nothing);
-/// `None` while it may go on. While stderr is withheld
-/// ([`super::set_stderr_withheld`]) the place, read from stderr, is only
+/// `None` while it may go on. While stderr is withheld (`withheld`:
+/// [`super::set_stderr_withheld`]) the place, read from stderr, is only
 /// logged, and nothing is said.
-fn stacks_over(shared: &Shared, deadline: Instant) -> Option<Option<String>> {
+fn stacks_over(shared: &Shared, deadline: Instant, withheld: bool) -> Option<Option<String>> {
     let at = match shared.stderr.stacks() {
         Some(dump) => dump.and_then(|lines| read_stuck_at(&lines)),
         None if Instant::now() >= deadline => None,
         None => return None,
     };
     if let Some(place) = &at
-        && super::stderr_withheld()
+        && withheld
     {
         tracing::warn!(
             plugin = %shared.plugin,
@@ -281,7 +307,7 @@ impl Child {
         let mut stuck_at = None;
         if let Some(deadline) = asked {
             stuck_at = loop {
-                if let Some(at) = stacks_over(&self.shared, deadline) {
+                if let Some(at) = stacks_over(&self.shared, deadline, super::stderr_withheld()) {
                     break at;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -298,6 +324,11 @@ impl Child {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_wait_for_a_dump_covers_the_lock_and_the_dump() {
+        assert!(STUCK_AT_MAX >= LOCK_WAIT + STACKS_WAIT);
+    }
 
     /// The registry hears where a timed-out plugin was stuck; the crash
     /// report, which other calls' clients read, does not.

@@ -1058,39 +1058,53 @@ fn a_manifest_s_workers_count_is_said_to_be_unused() {
 /// the log says so: it vanished without a word. The reload is not held up.
 #[test]
 fn a_runner_killed_for_outliving_its_stop_is_named_in_the_log() {
-    let dir = PluginsDir::new();
-    dir.python("stuck-unload", "faulty");
-    let token = "a-long-enough-admin-token";
-    let server = Forgesyte::start_with_env(
-        &["--plugins", dir.path_str()],
-        &[("FORGESYTE_ADMIN_TOKEN", token)],
-    );
-    server.wait_loaded();
-    let reload = crate::support::admin_post(server.addr, "/v1/plugins/stuck-unload/reload", token);
-    assert_eq!(reload.status, 200, "{}", reload.text());
-    assert_eq!(reload.json()["state"], "INITIALIZED", "{}", reload.text());
-    let said = "did not exit within 2 s of its input's end (its on_unload still running?); killed";
-    crate::rescan::wait_for(
-        "the kill logged",
-        std::time::Duration::from_secs(15),
-        &server,
-        || server.log().contains(said).then_some(()),
-    );
-    let log = server.log();
-    let line = log.lines().find(|l| l.contains(said)).unwrap_or_default();
-    assert!(
-        line.contains("WARN") && line.contains("stuck-unload"),
-        "{line}"
-    );
-    // Where: the runner's stack dump, asked for before the kill.
-    assert!(
-        line.contains("; killed (stuck at ")
-            && line.contains("plugin.py:")
-            && line.contains(" in on_unload"),
-        "{line}"
-    );
-    let ok = server.run("stuck-unload", "ok", "{}");
-    assert_eq!(ok.status, 200, "{}", ok.text());
+    // The place goes to the log whether or not stderr is withheld from
+    // the API (no answer carries it).
+    for withhold in ["0", "1"] {
+        let dir = PluginsDir::new();
+        dir.python("stuck-unload", "faulty");
+        let token = "a-long-enough-admin-token";
+        let server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str()],
+            &[
+                ("FORGESYTE_ADMIN_TOKEN", token),
+                ("FORGESYTE_WITHHOLD_STDERR", withhold),
+            ],
+        );
+        server.wait_loaded();
+        let reload =
+            crate::support::admin_post(server.addr, "/v1/plugins/stuck-unload/reload", token);
+        assert_eq!(reload.status, 200, "{}", reload.text());
+        assert_eq!(reload.json()["state"], "INITIALIZED", "{}", reload.text());
+        let said =
+            "did not exit within 2 s of its input's end (its on_unload still running?); killed";
+        crate::rescan::wait_for(
+            "the kill logged",
+            std::time::Duration::from_secs(15),
+            &server,
+            || server.log().contains(said).then_some(()),
+        );
+        let log = server.log();
+        let line = log.lines().find(|l| l.contains(said)).unwrap_or_default();
+        assert!(
+            line.contains("WARN") && line.contains("stuck-unload"),
+            "withhold {withhold}: {line}"
+        );
+        // Where: the runner's stack dump, asked for before the kill.
+        assert!(
+            line.contains("; killed (stuck at ")
+                && line.contains("plugin.py:")
+                && line.contains(" in on_unload"),
+            "withhold {withhold}: {line}"
+        );
+        // Not told as a timeout: it was only stopped.
+        assert!(
+            !log.contains("timed out stuck at"),
+            "withhold {withhold}: {log}"
+        );
+        let ok = server.run("stuck-unload", "ok", "{}");
+        assert_eq!(ok.status, 200, "{}", ok.text());
+    }
 }
 
 /// A call in flight when a reload lets its runner go is told so (503

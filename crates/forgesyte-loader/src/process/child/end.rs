@@ -16,7 +16,7 @@ use forgesyte_errors::{CrashCause, CrashError, PluginError};
 use super::super::exit::{classify, signal_name};
 use super::super::os_process::OsProcess;
 use super::super::runners::HOST_STOPPING;
-use super::super::stacks::stuck_at;
+use super::super::stacks::{STUCK_AT_MAX, stuck_at_for_log};
 use super::super::watched_pipe::WatchedPipe;
 use super::{EXIT_GRACE, KillReason, STDERR_GRACE, STOP_GRACE, Shared, SpawnError};
 use crate::host::ExitReport;
@@ -46,8 +46,10 @@ pub(super) fn retire(shared: &Arc<Shared>, stack_signal: Option<i32>) {
                 // A request being written gets half the grace to end, so
                 // the runner still sees its stdin end and exits on its own.
                 let closed = closed || shared.transport.close_writer_within(STOP_GRACE / 2);
-                if wait_dead(&shared, STOP_GRACE).is_none() {
-                    let at = stuck_at(&shared, stack_signal, retired_reason())
+                // The grace's end is kept for the stack dump, so a stop
+                // takes no longer than it did without one.
+                if wait_dead(&shared, STOP_GRACE.saturating_sub(STUCK_AT_MAX)).is_none() {
+                    let at = stuck_at_for_log(&shared, stack_signal, retired_reason())
                         .map(|at| format!(" (stuck at {at})"))
                         .unwrap_or_default();
                     // Said: otherwise a runner whose `on_unload` held on
@@ -77,7 +79,7 @@ pub(super) fn retire(shared: &Arc<Shared>, stack_signal: Option<i32>) {
     }
 }
 
-pub(super) fn retired_reason() -> KillReason {
+fn retired_reason() -> KillReason {
     KillReason {
         cause: CrashCause::Killed {
             reason: "retired by the host".into(),
@@ -163,7 +165,7 @@ pub(in crate::process) fn kill_locked(
 
 /// The reader thread: routes answers until the stream ends or breaks, then
 /// processes the death.
-pub(super) fn read_answers(shared: &Arc<Shared>, mut stdout: impl Read) {
+fn read_answers(shared: &Arc<Shared>, mut stdout: impl Read) {
     // The pipe stays open until the runner is killed: closed first, a
     // runner blocked writing an answer over the limit would end of the
     // closed pipe (exit 0) before the kill, and the violation would be
@@ -185,7 +187,7 @@ pub(super) fn read_answers(shared: &Arc<Shared>, mut stdout: impl Read) {
 
 /// Waits for the process to end; one that closed its protocol pipe but
 /// keeps running is killed after a grace period.
-pub(super) fn reap(shared: &Shared) -> std::io::Result<ExitStatus> {
+fn reap(shared: &Shared) -> std::io::Result<ExitStatus> {
     let deadline = Instant::now() + EXIT_GRACE;
     loop {
         match shared.process.lock().try_wait() {
@@ -213,7 +215,7 @@ pub(super) fn reap(shared: &Shared) -> std::io::Result<ExitStatus> {
 
 /// Works out why the process ended, publishes the report, runs the exit
 /// callbacks, then fails every request still waiting.
-pub(super) fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
+fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
     // The last lines (the abort message, the allocation failure) arrive just
     // as the process dies.
     let stderr_tail = shared.stderr.tail_after(STDERR_GRACE);
@@ -301,7 +303,7 @@ pub(super) fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>
 /// ended no call by a crash of its own: its report then carries none (the
 /// calls are `Stopped`). One that crashed in its last moments (a signal,
 /// its memory limit, an exit code) did.
-pub(super) fn for_calls(shared: &Shared, report: Arc<ExitReport>) -> Arc<ExitReport> {
+fn for_calls(shared: &Shared, report: Arc<ExitReport>) -> Arc<ExitReport> {
     let let_go = shared.retired.load(Ordering::SeqCst)
         && report.crash.as_ref().is_some_and(|crash| {
             matches!(
