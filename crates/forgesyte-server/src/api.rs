@@ -205,16 +205,11 @@ pub(crate) async fn plugin_tools(
         return Ok(json(StatusCode::OK, &tools));
     }
     match state.registry().get_status(&name) {
-        Some(status) => {
-            let mut response = ApiError::PluginNotRunnable {
-                name: name.clone(),
-                state: Some(status.state),
-                reason: status.reason,
-            }
-            .into_response();
-            tools::retry_at_restart(&state, &name, status.state, &mut response);
-            Ok(response)
-        }
+        Some(status) => Err(ApiError::PluginNotRunnable {
+            name,
+            state: Some(status.state),
+            reason: status.reason,
+        }),
         None => Err(ApiError::not_found(&state, name)),
     }
 }

@@ -623,8 +623,9 @@ pub(crate) fn refusal(state: &AppState, plugin: String, tool: String, error: Run
 
 /// For a 503 of a plugin FAILED with a restart scheduled: `Retry-After`,
 /// the seconds until that restart (at least 1). Without it the 503 read as
-/// a plugin FAILED for good.
-pub(crate) fn retry_at_restart(
+/// a plugin FAILED for good. (The tool list of a FAILED plugin is its last
+/// instance's, served while it waits for its restart: never this 503.)
+fn retry_at_restart(
     state: &AppState,
     plugin: &str,
     plugin_state: forgesyte_registry::PluginLifecycleState,
