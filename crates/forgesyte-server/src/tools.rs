@@ -599,47 +599,31 @@ pub(crate) fn live_handle(
 }
 
 /// The answer to a call (or a stream) of `plugin`'s `tool` refused with
-/// `error`, with `Retry-After` when its plugin is FAILED with a restart
-/// scheduled ([`retry_at_restart`]).
+/// `error`. A plugin FAILED with a restart scheduled gets `Retry-After`,
+/// the seconds until that restart (at least 1): without it the 503 read as
+/// a plugin FAILED for good. (The tool list of a FAILED plugin is its last
+/// instance's, served while it waits for its restart: never such a 503.)
 pub(crate) fn refusal(state: &AppState, plugin: String, tool: String, error: RunError) -> Response {
-    let failed = match &error {
+    let restart_in = match &error {
         RunError::NotRunnable {
-            state: Some(plugin_state),
+            state: Some(forgesyte_registry::PluginLifecycleState::Failed),
             ..
-        } => Some(*plugin_state),
+        } => state.registry().restart_in(&plugin),
         _ => None,
     };
     let mut response = ApiError::Run {
-        plugin: plugin.clone(),
+        plugin,
         tool,
         error,
     }
     .into_response();
-    if let Some(plugin_state) = failed {
-        retry_at_restart(state, &plugin, plugin_state, &mut response);
-    }
-    response
-}
-
-/// For a 503 of a plugin FAILED with a restart scheduled: `Retry-After`,
-/// the seconds until that restart (at least 1). Without it the 503 read as
-/// a plugin FAILED for good. (The tool list of a FAILED plugin is its last
-/// instance's, served while it waits for its restart: never this 503.)
-fn retry_at_restart(
-    state: &AppState,
-    plugin: &str,
-    plugin_state: forgesyte_registry::PluginLifecycleState,
-    response: &mut Response,
-) {
-    if plugin_state != forgesyte_registry::PluginLifecycleState::Failed {
-        return;
-    }
-    if let Some(left) = state.registry().restart_in(plugin) {
+    if let Some(left) = restart_in {
         let seconds = crate::respond::seconds_up(left).max(1);
         response
             .headers_mut()
             .insert(axum::http::header::RETRY_AFTER, seconds.into());
     }
+    response
 }
 
 /// The binary arguments `tool` declares in `tools` (a live instance's,
