@@ -28,12 +28,18 @@ def _looks_like_schema(d):
     return all(key in _SCHEMA_KEYWORDS for key in d)
 
 
+def _is_bytes(spec):
+    """Whether a property's schema has ForgeSyte's type ``bytes`` (not a
+    JSON Schema type)."""
+    return isinstance(spec, dict) and spec.get("type") == "bytes"
+
+
 def _binary_if_bytes(spec):
-    """A property's schema, with ForgeSyte's type ``bytes`` (not a JSON
-    Schema type) written as the binary string it means: the host and
-    ``binary_properties`` know a binary property by its ``format``. A copy:
-    the plugin's own dict stays as it wrote it."""
-    if isinstance(spec, dict) and spec.get("type") == "bytes":
+    """A property's schema, with the type ``bytes`` written as the binary
+    string it means: the host and ``binary_properties`` know a binary
+    property by its ``format``. A copy: the plugin's own dict stays as it
+    wrote it."""
+    if _is_bytes(spec):
         return dict(spec, type="string", format="binary")
     return spec
 
@@ -44,8 +50,7 @@ def _bytes_properties_binary(schema):
     none has it (deeper ones are the plugin's business: the host only ever
     places binary arguments at the top level)."""
     props = schema.get("properties")
-    if not isinstance(props, dict) or not any(
-            isinstance(spec, dict) and spec.get("type") == "bytes" for spec in props.values()):
+    if not isinstance(props, dict) or not any(_is_bytes(spec) for spec in props.values()):
         return schema
     return dict(schema, properties=dict((name, _binary_if_bytes(spec)) for name, spec in props.items()))
 

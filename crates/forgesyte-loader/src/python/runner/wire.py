@@ -210,12 +210,7 @@ def shared_indices(header):
     if b'"shm"' not in header and b"\\u006" not in header and b"\\u007" not in header:
         return []
     seen = []
-    try:
-        message = json.loads(header.decode("utf-8"), object_pairs_hook=_top_level_once(seen))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError("malformed request: %s" % e)
-    if not isinstance(message, dict):
-        raise ProtocolError("malformed request: the header is not a JSON object")
+    message = header_object(header, _top_level_once(seen))
     if seen[-1]:
         raise ProtocolError("malformed request: a field of the header appears twice")
     indices = message.get("shm", [])
@@ -507,11 +502,11 @@ def encode(message):
 _STR_OR_NONE = (str, type(None))
 
 
-def header_object(header):
+def header_object(header, object_pairs_hook=None):
     """A frame header as the JSON object it must be; ProtocolError if it is
-    not one."""
+    not one. ``object_pairs_hook``: ``json.loads``'s."""
     try:
-        message = json.loads(header.decode("utf-8"))
+        message = json.loads(header.decode("utf-8"), object_pairs_hook=object_pairs_hook)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError("malformed request: %s" % e)
     if not isinstance(message, dict):
