@@ -653,9 +653,10 @@ fn applied_here(key: &str, value: Option<&str>, other: &dyn Fn(&str) -> Option<S
 /// Option `arg`'s value in `matches` as a TOML value, `None` when unset.
 fn value_of(arg: &Arg, matches: &ArgMatches) -> Option<String> {
     let id = arg.get_id().as_str();
-    // A flag, or an on/off option (`--confine=off`): `true` or `false`,
-    // as the file writes it, whatever word set it.
-    if (matches!(arg.get_action(), ArgAction::SetTrue) || takes_bool(arg))
+    // A flag or an on/off option (`--confine=off`; a flag's parser makes
+    // a `bool` too): `true` or `false`, as the file writes it, whatever
+    // word set it.
+    if takes_bool(arg)
         && let Ok(Some(flag)) = matches.try_get_one::<bool>(id)
     {
         return Some(flag.to_string());
@@ -793,6 +794,17 @@ mod tests {
         let plain = serve_config(&["serve", "--max-connections", "7"]);
         assert_eq!(plain.max_connections, 7);
         assert_eq!(plain.bind, forgesyte_server::DEFAULT_BIND);
+    }
+
+    #[test]
+    fn a_flag_takes_a_bool_as_an_on_off_option_does() {
+        let mut command = Cli::command();
+        command.build();
+        let check = command.find_subcommand("check").unwrap();
+        let arg = |id: &str| check.get_arguments().find(|a| a.get_id() == id).unwrap();
+        assert!(matches!(arg("json").get_action(), ArgAction::SetTrue));
+        assert!(takes_bool(arg("json")) && takes_bool(arg("preflight")));
+        assert!(!takes_bool(arg("python")));
     }
 
     #[test]
