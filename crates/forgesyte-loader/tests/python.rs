@@ -516,8 +516,8 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
     copy_fixture(root, "echo", "bystander");
     write_manifest(root, "bystander", json!({"runtime": "python"}));
     for fault in [
-        "segfault", "exit", "hang", "raise", "sysexit", "blowup", "spam", "close", "thread",
-        "invalid",
+        "segfault", "exit", "hang", "raise", "sysexit", "blowup", "refuse", "spam", "close",
+        "thread", "invalid",
     ] {
         let name = format!("init-{fault}");
         copy_fixture(root, "faulty", &name);
@@ -546,6 +546,12 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
     let loader = loader(root, &registry);
     for (plugin, reason) in [
         ("init-sysexit", "InitError: SystemExit: 4"),
+        // A MemoryError the constructor raised itself is its exception,
+        // not the memory limit's.
+        (
+            "init-refuse",
+            "InitError: MemoryError: frame too large for this model",
+        ),
         (
             "init-blowup",
             "InitError: plugin process died during construction: exceeded memory limit 256 MiB",
@@ -622,6 +628,21 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
         }
         other => panic!("{other:?}"),
     }
+    // So is a MemoryError the tool raised itself (a refusal, not a failed
+    // allocation: the runner lives on).
+    let pid = loader.handle("faulty").and_then(|h| h.pid());
+    match call(&loader, "faulty", "refuse", json!({})) {
+        Err(CallError::Tool(ToolError::Failed {
+            error_type,
+            message,
+            ..
+        })) => {
+            assert_eq!(error_type.as_deref(), Some("MemoryError"));
+            assert_eq!(message, "frame too large for this model");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(loader.handle("faulty").and_then(|h| h.pid()), pid);
     // A result that is not JSON names the type.
     match call(&loader, "faulty", "unknown", json!({})) {
         Err(CallError::Tool(ToolError::Failed { message, .. })) => {

@@ -1863,6 +1863,59 @@ class MemoryLimitTests(RunnerTestCase):
         # before its last stderr line is read.
         self.assertIn("MemoryError: out of memory in tool 'alloc'", p.stderr)
 
+    def test_a_memory_error_the_plugin_raises_itself_is_its_error(self):
+        # Under a limit, at call time: a tool error with the plugin's
+        # message, and the runner answers the next call.
+        d = fixture("faulty")
+        p = Proc(self, args=["--plugin", "faulty", "--plugin-dir", d, "--file",
+                             os.path.join(d, "plugin.py"), "--memory-limit-mb", "512"])
+        p.start()
+        header, _ = p.run("refuse", {})
+        self.assertEqual(header["type"], "tool_failed")
+        self.assertEqual(header["error"]["error_type"], "MemoryError")
+        self.assertEqual(header["error"]["message"], "frame too large for this model")
+        header, _ = p.run("ok", {})
+        self.assertEqual(header["result"], {"ok": True})
+
+    def test_a_raise_statement_is_told_from_a_failed_allocation(self):
+        def refuse():
+            raise MemoryError("explicit")
+
+        def allocate():
+            return bytearray(1 << 62)
+
+        def repeat():
+            return [0] * (1 << 60)
+
+        def reraise():
+            try:
+                allocate()
+            except MemoryError:
+                raise
+
+        def wrap():
+            try:
+                allocate()
+            except MemoryError as e:
+                raise MemoryError("wrapped") from e
+
+        class Own(MemoryError):
+            pass
+
+        def subclass():
+            raise Own
+
+        cases = [(refuse, True), (allocate, False), (repeat, False), (reraise, False),
+                 (wrap, True), (subclass, True)]
+        for function, expected in cases:
+            try:
+                function()
+            except MemoryError as e:
+                self.assertEqual(base.raised_by_a_statement(e), expected, function.__name__)
+            else:
+                self.fail("%s raised nothing" % function.__name__)
+        self.assertFalse(base.raised_by_a_statement(MemoryError()))
+
     def test_results_over_the_manifest_limit_fail_as_tool_errors(self):
         p = self.start("echo")
         p.start({"name": "echo", "limits": {"max_response_mb": 1}})

@@ -77,6 +77,37 @@ def out_of_memory(error, where, *args):
         exit_now(EXIT_MEMORY)
 
 
+def raised_by_a_statement(error):
+    """Whether ``error`` came from a ``raise`` statement (``raise
+    MemoryError("frame too large")``, a plugin's refusal) rather than from
+    an allocation that failed (the interpreter's or a C extension's,
+    numpy's ``_ArrayMemoryError`` among them, raised inside a call): the
+    innermost frame of its traceback stopped at a ``RAISE_VARARGS``
+    instruction. A bare ``raise`` re-raising a failed allocation keeps the
+    allocation's frame innermost, so it stays an allocation. Anything that
+    cannot be told (no traceback, ``opcode`` not importable with no memory
+    left) is an allocation."""
+    try:
+        tb = error.__traceback__
+        if tb is None:
+            return False
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        import opcode
+
+        return tb.tb_frame.f_code.co_code[tb.tb_lasti] == opcode.opmap["RAISE_VARARGS"]
+    except BaseException:
+        return False
+
+
+def out_of_memory_unless_raised(error, where, *args):
+    """``out_of_memory`` for a ``MemoryError`` that plugin code let
+    through, unless a ``raise`` statement made it: that one returns, and the
+    caller reports it as the plugin's exception like any other."""
+    if isinstance(error, MemoryError) and not raised_by_a_statement(error):
+        out_of_memory(error, where, *args)
+
+
 def take_stdio(out=None):
     """Moves the protocol off fds 0 and 1: returns the private (in, out)
     descriptors, both close-on-exec. fd 1 becomes a copy of stderr, fd 0

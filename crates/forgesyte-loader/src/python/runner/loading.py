@@ -10,7 +10,7 @@ import re
 import sys
 
 from . import base
-from .base import diag, out_of_memory
+from .base import diag, out_of_memory_unless_raised
 from .errors import capped, clean, python_error, wire_error
 
 
@@ -217,9 +217,8 @@ def import_plugin(args):
             sys.modules[name] = module
             spec.loader.exec_module(module)
             return module
-        except MemoryError as e:
-            out_of_memory(e, "importing the plugin")
         except BaseException as e:  # SystemExit too: the plugin fails, not the runner
+            out_of_memory_unless_raised(e, "importing the plugin")
             sys.modules.pop(name, None)
             error = _with_import_hint(python_error(e), e, relative=True)
             error["path"] = clean(_syntax_error_file(e) or path)
@@ -228,9 +227,8 @@ def import_plugin(args):
         if args.plugin_dir and not args.installed:
             _package_is_the_directory(os.path.abspath(args.plugin_dir), args.module, checked)
         return importlib.import_module(args.module)
-    except MemoryError as e:
-        out_of_memory(e, "importing the plugin")
     except BaseException as e:
+        out_of_memory_unless_raised(e, "importing the plugin")
         error = _with_import_hint(python_error(e), e, relative=False)
         if _syntax_error_file(e):
             error["path"] = clean(_syntax_error_file(e))

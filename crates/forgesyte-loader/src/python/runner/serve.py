@@ -11,7 +11,8 @@ import traceback
 import types
 
 from . import api
-from .base import EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory
+from .base import (EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory,
+                   out_of_memory_unless_raised)
 from .errors import _exception_message, fitted, python_error, wire_error, with_filter_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
@@ -483,9 +484,8 @@ class Runner(object):
                 # valid Unicode) fails construction, not the runner.
                 encode({"tools": specs})
                 check_name(instance, self.args.plugin)
-            except MemoryError as e:
-                out_of_memory(e, "constructing the plugin")
             except BaseException as e:
+                out_of_memory_unless_raised(e, "constructing the plugin")
                 self.init_failed(rid, with_filter_hint(python_error(e), e, self.filtered))
                 return
             if not self.max_response_given:
@@ -542,11 +542,12 @@ class Runner(object):
             out_of_memory(e, "mapping the arguments of tool '%s'", tool)
         try:
             result = await_result(self.dispatch(instance, tool, entry, args))
-        except MemoryError as e:
-            out_of_memory(e, "in tool '%s'", tool)
         except BaseException as e:
             # The tool's own failure (SystemExit from sys.exit() included:
-            # it only ends this thread): an error, the plugin stays healthy.
+            # it only ends this thread; a MemoryError its code raised): an
+            # error, the plugin stays healthy. A failed allocation ends the
+            # runner.
+            out_of_memory_unless_raised(e, "in tool '%s'", tool)
             self.tool_failed(rid, with_filter_hint(python_error(e, kind="Failed"), e, self.filtered))
             return
         self.send_result(rid, result)
@@ -571,9 +572,8 @@ class Runner(object):
             self.tool_failed(rid, wire_error(
                 "Failed", "tool result is not valid Unicode: %s" % e, error_type="UnicodeEncodeError"))
             return
-        except MemoryError as e:
-            out_of_memory(e, "encoding the result of a tool")
         except BaseException as e:  # e.g. a model_dump() that raises, or calls sys.exit()
+            out_of_memory_unless_raised(e, "encoding the result of a tool")
             self.tool_failed(rid, python_error(e, kind="Failed"))
             return
         data = [b for _, b in blobs]
