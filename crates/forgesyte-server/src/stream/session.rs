@@ -620,7 +620,20 @@ impl Pings {
 /// The close code and reason for a client's message that broke the
 /// WebSocket rules (`None`: the connection itself failed, nothing to say).
 fn refusal(error: tungstenite::Error, body_limit: usize) -> Option<(u16, String)> {
+    use tungstenite::error::CapacityError;
     match error {
+        // A 64-bit length whose most significant bit is set breaks RFC
+        // 6455 (§5.2: "MUST be 0"), whatever the limit; the WebSocket layer
+        // finds it too long before it finds it wrong.
+        tungstenite::Error::Capacity(CapacityError::MessageTooLong { size, .. })
+            if u64::try_from(size).is_ok_and(|size| size > i64::MAX as u64) =>
+        {
+            Some((
+                close::PROTOCOL_ERROR,
+                "protocol error: a frame's 64-bit payload length has its most significant bit set"
+                    .to_owned(),
+            ))
+        }
         tungstenite::Error::Capacity(_) => Some((
             close::TOO_BIG,
             format!(

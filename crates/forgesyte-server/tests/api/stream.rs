@@ -635,6 +635,23 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     send_frame(&mut socket, frame(5000));
     let (code, reason) = close_of(&mut socket);
     assert_eq!(code, 1009, "{reason}");
+    // A 64-bit length with its most significant bit set is no length
+    // (RFC 6455 §5.2): 1002, not 1009; so is a frame the client did not
+    // mask. Written by hand (no client sends either): a masked binary
+    // frame's header and its mask; an unmasked frame of one byte.
+    let mut top_bit = vec![0x82, 0x80 | 127];
+    top_bit.extend_from_slice(&(1u64 << 63 | 16).to_be_bytes());
+    top_bit.extend_from_slice(&[1, 2, 3, 4]);
+    for (bytes, said) in [
+        (top_bit, "most significant bit"),
+        (vec![0x82, 0x01, 0x00], "protocol error"),
+    ] {
+        let mut socket = open(&server, &target("alpha", "frame", ""));
+        std::io::Write::write_all(socket.get_mut(), &bytes).unwrap();
+        let (code, reason) = close_of(&mut socket);
+        assert_eq!(code, 1002, "{said}: {reason}");
+        assert!(reason.contains(said), "{reason}");
+    }
 
     // A text message that is not UTF-8 closes it with 1007, and so does a
     // close frame whose reason is not (said as such); a reserved opcode
