@@ -2478,8 +2478,8 @@ def run_bpf(program, arch, nr, arg0, arg1=0, arg2=0):
             acc &= k
         elif code == 0x06:  # ret k
             return k
-        elif code in (0x15, 0x35):  # jeq k, jge k
-            taken = acc == k if code == 0x15 else acc >= k
+        elif code in (0x15, 0x35, 0x45):  # jeq k, jge k, jset k
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: acc & k != 0}[code]
             pc += jt if taken else jf
         else:
             raise AssertionError("opcode %#x" % code)
@@ -2497,52 +2497,77 @@ class SeccompTests(unittest.TestCase):
     def test_the_program_is_the_native_runners_instruction_for_instruction(self):
         from runner.confine import _seccomp_program
 
-        ld, jeq, jge, ret, and_ = 0x20, 0x15, 0x35, 0x06, 0x54
+        ld, jeq, jge, ret, and_, jset = 0x20, 0x15, 0x35, 0x06, 0x54, 0x45
         enosys = 0x00050000 | 38
         io_uring = (425, 426, 427)
         # System V IPC, message queues, truncate (76), setpgid and setsid
-        # (109, 112), io_uring.
+        # (109, 112), io_uring, pidfd_send_signal (424).
         ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220, 240, 241, 242, 243,
-               244, 245) + io_uring
+               244, 245, 424) + io_uring
 
-        def program(audit_arch, x32, calls, clone, sockets):
-            """Every jump to the deny (the last instruction) or to the ENOSYS
-            return (the one before) counted from the one after it."""
-            n = 3 + x32 + 6 + len(calls) + (9 if sockets else 0) + 3
+        def program(audit_arch, x32, calls, clone, sockets, kill, named, group=0, elders=()):
+            """Every jump to the deny (the last instruction), to the ENOSYS
+            return (the one before) or to the check of the elders (the
+            ``2 + len(elders)`` before that) counted from the one after it."""
+            n = (3 + x32 + 6 + (6 + len(elders)) + 5 + len(calls) + (9 if sockets else 0) + 1
+                 + (2 + len(elders)) + 2)
             deny = lambda i: n - 1 - i - 1  # noqa: E731
+            check = n - 2 - (2 + len(elders))
             p = [(ld, 0, 0, 4), (jeq, 0, deny(1), audit_arch), (ld, 0, 0, 0)]
             if x32:
                 p.append((jge, deny(3), 0, 0x40000000))
             i = len(p)
             p += [(jeq, deny(i) - 1, 0, 435), (jeq, 0, 4, clone), (ld, 0, 0, 16),
                   (and_, 0, 0, 0x8000), (jeq, deny(i + 4), 0, 0x8000), (ret, 0, 0, self.ALLOW)]
+            # kill(): -1, an elder, a group other than its own.
+            i = len(p)
+            p += [(jeq, 0, 5 + len(elders), kill), (ld, 0, 0, 16), (jeq, deny(i + 2), 0, 0xFFFFFFFF)]
+            p += [(jeq, deny(len(p) + j), 0, pid) for j, pid in enumerate(elders)]
+            p += [(jeq, 1, 0, -group & 0xFFFFFFFF), (jset, deny(len(p) + 1), 0, 0x80000000),
+                  (ret, 0, 0, self.ALLOW)]
+            p += [(jeq, check - (len(p) + j) - 1, 0, nr) for j, nr in enumerate(named)]
             p += [(jeq, deny(len(p) + j), 0, nr) for j, nr in enumerate(calls)]
             if sockets:
                 socketpair, socket = sockets
                 # socketpair() of Unix sockets (the family, args[0]), of a
                 # stream or sequenced packets (the type's flags masked off);
                 # no socket() at all.
-                p += [(jeq, 0, 7, socketpair), (ld, 0, 0, 16), (jeq, 0, 8, 1), (ld, 0, 0, 24),
-                      (and_, 0, 0, 0xF), (jeq, 1, 0, 1), (jeq, 0, 4, 5), (ret, 0, 0, self.ALLOW),
-                      (jeq, 2, 0, socket)]
+                p += [(jeq, 0, 7, socketpair), (ld, 0, 0, 16), (jeq, 0, 8 + 2 + len(elders), 1),
+                      (ld, 0, 0, 24), (and_, 0, 0, 0xF), (jeq, 1, 0, 1),
+                      (jeq, 0, 4 + 2 + len(elders), 5), (ret, 0, 0, self.ALLOW),
+                      (jeq, 2 + 2 + len(elders), 0, socket)]
+            p.append((ret, 0, 0, self.ALLOW))
+            self.assertEqual(len(p), check)
+            p.append((ld, 0, 0, 16))
+            p += [(jeq, deny(len(p) + j), 0, pid) for j, pid in enumerate(elders)]
             p += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, enosys), (ret, 0, 0, self.DENY)]
             self.assertEqual(len(p), n)
             return p
 
+        x86_64 = (62, (200, 234, 129, 297, 434))
         self.assertEqual(_seccomp_program("x86_64", False),
-                         program(0xC000003E, True, ipc, 56, (53, 41)))
+                         program(0xC000003E, True, ipc, 56, (53, 41), *x86_64))
         # With the network: no socket part.
         self.assertEqual(_seccomp_program("x86_64", True),
-                         program(0xC000003E, True, ipc, 56, None))
+                         program(0xC000003E, True, ipc, 56, None, *x86_64))
+        # With a group and elders (0: one not known, left out).
+        self.assertEqual(_seccomp_program("x86_64", False, 4321, (1234, 0)),
+                         program(0xC000003E, True, ipc, 56, (53, 41), *x86_64, group=4321,
+                                 elders=(1234,)))
+        self.assertEqual(_seccomp_program("x86_64", True, 4321, (1234, 99)),
+                         program(0xC000003E, True, ipc, 56, None, *x86_64, group=4321,
+                                 elders=(1234, 99)))
         # aarch64: no x32; its own numbers (truncate, setpgid, setsid first).
-        aarch64 = (45, 154, 157) + tuple(range(180, 198)) + io_uring
-        expected = program(0xC00000B7, False, aarch64, 220, (199, 198))
+        aarch64 = (45, 154, 157) + tuple(range(180, 198)) + (424,) + io_uring
+        signals = (129, (130, 131, 138, 240, 434))
+        expected = program(0xC00000B7, False, aarch64, 220, (199, 198), *signals)
         self.assertEqual(_seccomp_program("aarch64", False), expected)
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
-        # Two places in step: the x86_64 program without the network, as
-        # the native runner builds it, is 46 instructions.
-        self.assertEqual(len(_seccomp_program("x86_64", False)), 46)
+        # Two places in step: the x86_64 program without the network and
+        # no elders known, as the native runner builds it, is 60
+        # instructions.
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 60)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
@@ -2550,14 +2575,30 @@ class SeccompTests(unittest.TestCase):
         machines = {
             # AUDIT_ARCH, IPC calls, socket, read, socketpair
             "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220]
-                       + list(range(240, 246)) + [425, 426, 427], 41, 0, 53),
-            "aarch64": (0xC00000B7, [45, 154, 157] + list(range(180, 198)) + [425, 426, 427], 198,
-                        63, 199),
+                       + list(range(240, 246)) + [424, 425, 426, 427], 41, 0, 53),
+            "aarch64": (0xC00000B7, [45, 154, 157] + list(range(180, 198)) + [424, 425, 426, 427],
+                        198, 63, 199),
         }
+        signals = {"x86_64": (62, (200, 234, 129, 297, 434)),
+                   "aarch64": (129, (130, 131, 138, 240, 434))}
         for machine, (arch, ipc, socket_nr, read_nr, socketpair_nr) in machines.items():
             for network in (False, True):
-                p = _seccomp_program(machine, network)
+                p = _seccomp_program(machine, network, 4321, (1234, 99))
                 where = (machine, network)
+                # kill() of every process, an elder or another group: no;
+                # of its own group, of its own (0) or another process: yes.
+                kill, named = signals[machine]
+                for target, allowed in ((-1, False), (1234, False), (99, False), (-4322, False),
+                                        (-4321, True), (0, True), (4321, True), (5555, True)):
+                    said = run_bpf(p, arch, kill, target & 0xFFFFFFFF)
+                    self.assertEqual(said, self.ALLOW if allowed else self.DENY, (where, target))
+                # The calls that name one process or a thread of it: not an
+                # elder.
+                for nr in named:
+                    for target, allowed in ((1234, False), (99, False), (5555, True)):
+                        said = run_bpf(p, arch, nr, target)
+                        self.assertEqual(said, self.ALLOW if allowed else self.DENY,
+                                         (where, nr, target))
                 for nr in ipc:
                     self.assertEqual(run_bpf(p, arch, nr, 0), self.DENY, (where, nr))
                 for nr in (read_nr, socketpair_nr, 0, 400):
@@ -2668,6 +2709,13 @@ class SeccompTests(unittest.TestCase):
             ("setsid", os.setsid),
             ("setpgid", lambda: os.setpgid(0, 0)),
             ("clone3", clone3),
+            # Signal 0 only asks. Every process, a group that is not its
+            # own: refused whoever the runner's kin are; its own group: no.
+            ("kill_all", lambda: os.kill(-1, 0)),
+            ("kill_group", lambda: os.kill(-(os.getppid() + 77777), 0)),
+            ("kill_own_group", lambda: os.kill(-os.getpgrp(), 0)),
+            # Its parent: refused when the filter knows its kin (confine).
+            ("kill_parent", lambda: os.kill(os.getppid(), 0)),
         ]
         if MACHINE == "x86_64":
             checks.append(("x32", x32_getpid))
@@ -2685,6 +2733,8 @@ class SeccompTests(unittest.TestCase):
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
     def test_without_the_network_no_unix_or_netlink_socket_no_ipc_no_new_group(self):
+        # ``_seccomp`` alone knows no kin: no group of its own, no parent
+        # (``confine`` tells it both: the test below).
         from runner import confine
 
         refused = ["PermissionError", 13]
@@ -2694,7 +2744,9 @@ class SeccompTests(unittest.TestCase):
                                      "mptcp": refused, "socketpair": "ok", "dgram_pair": refused,
                                      "shmget": refused, "mq_open": refused,
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
-                                     "clone3": ["OSError", 38]},
+                                     "clone3": ["OSError", 38], "kill_all": refused,
+                                     "kill_group": refused, "kill_own_group": refused,
+                                     "kill_parent": "ok"},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
@@ -2710,7 +2762,9 @@ class SeccompTests(unittest.TestCase):
                                      "socketpair": "ok", "dgram_pair": "ok",
                                      "shmget": refused, "mq_open": refused,
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
-                                     "clone3": ["OSError", 38]},
+                                     "clone3": ["OSError", 38], "kill_all": refused,
+                                     "kill_group": refused, "kill_own_group": refused,
+                                     "kill_parent": "ok"},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
@@ -2726,6 +2780,9 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(list(report)[-1], "syscalls", report)
         self.assertEqual(said["unix"], ["PermissionError", 13])
         self.assertEqual(said["shmget"], ["PermissionError", 13])
+        # Its kin known: its parent may not be signalled.
+        self.assertEqual(said["kill_parent"], ["PermissionError", 13])
+        self.assertEqual(said["kill_own_group"], "ok")
 
     def test_the_shared_namespace_is_turned_off_by_every_boolean_word(self):
         # As every FORGESYTE_* boolean: `false` left the namespace shared.

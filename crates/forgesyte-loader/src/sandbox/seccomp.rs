@@ -25,6 +25,18 @@
 //! fails); Unix pairs of streams and sequenced packets stay allowed; a foreign architecture's calls (x32, a 32-bit
 //! `int 0x80`) are refused as a whole.
 //!
+//! Signals, by number: `kill` of every process (`-1`) or of a process
+//! group other than the runner's own, and `kill`, `tkill`, `tgkill`,
+//! `rt_sigqueueinfo`, `rt_tgsigqueueinfo` and `pidfd_open` of the runner's
+//! parent (its zygote, or the server) or its parent's parent (the server
+//! under a zygote), are refused, and `pidfd_send_signal` as a whole (its
+//! target is a descriptor, which `/proc/PID` opens too). Landlock ABI 6
+//! scopes signals to the runner's own processes; on older kernels this is
+//! what stops a plugin from ending its zygote, and with it every Python
+//! plugin, or, as root, every process on the machine. It names processes,
+//! not threads: a thread of the server other than its first has an id of
+//! its own, which `kill` takes too (README, Security).
+//!
 //! Hand-assembled rather than built with a crate: the Python runner,
 //! standard library only, must install the very same program
 //! (`runner/confine.py`), and a dozen instructions written out in both
@@ -36,10 +48,11 @@ use std::io;
 /// (the Python runner says the same).
 pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (Unix pairs of streams or packets only), no \
      System V IPC, no POSIX message queue, no io_uring, no new session or process group, no \
-     truncate() by path";
+     truncate() by path, no signal to every process, another process group or its parents";
 /// ... and of one whose plan keeps the network.
 pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring, \
-     no new session or process group, no truncate() by path";
+     no new session or process group, no truncate() by path, no signal to every process, \
+     another process group or its parents";
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -52,7 +65,7 @@ const AUDIT_ARCH: u32 = 0xC000_00B7;
 /// (`setsid`, `setpgid`: a process that leaves its runner's group outlives
 /// the runner's end).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn denied_calls() -> [u32; 24] {
+fn denied_calls() -> [u32; 25] {
     let mut calls = [
         libc::SYS_shmget,
         libc::SYS_shmat,
@@ -80,6 +93,9 @@ fn denied_calls() -> [u32; 24] {
         // By path: Landlock rules it only from ABI 3 (Linux 6.2); before,
         // any file the runner's user may write could be emptied.
         libc::SYS_truncate,
+        // Its target is a descriptor (of `pidfd_open`, or `/proc/PID`
+        // opened): no filter can tell whose.
+        libc::SYS_pidfd_send_signal,
     ]
     .map(|nr| nr as u32);
     calls.sort_unstable();
@@ -92,6 +108,54 @@ const DENY: u32 = libc::SECCOMP_RET_ERRNO | libc::EACCES as u32;
 const NO_CLONE3: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
 /// A jump marked with this goes to the `NO_CLONE3` return (patched).
 const TO_NO_CLONE3: u8 = u8::MAX - 1;
+/// A jump marked with this goes to the check of the elders (patched).
+const TO_ELDERS: u8 = u8::MAX - 2;
+/// The sign bit of a process number (the low half of the argument).
+const NEGATIVE: u32 = 0x8000_0000;
+
+/// Whom a confined runner may not signal by number (see the module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Kin {
+    /// The runner's process group (it leads it): the one group it may
+    /// signal as a whole.
+    pub(crate) group: u32,
+    /// Its parent and its parent's parent; 0: not known, not filtered.
+    pub(crate) elders: [u32; 2],
+}
+
+impl Kin {
+    /// This process's.
+    pub(crate) fn of_this_process() -> Self {
+        let raw =
+            |pid: rustix::process::Pid| u32::try_from(pid.as_raw_nonzero().get()).unwrap_or(0);
+        let parent = rustix::process::getppid().map_or(0, raw);
+        Kin {
+            group: raw(rustix::process::getpgrp()),
+            elders: [parent, parent_of(parent)],
+        }
+    }
+
+    /// The elders that are known.
+    fn known_elders(&self) -> impl Iterator<Item = u32> + '_ {
+        self.elders.iter().copied().filter(|&pid| pid != 0)
+    }
+}
+
+/// The parent of process `pid` (`/proc/PID/stat`: `PID (NAME) STATE PPID
+/// …`, a name that may hold spaces and parentheses); 0 when it cannot be
+/// read.
+fn parent_of(pid: u32) -> u32 {
+    if pid == 0 {
+        return 0;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
 /// A socket's type is its low bits; the rest are flags (`SOCK_CLOEXEC` …).
 const SOCK_TYPE_MASK: u32 = 0xF;
 const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
@@ -123,9 +187,10 @@ fn jump(op: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 }
 
 /// The program (see the module doc); `network`: whether the plan keeps
-/// the network (then sockets are not filtered).
+/// the network (then sockets are not filtered); `kin`: whom it may not
+/// signal.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
+pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
     // seccomp_data: nr at 0, arch at 4, args[0] at 16, args[1] at 24
     // (their low halves on these little-endian machines: a socket's
     // domain and type are ints).
@@ -153,6 +218,34 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
     ));
     p.push(jump(libc::BPF_JEQ, libc::CLONE_PARENT as u32, u8::MAX, 0));
     p.push(ret(ALLOW));
+    // kill(): not -1 (every process), not an elder, not a group (a
+    // negative number) other than its own; else allowed. tkill, tgkill,
+    // rt_sigqueueinfo, rt_tgsigqueueinfo, pidfd_open: to the check of the
+    // elders (their first argument names the process, or a thread of it).
+    let elders = kin.known_elders().count();
+    p.push(jump(
+        libc::BPF_JEQ,
+        libc::SYS_kill as u32,
+        0,
+        u8::try_from(5 + elders).unwrap_or(0),
+    ));
+    p.push(load(16));
+    p.push(jump(libc::BPF_JEQ, u32::MAX, u8::MAX, 0));
+    for elder in kin.known_elders() {
+        p.push(jump(libc::BPF_JEQ, elder, u8::MAX, 0));
+    }
+    p.push(jump(libc::BPF_JEQ, kin.group.wrapping_neg(), 1, 0));
+    p.push(jump(libc::BPF_JSET, NEGATIVE, u8::MAX, 0));
+    p.push(ret(ALLOW));
+    for nr in [
+        libc::SYS_tkill,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+        libc::SYS_pidfd_open,
+    ] {
+        p.push(jump(libc::BPF_JEQ, nr as u32, TO_ELDERS, 0));
+    }
     for nr in denied_calls() {
         p.push(jump(libc::BPF_JEQ, nr, u8::MAX, 0));
     }
@@ -176,10 +269,18 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, libc::SYS_socket as u32, u8::MAX, 0));
     }
     p.push(ret(ALLOW));
+    // The check of the elders: args[0] names one, deny; else allow.
+    let elders_at = p.len();
+    p.push(load(16));
+    for elder in kin.known_elders() {
+        p.push(jump(libc::BPF_JEQ, elder, u8::MAX, 0));
+    }
+    p.push(ret(ALLOW));
     p.push(ret(NO_CLONE3));
     p.push(ret(DENY));
     // Every jump marked u8::MAX goes to the deny, the last instruction;
-    // one marked TO_NO_CLONE3 to the ENOSYS return before it.
+    // one marked TO_NO_CLONE3 to the ENOSYS return before it, one marked
+    // TO_ELDERS to their check.
     let last = p.len() - 1;
     for (i, insn) in p.iter_mut().enumerate() {
         let to = |target: usize| u8::try_from(target.saturating_sub(i + 1)).unwrap_or(u8::MAX);
@@ -188,6 +289,8 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
                 *offset = to(last);
             } else if *offset == TO_NO_CLONE3 {
                 *offset = to(last - 1);
+            } else if *offset == TO_ELDERS {
+                *offset = to(elders_at);
             }
         }
     }
@@ -201,7 +304,7 @@ pub(crate) fn program(network: bool) -> Vec<libc::sock_filter> {
 pub(crate) fn install(network: bool) -> String {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
-        match install_program(&program(network), network) {
+        match install_program(&program(network, Kin::of_this_process()), network) {
             Ok(said) => said.to_owned(),
             Err(e) => format!("unconfined: no seccomp filter ({e})"),
         }
@@ -254,6 +357,12 @@ fn install_program(program: &[libc::sock_filter], network: bool) -> io::Result<&
 mod tests {
     use super::*;
 
+    /// The kin the programs of these tests are built for.
+    const KIN: Kin = Kin {
+        group: 4321,
+        elders: [1234, 99],
+    };
+
     /// Runs the program over a call as the kernel would (the few opcodes
     /// it uses): what it returns.
     fn run(program: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
@@ -290,6 +399,7 @@ mod tests {
                 let taken = match code & !libc::BPF_K {
                     c if c == libc::BPF_JMP | libc::BPF_JEQ => acc == insn.k,
                     c if c == libc::BPF_JMP | libc::BPF_JGE => acc >= insn.k,
+                    c if c == libc::BPF_JMP | libc::BPF_JSET => acc & insn.k != 0,
                     c => panic!("opcode {c:#x}"),
                 };
                 pc += usize::from(if taken { insn.jt } else { insn.jf });
@@ -304,7 +414,7 @@ mod tests {
         let netlink = libc::AF_NETLINK as u32;
         let inet = libc::AF_INET as u32;
         for network in [false, true] {
-            let p = program(network);
+            let p = program(network, KIN);
             for nr in denied_calls() {
                 assert_eq!(run(&p, AUDIT_ARCH, nr, 0), DENY, "call {nr}");
             }
@@ -382,6 +492,46 @@ mod tests {
             assert_eq!(run(&p, AUDIT_ARCH, clone, parent | 17), DENY);
             assert_eq!(run(&p, AUDIT_ARCH, clone, 0x3d0f00), ALLOW); // a thread's
             assert_eq!(run(&p, AUDIT_ARCH, clone, 17), ALLOW); // fork()'s
+            // Signals (args[0]'s low half): kill() of every process, of an
+            // elder, of another group: deny; of its own group, of its own
+            // (0), of any other process: allow. The calls that name one
+            // process or thread: deny for an elder only.
+            let kill = libc::SYS_kill as u32;
+            for (target, expected) in [
+                (u32::MAX, DENY),
+                (1234, DENY),
+                (99, DENY),
+                (4322u32.wrapping_neg(), DENY),
+                (4321u32.wrapping_neg(), ALLOW),
+                (0, ALLOW),
+                (4321, ALLOW),
+                (5555, ALLOW),
+            ] {
+                let said = run(&p, AUDIT_ARCH, kill, target);
+                assert_eq!(said, expected, "kill({})", target.cast_signed());
+            }
+            for nr in [
+                libc::SYS_tkill,
+                libc::SYS_tgkill,
+                libc::SYS_rt_sigqueueinfo,
+                libc::SYS_rt_tgsigqueueinfo,
+                libc::SYS_pidfd_open,
+            ] {
+                for (target, expected) in [(1234, DENY), (99, DENY), (5555, ALLOW), (4321, ALLOW)] {
+                    let said = run(&p, AUDIT_ARCH, nr as u32, target);
+                    assert_eq!(said, expected, "call {nr} of {target}");
+                }
+            }
+            // Elders not known: none filtered, the rest as before.
+            let unknown = program(network, Kin::default());
+            assert_eq!(run(&unknown, AUDIT_ARCH, kill, u32::MAX), DENY);
+            assert_eq!(run(&unknown, AUDIT_ARCH, kill, 0), ALLOW);
+            assert_eq!(run(&unknown, AUDIT_ARCH, kill, 5555), ALLOW);
+            assert_eq!(
+                run(&unknown, AUDIT_ARCH, kill, 5555u32.wrapping_neg()),
+                DENY
+            );
+            assert_eq!(run(&unknown, AUDIT_ARCH, libc::SYS_tkill as u32, 0), ALLOW);
             // Another architecture's calls, whatever they are.
             assert_eq!(run(&p, 0x4000_0003, libc::SYS_read as u32, 0), DENY);
             if cfg!(target_arch = "x86_64") {
@@ -399,8 +549,11 @@ mod tests {
         let code = format!(
             "import json, sys; sys.path.insert(0, {runner:?}); \
              from runner.confine import _seccomp_program as p; \
-             print(json.dumps([p({:?}, n) for n in (False, True)]))",
-            std::env::consts::ARCH
+             print(json.dumps([p({:?}, n, {}, ({}, {})) for n in (False, True)]))",
+            std::env::consts::ARCH,
+            KIN.group,
+            KIN.elders[0],
+            KIN.elders[1],
         );
         let out = match std::process::Command::new(python)
             .args(["-c", &code])
@@ -420,7 +573,7 @@ mod tests {
         let theirs: Vec<Vec<(u16, u8, u8, u32)>> = serde_json::from_slice(&out.stdout).unwrap();
         let ours: Vec<Vec<(u16, u8, u8, u32)>> = [false, true]
             .map(|network| {
-                program(network)
+                program(network, KIN)
                     .iter()
                     .map(|i| (i.code, i.jt, i.jf, i.k))
                     .collect()
@@ -435,7 +588,13 @@ mod tests {
         // In a child: the filter stays with the process that installs it.
         // The program is built first: the child of a threaded process
         // allocates nothing.
-        let program = program(false);
+        // The child's kin: its parent (this process) and this process's
+        // parent; its group is this process's (it does not lead one).
+        let kin = Kin {
+            group: u32::try_from(rustix::process::getpgrp().as_raw_nonzero().get()).unwrap(),
+            elders: [std::process::id(), parent_of(std::process::id())],
+        };
+        let program = program(false, kin);
         // SAFETY: (a test) the child only makes system calls and exits.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
@@ -524,6 +683,38 @@ mod tests {
                         || errno() != Some(libc::EACCES)
                     {
                         return 20;
+                    }
+                    // Signals: not every process, not its parent (nor a
+                    // thread of it), not another group; its own group, and
+                    // itself, yes (signal 0: only asks).
+                    let parent = libc::getppid();
+                    let group = libc::getpgrp();
+                    for (target, step) in [(-1, 26), (parent, 27), (-(parent + 77_777), 28)] {
+                        if libc::kill(target, 0) != -1 || errno() != Some(libc::EACCES) {
+                            return step;
+                        }
+                    }
+                    if libc::kill(-group, 0) != 0 || libc::kill(0, 0) != 0 {
+                        return 29;
+                    }
+                    if libc::kill(libc::getpid(), 0) != 0 {
+                        return 30;
+                    }
+                    if libc::syscall(libc::SYS_tgkill, parent, parent, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 31;
+                    }
+                    if libc::syscall(libc::SYS_pidfd_open, parent, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 32;
+                    }
+                    // A descriptor that is none: EBADF if it were let through.
+                    if libc::syscall(libc::SYS_pidfd_send_signal, -1, 0, 0, 0) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 33;
                     }
                 }
                 0

@@ -228,7 +228,8 @@ const OWN_NETWORK: &str = "isolated: a network namespace of its own";
 const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
 const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
 const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (Unix pairs of streams or packets only), no System V IPC, no POSIX \
-     message queue, no io_uring, no new session or process group, no truncate() by path";
+     message queue, no io_uring, no new session or process group, no truncate() by path, no signal to \
+     every process, another process group or its parents";
 
 /// The snoop's variables, and the policy that grants the `open` variants
 /// (unsigned) what their manifests ask for.
@@ -411,6 +412,9 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
         let netlink = call(&server, "snoop-b", "netlink", json!({}));
         let dgram = call(&server, "snoop-b", "dgram_pair", json!({}));
         let signal = call(&server, "snoop-b", "signal", json!({"pid": a["pid"]}));
+        // Its zygote, and every process (signal 0 only asks).
+        let zygote = call(&server, "snoop-b", "signal", json!({"pid": "parent"}));
+        let everyone = call(&server, "snoop-b", "signal", json!({"pid": "all"}));
         // MPTCP (IPPROTO_MPTCP, 262) and vsock (AF_VSOCK, 40): sockets
         // Landlock's TCP rights and the namespace do not rule. Unconfined
         // they open where the kernel has them.
@@ -437,6 +441,8 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
             assert_eq!(netlink.unwrap()["opened"], true);
             assert_eq!(dgram.unwrap()["made"], true);
             assert_eq!(signal.unwrap()["signalled"], true);
+            assert_eq!(zygote.unwrap()["signalled"], true);
+            assert_eq!(everyone.unwrap()["signalled"], true);
             continue;
         }
         let confinement = &status(&server, "snoop-b")["confinement"];
@@ -453,6 +459,13 @@ fn runners_sharing_a_network_namespace_cannot_reach_each_other() {
         ] {
             let (kind, error) = refused.unwrap_err();
             assert_eq!(kind, "PermissionError", "{what}: {error}");
+        }
+        // The seccomp filter's EACCES, not Landlock's EPERM: refused on a
+        // kernel whose Landlock cannot scope signals too.
+        for (what, refused) in [("zygote", zygote), ("everyone", everyone)] {
+            let (kind, error) = refused.unwrap_err();
+            assert_eq!(kind, "PermissionError", "{what}: {error}");
+            assert!(error.contains("[Errno 13]"), "{what}: {error}");
         }
     }
 }

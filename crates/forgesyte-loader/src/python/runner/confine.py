@@ -116,6 +116,7 @@ def confine(plan, shared=None, tools=None, given_env=None):
     if tools is None:
         tools = confine_tools(ctypes.CDLL(None, use_errno=True))
     libc, syscall, abi = tools
+    family = kin()
     report = {}
     env = plan.get("env")
     if isinstance(env, (list, dict)):
@@ -149,7 +150,7 @@ def confine(plan, shared=None, tools=None, given_env=None):
     report["filesystem"] = _landlock(libc, syscall, abi, plan, network, report)
     report["capabilities"] = _drop_all_capabilities(libc)
     report["memory"] = _not_dumpable(libc)
-    report["syscalls"] = _seccomp(libc, network)
+    report["syscalls"] = _seccomp(libc, network, kin_of=family)
     if not network and report["network"].startswith("unconfined") \
             and not report["syscalls"].startswith("unconfined"):
         # Landlock's TCP rights alone are no isolation (TCP Fast Open's
@@ -191,12 +192,17 @@ def _not_dumpable(libc):
 # with it.
 SYSCALLS_NO_SOCKETS = ("filtered: no new socket (Unix pairs of streams or packets only), no System V IPC, "
                        "no POSIX message queue, no io_uring, no new session or process group, no "
-                       "truncate() by path")
+                       "truncate() by path, no signal to every process, another process group or its "
+                       "parents")
 SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no new session or "
-                "process group, no truncate() by path")
+                "process group, no truncate() by path, no signal to every process, another process "
+                "group or its parents")
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # Classic BPF (``linux/filter.h``): the few instructions the filter uses.
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K, _BPF_AND_K = 0x20, 0x15, 0x35, 0x06, 0x54
+_BPF_JSET_K = 0x45
+# The sign bit of a process number (the low half of the argument).
+_NEGATIVE = 0x80000000
 _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_EACCES = 0x00050000 | 13  # SECCOMP_RET_ERRNO | EACCES
 # clone3's answer: ENOSYS, so that glibc falls back to clone, whose flags a
@@ -214,23 +220,29 @@ _IO_URING = (425, 426, 427)
 # Per machine (``os.uname().machine``): its AUDIT_ARCH, whether it has x32
 # calls to refuse, the calls it refuses whatever they are given (System V
 # IPC, POSIX message queues, io_uring, then ``setpgid`` and ``setsid``: a
-# process that leaves its runner's group outlives the runner's end), its
-# ``socket``, its ``socketpair`` and its ``clone`` call.
+# process that leaves its runner's group outlives the runner's end;
+# ``truncate``; ``pidfd_send_signal``, 424 on both), its ``socket``, its
+# ``socketpair`` and its ``clone`` call, its ``kill``, and the calls whose
+# first argument names the process (or a thread of it) they signal:
+# ``tkill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo`` and
+# ``pidfd_open`` (434 on both).
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
-                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112) + (76,),
-               41, 53, 56),
-    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157) + (45,), 198,
-                199, 220),
+                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112) + (76, 424),
+               41, 53, 56, 62, (200, 234, 129, 297, 434)),
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157) + (45, 424), 198,
+                199, 220, 129, (130, 131, 138, 240, 434)),
 }
 _SECCOMP_ARCHES["arm64"] = _SECCOMP_ARCHES["aarch64"]
 
 
-def _seccomp_program(machine, network):
+def _seccomp_program(machine, network, group=0, elders=(0, 0)):
     """The filter's program for ``machine``, a list of ``(code, jt, jf, k)``
     (``struct sock_filter``), or None for a machine it has none for;
     ``network``: whether the plan keeps the network (then ``socket()`` is
-    not filtered). Instruction for instruction the native runner's
+    not filtered); ``group``: the runner's process group, ``elders``: its
+    parent and its parent's parent (0: not known, not filtered).
+    Instruction for instruction the native runner's
     (``sandbox::seccomp::program``):
 
     - load the architecture (seccomp_data offset 4); not this machine's: deny
@@ -238,9 +250,14 @@ def _seccomp_program(machine, network):
     - ``clone3``: ENOSYS (the return before the deny); ``clone`` whose
       flags (args[0]'s low half) hold ``CLONE_PARENT``: deny, any other
       ``clone``: allow
+    - ``kill`` of -1 (every process), of an elder or of a negative number
+      (a group) other than ``-group``: deny, any other ``kill``: allow;
+      ``tkill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``
+      and ``pidfd_open``: to the check of the elders
     - each System V IPC, POSIX message-queue and io_uring call, ``setsid``,
-      ``setpgid`` and ``truncate`` (by path; Landlock rules it only from
-      ABI 3): deny
+      ``setpgid``, ``truncate`` (by path; Landlock rules it only from
+      ABI 3) and ``pidfd_send_signal`` (its target a descriptor, which
+      ``/proc/PID`` opens too): deny
     - without the network, ``socketpair`` of another family than
       ``AF_UNIX`` (args[0]), or whose type (args[1]'s low half,
       offset 24, its flags masked off) is not ``SOCK_STREAM`` or
@@ -250,14 +267,17 @@ def _seccomp_program(machine, network):
       Unix, netlink or vsock socket, and no IP one: outside a network
       namespace Landlock's TCP rights leave TCP Fast Open's ``sendto``,
       a ``listen`` without ``bind`` and all of UDP open)
-    - anything else: allow; deny is ``EACCES``, the program's last
+    - anything else: allow; then the check of the elders (args[0] names
+      one: deny, else allow); deny is ``EACCES``, the program's last
       instruction."""
     arch = _SECCOMP_ARCHES.get(machine)
     if arch is None:
         return None
-    audit_arch, x32, ipc, socket, socketpair, clone = arch
+    audit_arch, x32, ipc, socket, socketpair, clone, kill, named = arch
+    known = [pid for pid in elders if pid]
     deny = None  # a jump to the deny, resolved below
     enosys = ()  # a jump to the ENOSYS return, resolved below
+    to_elders = object()  # a jump to the check of the elders, resolved below
     p = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 0, deny, audit_arch), (_BPF_LD_W_ABS, 0, 0, 0)]
     if x32:
         p.append((_BPF_JGE_K, deny, 0, _X32_SYSCALL_BIT))
@@ -267,6 +287,14 @@ def _seccomp_program(machine, network):
           (_BPF_AND_K, 0, 0, _CLONE_PARENT),
           (_BPF_JEQ_K, deny, 0, _CLONE_PARENT),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
+    p += [(_BPF_JEQ_K, 0, 5 + len(known), kill),  # kill(): -1, an elder, another group
+          (_BPF_LD_W_ABS, 0, 0, 16),
+          (_BPF_JEQ_K, deny, 0, 0xFFFFFFFF)]
+    p.extend((_BPF_JEQ_K, deny, 0, pid) for pid in known)
+    p += [(_BPF_JEQ_K, 1, 0, -group & 0xFFFFFFFF),
+          (_BPF_JSET_K, deny, 0, _NEGATIVE),
+          (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
+    p.extend((_BPF_JEQ_K, to_elders, 0, nr) for nr in named)
     p.extend((_BPF_JEQ_K, deny, 0, nr) for nr in sorted(ipc))
     if not network:
         p += [(_BPF_JEQ_K, 0, 7, socketpair),  # socketpair(): Unix, its type, else on
@@ -278,6 +306,10 @@ def _seccomp_program(machine, network):
               (_BPF_JEQ_K, 0, deny, _SOCK_SEQPACKET),
               (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
               (_BPF_JEQ_K, deny, 0, socket)]  # socket(): none, of any family
+    p.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    elders_at = len(p)  # the check of the elders
+    p.append((_BPF_LD_W_ABS, 0, 0, 16))
+    p.extend((_BPF_JEQ_K, deny, 0, pid) for pid in known)
     p += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_ENOSYS),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_EACCES)]
     last = len(p) - 1
@@ -287,12 +319,28 @@ def _seccomp_program(machine, network):
             return last - i - 1
         if offset is enosys:
             return last - i - 2
+        if offset is to_elders:
+            return elders_at - i - 1
         return offset
 
     return [(code, to(i, jt), to(i, jf), k) for i, (code, jt, jf, k) in enumerate(p)]
 
 
-def _seccomp(libc, network, machine=None):
+def kin():
+    """This process's group, and its parent and its parent's parent (0 for
+    one not known), for the filter's signal rules: read before Landlock
+    closes other processes' ``/proc`` files."""
+    parent = os.getppid()
+    try:
+        with open("/proc/%d/stat" % parent, "rb") as f:
+            # "PID (NAME) STATE PPID ...": a name may hold ")" and spaces.
+            grandparent = int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        grandparent = 0
+    return os.getpgrp(), (parent, grandparent)
+
+
+def _seccomp(libc, network, machine=None, kin_of=(0, (0, 0))):
     """Installs the seccomp filter (``_seccomp_program``) on this thread,
     and so on the threads and processes it starts later (``confine`` runs
     before the runner starts any), after ``no_new_privs``, which a filter
@@ -319,7 +367,8 @@ def _seccomp(libc, network, machine=None):
         # calls, which a 64-bit program would refuse all of.
         if struct.calcsize("P") != 8:
             machine += " (a 32-bit interpreter)"
-    program = _seccomp_program(machine, network)
+    group, elders = kin_of
+    program = _seccomp_program(machine, network, group, elders)
     if program is None:
         return "unconfined: no seccomp filter for this architecture (%s)" % machine
     code = b"".join(struct.pack("=HBBI", *insn) for insn in program)

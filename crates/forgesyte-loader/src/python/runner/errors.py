@@ -87,8 +87,9 @@ def python_error(exc, kind="Python"):
 FILTERED_HINT = (
     "a confined runner refuses a new session or process group "
     "(subprocess's start_new_session, process_group, preexec_fn=os.setpgrp), "
-    "System V IPC, io_uring and, without the network, new Unix sockets: see "
-    "the README, \"Confined runners\"")
+    "System V IPC, io_uring, a signal to every process, another process group "
+    "or its parents and, without the network, new Unix sockets: see the README, "
+    "\"Confined runners\"")
 
 
 def filtered_by_seccomp(exc):
