@@ -1881,11 +1881,12 @@ class MemoryLimitTests(RunnerTestCase):
         def refuse():
             raise MemoryError("explicit")
 
+        # Sizes no address space holds, 32-bit or 64-bit.
         def allocate():
-            return bytearray(1 << 62)
+            return bytearray(sys.maxsize)
 
         def repeat():
-            return [0] * (1 << 60)
+            return [0] * sys.maxsize
 
         def reraise():
             try:
@@ -1903,10 +1904,20 @@ class MemoryLimitTests(RunnerTestCase):
             pass
 
         def subclass():
-            raise Own
+            raise Own("own")
+
+        def bare():
+            raise MemoryError
+
+        def nested():
+            # Its own, in the handling of its own: still its own.
+            try:
+                refuse()
+            except MemoryError:
+                raise MemoryError("again")
 
         cases = [(refuse, True), (allocate, False), (repeat, False), (reraise, False),
-                 (wrap, True), (subclass, True)]
+                 (wrap, False), (subclass, True), (bare, False), (nested, True)]
         for function, expected in cases:
             try:
                 function()
@@ -2505,46 +2516,64 @@ class SeccompTests(unittest.TestCase):
         ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220, 240, 241, 242, 243,
                244, 245, 424) + io_uring
 
-        def program(audit_arch, x32, calls, clone, sockets, kill, named, group=0, elders=()):
+        def program(audit_arch, x32, calls, clone, sockets, signals, named, group=0, elders=()):
             """Every jump to the deny (the last instruction), to the ENOSYS
-            return (the one before) or to the check of the elders (the
-            ``2 + len(elders)`` before that) counted from the one after it."""
-            n = (3 + x32 + 6 + (6 + len(elders)) + 5 + len(calls) + (9 if sockets else 0) + 1
-                 + (2 + len(elders)) + 2)
+            return (the one before), to the check of process numbers (the
+            ``4 + len(elders)`` before that) or to the check of the elders
+            (the ``2 + len(elders)`` before that one) counted from the one
+            after it."""
+            kill, fcntl, ioctl = signals
+            tail = (2 + len(elders)) + (4 + len(elders)) + 2
+            n = 3 + x32 + 6 + 3 + 7 + 5 + 5 + len(calls) + (9 if sockets else 0) + 1 + tail
             deny = lambda i: n - 1 - i - 1  # noqa: E731
-            check = n - 2 - (2 + len(elders))
+            pids = n - 2 - (4 + len(elders))
+            check = pids - (2 + len(elders))
+            to = lambda target, i: target - i - 1  # noqa: E731
             p = [(ld, 0, 0, 4), (jeq, 0, deny(1), audit_arch), (ld, 0, 0, 0)]
             if x32:
                 p.append((jge, deny(3), 0, 0x40000000))
             i = len(p)
             p += [(jeq, deny(i) - 1, 0, 435), (jeq, 0, 4, clone), (ld, 0, 0, 16),
                   (and_, 0, 0, 0x8000), (jeq, deny(i + 4), 0, 0x8000), (ret, 0, 0, self.ALLOW)]
-            # kill(): -1, an elder, a group other than its own.
+            # kill(): its first argument to the check of process numbers;
+            # fcntl(): F_SETOWN_EX (15) no, F_SETOWN (8) its third argument
+            # to that check; ioctl(): FIOSETOWN, SIOCSPGRP no.
             i = len(p)
-            p += [(jeq, 0, 5 + len(elders), kill), (ld, 0, 0, 16), (jeq, deny(i + 2), 0, 0xFFFFFFFF)]
-            p += [(jeq, deny(len(p) + j), 0, pid) for j, pid in enumerate(elders)]
-            p += [(jeq, 1, 0, -group & 0xFFFFFFFF), (jset, deny(len(p) + 1), 0, 0x80000000),
-                  (ret, 0, 0, self.ALLOW)]
-            p += [(jeq, check - (len(p) + j) - 1, 0, nr) for j, nr in enumerate(named)]
+            p += [(jeq, 0, 2, kill), (ld, 0, 0, 16), (jeq, to(pids, i + 2), to(pids, i + 2), 0),
+                  (jeq, 0, 6, fcntl), (ld, 0, 0, 24), (jeq, deny(i + 5), 0, 15), (jeq, 0, 2, 8),
+                  (ld, 0, 0, 32), (jeq, to(pids, i + 8), to(pids, i + 8), 0),
+                  (ret, 0, 0, self.ALLOW),
+                  (jeq, 0, 4, ioctl), (ld, 0, 0, 24), (jeq, deny(i + 12), 0, 0x8901),
+                  (jeq, deny(i + 13), 0, 0x8902), (ret, 0, 0, self.ALLOW)]
+            p += [(jeq, to(check, len(p) + j), 0, nr) for j, nr in enumerate(named)]
             p += [(jeq, deny(len(p) + j), 0, nr) for j, nr in enumerate(calls)]
             if sockets:
                 socketpair, socket = sockets
                 # socketpair() of Unix sockets (the family, args[0]), of a
                 # stream or sequenced packets (the type's flags masked off);
                 # no socket() at all.
-                p += [(jeq, 0, 7, socketpair), (ld, 0, 0, 16), (jeq, 0, 8 + 2 + len(elders), 1),
+                i = len(p)
+                p += [(jeq, 0, 7, socketpair), (ld, 0, 0, 16), (jeq, 0, deny(i + 2), 1),
                       (ld, 0, 0, 24), (and_, 0, 0, 0xF), (jeq, 1, 0, 1),
-                      (jeq, 0, 4 + 2 + len(elders), 5), (ret, 0, 0, self.ALLOW),
-                      (jeq, 2 + 2 + len(elders), 0, socket)]
+                      (jeq, 0, deny(i + 6), 5), (ret, 0, 0, self.ALLOW),
+                      (jeq, deny(i + 8), 0, socket)]
             p.append((ret, 0, 0, self.ALLOW))
+            # The check of the elders (args[0]).
             self.assertEqual(len(p), check)
             p.append((ld, 0, 0, 16))
             p += [(jeq, deny(len(p) + j), 0, pid) for j, pid in enumerate(elders)]
-            p += [(ret, 0, 0, self.ALLOW), (ret, 0, 0, enosys), (ret, 0, 0, self.DENY)]
+            p.append((ret, 0, 0, self.ALLOW))
+            # The check of process numbers: -1, an elder, another group.
+            self.assertEqual(len(p), pids)
+            p.append((jeq, deny(len(p)), 0, 0xFFFFFFFF))
+            p += [(jeq, deny(len(p) + j), 0, pid) for j, pid in enumerate(elders)]
+            p += [(jeq, 1, 0, -group & 0xFFFFFFFF), (jset, deny(len(p) + 1), 0, 0x80000000),
+                  (ret, 0, 0, self.ALLOW)]
+            p += [(ret, 0, 0, enosys), (ret, 0, 0, self.DENY)]
             self.assertEqual(len(p), n)
             return p
 
-        x86_64 = (62, (200, 234, 129, 297, 434))
+        x86_64 = ((62, 72, 16), (200, 234, 129, 297, 434))
         self.assertEqual(_seccomp_program("x86_64", False),
                          program(0xC000003E, True, ipc, 56, (53, 41), *x86_64))
         # With the network: no socket part.
@@ -2559,15 +2588,15 @@ class SeccompTests(unittest.TestCase):
                                  elders=(1234, 99)))
         # aarch64: no x32; its own numbers (truncate, setpgid, setsid first).
         aarch64 = (45, 154, 157) + tuple(range(180, 198)) + (424,) + io_uring
-        signals = (129, (130, 131, 138, 240, 434))
+        signals = ((129, 25, 29), (130, 131, 138, 240, 434))
         expected = program(0xC00000B7, False, aarch64, 220, (199, 198), *signals)
         self.assertEqual(_seccomp_program("aarch64", False), expected)
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
         # Two places in step: the x86_64 program without the network and
-        # no elders known, as the native runner builds it, is 60
+        # no elders known, as the native runner builds it, is 73
         # instructions.
-        self.assertEqual(len(_seccomp_program("x86_64", False)), 60)
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 73)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
@@ -2579,19 +2608,30 @@ class SeccompTests(unittest.TestCase):
             "aarch64": (0xC00000B7, [45, 154, 157] + list(range(180, 198)) + [424, 425, 426, 427],
                         198, 63, 199),
         }
-        signals = {"x86_64": (62, (200, 234, 129, 297, 434)),
-                   "aarch64": (129, (130, 131, 138, 240, 434))}
+        signals = {"x86_64": ((62, 72, 16), (200, 234, 129, 297, 434)),
+                   "aarch64": ((129, 25, 29), (130, 131, 138, 240, 434))}
         for machine, (arch, ipc, socket_nr, read_nr, socketpair_nr) in machines.items():
             for network in (False, True):
                 p = _seccomp_program(machine, network, 4321, (1234, 99))
                 where = (machine, network)
                 # kill() of every process, an elder or another group: no;
                 # of its own group, of its own (0) or another process: yes.
-                kill, named = signals[machine]
+                (kill, fcntl, ioctl), named = signals[machine]
                 for target, allowed in ((-1, False), (1234, False), (99, False), (-4322, False),
                                         (-4321, True), (0, True), (4321, True), (5555, True)):
                     said = run_bpf(p, arch, kill, target & 0xFFFFFFFF)
                     self.assertEqual(said, self.ALLOW if allowed else self.DENY, (where, target))
+                # A descriptor's owner: F_SETOWN (8) as kill(); F_SETOWN_EX
+                # (15), FIOSETOWN, SIOCSPGRP: no; other commands: yes.
+                for owner, allowed in ((1234, False), (-1, False), (-4322, False), (-4321, True),
+                                       (5555, True), (0, True)):
+                    said = run_bpf(p, arch, fcntl, 7, 8, owner & 0xFFFFFFFF)
+                    self.assertEqual(said, self.ALLOW if allowed else self.DENY, (where, owner))
+                self.assertEqual(run_bpf(p, arch, fcntl, 7, 15, 5555), self.DENY, where)
+                self.assertEqual(run_bpf(p, arch, fcntl, 7, 3, 1234), self.ALLOW, where)
+                for request, allowed in ((0x8901, False), (0x8902, False), (0x5401, True)):
+                    said = run_bpf(p, arch, ioctl, 7, request)
+                    self.assertEqual(said, self.ALLOW if allowed else self.DENY, (where, request))
                 # The calls that name one process or a thread of it: not an
                 # elder.
                 for nr in named:
@@ -2687,6 +2727,16 @@ class SeccompTests(unittest.TestCase):
                 if error != errno.EFAULT:
                     raise OSError(error, "clone3")
 
+        def owned_by(owner):
+            import fcntl
+
+            r, w = os.pipe()
+            try:
+                fcntl.fcntl(r, fcntl.F_SETOWN, owner)
+            finally:
+                os.close(r)
+                os.close(w)
+
         def x32_getpid():
             if syscall(ctypes.c_long(0x40000000 | 39)) < 0:
                 error = ctypes.get_errno()
@@ -2716,6 +2766,10 @@ class SeccompTests(unittest.TestCase):
             ("kill_own_group", lambda: os.kill(-os.getpgrp(), 0)),
             # Its parent: refused when the filter knows its kin (confine).
             ("kill_parent", lambda: os.kill(os.getppid(), 0)),
+            # A descriptor's owner, signalled when it is ready: every
+            # process's group (-1) never, its parent as ``kill``.
+            ("setown_all", lambda: owned_by(-1)),
+            ("setown_parent", lambda: owned_by(os.getppid())),
         ]
         if MACHINE == "x86_64":
             checks.append(("x32", x32_getpid))
@@ -2746,7 +2800,8 @@ class SeccompTests(unittest.TestCase):
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
                                      "clone3": ["OSError", 38], "kill_all": refused,
                                      "kill_group": refused, "kill_own_group": refused,
-                                     "kill_parent": "ok"},
+                                     "kill_parent": "ok", "setown_all": refused,
+                                     "setown_parent": "ok"},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
@@ -2764,7 +2819,8 @@ class SeccompTests(unittest.TestCase):
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
                                      "clone3": ["OSError", 38], "kill_all": refused,
                                      "kill_group": refused, "kill_own_group": refused,
-                                     "kill_parent": "ok"},
+                                     "kill_parent": "ok", "setown_all": refused,
+                                     "setown_parent": "ok"},
                                     **({"x32": refused} if MACHINE == "x86_64" else {})))
 
     @unittest.skipUnless(SECCOMP_HERE, NO_SECCOMP_HERE)
@@ -2780,8 +2836,10 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(list(report)[-1], "syscalls", report)
         self.assertEqual(said["unix"], ["PermissionError", 13])
         self.assertEqual(said["shmget"], ["PermissionError", 13])
-        # Its kin known: its parent may not be signalled.
+        # Its kin known: its parent may not be signalled, nor made the
+        # owner of a descriptor.
         self.assertEqual(said["kill_parent"], ["PermissionError", 13])
+        self.assertEqual(said["setown_parent"], ["PermissionError", 13])
         self.assertEqual(said["kill_own_group"], "ok")
 
     def test_the_shared_namespace_is_turned_off_by_every_boolean_word(self):

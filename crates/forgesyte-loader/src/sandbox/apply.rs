@@ -19,6 +19,8 @@ use super::{Confinement, seccomp};
 /// enforced, part by part.
 #[allow(unsafe_code)]
 pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
+    // Before Landlock may close `/proc` to it.
+    let kin = seccomp::Kin::of_this_process();
     let mut report = BTreeMap::new();
     report.insert("env".to_owned(), "scrubbed".to_owned());
     // SAFETY: `NEWNET` leaves the file descriptor table alone (the hazard
@@ -42,7 +44,7 @@ pub fn apply(plan: &Confinement) -> BTreeMap<String, String> {
     report.insert("memory".to_owned(), not_dumpable());
     // Last: nothing above makes a socket, and the runner reads its
     // shared-memory socket (already open) only later.
-    let syscalls = seccomp::install(plan.network);
+    let syscalls = seccomp::install(plan.network, kin);
     let filtered = !syscalls.starts_with("unconfined");
     report.insert("syscalls".to_owned(), syscalls);
     let network = match namespace {

@@ -30,7 +30,11 @@
 //! `rt_sigqueueinfo`, `rt_tgsigqueueinfo` and `pidfd_open` of the runner's
 //! parent (its zygote, or the server) or its parent's parent (the server
 //! under a zygote), are refused, and `pidfd_send_signal` as a whole (its
-//! target is a descriptor, which `/proc/PID` opens too). Landlock ABI 6
+//! target is a descriptor, which `/proc/PID` opens too); so is naming such
+//! a process or group the owner of a descriptor, whom the kernel signals
+//! (`SIGIO`, or any signal `F_SETSIG` picks) when it is ready: `fcntl`'s
+//! `F_SETOWN` is checked as `kill` is, `F_SETOWN_EX` and the `ioctl`s
+//! `FIOSETOWN` and `SIOCSPGRP` (their target behind a pointer) refused. Landlock ABI 6
 //! scopes signals to the runner's own processes; on older kernels this is
 //! what stops a plugin from ending its zygote, and with it every Python
 //! plugin, or, as root, every process on the machine. It names processes,
@@ -110,6 +114,14 @@ const NO_CLONE3: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
 const TO_NO_CLONE3: u8 = u8::MAX - 1;
 /// A jump marked with this goes to the check of the elders (patched).
 const TO_ELDERS: u8 = u8::MAX - 2;
+/// A jump marked with this goes to `kill`'s check of a process number in
+/// the accumulator (patched).
+const TO_PIDS: u8 = u8::MAX - 3;
+/// `ioctl`s that make a process or a group a descriptor's owner, whom the
+/// kernel signals (`FIOSETOWN`, `SIOCSPGRP`; their argument a pointer).
+const IOCTLS_SETOWN: [u32; 2] = [0x8901, 0x8902];
+/// `fcntl`'s `F_SETOWN_EX` (the owner behind a pointer; not in `libc`).
+const F_SETOWN_EX: u32 = 15;
 /// The sign bit of a process number (the low half of the argument).
 const NEGATIVE: u32 = 0x8000_0000;
 
@@ -119,19 +131,20 @@ pub(crate) struct Kin {
     /// The runner's process group (it leads it): the one group it may
     /// signal as a whole.
     pub(crate) group: u32,
-    /// Its parent and its parent's parent; 0: not known, not filtered.
+    /// Its parent, and its parent's parent where that is the server (a
+    /// Python runner a zygote forked); 0: none, not filtered.
     pub(crate) elders: [u32; 2],
 }
 
 impl Kin {
-    /// This process's.
+    /// This process's, a native runner's: the server started it, its one
+    /// elder.
     pub(crate) fn of_this_process() -> Self {
         let raw =
             |pid: rustix::process::Pid| u32::try_from(pid.as_raw_nonzero().get()).unwrap_or(0);
-        let parent = rustix::process::getppid().map_or(0, raw);
         Kin {
             group: raw(rustix::process::getpgrp()),
-            elders: [parent, parent_of(parent)],
+            elders: [rustix::process::getppid().map_or(0, raw), 0],
         }
     }
 
@@ -141,21 +154,6 @@ impl Kin {
     }
 }
 
-/// The parent of process `pid` (`/proc/PID/stat`: `PID (NAME) STATE PPID
-/// …`, a name that may hold spaces and parentheses); 0 when it cannot be
-/// read.
-fn parent_of(pid: u32) -> u32 {
-    if pid == 0 {
-        return 0;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
-}
 /// A socket's type is its low bits; the rest are flags (`SOCK_CLOEXEC` …).
 const SOCK_TYPE_MASK: u32 = 0xF;
 const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
@@ -218,24 +216,29 @@ pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
     ));
     p.push(jump(libc::BPF_JEQ, libc::CLONE_PARENT as u32, u8::MAX, 0));
     p.push(ret(ALLOW));
-    // kill(): not -1 (every process), not an elder, not a group (a
-    // negative number) other than its own; else allowed. tkill, tgkill,
+    // kill(): its first argument to the check of process numbers (not -1,
+    // every process; not an elder; not a group, a negative number, other
+    // than its own). fcntl(F_SETOWN): its third, the same; F_SETOWN_EX
+    // (the owner behind a pointer): deny; any other command: allow.
+    // ioctl(FIOSETOWN, SIOCSPGRP): deny, else allow. (A `jeq` whose two
+    // branches go to one place is an unconditional jump.) tkill, tgkill,
     // rt_sigqueueinfo, rt_tgsigqueueinfo, pidfd_open: to the check of the
     // elders (their first argument names the process, or a thread of it).
-    let elders = kin.known_elders().count();
-    p.push(jump(
-        libc::BPF_JEQ,
-        libc::SYS_kill as u32,
-        0,
-        u8::try_from(5 + elders).unwrap_or(0),
-    ));
+    p.push(jump(libc::BPF_JEQ, libc::SYS_kill as u32, 0, 2));
     p.push(load(16));
-    p.push(jump(libc::BPF_JEQ, u32::MAX, u8::MAX, 0));
-    for elder in kin.known_elders() {
-        p.push(jump(libc::BPF_JEQ, elder, u8::MAX, 0));
+    p.push(jump(libc::BPF_JEQ, 0, TO_PIDS, TO_PIDS));
+    p.push(jump(libc::BPF_JEQ, libc::SYS_fcntl as u32, 0, 6));
+    p.push(load(24));
+    p.push(jump(libc::BPF_JEQ, F_SETOWN_EX, u8::MAX, 0));
+    p.push(jump(libc::BPF_JEQ, libc::F_SETOWN as u32, 0, 2));
+    p.push(load(32));
+    p.push(jump(libc::BPF_JEQ, 0, TO_PIDS, TO_PIDS));
+    p.push(ret(ALLOW));
+    p.push(jump(libc::BPF_JEQ, libc::SYS_ioctl as u32, 0, 4));
+    p.push(load(24));
+    for request in IOCTLS_SETOWN {
+        p.push(jump(libc::BPF_JEQ, request, u8::MAX, 0));
     }
-    p.push(jump(libc::BPF_JEQ, kin.group.wrapping_neg(), 1, 0));
-    p.push(jump(libc::BPF_JSET, NEGATIVE, u8::MAX, 0));
     p.push(ret(ALLOW));
     for nr in [
         libc::SYS_tkill,
@@ -276,11 +279,21 @@ pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, elder, u8::MAX, 0));
     }
     p.push(ret(ALLOW));
+    // The check of a process number (loaded): -1, an elder, another group:
+    // deny; else allow.
+    let pids_at = p.len();
+    p.push(jump(libc::BPF_JEQ, u32::MAX, u8::MAX, 0));
+    for elder in kin.known_elders() {
+        p.push(jump(libc::BPF_JEQ, elder, u8::MAX, 0));
+    }
+    p.push(jump(libc::BPF_JEQ, kin.group.wrapping_neg(), 1, 0));
+    p.push(jump(libc::BPF_JSET, NEGATIVE, u8::MAX, 0));
+    p.push(ret(ALLOW));
     p.push(ret(NO_CLONE3));
     p.push(ret(DENY));
     // Every jump marked u8::MAX goes to the deny, the last instruction;
     // one marked TO_NO_CLONE3 to the ENOSYS return before it, one marked
-    // TO_ELDERS to their check.
+    // TO_ELDERS or TO_PIDS to that check.
     let last = p.len() - 1;
     for (i, insn) in p.iter_mut().enumerate() {
         let to = |target: usize| u8::try_from(target.saturating_sub(i + 1)).unwrap_or(u8::MAX);
@@ -291,6 +304,8 @@ pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
                 *offset = to(last - 1);
             } else if *offset == TO_ELDERS {
                 *offset = to(elders_at);
+            } else if *offset == TO_PIDS {
+                *offset = to(pids_at);
             }
         }
     }
@@ -299,19 +314,19 @@ pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
 
 /// Installs the filter on this thread (and so on the threads and processes
 /// it starts later: the runner installs it before it starts any), after
-/// `no_new_privs`, which a filter needs without `CAP_SYS_ADMIN`. What the
-/// hello's `syscalls` says.
-pub(crate) fn install(network: bool) -> String {
+/// `no_new_privs`, which a filter needs without `CAP_SYS_ADMIN`; `kin`:
+/// whom it may not signal. What the hello's `syscalls` says.
+pub(crate) fn install(network: bool, kin: Kin) -> String {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
-        match install_program(&program(network, Kin::of_this_process()), network) {
+        match install_program(&program(network, kin), network) {
             Ok(said) => said.to_owned(),
             Err(e) => format!("unconfined: no seccomp filter ({e})"),
         }
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
-        let _ = network;
+        let _ = (network, kin);
         format!(
             "unconfined: no seccomp filter for this architecture ({})",
             std::env::consts::ARCH
@@ -522,6 +537,30 @@ mod tests {
                     assert_eq!(said, expected, "call {nr} of {target}");
                 }
             }
+            // A descriptor's owner: fcntl(F_SETOWN) as kill(); F_SETOWN_EX,
+            // ioctl(FIOSETOWN, SIOCSPGRP): no; other commands: yes.
+            let fcntl = libc::SYS_fcntl as u32;
+            let setown = libc::F_SETOWN as u32;
+            for (owner, expected) in [
+                (1234, DENY),
+                (u32::MAX, DENY),
+                (4322u32.wrapping_neg(), DENY),
+                (4321u32.wrapping_neg(), ALLOW),
+                (5555, ALLOW),
+                (0, ALLOW),
+            ] {
+                let said = run3(&p, AUDIT_ARCH, fcntl, [7, setown, owner]);
+                assert_eq!(said, expected, "F_SETOWN {}", owner.cast_signed());
+            }
+            assert_eq!(run3(&p, AUDIT_ARCH, fcntl, [7, F_SETOWN_EX, 5555]), DENY);
+            assert_eq!(
+                run3(&p, AUDIT_ARCH, fcntl, [7, libc::F_GETFL as u32, 1234]),
+                ALLOW
+            );
+            let ioctl = libc::SYS_ioctl as u32;
+            for (request, expected) in [(0x8901, DENY), (0x8902, DENY), (0x5401, ALLOW)] {
+                assert_eq!(run3(&p, AUDIT_ARCH, ioctl, [7, request, 0]), expected);
+            }
             // Elders not known: none filtered, the rest as before.
             let unknown = program(network, Kin::default());
             assert_eq!(run(&unknown, AUDIT_ARCH, kill, u32::MAX), DENY);
@@ -588,11 +627,11 @@ mod tests {
         // In a child: the filter stays with the process that installs it.
         // The program is built first: the child of a threaded process
         // allocates nothing.
-        // The child's kin: its parent (this process) and this process's
-        // parent; its group is this process's (it does not lead one).
+        // The child's kin: its parent (this process); its group is this
+        // process's (it does not lead one).
         let kin = Kin {
             group: u32::try_from(rustix::process::getpgrp().as_raw_nonzero().get()).unwrap(),
-            elders: [std::process::id(), parent_of(std::process::id())],
+            elders: [std::process::id(), 0],
         };
         let program = program(false, kin);
         // SAFETY: (a test) the child only makes system calls and exits.
@@ -715,6 +754,26 @@ mod tests {
                         || errno() != Some(libc::EACCES)
                     {
                         return 33;
+                    }
+                    // Its parent, or every process, as a descriptor's
+                    // owner (signalled when it is ready): no; itself, yes.
+                    let fd = pair[0];
+                    for (owner, step) in [(parent, 34), (-1, 35)] {
+                        if libc::fcntl(fd, libc::F_SETOWN, owner) != -1
+                            || errno() != Some(libc::EACCES)
+                        {
+                            return step;
+                        }
+                    }
+                    if libc::fcntl(fd, libc::F_SETOWN, libc::getpid()) != 0 {
+                        return 36;
+                    }
+                    if libc::fcntl(fd, libc::F_GETFL) == -1 {
+                        return 37;
+                    }
+                    let mut owner = parent;
+                    if libc::ioctl(fd, 0x8901, &mut owner) != -1 || errno() != Some(libc::EACCES) {
+                        return 38;
                     }
                 }
                 0

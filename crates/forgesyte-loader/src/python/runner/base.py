@@ -78,26 +78,44 @@ def out_of_memory(error, where, *args):
 
 
 def raised_by_a_statement(error):
-    """Whether ``error`` came from a ``raise`` statement (``raise
-    MemoryError("frame too large")``, a plugin's refusal) rather than from
-    an allocation that failed (the interpreter's or a C extension's,
-    numpy's ``_ArrayMemoryError`` among them, raised inside a call): the
-    innermost frame of its traceback stopped at a ``RAISE_VARARGS``
-    instruction. A bare ``raise`` re-raising a failed allocation keeps the
-    allocation's frame innermost, so it stays an allocation. Anything that
-    cannot be told (no traceback, ``opcode`` not importable with no memory
-    left) is an allocation."""
+    """Whether ``error`` came from a ``raise`` statement with a message
+    (``raise MemoryError("frame too large")``, a plugin's refusal) rather
+    than from an allocation that failed (the interpreter's or a C
+    extension's, numpy's ``_ArrayMemoryError`` among them, raised inside a
+    call): the innermost frame of its traceback stopped at a
+    ``RAISE_VARARGS`` instruction. An allocation all the same: one without
+    a message (``raise MemoryError``, or the interpreter's own, failing to
+    make the exception a ``raise`` names by its class), one whose cause or
+    context is an allocation (``raise MemoryError("...") from e``), and one
+    a bare ``raise`` re-raises (the allocation's frame stays innermost).
+    Anything that cannot be told (no traceback, ``opcode`` not importable
+    with no memory left) is an allocation."""
     try:
-        tb = error.__traceback__
-        if tb is None:
+        if not error.args or not _at_a_raise(error):
             return False
-        while tb.tb_next is not None:
-            tb = tb.tb_next
-        import opcode
-
-        return tb.tb_frame.f_code.co_code[tb.tb_lasti] == opcode.opmap["RAISE_VARARGS"]
+        seen = {id(error)}
+        chained = error.__cause__ or error.__context__
+        while chained is not None and id(chained) not in seen:
+            seen.add(id(chained))
+            if isinstance(chained, MemoryError) and not (chained.args and _at_a_raise(chained)):
+                return False
+            chained = chained.__cause__ or chained.__context__
+        return True
     except BaseException:
         return False
+
+
+def _at_a_raise(error):
+    """Whether the innermost frame of ``error``'s traceback stopped at a
+    ``RAISE_VARARGS`` instruction (raises what cannot be told)."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    import opcode
+
+    return tb.tb_frame.f_code.co_code[tb.tb_lasti] == opcode.opmap["RAISE_VARARGS"]
 
 
 def out_of_memory_unless_raised(error, where, *args):
@@ -147,11 +165,15 @@ class Handover(object):
     descriptors (in, out) and, in a runner its zygote forked, what the
     zygote prepared for it."""
 
-    __slots__ = ("proto_fds", "parent_death_signal", "shm", "netns", "confine_tools", "env")
+    __slots__ = ("proto_fds", "parent_death_signal", "shm", "netns", "confine_tools", "env",
+                 "forked")
 
     def __init__(self, proto_fds, parent_death_signal=False, shm=None, netns=None,
-                 confine_tools=None, env=None):
+                 confine_tools=None, env=None, forked=False):
         self.proto_fds = proto_fds
+        # Whether a zygote forked this runner (its parent is the zygote,
+        # the zygote's the server).
+        self.forked = forked
         # The kernel SIGKILLs this process when the zygote dies: then no
         # thread needs to watch the parent.
         self.parent_death_signal = parent_death_signal

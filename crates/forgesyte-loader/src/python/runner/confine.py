@@ -83,7 +83,7 @@ def unconfined(report):
     return "; ".join(sorted(parts)) if parts else None
 
 
-def confine(plan, shared=None, tools=None, given_env=None):
+def confine(plan, shared=None, tools=None, given_env=None, forked=False):
     """Applies the host's sandbox ``plan`` to this process, before any
     plugin code runs: the environment reduced to the variables
     ``plan["env"]`` names (their values ``given_env``'s, from a zygote's
@@ -116,7 +116,7 @@ def confine(plan, shared=None, tools=None, given_env=None):
     if tools is None:
         tools = confine_tools(ctypes.CDLL(None, use_errno=True))
     libc, syscall, abi = tools
-    family = kin()
+    family = kin(forked)
     report = {}
     env = plan.get("env")
     if isinstance(env, (list, dict)):
@@ -222,17 +222,23 @@ _IO_URING = (425, 426, 427)
 # IPC, POSIX message queues, io_uring, then ``setpgid`` and ``setsid``: a
 # process that leaves its runner's group outlives the runner's end;
 # ``truncate``; ``pidfd_send_signal``, 424 on both), its ``socket``, its
-# ``socketpair`` and its ``clone`` call, its ``kill``, and the calls whose
-# first argument names the process (or a thread of it) they signal:
-# ``tkill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo`` and
-# ``pidfd_open`` (434 on both).
+# ``socketpair`` and its ``clone`` call, its ``kill``, ``fcntl`` and
+# ``ioctl``, and the calls whose first argument names the process (or a
+# thread of it) they signal: ``tkill``, ``tgkill``, ``rt_sigqueueinfo``,
+# ``rt_tgsigqueueinfo`` and ``pidfd_open`` (434 on both).
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
                                   240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112) + (76, 424),
-               41, 53, 56, 62, (200, 234, 129, 297, 434)),
+               41, 53, 56, (62, 72, 16), (200, 234, 129, 297, 434)),
     "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157) + (45, 424), 198,
-                199, 220, 129, (130, 131, 138, 240, 434)),
+                199, 220, (129, 25, 29), (130, 131, 138, 240, 434)),
 }
+# ``fcntl``'s commands that make a process or group a descriptor's owner,
+# whom the kernel signals when it is ready (``F_SETOWN``, checked as
+# ``kill``; ``F_SETOWN_EX``, its owner behind a pointer, refused), and
+# ``ioctl``'s (``FIOSETOWN``, ``SIOCSPGRP``: refused).
+_F_SETOWN, _F_SETOWN_EX = 8, 15
+_IOCTLS_SETOWN = (0x8901, 0x8902)
 _SECCOMP_ARCHES["arm64"] = _SECCOMP_ARCHES["aarch64"]
 
 
@@ -250,8 +256,11 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
     - ``clone3``: ENOSYS (the return before the deny); ``clone`` whose
       flags (args[0]'s low half) hold ``CLONE_PARENT``: deny, any other
       ``clone``: allow
-    - ``kill`` of -1 (every process), of an elder or of a negative number
-      (a group) other than ``-group``: deny, any other ``kill``: allow;
+    - ``kill``: its first argument to the check of process numbers (-1,
+      every process; an elder; a negative number, a group, other than
+      ``-group``: deny; else allow); ``fcntl``: ``F_SETOWN_EX`` deny,
+      ``F_SETOWN`` its third argument to that check, any other command
+      allow; ``ioctl``: ``FIOSETOWN`` and ``SIOCSPGRP`` deny, else allow;
       ``tkill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``
       and ``pidfd_open``: to the check of the elders
     - each System V IPC, POSIX message-queue and io_uring call, ``setsid``,
@@ -268,16 +277,17 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
       namespace Landlock's TCP rights leave TCP Fast Open's ``sendto``,
       a ``listen`` without ``bind`` and all of UDP open)
     - anything else: allow; then the check of the elders (args[0] names
-      one: deny, else allow); deny is ``EACCES``, the program's last
-      instruction."""
+      one: deny, else allow) and that of process numbers; deny is
+      ``EACCES``, the program's last instruction."""
     arch = _SECCOMP_ARCHES.get(machine)
     if arch is None:
         return None
-    audit_arch, x32, ipc, socket, socketpair, clone, kill, named = arch
+    audit_arch, x32, ipc, socket, socketpair, clone, (kill, fcntl, ioctl), named = arch
     known = [pid for pid in elders if pid]
     deny = None  # a jump to the deny, resolved below
     enosys = ()  # a jump to the ENOSYS return, resolved below
     to_elders = object()  # a jump to the check of the elders, resolved below
+    to_pids = object()  # a jump to the check of process numbers, resolved below
     p = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 0, deny, audit_arch), (_BPF_LD_W_ABS, 0, 0, 0)]
     if x32:
         p.append((_BPF_JGE_K, deny, 0, _X32_SYSCALL_BIT))
@@ -287,13 +297,21 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
           (_BPF_AND_K, 0, 0, _CLONE_PARENT),
           (_BPF_JEQ_K, deny, 0, _CLONE_PARENT),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
-    p += [(_BPF_JEQ_K, 0, 5 + len(known), kill),  # kill(): -1, an elder, another group
+    # (A ``jeq`` whose two branches go to one place jumps whatever.)
+    p += [(_BPF_JEQ_K, 0, 2, kill),  # kill(): its process number checked
           (_BPF_LD_W_ABS, 0, 0, 16),
-          (_BPF_JEQ_K, deny, 0, 0xFFFFFFFF)]
-    p.extend((_BPF_JEQ_K, deny, 0, pid) for pid in known)
-    p += [(_BPF_JEQ_K, 1, 0, -group & 0xFFFFFFFF),
-          (_BPF_JSET_K, deny, 0, _NEGATIVE),
-          (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
+          (_BPF_JEQ_K, to_pids, to_pids, 0),
+          (_BPF_JEQ_K, 0, 6, fcntl),  # fcntl(): F_SETOWN's owner checked
+          (_BPF_LD_W_ABS, 0, 0, 24),
+          (_BPF_JEQ_K, deny, 0, _F_SETOWN_EX),
+          (_BPF_JEQ_K, 0, 2, _F_SETOWN),
+          (_BPF_LD_W_ABS, 0, 0, 32),
+          (_BPF_JEQ_K, to_pids, to_pids, 0),
+          (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+          (_BPF_JEQ_K, 0, 4, ioctl),  # ioctl(): no owner set
+          (_BPF_LD_W_ABS, 0, 0, 24)]
+    p.extend((_BPF_JEQ_K, deny, 0, request) for request in _IOCTLS_SETOWN)
+    p.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
     p.extend((_BPF_JEQ_K, to_elders, 0, nr) for nr in named)
     p.extend((_BPF_JEQ_K, deny, 0, nr) for nr in sorted(ipc))
     if not network:
@@ -310,7 +328,14 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
     elders_at = len(p)  # the check of the elders
     p.append((_BPF_LD_W_ABS, 0, 0, 16))
     p.extend((_BPF_JEQ_K, deny, 0, pid) for pid in known)
-    p += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_ENOSYS),
+    p.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    pids_at = len(p)  # the check of a process number (loaded)
+    p.append((_BPF_JEQ_K, deny, 0, 0xFFFFFFFF))
+    p.extend((_BPF_JEQ_K, deny, 0, pid) for pid in known)
+    p += [(_BPF_JEQ_K, 1, 0, -group & 0xFFFFFFFF),
+          (_BPF_JSET_K, deny, 0, _NEGATIVE),
+          (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+          (_BPF_RET_K, 0, 0, _SECCOMP_RET_ENOSYS),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_EACCES)]
     last = len(p) - 1
 
@@ -321,16 +346,22 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
             return last - i - 2
         if offset is to_elders:
             return elders_at - i - 1
+        if offset is to_pids:
+            return pids_at - i - 1
         return offset
 
     return [(code, to(i, jt), to(i, jf), k) for i, (code, jt, jf, k) in enumerate(p)]
 
 
-def kin():
-    """This process's group, and its parent and its parent's parent (0 for
-    one not known), for the filter's signal rules: read before Landlock
-    closes other processes' ``/proc`` files."""
+def kin(forked):
+    """This process's group, and its elders for the filter's signal rules:
+    its parent, and, when a zygote forked it (``forked``), the zygote's
+    parent, the server (0 for one not known; a runner the server started
+    has no elder but the server). Read before Landlock closes other
+    processes' ``/proc`` files."""
     parent = os.getppid()
+    if not forked:
+        return os.getpgrp(), (parent, 0)
     try:
         with open("/proc/%d/stat" % parent, "rb") as f:
             # "PID (NAME) STATE PPID ...": a name may hold ")" and spaces.

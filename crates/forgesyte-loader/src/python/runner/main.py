@@ -154,7 +154,8 @@ def main(argv, handover):
     confinement = None
     if args.confine is not None:
         try:
-            confinement = confine(args.confine, handover.netns, handover.confine_tools, handover.env)
+            confinement = confine(args.confine, handover.netns, handover.confine_tools, handover.env,
+                                  handover.forked)
         except Exception as e:
             diag("cannot confine the runner: %s: %s" % (type(e).__name__, e))
             exit_now(EXIT_SETUP)

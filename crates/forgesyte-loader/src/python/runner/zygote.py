@@ -248,7 +248,7 @@ class _Zygote(object):
             os.close(own)
 
     def become_runner(self, argv, fds, shm_threshold=None, env_fd=False, sources_fd=False):
-        handover = Handover(None, netns=self.netns, confine_tools=self.confine_tools)
+        handover = Handover(None, netns=self.netns, confine_tools=self.confine_tools, forked=True)
         try:
             self.signal.set_wakeup_fd(-1)
             self.signal.signal(self.signal.SIGCHLD, self.signal.SIG_DFL)
