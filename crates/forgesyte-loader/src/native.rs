@@ -460,6 +460,12 @@ impl NativeLibrary {
         })
     }
 
+    /// An address in the library's code (a function of its vtable): a
+    /// stack dump tells the library's frames by it.
+    pub(crate) fn code_address(&self) -> usize {
+        self.vtable.v1().destroy as usize
+    }
+
     /// The SDK version the plugin was built with, as it reports it.
     pub fn sdk_version(&self) -> String {
         c_str(self.vtable.v1().sdk_version)

@@ -181,8 +181,11 @@ fn every_fault_at_construction_fails_only_that_plugin() {
         "init-hang",
         S::Failed,
         &[
-            "InitError: timed out after 500 ms during init; the limit is the manifest's \
-             limits.init_timeout_s, else the server's --init-timeout",
+            "InitError: timed out after 500 ms during init, stuck at \
+             fixture_faulty::do_fault (",
+            "/libfixture_faulty.so), in ",
+            "; the limit is the manifest's limits.init_timeout_s, else the server's \
+             --init-timeout",
         ],
     );
     check(
@@ -384,8 +387,13 @@ fn every_fault_at_tool_time_gives_its_reason() {
         "t-hang",
         S::Failed,
         &[
-            "TimeoutError: timed out after 300 ms during tool 'hang'; the limit is the \
-             manifest's limits.call_timeout_s, else the server's --call-timeout",
+            "TimeoutError: timed out after 300 ms during tool 'hang', stuck at ",
+            // Its own function (not the standard library's sleep, compiled
+            // into its library), then where it waits.
+            "fixture_faulty::do_fault (",
+            "/libfixture_faulty.so), in ",
+            "; the limit is the manifest's limits.call_timeout_s, else the server's \
+             --call-timeout",
         ],
     );
     assert_eq!(

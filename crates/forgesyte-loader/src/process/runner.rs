@@ -13,7 +13,8 @@
 //!    [`PARENT_POLL`].
 //! 4. Loads the library through [`NativeLibrary`] (the same checks as
 //!    in-process) and sends the hello (protocol version, runtime `native`,
-//!    capabilities), or the import error.
+//!    capabilities, the signal that asks for its stacks: [`dump`]), or the
+//!    import error.
 //! 5. Reads requests on the original stdin; each runs on a thread of its
 //!    own (an idle one of earlier requests, else a new one:
 //!    [`super::workers`]), so several calls can be in flight (the SDK
@@ -54,6 +55,8 @@ use serde_json::value::RawValue;
 
 use super::wire_error::WireErrorExt;
 use super::workers::Workers;
+
+mod dump;
 use crate::host::{PluginInstance, PluginLibrary};
 use crate::native::NativeLibrary;
 
@@ -225,6 +228,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
     let confinement = args.confine.as_ref().map(crate::sandbox::apply);
     watch_parent();
+    let stack_signal = dump::start(&args.plugin);
     let refused = args
         .confine
         .as_ref()
@@ -250,7 +254,14 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         (None, None) => NativeLibrary::open(&args.library),
     };
     let library = match opened {
-        Ok(library) => Arc::new(library),
+        Ok(library) => {
+            let bytes_at = args.library_fd.map_or_else(
+                || args.library.clone(),
+                |fd| PathBuf::from(format!("/proc/self/fd/{fd}")),
+            );
+            dump::know_library(library.code_address(), args.library.clone(), bytes_at);
+            Arc::new(library)
+        }
         Err(e) => {
             send(
                 &out,
@@ -279,8 +290,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 .map(String::from)
                 .collect(),
             confinement,
-            // A native runner has no way to write its threads' stacks.
-            stack_signal: None,
+            stack_signal,
         }),
         &[],
     );
@@ -338,7 +348,9 @@ fn serve(
             Request::Call { id, .. } => (*id, false),
         };
         let ran = workers.run(Box::new(move || {
+            let busy = dump::Busy::enter(id);
             let (response, binary) = handle(request, &frame, &library, &instance);
+            drop(busy);
             let parts: Vec<&[u8]> = binary.iter().map(|b| &b[..]).collect();
             send(&answers, &response, &parts);
         }));

@@ -13,6 +13,11 @@
 //!   File "/root/.cache/forgesyte/python/forgesyte_runner_0123/serve.py", line 90 in create
 //! ```
 //!
+//! A native runner's dump (`runner/dump.rs`) has a header per thread
+//! running a request (`Native thread TID, request ID (most recent call
+//! first):`), then its frames, `  at FUNCTION (FILE)`, those of the
+//! plugin's library marked ` [plugin]`.
+//!
 //! The thread that matters is the one the runner called the plugin on:
 //! its frames go from the runner's own files into the plugin's. Its first
 //! frame past the runner's, the import system's (a module stuck as it is
@@ -61,7 +66,62 @@ pub(crate) fn is_stack_header(line: &str) -> bool {
     line.ends_with("(most recent call first):")
         && (line.contains("Thread 0x")
             || line.contains("Current thread 0x")
-            || line.ends_with("Stack (most recent call first):"))
+            || line.ends_with("Stack (most recent call first):")
+            || is_native_header(line))
+}
+
+/// Whether `line` starts one thread's stack in a native runner's dump.
+fn is_native_header(line: &str) -> bool {
+    line.contains("Native thread ") && line.ends_with("(most recent call first):")
+}
+
+/// The mark of a native frame in the plugin's library.
+const PLUGIN_FRAME: &str = " [plugin]";
+
+/// Whether a native frame (`FUNCTION (FILE)`) is Rust's standard library
+/// or the SDK's glue compiled into the plugin's library, not its own code.
+fn is_rusts_own(frame: &str) -> bool {
+    let function = frame.trim_start_matches('<');
+    [
+        "std::",
+        "core::",
+        "alloc::",
+        "forgesyte_plugin_sdk::",
+        "__rust",
+    ]
+    .iter()
+    .any(|prefix| function.starts_with(prefix))
+}
+
+/// [`read_stuck_at`] of a native runner's dump: the innermost frame of the
+/// plugin's own code (not the standard library's in its library), and the
+/// innermost frame when that is elsewhere.
+fn read_native_stuck_at(lines: &[String]) -> Option<String> {
+    let mut threads: Vec<Vec<&str>> = Vec::new();
+    for line in lines {
+        if is_native_header(line) {
+            threads.push(Vec::new());
+        } else if let (Some(thread), Some(frame)) =
+            (threads.last_mut(), line.trim_start().strip_prefix("at "))
+        {
+            thread.push(frame);
+        }
+    }
+    let mut in_plugin = threads.iter().filter_map(|frames| {
+        let entry = frames.iter().find_map(|frame| {
+            frame
+                .strip_suffix(PLUGIN_FRAME)
+                .filter(|own| !is_rusts_own(own))
+        })?;
+        let innermost = frames[0].strip_suffix(PLUGIN_FRAME).unwrap_or(frames[0]);
+        Some(if innermost == entry {
+            entry.to_owned()
+        } else {
+            format!("{entry}, in {innermost}")
+        })
+    });
+    let only = in_plugin.next()?;
+    in_plugin.next().is_none().then_some(only)
 }
 
 /// One frame line: `  File "PATH", line N in FUNCTION`, as `PATH:N in
@@ -91,6 +151,9 @@ fn is_pythons_own(path: &str) -> bool {
 /// a thread's stack was cut (`faulthandler` writes 100 frames, then
 /// `...`): its thread could be the one.
 pub(crate) fn read_stuck_at(lines: &[String]) -> Option<String> {
+    if lines.iter().any(|line| is_native_header(line)) {
+        return read_native_stuck_at(lines);
+    }
     if lines.iter().any(|line| line.trim() == "...") {
         return None;
     }
@@ -362,6 +425,43 @@ mod tests {
     }
 
     const RUNNER: &str = "/root/.cache/forgesyte/python/forgesyte_runner_00ff00ff00ff00ff/serve.py";
+
+    #[test]
+    fn a_native_dump_names_the_plugins_own_innermost_function() {
+        let dump = lines(
+            "Native thread 42, request 7 (most recent call first):\n\
+             \x20 at clock_nanosleep (/lib/x86_64-linux-gnu/libc.so.6)\n\
+             \x20 at std::thread::sleep (/p/libslow.so) [plugin]\n\
+             \x20 at slow::spin (/p/libslow.so) [plugin]\n\
+             \x20 at forgesyte_plugin_sdk::ffi::call (/p/libslow.so) [plugin]\n\
+             \x20 at forgesyte::runner::handle+0x40 (/usr/bin/forgesyte)\n",
+        );
+        assert!(is_stack_header(&dump[0]));
+        assert_eq!(
+            read_stuck_at(&dump).as_deref(),
+            Some(
+                "slow::spin (/p/libslow.so), in clock_nanosleep (/lib/x86_64-linux-gnu/libc.so.6)"
+            )
+        );
+        // Spinning in its own code: that frame alone.
+        let spinning = lines(
+            "Native thread 42, request 7 (most recent call first):\n\
+             \x20 at slow::spin (/p/libslow.so) [plugin]\n\
+             \x20 at forgesyte::runner::handle (/usr/bin/forgesyte)\n",
+        );
+        assert_eq!(
+            read_stuck_at(&spinning).as_deref(),
+            Some("slow::spin (/p/libslow.so)")
+        );
+        // Two threads in the plugin's code, or none: nothing said.
+        let two = lines(&format!("{}\n{}", spinning.join("\n"), spinning.join("\n")));
+        assert_eq!(read_stuck_at(&two), None);
+        let none = lines(
+            "Native thread 42, request 7 (most recent call first):\n\
+             \x20 at read (/lib/x86_64-linux-gnu/libc.so.6)\n",
+        );
+        assert_eq!(read_stuck_at(&none), None);
+    }
 
     #[test]
     fn the_one_thread_in_the_plugins_code_says_where_it_is() {
