@@ -96,7 +96,11 @@ impl Busy {
     /// Marks this thread as running `request` (nothing when every slot is
     /// taken: it is then left out of a dump).
     pub(super) fn enter(request: u64) -> Self {
-        let tid = gettid();
+        thread_local! {
+            // A call's thread is a long-lived worker: its id once.
+            static TID: i32 = gettid();
+        }
+        let tid = TID.with(|tid| *tid);
         let slot = BUSY.iter().find(|slot| {
             slot.tid
                 .compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed)
