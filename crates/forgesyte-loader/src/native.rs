@@ -460,10 +460,10 @@ impl NativeLibrary {
         })
     }
 
-    /// An address in the library's code (a function of its vtable): a
+    /// An address in the library (its vtable, a static of its own): a
     /// stack dump tells the library's frames by it.
-    pub(crate) fn code_address(&self) -> usize {
-        self.vtable.v1().destroy as usize
+    pub(crate) fn address_inside(&self) -> usize {
+        std::ptr::from_ref(self.vtable.v1()) as usize
     }
 
     /// The SDK version the plugin was built with, as it reports it.

@@ -259,7 +259,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 || args.library.clone(),
                 |fd| PathBuf::from(format!("/proc/self/fd/{fd}")),
             );
-            dump::know_library(library.code_address(), args.library.clone(), bytes_at);
+            dump::know_library(library.address_inside(), args.library.clone(), bytes_at);
             Arc::new(library)
         }
         Err(e) => {

@@ -78,41 +78,78 @@ fn is_native_header(line: &str) -> bool {
 /// The mark of a native frame in the plugin's library.
 const PLUGIN_FRAME: &str = " [plugin]";
 
-/// Whether a native frame (`FUNCTION (FILE)`) is Rust's standard library
-/// or the SDK's glue compiled into the plugin's library, not its own code.
+/// The name of a native frame's function (`FUNCTION (FILE)`) with what an
+/// impl's name starts with (`<&mut T as core::…>`) taken off.
+fn function_path(frame: &str) -> &str {
+    let function = frame.trim_start_matches(['<', '&', '*', '[', '(']);
+    ["mut ", "const ", "dyn "]
+        .iter()
+        .fold(function, |f, word| f.strip_prefix(word).unwrap_or(f))
+}
+
+/// Whether a native frame is Rust's standard library compiled into the
+/// plugin's library, not its own code: a function of its paths, or a
+/// method of an impl for a type named by no path (`<&mut F as
+/// core::ops::FnMut<A>>`, `<[T] as …>`: a blanket impl; the plugin's
+/// types have paths).
 fn is_rusts_own(frame: &str) -> bool {
-    let function = frame.trim_start_matches('<');
+    let function = function_path(frame);
+    if frame.starts_with('<')
+        && let Some((self_type, _)) = function.split_once(" as ")
+        && !self_type.contains("::")
+    {
+        return true;
+    }
     [
         "std::",
         "core::",
         "alloc::",
-        "forgesyte_plugin_sdk::",
+        "panic_unwind::",
+        "compiler_builtins::",
+        "std_detect::",
         "__rust",
+        "rust_begin_unwind",
     ]
     .iter()
     .any(|prefix| function.starts_with(prefix))
 }
 
+/// Whether a native frame is the SDK's glue around the plugin's code (its
+/// name holds the plugin's type: `forgesyte_plugin_sdk::…::<my::Plugin>`).
+fn is_the_sdks(frame: &str) -> bool {
+    function_path(frame).starts_with("forgesyte_plugin_sdk::")
+}
+
 /// [`read_stuck_at`] of a native runner's dump: the innermost frame of the
-/// plugin's own code (not the standard library's in its library), and the
-/// innermost frame when that is elsewhere.
+/// plugin's own code (not the standard library's nor the SDK's in its
+/// library; else, its code all inlined, the SDK's, then any of its
+/// library's), and the innermost frame when that is elsewhere. A thread
+/// dumped twice (two dumps within one watch) counts once.
 fn read_native_stuck_at(lines: &[String]) -> Option<String> {
     let mut threads: Vec<Vec<&str>> = Vec::new();
+    let mut headers: Vec<&str> = Vec::new();
+    let mut repeated = false;
     for line in lines {
         if is_native_header(line) {
-            threads.push(Vec::new());
-        } else if let (Some(thread), Some(frame)) =
-            (threads.last_mut(), line.trim_start().strip_prefix("at "))
-        {
+            repeated = headers.contains(&line.as_str());
+            if !repeated {
+                headers.push(line);
+                threads.push(Vec::new());
+            }
+        } else if let (false, Some(thread), Some(frame)) = (
+            repeated,
+            threads.last_mut(),
+            line.trim_start().strip_prefix("at "),
+        ) {
             thread.push(frame);
         }
     }
     let mut in_plugin = threads.iter().filter_map(|frames| {
-        let entry = frames.iter().find_map(|frame| {
-            frame
-                .strip_suffix(PLUGIN_FRAME)
-                .filter(|own| !is_rusts_own(own))
-        })?;
+        let plugins = || frames.iter().filter_map(|f| f.strip_suffix(PLUGIN_FRAME));
+        let entry = plugins()
+            .find(|f| !is_rusts_own(f) && !is_the_sdks(f))
+            .or_else(|| plugins().find(|f| is_the_sdks(f)))
+            .or_else(|| plugins().next())?;
         let innermost = frames[0].strip_suffix(PLUGIN_FRAME).unwrap_or(frames[0]);
         Some(if innermost == entry {
             entry.to_owned()
@@ -453,9 +490,38 @@ mod tests {
             read_stuck_at(&spinning).as_deref(),
             Some("slow::spin (/p/libslow.so)")
         );
-        // Two threads in the plugin's code, or none: nothing said.
-        let two = lines(&format!("{}\n{}", spinning.join("\n"), spinning.join("\n")));
+        // Two threads in the plugin's code, or none: nothing said; one
+        // thread dumped twice is one.
+        let other = spinning.join("\n").replace("thread 42", "thread 43");
+        let two = lines(&format!("{}\n{other}", spinning.join("\n")));
         assert_eq!(read_stuck_at(&two), None);
+        let twice = lines(&format!("{}\n{}", spinning.join("\n"), spinning.join("\n")));
+        assert_eq!(
+            read_stuck_at(&twice).as_deref(),
+            Some("slow::spin (/p/libslow.so)")
+        );
+        // A method of its own type's impl of a standard trait is its own.
+        assert!(!is_rusts_own(
+            "<slow::Slow as core::ops::Drop>::drop (/p/libslow.so)"
+        ));
+        assert!(is_rusts_own(
+            "<[T] as core::fmt::Debug>::fmt (/p/libslow.so)"
+        ));
+        assert!(is_rusts_own("alloc::vec::Vec<T>::push (/p/libslow.so)"));
+        // Its code all inlined into the SDK's glue: that frame, which names
+        // its type (an impl of the standard library's is not its code).
+        let inlined = lines(
+            "Native thread 42, request 7 (most recent call first):\n\
+             \x20 at <&mut T as core::ops::FnMut<A>>::call_mut (/p/libslow.so) [plugin]\n\
+             \x20 at forgesyte_plugin_sdk::abi::call::<slow::Slow> (/p/libslow.so) [plugin]\n",
+        );
+        assert_eq!(
+            read_stuck_at(&inlined).as_deref(),
+            Some(
+                "forgesyte_plugin_sdk::abi::call::<slow::Slow> (/p/libslow.so), in \
+                 <&mut T as core::ops::FnMut<A>>::call_mut (/p/libslow.so)"
+            )
+        );
         let none = lines(
             "Native thread 42, request 7 (most recent call first):\n\
              \x20 at read (/lib/x86_64-linux-gnu/libc.so.6)\n",

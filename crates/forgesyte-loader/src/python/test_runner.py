@@ -1916,8 +1916,16 @@ class MemoryLimitTests(RunnerTestCase):
             except MemoryError:
                 raise MemoryError("again")
 
+        def caused_otherwise():
+            # Raised from another error while handling a failed allocation.
+            try:
+                allocate()
+            except MemoryError:
+                raise MemoryError("x") from ValueError("y")
+
         cases = [(refuse, True), (allocate, False), (repeat, False), (reraise, False),
-                 (wrap, False), (subclass, True), (bare, False), (nested, True)]
+                 (wrap, False), (subclass, True), (bare, False), (nested, True),
+                 (caused_otherwise, False)]
         for function, expected in cases:
             try:
                 function()

@@ -3,8 +3,10 @@
 //! request is, written to stderr in the shape the host's `process::stacks`
 //! reads.
 //!
-//! On the thread the kernel picks for the host's signal, the handler only
-//! writes a byte to a pipe, which the runner's dump thread reads. That
+//! On the thread the kernel picks for the host's signal (one from another
+//! process: the runner's own, and a plugin's `raise`, are not asked for a
+//! dump), the handler only writes a byte to a pipe, which the runner's dump
+//! thread reads. That
 //! thread sends the signal again to each thread running a request
 //! (`tgkill`), marked as asked: on such a thread the handler walks the
 //! thread's own stack (`_Unwind_Backtrace`, which reads the stack and the
@@ -34,7 +36,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The signal the host sends for a dump (the hello's `stack_signal`; the
@@ -57,8 +59,9 @@ struct Slot {
     tid: AtomicI32,
     /// The request it runs.
     request: AtomicU64,
-    /// Whether the dump thread asked it for its stack.
-    asked: AtomicBool,
+    /// The thread the dump thread asked for its stack (0: none): a slot
+    /// left and taken again meanwhile is not walked for the one asked.
+    asked: AtomicI32,
     /// The program counter the signal interrupted.
     pc: AtomicUsize,
     /// How many of `frames` the walk filled; [`NOT_YET`] before.
@@ -71,7 +74,7 @@ impl Slot {
         Self {
             tid: AtomicI32::new(0),
             request: AtomicU64::new(0),
-            asked: AtomicBool::new(false),
+            asked: AtomicI32::new(0),
             pc: AtomicUsize::new(0),
             depth: AtomicUsize::new(NOT_YET),
             frames: [const { AtomicUsize::new(0) }; FRAMES],
@@ -116,7 +119,7 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         if let Some(slot) = self.0 {
-            slot.asked.store(false, Ordering::Release);
+            slot.asked.store(0, Ordering::Release);
             slot.tid.store(0, Ordering::Release);
         }
     }
@@ -180,11 +183,18 @@ struct Library {
     symbols: OnceLock<Vec<(u64, u64, String)>>,
 }
 
-/// Tells the dumps which library is the plugin's: `code` is an address in
-/// it (a function of its vtable); `shown` its path, `bytes_at` where its
-/// bytes can be read.
-pub(super) fn know_library(code: usize, shown: PathBuf, bytes_at: PathBuf) {
-    let Some(Located { base, .. }) = locate(code) else {
+impl Library {
+    /// Its functions by address, read at the first call.
+    fn symbols(&self) -> &[(u64, u64, String)] {
+        self.symbols.get_or_init(|| read_symbols(&self.bytes_at))
+    }
+}
+
+/// Tells the dumps which library is the plugin's: `inside` is an address
+/// in it (its vtable); `shown` its path, `bytes_at` where its bytes can be
+/// read.
+pub(super) fn know_library(inside: usize, shown: PathBuf, bytes_at: PathBuf) {
+    let Some(Located { base, .. }) = locate(inside) else {
         return;
     };
     let _ = LIBRARY.set(Library {
@@ -196,19 +206,27 @@ pub(super) fn know_library(code: usize, shown: PathBuf, bytes_at: PathBuf) {
 }
 
 /// The handler: on a thread the dump thread asked, its stack walked into
-/// its slot; on any other, a request for a dump on the pipe. Only
-/// async-signal-safe calls (atomics, `gettid`, `write`), and the walk.
-extern "C" fn on_signal(_signal: c_int, _info: *mut libc::siginfo_t, context: *mut c_void) {
+/// its slot; a signal from another process (the host's), a request for a
+/// dump on the pipe; any other (a late `tgkill` of a thread that left its
+/// slot, a plugin's own `raise`), nothing. Only async-signal-safe calls
+/// (atomics, `gettid`, `getpid`, `write`), and the walk.
+extern "C" fn on_signal(_signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
     // SAFETY: this thread's errno, restored before the handler returns.
     let saved = unsafe { *libc::__errno_location() };
     let tid = gettid();
-    let asked = BUSY
-        .iter()
-        .find(|slot| slot.tid.load(Ordering::Acquire) == tid)
-        .filter(|slot| slot.asked.swap(false, Ordering::AcqRel));
+    let asked = BUSY.iter().find(|slot| {
+        slot.asked
+            .compare_exchange(tid, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    });
+    // SAFETY: the kernel passes a `siginfo_t` to an `SA_SIGINFO` handler,
+    // alive while it runs; `si_pid` is the sender's for a signal sent by
+    // `kill` or `tgkill`.
+    let sender = (!info.is_null()).then(|| unsafe { (*info).si_pid() });
+    let own = rustix::process::getpid().as_raw_nonzero().get();
     if let Some(slot) = asked {
         walk(slot, context);
-    } else {
+    } else if sender.is_some_and(|sender| sender != own) {
         let fd = REQUESTS.load(Ordering::Acquire);
         if fd >= 0 {
             // SAFETY: `write` of one byte from a static to the pipe's
@@ -326,14 +344,21 @@ fn dump() -> String {
             continue;
         }
         slot.depth.store(NOT_YET, Ordering::Release);
-        slot.asked.store(true, Ordering::Release);
+        slot.asked.store(tid, Ordering::Release);
         // SAFETY: `tgkill` with integers: this process, one of its threads.
         let sent = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, STACK_SIGNAL) } == 0;
         if sent {
             asked.push((slot, tid));
         } else {
-            slot.asked.store(false, Ordering::Release);
+            slot.asked.store(0, Ordering::Release);
         }
+    }
+    // The plugin's symbols (read at the first dump) while the threads
+    // walk their stacks.
+    if !asked.is_empty()
+        && let Some(library) = LIBRARY.get()
+    {
+        library.symbols();
     }
     let deadline = Instant::now() + CAPTURE_WAIT;
     while asked
@@ -423,17 +448,16 @@ fn describe(ip: usize, innermost: bool) -> String {
     };
     let offset = at.wrapping_sub(base);
     if let Some(library) = LIBRARY.get().filter(|library| library.base == base) {
-        let name = library
-            .symbols
-            .get_or_init(|| read_symbols(&library.bytes_at))
-            .iter()
-            .rev()
-            .find(|(start, size, _)| {
-                (*start as usize) <= offset && (*size == 0 || offset < (start + size) as usize)
-            })
-            .map_or_else(|| format!("{offset:#x}"), |(_, _, name)| demangled(name));
+        let name = function_at(library.symbols(), offset as u64)
+            .map_or_else(|| format!("{offset:#x}"), demangled);
         return format!("{name} ({}) [plugin]", library.shown.display());
     }
+    // The runner's own executable has no name in `dladdr`'s answer.
+    let file = if file.is_empty() {
+        "the runner".to_owned()
+    } else {
+        file
+    };
     let name = match exported {
         Some((name, start)) => {
             let past = at.wrapping_sub(start);
@@ -448,6 +472,14 @@ fn describe(ip: usize, innermost: bool) -> String {
     format!("{name} ({file})")
 }
 
+/// The function of `symbols` (by address) that holds `offset`: the nearest
+/// at or below it, if its size reaches it (or it has none).
+fn function_at(symbols: &[(u64, u64, String)], offset: u64) -> Option<&str> {
+    let below = symbols.partition_point(|(start, _, _)| *start <= offset);
+    let (start, size, name) = symbols.get(below.checked_sub(1)?)?;
+    (*size == 0 || offset - start < *size).then_some(name.as_str())
+}
+
 /// The largest library whose symbols a dump reads.
 const MAX_LIBRARY_BYTES: u64 = 512 << 20;
 
@@ -455,14 +487,15 @@ const MAX_LIBRARY_BYTES: u64 = 512 << 20;
 /// and the memory for them can be had: under the runner's memory limit a
 /// failed allocation must not abort the dump (the runner with it).
 fn read_library(path: &std::path::Path) -> Option<Vec<u8>> {
-    let mut file = std::fs::File::open(path).ok()?;
+    let file = std::fs::File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
     if len > MAX_LIBRARY_BYTES {
         return None;
     }
     let mut bytes = Vec::new();
     bytes.try_reserve_exact(usize::try_from(len).ok()?).ok()?;
-    file.read_to_end(&mut bytes).ok()?;
+    // No more than its size said (a descriptor replaced by a pipe).
+    file.take(len).read_to_end(&mut bytes).ok()?;
     Some(bytes)
 }
 
@@ -485,7 +518,9 @@ fn read_symbols(path: &std::path::Path) -> Vec<(u64, u64, String)> {
             Some((symbol.address(), symbol.size(), name.to_owned()))
         })
         .collect();
-    symbols.sort();
+    // By address, the largest first at one address (an alias of size 0
+    // beside the function's own symbol): the one kept.
+    symbols.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     symbols.dedup_by_key(|(start, _, _)| *start);
     symbols
 }
@@ -510,6 +545,24 @@ mod tests {
             "core::option::Option<T>::unwrap"
         );
         assert_eq!(demangled("clock_nanosleep"), "clock_nanosleep");
+    }
+
+    #[test]
+    fn an_offset_is_named_by_the_function_that_holds_it() {
+        let symbols = vec![
+            (0x100, 0x20, "a".to_owned()),
+            (0x200, 0, "b".to_owned()),
+            (0x300, 0x10, "c".to_owned()),
+        ];
+        assert_eq!(function_at(&symbols, 0x100), Some("a"));
+        assert_eq!(function_at(&symbols, 0x11f), Some("a"));
+        // Past its size, before the next: no name (not a distant one).
+        assert_eq!(function_at(&symbols, 0x120), None);
+        // A symbol of no size holds what follows it, up to the next.
+        assert_eq!(function_at(&symbols, 0x2ff), Some("b"));
+        assert_eq!(function_at(&symbols, 0x305), Some("c"));
+        assert_eq!(function_at(&symbols, 0x50), None);
+        assert_eq!(function_at(&[], 0x50), None);
     }
 
     #[test]

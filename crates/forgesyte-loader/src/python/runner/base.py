@@ -93,13 +93,16 @@ def raised_by_a_statement(error):
     try:
         if not error.args or not _at_a_raise(error):
             return False
-        seen = {id(error)}
-        chained = error.__cause__ or error.__context__
-        while chained is not None and id(chained) not in seen:
+        # Every exception it was raised from or while handling, both links.
+        seen, waiting = {id(error)}, [error.__cause__, error.__context__]
+        while waiting:
+            chained = waiting.pop()
+            if chained is None or id(chained) in seen:
+                continue
             seen.add(id(chained))
             if isinstance(chained, MemoryError) and not (chained.args and _at_a_raise(chained)):
                 return False
-            chained = chained.__cause__ or chained.__context__
+            waiting += [chained.__cause__, chained.__context__]
         return True
     except BaseException:
         return False
