@@ -120,6 +120,16 @@ const TO_PIDS: u8 = u8::MAX - 3;
 /// `ioctl`s that make a process or a group a descriptor's owner, whom the
 /// kernel signals (`FIOSETOWN`, `SIOCSPGRP`; their argument a pointer).
 const IOCTLS_SETOWN: [u32; 2] = [0x8901, 0x8902];
+/// The calls whose first argument names the one process (or a thread of
+/// it) they signal or open: refused for an elder.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const NAMING_ONE: [libc::c_long; 5] = [
+    libc::SYS_tkill,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_pidfd_open,
+];
 /// `fcntl`'s `F_SETOWN_EX` (the owner behind a pointer; not in `libc`).
 const F_SETOWN_EX: u32 = 15;
 /// The sign bit of a process number (the low half of the argument).
@@ -240,13 +250,7 @@ pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
         p.push(jump(libc::BPF_JEQ, request, u8::MAX, 0));
     }
     p.push(ret(ALLOW));
-    for nr in [
-        libc::SYS_tkill,
-        libc::SYS_tgkill,
-        libc::SYS_rt_sigqueueinfo,
-        libc::SYS_rt_tgsigqueueinfo,
-        libc::SYS_pidfd_open,
-    ] {
+    for nr in NAMING_ONE {
         p.push(jump(libc::BPF_JEQ, nr as u32, TO_ELDERS, 0));
     }
     for nr in denied_calls() {
@@ -525,13 +529,7 @@ mod tests {
                 let said = run(&p, AUDIT_ARCH, kill, target);
                 assert_eq!(said, expected, "kill({})", target.cast_signed());
             }
-            for nr in [
-                libc::SYS_tkill,
-                libc::SYS_tgkill,
-                libc::SYS_rt_sigqueueinfo,
-                libc::SYS_rt_tgsigqueueinfo,
-                libc::SYS_pidfd_open,
-            ] {
+            for nr in NAMING_ONE {
                 for (target, expected) in [(1234, DENY), (99, DENY), (5555, ALLOW), (4321, ALLOW)] {
                     let said = run(&p, AUDIT_ARCH, nr as u32, target);
                     assert_eq!(said, expected, "call {nr} of {target}");

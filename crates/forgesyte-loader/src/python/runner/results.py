@@ -179,7 +179,7 @@ def _json_mode(model, dumped):
         if not where:
             return model.model_dump(mode="json")
         return _with_bytes(dumped, model.model_dump(mode="json", exclude=where), where)
-    except _NoFallback:
+    except (_NoFallback, MemoryError):
         raise
     except Exception:
         raise _NoFallback()
@@ -296,6 +296,8 @@ def to_wire(value):
         if in_model:
             try:
                 leaf = _pydantic_leaf(x)
+            except MemoryError:
+                raise
             except Exception:
                 leaf = x
             if leaf is not x and type(leaf) is not kind:
