@@ -144,21 +144,32 @@ fn read_native_stuck_at(lines: &[String]) -> Option<String> {
             thread.push(frame);
         }
     }
-    let mut in_plugin = threads.iter().filter_map(|frames| {
+    the_one_place(threads.iter().filter_map(|frames| {
         let plugins = || frames.iter().filter_map(|f| f.strip_suffix(PLUGIN_FRAME));
         let entry = plugins()
             .find(|f| !is_rusts_own(f) && !is_the_sdks(f))
             .or_else(|| plugins().find(|f| is_the_sdks(f)))
             .or_else(|| plugins().next())?;
         let innermost = frames[0].strip_suffix(PLUGIN_FRAME).unwrap_or(frames[0]);
-        Some(if innermost == entry {
-            entry.to_owned()
-        } else {
-            format!("{entry}, in {innermost}")
-        })
-    });
-    let only = in_plugin.next()?;
-    in_plugin.next().is_none().then_some(only)
+        Some(place(entry, innermost))
+    }))
+}
+
+/// A thread's place: `ENTRY`, or `ENTRY, in INNERMOST` when it waits in
+/// code below its entry.
+fn place(entry: &str, innermost: &str) -> String {
+    if innermost == entry {
+        entry.to_owned()
+    } else {
+        format!("{entry}, in {innermost}")
+    }
+}
+
+/// The place of the one thread in the plugin's code; `None` for none, or
+/// for several (the dump cannot tell which call timed out).
+fn the_one_place(mut places: impl Iterator<Item = String>) -> Option<String> {
+    let only = places.next()?;
+    places.next().is_none().then_some(only)
 }
 
 /// One frame line: `  File "PATH", line N in FUNCTION`, as `PATH:N in
@@ -202,7 +213,7 @@ pub(crate) fn read_stuck_at(lines: &[String]) -> Option<String> {
             thread.push(frame);
         }
     }
-    let mut in_plugin = threads.iter().filter_map(|frames| {
+    the_one_place(threads.iter().filter_map(|frames| {
         // Outermost first: past what started the thread, the runner's
         // frames, then (through Python's own, for a module's code or the
         // runner's event loop) the plugin's frame the runner called.
@@ -210,15 +221,8 @@ pub(crate) fn read_stuck_at(lines: &[String]) -> Option<String> {
         outer_first.find(|(path, _)| is_runner_file(path))?;
         let (_, entry) =
             outer_first.find(|(path, _)| !is_runner_file(path) && !is_pythons_own(path))?;
-        let innermost = &frames[0].1;
-        Some(if innermost == entry {
-            entry.clone()
-        } else {
-            format!("{entry}, in {innermost}")
-        })
-    });
-    let only = in_plugin.next()?;
-    in_plugin.next().is_none().then_some(only)
+        Some(place(entry, &frames[0].1))
+    }))
 }
 
 // Asking a runner for its stacks, before a timeout's kill.
