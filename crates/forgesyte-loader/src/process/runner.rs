@@ -551,14 +551,24 @@ pub fn shrug_off_file_size_signal() -> io::Result<()> {
 }
 
 /// Gives `signal` the do-nothing handler [`shrug`].
-#[allow(unsafe_code)]
 fn shrug_off(signal: libc::c_int) -> io::Result<()> {
+    set_handler(signal, shrug_handler(), libc::SA_RESTART)
+}
+
+/// Gives `signal` `handler` (a function that lives as long as the process
+/// and makes only async-signal-safe calls), with `flags` and an empty mask.
+#[allow(unsafe_code)]
+fn set_handler(
+    signal: libc::c_int,
+    handler: libc::sighandler_t,
+    flags: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a `sigaction` of all zeroes is a valid one (no flags, an
-    // empty mask); its handler is set to a function that does nothing
-    // and lives as long as the process.
+    // empty mask); its handler is set to `handler`, which the caller vouches
+    // for.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-    action.sa_sigaction = shrug_handler();
-    action.sa_flags = libc::SA_RESTART;
+    action.sa_sigaction = handler;
+    action.sa_flags = flags;
     // SAFETY: `action` is a valid `sigaction` that outlives the call; no
     // old action is asked for.
     if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {

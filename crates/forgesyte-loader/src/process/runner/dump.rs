@@ -129,46 +129,35 @@ impl Drop for Busy {
 /// announces, or `None` (said on stderr) when either could not be.
 /// Called after the runner confined itself (before, no thread may start).
 pub(super) fn start(plugin: &str) -> Option<i32> {
-    let (reader, writer) = match std::io::pipe() {
-        Ok(pipe) => pipe,
-        Err(e) => {
-            eprintln!("forgesyte-runner[{plugin}]: no stack dumps (a pipe: {e})");
-            return None;
+    match set_up() {
+        Ok(()) => Some(STACK_SIGNAL),
+        Err((what, e)) => {
+            eprintln!("forgesyte-runner[{plugin}]: no stack dumps ({what}: {e})");
+            None
         }
-    };
+    }
+}
+
+/// [`start`]'s work; what failed, and how.
+fn set_up() -> Result<(), (&'static str, std::io::Error)> {
+    let (reader, writer) = std::io::pipe().map_err(|e| ("a pipe", e))?;
     // A full pipe (dumps asked faster than written) drops the request
     // rather than block the handler.
-    if let Err(e) = rustix::io::ioctl_fionbio(&writer, true) {
-        eprintln!("forgesyte-runner[{plugin}]: no stack dumps (a pipe: {e})");
-        return None;
-    }
-    let spawned = std::thread::Builder::new()
+    rustix::io::ioctl_fionbio(&writer, true).map_err(|e| ("a pipe", e.into()))?;
+    std::thread::Builder::new()
         .name("forgesyte-stacks".into())
         .stack_size(256 * 1024)
-        .spawn(move || serve(reader));
-    if let Err(e) = spawned {
-        eprintln!("forgesyte-runner[{plugin}]: no stack dumps (a thread: {e})");
-        return None;
-    }
+        .spawn(move || serve(reader))
+        .map_err(|e| ("a thread", e))?;
     REQUESTS.store(
         std::os::fd::IntoRawFd::into_raw_fd(std::os::fd::OwnedFd::from(writer)),
         Ordering::Release,
     );
-    // SAFETY: a `sigaction` of all zeroes is a valid one (no flags, an
-    // empty mask); its handler is set to a function that lives as long as
-    // the process and only makes async-signal-safe calls (see `on_signal`).
-    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-    action.sa_sigaction =
+    // `on_signal` makes only async-signal-safe calls, and the walk.
+    let handler =
         on_signal as extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) as libc::sighandler_t;
-    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // SAFETY: `action` is valid and outlives the call; no old action is
-    // asked for.
-    if unsafe { libc::sigaction(STACK_SIGNAL, &action, std::ptr::null_mut()) } != 0 {
-        let e = std::io::Error::last_os_error();
-        eprintln!("forgesyte-runner[{plugin}]: no stack dumps (sigaction: {e})");
-        return None;
-    }
-    Some(STACK_SIGNAL)
+    super::set_handler(STACK_SIGNAL, handler, libc::SA_SIGINFO | libc::SA_RESTART)
+        .map_err(|e| ("sigaction", e))
 }
 
 /// The plugin's library as a dump names its frames.
