@@ -247,7 +247,8 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
     (``struct sock_filter``), or None for a machine it has none for;
     ``network``: whether the plan keeps the network (then ``socket()`` is
     not filtered); ``group``: the runner's process group, ``elders``: its
-    parent and its parent's parent (0: not known, not filtered).
+    parent and, under a zygote, the zygote's parent, the server (``kin``;
+    0: none, not filtered).
     Instruction for instruction the native runner's
     (``sandbox::seccomp::program``):
 
