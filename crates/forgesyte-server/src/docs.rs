@@ -6,7 +6,8 @@
 //! The document itself is built by the router from the same registrations
 //! as the routes ([`crate::router`]); it reaches these handlers as an
 //! [`Extension`] of [`Published`], so this module knows nothing of the
-//! router or the other handlers.
+//! router or the other handlers. It is built at the first request that
+//! needs it, not with the app.
 
 use std::fmt::Write as _;
 
@@ -16,6 +17,9 @@ use axum::http::HeaderValue;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::Value;
+
+/// [`Published`], built at its first use (the router's static).
+pub(crate) type Lazy = std::sync::LazyLock<Published>;
 
 /// The OpenAPI document serialised, and its HTML page; built once.
 #[derive(Debug, Clone)]
@@ -57,7 +61,7 @@ impl Published {
     tag = "server",
     responses((status = 200, description = "The OpenAPI document", body = Object))
 )]
-pub(crate) async fn openapi_json(Extension(docs): Extension<&'static Published>) -> Response {
+pub(crate) async fn openapi_json(Extension(docs): Extension<&'static Lazy>) -> Response {
     let mut response = docs.json().clone().into_response();
     response
         .headers_mut()
@@ -72,7 +76,7 @@ pub(crate) async fn openapi_json(Extension(docs): Extension<&'static Published>)
     tag = "server",
     responses((status = 200, description = "HTML documentation", content_type = "text/html"))
 )]
-pub(crate) async fn docs_page(Extension(docs): Extension<&'static Published>) -> Response {
+pub(crate) async fn docs_page(Extension(docs): Extension<&'static Lazy>) -> Response {
     // The page is inline style and text only: nothing else may load or run.
     (
         [

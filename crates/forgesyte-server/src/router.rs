@@ -11,7 +11,6 @@
 //! This module is the top of the HTTP side: it knows every handler module,
 //! and none of them knows it.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
@@ -134,7 +133,7 @@ pub fn app(state: AppState) -> Router {
                     crate::body_pace::PacedBody::new(body, body_pace)
                 }))
                 .layer(DefaultBodyLimit::max(body_limit))
-                .layer(Extension(published()))
+                .layer(Extension(&PUBLISHED))
                 // Innermost, after routing (so it sees the matched route
                 // template) for every route and the fallback.
                 .layer(metrics::http::TrackLayer::new(state.clone()))
@@ -238,10 +237,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// The document and its page, built once.
-fn published() -> &'static Published {
-    static PUBLISHED: OnceLock<Published> = OnceLock::new();
-    PUBLISHED.get_or_init(|| Published::new(&openapi()))
-}
+/// The OpenAPI document and its page, built by the first request that
+/// needs them: built with the app, they took a millisecond or two of CPU
+/// from the load pass that starts beside it.
+static PUBLISHED: docs::Lazy = docs::Lazy::new(|| Published::new(&openapi()));
 
 async fn not_found() -> ApiError {
     ApiError::RouteNotFound
@@ -271,7 +270,7 @@ mod tests {
     use crate::wire::{JournalEntryJson, PluginStateJson};
 
     fn doc() -> Value {
-        serde_json::from_slice(published().json()).unwrap()
+        serde_json::from_slice(PUBLISHED.json()).unwrap()
     }
 
     fn property_names(doc: &Value, schema: &str) -> BTreeSet<String> {
@@ -710,7 +709,7 @@ mod tests {
 
     #[test]
     fn page_lists_every_route_and_schema_without_external_assets() {
-        let html = std::str::from_utf8(published().page()).unwrap();
+        let html = std::str::from_utf8(PUBLISHED.page()).unwrap();
         assert!(html.starts_with("<!DOCTYPE html>"));
         for needle in [
             "/v1/plugins/{name}/health",
