@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use forgesyte_errors::DependencyError;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::cuda::CudaProbe;
@@ -104,8 +104,12 @@ impl DependencyReport {
 /// Python packages cost one interpreter run per interpreter per pass when
 /// the loader first hands every pending plugin's packages to
 /// [`prefetch_python`](Self::prefetch_python) (or
-/// [`prefetch_python_for`](Self::prefetch_python_for)); a package `check`
-/// finds uncached is asked for on its own.
+/// [`prefetch_python_for`](Self::prefetch_python_for), or
+/// [`python_prefetch`](Self::python_prefetch) to run them beside the
+/// checks: a check that needs an interpreter's answer waits for that
+/// interpreter's run, and a check that needs none waits for nothing); a
+/// package `check` finds uncached and not being asked is asked for on its
+/// own.
 #[derive(Debug)]
 pub struct DependencyChecker {
     fs: Arc<dyn FileSystem>,
@@ -115,6 +119,9 @@ pub struct DependencyChecker {
     env: Arc<dyn EnvProbe>,
     python: Arc<dyn PythonProbe>,
     cache: Mutex<PassCache>,
+    /// Signalled when an interpreter of `PassCache::python_asking` has
+    /// answered (or failed to).
+    python_answered: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +132,10 @@ struct PassCache {
     gpu: Option<GpuReport>,
     /// Interpreters that could not answer this pass, with why.
     python_errors: HashMap<PathBuf, String>,
+    /// Interpreters a [`PythonPrefetch`] of this pass will ask, or is
+    /// asking: a check of their packages waits for that run rather than
+    /// starting one of its own.
+    python_asking: HashSet<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -278,33 +289,67 @@ impl DependencyChecker {
     /// [`prefetch_python`](Self::prefetch_python) for a load pass's pending
     /// plugins: their packages grouped by [`Requirements::python`], one
     /// interpreter run per interpreter, up to eight interpreters at once.
-    /// Plugins without an interpreter are skipped.
+    /// Plugins without an interpreter are skipped. Returns when every
+    /// interpreter has answered or failed to.
     pub fn prefetch_python_for<'a>(
         &self,
         requirements: impl IntoIterator<Item = &'a Requirements>,
     ) {
-        let mut by_interpreter: BTreeMap<&Path, Vec<String>> = BTreeMap::new();
+        self.python_prefetch(requirements).run();
+    }
+
+    /// The runs of [`prefetch_python_for`](Self::prefetch_python_for),
+    /// planned but not started: from now on, until the plan has run (or is
+    /// dropped), a check of a package of one of its interpreters waits for
+    /// that interpreter's run instead of starting one. The loader runs the
+    /// plan on a thread of its own beside the pass's checks, so a plugin
+    /// that needs no Python package (or another interpreter's) does not
+    /// wait for a slow or hung interpreter.
+    pub fn python_prefetch<'a>(
+        &self,
+        requirements: impl IntoIterator<Item = &'a Requirements>,
+    ) -> PythonPrefetch<'_> {
+        let mut by_interpreter: BTreeMap<&Path, (usize, Vec<String>)> = BTreeMap::new();
         for req in requirements {
             if let Some(interpreter) = req.python.as_deref() {
-                by_interpreter
-                    .entry(interpreter)
-                    .or_default()
-                    .extend(req.python_queries());
+                let queries: Vec<String> = req.python_queries().collect();
+                if queries.is_empty() {
+                    continue;
+                }
+                let (plugins, packages) = by_interpreter.entry(interpreter).or_default();
+                *plugins += 1;
+                packages.extend(queries);
             }
         }
-        // Interpreters are asked at once, a few at a time: each may take
-        // its whole time limit (a slow or hung one), and the pass waits for
-        // all of them.
-        let asks: Vec<(&Path, Vec<String>)> = by_interpreter
+        // The interpreter most plugins share first (the operator's, as a
+        // rule): a few hung ones of single plugins then hold up nobody
+        // else's answer.
+        let mut asks: Vec<(usize, PathBuf, Vec<String>)> = by_interpreter
             .into_iter()
-            .filter(|(_, packages)| !packages.is_empty())
+            .map(|(interpreter, (plugins, packages))| {
+                (plugins, interpreter.to_path_buf(), packages)
+            })
             .collect();
-        for batch in asks.chunks(PREFETCH_AT_ONCE) {
-            std::thread::scope(|scope| {
-                for (interpreter, packages) in batch {
-                    scope.spawn(move || self.prefetch_python(interpreter, packages.clone()));
-                }
-            });
+        asks.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let asks: Vec<(PathBuf, Vec<String>)> = asks
+            .into_iter()
+            .map(|(_, interpreter, packages)| (interpreter, packages))
+            .collect();
+        self.cache
+            .lock()
+            .python_asking
+            .extend(asks.iter().map(|(interpreter, _)| interpreter.clone()));
+        PythonPrefetch {
+            checker: self,
+            asks,
+        }
+    }
+
+    /// `interpreter` has answered (or failed to) its planned run: checks
+    /// waiting for it go on.
+    fn done_asking(&self, interpreter: &Path) {
+        if self.cache.lock().python_asking.remove(interpreter) {
+            self.python_answered.notify_all();
         }
     }
 
@@ -403,13 +448,22 @@ impl DependencyChecker {
     /// prefetched) one run for this package alone.
     fn python_package(&self, interpreter: &Path, query: &str) -> Result<PythonAnswer, String> {
         {
-            let cache = self.cache.lock();
+            let mut cache = self.cache.lock();
             let key = (interpreter.to_path_buf(), query.to_string());
-            if let Some(found) = cache.python.get(&key) {
-                return Ok(found.clone());
-            }
-            if let Some(err) = cache.python_errors.get(interpreter) {
-                return Err(err.clone());
+            loop {
+                if let Some(found) = cache.python.get(&key) {
+                    return Ok(found.clone());
+                }
+                if let Some(err) = cache.python_errors.get(interpreter) {
+                    return Err(err.clone());
+                }
+                // A planned run will answer it: waits for that run (which
+                // its interpreter's time limit bounds) rather than
+                // starting another.
+                if !cache.python_asking.contains(interpreter) {
+                    break;
+                }
+                self.python_answered.wait(&mut cache);
             }
         }
         let found = self.ask_python(interpreter, vec![query.to_string()])?;
@@ -461,6 +515,77 @@ impl DependencyChecker {
         let found = probe();
         self.cache.lock().found.insert(key, found);
         found
+    }
+}
+
+/// The planned interpreter runs of a load pass
+/// ([`DependencyChecker::python_prefetch`]): [`run`](Self::run) asks them,
+/// up to eight interpreters at once. Dropped without running (or with runs
+/// left when a run panicked), it lets the checks that wait for its
+/// interpreters go on, to ask on their own.
+#[derive(Debug)]
+#[must_use = "the checks of its interpreters wait until it runs or is dropped"]
+pub struct PythonPrefetch<'a> {
+    checker: &'a DependencyChecker,
+    /// (interpreter, the packages asked of it), the first asked first.
+    asks: Vec<(PathBuf, Vec<String>)>,
+}
+
+impl PythonPrefetch<'_> {
+    /// Asks every planned interpreter, each as soon as one of up to
+    /// eight threads is free (a hung interpreter holds one
+    /// thread for its time limit, not a batch of others); returns when all
+    /// have answered or failed to.
+    pub fn run(self) {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || {
+            while let Some((interpreter, packages)) = self
+                .asks
+                .get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            {
+                // Done even if the run panics: no check waits for it then.
+                let _done = Done(self.checker, interpreter);
+                self.checker
+                    .prefetch_python(interpreter, packages.iter().cloned());
+            }
+        };
+        let helpers = self.asks.len().clamp(1, PREFETCH_AT_ONCE) - 1;
+        std::thread::scope(|scope| {
+            // A thread that cannot start leaves its share to the others.
+            let started: Vec<_> = (0..helpers)
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .name("forgesyte-pyask".into())
+                        .spawn_scoped(scope, work)
+                        .ok()
+                })
+                .collect();
+            work();
+            for thread in started {
+                if thread.join().is_err() {
+                    tracing::warn!(
+                        "a Python package check panicked: its packages are asked again by each plugin's check"
+                    );
+                }
+            }
+        });
+    }
+}
+
+impl Drop for PythonPrefetch<'_> {
+    fn drop(&mut self) {
+        for (interpreter, _) in &self.asks {
+            self.checker.done_asking(interpreter);
+        }
+    }
+}
+
+/// Marks an interpreter's planned run done when dropped.
+struct Done<'a>(&'a DependencyChecker, &'a Path);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.done_asking(self.1);
     }
 }
 
@@ -534,6 +659,7 @@ impl DependencyCheckerBuilder {
             env: self.env.unwrap_or_else(|| Arc::new(ProcessEnv)),
             python: self.python.unwrap_or_else(|| Arc::new(SystemPython::new())),
             cache: Mutex::new(PassCache::default()),
+            python_answered: Condvar::new(),
         }
     }
 }
@@ -921,6 +1047,109 @@ mod tests {
         }
         let all: Vec<String> = asked.into_iter().flat_map(|(_, run)| run).collect();
         assert_eq!(all, names);
+    }
+
+    /// A check beside a planned prefetch: one that needs the planned
+    /// interpreter waits for its run (no second run), one that needs no
+    /// package, or another interpreter, does not wait for it.
+    #[test]
+    fn a_check_waits_for_its_own_interpreter_only() {
+        let world = FakeWorld::new();
+        let delay = std::time::Duration::from_millis(600);
+        world.python.add(PY, &["numpy"]).slow(PY, delay);
+        world.python.add("/other/bin/python", &["cv2"]);
+        let slow = py_req(json!({"dependencies": ["numpy"]}), Some(PY));
+        let other = py_req(json!({"dependencies": ["cv2"]}), Some("/other/bin/python"));
+        let none = py_req(json!({"dependencies": []}), Some(PY));
+        let checker = world.checker();
+        let check = |r: &Requirements| checker.check(r, Path::new(DIR), &BTreeMap::new());
+        let plan = checker.python_prefetch([&slow]);
+        std::thread::scope(|scope| {
+            let started = std::time::Instant::now();
+            let waiting = scope.spawn(move || (check(&slow), started.elapsed()));
+            // Not yet run: the waiting check has not asked on its own.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert_eq!(world.python.calls(), 0, "a check asked beside the plan");
+            assert!(
+                !waiting.is_finished(),
+                "a check did not wait for the planned run"
+            );
+            // The others go on while it waits.
+            let quick = std::time::Instant::now();
+            assert!(check(&none).available);
+            assert!(check(&other).available);
+            assert!(quick.elapsed() < delay / 2, "{:?}", quick.elapsed());
+            assert_eq!(world.python.calls(), 1, "the other interpreter's own run");
+            plan.run();
+            let (report, waited) = waiting.join().unwrap();
+            assert!(report.available, "{report:?}");
+            assert!(
+                waited >= delay,
+                "answered before its interpreter: {waited:?}"
+            );
+        });
+        assert_eq!(world.python.calls(), 2, "one run per interpreter");
+    }
+
+    /// A plan dropped without running lets the checks waiting for it ask
+    /// on their own.
+    #[test]
+    fn a_plan_dropped_unrun_lets_its_checks_ask() {
+        let world = FakeWorld::new();
+        world.python.add(PY, &["numpy"]);
+        let r = py_req(json!({"dependencies": ["numpy", "torch"]}), Some(PY));
+        let checker = world.checker();
+        let plan = checker.python_prefetch([&r]);
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| checker.check(&r, Path::new(DIR), &BTreeMap::new()));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!waiting.is_finished());
+            drop(plan);
+            assert_eq!(waiting.join().unwrap().missing, ["torch"]);
+        });
+        assert_eq!(world.python.calls(), 2, "each package on its own");
+    }
+
+    /// Nine interpreters, two of them hung for a while: the others are
+    /// asked while they hang (no batch waits for its slowest), the shared
+    /// interpreter first.
+    #[test]
+    fn a_hung_interpreter_holds_up_no_batch() {
+        let world = FakeWorld::new();
+        let hang = std::time::Duration::from_millis(800);
+        let mut reqs = Vec::new();
+        for i in 0..9 {
+            let py = format!("/venv{i}/bin/python");
+            world.python.add(&py, &["numpy"]);
+            if i < 2 {
+                world.python.slow(&py, hang);
+            }
+            reqs.push(py_req(json!({"dependencies": ["numpy"]}), Some(&py)));
+        }
+        // Three plugins share the last interpreter.
+        let shared = reqs[8].clone();
+        reqs.extend([shared.clone(), shared.clone()]);
+        let checker = world.checker();
+        let plan = checker.python_prefetch(&reqs);
+        assert_eq!(
+            plan.asks[0].0,
+            Path::new("/venv8/bin/python"),
+            "{:?}",
+            plan.asks
+        );
+        std::thread::scope(|scope| {
+            scope.spawn(|| plan.run());
+            let started = std::time::Instant::now();
+            for r in &reqs[2..] {
+                assert!(checker.check(r, Path::new(DIR), &BTreeMap::new()).available);
+            }
+            assert!(
+                started.elapsed() < hang / 2,
+                "waited for the hung ones: {:?}",
+                started.elapsed()
+            );
+        });
+        assert_eq!(world.python.calls(), 9);
     }
 
     /// Each plugin's own virtualenv: their interpreters are asked at once,

@@ -29,9 +29,11 @@
 //! loader sets [`Requirements::python`] to the interpreter it resolved for
 //! the plugin, and once per load pass (after
 //! [`clear_cache`](DependencyChecker::clear_cache)) hands every pending
-//! plugin's requirements to [`DependencyChecker::prefetch_python_for`]: one
-//! interpreter run per interpreter answers them all, and the checks that
-//! follow read the answers.
+//! plugin's requirements to [`DependencyChecker::python_prefetch`] and runs
+//! the plan beside its checks: one interpreter run per interpreter answers
+//! them all, and a check that needs an answer waits for its interpreter's
+//! run ([`DependencyChecker::prefetch_python_for`] does both and returns
+//! when every interpreter has answered).
 //!
 //! ```
 //! # #[cfg(feature = "testing")] {
@@ -114,7 +116,7 @@ mod python;
 mod requirements;
 
 pub use checker::{
-    DependencyChecker, DependencyCheckerBuilder, DependencyReport, KnownPlugins,
+    DependencyChecker, DependencyCheckerBuilder, DependencyReport, KnownPlugins, PythonPrefetch,
     unmet_plugin_dependency,
 };
 pub use cuda::{CudaProbe, cuda_driver_library_present, probe_here};

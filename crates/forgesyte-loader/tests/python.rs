@@ -413,6 +413,70 @@ fn the_operators_zygote_starts_while_the_package_check_runs() {
     );
 }
 
+/// A plugin whose interpreter takes its time to answer the package check
+/// holds up no other plugin: the pass asks the interpreters beside its
+/// waves, and a plugin that needs no package (or another interpreter's)
+/// is INITIALIZED while that check still runs (the pass asked every
+/// interpreter first: one hung interpreter kept every plugin LOADED for
+/// its whole time limit).
+#[test]
+fn a_slow_package_check_holds_up_no_other_plugin() {
+    require_python();
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path(), "echo", "echo");
+    let slow = copy_fixture(dir.path(), "echo", "slowcheck");
+    write_manifest(
+        dir.path(),
+        "slowcheck",
+        json!({"version": "1.0.0", "runtime": "python", "python": "slowpy", "dependencies": ["json"]}),
+    );
+    std::fs::write(
+        slow.join("slowpy"),
+        "#!/bin/sh
+for a in \"$@\"; do [ \"$a\" = --zygote ] && exec python3 \"$@\"; done
+sleep 3
+exec python3 \"$@\"
+",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        slow.join("slowpy"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let registry = Registry::new();
+    let checker = DependencyChecker::builder()
+        .gpu(Arc::new(FakeGpu::none("no GPU here")))
+        .build();
+    let loader = Loader::new(registry.clone(), Arc::new(checker), test_config(None));
+    let initialized = |name: &str| {
+        registry
+            .get_status(name)
+            .is_some_and(|s| s.state == S::Initialized)
+    };
+    let (echo_ready, pass_ended) = std::thread::scope(|scope| {
+        let started = Instant::now();
+        let pass = scope.spawn(|| loader.load_all(dir.path()));
+        let mut echo_ready = None;
+        while !pass.is_finished() {
+            if echo_ready.is_none() && initialized("echo") {
+                echo_ready = Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pass.join().unwrap();
+        (echo_ready, started.elapsed())
+    });
+    check(&registry, "echo", S::Initialized, None);
+    check(&registry, "slowcheck", S::Initialized, None);
+    let echo_ready = echo_ready.expect("echo was INITIALIZED only when the pass ended");
+    assert!(
+        pass_ended >= Duration::from_secs(3)
+            && echo_ready + Duration::from_millis(1500) < pass_ended,
+        "echo INITIALIZED at {echo_ready:?}, the pass (the slow check: 3 s) ended at {pass_ended:?}"
+    );
+}
+
 #[test]
 fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
     let dir = tempfile::tempdir().unwrap();

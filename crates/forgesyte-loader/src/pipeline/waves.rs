@@ -60,17 +60,50 @@ impl Loader {
             .map(|p| self.requirements(p))
             .collect();
         self.prestart_zygotes(pending_checked.iter().copied().zip(&requirements));
-        if self.config.require_signed || self.config.require_confinement {
+        let prefetch = if self.config.require_signed || self.config.require_confinement {
             let operators: Vec<_> = pending_checked
                 .iter()
                 .zip(&requirements)
                 .filter(|(p, _)| p.manifest.python.is_none())
                 .map(|(_, req)| req.clone())
                 .collect();
-            self.checker.prefetch_python_for(&operators);
+            self.checker.python_prefetch(&operators)
         } else {
-            self.checker.prefetch_python_for(&requirements);
+            self.checker.python_prefetch(&requirements)
+        };
+        // The interpreters answer beside the waves: a plugin's check waits
+        // for its own interpreter's answer, and one that needs none for
+        // nothing (the pass waited for every interpreter first: one that
+        // hung held every plugin LOADED for its time limit).
+        std::thread::scope(|scope| {
+            let asking = std::thread::Builder::new()
+                .name("forgesyte-pyask".into())
+                .spawn_scoped(scope, || prefetch.run());
+            self.run_each_wave(pending, waves, outcomes);
+            if let Ok(Err(_)) = asking.map(std::thread::ScopedJoinHandle::join) {
+                tracing::warn!(
+                    "the Python package checks panicked: each plugin's check asked again"
+                );
+            }
+        });
+        let known = self.known_plugins();
+        for (name, (hop, cycle)) in cyclic {
+            if let Some(p) = pending.get(&name) {
+                let err = self.in_a_cycle(p, (&hop, &cycle), &known);
+                self.record_failure(&name, &err.into());
+                self.finish_outcome(&name, &p.dir, p.started, outcomes);
+            }
         }
+    }
+
+    /// The waves of a pass, one after the other; the plugins of a wave in
+    /// parallel.
+    fn run_each_wave(
+        &self,
+        pending: &BTreeMap<String, Pending>,
+        waves: Vec<Vec<String>>,
+        outcomes: &mut BTreeMap<String, PluginLoadOutcome>,
+    ) {
         for wave in waves {
             // A wave depends only on earlier waves, so the plugins available
             // to it are the same for all its members: list them once per wave
@@ -163,14 +196,6 @@ impl Loader {
                     .copied()
                     .unwrap_or_else(std::time::Instant::now);
                 self.finish_outcome_ended(&p.name, &p.dir, p.started, ended, outcomes);
-            }
-        }
-        let known = self.known_plugins();
-        for (name, (hop, cycle)) in cyclic {
-            if let Some(p) = pending.get(&name) {
-                let err = self.in_a_cycle(p, (&hop, &cycle), &known);
-                self.record_failure(&name, &err.into());
-                self.finish_outcome(&name, &p.dir, p.started, outcomes);
             }
         }
     }
