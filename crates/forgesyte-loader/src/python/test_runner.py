@@ -795,7 +795,8 @@ class AsyncPluginTests(RunnerTestCase):
         "             'leave': {'description': 'sys.exit'},\n"
         "             'leave_in_task': {'description': 'sys.exit in a task it awaits'},\n"
         "             'leave_behind': {'description': 'sys.exit in a task it leaves'},\n"
-        "             'stop': {'description': 'stops the event loop'}}\n"
+        "             'stop': {'description': 'stops the event loop'},\n"
+        "             'cancelled': {'description': 'raises CancelledError'}}\n"
         "    async def on_load(self):\n"
         "        self.lock = asyncio.Lock()\n"
         "        self.inside = 0\n"
@@ -809,6 +810,8 @@ class AsyncPluginTests(RunnerTestCase):
         "        if tool == 'leave_behind':\n"
         "            asyncio.ensure_future(leave(5))\n"
         "            return 'left'\n"
+        "        if tool == 'cancelled':\n"
+        "            raise asyncio.CancelledError('no more frames')\n"
         "        if tool == 'stop':\n"
         "            asyncio.get_running_loop().stop()\n"
         "            return 'stopped'\n"
@@ -852,7 +855,10 @@ class AsyncPluginTests(RunnerTestCase):
         # out of a task, or a plugin's loop.stop(), left the loop's thread
         # (and so every later coroutine call waited for ever).
         for tool, answer in [("leave", ("SystemExit", "3")), ("leave_in_task", ("SystemExit", "4")),
-                             ("leave_behind", "left"), ("stop", "stopped"), ("stop", "stopped")]:
+                             ("leave_behind", "left"), ("stop", "stopped"), ("stop", "stopped"),
+                             # Its message kept (the future it crossed was
+                             # cancelled, without one).
+                             ("cancelled", ("CancelledError", "no more frames"))]:
             header, _ = self.p.run(tool)
             if isinstance(answer, tuple):
                 self.assertEqual(header["type"], "tool_failed", header)
@@ -1111,6 +1117,48 @@ class ImportAndInitFailureTests(RunnerTestCase):
         header = p.create()
         self.assertEqual(header["type"], "init_failed", header)
         self.assertEqual(header["error"]["error_type"], "UnicodeEncodeError", header)
+
+    def test_a_tool_name_no_client_can_call_fails_construction(self):
+        # The host refuses these names (ToolSpec's id): said as the
+        # plugin's error, not as a protocol violation of the runner's.
+        for name, message in [
+            ("", "tool name '' cannot be served: no URL path segment can carry it"),
+            (".", "tool name '.' cannot be served: no URL path segment can carry it"),
+            ("..", "tool name '..' cannot be served: no URL path segment can carry it"),
+            ("a\nb", "tool name 'a\\nb' holds a control character"),
+            ("a\x85b", "tool name 'a\\x85b' holds a control character"),
+        ]:
+            p = self.source_plugin("class Plugin:\n"
+                                   "    tools = {%r: {'handler': 'ok'}, 'fine': {'handler': 'ok'}}\n"
+                                   "    def ok(self, **kw):\n"
+                                   "        return {}\n" % name)
+            header = p.create()
+            self.assertEqual(header["type"], "init_failed", header)
+            self.assertEqual(header["error"]["error_type"], "ValueError", header)
+            self.assertEqual(header["error"]["message"], message, header)
+        # What the host takes is taken: a slash, a space, a character
+        # beyond the control ones.
+        p = self.source_plugin("class Plugin:\n"
+                               "    tools = {'a/b': {'handler': 'ok'}, ' ': {'handler': 'ok'},\n"
+                               "             'a\\xa0b': {'handler': 'ok'}}\n"
+                               "    def ok(self, **kw):\n"
+                               "        return {}\n")
+        header = p.create()
+        self.assertEqual(header["type"], "created", header)
+        self.assertEqual([t["id"] for t in header["tools"]], ["a/b", " ", "a\xa0b"])
+
+    def test_a_tool_spec_that_is_no_json_says_so(self):
+        p = self.source_plugin("class Plugin:\n"
+                               "    def __init__(self):\n"
+                               "        self.tools = {'ok': {'handler': self.ok, 'input_schema': {1, 2}}}\n"
+                               "    def ok(self, **kw):\n"
+                               "        return {}\n")
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed", header)
+        self.assertEqual(header["error"]["error_type"], "TypeError", header)
+        self.assertEqual(header["error"]["message"],
+                         "the spec of tool 'ok' cannot be sent as JSON: value of type set is not "
+                         "JSON-serialisable (at /input_schema)", header)
 
     def test_a_handler_with_nothing_to_call_fails_construction(self):
         # As ForgeSyte's BasePlugin refuses it: at construction, naming

@@ -158,12 +158,16 @@ async def _in_call(coroutine, call):
     # A task starts from its loop thread's context: the call's context is
     # set again in the task's own, so its log records and
     # ``current_call()`` (and the tasks it starts) see the call.
+    import asyncio
+
     api.CALL.set(call)
     try:
         return False, await coroutine
-    except (SystemExit, KeyboardInterrupt) as e:
+    except (SystemExit, KeyboardInterrupt, asyncio.CancelledError) as e:
         # Out of a task these two stop the loop itself: the caller raises
-        # them instead (``sys.exit()`` in a tool is that tool's error).
+        # them instead (``sys.exit()`` in a tool is that tool's error). A
+        # ``CancelledError`` would cancel the future the caller waits on,
+        # which raises one of its own, its message lost.
         return True, e
 
 

@@ -6,7 +6,7 @@ each one."""
 import types
 
 from .base import diag
-from .results import to_wire
+from .results import ResultError, to_wire
 
 
 ANY_OBJECT = {"type": "object"}
@@ -198,6 +198,27 @@ def resolve_handler(instance, tid, handler):
     return handler
 
 
+def check_tool_id(tid):
+    """Raises ValueError for a tool name no client can call, which the host
+    refuses (``forgesyte_protocol::ToolSpec``'s ``id``, rule for rule):
+    empty, ``.`` or ``..`` (no URL path segment carries them), or holding
+    a control character (Unicode category Cc)."""
+    if tid in ("", ".", ".."):
+        raise ValueError("tool name %r cannot be served: no URL path segment can carry it" % tid)
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in tid):
+        raise ValueError("tool name %r holds a control character" % tid)
+
+
+def _spec_to_wire(tid, spec):
+    """``to_wire`` of a tool's spec, whose errors speak of the spec (they
+    speak of a tool's result)."""
+    try:
+        return to_wire(spec)
+    except ResultError as e:
+        message = str(e).replace("tool result", "value", 1).replace("the tool's result", "it", 1)
+        raise TypeError("the spec of tool %r cannot be sent as JSON: %s" % (tid, message))
+
+
 def collect_tools(instance, manifest):
     """The instance's tools: (specs for ``created``, id -> dispatch info).
 
@@ -221,6 +242,7 @@ def collect_tools(instance, manifest):
         if tid in table:
             diag("tool %r is listed twice; the first one counts" % tid)
             continue
+        check_tool_id(tid)
         extra = by_id.get(tid, {})
         title = _first(meta.get("title"), extra.get("title"), tid)
         description = _first(meta.get("description"), extra.get("description"), "")
@@ -239,7 +261,7 @@ def collect_tools(instance, manifest):
             "input_schema": inputs,
             "output_schema": outputs,
         }
-        converted, blobs = to_wire(spec)
+        converted, blobs = _spec_to_wire(tid, spec)
         if blobs:
             raise TypeError("the spec of tool %r contains bytes" % tid)
         specs.append(converted)
