@@ -66,6 +66,13 @@ pub(crate) async fn receive(
     into_file: bool,
 ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), RunError> {
     use http_body_util::BodyExt as _;
+    // Which of two types the body is would be a guess (the first was taken,
+    // where a proxy in front may have taken the last).
+    if crate::respond::repeated(headers, &CONTENT_TYPE) {
+        return Err(RunError::MalformedBody {
+            message: format!("{UNREADABLE_BODY}: Content-Type given more than once"),
+        });
+    }
     // The HTTP layer undoes `chunked` only: a body sent with another coding
     // (`gzip, chunked`) would reach the plugin still encoded.
     if let Some(coding) =
@@ -657,6 +664,31 @@ mod tests {
                 (other, _) => panic!("{coding}: {other:?}"),
             }
         }
+    }
+
+    /// A body of two types is refused before it is read.
+    #[tokio::test]
+    async fn a_body_of_two_content_types_is_refused() {
+        let budget = BodyBudget::new(4096, Some(8192));
+        let mut h = headers("application/json");
+        h.append(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        match receive(&budget, &h, streamed(vec![&b"{}"[..]]), 4096, false).await {
+            Err(RunError::MalformedBody { message }) => {
+                assert!(
+                    message.ends_with("Content-Type given more than once"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let one = headers("application/json");
+        let (bytes, _) = receive(&budget, &one, streamed(vec![&b"{}"[..]]), 4096, false)
+            .await
+            .unwrap();
+        assert_eq!(&bytes[..], b"{}");
     }
 
     /// Nor is a content coding undone: a compressed body is refused.
