@@ -7,7 +7,9 @@
 //! a parked one (measured: about half the server's CPU in the scheduler for
 //! no-op tools, `BENCHMARKS.md`). So calls go first to a queue served by
 //! one *lane* thread per core, which stay busy without parking while work
-//! keeps coming. A lane stuck in a slow call must not hold up the calls
+//! keeps coming: a lane that finished a call stays awake for [`SPIN`],
+//! yielding its CPU, before it sleeps, and a call that comes meanwhile
+//! costs no wake-up. A lane stuck in a slow call must not hold up the calls
 //! queued behind it: a call that no lane has started within [`ESCALATE_AFTER`]
 //! is handed to tokio's blocking pool too (it stays queued: a lane that
 //! wakes late still takes it if no blocking thread has yet), and
@@ -30,6 +32,12 @@ pub(crate) const ESCALATE_AFTER: Duration = Duration::from_millis(2);
 /// Calls queued per lane at most; beyond that new calls skip the queue.
 const QUEUE_PER_LANE: usize = 8;
 
+/// How long a lane that has just finished a call yields its CPU, looking
+/// for the next one, before it sleeps: under steady traffic the next call
+/// finds it awake, and costs no wake-up of a sleeping thread (on a VM whose
+/// idle CPUs halt, tens of microseconds each).
+const SPIN: Duration = Duration::from_micros(100);
+
 type Task = Box<dyn FnOnce() + Send>;
 
 /// One call: taken (and run) exactly once.
@@ -51,6 +59,8 @@ impl Job {
 enum Queued {
     /// Queued, with a sleeping lane woken for it.
     Claimed,
+    /// Queued, with a lane awake and free to take it.
+    Taken,
     /// Queued behind other calls or busy lanes (`wake`: a sleeping lane
     /// was woken): escalated if no lane starts it within [`ESCALATE_AFTER`].
     Waiting { wake: bool },
@@ -99,6 +109,10 @@ struct Queue {
     /// Of those, how many a call already woke for itself (see
     /// [`CallPool::run`]); a lane's wake-up, whatever woke it, serves one.
     claimed: usize,
+    /// Lanes awake without a call, yielding their CPU for up to [`SPIN`]:
+    /// each looks at `jobs` again before it sleeps, so a call queued while
+    /// one does is taken without a wake-up.
+    spinning: usize,
 }
 
 struct Inner {
@@ -109,6 +123,11 @@ struct Inner {
     epoch: Instant,
     /// Every [`CallPool`] is gone: the lanes end.
     closed: AtomicBool,
+    /// [`SPIN`], but in tests.
+    spin: Duration,
+    /// Calls queued for a lane awake ([`Queued::Taken`]), for tests.
+    #[cfg(test)]
+    taken: std::sync::atomic::AtomicUsize,
 }
 
 impl Inner {
@@ -129,6 +148,8 @@ impl Inner {
     }
 
     fn lane(self: Arc<Self>, index: usize) {
+        // Until when it looks for its next call awake.
+        let mut awake_until = None;
         loop {
             let job = {
                 let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -138,6 +159,14 @@ impl Inner {
                     }
                     if self.closed.load(Ordering::Acquire) {
                         return;
+                    }
+                    if awake_until.is_some_and(|until| Instant::now() < until) {
+                        queue.spinning += 1;
+                        drop(queue);
+                        std::thread::yield_now();
+                        queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                        queue.spinning -= 1;
+                        continue;
                     }
                     queue.waiting += 1;
                     queue = self
@@ -153,6 +182,7 @@ impl Inner {
                 self.busy_since[index].store(self.now_us(), Ordering::Release);
                 task();
                 self.busy_since[index].store(0, Ordering::Release);
+                awake_until = Some(Instant::now() + self.spin);
             }
         }
     }
@@ -161,6 +191,11 @@ impl Inner {
 impl CallPool {
     /// A pool with one lane thread per core (at least 1).
     pub(crate) fn new() -> Self {
+        Self::spinning_for(SPIN)
+    }
+
+    /// [`CallPool::new`] whose lanes stay awake `spin` after a call.
+    fn spinning_for(spin: Duration) -> Self {
         let lanes = std::thread::available_parallelism().map_or(1, usize::from);
         let inner = Arc::new(Inner {
             queue: Mutex::new(Queue::default()),
@@ -168,6 +203,9 @@ impl CallPool {
             busy_since: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
             closed: AtomicBool::new(false),
+            spin,
+            #[cfg(test)]
+            taken: std::sync::atomic::AtomicUsize::new(0),
         });
         for index in 0..lanes {
             let inner = Arc::clone(&inner);
@@ -216,7 +254,12 @@ impl CallPool {
                 .queue
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if queue.jobs.is_empty() && queue.waiting > queue.claimed {
+            if queue.jobs.is_empty() && queue.spinning > 0 {
+                // A lane awake and free: it takes this call at its next
+                // look (nothing is queued before it).
+                queue.jobs.push_back(Arc::clone(&job));
+                Queued::Taken
+            } else if queue.jobs.is_empty() && queue.waiting > queue.claimed {
                 // A lane asleep, none woken for another call: woken now,
                 // it takes this call first (nothing is queued before it),
                 // unless another lane, free too, takes it sooner. Either
@@ -240,6 +283,11 @@ impl CallPool {
         };
         if queued == Queued::Claimed {
             self.inner().ready.notify_one();
+            return rx.await.ok().flatten();
+        }
+        if queued == Queued::Taken {
+            #[cfg(test)]
+            self.inner().taken.fetch_add(1, Ordering::Relaxed);
             return rx.await.ok().flatten();
         }
         if let Queued::Waiting { wake } = queued {
@@ -392,6 +440,42 @@ mod tests {
             );
         }
         all_asleep(&pool, "after the calls").await;
+    }
+
+    /// A lane that has just finished a call stays awake for a while: a
+    /// call that comes then is queued for it, with no wake-up and no
+    /// escalation timer, and runs; once the while is over, it sleeps.
+    #[tokio::test]
+    async fn a_call_soon_after_another_finds_its_lane_awake() {
+        let pool = CallPool::spinning_for(Duration::from_secs(2));
+        let spinning = || pool.inner().queue.lock().unwrap().spinning;
+        assert_eq!(pool.run(|| 1).await, Some(1));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while spinning() == 0 {
+            assert!(Instant::now() < deadline, "no lane stayed awake");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(pool.run(|| 2).await, Some(2));
+        assert_eq!(pool.inner().taken.load(Ordering::Relaxed), 1);
+        // Awake for its while only.
+        let pool = CallPool::spinning_for(Duration::from_millis(20));
+        assert_eq!(pool.run(|| 3).await, Some(3));
+        let lanes = pool.inner().busy_since.len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (waiting, spinning) = {
+                let queue = pool.inner().queue.lock().unwrap();
+                (queue.waiting, queue.spinning)
+            };
+            if (waiting, spinning) == (lanes, 0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "awake for good: {waiting} of {lanes} asleep"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
