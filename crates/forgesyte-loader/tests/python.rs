@@ -477,43 +477,6 @@ exec python3 \"$@\"
     );
 }
 
-/// An interpreter whose own start hangs (a `.pth` file, `sitecustomize`):
-/// its zygote never forks, and the plugin times out once, after its start's
-/// limit, not again as a runner started on its own (twice the limit).
-#[test]
-fn an_interpreter_that_hangs_at_its_start_times_out_once() {
-    require_python();
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = copy_fixture(dir.path(), "echo", "hangs");
-    write_manifest(
-        dir.path(),
-        "hangs",
-        json!({"version": "1.0.0", "runtime": "python", "python": "py"}),
-    );
-    std::fs::write(plugin.join("py"), "#!/bin/sh\nexec sleep 60\n").unwrap();
-    std::fs::set_permissions(
-        plugin.join("py"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let mut config = test_config(None);
-    config.process.init_timeout = Duration::from_secs(2);
-    let registry = Registry::new();
-    let started = Instant::now();
-    let _loader = loader_with(dir.path(), &registry, config);
-    let took = started.elapsed();
-    check(
-        &registry,
-        "hangs",
-        S::Failed,
-        Some("timed out after 2 s during handshake"),
-    );
-    assert!(
-        took < Duration::from_millis(3500),
-        "the start took {took:?}"
-    );
-}
-
 #[test]
 fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
     let dir = tempfile::tempdir().unwrap();

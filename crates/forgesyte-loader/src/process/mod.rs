@@ -492,32 +492,20 @@ impl ProcessImporter {
                         zygote::ZygoteKey::new(interpreter, &self.limits, run_as, plan.is_some());
                     let env = plan.as_ref().map(|plan| &plan.env);
                     match zygote::zygote_for(&key).map(|z| {
-                        let forked = Child::fork(
+                        Child::fork(
                             &z,
                             &argv,
                             (env, sources),
                             &opts,
                             self.limits.init_timeout,
                             &mut claim,
-                        );
-                        (forked, z.has_forked())
+                        )
                     }) {
-                        // A zygote that never forked in the start's whole
-                        // limit: its interpreter's own start hangs (a
-                        // `.pth` file, `sitecustomize`), and a runner
-                        // started on it would hang as long (the start
-                        // took twice its limit).
-                        Ok((Err(SpawnError::Start(e)), false))
-                            if e.kind() == std::io::ErrorKind::TimedOut =>
-                        {
-                            tracing::debug!(plugin = %self.plugin, "{e}");
-                            return Err(SpawnError::TimedOut(None));
-                        }
-                        Ok((Err(SpawnError::Start(e)), _)) | Err(e) => tracing::debug!(
+                        Ok(Err(SpawnError::Start(e))) | Err(e) => tracing::debug!(
                             plugin = %self.plugin,
                             "no Python zygote ({e}): starting the runner on its own"
                         ),
-                        Ok((spawned, _)) => return spawned,
+                        Ok(spawned) => return spawned,
                     }
                 }
                 // A fork that got as far as its start gave its claim up.

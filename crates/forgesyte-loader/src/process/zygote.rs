@@ -156,7 +156,7 @@ pub(crate) fn zygote_for(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
         unforked_ends,
     } = &mut *zygotes;
     if let Some(zygote) = live.get(key) {
-        if zygote.has_forked() {
+        if zygote.forked.load(std::sync::atomic::Ordering::Acquire) {
             // Only ends one after another count.
             unforked_ends.remove(key);
         }
@@ -434,11 +434,6 @@ impl Zygote {
         }
     }
 
-    /// Whether it has forked a runner yet.
-    pub(crate) fn has_forked(&self) -> bool {
-        self.forked.load(std::sync::atomic::Ordering::Acquire)
-    }
-
     /// Forks a runner with arguments `argv` and the given stdio (the
     /// runner's ends of its pipes) and, with `shm`, its end of a
     /// shared-memory socket and the threshold, and with `env`, the values
@@ -508,7 +503,7 @@ impl Zygote {
         // time), or the spawn's own, shorter, limit: a zygote that reads
         // nothing (stopped, or stuck) fails the spawn, and is not asked
         // again.
-        let timeout = if self.has_forked() {
+        let timeout = if self.forked.load(std::sync::atomic::Ordering::Acquire) {
             let turns = u32::try_from(ahead).unwrap_or(u32::MAX).saturating_add(1);
             timeout.min(FORK_TIMEOUT.saturating_mul(turns))
         } else {
@@ -535,13 +530,10 @@ impl Zygote {
             Ok(Err(e)) => return Err(io::Error::other(e)),
             Err(_) => {
                 self.wedge(&format!("did not fork within {timeout:?}"));
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the Python zygote (pid {}) did not fork within {timeout:?}",
-                        self.pid
-                    ),
-                ));
+                return Err(io::Error::other(format!(
+                    "the Python zygote (pid {}) did not fork within {timeout:?}",
+                    self.pid
+                )));
             }
         };
         Ok(ForkedChild {
