@@ -355,7 +355,18 @@ impl DependencyChecker {
 
     /// Forgets every cached answer: the start of a new load pass.
     pub fn clear_cache(&self) {
-        *self.cache.lock() = PassCache::default();
+        {
+            let mut cache = self.cache.lock();
+            // Runs still planned stay so (their checks wait for them, and
+            // their end wakes those checks): only a pass that overlaps
+            // another sees them.
+            let asking = std::mem::take(&mut cache.python_asking);
+            *cache = PassCache {
+                python_asking: asking,
+                ..PassCache::default()
+            };
+        }
+        self.python_answered.notify_all();
         self.libraries.refresh();
     }
 
@@ -532,6 +543,11 @@ pub struct PythonPrefetch<'a> {
 }
 
 impl PythonPrefetch<'_> {
+    /// Whether it plans no run (no plugin of the pass needs a package).
+    pub fn is_empty(&self) -> bool {
+        self.asks.is_empty()
+    }
+
     /// Asks every planned interpreter, each as soon as one of up to
     /// eight threads is free (a hung interpreter holds one
     /// thread for its time limit, not a batch of others); returns when all
@@ -1089,6 +1105,37 @@ mod tests {
             );
         });
         assert_eq!(world.python.calls(), 2, "one run per interpreter");
+    }
+
+    /// A new pass's `clear_cache` while a check waits for a planned run:
+    /// the run still counts as planned, and its end answers the check.
+    #[test]
+    fn a_check_waiting_for_a_planned_run_outlives_a_cache_clear() {
+        let world = FakeWorld::new();
+        world.python.add(PY, &["numpy"]);
+        let r = py_req(json!({"dependencies": ["numpy"]}), Some(PY));
+        let checker = world.checker();
+        let plan = checker.python_prefetch([&r]);
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| checker.check(&r, Path::new(DIR), &BTreeMap::new()));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            checker.clear_cache();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!waiting.is_finished(), "it asked beside the plan");
+            plan.run();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !waiting.is_finished() {
+                if std::time::Instant::now() > deadline {
+                    // Let it go (it asks on its own), then fail.
+                    checker.cache.lock().python_asking.clear();
+                    checker.python_answered.notify_all();
+                    panic!("the check still waits after its run ended");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            assert!(waiting.join().unwrap().available);
+        });
+        assert_eq!(world.python.calls(), 1);
     }
 
     /// A plan dropped without running lets the checks waiting for it ask
