@@ -448,6 +448,13 @@ mod tests {
     #[tokio::test]
     async fn a_call_soon_after_another_finds_its_lane_awake() {
         let pool = CallPool::spinning_for(Duration::from_secs(2));
+        let lanes = pool.inner().busy_since.len();
+        // Its lanes started (a call before would go to the blocking pool).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.inner().queue.lock().unwrap().waiting < lanes {
+            assert!(Instant::now() < deadline, "the lanes never slept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let spinning = || pool.inner().queue.lock().unwrap().spinning;
         assert_eq!(pool.run(|| 1).await, Some(1));
         let deadline = Instant::now() + Duration::from_secs(1);
@@ -460,7 +467,6 @@ mod tests {
         // Awake for its while only.
         let pool = CallPool::spinning_for(Duration::from_millis(20));
         assert_eq!(pool.run(|| 3).await, Some(3));
-        let lanes = pool.inner().busy_since.len();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (waiting, spinning) = {

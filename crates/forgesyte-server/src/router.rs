@@ -236,7 +236,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     routes().split_for_parts().1
 }
 
-/// The document and its page, built once.
 /// The OpenAPI document and its page, built by the first request that
 /// needs them: built with the app, they took a millisecond or two of CPU
 /// from the load pass that starts beside it.
