@@ -1159,6 +1159,19 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(header["error"]["message"],
                          "the spec of tool 'ok' cannot be sent as JSON: value of type set is not "
                          "JSON-serialisable (at /input_schema)", header)
+        # Of the kind a result's would be, its cause not chained on.
+        p = self.source_plugin("class Plugin:\n"
+                               "    def __init__(self):\n"
+                               "        self.tools = {'ok': {'handler': self.ok,\n"
+                               "                             'input_schema': {'x': float('nan')}}}\n"
+                               "    def ok(self, **kw):\n"
+                               "        return {}\n")
+        header = p.create()
+        self.assertEqual(header["error"]["error_type"], "ValueError", header)
+        self.assertEqual(header["error"]["message"],
+                         "the spec of tool 'ok' cannot be sent as JSON: value contains the "
+                         "non-finite number nan, which JSON cannot carry (at /input_schema/x)", header)
+        self.assertNotIn("During handling", "\n".join(header["error"]["traceback"]), header)
 
     def test_a_handler_with_nothing_to_call_fails_construction(self):
         # As ForgeSyte's BasePlugin refuses it: at construction, naming

@@ -216,7 +216,10 @@ def _spec_to_wire(tid, spec):
         return to_wire(spec)
     except ResultError as e:
         message = str(e).replace("tool result", "value", 1).replace("the tool's result", "it", 1)
-        raise TypeError("the spec of tool %r cannot be sent as JSON: %s" % (tid, message))
+        # Of the kind the result's would be (a NaN is a ValueError); a
+        # kind no Python class has (too deep) is a ValueError.
+        kind = {"TypeError": TypeError, "RecursionError": RecursionError}.get(e.error_type, ValueError)
+        raise kind("the spec of tool %r cannot be sent as JSON: %s" % (tid, message)) from None
 
 
 def collect_tools(instance, manifest):
