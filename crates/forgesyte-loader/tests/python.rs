@@ -476,6 +476,41 @@ exec python3 "$@"
     );
 }
 
+/// An interpreter whose own start hangs (a `.pth` file, `sitecustomize`):
+/// its zygote does not fork within the start's limit, the runner started
+/// on its own after it hangs as long, and the reason says both waits (it
+/// said one limit for a start that took two).
+#[test]
+fn an_interpreter_that_hangs_at_its_start_is_said_to_have_had_two_tries() {
+    require_python();
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = copy_fixture(dir.path(), "echo", "hangs");
+    write_manifest(
+        dir.path(),
+        "hangs",
+        json!({"version": "1.0.0", "runtime": "python", "python": "py"}),
+    );
+    std::fs::write(plugin.join("py"), "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(
+        plugin.join("py"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut config = test_config(None);
+    config.process.init_timeout = Duration::from_secs(2);
+    let registry = Registry::new();
+    let _loader = loader_with(dir.path(), &registry, config);
+    check(
+        &registry,
+        "hangs",
+        S::Failed,
+        Some(
+            "timed out after 2 s during handshake, stuck at the start of a fresh interpreter, \
+             after its zygote had not forked within 2",
+        ),
+    );
+}
+
 #[test]
 fn calls_tools_of_the_live_instance_and_tool_errors_leave_it_healthy() {
     let dir = tempfile::tempdir().unwrap();

@@ -487,6 +487,12 @@ impl ProcessImporter {
                     "--max-response-bytes".into(),
                     self.limits.max_response_bytes.to_string().into(),
                 ]);
+                // The zygote's wait, when it did not fork within the start's
+                // limit: the runner started on its own then has a limit of
+                // its own, and a reason that said one limit for a start
+                // that took both misled.
+                let mut zygote_waited = None;
+                let tried = std::time::Instant::now();
                 if zygote::enabled() {
                     let key =
                         zygote::ZygoteKey::new(interpreter, &self.limits, run_as, plan.is_some());
@@ -501,10 +507,15 @@ impl ProcessImporter {
                             &mut claim,
                         )
                     }) {
-                        Ok(Err(SpawnError::Start(e))) | Err(e) => tracing::debug!(
-                            plugin = %self.plugin,
-                            "no Python zygote ({e}): starting the runner on its own"
-                        ),
+                        Ok(Err(SpawnError::Start(e))) | Err(e) => {
+                            if e.kind() == std::io::ErrorKind::TimedOut {
+                                zygote_waited = Some(tried.elapsed());
+                            }
+                            tracing::debug!(
+                                plugin = %self.plugin,
+                                "no Python zygote ({e}): starting the runner on its own"
+                            );
+                        }
                         Ok(spawned) => return spawned,
                     }
                 }
@@ -525,13 +536,23 @@ impl ProcessImporter {
                     spawn::pass_fd(&mut command, fd.as_raw_fd());
                 }
                 confine_env(&mut command);
-                Child::spawn(
+                let spawned = Child::spawn(
                     command,
                     Some(protocol),
                     &opts,
                     self.limits.init_timeout,
                     &mut claim,
-                )
+                );
+                match (spawned, zygote_waited) {
+                    (Err(SpawnError::TimedOut(None)), Some(waited)) => {
+                        Err(SpawnError::TimedOut(Some(format!(
+                            "the start of a fresh interpreter, after its zygote had not forked \
+                             within {}",
+                            forgesyte_errors::fmt_duration(waited)
+                        ))))
+                    }
+                    (spawned, _) => spawned,
+                }
             }
         }
     }

@@ -530,10 +530,13 @@ impl Zygote {
             Ok(Err(e)) => return Err(io::Error::other(e)),
             Err(_) => {
                 self.wedge(&format!("did not fork within {timeout:?}"));
-                return Err(io::Error::other(format!(
-                    "the Python zygote (pid {}) did not fork within {timeout:?}",
-                    self.pid
-                )));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the Python zygote (pid {}) did not fork within {timeout:?}",
+                        self.pid
+                    ),
+                ));
             }
         };
         Ok(ForkedChild {
