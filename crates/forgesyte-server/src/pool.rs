@@ -57,10 +57,9 @@ impl Job {
 /// Where [`CallPool::run`] put a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Queued {
-    /// Queued, with a sleeping lane woken for it.
-    Claimed,
-    /// Queued, with a lane awake and free to take it.
-    Taken,
+    /// Queued first, with a lane free for it: one awake (`wake: false`),
+    /// or a sleeping one woken for it.
+    First { wake: bool },
     /// Queued behind other calls or busy lanes (`wake`: a sleeping lane
     /// was woken): escalated if no lane starts it within [`ESCALATE_AFTER`].
     Waiting { wake: bool },
@@ -125,7 +124,8 @@ struct Inner {
     closed: AtomicBool,
     /// [`SPIN`], but in tests.
     spin: Duration,
-    /// Calls queued for a lane awake ([`Queued::Taken`]), for tests.
+    /// Calls queued for a lane awake ([`Queued::First`] without a wake-up),
+    /// for tests.
     #[cfg(test)]
     taken: std::sync::atomic::AtomicUsize,
 }
@@ -258,7 +258,7 @@ impl CallPool {
                 // A lane awake and free: it takes this call at its next
                 // look (nothing is queued before it).
                 queue.jobs.push_back(Arc::clone(&job));
-                Queued::Taken
+                Queued::First { wake: false }
             } else if queue.jobs.is_empty() && queue.waiting > queue.claimed {
                 // A lane asleep, none woken for another call: woken now,
                 // it takes this call first (nothing is queued before it),
@@ -267,7 +267,7 @@ impl CallPool {
                 // escalation timer.
                 queue.claimed += 1;
                 queue.jobs.push_back(Arc::clone(&job));
-                Queued::Claimed
+                Queued::First { wake: true }
             } else if queue.jobs.len() < QUEUE_PER_LANE * self.inner().busy_since.len()
                 && self.inner().has_live_lane()
             {
@@ -281,13 +281,13 @@ impl CallPool {
                 Queued::No
             }
         };
-        if queued == Queued::Claimed {
-            self.inner().ready.notify_one();
-            return rx.await.ok().flatten();
-        }
-        if queued == Queued::Taken {
-            #[cfg(test)]
-            self.inner().taken.fetch_add(1, Ordering::Relaxed);
+        if let Queued::First { wake } = queued {
+            if wake {
+                self.inner().ready.notify_one();
+            } else {
+                #[cfg(test)]
+                self.inner().taken.fetch_add(1, Ordering::Relaxed);
+            }
             return rx.await.ok().flatten();
         }
         if let Queued::Waiting { wake } = queued {
@@ -405,26 +405,27 @@ mod tests {
         }
     }
 
+    /// Waits until every lane sleeps (so none is awake either) and none
+    /// counts as woken for a call; fails after 10 s, saying `when`.
+    async fn all_asleep(pool: &CallPool, when: &str) {
+        let lanes = pool.inner().busy_since.len();
+        let asleep = || {
+            let queue = pool.inner().queue.lock().unwrap();
+            (queue.waiting, queue.claimed)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while asleep() != (lanes, 0) {
+            assert!(Instant::now() < deadline, "{when}: {:?}", asleep());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// A call that finds a lane asleep runs on it (it is queued without a
     /// timer, and nothing escalates it to the blocking pool), one call
     /// after another; and the count of lanes woken for calls goes back to
     /// zero once they are asleep again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_that_find_a_lane_asleep_run_on_it() {
-        /// Waits until every lane sleeps and none counts as woken for a
-        /// call; fails after 10 s, saying `when`.
-        async fn all_asleep(pool: &CallPool, when: &str) {
-            let lanes = pool.inner().busy_since.len();
-            let asleep = || {
-                let queue = pool.inner().queue.lock().unwrap();
-                (queue.waiting, queue.claimed)
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while asleep() != (lanes, 0) {
-                assert!(Instant::now() < deadline, "{when}: {:?}", asleep());
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
         let pool = CallPool::new();
         all_asleep(&pool, "before the calls").await;
         for _ in 0..50 {
@@ -448,13 +449,8 @@ mod tests {
     #[tokio::test]
     async fn a_call_soon_after_another_finds_its_lane_awake() {
         let pool = CallPool::spinning_for(Duration::from_secs(2));
-        let lanes = pool.inner().busy_since.len();
         // Its lanes started (a call before would go to the blocking pool).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pool.inner().queue.lock().unwrap().waiting < lanes {
-            assert!(Instant::now() < deadline, "the lanes never slept");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        all_asleep(&pool, "before the calls").await;
         let spinning = || pool.inner().queue.lock().unwrap().spinning;
         assert_eq!(pool.run(|| 1).await, Some(1));
         let deadline = Instant::now() + Duration::from_secs(1);
@@ -467,21 +463,7 @@ mod tests {
         // Awake for its while only.
         let pool = CallPool::spinning_for(Duration::from_millis(20));
         assert_eq!(pool.run(|| 3).await, Some(3));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (waiting, spinning) = {
-                let queue = pool.inner().queue.lock().unwrap();
-                (queue.waiting, queue.spinning)
-            };
-            if (waiting, spinning) == (lanes, 0) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "awake for good: {waiting} of {lanes} asleep"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        all_asleep(&pool, "after the awake while").await;
     }
 
     #[tokio::test]
