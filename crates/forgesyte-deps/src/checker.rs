@@ -543,9 +543,37 @@ pub struct PythonPrefetch<'a> {
 }
 
 impl PythonPrefetch<'_> {
-    /// Whether it plans no run (no plugin of the pass needs a package).
-    pub fn is_empty(&self) -> bool {
-        self.asks.is_empty()
+    /// Runs `beside` (a load pass's checks) while [`run`](Self::run) runs
+    /// on a thread of its own, and returns what `beside` returns once both
+    /// have ended. A plan with no run starts no thread; when no thread can
+    /// start, the plan runs first, on this one (dropped unrun, each check
+    /// would ask its packages one run at a time).
+    pub fn run_beside<R>(self, beside: impl FnOnce() -> R) -> R {
+        if self.asks.is_empty() {
+            return beside();
+        }
+        let plan = Mutex::new(Some(self));
+        let run = || {
+            if let Some(prefetch) = plan.lock().take() {
+                prefetch.run();
+            }
+        };
+        std::thread::scope(|scope| {
+            let asking = std::thread::Builder::new()
+                .name("forgesyte-pyask".into())
+                .spawn_scoped(scope, run);
+            if let Err(e) = &asking {
+                tracing::warn!(error = %e, "cannot start a thread for the Python package checks: they run first");
+                run();
+            }
+            let result = beside();
+            if let Ok(Err(_)) = asking.map(std::thread::ScopedJoinHandle::join) {
+                tracing::warn!(
+                    "the Python package checks panicked: each plugin's check asked again"
+                );
+            }
+            result
+        })
     }
 
     /// Asks every planned interpreter, each as soon as one of up to

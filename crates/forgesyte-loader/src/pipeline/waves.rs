@@ -75,35 +75,7 @@ impl Loader {
         // for its own interpreter's answer, and one that needs none for
         // nothing (the pass waited for every interpreter first: one that
         // hung held every plugin LOADED for its time limit).
-        if prefetch.is_empty() {
-            drop(prefetch);
-            self.run_each_wave(pending, waves, outcomes);
-        } else {
-            // Taken by the thread, or, when no thread can start, run here
-            // first (as before): dropped unrun, each check would ask its
-            // packages one run at a time.
-            let plan = parking_lot::Mutex::new(Some(prefetch));
-            let run = || {
-                if let Some(prefetch) = plan.lock().take() {
-                    prefetch.run();
-                }
-            };
-            std::thread::scope(|scope| {
-                let asking = std::thread::Builder::new()
-                    .name("forgesyte-pyask".into())
-                    .spawn_scoped(scope, run);
-                if let Err(e) = &asking {
-                    tracing::warn!(error = %e, "cannot start a thread for the Python package checks: they run first");
-                    run();
-                }
-                self.run_each_wave(pending, waves, outcomes);
-                if let Ok(Err(_)) = asking.map(std::thread::ScopedJoinHandle::join) {
-                    tracing::warn!(
-                        "the Python package checks panicked: each plugin's check asked again"
-                    );
-                }
-            });
-        }
+        prefetch.run_beside(|| self.run_each_wave(pending, waves, outcomes));
         let known = self.known_plugins();
         for (name, (hop, cycle)) in cyclic {
             if let Some(p) = pending.get(&name) {
