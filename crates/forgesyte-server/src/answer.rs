@@ -24,11 +24,12 @@
 use std::hash::{BuildHasher as _, Hasher as _};
 
 use axum::body::{Body, Bytes};
-use axum::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, VARY};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, VARY};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
+use crate::accept::{Accept, preferred, refused};
 use crate::budget::AnswerBudget;
 use crate::error::{RunError, RunFailure};
 use crate::respond::{json, json_bytes};
@@ -67,78 +68,34 @@ pub(crate) enum Representation {
 /// has `binary` binary results; `Err` (406) when only raw bytes are
 /// acceptable and there are not exactly one.
 pub(crate) fn negotiate(headers: &HeaderMap, binary: usize) -> Result<Representation, String> {
-    // (essence, weight, position), `q=0` ranges included: they exclude.
-    let mut ranges: Vec<(String, f32, usize)> = Vec::new();
-    for value in headers.get_all(ACCEPT) {
-        let Ok(text) = value.to_str() else { continue };
-        for range in split_unquoted(text, ',') {
-            let mut params = split_unquoted(range, ';');
-            let essence = params
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase();
-            // The weight, `q` or `Q` (parameter names are case-insensitive);
-            // a range whose weight is not a number from 0 to 1 is ignored.
-            let q = params
-                .filter_map(|p| p.split_once('='))
-                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
-                .map_or(Some(1.0), |(_, q)| {
-                    q.trim()
-                        .parse::<f32>()
-                        .ok()
-                        .filter(|q| (0.0..=1.0).contains(q))
-                });
-            if let Some(q) = q
-                && !essence.is_empty()
-            {
-                ranges.push((essence, q, ranges.len()));
-            }
-        }
-    }
+    let accept = Accept::of(headers);
     // Each representation's weight is the most specific range's that
     // matches it (RFC 9110 §12.5.1: `application/json;q=0` excludes JSON
     // whatever `*/*` says); wildcards select JSON, the default, or
     // multipart where JSON is refused.
-    let weight = |types: &[&str]| -> Option<(f32, usize)> {
-        ranges
-            .iter()
-            .filter_map(|(essence, q, at)| {
-                let specific = types.iter().position(|t| t == essence)?;
-                Some((specific, *q, *at))
-            })
-            .min_by_key(|(specific, _, at)| (*specific, *at))
-            .map(|(_, q, at)| (q, at))
-    };
-    let refused = |weight: Option<(f32, usize)>| weight.is_some_and(|(q, _)| q == 0.0);
-    let json = weight(&["application/json", "application/*", "*/*"]);
+    let json = accept.weight(&["application/json", "application/*", "*/*"]);
     // JSON refused (`application/json;q=0, */*`): the wildcard selects
     // multipart, which holds any result, rather than the JSON refused.
     let multipart = if refused(json) {
-        weight(&["multipart/mixed", "multipart/*", "*/*"])
+        accept.weight(&["multipart/mixed", "multipart/*", "*/*"])
     } else {
-        weight(&["multipart/mixed", "multipart/*"])
+        accept.weight(&["multipart/mixed", "multipart/*"])
     };
     // JSON refused and multipart not acceptable: the wildcards can only
     // mean the raw bytes (`application/json;q=0, application/*`).
     let raw = if refused(json) && !multipart.is_some_and(|(q, _)| q > 0.0) {
-        weight(&["application/octet-stream", "application/*", "*/*"])
+        accept.weight(&["application/octet-stream", "application/*", "*/*"])
     } else {
-        weight(&["application/octet-stream"])
+        accept.weight(&["application/octet-stream"])
     };
     let raw_asked = raw.is_some_and(|(q, _)| q > 0.0) && binary != 1;
-    let chosen = [
+    let chosen = preferred([
         (Representation::Json, json),
         (Representation::Multipart, multipart),
         (Representation::Raw, raw.filter(|_| binary == 1)),
-    ]
-    .into_iter()
-    .filter_map(|(representation, weight)| weight.map(|(q, at)| (representation, q, at)))
-    .filter(|(_, q, _)| *q > 0.0)
-    // The highest weight; of equal ones, the range given first.
-    .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)));
+    ]);
     match chosen {
-        Some((representation, _, _)) => Ok(representation),
+        Some(representation) => Ok(representation),
         None if raw_asked => Err(format!(
             "the result has {binary} binary results; application/octet-stream answers exactly \
              one: accept application/json (base64 in the JSON) or multipart/mixed"
@@ -207,25 +164,6 @@ pub(crate) fn respond(
         .headers_mut()
         .insert(VARY, HeaderValue::from_static("accept"));
     Ok(response)
-}
-
-/// `text` split at `separator` where it is not inside a quoted string (a
-/// media range's parameter may quote a comma or a semicolon).
-fn split_unquoted(text: &str, separator: char) -> impl Iterator<Item = &str> {
-    let mut quoted = false;
-    let mut escaped = false;
-    text.split(move |c: char| {
-        if escaped {
-            escaped = false;
-        } else if quoted && c == '\\' {
-            escaped = true;
-        } else if c == '"' {
-            quoted = !quoted;
-        } else if c == separator && !quoted {
-            return true;
-        }
-        false
-    })
 }
 
 fn encoded_pointer(pointer: &str) -> String {
@@ -360,7 +298,10 @@ mod tests {
 
     fn accept(value: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(ACCEPT, HeaderValue::from_str(value).unwrap());
+        h.insert(
+            axum::http::header::ACCEPT,
+            HeaderValue::from_str(value).unwrap(),
+        );
         h
     }
 

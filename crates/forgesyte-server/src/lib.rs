@@ -100,6 +100,7 @@ macro_rules! tell {
     }};
 }
 
+mod accept;
 mod admin;
 mod answer;
 mod api;

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, Method, Request};
 use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
@@ -23,8 +23,8 @@ use crate::state::AppState;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Every metric in the OpenMetrics text format, for Prometheus, or in the
-/// Prometheus text format (0.0.4) when the request's `Accept` asks for
-/// `text/plain` and not OpenMetrics. Needs no token.
+/// Prometheus text format (0.0.4) when the request's `Accept` prefers
+/// `text/plain` ([`super::text::wanted`]). Needs no token.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -36,7 +36,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
     ))
 )]
 pub(crate) async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let text = super::text::wanted(headers.get(ACCEPT).and_then(|v| v.to_str().ok()));
+    let text = super::text::wanted(&headers);
     match state.metrics().scrape() {
         Ok(body) => {
             let (body, content_type) = if text {

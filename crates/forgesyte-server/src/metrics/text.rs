@@ -12,17 +12,29 @@
 
 use std::collections::HashMap;
 
+use axum::http::HeaderMap;
+
+use crate::accept::{Accept, preferred, refused};
+
 /// The content type of the Prometheus text format.
 pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Whether a request's `Accept` header asks for the Prometheus text format:
-/// it names `text/plain` and not OpenMetrics (Prometheus itself asks for
-/// OpenMetrics first; no header, or `*/*`, gets OpenMetrics).
-pub(crate) fn wanted(accept: Option<&str>) -> bool {
-    accept.is_some_and(|accept| {
-        let accept = accept.to_ascii_lowercase();
-        accept.contains("text/plain") && !accept.contains("application/openmetrics-text")
-    })
+/// Whether a request's `Accept` headers ask for the Prometheus text format
+/// rather than OpenMetrics: `text/plain` (or `text/*`) weighs more than
+/// OpenMetrics (`application/openmetrics-text`, `application/*`, `*/*`), or
+/// as much and is given first, or OpenMetrics is refused (`q=0`, and then
+/// `*/*` may select the text format). No header, `*/*`, or nothing either
+/// format matches gets OpenMetrics; Prometheus itself asks for OpenMetrics
+/// first.
+pub(crate) fn wanted(headers: &HeaderMap) -> bool {
+    let accept = Accept::of(headers);
+    let openmetrics = accept.weight(&["application/openmetrics-text", "application/*", "*/*"]);
+    let text = if refused(openmetrics) {
+        accept.weight(&["text/plain", "text/*", "*/*"])
+    } else {
+        accept.weight(&["text/plain", "text/*"])
+    };
+    preferred([(false, openmetrics), (true, text)]).unwrap_or(false)
 }
 
 /// `openmetrics` (an OpenMetrics text exposition) in the Prometheus text
@@ -171,14 +183,43 @@ odd 1
     }
 
     #[test]
-    fn only_a_request_for_text_without_openmetrics_gets_text() {
-        assert!(!wanted(None));
-        assert!(!wanted(Some("*/*")));
-        assert!(wanted(Some("text/plain")));
-        assert!(wanted(Some("text/plain;version=0.0.4")));
-        assert!(!wanted(Some(
+    fn text_is_for_a_request_that_prefers_it_or_refuses_openmetrics() {
+        let wants = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(
+                    axum::http::header::ACCEPT,
+                    axum::http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            wanted(&headers)
+        };
+        assert!(!wants(&[]));
+        assert!(!wants(&["*/*"]));
+        assert!(wants(&["text/plain"]));
+        assert!(wants(&["text/plain;version=0.0.4"]));
+        assert!(wants(&["text/*"]));
+        // Prometheus's own header: OpenMetrics first and heavier.
+        assert!(!wants(&[
             "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
-        )));
-        assert!(!wanted(Some("application/json")));
+        ]));
+        assert!(!wants(&["application/json"]));
+        // Refusals: `q=0` excludes a format whatever a wildcard says.
+        assert!(wants(&[
+            "application/openmetrics-text;q=0, text/plain;q=0.1"
+        ]));
+        assert!(wants(&["application/openmetrics-text;q=0, */*"]));
+        assert!(!wants(&["text/plain;q=0, */*"]));
+        assert!(!wants(&["text/plain;q=0"]));
+        // Weights, then order; over several headers.
+        assert!(wants(&[
+            "application/openmetrics-text;q=0.2",
+            "text/plain;q=0.9"
+        ]));
+        assert!(!wants(&[
+            "text/plain;q=0.2, application/openmetrics-text;q=0.9"
+        ]));
+        assert!(wants(&["text/plain, application/openmetrics-text"]));
+        assert!(!wants(&["application/openmetrics-text, text/plain"]));
     }
 }
