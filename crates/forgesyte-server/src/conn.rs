@@ -1,11 +1,13 @@
 //! Connections: the accept loop, the connection cap, and the time a client
 //! may take to send a request's headers or keep an idle connection open.
 //!
-//! hyper serves each connection (`hyper::server::conn::http1`), and
-//! hyper-util's `GracefulShutdown` drains the probe reserve's. Connections
-//! within the cap are served with upgrades (the WebSocket streams), which
-//! that `GracefulShutdown` cannot watch: [`drain_on_stop`] drains each,
-//! and the drain waits until every permit of the cap is back. A connection
+//! hyper serves each connection (`hyper::server::conn::http1`; within the
+//! cap with upgrades, the WebSocket streams). [`drain_on_stop`] drains each
+//! at the stop, and the drain waits until every permit of the cap and of
+//! the probe reserve is back. A connection waiting for a request head
+//! (none yet, or part of one: [`ReadClock::reading_head`]) closes at once,
+//! as hyper closes an idle one: hyper would wait for the rest of the head,
+//! as long as the header timeout lets the client take. A connection
 //! ends at its upgrade (its permit is returned): the streams are capped
 //! and drained on their own (`crate::stream::Streams`). Three things are our own,
 //! because neither hyper nor axum offers them:
@@ -56,7 +58,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -181,7 +182,6 @@ pub(crate) async fn serve(
     public_hosts: Vec<String>,
     stop: impl Future<Output = ()>,
 ) {
-    let graceful = GracefulShutdown::new();
     // `true` from the stop on: the connections within the cap drain.
     let (stopping, stop_seen) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -227,11 +227,13 @@ pub(crate) async fn serve(
         };
         let linger = guard.linger.clone();
         let service = with_peer(service.clone(), peer, guard);
+        let clock = ReadClock::new();
         if let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
-            let connection = connection(stream, service, limits, true, linger).with_upgrades();
+            let connection =
+                connection(stream, service, limits, true, linger, clock.clone()).with_upgrades();
             let stop_seen = stop_seen.clone();
             tokio::spawn(async move {
-                drain_on_stop(connection, stop_seen).await;
+                drain_on_stop(connection, &clock, stop_seen).await;
                 drop(permit);
             });
         } else if let Some(share) = shares.take(peer.ip())
@@ -259,10 +261,10 @@ pub(crate) async fn serve(
                 header_read_timeout: limits.header_read_timeout.min(RESERVE_HEADER_TIMEOUT),
                 ..limits
             };
-            let connection = connection(stream, probes_only, limits, false, linger);
-            let watched = graceful.watch(connection);
+            let connection = connection(stream, probes_only, limits, false, linger, clock.clone());
+            let stop_seen = stop_seen.clone();
             tokio::spawn(async move {
-                let _ = watched.await;
+                drain_on_stop(connection, &clock, stop_seen).await;
                 drop((permit, share));
             });
         } else {
@@ -272,24 +274,51 @@ pub(crate) async fn serve(
     }
     drop(listener);
     stopping.send_replace(true);
-    graceful.shutdown().await;
-    // Each connection within the cap holds a permit until it ends.
+    // Each connection holds a permit, of the cap or of the reserve, until
+    // it ends.
     let cap = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _all = permits.acquire_many(cap).await;
+    let _reserve = reserve.acquire_many(PROBE_RESERVE as u32).await;
 }
 
 /// A connection within the cap: hyper's HTTP/1 with upgrades.
 type MainConnection =
     http1::UpgradeableConnection<TokioIo<TimedStream>, WithPeer<TowerToHyperService<Router>>>;
 
+/// A hyper connection that can be asked to finish its request in flight
+/// and close (hyper-util's `GracefulConnection` leaves out the connection
+/// with upgrades).
+trait Drain: Future {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl Drain for MainConnection {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<S> Drain for http1::Connection<TokioIo<TimedStream>, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Body>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self);
+    }
+}
+
 /// Serves `connection` until it ends (a WebSocket's at its upgrade); once
-/// `stop` is `true`, lets its request in flight finish and closes it (an
-/// idle one at once).
-async fn drain_on_stop(connection: MainConnection, mut stop: watch::Receiver<bool>) {
+/// `stop` is `true`, lets its request in flight finish and closes it. One
+/// waiting for a request head (`clock`), idle or with part of a head
+/// received, closes at once: no request of it started.
+async fn drain_on_stop(connection: impl Drain, clock: &ReadClock, mut stop: watch::Receiver<bool>) {
     tokio::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => return,
         _ = stop.wait_for(|stopping| *stopping) => {}
+    }
+    if clock.reading_head() {
+        return;
     }
     connection.as_mut().graceful_shutdown();
     let _ = connection.await;
@@ -302,11 +331,11 @@ fn connection<S>(
     limits: Limits,
     keep_alive: bool,
     linger: crate::unread::Linger,
+    clock: ReadClock,
 ) -> http1::Connection<TokioIo<TimedStream>, S>
 where
     S: hyper::service::HttpService<Incoming, ResBody = Body>,
 {
-    let clock = ReadClock::new();
     let timer = RequestTimer {
         clock: clock.clone(),
         header: limits.header_read_timeout,
@@ -414,6 +443,14 @@ struct ClockState {
     first_byte: Option<Instant>,
     /// Times hyper armed its header timer.
     armed: u64,
+    /// The header timers that exist ([`RequestSleep`]s not dropped): hyper
+    /// holds one from the start of a wait for a request head until the
+    /// head is read (a reset makes the next before dropping the last).
+    heads: u32,
+    /// hyper wrote since it last flushed: it calls the socket's flush once
+    /// its own buffer is all written, so `false` means no byte of an
+    /// answer waits in hyper.
+    unflushed: bool,
 }
 
 impl ReadClock {
@@ -423,7 +460,25 @@ impl ReadClock {
             after_response: false,
             first_byte: None,
             armed: 0,
+            heads: 0,
+            unflushed: false,
         })))
+    }
+
+    /// Whether hyper is waiting for a request head (idle, or part of a
+    /// head received) with every answer written out: nothing of this
+    /// connection is being served.
+    fn reading_head(&self) -> bool {
+        let state = self.lock();
+        state.heads > 0 && !state.unflushed
+    }
+
+    fn wrote(&self) {
+        self.lock().unflushed = true;
+    }
+
+    fn flushed(&self) {
+        self.lock().unflushed = false;
     }
 
     fn lock(&self) -> MutexGuard<'_, ClockState> {
@@ -691,12 +746,16 @@ impl AsyncWrite for TimedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.clock.wrote();
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.watch_write(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        if matches!(polled, Poll::Ready(Ok(()))) {
+            self.clock.flushed();
+        }
         // hyper flushes once it has written all it had: the slow
         // reader's account pauses until a write finds the socket full
         // again (a new response starts a new one).
@@ -718,6 +777,7 @@ impl AsyncWrite for TimedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.clock.wrote();
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         self.watch_write(cx, polled)
     }
@@ -739,6 +799,7 @@ struct RequestTimer {
 impl RequestTimer {
     fn request_sleep(&self) -> RequestSleep {
         self.clock.arm();
+        self.clock.lock().heads += 1;
         let deadline = self.clock.deadline(self.header, self.idle);
         RequestSleep {
             timer: self.clone(),
@@ -786,6 +847,13 @@ impl Future for RequestSleep {
 }
 
 impl hyper::rt::Sleep for RequestSleep {}
+
+impl Drop for RequestSleep {
+    fn drop(&mut self) {
+        let mut state = self.timer.clock.lock();
+        state.heads = state.heads.saturating_sub(1);
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1191,3 +1191,99 @@ fn send_whole_body_then_read(addr: SocketAddr, path: &str, version: &str) -> Str
         .unwrap_or_else(|e| panic!("{path}: no answer: {e}"));
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+/// A client that has sent part of a request head when the server is told
+/// to stop holds nothing up: no request of its started, so its connection
+/// closes at once, as an idle one does. (hyper waited for the rest of the
+/// head, up to the whole grace, and the log blamed requests in flight.) A
+/// call in flight still gets its answer.
+#[test]
+fn a_stop_does_not_wait_for_the_rest_of_a_request_head() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", serde_json::json!({}));
+    let mut server = Forgesyte::start(&[
+        "--plugins",
+        dir.path_str(),
+        "--shutdown-grace",
+        "30",
+        "--header-read-timeout",
+        "30",
+    ]);
+    server.wait_loaded();
+    let mut partial = connect(server.addr);
+    partial
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: loc")
+        .unwrap();
+    // A keep-alive connection that was answered and is idle again.
+    let mut idle = connect(server.addr);
+    idle.write_all(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut idle).starts_with("HTTP/1.1 200"));
+    let addr = server.addr;
+    let call = std::thread::spawn(move || {
+        http(
+            addr,
+            "POST",
+            "/v1/plugins/alpha/tools/sleep/run",
+            br#"{"args": {"ms": 1500}}"#,
+        )
+    });
+    crate::rescan::wait_running(&server, "alpha");
+    // The partial head was read (it is waiting for the rest).
+    std::thread::sleep(Duration::from_millis(300));
+    let stop = Instant::now();
+    crate::support::signal(&server.pid().to_string(), "-TERM");
+    let status = server.wait_exit(Duration::from_secs(40));
+    let took = stop.elapsed();
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(
+        took < Duration::from_secs(10),
+        "the stop took {took:?} with a call of 1.5 s in flight\n{}",
+        server.log()
+    );
+    assert_eq!(call.join().unwrap().status, 200);
+    assert!(closed_within(&mut partial, Duration::from_secs(1)));
+    assert!(closed_within(&mut idle, Duration::from_secs(1)));
+    assert!(
+        !server.log().contains("did not finish in time"),
+        "{}",
+        server.log()
+    );
+}
+
+/// An answer hyper is still writing when the server is told to stop (its
+/// client reads slowly) is written to its end: the connection waits for
+/// the next request head only once the answer is out, and only then is it
+/// closed at once.
+#[test]
+fn a_stop_lets_a_slow_reader_have_all_of_its_answer() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", serde_json::json!({}));
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str(), "--shutdown-grace", "30"]);
+    server.wait_loaded();
+    let size = 12 << 20;
+    let body = format!(r#"{{"args": {{"x": "{}"}}}}"#, "y".repeat(size));
+    let mut slow = connect(server.addr);
+    write!(
+        slow,
+        "POST /v1/plugins/alpha/tools/echo/run HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    slow.write_all(body.as_bytes()).unwrap();
+    // The answer fills the socket; nothing of it is read yet.
+    std::thread::sleep(Duration::from_millis(1000));
+    crate::support::signal(&server.pid().to_string(), "-TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut raw = Vec::new();
+    slow.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let end = text.find("\r\n\r\n").expect("an answer head");
+    assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..end]);
+    let answer: serde_json::Value = serde_json::from_str(&text[end + 4..]).unwrap();
+    assert_eq!(answer["result"]["x"].as_str().map(str::len), Some(size));
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+}
