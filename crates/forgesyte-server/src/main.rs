@@ -680,12 +680,32 @@ fn directory_hint(e: &clap::Error, argv: &[std::ffi::OsString]) -> Option<String
         "check" | "lock" if arg == "--plugins" || arg.starts_with("--plugins=") => Some(format!(
             "`{command}` takes the plugins directory without --plugins: forgesyte {command} DIR"
         )),
-        "serve" if !arg.starts_with('-') => Some(format!(
-            "`serve` takes the plugins directory as --plugins DIR (not '{arg}' alone): \
-             forgesyte serve --plugins {arg}"
-        )),
+        // `--watch off`: an on/off switch takes its value after `=` only.
+        "serve" if !arg.starts_with('-') => Some(match switch_before(arg, argv) {
+            Some(switch) => format!(
+                "--{switch} takes its value after '=', not a space: --{switch}={arg} \
+                 ('{arg}' alone is no argument of `serve`)"
+            ),
+            None => format!(
+                "`serve` takes the plugins directory as --plugins DIR (not '{arg}' alone): \
+                 forgesyte serve --plugins {arg}"
+            ),
+        }),
         _ => None,
     }
+}
+
+/// The long name of the on/off switch of `serve` (`--watch`, a value only
+/// after `=`) written just before `arg` in `argv`, if any.
+fn switch_before(arg: &str, argv: &[std::ffi::OsString]) -> Option<String> {
+    let at = argv.iter().position(|a| a.to_str() == Some(arg))?;
+    let flag = argv.get(at.checked_sub(1)?)?.to_str()?.strip_prefix("--")?;
+    let command = Cli::command();
+    command
+        .find_subcommand("serve")?
+        .get_arguments()
+        .any(|a| a.get_long() == Some(flag) && a.is_require_equals_set())
+        .then(|| flag.to_owned())
 }
 
 /// `forgesyte check`: what `forgesyte_server::check` does, keeping the

@@ -303,7 +303,7 @@ pub(crate) fn create(
             by,
         });
     }
-    let files = render(lang, name, sdk, bind);
+    let files = render(lang, name, sdk, bind, config);
     let written = write_all(&dir, &files);
     if let Err(e) = written {
         // Leave nothing half-made behind.
@@ -344,11 +344,26 @@ fn write_all(dir: &Path, files: &[(&'static str, String)]) -> Result<(), Scaffol
 }
 
 /// The files of a scaffold (relative paths) and their text; its README's
-/// commands serve on `bind`, as the printed ones do.
-pub(crate) fn render(lang: Lang, name: &str, sdk: &Sdk, bind: &str) -> Vec<(&'static str, String)> {
+/// commands serve on `bind` and read `config`, as the printed ones do (the
+/// file by its absolute path: the README's commands run from the plugin's
+/// directory).
+pub(crate) fn render(
+    lang: Lang,
+    name: &str,
+    sdk: &Sdk,
+    bind: &str,
+    config: Option<&Path>,
+) -> Vec<(&'static str, String)> {
+    let config_flag = config
+        .map(|file| {
+            let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+            format!(" --config {}", shell(&file))
+        })
+        .unwrap_or_default();
     let fill = |template: &str| {
         template
             .replace("{{name}}", name)
+            .replace("{{config_flag}}", &config_flag)
             .replace("{{run_url}}", &run_url(bind, name))
             .replace("{{url}}", &server_url(bind))
             .replace("{{bind_flag}}", &bind_flag(bind))
@@ -704,6 +719,7 @@ mod tests {
                 "image-stats",
                 &Sdk::Path("/sdk".into()),
                 forgesyte_server::DEFAULT_BIND,
+                None,
             ) {
                 assert!(!text.contains("{{"), "{file}: {text}");
                 if file.ends_with(".json") {
@@ -723,6 +739,7 @@ mod tests {
             "image-stats",
             &Sdk::Path("/sdk".into()),
             DEFAULT_BIND,
+            None,
         );
         let cargo = &rust.iter().find(|(f, _)| *f == "Cargo.toml").unwrap().1;
         assert!(cargo.contains("forgesyte-plugin-sdk = { path = \"/sdk\" }"));
@@ -731,7 +748,13 @@ mod tests {
         assert!(lib.contains("export_plugin!(ImageStatsPlugin)"));
         let manifest = &rust.iter().find(|(f, _)| *f == "manifest.json").unwrap().1;
         assert!(manifest.contains("\"entrypoint\": \"libimage_stats.so\""));
-        let versioned = render(Lang::Rust, "x", &Sdk::Version(SDK_VERSION), DEFAULT_BIND);
+        let versioned = render(
+            Lang::Rust,
+            "x",
+            &Sdk::Version(SDK_VERSION),
+            DEFAULT_BIND,
+            None,
+        );
         assert!(versioned[0].1.contains("forgesyte-plugin-sdk = \"0.1\""));
     }
 
@@ -819,6 +842,7 @@ mod tests {
             let created =
                 create(lang, name, tmp.path(), &sdk, DEFAULT_BIND, Some(&config)).unwrap();
             let quoted = shell(&config);
+            let readme = std::fs::read_to_string(tmp.path().join(name).join("README.md")).unwrap();
             for command in ["forgesyte check", "forgesyte serve"] {
                 assert!(
                     created
@@ -826,6 +850,11 @@ mod tests {
                         .contains(&format!("{command} --config {quoted} ")),
                     "{}",
                     created.message
+                );
+                // The README's too, by the file's absolute path.
+                assert!(
+                    readme.contains(&format!("{command} --config {quoted} ")),
+                    "{readme}"
                 );
             }
         }
@@ -949,7 +978,7 @@ mod tests {
     #[test]
     fn the_readme_serves_on_the_address_given() {
         for lang in [Lang::Python, Lang::Rust] {
-            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), "0.0.0.0:9123");
+            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), "0.0.0.0:9123", None);
             let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
             assert!(readme.contains("--bind 0.0.0.0:9123"), "{readme}");
             assert!(
@@ -959,7 +988,7 @@ mod tests {
                 "{readme}"
             );
             assert!(!readme.contains("8000"), "{readme}");
-            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), "[::]:9001");
+            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), "[::]:9001", None);
             let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
             assert!(readme.contains("--bind '[::]:9001'"), "{readme}");
             assert!(
@@ -967,7 +996,7 @@ mod tests {
                     .contains("curl -s -X POST 'http://[::1]:9001/v1/plugins/ocr/tools/hello/run'"),
                 "{readme}"
             );
-            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), DEFAULT_BIND);
+            let files = render(lang, "ocr", &Sdk::Path("/sdk".into()), DEFAULT_BIND, None);
             let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
             assert!(!readme.contains("--bind"), "{readme}");
             assert!(

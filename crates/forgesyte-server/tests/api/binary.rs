@@ -877,6 +877,17 @@ fn check_usage_errors_exit_2() {
         err.contains("forgesyte serve --plugins /nonexistent/p"),
         "{err}"
     );
+    // An on/off switch's value after a space: the switch is named.
+    let output = forgesyte_command()
+        .args(["serve", "--plugins", "/nonexistent/p", "--watch", "off"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--watch takes its value after '=', not a space: --watch=off"),
+        "{err}"
+    );
     let output = forgesyte_command().output().unwrap();
     assert_eq!(
         output.status.code(),
