@@ -357,6 +357,7 @@ where
                 min_rate: limits.answer_min_rate,
                 slow: None,
                 linger,
+                full: false,
             }),
             service,
         )
@@ -447,9 +448,9 @@ struct ClockState {
     /// holds one from the start of a wait for a request head until the
     /// head is read (a reset makes the next before dropping the last).
     heads: u32,
-    /// hyper wrote since it last flushed: it calls the socket's flush once
-    /// its own buffer is all written, so `false` means no byte of an
-    /// answer waits in hyper.
+    /// A write found the socket full since hyper last flushed: bytes of an
+    /// answer may wait in hyper's buffer (it calls the socket's flush only
+    /// once that buffer is all written).
     unflushed: bool,
 }
 
@@ -473,21 +474,19 @@ impl ReadClock {
         state.heads > 0 && !state.unflushed
     }
 
-    fn wrote(&self) {
-        self.lock().unflushed = true;
-    }
-
-    fn flushed(&self) {
-        self.lock().unflushed = false;
+    fn set_unflushed(&self, unflushed: bool) {
+        self.lock().unflushed = unflushed;
     }
 
     fn lock(&self) -> MutexGuard<'_, ClockState> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// hyper starts waiting for a request head.
+    /// hyper starts waiting for a request head (a [`RequestSleep`] is
+    /// made).
     fn arm(&self) {
         let mut state = self.lock();
+        state.heads += 1;
         state.armed += 1;
         if state.armed > 1 {
             state.waiting_since = Instant::now();
@@ -550,6 +549,10 @@ pub(crate) struct TimedStream {
     /// Set when an answer left its request's body unread: the socket
     /// lingers when this ends ([`crate::unread::linger`]).
     linger: crate::unread::Linger,
+    /// A write found the socket full since the last flush that went
+    /// through: told to the clock ([`ClockState::unflushed`]) when it
+    /// changes, not at every write.
+    full: bool,
 }
 
 impl Drop for TimedStream {
@@ -611,6 +614,13 @@ fn send_queue(stream: &TcpStream) -> u64 {
 }
 
 impl TimedStream {
+    fn note_full(&mut self, polled: &Poll<io::Result<usize>>) {
+        if polled.is_pending() && !self.full {
+            self.full = true;
+            self.clock.set_unflushed(true);
+        }
+    }
+
     /// A write's outcome, with the stall and the slow reader accounted.
     fn watch_write(
         &mut self,
@@ -746,15 +756,16 @@ impl AsyncWrite for TimedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.clock.wrote();
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note_full(&polled);
         self.watch_write(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_flush(cx);
-        if matches!(polled, Poll::Ready(Ok(()))) {
-            self.clock.flushed();
+        if self.full && matches!(polled, Poll::Ready(Ok(()))) {
+            self.full = false;
+            self.clock.set_unflushed(false);
         }
         // hyper flushes once it has written all it had: the slow
         // reader's account pauses until a write finds the socket full
@@ -777,8 +788,8 @@ impl AsyncWrite for TimedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.clock.wrote();
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note_full(&polled);
         self.watch_write(cx, polled)
     }
 
@@ -799,7 +810,6 @@ struct RequestTimer {
 impl RequestTimer {
     fn request_sleep(&self) -> RequestSleep {
         self.clock.arm();
-        self.clock.lock().heads += 1;
         let deadline = self.clock.deadline(self.header, self.idle);
         RequestSleep {
             timer: self.clone(),
@@ -933,6 +943,7 @@ mod tests {
             min_rate: 1024 * 1024,
             slow: None,
             linger: crate::unread::Linger::default(),
+            full: false,
         };
         let started = Instant::now();
         let chunk = [7u8; 2048];
@@ -984,6 +995,7 @@ mod tests {
             min_rate: 0,
             slow: None,
             linger: crate::unread::Linger::default(),
+            full: false,
         };
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 64 * 1024];
