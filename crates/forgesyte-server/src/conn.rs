@@ -6,8 +6,9 @@
 //! at the stop, and the drain waits until every permit of the cap and of
 //! the probe reserve is back. A connection waiting for a request head
 //! (none yet, or part of one: [`ReadClock::reading_head`]) closes at once,
-//! as hyper closes an idle one: hyper would wait for the rest of the head,
-//! as long as the header timeout lets the client take. A connection
+//! as hyper closes an idle one: for a connection's first request hyper
+//! would wait for the rest of the head, as long as the header timeout lets
+//! the client take. A connection
 //! ends at its upgrade (its permit is returned): the streams are capped
 //! and drained on their own (`crate::stream::Streams`). Three things are our own,
 //! because neither hyper nor axum offers them:
@@ -314,6 +315,9 @@ where
 async fn drain_on_stop(connection: impl Drain, clock: &ReadClock, mut stop: watch::Receiver<bool>) {
     tokio::pin!(connection);
     tokio::select! {
+        // The connection first: a request head that came with the stop is
+        // read (and its request served) before the stop is looked at.
+        biased;
         _ = connection.as_mut() => return,
         _ = stop.wait_for(|stopping| *stopping) => {}
     }
@@ -357,7 +361,6 @@ where
                 min_rate: limits.answer_min_rate,
                 slow: None,
                 linger,
-                full: false,
             }),
             service,
         )
@@ -448,10 +451,6 @@ struct ClockState {
     /// holds one from the start of a wait for a request head until the
     /// head is read (a reset makes the next before dropping the last).
     heads: u32,
-    /// A write found the socket full since hyper last flushed: bytes of an
-    /// answer may wait in hyper's buffer (it calls the socket's flush only
-    /// once that buffer is all written).
-    unflushed: bool,
 }
 
 impl ReadClock {
@@ -462,20 +461,17 @@ impl ReadClock {
             first_byte: None,
             armed: 0,
             heads: 0,
-            unflushed: false,
         })))
     }
 
     /// Whether hyper is waiting for a request head (idle, or part of a
-    /// head received) with every answer written out: nothing of this
-    /// connection is being served.
+    /// head received): nothing of this connection is being served. hyper
+    /// waits for a head once an answer is written out and flushed
+    /// (`Conn::poll_flush`); the one other way there, a request body that
+    /// ends after its answer, does not arise here: such an answer closes
+    /// its connection (`crate::unread`).
     fn reading_head(&self) -> bool {
-        let state = self.lock();
-        state.heads > 0 && !state.unflushed
-    }
-
-    fn set_unflushed(&self, unflushed: bool) {
-        self.lock().unflushed = unflushed;
+        self.lock().heads > 0
     }
 
     fn lock(&self) -> MutexGuard<'_, ClockState> {
@@ -549,10 +545,6 @@ pub(crate) struct TimedStream {
     /// Set when an answer left its request's body unread: the socket
     /// lingers when this ends ([`crate::unread::linger`]).
     linger: crate::unread::Linger,
-    /// A write found the socket full since the last flush that went
-    /// through: told to the clock ([`ClockState::unflushed`]) when it
-    /// changes, not at every write.
-    full: bool,
 }
 
 impl Drop for TimedStream {
@@ -614,13 +606,6 @@ fn send_queue(stream: &TcpStream) -> u64 {
 }
 
 impl TimedStream {
-    fn note_full(&mut self, polled: &Poll<io::Result<usize>>) {
-        if polled.is_pending() && !self.full {
-            self.full = true;
-            self.clock.set_unflushed(true);
-        }
-    }
-
     /// A write's outcome, with the stall and the slow reader accounted.
     fn watch_write(
         &mut self,
@@ -757,16 +742,11 @@ impl AsyncWrite for TimedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.note_full(&polled);
         self.watch_write(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_flush(cx);
-        if self.full && matches!(polled, Poll::Ready(Ok(()))) {
-            self.full = false;
-            self.clock.set_unflushed(false);
-        }
         // hyper flushes once it has written all it had: the slow
         // reader's account pauses until a write finds the socket full
         // again (a new response starts a new one).
@@ -789,7 +769,6 @@ impl AsyncWrite for TimedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.note_full(&polled);
         self.watch_write(cx, polled)
     }
 
@@ -943,7 +922,6 @@ mod tests {
             min_rate: 1024 * 1024,
             slow: None,
             linger: crate::unread::Linger::default(),
-            full: false,
         };
         let started = Instant::now();
         let chunk = [7u8; 2048];
@@ -995,7 +973,6 @@ mod tests {
             min_rate: 0,
             slow: None,
             linger: crate::unread::Linger::default(),
-            full: false,
         };
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 64 * 1024];

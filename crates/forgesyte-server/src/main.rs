@@ -696,16 +696,20 @@ fn directory_hint(e: &clap::Error, argv: &[std::ffi::OsString]) -> Option<String
 }
 
 /// The long name of the on/off switch of `serve` (`--watch`, a value only
-/// after `=`) written just before `arg` in `argv`, if any.
+/// after `=`) written just before `arg` in `argv`, when `arg` is such a
+/// value (`off`, not `./plugins`).
 fn switch_before(arg: &str, argv: &[std::ffi::OsString]) -> Option<String> {
-    let at = argv.iter().position(|a| a.to_str() == Some(arg))?;
-    let flag = argv.get(at.checked_sub(1)?)?.to_str()?.strip_prefix("--")?;
+    cli::parse_switch(arg).ok()?;
     let command = Cli::command();
-    command
-        .find_subcommand("serve")?
-        .get_arguments()
-        .any(|a| a.get_long() == Some(flag) && a.is_require_equals_set())
+    let serve = command.find_subcommand("serve")?;
+    argv.windows(2).find_map(|pair| {
+        let flag = pair[0].to_str()?.strip_prefix("--")?;
+        (pair[1].to_str() == Some(arg)
+            && serve
+                .get_arguments()
+                .any(|a| a.get_long() == Some(flag) && a.is_require_equals_set()))
         .then(|| flag.to_owned())
+    })
 }
 
 /// `forgesyte check`: what `forgesyte_server::check` does, keeping the

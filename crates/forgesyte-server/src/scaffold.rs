@@ -354,12 +354,9 @@ pub(crate) fn render(
     bind: &str,
     config: Option<&Path>,
 ) -> Vec<(&'static str, String)> {
-    let config_flag = config
-        .map(|file| {
-            let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-            format!(" --config {}", shell(&file))
-        })
-        .unwrap_or_default();
+    let config_flag = config_flag(
+        config.map(|file| std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf())),
+    );
     let fill = |template: &str| {
         template
             .replace("{{name}}", name)
@@ -482,6 +479,14 @@ fn shell(path: &Path) -> String {
     }
 }
 
+/// ` --config FILE` for a `check` or `serve` line, when `new` was given a
+/// config file: the one `check` and `serve` need too (its interpreter,
+/// library path, keys, isolation).
+fn config_flag(file: Option<impl AsRef<Path>>) -> String {
+    file.map(|file| format!(" --config {}", shell(file.as_ref())))
+        .unwrap_or_default()
+}
+
 /// The URL a client on this host reaches a server listening on `bind` at
 /// (`serve --bind`): an unspecified address (`0.0.0.0`, `[::]`) is called
 /// on loopback, and port 0 (a free port, which the server logs) is shown
@@ -541,11 +546,7 @@ fn message(
     let dir = &parent.join(name);
     let run_url = run_url(bind, name);
     let bind_flag = bind_flag(bind);
-    // The config file `new` read is the one `check` and `serve` need too
-    // (its interpreter, library path, keys, isolation).
-    let config = config
-        .map(|file| format!(" --config {}", shell(file)))
-        .unwrap_or_default();
+    let config = config_flag(config);
     let mut out = String::new();
     let what = match lang {
         Lang::Python => "Python",
@@ -857,6 +858,16 @@ mod tests {
                     "{readme}"
                 );
             }
+            // A relative path, absolute in the README (its commands run
+            // from the plugin's directory).
+            let relative = Path::new("conf/forgesyte.toml");
+            let absolute = std::env::current_dir().unwrap().join(relative);
+            let files = render(lang, name, &sdk, DEFAULT_BIND, Some(relative));
+            let (_, readme) = files.iter().find(|(f, _)| *f == "README.md").unwrap();
+            assert!(
+                readme.contains(&format!("forgesyte check --config {} ", shell(&absolute))),
+                "{readme}"
+            );
         }
     }
 

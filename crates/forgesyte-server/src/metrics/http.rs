@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONTENT_TYPE, VARY};
 use axum::http::{HeaderMap, HeaderValue, Method, Request};
 use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
@@ -46,9 +46,10 @@ pub(crate) async fn scrape(State(state): State<AppState>, headers: HeaderMap) ->
                 (body, OPENMETRICS)
             };
             let mut response = body.into_response();
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            // The format depends on `Accept` (RFC 9110 §12.5.5).
+            headers.insert(VARY, HeaderValue::from_static("accept"));
             response
         }
         Err(e) => ApiError::Internal {

@@ -888,6 +888,17 @@ fn check_usage_errors_exit_2() {
         err.contains("--watch takes its value after '=', not a space: --watch=off"),
         "{err}"
     );
+    // A word after it that is no on/off value: the directory hint.
+    let output = forgesyte_command()
+        .args(["serve", "--watch", "/nonexistent/p"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("forgesyte serve --plugins /nonexistent/p"),
+        "{err}"
+    );
     let output = forgesyte_command().output().unwrap();
     assert_eq!(
         output.status.code(),

@@ -1225,7 +1225,7 @@ fn a_stop_does_not_wait_for_the_rest_of_a_request_head() {
             addr,
             "POST",
             "/v1/plugins/alpha/tools/sleep/run",
-            br#"{"args": {"ms": 1500}}"#,
+            br#"{"args": {"ms": 3000}}"#,
         )
     });
     crate::rescan::wait_running(&server, "alpha");
@@ -1233,17 +1233,19 @@ fn a_stop_does_not_wait_for_the_rest_of_a_request_head() {
     std::thread::sleep(Duration::from_millis(300));
     let stop = Instant::now();
     crate::support::signal(&server.pid().to_string(), "-TERM");
+    // Closed at once, while the call keeps the server up for seconds more.
+    assert!(closed_within(&mut partial, Duration::from_millis(800)));
+    assert!(closed_within(&mut idle, Duration::from_millis(200)));
+    assert!(stop.elapsed() < Duration::from_millis(1200));
     let status = server.wait_exit(Duration::from_secs(40));
     let took = stop.elapsed();
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(
         took < Duration::from_secs(10),
-        "the stop took {took:?} with a call of 1.5 s in flight\n{}",
+        "the stop took {took:?} with a call of 3 s in flight\n{}",
         server.log()
     );
     assert_eq!(call.join().unwrap().status, 200);
-    assert!(closed_within(&mut partial, Duration::from_secs(1)));
-    assert!(closed_within(&mut idle, Duration::from_secs(1)));
     assert!(
         !server.log().contains("did not finish in time"),
         "{}",
@@ -1252,8 +1254,8 @@ fn a_stop_does_not_wait_for_the_rest_of_a_request_head() {
 }
 
 /// An answer hyper is still writing when the server is told to stop (its
-/// client reads slowly) is written to its end: the connection waits for
-/// the next request head only once the answer is out, and only then is it
+/// client reads slowly) is written to its end: hyper waits for the next
+/// request head only once the answer is out, and only such a connection is
 /// closed at once.
 #[test]
 fn a_stop_lets_a_slow_reader_have_all_of_its_answer() {

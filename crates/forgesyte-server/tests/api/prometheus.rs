@@ -225,6 +225,7 @@ fn prometheus_sees_the_calls_and_states() {
         plain.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
+    assert_eq!(plain.header("vary"), Some("accept"));
     let plain = plain.text();
     assert!(!plain.contains("# EOF"), "{plain}");
     assert!(
