@@ -293,7 +293,7 @@ impl ServerConfig {
                 // Read again by the next rescan.
                 self.trusted_keys_dir
                     .as_deref()
-                    .map(TrustedKeys::none_of)
+                    .map(|dir| TrustedKeys::unreadable(dir, e))
                     .unwrap_or_default()
             }),
             require_signed: self.require_signed,

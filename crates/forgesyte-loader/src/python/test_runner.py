@@ -2265,8 +2265,12 @@ class UnitTests(unittest.TestCase):
         checked.check("/p/pkg/m.py", b"x = 1\n")
         with self.assertRaisesRegex(ImportError, "pkg/m.py changed since"):
             checked.check("/p/pkg/m.py", b"x = 2\n")
-        with self.assertRaisesRegex(ImportError, "other.py is not among"):
+        with self.assertRaisesRegex(ImportError, "other.py is not among.*appeared after"):
             checked.check("/p/other.py", b"")
+        # Hidden entries are never listed: said so, not "appeared after".
+        for rel in (".vendor/v.py", "pkg/.hidden.py", "__pycache__/m.py"):
+            with self.assertRaisesRegex(ImportError, "never covers hidden entries"):
+                checked.check("/p/" + rel, b"")
 
     def test_a_checked_tree_is_checked_by_any_name_and_runs_no_zip(self):
         import hashlib

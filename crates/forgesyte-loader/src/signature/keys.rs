@@ -122,6 +122,8 @@ pub fn read_secret_key(path: &Path, password: Option<String>) -> Result<SecretKe
 pub struct TrustedKeys {
     dir: Option<PathBuf>,
     keys: Vec<(String, PublicKey)>,
+    /// Why `dir` could not be read (then no key is trusted).
+    unreadable: Option<String>,
 }
 
 impl fmt::Debug for TrustedKeys {
@@ -185,6 +187,7 @@ impl TrustedKeys {
         Ok(TrustedKeys {
             dir: Some(dir.to_path_buf()),
             keys,
+            unreadable: None,
         })
     }
 
@@ -196,16 +199,18 @@ impl TrustedKeys {
         let dir = self.dir.as_ref()?;
         Some(match TrustedKeys::load(dir) {
             Ok(keys) => (keys, None),
-            Err(e) => (TrustedKeys::none_of(dir), Some(e)),
+            Err(e) => (TrustedKeys::unreadable(dir, e.clone()), Some(e)),
         })
     }
 
     /// A store of `dir` that trusts no key yet: what a store that cannot be
-    /// read stands for (fail closed), read again by the next rescan.
-    pub fn none_of(dir: &Path) -> TrustedKeys {
+    /// read (`why`) stands for (fail closed), read again by the next
+    /// rescan; its reasons say why.
+    pub fn unreadable(dir: &Path, why: String) -> TrustedKeys {
         TrustedKeys {
             dir: Some(dir.to_path_buf()),
             keys: Vec::new(),
+            unreadable: Some(why),
         }
     }
 
@@ -239,9 +244,13 @@ impl TrustedKeys {
     /// Where they were read from, for reasons: `DIR`, or that none is
     /// configured.
     pub fn describe(&self) -> String {
-        match &self.dir {
-            Some(dir) => format!("the trusted keys of {}", dir.display()),
-            None => "the trusted keys (none configured: --trusted-keys)".to_owned(),
+        match (&self.dir, &self.unreadable) {
+            (Some(dir), Some(why)) => format!(
+                "the trusted keys of {}, of which none is trusted while they cannot be read ({why})",
+                dir.display()
+            ),
+            (Some(dir), None) => format!("the trusted keys of {}", dir.display()),
+            (None, _) => "the trusted keys (none configured: --trusted-keys)".to_owned(),
         }
     }
 }

@@ -82,6 +82,25 @@ fn a_signed_plugin_is_signed_with_its_key_id_and_digests() {
     );
 }
 
+/// A file whose name the list cannot hold is refused by `sign` itself
+/// (it signed, and every check then refused the list), and nothing is
+/// written.
+#[test]
+fn a_name_the_list_cannot_hold_is_refused_at_signing() {
+    for name in ["a\\b.py", "a\rb.py"] {
+        let f = fixture();
+        std::fs::write(f.plugin.join(name), "").unwrap();
+        let err = sign_dir(&RealFs, &f.plugin, &f.secret).unwrap_err();
+        assert!(
+            err.starts_with("cannot sign: a file's name cannot be listed (line "),
+            "{err}"
+        );
+        assert!(err.contains("rename the file"), "{err}");
+        assert!(!f.plugin.join(LIST_FILE).exists());
+        assert!(!f.plugin.join(SIG_FILE).exists());
+    }
+}
+
 #[test]
 fn a_changed_added_or_missing_file_is_modified_and_named() {
     let f = fixture();
@@ -135,6 +154,33 @@ fn signing_replaces_shipped_links_and_never_writes_through_them() {
         .filter(|n| n.ends_with(".tmp"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A trust store that cannot be read at a rescan trusts no key, and the
+/// reason says so and why (it said the signer's key, still in the
+/// directory, was not among the trusted keys).
+#[test]
+fn a_store_unreadable_at_a_rescan_says_why_it_trusts_no_key() {
+    let f = fixture();
+    sign_dir(&RealFs, &f.plugin, &f.secret).unwrap();
+    let dir = f.plugin.parent().unwrap().join("keys");
+    std::fs::write(dir.join("junk.pub"), "junk\n").unwrap();
+    let (store, error) = f.trusted.reread().unwrap();
+    let error = error.unwrap();
+    assert!(error.contains("junk.pub"), "{error}");
+    let checked = check_dir(&f, &store);
+    assert_eq!(checked.info.status, SignatureState::Invalid);
+    let detail = detail(&checked);
+    assert!(
+        detail.contains("of which none is trusted while they cannot be read (")
+            && detail.contains("junk.pub"),
+        "{detail}"
+    );
+    // Readable again: trusted again.
+    std::fs::remove_file(dir.join("junk.pub")).unwrap();
+    let (store, error) = store.reread().unwrap();
+    assert_eq!(error, None);
+    assert_eq!(check_dir(&f, &store).info.status, SignatureState::Signed);
 }
 
 #[test]

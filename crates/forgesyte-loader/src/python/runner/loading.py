@@ -73,6 +73,11 @@ class _Checked(object):
         rel = self._rel(path)
         expected = self.sources.get(rel)
         if expected is None:
+            if any(part.startswith(".") or part == "__pycache__" for part in rel.split("/")):
+                raise ImportError(
+                    "%s is not among the plugin's checked files: a signature or pin never "
+                    "covers hidden entries (.name) or __pycache__, so no code there is "
+                    "imported" % rel, path=path)
             raise ImportError(
                 "%s is not among the plugin's checked files: it appeared after the plugin's "
                 "signature or pin was checked, and is not imported" % rel, path=path)
