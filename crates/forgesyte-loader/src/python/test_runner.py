@@ -1850,6 +1850,46 @@ class BytecodeTests(RunnerTestCase):
                          {"init": "source", "helper": "source", "me": "source!", "dep": "cached"})
         self.assertEqual(sorted(os.listdir(os.path.join(pkg, "__pycache__"))), sorted(cached))
 
+    def test_planted_bytecode_of_a_file_loaded_by_path_never_runs(self):
+        # importlib's own loaders, which the plugin gets from
+        # spec_from_file_location: no finder of the runner sees them.
+        import py_compile
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        self.plant(os.path.join(d, "helper.py"), 'WHO = "source"\n', 'WHO = "plants"\n')
+        with open(os.path.join(d, "gone.py"), "w") as f:
+            f.write("X = 1\n")
+        py_compile.compile(os.path.join(d, "gone.py"), cfile=os.path.join(d, "gone.pyc"),
+                           doraise=True)
+        os.remove(os.path.join(d, "gone.py"))
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write(
+                "import importlib.util, os\n"
+                "HERE = os.path.dirname(os.path.abspath(__file__))\n"
+                "def load(name, file):\n"
+                "    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, file))\n"
+                "    module = importlib.util.module_from_spec(spec)\n"
+                "    spec.loader.exec_module(module)\n"
+                "    return module\n"
+                "class Plugin:\n"
+                "    tools = {'who': {'handler': 'who'}}\n"
+                "    def who(self, args):\n"
+                "        try:\n"
+                "            load('gone', 'gone.pyc')\n"
+                "            gone = 'ran'\n"
+                "        except ImportError as e:\n"
+                "            gone = str(e)\n"
+                "        return {'helper': load('by_path', 'helper.py').WHO, 'gone': gone}\n")
+        cached = sorted(os.listdir(os.path.join(d, "__pycache__")))
+        p = Proc(self, args=["--plugin", "by-path", "--plugin-dir", d,
+                             "--file", os.path.join(d, "plugin.py")],
+                 env={"PYTHONDONTWRITEBYTECODE": ""})
+        p.start()
+        header, _ = p.run("who", {})
+        self.assertEqual(header["result"]["helper"], "source")
+        self.assertIn("bytecode without its source", header["result"]["gone"])
+        self.assertEqual(sorted(os.listdir(os.path.join(d, "__pycache__"))), cached)
+
     def test_a_module_that_is_only_bytecode_is_refused(self):
         import py_compile
         d = tempfile.mkdtemp()
@@ -2299,6 +2339,40 @@ class UnitTests(unittest.TestCase):
             # A zip archive of the tree: no checked bytes, not imported.
             with self.assertRaisesRegex(ImportError, "does not cover"):
                 finder.find_spec("zipped_x", [os.path.join(root, "vendor.zip")])
+
+    def test_a_checked_file_loaded_by_path_must_be_the_checked_bytes(self):
+        # In a process of its own: the guard changes importlib's classes
+        # for good, once.
+        code = (
+            "import hashlib, importlib.util, os, sys\n"
+            "sys.path.insert(0, %r)\n"
+            "from runner.loading import _Checked, _SourceOnlyFinder, _guard_loaders\n"
+            "root = sys.argv[1]\n"
+            "ok = hashlib.sha256(b'WHO = 1\\n').hexdigest()\n"
+            "finder = _SourceOnlyFinder(root, _Checked(root, {'same.py': ok, 'changed.py': ok}))\n"
+            "_guard_loaders(finder)\n"
+            "for name in ('same', 'changed', 'added', 'outside'):\n"
+            "    where = sys.argv[2] if name == 'outside' else root\n"
+            "    spec = importlib.util.spec_from_file_location(name, os.path.join(where, name + '.py'))\n"
+            "    module = importlib.util.module_from_spec(spec)\n"
+            "    try:\n"
+            "        spec.loader.exec_module(module)\n"
+            "        print(name, 'ran', module.WHO)\n"
+            "    except ImportError as e:\n"
+            "        print(name, 'refused', e)\n" % HERE)
+        with tempfile.TemporaryDirectory() as root, tempfile.TemporaryDirectory() as other:
+            for where, name, text in ((root, "same", "WHO = 1\n"), (root, "changed", "WHO = 2\n"),
+                                      (root, "added", "WHO = 3\n"), (other, "outside", "WHO = 4\n")):
+                with open(os.path.join(where, name + ".py"), "w") as f:
+                    f.write(text)
+            out = subprocess.run([PYTHON, "-c", code, root, other], capture_output=True,
+                                 text=True, timeout=60)
+            lines = out.stdout.splitlines()
+            self.assertEqual(len(lines), 4, out)
+            self.assertEqual(lines[0], "same ran 1")
+            self.assertTrue(lines[1].startswith("changed refused changed.py changed since"), lines)
+            self.assertTrue(lines[2].startswith("added refused added.py is not among"), lines)
+            self.assertEqual(lines[3], "outside ran 4")
 
     def test_no_landlock_names_the_error_of_its_probe_not_a_later_one(self):
         import errno as errno_codes

@@ -175,11 +175,77 @@ def _source_only_under(root, checked=None):
     """Modules found under ``root`` (the plugin directory or installed
     package, subpackages included) load from sources and extension modules
     only, never from bytecode, and with ``checked`` only from the checked
-    bytes: see :class:`_SourceOnlyFinder`."""
+    bytes: see :class:`_SourceOnlyFinder`; and so does a file of the tree
+    that the plugin loads through ``importlib``'s own loaders by its path
+    (``importlib.util.spec_from_file_location``): see :func:`_guard_loaders`."""
     finder = _SourceOnlyFinder(root, checked)
     path_finder = importlib.machinery.PathFinder
     at = sys.meta_path.index(path_finder) if path_finder in sys.meta_path else 0
     sys.meta_path.insert(at, finder)
+    _guard_loaders(finder)
+
+
+def _guard_loaders(finder):
+    """``importlib``'s ``SourceFileLoader`` and ``SourcelessFileLoader``,
+    for every loader made of them (also by a plugin that calls
+    ``spec_from_file_location`` on a file of its tree, which no finder
+    sees), treat a file under ``finder``'s tree as :class:`_SourceOnlyLoader`
+    does: its bytecode is never read or written, its source must be the
+    checked bytes (``finder.checked``), and bytecode without a source is
+    refused; so does ``ExtensionFileLoader`` with an extension module there
+    (its file hashed before it is loaded, as :class:`_CheckedExtensionLoader`
+    does). Files elsewhere load as before. Once per runner."""
+    machinery = importlib.machinery
+    source, sourceless = machinery.SourceFileLoader, machinery.SourcelessFileLoader
+    if getattr(source, "_forgesyte_guarded", False):
+        return
+    path_stats, get_data, get_code = source.path_stats, source.get_data, sourceless.get_code
+
+    def ours(path):
+        if not isinstance(path, str):
+            return False
+        if finder.checked is not None:
+            return finder.checked.under(path)
+        return os.path.abspath(path).startswith(finder.root + os.sep)
+
+    def guarded_path_stats(self, path):
+        if ours(path) and not isinstance(self, _SourceOnlyLoader):
+            # ``SourceLoader.get_code`` reads (and later writes) bytecode
+            # only when it knows the source's time.
+            raise OSError("a plugin's bytecode is never read")
+        return path_stats(self, path)
+
+    def guarded_get_data(self, path):
+        data = get_data(self, path)
+        if (finder.checked is not None and path == self.path and ours(path)
+                and not isinstance(self, _SourceOnlyLoader)):
+            finder.checked.check(path, data)
+        return data
+
+    def guarded_get_code(self, fullname):
+        path = self.get_filename(fullname)
+        if ours(path):
+            raise ImportError(
+                "%s is bytecode without its source (%s): a plugin's bytecode never runs, "
+                "since pins and signatures cover sources only" % (fullname, clean(path)),
+                name=fullname, path=path)
+        return get_code(self, fullname)
+
+    extension = machinery.ExtensionFileLoader
+    create_module = extension.create_module
+
+    def guarded_create_module(self, spec):
+        if (finder.checked is not None and ours(self.path)
+                and not isinstance(self, _CheckedExtensionLoader)):
+            with open(self.path, "rb") as f:
+                finder.checked.check_file(f, self.path)
+        return create_module(self, spec)
+
+    source.path_stats = guarded_path_stats
+    source.get_data = guarded_get_data
+    sourceless.get_code = guarded_get_code
+    extension.create_module = guarded_create_module
+    source._forgesyte_guarded = True
 
 
 def import_plugin(args):
