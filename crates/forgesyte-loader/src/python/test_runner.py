@@ -2307,9 +2307,13 @@ class UnitTests(unittest.TestCase):
             checked.check("/p/pkg/m.py", b"x = 2\n")
         with self.assertRaisesRegex(ImportError, "other.py is not among.*appeared after"):
             checked.check("/p/other.py", b"")
-        # Hidden entries are never listed: said so, not "appeared after".
-        for rel in (".vendor/v.py", "pkg/.hidden.py", "__pycache__/m.py"):
-            with self.assertRaisesRegex(ImportError, "never covers hidden entries"):
+        # What is never listed: said so, not "appeared after".
+        for rel in (".vendor/v.py", "pkg/.hidden.py", "__pycache__/m.py", "tool", "m.pyc",
+                    "lib.so.x"):
+            with self.assertRaisesRegex(ImportError, r"covers only \*\.py files"):
+                checked.check("/p/" + rel, b"")
+        for rel in ("a.py", "pkg/b.so", "c.so.1.2"):
+            with self.assertRaisesRegex(ImportError, "appeared after"):
                 checked.check("/p/" + rel, b"")
 
     def test_a_checked_tree_is_checked_by_any_name_and_runs_no_zip(self):

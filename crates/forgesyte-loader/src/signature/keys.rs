@@ -131,6 +131,7 @@ impl fmt::Debug for TrustedKeys {
         f.debug_struct("TrustedKeys")
             .field("dir", &self.dir)
             .field("ids", &self.ids().collect::<Vec<_>>())
+            .field("unreadable", &self.unreadable)
             .finish()
     }
 }

@@ -73,11 +73,11 @@ class _Checked(object):
         rel = self._rel(path)
         expected = self.sources.get(rel)
         if expected is None:
-            if any(part.startswith(".") or part == "__pycache__" for part in rel.split("/")):
+            if not _listable(rel):
                 raise ImportError(
-                    "%s is not among the plugin's checked files: a signature or pin never "
-                    "covers hidden entries (.name) or __pycache__, so no code there is "
-                    "imported" % rel, path=path)
+                    "%s is not among the plugin's checked files: a signature or pin covers "
+                    "only *.py files and extension modules, never hidden entries (.name) or "
+                    "__pycache__, so no code there is imported" % rel, path=path)
             raise ImportError(
                 "%s is not among the plugin's checked files: it appeared after the plugin's "
                 "signature or pin was checked, and is not imported" % rel, path=path)
@@ -85,6 +85,20 @@ class _Checked(object):
             raise ImportError(
                 "%s changed since the plugin's signature or pin was checked (sha256 now %s, "
                 "checked %s): it is not imported" % (rel, now, expected), path=path)
+
+
+# What a signature or pin lists (``integrity::loadable_files``): ``*.py``,
+# ``*.so`` and ``*.so.N[.M...]`` files outside hidden entries and
+# ``__pycache__``.
+_LISTED_NAME = re.compile(r"(?:.*\.py|.*\.so(?:\.[0-9]+)*)\Z", re.S)
+
+
+def _listable(rel):
+    """Whether a file at ``rel`` (relative, ``/``-separated) is of a kind
+    a signature or pin lists."""
+    parts = rel.split("/")
+    return (not any(p.startswith(".") or p == "__pycache__" for p in parts)
+            and _LISTED_NAME.match(parts[-1]) is not None)
 
 
 class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
@@ -201,15 +215,23 @@ def _guard_loaders(finder):
         return
     path_stats, get_data, get_code = source.path_stats, source.get_data, sourceless.get_code
 
+    known = {}  # path -> ours(path): a module's source is asked of twice
+
     def ours(path):
         if not isinstance(path, str):
             return False
-        if finder.checked is not None:
-            return finder.checked.under(path)
-        return os.path.abspath(path).startswith(finder.root + os.sep)
+        found = known.get(path)
+        if found is None:
+            if finder.checked is not None:
+                found = finder.checked.under(path)
+            else:
+                found = os.path.abspath(path).startswith(finder.root + os.sep)
+            if len(known) < 65536:
+                known[path] = found
+        return found
 
     def guarded_path_stats(self, path):
-        if ours(path) and not isinstance(self, _SourceOnlyLoader):
+        if not isinstance(self, _SourceOnlyLoader) and ours(path):
             # ``SourceLoader.get_code`` reads (and later writes) bytecode
             # only when it knows the source's time.
             raise OSError("a plugin's bytecode is never read")
@@ -217,8 +239,8 @@ def _guard_loaders(finder):
 
     def guarded_get_data(self, path):
         data = get_data(self, path)
-        if (finder.checked is not None and path == self.path and ours(path)
-                and not isinstance(self, _SourceOnlyLoader)):
+        if (finder.checked is not None and path == self.path
+                and not isinstance(self, _SourceOnlyLoader) and ours(path)):
             finder.checked.check(path, data)
         return data
 
