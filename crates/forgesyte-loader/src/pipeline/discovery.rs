@@ -90,6 +90,15 @@ impl Loader {
     pub(super) fn subdirectories(&self, plugins_dir: &Path) -> Vec<PathBuf> {
         let entries = match self.fs.read_dir(plugins_dir) {
             Ok(entries) => entries,
+            // Installed plugins need no directory: one that is not there
+            // is said at INFO then (a WARN at every start and rescan of a
+            // deployment of packages alone).
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && self.config.python_entry_points =>
+            {
+                tracing::info!(dir = %plugins_dir.display(), "No plugins directory {}: only the installed (entry-point) plugins are loaded", plugins_dir.display());
+                return Vec::new();
+            }
             Err(e) => {
                 tracing::warn!(dir = %plugins_dir.display(), error = %e, "Plugins directory not readable: {}", plugins_dir.display());
                 return Vec::new();

@@ -305,3 +305,28 @@ fn serve_runs_an_installed_plugins_tool_over_http() {
     assert_eq!(run.status, 200, "{}", run.text());
     assert_eq!(run.json()["result"]["message"], "Hello, ForgeSyte!");
 }
+
+/// Installed plugins alone, and no plugins directory: served, ready, and
+/// the missing directory said at INFO, not as a WARN at every start.
+#[test]
+fn installed_plugins_alone_need_no_plugins_directory() {
+    let site = Site::new(false);
+    let missing = format!("{}/not-there", site.plugins());
+    let server = Forgesyte::start(&[
+        "--plugins",
+        &missing,
+        "--python",
+        &site.python(),
+        "--python-entry-points",
+    ]);
+    server.wait_loaded();
+    let health = server.get("/v1/plugins/hello-installed/health").json();
+    assert_eq!(health["state"], "INITIALIZED", "{health:#}");
+    assert_eq!(server.get("/readyz").status, 200, "{}", server.log());
+    let log = server.log();
+    assert!(
+        log.contains("INFO") && log.contains("No plugins directory") && log.contains("not-there"),
+        "{log}"
+    );
+    assert!(!log.contains("Plugins directory not readable"), "{log}");
+}
