@@ -867,37 +867,25 @@ fn check_usage_errors_exit_2() {
         err.contains("`check` takes the plugins directory without --plugins: forgesyte check DIR"),
         "{err}"
     );
-    let output = forgesyte_command()
-        .args(["serve", "/nonexistent/p"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("forgesyte serve --plugins /nonexistent/p"),
-        "{err}"
+    let refused_saying = |args: &[&str], said: &str| {
+        let output = forgesyte_command().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(said), "{args:?}: {err}");
+    };
+    refused_saying(
+        &["serve", "/nonexistent/p"],
+        "forgesyte serve --plugins /nonexistent/p",
     );
     // An on/off switch's value after a space: the switch is named.
-    let output = forgesyte_command()
-        .args(["serve", "--plugins", "/nonexistent/p", "--watch", "off"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("--watch takes its value after '=', not a space: --watch=off"),
-        "{err}"
+    refused_saying(
+        &["serve", "--plugins", "/nonexistent/p", "--watch", "off"],
+        "--watch takes its value after '=', not a space: --watch=off",
     );
     // A word after it that is no on/off value: the directory hint.
-    let output = forgesyte_command()
-        .args(["serve", "--watch", "/nonexistent/p"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("forgesyte serve --plugins /nonexistent/p"),
-        "{err}"
+    refused_saying(
+        &["serve", "--watch", "/nonexistent/p"],
+        "forgesyte serve --plugins /nonexistent/p",
     );
     let output = forgesyte_command().output().unwrap();
     assert_eq!(

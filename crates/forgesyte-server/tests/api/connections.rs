@@ -1219,15 +1219,7 @@ fn a_stop_does_not_wait_for_the_rest_of_a_request_head() {
     idle.write_all(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     assert!(read_response(&mut idle).starts_with("HTTP/1.1 200"));
-    let addr = server.addr;
-    let call = std::thread::spawn(move || {
-        http(
-            addr,
-            "POST",
-            "/v1/plugins/alpha/tools/sleep/run",
-            br#"{"args": {"ms": 3000}}"#,
-        )
-    });
+    let call = crate::rescan::sleep_call(&server, "alpha", 3000);
     crate::rescan::wait_running(&server, "alpha");
     // The partial head was read (it is waiting for the rest).
     std::thread::sleep(Duration::from_millis(300));

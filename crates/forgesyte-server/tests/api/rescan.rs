@@ -105,7 +105,11 @@ fn served(server: &Forgesyte, name: &str, tool: &str) -> Reply {
 }
 
 /// A call of `plugin`'s tool `sleep` for `ms`, on a thread of its own.
-fn sleep_call(server: &Forgesyte, plugin: &str, ms: u64) -> std::thread::JoinHandle<Reply> {
+pub(crate) fn sleep_call(
+    server: &Forgesyte,
+    plugin: &str,
+    ms: u64,
+) -> std::thread::JoinHandle<Reply> {
     let addr = server.addr;
     let target = format!("/v1/plugins/{plugin}/tools/sleep/run");
     let body = format!(r#"{{"args": {{"ms": {ms}}}}}"#);
