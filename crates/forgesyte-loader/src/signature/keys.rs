@@ -37,10 +37,9 @@ pub fn key_id(keynum: &[u8]) -> String {
 
 fn text(bytes: &[u8], max: usize, what: &str) -> Result<String, String> {
     if bytes.len() > max {
-        return Err(format!(
-            "{} bytes, larger than the {max}-byte limit for {what}",
-            bytes.len()
-        ));
+        // Read capped (at most `max + 1` bytes): how much larger is not
+        // known, and its length would be the cap's.
+        return Err(format!("larger than the {max}-byte limit for {what}"));
     }
     String::from_utf8(bytes.to_vec()).map_err(|e| {
         format!(
