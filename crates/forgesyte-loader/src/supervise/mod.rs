@@ -37,10 +37,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use forgesyte_errors::{
-    CrashCause, CrashError, ImportError, InitError, IntegrityError, LoadError, PluginError,
-    fmt_duration,
+    CrashCause, CrashError, ImportError, InitError, LoadError, PluginError, fmt_duration,
 };
-use forgesyte_registry::{ExitInfo, SignatureInfo, SignatureState};
+use forgesyte_registry::ExitInfo;
 use parking_lot::Mutex;
 
 pub(crate) use clock::{Clock, SystemClock};
@@ -158,10 +157,6 @@ struct State {
     restarts: VecDeque<Instant>,
     /// When the current instance came up.
     healthy_since: Instant,
-    /// The `signed` status a failed restart's check made `modified`
-    /// ([`Supervisor::signature_broken_by`]): put back when a restart's
-    /// check finds the files as signed again.
-    signed_before: Option<SignatureInfo>,
 }
 
 /// Why a crashed plugin is not restarted.
@@ -186,7 +181,6 @@ impl Supervisor {
                 consecutive: 0,
                 restarts: VecDeque::new(),
                 healthy_since,
-                signed_before: None,
             }),
         });
         let instance = supervisor.slot.current();
@@ -459,20 +453,13 @@ impl Supervisor {
                 if instance.tools() != self.slot.current().tools() {
                     tracing::warn!(plugin = %name, "the restarted instance of {name} lists other tools than before: its list is served from now on");
                 }
-                let signed_before = {
-                    let mut state = self.state.lock();
-                    state.healthy_since = clock.now();
-                    state.signed_before.take()
-                };
+                self.state.lock().healthy_since = clock.now();
                 self.watch(&instance);
                 // Retired meanwhile: the new runner is let go (dropped, it
                 // stops) and the plugin's state is the loader's.
                 let mut initialized = false;
                 let replaced = self.slot.replace_unless_retired(Arc::clone(&instance), || {
                     let _ = registry.set_confinement(name, instance.confinement());
-                    if let Some(signed) = signed_before {
-                        let _ = registry.set_signature(name, Some(signed));
-                    }
                     initialized = registry.mark_initialized(name).is_ok();
                 });
                 match replaced {
@@ -492,7 +479,6 @@ impl Supervisor {
             // stderr tail, or the traceback of a Python import or
             // constructor that raised.
             Err(error) => {
-                self.signature_broken_by(&error);
                 let report = report_of(&error);
                 let mut exit = exit_info(&report);
                 if exit.stderr_tail.is_empty() {
@@ -508,41 +494,6 @@ impl Supervisor {
                 );
                 self.ended(generation, &report, exit, counted);
             }
-        }
-    }
-}
-
-impl Supervisor {
-    /// A signed plugin whose files changed since its load (its restart's
-    /// check failed) is no longer `signed`: its signature status says
-    /// `modified`, with why, as a rescan's check would (it kept saying
-    /// `signed` beside a reason that said the files changed), until a
-    /// restart's check finds them as signed again.
-    fn signature_broken_by(&self, error: &PluginError) {
-        let PluginError::Integrity(IntegrityError::ChangedSinceCheck { subject, detail }) = error
-        else {
-            return;
-        };
-        let registry = &self.slot.registry;
-        let name = &self.slot.name;
-        let Some(signed) = registry
-            .get_status(name)
-            .and_then(|status| status.signature)
-            .filter(|s| s.status == SignatureState::Signed)
-        else {
-            return;
-        };
-        let modified = SignatureInfo {
-            status: SignatureState::Modified,
-            key_id: signed.key_id.clone(),
-            detail: Some(format!("{subject} changed after its load: {detail}")),
-        };
-        // Not once a reload let the plugin go (its status is the new one's).
-        let marked = self
-            .slot
-            .unless_retired(|| registry.set_signature(name, Some(modified)));
-        if marked.is_some() {
-            self.state.lock().signed_before = Some(signed);
         }
     }
 }
