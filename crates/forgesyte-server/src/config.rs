@@ -188,6 +188,10 @@ pub struct ServerConfig {
     /// `forgesyte.plugins` that [`python`](Self::python) sees
     /// (`--python-entry-points`, `FORGESYTE_PYTHON_ENTRY_POINTS`).
     pub python_entry_points: bool,
+    /// The plugins directory may be missing (`serve` sets it when
+    /// installed plugins are on and no directory was named): see
+    /// `LoaderConfig::plugins_dir_optional`.
+    pub plugins_dir_optional: bool,
     /// Confine the runners of isolated and Python plugins: Landlock, a
     /// network namespace of their own, a scrubbed environment
     /// (`--confine on|off`, `FORGESYTE_CONFINE`; on by default).
@@ -281,6 +285,7 @@ impl ServerConfig {
             runner_args: self.runner_args.clone(),
             python: self.python.clone(),
             python_entry_points: self.python_entry_points,
+            plugins_dir_optional: self.plugins_dir_optional,
             confine: self.confine,
             require_confinement: self.require_confinement,
             no_gpu: self.no_gpu,
@@ -342,6 +347,7 @@ impl Default for ServerConfig {
             probe_program: None,
             python: None,
             python_entry_points: false,
+            plugins_dir_optional: false,
             confine: true,
             require_confinement: false,
             no_gpu: false,

@@ -185,7 +185,13 @@ fn main() -> ExitCode {
             // In-process plugins' SDK log lines become records of the log
             // (JSON ones under --log-format json), not bare stderr lines.
             forgesyte_loader::plugin_log::route_in_process_logs();
-            match serve(args) {
+            // Installed plugins alone may go without the default
+            // directory (one named must be there).
+            let dir_named = !matches!(
+                layered.source("plugins"),
+                None | Some(config_file::Source::Default)
+            );
+            match serve(args, dir_named) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -605,7 +611,7 @@ impl std::fmt::Display for RefusedConfig {
 
 impl std::error::Error for RefusedConfig {}
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(args: ServeArgs, dir_named: bool) -> anyhow::Result<()> {
     forgesyte_loader::process::set_shm_threshold(args.shm_threshold);
     forgesyte_loader::process::set_stderr_withheld(args.withhold_stderr);
     // Before any thread or child: the connection cap is half of it.
@@ -619,6 +625,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("cannot raise the open-file limit to the hard limit: {e}"),
     }
     let (mut config, admin_token_file) = args.config();
+    config.plugins_dir_optional = config.python_entry_points && !dir_named;
     if let Some(why) = refusals_beside_the_token(&config).into_iter().next() {
         return Err(anyhow::Error::new(RefusedConfig(why)));
     }

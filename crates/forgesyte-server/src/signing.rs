@@ -93,10 +93,10 @@ pub fn sign(dir: &Path, key: &Path) -> u8 {
     };
     match signature::sign_dir(&forgesyte_deps::RealFs, dir, &secret) {
         Ok(outcome) => {
-            // Escaped as the host's reasons escape them: a name may hold
-            // a terminal's control sequence.
+            // Control characters escaped, as `check` prints names: a
+            // file's name may hold a terminal's control sequence.
             for file in &outcome.files {
-                crate::tell!("  {}", file.escape_debug());
+                crate::tell!("  {}", crate::controls::Escaped(file));
             }
             crate::tell!(
                 "Signed {} ({} files) with key {}: {} and {}",

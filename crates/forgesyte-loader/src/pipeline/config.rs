@@ -60,6 +60,11 @@ pub struct LoaderConfig {
     /// `PATH`) sees ([`crate::entry_points`]), after the plugin directories
     /// (`--python-entry-points`, `FORGESYTE_PYTHON_ENTRY_POINTS`).
     pub python_entry_points: bool,
+    /// The plugins directory may be missing: it is the default one, not
+    /// named, and installed plugins are loaded
+    /// ([`python_entry_points`](Self::python_entry_points)). Its absence is
+    /// then said at INFO at each pass, not as a WARN.
+    pub plugins_dir_optional: bool,
     /// Confine the runners of isolated and Python plugins (Landlock, a
     /// network namespace, a scrubbed environment; see [`crate::sandbox`]).
     /// On by default (`--confine off` turns it off).
@@ -107,6 +112,7 @@ impl Default for LoaderConfig {
             preflight: false,
             python: None,
             python_entry_points: false,
+            plugins_dir_optional: false,
             confine: true,
             require_confinement: false,
             no_gpu: false,

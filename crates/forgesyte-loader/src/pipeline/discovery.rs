@@ -90,11 +90,11 @@ impl Loader {
     pub(super) fn subdirectories(&self, plugins_dir: &Path) -> Vec<PathBuf> {
         let entries = match self.fs.read_dir(plugins_dir) {
             Ok(entries) => entries,
-            // Installed plugins need no directory: one that is not there
-            // is said at INFO then (a WARN at every start and rescan of a
-            // deployment of packages alone).
+            // Installed plugins need no directory: the default one, not
+            // there, is said at INFO then (a WARN at every start and rescan
+            // of a deployment of packages alone).
             Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound && self.config.python_entry_points =>
+                if e.kind() == std::io::ErrorKind::NotFound && self.config.plugins_dir_optional =>
             {
                 tracing::info!(dir = %plugins_dir.display(), "No plugins directory {}: only the installed (entry-point) plugins are loaded", plugins_dir.display());
                 return Vec::new();

@@ -157,7 +157,11 @@ impl Loader {
             .as_ref()
             .is_some_and(|d| self.fs.read_dir(d).is_ok());
         if let (false, Some(dir)) = (listed, &plugins_dir) {
-            tracing::warn!(dir = %dir.display(), "Rescan: the plugins directory {} cannot be read; no plugin is retired", dir.display());
+            if self.config.plugins_dir_optional && !self.fs.exists(dir) {
+                tracing::info!(dir = %dir.display(), "Rescan: no plugins directory {}: only the installed (entry-point) plugins are rescanned", dir.display());
+            } else {
+                tracing::warn!(dir = %dir.display(), "Rescan: the plugins directory {} cannot be read; no plugin is retired", dir.display());
+            }
         }
         let unlisted = plugins_dir.is_some() && !listed;
         let found: BTreeSet<PathBuf> = plugins_dir

@@ -490,9 +490,19 @@ impl Forgesyte {
 
     /// [`Forgesyte::start`] with extra environment variables.
     pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Forgesyte {
+        Forgesyte::start_in(None, args, env)
+    }
+
+    /// [`Forgesyte::start_with_env`] in working directory `cwd` (that of
+    /// the tests when `None`).
+    pub(crate) fn start_in(cwd: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Forgesyte {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("stderr.log");
-        let mut child = forgesyte_command()
+        let mut command = forgesyte_command();
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command
             .arg("serve")
             .args(["--bind", "127.0.0.1:0"])
             .args(args)
