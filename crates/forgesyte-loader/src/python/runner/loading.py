@@ -213,7 +213,8 @@ def _guard_loaders(finder):
     source, sourceless = machinery.SourceFileLoader, machinery.SourcelessFileLoader
     if getattr(source, "_forgesyte_guarded", False):
         return
-    path_stats, get_data, get_code = source.path_stats, source.get_data, sourceless.get_code
+    source_get_code, get_data = source.get_code, source.get_data
+    sourceless_get_code = sourceless.get_code
 
     known = {}  # path -> ours(path): a module's source is asked of twice
 
@@ -230,12 +231,14 @@ def _guard_loaders(finder):
                 known[path] = found
         return found
 
-    def guarded_path_stats(self, path):
-        if not isinstance(self, _SourceOnlyLoader) and ours(path):
-            # ``SourceLoader.get_code`` reads (and later writes) bytecode
-            # only when it knows the source's time.
-            raise OSError("a plugin's bytecode is never read")
-        return path_stats(self, path)
+    def guarded_source_get_code(self, fullname):
+        if isinstance(self, _SourceOnlyLoader) or not ours(self.path):
+            return source_get_code(self, fullname)
+        # Compiled from the (checked) source alone: no bytecode is read,
+        # and none written. ``path_stats`` is left alone, so that a plugin
+        # may still compile its files itself (``py_compile``).
+        path = self.get_filename(fullname)
+        return self.source_to_code(self.get_data(path), path)
 
     def guarded_get_data(self, path):
         data = get_data(self, path)
@@ -251,7 +254,7 @@ def _guard_loaders(finder):
                 "%s is bytecode without its source (%s): a plugin's bytecode never runs, "
                 "since pins and signatures cover sources only" % (fullname, clean(path)),
                 name=fullname, path=path)
-        return get_code(self, fullname)
+        return sourceless_get_code(self, fullname)
 
     extension = machinery.ExtensionFileLoader
     create_module = extension.create_module
@@ -263,7 +266,7 @@ def _guard_loaders(finder):
                 finder.checked.check_file(f, self.path)
         return create_module(self, spec)
 
-    source.path_stats = guarded_path_stats
+    source.get_code = guarded_source_get_code
     source.get_data = guarded_get_data
     sourceless.get_code = guarded_get_code
     extension.create_module = guarded_create_module
