@@ -1793,6 +1793,16 @@ class BytecodeTests(RunnerTestCase):
             f.write(source)
         os.utime(path, (1700000000, 1700000000))
 
+    def sourceless(self, d, name):
+        """Bytecode of module ``name`` beside where its source was (not in
+        ``__pycache__``: where Python loads it from), the source gone."""
+        import py_compile
+        source = os.path.join(d, name + ".py")
+        with open(source, "w") as f:
+            f.write("X = 1\n")
+        py_compile.compile(source, cfile=os.path.join(d, name + ".pyc"), doraise=True)
+        os.remove(source)
+
     def test_planted_bytecode_never_runs(self):
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d)
@@ -1853,15 +1863,10 @@ class BytecodeTests(RunnerTestCase):
     def test_planted_bytecode_of_a_file_loaded_by_path_never_runs(self):
         # importlib's own loaders, which the plugin gets from
         # spec_from_file_location: no finder of the runner sees them.
-        import py_compile
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d)
         self.plant(os.path.join(d, "helper.py"), 'WHO = "source"\n', 'WHO = "plants"\n')
-        with open(os.path.join(d, "gone.py"), "w") as f:
-            f.write("X = 1\n")
-        py_compile.compile(os.path.join(d, "gone.py"), cfile=os.path.join(d, "gone.pyc"),
-                           doraise=True)
-        os.remove(os.path.join(d, "gone.py"))
+        self.sourceless(d, "gone")
         with open(os.path.join(d, "plugin.py"), "w") as f:
             f.write(
                 "import importlib.util, os\n"
@@ -1891,16 +1896,9 @@ class BytecodeTests(RunnerTestCase):
         self.assertEqual(sorted(os.listdir(os.path.join(d, "__pycache__"))), cached)
 
     def test_a_module_that_is_only_bytecode_is_refused(self):
-        import py_compile
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "lonely.py"), "w") as f:
-            f.write("X = 1\n")
-        # Sourceless bytecode where Python would load it: beside, not in
-        # __pycache__, its source gone.
-        py_compile.compile(os.path.join(d, "lonely.py"), cfile=os.path.join(d, "lonely.pyc"),
-                           doraise=True)
-        os.remove(os.path.join(d, "lonely.py"))
+        self.sourceless(d, "lonely")
         with open(os.path.join(d, "plugin.py"), "w") as f:
             f.write("import lonely\nclass Plugin:\n    tools = {}\n")
         p = Proc(self, args=["--plugin", "lonely", "--plugin-dir", d,
@@ -2382,6 +2380,46 @@ class UnitTests(unittest.TestCase):
             self.assertTrue(lines[1].startswith("changed refused changed.py changed since"), lines)
             self.assertTrue(lines[2].startswith("added refused added.py is not among"), lines)
             self.assertEqual(lines[3], "outside ran 4")
+
+    def test_a_checked_extension_module_is_hashed_before_it_loads(self):
+        # Found by name (the finder) or loaded by path: its file is hashed
+        # before the dynamic loader opens it. The files are no libraries:
+        # one with its checked bytes fails in the dynamic loader, a changed
+        # one in the check, before.
+        code = (
+            "import hashlib, importlib, importlib.util, os, sys\n"
+            "sys.path.insert(0, %r)\n"
+            "from runner.loading import _Checked, _source_only_under\n"
+            "root = sys.argv[1]\n"
+            "ok = hashlib.sha256(b'no library').hexdigest()\n"
+            "_source_only_under(root, _Checked(root, {'ext_same.so': ok, 'ext_changed.so': ok}))\n"
+            "sys.path.insert(0, root)\n"
+            "for name in ('ext_same', 'ext_changed'):\n"
+            "    for how in ('name', 'path'):\n"
+            "        try:\n"
+            "            if how == 'name':\n"
+            "                importlib.import_module(name)\n"
+            "            else:\n"
+            "                spec = importlib.util.spec_from_file_location(\n"
+            "                    name + '_', os.path.join(root, name + '.so'))\n"
+            "                importlib.util.module_from_spec(spec)\n"
+            "            print(name, how, 'loaded')\n"
+            "        except ImportError as e:\n"
+            "            print(name, how, 'refused', e)\n" % HERE)
+        with tempfile.TemporaryDirectory() as root:
+            for name, data in (("ext_same", b"no library"), ("ext_changed", b"changed")):
+                with open(os.path.join(root, name + ".so"), "wb") as f:
+                    f.write(data)
+            out = subprocess.run([PYTHON, "-c", code, root], capture_output=True,
+                                 text=True, timeout=60)
+            lines = out.stdout.splitlines()
+            self.assertEqual(len(lines), 4, out)
+            for line in lines[:2]:
+                self.assertTrue(line.startswith("ext_same "), lines)
+                self.assertIn(" refused ", line)
+                self.assertNotIn("changed since", line)
+            for line in lines[2:]:
+                self.assertIn("refused ext_changed.so changed since", line)
 
     def test_no_landlock_names_the_error_of_its_probe_not_a_later_one(self):
         import errno as errno_codes

@@ -128,18 +128,13 @@ class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
         return data
 
 
-class _CheckedExtensionLoader(importlib.machinery.ExtensionFileLoader):
-    """An extension module of a signed or pinned plugin's tree: its file is
-    hashed just before it is loaded."""
-
-    def __init__(self, fullname, path, checked):
-        super().__init__(fullname, path)
-        self.checked = checked
-
-    def create_module(self, spec):
-        with open(self.path, "rb") as f:
-            self.checked.check_file(f, self.path)
-        return super().create_module(spec)
+def _bytecode_refused(name, path):
+    """The ImportError of module ``name``, bytecode at ``path`` (in a
+    plugin's tree) without its source."""
+    return ImportError(
+        "%s is bytecode without its source (%s): a plugin's bytecode never runs, "
+        "since pins and signatures cover sources only" % (name, clean(path)),
+        name=name, path=path)
 
 
 class _SourceOnlyFinder(object):
@@ -147,33 +142,31 @@ class _SourceOnlyFinder(object):
     ``sys.meta_path``), and makes those found under ``root`` (the plugin's
     directory, or its installed package's) load from their sources through
     :class:`_SourceOnlyLoader`. A module there that is bytecode without a
-    source is refused. Modules elsewhere (the standard library, the
-    plugin's dependencies) load as Python loads them."""
+    source is refused; an extension module there is hashed before it is
+    loaded, by :func:`_guard_loaders`. Modules elsewhere (the standard
+    library, the plugin's dependencies) load as Python loads them."""
 
     def __init__(self, root, checked=None):
         self.root = root
         self.checked = checked
 
+    def covers(self, path):
+        """Whether ``path`` is in the tree: of a signed or pinned plugin by
+        :meth:`_Checked.under`, else by the path as given."""
+        if self.checked is not None:
+            return self.checked.under(path)
+        return os.path.abspath(path).startswith(self.root + os.sep)
+
     def find_spec(self, name, path=None, target=None):
         machinery = importlib.machinery
         spec = machinery.PathFinder.find_spec(name, path, target)
         origin = getattr(spec, "origin", None)
-        if not isinstance(origin, str):
-            return spec  # not found, or a namespace package
-        if self.checked is not None:
-            if not self.checked.under(origin):
-                return spec
-        elif not os.path.abspath(origin).startswith(self.root + os.sep):
-            return spec
+        if not isinstance(origin, str) or not self.covers(origin):
+            return spec  # not found, a namespace package, or not the plugin's
         if isinstance(spec.loader, machinery.SourcelessFileLoader):
-            raise ImportError(
-                "%s is bytecode without its source (%s): a plugin's bytecode never runs, "
-                "since pins and signatures cover sources only" % (name, clean(origin)),
-                name=name, path=origin)
+            raise _bytecode_refused(name, origin)
         if isinstance(spec.loader, machinery.SourceFileLoader):
             spec.loader = _SourceOnlyLoader(name, origin, self.checked)
-        elif isinstance(spec.loader, machinery.ExtensionFileLoader) and self.checked is not None:
-            spec.loader = _CheckedExtensionLoader(name, origin, self.checked)
         elif (self.checked is not None
               and not isinstance(spec.loader, machinery.ExtensionFileLoader)):
             # A zip archive's module, say: no listed file's bytes.
@@ -206,9 +199,9 @@ def _guard_loaders(finder):
     sees), treat a file under ``finder``'s tree as :class:`_SourceOnlyLoader`
     does: its bytecode is never read or written, its source must be the
     checked bytes (``finder.checked``), and bytecode without a source is
-    refused; so does ``ExtensionFileLoader`` with an extension module there
-    (its file hashed before it is loaded, as :class:`_CheckedExtensionLoader`
-    does). Files elsewhere load as before. Once per runner."""
+    refused; and ``ExtensionFileLoader`` hashes an extension module there
+    before it loads it (whoever found it: the finder too). Files elsewhere
+    load as before. Once per runner."""
     machinery = importlib.machinery
     source, sourceless = machinery.SourceFileLoader, machinery.SourcelessFileLoader
     if getattr(source, "_forgesyte_guarded", False):
@@ -223,10 +216,7 @@ def _guard_loaders(finder):
             return False
         found = known.get(path)
         if found is None:
-            if finder.checked is not None:
-                found = finder.checked.under(path)
-            else:
-                found = os.path.abspath(path).startswith(finder.root + os.sep)
+            found = finder.covers(path)
             if len(known) < 65536:
                 known[path] = found
         return found
@@ -250,18 +240,14 @@ def _guard_loaders(finder):
     def guarded_get_code(self, fullname):
         path = self.get_filename(fullname)
         if ours(path):
-            raise ImportError(
-                "%s is bytecode without its source (%s): a plugin's bytecode never runs, "
-                "since pins and signatures cover sources only" % (fullname, clean(path)),
-                name=fullname, path=path)
+            raise _bytecode_refused(fullname, path)
         return sourceless_get_code(self, fullname)
 
     extension = machinery.ExtensionFileLoader
     create_module = extension.create_module
 
     def guarded_create_module(self, spec):
-        if (finder.checked is not None and ours(self.path)
-                and not isinstance(self, _CheckedExtensionLoader)):
+        if finder.checked is not None and ours(self.path):
             with open(self.path, "rb") as f:
                 finder.checked.check_file(f, self.path)
         return create_module(self, spec)
