@@ -105,17 +105,25 @@ fn split_unquoted(text: &str, separator: char) -> impl Iterator<Item = &str> {
     })
 }
 
+/// Headers of one `Accept` value each of `values`, for tests.
+#[cfg(test)]
+pub(crate) fn accept_headers(values: &[&str]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for value in values {
+        headers.append(
+            ACCEPT,
+            axum::http::HeaderValue::from_str(value).expect("a test's header value"),
+        );
+    }
+    headers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     fn accept(values: &[&str]) -> Accept {
-        let mut headers = HeaderMap::new();
-        for value in values {
-            headers.append(ACCEPT, HeaderValue::from_str(value).unwrap());
-        }
-        Accept::of(&headers)
+        Accept::of(&accept_headers(values))
     }
 
     #[test]

@@ -297,12 +297,7 @@ mod tests {
     use serde_json::json;
 
     fn accept(value: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            axum::http::header::ACCEPT,
-            HeaderValue::from_str(value).unwrap(),
-        );
-        h
+        crate::accept::accept_headers(&[value])
     }
 
     #[test]

@@ -541,6 +541,12 @@ impl Layered {
         self.sources.as_ref()?.get(id)
     }
 
+    /// Whether option `id` was given (a flag, a variable, the file), not
+    /// left to its default.
+    pub(crate) fn given(&self, id: &str) -> bool {
+        !matches!(self.source(id), None | Some(Source::Default))
+    }
+
     /// The keys of the matched subcommand's options given a value that is
     /// not UTF-8 (which [`Self::render`] can only comment out).
     pub(crate) fn not_utf8_keys(&self) -> Vec<&str> {

@@ -187,11 +187,7 @@ fn main() -> ExitCode {
             forgesyte_loader::plugin_log::route_in_process_logs();
             // Installed plugins alone may go without the default
             // directory (one named must be there).
-            let dir_named = !matches!(
-                layered.source("plugins"),
-                None | Some(config_file::Source::Default)
-            );
-            match serve(args, dir_named) {
+            match serve(args, layered.given("plugins")) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -209,11 +205,7 @@ fn main() -> ExitCode {
             init_logging("off", cli.log_format);
             // A directory named (flag, variable, file) must exist; the
             // default one may be missing beside installed plugins.
-            let named = !matches!(
-                layered.source("dir"),
-                None | Some(config_file::Source::Default)
-            );
-            run_check(args, named)
+            run_check(args, layered.given("dir"))
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),

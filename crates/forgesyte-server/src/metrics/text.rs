@@ -184,16 +184,7 @@ odd 1
 
     #[test]
     fn text_is_for_a_request_that_prefers_it_or_refuses_openmetrics() {
-        let wants = |values: &[&str]| {
-            let mut headers = HeaderMap::new();
-            for value in values {
-                headers.append(
-                    axum::http::header::ACCEPT,
-                    axum::http::HeaderValue::from_str(value).unwrap(),
-                );
-            }
-            wanted(&headers)
-        };
+        let wants = |values: &[&str]| wanted(&crate::accept::accept_headers(values));
         assert!(!wants(&[]));
         assert!(!wants(&["*/*"]));
         assert!(wants(&["text/plain"]));
