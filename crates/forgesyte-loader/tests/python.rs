@@ -1077,6 +1077,101 @@ fn the_python_runners_own_tests_pass() {
     }
 }
 
+/// The Python versions the README promises (3.8 and newer) that
+/// [`other_interpreters`] looks for besides `python3`'s own.
+const SUPPORTED_MINORS: std::ops::RangeInclusive<u32> = 8..=14;
+
+/// Interpreters of the supported versions other than `python3`'s: each
+/// `python3.N` on `PATH` that starts, else one under `pyenv`'s versions
+/// directory (`$PYENV_ROOT`, else `~/.pyenv`), as (version, path). The
+/// versions not found come back too.
+fn other_interpreters() -> (Vec<(String, PathBuf)>, Vec<String>) {
+    let version_of = |python: &Path| -> Option<String> {
+        let out = std::process::Command::new(python)
+            .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let own = version_of(Path::new("python3"));
+    let pyenv = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")))
+        .map(|root| root.join("versions"));
+    let (mut found, mut missing) = (Vec::new(), Vec::new());
+    for minor in SUPPORTED_MINORS {
+        let version = format!("3.{minor}");
+        if own.as_deref() == Some(&*version) {
+            continue;
+        }
+        let on_path = PathBuf::from(format!("python{version}"));
+        let mut candidates = vec![on_path];
+        if let Some(Ok(dirs)) = pyenv.as_ref().map(std::fs::read_dir) {
+            let mut installed: Vec<PathBuf> = dirs
+                .flatten()
+                .filter(|d| {
+                    let name = d.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix(&version)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+                })
+                .map(|d| d.path().join("bin/python3"))
+                .collect();
+            installed.sort();
+            candidates.extend(installed.into_iter().rev());
+        }
+        match candidates
+            .into_iter()
+            .find(|p| version_of(p).as_deref() == Some(&*version))
+        {
+            Some(python) => found.push((version, python)),
+            None => missing.push(version),
+        }
+    }
+    (found, missing)
+}
+
+/// The runner's own tests under every other supported Python version this
+/// machine has (the runner is one source for 3.8 to the newest): each
+/// passes, and skips only what needs numpy, pydantic, or (3.8)
+/// `typing.Annotated`. The versions not found are said on stderr; the
+/// test cannot install them.
+#[test]
+fn the_python_runners_own_tests_pass_under_every_python_version_found() {
+    require_python();
+    let (found, missing) = other_interpreters();
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "test_runner.py under other Python versions: run under {:?}; not found on PATH or under pyenv: {missing:?}",
+        found.iter().map(|(v, _)| v).collect::<Vec<_>>()
+    );
+    let reports: Vec<(String, String)> = std::thread::scope(|s| {
+        let runs: Vec<_> = found
+            .iter()
+            .map(|(version, python)| s.spawn(move || (version.clone(), run_runner_tests(python))))
+            .collect();
+        runs.into_iter()
+            .map(|run| run.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    for (version, report) in reports {
+        let unexpected: Vec<&str> = skip_reasons(&report)
+            .into_iter()
+            .filter(|&why| {
+                why != NO_NUMPY
+                    && why != NO_PYDANTIC
+                    && !(version == "3.8" && why == "'typing.Annotated needs Python 3.9'")
+            })
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "tests were skipped under Python {version}: {unexpected:?}\n{report}"
+        );
+    }
+}
+
 /// The same tests under the test virtualenv's interpreter (numpy and
 /// pydantic installed): none may be skipped, and the numpy ones ran.
 #[test]
