@@ -11,34 +11,60 @@ use std::path::Path;
 
 use forgesyte_loader::signature::{self, keys::PASSWORD_ENV};
 
-/// The password from [`PASSWORD_ENV`], if set and not empty.
-fn password_from_env() -> Option<String> {
-    std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty())
+/// What [`PASSWORD_ENV`] holds.
+enum Password {
+    Unset,
+    /// Set, to nothing: no password, but said as such (an empty value is
+    /// more often a template's blank than a choice).
+    Empty,
+    Given(String),
+}
+
+/// [`PASSWORD_ENV`] for `command`; a value that is not UTF-8 (no password
+/// minisign takes) is said on stderr, and is a usage error (`Err(2)`).
+fn password_from_env(command: &str) -> Result<Password, u8> {
+    match std::env::var(PASSWORD_ENV) {
+        Ok(p) if p.is_empty() => Ok(Password::Empty),
+        Ok(p) => Ok(Password::Given(p)),
+        Err(std::env::VarError::NotPresent) => Ok(Password::Unset),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            crate::say!("forgesyte {command}: {PASSWORD_ENV} is not valid UTF-8");
+            Err(2)
+        }
+    }
 }
 
 /// `forgesyte keygen --out DIR [--name NAME] [--unencrypted]`: writes
 /// `DIR/NAME.key` (0600) and `DIR/NAME.pub`. The secret key is encrypted
 /// with [`PASSWORD_ENV`]; without it, `unencrypted` must be asked for.
 pub fn keygen(out: &Path, name: &str, unencrypted: bool) -> u8 {
-    let password = if unencrypted {
+    let given = match password_from_env("keygen") {
+        Ok(given) => given,
+        Err(code) => return code,
+    };
+    let password = match (given, unencrypted) {
         // Asked for both: whoever set the password expects it used.
-        if password_from_env().is_some() {
+        (Password::Given(_), true) => {
             crate::say!(
                 "forgesyte keygen: {PASSWORD_ENV} is set, and --unencrypted asks for a key \
                  without a password: unset {PASSWORD_ENV}, or leave out --unencrypted"
             );
             return 2;
         }
-        None
-    } else {
-        match password_from_env() {
-            Some(password) => Some(password),
-            None => {
-                crate::say!(
-                    "forgesyte keygen: set {PASSWORD_ENV} to encrypt the secret key, or pass --unencrypted"
-                );
-                return 2;
-            }
+        (_, true) => None,
+        (Password::Given(password), false) => Some(password),
+        (Password::Empty, false) => {
+            crate::say!(
+                "forgesyte keygen: {PASSWORD_ENV} is empty: set it to a password to encrypt \
+                 the secret key, or pass --unencrypted"
+            );
+            return 2;
+        }
+        (Password::Unset, false) => {
+            crate::say!(
+                "forgesyte keygen: set {PASSWORD_ENV} to encrypt the secret key, or pass --unencrypted"
+            );
+            return 2;
         }
     };
     if let Err(e) = std::fs::create_dir_all(out) {
@@ -84,8 +110,21 @@ pub fn sign(dir: &Path, key: &Path) -> u8 {
         );
         return 2;
     }
-    let secret = match signature::keys::read_secret_key(key, password_from_env()) {
+    let given = match password_from_env("sign") {
+        Ok(given) => given,
+        Err(code) => return code,
+    };
+    let empty = matches!(given, Password::Empty);
+    let password = match given {
+        Password::Given(password) => Some(password),
+        Password::Empty | Password::Unset => None,
+    };
+    let secret = match signature::keys::read_secret_key(key, password) {
         Ok(secret) => secret,
+        Err(e) if empty => {
+            crate::say!("forgesyte sign: {e} ({PASSWORD_ENV} is set, but empty)");
+            return 1;
+        }
         Err(e) => {
             crate::say!("forgesyte sign: {e}");
             return 1;

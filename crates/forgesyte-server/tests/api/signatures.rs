@@ -869,3 +869,65 @@ fn sign_names_a_library_outside_the_directory_and_a_public_key() {
     assert!(err.contains("is set, and --unencrypted"), "{err}");
     assert!(!keys.join("both.key").exists());
 }
+
+/// A password variable set to nothing is said as such: `keygen` does not
+/// ask for the variable to be set (it is), `sign` of an encrypted key adds
+/// that it is empty; with `--unencrypted` an empty one is no password.
+/// One that is not UTF-8 is a usage error.
+#[test]
+fn an_empty_or_undecodable_key_password_is_said_as_such() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let keys = tempfile::tempdir().unwrap();
+    let out = keys.path().to_str().unwrap();
+    let (code, _, err) = run_forgesyte(
+        &["keygen", "--out", out, "--name", "blank"],
+        &[("FORGESYTE_KEY_PASSWORD", "")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("FORGESYTE_KEY_PASSWORD is empty: set it to a password"),
+        "{err}"
+    );
+    assert!(!keys.path().join("blank.key").exists());
+    // Empty and --unencrypted: an unencrypted key.
+    let (code, _, err) = run_forgesyte(
+        &["keygen", "--out", out, "--name", "plain", "--unencrypted"],
+        &[("FORGESYTE_KEY_PASSWORD", "")],
+    );
+    assert_eq!(code, 0, "{err}");
+    // An encrypted key, then signed with the variable empty.
+    let (code, _, err) = run_forgesyte(
+        &["keygen", "--out", out, "--name", "locked"],
+        &[("FORGESYTE_KEY_PASSWORD", "secret")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let plugins = PluginsDir::new();
+    plugins.good("p", json!({}));
+    let dir = plugins.path().join("p");
+    let key = keys.path().join("locked.key");
+    let sign_args = [
+        "sign",
+        dir.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    let (code, _, err) = run_forgesyte(&sign_args, &[("FORGESYTE_KEY_PASSWORD", "")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("(FORGESYTE_KEY_PASSWORD is set, but empty)"),
+        "{err}"
+    );
+    assert!(!dir.join("forgesyte.sig.list.minisig").exists());
+    let bad = std::ffi::OsStr::from_bytes(b"\xff\xfe");
+    let status = crate::support::forgesyte_command()
+        .args(sign_args)
+        .env("FORGESYTE_KEY_PASSWORD", bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("forgesyte sign: FORGESYTE_KEY_PASSWORD is not valid UTF-8"),
+        "{err}"
+    );
+}
