@@ -191,7 +191,13 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
-                    say!("forgesyte: {e:#}");
+                    // Once where a person reads it: the text log's ERROR
+                    // line is that, a JSON record (or no log) is not.
+                    let read = matches!(cli.log_format, LogFormat::Text)
+                        && tracing::enabled!(tracing::Level::ERROR);
+                    if !read {
+                        say!("forgesyte: {e:#}");
+                    }
                     // A configuration refused before the start: as `check`.
                     if e.is::<RefusedConfig>() {
                         ExitCode::from(2)

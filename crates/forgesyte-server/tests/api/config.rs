@@ -979,3 +979,50 @@ fn check_says_a_log_filter_that_does_not_parse() {
         "{err}"
     );
 }
+
+/// A server that cannot listen says why once where a person reads it:
+/// the text log's ERROR line alone; under `--log-format json` the JSON
+/// record and one plain line; with the log off (`RUST_LOG=off`), the plain
+/// line.
+#[test]
+fn a_refused_bind_is_said_once_in_each_log_format() {
+    let plugins = PluginsDir::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let serve = |format: &str, env: &[(&str, &str)]| {
+        let (code, _, err) = crate::support::run_forgesyte(
+            &[
+                "serve",
+                "--plugins",
+                plugins.path_str(),
+                "--bind",
+                &addr,
+                "--log-format",
+                format,
+            ],
+            env,
+        );
+        assert_eq!(code, 1, "{err}");
+        err
+    };
+    let said = format!("cannot listen on {addr}");
+    let plain = format!("forgesyte: {said}");
+    let err = serve("text", &[]);
+    assert_eq!(err.matches(&said).count(), 1, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains(" ERROR ") && l.contains(&said)),
+        "{err}"
+    );
+    let err = serve("json", &[]);
+    assert_eq!(err.matches(&said).count(), 2, "{err}");
+    assert!(err.lines().any(|l| l.starts_with(&plain)), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with('{') && l.contains("\"ERROR\"") && l.contains(&said)),
+        "{err}"
+    );
+    let err = serve("text", &[("RUST_LOG", "off")]);
+    assert_eq!(err.matches(&said).count(), 1, "{err}");
+    assert!(err.lines().any(|l| l.starts_with(&plain)), "{err}");
+}
