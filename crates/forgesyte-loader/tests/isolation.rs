@@ -249,6 +249,7 @@ fn every_fault_at_tool_time_gives_its_reason() {
         "panic_abort",
         "overflow",
         "exit3",
+        "closeall",
         "corrupt",
         "panic",
         "stdout_spam",
@@ -299,6 +300,15 @@ fn every_fault_at_tool_time_gives_its_reason() {
             ],
         ),
         ("exit3", &["CrashError: exited with code 3"]),
+        // Its descriptors to the host closed by the plugin: said by the
+        // runner's exit code (its stderr went with them).
+        (
+            "closeall",
+            &[
+                "CrashError: protocol violation: exited with code 74: the runner's own \
+                 connection to the host was closed from inside the process",
+            ],
+        ),
         (
             "oom",
             &[

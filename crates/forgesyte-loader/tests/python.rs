@@ -615,7 +615,7 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
     write_manifest(root, "bystander", json!({"runtime": "python"}));
     for fault in [
         "segfault", "exit", "hang", "raise", "sysexit", "blowup", "refuse", "spam", "close",
-        "thread", "invalid",
+        "closeall", "thread", "invalid",
     ] {
         let name = format!("init-{fault}");
         copy_fixture(root, "faulty", &name);
@@ -662,6 +662,14 @@ fn python_faults_are_that_plugins_state_never_the_hosts() {
         (
             "init-invalid",
             "InitError: ValueError: tool 'ok' has no input schema",
+        ),
+        // Its descriptors to the host closed by the plugin: the runner
+        // can say so by its exit code alone (its stderr went with them).
+        (
+            "init-closeall",
+            "InitError: plugin process died during construction: protocol violation: exited \
+             with code 74: the runner's own connection to the host was closed from inside the \
+             process",
         ),
     ] {
         check(&registry, plugin, S::Failed, Some(reason));

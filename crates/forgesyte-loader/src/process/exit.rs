@@ -29,6 +29,11 @@ const PYTHON_EXIT_MEMORY: i32 = 70;
 /// `MemoryError` there ends it so.
 const PYTHON_EXIT_SETUP: i32 = 71;
 
+/// Both runners' exit code when their descriptors to the host were closed
+/// from inside the process (`EXIT_CHANNEL` in `python/runner/base.py`,
+/// [`super::runner::EXIT_CHANNEL`]).
+const EXIT_CHANNEL: i32 = super::runner::EXIT_CHANNEL as i32;
+
 /// The conventional name of signal `number` on Linux (`SIGSEGV`), or
 /// `SIG<number>` for one without a name.
 pub(crate) fn signal_name(number: i32) -> String {
@@ -103,6 +108,13 @@ pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[Stri
             name: signal_name(number),
             number,
         },
+        (None, Some(EXIT_CHANNEL)) => CrashCause::Protocol {
+            detail: format!(
+                "exited with code {EXIT_CHANNEL}: the runner's own connection to the host was \
+                 closed from inside the process (plugin code that closes file descriptors it \
+                 did not open?)"
+            ),
+        },
         (None, Some(code)) => CrashCause::Exit { code },
         (None, None) => CrashCause::Protocol {
             detail: format!("ended without an exit code or signal ({status})"),
@@ -166,6 +178,12 @@ mod tests {
             .expect("the runner's base module");
         assert!(base.contains(&format!("\nEXIT_MEMORY = {PYTHON_EXIT_MEMORY}\n")));
         assert!(base.contains(&format!("\nEXIT_SETUP = {PYTHON_EXIT_SETUP}\n")));
+        assert!(base.contains(&format!("\nEXIT_CHANNEL = {EXIT_CHANNEL}\n")));
+        assert!(
+            classify(exited(EXIT_CHANNEL), 0, &[])
+                .to_string()
+                .contains("closed from inside the process")
+        );
         // Its setup failing for want of memory (a limit too low for the
         // interpreter).
         let setup =

@@ -68,6 +68,22 @@ pub(crate) const EXIT_PROTOCOL: u8 = 65;
 const PARENT_POLL: Duration = Duration::from_millis(100);
 /// Exit code when the protocol could not be set up.
 const EXIT_SETUP: u8 = 71;
+/// Exit code when the runner's own descriptors to the host were closed
+/// from inside the process (`EBADF`: plugin code that closed descriptors
+/// it had not opened); the host reports it as such
+/// (`super::exit::classify`). The Python runner's `EXIT_CHANNEL` too.
+pub(crate) const EXIT_CHANNEL: u8 = 74;
+
+/// The exit code for a failed read or write of the host's stream: whether
+/// the descriptor was closed under the runner (`EBADF`) or the stream
+/// broke (`otherwise`).
+fn stream_exit_code(e: &io::Error, otherwise: u8) -> u8 {
+    if e.raw_os_error() == Some(libc::EBADF) {
+        EXIT_CHANNEL
+    } else {
+        otherwise
+    }
+}
 
 /// Stack size of the threads that run plugin code: 4 MiB, twice what an
 /// in-process plugin gets on the server's blocking pool, and small enough
@@ -327,7 +343,13 @@ fn serve(
             Err(FrameError::Eof) => std::process::exit(0),
             Err(e) => {
                 eprintln!("forgesyte-runner[{}]: reading stdin: {e}", args.plugin);
-                return ExitCode::from(EXIT_PROTOCOL);
+                // At once, dropping nothing: with its descriptors closed
+                // under it, dropping their owners aborts (std's I/O-safety
+                // check in debug builds).
+                std::process::exit(i32::from(match &e {
+                    FrameError::Io(io) => stream_exit_code(io, EXIT_PROTOCOL),
+                    _ => EXIT_PROTOCOL,
+                }));
             }
         };
         if let Err(e) = shm::receive(&mut frame, socket, MAX_REQUEST_BYTES) {
@@ -726,8 +748,9 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
         },
         _ => write_frame(&mut *out, &frame_header, &inline),
     };
-    if written.is_err() {
-        std::process::exit(0);
+    // The host stopped reading: nobody is left to serve.
+    if let Err(e) = written {
+        std::process::exit(i32::from(stream_exit_code(&e, 0)));
     }
 }
 

@@ -306,7 +306,12 @@ extern "C" fn step(context: *mut UnwindContext, argument: *mut c_void) -> c_int 
 
 /// The dump thread: one dump per request read from the pipe (requests that
 /// came meanwhile are read with it and answered by it).
-fn serve(mut reader: std::io::PipeReader) {
+fn serve(reader: std::io::PipeReader) {
+    // Never closed: the pipe ends (EOF, an error) only when plugin code
+    // closed descriptors it had not opened, this one or the writer, and
+    // closing a closed one is an abort in debug builds (std's I/O-safety
+    // check). The runner then ends on its protocol's EBADF.
+    let mut reader = std::mem::ManuallyDrop::new(reader);
     let mut buf = [0u8; 64];
     loop {
         match reader.read(&mut buf) {

@@ -11,8 +11,8 @@ import traceback
 import types
 
 from . import api
-from .base import (EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now, out_of_memory,
-                   out_of_memory_unless_raised)
+from .base import (EXIT_CHANNEL, EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now,
+                   out_of_memory, out_of_memory_unless_raised)
 from .errors import _exception_message, fitted, python_error, wire_error, with_filter_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
@@ -316,7 +316,8 @@ class Runner(object):
                 # would end this thread silently and leave no reader: the
                 # host would wait for its timeout. End the process instead.
                 diag("reading stdin: %s: %s" % (type(e).__name__, e))
-                exit_now(EXIT_PROTOCOL)
+                closed = isinstance(e, OSError) and e.errno == errno.EBADF
+                exit_now(EXIT_CHANNEL if closed else EXIT_PROTOCOL)
             if frame is None:
                 self.shutdown()
             if request["op"] == "create":

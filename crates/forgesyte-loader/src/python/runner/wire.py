@@ -3,13 +3,14 @@ descriptors, their attachments inline or, above a threshold, in sealed
 memory files passed over the shared-memory socket (§3.1); and the
 requests' envelopes. Knows nothing of plugins."""
 
+import errno
 import fcntl
 import json
 import os
 import struct
 import threading
 
-from .base import MIB, exit_now
+from .base import EXIT_CHANNEL, MIB, exit_now
 
 # The largest request frame accepted (the native runner's limit).
 MAX_REQUEST_BYTES = 1 << 31
@@ -39,6 +40,14 @@ _F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
 _U32 = struct.Struct("<I")
 _FRAME_TABLE = struct.Struct("<II")
 _FRAME_HEAD = struct.Struct("<III")
+
+
+def host_gone(error):
+    """Ends the runner when a write to the host failed: the host stopped
+    reading (nobody is left to serve: exit 0), or this process's own
+    descriptor to it was closed from inside (``EBADF``: ``EXIT_CHANNEL``,
+    which the host reports as such)."""
+    exit_now(EXIT_CHANNEL if getattr(error, "errno", None) == errno.EBADF else 0)
 
 
 class ProtocolError(Exception):
@@ -412,8 +421,8 @@ class Wire(object):
             with self.lock:
                 try:
                     self._write_all(data)
-                except OSError:
-                    exit_now(0)  # as below
+                except OSError as e:
+                    host_gone(e)
             return
         plain = (header, attachments)
         header, attachments, fds = self._share(header, attachments)
@@ -445,9 +454,8 @@ class Wire(object):
                 self._write_all(prefix + header)
                 for attachment in attachments:
                     self._write_all(attachment)
-            except OSError:
-                # The host stopped reading: there is nobody left to serve.
-                exit_now(0)
+            except OSError as e:
+                host_gone(e)
 
 
 def frame_size(header, attachments):
