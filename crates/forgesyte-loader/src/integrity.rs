@@ -16,7 +16,8 @@
 //!   (hidden files and directories) and `__pycache__` directories are
 //!   skipped; a symbolic link to a file is hashed as the file it points to;
 //!   a tree holding a symbolic link to a directory (other than
-//!   `__pycache__`), a `*.py` or `*.so` link that leads to no file, a path
+//!   `__pycache__`), a `*.py` or `*.so` link that leads to no file, a
+//!   `*.py` or `*.so` that is (or leads to) a device, a FIFO or a socket, a path
 //!   that is not UTF-8 or one that contains a newline cannot be pinned (an
 //!   error).
 //!
@@ -299,7 +300,7 @@ fn collect_py(
             let meta = fs.metadata(&entry.path)?;
             if meta.is_file {
                 files.insert(rel, entry.path.clone());
-            } else if meta.is_symlink {
+            } else if meta.is_symlink && fs.canonicalize(&entry.path).is_err() {
                 // A link that leads to no file now: what appears behind it
                 // later is code Python imports and no digest covers.
                 return Err(io::Error::new(
@@ -307,6 +308,22 @@ fn collect_py(
                     format!(
                         "{rel} is a link that leads to no file: Python would import what appears \
                          behind it later, which no digest covers (remove it, or copy the file in)"
+                    ),
+                ));
+            } else {
+                // A FIFO, a device or a socket (itself, or behind a link):
+                // no digest can cover what Python would read from it.
+                let is = if meta.is_symlink {
+                    "is a link to something that is"
+                } else {
+                    "is"
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{rel} {is} neither a regular file nor a directory (a device, a FIFO or a \
+                         socket): no digest covers what Python would read from it (remove it, or \
+                         copy the file in)"
                     ),
                 ));
             }
@@ -663,6 +680,33 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("dangling.py is a link that leads to no file"),
+            "{err}"
+        );
+        // One that leads to a device, or a FIFO in the tree: no file
+        // either, and said as what it is.
+        std::fs::remove_file(root.join("dangling.py")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", root.join("zero.py")).unwrap();
+        let err = python_tree_listing(&RealFs, root).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "zero.py is a link to something that is neither a regular file nor a \
+                 directory (a device, a FIFO or a socket)"
+            ),
+            "{err}"
+        );
+        std::fs::remove_file(root.join("zero.py")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("pipe.py"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        let err = python_tree_listing(&RealFs, root).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("pipe.py is neither a regular file nor a directory"),
             "{err}"
         );
     }
