@@ -17,31 +17,56 @@ use crate::integrity;
 /// larger before it allocates.
 pub const MAX_LIST_BYTES: usize = 1 << 20;
 
+/// Why [`parse_list`] refused a list: what is wrong, and on which line
+/// (1-based) when it is one line's fault rather than the whole list's
+/// (its size, encoding or end). Displayed `line N: what`, or `what`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListError {
+    /// The line at fault, if one is.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub what: String,
+}
+
+impl std::fmt::Display for ListError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(n) => write!(f, "line {n}: {}", self.what),
+            None => f.write_str(&self.what),
+        }
+    }
+}
+
 /// Parses a list: relative path → digest.
 ///
 /// # Errors
 ///
-/// A one-line reason naming the line (1-based) and what is wrong with it.
-pub fn parse_list(bytes: &[u8]) -> Result<BTreeMap<String, String>, String> {
+/// A one-line reason, naming the line at fault when one is.
+pub fn parse_list(bytes: &[u8]) -> Result<BTreeMap<String, String>, ListError> {
+    let whole = |what: String| ListError { line: None, what };
     if bytes.len() > MAX_LIST_BYTES {
-        return Err(format!(
+        return Err(whole(format!(
             "{} bytes, larger than the {MAX_LIST_BYTES}-byte limit",
             bytes.len()
-        ));
+        )));
     }
     let text = std::str::from_utf8(bytes)
-        .map_err(|e| format!("not UTF-8 text (byte {})", e.valid_up_to()))?;
+        .map_err(|e| whole(format!("not UTF-8 text (byte {})", e.valid_up_to())))?;
     if text.is_empty() {
-        return Err("empty: it lists no file".to_owned());
+        return Err(whole("empty: it lists no file".to_owned()));
     }
     let Some(body) = text.strip_suffix('\n') else {
-        return Err("the last line does not end with a newline".to_owned());
+        return Err(whole(
+            "the last line does not end with a newline".to_owned(),
+        ));
     };
     let mut files = BTreeMap::new();
     let mut previous: Option<&str> = None;
     for (index, line) in body.split('\n').enumerate() {
-        let n = index + 1;
-        let bad = |what: &str| format!("line {n}: {what}");
+        let bad = |what: &str| ListError {
+            line: Some(index + 1),
+            what: what.to_owned(),
+        };
         let Some((digest, path)) = line.split_once("  ") else {
             return Err(bad("expected '<sha256>  <path>'"));
         };
@@ -141,11 +166,17 @@ mod tests {
             ("\u{0}\u{ff}\n".to_owned(), "line 1: expected".to_owned()),
         ] {
             let err = parse_list(text.as_bytes()).unwrap_err();
-            assert!(err.starts_with(&expected), "{text:?}: {err}");
+            assert_eq!(
+                err.line.is_some(),
+                expected.starts_with("line "),
+                "{text:?}: {err}"
+            );
+            assert!(err.to_string().starts_with(&expected), "{text:?}: {err}");
         }
         let err = parse_list(&[b'a', 0xff, b'\n']).unwrap_err();
-        assert_eq!(err, "not UTF-8 text (byte 1)");
+        assert_eq!(err.to_string(), "not UTF-8 text (byte 1)");
+        assert_eq!(err.line, None);
         let big = vec![b'a'; MAX_LIST_BYTES + 1];
-        assert!(parse_list(&big).unwrap_err().contains("limit"));
+        assert!(parse_list(&big).unwrap_err().what.contains("limit"));
     }
 }

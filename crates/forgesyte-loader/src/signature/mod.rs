@@ -256,12 +256,9 @@ pub fn sign_dir(
     let text = list::format_list(&digests);
     // A name the list cannot hold (a backslash, a carriage return) would
     // make a signature every check refuses: refused here instead.
-    list::parse_list(text.as_bytes()).map_err(|why| {
-        if why.starts_with("line ") {
-            format!("cannot sign: a file's name cannot be listed ({why}); rename the file")
-        } else {
-            format!("cannot sign: the list of its files is {why}")
-        }
+    list::parse_list(text.as_bytes()).map_err(|why| match why.line {
+        Some(_) => format!("cannot sign: a file's name cannot be listed ({why}); rename the file"),
+        None => format!("cannot sign: the list of its files is {why}"),
     })?;
     let public = minisign::PublicKey::from_secret_key(secret).map_err(|e| e.to_string())?;
     let key_id = keys::key_id(public.keynum());

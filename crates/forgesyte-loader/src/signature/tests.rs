@@ -315,7 +315,7 @@ proptest! {
                 let text = list::format_list(&files);
                 prop_assert_eq!(text.as_bytes(), &bytes[..]);
             }
-            Err(e) => one_line_reason(&e)?,
+            Err(e) => one_line_reason(&e.to_string())?,
         }
     }
 
@@ -342,6 +342,6 @@ proptest! {
         let public = vec![byte; MAX_PUBLIC_KEY_BYTES + extra];
         prop_assert!(keys::parse_public_key(&public).unwrap_err().contains("limit"));
         let list = vec![byte; list::MAX_LIST_BYTES + extra];
-        prop_assert!(list::parse_list(&list).unwrap_err().contains("limit"));
+        prop_assert!(list::parse_list(&list).unwrap_err().what.contains("limit"));
     }
 }
