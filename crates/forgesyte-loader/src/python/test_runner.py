@@ -1895,6 +1895,36 @@ class BytecodeTests(RunnerTestCase):
         self.assertIn("bytecode without its source", header["result"]["gone"])
         self.assertEqual(sorted(os.listdir(os.path.join(d, "__pycache__"))), cached)
 
+    def test_a_linked_plugin_loading_its_files_by_their_resolved_path_runs_no_bytecode(self):
+        # The plugins directory reached through a link, and a plugin that
+        # names its files by os.path.realpath(__file__) (a common idiom):
+        # they are still its tree's files.
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        real = os.path.join(d, "real")
+        os.mkdir(real)
+        link = os.path.join(d, "link")
+        os.symlink(real, link)
+        self.plant(os.path.join(real, "helper.py"), 'WHO = "source"\n', 'WHO = "plants"\n')
+        with open(os.path.join(real, "plugin.py"), "w") as f:
+            f.write(
+                "import importlib.util, os\n"
+                "HERE = os.path.dirname(os.path.realpath(__file__))\n"
+                "class Plugin:\n"
+                "    tools = {'who': {'handler': 'who'}}\n"
+                "    def who(self, args):\n"
+                "        spec = importlib.util.spec_from_file_location(\n"
+                "            'by_real', os.path.join(HERE, 'helper.py'))\n"
+                "        module = importlib.util.module_from_spec(spec)\n"
+                "        spec.loader.exec_module(module)\n"
+                "        return {'helper': module.WHO}\n")
+        p = Proc(self, args=["--plugin", "linked", "--plugin-dir", link,
+                             "--file", os.path.join(link, "plugin.py")],
+                 env={"PYTHONDONTWRITEBYTECODE": ""})
+        p.start()
+        header, _ = p.run("who", {})
+        self.assertEqual(header["result"]["helper"], "source")
+
     def test_a_module_that_is_only_bytecode_is_refused(self):
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d)

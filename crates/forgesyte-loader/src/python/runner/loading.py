@@ -149,13 +149,21 @@ class _SourceOnlyFinder(object):
     def __init__(self, root, checked=None):
         self.root = root
         self.checked = checked
+        # Where the tree lies once links are resolved: a plugin reached
+        # through a linked plugins directory that loads its files by
+        # ``os.path.realpath(__file__)`` names them so.
+        self.real_root = os.path.realpath(root)
 
     def covers(self, path):
         """Whether ``path`` is in the tree: of a signed or pinned plugin by
-        :meth:`_Checked.under`, else by the path as given."""
+        :meth:`_Checked.under`, else by the path as given, under the root
+        as given or as resolved (resolving every path would cost each
+        import of the standard library a ``realpath``)."""
         if self.checked is not None:
             return self.checked.under(path)
-        return os.path.abspath(path).startswith(self.root + os.sep)
+        where = os.path.abspath(path)
+        return (where.startswith(self.root + os.sep)
+                or where.startswith(self.real_root + os.sep))
 
     def find_spec(self, name, path=None, target=None):
         machinery = importlib.machinery
