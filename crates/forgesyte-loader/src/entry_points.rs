@@ -121,8 +121,10 @@ def found():
                     text = ""
             if "[" + GROUP + "]" in text:
                 label = name or label_of(dist)
-                errors.append(failed(label, label,
-                                     "its entry points cannot be read: %s: %s" % (type(e).__name__, e)))
+                # No name yet: its METADATA was what could not be read.
+                what = "its entry points" if name is not None else "its metadata"
+                errors.append(failed(label, label, "%s cannot be read: %s: %s"
+                                     % (what, type(e).__name__, e)))
             else:
                 WARNINGS.append("skipped distribution %s, whose metadata cannot be read: %s: %s"
                                 % (name or label_of(dist), type(e).__name__, e))
@@ -304,7 +306,12 @@ impl EntryPoint {
 
     /// `entry point 'my-plugin' (pkg.mod:Plugin) of mypkg 1.0 in /site/pkg`:
     /// where a plugin came from, for reasons and logs.
+    /// A distribution's own failure (no entry point of it could be read,
+    /// so no value) is `distribution mypkg`.
     pub fn describe(&self) -> String {
+        if self.value.is_empty() {
+            return format!("distribution {}", self.dist.as_ref().unwrap_or(&self.name));
+        }
         let mut text = format!("entry point '{}' ({})", self.name, self.value);
         if let Some(dist) = &self.dist {
             text.push_str(&format!(" of {dist}"));

@@ -875,6 +875,55 @@ fn a_distribution_whose_entry_points_are_not_utf8_is_failed_not_lost() {
     );
 }
 
+/// One whose `METADATA` is not UTF-8 (its entry points are fine) is
+/// FAILED under its directory's name, saying it is the metadata; one
+/// whose `METADATA` is not a file reads, as Python reads it, as none: the
+/// plugin loads, its version unknown.
+#[test]
+fn a_distribution_whose_metadata_cannot_be_read_says_so() {
+    let site = Site::new();
+    for name in ["latinmeta", "dirmeta"] {
+        site.package(
+            name,
+            "1.0",
+            name,
+            &[("plugin.py", &plugin_py("Hola"))],
+            &[(name, &format!("{name}.plugin:Plugin"))],
+        );
+    }
+    let info = |name: &str| site.site.join(format!("{name}-1.0.dist-info"));
+    std::fs::write(
+        info("latinmeta").join("METADATA"),
+        b"Metadata-Version: 2.1\nName: latinmeta\nSummary: caf\xe9\n",
+    )
+    .unwrap();
+    std::fs::remove_file(info("dirmeta").join("METADATA")).unwrap();
+    std::fs::create_dir(info("dirmeta").join("METADATA")).unwrap();
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    let (state, reason) = status(&registry, "latinmeta");
+    assert_eq!(state, S::Failed, "{reason}");
+    assert!(
+        reason.starts_with(
+            "ManifestError: invalid field 'entry point': distribution latinmeta: its metadata \
+             cannot be read: UnicodeDecodeError"
+        ),
+        "{reason}"
+    );
+    assert_eq!(
+        status(&registry, "dirmeta"),
+        (S::Initialized, String::new())
+    );
+    assert_eq!(
+        registry
+            .get_status("dirmeta")
+            .and_then(|s| s.version)
+            .as_deref(),
+        Some("unknown")
+    );
+}
+
 /// A module under nested namespace packages (no `__init__.py` at any
 /// level) is found without importing anything, and its shipped manifest
 /// is read; one that only its package's import would find is FAILED with

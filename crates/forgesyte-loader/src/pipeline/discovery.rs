@@ -294,7 +294,7 @@ impl Loader {
                     tracing::warn!(
                         entry_point = %ep.name,
                         error = ep.error.as_deref().unwrap_or_default(),
-                        "The module of {} was not found: {}",
+                        "{} cannot be loaded: {}",
                         ep.describe(),
                         ep.error.as_deref().unwrap_or_default()
                     );
@@ -488,19 +488,11 @@ fn unresolved(ep: &EntryPoint, error: &str) -> Box<BadManifest> {
             traceback: Vec::new(),
         })
         .into(),
-        _ => {
-            // A distribution's own error has no entry point to describe.
-            let who = match (&ep.dist, ep.value.is_empty()) {
-                (Some(dist), true) => format!("distribution {dist}"),
-                (None, true) => format!("distribution {}", ep.name),
-                (_, false) => ep.describe(),
-            };
-            ManifestError::InvalidField {
-                field: "entry point".into(),
-                message: format!("{who}: {error}"),
-            }
-            .into()
+        _ => ManifestError::InvalidField {
+            field: "entry point".into(),
+            message: format!("{}: {error}", ep.describe()),
         }
+        .into(),
     };
     Box::new(BadManifest { raw: None, error })
 }
