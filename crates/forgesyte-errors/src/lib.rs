@@ -754,6 +754,19 @@ pub enum CrashCause {
         /// Exit code.
         code: i32,
     },
+    /// Exited with the runners' code for their own descriptors to the host
+    /// closed, or replaced, from inside the process (plugin code that
+    /// closes descriptors it did not open), unless the plugin's own code
+    /// exited with it.
+    #[error(
+        "exited with code {code}: the runner's own connection to the host was closed from \
+         inside the process (by plugin code that closes file descriptors it did not open?), or \
+         the plugin exited with that code itself"
+    )]
+    ChannelClosed {
+        /// Exit code (74, as `EX_IOERR`).
+        code: i32,
+    },
     /// Went over its memory limit.
     #[error("exceeded memory limit {limit_mib} MiB")]
     MemoryLimit {

@@ -74,10 +74,13 @@ MAX_TOTAL = 1024
 WARNINGS = []
 
 
-def failed(name, dist, error):
+def failed(name, dist, error, whole=False):
+    """An entry point that failed, or (``whole``) a distribution none of
+    whose entry points could be read."""
     return {"name": name, "value": "", "module": None, "attr": None, "dist": dist,
             "version": None, "module_dir": None, "origin": None, "owns_dir": False,
-            "location": None, "has_manifest": False, "error": error}
+            "location": None, "has_manifest": False, "error": error,
+            "whole_distribution": whole}
 
 
 def found():
@@ -97,7 +100,7 @@ def found():
         try:
             # A distribution whose metadata has no Name goes by its
             # directory's (`pkg-1.0.dist-info`: pkg).
-            name = dist.metadata["Name"] or label_of(dist)
+            name = dist.metadata.get("Name") or label_of(dist)
             key = normalized(name)
             if key in seen:
                 continue
@@ -124,18 +127,19 @@ def found():
                 # No name yet: its METADATA was what could not be read.
                 what = "its entry points" if name is not None else "its metadata"
                 errors.append(failed(label, label, "%s cannot be read: %s: %s"
-                                     % (what, type(e).__name__, e)))
+                                     % (what, type(e).__name__, e), whole=True))
             else:
                 WARNINGS.append("skipped distribution %s, whose metadata cannot be read: %s: %s"
                                 % (name or label_of(dist), type(e).__name__, e))
             continue
         if len(eps) > MAX_PER_DIST:
             errors.append(failed(name, name, "it declares %d entry points of group %s, more than %d"
-                                 % (len(eps), GROUP, MAX_PER_DIST)))
+                                 % (len(eps), GROUP, MAX_PER_DIST), whole=True))
             continue
         if len(pairs) + len(eps) > MAX_TOTAL:
             errors.append(failed(name, name, "more than %d entry points of group %s are installed; "
-                                 "this distribution's are not read" % (MAX_TOTAL, GROUP)))
+                                 "this distribution's are not read" % (MAX_TOTAL, GROUP),
+                                 whole=True))
             continue
         pairs.extend((ep, dist) for ep in eps)
     return pairs, errors
@@ -182,7 +186,7 @@ def describe(ep, dist):
                       % MAX_TEXT)
     if dist is not None:
         try:
-            item["dist"] = dist.metadata["Name"]
+            item["dist"] = dist.metadata.get("Name")
             item["version"] = dist.version
         except Exception:
             pass
@@ -277,6 +281,11 @@ pub struct EntryPoint {
     /// Why the module's directory is unknown (`ModuleNotFoundError: …`,
     /// or the exception a parent package raised), if it is.
     pub error: Option<String>,
+    /// Whether this stands for a whole distribution none of whose entry
+    /// points could be read ([`error`](Self::error) says why), not for
+    /// one entry point.
+    #[serde(default)]
+    pub whole_distribution: bool,
 }
 
 impl EntryPoint {
@@ -306,10 +315,10 @@ impl EntryPoint {
 
     /// `entry point 'my-plugin' (pkg.mod:Plugin) of mypkg 1.0 in /site/pkg`:
     /// where a plugin came from, for reasons and logs.
-    /// A distribution's own failure (no entry point of it could be read,
-    /// so no value) is `distribution mypkg`.
+    /// A distribution's own failure ([`whole_distribution`](Self::whole_distribution))
+    /// is `distribution mypkg`.
     pub fn describe(&self) -> String {
-        if self.value.is_empty() {
+        if self.whole_distribution {
             return format!("distribution {}", self.dist.as_ref().unwrap_or(&self.name));
         }
         let mut text = format!("entry point '{}' ({})", self.name, self.value);
@@ -396,6 +405,7 @@ mod tests {
             location: Some("/site".into()),
             has_manifest: false,
             error: None,
+            whole_distribution: false,
         }
     }
 
@@ -418,6 +428,17 @@ mod tests {
         };
         assert_eq!(c.target(), None);
         assert_eq!(c.plugin_dir(), PathBuf::from("/"));
+        // An entry point declared with no value is still that entry point;
+        // a distribution's own failure is the distribution.
+        assert_eq!(
+            ep("", None, None).describe(),
+            "entry point 'p' () of pkg 1.0"
+        );
+        let whole = EntryPoint {
+            whole_distribution: true,
+            ..ep("", None, None)
+        };
+        assert_eq!(whole.describe(), "distribution pkg");
     }
 
     #[test]

@@ -261,6 +261,7 @@ fn every_fault_at_tool_time_gives_its_reason() {
     s.plugin("t-oom", json!({"limits": {"memory_mb": 128}}));
     s.plugin("t-huge", json!({"limits": {"max_response_mb": 1}}));
     s.plugin("t-stdin_read", json!({"limits": {"call_timeout_s": 1}}));
+    s.plugin("t-reopen", json!({}));
     s.plugin("bystander", json!({}));
     s.plugin("in-host", json!({"isolation": "in-process"}));
     let loader = s.loader();
@@ -305,8 +306,8 @@ fn every_fault_at_tool_time_gives_its_reason() {
         (
             "closeall",
             &[
-                "CrashError: protocol violation: exited with code 74: the runner's own \
-                 connection to the host was closed from inside the process",
+                "CrashError: exited with code 74: the runner's own connection to the host was \
+               closed from inside the process",
             ],
         ),
         (
@@ -375,6 +376,23 @@ fn every_fault_at_tool_time_gives_its_reason() {
     assert_eq!(
         r.journal("t-exit3").unwrap().last().unwrap().exit_code,
         Some(3)
+    );
+    assert_eq!(
+        r.journal("t-closeall").unwrap().last().unwrap().exit_code,
+        Some(74)
+    );
+    // Closed, then other files in the protocol's place (as a daemon opens
+    // /dev/null): the same, not "exited with code 0".
+    let error = match call(&loader, "t-reopen", "closeall", json!({"reopen": true})) {
+        Err(CallError::Tool(e)) => e,
+        other => panic!("t-reopen: expected a fault, got {other:?}"),
+    };
+    assert!(matches!(error, ToolError::Crashed(_)), "{error:?}");
+    check(
+        r,
+        "t-reopen",
+        S::Failed,
+        &["CrashError: exited with code 74: the runner's own connection"],
     );
 
     // A call past its timeout: the process is killed, the call says so.

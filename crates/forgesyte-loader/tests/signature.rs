@@ -77,7 +77,7 @@ fn signed_plugin(
     let dir = plugins.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     make(&dir);
-    let secret = keys::read_secret_key(&key, None).unwrap();
+    let secret = keys::read_secret_key(&key, keys::Password::Unset).unwrap();
     sign_dir(&RealFs, &dir, &secret).unwrap();
     let trusted = TrustedKeys::load(&keys_dir).unwrap();
     (tmp, dir, trusted)

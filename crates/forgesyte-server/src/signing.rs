@@ -9,16 +9,10 @@
 
 use std::path::Path;
 
-use forgesyte_loader::signature::{self, keys::PASSWORD_ENV};
-
-/// What [`PASSWORD_ENV`] holds.
-enum Password {
-    Unset,
-    /// Set, to nothing: no password, but said as such (an empty value is
-    /// more often a template's blank than a choice).
-    Empty,
-    Given(String),
-}
+use forgesyte_loader::signature::{
+    self,
+    keys::{PASSWORD_ENV, Password},
+};
 
 /// [`PASSWORD_ENV`] for `command`; a value that is not UTF-8 (no password
 /// minisign takes) is said on stderr, and is a usage error (`Err(2)`).
@@ -114,17 +108,8 @@ pub fn sign(dir: &Path, key: &Path) -> u8 {
         Ok(given) => given,
         Err(code) => return code,
     };
-    let empty = matches!(given, Password::Empty);
-    let password = match given {
-        Password::Given(password) => Some(password),
-        Password::Empty | Password::Unset => None,
-    };
-    let secret = match signature::keys::read_secret_key(key, password) {
+    let secret = match signature::keys::read_secret_key(key, given) {
         Ok(secret) => secret,
-        Err(e) if empty => {
-            crate::say!("forgesyte sign: {e} ({PASSWORD_ENV} is set, but empty)");
-            return 1;
-        }
         Err(e) => {
             crate::say!("forgesyte sign: {e}");
             return 1;

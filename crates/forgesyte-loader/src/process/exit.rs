@@ -108,13 +108,7 @@ pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[Stri
             name: signal_name(number),
             number,
         },
-        (None, Some(EXIT_CHANNEL)) => CrashCause::Protocol {
-            detail: format!(
-                "exited with code {EXIT_CHANNEL}: the runner's own connection to the host was \
-                 closed from inside the process (plugin code that closes file descriptors it \
-                 did not open?)"
-            ),
-        },
+        (None, Some(EXIT_CHANNEL)) => CrashCause::ChannelClosed { code: EXIT_CHANNEL },
         (None, Some(code)) => CrashCause::Exit { code },
         (None, None) => CrashCause::Protocol {
             detail: format!("ended without an exit code or signal ({status})"),

@@ -68,21 +68,50 @@ pub(crate) const EXIT_PROTOCOL: u8 = 65;
 const PARENT_POLL: Duration = Duration::from_millis(100);
 /// Exit code when the protocol could not be set up.
 const EXIT_SETUP: u8 = 71;
-/// Exit code when the runner's own descriptors to the host were closed
-/// from inside the process (`EBADF`: plugin code that closed descriptors
-/// it had not opened); the host reports it as such
+/// Exit code when the runner's own descriptors to the host were closed,
+/// or replaced by other files, from inside the process (plugin code that
+/// closed descriptors it had not opened); the host reports it as such
 /// (`super::exit::classify`). The Python runner's `EXIT_CHANNEL` too.
 pub(crate) const EXIT_CHANNEL: u8 = 74;
 
-/// The exit code for a failed read or write of the host's stream: whether
-/// the descriptor was closed under the runner (`EBADF`) or the stream
-/// broke (`otherwise`).
-fn stream_exit_code(e: &io::Error, otherwise: u8) -> u8 {
-    if e.raw_os_error() == Some(libc::EBADF) {
+/// The protocol's descriptors as the runner set them up: (number, device,
+/// inode).
+static CHANNEL: OnceLock<Vec<(RawFd, (u64, u64))>> = OnceLock::new();
+
+/// The device and inode of descriptor `fd`, or `None` when it is not open.
+#[allow(unsafe_code)]
+fn identity(fd: RawFd) -> Option<(u64, u64)> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `fstat` of a descriptor number (one closed under this
+    // process is EBADF, nothing else), writing into a local buffer.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: `fstat` succeeded, so it filled the buffer.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
+}
+
+/// Whether plugin code closed one of the protocol's descriptors, or put
+/// another file in its place (a daemon's "close every descriptor, open
+/// /dev/null").
+fn channel_closed() -> bool {
+    CHANNEL
+        .get()
+        .is_some_and(|fds| fds.iter().any(|&(fd, id)| identity(fd) != Some(id)))
+}
+
+/// Ends the process at once when its stream with the host ended or broke,
+/// dropping nothing (with its descriptors closed under it, dropping their
+/// owners aborts in debug builds: std's I/O-safety check): with
+/// [`EXIT_CHANNEL`] when [`channel_closed`], else `otherwise`.
+fn end_on_stream(otherwise: u8) -> ! {
+    let code = if channel_closed() {
         EXIT_CHANNEL
     } else {
         otherwise
-    }
+    };
+    std::process::exit(i32::from(code))
 }
 
 /// Stack size of the threads that run plugin code: 4 MiB, twice what an
@@ -200,6 +229,13 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
     };
     let shm_fd = shm_link().map(|(socket, _)| socket.as_raw_fd());
+    let _ = CHANNEL.set(
+        protocol_fds
+            .into_iter()
+            .chain(shm_fd)
+            .filter_map(|fd| identity(fd).map(|id| (fd, id)))
+            .collect(),
+    );
     if let Err(e) = protect_in_forks(protocol_fds.into_iter().chain(shm_fd)) {
         eprintln!(
             "forgesyte-runner[{}]: processes the plugin forks keep the protocol: {e}",
@@ -338,29 +374,23 @@ fn serve(
     loop {
         let mut frame = match read_frame(&mut stdin, MAX_REQUEST_BYTES) {
             Ok(frame) => frame,
-            // The host closed our stdin: it is done with us. Calls still
-            // running die with the process.
-            Err(FrameError::Eof) => std::process::exit(0),
+            // The host closed our stdin: it is done with us (unless plugin
+            // code closed it). Calls still running die with the process.
+            Err(FrameError::Eof) => end_on_stream(0),
             Err(e) => {
                 eprintln!("forgesyte-runner[{}]: reading stdin: {e}", args.plugin);
-                // At once, dropping nothing: with its descriptors closed
-                // under it, dropping their owners aborts (std's I/O-safety
-                // check in debug builds).
-                std::process::exit(i32::from(match &e {
-                    FrameError::Io(io) => stream_exit_code(io, EXIT_PROTOCOL),
-                    _ => EXIT_PROTOCOL,
-                }));
+                end_on_stream(EXIT_PROTOCOL);
             }
         };
         if let Err(e) = shm::receive(&mut frame, socket, MAX_REQUEST_BYTES) {
             eprintln!("forgesyte-runner[{}]: malformed request: {e}", args.plugin);
-            return ExitCode::from(EXIT_PROTOCOL);
+            end_on_stream(EXIT_PROTOCOL);
         }
         let request: Request = match serde_json::from_slice(frame.header()) {
             Ok(request) => request,
             Err(e) => {
                 eprintln!("forgesyte-runner[{}]: malformed request: {e}", args.plugin);
-                return ExitCode::from(EXIT_PROTOCOL);
+                end_on_stream(EXIT_PROTOCOL);
             }
         };
         let (library, instance, answers) =
@@ -749,8 +779,8 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
         _ => write_frame(&mut *out, &frame_header, &inline),
     };
     // The host stopped reading: nobody is left to serve.
-    if let Err(e) = written {
-        std::process::exit(i32::from(stream_exit_code(&e, 0)));
+    if written.is_err() {
+        end_on_stream(0);
     }
 }
 

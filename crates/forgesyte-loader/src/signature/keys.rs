@@ -82,15 +82,27 @@ pub fn parse_signature(bytes: &[u8]) -> Result<SignatureBox, String> {
     }
 }
 
+/// What [`PASSWORD_ENV`] holds, for [`read_secret_key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Password {
+    /// Not set.
+    Unset,
+    /// Set, to nothing: no password, but said as such (an empty value is
+    /// more often a template's blank than a choice).
+    Empty,
+    /// A password.
+    Given(String),
+}
+
 /// Reads a secret key file (at most [`MAX_SECRET_KEY_BYTES`]): an
 /// unencrypted one as it is, an encrypted one with `password` (never
 /// prompted for).
 ///
 /// # Errors
 ///
-/// One line: unreadable, not a key, encrypted without a password, or the
-/// wrong password.
-pub fn read_secret_key(path: &Path, password: Option<String>) -> Result<SecretKey, String> {
+/// One line: unreadable, not a key, encrypted without a password (or with
+/// an empty one), or the wrong password.
+pub fn read_secret_key(path: &Path, password: Password) -> Result<SecretKey, String> {
     let bytes = read_capped(path, MAX_SECRET_KEY_BYTES)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let text = text(&bytes, MAX_SECRET_KEY_BYTES, "a secret key")?;
@@ -107,9 +119,14 @@ pub fn read_secret_key(path: &Path, password: Option<String>) -> Result<SecretKe
     let unencrypted = SecretKey::from_unencrypted_box(key_box.clone());
     match (unencrypted, password) {
         (Ok(key), _) => Ok(key),
-        (Err(_), Some(password)) => SecretKey::from_box(key_box, Some(password))
+        (Err(_), Password::Given(password)) => SecretKey::from_box(key_box, Some(password))
             .map_err(|e| format!("{}: {e}", path.display())),
-        (Err(e), None) => Err(format!(
+        (Err(e), Password::Empty) => Err(format!(
+            "{} is not an unencrypted minisign secret key ({e}), and {PASSWORD_ENV} is set, but \
+             empty: set it to the key's password",
+            path.display()
+        )),
+        (Err(e), Password::Unset) => Err(format!(
             "{} is not an unencrypted minisign secret key ({e}); for an encrypted key set {PASSWORD_ENV}",
             path.display()
         )),
@@ -376,11 +393,18 @@ mod tests {
     fn an_encrypted_key_needs_its_password() {
         let tmp = tempfile::tempdir().unwrap();
         let (key, _, id) = keygen(tmp.path(), "locked", Some("s3cret".into())).unwrap();
-        let err = read_secret_key(&key, None).unwrap_err();
+        let err = read_secret_key(&key, Password::Unset).unwrap_err();
         assert!(err.contains(PASSWORD_ENV), "{err}");
-        let err = read_secret_key(&key, Some("wrong".into())).unwrap_err();
+        let err = read_secret_key(&key, Password::Empty).unwrap_err();
+        assert!(
+            err.ends_with(&format!(
+                "{PASSWORD_ENV} is set, but empty: set it to the key's password"
+            )),
+            "{err}"
+        );
+        let err = read_secret_key(&key, Password::Given("wrong".into())).unwrap_err();
         assert!(err.ends_with("Wrong password for that key"), "{err}");
-        let secret = read_secret_key(&key, Some("s3cret".into())).unwrap();
+        let secret = read_secret_key(&key, Password::Given("s3cret".into())).unwrap();
         assert_eq!(key_id(secret.keynum()), id);
     }
 
@@ -498,7 +522,7 @@ mod tests {
         assert!(err.ends_with("exists; not overwritten"), "{err}");
         let trusted = TrustedKeys::load(tmp.path()).unwrap();
         assert_eq!(trusted.ids().collect::<Vec<_>>(), [id.as_str()]);
-        let secret = read_secret_key(&key, None).unwrap();
+        let secret = read_secret_key(&key, Password::Unset).unwrap();
         assert_eq!(key_id(secret.keynum()), id);
         // A bad key file refuses the whole store, naming the file.
         std::fs::write(tmp.path().join("bad.pub"), "untrusted comment: x\nAAAA\n").unwrap();
@@ -511,15 +535,15 @@ mod tests {
             "{err}"
         );
         // A public key for a secret one is named so.
-        let err = read_secret_key(&public, None).unwrap_err();
+        let err = read_secret_key(&public, Password::Unset).unwrap_err();
         assert!(err.contains("is a public key (the .pub file)"), "{err}");
         // An endless file (a device) is not read, and a regular file past
         // the limit is read no further than it.
-        let err = read_secret_key(Path::new("/dev/zero"), None).unwrap_err();
+        let err = read_secret_key(Path::new("/dev/zero"), Password::Unset).unwrap_err();
         assert!(err.contains("not a regular file"), "{err}");
         let big = tmp.path().join("big.key");
         std::fs::write(&big, vec![b'x'; MAX_SECRET_KEY_BYTES + 10]).unwrap();
-        let err = read_secret_key(&big, None).unwrap_err();
+        let err = read_secret_key(&big, Password::Unset).unwrap_err();
         assert!(err.contains("larger than the"), "{err}");
     }
 }

@@ -28,6 +28,8 @@ pub struct ListError {
     pub what: String,
 }
 
+impl std::error::Error for ListError {}
+
 impl std::fmt::Display for ListError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.line {

@@ -31,7 +31,7 @@ fn fixture() -> Fixture {
     Fixture {
         plugin,
         trusted: TrustedKeys::load(&keys_dir).unwrap(),
-        secret: keys::read_secret_key(&key, None).unwrap(),
+        secret: keys::read_secret_key(&key, keys::Password::Unset).unwrap(),
         key_id,
         _tmp: tmp,
     }

@@ -530,7 +530,7 @@ pub(crate) fn report_of(error: &PluginError) -> ExitReport {
     };
     let (signal, code) = match crash.map(|c| &c.cause) {
         Some(CrashCause::Signal { name, .. }) => (Some(name.clone()), None),
-        Some(CrashCause::Exit { code }) => (None, Some(*code)),
+        Some(CrashCause::Exit { code } | CrashCause::ChannelClosed { code }) => (None, Some(*code)),
         _ => (None, None),
     };
     ExitReport {

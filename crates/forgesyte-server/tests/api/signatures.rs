@@ -871,8 +871,9 @@ fn sign_names_a_library_outside_the_directory_and_a_public_key() {
 }
 
 /// A password variable set to nothing is said as such: `keygen` does not
-/// ask for the variable to be set (it is), `sign` of an encrypted key adds
-/// that it is empty; with `--unencrypted` an empty one is no password.
+/// ask for the variable to be set (it is), `sign` of an encrypted key says
+/// it is empty (of an unencrypted one, nothing); with `--unencrypted` an
+/// empty one is no password.
 /// One that is not UTF-8 is a usage error.
 #[test]
 fn an_empty_or_undecodable_key_password_is_said_as_such() {
@@ -914,10 +915,23 @@ fn an_empty_or_undecodable_key_password_is_said_as_such() {
     let (code, _, err) = run_forgesyte(&sign_args, &[("FORGESYTE_KEY_PASSWORD", "")]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("(FORGESYTE_KEY_PASSWORD is set, but empty)"),
+        err.contains("and FORGESYTE_KEY_PASSWORD is set, but empty: set it to the key's password"),
         "{err}"
     );
     assert!(!dir.join("forgesyte.sig.list.minisig").exists());
+    // An unencrypted key signs whatever the empty variable.
+    let plain = keys.path().join("plain.key");
+    let (code, _, err) = run_forgesyte(
+        &[
+            "sign",
+            dir.to_str().unwrap(),
+            "--key",
+            plain.to_str().unwrap(),
+        ],
+        &[("FORGESYTE_KEY_PASSWORD", "")],
+    );
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_file(dir.join("forgesyte.sig.list.minisig")).unwrap();
     let bad = std::ffi::OsStr::from_bytes(b"\xff\xfe");
     let status = crate::support::forgesyte_command()
         .args(sign_args)

@@ -204,7 +204,9 @@ fn reap(shared: &Shared) -> std::io::Result<ExitStatus> {
         shared,
         KillReason {
             cause: CrashCause::Protocol {
-                detail: "closed its end of the protocol but kept running".into(),
+                detail: "closed its end of the protocol but kept running (plugin code that \
+                         closes file descriptors it did not open?)"
+                    .into(),
             },
             registry_reason: None,
             provisional: false,

@@ -219,7 +219,8 @@ extern "C" fn on_signal(_signal: c_int, info: *mut libc::siginfo_t, context: *mu
         let fd = REQUESTS.load(Ordering::Acquire);
         if fd >= 0 {
             // SAFETY: `write` of one byte from a static to the pipe's
-            // write end, which stays open as long as the process.
+            // write end, which stays open as long as the dump thread
+            // reads it (it sets -1 when it stops).
             unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) };
         }
     }
@@ -313,12 +314,15 @@ fn serve(reader: std::io::PipeReader) {
     // check). The runner then ends on its protocol's EBADF.
     let mut reader = std::mem::ManuallyDrop::new(reader);
     let mut buf = [0u8; 64];
+    // Once this thread is gone, the handler writes no more requests: the
+    // writer's number may be another file's by then.
+    let stop = || REQUESTS.store(-1, Ordering::Release);
     loop {
         match reader.read(&mut buf) {
-            Ok(0) => return,
+            Ok(0) => return stop(),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
+            Err(_) => return stop(),
         }
         let dump = dump();
         if !dump.is_empty() {

@@ -304,7 +304,7 @@ class Runner(object):
                     request = parse_request(header)
             except ProtocolError as e:
                 diag("reading stdin: %s" % e)
-                exit_now(EXIT_PROTOCOL)
+                exit_now(self.wire.exit_code(EXIT_PROTOCOL))
             except MemoryError:
                 # As in a tool: out of memory, the process is not to be
                 # trusted any more.
@@ -316,9 +316,12 @@ class Runner(object):
                 # would end this thread silently and leave no reader: the
                 # host would wait for its timeout. End the process instead.
                 diag("reading stdin: %s: %s" % (type(e).__name__, e))
-                closed = isinstance(e, OSError) and e.errno == errno.EBADF
-                exit_now(EXIT_CHANNEL if closed else EXIT_PROTOCOL)
+                exit_now(self.wire.exit_code(EXIT_PROTOCOL))
             if frame is None:
+                # The end of the stream: the host's, unless plugin code
+                # closed or replaced the request descriptor.
+                if self.wire.channel_closed():
+                    exit_now(EXIT_CHANNEL)
                 self.shutdown()
             if request["op"] == "create":
                 # Nothing else comes until the instance exists (the host

@@ -3,7 +3,6 @@ descriptors, their attachments inline or, above a threshold, in sealed
 memory files passed over the shared-memory socket (§3.1); and the
 requests' envelopes. Knows nothing of plugins."""
 
-import errno
 import fcntl
 import json
 import os
@@ -42,12 +41,13 @@ _FRAME_TABLE = struct.Struct("<II")
 _FRAME_HEAD = struct.Struct("<III")
 
 
-def host_gone(error):
-    """Ends the runner when a write to the host failed: the host stopped
-    reading (nobody is left to serve: exit 0), or this process's own
-    descriptor to it was closed from inside (``EBADF``: ``EXIT_CHANNEL``,
-    which the host reports as such)."""
-    exit_now(EXIT_CHANNEL if getattr(error, "errno", None) == errno.EBADF else 0)
+def _identity(fd):
+    """The (device, inode) of descriptor ``fd``; None when it is not open."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 class ProtocolError(Exception):
@@ -243,8 +243,23 @@ class Wire(object):
         self.fd_out = fd_out
         self.lock = threading.Lock()
         self.shm = shm
+        # The protocol's descriptors as found: (number, identity).
+        fds = [fd_in, fd_out] + ([shm[0].fileno()] if shm is not None else [])
+        self._channel = [(fd, _identity(fd)) for fd in fds]
         # Buffered: a small request (prefix and body) is one read(2).
         self._in = open(fd_in, "rb", buffering=1 << 16, closefd=False)
+
+    def channel_closed(self):
+        """Whether plugin code closed one of the protocol's descriptors, or
+        put another file in its place (a daemon's ``closerange`` and
+        ``open("/dev/null")``): the host then hears nothing more from this
+        runner, and ``EXIT_CHANNEL`` says why."""
+        return any(_identity(fd) != identity for fd, identity in self._channel)
+
+    def exit_code(self, otherwise):
+        """The exit code when the stream with the host ended or broke:
+        ``EXIT_CHANNEL`` when :meth:`channel_closed`, else ``otherwise``."""
+        return EXIT_CHANNEL if self.channel_closed() else otherwise
 
     # -- reading --------------------------------------------------------
 
@@ -421,8 +436,9 @@ class Wire(object):
             with self.lock:
                 try:
                     self._write_all(data)
-                except OSError as e:
-                    host_gone(e)
+                except OSError:
+                    # The host stopped reading: nobody is left to serve.
+                    exit_now(self.exit_code(0))
             return
         plain = (header, attachments)
         header, attachments, fds = self._share(header, attachments)
@@ -454,8 +470,8 @@ class Wire(object):
                 self._write_all(prefix + header)
                 for attachment in attachments:
                     self._write_all(attachment)
-            except OSError as e:
-                host_gone(e)
+            except OSError:
+                exit_now(self.exit_code(0))  # as above
 
 
 def frame_size(header, attachments):
