@@ -321,7 +321,10 @@ impl EntryPoint {
         if self.whole_distribution {
             return format!("distribution {}", self.dist.as_ref().unwrap_or(&self.name));
         }
-        let mut text = format!("entry point '{}' ({})", self.name, self.value);
+        let mut text = format!("entry point '{}'", self.name);
+        if !self.value.is_empty() {
+            text.push_str(&format!(" ({})", self.value));
+        }
         if let Some(dist) = &self.dist {
             text.push_str(&format!(" of {dist}"));
             if let Some(version) = &self.version {
@@ -430,10 +433,7 @@ mod tests {
         assert_eq!(c.plugin_dir(), PathBuf::from("/"));
         // An entry point declared with no value is still that entry point;
         // a distribution's own failure is the distribution.
-        assert_eq!(
-            ep("", None, None).describe(),
-            "entry point 'p' () of pkg 1.0"
-        );
+        assert_eq!(ep("", None, None).describe(), "entry point 'p' of pkg 1.0");
         let whole = EntryPoint {
             whole_distribution: true,
             ..ep("", None, None)

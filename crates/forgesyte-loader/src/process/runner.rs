@@ -74,13 +74,16 @@ const EXIT_SETUP: u8 = 71;
 /// (`super::exit::classify`). The Python runner's `EXIT_CHANNEL` too.
 pub(crate) const EXIT_CHANNEL: u8 = 74;
 
-/// The protocol's descriptors as the runner set them up: (number, device,
-/// inode).
-static CHANNEL: OnceLock<Vec<(RawFd, (u64, u64))>> = OnceLock::new();
+/// A file's device and inode: which file a descriptor number names.
+type FileId = (u64, u64);
+
+/// The runner's process id and its protocol's descriptors as it set them
+/// up: (number, which file).
+static CHANNEL: OnceLock<(u32, Vec<(RawFd, FileId)>)> = OnceLock::new();
 
 /// The device and inode of descriptor `fd`, or `None` when it is not open.
 #[allow(unsafe_code)]
-fn identity(fd: RawFd) -> Option<(u64, u64)> {
+fn identity(fd: RawFd) -> Option<FileId> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `fstat` of a descriptor number (one closed under this
     // process is EBADF, nothing else), writing into a local buffer.
@@ -94,11 +97,12 @@ fn identity(fd: RawFd) -> Option<(u64, u64)> {
 
 /// Whether plugin code closed one of the protocol's descriptors, or put
 /// another file in its place (a daemon's "close every descriptor, open
-/// /dev/null").
+/// /dev/null"). Never in a process the plugin forked, whose descriptors
+/// were put on `/dev/null` on purpose (`protect_in_forks`).
 fn channel_closed() -> bool {
-    CHANNEL
-        .get()
-        .is_some_and(|fds| fds.iter().any(|&(fd, id)| identity(fd) != Some(id)))
+    CHANNEL.get().is_some_and(|(pid, fds)| {
+        *pid == std::process::id() && fds.iter().any(|&(fd, id)| identity(fd) != Some(id))
+    })
 }
 
 /// Ends the process at once when its stream with the host ended or broke,
@@ -107,6 +111,10 @@ fn channel_closed() -> bool {
 /// [`EXIT_CHANNEL`] when [`channel_closed`], else `otherwise`.
 fn end_on_stream(otherwise: u8) -> ! {
     let code = if channel_closed() {
+        // Likely unseen (stderr is as a rule closed with the rest).
+        eprintln!(
+            "forgesyte-runner: its protocol descriptors were closed or replaced from inside the process"
+        );
         EXIT_CHANNEL
     } else {
         otherwise
@@ -229,13 +237,14 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
     };
     let shm_fd = shm_link().map(|(socket, _)| socket.as_raw_fd());
-    let _ = CHANNEL.set(
+    let _ = CHANNEL.set((
+        std::process::id(),
         protocol_fds
             .into_iter()
             .chain(shm_fd)
             .filter_map(|fd| identity(fd).map(|id| (fd, id)))
             .collect(),
-    );
+    ));
     if let Err(e) = protect_in_forks(protocol_fds.into_iter().chain(shm_fd)) {
         eprintln!(
             "forgesyte-runner[{}]: processes the plugin forks keep the protocol: {e}",

@@ -2506,8 +2506,9 @@ class UnitTests(unittest.TestCase):
 
     def lead_with_a_wire_that_raises(self, exc, closed=False):
         """Runs Runner.lead() over a wire whose read_frame raises ``exc``
-        (and whose descriptors plugin code closed, if ``closed``);
-        returns (exit code, diagnostics)."""
+        (returns None, the end of the stream, when ``exc`` is None), and
+        whose descriptors plugin code closed, if ``closed``; returns (exit
+        code, diagnostics)."""
 
         class Exited(Exception):
             pass
@@ -2517,6 +2518,8 @@ class UnitTests(unittest.TestCase):
                 pass
 
             def read_frame(self):
+                if exc is None:
+                    return None
                 raise exc
 
             def channel_closed(self):
@@ -2554,6 +2557,12 @@ class UnitTests(unittest.TestCase):
             code, _ = self.lead_with_a_wire_that_raises(exc, closed=True)
             self.assertEqual(code, base.EXIT_CHANNEL, exc)
 
+    def test_the_end_of_the_stream_is_the_hosts_unless_plugin_code_closed_it(self):
+        code, _ = self.lead_with_a_wire_that_raises(None, closed=True)
+        self.assertEqual(code, base.EXIT_CHANNEL)
+        code, _ = self.lead_with_a_wire_that_raises(None, closed=False)
+        self.assertEqual(code, 0)
+
     def test_a_wire_knows_when_its_descriptors_were_closed_or_replaced(self):
         r, w = os.pipe()
         self.addCleanup(os.close, r)
@@ -2569,6 +2578,13 @@ class UnitTests(unittest.TestCase):
         # Closed.
         os.close(w)
         self.assertTrue(probe.channel_closed())
+        # Not in a child the plugin forked (its descriptors are on
+        # /dev/null on purpose).
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if not probe.channel_closed() else 1)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.WEXITSTATUS(status), 0)
 
     def test_place_matches_the_rust_rules(self):
         place = results.place

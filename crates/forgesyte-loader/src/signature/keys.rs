@@ -82,8 +82,9 @@ pub fn parse_signature(bytes: &[u8]) -> Result<SignatureBox, String> {
     }
 }
 
-/// What [`PASSWORD_ENV`] holds, for [`read_secret_key`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What [`PASSWORD_ENV`] holds, for [`read_secret_key`]. Its `Debug` never
+/// shows the password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Password {
     /// Not set.
     Unset,
@@ -92,6 +93,16 @@ pub enum Password {
     Empty,
     /// A password.
     Given(String),
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Unset => "Unset",
+            Self::Empty => "Empty",
+            Self::Given(_) => "Given(<redacted>)",
+        })
+    }
 }
 
 /// Reads a secret key file (at most [`MAX_SECRET_KEY_BYTES`]): an
@@ -405,6 +416,10 @@ mod tests {
         let err = read_secret_key(&key, Password::Given("wrong".into())).unwrap_err();
         assert!(err.ends_with("Wrong password for that key"), "{err}");
         let secret = read_secret_key(&key, Password::Given("s3cret".into())).unwrap();
+        assert_eq!(
+            format!("{:?}", Password::Given("s3cret".into())),
+            "Given(<redacted>)"
+        );
         assert_eq!(key_id(secret.keynum()), id);
     }
 

@@ -179,6 +179,12 @@ fn read_answers(shared: &Arc<Shared>, mut stdout: impl Read) {
                 provisional: false,
             },
         );
+    } else {
+        // Its answers ended (it exited, or plugin code closed or replaced
+        // its answer descriptor): its requests end too, so that a runner
+        // whose reader is blocked on them wakes, finds its descriptors
+        // changed and says so (exit 74) within the grace below.
+        shared.transport.close_writer_within(Duration::ZERO);
     }
     drop(stdout);
     let status = reap(shared);

@@ -12,9 +12,10 @@ EXIT_SETUP = 71
 # the process is no longer trustworthy, so it ends, and the host reports a
 # crash ("exceeded memory limit" when one is set) rather than a tool error.
 EXIT_MEMORY = 70
-# The runner's own descriptors to the host were closed from inside the
-# process (EBADF: a plugin that closed descriptors it had not opened).
-# Its stderr is as a rule closed with them, so the code is all it can say.
+# The runner's own descriptors to the host were closed, or other files put
+# under their numbers, from inside the process (a plugin that closed
+# descriptors it had not opened). Its stderr is as a rule closed with
+# them, so the code is all it can say.
 EXIT_CHANNEL = 74
 
 MIB = 1024 * 1024

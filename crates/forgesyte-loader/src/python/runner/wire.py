@@ -9,7 +9,7 @@ import os
 import struct
 import threading
 
-from .base import EXIT_CHANNEL, MIB, exit_now
+from .base import EXIT_CHANNEL, MIB, diag, exit_now
 
 # The largest request frame accepted (the native runner's limit).
 MAX_REQUEST_BYTES = 1 << 31
@@ -243,9 +243,11 @@ class Wire(object):
         self.fd_out = fd_out
         self.lock = threading.Lock()
         self.shm = shm
-        # The protocol's descriptors as found: (number, identity).
+        # The protocol's descriptors as found: (number, identity), in this
+        # process (a child the plugin forks has them on /dev/null).
         fds = [fd_in, fd_out] + ([shm[0].fileno()] if shm is not None else [])
         self._channel = [(fd, _identity(fd)) for fd in fds]
+        self._pid = os.getpid()
         # Buffered: a small request (prefix and body) is one read(2).
         self._in = open(fd_in, "rb", buffering=1 << 16, closefd=False)
 
@@ -253,8 +255,18 @@ class Wire(object):
         """Whether plugin code closed one of the protocol's descriptors, or
         put another file in its place (a daemon's ``closerange`` and
         ``open("/dev/null")``): the host then hears nothing more from this
-        runner, and ``EXIT_CHANNEL`` says why."""
-        return any(_identity(fd) != identity for fd, identity in self._channel)
+        runner, and ``EXIT_CHANNEL`` says why. Never in a child the plugin
+        forked; not known (False) when even the check fails (out of
+        memory: the caller must still end the process)."""
+        try:
+            if os.getpid() != self._pid:
+                return False
+            closed = any(_identity(fd) != identity for fd, identity in self._channel)
+        except BaseException:
+            return False
+        if closed:
+            diag("its protocol descriptors were closed or replaced from inside the process")
+        return closed
 
     def exit_code(self, otherwise):
         """The exit code when the stream with the host ended or broke:
