@@ -237,11 +237,13 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
     };
     let shm_fd = shm_link().map(|(socket, _)| socket.as_raw_fd());
+    // The request and answer streams: a plugin that closed only the
+    // shared-memory socket fails its next large attachment (exit 65), and
+    // a normal stop after that is still a normal stop (exit 0).
     let _ = CHANNEL.set((
         std::process::id(),
         protocol_fds
             .into_iter()
-            .chain(shm_fd)
             .filter_map(|fd| identity(fd).map(|id| (fd, id)))
             .collect(),
     ));

@@ -243,10 +243,11 @@ class Wire(object):
         self.fd_out = fd_out
         self.lock = threading.Lock()
         self.shm = shm
-        # The protocol's descriptors as found: (number, identity), in this
-        # process (a child the plugin forks has them on /dev/null).
-        fds = [fd_in, fd_out] + ([shm[0].fileno()] if shm is not None else [])
-        self._channel = [(fd, _identity(fd)) for fd in fds]
+        # The request and answer streams as found: (number, identity), in
+        # this process (a child the plugin forks has them on /dev/null).
+        # Not the shared-memory socket: closed alone, the next large
+        # attachment fails (exit 65), and a stop after that is still a stop.
+        self._channel = [(fd, _identity(fd)) for fd in (fd_in, fd_out)]
         self._pid = os.getpid()
         # Buffered: a small request (prefix and body) is one read(2).
         self._in = open(fd_in, "rb", buffering=1 << 16, closefd=False)
