@@ -151,8 +151,9 @@ class _SourceOnlyFinder(object):
         self.checked = checked
         # Where the tree lies once links are resolved: a plugin reached
         # through a linked plugins directory that loads its files by
-        # ``os.path.realpath(__file__)`` names them so.
-        self.real_root = os.path.realpath(root)
+        # ``os.path.realpath(__file__)`` names them so. A checked tree's
+        # was resolved already.
+        self.real_root = checked.real_root if checked is not None else os.path.realpath(root)
 
     def covers(self, path):
         """Whether ``path`` is in the tree: of a signed or pinned plugin by
