@@ -261,9 +261,7 @@ fn every_fault_at_tool_time_gives_its_reason() {
     s.plugin("t-oom", json!({"limits": {"memory_mb": 128}}));
     s.plugin("t-huge", json!({"limits": {"max_response_mb": 1}}));
     s.plugin("t-stdin_read", json!({"limits": {"call_timeout_s": 1}}));
-    for n in 0..3 {
-        s.plugin(&format!("t-reopen-{n}"), json!({}));
-    }
+    s.plugin("t-reopen", json!({}));
     s.plugin("bystander", json!({}));
     s.plugin("in-host", json!({"isolation": "in-process"}));
     let loader = s.loader();
@@ -386,29 +384,20 @@ fn every_fault_at_tool_time_gives_its_reason() {
     // Closed, then other files in the protocol's place (as a daemon opens
     // /dev/null): the same, never "exited with code 0". The runner's
     // reader, blocked on the old request pipe, learns of it when the host
-    // closes that pipe, and must then end within the host's 0.3 s grace;
-    // on a loaded 2-core machine one in about ten did not (its reason then
-    // says it "kept running"), so three plugins try, and one is enough.
-    // Without the host's closing, all three keep running.
-    let mut said = 0;
-    for n in 0..3 {
-        let name = format!("t-reopen-{n}");
-        let error = match call(&loader, &name, "closeall", json!({"reopen": true})) {
-            Err(CallError::Tool(e)) => e,
-            other => panic!("{name}: expected a fault, got {other:?}"),
-        };
-        assert!(matches!(error, ToolError::Crashed(_)), "{error:?}");
-        let reason = check(r, &name, S::Failed, &["CrashError: "]);
-        if reason.contains("CrashError: exited with code 74: the runner's own connection") {
-            said += 1;
-        } else {
-            assert!(
-                reason.contains("closed its end of the protocol but kept running"),
-                "{name}: {reason}"
-            );
-        }
-    }
-    assert!(said > 0, "no t-reopen runner said exit 74");
+    // closes that pipe, also when the caller was preempted holding the
+    // pipe's writer just after its request (then the caller closes it as
+    // it lets go: one in about ten on this machine before that).
+    let error = match call(&loader, "t-reopen", "closeall", json!({"reopen": true})) {
+        Err(CallError::Tool(e)) => e,
+        other => panic!("t-reopen: expected a fault, got {other:?}"),
+    };
+    assert!(matches!(error, ToolError::Crashed(_)), "{error:?}");
+    check(
+        r,
+        "t-reopen",
+        S::Failed,
+        &["CrashError: exited with code 74: the runner's own connection"],
+    );
 
     // A call past its timeout: the process is killed, the call says so.
     let started = Instant::now();

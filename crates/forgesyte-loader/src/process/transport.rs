@@ -168,6 +168,23 @@ impl Drop for HeldByRequest<'_> {
     }
 }
 
+/// Declared before the writer's guard, so dropped after it: once the
+/// writer is free again, closes it if [`Transport::close_writer_when_free`]
+/// asked for that while it was held. (Looked at after the release, not
+/// before: a close asked between the look and the release would be lost.
+/// With the asker's own look after its request, one of the two sees the
+/// other: whichever does closes.)
+struct ClosesIfAsked<'a>(&'a Transport);
+
+impl Drop for ClosesIfAsked<'_> {
+    fn drop(&mut self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.0.close_asked.load(Ordering::SeqCst) {
+            self.0.close_writer_if_free();
+        }
+    }
+}
+
 /// Takes an awaited request's waiter out, however its wait ends, unless
 /// its answer came (`id` then `None`: whoever answered took it out).
 struct Forget<'a> {
@@ -231,6 +248,9 @@ pub(crate) struct Transport {
     out_of_step: Mutex<Option<Box<dyn RequestStream>>>,
     /// The writer is held by [`Transport::request`] ([`HeldByRequest`]).
     held_by_request: AtomicBool,
+    /// [`Transport::close_writer_when_free`] was called: whoever holds the
+    /// writer closes it once done ([`ClosesIfAsked`]).
+    close_asked: AtomicBool,
     waiters: Mutex<Waiters>,
     max_answer_bytes: u64,
     shm: Option<ShmLink>,
@@ -264,6 +284,7 @@ impl Transport {
             writer: Mutex::new(Some(Box::new(writer))),
             out_of_step: Mutex::new(None),
             held_by_request: AtomicBool::new(false),
+            close_asked: AtomicBool::new(false),
             waiters: Mutex::new(Waiters {
                 closed: None,
                 next_id: HELLO_ID + 1,
@@ -320,52 +341,57 @@ impl Transport {
         };
         let shared_head = outgoing.header(&head);
         let shared_inline = outgoing.inline(attachments);
-        let written = match self.lock_writer(deadline) {
-            None => Err(RequestError::TimedOut),
-            Some(mut writer) => match writer.as_mut() {
-                Some(w) => {
-                    let _held = HeldByRequest::new(&self.held_by_request);
-                    // Descriptors first; if they cannot go, all goes inline.
-                    let sent_fds = match &self.shm {
-                        Some(link) if !outgoing.is_empty() => {
-                            let socket = link.socket.lock();
-                            socket
-                                .as_ref()
-                                .is_some_and(|s| outgoing.send(s.as_fd()).is_ok())
-                        }
-                        _ => false,
-                    };
-                    let (first, atts) = if sent_fds {
-                        (shared_head.as_slice(), shared_inline.as_slice())
-                    } else {
-                        (head.as_slice(), attachments)
-                    };
-                    let header = header_parts(first, tail);
-                    let mut w = DeadlineWriter {
-                        inner: w.as_mut(),
-                        deadline,
-                        written: 0,
-                    };
-                    match write_frame_parts(&mut w, &header, atts) {
-                        Ok(()) => Ok(()),
-                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                            if w.written > 0 || sent_fds {
-                                // Half a frame is in the pipe: the stream is
-                                // out of step for good.
-                                self.set_aside(&mut writer);
+        let written = {
+            // Dropped after the guard (a tail's temporaries go before the
+            // block's locals).
+            let _close = ClosesIfAsked(self);
+            match self.lock_writer(deadline) {
+                None => Err(RequestError::TimedOut),
+                Some(mut writer) => match writer.as_mut() {
+                    Some(w) => {
+                        let _held = HeldByRequest::new(&self.held_by_request);
+                        // Descriptors first; if they cannot go, all goes inline.
+                        let sent_fds = match &self.shm {
+                            Some(link) if !outgoing.is_empty() => {
+                                let socket = link.socket.lock();
+                                socket
+                                    .as_ref()
+                                    .is_some_and(|s| outgoing.send(s.as_fd()).is_ok())
                             }
-                            Err(RequestError::TimedOut)
-                        }
-                        Err(_) => {
-                            if sent_fds {
-                                writer.take();
+                            _ => false,
+                        };
+                        let (first, atts) = if sent_fds {
+                            (shared_head.as_slice(), shared_inline.as_slice())
+                        } else {
+                            (head.as_slice(), attachments)
+                        };
+                        let header = header_parts(first, tail);
+                        let mut w = DeadlineWriter {
+                            inner: w.as_mut(),
+                            deadline,
+                            written: 0,
+                        };
+                        match write_frame_parts(&mut w, &header, atts) {
+                            Ok(()) => Ok(()),
+                            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                                if w.written > 0 || sent_fds {
+                                    // Half a frame is in the pipe: the stream is
+                                    // out of step for good.
+                                    self.set_aside(&mut writer);
+                                }
+                                Err(RequestError::TimedOut)
                             }
-                            Err(RequestError::Closed(None))
+                            Err(_) => {
+                                if sent_fds {
+                                    writer.take();
+                                }
+                                Err(RequestError::Closed(None))
+                            }
                         }
                     }
-                }
-                None => Err(RequestError::Closed(None)),
-            },
+                    None => Err(RequestError::Closed(None)),
+                },
+            }
         };
         // The host's copies of the memory files of 1 MiB or more stay open
         // until the answer came (or the request failed), so the runner's
@@ -474,6 +500,7 @@ impl Transport {
         // task ready). One a blocked caller holds (its frame may take until
         // its deadline to write) is waited out by the task, never on the
         // thread.
+        let _close = ClosesIfAsked(self);
         let writer = match self.writer.try_lock() {
             Some(writer) => Some(writer),
             None if self.held_by_request.load(Ordering::Acquire) => None,
@@ -588,7 +615,7 @@ impl Transport {
     /// being written after `wait` (a runner that reads nothing holds the
     /// writer until that request's deadline): then `false`, and nothing is
     /// closed.
-    pub(crate) fn close_writer_within(&self, wait: std::time::Duration) -> bool {
+    pub(crate) fn close_writer_within(&self, wait: Duration) -> bool {
         match self.writer.try_lock_for(wait) {
             Some(mut writer) => {
                 writer.take();
@@ -596,6 +623,24 @@ impl Transport {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Closes the request stream now if no request is being written, else
+    /// as soon as the one being written is done (its holder closes it): for
+    /// a runner whose answers ended, which must see its input end too,
+    /// whatever caller was preempted holding the writer.
+    pub(crate) fn close_writer_when_free(&self) {
+        self.close_asked.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.close_writer_if_free();
+    }
+
+    /// [`close_writer`](Self::close_writer) unless the writer is held.
+    fn close_writer_if_free(&self) {
+        if let Some(mut writer) = self.writer.try_lock() {
+            writer.take();
+            self.out_of_step.lock().take();
         }
     }
 

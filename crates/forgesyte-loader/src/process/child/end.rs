@@ -183,8 +183,10 @@ fn read_answers(shared: &Arc<Shared>, mut stdout: impl Read) {
         // Its answers ended (it exited, or plugin code closed or replaced
         // its answer descriptor): its requests end too, so that a runner
         // whose reader is blocked on them wakes, finds its descriptors
-        // changed and says so (exit 74) within the grace below.
-        shared.transport.close_writer_within(Duration::ZERO);
+        // changed and says so (exit 74) within the grace below. A request
+        // being written (its caller preempted just after its write, say)
+        // closes them as soon as it is done.
+        shared.transport.close_writer_when_free();
     }
     drop(stdout);
     let status = reap(shared);

@@ -599,6 +599,32 @@ fn closing_the_writer_need_not_wait_for_a_blocked_request() {
 }
 
 #[test]
+fn a_close_asked_while_a_request_holds_the_writer_happens_when_it_is_done() {
+    let (t, writing) = blocked_request(Duration::from_millis(300));
+    while !t.held_by_request.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
+    // Asked while the request holds the writer: nothing closed yet, and
+    // nothing waited for.
+    let started = Instant::now();
+    t.close_writer_when_free();
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert!(t.writer.try_lock().is_none(), "the request still writes");
+    // The request ends (its timeout) and closes the writer on its way out:
+    // no one calls a close again.
+    assert!(matches!(
+        writing.join().unwrap(),
+        Err(RequestError::TimedOut)
+    ));
+    assert!(t.writer.lock().is_none());
+    assert!(t.out_of_step.lock().is_none());
+    // Without a request holding it, the close is at once.
+    let (free, _reader) = silent();
+    free.close_writer_when_free();
+    assert!(free.writer.lock().is_none());
+}
+
+#[test]
 fn an_awaited_request_does_not_wait_on_its_thread_for_a_blocked_caller_s_write() {
     let (t, writing) = blocked_request(Duration::from_secs(3));
     while !t.held_by_request.load(Ordering::Acquire) {
