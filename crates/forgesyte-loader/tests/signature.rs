@@ -161,8 +161,15 @@ fn a_library_swapped_after_its_check_is_refused_before_it_is_opened() {
         )),
         "{reason}"
     );
-    // The signature itself was fine when it was checked.
-    assert_eq!(status.signature.unwrap().status, SignatureState::Signed);
+    // The signature was fine when it was checked; what is on disk now is
+    // not what was signed, and the status says so, naming the file.
+    let signature = status.signature.unwrap();
+    assert_eq!(signature.status, SignatureState::Modified, "{signature:?}");
+    assert!(signature.key_id.is_some(), "{signature:?}");
+    assert_eq!(
+        signature.detail.as_deref(),
+        Some(format!("{file} changed after the signature was checked").as_str())
+    );
 }
 
 #[test]
@@ -239,4 +246,9 @@ fn a_python_source_swapped_before_its_runner_starts_is_caught_and_never_runs() {
     // before the re-check after its start caught it).
     assert!(!dir.join("ran").exists(), "the swapped code ran");
     assert!(loader.handle("swapped").is_none());
+    assert_eq!(
+        status.signature.unwrap().status,
+        SignatureState::Modified,
+        "a signature that no longer holds for the files still read signed"
+    );
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use forgesyte_errors::{ManifestError, PluginError};
-use forgesyte_registry::{PluginInfo, PluginLifecycleState};
+use forgesyte_errors::{IntegrityError, ManifestError, PluginError};
+use forgesyte_registry::{PluginInfo, PluginLifecycleState, SignatureInfo, SignatureState};
 
 use super::discovery::{BadManifest, dir_name};
 use super::loader::{Entry, Loader, Pending};
@@ -287,6 +287,32 @@ impl Loader {
         }
     }
 
+    /// A signed plugin whose files changed between the signature's check
+    /// and their load: what is on disk is no longer what was signed, and
+    /// its signature reads `modified`, naming the file, beside the
+    /// `IntegrityError` reason (not `signed`, which held only at the check).
+    fn signature_changed_since_check(&self, name: &str, err: &PluginError) {
+        let PluginError::Integrity(IntegrityError::ChangedSinceCheck { subject, .. }) = err else {
+            return;
+        };
+        let Some(signed) = self
+            .registry
+            .get_status(name)
+            .and_then(|s| s.signature)
+            .filter(|s| s.status == SignatureState::Signed)
+        else {
+            return;
+        };
+        let _ = self.registry.set_signature(
+            name,
+            Some(SignatureInfo {
+                status: SignatureState::Modified,
+                key_id: signed.key_id,
+                detail: Some(format!("{subject} changed after the signature was checked")),
+            }),
+        );
+    }
+
     /// Records a load failure: UNAVAILABLE for dependencies, FAILED otherwise.
     pub(super) fn record_failure(&self, name: &str, err: &PluginError) {
         let reason = err.reason();
@@ -304,6 +330,7 @@ impl Loader {
         // No runner of its own now: what an earlier one enforced is not
         // shown as if it held.
         let _ = self.registry.set_confinement(name, None);
+        self.signature_changed_since_check(name, err);
         // Asked once the new state is recorded.
         let repeated = || self.failed_alike_before(name, short_before.clone());
         if matches!(
