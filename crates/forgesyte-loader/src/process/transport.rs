@@ -341,58 +341,57 @@ impl Transport {
         };
         let shared_head = outgoing.header(&head);
         let shared_inline = outgoing.inline(attachments);
-        let written = {
-            // Dropped after the guard (a tail's temporaries go before the
-            // block's locals).
-            let _close = ClosesIfAsked(self);
-            match self.lock_writer(deadline) {
-                None => Err(RequestError::TimedOut),
-                Some(mut writer) => match writer.as_mut() {
-                    Some(w) => {
-                        let _held = HeldByRequest::new(&self.held_by_request);
-                        // Descriptors first; if they cannot go, all goes inline.
-                        let sent_fds = match &self.shm {
-                            Some(link) if !outgoing.is_empty() => {
-                                let socket = link.socket.lock();
-                                socket
-                                    .as_ref()
-                                    .is_some_and(|s| outgoing.send(s.as_fd()).is_ok())
+        // Its check runs once the guard below is dropped (at the end of
+        // the `let`).
+        let closes_if_asked = ClosesIfAsked(self);
+        let written = match self.lock_writer(deadline) {
+            None => Err(RequestError::TimedOut),
+            Some(mut writer) => match writer.as_mut() {
+                Some(w) => {
+                    let _held = HeldByRequest::new(&self.held_by_request);
+                    // Descriptors first; if they cannot go, all goes inline.
+                    let sent_fds = match &self.shm {
+                        Some(link) if !outgoing.is_empty() => {
+                            let socket = link.socket.lock();
+                            socket
+                                .as_ref()
+                                .is_some_and(|s| outgoing.send(s.as_fd()).is_ok())
+                        }
+                        _ => false,
+                    };
+                    let (first, atts) = if sent_fds {
+                        (shared_head.as_slice(), shared_inline.as_slice())
+                    } else {
+                        (head.as_slice(), attachments)
+                    };
+                    let header = header_parts(first, tail);
+                    let mut w = DeadlineWriter {
+                        inner: w.as_mut(),
+                        deadline,
+                        written: 0,
+                    };
+                    match write_frame_parts(&mut w, &header, atts) {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                            if w.written > 0 || sent_fds {
+                                // Half a frame is in the pipe: the stream is
+                                // out of step for good.
+                                self.set_aside(&mut writer);
                             }
-                            _ => false,
-                        };
-                        let (first, atts) = if sent_fds {
-                            (shared_head.as_slice(), shared_inline.as_slice())
-                        } else {
-                            (head.as_slice(), attachments)
-                        };
-                        let header = header_parts(first, tail);
-                        let mut w = DeadlineWriter {
-                            inner: w.as_mut(),
-                            deadline,
-                            written: 0,
-                        };
-                        match write_frame_parts(&mut w, &header, atts) {
-                            Ok(()) => Ok(()),
-                            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                                if w.written > 0 || sent_fds {
-                                    // Half a frame is in the pipe: the stream is
-                                    // out of step for good.
-                                    self.set_aside(&mut writer);
-                                }
-                                Err(RequestError::TimedOut)
+                            Err(RequestError::TimedOut)
+                        }
+                        Err(_) => {
+                            if sent_fds {
+                                writer.take();
                             }
-                            Err(_) => {
-                                if sent_fds {
-                                    writer.take();
-                                }
-                                Err(RequestError::Closed(None))
-                            }
+                            Err(RequestError::Closed(None))
                         }
                     }
-                    None => Err(RequestError::Closed(None)),
-                },
-            }
+                }
+                None => Err(RequestError::Closed(None)),
+            },
         };
+        drop(closes_if_asked);
         // The host's copies of the memory files of 1 MiB or more stay open
         // until the answer came (or the request failed), so the runner's
         // close is never the one that frees their pages; the spares thread
@@ -500,6 +499,7 @@ impl Transport {
         // task ready). One a blocked caller holds (its frame may take until
         // its deadline to write) is waited out by the task, never on the
         // thread.
+        // Declared before the guard, so dropped after it.
         let _close = ClosesIfAsked(self);
         let writer = match self.writer.try_lock() {
             Some(writer) => Some(writer),
