@@ -953,6 +953,12 @@ fn python_crashes_at_call_time_are_precise() {
         "huge",
         json!({"runtime": "python", "limits": {"max_response_mb": 16}}),
     );
+    copy_fixture(dir.path(), "faulty", "shout");
+    write_manifest(
+        dir.path(),
+        "shout",
+        json!({"runtime": "python", "limits": {"memory_mb": 256}}),
+    );
     // Without the field, the host's default (64 MiB), which the host
     // tells the runner.
     copy_fixture(dir.path(), "faulty", "huge-default");
@@ -979,6 +985,29 @@ fn python_crashes_at_call_time_are_precise() {
         }
         check(&registry, plugin, S::Initialized, None);
     }
+    // An exception whose message is a whole 100 MB input, under a 256 MiB
+    // limit: the tool's error, cut, and the plugin stays healthy (the
+    // message was encoded whole before it was cut, and the copies' failed
+    // allocation made it the runner's error: FAILED).
+    match call(&loader, "shout", "shout", json!({"mb": 100})) {
+        Err(CallError::Tool(ToolError::Failed {
+            error_type,
+            message,
+            ..
+        })) => {
+            assert_eq!(error_type.as_deref(), Some("ValueError"), "{message:.200}");
+            assert!(
+                message.ends_with(&format!(
+                    "({} characters cut)",
+                    100 * 1024 * 1024 - 64 * 1024
+                )),
+                "{}",
+                &message[message.len().saturating_sub(100)..]
+            );
+        }
+        other => panic!("shout: {other:?}"),
+    }
+    check(&registry, "shout", S::Initialized, None);
     for (tool, reason) in cases {
         check(&registry, tool, S::Initialized, None);
         let outcome = call(&loader, tool, tool, json!({"mb": 40}));

@@ -2202,6 +2202,48 @@ class UnitTests(unittest.TestCase):
         self.assertTrue(long_type.startswith("E" * errors.MAX_TYPE_CHARS), long_type[:10])
         self.assertTrue(long_type.endswith("(%d characters cut)" % (100000 - errors.MAX_TYPE_CHARS)))
 
+    def test_a_huge_error_message_is_cut_before_it_is_copied(self):
+        import tracemalloc
+
+        class Huge(Exception):
+            pass
+
+        message = "\u00e9" * (16 * 1024 * 1024)
+        try:
+            raise Huge(message)
+        except Huge as e:
+            exc = e
+        tracemalloc.start()
+        try:
+            error = errors.python_error(exc)
+            told = errors.wire_error("Failed", message, path=message)
+            line = errors.exception_line(exc)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # Copies of the message (its encoding, a formatted line) would be
+        # 16 MiB or more each.
+        self.assertLess(peak, 2 * 1024 * 1024, "a copy of the whole message was made")
+        cut = "(%d characters cut)" % (len(message) - errors.MAX_ERROR_CHARS)
+        self.assertTrue(error["message"].endswith(cut), error["message"][-60:])
+        self.assertTrue(told["message"].endswith(cut))
+        self.assertTrue(told["path"].endswith(cut))
+        self.assertTrue(line.startswith("Huge: \u00e9"), line[:20])
+        # The traceback's last line names the class as the standard
+        # library does (module and qualified name), the message cut.
+        self.assertRegex(error["traceback"][-1], r"^test_runner\.\S*<locals>\.Huge: \u00e9+… \(%d characters cut\)$"
+                         % (len(message) - errors.MAX_ERROR_CHARS))
+        self.assertEqual(error["traceback"][0], "Traceback (most recent call last):")
+        # A message of many lines: its last lines, as the standard library
+        # would end the traceback, cut each; the class is not among them.
+        many = "\n".join(["a" * 10] + ["b" * (errors.MAX_ERROR_CHARS + 5)] * 12) + "\n\n"
+        lines = errors.python_error(ValueError(many))["traceback"]
+        self.assertEqual(len(lines), errors.TRACEBACK_LINES)
+        self.assertEqual(lines, ["b" * errors.MAX_ERROR_CHARS + "… (5 characters cut)"] * 10)
+        few = "a" * errors.MAX_ERROR_CHARS + "\nlast"
+        self.assertEqual(errors.python_error(ValueError(few))["traceback"],
+                         ["ValueError: " + "a" * errors.MAX_ERROR_CHARS, "last"])
+
     def test_a_checked_plugins_loader_checks_its_sources_not_its_data_files(self):
         import hashlib
         import tempfile

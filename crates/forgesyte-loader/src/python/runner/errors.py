@@ -32,6 +32,17 @@ def capped(text, limit=MAX_ERROR_CHARS):
     return "%s… (%d characters cut)" % (text[:limit], len(text) - limit)
 
 
+def clean_capped(text, limit=MAX_ERROR_CHARS):
+    """``capped(clean(text), limit)``, cut before it is encoded or copied:
+    a message of 100 MB (a whole input in it, ``"not a PNG: %r" % data``)
+    encoded whole failed with a ``MemoryError`` under the runner's memory
+    limit, and the tool's error became the runner's."""
+    text = text if isinstance(text, str) else str(text)
+    if len(text) <= limit:
+        return clean(text)
+    return "%s… (%d characters cut)" % (clean(text[:limit]), len(text) - limit)
+
+
 def _exception_message(exc):
     try:
         return str(exc)
@@ -52,9 +63,57 @@ def traceback_lines(exc):
     lines = ["Traceback (most recent call last):"] if frames else []
     for chunk in traceback.format_list(frames):
         lines.extend(chunk.rstrip("\n").splitlines())
-    for chunk in traceback.format_exception_only(type(exc), exc):
-        lines.extend(chunk.rstrip("\n").splitlines())
-    return [capped(clean(l)) for l in lines[-TRACEBACK_LINES:]]
+    lines = [clean_capped(l) for l in lines[-TRACEBACK_LINES:]]
+    message = _exception_message(exc)
+    if len(message) <= MAX_ERROR_CHARS:
+        told = []
+        for chunk in traceback.format_exception_only(type(exc), exc):
+            told.extend(chunk.rstrip("\n").splitlines())
+        told = [clean_capped(l) for l in told[-TRACEBACK_LINES:]]
+    else:
+        # Not formatted whole: its copies (a line for each of its lines,
+        # each encoded) of a message of 100 MB failed under a memory limit.
+        # Its last lines alone, as the standard library would end them.
+        told, whole = _last_lines(message, TRACEBACK_LINES)
+        if whole:
+            told[0] = "%s: %s" % (clean_capped(_class_name(exc), MAX_TYPE_CHARS), told[0])
+    return (lines + told)[-TRACEBACK_LINES:]
+
+
+def _class_name(exc):
+    """``exc``'s class as a traceback names it: ``module.Qualified`` (the
+    module left out for built-ins)."""
+    kind = type(exc)
+    name = getattr(kind, "__qualname__", kind.__name__)
+    module = getattr(kind, "__module__", None)
+    if module in ("__main__", "builtins"):
+        return name
+    return "%s.%s" % (module if isinstance(module, str) else "<unknown>", name)
+
+
+def _last_lines(text, count):
+    """The last ``count`` lines of ``text`` (newlines at its end left out),
+    each cut to ``MAX_ERROR_CHARS`` as ``clean_capped`` cuts, and whether
+    the first of them is its first: only those lines' kept characters are
+    copied."""
+    end = len(text)
+    while end and text[end - 1] == "\n":
+        end -= 1
+    lines = []
+    while len(lines) < count:
+        start = text.rfind("\n", 0, end) + 1
+        length = end - start
+        if length <= MAX_ERROR_CHARS:
+            lines.append(clean(text[start:end]))
+        else:
+            lines.append("%s… (%d characters cut)"
+                         % (clean(text[start:start + MAX_ERROR_CHARS]), length - MAX_ERROR_CHARS))
+        if start == 0:
+            lines.reverse()
+            return lines, True
+        end = start - 1
+    lines.reverse()
+    return lines, False
 
 
 def _traceback_or_line(exc):
@@ -65,19 +124,25 @@ def _traceback_or_line(exc):
     try:
         return traceback_lines(exc)
     except BaseException:
-        return [capped(clean("%s: %s" % (exc.__class__.__name__, _exception_message(exc))))]
+        return [exception_line(exc)]
+
+
+def exception_line(exc):
+    """``Class: message``, each cut first."""
+    return "%s: %s" % (clean_capped(exc.__class__.__name__, MAX_TYPE_CHARS),
+                       clean_capped(_exception_message(exc)))
 
 
 def python_error(exc, kind="Python"):
     """A WireError for a Python exception."""
     error = {
         "kind": kind,
-        "error_type": capped(clean(exc.__class__.__name__), MAX_TYPE_CHARS),
-        "message": capped(clean(_exception_message(exc))),
+        "error_type": clean_capped(exc.__class__.__name__, MAX_TYPE_CHARS),
+        "message": clean_capped(_exception_message(exc)),
         "traceback": _traceback_or_line(exc),
     }
     if isinstance(exc, ImportError) and getattr(exc, "name", None):
-        error["name"] = capped(clean(exc.name))
+        error["name"] = clean_capped(exc.name)
     return error
 
 
@@ -132,8 +197,8 @@ def fitted(error):
 
 
 def wire_error(kind, message, **fields):
-    error = {"kind": kind, "message": capped(clean(message))}
+    error = {"kind": kind, "message": clean_capped(message)}
     for key, value in fields.items():
         if value is not None:
-            error[key] = clean(value) if isinstance(value, str) else value
+            error[key] = clean_capped(value) if isinstance(value, str) else value
     return error

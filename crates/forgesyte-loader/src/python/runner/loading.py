@@ -11,7 +11,7 @@ import sys
 
 from . import base
 from .base import diag, out_of_memory_unless_raised
-from .errors import capped, clean, python_error, wire_error
+from .errors import clean, clean_capped, python_error, wire_error
 
 
 # Compiled at import, so once in the zygote: each forked runner compiled it
@@ -349,7 +349,7 @@ def _with_import_hint(error, exc, relative):
                     "the manifest's \"python\" or the server's --python names"
                     % (exc.name.split(".")[0], user, sys.executable))
     if hint:
-        error["message"] = capped(clean("%s (%s)" % (error["message"], hint)))
+        error["message"] = clean_capped("%s (%s)" % (error["message"], hint))
     return error
 
 

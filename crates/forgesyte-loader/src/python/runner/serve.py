@@ -13,7 +13,7 @@ import types
 from . import api
 from .base import (EXIT_CHANNEL, EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now,
                    out_of_memory, out_of_memory_unless_raised)
-from .errors import _exception_message, fitted, python_error, wire_error, with_filter_hint
+from .errors import exception_line, fitted, python_error, wire_error, with_filter_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
 from .tools import collect_tools, resolve_handler
@@ -431,9 +431,9 @@ class Runner(object):
             try:
                 told = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             except BaseException:  # an error whose traceback cannot be formatted
-                told = "%s: %s" % (type(e).__name__, _exception_message(e))
+                told = exception_line(e)
             diag("internal error: %s" % told)
-            error = wire_error("Protocol", "python runner: %s: %s" % (type(e).__name__, _exception_message(e)))
+            error = wire_error("Protocol", "python runner: %s" % exception_line(e))
             if request["op"] == "create":
                 self.init_failed(rid, error)
             else:
