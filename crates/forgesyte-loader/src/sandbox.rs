@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod apply;
+mod remove_tree;
 mod scratch;
 mod seccomp;
 mod spec;

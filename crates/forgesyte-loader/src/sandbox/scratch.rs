@@ -73,9 +73,9 @@ pub fn remove_scratch_dir(plugin: &str, owner: Option<RunAs>) -> std::io::Result
 
 /// [`remove_scratch_dir`] under `tmp`. The runners' directory is opened
 /// without following a link, and checked as when it was made; the removal
-/// goes through that handle (`/proc/self/fd/N/NAME`), so a link the runner's
-/// user put in `tmp` in its place leads nowhere, and the standard library's
-/// `remove_dir_all` follows no link below it.
+/// goes through that handle, so a link the runner's user put in `tmp` in
+/// its place leads nowhere, and follows no link below it, at any depth
+/// (`remove_tree`: no recursion).
 pub(super) fn remove_scratch_dir_in(
     tmp: &Path,
     plugin: &str,
@@ -103,21 +103,9 @@ pub(super) fn remove_scratch_dir_in(
             stat.st_uid
         )));
     }
-    let through = PathBuf::from(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&root_fd)
-    ));
-    // No `/proc`: no handle to remove it through (not "nothing there").
-    if !through.is_dir() {
-        return Err(std::io::Error::other(
-            "/proc is not mounted: the scratch directory is not removed",
-        ));
-    }
-    let held = through.join(&name);
-    match std::fs::remove_dir_all(&held) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    // A made-safe name holds no NUL.
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    super::remove_tree::remove_tree_at(std::os::fd::AsFd::as_fd(&root_fd), &name)
 }
 
 /// [`scratch_dir`] under `tmp`.
