@@ -38,7 +38,7 @@ mod spec;
 pub use self::apply::{
     CAPABILITIES_DROPPED, CAPABILITIES_NONE, MEMORY_PRIVATE, NETWORK_NO_SOCKETS, SCOPES, apply,
 };
-pub use self::scratch::{RunAs, remove_scratch_dir, scratch_dir};
+pub use self::scratch::{RunAs, first_scratch_dir, remove_scratch_dir, scratch_dir};
 pub use self::spec::{SandboxSpec, SandboxWidening, parse_spec};
 pub use seccomp::{SYSCALLS_IPC, SYSCALLS_NO_SOCKETS};
 

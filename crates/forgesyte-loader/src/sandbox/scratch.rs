@@ -1,8 +1,32 @@
 //! The user runners run as ([`RunAs`], `--runner-user`) and the private
 //! scratch directory each plugin's runner may write ([`scratch_dir`]),
-//! made in the shared temporary directory without following a link.
+//! made in the shared temporary directory without following a link, and
+//! claimed by one server at a time.
 
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+
+/// The most servers of one user that hold a scratch directory of one
+/// plugin name at once (`NAME`, then `NAME~2` … `NAME~64`).
+const MAX_CLAIMS: usize = 64;
+
+/// A scratch directory this process holds: its name in the runners'
+/// directory, and the lock that claims it (an exclusive `flock` on
+/// `NAME~lock` there, let go with the process: no server of the same user
+/// takes it while this one has the plugin loaded). `~` is no character of
+/// a plugin's made-safe name, so neither name can be another plugin's.
+struct Claim {
+    dir: String,
+    _lock: OwnedFd,
+}
+
+/// The claims of this process, by runners' directory and plugin name.
+static CLAIMS: Mutex<BTreeMap<(PathBuf, String), Claim>> = Mutex::new(BTreeMap::new());
 
 /// The unprivileged user runners run as (`--runner-user`), when the server
 /// runs as root.
@@ -37,6 +61,15 @@ pub fn scratch_dir(plugin: &str, owner: Option<RunAs>) -> std::io::Result<PathBu
     scratch_dir_in(&std::env::temp_dir(), plugin, owner)
 }
 
+/// Where [`scratch_dir`] puts the directory of `plugin` when no other
+/// server of the same user holds that name (the first claim): nothing is
+/// made or claimed.
+pub fn first_scratch_dir(plugin: &str, owner: Option<RunAs>) -> PathBuf {
+    let uid = owner.map_or_else(|| rustix::process::geteuid().as_raw(), |o| o.uid);
+    let (root, name) = scratch_path(&std::env::temp_dir(), plugin, uid);
+    root.join(name)
+}
+
 /// Where the scratch directories of the runners of user `uid` are under
 /// `tmp`, and the name of `plugin`'s there (made safe as one path
 /// component).
@@ -59,10 +92,12 @@ fn scratch_path(tmp: &Path, plugin: &str, uid: u32) -> (PathBuf, String) {
     (tmp.join(format!("forgesyte-scratch-{uid}")), name)
 }
 
-/// Removes the scratch directory of `plugin` (of a plugin retired: what
-/// its runner left there is not handed to the next plugin of its name, and
-/// `/tmp` does not grow with every name a plugin ever had). Nothing there
-/// is no error.
+/// Removes the scratch directory of `plugin` that this process holds (of a
+/// plugin retired: what its runner left there is not handed to the next
+/// plugin of its name, and `/tmp` does not grow with every name a plugin
+/// ever had), and lets it go. None held (the plugin never ran a confined
+/// runner here; another server's directory of that name is not touched):
+/// nothing to do.
 ///
 /// # Errors
 ///
@@ -81,10 +116,15 @@ pub(super) fn remove_scratch_dir_in(
     plugin: &str,
     owner: Option<RunAs>,
 ) -> std::io::Result<()> {
-    use rustix::fs::{CWD, Mode, OFlags};
+    use rustix::fs::CWD;
     let me = rustix::process::geteuid().as_raw();
     let uid = owner.map_or(me, |o| o.uid);
     let (root, name) = scratch_path(tmp, plugin, uid);
+    // Let go once removed (or not: the error is said, and the directory is
+    // no longer this server's to keep).
+    let Some(claim) = CLAIMS.lock().remove(&(root.clone(), name)) else {
+        return Ok(());
+    };
     let root_fd = match rustix::fs::openat(
         CWD,
         &root,
@@ -104,11 +144,62 @@ pub(super) fn remove_scratch_dir_in(
         )));
     }
     // A made-safe name holds no NUL.
-    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-    super::remove_tree::remove_tree_at(std::os::fd::AsFd::as_fd(&root_fd), &name)
+    let dir = std::ffi::CString::new(claim.dir.as_str()).map_err(std::io::Error::other)?;
+    super::remove_tree::remove_tree_at(root_fd.as_fd(), &dir)?;
+    // The lock file goes before the lock is let go: a server that opened
+    // it meanwhile finds, once it holds the lock, that the name leads to
+    // another file (or none), and opens it again.
+    let lock = std::ffi::CString::new(lock_name(&claim.dir)).map_err(std::io::Error::other)?;
+    match rustix::fs::unlinkat(&root_fd, &lock, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The name of the lock file that claims scratch directory `dir`.
+fn lock_name(dir: &str) -> String {
+    format!("{dir}~lock")
+}
+
+/// Takes the lock on `lock` in the runners' directory `root` without
+/// waiting: `None` when another process holds it. The file is made if
+/// missing (private, this process's; a link there is not followed).
+fn try_claim(root: BorrowedFd<'_>, lock: &str) -> std::io::Result<Option<OwnedFd>> {
+    loop {
+        let fd = rustix::fs::openat(
+            root,
+            lock,
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::RUSR | Mode::WUSR,
+        )?;
+        let held = rustix::fs::fstat(&fd)?;
+        if rustix::fs::FileType::from_raw_mode(held.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(std::io::Error::other(format!("{lock} is not a file")));
+        }
+        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        // Still the file of that name: a server that let go of it removed
+        // it first.
+        match rustix::fs::statat(root, lock, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino) => {
+                return Ok(Some(fd));
+            }
+            Ok(_) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// [`scratch_dir`] under `tmp`.
+///
+/// The directory is claimed for this process (a lock on `NAME~lock`, held
+/// until [`remove_scratch_dir`] or the process's end): another server of
+/// the same user, holding `NAME` already, makes this one take `NAME~2`
+/// (then `~3` …), so that two servers' plugins of one name never share, or
+/// remove, one directory. Once claimed, the same directory again.
 ///
 /// The temporary directory is everyone's: another local user may have made
 /// either level first, or put a symbolic link there. So each level is
@@ -121,11 +212,10 @@ pub(super) fn scratch_dir_in(
     plugin: &str,
     owner: Option<RunAs>,
 ) -> std::io::Result<PathBuf> {
-    use rustix::fs::{CWD, Mode, OFlags};
+    use rustix::fs::CWD;
     let me = rustix::process::geteuid().as_raw();
     let uid = owner.map_or(me, |o| o.uid);
     let (root, name) = scratch_path(tmp, plugin, uid);
-    let dir = root.join(&name);
     // One level: made if missing, opened without following a link, checked
     // and handed to the runner's user through the handle.
     let level = |at: std::os::fd::BorrowedFd<'_>,
@@ -165,8 +255,37 @@ pub(super) fn scratch_dir_in(
         rustix::fs::fchmod(&fd, Mode::RWXU)?;
         Ok(fd)
     };
-    use std::os::fd::AsFd;
     let root_fd = level(CWD, &root, &root)?;
-    level(root_fd.as_fd(), Path::new(&name), &dir)?;
-    Ok(dir)
+    let mut claims = CLAIMS.lock();
+    let key = (root.clone(), name);
+    if let Some(claim) = claims.get(&key) {
+        let dir = root.join(&claim.dir);
+        level(root_fd.as_fd(), Path::new(&claim.dir), &dir)?;
+        return Ok(dir);
+    }
+    for n in 1..=MAX_CLAIMS {
+        let candidate = if n == 1 {
+            key.1.clone()
+        } else {
+            format!("{}~{n}", key.1)
+        };
+        let Some(lock) = try_claim(root_fd.as_fd(), &lock_name(&candidate))? else {
+            continue;
+        };
+        let dir = root.join(&candidate);
+        level(root_fd.as_fd(), Path::new(&candidate), &dir)?;
+        claims.insert(
+            key,
+            Claim {
+                dir: candidate,
+                _lock: lock,
+            },
+        );
+        return Ok(dir);
+    }
+    Err(std::io::Error::other(format!(
+        "{MAX_CLAIMS} servers hold scratch directories of plugin {} in {}",
+        key.1,
+        root.display()
+    )))
 }

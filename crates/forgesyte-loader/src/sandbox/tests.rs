@@ -307,9 +307,10 @@ fn a_link_planted_where_a_scratch_directory_goes_is_not_followed() {
     assert!(err.to_string().contains("not followed"), "{err}");
     let meta = std::fs::metadata(&victim).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o755, "the link's target was changed");
-    // The same for the first level.
+    // The same for the first level (the lock file of the claim that failed
+    // stays, let go).
     std::fs::remove_file(root.join("ocr")).unwrap();
-    std::fs::remove_dir(&root).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
     std::os::unix::fs::symlink(&victim, &root).unwrap();
     assert!(scratch_dir_in(tmp.path(), "ocr", None).is_err());
     assert!(
@@ -351,13 +352,16 @@ fn a_scratch_directory_is_removed_without_following_links() {
     std::fs::create_dir(&victim).unwrap();
     std::fs::write(victim.join("keep.txt"), "keep").unwrap();
     // A link in the plugin's place: the link goes, not its target.
+    assert_eq!(scratch_dir_in(tmp.path(), "ocr", None).unwrap(), dir);
+    std::fs::remove_dir(&dir).unwrap();
     std::os::unix::fs::symlink(&victim, &dir).unwrap();
     remove_scratch_dir_in(tmp.path(), "ocr", None).unwrap();
     assert!(std::fs::symlink_metadata(&dir).is_err());
     assert!(victim.join("keep.txt").exists());
     // A link in the runners' directory's place: refused.
+    assert_eq!(scratch_dir_in(tmp.path(), "ocr", None).unwrap(), dir);
     let root = dir.parent().unwrap().to_path_buf();
-    std::fs::remove_dir(&root).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
     std::fs::create_dir(victim.join("ocr")).unwrap();
     std::os::unix::fs::symlink(&victim, &root).unwrap();
     assert!(remove_scratch_dir_in(tmp.path(), "ocr", None).is_err());
@@ -535,4 +539,64 @@ fn a_gpu_plugin_reaches_the_driver_and_mig_devices() {
             .iter()
             .any(|d| d.to_string_lossy().contains("nvidia"))
     );
+}
+
+/// Two servers of one user never share a plugin's scratch directory: the
+/// second claims `NAME~2` while the first holds `NAME`, and a removal by
+/// one leaves the other's alone. (A Python process stands for the other
+/// server: a lock this process holds is its own.)
+#[test]
+fn two_servers_never_share_or_remove_each_others_scratch_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mine = scratch_dir_in(tmp.path(), "ocr", None).unwrap();
+    assert_eq!(mine.file_name().unwrap(), "ocr");
+    // The same process asks again: the same directory.
+    assert_eq!(scratch_dir_in(tmp.path(), "ocr", None).unwrap(), mine);
+    std::fs::write(mine.join("mine.txt"), "mine").unwrap();
+    // Another process holds `pdf~lock` (as another server holding `pdf`
+    // would) while this one claims that name.
+    let root = mine.parent().unwrap().to_path_buf();
+    let lock = root.join("pdf~lock");
+    let mut other = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\n\
+             f = open(sys.argv[1], 'a')\n\
+             fcntl.flock(f, fcntl.LOCK_EX)\n\
+             print('held', flush=True)\n\
+             time.sleep(60)",
+        ])
+        .arg(&lock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(other.stdout.take().unwrap()),
+        &mut held,
+    )
+    .unwrap();
+    assert_eq!(held, "held\n");
+    let theirs = scratch_dir_in(tmp.path(), "pdf", None).unwrap();
+    assert_eq!(theirs, root.join("pdf~2"));
+    std::fs::create_dir(root.join("pdf")).ok();
+    std::fs::write(root.join("pdf/theirs.txt"), "theirs").unwrap();
+    // This process's removal takes its own directory only.
+    remove_scratch_dir_in(tmp.path(), "pdf", None).unwrap();
+    assert!(!theirs.exists());
+    assert!(!root.join("pdf~2~lock").exists());
+    assert!(
+        root.join("pdf/theirs.txt").exists(),
+        "another server's directory was removed"
+    );
+    // Once the other lets go, the name is free again.
+    other.kill().unwrap();
+    other.wait().unwrap();
+    assert_eq!(
+        scratch_dir_in(tmp.path(), "pdf", None).unwrap(),
+        root.join("pdf")
+    );
+    remove_scratch_dir_in(tmp.path(), "pdf", None).unwrap();
+    remove_scratch_dir_in(tmp.path(), "ocr", None).unwrap();
+    assert!(!mine.exists());
 }

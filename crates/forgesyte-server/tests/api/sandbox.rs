@@ -300,7 +300,9 @@ fn an_unsigned_plugin_may_not_widen_its_own_sandbox_by_default() {
 fn a_link_a_plugin_aims_after_its_load_allows_nothing() {
     let plugins = PluginsDir::new();
     let name = format!("aim-{}", std::process::id());
-    let scratch = forgesyte_loader::sandbox::scratch_dir(&name, None).unwrap();
+    // Where the server's claim puts it (claimed here, the server would
+    // take `NAME~2`).
+    let scratch = forgesyte_loader::sandbox::first_scratch_dir(&name, None);
     let aim = scratch.join("l");
     let _ = std::fs::remove_file(&aim);
     python_snoop(&plugins, &name, json!({"filesystem": {"read": ["data"]}}));
