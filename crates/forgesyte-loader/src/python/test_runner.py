@@ -2202,6 +2202,20 @@ class UnitTests(unittest.TestCase):
         self.assertTrue(long_type.startswith("E" * errors.MAX_TYPE_CHARS), long_type[:10])
         self.assertTrue(long_type.endswith("(%d characters cut)" % (100000 - errors.MAX_TYPE_CHARS)))
 
+    def test_a_plugin_that_replaces_json_functions_changes_nothing_of_the_runners(self):
+        # As a plugin may do at its import (a faster library's functions in
+        # their place): the runner took its own before any plugin code ran.
+        loads, dumps = json.loads, json.dumps
+        json.loads = lambda *a, **k: {}
+        json.dumps = lambda *a, **k: b"not text"
+        try:
+            request = wire.parse_request(b'{"op":"call","id":3,"tool":"x","args":{"k":1}}')
+            value, _ = results.to_wire({1: "a"})
+        finally:
+            json.loads, json.dumps = loads, dumps
+        self.assertEqual((request["op"], request["args"]), ("call", {"k": 1}))
+        self.assertEqual(value, {"1": "a"})
+
     def test_a_huge_error_message_is_cut_before_it_is_copied(self):
         import tracemalloc
 

@@ -9,6 +9,9 @@ import os
 import sys
 import types
 
+# Taken before any plugin code runs (see wire._JSON_DECODE).
+_json_dumps = json.dumps
+
 
 class CallContext(object):
     """Who a tool call is for (PROTOCOL.md §5.4, ``context``): the HTTP
@@ -145,7 +148,7 @@ class _StderrHandler(logging.Handler):
                 if isinstance(value, str):
                     tags[key] = value
             if tags:
-                line = LOG_TAG_PREFIX + json.dumps(tags, separators=(",", ":")) + " " + line
+                line = LOG_TAG_PREFIX + _json_dumps(tags, separators=(",", ":")) + " " + line
             data = line.encode("utf-8", "backslashreplace")
             view = memoryview(data)
             while view:

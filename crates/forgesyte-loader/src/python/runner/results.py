@@ -7,12 +7,15 @@ import json
 import math
 import sys
 
+# Taken before any plugin code runs (see wire._JSON_DECODE).
+_json_dumps = json.dumps
+
 _MISSING = object()
 
 
 class PointerError(Exception):
     def __init__(self, pointer, detail):
-        Exception.__init__(self, "attachment pointer %s: %s" % (json.dumps(pointer), detail))
+        Exception.__init__(self, "attachment pointer %s: %s" % (_json_dumps(pointer), detail))
 
 
 def _unescape(token):
@@ -112,7 +115,7 @@ def _json_key(key, path):
     if isinstance(key, int):
         return int.__repr__(key)
     if isinstance(key, float):
-        return json.dumps(key)
+        return _json_dumps(key)
     raise ResultError(
         "TypeError",
         "tool result has a dict key of type %s, not a string%s" % (type(key).__name__, _where(path)),
@@ -253,7 +256,7 @@ def to_wire(value):
                     raise ResultError(
                         "ValueError",
                         "tool result has the key %s twice (keys of different types that JSON "
-                        "writes alike)%s" % (json.dumps(key), _where(path)),
+                        "writes alike)%s" % (_json_dumps(key), _where(path)),
                     )
                 out[key] = convert(v, path + "/" + _escape(key), in_model, depth + 1)
             return out
