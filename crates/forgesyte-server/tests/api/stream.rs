@@ -1226,6 +1226,68 @@ fn what_read_buffers_keep_of_large_frames_is_bounded_by_the_budget() {
     );
 }
 
+/// What a stream's read buffer keeps of a large frame holds its room from
+/// when that frame is done, even while a later frame is still in use:
+/// streams that each kept a small frame in use after a large one held
+/// their buffers charged to nothing (588 MiB in a budget of 64 MiB for
+/// twenty streams of 30 MB frames), and none was closed. The third stream
+/// here finds no room: its frame is answered busy, then 1013.
+#[test]
+fn a_buffer_kept_while_a_later_frame_is_in_use_takes_its_room_at_once() {
+    let (_dir, server) = alpha_with_bodies_of(1 << 20, 2 << 20);
+    let query = "?policy=block&queue=4";
+    let mut open_streams = Vec::new();
+    let mut closed = None;
+    for i in 0..4 {
+        let mut socket = open(&server, &target("alpha", "frame", query));
+        // The large frame waits behind a short call, and a long one waits
+        // behind it: when it is done, a frame is still in use.
+        send_args(&mut socket, json!({"ms": 300}));
+        send_frame(&mut socket, frame(16));
+        send_args(&mut socket, json!({}));
+        send_frame(&mut socket, frame(1 << 20));
+        send_args(&mut socket, json!({"ms": 6000}));
+        send_frame(&mut socket, frame(16));
+        // The large frame's answer; a stream closed meanwhile may discard
+        // the first one's (its call was in flight).
+        let large = loop {
+            match read_message(&mut socket) {
+                Ok(Message::Text(text)) => {
+                    let answer: Value = serde_json::from_str(text.as_str()).unwrap();
+                    if answer["seq"] == 1 {
+                        break Some(answer);
+                    }
+                    assert_eq!(answer["ok"], true, "stream {i}: {answer}");
+                }
+                Ok(Message::Close(Some(frame))) => {
+                    closed = Some((i, u16::from(frame.code), frame.reason.to_string()));
+                    break None;
+                }
+                other => panic!("stream {i}: {other:?}"),
+            }
+        };
+        let Some(large) = large else { break };
+        if large["ok"] == true {
+            open_streams.push(socket);
+            continue;
+        }
+        assert_eq!(large["error_type"], "ServerBusy", "stream {i}: {large}");
+        let (code, reason) = close_of(&mut socket);
+        closed = Some((i, code, reason));
+        break;
+    }
+    // 896 KiB kept each (the small frames in use notwithstanding): two in
+    // the budget; the third stream's buffer finds no room.
+    let Some((i, code, reason)) = closed else {
+        panic!(
+            "four streams kept 1 MiB frames' buffers in 2 MiB; log:\n{}",
+            server.log()
+        );
+    };
+    assert_eq!((i, code), (2, 1013), "{reason}");
+    assert!(reason.contains("no room"), "{reason}");
+}
+
 /// A ping between the fragments of a message does not give back the room
 /// of what came of it so far: the WebSocket layer still holds it.
 #[test]
