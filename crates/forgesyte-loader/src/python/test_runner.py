@@ -48,7 +48,7 @@ SOURCE_CODE_FILE = os.environ.get("FORGESYTE_TEST_RUNNER_SOURCE")
 
 sys.path.insert(0, HERE)
 # Importing the package touches no descriptors (``start`` does).
-from runner import base, errors, loading, results, serve, tools, wire  # noqa: E402
+from runner import api, base, errors, loading, results, serve, tools, wire  # noqa: E402
 
 
 def frame(header, attachments=()):
@@ -2679,6 +2679,27 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(len(lines), 2, lines)
         self.assertTrue(lines[1].startswith("ERROR x: two | lines | Traceback"), lines[1])
         self.assertTrue(lines[1].endswith("ZeroDivisionError: division by zero"), lines[1])
+
+    def test_a_huge_record_is_cut_not_lost_under_a_memory_limit(self):
+        # Room for the message and one more of its size, not for the
+        # copies that formatting, splitting and encoding it whole made.
+        code = (
+            "import logging, resource\n"
+            "from runner import api\n"
+            "api.setup_logging()\n"
+            "size = 64 * 1024 * 1024\n"
+            "m = 'y' * size\n"
+            "vm = [l for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
+            "room = int(vm.split()[1]) * 1024 + 2 * size\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+            "logging.getLogger('p').warning(m)\n"
+            "logging.getLogger('p').warning('after %s', 'it')\n"
+        )
+        lines = self._logged(code)
+        self.assertEqual(len(lines), 2, [l[:80] for l in lines])
+        self.assertEqual(lines[0], "WARNING p: " + "y" * api.MAX_LOG_CHARS
+                         + "… (%d characters cut)" % (64 * 1024 * 1024 - api.MAX_LOG_CHARS))
+        self.assertEqual(lines[1], "WARNING p: after it")
 
     def test_a_custom_level_is_written_as_the_standard_level_below_it(self):
         code = (

@@ -133,7 +133,7 @@ class _StderrHandler(logging.Handler):
             # WARNING).
             record.forgesyte_level = _standard_level(record.levelno)
             try:
-                text = self.format(record)
+                text = self.format(_cut(record))
             except Exception as e:  # a %-format that does not fit its args, a __str__ that raises
                 text = "%s %s: %s" % (record.forgesyte_level, record.name, _unformattable(record, e))
             lines = [l.rstrip() for l in text.splitlines() if l.strip()]
@@ -155,6 +155,25 @@ class _StderrHandler(logging.Handler):
                 view = view[os.write(2, view):]
         except Exception:
             self.handleError(record)
+
+
+# The most characters of a record's message written (the host keeps 4 KiB
+# of a stderr line).
+MAX_LOG_CHARS = 16 * 1024
+
+
+def _cut(record):
+    """``record``, or a copy of it whose message is cut to
+    ``MAX_LOG_CHARS``, saying so: a message of 150 MB formatted whole,
+    split and encoded failed under the runner's memory limit, and the
+    record was lost (``--- Logging error ---``)."""
+    message = record.getMessage()
+    if len(message) <= MAX_LOG_CHARS:
+        return record
+    fields = dict(record.__dict__)
+    fields["msg"] = "%s… (%d characters cut)" % (message[:MAX_LOG_CHARS], len(message) - MAX_LOG_CHARS)
+    fields["args"] = None
+    return logging.makeLogRecord(fields)
 
 
 def _unformattable(record, error):
