@@ -258,6 +258,7 @@ fn every_fault_at_tool_time_gives_its_reason() {
         s.plugin(&format!("t-{fault}"), json!({}));
     }
     s.plugin("t-hang", json!({"limits": {"call_timeout_s": 0.3}}));
+    s.plugin("t-stop", json!({"limits": {"call_timeout_s": 0.3}}));
     s.plugin("t-oom", json!({"limits": {"memory_mb": 128}}));
     s.plugin("t-huge", json!({"limits": {"max_response_mb": 1}}));
     s.plugin("t-stdin_read", json!({"limits": {"call_timeout_s": 1}}));
@@ -397,6 +398,20 @@ fn every_fault_at_tool_time_gives_its_reason() {
         "t-reopen",
         S::Failed,
         &["CrashError: exited with code 74: the runner's own connection"],
+    );
+
+    // A runner stopped by a signal (its own) times out, and its reason says
+    // it was stopped, not a place no dump could give.
+    let error = crash("t-stop", "stop");
+    assert!(matches!(error, ToolError::TimedOut { .. }), "{error:?}");
+    check(
+        r,
+        "t-stop",
+        S::Failed,
+        &[
+            "TimeoutError: timed out after 300 ms during tool 'stop', stuck at a stop: the \
+             process was stopped by a signal (SIGSTOP, SIGTSTP …) and ran no code;",
+        ],
     );
 
     // A call past its timeout: the process is killed, the call says so.

@@ -45,6 +45,26 @@ pub(crate) fn catches(pid: u32, signal: i32) -> bool {
         .is_ok_and(|status| caught_in(&status, signal))
 }
 
+/// What a timeout's reason says of a runner found stopped (`SIGSTOP`,
+/// `SIGTSTP`: its own code may have sent one to itself or its group), in
+/// place of where its code was: stopped, it runs no code and dumps none.
+pub(crate) const STOPPED: &str =
+    "a stop: the process was stopped by a signal (SIGSTOP, SIGTSTP …) and ran no code";
+
+/// Whether process `pid` is stopped by a signal (or a tracer).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| stopped_in(&status))
+}
+
+/// Whether a `/proc/PID/status` text's `State` is stopped (`T`, or `t`:
+/// stopped by a tracer).
+fn stopped_in(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("State:"))
+        .is_some_and(|state| matches!(state.trim_start().chars().next(), Some('T' | 't')))
+}
+
 /// Whether a `/proc/PID/status` text's `SigCgt` mask holds `signal`.
 fn caught_in(status: &str, signal: i32) -> bool {
     let Some(bit) = u32::try_from(signal).ok().and_then(|s| s.checked_sub(1)) else {
@@ -307,6 +327,9 @@ fn located(
     provisional: KillReason,
     withheld: bool,
 ) -> Option<String> {
+    if stopped(shared.pid) {
+        return Some(STOPPED.to_owned());
+    }
     let deadline = ask_for_stacks(shared, signal, provisional)?;
     loop {
         if let Some(at) = stacks_over(shared, deadline, withheld) {
@@ -428,6 +451,16 @@ impl Child {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopped_state_is_read_from_the_status() {
+        assert!(stopped_in("Name:\tr\nState:\tT (stopped)\nPid:\t4\n"));
+        assert!(stopped_in("State:\tt (tracing stop)\n"));
+        assert!(!stopped_in("State:\tS (sleeping)\n"));
+        assert!(!stopped_in("State:\tR (running)\n"));
+        assert!(!stopped_in(""));
+        assert!(!stopped(u32::MAX), "no such process");
+    }
 
     #[test]
     fn the_longest_wait_for_a_dump_covers_the_lock_and_the_dump() {
