@@ -90,10 +90,18 @@ fn open_dir(at: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd, Errno> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat(at, name, flags, Mode::empty()) {
         Err(Errno::ACCESS) => {
-            // Its mode, by name: it was just seen as a directory, and a
-            // link's mode cannot be changed on Linux.
-            rustix::fs::chmodat(at, name, Mode::RWXU, AtFlags::empty())?;
-            rustix::fs::openat(at, name, flags, Mode::empty())?
+            // Its mode through a handle that names the directory itself (a
+            // path handle, opened without following a link), never by
+            // name: a link put in its place meanwhile would be followed.
+            let handle = rustix::fs::openat(
+                at,
+                name,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let through = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&handle));
+            rustix::fs::chmod(through.as_str(), Mode::RWXU)?;
+            rustix::fs::openat(&handle, c".", flags, Mode::empty())?
         }
         other => other?,
     };
