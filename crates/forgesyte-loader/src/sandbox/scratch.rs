@@ -16,13 +16,15 @@ use rustix::io::Errno;
 const MAX_CLAIMS: usize = 64;
 
 /// A scratch directory this process holds: its name in the runners'
-/// directory, and the lock that claims it (an exclusive `flock` on
-/// `NAME~lock` there, let go with the process: no server of the same user
-/// takes it while this one has the plugin loaded). `~` is no character of
-/// a plugin's made-safe name, so neither name can be another plugin's.
+/// directory, and the handle of the directory itself that claims it (an
+/// exclusive `flock` on it, let go with the process: no server of the
+/// same user takes it while this one has the plugin loaded; no lock file
+/// beside it, which a cleaner of old files in `/tmp` could remove while
+/// held). `~` is no character of a plugin's made-safe name, so `NAME~2`
+/// cannot be another plugin's.
 struct Claim {
     dir: String,
-    _lock: OwnedFd,
+    held: OwnedFd,
 }
 
 /// The claims of this process, by runners' directory and plugin name.
@@ -146,47 +148,37 @@ pub(super) fn remove_scratch_dir_in(
     // A made-safe name holds no NUL.
     let dir = std::ffi::CString::new(claim.dir.as_str()).map_err(std::io::Error::other)?;
     super::remove_tree::remove_tree_at(root_fd.as_fd(), &dir)?;
-    // The lock file goes before the lock is let go: a server that opened
-    // it meanwhile finds, once it holds the lock, that the name leads to
-    // another file (or none), and opens it again.
-    let lock = std::ffi::CString::new(lock_name(&claim.dir)).map_err(std::io::Error::other)?;
-    match rustix::fs::unlinkat(&root_fd, &lock, AtFlags::empty()) {
-        Ok(()) | Err(Errno::NOENT) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    // Let go once gone: a server that opened it meanwhile finds, once it
+    // holds it, that the name no longer leads to it.
+    drop(claim);
+    Ok(())
 }
 
-/// The name of the lock file that claims scratch directory `dir`.
-fn lock_name(dir: &str) -> String {
-    format!("{dir}~lock")
+/// The device and inode of `fd`'s file.
+fn identity(fd: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
 }
 
-/// Takes the lock on `lock` in the runners' directory `root` without
-/// waiting: `None` when another process holds it. The file is made if
-/// missing (private, this process's; a link there is not followed).
-fn try_claim(root: BorrowedFd<'_>, lock: &str) -> std::io::Result<Option<OwnedFd>> {
+/// Locks directory `name` of the runners' directory `root`, made and
+/// checked by `open` (its handle), without waiting: `None` when another
+/// process holds it.
+fn try_claim(
+    root: BorrowedFd<'_>,
+    name: &str,
+    open: impl Fn() -> std::io::Result<OwnedFd>,
+) -> std::io::Result<Option<OwnedFd>> {
     loop {
-        let fd = rustix::fs::openat(
-            root,
-            lock,
-            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::RUSR | Mode::WUSR,
-        )?;
-        let held = rustix::fs::fstat(&fd)?;
-        if rustix::fs::FileType::from_raw_mode(held.st_mode) != rustix::fs::FileType::RegularFile {
-            return Err(std::io::Error::other(format!("{lock} is not a file")));
-        }
+        let fd = open()?;
         match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(Errno::WOULDBLOCK) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        // Still the file of that name: a server that let go of it removed
-        // it first.
-        match rustix::fs::statat(root, lock, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(now) if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino) => {
-                return Ok(Some(fd));
-            }
+        // Still the directory of that name: a server that let go of it
+        // removed it first.
+        match rustix::fs::statat(root, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) if (now.st_dev, now.st_ino) == identity(fd.as_fd())? => return Ok(Some(fd)),
             Ok(_) | Err(Errno::NOENT) => {}
             Err(e) => return Err(e.into()),
         }
@@ -195,8 +187,8 @@ fn try_claim(root: BorrowedFd<'_>, lock: &str) -> std::io::Result<Option<OwnedFd
 
 /// [`scratch_dir`] under `tmp`.
 ///
-/// The directory is claimed for this process (a lock on `NAME~lock`, held
-/// until [`remove_scratch_dir`] or the process's end): another server of
+/// The directory is claimed for this process (a lock on the directory,
+/// held until [`remove_scratch_dir`] or the process's end): another server of
 /// the same user, holding `NAME` already, makes this one take `NAME~2`
 /// (then `~3` …), so that two servers' plugins of one name never share, or
 /// remove, one directory. Once claimed, the same directory again.
@@ -260,8 +252,13 @@ pub(super) fn scratch_dir_in(
     let key = (root.clone(), name);
     if let Some(claim) = claims.get(&key) {
         let dir = root.join(&claim.dir);
-        level(root_fd.as_fd(), Path::new(&claim.dir), &dir)?;
-        return Ok(dir);
+        let now = level(root_fd.as_fd(), Path::new(&claim.dir), &dir)?;
+        // Still the directory held (not one made again after something
+        // removed it: that one is claimed anew, below).
+        if identity(now.as_fd())? == identity(claim.held.as_fd())? {
+            return Ok(dir);
+        }
+        claims.remove(&key);
     }
     for n in 1..=MAX_CLAIMS {
         let candidate = if n == 1 {
@@ -269,16 +266,16 @@ pub(super) fn scratch_dir_in(
         } else {
             format!("{}~{n}", key.1)
         };
-        let Some(lock) = try_claim(root_fd.as_fd(), &lock_name(&candidate))? else {
+        let dir = root.join(&candidate);
+        let open = || level(root_fd.as_fd(), Path::new(&candidate), &dir);
+        let Some(held) = try_claim(root_fd.as_fd(), &candidate, open)? else {
             continue;
         };
-        let dir = root.join(&candidate);
-        level(root_fd.as_fd(), Path::new(&candidate), &dir)?;
         claims.insert(
             key,
             Claim {
                 dir: candidate,
-                _lock: lock,
+                held,
             },
         );
         return Ok(dir);

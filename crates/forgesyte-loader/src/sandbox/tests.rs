@@ -307,10 +307,9 @@ fn a_link_planted_where_a_scratch_directory_goes_is_not_followed() {
     assert!(err.to_string().contains("not followed"), "{err}");
     let meta = std::fs::metadata(&victim).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o755, "the link's target was changed");
-    // The same for the first level (the lock file of the claim that failed
-    // stays, let go).
+    // The same for the first level.
     std::fs::remove_file(root.join("ocr")).unwrap();
-    std::fs::remove_dir_all(&root).unwrap();
+    std::fs::remove_dir(&root).unwrap();
     std::os::unix::fs::symlink(&victim, &root).unwrap();
     assert!(scratch_dir_in(tmp.path(), "ocr", None).is_err());
     assert!(
@@ -553,16 +552,18 @@ fn two_servers_never_share_or_remove_each_others_scratch_directory() {
     // The same process asks again: the same directory.
     assert_eq!(scratch_dir_in(tmp.path(), "ocr", None).unwrap(), mine);
     std::fs::write(mine.join("mine.txt"), "mine").unwrap();
-    // Another process holds `pdf~lock` (as another server holding `pdf`
-    // would) while this one claims that name.
+    // Another process holds `pdf` (as another server would: a lock on the
+    // directory itself) while this one claims that name.
     let root = mine.parent().unwrap().to_path_buf();
-    let lock = root.join("pdf~lock");
+    let lock = root.join("pdf");
+    std::fs::create_dir(&lock).unwrap();
     let mut other = std::process::Command::new("python3")
         .args([
             "-c",
             "import fcntl, sys, time\n\
-             f = open(sys.argv[1], 'a')\n\
-             fcntl.flock(f, fcntl.LOCK_EX)\n\
+             import os\n\
+             fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n\
+             fcntl.flock(fd, fcntl.LOCK_EX)\n\
              print('held', flush=True)\n\
              time.sleep(60)",
         ])
@@ -579,12 +580,10 @@ fn two_servers_never_share_or_remove_each_others_scratch_directory() {
     assert_eq!(held, "held\n");
     let theirs = scratch_dir_in(tmp.path(), "pdf", None).unwrap();
     assert_eq!(theirs, root.join("pdf~2"));
-    std::fs::create_dir(root.join("pdf")).ok();
     std::fs::write(root.join("pdf/theirs.txt"), "theirs").unwrap();
     // This process's removal takes its own directory only.
     remove_scratch_dir_in(tmp.path(), "pdf", None).unwrap();
     assert!(!theirs.exists());
-    assert!(!root.join("pdf~2~lock").exists());
     assert!(
         root.join("pdf/theirs.txt").exists(),
         "another server's directory was removed"
