@@ -262,7 +262,9 @@ fn every_fault_at_tool_time_gives_its_reason() {
     s.plugin("t-oom", json!({"limits": {"memory_mb": 128}}));
     s.plugin("t-huge", json!({"limits": {"max_response_mb": 1}}));
     s.plugin("t-stdin_read", json!({"limits": {"call_timeout_s": 1}}));
-    s.plugin("t-reopen", json!({}));
+    for n in 0..2 {
+        s.plugin(&format!("t-reopen-{n}"), json!({}));
+    }
     s.plugin("bystander", json!({}));
     s.plugin("in-host", json!({"isolation": "in-process"}));
     let loader = s.loader();
@@ -387,18 +389,25 @@ fn every_fault_at_tool_time_gives_its_reason() {
     // reader, blocked on the old request pipe, learns of it when the host
     // closes that pipe, also when the caller was preempted holding the
     // pipe's writer just after its request (then the caller closes it as
-    // it lets go: one in about ten on this machine before that).
-    let error = match call(&loader, "t-reopen", "closeall", json!({"reopen": true})) {
-        Err(CallError::Tool(e)) => e,
-        other => panic!("t-reopen: expected a fault, got {other:?}"),
-    };
-    assert!(matches!(error, ToolError::Crashed(_)), "{error:?}");
-    check(
-        r,
-        "t-reopen",
-        S::Failed,
-        &["CrashError: exited with code 74: the runner's own connection"],
-    );
+    // it lets go: one plugin in about twelve here said "kept running"
+    // before that). The runner must then end within the host's 0.3 s
+    // grace: on a starved machine a second plugin may try, once.
+    for n in 0..2 {
+        let name = format!("t-reopen-{n}");
+        let error = match call(&loader, &name, "closeall", json!({"reopen": true})) {
+            Err(CallError::Tool(e)) => e,
+            other => panic!("{name}: expected a fault, got {other:?}"),
+        };
+        assert!(matches!(error, ToolError::Crashed(_)), "{error:?}");
+        let reason = check(r, &name, S::Failed, &["CrashError: "]);
+        if reason.contains("CrashError: exited with code 74: the runner's own connection") {
+            break;
+        }
+        assert!(
+            n == 0 && reason.contains("closed its end of the protocol but kept running"),
+            "{name}: {reason}"
+        );
+    }
 
     // A runner stopped by a signal (its own) times out, and its reason says
     // it was stopped, not a place no dump could give.

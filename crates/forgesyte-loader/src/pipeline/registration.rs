@@ -295,6 +295,11 @@ impl Loader {
         let PluginError::Integrity(IntegrityError::ChangedSinceCheck { subject, .. }) = err else {
             return;
         };
+        // Not a file that changed: the files could not be hashed, listed
+        // or handed on again (too many open files, say).
+        if subject == "the plugin's files" {
+            return;
+        }
         let Some(signed) = self
             .registry
             .get_status(name)

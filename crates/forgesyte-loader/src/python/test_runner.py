@@ -2205,14 +2205,15 @@ class UnitTests(unittest.TestCase):
     def test_a_plugin_that_replaces_json_functions_changes_nothing_of_the_runners(self):
         # As a plugin may do at its import (a faster library's functions in
         # their place): the runner took its own before any plugin code ran.
-        loads, dumps = json.loads, json.dumps
+        loads, dumps, decoder = json.loads, json.dumps, json.JSONDecoder
         json.loads = lambda *a, **k: {}
         json.dumps = lambda *a, **k: b"not text"
+        json.JSONDecoder = lambda *a, **k: None
         try:
             request = wire.parse_request(b'{"op":"call","id":3,"tool":"x","args":{"k":1}}')
             value, _ = results.to_wire({1: "a"})
         finally:
-            json.loads, json.dumps = loads, dumps
+            json.loads, json.dumps, json.JSONDecoder = loads, dumps, decoder
         self.assertEqual((request["op"], request["args"]), ("call", {"k": 1}))
         self.assertEqual(value, {"1": "a"})
 
@@ -2256,6 +2257,9 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(lines, ["b" * errors.MAX_ERROR_CHARS + "… (5 characters cut)"] * 10)
         few = "a" * errors.MAX_ERROR_CHARS + "\nlast"
         self.assertEqual(errors.python_error(ValueError(few))["traceback"],
+                         ["ValueError: " + "a" * errors.MAX_ERROR_CHARS, "last"])
+        crlf = "a" * errors.MAX_ERROR_CHARS + "\r\nlast\r\n"
+        self.assertEqual(errors.python_error(ValueError(crlf))["traceback"],
                          ["ValueError: " + "a" * errors.MAX_ERROR_CHARS, "last"])
 
     def test_a_checked_plugins_loader_checks_its_sources_not_its_data_files(self):

@@ -102,9 +102,11 @@ def _last_lines(text, count):
     lines = []
     while len(lines) < count:
         start = text.rfind("\n", 0, end) + 1
-        length = end - start
+        # A "\r\n" line ends as `splitlines` ends it.
+        stop = end - 1 if end > start and text[end - 1] == "\r" else end
+        length = stop - start
         if length <= MAX_ERROR_CHARS:
-            lines.append(clean(text[start:end]))
+            lines.append(clean(text[start:stop]))
         else:
             lines.append("%s… (%d characters cut)"
                          % (clean(text[start:start + MAX_ERROR_CHARS]), length - MAX_ERROR_CHARS))

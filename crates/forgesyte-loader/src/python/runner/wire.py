@@ -529,9 +529,10 @@ def split_body(body):
 # `json.dumps` with these arguments makes an encoder per call.
 _JSON_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 # Taken before any plugin code runs: a plugin that replaces `json.loads`
-# (with a faster library's, say) does not change how requests are read
-# (it made every request "malformed: no 'op'").
-_JSON_DECODE = json.loads
+# or `json.JSONDecoder` (with a faster library's, say) does not change how
+# requests are read (it made every request "malformed: no 'op'").
+_JSON_DECODER = json.JSONDecoder
+_JSON_DECODE = _JSON_DECODER().decode
 
 
 def encode(message):
@@ -547,7 +548,11 @@ def header_object(header, object_pairs_hook=None):
     """A frame header as the JSON object it must be; ProtocolError if it is
     not one. ``object_pairs_hook``: ``json.loads``'s."""
     try:
-        message = _JSON_DECODE(header.decode("utf-8"), object_pairs_hook=object_pairs_hook)
+        text = header.decode("utf-8")
+        if object_pairs_hook is None:
+            message = _JSON_DECODE(text)
+        else:
+            message = _JSON_DECODER(object_pairs_hook=object_pairs_hook).decode(text)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError("malformed request: %s" % e)
     if not isinstance(message, dict):
