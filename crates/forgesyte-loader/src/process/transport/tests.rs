@@ -556,7 +556,7 @@ fn a_stream_out_of_step_stays_open_until_it_is_closed() {
 
 /// A transport to a runner that greets and never reads, and a thread
 /// writing it a 4 MiB request (blocked: the pipe fills up) for at most
-/// `timeout`.
+/// `timeout`, returned once that request holds the writer.
 fn blocked_request(
     timeout: Duration,
 ) -> (
@@ -571,12 +571,6 @@ fn blocked_request(
             t.request(call_x, &[], &[&big], timeout)
         })
     };
-    (t, writing)
-}
-
-#[test]
-fn closing_the_writer_need_not_wait_for_a_blocked_request() {
-    let (t, writing) = blocked_request(Duration::from_millis(1500));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !t.held_by_request.load(Ordering::Acquire) {
         assert!(
@@ -585,6 +579,12 @@ fn closing_the_writer_need_not_wait_for_a_blocked_request() {
         );
         thread::yield_now();
     }
+    (t, writing)
+}
+
+#[test]
+fn closing_the_writer_need_not_wait_for_a_blocked_request() {
+    let (t, writing) = blocked_request(Duration::from_millis(1500));
     // The blocked write holds the writer: a retire does not wait for it.
     let started = Instant::now();
     assert!(!t.close_writer_within(Duration::from_millis(50)));
@@ -601,14 +601,6 @@ fn closing_the_writer_need_not_wait_for_a_blocked_request() {
 #[test]
 fn a_close_asked_while_a_request_holds_the_writer_happens_when_it_is_done() {
     let (t, writing) = blocked_request(Duration::from_millis(1500));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !t.held_by_request.load(Ordering::Acquire) {
-        assert!(
-            Instant::now() < deadline,
-            "the request never held the writer"
-        );
-        thread::yield_now();
-    }
     // Asked while the request holds the writer: nothing closed yet, and
     // nothing waited for.
     let started = Instant::now();
@@ -632,9 +624,6 @@ fn a_close_asked_while_a_request_holds_the_writer_happens_when_it_is_done() {
 #[test]
 fn an_awaited_request_does_not_wait_on_its_thread_for_a_blocked_caller_s_write() {
     let (t, writing) = blocked_request(Duration::from_secs(3));
-    while !t.held_by_request.load(Ordering::Acquire) {
-        thread::yield_now();
-    }
     // Each try gives up at once: waiting WRITER_WAIT on the thread for a
     // write that may last until its deadline would take 100 ms at least.
     let tries = 2000;
