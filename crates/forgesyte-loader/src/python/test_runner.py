@@ -2705,6 +2705,31 @@ class UnitTests(unittest.TestCase):
                          + "… (%d characters cut)" % (64 * 1024 * 1024 - api.MAX_LOG_CHARS))
         self.assertEqual(lines[1], "WARNING p: after it")
 
+    def test_a_logged_exception_with_a_huge_message_is_cut_not_lost(self):
+        code = (
+            "import logging, resource\n"
+            "from runner import api\n"
+            "api.setup_logging()\n"
+            "size = 64 * 1024 * 1024\n"
+            "m = 'z' * size\n"
+            "vm = [l for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
+            "room = int(vm.split()[1]) * 1024 + 2 * size\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+            "try:\n"
+            "    raise ValueError(m)\n"
+            "except ValueError:\n"
+            "    logging.getLogger('p').exception('failed')\n"
+            "logging.getLogger('p').warning('after')\n"
+        )
+        lines = self._logged(code)
+        self.assertEqual(len(lines), 2, [l[:80] for l in lines])
+        self.assertTrue(lines[0].startswith("ERROR p: failed | Traceback (most recent call last): | "),
+                        lines[0][:120])
+        self.assertTrue(lines[0].endswith("ValueError: " + "z" * errors.MAX_ERROR_CHARS
+                                          + "… (%d characters cut)" % (64 * 1024 * 1024 - errors.MAX_ERROR_CHARS)),
+                        lines[0][-80:])
+        self.assertEqual(lines[1], "WARNING p: after")
+
     def test_a_custom_level_is_written_as_the_standard_level_below_it(self):
         code = (
             "import logging\n"

@@ -9,6 +9,8 @@ import os
 import sys
 import types
 
+from . import errors
+
 # Taken before any plugin code runs (see wire._JSON_DECODE).
 _json_dumps = json.dumps
 
@@ -114,6 +116,21 @@ def _standard_level(levelno):
     return "DEBUG"
 
 
+class _Formatter(logging.Formatter):
+    """The standard formatter, but for an exception whose message is over
+    ``MAX_LOG_CHARS`` (``log.exception(...)`` of an error that holds a
+    whole input): its traceback's last lines, each cut before it is
+    copied, as a tool's error carries them, not the whole traceback
+    formatted (copies of a message of 100 MB failed under the memory
+    limit, and the record was lost)."""
+
+    def formatException(self, ei):
+        exc = ei[1] if ei else None
+        if exc is not None and len(errors.exception_message(exc)) > MAX_LOG_CHARS:
+            return "\n".join(errors.traceback_lines(exc))
+        return logging.Formatter.formatException(self, ei)
+
+
 class _StderrHandler(logging.Handler):
     """Each record as one stderr line ``LEVEL name: message``; the host logs
     stderr lines tagged with the plugin's name. Line breaks inside a record
@@ -123,7 +140,7 @@ class _StderrHandler(logging.Handler):
 
     def __init__(self):
         logging.Handler.__init__(self)
-        self.setFormatter(logging.Formatter("%(forgesyte_level)s %(name)s: %(message)s"))
+        self.setFormatter(_Formatter("%(forgesyte_level)s %(name)s: %(message)s"))
         self.addFilter(_CallFilter())
 
     def emit(self, record):

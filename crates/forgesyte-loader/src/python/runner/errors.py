@@ -43,6 +43,11 @@ def clean_capped(text, limit=MAX_ERROR_CHARS):
     return "%s… (%d characters cut)" % (clean(text[:limit]), len(text) - limit)
 
 
+def exception_message(exc):
+    """``str(exc)``, or ``<unprintable Class>`` when that raises."""
+    return _exception_message(exc)
+
+
 def _exception_message(exc):
     try:
         return str(exc)
