@@ -117,12 +117,12 @@ def _standard_level(levelno):
 
 
 class _Formatter(logging.Formatter):
-    """The standard formatter, but for an exception whose message is over
-    ``MAX_LOG_CHARS`` (``log.exception(...)`` of an error that holds a
-    whole input): its traceback's last lines, each cut before it is
-    copied, as a tool's error carries them, not the whole traceback
-    formatted (copies of a message of 100 MB failed under the memory
-    limit, and the record was lost)."""
+    # The standard formatter, but for an exception whose message is over
+    # ``MAX_LOG_CHARS`` (``log.exception(...)`` of an error that holds a
+    # whole input): its traceback's last lines, each cut before it is
+    # copied, as a tool's error carries them, not the whole traceback
+    # formatted (copies of a message of 100 MB failed under the memory
+    # limit, and the record was lost).
 
     def formatException(self, ei):
         exc = ei[1] if ei else None
@@ -180,10 +180,10 @@ MAX_LOG_CHARS = 16 * 1024
 
 
 def _cut(record):
-    """``record``, or a copy of it whose message is cut to
-    ``MAX_LOG_CHARS``, saying so: a message of 150 MB formatted whole,
-    split and encoded failed under the runner's memory limit, and the
-    record was lost (``--- Logging error ---``)."""
+    # ``record``, or a copy of it whose message is cut to
+    # ``MAX_LOG_CHARS``, saying so: a message of 150 MB formatted whole,
+    # split and encoded failed under the runner's memory limit, and the
+    # record was lost (``--- Logging error ---``).
     message = record.getMessage()
     if len(message) <= MAX_LOG_CHARS:
         return record

@@ -33,10 +33,10 @@ def capped(text, limit=MAX_ERROR_CHARS):
 
 
 def clean_capped(text, limit=MAX_ERROR_CHARS):
-    """``capped(clean(text), limit)``, cut before it is encoded or copied:
-    a message of 100 MB (a whole input in it, ``"not a PNG: %r" % data``)
-    encoded whole failed with a ``MemoryError`` under the runner's memory
-    limit, and the tool's error became the runner's."""
+    # ``capped(clean(text), limit)``, cut before it is encoded or copied:
+    # a message of 100 MB (a whole input in it, ``"not a PNG: %r" % data``)
+    # encoded whole failed with a ``MemoryError`` under the runner's memory
+    # limit, and the tool's error became the runner's.
     text = text if isinstance(text, str) else str(text)
     if len(text) <= limit:
         return clean(text)
@@ -44,7 +44,7 @@ def clean_capped(text, limit=MAX_ERROR_CHARS):
 
 
 def exception_message(exc):
-    """``str(exc)``, or ``<unprintable Class>`` when that raises."""
+    # ``str(exc)``, or ``<unprintable Class>`` when that raises.
     return _exception_message(exc)
 
 
@@ -86,8 +86,8 @@ def traceback_lines(exc):
 
 
 def _class_name(exc):
-    """``exc``'s class as a traceback names it: ``module.Qualified`` (the
-    module left out for built-ins)."""
+    # ``exc``'s class as a traceback names it: ``module.Qualified`` (the
+    # module left out for built-ins).
     kind = type(exc)
     name = getattr(kind, "__qualname__", kind.__name__)
     module = getattr(kind, "__module__", None)
@@ -97,10 +97,10 @@ def _class_name(exc):
 
 
 def _last_lines(text, count):
-    """The last ``count`` lines of ``text`` (newlines at its end left out),
-    each cut to ``MAX_ERROR_CHARS`` as ``clean_capped`` cuts, and whether
-    the first of them is its first: only those lines' kept characters are
-    copied."""
+    # The last ``count`` lines of ``text`` (newlines at its end left out),
+    # each cut to ``MAX_ERROR_CHARS`` as ``clean_capped`` cuts, and whether
+    # the first of them is its first: only those lines' kept characters are
+    # copied.
     end = len(text)
     while end and text[end - 1] == "\n":
         end -= 1
@@ -135,7 +135,7 @@ def _traceback_or_line(exc):
 
 
 def exception_line(exc):
-    """``Class: message``, each cut first."""
+    # ``Class: message``, each cut first.
     return "%s: %s" % (clean_capped(exc.__class__.__name__, MAX_TYPE_CHARS),
                        clean_capped(_exception_message(exc)))
 
