@@ -93,7 +93,8 @@ pub(crate) fn is_runner_file(path: &str) -> bool {
 /// imported, which imports all of them at once. The sources travel as one
 /// JSON object (module -> source), zlib-compressed and in base64: about a
 /// third of their size, since one `execve` argument holds at most 128 KiB.
-/// Their comment lines are left empty ([`without_comment_lines`]).
+/// Their comment lines are left empty ([`without_comment_lines`]), and so
+/// are their docstrings ([`without_docstrings`]).
 fn source_code() -> &'static str {
     use base64::Engine as _;
     static CODE: OnceLock<String> = OnceLock::new();
@@ -104,7 +105,7 @@ fn source_code() -> &'static str {
                 let module = file.strip_suffix(".py").unwrap_or(file);
                 (
                     module.to_owned(),
-                    serde_json::Value::from(without_comment_lines(source)),
+                    serde_json::Value::from(without_docstrings(&without_comment_lines(source))),
                 )
             })
             .collect();
@@ -160,6 +161,44 @@ fn without_comment_lines(source: &str) -> String {
             false => line,
         })
         .collect()
+}
+
+/// `source` with its docstrings (a module's, and each class's and
+/// function's whose header is one line, written `"""`) emptied, its line
+/// numbers kept: a docstring's first line becomes `""` (a body of only a
+/// docstring stays a body), its other lines are left empty. Run after
+/// [`without_comment_lines`]: empty lines between a header and its
+/// docstring are passed over.
+fn without_docstrings(source: &str) -> String {
+    const QUOTES: &str = "\"\"\"";
+    let mut out = String::with_capacity(source.len());
+    // At the module's start, or right after a `def` or `class` line.
+    let mut header = true;
+    let mut in_docstring = false;
+    for line in source.split_inclusive('\n') {
+        let newline = if line.ends_with('\n') { "\n" } else { "" };
+        let text = line.trim_start();
+        let code = text.trim_end();
+        if in_docstring {
+            in_docstring = !code.contains(QUOTES);
+            out.push_str(newline);
+        } else if code.is_empty() {
+            out.push_str(line);
+        } else if header && let Some(rest) = code.strip_prefix(QUOTES) {
+            out.push_str(&line[..line.len() - text.len()]);
+            out.push_str("\"\"");
+            out.push_str(newline);
+            in_docstring = !rest.contains(QUOTES);
+            header = false;
+        } else {
+            header = ["def ", "async def ", "class "]
+                .iter()
+                .any(|start| code.starts_with(start))
+                && code.ends_with(':');
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 /// The cache directory, if this user has one.
@@ -462,6 +501,71 @@ for name, text in json.load(sys.stdin).items():
         assert_eq!(
             without_comment_lines("a = 1  # kept\n  # gone\n#gone\nb"),
             "a = 1  # kept\n\n\nb"
+        );
+    }
+
+    /// What [`without_docstrings`] empties of each runner module is its
+    /// docstrings, by Python's own parser: the carried source compiles,
+    /// keeps its line count, differs only inside docstrings, and has none.
+    #[test]
+    fn only_docstrings_are_emptied_and_the_sources_still_compile() {
+        use std::io::Write as _;
+        let sample = "\"\"\"Module.\n\nMore.\"\"\"\nimport os\n\n\nclass A:\n    \"\"\"Only a docstring.\"\"\"\n\n\n\
+                      def f(x):\n\n    \"\"\"Two\n    lines.\"\"\"\n    return '''\n\"\"\"not one\"\"\"\n'''\n";
+        let pairs: serde_json::Map<String, serde_json::Value> = RUNNER_MODULES
+            .iter()
+            .map(|(file, source)| ((*file).to_owned(), without_comment_lines(source)))
+            .chain([("sample.py".to_owned(), sample.to_owned())])
+            .map(|(name, text)| {
+                let stripped = without_docstrings(&text);
+                (name, serde_json::json!([text, stripped]))
+            })
+            .collect();
+        let check = r##"
+import ast, json, sys
+def docstring_lines(tree):
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if ast.get_docstring(node, clean=False) is not None:
+                first = node.body[0]
+                lines.update(range(first.lineno, first.end_lineno + 1))
+    return lines
+for name, (text, stripped) in json.load(sys.stdin).items():
+    before, after = text.split("\n"), stripped.split("\n")
+    if len(before) != len(after):
+        print("%s: %d lines, then %d" % (name, len(before), len(after)))
+        continue
+    inside = docstring_lines(ast.parse(text))
+    for i, (a, b) in enumerate(zip(before, after)):
+        if a != b and i + 1 not in inside:
+            print("%s:%d: %s" % (name, i + 1, a))
+    tree = ast.parse(stripped)
+    compile(stripped, name, "exec")
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and ast.get_docstring(n, clean=False):
+            print("%s:%s: a docstring left" % (name, getattr(n, "lineno", 0)))
+"##;
+        let mut python = std::process::Command::new("python3")
+            .args(["-c", check])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        python
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(serde_json::Value::Object(pairs).to_string().as_bytes())
+            .unwrap();
+        let out = python.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+        assert_eq!(
+            without_docstrings(sample),
+            "\"\"\n\n\nimport os\n\n\nclass A:\n    \"\"\n\n\n\
+             def f(x):\n\n    \"\"\n\n    return '''\n\"\"\"not one\"\"\"\n'''\n"
         );
     }
 
