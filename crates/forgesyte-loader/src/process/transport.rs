@@ -180,7 +180,7 @@ impl Drop for ClosesIfAsked<'_> {
     fn drop(&mut self) {
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.0.close_asked.load(Ordering::SeqCst) {
-            self.0.close_writer_if_free();
+            self.0.close_writer_within(Duration::ZERO);
         }
     }
 }
@@ -633,15 +633,7 @@ impl Transport {
     pub(crate) fn close_writer_when_free(&self) {
         self.close_asked.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.close_writer_if_free();
-    }
-
-    /// [`close_writer`](Self::close_writer) unless the writer is held.
-    fn close_writer_if_free(&self) {
-        if let Some(mut writer) = self.writer.try_lock() {
-            writer.take();
-            self.out_of_step.lock().take();
-        }
+        self.close_writer_within(Duration::ZERO);
     }
 
     /// Reads answers from `reader` and routes them until the stream ends

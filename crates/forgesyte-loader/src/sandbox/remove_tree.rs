@@ -147,8 +147,9 @@ fn unlink(at: BorrowedFd<'_>, name: &CStr, flags: AtFlags) -> io::Result<()> {
     }
 }
 
-/// The directory's device and inode.
-fn identity(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+/// The device and inode of `fd`'s file (also what claims a scratch
+/// directory checks, `sandbox/scratch.rs`).
+pub(super) fn identity(fd: impl AsFd) -> io::Result<(u64, u64)> {
     let st = rustix::fs::fstat(fd)?;
     Ok((st.st_dev, st.st_ino))
 }

@@ -11,6 +11,8 @@ use parking_lot::Mutex;
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
+use super::remove_tree::identity;
+
 /// The most servers of one user that hold a scratch directory of one
 /// plugin name at once (`NAME`, then `NAME~2` … `NAME~64`).
 const MAX_CLAIMS: usize = 64;
@@ -152,12 +154,6 @@ pub(super) fn remove_scratch_dir_in(
     // holds it, that the name no longer leads to it.
     drop(claim);
     Ok(())
-}
-
-/// The device and inode of `fd`'s file.
-fn identity(fd: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
-    let st = rustix::fs::fstat(fd)?;
-    Ok((st.st_dev, st.st_ino))
 }
 
 /// Locks directory `name` of the runners' directory `root`, made and

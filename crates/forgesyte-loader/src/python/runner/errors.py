@@ -44,11 +44,7 @@ def clean_capped(text, limit=MAX_ERROR_CHARS):
 
 
 def exception_message(exc):
-    # ``str(exc)``, or ``<unprintable Class>`` when that raises.
-    return _exception_message(exc)
-
-
-def _exception_message(exc):
+    """``str(exc)``, or ``<unprintable Class>`` when that raises."""
     try:
         return str(exc)
     except BaseException:  # even SystemExit from a plugin's __str__
@@ -69,7 +65,7 @@ def traceback_lines(exc):
     for chunk in traceback.format_list(frames):
         lines.extend(chunk.rstrip("\n").splitlines())
     lines = [clean_capped(l) for l in lines[-TRACEBACK_LINES:]]
-    message = _exception_message(exc)
+    message = exception_message(exc)
     if len(message) <= MAX_ERROR_CHARS:
         told = []
         for chunk in traceback.format_exception_only(type(exc), exc):
@@ -137,7 +133,7 @@ def _traceback_or_line(exc):
 def exception_line(exc):
     # ``Class: message``, each cut first.
     return "%s: %s" % (clean_capped(exc.__class__.__name__, MAX_TYPE_CHARS),
-                       clean_capped(_exception_message(exc)))
+                       clean_capped(exception_message(exc)))
 
 
 def python_error(exc, kind="Python"):
@@ -145,7 +141,7 @@ def python_error(exc, kind="Python"):
     error = {
         "kind": kind,
         "error_type": clean_capped(exc.__class__.__name__, MAX_TYPE_CHARS),
-        "message": clean_capped(_exception_message(exc)),
+        "message": clean_capped(exception_message(exc)),
         "traceback": _traceback_or_line(exc),
     }
     if isinstance(exc, ImportError) and getattr(exc, "name", None):
@@ -172,7 +168,7 @@ def filtered_by_seccomp(exc):
     if isinstance(exc, PermissionError):
         return exc.errno == errno.EACCES and exc.filename is None
     return (type(exc).__module__ == "subprocess" and type(exc).__name__ == "SubprocessError"
-            and "preexec_fn" in _exception_message(exc))
+            and "preexec_fn" in exception_message(exc))
 
 
 def with_filter_hint(error, exc, filtered):
