@@ -457,11 +457,31 @@ mod tests {
         assert!(bootstrap(&dir).is_err());
     }
 
+    /// What `python3 -c check` prints, given `input` on its stdin (it must
+    /// succeed).
+    fn python_says(check: &str, input: serde_json::Value) -> String {
+        use std::io::Write as _;
+        let mut python = std::process::Command::new("python3")
+            .args(["-c", check])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        python
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.to_string().as_bytes())
+            .unwrap();
+        let out = python.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Every line [`without_comment_lines`] empties is a comment by
     /// Python's tokenizer, none a line of a string.
     #[test]
     fn only_comments_are_left_out_of_the_carried_sources() {
-        use std::io::Write as _;
         let sample = "x = 1\n    # indented\ny = '''\n# in a string\n'''\n";
         let sources: serde_json::Map<String, serde_json::Value> = RUNNER_MODULES
             .iter()
@@ -478,24 +498,10 @@ for name, text in json.load(sys.stdin).items():
     for i in sorted(starting - comments):
         print("%s:%d: %s" % (name, i + 1, lines[i]))
 "##;
-        let mut python = std::process::Command::new("python3")
-            .args(["-c", check])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        python
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(serde_json::Value::Object(sources).to_string().as_bytes())
-            .unwrap();
-        let out = python.wait_with_output().unwrap();
-        assert!(out.status.success());
+        let out = python_says(check, serde_json::Value::Object(sources));
         // Only the sample's line in a string: the check sees one.
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "sample.py:4: # in a string\n",
+            out, "sample.py:4: # in a string\n",
             "lines in strings that start with '#' would be emptied"
         );
         assert_eq!(
@@ -509,7 +515,6 @@ for name, text in json.load(sys.stdin).items():
     /// keeps its line count, differs only inside docstrings, and has none.
     #[test]
     fn only_docstrings_are_emptied_and_the_sources_still_compile() {
-        use std::io::Write as _;
         let sample = "\"\"\"Module.\n\nMore.\"\"\"\nimport os\n\n\nclass A:\n    \"\"\"Only a docstring.\"\"\"\n\n\n\
                       def f(x):\n\n    \"\"\"Two\n    lines.\"\"\"\n    return '''\n\"\"\"not one\"\"\"\n'''\n";
         let pairs: serde_json::Map<String, serde_json::Value> = RUNNER_MODULES
@@ -547,21 +552,8 @@ for name, (text, stripped) in json.load(sys.stdin).items():
                 and ast.get_docstring(n, clean=False):
             print("%s:%s: a docstring left" % (name, getattr(n, "lineno", 0)))
 "##;
-        let mut python = std::process::Command::new("python3")
-            .args(["-c", check])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        python
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(serde_json::Value::Object(pairs).to_string().as_bytes())
-            .unwrap();
-        let out = python.wait_with_output().unwrap();
-        assert!(out.status.success());
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+        let out = python_says(check, serde_json::Value::Object(pairs));
+        assert_eq!(out, "");
         assert_eq!(
             without_docstrings(sample),
             "\"\"\n\n\nimport os\n\n\nclass A:\n    \"\"\n\n\n\

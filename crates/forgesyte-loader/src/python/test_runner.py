@@ -2684,37 +2684,37 @@ class UnitTests(unittest.TestCase):
         self.assertTrue(lines[1].startswith("ERROR x: two | lines | Traceback"), lines[1])
         self.assertTrue(lines[1].endswith("ZeroDivisionError: division by zero"), lines[1])
 
-    def test_a_huge_record_is_cut_not_lost_under_a_memory_limit(self):
-        # Room for the message and one more of its size, not for the
-        # copies that formatting, splitting and encoding it whole made.
-        code = (
+    # The size of the message `_huge_under_a_limit` makes.
+    HUGE = 64 * 1024 * 1024
+
+    @classmethod
+    def _huge_under_a_limit(cls, char):
+        """Code that sets up the runner's logging, makes ``m``, ``HUGE``
+        characters ``char``, then limits the address space to room for one
+        more of its size: not for the copies that formatting, splitting and
+        encoding it whole made."""
+        return (
             "import logging, resource\n"
             "from runner import api\n"
             "api.setup_logging()\n"
-            "size = 64 * 1024 * 1024\n"
-            "m = 'y' * size\n"
+            "m = %r * %d\n"
             "vm = [l for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
-            "room = int(vm.split()[1]) * 1024 + 2 * size\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+            "room = int(vm.split()[1]) * 1024 + 2 * len(m)\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n" % (char, cls.HUGE))
+
+    def test_a_huge_record_is_cut_not_lost_under_a_memory_limit(self):
+        code = self._huge_under_a_limit("y") + (
             "logging.getLogger('p').warning(m)\n"
             "logging.getLogger('p').warning('after %s', 'it')\n"
         )
         lines = self._logged(code)
         self.assertEqual(len(lines), 2, [l[:80] for l in lines])
         self.assertEqual(lines[0], "WARNING p: " + "y" * api.MAX_LOG_CHARS
-                         + "… (%d characters cut)" % (64 * 1024 * 1024 - api.MAX_LOG_CHARS))
+                         + "… (%d characters cut)" % (self.HUGE - api.MAX_LOG_CHARS))
         self.assertEqual(lines[1], "WARNING p: after it")
 
     def test_a_logged_exception_with_a_huge_message_is_cut_not_lost(self):
-        code = (
-            "import logging, resource\n"
-            "from runner import api\n"
-            "api.setup_logging()\n"
-            "size = 64 * 1024 * 1024\n"
-            "m = 'z' * size\n"
-            "vm = [l for l in open('/proc/self/status') if l.startswith('VmSize')][0]\n"
-            "room = int(vm.split()[1]) * 1024 + 2 * size\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+        code = self._huge_under_a_limit("z") + (
             "try:\n"
             "    raise ValueError(m)\n"
             "except ValueError:\n"
@@ -2726,7 +2726,7 @@ class UnitTests(unittest.TestCase):
         self.assertTrue(lines[0].startswith("ERROR p: failed | Traceback (most recent call last): | "),
                         lines[0][:120])
         self.assertTrue(lines[0].endswith("ValueError: " + "z" * errors.MAX_ERROR_CHARS
-                                          + "… (%d characters cut)" % (64 * 1024 * 1024 - errors.MAX_ERROR_CHARS)),
+                                          + "… (%d characters cut)" % (self.HUGE - errors.MAX_ERROR_CHARS)),
                         lines[0][-80:])
         self.assertEqual(lines[1], "WARNING p: after")
 
