@@ -710,6 +710,44 @@ fn refusals_before_the_upgrade_then_bad_text_oversized_frames_and_shutdown() {
     assert_eq!(code, 1001, "{reason}");
 }
 
+/// At a shutdown an idle stream is closed with 1001 at once, in process
+/// and isolated: it does not wait for a call in flight on another stream,
+/// which is answered first and then closed the same way.
+#[test]
+fn at_shutdown_an_idle_stream_closes_at_once_beside_a_busy_one() {
+    for isolation in ["in-process", "process"] {
+        let dir = PluginsDir::new();
+        dir.good("alpha", json!({ "isolation": isolation }));
+        let mut server = Forgesyte::start(&["--plugins", dir.path_str()]);
+        server.wait_loaded();
+        let mut busy = open(&server, &target("alpha", "frame", ""));
+        let mut idle = open(&server, &target("alpha", "frame", ""));
+        send_args(&mut busy, json!({"ms": 4000}));
+        send_frame(&mut busy, frame(1));
+        std::thread::sleep(Duration::from_millis(300));
+        crate::support::signal(&server.pid().to_string(), "-TERM");
+        let asked = std::time::Instant::now();
+        let (code, reason) = close_of(&mut idle);
+        let took = asked.elapsed();
+        assert_eq!(code, 1001, "{isolation}: {reason}");
+        assert!(
+            took < Duration::from_millis(2500),
+            "{isolation}: the idle stream closed {took:?} after SIGTERM, behind the busy one's call; log:\n{}",
+            server.log()
+        );
+        let last = answer(&mut busy);
+        assert_eq!(last["ok"], true, "{isolation}: {last}");
+        let (code, reason) = close_of(&mut busy);
+        assert_eq!(code, 1001, "{isolation}: {reason}");
+        let status = server.wait_exit(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "{isolation}: {status:?}; log:\n{}",
+            server.log()
+        );
+    }
+}
+
 /// A server of `alpha` whose bodies and frames may be 4 KiB (the directory
 /// first: the server is dropped before it).
 fn alpha_with_a_4_kib_body_limit() -> (PluginsDir, Forgesyte) {
