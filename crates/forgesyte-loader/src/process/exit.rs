@@ -98,10 +98,16 @@ pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[Stri
         .rev()
         .take(ALLOCATION_FAILURE_LINES)
         .any(|line| ALLOCATION_FAILURE_MARKERS.iter().any(|m| line.contains(m)));
-    if memory_limit_mib > 0 && ends_like_it && said_so {
-        return CrashCause::MemoryLimit {
-            limit_mib: memory_limit_mib,
-        };
+    // The limit the Python runner says was in force: a plugin may have
+    // lowered the host's, or set one where the host set none.
+    let stated = stderr
+        .iter()
+        .rev()
+        .take(ALLOCATION_FAILURE_LINES)
+        .find_map(|line| stated_limit_mib(line));
+    let limit_mib = stated.unwrap_or(memory_limit_mib);
+    if limit_mib > 0 && ends_like_it && said_so {
+        return CrashCause::MemoryLimit { limit_mib };
     }
     match (status.signal(), status.code()) {
         (Some(number), _) => CrashCause::Signal {
@@ -114,6 +120,18 @@ pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[Stri
             detail: format!("ended without an exit code or signal ({status})"),
         },
     }
+}
+
+/// The address-space limit at the end of the Python runner's memory line
+/// (`... [address-space limit 64 MiB]`, `LIMIT_NOTE` in
+/// `python/runner/base.py`): the one in force when it ran out.
+fn stated_limit_mib(line: &str) -> Option<u64> {
+    let (_, rest) = line.trim_end().rsplit_once(" [address-space limit ")?;
+    let digits = rest.strip_suffix(" MiB]")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&mib| mib > 0)
 }
 
 #[cfg(test)]
@@ -216,6 +234,52 @@ mod tests {
                 name: "SIGABRT".into(),
                 number: 6
             }
+        );
+    }
+
+    /// The Python runner names the limit in force when it ran out: one the
+    /// plugin lowered itself, or set where the host set none, is the one
+    /// reported. Its note is the runner's own (`LIMIT_NOTE`), at the end
+    /// of the line.
+    #[test]
+    fn the_limit_the_runner_states_is_the_one_reported() {
+        let (_, base) = crate::python::RUNNER_MODULES
+            .iter()
+            .find(|(file, _)| *file == "base.py")
+            .expect("the runner's base module");
+        assert!(base.contains("\nLIMIT_NOTE = \" [address-space limit %d MiB]\"\n"));
+        let line = |tail: &str| {
+            vec![format!(
+                "forgesyte-python-runner[p]: MemoryError: out of memory in tool 'grow'{tail}"
+            )]
+        };
+        let lowered = line(" [address-space limit 64 MiB]");
+        assert_eq!(
+            classify(exited(70), 512, &lowered),
+            CrashCause::MemoryLimit { limit_mib: 64 }
+        );
+        assert_eq!(
+            classify(exited(70), 0, &lowered),
+            CrashCause::MemoryLimit { limit_mib: 64 }
+        );
+        // Without the note, or with a note that is not one, the host's.
+        for tail in [
+            "",
+            " [address-space limit 64 MiB] and more",
+            " [address-space limit  MiB]",
+            " [address-space limit -3 MiB]",
+            " [address-space limit 0 MiB]",
+            " [address-space limit 99999999999999999999999 MiB]",
+        ] {
+            assert_eq!(
+                classify(exited(70), 512, &line(tail)),
+                CrashCause::MemoryLimit { limit_mib: 512 },
+                "{tail:?}"
+            );
+        }
+        assert_eq!(
+            classify(exited(70), 0, &line("")),
+            CrashCause::Exit { code: 70 }
         );
     }
 }

@@ -534,23 +534,48 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
         ("seg", json!({})),
         ("hang", json!({"call_timeout_s": 1})),
         ("blowup", json!({"memory_mb": 256})),
+        ("lowered", json!({"memory_mb": 256})),
+        ("unlimited", json!({"memory_mb": 0})),
     ] {
         dir.python(name, "faulty")
             .manifest_fields(name, json!({ "limits": limits }));
     }
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
-    for (name, tool, status, reason) in [
-        ("seg", "segfault", 502, "SIGSEGV"),
+    // The limit named is the one in force: one the plugin lowered itself,
+    // or set where the host set none, not the manifest's.
+    for (name, tool, args, status, reason) in [
+        ("seg", "segfault", "{}", 502, "SIGSEGV"),
         (
             "hang",
             "hang",
+            "{}",
             504,
             "timed out after 1 s during tool 'hang'",
         ),
-        ("blowup", "blowup", 502, "exceeded memory limit 256 MiB"),
+        (
+            "blowup",
+            "blowup",
+            "{}",
+            502,
+            "exceeded memory limit 256 MiB",
+        ),
+        (
+            "lowered",
+            "blowup",
+            r#"{"args": {"limit_mb": 200}}"#,
+            502,
+            "exceeded memory limit 200 MiB",
+        ),
+        (
+            "unlimited",
+            "blowup",
+            r#"{"args": {"limit_mb": 300}}"#,
+            502,
+            "exceeded memory limit 300 MiB",
+        ),
     ] {
-        let reply = server.run(name, tool, "{}");
+        let reply = server.run(name, tool, args);
         assert_eq!(reply.status, status, "{name}: {}", reply.text());
         let health = server.get(&format!("/v1/plugins/{name}/health")).json();
         assert_eq!(health["state"], "FAILED", "{name}: {health}");
@@ -574,7 +599,7 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
         let reply = server.run("bystander", "echo", r#"{"args": {"still": "here"}}"#);
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
-    for name in ["seg", "hang", "blowup"] {
+    for name in ["seg", "hang", "blowup", "lowered", "unlimited"] {
         let health = crate::binary::wait_health(&server, name, 20, |h| {
             h["state"] == "INITIALIZED" && h["restart_count"].as_u64() >= Some(1)
         });

@@ -75,11 +75,31 @@ def out_of_memory(error, where, *args):
     try:
         error.__traceback__ = None
         detail = str(error)
-        diag("MemoryError: out of memory %s%s" % (where % args, ": " + detail if detail else ""))
+        diag("MemoryError: out of memory %s%s%s" % (where % args, ": " + detail if detail else "", _limit_note()))
     except BaseException:
         pass
     finally:
         exit_now(EXIT_MEMORY)
+
+
+# How the memory line names the address-space limit in force; the host
+# reads it back (``process/exit.rs``, ``stated_limit_mib``).
+LIMIT_NOTE = " [address-space limit %d MiB]"
+
+
+def _limit_note():
+    """``LIMIT_NOTE`` with the address-space limit in force, for the host
+    to name the one the process ran into: the host's, or a lower one the
+    plugin set itself. Empty without a limit, or when ``resource`` was
+    never imported (nothing set a limit then; importing it now could fail
+    for want of memory)."""
+    resource = sys.modules.get("resource")
+    if resource is None:
+        return ""
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft == resource.RLIM_INFINITY or soft < MIB:
+        return ""
+    return LIMIT_NOTE % (soft // MIB)
 
 
 def raised_by_a_statement(error):
