@@ -488,6 +488,27 @@ class ResultKeyTests(unittest.TestCase):
         with self.assertRaisesRegex(ResultError, "type Thing is not JSON-serialisable"):
             to_wire(Opaque(t=Thing(1)))
 
+    def test_a_converted_result_leaves_no_cycle_holding_its_bytes(self):
+        # A result's bytes go with the last reference to them, not at the
+        # garbage collector's next run: a runner returning large frames
+        # ran out of memory in tens of calls while cycles held them.
+        import gc
+
+        from runner.results import to_wire
+
+        frame = bytearray(1024)
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            gc.collect()
+            value, blobs = to_wire({"mask": frame, "boxes": [{"score": 1.0, "crop": bytes(8)}]})
+            self.assertEqual(len(blobs), 2)
+            del value, blobs
+            self.assertEqual(gc.collect(), 0, "to_wire left reference cycles behind")
+        finally:
+            if was_enabled:
+                gc.enable()
+
     def test_an_integer_beyond_a_float_s_range_is_a_result_error(self):
         from runner.results import ResultError, to_wire
 

@@ -207,111 +207,116 @@ def _pydantic_leaf(value):
 MAX_DEPTH = 128
 
 
+def _convert(blobs, x, path, in_model, depth=0):
+    """One value of ``to_wire``'s result, its bytes appended to ``blobs``."""
+    if x is None or isinstance(x, (str, bool)):
+        return x
+    if isinstance(x, int):
+        # The host reads an integer beyond 64 bits as a float: one
+        # beyond a float's range it cannot read at all.
+        if abs(x) > sys.float_info.max:
+            raise ResultError(
+                "ValueError",
+                "tool result contains an integer of %d bits, beyond the range of "
+                "the numbers the host reads (about 1.8e308)%s" % (x.bit_length(), _where(path)),
+            )
+        return x
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            raise ResultError(
+                "ValueError",
+                "tool result contains the non-finite number %r, which JSON cannot carry%s"
+                % (x, _where(path)),
+            )
+        return x
+    if isinstance(x, _BYTES):
+        blobs.append((path, x if type(x) is bytes else bytes(x)))
+        return None
+    if isinstance(x, (dict, list, tuple)) and depth + 1 >= MAX_DEPTH:
+        # Counted here, not left to the interpreter's recursion limit,
+        # which the plugin sets: a result that holds itself under a
+        # raised limit took memory as the square of its depth (each
+        # level's path longer) until the runner ran out.
+        raise ResultError(
+            "ResultTooDeep",
+            "the tool's result nests arrays and objects %d or more levels deep, deeper "
+            "than the host reads (or contains itself)%s" % (MAX_DEPTH, _where(path)),
+        )
+    if isinstance(x, dict):
+        out = {}
+        for k, v in x.items():
+            key = _json_key(k, path)
+            if key in out:
+                # 1 and "1" are one JSON key: one value would be lost.
+                raise ResultError(
+                    "ValueError",
+                    "tool result has the key %s twice (keys of different types that JSON "
+                    "writes alike)%s" % (_json_dumps(key), _where(path)),
+                )
+            out[key] = _convert(blobs, v, path + "/" + _escape(key), in_model, depth + 1)
+        return out
+    if isinstance(x, (list, tuple)):
+        return [_convert(blobs, v, "%s/%d" % (path, i), in_model, depth + 1) for i, v in enumerate(x)]
+    kind = type(x)
+    # pydantic v2 models: python-mode dump keeps bytes as bytes (they
+    # become attachments); other field values go through pydantic.
+    if callable(getattr(kind, "model_dump", None)) and hasattr(kind, "model_fields"):
+        dumped = x.model_dump()
+        mark = len(blobs)
+        try:
+            return _convert(blobs, dumped, path, True, depth)
+        except ResultError as e:
+            if e.error_type != "TypeError":
+                raise
+            del blobs[mark:]
+            # Serialisers that apply in JSON mode only (``when_used=
+            # "json"``, a model serialiser asking ``info.mode``): its
+            # JSON dump, bytes still taken from the Python one.
+            try:
+                as_json = _json_mode(x, dumped)
+            except _NoFallback:
+                raise e
+            return _convert(blobs, as_json, path, False, depth)
+    # pydantic v1 models.
+    if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
+        return _convert(blobs, x.dict(), path, True, depth)
+    if hasattr(kind, "__dataclass_fields__"):
+        import dataclasses  # loaded already: the plugin made the class
+
+        # One level at a time, as for a dict: ``dataclasses.asdict``
+        # deep-copies every value (a numpy array in full; a memoryview
+        # cannot be copied at all).
+        fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+        return _convert(blobs, fields, path, in_model, depth)
+    # numpy scalars and arrays, without importing numpy.
+    if kind.__module__ == "numpy" and callable(getattr(x, "tolist", None)):
+        return _convert(blobs, x.tolist(), path, in_model, depth)
+    if in_model:
+        try:
+            leaf = _pydantic_leaf(x)
+        except MemoryError:
+            raise
+        except Exception:
+            leaf = x
+        if leaf is not x and type(leaf) is not kind:
+            return _convert(blobs, leaf, path, False, depth)
+    raise ResultError(
+        "TypeError",
+        "tool result of type %s is not JSON-serialisable%s" % (kind.__name__, _where(path)),
+    )
+
+
 def to_wire(value):
     """Converts a tool's result to (JSON value, [(pointer, bytes)]): bytes
     anywhere are taken out as attachments (``null`` stays in their place).
     Raises ResultError."""
     blobs = []
-
-    def convert(x, path, in_model, depth=0):
-        if x is None or isinstance(x, (str, bool)):
-            return x
-        if isinstance(x, int):
-            # The host reads an integer beyond 64 bits as a float: one
-            # beyond a float's range it cannot read at all.
-            if abs(x) > sys.float_info.max:
-                raise ResultError(
-                    "ValueError",
-                    "tool result contains an integer of %d bits, beyond the range of "
-                    "the numbers the host reads (about 1.8e308)%s" % (x.bit_length(), _where(path)),
-                )
-            return x
-        if isinstance(x, float):
-            if not math.isfinite(x):
-                raise ResultError(
-                    "ValueError",
-                    "tool result contains the non-finite number %r, which JSON cannot carry%s"
-                    % (x, _where(path)),
-                )
-            return x
-        if isinstance(x, _BYTES):
-            blobs.append((path, x if type(x) is bytes else bytes(x)))
-            return None
-        if isinstance(x, (dict, list, tuple)) and depth + 1 >= MAX_DEPTH:
-            # Counted here, not left to the interpreter's recursion limit,
-            # which the plugin sets: a result that holds itself under a
-            # raised limit took memory as the square of its depth (each
-            # level's path longer) until the runner ran out.
-            raise ResultError(
-                "ResultTooDeep",
-                "the tool's result nests arrays and objects %d or more levels deep, deeper "
-                "than the host reads (or contains itself)%s" % (MAX_DEPTH, _where(path)),
-            )
-        if isinstance(x, dict):
-            out = {}
-            for k, v in x.items():
-                key = _json_key(k, path)
-                if key in out:
-                    # 1 and "1" are one JSON key: one value would be lost.
-                    raise ResultError(
-                        "ValueError",
-                        "tool result has the key %s twice (keys of different types that JSON "
-                        "writes alike)%s" % (_json_dumps(key), _where(path)),
-                    )
-                out[key] = convert(v, path + "/" + _escape(key), in_model, depth + 1)
-            return out
-        if isinstance(x, (list, tuple)):
-            return [convert(v, "%s/%d" % (path, i), in_model, depth + 1) for i, v in enumerate(x)]
-        kind = type(x)
-        # pydantic v2 models: python-mode dump keeps bytes as bytes (they
-        # become attachments); other field values go through pydantic.
-        if callable(getattr(kind, "model_dump", None)) and hasattr(kind, "model_fields"):
-            dumped = x.model_dump()
-            mark = len(blobs)
-            try:
-                return convert(dumped, path, True, depth)
-            except ResultError as e:
-                if e.error_type != "TypeError":
-                    raise
-                del blobs[mark:]
-                # Serialisers that apply in JSON mode only (``when_used=
-                # "json"``, a model serialiser asking ``info.mode``): its
-                # JSON dump, bytes still taken from the Python one.
-                try:
-                    as_json = _json_mode(x, dumped)
-                except _NoFallback:
-                    raise e
-                return convert(as_json, path, False, depth)
-        # pydantic v1 models.
-        if hasattr(kind, "__fields__") and callable(getattr(x, "dict", None)):
-            return convert(x.dict(), path, True, depth)
-        if hasattr(kind, "__dataclass_fields__"):
-            import dataclasses  # loaded already: the plugin made the class
-
-            # One level at a time, as for a dict: ``dataclasses.asdict``
-            # deep-copies every value (a numpy array in full; a memoryview
-            # cannot be copied at all).
-            fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
-            return convert(fields, path, in_model, depth)
-        # numpy scalars and arrays, without importing numpy.
-        if kind.__module__ == "numpy" and callable(getattr(x, "tolist", None)):
-            return convert(x.tolist(), path, in_model, depth)
-        if in_model:
-            try:
-                leaf = _pydantic_leaf(x)
-            except MemoryError:
-                raise
-            except Exception:
-                leaf = x
-            if leaf is not x and type(leaf) is not kind:
-                return convert(leaf, path, False, depth)
-        raise ResultError(
-            "TypeError",
-            "tool result of type %s is not JSON-serialisable%s" % (kind.__name__, _where(path)),
-        )
-
+    # A module function, not a closure: a nested function that calls itself
+    # is a reference cycle, which kept each result's list of bytes alive
+    # until the garbage collector ran (a runner returning 16 MiB frames
+    # ran out of memory in 28 calls).
     try:
-        converted = convert(value, "", False)
+        converted = _convert(blobs, value, "", False)
     except RecursionError:
         raise ResultError("RecursionError", "tool result is nested too deeply (or contains itself)")
     return converted, blobs
