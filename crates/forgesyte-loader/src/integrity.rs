@@ -13,8 +13,11 @@
 //!   sorted by path (bytewise), each line
 //!   `<sha256 of the file, 64 lowercase hex>  <path relative to the directory, '/'-separated>\n`
 //!   (exactly what `sha256sum` prints). Entries whose name starts with `.`
-//!   (hidden files and directories) and `__pycache__` directories are
-//!   skipped; a symbolic link to a file is hashed as the file it points to;
+//!   (hidden files and directories), `__pycache__` directories and
+//!   virtual environments (a directory holding `pyvenv.cfg`: the
+//!   interpreter's installation, as one outside the plugin is, whose
+//!   modules the runner loads as any installed package's) are skipped; a
+//!   symbolic link to a file is hashed as the file it points to;
 //!   a tree holding a symbolic link to a directory (other than
 //!   `__pycache__`), a `*.py` or `*.so` link that leads to no file, a
 //!   `*.py` or `*.so` that is (or leads to) a device, a FIFO or a socket, a path
@@ -248,6 +251,9 @@ pub fn format_listing(digests: &BTreeMap<String, String>) -> String {
     listing
 }
 
+/// The file that makes a directory a virtual environment (PEP 405).
+const VENV_MARKER: &str = "pyvenv.cfg";
+
 fn collect_py(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -288,6 +294,13 @@ fn collect_py(
                          which no digest covers (copy it into the plugin instead)"
                     ),
                 ));
+            }
+            // A virtual environment (the manifest's `"python":
+            // "venv/bin/python"`): the interpreter's installation, not the
+            // plugin's code (its `lib64` is a link to a directory, which a
+            // plugin's tree may not hold).
+            if fs.exists(&entry.path.join(VENV_MARKER)) {
+                continue;
             }
             collect_py(fs, &entry.path, &format!("{rel}/"), files)?;
             continue;
@@ -646,6 +659,28 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(sha256_hex(b""), EMPTY);
+    }
+
+    /// A virtual environment in the plugin (`"python": "venv/bin/python"`)
+    /// is the interpreter's installation: skipped, its `lib64` link to a
+    /// directory with it; a directory without `pyvenv.cfg` is listed.
+    #[test]
+    fn a_virtual_environment_in_a_python_tree_is_not_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let site = root.join("venv/lib/python3.11/site-packages/sympy");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::write(site.join("__init__.py"), "x").unwrap();
+        std::os::unix::fs::symlink("lib", root.join("venv/lib64")).unwrap();
+        std::fs::write(root.join("plugin.py"), "import sympy").unwrap();
+        assert!(python_tree_listing(&RealFs, root).is_err());
+        std::fs::write(root.join("venv").join(VENV_MARKER), "home = /usr/bin\n").unwrap();
+        let listed = python_tree_digests(&RealFs, root).unwrap();
+        assert_eq!(
+            listed.keys().collect::<Vec<_>>(),
+            ["plugin.py"],
+            "{listed:?}"
+        );
     }
 
     #[test]

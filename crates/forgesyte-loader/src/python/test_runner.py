@@ -84,7 +84,8 @@ def interpreter_has(module):
 class Proc(object):
     """A runner process and a tiny protocol client for it."""
 
-    def __init__(self, test, name=None, args=None, env=None, stdin=subprocess.PIPE, runner=None):
+    def __init__(self, test, name=None, args=None, env=None, stdin=subprocess.PIPE, runner=None,
+                 python=None, pass_fds=()):
         if args is None:
             d = fixture(name)
             args = ["--plugin", name, "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")]
@@ -92,7 +93,8 @@ class Proc(object):
         full_env["FORGESYTE_PROTOCOL"] = "2"
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [PYTHON] + (runner or RUNNER) + list(args),
+            [python or PYTHON] + (runner or RUNNER) + list(args),
+            pass_fds=pass_fds,
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -1061,6 +1063,26 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(error["message"], "No module named 'forgesyte_nonexistent_pkg'")
         self.assertEqual(p.wait(5), 0)
 
+    def test_modules_beside_plugin_py_shadow_no_standard_module(self):
+        # A helper named like a standard module (constants in platform.py,
+        # random.py) replaced it for every importer (uuid, numpy), and the
+        # plugin failed to import; the Python original imports plugin.py by
+        # its path. Its own modules stay importable.
+        p = self.source_runner(
+            "import random, uuid\nimport helpers\n"
+            "class Plugin:\n"
+            "    tools = {'which': {'handler': 'which'}}\n"
+            "    def which(self, args):\n"
+            "        return {'random': hasattr(random, 'randrange'), 'uuid': len(str(uuid.uuid4())),\n"
+            "                'helper': helpers.double(21)}\n",
+            others={"platform.py": "SUPPORTED = ['png']\n", "random.py": "SEED = 4\n",
+                    "helpers.py": "def double(n):\n    return 2 * n\n"})
+        p.hello()
+        created = p.create()
+        self.assertEqual(created["type"], "created", created)
+        header, _ = p.run("which")
+        self.assertEqual(header.get("result"), {"random": True, "uuid": 36, "helper": 42}, header)
+
     def test_a_relative_import_in_plugin_py_says_how_to_import(self):
         p = self.source_runner("from .helpers import shout\n",
                                others={"helpers.py": "def shout(s):\n    return s.upper()\n"})
@@ -1850,6 +1872,50 @@ class BytecodeTests(RunnerTestCase):
             header, _ = p.run("who", {})
             self.assertEqual(header["result"], {"helper": "source", "me": "source!"}, mode)
         self.assertEqual(sorted(os.listdir(os.path.join(d, "__pycache__"))), sorted(cached))
+
+    def test_a_virtual_environment_in_the_plugin_is_the_interpreter_s_installation(self):
+        # The manifest's "python": ".venv/bin/python": the modules of that
+        # virtual environment load as installed packages do, bytecode
+        # included (compiled from source at every start, a plugin importing
+        # sympy loaded six times slower), and a pinned plugin may import
+        # them (they are no file of its listing, as a virtual environment
+        # outside the plugin is not); the plugin's own files still run from
+        # their checked sources.
+        import hashlib
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        venv = os.path.join(d, ".venv")
+        subprocess.run([PYTHON, "-m", "venv", "--without-pip", venv], check=True)
+        python = os.path.join(venv, "bin", "python")
+        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        self.assertTrue(site.startswith(venv + os.sep), site)
+        self.plant(os.path.join(site, "venvdep.py"), 'DEP = "source"\n', 'DEP = "cached"\n')
+        self.plant(os.path.join(d, "helper.py"), 'WHO = "source"\n', 'WHO = "plants"\n')
+        plugin = (
+            "import helper, venvdep\n"
+            "class Plugin:\n"
+            "    tools = {'who': {'handler': 'who'}}\n"
+            "    def who(self, args):\n"
+            "        return {'helper': helper.WHO, 'dep': venvdep.DEP}\n"
+        )
+        with open(os.path.join(d, "plugin.py"), "w") as f:
+            f.write(plugin)
+        sources = {}
+        for name in ("plugin.py", "helper.py"):
+            with open(os.path.join(d, name), "rb") as f:
+                sources[name] = hashlib.sha256(f.read()).hexdigest()
+        fd = os.memfd_create("sources")
+        self.addCleanup(os.close, fd)
+        os.write(fd, json.dumps(sources).encode())
+        for pinned in ([], ["--sources-fd", str(fd)]):
+            p = Proc(self, args=["--plugin", "venv", "--plugin-dir", d,
+                                 "--file", os.path.join(d, "plugin.py")] + pinned,
+                     env={"PYTHONDONTWRITEBYTECODE": ""}, python=python, pass_fds=(fd,))
+            p.start()
+            header, _ = p.run("who", {})
+            self.assertEqual(header.get("result"), {"helper": "source", "dep": "cached"},
+                             (pinned, header, p.stderr))
 
     def test_planted_bytecode_of_an_installed_package_never_runs(self):
         # An entry-point package: importable from sys.path (PYTHONPATH

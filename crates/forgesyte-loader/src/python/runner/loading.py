@@ -154,12 +154,17 @@ class _SourceOnlyFinder(object):
         # ``os.path.realpath(__file__)`` names them so. A checked tree's
         # was resolved already.
         self.real_root = checked.real_root if checked is not None else os.path.realpath(root)
+        self.installation = _installation_in(self.root, self.real_root)
 
     def covers(self, path):
         """Whether ``path`` is in the tree: of a signed or pinned plugin by
         :meth:`_Checked.under`, else by the path as given, under the root
         as given or as resolved (resolving every path would cost each
-        import of the standard library a ``realpath``)."""
+        import of the standard library a ``realpath``). Never the files of
+        the interpreter's own installation when it lies in the tree (see
+        :func:`_installation_in`)."""
+        if self.installation and _under_any(path, self.installation):
+            return False
         if self.checked is not None:
             return self.checked.under(path)
         where = os.path.abspath(path)
@@ -185,6 +190,35 @@ class _SourceOnlyFinder(object):
                 "module of its tree): it is not imported" % (name, clean(origin)),
                 name=name, path=origin)
         return spec  # an extension module: covered by pins and signatures
+
+
+def _installation_in(root, real_root):
+    """The interpreter's installation directories (``sys.prefix``,
+    ``sys.exec_prefix``: a virtual environment) that lie in the plugin's
+    tree, as given and as resolved: the manifest's ``"python":
+    ".venv/bin/python"``. Its modules are installed packages, as those of a
+    virtual environment outside the plugin are: loaded with their bytecode
+    (compiled from source at every start, a plugin importing sympy took
+    six times as long to load), and not among the files a pin or signature
+    covers (which skip hidden entries and virtual environments)."""
+    found = []
+    for prefix in {sys.prefix, sys.exec_prefix}:
+        if not isinstance(prefix, str) or not prefix:
+            continue
+        for where in {os.path.abspath(prefix), os.path.realpath(prefix)}:
+            if where.startswith(root + os.sep) or where.startswith(real_root + os.sep):
+                found.append(where)
+    return tuple(found)
+
+
+def _under_any(path, prefixes):
+    """Whether ``path``, as given or resolved, lies under one of
+    ``prefixes``."""
+    where = os.path.abspath(path)
+    if any(where.startswith(p + os.sep) for p in prefixes):
+        return True
+    real = os.path.realpath(path)
+    return real != where and any(real.startswith(p + os.sep) for p in prefixes)
 
 
 def _source_only_under(root, checked=None):
@@ -282,7 +316,7 @@ def import_plugin(args):
             checked = _Checked(root, args.sources)
         _source_only_under(root, checked)
         if not args.installed:
-            sys.path.insert(0, root)
+            sys.path.insert(_after_the_standard_library(), root)
     if args.file is not None:
         path = args.file
         if not os.path.isfile(path):
@@ -326,9 +360,32 @@ def import_plugin(args):
         return error
 
 
+def _after_the_standard_library():
+    """Where a plugin directory goes on ``sys.path``: after the standard
+    library's entries (its directory, its zip file, ``lib-dynload``), before
+    site-packages. A plugin's helper module named like a standard one (a
+    ``platform.py`` of constants, a ``random.py``) would otherwise replace
+    it for every module, numpy's and pydantic's among them; the Python
+    original imports ``plugin.py`` by its path, with nothing of its
+    directory on ``sys.path``. Its modules still come before installed
+    packages of the same name. 0 when no entry is the standard library's
+    (an embedded interpreter)."""
+    stdlib = os.path.dirname(os.path.abspath(os.__file__))
+    parent = os.path.dirname(stdlib)
+    after = 0
+    for i, entry in enumerate(sys.path):
+        if not isinstance(entry, str) or not entry:
+            continue
+        path = os.path.abspath(entry)
+        if (path in (stdlib, os.path.join(stdlib, "lib-dynload"))
+                or (path.endswith(".zip") and os.path.dirname(path) == parent)):
+            after = i + 1
+    return after
+
+
 # Said after the message of a relative import in a plugin file.
 RELATIVE_IMPORT_HINT = (
-    "plugin.py is imported as a top-level module, its directory first on "
+    "plugin.py is imported as a top-level module, its directory on "
     "sys.path: import a module beside it as `import helpers`, not "
     "`from .helpers import ...`")
 
