@@ -9,9 +9,11 @@
 //!   result, in order, its `Content-Disposition: attachment;
 //!   name="<pointer>"`;
 //! - `application/octet-stream`: the one binary result's raw bytes, the
-//!   rest in headers (`X-Forgesyte-Pointer`, `X-Forgesyte-Processing-Time-Ms`,
-//!   and the JSON answer in `X-Forgesyte-Result` when it is ASCII and at
-//!   most [`MAX_RESULT_HEADER`] bytes, else `X-Forgesyte-Result-Omitted`);
+//!   rest in headers (`X-Forgesyte-Pointer` when at most
+//!   [`MAX_RESULT_HEADER`] bytes, else `X-Forgesyte-Pointer-Omitted`,
+//!   `X-Forgesyte-Processing-Time-Ms`, and the JSON answer in
+//!   `X-Forgesyte-Result` when it is ASCII and at most
+//!   [`MAX_RESULT_HEADER`] bytes, else `X-Forgesyte-Result-Omitted`);
 //!   406 with a JSON failure when the result has not exactly one binary
 //!   result and the client accepts nothing else.
 //!
@@ -41,6 +43,9 @@ pub(crate) const MAX_RESULT_HEADER: usize = 8 * 1024;
 
 /// Header: the JSON Pointer of the raw answer's bytes.
 pub(crate) const POINTER_HEADER: &str = "x-forgesyte-pointer";
+/// Header: why `X-Forgesyte-Pointer` is absent (`too-large`: the pointer's
+/// text is over [`MAX_RESULT_HEADER`] bytes).
+pub(crate) const POINTER_OMITTED_HEADER: &str = "x-forgesyte-pointer-omitted";
 /// Header: the JSON answer (with `null` at the pointer) of a raw answer.
 pub(crate) const RESULT_HEADER: &str = "x-forgesyte-result";
 /// Header: why `X-Forgesyte-Result` is absent (`too-large`, `not-ascii`).
@@ -272,7 +277,14 @@ fn raw(
             headers.insert(HeaderName::from_static(name), value);
         }
     };
-    set(POINTER_HEADER, encoded_pointer(&pointer));
+    // A pointer is as long as the plugin's keys: past the limit it would
+    // make a header that clients and proxies refuse (64 KiB and less).
+    let pointer = encoded_pointer(&pointer);
+    if pointer.len() <= MAX_RESULT_HEADER {
+        set(POINTER_HEADER, pointer);
+    } else {
+        set(POINTER_OMITTED_HEADER, "too-large".into());
+    }
     set(TIME_HEADER, success.processing_time_ms.to_string());
     // Written up to the limit only: a result of tens of MiB is not
     // serialised whole just to learn it does not fit.
@@ -465,6 +477,32 @@ mod tests {
             let big = with(json!("a".repeat(MAX_RESULT_HEADER - empty_len + over)));
             assert!(!big.headers().contains_key(RESULT_HEADER), "{over}");
             assert_eq!(big.headers()[RESULT_OMITTED_HEADER], "too-large", "{over}");
+        }
+    }
+
+    /// A pointer up to the header limit is sent; a longer one (a key of
+    /// 100,000 characters made a 100 KB header that clients refuse) is
+    /// omitted, and the answer says so.
+    #[test]
+    fn a_raw_answer_s_pointer_header_is_capped() {
+        let with = |pointer: String| {
+            let success = RunSuccess {
+                ok: true,
+                plugin_id: "p".into(),
+                tool_name: "t".into(),
+                result: json!({}),
+                processing_time_ms: 1.0,
+            };
+            let budget = AnswerBudget::new(1024, Some(4096));
+            raw(&success, vec![(pointer, Bytes::from_static(b"x"))], &budget).unwrap()
+        };
+        let fits = with(format!("/{}", "k".repeat(MAX_RESULT_HEADER - 1)));
+        assert_eq!(fits.headers()[POINTER_HEADER].len(), MAX_RESULT_HEADER);
+        assert!(!fits.headers().contains_key(POINTER_OMITTED_HEADER));
+        for long in [MAX_RESULT_HEADER, 100_000] {
+            let big = with(format!("/{}", "k".repeat(long)));
+            assert!(!big.headers().contains_key(POINTER_HEADER), "{long}");
+            assert_eq!(big.headers()[POINTER_OMITTED_HEADER], "too-large", "{long}");
         }
     }
 
