@@ -409,6 +409,50 @@ fn hint_other_type(error: RunError, essence: &str, body: &[u8]) -> RunError {
 /// read.
 pub(crate) const MAX_MULTIPART_PARTS: usize = 1024;
 
+/// `content_type` without the optional whitespace before each `;` and with
+/// none after it, outside quoted strings: RFC 9110 §5.6.6 allows `OWS ";"
+/// OWS`, which the media-type parser behind [`multer::parse_boundary`]
+/// refuses before a `;` (`multipart/form-data ; boundary=x`) or as a tab
+/// after it.
+fn without_ows_at_semicolons(content_type: &str) -> String {
+    let mut out = String::with_capacity(content_type.len());
+    let (mut quoted, mut escaped, mut after_semicolon) = (false, false, false);
+    let mut pending = String::new();
+    for c in content_type.chars() {
+        if quoted {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                quoted = false;
+            }
+            continue;
+        }
+        match c {
+            ' ' | '\t' => {
+                if !after_semicolon {
+                    pending.push(c);
+                }
+            }
+            ';' => {
+                pending.clear();
+                out.push(';');
+                after_semicolon = true;
+            }
+            _ => {
+                out.push_str(&pending);
+                pending.clear();
+                after_semicolon = false;
+                quoted = c == '"';
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
 /// Splits the body in place ([`crate::form`]): every part's bytes are a
 /// slice of the body as received, never copied.
 async fn multipart(
@@ -416,9 +460,14 @@ async fn multipart(
     bytes: Bytes,
     max_values: usize,
 ) -> Result<RunInput, RunError> {
-    let boundary = multer::parse_boundary(content_type).map_err(|e| RunError::MalformedBody {
-        message: format!("{MALFORMED_MULTIPART}: {e}"),
-    })?;
+    let boundary = multer::parse_boundary(content_type)
+        .or_else(|e| multer::parse_boundary(without_ows_at_semicolons(content_type)).map_err(|_| e))
+        .map_err(|e| RunError::MalformedBody {
+            message: format!(
+                "{MALFORMED_MULTIPART}: {e} (the boundary parameter, quoted when it holds a space \
+                 or one of ()<>@,;:\\\"/[]?=)"
+            ),
+        })?;
     let parts = crate::form::split(&bytes, &boundary, MAX_MULTIPART_PARTS).map_err(|e| {
         RunError::MalformedBody {
             message: format!("{MALFORMED_MULTIPART}: {e}"),
@@ -815,6 +864,36 @@ mod tests {
                 Err(RunError::MalformedBody { .. })
             ));
         }
+    }
+
+    /// Optional whitespace around `;` (RFC 9110 §5.6.6) is a form's
+    /// Content-Type as well: before it, and a tab after it (both were 400
+    /// "failed to decode Content-Type"); a quoted boundary keeps its own.
+    #[tokio::test]
+    async fn a_form_s_content_type_may_have_whitespace_around_its_semicolon() {
+        let (ct, body) = multipart_body(&[("x", Some("a"), b"1")]);
+        let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
+        for ct in [
+            format!("multipart/form-data ; boundary={boundary}"),
+            format!("multipart/form-data;\tboundary={boundary}"),
+            format!("multipart/form-data \t;  boundary=\"{boundary}\" "),
+        ] {
+            let input = read(&headers(&ct), body.clone(), 1 << 20).await;
+            assert!(input.is_ok(), "{ct:?}: {:?}", input.err());
+        }
+        assert_eq!(
+            without_ows_at_semicolons("multipart/form-data ;\tboundary=\"a ; b\"\t; x=1"),
+            "multipart/form-data;boundary=\"a ; b\";x=1"
+        );
+        let Err(RunError::MalformedBody { message }) =
+            read(&headers("multipart/form-data; boundary=a b"), body, 1 << 20).await
+        else {
+            panic!("an unquoted boundary with a space was read");
+        };
+        assert!(
+            message.contains("quoted when it holds a space"),
+            "{message}"
+        );
     }
 
     #[tokio::test]
