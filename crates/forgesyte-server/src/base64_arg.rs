@@ -80,6 +80,38 @@ pub(crate) fn decode_in_place(text: String) -> Result<Vec<u8>, DecodeError> {
     Ok(buf)
 }
 
+/// `e` in words for the client: a bad symbol shown as itself, where it is
+/// counted (symbols only: whitespace and a `data:` prefix are not), and,
+/// for `-` and `_`, that URL-safe base64 is not read.
+pub(crate) fn describe(e: &DecodeError) -> String {
+    let shown = |byte: u8| match byte {
+        b'!'..=b'~' => format!("'{}'", char::from(byte)),
+        _ => format!("byte 0x{byte:02x}"),
+    };
+    match *e {
+        DecodeError::InvalidByte(at, byte) => {
+            let hint = if matches!(byte, b'-' | b'_') {
+                " (URL-safe base64? send standard base64, with + and / for - and _)"
+            } else {
+                ""
+            };
+            format!(
+                "{} is no base64 symbol, at symbol {at} (counted from 0, whitespace and a data: \
+                 prefix not counted){hint}",
+                shown(byte)
+            )
+        }
+        DecodeError::InvalidLastSymbol { offset, symbol, .. } => format!(
+            "the last symbol {} (symbol {offset}) leaves bits set that no byte holds: the text \
+             was cut or altered",
+            shown(symbol)
+        ),
+        DecodeError::InvalidLength(_) | DecodeError::InvalidPadding => {
+            format!("{e} (standard base64 is a multiple of 4 symbols, padded with = as needed)")
+        }
+    }
+}
+
 /// Drops the whitespace in `buf` from `from` on, moving the rest down.
 fn compact(buf: &mut Vec<u8>, from: usize) {
     let mut kept = from;
@@ -153,6 +185,29 @@ mod tests {
     use proptest::prelude::*;
 
     use super::{base64_text, decode_in_place};
+
+    /// A bad symbol is shown as itself, with where it is counted; `-` and
+    /// `_` say URL-safe base64 is not read.
+    #[test]
+    fn errors_are_described_for_the_client() {
+        let said = |text: &str| super::describe(&decode_in_place(text.to_owned()).unwrap_err());
+        let star = said("AAAA AAAA AAAA *AAA");
+        assert!(
+            star.starts_with("'*' is no base64 symbol, at symbol 12"),
+            "{star}"
+        );
+        assert!(
+            star.contains("whitespace and a data: prefix not counted"),
+            "{star}"
+        );
+        assert!(!star.contains("URL-safe"), "{star}");
+        for url_safe in ["AA-A", "AA_A"] {
+            assert!(said(url_safe).contains("URL-safe base64?"), "{url_safe}");
+        }
+        assert!(said("AA\u{1}A").starts_with("byte 0x01 is no base64 symbol"));
+        assert!(said("AAAAA").contains("multiple of 4 symbols"));
+        assert!(said("QR==").contains("the last symbol 'R'"));
+    }
 
     #[test]
     fn the_prefix_and_surrounding_whitespace_are_dropped() {

@@ -695,7 +695,7 @@ fn arguments(
                 let bytes =
                     decode_in_place(std::mem::take(text)).map_err(|e| RunError::NotBase64 {
                         name: (*name).to_owned(),
-                        message: e.to_string(),
+                        message: crate::base64_arg::describe(&e),
                     })?;
                 binary.push(((*name).to_owned(), bytes.into()));
             }
