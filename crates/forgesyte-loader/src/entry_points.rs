@@ -34,6 +34,10 @@ use serde::{Deserialize, Serialize};
 /// The entry-point group ForgeSyte plugins declare.
 pub const GROUP: &str = "forgesyte.plugins";
 
+/// How the discovery script's error for a module it cannot find begins
+/// (see [`EntryPoint::module_not_found`]).
+const MODULE_NOT_FOUND: &str = "ModuleNotFoundError: No module named";
+
 /// How long [`discover`] lets the interpreter run before it kills it.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -306,6 +310,19 @@ impl EntryPoint {
             .clone()
             .or_else(|| self.location.clone())
             .unwrap_or_else(|| PathBuf::from("/"))
+    }
+
+    /// Whether it is declared but its module was not found (its package
+    /// directory removed, an upgrade half done): the discovery script's
+    /// `ModuleNotFoundError`, not a value that is no `MODULE[:ATTR]` or a
+    /// parent package that raised.
+    pub fn module_not_found(&self) -> bool {
+        !self.whole_distribution
+            && self.module_dir.is_none()
+            && self
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(MODULE_NOT_FOUND))
     }
 
     /// Whether `other` is the same declaration (name, value, distribution).

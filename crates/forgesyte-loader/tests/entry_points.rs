@@ -557,6 +557,70 @@ fn reload_all_loads_entry_points_installed_since() {
     assert_eq!(one.state, S::Initialized, "{one:#?}");
 }
 
+/// A reload by name asks the interpreter for the entry point again, as a
+/// rescan does: a class moved to another module in an upgrade, and a
+/// manifest the new version no longer ships, are loaded from what is
+/// installed now (it imported the old module, or read the old manifest:
+/// FAILED), and the rescan after it finds nothing changed (it restarted
+/// the plugin again, its stamp the one of the load before). A package
+/// whose directory is gone is refused and left serving, as a plugin whose
+/// directory vanished is (it was FAILED `No module named`).
+#[test]
+fn a_reload_by_name_rediscovers_its_entry_point() {
+    let site = Site::new();
+    site.package(
+        "movepkg",
+        "1.0",
+        "movepkg",
+        &[
+            ("plugin.py", &plugin_py("Before")),
+            ("manifest.json", r#"{"name": "moving", "version": "1.0.0"}"#),
+        ],
+        &[("moving", "movepkg.plugin:Plugin")],
+    );
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    assert_eq!(hello(&loader, "moving")["message"], "Before, ForgeSyte!");
+
+    let package = site.site.join("movepkg");
+    std::fs::remove_file(package.join("plugin.py")).unwrap();
+    std::fs::remove_file(package.join("manifest.json")).unwrap();
+    site.package(
+        "movepkg",
+        "1.0",
+        "movepkg",
+        &[("plugin2.py", &plugin_py("After"))],
+        &[("moving", "movepkg.plugin2:Plugin")],
+    );
+    let outcome = loader.reload("moving").unwrap();
+    assert_eq!(outcome.state, S::Initialized, "{outcome:#?}");
+    assert_eq!(hello(&loader, "moving")["message"], "After, ForgeSyte!");
+    assert_eq!(
+        loader.entry_point("moving").map(|ep| ep.value),
+        Some("movepkg.plugin2:Plugin".to_owned())
+    );
+    let report = loader.rescan();
+    let names = |list: &[forgesyte_loader::PluginLoadOutcome]| -> Vec<String> {
+        list.iter().map(|o| o.name.clone()).collect()
+    };
+    assert_eq!(names(&report.changed), Vec::<String>::new(), "{report:#?}");
+    assert_eq!(names(&report.unchanged), ["moving"], "{report:#?}");
+
+    std::fs::rename(&package, site.site.join("movepkg.gone")).unwrap();
+    let refused = loader.reload_with_others("moving").unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            forgesyte_loader::ReloadRefused::EntryPointGone { .. }
+        ),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("left serving"), "{refused}");
+    assert_eq!(status(&registry, "moving").0, S::Initialized);
+    assert_eq!(hello(&loader, "moving")["message"], "After, ForgeSyte!");
+}
+
 /// Two distributions declare entry point `ocr`: the second is the
 /// duplicate (`ocr~duplicate`, FAILED). Once the first is uninstalled, a
 /// rescan gives the second its name (it stayed FAILED for good, told that

@@ -72,7 +72,7 @@ fn admit(state: &AppState, headers: &HeaderMap, peer: Peer) -> Result<(), ApiErr
         (status = 403, description = "Wrong token, or reload disabled (no admin token configured)", body = ErrorDetail),
         (status = 429, description = "Too many wrong tokens from this address in the last minute (`Retry-After` says when to try again)", body = ErrorDetail),
         (status = 404, description = "No plugin of that name", body = ErrorDetail),
-        (status = 409, description = "The startup load pass or another reload is running, or the plugin's directory has no manifest any more (moved or removed: it is left as it is, and a rescan finds where it went)", body = ErrorDetail),
+        (status = 409, description = "The startup load pass or another reload is running, or the plugin's directory has no manifest any more (moved or removed), or an installed plugin's entry point is no longer installed or its module not found: it is left as it is, and a rescan finds where it went or lets it go", body = ErrorDetail),
     )
 )]
 pub(crate) async fn reload_plugin(

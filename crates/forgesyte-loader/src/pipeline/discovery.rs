@@ -234,7 +234,12 @@ impl Loader {
 
     /// The manifest of registered plugin `name` read again (for a reload):
     /// its entry point's when it is an installed Python plugin, else its
-    /// directory's.
+    /// directory's. Either way the change stamp is taken first and kept for
+    /// the next rescan to compare with, as [`read_manifest`](Self::read_manifest)
+    /// keeps a directory's: an installed plugin's was not, so the rescan
+    /// after a reload by name compared with the stamp of its previous load,
+    /// found it changed and restarted it again (`on_unload` twice for one
+    /// change). (Of one in a directory it shares, `restamp` takes its own.)
     pub(super) fn reread_manifest(
         &self,
         name: &str,
@@ -242,7 +247,13 @@ impl Loader {
     ) -> Result<Manifest, Box<BadManifest>> {
         let entry_point = self.entry_points.read().get(name).cloned();
         match entry_point {
-            Some(ep) => self.entry_point_manifest(&ep),
+            Some(ep) => {
+                if ep.owns_dir {
+                    let stamped = self.stamp_of(name, dir);
+                    self.fresh_stamps.lock().insert(dir.to_path_buf(), stamped);
+                }
+                self.entry_point_manifest(&ep)
+            }
             None => self.read_manifest(dir),
         }
     }

@@ -14,6 +14,7 @@ use serde_json::Value;
 use super::discovery::{BadManifest, NoManifest, bad};
 use super::loader::{Entry, Loader, Pending, plugin_dep_name};
 use super::report::{LoadReport, PluginLoadOutcome, ms};
+use crate::entry_points::EntryPoint;
 use crate::handle::PluginHandle;
 use crate::manifest::{Isolation, Manifest};
 
@@ -50,6 +51,20 @@ pub enum ReloadRefused {
         /// The directory it was loaded from.
         dir: PathBuf,
     },
+    /// An installed (entry-point) plugin that serves is no longer
+    /// installed: the interpreter, asked again, declares no such entry point
+    /// any more, or its module cannot be found (its package directory
+    /// removed, an upgrade half done). It is left serving, as a plugin
+    /// whose directory vanished is; a rescan lets it go.
+    #[error(
+        "its {entry_point} {why}; it is left serving: a rescan lets it go, or loads it again once it is installed"
+    )]
+    EntryPointGone {
+        /// The entry point it was loaded from ([`EntryPoint::describe`](crate::entry_points::EntryPoint::describe)).
+        entry_point: String,
+        /// What the interpreter reports of it now.
+        why: String,
+    },
 }
 
 impl Loader {
@@ -72,9 +87,16 @@ impl Loader {
     /// plugin it signed is checked again too (and loaded again, in-process
     /// ones included), as a rescan would.
     ///
+    /// An installed (entry-point) plugin is looked up again first, as a
+    /// rescan looks it up: the interpreter is asked for the entry points,
+    /// and the plugin is loaded from what it reports now (its class moved
+    /// to another module, a manifest added or dropped, a new version), not
+    /// from what was found when it was registered.
+    ///
     /// `None` when no plugin of that name is registered, or when its
     /// directory's manifest is gone ([`ReloadRefused::FilesGone`]: it is
-    /// left as it is).
+    /// left as it is), or, for an installed plugin, its entry point
+    /// ([`ReloadRefused::EntryPointGone`]).
     pub fn reload(&self, name: &str) -> Option<PluginLoadOutcome> {
         self.reload_with_others(name)
             .ok()
@@ -89,8 +111,10 @@ impl Loader {
     ///
     /// [`ReloadRefused`]: no plugin of that name is registered, or its
     /// directory's manifest is gone (moved or removed: a rescan finds
-    /// where it went, or lets it go); nothing is done then (a working
-    /// plugin was FAILED "manifest not found" until the next rescan).
+    /// where it went, or lets it go), or its entry point (an installed
+    /// plugin no longer installed, or its module not found); nothing is
+    /// done then (a working plugin was FAILED "manifest not found" until
+    /// the next rescan).
     pub fn reload_with_others(&self, name: &str) -> Result<Vec<PluginLoadOutcome>, ReloadRefused> {
         let dir = {
             let entries = self.entries.read();
@@ -101,7 +125,9 @@ impl Loader {
         // UNAVAILABLE one is loaded, and fails for its missing manifest
         // (so a shortage retry lets it go).
         let serving = self.registry.is_available(name);
-        if serving && !self.entry_points.read().contains_key(name) && self.manifest_gone(&dir) {
+        if self.entry_points.read().contains_key(name) {
+            self.refresh_entry_point(name, serving)?;
+        } else if serving && self.manifest_gone(&dir) {
             return Err(ReloadRefused::FilesGone { dir });
         }
         // Its signature is checked against the keys as they are now; so
@@ -128,6 +154,105 @@ impl Loader {
             Ok(outcomes)
         } else {
             Err(ReloadRefused::NotRegistered)
+        }
+    }
+
+    /// For a reload of installed plugin `name`: asks the interpreter for
+    /// the entry points again, as a rescan does
+    /// ([`rescan_entry_points`](Self::rescan_entry_points)), and records
+    /// what it reports now of the one `name` was loaded from, its directory
+    /// with it: the same declaration, else the one of the same name and
+    /// distribution whose value changed (its class moved to another module
+    /// in an upgrade). The reload then loads what is installed now; with
+    /// what was found at start-up it imported a module that was gone, or
+    /// read a `manifest.json` the new version no longer ships. When the
+    /// discovery fails, nothing is known: the plugin is reloaded from what
+    /// was found before.
+    ///
+    /// # Errors
+    ///
+    /// [`ReloadRefused::EntryPointGone`] when `serving` and the entry point
+    /// is no longer declared, or its module is not found: left serving, as
+    /// a directory plugin whose directory vanished is. One that does not
+    /// serve is loaded and fails, naming why.
+    fn refresh_entry_point(&self, name: &str, serving: bool) -> Result<(), ReloadRefused> {
+        if !self.config.python_entry_points {
+            return Ok(());
+        }
+        let found = self.discover_entry_points();
+        if self.entry_points_error.read().is_some() {
+            return Ok(());
+        }
+        let (known, others) = {
+            let all = self.entry_points.read();
+            let Some(known) = all.get(name).cloned() else {
+                return Ok(());
+            };
+            let others: Vec<EntryPoint> = all
+                .iter()
+                .filter(|(key, _)| key.as_str() != name)
+                .map(|(_, ep)| ep.clone())
+                .collect();
+            (known, others)
+        };
+        let now = found
+            .iter()
+            .find(|ep| ep.same_declaration(&known))
+            .or_else(|| {
+                // Not one another plugin is registered from.
+                let mut renamed = found.iter().filter(|ep| {
+                    !ep.whole_distribution
+                        && ep.name == known.name
+                        && ep.dist == known.dist
+                        && !others.iter().any(|o| o.same_declaration(ep))
+                });
+                // Two of them: which one it became is not known.
+                match (renamed.next(), renamed.next()) {
+                    (Some(one), None) => Some(one),
+                    _ => None,
+                }
+            })
+            .cloned();
+        let why = match &now {
+            None => Some(format!(
+                "is no longer installed (the interpreter declares no entry point '{}' of group {} of {})",
+                known.name,
+                crate::entry_points::GROUP,
+                known.dist.as_deref().unwrap_or("its distribution")
+            )),
+            // Its package directory removed, or an upgrade half done: the
+            // entry point is declared, its module is not there.
+            Some(ep) if ep.module_not_found() => ep
+                .error
+                .as_deref()
+                .map(|e| format!("cannot be found now: {e}")),
+            Some(_) => None,
+        };
+        match (why, now) {
+            (Some(why), _) if serving => Err(ReloadRefused::EntryPointGone {
+                entry_point: known.describe(),
+                why,
+            }),
+            // Not serving: loaded, and FAILED with the reason.
+            (Some(why), None) => {
+                if let Some(ep) = self.entry_points.write().get_mut(name) {
+                    ep.error = Some(why);
+                }
+                Ok(())
+            }
+            (_, Some(ep)) => {
+                if ep.value != known.value {
+                    tracing::info!(plugin = %name, from = %known.value, to = %ep.value, "Plugin {name}: its entry point is {} now", ep.value);
+                }
+                if let Some(entry) = self.entries.write().get_mut(name) {
+                    entry.dir = ep.plugin_dir();
+                }
+                if let Some(k) = self.entry_points.write().get_mut(name) {
+                    *k = ep;
+                }
+                Ok(())
+            }
+            (None, None) => Ok(()),
         }
     }
 

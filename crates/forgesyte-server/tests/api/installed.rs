@@ -364,3 +364,119 @@ fn installed_plugins_alone_need_no_default_plugins_directory() {
         "{log}"
     );
 }
+
+/// The admin token of the tests that reload installed plugins.
+const TOKEN: &str = "installed-test-token-0123456789";
+
+/// An installed plugin `fact` of distribution `factpkg`, its class in
+/// module `module` of package `factpkg` (a manifest beside it when
+/// `manifest`), its tool `t` answering `{"v": version}`: written (again)
+/// into `site`, as an upgrade leaves it.
+fn install_fact(site: &std::path::Path, module: &str, version: u32, manifest: bool) {
+    let package = site.join("factpkg");
+    std::fs::create_dir_all(&package).unwrap();
+    std::fs::write(package.join("__init__.py"), "").unwrap();
+    std::fs::write(
+        package.join(format!("{module}.py")),
+        format!(
+            r#"
+class Plugin:
+    tools = {{"t": {{"handler": "t", "description": "", "input_schema": {{}}, "output_schema": {{}}}}}}
+
+    def t(self):
+        return {{"v": {version}}}
+"#
+        ),
+    )
+    .unwrap();
+    let path = package.join("manifest.json");
+    if manifest {
+        std::fs::write(&path, r#"{"name": "fact", "version": "1.0.0"}"#).unwrap();
+    } else if path.exists() {
+        std::fs::remove_file(&path).unwrap();
+    }
+    write_dist_info(
+        site,
+        "factpkg",
+        "factpkg",
+        "1.0",
+        &format!("fact = factpkg.{module}:Plugin\n"),
+    );
+}
+
+/// A reload by name of an installed plugin asks the interpreter for its
+/// entry point again, as a rescan does: a class moved to another module
+/// and a manifest the new version no longer ships are loaded from what is
+/// installed now (it imported the old module, and read the old manifest:
+/// FAILED); the rescan after it finds nothing changed (it restarted the
+/// plugin again); and one whose package directory is gone is left serving
+/// with 409, as a plugin whose directory vanished is (it was FAILED
+/// `No module named`).
+#[test]
+fn a_reload_by_name_of_an_installed_plugin_loads_what_is_installed_now() {
+    let scratch = tempfile::tempdir().unwrap();
+    let site = scratch.path().join("site");
+    install_fact(&site, "plugin", 1, true);
+    let python = scratch.path().join("python");
+    site_python(&python, &site);
+    let empty = scratch.path().join("plugins");
+    std::fs::create_dir_all(&empty).unwrap();
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            &empty.display().to_string(),
+            "--python",
+            &python.display().to_string(),
+            "--python-entry-points",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let served = |v: u32| {
+        let run = server.run("fact", "t", r#"{"args": {}}"#);
+        assert_eq!(run.status, 200, "{}\n{}", run.text(), server.log());
+        assert_eq!(run.json()["result"]["v"], v, "{}", run.text());
+    };
+    served(1);
+    let reload = || crate::support::admin_post(server.addr, "/v1/plugins/fact/reload", TOKEN);
+    let rescan = || {
+        let reply = crate::support::admin_post(server.addr, "/v1/plugins/reload", TOKEN);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.json()
+    };
+
+    // The class moves to another module, the entry point with it; the
+    // new version ships no manifest (one is made of the entry point).
+    std::fs::remove_file(site.join("factpkg/plugin.py")).unwrap();
+    install_fact(&site, "plugin2", 2, false);
+    let reply = reload();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["state"],
+        "INITIALIZED",
+        "{}\n{}",
+        reply.text(),
+        server.log()
+    );
+    served(2);
+    let manifest = server.get("/v1/plugins/fact/manifest").json();
+    assert_eq!(
+        manifest["entrypoint"], "factpkg.plugin2:Plugin",
+        "{manifest:#}"
+    );
+    // What the reload loaded is what the rescan compares with: nothing
+    // changed since.
+    let report = rescan();
+    assert_eq!(report["changed"], serde_json::json!([]), "{report}");
+    assert_eq!(report["unchanged"], serde_json::json!(["fact"]), "{report}");
+
+    // The package directory gone (uninstalled, an upgrade half done): left
+    // serving, as a plugin whose directory vanished is.
+    std::fs::rename(site.join("factpkg"), site.join("factpkg.gone")).unwrap();
+    let reply = reload();
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    assert!(reply.detail().contains("left serving"), "{}", reply.text());
+    served(2);
+    let health = server.get("/v1/plugins/fact/health").json();
+    assert_eq!(health["state"], "INITIALIZED", "{health:#}");
+}
