@@ -100,7 +100,7 @@ pub use host::{
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{
     LoadReport, Loader, LoaderConfig, PluginLoadOutcome, ReloadRefused, RescanReport,
-    RetiredPlugin, Retry, runtime_output,
+    RetiredPlugin, Retry, loaded_by_plugins, runtime_output,
 };
 pub use process::{ProcessImporter, ProcessLimits, RUNNER_STOP_WAIT};
 pub use supervise::SupervisionPolicy;

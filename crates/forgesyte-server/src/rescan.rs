@@ -111,14 +111,14 @@ pub(crate) fn forget_gone_tools(state: &AppState, plugins: &[&str]) {
 }
 
 /// Waits (bounded) for the admin claim, then rescans; for the triggers
-/// that have no client to answer 409 to.
-pub(crate) async fn rescan_when_free(state: &AppState, trigger: &str) {
-    let Some(guard) = claim_when_free(state, "Rescan", trigger).await else {
-        return;
-    };
-    if let Err(e) = rescan(state, guard, trigger).await {
-        tracing::error!(%trigger, "Rescan ({trigger}) failed: {e}");
-    }
+/// that have no client to answer 409 to. The rescan's report, when one ran
+/// to its end (`serve --watch` reads which plugins it loaded).
+pub(crate) async fn rescan_when_free(state: &AppState, trigger: &str) -> Option<ReloadReport> {
+    let guard = claim_when_free(state, "Rescan", trigger).await?;
+    rescan(state, guard, trigger)
+        .await
+        .inspect_err(|e| tracing::error!(%trigger, "Rescan ({trigger}) failed: {e}"))
+        .ok()
 }
 
 /// The admin claim, waited for (bounded); `None` when the wait gave up or
@@ -310,7 +310,7 @@ pub(crate) fn start_sighup(state: &AppState) {
                     merged
                 );
             }
-            rescan_when_free(&state, "SIGHUP").await;
+            let _ = rescan_when_free(&state, "SIGHUP").await;
         }
     });
 }

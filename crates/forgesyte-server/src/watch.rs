@@ -9,14 +9,26 @@
 //! yet at the start, or a plugin linked in or re-linked since is watched
 //! from then on, and one rescan runs. (A watch follows the inode it was
 //! added on, and the watcher never follows a link made after it started:
-//! each of those went unwatched for good.) Knows the rescan trigger and
-//! the file system; nothing of routes or the loader.
+//! each of those went unwatched for good.)
+//!
+//! What a plugin writes into its own directory as it loads (its
+//! constructor or `on_load` saving a state file beside its code, with
+//! confinement off) is its own output, not an edit: the files written
+//! there, other than what plugins load ([`forgesyte_loader::loaded_by_plugins`]:
+//! manifests, the lock file, code), while a `--watch` rescan loaded it (and
+//! a moment after) set off no rescan. Each such rescan reloaded it, which
+//! wrote again, which set off the next: 20 reloads in 6 s, for good. The
+//! change stamp still counts the file (it is taken before the plugin's
+//! files are read, so an edit made while it loads is never lost): the next
+//! rescan for another change, `SIGHUP` or the admin route reloads it once.
+//! Knows the rescan trigger, its report and the file system; nothing of
+//! routes or the loader.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
@@ -32,17 +44,117 @@ pub(crate) const WATCH_SETTLE: Duration = Duration::from_millis(300);
 pub(crate) const RESYNC: Duration = Duration::from_secs(2);
 /// Changed paths `--watch` ignores: caches that running plugins write.
 const IGNORED: [&str; 3] = ["__pycache__", ".pytest_cache", ".git"];
+/// How long after a `--watch` rescan ends a file written into the directory
+/// of a plugin it loaded is still taken for that plugin's own output: the
+/// watcher reports a write a moment after it was made.
+const OWN_OUTPUT_GRACE: Duration = Duration::from_millis(200);
 
 /// Watched roots, each with the (device, inode) its watch was added on.
 type Roots = BTreeMap<PathBuf, (u64, u64)>;
 
+/// Changed paths (those [`relevant`]), each with when the watcher told.
+type Changes = Vec<(PathBuf, Instant)>;
+
+/// What the last `--watch` rescan loaded (added, changed, retried): each
+/// plugin with its directory (as registered and as its links resolve), and
+/// when the rescan began and ended.
+struct Loaded {
+    plugins: Vec<(String, Vec<PathBuf>)>,
+    began: Instant,
+    ended: Instant,
+}
+
+impl Loaded {
+    fn of(report: &crate::wire::ReloadReport, began: Instant) -> Loaded {
+        let loaded: BTreeSet<&str> = report
+            .added
+            .iter()
+            .chain(&report.changed)
+            .chain(&report.retried)
+            .map(String::as_str)
+            .collect();
+        let plugins = report
+            .plugins
+            .iter()
+            .filter(|o| loaded.contains(o.name.as_str()))
+            .map(|o| {
+                let dir = PathBuf::from(&o.dir);
+                // A plugin linked in is watched at the link's target.
+                let resolved = std::fs::canonicalize(&dir).ok();
+                (
+                    o.name.clone(),
+                    std::iter::once(dir).chain(resolved).collect(),
+                )
+            })
+            .collect();
+        Loaded {
+            plugins,
+            began,
+            ended: Instant::now(),
+        }
+    }
+
+    /// The plugin whose own output a change of `path` told at `at` is: one
+    /// this rescan loaded, written into its directory while the rescan ran
+    /// (or a moment after), and not what plugins load.
+    fn own_output(&self, path: &Path, at: Instant) -> Option<&str> {
+        if at < self.began
+            || at > self.ended + OWN_OUTPUT_GRACE
+            || forgesyte_loader::loaded_by_plugins(path)
+        {
+            return None;
+        }
+        self.plugins
+            .iter()
+            .find(|(_, dirs)| dirs.iter().any(|d| path.starts_with(d)))
+            .map(|(name, _)| name.as_str())
+    }
+}
+
+/// Leaves out of `changes` what the plugins the last rescan loaded wrote
+/// into their own directories as they loaded ([`Loaded::own_output`]),
+/// saying so once per plugin (`told`): what is left, if anything, is worth
+/// a rescan.
+fn without_own_output(
+    changes: Changes,
+    last: Option<&Loaded>,
+    told: &mut BTreeSet<String>,
+) -> Changes {
+    let Some(last) = last else {
+        return changes;
+    };
+    let mut kept = Changes::new();
+    for (path, at) in changes {
+        match last.own_output(&path, at) {
+            Some(plugin) => {
+                if told.insert(plugin.to_owned()) {
+                    tracing::warn!(plugin = %plugin, path = %path.display(), "--watch: plugin {plugin} wrote {} into its own directory as it loaded: taken for its own output, no rescan for it (one per load reloaded it without end). Write such files under its tmp/, logs/ or .cache/, or name them in its manifest's filesystem.write; SIGHUP reloads it", path.display());
+                } else {
+                    tracing::debug!(plugin = %plugin, path = %path.display(), "--watch: {} written by plugin {plugin} as it loaded: no rescan", path.display());
+                }
+            }
+            None => kept.push((path, at)),
+        }
+    }
+    kept
+}
+
 /// Starts watching `plugins_dir`; the watch lives as long as the runtime.
 pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Changes>();
     let below = plugins_dir.to_path_buf();
     let handler = move |result: notify::Result<notify::Event>| match result {
-        Ok(event) if changes(&event.kind) && event.paths.iter().any(|p| relevant(p, &below)) => {
-            let _ = tx.send(());
+        Ok(event) if changes(&event.kind) => {
+            let at = Instant::now();
+            let paths: Changes = event
+                .paths
+                .into_iter()
+                .filter(|p| relevant(p, &below))
+                .map(|p| (p, at))
+                .collect();
+            if !paths.is_empty() {
+                let _ = tx.send(paths);
+            }
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "Watching the plugins directory: {e}"),
@@ -72,16 +184,31 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
         let mut every = tokio::time::interval(RESYNC);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;
+        // What the last rescan loaded, and the plugins whose own output
+        // was said already.
+        let mut last: Option<Loaded> = None;
+        let mut told: BTreeSet<String> = BTreeSet::new();
+        let rescan = |state: AppState| async move {
+            let began = Instant::now();
+            crate::rescan::rescan_when_free(&state, crate::rescan::WATCH)
+                .await
+                .map(|report| Loaded::of(&report, began))
+        };
         loop {
             tokio::select! {
                 changed = rx.recv() => {
-                    if changed.is_none() {
+                    let Some(mut changed) = changed else {
                         break;
-                    }
+                    };
                     // A rebuild writes in several steps: wait until it settles.
-                    while let Ok(Some(())) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {}
+                    while let Ok(Some(more)) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {
+                        changed.extend(more);
+                    }
+                    if without_own_output(changed, last.as_ref(), &mut told).is_empty() {
+                        continue;
+                    }
                     tracing::info!(dir = %dir.display(), "Files changed under {}: rescanning", dir.display());
-                    crate::rescan::rescan_when_free(&state, crate::rescan::WATCH).await;
+                    last = rescan(state.clone()).await;
                 }
                 _ = every.tick() => {
                     let (watcher, roots, at) = (Arc::clone(&watcher), Arc::clone(&roots), dir.clone());
@@ -93,7 +220,7 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
                     .unwrap_or(false);
                     if moved {
                         tracing::info!(dir = %dir.display(), "The plugins directory {} or a directory linked into it was replaced or appeared: rescanning", dir.display());
-                        crate::rescan::rescan_when_free(&state, crate::rescan::WATCH).await;
+                        last = rescan(state.clone()).await;
                     }
                 }
             }
@@ -209,6 +336,48 @@ mod tests {
     use std::path::Path;
 
     use super::{changes, relevant, wanted};
+
+    /// What a plugin the last rescan loaded wrote into its own directory
+    /// while it loaded sets off no rescan; its code and manifest written
+    /// then, another plugin's files, and its own files written later do.
+    #[test]
+    fn what_a_plugin_wrote_as_it_loaded_is_no_change() {
+        use std::path::PathBuf;
+        use std::time::{Duration, Instant};
+        let began = Instant::now();
+        let last = super::Loaded {
+            plugins: vec![("writer".to_owned(), vec![PathBuf::from("/tmp/p/writer")])],
+            began,
+            ended: began + Duration::from_millis(500),
+        };
+        let during = began + Duration::from_millis(100);
+        let later = last.ended + Duration::from_secs(5);
+        let changes = vec![
+            (PathBuf::from("/tmp/p/writer/state.json"), during),
+            (PathBuf::from("/tmp/p/writer/plugin.py"), during),
+            (PathBuf::from("/tmp/p/writer/manifest.json"), during),
+            (PathBuf::from("/tmp/p/other/state.json"), during),
+            (PathBuf::from("/tmp/p/writer/state.json"), later),
+        ];
+        let mut told = std::collections::BTreeSet::new();
+        let kept: Vec<PathBuf> = super::without_own_output(changes.clone(), Some(&last), &mut told)
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "/tmp/p/writer/plugin.py",
+                "/tmp/p/writer/manifest.json",
+                "/tmp/p/other/state.json",
+                "/tmp/p/writer/state.json",
+            ]
+            .map(PathBuf::from)
+        );
+        assert!(told.contains("writer"), "{told:?}");
+        // No rescan yet: every change counts.
+        assert_eq!(super::without_own_output(changes, None, &mut told).len(), 5);
+    }
 
     #[test]
     fn opening_and_reading_files_are_not_changes() {

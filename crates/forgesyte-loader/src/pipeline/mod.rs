@@ -51,4 +51,4 @@ pub use loader::Loader;
 pub use reload::ReloadRefused;
 pub use report::{LoadReport, PluginLoadOutcome};
 pub use rescan::{RescanReport, RetiredPlugin, Retry};
-pub use stamp::runtime_output;
+pub use stamp::{loaded_by_plugins, runtime_output};

@@ -94,6 +94,16 @@ pub fn runtime_output(path: &Path) -> bool {
     under(&RUNTIME_DIRS) && !is_code(&name)
 }
 
+/// Whether a file at `path` is what a plugin loads, whoever wrote it: its
+/// manifest, the lock file, code (`is_code`: Python sources and extension
+/// modules, shared libraries). `serve --watch` never takes a change of one
+/// for a plugin's own output.
+pub fn loaded_by_plugins(path: &Path) -> bool {
+    path.file_name()
+        .map(|n| n.to_string_lossy())
+        .is_some_and(|name| name == MANIFEST_FILE || name == LOCK_FILE || is_code(&name))
+}
+
 /// The stamp of `dir`, whose manifest is read if it is a regular file of
 /// at most `max_manifest` bytes (else its size, time and inode in the
 /// walk stand for it); `None` when it cannot be read at all.
@@ -403,6 +413,13 @@ mod tests {
             "data.bin",
         ] {
             assert!(!super::runtime_output(Path::new(code)), "{code}");
+        }
+        // What a plugin loads, whoever wrote it; not what it may write.
+        for loaded in ["plugin.py", "a/lib.so.1", "manifest.json", "forgesyte.lock"] {
+            assert!(super::loaded_by_plugins(Path::new(loaded)), "{loaded}");
+        }
+        for written in ["state.json", "data.bin", "manifest.json.bak"] {
+            assert!(!super::loaded_by_plugins(Path::new(written)), "{written}");
         }
         assert_eq!(
             super::write_grants(
