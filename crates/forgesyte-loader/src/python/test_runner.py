@@ -2168,21 +2168,56 @@ class MemoryLimitTests(RunnerTestCase):
 class UnitTests(unittest.TestCase):
     """Pure functions of the runner's modules, imported in this process."""
 
-    def test_errors_the_seccomp_filter_may_cause_say_what_it_refuses(self):
-        from runner.errors import FILTERED_HINT, python_error, with_filter_hint
+    def test_errors_the_sandbox_may_cause_say_so_and_how_to_widen_it(self):
+        import socket
+        import urllib.error
 
-        def message(exc, filtered=True):
-            return with_filter_hint(python_error(exc, kind="Failed"), exc, filtered)["message"]
+        from runner.errors import (ENV_HINT, FILESYSTEM_HINT, FILTERED_HINT, NETWORK_HINT,
+                                   python_error, with_sandbox_hint)
 
+        confined = {"env": "scrubbed", "network": "isolated: a network namespace of its own",
+                    "filesystem": "confined: Landlock ABI 7",
+                    "syscalls": "filtered: no new socket (Unix pairs of streams or packets only)"}
+
+        def message(exc, confinement=confined):
+            return with_sandbox_hint(python_error(exc, kind="Failed"), exc, confinement)["message"]
+
+        def raised(f):
+            try:
+                f()
+            except BaseException as e:
+                return e
+            raise AssertionError("nothing raised")
+
+        # The seccomp filter's refusals.
         refused = PermissionError(errno.EACCES, "Permission denied")
         self.assertEqual(message(refused), "[Errno 13] Permission denied (%s)" % FILTERED_HINT)
         preexec = subprocess.SubprocessError("Exception occurred in preexec_fn.")
         self.assertTrue(message(preexec).endswith("(%s)" % FILTERED_HINT))
-        # Not under the filter; a path (Landlock's, named already); another
-        # errno; another error: as they are.
-        self.assertEqual(message(refused, filtered=False), "[Errno 13] Permission denied")
-        named = PermissionError(errno.EACCES, "Permission denied", "/etc/shadow")
-        self.assertNotIn(FILTERED_HINT, message(named))
+        # Landlock's: a path.
+        named = PermissionError(errno.EACCES, "Permission denied", "/srv/token")
+        self.assertTrue(message(named).endswith("(%s)" % FILESYSTEM_HINT), message(named))
+        # The network: a socket refused under a URLError, a lookup or a
+        # route that fails.
+        wrapped = urllib.error.URLError(PermissionError(errno.EACCES, "Permission denied"))
+        self.assertTrue(message(wrapped).endswith("(%s)" % NETWORK_HINT), message(wrapped))
+        lookup = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        self.assertTrue(message(lookup).endswith("(%s)" % NETWORK_HINT))
+        unreachable = OSError(errno.ENETUNREACH, "Network is unreachable")
+        self.assertTrue(message(unreachable).endswith("(%s)" % NETWORK_HINT))
+        # A variable the scrubbed environment lacks; another KeyError is
+        # the plugin's own.
+        missing = raised(lambda: os.environ["FORGESYTE_TEST_SURELY_UNSET_VARIABLE"])
+        self.assertTrue(message(missing).endswith("(%s)" % ENV_HINT), message(missing))
+        own = raised(lambda: {}["FORGESYTE_TEST_SURELY_UNSET_VARIABLE"])
+        self.assertNotIn(ENV_HINT, message(own))
+        # Not confined, or that part not enforced; another errno; another
+        # error: as they are.
+        for exc in (refused, named, wrapped, lookup, missing):
+            self.assertNotIn(" (a confined runner", message(exc, None))
+        allowed = dict(confined, network="allowed", env="unconfined: asked")
+        for exc in (lookup, unreachable, missing):
+            self.assertNotIn(" (a confined runner", message(exc, allowed))
         self.assertNotIn(FILTERED_HINT, message(PermissionError(errno.EPERM, "Operation not permitted")))
         self.assertNotIn(FILTERED_HINT, message(subprocess.SubprocessError("other")))
         self.assertNotIn(FILTERED_HINT, message(ValueError("Exception occurred in preexec_fn.")))

@@ -159,6 +159,12 @@ fn attack(
         );
         if denied == "Denied" {
             assert!(error.contains(&named), "{error} should name {named}");
+        } else {
+            // Python's error alone does not say the sandbox refused it.
+            assert!(
+                error.contains("(a confined runner reads only its plugin's files"),
+                "{error}"
+            );
         }
     }
     assert!(!outside.exists(), "the write outside went through");
@@ -167,12 +173,24 @@ fn attack(
         [denied, "ConnectionRefusedError", "OSError"].contains(&kind.as_str()),
         "{kind}: {error}"
     );
+    if denied != "Denied" {
+        assert!(
+            error.contains("(a confined runner has no network"),
+            "{error}"
+        );
+    }
     let (kind, error) =
         call(server, confined, "env", json!({"name": "SNOOP_DECLARED"})).unwrap_err();
     assert!(
         ["KeyError", "Denied"].contains(&kind.as_str()),
         "{kind}: {error}"
     );
+    if denied != "Denied" {
+        assert!(
+            error.contains("environment holds only the variables"),
+            "{error}"
+        );
+    }
 
     // What it may do: its own files, its scratch directory, the system's
     // certificates.

@@ -3,6 +3,7 @@ Python exception with the last lines of its traceback (the runner's own
 frames left out), or a kind and a message."""
 
 import errno
+import os
 import traceback
 
 from .base import is_runner_file
@@ -171,12 +172,106 @@ def filtered_by_seccomp(exc):
             and "preexec_fn" in exception_message(exc))
 
 
-def with_filter_hint(error, exc, filtered):
+# Said after the message of an error that a confined runner's file rules
+# may have caused (Landlock refuses with EACCES, and the error names the
+# path).
+FILESYSTEM_HINT = (
+    "a confined runner reads only its plugin's files, its interpreter's, its "
+    "dependencies' and its models, and writes only to its scratch directory "
+    "($TMPDIR, $HOME): the manifest's \"filesystem\": {\"read\": [...], \"write\": "
+    "[...]} widens it (for a signed plugin, or with --sandbox-widening allow), "
+    "--confine off turns it off: see the README, \"Confined runners\"")
+# Said after the message of a connection or name lookup that failed in a
+# runner without the network.
+NETWORK_HINT = (
+    "a confined runner has no network: the manifest's \"network\": true gives it "
+    "one (for a signed plugin, or with --sandbox-widening allow), --confine off "
+    "turns it off: see the README, \"Confined runners\"")
+# Said after the message of a variable the runner's scrubbed environment
+# does not hold.
+ENV_HINT = (
+    "a confined runner's environment holds only the variables every runner "
+    "keeps and those its manifest's \"env\" names (for a signed plugin, or with "
+    "--sandbox-widening allow): see the README, \"Confined runners\"")
+
+
+def _enforced(confinement, part):
+    """Whether part ``part`` of a confinement report is enforced."""
+    value = confinement.get(part) if confinement else None
+    return isinstance(value, str) and not value.startswith(("unconfined", "allowed"))
+
+
+def _causes(exc):
+    """``exc``, then what it wraps (``URLError.reason``, its cause or
+    context), a few links deep."""
+    seen = []
+    while isinstance(exc, BaseException) and len(seen) < 8 and all(exc is not e for e in seen):
+        seen.append(exc)
+        reason = getattr(exc, "reason", None)
+        exc = reason if isinstance(reason, BaseException) else (exc.__cause__ or exc.__context__)
+    return seen
+
+
+def _innermost(exc):
+    """The code of the innermost frame of ``exc``'s traceback, or None."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code
+
+
+def _from_the_environment(exc):
+    """Whether ``exc`` is a ``KeyError`` that ``os.environ[...]`` raised (the
+    innermost frame of its traceback is ``os``'s mapping's)."""
+    code = _innermost(exc) if isinstance(exc, KeyError) else None
+    # ``<frozen os>``: the module is frozen into the interpreter (3.11+).
+    return (code is not None and code.co_name == "__getitem__"
+            and (code.co_filename == "<frozen os>" or os.path.basename(code.co_filename) == "os.py"))
+
+
+def _from_a_socket(exc):
+    """Whether the innermost frame of ``exc``'s traceback is ``socket``'s."""
+    code = _innermost(exc)
+    return code is not None and os.path.basename(code.co_filename) == "socket.py"
+
+
+def sandbox_hint(exc, confinement):
+    """What a confined runner's sandbox (``confinement``: the hello's
+    report, None when not confined) may have had to do with ``exc``, said
+    after its message; None when nothing. A refusal reads as the system
+    call's error alone (``PermissionError: [Errno 13] Permission denied:
+    '/srv/token'``, ``KeyError: 'API_KEY'``), which does not say that the
+    sandbox refused it, nor how to widen it."""
+    if not confinement:
+        return None
+    if _enforced(confinement, "env") and _from_the_environment(exc):
+        return ENV_HINT
+    for e in _causes(exc):
+        if not isinstance(e, OSError):
+            continue
+        if e.errno == errno.EACCES and e.filename is not None and _enforced(confinement, "filesystem"):
+            return FILESYSTEM_HINT
+        if _enforced(confinement, "network") and (
+                e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH)
+                or type(e).__name__ == "gaierror"
+                or (e.errno == errno.EACCES and e.filename is None and _enforced(confinement, "syscalls")
+                    and (exc is not e or _from_a_socket(e)))):
+            # A socket refused (by the filter, under a URLError or a
+            # requests error), or a network namespace without routes.
+            return NETWORK_HINT
+    if _enforced(confinement, "syscalls") and filtered_by_seccomp(exc):
+        return FILTERED_HINT
+    return None
+
+
+def with_sandbox_hint(error, exc, confinement):
     """``error`` (a WireError of ``exc``), its message followed by
-    ``FILTERED_HINT`` when the runner is ``filtered`` and ``exc`` looks
-    like one of the filter's refusals."""
-    if filtered and filtered_by_seccomp(exc):
-        error["message"] = "%s (%s)" % (error["message"], FILTERED_HINT)
+    :func:`sandbox_hint`'s, when there is one."""
+    hint = sandbox_hint(exc, confinement)
+    if hint is not None:
+        error["message"] = "%s (%s)" % (error["message"], hint)
     return error
 
 

@@ -169,8 +169,7 @@ def main(argv, handover):
     api.install_api()
     wire = Wire(fd_in, fd_out, shm)
     runner = Runner(args, wire, None)
-    runner.filtered = confinement is not None and not str(
-        confinement.get("syscalls", "unconfined")).startswith("unconfined")
+    runner.confinement = confinement
     why = unconfined(confinement) if args.confine is not None and args.confine.get("required") else None
     if why is not None:
         # Required and not wholly enforced: the plugin is not imported.

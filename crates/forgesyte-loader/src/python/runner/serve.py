@@ -13,7 +13,7 @@ import types
 from . import api
 from .base import (EXIT_CHANNEL, EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now,
                    out_of_memory, out_of_memory_unless_raised)
-from .errors import exception_line, fitted, python_error, wire_error, with_filter_hint
+from .errors import exception_line, fitted, python_error, wire_error, with_sandbox_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, place, to_wire
 from .tools import collect_tools, resolve_handler
@@ -215,9 +215,10 @@ class Runner(object):
         self.max_response = min(given or MAX_FRAME_BYTES, MAX_FRAME_BYTES)
         self.max_response_given = bool(given)
         self.create_lock = threading.Lock()
-        # Under the seccomp filter (set by ``main`` once confined): errors
-        # it may have caused say what it refuses.
-        self.filtered = False
+        # What confines it (the hello's report, set by ``main`` once
+        # confined; None: nothing): errors its sandbox may have caused say
+        # so, and how to widen it.
+        self.confinement = None
         # Long-lived threads take turns reading requests (see `serve`): a
         # new thread per call, or a hand-off per call, cost more than the
         # call itself.
@@ -494,7 +495,7 @@ class Runner(object):
                 check_name(instance, self.args.plugin)
             except BaseException as e:
                 out_of_memory_unless_raised(e, "constructing the plugin")
-                self.init_failed(rid, with_filter_hint(python_error(e), e, self.filtered))
+                self.init_failed(rid, with_sandbox_hint(python_error(e), e, self.confinement))
                 return
             if not self.max_response_given:
                 # Started without the host's limit (by hand, by a test):
@@ -556,7 +557,7 @@ class Runner(object):
             # error, the plugin stays healthy. A failed allocation ends the
             # runner.
             out_of_memory_unless_raised(e, "in tool '%s'", tool)
-            self.tool_failed(rid, with_filter_hint(python_error(e, kind="Failed"), e, self.filtered))
+            self.tool_failed(rid, with_sandbox_hint(python_error(e, kind="Failed"), e, self.confinement))
             return
         self.send_result(rid, result)
 
