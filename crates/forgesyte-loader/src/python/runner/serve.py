@@ -599,7 +599,9 @@ class Runner(object):
         if size > self.max_response:
             self.tool_failed(rid, wire_error(
                 "Failed",
-                "the result frame of %d bytes exceeds the limit of %d bytes" % (size, self.max_response),
+                "the result, %d bytes as sent to the host (its JSON, its bytes values and their "
+                "framing), exceeds the limit of %d bytes on an answer (the manifest's "
+                "limits.max_response_mb, else the server's --max-response)" % (size, self.max_response),
                 error_type="ResultTooLarge"))
             return
         self.wire.send_frame(header, data)
