@@ -214,8 +214,25 @@ fn body_error(e: &axum::Error) -> RunError {
         source = error.source();
     }
     RunError::MalformedBody {
-        message: format!("{UNREADABLE_BODY}: {e}"),
+        message: format!("{UNREADABLE_BODY}: {}", error_chain(e)),
     }
+}
+
+/// `e` and its sources, each said once: hyper's "error reading a body
+/// from connection" alone did not say what broke (a chunk size that is no
+/// hex number, a body cut short).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut said = e.to_string();
+    let mut source = e.source();
+    while let Some(error) = source {
+        let text = error.to_string();
+        if !text.is_empty() && !said.contains(&text) {
+            said.push_str(": ");
+            said.push_str(&text);
+        }
+        source = error.source();
+    }
+    said
 }
 
 /// About how many bytes one JSON value takes once parsed, at most

@@ -373,6 +373,40 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
         detail.contains("Content-Encoding \"gzip\" is not supported"),
         "{detail}"
     );
+    // A body that cannot be read says what broke, not only that reading it
+    // failed: a chunk size that is no number, a chunk longer than it said,
+    // a body cut short.
+    for (framing, said) in [
+        (
+            "Transfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n",
+            "chunk size",
+        ),
+        (
+            "Transfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+            "chunk body",
+        ),
+        ("Content-Length: 100\r\n\r\nabc", "end of file"),
+    ] {
+        use std::io::{Read as _, Write as _};
+        let mut socket = std::net::TcpStream::connect(server.addr).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            socket,
+            "POST /v1/plugins/py/tools/checksum/run HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/octet-stream\r\n{framing}"
+        )
+        .unwrap();
+        socket.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        let _ = socket.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{framing:?}: {answer}");
+        assert!(
+            answer.contains("error reading a body from connection: ") && answer.contains(said),
+            "{framing:?}: {answer}"
+        );
+    }
 }
 
 /// A server of the Python `echo` fixture as `py`, loaded, with
