@@ -24,10 +24,54 @@ use crate::error::{MALFORMED_ARGS_PART, MALFORMED_MULTIPART, RunError, UNREADABL
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
-    /// The tool's arguments, a JSON object (default `{}`).
-    #[serde(default)]
+    /// The tool's arguments, a JSON object (default `{}`), each name once.
+    #[serde(default, deserialize_with = "each_name_once")]
     #[schema(value_type = Object)]
     pub args: Map<String, Value>,
+}
+
+/// A multipart body's `args` part: as [`RunRequest::args`].
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct ArgsPart(#[serde(deserialize_with = "each_name_once")] Map<String, Value>);
+
+/// `args` as a JSON object that names each argument once: a map keeps the
+/// last value of a name given twice, so `{"data": "QQ==", "data": null}`
+/// dropped a binary argument without a word (as `args` given twice is
+/// refused, so is an argument).
+fn each_name_once<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Map<String, Value>, D::Error> {
+    struct Args;
+    impl<'de> serde::de::Visitor<'de> for Args {
+        type Value = Map<String, Value>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut args = Map::new();
+            while let Some(name) = map.next_key::<String>()? {
+                match args.entry(name) {
+                    serde_json::map::Entry::Vacant(slot) => {
+                        slot.insert(map.next_value()?);
+                    }
+                    serde_json::map::Entry::Occupied(given) => {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "argument '{}' is given twice in args",
+                            given.key()
+                        )));
+                    }
+                }
+            }
+            Ok(args)
+        }
+    }
+    deserializer.deserialize_map(Args)
 }
 
 /// The first coding `header` (a comma-separated list, as `Transfer-Encoding`
@@ -510,14 +554,24 @@ async fn multipart(
             }
             seen_args = true;
             check_json_values(&data, max_values)?;
-            let value: Value = serde_json::from_slice(&data)
-                .map_err(|e| unparsed(&e, &format!("{MALFORMED_ARGS_PART} is not JSON: ")))?;
-            let Value::Object(args) = value else {
-                return Err(RunError::InvalidForm {
-                    message: "the 'args' part must be a JSON object".into(),
-                });
+            input.args = match serde_json::from_slice::<ArgsPart>(&data) {
+                Ok(ArgsPart(args)) => args,
+                // Not an object, or an argument named twice.
+                Err(e) if e.is_data() => {
+                    let message = if data.trim_ascii_start().first() == Some(&b'{') {
+                        format!("the 'args' part: {e}")
+                    } else {
+                        "the 'args' part must be a JSON object".into()
+                    };
+                    return Err(RunError::InvalidForm { message });
+                }
+                Err(e) => {
+                    return Err(unparsed(
+                        &e,
+                        &format!("{MALFORMED_ARGS_PART} is not JSON: "),
+                    ));
+                }
             };
-            input.args = args;
         } else {
             if !names.insert(name.clone()) {
                 return Err(RunError::InvalidForm {
@@ -1061,6 +1115,55 @@ mod tests {
         ));
         assert_eq!(max_json_values(32 << 20), 262_144);
         assert_eq!(max_json_values(1024), 4096);
+    }
+
+    /// An argument named twice is refused (422), as `args` twice is: the
+    /// last one won, and a binary argument could vanish under a `null`.
+    #[test]
+    fn an_argument_named_twice_is_refused() {
+        for text in [
+            r#"{"args": {"data": "QQ==", "data": "Qg=="}}"#,
+            r#"{"args": {"data": "QQ==", "x": 1, "data": null}}"#,
+            r#"{"args": {}, "args": {}}"#,
+        ] {
+            let err = parse_body(ok_body(text), 10).unwrap_err();
+            assert_eq!(
+                err.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{text}: {err:?}"
+            );
+        }
+        let err = parse_body(ok_body(r#"{"args": {"data": 1, "data": 2}}"#), 10).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("argument 'data' is given twice in args"),
+            "{err}"
+        );
+        // Nested objects are the plugin's to read, as JSON reads them.
+        let nested = parse_body(ok_body(r#"{"args": {"o": {"k": 1, "k": 2}}}"#), 10).unwrap();
+        assert_eq!(nested.args["o"]["k"], 2);
+        let err = parse_body(ok_body(r#"{"args": 5}"#), 10).unwrap_err();
+        assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY, "{err:?}");
+    }
+
+    /// A multipart body's `args` part names each argument once too.
+    #[tokio::test]
+    async fn an_args_part_naming_an_argument_twice_is_refused() {
+        let (ct, body) = multipart_body(&[("args", None, br#"{"data": "x", "data": null}"#)]);
+        let Err(RunError::InvalidForm { message }) = read(&headers(&ct), body, 1 << 20).await
+        else {
+            panic!("an args part with a name twice was read");
+        };
+        assert!(
+            message.contains("argument 'data' is given twice"),
+            "{message}"
+        );
+        let (ct, body) = multipart_body(&[("args", None, b"[1]")]);
+        let Err(RunError::InvalidForm { message }) = read(&headers(&ct), body, 1 << 20).await
+        else {
+            panic!("an args part that is an array was read");
+        };
+        assert_eq!(message, "the 'args' part must be a JSON object");
     }
 
     #[test]
