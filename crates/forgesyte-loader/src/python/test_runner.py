@@ -1083,6 +1083,20 @@ class ImportAndInitFailureTests(RunnerTestCase):
         header, _ = p.run("which")
         self.assertEqual(header.get("result"), {"random": True, "uuid": 36, "helper": 42}, header)
 
+    def test_a_plugin_without_tools_is_created_and_says_nothing_can_be_called(self):
+        # An older plugin API's class (``analyze(image_bytes, options)``):
+        # ready with no tools, and a warning says why nothing can be called.
+        p = self.source_plugin(
+            "class Plugin:\n"
+            "    def analyze(self, image_bytes, options):\n"
+            "        return {}\n")
+        created = p.create()
+        self.assertEqual(created["type"], "created", created)
+        self.assertEqual(created["tools"], [])
+        p.close_stdin()
+        self.assertEqual(p.wait(), 0)
+        self.assertIn("WARNING forgesyte-python-runner[s]: the plugin offers no tools", p.stderr)
+
     def test_a_relative_import_in_plugin_py_says_how_to_import(self):
         p = self.source_runner("from .helpers import shout\n",
                                others={"helpers.py": "def shout(s):\n    return s.upper()\n"})

@@ -489,6 +489,15 @@ class Runner(object):
                     if callable(method):
                         await_result(method())
                 specs, table = collect_tools(instance, manifest)
+                if not specs:
+                    # Loaded and ready, yet nothing can be called (a class
+                    # of an older plugin API, ``analyze(image_bytes,
+                    # options)``): said, not left to be found out.
+                    diag("the plugin offers no tools: neither its instance's `tools` nor its "
+                         "manifest's list one, so nothing of it can be called (a ForgeSyte "
+                         "plugin lists its tools in a `tools` dict, tool name -> {\"handler\": "
+                         "..., \"description\", \"input_schema\", \"output_schema\"}, and may "
+                         "dispatch them in run_tool(tool_name, args))", warning=True)
                 # Encoded here: a spec that cannot be (text that is not
                 # valid Unicode) fails construction, not the runner.
                 encode({"tools": specs})
