@@ -344,6 +344,35 @@ fn an_interpreter_that_cannot_start_is_named_not_the_plugin_file() {
     assert!(!reason.contains("plugin.py"), "{reason}");
 }
 
+/// An interpreter that is no Python (`"python": "/bin/true"`): it exits
+/// 0 before the runner's hello, and the reason says what that means (it
+/// was `plugin process died while loading the plugin: exited with code 0`).
+#[test]
+fn an_interpreter_that_is_no_python_is_said_to_be_none() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = copy_fixture(dir.path(), "echo", "nopython");
+    let py = plugin.join("py");
+    std::fs::write(&py, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&py, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_manifest(
+        dir.path(),
+        "nopython",
+        json!({"version": "1.0.0", "runtime": "python", "python": "py"}),
+    );
+    let registry = Registry::new();
+    let _loader = loader(dir.path(), &registry);
+    let status = registry.get_status("nopython").unwrap();
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.contains(
+            "exited with code 0 before the runner said its hello: it is no Python 3 interpreter"
+        ),
+        "{:?}: {reason}",
+        status.state
+    );
+}
+
 /// An interpreter that logs when each of its runs starts (`zygote` or
 /// `check`) and when a package check ends (`checked`), taking half a
 /// second over the check; written to `path`.

@@ -697,12 +697,22 @@ impl Importer for ProcessImporter {
                 Some(CrashError {
                     cause: CrashCause::Exit { code: 0 },
                     ..
-                }) if matches!(self.launch, Launch::Native { .. }) => ImportError::NotStarted {
-                    detail: format!(
-                        "{} exited with code 0 before it said its hello: is it a forgesyte \
-                         runner (--runner)?",
-                        self.what_starts()
-                    ),
+                }) => ImportError::NotStarted {
+                    detail: match self.launch {
+                        Launch::Native { .. } => format!(
+                            "{} exited with code 0 before it said its hello: is it a forgesyte \
+                             runner (--runner)?",
+                            self.what_starts()
+                        ),
+                        // `"python": "/bin/true"`, or a module that ended
+                        // the process as it was imported.
+                        Launch::Python { .. } => format!(
+                            "{} exited with code 0 before the runner said its hello: it is no \
+                             Python 3 interpreter (the manifest's \"python\", --python), or the \
+                             plugin's module ended the process as it was imported (os._exit(0))",
+                            self.what_starts()
+                        ),
+                    },
                 },
                 Some(crash) => ImportError::Crashed(crash.clone()),
                 None => ImportError::Open {
