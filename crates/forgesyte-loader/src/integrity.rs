@@ -14,9 +14,11 @@
 //!   `<sha256 of the file, 64 lowercase hex>  <path relative to the directory, '/'-separated>\n`
 //!   (exactly what `sha256sum` prints). Entries whose name starts with `.`
 //!   (hidden files and directories), `__pycache__` directories and
-//!   virtual environments (a directory holding `pyvenv.cfg`: the
-//!   interpreter's installation, as one outside the plugin is, whose
-//!   modules the runner loads as any installed package's) are skipped; a
+//!   virtual environments (a directory holding `pyvenv.cfg` and no
+//!   `__init__.py`: an
+//!   interpreter's installation, not the plugin's code; the runner of a
+//!   signed or pinned plugin imports nothing from one in its tree) are
+//!   skipped; a
 //!   symbolic link to a file is hashed as the file it points to;
 //!   a tree holding a symbolic link to a directory (other than
 //!   `__pycache__`), a `*.py` or `*.so` link that leads to no file, a
@@ -296,10 +298,14 @@ fn collect_py(
                 ));
             }
             // A virtual environment (the manifest's `"python":
-            // "venv/bin/python"`): the interpreter's installation, not the
+            // "venv/bin/python"`): an interpreter's installation, not the
             // plugin's code (its `lib64` is a link to a directory, which a
-            // plugin's tree may not hold).
-            if fs.exists(&entry.path.join(VENV_MARKER)) {
+            // plugin's tree may not hold). Not listed, so the runner of a
+            // signed or pinned plugin imports nothing from it.
+            // A package (`__init__.py`) is never one, whatever it holds.
+            if fs.exists(&entry.path.join(VENV_MARKER))
+                && !fs.exists(&entry.path.join("__init__.py"))
+            {
                 continue;
             }
             collect_py(fs, &entry.path, &format!("{rel}/"), files)?;
@@ -675,10 +681,15 @@ mod tests {
         std::fs::write(root.join("plugin.py"), "import sympy").unwrap();
         assert!(python_tree_listing(&RealFs, root).is_err());
         std::fs::write(root.join("venv").join(VENV_MARKER), "home = /usr/bin\n").unwrap();
+        // A package is listed whatever it holds: a `pyvenv.cfg` put there
+        // does not take its modules out of a signature.
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/__init__.py"), "x").unwrap();
+        std::fs::write(root.join("sub").join(VENV_MARKER), "home = /usr/bin\n").unwrap();
         let listed = python_tree_digests(&RealFs, root).unwrap();
         assert_eq!(
             listed.keys().collect::<Vec<_>>(),
-            ["plugin.py"],
+            ["plugin.py", "sub/__init__.py"],
             "{listed:?}"
         );
     }

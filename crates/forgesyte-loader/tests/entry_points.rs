@@ -621,6 +621,47 @@ fn a_reload_by_name_rediscovers_its_entry_point() {
     assert_eq!(hello(&loader, "moving")["message"], "After, ForgeSyte!");
 }
 
+/// Two entry points of one package (`pkg.a:Plugin`, `pkg.b:Plugin`, no
+/// manifest) share its directory: a reload by name of one, then a rescan
+/// with nothing changed since, restarts neither (the change stamps were by
+/// directory, and the sibling that did not take the fresh one kept the
+/// stamp before the reload: restarted again).
+#[test]
+fn a_reload_of_one_of_two_entry_points_of_a_package_leaves_both_unchanged() {
+    let site = Site::new();
+    site.package(
+        "twinpkg",
+        "1.0",
+        "twinpkg",
+        &[("a.py", &plugin_py("A")), ("b.py", &plugin_py("B"))],
+        &[
+            ("twin-a", "twinpkg.a:Plugin"),
+            ("twin-b", "twinpkg.b:Plugin"),
+        ],
+    );
+    let registry = Registry::new();
+    let loader = site.loader(&registry, site.config());
+    loader.load_all(&site.plugins);
+    assert_eq!(hello(&loader, "twin-a")["message"], "A, ForgeSyte!");
+    assert_eq!(hello(&loader, "twin-b")["message"], "B, ForgeSyte!");
+    std::fs::write(site.site.join("twinpkg/b.py"), plugin_py("B2")).unwrap();
+    for name in ["twin-a", "twin-b"] {
+        let outcome = loader.reload(name).unwrap();
+        assert_eq!(outcome.state, S::Initialized, "{outcome:#?}");
+    }
+    assert_eq!(hello(&loader, "twin-b")["message"], "B2, ForgeSyte!");
+    let report = loader.rescan();
+    let names = |list: &[forgesyte_loader::PluginLoadOutcome]| -> Vec<String> {
+        list.iter().map(|o| o.name.clone()).collect()
+    };
+    assert_eq!(names(&report.changed), Vec::<String>::new(), "{report:#?}");
+    assert_eq!(
+        names(&report.unchanged),
+        ["twin-a", "twin-b"],
+        "{report:#?}"
+    );
+}
+
 /// Two distributions declare entry point `ocr`: the second is the
 /// duplicate (`ocr~duplicate`, FAILED). Once the first is uninstalled, a
 /// rescan gives the second its name (it stayed FAILED for good, told that

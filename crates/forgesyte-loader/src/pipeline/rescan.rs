@@ -586,12 +586,27 @@ impl Loader {
     }
 
     /// The installed plugins whose directory is not their own (see
-    /// [`stamp_of`](Self::stamp_of)).
+    /// [`stamp_of`](Self::stamp_of)), or is another installed plugin's
+    /// too (two entry points of one package, `pkg.a:A` and `pkg.b:B`): the
+    /// fresh stamps are by directory, so one of two such plugins took the
+    /// other's, and a reload of one left its sibling's change unseen.
     fn sharing_a_dir(&self) -> BTreeSet<String> {
-        self.entry_points
-            .read()
+        let entry_points = self.entry_points.read();
+        let mut plugins_in: BTreeMap<&std::path::Path, usize> = BTreeMap::new();
+        for ep in entry_points.values() {
+            if let Some(dir) = ep.module_dir.as_deref() {
+                *plugins_in.entry(dir).or_default() += 1;
+            }
+        }
+        entry_points
             .iter()
-            .filter(|(_, ep)| !ep.owns_dir)
+            .filter(|(_, ep)| {
+                !ep.owns_dir
+                    || ep
+                        .module_dir
+                        .as_deref()
+                        .is_some_and(|dir| plugins_in.get(dir).copied().unwrap_or(0) > 1)
+            })
             .map(|(name, _)| name.clone())
             .collect()
     }

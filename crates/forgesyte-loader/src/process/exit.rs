@@ -24,6 +24,10 @@ const ALLOCATION_FAILURE_LINES: usize = 3;
 /// `python/runner/base.py`).
 const PYTHON_EXIT_MEMORY: i32 = 70;
 
+/// What the Python runner's own memory line holds (`out_of_memory` in
+/// `python/runner/base.py`): only such a line's stated limit is read.
+const PYTHON_MEMORY_LINE: &str = "MemoryError: out of memory ";
+
 /// The Python runner's exit code when it could not set itself up
 /// (`EXIT_SETUP`): under a memory limit too low for the interpreter, a
 /// `MemoryError` there ends it so.
@@ -104,6 +108,7 @@ pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[Stri
         .iter()
         .rev()
         .take(ALLOCATION_FAILURE_LINES)
+        .filter(|line| line.contains(PYTHON_MEMORY_LINE))
         .find_map(|line| stated_limit_mib(line));
     let limit_mib = stated.unwrap_or(memory_limit_mib);
     if limit_mib > 0 && ends_like_it && said_so {
@@ -248,6 +253,16 @@ mod tests {
             .find(|(file, _)| *file == "base.py")
             .expect("the runner's base module");
         assert!(base.contains("\nLIMIT_NOTE = \" [address-space limit %d MiB]\"\n"));
+        assert!(base.contains(&format!("\"{PYTHON_MEMORY_LINE}%s%s%s\"")));
+        // A line of the plugin's own is no statement of the runner's.
+        let plugin_said = vec![
+            "[address-space limit 1 MiB]".to_owned(),
+            "forgesyte-python-runner[p]: MemoryError: out of memory in tool 'grow'".to_owned(),
+        ];
+        assert_eq!(
+            classify(exited(70), 512, &plugin_said),
+            CrashCause::MemoryLimit { limit_mib: 512 }
+        );
         let line = |tail: &str| {
             vec![format!(
                 "forgesyte-python-runner[p]: MemoryError: out of memory in tool 'grow'{tail}"

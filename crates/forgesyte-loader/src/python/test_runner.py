@@ -493,23 +493,14 @@ class ResultKeyTests(unittest.TestCase):
     def test_a_converted_result_leaves_no_cycle_holding_its_bytes(self):
         # A result's bytes go with the last reference to them, not at the
         # garbage collector's next run: a runner returning large frames
-        # ran out of memory in tens of calls while cycles held them.
-        import gc
-
+        # ran out of memory in tens of calls while a closure's cell held
+        # the list of them.
         from runner.results import to_wire
 
-        frame = bytearray(1024)
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            gc.collect()
-            value, blobs = to_wire({"mask": frame, "boxes": [{"score": 1.0, "crop": bytes(8)}]})
-            self.assertEqual(len(blobs), 2)
-            del value, blobs
-            self.assertEqual(gc.collect(), 0, "to_wire left reference cycles behind")
-        finally:
-            if was_enabled:
-                gc.enable()
+        value, blobs = to_wire({"mask": bytearray(1024), "boxes": [{"score": 1.0, "crop": bytes(8)}]})
+        self.assertEqual(len(blobs), 2)
+        # The variable and getrefcount's own argument: nothing else.
+        self.assertEqual(sys.getrefcount(blobs), 2, "something still holds the list of bytes")
 
     def test_an_integer_beyond_a_float_s_range_is_a_result_error(self):
         from runner.results import ResultError, to_wire
@@ -1065,23 +1056,32 @@ class ImportAndInitFailureTests(RunnerTestCase):
 
     def test_modules_beside_plugin_py_shadow_no_standard_module(self):
         # A helper named like a standard module (constants in platform.py,
-        # random.py) replaced it for every importer (uuid, numpy), and the
+        # colorsys.py) replaced it for every importer (uuid, numpy), and the
         # plugin failed to import; the Python original imports plugin.py by
-        # its path. Its own modules stay importable.
+        # its path. Its own modules stay importable, and come before those
+        # of PYTHONPATH. (colorsys: a module the runner does not import.)
+        elsewhere = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, elsewhere)
+        with open(os.path.join(elsewhere, "helpers.py"), "w") as f:
+            f.write("def double(n):\n    return -1\n")
         p = self.source_runner(
-            "import random, uuid\nimport helpers\n"
+            "import sys\n"
+            "assert 'colorsys' not in sys.modules\n"
+            "import colorsys, uuid\n"
+            "import helpers\n"
             "class Plugin:\n"
             "    tools = {'which': {'handler': 'which'}}\n"
             "    def which(self, args):\n"
-            "        return {'random': hasattr(random, 'randrange'), 'uuid': len(str(uuid.uuid4())),\n"
+            "        return {'colorsys': hasattr(colorsys, 'rgb_to_hsv'), 'uuid': len(str(uuid.uuid4())),\n"
             "                'helper': helpers.double(21)}\n",
-            others={"platform.py": "SUPPORTED = ['png']\n", "random.py": "SEED = 4\n",
-                    "helpers.py": "def double(n):\n    return 2 * n\n"})
+            others={"platform.py": "SUPPORTED = ['png']\n", "colorsys.py": "SEED = 4\n",
+                    "helpers.py": "def double(n):\n    return 2 * n\n"},
+            env={"PYTHONPATH": elsewhere})
         p.hello()
         created = p.create()
         self.assertEqual(created["type"], "created", created)
         header, _ = p.run("which")
-        self.assertEqual(header.get("result"), {"random": True, "uuid": 36, "helper": 42}, header)
+        self.assertEqual(header.get("result"), {"colorsys": True, "uuid": 36, "helper": 42}, header)
 
     def test_a_plugin_without_tools_is_created_and_says_nothing_can_be_called(self):
         # An older plugin API's class (``analyze(image_bytes, options)``):
@@ -1891,10 +1891,8 @@ class BytecodeTests(RunnerTestCase):
         # The manifest's "python": ".venv/bin/python": the modules of that
         # virtual environment load as installed packages do, bytecode
         # included (compiled from source at every start, a plugin importing
-        # sympy loaded six times slower), and a pinned plugin may import
-        # them (they are no file of its listing, as a virtual environment
-        # outside the plugin is not); the plugin's own files still run from
-        # their checked sources.
+        # sympy loaded six times slower); the plugin's own files still run
+        # from their sources.
         import hashlib
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d)
@@ -1922,14 +1920,21 @@ class BytecodeTests(RunnerTestCase):
         fd = os.memfd_create("sources")
         self.addCleanup(os.close, fd)
         os.write(fd, json.dumps(sources).encode())
-        for pinned in ([], ["--sources-fd", str(fd)]):
-            p = Proc(self, args=["--plugin", "venv", "--plugin-dir", d,
-                                 "--file", os.path.join(d, "plugin.py")] + pinned,
-                     env={"PYTHONDONTWRITEBYTECODE": ""}, python=python, pass_fds=(fd,))
-            p.start()
-            header, _ = p.run("who", {})
-            self.assertEqual(header.get("result"), {"helper": "source", "dep": "cached"},
-                             (pinned, header, p.stderr))
+        p = Proc(self, args=["--plugin", "venv", "--plugin-dir", d, "--file", os.path.join(d, "plugin.py")],
+                 env={"PYTHONDONTWRITEBYTECODE": ""}, python=python)
+        p.start()
+        header, _ = p.run("who", {})
+        self.assertEqual(header.get("result"), {"helper": "source", "dep": "cached"}, (header, p.stderr))
+        # Signed or pinned: no signature covers the virtual environment, so
+        # nothing of it is imported, and the error says why and what to do.
+        p = Proc(self, args=["--plugin", "venv", "--plugin-dir", d, "--file", os.path.join(d, "plugin.py"),
+                             "--sources-fd", str(fd)],
+                 env={"PYTHONDONTWRITEBYTECODE": ""}, python=python, pass_fds=(fd,))
+        header = p.recv_header()
+        self.assertEqual(header["type"], "import_failed", header)
+        message = header["error"]["message"]
+        self.assertIn("is in the virtual environment .venv inside the plugin's directory", message)
+        self.assertIn("give a signed or pinned plugin an interpreter outside its directory", message)
 
     def test_planted_bytecode_of_an_installed_package_never_runs(self):
         # An entry-point package: importable from sys.path (PYTHONPATH

@@ -73,6 +73,14 @@ class _Checked(object):
         rel = self._rel(path)
         expected = self.sources.get(rel)
         if expected is None:
+            venv = _virtual_environment_of(self.root, rel)
+            if venv is not None:
+                raise ImportError(
+                    "%s is in the virtual environment %s inside the plugin's directory, which its "
+                    "signature or pin does not cover (no file of a directory holding pyvenv.cfg is "
+                    "listed), so no code there is imported: give a signed or pinned plugin an "
+                    "interpreter outside its directory (--python, or an absolute \"python\" in "
+                    "its manifest)" % (rel, venv), path=path)
             if not _listable(rel):
                 raise ImportError(
                     "%s is not among the plugin's checked files: a signature or pin covers "
@@ -99,6 +107,20 @@ def _listable(rel):
     parts = rel.split("/")
     return (not any(p.startswith(".") or p == "__pycache__" for p in parts)
             and _LISTED_NAME.match(parts[-1]) is not None)
+
+
+def _virtual_environment_of(root, rel):
+    """The directory (relative, ``/``-separated) of the virtual environment
+    holding file ``rel`` of the tree at ``root``: the nearest parent that
+    holds ``pyvenv.cfg`` and is no package (no ``__init__.py``), as a
+    listing skips it (``integrity.rs``); None when there is none."""
+    parts = rel.split("/")[:-1]
+    for end in range(1, len(parts) + 1):
+        where = os.path.join(root, *parts[:end])
+        if (os.path.isfile(os.path.join(where, "pyvenv.cfg"))
+                and not os.path.exists(os.path.join(where, "__init__.py"))):
+            return "/".join(parts[:end])
+    return None
 
 
 class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
@@ -154,7 +176,10 @@ class _SourceOnlyFinder(object):
         # ``os.path.realpath(__file__)`` names them so. A checked tree's
         # was resolved already.
         self.real_root = checked.real_root if checked is not None else os.path.realpath(root)
-        self.installation = _installation_in(self.root, self.real_root)
+        # Only for a plugin that is not checked: a signed or pinned one's
+        # files are all its own, the virtual environment's included (which
+        # no signature covers, so nothing there is imported).
+        self.installation = _installation_in(self.root) if checked is None else ()
 
     def covers(self, path):
         """Whether ``path`` is in the tree: of a signed or pinned plugin by
@@ -163,8 +188,10 @@ class _SourceOnlyFinder(object):
         import of the standard library a ``realpath``). Never the files of
         the interpreter's own installation when it lies in the tree (see
         :func:`_installation_in`)."""
-        if self.installation and _under_any(path, self.installation):
-            return False
+        if self.installation:
+            where = os.path.abspath(path)
+            if any(where.startswith(p + os.sep) for p in self.installation):
+                return False
         if self.checked is not None:
             return self.checked.under(path)
         where = os.path.abspath(path)
@@ -175,6 +202,19 @@ class _SourceOnlyFinder(object):
         machinery = importlib.machinery
         spec = machinery.PathFinder.find_spec(name, path, target)
         origin = getattr(spec, "origin", None)
+        if (path is None and isinstance(origin, str) and "." not in name
+                and name in _standard_library_names() and self.covers(origin)):
+            # A module of the plugin's named like a standard one (constants
+            # in a ``platform.py``, a ``random.py``): the plugin directory
+            # goes first on ``sys.path``, where it replaced the standard
+            # module for every importer (``uuid``, numpy), and the plugin
+            # failed to import; the Python original imports ``plugin.py``
+            # by its path, nothing of its directory on ``sys.path``. The
+            # standard module is found past the plugin's directory.
+            rest = [p for p in sys.path
+                    if not (isinstance(p, str) and os.path.abspath(p or ".") in (self.root, self.real_root))]
+            spec = machinery.PathFinder.find_spec(name, rest, target)
+            origin = getattr(spec, "origin", None)
         if not isinstance(origin, str) or not self.covers(origin):
             return spec  # not found, a namespace package, or not the plugin's
         if isinstance(spec.loader, machinery.SourcelessFileLoader):
@@ -192,33 +232,23 @@ class _SourceOnlyFinder(object):
         return spec  # an extension module: covered by pins and signatures
 
 
-def _installation_in(root, real_root):
-    """The interpreter's installation directories (``sys.prefix``,
-    ``sys.exec_prefix``: a virtual environment) that lie in the plugin's
-    tree, as given and as resolved: the manifest's ``"python":
-    ".venv/bin/python"``. Its modules are installed packages, as those of a
-    virtual environment outside the plugin are: loaded with their bytecode
-    (compiled from source at every start, a plugin importing sympy took
-    six times as long to load), and not among the files a pin or signature
-    covers (which skip hidden entries and virtual environments)."""
+def _installation_in(root):
+    """The interpreter's virtual environment (``sys.prefix``, holding
+    ``pyvenv.cfg``) when it lies in the plugin's tree, by its path as
+    given: the manifest's ``"python": ".venv/bin/python"``. Its modules are
+    installed packages, as those of a virtual environment outside the
+    plugin are, and load with their bytecode (compiled from source at every
+    start, a plugin importing sympy took six times as long to load). An
+    unchecked plugin's only (see ``_SourceOnlyFinder``); an interpreter
+    unpacked whole in the tree (no ``pyvenv.cfg``) is the plugin's files."""
     found = []
     for prefix in {sys.prefix, sys.exec_prefix}:
         if not isinstance(prefix, str) or not prefix:
             continue
-        for where in {os.path.abspath(prefix), os.path.realpath(prefix)}:
-            if where.startswith(root + os.sep) or where.startswith(real_root + os.sep):
-                found.append(where)
+        where = os.path.abspath(prefix)
+        if where.startswith(root + os.sep) and os.path.isfile(os.path.join(where, "pyvenv.cfg")):
+            found.append(where)
     return tuple(found)
-
-
-def _under_any(path, prefixes):
-    """Whether ``path``, as given or resolved, lies under one of
-    ``prefixes``."""
-    where = os.path.abspath(path)
-    if any(where.startswith(p + os.sep) for p in prefixes):
-        return True
-    real = os.path.realpath(path)
-    return real != where and any(real.startswith(p + os.sep) for p in prefixes)
 
 
 def _source_only_under(root, checked=None):
@@ -316,7 +346,7 @@ def import_plugin(args):
             checked = _Checked(root, args.sources)
         _source_only_under(root, checked)
         if not args.installed:
-            sys.path.insert(_after_the_standard_library(), root)
+            sys.path.insert(0, root)
     if args.file is not None:
         path = args.file
         if not os.path.isfile(path):
@@ -360,32 +390,36 @@ def import_plugin(args):
         return error
 
 
-def _after_the_standard_library():
-    """Where a plugin directory goes on ``sys.path``: after the standard
-    library's entries (its directory, its zip file, ``lib-dynload``), before
-    site-packages. A plugin's helper module named like a standard one (a
-    ``platform.py`` of constants, a ``random.py``) would otherwise replace
-    it for every module, numpy's and pydantic's among them; the Python
-    original imports ``plugin.py`` by its path, with nothing of its
-    directory on ``sys.path``. Its modules still come before installed
-    packages of the same name. 0 when no entry is the standard library's
-    (an embedded interpreter)."""
-    stdlib = os.path.dirname(os.path.abspath(os.__file__))
-    parent = os.path.dirname(stdlib)
-    after = 0
-    for i, entry in enumerate(sys.path):
-        if not isinstance(entry, str) or not entry:
-            continue
-        path = os.path.abspath(entry)
-        if (path in (stdlib, os.path.join(stdlib, "lib-dynload"))
-                or (path.endswith(".zip") and os.path.dirname(path) == parent)):
-            after = i + 1
-    return after
+_standard_names = []  # the standard library's top-level module names, once found
+
+
+def _standard_library_names():
+    """The top-level names of the standard library's modules:
+    ``sys.stdlib_module_names`` (3.10+), else those found in its directory
+    and ``lib-dynload`` (the sources, packages and extension modules there)."""
+    names = getattr(sys, "stdlib_module_names", None)
+    if names is not None:
+        return names
+    if not _standard_names:
+        found = set(sys.builtin_module_names)
+        stdlib = os.path.dirname(os.path.abspath(getattr(os, "__file__", "") or "."))
+        for where in (stdlib, os.path.join(stdlib, "lib-dynload")):
+            try:
+                entries = os.listdir(where)
+            except OSError:
+                continue
+            for entry in entries:
+                name = entry.split(".", 1)[0]
+                if entry.endswith((".py", ".so")) or os.path.isfile(os.path.join(where, entry, "__init__.py")):
+                    found.add(name)
+        found.discard("site-packages")
+        _standard_names.append(frozenset(found))
+    return _standard_names[0]
 
 
 # Said after the message of a relative import in a plugin file.
 RELATIVE_IMPORT_HINT = (
-    "plugin.py is imported as a top-level module, its directory on "
+    "plugin.py is imported as a top-level module, its directory first on "
     "sys.path: import a module beside it as `import helpers`, not "
     "`from .helpers import ...`")
 
