@@ -76,7 +76,13 @@ impl Loaded {
         let plugins = report
             .plugins
             .iter()
-            .filter(|o| loaded.contains(o.name.as_str()))
+            // An UNAVAILABLE one ran no code (a dependency is missing):
+            // what lands in its directory meanwhile (the model file it
+            // waits for) is no output of its own.
+            .filter(|o| {
+                loaded.contains(o.name.as_str())
+                    && !matches!(o.state, crate::wire::PluginStateJson::Unavailable)
+            })
             .map(|o| {
                 let dir = PathBuf::from(&o.dir);
                 // A plugin linked in is watched at the link's target.
@@ -113,8 +119,8 @@ impl Loaded {
 
 /// Leaves out of `changes` what the plugins the last rescan loaded wrote
 /// into their own directories as they loaded ([`Loaded::own_output`]),
-/// saying so once per plugin (`told`): what is left, if anything, is worth
-/// a rescan.
+/// saying so at WARN the first time for each plugin (`told`), at INFO
+/// after: what is left, if anything, is worth a rescan.
 fn without_own_output(
     changes: Changes,
     last: Option<&Loaded>,
@@ -130,7 +136,7 @@ fn without_own_output(
                 if told.insert(plugin.to_owned()) {
                     tracing::warn!(plugin = %plugin, path = %path.display(), "--watch: plugin {plugin} wrote {} into its own directory as it loaded: taken for its own output, no rescan for it (one per load reloaded it without end). Write such files under its tmp/, logs/ or .cache/, or name them in its manifest's filesystem.write; SIGHUP reloads it", path.display());
                 } else {
-                    tracing::debug!(plugin = %plugin, path = %path.display(), "--watch: {} written by plugin {plugin} as it loaded: no rescan", path.display());
+                    tracing::info!(plugin = %plugin, path = %path.display(), "--watch: {} written into plugin {plugin}'s directory as a watch rescan loaded it: no rescan for it", path.display());
                 }
             }
             None => kept.push((path, at)),
@@ -377,6 +383,57 @@ mod tests {
         assert!(told.contains("writer"), "{told:?}");
         // No rescan yet: every change counts.
         assert_eq!(super::without_own_output(changes, None, &mut told).len(), 5);
+    }
+
+    /// What a rescan loaded, for the filter: the plugins whose code ran
+    /// (added, changed or retried), not one still UNAVAILABLE (it ran none:
+    /// the model file copied into its directory meanwhile was dropped, and
+    /// it stayed UNAVAILABLE), nor an unchanged one.
+    #[test]
+    fn a_plugin_that_ran_no_code_has_no_output_of_its_own() {
+        use crate::wire::{PluginStateJson, ReloadOutcome, ReloadReport};
+        let outcome = |name: &str, state| ReloadOutcome {
+            name: name.into(),
+            dir: format!("/tmp/p/{name}"),
+            state,
+            reason: None,
+            elapsed_ms: 1.0,
+        };
+        let report = ReloadReport {
+            plugins: vec![
+                outcome("ran", PluginStateJson::Initialized),
+                outcome("waits", PluginStateJson::Unavailable),
+                outcome("still", PluginStateJson::Initialized),
+            ],
+            loaded: 2,
+            failed: 0,
+            unavailable: 1,
+            added: vec![],
+            changed: vec!["ran".into()],
+            retried: vec!["waits".into()],
+            unchanged: vec!["still".into()],
+            removed: vec![],
+            elapsed_ms: 1.0,
+            warning: None,
+        };
+        let began = std::time::Instant::now();
+        let loaded = super::Loaded::of(&report, began);
+        let names: Vec<&str> = loaded.plugins.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["ran"]);
+        let at = began + std::time::Duration::from_millis(1);
+        let path = |p: &str| std::path::PathBuf::from(p);
+        assert_eq!(
+            loaded.own_output(&path("/tmp/p/ran/state.json"), at),
+            Some("ran")
+        );
+        assert_eq!(
+            loaded.own_output(&path("/tmp/p/waits/model.onnx"), at),
+            None
+        );
+        assert_eq!(
+            loaded.own_output(&path("/tmp/p/ran/forgesyte.sig.list"), at),
+            None
+        );
     }
 
     #[test]

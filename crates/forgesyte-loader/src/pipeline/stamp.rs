@@ -94,14 +94,24 @@ pub fn runtime_output(path: &Path) -> bool {
     under(&RUNTIME_DIRS) && !is_code(&name)
 }
 
-/// Whether a file at `path` is what a plugin loads, whoever wrote it: its
-/// manifest, the lock file, code (`is_code`: Python sources and extension
-/// modules, shared libraries). `serve --watch` never takes a change of one
-/// for a plugin's own output.
+/// Whether a file at `path` is what a plugin loads or is checked by,
+/// whoever wrote it: its manifest, the lock file, its signature's list and
+/// signature, code (`is_code`: Python sources and extension modules,
+/// shared libraries). `serve --watch` never takes a change of one for a
+/// plugin's own output.
 pub fn loaded_by_plugins(path: &Path) -> bool {
     path.file_name()
         .map(|n| n.to_string_lossy())
-        .is_some_and(|name| name == MANIFEST_FILE || name == LOCK_FILE || is_code(&name))
+        .is_some_and(|name| {
+            [
+                MANIFEST_FILE,
+                LOCK_FILE,
+                crate::signature::LIST_FILE,
+                crate::signature::SIG_FILE,
+            ]
+            .contains(&name.as_ref())
+                || is_code(&name)
+        })
 }
 
 /// The stamp of `dir`, whose manifest is read if it is a regular file of
@@ -415,7 +425,14 @@ mod tests {
             assert!(!super::runtime_output(Path::new(code)), "{code}");
         }
         // What a plugin loads, whoever wrote it; not what it may write.
-        for loaded in ["plugin.py", "a/lib.so.1", "manifest.json", "forgesyte.lock"] {
+        for loaded in [
+            "plugin.py",
+            "a/lib.so.1",
+            "manifest.json",
+            "forgesyte.lock",
+            "forgesyte.sig.list",
+            "forgesyte.sig.list.minisig",
+        ] {
             assert!(super::loaded_by_plugins(Path::new(loaded)), "{loaded}");
         }
         for written in ["state.json", "data.bin", "manifest.json.bak"] {
