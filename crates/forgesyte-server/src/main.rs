@@ -438,6 +438,20 @@ fn run_lock(dir: &Path) -> ExitCode {
         }
     }
     let path = dir.join(integrity::LOCK_FILE);
+    // Nothing to pin, and plugins that could not be: no file (one that
+    // pins nothing beside plugins that load unpinned says less than it
+    // seems to), and a lock file already there is left as it is.
+    if outcome.lock.plugins.is_empty() && !outcome.skipped.is_empty() {
+        for (name, why) in &outcome.skipped {
+            say!("forgesyte lock: {name} not locked: {why}");
+        }
+        say!(
+            "forgesyte lock: no plugin of {} could be locked: {} not written",
+            dir.display(),
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
     // Replaced, never written through: a link planted at the lock file's
     // name (or at a fixed temporary name) made `lock` write wherever it
     // pointed.

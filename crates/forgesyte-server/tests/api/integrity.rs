@@ -259,6 +259,15 @@ fn lock_names_what_it_cannot_hash_and_refuses_a_missing_directory() {
     let (code, out, err) = forgesyte(&["lock", missing.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(!missing.exists());
+
+    // Not one plugin that can be locked: no lock file that pins nothing.
+    let none = PluginsDir::new();
+    none.good("gone", json!({"entrypoint": "libgone.so"}));
+    let (code, out, err) = forgesyte(&["lock", none.path_str()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("forgesyte lock: gone not locked"), "{err}");
+    assert!(err.contains("no plugin of"), "{err}");
+    assert!(!none.path().join("forgesyte.lock").exists(), "{out}{err}");
 }
 
 /// The files mapped into process `pid` (the path column of
