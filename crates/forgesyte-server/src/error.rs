@@ -573,7 +573,7 @@ pub enum RunError {
     },
     /// The plugin already has its limit of tool calls in progress; the call
     /// never ran (503, `TooManyCalls`, with `Retry-After`).
-    #[error("{limit} tool calls of the plugin in progress")]
+    #[error("the plugin has its limit of tool calls in progress ({limit})")]
     TooManyCalls {
         /// The limit per plugin.
         limit: usize,
