@@ -210,13 +210,17 @@ pub enum ImportError {
     /// A library named by its bare file name is in neither the plugin's
     /// directory nor any `--lib-path` directory (none given: said so, with
     /// where a library built elsewhere is found from).
-    #[error("library not found: {path}, {}", lib_path_searched(searched))]
+    #[error("library not found: {path}, {}{}", lib_path_searched(searched), python_file_hint(python_file.as_deref()))]
     LibraryNotFoundInPath {
         /// The path in the plugin's directory.
         path: PathBuf,
         /// The `--lib-path` directories looked in, as the reason shows
         /// them (`DIR (missing)` for one that does not exist).
         searched: Vec<String>,
+        /// `NAME.py` beside where the library was looked for, when there
+        /// is one: the entrypoint (`main`) meant a Python file, which one
+        /// bare word does not say.
+        python_file: Option<String>,
     },
     /// The file exists but is not a loadable shared object.
     ///
@@ -821,6 +825,18 @@ fn lib_path_searched(searched: &[String]) -> String {
     } else {
         format!("nor in the --lib-path directories {}", searched.join(", "))
     }
+}
+
+/// What [`ImportError::LibraryNotFoundInPath`] says of a Python file of the
+/// entrypoint's name beside it.
+fn python_file_hint(python_file: Option<&str>) -> String {
+    python_file.map_or_else(String::new, |file| {
+        format!(
+            "; {file} is there: a Python plugin's manifest names its file (\"entrypoint\": \
+             \"{file}\") or says \"runtime\": \"python\" (one bare word is read as a \
+             library's name)"
+        )
+    })
 }
 
 /// Formats a duration as people write it: `5 s`, `250 ms`, `1.5 s`.

@@ -655,6 +655,27 @@ fn a_library_found_nowhere_names_where_it_was_looked_for() {
             "is found with --lib-path DIR",
         ],
     );
+    // One bare word with a Python file of that name beside it: the
+    // reason says what the manifest of a Python plugin says (it was only
+    // "library not found: …/main").
+    let s = Setup::new();
+    s.world
+        .fs
+        .add_file(
+            "/plugins/py/manifest.json",
+            r#"{"name": "py", "entrypoint": "main"}"#,
+        )
+        .add_file("/plugins/py/main.py", "class Plugin: pass\n");
+    let loader = s.loader_with(LoaderConfig::default());
+    loader.load_all("/plugins".as_ref());
+    s.check(
+        "py",
+        S::Failed,
+        &[
+            "ImportError: library not found: /plugins/py/main",
+            "main.py is there: a Python plugin's manifest names its file (\"entrypoint\": \"main.py\") or says \"runtime\": \"python\"",
+        ],
+    );
 }
 
 #[test]

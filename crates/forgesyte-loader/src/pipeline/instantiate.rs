@@ -782,9 +782,15 @@ impl Loader {
                 false => format!("{} (missing)", dir.display()),
             })
             .collect();
+        let python_file = format!("{entry}.py");
+        let python_file = self
+            .fs
+            .exists(&p.dir.join(&python_file))
+            .then_some(python_file);
         Err(ImportError::LibraryNotFoundInPath {
             path: inside,
             searched,
+            python_file,
         }
         .into())
     }
