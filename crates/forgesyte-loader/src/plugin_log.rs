@@ -121,18 +121,26 @@ impl Budget {
 }
 
 /// The level a runner gave a line: the Python runner writes each `logging`
-/// record as `LEVEL logger: message`; any other line is `INFO`.
+/// record as `LEVEL logger: message`; a plugin that replaced the runner's
+/// handler (`logging.basicConfig(force=True)`) writes them as
+/// `LEVEL:logger:message`, the standard library's default format, whose
+/// errors were logged at INFO. Any other line is `INFO`.
 pub(crate) fn stderr_level(text: &str) -> (tracing::Level, &str) {
     let levels = [
-        ("CRITICAL ", tracing::Level::ERROR),
-        ("ERROR ", tracing::Level::ERROR),
-        ("WARNING ", tracing::Level::WARN),
-        ("INFO ", tracing::Level::INFO),
-        ("DEBUG ", tracing::Level::DEBUG),
+        ("CRITICAL", tracing::Level::ERROR),
+        ("ERROR", tracing::Level::ERROR),
+        ("WARNING", tracing::Level::WARN),
+        ("INFO", tracing::Level::INFO),
+        ("DEBUG", tracing::Level::DEBUG),
     ];
     levels
         .iter()
-        .find_map(|(prefix, level)| text.strip_prefix(prefix).map(|rest| (*level, rest)))
+        .find_map(|(name, level)| {
+            let rest = text.strip_prefix(name)?;
+            rest.strip_prefix(' ')
+                .or_else(|| rest.strip_prefix(':'))
+                .map(|rest| (*level, rest))
+        })
         .unwrap_or((tracing::Level::INFO, text))
 }
 
@@ -433,5 +441,16 @@ mod tests {
             (Level::INFO, "thread 'main' panicked")
         );
         assert_eq!(stderr_level("WARNINGS"), (Level::INFO, "WARNINGS"));
+        // The standard library's default format, under a handler of the
+        // plugin's own.
+        assert_eq!(
+            stderr_level("ERROR:ocr.model:no weights"),
+            (Level::ERROR, "ocr.model:no weights")
+        );
+        assert_eq!(
+            stderr_level("WARNING:root:slow"),
+            (Level::WARN, "root:slow")
+        );
+        assert_eq!(stderr_level("ERRORS: 3"), (Level::INFO, "ERRORS: 3"));
     }
 }
