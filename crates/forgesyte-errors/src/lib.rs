@@ -668,6 +668,24 @@ pub enum IntegrityError {
         /// To whom the server grants it, and how to change that.
         grants: String,
     },
+    /// A signed plugin under `--require-signed`, or a pinned one, names an
+    /// interpreter in its own directory (`.venv/bin/python`): what a
+    /// virtual environment runs (its interpreter, `pyvenv.cfg`'s `home`,
+    /// the `.pth` files and packages of its site-packages) is not among the
+    /// checked files, and runs before and beside them.
+    #[error(
+        "its interpreter {interpreter} lies in its own directory, which {covered_by} does not \
+         cover: a virtual environment's interpreter, pyvenv.cfg, .pth files and packages run \
+         before and beside the checked files; serve it with an interpreter outside its \
+         directory (--python, or an absolute \"python\" in its manifest)"
+    )]
+    InterpreterInside {
+        /// The interpreter as the manifest names it.
+        interpreter: String,
+        /// What checks the plugin: `its signature (--require-signed)`,
+        /// `its pin`.
+        covered_by: String,
+    },
     /// A checked file was different when it was loaded (swapped or
     /// rewritten between the check and the load).
     #[error("{subject} changed between its check and its load: {detail}")]

@@ -68,6 +68,7 @@ impl Loader {
         // Before any dependency check runs an interpreter the manifest
         // names (a native plugin's `py:` dependencies are asked of it too).
         self.refuse_own_interpreter(p)?;
+        self.refuse_interpreter_inside(p)?;
         self.say_manifest_notes(p);
         if p.manifest.runtime == Runtime::Python {
             return self
@@ -553,6 +554,60 @@ impl Loader {
             ),
         }
         .into())
+    }
+
+    /// A signed plugin under `--require-signed`, or a pinned one, whose
+    /// manifest names an interpreter in its own directory (`"python":
+    /// ".venv/bin/python"`) is refused before that interpreter runs: no
+    /// signature or pin covers a virtual environment (not listed), and what
+    /// it runs (its `.pth` files, `pyvenv.cfg`'s `home`, the interpreter
+    /// itself) comes before the runner's checks. One whose interpreter is
+    /// not found is left to fail for it.
+    fn refuse_interpreter_inside(&self, p: &Pending) -> Result<(), PluginError> {
+        let Some(named) = p.manifest.python.as_deref() else {
+            return Ok(());
+        };
+        let runs = p.manifest.runtime == Runtime::Python
+            || p.manifest.requirements.python_queries().next().is_some();
+        if !runs || self.config.require_confinement {
+            // Under `--require-confinement` the operator's interpreter runs
+            // (`interpreter`), or the plugin is refused already.
+            return Ok(());
+        }
+        let covered_by = if self.config.require_signed {
+            "its signature (--require-signed)"
+        } else if !self.pins(p)?.is_empty() {
+            "its pin"
+        } else {
+            return Ok(());
+        };
+        if !self.names_an_interpreter_inside(p) {
+            return Ok(());
+        }
+        Err(IntegrityError::InterpreterInside {
+            interpreter: named.to_owned(),
+            covered_by: covered_by.to_owned(),
+        }
+        .into())
+    }
+
+    /// Whether `p`'s manifest names an interpreter in `p`'s own directory
+    /// (found now): by its name, or by where its directory resolves (a
+    /// virtual environment's interpreter is a link to the base one, which
+    /// lies elsewhere: its directory is what is in the plugin's).
+    pub(super) fn names_an_interpreter_inside(&self, p: &Pending) -> bool {
+        if p.manifest.python.is_none() {
+            return false;
+        }
+        let Ok(interpreter) = self.named_interpreter(p) else {
+            return false;
+        };
+        let resolved = |path: &Path| self.fs.canonicalize(path).ok();
+        interpreter.starts_with(&p.dir)
+            || matches!(
+                (interpreter.parent().and_then(resolved), resolved(&p.dir)),
+                (Some(i), Some(d)) if i.starts_with(&d)
+            )
     }
 
     /// Confines the plugin's runners when the host confines runners (its

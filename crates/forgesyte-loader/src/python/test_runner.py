@@ -1083,6 +1083,37 @@ class ImportAndInitFailureTests(RunnerTestCase):
         header, _ = p.run("which")
         self.assertEqual(header.get("result"), {"colorsys": True, "uuid": 36, "helper": 42}, header)
 
+    def test_a_module_named_like_a_standard_one_is_the_plugin_s_when_its_entrypoint_names_it(self):
+        # "entrypoint": "email.plugin" with its own email/ package (or
+        # "code:Plugin" with code.py): the manifest names the plugin's own
+        # module, which is imported as before; a helper package of that
+        # kind beside plugin.py is passed over, and the error says so.
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        os.mkdir(os.path.join(d, "email"))
+        with open(os.path.join(d, "email", "__init__.py"), "w") as f:
+            f.write("")
+        with open(os.path.join(d, "email", "plugin.py"), "w") as f:
+            f.write("class Plugin:\n    tools = {'who': {'handler': 'who'}}\n"
+                    "    def who(self, args):\n        return {'me': __name__}\n")
+        p = Proc(self, args=["--plugin", "mail", "--plugin-dir", d, "--module", "email.plugin"])
+        p.start()
+        header, _ = p.run("who", {})
+        self.assertEqual(header.get("result"), {"me": "email.plugin"}, (header, p.stderr))
+        for source, others in (
+                ("from email.helpers import f\n", {"email/__init__.py": "", "email/helpers.py": "f = 1\n"}),
+                ("from token import API_KEY\n", {"token.py": "API_KEY = 'k'\n"})):
+            e = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, e)
+            for name, text in dict(others, **{"plugin.py": source}).items():
+                os.makedirs(os.path.dirname(os.path.join(e, name)), exist_ok=True)
+                with open(os.path.join(e, name), "w") as f:
+                    f.write(text)
+            p = Proc(self, args=["--plugin", "s", "--plugin-dir", e, "--file", os.path.join(e, "plugin.py")])
+            header = p.recv_header()
+            self.assertEqual(header["type"], "import_failed", header)
+            self.assertIn("is passed over for the standard library's", header["error"]["message"], header)
+
     def test_a_plugin_without_tools_is_created_and_says_nothing_can_be_called(self):
         # An older plugin API's class (``analyze(image_bytes, options)``):
         # ready with no tools, and a warning says why nothing can be called.

@@ -348,6 +348,41 @@ fn a_refused_plugins_own_interpreter_never_runs() {
         !dir.join("interpreter-ran").exists(),
         "the refused plugin's interpreter ran"
     );
+
+    // Signed, it is still refused before its interpreter runs: a signature
+    // does not cover an interpreter in the plugin's own directory (nor a
+    // virtual environment's `.pth` files and packages), which would run
+    // before and beside the signed files.
+    sign(&dir, &keys.path().join("author.key"));
+    let refused_inside = |env: &[(&str, &str)], covered_by: &str| {
+        let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], env);
+        assert_eq!(code, 1, "{out}{err}");
+        let list: Value = serde_json::from_str(&out).unwrap();
+        let p = plugin_named(&list, "own-python");
+        let reason = p["reason"].as_str().unwrap_or("");
+        assert!(
+            reason
+                .starts_with("IntegrityError: its interpreter python.sh lies in its own directory")
+                && reason.contains(&format!("which {covered_by} does not cover")),
+            "{p:#}"
+        );
+        assert!(
+            !dir.join("interpreter-ran").exists(),
+            "the refused plugin's interpreter ran"
+        );
+    };
+    refused_inside(&env, "its signature (--require-signed)");
+    // So is a pinned one, without --require-signed.
+    let (code, out, err) = run_forgesyte(&["lock", plugins.path_str()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    refused_inside(&[], "its pin");
+    // Neither required nor pinned, its interpreter runs as before (its
+    // import then fails to write beside itself: this manifest asks for no
+    // write there).
+    std::fs::remove_file(plugins.path().join("forgesyte.lock")).unwrap();
+    let (_, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &[]);
+    assert!(!out.contains("lies in its own directory"), "{out}{err}");
+    assert!(dir.join("interpreter-ran").exists(), "{out}{err}");
 }
 
 #[test]

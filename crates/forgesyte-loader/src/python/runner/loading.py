@@ -168,9 +168,13 @@ class _SourceOnlyFinder(object):
     loaded, by :func:`_guard_loaders`. Modules elsewhere (the standard
     library, the plugin's dependencies) load as Python loads them."""
 
-    def __init__(self, root, checked=None):
+    def __init__(self, root, checked=None, own=None):
         self.root = root
         self.checked = checked
+        # The top-level name the manifest's entrypoint names (``email`` of
+        # ``email.plugin``): the plugin's own, even named like a standard
+        # module.
+        self.own = own
         # Where the tree lies once links are resolved: a plugin reached
         # through a linked plugins directory that loads its files by
         # ``os.path.realpath(__file__)`` names them so. A checked tree's
@@ -179,7 +183,7 @@ class _SourceOnlyFinder(object):
         # Only for a plugin that is not checked: a signed or pinned one's
         # files are all its own, the virtual environment's included (which
         # no signature covers, so nothing there is imported).
-        self.installation = _installation_in(self.root) if checked is None else ()
+        self.installation = _installation_in(self.root, self.real_root) if checked is None else ()
 
     def covers(self, path):
         """Whether ``path`` is in the tree: of a signed or pinned plugin by
@@ -202,7 +206,7 @@ class _SourceOnlyFinder(object):
         machinery = importlib.machinery
         spec = machinery.PathFinder.find_spec(name, path, target)
         origin = getattr(spec, "origin", None)
-        if (path is None and isinstance(origin, str) and "." not in name
+        if (path is None and isinstance(origin, str) and "." not in name and name != self.own
                 and name in _standard_library_names() and self.covers(origin)):
             # A module of the plugin's named like a standard one (constants
             # in a ``platform.py``, a ``random.py``): the plugin directory
@@ -232,33 +236,37 @@ class _SourceOnlyFinder(object):
         return spec  # an extension module: covered by pins and signatures
 
 
-def _installation_in(root):
+def _installation_in(root, real_root):
     """The interpreter's virtual environment (``sys.prefix``, holding
-    ``pyvenv.cfg``) when it lies in the plugin's tree, by its path as
-    given: the manifest's ``"python": ".venv/bin/python"``. Its modules are
-    installed packages, as those of a virtual environment outside the
-    plugin are, and load with their bytecode (compiled from source at every
-    start, a plugin importing sympy took six times as long to load). An
-    unchecked plugin's only (see ``_SourceOnlyFinder``); an interpreter
-    unpacked whole in the tree (no ``pyvenv.cfg``) is the plugin's files."""
+    ``pyvenv.cfg``) when it lies in the plugin's tree (``root`` as given,
+    or ``real_root`` where it resolves: a plugins directory reached through
+    a link, and a manifest naming the interpreter by its real path), by its
+    path as given and as resolved: the manifest's ``"python":
+    ".venv/bin/python"``. Its modules are installed packages, as those of a
+    virtual environment outside the plugin are, and load with their
+    bytecode (compiled from source at every start, a plugin importing sympy
+    took six times as long to load). An unchecked plugin's only (see
+    ``_SourceOnlyFinder``); an interpreter unpacked whole in the tree (no
+    ``pyvenv.cfg``) is the plugin's files."""
     found = []
     for prefix in {sys.prefix, sys.exec_prefix}:
         if not isinstance(prefix, str) or not prefix:
             continue
-        where = os.path.abspath(prefix)
-        if where.startswith(root + os.sep) and os.path.isfile(os.path.join(where, "pyvenv.cfg")):
-            found.append(where)
+        given, real = os.path.abspath(prefix), os.path.realpath(prefix)
+        inside = given.startswith(root + os.sep) or real.startswith(real_root + os.sep)
+        if inside and os.path.isfile(os.path.join(given, "pyvenv.cfg")):
+            found += [given, real]
     return tuple(found)
 
 
-def _source_only_under(root, checked=None):
+def _source_only_under(root, checked=None, own=None):
     """Modules found under ``root`` (the plugin directory or installed
     package, subpackages included) load from sources and extension modules
     only, never from bytecode, and with ``checked`` only from the checked
     bytes: see :class:`_SourceOnlyFinder`; and so does a file of the tree
     that the plugin loads through ``importlib``'s own loaders by its path
     (``importlib.util.spec_from_file_location``): see :func:`_guard_loaders`."""
-    finder = _SourceOnlyFinder(root, checked)
+    finder = _SourceOnlyFinder(root, checked, own)
     path_finder = importlib.machinery.PathFinder
     at = sys.meta_path.index(path_finder) if path_finder in sys.meta_path else 0
     sys.meta_path.insert(at, finder)
@@ -344,7 +352,8 @@ def import_plugin(args):
         root = os.path.abspath(args.plugin_dir)
         if args.sources is not None:
             checked = _Checked(root, args.sources)
-        _source_only_under(root, checked)
+        own = args.module.partition(".")[0] if args.module and not args.installed else None
+        _source_only_under(root, checked, own)
         if not args.installed:
             sys.path.insert(0, root)
     if args.file is not None:
@@ -375,7 +384,7 @@ def import_plugin(args):
         except BaseException as e:  # SystemExit too: the plugin fails, not the runner
             out_of_memory_unless_raised(e, "importing the plugin")
             sys.modules.pop(name, None)
-            error = _with_import_hint(python_error(e), e, relative=True)
+            error = _with_import_hint(python_error(e), e, relative=True, root=args.plugin_dir)
             error["path"] = clean(_syntax_error_file(e) or path)
             return error
     try:
@@ -384,7 +393,8 @@ def import_plugin(args):
         return importlib.import_module(args.module)
     except BaseException as e:
         out_of_memory_unless_raised(e, "importing the plugin")
-        error = _with_import_hint(python_error(e), e, relative=False)
+        error = _with_import_hint(
+            python_error(e), e, relative=False, root=None if args.installed else args.plugin_dir)
         if _syntax_error_file(e):
             error["path"] = clean(_syntax_error_file(e))
         return error
@@ -424,14 +434,20 @@ RELATIVE_IMPORT_HINT = (
     "`from .helpers import ...`")
 
 
-def _with_import_hint(error, exc, relative):
+def _with_import_hint(error, exc, relative, root=None):
     """``error`` (of ``exc``) with a hint for the import mistakes authors
     make: a relative import in plugin.py (``relative``: a plugin file, not
-    a package's module), and a package installed with ``pip install
-    --user`` (runners read no user site-packages)."""
+    a package's module), a module of the plugin directory ``root`` named
+    like a standard one (passed over for it), and a package installed with
+    ``pip install --user`` (runners read no user site-packages)."""
     hint = None
+    passed_over = _passed_over(exc, root)
     if relative and isinstance(exc, ImportError) and "no known parent package" in str(exc):
         hint = RELATIVE_IMPORT_HINT
+    elif passed_over:
+        hint = ("the plugin's own %s is passed over for the standard library's %s module, "
+                "which every module imports by that name: rename it"
+                % (passed_over, passed_over.rstrip("/").rsplit(".py", 1)[0]))
     elif isinstance(exc, ModuleNotFoundError) and exc.name:
         user = _in_user_site(exc.name)
         if user:
@@ -442,6 +458,31 @@ def _with_import_hint(error, exc, relative):
     if hint:
         error["message"] = clean_capped("%s (%s)" % (error["message"], hint))
     return error
+
+
+def _passed_over(exc, root):
+    """The file or package (``email/``, ``token.py``) of plugin directory
+    ``root`` that ``exc`` may come from missing: a module named like a
+    standard one, which the runner's finder passes over for the standard
+    module (a ``No module named 'email.helpers'``, ``cannot import name
+    'API_KEY' from 'token'``, an ``AttributeError`` of module ``token``);
+    None otherwise."""
+    if not root:
+        return None
+    if isinstance(exc, ImportError):  # ``cannot import name 'X' from 'token'`` too
+        name = exc.name or ""
+    elif isinstance(exc, AttributeError):
+        obj = getattr(exc, "obj", None)  # 3.10+
+        name = getattr(obj, "__name__", "") if type(obj).__name__ == "module" else ""
+    else:
+        return None
+    top = name.partition(".")[0]
+    if not top or top not in _standard_library_names():
+        return None
+    for entry in (top + "/", top + ".py"):
+        if os.path.exists(os.path.join(root, entry)):
+            return entry
+    return None
 
 
 def _in_user_site(name):
