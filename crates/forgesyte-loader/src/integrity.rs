@@ -303,7 +303,9 @@ fn collect_py(
             // plugin's tree may not hold). Not listed, so the runner of a
             // signed or pinned plugin imports nothing from it.
             // A package (`__init__.py`) is never one, whatever it holds.
-            if fs.exists(&entry.path.join(VENV_MARKER))
+            if fs
+                .metadata(&entry.path.join(VENV_MARKER))
+                .is_ok_and(|m| m.is_file)
                 && !fs.exists(&entry.path.join("__init__.py"))
             {
                 continue;
@@ -686,10 +688,14 @@ mod tests {
         std::fs::create_dir(root.join("sub")).unwrap();
         std::fs::write(root.join("sub/__init__.py"), "x").unwrap();
         std::fs::write(root.join("sub").join(VENV_MARKER), "home = /usr/bin\n").unwrap();
+        // A `pyvenv.cfg` that is a directory makes none either (the runner
+        // reads a file).
+        std::fs::create_dir_all(root.join("ns/pyvenv.cfg")).unwrap();
+        std::fs::write(root.join("ns/mod.py"), "x").unwrap();
         let listed = python_tree_digests(&RealFs, root).unwrap();
         assert_eq!(
             listed.keys().collect::<Vec<_>>(),
-            ["plugin.py", "sub/__init__.py"],
+            ["ns/mod.py", "plugin.py", "sub/__init__.py"],
             "{listed:?}"
         );
     }
