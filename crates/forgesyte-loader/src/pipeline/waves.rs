@@ -71,16 +71,21 @@ impl Loader {
         } else {
             // Not of a pinned plugin whose interpreter lies in its own
             // directory: refused before it runs (`refuse_interpreter_inside`).
-            let runnable: Vec<_> = pending_checked
-                .iter()
-                .zip(&requirements)
-                .filter(|(p, _)| {
-                    !self.names_an_interpreter_inside(p)
-                        || self.pins(p).is_ok_and(|pins| pins.is_empty())
-                })
-                .map(|(_, req)| req.clone())
-                .collect();
-            self.checker.python_prefetch(&runnable)
+            let refused = |p: &Pending| {
+                self.names_an_interpreter_inside(p)
+                    && !self.pins(p).is_ok_and(|pins| pins.is_empty())
+            };
+            if pending_checked.iter().any(|p| refused(p)) {
+                let runnable: Vec<_> = pending_checked
+                    .iter()
+                    .zip(&requirements)
+                    .filter(|(p, _)| !refused(p))
+                    .map(|(_, req)| req.clone())
+                    .collect();
+                self.checker.python_prefetch(&runnable)
+            } else {
+                self.checker.python_prefetch(&requirements)
+            }
         };
         // The interpreters answer beside the waves: a plugin's check waits
         // for its own interpreter's answer, and one that needs none for
