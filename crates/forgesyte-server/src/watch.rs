@@ -14,15 +14,16 @@
 //! What a plugin writes into its own directory as it loads (its
 //! constructor or `on_load` saving a state file beside its code, with
 //! confinement off) is its own output, not an edit: the files written
-//! there, other than what plugins load ([`forgesyte_loader::loaded_by_plugins`]:
-//! manifests, the lock file, code), while a `--watch` rescan loaded it (and
+//! there, other than what plugins load or are checked by
+//! ([`forgesyte_loader::loaded_by_plugins`]: manifests, the lock file, the
+//! signature's files, code), while a `--watch` rescan loaded it (and
 //! a moment after) set off no rescan. Each such rescan reloaded it, which
 //! wrote again, which set off the next: 20 reloads in 6 s, for good. The
 //! change stamp still counts the file (it is taken before the plugin's
 //! files are read, so an edit made while it loads is never lost): the next
 //! rescan for another change, `SIGHUP` or the admin route reloads it once.
 //! Knows the rescan trigger, its report and the file system; nothing of
-//! routes or the loader.
+//! routes, and of the loader only which files plugins load.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt as _;

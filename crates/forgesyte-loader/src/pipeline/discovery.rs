@@ -376,22 +376,28 @@ impl Loader {
             gone.push(name);
             new.push(ep);
         }
+        self.record_entry_points(kept);
+        (new, gone)
+    }
+
+    /// Records what the interpreter reports now of registered installed
+    /// plugins (name, entry point): each one's entry point, and its
+    /// directory with it.
+    pub(super) fn record_entry_points(&self, found: Vec<(String, EntryPoint)>) {
         {
             let mut entries = self.entries.write();
-            for (name, ep) in &kept {
+            for (name, ep) in &found {
                 if let Some(entry) = entries.get_mut(name) {
                     entry.dir = ep.plugin_dir();
                 }
             }
         }
         let mut known = self.entry_points.write();
-        for (name, ep) in kept {
+        for (name, ep) in found {
             if let Some(k) = known.get_mut(&name) {
                 *k = ep;
             }
         }
-        drop(known);
-        (new, gone)
     }
 
     /// The manifest of an installed Python plugin: the `manifest.json` its

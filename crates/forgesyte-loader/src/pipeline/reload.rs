@@ -244,12 +244,7 @@ impl Loader {
                 if ep.value != known.value {
                     tracing::info!(plugin = %name, from = %known.value, to = %ep.value, "Plugin {name}: its entry point is {} now", ep.value);
                 }
-                if let Some(entry) = self.entries.write().get_mut(name) {
-                    entry.dir = ep.plugin_dir();
-                }
-                if let Some(k) = self.entry_points.write().get_mut(name) {
-                    *k = ep;
-                }
+                self.record_entry_points(vec![(name.to_owned(), ep)]);
                 Ok(())
             }
             (None, None) => Ok(()),

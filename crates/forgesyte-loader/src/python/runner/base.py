@@ -133,14 +133,23 @@ def raised_by_a_statement(error):
         return False
 
 
+def innermost_traceback(error):
+    """The innermost entry of ``error``'s traceback (where it was raised),
+    or None when it has none."""
+    tb = error.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
 def _at_a_raise(error):
     """Whether the innermost frame of ``error``'s traceback stopped at a
     ``RAISE_VARARGS`` instruction (raises what cannot be told)."""
-    tb = error.__traceback__
+    tb = innermost_traceback(error)
     if tb is None:
         return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
     import opcode
 
     return tb.tb_frame.f_code.co_code[tb.tb_lasti] == opcode.opmap["RAISE_VARARGS"]

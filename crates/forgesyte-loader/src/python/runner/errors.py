@@ -6,7 +6,7 @@ import errno
 import os
 import traceback
 
-from .base import is_runner_file
+from .base import innermost_traceback, is_runner_file
 
 TRACEBACK_LINES = 10
 # The most characters of an error's message, and of each traceback line,
@@ -214,12 +214,8 @@ def _causes(exc):
 
 def _innermost(exc):
     """The code of the innermost frame of ``exc``'s traceback, or None."""
-    tb = exc.__traceback__
-    if tb is None:
-        return None
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_code
+    tb = innermost_traceback(exc)
+    return None if tb is None else tb.tb_frame.f_code
 
 
 def _from_the_environment(exc):
