@@ -401,7 +401,7 @@ impl Loader {
     /// a native manifest).
     pub(super) fn requirements(&self, p: &Pending) -> forgesyte_deps::Requirements {
         let mut req = p.manifest.requirements.clone();
-        if p.manifest.runtime == Runtime::Python || req.python_queries().next().is_some() {
+        if runs_an_interpreter(p) {
             match self.interpreter(p) {
                 Ok(interpreter) => req.python = Some(interpreter),
                 Err(wanted) => req.python_wanted = Some(wanted),
@@ -520,9 +520,7 @@ impl Loader {
             return Ok(());
         };
         // A native plugin without Python packages never runs it.
-        let runs = p.manifest.runtime == Runtime::Python
-            || p.manifest.requirements.python_queries().next().is_some();
-        if !self.config.require_confinement || !runs {
+        if !self.config.require_confinement || !runs_an_interpreter(p) {
             return Ok(());
         }
         let operators = self.interpreter(p);
@@ -567,9 +565,7 @@ impl Loader {
         let Some(named) = p.manifest.python.as_deref() else {
             return Ok(());
         };
-        let runs = p.manifest.runtime == Runtime::Python
-            || p.manifest.requirements.python_queries().next().is_some();
-        if !runs || self.config.require_confinement {
+        if !runs_an_interpreter(p) || self.config.require_confinement {
             // Under `--require-confinement` the operator's interpreter runs
             // (`interpreter`), or the plugin is refused already.
             return Ok(());
@@ -1043,6 +1039,13 @@ fn edit_missing(err: &mut DependencyError, edit: impl FnOnce(&mut Vec<String>)) 
         .map(str::to_owned);
     edit(&mut err.missing);
     *err = DependencyError::new(std::mem::take(&mut err.missing), gpu_detail);
+}
+
+/// Whether `p` runs a Python interpreter: a Python plugin, or a native one
+/// whose manifest asks for Python packages (`py:`, checked by one).
+fn runs_an_interpreter(p: &Pending) -> bool {
+    p.manifest.runtime == Runtime::Python
+        || p.manifest.requirements.python_queries().next().is_some()
 }
 
 #[cfg(test)]
