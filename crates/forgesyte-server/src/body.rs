@@ -337,15 +337,15 @@ pub(crate) fn parse_json_body(bytes: &[u8], max_values: usize) -> Result<RunRequ
     })
 }
 
-/// JSON serde could not parse: malformed (400), or nested deeper than the
-/// 128 levels serde reads (422: the text may be valid, its depth is what
+/// JSON serde could not parse: malformed (400), or nested 128 levels deep
+/// or more, deeper than serde reads (422: the text may be valid, its depth is what
 /// is refused; serde's own word was "recursion limit exceeded").
 /// `context` goes before the parser's message.
 fn unparsed(e: &serde_json::Error, context: &str) -> RunError {
     if e.is_syntax() && e.to_string().starts_with("recursion limit exceeded") {
         return RunError::InvalidBody {
             message: format!(
-                "{context}JSON nested deeper than 128 levels (at line {} column {}): \
+                "{context}JSON nested 128 or more levels deep (at line {} column {}): \
                  the server reads no deeper",
                 e.line(),
                 e.column()
@@ -1210,9 +1210,21 @@ mod tests {
         assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY, "{err:?}");
         assert!(
             err.to_string()
-                .contains("JSON nested deeper than 128 levels"),
+                .contains("JSON nested 128 or more levels deep"),
             "{err}"
         );
+        // The body's object and `args` are two of the levels: 127 in all
+        // are read, 128 are not, as the message says.
+        let levels = |n: usize| {
+            format!(
+                r#"{{"args": {{"a": {}1{}}}}}"#,
+                "[".repeat(n - 2),
+                "]".repeat(n - 2)
+            )
+        };
+        assert!(parse_json_body(levels(127).as_bytes(), 1 << 20).is_ok());
+        let err = parse_json_body(levels(128).as_bytes(), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("128 or more levels deep"), "{err}");
         let shallow = format!(
             r#"{{"args": {{"a": {}1{}}}}}"#,
             "[".repeat(100),
@@ -1225,7 +1237,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY, "{err:?}");
-        assert!(err.to_string().contains("128 levels"), "{err}");
+        assert!(err.to_string().contains("128 or more levels"), "{err}");
     }
 
     /// `read` on a runtime of its own (a proptest case is synchronous).

@@ -1184,3 +1184,32 @@ fn chaos(dir: &PluginsDir, plugins: [&'static str; 3]) {
         kills.load(std::sync::atomic::Ordering::Relaxed) as u64
     );
 }
+
+/// The host's own bound on a result's values (one per 32 bytes of
+/// `--max-response`, at least 64 Ki): a native plugin, which counts
+/// nothing itself, echoing 100,000 zeros is the tool's 422
+/// `ResultTooLarge`, refused before the host parses the result; 60,000
+/// are answered, and the plugin stays INITIALIZED.
+#[test]
+fn a_native_result_of_too_many_values_is_refused_by_the_host() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let limit = (1usize << 20).to_string();
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--max-response", &limit]);
+    server.wait_loaded();
+    let zeros = |n: usize| format!(r#"{{"args": {{"z": [{}0]}}}}"#, "0,".repeat(n - 1));
+    let reply = server.run("alpha", "echo", &zeros(100_000));
+    assert_eq!(reply.status, 422, "{:.300}", reply.text());
+    let failure = reply.json();
+    assert_eq!(failure["error_type"], "ResultTooLarge", "{failure}");
+    assert!(
+        failure["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("more than the 65536 an answer may hold")),
+        "{failure}"
+    );
+    let reply = server.run("alpha", "echo", &zeros(60_000));
+    assert_eq!(reply.status, 200, "{:.300}", reply.text());
+    let health = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+}

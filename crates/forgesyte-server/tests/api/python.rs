@@ -458,9 +458,10 @@ fn a_shared_result_at_the_response_limit_is_whole_or_too_large_never_a_fault() {
 
 /// A JSON result of more values than the answer limit allows (one per 32
 /// bytes of `--max-response`, at least 64 Ki) is the tool's error (422
-/// `ResultTooLarge`), refused before the host parses it: 100,000 zeros are
-/// 200 KB of text, and would be some 10 MB parsed. The plugin stays
-/// INITIALIZED, and a result within the bound is answered.
+/// `ResultTooLarge`), refused before the host parses it (the Python runner
+/// counts them itself, before encoding them): 100,000 zeros are 200 KB of
+/// text, and would be some 10 MB parsed. The plugin stays INITIALIZED, and
+/// a result within the bound is answered.
 #[test]
 fn a_result_of_too_many_values_is_refused_before_it_is_parsed() {
     const LIMIT: usize = 1 << 20;
@@ -474,7 +475,7 @@ fn a_result_of_too_many_values_is_refused_before_it_is_parsed() {
     assert!(
         failure["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("more than the 65536 an answer may hold")),
+            .is_some_and(|d| d.contains("more than 65536 values, more than an answer may hold")),
         "{failure}"
     );
     let reply = server.run("py", "echo", &zeros(60_000));
@@ -944,33 +945,75 @@ fn a_result_nested_too_deep_is_a_tool_error_not_a_fault() {
     assert_eq!(depth, 100, "{}", reply.text());
 }
 
-/// An integer past a float's range (`10 ** 400`), which the host cannot
-/// read, is that call's tool error (422 `ValueError`): the runner was
-/// killed for a protocol fault and the plugin restarted. One in range is
-/// answered (as a float past 64 bits).
+/// Integers of any size pass exactly, both ways, as Python's json keeps
+/// them: an argument beyond 64 bits reaches the plugin as an `int` (echoed
+/// digit for digit), a float as the same double (no ulp lost on the way
+/// in or out), a result of 400 digits reaches the client as written.
+/// What the interpreter itself cannot convert (more than 4,300 digits) is
+/// that call's tool error, never a fault: the runner reads on.
 #[test]
-fn an_integer_the_host_cannot_read_is_a_tool_error_not_a_fault() {
+fn integers_of_any_size_pass_exactly_and_what_python_cannot_convert_is_a_tool_error() {
     let dir = PluginsDir::new();
     dir.python("big", "faulty");
+    dir.python("echo", "echo");
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
-    let reply = server.run("big", "bignum", r#"{"args": {"e": 400}}"#);
-    assert_eq!(reply.status, 422, "{}", reply.text());
-    assert_eq!(reply.json()["error_type"], "ValueError", "{}", reply.text());
-    let health = server.get("/v1/plugins/big/health").json();
-    assert_eq!(
-        (&health["state"], &health["restart_count"]),
-        (&json!("INITIALIZED"), &json!(0)),
-        "{health}"
-    );
-    let reply = server.run("big", "bignum", r#"{"args": {"e": 300}}"#);
+    let args = r#"{"a":123456789012345678901234567890,"b":-9223372036854775809,"c":18446744073709551615,"d":0.30000000000000004,"e":90.28571428571429,"f":5e-324}"#;
+    let reply = server.run("echo", "echo", &format!(r#"{{"args": {args}}}"#));
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(
-        reply.json()["result"]["n"],
-        json!(1e300),
+    assert!(
+        reply.text().contains(&format!(r#""result":{args}"#)),
         "{}",
         reply.text()
     );
+    let reply = server.run("big", "bignum", r#"{"args": {"e": 400}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        reply
+            .text()
+            .contains(&format!(r#""result":{{"n":1{}}}"#, "0".repeat(400))),
+        "{}",
+        reply.text()
+    );
+    // Beyond Python's own limit on converting an integer to text (its
+    // ValueError), and beyond it in an argument (the runner's refusal).
+    let reply = server.run("big", "bignum", r#"{"args": {"e": 5000}}"#);
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(reply.json()["error_type"], "ValueError", "{}", reply.text());
+    let reply = server.run(
+        "echo",
+        "echo",
+        &format!(r#"{{"args": {{"n": {}}}}}"#, "7".repeat(5000)),
+    );
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(
+        reply.json()["error_type"],
+        "InvalidArgs",
+        "{}",
+        reply.text()
+    );
+    let detail = reply.json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        detail.contains("an integer of 5000 digits") && detail.contains("as a string"),
+        "{detail}"
+    );
+    for name in ["big", "echo"] {
+        let health = server.get(&format!("/v1/plugins/{name}/health")).json();
+        assert_eq!(
+            (&health["state"], &health["restart_count"]),
+            (&json!("INITIALIZED"), &json!(0)),
+            "{health}"
+        );
+        let reply = server.run(
+            name,
+            if name == "big" { "bignum" } else { "echo" },
+            r#"{"args": {"e": 3}}"#,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
 }
 
 /// The admin token of the servers [`serving_a_call`] starts.

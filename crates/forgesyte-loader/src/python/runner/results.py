@@ -5,7 +5,6 @@ into JSON plus attachments."""
 
 import json
 import math
-import sys
 
 # Taken before any plugin code runs (see wire._JSON_DECODE).
 _json_dumps = json.dumps
@@ -207,19 +206,48 @@ def _pydantic_leaf(value):
 MAX_DEPTH = 128
 
 
+# How many bytes of the answer limit each value of a result may stand for,
+# and the fewest values any limit allows: the host's own bound
+# (``json_text::max_result_values_for``), checked here as each array or
+# object is met, before it is converted or encoded: a result of 40 million
+# values (``[0] * 40_000_000``, 320 MB in Python) is refused at once, not
+# after the runner ran out of memory encoding it.
+RESULT_BYTES_PER_VALUE = 32
+MIN_RESULT_VALUES = 1 << 16
+
+
+def max_result_values(max_response):
+    """The most values a result may hold under an answer limit of
+    ``max_response`` bytes."""
+    return max(MIN_RESULT_VALUES, max_response // RESULT_BYTES_PER_VALUE)
+
+
+class _Blobs(list):
+    """A result's bytes values, (pointer, bytes), and how many more values
+    the result may hold (``left``)."""
+
+    __slots__ = ("left", "most")
+
+    def charge(self, count, path):
+        self.left -= count
+        if self.left < 0:
+            raise ResultError(
+                "ResultTooLarge",
+                "the tool's result holds more than %d values, more than an answer may hold "
+                "(one per %d bytes of the answer limit: the manifest's limits.max_response_mb, "
+                "else the server's --max-response)%s"
+                % (self.most, RESULT_BYTES_PER_VALUE, _where(path)),
+            )
+
+
 def _convert(blobs, x, path, in_model, depth=0):
-    """One value of ``to_wire``'s result, its bytes appended to ``blobs``."""
+    """One value of ``to_wire``'s result, its bytes appended to ``blobs``
+    (a ``_Blobs``, charged for each array's and object's members)."""
     if x is None or isinstance(x, (str, bool)):
         return x
     if isinstance(x, int):
-        # The host reads an integer beyond 64 bits as a float: one
-        # beyond a float's range it cannot read at all.
-        if abs(x) > sys.float_info.max:
-            raise ResultError(
-                "ValueError",
-                "tool result contains an integer of %d bits, beyond the range of "
-                "the numbers the host reads (about 1.8e308)%s" % (x.bit_length(), _where(path)),
-            )
+        # Of any size: the host passes its digits through. One of more
+        # digits than this interpreter converts (4300) fails in the encoder.
         return x
     if isinstance(x, float):
         if not math.isfinite(x):
@@ -243,6 +271,7 @@ def _convert(blobs, x, path, in_model, depth=0):
             "than the host reads (or contains itself)%s" % (MAX_DEPTH, _where(path)),
         )
     if isinstance(x, dict):
+        blobs.charge(len(x), path)
         out = {}
         for k, v in x.items():
             key = _json_key(k, path)
@@ -256,19 +285,24 @@ def _convert(blobs, x, path, in_model, depth=0):
             out[key] = _convert(blobs, v, path + "/" + _escape(key), in_model, depth + 1)
         return out
     if isinstance(x, (list, tuple)):
-        return [_convert(blobs, v, "%s/%d" % (path, i), in_model, depth + 1) for i, v in enumerate(x)]
+        blobs.charge(len(x), path)
+        # Its own elements, as json's encoder takes them: a subclass's
+        # ``__iter__`` (an endless one) is not asked.
+        items = list.__iter__(x) if isinstance(x, list) else tuple.__iter__(x)
+        return [_convert(blobs, v, "%s/%d" % (path, i), in_model, depth + 1) for i, v in enumerate(items)]
     kind = type(x)
     # pydantic v2 models: python-mode dump keeps bytes as bytes (they
     # become attachments); other field values go through pydantic.
     if callable(getattr(kind, "model_dump", None)) and hasattr(kind, "model_fields"):
         dumped = x.model_dump()
-        mark = len(blobs)
+        mark, left = len(blobs), blobs.left
         try:
             return _convert(blobs, dumped, path, True, depth)
         except ResultError as e:
             if e.error_type != "TypeError":
                 raise
             del blobs[mark:]
+            blobs.left = left
             # Serialisers that apply in JSON mode only (``when_used=
             # "json"``, a model serialiser asking ``info.mode``): its
             # JSON dump, bytes still taken from the Python one.
@@ -306,11 +340,54 @@ def _convert(blobs, x, path, in_model, depth=0):
     )
 
 
-def to_wire(value):
+def _unencodable(value, path):
+    """(pointer, text) of the first string or key in a converted value that
+    UTF-8 cannot encode (one holding a lone surrogate), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path, value
+        return None
+    found = None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            inner = path + "/" + _escape(k)
+            found = _unencodable(k, inner) or _unencodable(v, inner)
+            if found:
+                break
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _unencodable(v, "%s/%d" % (path, i))
+            if found:
+                break
+    return found
+
+
+def unencodable_error(value):
+    """The ``UnicodeEncodeError`` ResultError of a converted result that
+    cannot be sent, naming the text's place in the result (where the
+    encoder's own message gives a position in the runner's whole answer),
+    else None. Looked for only once the encoder failed."""
+    found = _unencodable(value, "")
+    if found is None:
+        return None
+    path, text = found
+    at = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), 0)
+    return ResultError(
+        "UnicodeEncodeError",
+        "tool result holds text that is not valid Unicode: %r at character %d is a lone "
+        "surrogate%s" % (text[at], at, _where(path)),
+    )
+
+
+def to_wire(value, max_values=None):
     """Converts a tool's result to (JSON value, [(pointer, bytes)]): bytes
     anywhere are taken out as attachments (``null`` stays in their place).
-    Raises ResultError."""
-    blobs = []
+    Raises ResultError (``ResultTooLarge`` past ``max_values`` values in
+    its arrays and objects; None: no bound)."""
+    blobs = _Blobs()
+    blobs.most = blobs.left = float("inf") if max_values is None else max_values
     # A module function, not a closure: a nested function that calls itself
     # is a reference cycle, which kept each result's list of bytes alive
     # until the garbage collector ran (a runner returning 16 MiB frames

@@ -15,9 +15,10 @@ from .base import (EXIT_CHANNEL, EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now
                    out_of_memory, out_of_memory_unless_raised)
 from .errors import exception_line, fitted, python_error, wire_error, with_sandbox_hint
 from .loading import check_name, find_class
-from .results import PointerError, ResultError, place, to_wire
+from .results import PointerError, ResultError, max_result_values, place, to_wire, unencodable_error
 from .tools import collect_tools, resolve_handler
-from .wire import MAX_ATTACHMENTS, MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
+from .wire import (MAX_ATTACHMENTS, MAX_FRAME_BYTES, ArgumentsRefused, ProtocolError, Shared, encode,
+                   frame_size, parse_request)
 
 # How long on_unload() may run at the end of stdin: under the host's 2 s
 # between closing stdin and SIGKILL (PROTOCOL.md §8, Stop), so a runner
@@ -51,6 +52,13 @@ def _call_shape(fn, args):
     # dict as the one argument only when no argument names a parameter:
     # ``detect(self, image, threshold=0.5)`` called with a threshold and no
     # image is missing its image, not handed the dict as one.
+    parameters = list(signature.parameters.values())
+    if (len(parameters) == 1 and parameters[0].name == "args"
+            and parameters[0].kind in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD)):
+        # ``def detect(self, args)``: the dict, whole, even when a client
+        # names an argument ``args`` (bound as a keyword it took that
+        # argument's value in place of the dict).
+        return False
     shapes = [(True, (), args)]
     if not any(name in signature.parameters for name in args):
         shapes.append((False, (args,), {}))
@@ -303,6 +311,10 @@ class Runner(object):
                 if frame is not None:
                     header, attachments = frame
                     request = parse_request(header)
+            except ArgumentsRefused as e:
+                self.tool_failed(e.rid, wire_error("InvalidArgs", e.detail))
+                del frame, header, attachments
+                continue
             except ProtocolError as e:
                 diag("reading stdin: %s" % e)
                 exit_now(self.wire.exit_code(EXIT_PROTOCOL))
@@ -578,7 +590,7 @@ class Runner(object):
 
     def send_result(self, rid, result):
         try:
-            value, blobs = to_wire(result)
+            value, blobs = to_wire(result, max_result_values(self.max_response))
             message = {"type": "result", "id": rid, "result": value}
             if blobs:
                 message["attachments"] = [pointer for pointer, _ in blobs]
@@ -587,8 +599,10 @@ class Runner(object):
             self.tool_failed(rid, wire_error("Failed", str(e), error_type=e.error_type))
             return
         except UnicodeEncodeError as e:
+            located = unencodable_error(value)
             self.tool_failed(rid, wire_error(
-                "Failed", "tool result is not valid Unicode: %s" % e, error_type="UnicodeEncodeError"))
+                "Failed", str(located) if located else "tool result is not valid Unicode: %s" % e,
+                error_type="UnicodeEncodeError"))
             return
         except BaseException as e:  # e.g. a model_dump() that raises, or calls sys.exit()
             out_of_memory_unless_raised(e, "encoding the result of a tool")

@@ -6,7 +6,7 @@ each one."""
 import types
 
 from .base import diag
-from .results import ResultError, to_wire
+from .results import ResultError, to_wire, unencodable_error
 
 
 ANY_OBJECT = {"type": "object"}
@@ -209,16 +209,27 @@ def check_tool_id(tid):
         raise ValueError("tool name %r holds a control character" % tid)
 
 
+# A ValueError under the name the encoder's would have (the real class
+# takes the codec's five arguments, not a message).
+_SpecUnicodeError = type("UnicodeEncodeError", (ValueError,), {})
+
+
 def _spec_to_wire(tid, spec):
     """``to_wire`` of a tool's spec, whose errors speak of the spec (they
     speak of a tool's result)."""
     try:
-        return to_wire(spec)
+        converted = to_wire(spec)
+        # Text the answer could not carry, named where it is in the spec.
+        unencodable = unencodable_error(converted[0])
+        if unencodable is not None:
+            raise unencodable
+        return converted
     except ResultError as e:
         message = str(e).replace("tool result", "value", 1).replace("the tool's result", "it", 1)
         # Of the kind the result's would be (a NaN is a ValueError); a
         # kind no Python class has (too deep) is a ValueError.
-        kind = {"TypeError": TypeError, "RecursionError": RecursionError}.get(e.error_type, ValueError)
+        kind = {"TypeError": TypeError, "RecursionError": RecursionError,
+                "UnicodeEncodeError": _SpecUnicodeError}.get(e.error_type, ValueError)
         raise kind("the spec of tool %r cannot be sent as JSON: %s" % (tid, message)) from None
 
 
