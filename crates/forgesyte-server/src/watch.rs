@@ -41,6 +41,10 @@ use crate::state::AppState;
 
 /// How long file changes must have settled before `--watch` rescans.
 pub(crate) const WATCH_SETTLE: Duration = Duration::from_millis(300);
+/// The longest `--watch` waits for changes to settle: a file rewritten
+/// without pause (a plugin's log, a data feed) must not hold back the
+/// rescan of every other change for as long as it goes on.
+pub(crate) const WATCH_SETTLE_MOST: Duration = Duration::from_secs(2);
 /// How often the watched roots are compared with what they should be.
 pub(crate) const RESYNC: Duration = Duration::from_secs(2);
 /// Changed paths `--watch` ignores: caches that running plugins write.
@@ -103,7 +107,9 @@ impl Loaded {
 
     /// The plugin whose own output a change of `path` told at `at` is: one
     /// this rescan loaded, written into its directory while the rescan ran
-    /// (or a moment after), and not what plugins load.
+    /// (or a moment after), and not what plugins load. The directory
+    /// itself is never its output: it was replaced, renamed or removed
+    /// (a whole new version moved into place).
     fn own_output(&self, path: &Path, at: Instant) -> Option<&str> {
         if at < self.began
             || at > self.ended + OWN_OUTPUT_GRACE
@@ -113,7 +119,7 @@ impl Loaded {
         }
         self.plugins
             .iter()
-            .find(|(_, dirs)| dirs.iter().any(|d| path.starts_with(d)))
+            .find(|(_, dirs)| dirs.iter().any(|d| path != d && path.starts_with(d)))
             .map(|(name, _)| name.as_str())
     }
 }
@@ -208,9 +214,7 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
                         break;
                     };
                     // A rebuild writes in several steps: wait until it settles.
-                    while let Ok(Some(more)) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {
-                        changed.extend(more);
-                    }
+                    settle(&mut rx, &mut changed, WATCH_SETTLE, WATCH_SETTLE_MOST).await;
                     if without_own_output(changed, last.as_ref(), &mut told).is_empty() {
                         continue;
                     }
@@ -233,6 +237,26 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
             }
         }
     });
+}
+
+/// Adds to `changed` what `rx` tells until nothing came for `quiet`, or
+/// for `most` in all: changes that never settle are rescanned for at
+/// least every `most`.
+async fn settle(
+    rx: &mut mpsc::UnboundedReceiver<Changes>,
+    changed: &mut Changes,
+    quiet: Duration,
+    most: Duration,
+) {
+    let until = tokio::time::Instant::now() + most;
+    while let Ok(Some(more)) = tokio::time::timeout(
+        quiet.min(until.saturating_duration_since(tokio::time::Instant::now())),
+        rx.recv(),
+    )
+    .await
+    {
+        changed.extend(more);
+    }
 }
 
 /// Brings the watches in line with [`wanted`] roots of `plugins_dir`:
@@ -364,6 +388,8 @@ mod tests {
             (PathBuf::from("/tmp/p/writer/plugin.py"), during),
             (PathBuf::from("/tmp/p/writer/manifest.json"), during),
             (PathBuf::from("/tmp/p/other/state.json"), during),
+            // The directory itself, renamed away or moved into place.
+            (PathBuf::from("/tmp/p/writer"), during),
             (PathBuf::from("/tmp/p/writer/state.json"), later),
         ];
         let mut told = std::collections::BTreeSet::new();
@@ -377,13 +403,47 @@ mod tests {
                 "/tmp/p/writer/plugin.py",
                 "/tmp/p/writer/manifest.json",
                 "/tmp/p/other/state.json",
+                "/tmp/p/writer",
                 "/tmp/p/writer/state.json",
             ]
             .map(PathBuf::from)
         );
         assert!(told.contains("writer"), "{told:?}");
         // No rescan yet: every change counts.
-        assert_eq!(super::without_own_output(changes, None, &mut told).len(), 5);
+        assert_eq!(super::without_own_output(changes, None, &mut told).len(), 6);
+    }
+
+    /// Changes that settle end the wait at once; changes that never do
+    /// end it at the ceiling, with all of them collected.
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_changes_to_settle_has_a_ceiling() {
+        use std::path::PathBuf;
+        use std::time::{Duration, Instant};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let quiet = Duration::from_millis(300);
+        let most = Duration::from_secs(2);
+        let change = || vec![(PathBuf::from("/tmp/p/a/data.json"), Instant::now())];
+        let writer = tokio::spawn(async move {
+            // A file rewritten every 200 ms, for 10 s.
+            for _ in 0..50 {
+                if tx.send(change()).is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let mut changed = Vec::new();
+        super::settle(&mut rx, &mut changed, quiet, most).await;
+        let waited = started.elapsed();
+        assert!(waited >= most && waited < most + quiet, "{waited:?}");
+        assert!(changed.len() >= 9, "{}", changed.len());
+        writer.abort();
+        // Quiet from the start: the wait is one quiet spell.
+        let (_tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<super::Changes>();
+        let started = tokio::time::Instant::now();
+        super::settle(&mut rx, &mut Vec::new(), quiet, most).await;
+        assert_eq!(started.elapsed(), quiet);
     }
 
     /// What a rescan loaded, for the filter: the plugins whose code ran
