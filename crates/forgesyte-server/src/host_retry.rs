@@ -121,10 +121,14 @@ async fn retry_while_short(state: &AppState, wake: &tokio::sync::Notify) {
 }
 
 /// Wakes the task whenever a plugin goes FAILED, or a FAILED one's reason
-/// changes; never for a crash (its supervisor's) or a tool call.
+/// changes, or its runner crashed as it loaded (lost with its Python
+/// zygote: recorded as a crash, from LOADED); never for the crash of a
+/// plugin that was up (its supervisor's) or a tool call.
 fn failed_observer(wake: Arc<tokio::sync::Notify>) -> impl Fn(&Change<'_>) + Send + Sync {
     move |change| {
-        if matches!(change.kind, ChangeKind::State | ChangeKind::Reason)
+        let as_it_loaded =
+            change.kind == ChangeKind::Crashed && change.from == Some(PluginLifecycleState::Loaded);
+        if (as_it_loaded || matches!(change.kind, ChangeKind::State | ChangeKind::Reason))
             && change.to == PluginLifecycleState::Failed
         {
             wake.notify_one();

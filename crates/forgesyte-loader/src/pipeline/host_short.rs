@@ -1,6 +1,9 @@
 //! Plugins whose load failed for want of the host's own resources (file
 //! descriptors, processes, memory: [`ImportError::HostResources`], or a
-//! manifest that could not be read for that reason): no fault of theirs,
+//! manifest that could not be read for that reason), or whose runner was
+//! lost with the Python zygote that forked it as it imported or
+//! constructed ([`CrashCause::Lost`]: the zygote killed, by the OOM killer
+//! say, in the middle of a deploy): no fault of theirs,
 //! so they are not left FAILED until an operator rescans. The loader keeps
 //! each with the reason it recorded; [`Loader::retry_host_short`] loads
 //! again those still FAILED with that reason (the server calls it on a
@@ -10,7 +13,9 @@
 
 use std::collections::BTreeMap;
 
-use forgesyte_errors::{ImportError, LoadError, ManifestError, PluginError};
+use forgesyte_errors::{
+    CrashCause, CrashError, ImportError, InitError, LoadError, ManifestError, PluginError,
+};
 use forgesyte_registry::PluginLifecycleState;
 
 use super::loader::Loader;
@@ -20,6 +25,11 @@ use super::report::PluginLoadOutcome;
 pub(super) fn is_host_short(err: &PluginError) -> bool {
     match err {
         PluginError::Load(LoadError::Import(ImportError::HostResources { .. })) => true,
+        // A new zygote is started for the next runner.
+        PluginError::Load(
+            LoadError::Import(ImportError::Crashed(CrashError { cause, .. }))
+            | LoadError::Init(InitError::Crashed(CrashError { cause, .. })),
+        ) => matches!(cause, CrashCause::Lost { .. }),
         PluginError::Manifest(ManifestError::Io { source, .. }) => {
             crate::process::host_short(source).is_some()
         }
@@ -152,5 +162,23 @@ mod tests {
         assert!(!is_host_short(&import(ImportError::LibraryNotFound {
             path: "/x.so".into(),
         })));
+        // Lost with its zygote as it started: the host's; any other crash
+        // as it started: the plugin's.
+        let crash = |cause| CrashError {
+            cause,
+            stderr_tail: Vec::new(),
+        };
+        let lost = || {
+            crash(CrashCause::Lost {
+                detail: "its Python zygote (pid 7) exited".into(),
+            })
+        };
+        assert!(is_host_short(&import(ImportError::Crashed(lost()))));
+        assert!(is_host_short(&PluginError::Load(LoadError::Init(
+            InitError::Crashed(lost())
+        ))));
+        assert!(!is_host_short(&PluginError::Load(LoadError::Init(
+            InitError::Crashed(crash(CrashCause::Exit { code: 3 }))
+        ))));
     }
 }

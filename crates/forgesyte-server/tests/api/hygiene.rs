@@ -366,6 +366,58 @@ fn python_plugins_come_back_when_their_zygote_is_killed() {
     );
 }
 
+/// The zygote dies while the plugins it forked are still constructing (a
+/// deploy under memory pressure): no fault of theirs, so they are not left
+/// FAILED until someone reloads them. They are loaded again, through a new
+/// zygote, on the host's backoff (2 s first), and the server gets ready.
+#[test]
+fn plugins_constructing_when_their_zygote_dies_are_loaded_again() {
+    let dir = PluginsDir::new();
+    for name in ["py-a", "py-b"] {
+        dir.python(name, "echo");
+        let file = dir.path().join(name).join("plugin.py");
+        let mut source = std::fs::read_to_string(&file).unwrap();
+        source.push_str(
+            "\n\nclass _Slow(Plugin):\n    def __init__(self):\n        time.sleep(2)\n        \
+             super().__init__()\n\n\nPlugin = _Slow\n",
+        );
+        std::fs::write(&file, source).unwrap();
+    }
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let zygote = loop {
+        let constructing = ["py-a", "py-b"]
+            .iter()
+            .all(|name| runner_pid(server.pid(), name).is_some());
+        if let Some(zygote) = zygote_pid(server.pid()).filter(|_| constructing) {
+            break zygote;
+        }
+        assert!(Instant::now() < deadline, "no runners:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    signal(&zygote.to_string(), "-KILL");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let plugins = server.get("/v1/plugins").json();
+        let back = plugins.as_array().is_some_and(|list| {
+            list.len() == 2 && list.iter().all(|p| p["state"] == "INITIALIZED")
+        });
+        if back {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not loaded again: {plugins}\nlog:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.get("/readyz").status, 200);
+    let reply = server.run("py-a", "echo", r#"{"args": {"n": 2}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_ne!(zygote_pid(server.pid()), Some(zygote));
+}
+
 /// The runner's bytecode cache removed under a running server (a cache
 /// cleaner): the next interpreter start writes it again, so a plugin whose
 /// zygote died comes back instead of failing every start until a restart.
