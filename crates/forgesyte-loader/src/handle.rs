@@ -805,6 +805,18 @@ fn result_error(e: serde_json::Error) -> ToolError {
             ),
         };
     }
+    // A number past a 64-bit float's range (`1e400`): the tool's value,
+    // not a broken runner (the Python runner refuses such integers first).
+    if e.to_string().starts_with("number out of range") {
+        return ToolError::Failed {
+            traceback: Vec::new(),
+            error_type: Some("ValueError".to_owned()),
+            message: format!(
+                "the tool's result holds a number beyond the range the host reads \
+                 (about 1.8e308) ({e})"
+            ),
+        };
+    }
     ToolError::Protocol {
         detail: format!("result is not valid JSON: {e}"),
     }

@@ -39,12 +39,11 @@ use forgesyte_loader::manifest::{MANIFEST_FILE, PLUGIN_PY};
 
 use crate::state::AppState;
 
-/// How long file changes must have settled before `--watch` rescans.
+/// How long file changes must have settled before `--watch` rescans. No
+/// ceiling: a file still being written (a model copied in for minutes)
+/// rescanned at a ceiling reloaded its plugin against half a file, again
+/// and again, until the copy ended.
 pub(crate) const WATCH_SETTLE: Duration = Duration::from_millis(300);
-/// The longest `--watch` waits for changes to settle: a file rewritten
-/// without pause (a plugin's log, a data feed) must not hold back the
-/// rescan of every other change for as long as it goes on.
-pub(crate) const WATCH_SETTLE_MOST: Duration = Duration::from_secs(2);
 /// How often the watched roots are compared with what they should be.
 pub(crate) const RESYNC: Duration = Duration::from_secs(2);
 /// Changed paths `--watch` ignores: caches that running plugins write.
@@ -214,7 +213,9 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
                         break;
                     };
                     // A rebuild writes in several steps: wait until it settles.
-                    settle(&mut rx, &mut changed, WATCH_SETTLE, WATCH_SETTLE_MOST).await;
+                    while let Ok(Some(more)) = tokio::time::timeout(WATCH_SETTLE, rx.recv()).await {
+                        changed.extend(more);
+                    }
                     if without_own_output(changed, last.as_ref(), &mut told).is_empty() {
                         continue;
                     }
@@ -237,26 +238,6 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
             }
         }
     });
-}
-
-/// Adds to `changed` what `rx` tells until nothing came for `quiet`, or
-/// for `most` in all: changes that never settle are rescanned for at
-/// least every `most`.
-async fn settle(
-    rx: &mut mpsc::UnboundedReceiver<Changes>,
-    changed: &mut Changes,
-    quiet: Duration,
-    most: Duration,
-) {
-    let until = tokio::time::Instant::now() + most;
-    while let Ok(Some(more)) = tokio::time::timeout(
-        quiet.min(until.saturating_duration_since(tokio::time::Instant::now())),
-        rx.recv(),
-    )
-    .await
-    {
-        changed.extend(more);
-    }
 }
 
 /// Brings the watches in line with [`wanted`] roots of `plugins_dir`:
@@ -413,43 +394,6 @@ mod tests {
         assert_eq!(super::without_own_output(changes, None, &mut told).len(), 6);
     }
 
-    /// Changes that settle end the wait at once; changes that never do
-    /// end it at the ceiling, with all of them collected.
-    #[tokio::test(start_paused = true)]
-    async fn the_wait_for_changes_to_settle_has_a_ceiling() {
-        use std::path::PathBuf;
-        use std::time::{Duration, Instant};
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let quiet = Duration::from_millis(300);
-        let most = Duration::from_secs(2);
-        let change = || vec![(PathBuf::from("/tmp/p/a/data.json"), Instant::now())];
-        let writer = tokio::spawn(async move {
-            // A file rewritten every 200 ms, for 10 s.
-            for _ in 0..50 {
-                if tx.send(change()).is_err() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-        let started = tokio::time::Instant::now();
-        let mut changed = Vec::new();
-        super::settle(&mut rx, &mut changed, quiet, most).await;
-        let waited = started.elapsed();
-        assert!(waited >= most && waited < most + quiet, "{waited:?}");
-        assert!(changed.len() >= 9, "{}", changed.len());
-        writer.abort();
-        // Quiet from the start: the wait is one quiet spell.
-        let (_tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<super::Changes>();
-        let started = tokio::time::Instant::now();
-        super::settle(&mut rx, &mut Vec::new(), quiet, most).await;
-        assert_eq!(started.elapsed(), quiet);
-    }
-
-    /// What a rescan loaded, for the filter: the plugins whose code ran
-    /// (added, changed or retried), not one still UNAVAILABLE (it ran none:
-    /// the model file copied into its directory meanwhile was dropped, and
-    /// it stayed UNAVAILABLE), nor an unchanged one.
     #[test]
     fn a_plugin_that_ran_no_code_has_no_output_of_its_own() {
         use crate::wire::{PluginStateJson, ReloadOutcome, ReloadReport};

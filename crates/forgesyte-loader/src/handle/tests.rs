@@ -398,28 +398,23 @@ fn a_call_that_never_reached_the_plugin_is_not_counted() {
     assert_eq!((status.error_count, status.success_count), (0, 1));
 }
 
-/// A result the host cannot read because of its values (nested too deep)
-/// is the tool's error; text that is not JSON is the runner's fault. A
-/// number of any size or precision is read as written (serde_json's
-/// `arbitrary_precision`), never rounded to a float.
+/// A result the host cannot read because of one of its values (nested too
+/// deep, a number past a float's range) is the tool's error; text that is
+/// not JSON is the runner's fault.
 #[test]
 fn a_result_value_the_host_cannot_read_is_the_tool_s_error() {
     let parse = |text: &str| result_error(serde_json::from_str::<Value>(text).unwrap_err());
-    match parse(&"[".repeat(200)) {
-        ToolError::Failed { error_type, .. } => {
-            assert_eq!(error_type.as_deref(), Some("ResultTooDeep"))
+    for (text, kind) in [
+        ("[1e400]", "ValueError"),
+        (&format!("{{\"n\": -{}}}", "9".repeat(400)), "ValueError"),
+        (&"[".repeat(200), "ResultTooDeep"),
+    ] {
+        match parse(text) {
+            ToolError::Failed { error_type, .. } => {
+                assert_eq!(error_type.as_deref(), Some(kind), "{text:.20}")
+            }
+            other => panic!("{text:.20}: {other:?}"),
         }
-        other => panic!("{other:?}"),
     }
     assert!(matches!(parse("{\"a\": tru}"), ToolError::Protocol { .. }));
-    let long = format!("-{}", "9".repeat(400));
-    for (text, read) in [
-        ("1e400", "1e+400"),
-        ("18446744073709551617", "18446744073709551617"),
-        ("0.30000000000000004", "0.30000000000000004"),
-        (long.as_str(), long.as_str()),
-    ] {
-        let value: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(value.to_string(), read);
-    }
 }

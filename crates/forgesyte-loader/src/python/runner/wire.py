@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import struct
-import sys
 import threading
 
 from .base import EXIT_CHANNEL, MIB, diag, exit_now
@@ -53,18 +52,6 @@ def _identity(fd):
 
 class ProtocolError(Exception):
     """The host broke the protocol: the runner exits 65."""
-
-
-class ArgumentsRefused(Exception):
-    """A call whose arguments this interpreter cannot hold: an integer of
-    more digits than it converts (``sys.get_int_max_str_digits()``, 4300
-    by default; the host passes integers of any size through). That call's
-    ``InvalidArgs``, not a broken protocol: the runner reads on."""
-
-    def __init__(self, rid, detail):
-        Exception.__init__(self, detail)
-        self.rid = rid
-        self.detail = detail
 
 
 class Shared(object):
@@ -573,47 +560,10 @@ def header_object(header, object_pairs_hook=None):
     return message
 
 
-def _long_integer_call(header):
-    """``ArgumentsRefused`` for a call header that did not decode only
-    because an integer in it has more digits than this interpreter
-    converts; else None."""
-    longest = []
-
-    def parse_int(text):
-        try:
-            return int(text)
-        except ValueError:
-            longest.append(len(text.lstrip("-")))
-            return None
-
-    try:
-        message = _JSON_DECODER(parse_int=parse_int).decode(header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    if not longest or not isinstance(message, dict) or message.get("op") != "call":
-        return None
-    rid = message.get("id")
-    if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < (1 << 64):
-        return None
-    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
-    return ArgumentsRefused(rid, (
-        "an argument holds an integer of %d digits, more than this Python interpreter "
-        "converts (%d digits: sys.set_int_max_str_digits); send such a number as a string"
-        % (max(longest), limit)))
-
-
 def parse_request(header):
     """The request in a frame header, checked like the host's envelope
-    (``message.rs``): ``op``, ``id`` and the fields of the op. Raises
-    ProtocolError, or ArgumentsRefused for a call this interpreter cannot
-    read the arguments of."""
-    try:
-        message = header_object(header)
-    except ProtocolError:
-        refused = _long_integer_call(header)
-        if refused is None:
-            raise
-        raise refused
+    (``message.rs``): ``op``, ``id`` and the fields of the op."""
+    message = header_object(header)
     op = message.get("op")
     if not isinstance(op, str):
         raise ProtocolError("malformed request: no 'op'")
