@@ -486,6 +486,11 @@ impl ProcessImporter {
                 argv.extend([
                     "--max-response-bytes".into(),
                     self.limits.max_response_bytes.to_string().into(),
+                    // The host's bound on a result's values: the runner
+                    // counts them as it converts, and refuses a result
+                    // past it before encoding it.
+                    "--max-result-values".into(),
+                    crate::json_text::max_result_values().to_string().into(),
                 ]);
                 // The zygote's wait, when it did not fork within the start's
                 // limit: the runner started on its own then has a limit of
@@ -724,8 +729,9 @@ impl Importer for ProcessImporter {
                 ImportError::TimedOut(self.handshake_timeout(stuck_at))
             }
             SpawnError::Unconfined(why) => came_back_unconfined(&why),
-            SpawnError::Stopping => ImportError::Open {
-                path: path.to_path_buf(),
+            // Nothing of the plugin's file: "cannot open plugin.py" read as
+            // if the file were at fault.
+            SpawnError::Stopping => ImportError::NotStarted {
                 detail: STOPPING.to_owned(),
             },
         })?;
@@ -850,7 +856,7 @@ fn init_crash(report: &crate::host::ExitReport) -> InitError {
 }
 
 /// Why no runner started: the host is stopping.
-const STOPPING: &str = "the host is stopping: no runner starts";
+const STOPPING: &str = "not loaded: the host is stopping (no runner starts)";
 
 #[cfg(test)]
 mod tests {

@@ -41,7 +41,7 @@ Command line::
 
     runner [--protocol-fd N] --plugin NAME --plugin-dir DIR
            (--file PATH | --module DOTTED[:CLASS]) [--class NAME]
-           [--memory-limit-mb N] [--max-response-bytes N] [--sources-fd N]
+           [--memory-limit-mb N] [--max-response-bytes N] [--max-result-values N] [--sources-fd N]
            [--installed] [--confine PLAN]
     runner --zygote
 

@@ -6,7 +6,7 @@ import os
 USAGE = (
     "usage: runner --plugin NAME --plugin-dir DIR "
     "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N] "
-    "[--max-response-bytes N] [--sources-fd N]"
+    "[--max-response-bytes N] [--max-result-values N] [--sources-fd N]"
 )
 
 
@@ -24,6 +24,7 @@ class Args(object):
         self.memory_limit_mb = 0
         # The most bytes an answer may have (0: the protocol's own cap).
         self.max_response_bytes = 0
+        self.max_result_values = 0
         # The sandbox the host asks for (``--confine JSON``), None: none.
         self.confine = None
         # An installed package is importable already: its directory must not
@@ -108,11 +109,11 @@ def parse_args(argv):
             if not (v.isascii() and v.isdigit()):
                 raise UsageError("--memory-limit-mb: not a number: %r" % v)
             args.memory_limit_mb = int(v)
-        elif arg == "--max-response-bytes":
+        elif arg in ("--max-response-bytes", "--max-result-values"):
             v = value()
             if not (v.isascii() and v.isdigit()):
-                raise UsageError("--max-response-bytes: not a number: %r" % v)
-            args.max_response_bytes = int(v)
+                raise UsageError("%s: not a number: %r" % (arg, v))
+            setattr(args, arg[2:].replace("-", "_"), int(v))
         elif arg == "--confine":
             try:
                 confine = json.loads(value())

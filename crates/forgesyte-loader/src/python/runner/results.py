@@ -5,6 +5,7 @@ into JSON plus attachments."""
 
 import json
 import math
+import sys
 
 # Taken before any plugin code runs (see wire._JSON_DECODE).
 _json_dumps = json.dumps
@@ -208,7 +209,9 @@ MAX_DEPTH = 128
 
 # How many bytes of the answer limit each value of a result may stand for,
 # and the fewest values any limit allows: the host's own bound
-# (``json_text::max_result_values_for``), checked here as each array or
+# (``json_text::max_result_values_for``; the host passes its figure,
+# ``--max-result-values``), counted as the host counts (one, and one per
+# ``,`` and ``:`` of the JSON text) and checked here as each array or
 # object is met, before it is converted or encoded: a result of 40 million
 # values (``[0] * 40_000_000``, 320 MB in Python) is refused at once, not
 # after the runner ran out of memory encoding it.
@@ -224,7 +227,7 @@ def max_result_values(max_response):
 
 class _Blobs(list):
     """A result's bytes values, (pointer, bytes), and how many more values
-    the result may hold (``left``)."""
+    the result may hold (``left``), counted as the host counts them."""
 
     __slots__ = ("left", "most")
 
@@ -233,9 +236,8 @@ class _Blobs(list):
         if self.left < 0:
             raise ResultError(
                 "ResultTooLarge",
-                "the tool's result holds more than %d values, more than an answer may hold "
-                "(one per %d bytes of the answer limit: the manifest's limits.max_response_mb, "
-                "else the server's --max-response)%s"
+                "the tool's result holds more than %d JSON values, more than an answer may "
+                "hold (one per %d bytes of the server's --max-response)%s"
                 % (self.most, RESULT_BYTES_PER_VALUE, _where(path)),
             )
 
@@ -246,8 +248,14 @@ def _convert(blobs, x, path, in_model, depth=0):
     if x is None or isinstance(x, (str, bool)):
         return x
     if isinstance(x, int):
-        # Of any size: the host passes its digits through. One of more
-        # digits than this interpreter converts (4300) fails in the encoder.
+        # The host reads an integer beyond 64 bits as a float: one
+        # beyond a float's range it cannot read at all.
+        if abs(x) > sys.float_info.max:
+            raise ResultError(
+                "ValueError",
+                "tool result contains an integer of %d bits, beyond the range of "
+                "the numbers the host reads (about 1.8e308)%s" % (x.bit_length(), _where(path)),
+            )
         return x
     if isinstance(x, float):
         if not math.isfinite(x):
@@ -271,7 +279,8 @@ def _convert(blobs, x, path, in_model, depth=0):
             "than the host reads (or contains itself)%s" % (MAX_DEPTH, _where(path)),
         )
     if isinstance(x, dict):
-        blobs.charge(len(x), path)
+        # A comma between members, a colon in each.
+        blobs.charge(2 * len(x) - 1 if x else 0, path)
         out = {}
         for k, v in x.items():
             key = _json_key(k, path)
@@ -285,7 +294,7 @@ def _convert(blobs, x, path, in_model, depth=0):
             out[key] = _convert(blobs, v, path + "/" + _escape(key), in_model, depth + 1)
         return out
     if isinstance(x, (list, tuple)):
-        blobs.charge(len(x), path)
+        blobs.charge(len(x) - 1 if x else 0, path)
         # Its own elements, as json's encoder takes them: a subclass's
         # ``__iter__`` (an endless one) is not asked.
         items = list.__iter__(x) if isinstance(x, list) else tuple.__iter__(x)
@@ -324,6 +333,11 @@ def _convert(blobs, x, path, in_model, depth=0):
         return _convert(blobs, fields, path, in_model, depth)
     # numpy scalars and arrays, without importing numpy.
     if kind.__module__ == "numpy" and callable(getattr(x, "tolist", None)):
+        # Before its list is made: forty million floats of an array are
+        # more than a gigabyte of Python objects.
+        size = getattr(x, "size", 0)
+        if isinstance(size, int) and size - 1 > blobs.left:
+            blobs.charge(size - 1, path)
         return _convert(blobs, x.tolist(), path, in_model, depth)
     if in_model:
         try:
@@ -387,7 +401,8 @@ def to_wire(value, max_values=None):
     Raises ResultError (``ResultTooLarge`` past ``max_values`` values in
     its arrays and objects; None: no bound)."""
     blobs = _Blobs()
-    blobs.most = blobs.left = float("inf") if max_values is None else max_values
+    blobs.most = float("inf") if max_values is None else max_values
+    blobs.left = blobs.most - 1  # the result itself is one
     # A module function, not a closure: a nested function that calls itself
     # is a reference cycle, which kept each result's list of bytes alive
     # until the garbage collector ran (a runner returning 16 MiB frames

@@ -17,8 +17,7 @@ from .errors import exception_line, fitted, python_error, wire_error, with_sandb
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, max_result_values, place, to_wire, unencodable_error
 from .tools import collect_tools, resolve_handler
-from .wire import (MAX_ATTACHMENTS, MAX_FRAME_BYTES, ArgumentsRefused, ProtocolError, Shared, encode,
-                   frame_size, parse_request)
+from .wire import MAX_ATTACHMENTS, MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
 
 # How long on_unload() may run at the end of stdin: under the host's 2 s
 # between closing stdin and SIGKILL (PROTOCOL.md §8, Stop), so a runner
@@ -222,6 +221,11 @@ class Runner(object):
         given = getattr(args, "max_response_bytes", 0)
         self.max_response = min(given or MAX_FRAME_BYTES, MAX_FRAME_BYTES)
         self.max_response_given = bool(given)
+        # The most values a result may hold: the host's own figure
+        # (``--max-result-values``, from the server's --max-response,
+        # which a manifest's limit does not lower), else worked out as the
+        # host does.
+        self.max_values_given = getattr(args, "max_result_values", 0)
         self.create_lock = threading.Lock()
         # What confines it (the hello's report, set by ``main`` once
         # confined; None: nothing): errors its sandbox may have caused say
@@ -311,10 +315,6 @@ class Runner(object):
                 if frame is not None:
                     header, attachments = frame
                     request = parse_request(header)
-            except ArgumentsRefused as e:
-                self.tool_failed(e.rid, wire_error("InvalidArgs", e.detail))
-                del frame, header, attachments
-                continue
             except ProtocolError as e:
                 diag("reading stdin: %s" % e)
                 exit_now(self.wire.exit_code(EXIT_PROTOCOL))
@@ -589,8 +589,9 @@ class Runner(object):
         return bind_and_call(resolve_handler(instance, tool, entry.get("handler")), args)
 
     def send_result(self, rid, result):
+        value = None  # unset when the conversion itself raised
         try:
-            value, blobs = to_wire(result, max_result_values(self.max_response))
+            value, blobs = to_wire(result, self.max_values_given or max_result_values(self.max_response))
             message = {"type": "result", "id": rid, "result": value}
             if blobs:
                 message["attachments"] = [pointer for pointer, _ in blobs]
@@ -599,14 +600,18 @@ class Runner(object):
             self.tool_failed(rid, wire_error("Failed", str(e), error_type=e.error_type))
             return
         except UnicodeEncodeError as e:
-            located = unencodable_error(value)
+            located = unencodable_error(value) if value is not None else None
             self.tool_failed(rid, wire_error(
                 "Failed", str(located) if located else "tool result is not valid Unicode: %s" % e,
                 error_type="UnicodeEncodeError"))
             return
         except BaseException as e:  # e.g. a model_dump() that raises, or calls sys.exit()
             out_of_memory_unless_raised(e, "encoding the result of a tool")
-            self.tool_failed(rid, python_error(e, kind="Failed"))
+            error = python_error(e, kind="Failed")
+            # Not to be taken for the tool's own: its return value's code
+            # (a dict's items(), a model's dump) raised as it was read.
+            error["message"] += " (raised while the tool's result was converted to JSON)"
+            self.tool_failed(rid, error)
             return
         data = [b for _, b in blobs]
         if len(data) > MAX_ATTACHMENTS:
