@@ -3,7 +3,8 @@
 //! manifest that could not be read for that reason), or whose runner was
 //! lost with the Python zygote that forked it as it imported or
 //! constructed ([`CrashCause::Lost`]: the zygote killed, by the OOM killer
-//! say, in the middle of a deploy): no fault of theirs,
+//! say, in the middle of a deploy; at most [`LOST_RETRIES`] times in a row):
+//! no fault of theirs,
 //! so they are not left FAILED until an operator rescans. The loader keeps
 //! each with the reason it recorded; [`Loader::retry_host_short`] loads
 //! again those still FAILED with that reason (the server calls it on a
@@ -16,10 +17,57 @@ use std::collections::BTreeMap;
 use forgesyte_errors::{
     CrashCause, CrashError, ImportError, InitError, LoadError, ManifestError, PluginError,
 };
-use forgesyte_registry::PluginLifecycleState;
+use forgesyte_registry::{PluginLifecycleState, Transition};
 
 use super::loader::Loader;
 use super::report::PluginLoadOutcome;
+
+/// How many times in a row a plugin whose runner was lost with its zygote
+/// as it loaded is loaded again: one whose own import ends its zygote (a
+/// plugin may signal it with `--confine off`) took every other Python
+/// plugin's runner with it at each try, for as long as it was retried.
+pub(super) const LOST_RETRIES: usize = 2;
+
+/// What the reason of a load lost with its zygote holds
+/// (`CrashCause::Lost`'s text).
+const LOST: &str = ": lost: ";
+
+/// Whether `err` is a shortage of the host's, not the plugin's fault,
+/// given the plugin's `history` before it (a loss with its zygote counts
+/// [`LOST_RETRIES`] times in a row).
+pub(super) fn is_host_short_after(err: &PluginError, history: &[Transition]) -> bool {
+    let lost = matches!(
+        err,
+        PluginError::Load(
+            LoadError::Import(ImportError::Crashed(CrashError {
+                cause: CrashCause::Lost { .. },
+                ..
+            })) | LoadError::Init(InitError::Crashed(CrashError {
+                cause: CrashCause::Lost { .. },
+                ..
+            }))
+        )
+    );
+    is_host_short(err) && !(lost && lost_in_a_row(history) >= LOST_RETRIES)
+}
+
+/// How many of the last failures in `history`, each tried again since
+/// (LOADED after it), were losses with a zygote.
+fn lost_in_a_row(history: &[Transition]) -> usize {
+    let mut lost = 0;
+    let mut back = history.iter().rev();
+    while back
+        .next()
+        .is_some_and(|t| t.to == PluginLifecycleState::Loaded)
+        && back.next().is_some_and(|t| {
+            t.to == PluginLifecycleState::Failed
+                && t.reason.as_deref().is_some_and(|r| r.contains(LOST))
+        })
+    {
+        lost += 1;
+    }
+    lost
+}
 
 /// Whether `err` is a shortage of the host's, not the plugin's fault.
 pub(super) fn is_host_short(err: &PluginError) -> bool {
@@ -38,17 +86,18 @@ pub(super) fn is_host_short(err: &PluginError) -> bool {
 }
 
 /// Records `name`'s load failure in the retry list `short`: kept (with
-/// `reason`) when `err` is the host's shortage, dropped otherwise. (A
+/// `reason`) when it is the host's shortage (`host_short`), dropped
+/// otherwise. (A
 /// plugin that loads later, or is retired, is dropped when the list is
 /// next read: its state no longer matches.) The caller holds the list
 /// until the registry records `reason`.
 pub(super) fn note(
     short: &mut BTreeMap<String, String>,
     name: &str,
-    err: &PluginError,
+    host_short: bool,
     reason: &str,
 ) {
-    if is_host_short(err) {
+    if host_short {
         short.insert(name.to_owned(), reason.to_owned());
     } else {
         short.remove(name);
@@ -180,5 +229,34 @@ mod tests {
         assert!(!is_host_short(&PluginError::Load(LoadError::Init(
             InitError::Crashed(crash(CrashCause::Exit { code: 3 }))
         ))));
+        // Tried again after each loss (FAILED, then LOADED): a loss counts
+        // LOST_RETRIES times in a row, another shortage without end.
+        let step = |to, reason: Option<&str>| Transition {
+            from: None,
+            to,
+            at: String::new(),
+            reason: reason.map(str::to_owned),
+        };
+        let lost_reason = "ImportError: plugin process died while loading the plugin: lost: its Python zygote (pid 7) exited";
+        let mut history = vec![step(PluginLifecycleState::Loaded, None)];
+        let lost_err = import(ImportError::Crashed(lost()));
+        for _ in 0..LOST_RETRIES {
+            assert!(is_host_short_after(&lost_err, &history), "{history:?}");
+            history.push(step(PluginLifecycleState::Failed, Some(lost_reason)));
+            history.push(step(PluginLifecycleState::Loaded, None));
+        }
+        assert!(!is_host_short_after(&lost_err, &history));
+        let short_err = import(ImportError::HostResources {
+            what: "python3".into(),
+            detail: "short".into(),
+        });
+        assert!(is_host_short_after(&short_err, &history));
+        // Another failure between them: counted from there.
+        history.push(step(
+            PluginLifecycleState::Failed,
+            Some("InitError: ValueError: x"),
+        ));
+        history.push(step(PluginLifecycleState::Loaded, None));
+        assert!(is_host_short_after(&lost_err, &history));
     }
 }

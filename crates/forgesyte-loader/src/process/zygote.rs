@@ -130,11 +130,17 @@ fn zygotes() -> &'static Mutex<Zygotes> {
     ZYGOTES.get_or_init(Default::default)
 }
 
+/// How long [`end_zygotes`] waits for a killed zygote to be reapable.
+const ZYGOTE_REAP_WAIT: Duration = Duration::from_secs(1);
+
 /// For the host's end, once every runner has ended (a runner dies with
 /// its zygote): kills the process group of every zygote it started (each
-/// leads one). A zygote ends by itself when the host goes, but an
-/// interpreter that is a wrapper script (`python3 "$@"`, no `exec`) left
-/// what it started running, orphaned. A zygote asked for later starts anew.
+/// leads one), and reaps each (for up to a second). A zygote
+/// ends by itself when the host goes, but an interpreter that is a wrapper
+/// script (`python3 "$@"`, no `exec`) left what it started running,
+/// orphaned; and one left unreaped is a zombie for whatever adopts it, which
+/// may reap slowly (a container's first process: one per server restart
+/// piled up). A zygote asked for later starts anew.
 pub fn end_zygotes() {
     let live: Vec<Arc<Zygote>> = zygotes().lock().live.drain().map(|(_, z)| z).collect();
     for zygote in live {
@@ -143,6 +149,10 @@ pub fn end_zygotes() {
         let mut process = zygote.process.lock();
         if matches!(process.try_wait(), Ok(None)) {
             kill_group(zygote.pid);
+            let until = Instant::now() + ZYGOTE_REAP_WAIT;
+            while matches!(process.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     }
 }

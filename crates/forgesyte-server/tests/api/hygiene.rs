@@ -418,6 +418,28 @@ fn plugins_constructing_when_their_zygote_dies_are_loaded_again() {
     assert_ne!(zygote_pid(server.pid()), Some(zygote));
 }
 
+/// A server that stops reaps its Python zygote before it exits: one left
+/// to whatever adopts it stays a zombie there until that reaps it (a
+/// container's first process may not, and one piled up per restart).
+#[test]
+fn a_stopping_server_reaps_its_zygote() {
+    let dir = PluginsDir::new();
+    dir.python("py-a", "echo");
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let zygote = zygote_pid(server.pid()).expect("a zygote");
+    assert!(server.terminate().success());
+    // Reaped by the server: gone. Else a zombie (state Z) of the process
+    // that adopted it, until that one reaps it.
+    let stat = std::fs::read_to_string(format!("/proc/{zygote}/stat"));
+    let zombie = stat.as_deref().is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    });
+    assert!(!zombie, "the zygote {zygote} was left a zombie: {stat:?}");
+}
+
 /// The runner's bytecode cache removed under a running server (a cache
 /// cleaner): the next interpreter start writes it again, so a plugin whose
 /// zygote died comes back instead of failing every start until a restart.
