@@ -418,6 +418,66 @@ fn plugins_constructing_when_their_zygote_dies_are_loaded_again() {
     assert_ne!(zygote_pid(server.pid()), Some(zygote));
 }
 
+/// A plugin whose own constructor ends its zygote (it may signal it with
+/// `--confine off`) is loaded again twice, not for ever: each try took
+/// every other Python plugin's runner with it. It stays FAILED with the
+/// loss as its reason, and the other plugin is back.
+#[test]
+fn a_plugin_that_ends_its_zygote_is_retried_twice_not_for_ever() {
+    let dir = PluginsDir::new();
+    dir.python("py-ok", "echo");
+    dir.python("py-kill", "echo");
+    let file = dir.path().join("py-kill").join("plugin.py");
+    let mut source = std::fs::read_to_string(&file).unwrap();
+    source.push_str(
+        "\n\nclass _Killer(Plugin):\n    def __init__(self):\n        import signal\n        \
+         os.kill(os.getppid(), signal.SIGKILL)\n        time.sleep(5)\n\n\nPlugin = _Killer\n",
+    );
+    std::fs::write(&file, source).unwrap();
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--confine", "off"]);
+    // The first try (which takes the other plugin with it), and the two
+    // after 2 s and 4 s, then no more.
+    let tries = || {
+        server
+            .log()
+            .matches("INFO forgesyte_server::host_retry: Retried ")
+            .count()
+            + server
+                .log()
+                .matches("WARN forgesyte_server::host_retry: Retried ")
+                .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while tries() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not retried twice:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The next try would come 8 s after the second.
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(tries(), 2, "{}", server.log());
+    let health = server.get("/v1/plugins/py-kill/health").json();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("lost: its Python zygote")),
+        "{health}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = server.get("/v1/plugins/py-ok/health").json();
+        if ok["state"] == "INITIALIZED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ok}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A server that stops reaps its Python zygote before it exits: one left
 /// to whatever adopts it stays a zombie there until that reaps it (a
 /// container's first process may not, and one piled up per restart).
