@@ -211,6 +211,8 @@ impl Server {
         // One grace for the whole shutdown, the drain and a reload still
         // running together (a deployment's grace period is sized on it).
         let mut grace_ends = None;
+        // The plugins' stop, once begun (early when the grace ran out).
+        let mut stopping: Option<tokio::sync::oneshot::Receiver<bool>> = None;
         let result = tokio::select! {
             ended = &mut server => flatten(ended),
             () = shutdown => {
@@ -243,6 +245,19 @@ impl Server {
                         Err(_) => {
                             let cut = calls_in_flight(&state);
                             tracing::warn!(grace_s = config.shutdown_grace.as_secs_f64(), calls_cut_off = cut, "In-flight requests did not finish in time; stopping anyway (tool calls still running: {cut})");
+                            // The plugins' processes stop now: the calls
+                            // they run end, and are answered (503, "send it
+                            // again"; a stream's frame its error, then
+                            // 1001) before the connections go. Calls of
+                            // in-process plugins cannot be cut: theirs are
+                            // dropped unanswered.
+                            let _ = state.admin_ended(tokio::time::Instant::now()).await;
+                            stopping = Some(stop_plugins(&state));
+                            let answered = async {
+                                let _ = (&mut server).await;
+                                state.streams().drained().await;
+                            };
+                            let _ = tokio::time::timeout(CUT_CALLS_ANSWERED, answered).await;
                             server.abort();
                             Ok(())
                         }
@@ -267,21 +282,13 @@ impl Server {
             );
         }
         // The plugins' processes end, and their groups are killed (only
-        // the server does that), before the server exits. On a thread of
-        // its own: the blocking pool may be full of calls that never end.
+        // the server does that), before the server exits.
         let wait = forgesyte_loader::RUNNER_STOP_WAIT;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let loader = Arc::clone(state.loader());
-        let stopper = std::thread::Builder::new()
-            .name("forgesyte-stop-plugins".into())
-            .spawn(move || {
-                let _ = tx.send(loader.drop_instances(wait));
-            });
-        let stopped = stopper.is_ok()
-            && matches!(
-                tokio::time::timeout(wait + Duration::from_secs(6), rx).await,
-                Ok(Ok(true))
-            );
+        let rx = stopping.unwrap_or_else(|| stop_plugins(&state));
+        let stopped = matches!(
+            tokio::time::timeout(wait + Duration::from_secs(6), rx).await,
+            Ok(Ok(true))
+        );
         if !stopped {
             tracing::warn!(
                 wait_s = wait.as_secs_f64(),
@@ -291,6 +298,25 @@ impl Server {
         tracing::info!("Plugin instances dropped; bye");
         result
     }
+}
+
+/// How long the calls the shutdown grace cut off (their plugins'
+/// processes stopped) have to be answered before the connections go.
+const CUT_CALLS_ANSWERED: Duration = Duration::from_secs(2);
+
+/// Drops the plugin instances and stops their processes
+/// (`Loader::drop_instances`), on a thread of its own (the blocking pool
+/// may be full of calls that never end): whether all ended in time, once
+/// they did (a dropped sender: the thread could not start).
+fn stop_plugins(state: &AppState) -> tokio::sync::oneshot::Receiver<bool> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let loader = Arc::clone(state.loader());
+    let _ = std::thread::Builder::new()
+        .name("forgesyte-stop-plugins".into())
+        .spawn(move || {
+            let _ = tx.send(loader.drop_instances(forgesyte_loader::RUNNER_STOP_WAIT));
+        });
+    rx
 }
 
 /// Tool calls in flight on all plugins now.

@@ -1592,6 +1592,44 @@ fn a_sighup_during_shutdown_starts_no_rescan() {
     assert!(log.contains("In-flight requests finished after"), "{log}");
 }
 
+/// A call of a plugin process still running when the shutdown grace ends
+/// is cut off and answered (503, "send it again"), not dropped with its
+/// connection: the plugins' processes stop first, and the answers go out
+/// before the connections close.
+#[test]
+fn a_call_the_shutdown_grace_cuts_off_is_answered_503() {
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    dir.manifest_fields("py", json!({"workers": 4}));
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str(), "--shutdown-grace", "1"]);
+    server.wait_loaded();
+    // Four running, sixteen queued behind them: all cut off at once.
+    let calls: Vec<_> = (0..20).map(|_| sleep_call(&server, "py", 20_000)).collect();
+    wait_for(
+        "20 calls in flight",
+        Duration::from_secs(10),
+        &server,
+        || {
+            let health = server.get("/v1/plugins/py/health").json();
+            (health["in_flight"] == 20).then_some(())
+        },
+    );
+    let stop = Instant::now();
+    crate::support::signal(&server.pid().to_string(), "-TERM");
+    for call in calls {
+        let reply = call.join().unwrap();
+        assert_eq!(reply.status, 503, "{}\n{}", reply.text(), server.log());
+        assert!(reply.text().contains("send it again"), "{}", reply.text());
+    }
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stop.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stop.elapsed()
+    );
+}
+
 /// A second `SIGTERM` during the shutdown ends the wait for the requests
 /// in flight at once, and says so: it was ignored without a word, the
 /// server waiting out its whole grace.
