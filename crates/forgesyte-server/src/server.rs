@@ -254,7 +254,12 @@ impl Server {
                             let _ = state.admin_ended(tokio::time::Instant::now()).await;
                             stopping = Some(stop_plugins(&state));
                             let answered = async {
-                                let _ = (&mut server).await;
+                                // Not when the drain above saw it end (the
+                                // streams kept it waiting): a handle is
+                                // polled once past its end.
+                                if !server.is_finished() {
+                                    let _ = (&mut server).await;
+                                }
                                 state.streams().drained().await;
                             };
                             let _ = tokio::time::timeout(CUT_CALLS_ANSWERED, answered).await;

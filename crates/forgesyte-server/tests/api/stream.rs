@@ -748,6 +748,29 @@ fn at_shutdown_an_idle_stream_closes_at_once_beside_a_busy_one() {
     }
 }
 
+/// A frame of an isolated plugin still in its call when the shutdown grace
+/// ends is cut off: its stream gets the frame's error (503's "send it
+/// again") and then the 1001 close, not a connection dropped mid-call.
+#[test]
+fn a_frame_the_shutdown_grace_cuts_off_gets_its_error_then_1001() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({ "isolation": "process" }));
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str(), "--shutdown-grace", "1"]);
+    server.wait_loaded();
+    let mut socket = open(&server, &target("alpha", "frame", ""));
+    send_args(&mut socket, json!({"ms": 20_000}));
+    send_frame(&mut socket, frame(1));
+    std::thread::sleep(Duration::from_millis(300));
+    crate::support::signal(&server.pid().to_string(), "-TERM");
+    let last = answer(&mut socket);
+    assert_eq!(last["ok"], false, "{last}");
+    assert!(last.to_string().contains("send it again"), "{last}");
+    let (code, reason) = close_of(&mut socket);
+    assert_eq!(code, 1001, "{reason}");
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}; log:\n{}", server.log());
+}
+
 /// A server of `alpha` whose bodies and frames may be 4 KiB (the directory
 /// first: the server is dropped before it).
 fn alpha_with_a_4_kib_body_limit() -> (PluginsDir, Forgesyte) {
