@@ -322,13 +322,6 @@ fn every_fault_at_tool_time_gives_its_reason() {
         ),
         // Checked further below: either side may see the garbage first.
         ("corrupt", &["CrashError: "]),
-        (
-            "huge",
-            &[
-                "CrashError: protocol violation: answer frame of",
-                "exceeds the limit of 1 MiB",
-            ],
-        ),
     ] {
         let name = format!("t-{fault}");
         let error = crash(&name, fault);
@@ -371,6 +364,28 @@ fn every_fault_at_tool_time_gives_its_reason() {
             other => panic!("{name}: expected NotRunnable, got {other:?}"),
         }
     }
+    // A result over the answer limit is the tool's error, refused by the
+    // runner before it is sent: no fault, no restart used up (the host
+    // ended the runner for the frame, and six such calls left the plugin
+    // FAILED for good).
+    match call(&loader, "t-huge", "huge", json!({})) {
+        Err(CallError::Tool(ToolError::Failed {
+            error_type,
+            message,
+            ..
+        })) => {
+            assert_eq!(error_type.as_deref(), Some("ResultTooLarge"), "{message}");
+            assert!(
+                message.contains("exceeds the limit of 1048576 bytes on an answer"),
+                "{message}"
+            );
+        }
+        other => panic!("t-huge: expected ResultTooLarge, got {other:?}"),
+    }
+    let status = r.get_status("t-huge").unwrap();
+    assert_eq!(status.state, S::Initialized, "{status:?}");
+    assert_eq!(status.error_count, 1, "{status:?}");
+    call(&loader, "t-huge", "ok", json!({})).unwrap();
     let journal = r.journal("t-segv").unwrap();
     assert_eq!(
         journal.last().unwrap().exit_signal.as_deref(),

@@ -463,7 +463,11 @@ impl ProcessImporter {
                     .args(runner_args)
                     .arg("--library")
                     .arg(library)
-                    .args(common);
+                    .args(common)
+                    // A result over it is then the tool's error, not an
+                    // answer the host ends the runner for.
+                    .arg("--max-response-bytes")
+                    .arg(self.limits.max_response_bytes.to_string());
                 if let Some(fd) = library_fd {
                     command.arg("--library-fd").arg(fd.to_string());
                     spawn::pass_fd(&mut command, fd);

@@ -38,7 +38,7 @@ use std::io::{self, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use std::time::Duration;
@@ -140,6 +140,8 @@ struct Args {
     /// `library` (which then only names it).
     library_fd: Option<i32>,
     memory_limit_mib: u64,
+    /// The host's limit on an answer (`0`: none known).
+    max_response_bytes: u64,
     plugin: String,
     confine: Option<crate::sandbox::Confinement>,
 }
@@ -148,6 +150,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
     let mut library = None;
     let mut library_fd = None;
     let mut memory_limit_mib = 0;
+    let mut max_response_bytes = 0;
     let mut plugin = String::from("plugin");
     let mut confine = None;
     let mut args = args.into_iter();
@@ -171,6 +174,13 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
                     .and_then(|s| s.parse().ok())
                     .ok_or_else(|| format!("--memory-limit-mb: not a number: {v:?}"))?;
             }
+            Some("--max-response-bytes") => {
+                let v = value("--max-response-bytes")?;
+                max_response_bytes = v
+                    .to_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("--max-response-bytes: not a number: {v:?}"))?;
+            }
             Some("--plugin") => plugin = value("--plugin")?.to_string_lossy().into_owned(),
             Some("--confine") => {
                 let v = value("--confine")?;
@@ -187,6 +197,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
         library,
         library_fd,
         memory_limit_mib,
+        max_response_bytes,
         plugin,
         confine,
     })
@@ -218,11 +229,13 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "forgesyte-runner: {e}\nusage: forgesyte-runner --library PATH \
-                 [--memory-limit-mb N] [--plugin NAME] [--confine JSON]"
+                 [--memory-limit-mb N] [--max-response-bytes N] [--plugin NAME] \
+                 [--confine JSON]"
             );
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    MAX_RESPONSE.store(args.max_response_bytes, Ordering::Relaxed);
     let protocol_fds = [requests.as_raw_fd(), out.as_raw_fd()];
     let out = Arc::new(Mutex::new(out));
     let shared_memory = match take_shm_socket() {
@@ -558,6 +571,12 @@ fn handle(
 /// The shared-memory socket and threshold the host passed, once taken.
 static SHM: OnceLock<Option<(OwnedFd, u64)>> = OnceLock::new();
 
+/// The host's limit on an answer (`--max-response-bytes`; `0`: none
+/// known): a result over it is answered as the tool's `ResultTooLarge`
+/// error, where the host would end the runner for the frame (a client's
+/// input could so use up the plugin's restarts and leave it FAILED).
+static MAX_RESPONSE: AtomicU64 = AtomicU64::new(0);
+
 /// The protocol's descriptors (requests, answers, the shared-memory socket;
 /// `-1`: none), which a process forked in this runner gets `/dev/null` in
 /// place of ([`protect_in_forks`]).
@@ -765,16 +784,35 @@ fn send(out: &Mutex<File>, response: &Response, attachments: &[&[u8]]) {
     } else {
         (outgoing.header(&header), outgoing.inline(attachments))
     };
-    if let (Err(e), Response::Result { id, .. }) = (
-        forgesyte_protocol::wire::frame_length(frame_header.len() as u64, &inline),
-        response,
-    ) {
-        let error = WireError::tool(&ToolError::Failed {
-            error_type: Some("ResultTooLarge".into()),
-            message: format!("the result does not fit in one answer: {e}"),
-            traceback: Vec::new(),
-        });
-        return send(out, &Response::ToolFailed { id: *id, error }, &[]);
+    if let Response::Result { id, .. } = response {
+        let refused =
+            match forgesyte_protocol::wire::frame_length(frame_header.len() as u64, &inline) {
+                Err(e) => Some(format!("the result does not fit in one answer: {e}")),
+                Ok(framed) => {
+                    // As the host counts it: the frame, and what went through
+                    // shared memory beside it.
+                    let total: u64 = attachments.iter().map(|a| a.len() as u64).sum();
+                    let inline_bytes: u64 = inline.iter().map(|a| a.len() as u64).sum();
+                    let size = u64::from(framed).saturating_add(total.saturating_sub(inline_bytes));
+                    let limit = MAX_RESPONSE.load(Ordering::Relaxed);
+                    (limit > 0 && size > limit).then(|| {
+                        format!(
+                            "the result, {size} bytes as sent to the host (its JSON, its binary \
+                         results and their framing), exceeds the limit of {limit} bytes on an \
+                         answer (the manifest's limits.max_response_mb, else the server's \
+                         --max-response)"
+                        )
+                    })
+                }
+            };
+        if let Some(message) = refused {
+            let error = WireError::tool(&ToolError::Failed {
+                error_type: Some("ResultTooLarge".into()),
+                message,
+                traceback: Vec::new(),
+            });
+            return send(out, &Response::ToolFailed { id: *id, error }, &[]);
+        }
     }
     let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
     let written = match shm_link() {
@@ -889,6 +927,8 @@ mod tests {
                 "/p/l.so",
                 "--memory-limit-mb",
                 "64",
+                "--max-response-bytes",
+                "1048576",
                 "--plugin",
                 "ocr"
             ]),
@@ -896,10 +936,12 @@ mod tests {
                 library: "/p/l.so".into(),
                 library_fd: None,
                 memory_limit_mib: 64,
+                max_response_bytes: 1 << 20,
                 plugin: "ocr".into(),
                 confine: None,
             })
         );
+        assert!(args(&["--library", "/p/l.so", "--max-response-bytes", "-1"]).is_err());
         let plan = crate::sandbox::Confinement {
             network: true,
             ..Default::default()

@@ -1213,3 +1213,33 @@ fn a_native_result_of_too_many_values_is_refused_by_the_host() {
     let health = server.get("/v1/plugins/alpha/health").json();
     assert_eq!(health["state"], "INITIALIZED", "{health}");
 }
+
+/// An isolated native plugin's result just under `--max-response`: the
+/// runner counts the answer as the host does, so each size is answered in
+/// full or refused as too large (422 `ResultTooLarge`, the plugin still
+/// INITIALIZED, no restart), never a protocol fault that kills the runner
+/// (six of which left the plugin FAILED for good).
+#[test]
+fn an_isolated_result_at_the_response_limit_is_whole_or_too_large_never_a_fault() {
+    const LIMIT: usize = 1 << 20;
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({"isolation": "process"}));
+    let limit = LIMIT.to_string();
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--max-response", &limit]);
+    server.wait_loaded();
+    let mut statuses = std::collections::BTreeSet::new();
+    for size in (LIMIT - 120..=LIMIT - 20).step_by(4) {
+        let body = format!(r#"{{"args": {{"s": "{}"}}}}"#, "x".repeat(size));
+        let reply = server.run("alpha", "echo", &body);
+        match reply.status {
+            200 => {}
+            422 => assert_eq!(reply.json()["error_type"], "ResultTooLarge", "{size}"),
+            other => panic!("{size}: {other} {:.300}", reply.text()),
+        }
+        statuses.insert(reply.status);
+    }
+    assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [200, 422]);
+    let health = server.get("/v1/plugins/alpha/health").json();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert_eq!(health["restart_count"], 0, "{health}");
+}
