@@ -822,7 +822,10 @@ impl From<ToolError> for RunError {
                 message,
                 traceback,
             } => RunError::ToolFailed {
-                error_type,
+                // A class a client can act on: one the plugin left empty
+                // or wrote with a control character in it is `ToolError`.
+                error_type: error_type
+                    .filter(|t| !t.is_empty() && !t.chars().any(char::is_control)),
                 message,
                 traceback,
             },
@@ -967,6 +970,14 @@ mod tests {
             traceback: Vec::new(),
         });
         assert_eq!(said.detail("p", "t"), "bad");
+        for unusable in ["", "Value\nError", "\u{7}"] {
+            let odd = RunError::from(ToolError::Failed {
+                error_type: Some(unusable.into()),
+                message: "m".into(),
+                traceback: Vec::new(),
+            });
+            assert_eq!(odd.error_type(), "ToolError", "{unusable:?}");
+        }
     }
 
     #[test]

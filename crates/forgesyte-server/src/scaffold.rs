@@ -603,10 +603,13 @@ fn message(
                 shell(&dir.join("Cargo.toml"))
             );
             // `--lib-path` is a list split at ':': a directory whose path
-            // holds one cannot be named there, so the library is copied.
+            // holds one cannot be named there, so the library is copied:
+            // by `install`, which puts a new file in place, where `cp`
+            // writes into the one a running server has mapped (and so
+            // crashes it at its next call into the plugin).
             let library = target.join(library_file(name));
             let lib_path = if target.to_string_lossy().contains(':') {
-                let _ = writeln!(out, "  cp {} {}", shell(&library), shell(dir));
+                let _ = writeln!(out, "  install {} {}", shell(&library), shell(dir));
                 String::new()
             } else {
                 format!(" --lib-path {}", shell(&target))
@@ -621,7 +624,8 @@ fn message(
             if !lib_path.is_empty() {
                 let _ = writeln!(
                     out,
-                    "\n(Or copy {} into {} and leave out --lib-path.)",
+                    "\n(Or put {} into {} with `install` and leave out --lib-path; not with \
+                     `cp`, which writes into the library a running server has mapped.)",
                     shell(&library),
                     shell(dir)
                 );
@@ -973,7 +977,11 @@ mod tests {
             created.message
         );
         for line in [
-            format!("cp {} {}", q(&dir.join("target/debug/libocr.so")), q(&dir)),
+            format!(
+                "install {} {}",
+                q(&dir.join("target/debug/libocr.so")),
+                q(&dir)
+            ),
             format!("forgesyte check {}\n", q(&parent)),
         ] {
             assert!(
