@@ -117,6 +117,24 @@ pub(crate) async fn receive(
             message: format!("{UNREADABLE_BODY}: Content-Type given more than once"),
         });
     }
+    // `chunked` once: applied twice (`chunked, chunked`, or the header
+    // given twice) it is forbidden (RFC 9112 §6.1), and a proxy in front
+    // may frame the body otherwise than the HTTP layer here, which undoes
+    // it once.
+    let te_items = headers
+        .get_all(axum::http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .filter(|c| !c.trim().is_empty())
+        .count();
+    if te_items > 1 {
+        return Err(RunError::MalformedBody {
+            message: format!(
+                "{UNREADABLE_BODY}: its Transfer-Encoding names {te_items} codings (only chunked, \
+                 once; send the body as it is)"
+            ),
+        });
+    }
     // The HTTP layer undoes `chunked` only: a body sent with another coding
     // (`gzip, chunked`) would reach the plugin still encoded.
     if let Some(coding) =
@@ -769,6 +787,8 @@ mod tests {
             (", chunked", false),
             ("gzip, chunked", true),
             ("deflate", true),
+            ("chunked, chunked", true),
+            ("chunked,, chunked", true),
         ] {
             let mut h = HeaderMap::new();
             h.insert(
@@ -784,6 +804,19 @@ mod tests {
                 (other, _) => panic!("{coding}: {other:?}"),
             }
         }
+        // The header twice, each `chunked`: applied twice all the same.
+        let mut h = HeaderMap::new();
+        for _ in 0..2 {
+            h.append(
+                axum::http::header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        let got = receive(&budget, &h, streamed(vec![&b"abc"[..]]), 4096, false).await;
+        assert!(
+            matches!(&got, Err(RunError::MalformedBody { message }) if message.contains("2 codings")),
+            "{got:?}"
+        );
     }
 
     /// A body of two types is refused before it is read.
