@@ -74,21 +74,27 @@ fn each_name_once<'de, D: serde::Deserializer<'de>>(
     deserializer.deserialize_map(Args)
 }
 
-/// The first coding `header` (a comma-separated list, as `Transfer-Encoding`
-/// and `Content-Encoding` are) names other than `undone`, the one the
-/// server undoes; an unreadable value counts as `?`. Empty items are no
-/// coding (RFC 9110 §5.6.1).
+/// The codings `header` names (a comma-separated list, as
+/// `Transfer-Encoding` and `Content-Encoding` are, in every instance of
+/// it); an unreadable value counts as `?`. Empty items are no coding (RFC
+/// 9110 §5.6.1).
+fn codings(headers: &HeaderMap, header: axum::http::HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header)
+        .into_iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+}
+
+/// The first of [`codings`] of `header` other than `undone`, the one the
+/// server undoes.
 fn coding_other_than<'a>(
     headers: &'a HeaderMap,
     header: axum::http::HeaderName,
     undone: &str,
 ) -> Option<&'a str> {
-    headers
-        .get_all(header)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .map(str::trim)
-        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(undone))
+    codings(headers, header).find(|c| !c.eq_ignore_ascii_case(undone))
 }
 
 /// Reads a tool call's request body, at most `limit` bytes, taking room
@@ -121,12 +127,7 @@ pub(crate) async fn receive(
     // given twice) it is forbidden (RFC 9112 §6.1), and a proxy in front
     // may frame the body otherwise than the HTTP layer here, which undoes
     // it once.
-    let te_items = headers
-        .get_all(axum::http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .filter(|c| !c.trim().is_empty())
-        .count();
+    let te_items = codings(headers, axum::http::header::TRANSFER_ENCODING).count();
     if te_items > 1 {
         return Err(RunError::MalformedBody {
             message: format!(
