@@ -33,10 +33,19 @@ pub(super) const LOST_RETRIES: usize = 2;
 const LOST: &str = ": lost: ";
 
 /// Whether `err` is a shortage of the host's, not the plugin's fault,
-/// given the plugin's `history` before it (a loss with its zygote counts
-/// [`LOST_RETRIES`] times in a row).
-pub(super) fn is_host_short_after(err: &PluginError, history: &[Transition]) -> bool {
-    let lost = matches!(
+/// given the plugin's `history` before it (asked only for a loss with its
+/// zygote, which counts [`LOST_RETRIES`] times in a row).
+pub(super) fn is_host_short_after(
+    err: &PluginError,
+    history: impl FnOnce() -> Vec<Transition>,
+) -> bool {
+    is_host_short(err) && !(lost_with_its_zygote(err) && lost_in_a_row(&history()) >= LOST_RETRIES)
+}
+
+/// Whether `err` is a runner lost with the Python zygote that forked it,
+/// as it imported or constructed the plugin.
+fn lost_with_its_zygote(err: &PluginError) -> bool {
+    matches!(
         err,
         PluginError::Load(
             LoadError::Import(ImportError::Crashed(CrashError {
@@ -47,8 +56,7 @@ pub(super) fn is_host_short_after(err: &PluginError, history: &[Transition]) -> 
                 ..
             }))
         )
-    );
-    is_host_short(err) && !(lost && lost_in_a_row(history) >= LOST_RETRIES)
+    )
 }
 
 /// How many of the last failures in `history`, each tried again since
@@ -74,10 +82,7 @@ pub(super) fn is_host_short(err: &PluginError) -> bool {
     match err {
         PluginError::Load(LoadError::Import(ImportError::HostResources { .. })) => true,
         // A new zygote is started for the next runner.
-        PluginError::Load(
-            LoadError::Import(ImportError::Crashed(CrashError { cause, .. }))
-            | LoadError::Init(InitError::Crashed(CrashError { cause, .. })),
-        ) => matches!(cause, CrashCause::Lost { .. }),
+        err if lost_with_its_zygote(err) => true,
         PluginError::Manifest(ManifestError::Io { source, .. }) => {
             crate::process::host_short(source).is_some()
         }
@@ -241,22 +246,25 @@ mod tests {
         let mut history = vec![step(PluginLifecycleState::Loaded, None)];
         let lost_err = import(ImportError::Crashed(lost()));
         for _ in 0..LOST_RETRIES {
-            assert!(is_host_short_after(&lost_err, &history), "{history:?}");
+            assert!(
+                is_host_short_after(&lost_err, || history.clone()),
+                "{history:?}"
+            );
             history.push(step(PluginLifecycleState::Failed, Some(lost_reason)));
             history.push(step(PluginLifecycleState::Loaded, None));
         }
-        assert!(!is_host_short_after(&lost_err, &history));
+        assert!(!is_host_short_after(&lost_err, || history.clone()));
         let short_err = import(ImportError::HostResources {
             what: "python3".into(),
             detail: "short".into(),
         });
-        assert!(is_host_short_after(&short_err, &history));
+        assert!(is_host_short_after(&short_err, || history.clone()));
         // Another failure between them: counted from there.
         history.push(step(
             PluginLifecycleState::Failed,
             Some("InitError: ValueError: x"),
         ));
         history.push(step(PluginLifecycleState::Loaded, None));
-        assert!(is_host_short_after(&lost_err, &history));
+        assert!(is_host_short_after(&lost_err, || history.clone()));
     }
 }

@@ -327,8 +327,9 @@ impl Loader {
         let mut short = self.host_short.lock();
         // A shortage's reason counts what was open, and so differs at each
         // try of one that lasts: still the same failure.
-        let history = self.registry.history(name).unwrap_or_default();
-        let host_short = super::host_short::is_host_short_after(err, &history);
+        let host_short = super::host_short::is_host_short_after(err, || {
+            self.registry.history(name).unwrap_or_default()
+        });
         let short_before = short.get(name).cloned().filter(|_| host_short);
         super::host_short::note(&mut short, name, host_short, &reason);
         // No runner of its own now: what an earlier one enforced is not
