@@ -16,7 +16,7 @@ from .base import (EXIT_CHANNEL, EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now
 from .errors import exception_line, fitted, python_error, wire_error, with_sandbox_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, max_result_values, place, to_wire, unencodable_error
-from .tools import collect_tools, resolve_handler
+from .tools import collect_tools, resolve_handler, unencodable_spec
 from .wire import MAX_ATTACHMENTS, MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
 
 # How long on_unload() may run at the end of stdin: under the host's 2 s
@@ -511,8 +511,15 @@ class Runner(object):
                          "..., \"description\", \"input_schema\", \"output_schema\"}, and may "
                          "dispatch them in run_tool(tool_name, args))", warning=True)
                 # Encoded here: a spec that cannot be (text that is not
-                # valid Unicode) fails construction, not the runner.
-                encode({"tools": specs})
+                # valid Unicode) fails construction, not the runner, its
+                # text named where it is.
+                try:
+                    encode({"tools": specs})
+                except UnicodeEncodeError:
+                    located = unencodable_spec(specs)
+                    if located is None:
+                        raise
+                    raise located from None
                 check_name(instance, self.args.plugin)
             except BaseException as e:
                 out_of_memory_unless_raised(e, "constructing the plugin")

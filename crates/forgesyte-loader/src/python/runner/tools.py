@@ -214,23 +214,34 @@ def check_tool_id(tid):
 _SpecUnicodeError = type("UnicodeEncodeError", (ValueError,), {})
 
 
+def _spec_error(tid, e):
+    """A ResultError ``e`` of tool ``tid``'s spec, as the spec's error (its
+    message speaks of a tool's result)."""
+    message = str(e).replace("tool result", "value", 1).replace("the tool's result", "it", 1)
+    # Of the kind the result's would be (a NaN is a ValueError); a kind no
+    # Python class has (too deep) is a ValueError.
+    kind = {"TypeError": TypeError, "RecursionError": RecursionError,
+            "UnicodeEncodeError": _SpecUnicodeError}.get(e.error_type, ValueError)
+    return kind("the spec of tool %r cannot be sent as JSON: %s" % (tid, message))
+
+
 def _spec_to_wire(tid, spec):
-    """``to_wire`` of a tool's spec, whose errors speak of the spec (they
-    speak of a tool's result)."""
+    """``to_wire`` of a tool's spec, whose errors speak of the spec."""
     try:
-        converted = to_wire(spec)
-        # Text the answer could not carry, named where it is in the spec.
-        unencodable = unencodable_error(converted[0])
-        if unencodable is not None:
-            raise unencodable
-        return converted
+        return to_wire(spec)
     except ResultError as e:
-        message = str(e).replace("tool result", "value", 1).replace("the tool's result", "it", 1)
-        # Of the kind the result's would be (a NaN is a ValueError); a
-        # kind no Python class has (too deep) is a ValueError.
-        kind = {"TypeError": TypeError, "RecursionError": RecursionError,
-                "UnicodeEncodeError": _SpecUnicodeError}.get(e.error_type, ValueError)
-        raise kind("the spec of tool %r cannot be sent as JSON: %s" % (tid, message)) from None
+        raise _spec_error(tid, e) from None
+
+
+def unencodable_spec(specs):
+    """The error of the first of ``specs`` (converted ones, as ``created``
+    carries them) holding text that is not valid Unicode, named where it
+    is; else None. Looked for once the encoder failed on them."""
+    for spec in specs:
+        found = unencodable_error(spec)
+        if found is not None:
+            return _spec_error(spec.get("id"), found)
+    return None
 
 
 def collect_tools(instance, manifest):
