@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::rescan::wait_for;
 use crate::support::{Forgesyte, PluginsDir, children_of, runner_pid, signal};
 
 /// Whether process `pid` has ended (gone, or a zombie waiting for its new
@@ -374,44 +375,35 @@ fn python_plugins_come_back_when_their_zygote_is_killed() {
 fn plugins_constructing_when_their_zygote_dies_are_loaded_again() {
     let dir = PluginsDir::new();
     for name in ["py-a", "py-b"] {
-        dir.python(name, "echo");
-        let file = dir.path().join(name).join("plugin.py");
-        let mut source = std::fs::read_to_string(&file).unwrap();
-        source.push_str(
-            "\n\nclass _Slow(Plugin):\n    def __init__(self):\n        time.sleep(2)\n        \
-             super().__init__()\n\n\nPlugin = _Slow\n",
-        );
-        std::fs::write(&file, source).unwrap();
+        echo_constructing_after(&dir, name, "time.sleep(2)");
     }
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let zygote = loop {
-        let constructing = ["py-a", "py-b"]
-            .iter()
-            .all(|name| runner_pid(server.pid(), name).is_some());
-        if let Some(zygote) = zygote_pid(server.pid()).filter(|_| constructing) {
-            break zygote;
-        }
-        assert!(Instant::now() < deadline, "no runners:\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let zygote = wait_for(
+        "both runners constructing",
+        Duration::from_secs(20),
+        &server,
+        || {
+            let constructing = ["py-a", "py-b"]
+                .iter()
+                .all(|name| runner_pid(server.pid(), name).is_some());
+            zygote_pid(server.pid()).filter(|_| constructing)
+        },
+    );
     signal(&zygote.to_string(), "-KILL");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let plugins = server.get("/v1/plugins").json();
-        let back = plugins.as_array().is_some_and(|list| {
-            list.len() == 2 && list.iter().all(|p| p["state"] == "INITIALIZED")
-        });
-        if back {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not loaded again: {plugins}\nlog:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "both loaded again",
+        Duration::from_secs(40),
+        &server,
+        || {
+            let plugins = server.get("/v1/plugins").json();
+            plugins
+                .as_array()
+                .is_some_and(|list| {
+                    list.len() == 2 && list.iter().all(|p| p["state"] == "INITIALIZED")
+                })
+                .then_some(())
+        },
+    );
     assert_eq!(server.get("/readyz").status, 200);
     let reply = server.run("py-a", "echo", r#"{"args": {"n": 2}}"#);
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -426,14 +418,11 @@ fn plugins_constructing_when_their_zygote_dies_are_loaded_again() {
 fn a_plugin_that_ends_its_zygote_is_retried_twice_not_for_ever() {
     let dir = PluginsDir::new();
     dir.python("py-ok", "echo");
-    dir.python("py-kill", "echo");
-    let file = dir.path().join("py-kill").join("plugin.py");
-    let mut source = std::fs::read_to_string(&file).unwrap();
-    source.push_str(
-        "\n\nclass _Killer(Plugin):\n    def __init__(self):\n        import signal\n        \
-         os.kill(os.getppid(), signal.SIGKILL)\n        time.sleep(5)\n\n\nPlugin = _Killer\n",
+    echo_constructing_after(
+        &dir,
+        "py-kill",
+        "import signal; os.kill(os.getppid(), signal.SIGKILL); time.sleep(5)",
     );
-    std::fs::write(&file, source).unwrap();
     let server = Forgesyte::start(&["--plugins", dir.path_str(), "--confine", "off"]);
     // The first try (which takes the other plugin with it), and the two
     // after 2 s and 4 s, then no more.
@@ -447,15 +436,9 @@ fn a_plugin_that_ends_its_zygote_is_retried_twice_not_for_ever() {
                 .matches("WARN forgesyte_server::host_retry: Retried ")
                 .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while tries() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "not retried twice:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("two retries", Duration::from_secs(40), &server, || {
+        (tries() >= 2).then_some(())
+    });
     // The next try would come 8 s after the second.
     std::thread::sleep(Duration::from_secs(10));
     assert_eq!(tries(), 2, "{}", server.log());
@@ -467,15 +450,22 @@ fn a_plugin_that_ends_its_zygote_is_retried_twice_not_for_ever() {
             .is_some_and(|r| r.contains("lost: its Python zygote")),
         "{health}"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ok = server.get("/v1/plugins/py-ok/health").json();
-        if ok["state"] == "INITIALIZED" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{ok}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("py-ok back", Duration::from_secs(20), &server, || {
+        (server.get("/v1/plugins/py-ok/health").json()["state"] == "INITIALIZED").then_some(())
+    });
+}
+
+/// Plugin `name`: the echo fixture whose constructor first runs `code` (one
+/// line of Python; the fixture imports `os` and `time`).
+fn echo_constructing_after(dir: &PluginsDir, name: &str, code: &str) {
+    dir.python(name, "echo");
+    let file = dir.path().join(name).join("plugin.py");
+    let mut source = std::fs::read_to_string(&file).unwrap();
+    source.push_str(&format!(
+        "\n\nclass _Constructing(Plugin):\n    def __init__(self):\n        {code}\n        \
+         super().__init__()\n\n\nPlugin = _Constructing\n"
+    ));
+    std::fs::write(&file, source).unwrap();
 }
 
 /// A server that stops reaps its Python zygote before it exits: one left
