@@ -1227,19 +1227,9 @@ fn an_isolated_result_at_the_response_limit_is_whole_or_too_large_never_a_fault(
     let limit = LIMIT.to_string();
     let server = Forgesyte::start(&["--plugins", dir.path_str(), "--max-response", &limit]);
     server.wait_loaded();
-    let mut statuses = std::collections::BTreeSet::new();
-    for size in (LIMIT - 120..=LIMIT - 20).step_by(4) {
+    let replies = (LIMIT - 120..=LIMIT - 20).step_by(4).map(|size| {
         let body = format!(r#"{{"args": {{"s": "{}"}}}}"#, "x".repeat(size));
-        let reply = server.run("alpha", "echo", &body);
-        match reply.status {
-            200 => {}
-            422 => assert_eq!(reply.json()["error_type"], "ResultTooLarge", "{size}"),
-            other => panic!("{size}: {other} {:.300}", reply.text()),
-        }
-        statuses.insert(reply.status);
-    }
-    assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [200, 422]);
-    let health = server.get("/v1/plugins/alpha/health").json();
-    assert_eq!(health["state"], "INITIALIZED", "{health}");
-    assert_eq!(health["restart_count"], 0, "{health}");
+        (size, server.run("alpha", "echo", &body))
+    });
+    crate::support::assert_whole_or_too_large(&server, "alpha", replies);
 }

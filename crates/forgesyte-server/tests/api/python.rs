@@ -433,8 +433,7 @@ fn echo_answering_at_most(limit: usize) -> (PluginsDir, Forgesyte) {
 fn a_shared_result_at_the_response_limit_is_whole_or_too_large_never_a_fault() {
     const LIMIT: usize = 1 << 20;
     let (_dir, server) = echo_answering_at_most(LIMIT);
-    let mut statuses = std::collections::BTreeSet::new();
-    for size in (LIMIT - 160..=LIMIT).step_by(3) {
+    let replies = (LIMIT - 160..=LIMIT).step_by(3).map(|size| {
         let reply = http_with(
             server.addr,
             "POST",
@@ -442,18 +441,9 @@ fn a_shared_result_at_the_response_limit_is_whole_or_too_large_never_a_fault() {
             &[("Content-Type", "application/octet-stream")],
             &frame(size),
         );
-        match reply.status {
-            200 => {}
-            422 => assert_eq!(reply.json()["error_type"], "ResultTooLarge", "{size}"),
-            other => panic!("{size}: {other} {}", reply.text()),
-        }
-        statuses.insert(reply.status);
-    }
-    // Both sides of the limit were tried.
-    assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [200, 422]);
-    let health = server.get("/v1/plugins/py/health").json();
-    assert_eq!(health["state"], "INITIALIZED", "{health}");
-    assert_eq!(health["restart_count"], 0, "{health}");
+        (size, reply)
+    });
+    crate::support::assert_whole_or_too_large(&server, "py", replies);
 }
 
 /// A JSON result of more values than the answer limit allows (one per 32

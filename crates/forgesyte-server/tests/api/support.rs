@@ -1074,3 +1074,27 @@ pub(crate) fn site_python(path: &Path, site: &Path) {
     )
     .unwrap();
 }
+
+/// Each of `replies` (a result's size, its call's reply), sizes either side
+/// of an answer limit, is answered whole (200) or refused as too large
+/// (422 `ResultTooLarge`), never a fault; both sides were tried; and
+/// `plugin` is still INITIALIZED, with no restart.
+pub(crate) fn assert_whole_or_too_large(
+    server: &Forgesyte,
+    plugin: &str,
+    replies: impl IntoIterator<Item = (usize, Reply)>,
+) {
+    let mut statuses = std::collections::BTreeSet::new();
+    for (size, reply) in replies {
+        match reply.status {
+            200 => {}
+            422 => assert_eq!(reply.json()["error_type"], "ResultTooLarge", "{size}"),
+            other => panic!("{size}: {other} {:.300}", reply.text()),
+        }
+        statuses.insert(reply.status);
+    }
+    assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [200, 422]);
+    let health = server.get(&format!("/v1/plugins/{plugin}/health")).json();
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    assert_eq!(health["restart_count"], 0, "{health}");
+}
