@@ -146,6 +146,13 @@ struct Args {
     confine: Option<crate::sandbox::Confinement>,
 }
 
+/// The number `flag` was given as `v`.
+fn number(flag: &str, v: OsString) -> Result<u64, String> {
+    v.to_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("{flag}: not a number: {v:?}"))
+}
+
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
     let mut library = None;
     let mut library_fd = None;
@@ -167,20 +174,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
                         .ok_or_else(|| format!("--library-fd: not a descriptor: {v:?}"))?,
                 );
             }
-            Some("--memory-limit-mb") => {
-                let v = value("--memory-limit-mb")?;
-                memory_limit_mib = v
-                    .to_str()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| format!("--memory-limit-mb: not a number: {v:?}"))?;
-            }
-            Some("--max-response-bytes") => {
-                let v = value("--max-response-bytes")?;
-                max_response_bytes = v
-                    .to_str()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| format!("--max-response-bytes: not a number: {v:?}"))?;
-            }
+            Some(flag @ "--memory-limit-mb") => memory_limit_mib = number(flag, value(flag)?)?,
+            Some(flag @ "--max-response-bytes") => max_response_bytes = number(flag, value(flag)?)?,
             Some("--plugin") => plugin = value("--plugin")?.to_string_lossy().into_owned(),
             Some("--confine") => {
                 let v = value("--confine")?;

@@ -104,12 +104,7 @@ def parse_args(argv):
             args.class_name = cls
         elif arg == "--installed":
             args.installed = True
-        elif arg == "--memory-limit-mb":
-            v = value()
-            if not (v.isascii() and v.isdigit()):
-                raise UsageError("--memory-limit-mb: not a number: %r" % v)
-            args.memory_limit_mb = int(v)
-        elif arg in ("--max-response-bytes", "--max-result-values"):
+        elif arg in ("--memory-limit-mb", "--max-response-bytes", "--max-result-values"):
             v = value()
             if not (v.isascii() and v.isdigit()):
                 raise UsageError("%s: not a number: %r" % (arg, v))
