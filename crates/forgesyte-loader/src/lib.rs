@@ -99,8 +99,8 @@ pub use host::{
 };
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{
-    LoadReport, Loader, LoaderConfig, PluginLoadOutcome, ReloadRefused, RescanReport,
-    RetiredPlugin, Retry, loaded_by_plugins, runtime_output,
+    DESTRUCTOR_WAIT, LoadReport, Loader, LoaderConfig, PluginLoadOutcome, ReloadRefused,
+    RescanReport, RetiredPlugin, Retry, loaded_by_plugins, runtime_output,
 };
 pub use process::{ProcessImporter, ProcessLimits, RUNNER_STOP_WAIT};
 pub use supervise::SupervisionPolicy;

@@ -1704,6 +1704,42 @@ fn a_destructor_that_blocks_holds_the_stop_no_longer_than_its_limit() {
     assert!(took < std::time::Duration::from_secs(3), "{took:?}");
 }
 
+/// A reload of an in-process plugin whose destructor blocks (here 5 s)
+/// waits for it no longer than [`DESTRUCTOR_WAIT`]: the
+/// old instance is dropped on a thread of its own. It ran on the reload's
+/// thread, and held the reload, every plugin after it and the next pass
+/// for as long as it blocked.
+///
+/// [`DESTRUCTOR_WAIT`]: forgesyte_loader::DESTRUCTOR_WAIT
+#[test]
+fn a_destructor_that_blocks_holds_a_reload_no_longer_than_its_wait() {
+    let s = Setup::new();
+    s.plugin(
+        "slow",
+        &manifest("slow", json!({})),
+        FakeBehavior::DropSlow(std::time::Duration::from_secs(5)),
+    );
+    let loader = s.load();
+    // Failed by a fault: a reload replaces its instance.
+    let handle = loader.handle("slow").unwrap();
+    assert!(handle.call("panic", &json!({})).is_err());
+    drop(handle);
+    s.check("slow", S::Failed, &[]);
+    let started = std::time::Instant::now();
+    assert!(loader.reload("slow").is_some());
+    let took = started.elapsed();
+    assert!(
+        took < forgesyte_loader::DESTRUCTOR_WAIT + std::time::Duration::from_secs(2),
+        "{took:?}"
+    );
+    s.check("slow", S::Initialized, &[]);
+    let new = loader.handle("slow").unwrap();
+    assert_eq!(new.call("echo", &json!({"x": 1})).unwrap(), json!({"x": 1}));
+    drop(new);
+    // The new instance's destructor blocks too: left to its thread.
+    loader.drop_instances(std::time::Duration::ZERO);
+}
+
 #[test]
 fn each_library_opened_by_path_is_prepared_before_it_is_opened() {
     let s = Setup::new();

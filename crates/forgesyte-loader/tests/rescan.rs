@@ -60,6 +60,33 @@ fn a_removed_plugin_is_retired_after_its_call_in_flight_and_a_new_one_added() {
     assert_eq!(names, ["alpha", "gamma"]);
 }
 
+/// A removed in-process plugin whose destructor blocks (here 5 s) holds
+/// the rescan no longer than a runner's stop: its instance is dropped on a
+/// thread of its own, not on the rescan's.
+#[test]
+fn a_removed_plugin_whose_destructor_blocks_holds_the_rescan_no_longer_than_its_wait() {
+    let s = Setup::new();
+    s.plugin(
+        "slow",
+        &manifest("slow", json!({})),
+        FakeBehavior::DropSlow(Duration::from_secs(5)),
+    )
+    .plugin("quick", &manifest("quick", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    s.check("slow", S::Initialized, &[]);
+    s.world.fs.remove("/plugins/slow");
+    let started = Instant::now();
+    let report = loader.rescan();
+    let took = started.elapsed();
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert!(
+        took < forgesyte_loader::DESTRUCTOR_WAIT + Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert!(loader.handle("slow").is_none());
+    s.check("quick", S::Initialized, &[]);
+}
+
 #[test]
 fn an_unreadable_plugins_directory_retires_nothing_and_failed_plugins_are_retried() {
     let s = Setup::new();

@@ -440,6 +440,30 @@ impl Loader {
     }
 }
 
+/// How long a reload or a removal waits for the destructor of an
+/// in-process instance it let go before it goes on: as long as a Python
+/// runner gives its plugin's `on_unload` (`UNLOAD_GRACE_S`).
+pub const DESTRUCTOR_WAIT: Duration = Duration::from_millis(1500);
+
+/// Drops the handles of plugin `name`'s in-process instance, let go by a
+/// reload or a removal, on a thread of their own, and waits at most
+/// [`crate::RUNNER_STOP_WAIT`] for that, as a runner's `on_unload` is waited
+/// for: the instance's destructor runs where its last handle drops, and one
+/// that blocked (a `Drop` joining a thread, flushing slowly) held the whole
+/// reload or rescan, every plugin after it, and the next pass. One not done
+/// in time runs on by itself. (A handle held elsewhere, by a call past its
+/// time limit, drops its instance there.) Whether it was done in time.
+pub(super) fn drop_let_go(name: &str, handles: Vec<PluginHandle>) -> bool {
+    let Some(dropped) = drop_on_a_thread(handles) else {
+        return true;
+    };
+    let in_time = dropped.recv_timeout(DESTRUCTOR_WAIT).is_ok();
+    if !in_time {
+        tracing::warn!(plugin = %name, "Plugin {name}: the destructor of its old instance had not returned after {} s; going on without it (it runs on by itself)", DESTRUCTOR_WAIT.as_secs_f64());
+    }
+    in_time
+}
+
 /// Drops `handles` on a thread of their own; what tells when that is done
 /// (`None`: nothing to drop, or dropped here when no thread could be
 /// started).

@@ -47,7 +47,7 @@ mod verified;
 mod waves;
 
 pub use config::LoaderConfig;
-pub use loader::Loader;
+pub use loader::{DESTRUCTOR_WAIT, Loader};
 pub use reload::ReloadRefused;
 pub use report::{LoadReport, PluginLoadOutcome};
 pub use rescan::{RescanReport, RetiredPlugin, Retry};

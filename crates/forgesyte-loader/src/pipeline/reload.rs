@@ -390,22 +390,29 @@ impl Loader {
             self.wait_idle(name, Instant::now() + CUT_CALLS_END);
             self.without_instance(name);
         }
-        for (name, entry, started, drain, _, in_process) in letting_go {
+        for (name, mut entry, started, drain, _, in_process) in letting_go {
             // When its instance was let go: its calls' time limit counts
             // from then (an in-process one let go at its turn took calls
             // until then, and had its whole wait to come).
             let mut let_go = started;
+            let mut old_handles = Vec::new();
             if in_process {
                 if let Some(handle) = &entry.handle {
                     let _ = self.retire(handle);
                 }
-                self.without_instance(name);
+                old_handles.extend(self.without_instance(name));
                 let_go = Instant::now();
             } else if entry.handle.is_none() {
                 self.without_instance(name);
             }
             let idle_by = let_go + drain;
             self.wait_idle(name, idle_by);
+            if in_process {
+                // Its calls ended: its destructor runs now, bounded, before
+                // its successor is constructed.
+                old_handles.extend(entry.handle.take());
+                super::loader::drop_let_go(name, old_handles);
+            }
             let manifest = self
                 .reread_manifest(name, &entry.dir)
                 .and_then(|m| self.check_reload_name(name, m));
@@ -577,13 +584,17 @@ impl Loader {
     /// no call is in flight, else as the last one ends (RUNNING cannot go
     /// back to LOADED; it showed INITIALIZED, with no instance, until the
     /// reload came back to it).
-    fn without_instance(&self, name: &str) {
-        if let Some(e) = self.entries.write().get_mut(name)
-            && let Some(handle) = e.handle.take()
-        {
+    ///
+    /// The handle taken out is returned, to be dropped outside the map's
+    /// lock (an in-process instance's destructor may run where it drops).
+    fn without_instance(&self, name: &str) -> Option<PluginHandle> {
+        let handle = self.entries.write().get_mut(name).and_then(|e| {
+            let handle = e.handle.take()?;
             e.last_tools = Some(handle.tools().iter().map(|t| t.id.clone()).collect());
-        }
+            Some(handle)
+        });
         let _ = self.registry.mark_loaded_when_idle(name, RELOADING);
+        handle
     }
 
     /// A reloaded manifest must still name the plugin it was registered as.

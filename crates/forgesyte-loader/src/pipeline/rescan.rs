@@ -693,6 +693,9 @@ impl Loader {
             if calls_cut_off > 0 && handle.isolation() == crate::manifest::Isolation::Process {
                 self.retiring_calls_left(name, Instant::now() + Duration::from_secs(5));
             }
+            if handle.isolation() == crate::manifest::Isolation::InProcess {
+                super::loader::drop_let_go(name, vec![handle]);
+            }
         }
         self.registry.forget(name);
         self.failed_libraries.lock().remove(name);
