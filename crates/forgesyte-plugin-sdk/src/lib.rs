@@ -125,7 +125,7 @@ pub mod context;
 
 pub use binary::{Call, Output};
 pub use context::{CallContext, current_call, log};
-pub use plugin::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec};
+pub use plugin::{BoxError, Plugin, PluginConfig, ToolError, ToolSpec, parse_args};
 
 /// Exports a [`Plugin`] type as this library's plugin: emits the
 /// `forgesyte_plugin_entry` symbol, its static [`abi::PluginVTable`], and the

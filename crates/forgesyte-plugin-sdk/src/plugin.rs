@@ -145,8 +145,26 @@ impl fmt::Display for ToolError {
 
 impl std::error::Error for ToolError {}
 
+/// A tool's arguments as its own type `T`: `let args: MyArgs =
+/// forgesyte_plugin_sdk::parse_args(args)?;`. Arguments that do not
+/// deserialize are [`ToolError::INVALID_INPUT`], naming the field where
+/// they went wrong: `frame.width: invalid value: integer 300, expected
+/// u8` (serde's own message names the expected type only).
+///
+/// # Errors
+///
+/// `InvalidInput`, the field's path (`.` for the arguments themselves)
+/// and serde's message.
+pub fn parse_args<T: serde::de::DeserializeOwned>(args: serde_json::Value) -> Result<T, ToolError> {
+    serde_path_to_error::deserialize(args).map_err(|err| {
+        let path = err.path().to_string();
+        ToolError::invalid_input(format!("{path}: {}", err.into_inner()))
+    })
+}
+
 /// Arguments that do not deserialize into the tool's argument type are
-/// invalid input: `let args: MyArgs = serde_json::from_value(args)?;`.
+/// invalid input: `let args: MyArgs = serde_json::from_value(args)?;`
+/// ([`parse_args`] also names the field).
 impl From<serde_json::Error> for ToolError {
     fn from(err: serde_json::Error) -> Self {
         ToolError::invalid_input(err.to_string())
@@ -178,6 +196,41 @@ mod tests {
         let manifest_style: ToolSpec =
             serde_json::from_value(json!({"id": "x", "inputs": {"a": 1}})).unwrap();
         assert_eq!(manifest_style.input_schema, json!({"a": 1}));
+    }
+
+    #[test]
+    fn parse_args_names_the_field_that_went_wrong() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct Frame {
+            width: u8,
+        }
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct Args {
+            frame: Frame,
+            tags: Vec<String>,
+        }
+        let err = parse_args::<Args>(json!({"frame": {"width": 300}, "tags": []})).unwrap_err();
+        assert_eq!(err.error_type, "InvalidInput");
+        assert_eq!(
+            err.message,
+            "frame.width: invalid value: integer `300`, expected u8"
+        );
+        let err = parse_args::<Args>(json!({"frame": {"width": 3}, "tags": ["a", 5]})).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("tags[1]: invalid type: integer `5`"),
+            "{}",
+            err.message
+        );
+        let err = parse_args::<Args>(json!({"frame": {"width": 3}})).unwrap_err();
+        assert_eq!(err.message, ".: missing field `tags`");
+        assert_eq!(
+            parse_args::<Args>(json!({"frame": {"width": 3}, "tags": ["a"]})).unwrap(),
+            Args {
+                frame: Frame { width: 3 },
+                tags: vec!["a".into()],
+            }
+        );
     }
 
     #[test]

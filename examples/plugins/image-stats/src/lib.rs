@@ -78,7 +78,7 @@ impl Plugin for ImageStats {
     fn run(&self, tool: &str, args: Value) -> Result<Value, ToolError> {
         match tool {
             "analyze" => {
-                let args: AnalyzeArgs = serde_json::from_value(args)?;
+                let args: AnalyzeArgs = forgesyte_plugin_sdk::parse_args(args)?;
                 Ok(analyze(&decode_image(&args.image_base64)?))
             }
             "ping" => Ok(json!({ "pong": true })),

@@ -142,7 +142,7 @@ struct DetectArgs {
 
 impl Motion {
     fn detect(&self, args: Value) -> Result<Value, ToolError> {
-        let args: DetectArgs = serde_json::from_value(args)?;
+        let args: DetectArgs = forgesyte_plugin_sdk::parse_args(args)?;
         let settings = Settings {
             threshold: args.threshold.unwrap_or(self.defaults.threshold),
             min_changed_fraction: args
@@ -355,6 +355,13 @@ mod tests {
         }
         let err = detect(json!({"frame_a_base64": a, "frame_b_base64": small})).unwrap_err();
         assert_eq!(err.message, "frames differ in size: 10x10 and 4x4");
+        // The argument that does not fit is named.
+        let err = detect(json!({"frame_a_base64": a, "frame_b_base64": a, "threshold": 300}))
+            .unwrap_err();
+        assert_eq!(
+            err.message,
+            "threshold: invalid value: integer `300`, expected u8"
+        );
     }
 
     #[test]
