@@ -342,7 +342,8 @@ pub(crate) struct LoaderArgs {
     pub(crate) lib_paths: Vec<PathBuf>,
     /// Construct every in-process plugin once in a throw-away runner
     /// process before loading it, so a plugin that would crash the server
-    /// on load is FAILED instead.
+    /// on load is FAILED instead (`check` does so unless given
+    /// `--preflight=off`).
     #[arg(long, value_name = "on|off", env = "FORGESYTE_PREFLIGHT", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) preflight: bool,
     /// Where plugins whose manifest names no `isolation` run: in the server

@@ -211,7 +211,7 @@ fn main() -> ExitCode {
             init_logging("off", cli.log_format);
             // A directory named (flag, variable, file) must exist; the
             // default one may be missing beside installed plugins.
-            run_check(args, layered.given("dir"))
+            run_check(args, layered.given("dir"), layered.given("preflight"))
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
@@ -736,10 +736,18 @@ fn switch_before(arg: &str, argv: &[std::ffi::OsString]) -> Option<String> {
 /// When they could not (`--python-entry-points` and no interpreter, or one
 /// that fails or hangs), the reason ends the summary line (stderr with
 /// `--json`) and the exit code is 1: there may be plugins it did not see.
-fn run_check(args: CheckArgs, dir_named: bool) -> ExitCode {
+fn run_check(args: CheckArgs, dir_named: bool, preflight_given: bool) -> ExitCode {
     let json = args.json;
     let mut config = ServerConfig::default();
     args.loader.apply(&mut config);
+    // A check is never taken down by a plugin: unless told otherwise
+    // (`--preflight=off` loads them into this process, as `serve` does by
+    // default), every in-process plugin is constructed in a throw-away
+    // runner first, and one whose constructor crashes is FAILED in the
+    // report (the check itself died with it, no report at all).
+    if !preflight_given {
+        config.preflight = true;
+    }
     if let Some(e) = config
         .trusted_keys()
         .err()

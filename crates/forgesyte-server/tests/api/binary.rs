@@ -655,14 +655,23 @@ fn assert_crashy_failed_with_sigsegv(list: &Value) {
     );
 }
 
+/// `check` preflights in-process plugins unless told otherwise: a
+/// constructor that crashes is FAILED in its report; the check died with
+/// it, with no report at all. `--preflight=off` (or the variable) loads
+/// them into the check's own process, as `serve` does by default.
 #[test]
 fn preflight_flag_and_env_turn_a_crashing_constructor_into_failed() {
     let dir = crashy_dir();
     // The control: in-process and without preflight, the constructor takes
     // the whole process down.
-    let (code, _, err) = check_json(&[dir.path_str()], &[]);
+    let (code, _, err) = check_json(&[dir.path_str(), "--preflight=off"], &[]);
+    assert_eq!(code, None, "killed by a signal: {err}");
+    let (code, _, err) = check_json(&[dir.path_str()], &[("FORGESYTE_PREFLIGHT", "0")]);
     assert_eq!(code, None, "killed by a signal: {err}");
 
+    let (code, list, err) = check_json(&[dir.path_str()], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_crashy_failed_with_sigsegv(&list.unwrap());
     let (code, list, err) = check_json(&[dir.path_str(), "--preflight"], &[]);
     assert_eq!(code, Some(1), "{err}");
     assert_crashy_failed_with_sigsegv(&list.unwrap());

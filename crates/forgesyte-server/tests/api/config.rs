@@ -838,7 +838,9 @@ fn a_refused_environment_variable_is_named_and_a_flag_beats_it() {
 /// `check` of in-process plugins: one whose constructor prints to stdout
 /// leaves the JSON report readable (the print goes to stderr), and one
 /// whose constructor never returns is FAILED after its `init_timeout_s`
-/// while the others load, and the command ends (it never did).
+/// while the others load, and the command ends (it never did). Without
+/// the preflight `check` runs by default, which would construct them in a
+/// runner first: this is the check's own process.
 #[test]
 fn check_survives_constructors_that_print_or_never_return() {
     let plugins = PluginsDir::new();
@@ -856,7 +858,10 @@ fn check_survives_constructors_that_print_or_never_return() {
         )
         .good("fine", json!({}));
     let started = std::time::Instant::now();
-    let (code, out, err) = run_forgesyte(&["check", "--json", plugins.path_str()], &[]);
+    let (code, out, err) = run_forgesyte(
+        &["check", "--json", "--preflight=off", plugins.path_str()],
+        &[],
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
     let start: String = out.chars().take(300).collect();
     assert_eq!(code, 1, "{start}…");
