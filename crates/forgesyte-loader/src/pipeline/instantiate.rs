@@ -903,7 +903,8 @@ impl Loader {
     /// What the host does not use of `p`'s manifest, said rather than
     /// ignored in silence: a count of worker processes (other hosts read
     /// it), a Python plugin's `"isolation": "in-process"` (it always runs
-    /// in a runner of its own, SPEC §3), likely typos of fields
+    /// in a runner of its own, SPEC §3), the runner's limits of an
+    /// in-process native plugin (`memory_mb`, `max_response_mb`), likely typos of fields
     /// ([`crate::manifest::unread_field_notes`]). At WARN the first time
     /// for this plugin and manifest, then at debug level: each reload, and
     /// each rescan that retries a failing plugin, said it all again.
@@ -920,6 +921,21 @@ impl Loader {
             ));
         }
         notes.extend(crate::manifest::unread_field_notes(raw));
+        if p.manifest.runtime != Runtime::Python && self.isolation_of(p) == Isolation::InProcess {
+            let limits = &p.manifest.limits;
+            for (field, set) in [
+                ("memory_mb", limits.memory_mb.is_some()),
+                ("max_response_mb", limits.max_response_mb.is_some()),
+            ] {
+                if set {
+                    notes.push(format!(
+                        "\"limits.{field}\" is not used: the plugin runs in the server's \
+                         process, where it binds nothing; it binds a plugin run isolated \
+                         (\"isolation\": \"process\", or --isolation process)"
+                    ));
+                }
+            }
+        }
         if p.manifest.runtime == Runtime::Python
             && p.manifest.declared_isolation == Some(Isolation::InProcess)
         {

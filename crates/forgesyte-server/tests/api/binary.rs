@@ -703,6 +703,33 @@ fn isolation_flag_hosts_plugins_without_a_manifest_choice_in_a_child() {
     assert_eq!(server.get("/livez").status, 200);
 }
 
+/// The runner's limits in the manifest of a plugin that runs in the
+/// server's process bind nothing there: the log says so (they were ignored
+/// in silence), and says nothing of an isolated plugin's, which they bind.
+#[test]
+fn runner_limits_of_an_in_process_plugin_are_said_to_bind_nothing() {
+    let dir = PluginsDir::new();
+    let limits = json!({"limits": {"memory_mb": 64, "max_response_mb": 1}});
+    dir.good("inside", limits.clone());
+    let mut isolated = limits;
+    isolated["isolation"] = json!("process");
+    dir.good("outside", isolated);
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    assert_eq!(server.run("inside", "echo", "{}").status, 200);
+    let log = server.log();
+    let said = |plugin: &str, field: &str| {
+        log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains(&format!("Plugin {plugin}:"))
+                && l.contains(&format!("\"limits.{field}\" is not used"))
+        })
+    };
+    assert!(said("inside", "memory_mb"), "{log}");
+    assert!(said("inside", "max_response_mb"), "{log}");
+    assert!(!said("outside", "memory_mb"), "{log}");
+}
+
 #[test]
 fn the_hidden_runner_subcommand_is_the_plugin_runner() {
     let output = forgesyte_command().arg("__runner").output().unwrap();
