@@ -3166,9 +3166,9 @@ class SeccompTests(unittest.TestCase):
         enosys = 0x00050000 | 38
         io_uring = (425, 426, 427)
         # System V IPC, message queues, truncate (76), setpgid and setsid
-        # (109, 112), io_uring, pidfd_send_signal (424).
+        # (109, 112), unshare (272), io_uring, pidfd_send_signal (424).
         ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220, 240, 241, 242, 243,
-               244, 245, 424) + io_uring
+               244, 245, 272, 424) + io_uring
 
         def program(audit_arch, x32, calls, clone, sockets, signals, named, group=0, elders=()):
             """Every jump to the deny (the last instruction), to the ENOSYS
@@ -3188,7 +3188,7 @@ class SeccompTests(unittest.TestCase):
                 p.append((jge, deny(3), 0, 0x40000000))
             i = len(p)
             p += [(jeq, deny(i) - 1, 0, 435), (jeq, 0, 4, clone), (ld, 0, 0, 16),
-                  (and_, 0, 0, 0x8000), (jeq, deny(i + 4), 0, 0x8000), (ret, 0, 0, self.ALLOW)]
+                  (and_, 0, 0, 0x7E028000), (jeq, 0, deny(i + 4), 0), (ret, 0, 0, self.ALLOW)]
             # kill(): its first argument to the check of process numbers;
             # fcntl(): F_SETOWN_EX (15) no, F_SETOWN (8) its third argument
             # to that check; ioctl(): FIOSETOWN, SIOCSPGRP no.
@@ -3240,17 +3240,18 @@ class SeccompTests(unittest.TestCase):
         self.assertEqual(_seccomp_program("x86_64", True, 4321, (1234, 99)),
                          program(0xC000003E, True, ipc, 56, None, *x86_64, group=4321,
                                  elders=(1234, 99)))
-        # aarch64: no x32; its own numbers (truncate, setpgid, setsid first).
-        aarch64 = (45, 154, 157) + tuple(range(180, 198)) + (424,) + io_uring
+        # aarch64: no x32; its own numbers (truncate, unshare, setpgid,
+        # setsid first).
+        aarch64 = (45, 97, 154, 157) + tuple(range(180, 198)) + (424,) + io_uring
         signals = ((129, 25, 29), (130, 131, 138, 240, 434))
         expected = program(0xC00000B7, False, aarch64, 220, (199, 198), *signals)
         self.assertEqual(_seccomp_program("aarch64", False), expected)
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
         # Two places in step: the x86_64 program without the network and
-        # no elders known, as the native runner builds it, is 73
+        # no elders known, as the native runner builds it, is 74
         # instructions.
-        self.assertEqual(len(_seccomp_program("x86_64", False)), 73)
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 74)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
@@ -3258,9 +3259,9 @@ class SeccompTests(unittest.TestCase):
         machines = {
             # AUDIT_ARCH, IPC calls, socket, read, socketpair
             "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220]
-                       + list(range(240, 246)) + [424, 425, 426, 427], 41, 0, 53),
-            "aarch64": (0xC00000B7, [45, 154, 157] + list(range(180, 198)) + [424, 425, 426, 427],
-                        198, 63, 199),
+                       + list(range(240, 246)) + [272, 424, 425, 426, 427], 41, 0, 53),
+            "aarch64": (0xC00000B7, [45, 97, 154, 157] + list(range(180, 198))
+                        + [424, 425, 426, 427], 198, 63, 199),
         }
         signals = {"x86_64": ((62, 72, 16), (200, 234, 129, 297, 434)),
                    "aarch64": ((129, 25, 29), (130, 131, 138, 240, 434))}
@@ -3324,10 +3325,16 @@ class SeccompTests(unittest.TestCase):
                                                (2, 1, 17), (2, 2, 6)):
                     said = run_bpf(p, arch, socket_nr, domain, kind, protocol)
                     self.assertEqual(said, sockets, (where, domain, kind, protocol))
-                # clone3: ENOSYS; clone: refused with CLONE_PARENT only.
+                # clone3: ENOSYS; clone: refused with CLONE_PARENT or a
+                # namespace flag (NEWNS, NEWCGROUP, NEWUTS, NEWIPC,
+                # NEWUSER, NEWPID, NEWNET) only.
                 clone_nr = {"x86_64": 56, "aarch64": 220}[machine]
                 self.assertEqual(run_bpf(p, arch, 435, 0), 0x00050000 | 38, where)
                 self.assertEqual(run_bpf(p, arch, clone_nr, 0x8000 | 17), self.DENY, where)
+                for namespace in (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
+                                  0x20000000, 0x40000000):
+                    said = run_bpf(p, arch, clone_nr, namespace | 17)
+                    self.assertEqual(said, self.DENY, (where, namespace))
                 self.assertEqual(run_bpf(p, arch, clone_nr, 17), self.ALLOW, where)
                 self.assertEqual(run_bpf(p, arch, clone_nr, 0x3d0f00), self.ALLOW, where)
                 # Another architecture's calls (i386's), whatever they are.
@@ -3391,6 +3398,11 @@ class SeccompTests(unittest.TestCase):
                 os.close(r)
                 os.close(w)
 
+        def unshare_user():
+            # A user namespace of its own: every capability in it.
+            if libc.unshare(ctypes.c_int(0x10000000)) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+
         def x32_getpid():
             if syscall(ctypes.c_long(0x40000000 | 39)) < 0:
                 error = ctypes.get_errno()
@@ -3413,6 +3425,7 @@ class SeccompTests(unittest.TestCase):
             ("setsid", os.setsid),
             ("setpgid", lambda: os.setpgid(0, 0)),
             ("clone3", clone3),
+            ("unshare_user", unshare_user),
             # Signal 0 only asks. Every process, a group that is not its
             # own: refused whoever the runner's kin are; its own group: no.
             ("kill_all", lambda: os.kill(-1, 0)),
@@ -3452,7 +3465,8 @@ class SeccompTests(unittest.TestCase):
                                      "mptcp": refused, "socketpair": "ok", "dgram_pair": refused,
                                      "shmget": refused, "mq_open": refused,
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
-                                     "clone3": ["OSError", 38], "kill_all": refused,
+                                     "clone3": ["OSError", 38], "unshare_user": refused,
+                                     "kill_all": refused,
                                      "kill_group": refused, "kill_own_group": refused,
                                      "kill_parent": "ok", "setown_all": refused,
                                      "setown_parent": "ok"},
@@ -3471,7 +3485,8 @@ class SeccompTests(unittest.TestCase):
                                      "socketpair": "ok", "dgram_pair": "ok",
                                      "shmget": refused, "mq_open": refused,
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
-                                     "clone3": ["OSError", 38], "kill_all": refused,
+                                     "clone3": ["OSError", 38], "unshare_user": refused,
+                                     "kill_all": refused,
                                      "kill_group": refused, "kill_own_group": refused,
                                      "kill_parent": "ok", "setown_all": refused,
                                      "setown_parent": "ok"},

@@ -8,7 +8,11 @@
 //! outlives the runner. So the filter refuses, with `EACCES`, every System
 //! V IPC, message-queue and io_uring call (an io_uring operation, a socket
 //! among them, passes no filter), `setsid` and `setpgid` (the runner leads
-//! its group before it confines itself), `clone` with `CLONE_PARENT` (a
+//! its group before it confines itself), `unshare` and `clone` with a
+//! namespace flag (`CLONE_NEWUSER` and the rest: in a user namespace of its
+//! own a forked child held every capability, and the kernel code only such
+//! a namespace reaches; the runner makes its own namespaces before it
+//! installs the filter), `clone` with `CLONE_PARENT` (a
 //! child of the runner's parent, the zygote or the server, which never
 //! reaps it: a plugin could fill the process table with zombies), with
 //! `ENOSYS` `clone3` (its flags are behind a pointer no filter reads;
@@ -51,12 +55,13 @@ use std::io;
 /// What the hello's `syscalls` says of a runner filtered without network
 /// (the Python runner says the same).
 pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (Unix pairs of streams or packets only), no \
-     System V IPC, no POSIX message queue, no io_uring, no new session or process group, no \
-     truncate() by path, no signal to every process, another process group or its parents";
+     System V IPC, no POSIX message queue, no io_uring, no new session or process group, no new \
+     namespace, no truncate() by path, no signal to every process, another process group or its \
+     parents";
 /// ... and of one whose plan keeps the network.
 pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring, \
-     no new session or process group, no truncate() by path, no signal to every process, \
-     another process group or its parents";
+     no new session or process group, no new namespace, no truncate() by path, no signal to every \
+     process, another process group or its parents";
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -67,9 +72,9 @@ const AUDIT_ARCH: u32 = 0xC000_00B7;
 /// V IPC, POSIX message queues, io_uring (an io_uring operation, a socket
 /// among them, passes no filter), and a new session or process group
 /// (`setsid`, `setpgid`: a process that leaves its runner's group outlives
-/// the runner's end).
+/// the runner's end), and new namespaces (`unshare`).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn denied_calls() -> [u32; 25] {
+fn denied_calls() -> [u32; 26] {
     let mut calls = [
         libc::SYS_shmget,
         libc::SYS_shmat,
@@ -94,6 +99,7 @@ fn denied_calls() -> [u32; 25] {
         libc::SYS_io_uring_register,
         libc::SYS_setsid,
         libc::SYS_setpgid,
+        libc::SYS_unshare,
         // By path: Landlock rules it only from ABI 3 (Linux 6.2); before,
         // any file the runner's user may write could be emptied.
         libc::SYS_truncate,
@@ -107,6 +113,15 @@ fn denied_calls() -> [u32; 25] {
 }
 
 const DENY: u32 = libc::SECCOMP_RET_ERRNO | libc::EACCES as u32;
+/// `clone`'s flags that are refused: `CLONE_PARENT`, and every namespace's.
+const CLONE_DENIED: u32 = (libc::CLONE_PARENT
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET) as u32;
 /// `clone3`'s answer: "no such call", so that glibc falls back to `clone`,
 /// whose flags a filter can read (`clone3`'s are behind a pointer).
 const NO_CLONE3: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
@@ -209,9 +224,9 @@ pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
     if cfg!(target_arch = "x86_64") {
         p.push(jump(libc::BPF_JGE, 0x4000_0000, u8::MAX, 0));
     }
-    // clone3(): ENOSYS. clone() with CLONE_PARENT: deny (a child whose
-    // parent is the runner's parent, the zygote or the server, which
-    // never reaps it), else allowed.
+    // clone3(): ENOSYS. clone() with CLONE_PARENT (a child whose parent is
+    // the runner's parent, the zygote or the server, which never reaps it)
+    // or a namespace flag: deny, else allowed.
     p.push(jump(
         libc::BPF_JEQ,
         libc::SYS_clone3 as u32,
@@ -222,9 +237,9 @@ pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
     p.push(load(16));
     p.push(stmt(
         (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16,
-        libc::CLONE_PARENT as u32,
+        CLONE_DENIED,
     ));
-    p.push(jump(libc::BPF_JEQ, libc::CLONE_PARENT as u32, u8::MAX, 0));
+    p.push(jump(libc::BPF_JEQ, 0, 0, u8::MAX));
     p.push(ret(ALLOW));
     // kill(): its first argument to the check of process numbers (not -1,
     // every process; not an elder; not a group, a negative number, other
@@ -504,11 +519,28 @@ mod tests {
                 let expected = if network { ALLOW } else { DENY };
                 assert_eq!(said, expected, "socketpair of family {domain}");
             }
-            // clone3: ENOSYS; clone: refused with CLONE_PARENT only.
+            // clone3: ENOSYS; clone: refused with CLONE_PARENT or a
+            // namespace flag only; unshare: refused.
             let clone = libc::SYS_clone as u32;
             let parent = libc::CLONE_PARENT as u32;
             assert_eq!(run(&p, AUDIT_ARCH, libc::SYS_clone3 as u32, 0), NO_CLONE3);
             assert_eq!(run(&p, AUDIT_ARCH, clone, parent | 17), DENY);
+            for namespace in [
+                libc::CLONE_NEWNS,
+                libc::CLONE_NEWCGROUP,
+                libc::CLONE_NEWUTS,
+                libc::CLONE_NEWIPC,
+                libc::CLONE_NEWUSER,
+                libc::CLONE_NEWPID,
+                libc::CLONE_NEWNET,
+            ] {
+                assert_eq!(run(&p, AUDIT_ARCH, clone, namespace as u32 | 17), DENY);
+            }
+            let unshare = libc::SYS_unshare as u32;
+            assert_eq!(
+                run(&p, AUDIT_ARCH, unshare, libc::CLONE_NEWUSER as u32),
+                DENY
+            );
             assert_eq!(run(&p, AUDIT_ARCH, clone, 0x3d0f00), ALLOW); // a thread's
             assert_eq!(run(&p, AUDIT_ARCH, clone, 17), ALLOW); // fork()'s
             // Signals (args[0]'s low half): kill() of every process, of an
@@ -720,6 +752,18 @@ mod tests {
                         || errno() != Some(libc::EACCES)
                     {
                         return 20;
+                    }
+                    // No namespace of its own: in a user namespace it held
+                    // every capability (root succeeds unfiltered).
+                    if libc::unshare(libc::CLONE_NEWUSER) != -1 || errno() != Some(libc::EACCES) {
+                        return 40;
+                    }
+                    let flags = libc::c_long::from(libc::CLONE_NEWUSER | libc::SIGCHLD);
+                    match libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) {
+                        // Let through: the child leaves at once.
+                        0 => libc::_exit(0),
+                        -1 if errno() == Some(libc::EACCES) => {}
+                        _ => return 41,
                     }
                     // Signals: not every process, not its parent (nor a
                     // thread of it), not another group; its own group, and

@@ -191,12 +191,12 @@ def _not_dumpable(libc):
 # runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
 # with it.
 SYSCALLS_NO_SOCKETS = ("filtered: no new socket (Unix pairs of streams or packets only), no System V IPC, "
-                       "no POSIX message queue, no io_uring, no new session or process group, no "
-                       "truncate() by path, no signal to every process, another process group or its "
-                       "parents")
+                       "no POSIX message queue, no io_uring, no new session or process group, no new "
+                       "namespace, no truncate() by path, no signal to every process, another process "
+                       "group or its parents")
 SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no new session or "
-                "process group, no truncate() by path, no signal to every process, another process "
-                "group or its parents")
+                "process group, no new namespace, no truncate() by path, no signal to every process, "
+                "another process group or its parents")
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # Classic BPF (``linux/filter.h``): the few instructions the filter uses.
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K, _BPF_AND_K = 0x20, 0x15, 0x35, 0x06, 0x54
@@ -209,6 +209,11 @@ _SECCOMP_RET_EACCES = 0x00050000 | 13  # SECCOMP_RET_ERRNO | EACCES
 # filter can read (clone3's are behind a pointer).
 _SECCOMP_RET_ENOSYS = 0x00050000 | 38
 _CLONE_PARENT = 0x8000
+# ``clone``'s flags that are refused: ``CLONE_PARENT`` and every
+# namespace's (``CLONE_NEWNS``, ``_NEWCGROUP``, ``_NEWUTS``, ``_NEWIPC``,
+# ``_NEWUSER``, ``_NEWPID``, ``_NEWNET``).
+_CLONE_DENIED = _CLONE_PARENT | 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 \
+    | 0x20000000 | 0x40000000
 _CLONE3 = 435  # the same number on both machines
 # A socket's type (its low bits; the rest are flags): the pairs allowed.
 _SOCK_TYPE_MASK, _SOCK_STREAM, _SOCK_SEQPACKET = 0xF, 1, 5
@@ -228,9 +233,10 @@ _IO_URING = (425, 426, 427)
 # ``rt_tgsigqueueinfo`` and ``pidfd_open`` (434 on both).
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
-                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112) + (76, 424),
+                                  240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112, 272)
+               + (76, 424),
                41, 53, 56, (62, 72, 16), (200, 234, 129, 297, 434)),
-    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157) + (45, 424), 198,
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157, 97) + (45, 424), 198,
                 199, 220, (129, 25, 29), (130, 131, 138, 240, 434)),
 }
 # ``fcntl``'s commands that make a process or group a descriptor's owner,
@@ -265,7 +271,7 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
       ``tkill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``
       and ``pidfd_open``: to the check of the elders
     - each System V IPC, POSIX message-queue and io_uring call, ``setsid``,
-      ``setpgid``, ``truncate`` (by path; Landlock rules it only from
+      ``setpgid``, ``unshare`` (no new namespace), ``truncate`` (by path; Landlock rules it only from
       ABI 3) and ``pidfd_send_signal`` (its target a descriptor, which
       ``/proc/PID`` opens too): deny
     - without the network, ``socketpair`` of another family than
@@ -295,8 +301,8 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
     p += [(_BPF_JEQ_K, enosys, 0, _CLONE3),
           (_BPF_JEQ_K, 0, 4, clone),  # clone(): its flags, else on
           (_BPF_LD_W_ABS, 0, 0, 16),
-          (_BPF_AND_K, 0, 0, _CLONE_PARENT),
-          (_BPF_JEQ_K, deny, 0, _CLONE_PARENT),
+          (_BPF_AND_K, 0, 0, _CLONE_DENIED),
+          (_BPF_JEQ_K, 0, deny, 0),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
     # (A ``jeq`` whose two branches go to one place jumps whatever.)
     p += [(_BPF_JEQ_K, 0, 2, kill),  # kill(): its process number checked
