@@ -20,10 +20,38 @@ use crate::CallContext;
 /// manifest): the boundary's own tool spec.
 pub use forgesyte_protocol::ToolSpec as ToolInfo;
 
+/// The most tools a plugin may list.
+pub(crate) const MAX_TOOLS: usize = 1024;
+/// The most bytes a plugin's tool list may take as JSON (ids, titles,
+/// descriptions, schemas), as `GET /v1/plugins/{name}/tools` serves it.
+pub(crate) const MAX_TOOL_LIST_BYTES: usize = 4 << 20;
+
 /// A plugin's tool list that names a tool twice is broken: a call could
 /// reach either, and its schema (which arguments are binary) would be the
-/// first one's. The construction fails with a protocol error naming it.
-pub(crate) fn refuse_duplicate_tools(tools: &[ToolInfo]) -> Result<(), InitError> {
+/// first one's. One of more than [`MAX_TOOLS`] tools or
+/// [`MAX_TOOL_LIST_BYTES`] of JSON is refused too: the server keeps it
+/// for as long as the plugin is loaded and serves it to any client that
+/// asks (a plugin listing 250,000 tools took the server to 577 MB, and
+/// sixteen reads of it at once to 1.9 GB). The construction fails with a
+/// protocol error naming what is wrong.
+pub(crate) fn check_tool_list(tools: &[ToolInfo]) -> Result<(), InitError> {
+    if tools.len() > MAX_TOOLS {
+        return Err(InitError::Protocol {
+            detail: format!(
+                "its tool list names {} tools; the host takes at most {MAX_TOOLS}",
+                tools.len()
+            ),
+        });
+    }
+    let bytes = json_len(tools);
+    if bytes > MAX_TOOL_LIST_BYTES {
+        return Err(InitError::Protocol {
+            detail: format!(
+                "its tool list takes {bytes} bytes as JSON; the host takes at most \
+                 {MAX_TOOL_LIST_BYTES} (4 MiB)"
+            ),
+        });
+    }
     let mut seen = std::collections::HashSet::new();
     match tools.iter().find(|t| !seen.insert(t.id.as_str())) {
         Some(tool) => Err(InitError::Protocol {
@@ -31,6 +59,24 @@ pub(crate) fn refuse_duplicate_tools(tools: &[ToolInfo]) -> Result<(), InitError
         }),
         None => Ok(()),
     }
+}
+
+/// How many bytes `value` takes as JSON, counted, not written.
+fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // A JSON value always serialises; a failure would count what it wrote.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 /// Opens plugin libraries.
@@ -523,9 +569,36 @@ mod tests {
     #[test]
     fn a_tool_list_naming_a_tool_twice_is_refused() {
         let list = |ids: &[&str]| ids.iter().map(|id| ToolInfo::new(*id)).collect::<Vec<_>>();
-        assert!(refuse_duplicate_tools(&list(&[])).is_ok());
-        assert!(refuse_duplicate_tools(&list(&["a", "b"])).is_ok());
-        let err = refuse_duplicate_tools(&list(&["a", "b", "a"])).unwrap_err();
+        assert!(check_tool_list(&list(&[])).is_ok());
+        assert!(check_tool_list(&list(&["a", "b"])).is_ok());
+        let err = check_tool_list(&list(&["a", "b", "a"])).unwrap_err();
         assert!(err.to_string().contains("names tool 'a' twice"), "{err}");
+    }
+
+    #[test]
+    fn a_tool_list_too_long_or_too_large_is_refused() {
+        let many = |n: usize| {
+            (0..n)
+                .map(|i| ToolInfo::new(format!("t{i}")))
+                .collect::<Vec<_>>()
+        };
+        assert!(check_tool_list(&many(MAX_TOOLS)).is_ok());
+        let err = check_tool_list(&many(MAX_TOOLS + 1)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid answer from plugin constructor: its tool list names 1025 tools; the host \
+             takes at most 1024"
+        );
+        let big = |n: usize| vec![ToolInfo::new("big").description("d".repeat(n))];
+        let at_limit = MAX_TOOL_LIST_BYTES - json_len(&big(0));
+        assert_eq!(json_len(&big(at_limit)), MAX_TOOL_LIST_BYTES);
+        assert!(check_tool_list(&big(at_limit)).is_ok());
+        let err = check_tool_list(&big(at_limit + 1)).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "its tool list takes 4194305 bytes as JSON; the host takes at most 4194304"
+            ),
+            "{err}"
+        );
     }
 }

@@ -553,7 +553,7 @@ impl PluginLibrary for NativeLibrary {
                     source: e,
                 },
             })?;
-        crate::host::refuse_duplicate_tools(&instance.tools)?;
+        crate::host::check_tool_list(&instance.tools)?;
         Ok(Box::new(instance))
     }
 }

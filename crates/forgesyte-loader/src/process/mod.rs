@@ -838,7 +838,7 @@ impl PluginLibrary for ProcessLibrary {
                 return Err(InitError::TimedOut(timeout));
             }
         };
-        crate::host::refuse_duplicate_tools(&tools)?;
+        crate::host::check_tool_list(&tools)?;
         child.constructed();
         let serial = (!child.hello().can(capability::CONCURRENT_CALLS)).then(|| Mutex::new(()));
         Ok(Box::new(ProcessInstance {

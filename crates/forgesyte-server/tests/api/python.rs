@@ -1258,3 +1258,48 @@ fn the_working_directory_shadows_no_module_of_the_hosts_python() {
     );
     assert_eq!(output.status.code(), Some(0), "{out}");
 }
+
+/// A plugin that lists more tools than the host takes (1,024) is FAILED
+/// naming the count, and the server, its health routes and the other
+/// plugins carry on: the server kept such a list for as long as the plugin
+/// was loaded and served it to any client (250,000 tools took it to
+/// 577 MB; sixteen reads at once, to 1.9 GB).
+#[test]
+fn a_plugin_listing_too_many_tools_is_failed_naming_the_count() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    let many = dir.path().join("many");
+    std::fs::create_dir_all(&many).unwrap();
+    std::fs::write(
+        many.join("manifest.json"),
+        json!({"name": "many", "version": "1.0.0", "runtime": "python"}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        many.join("plugin.py"),
+        "class Plugin:\n\
+         \x20   def __init__(self):\n\
+         \x20       obj = {'type': 'object'}\n\
+         \x20       self.tools = {'t%d' % i: {'handler': self.noop, 'description': '',\n\
+         \x20                                 'input_schema': obj, 'output_schema': obj}\n\
+         \x20                     for i in range(2000)}\n\
+         \x20   def noop(self, **args):\n\
+         \x20       return {}\n",
+    )
+    .unwrap();
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let health = server.get("/v1/plugins/many/health");
+    assert_eq!(health.status, 200, "{}", health.text());
+    let health = health.json();
+    assert_eq!(health["state"], "FAILED", "{health}");
+    let reason = health["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("its tool list names 2000 tools; the host takes at most 1024"),
+        "{reason}"
+    );
+    assert_eq!(
+        server.run("echo", "echo", r#"{"args": {"k": 1}}"#).status,
+        200
+    );
+}
