@@ -253,7 +253,6 @@ pub(crate) async fn run_tool(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let mut request_bytes = 0;
     let limit = state.body_limit();
     // A call refused whatever its body holds is refused before the body is
     // read (see `tools::refused_before_its_body`). The body takes room from
@@ -271,7 +270,13 @@ pub(crate) async fn run_tool(
             drop(handle);
             match body::receive(state.body_budget(), &headers, body, limit, into_file).await {
                 Ok((bytes, room)) => {
-                    request_bytes = bytes.len();
+                    // Counted as read: a client that leaves before its
+                    // answer ends this handler at the call, whose end it
+                    // never sees (the call runs on).
+                    if state.registry().contains(&plugin) {
+                        let read = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+                        state.metrics().record_bytes(&plugin, read, 0);
+                    }
                     body::read(&headers, bytes, limit)
                         .await
                         .map(|input| (input, room))
@@ -319,11 +324,7 @@ pub(crate) async fn run_tool(
                     .and_then(|v| v.to_str().ok()?.parse().ok())
             })
             .unwrap_or(0);
-        state.metrics().record_bytes(
-            &plugin,
-            u64::try_from(request_bytes).unwrap_or(u64::MAX),
-            response_bytes,
-        );
+        state.metrics().record_bytes(&plugin, 0, response_bytes);
     }
     Ok(response)
 }

@@ -173,14 +173,90 @@ pub(crate) fn nofile_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current
 }
 
+/// Work refused at the connection cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// A request on a connection of the probes' reserve that is no probe:
+    /// answered 503 `Too many connections`.
+    Answered,
+    /// A connection beyond the reserve too: closed unanswered.
+    Closed,
+}
+
+impl Refusal {
+    /// Every kind, for metrics made at zero.
+    pub(crate) const ALL: [Refusal; 2] = [Refusal::Answered, Refusal::Closed];
+
+    /// Its metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Refusal::Answered => "answered_503",
+            Refusal::Closed => "closed",
+        }
+    }
+}
+
+/// How often, at most, the log says the connection cap refuses work.
+const REFUSALS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Tells of work refused at the connection cap: `record` (the metrics) of
+/// each, and a warning in the log at most every [`REFUSALS_LOG_EVERY`]
+/// with the count since the last (they went to the debug log only, and an
+/// operator saw nothing of a server refusing work).
+#[derive(Clone)]
+pub(crate) struct Refusals {
+    record: Arc<dyn Fn(Refusal) + Send + Sync>,
+    cap: usize,
+    /// When the log last said so, and the refusals since.
+    said: Arc<Mutex<(Option<Instant>, u64)>>,
+}
+
+impl std::fmt::Debug for Refusals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refusals")
+            .field("cap", &self.cap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Refusals {
+    pub(crate) fn new(cap: usize, record: impl Fn(Refusal) + Send + Sync + 'static) -> Refusals {
+        Refusals {
+            record: Arc::new(record),
+            cap,
+            said: Arc::default(),
+        }
+    }
+
+    fn refused(&self, how: Refusal) {
+        (self.record)(how);
+        let mut said = self.said.lock().unwrap_or_else(PoisonError::into_inner);
+        said.1 += 1;
+        if said.0.is_none_or(|at| at.elapsed() >= REFUSALS_LOG_EVERY) {
+            let count = std::mem::take(&mut said.1);
+            said.0 = Some(Instant::now());
+            drop(said);
+            tracing::warn!(
+                cap = self.cap,
+                refused = count,
+                "At the connection cap ({}): {count} request(s) or connection(s) refused since the last such line (503 \"Too many connections\", or closed; probes still answered); raise --max-connections or add servers",
+                self.cap
+            );
+        } else {
+            tracing::debug!(how = how.label(), "Connection cap reached: refused");
+        }
+    }
+}
+
 /// Accepts and serves connections until `stop` completes, then stops
 /// accepting and waits for the connections to finish their requests (idle
-/// ones close at once).
+/// ones close at once). Work refused at the cap is told to `refusals`.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     public_hosts: Vec<String>,
+    refusals: Refusals,
     stop: impl Future<Output = ()>,
 ) {
     // `true` from the stop on: the connections within the cap drain.
@@ -242,6 +318,7 @@ pub(crate) async fn serve(
         {
             let main = service;
             let refused = linger.clone();
+            let refusals = refusals.clone();
             let probes_only = service_fn(move |request: Request<Incoming>| {
                 let main = main.clone();
                 let probe = PROBE_PATHS.contains(&request.uri().path());
@@ -249,6 +326,9 @@ pub(crate) async fn serve(
                 // client that sends before it reads never sees the 503.
                 if !probe && crate::body::announces_a_body(request.headers()) {
                     refused.set();
+                }
+                if !probe {
+                    refusals.refused(Refusal::Answered);
                 }
                 async move {
                     if probe {
@@ -269,7 +349,7 @@ pub(crate) async fn serve(
                 drop((permit, share));
             });
         } else {
-            tracing::debug!("Connection cap reached; closing a new connection");
+            refusals.refused(Refusal::Closed);
             drop(stream);
         }
     }

@@ -195,11 +195,18 @@ impl Server {
                 "The connection cap is lowered to half the file-descriptor limit (raise `ulimit -n` for more)"
             );
         }
+        let refusals = {
+            let state = state.clone();
+            conn::Refusals::new(limits.max_connections, move |how| {
+                state.metrics().record_refusal(how);
+            })
+        };
         let serving = conn::serve(
             listener,
             app(state.clone()),
             limits,
             config.public_hosts.clone(),
+            refusals,
             async {
                 let _ = stop_rx.await;
             },

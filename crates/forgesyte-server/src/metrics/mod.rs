@@ -251,6 +251,11 @@ impl DropLabels {
     const REASONS: [&'static str; 2] = ["no_room", "too_large"];
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    how: &'static str,
+}
+
 /// Builds each latency histogram of a family with the same buckets.
 #[derive(Debug, Clone, Copy)]
 struct LatencyBuckets;
@@ -280,6 +285,7 @@ pub(crate) struct Metrics {
     load_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     load_plugins: Family<LoadLabels, Gauge>,
     answers_dropped: Family<DropLabels, Counter>,
+    connections_refused: Family<RefusedLabels, Counter>,
     /// The tool label values each plugin's series were made with: what
     /// [`Metrics::forget_plugin`] removes (`prometheus-client` cannot list
     /// a family's label sets).
@@ -367,6 +373,16 @@ impl Metrics {
              (no_room: retry later; too_large: larger than all of it); the calls count as ok",
             answers_dropped.clone(),
         );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        for how in crate::conn::Refusal::ALL {
+            let _ = connections_refused.get_or_create(&RefusedLabels { how: how.label() });
+        }
+        registry.register(
+            "connections_refused",
+            "Work refused at the connection cap (--max-connections): requests answered 503 on \
+             the probes' reserve (answered_503), connections closed unanswered beyond it (closed)",
+            connections_refused.clone(),
+        );
         registry.register(
             "build",
             "The server's version",
@@ -385,6 +401,7 @@ impl Metrics {
             load_seconds,
             load_plugins,
             answers_dropped,
+            connections_refused,
             tools_seen: Mutex::default(),
             scraped: ArcSwapOption::empty(),
             started: Instant::now(),
@@ -434,8 +451,10 @@ impl Metrics {
         }
     }
 
-    /// Adds the sizes of one tool-run request and response of the registered
-    /// plugin `plugin`.
+    /// Adds the sizes of one tool-run request body (as read: one refused
+    /// before its body is read, such as `PluginNotRunnable`, adds none)
+    /// and response of the registered plugin `plugin`; the run route adds
+    /// each as it has it (a client that leaves has its body counted).
     pub(crate) fn record_bytes(&self, plugin: &str, request: u64, response: u64) {
         let labels = PluginLabels {
             plugin: plugin.to_owned(),
@@ -456,6 +475,13 @@ impl Metrics {
         };
         self.answers_dropped
             .get_or_create(&DropLabels { reason })
+            .inc();
+    }
+
+    /// Counts work refused at the connection cap.
+    pub(crate) fn record_refusal(&self, how: crate::conn::Refusal) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { how: how.label() })
             .inc();
     }
 

@@ -1169,6 +1169,31 @@ fn a_connection_beyond_the_cap_that_sends_its_whole_body_gets_its_503() {
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.to_lowercase().contains("retry-after: 1"), "{text}");
     drop(held);
+    // Counted and said: the metrics and the log went without them, and an
+    // operator saw nothing of a server refusing work at its cap.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let scrape = server.get("/metrics");
+        if scrape.status == 200 || std::time::Instant::now() > deadline {
+            break scrape.text();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let answered = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("forgesyte_connections_refused_total{how=\"answered_503\"} "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(answered.is_some_and(|n| n >= 1), "{metrics}");
+    assert!(
+        metrics.contains("forgesyte_connections_refused_total{how=\"closed\"} "),
+        "{metrics}"
+    );
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("At the connection cap (2):")),
+        "{log}"
+    );
 }
 
 /// Writes a POST of an 8 MiB body to `path` over HTTP/`version` on a new

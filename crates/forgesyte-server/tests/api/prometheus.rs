@@ -340,8 +340,8 @@ fn prometheus_sees_the_calls_and_states() {
 }
 
 /// A call whose client hung up before its answer is counted all the same,
-/// once it ends (the metrics agreed with the registry only for calls whose
-/// client waited).
+/// once it ends, and so are the bytes of its body (the metrics agreed with
+/// the registry only for calls whose client waited).
 #[test]
 fn a_call_whose_client_hung_up_is_counted() {
     use std::io::Write as _;
@@ -378,4 +378,12 @@ fn a_call_whose_client_hung_up_is_counted() {
     }
     let health = http(server.addr, "GET", "/v1/plugins/alpha/health", b"").json();
     assert_eq!(health["success_count"], 1, "{health}");
+    // Its body was read, and is counted (it was not: the count came at
+    // the answer, which the handler never reached).
+    let text = http(server.addr, "GET", "/metrics", b"").text();
+    let bytes = format!(
+        r#"forgesyte_tool_request_bytes_total{{plugin="alpha"}} {}"#,
+        body.len()
+    );
+    assert!(text.lines().any(|l| l == bytes), "{bytes} not in\n{text}");
 }
