@@ -626,19 +626,10 @@ pub(crate) fn parse_bind(text: &str) -> Result<String, String> {
     }
 }
 
-/// A switch given a value (`--confine off`, `FORGESYTE_WATCH=1`): the
-/// words clap's boolish parser takes (`on`/`off`, `true`/`false`,
-/// `yes`/`no`, `1`/`0`, `y`/`n`, `t`/`f`, in any case), refused with a
-/// message that names them (clap's said only "value was not a boolean").
-pub(crate) fn parse_switch(text: &str) -> Result<bool, String> {
-    match text.trim().to_ascii_lowercase().as_str() {
-        "on" | "true" | "yes" | "1" | "y" | "t" => Ok(true),
-        "off" | "false" | "no" | "0" | "n" | "f" => Ok(false),
-        _ => Err(format!(
-            "'{text}' is neither on nor off: give on or off (true/false, yes/no and 1/0 work too)"
-        )),
-    }
-}
+/// A switch given a value (`--confine off`, `FORGESYTE_WATCH=1`): see
+/// [`forgesyte_server::parse_switch`] (the probes read `?verbose=off` with
+/// it too).
+pub(crate) use forgesyte_server::parse_switch;
 
 /// A number of bytes, 0 included.
 pub(crate) fn parse_bytes_or_zero(text: &str) -> Result<u64, String> {

@@ -413,6 +413,25 @@ fn executable_by(path: &std::path::Path, user: Option<forgesyte_loader::sandbox:
     })
 }
 
+/// A switch given a value (`--confine off`, `FORGESYTE_WATCH=1`,
+/// `?verbose=off`): the words clap's boolish parser takes (`on`/`off`,
+/// `true`/`false`, `yes`/`no`, `1`/`0`, `y`/`n`, `t`/`f`, in any case),
+/// refused with a message that names them (clap's said only "value was
+/// not a boolean").
+///
+/// # Errors
+///
+/// Any other word, named, with the words taken.
+pub fn parse_switch(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" | "y" | "t" => Ok(true),
+        "off" | "false" | "no" | "0" | "n" | "f" => Ok(false),
+        _ => Err(format!(
+            "'{text}' is neither on nor off: give on or off (true/false, yes/no and 1/0 work too)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

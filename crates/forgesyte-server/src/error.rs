@@ -215,12 +215,13 @@ pub enum ApiError {
 }
 
 /// What a 404 adds when a plugin directory of the name asked for holds a
-/// plugin of another name (its manifest's): an author calls the
-/// directory's name.
+/// plugin registered under another name (its manifest's, or, for a
+/// manifest that names none, its directory's made valid): an author calls
+/// the directory's name.
 fn held_by_suffix(held_by: Option<&str>) -> String {
     held_by.map_or_else(String::new, |other| {
         format!(
-            "; the plugin directory of that name holds plugin '{}' (its manifest's name)",
+            "; the plugin directory of that name holds plugin '{}' (the name it is registered under)",
             Shown(other)
         )
     })

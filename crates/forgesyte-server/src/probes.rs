@@ -105,7 +105,9 @@ pub(crate) fn ready_checks(state: &AppState) -> Vec<ReadyCheck> {
 }
 
 /// Whether `?verbose` is asked for (`?verbose`, `?verbose=1`,
-/// `?verbose=true`; `?verbose=0` and `?verbose=false` are not).
+/// `?verbose=true`; a value every switch of the server reads as off,
+/// `0`, `false`, `no`, `off`, `n`, `f` in any case, is not: `?verbose=off`
+/// got the verbose body).
 fn wants_verbose(uri: &Uri) -> bool {
     uri.query()
         .unwrap_or_default()
@@ -114,7 +116,7 @@ fn wants_verbose(uri: &Uri) -> bool {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             (key == "verbose").then_some(value)
         })
-        .any(|value| !matches!(value, "0" | "false"))
+        .any(|value| crate::config::parse_switch(value) != Ok(false))
 }
 
 /// Liveness: 200 while the process serves HTTP.
@@ -225,6 +227,11 @@ mod tests {
         assert!(!verbose("/readyz"));
         assert!(!verbose("/readyz?verbose=0"));
         assert!(!verbose("/readyz?verbose=false"));
+        for off in ["no", "off", "OFF", "n", "F"] {
+            assert!(!verbose(&format!("/readyz?verbose={off}")), "{off}");
+        }
+        assert!(verbose("/readyz?verbose=yes"));
+        assert!(verbose("/readyz?verbose=on"));
         assert!(!verbose("/readyz?verbosely"));
     }
 }

@@ -299,7 +299,7 @@ fn a_404_for_a_directory_s_name_names_the_plugin_it_holds() {
     dir.good("hello-dir", json!({"name": "hello_named"}));
     let server = Forgesyte::start(&["--plugins", dir.path_str()]);
     server.wait_loaded();
-    let said = "Plugin 'hello-dir' not found; the plugin directory of that name holds plugin 'hello_named' (its manifest's name)";
+    let said = "Plugin 'hello-dir' not found; the plugin directory of that name holds plugin 'hello_named' (the name it is registered under)";
     let health = server.get("/v1/plugins/hello-dir/health");
     assert_eq!(health.status, 404, "{}", health.text());
     assert_eq!(health.json()["detail"], said);
