@@ -54,7 +54,8 @@ const WRITER_FLUSH: Duration = Duration::from_secs(60);
 /// How long a closed stream's connection may still be read (and what it
 /// brings dropped) for the client's close reply: see [`linger`].
 const LINGER: Duration = Duration::from_secs(5);
-/// How long a stream closed for want of room lingers (see [`linger`]).
+/// How long a stream closed for want of room, or by the server's stop,
+/// lingers (see [`linger`]).
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
 /// How long a lingering connection whose WebSocket layer gave up may stay
 /// silent before it is dropped (see [`linger`]).
@@ -356,7 +357,8 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Arc<Ledger
     // The server closed: the client's reply is awaited. (A client that
     // closed first had its reply; one that took no close is not waited for.)
     if said_close && let Ok(socket) = incoming.reunite(sink) {
-        linger(socket, ledger).await;
+        let stopping = *session.closing.borrow();
+        linger(socket, ledger, stopping).await;
     }
     tracing::info!(
         plugin = %crate::error::Shown(&session.plugin),
@@ -378,7 +380,9 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Arc<Ledger
 /// What is read meanwhile gives its room back as its messages end. A
 /// stream closed for want of room ([`Ledger::refused`]) drops all it reads,
 /// the client's close reply too: it lingers [`REFUSED_LINGER`] only, so
-/// its slot and the room its unfinished frame held come back soon.
+/// its slot and the room its unfinished frame held come back soon. So does
+/// one the server's stop closed (`stopping`): a client that never replied
+/// held the stop 5 s.
 ///
 /// A stream the WebSocket layer ended (a message over the limit, a
 /// protocol error: closed with 1009, 1007 or 1002) is read no more by that
@@ -386,7 +390,7 @@ pub(crate) async fn run(socket: WebSocket, session: Session, ledger: &Arc<Ledger
 /// the limit, which the client is still writing) is read from the
 /// connection beneath and dropped, uncharged, until it ends or stays silent
 /// for [`LINGER_QUIET`].
-async fn linger(mut socket: WebSocket, ledger: &Arc<Ledger>) {
+async fn linger(mut socket: WebSocket, ledger: &Arc<Ledger>, stopping: bool) {
     let drained = async {
         loop {
             match socket.next().await {
@@ -400,7 +404,7 @@ async fn linger(mut socket: WebSocket, ledger: &Arc<Ledger>) {
         ledger.claim(0);
         discard(socket.get_mut().get_mut()).await;
     };
-    let limit = if ledger.is_draining() {
+    let limit = if ledger.is_draining() || stopping {
         REFUSED_LINGER
     } else {
         LINGER

@@ -748,6 +748,29 @@ fn at_shutdown_an_idle_stream_closes_at_once_beside_a_busy_one() {
     }
 }
 
+/// At a shutdown a stream whose client never replies to the 1001 close
+/// (it reads nothing) holds the stop about a second, not the five a
+/// closed stream otherwise waits for its client's reply.
+#[test]
+fn a_client_that_never_replies_to_the_shutdown_close_holds_the_stop_a_second() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({}));
+    let mut server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let socket = open(&server, &target("alpha", "frame", ""));
+    let asked = std::time::Instant::now();
+    crate::support::signal(&server.pid().to_string(), "-TERM");
+    let status = server.wait_exit(Duration::from_secs(20));
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}; log:\n{}", server.log());
+    assert!(
+        took < Duration::from_millis(3500),
+        "the stop took {took:?} for a client that never replied; log:\n{}",
+        server.log()
+    );
+    drop(socket);
+}
+
 /// A frame of an isolated plugin still in its call when the shutdown grace
 /// ends is cut off: its stream gets the frame's error (503's "send it
 /// again") and then the 1001 close, not a connection dropped mid-call.
