@@ -150,6 +150,27 @@ mod tests {
         );
     }
 
+    /// An in-process plugin's destructor gets as long at a reload as a
+    /// Python plugin's `on_unload` (`serve.py`'s `UNLOAD_GRACE_S`): two
+    /// constants of one rule, in two languages.
+    #[test]
+    fn a_destructor_waits_as_long_as_on_unload() {
+        let serve = RUNNER_MODULES
+            .iter()
+            .find(|(name, _)| *name == "serve.py")
+            .map(|(_, source)| *source)
+            .unwrap();
+        let grace = serve
+            .lines()
+            .find_map(|l| l.strip_prefix("UNLOAD_GRACE_S = "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap();
+        assert_eq!(
+            std::time::Duration::from_secs_f64(grace),
+            crate::DESTRUCTOR_WAIT
+        );
+    }
+
     #[test]
     fn every_module_of_the_runner_package_is_shipped() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python/runner");

@@ -61,8 +61,8 @@ fn a_removed_plugin_is_retired_after_its_call_in_flight_and_a_new_one_added() {
 }
 
 /// A removed in-process plugin whose destructor blocks (here 5 s) holds
-/// the rescan no longer than a runner's stop: its instance is dropped on a
-/// thread of its own, not on the rescan's.
+/// the rescan no longer than `DESTRUCTOR_WAIT`: its instance is dropped on a
+/// thread of its own, not on the rescan's; the host's stop waits for it.
 #[test]
 fn a_removed_plugin_whose_destructor_blocks_holds_the_rescan_no_longer_than_its_wait() {
     let s = Setup::new();
@@ -85,6 +85,12 @@ fn a_removed_plugin_whose_destructor_blocks_holds_the_rescan_no_longer_than_its_
     );
     assert!(loader.handle("slow").is_none());
     s.check("quick", S::Initialized, &[]);
+    // The host's stop waits for the destructor that ran past its wait (it
+    // was lost: a stop right after cut it off).
+    let stop = Instant::now();
+    assert!(loader.drop_instances(Duration::from_secs(10)));
+    let waited = stop.elapsed();
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
 }
 
 #[test]

@@ -148,15 +148,18 @@ impl std::error::Error for ToolError {}
 /// A tool's arguments as its own type `T`: `let args: MyArgs =
 /// forgesyte_plugin_sdk::parse_args(args)?;`. Arguments that do not
 /// deserialize are [`ToolError::INVALID_INPUT`], naming the field where
-/// they went wrong: `frame.width: invalid value: integer 300, expected
-/// u8` (serde's own message names the expected type only).
+/// they went wrong: ``frame.width: invalid value: integer `300`, expected
+/// u8`` (serde's own message names the expected type only).
 ///
 /// # Errors
 ///
-/// `InvalidInput`, the field's path (`.` for the arguments themselves)
-/// and serde's message.
+/// `InvalidInput`: the field's path, when the error is below the
+/// arguments themselves, and serde's message (``missing field `tags` ``).
 pub fn parse_args<T: serde::de::DeserializeOwned>(args: serde_json::Value) -> Result<T, ToolError> {
     serde_path_to_error::deserialize(args).map_err(|err| {
+        if err.path().iter().next().is_none() {
+            return ToolError::invalid_input(err.into_inner().to_string());
+        }
         let path = err.path().to_string();
         ToolError::invalid_input(format!("{path}: {}", err.into_inner()))
     })
@@ -223,7 +226,7 @@ mod tests {
             err.message
         );
         let err = parse_args::<Args>(json!({"frame": {"width": 3}})).unwrap_err();
-        assert_eq!(err.message, ".: missing field `tags`");
+        assert_eq!(err.message, "missing field `tags`");
         assert_eq!(
             parse_args::<Args>(json!({"frame": {"width": 3}, "tags": ["a"]})).unwrap(),
             Args {

@@ -246,6 +246,21 @@ impl Refusals {
             tracing::debug!(how = how.label(), "Connection cap reached: refused");
         }
     }
+
+    /// Says the refusals not said yet (at the stop: a burst's tail that
+    /// came within [`REFUSALS_LOG_EVERY`] of its first line waited for the
+    /// next burst).
+    fn flush(&self) {
+        let count = std::mem::take(&mut self.said.lock().unwrap_or_else(PoisonError::into_inner).1);
+        if count > 0 {
+            tracing::warn!(
+                cap = self.cap,
+                refused = count,
+                "At the connection cap ({}): {count} more request(s) or connection(s) refused since the last such line",
+                self.cap
+            );
+        }
+    }
 }
 
 /// Accepts and serves connections until `stop` completes, then stops
@@ -354,6 +369,7 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
+    refusals.flush();
     stopping.send_replace(true);
     // Each connection holds a permit, of the cap or of the reserve, until
     // it ends.

@@ -211,7 +211,14 @@ fn main() -> ExitCode {
             init_logging("off", cli.log_format);
             // A directory named (flag, variable, file) must exist; the
             // default one may be missing beside installed plugins.
-            run_check(args, layered.given("dir"), layered.given("preflight"))
+            // Only a flag or a variable turns `check`'s preflight off: a
+            // config file written by `config --print` holds
+            // `preflight = false` (serve's default) as a live line.
+            let preflight_given = matches!(
+                layered.source("preflight"),
+                Some(config_file::Source::Flag | config_file::Source::Env(_))
+            );
+            run_check(args, layered.given("dir"), preflight_given)
         }
         Command::New(args) => run_new(args),
         Command::Lock(args) => run_lock(&args.dir),
@@ -740,9 +747,9 @@ fn run_check(args: CheckArgs, dir_named: bool, preflight_given: bool) -> ExitCod
     let json = args.json;
     let mut config = ServerConfig::default();
     args.loader.apply(&mut config);
-    // A check is never taken down by a plugin: unless told otherwise
-    // (`--preflight=off` loads them into this process, as `serve` does by
-    // default), every in-process plugin is constructed in a throw-away
+    // A check is never taken down by a plugin: unless told otherwise by a
+    // flag or a variable (`--preflight=off` loads them into this process,
+    // as `serve` does by default), every in-process plugin is constructed in a throw-away
     // runner first, and one whose constructor crashes is FAILED in the
     // report (the check itself died with it, no report at all).
     if !preflight_given {

@@ -738,6 +738,14 @@ impl Loader {
             Opening::Bytes(..) | Opening::Path => importer,
         };
         let instance = importer.open(library_path)?.instantiate(config)?;
+        // Its runner has ended before the plugin is built again in this
+        // process: dropped, it was given its stop grace elsewhere, and a
+        // plugin that holds what only one process may (a device, a port,
+        // GPU memory) failed its second construction while the first ran.
+        instance.stop();
+        if !instance.wait_stopped(crate::RUNNER_STOP_WAIT) {
+            tracing::warn!(plugin = %p.name, "Plugin {}: its preflight's runner had not ended after {} s; loading it anyway", p.name, crate::RUNNER_STOP_WAIT.as_secs_f64());
+        }
         drop(instance);
         tracing::info!(plugin = %p.name, "Preflight passed: {}", p.name);
         Ok(())
@@ -923,8 +931,11 @@ impl Loader {
         notes.extend(crate::manifest::unread_field_notes(raw));
         if p.manifest.runtime != Runtime::Python && self.isolation_of(p) == Isolation::InProcess {
             let limits = &p.manifest.limits;
+            // The memory limit binds its preflight's construction, when one
+            // runs.
+            let preflight = self.config.preflight || p.manifest.preflight;
             for (field, set) in [
-                ("memory_mb", limits.memory_mb.is_some()),
+                ("memory_mb", limits.memory_mb.is_some() && !preflight),
                 ("max_response_mb", limits.max_response_mb.is_some()),
             ] {
                 if set {

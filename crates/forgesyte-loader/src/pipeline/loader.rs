@@ -152,6 +152,12 @@ pub struct Loader {
     /// still be stopping: [`drop_instances`](Self::drop_instances) waits
     /// for them too. Pruned of ended ones at every addition.
     pub(super) stopping: Mutex<Vec<Arc<dyn PluginInstance>>>,
+    /// In-process instances a reload or rescan let go whose destructors
+    /// ran past [`DESTRUCTOR_WAIT`]: what each tells when it is done;
+    /// [`drop_instances`](Self::drop_instances) waits for them too, so a
+    /// stop does not cut a destructor off (a flush, a join). Pruned of
+    /// ended ones at every addition.
+    pub(super) unloading: Mutex<Vec<std::sync::mpsc::Receiver<()>>>,
     /// Every runner this loader's plugins started that has not ended (in a
     /// load pass, a reload, a restart, serving or stopping): what
     /// [`drop_instances`](Self::drop_instances) ends last.
@@ -259,6 +265,7 @@ impl Loader {
             pass: PassCache::default(),
             checked_bytes: Arc::default(),
             stopping: Mutex::new(Vec::new()),
+            unloading: Mutex::default(),
             outside_libraries: Mutex::default(),
             host_short: Mutex::default(),
             manifest_noted: Mutex::default(),
@@ -424,11 +431,18 @@ impl Loader {
                 instance.kill("not ended in time as the host stops");
             }
         }
-        if let Some(unloaded) = unloaded
-            && unloaded
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .is_err()
-        {
+        // And the destructors of instances a reload or a removal let go
+        // that ran past their wait.
+        let mut unloading: Vec<_> = std::mem::take(&mut *self.unloading.lock());
+        unloading.extend(unloaded);
+        let late = unloading
+            .iter()
+            .filter(|done| {
+                done.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .is_err()
+            })
+            .count();
+        if late > 0 {
             tracing::warn!("In-process plugins' destructors did not end in time as the host stops");
             all = false;
         }
@@ -444,25 +458,6 @@ impl Loader {
 /// in-process instance it let go before it goes on: as long as a Python
 /// runner gives its plugin's `on_unload` (`UNLOAD_GRACE_S`).
 pub const DESTRUCTOR_WAIT: Duration = Duration::from_millis(1500);
-
-/// Drops the handles of plugin `name`'s in-process instance, let go by a
-/// reload or a removal, on a thread of their own, and waits at most
-/// [`crate::RUNNER_STOP_WAIT`] for that, as a runner's `on_unload` is waited
-/// for: the instance's destructor runs where its last handle drops, and one
-/// that blocked (a `Drop` joining a thread, flushing slowly) held the whole
-/// reload or rescan, every plugin after it, and the next pass. One not done
-/// in time runs on by itself. (A handle held elsewhere, by a call past its
-/// time limit, drops its instance there.) Whether it was done in time.
-pub(super) fn drop_let_go(name: &str, handles: Vec<PluginHandle>) -> bool {
-    let Some(dropped) = drop_on_a_thread(handles) else {
-        return true;
-    };
-    let in_time = dropped.recv_timeout(DESTRUCTOR_WAIT).is_ok();
-    if !in_time {
-        tracing::warn!(plugin = %name, "Plugin {name}: the destructor of its old instance had not returned after {} s; going on without it (it runs on by itself)", DESTRUCTOR_WAIT.as_secs_f64());
-    }
-    in_time
-}
 
 /// Drops `handles` on a thread of their own; what tells when that is done
 /// (`None`: nothing to drop, or dropped here when no thread could be
@@ -485,6 +480,31 @@ fn drop_on_a_thread(handles: Vec<PluginHandle>) -> Option<std::sync::mpsc::Recei
             tracing::warn!(error = %e, "cannot start a thread to unload in-process plugins: unloading them here");
             None
         }
+    }
+}
+
+impl Loader {
+    /// Drops the handles of plugin `name`'s in-process instance, let go by
+    /// a reload or a removal, on a thread of their own, and waits at most
+    /// [`DESTRUCTOR_WAIT`] for that: the instance's destructor runs where
+    /// its last handle drops, and one that blocked (a `Drop` joining a
+    /// thread, flushing slowly) held the whole reload or rescan, every
+    /// plugin after it, and the next pass. One not done in time runs on by
+    /// itself, and the host's stop waits for it
+    /// ([`drop_instances`](Self::drop_instances)). (A handle held
+    /// elsewhere, by a call past its time limit, drops its instance there.)
+    pub(super) fn drop_let_go(&self, name: &str, handles: Vec<PluginHandle>) {
+        let Some(dropped) = drop_on_a_thread(handles) else {
+            return;
+        };
+        if dropped.recv_timeout(DESTRUCTOR_WAIT).is_ok() {
+            return;
+        }
+        tracing::warn!(plugin = %name, "Plugin {name}: the destructor of its old instance had not returned after {} s; going on without it (it runs on by itself, and the server's stop waits for it)", DESTRUCTOR_WAIT.as_secs_f64());
+        let mut unloading = self.unloading.lock();
+        unloading
+            .retain(|done| matches!(done.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)));
+        unloading.push(dropped);
     }
 }
 

@@ -365,7 +365,9 @@ impl Loader {
                     in_process = true;
                 } else {
                     retired = self.retire(handle);
-                    self.without_instance(name);
+                    // An isolated plugin's: dropped here, it runs no plugin
+                    // code (its runner was asked to stop).
+                    drop(self.without_instance(name));
                 }
             }
             letting_go.push((name, entry, started, drain, retired, in_process));
@@ -388,7 +390,7 @@ impl Loader {
                 continue;
             }
             self.wait_idle(name, Instant::now() + CUT_CALLS_END);
-            self.without_instance(name);
+            drop(self.without_instance(name));
         }
         for (name, mut entry, started, drain, _, in_process) in letting_go {
             // When its instance was let go: its calls' time limit counts
@@ -403,7 +405,8 @@ impl Loader {
                 old_handles.extend(self.without_instance(name));
                 let_go = Instant::now();
             } else if entry.handle.is_none() {
-                self.without_instance(name);
+                // No handle to take out: only its state moves.
+                drop(self.without_instance(name));
             }
             let idle_by = let_go + drain;
             self.wait_idle(name, idle_by);
@@ -411,7 +414,7 @@ impl Loader {
                 // Its calls ended: its destructor runs now, bounded, before
                 // its successor is constructed.
                 old_handles.extend(entry.handle.take());
-                super::loader::drop_let_go(name, old_handles);
+                self.drop_let_go(name, old_handles);
             }
             let manifest = self
                 .reread_manifest(name, &entry.dir)
@@ -587,6 +590,8 @@ impl Loader {
     ///
     /// The handle taken out is returned, to be dropped outside the map's
     /// lock (an in-process instance's destructor may run where it drops).
+    #[must_use = "an in-process instance's destructor runs where its handle drops: drop it \
+                  outside every lock (`drop_let_go`)"]
     fn without_instance(&self, name: &str) -> Option<PluginHandle> {
         let handle = self.entries.write().get_mut(name).and_then(|e| {
             let handle = e.handle.take()?;

@@ -694,7 +694,7 @@ impl Loader {
                 self.retiring_calls_left(name, Instant::now() + Duration::from_secs(5));
             }
             if handle.isolation() == crate::manifest::Isolation::InProcess {
-                super::loader::drop_let_go(name, vec![handle]);
+                self.drop_let_go(name, vec![handle]);
             }
         }
         self.registry.forget(name);

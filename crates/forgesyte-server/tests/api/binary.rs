@@ -672,6 +672,14 @@ fn preflight_flag_and_env_turn_a_crashing_constructor_into_failed() {
     let (code, list, err) = check_json(&[dir.path_str()], &[]);
     assert_eq!(code, Some(1), "{err}");
     assert_crashy_failed_with_sigsegv(&list.unwrap());
+    // A config file's `preflight = false`, as `config --print` writes the
+    // default, is serve's: the check still preflights.
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("forgesyte.toml");
+    std::fs::write(&file, "preflight = false\n").unwrap();
+    let (code, list, err) = check_json(&[dir.path_str(), "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_crashy_failed_with_sigsegv(&list.unwrap());
     let (code, list, err) = check_json(&[dir.path_str(), "--preflight"], &[]);
     assert_eq!(code, Some(1), "{err}");
     assert_crashy_failed_with_sigsegv(&list.unwrap());

@@ -261,8 +261,8 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
     - load the architecture (seccomp_data offset 4); not this machine's: deny
     - load the call's number (offset 0); on x86_64 an x32 call: deny
     - ``clone3``: ENOSYS (the return before the deny); ``clone`` whose
-      flags (args[0]'s low half) hold ``CLONE_PARENT``: deny, any other
-      ``clone``: allow
+      flags (args[0]'s low half) hold ``CLONE_PARENT`` or a ``CLONE_NEW*``
+      flag (``_CLONE_DENIED``): deny, any other ``clone``: allow
     - ``kill``: its first argument to the check of process numbers (-1,
       every process; an elder; a negative number, a group, other than
       ``-group``: deny; else allow); ``fcntl``: ``F_SETOWN_EX`` deny,
@@ -271,7 +271,8 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
       ``tkill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``
       and ``pidfd_open``: to the check of the elders
     - each System V IPC, POSIX message-queue and io_uring call, ``setsid``,
-      ``setpgid``, ``unshare`` (no new namespace), ``truncate`` (by path; Landlock rules it only from
+      ``setpgid``, ``unshare`` (all of it: a runner makes no namespace after
+      its filter), ``truncate`` (by path; Landlock rules it only from
       ABI 3) and ``pidfd_send_signal`` (its target a descriptor, which
       ``/proc/PID`` opens too): deny
     - without the network, ``socketpair`` of another family than
@@ -389,7 +390,9 @@ def _seccomp(libc, network, machine=None, kin_of=(0, (0, 0))):
     ``setpgid``: a process out of its runner's group would outlive the
     runner; the runner leads its group before it confines itself),
     ``clone`` with ``CLONE_PARENT`` (a child of the runner's parent, which
-    never reaps it), ``clone3`` with ENOSYS (glibc then uses ``clone``), and,
+    never reaps it), a new namespace (``unshare``, ``clone`` with a
+    ``CLONE_NEW*`` flag: in a user namespace of its own a forked child held
+    every capability), ``clone3`` with ENOSYS (glibc then uses ``clone``), and,
     without the network, new Unix sockets
     (Landlock rules no ``connect()`` to one that has a path: a root runner
     would reach ``/run/docker.sock``) and netlink ones (between runners of
