@@ -394,8 +394,14 @@ fn serve(
         let mut frame = match read_frame(&mut stdin, MAX_REQUEST_BYTES) {
             Ok(frame) => frame,
             // The host closed our stdin: it is done with us (unless plugin
-            // code closed it). Calls still running die with the process.
-            Err(FrameError::Eof) => end_on_stream(0),
+            // code closed it). Calls still running die with the process;
+            // an idle instance is dropped first (its `Drop` runs).
+            Err(FrameError::Eof) => {
+                if !channel_closed() {
+                    unload(&args.plugin, instance);
+                }
+                end_on_stream(0)
+            }
             Err(e) => {
                 eprintln!("forgesyte-runner[{}]: reading stdin: {e}", args.plugin);
                 end_on_stream(EXIT_PROTOCOL);
@@ -445,6 +451,38 @@ fn serve(
             };
             send(out, &response, &[]);
         }
+    }
+}
+
+/// Drops the plugin's instance (its destructor, `Drop`, runs) at the
+/// runner's stop, as a Python runner runs `on_unload`: on a thread of its
+/// own, waited for at most [`crate::DESTRUCTOR_WAIT`] (the host kills a
+/// runner that has not ended after its stop grace). Only when no call
+/// holds it: a call still running keeps it, and it dies with the process
+/// (the runner exited without any destructor before).
+fn unload(plugin: &str, instance: Arc<OnceLock<Box<dyn PluginInstance>>>) {
+    let Ok(instance) = Arc::try_unwrap(instance) else {
+        eprintln!(
+            "forgesyte-runner[{plugin}]: calls still running at its stop: the plugin's destructor does not run"
+        );
+        return;
+    };
+    let Some(instance) = instance.into_inner() else {
+        return; // never constructed
+    };
+    let (done, dropped) = std::sync::mpsc::channel();
+    // Not started: the closure, and the instance with it, is dropped here.
+    let started = std::thread::Builder::new()
+        .name("forgesyte-unload".into())
+        .spawn(move || {
+            drop(instance);
+            let _ = done.send(());
+        });
+    if started.is_ok() && dropped.recv_timeout(crate::DESTRUCTOR_WAIT).is_err() {
+        eprintln!(
+            "forgesyte-runner[{plugin}]: the plugin's destructor still runs after {} s; exiting anyway",
+            crate::DESTRUCTOR_WAIT.as_secs_f64()
+        );
     }
 }
 

@@ -738,6 +738,37 @@ fn runner_limits_of_an_in_process_plugin_are_said_to_bind_nothing() {
     assert!(!said("outside", "memory_mb"), "{log}");
 }
 
+/// An isolated native plugin's destructor (its `Drop`) runs when its
+/// runner is stopped, as a Python plugin's `on_unload` does: by a reload,
+/// and at the server's stop. (The runner exited without it.)
+#[test]
+fn an_isolated_native_plugin_s_destructor_runs_at_its_stop() {
+    let dir = PluginsDir::new();
+    dir.good(
+        "alpha",
+        json!({"isolation": "process", "config": {"say_on_drop": true}}),
+    );
+    let token = "a-test-admin-token-of-some-length";
+    let mut server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("FORGESYTE_ADMIN_TOKEN", token)],
+    );
+    server.wait_loaded();
+    assert_eq!(server.run("alpha", "echo", "{}").status, 200);
+    let dropped = |log: &str| log.lines().filter(|l| l.contains("good: dropped")).count();
+    let reload = crate::support::admin_post(server.addr, "/v1/plugins/alpha/reload", token);
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dropped(&server.log()) < 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.run("alpha", "echo", "{}").status, 200);
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(dropped(&server.log()), 2, "{}", server.log());
+}
+
 #[test]
 fn the_hidden_runner_subcommand_is_the_plugin_runner() {
     let output = forgesyte_command().arg("__runner").output().unwrap();
