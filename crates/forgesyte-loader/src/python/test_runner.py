@@ -3166,9 +3166,10 @@ class SeccompTests(unittest.TestCase):
         enosys = 0x00050000 | 38
         io_uring = (425, 426, 427)
         # System V IPC, message queues, truncate (76), setpgid and setsid
-        # (109, 112), unshare (272), io_uring, pidfd_send_signal (424).
+        # (109, 112), keyrings (248-250), unshare (272), io_uring,
+        # pidfd_send_signal (424).
         ipc = (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220, 240, 241, 242, 243,
-               244, 245, 272, 424) + io_uring
+               244, 245, 248, 249, 250, 272, 424) + io_uring
 
         def program(audit_arch, x32, calls, clone, sockets, signals, named, group=0, elders=()):
             """Every jump to the deny (the last instruction), to the ENOSYS
@@ -3176,9 +3177,10 @@ class SeccompTests(unittest.TestCase):
             ``4 + len(elders)`` before that) or to the check of the elders
             (the ``2 + len(elders)`` before that one) counted from the one
             after it."""
-            kill, fcntl, ioctl = signals
+            kill, fcntl, ioctl, prlimit = signals
             tail = (2 + len(elders)) + (4 + len(elders)) + 2
-            n = 3 + x32 + 6 + 3 + 7 + 5 + 5 + len(calls) + (9 if sockets else 0) + 1 + tail
+            n = (3 + x32 + 6 + 5 + 3 + 7 + 5 + len(named) + len(calls) + (9 if sockets else 0) + 1
+                 + tail)
             deny = lambda i: n - 1 - i - 1  # noqa: E731
             pids = n - 2 - (4 + len(elders))
             check = pids - (2 + len(elders))
@@ -3189,6 +3191,10 @@ class SeccompTests(unittest.TestCase):
             i = len(p)
             p += [(jeq, deny(i) - 1, 0, 435), (jeq, 0, 4, clone), (ld, 0, 0, 16),
                   (and_, 0, 0, 0x7E028000), (jeq, 0, deny(i + 4), 0), (ret, 0, 0, self.ALLOW)]
+            # prlimit64(): its own process only (0, or its group's id).
+            i = len(p)
+            p += [(jeq, 0, 4, prlimit), (ld, 0, 0, 16), (jeq, 1, 0, 0),
+                  (jeq, 0, deny(i + 3), group), (ret, 0, 0, self.ALLOW)]
             # kill(): its first argument to the check of process numbers;
             # fcntl(): F_SETOWN_EX (15) no, F_SETOWN (8) its third argument
             # to that check; ioctl(): FIOSETOWN, SIOCSPGRP no.
@@ -3227,7 +3233,7 @@ class SeccompTests(unittest.TestCase):
             self.assertEqual(len(p), n)
             return p
 
-        x86_64 = ((62, 72, 16), (200, 234, 129, 297, 434))
+        x86_64 = ((62, 72, 16, 302), (200, 234, 129, 297, 434, 142, 144, 203, 314))
         self.assertEqual(_seccomp_program("x86_64", False),
                          program(0xC000003E, True, ipc, 56, (53, 41), *x86_64))
         # With the network: no socket part.
@@ -3242,16 +3248,16 @@ class SeccompTests(unittest.TestCase):
                                  elders=(1234, 99)))
         # aarch64: no x32; its own numbers (truncate, unshare, setpgid,
         # setsid first).
-        aarch64 = (45, 97, 154, 157) + tuple(range(180, 198)) + (424,) + io_uring
-        signals = ((129, 25, 29), (130, 131, 138, 240, 434))
+        aarch64 = (45, 97, 154, 157) + tuple(range(180, 198)) + (217, 218, 219, 424) + io_uring
+        signals = ((129, 25, 29, 261), (130, 131, 138, 240, 434, 118, 119, 122, 274))
         expected = program(0xC00000B7, False, aarch64, 220, (199, 198), *signals)
         self.assertEqual(_seccomp_program("aarch64", False), expected)
         self.assertEqual(_seccomp_program("arm64", False), expected)
         self.assertIsNone(_seccomp_program("riscv64", False))
         # Two places in step: the x86_64 program without the network and
-        # no elders known, as the native runner builds it, is 74
+        # no elders known, as the native runner builds it, is 86
         # instructions.
-        self.assertEqual(len(_seccomp_program("x86_64", False)), 74)
+        self.assertEqual(len(_seccomp_program("x86_64", False)), 86)
 
     def test_the_program_refuses_exactly_what_it_says(self):
         from runner.confine import _seccomp_program
@@ -3259,19 +3265,26 @@ class SeccompTests(unittest.TestCase):
         machines = {
             # AUDIT_ARCH, IPC calls, socket, read, socketpair
             "x86_64": (0xC000003E, [29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 76, 109, 112, 220]
-                       + list(range(240, 246)) + [272, 424, 425, 426, 427], 41, 0, 53),
+                       + list(range(240, 246)) + [248, 249, 250, 272, 424, 425, 426, 427], 41, 0,
+                       53),
             "aarch64": (0xC00000B7, [45, 97, 154, 157] + list(range(180, 198))
-                        + [424, 425, 426, 427], 198, 63, 199),
+                        + [217, 218, 219, 424, 425, 426, 427], 198, 63, 199),
         }
-        signals = {"x86_64": ((62, 72, 16), (200, 234, 129, 297, 434)),
-                   "aarch64": ((129, 25, 29), (130, 131, 138, 240, 434))}
+        signals = {"x86_64": ((62, 72, 16, 302), (200, 234, 129, 297, 434, 142, 144, 203, 314)),
+                   "aarch64": ((129, 25, 29, 261), (130, 131, 138, 240, 434, 118, 119, 122, 274))}
         for machine, (arch, ipc, socket_nr, read_nr, socketpair_nr) in machines.items():
             for network in (False, True):
                 p = _seccomp_program(machine, network, 4321, (1234, 99))
                 where = (machine, network)
                 # kill() of every process, an elder or another group: no;
                 # of its own group, of its own (0) or another process: yes.
-                (kill, fcntl, ioctl), named = signals[machine]
+                (kill, fcntl, ioctl, prlimit), named = signals[machine]
+                # prlimit64() of itself (0, or its group's id): yes; of any
+                # other process, its elders': no.
+                for target, allowed in ((0, True), (4321, True), (1234, False), (99, False),
+                                        (5555, False)):
+                    said = run_bpf(p, arch, prlimit, target)
+                    self.assertEqual(said, self.ALLOW if allowed else self.DENY, (where, target))
                 for target, allowed in ((-1, False), (1234, False), (99, False), (-4322, False),
                                         (-4321, True), (0, True), (4321, True), (5555, True)):
                     said = run_bpf(p, arch, kill, target & 0xFFFFFFFF)
@@ -3426,6 +3439,9 @@ class SeccompTests(unittest.TestCase):
             ("setpgid", lambda: os.setpgid(0, 0)),
             ("clone3", clone3),
             ("unshare_user", unshare_user),
+            # Another process's limits (its parent's): what killed a server.
+            ("prlimit_parent", lambda: __import__("resource").prlimit(
+                os.getppid(), __import__("resource").RLIMIT_NOFILE)),
             # Signal 0 only asks. Every process, a group that is not its
             # own: refused whoever the runner's kin are; its own group: no.
             ("kill_all", lambda: os.kill(-1, 0)),
@@ -3466,6 +3482,7 @@ class SeccompTests(unittest.TestCase):
                                      "shmget": refused, "mq_open": refused,
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
                                      "clone3": ["OSError", 38], "unshare_user": refused,
+                                     "prlimit_parent": refused,
                                      "kill_all": refused,
                                      "kill_group": refused, "kill_own_group": refused,
                                      "kill_parent": "ok", "setown_all": refused,
@@ -3486,6 +3503,7 @@ class SeccompTests(unittest.TestCase):
                                      "shmget": refused, "mq_open": refused,
                                      "io_uring": refused, "setsid": refused, "setpgid": refused,
                                      "clone3": ["OSError", 38], "unshare_user": refused,
+                                     "prlimit_parent": refused,
                                      "kill_all": refused,
                                      "kill_group": refused, "kill_own_group": refused,
                                      "kill_parent": "ok", "setown_all": refused,

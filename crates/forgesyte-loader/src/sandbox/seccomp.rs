@@ -29,6 +29,14 @@
 //! fails); Unix pairs of streams and sequenced packets stay allowed; a foreign architecture's calls (x32, a 32-bit
 //! `int 0x80`) are refused as a whole.
 //!
+//! Also refused: the kernel's keyrings (`add_key`, `request_key`,
+//! `keyctl`: a root runner's user keyring is every root process's), and
+//! `prlimit64` of any process but the runner itself (its own id, its
+//! group's, or 0): a root runner set its server's `RLIMIT_CPU` to 1 s and
+//! the kernel killed the server. The scheduling calls that name a process
+//! (`sched_setparam`, `sched_setscheduler`, `sched_setaffinity`,
+//! `sched_setattr`) are checked as the signals below: not an elder.
+//!
 //! Signals, by number: `kill` of every process (`-1`) or of a process
 //! group other than the runner's own, and `kill`, `tkill`, `tgkill`,
 //! `rt_sigqueueinfo`, `rt_tgsigqueueinfo` and `pidfd_open` of the runner's
@@ -55,13 +63,14 @@ use std::io;
 /// What the hello's `syscalls` says of a runner filtered without network
 /// (the Python runner says the same).
 pub const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (Unix pairs of streams or packets only), no \
-     System V IPC, no POSIX message queue, no io_uring, no new session or process group, no new \
-     namespace, no truncate() by path, no signal to every process, another process group or its \
-     parents";
+     System V IPC, no POSIX message queue, no io_uring, no keyring, no new session or process \
+     group, no new namespace, no truncate() by path, no other process's limits, no scheduling of \
+     its parents, no signal to every process, another process group or its parents";
 /// ... and of one whose plan keeps the network.
 pub const SYSCALLS_IPC: &str = "filtered: no System V IPC, no POSIX message queue, no io_uring, \
-     no new session or process group, no new namespace, no truncate() by path, no signal to every \
-     process, another process group or its parents";
+     no keyring, no new session or process group, no new namespace, no truncate() by path, no \
+     other process's limits, no scheduling of its parents, no signal to every process, another \
+     process group or its parents";
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -74,7 +83,7 @@ const AUDIT_ARCH: u32 = 0xC000_00B7;
 /// (`setsid`, `setpgid`: a process that leaves its runner's group outlives
 /// the runner's end), and new namespaces (`unshare`).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn denied_calls() -> [u32; 26] {
+fn denied_calls() -> [u32; 29] {
     let mut calls = [
         libc::SYS_shmget,
         libc::SYS_shmat,
@@ -100,6 +109,12 @@ fn denied_calls() -> [u32; 26] {
         libc::SYS_setsid,
         libc::SYS_setpgid,
         libc::SYS_unshare,
+        // The kernel's keyrings: a root runner's user keyring is every
+        // root process's, and runners of one user share theirs (a channel
+        // and a leak between plugins, as System V IPC is).
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_keyctl,
         // By path: Landlock rules it only from ABI 3 (Linux 6.2); before,
         // any file the runner's user may write could be emptied.
         libc::SYS_truncate,
@@ -136,14 +151,19 @@ const TO_PIDS: u8 = u8::MAX - 3;
 /// kernel signals (`FIOSETOWN`, `SIOCSPGRP`; their argument a pointer).
 const IOCTLS_SETOWN: [u32; 2] = [0x8901, 0x8902];
 /// The calls whose first argument names the one process (or a thread of
-/// it) they signal or open: refused for an elder.
+/// it) they signal, open or schedule: refused for an elder (a runner that
+/// set its server's scheduler to `SCHED_IDLE` starved it).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-const NAMING_ONE: [libc::c_long; 5] = [
+const NAMING_ONE: [libc::c_long; 9] = [
     libc::SYS_tkill,
     libc::SYS_tgkill,
     libc::SYS_rt_sigqueueinfo,
     libc::SYS_rt_tgsigqueueinfo,
     libc::SYS_pidfd_open,
+    libc::SYS_sched_setparam,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_sched_setattr,
 ];
 /// `fcntl`'s `F_SETOWN_EX` (the owner behind a pointer; not in `libc`).
 const F_SETOWN_EX: u32 = 15;
@@ -240,6 +260,15 @@ pub(crate) fn program(network: bool, kin: Kin) -> Vec<libc::sock_filter> {
         CLONE_DENIED,
     ));
     p.push(jump(libc::BPF_JEQ, 0, 0, u8::MAX));
+    p.push(ret(ALLOW));
+    // prlimit64(): of itself only (args[0]: 0, or its own process id, its
+    // group's), else deny: a root runner set its server's RLIMIT_CPU to
+    // 1 s (the kernel then killed the server) or RLIMIT_NOFILE to 10 (no
+    // connection accepted again), and a sibling runner's RLIMIT_CPU.
+    p.push(jump(libc::BPF_JEQ, libc::SYS_prlimit64 as u32, 0, 4));
+    p.push(load(16));
+    p.push(jump(libc::BPF_JEQ, 0, 1, 0));
+    p.push(jump(libc::BPF_JEQ, kin.group, 0, u8::MAX));
     p.push(ret(ALLOW));
     // kill(): its first argument to the check of process numbers (not -1,
     // every process; not an elder; not a group, a negative number, other
@@ -543,6 +572,17 @@ mod tests {
             );
             assert_eq!(run(&p, AUDIT_ARCH, clone, 0x3d0f00), ALLOW); // a thread's
             assert_eq!(run(&p, AUDIT_ARCH, clone, 17), ALLOW); // fork()'s
+            // prlimit64(): of itself (0, or its own id, its group's) only.
+            let prlimit = libc::SYS_prlimit64 as u32;
+            for (target, expected) in [
+                (0, ALLOW),
+                (4321, ALLOW),
+                (1234, DENY),
+                (99, DENY),
+                (5555, DENY),
+            ] {
+                assert_eq!(run(&p, AUDIT_ARCH, prlimit, target), expected, "{target}");
+            }
             // Signals (args[0]'s low half): kill() of every process, of an
             // elder, of another group: deny; of its own group, of its own
             // (0), of any other process: allow. The calls that name one
@@ -764,6 +804,23 @@ mod tests {
                         0 => libc::_exit(0),
                         -1 if errno() == Some(libc::EACCES) => {}
                         _ => return 41,
+                    }
+                    // Another process's limits (its parent's; read only):
+                    // refused. Its own: allowed.
+                    let mut limit = std::mem::zeroed::<libc::rlimit>();
+                    if libc::prlimit(
+                        libc::getppid(),
+                        libc::RLIMIT_NOFILE,
+                        std::ptr::null(),
+                        &raw mut limit,
+                    ) != -1
+                        || errno() != Some(libc::EACCES)
+                    {
+                        return 42;
+                    }
+                    if libc::prlimit(0, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut limit) != 0
+                    {
+                        return 43;
                     }
                     // Signals: not every process, not its parent (nor a
                     // thread of it), not another group; its own group, and

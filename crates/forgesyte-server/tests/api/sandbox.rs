@@ -246,8 +246,9 @@ const OWN_NETWORK: &str = "isolated: a network namespace of its own";
 const SHARED_NETWORK: &str = "isolated: an empty network namespace shared with its zygote's other runners, which Landlock scopes keep it from reaching";
 const SCOPES: &str = "abstract Unix sockets and signals: its own processes only";
 const SYSCALLS_NO_SOCKETS: &str = "filtered: no new socket (Unix pairs of streams or packets only), no System V IPC, no POSIX \
-     message queue, no io_uring, no new session or process group, no new namespace, no truncate() by \
-     path, no signal to every process, another process group or its parents";
+     message queue, no io_uring, no keyring, no new session or process group, no new namespace, no \
+     truncate() by path, no other process's limits, no scheduling of its parents, no signal to every \
+     process, another process group or its parents";
 
 /// The snoop's variables, and the policy that grants the `open` variants
 /// (unsigned) what their manifests ask for.

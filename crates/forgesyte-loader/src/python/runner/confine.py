@@ -191,12 +191,14 @@ def _not_dumpable(libc):
 # runner says: ``sandbox::seccomp::SYSCALLS_*``): without the network, and
 # with it.
 SYSCALLS_NO_SOCKETS = ("filtered: no new socket (Unix pairs of streams or packets only), no System V IPC, "
-                       "no POSIX message queue, no io_uring, no new session or process group, no new "
-                       "namespace, no truncate() by path, no signal to every process, another process "
+                       "no POSIX message queue, no io_uring, no keyring, no new session or process "
+                       "group, no new namespace, no truncate() by path, no other process's limits, "
+                       "no scheduling of its parents, no signal to every process, another process "
                        "group or its parents")
-SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no new session or "
-                "process group, no new namespace, no truncate() by path, no signal to every process, "
-                "another process group or its parents")
+SYSCALLS_IPC = ("filtered: no System V IPC, no POSIX message queue, no io_uring, no keyring, no new "
+                "session or process group, no new namespace, no truncate() by path, no other "
+                "process's limits, no scheduling of its parents, no signal to every process, another "
+                "process group or its parents")
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # Classic BPF (``linux/filter.h``): the few instructions the filter uses.
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K, _BPF_AND_K = 0x20, 0x15, 0x35, 0x06, 0x54
@@ -224,20 +226,24 @@ _X32_SYSCALL_BIT = 0x40000000
 _IO_URING = (425, 426, 427)
 # Per machine (``os.uname().machine``): its AUDIT_ARCH, whether it has x32
 # calls to refuse, the calls it refuses whatever they are given (System V
-# IPC, POSIX message queues, io_uring, then ``setpgid`` and ``setsid``: a
-# process that leaves its runner's group outlives the runner's end;
-# ``truncate``; ``pidfd_send_signal``, 424 on both), its ``socket``, its
-# ``socketpair`` and its ``clone`` call, its ``kill``, ``fcntl`` and
-# ``ioctl``, and the calls whose first argument names the process (or a
-# thread of it) they signal: ``tkill``, ``tgkill``, ``rt_sigqueueinfo``,
-# ``rt_tgsigqueueinfo`` and ``pidfd_open`` (434 on both).
+# IPC, POSIX message queues, io_uring, then ``setpgid``, ``setsid`` and
+# ``unshare``: a process that leaves its runner's group outlives the
+# runner's end; ``truncate``; ``pidfd_send_signal``, 424 on both; the
+# keyrings' ``add_key``, ``request_key``, ``keyctl``), its ``socket``, its
+# ``socketpair`` and its ``clone`` call, its ``kill``, ``fcntl``, ``ioctl``
+# and ``prlimit64``, and the calls whose first argument names the process
+# (or a thread of it) they signal or schedule: ``tkill``, ``tgkill``,
+# ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``, ``pidfd_open`` (434 on both),
+# ``sched_setparam``, ``sched_setscheduler``, ``sched_setaffinity`` and
+# ``sched_setattr``.
 _SECCOMP_ARCHES = {
     "x86_64": (0xC000003E, True, (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,
                                   240, 241, 242, 243, 244, 245) + _IO_URING + (109, 112, 272)
-               + (76, 424),
-               41, 53, 56, (62, 72, 16), (200, 234, 129, 297, 434)),
-    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157, 97) + (45, 424), 198,
-                199, 220, (129, 25, 29), (130, 131, 138, 240, 434)),
+               + (76, 424) + (248, 249, 250),
+               41, 53, 56, (62, 72, 16, 302), (200, 234, 129, 297, 434, 142, 144, 203, 314)),
+    "aarch64": (0xC00000B7, False, tuple(range(180, 198)) + _IO_URING + (154, 157, 97) + (45, 424)
+                + (217, 218, 219), 198,
+                199, 220, (129, 25, 29, 261), (130, 131, 138, 240, 434, 118, 119, 122, 274)),
 }
 # ``fcntl``'s commands that make a process or group a descriptor's owner,
 # whom the kernel signals when it is ready (``F_SETOWN``, checked as
@@ -290,7 +296,7 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
     arch = _SECCOMP_ARCHES.get(machine)
     if arch is None:
         return None
-    audit_arch, x32, ipc, socket, socketpair, clone, (kill, fcntl, ioctl), named = arch
+    audit_arch, x32, ipc, socket, socketpair, clone, (kill, fcntl, ioctl, prlimit), named = arch
     known = [pid for pid in elders if pid]
     deny = None  # a jump to the deny, resolved below
     enosys = ()  # a jump to the ENOSYS return, resolved below
@@ -304,6 +310,12 @@ def _seccomp_program(machine, network, group=0, elders=(0, 0)):
           (_BPF_LD_W_ABS, 0, 0, 16),
           (_BPF_AND_K, 0, 0, _CLONE_DENIED),
           (_BPF_JEQ_K, 0, deny, 0),
+          (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
+    # prlimit64(): of itself only (0, or its own process id, its group's).
+    p += [(_BPF_JEQ_K, 0, 4, prlimit),
+          (_BPF_LD_W_ABS, 0, 0, 16),
+          (_BPF_JEQ_K, 1, 0, 0),
+          (_BPF_JEQ_K, 0, deny, group & 0xFFFFFFFF),
           (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
     # (A ``jeq`` whose two branches go to one place jumps whatever.)
     p += [(_BPF_JEQ_K, 0, 2, kill),  # kill(): its process number checked

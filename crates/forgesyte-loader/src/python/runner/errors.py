@@ -156,8 +156,9 @@ def python_error(exc, kind="Python"):
 FILTERED_HINT = (
     "a confined runner refuses a new session or process group "
     "(subprocess's start_new_session, process_group, preexec_fn=os.setpgrp), "
-    "System V IPC, io_uring, a new namespace (unshare, a sandbox of its own such as "
-    "Chromium's), a signal to every process, another process group "
+    "System V IPC, io_uring, keyrings, a new namespace (unshare, a sandbox of its own such "
+    "as Chromium's), another process's limits (resource.prlimit), a signal to every "
+    "process, another process group "
     "or its parents and, without the network, new Unix sockets: see the README, "
     "\"Confined runners\"")
 
