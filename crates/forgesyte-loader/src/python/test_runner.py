@@ -140,6 +140,15 @@ class Proc(object):
     def stderr(self):
         return b"".join(self.stderr_chunks).decode("utf-8", "replace")
 
+    def stderr_with(self, *texts, timeout=TIMEOUT):
+        """Its stderr once every one of ``texts`` is in it, or once
+        ``timeout`` has passed: the reader thread takes lines as they come,
+        and a fixed wait before reading it failed on a loaded machine."""
+        deadline = time.monotonic() + timeout
+        while not all(t in self.stderr for t in texts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.stderr
+
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -965,8 +974,7 @@ class LifecycleTests(RunnerTestCase):
         p.close_stdin()
         self.assertEqual(p.wait(3), 0)
         self.assertLess(time.monotonic() - started, 3)
-        time.sleep(0.1)
-        self.assertIn("echo: on_unload", p.stderr)
+        self.assertIn("echo: on_unload", p.stderr_with("echo: on_unload"))
 
     def test_closing_stdin_before_create_exits_0(self):
         p = self.start("echo")
@@ -982,8 +990,8 @@ class LifecycleTests(RunnerTestCase):
         self.assertEqual(p.wait(5), 0)
         self.assertLess(time.monotonic() - started, 3.5)
         # At WARN in the server's log (its `WARNING ` prefix).
-        time.sleep(0.1)
-        self.assertIn("WARNING forgesyte-python-runner[echo]: on_unload() still running after", p.stderr)
+        said = "WARNING forgesyte-python-runner[echo]: on_unload() still running after"
+        self.assertIn(said, p.stderr_with(said))
 
     def test_a_raising_on_unload_is_a_warning(self):
         p = self.source_plugin("class Plugin:\n"
@@ -994,9 +1002,8 @@ class LifecycleTests(RunnerTestCase):
         self.assertEqual(p.create()["type"], "created")
         p.close_stdin()
         self.assertEqual(p.wait(5), 0)
-        time.sleep(0.1)
-        self.assertIn("WARNING forgesyte-python-runner[s]: on_unload() failed: RuntimeError: weights locked",
-                      p.stderr)
+        said = "WARNING forgesyte-python-runner[s]: on_unload() failed: RuntimeError: weights locked"
+        self.assertIn(said, p.stderr_with(said))
 
     def test_calls_in_flight_do_not_hold_the_exit(self):
         p = self.start("echo")
@@ -1419,8 +1426,8 @@ class ImportAndInitFailureTests(RunnerTestCase):
         header, _ = p.run("classify", {})
         self.assertEqual(header["type"], "tool_failed", header)
         self.assertEqual(header["error"]["error_type"], "AttributeError", header)
-        time.sleep(0.1)
-        self.assertIn("WARNING forgesyte-python-runner[s]: tool 'classify' has no handler", p.stderr)
+        said = "WARNING forgesyte-python-runner[s]: tool 'classify' has no handler"
+        self.assertIn(said, p.stderr_with(said))
 
     def test_a_tool_only_the_manifest_lists_beside_the_plugins_own_is_said(self):
         p = self.source_plugin(
@@ -1433,9 +1440,9 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual([t["id"] for t in header["tools"]], ["detect"], header)
         header, _ = p.run("goodbye", {})
         self.assertEqual(header["error"]["kind"], "UnknownTool", header)
-        time.sleep(0.1)
-        self.assertIn("WARNING forgesyte-python-runner[s]: tool 'goodbye' is listed in "
-                      "manifest.json but not in the plugin's tools: it is not served", p.stderr)
+        said = ("WARNING forgesyte-python-runner[s]: tool 'goodbye' is listed in "
+                "manifest.json but not in the plugin's tools: it is not served")
+        self.assertIn(said, p.stderr_with(said))
 
     def test_a_broken_handler_of_a_plugin_with_run_tool_is_said(self):
         p = self.source_plugin(
@@ -1450,10 +1457,10 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(header["type"], "created", header)
         header, _ = p.run("hello", {})
         self.assertEqual(header.get("result"), {"ran": "hello"}, header)
-        time.sleep(0.1)
-        self.assertIn("WARNING forgesyte-python-runner[s]: ", p.stderr)
-        self.assertIn("'helo'", p.stderr)
-        self.assertIn("(run_tool dispatches it: its calls may fail)", p.stderr)
+        err = p.stderr_with("'helo'", "(run_tool dispatches it: its calls may fail)")
+        self.assertIn("WARNING forgesyte-python-runner[s]: ", err)
+        self.assertIn("'helo'", err)
+        self.assertIn("(run_tool dispatches it: its calls may fail)", err)
         self.assertNotIn("tool 'ok'", p.stderr)
 
     def test_a_handler_by_name_is_looked_up_at_each_call(self):
