@@ -255,6 +255,31 @@ fn a_rescan_for_a_file_change_retries_no_failed_plugin() {
     assert_eq!(names(&report.retried), ["broken", "waiting"], "{report:?}");
 }
 
+/// A plugin whose crash could not be restarted for want of a thread (its
+/// supervisor's restart thread could not start: the host out of processes)
+/// is listed with those the host was short for, and loaded again by
+/// [`Loader::retry_host_short`]: it stayed FAILED for good once threads
+/// were back.
+#[test]
+fn a_crash_not_restarted_for_want_of_a_thread_is_retried_as_the_hosts_shortage() {
+    let s = Setup::new();
+    s.plugin("alpha", &manifest("alpha", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    s.check("alpha", S::Initialized, &[]);
+    s.registry
+        .mark_failed(
+            "alpha",
+            "CrashError: killed by signal SIGKILL (9); not restarted: cannot start the restart \
+             thread (Resource temporarily unavailable (os error 11))",
+        )
+        .unwrap();
+    assert_eq!(loader.host_short_plugins(), ["alpha"]);
+    let outcomes = loader.retry_host_short();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    s.check("alpha", S::Initialized, &[]);
+    assert!(loader.host_short_plugins().is_empty());
+}
+
 /// A plugin the host could not start for want of its own resources is
 /// listed for [`Loader::retry_host_short`], which loads it again once the
 /// resources are back; one that failed for its own reason is not, nor one

@@ -62,6 +62,15 @@ async fn retry_while_short(state: &AppState, wake: &tokio::sync::Notify) {
             next = next.min(tokio::time::Instant::now() + delay);
         }
         known = short.into_iter().collect();
+        // When the next try comes, in each one's status (`next_retry_at`,
+        // and a call's `Retry-After`): FAILED without it, a plugin the
+        // server heals on its own read as failed for good. (A load clears
+        // it.)
+        let at = std::time::SystemTime::now()
+            + next.saturating_duration_since(tokio::time::Instant::now());
+        for name in &known {
+            let _ = state.registry().set_next_retry(name, Some(at));
+        }
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
             // A plugin went FAILED: look at the list again (the time of
@@ -77,7 +86,7 @@ async fn retry_while_short(state: &AppState, wake: &tokio::sync::Notify) {
         };
         let loader = Arc::clone(state.loader());
         let tried = known.clone();
-        let outcomes = match tokio::task::spawn_blocking(move || {
+        let outcomes = match crate::pool::on_a_thread("forgesyte-retry", move || {
             let outcomes = loader.retry_host_short();
             drop(guard);
             outcomes

@@ -24,6 +24,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+/// Runs `work` (an admin operation: a rescan, a reload, a retry) on a
+/// thread of its own and awaits what it returns. An error when no thread
+/// could be started (the host out of processes or threads: a cgroup's
+/// `pids.max`), `work` and what it holds (an admin claim) dropped then, or
+/// when `work` panicked. Tokio's `spawn_blocking` panics when it cannot
+/// start a thread, and the admin claim its closure held was never given
+/// back: every later rescan and reload was refused 409, and the retries of
+/// plugins the host had been short for stopped, until a restart.
+pub(crate) async fn on_a_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    // Not started: the closure, and `work` with it, is dropped here.
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = done.send(work());
+        })?;
+    result
+        .await
+        .map_err(|_| std::io::Error::other("it panicked"))
+}
+
 /// How long a queued call may wait for a lane before it moves to the
 /// blocking pool; also how long a lane's current call may run before the
 /// lane counts as stuck.
@@ -302,15 +326,23 @@ impl CallPool {
             // No lane got to it in time: the blocking pool runs it too,
             // whoever starts first (a lane that wakes late still takes it
             // from the queue while the blocking threads are all busy).
-            tokio::task::spawn_blocking(move || {
-                if let Some(task) = job.take() {
-                    task();
-                }
-            });
+            // With no thread to be had, the lanes alone (`spawn_blocking`
+            // panics then: caught, the call stays queued for them).
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                tokio::task::spawn_blocking(move || {
+                    if let Some(task) = job.take() {
+                        task();
+                    }
+                })
+            }));
             return rx.await.ok().flatten();
         }
         if let Some(task) = job.take() {
-            tokio::task::spawn_blocking(task);
+            // No thread to be had: `spawn_blocking` panics, and the call,
+            // dropped with it, answers as one no thread took.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                tokio::task::spawn_blocking(task)
+            }));
         }
         rx.await.ok().flatten()
     }
@@ -319,6 +351,34 @@ impl CallPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Admin work runs on a thread of its own and hands back its result;
+    /// work that panics is an error, and what it held (an admin claim) is
+    /// given back, not kept for ever.
+    #[tokio::test]
+    async fn admin_work_answers_and_a_panic_gives_back_what_it_held() {
+        struct Claim(Arc<AtomicBool>);
+        impl Drop for Claim {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let name = on_a_thread("forgesyte-test", || {
+            std::thread::current().name().map(str::to_owned)
+        })
+        .await
+        .unwrap();
+        assert_eq!(name.as_deref(), Some("forgesyte-test"));
+        let released = Arc::new(AtomicBool::new(false));
+        let claim = Claim(Arc::clone(&released));
+        let outcome = on_a_thread("forgesyte-test", move || {
+            let _held = claim;
+            panic!("a bug in the work");
+        })
+        .await;
+        assert!(outcome.is_err());
+        assert!(released.load(Ordering::SeqCst));
+    }
 
     /// Every lane lives as long as the pool (the first used to end while
     /// the pool was still starting the others, now and then under load),

@@ -91,9 +91,11 @@ pub(crate) async fn reload_plugin(
     let outcome = tokio::spawn(async move {
         // The claim is held until the event is out: the next admin
         // operation's event comes after this one's.
-        let (outcomes, _guard) =
-            tokio::task::spawn_blocking(move || (loader.reload_with_others(&key), guard)).await?;
-        Ok::<_, tokio::task::JoinError>(outcomes.map(|outcomes| {
+        let (outcomes, _guard) = crate::pool::on_a_thread("forgesyte-reload", move || {
+            (loader.reload_with_others(&key), guard)
+        })
+        .await?;
+        Ok::<_, std::io::Error>(outcomes.map(|outcomes| {
             // The named plugin's first, then those a changed trusted key
             // signed, reloaded with it: each one's gone tools forgotten,
             // all in the event.

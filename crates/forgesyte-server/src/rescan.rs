@@ -54,12 +54,13 @@ async fn rescan_to_the_end(
     } else {
         forgesyte_loader::Retry::Terminal
     };
-    let (report, _guard) =
-        tokio::task::spawn_blocking(move || (loader.rescan_retrying(retry), guard))
-            .await
-            .map_err(|e| ApiError::Internal {
-                context: format!("rescan of the plugins directory failed: {e}"),
-            })?;
+    let (report, _guard) = crate::pool::on_a_thread("forgesyte-rescan", move || {
+        (loader.rescan_retrying(retry), guard)
+    })
+    .await
+    .map_err(|e| ApiError::Internal {
+        context: format!("rescan of the plugins directory failed: {e}"),
+    })?;
     let summary = report.summary();
     // A rescan that ended, having listed the plugins directory, looked at
     // every plugin again.
@@ -183,7 +184,7 @@ pub(crate) fn start_settling(state: &AppState) {
                 && let Some(guard) = claim_when_free(&state, "Settling dependents", "restart").await
             {
                 let loader = Arc::clone(state.loader());
-                let _ = tokio::task::spawn_blocking(move || {
+                let _ = crate::pool::on_a_thread("forgesyte-settle", move || {
                     loader.settle();
                     drop(guard);
                 })

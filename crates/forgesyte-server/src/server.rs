@@ -373,7 +373,7 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
     let state = state.clone();
     tokio::spawn(async move {
         let dir = plugins_dir.clone();
-        let pass = tokio::task::spawn_blocking(move || {
+        let pass = crate::pool::on_a_thread("forgesyte-load", move || {
             let report = loader.load_all(&dir);
             // A plugins directory that cannot be listed (a mount gone
             // wrong) with nothing loaded from elsewhere is a failed pass:

@@ -224,7 +224,7 @@ pub(crate) fn start(state: &AppState, plugins_dir: &Path) {
                 }
                 _ = every.tick() => {
                     let (watcher, roots, at) = (Arc::clone(&watcher), Arc::clone(&roots), dir.clone());
-                    let moved = tokio::task::spawn_blocking(move || {
+                    let moved = crate::pool::on_a_thread("forgesyte-watch", move || {
                         let mut roots = roots.lock().unwrap_or_else(PoisonError::into_inner);
                         resync(&watcher, &at, &mut roots)
                     })

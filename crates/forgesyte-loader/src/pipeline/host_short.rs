@@ -117,8 +117,21 @@ impl Loader {
     /// rescan, say) stays listed until its load ends: dropped then, its
     /// next shortage was told as a new failure, and its backoff started
     /// over.
+    ///
+    /// A plugin whose crash could not be restarted for want of a thread
+    /// (its reason says "not restarted: cannot start the restart thread")
+    /// is one too: it stayed FAILED for good once threads were back.
     pub fn host_short_plugins(&self) -> Vec<String> {
         let mut short = self.host_short.lock();
+        for status in self.registry.list_all() {
+            if status.state == PluginLifecycleState::Failed
+                && let Some(reason) = status
+                    .reason
+                    .filter(|r| r.contains(crate::supervise::NO_RESTART_THREAD))
+            {
+                short.entry(status.name).or_insert(reason);
+            }
+        }
         short.retain(|name, reason| {
             self.registry
                 .state_and_reason(name)

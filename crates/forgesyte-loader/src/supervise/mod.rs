@@ -42,6 +42,13 @@ use forgesyte_errors::{
 use forgesyte_registry::ExitInfo;
 use parking_lot::Mutex;
 
+/// What the reason of a crashed plugin says when no thread could be
+/// started for its restart (the host out of processes or threads): the
+/// loader lists such a plugin with those the host was short for, and the
+/// server tries it again on their backoff
+/// ([`Loader::host_short_plugins`](crate::Loader::host_short_plugins)).
+pub(crate) const NO_RESTART_THREAD: &str = "not restarted: cannot start the restart thread";
+
 pub(crate) use clock::{Clock, SystemClock};
 
 use crate::host::{ExitReport, Importer, PluginInstance};
@@ -393,10 +400,7 @@ impl Supervisor {
             // Said in its reason (observers are told: its dependents follow).
             self.slot.unless_retired(|| {
                 let _ = registry.set_next_retry(name, None);
-                let _ = registry.mark_failed(
-                    name,
-                    format!("{reason}; not restarted: cannot start the restart thread ({e})"),
-                );
+                let _ = registry.mark_failed(name, format!("{reason}; {NO_RESTART_THREAD} ({e})"));
             });
         }
     }

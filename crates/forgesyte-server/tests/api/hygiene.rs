@@ -390,6 +390,17 @@ fn plugins_constructing_when_their_zygote_dies_are_loaded_again() {
         },
     );
     signal(&zygote.to_string(), "-KILL");
+    // Meanwhile FAILED with the time of the server's next try, which a call
+    // is told (it read as failed for good: no time, no Retry-After).
+    wait_for(
+        "py-a FAILED with a retry time",
+        Duration::from_secs(20),
+        &server,
+        || {
+            let health = server.get("/v1/plugins/py-a/health").json();
+            (health["state"] == "FAILED" && health["next_retry_at"].is_string()).then_some(())
+        },
+    );
     wait_for(
         "both loaded again",
         Duration::from_secs(40),
