@@ -44,7 +44,15 @@ pub fn runner_invocation() -> [OsString; 3] {
     let code = cache_dir()
         .and_then(|dir| bootstrap(&dir).map_err(|e| format!("{}: {e}", dir.display())))
         .unwrap_or_else(|why| {
-            tracing::debug!("the Python runner is not cached ({why}): run from source");
+            // Said once at INFO (each interpreter then compiles the runner,
+            // about 25 ms of CPU: a full or read-only cache went unseen),
+            // then at debug level.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::debug!("the Python runner is not cached ({why}): run from source");
+            } else {
+                tracing::info!("The Python runner cannot be cached ({why}): every interpreter compiles it from its source (about 25 ms of CPU each); give the server a writable cache directory (XDG_CACHE_HOME) to save that");
+            }
             source_code().to_owned()
         });
     // Unbuffered, so print() from a plugin reaches the log now; no user

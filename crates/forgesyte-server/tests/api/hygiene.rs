@@ -537,6 +537,30 @@ fn a_removed_runner_cache_is_written_again_at_the_next_start() {
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
 
+/// A runner cache that cannot be used (its directory is a file here) is
+/// said once in the log, and the plugin runs from the runner's sources (it
+/// was said at debug level only: a read-only or full cache went unseen).
+#[test]
+fn an_unusable_runner_cache_is_said_once_and_the_runner_runs_from_source() {
+    let dir = PluginsDir::new();
+    dir.python("py-a", "echo").python("py-b", "echo");
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::write(cache.path().join("forgesyte"), "not a directory").unwrap();
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("XDG_CACHE_HOME", cache.path().to_str().unwrap())],
+    );
+    server.wait_loaded();
+    let reply = server.run("py-a", "echo", r#"{"args": {"n": 2}}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let log = server.log();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("INFO") && l.contains("The Python runner cannot be cached"))
+        .count();
+    assert_eq!(said, 1, "{log}");
+}
+
 /// A zygote that stops (stopped, stuck) is given up, and let go:
 /// - a runner of it that ended, unreported, is seen as ended within 2 s,
 ///   what it started is killed, and the zygote, which has no runner left,
