@@ -181,6 +181,15 @@ pub enum ToolError {
         /// What was short.
         detail: String,
     },
+    /// The plugin's runner could not start a thread for the call (its
+    /// process out of threads: a cgroup's `pids.max`, its memory limit):
+    /// no plugin code ran for it. Not the plugin's error, and not
+    /// counted; sent again later, it may run.
+    #[error("the plugin's runner could not start a thread for the call: {detail}")]
+    RunnerOverloaded {
+        /// What the runner said.
+        detail: String,
+    },
 }
 
 /// [`ToolError::Stopped`]'s message.
@@ -205,7 +214,7 @@ impl ToolError {
             ToolError::TimedOut { .. } => "TimeoutError",
             ToolError::QueueTimedOut { .. } => "QueueTimeout",
             ToolError::Stopped { .. } => "PluginStopped",
-            ToolError::HostResources { .. } => "ServerBusy",
+            ToolError::HostResources { .. } | ToolError::RunnerOverloaded { .. } => "ServerBusy",
         }
     }
 

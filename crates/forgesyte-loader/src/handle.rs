@@ -619,8 +619,11 @@ impl PluginHandle {
         }
         // (An answer the host could not take for want of descriptors is
         // no outcome of the plugin's either.)
-        if let Err(e @ (ToolError::QueueTimedOut { .. } | ToolError::HostResources { .. })) =
-            outcome
+        if let Err(
+            e @ (ToolError::QueueTimedOut { .. }
+            | ToolError::HostResources { .. }
+            | ToolError::RunnerOverloaded { .. }),
+        ) = outcome
         {
             // The call never reached the plugin (it waited its whole limit
             // for its turn, or for a thread): no outcome of the plugin's,

@@ -322,7 +322,8 @@ impl IntoResponse for ApiError {
                     | RunError::NotStarted { .. }
                     | RunError::BodiesInFlight { .. }
                     | RunError::AnswersInFlight { .. }
-                    | RunError::AnswerLost { .. },
+                    | RunError::AnswerLost { .. }
+                    | RunError::RunnerBusy { .. },
                 ..
             }
         ) || matches!(&self, ApiError::Run { error: RunError::NotRunnable { state, .. }, .. } if in_a_moment(state))
@@ -551,6 +552,15 @@ pub enum RunError {
         /// What was short.
         message: String,
     },
+    /// The plugin's runner could not start a thread for the call; it never
+    /// ran, the plugin is unaffected (503, `ServerBusy`, with
+    /// `Retry-After`): the runner's lack, not the tool's error (it was a
+    /// 422 counted against the plugin).
+    #[error("{message}")]
+    RunnerBusy {
+        /// What the runner said.
+        message: String,
+    },
     /// The tool ran, but its encoded answer is larger than all the memory
     /// set aside for answers; it was dropped (422, `AnswerTooLarge`: the
     /// host's limit, where a Python runner's `ResultTooLarge` is the
@@ -601,7 +611,8 @@ impl RunError {
             | RunError::NotStarted { .. }
             | RunError::BodiesInFlight { .. }
             | RunError::AnswersInFlight { .. }
-            | RunError::AnswerLost { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | RunError::AnswerLost { .. }
+            | RunError::RunnerBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RunError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             RunError::InvalidBody { .. }
             | RunError::InvalidForm { .. }
@@ -644,7 +655,8 @@ impl RunError {
             RunError::NotStarted { .. }
             | RunError::BodiesInFlight { .. }
             | RunError::AnswersInFlight { .. }
-            | RunError::AnswerLost { .. } => "ServerBusy",
+            | RunError::AnswerLost { .. }
+            | RunError::RunnerBusy { .. } => "ServerBusy",
             RunError::AnswerTooLarge { .. } | RunError::StreamAnswerTooLarge { .. } => {
                 "AnswerTooLarge"
             }
@@ -771,6 +783,9 @@ impl RunError {
             RunError::AnswerLost { message } => format!(
                 "Tool '{t}' of plugin '{p}' ran, but the server could not take its answer ({message}); retry later"
             ),
+            RunError::RunnerBusy { message } => {
+                format!("Tool '{t}' of plugin '{p}' did not run: {message}; retry later")
+            }
             RunError::AnswerTooLarge { bytes, budget_kib } => format!(
                 "Tool '{t}' of plugin '{p}' ran, but its answer ({bytes} bytes as encoded) is larger than the {} set aside for answers (--answer-memory); a binary result takes less as multipart/mixed or application/octet-stream than as base64 in JSON",
                 Kib(*budget_kib)
@@ -839,6 +854,9 @@ impl From<ToolError> for RunError {
                 message: e.to_string(),
             },
             ToolError::HostResources { detail } => RunError::AnswerLost { message: detail },
+            e @ ToolError::RunnerOverloaded { .. } => RunError::RunnerBusy {
+                message: e.to_string(),
+            },
             ToolError::Panicked { message } => RunError::Fault {
                 kind: "ToolPanic".into(),
                 message: format!("tool panicked: {message}"),
@@ -898,6 +916,22 @@ impl From<CallError> for RunError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A runner out of threads for a call answers 503 `ServerBusy` (with
+    /// `Retry-After`), counted as refused: it was a 422 counted as the
+    /// plugin's error.
+    #[test]
+    fn a_runner_out_of_threads_is_busy_not_the_tools_error() {
+        let busy = RunError::from(ToolError::RunnerOverloaded {
+            detail: "can't start new thread".into(),
+        });
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.error_type(), "ServerBusy");
+        assert_eq!(
+            crate::metrics::Outcome::of_error(&busy),
+            Some(crate::metrics::Outcome::rejected)
+        );
+    }
 
     /// A call that reached a plugin a rescan had just removed (no state
     /// in the registry) answers as a call to an unknown plugin: 404.

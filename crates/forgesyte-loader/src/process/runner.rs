@@ -443,7 +443,7 @@ fn serve(
                 Response::ToolFailed {
                     id,
                     error: WireError::tool(&ToolError::Failed {
-                        error_type: Some("RunnerOverloaded".into()),
+                        error_type: Some(super::wire_error::RUNNER_OVERLOADED.into()),
                         message: detail,
                         traceback: Vec::new(),
                     }),

@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use forgesyte_errors::{ImportError, InitError, ToolError};
 use forgesyte_protocol::wire::WireError;
 
+/// The error class a runner answers a call with when it cannot start a
+/// thread for it (`Failed`, no traceback): the host's 503, not the tool's
+/// error.
+pub(crate) const RUNNER_OVERLOADED: &str = "RunnerOverloaded";
+
 /// Conversions between [`WireError`] and the host's errors.
 pub(crate) trait WireErrorExt: Sized {
     /// Flattens an import error.
@@ -177,6 +182,17 @@ impl WireErrorExt for WireError {
             "InvalidArgs" => ToolError::InvalidArgs {
                 message: self.message,
             },
+            // The runner's own: it could not start a thread for the call
+            // (native and Python runners alike; a plugin's exception of
+            // that name comes with its traceback).
+            "Failed"
+                if self.error_type.as_deref() == Some(RUNNER_OVERLOADED)
+                    && self.traceback.is_empty() =>
+            {
+                ToolError::RunnerOverloaded {
+                    detail: self.message,
+                }
+            }
             "Failed" => ToolError::Failed {
                 error_type: self.error_type,
                 message: self.message,
@@ -195,6 +211,24 @@ impl WireErrorExt for WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A runner that could not start a thread for a call says so as
+    /// `Failed` of class `RunnerOverloaded`, without a traceback: the
+    /// runner's lack, not the tool's error. A plugin's own exception of
+    /// that name (it has a traceback) stays the tool's.
+    #[test]
+    fn a_runner_out_of_threads_is_not_the_tools_error() {
+        let mut said = WireError::new("Failed", "can't start new thread");
+        said.error_type = Some(RUNNER_OVERLOADED.into());
+        assert_eq!(
+            said.clone().into_tool(),
+            ToolError::RunnerOverloaded {
+                detail: "can't start new thread".into()
+            }
+        );
+        said.traceback = vec!["  File \"plugin.py\", line 3, in run_tool".into()];
+        assert!(matches!(said.into_tool(), ToolError::Failed { .. }));
+    }
 
     #[test]
     fn python_exceptions_survive_the_wire_as_the_seed_reads_them() {

@@ -115,6 +115,7 @@ impl Outcome {
             RunError::TooManyCalls { .. }
             | RunError::QueueTimeout { .. }
             | RunError::NotStarted { .. }
+            | RunError::RunnerBusy { .. }
             | RunError::BodiesInFlight { .. } => Outcome::rejected,
             RunError::MalformedBody { .. }
             | RunError::InvalidBody { .. }
