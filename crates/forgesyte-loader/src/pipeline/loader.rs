@@ -423,7 +423,9 @@ impl Loader {
             .partition(|handle| handle.isolation() == Isolation::Process);
         let mut retired: Vec<_> = isolated.into_iter().map(|handle| handle.retire()).collect();
         retired.append(&mut self.stopping.lock());
-        let unloaded = drop_on_a_thread(in_process);
+        let unloaded = (!in_process.is_empty())
+            .then(|| drop_on_a_thread(in_process))
+            .flatten();
         let mut all = true;
         for instance in &retired {
             if !instance.wait_stopped(deadline.saturating_duration_since(Instant::now())) {
@@ -459,23 +461,23 @@ impl Loader {
 /// runner gives its plugin's `on_unload` (`UNLOAD_GRACE_S`).
 pub const DESTRUCTOR_WAIT: Duration = Duration::from_millis(1500);
 
-/// Drops `handles` on a thread of their own; what tells when that is done
-/// (`None`: nothing to drop, or dropped here when no thread could be
-/// started).
-fn drop_on_a_thread(handles: Vec<PluginHandle>) -> Option<std::sync::mpsc::Receiver<()>> {
-    if handles.is_empty() {
-        return None;
-    }
-    let (done, unloaded) = std::sync::mpsc::channel();
-    // Not started: the closure, and the handles with it, are dropped here.
+/// Drops `value` (plugin instances, or what holds them: their destructors
+/// run) on a thread of its own; what tells when that is done (`None`:
+/// dropped here, when no thread could be started). The loader's reloads,
+/// removals and stop use it, and so does a native runner at its stop.
+pub(crate) fn drop_on_a_thread<T: Send + 'static>(
+    value: T,
+) -> Option<std::sync::mpsc::Receiver<()>> {
+    let (done, dropped) = std::sync::mpsc::channel();
+    // Not started: the closure, and `value` with it, is dropped here.
     let started = std::thread::Builder::new()
         .name("forgesyte-unload".into())
         .spawn(move || {
-            drop(handles);
+            drop(value);
             let _ = done.send(());
         });
     match started {
-        Ok(_) => Some(unloaded),
+        Ok(_) => Some(dropped),
         Err(e) => {
             tracing::warn!(error = %e, "cannot start a thread to unload in-process plugins: unloading them here");
             None

@@ -47,6 +47,7 @@ mod verified;
 mod waves;
 
 pub use config::LoaderConfig;
+pub(crate) use loader::drop_on_a_thread;
 pub use loader::{DESTRUCTOR_WAIT, Loader};
 pub use reload::ReloadRefused;
 pub use report::{LoadReport, PluginLoadOutcome};

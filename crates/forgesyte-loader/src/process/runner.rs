@@ -470,15 +470,9 @@ fn unload(plugin: &str, instance: Arc<OnceLock<Box<dyn PluginInstance>>>) {
     let Some(instance) = instance.into_inner() else {
         return; // never constructed
     };
-    let (done, dropped) = std::sync::mpsc::channel();
-    // Not started: the closure, and the instance with it, is dropped here.
-    let started = std::thread::Builder::new()
-        .name("forgesyte-unload".into())
-        .spawn(move || {
-            drop(instance);
-            let _ = done.send(());
-        });
-    if started.is_ok() && dropped.recv_timeout(crate::DESTRUCTOR_WAIT).is_err() {
+    // (No thread to be had: dropped here, bounded by the host's kill.)
+    let dropped = crate::pipeline::drop_on_a_thread(instance);
+    if dropped.is_some_and(|dropped| dropped.recv_timeout(crate::DESTRUCTOR_WAIT).is_err()) {
         eprintln!(
             "forgesyte-runner[{plugin}]: the plugin's destructor still runs after {} s; exiting anyway",
             crate::DESTRUCTOR_WAIT.as_secs_f64()
