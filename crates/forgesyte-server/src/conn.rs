@@ -47,6 +47,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -196,19 +197,22 @@ impl Refusal {
     }
 }
 
-/// How often, at most, the log says the connection cap refuses work.
-const REFUSALS_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often, at most, the log says the connection cap refuses work, in
+/// seconds.
+const REFUSALS_LOG_EVERY_S: u64 = 10;
 
 /// Tells of work refused at the connection cap: `record` (the metrics) of
-/// each, and a warning in the log at most every [`REFUSALS_LOG_EVERY`]
-/// with the count since the last (they went to the debug log only, and an
-/// operator saw nothing of a server refusing work).
+/// each, and a warning in the log at most every [`REFUSALS_LOG_EVERY_S`]
+/// seconds (a [`crate::throttle::Throttle`]) with the count since the last
+/// (they went to the debug log only, and an operator saw nothing of a
+/// server refusing work).
 #[derive(Clone)]
 pub(crate) struct Refusals {
     record: Arc<dyn Fn(Refusal) + Send + Sync>,
     cap: usize,
-    /// When the log last said so, and the refusals since.
-    said: Arc<Mutex<(Option<Instant>, u64)>>,
+    /// The refusals the log has not said yet.
+    unsaid: Arc<AtomicU64>,
+    throttle: Arc<crate::throttle::Throttle>,
 }
 
 impl std::fmt::Debug for Refusals {
@@ -224,18 +228,16 @@ impl Refusals {
         Refusals {
             record: Arc::new(record),
             cap,
-            said: Arc::default(),
+            unsaid: Arc::default(),
+            throttle: Arc::new(crate::throttle::Throttle::new(REFUSALS_LOG_EVERY_S)),
         }
     }
 
     fn refused(&self, how: Refusal) {
         (self.record)(how);
-        let mut said = self.said.lock().unwrap_or_else(PoisonError::into_inner);
-        said.1 += 1;
-        if said.0.is_none_or(|at| at.elapsed() >= REFUSALS_LOG_EVERY) {
-            let count = std::mem::take(&mut said.1);
-            said.0 = Some(Instant::now());
-            drop(said);
+        self.unsaid.fetch_add(1, Ordering::Relaxed);
+        if self.throttle.warn_now() {
+            let count = self.unsaid.swap(0, Ordering::Relaxed);
             tracing::warn!(
                 cap = self.cap,
                 refused = count,
@@ -248,10 +250,10 @@ impl Refusals {
     }
 
     /// Says the refusals not said yet (at the stop: a burst's tail that
-    /// came within [`REFUSALS_LOG_EVERY`] of its first line waited for the
-    /// next burst).
+    /// came within [`REFUSALS_LOG_EVERY_S`] of its first line waited for
+    /// the next burst).
     fn flush(&self) {
-        let count = std::mem::take(&mut self.said.lock().unwrap_or_else(PoisonError::into_inner).1);
+        let count = self.unsaid.swap(0, Ordering::Relaxed);
         if count > 0 {
             tracing::warn!(
                 cap = self.cap,
