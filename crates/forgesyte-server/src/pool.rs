@@ -24,28 +24,32 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Runs `work` (an admin operation: a rescan, a reload, a retry) on a
-/// thread of its own and awaits what it returns. An error when no thread
+/// Starts `work` (an admin operation: a rescan, a reload, a retry, the
+/// plugins' stop) on a thread of its own, at once; the future is what it
+/// returns. An error when no thread
 /// could be started (the host out of processes or threads: a cgroup's
 /// `pids.max`), `work` and what it holds (an admin claim) dropped then, or
 /// when `work` panicked. Tokio's `spawn_blocking` panics when it cannot
 /// start a thread, and the admin claim its closure held was never given
 /// back: every later rescan and reload was refused 409, and the retries of
 /// plugins the host had been short for stopped, until a restart.
-pub(crate) async fn on_a_thread<T: Send + 'static>(
+pub(crate) fn on_a_thread<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<T> {
+) -> impl std::future::Future<Output = std::io::Result<T>> + Send {
     let (done, result) = tokio::sync::oneshot::channel();
     // Not started: the closure, and `work` with it, is dropped here.
-    std::thread::Builder::new()
+    let started = std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
             let _ = done.send(work());
-        })?;
-    result
-        .await
-        .map_err(|_| std::io::Error::other("it panicked"))
+        });
+    async move {
+        started?;
+        result
+            .await
+            .map_err(|_| std::io::Error::other("it panicked"))
+    }
 }
 
 /// How long a queued call may wait for a lane before it moves to the

@@ -219,7 +219,7 @@ impl Server {
         // running together (a deployment's grace period is sized on it).
         let mut grace_ends = None;
         // The plugins' stop, once begun (early when the grace ran out).
-        let mut stopping: Option<tokio::sync::oneshot::Receiver<bool>> = None;
+        let mut stopping = None;
         let result = tokio::select! {
             ended = &mut server => flatten(ended),
             () = shutdown => {
@@ -296,10 +296,10 @@ impl Server {
         // The plugins' processes end, and their groups are killed (only
         // the server does that), before the server exits.
         let wait = forgesyte_loader::RUNNER_STOP_WAIT;
-        let rx = stopping.unwrap_or_else(|| stop_plugins(&state));
+        let stopped_by = stopping.unwrap_or_else(|| stop_plugins(&state));
         let stopped = matches!(
-            tokio::time::timeout(wait + Duration::from_secs(6), rx).await,
-            Ok(Ok(true))
+            tokio::time::timeout(wait + Duration::from_secs(6), stopped_by).await,
+            Ok(true)
         );
         if !stopped {
             tracing::warn!(
@@ -318,17 +318,15 @@ const CUT_CALLS_ANSWERED: Duration = Duration::from_secs(2);
 
 /// Drops the plugin instances and stops their processes
 /// (`Loader::drop_instances`), on a thread of its own (the blocking pool
-/// may be full of calls that never end): whether all ended in time, once
-/// they did (a dropped sender: the thread could not start).
-fn stop_plugins(state: &AppState) -> tokio::sync::oneshot::Receiver<bool> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+/// may be full of calls that never end), started at once
+/// ([`crate::pool::on_a_thread`]): whether all ended in time, once they
+/// did (`false` too when the thread could not start).
+fn stop_plugins(state: &AppState) -> impl std::future::Future<Output = bool> + use<> {
     let loader = Arc::clone(state.loader());
-    let _ = std::thread::Builder::new()
-        .name("forgesyte-stop-plugins".into())
-        .spawn(move || {
-            let _ = tx.send(loader.drop_instances(forgesyte_loader::RUNNER_STOP_WAIT));
-        });
-    rx
+    let stopped = crate::pool::on_a_thread("forgesyte-stop-plugins", move || {
+        loader.drop_instances(forgesyte_loader::RUNNER_STOP_WAIT)
+    });
+    async move { stopped.await.unwrap_or(false) }
 }
 
 /// Tool calls in flight on all plugins now.
