@@ -233,7 +233,7 @@ pub(crate) async fn plugin_tools(
         (RunRequest = "application/json"),
         (Object = "multipart/form-data"),
         (Vec<u8> = "application/octet-stream"),
-    ), description = "`{\"args\": {...}}` (an empty body means no arguments); or `multipart/form-data` whose file parts are binary arguments under their field names and whose optional `args` part holds the rest as JSON; or `application/octet-stream`, the tool's one binary argument. Arguments the tool's input schema declares binary (`format: binary`, `contentEncoding: base64`) reach the plugin as bytes"),
+    ), description = "`{\"args\": {...}}` (an empty body means no arguments); or `multipart/form-data` whose parts are arguments under their field names (bytes; a part named like an argument the input schema declares and not as binary is a form field of that argument's type: text for a string, else the JSON it holds) and whose optional `args` part holds the rest as JSON; or `application/octet-stream`, the tool's one binary argument. Arguments the tool's input schema declares binary (`format: binary`, `contentEncoding: base64`) reach the plugin as bytes"),
     responses(
         (status = 200, description = "The tool's result (with `Accept: multipart/mixed` or `application/octet-stream`, see the `accept` parameter)", body = RunSuccess),
         (status = 406, description = "Raw bytes were the only acceptable answer and the result has not exactly one binary result (`NotAcceptable`; the tool has run)", body = RunFailure),

@@ -1,10 +1,11 @@
 //! The run route's body in its three forms (SPEC §5): JSON
-//! `{"args": {...}}`, `multipart/form-data` (file parts are binary
-//! arguments under their field names; an optional `args` part holds the
-//! rest as JSON), and `application/octet-stream` (the tool's one binary
-//! argument). A leaf: it knows HTTP bodies and JSON Schema's spelling of
-//! "binary", nothing of plugins (its caller says when a body had best be
-//! received into a memory file, the loader's `BodyFile`).
+//! `{"args": {...}}`, `multipart/form-data` (parts are arguments under
+//! their field names, as bytes until [`crate::arg_schema`] makes form
+//! fields of those the tool's schema declares otherwise; an optional `args`
+//! part holds the rest as JSON), and `application/octet-stream` (the tool's
+//! one binary argument). A leaf: it knows HTTP bodies, nothing of plugins
+//! or their schemas (its caller says when a body had best be received into
+//! a memory file, the loader's `BodyFile`).
 
 use std::collections::HashSet;
 
@@ -618,44 +619,6 @@ async fn multipart(
     Ok(input)
 }
 
-/// The top-level arguments a tool's input schema declares binary:
-/// `"format": "binary"` (what pydantic emits for `bytes`) or
-/// `"contentEncoding": "base64"`, or an `anyOf` / `oneOf` of such a string
-/// and `{"type": "null"}` (pydantic's `Optional[bytes]`).
-pub(crate) fn binary_arguments(input_schema: &Value) -> Vec<&str> {
-    let Some(properties) = input_schema.get("properties").and_then(Value::as_object) else {
-        return Vec::new();
-    };
-    properties
-        .iter()
-        .filter(|(_, schema)| is_binary(schema) || is_optional_binary(schema))
-        .map(|(name, _)| name.as_str())
-        .collect()
-}
-
-/// A schema of bytes.
-fn is_binary(schema: &Value) -> bool {
-    schema.get("format").and_then(Value::as_str) == Some("binary")
-        || schema.get("contentEncoding").and_then(Value::as_str) == Some("base64")
-}
-
-/// Bytes or null: every alternative of its `anyOf` (or `oneOf`) is bytes or
-/// `{"type": "null"}`, one of them bytes.
-fn is_optional_binary(schema: &Value) -> bool {
-    ["anyOf", "oneOf"].iter().any(|key| {
-        schema
-            .get(*key)
-            .and_then(Value::as_array)
-            .is_some_and(|alternatives| {
-                alternatives.iter().any(is_binary)
-                    && alternatives.iter().all(|alternative| {
-                        is_binary(alternative)
-                            || alternative.get("type").and_then(Value::as_str) == Some("null")
-                    })
-            })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1098,25 +1061,6 @@ mod tests {
         .unwrap();
         assert_eq!(Value::Object(input.args), json!({"a": 1}));
         assert!(input.binary.is_empty() && input.unnamed.is_none());
-    }
-
-    #[test]
-    fn binary_arguments_follow_the_schema() {
-        let schema = json!({"type": "object", "properties": {
-            "image": {"type": "string", "format": "binary"},
-            "mask": {"type": "string", "contentEncoding": "base64"},
-            "name": {"type": "string"},
-            // pydantic's Optional[bytes] and bytes | None.
-            "thumb": {"anyOf": [{"type": "string", "format": "binary"}, {"type": "null"}], "default": null},
-            "alt": {"oneOf": [{"type": "null"}, {"type": "string", "contentEncoding": "base64"}]},
-            // Bytes or text is not bytes.
-            "either": {"anyOf": [{"type": "string", "format": "binary"}, {"type": "string"}]},
-            "none": {"anyOf": [{"type": "null"}]}
-        }});
-        let mut found = binary_arguments(&schema);
-        found.sort_unstable();
-        assert_eq!(found, ["alt", "image", "mask", "thumb"]);
-        assert!(binary_arguments(&json!({"type": "object"})).is_empty());
     }
 
     // The JSON form (moved with the parser from `tools`).

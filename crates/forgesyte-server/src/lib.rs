@@ -104,6 +104,7 @@ mod accept;
 mod admin;
 mod answer;
 mod api;
+mod arg_schema;
 mod base64_arg;
 mod body;
 mod body_pace;

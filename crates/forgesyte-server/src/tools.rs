@@ -17,8 +17,9 @@ use utoipa::ToSchema;
 
 use forgesyte_loader::{CallContext, Isolation, PluginHandle, ToolOutput};
 
+use crate::arg_schema::binary_arguments;
 use crate::base64_arg::decode_in_place;
-use crate::body::{RunInput, binary_arguments};
+use crate::body::RunInput;
 use crate::error::{ApiError, RunError};
 use crate::metrics::{Outcome, UNKNOWN_TOOL};
 use crate::state::AppState;
@@ -217,6 +218,17 @@ async fn run_unrecorded(
         .call_timeout()
         .unwrap_or_else(|| state.call_timeout());
     let tools = handle.tools();
+    let mut input = input;
+    if !input.binary.is_empty()
+        && let Some(info) = tools.iter().find(|t| t.id == tool)
+    {
+        crate::arg_schema::form_fields(
+            &mut input.binary,
+            &mut input.args,
+            &info.input_schema,
+            crate::body::max_json_values(state.body_limit()),
+        )?;
+    }
     let declared = declared_binary(&tools, tool);
     let (args, attachments) = arguments(input, &declared, handle.takes_binary())?;
     let started = Instant::now();

@@ -307,7 +307,7 @@ class HandshakeTests(RunnerTestCase):
         self.assertEqual(created["id"], 1)
         tools = {t["id"]: t for t in created["tools"]}
         self.assertEqual(sorted(tools), ["binary", "bytes", "checksum", "echo", "echo_bytes", "fail",
-                                         "maybe_bytes", "noop_bytes", "sleep"])
+                                         "maybe_bytes", "noop_bytes", "sleep", "typed"])
         for spec in tools.values():
             self.assertEqual(set(spec), {"id", "title", "description", "input_schema", "output_schema"})
             self.assertEqual(spec["title"], spec["id"])

@@ -412,6 +412,91 @@ fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
 /// A server of the Python `echo` fixture as `py`, loaded, with
 /// `--max-response` `limit`; its plugins directory lives as long as the
 /// first.
+/// A `multipart/form-data` body of `parts`: (field name, file name, bytes).
+fn form(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "forgesyte-form-boundary-51c2";
+    let mut body = Vec::new();
+    for (name, file, data) in parts {
+        let file = file
+            .map(|f| format!("; filename=\"{f}\""))
+            .unwrap_or_default();
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// Plain form fields (`curl -F threshold=3`) and files named like an
+/// argument the tool declares, and not binary, reach the plugin as that
+/// argument's type; binary and undeclared ones stay bytes; a field that
+/// cannot be its type is the client's error, which the plugin never sees.
+#[test]
+fn form_fields_reach_a_plugin_as_their_declared_type() {
+    let dir = PluginsDir::new();
+    dir.python("py", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let target = "/v1/plugins/py/tools/typed/run";
+    let (content_type, body) = form(&[
+        ("threshold", None, b"3"),
+        ("label", Some("label.txt"), b"42"),
+        ("opts", None, br#"{"k": [1, 2]}"#),
+        ("data", Some("frame.bin"), b"\x00\xff\x01"),
+        ("extra", None, b"7"),
+    ]);
+    let reply = http_with(
+        server.addr,
+        "POST",
+        target,
+        &[("Content-Type", &content_type)],
+        &body,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["result"],
+        json!({
+            "threshold": ["int", 3],
+            "label": ["str", "42"],
+            "opts": ["dict", {"k": [1, 2]}],
+            "data": ["bytes", 3],
+            "extra": ["bytes", 1]
+        })
+    );
+    let errors_before = server.get("/v1/plugins/py/health").json()["error_count"].clone();
+    let (content_type, body) = form(&[("threshold", None, b"lots")]);
+    let reply = http_with(
+        server.addr,
+        "POST",
+        target,
+        &[("Content-Type", &content_type)],
+        &body,
+    );
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(
+        reply.json()["error_type"],
+        "InvalidBody",
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        reply.json()["detail"],
+        "Multipart request body is invalid: the part 'threshold' is a form field for argument \
+         'threshold' (the tool's input schema declares it integer), and its text is not JSON: \
+         expected value at line 1 column 1"
+    );
+    assert_eq!(
+        server.get("/v1/plugins/py/health").json()["error_count"],
+        errors_before
+    );
+}
+
 fn echo_answering_at_most(limit: usize) -> (PluginsDir, Forgesyte) {
     let dir = PluginsDir::new();
     dir.python("py", "echo");
