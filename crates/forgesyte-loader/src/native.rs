@@ -201,7 +201,13 @@ impl fmt::Debug for NativeLibrary {
     }
 }
 
-/// The bytes of the library `file` (of `meta`), read from its start.
+/// The largest library loaded from a copy of its bytes ([`read_whole`]): a
+/// file's stated size is not memory the server has (a sparse 64 GiB file
+/// on tmpfs aborted the allocation, and the server with it).
+const MAX_COPIED_LIBRARY_BYTES: u64 = 1 << 30;
+
+/// The bytes of the library `file` (of `meta`), read from its start: at
+/// most [`MAX_COPIED_LIBRARY_BYTES`], in memory that could be had.
 fn read_whole(
     file: &std::fs::File,
     meta: &std::fs::Metadata,
@@ -212,8 +218,20 @@ fn read_whole(
         path: path.to_path_buf(),
         detail,
     };
+    if meta.len() > MAX_COPIED_LIBRARY_BYTES {
+        return Err(cannot(format!(
+            "{} bytes, more than the {MAX_COPIED_LIBRARY_BYTES} bytes of a library loaded from a \
+             copy of its bytes (it is on a memory filesystem with holes, or its name was loaded \
+             before)",
+            meta.len()
+        )));
+    }
     let len = usize::try_from(meta.len()).map_err(|e| cannot(e.to_string()))?;
-    let mut bytes = vec![0u8; len];
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len)
+        .map_err(|e| cannot(format!("no memory for a copy of its {len} bytes: {e}")))?;
+    bytes.resize(len, 0);
     file.read_exact_at(&mut bytes, 0)
         .map_err(|e| cannot(e.to_string()))?;
     Ok(bytes)
@@ -359,10 +377,15 @@ impl NativeLibrary {
             unmapped.mapped();
         }
         type Entry = unsafe extern "C" fn() -> *const PluginVTable;
-        // SAFETY: the symbol, when present, is the SDK's entry function with
-        // exactly this signature (SPEC §6); a foreign symbol of the same name
-        // is caught by the ABI version check below at worst.
-        // One that resolves to null (an absolute symbol of value 0) is none.
+        // SAFETY: the symbol, when present, is taken for the SDK's entry
+        // function with exactly this signature (SPEC §6). That is the trust
+        // an in-process plugin is given, not a fact checked here: a library
+        // that exports the name as something else (data, another signature)
+        // is called all the same, and can crash the server as any code it
+        // runs in process can; a plugin not so trusted runs isolated
+        // (`"isolation": "process"`), where the same mistake is its runner's
+        // crash. One that resolves to null (an absolute symbol of value 0)
+        // is none.
         let entry: Entry = unsafe { library.get::<Option<Entry>>(ENTRY_SYMBOL_C) }
             .ok()
             .and_then(|sym| *sym)
@@ -371,7 +394,10 @@ impl NativeLibrary {
                 symbol: ENTRY_SYMBOL.to_owned(),
             })?;
         // SAFETY: the entry function takes no arguments and returns a pointer
-        // to a static; the SDK wraps it so it cannot unwind.
+        // to a static (SPEC §6, trusted as above). The SDK's entry cannot
+        // unwind; one written by hand that unwinds (a C++ exception) aborts
+        // the process at this `extern "C"` boundary, as any in-process
+        // plugin's fault does.
         let ptr = unsafe { entry() };
         if ptr.is_null() {
             return Err(ImportError::InvalidInterface {

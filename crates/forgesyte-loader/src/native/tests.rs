@@ -529,3 +529,25 @@ fn a_sparse_file_on_a_memory_filesystem_is_told_apart() {
     dense.write_all(&vec![1u8; 1 << 16]).unwrap();
     assert!(!super::holes_on_memory_fs(&dense, 1 << 16));
 }
+
+/// A library read whole (a sparse one on tmpfs, one opened again) is read
+/// only up to its cap: a file's stated size is not memory the server has.
+#[test]
+fn a_library_copied_into_memory_is_bounded_before_it_is_read() {
+    let file: std::fs::File = rustix::fs::memfd_create("huge", rustix::fs::MemfdFlags::CLOEXEC)
+        .unwrap()
+        .into();
+    file.set_len(64 << 30).unwrap();
+    let meta = file.metadata().unwrap();
+    let path = Path::new("/plugins/huge/libhuge.so");
+    match super::read_whole(&file, &meta, path) {
+        Err(ImportError::Open { detail, .. }) => assert!(
+            detail.starts_with("68719476736 bytes, more than the 1073741824 bytes of a library"),
+            "{detail}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    file.set_len(3).unwrap();
+    let meta = file.metadata().unwrap();
+    assert_eq!(super::read_whole(&file, &meta, path).unwrap(), [0, 0, 0]);
+}
