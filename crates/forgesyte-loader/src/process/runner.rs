@@ -81,9 +81,10 @@ type FileId = (u64, u64);
 /// up: (number, which file).
 static CHANNEL: OnceLock<(u32, Vec<(RawFd, FileId)>)> = OnceLock::new();
 
-/// The device and inode of descriptor `fd`, or `None` when it is not open.
+/// The `fstat` of descriptor number `fd`, or `None` when nothing is open
+/// there (no borrow of a number not known to be open).
 #[allow(unsafe_code)]
-fn identity(fd: RawFd) -> Option<FileId> {
+fn stat_of(fd: RawFd) -> Option<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `fstat` of a descriptor number (one closed under this
     // process is EBADF, nothing else), writing into a local buffer.
@@ -91,8 +92,12 @@ fn identity(fd: RawFd) -> Option<FileId> {
         return None;
     }
     // SAFETY: `fstat` succeeded, so it filled the buffer.
-    let st = unsafe { st.assume_init() };
-    Some((st.st_dev, st.st_ino))
+    Some(unsafe { st.assume_init() })
+}
+
+/// The device and inode of descriptor `fd`, or `None` when it is not open.
+fn identity(fd: RawFd) -> Option<FileId> {
+    stat_of(fd).map(|st| (st.st_dev, st.st_ino))
 }
 
 /// Whether plugin code closed one of the protocol's descriptors, or put
@@ -773,9 +778,11 @@ fn take_shm_socket() -> io::Result<Option<(OwnedFd, u64)>> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SHM_THRESHOLD);
     // Only an open socket is taken: a stale number owns nothing.
-    // SAFETY: a borrow of a descriptor number for one `fstat`, which fails
-    // cleanly if nothing is open there.
-    let stat = rustix::fs::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })?;
+    let Some(stat) = stat_of(fd) else {
+        return Err(io::Error::other(format!(
+            "{SHM_FD_ENV}: nothing is open at descriptor {fd}"
+        )));
+    };
     if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
         return Err(io::Error::other(format!(
             "{SHM_FD_ENV}: descriptor {fd} is not a socket"

@@ -198,7 +198,13 @@ pub(super) fn know_library(inside: usize, shown: PathBuf, bytes_at: PathBuf) {
 /// its slot; a signal from another process (the host's), a request for a
 /// dump on the pipe; any other (a late `tgkill` of a thread that left its
 /// slot, a plugin's own `raise`), nothing. Only async-signal-safe calls
-/// (atomics, `gettid`, `getpid`, `write`), and the walk.
+/// (atomics, `gettid`, `getpid`, `write`), and the walk, which is not one:
+/// `_Unwind_Backtrace` finds each frame's unwind table through
+/// `dl_iterate_phdr`, which takes the dynamic loader's lock, so a thread
+/// interrupted while it holds that lock (inside `dlopen`) would wait in
+/// this handler for good. The dump thread waits for a walk at most
+/// `CAPTURE_WAIT` and then reports that thread's stack missing; a dump is
+/// taken before a timeout's kill, which ends such a thread with the rest.
 extern "C" fn on_signal(_signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
     // SAFETY: this thread's errno, restored before the handler returns.
     let saved = unsafe { *libc::__errno_location() };
@@ -267,6 +273,11 @@ const UNWIND_STOP: c_int = 5;
 
 // The unwinder of the platform's C runtime (libgcc's), which Rust's
 // standard library links for its own unwinding.
+// SAFETY: the declarations are the Itanium C++ ABI's (`unwind.h`):
+// `_Unwind_Reason_Code _Unwind_Backtrace(_Unwind_Trace_Fn, void *)`, whose
+// callback takes the context and that argument and returns a reason code
+// (`c_int`), and `_Unwind_Ptr _Unwind_GetIP(struct _Unwind_Context *)`
+// (`uintptr_t`); `UnwindContext` is opaque here, only passed back.
 unsafe extern "C" {
     fn _Unwind_Backtrace(
         trace: extern "C" fn(*mut UnwindContext, *mut c_void) -> c_int,
