@@ -7,18 +7,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use forgesyte_deps::{Dependency, DependencyChecker};
-use forgesyte_errors::{
-    DependencyError, ImportError, IntegrityError, ManifestError, PluginError, shorten,
-};
+use forgesyte_errors::{DependencyError, ImportError, IntegrityError, PluginError, shorten};
 
+use super::interpreter::runs_an_interpreter;
 use super::loader::{Loader, Pending};
 use super::verified::{FileCheck, Opening};
 use crate::handle::PluginHandle;
 use crate::host::Importer;
-use crate::integrity::{self, Target};
+use crate::integrity::Target;
 use crate::manifest::{self, Isolation, Manifest, PythonEntry, Runtime};
 use crate::process::{self, ProcessImporter};
-use crate::python;
 use crate::sandbox;
 use crate::slot::Slot;
 use crate::supervise::{Restart, Supervision, Supervisor};
@@ -246,80 +244,6 @@ impl Loader {
             })
     }
 
-    /// Checks `target` (the plugin's library or Python source tree) against
-    /// the manifest's `sha256` and the lock file's line for the plugin
-    /// directory (both must match). The lock file is `forgesyte.lock` in the
-    /// directory that holds the plugin directory; installed entry-point
-    /// plugins are pinned by their manifest only.
-    /// Returns the digest that matched (`None`: no pin).
-    pub(super) fn check_integrity(
-        &self,
-        p: &Pending,
-        target: &Target,
-    ) -> Result<Option<String>, PluginError> {
-        let pins = self.pins(p)?;
-        Ok(integrity::verify(self.fs.as_ref(), &p.dir, target, &pins)?)
-    }
-
-    /// The digests `p`'s target is pinned to: its manifest's `sha256`, its
-    /// line of the plugins directory's lock file; each with where it comes
-    /// from.
-    pub(super) fn pins(&self, p: &Pending) -> Result<Vec<(String, String)>, PluginError> {
-        let mut pins = Vec::new();
-        if let Some(pin) = &p.manifest.sha256 {
-            pins.push(("the manifest".to_owned(), pin.clone()));
-        }
-        if let Some((who, line)) = self.lock_line(p)? {
-            pins.push((who, line.sha256));
-        }
-        Ok(pins)
-    }
-
-    /// `p`'s line of the plugins directory's lock file, with how a reason
-    /// names the file (installed entry-point plugins have none).
-    fn lock_line(
-        &self,
-        p: &Pending,
-    ) -> Result<Option<(String, integrity::LockEntry)>, PluginError> {
-        let installed = self.entry_points.read().contains_key(&p.name);
-        if let (false, Some(parent), Some(dir_name)) =
-            (installed, p.dir.parent(), p.dir.file_name())
-            && let Some(lock) = self.pass.lock(self.fs.as_ref(), parent)?
-            && let Some(line) = lock.plugins.get(&*dir_name.to_string_lossy())
-        {
-            let who = format!(
-                "the lock file {}",
-                parent.join(integrity::LOCK_FILE).display()
-            );
-            return Ok(Some((who, line.clone())));
-        }
-        Ok(None)
-    }
-
-    /// Checks the manifest the load parsed against its lock file line's
-    /// `manifest_sha256`, when it has one: a manifest changed since `lock`
-    /// (a new interpreter, entrypoint or isolation) runs nothing, not even
-    /// the dependency check of an interpreter it names.
-    pub(super) fn check_manifest_pin(&self, p: &Pending) -> Result<(), PluginError> {
-        let Some((who, line)) = self.lock_line(p)? else {
-            return Ok(());
-        };
-        let (Some(expected), Some(actual)) = (line.manifest_sha256, &p.manifest.source_sha256)
-        else {
-            return Ok(());
-        };
-        if &expected == actual {
-            return Ok(());
-        }
-        Err(IntegrityError::Mismatch {
-            subject: manifest::MANIFEST_FILE.to_owned(),
-            actual: actual.clone(),
-            pinned_by: who,
-            expected,
-        }
-        .into())
-    }
-
     /// Fails with the dependency error when something `req` asks for is
     /// missing.
     fn check_dependencies(
@@ -410,37 +334,6 @@ impl Loader {
         req
     }
 
-    /// The interpreter of a Python plugin (see
-    /// [`python::resolve_interpreter`]).
-    pub(super) fn interpreter(&self, p: &Pending) -> Result<PathBuf, String> {
-        // Under `--require-confinement` a plugin's own interpreter is let
-        // through only when it is the operator's file
-        // (`refuse_own_interpreter`), and then the operator's path is what
-        // runs: the plugin's name for it (a link in its directory) could
-        // lead elsewhere by the time it is started.
-        if self.config.require_confinement {
-            return python::resolve_interpreter(
-                None,
-                self.config.python.as_deref(),
-                &p.dir,
-                self.fs.as_ref(),
-                std::env::var_os("PATH"),
-            );
-        }
-        self.named_interpreter(p)
-    }
-
-    /// The interpreter the plugin's manifest names, else the operator's.
-    fn named_interpreter(&self, p: &Pending) -> Result<PathBuf, String> {
-        python::resolve_interpreter(
-            p.manifest.python.as_deref(),
-            self.config.python.as_deref(),
-            &p.dir,
-            self.fs.as_ref(),
-            std::env::var_os("PATH"),
-        )
-    }
-
     /// A Python plugin: its interpreter (none: UNAVAILABLE naming it), its
     /// packages (asked of that interpreter), then the host's Python runner
     /// under supervision, like an isolated native plugin.
@@ -504,106 +397,6 @@ impl Loader {
         };
         let handle = self.instantiate_isolated(p, importer, (code, config), &check)?;
         Self::recheck_started(&check, handle)
-    }
-
-    /// Under `--require-confinement`, a plugin's Python packages are asked
-    /// of, and a Python plugin runs on, the operator's interpreter only: one
-    /// its manifest names (a virtualenv's `python`, with the `.pth` files
-    /// of its site-packages) is the plugin's own code, which starts before
-    /// a runner can confine itself, and which the dependency check would
-    /// run unconfined. Checked before that check runs anything, for every
-    /// runtime (a native manifest's `py:` dependencies use its `python`
-    /// too; one without them never runs it); the reason names the server's
-    /// interpreter.
-    fn refuse_own_interpreter(&self, p: &Pending) -> Result<(), PluginError> {
-        let Some(named) = p.manifest.python.as_deref() else {
-            return Ok(());
-        };
-        // A native plugin without Python packages never runs it.
-        if !self.config.require_confinement || !runs_an_interpreter(p) {
-            return Ok(());
-        }
-        let operators = self.interpreter(p);
-        // The same file by another name (a link) is the operator's too. One
-        // that cannot be found now is refused as well: found later (a copy
-        // in progress), it would run.
-        let same = |a: &Path, b: &Path| {
-            a == b
-                || matches!(
-                    (self.fs.canonicalize(a), self.fs.canonicalize(b)),
-                    (Ok(a), Ok(b)) if a == b
-                )
-        };
-        if let (Ok(interpreter), Ok(operators)) = (self.named_interpreter(p), &operators)
-            && same(&interpreter, operators)
-        {
-            return Ok(());
-        }
-        let theirs = operators.map_or_else(
-            |wanted| format!("--python; none found now: {wanted}"),
-            |path| format!("{}, or --python", path.display()),
-        );
-        Err(ImportError::NotConfined {
-            detail: format!(
-                "the plugin's manifest names its own Python interpreter ({named}), which would \
-                 run unconfined (its dependency check, and a runner's start with its \
-                 site-packages' .pth files, come before any confinement); serve it with the \
-                 server's interpreter ({theirs}) instead"
-            ),
-        }
-        .into())
-    }
-
-    /// A signed plugin under `--require-signed`, or a pinned one, whose
-    /// manifest names an interpreter in its own directory (`"python":
-    /// ".venv/bin/python"`) is refused before that interpreter runs: no
-    /// signature or pin covers a virtual environment (not listed), and what
-    /// it runs (its `.pth` files, `pyvenv.cfg`'s `home`, the interpreter
-    /// itself) comes before the runner's checks. One whose interpreter is
-    /// not found is left to fail for it.
-    fn refuse_interpreter_inside(&self, p: &Pending) -> Result<(), PluginError> {
-        let Some(named) = p.manifest.python.as_deref() else {
-            return Ok(());
-        };
-        if !runs_an_interpreter(p) || self.config.require_confinement {
-            // Under `--require-confinement` the operator's interpreter runs
-            // (`interpreter`), or the plugin is refused already.
-            return Ok(());
-        }
-        let covered_by = if self.config.require_signed {
-            "its signature (--require-signed)"
-        } else if !self.pins(p)?.is_empty() {
-            "its pin"
-        } else {
-            return Ok(());
-        };
-        if !self.names_an_interpreter_inside(p) {
-            return Ok(());
-        }
-        Err(IntegrityError::InterpreterInside {
-            interpreter: named.to_owned(),
-            covered_by: covered_by.to_owned(),
-        }
-        .into())
-    }
-
-    /// Whether `p`'s manifest names an interpreter in `p`'s own directory
-    /// (found now): by its name, or by where its directory resolves (a
-    /// virtual environment's interpreter is a link to the base one, which
-    /// lies elsewhere: its directory is what is in the plugin's).
-    pub(super) fn names_an_interpreter_inside(&self, p: &Pending) -> bool {
-        if p.manifest.python.is_none() {
-            return false;
-        }
-        let Ok(interpreter) = self.named_interpreter(p) else {
-            return false;
-        };
-        let resolved = |path: &Path| self.fs.canonicalize(path).ok();
-        interpreter.starts_with(&p.dir)
-            || matches!(
-                (interpreter.parent().and_then(resolved), resolved(&p.dir)),
-                (Some(i), Some(d)) if i.starts_with(&d)
-            )
     }
 
     /// Confines the plugin's runners when the host confines runners (its
@@ -792,97 +585,6 @@ impl Loader {
         }
     }
 
-    /// Where the plugin's library is: inside its directory (no escape by `..`
-    /// or symlink), else on the configured library path.
-    fn resolve_library(&self, p: &Pending, signed: bool) -> Result<PathBuf, PluginError> {
-        // Found on `--lib-path` below, or not at all this time.
-        self.outside_libraries.lock().remove(&p.name);
-        let entry = p
-            .manifest
-            .entrypoint
-            .clone()
-            .unwrap_or_else(|| format!("lib{}.so", p.name.replace(['-', '.'], "_")));
-        let inside = manifest::join_inside(&p.dir, &entry);
-        let bare = !entry.contains('/');
-        // Resolving the path is the look-up: a library that resolves is
-        // there (no separate `exists`).
-        let resolved = self.check_contained(&p.dir, &inside, &entry)?;
-        // The path as named is what is opened, not the resolved one: the
-        // library's `$ORIGIN`, its pin and the reasons stay those of the
-        // plugin's directory. A link swapped between the check and the
-        // open needs write access to that directory, which could replace
-        // the library itself; a checked (signed or pinned) library is
-        // loaded from the bytes that were checked, whatever the link.
-        // A signed plugin's library is one of its signed files, in its
-        // directory: never one found on `--lib-path` (gone from the
-        // directory since its signature was checked, a library of the same
-        // name there would be loaded unchecked).
-        if resolved || !bare || signed || self.fs.exists(&inside) {
-            return Ok(inside);
-        }
-        for lib_dir in &self.config.lib_paths {
-            let candidate = lib_dir.join(&entry);
-            if self.fs.exists(&candidate) {
-                // Outside the directory's change stamp: its identity is
-                // what the next rescan compares.
-                let identity = super::loader::file_identity(&candidate);
-                self.outside_libraries
-                    .lock()
-                    .insert(p.name.clone(), (candidate.clone(), identity));
-                return Ok(candidate);
-            }
-        }
-        let searched = self
-            .config
-            .lib_paths
-            .iter()
-            .map(|dir| match self.fs.exists(dir) {
-                true => dir.display().to_string(),
-                false => format!("{} (missing)", dir.display()),
-            })
-            .collect();
-        let python_file = format!("{entry}.py");
-        let python_file = self
-            .fs
-            .exists(&p.dir.join(&python_file))
-            .then_some(python_file);
-        Err(ImportError::LibraryNotFoundInPath {
-            path: inside,
-            searched,
-            python_file,
-        }
-        .into())
-    }
-
-    /// Fails when `path` resolves outside `dir`; whether it resolved (`false`:
-    /// missing, which the import step reports precisely).
-    fn check_contained(&self, dir: &Path, path: &Path, entry: &str) -> Result<bool, PluginError> {
-        let Some((real, inside)) = self.resolved_inside(dir, path) else {
-            return Ok(false);
-        };
-        if inside {
-            Ok(true)
-        } else {
-            Err(ManifestError::PathEscape {
-                field: "entrypoint".into(),
-                path: format!("{entry} -> {}", real.display()),
-            }
-            .into())
-        }
-    }
-
-    /// Where `path` resolves (links followed, through the pass's cache),
-    /// and whether that is inside `dir`; `None` when it does not resolve.
-    pub(super) fn resolved_inside(&self, dir: &Path, path: &Path) -> Option<(PathBuf, bool)> {
-        let real = self.pass.canonicalize(self.fs.as_ref(), path).ok()?;
-        let root = self
-            .pass
-            .canonicalize(self.fs.as_ref(), dir)
-            .unwrap_or_else(|_| dir.to_path_buf());
-        let inside = real.starts_with(&root);
-        Some((real, inside))
-    }
-
     /// The limits of `p`'s runners: the host's, as its manifest sets them
     /// (logged when it asks for a larger answer than the host allows). A
     /// plugin that declares `requires_gpu` has no address-space limit
@@ -1066,13 +768,6 @@ fn edit_missing(err: &mut DependencyError, edit: impl FnOnce(&mut Vec<String>)) 
         .map(str::to_owned);
     edit(&mut err.missing);
     *err = DependencyError::new(std::mem::take(&mut err.missing), gpu_detail);
-}
-
-/// Whether `p` runs a Python interpreter: a Python plugin, or a native one
-/// whose manifest asks for Python packages (`py:`, checked by one).
-fn runs_an_interpreter(p: &Pending) -> bool {
-    p.manifest.runtime == Runtime::Python
-        || p.manifest.requirements.python_queries().next().is_some()
 }
 
 #[cfg(test)]

@@ -17,7 +17,11 @@
 //! - [`loader`]: the [`Loader`] and its per-plugin state;
 //! - [`discovery`]: plugin directories and their manifests;
 //! - [`registration`]: registry keys, final states, outcomes;
-//! - [`instantiate`]: one plugin from dependencies to a [`crate::PluginHandle`];
+//! - [`instantiate`]: one plugin from dependencies to a [`crate::PluginHandle`],
+//!   with [`interpreter`] (which interpreter a Python plugin runs under,
+//!   and which it must not), [`library_path`] (where a native plugin's
+//!   library is) and [`pins`] (integrity pins) as its parts, each used by
+//!   it and none using it;
 //! - [`waves`]: dependency order and the parallel waves;
 //! - [`construction`]: an in-process constructor as a crew job under its
 //!   deadline, and the plugins whose given-up constructor still runs;
@@ -33,10 +37,13 @@ mod detached;
 mod discovery;
 mod host_short;
 mod instantiate;
+mod interpreter;
+mod library_path;
 mod load;
 mod loader;
 mod parallel;
 mod pass_cache;
+mod pins;
 mod registration;
 mod reload;
 mod report;
