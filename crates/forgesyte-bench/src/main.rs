@@ -8,6 +8,9 @@
 //! Exit status: 0 when every correctness check held (missed speed targets
 //! are reported in the table, not as failures), 1 otherwise, 2 on usage
 //! errors.
+//!
+//! Only the command line: the figures, their baselines and the report live
+//! in the library, which must not know how it is invoked.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -40,6 +40,12 @@
 //! stderr, filtered by `RUST_LOG` (default `info` for `serve`, `off` for
 //! `check`). Exit codes: 0 success, 1 failure (for `check`: a plugin is not
 //! available), 2 usage error.
+//!
+//! This binary owns the command line, the process's set-up (logging, the
+//! environment, signals) and the hidden runner and probe subcommands. It
+//! wires the library's parts together and must not hold HTTP handling or
+//! loader logic of its own: those live in `forgesyte_server` and
+//! `forgesyte_loader`, where the tests reach them.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;

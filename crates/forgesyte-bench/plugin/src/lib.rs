@@ -8,6 +8,9 @@
 //! "binary"`, taken as the host's slice through ABI 3's binary call;
 //! answers `{"len": N}`: the frames figures send it payloads as JSON
 //! base64, multipart and octet-stream).
+//!
+//! It knows only the SDK: nothing of the host or of the bench, whose
+//! figures must measure the host's work, not this library's.
 
 use forgesyte_plugin_sdk::{BoxError, Call, Output, Plugin, PluginConfig, ToolError, ToolSpec};
 use serde_json::Value;
