@@ -221,6 +221,68 @@ fn an_entrypoint_of_a_file_and_a_class_runs_that_class() {
     );
 }
 
+/// A package installed into the interpreter's site directory after its
+/// zygote started (an editable install: a `.pth` file naming a project's
+/// directory, which an interpreter reads only at its start) is importable
+/// by the plugins loaded after it: that zygote is replaced for later
+/// runners, and the runner it forked before serves on.
+#[test]
+fn a_pth_file_installed_after_the_zygote_started_reaches_later_plugins() {
+    require_python();
+    let tmp = tempfile::tempdir().unwrap();
+    let venv = tmp.path().join("venv");
+    let made = std::process::Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(made.success(), "python3 -m venv: {made}");
+    let root = tmp.path().join("plugins");
+    copy_fixture(&root, "echo", "first");
+    write_manifest(
+        &root,
+        "first",
+        json!({"version": "1.0.0", "runtime": "python"}),
+    );
+    let registry = Registry::new();
+    let loader = loader_with_python(&root, &registry, Some(venv.join("bin/python")));
+    check(&registry, "first", S::Initialized, None);
+    let project = tmp.path().join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("late_mod.py"), "VALUE = 7\n").unwrap();
+    let lib = std::fs::read_dir(venv.join("lib"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let site = lib.path().join("site-packages");
+    std::fs::write(
+        site.join("__editable__.late-1.0.pth"),
+        format!("{}\n", project.display()),
+    )
+    .unwrap();
+    let second = root.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    std::fs::write(
+        second.join("plugin.py"),
+        "import late_mod\n\n\nclass Plugin:\n    name = 'second'\n    tools = {'value': {'handler': 'value', \
+         'description': 'late_mod.VALUE', 'input_schema': {}, 'output_schema': {}}}\n\n    \
+         def value(self, args):\n        return {'value': late_mod.VALUE}\n",
+    )
+    .unwrap();
+    write_manifest(&root, "second", json!({"version": "1.0.0"}));
+    loader.rescan();
+    check(&registry, "second", S::Initialized, None);
+    assert_eq!(
+        call(&loader, "second", "value", json!({})).unwrap(),
+        json!({"value": 7})
+    );
+    assert_eq!(
+        call(&loader, "first", "echo", json!({"x": 1})).unwrap(),
+        json!({"x": 1})
+    );
+}
+
 /// A `plugin.py` that links out of its plugin directory is refused before
 /// anything runs, as a native library's link is; one that links inside it
 /// loads.

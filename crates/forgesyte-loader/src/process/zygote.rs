@@ -171,7 +171,10 @@ pub(crate) fn zygote_for(key: &ZygoteKey) -> io::Result<Arc<Zygote>> {
             unforked_ends.remove(key);
         }
         if !zygote.is_unusable() {
-            return Ok(Arc::clone(zygote));
+            match zygote.changed_site_dir() {
+                None => return Ok(Arc::clone(zygote)),
+                Some(dir) => zygote.retire(&dir),
+            }
         }
         if let Some(why) = zygote.ended_unforked() {
             let ends = unforked_ends.entry(key.clone()).or_insert(0);
@@ -258,7 +261,8 @@ pub(crate) struct Zygote {
     reaps: std::sync::mpsc::Sender<u32>,
     state: Mutex<State>,
     /// A spawn found it not forking within [`FORK_TIMEOUT`] (stopped,
-    /// stuck): later runners get a new zygote; its own runners stay.
+    /// stuck), or a site directory of its changed ([`Zygote::retire`]):
+    /// later runners get a new zygote; its own runners stay.
     wedged: std::sync::atomic::AtomicBool,
     /// It has forked a runner: its interpreter is up, and [`FORK_TIMEOUT`]
     /// applies to its spawns (the first waits the spawn's own time limit,
@@ -266,6 +270,10 @@ pub(crate) struct Zygote {
     forked: std::sync::atomic::AtomicBool,
     /// Kept so the process is reaped when the zygote ends.
     process: Mutex<std::process::Child>,
+    /// Its site directories as they were at its start (its first message):
+    /// their `.pth` files, an editable install's import hook among them,
+    /// are read only at an interpreter's start.
+    site: Mutex<Vec<(PathBuf, Option<i64>)>>,
 }
 
 /// How long a spawn waits for the zygote to take its request and fork,
@@ -291,9 +299,23 @@ impl std::fmt::Debug for Zygote {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Said {
-    Spawned { id: u64, pid: u32 },
-    SpawnFailed { id: u64, error: String },
-    Exit { pid: u32, status: i32 },
+    Spawned {
+        id: u64,
+        pid: u32,
+    },
+    SpawnFailed {
+        id: u64,
+        error: String,
+    },
+    Exit {
+        pid: u32,
+        status: i32,
+    },
+    /// Its site directories and their modification times (ns; `None`:
+    /// absent) when it started.
+    Site {
+        dirs: Vec<(PathBuf, Option<i64>)>,
+    },
 }
 
 impl Zygote {
@@ -379,6 +401,7 @@ impl Zygote {
             wedged: std::sync::atomic::AtomicBool::new(false),
             forked: std::sync::atomic::AtomicBool::new(false),
             process: Mutex::new(process),
+            site: Mutex::new(Vec::new()),
         }))
     }
 
@@ -402,6 +425,38 @@ impl Zygote {
     /// did not fork in time.
     fn is_unusable(&self) -> bool {
         self.wedged.load(std::sync::atomic::Ordering::Acquire) || self.is_dead()
+    }
+
+    /// The first of its site directories that changed since it started (a
+    /// package installed or removed there), if one did: one `stat` each.
+    fn changed_site_dir(&self) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt as _;
+        let site = self.site.lock();
+        site.iter()
+            .find(|(dir, then)| {
+                let now = std::fs::metadata(dir).ok().map(|meta| {
+                    meta.mtime()
+                        .saturating_mul(1_000_000_000)
+                        .saturating_add(meta.mtime_nsec())
+                });
+                now != *then
+            })
+            .map(|(dir, _)| dir.clone())
+    }
+
+    /// Retires it for a change of its site directory `dir`: later runners
+    /// get a new zygote, which reads the directory's `.pth` files as they
+    /// are now; its own runners stay (see [`Zygote::wedged`]).
+    fn retire(&self, dir: &std::path::Path) {
+        if !self.wedged.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::info!(
+                pid = self.pid,
+                "the Python zygote's site directory {} changed since it started (a package \
+                 installed or removed there); later runners get a new one",
+                dir.display()
+            );
+        }
+        self.let_go_if_idle();
     }
 
     /// Marks it wedged (see [`Zygote::wedged`]); `why` completes "the
@@ -666,6 +721,7 @@ impl Zygote {
                     let _ = tx.send(Err(format!("the Python zygote could not fork: {error}")));
                 }
             }
+            Said::Site { dirs } => *self.site.lock() = dirs,
             Said::Exit { pid, status } => {
                 // Only a runner of this zygote that the host has not seen
                 // end (a pid it does not know, or knows ended and reaped,

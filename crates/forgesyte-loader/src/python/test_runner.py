@@ -3564,6 +3564,29 @@ class SeccompTests(unittest.TestCase):
             self.assertEqual(proc.returncode, base.EXIT_PROTOCOL, (message[:40], err[-300:]))
             self.assertIn(b"a bad control message", err)
 
+    def test_a_zygote_first_says_its_site_directories_as_they_were_at_its_start(self):
+        import site
+        import socket
+
+        ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ours.close)
+        code = "import sys; sys.path.insert(0, %r); import runner as r; r.start(['--zygote'])" % HERE
+        proc = subprocess.Popen([PYTHON, "-c", code], stdin=its, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        its.close()
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        ours.settimeout(TIMEOUT)
+        said = json.loads(ours.recv(1 << 20).decode("utf-8"))
+        expected = []
+        for d in site.getsitepackages():
+            try:
+                expected.append([d, os.stat(d).st_mtime_ns])
+            except OSError:
+                expected.append([d, None])
+        self.assertEqual(said, {"op": "site", "dirs": expected})
+        self.assertTrue(expected, "this interpreter has no site directory to report")
+
     def test_a_confined_zygote_that_cannot_be_made_not_dumpable_does_not_serve(self):
         import socket
 

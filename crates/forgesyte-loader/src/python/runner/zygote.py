@@ -24,6 +24,30 @@ def _says_off(value):
     FORGESYTE_* boolean reads it: ``0``, ``f``, ``false``, ``n``, ``no`` or
     ``off``, in any case (``false`` left the namespace shared)."""
     return value is not None and value.strip().lower() in ("0", "f", "false", "n", "no", "off")
+def _site_dirs():
+    """The site directories this interpreter read ``.pth`` files from at its
+    start, each with its modification time in nanoseconds (``None``: absent),
+    as ``[path, mtime]`` pairs; a path that is not UTF-8 is left out (the
+    host reads JSON)."""
+    try:
+        import site
+
+        dirs = site.getsitepackages()
+    except Exception:  # a site module without it (an embedded build)
+        return []
+    found = []
+    for d in dirs:
+        try:
+            d.encode("utf-8")
+        except UnicodeError:
+            continue
+        try:
+            found.append([d, os.stat(d).st_mtime_ns])
+        except OSError:
+            found.append([d, None])
+    return found
+
+
 # The zygote's control messages (one JSON object per SEQPACKET message) are
 # at most this big.
 ZYGOTE_MESSAGE_BYTES = 1 << 20
@@ -62,6 +86,10 @@ class _Zygote(object):
       the host may still signal it.
     - host → zygote ``{"op": "reap", "pid": P}``: the host has recorded the
       death; the zygote reaps the child.
+    - zygote → host, first, ``{"op": "site", "dirs": [[PATH, MTIME_NS or
+      null], ...]}``: its site directories as they were when it started
+      (see ``_site_dirs``); the host starts a new zygote for later runners
+      once one of them has changed.
 
     The zygote forks from its one thread, before any plugin code ran in it
     (and so before CUDA could be touched), and exits at the end of its
@@ -114,6 +142,11 @@ class _Zygote(object):
     def serve(self):
         import gc
 
+        # The host replaces a zygote whose site directories changed (a
+        # package installed or removed since its start): their ``.pth``
+        # files, which an editable install's import hook lives in, are read
+        # only at an interpreter's start.
+        self.send({"op": "site", "dirs": _site_dirs()})
         # What is loaded now is shared by every runner: the collector
         # leaves it alone, so the pages stay shared after fork.
         gc.freeze()
