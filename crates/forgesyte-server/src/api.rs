@@ -235,14 +235,18 @@ pub(crate) async fn plugin_tools(
         (Vec<u8> = "application/octet-stream"),
     ), description = "`{\"args\": {...}}` (an empty body means no arguments); or `multipart/form-data` whose parts are arguments under their field names (bytes; a part named like an argument the input schema declares and not as binary is a form field of that argument's type: text for a string, else the JSON it holds) and whose optional `args` part holds the rest as JSON; or `application/octet-stream`, the tool's one binary argument. Arguments the tool's input schema declares binary (`format: binary`, `contentEncoding: base64`) reach the plugin as bytes"),
     responses(
-        (status = 200, description = "The tool's result (with `Accept: multipart/mixed` or `application/octet-stream`, see the `accept` parameter)", body = RunSuccess),
+        (status = 200, description = "The tool's result: JSON by default; with `Accept: multipart/mixed`, the JSON answer (null at each binary result's place) then one part per binary result named by its JSON Pointer; with `Accept: application/octet-stream`, the one binary result's bytes, the JSON answer in `X-Forgesyte-Result` (see the `accept` parameter)", content(
+            (RunSuccess = "application/json"),
+            (String = "multipart/mixed"),
+            (String = "application/octet-stream"),
+        )),
         (status = 406, description = "Raw bytes were the only acceptable answer and the result has not exactly one binary result (`NotAcceptable`; the tool has run)", body = RunFailure),
-        (status = 400, description = "The body is not JSON", body = RunFailure),
+        (status = 400, description = "The body is not JSON, or is a malformed multipart body, or could not be read (its chunked framing broken, cut short, a `Transfer-Encoding` other than `chunked` or a `Content-Encoding` other than `identity`, two `Content-Type` headers): `MalformedBody`", body = RunFailure),
         (status = 404, description = "Unknown plugin or tool", body = RunFailure),
         (status = 413, description = "The body is larger than the limit, or its JSON arguments hold more values than a body may (the body limit / 128)", body = RunFailure),
         (status = 408, description = "The body stopped arriving for longer than the body read timeout (`--body-read-timeout`), or arrived slower than the minimum rate (`--body-min-rate`)", body = RunFailure),
         (status = 422, description = "The body has the wrong shape, or the tool returned an error, or its answer is larger than all the memory for answers waiting to be sent (`AnswerTooLarge`, `--answer-memory`; the tool ran)", body = RunFailure),
-        (status = 502, description = "The tool panicked or broke the protocol; the plugin is now FAILED", body = RunFailure),
+        (status = 502, description = "The tool panicked (`ToolPanic`), broke the protocol (`ProtocolError`), or its runner process crashed (`CrashError`: a signal, an exit, a memory limit); the plugin is now FAILED", body = RunFailure),
         (status = 503, description = "The plugin cannot run tools (state and reason in the body; `PluginNotRunnable`), or it has its limit of tool calls in progress and this one did not run (`TooManyCalls`, with `Retry-After`), or no thread to run it was free within its time limit, or its body found no room in `--body-memory` (`ServerBusy`, with `Retry-After`), or it ran and its answer found no room in `--answer-memory` (`ServerBusy`, with `Retry-After`; the answer was dropped)", body = RunFailure),
         (status = 504, description = "The tool ran past its time limit; the plugin is now FAILED (`Timeout`). Or the call waited its time limit behind the plugin's call in progress (a plugin that takes one call at a time) and never ran; the plugin is unaffected (`QueueTimeout`)", body = RunFailure),
     )

@@ -65,8 +65,8 @@ pub struct ErrorDetail {
     pub detail: String,
 }
 
-/// A tool run that failed (404, 400, 413, 422, 502, 503, 504): the body
-/// [`ApiError::Run`] answers, built by [`RunError::failure`].
+/// A tool run that failed (400, 404, 406, 408, 413, 422, 502, 503, 504):
+/// the body [`ApiError::Run`] answers, built by [`RunError::failure`].
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
 pub struct RunFailure {
     /// Always `false`.
@@ -78,9 +78,11 @@ pub struct RunFailure {
     /// What went wrong, briefly (for a tool error: the tool's own message).
     pub error: String,
     /// Error class: `PluginNotFound`, `UnknownTool`, `PluginNotRunnable`,
-    /// `MalformedBody`, `InvalidBody`, `PayloadTooLarge`, `InvalidArgs`,
-    /// `ToolError` (or the plugin's own class), `ToolPanic`, `ProtocolError`,
-    /// `Timeout`, `QueueTimeout`.
+    /// `MalformedBody`, `InvalidBody`, `PayloadTooLarge`, `BodyTimeout`,
+    /// `InvalidArgs`, `ToolError` (or the plugin's own class),
+    /// `ResultTooLarge`, `ResultTooDeep`, `AnswerTooLarge`, `NotAcceptable`,
+    /// `NotStreamable`, `ToolPanic`, `ProtocolError`, `CrashError`,
+    /// `Timeout`, `QueueTimeout`, `TooManyCalls`, `ServerBusy`.
     pub error_type: String,
     /// A full sentence naming the plugin and the tool.
     pub detail: String,

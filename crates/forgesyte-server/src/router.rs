@@ -233,7 +233,64 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
 
 /// The OpenAPI document of the HTTP API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    corrected(routes().split_for_parts().1)
+}
+
+/// The run route's path in the document.
+const RUN_PATH: &str = "/v1/plugins/{name}/tools/{tool}/run";
+
+/// The stream route's path in the document.
+const STREAM_PATH: &str = "/v1/plugins/{name}/tools/{tool}/stream";
+
+/// What the route macros cannot say: the run route's body may be absent
+/// (no arguments), and its `application/octet-stream` bodies, the
+/// request's and the answer's, are bytes (the macros make an array of
+/// integers of `Vec<u8>`); the stream route's 503 is a `RunFailure` or,
+/// at the server's limit of streams, an `ErrorDetail`.
+fn corrected(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+    use utoipa::openapi::{Ref, RefOr};
+    if let Some(RefOr::T(busy)) = doc
+        .paths
+        .paths
+        .get_mut(STREAM_PATH)
+        .and_then(|item| item.get.as_mut())
+        .and_then(|op| op.responses.responses.get_mut("503"))
+        && let Some(content) = busy.content.get_mut("application/json")
+    {
+        content.schema = Some(
+            OneOfBuilder::new()
+                .item(Ref::from_schema_name("RunFailure"))
+                .item(Ref::from_schema_name("ErrorDetail"))
+                .into(),
+        );
+    }
+    let bytes = || {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .into()
+    };
+    let Some(run) = doc
+        .paths
+        .paths
+        .get_mut(RUN_PATH)
+        .and_then(|item| item.post.as_mut())
+    else {
+        return doc;
+    };
+    if let Some(body) = run.request_body.as_mut() {
+        body.required = Some(utoipa::openapi::Required::False);
+        if let Some(content) = body.content.get_mut("application/octet-stream") {
+            content.schema = Some(bytes());
+        }
+    }
+    if let Some(RefOr::T(ok)) = run.responses.responses.get_mut("200")
+        && let Some(content) = ok.content.get_mut("application/octet-stream")
+    {
+        content.schema = Some(bytes());
+    }
+    doc
 }
 
 /// The OpenAPI document and its page, built by the first request that

@@ -33,8 +33,9 @@ pub struct RunSuccess {
     pub plugin_id: String,
     /// The tool that ran.
     pub tool_name: String,
-    /// What the tool returned.
-    #[schema(value_type = Object)]
+    /// What the tool returned: any JSON value (an object, an array, a
+    /// string, a number, a boolean or null).
+    #[schema(value_type = Value)]
     pub result: Value,
     /// Wall time of the call as the server measured it, in milliseconds.
     pub processing_time_ms: f64,

@@ -32,7 +32,10 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
     responses((
         status = 200,
         description = "Prometheus metrics (OpenMetrics text format; the Prometheus text format 0.0.4 for `Accept: text/plain`): plugin states, tool calls by outcome, latencies, runner memory and CPU, HTTP requests by route, load passes, build info. The README lists every metric",
-        content_type = "application/openmetrics-text"
+        content(
+            (String = "application/openmetrics-text"),
+            (String = "text/plain"),
+        )
     ))
 )]
 pub(crate) async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Response {

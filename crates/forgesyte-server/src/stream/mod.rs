@@ -103,7 +103,7 @@ impl Streams {
         ("name" = String, Path, description = "Plugin name (registry key)"),
         ("tool" = String, Path, description = "Tool id; the tool must declare exactly one binary argument"),
         ("policy" = Option<String>, Query, description = "`latest` (default): one frame waits, a newer one replaces it; `block`: frames wait in a queue, then the server stops reading"),
-        ("queue" = Option<usize>, Query, description = "With `policy=block`: how many frames may wait, 1 to 64 (default 4)"),
+        ("queue" = Option<usize>, Query, minimum = 1, maximum = 64, description = "With `policy=block`: how many frames may wait, 1 to 64 (default 4)"),
     ),
     responses(
         (status = 101, description = "Switched to the WebSocket stream protocol"),
@@ -111,7 +111,7 @@ impl Streams {
         (status = 404, description = "Unknown plugin or tool", body = RunFailure),
         (status = 422, description = "The tool does not declare exactly one binary argument (`NotStreamable`)", body = RunFailure),
         (status = 426, description = "A WebSocket version other than 13 (the answer's `Sec-WebSocket-Version` says 13), or a connection that cannot be upgraded", body = ErrorDetail),
-        (status = 503, description = "The plugin cannot run tools (`PluginNotRunnable`), or the server has its limit of open streams", body = RunFailure),
+        (status = 503, description = "The plugin cannot run tools (`PluginNotRunnable`, a `RunFailure`), or the server has its limit of open streams or is shutting down (`{\"detail\"}`, with `Retry-After`)", body = RunFailure),
     )
 )]
 pub(crate) async fn stream_tool(

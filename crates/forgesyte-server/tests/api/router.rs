@@ -545,6 +545,62 @@ async fn openapi_and_docs_are_served() {
     );
 }
 
+/// The document says what the run and stream routes really answer: any
+/// JSON value as a result, a body that may be absent, bytes (not an array
+/// of integers) as octet-stream, every content type of a 200, the stream's
+/// two shapes of 503 and its queue's range.
+#[tokio::test]
+async fn the_document_says_what_the_run_and_stream_routes_answer() {
+    let host = host();
+    let doc = get(&host.app, "/openapi.json").await.json();
+    let schemas = &doc["components"]["schemas"];
+    let result = &schemas["RunSuccess"]["properties"]["result"];
+    assert!(result.get("type").is_none(), "result limited to {result}");
+    let run = &doc["paths"]["/v1/plugins/{name}/tools/{tool}/run"]["post"];
+    assert_eq!(run["requestBody"]["required"], json!(false), "{run}");
+    let binary = json!({"type": "string", "format": "binary"});
+    assert_eq!(
+        run["requestBody"]["content"]["application/octet-stream"]["schema"],
+        binary
+    );
+    let ok = &run["responses"]["200"]["content"];
+    assert_eq!(ok["application/octet-stream"]["schema"], binary);
+    assert!(ok["multipart/mixed"].is_object(), "{ok}");
+    assert!(ok["application/json"].is_object(), "{ok}");
+    // (`allOf`: the not-runnable fields are flattened into it.)
+    let error_type = schemas["RunFailure"]["allOf"][1]["properties"]["error_type"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    for class in [
+        "CrashError",
+        "ServerBusy",
+        "TooManyCalls",
+        "BodyTimeout",
+        "NotAcceptable",
+    ] {
+        assert!(error_type.contains(class), "{class} missing: {error_type}");
+    }
+    let stream = &doc["paths"]["/v1/plugins/{name}/tools/{tool}/stream"]["get"];
+    assert_eq!(
+        stream["responses"]["503"]["content"]["application/json"]["schema"]["oneOf"],
+        json!([
+            {"$ref": "#/components/schemas/RunFailure"},
+            {"$ref": "#/components/schemas/ErrorDetail"}
+        ])
+    );
+    let queue = stream["parameters"]
+        .as_array()
+        .and_then(|params| params.iter().find(|p| p["name"] == "queue"))
+        .unwrap_or_else(|| panic!("no queue parameter: {stream}"));
+    assert_eq!(
+        (&queue["schema"]["minimum"], &queue["schema"]["maximum"]),
+        (&json!(1), &json!(64)),
+        "{queue}"
+    );
+    let metrics = &doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"];
+    assert!(metrics["text/plain"].is_object(), "{metrics}");
+}
+
 // ------------------------------------------------------- hostile names
 
 #[tokio::test]
