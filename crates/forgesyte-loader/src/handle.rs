@@ -617,6 +617,22 @@ impl PluginHandle {
                  or the server's stop): its result is lost; send it again",
             ));
         }
+        if let Err(ToolError::Crashed(forgesyte_errors::CrashError {
+            cause: forgesyte_errors::CrashCause::Killed { reason },
+            ..
+        })) = &outcome
+        {
+            // The host killed the runner while this call ran, for another
+            // call's time limit or fault (this call's own are `TimedOut`
+            // and the fault itself): not this call's outcome, so not
+            // counted, and its client is told to send it again rather than
+            // that its call faulted.
+            drop(running);
+            return Err(self.interrupted(&format!(
+                "the host killed the plugin's process while this call ran, for another call \
+                 ({reason}): its result is lost; send it again once the plugin has restarted"
+            )));
+        }
         // (An answer the host could not take for want of descriptors is
         // no outcome of the plugin's either.)
         if let Err(

@@ -618,7 +618,13 @@ pub(crate) fn live_handle(
 /// instance's, served while it waits for its restart: never such a 503.)
 pub(crate) fn refusal(state: &AppState, plugin: String, tool: String, error: RunError) -> Response {
     let restart_in = match &error {
+        // (A call cut off by its runner's kill for another call finds its
+        // plugin FAILED, its restart scheduled, too.)
         RunError::NotRunnable {
+            state: Some(forgesyte_registry::PluginLifecycleState::Failed),
+            ..
+        }
+        | RunError::Interrupted {
             state: Some(forgesyte_registry::PluginLifecycleState::Failed),
             ..
         } => state.registry().restart_in(&plugin),

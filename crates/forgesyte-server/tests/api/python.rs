@@ -630,6 +630,44 @@ fn the_call_timeout_holds_for_plugins_in_runners() {
     }
 }
 
+/// A call that was running when its runner was killed for another call's
+/// time limit did not fault: it is told so (503 `PluginNotRunnable`, the
+/// kill's reason, `Retry-After` until the restart), not counted among the
+/// plugin's errors; the call that timed out is the one 504 and one error.
+#[test]
+fn a_call_cut_off_by_another_calls_timeout_is_told_to_send_it_again() {
+    let dir = PluginsDir::new();
+    dir.python("echo", "echo");
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--call-timeout", "1"]);
+    server.wait_loaded();
+    let addr = server.addr;
+    let slow = std::thread::spawn(move || {
+        http_with(
+            addr,
+            "POST",
+            "/v1/plugins/echo/tools/sleep/run",
+            &[("Content-Type", "application/json")],
+            br#"{"args": {"ms": 8000}}"#,
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let cut_off = server.run("echo", "sleep", r#"{"args": {"ms": 5000}}"#);
+    let slow = slow.join().unwrap();
+    assert_eq!(slow.status, 504, "{}", slow.text());
+    assert_eq!(cut_off.status, 503, "{}", cut_off.text());
+    let failure = cut_off.json();
+    assert_eq!(failure["error_type"], "PluginNotRunnable", "{failure}");
+    let detail = failure["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("the host killed the plugin's process while this call ran, for another call (TimeoutError: timed out after 1 s during tool 'sleep';")
+            && detail.contains("send it again"),
+        "{detail}"
+    );
+    assert!(cut_off.header("retry-after").is_some(), "{failure}");
+    let health = server.get("/v1/plugins/echo/health").json();
+    assert_eq!(health["error_count"], 1, "{health}");
+}
+
 /// The fault zoo's crashes, over HTTP, each followed by the supervisor's
 /// restart (1 s backoff, as configured by default): a segfault in the
 /// interpreter, a hang past the call timeout, a memory blow-up past the

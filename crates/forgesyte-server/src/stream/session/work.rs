@@ -163,14 +163,18 @@ fn failed_for_good(session: &Session) -> bool {
 
 /// The close code and reason (its start) of the errors that end a stream:
 /// the plugin is FAILED (it crashed, panicked, broke the protocol or ran
-/// past its time limit: 1011), or the plugin or its tool is gone (a rescan
-/// or reload removed it: 1001, as no later frame could ever be answered).
+/// past its time limit, or its runner was killed under this frame for
+/// another call's: 1011), or the plugin or its tool is gone (a rescan or
+/// reload removed it: 1001, as no later frame could ever be answered).
 /// Every other error leaves the stream open.
 fn ends_stream(error: &RunError) -> Option<(u16, &'static str)> {
     match error {
-        RunError::Fault { .. } | RunError::Timeout { .. } => {
-            Some((close::PLUGIN_FAILED, "plugin failed"))
-        }
+        RunError::Fault { .. }
+        | RunError::Timeout { .. }
+        | RunError::Interrupted {
+            state: Some(PluginLifecycleState::Failed),
+            ..
+        } => Some((close::PLUGIN_FAILED, "plugin failed")),
         RunError::PluginNotFound { .. } => Some((close::GOING_AWAY, "plugin removed")),
         RunError::UnknownTool => Some((close::GOING_AWAY, "tool removed")),
         _ => None,
