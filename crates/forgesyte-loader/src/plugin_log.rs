@@ -124,7 +124,8 @@ impl Budget {
 /// record as `LEVEL logger: message`; a plugin that replaced the runner's
 /// handler (`logging.basicConfig(force=True)`) writes them as
 /// `LEVEL:logger:message`, the standard library's default format, whose
-/// errors were logged at INFO. Any other line is `INFO`.
+/// errors were logged at INFO; a plugin that prints `ERROR: message` loses
+/// the space after the colon too. Any other line is `INFO`.
 pub(crate) fn stderr_level(text: &str) -> (tracing::Level, &str) {
     let levels = [
         ("CRITICAL", tracing::Level::ERROR),
@@ -138,10 +139,23 @@ pub(crate) fn stderr_level(text: &str) -> (tracing::Level, &str) {
         .find_map(|(name, level)| {
             let rest = text.strip_prefix(name)?;
             rest.strip_prefix(' ')
-                .or_else(|| rest.strip_prefix(':'))
+                .or_else(|| {
+                    rest.strip_prefix(':')
+                        .map(|rest| rest.strip_prefix(' ').unwrap_or(rest))
+                })
                 .map(|rest| (*level, rest))
         })
         .unwrap_or((tracing::Level::INFO, text))
+}
+
+/// The target of plugins' own lines in the server's log.
+const TARGET: &str = "forgesyte_loader::plugin_stderr";
+
+/// Whether the server's log takes plugins' DEBUG lines (`RUST_LOG=debug`,
+/// or `forgesyte_loader::plugin_stderr=debug`): a Python runner started
+/// then writes its `logging` records from DEBUG up, not from INFO.
+pub(crate) fn debug_lines_logged() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::DEBUG)
 }
 
 /// Logs one line of a plugin (a runner's stderr line, or an in-process
@@ -157,7 +171,6 @@ pub(crate) fn log_plugin_line(
     level: tracing::Level,
     line: &str,
 ) {
-    const TARGET: &str = "forgesyte_loader::plugin_stderr";
     let request_id = tags.request_id.as_deref();
     let trace_id = tags.trace_id.as_deref();
     let line = &*not_a_host_marker(line);
@@ -452,5 +465,10 @@ mod tests {
             (Level::WARN, "root:slow")
         );
         assert_eq!(stderr_level("ERRORS: 3"), (Level::INFO, "ERRORS: 3"));
+        // A plugin's own `print("ERROR: ...", file=sys.stderr)`.
+        assert_eq!(
+            stderr_level("ERROR: printed by hand"),
+            (Level::ERROR, "printed by hand")
+        );
     }
 }

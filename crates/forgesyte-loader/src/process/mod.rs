@@ -496,6 +496,9 @@ impl ProcessImporter {
                     "--max-result-values".into(),
                     crate::json_text::max_result_values().to_string().into(),
                 ]);
+                if crate::plugin_log::debug_lines_logged() {
+                    argv.extend(["--log-level".into(), "debug".into()]);
+                }
                 // The zygote's wait, when it did not fork within the start's
                 // limit: the runner started on its own then has a limit of
                 // its own, and a reason that said one limit for a start

@@ -2647,6 +2647,28 @@ class UnitTests(unittest.TestCase):
         args = parse_args(["--file", "plugin.py", "--plugin-dir", "/plugins/p"])
         self.assertEqual((args.file, args.plugin_dir), ("/plugins/p/plugin.py", "/plugins/p"))
 
+    def test_the_log_level_is_the_hosts_choice_among_the_standard_ones(self):
+        import logging
+
+        from runner import api
+        from runner.args import UsageError, parse_args
+
+        self.assertEqual(parse_args(["--file", "/p/plugin.py"]).log_level, "info")
+        self.assertEqual(parse_args(["--file", "/p/plugin.py", "--log-level", "debug"]).log_level, "debug")
+        for bad in ("DEBUG", "trace", ""):
+            with self.assertRaises(UsageError):
+                parse_args(["--file", "/p/plugin.py", "--log-level", bad])
+        root = logging.getLogger()
+        saved = (root.level, list(root.handlers))
+        try:
+            api.setup_logging("debug")
+            self.assertEqual(root.level, logging.DEBUG)
+            api.setup_logging()
+            self.assertEqual(root.level, logging.INFO)
+        finally:
+            root.handlers[:] = saved[1]
+            root.setLevel(saved[0])
+
     def test_checked_sources_come_in_a_memory_file_of_json_digests(self):
         from runner.args import UsageError, parse_args
 

@@ -52,6 +52,49 @@ fn log_line(server: &Forgesyte, matches: impl Fn(&str) -> bool) -> Value {
     }
 }
 
+/// A Python plugin's DEBUG records reach the server's log when it takes
+/// plugins' DEBUG lines (`RUST_LOG=…,forgesyte_loader::plugin_stderr=debug`),
+/// at DEBUG; under the default filter its runner does not write them.
+#[test]
+fn a_python_plugins_debug_records_follow_the_servers_log_filter() {
+    for (filter, debug_logged) in [
+        ("info", false),
+        ("info,forgesyte_loader::plugin_stderr=debug", true),
+    ] {
+        let dir = PluginsDir::new();
+        dir.python("traced", "traced");
+        let server = Forgesyte::start_with_env(
+            &["--plugins", dir.path_str()],
+            &[("FORGESYTE_LOG_FORMAT", "json"), ("RUST_LOG", filter)],
+        );
+        server.wait_loaded();
+        let reply = run_with(
+            &server,
+            "traced",
+            "whoami",
+            r#"{"args": {"say": "hi"}}"#,
+            &[],
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        // Written after the DEBUG record, on the same pipe.
+        log_line(&server, |m| m.ends_with("whoami says hi"));
+        let debug = server
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.ends_with("whoami debug hi"))
+            });
+        match debug {
+            Some(line) if debug_logged => assert_eq!(line["level"], "DEBUG", "{line}"),
+            None if !debug_logged => {}
+            other => panic!("{filter}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_python_plugin_sees_the_request_id_and_traceparent_and_logs_with_them() {
     let dir = PluginsDir::new();

@@ -42,7 +42,7 @@ Command line::
     runner [--protocol-fd N] --plugin NAME --plugin-dir DIR
            (--file PATH | --module DOTTED[:CLASS]) [--class NAME]
            [--memory-limit-mb N] [--max-response-bytes N] [--max-result-values N] [--sources-fd N]
-           [--installed] [--confine PLAN]
+           [--installed] [--confine PLAN] [--log-level LEVEL]
     runner --zygote
 
 ``--file`` loads a seed-layout plugin (``plugin.py`` in the plugin

@@ -208,9 +208,11 @@ def _unformattable(record, error):
         shown(record.msg), shown(record.args), type(error).__name__, shown(error, str))
 
 
-def setup_logging():
+def setup_logging(level="info"):
+    """Records from ``level`` up (a name of ``args.LOG_LEVELS``) reach the
+    host, one line each on stderr."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(_StderrHandler())
-    root.setLevel(logging.INFO)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -6,8 +6,13 @@ import os
 USAGE = (
     "usage: runner --plugin NAME --plugin-dir DIR "
     "(--file PATH | --module DOTTED[:CLASS]) [--class NAME] [--memory-limit-mb N] "
-    "[--max-response-bytes N] [--max-result-values N] [--sources-fd N]"
+    "[--max-response-bytes N] [--max-result-values N] [--sources-fd N] [--log-level LEVEL]"
 )
+
+# The levels ``--log-level`` takes: the lowest a ``logging`` record reaches
+# the host at (the host asks for ``debug`` when its log takes plugins'
+# DEBUG lines).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class UsageError(Exception):
@@ -34,6 +39,8 @@ class Args(object):
         # A signed or pinned plugin's checked sources (``--sources-fd N``: a
         # memory file of JSON, relative path -> SHA-256), None: not checked.
         self.sources = None
+        # The root logger's level (``--log-level``).
+        self.log_level = "info"
 
 
 def _dotted(name):
@@ -119,6 +126,11 @@ def parse_args(argv):
             args.confine = confine
         elif arg == "--sources-fd":
             args.sources = _read_sources(value())
+        elif arg == "--log-level":
+            level = value()
+            if level not in LOG_LEVELS:
+                raise UsageError("--log-level: not one of %s: %r" % (", ".join(LOG_LEVELS), level))
+            args.log_level = level
         else:
             raise UsageError("unexpected argument %r" % arg)
     if (args.file is None) == (args.module is None):

@@ -165,7 +165,7 @@ def main(argv, handover):
     shrug_off_group_signals()
     if not handover.parent_death_signal:
         watch_parent()
-    api.setup_logging()
+    api.setup_logging(args.log_level)
     api.install_api()
     wire = Wire(fd_in, fd_out, shm)
     runner = Runner(args, wire, None)
