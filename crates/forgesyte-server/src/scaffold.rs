@@ -318,7 +318,7 @@ pub(crate) fn create(
         return Err(e);
     }
     Ok(Created {
-        message: message(lang, name, parent, &files, sdk, bind, config),
+        message: message(lang, name, parent, &files, sdk, bind, config, &program()),
     })
 }
 
@@ -534,6 +534,27 @@ fn bind_flag(bind: &str) -> String {
     }
 }
 
+/// How the printed commands name this program: `forgesyte` when that name
+/// on `PATH` is this executable, else this executable's path (a binary run
+/// from `target/release`, say, whose printed commands failed as pasted).
+fn program() -> String {
+    let Ok(me) = std::env::current_exe().and_then(std::fs::canonicalize) else {
+        return "forgesyte".to_owned();
+    };
+    let on_path = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("forgesyte"))
+        .find(|candidate| candidate.is_file())
+        .and_then(|found| std::fs::canonicalize(found).ok());
+    if on_path.as_ref() == Some(&me) {
+        "forgesyte".to_owned()
+    } else {
+        shell(&me)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn message(
     lang: Lang,
     name: &str,
@@ -542,6 +563,7 @@ fn message(
     sdk: &Sdk,
     bind: &str,
     config: Option<&Path>,
+    program: &str,
 ) -> String {
     let dir = &parent.join(name);
     let run_url = run_url(bind, name);
@@ -563,10 +585,10 @@ fn message(
     match lang {
         Lang::Python => {
             let _ = writeln!(out, "\nCheck it, serve it, call its tool:");
-            let _ = writeln!(out, "  forgesyte check{config} {}", shell(parent));
+            let _ = writeln!(out, "  {program} check{config} {}", shell(parent));
             let _ = writeln!(
                 out,
-                "  forgesyte serve{config} --plugins {}{bind_flag}",
+                "  {program} serve{config} --plugins {}{bind_flag}",
                 shell(parent)
             );
             let _ = writeln!(out, "  {curl}");
@@ -614,10 +636,10 @@ fn message(
             } else {
                 format!(" --lib-path {}", shell(&target))
             };
-            let _ = writeln!(out, "  forgesyte check{config} {}{lib_path}", shell(parent));
+            let _ = writeln!(out, "  {program} check{config} {}{lib_path}", shell(parent));
             let _ = writeln!(
                 out,
-                "  forgesyte serve{config} --plugins {}{lib_path}{bind_flag}",
+                "  {program} serve{config} --plugins {}{lib_path}{bind_flag}",
                 shell(parent)
             );
             let _ = writeln!(out, "  {curl}");

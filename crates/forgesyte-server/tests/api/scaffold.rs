@@ -12,9 +12,35 @@ use serde_json::Value;
 
 use crate::support::{Forgesyte, run_forgesyte};
 
-/// `forgesyte ARGS…`: exit code, stdout, stderr.
+/// `forgesyte ARGS…`, with the binary's directory first on `PATH` (as
+/// installed: the commands `new` prints then name it `forgesyte`): exit
+/// code, stdout, stderr.
 fn forgesyte(args: &[&str]) -> (i32, String, String) {
-    run_forgesyte(args, &[])
+    let binary = Path::new(env!("CARGO_BIN_EXE_forgesyte"));
+    let mut dirs = vec![binary.parent().unwrap().to_path_buf()];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    let path = std::env::join_paths(dirs).unwrap();
+    run_forgesyte(args, &[("PATH", path.to_str().unwrap())])
+}
+
+/// Run as a path that `PATH` does not lead to (`target/release/forgesyte
+/// new …`), `new` prints commands that name the binary by its path: a bare
+/// `forgesyte` failed as pasted.
+#[test]
+fn the_scaffold_names_the_binary_by_its_path_when_path_does_not_lead_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("plugins");
+    let parent_s = parent.display().to_string();
+    let (code, out, err) = run_forgesyte(
+        &["new", "--python", "hello-py", "--dir", &parent_s],
+        &[("PATH", "/usr/bin:/bin")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let me = std::fs::canonicalize(env!("CARGO_BIN_EXE_forgesyte")).unwrap();
+    let line = format!("  {} check {parent_s}", me.display());
+    assert!(out.lines().any(|l| l == line), "{line:?} not in:\n{out}");
 }
 
 fn check_json(args: &[&str]) -> Value {
