@@ -249,27 +249,27 @@ impl Supervisor {
             if let Some(supervisor) = weak.upgrade() {
                 // A call past its time limit killed the runner: the
                 // call's doing (any client's slow input), not a crash of
-                // the plugin's. Restarted with the same backoff, but not
-                // counted in the restart budget: six slow requests in ten
-                // minutes left the plugin FAILED for good. Nor is a runner
-                // lost with its zygote: that spent a restart of every
-                // Python plugin of the zygote at once.
-                let counted = !killed_for_a_timeout(report) && !lost_with_its_zygote(report);
-                supervisor.ended(generation, report, exit_info(report), counted);
+                // the plugin's. Restarted after the base delay, the
+                // backoff not grown, and not counted in the restart
+                // budget: six slow requests in ten minutes left the plugin
+                // FAILED for good, and a slow request a minute kept it
+                // down most of the time at the capped delay. Nor is a
+                // runner lost with its zygote counted: that spent a
+                // restart of every Python plugin of the zygote at once.
+                let timed_out = killed_for_a_timeout(report);
+                let end = End {
+                    counted: !timed_out && !lost_with_its_zygote(report),
+                    timed_out,
+                };
+                supervisor.ended(generation, report, exit_info(report), end);
             }
         }));
     }
 
     /// The instance of `generation` ended: FAILED, then a restart is
     /// scheduled (or not: past the budget, or the host is shutting down).
-    /// `counted`: the end spends the restart budget (the plugin's fault).
-    fn ended(
-        self: &Arc<Self>,
-        generation: u64,
-        report: &ExitReport,
-        exit: ExitInfo,
-        counted: bool,
-    ) {
+    fn ended(self: &Arc<Self>, generation: u64, report: &ExitReport, exit: ExitInfo, end: End) {
+        let End { counted, timed_out } = end;
         if self.slot.is_retired() {
             return;
         }
@@ -306,6 +306,8 @@ impl Supervisor {
                 Err(NoRestart::Retiring)
             } else if counted && state.restarts.len() >= policy.max_restarts as usize {
                 Err(NoRestart::Budget)
+            } else if timed_out {
+                Ok((policy.delay(0), state.generation))
             } else {
                 let delay = policy.delay(state.consecutive);
                 state.consecutive = state.consecutive.saturating_add(1);
@@ -367,15 +369,24 @@ impl Supervisor {
             // One ERROR per crash, saying what comes next: a crash that is
             // restarted reads apart from the last one (`not restarted: …`).
             let restarts = self.state.lock().restarts.len();
+            let budget = if counted {
+                format!(
+                    "restarts in the last {}: {restarts} of at most {}",
+                    fmt_duration(policy.window),
+                    policy.max_restarts
+                )
+            } else {
+                "not counted among its restarts: a call's time limit, or its zygote's end, is no \
+                 crash of its own"
+                    .to_owned()
+            };
             tracing::error!(
                 plugin = %name,
                 %reason,
                 pid = report.pid,
                 restart_in_ms = delay.as_millis() as u64,
-                "✗ Plugin FAILED: {name}; restarting it in {} (restarts in the last {}: {restarts} of at most {})",
+                "✗ Plugin FAILED: {name}; restarting it in {} ({budget})",
                 fmt_duration(*delay),
-                fmt_duration(policy.window),
-                policy.max_restarts
             );
         } else {
             tracing::error!(plugin = %name, %reason, pid = report.pid, "✗ Plugin FAILED: {name}");
@@ -496,10 +507,28 @@ impl Supervisor {
                     error,
                     PluginError::Load(LoadError::Import(ImportError::HostResources { .. }))
                 );
-                self.ended(generation, &report, exit, counted);
+                self.ended(
+                    generation,
+                    &report,
+                    exit,
+                    End {
+                        counted,
+                        timed_out: false,
+                    },
+                );
             }
         }
     }
+}
+
+/// How an instance ended, for its restart.
+#[derive(Debug, Clone, Copy)]
+struct End {
+    /// It spends the restart budget (the plugin's fault).
+    counted: bool,
+    /// The host killed it for a call's time limit: restarted after the
+    /// base delay, the backoff not grown.
+    timed_out: bool,
 }
 
 /// Whether the host killed the runner because a call ran past its time

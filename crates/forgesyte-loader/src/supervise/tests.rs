@@ -541,6 +541,49 @@ fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
     });
 }
 
+/// Timeouts in a row do not grow the backoff: each restart comes after the
+/// base delay (a slow request a minute kept a plugin down most of the time
+/// at the capped delay), and a crash after them starts from the base.
+#[test]
+fn timeouts_restart_after_the_base_delay_however_many_in_a_row() {
+    let reason = "TimeoutError: timed out after 1 s during tool 'slow'";
+    let timed_out = ExitReport {
+        reason: format!("CrashError: killed by the host: {reason}"),
+        crash: Some(CrashError {
+            cause: CrashCause::Killed {
+                reason: reason.into(),
+            },
+            stderr_tail: Vec::new(),
+        }),
+        signal: Some("SIGKILL".into()),
+        code: None,
+        pid: None,
+        unsent: false,
+    };
+    let mut h = Harness::new(SupervisionPolicy {
+        backoff_base: ms(100),
+        backoff_cap: ms(800),
+        healthy_reset: Duration::from_secs(3600),
+        max_restarts: 5,
+        window: Duration::from_secs(3600),
+    });
+    for round in 0..6 {
+        h.end_with(&timed_out);
+        assert_eq!(
+            h.status().next_retry_at,
+            h.retry_at(h.clock.elapsed() + ms(100)),
+            "round {round}"
+        );
+        h.clock.advance(ms(100));
+        assert_eq!(h.status().state, S::Initialized, "round {round}");
+    }
+    h.crash();
+    assert_eq!(
+        h.status().next_retry_at,
+        h.retry_at(h.clock.elapsed() + ms(100))
+    );
+}
+
 /// A runner lost with its Python zygote (killed, or dead of its own) is
 /// restarted with the backoff, but does not spend the restart budget: each
 /// zygote death spent a restart of every Python plugin at once, and five
