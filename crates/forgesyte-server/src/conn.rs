@@ -339,6 +339,7 @@ pub(crate) async fn serve(
             let probes_only = service_fn(move |request: Request<Incoming>| {
                 let main = main.clone();
                 let probe = PROBE_PATHS.contains(&request.uri().path());
+                let id = crate::router::request_id_of(&request);
                 // The 503 leaves a body unread: the socket lingers, or the
                 // client that sends before it reads never sees the 503.
                 if !probe && crate::body::announces_a_body(request.headers()) {
@@ -351,7 +352,7 @@ pub(crate) async fn serve(
                     if probe {
                         hyper::service::Service::call(&main, request).await
                     } else {
-                        Ok::<_, Infallible>(busy())
+                        Ok::<_, Infallible>(busy(id))
                     }
                 }
             });
@@ -509,15 +510,19 @@ fn without_length_if_empty(mut response: Response<Body>) -> Response<Body> {
     response
 }
 
-/// 503 with `Retry-After`, closing the connection: the answer beyond the cap.
-fn busy() -> Response<Body> {
+/// 503 with `Retry-After`, closing the connection: the answer beyond the
+/// cap, with the request's id (`id`: the client's, or one made) as every
+/// answer has.
+fn busy(id: Option<(header::HeaderName, header::HeaderValue)>) -> Response<Body> {
     let mut response = crate::respond::closing(
         StatusCode::SERVICE_UNAVAILABLE,
         "Too many connections; retry later",
     );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    if let Some((name, value)) = id {
+        headers.insert(name, value);
+    }
     response
 }
 

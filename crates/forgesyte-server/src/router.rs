@@ -210,6 +210,25 @@ impl MakeRequestId for RequestIds {
     }
 }
 
+/// The id an answer made outside the router carries (the connection cap's
+/// 503): the client's `x-request-id` when it fits, else a new one, as the
+/// router's layers give every routed answer.
+pub(crate) fn request_id_of<B>(
+    request: &axum::http::Request<B>,
+) -> Option<(axum::http::HeaderName, axum::http::HeaderValue)> {
+    let kept = request
+        .headers()
+        .get(&REQUEST_ID)
+        .filter(|id| forgesyte_loader::fit_request_id(id.as_bytes()))
+        .cloned();
+    kept.or_else(|| {
+        RequestIds
+            .make_request_id(request)
+            .map(|id| id.header_value().clone())
+    })
+    .map(|id| (REQUEST_ID.clone(), id))
+}
+
 /// The span of one request: its method, path and id (cut to 128
 /// characters: the id may be the client's). `INFO` for requests that change
 /// or run something (their log lines, admin actions and tool failures, are

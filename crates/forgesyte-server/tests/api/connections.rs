@@ -264,6 +264,24 @@ async fn beyond_the_connection_cap_probes_answer_tools_get_503_then_connections_
         );
         assert_eq!(refused.status, 503, "{}", refused.text());
         assert_eq!(refused.header("retry-after"), Some("1"));
+        // With a request id, as every answer: one made, or the client's.
+        assert_eq!(
+            refused.header("x-request-id").map(str::len),
+            Some(32),
+            "{:?}",
+            refused.header("x-request-id")
+        );
+        let refused = crate::support::http_with(
+            addr,
+            "GET",
+            "/v1/plugins",
+            &[("x-request-id", "client-id-7")],
+            b"",
+        );
+        assert_eq!(
+            (refused.status, refused.header("x-request-id")),
+            (503, Some("client-id-7"))
+        );
         // ... while the probes answer.
         for probe in ["/livez", "/readyz", "/v1/health"] {
             let reply = http(addr, "GET", probe, b"");
