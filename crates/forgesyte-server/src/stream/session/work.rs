@@ -247,7 +247,7 @@ fn answer_to(
                 result: None,
                 error_type: Some(error.error_type()),
                 detail: Some(error.detail(&session.plugin, &session.tool)),
-                processing_time_ms: elapsed.as_secs_f64() * 1000.0,
+                processing_time_ms: tools::ms(elapsed),
                 dropped,
             }
         }
