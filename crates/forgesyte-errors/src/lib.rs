@@ -789,6 +789,18 @@ pub enum CrashCause {
         /// Exit code (74, as `EX_IOERR`).
         code: i32,
     },
+    /// Killed by `SIGKILL` that the host did not send, while the kernel's
+    /// OOM killer killed processes on the machine (its `oom_kill` count
+    /// rose): most likely this one, the machine or its memory cgroup out
+    /// of memory.
+    #[error(
+        "killed by signal SIGKILL (9), most likely by the kernel's OOM killer: the machine or \
+         its memory cgroup ran out of memory ({kills} OOM kill(s) on the machine while it ran)"
+    )]
+    OomKilled {
+        /// How much the machine's OOM kill count rose while it ran.
+        kills: u64,
+    },
     /// Went over its memory limit.
     #[error("exceeded memory limit {limit_mib} MiB")]
     MemoryLimit {

@@ -158,6 +158,8 @@ pub(super) struct Shared {
     pub(super) plugin: String,
     pub(super) pid: u32,
     memory_limit_mib: u64,
+    /// The machine's OOM kill count when it started ([`super::exit::oom_kills`]).
+    oom_kills_at_start: Option<u64>,
     transport: Transport,
     pub(super) process: Mutex<OsProcess>,
     pub(super) kill_reason: Mutex<Option<KillReason>>,
@@ -402,6 +404,7 @@ impl Child {
             plugin: opts.plugin.to_owned(),
             pid,
             memory_limit_mib: opts.memory_limit_mib,
+            oom_kills_at_start: super::exit::oom_kills(),
             transport,
             process: Mutex::new(process),
             kill_reason: Mutex::new(None),

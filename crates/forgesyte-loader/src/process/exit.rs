@@ -127,6 +127,44 @@ pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[Stri
     }
 }
 
+/// How many processes the kernel's OOM killer has killed on this machine
+/// since it started (`oom_kill` in `/proc/vmstat`, Linux 4.13 and later),
+/// if it says.
+pub(crate) fn oom_kills() -> Option<u64> {
+    oom_kills_in(&std::fs::read_to_string("/proc/vmstat").ok()?)
+}
+
+fn oom_kills_in(vmstat: &str) -> Option<u64> {
+    vmstat
+        .lines()
+        .find_map(|line| line.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// `cause` for a process the host did not kill, whose machine counted
+/// `before` OOM kills at its start and `after` at its end: a `SIGKILL`
+/// while the count rose is most likely the OOM killer's
+/// ([`CrashCause::OomKilled`]); it said only `killed by signal SIGKILL`.
+pub(crate) fn with_oom_kills(
+    cause: CrashCause,
+    before: Option<u64>,
+    after: Option<u64>,
+) -> CrashCause {
+    match (cause, before, after) {
+        (
+            CrashCause::Signal {
+                number: libc::SIGKILL,
+                ..
+            },
+            Some(before),
+            Some(after),
+        ) if after > before => CrashCause::OomKilled {
+            kills: after - before,
+        },
+        (cause, _, _) => cause,
+    }
+}
+
 /// The address-space limit at the end of the Python runner's memory line
 /// (`... [address-space limit 64 MiB]`, `LIMIT_NOTE` in
 /// `python/runner/base.py`): the one in force when it ran out.
@@ -142,6 +180,30 @@ fn stated_limit_mib(line: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SIGKILL the host did not send, while the machine's OOM kill count
+    /// rose, is said to be the OOM killer's; another signal, or no rise,
+    /// or no count, stays what it was.
+    #[test]
+    fn a_sigkill_while_the_oom_killer_killed_is_said_to_be_its() {
+        let vmstat = "pgfault 12\noom_kill 7\npgmajfault 3\n";
+        assert_eq!(oom_kills_in(vmstat), Some(7));
+        assert_eq!(oom_kills_in("pgfault 12\n"), None);
+        let killed = || classify(signalled(libc::SIGKILL), 0, &[]);
+        let said = with_oom_kills(killed(), Some(7), Some(8));
+        assert_eq!(said, CrashCause::OomKilled { kills: 1 });
+        assert!(
+            said.to_string().starts_with(
+                "killed by signal SIGKILL (9), most likely by the kernel's OOM killer: the \
+                 machine or its memory cgroup ran out of memory (1 OOM kill(s)"
+            ),
+            "{said}"
+        );
+        assert_eq!(with_oom_kills(killed(), Some(7), Some(7)), killed());
+        assert_eq!(with_oom_kills(killed(), None, Some(8)), killed());
+        let segv = classify(signalled(libc::SIGSEGV), 0, &[]);
+        assert_eq!(with_oom_kills(segv.clone(), Some(7), Some(9)), segv);
+    }
 
     fn signalled(n: i32) -> ExitStatus {
         ExitStatus::from_raw(n)

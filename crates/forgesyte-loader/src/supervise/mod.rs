@@ -563,6 +563,7 @@ pub(crate) fn report_of(error: &PluginError) -> ExitReport {
     };
     let (signal, code) = match crash.map(|c| &c.cause) {
         Some(CrashCause::Signal { name, .. }) => (Some(name.clone()), None),
+        Some(CrashCause::OomKilled { .. }) => (Some("SIGKILL".to_owned()), None),
         Some(CrashCause::Exit { code } | CrashCause::ChannelClosed { code }) => (None, Some(*code)),
         _ => (None, None),
     };

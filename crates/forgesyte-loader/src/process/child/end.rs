@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use forgesyte_errors::{CrashCause, CrashError, PluginError};
 
-use super::super::exit::{classify, signal_name};
+use super::super::exit::{classify, oom_kills, signal_name, with_oom_kills};
 use super::super::os_process::OsProcess;
 use super::super::runners::HOST_STOPPING;
 use super::super::stacks::{STUCK_AT_MAX, stuck_at_for_log};
@@ -234,7 +234,11 @@ fn process_death(shared: &Shared, status: std::io::Result<ExitStatus>) {
         Some(k) => (k.cause, k.registry_reason),
         None => match &status {
             Ok(status) => (
-                classify(*status, shared.memory_limit_mib, &stderr_tail),
+                with_oom_kills(
+                    classify(*status, shared.memory_limit_mib, &stderr_tail),
+                    shared.oom_kills_at_start,
+                    oom_kills(),
+                ),
                 None,
             ),
             Err(e) => (
