@@ -753,17 +753,18 @@ impl RunError {
                      {message}"
                 )
             }
+            // Durations as the plugins' reasons write them (`5 s`, `250 ms`).
             RunError::Timeout { after, .. } => format!(
-                "Tool '{t}' of plugin '{p}' ran past its time limit of {}s; the plugin is now FAILED",
-                after.as_secs_f64()
+                "Tool '{t}' of plugin '{p}' ran past its time limit of {}; the plugin is now FAILED",
+                forgesyte_errors::fmt_duration(*after)
             ),
             RunError::QueueTimeout { after, .. } => format!(
-                "Tool '{t}' of plugin '{p}' waited its time limit of {}s for the plugin's call in progress and never ran; the plugin is unaffected",
-                after.as_secs_f64()
+                "Tool '{t}' of plugin '{p}' waited its time limit of {} for the plugin's call in progress and never ran; the plugin is unaffected",
+                forgesyte_errors::fmt_duration(*after)
             ),
             RunError::NotStarted { waited } => format!(
-                "Tool '{t}' of plugin '{p}' could not start within its time limit of {}s: every thread that runs tool calls was busy; it did not run, the plugin is unaffected, retry later",
-                waited.as_secs_f64()
+                "Tool '{t}' of plugin '{p}' could not start within its time limit of {}: every thread that runs tool calls was busy; it did not run, the plugin is unaffected, retry later",
+                forgesyte_errors::fmt_duration(*waited)
             ),
             RunError::TooManyCalls {
                 limit,
