@@ -93,6 +93,36 @@ fn a_removed_plugin_whose_destructor_blocks_holds_the_rescan_no_longer_than_its_
     assert!(waited >= Duration::from_secs(2), "{waited:?}");
 }
 
+/// Several removed in-process plugins whose destructors block are let go
+/// side by side: the rescan waits `DESTRUCTOR_WAIT` once, not once per
+/// plugin, and reports them in order.
+#[test]
+fn removed_plugins_whose_destructors_block_are_waited_for_together() {
+    let s = Setup::new();
+    for name in ["slow-a", "slow-b", "slow-c"] {
+        s.plugin(
+            name,
+            &manifest(name, json!({})),
+            FakeBehavior::DropSlow(Duration::from_secs(5)),
+        );
+    }
+    let loader = s.load();
+    for name in ["slow-a", "slow-b", "slow-c"] {
+        s.check(name, S::Initialized, &[]);
+        s.world.fs.remove(&format!("/plugins/{name}"));
+    }
+    let started = Instant::now();
+    let report = loader.rescan();
+    let took = started.elapsed();
+    let removed: Vec<&str> = report.removed.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(removed, ["slow-a", "slow-b", "slow-c"], "{report:?}");
+    assert!(
+        took < forgesyte_loader::DESTRUCTOR_WAIT + Duration::from_millis(1200),
+        "{took:?}"
+    );
+    assert!(loader.drop_instances(Duration::from_secs(10)));
+}
+
 #[test]
 fn an_unreadable_plugins_directory_retires_nothing_and_failed_plugins_are_retried() {
     let s = Setup::new();

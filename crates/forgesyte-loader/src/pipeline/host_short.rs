@@ -163,11 +163,11 @@ impl Loader {
                 // let go under the one, loaded as the other (a reload by
                 // the directory's name refused the manifest's own).
                 Some(dir) => {
-                    self.retire_plugin(
-                        &name,
+                    self.retire_plugins(vec![(
+                        name,
                         dir.clone(),
-                        "its manifest can be read now, and names another plugin",
-                    );
+                        "its manifest can be read now, and names another plugin".to_owned(),
+                    )]);
                     self.fresh_stamps.lock().clear();
                     outcomes.extend(self.load_dirs(&[dir]).plugins);
                     // Stamped as a rescan stamps what it loads (or the next

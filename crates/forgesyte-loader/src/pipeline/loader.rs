@@ -486,27 +486,38 @@ pub(crate) fn drop_on_a_thread<T: Send + 'static>(
 }
 
 impl Loader {
-    /// Drops the handles of plugin `name`'s in-process instance, let go by
-    /// a reload or a removal, on a thread of their own, and waits at most
-    /// [`DESTRUCTOR_WAIT`] for that: the instance's destructor runs where
-    /// its last handle drops, and one that blocked (a `Drop` joining a
-    /// thread, flushing slowly) held the whole reload or rescan, every
-    /// plugin after it, and the next pass. One not done in time runs on by
-    /// itself, and the host's stop waits for it
+    /// Drops the handles of each plugin's in-process instance of `let_go`
+    /// (name, handles), let go by a reload or a removal, each on a thread
+    /// of its own, all at once, and waits at most [`DESTRUCTOR_WAIT`] for
+    /// them together: an instance's destructor runs where its last handle
+    /// drops, and one that blocked (a `Drop` joining a thread, flushing
+    /// slowly) held the whole reload or rescan, every plugin after it, and
+    /// the next pass (several such, one wait after another). One not done
+    /// in time runs on by itself, and the host's stop waits for it
     /// ([`drop_instances`](Self::drop_instances)). (A handle held
     /// elsewhere, by a call past its time limit, drops its instance there.)
-    pub(super) fn drop_let_go(&self, name: &str, handles: Vec<PluginHandle>) {
-        let Some(dropped) = drop_on_a_thread(handles) else {
-            return;
-        };
-        if dropped.recv_timeout(DESTRUCTOR_WAIT).is_ok() {
+    pub(super) fn drop_let_go(&self, let_go: Vec<(String, Vec<PluginHandle>)>) {
+        let dropping: Vec<_> = let_go
+            .into_iter()
+            .filter_map(|(name, handles)| Some((name, drop_on_a_thread(handles)?)))
+            .collect();
+        let deadline = Instant::now() + DESTRUCTOR_WAIT;
+        let mut late = Vec::new();
+        for (name, dropped) in dropping {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if dropped.recv_timeout(left).is_ok() {
+                continue;
+            }
+            tracing::warn!(plugin = %name, "Plugin {name}: the destructor of its old instance had not returned after {} s; going on without it (it runs on by itself, and the server's stop waits for it)", DESTRUCTOR_WAIT.as_secs_f64());
+            late.push(dropped);
+        }
+        if late.is_empty() {
             return;
         }
-        tracing::warn!(plugin = %name, "Plugin {name}: the destructor of its old instance had not returned after {} s; going on without it (it runs on by itself, and the server's stop waits for it)", DESTRUCTOR_WAIT.as_secs_f64());
         let mut unloading = self.unloading.lock();
         unloading
             .retain(|done| matches!(done.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)));
-        unloading.push(dropped);
+        unloading.extend(late);
     }
 }
 

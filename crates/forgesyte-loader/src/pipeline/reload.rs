@@ -414,7 +414,7 @@ impl Loader {
                 // Its calls ended: its destructor runs now, bounded, before
                 // its successor is constructed.
                 old_handles.extend(entry.handle.take());
-                self.drop_let_go(name, old_handles);
+                self.drop_let_go(vec![(name.to_owned(), old_handles)]);
             }
             let manifest = self
                 .reread_manifest(name, &entry.dir)

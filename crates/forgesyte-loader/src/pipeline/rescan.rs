@@ -204,6 +204,7 @@ impl Loader {
                 .is_some_and(|now| old_stamps.get(name).is_none_or(|old| old != now))
         });
         let mut kept: Vec<(String, PathBuf)> = Vec::new();
+        let mut retiring: Vec<(String, PathBuf, String)> = Vec::new();
         let mut moved: BTreeSet<String> = BTreeSet::new();
         for (name, dir) in known {
             if let Some(to) = moves.to.get(&name) {
@@ -224,14 +225,15 @@ impl Loader {
                 } else {
                     "its directory is gone"
                 };
-                report.removed.push(self.retire_plugin(&name, dir, why));
+                retiring.push((name, dir, why.to_owned()));
             } else if let Some(by) = moves.displaced.get(&name) {
                 let why = format!("its directory holds plugin '{by}' now");
-                report.removed.push(self.retire_plugin(&name, dir, &why));
+                retiring.push((name, dir, why));
             } else {
                 kept.push((name, dir));
             }
         }
+        report.removed.extend(self.retire_plugins(retiring));
 
         let mut changed: Vec<String> = Vec::new();
         let mut retried: Vec<String> = Vec::new();
@@ -316,17 +318,19 @@ impl Loader {
                 break;
             }
         }
+        let mut renamed_away = Vec::new();
         for (name, dir, now) in renaming {
             if blocked.contains(&name) {
                 continue;
             }
             tracing::info!(plugin = %name, %now, "Plugin {name} is now named {now}: loaded under that name");
-            report.removed.push(self.retire_plugin(
-                &name,
+            renamed_away.push((
+                name,
                 dir,
-                "its manifest names another plugin now",
+                "its manifest names another plugin now".to_owned(),
             ));
         }
+        report.removed.extend(self.retire_plugins(renamed_away));
         let renamed: BTreeSet<&str> = report.removed.iter().map(|r| r.name.as_str()).collect();
         changed.retain(|n| !renamed.contains(n.as_str()));
         retried.retain(|n| !renamed.contains(n.as_str()));
@@ -662,19 +666,105 @@ impl Loader {
         }
     }
 
-    /// Retires `name`: new calls are refused at once (the registry no longer
-    /// shows it), its calls in flight are waited for (bounded by its call
-    /// time limit), then its process is stopped
-    /// (isolated, Python) or its instance dropped (in-process: the library
-    /// stays mapped), and its name is freed.
-    pub(super) fn retire_plugin(&self, name: &str, dir: PathBuf, why: &str) -> RetiredPlugin {
+    /// Retires each plugin of `list` (name, directory, why), together:
+    /// new calls are refused at once (the registry no longer shows them),
+    /// their calls in flight are waited for (each bounded by its call time
+    /// limit, the waits side by side: several removed plugins waited one
+    /// after another), then their processes are stopped (isolated, Python)
+    /// or their instances dropped (in-process: the libraries stay mapped;
+    /// their destructors side by side, [`Loader::drop_let_go`]), and their
+    /// names are freed. The outcomes come in `list`'s order.
+    pub(super) fn retire_plugins(
+        &self,
+        list: Vec<(String, PathBuf, String)>,
+    ) -> Vec<RetiredPlugin> {
+        let mut retiring: Vec<Retiring> = list
+            .into_iter()
+            .map(|(name, dir, why)| self.begin_retiring(name, dir, why))
+            .collect();
+        // Absolute deadlines: waited one after another, they take as long
+        // as the longest.
+        let cut_off: Vec<u32> = retiring
+            .iter()
+            .map(|r| self.retiring_calls_left(&r.name, r.started + r.wait))
+            .collect();
+        let stop_deadline = Instant::now() + Duration::from_secs(5);
+        let mut stopping = Vec::with_capacity(retiring.len());
+        let mut in_process = Vec::new();
+        for (r, &calls_cut_off) in retiring.iter_mut().zip(&cut_off) {
+            // Taken: an in-process instance's destructor runs where its last
+            // handle drops, which must be `drop_let_go`'s thread.
+            let Some(handle) = r.handle.take() else {
+                stopping.push(None);
+                continue;
+            };
+            stopping.push(self.retire(&handle));
+            // An isolated plugin's calls cut off end with its process, which
+            // `retire` stops (within its stop grace): they end on this
+            // entry, before the name is free for another plugin.
+            if calls_cut_off > 0 && handle.isolation() == crate::manifest::Isolation::Process {
+                self.retiring_calls_left(&r.name, stop_deadline);
+            }
+            if handle.isolation() == crate::manifest::Isolation::InProcess {
+                in_process.push((r.name.clone(), vec![handle]));
+            }
+        }
+        self.drop_let_go(in_process);
+        let stopped_by = Instant::now() + crate::RUNNER_STOP_WAIT;
+        retiring
+            .into_iter()
+            .zip(cut_off)
+            .zip(stopping)
+            .map(|((r, calls_cut_off), stopping)| {
+                let Retiring {
+                    name,
+                    dir,
+                    why,
+                    started,
+                    calls_in_flight,
+                    wait,
+                    ..
+                } = r;
+                self.registry.forget(&name);
+                self.failed_libraries.lock().remove(&name);
+                // What its runner left in its scratch directory is not
+                // handed to the next plugin of its name: removed once the
+                // runner has ended (one still stopping could write on).
+                if stopping.as_ref().is_none_or(|instance| {
+                    instance.wait_stopped(stopped_by.saturating_duration_since(Instant::now()))
+                }) {
+                    if let Err(e) = crate::sandbox::remove_scratch_dir(&name, self.config.runner_user)
+                    {
+                        tracing::warn!(plugin = %name, error = %e, "Plugin {name} retired: its scratch directory could not be removed: {e}");
+                    }
+                } else {
+                    tracing::warn!(plugin = %name, "Plugin {name} retired: its runner did not end in time; its scratch directory is kept");
+                }
+                if calls_cut_off > 0 {
+                    tracing::warn!(plugin = %name, calls_cut_off, "Plugin {name} retired with {calls_cut_off} call(s) still in flight after {:.1} s", wait.as_secs_f64());
+                }
+                tracing::info!(plugin = %name, dir = %dir.display(), calls_in_flight, "Plugin {name} retired: {why}");
+                RetiredPlugin {
+                    name,
+                    dir,
+                    calls_in_flight,
+                    calls_cut_off,
+                    elapsed_ms: ms(started.elapsed()),
+                }
+            })
+            .collect()
+    }
+
+    /// The start of `name`'s retirement: out of the loader's and the
+    /// registry's view (new calls refused), its calls in flight counted.
+    fn begin_retiring(&self, name: String, dir: PathBuf, why: String) -> Retiring {
         let started = Instant::now();
-        let entry = self.entries.write().remove(name);
-        self.entry_points.write().remove(name);
-        self.stamps.write().remove(name);
+        let entry = self.entries.write().remove(&name);
+        self.entry_points.write().remove(&name);
+        self.stamps.write().remove(&name);
         let handle = entry.and_then(|e| e.handle);
-        let _ = self.registry.retire(name);
-        let calls_in_flight = self.registry.retiring_in_flight(name).unwrap_or(0);
+        let _ = self.registry.retire(&name);
+        let calls_in_flight = self.registry.retiring_in_flight(&name).unwrap_or(0);
         // Its calls' time limit and a second: by then the host has given up
         // on each call left (a timed-out call is settled: its late return
         // records nothing), so none ends on a plugin that took the name.
@@ -683,45 +773,27 @@ impl Loader {
             .and_then(|h| h.call_timeout())
             .unwrap_or(self.config.call_timeout)
             + Duration::from_secs(1);
-        let calls_cut_off = self.retiring_calls_left(name, started + wait);
-        let mut stopping = None;
-        if let Some(handle) = handle {
-            stopping = self.retire(&handle);
-            // An isolated plugin's calls cut off end with its process, which
-            // `retire` stops (within its stop grace): they end on this
-            // entry, before the name is free for another plugin.
-            if calls_cut_off > 0 && handle.isolation() == crate::manifest::Isolation::Process {
-                self.retiring_calls_left(name, Instant::now() + Duration::from_secs(5));
-            }
-            if handle.isolation() == crate::manifest::Isolation::InProcess {
-                self.drop_let_go(name, vec![handle]);
-            }
-        }
-        self.registry.forget(name);
-        self.failed_libraries.lock().remove(name);
-        // What its runner left in its scratch directory is not handed to
-        // the next plugin of its name: removed once the runner has ended
-        // (one still stopping could write on).
-        if stopping
-            .as_ref()
-            .is_none_or(|instance| instance.wait_stopped(crate::RUNNER_STOP_WAIT))
-        {
-            if let Err(e) = crate::sandbox::remove_scratch_dir(name, self.config.runner_user) {
-                tracing::warn!(plugin = %name, error = %e, "Plugin {name} retired: its scratch directory could not be removed: {e}");
-            }
-        } else {
-            tracing::warn!(plugin = %name, "Plugin {name} retired: its runner did not end in time; its scratch directory is kept");
-        }
-        if calls_cut_off > 0 {
-            tracing::warn!(plugin = %name, calls_cut_off, "Plugin {name} retired with {calls_cut_off} call(s) still in flight after {:.1} s", wait.as_secs_f64());
-        }
-        tracing::info!(plugin = %name, dir = %dir.display(), calls_in_flight, "Plugin {name} retired: {why}");
-        RetiredPlugin {
-            name: name.to_owned(),
+        Retiring {
+            name,
             dir,
+            why,
+            started,
+            handle,
             calls_in_flight,
-            calls_cut_off,
-            elapsed_ms: ms(started.elapsed()),
+            wait,
         }
     }
+}
+
+/// A plugin being retired ([`Loader::retire_plugins`]).
+struct Retiring {
+    name: String,
+    dir: PathBuf,
+    why: String,
+    started: Instant,
+    /// Its handle, until its instance is stopped or let go.
+    handle: Option<crate::PluginHandle>,
+    calls_in_flight: u32,
+    /// How long its calls in flight are waited for, from `started`.
+    wait: Duration,
 }
