@@ -622,15 +622,15 @@ impl PluginHandle {
             ..
         })) = &outcome
         {
-            // The host killed the runner while this call ran, for another
-            // call's time limit or fault (this call's own are `TimedOut`
-            // and the fault itself): not this call's outcome, so not
-            // counted, and its client is told to send it again rather than
-            // that its call faulted.
+            // The host killed the runner before this call's answer came:
+            // for another call's time limit or fault (this call's own are
+            // `TimedOut` and the fault itself), or its stop. Not this
+            // call's outcome, so not counted, and its client is told to
+            // send it again rather than that its call faulted.
             drop(running);
             return Err(self.interrupted(&format!(
-                "the host killed the plugin's process while this call ran, for another call \
-                 ({reason}): its result is lost; send it again once the plugin has restarted"
+                "the host killed the plugin's process before this call's answer came, not for \
+                 this call ({reason}): its result is lost; send it again once the plugin is back"
             )));
         }
         // (An answer the host could not take for want of descriptors is

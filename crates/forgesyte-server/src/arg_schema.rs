@@ -53,7 +53,10 @@ fn is_optional_binary(schema: &Value) -> bool {
 /// otherwise the JSON it holds (a number, a boolean, an object …; text that
 /// is not JSON stays text when the schema allows a string or names no
 /// type). The other parts stay binary. Together the fields parsed as JSON
-/// hold at most `max_values` values ([`crate::body::max_json_values`]).
+/// hold at most `max_values` values ([`crate::body::max_json_values`]),
+/// a bound of their own beside the `args` part's. Only JSON is checked: a
+/// value of another type than the schema's reaches the plugin, which
+/// validates its own arguments.
 pub(crate) fn form_fields(
     binary: &mut Vec<(String, Bytes)>,
     args: &mut Map<String, Value>,
@@ -103,7 +106,7 @@ fn field_value(
         });
     };
     let allows_text = types.is_empty() || types.contains(&"string");
-    if allows_text && types.iter().all(|t| matches!(*t, "string" | "null")) {
+    if !types.is_empty() && types.iter().all(|t| matches!(*t, "string" | "null")) {
         return Ok(Value::String(text.to_owned()));
     }
     let values = forgesyte_loader::json_text::json_values(data);
@@ -192,6 +195,8 @@ mod tests {
             "maybe": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
             "title": {"anyOf": [{"type": "string"}, {"type": "null"}]},
             "loose": {"$ref": "#/$defs/Loose"},
+            "nested": {"$ref": "#/$defs/Options"},
+            "mode": {"enum": [1, 2]},
             "either": {"type": ["integer", "string"]}
         }});
         let mut binary = parts(&[
@@ -204,6 +209,8 @@ mod tests {
             ("maybe", b"null"),
             ("title", b"null"),
             ("loose", b"plain words"),
+            ("nested", br#"{"k": 1}"#),
+            ("mode", b"1"),
             ("either", b"seven"),
             ("undeclared", b"\x00\x01"),
         ]);
@@ -216,7 +223,7 @@ mod tests {
             json!({
                 "threshold": 3, "scale": 0.5, "label": "42", "debug": true,
                 "opts": {"k": [1, 2]}, "maybe": null, "title": "null",
-                "loose": "plain words", "either": "seven"
+                "loose": "plain words", "nested": {"k": 1}, "mode": 1, "either": "seven"
             })
         );
     }
