@@ -203,8 +203,10 @@ impl fmt::Debug for NativeLibrary {
 
 /// The largest library loaded from a copy of its bytes ([`read_whole`]): a
 /// file's stated size is not memory the server has (a sparse 64 GiB file
-/// on tmpfs aborted the allocation, and the server with it).
-const MAX_COPIED_LIBRARY_BYTES: u64 = 1 << 30;
+/// on tmpfs aborted the allocation, and the server with it). As large as a
+/// pinned file may be (the integrity check's bound): a library linked
+/// with CUDA's may take a GiB or two.
+const MAX_COPIED_LIBRARY_BYTES: u64 = 4 << 30;
 
 /// The bytes of the library `file` (of `meta`), read from its start: at
 /// most [`MAX_COPIED_LIBRARY_BYTES`], in memory that could be had.

@@ -542,7 +542,7 @@ fn a_library_copied_into_memory_is_bounded_before_it_is_read() {
     let path = Path::new("/plugins/huge/libhuge.so");
     match super::read_whole(&file, &meta, path) {
         Err(ImportError::Open { detail, .. }) => assert!(
-            detail.starts_with("68719476736 bytes, more than the 1073741824 bytes of a library"),
+            detail.starts_with("68719476736 bytes, more than the 4294967296 bytes of a library"),
             "{detail}"
         ),
         other => panic!("{other:?}"),
