@@ -274,6 +274,10 @@ pub(crate) struct Zygote {
     /// their `.pth` files, an editable install's import hook among them,
     /// are read only at an interpreter's start.
     site: Mutex<Vec<(PathBuf, Option<i64>)>>,
+    /// When the host started it (ns since the epoch): a directory changed
+    /// since then, before its report, is changed too (its `.pth` files may
+    /// have been read before the change).
+    started_ns: i64,
 }
 
 /// How long a spawn waits for the zygote to take its request and fork,
@@ -342,13 +346,18 @@ impl Zygote {
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        let started_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_nanos()).ok())
+            .unwrap_or(i64::MAX);
         let mut process = spawn_supervised(command)?;
         // Until it is set up, a failure (no thread to be had) kills and
         // reaps the zygote: dropped, it was left a zombie.
         let mut unfinished = KillOnError(Some(process.id()));
         let stderr = process.stderr.take();
         let reader = ours.try_clone()?;
-        let zygote = Zygote::assemble(key.interpreter.clone(), ours, process)?;
+        let zygote = Zygote::assemble(key.interpreter.clone(), ours, process, started_ns)?;
         tracing::debug!(
             pid = zygote.pid,
             interpreter = %key.interpreter.display(),
@@ -377,6 +386,7 @@ impl Zygote {
         interpreter: PathBuf,
         control: OwnedFd,
         process: std::process::Child,
+        started_ns: i64,
     ) -> io::Result<Arc<Zygote>> {
         let pid = process.id();
         let (reaps, to_reap) = std::sync::mpsc::channel::<u32>();
@@ -402,6 +412,7 @@ impl Zygote {
             forked: std::sync::atomic::AtomicBool::new(false),
             process: Mutex::new(process),
             site: Mutex::new(Vec::new()),
+            started_ns,
         }))
     }
 
@@ -428,7 +439,10 @@ impl Zygote {
     }
 
     /// The first of its site directories that changed since it started (a
-    /// package installed or removed there), if one did: one `stat` each.
+    /// package installed or removed there), if one did: one `stat` each. A
+    /// directory changed while it started (its report's time at or after
+    /// the start) counts: its `.pth` files may have been read before. (A
+    /// `.pth` file rewritten in place changes no directory: not seen.)
     fn changed_site_dir(&self) -> Option<PathBuf> {
         use std::os::unix::fs::MetadataExt as _;
         let site = self.site.lock();
@@ -439,7 +453,7 @@ impl Zygote {
                         .saturating_mul(1_000_000_000)
                         .saturating_add(meta.mtime_nsec())
                 });
-                now != *then
+                now != *then || then.is_some_and(|t| t >= self.started_ns)
             })
             .map(|(dir, _)| dir.clone())
     }
@@ -957,7 +971,7 @@ mod tests {
         let (ours, _theirs) = crate::process::seqpacket_pair().unwrap();
         while rustix::net::send(&ours, b"{}", SendFlags::DONTWAIT).is_ok() {}
         let process = sleeper();
-        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
+        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process, 0).unwrap();
         let stdio = [(); 3].map(|()| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let spawner = Arc::clone(&zygote);
@@ -990,7 +1004,7 @@ mod tests {
     fn only_the_zygote_s_own_unreaped_runners_are_signalled() {
         let (ours, _theirs) = crate::process::seqpacket_pair().unwrap();
         let process = sleeper();
-        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
+        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process, 0).unwrap();
         let mut stranger = sleeper();
         zygote.handle(Said::Exit {
             pid: stranger.id(),
@@ -1045,7 +1059,7 @@ mod tests {
         let mut runners: Vec<std::process::Child> = (0..20)
             .map(|_| Command::new("true").spawn().unwrap())
             .collect();
-        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process).unwrap();
+        let zygote = Zygote::assemble(PathBuf::from("python3"), ours, process, 0).unwrap();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let handler = Arc::clone(&zygote);
         let pids: Vec<u32> = runners.iter().map(std::process::Child::id).collect();

@@ -24,6 +24,8 @@ def _says_off(value):
     FORGESYTE_* boolean reads it: ``0``, ``f``, ``false``, ``n``, ``no`` or
     ``off``, in any case (``false`` left the namespace shared)."""
     return value is not None and value.strip().lower() in ("0", "f", "false", "n", "no", "off")
+
+
 def _site_dirs():
     """The site directories this interpreter read ``.pth`` files from at its
     start, each with its modification time in nanoseconds (``None``: absent),
