@@ -109,7 +109,7 @@ fn removed_plugins_whose_destructors_block_are_waited_for_together() {
     let loader = s.load();
     for name in ["slow-a", "slow-b", "slow-c"] {
         s.check(name, S::Initialized, &[]);
-        s.world.fs.remove(&format!("/plugins/{name}"));
+        s.world.fs.remove(format!("/plugins/{name}"));
     }
     let started = Instant::now();
     let report = loader.rescan();

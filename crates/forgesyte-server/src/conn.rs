@@ -339,7 +339,9 @@ pub(crate) async fn serve(
             let probes_only = service_fn(move |request: Request<Incoming>| {
                 let main = main.clone();
                 let probe = PROBE_PATHS.contains(&request.uri().path());
-                let id = crate::router::request_id_of(&request);
+                let id = (!probe)
+                    .then(|| crate::router::request_id_of(&request))
+                    .flatten();
                 // The 503 leaves a body unread: the socket lingers, or the
                 // client that sends before it reads never sees the 503.
                 if !probe && crate::body::announces_a_body(request.headers()) {

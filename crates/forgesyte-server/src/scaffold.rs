@@ -545,7 +545,12 @@ fn program() -> String {
         .iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join("forgesyte"))
-        .find(|candidate| candidate.is_file())
+        // The first the shell would run: a file that is executable.
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(candidate)
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
         .and_then(|found| std::fs::canonicalize(found).ok());
     if on_path.as_ref() == Some(&me) {
         "forgesyte".to_owned()

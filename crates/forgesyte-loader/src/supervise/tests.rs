@@ -521,10 +521,11 @@ fn back_off_without_spending_the_budget(report: &ExitReport) {
 }
 
 /// A runner the host killed because a call ran past its time limit is
-/// restarted with the backoff, but does not spend the restart budget: any
-/// client's slow input left the plugin FAILED for good after six.
+/// restarted, but does not spend the restart budget: any client's slow
+/// input left the plugin FAILED for good after six. (Its delay: see
+/// `timeouts_restart_after_the_base_delay_however_many_in_a_row`.)
 #[test]
-fn timeouts_back_off_but_do_not_spend_the_restart_budget() {
+fn timeouts_are_restarted_but_do_not_spend_the_restart_budget() {
     let reason = "TimeoutError: timed out after 1 s during tool 'slow'";
     back_off_without_spending_the_budget(&ExitReport {
         reason: format!("CrashError: killed by the host: {reason}"),

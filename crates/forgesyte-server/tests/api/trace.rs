@@ -54,7 +54,8 @@ fn log_line(server: &Forgesyte, matches: impl Fn(&str) -> bool) -> Value {
 
 /// A Python plugin's DEBUG records reach the server's log when it takes
 /// plugins' DEBUG lines (`RUST_LOG=…,forgesyte_loader::plugin_stderr=debug`),
-/// at DEBUG; under the default filter its runner does not write them.
+/// at DEBUG (its runner's root logger was at INFO whatever the filter);
+/// under the default filter none is logged.
 #[test]
 fn a_python_plugins_debug_records_follow_the_servers_log_filter() {
     for (filter, debug_logged) in [
