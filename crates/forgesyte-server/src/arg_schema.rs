@@ -90,13 +90,12 @@ fn field_value(
     max_values: usize,
 ) -> Result<Value, RunError> {
     let types = declared_types(schema);
-    let shown = if types.is_empty() {
-        String::new()
-    } else {
-        format!(
+    let shown = match &types {
+        Some(types) => format!(
             " (the tool's input schema declares it {})",
             types.join(" or ")
-        )
+        ),
+        None => String::new(),
     };
     let Ok(text) = std::str::from_utf8(data) else {
         return Err(RunError::InvalidForm {
@@ -105,8 +104,12 @@ fn field_value(
             ),
         });
     };
-    let allows_text = types.is_empty() || types.contains(&"string");
-    if !types.is_empty() && types.iter().all(|t| matches!(*t, "string" | "null")) {
+    // Text where the schema allows nothing but a string (or null).
+    let allows_text = types.as_ref().is_none_or(|t| t.contains(&"string"));
+    if types
+        .as_ref()
+        .is_some_and(|t| t.contains(&"string") && t.iter().all(|t| matches!(*t, "string" | "null")))
+    {
         return Ok(Value::String(text.to_owned()));
     }
     let values = forgesyte_loader::json_text::json_values(data);
@@ -121,6 +124,17 @@ fn field_value(
             *left -= values;
             Ok(value)
         }
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+            Err(RunError::InvalidForm {
+                message: format!(
+                    "the part '{name}' is a form field for argument '{name}'{shown}, and its \
+                     JSON is nested 128 or more levels deep (at line {} column {}): the server \
+                     reads no deeper",
+                    e.line(),
+                    e.column()
+                ),
+            })
+        }
         Err(_) if allows_text => Ok(Value::String(text.to_owned())),
         Err(e) => Err(RunError::InvalidForm {
             message: format!(
@@ -132,23 +146,33 @@ fn field_value(
 
 /// The types a property's schema names: its `type` (a name or a list), or
 /// those of the alternatives of its `anyOf` / `oneOf` (pydantic's
-/// `Optional[int]`). None when it names none (`$ref`, `enum` …).
-fn declared_types(schema: &Value) -> Vec<&str> {
-    let alternatives = ["anyOf", "oneOf"]
+/// `Optional[int]`). `None` when it, or one of its alternatives, names
+/// none (`$ref`, `enum`, `{}`: pydantic's nested models and enums, and
+/// `Optional` of them): then any JSON value may fit.
+fn declared_types(schema: &Value) -> Option<Vec<&str>> {
+    fn named(one: &Value) -> Option<Vec<&str>> {
+        match one.get("type")? {
+            Value::String(t) => Some(vec![t.as_str()]),
+            Value::Array(list) => Some(list.iter().filter_map(Value::as_str).collect()),
+            _ => None,
+        }
+    }
+    let alternatives: Vec<&Value> = ["anyOf", "oneOf"]
         .into_iter()
         .filter_map(|key| schema.get(key).and_then(Value::as_array))
-        .flatten();
-    let mut types = Vec::new();
-    for one in std::iter::once(schema).chain(alternatives) {
-        match one.get("type") {
-            Some(Value::String(t)) => types.push(t.as_str()),
-            Some(Value::Array(list)) => types.extend(list.iter().filter_map(Value::as_str)),
-            _ => {}
-        }
+        .flatten()
+        .collect();
+    let mut types = match (named(schema), alternatives.is_empty()) {
+        (Some(types), _) => types,
+        (None, true) => return None,
+        (None, false) => Vec::new(),
+    };
+    for alternative in alternatives {
+        types.extend(named(alternative)?);
     }
     types.sort_unstable();
     types.dedup();
-    types
+    Some(types)
 }
 
 #[cfg(test)]
@@ -197,6 +221,7 @@ mod tests {
             "loose": {"$ref": "#/$defs/Loose"},
             "nested": {"$ref": "#/$defs/Options"},
             "mode": {"enum": [1, 2]},
+            "maybe_nested": {"anyOf": [{"$ref": "#/$defs/Options"}, {"type": "null"}]},
             "either": {"type": ["integer", "string"]}
         }});
         let mut binary = parts(&[
@@ -211,6 +236,7 @@ mod tests {
             ("loose", b"plain words"),
             ("nested", br#"{"k": 1}"#),
             ("mode", b"1"),
+            ("maybe_nested", br#"{"k": 2}"#),
             ("either", b"seven"),
             ("undeclared", b"\x00\x01"),
         ]);
@@ -223,7 +249,8 @@ mod tests {
             json!({
                 "threshold": 3, "scale": 0.5, "label": "42", "debug": true,
                 "opts": {"k": [1, 2]}, "maybe": null, "title": "null",
-                "loose": "plain words", "nested": {"k": 1}, "mode": 1, "either": "seven"
+                "loose": "plain words", "nested": {"k": 1}, "mode": 1, "maybe_nested": {"k": 2},
+                "either": "seven"
             })
         );
     }
@@ -262,6 +289,18 @@ mod tests {
         ));
         let mut binary = parts(&[("a", b"[1, 2]"), ("b", b"[3]")]);
         form_fields(&mut binary, &mut Map::new(), &schema, 3).unwrap();
+        // JSON nested past the parser's depth, under a schema of no type,
+        // is refused as a body's is, not passed on as text.
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let mut binary = vec![("loose".to_owned(), Bytes::from(deep))];
+        let schema = json!({"properties": {"loose": {}}});
+        match form_fields(&mut binary, &mut Map::new(), &schema, 1000) {
+            Err(RunError::InvalidForm { message }) => assert!(
+                message.contains("nested 128 or more levels deep (at line 1 column 128)"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
         let mut binary = parts(&[("threshold", b"3")]);
         let mut args = Map::new();
         form_fields(&mut binary, &mut args, &json!({"type": "object"}), 10).unwrap();
