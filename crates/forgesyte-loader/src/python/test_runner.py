@@ -2814,6 +2814,29 @@ class UnitTests(unittest.TestCase):
             for line in lines[2:]:
                 self.assertIn("refused ext_changed.so changed since", line)
 
+    def test_the_directories_editable_installs_map_packages_to_are_readable(self):
+        import types
+
+        from runner import confine
+
+        finder = types.ModuleType("__editable___mylib_0_1_0_finder")
+        finder.MAPPING = {"mylib": "/srv/projects/mylib/mylib", "bad": 3}
+        finder.NAMESPACES = {"ns": ["/srv/projects/ns/ns"]}
+        other = types.ModuleType("not_an_editable_finder")
+        other.MAPPING = {"x": "/srv/elsewhere"}
+        saved = dict(sys.modules)
+        sys.modules[finder.__name__] = finder
+        sys.modules[other.__name__] = other
+        try:
+            paths = confine._runtime_paths()
+        finally:
+            sys.modules.clear()
+            sys.modules.update(saved)
+        self.assertIn("/srv/projects/mylib/mylib", paths)
+        self.assertIn("/srv/projects/ns/ns", paths)
+        self.assertNotIn("/srv/elsewhere", paths)
+        self.assertNotIn("/srv/projects/mylib/mylib", confine._runtime_paths())
+
     def test_no_landlock_names_the_error_of_its_probe_not_a_later_one(self):
         import errno as errno_codes
 

@@ -38,10 +38,34 @@ def _fs_rights(abi):
 
 def _runtime_paths():
     """What this interpreter reads to run: its installation, its
-    virtualenv and every directory on ``sys.path`` (site-packages)."""
+    virtualenv, every directory on ``sys.path`` (site-packages) and those
+    its editable installs map packages to (``_editable_paths``)."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     paths.update(p for p in sys.path if p)
+    paths.update(_editable_paths())
     return sorted(p for p in paths if os.path.isabs(p))
+
+
+def _editable_paths():
+    """The directories setuptools' editable installs (``pip install -e``
+    of a flat layout) map their packages to, which are on no ``sys.path``:
+    the install's ``.pth`` file, read at the interpreter's start (before
+    any plugin code), imports a finder module ``__editable___NAME_finder``
+    whose ``MAPPING`` names each package's directory and ``NAMESPACES``
+    each namespace package's."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        if not (name.startswith("__editable___") and name.endswith("_finder")):
+            continue
+        mapping = getattr(module, "MAPPING", None)
+        if isinstance(mapping, dict):
+            found.extend(p for p in mapping.values() if isinstance(p, str))
+        namespaces = getattr(module, "NAMESPACES", None)
+        if isinstance(namespaces, dict):
+            for dirs in namespaces.values():
+                if isinstance(dirs, (list, tuple)):
+                    found.extend(p for p in dirs if isinstance(p, str))
+    return found
 
 
 def _landlock_abi(libc):
