@@ -396,7 +396,9 @@ pub enum RunError {
     /// `reason`. Not the
     /// plugin's fault; sent again, the call reaches the instance in its
     /// place.
-    #[error("the call did not finish: the host let the plugin's process go; send it again")]
+    #[error(
+        "the call did not finish: the host stopped the plugin's process under it; send it again"
+    )]
     Interrupted {
         /// The plugin's state as the call ended.
         state: Option<PluginLifecycleState>,

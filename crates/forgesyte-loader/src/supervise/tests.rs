@@ -526,8 +526,13 @@ fn back_off_without_spending_the_budget(report: &ExitReport) {
 /// `timeouts_restart_after_the_base_delay_however_many_in_a_row`.)
 #[test]
 fn timeouts_are_restarted_but_do_not_spend_the_restart_budget() {
+    back_off_without_spending_the_budget(&timed_out());
+}
+
+/// The end of a runner the host killed for a call's time limit.
+fn timed_out() -> ExitReport {
     let reason = "TimeoutError: timed out after 1 s during tool 'slow'";
-    back_off_without_spending_the_budget(&ExitReport {
+    ExitReport {
         reason: format!("CrashError: killed by the host: {reason}"),
         crash: Some(CrashError {
             cause: CrashCause::Killed {
@@ -539,7 +544,7 @@ fn timeouts_are_restarted_but_do_not_spend_the_restart_budget() {
         code: None,
         pid: None,
         unsent: false,
-    });
+    }
 }
 
 /// Timeouts in a row do not grow the backoff: each restart comes after the
@@ -547,20 +552,7 @@ fn timeouts_are_restarted_but_do_not_spend_the_restart_budget() {
 /// at the capped delay), and a crash after them starts from the base.
 #[test]
 fn timeouts_restart_after_the_base_delay_however_many_in_a_row() {
-    let reason = "TimeoutError: timed out after 1 s during tool 'slow'";
-    let timed_out = ExitReport {
-        reason: format!("CrashError: killed by the host: {reason}"),
-        crash: Some(CrashError {
-            cause: CrashCause::Killed {
-                reason: reason.into(),
-            },
-            stderr_tail: Vec::new(),
-        }),
-        signal: Some("SIGKILL".into()),
-        code: None,
-        pid: None,
-        unsent: false,
-    };
+    let timed_out = timed_out();
     let mut h = Harness::new(SupervisionPolicy {
         backoff_base: ms(100),
         backoff_cap: ms(800),

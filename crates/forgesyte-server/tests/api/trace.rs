@@ -35,21 +35,27 @@ fn run_with(
 fn log_line(server: &Forgesyte, matches: impl Fn(&str) -> bool) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let log = server.log();
-        // An in-process plugin's panic message is the only line not JSON.
-        let found = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|l| l["fields"]["message"].as_str().is_some_and(&matches));
-        if let Some(line) = found {
+        if let Some(line) = logged(server, &matches) {
             return line;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no such line in:\n{log}"
+            "no such line in:\n{}",
+            server.log()
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// The server's JSON log line whose message satisfies `matches`, if it is
+/// in the log now.
+fn logged(server: &Forgesyte, matches: impl Fn(&str) -> bool) -> Option<Value> {
+    // An in-process plugin's panic message is the only line not JSON.
+    server
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"].as_str().is_some_and(&matches))
 }
 
 /// A Python plugin's DEBUG records reach the server's log when it takes
@@ -79,16 +85,7 @@ fn a_python_plugins_debug_records_follow_the_servers_log_filter() {
         assert_eq!(reply.status, 200, "{}", reply.text());
         // Written after the DEBUG record, on the same pipe.
         log_line(&server, |m| m.ends_with("whoami says hi"));
-        let debug = server
-            .log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|l| {
-                l["fields"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.ends_with("whoami debug hi"))
-            });
-        match debug {
+        match logged(&server, |m| m.ends_with("whoami debug hi")) {
             Some(line) if debug_logged => assert_eq!(line["level"], "DEBUG", "{line}"),
             None if !debug_logged => {}
             other => panic!("{filter}: {other:?}"),
