@@ -538,6 +538,12 @@ fn bind_flag(bind: &str) -> String {
 /// on `PATH` is this executable, else this executable's path (a binary run
 /// from `target/release`, say, whose printed commands failed as pasted).
 fn program() -> String {
+    // The unit tests' executable is no `forgesyte`: they check the
+    // messages as an installed binary prints them (the API tests run the
+    // real binary with and without it on PATH).
+    if cfg!(test) {
+        return "forgesyte".to_owned();
+    }
     let Ok(me) = std::env::current_exe().and_then(std::fs::canonicalize) else {
         return "forgesyte".to_owned();
     };
