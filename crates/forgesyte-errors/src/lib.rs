@@ -802,7 +802,10 @@ pub enum CrashCause {
         kills: u64,
     },
     /// Went over its memory limit.
-    #[error("exceeded memory limit {limit_mib} MiB")]
+    #[error(
+        "exceeded memory limit {limit_mib} MiB (an address-space limit: the manifest's \
+         limits.memory_mb, else the server's --memory-limit)"
+    )]
     MemoryLimit {
         /// The limit, in MiB.
         limit_mib: u64,

@@ -163,7 +163,8 @@ fn process_faults_read_well() {
     check(
         InitError::Crashed(crash.clone()).into(),
         "InitError",
-        "InitError: plugin process died during construction: exceeded memory limit 512 MiB; \
+        "InitError: plugin process died during construction: exceeded memory limit 512 MiB (an address-space limit: the manifest's \
+         limits.memory_mb, else the server's --memory-limit); \
          stderr: memory allocation of 1048576 bytes failed",
     );
     check(
@@ -189,7 +190,9 @@ fn process_faults_read_well() {
     check(
         ToolError::Crashed(crash).into(),
         "CrashError",
-        "CrashError: exceeded memory limit 512 MiB; stderr: memory allocation of 1048576 bytes failed",
+        "CrashError: exceeded memory limit 512 MiB (an address-space limit: the manifest's \
+         limits.memory_mb, else the server's --memory-limit); stderr: memory allocation of 1048576 \
+         bytes failed",
     );
     check(
         ToolError::TimedOut {

@@ -15,7 +15,14 @@ const ALLOCATION_FAILURE_MARKERS: &[&str] = &[
     "out of memory",
     "Cannot allocate memory",
     "MemoryError",
+    // OpenBLAS, which then exits with code 1 (its threads' buffers, under
+    // an address-space limit).
+    OPENBLAS_GAVE_UP,
 ];
+
+/// What OpenBLAS prints before it exits with code 1 when its buffers cannot
+/// be allocated.
+const OPENBLAS_GAVE_UP: &str = "OpenBLAS error: Memory allocation still failed";
 
 /// How many of the last stderr lines may carry the allocation failure.
 const ALLOCATION_FAILURE_LINES: usize = 3;
@@ -95,8 +102,15 @@ pub(crate) fn classify(status: ExitStatus, memory_limit_mib: u64, stderr: &[Stri
     // message is among its last lines, not anywhere in the tail (a plugin
     // may log "CUDA out of memory, retrying" and crash later for another
     // reason).
+    let openblas_gave_up = status.code() == Some(1)
+        && stderr
+            .iter()
+            .rev()
+            .take(ALLOCATION_FAILURE_LINES)
+            .any(|line| line.contains(OPENBLAS_GAVE_UP));
     let ends_like_it = matches!(status.signal(), Some(libc::SIGABRT | libc::SIGKILL))
-        || matches!(status.code(), Some(PYTHON_EXIT_MEMORY | PYTHON_EXIT_SETUP));
+        || matches!(status.code(), Some(PYTHON_EXIT_MEMORY | PYTHON_EXIT_SETUP))
+        || openblas_gave_up;
     let said_so = stderr
         .iter()
         .rev()
@@ -180,6 +194,22 @@ fn stated_limit_mib(line: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// OpenBLAS's own give-up under the limit (it exits with code 1) is
+    /// the memory limit's; code 1 without it is an exit.
+    #[test]
+    fn openblas_giving_up_under_the_limit_is_the_memory_limit() {
+        let said = vec![
+            "OpenBLAS error: Memory allocation still failed after 10 retries, giving up."
+                .to_owned(),
+        ];
+        assert_eq!(
+            classify(exited(1), 512, &said),
+            CrashCause::MemoryLimit { limit_mib: 512 }
+        );
+        assert_eq!(classify(exited(1), 512, &[]), CrashCause::Exit { code: 1 });
+        assert_eq!(classify(exited(1), 0, &said), CrashCause::Exit { code: 1 });
+    }
 
     /// A SIGKILL the host did not send, while the machine's OOM kill count
     /// rose, is said to be the OOM killer's; another signal, or no rise,

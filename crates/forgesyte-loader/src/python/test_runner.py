@@ -2814,6 +2814,26 @@ class UnitTests(unittest.TestCase):
             for line in lines[2:]:
                 self.assertIn("refused ext_changed.so changed since", line)
 
+    def test_a_library_that_cannot_be_mapped_under_the_limit_names_the_limit(self):
+        import resource
+
+        from runner import errors
+
+        message = "libopenblas.so: failed to map segment from shared object"
+        saved = resource.getrlimit
+        try:
+            resource.getrlimit = lambda which: (256 << 20, resource.RLIM_INFINITY)
+            said = errors.python_error(ImportError(message))["message"]
+            self.assertTrue(said.startswith(message + " (a shared library could not be mapped within "
+                                            "the runner's address-space limit of 256 MiB: raise the "
+                                            "manifest's limits.memory_mb"), said)
+            self.assertEqual(errors.python_error(ImportError("No module named x"))["message"],
+                             "No module named x")
+            resource.getrlimit = lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+            self.assertEqual(errors.python_error(ImportError(message))["message"], message)
+        finally:
+            resource.getrlimit = saved
+
     def test_the_directories_editable_installs_map_packages_to_are_readable(self):
         import types
 

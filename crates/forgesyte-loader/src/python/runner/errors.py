@@ -137,12 +137,35 @@ def exception_line(exc):
                        clean_capped(exception_message(exc)))
 
 
+def address_space_hint(message):
+    """What to say after ``message`` when it is a shared library that could
+    not be mapped (``dlopen``'s ENOMEM) under an address-space limit: it
+    read as a broken wheel. None otherwise."""
+    if "failed to map segment from shared object" not in message:
+        return None
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except Exception:  # no resource module, no such limit
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return ("a shared library could not be mapped within the runner's address-space limit of %d MiB: "
+            "raise the manifest's limits.memory_mb, else the server's --memory-limit; libraries such as "
+            "OpenBLAS reserve address space for each of their threads" % (soft >> 20))
+
+
 def python_error(exc, kind="Python"):
     """A WireError for a Python exception."""
+    message = exception_message(exc)
+    hint = address_space_hint(message)
+    if hint is not None:
+        message = "%s (%s)" % (message, hint)
     error = {
         "kind": kind,
         "error_type": clean_capped(exc.__class__.__name__, MAX_TYPE_CHARS),
-        "message": clean_capped(exception_message(exc)),
+        "message": clean_capped(message),
         "traceback": _traceback_or_line(exc),
     }
     if isinstance(exc, ImportError) and getattr(exc, "name", None):
