@@ -111,6 +111,9 @@ pub(crate) fn split(body: &Bytes, boundary: &str, max_parts: usize) -> Result<Ve
 /// header lines (`Name: value`, CRLF-separated).
 fn disposition(head: &str) -> Result<(Option<String>, bool), String> {
     let mut found = (None, false);
+    // A name given twice (two parameters, or two dispositions) is
+    // ambiguous: the last one won, where another parser takes the first.
+    let mut named = false;
     for line in head.split("\r\n").filter(|l| !l.is_empty()) {
         let (header, value) = line
             .split_once(':')
@@ -126,8 +129,14 @@ fn disposition(head: &str) -> Result<(Option<String>, bool), String> {
                         value.len()
                     ));
                 }
+                "name" if named => {
+                    return Err("a part names its field twice".to_owned());
+                }
                 // An empty name names no field.
-                "name" => found.0 = Some(value).filter(|name| !name.is_empty()),
+                "name" => {
+                    named = true;
+                    found.0 = Some(value).filter(|name| !name.is_empty());
+                }
                 "filename" | "filename*" => found.1 = true,
                 _ => {}
             }
@@ -239,6 +248,14 @@ mod tests {
             b"--b\r\nContent-Disposition: form-data; name=\"\"\r\n\r\nhi\r\n--b--",
         );
         assert_eq!(split(&body, "b", 8).unwrap()[0].name, None);
+        // A field named twice, in one disposition or two, is ambiguous.
+        for body in [
+            &b"--b\r\nContent-Disposition: form-data; name=\"a\"; name=\"b\"\r\n\r\nhi\r\n--b--"[..],
+            &b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\nContent-Disposition: form-data; name=\"b\"\r\n\r\nhi\r\n--b--"[..],
+        ] {
+            let err = split(&Bytes::copy_from_slice(body), "b", 8).unwrap_err();
+            assert!(err.contains("names its field twice"), "{err}");
+        }
         // A field name at the limit is taken, one longer is refused.
         let named = |len: usize| {
             Bytes::from(format!(

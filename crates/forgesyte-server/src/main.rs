@@ -76,16 +76,17 @@ const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
 
 fn init_logging(default: &str, format: LogFormat) {
     // A `RUST_LOG` that does not parse is said (once logging is up), not
-    // silently replaced by the default.
-    let (filter, refused) = match EnvFilter::try_from_default_env() {
-        Ok(filter) => (filter, None),
-        Err(e) => (
-            EnvFilter::new(default),
-            std::env::var("RUST_LOG")
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| (v, e)),
-        ),
+    // silently replaced by the default. One set but empty is unset (as an
+    // empty filter it silenced every line, errors included).
+    let set = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let (filter, refused) = match set {
+        None => (EnvFilter::new(default), None),
+        Some(value) => match EnvFilter::try_new(&value) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new(default), Some((value, e))),
+        },
     };
     init_subscriber(filter, format);
     if let Some((value, e)) = refused {

@@ -469,24 +469,35 @@ fn check_of_a_directory_it_cannot_list_fails() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// A `RUST_LOG` that is not a log filter is said at start, with the level
-/// the server logs at instead; it used to be dropped silently.
-#[test]
-fn an_invalid_rust_log_is_said_not_ignored() {
+/// What `serve` logs under `RUST_LOG=value` until it says it listens (all
+/// of it, when it never says so).
+fn logged_until_listening(value: &str) -> String {
     use std::io::BufRead as _;
     let plugins = tempfile::tempdir().unwrap();
     let mut child = crate::support::forgesyte_command()
         .args(["serve", "--bind", "127.0.0.1:0", "--plugins"])
         .arg(plugins.path())
-        .env("RUST_LOG", "not a filter[[[")
+        .env("RUST_LOG", value)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    // Read on a thread: a server that logs nothing is given 10 s.
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut seen = String::new();
-    for line in std::io::BufReader::new(stderr).lines() {
-        let Ok(line) = line else { break };
+    while let Ok(line) =
+        read.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
         seen.push_str(&line);
         seen.push('\n');
         if line.contains("listening on") {
@@ -495,9 +506,23 @@ fn an_invalid_rust_log_is_said_not_ignored() {
     }
     let _ = child.kill();
     let _ = child.wait();
+    seen
+}
+
+/// A `RUST_LOG` that is not a log filter is said at start, with the level
+/// the server logs at instead; it used to be dropped silently. One set but
+/// empty is the default (it silenced every line, errors included).
+#[test]
+fn an_invalid_rust_log_is_said_not_ignored() {
+    let seen = logged_until_listening("not a filter[[[");
     assert!(
         seen.contains(r#"RUST_LOG="not a filter[[[" is not a log filter"#)
             && seen.contains("logging at the default level, info"),
+        "{seen}"
+    );
+    let seen = logged_until_listening("");
+    assert!(
+        seen.contains("listening on") && !seen.contains("is not a log filter"),
         "{seen}"
     );
 }
