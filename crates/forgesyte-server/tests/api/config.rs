@@ -358,10 +358,15 @@ fn lock_and_new_take_the_plugins_directory_from_the_config_file() {
     );
     // The printed serve line listens there too, however the address came,
     // and reads the same config file (given here through the environment).
-    let serve = format!("  forgesyte serve --config {} --plugins ", file.path());
+    // (The binary by its path, unless PATH leads to it: see the scaffold's
+    // tests.)
+    let me = std::fs::canonicalize(env!("CARGO_BIN_EXE_forgesyte")).unwrap();
+    let serve = |program: &str| format!("  {program} serve --config {} --plugins ", file.path());
+    let (bare, by_path) = (serve("forgesyte"), serve(&me.display().to_string()));
     assert!(
         out.lines()
-            .any(|l| l.starts_with(&serve) && l.ends_with(" --bind 127.0.0.1:9")),
+            .any(|l| (l.starts_with(&bare) || l.starts_with(&by_path))
+                && l.ends_with(" --bind 127.0.0.1:9")),
         "{out}"
     );
     let (code, out, err) = run_forgesyte(
