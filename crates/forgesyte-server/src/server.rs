@@ -307,6 +307,13 @@ impl Server {
                 "Plugin processes did not all end in time; what they started may outlive the server"
             );
         }
+        // A load pass the stop cut short records what it cut off (each
+        // plugin's line, the pass's summary) before the server exits: the
+        // runners it waited on have ended, so it ends within moments.
+        let pass_ends = tokio::time::Instant::now() + LOAD_PASS_END_WAIT;
+        while state.is_loading() && tokio::time::Instant::now() < pass_ends {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         tracing::info!("Plugin instances dropped; bye");
         result
     }
@@ -315,6 +322,12 @@ impl Server {
 /// How long the calls the shutdown grace cut off (their plugins'
 /// processes stopped) have to be answered before the connections go.
 const CUT_CALLS_ANSWERED: Duration = Duration::from_secs(2);
+
+/// How long the server's stop waits, once its plugins are stopped, for a
+/// load pass it cut short to record what it cut off (an in-process
+/// constructor that never returns holds its pass for good: not waited
+/// longer).
+const LOAD_PASS_END_WAIT: Duration = Duration::from_secs(2);
 
 /// Drops the plugin instances and stops their processes
 /// (`Loader::drop_instances`), on a thread of its own (the blocking pool
