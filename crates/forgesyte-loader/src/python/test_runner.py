@@ -2323,7 +2323,7 @@ class UnitTests(unittest.TestCase):
         import urllib.error
 
         from runner.errors import (ENV_HINT, FILESYSTEM_HINT, FILTERED_HINT, NETWORK_HINT,
-                                   python_error, with_sandbox_hint)
+                                   SHM_HINT, python_error, with_sandbox_hint)
 
         confined = {"env": "scrubbed", "network": "isolated: a network namespace of its own",
                     "filesystem": "confined: Landlock ABI 7",
@@ -2347,6 +2347,15 @@ class UnitTests(unittest.TestCase):
         # Landlock's: a path.
         named = PermissionError(errno.EACCES, "Permission denied", "/srv/token")
         self.assertTrue(message(named).endswith("(%s)" % FILESYSTEM_HINT), message(named))
+        # POSIX shared memory (a shm_open name, not a path) and semaphores
+        # (SemLock's error names no file): /dev/shm, not the filter.
+        segment = PermissionError(errno.EACCES, "Permission denied", "/psm_1e0c9c41")
+        self.assertTrue(message(segment).endswith("(%s)" % SHM_HINT), message(segment))
+        semaphore = {}
+        exec(compile("def lock():\n    raise PermissionError(13, 'Permission denied')\n",
+                     "/usr/lib/python3/multiprocessing/synchronize.py", "exec"), semaphore)
+        semlock = raised(semaphore["lock"])
+        self.assertTrue(message(semlock).endswith("(%s)" % SHM_HINT), message(semlock))
         # The network: a socket refused under a URLError, a lookup or a
         # route that fails.
         wrapped = urllib.error.URLError(PermissionError(errno.EACCES, "Permission denied"))
@@ -2829,6 +2838,10 @@ class UnitTests(unittest.TestCase):
                                             "manifest's limits.memory_mb"), said)
             self.assertEqual(errors.python_error(ImportError("No module named x"))["message"],
                              "No module named x")
+            cv = "OpenCV(5.1.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate 192000000 bytes"
+            said = errors.python_error(RuntimeError(cv))["message"]
+            self.assertTrue(said.startswith(cv + " (an allocation failed within the runner's "
+                                            "address-space limit of 256 MiB"), said)
             resource.getrlimit = lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
             self.assertEqual(errors.python_error(ImportError(message))["message"], message)
         finally:

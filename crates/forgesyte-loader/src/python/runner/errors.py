@@ -139,9 +139,14 @@ def exception_line(exc):
 
 def address_space_hint(message):
     """What to say after ``message`` when it is a shared library that could
-    not be mapped (``dlopen``'s ENOMEM) under an address-space limit: it
-    read as a broken wheel. None otherwise."""
-    if "failed to map segment from shared object" not in message:
+    not be mapped (``dlopen``'s ENOMEM: it read as a broken wheel), or
+    OpenCV's failed allocation (a ``cv2.error``, a tool error that never
+    named the limit), under an address-space limit. None otherwise."""
+    if "failed to map segment from shared object" in message:
+        what = "a shared library could not be mapped"
+    elif "(-4:Insufficient memory)" in message:  # OpenCV's cv2.error
+        what = "an allocation failed"
+    else:
         return None
     try:
         import resource
@@ -151,9 +156,9 @@ def address_space_hint(message):
         return None
     if soft == resource.RLIM_INFINITY:
         return None
-    return ("a shared library could not be mapped within the runner's address-space limit of %d MiB: "
+    return ("%s within the runner's address-space limit of %d MiB: "
             "raise the manifest's limits.memory_mb, else the server's --memory-limit; libraries such as "
-            "OpenBLAS reserve address space for each of their threads" % (soft >> 20))
+            "OpenBLAS reserve address space for each of their threads" % (what, soft >> 20))
 
 
 def python_error(exc, kind="Python"):
@@ -220,6 +225,29 @@ ENV_HINT = (
     "--sandbox-widening allow): see the README, \"Confined runners\"")
 
 
+# Said after the message of a POSIX shared memory segment or semaphore
+# that a confined runner may not create (they are files in /dev/shm:
+# multiprocessing's shared_memory, Lock, Queue, Pool).
+SHM_HINT = (
+    "POSIX shared memory and semaphores (multiprocessing's shared_memory, Lock, Queue, "
+    "Pool) are files in /dev/shm, which a confined runner may not create: the manifest's "
+    "\"filesystem\": {\"write\": [\"/dev/shm\"]} allows it (for a signed plugin, or with "
+    "--sandbox-widening allow); threads need none of it: see the README, \"Confined runners\"")
+
+
+def _posix_ipc(exc, e):
+    """Whether ``e`` (an ``OSError`` in ``exc``'s chain) is the refusal of
+    a POSIX shared memory segment (``shm_open`` names ``/psm_…``, ``/mp-…``)
+    or of a semaphore (``multiprocessing.synchronize``'s ``SemLock``, whose
+    error names no file)."""
+    name = e.filename
+    if isinstance(name, str) and name.startswith(("/psm_", "/mp-")) and "/" not in name[1:]:
+        return True
+    code = _innermost(exc)
+    return (code is not None and name is None
+            and os.path.basename(code.co_filename) == "synchronize.py")
+
+
 def _enforced(confinement, part):
     """Whether part ``part`` of a confinement report is enforced."""
     value = confinement.get(part) if confinement else None
@@ -272,6 +300,8 @@ def sandbox_hint(exc, confinement):
     for e in _causes(exc):
         if not isinstance(e, OSError):
             continue
+        if e.errno == errno.EACCES and _enforced(confinement, "filesystem") and _posix_ipc(exc, e):
+            return SHM_HINT
         if e.errno == errno.EACCES and e.filename is not None and _enforced(confinement, "filesystem"):
             return FILESYSTEM_HINT
         if _enforced(confinement, "network") and (
