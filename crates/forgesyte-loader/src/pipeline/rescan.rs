@@ -684,25 +684,22 @@ impl Loader {
             .collect();
         // Absolute deadlines: waited one after another, they take as long
         // as the longest.
-        let cut_off: Vec<u32> = retiring
-            .iter()
-            .map(|r| self.retiring_calls_left(&r.name, r.started + r.wait))
-            .collect();
+        for r in &mut retiring {
+            r.calls_cut_off = self.retiring_calls_left(&r.name, r.started + r.wait);
+        }
         let stop_deadline = Instant::now() + Duration::from_secs(5);
-        let mut stopping = Vec::with_capacity(retiring.len());
         let mut in_process = Vec::new();
-        for (r, &calls_cut_off) in retiring.iter_mut().zip(&cut_off) {
+        for r in &mut retiring {
             // Taken: an in-process instance's destructor runs where its last
             // handle drops, which must be `drop_let_go`'s thread.
             let Some(handle) = r.handle.take() else {
-                stopping.push(None);
                 continue;
             };
-            stopping.push(self.retire(&handle));
+            r.stopping = self.retire(&handle);
             // An isolated plugin's calls cut off end with its process, which
             // `retire` stops (within its stop grace): they end on this
             // entry, before the name is free for another plugin.
-            if calls_cut_off > 0 && handle.isolation() == crate::manifest::Isolation::Process {
+            if r.calls_cut_off > 0 && handle.isolation() == crate::manifest::Isolation::Process {
                 self.retiring_calls_left(&r.name, stop_deadline);
             }
             if handle.isolation() == crate::manifest::Isolation::InProcess {
@@ -713,46 +710,50 @@ impl Loader {
         let stopped_by = Instant::now() + crate::RUNNER_STOP_WAIT;
         retiring
             .into_iter()
-            .zip(cut_off)
-            .zip(stopping)
-            .map(|((r, calls_cut_off), stopping)| {
-                let Retiring {
-                    name,
-                    dir,
-                    why,
-                    started,
-                    calls_in_flight,
-                    wait,
-                    ..
-                } = r;
-                self.registry.forget(&name);
-                self.failed_libraries.lock().remove(&name);
-                // What its runner left in its scratch directory is not
-                // handed to the next plugin of its name: removed once the
-                // runner has ended (one still stopping could write on).
-                if stopping.as_ref().is_none_or(|instance| {
-                    instance.wait_stopped(stopped_by.saturating_duration_since(Instant::now()))
-                }) {
-                    if let Err(e) = crate::sandbox::remove_scratch_dir(&name, self.config.runner_user)
-                    {
-                        tracing::warn!(plugin = %name, error = %e, "Plugin {name} retired: its scratch directory could not be removed: {e}");
-                    }
-                } else {
-                    tracing::warn!(plugin = %name, "Plugin {name} retired: its runner did not end in time; its scratch directory is kept");
-                }
-                if calls_cut_off > 0 {
-                    tracing::warn!(plugin = %name, calls_cut_off, "Plugin {name} retired with {calls_cut_off} call(s) still in flight after {:.1} s", wait.as_secs_f64());
-                }
-                tracing::info!(plugin = %name, dir = %dir.display(), calls_in_flight, "Plugin {name} retired: {why}");
-                RetiredPlugin {
-                    name,
-                    dir,
-                    calls_in_flight,
-                    calls_cut_off,
-                    elapsed_ms: ms(started.elapsed()),
-                }
-            })
+            .map(|r| self.end_retiring(r, stopped_by))
             .collect()
+    }
+
+    /// The end of a retirement: `r`'s name freed (registry, failed
+    /// libraries), its scratch directory removed once its runner (if any)
+    /// has stopped by `stopped_by`, and the outcome logged.
+    fn end_retiring(&self, r: Retiring, stopped_by: Instant) -> RetiredPlugin {
+        let Retiring {
+            name,
+            dir,
+            why,
+            started,
+            calls_in_flight,
+            calls_cut_off,
+            wait,
+            stopping,
+            ..
+        } = r;
+        self.registry.forget(&name);
+        self.failed_libraries.lock().remove(&name);
+        // What its runner left in its scratch directory is not handed to
+        // the next plugin of its name: removed once the runner has ended
+        // (one still stopping could write on).
+        if stopping.as_ref().is_none_or(|instance| {
+            instance.wait_stopped(stopped_by.saturating_duration_since(Instant::now()))
+        }) {
+            if let Err(e) = crate::sandbox::remove_scratch_dir(&name, self.config.runner_user) {
+                tracing::warn!(plugin = %name, error = %e, "Plugin {name} retired: its scratch directory could not be removed: {e}");
+            }
+        } else {
+            tracing::warn!(plugin = %name, "Plugin {name} retired: its runner did not end in time; its scratch directory is kept");
+        }
+        if calls_cut_off > 0 {
+            tracing::warn!(plugin = %name, calls_cut_off, "Plugin {name} retired with {calls_cut_off} call(s) still in flight after {:.1} s", wait.as_secs_f64());
+        }
+        tracing::info!(plugin = %name, dir = %dir.display(), calls_in_flight, "Plugin {name} retired: {why}");
+        RetiredPlugin {
+            name,
+            dir,
+            calls_in_flight,
+            calls_cut_off,
+            elapsed_ms: ms(started.elapsed()),
+        }
     }
 
     /// The start of `name`'s retirement: out of the loader's and the
@@ -780,7 +781,9 @@ impl Loader {
             started,
             handle,
             calls_in_flight,
+            calls_cut_off: 0,
             wait,
+            stopping: None,
         }
     }
 }
@@ -794,6 +797,10 @@ struct Retiring {
     /// Its handle, until its instance is stopped or let go.
     handle: Option<crate::PluginHandle>,
     calls_in_flight: u32,
+    /// Its calls still in flight when `wait` ran out.
+    calls_cut_off: u32,
     /// How long its calls in flight are waited for, from `started`.
     wait: Duration,
+    /// An isolated plugin's instance whose process is being stopped.
+    stopping: Option<std::sync::Arc<dyn crate::PluginInstance>>,
 }
