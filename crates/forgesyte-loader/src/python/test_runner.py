@@ -1378,7 +1378,11 @@ class ImportAndInitFailureTests(RunnerTestCase):
             ("    tools = {'t': {'handler': 42}}\n",
              "TypeError",
              "the handler of tool 't' must be callable or a method's name, not int"),
-            ("    tools = {'t': {'description': 'no handler'}}\n",
+            # A table that names no handler, of a plugin of ForgeSyte's
+            # contract (a seed plugin's is its own: the next test).
+            ("    tools = {'t': {'description': 'no handler'}}\n"
+             "    def validate(self):\n        pass\n"
+             "class Plugin(Plugin):\n    pass\nPlugin.__mro__[1].__name__ = 'BasePlugin'\n",
              "AttributeError",
              "tool 't' has no handler and the plugin no run_tool()"),
         ]
@@ -1392,6 +1396,44 @@ class ImportAndInitFailureTests(RunnerTestCase):
             # error's line alone, no heading over no frames.
             self.assertEqual(header["error"]["traceback"],
                              ["%s: %s" % (error_type, message)], header)
+
+    def test_a_seed_plugins_own_tools_and_hooks_are_left_alone(self):
+        # The seed constructs `Plugin()` and nothing else: a plain class's
+        # `tools` that is no tool table, and methods named like ForgeSyte's
+        # hooks that take arguments, keep it loading (without tools).
+        for body in [
+            "    tools = ['a', 'b']\n",
+            "    tools = 'ocr'\n",
+            "    tools = {'ocr': {'description': 'x'}}\n",
+            "    tools = {1: {'description': 'x'}}\n",
+            "    @property\n    def tools(self):\n        raise RuntimeError('not yet')\n",
+            "    def validate(self, strict):\n        raise RuntimeError('called')\n"
+            "    def on_load(self, app):\n        raise RuntimeError('called')\n",
+        ]:
+            p = self.source_plugin("class Plugin:\n" + body)
+            header = p.create()
+            self.assertEqual(header["type"], "created", (body, header))
+            self.assertEqual(header["tools"], [], (body, header))
+            if "validate" in body:
+                self.assertIn("validate() takes arguments, so it is not the validate() hook",
+                              p.stderr_with("on_load() takes arguments"))
+            else:
+                self.assertIn("WARNING forgesyte-python-runner[s]: the plugin's `tools` is no tool "
+                              "table (", p.stderr_with("is no tool table"))
+        # With run_tool() (ForgeSyte's contract) the same table fails, and
+        # hooks that take no argument are called.
+        p = self.source_plugin("class Plugin:\n    tools = 'ocr'\n"
+                               "    def run_tool(self, name, args):\n        return {}\n")
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed", header)
+        self.assertEqual(header["error"]["message"],
+                         "the plugin's 'tools' must be a dict or a list, not str", header)
+        p = self.source_plugin("class Plugin:\n"
+                               "    def on_load(self, verbose=False):\n"
+                               "        raise RuntimeError('on_load ran')\n")
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed", header)
+        self.assertEqual(header["error"]["message"], "on_load ran", header)
 
     def test_handlers_of_the_class_body_are_bound_as_the_class_binds_them(self):
         p = self.source_plugin(

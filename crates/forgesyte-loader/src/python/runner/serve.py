@@ -16,7 +16,7 @@ from .base import (EXIT_CHANNEL, EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now
 from .errors import exception_line, fitted, python_error, wire_error, with_sandbox_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, max_result_values, place, to_wire, unencodable_error
-from .tools import collect_tools, resolve_handler, unencodable_spec
+from .tools import collect_tools, resolve_handler, takes_arguments, unencodable_spec
 from .wire import MAX_ATTACHMENTS, MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
 
 # How long on_unload() may run at the end of stdin: under the host's 2 s
@@ -498,8 +498,15 @@ class Runner(object):
                 instance = cls()  # the seed's contract: no arguments
                 for hook in ("validate", "on_load"):
                     method = getattr(instance, hook, None)
-                    if callable(method):
-                        await_result(method())
+                    if not callable(method):
+                        continue
+                    if takes_arguments(method):
+                        # Not ForgeSyte's hook (which takes none): a seed
+                        # plugin's own method of that name.
+                        diag("%s() takes arguments, so it is not the %s() hook of ForgeSyte's "
+                             "contract: not called" % (hook, hook))
+                        continue
+                    await_result(method())
                 specs, table = collect_tools(instance, manifest)
                 if not specs:
                     # Loaded and ready, yet nothing can be called (a class

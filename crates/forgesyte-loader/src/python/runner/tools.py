@@ -169,6 +169,23 @@ def _as_method(instance, fn):
     return fn
 
 
+def takes_arguments(method):
+    """Whether calling ``method`` with no arguments would be refused for a
+    parameter without a default (read from its code object: no
+    ``inspect`` import at every runner's start). A callable without a code
+    object (a builtin, an object with ``__call__``) reads as taking none,
+    and is called."""
+    func = getattr(method, "__func__", method)
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return False
+    bound = 1 if getattr(method, "__self__", None) is not None else 0
+    defaults = getattr(func, "__defaults__", None) or ()
+    keyword_defaults = getattr(func, "__kwdefaults__", None) or {}
+    return (code.co_argcount - bound - len(defaults) > 0
+            or code.co_kwonlyargcount - len(keyword_defaults) > 0)
+
+
 def resolve_handler(instance, tid, handler):
     """What a call of tool ``tid`` calls, for a plugin without
     ``run_tool()``: its handler, a callable or the name of the instance's
@@ -244,14 +261,60 @@ def unencodable_spec(specs):
     return None
 
 
+def follows_the_tool_contract(instance):
+    """Whether ``instance`` takes up ForgeSyte's plugin contract as a whole:
+    it has a ``run_tool``, or its class derives from a class named
+    ``BasePlugin`` (ForgeSyte's, or a published plugin's local fallback)."""
+    if callable(getattr(instance, "run_tool", None)):
+        return True
+    return any(getattr(c, "__name__", None) == "BasePlugin" for c in type(instance).__mro__)
+
+
+def _names_a_handler(raw):
+    """Whether ``raw`` (an instance's ``tools``) is a dict or a list with at
+    least one entry that names a handler: a tool table, called through its
+    handlers (never raises)."""
+    try:
+        if isinstance(raw, dict):
+            entries = list(raw.values())
+        elif isinstance(raw, (list, tuple)):
+            entries = list(raw)
+        else:
+            return False
+        return any(callable(m) or isinstance(m, (staticmethod, classmethod))
+                   or (isinstance(m, dict) and m.get("handler") is not None) for m in entries)
+    except Exception:
+        return False
+
+
 def collect_tools(instance, manifest):
     """The instance's tools: (specs for ``created``, id -> dispatch info).
 
     From the live instance's ``tools`` when it has any; otherwise (no
     ``tools``, or an empty one, e.g. a plugin with only ``run_tool``) from
     the manifest's ``tools``. A manifest entry with the same id fills in
-    what the instance's entry lacks (e.g. a ``title``)."""
-    raw = getattr(instance, "tools", None)
+    what the instance's entry lacks (e.g. a ``title``).
+
+    A ``tools`` that is not a valid tool table fails construction when the
+    plugin takes up ForgeSyte's contract (:func:`follows_the_tool_contract`)
+    or the table names a handler. Otherwise it is a seed plugin's attribute
+    of its own (a list of names, a string, entries without handlers, a
+    property that raises): said and left out, as the seed never read it."""
+    strict = follows_the_tool_contract(instance)
+    try:
+        raw = getattr(instance, "tools", None)
+        strict = strict or _names_a_handler(raw)
+        return _collect_tools(instance, manifest, raw)
+    except Exception as e:
+        if strict:
+            raise
+        diag("the plugin's `tools` is no tool table (%s: %s): left out, as the seed's loader "
+             "never read it (a ForgeSyte plugin's tools name their handlers, or the plugin "
+             "has run_tool())" % (type(e).__name__, e), warning=True)
+    return _collect_tools(instance, manifest, None)
+
+
+def _collect_tools(instance, manifest, raw):
     # Without run_tool() every tool is called through its handler: each of
     # the instance's own is checked now, so a handler that names nothing
     # fails construction instead of every call. A tool only the manifest
