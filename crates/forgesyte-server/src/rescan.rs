@@ -210,8 +210,9 @@ pub(crate) fn start_settling(state: &AppState) {
 /// stored in `wake`, nothing more: it runs under the registry's write
 /// lock) when a supervisor restart ends INITIALIZED, and at every crash
 /// (its dependents follow a dependency whose restarts are spent; one whose
-/// restart is scheduled leaves them as they are). A reload of a plugin
-/// restarted once is no restart.
+/// restart is scheduled leaves them as they are), and when a plugin becomes
+/// FAILED or UNAVAILABLE otherwise (an in-process plugin's panic). A reload
+/// of a plugin restarted once is no restart.
 fn settle_observer(
     wake: Arc<tokio::sync::Notify>,
 ) -> impl Fn(&forgesyte_registry::Change<'_>) + Send + Sync {
@@ -252,8 +253,10 @@ fn settle_observer(
             ChangeKind::Reason if change.to == PluginLifecycleState::Failed => {
                 wake.notify_one();
             }
-            // Back to FAILED or UNAVAILABLE (a reload), or registered
-            // anew (removed and added by a rescan): no restart of it ends.
+            // Back to FAILED or UNAVAILABLE (a reload, or an in-process
+            // plugin a panic made FAILED for good: no supervisor restarts
+            // it, so its dependents follow at once), or registered anew
+            // (removed and added by a rescan): no restart of it ends.
             ChangeKind::State
                 if matches!(
                     change.to,
@@ -261,6 +264,7 @@ fn settle_observer(
                 ) =>
             {
                 restarting.remove(change.plugin);
+                wake.notify_one();
             }
             ChangeKind::Registered => {
                 restarting.remove(change.plugin);

@@ -1726,6 +1726,39 @@ fn dependents_follow_their_dependency_through_reloads_and_rescans() {
     assert_eq!(state_and_reason(&server, "dep").0, "INITIALIZED");
 }
 
+/// An in-process plugin that a panic made FAILED (for good: no supervisor
+/// restarts it) takes its dependents down at once, as an isolated one
+/// whose restarts are spent does (its dependents stayed available until
+/// a reload or rescan).
+#[test]
+fn dependents_follow_an_in_process_dependency_that_a_panic_made_failed() {
+    let dir = PluginsDir::new();
+    dir.good("base", json!({}))
+        .good("dependent", json!({"dependencies": ["plugin:base@^1"]}));
+    let server = serve_with_admin(&dir);
+    assert_eq!(state_and_reason(&server, "dependent").0, "INITIALIZED");
+    let reply = server.run("base", "panic", "{}");
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (state, reason) = state_and_reason(&server, "dependent");
+        if state == "UNAVAILABLE" {
+            assert!(
+                reason.contains("plugin:base@^1 (base is FAILED: ToolPanic: "),
+                "{reason}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dependent still {state}: {reason}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reply = server.run("dependent", "echo", "{}");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+}
+
 /// Writes Python plugin `name` (runtime python, `source` as its
 /// `plugin.py`) with `extra` manifest fields.
 fn python_plugin(dir: &PluginsDir, name: &str, extra: Value, source: &str) {
