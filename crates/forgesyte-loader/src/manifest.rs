@@ -113,6 +113,15 @@ pub fn is_module_path(entry: &str) -> bool {
         && class.is_none_or(|c| c.split('.').all(ident))
 }
 
+/// Whether `entry` names a Python file (`src/plugin.py`, `main.py:Main`,
+/// `my-plugin.py`): what [`Manifest::python_entry`] reads as one.
+pub fn names_python_file(entry: &str) -> bool {
+    entry
+        .split_once(':')
+        .map_or(entry, |(path, _)| path)
+        .ends_with(".py")
+}
+
 /// Per-plugin limits from the manifest's `limits` object. `None` means
 /// "the host's default" (`LoaderConfig::process`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -207,6 +216,10 @@ pub struct Manifest {
     /// with the signed digest: the load parses the manifest before it
     /// checks signatures.
     pub source_sha256: Option<String>,
+    /// The fields the file gives twice (`isolation`, `limits.memory_mb`),
+    /// of which the last one counts, as in Python's `json` (the seed's
+    /// reader): said at load ([`read_json`]).
+    pub duplicate_fields: Vec<String>,
 }
 
 impl Manifest {
@@ -222,13 +235,12 @@ impl Manifest {
             return file(PLUGIN_PY, None);
         };
         // `FILE.py:Class`: a file and the class in it, not a module path.
-        if let Some((path, class)) = entry
-            .split_once(':')
-            .filter(|(path, _)| path.ends_with(".py"))
+        if names_python_file(entry)
+            && let Some((path, class)) = entry.split_once(':')
         {
             return file(path, Some(class));
         }
-        if !is_module_path(entry) || entry.ends_with(".py") {
+        if !is_module_path(entry) || names_python_file(entry) {
             return file(entry, None);
         }
         match entry.split_once(':') {
@@ -326,11 +338,138 @@ pub fn parse_asking(
                 .into(),
         });
     }
-    let raw: Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json {
+    let (raw, duplicate_fields) = read_json(bytes).map_err(|e| ManifestError::Json {
         path: path.to_path_buf(),
         source: e,
     })?;
-    from_value_asking(raw, dir_name, has_plugin_py)
+    let mut manifest = from_value_asking(raw, dir_name, has_plugin_py)?;
+    manifest.duplicate_fields = duplicate_fields;
+    Ok(manifest)
+}
+
+/// Reads a JSON document as `serde_json::from_slice` reads a [`Value`],
+/// noting each object key it gives twice by its path (`isolation`,
+/// `limits.memory_mb`, `tools[0].id`): the last one counts, as in
+/// Python's `json`, which the seed read manifests with (so a manifest the
+/// seed loaded still loads), and the note says which was overridden.
+///
+/// # Errors
+///
+/// What `serde_json` says of text that is not one JSON value (with its
+/// line and column), nesting past its limit of 128 levels included.
+pub fn read_json(bytes: &[u8]) -> Result<(Value, Vec<String>), serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let path = std::cell::RefCell::new(String::new());
+    let duplicates = std::cell::RefCell::new(Vec::new());
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = NotingDuplicates {
+        path: &path,
+        duplicates: &duplicates,
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok((value, duplicates.into_inner()))
+}
+
+/// [`read_json`]'s visitor: builds the [`Value`] as serde_json's own does,
+/// the path of the value being read kept in one buffer (a segment pushed
+/// and taken off per nested value, no allocation per value).
+#[derive(Clone, Copy)]
+struct NotingDuplicates<'a> {
+    path: &'a std::cell::RefCell<String>,
+    duplicates: &'a std::cell::RefCell<Vec<String>>,
+}
+
+impl NotingDuplicates<'_> {
+    /// Reads the next value under path segment `segment` (pushed for the
+    /// read, then taken off).
+    fn nested<T>(self, segment: std::fmt::Arguments<'_>, read: impl FnOnce(Self) -> T) -> T {
+        let len = self.path.borrow().len();
+        {
+            let mut path = self.path.borrow_mut();
+            let _ = std::fmt::Write::write_fmt(&mut *path, segment);
+        }
+        let value = read(self);
+        self.path.borrow_mut().truncate(len);
+        value
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NotingDuplicates<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NotingDuplicates<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        loop {
+            let at = items.len();
+            let next = self.nested(format_args!("[{at}]"), |s| seq.next_element_seed(s))?;
+            match next {
+                Some(item) => items.push(item),
+                None => return Ok(Value::Array(items)),
+            }
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let dot = if self.path.borrow().is_empty() {
+                ""
+            } else {
+                "."
+            };
+            let (value, path) = self.nested(format_args!("{dot}{key}"), |s| {
+                let value = map.next_value_seed(s);
+                let path = object.contains_key(&key).then(|| s.path.borrow().clone());
+                (value, path)
+            });
+            if let Some(path) = path {
+                self.duplicates.borrow_mut().push(path);
+            }
+            object.insert(key, value?);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// Validates an already-parsed manifest object.
@@ -375,6 +514,15 @@ fn from_value_asking(
     };
     let description = opt_str(obj, "description")?.map(str::to_owned);
     let entrypoint = match (opt_str(obj, "entrypoint")?, opt_str(obj, "library")?) {
+        (Some(e), Some(l)) if e != l => {
+            return Err(ManifestError::InvalidField {
+                field: "library".into(),
+                message: format!(
+                    "names {l:?}, and \"entrypoint\" names {e:?}: give one (\"library\" is \
+                     another name of \"entrypoint\")"
+                ),
+            });
+        }
         (Some(e), _) | (None, Some(e)) => Some(e.to_owned()),
         (None, None) => None,
     };
@@ -391,7 +539,7 @@ fn from_value_asking(
             });
         }
         None => match &entrypoint {
-            Some(entry) if is_module_path(entry) => Runtime::Python,
+            Some(entry) if is_module_path(entry) || names_python_file(entry) => Runtime::Python,
             Some(_) => Runtime::Native,
             None if has_plugin_py() => Runtime::Python,
             None => Runtime::Native,
@@ -456,6 +604,7 @@ fn from_value_asking(
         sandbox,
         raw: Arc::new(raw),
         source_sha256: None,
+        duplicate_fields: Vec::new(),
     };
     if manifest.runtime == Runtime::Python
         && let PythonEntry::File { file, .. } = manifest.python_entry()
@@ -504,51 +653,52 @@ const LIMIT_FIELDS: &[&str] = &[
     "max_response_mb",
 ];
 
+/// The known field that `key` likely misspells, if any: a few edits away
+/// (none for a short name: `ids`, `types` are a plugin's own; one from 5
+/// characters, two from 8: `depedencies`), or the same word with another
+/// ending of at most 3 characters, for a known name of 5 or more
+/// (`dependency`, `isolated`, `networking`, `tool`).
+fn closest_field(key: &str, known: &[&str]) -> Option<String> {
+    let ending = |k: &str| {
+        let common = key
+            .chars()
+            .zip(k.chars())
+            .take_while(|(a, b)| a == b)
+            .count();
+        k.len() >= 5
+            && common >= 4
+            && key.chars().count() - common <= 3
+            && k.chars().count() - common <= 3
+    };
+    known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(key, k), *k))
+        .filter(|(d, k)| *d <= (k.len().saturating_sub(2) / 3).min(2) || ending(k))
+        .min()
+        .map(|(_, k)| k.to_owned())
+}
+
 /// The likely typos of manifest `raw`, said at load: a top-level field the
 /// host does not read whose name is close to one it does (`depedencies`:
-/// the dependencies were silently not checked), and any field of `limits`
-/// (the host's own object) it does not read (`call_timeout`: the limit
-/// silently not set), each with the field it may mean. A plugin's fields
-/// of its own, far from every known name, are left alone.
+/// the dependencies were silently not checked), with the field it may
+/// mean. A plugin's fields of its own, far from every known name, are left
+/// alone. (An unknown field of `limits`, the host's own object, is refused
+/// when the manifest is read.)
 pub fn unread_field_notes(raw: &Value) -> Vec<String> {
-    // Edits allowed by the known name's length: none for a short one
-    // (`ids`, `types` are a plugin's own), one from 5 characters, two from
-    // 8 (`depedencies`).
-    let closest = |key: &str, known: &[&str]| -> Option<String> {
-        known
-            .iter()
-            .map(|k| (strsim::damerau_levenshtein(key, k), *k))
-            .filter(|(d, k)| *d <= (k.len().saturating_sub(2) / 3).min(2))
-            .min()
-            .map(|(_, k)| k.to_owned())
-    };
     let Some(obj) = raw.as_object() else {
         return Vec::new();
     };
-    let mut notes = Vec::new();
-    for key in obj.keys().filter(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
-        if let Some(meant) = closest(key, KNOWN_FIELDS) {
-            notes.push(format!(
-                "field {:?} is not one the host reads (did you mean {meant:?}?)",
-                forgesyte_errors::shorten(key, 60)
-            ));
-        }
-    }
-    if let Some(limits) = obj.get("limits").and_then(Value::as_object) {
-        for key in limits
-            .keys()
-            .filter(|k| !LIMIT_FIELDS.contains(&k.as_str()))
-        {
-            let hint = closest(key, LIMIT_FIELDS)
-                .map_or_else(String::new, |meant| format!(" (did you mean {meant:?}?)"));
-            notes.push(format!(
-                "field {:?} is not a limit the host reads{hint}; it reads {}",
-                format!("limits.{}", forgesyte_errors::shorten(key, 60)),
-                LIMIT_FIELDS.join(", ")
-            ));
-        }
-    }
-    notes
+    obj.keys()
+        .filter(|k| !KNOWN_FIELDS.contains(&k.as_str()))
+        .filter_map(|key| {
+            closest_field(key, KNOWN_FIELDS).map(|meant| {
+                format!(
+                    "field {:?} is not one the host reads (did you mean {meant:?}?)",
+                    forgesyte_errors::shorten(key, 60)
+                )
+            })
+        })
+        .collect()
 }
 
 /// A Python plugin's entry file must be one its source tree covers (the
@@ -584,14 +734,30 @@ fn parse_limits(value: Option<&Value>) -> Result<Limits, ManifestError> {
     let Some(obj) = value.as_object() else {
         return Err(wrong_type("limits", "an object", value));
     };
+    // The host's own object: a field it does not read is a limit silently
+    // not set (`call_timeout`, `memory`), refused as `requires_gpu`'s and
+    // `filesystem`'s unknown fields are.
+    if let Some(key) = obj.keys().find(|k| !LIMIT_FIELDS.contains(&k.as_str())) {
+        let hint = closest_field(key, LIMIT_FIELDS)
+            .map_or_else(String::new, |meant| format!(" (did you mean {meant:?}?)"));
+        return Err(ManifestError::InvalidField {
+            field: format!("limits.{}", forgesyte_errors::shorten(key, 60)),
+            message: format!(
+                "not a limit the host reads{hint}; it reads {}",
+                LIMIT_FIELDS.join(", ")
+            ),
+        });
+    }
     let seconds = |key: &str| -> Result<Option<Duration>, ManifestError> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(None),
+            // At least a millisecond: a smaller limit read as 0 ms, every
+            // call or construction timed out at once.
             Some(v) => match v.as_f64() {
-                Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
+                Some(s) if (0.001..=86_400.0).contains(&s) => Ok(Some(Duration::from_secs_f64(s))),
                 _ => Err(ManifestError::InvalidField {
                     field: format!("limits.{key}"),
-                    message: format!("expected seconds in (0, 86400], found {v}"),
+                    message: format!("expected seconds in [0.001, 86400], found {v}"),
                 }),
             },
         }

@@ -91,6 +91,11 @@ pub struct CheckReport {
     /// traceback's last lines, a crashed runner's last stderr lines (its
     /// journal's last entry). Shown under its line.
     pub details: std::collections::BTreeMap<String, Vec<String>>,
+    /// What the load said of each plugin's manifest, by name (likely typos
+    /// of fields, fields given twice, fields the host does not use:
+    /// [`Loader::manifest_notes`]), which `serve` logs at WARN and
+    /// `check` logs nowhere. Shown under its line.
+    pub notes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl CheckReport {
@@ -107,10 +112,16 @@ impl CheckReport {
                 (!last.stderr_tail.is_empty()).then(|| (p.name.clone(), last.stderr_tail))
             })
             .collect();
+        let notes = plugins
+            .iter()
+            .map(|p| (p.name.clone(), loader.manifest_notes(&p.name)))
+            .filter(|(_, notes)| !notes.is_empty())
+            .collect();
         CheckReport {
             plugins,
             elapsed_ms: report.elapsed_ms,
             details,
+            notes,
         }
     }
 
@@ -129,7 +140,8 @@ impl CheckReport {
     }
 
     /// One line per plugin (`name  STATE  version  reason`, aligned), each
-    /// FAILED one's details under it (`    | `), then a summary line.
+    /// FAILED one's details under it (`    | `) and each plugin's manifest
+    /// notes (`    note: `), then a summary line.
     ///
     /// A column is as wide as its longest value up to 40
     /// characters (a longer value overflows it: a manifest's version may be
@@ -176,6 +188,13 @@ impl CheckReport {
             // only the server's log showed.
             for detail in self.details.get(&p.name).into_iter().flatten() {
                 let _ = writeln!(out, "    | {}", crate::controls::Escaped(detail));
+            }
+            for note in self.notes.get(&p.name).into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "    note: its manifest's {}",
+                    crate::controls::Escaped(note)
+                );
             }
         }
         let loaded = self
@@ -249,6 +268,7 @@ mod tests {
             plugins: registry.list_all(),
             elapsed_ms: 1.0,
             details: std::collections::BTreeMap::new(),
+            notes: std::collections::BTreeMap::new(),
         }
     }
 

@@ -802,6 +802,16 @@ fn run_check(args: CheckArgs, dir_named: bool, preflight_given: bool) -> ExitCod
         if let Some(line) = &not_discovered {
             say!("forgesyte check: {line}");
         }
+        // The array is `GET /v1/plugins`'s: the notes go beside it.
+        for (name, notes) in &report.notes {
+            for note in notes {
+                say!(
+                    "forgesyte check: plugin {}: its manifest's {}",
+                    forgesyte_server::controls::Escaped(name),
+                    forgesyte_server::controls::Escaped(note)
+                );
+            }
+        }
         report.to_json() + "\n"
     } else {
         let text = report.to_text();

@@ -59,6 +59,25 @@ fn the_runtime_is_declared_or_follows_the_entrypoint_or_plugin_py() {
         (Runtime::Python, file("plugin.py"))
     );
     assert_eq!(runtime_of(json!({}), false).0, Runtime::Native);
+    // A *.py entry anywhere, with or without its class, is Python code
+    // (it was read as a library's name unless it was `plugin.py`).
+    for (entry, path, class) in [
+        ("src/plugin.py", "src/plugin.py", None),
+        ("./main.py:Main", "./main.py", Some("Main")),
+        ("my-plugin.py", "my-plugin.py", None),
+    ] {
+        assert_eq!(
+            runtime_of(json!({"entrypoint": entry}), false),
+            (
+                Runtime::Python,
+                PythonEntry::File {
+                    file: path.into(),
+                    class: class.map(Into::into)
+                }
+            ),
+            "{entry}"
+        );
+    }
     for native in ["libocr.so", "libocr.so.1", "ocr", "lib/libocr.so"] {
         assert_eq!(
             runtime_of(json!({"entrypoint": native}), true).0,
@@ -161,8 +180,93 @@ fn wrong_types_name_the_field() {
     );
     check(
         r#"{"name": "a", "limits": {"call_timeout_s": -1}}"#,
-        Err("invalid field 'limits.call_timeout_s': expected seconds in (0, 86400], found -1"),
+        Err("invalid field 'limits.call_timeout_s': expected seconds in [0.001, 86400], found -1"),
     );
+    // Less than a millisecond read as 0 ms: every call timed out at once.
+    check(
+        r#"{"name": "a", "limits": {"init_timeout_s": 1e-10}}"#,
+        Err(
+            "invalid field 'limits.init_timeout_s': expected seconds in [0.001, 86400], found 1e-10",
+        ),
+    );
+    // The host's own object: a field it does not read is refused.
+    check(
+        r#"{"name": "a", "limits": {"call_timeout": 30}}"#,
+        Err(
+            "invalid field 'limits.call_timeout': not a limit the host reads (did you mean \
+             \"call_timeout_s\"?); it reads call_timeout_s, init_timeout_s, memory_mb, \
+             max_response_mb",
+        ),
+    );
+    check(
+        r#"{"name": "a", "limits": {"frobnicate": 1}}"#,
+        Err(
+            "invalid field 'limits.frobnicate': not a limit the host reads; it reads \
+             call_timeout_s, init_timeout_s, memory_mb, max_response_mb",
+        ),
+    );
+    // `library` is another name of `entrypoint`: two different ones are
+    // refused (the entrypoint won in silence).
+    check(
+        r#"{"name": "a", "entrypoint": "liba.so", "library": "libb.so"}"#,
+        Err(
+            r#"invalid field 'library': names "libb.so", and "entrypoint" names "liba.so": give one ("library" is another name of "entrypoint")"#,
+        ),
+    );
+    check(
+        r#"{"name": "a", "entrypoint": "liba.so", "library": "liba.so"}"#,
+        Ok("a"),
+    );
+}
+
+/// A field given twice loads as Python's `json` reads it (the last one
+/// counts) and is noted by its path; text that is no JSON keeps
+/// serde_json's error.
+#[test]
+fn fields_given_twice_are_noted_and_the_last_one_counts() {
+    let m = parse(
+        br#"{"name": "a", "isolation": "bogus", "isolation": "process",
+             "limits": {"memory_mb": 1, "memory_mb": 64},
+             "tools": [{"id": "t", "id": "u"}], "config": {"k": {"x": 1, "x": 2}}}"#,
+        Path::new("/p/a/manifest.json"),
+        "a",
+    )
+    .unwrap();
+    assert_eq!(m.isolation, Isolation::Process);
+    assert_eq!(m.limits.memory_mb, Some(64));
+    assert_eq!(m.raw["tools"][0]["id"], "u");
+    assert_eq!(
+        m.duplicate_fields,
+        ["isolation", "limits.memory_mb", "tools[0].id", "config.k.x"]
+    );
+    let m = parse(
+        br#"{"name": "a", "n": [1, {"b": [true, null, 2.5]}]}"#,
+        Path::new("/m"),
+        "a",
+    )
+    .unwrap();
+    assert!(m.duplicate_fields.is_empty());
+    assert_eq!(
+        *m.raw,
+        json!({"name": "a", "n": [1, {"b": [true, null, 2.5]}]})
+    );
+    for (text, error) in [
+        (
+            &br#"{"name": "a",}"#[..],
+            "trailing comma at line 1 column 14",
+        ),
+        (
+            br#"{"name": "a"} x"#,
+            "trailing characters at line 1 column 15",
+        ),
+    ] {
+        match read_json(text) {
+            Err(e) => assert_eq!(e.to_string(), error),
+            Ok(v) => panic!("{v:?}"),
+        }
+    }
+    let deep = "[".repeat(200) + &"]".repeat(200);
+    assert!(read_json(deep.as_bytes()).is_err());
 }
 
 #[test]
@@ -564,7 +668,11 @@ fn likely_typos_of_fields_are_noted_with_the_field_meant() {
         "name": "x",
         "depedencies": ["lib:z"],
         "requires_gpus": true,
-        "limits": {"call_timeout": 30, "memory_mb": 64, "frobnicate": 1},
+        "limits": {"memory_mb": 64},
+        "dependency": ["py:x"],
+        "isolated": true,
+        "networking": true,
+        "tool": [],
         "labels_file": "labels.txt",
         "author": "a",
         "capabilities": ["ocr"],
@@ -575,8 +683,10 @@ fn likely_typos_of_fields_are_noted_with_the_field_meant() {
         [
             r#"field "depedencies" is not one the host reads (did you mean "dependencies"?)"#,
             r#"field "requires_gpus" is not one the host reads (did you mean "requires_gpu"?)"#,
-            r#"field "limits.call_timeout" is not a limit the host reads (did you mean "call_timeout_s"?); it reads call_timeout_s, init_timeout_s, memory_mb, max_response_mb"#,
-            r#"field "limits.frobnicate" is not a limit the host reads; it reads call_timeout_s, init_timeout_s, memory_mb, max_response_mb"#,
+            r#"field "dependency" is not one the host reads (did you mean "dependencies"?)"#,
+            r#"field "isolated" is not one the host reads (did you mean "isolation"?)"#,
+            r#"field "networking" is not one the host reads (did you mean "network"?)"#,
+            r#"field "tool" is not one the host reads (did you mean "tools"?)"#,
         ]
     );
     for own in [
@@ -587,6 +697,9 @@ fn likely_typos_of_fields_are_noted_with_the_field_meant() {
         "name_prefix",
         "env_vars",
         "models_dir",
+        "description_long",
+        "config_schema",
+        "type_hint",
     ] {
         assert!(
             unread_field_notes(&json!({"name": "x", own: 1})).is_empty(),

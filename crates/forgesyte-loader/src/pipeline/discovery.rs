@@ -416,6 +416,7 @@ impl Loader {
             return Err(unresolved(ep, error));
         }
         let mut source_sha256 = None;
+        let mut duplicate_fields = Vec::new();
         let mut raw = match (&ep.module_dir, ep.has_manifest) {
             (Some(dir), true) => {
                 let path = dir.join(MANIFEST_FILE);
@@ -424,8 +425,10 @@ impl Loader {
                     return Err(bad(None, ManifestError::Empty { path }));
                 }
                 source_sha256 = Some(crate::integrity::sha256_hex(&bytes));
-                serde_json::from_slice::<Value>(&bytes)
-                    .map_err(|source| bad(None, ManifestError::Json { path, source }))?
+                let (raw, duplicates) = manifest::read_json(&bytes)
+                    .map_err(|source| bad(None, ManifestError::Json { path, source }))?;
+                duplicate_fields = duplicates;
+                raw
             }
             _ => json!({
                 "name": ep.name,
@@ -462,6 +465,7 @@ impl Loader {
             manifest::from_value_in(raw, &ep.name, false).map_err(|e| bad(Some(kept), e))?;
         m.python = None;
         m.source_sha256 = source_sha256;
+        m.duplicate_fields = duplicate_fields;
         Ok(m)
     }
 }

@@ -631,6 +631,12 @@ impl Loader {
             ));
         }
         notes.extend(crate::manifest::unread_field_notes(raw));
+        notes.extend(p.manifest.duplicate_fields.iter().map(|field| {
+            format!(
+                "field {:?} is given twice: the last one counts",
+                forgesyte_errors::shorten(field, 80)
+            )
+        }));
         if p.manifest.runtime != Runtime::Python && self.isolation_of(p) == Isolation::InProcess {
             let limits = &p.manifest.limits;
             // The memory limit binds its preflight's construction, when one
@@ -659,8 +665,12 @@ impl Loader {
             );
         }
         if notes.is_empty() {
+            self.manifest_notes.lock().remove(&p.name);
             return;
         }
+        self.manifest_notes
+            .lock()
+            .insert(p.name.clone(), notes.clone());
         let mut hasher = std::hash::DefaultHasher::new();
         std::hash::Hash::hash(&raw.to_string(), &mut hasher);
         let key = (p.name.clone(), std::hash::Hasher::finish(&hasher));
@@ -680,6 +690,18 @@ impl Loader {
                 tracing::debug!(plugin = %p.name, "Plugin {}: its manifest's {note}", p.name);
             }
         }
+    }
+
+    /// What the latest load of plugin `name` said of its manifest (likely
+    /// typos of fields, fields given twice, fields the host does not use),
+    /// each as the log line's text after "its manifest's"; empty when
+    /// nothing (or when it was never instantiated: a manifest refused).
+    pub fn manifest_notes(&self, name: &str) -> Vec<String> {
+        self.manifest_notes
+            .lock()
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The configuration a plugin is constructed with: its manifest, its

@@ -179,6 +179,9 @@ pub struct Loader {
     /// The plugins (and a hash of their manifests) whose unused manifest
     /// fields were said at WARN (`instantiate::say_manifest_notes`).
     pub(super) manifest_noted: Mutex<std::collections::HashSet<(String, u64)>>,
+    /// Each plugin's manifest notes of its latest load
+    /// ([`Loader::manifest_notes`]), for `check` to print.
+    pub(super) manifest_notes: Mutex<HashMap<String, Vec<String>>>,
     /// In-process plugins' libraries opened by path for a construction
     /// that has not succeeded (yet), by plugin: a retry of one that failed,
     /// its file unchanged, is constructed again from that mapping
@@ -269,6 +272,7 @@ impl Loader {
             outside_libraries: Mutex::default(),
             host_short: Mutex::default(),
             manifest_noted: Mutex::default(),
+            manifest_notes: Mutex::default(),
             failed_libraries: Mutex::default(),
         }
     }

@@ -3,7 +3,7 @@
 //! really serves with the file's values, and a bad file is a usage error
 //! (exit 2) naming the file and the key.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::{Forgesyte, PluginsDir, run_forgesyte};
 
@@ -1065,4 +1065,56 @@ fn a_refused_bind_is_said_once_in_each_log_format() {
     let err = serve("text", &[("RUST_LOG", "off")]);
     assert_eq!(err.matches(&said).count(), 1, "{err}");
     assert!(err.lines().any(|l| l.starts_with(&plain)), "{err}");
+}
+
+/// `check` prints what the load said of each manifest (a likely typo, a
+/// field given twice), which `serve` logs at WARN and `check`, logging
+/// nothing, showed nowhere: under the plugin's line, or on stderr beside
+/// `--json`'s array.
+#[test]
+fn check_prints_the_manifest_notes() {
+    let dir = PluginsDir::new();
+    dir.good("fine", json!({}));
+    dir.good("typo", json!({"dependency": ["lib:c"]}));
+    let twice = dir.path().join("twice");
+    std::fs::create_dir_all(&twice).unwrap();
+    let library = std::path::Path::new(forgesyte_tests::zoo::GOOD_LIBRARY);
+    std::fs::copy(library, twice.join(library.file_name().unwrap())).unwrap();
+    std::fs::write(
+        twice.join("manifest.json"),
+        format!(
+            r#"{{"name": "twice", "version": "1", "version": "2", "entrypoint": "{}"}}"#,
+            library.file_name().unwrap().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run_forgesyte(&["check", dir.path_str()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let under = |name: &str| {
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name}: {out}"));
+        lines.get(at + 1).copied().unwrap_or_default()
+    };
+    assert_eq!(
+        under("typo"),
+        r#"    note: its manifest's field "dependency" is not one the host reads (did you mean "dependencies"?)"#,
+        "{out}"
+    );
+    assert_eq!(
+        under("twice"),
+        r#"    note: its manifest's field "version" is given twice: the last one counts"#,
+        "{out}"
+    );
+    assert!(out.contains("twice  INITIALIZED  2"), "{out}");
+    assert!(!under("fine").starts_with("    note"), "{out}");
+    let (code, out, err) = run_forgesyte(&["check", "--json", dir.path_str()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(serde_json::from_str::<Value>(&out).is_ok(), "{out}");
+    assert!(
+        err.contains(r#"forgesyte check: plugin typo: its manifest's field "dependency" is not one the host reads"#),
+        "{err}"
+    );
 }
