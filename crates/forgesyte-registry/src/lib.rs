@@ -148,5 +148,6 @@ pub use registry::{CallGuard, RESTARTING, Registry, Snapshot};
 pub use state::{ParseStateError, PluginLifecycleState};
 pub use status::{
     AVERAGE_WINDOW, ExitInfo, HISTORY_LEN, HISTORY_REASON_CHARS, JOURNAL_LEN, JOURNAL_PAST_CHARS,
-    JournalEntry, PluginInfo, PluginStatus, SignatureInfo, SignatureState, Transition,
+    JournalEntry, MAX_REASON_CHARS, PluginInfo, PluginStatus, SignatureInfo, SignatureState,
+    Transition,
 };

@@ -417,7 +417,7 @@ impl Registry {
         info: Option<PluginInfo>,
         reason: Option<&str>,
     ) -> Result<(), RegistryError> {
-        let reason: Option<Arc<str>> = reason.map(Arc::from);
+        let reason: Option<Arc<str>> = reason.map(bounded);
         self.update(name, |entry, now| {
             entry.load_because(reason.clone(), now)?;
             if let Some(info) = info {
@@ -442,7 +442,7 @@ impl Registry {
     /// [`mark_loaded_because`](Registry::mark_loaded_because) when no call
     /// is in flight.
     pub fn mark_loaded_when_idle(&self, name: &str, reason: &str) -> Result<(), RegistryError> {
-        let reason: Arc<str> = Arc::from(reason);
+        let reason = bounded(reason);
         self.update(name, |entry, now| {
             if entry.state == PluginLifecycleState::Loaded || entry.in_flight == 0 {
                 entry.load_because(Some(Arc::clone(&reason)), now)?;
@@ -545,7 +545,7 @@ impl Registry {
         exit: ExitInfo,
         next_retry: Option<std::time::SystemTime>,
     ) -> Result<(), RegistryError> {
-        let reason: Arc<str> = Arc::from(reason.into());
+        let reason = bounded(&reason.into());
         self.write(name, true, true, |entry, now| {
             let target = PluginLifecycleState::Failed;
             if entry.state != target {
@@ -557,7 +557,7 @@ impl Registry {
             // How its process last ended, kept when this failure says
             // nothing of one (a restart whose constructor raised).
             if let Some(description) = exit.description {
-                entry.last_exit_reason = Some(Arc::from(description));
+                entry.last_exit_reason = Some(bounded(&description));
             }
             entry.next_retry_at = next_retry.map(DateTime::<Utc>::from);
             entry.journal_push(Recorded {
@@ -822,7 +822,7 @@ impl Registry {
         reason: String,
         details: Vec<String>,
     ) -> Result<(), RegistryError> {
-        let reason: Arc<str> = Arc::from(reason);
+        let reason = bounded(&reason);
         self.update(name, |entry, now| {
             let changed = entry.state != target || entry.reason.as_deref() != Some(&*reason);
             if entry.state == target {
@@ -937,3 +937,16 @@ pub use snapshot::Snapshot;
 
 #[cfg(test)]
 mod tests;
+
+/// `reason` as stored: at most [`crate::MAX_REASON_CHARS`] characters
+/// (with `…` when cut). A reason quotes what a plugin said (a panic's
+/// message, a runner's error), and every list and health answer, event and
+/// log line carries it: a plugin's 30 MB message made each `GET
+/// /v1/plugins` answer 60 MB.
+fn bounded(reason: &str) -> Arc<str> {
+    if reason.len() <= crate::MAX_REASON_CHARS {
+        Arc::from(reason)
+    } else {
+        Arc::from(forgesyte_errors::shorten(reason, crate::MAX_REASON_CHARS))
+    }
+}

@@ -21,6 +21,11 @@ pub const HISTORY_LEN: usize = 16;
 /// plugin kept its own copy, up to a MiB a plugin that nothing serves.
 pub const HISTORY_REASON_CHARS: usize = 1024;
 
+/// The most characters of a reason (and of a last exit reason) the
+/// registry keeps: a Python error's message of 64 Ki characters with its
+/// prefix and hints fits; anything longer is cut, with `…`.
+pub const MAX_REASON_CHARS: usize = 80 * 1024;
+
 /// How many recent execution times the average is taken over.
 pub const AVERAGE_WINDOW: usize = 10;
 

@@ -55,6 +55,16 @@ pub(crate) const EVENT_BUFFER_BYTES: usize = 4 << 20;
 /// carries (the health route has the whole reason).
 const EVENT_REASON_CHARS: usize = 1024;
 
+/// A reason (or an exit reason) as an event carries it: its first
+/// [`EVENT_REASON_CHARS`] characters.
+fn cut_reason(reason: &str) -> std::borrow::Cow<'_, str> {
+    if reason.len() > EVENT_REASON_CHARS {
+        std::borrow::Cow::Owned(forgesyte_errors::shorten(reason, EVENT_REASON_CHARS))
+    } else {
+        std::borrow::Cow::Borrowed(reason)
+    }
+}
+
 /// At most this many events are taken from the buffer at once per
 /// subscriber (its next read continues where this one ended).
 const BATCH: usize = 64;
@@ -164,7 +174,7 @@ struct PluginEvent<'a> {
     to: &'static str,
     reason: Option<std::borrow::Cow<'a, str>>,
     restart_count: u64,
-    exit: Option<&'a str>,
+    exit: Option<std::borrow::Cow<'a, str>>,
     /// Milliseconds since the Unix epoch.
     at_ms: u64,
 }
@@ -318,18 +328,9 @@ impl Events {
                 change: change.kind.as_str(),
                 from: change.from.map(PluginLifecycleState::as_str),
                 to: change.to.as_str(),
-                reason: change.reason.map(|reason| {
-                    if reason.len() > EVENT_REASON_CHARS {
-                        std::borrow::Cow::Owned(forgesyte_errors::shorten(
-                            reason,
-                            EVENT_REASON_CHARS,
-                        ))
-                    } else {
-                        std::borrow::Cow::Borrowed(reason)
-                    }
-                }),
+                reason: change.reason.map(cut_reason),
                 restart_count: change.restart_count,
-                exit: change.exit,
+                exit: change.exit.map(cut_reason),
                 at_ms: now_ms(),
             },
         );
@@ -661,6 +662,19 @@ mod tests {
             "{reason:.20}"
         );
         assert!(reason.ends_with('…'));
+        // A crash's exit reason as well (it carried a runner's 10 MB).
+        registry
+            .register("c", forgesyte_registry::PluginInfo::default())
+            .unwrap();
+        let exit = forgesyte_registry::ExitInfo {
+            description: Some("e".repeat(70_000)),
+            ..forgesyte_registry::ExitInfo::default()
+        };
+        registry.mark_crashed("c", "crashed", exit).unwrap();
+        let last = hub.ring().events.back().cloned().unwrap();
+        let event: serde_json::Value = serde_json::from_str(last.data()).unwrap();
+        let exit = event["exit"].as_str().unwrap();
+        assert_eq!(exit.chars().count(), EVENT_REASON_CHARS + 1, "{exit:.20}");
     }
 
     #[test]

@@ -29,6 +29,41 @@ pub(crate) trait WireErrorExt: Sized {
     fn into_tool(self) -> ToolError;
 }
 
+/// The most characters of a runner's error message the host keeps (the
+/// Python runner's own bound, `errors.py`), of its error class, of a path
+/// or name it gives, and of each traceback line; and the most traceback
+/// lines (the last ones). A runner is the plugin's code: a message of
+/// 30 MB it wrote to the pipe was every list's and health answer's reason.
+const MAX_MESSAGE_CHARS: usize = 64 * 1024;
+const MAX_TYPE_CHARS: usize = 256;
+const MAX_NAME_CHARS: usize = 4096;
+const MAX_TRACEBACK_LINE_CHARS: usize = 1024;
+const MAX_TRACEBACK_LINES: usize = 32;
+
+/// `w`, as a runner sent it, within the bounds above (`…` where cut).
+fn bounded(mut w: WireError) -> WireError {
+    use forgesyte_errors::shorten;
+    let cut = |text: &mut String, max: usize| {
+        if text.len() > max {
+            *text = shorten(text, max);
+        }
+    };
+    cut(&mut w.kind, MAX_TYPE_CHARS);
+    cut(&mut w.message, MAX_MESSAGE_CHARS);
+    if let Some(error_type) = &mut w.error_type {
+        cut(error_type, MAX_TYPE_CHARS);
+    }
+    for text in [&mut w.path, &mut w.name].into_iter().flatten() {
+        cut(text, MAX_NAME_CHARS);
+    }
+    let extra = w.traceback.len().saturating_sub(MAX_TRACEBACK_LINES);
+    w.traceback.drain(..extra);
+    for line in &mut w.traceback {
+        cut(line, MAX_TRACEBACK_LINE_CHARS);
+    }
+    w
+}
+
 /// A Python exception: kind `Python`, its class and message.
 fn python(error_type: &str, message: &str, traceback: &[String]) -> WireError {
     let mut w = WireError::new("Python", message);
@@ -79,28 +114,27 @@ impl WireErrorExt for WireError {
     }
 
     fn into_import(self, library: &Path) -> ImportError {
-        let path = self
-            .path
-            .map_or_else(|| library.to_path_buf(), PathBuf::from);
-        if self.kind == "Python" {
+        let w = bounded(self);
+        let path = w.path.map_or_else(|| library.to_path_buf(), PathBuf::from);
+        if w.kind == "Python" {
             return ImportError::Python {
-                error_type: self.error_type.unwrap_or_else(|| "ImportError".into()),
-                message: self.message,
-                traceback: self.traceback,
+                error_type: w.error_type.unwrap_or_else(|| "ImportError".into()),
+                message: w.message,
+                traceback: w.traceback,
             };
         }
-        let detail = self.message;
-        match self.kind.as_str() {
+        let detail = w.message;
+        match w.kind.as_str() {
             "LibraryNotFound" => ImportError::LibraryNotFound { path },
             "NotALibrary" => ImportError::NotALibrary { path, detail },
             "UnresolvedSymbol" => ImportError::UnresolvedSymbol { path, detail },
             "MissingSharedLibrary" => ImportError::MissingSharedLibrary { path, detail },
             "MissingEntrySymbol" => ImportError::MissingEntrySymbol {
                 path,
-                symbol: self.name.unwrap_or_default(),
+                symbol: w.name.unwrap_or_default(),
             },
             "AbiMismatch" => {
-                let (host, plugin) = self.versions.unwrap_or_default();
+                let (host, plugin) = w.versions.unwrap_or_default();
                 ImportError::AbiMismatch { path, host, plugin }
             }
             "Incompatible" => ImportError::Incompatible { path, detail },
@@ -128,21 +162,16 @@ impl WireErrorExt for WireError {
     }
 
     fn into_init(self) -> InitError {
-        match self.kind.as_str() {
+        let w = bounded(self);
+        match w.kind.as_str() {
             "Python" => InitError::Python {
-                error_type: self.error_type.unwrap_or_else(|| "Exception".into()),
-                message: self.message,
-                traceback: self.traceback,
+                error_type: w.error_type.unwrap_or_else(|| "Exception".into()),
+                message: w.message,
+                traceback: w.traceback,
             },
-            "Panicked" => InitError::Panicked {
-                message: self.message,
-            },
-            "Protocol" => InitError::Protocol {
-                detail: self.message,
-            },
-            _ => InitError::Failed {
-                message: self.message,
-            },
+            "Panicked" => InitError::Panicked { message: w.message },
+            "Protocol" => InitError::Protocol { detail: w.message },
+            _ => InitError::Failed { message: w.message },
         }
     }
 
@@ -174,36 +203,28 @@ impl WireErrorExt for WireError {
     }
 
     fn into_tool(self) -> ToolError {
-        match self.kind.as_str() {
+        let w = bounded(self);
+        match w.kind.as_str() {
             "UnknownTool" => ToolError::UnknownTool {
                 plugin: String::new(),
-                tool: self.name.unwrap_or_default(),
+                tool: w.name.unwrap_or_default(),
             },
-            "InvalidArgs" => ToolError::InvalidArgs {
-                message: self.message,
-            },
+            "InvalidArgs" => ToolError::InvalidArgs { message: w.message },
             // The runner's own: it could not start a thread for the call
             // (native and Python runners alike; a plugin's exception of
             // that name comes with its traceback).
             "Failed"
-                if self.error_type.as_deref() == Some(RUNNER_OVERLOADED)
-                    && self.traceback.is_empty() =>
+                if w.error_type.as_deref() == Some(RUNNER_OVERLOADED) && w.traceback.is_empty() =>
             {
-                ToolError::RunnerOverloaded {
-                    detail: self.message,
-                }
+                ToolError::RunnerOverloaded { detail: w.message }
             }
             "Failed" => ToolError::Failed {
-                error_type: self.error_type,
-                message: self.message,
-                traceback: self.traceback,
+                error_type: w.error_type,
+                message: w.message,
+                traceback: w.traceback,
             },
-            "Panicked" => ToolError::Panicked {
-                message: self.message,
-            },
-            _ => ToolError::Protocol {
-                detail: self.message,
-            },
+            "Panicked" => ToolError::Panicked { message: w.message },
+            _ => ToolError::Protocol { detail: w.message },
         }
     }
 }
@@ -228,6 +249,57 @@ mod tests {
         );
         said.traceback = vec!["  File \"plugin.py\", line 3, in run_tool".into()];
         assert!(matches!(said.into_tool(), ToolError::Failed { .. }));
+    }
+
+    /// What a runner sends is the plugin's code's: however long its
+    /// texts, the host keeps the runner's own bounds of them.
+    #[test]
+    fn a_runners_error_texts_are_bounded() {
+        let mut said = WireError::new("Failed", "m".repeat(10 * MAX_MESSAGE_CHARS));
+        said.error_type = Some("T".repeat(100_000));
+        said.traceback = (0..100_000)
+            .map(|i| format!("{i}{}", "x".repeat(5000)))
+            .collect();
+        let ToolError::Failed {
+            error_type,
+            message,
+            traceback,
+        } = said.clone().into_tool()
+        else {
+            panic!("not Failed");
+        };
+        assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert_eq!(
+            error_type.map(|t| t.chars().count()),
+            Some(MAX_TYPE_CHARS + 1)
+        );
+        assert_eq!(traceback.len(), MAX_TRACEBACK_LINES);
+        assert!(traceback[MAX_TRACEBACK_LINES - 1].starts_with("99999x"));
+        assert!(
+            traceback
+                .iter()
+                .all(|l| l.chars().count() == MAX_TRACEBACK_LINE_CHARS + 1)
+        );
+        said.kind = "Python".into();
+        let InitError::Python { message, .. } = said.clone().into_init() else {
+            panic!("not Python");
+        };
+        assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS + 1);
+        said.kind = "NotALibrary".into();
+        said.path = Some("/".repeat(100_000));
+        let ImportError::NotALibrary { path, detail } = said.into_import("/l".as_ref()) else {
+            panic!("not NotALibrary");
+        };
+        assert_eq!(path.as_os_str().len(), MAX_NAME_CHARS + "…".len());
+        assert_eq!(detail.chars().count(), MAX_MESSAGE_CHARS + 1);
+        // Within the bounds: as sent.
+        let small = WireError::new("Panicked", "boom");
+        assert_eq!(
+            small.into_tool(),
+            ToolError::Panicked {
+                message: "boom".into()
+            }
+        );
     }
 
     #[test]

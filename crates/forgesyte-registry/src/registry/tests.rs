@@ -1008,3 +1008,42 @@ fn older_journal_entries_keep_a_cut_reason() {
         assert!(reason.ends_with('…'), "{n}");
     }
 }
+
+/// A reason quotes what a plugin said: whatever its length, the registry
+/// keeps at most `MAX_REASON_CHARS` of it (a 30 MB panic message was every
+/// list's answer), by every way a reason is set, the last exit reason too.
+#[test]
+fn reasons_are_bounded_whatever_the_plugin_said() {
+    let max = crate::MAX_REASON_CHARS;
+    let huge = "é".repeat(max + 10);
+    let cut = |text: Option<String>| {
+        let text = text.unwrap();
+        assert_eq!(text.chars().count(), max + 1, "{}", &text[..20]);
+        assert!(text.ends_with('…'));
+    };
+    let registry = registry_with("p", Initialized);
+    registry.mark_failed("p", huge.as_str()).unwrap();
+    cut(registry.get_status("p").unwrap().reason);
+    let registry = registry_with("u", Initialized);
+    registry.mark_unavailable("u", huge.as_str()).unwrap();
+    cut(registry.get_status("u").unwrap().reason);
+    let registry = registry_with("c", Initialized);
+    let exit = crate::ExitInfo {
+        description: Some(huge.clone()),
+        ..crate::ExitInfo::default()
+    };
+    registry.mark_crashed("c", huge.as_str(), exit).unwrap();
+    let status = registry.get_status("c").unwrap();
+    cut(status.reason);
+    cut(status.last_exit_reason);
+    let registry = registry_with("l", Failed);
+    registry
+        .mark_loaded_because("l", None, Some(huge.as_str()))
+        .unwrap();
+    cut(registry.get_status("l").unwrap().reason);
+    // One at the bound is kept whole.
+    let registry = registry_with("w", Initialized);
+    let whole = "x".repeat(max);
+    registry.mark_failed("w", whole.as_str()).unwrap();
+    assert_eq!(registry.get_status("w").unwrap().reason, Some(whole));
+}
