@@ -320,6 +320,10 @@ pub fn read_frame(r: &mut impl Read, limit: u64) -> Result<Frame, FrameError> {
     read_body(r, limit).and_then(Frame::parse)
 }
 
+/// The room [`read_body`] reserves for a frame's body before its bytes
+/// come; the rest grows with them.
+const FIRST_ROOM: usize = 1 << 20;
+
 /// Reads one frame's body (at most `limit` bytes) without splitting it.
 pub fn read_body(r: &mut impl Read, limit: u64) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 4];
@@ -343,10 +347,14 @@ pub fn read_body(r: &mut impl Read, limit: u64) -> Result<Vec<u8>, FrameError> {
         return Err(FrameError::TooLarge { len, limit });
     }
     let size = usize::try_from(len).map_err(|_| FrameError::TooLarge { len, limit })?;
-    // One allocation, fallible: under a memory limit a frame too large to
-    // hold is an error, never an abort.
+    // Room for what is announced up to `FIRST_ROOM`, then grown as the
+    // bytes come (fallibly: under a memory limit a frame too large to hold
+    // is an error, never an abort). All of an announced 64 MiB reserved at
+    // once was made writable before a byte of it came: a peer that
+    // announced one and sent a byte a second held 64 MiB of the reader's
+    // memory for as long as it liked.
     let mut body = Vec::new();
-    body.try_reserve_exact(size).map_err(|_| {
+    body.try_reserve_exact(size.min(FIRST_ROOM)).map_err(|_| {
         FrameError::Io(io::Error::new(
             io::ErrorKind::OutOfMemory,
             format!("cannot allocate {len} bytes for a frame"),
@@ -414,6 +422,50 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A frame's announced length is not memory handed out before its
+    /// bytes come: a peer that announces 64 MiB and sends ten bytes is
+    /// read into room of at most [`FIRST_ROOM`] (the whole 64 MiB was
+    /// reserved and made writable, held as long as the peer liked).
+    #[test]
+    fn an_announced_length_is_not_reserved_before_its_bytes_come() {
+        struct Dribble {
+            sent: Vec<u8>,
+            largest_room: usize,
+        }
+        impl Read for Dribble {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.largest_room = self.largest_room.max(buf.len());
+                let n = buf.len().min(self.sent.len()).min(1);
+                buf[..n].copy_from_slice(&self.sent[..n]);
+                self.sent.drain(..n);
+                Ok(n)
+            }
+        }
+        let announced: u32 = 64 << 20;
+        let mut sent = announced.to_le_bytes().to_vec();
+        sent.extend_from_slice(b"0123456789");
+        // Behind a buffer, as the host reads its runners' answers.
+        let mut peer = io::BufReader::with_capacity(
+            64 * 1024,
+            Dribble {
+                sent,
+                largest_room: 0,
+            },
+        );
+        assert!(read_body(&mut peer, u64::from(announced)).is_err());
+        let peer = peer.into_inner();
+        assert!(
+            peer.largest_room <= FIRST_ROOM,
+            "room of {} bytes offered for 10",
+            peer.largest_room
+        );
+        // A whole frame larger than the first room is read whole.
+        let body = vec![7u8; FIRST_ROOM * 3 + 5];
+        let mut bytes = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+        bytes.extend_from_slice(&body);
+        assert_eq!(read_body(&mut bytes.as_slice(), 64 << 20).unwrap(), body);
     }
 
     #[test]
