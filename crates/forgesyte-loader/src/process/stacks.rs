@@ -426,12 +426,19 @@ impl Child {
             shared: Arc::clone(&self.shared),
             reason: Some(KillReason::host(&plain)),
         };
-        let asked = ask_for_stacks(
-            &self.shared,
-            self.hello.stack_signal,
-            KillReason::host(&plain),
-        );
-        let mut stuck_at = None;
+        // Stopped, it runs no code and dumps none: said so at once (the
+        // dump's wait was spent on it, and the reason said nothing).
+        let is_stopped = stopped(self.shared.pid);
+        let asked = (!is_stopped)
+            .then(|| {
+                ask_for_stacks(
+                    &self.shared,
+                    self.hello.stack_signal,
+                    KillReason::host(&plain),
+                )
+            })
+            .flatten();
+        let mut stuck_at = is_stopped.then(|| STOPPED.to_owned());
         if let Some(deadline) = asked {
             stuck_at = loop {
                 if let Some(at) = stacks_over(&self.shared, deadline, super::stderr_withheld()) {

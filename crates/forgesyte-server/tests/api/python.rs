@@ -684,6 +684,7 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
     for (name, limits) in [
         ("seg", json!({})),
         ("hang", json!({"call_timeout_s": 1})),
+        ("stop", json!({"call_timeout_s": 1})),
         ("blowup", json!({"memory_mb": 256})),
         ("lowered", json!({"memory_mb": 256})),
         ("unlimited", json!({"memory_mb": 0})),
@@ -703,6 +704,16 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
             "{}",
             504,
             "timed out after 1 s during tool 'hang'",
+        ),
+        // Stopped by its own SIGSTOP: the reason says so, not a place no
+        // dump could give (it said nothing, on the server's path).
+        (
+            "stop",
+            "stop",
+            "{}",
+            504,
+            "timed out after 1 s during tool 'stop', stuck at a stop: the process was stopped \
+             by a signal (SIGSTOP, SIGTSTP …) and ran no code",
         ),
         (
             "blowup",
@@ -750,7 +761,7 @@ fn python_faults_are_answered_then_the_plugin_restarts() {
         let reply = server.run("bystander", "echo", r#"{"args": {"still": "here"}}"#);
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
-    for name in ["seg", "hang", "blowup", "lowered", "unlimited"] {
+    for name in ["seg", "hang", "stop", "blowup", "lowered", "unlimited"] {
         let health = crate::binary::wait_health(&server, name, 20, |h| {
             h["state"] == "INITIALIZED" && h["restart_count"].as_u64() >= Some(1)
         });
