@@ -530,9 +530,9 @@ impl Child {
             Err(RequestError::Closed(Some(report))) => Err(Some(report)),
             // The frame did not go: how the process ended is not how
             // the call did.
-            Err(RequestError::Closed(None)) => {
-                Err(Some(ExitReport::for_an_unsent_call(self.closed_report())))
-            }
+            Err(RequestError::Closed(None)) => Err(Some(ExitReport::for_an_unsent_call(
+                self.closed_report(Some(timeout)),
+            ))),
         }
     }
 
@@ -542,12 +542,14 @@ impl Child {
     /// dying and its death report follows; one that lives on has closed
     /// its end of the request pipe (a plugin may close or replace any
     /// descriptor): it can never be asked anything again, so it is killed
-    /// as a protocol fault. Blocks until the death is processed.
-    pub(crate) fn closed_report(&self) -> Arc<ExitReport> {
+    /// as a protocol fault, once it has lived `within` (the call's time
+    /// limit, when shorter than [`DEATH_SYNC`]: a call is answered within
+    /// its limit). Blocks until the death is processed.
+    pub(crate) fn closed_report(&self, within: Option<Duration>) -> Arc<ExitReport> {
         if let Some(report) = self.let_go_report() {
             return report;
         }
-        self.wait_dead(DEATH_SYNC)
+        self.wait_dead(death_wait(within))
             .or_else(|| {
                 self.kill(stopped_reading());
                 self.wait_dead(DEATH_SYNC)
@@ -556,11 +558,11 @@ impl Child {
     }
 
     /// [`Self::closed_report`], awaited (no thread blocks on the death).
-    pub(crate) async fn closed_report_awaited(&self) -> Arc<ExitReport> {
+    pub(crate) async fn closed_report_awaited(&self, within: Option<Duration>) -> Arc<ExitReport> {
         if let Some(report) = self.let_go_report() {
             return report;
         }
-        if let Some(report) = self.dead(DEATH_SYNC).await {
+        if let Some(report) = self.dead(death_wait(within)).await {
             return report;
         }
         self.kill_from_task(stopped_reading());
@@ -704,6 +706,14 @@ impl Drop for Child {
 }
 
 /// Why a runner that lives on with its request pipe closed is killed.
+/// How long a runner found with its request pipe closed is given to die
+/// (its death report on the way) before it is killed: [`DEATH_SYNC`], or
+/// the call's time limit when shorter (one that closed its pipe and lives
+/// on answered a call with a 2 s limit after 5 s).
+fn death_wait(within: Option<Duration>) -> Duration {
+    within.map_or(DEATH_SYNC, |limit| limit.min(DEATH_SYNC))
+}
+
 fn stopped_reading() -> KillReason {
     KillReason {
         cause: CrashCause::Protocol {

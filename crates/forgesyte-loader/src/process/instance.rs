@@ -164,7 +164,8 @@ impl ProcessInstance {
                 TrySend::Sent(sent) => break Some(sent),
                 TrySend::Closed(Some(report)) => return Err(tool_crash(&report)),
                 TrySend::Closed(None) => {
-                    let report = self.child.closed_report_awaited().await;
+                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    let report = self.child.closed_report_awaited(left).await;
                     return Err(tool_crash(&crate::host::ExitReport::for_an_unsent_call(
                         report,
                     )));

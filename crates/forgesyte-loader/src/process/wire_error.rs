@@ -30,14 +30,15 @@ pub(crate) trait WireErrorExt: Sized {
 }
 
 /// The most characters of a runner's error message the host keeps (the
-/// Python runner's own bound, `errors.py`), of its error class, of a path
-/// or name it gives, and of each traceback line; and the most traceback
-/// lines (the last ones). A runner is the plugin's code: a message of
-/// 30 MB it wrote to the pipe was every list's and health answer's reason.
-const MAX_MESSAGE_CHARS: usize = 64 * 1024;
+/// Python runner's own bound, `errors.py`'s 64 Ki, and room for its note
+/// of what it cut), of its error class, of a path or name it gives, and of
+/// each traceback line; and the most traceback lines (the last ones). A
+/// runner is the plugin's code: a message of 30 MB it wrote to the pipe
+/// was every list's and health answer's reason.
+const MAX_MESSAGE_CHARS: usize = 65 * 1024;
 const MAX_TYPE_CHARS: usize = 256;
 const MAX_NAME_CHARS: usize = 4096;
-const MAX_TRACEBACK_LINE_CHARS: usize = 1024;
+const MAX_TRACEBACK_LINE_CHARS: usize = 4096;
 const MAX_TRACEBACK_LINES: usize = 32;
 
 /// `w`, as a runner sent it, within the bounds above (`…` where cut).
