@@ -676,6 +676,50 @@ fn a_library_found_nowhere_names_where_it_was_looked_for() {
             "main.py is there: a Python plugin's manifest names its file (\"entrypoint\": \"main.py\") or says \"runtime\": \"python\"",
         ],
     );
+    // A manifest naming neither a runtime nor an entrypoint, beside no
+    // plugin.py: the seed's layout with its code missing gets the seed's
+    // reason first (it was only the library's), then the library's.
+    let s = Setup::new();
+    s.world.fs.add_file(
+        "/plugins/seedling/manifest.json",
+        r#"{"name": "seedling", "version": "1.0.0"}"#,
+    );
+    let loader = s.loader_with(LoaderConfig::default());
+    loader.load_all("/plugins".as_ref());
+    s.check(
+        "seedling",
+        S::Failed,
+        &[
+            "ImportError: ImportError: plugin.py not found in /plugins/seedling (nor a native \
+             plugin's library not found: /plugins/seedling/libseedling.so, and no --lib-path was \
+             given",
+        ],
+    );
+}
+
+/// A refused manifest's plugin shows the version its text gives (a
+/// number's text too), else "unknown", as a valid one does (SPEC §3): it
+/// showed `null`.
+#[test]
+fn a_refused_manifest_shows_its_version_or_unknown() {
+    let s = Setup::new();
+    for (name, version) in [
+        ("none", json!(null)),
+        ("text", json!("1.2")),
+        ("number", json!(2)),
+    ] {
+        s.world.fs.add_file(
+            format!("/plugins/{name}/manifest.json"),
+            json!({"name": name, "version": version, "isolation": "vm"}).to_string(),
+        );
+    }
+    let loader = s.loader_with(LoaderConfig::default());
+    loader.load_all("/plugins".as_ref());
+    for (name, shown) in [("none", "unknown"), ("text", "1.2"), ("number", "2")] {
+        s.check(name, S::Failed, &["ManifestError: "]);
+        let status = s.registry.get_status(name).unwrap();
+        assert_eq!(status.version.as_deref(), Some(shown), "{name}");
+    }
 }
 
 #[test]

@@ -36,9 +36,14 @@ impl BadManifest {
     }
 
     /// The version the manifest's text gives, if it gives one as a string
-    /// (a broken manifest still says which version is broken).
+    /// or a number (a broken manifest still says which version is
+    /// broken).
     pub(super) fn version(&self) -> Option<String> {
-        self.text_field("version")
+        match self.raw.as_ref().and_then(|r| r.get("version")) {
+            Some(Value::String(text)) => Some(text.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        }
     }
 
     fn text_field(&self, field: &str) -> Option<String> {

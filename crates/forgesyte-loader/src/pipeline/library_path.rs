@@ -69,12 +69,32 @@ impl Loader {
             .fs
             .exists(&p.dir.join(&python_file))
             .then_some(python_file);
-        Err(ImportError::LibraryNotFoundInPath {
+        let not_found = ImportError::LibraryNotFoundInPath {
             path: inside,
             searched,
             python_file,
+        };
+        // A manifest that names neither a runtime nor an entrypoint, beside
+        // no `plugin.py`: the seed's layout (its manifests never name
+        // them) with its code missing, or a native plugin without its
+        // library. The seed's reason first, then the library's.
+        let raw = &p.manifest.raw;
+        if ["runtime", "entrypoint", "library"]
+            .iter()
+            .all(|field| raw.get(field).is_none_or(serde_json::Value::is_null))
+        {
+            return Err(ImportError::Python {
+                error_type: "ImportError".into(),
+                message: format!(
+                    "{} not found in {} (nor a native plugin's {not_found})",
+                    manifest::PLUGIN_PY,
+                    p.dir.display()
+                ),
+                traceback: Vec::new(),
+            }
+            .into());
         }
-        .into())
+        Err(not_found.into())
     }
 
     /// Fails when `path` resolves outside `dir`; whether it resolved (`false`:

@@ -231,7 +231,9 @@ impl Loader {
                 let BadManifest { raw, error } = *bad;
                 let info = PluginInfo {
                     description,
-                    version: version.or_else(|| ep.version.clone()),
+                    version: version
+                        .or_else(|| ep.version.clone())
+                        .or_else(super::registration::unknown_version),
                     source: Some(dir.clone()),
                 };
                 let reason = error.reason();

@@ -110,7 +110,7 @@ impl Loader {
                 let BadManifest { raw, error: err } = *bad;
                 let info = PluginInfo {
                     description,
-                    version,
+                    version: version.or_else(unknown_version),
                     source,
                 };
                 (claimed, info, raw.map(Arc::new), false, Err(err))
@@ -444,4 +444,10 @@ impl Loader {
             },
         );
     }
+}
+
+/// The version a plugin whose manifest gives none is shown with (SPEC §3):
+/// a refused manifest's too (it was `null`, and `-` in `check`'s table).
+pub(super) fn unknown_version() -> Option<String> {
+    Some("unknown".to_owned())
 }

@@ -488,7 +488,7 @@ impl Loader {
                     // not the old manifest's version and description.
                     let info = PluginInfo {
                         description: bad.description(),
-                        version: bad.version(),
+                        version: bad.version().or_else(super::registration::unknown_version),
                         source: Some(entry.dir.clone()),
                     };
                     let BadManifest { raw, error } = *bad;

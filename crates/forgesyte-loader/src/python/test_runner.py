@@ -1178,6 +1178,19 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(created["tools"], [])
         p.close_stdin()
         self.assertEqual(p.wait(), 0)
+        # A seed plugin (no run_tool, no BasePlugin) has none by design:
+        # a note, not a warning.
+        self.assertIn("\nforgesyte-python-runner[s]: the plugin offers no tools", "\n" + p.stderr)
+        self.assertNotIn("WARNING forgesyte-python-runner[s]: the plugin offers no tools", p.stderr)
+        # One of ForgeSyte's contract that serves none: a warning.
+        p = self.source_plugin(
+            "class BasePlugin:\n    pass\n"
+            "class Plugin(BasePlugin):\n"
+            "    tools = {}\n")
+        created = p.create()
+        self.assertEqual(created["tools"], [], created)
+        p.close_stdin()
+        self.assertEqual(p.wait(), 0)
         self.assertIn("WARNING forgesyte-python-runner[s]: the plugin offers no tools", p.stderr)
 
     def test_a_relative_import_in_plugin_py_says_how_to_import(self):

@@ -16,7 +16,8 @@ from .base import (EXIT_CHANNEL, EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now
 from .errors import exception_line, fitted, python_error, wire_error, with_sandbox_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, max_result_values, place, to_wire, unencodable_error
-from .tools import collect_tools, resolve_handler, takes_arguments, unencodable_spec
+from .tools import (collect_tools, follows_the_tool_contract, resolve_handler, takes_arguments,
+                    unencodable_spec)
 from .wire import MAX_ATTACHMENTS, MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
 
 # How long on_unload() may run at the end of stdin: under the host's 2 s
@@ -511,12 +512,15 @@ class Runner(object):
                 if not specs:
                     # Loaded and ready, yet nothing can be called (a class
                     # of an older plugin API, ``analyze(image_bytes,
-                    # options)``): said, not left to be found out.
+                    # options)``): said, not left to be found out; a
+                    # warning when the plugin takes up ForgeSyte's contract
+                    # (the seed's plugins have no tools: a note).
                     diag("the plugin offers no tools: neither its instance's `tools` nor its "
                          "manifest's list one, so nothing of it can be called (a ForgeSyte "
                          "plugin lists its tools in a `tools` dict, tool name -> {\"handler\": "
                          "..., \"description\", \"input_schema\", \"output_schema\"}, and may "
-                         "dispatch them in run_tool(tool_name, args))", warning=True)
+                         "dispatch them in run_tool(tool_name, args))",
+                         warning=follows_the_tool_contract(instance))
                 # Encoded here: a spec that cannot be (text that is not
                 # valid Unicode) fails construction, not the runner, its
                 # text named where it is.
