@@ -69,14 +69,47 @@ impl CheckError {
 }
 
 impl CheckError {
-    /// [`CheckError::PluginDirectory`] when `dir` holds a plugin manifest.
+    /// [`CheckError::PluginDirectory`] when `dir` holds a plugin manifest
+    /// and none of its subdirectories does: a plugin's own directory. One
+    /// whose subdirectories hold plugins is a directory of plugins with a
+    /// stray manifest beside them ([`stray_manifest`]): refused, one file
+    /// took every plugin down.
     pub fn plugin_directory(dir: &Path) -> Option<CheckError> {
-        dir.join(forgesyte_loader::manifest::MANIFEST_FILE)
+        (dir.join(forgesyte_loader::manifest::MANIFEST_FILE)
             .is_file()
-            .then(|| CheckError::PluginDirectory {
-                path: dir.to_path_buf(),
-            })
+            && !holds_plugins(dir))
+        .then(|| CheckError::PluginDirectory {
+            path: dir.to_path_buf(),
+        })
     }
+}
+
+/// Whether a subdirectory of `dir` holds a plugin manifest (the first
+/// 100,000 entries looked at).
+fn holds_plugins(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.take(100_000).flatten().any(|entry| {
+            entry
+                .path()
+                .join(forgesyte_loader::manifest::MANIFEST_FILE)
+                .is_file()
+        })
+    })
+}
+
+/// What `serve` and `check` say of a plugins directory `dir` that holds a
+/// `manifest.json` of its own beside its plugins: it is no plugin's, and
+/// is not read.
+pub fn stray_manifest(dir: &Path) -> Option<String> {
+    let manifest = dir.join(forgesyte_loader::manifest::MANIFEST_FILE);
+    manifest.is_file().then(|| {
+        format!(
+            "{} is not read: the plugins are {}'s subdirectories, and a manifest beside them is \
+             no plugin's",
+            manifest.display(),
+            dir.display()
+        )
+    })
 }
 
 /// What a check found: every plugin's status after one load pass, sorted by

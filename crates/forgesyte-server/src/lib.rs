@@ -143,7 +143,7 @@ pub use admin::AdminToken;
 pub use api::{HealthResponse, PluginHealth};
 pub use body::RunRequest;
 pub use budget::applied_memory;
-pub use check::{CheckError, CheckReport, check};
+pub use check::{CheckError, CheckReport, check, stray_manifest};
 pub use config::{
     DEFAULT_ANSWER_MIN_RATE, DEFAULT_BIND, DEFAULT_BODY_LIMIT, DEFAULT_BODY_MIN_RATE,
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CALL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,

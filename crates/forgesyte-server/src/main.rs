@@ -658,6 +658,9 @@ fn serve(args: ServeArgs, dir_named: bool) -> anyhow::Result<()> {
     if let Some(e) = CheckError::plugin_directory(&config.plugins_dir) {
         return Err(anyhow::Error::new(RefusedConfig(e.to_string())));
     }
+    if let Some(note) = forgesyte_server::stray_manifest(&config.plugins_dir) {
+        tracing::warn!("{note}");
+    }
     // An empty or unreadable token is a configuration refused, exit 2.
     config.admin_token = admin_token(admin_token_env(), admin_token_file.as_deref())
         .map_err(|e| anyhow::Error::new(RefusedConfig(format!("{e:#}"))))?;
@@ -784,6 +787,9 @@ fn run_check(args: CheckArgs, dir_named: bool, preflight_given: bool) -> ExitCod
     if let Some(e) = CheckError::of_dir(&args.dir).filter(|_| !entry_points_only) {
         say!("forgesyte check: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(note) = forgesyte_server::stray_manifest(&args.dir) {
+        say!("forgesyte check: {note}");
     }
     // The report is this command's stdout, nothing else: what a plugin
     // prints while it loads in this process (a constructor's `printf`)

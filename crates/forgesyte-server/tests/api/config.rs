@@ -631,6 +631,21 @@ fn a_plugin_directory_given_for_the_plugins_directory_is_refused() {
             && err.contains("none of its subdirectories holds a manifest.json"),
         "{err}"
     );
+    // A directory of plugins with a stray manifest.json beside them is one
+    // (it refused every plugin): checked, and the stray file named.
+    std::fs::write(plugins.path().join("manifest.json"), r#"{"name": "top"}"#).unwrap();
+    let (code, out, err) = crate::support::run_forgesyte(&["check", plugins.path_str()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("alpha  INITIALIZED"), "{out}");
+    assert!(!out.contains("top"), "{out}");
+    assert!(
+        err.contains(&format!(
+            "forgesyte check: {} is not read: the plugins are {}'s subdirectories",
+            plugins.path().join("manifest.json").display(),
+            plugins.path().display()
+        )),
+        "{err}"
+    );
 }
 
 /// An option's environment variable set to the empty string is refused
