@@ -109,7 +109,12 @@ impl Dependency {
     /// field.
     pub(crate) fn parse(s: &str, bare: BareDependency) -> Result<Self, String> {
         let s = s.trim();
-        if s.contains("://") {
+        // PEP 508's `NAME @ URL` (`numpy @ file:/tmp/x.whl`): an `@` before
+        // any `:` (a URL's scheme), not a `plugin:NAME@REQ`.
+        let url_form = s
+            .find('@')
+            .is_some_and(|at| s.find(':').is_none_or(|colon| at < colon));
+        if s.contains("://") || url_form {
             return Err(format!(
                 "URL requirements (NAME @ URL) are not supported: {s:?}; install the package \
                  and name it"
@@ -171,6 +176,7 @@ impl Dependency {
             "plugin" => {
                 let (name, req) = match name.split_once('@') {
                     Some((name, req)) => {
+                        let name = name.trim();
                         let req = semver::VersionReq::parse(req.trim()).map_err(|e| {
                             format!("invalid version requirement {req:?} for plugin {name:?}: {e}")
                         })?;
@@ -273,11 +279,17 @@ fn split_python_requirement(text: &str) -> Result<(&str, Option<PyVersionReq>), 
         let Some((extras, after)) = extras.split_once(']') else {
             return Err(format!("unclosed extras `[` in {text:?}"));
         };
-        if !extras
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ',' | ' '))
-        {
-            return Err(format!("invalid extras [{extras}] in {text:?}"));
+        // A comma-separated list of names (PEP 508): `[a b]` is none.
+        let extra_name = |extra: &str| {
+            !extra.is_empty()
+                && extra
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        };
+        if !extras.trim().is_empty() && !extras.split(',').map(str::trim).all(extra_name) {
+            return Err(format!(
+                "invalid extras [{extras}] in {text:?}: a comma-separated list of names"
+            ));
         }
         spec = after.trim_start();
     }
@@ -674,6 +686,9 @@ mod tests {
                 req: Some(semver::VersionReq::parse("^2").unwrap())
             }
         );
+        // Spaces around the `@`, as around the requirement: the same.
+        let spaced = parse(json!({"dependencies": ["plugin:base @ ^2"]}));
+        assert_eq!(spaced.dependencies[0], r.dependencies[5]);
     }
 
     #[test]
@@ -1026,7 +1041,12 @@ mod tests {
             ("py:numpy (>=1", "unclosed `(`"),
             ("py:numpy[gpu>=1", "unclosed extras"),
             ("py:numpy[g/pu]>=1", "invalid extras [g/pu]"),
+            ("py:pip[a b]>=1", "invalid extras [a b]"),
+            ("py:pip[a,]>=1", "invalid extras [a,]"),
             ("py:>=1", "needs a package name"),
+            // A URL whose scheme has no `//` (it read as a kind "numpy @
+            // file").
+            ("numpy @ file:/tmp/x.whl", "URL requirements (NAME @ URL)"),
         ] {
             check_invalid(json!({"dependencies": [dep]}), "dependencies[0]", needle);
         }

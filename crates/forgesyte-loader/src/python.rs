@@ -94,9 +94,13 @@ pub fn resolve_interpreter(
             Err(wanted.display().to_string())
         };
     }
+    // Absolute directories only, as a `bin:` dependency's search: an empty
+    // or relative entry (`PATH=:/usr/bin`) found an interpreter in the
+    // server's working directory, and the runner then ran the bare name.
     path_var
         .iter()
         .flat_map(std::env::split_paths)
+        .filter(|dir| dir.is_absolute())
         .map(|dir| dir.join(&wanted))
         .find(|candidate| is_file(candidate))
         .ok_or_else(|| format!("{} (on PATH)", wanted.display()))
@@ -146,6 +150,14 @@ mod tests {
         );
         assert_eq!(
             resolve_interpreter(None, None, dir, &fs, Some("/early:/usr/bin".into())),
+            Ok(PathBuf::from("/usr/bin/python3"))
+        );
+        // A relative entry (the server's working directory) is passed
+        // over, as for a `bin:` dependency.
+        fs.add_file("python3", b"");
+        fs.add_file("rel/python3", b"");
+        assert_eq!(
+            resolve_interpreter(None, None, dir, &fs, Some(":rel:/usr/bin".into())),
             Ok(PathBuf::from("/usr/bin/python3"))
         );
     }

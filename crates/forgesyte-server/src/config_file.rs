@@ -439,17 +439,18 @@ fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
     let bytes = forgesyte_deps::RealFs
         .read(path, MAX_CONFIG_BYTES)
         .map_err(read)?;
+    // The size first: a cut inside a character read as "not UTF-8".
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(read(std::io::Error::other(format!(
+            "larger than {MAX_CONFIG_BYTES} bytes"
+        ))));
+    }
     let text = String::from_utf8(bytes).map_err(|e| {
         read(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("not UTF-8 text: {e}"),
         ))
     })?;
-    if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(read(std::io::Error::other(format!(
-            "larger than {MAX_CONFIG_BYTES} bytes"
-        ))));
-    }
     text.parse::<toml::Table>()
         .map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
@@ -865,6 +866,14 @@ mod tests {
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
         let huge = case.file.with_file_name("huge.toml");
         std::fs::write(&huge, format!("# {}\n", "x".repeat(2 << 20))).unwrap();
+        let err = layered(&["serve", "--config", huge.to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.to_string().contains("larger than 1048576 bytes"),
+            "{err}"
+        );
+        // Of multi-byte characters: still its size (the cut fell inside a
+        // character, and was read as "not UTF-8").
+        std::fs::write(&huge, format!("# {}\n", "é".repeat(1 << 20))).unwrap();
         let err = layered(&["serve", "--config", huge.to_str().unwrap()]).unwrap_err();
         assert!(
             err.to_string().contains("larger than 1048576 bytes"),
