@@ -698,6 +698,9 @@ impl PluginHandle {
             .slot
             .unless_retired(|| registry.mark_failed(name, reason).is_ok());
         if marked == Some(true) {
+            // A panic's message is the plugin's, of any length: the
+            // registry keeps 80 Ki characters of it, a log line 4 Ki.
+            let reason = forgesyte_errors::shorten(reason, 4096);
             tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
         }
     }

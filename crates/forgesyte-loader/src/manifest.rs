@@ -219,7 +219,7 @@ pub struct Manifest {
     /// The fields the file gives twice (`isolation`, `limits.memory_mb`),
     /// of which the last one counts, as in Python's `json` (the seed's
     /// reader): said at load ([`read_json`]).
-    pub duplicate_fields: Vec<String>,
+    pub duplicate_fields: Duplicates,
 }
 
 impl Manifest {
@@ -347,6 +347,30 @@ pub fn parse_asking(
     Ok(manifest)
 }
 
+/// The object keys a JSON document gives twice ([`read_json`]): the paths
+/// of the first [`Duplicates::KEPT`] (each cut to
+/// [`Duplicates::PATH_CHARS`] characters), and how many more there are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Duplicates {
+    /// Their paths (`isolation`, `limits.memory_mb`, `tools[0].id`).
+    pub paths: Vec<String>,
+    /// How many more keys are given twice.
+    pub more: usize,
+}
+
+impl Duplicates {
+    /// How many paths are kept: a manifest of a MiB could name a hundred
+    /// thousand, each path up to its whole length.
+    pub const KEPT: usize = 16;
+    /// The most characters of a path kept.
+    pub const PATH_CHARS: usize = 80;
+
+    /// Whether no key is given twice.
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+}
+
 /// Reads a JSON document as `serde_json::from_slice` reads a [`Value`],
 /// noting each object key it gives twice by its path (`isolation`,
 /// `limits.memory_mb`, `tools[0].id`): the last one counts, as in
@@ -357,10 +381,10 @@ pub fn parse_asking(
 ///
 /// What `serde_json` says of text that is not one JSON value (with its
 /// line and column), nesting past its limit of 128 levels included.
-pub fn read_json(bytes: &[u8]) -> Result<(Value, Vec<String>), serde_json::Error> {
+pub fn read_json(bytes: &[u8]) -> Result<(Value, Duplicates), serde_json::Error> {
     use serde::de::DeserializeSeed;
     let path = std::cell::RefCell::new(String::new());
-    let duplicates = std::cell::RefCell::new(Vec::new());
+    let duplicates = std::cell::RefCell::new(Duplicates::default());
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = NotingDuplicates {
         path: &path,
@@ -377,7 +401,7 @@ pub fn read_json(bytes: &[u8]) -> Result<(Value, Vec<String>), serde_json::Error
 #[derive(Clone, Copy)]
 struct NotingDuplicates<'a> {
     path: &'a std::cell::RefCell<String>,
-    duplicates: &'a std::cell::RefCell<Vec<String>>,
+    duplicates: &'a std::cell::RefCell<Duplicates>,
 }
 
 impl NotingDuplicates<'_> {
@@ -458,14 +482,20 @@ impl<'de> serde::de::Visitor<'de> for NotingDuplicates<'_> {
             } else {
                 "."
             };
-            let (value, path) = self.nested(format_args!("{dot}{key}"), |s| {
+            let value = self.nested(format_args!("{dot}{key}"), |s| {
                 let value = map.next_value_seed(s);
-                let path = object.contains_key(&key).then(|| s.path.borrow().clone());
-                (value, path)
+                if object.contains_key(&key) {
+                    let mut duplicates = s.duplicates.borrow_mut();
+                    if duplicates.paths.len() < Duplicates::KEPT {
+                        let path =
+                            forgesyte_errors::shorten(&s.path.borrow(), Duplicates::PATH_CHARS);
+                        duplicates.paths.push(path);
+                    } else {
+                        duplicates.more += 1;
+                    }
+                }
+                value
             });
-            if let Some(path) = path {
-                self.duplicates.borrow_mut().push(path);
-            }
             object.insert(key, value?);
         }
         Ok(Value::Object(object))
@@ -604,7 +634,7 @@ fn from_value_asking(
         sandbox,
         raw: Arc::new(raw),
         source_sha256: None,
-        duplicate_fields: Vec::new(),
+        duplicate_fields: Duplicates::default(),
     };
     if manifest.runtime == Runtime::Python
         && let PythonEntry::File { file, .. } = manifest.python_entry()

@@ -236,8 +236,24 @@ fn fields_given_twice_are_noted_and_the_last_one_counts() {
     assert_eq!(m.limits.memory_mb, Some(64));
     assert_eq!(m.raw["tools"][0]["id"], "u");
     assert_eq!(
-        m.duplicate_fields,
+        m.duplicate_fields.paths,
         ["isolation", "limits.memory_mb", "tools[0].id", "config.k.x"]
+    );
+    assert_eq!(m.duplicate_fields.more, 0);
+    // Bounded, however many and however deep: the first paths kept (cut),
+    // the rest counted (a MiB of repeated keys under a long key held a
+    // copy of that key per repeat).
+    let long = "k".repeat(500_000);
+    let repeats = ",\"a\":0".repeat(1000);
+    let text = format!(r#"{{"name": "x", "{long}": {{"a":0{repeats}}}}}"#);
+    let (_, duplicates) = read_json(text.as_bytes()).unwrap();
+    assert_eq!(duplicates.paths.len(), Duplicates::KEPT);
+    assert_eq!(duplicates.more, 1000 - Duplicates::KEPT);
+    assert!(
+        duplicates
+            .paths
+            .iter()
+            .all(|p| p.chars().count() == Duplicates::PATH_CHARS + 1)
     );
     let m = parse(
         br#"{"name": "a", "n": [1, {"b": [true, null, 2.5]}]}"#,

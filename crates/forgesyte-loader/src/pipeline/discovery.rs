@@ -421,7 +421,7 @@ impl Loader {
             return Err(unresolved(ep, error));
         }
         let mut source_sha256 = None;
-        let mut duplicate_fields = Vec::new();
+        let mut duplicate_fields = manifest::Duplicates::default();
         let mut raw = match (&ep.module_dir, ep.has_manifest) {
             (Some(dir), true) => {
                 let path = dir.join(MANIFEST_FILE);

@@ -631,12 +631,19 @@ impl Loader {
             ));
         }
         notes.extend(crate::manifest::unread_field_notes(raw));
-        notes.extend(p.manifest.duplicate_fields.iter().map(|field| {
-            format!(
-                "field {:?} is given twice: the last one counts",
-                forgesyte_errors::shorten(field, 80)
-            )
-        }));
+        let duplicates = &p.manifest.duplicate_fields;
+        notes.extend(
+            duplicates
+                .paths
+                .iter()
+                .map(|field| format!("field {field:?} is given twice: the last one counts")),
+        );
+        if duplicates.more > 0 {
+            notes.push(format!(
+                "{} more fields are given twice (the last of each counts)",
+                duplicates.more
+            ));
+        }
         if p.manifest.runtime != Runtime::Python && self.isolation_of(p) == Isolation::InProcess {
             let limits = &p.manifest.limits;
             // The memory limit binds its preflight's construction, when one

@@ -520,6 +520,7 @@ impl Child {
         if let Some(report) = self.condemned_report() {
             return Err(Some(report));
         }
+        let started = Instant::now();
         match self
             .shared
             .transport
@@ -530,8 +531,10 @@ impl Child {
             Err(RequestError::Closed(Some(report))) => Err(Some(report)),
             // The frame did not go: how the process ended is not how
             // the call did.
+            // Within what is left of the call's limit: writing the request
+            // may have taken most of it.
             Err(RequestError::Closed(None)) => Err(Some(ExitReport::for_an_unsent_call(
-                self.closed_report(Some(timeout)),
+                self.closed_report(Some(timeout.saturating_sub(started.elapsed()))),
             ))),
         }
     }
@@ -705,15 +708,20 @@ impl Drop for Child {
     }
 }
 
-/// Why a runner that lives on with its request pipe closed is killed.
 /// How long a runner found with its request pipe closed is given to die
 /// (its death report on the way) before it is killed: [`DEATH_SYNC`], or
-/// the call's time limit when shorter (one that closed its pipe and lives
-/// on answered a call with a 2 s limit after 5 s).
+/// what is left of the call's time limit when shorter (one that closed its
+/// pipe and lives on answered a call with a 2 s limit after 5 s), but at
+/// least [`DEATH_WAIT_MIN`]: a runner dying of its own cause is not killed
+/// (and its death misnamed) before the host has seen it die.
 fn death_wait(within: Option<Duration>) -> Duration {
-    within.map_or(DEATH_SYNC, |limit| limit.min(DEATH_SYNC))
+    within.map_or(DEATH_SYNC, |left| left.clamp(DEATH_WAIT_MIN, DEATH_SYNC))
 }
 
+/// The least [`death_wait`].
+const DEATH_WAIT_MIN: Duration = Duration::from_secs(1);
+
+/// Why a runner that lives on with its request pipe closed is killed.
 fn stopped_reading() -> KillReason {
     KillReason {
         cause: CrashCause::Protocol {

@@ -1433,8 +1433,32 @@ class ImportAndInitFailureTests(RunnerTestCase):
             else:
                 self.assertIn("WARNING forgesyte-python-runner[s]: the plugin's `tools` is no tool "
                               "table (", p.stderr_with("is no tool table"))
+        # A table one of whose tools names a handler (a method of its name)
+        # is a tool table: what is wrong in it fails construction.
+        p = self.source_plugin("class Plugin:\n"
+                               "    tools = {'detect': {'description': 'd'}, 'typo': {}}\n"
+                               "    def detect(self, **kw):\n        return {}\n")
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed", header)
+        self.assertEqual(header["error"]["message"],
+                         "tool 'typo' has no handler and the plugin no run_tool()", header)
+        # A seed class's own on_unload(reason) is not called at the end.
+        p = self.source_plugin("class Plugin:\n"
+                               "    def on_unload(self, reason):\n"
+                               "        raise RuntimeError('called')\n")
+        self.assertEqual(p.create()["type"], "created")
+        p.close_stdin()
+        self.assertEqual(p.wait(), 0)
+        self.assertIn("on_unload() takes arguments, so it is not the on_unload() hook", p.stderr)
+        self.assertNotIn("on_unload() failed", p.stderr)
         # With run_tool() (ForgeSyte's contract) the same table fails, and
-        # hooks that take no argument are called.
+        # hooks are called: one that needs an argument fails construction.
+        p = self.source_plugin("class Plugin:\n"
+                               "    def run_tool(self, name, args):\n        return {}\n"
+                               "    def on_load(self, model_path):\n        pass\n")
+        header = p.create()
+        self.assertEqual(header["type"], "init_failed", header)
+        self.assertEqual(header["error"]["error_type"], "TypeError", header)
         p = self.source_plugin("class Plugin:\n    tools = 'ocr'\n"
                                "    def run_tool(self, name, args):\n        return {}\n")
         header = p.create()

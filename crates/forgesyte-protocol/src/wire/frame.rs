@@ -347,20 +347,33 @@ pub fn read_body(r: &mut impl Read, limit: u64) -> Result<Vec<u8>, FrameError> {
         return Err(FrameError::TooLarge { len, limit });
     }
     let size = usize::try_from(len).map_err(|_| FrameError::TooLarge { len, limit })?;
-    // Room for what is announced up to `FIRST_ROOM`, then grown as the
-    // bytes come (fallibly: under a memory limit a frame too large to hold
-    // is an error, never an abort). All of an announced 64 MiB reserved at
-    // once was made writable before a byte of it came: a peer that
-    // announced one and sent a byte a second held 64 MiB of the reader's
-    // memory for as long as it liked.
-    let mut body = Vec::new();
-    body.try_reserve_exact(size.min(FIRST_ROOM)).map_err(|_| {
-        FrameError::Io(io::Error::new(
-            io::ErrorKind::OutOfMemory,
-            format!("cannot allocate {len} bytes for a frame"),
-        ))
-    })?;
-    r.take(len).read_to_end(&mut body).map_err(FrameError::Io)?;
+    // Room for what is announced up to `FIRST_ROOM`, then twice as much
+    // as each step's bytes came, never past the announced length (fallibly:
+    // under a memory limit a frame too large to hold is an error, never an
+    // abort). All of an announced 64 MiB reserved at once was made
+    // writable before a byte of it came: a peer that announced one and
+    // sent a byte a second held 64 MiB of the reader's memory for as long
+    // as it liked. Each step reads exactly the room it reserved, so the
+    // buffer never grows past the frame (`read_to_end`'s own growth
+    // doubled it).
+    let mut body: Vec<u8> = Vec::new();
+    while body.len() < size {
+        let want = size.min(body.capacity().saturating_mul(2).max(FIRST_ROOM));
+        body.try_reserve_exact(want - body.len()).map_err(|_| {
+            FrameError::Io(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot allocate {len} bytes for a frame"),
+            ))
+        })?;
+        let step = u64::try_from(want - body.len()).unwrap_or(u64::MAX);
+        r.by_ref()
+            .take(step)
+            .read_to_end(&mut body)
+            .map_err(FrameError::Io)?;
+        if body.len() < want {
+            break;
+        }
+    }
     if body.len() < size {
         return Err(FrameError::Io(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -465,7 +478,10 @@ mod tests {
         let body = vec![7u8; FIRST_ROOM * 3 + 5];
         let mut bytes = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
         bytes.extend_from_slice(&body);
-        assert_eq!(read_body(&mut bytes.as_slice(), 64 << 20).unwrap(), body);
+        let read = read_body(&mut bytes.as_slice(), 64 << 20).unwrap();
+        assert_eq!(read, body);
+        // Held in room of its size, not of the next power of two.
+        assert_eq!(read.capacity(), body.len());
     }
 
     #[test]

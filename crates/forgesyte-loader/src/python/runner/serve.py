@@ -197,6 +197,19 @@ def await_result(result):
     return result
 
 
+def seeds_own(instance, method, hook):
+    """Whether ``method``, named like ForgeSyte's lifecycle hook ``hook``
+    (``validate``, ``on_load``, ``on_unload``: none takes an argument), is
+    a seed plugin's own method instead: it takes arguments, and the plugin
+    does not take up ForgeSyte's contract (one that does is called, and its
+    TypeError fails it). Said when so."""
+    if follows_the_tool_contract(instance) or not takes_arguments(method):
+        return False
+    diag("%s() takes arguments, so it is not the %s() hook of ForgeSyte's contract: not "
+         "called" % (hook, hook))
+    return True
+
+
 def _config_refused(config):
     """The answer to a ``create`` whose ``config`` is no object (PROTOCOL.md
     §5.1): ``init_failed`` of kind ``Protocol``, as the native runner
@@ -457,7 +470,7 @@ class Runner(object):
         """End of stdin: the host let this runner go."""
         instance = self.instance
         hook = getattr(instance, "on_unload", None) if instance is not None else None
-        if callable(hook):
+        if callable(hook) and not seeds_own(instance, hook, "on_unload"):
 
             def unload():
                 try:
@@ -499,15 +512,8 @@ class Runner(object):
                 instance = cls()  # the seed's contract: no arguments
                 for hook in ("validate", "on_load"):
                     method = getattr(instance, hook, None)
-                    if not callable(method):
-                        continue
-                    if takes_arguments(method):
-                        # Not ForgeSyte's hook (which takes none): a seed
-                        # plugin's own method of that name.
-                        diag("%s() takes arguments, so it is not the %s() hook of ForgeSyte's "
-                             "contract: not called" % (hook, hook))
-                        continue
-                    await_result(method())
+                    if callable(method) and not seeds_own(instance, method, hook):
+                        await_result(method())
                 specs, table = collect_tools(instance, manifest)
                 if not specs:
                     # Loaded and ready, yet nothing can be called (a class

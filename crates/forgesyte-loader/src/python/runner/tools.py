@@ -270,19 +270,29 @@ def follows_the_tool_contract(instance):
     return any(getattr(c, "__name__", None) == "BasePlugin" for c in type(instance).__mro__)
 
 
-def _names_a_handler(raw):
+def _names_a_handler(instance, raw):
     """Whether ``raw`` (an instance's ``tools``) is a dict or a list with at
-    least one entry that names a handler: a tool table, called through its
-    handlers (never raises)."""
+    least one entry that names a handler: one given (``"handler"``, or the
+    entry itself callable), or a method of the instance named like the
+    tool (a tool without a handler calls it). A tool table, then (never
+    raises)."""
+    def method(name):
+        return isinstance(name, str) and callable(getattr(instance, name, None))
+
+    def names(tid, meta):
+        if callable(meta) or isinstance(meta, (staticmethod, classmethod)):
+            return True
+        if isinstance(meta, dict):
+            return meta.get("handler") is not None or method(
+                tid if tid is not None else meta.get("id", meta.get("name")))
+        return tid is None and method(meta)
+
     try:
         if isinstance(raw, dict):
-            entries = list(raw.values())
-        elif isinstance(raw, (list, tuple)):
-            entries = list(raw)
-        else:
-            return False
-        return any(callable(m) or isinstance(m, (staticmethod, classmethod))
-                   or (isinstance(m, dict) and m.get("handler") is not None) for m in entries)
+            return any(names(tid, meta) for tid, meta in list(raw.items()))
+        if isinstance(raw, (list, tuple)):
+            return any(names(None, meta) for meta in list(raw))
+        return False
     except Exception:
         return False
 
@@ -295,23 +305,33 @@ def collect_tools(instance, manifest):
     the manifest's ``tools``. A manifest entry with the same id fills in
     what the instance's entry lacks (e.g. a ``title``).
 
-    A ``tools`` that is not a valid tool table fails construction when the
-    plugin takes up ForgeSyte's contract (:func:`follows_the_tool_contract`)
-    or the table names a handler. Otherwise it is a seed plugin's attribute
-    of its own (a list of names, a string, entries without handlers, a
-    property that raises): said and left out, as the seed never read it."""
+    A plain class's ``tools`` that is no tool table (not a dict or a list,
+    a property that raises, or entries none of which names a handler: a
+    list of names, descriptions alone) is the seed plugin's own attribute:
+    said and left out, as the seed never read it. A tool table (the plugin
+    takes up ForgeSyte's contract, :func:`follows_the_tool_contract`, or
+    one of its entries names a handler) is held to the contract: what is
+    wrong in it fails construction."""
     strict = follows_the_tool_contract(instance)
     try:
         raw = getattr(instance, "tools", None)
-        strict = strict or _names_a_handler(raw)
-        return _collect_tools(instance, manifest, raw)
+    except MemoryError:
+        raise
     except Exception as e:
         if strict:
             raise
-        diag("the plugin's `tools` is no tool table (%s: %s): left out, as the seed's loader "
-             "never read it (a ForgeSyte plugin's tools name their handlers, or the plugin "
-             "has run_tool())" % (type(e).__name__, e), warning=True)
-    return _collect_tools(instance, manifest, None)
+        _left_out("%s: %s" % (type(e).__name__, e))
+        return _collect_tools(instance, manifest, None)
+    if raw and not strict and not _names_a_handler(instance, raw):
+        _left_out("a %s none of whose entries names a handler" % type(raw).__name__)
+        return _collect_tools(instance, manifest, None)
+    return _collect_tools(instance, manifest, raw)
+
+
+def _left_out(why):
+    diag("the plugin's `tools` is no tool table (%s): left out, as the seed's loader never "
+         "read it (a ForgeSyte plugin's tools name their handlers, or the plugin has "
+         "run_tool())" % why, warning=True)
 
 
 def _collect_tools(instance, manifest, raw):
