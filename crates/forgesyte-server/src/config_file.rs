@@ -170,10 +170,17 @@ fn env_behind(command: &Command, argv: &[OsString], error: &clap::Error) -> Opti
             }
             // The value refused must be the variable's: a positional typed
             // on the command line (`check ""`) has no flag to look for.
+            // For a list (`FORGESYTE_PUBLIC_HOST=a,b:1`) clap quotes the
+            // element it refused: any one of the variable's elements.
+            let text = value.to_string_lossy();
+            let quoted = |part: &str| said.contains(&format!("'{part}'"));
+            let elements_quoted = arg
+                .get_value_delimiter()
+                .is_some_and(|delimiter| text.split(delimiter).any(quoted));
             let refused = matches!(
                 error.kind(),
                 clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
-            ) && said.contains(&format!("'{}'", value.to_string_lossy()))
+            ) && (quoted(&text) || elements_quoted)
                 && shown
                     .iter()
                     .any(|shown| said.contains(&format!("for {shown}")));

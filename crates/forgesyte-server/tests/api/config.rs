@@ -858,6 +858,20 @@ fn a_refused_environment_variable_is_named_and_a_flag_beats_it() {
             assert!(err.contains("(one of: text, json)"), "{err}");
         }
     }
+    // A list variable, one of whose elements is refused: the variable
+    // (clap quotes the element, and the flag nobody typed was named).
+    let (code, out, err) = run_forgesyte(
+        &["config", "--print"],
+        &[("FORGESYTE_PUBLIC_HOST", "a.example.com,b.example.com:8443")],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.starts_with(
+            "forgesyte: FORGESYTE_PUBLIC_HOST (it sets --public-host): invalid value \
+             'b.example.com:8443'"
+        ),
+        "{err}"
+    );
     for command in [
         &["check", plugins.path_str(), "--log-format", "json"][..],
         &["--log-format", "json", "check", plugins.path_str()][..],
