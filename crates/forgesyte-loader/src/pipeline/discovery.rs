@@ -104,6 +104,11 @@ impl Loader {
                 tracing::info!(dir = %plugins_dir.display(), "No plugins directory {}: only the installed (entry-point) plugins are loaded", plugins_dir.display());
                 return Vec::new();
             }
+            // The seed's words for a missing one.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(dir = %plugins_dir.display(), "Plugins directory not found: {}", plugins_dir.display());
+                return Vec::new();
+            }
             Err(e) => {
                 tracing::warn!(dir = %plugins_dir.display(), error = %e, "Plugins directory not readable: {}", plugins_dir.display());
                 return Vec::new();

@@ -168,6 +168,8 @@ impl Loader {
             },
             opening => (self.load_library(&library_path, opening)?, None),
         };
+        // The seed's marker (its module imported), at its level.
+        tracing::debug!(plugin = %name, "✓ Imported plugin module: {name}");
         Ok(Opened {
             library,
             config,
@@ -476,7 +478,9 @@ impl Loader {
         let limits = *importer.limits();
         let importer = Arc::new(importer);
         let library = importer.open(&library_path)?;
+        tracing::debug!(plugin = %p.name, "✓ Imported plugin module: {}", p.name);
         let instance = library.instantiate(&config)?;
+        tracing::debug!(plugin = %p.name, "✓ Instantiated plugin: {}", p.name);
         let slot = Arc::new(Slot::new(
             p.name.clone(),
             self.registry.clone(),
@@ -773,6 +777,7 @@ pub(super) fn construct(
     opened.library.constructed_for(&name);
     let instance =
         crate::plugin_log::as_plugin(&name, || opened.library.instantiate(&opened.config))?;
+    tracing::debug!(plugin = %name, "✓ Instantiated plugin: {name}");
     Ok(PluginHandle::new(name, registry, instance, call_timeout))
 }
 

@@ -359,7 +359,7 @@ fn installed_plugins_alone_need_no_default_plugins_directory() {
     let log = server.log();
     assert!(
         log.lines().any(|line| line.contains(" WARN ")
-            && line.contains("Plugins directory not readable")
+            && line.contains("Plugins directory not found: ")
             && line.contains("not-there")),
         "{log}"
     );

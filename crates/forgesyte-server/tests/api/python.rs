@@ -1440,3 +1440,26 @@ fn a_plugin_listing_too_many_tools_is_failed_naming_the_count() {
         200
     );
 }
+
+/// The seed's debug markers, at its level: its module imported, then its
+/// instance made, for a Python plugin (in its runner) and a native one
+/// (in process) alike.
+#[test]
+fn the_seeds_debug_markers_are_logged() {
+    let dir = PluginsDir::new();
+    dir.python("pyecho", "echo").good("native", json!({}));
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str()],
+        &[("RUST_LOG", "forgesyte_loader=debug,info")],
+    );
+    server.wait_loaded();
+    let log = server.log();
+    for name in ["pyecho", "native"] {
+        let imported = log.find(&format!("✓ Imported plugin module: {name}"));
+        let made = log.find(&format!("✓ Instantiated plugin: {name}"));
+        assert!(
+            imported.is_some() && made.is_some() && imported < made,
+            "{name}: {log}"
+        );
+    }
+}
