@@ -708,6 +708,11 @@ impl Transport {
             }
             let response = match serde_json::from_slice::<Response>(frame.header()) {
                 Ok(response) => response,
+                // A header that is no object (`[1,2,3]`) said so, not as
+                // the first type the message's fields were read as.
+                Err(_) if frame.header().trim_ascii_start().first() != Some(&b'{') => {
+                    return Some("malformed answer: its header is not a JSON object".into());
+                }
                 Err(e) => return Some(format!("malformed answer: {e}")),
             };
             let id = response.id();

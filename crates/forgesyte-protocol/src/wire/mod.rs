@@ -119,8 +119,16 @@ pub fn greeting(body: Vec<u8>) -> Result<Greeting, HandshakeError> {
             });
         }
     };
-    let probe: Probe = serde_json::from_slice(&header)
-        .map_err(|e| malformed(format!("the first frame is not a JSON object: {e}")))?;
+    let probe: Probe = serde_json::from_slice(&header).map_err(|e| {
+        // An object with a field of the wrong type (`"protocol": "2"`) is
+        // one, and said so.
+        let object = header.trim_ascii_start().first() == Some(&b'{');
+        malformed(if e.is_data() && object {
+            format!("the first frame's header: {e}")
+        } else {
+            format!("the first frame is not a JSON object: {e}")
+        })
+    })?;
     if probe.kind.as_deref() == Some("hello") {
         check_version(PROTOCOL_VERSION, probe.protocol.unwrap_or(1))?;
     }
@@ -289,6 +297,22 @@ mod tests {
                 matches!(greeting(body), Err(HandshakeError::Malformed { .. })),
                 "garbage accepted"
             );
+        }
+        // An object with a field of the wrong type is said to be one; an
+        // array is not one.
+        for (text, says) in [
+            (
+                r#"{"type":"hello","protocol":"2"}"#,
+                "the first frame's header: invalid type: string \"2\"",
+            ),
+            ("[1,2,3]", "the first frame is not a JSON object"),
+        ] {
+            match greeting(framed(text)) {
+                Err(HandshakeError::Malformed { detail }) => {
+                    assert!(detail.starts_with(says), "{text}: {detail}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
         }
     }
 

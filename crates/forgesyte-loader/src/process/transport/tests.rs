@@ -324,6 +324,16 @@ fn violations_end_the_connection_and_fail_waiters() {
         let end = reader.join().unwrap().unwrap();
         assert!(end.contains(expected), "{end}");
     }
+    // A whole frame whose header is no object: said so (it read "invalid
+    // type: integer `1`, expected a string").
+    let (_t, _g, reader) = connect(move |_, mut answers| {
+        write_frame(&mut answers, &hello(), &[]).unwrap();
+        write_frame(&mut answers, b"[1,2,3]", &[]).unwrap();
+    });
+    assert_eq!(
+        reader.join().unwrap().as_deref(),
+        Some("malformed answer: its header is not a JSON object")
+    );
 }
 
 /// A small call request to `echo` with `args`, tried at once.
