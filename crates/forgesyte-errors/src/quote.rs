@@ -10,9 +10,33 @@ pub fn shorten(text: &str, max: usize) -> String {
     }
 }
 
+/// The most characters of a plugin's text (a reason, an error's message,
+/// a traceback) that one log line shows: what a plugin says may be tens of
+/// KiB (a Python error's 64 Ki characters, a panic's message), the health
+/// route and the answer have it whole.
+pub const LOGGED_CHARS: usize = 4096;
+
+/// `text` as a log line shows it: its first [`LOGGED_CHARS`] characters
+/// (with `…` when cut).
+pub fn logged(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= LOGGED_CHARS {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(shorten(text, LOGGED_CHARS))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::shorten;
+    use super::{LOGGED_CHARS, logged, shorten};
+
+    #[test]
+    fn a_logged_text_is_cut_at_its_bound() {
+        assert_eq!(logged("short"), "short");
+        let long = "é".repeat(LOGGED_CHARS + 1);
+        assert_eq!(logged(&long).chars().count(), LOGGED_CHARS + 1);
+        assert!(logged(&long).ends_with('…'));
+    }
 
     #[test]
     fn text_is_cut_at_a_character_not_a_byte() {

@@ -700,7 +700,7 @@ impl PluginHandle {
         if marked == Some(true) {
             // A panic's message is the plugin's, of any length: the
             // registry keeps 80 Ki characters of it, a log line 4 Ki.
-            let reason = forgesyte_errors::shorten(reason, 4096);
+            let reason = forgesyte_errors::logged(reason);
             tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
         }
     }

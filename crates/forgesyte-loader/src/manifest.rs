@@ -94,12 +94,7 @@ pub fn is_module_path(entry: &str) -> bool {
         Some((m, c)) => (m, Some(c)),
         None => (entry, None),
     };
-    let ident = |s: &str| {
-        s.chars()
-            .next()
-            .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
-            && s.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
-    };
+    let ident = is_identifier;
     let library_like = [".so", ".dylib", ".dll"]
         .iter()
         .any(|ext| module.ends_with(ext) || module.contains(&format!("{ext}.")));
@@ -120,6 +115,26 @@ pub fn names_python_file(entry: &str) -> bool {
         .split_once(':')
         .map_or(entry, |(path, _)| path)
         .ends_with(".py")
+}
+
+/// Whether `a` and `b` name the same path relative to one directory
+/// (`lib.so` and `./lib.so`).
+fn same_relative_path(a: &str, b: &str) -> bool {
+    fn parts(p: &str) -> impl Iterator<Item = Component<'_>> {
+        Path::new(p)
+            .components()
+            .filter(|c| *c != Component::CurDir)
+    }
+    parts(a).eq(parts(b))
+}
+
+/// Whether `s` is a Python identifier of ASCII letters, digits and `_`
+/// (what a module path's parts are held to as well).
+fn is_identifier(s: &str) -> bool {
+    s.chars()
+        .next()
+        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+        && s.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
 /// Per-plugin limits from the manifest's `limits` object. `None` means
@@ -544,7 +559,8 @@ fn from_value_asking(
     };
     let description = opt_str(obj, "description")?.map(str::to_owned);
     let entrypoint = match (opt_str(obj, "entrypoint")?, opt_str(obj, "library")?) {
-        (Some(e), Some(l)) if e != l => {
+        // The same file, however written (`./lib.so`), is one.
+        (Some(e), Some(l)) if !same_relative_path(e, l) => {
             return Err(ManifestError::InvalidField {
                 field: "library".into(),
                 message: format!(
@@ -637,9 +653,24 @@ fn from_value_asking(
         duplicate_fields: Duplicates::default(),
     };
     if manifest.runtime == Runtime::Python
-        && let PythonEntry::File { file, .. } = manifest.python_entry()
+        && let PythonEntry::File { file, class } = manifest.python_entry()
     {
         check_python_file(&file)?;
+        // `main.py:Plugin`: what follows the colon is a class's name (or a
+        // dotted path to one); anything else reached the runner, which
+        // refused it with its usage text as the plugin's reason.
+        if let Some(class) = class
+            && !class.split('.').all(is_identifier)
+        {
+            return Err(ManifestError::InvalidField {
+                field: "entrypoint".into(),
+                message: format!(
+                    "what follows ':' in {:?} must be a Python class name (Plugin, or \
+                     Outer.Plugin), not {class:?}",
+                    manifest.entrypoint.as_deref().unwrap_or_default()
+                ),
+            });
+        }
     }
     Ok(manifest)
 }

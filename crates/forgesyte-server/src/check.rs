@@ -70,18 +70,35 @@ impl CheckError {
 
 impl CheckError {
     /// [`CheckError::PluginDirectory`] when `dir` holds a plugin manifest
-    /// and none of its subdirectories does: a plugin's own directory. One
-    /// whose subdirectories hold plugins is a directory of plugins with a
-    /// stray manifest beside them ([`stray_manifest`]): refused, one file
-    /// took every plugin down.
+    /// and either a plugin's code or no subdirectory with a manifest: a
+    /// plugin's own directory. One whose subdirectories hold plugins, with
+    /// no code beside its manifest, is a directory of plugins with a stray
+    /// manifest ([`stray_manifest`]): refused, one file took every plugin
+    /// down.
     pub fn plugin_directory(dir: &Path) -> Option<CheckError> {
         (dir.join(forgesyte_loader::manifest::MANIFEST_FILE)
             .is_file()
-            && !holds_plugins(dir))
+            && (holds_plugin_code(dir) || !holds_plugins(dir)))
         .then(|| CheckError::PluginDirectory {
             path: dir.to_path_buf(),
         })
     }
+}
+
+/// Whether `dir` holds a plugin's code or package beside its manifest
+/// (`plugin.py`, a `*.so` library, `pyproject.toml`, `setup.py`): a
+/// plugin's own directory, whatever its subdirectories hold (a package's
+/// module directory ships a `manifest.json` of its own).
+fn holds_plugin_code(dir: &Path) -> bool {
+    ["plugin.py", "pyproject.toml", "setup.py"]
+        .iter()
+        .any(|file| dir.join(file).is_file())
+        || std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries.take(100_000).flatten().any(|entry| {
+                let path = entry.path();
+                path.extension().is_some_and(|ext| ext == "so") && path.is_file()
+            })
+        })
 }
 
 /// Whether a subdirectory of `dir` holds a plugin manifest (the first

@@ -569,8 +569,12 @@ pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
             "'{text}' is more than the {MAX_SECONDS:.0} seconds (about 31 years) a duration may be"
         ));
     }
+    // At least a millisecond, as a manifest's limits: a time limit of a
+    // microsecond timed every call out ("after 0 ms").
     match Duration::try_from_secs_f64(secs) {
-        Ok(d) if d.is_zero() => Err(format!("'{text}' is less than a nanosecond")),
+        Ok(d) if d < Duration::from_millis(1) => {
+            Err(format!("'{text}' is less than a millisecond (0.001)"))
+        }
         Ok(d) => Ok(d),
         Err(e) => Err(format!("'{text}': {e}")),
     }
@@ -862,6 +866,11 @@ mod tests {
         // is zero.
         assert!(parse_seconds("1e19").is_err());
         assert!(parse_seconds("1e-10").is_err());
+        assert_eq!(
+            parse_seconds("0.0001"),
+            Err("'0.0001' is less than a millisecond (0.001)".into())
+        );
+        assert_eq!(parse_seconds("0.001"), Ok(Duration::from_millis(1)));
         assert_eq!(parse_seconds("1e9"), Ok(Duration::from_secs(1_000_000_000)));
         assert_eq!(parse_seconds_or_never("0"), Ok(Seconds(Duration::ZERO)));
         assert_eq!(

@@ -295,6 +295,8 @@ impl IntoResponse for ApiError {
                 tool,
                 error: error @ (RunError::Fault { .. } | RunError::Timeout { .. }),
             } => {
+                let error = error.to_string();
+                let error = forgesyte_errors::logged(&error);
                 tracing::warn!(plugin = %Shown(plugin), tool = %Shown(tool), status = status.as_u16(), "The call of tool {} failed its plugin {}: {error}", Shown(tool), Shown(plugin));
             }
             // A 503 (busy, not ready) is the client's to retry: one line per
@@ -333,6 +335,9 @@ impl IntoResponse for ApiError {
             // A call cut off by its plugin's reload or restart: sent again,
             // it reaches the instance in its place.
             || matches!(&self, ApiError::Run { error: RunError::Interrupted { .. }, .. })
+            // An admin request while another pass runs (a reload, a rescan,
+            // the settling of dependents after a crash): mostly a moment.
+            || matches!(&self, ApiError::Busy { .. })
         {
             response
                 .headers_mut()

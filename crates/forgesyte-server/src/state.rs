@@ -351,7 +351,7 @@ impl AppState {
             .admin_busy
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .map_err(|_| ApiError::Busy {
-                what: "Another reload",
+                what: "Another reload (or the settling of dependents after a crash)",
             })?;
         Ok(AdminGuard(Arc::clone(&self.inner)))
     }

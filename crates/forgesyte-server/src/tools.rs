@@ -96,9 +96,6 @@ pub(crate) async fn run_output(
     result
 }
 
-/// The most characters of a raised exception's message a log line shows.
-const LOGGED_MESSAGE_CHARS: usize = 4096;
-
 /// A tool that raised an exception (a Python plugin's): its traceback is
 /// for the plugin's author, not the client (it names files and lines), so
 /// the log says it, in the request's span. The first of each plugin in a
@@ -119,8 +116,9 @@ fn log_raised(
     let error_type = error_type.unwrap_or("Exception");
     // The client's answer has the message whole (up to the runner's 64 Ki
     // characters); one log line needs its start.
-    let message = forgesyte_errors::shorten(message, LOGGED_MESSAGE_CHARS);
+    let message = forgesyte_errors::logged(message);
     let folded = traceback.join(" | ");
+    let folded = forgesyte_errors::logged(&folded);
     if warn {
         tracing::warn!(plugin = %plugin, tool = %tool, traceback = %folded, "Tool {tool} of plugin {plugin} raised {error_type}: {message} (its next ones this minute are logged at debug level)");
     } else {

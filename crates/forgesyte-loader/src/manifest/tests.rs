@@ -217,6 +217,27 @@ fn wrong_types_name_the_field() {
         r#"{"name": "a", "entrypoint": "liba.so", "library": "liba.so"}"#,
         Ok("a"),
     );
+    // The same file written two ways is one.
+    check(
+        r#"{"name": "a", "entrypoint": "liba.so", "library": "./liba.so"}"#,
+        Ok("a"),
+    );
+    // A Python file's class after the colon must be a class's name: it
+    // reached the runner, whose usage text was the plugin's reason.
+    for class in ["1Bad", "Plugin:X", "Plugin.", "Plu gin"] {
+        let text = json!({"name": "a", "entrypoint": format!("main.py:{class}")}).to_string();
+        check(
+            &text,
+            Err(&format!(
+                "invalid field 'entrypoint': what follows ':' in \"main.py:{class}\" must be a \
+                 Python class name (Plugin, or Outer.Plugin), not {class:?}"
+            )),
+        );
+    }
+    check(
+        r#"{"name": "a", "entrypoint": "main.py:Outer.Plugin"}"#,
+        Ok("a"),
+    );
 }
 
 /// A field given twice loads as Python's `json` reads it (the last one

@@ -283,7 +283,7 @@ impl Loader {
             }
             Err(reason) => {
                 let _ = self.registry.mark_failed(&name, reason.clone());
-                tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+                tracing::error!(plugin = %name, reason = %forgesyte_errors::logged(&reason), "✗ Plugin FAILED: {name}");
                 Some(name)
             }
         }

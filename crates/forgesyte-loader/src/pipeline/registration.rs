@@ -378,9 +378,9 @@ impl Loader {
                 // each time for a plugin nobody touched.
                 tracing::info!(plugin = %name, %reason, "Plugin {name} still FAILED, for the same reason");
             } else if folded.is_empty() {
-                tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+                tracing::error!(plugin = %name, reason = %forgesyte_errors::logged(&reason), "✗ Plugin FAILED: {name}");
             } else {
-                tracing::error!(plugin = %name, %reason, traceback = %folded, "✗ Plugin FAILED: {name}");
+                tracing::error!(plugin = %name, reason = %forgesyte_errors::logged(&reason), traceback = %forgesyte_errors::logged(&folded), "✗ Plugin FAILED: {name}");
             }
         }
     }

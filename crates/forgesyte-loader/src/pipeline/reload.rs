@@ -463,7 +463,7 @@ impl Loader {
                              again (the next rescan does)",
                             drain.as_secs_f64()
                         );
-                        tracing::error!(plugin = %name, %reason, "✗ Plugin FAILED: {name}");
+                        tracing::error!(plugin = %name, reason = %forgesyte_errors::logged(&reason), "✗ Plugin FAILED: {name}");
                         let _ = self.registry.mark_failed(name, reason);
                         self.finish_outcome(name, &entry.dir, started, &mut outcomes);
                         continue;

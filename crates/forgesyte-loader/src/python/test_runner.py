@@ -1412,8 +1412,10 @@ class ImportAndInitFailureTests(RunnerTestCase):
 
     def test_a_seed_plugins_own_tools_and_hooks_are_left_alone(self):
         # The seed constructs `Plugin()` and nothing else: a plain class's
-        # `tools` that is no tool table, and methods named like ForgeSyte's
-        # hooks that take arguments, keep it loading (without tools).
+        # `tools` that is no tool table, and its methods named like
+        # ForgeSyte's hooks (never called for it, decorated or not, whatever
+        # they take), keep it loading (without tools); so does a
+        # `__getattr__` that raises what no look-up expects.
         for body in [
             "    tools = ['a', 'b']\n",
             "    tools = 'ocr'\n",
@@ -1422,15 +1424,20 @@ class ImportAndInitFailureTests(RunnerTestCase):
             "    @property\n    def tools(self):\n        raise RuntimeError('not yet')\n",
             "    def validate(self, strict):\n        raise RuntimeError('called')\n"
             "    def on_load(self, app):\n        raise RuntimeError('called')\n",
+            "    import functools\n"
+            "    @functools.lru_cache(maxsize=None)\n"
+            "    def validate(self, image=None):\n        raise RuntimeError('called')\n"
+            "    def on_load(self):\n        raise RuntimeError('called')\n",
+            "    def __getattr__(self, key):\n        return {}[key]\n",
         ]:
             p = self.source_plugin("class Plugin:\n" + body)
             header = p.create()
             self.assertEqual(header["type"], "created", (body, header))
             self.assertEqual(header["tools"], [], (body, header))
             if "validate" in body:
-                self.assertIn("validate() takes arguments, so it is not the validate() hook",
-                              p.stderr_with("on_load() takes arguments"))
-            else:
+                self.assertIn("validate(), on_load() not called: the plugin does not take up "
+                              "ForgeSyte's contract", p.stderr_with("not called"))
+            elif "__getattr__" not in body:
                 self.assertIn("WARNING forgesyte-python-runner[s]: the plugin's `tools` is no tool "
                               "table (", p.stderr_with("is no tool table"))
         # A table one of whose tools names a handler (a method of its name)
@@ -1449,7 +1456,7 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(p.create()["type"], "created")
         p.close_stdin()
         self.assertEqual(p.wait(), 0)
-        self.assertIn("on_unload() takes arguments, so it is not the on_unload() hook", p.stderr)
+        self.assertIn("on_unload() not called: the plugin does not take up", p.stderr)
         self.assertNotIn("on_unload() failed", p.stderr)
         # With run_tool() (ForgeSyte's contract) the same table fails, and
         # hooks are called: one that needs an argument fails construction.
@@ -1465,7 +1472,8 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertEqual(header["type"], "init_failed", header)
         self.assertEqual(header["error"]["message"],
                          "the plugin's 'tools' must be a dict or a list, not str", header)
-        p = self.source_plugin("class Plugin:\n"
+        p = self.source_plugin("class BasePlugin:\n    pass\n"
+                               "class Plugin(BasePlugin):\n"
                                "    def on_load(self, verbose=False):\n"
                                "        raise RuntimeError('on_load ran')\n")
         header = p.create()
@@ -2684,6 +2692,7 @@ class UnitTests(unittest.TestCase):
         runner = serve.Runner(None, None, None)
         runner.instance = instance
         runner.tools = tools or {}
+        runner.hooks = serve.hooks_of(instance) if instance is not None else ()
         return runner
 
     def test_an_async_on_unload_is_awaited_and_runs_without_a_thread_too(self):
@@ -2692,6 +2701,9 @@ class UnitTests(unittest.TestCase):
         class Plugin(object):
             async def on_unload(self):
                 ran.append("unloaded")
+
+            def run_tool(self, name, args):
+                return {}
 
         for thread_fails in (False, True):
             del ran[:]

@@ -382,14 +382,14 @@ impl Supervisor {
             };
             tracing::error!(
                 plugin = %name,
-                %reason,
+                reason = %forgesyte_errors::logged(&reason),
                 pid = report.pid,
                 restart_in_ms = delay.as_millis() as u64,
                 "✗ Plugin FAILED: {name}; restarting it in {} ({budget})",
                 fmt_duration(*delay),
             );
         } else {
-            tracing::error!(plugin = %name, %reason, pid = report.pid, "✗ Plugin FAILED: {name}");
+            tracing::error!(plugin = %name, reason = %forgesyte_errors::logged(&reason), pid = report.pid, "✗ Plugin FAILED: {name}");
         }
         let Ok((delay, generation)) = decision else {
             return;

@@ -631,6 +631,17 @@ fn a_plugin_directory_given_for_the_plugins_directory_is_refused() {
             && err.contains("none of its subdirectories holds a manifest.json"),
         "{err}"
     );
+    // A plugin's own directory whose package subdirectory ships a manifest
+    // of its own (the packaged example) is still a plugin's directory.
+    let packaged = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/plugins/py-forgesyte-packaged");
+    let (code, out, err) =
+        crate::support::run_forgesyte(&["check", packaged.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("is a plugin directory (it holds manifest.json)"),
+        "{err}"
+    );
     // A directory of plugins with a stray manifest.json beside them is one
     // (it refused every plugin): checked, and the stray file named.
     std::fs::write(plugins.path().join("manifest.json"), r#"{"name": "top"}"#).unwrap();

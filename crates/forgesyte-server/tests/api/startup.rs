@@ -239,6 +239,7 @@ async fn health_answers_while_a_slow_plugin_loads_and_shows_it_loaded() {
     .await
     .unwrap();
     assert_eq!(reload.status, 409, "{}", reload.text());
+    assert_eq!(reload.header("retry-after"), Some("1"));
     assert!(
         reload
             .detail()

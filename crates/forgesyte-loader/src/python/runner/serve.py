@@ -16,8 +16,7 @@ from .base import (EXIT_CHANNEL, EXIT_MEMORY, EXIT_PROTOCOL, MIB, diag, exit_now
 from .errors import exception_line, fitted, python_error, wire_error, with_sandbox_hint
 from .loading import check_name, find_class
 from .results import PointerError, ResultError, max_result_values, place, to_wire, unencodable_error
-from .tools import (collect_tools, follows_the_tool_contract, resolve_handler, takes_arguments,
-                    unencodable_spec)
+from .tools import (collect_tools, resolve_handler, takes_up_the_contract, unencodable_spec)
 from .wire import MAX_ATTACHMENTS, MAX_FRAME_BYTES, ProtocolError, Shared, encode, frame_size, parse_request
 
 # How long on_unload() may run at the end of stdin: under the host's 2 s
@@ -197,17 +196,21 @@ def await_result(result):
     return result
 
 
-def seeds_own(instance, method, hook):
-    """Whether ``method``, named like ForgeSyte's lifecycle hook ``hook``
-    (``validate``, ``on_load``, ``on_unload``: none takes an argument), is
-    a seed plugin's own method instead: it takes arguments, and the plugin
-    does not take up ForgeSyte's contract (one that does is called, and its
-    TypeError fails it). Said when so."""
-    if follows_the_tool_contract(instance) or not takes_arguments(method):
-        return False
-    diag("%s() takes arguments, so it is not the %s() hook of ForgeSyte's contract: not "
-         "called" % (hook, hook))
-    return True
+def hooks_of(instance):
+    """The lifecycle hooks that are called for ``instance``: ForgeSyte's
+    (``validate``, ``on_load``, ``on_unload``) when it takes up the
+    contract; none for a seed plugin, which the seed only constructed (a
+    method of its own of such a name, ``validate(self, image)``, is left
+    alone: an INFO line says so)."""
+    if takes_up_the_contract(instance):
+        return ("validate", "on_load", "on_unload")
+    own = [hook for hook in ("validate", "on_load", "on_unload")
+           if callable(getattr(type(instance), hook, None))]
+    if own:
+        diag("%s not called: the plugin does not take up ForgeSyte's contract (no run_tool(), no "
+             "BasePlugin, no tools naming a handler), and the seed's plugins are only "
+             "constructed" % ", ".join(hook + "()" for hook in own))
+    return ()
 
 
 def _config_refused(config):
@@ -228,6 +231,7 @@ class Runner(object):
         self.module = module
         self.instance = None
         self.tools = {}
+        self.hooks = ()
         # The host's limit on an answer (``--max-response-bytes``: the
         # manifest's ``limits.max_response_mb`` or the host's default),
         # frame and shared attachments together: a result over it fails as
@@ -469,8 +473,9 @@ class Runner(object):
     def shutdown(self):
         """End of stdin: the host let this runner go."""
         instance = self.instance
-        hook = getattr(instance, "on_unload", None) if instance is not None else None
-        if callable(hook) and not seeds_own(instance, hook, "on_unload"):
+        hook = (getattr(instance, "on_unload", None)
+                if instance is not None and "on_unload" in self.hooks else None)
+        if callable(hook):
 
             def unload():
                 try:
@@ -510,9 +515,10 @@ class Runner(object):
                     self.init_failed(rid, cls)
                     return
                 instance = cls()  # the seed's contract: no arguments
+                hooks = hooks_of(instance)
                 for hook in ("validate", "on_load"):
-                    method = getattr(instance, hook, None)
-                    if callable(method) and not seeds_own(instance, method, hook):
+                    method = getattr(instance, hook, None) if hook in hooks else None
+                    if callable(method):
                         await_result(method())
                 specs, table = collect_tools(instance, manifest)
                 if not specs:
@@ -526,7 +532,7 @@ class Runner(object):
                          "plugin lists its tools in a `tools` dict, tool name -> {\"handler\": "
                          "..., \"description\", \"input_schema\", \"output_schema\"}, and may "
                          "dispatch them in run_tool(tool_name, args))",
-                         warning=follows_the_tool_contract(instance))
+                         warning=bool(hooks))
                 # Encoded here: a spec that cannot be (text that is not
                 # valid Unicode) fails construction, not the runner, its
                 # text named where it is.
@@ -550,6 +556,7 @@ class Runner(object):
                 if isinstance(mb, int) and not isinstance(mb, bool) and mb > 0:
                     self.max_response = min(mb * MIB, MAX_FRAME_BYTES)
             self.tools = table
+            self.hooks = hooks
             self.instance = instance
         self.answer({"type": "created", "id": rid, "tools": specs})
 

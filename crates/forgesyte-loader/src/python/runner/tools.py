@@ -169,23 +169,6 @@ def _as_method(instance, fn):
     return fn
 
 
-def takes_arguments(method):
-    """Whether calling ``method`` with no arguments would be refused for a
-    parameter without a default (read from its code object: no
-    ``inspect`` import at every runner's start). A callable without a code
-    object (a builtin, an object with ``__call__``) reads as taking none,
-    and is called."""
-    func = getattr(method, "__func__", method)
-    code = getattr(func, "__code__", None)
-    if not isinstance(code, types.CodeType):
-        return False
-    bound = 1 if getattr(method, "__self__", None) is not None else 0
-    defaults = getattr(func, "__defaults__", None) or ()
-    keyword_defaults = getattr(func, "__kwdefaults__", None) or {}
-    return (code.co_argcount - bound - len(defaults) > 0
-            or code.co_kwonlyargcount - len(keyword_defaults) > 0)
-
-
 def resolve_handler(instance, tid, handler):
     """What a call of tool ``tid`` calls, for a plugin without
     ``run_tool()``: its handler, a callable or the name of the instance's
@@ -261,13 +244,34 @@ def unencodable_spec(specs):
     return None
 
 
+def _attribute(instance, name):
+    """``instance.name``, or None when there is none or reading it raises
+    (a seed class's ``__getattr__`` may raise anything: ``KeyError``)."""
+    try:
+        return getattr(instance, name, None)
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+
+
 def follows_the_tool_contract(instance):
     """Whether ``instance`` takes up ForgeSyte's plugin contract as a whole:
     it has a ``run_tool``, or its class derives from a class named
     ``BasePlugin`` (ForgeSyte's, or a published plugin's local fallback)."""
-    if callable(getattr(instance, "run_tool", None)):
+    if callable(_attribute(instance, "run_tool")):
         return True
     return any(getattr(c, "__name__", None) == "BasePlugin" for c in type(instance).__mro__)
+
+
+def takes_up_the_contract(instance):
+    """Whether ``instance`` is a plugin of ForgeSyte's contract, whose
+    lifecycle hooks (``validate``, ``on_load``, ``on_unload``) are called:
+    :func:`follows_the_tool_contract`, or its ``tools`` is a tool table
+    that names a handler. Else it is a seed plugin, which the seed only
+    constructed."""
+    return follows_the_tool_contract(instance) or _names_a_handler(
+        instance, _attribute(instance, "tools"))
 
 
 def _names_a_handler(instance, raw):
@@ -323,7 +327,9 @@ def collect_tools(instance, manifest):
         _left_out("%s: %s" % (type(e).__name__, e))
         return _collect_tools(instance, manifest, None)
     if raw and not strict and not _names_a_handler(instance, raw):
-        _left_out("a %s none of whose entries names a handler" % type(raw).__name__)
+        _left_out("a %s none of whose entries names a handler" % type(raw).__name__
+                  if isinstance(raw, (dict, list, tuple))
+                  else "a %s, not a dict or a list" % type(raw).__name__)
         return _collect_tools(instance, manifest, None)
     return _collect_tools(instance, manifest, raw)
 
@@ -340,7 +346,7 @@ def _collect_tools(instance, manifest, raw):
     # fails construction instead of every call. A tool only the manifest
     # lists, with no method of its name, is said and fails its calls (the
     # plugin's other tools serve).
-    dispatched = not callable(getattr(instance, "run_tool", None))
+    dispatched = not callable(_attribute(instance, "run_tool"))
     from_manifest = _manifest_tools(manifest)
     entries = _instance_tools(raw) if raw else from_manifest
     by_id = dict(from_manifest)
