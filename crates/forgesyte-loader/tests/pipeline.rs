@@ -678,11 +678,13 @@ fn a_library_found_nowhere_names_where_it_was_looked_for() {
     );
     // A manifest naming neither a runtime nor an entrypoint, beside no
     // plugin.py: the seed's layout with its code missing gets the seed's
-    // reason first (it was only the library's), then the library's.
+    // reason first (it was only the library's), then the library's; its
+    // bare dependency (a Python package to the seed) is not read as a
+    // missing library first (it was UNAVAILABLE over `lib:numpy`).
     let s = Setup::new();
     s.world.fs.add_file(
         "/plugins/seedling/manifest.json",
-        r#"{"name": "seedling", "version": "1.0.0"}"#,
+        r#"{"name": "seedling", "version": "1.0.0", "dependencies": ["numpy"]}"#,
     );
     let loader = s.loader_with(LoaderConfig::default());
     loader.load_all("/plugins".as_ref());

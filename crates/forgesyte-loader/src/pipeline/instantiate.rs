@@ -73,8 +73,18 @@ impl Loader {
                 .instantiate_python(p, known, &signed)
                 .map(Step::Started);
         }
+        // A manifest of the seed's shape without its plugin.py: its library
+        // is looked for first, so that without one the seed's reason is
+        // given (its bare dependencies, Python packages to the seed, read
+        // here as libraries, made it UNAVAILABLE over them instead).
+        let found_first = super::library_path::names_no_runtime(&p.manifest)
+            .then(|| self.resolve_library(p, !signed.is_empty()))
+            .transpose()?;
         self.check_dependencies(p, &self.requirements(p), known)?;
-        let library_path = self.resolve_library(p, !signed.is_empty())?;
+        let library_path = match found_first {
+            Some(path) => path,
+            None => self.resolve_library(p, !signed.is_empty())?,
+        };
         // Last step before anything of the plugin is opened or started.
         let target = Target::File(library_path.clone());
         let pinned = self.check_integrity(p, &target)?;

@@ -78,11 +78,7 @@ impl Loader {
         // no `plugin.py`: the seed's layout (its manifests never name
         // them) with its code missing, or a native plugin without its
         // library. The seed's reason first, then the library's.
-        let raw = &p.manifest.raw;
-        if ["runtime", "entrypoint", "library"]
-            .iter()
-            .all(|field| raw.get(field).is_none_or(serde_json::Value::is_null))
-        {
+        if names_no_runtime(&p.manifest) {
             return Err(ImportError::Python {
                 error_type: "ImportError".into(),
                 message: format!(
@@ -130,4 +126,17 @@ impl Loader {
         let inside = real.starts_with(&root);
         Some((real, inside))
     }
+}
+
+/// Whether `manifest` names neither a runtime nor an entrypoint (nor a
+/// library): the seed's manifests never do. Beside no `plugin.py` (so read
+/// as native), such a plugin is the seed's layout with its code missing,
+/// or a native plugin whose library is its default name.
+pub(super) fn names_no_runtime(manifest: &manifest::Manifest) -> bool {
+    ["runtime", "entrypoint", "library"].iter().all(|field| {
+        manifest
+            .raw
+            .get(field)
+            .is_none_or(serde_json::Value::is_null)
+    })
 }
