@@ -114,6 +114,12 @@ impl Dependency {
         let url_form = s
             .find('@')
             .is_some_and(|at| s.find(':').is_none_or(|colon| at < colon));
+        if s.starts_with("plugin:") && s.contains("://") {
+            return Err(format!(
+                "a plugin dependency takes a version requirement after '@' \
+                 (plugin:NAME@^1.2), not a URL: {s:?}"
+            ));
+        }
         if s.contains("://") || url_form {
             return Err(format!(
                 "URL requirements (NAME @ URL) are not supported: {s:?}; install the package \
@@ -1047,6 +1053,10 @@ mod tests {
             // A URL whose scheme has no `//` (it read as a kind "numpy @
             // file").
             ("numpy @ file:/tmp/x.whl", "URL requirements (NAME @ URL)"),
+            (
+                "plugin:base @ https://x/base",
+                "a plugin dependency takes a version requirement after '@'",
+            ),
         ] {
             check_invalid(json!({"dependencies": [dep]}), "dependencies[0]", needle);
         }

@@ -613,8 +613,9 @@ impl PluginHandle {
                 return Err(self.interrupted(&format!("{stopped}; send it again")));
             }
             return Err(self.interrupted(
-                "the host stopped the plugin's process while this call ran (a reload, a rescan \
-                 or the server's stop): its result is lost; send it again",
+                "the host stopped the plugin's process while this call ran (a reload, a rescan, \
+                 the server's stop, or a plugin it depends on failing): its result is lost; send \
+                 it again",
             ));
         }
         if let Err(ToolError::Crashed(forgesyte_errors::CrashError {
