@@ -94,7 +94,7 @@ mod tool;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use quote::{LOGGED_CHARS, logged, shorten};
+pub use quote::{LOGGED_CHARS, logged, shorten, within};
 pub use size::Kib;
 pub use tool::{JsonError, ToolError};
 

@@ -16,19 +16,25 @@ pub fn shorten(text: &str, max: usize) -> String {
 /// route and the answer have it whole.
 pub const LOGGED_CHARS: usize = 4096;
 
+/// [`shorten`] for text that mostly fits: borrowed, with no copy, when
+/// `text` is within `max` characters (its bytes are checked first).
+pub fn within(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(shorten(text, max))
+    }
+}
+
 /// `text` as a log line shows it: its first [`LOGGED_CHARS`] characters
 /// (with `…` when cut).
 pub fn logged(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.len() <= LOGGED_CHARS {
-        std::borrow::Cow::Borrowed(text)
-    } else {
-        std::borrow::Cow::Owned(shorten(text, LOGGED_CHARS))
-    }
+    within(text, LOGGED_CHARS)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{LOGGED_CHARS, logged, shorten};
+    use super::{LOGGED_CHARS, logged, shorten, within};
 
     #[test]
     fn a_logged_text_is_cut_at_its_bound() {
@@ -36,6 +42,10 @@ mod tests {
         let long = "é".repeat(LOGGED_CHARS + 1);
         assert_eq!(logged(&long).chars().count(), LOGGED_CHARS + 1);
         assert!(logged(&long).ends_with('…'));
+        // Within its bound in characters though not in bytes: whole.
+        assert_eq!(within("ééé", 3), "ééé");
+        assert_eq!(within("éééé", 3), "ééé…");
+        assert!(matches!(within("abc", 3), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -94,7 +94,6 @@ pub fn is_module_path(entry: &str) -> bool {
         Some((m, c)) => (m, Some(c)),
         None => (entry, None),
     };
-    let ident = is_identifier;
     let library_like = [".so", ".dylib", ".dll"]
         .iter()
         .any(|ext| module.ends_with(ext) || module.contains(&format!("{ext}.")));
@@ -104,8 +103,8 @@ pub fn is_module_path(entry: &str) -> bool {
     // (`module:Outer.Plugin`).
     !library_like
         && dotted
-        && module.split('.').all(ident)
-        && class.is_none_or(|c| c.split('.').all(ident))
+        && module.split('.').all(is_identifier)
+        && class.is_none_or(|c| c.split('.').all(is_identifier))
 }
 
 /// Whether `entry` names a Python file (`src/plugin.py`, `main.py:Main`,
@@ -115,6 +114,20 @@ pub fn names_python_file(entry: &str) -> bool {
         .split_once(':')
         .map_or(entry, |(path, _)| path)
         .ends_with(".py")
+}
+
+/// The version of a plugin whose manifest gives none (SPEC §3).
+pub const UNKNOWN_VERSION: &str = "unknown";
+
+/// A manifest's `version` as the host shows it: a string as written, a
+/// number as its text (published manifests sometimes write numbers);
+/// `None` for any other type.
+pub fn version_text(version: &Value) -> Option<String> {
+    match version {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Whether `a` and `b` name the same path relative to one directory
@@ -551,11 +564,10 @@ fn from_value_asking(
         return Err(ManifestError::InvalidName { name });
     }
     let version = match obj.get("version") {
-        None | Some(Value::Null) => "unknown".to_owned(),
-        Some(Value::String(s)) => s.clone(),
-        // Published manifests sometimes write numbers: keep them readable.
-        Some(Value::Number(n)) => n.to_string(),
-        Some(other) => return Err(wrong_type("version", "a string", other)),
+        None | Some(Value::Null) => UNKNOWN_VERSION.to_owned(),
+        Some(other) => {
+            version_text(other).ok_or_else(|| wrong_type("version", "a string", other))?
+        }
     };
     let description = opt_str(obj, "description")?.map(str::to_owned);
     let entrypoint = match (opt_str(obj, "entrypoint")?, opt_str(obj, "library")?) {

@@ -944,9 +944,5 @@ mod tests;
 /// log line carries it: a plugin's 30 MB message made each `GET
 /// /v1/plugins` answer 60 MB.
 fn bounded(reason: &str) -> Arc<str> {
-    if reason.len() <= crate::MAX_REASON_CHARS {
-        Arc::from(reason)
-    } else {
-        Arc::from(forgesyte_errors::shorten(reason, crate::MAX_REASON_CHARS))
-    }
+    Arc::from(&*forgesyte_errors::within(reason, crate::MAX_REASON_CHARS))
 }

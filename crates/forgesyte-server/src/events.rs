@@ -58,11 +58,7 @@ const EVENT_REASON_CHARS: usize = 1024;
 /// A reason (or an exit reason) as an event carries it: its first
 /// [`EVENT_REASON_CHARS`] characters.
 fn cut_reason(reason: &str) -> std::borrow::Cow<'_, str> {
-    if reason.len() > EVENT_REASON_CHARS {
-        std::borrow::Cow::Owned(forgesyte_errors::shorten(reason, EVENT_REASON_CHARS))
-    } else {
-        std::borrow::Cow::Borrowed(reason)
-    }
+    forgesyte_errors::within(reason, EVENT_REASON_CHARS)
 }
 
 /// At most this many events are taken from the buffer at once per

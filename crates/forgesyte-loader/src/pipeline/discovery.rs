@@ -39,11 +39,10 @@ impl BadManifest {
     /// or a number (a broken manifest still says which version is
     /// broken).
     pub(super) fn version(&self) -> Option<String> {
-        match self.raw.as_ref().and_then(|r| r.get("version")) {
-            Some(Value::String(text)) => Some(text.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        }
+        self.raw
+            .as_ref()
+            .and_then(|r| r.get("version"))
+            .and_then(manifest::version_text)
     }
 
     fn text_field(&self, field: &str) -> Option<String> {
@@ -442,7 +441,7 @@ impl Loader {
             }
             _ => json!({
                 "name": ep.name,
-                "version": ep.version.as_deref().unwrap_or("unknown"),
+                "version": ep.version.as_deref().unwrap_or(manifest::UNKNOWN_VERSION),
                 "description": format!("Installed Python plugin ({})", ep.describe()),
             }),
         };

@@ -377,12 +377,7 @@ impl Loader {
                     let name = Path::new(file.as_str())
                         .file_name()
                         .map_or_else(|| file.to_string(), |n| n.to_string_lossy().into_owned());
-                    return Err(forgesyte_errors::ImportError::Python {
-                        error_type: "ImportError".into(),
-                        message: format!("{name} not found in {}", p.dir.display()),
-                        traceback: Vec::new(),
-                    }
-                    .into());
+                    return Err(super::library_path::seeds_not_found(&name, &p.dir, ""));
                 }
                 code
             }

@@ -79,16 +79,11 @@ impl Loader {
         // them) with its code missing, or a native plugin without its
         // library. The seed's reason first, then the library's.
         if names_no_runtime(&p.manifest) {
-            return Err(ImportError::Python {
-                error_type: "ImportError".into(),
-                message: format!(
-                    "{} not found in {} (nor a native plugin's {not_found})",
-                    manifest::PLUGIN_PY,
-                    p.dir.display()
-                ),
-                traceback: Vec::new(),
-            }
-            .into());
+            return Err(seeds_not_found(
+                manifest::PLUGIN_PY,
+                &p.dir,
+                &format!(" (nor a native plugin's {not_found})"),
+            ));
         }
         Err(not_found.into())
     }
@@ -139,4 +134,16 @@ pub(super) fn names_no_runtime(manifest: &manifest::Manifest) -> bool {
             .get(field)
             .is_none_or(serde_json::Value::is_null)
     })
+}
+
+/// The seed's reason for a plugin's Python file missing from its directory
+/// `dir`, as given: `ImportError: ImportError: FILE not found in DIR`,
+/// then `more`.
+pub(super) fn seeds_not_found(file: &str, dir: &Path, more: &str) -> PluginError {
+    ImportError::Python {
+        error_type: "ImportError".into(),
+        message: format!("{file} not found in {}{more}", dir.display()),
+        traceback: Vec::new(),
+    }
+    .into()
 }

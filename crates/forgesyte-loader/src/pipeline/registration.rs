@@ -449,5 +449,5 @@ impl Loader {
 /// The version a plugin whose manifest gives none is shown with (SPEC §3):
 /// a refused manifest's too (it was `null`, and `-` in `check`'s table).
 pub(super) fn unknown_version() -> Option<String> {
-    Some("unknown".to_owned())
+    Some(crate::manifest::UNKNOWN_VERSION.to_owned())
 }

@@ -327,15 +327,37 @@ fn located(
     provisional: KillReason,
     withheld: bool,
 ) -> Option<String> {
-    if stopped(shared.pid) {
-        return Some(STOPPED.to_owned());
-    }
-    let deadline = ask_for_stacks(shared, signal, provisional)?;
+    let deadline = match begin_locating(shared, signal, provisional) {
+        Locating::Known(at) => return at,
+        Locating::Dumping(deadline) => deadline,
+    };
     loop {
         if let Some(at) = stacks_over(shared, deadline, withheld) {
             return at;
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Where locating a runner's stuck code begins ([`begin_locating`]).
+enum Locating {
+    /// Known at once: a stopped runner ([`STOPPED`]), or no dump asked for.
+    Known(Option<String>),
+    /// A dump asked for, to be read until this deadline ([`stacks_over`]).
+    Dumping(Instant),
+}
+
+/// The first step of locating where a timed-out runner's code is, shared
+/// by the blocking and the awaited kill: a runner stopped by a signal runs
+/// no code and dumps none (said at once); else its stacks are asked for
+/// ([`ask_for_stacks`]).
+fn begin_locating(shared: &Shared, signal: Option<i32>, provisional: KillReason) -> Locating {
+    if stopped(shared.pid) {
+        return Locating::Known(Some(STOPPED.to_owned()));
+    }
+    match ask_for_stacks(shared, signal, provisional) {
+        Some(deadline) => Locating::Dumping(deadline),
+        None => Locating::Known(None),
     }
 }
 
@@ -426,27 +448,16 @@ impl Child {
             shared: Arc::clone(&self.shared),
             reason: Some(KillReason::host(&plain)),
         };
-        // Stopped, it runs no code and dumps none: said so at once (the
-        // dump's wait was spent on it, and the reason said nothing).
-        let is_stopped = stopped(self.shared.pid);
-        let asked = (!is_stopped)
-            .then(|| {
-                ask_for_stacks(
-                    &self.shared,
-                    self.hello.stack_signal,
-                    KillReason::host(&plain),
-                )
-            })
-            .flatten();
-        let mut stuck_at = is_stopped.then(|| STOPPED.to_owned());
-        if let Some(deadline) = asked {
-            stuck_at = loop {
+        let provisional = KillReason::host(&plain);
+        let stuck_at = match begin_locating(&self.shared, self.hello.stack_signal, provisional) {
+            Locating::Known(at) => at,
+            Locating::Dumping(deadline) => loop {
                 if let Some(at) = stacks_over(&self.shared, deadline, super::stderr_withheld()) {
                     break at;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
-            };
-        }
+            },
+        };
         let (reason, located) = located_timeout(timeout, stuck_at, plain, as_error);
         // Killed at the first poll, before any await.
         unkilled.reason = None;

@@ -43,10 +43,9 @@ const MAX_TRACEBACK_LINES: usize = 32;
 
 /// `w`, as a runner sent it, within the bounds above (`…` where cut).
 fn bounded(mut w: WireError) -> WireError {
-    use forgesyte_errors::shorten;
     let cut = |text: &mut String, max: usize| {
-        if text.len() > max {
-            *text = shorten(text, max);
+        if let std::borrow::Cow::Owned(cut) = forgesyte_errors::within(text, max) {
+            *text = cut;
         }
     };
     cut(&mut w.kind, MAX_TYPE_CHARS);
