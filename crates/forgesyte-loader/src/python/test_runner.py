@@ -237,6 +237,13 @@ class RunnerTestCase(unittest.TestCase):
         p.hello()
         return p
 
+    def construction_error(self, source):
+        """The error of constructing the plugin of a plugin.py holding
+        ``source``, which must fail (``init_failed``)."""
+        header = self.source_plugin(source).create()
+        self.assertEqual(header["type"], "init_failed", header)
+        return header["error"]
+
     def source_runner(self, source, others=None, env=None):
         """A runner of a plugin.py holding ``source`` in a directory of its
         own, beside ``others`` (file name -> text), nothing read yet."""
@@ -1442,13 +1449,12 @@ class ImportAndInitFailureTests(RunnerTestCase):
                               "table (", p.stderr_with("is no tool table"))
         # A table one of whose tools names a handler (a method of its name)
         # is a tool table: what is wrong in it fails construction.
-        p = self.source_plugin("class Plugin:\n"
-                               "    tools = {'detect': {'description': 'd'}, 'typo': {}}\n"
-                               "    def detect(self, **kw):\n        return {}\n")
-        header = p.create()
-        self.assertEqual(header["type"], "init_failed", header)
-        self.assertEqual(header["error"]["message"],
-                         "tool 'typo' has no handler and the plugin no run_tool()", header)
+        error = self.construction_error(
+            "class Plugin:\n"
+            "    tools = {'detect': {'description': 'd'}, 'typo': {}}\n"
+            "    def detect(self, **kw):\n        return {}\n")
+        self.assertEqual(error["message"],
+                         "tool 'typo' has no handler and the plugin no run_tool()", error)
         # A seed class's own on_unload(reason) is not called at the end.
         p = self.source_plugin("class Plugin:\n"
                                "    def on_unload(self, reason):\n"
@@ -1460,25 +1466,22 @@ class ImportAndInitFailureTests(RunnerTestCase):
         self.assertNotIn("on_unload() failed", p.stderr)
         # With run_tool() (ForgeSyte's contract) the same table fails, and
         # hooks are called: one that needs an argument fails construction.
-        p = self.source_plugin("class Plugin:\n"
-                               "    def run_tool(self, name, args):\n        return {}\n"
-                               "    def on_load(self, model_path):\n        pass\n")
-        header = p.create()
-        self.assertEqual(header["type"], "init_failed", header)
-        self.assertEqual(header["error"]["error_type"], "TypeError", header)
-        p = self.source_plugin("class Plugin:\n    tools = 'ocr'\n"
-                               "    def run_tool(self, name, args):\n        return {}\n")
-        header = p.create()
-        self.assertEqual(header["type"], "init_failed", header)
-        self.assertEqual(header["error"]["message"],
-                         "the plugin's 'tools' must be a dict or a list, not str", header)
-        p = self.source_plugin("class BasePlugin:\n    pass\n"
-                               "class Plugin(BasePlugin):\n"
-                               "    def on_load(self, verbose=False):\n"
-                               "        raise RuntimeError('on_load ran')\n")
-        header = p.create()
-        self.assertEqual(header["type"], "init_failed", header)
-        self.assertEqual(header["error"]["message"], "on_load ran", header)
+        error = self.construction_error(
+            "class Plugin:\n"
+            "    def run_tool(self, name, args):\n        return {}\n"
+            "    def on_load(self, model_path):\n        pass\n")
+        self.assertEqual(error["error_type"], "TypeError", error)
+        error = self.construction_error(
+            "class Plugin:\n    tools = 'ocr'\n"
+            "    def run_tool(self, name, args):\n        return {}\n")
+        self.assertEqual(error["message"],
+                         "the plugin's 'tools' must be a dict or a list, not str", error)
+        error = self.construction_error(
+            "class BasePlugin:\n    pass\n"
+            "class Plugin(BasePlugin):\n"
+            "    def on_load(self, verbose=False):\n"
+            "        raise RuntimeError('on_load ran')\n")
+        self.assertEqual(error["message"], "on_load ran", error)
 
     def test_handlers_of_the_class_body_are_bound_as_the_class_binds_them(self):
         p = self.source_plugin(
@@ -2692,7 +2695,8 @@ class UnitTests(unittest.TestCase):
         runner = serve.Runner(None, None, None)
         runner.instance = instance
         runner.tools = tools or {}
-        runner.hooks = serve.hooks_of(instance) if instance is not None else ()
+        runner.hooks = (serve.hooks_of(instance, serve.takes_up_the_contract(instance))
+                        if instance is not None else ())
         return runner
 
     def test_an_async_on_unload_is_awaited_and_runs_without_a_thread_too(self):

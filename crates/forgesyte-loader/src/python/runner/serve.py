@@ -196,13 +196,13 @@ def await_result(result):
     return result
 
 
-def hooks_of(instance):
+def hooks_of(instance, contract):
     """The lifecycle hooks that are called for ``instance``: ForgeSyte's
     (``validate``, ``on_load``, ``on_unload``) when it takes up the
-    contract; none for a seed plugin, which the seed only constructed (a
-    method of its own of such a name, ``validate(self, image)``, is left
-    alone: an INFO line says so)."""
-    if takes_up_the_contract(instance):
+    contract (``contract``: :func:`takes_up_the_contract`); none for a seed
+    plugin, which the seed only constructed (a method of its own of such a
+    name, ``validate(self, image)``, is left alone: an INFO line says so)."""
+    if contract:
         return ("validate", "on_load", "on_unload")
     own = [hook for hook in ("validate", "on_load", "on_unload")
            if callable(getattr(type(instance), hook, None))]
@@ -515,12 +515,13 @@ class Runner(object):
                     self.init_failed(rid, cls)
                     return
                 instance = cls()  # the seed's contract: no arguments
-                hooks = hooks_of(instance)
+                contract = takes_up_the_contract(instance)
+                hooks = hooks_of(instance, contract)
                 for hook in ("validate", "on_load"):
                     method = getattr(instance, hook, None) if hook in hooks else None
                     if callable(method):
                         await_result(method())
-                specs, table = collect_tools(instance, manifest)
+                specs, table = collect_tools(instance, manifest, contract)
                 if not specs:
                     # Loaded and ready, yet nothing can be called (a class
                     # of an older plugin API, ``analyze(image_bytes,
@@ -532,7 +533,7 @@ class Runner(object):
                          "plugin lists its tools in a `tools` dict, tool name -> {\"handler\": "
                          "..., \"description\", \"input_schema\", \"output_schema\"}, and may "
                          "dispatch them in run_tool(tool_name, args))",
-                         warning=bool(hooks))
+                         warning=contract)
                 # Encoded here: a spec that cannot be (text that is not
                 # valid Unicode) fails construction, not the runner, its
                 # text named where it is.

@@ -301,7 +301,7 @@ def _names_a_handler(instance, raw):
         return False
 
 
-def collect_tools(instance, manifest):
+def collect_tools(instance, manifest, contract):
     """The instance's tools: (specs for ``created``, id -> dispatch info).
 
     From the live instance's ``tools`` when it has any; otherwise (no
@@ -309,29 +309,27 @@ def collect_tools(instance, manifest):
     the manifest's ``tools``. A manifest entry with the same id fills in
     what the instance's entry lacks (e.g. a ``title``).
 
-    A plain class's ``tools`` that is no tool table (not a dict or a list,
-    a property that raises, or entries none of which names a handler: a
-    list of names, descriptions alone) is the seed plugin's own attribute:
-    said and left out, as the seed never read it. A tool table (the plugin
-    takes up ForgeSyte's contract, :func:`follows_the_tool_contract`, or
-    one of its entries names a handler) is held to the contract: what is
-    wrong in it fails construction."""
-    strict = follows_the_tool_contract(instance)
+    ``contract``: whether the plugin takes up ForgeSyte's contract
+    (:func:`takes_up_the_contract`, decided once by the caller). Its tool
+    table is held to the contract: what is wrong in it fails construction.
+    A seed plugin's ``tools`` (not a dict or a list, a property that
+    raises, or entries none of which names a handler: a list of names,
+    descriptions alone) is its own attribute: said and left out, as the
+    seed never read it."""
+    if contract:
+        return _collect_tools(instance, manifest, getattr(instance, "tools", None))
     try:
         raw = getattr(instance, "tools", None)
     except MemoryError:
         raise
     except Exception as e:
-        if strict:
-            raise
         _left_out("%s: %s" % (type(e).__name__, e))
-        return _collect_tools(instance, manifest, None)
-    if raw and not strict and not _names_a_handler(instance, raw):
-        _left_out("a %s none of whose entries names a handler" % type(raw).__name__
-                  if isinstance(raw, (dict, list, tuple))
-                  else "a %s, not a dict or a list" % type(raw).__name__)
-        return _collect_tools(instance, manifest, None)
-    return _collect_tools(instance, manifest, raw)
+    else:
+        if raw:
+            _left_out("a %s none of whose entries names a handler" % type(raw).__name__
+                      if isinstance(raw, (dict, list, tuple))
+                      else "a %s, not a dict or a list" % type(raw).__name__)
+    return _collect_tools(instance, manifest, None)
 
 
 def _left_out(why):
