@@ -175,6 +175,29 @@ pub fn unconfined(report: Option<&BTreeMap<String, String>>) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
+/// What a runner handed a plan says of its confinement, as the host
+/// shows it: `report` with every part of [`REPORTED_PARTS`] it left out
+/// (all of them when it sent no report) said `unconfined: not reported by
+/// the runner`, and the names of those parts. So a runner that ignored its
+/// plan (another `--runner`) never reads as `null`, which means a plugin
+/// started with no plan at all (in process, or `--confine off`).
+pub fn against_plan(
+    report: Option<BTreeMap<String, String>>,
+) -> (BTreeMap<String, String>, Vec<&'static str>) {
+    let mut report = report.unwrap_or_default();
+    let mut missing = Vec::new();
+    for part in REPORTED_PARTS {
+        if !report.contains_key(part) {
+            report.insert(part.to_owned(), NOT_REPORTED.to_owned());
+            missing.push(part);
+        }
+    }
+    (report, missing)
+}
+
+/// How [`against_plan`] shows a part a runner did not report.
+pub const NOT_REPORTED: &str = "unconfined: not reported by the runner";
+
 /// What [`Confinement::plan`] needs of a plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {

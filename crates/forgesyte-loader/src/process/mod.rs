@@ -380,15 +380,32 @@ impl ProcessImporter {
     /// confinement (`--require-confinement`) and it reports any part
     /// unconfined, or no confinement at all: it is stopped before any of
     /// the plugin's code is constructed.
+    ///
+    /// A runner handed a plan that leaves parts of it out of its report is
+    /// otherwise served, those parts shown unconfined (and logged).
     fn spawn(&self, library: &Path) -> Result<Child, SpawnError> {
-        let child = self.launch(library)?;
-        if self.confinement.as_ref().is_some_and(|plan| plan.required)
+        let mut child = self.launch(library)?;
+        let Some(plan) = &self.confinement else {
+            return Ok(child);
+        };
+        if plan.required
             && let Some(why) = crate::sandbox::unconfined(child.hello().confinement.as_ref())
         {
             // Dropping it stops the runner.
             drop(child);
             return Err(SpawnError::Unconfined(why));
         }
+        let (report, missing) = crate::sandbox::against_plan(child.hello.confinement.take());
+        if !missing.is_empty() {
+            tracing::warn!(
+                plugin = %self.plugin,
+                runner = %self.program().display(),
+                "the plugin's runner did not report these parts of its confinement plan, shown \
+                 unconfined: {}",
+                missing.join(", ")
+            );
+        }
+        child.hello.confinement = Some(report);
         Ok(child)
     }
 

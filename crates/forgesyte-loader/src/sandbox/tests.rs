@@ -599,3 +599,40 @@ fn two_servers_never_share_or_remove_each_others_scratch_directory() {
     remove_scratch_dir_in(tmp.path(), "ocr", None).unwrap();
     assert!(!mine.exists());
 }
+
+/// A runner handed a plan that reports nothing, or only some parts, is
+/// shown with every part it left out unconfined, and those parts named;
+/// a full report is kept as it is.
+#[test]
+fn a_report_that_leaves_parts_of_the_plan_out_shows_them_unconfined() {
+    let (report, missing) = against_plan(None);
+    assert_eq!(missing, REPORTED_PARTS.to_vec());
+    assert!(report.values().all(|v| v == NOT_REPORTED), "{report:?}");
+    assert_eq!(report.len(), REPORTED_PARTS.len());
+    assert_eq!(
+        unconfined(Some(&report)).map(|why| why.matches(NOT_REPORTED).count()),
+        Some(REPORTED_PARTS.len()),
+        "a part shown so reads as unconfined"
+    );
+
+    let partial = BTreeMap::from([
+        ("network".to_owned(), "denied".to_owned()),
+        ("gpu".to_owned(), "none".to_owned()),
+    ]);
+    let (report, missing) = against_plan(Some(partial));
+    assert_eq!(
+        missing,
+        ["env", "filesystem", "capabilities", "memory", "syscalls"]
+    );
+    assert_eq!(report["network"], "denied");
+    assert_eq!(report["gpu"], "none", "a part beyond the six is kept");
+    assert_eq!(report["syscalls"], NOT_REPORTED);
+
+    let full: BTreeMap<String, String> = REPORTED_PARTS
+        .iter()
+        .map(|p| ((*p).to_owned(), "confined".to_owned()))
+        .collect();
+    let (report, missing) = against_plan(Some(full.clone()));
+    assert!(missing.is_empty());
+    assert_eq!(report, full);
+}

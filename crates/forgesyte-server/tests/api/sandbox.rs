@@ -891,6 +891,35 @@ fn require_confinement_refuses_every_plugin_that_would_run_unconfined() {
                 .then_some(())
         },
     );
+    drop(server);
+
+    // Not required, the same runner serves, and its health says what it
+    // ignored: every part unconfined, never `null` (a plugin with no plan).
+    let server = Forgesyte::start(&["--plugins", plugins.path_str(), "--runner", wrapper]);
+    server.wait_loaded();
+    let health = status(&server, "native");
+    assert_eq!(health["state"], "INITIALIZED", "{health}");
+    for part in [
+        "env",
+        "network",
+        "filesystem",
+        "capabilities",
+        "memory",
+        "syscalls",
+    ] {
+        assert_eq!(
+            health["confinement"][part], "unconfined: not reported by the runner",
+            "{part}: {health}"
+        );
+    }
+    assert!(
+        server.log().contains(
+            "did not report these parts of its confinement plan, shown unconfined: env, \
+             network, filesystem, capabilities, memory, syscalls"
+        ),
+        "{}",
+        server.log()
+    );
 }
 
 /// `--require-confinement` and an interpreter the manifest names: the
