@@ -370,7 +370,8 @@ pub fn parse_asking(
         path: path.to_path_buf(),
         source: e,
     })?;
-    let mut manifest = from_value_asking(raw, dir_name, has_plugin_py)?;
+    let mut manifest = from_value_asking(raw, dir_name, has_plugin_py)
+        .map_err(|e| duplicate_fields.noted_on(e))?;
     manifest.duplicate_fields = duplicate_fields;
     Ok(manifest)
 }
@@ -396,6 +397,31 @@ impl Duplicates {
     /// Whether no key is given twice.
     pub fn is_empty(&self) -> bool {
         self.paths.is_empty()
+    }
+
+    /// `error` refusing a field the document gives twice (or a field
+    /// inside one given twice), with that said: the value refused is the
+    /// last one, which may not be the one its author looked at.
+    #[must_use]
+    pub fn noted_on(&self, error: ManifestError) -> ManifestError {
+        match error {
+            ManifestError::InvalidField { field, message } => {
+                let within = |path: &String| {
+                    field == *path
+                        || field
+                            .strip_prefix(path.as_str())
+                            .is_some_and(|rest| rest.starts_with(['.', '[']))
+                };
+                let message = match self.paths.iter().find(|p| within(p)) {
+                    Some(path) => {
+                        format!("{message} (the file gives {path:?} twice: the last one counts)")
+                    }
+                    None => message,
+                };
+                ManifestError::InvalidField { field, message }
+            }
+            other => other,
+        }
     }
 }
 

@@ -240,6 +240,41 @@ fn wrong_types_name_the_field() {
     );
 }
 
+/// A manifest refused for a field it gives twice says so: the value
+/// refused is the last one, maybe not the one its author read. Refused
+/// for another field, or for one inside an object given once, it does not.
+#[test]
+fn a_field_refused_and_given_twice_says_the_last_one_counts() {
+    let refused = |text: &str| {
+        parse(text.as_bytes(), Path::new("/p/a/manifest.json"), "a")
+            .unwrap_err()
+            .to_string()
+    };
+    let why = refused(r#"{"name": "a", "isolation": "process", "isolation": "bogus"}"#);
+    assert!(
+        why.starts_with("invalid field 'isolation': ")
+            && why.ends_with(" (the file gives \"isolation\" twice: the last one counts)"),
+        "{why}"
+    );
+    let why =
+        refused(r#"{"name": "a", "limits": {"memory_mb": 64}, "limits": {"memory_mb": "lots"}}"#);
+    assert!(
+        why.starts_with("invalid field 'limits.memory_mb'")
+            && why.ends_with("(the file gives \"limits\" twice: the last one counts)"),
+        "{why}"
+    );
+    for text in [
+        r#"{"name": "a", "description": "x", "description": "y", "isolation": "bogus"}"#,
+        r#"{"name": "a", "limits_note": 1, "limits_note": 2, "limits": {"memory_mb": "x"}}"#,
+    ] {
+        let why = refused(text);
+        assert!(
+            why.starts_with("invalid field") && !why.contains("twice"),
+            "{why}"
+        );
+    }
+}
+
 /// A field given twice loads as Python's `json` reads it (the last one
 /// counts) and is noted by its path; text that is no JSON keeps
 /// serde_json's error.

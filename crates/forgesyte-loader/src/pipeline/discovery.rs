@@ -470,8 +470,8 @@ impl Loader {
             }
         }
         let kept = raw.clone();
-        let mut m =
-            manifest::from_value_in(raw, &ep.name, false).map_err(|e| bad(Some(kept), e))?;
+        let mut m = manifest::from_value_in(raw, &ep.name, false)
+            .map_err(|e| bad(Some(kept), duplicate_fields.noted_on(e)))?;
         m.python = None;
         m.source_sha256 = source_sha256;
         m.duplicate_fields = duplicate_fields;
