@@ -591,12 +591,19 @@ pub enum ManifestError {
         path: String,
     },
     /// Another plugin already claimed this name.
-    #[error("duplicate plugin name '{name}': already registered from {existing}")]
+    #[error(
+        "duplicate plugin name '{name}': already registered from {existing}{}",
+        this.as_deref().map_or_else(String::new, |this| format!("; this plugin is {this}"))
+    )]
     DuplicateName {
         /// The contested name.
         name: String,
-        /// Where the first plugin of that name lives.
+        /// Where the first plugin of that name lives (its directory, or
+        /// the installed package's entry point).
         existing: PathBuf,
+        /// Where this one comes from, when its directory does not say
+        /// (an installed package's entry point).
+        this: Option<String>,
     },
 }
 

@@ -358,6 +358,10 @@ fn installed_packages_become_plugins_and_failures_stay_theirs() {
         assert!(reason.contains(part), "{part:?} not in {reason:?}");
     }
     assert!(loader.handle("mypkg-hello~duplicate").is_none());
+    // Reloaded by its key, it says the same: both sources.
+    loader.reload("mypkg-hello~duplicate").unwrap();
+    let (state, again) = status(&registry, "mypkg-hello~duplicate");
+    assert_eq!((state, again), (S::Failed, reason));
 
     // 5. An entry point named like a directory plugin: the directory wins.
     assert_eq!(
@@ -380,6 +384,12 @@ fn installed_packages_become_plugins_and_failures_stay_theirs() {
         "{reason}"
     );
     assert!(reason.contains("of clashpkg 1.0"), "{reason}");
+    loader.reload("dirplug~duplicate").unwrap();
+    assert_eq!(
+        status(&registry, "dirplug~duplicate"),
+        (S::Failed, reason),
+        "reloaded by its key"
+    );
 }
 
 #[test]

@@ -252,15 +252,12 @@ impl Loader {
                 "Duplicate plugin name '{wanted}' of {}: registered as '{name}'",
                 ep.describe()
             );
-            let reason = format!(
-                "{}; this plugin is {}",
-                PluginError::from(ManifestError::DuplicateName {
-                    name: wanted,
-                    existing: PathBuf::from(existing),
-                })
-                .reason(),
-                ep.describe()
-            );
+            let reason = PluginError::from(ManifestError::DuplicateName {
+                name: wanted,
+                existing: PathBuf::from(existing),
+                this: Some(ep.describe()),
+            })
+            .reason();
             (name, Err(reason))
         };
         self.entries.write().insert(
@@ -291,7 +288,7 @@ impl Loader {
 
     /// Where registered plugin `name` came from: its entry point, or its
     /// directory.
-    fn source_of(&self, name: &str) -> String {
+    pub(super) fn source_of(&self, name: &str) -> String {
         if let Some(ep) = self.entry_points.read().get(name) {
             return ep.describe();
         }

@@ -176,6 +176,7 @@ impl Loader {
                         Err(PluginError::from(ManifestError::DuplicateName {
                             name: c.wanted.clone(),
                             existing,
+                            this: None,
                         })),
                     ),
                 }

@@ -609,11 +609,11 @@ impl Loader {
         }
         let raw = Some(Value::clone(&m.raw));
         let error = if self.registry.contains(&m.name) {
+            // Said as at load: both sources.
             ManifestError::DuplicateName {
-                existing: self
-                    .plugin_dir(&m.name)
-                    .unwrap_or_else(|| PathBuf::from("(registered earlier)")),
+                existing: PathBuf::from(self.source_of(&m.name)),
                 name: m.name,
+                this: self.entry_points.read().get(key).map(EntryPoint::describe),
             }
         } else {
             ManifestError::InvalidField {
