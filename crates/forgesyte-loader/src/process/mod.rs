@@ -451,11 +451,16 @@ impl ProcessImporter {
         // The plan's environment is the runner's whole environment, with
         // what the protocol and the memory limit need (a zygote's runner
         // sets it itself, from the plan).
+        let limited = self.limits.memory_limit_mib > 0;
         let plan = self.confinement.as_ref().map(|plan| {
             let mut plan = plan.clone();
-            let runtime = spawn::runner_env(self.limits.memory_limit_mib > 0);
+            let runtime = spawn::runner_env(limited);
             plan.env
                 .extend(runtime.into_iter().map(|(k, v)| (k.to_owned(), v)));
+            // A thread count its manifest's grant passes wins.
+            for (var, threads) in spawn::thread_caps(limited) {
+                plan.env.entry(var.to_owned()).or_insert(threads);
+            }
             plan
         });
         if let Some(plan) = &plan {
@@ -466,6 +471,7 @@ impl ProcessImporter {
             if let Some(plan) = &plan {
                 command.env_clear().envs(&plan.env);
             }
+            spawn::cap_threads(command, limited, plan.is_none());
             if let Some(user) = run_as {
                 user.set_on(command);
             }

@@ -13,7 +13,8 @@
 //!   the server raised its own (`forgesyte_deps::raise_open_file_limit`).
 //! - Every runner and zygote starts with the protocol's version in its
 //!   environment, and few malloc arenas under a memory limit
-//!   ([`runner_env`]).
+//!   ([`runner_env`]); under a memory limit, the numeric libraries' thread
+//!   counts where nobody set them ([`thread_caps`], [`cap_threads`]).
 //!
 //! What a runner does once started (its pipes, its death) is `child`'s.
 
@@ -192,4 +193,47 @@ pub(crate) fn runner_env(limited: bool) -> Vec<(&'static str, String)> {
         env.push(("MALLOC_ARENA_MAX", "2".to_owned()));
     }
     env
+}
+
+/// The variables that set how many threads a plugin's numeric libraries
+/// start: OpenBLAS (numpy's, SciPy's, OpenCV's), OpenMP runtimes (PyTorch
+/// on the CPU, OpenMP builds of OpenBLAS), MKL.
+pub(crate) const THREAD_VARS: [&str; 3] =
+    ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"];
+
+/// The most threads [`thread_caps`] gives each of [`THREAD_VARS`].
+pub(crate) const LIMITED_THREADS: usize = 4;
+
+/// Under a memory limit (`limited`), each of [`THREAD_VARS`] with one
+/// thread per core, at most [`LIMITED_THREADS`]: for a runner to start
+/// with where the variable is not set for it already (its manifest's `env`
+/// grant, the server's own environment when the runner inherits it, or
+/// the plugin's own code before it imports the library: all of those
+/// win). OpenBLAS starts one thread per core at import and reserves about
+/// 40 MiB of address space for each: on a machine of 16 cores `import
+/// numpy` alone went past the default limit of 512 MiB (`RLIMIT_AS`).
+pub(crate) fn thread_caps(limited: bool) -> Vec<(&'static str, String)> {
+    if !limited {
+        return Vec::new();
+    }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let threads = cores.min(LIMITED_THREADS).to_string();
+    THREAD_VARS
+        .iter()
+        .map(|var| (*var, threads.clone()))
+        .collect()
+}
+
+/// Sets [`thread_caps`] on `command`, each only where it is not set on
+/// `command` already (a confined runner's environment holds its plan's,
+/// which has them or its manifest's grant) and, when `inherits`, not in
+/// the server's own environment, which the process then keeps.
+pub(crate) fn cap_threads(command: &mut Command, limited: bool, inherits: bool) {
+    for (var, threads) in thread_caps(limited) {
+        let set = command.get_envs().any(|(name, _)| name == var)
+            || (inherits && std::env::var_os(var).is_some());
+        if !set {
+            command.env(var, threads);
+        }
+    }
 }

@@ -341,6 +341,9 @@ impl Zygote {
                 command.env(SHARED_NETNS_ENV, value);
             }
         }
+        // Its runners keep its thread counts unless confined (their plan's
+        // environment replaces it).
+        super::spawn::cap_threads(&mut command, key.few_arenas, !key.confined);
         command
             .envs(super::spawn::runner_env(key.few_arenas))
             .stdin(Stdio::from(theirs))

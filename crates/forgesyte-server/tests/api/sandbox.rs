@@ -1219,3 +1219,63 @@ fn an_interpreter_the_runner_user_cannot_run_is_named() {
         server.log()
     );
 }
+
+/// Under a memory limit a runner starts the numeric libraries' threads at
+/// one per core, at most 4 (OpenBLAS reserves about 40 MiB of address
+/// space a thread: on 16 cores `import numpy` alone passed 512 MiB),
+/// confined or not, forked by a zygote or not, Python or native; a count
+/// its manifest's grant passes, or (unconfined) the server's own, wins;
+/// with no memory limit none is set.
+#[test]
+fn runners_under_a_memory_limit_start_few_numeric_threads() {
+    let plugins = PluginsDir::new();
+    python_snoop(&plugins, "capped", json!({}));
+    native_snoop(&plugins, "native", json!({}));
+    python_snoop(&plugins, "granted", json!({"env": ["OMP_NUM_THREADS"]}));
+    python_snoop(&plugins, "unlimited", json!({"limits": {"memory_mb": 0}}));
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let capped = cores.min(4).to_string();
+    let value = |server: &Forgesyte, plugin: &str, var: &str| {
+        call(server, plugin, "env", json!({"name": var}))
+            .ok()
+            .and_then(|v| v["value"].as_str().map(str::to_owned))
+    };
+    for (confine, zygote) in [("on", "1"), ("on", "0"), ("off", "1")] {
+        let server = Forgesyte::start_with_env(
+            &["--plugins", plugins.path_str(), "--confine", confine],
+            &[
+                ("OMP_NUM_THREADS", "7"),
+                ("FORGESYTE_SANDBOX_WIDENING", "allow"),
+                ("FORGESYTE_PYTHON_ZYGOTE", zygote),
+            ],
+        );
+        server.wait_loaded();
+        let case = format!("--confine {confine}, zygote {zygote}");
+        for plugin in ["capped", "native"] {
+            for var in ["OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"] {
+                assert_eq!(
+                    value(&server, plugin, var).as_deref(),
+                    Some(capped.as_str()),
+                    "{case}: {plugin} {var}"
+                );
+            }
+            // Confined, the server's own count does not reach it.
+            let omp = if confine == "off" { "7" } else { &capped };
+            assert_eq!(
+                value(&server, plugin, "OMP_NUM_THREADS").as_deref(),
+                Some(omp),
+                "{case}: {plugin}"
+            );
+        }
+        assert_eq!(
+            value(&server, "granted", "OMP_NUM_THREADS").as_deref(),
+            Some("7"),
+            "{case}: the grant's count wins"
+        );
+        assert_eq!(
+            value(&server, "unlimited", "OPENBLAS_NUM_THREADS"),
+            None,
+            "{case}: no limit, no count"
+        );
+    }
+}
