@@ -1848,9 +1848,12 @@ class BasePluginShapeTests(RunnerTestCase):
             self.assertEqual(header["type"], "tool_failed", header)
             self.assertEqual(header["error"]["error_type"], "ResultTooDeep", header)
             self.assertIn("128 or more levels deep", header["error"]["message"])
+            # For the host's log (the answer never holds a traceback).
+            self.assertEqual(header["error"]["traceback"], serve.NOT_SENT, header)
         header, _ = self.p.run("convert", {"kind": "many_bytes"})
         self.assertEqual(header["error"]["error_type"], "ResultTooLarge", header)
         self.assertIn("70000 bytes values; at most 65536", header["error"]["message"])
+        self.assertEqual(header["error"]["traceback"], serve.NOT_SENT, header)
         header, _ = self.p.run("convert", {"kind": "unprintable_exit"})
         self.assertEqual(header["type"], "tool_failed", header)
         self.assertEqual(header["error"]["message"], "<unprintable Unprintable>")

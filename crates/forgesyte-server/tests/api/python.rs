@@ -171,6 +171,36 @@ fn python_plugins_serve_beside_native_ones_with_the_seeds_reasons() {
     );
 }
 
+/// A result the runner cannot send (a set, not JSON) is the tool's error,
+/// logged for its author as a raised exception is, at WARN the first time
+/// in a minute: the tool returned, so the log says so, not a line of it.
+#[test]
+fn a_result_that_cannot_be_sent_is_logged_for_the_plugins_author() {
+    let dir = PluginsDir::new();
+    dir.python("handlers", "handlers");
+    let server = Forgesyte::start(&["--plugins", dir.path_str()]);
+    server.wait_loaded();
+    let reply = server.run("handlers", "convert", r#"{"args": {"kind": "set"}}"#);
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(reply.json()["error_type"], "TypeError", "{}", reply.text());
+    assert!(
+        !reply.text().contains("could not be sent"),
+        "{}",
+        reply.text()
+    );
+    let log = server.log();
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Tool convert of plugin handlers raised TypeError: tool result"))
+        .collect();
+    assert_eq!(logged.len(), 1, "{log}");
+    assert!(
+        logged[0].contains("WARN")
+            && logged[0].contains("(the tool returned; its result could not be sent)"),
+        "{log}"
+    );
+}
+
 #[test]
 fn binary_arguments_arrive_byte_exact_through_every_body_and_runtime() {
     let dir = PluginsDir::new();

@@ -28,6 +28,10 @@ UNLOAD_GRACE_S = 1.5
 # a call it waits before it sleeps (see `Runner.serve`).
 HANDOVER_TICK_S = 0.001
 HANDOVER_QUIET_TICKS = 100
+# The traceback of a result that could not be sent: the tool returned, so
+# no line of the plugin's is to blame, but its author reads the host's log
+# of it as of an exception the tool raised (the answer never holds it).
+NOT_SENT = ["(the tool returned; its result could not be sent)"]
 
 _MISSING = object()
 
@@ -629,13 +633,14 @@ class Runner(object):
                 message["attachments"] = [pointer for pointer, _ in blobs]
             header = encode(message)
         except ResultError as e:
-            self.tool_failed(rid, wire_error("Failed", str(e), error_type=e.error_type))
+            self.tool_failed(rid, wire_error("Failed", str(e), error_type=e.error_type,
+                                             traceback=NOT_SENT))
             return
         except UnicodeEncodeError as e:
             located = unencodable_error(value) if value is not None else None
             self.tool_failed(rid, wire_error(
                 "Failed", str(located) if located else "tool result is not valid Unicode: %s" % e,
-                error_type="UnicodeEncodeError"))
+                error_type="UnicodeEncodeError", traceback=NOT_SENT))
             return
         except BaseException as e:  # e.g. a model_dump() that raises, or calls sys.exit()
             out_of_memory_unless_raised(e, "encoding the result of a tool")
@@ -651,7 +656,7 @@ class Runner(object):
                 "Failed",
                 "the result holds %d bytes values; at most %d fit in one answer"
                 % (len(data), MAX_ATTACHMENTS),
-                error_type="ResultTooLarge"))
+                error_type="ResultTooLarge", traceback=NOT_SENT))
             return
         # With the shared-memory field its header may get: the host counts
         # the frame as sent.
@@ -662,6 +667,6 @@ class Runner(object):
                 "the result, %d bytes as sent to the host (its JSON, its bytes values and their "
                 "framing), exceeds the limit of %d bytes on an answer (the manifest's "
                 "limits.max_response_mb, else the server's --max-response)" % (size, self.max_response),
-                error_type="ResultTooLarge"))
+                error_type="ResultTooLarge", traceback=NOT_SENT))
             return
         self.wire.send_frame(header, data)
