@@ -248,9 +248,10 @@ pub(crate) struct ServeArgs {
     /// the longest a client may read nothing of an answer, in seconds.
     #[arg(long, value_name = "SECS", env = "FORGESYTE_IDLE_TIMEOUT", default_value_t = Seconds(DEFAULT_IDLE_TIMEOUT), value_parser = parse_seconds_arg)]
     pub(crate) idle_timeout: Seconds,
-    /// Connections served at once (at most half the soft file-descriptor
-    /// limit is applied); beyond it a few more get the probes only, then
-    /// new connections are closed at once.
+    /// Connections served at once (at most half the file-descriptor limit
+    /// is applied, which serve first raises to the hard one); beyond it a
+    /// few more get the probes only, then new connections are closed at
+    /// once.
     #[arg(long, value_name = "N", env = "FORGESYTE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_count)]
     pub(crate) max_connections: usize,
     /// Tool calls of one plugin in progress (waiting or running) at most;
@@ -348,7 +349,7 @@ pub(crate) struct LoaderArgs {
     pub(crate) preflight: bool,
     /// Where plugins whose manifest names no `isolation` run: in the server
     /// process (fastest) or each in a child process (survives crashes).
-    #[arg(long, value_name = "MODE", env = "FORGESYTE_ISOLATION", default_value_t = IsolationArg(DEFAULT_ISOLATION), value_parser = parse_isolation)]
+    #[arg(long, value_name = "in-process|process", env = "FORGESYTE_ISOLATION", default_value_t = IsolationArg(DEFAULT_ISOLATION), value_parser = parse_isolation)]
     pub(crate) isolation: IsolationArg,
     /// A dedicated runner executable for isolated plugins and preflight,
     /// such as `forgesyte-runner` (default: this `forgesyte` executable,
@@ -380,9 +381,10 @@ pub(crate) struct LoaderArgs {
     #[arg(long, value_name = "on|off", env = "FORGESYTE_CONFINE", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) confine: bool,
     /// Refuse (FAILED) every plugin that would run unconfined: in-process
-    /// plugins, every plugin with `--confine off`, and a plugin whose
-    /// runner could not enforce every part of its sandbox (the runner then
-    /// refuses before any of the plugin's code is opened or imported).
+    /// plugins, every plugin with `--confine off`, a plugin whose manifest
+    /// names its own Python interpreter, and a plugin whose runner could
+    /// not enforce every part of its sandbox (the runner then refuses
+    /// before any of the plugin's code is opened or imported).
     #[arg(long, value_name = "on|off", env = "FORGESYTE_REQUIRE_CONFINEMENT", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "on", action = clap::ArgAction::Set, value_parser = parse_switch, hide_possible_values = true)]
     pub(crate) require_confinement: bool,
     /// This server runs no GPU plugins (a CPU pool beside a GPU one,
@@ -561,9 +563,10 @@ pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{text}' is not a number of seconds"))?;
-    if !secs.is_finite() || secs <= 0.0 {
+    if secs.is_nan() || secs <= 0.0 {
         return Err(format!("'{text}' must be a positive number of seconds"));
     }
+    // `1e400` and `inf` read as infinity: too long, not "not positive".
     if secs > MAX_SECONDS {
         return Err(format!(
             "'{text}' is more than the {MAX_SECONDS:.0} seconds (about 31 years) a duration may be"
@@ -601,7 +604,12 @@ pub(crate) fn parse_seconds_or_never(text: &str) -> Result<Seconds, String> {
     if text.trim().parse::<f64>() == Ok(0.0) {
         return Ok(Seconds(Duration::ZERO));
     }
-    parse_seconds_arg(text)
+    parse_seconds_arg(text).map_err(|e| {
+        e.replace(
+            "must be a positive number of seconds",
+            "must be a positive number of seconds, or 0 for never",
+        )
+    })
 }
 
 /// A listen address: `HOST:PORT` (`127.0.0.1:8000`, `[::]:8000`,
@@ -877,7 +885,17 @@ mod tests {
             parse_seconds_or_never("1.5"),
             Ok(Seconds(Duration::from_millis(1500)))
         );
-        assert!(parse_seconds_or_never("-1").is_err());
+        assert_eq!(
+            parse_seconds_or_never("-1"),
+            Err("'-1' must be a positive number of seconds, or 0 for never".into())
+        );
+        // Infinity is too long, not "not positive".
+        for long in ["1e400", "inf"] {
+            assert!(
+                parse_seconds(long).is_err_and(|e| e.contains("is more than the")),
+                "{long}"
+            );
+        }
         assert_eq!(parse_bytes("1024"), Ok(1024));
         assert_eq!(parse_bytes("0"), Err("it must be at least 1 byte".into()));
         assert!(parse_bytes("1MiB").is_err());

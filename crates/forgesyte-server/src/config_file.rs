@@ -627,10 +627,12 @@ impl Layered {
 /// their limit when not set, and raised to it when set lower. `other`
 /// gives another key's value.
 fn applied_here(key: &str, value: Option<&str>, other: &dyn Fn(&str) -> Option<String>) -> String {
+    // A count past TOML's integers (2^63 - 1) is printed as a string.
+    let count = |value: &str| value.trim_matches('"').parse::<usize>().ok();
     let memory_of = |limit_key: &str| -> Option<String> {
-        let limit = other(limit_key)?.parse::<usize>().ok()?;
+        let limit = count(&other(limit_key)?)?;
         let asked = match value {
-            Some(value) => Some(value.parse::<usize>().ok()?),
+            Some(value) => Some(count(value)?),
             None => None,
         };
         let applied = forgesyte_server::applied_memory(limit, asked);
@@ -648,7 +650,7 @@ fn applied_here(key: &str, value: Option<&str>, other: &dyn Fn(&str) -> Option<S
         _ => {}
     }
     let Some(configured) = (key == "max-connections")
-        .then(|| value.and_then(|v| v.parse::<usize>().ok()))
+        .then(|| value.and_then(count))
         .flatten()
     else {
         return String::new();

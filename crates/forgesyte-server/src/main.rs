@@ -281,7 +281,7 @@ fn print_config(layered: &config_file::Layered, serve: ServeArgs) -> ExitCode {
         }
         Err(e) => Some(e),
     };
-    let written = emit(&mut std::io::stdout().lock(), &text, "the configuration");
+    let written = emit_stdout(&text, "the configuration");
     refusals.extend(token_refused.map(|e| format!("{e:#}")));
     for why in &refusals {
         say!("forgesyte: serve would refuse this configuration: {why}");
@@ -398,6 +398,13 @@ fn emit(out: &mut dyn Write, text: &str, what: &str) -> bool {
     }
 }
 
+/// [`emit`] to stdout. (A closed one, `cmd >&-`, is `/dev/null` by then:
+/// Rust's runtime opens it on a closed standard descriptor at start, so
+/// such a report is lost as one sent to `/dev/null` is.)
+fn emit_stdout(text: &str, what: &str) -> bool {
+    emit(&mut std::io::stdout().lock(), text, what)
+}
+
 /// Writes `answer` as JSON to `out` (the stdout kept aside before the
 /// probe: what a driver or a library prints while it is opened went to
 /// stderr) and ends the process at once, exit status 0 when it was
@@ -429,13 +436,19 @@ fn answer_json(out: Option<std::fs::File>, answer: &impl serde::Serialize) -> ! 
 fn run_lock(dir: &Path) -> ExitCode {
     use forgesyte_loader::integrity;
     if let Some(e) = CheckError::of_dir(dir) {
-        say!("forgesyte lock: {e}");
+        say!(
+            "forgesyte lock: {}",
+            forgesyte_server::controls::Escaped(&e.to_string())
+        );
         return ExitCode::from(2);
     }
     let mut outcome = match integrity::lock_dir(&forgesyte_deps::RealFs, dir) {
         Ok(outcome) => outcome,
         Err(e) => {
-            say!("forgesyte lock: cannot list {}: {e}", dir.display());
+            say!(
+                "forgesyte lock: cannot list {}: {e}",
+                forgesyte_server::controls::Escaped(&dir.display().to_string())
+            );
             return ExitCode::from(2);
         }
     };
@@ -452,18 +465,29 @@ fn run_lock(dir: &Path) -> ExitCode {
         }
     }
     let path = dir.join(integrity::LOCK_FILE);
-    // Nothing to pin, and plugins that could not be: no file (one that
-    // pins nothing beside plugins that load unpinned says less than it
-    // seems to), and a lock file already there is left as it is.
-    if outcome.lock.plugins.is_empty() && !outcome.skipped.is_empty() {
+    let shown = |text: &str| forgesyte_server::controls::Escaped(text).to_string();
+    let (shown_dir, shown_path) = (
+        shown(&dir.display().to_string()),
+        shown(&path.display().to_string()),
+    );
+    // Nothing to pin: no file (one that pins nothing beside plugins that
+    // load unpinned says less than it seems to; a directory with no
+    // plugin at all is likely not the one meant), and a lock file already
+    // there is left as it is.
+    if outcome.lock.plugins.is_empty() {
         for (name, why) in &outcome.skipped {
-            say!("forgesyte lock: {name} not locked: {why}");
+            say!("forgesyte lock: {} not locked: {}", shown(name), shown(why));
         }
-        say!(
-            "forgesyte lock: no plugin of {} could be locked: {} not written",
-            dir.display(),
-            path.display()
-        );
+        if outcome.skipped.is_empty() {
+            say!(
+                "forgesyte lock: no plugins in {shown_dir}: none of its subdirectories holds a \
+                 manifest.json; {shown_path} not written"
+            );
+        } else {
+            say!(
+                "forgesyte lock: no plugin of {shown_dir} could be locked: {shown_path} not written"
+            );
+        }
         return ExitCode::FAILURE;
     }
     // Replaced, never written through: a link planted at the lock file's
@@ -476,10 +500,13 @@ fn run_lock(dir: &Path) -> ExitCode {
             integrity::write_replacing(dir, integrity::LOCK_FILE, &bytes)
         });
     if let Err(e) = written {
-        say!("forgesyte lock: cannot write {}: {e}", path.display());
+        say!("forgesyte lock: cannot write {shown_path}: {e}");
         return ExitCode::FAILURE;
     }
-    let mut stdout = std::io::stdout().lock();
+    // Names escaped, as `check` prints them: a directory's name may hold a
+    // terminal's control sequence, or a line break that forges a line.
+    use std::fmt::Write as _;
+    let mut report = String::new();
     for (name, line) in &outcome.lock.plugins {
         let of = line.of.as_deref().unwrap_or("");
         let kept = if kept.contains(name) {
@@ -487,23 +514,32 @@ fn run_lock(dir: &Path) -> ExitCode {
         } else {
             ""
         };
-        let _ = writeln!(stdout, "{}  {name} ({of}){kept}", line.sha256);
+        let _ = writeln!(
+            report,
+            "{}  {} ({}){kept}",
+            line.sha256,
+            shown(name),
+            shown(of)
+        );
     }
     let _ = writeln!(
-        stdout,
-        "Wrote {} ({} plugins)",
-        path.display(),
+        report,
+        "Wrote {shown_path} ({} plugins)",
         outcome.lock.plugins.len()
     );
-    let _ = stdout.flush();
+    let reported = emit_stdout(&report, "the report");
     for (name, why) in &outcome.skipped {
-        if kept.contains(name) {
+        let again = kept.contains(name);
+        let (name, why) = (shown(name), shown(why));
+        if again {
             say!("forgesyte lock: {name} not locked again (it keeps its earlier pin): {why}");
         } else {
             say!("forgesyte lock: {name} not locked: {why}");
         }
     }
-    if outcome.skipped.is_empty() {
+    if !reported {
+        ExitCode::from(2)
+    } else if outcome.skipped.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -770,7 +806,10 @@ fn run_check(args: CheckArgs, dir_named: bool, preflight_given: bool) -> ExitCod
         .err()
         .or_else(|| config.runner_problem())
     {
-        say!("forgesyte check: {e}");
+        say!(
+            "forgesyte check: {}",
+            forgesyte_server::controls::Escaped(&e.to_string())
+        );
         return ExitCode::from(2);
     }
     let refusals = serve_refusals_for_check(args.config.as_deref());
@@ -785,7 +824,10 @@ fn run_check(args: CheckArgs, dir_named: bool, preflight_given: bool) -> ExitCod
     // named as `./plugins`).
     let entry_points_only = config.python_entry_points && !dir_named && !args.dir.exists();
     if let Some(e) = CheckError::of_dir(&args.dir).filter(|_| !entry_points_only) {
-        say!("forgesyte check: {e}");
+        say!(
+            "forgesyte check: {}",
+            forgesyte_server::controls::Escaped(&e.to_string())
+        );
         return ExitCode::from(2);
     }
     if let Some(note) = forgesyte_server::stray_manifest(&args.dir) {
@@ -828,7 +870,7 @@ fn run_check(args: CheckArgs, dir_named: bool, preflight_given: bool) -> ExitCod
     };
     let written = match report_out.as_mut() {
         Some(out) => emit(out, &text, "the report"),
-        None => emit(&mut std::io::stdout().lock(), &text, "the report"),
+        None => emit_stdout(&text, "the report"),
     };
     if !written {
         return ExitCode::from(2);

@@ -192,7 +192,7 @@ impl Server {
                 configured = config.max_connections,
                 applied = limits.max_connections,
                 nofile = nofile.unwrap_or(u64::MAX),
-                "The connection cap is lowered to half the file-descriptor limit (raise `ulimit -n` for more)"
+                "The connection cap is lowered to half the file-descriptor limit (raise the hard limit, `ulimit -Hn`, for more)"
             );
         }
         let refusals = {

@@ -124,7 +124,7 @@ pub fn sign(dir: &Path, key: &Path) -> u8 {
             }
             crate::tell!(
                 "Signed {} ({} files) with key {}: {} and {}",
-                dir.display(),
+                crate::controls::Escaped(&dir.display().to_string()),
                 outcome.files.len(),
                 outcome.key_id,
                 signature::LIST_FILE,

@@ -64,8 +64,10 @@ impl SandboxWidening {
 impl std::str::FromStr for SandboxWidening {
     type Err = String;
 
+    /// Surrounding white space is ignored, as for every other option's
+    /// value (an env file's `deny `).
     fn from_str(text: &str) -> Result<Self, String> {
-        match text {
+        match text.trim() {
             "allow" => Ok(SandboxWidening::Allow),
             "signed" => Ok(SandboxWidening::Signed),
             "deny" => Ok(SandboxWidening::Deny),

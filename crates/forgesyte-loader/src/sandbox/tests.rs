@@ -91,6 +91,11 @@ fn widening_is_named_part_by_part_and_granted_by_policy() {
     );
     assert_eq!(SandboxWidening::default(), SandboxWidening::Signed);
     assert_eq!("deny".parse(), Ok(SandboxWidening::Deny));
+    assert_eq!(
+        " deny ".parse(),
+        Ok(SandboxWidening::Deny),
+        "as other options are"
+    );
     assert!("sometimes".parse::<SandboxWidening>().is_err());
 }
 

@@ -164,6 +164,30 @@ fn each_layer_beats_the_next_flag_env_file_default() {
          limit, to which it raises the soft one: raise `ulimit -Hn` for more)",
         "{printed}"
     );
+    // So does one past TOML's integers, printed as a string.
+    let output = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 256 && exec \"$0\" config --print --max-connections \
+             18446744073709551615 --body-limit 18446744073709551615",
+            env!("CARGO_BIN_EXE_forgesyte"),
+        ])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        line(&printed, "max-connections"),
+        "max-connections = \"18446744073709551615\"  # flag; serve applies 128 here (half the \
+         hard open-file limit, to which it raises the soft one: raise `ulimit -Hn` for more)",
+        "{printed}"
+    );
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.starts_with("# body-memory is not set")
+                && l.contains("serve applies 18446744073709551615")),
+        "{printed}"
+    );
     // A soft limit alone is no cap: `serve` raises it to the hard one
     // first (it said 128 here, where `serve` applied the cap whole).
     let output = std::process::Command::new("sh")

@@ -268,6 +268,54 @@ fn lock_names_what_it_cannot_hash_and_refuses_a_missing_directory() {
     assert!(err.contains("forgesyte lock: gone not locked"), "{err}");
     assert!(err.contains("no plugin of"), "{err}");
     assert!(!none.path().join("forgesyte.lock").exists(), "{out}{err}");
+
+    // No plugin at all (likely not the directory meant): the same.
+    let empty = PluginsDir::new();
+    let (code, out, err) = forgesyte(&["lock", empty.path_str()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("forgesyte lock: no plugins in ") && err.contains("not written"),
+        "{err}"
+    );
+    assert!(!empty.path().join("forgesyte.lock").exists(), "{out}{err}");
+}
+
+/// `lock` writes a directory's name escaped, as `check` does: a control
+/// sequence in it never reaches the terminal, nor a line break that would
+/// forge a line of the report; and a report it cannot write (a full
+/// device) is exit code 2, as for `check` and `config --print`.
+#[test]
+fn lock_escapes_names_and_says_when_its_report_is_lost() {
+    let dir = PluginsDir::new();
+    let odd = "ev\u{1b}[31mil\nFAKE";
+    dir.python(odd, "echo");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(odd).join("manifest.json")).unwrap())
+            .unwrap();
+    manifest["name"] = json!("goodname");
+    std::fs::write(
+        dir.path().join(odd).join("manifest.json"),
+        manifest.to_string(),
+    )
+    .unwrap();
+    let (code, out, err) = forgesyte(&["lock", dir.path_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    assert_eq!(out.lines().count(), 2, "{out:?}");
+    assert!(out.contains("ev\\u{1b}[31mil\\nFAKE"), "{out:?}");
+
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let output = crate::support::forgesyte_command()
+        .args(["lock", dir.path_str()])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot write the report"), "{err}");
 }
 
 /// The files mapped into process `pid` (the path column of
