@@ -302,6 +302,8 @@ impl ServerConfig {
                     .unwrap_or_default()
             }),
             require_signed: self.require_signed,
+            // Files change under a watching server by design.
+            copy_libraries: self.watch,
             call_timeout: self.call_timeout,
             // The same limit for a plugin in a runner: its process is killed
             // at it (it was the loader's 60 s whatever `--call-timeout` said).

@@ -95,6 +95,15 @@ pub struct LoaderConfig {
     /// (`--sandbox-widening`; signed plugins only by default). Only
     /// consulted when runners are confined.
     pub sandbox_widening: crate::sandbox::SandboxWidening,
+    /// Load every in-process library from a sealed memory file of its
+    /// bytes, its first load too (a reload always does): a library written
+    /// over in place (`cp` onto it, a truncation) then changes nothing
+    /// that is mapped, where the file mapped at its path took the host
+    /// down with `SIGBUS` at the next call, or as its old instance was
+    /// dropped. The server sets it with `--watch`, where files change
+    /// under a running server by design; it costs a copy of each library
+    /// and its `$ORIGIN`.
+    pub copy_libraries: bool,
 }
 
 impl Default for LoaderConfig {
@@ -120,6 +129,7 @@ impl Default for LoaderConfig {
             trusted_keys: TrustedKeys::default(),
             require_signed: false,
             sandbox_widening: crate::sandbox::SandboxWidening::default(),
+            copy_libraries: false,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use forgesyte_errors::{IntegrityError, PluginError};
+use forgesyte_errors::{ImportError, IntegrityError, PluginError};
 
 use super::loader::{Loader, Pending};
 use crate::handle::PluginHandle;
@@ -172,15 +172,24 @@ impl Loader {
         // checked at its own moment, the bytes loaded must match both (a
         // file swapped between the checks passed each).
         let expected: Vec<String> = listed.into_iter().chain(pinned).collect();
-        if expected.is_empty() {
+        if expected.is_empty() && !self.config.copy_libraries {
             return Ok(Opening::Path);
         }
         // Its size now; a file that grew meanwhile is held in full once
         // read.
         let size = self.fs.metadata(library).map_or(0, |m| m.len);
         let mut reserved = self.checked_bytes.reserve(size);
-        let bytes = integrity::read_hashed(self.fs.as_ref(), library)
-            .map_err(|e| changed(format!("cannot read it again: {e}")))?;
+        let bytes = integrity::read_hashed(self.fs.as_ref(), library).map_err(|e| {
+            if expected.is_empty() {
+                // Only copied (`copy_libraries`): no check it could fail.
+                PluginError::from(ImportError::Open {
+                    path: library.to_path_buf(),
+                    detail: format!("cannot read it to copy it into a memory file: {e}"),
+                })
+            } else {
+                changed(format!("cannot read it again: {e}")).into()
+            }
+        })?;
         reserved.grow_to(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
         let now = integrity::sha256_hex(&bytes);
         if let Some(checked) = expected.iter().find(|e| !now.eq_ignore_ascii_case(e)) {

@@ -1962,3 +1962,52 @@ fn retrying_a_failed_in_process_plugin_maps_its_library_once() {
         server.log()
     );
 }
+
+/// Under `--watch` an in-process library is loaded from a memory copy of
+/// its bytes, its first load too: a library truncated or written over in
+/// place (`cp` onto it) changes nothing mapped. The server died of
+/// `SIGBUS` at the next call, or on its own as the watch's rescan dropped
+/// the old instance, whose code had gone from under it.
+#[test]
+fn watch_survives_a_library_written_over_in_place() {
+    let dir = PluginsDir::new();
+    dir.good("alpha", json!({})).good("beta", json!({}));
+    let server = Forgesyte::start(&["--plugins", dir.path_str(), "--watch"]);
+    server.wait_loaded();
+    wait_for("the watcher", Duration::from_secs(10), &server, || {
+        server.log().contains("for plugin changes").then_some(())
+    });
+    let lib = std::fs::read_dir(dir.path().join("alpha"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "so"))
+        .unwrap();
+    // Truncated in place: its calls still answer until the rescan...
+    drop(std::fs::File::create(&lib).unwrap());
+    let reply = served(&server, "alpha", "echo");
+    assert!([200, 503].contains(&reply.status), "{}", reply.text());
+    // ... which fails it, and keeps the server and the other plugin.
+    let health = wait_for("alpha FAILED", Duration::from_secs(20), &server, || {
+        state_of(&server, "alpha").filter(|h| h["state"] == "FAILED")
+    });
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("ImportError: ")),
+        "{health}"
+    );
+    assert_eq!(served(&server, "beta", "echo").status, 200);
+    // Written back in place (`cp` onto it): served again.
+    std::fs::copy(forgesyte_tests::zoo::GOOD_LIBRARY, &lib).unwrap();
+    let reply = wait_for(
+        "alpha served again",
+        Duration::from_secs(20),
+        &server,
+        || {
+            let reply = served(&server, "alpha", "echo");
+            (reply.status == 200).then_some(reply)
+        },
+    );
+    assert_eq!(reply.json()["result"], json!({"x": 1}));
+    assert_eq!(server.get("/v1/health").status, 200);
+}
