@@ -99,7 +99,7 @@ pub use host::{
 };
 pub use manifest::{Isolation, Limits, Manifest, PythonEntry, Runtime};
 pub use pipeline::{
-    DESTRUCTOR_WAIT, LoadReport, Loader, LoaderConfig, PluginLoadOutcome, ReloadRefused,
+    DESTRUCTOR_WAIT, LoadReport, Loader, LoaderConfig, PluginLoadOutcome, RELOADING, ReloadRefused,
     RescanReport, RetiredPlugin, Retry, loaded_by_plugins, runtime_output,
 };
 pub use process::{ProcessImporter, ProcessLimits, RUNNER_STOP_WAIT};

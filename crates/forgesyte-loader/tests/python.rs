@@ -146,6 +146,12 @@ fn the_seeds_green_checklist_with_real_plugin_py_fixtures() {
     );
     std::fs::create_dir_all(root.join("no_file")).unwrap();
     write_manifest(root, "no_file", json!({"runtime": "python"}));
+    // A `plugin.py` that is there, but a link leading nowhere.
+    for (name, target) in [("link_loop", "plugin.py"), ("link_dangling", "gone.py")] {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        write_manifest(root, name, json!({"runtime": "python"}));
+        std::os::unix::fs::symlink(target, root.join(name).join("plugin.py")).unwrap();
+    }
     let registry = Registry::new();
     let _loader = loader(root, &registry);
     check(
@@ -180,6 +186,14 @@ fn the_seeds_green_checklist_with_real_plugin_py_fixtures() {
             && reason.ends_with("no_file"),
         "{reason}"
     );
+    for name in ["link_loop", "link_dangling"] {
+        check(
+            &registry,
+            name,
+            S::Failed,
+            Some("is a link that cannot be followed (a loop, or its target is missing): "),
+        );
+    }
     check(&registry, "gpu_plugin", S::Unavailable, Some("GPU"));
     check(&registry, "gpu_plugin", S::Unavailable, Some("CUDA"));
     check(

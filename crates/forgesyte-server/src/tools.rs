@@ -600,13 +600,13 @@ pub(crate) fn live_handle(
         });
     }
     let Some(handle) = state.loader().handle(plugin) else {
+        // Between the retirement of its instance and its new one's
+        // construction (a reload; calls of the old one still running, so
+        // it still shows RUNNING): said as once they end, LOADED ("RUNNING
+        // and cannot run tools" read as a contradiction).
         return Err(RunError::NotRunnable {
-            state: Some(plugin_state),
-            // Between the retirement of its instance and its new one's
-            // construction (a reload; calls of the old one still running).
-            reason: Some(
-                "the plugin has no live instance: it is being reloaded; retry shortly".into(),
-            ),
+            state: Some(forgesyte_registry::PluginLifecycleState::Loaded),
+            reason: Some(forgesyte_loader::RELOADING.into()),
         });
     };
     if !handle.has_tool(tool) {

@@ -377,6 +377,25 @@ impl Loader {
                     let name = Path::new(file.as_str())
                         .file_name()
                         .map_or_else(|| file.to_string(), |n| n.to_string_lossy().into_owned());
+                    // There, but a link that leads nowhere (a loop, a
+                    // missing target): said so, not "not found".
+                    if self.fs.is_symlink(&code).unwrap_or(false) {
+                        let why = self
+                            .fs
+                            .canonicalize(&code)
+                            .err()
+                            .map_or_else(String::new, |e| format!(": {e}"));
+                        return Err(ImportError::Python {
+                            error_type: "ImportError".into(),
+                            message: format!(
+                                "{name} in {} is a link that cannot be followed (a loop, or its \
+                                 target is missing){why}",
+                                p.dir.display()
+                            ),
+                            traceback: Vec::new(),
+                        }
+                        .into());
+                    }
                     return Err(super::library_path::seeds_not_found(&name, &p.dir, ""));
                 }
                 code

@@ -56,7 +56,7 @@ mod waves;
 pub use config::LoaderConfig;
 pub(crate) use loader::drop_on_a_thread;
 pub use loader::{DESTRUCTOR_WAIT, Loader};
-pub use reload::ReloadRefused;
+pub use reload::{RELOADING, ReloadRefused};
 pub use report::{LoadReport, PluginLoadOutcome};
 pub use rescan::{RescanReport, RetiredPlugin, Retry};
 pub use stamp::{loaded_by_plugins, runtime_output};

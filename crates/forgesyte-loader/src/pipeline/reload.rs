@@ -30,7 +30,7 @@ const CUT_CALLS_END: Duration = Duration::from_millis(200);
 
 /// The reason a plugin shows while LOADED in a reload or rescan, between
 /// its old instance and its new one.
-pub(crate) const RELOADING: &str =
+pub const RELOADING: &str =
     "being reloaded: its calls answer 503 (send them again) until its new instance is ready";
 
 /// Why [`Loader::reload_with_others`] did nothing.

@@ -940,6 +940,16 @@ fn a_runner_let_go_by_a_rescan_shows_loaded_until_its_turn() {
     for tool in ["echo", "listed-only"] {
         let refused = served(&server, "py", tool);
         assert_eq!(refused.status, 503, "{}", refused.text());
+        // Said as LOADED, being reloaded, whether or not the old
+        // instance's calls have ended ("RUNNING and cannot run tools").
+        let body = refused.json();
+        assert_eq!(body["state"], "LOADED", "{body}");
+        assert!(
+            body["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("being reloaded")),
+            "{body}"
+        );
     }
     let scrape = server.get("/metrics").text();
     for tool in ["echo", "listed-only"] {
