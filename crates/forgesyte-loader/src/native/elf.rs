@@ -133,6 +133,11 @@ pub(super) fn check_elf(
         path: path.to_path_buf(),
         detail,
     };
+    // Truncated to nothing (`: > lib.so`, a copy cut short): said so, not
+    // as a header of the wrong size.
+    if file_len == 0 {
+        return Err(not_a_library("the file is empty (0 bytes)".into()));
+    }
     let data = object::ReadCache::new(pread::PreadFile::new(file, file_len));
     let header = FileHeader64::<object::Endianness>::parse(&data)
         .map_err(|e| not_a_library(format!("not a 64-bit ELF file ({e})")))?;

@@ -187,6 +187,14 @@ fn text_file_is_not_a_library() {
     std::fs::write(&path, "hello, I am not ELF").unwrap();
     let err = NativeLibrary::open(&path).unwrap_err();
     assert!(matches!(err, ImportError::NotALibrary { .. }), "{err}");
+    // An empty one says so.
+    std::fs::write(&path, "").unwrap();
+    let err = NativeLibrary::open(&path).unwrap_err();
+    assert!(
+        matches!(err, ImportError::NotALibrary { .. })
+            && err.to_string().ends_with("the file is empty (0 bytes)"),
+        "{err}"
+    );
 }
 
 fn fp(abi: u32, sdk: &str, rustc: &str, target: &str) -> Fingerprint {
