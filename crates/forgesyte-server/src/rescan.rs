@@ -83,7 +83,19 @@ async fn rescan_to_the_end(
         .map(|outcome| outcome.name.as_str())
         .collect();
     forget_gone_tools(state, &reloaded);
-    let report = ReloadReport::from(report);
+    let mut report = ReloadReport::from(report);
+    // Installed plugins that could not be listed: none of them was looked
+    // at either (all read as unchanged, with no word of it).
+    if let Some(why) = state.loader().entry_points_error() {
+        let said = format!(
+            "the installed plugins could not be listed ({why}): none of them was added, \
+             changed or removed"
+        );
+        report.warning = Some(match report.warning.take() {
+            Some(first) => format!("{first}; {said}"),
+            None => said,
+        });
+    }
     // Names joined by commas: one type per field in the JSON log.
     let names = |names: &mut dyn Iterator<Item = &str>| names.collect::<Vec<_>>().join(",");
     tracing::info!(

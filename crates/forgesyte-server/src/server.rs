@@ -391,9 +391,17 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
             // not ready, and `degraded`, rather than ready serving nothing.
             // Asked only of a pass that found nothing: the pass listed the
             // directory already.
-            let unlisted = report.plugins.is_empty() && std::fs::read_dir(&dir).is_err();
+            // (A default directory that may be missing, and is, fails no
+            // pass: the installed plugins alone are served, and a rescan
+            // that loads some made it ready, where it stayed not ready.)
+            let missing_as_allowed = loader.plugins_dir_missing_as_allowed(&dir);
+            let unlisted = report.plugins.is_empty()
+                && std::fs::read_dir(&dir).is_err()
+                && !missing_as_allowed;
             if unlisted {
                 tracing::error!(dir = %dir.display(), "The plugins directory {} cannot be listed and no plugin was loaded: not ready until a rescan lists it", dir.display());
+            } else if report.plugins.is_empty() && missing_as_allowed {
+                tracing::warn!(dir = %dir.display(), "No plugins: no installed package declares a forgesyte.plugins entry point, and there is no plugins directory {}; a rescan loads what is installed since", dir.display());
             } else if report.plugins.is_empty() {
                 tracing::warn!(dir = %dir.display(), "No plugins in {}: none of its subdirectories holds a manifest.json", dir.display());
             }

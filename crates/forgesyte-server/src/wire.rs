@@ -349,7 +349,9 @@ pub struct ReloadReport {
     pub elapsed_ms: f64,
     /// What the rescan could not do, when something: the plugins directory
     /// could not be listed (out of descriptors, gone, no permission), so
-    /// nothing in it was looked at. Absent when all went.
+    /// nothing in it was looked at; the installed plugins could not be
+    /// listed (`--python-entry-points`: the interpreter failed). Absent
+    /// when all went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }

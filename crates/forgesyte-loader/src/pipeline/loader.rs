@@ -361,6 +361,14 @@ impl Loader {
         self.entry_points_error.read().clone()
     }
 
+    /// Whether the plugins directory `dir` is allowed to be missing, and
+    /// is: the default one, when the installed plugins are loaded
+    /// ([`LoaderConfig::plugins_dir_optional`](super::LoaderConfig::plugins_dir_optional)).
+    /// A pass or rescan that found it so did not fail.
+    pub fn plugins_dir_missing_as_allowed(&self, dir: &Path) -> bool {
+        self.config.plugins_dir_optional && !self.fs.exists(dir)
+    }
+
     /// Whether `name` does not count for readiness: its manifest marks it
     /// optional, or, on a host that runs no GPU plugins
     /// ([`LoaderConfig::no_gpu`](super::LoaderConfig::no_gpu)), it requires

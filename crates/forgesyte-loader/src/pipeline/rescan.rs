@@ -156,14 +156,19 @@ impl Loader {
         let listed = plugins_dir
             .as_ref()
             .is_some_and(|d| self.fs.read_dir(d).is_ok());
+        // A default directory that may be missing (installed plugins alone,
+        // `plugins_dir_optional`) and is: no failure of the rescan's
+        // (`unlisted` reports one), though nothing of it is retired either.
+        let mut unlisted = false;
+        let unread = plugins_dir.is_some() && !listed;
         if let (false, Some(dir)) = (listed, &plugins_dir) {
             if self.config.plugins_dir_optional && !self.fs.exists(dir) {
                 tracing::info!(dir = %dir.display(), "Rescan: no plugins directory {}: only the installed (entry-point) plugins are rescanned", dir.display());
             } else {
                 tracing::warn!(dir = %dir.display(), "Rescan: the plugins directory {} cannot be read; no plugin is retired", dir.display());
+                unlisted = true;
             }
         }
-        let unlisted = plugins_dir.is_some() && !listed;
         let found: BTreeSet<PathBuf> = plugins_dir
             .filter(|_| listed)
             .map(|d| self.discover(&d).into_iter().collect())
@@ -244,7 +249,7 @@ impl Loader {
             // reloaded as changed. (Each had read as changed, its manifest
             // not found: every plugin torn down by a moment's `mv plugins
             // plugins.old`.) A FAILED or UNAVAILABLE one is retried as ever.
-            if unlisted
+            if unread
                 && !installed.contains(&name)
                 && !self
                     .registry

@@ -244,16 +244,29 @@ fn serve_says_when_installed_plugins_could_not_be_listed() {
     let site = Site::new(false);
     let plugins = site.plugins();
     let missing = site.dir.path().join("no-python").display().to_string();
-    let server = Forgesyte::start(&[
-        "--plugins",
-        &plugins,
-        "--python",
-        &missing,
-        "--python-entry-points",
-    ]);
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            &plugins,
+            "--python",
+            &missing,
+            "--python-entry-points",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
     server.wait_loaded();
     let health = server.get("/v1/health").json();
     assert_eq!(health["status"], "degraded", "{health}");
+    // A rescan's report says so too (it read as all unchanged).
+    let reply = crate::support::admin_post(server.addr, "/v1/plugins/reload", TOKEN);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        reply.json()["warning"].as_str().is_some_and(|w| w
+            .starts_with("the installed plugins could not be listed (")
+            && w.contains(&missing)),
+        "{}",
+        reply.text()
+    );
     let ready = server.get("/readyz?verbose");
     assert_eq!(ready.status, 503, "{}", ready.text());
     let checks = ready.json()["checks"].clone();
@@ -367,6 +380,43 @@ fn installed_plugins_alone_need_no_default_plugins_directory() {
 
 /// The admin token of the tests that reload installed plugins.
 const TOKEN: &str = "installed-test-token-0123456789";
+
+/// Installed plugins alone, none installed yet, and no default plugins
+/// directory: ready (nothing failed), and a package installed later is
+/// served after a rescan, still ready. The start read as a failed pass
+/// (an ERROR, not ready), and no rescan that did not list the missing
+/// directory made it ready: a pod that never became ready.
+#[test]
+fn installed_plugins_alone_are_ready_with_none_installed_yet() {
+    let scratch = tempfile::tempdir().unwrap();
+    let site = scratch.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    let python = scratch.path().join("python");
+    site_python(&python, &site);
+    let cwd = scratch.path().join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let server = Forgesyte::start_in(
+        Some(&cwd),
+        &[
+            "--python",
+            &python.display().to_string(),
+            "--python-entry-points",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let ready = server.get("/readyz");
+    assert_eq!(ready.status, 200, "{}\n{}", ready.text(), server.log());
+    assert!(!server.log().contains(" ERROR "), "{}", server.log());
+    install_fact(&site, "plugin", 1, true);
+    let reply = crate::support::admin_post(server.addr, "/v1/plugins/reload", TOKEN);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let run = server.run("fact", "t", r#"{"args": {}}"#);
+    assert_eq!(run.status, 200, "{}\n{}", run.text(), server.log());
+    let ready = server.get("/readyz");
+    assert_eq!(ready.status, 200, "{}\n{}", ready.text(), server.log());
+    assert_eq!(server.get("/v1/health").json()["status"], "ok");
+}
 
 /// An installed plugin `fact` of distribution `factpkg`, its class in
 /// module `module` of package `factpkg` (a manifest beside it when
