@@ -2842,6 +2842,28 @@ class UnitTests(unittest.TestCase):
             with self.assertRaisesRegex(ImportError, "does not cover"):
                 finder.find_spec("zipped_x", [os.path.join(root, "vendor.zip")])
 
+    def test_an_installed_single_file_module_refuses_bytecode_of_its_file_alone(self):
+        # Its directory is site-packages: every other package there keeps
+        # its bytecode (each import of a dependency was compiled from source).
+        from runner.loading import _single_module_file, _SourceOnlyFinder, _SourceOnlyLoader
+
+        with tempfile.TemporaryDirectory() as site:
+            for name in ("solo_x.py", "dep_x.py"):
+                with open(os.path.join(site, name), "w") as f:
+                    f.write("WHO = %r\n" % name)
+            os.makedirs(os.path.join(site, "pkg_x"))
+            open(os.path.join(site, "pkg_x", "__init__.py"), "w").close()
+            only = _single_module_file(site, "solo_x")
+            self.assertEqual(only, os.path.join(site, "solo_x.py"))
+            for module in ("pkg_x", "pkg_x.mod", "missing_x", None):
+                self.assertIsNone(_single_module_file(site, module), module)
+            finder = _SourceOnlyFinder(site, None, None, only)
+            self.assertTrue(finder.covers(os.path.join(site, "solo_x.py")))
+            self.assertFalse(finder.covers(os.path.join(site, "dep_x.py")))
+            self.assertFalse(finder.covers(os.path.join(site, "pkg_x", "__init__.py")))
+            self.assertIsInstance(finder.find_spec("solo_x", [site]).loader, _SourceOnlyLoader)
+            self.assertNotIsInstance(finder.find_spec("dep_x", [site]).loader, _SourceOnlyLoader)
+
     def test_a_checked_file_loaded_by_path_must_be_the_checked_bytes(self):
         # In a process of its own: the guard changes importlib's classes
         # for good, once.

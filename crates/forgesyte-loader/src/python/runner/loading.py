@@ -168,9 +168,15 @@ class _SourceOnlyFinder(object):
     loaded, by :func:`_guard_loaders`. Modules elsewhere (the standard
     library, the plugin's dependencies) load as Python loads them."""
 
-    def __init__(self, root, checked=None, own=None):
+    def __init__(self, root, checked=None, own=None, only=None):
         self.root = root
         self.checked = checked
+        # An installed top-level single-file module's file (``solo.py`` of
+        # ``solo:Plugin``): its directory is ``site-packages``, every other
+        # package's too, whose bytecode is theirs (refused, each import of
+        # torch compiled from source at every start).
+        self.only = only
+        self.real_only = os.path.realpath(only) if only is not None else None
         # The top-level name the manifest's entrypoint names (``email`` of
         # ``email.plugin``): the plugin's own, even named like a standard
         # module.
@@ -199,6 +205,8 @@ class _SourceOnlyFinder(object):
         if self.checked is not None:
             return self.checked.under(path)
         where = os.path.abspath(path)
+        if self.only is not None:
+            return where in (self.only, self.real_only)
         return (where.startswith(self.root + os.sep)
                 or where.startswith(self.real_root + os.sep))
 
@@ -259,14 +267,26 @@ def _installation_in(root, real_root):
     return tuple(found)
 
 
-def _source_only_under(root, checked=None, own=None):
+def _single_module_file(root, module):
+    """The file of ``module`` when it is a top-level single-file module
+    directly in ``root`` (``root/solo.py``, no package ``root/solo``), an
+    installed plugin's whose directory is ``site-packages``; else None."""
+    if not module or "." in module:
+        return None
+    path = os.path.join(root, module + ".py")
+    if os.path.isfile(path) and not os.path.isdir(os.path.join(root, module)):
+        return path
+    return None
+
+
+def _source_only_under(root, checked=None, own=None, only=None):
     """Modules found under ``root`` (the plugin directory or installed
     package, subpackages included) load from sources and extension modules
     only, never from bytecode, and with ``checked`` only from the checked
     bytes: see :class:`_SourceOnlyFinder`; and so does a file of the tree
     that the plugin loads through ``importlib``'s own loaders by its path
     (``importlib.util.spec_from_file_location``): see :func:`_guard_loaders`."""
-    finder = _SourceOnlyFinder(root, checked, own)
+    finder = _SourceOnlyFinder(root, checked, own, only)
     path_finder = importlib.machinery.PathFinder
     at = sys.meta_path.index(path_finder) if path_finder in sys.meta_path else 0
     sys.meta_path.insert(at, finder)
@@ -353,7 +373,9 @@ def import_plugin(args):
         if args.sources is not None:
             checked = _Checked(root, args.sources)
         own = args.module.partition(".")[0] if args.module and not args.installed else None
-        _source_only_under(root, checked, own)
+        only = (_single_module_file(root, args.module)
+                if args.installed and checked is None else None)
+        _source_only_under(root, checked, own, only)
         if not args.installed:
             sys.path.insert(0, root)
     if args.file is not None:
