@@ -545,3 +545,43 @@ fn a_dependent_whose_dependency_then_appears() -> (Setup, forgesyte_loader::Load
     s.plugin("base", &manifest("base", json!({})), FakeBehavior::Good);
     (s, loader)
 }
+
+/// A reload by name of a dependency that stays unusable to its
+/// dependents (FAILED for another reason) loads those UNAVAILABLE over it
+/// again, through a chain: they quoted what it was until the next rescan.
+#[test]
+fn a_reload_by_name_refreshes_what_its_unavailable_dependents_say() {
+    let s = Setup::new();
+    s.plugin(
+        "base",
+        &manifest("base", json!({})),
+        FakeBehavior::InitError("weights.bin is missing".into()),
+    )
+    .plugin(
+        "app",
+        &manifest("app", json!({"dependencies": ["plugin:base"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "top",
+        &manifest("top", json!({"dependencies": ["plugin:app"]})),
+        FakeBehavior::Good,
+    )
+    .plugin("other", &manifest("other", json!({})), FakeBehavior::Good);
+    let loader = s.load();
+    s.check("app", S::Unavailable, &["weights.bin is missing"]);
+    s.check("top", S::Unavailable, &["weights.bin is missing"]);
+    s.behave(
+        "base",
+        FakeBehavior::InitError("config.yaml is missing".into()),
+    );
+    let outcomes = loader.reload_with_others("base").unwrap();
+    let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["base", "app", "top"], "{outcomes:?}");
+    s.check("base", S::Failed, &["config.yaml is missing"]);
+    for dependent in ["app", "top"] {
+        s.check(dependent, S::Unavailable, &["config.yaml is missing"]);
+        let reason = s.registry.get_status(dependent).unwrap().reason.unwrap();
+        assert!(!reason.contains("weights.bin"), "{reason}");
+    }
+}

@@ -572,10 +572,6 @@ impl Loader {
         Ok(())
     }
 
-    /// The most characters of a dependency's reason that a dependent's
-    /// reason quotes.
-    const QUOTED_REASON_CHARS: usize = 200;
-
     /// Names the chain: a missing `plugin:` dependency that is registered but
     /// not available says which state it is in and why.
     fn explain_plugin_deps(&self, manifest: &Manifest, err: &mut DependencyError) {
@@ -603,10 +599,7 @@ impl Loader {
                     item.push_str(&format!(
                         " ({name} is {}: {})",
                         status.state.as_str(),
-                        shorten(
-                            status.reason.as_deref().unwrap_or("no reason recorded"),
-                            Self::QUOTED_REASON_CHARS
-                        )
+                        quoted(status.reason.as_deref().unwrap_or("no reason recorded"))
                     ));
                 }
             }
@@ -828,9 +821,29 @@ fn edit_missing(err: &mut DependencyError, edit: impl FnOnce(&mut Vec<String>)) 
     *err = DependencyError::new(std::mem::take(&mut err.missing), gpu_detail);
 }
 
+/// The most characters of a dependency's reason that a dependent's
+/// reason quotes.
+const QUOTED_REASON_CHARS: usize = 200;
+
+/// A dependency's `reason` as a dependent quotes it: its start, cut to
+/// [`QUOTED_REASON_CHARS`], and, when the cut lost it, the supervisor's
+/// verdict at its end (`; not restarted: 5 restarts within 600 s`): what
+/// the dependent's operator must act on (a reload), behind a crash's
+/// stderr lines.
+fn quoted(reason: &str) -> String {
+    let start = shorten(reason, QUOTED_REASON_CHARS);
+    match reason.rfind("; not restarted: ") {
+        Some(at) if !start.contains(&reason[at..]) => {
+            let verdict = shorten(&reason[at..], QUOTED_REASON_CHARS);
+            format!("{start} {verdict}")
+        }
+        _ => start,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::plugin_item;
+    use super::*;
 
     #[test]
     fn a_missing_item_names_a_plugin_bare_with_a_version_or_explained() {
@@ -843,5 +856,25 @@ mod tests {
         for other in ["plugin:yy", "plugin:x", "py:y", "y", "plugin:"] {
             assert_eq!(plugin_item(other, "y"), None, "{other}");
         }
+    }
+
+    #[test]
+    fn a_quoted_reason_keeps_the_supervisors_verdict_past_the_cut() {
+        let verdict = "; not restarted: 5 restarts within 600 s";
+        let long = format!(
+            "CrashError: killed by signal SIGSEGV (11); stderr: {}{verdict}",
+            "x".repeat(2_000)
+        );
+        let quoted_long = quoted(&long);
+        assert!(
+            quoted_long.ends_with(&format!("… {verdict}")),
+            "{quoted_long}"
+        );
+        assert!(quoted_long.chars().count() < 300, "{quoted_long}");
+        // Within the cut, it is not said twice; without one, nothing added.
+        let short = format!("CrashError: exited with code 3{verdict}");
+        assert_eq!(quoted(&short), short);
+        let plain = "y".repeat(500);
+        assert_eq!(quoted(&plain), shorten(&plain, QUOTED_REASON_CHARS));
     }
 }

@@ -144,6 +144,16 @@ impl Loader {
         }
         let mut report = self.reload_names(&names, &resigned);
         report.settle(self.settle_dependents());
+        // Its dependents that stay UNAVAILABLE over it still quote what it
+        // was (its old reason, state or version) until a rescan: loaded
+        // again, they say what it is now. (Nothing of theirs is
+        // constructed: their dependency check fails first.)
+        let done: BTreeSet<String> = report.plugins.iter().map(|o| o.name.clone()).collect();
+        let stale = self.unavailable_dependents_of(name, &done);
+        if !stale.is_empty() {
+            let replace: BTreeSet<String> = stale.iter().cloned().collect();
+            report.settle(self.reload_names(&stale, &replace).plugins);
+        }
         let (mut outcomes, others): (Vec<_>, Vec<_>) =
             report.plugins.into_iter().partition(|o| o.name == name);
         outcomes.extend(others);
@@ -532,6 +542,30 @@ impl Loader {
             report.log_summary("Settled", Some("plugins whose dependencies came back"));
         }
         report
+    }
+
+    /// The plugins UNAVAILABLE over `name`, directly or through other such
+    /// plugins (each names its dependency's state in its reason), but
+    /// those in `done`; dependencies first.
+    fn unavailable_dependents_of(&self, name: &str, done: &BTreeSet<String>) -> Vec<String> {
+        let entries = self.entries.read();
+        let mut found: Vec<String> = Vec::new();
+        let mut frontier = vec![name.to_owned()];
+        while let Some(dependency) = frontier.pop() {
+            for (dependent, entry) in entries.iter() {
+                let depends = entry.plugin_dep_names().any(|d| d == dependency);
+                if depends
+                    && dependent != name
+                    && !done.contains(dependent)
+                    && !found.contains(dependent)
+                    && self.registry.get_state(dependent) == Some(PluginLifecycleState::Unavailable)
+                {
+                    found.push(dependent.clone());
+                    frontier.push(dependent.clone());
+                }
+            }
+        }
+        found
     }
 
     /// Whether [`settle`](Self::settle) has a plugin to load again: a read
