@@ -790,6 +790,14 @@ fn a_bad_shipped_manifest_or_entry_point_value_fails_that_plugin_alone() {
         "{reason}"
     );
     assert!(reason.contains("badjson/manifest.json"), "{reason}");
+    // Its distribution's version, at load and after a reload or rescan
+    // (it read `unknown` after one).
+    let version = |registry: &Registry| registry.get_status("bad-json").unwrap().version;
+    assert_eq!(version(&registry).as_deref(), Some("1.0"));
+    loader.reload("bad-json");
+    assert_eq!(version(&registry).as_deref(), Some("1.0"), "after a reload");
+    loader.rescan();
+    assert_eq!(version(&registry).as_deref(), Some("1.0"), "after a rescan");
     let (state, reason) = status(&registry, "top");
     assert_eq!(state, S::Failed);
     assert!(

@@ -496,9 +496,19 @@ impl Loader {
                 Err(bad) => {
                     // What the broken text still says of itself is shown,
                     // not the old manifest's version and description.
+                    // An installed plugin's falls back on its distribution's
+                    // version, as at load (it read `unknown` after a rescan).
+                    let installed = self
+                        .entry_points
+                        .read()
+                        .get(name)
+                        .and_then(|ep| ep.version.clone());
                     let info = PluginInfo {
                         description: bad.description(),
-                        version: bad.version().or_else(super::registration::unknown_version),
+                        version: bad
+                            .version()
+                            .or(installed)
+                            .or_else(super::registration::unknown_version),
                         source: Some(entry.dir.clone()),
                     };
                     let BadManifest { raw, error } = *bad;
