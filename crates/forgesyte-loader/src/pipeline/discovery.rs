@@ -358,6 +358,23 @@ impl Loader {
                     None => new.push(ep),
                 }
             }
+            // An upgrade that moved the plugin's class (the entry point's
+            // value changed, its name and distribution kept) is the same
+            // plugin, changed: not one retired and another added, whose
+            // calls got 404 meanwhile and whose counts started again.
+            let mut added = Vec::new();
+            for ep in new {
+                let moved = known.iter().find(|(name, k)| {
+                    k.name == ep.name
+                        && k.dist == ep.dist
+                        && !matched.iter().any(|(m, _)| m == *name)
+                });
+                match moved {
+                    Some((name, _)) => matched.push((name.clone(), ep)),
+                    None => added.push(ep),
+                }
+            }
+            new = added;
             if discovered {
                 gone = known
                     .keys()

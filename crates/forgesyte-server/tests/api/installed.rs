@@ -530,3 +530,44 @@ fn a_reload_by_name_of_an_installed_plugin_loads_what_is_installed_now() {
     let health = server.get("/v1/plugins/fact/health").json();
     assert_eq!(health["state"], "INITIALIZED", "{health:#}");
 }
+
+/// An upgrade that moves the plugin's class to another module (its entry
+/// point's value changes, its name and distribution do not) is one plugin
+/// changed at the next rescan, its counts kept: it was retired and added
+/// again, its calls answered 404 in between.
+#[test]
+fn a_rescan_after_an_upgrade_that_moved_the_class_changes_the_plugin() {
+    let scratch = tempfile::tempdir().unwrap();
+    let site = scratch.path().join("site");
+    install_fact(&site, "plugin", 1, true);
+    let python = scratch.path().join("python");
+    site_python(&python, &site);
+    let empty = scratch.path().join("plugins");
+    std::fs::create_dir_all(&empty).unwrap();
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            &empty.display().to_string(),
+            "--python",
+            &python.display().to_string(),
+            "--python-entry-points",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let run = server.run("fact", "t", r#"{"args": {}}"#);
+    assert_eq!(run.status, 200, "{}\n{}", run.text(), server.log());
+    std::fs::remove_file(site.join("factpkg/plugin.py")).unwrap();
+    install_fact(&site, "plugin2", 2, true);
+    let reply = crate::support::admin_post(server.addr, "/v1/plugins/reload", TOKEN);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    assert_eq!(report["changed"], serde_json::json!(["fact"]), "{report}");
+    assert_eq!(report["added"], serde_json::json!([]), "{report}");
+    assert_eq!(report["removed"], serde_json::json!([]), "{report}");
+    let run = server.run("fact", "t", r#"{"args": {}}"#);
+    assert_eq!(run.status, 200, "{}\n{}", run.text(), server.log());
+    assert_eq!(run.json()["result"]["v"], 2, "{}", run.text());
+    let health = server.get("/v1/plugins/fact/health").json();
+    assert_eq!(health["success_count"], 2, "{health:#}");
+}
