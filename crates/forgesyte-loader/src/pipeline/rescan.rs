@@ -585,13 +585,32 @@ impl Loader {
     /// directory's walk took every rescan and load pass quadratic in such
     /// plugins (19 s for 2,000), and any unrelated package installed there
     /// "changed" them all.
+    ///
+    /// An installed plugin's distribution version is part of its stamp: an
+    /// editable install reinstalled at a new version changes no file of
+    /// its package (its manifest made of the entry point says the new
+    /// version), and a rescan found it unchanged.
     pub(super) fn stamp_of(&self, name: &str, dir: &std::path::Path) -> Option<u64> {
-        if let Some(ep) = self.entry_points.read().get(name)
-            && !ep.owns_dir
-        {
-            return super::stamp::stamp_file(ep.origin.as_deref());
-        }
-        stamp(dir, self.config.max_manifest_bytes)
+        let (files, version) = match self.entry_points.read().get(name) {
+            Some(ep) if !ep.owns_dir => (
+                super::stamp::stamp_file(ep.origin.as_deref()),
+                ep.version.clone(),
+            ),
+            Some(ep) => (
+                stamp(dir, self.config.max_manifest_bytes),
+                ep.version.clone(),
+            ),
+            None => return stamp(dir, self.config.max_manifest_bytes),
+        };
+        files.map(|files| match version {
+            Some(version) => {
+                use std::hash::{Hash as _, Hasher as _};
+                let mut hasher = std::hash::DefaultHasher::new();
+                (files, version).hash(&mut hasher);
+                hasher.finish()
+            }
+            None => files,
+        })
     }
 
     /// The installed plugins whose directory is not their own (see

@@ -571,3 +571,50 @@ fn a_rescan_after_an_upgrade_that_moved_the_class_changes_the_plugin() {
     let health = server.get("/v1/plugins/fact/health").json();
     assert_eq!(health["success_count"], 2, "{health:#}");
 }
+
+/// A package reinstalled at a new version with no file of its own changed
+/// (an editable install: its sources stay where they are) is changed at
+/// the next rescan, its new version shown: it was `unchanged`, its old
+/// version listed until a reload by name.
+#[test]
+fn a_rescan_sees_a_package_reinstalled_at_a_new_version() {
+    let scratch = tempfile::tempdir().unwrap();
+    let site = scratch.path().join("site");
+    install_fact(&site, "plugin", 1, false);
+    let python = scratch.path().join("python");
+    site_python(&python, &site);
+    let empty = scratch.path().join("plugins");
+    std::fs::create_dir_all(&empty).unwrap();
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            &empty.display().to_string(),
+            "--python",
+            &python.display().to_string(),
+            "--python-entry-points",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let version = || server.get("/v1/plugins/fact/health").json()["version"].clone();
+    assert_eq!(version(), "1.0", "{}", server.log());
+    let rescan = || {
+        let reply = crate::support::admin_post(server.addr, "/v1/plugins/reload", TOKEN);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.json()
+    };
+    assert_eq!(rescan()["changed"], serde_json::json!([]));
+    std::fs::remove_dir_all(site.join("factpkg-1.0.dist-info")).unwrap();
+    write_dist_info(
+        &site,
+        "factpkg",
+        "factpkg",
+        "1.1",
+        "fact = factpkg.plugin:Plugin\n",
+    );
+    let report = rescan();
+    assert_eq!(report["changed"], serde_json::json!(["fact"]), "{report}");
+    assert_eq!(version(), "1.1");
+    // And then nothing more.
+    assert_eq!(rescan()["changed"], serde_json::json!([]));
+}
