@@ -136,7 +136,12 @@ impl Dependency {
         };
         let check_name = |name: &str, what: &str| -> Result<String, String> {
             if name.is_empty() {
-                Err(format!("{prefix}: needs a {what} name"))
+                let article = if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                    "an"
+                } else {
+                    "a"
+                };
+                Err(format!("{prefix}: needs {article} {what} name"))
             } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 Err(format!(
                     "{what} name {name:?} contains whitespace or control characters"
@@ -1022,6 +1027,7 @@ mod tests {
     fn bad_python_package_names() {
         for (dep, needle) in [
             ("py:", "needs a package name"),
+            ("bin:", "bin: needs an executable name"),
             ("py:a b", "whitespace"),
             ("py:.torch", "invalid Python package name"),
             ("py:torch.", "invalid Python package name"),

@@ -549,7 +549,7 @@ impl Loader {
         };
         if !report.plugins.is_empty() {
             self.restamp();
-            report.log_summary("Settled", Some("plugins whose dependencies came back"));
+            report.log_summary("Settled", Some("plugins whose dependencies changed"));
         }
         report
     }
