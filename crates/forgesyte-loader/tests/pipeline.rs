@@ -1031,6 +1031,45 @@ fn a_cycle_does_not_hide_the_other_missing_dependencies() {
     );
 }
 
+/// A plugin on two cycles names each with its own, its requirement kept:
+/// one was named, the other quoted as `LOADED: no reason recorded` (it
+/// was not judged yet).
+#[test]
+fn a_plugin_on_two_cycles_names_both() {
+    let s = Setup::new();
+    s.plugin(
+        "u1",
+        &manifest("u1", json!({"dependencies": ["plugin:u2", "plugin:u3@^1"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "u2",
+        &manifest("u2", json!({"dependencies": ["plugin:u1"]})),
+        FakeBehavior::Good,
+    )
+    .plugin(
+        "u3",
+        &manifest("u3", json!({"dependencies": ["plugin:u1"]})),
+        FakeBehavior::Good,
+    );
+    s.load();
+    s.check(
+        "u1",
+        S::Unavailable,
+        &[
+            "Missing dependencies: plugin:u2 (dependency cycle: u1 -> u2 -> u1), \
+             plugin:u3@^1 (dependency cycle: u1 -> u3 -> u1)",
+        ],
+    );
+    s.check(
+        "u3",
+        S::Unavailable,
+        &["plugin:u1 (dependency cycle: u3 -> u1 -> u3)"],
+    );
+    let reason = s.registry.get_status("u1").unwrap().reason.unwrap();
+    assert!(!reason.contains("LOADED"), "{reason}");
+}
+
 /// A dependent quotes its dependency's reason shortened: in a diamond of
 /// dependencies (each layer needs both plugins of the layer below) whole
 /// reasons doubled at every layer, to megabytes at 18 layers.

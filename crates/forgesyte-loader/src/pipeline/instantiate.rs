@@ -292,24 +292,30 @@ impl Loader {
         err.into()
     }
 
-    /// A plugin in a `plugin:` dependency cycle (through `hop`, `cycle`
-    /// the loop in words): that, and every other missing item of its
-    /// manifest (the cycle alone hid them).
+    /// A plugin in a `plugin:` dependency cycle (through each `hop`, its
+    /// `cycle` the loop in words): that, and every other missing item of
+    /// its manifest (the cycle alone hid them).
     pub(super) fn in_a_cycle(
         &self,
         p: &Pending,
-        (hop, cycle): (&str, &str),
+        hops: &[(String, String)],
         known: &forgesyte_deps::KnownPlugins,
     ) -> DependencyError {
         let mut err = self.missing_of(p, &self.requirements(p), known);
         edit_missing(&mut err, |missing| {
-            let item = format!("plugin:{hop} (dependency cycle: {cycle})");
-            // `plugin:y`, `plugin:y@>=1`, or either explained (`plugin:y
-            // (y is LOADED: …)`).
-            let at = missing.iter().position(|m| plugin_item(m, hop).is_some());
-            match at {
-                Some(at) => missing[at] = item,
-                None => missing.insert(0, item),
+            for (at_front, (hop, cycle)) in hops.iter().enumerate() {
+                // `plugin:y`, `plugin:y@>=1`, or either explained
+                // (`plugin:y (y is LOADED: …)`): its requirement kept.
+                let at = missing.iter().position(|m| plugin_item(m, hop).is_some());
+                let requirement = at
+                    .and_then(|at| plugin_item(&missing[at], hop))
+                    .map(|rest| rest.split(" (").next().unwrap_or_default().to_owned())
+                    .unwrap_or_default();
+                let item = format!("plugin:{hop}{requirement} (dependency cycle: {cycle})");
+                match at {
+                    Some(at) => missing[at] = item,
+                    None => missing.insert(at_front, item),
+                }
             }
         });
         err

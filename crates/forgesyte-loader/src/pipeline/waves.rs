@@ -93,9 +93,9 @@ impl Loader {
         // hung held every plugin LOADED for its time limit).
         prefetch.run_beside(|| self.run_each_wave(pending, waves, outcomes));
         let known = self.known_plugins();
-        for (name, (hop, cycle)) in cyclic {
+        for (name, hops) in cyclic {
             if let Some(p) = pending.get(&name) {
-                let err = self.in_a_cycle(p, (&hop, &cycle), &known);
+                let err = self.in_a_cycle(p, &hops, &known);
                 self.record_failure(&name, &err.into());
                 self.finish_outcome(&name, &p.dir, p.started, outcomes);
             }
@@ -297,9 +297,9 @@ fn lenient_version(text: &str) -> Option<semver::Version> {
     }
 }
 
-/// A plugin on or behind a cycle: its name, and (its dependency that leads
-/// there, the cycle spelt out).
-type Cyclic = (String, (String, String));
+/// A plugin on or behind a cycle: its name, and for each of its
+/// dependencies that leads to one, (that dependency, the cycle spelt out).
+type Cyclic = (String, Vec<(String, String)>);
 
 /// Orders pending plugins into waves: every plugin's `plugin:`
 /// dependencies in the pass are in earlier waves. Plugins on or behind a
@@ -355,10 +355,20 @@ fn dependency_waves(
             waves.push(wave);
         }
     }
+    // Each of its unresolved dependencies leads to a cycle: each is named
+    // with its own (a plugin on two cycles named one, and the other
+    // dependency as not yet loaded).
     let cyclic = deps
-        .keys()
-        .filter(|n| pending.contains_key(**n) && !done.contains(*n))
-        .map(|n| ((*n).to_owned(), find_cycle(n, &deps, &done)))
+        .iter()
+        .filter(|(n, _)| pending.contains_key(**n) && !done.contains(*n))
+        .map(|(n, on)| {
+            let hops = on
+                .iter()
+                .filter(|x| !done.contains(*x))
+                .map(|x| find_cycle(n, Some(x), &deps, &done))
+                .collect();
+            ((*n).to_owned(), hops)
+        })
         .collect();
     (waves, cyclic)
 }
@@ -367,18 +377,26 @@ fn dependency_waves(
 /// The cycle `start` is on or behind, spelt out, with `start`'s
 /// dependency that leads there (the one its reason names: not merely its
 /// first `plugin:` one, which may be loaded).
-fn find_cycle(
-    start: &str,
-    deps: &BTreeMap<&str, BTreeSet<&str>>,
-    done: &BTreeSet<&str>,
+fn find_cycle<'a>(
+    start: &'a str,
+    first: Option<&'a str>,
+    deps: &BTreeMap<&'a str, BTreeSet<&'a str>>,
+    done: &BTreeSet<&'a str>,
 ) -> (String, String) {
     let mut path: Vec<&str> = vec![start];
     let mut current = start;
+    let mut first = first;
     let hop = |path: &[&str]| path.get(1).copied().unwrap_or(start).to_owned();
     loop {
-        let next = deps
-            .get(current)
-            .and_then(|d| d.iter().find(|x| !done.contains(*x)).copied());
+        // Back to `start` when it can: the cycle it is on, not another one
+        // it is merely behind.
+        let next = first.take().or_else(|| {
+            let on = deps.get(current)?;
+            if on.contains(start) {
+                return Some(start);
+            }
+            on.iter().find(|x| !done.contains(*x)).copied()
+        });
         let Some(next) = next else {
             return (hop(&path), path.join(" -> "));
         };
