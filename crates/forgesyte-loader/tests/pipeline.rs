@@ -1031,6 +1031,36 @@ fn a_cycle_does_not_hide_the_other_missing_dependencies() {
     );
 }
 
+/// A `plugin:` dependency that names no plugin says what may have been
+/// meant: the name in other letters, or the plugin a directory of that
+/// name holds.
+#[test]
+fn a_missing_plugin_dependency_says_what_may_have_been_meant() {
+    let s = Setup::new();
+    s.plugin("base", &manifest("base", json!({})), FakeBehavior::Good)
+        .plugin("zeta", &manifest("beta", json!({})), FakeBehavior::Good)
+        .plugin(
+            "user",
+            &manifest(
+                "user",
+                json!({"dependencies": ["plugin:BASE@^1", "plugin:zeta", "plugin:ghost"]}),
+            ),
+            FakeBehavior::Good,
+        );
+    s.load();
+    s.check(
+        "user",
+        S::Unavailable,
+        &[
+            "plugin:BASE@^1 (no plugin is named so: did you mean 'base'?)",
+            "plugin:zeta (no plugin is named so; the plugin directory zeta holds plugin 'beta')",
+            "plugin:ghost",
+        ],
+    );
+    let reason = s.registry.get_status("user").unwrap().reason.unwrap();
+    assert!(reason.ends_with("plugin:ghost"), "{reason}");
+}
+
 /// A plugin on two cycles names each with its own, its requirement kept:
 /// one was named, the other quoted as `LOADED: no reason recorded` (it
 /// was not judged yet).

@@ -591,6 +591,15 @@ impl Loader {
                 continue;
             };
             let Some(status) = self.registry.get_status(name) else {
+                // None of that name: one of the name in other letters, or
+                // a directory of that name holding another, said.
+                if let Some(hint) = self.missing_plugin_hint(name) {
+                    for item in missing.iter_mut() {
+                        if plugin_item(item, name).is_some_and(|rest| !rest.starts_with(' ')) {
+                            item.push_str(&format!(" ({hint})"));
+                        }
+                    }
+                }
                 continue;
             };
             if status.state.is_available() {
@@ -610,6 +619,25 @@ impl Loader {
                 }
             }
         }
+    }
+
+    /// What may have been meant by `plugin:name`, which names no plugin: a
+    /// plugin of that name in other letters (`plugin:Base` for `base`), or
+    /// the plugin a directory of that name holds (named otherwise by its
+    /// manifest).
+    fn missing_plugin_hint(&self, name: &str) -> Option<String> {
+        let other_case = self
+            .entries
+            .read()
+            .keys()
+            .find(|known| known.eq_ignore_ascii_case(name))
+            .cloned();
+        if let Some(known) = other_case {
+            return Some(format!("no plugin is named so: did you mean '{known}'?"));
+        }
+        self.plugin_of_directory(name).map(|held| {
+            format!("no plugin is named so; the plugin directory {name} holds plugin '{held}'")
+        })
     }
 
     /// The limits of `p`'s runners: the host's, as its manifest sets them
