@@ -132,7 +132,7 @@ impl FileIdentity {
 pub(crate) fn sealed_copy(path: &Path, bytes: &[u8]) -> Result<std::os::fd::OwnedFd, ImportError> {
     sealed_memfd(path, bytes).map_err(|e| ImportError::Open {
         path: path.to_path_buf(),
-        detail: format!("cannot copy the checked bytes into a sealed memory file: {e}"),
+        detail: format!("cannot copy its bytes into a sealed memory file: {e}"),
     })
 }
 

@@ -117,7 +117,7 @@ impl Loader {
                     }
                     .into());
                 }
-                Opening::Bytes(..) | Opening::Path => importer,
+                Opening::Bytes(..) | Opening::Copy(..) | Opening::Path => importer,
             };
             let check = Arc::new(self.rechecker(p, &target, &signed)?);
             let handle = self.instantiate_isolated(p, importer, (library_path, config), &check)?;
@@ -145,7 +145,7 @@ impl Loader {
         // then only maps them.
         let prepared = match opening {
             Opening::Path => self.importer.prepare(&library_path)?,
-            Opening::Bytes(..) => crate::host::Prepared::default(),
+            Opening::Bytes(..) | Opening::Copy(..) => crate::host::Prepared::default(),
         };
         Ok(Step::ToOpen(Checked {
             library_path,
@@ -176,6 +176,19 @@ impl Loader {
                     (library, Some((library_path, file)))
                 }
             },
+            // A copy's retry reuses the copy made for it while the file
+            // is unchanged, as a path's does (each mapped one more, for
+            // good).
+            Opening::Copy(bytes, reserved, file) => {
+                match self.failed_library(name, &library_path) {
+                    Some((library, kept)) => (library, Some((library_path, kept))),
+                    None => {
+                        let opening = Opening::Copy(bytes, reserved, file);
+                        let library = self.load_library(&library_path, opening)?;
+                        (library, Some((library_path, file)))
+                    }
+                }
+            }
             opening => (self.load_library(&library_path, opening)?, None),
         };
         // The seed's marker (its module imported), at its level.
@@ -562,7 +575,7 @@ impl Loader {
             Opening::Bytes(bytes, _) if !crate::native::names_origin(bytes) => {
                 importer.with_library_bytes(library_path, bytes)?
             }
-            Opening::Bytes(..) | Opening::Path => importer,
+            Opening::Bytes(..) | Opening::Copy(..) | Opening::Path => importer,
         };
         let instance = importer.open(library_path)?.instantiate(config)?;
         // Its runner has ended before the plugin is built again in this

@@ -29,6 +29,13 @@ pub(super) enum Opening {
     /// The bytes whose digest was checked: exactly they are loaded. They
     /// hold their share of the loader's [`ByteBudget`] until then.
     Bytes(Vec<u8>, Reserved),
+    /// No digest was checked, but the file's bytes are loaded from a
+    /// memory file of their own (`LoaderConfig::copy_libraries`, under
+    /// `--watch`), with the identity the file had when they were read (a
+    /// failed construction's retry reuses them while it is unchanged). A
+    /// plugin in a runner, or a preflight, opens the file as for
+    /// [`Opening::Path`].
+    Copy(Vec<u8>, Reserved, Option<super::loader::FileIdentity>),
 }
 
 /// The most bytes of checked libraries held between their check and their
@@ -149,7 +156,10 @@ impl Loader {
     /// file changed since the check is an
     /// [`IntegrityError::ChangedSinceCheck`]. An unchecked library is
     /// opened at its path (the importer loads it under a new file identity
-    /// when the dynamic loader has mapped another version of it).
+    /// when the dynamic loader has mapped another version of it), or,
+    /// with [`LoaderConfig::copy_libraries`](super::LoaderConfig::copy_libraries),
+    /// read to be loaded from a memory file ([`Opening::Copy`]) unless its
+    /// run path names `$ORIGIN`.
     pub(super) fn check_library(
         &self,
         p: &Pending,
@@ -179,17 +189,25 @@ impl Loader {
         // read.
         let size = self.fs.metadata(library).map_or(0, |m| m.len);
         let mut reserved = self.checked_bytes.reserve(size);
-        let bytes = integrity::read_hashed(self.fs.as_ref(), library).map_err(|e| {
-            if expected.is_empty() {
-                // Only copied (`copy_libraries`): no check it could fail.
+        if expected.is_empty() {
+            // Only copied (`copy_libraries`): no check it could fail. One
+            // that finds libraries beside its file (`$ORIGIN`) is opened
+            // at its path, as before: a memory file's `$ORIGIN` finds none.
+            let identity = super::loader::file_identity(library);
+            let bytes = integrity::read_hashed(self.fs.as_ref(), library).map_err(|e| {
                 PluginError::from(ImportError::Open {
                     path: library.to_path_buf(),
                     detail: format!("cannot read it to copy it into a memory file: {e}"),
                 })
-            } else {
-                changed(format!("cannot read it again: {e}")).into()
+            })?;
+            if crate::native::names_origin(&bytes) {
+                return Ok(Opening::Path);
             }
-        })?;
+            reserved.grow_to(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+            return Ok(Opening::Copy(bytes, reserved, identity));
+        }
+        let bytes = integrity::read_hashed(self.fs.as_ref(), library)
+            .map_err(|e| changed(format!("cannot read it again: {e}")))?;
         reserved.grow_to(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
         let now = integrity::sha256_hex(&bytes);
         if let Some(checked) = expected.iter().find(|e| !now.eq_ignore_ascii_case(e)) {
@@ -207,7 +225,9 @@ impl Loader {
     ) -> Result<Arc<dyn PluginLibrary>, PluginError> {
         Ok(match opening {
             Opening::Path => self.importer.open(library)?,
-            Opening::Bytes(bytes, _reserved) => self.importer.open_bytes(library, &bytes)?,
+            Opening::Bytes(bytes, _reserved) | Opening::Copy(bytes, _reserved, _) => {
+                self.importer.open_bytes(library, &bytes)?
+            }
         })
     }
 

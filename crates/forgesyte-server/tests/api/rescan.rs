@@ -1946,6 +1946,19 @@ fn retrying_a_failed_in_process_plugin_maps_its_library_once() {
     let dir = PluginsDir::new();
     dir.zoo(forgesyte_tests::zoo::ERR_INIT);
     let server = serve_with_admin(&dir);
+    retries_map_the_library_once(&server);
+    drop(server);
+    // Under `--watch` too, where it is loaded from a memory copy of its
+    // bytes: each retry mapped one more copy.
+    let server = Forgesyte::start_with_env(
+        &["--plugins", dir.path_str(), "--watch"],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    retries_map_the_library_once(&server);
+}
+
+fn retries_map_the_library_once(server: &Forgesyte) {
     let mapped = || {
         std::fs::read_to_string(format!("/proc/{}/maps", server.pid()))
             .unwrap()
