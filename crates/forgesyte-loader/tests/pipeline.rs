@@ -1031,6 +1031,46 @@ fn a_cycle_does_not_hide_the_other_missing_dependencies() {
     );
 }
 
+/// A plugin waiting for its dependencies' wave (a slow constructor in
+/// it) says so while LOADED: it read `null`, whatever had happened to its
+/// dependency already.
+#[test]
+fn a_plugin_waiting_for_its_dependencies_says_so() {
+    let s = Setup::new();
+    s.plugin(
+        "base",
+        &manifest("base", json!({})),
+        FakeBehavior::InitSlow(Duration::from_millis(600)),
+    )
+    .plugin(
+        "app",
+        &manifest("app", json!({"dependencies": ["plugin:base"]})),
+        FakeBehavior::Good,
+    );
+    let seen = std::thread::scope(|scope| {
+        let loading = scope.spawn(|| s.load());
+        let mut seen = None;
+        while !loading.is_finished() {
+            if let Some(status) = s.registry.get_status("app")
+                && status.state == S::Loaded
+                && status.reason.is_some()
+            {
+                seen = status.reason;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = loading.join();
+        seen
+    });
+    assert_eq!(
+        seen.as_deref(),
+        Some("waiting for its dependencies to be loaded first: plugin:base")
+    );
+    s.check("app", S::Initialized, &[]);
+    assert_eq!(s.registry.get_status("app").unwrap().reason, None);
+}
+
 /// A `plugin:` dependency that names no plugin says what may have been
 /// meant: the name in other letters, or the plugin a directory of that
 /// name holds.

@@ -10,7 +10,7 @@ use forgesyte_errors::{InitError, PluginError};
 
 use super::construction::Running;
 use super::instantiate::Step;
-use super::loader::{Loader, Pending};
+use super::loader::{Loader, Pending, plugin_dep_name};
 use super::parallel::{Stage, par_map_pipeline};
 use super::report::PluginLoadOutcome;
 use crate::PluginHandle;
@@ -43,6 +43,30 @@ impl Loader {
             })
             .collect();
         let (waves, cyclic) = dependency_waves(pending, &outside);
+        // A plugin of a later wave waits for its dependencies' wave (and
+        // every plugin of it, a slow constructor's too): its LOADED says
+        // so, not `null` (a dependency FAILED already read as nothing yet).
+        let later = waves
+            .iter()
+            .skip(1)
+            .flatten()
+            .chain(cyclic.iter().map(|(n, _)| n));
+        for name in later {
+            if let Some(p) = pending.get(name) {
+                let on: Vec<String> = p
+                    .manifest
+                    .requirements
+                    .dependencies
+                    .iter()
+                    .filter_map(|d| plugin_dep_name(d).map(|n| format!("plugin:{n}")))
+                    .collect();
+                let reason = format!(
+                    "waiting for its dependencies to be loaded first: {}",
+                    on.join(", ")
+                );
+                let _ = self.registry.mark_loaded_because(name, None, Some(&reason));
+            }
+        }
         // Every Python package of the pass, asked of each interpreter once.
         // Under `require_signed` the operator's interpreters only: one a
         // manifest names is the plugin's own file, which then runs only
