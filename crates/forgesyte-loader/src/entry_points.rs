@@ -330,6 +330,34 @@ impl EntryPoint {
         self.name == other.name && self.value == other.value && self.dist == other.dist
     }
 
+    /// Which of `found` (what the interpreter declares now) this entry
+    /// point, a registered plugin's, is: the same declaration, else the
+    /// one of its name and distribution whose value changed (an upgrade
+    /// that moved the plugin's class) and that no other plugin is
+    /// registered from (`taken`); `None` when there is none, or two such
+    /// (which one it became is not known).
+    pub fn now_among<'a>(
+        &self,
+        found: &'a [EntryPoint],
+        taken: impl Fn(&EntryPoint) -> bool,
+    ) -> Option<&'a EntryPoint> {
+        found
+            .iter()
+            .find(|ep| ep.same_declaration(self))
+            .or_else(|| {
+                let mut moved = found.iter().filter(|ep| {
+                    !ep.whole_distribution
+                        && ep.name == self.name
+                        && ep.dist == self.dist
+                        && !taken(ep)
+                });
+                match (moved.next(), moved.next()) {
+                    (Some(one), None) => Some(one),
+                    _ => None,
+                }
+            })
+    }
+
     /// `entry point 'my-plugin' (pkg.mod:Plugin) of mypkg 1.0 in /site/pkg`:
     /// where a plugin came from, for reasons and logs.
     /// A distribution's own failure ([`whole_distribution`](Self::whole_distribution))

@@ -191,7 +191,7 @@ fn the_seeds_green_checklist_with_real_plugin_py_fixtures() {
             &registry,
             name,
             S::Failed,
-            Some("is a link that cannot be followed (a loop, or its target is missing): "),
+            Some("is a link that cannot be followed: "),
         );
     }
     check(&registry, "gpu_plugin", S::Unavailable, Some("GPU"));

@@ -601,15 +601,13 @@ pub(crate) fn parse_seconds_arg(text: &str) -> Result<Seconds, String> {
 
 /// Seconds, or `0` for "never" (`Duration::ZERO`).
 pub(crate) fn parse_seconds_or_never(text: &str) -> Result<Seconds, String> {
-    if text.trim().parse::<f64>() == Ok(0.0) {
-        return Ok(Seconds(Duration::ZERO));
+    match text.trim().parse::<f64>() {
+        Ok(0.0) => Ok(Seconds(Duration::ZERO)),
+        Ok(secs) if secs.is_nan() || secs < 0.0 => Err(format!(
+            "'{text}' must be a positive number of seconds, or 0 for never"
+        )),
+        _ => parse_seconds_arg(text),
     }
-    parse_seconds_arg(text).map_err(|e| {
-        e.replace(
-            "must be a positive number of seconds",
-            "must be a positive number of seconds, or 0 for never",
-        )
-    })
 }
 
 /// A listen address: `HOST:PORT` (`127.0.0.1:8000`, `[::]:8000`,

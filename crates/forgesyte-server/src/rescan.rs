@@ -84,13 +84,12 @@ async fn rescan_to_the_end(
         .collect();
     forget_gone_tools(state, &reloaded);
     let mut report = ReloadReport::from(report);
-    // Installed plugins that could not be listed: none of them was looked
-    // at either (all read as unchanged, with no word of it).
+    // Installed plugins that could not be listed (this rescan's discovery,
+    // under the admin claim it holds): none was added or removed, with no
+    // word of it. (One whose files changed is still reloaded.)
     if let Some(why) = state.loader().entry_points_error() {
-        let said = format!(
-            "the installed plugins could not be listed ({why}): none of them was added, \
-             changed or removed"
-        );
+        let said =
+            format!("the installed plugins could not be listed ({why}): none was added or removed");
         report.warning = Some(match report.warning.take() {
             Some(first) => format!("{first}; {said}"),
             None => said,

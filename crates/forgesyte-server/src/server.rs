@@ -401,7 +401,11 @@ fn start_loading(state: &AppState, plugins_dir: PathBuf) {
             if unlisted {
                 tracing::error!(dir = %dir.display(), "The plugins directory {} cannot be listed and no plugin was loaded: not ready until a rescan lists it", dir.display());
             } else if report.plugins.is_empty() && missing_as_allowed {
-                tracing::warn!(dir = %dir.display(), "No plugins: no installed package declares a forgesyte.plugins entry point, and there is no plugins directory {}; a rescan loads what is installed since", dir.display());
+                // (An interpreter that could not list them said so already,
+                // and the readiness check says it.)
+                if loader.entry_points_error().is_none() {
+                    tracing::warn!(dir = %dir.display(), "No plugins: no installed package declares a {} entry point, and there is no plugins directory {}; a rescan loads what is installed since", forgesyte_loader::entry_points::GROUP, dir.display());
+                }
             } else if report.plugins.is_empty() {
                 tracing::warn!(dir = %dir.display(), "No plugins in {}: none of its subdirectories holds a manifest.json", dir.display());
             }

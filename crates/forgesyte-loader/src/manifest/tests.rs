@@ -266,6 +266,8 @@ fn a_field_refused_and_given_twice_says_the_last_one_counts() {
     for text in [
         r#"{"name": "a", "description": "x", "description": "y", "isolation": "bogus"}"#,
         r#"{"name": "a", "limits_note": 1, "limits_note": 2, "limits": {"memory_mb": "x"}}"#,
+        // A name the refused field's extends (`limit` of `limits`).
+        r#"{"name": "a", "limit": 1, "limit": 2, "limits": {"memory_mb": "x"}}"#,
     ] {
         let why = refused(text);
         assert!(

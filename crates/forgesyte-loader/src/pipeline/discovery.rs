@@ -347,34 +347,29 @@ impl Loader {
         }
         let found = self.discover_entry_points();
         let discovered = self.entry_points_error.read().is_none();
-        let mut new = Vec::new();
         let mut matched: Vec<(String, EntryPoint)> = Vec::new();
         let mut gone: Vec<String> = Vec::new();
+        let mut new: Vec<EntryPoint>;
         {
             let known = self.entry_points.read();
-            for ep in found {
-                match known.iter().find(|(_, k)| k.same_declaration(&ep)) {
-                    Some((name, _)) => matched.push((name.clone(), ep)),
-                    None => new.push(ep),
+            // Each registered one as it is now, as a reload by name finds
+            // it: an upgrade that moved the plugin's class is the same
+            // plugin, changed (not one retired and another added, whose
+            // calls got 404 meanwhile and whose counts started again).
+            for (name, k) in known.iter() {
+                let taken = |ep: &EntryPoint| {
+                    known
+                        .iter()
+                        .any(|(other, o)| other != name && o.same_declaration(ep))
+                };
+                if let Some(ep) = k.now_among(&found, taken) {
+                    matched.push((name.clone(), ep.clone()));
                 }
             }
-            // An upgrade that moved the plugin's class (the entry point's
-            // value changed, its name and distribution kept) is the same
-            // plugin, changed: not one retired and another added, whose
-            // calls got 404 meanwhile and whose counts started again.
-            let mut added = Vec::new();
-            for ep in new {
-                let moved = known.iter().find(|(name, k)| {
-                    k.name == ep.name
-                        && k.dist == ep.dist
-                        && !matched.iter().any(|(m, _)| m == *name)
-                });
-                match moved {
-                    Some((name, _)) => matched.push((name.clone(), ep)),
-                    None => added.push(ep),
-                }
-            }
-            new = added;
+            new = found
+                .into_iter()
+                .filter(|ep| !matched.iter().any(|(_, m)| m.same_declaration(ep)))
+                .collect();
             if discovered {
                 gone = known
                     .keys()

@@ -407,8 +407,7 @@ impl Loader {
                         return Err(ImportError::Python {
                             error_type: "ImportError".into(),
                             message: format!(
-                                "{name} in {} is a link that cannot be followed (a loop, or its \
-                                 target is missing){why}",
+                                "{name} in {} is a link that cannot be followed{why}",
                                 p.dir.display()
                             ),
                             traceback: Vec::new(),
@@ -878,8 +877,21 @@ const QUOTED_REASON_CHARS: usize = 200;
 /// the dependent's operator must act on (a reload), behind a crash's
 /// stderr lines.
 fn quoted(reason: &str) -> String {
+    const VERDICT: &str = "; not restarted: ";
     let start = shorten(reason, QUOTED_REASON_CHARS);
-    match reason.rfind("; not restarted: ") {
+    // Its own, at its top level: not one it quotes of its own dependency,
+    // inside parentheses (which would bring their end along).
+    let mut depth = 0usize;
+    let mut own = None;
+    for (at, c) in reason.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ';' if depth == 0 && reason[at..].starts_with(VERDICT) => own = Some(at),
+            _ => {}
+        }
+    }
+    match own {
         Some(at) if !start.contains(&reason[at..]) => {
             let verdict = shorten(&reason[at..], QUOTED_REASON_CHARS);
             format!("{start} {verdict}")
@@ -923,5 +935,12 @@ mod tests {
         assert_eq!(quoted(&short), short);
         let plain = "y".repeat(500);
         assert_eq!(quoted(&plain), shorten(&plain, QUOTED_REASON_CHARS));
+        // One quoted from a dependency's dependency is not its own.
+        let nested = format!(
+            "Missing dependencies: plugin:app (app is UNAVAILABLE: plugin:base (base is \
+             FAILED: {}{verdict})), plugin:x",
+            "z".repeat(300)
+        );
+        assert_eq!(quoted(&nested), shorten(&nested, QUOTED_REASON_CHARS));
     }
 }

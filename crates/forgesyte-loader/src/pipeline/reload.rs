@@ -205,23 +205,8 @@ impl Loader {
                 .collect();
             (known, others)
         };
-        let now = found
-            .iter()
-            .find(|ep| ep.same_declaration(&known))
-            .or_else(|| {
-                // Not one another plugin is registered from.
-                let mut renamed = found.iter().filter(|ep| {
-                    !ep.whole_distribution
-                        && ep.name == known.name
-                        && ep.dist == known.dist
-                        && !others.iter().any(|o| o.same_declaration(ep))
-                });
-                // Two of them: which one it became is not known.
-                match (renamed.next(), renamed.next()) {
-                    (Some(one), None) => Some(one),
-                    _ => None,
-                }
-            })
+        let now = known
+            .now_among(&found, |ep| others.iter().any(|o| o.same_declaration(ep)))
             .cloned();
         let why = match &now {
             None => Some(format!(
@@ -556,22 +541,22 @@ impl Loader {
 
     /// The plugins UNAVAILABLE over `name`, directly or through other such
     /// plugins (each names its dependency's state in its reason), but
-    /// those in `done`; dependencies first.
+    /// those in `done` (whose own dependents are followed all the same).
     fn unavailable_dependents_of(&self, name: &str, done: &BTreeSet<String>) -> Vec<String> {
         let entries = self.entries.read();
+        let mut seen: BTreeSet<&str> = BTreeSet::from([name]);
         let mut found: Vec<String> = Vec::new();
-        let mut frontier = vec![name.to_owned()];
+        let mut frontier = vec![name];
         while let Some(dependency) = frontier.pop() {
             for (dependent, entry) in entries.iter() {
-                let depends = entry.plugin_dep_names().any(|d| d == dependency);
-                if depends
-                    && dependent != name
-                    && !done.contains(dependent)
-                    && !found.contains(dependent)
+                if entry.plugin_dep_names().any(|d| d == dependency)
                     && self.registry.get_state(dependent) == Some(PluginLifecycleState::Unavailable)
+                    && seen.insert(dependent.as_str())
                 {
-                    found.push(dependent.clone());
-                    frontier.push(dependent.clone());
+                    frontier.push(dependent.as_str());
+                    if !done.contains(dependent) {
+                        found.push(dependent.clone());
+                    }
                 }
             }
         }

@@ -162,7 +162,7 @@ impl Loader {
         let mut unlisted = false;
         let unread = plugins_dir.is_some() && !listed;
         if let (false, Some(dir)) = (listed, &plugins_dir) {
-            if self.config.plugins_dir_optional && !self.fs.exists(dir) {
+            if self.plugins_dir_missing_as_allowed(dir) {
                 tracing::info!(dir = %dir.display(), "Rescan: no plugins directory {}: only the installed (entry-point) plugins are rescanned", dir.display());
             } else {
                 tracing::warn!(dir = %dir.display(), "Rescan: the plugins directory {} cannot be read; no plugin is retired", dir.display());
@@ -586,30 +586,27 @@ impl Loader {
     /// plugins (19 s for 2,000), and any unrelated package installed there
     /// "changed" them all.
     ///
-    /// An installed plugin's distribution version is part of its stamp: an
-    /// editable install reinstalled at a new version changes no file of
-    /// its package (its manifest made of the entry point says the new
-    /// version), and a rescan found it unchanged.
+    /// An installed plugin's entry point (its value, its distribution's
+    /// version) is part of its stamp: an editable install reinstalled at a
+    /// new version, or with its class moved to a module already there,
+    /// changes no file of its package, and a rescan found it unchanged.
     pub(super) fn stamp_of(&self, name: &str, dir: &std::path::Path) -> Option<u64> {
-        let (files, version) = match self.entry_points.read().get(name) {
+        let (files, declared) = match self.entry_points.read().get(name) {
             Some(ep) if !ep.owns_dir => (
                 super::stamp::stamp_file(ep.origin.as_deref()),
-                ep.version.clone(),
+                (ep.value.clone(), ep.version.clone()),
             ),
             Some(ep) => (
                 stamp(dir, self.config.max_manifest_bytes),
-                ep.version.clone(),
+                (ep.value.clone(), ep.version.clone()),
             ),
             None => return stamp(dir, self.config.max_manifest_bytes),
         };
-        files.map(|files| match version {
-            Some(version) => {
-                use std::hash::{Hash as _, Hasher as _};
-                let mut hasher = std::hash::DefaultHasher::new();
-                (files, version).hash(&mut hasher);
-                hasher.finish()
-            }
-            None => files,
+        files.map(|files| {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut hasher = std::hash::DefaultHasher::new();
+            (files, declared).hash(&mut hasher);
+            hasher.finish()
         })
     }
 

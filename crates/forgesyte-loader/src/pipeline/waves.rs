@@ -389,7 +389,7 @@ fn dependency_waves(
             let hops = on
                 .iter()
                 .filter(|x| !done.contains(*x))
-                .map(|x| find_cycle(n, Some(x), &deps, &done))
+                .map(|x| find_cycle(n, x, &deps, &done))
                 .collect();
             ((*n).to_owned(), hops)
         })
@@ -397,19 +397,19 @@ fn dependency_waves(
     (waves, cyclic)
 }
 
-/// Follows unresolved dependencies from `start` until a node repeats.
-/// The cycle `start` is on or behind, spelt out, with `start`'s
-/// dependency that leads there (the one its reason names: not merely its
-/// first `plugin:` one, which may be loaded).
+/// Follows unresolved dependencies from `start`, through its dependency
+/// `first`, until a node repeats (back to `start` where a node can go
+/// there). The cycle that way, spelt out (`a -> b -> a`, or `a -> [b ->
+/// c -> b]` for one `start` is only behind), with `first`.
 fn find_cycle<'a>(
     start: &'a str,
-    first: Option<&'a str>,
+    first: &'a str,
     deps: &BTreeMap<&'a str, BTreeSet<&'a str>>,
     done: &BTreeSet<&'a str>,
 ) -> (String, String) {
     let mut path: Vec<&str> = vec![start];
     let mut current = start;
-    let mut first = first;
+    let mut first = Some(first);
     let hop = |path: &[&str]| path.get(1).copied().unwrap_or(start).to_owned();
     loop {
         // Back to `start` when it can: the cycle it is on, not another one

@@ -468,10 +468,13 @@ impl ProcessImporter {
         }
         let run_as = self.run_as;
         let confine_env = |command: &mut Command| {
-            if let Some(plan) = &plan {
-                command.env_clear().envs(&plan.env);
+            match &plan {
+                // The plan's environment holds the thread counts already.
+                Some(plan) => {
+                    command.env_clear().envs(&plan.env);
+                }
+                None => spawn::cap_threads(command, limited, true),
             }
-            spawn::cap_threads(command, limited, plan.is_none());
             if let Some(user) = run_as {
                 user.set_on(command);
             }

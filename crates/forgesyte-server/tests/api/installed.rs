@@ -618,3 +618,51 @@ fn a_rescan_sees_a_package_reinstalled_at_a_new_version() {
     // And then nothing more.
     assert_eq!(rescan()["changed"], serde_json::json!([]));
 }
+
+/// An entry point moved to a module that was there already, at the same
+/// version (an editable reinstall: no file of the package changes): the
+/// rescan loads the new class. It kept the old one, `unchanged`.
+#[test]
+fn a_rescan_sees_an_entry_point_moved_to_a_module_already_there() {
+    let scratch = tempfile::tempdir().unwrap();
+    let site = scratch.path().join("site");
+    install_fact(&site, "plugin2", 2, true);
+    install_fact(&site, "plugin", 1, true);
+    let python = scratch.path().join("python");
+    site_python(&python, &site);
+    let empty = scratch.path().join("plugins");
+    std::fs::create_dir_all(&empty).unwrap();
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            &empty.display().to_string(),
+            "--python",
+            &python.display().to_string(),
+            "--python-entry-points",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    let served = || {
+        let run = server.run("fact", "t", r#"{"args": {}}"#);
+        assert_eq!(run.status, 200, "{}\n{}", run.text(), server.log());
+        run.json()["result"]["v"].clone()
+    };
+    assert_eq!(served(), 1);
+    write_dist_info(
+        &site,
+        "factpkg",
+        "factpkg",
+        "1.0",
+        "fact = factpkg.plugin2:Plugin\n",
+    );
+    let reply = crate::support::admin_post(server.addr, "/v1/plugins/reload", TOKEN);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["changed"],
+        serde_json::json!(["fact"]),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(served(), 2);
+}
