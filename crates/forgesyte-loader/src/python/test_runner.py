@@ -953,6 +953,17 @@ class AsyncPluginTests(RunnerTestCase):
 
 
 class EventLoopUnitTests(unittest.TestCase):
+    def test_a_coroutine_returned_by_a_coroutine_is_run_too(self):
+        # An ``async def`` tool that returns one it did not await: run, as
+        # a sync tool's returned coroutine is (it was a 422 TypeError).
+        async def seven():
+            return 7
+
+        async def forgot():
+            return seven()
+
+        self.assertEqual(serve.await_result(forgot()), 7)
+
     def test_a_forked_child_runs_coroutines_on_a_loop_of_its_own(self):
         async def seven():
             return 7

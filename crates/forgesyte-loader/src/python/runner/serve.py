@@ -185,18 +185,21 @@ async def _in_call(coroutine, call):
 def await_result(result):
     """``result``, or what it returns when it is a coroutine, run to its
     end on the runner's event loop (``_event_loop``) while this thread
-    waits; its exception is raised here."""
-    if isinstance(result, types.CoroutineType):
+    waits; its exception is raised here. A coroutine that returns another
+    (an ``async def`` tool returning one it did not await) has that one
+    run too, as a sync tool's returned coroutine is."""
+    while isinstance(result, types.CoroutineType):
         import asyncio
 
         loop = _event_loop()
         if loop is None:
-            return asyncio.run(result)
+            result = asyncio.run(result)
+            continue
         future = asyncio.run_coroutine_threadsafe(_in_call(result, api.CALL.get()), loop)
         escaped, value = future.result()
         if escaped:
             raise value
-        return value
+        result = value
     return result
 
 
