@@ -602,32 +602,27 @@ impl Loader {
             let Dependency::Plugin { name, .. } = dep else {
                 continue;
             };
-            let Some(status) = self.registry.get_status(name) else {
+            let explained = match self.registry.get_status(name) {
                 // None of that name: one of the name in other letters, or
                 // a directory of that name holding another, said.
-                if let Some(hint) = self.missing_plugin_hint(name) {
-                    for item in missing.iter_mut() {
-                        if plugin_item(item, name).is_some_and(|rest| !rest.starts_with(' ')) {
-                            item.push_str(&format!(" ({hint})"));
-                        }
-                    }
-                }
+                None => self.missing_plugin_hint(name),
+                Some(status) if status.state.is_available() => None,
+                // Quoted shortened: in a diamond of dependencies each layer
+                // quotes two of the layer below, and whole reasons would
+                // double in size at every layer.
+                Some(status) => Some(format!(
+                    "{name} is {}: {}",
+                    status.state.as_str(),
+                    quoted(status.reason.as_deref().unwrap_or("no reason recorded"))
+                )),
+            };
+            let Some(explained) = explained else {
                 continue;
             };
-            if status.state.is_available() {
-                continue;
-            }
             for item in missing.iter_mut() {
                 // Not yet explained: `plugin:y` or `plugin:y@>=1`.
                 if plugin_item(item, name).is_some_and(|rest| !rest.starts_with(' ')) {
-                    // Quoted shortened: in a diamond of dependencies each
-                    // layer quotes two of the layer below, and whole
-                    // reasons would double in size at every layer.
-                    item.push_str(&format!(
-                        " ({name} is {}: {})",
-                        status.state.as_str(),
-                        quoted(status.reason.as_deref().unwrap_or("no reason recorded"))
-                    ));
+                    item.push_str(&format!(" ({explained})"));
                 }
             }
         }

@@ -591,16 +591,18 @@ impl Loader {
     /// new version, or with its class moved to a module already there,
     /// changes no file of its package, and a rescan found it unchanged.
     pub(super) fn stamp_of(&self, name: &str, dir: &std::path::Path) -> Option<u64> {
-        let (files, declared) = match self.entry_points.read().get(name) {
-            Some(ep) if !ep.owns_dir => (
-                super::stamp::stamp_file(ep.origin.as_deref()),
-                (ep.value.clone(), ep.version.clone()),
-            ),
-            Some(ep) => (
-                stamp(dir, self.config.max_manifest_bytes),
-                (ep.value.clone(), ep.version.clone()),
-            ),
-            None => return stamp(dir, self.config.max_manifest_bytes),
+        // What of its entry point counts, read under the lock; the files
+        // stamped after it is let go.
+        let installed = self.entry_points.read().get(name).map(|ep| {
+            let own_file = (!ep.owns_dir).then(|| ep.origin.clone());
+            (own_file, (ep.value.clone(), ep.version.clone()))
+        });
+        let Some((own_file, declared)) = installed else {
+            return stamp(dir, self.config.max_manifest_bytes);
+        };
+        let files = match own_file {
+            Some(origin) => super::stamp::stamp_file(origin.as_deref()),
+            None => stamp(dir, self.config.max_manifest_bytes),
         };
         files.map(|files| {
             use std::hash::{Hash as _, Hasher as _};

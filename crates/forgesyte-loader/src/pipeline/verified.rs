@@ -189,26 +189,34 @@ impl Loader {
         // read.
         let size = self.fs.metadata(library).map_or(0, |m| m.len);
         let mut reserved = self.checked_bytes.reserve(size);
-        if expected.is_empty() {
-            // Only copied (`copy_libraries`): no check it could fail. One
-            // that finds libraries beside its file (`$ORIGIN`) is opened
-            // at its path, as before: a memory file's `$ORIGIN` finds none.
-            let identity = super::loader::file_identity(library);
-            let bytes = integrity::read_hashed(self.fs.as_ref(), library).map_err(|e| {
+        // Only copied (`copy_libraries`) when no digest was checked: no
+        // check it could fail, and the file's identity kept from before it
+        // is read.
+        let copy_only = expected.is_empty();
+        let identity = if copy_only {
+            super::loader::file_identity(library)
+        } else {
+            None
+        };
+        let bytes = integrity::read_hashed(self.fs.as_ref(), library).map_err(|e| {
+            if copy_only {
                 PluginError::from(ImportError::Open {
                     path: library.to_path_buf(),
                     detail: format!("cannot read it to copy it into a memory file: {e}"),
                 })
-            })?;
-            if crate::native::names_origin(&bytes) {
-                return Ok(Opening::Path);
+            } else {
+                changed(format!("cannot read it again: {e}")).into()
             }
-            reserved.grow_to(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+        })?;
+        // One that finds libraries beside its file (`$ORIGIN`) is opened at
+        // its path, as before: a memory file's `$ORIGIN` finds none.
+        if copy_only && crate::native::names_origin(&bytes) {
+            return Ok(Opening::Path);
+        }
+        reserved.grow_to(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+        if copy_only {
             return Ok(Opening::Copy(bytes, reserved, identity));
         }
-        let bytes = integrity::read_hashed(self.fs.as_ref(), library)
-            .map_err(|e| changed(format!("cannot read it again: {e}")))?;
-        reserved.grow_to(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
         let now = integrity::sha256_hex(&bytes);
         if let Some(checked) = expected.iter().find(|e| !now.eq_ignore_ascii_case(e)) {
             return Err(changed(format!("sha256 now {now}, checked {checked}")).into());
