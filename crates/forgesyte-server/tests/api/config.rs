@@ -29,6 +29,20 @@ impl ConfigFile {
     }
 }
 
+/// `forgesyte config --print ARGS`'s output, under the shell's `limit`
+/// (`ulimit -n 256`).
+fn print_under(limit: &str, args: &str) -> String {
+    let output = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("{limit} && exec \"$0\" config --print {args}"),
+            env!("CARGO_BIN_EXE_forgesyte"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// The line of `key` in a `config --print` output.
 fn line<'a>(printed: &'a str, key: &str) -> &'a str {
     printed
@@ -149,15 +163,7 @@ fn each_layer_beats_the_next_flag_env_file_default() {
     assert_eq!(table["max-connections"].as_integer(), Some(400));
 
     // A cap `serve` would lower (half the open-file limit) says so.
-    let output = std::process::Command::new("sh")
-        .args([
-            "-c",
-            "ulimit -n 256 && exec \"$0\" config --print --max-connections 1000",
-            env!("CARGO_BIN_EXE_forgesyte"),
-        ])
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout);
+    let printed = print_under("ulimit -n 256", "--max-connections 1000");
     assert_eq!(
         line(&printed, "max-connections"),
         "max-connections = 1000  # flag; serve applies 128 here (half the hard open-file \
@@ -165,16 +171,10 @@ fn each_layer_beats_the_next_flag_env_file_default() {
         "{printed}"
     );
     // So does one past TOML's integers, printed as a string.
-    let output = std::process::Command::new("sh")
-        .args([
-            "-c",
-            "ulimit -n 256 && exec \"$0\" config --print --max-connections \
-             18446744073709551615 --body-limit 18446744073709551615",
-            env!("CARGO_BIN_EXE_forgesyte"),
-        ])
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout);
+    let printed = print_under(
+        "ulimit -n 256",
+        "--max-connections 18446744073709551615 --body-limit 18446744073709551615",
+    );
     assert_eq!(
         line(&printed, "max-connections"),
         "max-connections = \"18446744073709551615\"  # flag; serve applies 128 here (half the \
@@ -190,15 +190,7 @@ fn each_layer_beats_the_next_flag_env_file_default() {
     );
     // A soft limit alone is no cap: `serve` raises it to the hard one
     // first (it said 128 here, where `serve` applied the cap whole).
-    let output = std::process::Command::new("sh")
-        .args([
-            "-c",
-            "ulimit -Sn 256 && exec \"$0\" config --print --max-connections 1000",
-            env!("CARGO_BIN_EXE_forgesyte"),
-        ])
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout);
+    let printed = print_under("ulimit -Sn 256", "--max-connections 1000");
     let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
     let expected = match hard.map(|h| h / 2).filter(|&half| half < 1000) {
         Some(half) => format!(

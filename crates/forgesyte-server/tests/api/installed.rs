@@ -5,7 +5,7 @@
 //! site directory with `.dist-info` metadata that a wrapper interpreter
 //! (`PYTHONPATH=SITE exec python3 "$@"`) puts on its path: no network.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -381,6 +381,30 @@ fn installed_plugins_alone_need_no_default_plugins_directory() {
 /// The admin token of the tests that reload installed plugins.
 const TOKEN: &str = "installed-test-token-0123456789";
 
+/// A server of installed plugins alone (an empty plugins directory, the
+/// admin token), its interpreter's site `scratch/site` written by
+/// `install` first: the site, and the server, loaded.
+fn serve_site(scratch: &Path, install: impl FnOnce(&Path)) -> (PathBuf, Forgesyte) {
+    let site = scratch.join("site");
+    install(&site);
+    let python = scratch.join("python");
+    site_python(&python, &site);
+    let empty = scratch.join("plugins");
+    std::fs::create_dir_all(&empty).unwrap();
+    let server = Forgesyte::start_with_env(
+        &[
+            "--plugins",
+            &empty.display().to_string(),
+            "--python",
+            &python.display().to_string(),
+            "--python-entry-points",
+        ],
+        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
+    );
+    server.wait_loaded();
+    (site, server)
+}
+
 /// Installed plugins alone, none installed yet, and no default plugins
 /// directory: ready (nothing failed), and a package installed later is
 /// served after a rescan, still ready. The start read as a failed pass
@@ -465,23 +489,9 @@ class Plugin:
 #[test]
 fn a_reload_by_name_of_an_installed_plugin_loads_what_is_installed_now() {
     let scratch = tempfile::tempdir().unwrap();
-    let site = scratch.path().join("site");
-    install_fact(&site, "plugin", 1, true);
-    let python = scratch.path().join("python");
-    site_python(&python, &site);
-    let empty = scratch.path().join("plugins");
-    std::fs::create_dir_all(&empty).unwrap();
-    let server = Forgesyte::start_with_env(
-        &[
-            "--plugins",
-            &empty.display().to_string(),
-            "--python",
-            &python.display().to_string(),
-            "--python-entry-points",
-        ],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let (site, server) = serve_site(scratch.path(), |site| {
+        install_fact(site, "plugin", 1, true);
+    });
     let served = |v: u32| {
         let run = server.run("fact", "t", r#"{"args": {}}"#);
         assert_eq!(run.status, 200, "{}\n{}", run.text(), server.log());
@@ -538,23 +548,9 @@ fn a_reload_by_name_of_an_installed_plugin_loads_what_is_installed_now() {
 #[test]
 fn a_rescan_after_an_upgrade_that_moved_the_class_changes_the_plugin() {
     let scratch = tempfile::tempdir().unwrap();
-    let site = scratch.path().join("site");
-    install_fact(&site, "plugin", 1, true);
-    let python = scratch.path().join("python");
-    site_python(&python, &site);
-    let empty = scratch.path().join("plugins");
-    std::fs::create_dir_all(&empty).unwrap();
-    let server = Forgesyte::start_with_env(
-        &[
-            "--plugins",
-            &empty.display().to_string(),
-            "--python",
-            &python.display().to_string(),
-            "--python-entry-points",
-        ],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let (site, server) = serve_site(scratch.path(), |site| {
+        install_fact(site, "plugin", 1, true);
+    });
     let run = server.run("fact", "t", r#"{"args": {}}"#);
     assert_eq!(run.status, 200, "{}\n{}", run.text(), server.log());
     std::fs::remove_file(site.join("factpkg/plugin.py")).unwrap();
@@ -579,23 +575,9 @@ fn a_rescan_after_an_upgrade_that_moved_the_class_changes_the_plugin() {
 #[test]
 fn a_rescan_sees_a_package_reinstalled_at_a_new_version() {
     let scratch = tempfile::tempdir().unwrap();
-    let site = scratch.path().join("site");
-    install_fact(&site, "plugin", 1, false);
-    let python = scratch.path().join("python");
-    site_python(&python, &site);
-    let empty = scratch.path().join("plugins");
-    std::fs::create_dir_all(&empty).unwrap();
-    let server = Forgesyte::start_with_env(
-        &[
-            "--plugins",
-            &empty.display().to_string(),
-            "--python",
-            &python.display().to_string(),
-            "--python-entry-points",
-        ],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let (site, server) = serve_site(scratch.path(), |site| {
+        install_fact(site, "plugin", 1, false);
+    });
     let version = || server.get("/v1/plugins/fact/health").json()["version"].clone();
     assert_eq!(version(), "1.0", "{}", server.log());
     let rescan = || {
@@ -625,24 +607,10 @@ fn a_rescan_sees_a_package_reinstalled_at_a_new_version() {
 #[test]
 fn a_rescan_sees_an_entry_point_moved_to_a_module_already_there() {
     let scratch = tempfile::tempdir().unwrap();
-    let site = scratch.path().join("site");
-    install_fact(&site, "plugin2", 2, true);
-    install_fact(&site, "plugin", 1, true);
-    let python = scratch.path().join("python");
-    site_python(&python, &site);
-    let empty = scratch.path().join("plugins");
-    std::fs::create_dir_all(&empty).unwrap();
-    let server = Forgesyte::start_with_env(
-        &[
-            "--plugins",
-            &empty.display().to_string(),
-            "--python",
-            &python.display().to_string(),
-            "--python-entry-points",
-        ],
-        &[("FORGESYTE_ADMIN_TOKEN", TOKEN)],
-    );
-    server.wait_loaded();
+    let (site, server) = serve_site(scratch.path(), |site| {
+        install_fact(site, "plugin2", 2, true);
+        install_fact(site, "plugin", 1, true);
+    });
     let served = || {
         let run = server.run("fact", "t", r#"{"args": {}}"#);
         assert_eq!(run.status, 200, "{}\n{}", run.text(), server.log());

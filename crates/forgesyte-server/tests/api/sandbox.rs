@@ -899,14 +899,7 @@ fn require_confinement_refuses_every_plugin_that_would_run_unconfined() {
     server.wait_loaded();
     let health = status(&server, "native");
     assert_eq!(health["state"], "INITIALIZED", "{health}");
-    for part in [
-        "env",
-        "network",
-        "filesystem",
-        "capabilities",
-        "memory",
-        "syscalls",
-    ] {
+    for part in forgesyte_loader::sandbox::REPORTED_PARTS {
         assert_eq!(
             health["confinement"][part], "unconfined: not reported by the runner",
             "{part}: {health}"
