@@ -410,6 +410,12 @@ impl DependencyChecker {
             Dependency::Bin(name) => self.cached(Probe::Bin(name.clone()), || {
                 self.executables.find(name).is_some()
             }),
+            Dependency::Env(name) if crate::env::WITHHELD_VARIABLES.contains(&name.as_str()) => {
+                return Some(format!(
+                    "{dep} (the server's own secret: taken out of its environment as it \
+                     starts, never passed to a plugin)"
+                ));
+            }
             Dependency::Env(name) => {
                 self.cached(Probe::Env(name.clone()), || self.env.var(name).is_some())
             }
@@ -746,6 +752,27 @@ mod tests {
         let world = FakeWorld::new();
         check(&world, json!({"requires_gpu": false}), &[]);
         assert_eq!(world.gpu.probes(), 0);
+    }
+
+    #[test]
+    fn a_variable_the_server_withholds_is_missing_and_says_why() {
+        let world = FakeWorld::new();
+        // Set here (as it is for the server until it takes it out of its
+        // environment): a plugin never sees it all the same.
+        world.env.set("FORGESYTE_ADMIN_TOKEN", "secret");
+        world.env.set("FORGESYTE_KEY_PASSWORD", "pw");
+        world.env.set("FORGESYTE_OTHER", "x");
+        let report = check(
+            &world,
+            json!({"dependencies": ["env:FORGESYTE_ADMIN_TOKEN", "env:FORGESYTE_KEY_PASSWORD", "env:FORGESYTE_OTHER"]}),
+            &[
+                "env:FORGESYTE_ADMIN_TOKEN (the server's own secret: taken out of its environment \
+                 as it starts, never passed to a plugin)",
+                "env:FORGESYTE_KEY_PASSWORD (the server's own secret: taken out of its environment \
+                 as it starts, never passed to a plugin)",
+            ],
+        );
+        assert!(!report.available);
     }
 
     #[test]

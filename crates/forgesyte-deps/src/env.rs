@@ -2,6 +2,16 @@
 
 use std::fmt::Debug;
 
+/// Variables the server takes out of its own environment as it starts
+/// (its admin token, the signing key's password): no plugin, in process or
+/// in a runner, ever sees them, so an `env:` dependency on one is never
+/// met, and its reason says why.
+pub const WITHHELD_VARIABLES: [&str; 2] = [ADMIN_TOKEN_VARIABLE, KEY_PASSWORD_VARIABLE];
+/// The admin token's variable (withheld from plugins).
+pub const ADMIN_TOKEN_VARIABLE: &str = "FORGESYTE_ADMIN_TOKEN";
+/// The signing key password's variable (withheld from plugins).
+pub const KEY_PASSWORD_VARIABLE: &str = "FORGESYTE_KEY_PASSWORD";
+
 /// Read access to environment variables.
 pub trait EnvProbe: Send + Sync + Debug {
     /// The variable's value, or `None` when it is not set (or its name is

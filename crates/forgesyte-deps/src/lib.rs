@@ -120,7 +120,9 @@ pub use checker::{
     unmet_plugin_dependency,
 };
 pub use cuda::{CudaProbe, cuda_driver_library_present, probe_here};
-pub use env::{EnvProbe, ProcessEnv};
+pub use env::{
+    ADMIN_TOKEN_VARIABLE, EnvProbe, KEY_PASSWORD_VARIABLE, ProcessEnv, WITHHELD_VARIABLES,
+};
 pub use exec::{ExecutableProbe, SystemPath};
 pub use fs::{DirEntry, FileSystem, FsMetadata, RealFs, open_regular};
 pub use gpu::{GpuDevice, GpuProbe, GpuReport, NoGpu};

@@ -1105,6 +1105,10 @@ fn nested_namespace_modules_are_found_and_unfindable_ones_fail() {
         "{reason}"
     );
     assert!(reason.contains("builds its __path__"), "{reason}");
+    assert!(
+        reason.ends_with("(declared by entry point 'dynp' (dynp.plugin:Plugin) of dynp 1.0)"),
+        "the distribution to reinstall is named: {reason}"
+    );
 }
 
 /// What the interpreter prints on stdout around the discovery's answer (a

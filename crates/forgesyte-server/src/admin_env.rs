@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use forgesyte_deps::ADMIN_TOKEN_VARIABLE;
 use forgesyte_server::AdminToken;
 
 /// The largest admin token file read.
@@ -84,18 +85,18 @@ static ADMIN_TOKEN_ENV: std::sync::OnceLock<Option<std::ffi::OsString>> =
 /// (`/proc/self/environ`), not a dependency probe. Call first in `main`.
 #[allow(unsafe_code)]
 pub(crate) fn take_admin_token_env() {
-    let token = std::env::var_os("FORGESYTE_ADMIN_TOKEN");
+    let token = std::env::var_os(ADMIN_TOKEN_VARIABLE);
     if token.is_some() {
         // `remove_var` leaves the bytes in the block the process started
         // with, which `/proc/PID/environ` shows to processes of this user.
-        if let Err(e) = wipe_initial_env("FORGESYTE_ADMIN_TOKEN") {
+        if let Err(e) = wipe_initial_env(ADMIN_TOKEN_VARIABLE) {
             forgesyte_server::say!(
                 "forgesyte: cannot wipe the admin token from the process's environment block: {e}"
             );
         }
         // SAFETY: the first thing `main` does: no other thread exists yet
         // that could read the environment while it changes.
-        unsafe { std::env::remove_var("FORGESYTE_ADMIN_TOKEN") };
+        unsafe { std::env::remove_var(ADMIN_TOKEN_VARIABLE) };
     }
     let _ = ADMIN_TOKEN_ENV.set(token);
 }
@@ -103,7 +104,7 @@ pub(crate) fn take_admin_token_env() {
 /// The signing key's password (`keygen`, `sign`), which `serve` never
 /// needs: gone from a serving process's environment, its starting block
 /// included, before any runner (confined or not) could inherit it.
-pub(crate) const KEY_PASSWORD_ENV: &str = "FORGESYTE_KEY_PASSWORD";
+pub(crate) const KEY_PASSWORD_ENV: &str = forgesyte_deps::KEY_PASSWORD_VARIABLE;
 
 /// Removes `name` from this process's environment and wipes its value in
 /// the block the process started with. Call before any other thread

@@ -524,9 +524,11 @@ fn unresolved(ep: &EntryPoint, error: &str) -> Box<BadManifest> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
     });
     let error = match (&ep.module, exception) {
+        // Which installed package declares the plugin: what a person
+        // reinstalls when its module is gone.
         (Some(_), Some((kind, message))) => LoadError::from(ImportError::Python {
             error_type: kind.to_owned(),
-            message: message.to_owned(),
+            message: format!("{message} (declared by {})", ep.describe()),
             traceback: Vec::new(),
         })
         .into(),
